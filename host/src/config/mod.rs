@@ -1,0 +1,689 @@
+//! `plugins.yaml`: the schema of Legate's one config file, its loading with
+//! file:line:col errors, and the `validate()` pass that checks what serde cannot.
+//!
+//! Every struct denies unknown keys. Items that a semantic error may need to point at
+//! (listeners, virtual hosts, routes, clusters, endpoints, references) are wrapped in
+//! [`Spanned`] so the error names the exact place. Defaults are documented next to
+//! each field and in `docs/config.md`, with the reason they are safe.
+
+mod load;
+mod types;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+pub use serde_saphyr::Spanned;
+
+pub use load::{load_file, parse_str, ConfigError, ConfigErrors};
+pub use types::{ByteSize, Dur, Name};
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Schema version; must be `1`.
+    pub version: Spanned<u32>,
+    /// The admin listener (stats, readiness, config dump, drain).
+    #[serde(default)]
+    pub admin: Admin,
+    /// Where access-log lines go; absent = no access log.
+    #[serde(default)]
+    pub access_log: Option<AccessLog>,
+    /// How long a graceful shutdown waits for in-flight requests. Default 30s:
+    /// long enough for ordinary requests, short enough for an orchestrator's grace period.
+    #[serde(default = "defaults::drain_timeout")]
+    pub drain_timeout: Dur,
+    /// Downstream listeners.
+    #[serde(default)]
+    pub listeners: Vec<Spanned<Listener>>,
+    /// Named route tables (sets of virtual hosts) that HTTP listeners refer to.
+    #[serde(default)]
+    pub routes: Vec<Spanned<RouteTable>>,
+    /// Upstream clusters.
+    #[serde(default)]
+    pub clusters: Vec<Spanned<Cluster>>,
+    /// Wasm plugins. Reserved: the Wasm host fills this section in a later release,
+    /// so for now it must be absent or empty.
+    #[serde(default = "defaults::spanned")]
+    pub plugins: Spanned<Vec<serde_json::Value>>,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Address to bind. Default `127.0.0.1:9901` (Envoy's port), loopback only
+    /// because the admin API can drain the proxy.
+    #[serde(default = "defaults::admin_address")]
+    pub address: Spanned<String>,
+    /// Must be `true` to bind the admin listener to a non-loopback address.
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            address: unspanned(defaults::admin_address_str()),
+            allow_non_loopback: false,
+        }
+    }
+}
+
+/// The access log: one JSON object per line per request.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// `stdout`, `stderr`, or a file path (appended to; relative to the config file).
+    pub path: String,
+}
+
+/// A downstream listener: HTTP (with optional TLS) or TCP.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Unique name, used in stats.
+    pub name: Name,
+    /// `ip:port` to bind.
+    pub address: Spanned<String>,
+    /// HTTP listener settings; exactly one of `http` and `tcp`.
+    #[serde(default)]
+    pub http: Option<HttpListener>,
+    /// TCP proxy settings; exactly one of `http` and `tcp`.
+    #[serde(default)]
+    pub tcp: Option<TcpProxy>,
+    /// TLS termination; absent = plaintext (HTTP/1.1 and h2c prior knowledge).
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// Connection and request limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Transparent-proxy mode: the listener receives connections redirected by
+    /// iptables `REDIRECT` and reads their original destination with
+    /// `SO_ORIGINAL_DST`. Such requests go to the cluster `original_dst` names.
+    #[serde(default)]
+    pub original_destination: bool,
+}
+
+/// Settings of an HTTP listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpListener {
+    /// Name of the route table (`routes:` entry) this listener serves.
+    pub routes: Spanned<Name>,
+    /// Whether the downstream is trusted: if so, incoming `x-forwarded-*` and
+    /// `x-request-id` are kept (and appended to). Default false: at the edge, a
+    /// client must not be able to forge them.
+    #[serde(default)]
+    pub trust_downstream: bool,
+    /// Generate `x-request-id` when the request has none (or is untrusted).
+    /// Default true: request ids cost little and make logs joinable.
+    #[serde(default = "defaults::yes")]
+    pub generate_request_id: bool,
+    /// Add `via: <value>` to requests and responses; absent = no `via` header.
+    #[serde(default)]
+    pub via: Option<String>,
+}
+
+/// Settings of a TCP proxy listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpProxy {
+    /// Cluster to forward bytes to.
+    pub cluster: Spanned<Name>,
+    /// Close the connection after this long with no bytes either way. Default 1h,
+    /// as Envoy's tcp_proxy: long-lived database connections are normal.
+    #[serde(default = "defaults::tcp_idle_timeout")]
+    pub idle_timeout: Dur,
+}
+
+/// TLS termination on a listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// Certificates; the first is the default when SNI matches none.
+    pub certificates: Vec<Spanned<CertificateConfig>>,
+    /// Lowest TLS version accepted: `"1.2"` (default) or `"1.3"`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// Client-certificate verification (mTLS); absent = no client certificates.
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// A certificate chain, its key, and the SNI names it serves.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// PEM certificate chain file.
+    pub cert: PathBuf,
+    /// PEM private key file.
+    pub key: PathBuf,
+    /// SNI names served by this certificate: exact or `*.suffix`. Absent = the names
+    /// in the certificate's subjectAltName.
+    #[serde(default)]
+    pub server_names: Vec<String>,
+}
+
+/// Lowest accepted TLS protocol version.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// Client-certificate verification.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    /// PEM file with the CA certificates client certificates must chain to.
+    pub ca: PathBuf,
+    /// Reject clients without a certificate. Default true (that is what mTLS means);
+    /// false = verify a certificate when one is sent, allow anonymous clients.
+    #[serde(default = "defaults::yes")]
+    pub required: bool,
+}
+
+/// Per-listener limits. Every default is chosen to be safe at the edge.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Open downstream connections per listener (across workers). Default 10000:
+    /// far above normal use, well below the fd limit Legate raises itself to.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: u32,
+    /// Total size of request headers. Default 60KiB, as Envoy.
+    #[serde(default = "defaults::max_request_headers_size")]
+    pub max_request_headers_size: ByteSize,
+    /// Number of request headers. Default 100, as Envoy.
+    #[serde(default = "defaults::max_request_headers")]
+    pub max_request_headers: u32,
+    /// Time allowed for a client to send a full request head (slowloris guard).
+    /// Default 10s: a real client sends its headers in milliseconds.
+    #[serde(default = "defaults::header_read_timeout")]
+    pub header_read_timeout: Dur,
+    /// Close a connection with no active request for this long. Default 60s, near
+    /// nginx's keepalive_timeout.
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: Dur,
+    /// HTTP/2 concurrent streams per connection. Default 100, Envoy's recommendation
+    /// for edge proxies.
+    #[serde(default = "defaults::max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: defaults::max_connections(),
+            max_request_headers_size: defaults::max_request_headers_size(),
+            max_request_headers: defaults::max_request_headers(),
+            header_read_timeout: defaults::header_read_timeout(),
+            idle_timeout: defaults::idle_timeout(),
+            max_concurrent_streams: defaults::max_concurrent_streams(),
+        }
+    }
+}
+
+/// A named route table: the virtual hosts an HTTP listener serves.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTable {
+    /// Unique name, referred to by listeners.
+    pub name: Name,
+    /// Virtual hosts, matched by Host/:authority (see [`VirtualHost::domains`]).
+    pub virtual_hosts: Vec<Spanned<VirtualHost>>,
+}
+
+/// A virtual host: a set of domains and the routes that serve them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualHost {
+    /// Unique name within the table, used in stats.
+    pub name: Name,
+    /// Host patterns: exact (`api.example.com`), suffix wildcard (`*.example.com`),
+    /// prefix wildcard (`api.*`) or `*` (default vhost). A port in the request's host
+    /// is ignored unless the pattern has one. Matching order: exact, then the longest
+    /// suffix wildcard, then the longest prefix wildcard, then `*`.
+    pub domains: Vec<Spanned<String>>,
+    /// Routes, tried in order; the first that matches wins.
+    pub routes: Vec<Spanned<Route>>,
+    /// Headers added to requests of every route here (before the route's own).
+    #[serde(default)]
+    pub request_headers: HeaderOps,
+    /// Headers added to responses of every route here (after the route's own).
+    #[serde(default)]
+    pub response_headers: HeaderOps,
+}
+
+/// Header manipulation: remove, then set, then add.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOps {
+    /// Appended (a header already present keeps its values).
+    #[serde(default = "defaults::spanned")]
+    pub add: Spanned<BTreeMap<String, String>>,
+    /// Replaced (every existing value removed first).
+    #[serde(default = "defaults::spanned")]
+    pub set: Spanned<BTreeMap<String, String>>,
+    /// Removed.
+    #[serde(default = "defaults::spanned")]
+    pub remove: Spanned<Vec<String>>,
+}
+
+impl Default for HeaderOps {
+    fn default() -> Self {
+        HeaderOps {
+            add: defaults::spanned(),
+            set: defaults::spanned(),
+            remove: defaults::spanned(),
+        }
+    }
+}
+
+impl HeaderOps {
+    /// True when no operation is configured.
+    pub fn is_empty(&self) -> bool {
+        self.add.value.is_empty() && self.set.value.is_empty() && self.remove.value.is_empty()
+    }
+}
+
+/// A route: a match and exactly one action.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Name used in stats and the access log; default `<vhost>/<index>`.
+    #[serde(default)]
+    pub name: Option<Name>,
+    /// What the request must look like.
+    #[serde(rename = "match", default)]
+    pub matcher: RouteMatch,
+    /// Action: send to this cluster.
+    #[serde(default)]
+    pub cluster: Option<Spanned<Name>>,
+    /// Action: split across clusters by weight (canary, blue-green).
+    #[serde(default)]
+    pub weighted_clusters: Option<Spanned<Vec<WeightedCluster>>>,
+    /// Action: answer with a redirect.
+    #[serde(default)]
+    pub redirect: Option<Redirect>,
+    /// Action: answer with a fixed status and body.
+    #[serde(default)]
+    pub direct_response: Option<DirectResponse>,
+    /// Path and host rewrite before forwarding.
+    #[serde(default)]
+    pub rewrite: Option<Rewrite>,
+    /// Whole-request timeout, retries included. Default 15s, as Envoy; `0s` disables.
+    #[serde(default = "defaults::route_timeout")]
+    pub timeout: Dur,
+    /// Timeout of each upstream attempt; absent = only the route timeout applies.
+    #[serde(default)]
+    pub per_try_timeout: Option<Dur>,
+    /// Retry policy; absent = no retries.
+    #[serde(default)]
+    pub retry: Option<RetryPolicy>,
+    /// Largest request body accepted (413 beyond). Absent = unlimited: Legate streams
+    /// bodies without buffering them, so a large body costs no memory.
+    #[serde(default)]
+    pub max_request_body: Option<ByteSize>,
+    /// Request headers to change (applied before the virtual host's).
+    #[serde(default)]
+    pub request_headers: HeaderOps,
+    /// Response headers to change (applied before the virtual host's).
+    #[serde(default)]
+    pub response_headers: HeaderOps,
+}
+
+/// The match part of a route; all given conditions must hold.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    /// Path starts with this (the default is `/`: everything).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Path equals this (query string excluded).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Path matches this regular expression in full (query string excluded).
+    #[serde(default)]
+    pub regex: Option<Spanned<String>>,
+    /// Methods allowed (any if empty).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Header conditions.
+    #[serde(default)]
+    pub headers: Vec<Spanned<ValueMatch>>,
+    /// Query-parameter conditions.
+    #[serde(default)]
+    pub query: Vec<Spanned<ValueMatch>>,
+}
+
+/// A condition on a header or query parameter: exactly one of `exact`, `regex`,
+/// `present`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueMatch {
+    /// Header or parameter name (headers: case-insensitive).
+    pub name: String,
+    /// Value equals this.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Value matches this regular expression in full.
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// `true`: the name is present; `false`: it is absent.
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+/// One cluster of a weighted split.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedCluster {
+    /// Cluster name.
+    pub cluster: Spanned<Name>,
+    /// Relative weight (0 = no traffic).
+    pub weight: u32,
+}
+
+/// A redirect answer. Unset parts keep the request's.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    /// New scheme (`http`/`https`).
+    #[serde(default)]
+    pub scheme: Option<String>,
+    /// New host (may include a port).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// New path (replaces the whole path; the query is kept unless `strip_query`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Replace the matched route prefix with this.
+    #[serde(default)]
+    pub prefix_rewrite: Option<String>,
+    /// Status: 301 (default), 302, 303, 307 or 308.
+    #[serde(default = "defaults::redirect_code")]
+    pub code: Spanned<u16>,
+    /// Drop the query string.
+    #[serde(default)]
+    pub strip_query: bool,
+}
+
+/// A fixed answer.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectResponse {
+    /// Status code.
+    pub status: Spanned<u16>,
+    /// Body (UTF-8 text); absent = empty.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// Content type of the body. Default `text/plain; charset=utf-8`.
+    #[serde(default)]
+    pub content_type: Option<String>,
+}
+
+/// Request rewrite before forwarding.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    /// Replace the matched `prefix` with this (route must match by prefix).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Regex substitution on the path.
+    #[serde(default)]
+    pub regex: Option<RegexRewrite>,
+    /// Replace the Host/:authority sent upstream.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// A regex path substitution (`$1`-style group references allowed).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegexRewrite {
+    /// Pattern, matched anywhere in the path; every match is replaced.
+    pub pattern: Spanned<String>,
+    /// Replacement.
+    pub substitution: String,
+}
+
+/// When and how often to retry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Conditions that trigger a retry.
+    pub retry_on: Vec<RetryOn>,
+    /// Retries after the first attempt. Default 1, as Envoy.
+    #[serde(default = "defaults::num_retries")]
+    pub num_retries: u32,
+    /// Statuses that trigger a retry with `retriable-status-codes`.
+    #[serde(default)]
+    pub retriable_status_codes: Vec<u16>,
+    /// First backoff; each retry doubles it (with full jitter). Default 25ms, as Envoy.
+    #[serde(default = "defaults::backoff_base")]
+    pub backoff_base: Dur,
+    /// Backoff ceiling. Default 10 × `backoff_base`, as Envoy.
+    #[serde(default)]
+    pub backoff_max: Option<Dur>,
+    /// Retry non-idempotent methods (POST, PATCH) too. Default false: a retried POST
+    /// may apply twice.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+    /// Largest request body kept for replaying on retry; a larger body is streamed
+    /// and not retried. Default 64KiB.
+    #[serde(default = "defaults::retry_buffer")]
+    pub buffer_limit: ByteSize,
+}
+
+/// A retry condition (Envoy's names).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    /// Any 5xx response, connect failure or reset.
+    #[serde(rename = "5xx")]
+    FiveXx,
+    /// 502, 503, 504, connect failure or reset.
+    GatewayError,
+    /// The upstream connection could not be made.
+    ConnectFailure,
+    /// The upstream connection or stream was reset before a response.
+    Reset,
+    /// The statuses in `retriable_status_codes`.
+    RetriableStatusCodes,
+}
+
+/// An upstream cluster.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// Unique name.
+    pub name: Name,
+    /// Endpoints. May be empty only for an `original_dst` cluster.
+    #[serde(default)]
+    pub endpoints: Vec<Spanned<EndpointConfig>>,
+    /// Use each connection's original destination (SO_ORIGINAL_DST) as the endpoint,
+    /// for transparent sidecars; `endpoints` must then be empty.
+    #[serde(default)]
+    pub original_dst: bool,
+    /// Load-balancing policy. Default `round_robin`.
+    #[serde(default)]
+    pub lb_policy: LbPolicy,
+    /// The hash key for `ring_hash`.
+    #[serde(default)]
+    pub hash_on: Option<HashOn>,
+    /// Upstream protocol. Default `http1`.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// TCP (and TLS) connect timeout. Default 5s, as Envoy.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Dur,
+    /// TLS to the upstream; absent = plaintext.
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
+    /// Idle keep-alive connections kept per endpoint per worker. Default 64.
+    #[serde(default = "defaults::max_idle")]
+    pub max_idle_per_endpoint: u32,
+    /// Close an idle pooled connection after this long. Default 60s, below the
+    /// common upstream keep-alive timeouts so Legate closes first.
+    #[serde(default = "defaults::pool_idle_timeout")]
+    pub idle_timeout: Dur,
+}
+
+/// One upstream endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// `ip:port` or `host:port` (a host name is resolved once, at load).
+    pub address: String,
+    /// Relative weight for `round_robin`/`random`/`ring_hash`. Default 1.
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+}
+
+/// Load-balancing policy.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    /// Weighted round robin (smooth, as nginx).
+    #[default]
+    RoundRobin,
+    /// Power of two choices on active requests.
+    LeastRequest,
+    /// Weighted random.
+    Random,
+    /// Consistent hashing on `hash_on` (Ketama ring).
+    RingHash,
+}
+
+/// What `ring_hash` hashes; exactly one field.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashOn {
+    /// A request header's value.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// A cookie's value.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// The client's IP address.
+    #[serde(default)]
+    pub source_ip: bool,
+}
+
+/// Upstream HTTP protocol.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with a keep-alive pool.
+    #[default]
+    Http1,
+    /// HTTP/2 (h2c without TLS); needed for gRPC.
+    H2,
+    /// Chosen by ALPN (requires `tls`); HTTP/1.1 if the upstream offers no ALPN.
+    Auto,
+}
+
+/// TLS towards an upstream.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// SNI and the name checked in the certificate. Default: the endpoint's host.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// PEM CA file to trust; absent = the Mozilla roots (webpki-roots).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS; needs `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+/// Builds a [`Spanned`] with an unknown location, for defaults.
+pub fn unspanned<T>(value: T) -> Spanned<T> {
+    Spanned::new(
+        value,
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
+
+/// Default values, one function each because serde's `default =` wants a path.
+mod defaults {
+    use super::*;
+
+    pub fn spanned<T: Default>() -> Spanned<T> {
+        unspanned(T::default())
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn admin_address_str() -> String {
+        "127.0.0.1:9901".into()
+    }
+    pub fn admin_address() -> Spanned<String> {
+        unspanned(admin_address_str())
+    }
+    pub fn drain_timeout() -> Dur {
+        Dur::secs(30)
+    }
+    pub fn tcp_idle_timeout() -> Dur {
+        Dur::secs(3600)
+    }
+    pub fn max_connections() -> u32 {
+        10_000
+    }
+    pub fn max_request_headers_size() -> ByteSize {
+        ByteSize(60 * 1024)
+    }
+    pub fn max_request_headers() -> u32 {
+        100
+    }
+    pub fn header_read_timeout() -> Dur {
+        Dur::secs(10)
+    }
+    pub fn idle_timeout() -> Dur {
+        Dur::secs(60)
+    }
+    pub fn max_concurrent_streams() -> u32 {
+        100
+    }
+    pub fn route_timeout() -> Dur {
+        Dur::secs(15)
+    }
+    pub fn redirect_code() -> Spanned<u16> {
+        unspanned(301)
+    }
+    pub fn num_retries() -> u32 {
+        1
+    }
+    pub fn backoff_base() -> Dur {
+        Dur::millis(25)
+    }
+    pub fn retry_buffer() -> ByteSize {
+        ByteSize(64 * 1024)
+    }
+    pub fn connect_timeout() -> Dur {
+        Dur::secs(5)
+    }
+    pub fn max_idle() -> u32 {
+        64
+    }
+    pub fn pool_idle_timeout() -> Dur {
+        Dur::secs(60)
+    }
+    pub fn weight() -> u32 {
+        1
+    }
+}

@@ -1,0 +1,236 @@
+//! Scalar types of the config language: names, durations, byte sizes.
+//!
+//! Each parses from the form a person writes (`250ms`, `64KiB`) and serializes back
+//! to the same form, so `/config_dump` shows what the file said.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+/// A name of a listener, route table, route, virtual host or cluster.
+///
+/// Names appear in stats and logs, so they are restricted to `[A-Za-z0-9_.-]`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Name(String);
+
+impl Name {
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Builds a name, checking the allowed characters.
+    pub fn new(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("a name must not be empty".into());
+        }
+        if s.len() > 128 {
+            return Err(format!("name `{s}` is longer than 128 characters"));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+        {
+            return Err(format!(
+                "name `{s}` contains `{c}`; names may use only letters, digits, `_`, `-` and `.`"
+            ));
+        }
+        Ok(Name(s.to_string()))
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Name::new(&s).map_err(de::Error::custom)
+    }
+}
+
+/// A duration written as `<number><unit>` with unit `ms`, `s`, `m` or `h` (`250ms`, `5s`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    /// Seconds.
+    pub const fn secs(s: u64) -> Self {
+        Dur(Duration::from_secs(s))
+    }
+    /// Milliseconds.
+    pub const fn millis(ms: u64) -> Self {
+        Dur(Duration::from_millis(ms))
+    }
+    /// The std duration.
+    pub fn get(self) -> Duration {
+        self.0
+    }
+
+    /// Parses `250ms`, `5s`, `1.5s`, `2m`, `1h`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| {
+                format!("duration `{s}` has no unit; write it like `250ms`, `5s`, `2m` or `1h`")
+            })?;
+        let (num, unit) = s.split_at(split);
+        let value: f64 = num.parse().map_err(|_| {
+            format!("duration `{s}` does not start with a number; write it like `250ms` or `5s`")
+        })?;
+        let scale = match unit {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => {
+                return Err(format!(
+                    "duration `{s}` has unknown unit `{unit}`; use `ms`, `s`, `m` or `h`"
+                ))
+            }
+        };
+        let secs = value * scale;
+        if !secs.is_finite() || secs > 365.0 * 24.0 * 3600.0 {
+            return Err(format!("duration `{s}` is out of range (at most a year)"));
+        }
+        Ok(Dur(Duration::from_secs_f64(secs)))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 1000 != 0 || ms == 0 {
+            write!(f, "{ms}ms")
+        } else {
+            write!(f, "{}s", ms / 1000)
+        }
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Dur::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// A size in bytes, written as a plain number or with a unit: `512`, `64KiB`, `1MiB`,
+/// `1GiB` (also `KB`/`MB`/`GB` meaning the same powers of 1024, as nginx reads them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `512`, `64KiB`, `1MiB`, `1GiB`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| {
+            format!("size `{s}` does not start with a whole number; write it like `64KiB` or `1MiB`")
+        })?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "KB" | "K" | "k" => 1 << 10,
+            "MiB" | "MB" | "M" | "m" => 1 << 20,
+            "GiB" | "GB" | "G" | "g" => 1 << 30,
+            u => {
+                return Err(format!(
+                    "size `{s}` has unknown unit `{u}`; use `KiB`, `MiB` or `GiB`"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size `{s}` is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        if n != 0 && n % (1 << 30) == 0 {
+            write!(f, "{}GiB", n >> 30)
+        } else if n != 0 && n % (1 << 20) == 0 {
+            write!(f, "{}MiB", n >> 20)
+        } else if n != 0 && n % (1 << 10) == 0 {
+            write!(f, "{}KiB", n >> 10)
+        } else {
+            write!(f, "{n}")
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as `65536`, `64KiB` or `1MiB`")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size must not be negative"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(Dur::parse("250ms").unwrap().0, Duration::from_millis(250));
+        assert_eq!(Dur::parse("1.5s").unwrap().0, Duration::from_millis(1500));
+        assert_eq!(Dur::parse("2m").unwrap().0, Duration::from_secs(120));
+        assert!(Dur::parse("5").unwrap_err().contains("no unit"));
+        assert!(Dur::parse("5d").unwrap_err().contains("unknown unit"));
+        assert_eq!(Dur::secs(5).to_string(), "5s");
+        assert_eq!(Dur::millis(1500).to_string(), "1500ms");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("64KiB").unwrap().0, 65536);
+        assert_eq!(ByteSize::parse("1MB").unwrap().0, 1 << 20);
+        assert_eq!(ByteSize::parse("100").unwrap().0, 100);
+        assert!(ByteSize::parse("1TiB").is_err());
+        assert_eq!(ByteSize(1 << 20).to_string(), "1MiB");
+    }
+
+    #[test]
+    fn names() {
+        assert!(Name::new("api-v1.canary_2").is_ok());
+        assert!(Name::new("bad name").unwrap_err().contains("` `"));
+        assert!(Name::new("").is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! Legate's host: the proxy process.
+#![forbid(unsafe_code)]
+pub mod config;
