@@ -1,1 +1,157 @@
-//! Integration-test harness.
+//! Integration-test harness for Legate: real sockets, real TLS, real upstreams.
+//!
+//! Every integration test follows the same pattern:
+//!
+//! 1. start one or more real upstream servers with [`upstream()`] (hyper 1 on
+//!    127.0.0.1:0, run on a background runtime so they keep serving while a test
+//!    blocks),
+//! 2. format their addresses into a `plugins.yaml` text and start Legate in-process
+//!    with [`legate()`],
+//! 3. talk to it with a real client ([`client`], [`tls_client`], or [`raw`] bytes for
+//!    malformed input),
+//! 4. assert on the responses *and* on the `/stats` counters
+//!    ([`LegateHandle::stat`], [`LegateHandle::assert_stat`]).
+//!
+//! HTTP tests run over both HTTP/1.1 and HTTP/2 with the [`each_proto!`] macro, which
+//! expands one async body into an `h1` and an `h2` test (run in parallel, reported
+//! separately):
+//!
+//! ```ignore
+//! use legate_tests::*;
+//!
+//! each_proto!(async fn get_is_proxied(proto) {
+//!     let up = upstream().name("a").start().await;
+//!     let lg = legate().config(&simple_config(up.addr)).start();
+//!     let mut c = client(proto, lg.addr("web")).await;
+//!     let r = c.get("/hello").send().await;
+//!     assert_eq!(r.status, 200);
+//!     lg.assert_stat(r#"legate_http_requests_total{listener="web",class="2xx"}"#, 1.0).await;
+//! });
+//! ```
+//!
+//! Everything binds 127.0.0.1 only. Nothing sleeps longer than the behaviour under
+//! test needs: waits are polls with a deadline ([`eventually`]).
+
+pub mod certs;
+pub mod client;
+pub mod legate;
+pub mod stats;
+pub mod upstream;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub use certs::{Ca, TempDir, TlsFiles};
+pub use client::{
+    client, raw, raw_status, tls_client, Client, Proto, RawConn, RequestBuilder, Resp, TlsOptions,
+};
+pub use legate::{legate, LegateBuilder, LegateHandle};
+pub use stats::parse_prometheus;
+pub use upstream::{
+    checksum, echo, grpc_echo, grpc_frame, pattern_bytes, sink, source, tcp_echo_server,
+    upgrade_echo_server, upstream, BoxBody, BoxError, ConnInfo, Counter, EchoBody, TcpEchoHandle,
+    TlsInfo, UpstreamBuilder, UpstreamHandle,
+};
+
+// Re-exported so tests need no direct dependency on them.
+pub use bytes::Bytes;
+pub use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+pub use http_body_util::Full;
+pub use hyper::body::Incoming;
+pub use serde_json::{self, json, Value};
+
+/// Expands one async test body into two tokio tests, `h1` and `h2`, inside a module
+/// named after the test, so `cargo test basic::get` runs both and a failure names the
+/// protocol. The body gets the protocol as a [`Proto`] under the given name.
+#[macro_export]
+macro_rules! each_proto {
+    ($(#[$meta:meta])* async fn $name:ident($proto:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn run($proto: $crate::Proto) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn h1() {
+                run($crate::Proto::H1).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn h2() {
+                run($crate::Proto::H2).await
+            }
+        }
+    };
+}
+
+/// Polls `check` every 10ms until it returns `Some`, or panics after `timeout` naming
+/// `what`. Used instead of sleeps wherever a test waits for something to happen.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A minimal config: one HTTP listener `web` on an ephemeral port whose every request
+/// goes to cluster `backend` with the given endpoints. Extra YAML for the route (at
+/// route indentation, e.g. `"        timeout: 1s\n"`) can be appended with
+/// [`simple_config_with`].
+pub fn simple_config(endpoints: &[std::net::SocketAddr]) -> String {
+    simple_config_with(endpoints, "", "")
+}
+
+/// [`simple_config`] with extra route keys (each line indented by 8 spaces) and extra
+/// cluster keys (each line indented by 4 spaces).
+pub fn simple_config_with(
+    endpoints: &[std::net::SocketAddr],
+    route_extra: &str,
+    cluster_extra: &str,
+) -> String {
+    let mut eps = String::new();
+    for e in endpoints {
+        eps.push_str(&format!("      - address: {e}\n"));
+    }
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match:
+              prefix: /
+            cluster: backend
+{route_extra}clusters:
+  - name: backend
+    endpoints:
+{eps}{cluster_extra}"
+    )
+}
+
+/// A port on 127.0.0.1 that nothing listens on (bound, then released). Connecting to
+/// it is refused, which is what connect-failure tests need.
+pub fn closed_port_addr() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let addr = l.local_addr().expect("local_addr");
+    drop(l);
+    addr
+}

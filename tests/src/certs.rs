@@ -1,0 +1,190 @@
+//! Test certificates: a throwaway CA (rcgen) issuing server and client certificates,
+//! written as PEM files into a temporary directory so they can be named in a config.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// A directory under the system temp dir, removed (with its contents) on drop.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates a fresh, uniquely named directory.
+    pub fn new() -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path =
+            std::env::temp_dir().join(format!("legate-test-{}-{n}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir { path }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `contents` to `name` inside the directory and returns its path.
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.path.join(name);
+        std::fs::write(&p, contents).expect("write temp file");
+        p
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        TempDir::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A test certificate authority. Certificates it issues are written next to its own
+/// `ca.pem` in one temporary directory that lives as long as the `Ca` or any
+/// [`TlsFiles`] it issued.
+pub struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    dir: Arc<TempDir>,
+    /// The CA certificate, PEM file.
+    pub cert_path: PathBuf,
+    /// The CA certificate, DER.
+    pub cert_der: CertificateDer<'static>,
+    serial: AtomicU64,
+}
+
+/// A certificate (leaf, then nothing: the CA is not in the chain) with its key, as
+/// files and as DER for in-process rustls configs.
+#[derive(Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain file.
+    pub cert: PathBuf,
+    /// PEM PKCS#8 private key file.
+    pub key: PathBuf,
+    /// PEM file of the issuing CA (what a peer must trust).
+    pub ca: PathBuf,
+    /// The chain, DER.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The issuing CA certificate, DER.
+    pub ca_der: CertificateDer<'static>,
+    key_der: Vec<u8>,
+    _dir: Arc<TempDir>,
+}
+
+impl TlsFiles {
+    /// The private key, DER.
+    pub fn key_der(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("ca", &self.ca)
+            .finish()
+    }
+}
+
+impl Ca {
+    /// A new self-signed CA with common name `name`.
+    pub fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().expect("generate CA key");
+        let issuer = CertifiedIssuer::self_signed(params, key).expect("self-sign CA");
+        let dir = Arc::new(TempDir::new());
+        let cert_path = dir.write("ca.pem", issuer.pem());
+        let cert_der = issuer.der().clone();
+        Ca {
+            issuer,
+            dir,
+            cert_path,
+            cert_der,
+            serial: AtomicU64::new(1),
+        }
+    }
+
+    /// The directory the files are written to.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses, all put in the
+    /// subjectAltName; the first is also the common name).
+    pub fn server(&self, names: &[&str]) -> TlsFiles {
+        self.leaf(names, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// A client certificate with common name `cn` (also a DNS SAN, as some verifiers
+    /// want one).
+    pub fn client(&self, cn: &str) -> TlsFiles {
+        self.leaf(&[cn], ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> TlsFiles {
+        let sans: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(sans).expect("certificate params");
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("legate-test"),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().expect("generate leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        let n = self.serial.fetch_add(1, Ordering::Relaxed);
+        let stem = format!(
+            "{}-{n}",
+            names
+                .first()
+                .copied()
+                .unwrap_or("leaf")
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        );
+        let cert_path = self.dir.write(&format!("{stem}.crt"), cert.pem());
+        let key_path = self.dir.write(&format!("{stem}.key"), key.serialize_pem());
+        TlsFiles {
+            cert: cert_path,
+            key: key_path,
+            ca: self.cert_path.clone(),
+            chain: vec![cert.der().clone()],
+            ca_der: self.cert_der.clone(),
+            key_der: key.serialize_der(),
+            _dir: self.dir.clone(),
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! Reading Prometheus text exposition: series name with labels → value.
+
+use std::collections::BTreeMap;
+
+/// Parses Prometheus text format into `series → value`, where `series` is written
+/// exactly as in the text (`name{label="v",...}` or just `name`). Comment and blank
+/// lines are skipped; timestamps after the value are ignored.
+pub fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        // The series ends at the closing brace if there are labels (label values may
+        // contain spaces), else at the first space.
+        let split = match (line.find('{'), line.rfind('}')) {
+            (Some(open), Some(close)) if open < close => close + 1,
+            _ => match line.find(' ') {
+                Some(i) => i,
+                None => continue,
+            },
+        };
+        let (series, rest) = line.split_at(split);
+        let Some(value) = rest.split_whitespace().next() else {
+            continue;
+        };
+        let value = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            v => match v.parse() {
+                Ok(v) => v,
+                Err(_) => continue,
+            },
+        };
+        out.insert(series.trim().to_string(), value);
+    }
+    out
+}
+
+/// The lines of `text` whose metric name is `family` (or starts with it), for error
+/// messages that show what *is* there when an expected series is missing.
+pub fn family_lines(text: &str, series: &str) -> String {
+    let family = series.split('{').next().unwrap_or(series);
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(family))
+        .collect();
+    if lines.is_empty() {
+        format!("(no `{family}` series at all)")
+    } else {
+        lines.join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_series() {
+        let text = "# HELP a A.\n# TYPE a counter\na{x=\"1 2\",y=\"z\"} 3\nb 4.5\nc{le=\"+Inf\"} +Inf\n\nd 7 1700000000\n";
+        let m = parse_prometheus(text);
+        assert_eq!(m["a{x=\"1 2\",y=\"z\"}"], 3.0);
+        assert_eq!(m["b"], 4.5);
+        assert!(m["c{le=\"+Inf\"}"].is_infinite());
+        assert_eq!(m["d"], 7.0);
+        assert_eq!(m.len(), 4);
+        assert_eq!(family_lines(text, "a{x=\"9\"}"), "a{x=\"1 2\",y=\"z\"} 3");
+    }
+}
