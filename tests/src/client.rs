@@ -342,9 +342,17 @@ impl<'a> RequestBuilder<'a> {
         self.body = ReqBody::Frames(frames);
         self
     }
-    /// Body data followed by trailers (HTTP/1.1: chunked encoding with trailers).
+    /// Body data followed by trailers (HTTP/1.1: chunked encoding with trailers). A
+    /// `Trailer` header naming them is added unless one was set.
     pub fn body_with_trailers(mut self, data: impl Into<Bytes>, trailers: HeaderMap) -> Self {
         let data: Bytes = data.into();
+        // hyper's HTTP/1.1 encoder sends only trailers declared in `Trailer`.
+        if !self.headers.iter().any(|(k, _)| k == http::header::TRAILER) {
+            let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
+            if let Ok(v) = HeaderValue::from_str(&names.join(", ")) {
+                self.headers.push((http::header::TRAILER, v));
+            }
+        }
         let mut frames = Vec::new();
         if !data.is_empty() {
             frames.push(Frame::data(data));
