@@ -2,3 +2,4 @@
 #![forbid(unsafe_code)]
 pub mod config;
 pub mod proxy_headers;
+pub mod router;
