@@ -7,7 +7,7 @@
 //! same way: endpoints already tried are skipped while another one remains.
 
 use std::cell::{Cell, RefCell};
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -156,9 +156,8 @@ impl Ring {
                 // The configured address, not the resolved IP, names the points:
                 // the ring stays the same when a host name resolves differently.
                 name.clear();
-                name.push_str(&ep.authority);
-                name.push('_');
-                name.push_str(&i.to_string());
+                // Writing to a String cannot fail.
+                let _ = write!(name, "{}_{i}", ep.authority);
                 points.push((hash::xxh64(name.as_bytes()), owner));
             }
         }
