@@ -20,6 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::cluster::Cluster;
 use crate::server::Shared;
 
 /// Serves the admin API until the task is dropped.
@@ -61,7 +62,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let snapshot = shared.snapshot.load();
             let mut names: Vec<_> = snapshot.clusters.keys().collect();
             names.sort();
-            crate::cluster::render_prometheus(
+            render_cluster_stats(
                 names.iter().filter_map(|n| snapshot.clusters.get(*n)).map(|e| &*e.cluster),
                 &mut body,
             );
@@ -98,6 +99,38 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "Legate admin\n  GET  /ready\n  GET  /stats\n  GET  /clusters\n  GET  /config_dump\n  POST /drain\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the admin endpoints\n"),
+    }
+}
+
+/// Cluster and endpoint counters in Prometheus format: `legate_cluster_<counter>`
+/// labelled by cluster, `legate_endpoint_<counter>` by cluster and endpoint. Names
+/// ending in `_active` are gauges.
+fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone, out: &mut String) {
+    use std::fmt::Write as _;
+    let kind = |name: &str| if name.ends_with("_active") { "gauge" } else { "counter" };
+    let Some(first) = clusters.clone().next() else { return };
+    for (i, (name, _)) in first.stats.snapshot().into_iter().enumerate() {
+        let _ = writeln!(out, "# TYPE legate_cluster_{name} {}", kind(name));
+        for c in clusters.clone() {
+            if let Some((_, v)) = c.stats.snapshot().get(i) {
+                let _ = writeln!(out, "legate_cluster_{name}{{cluster=\"{}\"}} {v}", c.name);
+            }
+        }
+    }
+    let Some(ep) = clusters.clone().find_map(|c| c.endpoints.first().cloned()) else { return };
+    for (i, (name, _)) in ep.stats.snapshot().into_iter().enumerate() {
+        let _ = writeln!(out, "# TYPE legate_endpoint_{name} {}", kind(name));
+        for c in clusters.clone() {
+            for e in &c.endpoints {
+                if let Some((_, v)) = e.stats.snapshot().get(i) {
+                    let _ = writeln!(
+                        out,
+                        "legate_endpoint_{name}{{cluster=\"{}\",endpoint=\"{}\"}} {v}",
+                        c.name, e.address
+                    );
+                }
+            }
+        }
     }
 }
 

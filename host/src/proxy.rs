@@ -17,6 +17,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -30,14 +31,12 @@ use hyper::body::Incoming;
 use rand::Rng;
 
 use crate::body::{self, Body, BoxError, Limited};
-use crate::cluster::Cluster;
-use crate::config::{RetryOn, RetryPolicy};
 use crate::connection::ConnCtx;
-use crate::error::{Kind, ProxyError};
+use crate::error::{Kind, ProxyError, Side};
 use crate::proxy_headers;
-use crate::router::{Action, Matched, RouteInput};
+use crate::router::{Action, Matched, RetryPolicy, RouteInput};
 use crate::server::ClusterEntry;
-use crate::upstream::{ConnectStats, Target};
+use crate::upstream::Target;
 use crate::worker::RouteStats;
 
 /// What the access log and stats learn about a request as it goes.
@@ -245,10 +244,10 @@ async fn proxy(
 
     let route = matched.route;
     let policy = route.retry.as_ref().filter(|p| {
-        !upgrade && p.num_retries > 0 && (p.retry_non_idempotent || is_idempotent(&parts.method))
+        !upgrade && p.num_retries > 0 && p.allows_method(&parts.method)
     });
     let source = match policy {
-        Some(p) => ReqBody::buffer(req_body, p.buffer_limit.0, &parts)
+        Some(p) => ReqBody::buffer(req_body, p.buffer_limit, &parts)
             .await
             .map_err(|e| {
                 if tripped.get() {
@@ -273,7 +272,7 @@ async fn proxy(
         Some(t) => match tokio::time::timeout(t, attempt.run(source, out)).await {
             Ok(r) => r,
             Err(_) => {
-                entry.cluster.stats.upstream_rq_timeout.inc();
+                entry.cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
                 Err(ProxyError::new(
                     Kind::Timeout,
                     format!("route timeout {t:?}"),
@@ -354,7 +353,7 @@ impl Attempts<'_> {
         let mut attempt: u32 = 0;
         loop {
             // Original-destination clusters send to where the client was going.
-            let (target_addr, host, endpoint) = if cluster.config.original_dst {
+            let (target_addr, host, index) = if cluster.config.original_dst {
                 let addr = self.conn.original_dst.ok_or_else(|| {
                     ProxyError::new(
                         Kind::NoHealthyUpstream,
@@ -370,27 +369,21 @@ impl Attempts<'_> {
                     )
                 })?;
                 tried.push(idx);
-                let ep = cluster.endpoints[idx].clone();
-                (ep.address, ep.host.clone(), Some(ep))
+                let ep = &cluster.endpoints[idx];
+                (ep.address, ep.host.clone(), Some(idx))
             };
             out.upstream = Some(target_addr);
             out.attempts = attempt + 1;
             let replayable = source.replayable();
             let req = self.build_request(source.take())?;
-            let _active = endpoint.as_ref().map(|ep| cluster.start_request(ep));
-            let stats = ConnStats {
+            let active = cluster.start_request(index);
+            let target = Target {
+                addr: target_addr,
+                host: &host,
                 cluster,
-                endpoint: endpoint.as_deref(),
+                endpoint: index,
             };
-            let send = self.conn.worker.pool.send(
-                &self.entry.upstream,
-                Target {
-                    addr: target_addr,
-                    host: &host,
-                },
-                &stats,
-                req,
-            );
+            let send = self.conn.worker.pool.send(&self.entry.upstream, target, req);
             let result = match self.per_try {
                 Some(d) => tokio::time::timeout(d, send).await.unwrap_or_else(|_| {
                     Err(ProxyError::new(
@@ -403,33 +396,26 @@ impl Attempts<'_> {
             let can_retry = replayable && attempt < max_retries;
             match result {
                 Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    cluster.stats.record_status(status);
-                    if let Some(ep) = &endpoint {
-                        if status >= 500 {
-                            ep.stats.rq_error.inc();
-                        }
-                    }
-                    if can_retry && self.policy.is_some_and(|p| retry_on_status(p, status)) {
+                    active.record_status(resp.status().as_u16());
+                    if can_retry && self.policy.is_some_and(|p| p.retries_status(resp.status())) {
                         drop(resp);
                         self.backoff(attempt).await;
                         attempt += 1;
-                        cluster.stats.upstream_rq_retry.inc();
+                        cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
                         continue;
                     }
                     return Ok(resp);
                 }
                 Err(e) => {
-                    if let Some(ep) = &endpoint {
-                        ep.stats.rq_error.inc();
-                    }
                     if e.kind == Kind::PerTryTimeout {
-                        cluster.stats.upstream_rq_timeout.inc();
+                        active.record_timeout();
+                    } else if e.side() == Side::Upstream {
+                        active.record_failure();
                     }
                     if can_retry && self.policy.is_some_and(|p| retry_on_error(p, &e)) {
                         self.backoff(attempt).await;
                         attempt += 1;
-                        cluster.stats.upstream_rq_retry.inc();
+                        cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
                         continue;
                     }
                     return Err(e);
@@ -469,8 +455,7 @@ impl Attempts<'_> {
     /// [0, min(max, base × 2^attempt)].
     async fn backoff(&self, attempt: u32) {
         let Some(p) = self.policy else { return };
-        let base = p.backoff_base.get();
-        let max = p.backoff_max.map_or(base * 10, |m| m.get());
+        let (base, max) = (p.backoff_base, p.backoff_max);
         let ceiling = base.saturating_mul(1u32 << attempt.min(16)).min(max);
         let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
         let wait = rand::rng().random_range(0..=ms);
@@ -478,51 +463,14 @@ impl Attempts<'_> {
     }
 }
 
-/// Connect counters of a cluster and (when known) the endpoint being dialled.
-pub(crate) struct ConnStats<'a> {
-    pub(crate) cluster: &'a Cluster,
-    pub(crate) endpoint: Option<&'a crate::cluster::Endpoint>,
-}
-
-impl ConnectStats for ConnStats<'_> {
-    fn connected(&self) {
-        self.cluster.stats.upstream_cx_total.inc();
-    }
-    fn connect_failed(&self) {
-        self.cluster.stats.upstream_cx_connect_fail.inc();
-        if let Some(ep) = self.endpoint {
-            ep.stats.cx_connect_fail.inc();
-        }
-    }
-}
-
-fn retry_on_status(p: &RetryPolicy, status: u16) -> bool {
-    p.retry_on.iter().any(|r| match r {
-        RetryOn::FiveXx => status >= 500,
-        RetryOn::GatewayError => matches!(status, 502..=504),
-        RetryOn::RetriableStatusCodes => p.retriable_status_codes.contains(&status),
-        RetryOn::ConnectFailure | RetryOn::Reset => false,
-    })
-}
-
+/// Whether `e` is retried under `p` (as Envoy, `5xx` and `gateway-error` also cover
+/// "no response at all": connect failure, reset, per-try timeout).
 fn retry_on_error(p: &RetryPolicy, e: &ProxyError) -> bool {
-    if !e.retryable() {
-        return false;
+    match e.kind {
+        Kind::ConnectFailed => p.retries_connect_failure(),
+        Kind::UpstreamReset | Kind::PerTryTimeout => p.retries_reset(),
+        _ => false,
     }
-    p.retry_on.iter().any(|r| match r {
-        // As Envoy: 5xx and gateway-error also cover "no response at all".
-        RetryOn::FiveXx | RetryOn::GatewayError => true,
-        RetryOn::ConnectFailure => e.kind == Kind::ConnectFailed,
-        RetryOn::Reset => matches!(e.kind, Kind::UpstreamReset | Kind::PerTryTimeout),
-        RetryOn::RetriableStatusCodes => false,
-    })
-}
-
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
 }
 
 fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -797,13 +745,5 @@ mod tests {
     fn timestamps() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
         assert_eq!(humantime(t), "2023-11-14T22:13:20.123Z");
-    }
-
-    #[test]
-    fn idempotency() {
-        assert!(is_idempotent(&Method::GET));
-        assert!(is_idempotent(&Method::PUT));
-        assert!(!is_idempotent(&Method::POST));
-        assert!(!is_idempotent(&Method::PATCH));
     }
 }

@@ -10,8 +10,7 @@ use tokio::net::TcpStream;
 
 use crate::io::{Activity, Conn, Tracked, Verdict};
 use crate::listener::ListenerCtx;
-use crate::proxy::ConnStats;
-use crate::upstream::{open_stream, ConnectStats, Target};
+use crate::upstream::{open_stream, Target};
 use crate::worker::Worker;
 
 /// Proxies one accepted connection until either side closes or it idles out.
@@ -57,7 +56,7 @@ pub async fn serve(
     };
     let mut upstream = None;
     for _ in 0..attempts {
-        let (addr, host, ep) = if cluster.config.original_dst {
+        let (addr, host, index) = if cluster.config.original_dst {
             let Some(a) = original_dst else {
                 tracing::warn!(listener = %ctx.name, %peer, "no original destination; closing");
                 return;
@@ -68,30 +67,28 @@ pub async fn serve(
                 break;
             };
             tried.push(i);
-            let ep = cluster.endpoints[i].clone();
-            (ep.address, ep.host.clone(), Some(ep))
+            let ep = &cluster.endpoints[i];
+            (ep.address, ep.host.clone(), Some(i))
         };
-        let stats = ConnStats {
+        let target = Target {
+            addr,
+            host: &host,
             cluster,
-            endpoint: ep.as_deref(),
+            endpoint: index,
         };
-        match open_stream(&entry.upstream, &Target { addr, host: &host }).await {
-            Ok(c) => {
-                stats.connected();
-                upstream = Some((c, ep));
+        match open_stream(&entry.upstream, &target).await {
+            Ok((conn, counted)) => {
+                upstream = Some((conn, counted, index));
                 break;
             }
-            Err(e) => {
-                stats.connect_failed();
-                tracing::debug!(listener = %ctx.name, "tcp upstream {addr}: {e}");
-            }
+            Err(e) => tracing::debug!(listener = %ctx.name, "tcp upstream {addr}: {e}"),
         }
     }
-    let Some((upstream, ep)) = upstream else {
+    let Some((upstream, _counted, index)) = upstream else {
         tracing::debug!(listener = %ctx.name, %peer, "no upstream reachable; closing");
         return;
     };
-    let _active = ep.as_ref().map(|e| cluster.start_request(e));
+    let _active = cluster.start_request(index);
 
     let activity = Arc::new(Activity::default());
     let mut down = Tracked::new(downstream, activity.clone());

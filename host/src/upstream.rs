@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -32,6 +33,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::TlsStream;
 
 use crate::body::{self, Body, BoxError};
+use crate::cluster::{ActiveConnection, Cluster};
 use crate::config::{self, UpstreamProtocol};
 use crate::error::{Kind, ProxyError};
 use crate::io::Conn;
@@ -131,14 +133,10 @@ pub struct Target<'a> {
     pub addr: SocketAddr,
     /// Endpoint host as configured (the default TLS SNI).
     pub host: &'a str,
-}
-
-/// Counters the pool updates while connecting (owned by the cluster).
-pub trait ConnectStats {
-    /// A new upstream connection was made.
-    fn connected(&self);
-    /// A connect attempt failed.
-    fn connect_failed(&self);
+    /// The cluster, whose connection counters the pool keeps.
+    pub cluster: &'a Arc<Cluster>,
+    /// The endpoint's index in the cluster (`None` for original-destination).
+    pub endpoint: Option<usize>,
 }
 
 impl Pool {
@@ -153,7 +151,6 @@ impl Pool {
         &self,
         s: &UpstreamSettings,
         target: Target<'_>,
-        stats: &dyn ConnectStats,
         mut req: Request<Body>,
     ) -> Result<Response<Body>, ProxyError> {
         let key = (s.id, target.addr);
@@ -166,7 +163,7 @@ impl Pool {
                 Err(SendError::Failed(e)) => return Err(e),
             }
         }
-        let sender = self.connect(s, key, &target, stats).await?;
+        let sender = self.connect(s, key, &target).await?;
         match self.try_send(key, s, sender, req).await {
             Ok(resp) => Ok(resp),
             Err(SendError::NotSent(_)) => Err(ProxyError::new(
@@ -221,27 +218,8 @@ impl Pool {
         s: &UpstreamSettings,
         key: Key,
         target: &Target<'_>,
-        stats: &dyn ConnectStats,
     ) -> Result<Sender, ProxyError> {
-        let result = tokio::time::timeout(s.connect_timeout, open(s, target)).await;
-        let (io, h2) = match result {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => {
-                stats.connect_failed();
-                return Err(e);
-            }
-            Err(_) => {
-                stats.connect_failed();
-                return Err(ProxyError::new(
-                    Kind::ConnectFailed,
-                    format!(
-                        "connect to {} timed out after {:?}",
-                        target.addr, s.connect_timeout
-                    ),
-                ));
-            }
-        };
-        stats.connected();
+        let (io, h2, guard) = open_counted(s, target).await?;
         let io = TokioIo::new(io);
         let handshake_err = |e: hyper::Error| {
             ProxyError::new(
@@ -257,6 +235,7 @@ impl Pool {
                 .await
                 .map_err(handshake_err)?;
             tokio::task::spawn_local(async move {
+                let _counted = guard;
                 if let Err(e) = conn.await {
                     tracing::debug!("upstream h2 connection ended: {e}");
                 }
@@ -269,6 +248,7 @@ impl Pool {
                 .await
                 .map_err(handshake_err)?;
             tokio::task::spawn_local(async move {
+                let _counted = guard;
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!("upstream h1 connection ended: {e}");
                 }
