@@ -1,7 +1,100 @@
-fn main() {
-    let p = std::env::args().nth(1).unwrap_or_default();
-    match legate_host::config::load_file(std::path::Path::new(&p)) {
-        Ok(_) => println!("ok"),
-        Err(e) => println!("{e}"),
+//! The `legate` command: `legate run -c plugins.yaml`, `legate check -c plugins.yaml`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use legate_host::{config, server};
+
+/// Legate: a reverse proxy whose filter chains run sandboxed WebAssembly plugins.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the proxy.
+    Run {
+        /// Config file.
+        #[arg(short, long, default_value = "plugins.yaml")]
+        config: PathBuf,
+        /// Worker threads (default: available cores).
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// Validate a config file without starting; exit 1 and print every error if invalid.
+    Check {
+        /// Config file.
+        #[arg(short, long, default_value = "plugins.yaml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LEGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Check { config } => match config::load_file(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{e}");
+                eprintln!();
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run {
+            config,
+            concurrency,
+        } => match run(&config, concurrency) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+fn run(path: &std::path::Path, concurrency: Option<usize>) -> anyhow::Result<()> {
+    let cfg = match config::load_file(path) {
+        Ok(c) => c,
+        Err(e) => anyhow::bail!("invalid config\n{e}"),
+    };
+    let mut opts = server::Options::default();
+    if let Some(n) = concurrency {
+        opts.concurrency = n;
+    }
+    let handle = server::start(cfg, opts).context("starting legate")?;
+    let mut drain = handle.drain_signal();
+    // Signals are handled on a small runtime of their own; workers own theirs.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("signal runtime")?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+            _ = drain.wait_for(|d| *d) => tracing::info!("drain requested on the admin port"),
+        }
+        anyhow::Ok(())
+    })?;
+    handle.shutdown();
+    handle.wait()?;
+    tracing::info!("stopped");
+    Ok(())
 }

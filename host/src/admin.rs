@@ -1,0 +1,158 @@
+//! The admin listener (default 127.0.0.1:9901): readiness, Prometheus stats,
+//! cluster state, the effective config, and drain.
+//!
+//! | path | method | answer |
+//! |---|---|---|
+//! | `/ready` | GET | 200 `LIVE`, or 503 `DRAINING` once a drain started |
+//! | `/stats` | GET | every metric, Prometheus text format 0.0.4 |
+//! | `/clusters` | GET | clusters, endpoints, weights and counters as JSON |
+//! | `/config_dump` | GET | the effective config (defaults filled in) as JSON |
+//! | `/drain` | POST | starts a graceful drain, as SIGTERM does |
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::cluster::Cluster;
+use crate::server::Shared;
+
+/// Serves the admin API until the task is dropped.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("admin accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(answer(&shared, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    match (req.method(), path) {
+        (&Method::GET, "/ready") => {
+            if shared.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
+            } else {
+                text(StatusCode::OK, "LIVE\n")
+            }
+        }
+        (&Method::GET, "/stats") => {
+            let mut body = shared.stats.render();
+            let snapshot = shared.snapshot.load();
+            let mut names: Vec<_> = snapshot.clusters.keys().collect();
+            names.sort();
+            render_cluster_stats(
+                names.iter().filter_map(|n| snapshot.clusters.get(*n)).map(|e| &*e.cluster),
+                &mut body,
+            );
+            with_type(text(StatusCode::OK, body), "text/plain; version=0.0.4; charset=utf-8")
+        }
+        (&Method::GET, "/clusters") => {
+            let snapshot = shared.snapshot.load();
+            let mut names: Vec<_> = snapshot.clusters.keys().collect();
+            names.sort();
+            let list: Vec<serde_json::Value> = names
+                .iter()
+                .filter_map(|n| snapshot.clusters.get(*n))
+                .map(|e| e.cluster.to_json())
+                .collect();
+            json(&serde_json::json!({ "clusters": list }))
+        }
+        (&Method::GET, "/config_dump") => {
+            let snapshot = shared.snapshot.load();
+            match serde_json::to_value(&*snapshot.config) {
+                Ok(v) => json(&v),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot serialize config: {e}\n")),
+            }
+        }
+        (&Method::POST, "/drain") => {
+            shared.start_drain();
+            text(StatusCode::OK, "draining\n")
+        }
+        (_, "/drain") => with_allow(text(StatusCode::METHOD_NOT_ALLOWED, "use POST /drain\n"), "POST"),
+        (_, "/ready" | "/stats" | "/clusters" | "/config_dump") => {
+            with_allow(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"), "GET")
+        }
+        (&Method::GET, "/") => text(
+            StatusCode::OK,
+            "Legate admin\n  GET  /ready\n  GET  /stats\n  GET  /clusters\n  GET  /config_dump\n  POST /drain\n",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the admin endpoints\n"),
+    }
+}
+
+/// Cluster and endpoint counters in Prometheus format: `legate_cluster_<counter>`
+/// labelled by cluster, `legate_endpoint_<counter>` by cluster and endpoint. Names
+/// ending in `_active` are gauges.
+fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone, out: &mut String) {
+    use std::fmt::Write as _;
+    let kind = |name: &str| if name.ends_with("_active") { "gauge" } else { "counter" };
+    let Some(first) = clusters.clone().next() else { return };
+    for (i, (name, _)) in first.stats.snapshot().into_iter().enumerate() {
+        let _ = writeln!(out, "# TYPE legate_cluster_{name} {}", kind(name));
+        for c in clusters.clone() {
+            if let Some((_, v)) = c.stats.snapshot().get(i) {
+                let _ = writeln!(out, "legate_cluster_{name}{{cluster=\"{}\"}} {v}", c.name);
+            }
+        }
+    }
+    let Some(ep) = clusters.clone().find_map(|c| c.endpoints.first().cloned()) else { return };
+    for (i, (name, _)) in ep.stats.snapshot().into_iter().enumerate() {
+        let _ = writeln!(out, "# TYPE legate_endpoint_{name} {}", kind(name));
+        for c in clusters.clone() {
+            for e in &c.endpoints {
+                if let Some((_, v)) = e.stats.snapshot().get(i) {
+                    let _ = writeln!(
+                        out,
+                        "legate_endpoint_{name}{{cluster=\"{}\",endpoint=\"{}\"}} {v}",
+                        c.name, e.address
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    with_type(r, "text/plain; charset=utf-8")
+}
+
+fn json(v: &serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    with_type(text(StatusCode::OK, body), "application/json")
+}
+
+fn with_type(mut r: Response<Full<Bytes>>, ct: &'static str) -> Response<Full<Bytes>> {
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
+    r
+}
+
+fn with_allow(mut r: Response<Full<Bytes>>, allow: &'static str) -> Response<Full<Bytes>> {
+    r.headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    r
+}

@@ -1,0 +1,699 @@
+//! Load balancing: which endpoint of a cluster serves the next upstream attempt.
+//!
+//! [`Shared`] is what a policy precomputes once per cluster — the weights' prefix
+//! sums, the `ring_hash` ring — and is immutable, so all workers read it freely.
+//! [`Balancer`] is one worker's state: its random generator and, for `round_robin`,
+//! its position in the rotation. Every policy honours the retry exclusion list the
+//! same way: endpoints already tried are skipped while another one remains.
+
+use std::cell::{Cell, RefCell};
+use std::fmt::{self, Write as _};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use super::{hash, Cluster, Endpoint};
+use crate::config::LbPolicy;
+
+/// Ketama's 160 points for an endpoint of the smallest weight.
+const POINTS_PER_MIN_WEIGHT: f64 = 160.0;
+/// Fewer points than this give a visibly uneven split (Envoy's minimum ring size).
+const MIN_RING_POINTS: f64 = 1024.0;
+/// Bounds the ring's memory (16 bytes a point) when weights differ wildly.
+const MAX_RING_POINTS: f64 = (1u64 << 20) as f64;
+/// Bounds the work of giving a new worker a random smooth-round-robin phase.
+const MAX_PHASE_WORK: u64 = 1 << 16;
+
+/// Per-cluster, immutable load-balancing data.
+pub(super) struct Shared {
+    policy: LbPolicy,
+    /// Endpoint weights, in endpoint order.
+    weights: Vec<u64>,
+    /// Inclusive prefix sums of `weights`: endpoint `i` owns `[cumulative[i] -
+    /// weights[i], cumulative[i])` of the range a weighted random draw picks from.
+    cumulative: Vec<u64>,
+    /// `weights` divided by their gcd: the same rotation with the shortest period.
+    rr_weights: Vec<i64>,
+    /// The consistent-hash ring (empty unless the policy is `ring_hash`).
+    ring: Ring,
+}
+
+impl Shared {
+    pub(super) fn new(policy: LbPolicy, endpoints: &[Arc<Endpoint>]) -> Shared {
+        let weights: Vec<u64> = endpoints
+            .iter()
+            .map(|e| u64::from(e.weight.max(1)))
+            .collect();
+        let cumulative = weights
+            .iter()
+            .scan(0u64, |sum, w| {
+                *sum += w;
+                Some(*sum)
+            })
+            .collect();
+        let g = weights.iter().copied().fold(0, gcd).max(1);
+        let rr_weights = weights.iter().map(|w| (w / g) as i64).collect();
+        let ring = match policy {
+            LbPolicy::RingHash => Ring::build(endpoints),
+            _ => Ring::default(),
+        };
+        Shared {
+            policy,
+            weights,
+            cumulative,
+            rr_weights,
+            ring,
+        }
+    }
+
+    /// A weighted random endpoint that is not in `excluded` (sorted, distinct, in
+    /// range, and leaving at least one endpoint).
+    ///
+    /// Draws from the total weight of the allowed endpoints and maps the draw back
+    /// onto the full range by stepping over each excluded endpoint's interval, so the
+    /// cost stays O(|excluded| + log n).
+    fn weighted_pick(&self, rng: &mut SmallRng, excluded: &[usize]) -> usize {
+        let total = self.cumulative.last().copied().unwrap_or(0);
+        let excluded_weight: u64 = excluded.iter().filter_map(|&e| self.weights.get(e)).sum();
+        let allowed = total.saturating_sub(excluded_weight);
+        if allowed == 0 {
+            return 0;
+        }
+        let mut r = rng.random_range(0..allowed);
+        for &e in excluded {
+            let (Some(&end), Some(&w)) = (self.cumulative.get(e), self.weights.get(e)) else {
+                break;
+            };
+            if r < end - w {
+                break;
+            }
+            r += w;
+        }
+        self.cumulative
+            .partition_point(|&c| c <= r)
+            .min(self.weights.len().saturating_sub(1))
+    }
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("policy", &self.policy)
+            .field("weights", &self.weights)
+            .field("ring_points", &self.ring.hashes.len())
+            .finish()
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// A Ketama-style consistent-hash ring: each endpoint owns points proportional to
+/// its weight; a key belongs to the endpoint of the first point at or after it.
+/// Removing an endpoint removes only its points, so only its keys move.
+#[derive(Default)]
+struct Ring {
+    /// Point hashes, ascending; searched apart from `owners` to keep it dense.
+    hashes: Vec<u64>,
+    /// The endpoint index of each point.
+    owners: Vec<u32>,
+}
+
+impl Ring {
+    fn build(endpoints: &[Arc<Endpoint>]) -> Ring {
+        let Some(min_weight) = endpoints.iter().map(|e| e.weight.max(1)).min() else {
+            return Ring::default();
+        };
+        let per_weight = POINTS_PER_MIN_WEIGHT / f64::from(min_weight);
+        let natural: f64 = endpoints
+            .iter()
+            .map(|e| f64::from(e.weight.max(1)) * per_weight)
+            .sum();
+        let scale = if natural < MIN_RING_POINTS {
+            MIN_RING_POINTS / natural
+        } else if natural > MAX_RING_POINTS {
+            MAX_RING_POINTS / natural
+        } else {
+            1.0
+        };
+
+        let mut points: Vec<(u64, u32)> = Vec::new();
+        let mut name = String::new();
+        for (index, ep) in endpoints.iter().enumerate() {
+            let Ok(owner) = u32::try_from(index) else {
+                break;
+            };
+            // Float to int saturates; the product is bounded by MAX_RING_POINTS.
+            let count = ((f64::from(ep.weight.max(1)) * per_weight * scale).round() as u64).max(1);
+            for i in 0..count {
+                // The configured address, not the resolved IP, names the points:
+                // the ring stays the same when a host name resolves differently.
+                name.clear();
+                // Writing to a String cannot fail.
+                let _ = write!(name, "{}_{i}", ep.authority);
+                points.push((hash::xxh64(name.as_bytes()), owner));
+            }
+        }
+        // Ties (same hash) are ordered by endpoint so every process builds the
+        // same ring.
+        points.sort_unstable();
+        let (hashes, owners) = points.into_iter().unzip();
+        Ring { hashes, owners }
+    }
+
+    /// The endpoint owning `key`, walking on past points of excluded endpoints —
+    /// which is where the key would go were those endpoints removed.
+    fn lookup(&self, key: u64, excluded: &[usize]) -> Option<usize> {
+        let len = self.hashes.len();
+        let start = self.hashes.partition_point(|&h| h < key);
+        (0..len)
+            .filter_map(|step| self.owners.get((start + step) % len))
+            .map(|&owner| owner as usize)
+            .find(|owner| excluded.binary_search(owner).is_err())
+    }
+}
+
+/// One worker's load balancer for one cluster. Not `Sync`: each worker owns its
+/// own, so picking takes no lock and touches no shared cache line except, for
+/// `least_request`, the endpoints' `rq_active` counters.
+pub struct Balancer {
+    cluster: Arc<Cluster>,
+    rng: RefCell<SmallRng>,
+    rotation: Rotation,
+}
+
+/// `round_robin` state.
+enum Rotation {
+    /// Not `round_robin`.
+    None,
+    /// Equal weights: plain rotation, next index to try.
+    Cursor(Cell<usize>),
+    /// Unequal weights: nginx's smooth weighted round robin, the current weights.
+    Smooth(RefCell<Vec<i64>>),
+}
+
+impl fmt::Debug for Balancer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balancer")
+            .field("cluster", &self.cluster.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Balancer {
+    pub(super) fn new(cluster: Arc<Cluster>) -> Balancer {
+        Balancer::with_rng(cluster, SmallRng::from_rng(&mut rand::rng()))
+    }
+
+    /// A balancer that starts its rotation at a random phase drawn from `rng`, so
+    /// that N workers do not all send their first request to the same endpoint.
+    fn with_rng(cluster: Arc<Cluster>, mut rng: SmallRng) -> Balancer {
+        let shared = &cluster.lb;
+        let n = cluster.endpoints.len();
+        let rotation = if shared.policy != LbPolicy::RoundRobin || n == 0 {
+            Rotation::None
+        } else if shared.rr_weights.iter().all(|&w| w == 1) {
+            Rotation::Cursor(Cell::new(rng.random_range(0..n)))
+        } else {
+            let rotation = Rotation::Smooth(RefCell::new(vec![0; n]));
+            // Advance a random number of steps into the period (bounded, since a
+            // step costs O(n)) so the worker starts in a genuine rotation state.
+            let period: u64 = shared.rr_weights.iter().map(|&w| w as u64).sum();
+            let limit = period.min((MAX_PHASE_WORK / n as u64).max(1));
+            for _ in 0..rng.random_range(0..limit) {
+                smooth_step(&rotation, &shared.rr_weights, &[]);
+            }
+            rotation
+        };
+        Balancer {
+            cluster,
+            rng: RefCell::new(rng),
+            rotation,
+        }
+    }
+
+    /// The cluster this balancer picks from.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    /// Index into `cluster.endpoints` of the endpoint for the next attempt.
+    ///
+    /// `hash` is the request's [`Cluster::hash_key`]; `ring_hash` without one picks
+    /// at random (by weight). `exclude` lists endpoints this request's earlier
+    /// attempts used: they are skipped while any other endpoint exists, and used
+    /// again when every endpoint is excluded, so a one-endpoint cluster still
+    /// retries. `None` only when the cluster has no endpoints (`original_dst`).
+    pub fn pick(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
+        let n = self.cluster.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let excluded = normalize_exclusion(exclude, n);
+        let shared = &self.cluster.lb;
+        Some(match shared.policy {
+            LbPolicy::RoundRobin => self.round_robin(&excluded),
+            LbPolicy::LeastRequest => self.least_request(&excluded),
+            LbPolicy::Random => shared.weighted_pick(&mut self.rng.borrow_mut(), &excluded),
+            LbPolicy::RingHash => match hash.and_then(|key| shared.ring.lookup(key, &excluded)) {
+                Some(i) => i,
+                None => shared.weighted_pick(&mut self.rng.borrow_mut(), &excluded),
+            },
+        })
+    }
+
+    fn round_robin(&self, excluded: &[usize]) -> usize {
+        let n = self.cluster.endpoints.len();
+        match &self.rotation {
+            Rotation::Cursor(next) => {
+                let start = next.get();
+                let pick = (0..n)
+                    .map(|step| (start + step) % n)
+                    .find(|i| excluded.binary_search(i).is_err())
+                    .unwrap_or(start % n);
+                next.set((pick + 1) % n);
+                pick
+            }
+            smooth @ Rotation::Smooth(_) => {
+                smooth_step(smooth, &self.cluster.lb.rr_weights, excluded)
+            }
+            // Unreachable: the rotation exists whenever the policy is round_robin.
+            Rotation::None => self
+                .cluster
+                .lb
+                .weighted_pick(&mut self.rng.borrow_mut(), excluded),
+        }
+    }
+
+    /// Power of two choices: two distinct candidates drawn by weight, the one with
+    /// fewer active requests per unit of weight wins (Envoy's `active / weight`
+    /// comparison). With equal load (an idle cluster) the first draw wins, so light
+    /// traffic is still spread in proportion to the weights.
+    fn least_request(&self, excluded: &[usize]) -> usize {
+        let shared = &self.cluster.lb;
+        let mut rng = self.rng.borrow_mut();
+        let first = shared.weighted_pick(&mut rng, excluded);
+        if self.cluster.endpoints.len().saturating_sub(excluded.len()) < 2 {
+            return first;
+        }
+        let second = if excluded.is_empty() {
+            shared.weighted_pick(&mut rng, &[first])
+        } else {
+            let mut both = excluded.to_vec();
+            let at = both.binary_search(&first).unwrap_or_else(|at| at);
+            both.insert(at, first);
+            shared.weighted_pick(&mut rng, &both)
+        };
+        let load = |i: usize| {
+            self.cluster.endpoints.get(i).map_or((0, 1), |e| {
+                (e.stats.rq_active.load(Relaxed), e.weight.max(1))
+            })
+        };
+        let ((a, wa), (b, wb)) = (load(first), load(second));
+        // b / wb < a / wa, without division.
+        if u128::from(b) * u128::from(wa) < u128::from(a) * u128::from(wb) {
+            second
+        } else {
+            first
+        }
+    }
+}
+
+/// One step of nginx's smooth weighted round robin over the endpoints not in
+/// `excluded`: each gains its weight, the largest wins and pays back the total.
+/// Over a period each endpoint wins exactly its weight's worth, interleaved
+/// (weights 5,1,1 give a a b a c a a).
+fn smooth_step(rotation: &Rotation, weights: &[i64], excluded: &[usize]) -> usize {
+    let Rotation::Smooth(current) = rotation else {
+        return 0;
+    };
+    let mut current = current.borrow_mut();
+    let mut total = 0;
+    // (index, current weight) of the leader; ties go to the lower index, as nginx.
+    let mut best: Option<(usize, i64)> = None;
+    for (i, (cur, &w)) in current.iter_mut().zip(weights).enumerate() {
+        if excluded.binary_search(&i).is_ok() {
+            continue;
+        }
+        *cur += w;
+        total += w;
+        if best.is_none_or(|(_, lead)| *cur > lead) {
+            best = Some((i, *cur));
+        }
+    }
+    let best = best.map_or(0, |(i, _)| i);
+    if let Some(cur) = current.get_mut(best) {
+        *cur -= total;
+    }
+    best
+}
+
+/// The exclusion list as the policies want it: sorted, distinct, in range — and
+/// empty when it covers every endpoint (then anything may be retried).
+fn normalize_exclusion(exclude: &[usize], n: usize) -> Vec<usize> {
+    if exclude.is_empty() {
+        return Vec::new();
+    }
+    let mut excluded: Vec<usize> = exclude.iter().copied().filter(|&i| i < n).collect();
+    excluded.sort_unstable();
+    excluded.dedup();
+    if excluded.len() == n {
+        excluded.clear();
+    }
+    excluded
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+    use crate::cluster::tests::weighted;
+
+    fn seeded(cluster: &Arc<Cluster>, seed: u64) -> Balancer {
+        Balancer::with_rng(Arc::clone(cluster), SmallRng::seed_from_u64(seed))
+    }
+
+    fn counts(b: &Balancer, picks: usize, hash: Option<u64>, exclude: &[usize]) -> Vec<usize> {
+        let mut counts = vec![0; b.cluster().endpoints.len()];
+        for _ in 0..picks {
+            counts[b.pick(hash, exclude).unwrap()] += 1;
+        }
+        counts
+    }
+
+    /// Each count within ±`tolerance` (relative) of its share of the weights.
+    fn assert_proportional(counts: &[usize], weights: &[u32], tolerance: f64) {
+        let total: usize = counts.iter().sum();
+        let weight_sum: u32 = weights.iter().sum();
+        for (c, w) in counts.iter().zip(weights) {
+            let want = total as f64 * f64::from(*w) / f64::from(weight_sum);
+            assert!(
+                (*c as f64 - want).abs() <= want * tolerance,
+                "counts {counts:?} not within {tolerance} of weights {weights:?}"
+            );
+        }
+    }
+
+    fn keys(n: u64) -> impl Iterator<Item = u64> {
+        (0..n).map(|i| hash::xxh64(format!("user-{i}").as_bytes()))
+    }
+
+    #[test]
+    fn no_endpoints_no_pick() {
+        let c = crate::cluster::tests::cluster("name: sidecar\noriginal_dst: true");
+        assert_eq!(c.balancer().pick(None, &[]), None);
+        assert_eq!(c.balancer().pick(Some(1), &[0]), None);
+    }
+
+    #[test]
+    fn round_robin_equal_weights_rotates_from_a_random_start() {
+        let c = weighted("round_robin", &[1, 1, 1], "");
+        let mut starts = std::collections::HashSet::new();
+        for seed in 0..16 {
+            let b = seeded(&c, seed);
+            let seq: Vec<usize> = (0..300).map(|_| b.pick(None, &[]).unwrap()).collect();
+            starts.insert(seq[0]);
+            for pair in seq.windows(2) {
+                assert_eq!(pair[1], (pair[0] + 1) % 3, "{seq:?}");
+            }
+        }
+        assert_eq!(
+            starts.len(),
+            3,
+            "workers should not all start at one endpoint"
+        );
+        // Equal weights that are not 1 take the same path (weights are divided by gcd).
+        let b = seeded(&weighted("round_robin", &[7, 7], ""), 1);
+        assert_eq!(counts(&b, 100, None, &[]), [50, 50]);
+    }
+
+    #[test]
+    fn round_robin_weights_are_exact_over_each_period() {
+        let c = weighted("round_robin", &[1, 2, 3], "");
+        let mut firsts = std::collections::HashSet::new();
+        for seed in 0..16 {
+            let b = seeded(&c, seed);
+            let seq: Vec<usize> = (0..6000).map(|_| b.pick(None, &[]).unwrap()).collect();
+            firsts.insert(seq[..6].to_vec());
+            // Any window of one period (6 picks) holds each endpoint weight times.
+            for window in seq.windows(6) {
+                let mut n = [0; 3];
+                window.iter().for_each(|&i| n[i] += 1);
+                assert_eq!(n, [1, 2, 3], "{window:?}");
+            }
+        }
+        assert!(firsts.len() > 1, "every worker started at the same phase");
+    }
+
+    #[test]
+    fn smooth_round_robin_interleaves() {
+        let c = weighted("round_robin", &[5, 1, 1], "");
+        // From the zero state, exactly nginx's sequence.
+        let b = Balancer {
+            cluster: Arc::clone(&c),
+            rng: RefCell::new(SmallRng::seed_from_u64(0)),
+            rotation: Rotation::Smooth(RefCell::new(vec![0; 3])),
+        };
+        let seq: String = (0..14)
+            .map(|_| ["a", "b", "c"][b.pick(None, &[]).unwrap()])
+            .collect();
+        assert_eq!(seq, "aabacaaaabacaa");
+        // From a random phase, a rotation of the same sequence.
+        for seed in 0..8 {
+            let b = seeded(&c, seed);
+            let seq: String = (0..70)
+                .map(|_| ["a", "b", "c"][b.pick(None, &[]).unwrap()])
+                .collect();
+            assert!("aabacaa".repeat(11).contains(&seq), "{seq}");
+        }
+    }
+
+    #[test]
+    fn round_robin_exclusion() {
+        for weights in [&[1, 1, 1][..], &[1, 2, 3]] {
+            let c = weighted("round_robin", weights, "");
+            let b = seeded(&c, 3);
+            assert_eq!(counts(&b, 600, None, &[1])[1], 0);
+            let only = counts(&b, 60, None, &[0, 2, 2, 99]);
+            assert_eq!(only, [0, 60, 0]);
+            // Everything excluded: retry anywhere.
+            assert!(counts(&b, 60, None, &[0, 1, 2]).iter().all(|&n| n > 0));
+        }
+        let single = weighted("round_robin", &[1], "");
+        assert_eq!(single.balancer().pick(None, &[0]), Some(0));
+    }
+
+    #[test]
+    fn random_follows_weights() {
+        let c = weighted("random", &[1, 2, 3], "");
+        assert_proportional(&counts(&seeded(&c, 7), 60_000, None, &[]), &[1, 2, 3], 0.05);
+    }
+
+    #[test]
+    fn random_exclusion_keeps_the_other_weights() {
+        let c = weighted("random", &[1, 2, 3, 4], "");
+        let b = seeded(&c, 11);
+        let n = counts(&b, 40_000, None, &[2]);
+        assert_eq!(n[2], 0);
+        assert_proportional(&[n[0], n[1], n[3]], &[1, 2, 4], 0.05);
+        let n = counts(&b, 40_000, None, &[3, 0]);
+        assert_eq!((n[0], n[3]), (0, 0));
+        assert_proportional(&[n[1], n[2]], &[2, 3], 0.05);
+        assert_eq!(counts(&b, 100, None, &[0, 1, 3]), [0, 0, 100, 0]);
+        assert_proportional(
+            &counts(&b, 40_000, None, &[0, 1, 2, 3]),
+            &[1, 2, 3, 4],
+            0.05,
+        );
+        let single = weighted("random", &[5], "");
+        assert_eq!(single.balancer().pick(None, &[0]), Some(0));
+    }
+
+    #[test]
+    fn least_request_prefers_idle_endpoints() {
+        let c = weighted("least_request", &[1, 1], "");
+        let b = seeded(&c, 1);
+        let busy: Vec<_> = (0..3).map(|_| c.start_request(Some(0))).collect();
+        assert_eq!(counts(&b, 1000, None, &[]), [0, 1000]);
+        drop(busy);
+        let n = counts(&b, 1000, None, &[]);
+        assert!(n[0] > 400 && n[1] > 400, "{n:?}");
+
+        let c = weighted("least_request", &[1, 1, 1], "");
+        let b = seeded(&c, 2);
+        let _busy = c.start_request(Some(1));
+        let n = counts(&b, 3000, None, &[]);
+        assert_eq!(n[1], 0, "{n:?}");
+        assert!(n[0] > 1300 && n[2] > 1300, "{n:?}");
+    }
+
+    #[test]
+    fn least_request_compares_load_per_weight() {
+        let c = weighted("least_request", &[1, 4], "");
+        let b = seeded(&c, 5);
+        let _light = c.start_request(Some(0));
+        let mut heavy: Vec<_> = (0..2).map(|_| c.start_request(Some(1))).collect();
+        // 2 active / weight 4 is less loaded than 1 active / weight 1.
+        assert_eq!(counts(&b, 500, None, &[]), [0, 500]);
+        heavy.extend((0..6).map(|_| c.start_request(Some(1))));
+        // 8 / 4 is more loaded than 1 / 1.
+        assert_eq!(counts(&b, 500, None, &[]), [500, 0]);
+    }
+
+    #[test]
+    fn least_request_idle_cluster_follows_weights() {
+        let c = weighted("least_request", &[1, 2, 3], "");
+        assert_proportional(&counts(&seeded(&c, 9), 60_000, None, &[]), &[1, 2, 3], 0.05);
+    }
+
+    #[test]
+    fn least_request_exclusion() {
+        let c = weighted("least_request", &[1, 1, 1], "");
+        let b = seeded(&c, 4);
+        let _busy: Vec<_> = (0..5).map(|_| c.start_request(Some(0))).collect();
+        // The busy endpoint is the only one not yet tried: it is the pick.
+        assert_eq!(counts(&b, 100, None, &[1, 2]), [100, 0, 0]);
+        let n = counts(&b, 1000, None, &[2]);
+        assert_eq!(n, [0, 1000, 0]);
+        let single = weighted("least_request", &[1], "");
+        assert_eq!(single.balancer().pick(None, &[0]), Some(0));
+    }
+
+    #[test]
+    fn ring_hash_is_consistent() {
+        let c = weighted("ring_hash", &[1, 1, 1, 1], "hash_on: { header: x-user }\n");
+        let (a, b) = (seeded(&c, 1), seeded(&c, 2));
+        // Another process building the same config gets the same ring.
+        let other = weighted("ring_hash", &[1, 1, 1, 1], "hash_on: { header: x-user }\n");
+        let o = seeded(&other, 3);
+        for key in keys(2000) {
+            let want = a.pick(Some(key), &[]);
+            assert_eq!(a.pick(Some(key), &[]), want);
+            assert_eq!(b.pick(Some(key), &[]), want);
+            assert_eq!(o.pick(Some(key), &[]), want);
+        }
+    }
+
+    #[test]
+    fn ring_hash_spreads_keys_by_weight() {
+        let c = weighted("ring_hash", &[1, 1, 1, 1], "hash_on: { source_ip: true }\n");
+        assert_eq!(
+            c.lb.ring.hashes.len(),
+            1024,
+            "4 endpoints are scaled up to the minimum ring"
+        );
+        let b = c.balancer();
+        let mut n = [0; 4];
+        keys(40_000).for_each(|k| n[b.pick(Some(k), &[]).unwrap()] += 1);
+        assert_proportional(&n, &[1, 1, 1, 1], 0.10);
+
+        let c = weighted("ring_hash", &[1, 2, 3], "hash_on: { source_ip: true }\n");
+        // 160 × (1 + 2 + 3) = 960 points, scaled up to the minimum ring.
+        assert_eq!(c.lb.ring.hashes.len(), 1024);
+        let b = c.balancer();
+        let mut n = [0; 3];
+        keys(60_000).for_each(|k| n[b.pick(Some(k), &[]).unwrap()] += 1);
+        assert_proportional(&n, &[1, 2, 3], 0.10);
+
+        // No key: weighted random.
+        assert_proportional(&counts(&seeded(&c, 8), 60_000, None, &[]), &[1, 2, 3], 0.05);
+    }
+
+    #[test]
+    fn ring_hash_removal_moves_only_the_removed_endpoints_keys() {
+        const N: u32 = 10;
+        let all = weighted(
+            "ring_hash",
+            &[1; N as usize],
+            "hash_on: { source_ip: true }\n",
+        );
+        let removed = 3;
+        let addresses: String = (1..=N)
+            .filter(|&i| i != removed + 1)
+            .map(|i| format!("  - {{ address: \"10.0.0.{i}:80\" }}\n"))
+            .collect();
+        let fewer = crate::cluster::tests::cluster(&format!(
+            "name: c\nlb_policy: ring_hash\nhash_on: {{ source_ip: true }}\nendpoints:\n{addresses}"
+        ));
+        let (before, after) = (all.balancer(), fewer.balancer());
+        let addr =
+            |b: &Balancer, key| b.cluster().endpoints[b.pick(Some(key), &[]).unwrap()].address;
+        let mut moved = 0;
+        let total = 20_000;
+        for key in keys(total) {
+            let (was, is) = (addr(&before, key), addr(&after, key));
+            if was != is {
+                moved += 1;
+                assert_eq!(
+                    was, all.endpoints[removed as usize].address,
+                    "a key of a kept endpoint moved"
+                );
+            }
+        }
+        let fraction = f64::from(moved) / total as f64;
+        assert!(
+            (0.05..0.15).contains(&fraction),
+            "{fraction} of keys moved, expected about 1/{N}"
+        );
+    }
+
+    #[test]
+    fn ring_hash_exclusion_walks_to_the_next_endpoint() {
+        let c = weighted(
+            "ring_hash",
+            &[1, 1, 1, 1, 1],
+            "hash_on: { source_ip: true }\n",
+        );
+        let b = c.balancer();
+        for key in keys(500) {
+            let first = b.pick(Some(key), &[]).unwrap();
+            let second = b.pick(Some(key), &[first]).unwrap();
+            assert_ne!(first, second);
+            // Stable too: the same retry goes to the same endpoint.
+            assert_eq!(b.pick(Some(key), &[first]), Some(second));
+            let third = b.pick(Some(key), &[second, first]).unwrap();
+            assert!(third != first && third != second);
+            assert_eq!(
+                b.pick(Some(key), &[0, 1, 2, 3, 4]),
+                Some(first),
+                "all excluded"
+            );
+        }
+        let single = weighted("ring_hash", &[1], "hash_on: { source_ip: true }\n");
+        assert_eq!(single.balancer().pick(Some(42), &[0]), Some(0));
+    }
+
+    #[test]
+    fn ring_is_bounded_for_extreme_weights() {
+        let c = weighted(
+            "ring_hash",
+            &[1, 1_000_000_000],
+            "hash_on: { source_ip: true }\n",
+        );
+        let points = c.lb.ring.hashes.len();
+        assert!(points <= (1 << 20) + 2, "{points}");
+        assert!(
+            c.lb.ring.owners.contains(&0),
+            "every endpoint keeps a point"
+        );
+    }
+
+    #[test]
+    fn weighted_pick_maps_around_excluded_intervals() {
+        let c = weighted("random", &[3, 1, 4, 1, 5], "");
+        let mut rng = SmallRng::seed_from_u64(0);
+        for excluded in [&[0usize][..], &[4], &[0, 2], &[1, 3], &[0, 1, 2, 3]] {
+            for _ in 0..2000 {
+                let i = c.lb.weighted_pick(&mut rng, excluded);
+                assert!(i < 5 && !excluded.contains(&i), "{i} with {excluded:?}");
+            }
+        }
+    }
+}

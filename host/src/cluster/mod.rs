@@ -1,0 +1,751 @@
+//! Upstream clusters: their endpoints (host names resolved once, at load), the
+//! counters `/stats` and `/clusters` read, the request hash key for `ring_hash`, and,
+//! in [`Balancer`], the choice of an endpoint for each upstream attempt.
+//!
+//! Threading: a [`Cluster`] is built once per config load and shared by every worker
+//! through an `Arc`. Everything in it is immutable or an atomic counter, so the
+//! request path takes no lock. What a load-balancing policy remembers between picks
+//! (round-robin position, random generator) lives in a [`Balancer`], one per worker
+//! per cluster, which is `!Sync` and needs no synchronization.
+
+mod hash;
+mod lb;
+
+pub use lb::Balancer;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use http::header::{HeaderMap, HeaderName, COOKIE};
+use serde_json::{Map, Value};
+
+use crate::config::{self, LbPolicy, Name};
+
+/// Declares a struct of atomic counters and its `snapshot()`, so a new counter
+/// cannot be added without also appearing in `/stats` and `/clusters`.
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$fmeta:meta])* $field:ident, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: AtomicU64, )*
+        }
+
+        impl $name {
+            /// Every value with its name, in declaration order. Names ending in
+            /// `_active` are gauges; the others are counters that only grow.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$( (stringify!($field), self.$field.load(Relaxed)), )*]
+            }
+
+            fn to_json(&self) -> Value {
+                Value::Object(
+                    self.snapshot()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), Value::from(v)))
+                        .collect(),
+                )
+            }
+        }
+    };
+}
+
+counters! {
+    /// Per-cluster statistics, shared by all workers. Request counters count upstream
+    /// attempts (a retried request counts once per attempt), as Envoy's do.
+    pub struct ClusterStats {
+        /// Upstream attempts started.
+        upstream_rq_total,
+        /// Upstream attempts in flight (gauge).
+        upstream_rq_active,
+        /// Responses by status class.
+        upstream_rq_1xx,
+        /// 2xx responses.
+        upstream_rq_2xx,
+        /// 3xx responses.
+        upstream_rq_3xx,
+        /// 4xx responses.
+        upstream_rq_4xx,
+        /// 5xx responses.
+        upstream_rq_5xx,
+        /// Retries sent (attempts after the first).
+        upstream_rq_retry,
+        /// Attempts that hit the per-try or route timeout.
+        upstream_rq_timeout,
+        /// Connections opened.
+        upstream_cx_total,
+        /// Connections open (gauge).
+        upstream_cx_active,
+        /// Connection attempts that failed or timed out.
+        upstream_cx_connect_fail,
+    }
+}
+
+counters! {
+    /// Per-endpoint statistics, shared by all workers; `rq_active` also drives
+    /// `least_request`.
+    pub struct EndpointStats {
+        /// Upstream attempts sent here.
+        rq_total,
+        /// Attempts in flight here (gauge).
+        rq_active,
+        /// Attempts that ended in a 5xx, a reset or a timeout.
+        rq_error,
+        /// Connections opened.
+        cx_total,
+        /// Connections open (gauge).
+        cx_active,
+        /// Connection attempts that failed or timed out.
+        cx_connect_fail,
+    }
+}
+
+impl ClusterStats {
+    /// Counts a response in its status class; statuses outside 100–599 count in none.
+    pub fn record_status(&self, status: u16) {
+        let counter = match status {
+            100..=199 => &self.upstream_rq_1xx,
+            200..=299 => &self.upstream_rq_2xx,
+            300..=399 => &self.upstream_rq_3xx,
+            400..=499 => &self.upstream_rq_4xx,
+            500..=599 => &self.upstream_rq_5xx,
+            _ => return,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+}
+
+/// One upstream endpoint of a cluster.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The address connections go to: resolved once, when the config is loaded.
+    pub address: SocketAddr,
+    /// The host part as written in the config, without port and without the
+    /// brackets of an IPv6 literal: the default TLS SNI / certificate name.
+    pub host: String,
+    /// The address as written in the config (`host:port`, `[v6]:port`): the default
+    /// Host/`:authority` towards this endpoint, and its identity on the hash ring.
+    pub authority: String,
+    /// Relative weight (at least 1).
+    pub weight: u32,
+    /// Counters.
+    pub stats: EndpointStats,
+}
+
+/// An upstream cluster, built once per config load and shared by all workers.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The cluster's name.
+    pub name: Name,
+    /// The validated config (protocol, TLS, timeouts and pool settings are read by
+    /// the upstream connection pool).
+    pub config: config::Cluster,
+    /// Endpoints, in config order; empty for an `original_dst` cluster.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Counters.
+    pub stats: ClusterStats,
+    /// `hash_on.header`, parsed once.
+    hash_header: Option<HeaderName>,
+    /// What the policy precomputes: cumulative weights, the hash ring.
+    lb: lb::Shared,
+}
+
+impl Cluster {
+    /// Builds a cluster from its validated config: resolves endpoint host names once
+    /// (the error names the cluster, the endpoint and the host) and, for `ring_hash`,
+    /// builds the hash ring.
+    pub fn from_config(cfg: &config::Cluster) -> anyhow::Result<Arc<Cluster>> {
+        Self::build(cfg, &|host, port| {
+            (host, port).to_socket_addrs().map(Iterator::collect)
+        })
+    }
+
+    /// [`Cluster::from_config`] with the name resolver given, so tests need no DNS.
+    /// IP literals never reach the resolver.
+    fn build(
+        cfg: &config::Cluster,
+        resolve: &dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>>,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        let cluster = &cfg.name;
+        let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
+        for ep in &cfg.endpoints {
+            let ep = &ep.value;
+            let (host, port) = split_host_port(&ep.address).ok_or_else(|| {
+                anyhow!(
+                    "cluster `{cluster}`: endpoint address `{}` is not `host:port`",
+                    ep.address
+                )
+            })?;
+            if ep.weight == 0 {
+                bail!(
+                    "cluster `{cluster}`: endpoint `{}` has weight 0",
+                    ep.address
+                );
+            }
+            let address = match host.parse::<IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, port),
+                Err(_) => {
+                    let addrs = resolve(host, port).with_context(|| {
+                        format!(
+                            "cluster `{cluster}`: cannot resolve host `{host}` of endpoint `{}`",
+                            ep.address
+                        )
+                    })?;
+                    preferred_address(&addrs).ok_or_else(|| {
+                        anyhow!(
+                            "cluster `{cluster}`: host `{host}` of endpoint `{}` resolved to no address",
+                            ep.address
+                        )
+                    })?
+                }
+            };
+            endpoints.push(Arc::new(Endpoint {
+                address,
+                host: host.to_string(),
+                authority: ep.address.clone(),
+                weight: ep.weight,
+                stats: EndpointStats::default(),
+            }));
+        }
+
+        let hash_header = match cfg.hash_on.as_ref().and_then(|h| h.header.as_deref()) {
+            Some(h) => Some(HeaderName::from_bytes(h.as_bytes()).with_context(|| {
+                format!("cluster `{cluster}`: `hash_on.header` `{h}` is not a valid header name")
+            })?),
+            None => None,
+        };
+
+        Ok(Arc::new(Cluster {
+            name: cfg.name.clone(),
+            lb: lb::Shared::new(cfg.lb_policy, &endpoints),
+            config: cfg.clone(),
+            endpoints,
+            stats: ClusterStats::default(),
+            hash_header,
+        }))
+    }
+
+    /// A new balancer for one worker.
+    pub fn balancer(self: &Arc<Self>) -> Balancer {
+        Balancer::new(Arc::clone(self))
+    }
+
+    /// The `ring_hash` key of a request: a stable hash of the `hash_on` header's
+    /// (first) value, of the `hash_on` cookie's value, or of the client's IP.
+    ///
+    /// `None` when the policy is not `ring_hash`, or when the header or cookie is
+    /// absent or empty (an empty value identifies nobody, so such requests are spread
+    /// at random instead of all landing on one endpoint).
+    pub fn hash_key(&self, headers: &HeaderMap, client_ip: IpAddr) -> Option<u64> {
+        if self.config.lb_policy != LbPolicy::RingHash {
+            return None;
+        }
+        let on = self.config.hash_on.as_ref()?;
+        let value = if let Some(name) = &self.hash_header {
+            headers.get(name)?.as_bytes()
+        } else if let Some(cookie) = &on.cookie {
+            find_cookie(headers, cookie.as_bytes())?
+        } else if on.source_ip {
+            // A v4 client reaching a dual-stack listener appears as ::ffff:a.b.c.d;
+            // canonicalizing keeps its key equal to the one it gets over plain v4.
+            return Some(match client_ip.to_canonical() {
+                IpAddr::V4(ip) => hash::xxh64(&ip.octets()),
+                IpAddr::V6(ip) => hash::xxh64(&ip.octets()),
+            });
+        } else {
+            return None;
+        };
+        (!value.is_empty()).then(|| hash::xxh64(value))
+    }
+
+    /// Counts the start of an upstream attempt on the cluster and, if given, on
+    /// endpoint `endpoint` (an index into [`Cluster::endpoints`]; `None` for an
+    /// `original_dst` cluster). The guard counts the attempt as active until dropped.
+    pub fn start_request(self: &Arc<Self>, endpoint: Option<usize>) -> ActiveRequest {
+        self.stats.upstream_rq_total.fetch_add(1, Relaxed);
+        self.stats.upstream_rq_active.fetch_add(1, Relaxed);
+        let endpoint = endpoint.filter(|&i| i < self.endpoints.len());
+        if let Some(ep) = endpoint.and_then(|i| self.endpoints.get(i)) {
+            ep.stats.rq_total.fetch_add(1, Relaxed);
+            ep.stats.rq_active.fetch_add(1, Relaxed);
+        }
+        ActiveRequest {
+            cluster: Arc::clone(self),
+            endpoint,
+        }
+    }
+
+    /// Counts a new upstream connection on the cluster and, if given, on endpoint
+    /// `endpoint`; the guard counts it as open until dropped.
+    pub fn start_connection(self: &Arc<Self>, endpoint: Option<usize>) -> ActiveConnection {
+        self.stats.upstream_cx_total.fetch_add(1, Relaxed);
+        self.stats.upstream_cx_active.fetch_add(1, Relaxed);
+        let endpoint = endpoint.filter(|&i| i < self.endpoints.len());
+        if let Some(ep) = endpoint.and_then(|i| self.endpoints.get(i)) {
+            ep.stats.cx_total.fetch_add(1, Relaxed);
+            ep.stats.cx_active.fetch_add(1, Relaxed);
+        }
+        ActiveConnection {
+            cluster: Arc::clone(self),
+            endpoint,
+        }
+    }
+
+    /// Counts a failed (or timed-out) connection attempt.
+    pub fn record_connect_failure(&self, endpoint: Option<usize>) {
+        self.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
+        if let Some(ep) = self.endpoint(endpoint) {
+            ep.stats.cx_connect_fail.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn endpoint(&self, index: Option<usize>) -> Option<&Endpoint> {
+        index.and_then(|i| self.endpoints.get(i)).map(|e| &**e)
+    }
+
+    /// The cluster for the admin `/clusters` page: name, policy, protocol, counters
+    /// and each endpoint with its address, weight and counters.
+    pub fn to_json(&self) -> Value {
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|ep| {
+                let mut m = Map::new();
+                m.insert("address".into(), ep.address.to_string().into());
+                m.insert("configured_address".into(), ep.authority.clone().into());
+                m.insert("weight".into(), ep.weight.into());
+                m.insert("stats".into(), ep.stats.to_json());
+                Value::Object(m)
+            })
+            .collect::<Vec<_>>();
+        let mut m = Map::new();
+        m.insert("name".into(), self.name.as_str().into());
+        // The config's own serialization, so the names match what the file says.
+        m.insert(
+            "lb_policy".into(),
+            serde_json::to_value(self.config.lb_policy).unwrap_or(Value::Null),
+        );
+        m.insert(
+            "protocol".into(),
+            serde_json::to_value(self.config.protocol).unwrap_or(Value::Null),
+        );
+        m.insert("tls".into(), self.config.tls.is_some().into());
+        m.insert("original_dst".into(), self.config.original_dst.into());
+        m.insert("stats".into(), self.stats.to_json());
+        m.insert("endpoints".into(), endpoints.into());
+        Value::Object(m)
+    }
+}
+
+/// An upstream attempt in flight: counted in `upstream_rq_active` (and the endpoint's
+/// `rq_active`) from [`Cluster::start_request`] until dropped. Its outcome is
+/// recorded through it, so the cluster and endpoint counters stay consistent.
+#[derive(Debug)]
+pub struct ActiveRequest {
+    cluster: Arc<Cluster>,
+    endpoint: Option<usize>,
+}
+
+impl ActiveRequest {
+    /// The cluster.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    /// The endpoint's index, if the attempt went to a configured endpoint.
+    pub fn endpoint_index(&self) -> Option<usize> {
+        self.endpoint
+    }
+
+    /// Records the response status: the cluster's status class, and a 5xx as an
+    /// endpoint error.
+    pub fn record_status(&self, status: u16) {
+        self.cluster.stats.record_status(status);
+        if status >= 500 {
+            self.record_error();
+        }
+    }
+
+    /// Records an attempt that ended without a response (reset, protocol error).
+    pub fn record_failure(&self) {
+        self.record_error();
+    }
+
+    /// Records an attempt that timed out.
+    pub fn record_timeout(&self) {
+        self.cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
+        self.record_error();
+    }
+
+    fn record_error(&self) {
+        if let Some(ep) = self.cluster.endpoint(self.endpoint) {
+            ep.stats.rq_error.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.cluster.stats.upstream_rq_active.fetch_sub(1, Relaxed);
+        if let Some(ep) = self.cluster.endpoint(self.endpoint) {
+            ep.stats.rq_active.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+/// An open upstream connection: counted in `upstream_cx_active` (and the endpoint's
+/// `cx_active`) from [`Cluster::start_connection`] until dropped. The pool keeps it
+/// next to the connection so the gauge falls when the connection closes.
+#[derive(Debug)]
+pub struct ActiveConnection {
+    cluster: Arc<Cluster>,
+    endpoint: Option<usize>,
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.cluster.stats.upstream_cx_active.fetch_sub(1, Relaxed);
+        if let Some(ep) = self.cluster.endpoint(self.endpoint) {
+            ep.stats.cx_active.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+/// Splits `host:port` or `[v6]:port` (the config validator has accepted the address;
+/// its helper is private to the config module).
+fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = match s.strip_prefix('[') {
+        Some(rest) => rest.split_once("]:")?,
+        None => s.rsplit_once(':')?,
+    };
+    let port: u16 = port.parse().ok()?;
+    (!host.is_empty() && port != 0).then_some((host, port))
+}
+
+/// The address to use among those a name resolved to: the first IPv4 one, else the
+/// first. With one address per endpoint there is no happy-eyeballs fallback, and
+/// preferring IPv4 avoids the classic failure of `localhost` resolving to `::1`
+/// while the upstream listens on 127.0.0.1 only.
+fn preferred_address(addrs: &[SocketAddr]) -> Option<SocketAddr> {
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+}
+
+/// The value of cookie `name` in the request's `Cookie` header(s) (RFC 6265 §4.2:
+/// `name=value` pairs separated by `;`, the value optionally in double quotes).
+fn find_cookie<'h>(headers: &'h HeaderMap, name: &[u8]) -> Option<&'h [u8]> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+        .find_map(|pair| {
+            let (k, v) = pair.split_at(pair.iter().position(|&b| b == b'=')?);
+            let v = v.get(1..)?.trim_ascii();
+            (k.trim_ascii() == name).then(|| {
+                v.strip_prefix(b"\"")
+                    .and_then(|v| v.strip_suffix(b"\""))
+                    .unwrap_or(v)
+            })
+        })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    /// Parses a cluster's YAML config; endpoint addresses must be IP literals (no DNS).
+    pub(super) fn cluster(yaml: &str) -> Arc<Cluster> {
+        let cfg: config::Cluster = serde_saphyr::from_str(yaml).unwrap();
+        Cluster::from_config(&cfg).unwrap()
+    }
+
+    /// A cluster of endpoints `10.0.0.{1,2,..}:80` with the given weights.
+    pub(super) fn weighted(policy: &str, weights: &[u32], extra: &str) -> Arc<Cluster> {
+        let endpoints: String = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| format!("  - {{ address: \"10.0.0.{}:80\", weight: {w} }}\n", i + 1))
+            .collect();
+        cluster(&format!(
+            "name: c\nlb_policy: {policy}\n{extra}endpoints:\n{endpoints}"
+        ))
+    }
+
+    fn ring(hash_on: &str) -> Arc<Cluster> {
+        weighted("ring_hash", &[1, 1, 1], &format!("hash_on: {hash_on}\n"))
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    const IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+
+    #[test]
+    fn shared_across_workers() {
+        fn shared<T: Send + Sync>() {}
+        fn movable<T: Send>() {}
+        shared::<Cluster>();
+        movable::<Balancer>();
+        movable::<ActiveRequest>();
+    }
+
+    #[test]
+    fn resolves_localhost_once() {
+        let c = cluster("name: local\nendpoints: [{ address: \"localhost:80\", weight: 2 }]");
+        let ep = &c.endpoints[0];
+        assert!(ep.address.ip().is_loopback(), "{}", ep.address);
+        assert_eq!(ep.address.port(), 80);
+        assert_eq!(ep.host, "localhost");
+        assert_eq!(ep.authority, "localhost:80");
+        assert_eq!(ep.weight, 2);
+    }
+
+    #[test]
+    fn ip_literals_and_ipv6_brackets() {
+        let cfg: config::Cluster = serde_saphyr::from_str(
+            "name: c\nendpoints: [{ address: \"[::1]:8443\" }, { address: \"10.1.2.3:80\" }]",
+        )
+        .unwrap();
+        let c = Cluster::build(&cfg, &|host, _| {
+            panic!("resolver called for the literal `{host}`")
+        })
+        .unwrap();
+        let v6 = &c.endpoints[0];
+        assert_eq!(
+            v6.address,
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 8443)
+        );
+        assert_eq!(v6.host, "::1");
+        assert_eq!(v6.authority, "[::1]:8443");
+        assert_eq!(c.endpoints[1].address.to_string(), "10.1.2.3:80");
+    }
+
+    #[test]
+    fn unresolvable_host_is_a_clear_error() {
+        // A stub resolver: a real lookup of an unknown name would query the network.
+        let cfg: config::Cluster =
+            serde_saphyr::from_str("name: api\nendpoints: [{ address: \"10.0.0.1:80\" }, { address: \"backend.nowhere:8080\" }]").unwrap();
+        let err = Cluster::build(&cfg, &|host, _| {
+            Err(io::Error::other(format!(
+                "failed to lookup address information: {host}: Name or service not known"
+            )))
+        })
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("cluster `api`"), "{msg}");
+        assert!(msg.contains("host `backend.nowhere`"), "{msg}");
+        assert!(msg.contains("endpoint `backend.nowhere:8080`"), "{msg}");
+        assert!(
+            format!("{err:#}").contains("Name or service not known"),
+            "{err:#}"
+        );
+
+        let err = Cluster::build(&cfg, &|_, _| Ok(Vec::new())).unwrap_err();
+        assert!(err.to_string().contains("resolved to no address"), "{err}");
+    }
+
+    #[test]
+    fn prefers_ipv4_among_resolved_addresses() {
+        let v6: SocketAddr = "[::1]:80".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        assert_eq!(preferred_address(&[v6, v4]), Some(v4));
+        assert_eq!(preferred_address(&[v6]), Some(v6));
+        assert_eq!(preferred_address(&[]), None);
+    }
+
+    #[test]
+    fn rejects_an_invalid_hash_header() {
+        let cfg: config::Cluster = serde_saphyr::from_str(
+            "name: c\nlb_policy: ring_hash\nhash_on: { header: \"x user\" }\nendpoints: [{ address: \"10.0.0.1:80\" }]",
+        )
+        .unwrap();
+        let err = Cluster::from_config(&cfg).unwrap_err().to_string();
+        assert!(err.contains("`x user` is not a valid header name"), "{err}");
+    }
+
+    #[test]
+    fn hash_key_from_header() {
+        let c = ring("{ header: X-User }");
+        let k = c.hash_key(&headers(&[("x-user", "alice")]), IP).unwrap();
+        assert_eq!(k, hash::xxh64(b"alice"));
+        assert_eq!(
+            c.hash_key(&headers(&[("x-user", "alice"), ("x-user", "bob")]), IP),
+            Some(k)
+        );
+        assert_ne!(c.hash_key(&headers(&[("x-user", "bob")]), IP), Some(k));
+        assert_eq!(c.hash_key(&headers(&[("x-other", "alice")]), IP), None);
+        assert_eq!(c.hash_key(&headers(&[("x-user", "")]), IP), None);
+    }
+
+    #[test]
+    fn hash_key_from_cookie() {
+        let c = ring("{ cookie: sid }");
+        let want = Some(hash::xxh64(b"s3cr3t"));
+        for cookies in [
+            &[("cookie", "sid=s3cr3t")][..],
+            &[("cookie", "a=1; sid=s3cr3t; b=2")],
+            &[("cookie", "sid2=x;sid = s3cr3t")],
+            &[("cookie", "a=1"), ("cookie", "sid=s3cr3t; sid=later")],
+            &[("cookie", "flag; sid=\"s3cr3t\"")],
+        ] {
+            assert_eq!(c.hash_key(&headers(cookies), IP), want, "{cookies:?}");
+        }
+        for cookies in [
+            &[("cookie", "sid2=s3cr3t; xsid=1")][..],
+            &[("x-sid", "sid=s3cr3t")],
+            &[("cookie", "sid=")],
+        ] {
+            assert_eq!(c.hash_key(&headers(cookies), IP), None, "{cookies:?}");
+        }
+    }
+
+    #[test]
+    fn hash_key_from_client_ip() {
+        let c = ring("{ source_ip: true }");
+        let k = c.hash_key(&HeaderMap::new(), IP).unwrap();
+        let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 7).to_ipv6_mapped());
+        assert_eq!(c.hash_key(&HeaderMap::new(), mapped), Some(k));
+        let other = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 8));
+        assert_ne!(c.hash_key(&HeaderMap::new(), other), Some(k));
+        assert!(c
+            .hash_key(&HeaderMap::new(), IpAddr::V6(Ipv6Addr::LOCALHOST))
+            .is_some());
+    }
+
+    #[test]
+    fn no_hash_key_without_ring_hash() {
+        let c = weighted("round_robin", &[1, 1], "");
+        assert_eq!(c.hash_key(&headers(&[("cookie", "sid=1")]), IP), None);
+    }
+
+    #[test]
+    fn request_and_connection_guards_keep_counters_consistent() {
+        let c = weighted("round_robin", &[1, 1], "");
+        let (s, e0, e1) = (&c.stats, &c.endpoints[0].stats, &c.endpoints[1].stats);
+        let r0 = c.start_request(Some(0));
+        let r1 = c.start_request(Some(1));
+        let r2 = c.start_request(Some(1));
+        let stray = c.start_request(Some(7));
+        assert_eq!(stray.endpoint_index(), None);
+        assert_eq!(s.upstream_rq_active.load(Relaxed), 4);
+        assert_eq!(
+            (e0.rq_active.load(Relaxed), e1.rq_active.load(Relaxed)),
+            (1, 2)
+        );
+
+        r0.record_status(200);
+        r1.record_status(503);
+        r2.record_timeout();
+        stray.record_failure();
+        drop((r0, r1, r2, stray));
+        assert_eq!(s.upstream_rq_active.load(Relaxed), 0);
+        assert_eq!(s.upstream_rq_total.load(Relaxed), 4);
+        assert_eq!(
+            (
+                s.upstream_rq_2xx.load(Relaxed),
+                s.upstream_rq_5xx.load(Relaxed)
+            ),
+            (1, 1)
+        );
+        assert_eq!(s.upstream_rq_timeout.load(Relaxed), 1);
+        assert_eq!(
+            (e0.rq_active.load(Relaxed), e1.rq_active.load(Relaxed)),
+            (0, 0)
+        );
+        assert_eq!(
+            (e0.rq_total.load(Relaxed), e1.rq_total.load(Relaxed)),
+            (1, 2)
+        );
+        assert_eq!(
+            (e0.rq_error.load(Relaxed), e1.rq_error.load(Relaxed)),
+            (0, 2)
+        );
+
+        let cx = c.start_connection(Some(1));
+        c.record_connect_failure(Some(0));
+        assert_eq!(
+            (
+                s.upstream_cx_active.load(Relaxed),
+                e1.cx_active.load(Relaxed)
+            ),
+            (1, 1)
+        );
+        drop(cx);
+        assert_eq!(
+            (
+                s.upstream_cx_active.load(Relaxed),
+                e1.cx_active.load(Relaxed)
+            ),
+            (0, 0)
+        );
+        assert_eq!(
+            (s.upstream_cx_total.load(Relaxed), e1.cx_total.load(Relaxed)),
+            (1, 1)
+        );
+        assert_eq!(
+            (
+                s.upstream_cx_connect_fail.load(Relaxed),
+                e0.cx_connect_fail.load(Relaxed)
+            ),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn status_classes() {
+        let s = ClusterStats::default();
+        for status in [101, 204, 304, 404, 429, 500, 599, 600, 99] {
+            s.record_status(status);
+        }
+        let got: Vec<u64> = [
+            &s.upstream_rq_1xx,
+            &s.upstream_rq_2xx,
+            &s.upstream_rq_3xx,
+            &s.upstream_rq_4xx,
+            &s.upstream_rq_5xx,
+        ]
+        .iter()
+        .map(|c| c.load(Relaxed))
+        .collect();
+        assert_eq!(got, [1, 1, 1, 2, 2]);
+    }
+
+    #[test]
+    fn admin_json() {
+        let c = cluster("name: web\nlb_policy: least_request\nprotocol: h2\nendpoints: [{ address: \"10.0.0.1:80\", weight: 3 }]");
+        let _active = c.start_request(Some(0));
+        let j = c.to_json();
+        assert_eq!(j["name"], "web");
+        assert_eq!(j["lb_policy"], "least_request");
+        assert_eq!(j["protocol"], "h2");
+        assert_eq!(j["stats"]["upstream_rq_active"], 1);
+        let ep = &j["endpoints"][0];
+        assert_eq!(ep["address"], "10.0.0.1:80");
+        assert_eq!(ep["weight"], 3);
+        assert_eq!(ep["stats"]["rq_total"], 1);
+        assert_eq!(ep["stats"]["rq_active"], 1);
+        assert_eq!(c.stats.snapshot().len(), 12);
+    }
+}

@@ -1,0 +1,153 @@
+//! A downstream HTTP connection: TLS handshake, HTTP/1.1 or HTTP/2 (h2c prior
+//! knowledge or ALPN), the connection limits, idle and header-read timeouts, and
+//! graceful close on drain. Each request is handed to [`crate::proxy::handle`].
+
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+
+use crate::io::{Activity, Conn, Tracked, Verdict};
+use crate::listener::ListenerCtx;
+use crate::tls::TlsInfo;
+use crate::worker::{LocalExec, Worker};
+
+/// What a request knows about the connection it came on.
+pub struct ConnCtx {
+    /// The worker.
+    pub worker: Rc<Worker>,
+    /// The listener.
+    pub listener: Arc<ListenerCtx>,
+    /// Client address.
+    pub peer: SocketAddr,
+    /// Our address the client connected to.
+    pub local: SocketAddr,
+    /// TLS session facts, when the listener terminates TLS.
+    pub tls: Option<TlsInfo>,
+    /// The pre-REDIRECT destination, for transparent listeners.
+    pub original_dst: Option<SocketAddr>,
+    /// Activity, for the timeouts.
+    pub activity: Arc<Activity>,
+}
+
+/// Serves one accepted HTTP connection until it closes.
+pub async fn serve(
+    worker: Rc<Worker>,
+    ctx: Arc<ListenerCtx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    original_dst: Option<SocketAddr>,
+) {
+    let limits = ctx.cfg.limits.clone();
+    let local = stream.local_addr().unwrap_or(ctx.local_addr);
+    let (io, tls) = match &ctx.tls {
+        None => (Conn::Plain(stream), None),
+        Some(acceptor) => {
+            // The handshake counts against the header timeout: a client that opens
+            // TLS and stalls is a slowloris too.
+            match tokio::time::timeout(limits.header_read_timeout.get(), acceptor.accept(stream))
+                .await
+            {
+                Ok(Ok(s)) => {
+                    let info = crate::tls::tls_info(s.get_ref().1);
+                    (
+                        Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s))),
+                        Some(info),
+                    )
+                }
+                Ok(Err(e)) => {
+                    ctx.stats.cx_tls_error.inc();
+                    tracing::debug!(listener = %ctx.name, %peer, "TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    ctx.stats.cx_tls_error.inc();
+                    tracing::debug!(listener = %ctx.name, %peer, "TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+    };
+    // With TLS, ALPN decides; in cleartext, hyper-util detects the h2 preface.
+    let alpn_h2 = tls.as_ref().map(|t| t.alpn.as_deref() == Some(b"h2"));
+
+    let activity = Arc::new(Activity::default());
+    let conn_ctx = Rc::new(ConnCtx {
+        worker: worker.clone(),
+        listener: ctx.clone(),
+        peer,
+        local,
+        tls,
+        original_dst,
+        activity: activity.clone(),
+    });
+    let service = service_fn(move |req| crate::proxy::handle(conn_ctx.clone(), req));
+
+    let mut builder = auto::Builder::new(LocalExec);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // hyper answers 431 past these; its buffer floor is 8 KiB.
+        .max_buf_size((limits.max_request_headers_size.0 as usize).max(8192))
+        .max_headers(limits.max_request_headers as usize)
+        .half_close(false)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_request_headers_size.0).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(100)
+        .keep_alive_interval(None);
+    let builder = match alpn_h2 {
+        Some(true) => builder.http2_only(),
+        Some(false) => builder.http1_only(),
+        None => builder,
+    };
+    let h1_header_timeout = match alpn_h2 {
+        Some(true) => None,
+        // For cleartext we do not know the protocol up front; a client speaking h2c
+        // sends its preface at once, so the head timer never fires for it in practice.
+        _ => Some(limits.header_read_timeout.get()),
+    };
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(Tracked::new(io, activity.clone())), service);
+    let mut conn = pin!(conn);
+    let mut drain = worker.shared.drain_signal();
+    let idle = limits.idle_timeout.get();
+    let mut closing = false;
+    loop {
+        let deadline = match activity.check(idle, h1_header_timeout) {
+            Verdict::WaitUntil(t) => t,
+            Verdict::Idle if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                continue;
+            }
+            Verdict::Idle => tokio::time::Instant::now().into_std() + idle,
+            Verdict::HeaderTimeout => {
+                tracing::debug!(listener = %ctx.name, %peer, "request headers not received in time; closing");
+                return;
+            }
+        };
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(listener = %ctx.name, %peer, "connection error: {e}");
+                }
+                return;
+            }
+            _ = drain.wait_for(|d| *d), if !closing => {
+                // h1: close after the in-flight response; h2: GOAWAY, finish streams.
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = tokio::time::sleep_until(deadline.into()) => {}
+        }
+    }
+}

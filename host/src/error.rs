@@ -1,0 +1,199 @@
+//! The proxy's one error type and the one place errors become HTTP responses.
+//!
+//! Every failure on the request path is a [`ProxyError`] with a [`Kind`] (what went
+//! wrong), a [`Side`] (whose fault: downstream client, upstream server, a plugin, or
+//! Legate itself) and whether a retry may help. [`ProxyError::to_response`] is the only
+//! code that picks a status for an error, so the mapping is written down once:
+//!
+//! | kind | status | retryable |
+//! |---|---|---|
+//! | `NoRoute` | 404 | no |
+//! | `BodyTooLarge` | 413 | no |
+//! | `BadRequest` | 400 | no |
+//! | `ConnectFailed` | 502 | yes (`connect-failure`) |
+//! | `UpstreamReset` | 502 | yes (`reset`) |
+//! | `UpstreamProtocol` | 502 | no |
+//! | `NoHealthyUpstream` | 503 | no |
+//! | `Overloaded` | 503 + `x-legate-overloaded: true` | no |
+//! | `Timeout` (route) | 504 | no |
+//! | `PerTryTimeout` | 504 | yes |
+//! | `DownstreamReset` | (none: the client is gone) | no |
+//! | `Internal` | 500 | no |
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+/// What went wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// No virtual host or route matched.
+    NoRoute,
+    /// The request body exceeded the route's `max_request_body`.
+    BodyTooLarge,
+    /// The request was malformed in a way hyper let through.
+    BadRequest,
+    /// TCP or TLS connect to the upstream failed or timed out.
+    ConnectFailed,
+    /// The upstream closed or reset the connection/stream before a full response.
+    UpstreamReset,
+    /// The upstream sent something that is not valid HTTP.
+    UpstreamProtocol,
+    /// The cluster has no endpoint to send to.
+    NoHealthyUpstream,
+    /// A limit (connections, pending requests) refused the request.
+    Overloaded,
+    /// The route's whole-request timeout fired.
+    Timeout,
+    /// One attempt's `per_try_timeout` fired.
+    PerTryTimeout,
+    /// The client went away.
+    DownstreamReset,
+    /// A bug or resource failure inside Legate.
+    Internal,
+}
+
+/// Whose fault an error is; used for stats and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The client.
+    Downstream,
+    /// The upstream server or the network to it.
+    Upstream,
+    /// A filter plugin.
+    Plugin,
+    /// Legate itself.
+    Internal,
+}
+
+/// An error on the request path.
+#[derive(Debug)]
+pub struct ProxyError {
+    /// What went wrong.
+    pub kind: Kind,
+    /// Detail for logs and the short response body (never secrets).
+    pub detail: String,
+}
+
+impl ProxyError {
+    /// An error of `kind` with a detail message.
+    pub fn new(kind: Kind, detail: impl Into<String>) -> Self {
+        ProxyError {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    /// Whose fault it is.
+    pub fn side(&self) -> Side {
+        match self.kind {
+            Kind::NoRoute | Kind::BodyTooLarge | Kind::BadRequest | Kind::DownstreamReset => {
+                Side::Downstream
+            }
+            Kind::ConnectFailed
+            | Kind::UpstreamReset
+            | Kind::UpstreamProtocol
+            | Kind::NoHealthyUpstream
+            | Kind::Timeout
+            | Kind::PerTryTimeout => Side::Upstream,
+            Kind::Overloaded | Kind::Internal => Side::Internal,
+        }
+    }
+
+    /// Whether another attempt (on another endpoint) may succeed. The route's
+    /// `retry_on` decides whether one is actually made.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::ConnectFailed | Kind::UpstreamReset | Kind::PerTryTimeout
+        )
+    }
+
+    /// The status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self.kind {
+            Kind::NoRoute => StatusCode::NOT_FOUND,
+            Kind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Kind::BadRequest => StatusCode::BAD_REQUEST,
+            Kind::ConnectFailed | Kind::UpstreamReset | Kind::UpstreamProtocol => {
+                StatusCode::BAD_GATEWAY
+            }
+            Kind::NoHealthyUpstream | Kind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::Timeout | Kind::PerTryTimeout => StatusCode::GATEWAY_TIMEOUT,
+            // The client is gone; this response is never delivered, 499 (nginx's
+            // "client closed request") keeps the access log honest.
+            Kind::DownstreamReset => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A short stable name for the cause, used in the body, the access log
+    /// (`response_flags`-like) and stats.
+    pub fn cause(&self) -> &'static str {
+        match self.kind {
+            Kind::NoRoute => "no_route",
+            Kind::BodyTooLarge => "request_body_too_large",
+            Kind::BadRequest => "bad_request",
+            Kind::ConnectFailed => "upstream_connect_failure",
+            Kind::UpstreamReset => "upstream_reset",
+            Kind::UpstreamProtocol => "upstream_protocol_error",
+            Kind::NoHealthyUpstream => "no_healthy_upstream",
+            Kind::Overloaded => "overloaded",
+            Kind::Timeout => "upstream_timeout",
+            Kind::PerTryTimeout => "upstream_per_try_timeout",
+            Kind::DownstreamReset => "downstream_reset",
+            Kind::Internal => "internal_error",
+        }
+    }
+
+    /// The response sent to the client: the status for the kind and a one-line body
+    /// naming the cause (no internal detail beyond it: addresses and messages stay in
+    /// the logs).
+    pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
+        let body = Bytes::from(format!("{}\n", self.cause()));
+        let mut resp = Response::new(B::from(body.clone()));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        if self.kind == Kind::Overloaded {
+            h.insert("x-legate-overloaded", HeaderValue::from_static("true"));
+        }
+        resp
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.cause(), self.detail)
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping() {
+        let e = ProxyError::new(Kind::ConnectFailed, "connection refused");
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+        assert!(e.retryable());
+        assert_eq!(e.side(), Side::Upstream);
+        let r: Response<Bytes> = e.to_response();
+        assert_eq!(r.body().as_ref(), b"upstream_connect_failure\n");
+        assert_eq!(r.headers()[header::CONTENT_LENGTH], "25");
+
+        let o: Response<Bytes> = ProxyError::new(Kind::Overloaded, "").to_response();
+        assert_eq!(o.status(), 503);
+        assert_eq!(o.headers()["x-legate-overloaded"], "true");
+        assert_eq!(ProxyError::new(Kind::Timeout, "").status(), 504);
+        assert!(!ProxyError::new(Kind::Timeout, "").retryable());
+        assert_eq!(ProxyError::new(Kind::NoHealthyUpstream, "").status(), 503);
+    }
+}

@@ -1,0 +1,283 @@
+//! Byte streams: plain or TLS TCP ([`Conn`]), and [`Tracked`], which records when a
+//! downstream connection last moved bytes so the connection task can enforce the
+//! idle and header-read timeouts without a timer per read.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsStream;
+
+/// A TCP stream, optionally wrapped in TLS (client or server side).
+pub enum Conn {
+    /// Plaintext.
+    Plain(TcpStream),
+    /// TLS.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Conn::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Conn::Tls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+const NONE: u64 = u64::MAX;
+
+/// When a connection last moved bytes, whether a request head is being read, and
+/// how many requests are in flight. Atomics only because hyper wants `Send` I/O;
+/// one worker touches them.
+pub struct Activity {
+    base: Instant,
+    last_ms: AtomicU64,
+    head_start_ms: AtomicU64,
+    in_flight: AtomicUsize,
+    rx: AtomicU64,
+    tx: AtomicU64,
+}
+
+/// What the watchdog should do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing yet; look again at this instant.
+    WaitUntil(Instant),
+    /// No request and no bytes for the idle timeout: close gracefully.
+    Idle,
+    /// A request head has been arriving for longer than the header timeout.
+    HeaderTimeout,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            head_start_ms: AtomicU64::new(NONE),
+            in_flight: AtomicUsize::new(0),
+            rx: AtomicU64::new(0),
+            tx: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Activity {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(NONE - 1)
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms)
+    }
+
+    fn on_read(&self, n: usize) {
+        self.rx.fetch_add(n as u64, Relaxed);
+        let now = self.now_ms();
+        self.last_ms.store(now, Relaxed);
+        if self.in_flight.load(Relaxed) == 0 && self.head_start_ms.load(Relaxed) == NONE {
+            self.head_start_ms.store(now, Relaxed);
+        }
+    }
+
+    fn on_write(&self, n: usize) {
+        self.tx.fetch_add(n as u64, Relaxed);
+        self.last_ms.store(self.now_ms(), Relaxed);
+    }
+
+    /// A request head was parsed: the header timer stops, the request counts.
+    pub fn request_started(&self) {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.head_start_ms.store(NONE, Relaxed);
+    }
+
+    /// A response finished (or was abandoned).
+    pub fn request_finished(&self) {
+        self.in_flight.fetch_sub(1, Relaxed);
+        self.last_ms.store(self.now_ms(), Relaxed);
+    }
+
+    /// Bytes read and written so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.rx.load(Relaxed), self.tx.load(Relaxed))
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Relaxed)
+    }
+
+    /// Decides whether a timeout has passed. `header_timeout` is `None` for HTTP/2,
+    /// whose frames (pings, settings) are not request heads.
+    pub fn check(&self, idle: Duration, header_timeout: Option<Duration>) -> Verdict {
+        let now = self.now_ms();
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(NONE - 1);
+        if self.in_flight.load(Relaxed) > 0 {
+            return Verdict::WaitUntil(self.at(now.saturating_add(idle_ms)));
+        }
+        if let Some(ht) = header_timeout {
+            let start = self.head_start_ms.load(Relaxed);
+            if start != NONE {
+                let end = start.saturating_add(u64::try_from(ht.as_millis()).unwrap_or(NONE - 1));
+                return if now >= end {
+                    Verdict::HeaderTimeout
+                } else {
+                    Verdict::WaitUntil(self.at(end))
+                };
+            }
+        }
+        let end = self.last_ms.load(Relaxed).saturating_add(idle_ms);
+        if now >= end {
+            Verdict::Idle
+        } else {
+            Verdict::WaitUntil(self.at(end))
+        }
+    }
+}
+
+/// A stream that reports its reads and writes to an [`Activity`].
+pub struct Tracked<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T> Tracked<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+        Tracked { inner, activity }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if matches!(r, Poll::Ready(Ok(()))) && n > 0 {
+            self.activity.on_read(n);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.activity.on_write(n);
+            }
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.activity.on_write(n);
+            }
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let a = Activity::default();
+        let idle = Duration::from_millis(0);
+        // No bytes, no request: idle at once with a zero idle timeout.
+        assert_eq!(a.check(idle, Some(Duration::from_secs(10))), Verdict::Idle);
+        // Bytes of a head arrived: the header timer runs instead.
+        a.on_read(1);
+        assert!(matches!(
+            a.check(idle, Some(Duration::from_secs(10))),
+            Verdict::WaitUntil(_)
+        ));
+        assert_eq!(a.check(idle, Some(Duration::ZERO)), Verdict::HeaderTimeout);
+        // HTTP/2 ignores the header timer.
+        assert_eq!(a.check(idle, None), Verdict::Idle);
+        // A request in flight is never idle.
+        a.request_started();
+        assert!(matches!(
+            a.check(idle, Some(Duration::ZERO)),
+            Verdict::WaitUntil(_)
+        ));
+        a.request_finished();
+        assert_eq!(a.check(idle, Some(Duration::ZERO)), Verdict::Idle);
+    }
+}

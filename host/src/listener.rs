@@ -1,0 +1,279 @@
+//! Listeners: binding, the per-worker accept loop, the per-listener connection limit
+//! and listener stats. An accepted connection goes to [`crate::connection`] (HTTP) or
+//! [`crate::tcp_proxy`] (TCP).
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{self, Name};
+use crate::stats::{Counter, Gauge, Stats};
+use crate::worker::Worker;
+
+/// Listener counters (labelled `listener=NAME`).
+pub struct ListenerStats {
+    /// Connections accepted.
+    pub cx_total: Counter,
+    /// Connections open.
+    pub cx_active: Gauge,
+    /// Connections refused by `max_connections`.
+    pub cx_overflow: Counter,
+    /// TLS handshakes that failed or timed out.
+    pub cx_tls_error: Counter,
+    /// Downstream requests by status class (1xx..5xx).
+    pub rq_by_class: [Counter; 5],
+    /// Requests in flight.
+    pub rq_active: Gauge,
+    /// Bytes received from downstream (TCP listeners).
+    pub rx_bytes: Counter,
+    /// Bytes sent to downstream (TCP listeners).
+    pub tx_bytes: Counter,
+}
+
+impl ListenerStats {
+    fn new(stats: &Stats, name: &str) -> Self {
+        let l = [("listener", name)];
+        let class = |c| {
+            stats.counter(
+                "legate_listener_requests_total",
+                "Downstream requests by response status class.",
+                &[("listener", name), ("class", c)],
+            )
+        };
+        ListenerStats {
+            cx_total: stats.counter(
+                "legate_listener_connections_total",
+                "Downstream connections accepted.",
+                &l,
+            ),
+            cx_active: stats.gauge(
+                "legate_listener_connections_active",
+                "Downstream connections open.",
+                &l,
+            ),
+            cx_overflow: stats.counter(
+                "legate_listener_connections_overflow_total",
+                "Connections closed at accept because max_connections was reached.",
+                &l,
+            ),
+            cx_tls_error: stats.counter(
+                "legate_listener_tls_errors_total",
+                "TLS handshakes that failed or timed out.",
+                &l,
+            ),
+            rq_by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(class),
+            rq_active: stats.gauge(
+                "legate_listener_requests_active",
+                "Downstream requests in flight.",
+                &l,
+            ),
+            rx_bytes: stats.counter(
+                "legate_listener_rx_bytes_total",
+                "Bytes received from downstream (TCP proxy).",
+                &l,
+            ),
+            tx_bytes: stats.counter(
+                "legate_listener_tx_bytes_total",
+                "Bytes sent to downstream (TCP proxy).",
+                &l,
+            ),
+        }
+    }
+}
+
+/// A bound listener, shared read-only by all workers.
+pub struct ListenerCtx {
+    /// Listener name.
+    pub name: Name,
+    /// Its config.
+    pub cfg: config::Listener,
+    /// The bound address.
+    pub local_addr: SocketAddr,
+    /// TLS termination, if configured.
+    pub tls: Option<TlsAcceptor>,
+    /// Connections open across workers (for `max_connections`).
+    open: AtomicUsize,
+    /// Counters.
+    pub stats: ListenerStats,
+}
+
+impl ListenerCtx {
+    /// Binds the listener's socket and loads its TLS material.
+    pub fn bind(
+        cfg: &config::Listener,
+        stats: &Stats,
+    ) -> anyhow::Result<(Self, std::net::TcpListener)> {
+        let addr: SocketAddr = cfg.address.value.parse().context("listener address")?;
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        // SO_REUSEADDR lets a restarted Legate bind while old connections sit in
+        // TIME_WAIT; it does not allow two live listeners on one port.
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_nodelay(true)?;
+        socket
+            .bind(&addr.into())
+            .with_context(|| format!("cannot bind {addr} (is another process using it?)"))?;
+        socket.listen(4096)?;
+        socket.set_nonblocking(true)?;
+        let std_listener: std::net::TcpListener = socket.into();
+        let local_addr = std_listener.local_addr()?;
+        let tls = match &cfg.tls {
+            Some(t) => {
+                let alpn: &[&[u8]] = if cfg.http.is_some() {
+                    &[b"h2", b"http/1.1"]
+                } else {
+                    &[]
+                };
+                Some(TlsAcceptor::from(crate::tls::server_config(t, alpn)?))
+            }
+            None => None,
+        };
+        Ok((
+            ListenerCtx {
+                name: cfg.name.clone(),
+                cfg: cfg.clone(),
+                local_addr,
+                tls,
+                open: AtomicUsize::new(0),
+                stats: ListenerStats::new(stats, cfg.name.as_str()),
+            },
+            std_listener,
+        ))
+    }
+}
+
+/// Counts a worker's open connections so a drain can wait for them.
+#[derive(Clone, Default)]
+pub struct ConnTracker {
+    inner: Rc<(Cell<usize>, Notify)>,
+}
+
+impl ConnTracker {
+    /// Open connections.
+    pub fn count(&self) -> usize {
+        self.inner.0.get()
+    }
+
+    /// Resolves when no connection is open.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.inner.1.notified();
+            if self.inner.0.get() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn enter(&self) -> TrackGuard {
+        self.inner.0.set(self.inner.0.get() + 1);
+        TrackGuard(self.clone())
+    }
+}
+
+/// Held by a connection task; marks it closed on drop.
+pub struct TrackGuard(ConnTracker);
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        let c = &self.0.inner;
+        c.0.set(c.0.get().saturating_sub(1));
+        if c.0.get() == 0 {
+            c.1.notify_waiters();
+        }
+    }
+}
+
+/// Releases a `max_connections` slot and the active gauge on drop.
+struct Slot(Arc<ListenerCtx>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.stats.cx_active.dec();
+    }
+}
+
+/// Accepts connections until a drain starts.
+pub async fn accept_loop(
+    worker: Rc<Worker>,
+    ctx: Arc<ListenerCtx>,
+    listener: TcpListener,
+    tracker: ConnTracker,
+) {
+    let mut drain = worker.shared.drain_signal();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = drain.wait_for(|d| *d) => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE/ENFILE and friends: back off instead of spinning; the
+                // connection stays in the kernel queue and is retried.
+                tracing::warn!(listener = %ctx.name, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let max = ctx.cfg.limits.max_connections as usize;
+        if ctx.open.fetch_add(1, Ordering::Relaxed) >= max {
+            ctx.open.fetch_sub(1, Ordering::Relaxed);
+            ctx.stats.cx_overflow.inc();
+            drop(stream);
+            continue;
+        }
+        ctx.stats.cx_total.inc();
+        ctx.stats.cx_active.inc();
+        let slot = Slot(ctx.clone());
+        let guard = tracker.enter();
+        let _ = stream.set_nodelay(true);
+        let original_dst = if ctx.cfg.original_destination {
+            original_dst(&stream, peer)
+        } else {
+            None
+        };
+        let worker = worker.clone();
+        let ctx = ctx.clone();
+        tokio::task::spawn_local(async move {
+            let _slot = slot;
+            let _guard = guard;
+            if ctx.cfg.tcp.is_some() {
+                crate::tcp_proxy::serve(worker, ctx, stream, peer, original_dst).await;
+            } else {
+                crate::connection::serve(worker, ctx, stream, peer, original_dst).await;
+            }
+        });
+    }
+    tracing::debug!(listener = %ctx.name, worker = worker.id, "stopped accepting (draining)");
+}
+
+/// The destination a connection had before an iptables `REDIRECT` (SO_ORIGINAL_DST).
+fn original_dst(stream: &tokio::net::TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let res = if peer.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    match res {
+        Ok(a) => a.as_socket(),
+        Err(e) => {
+            tracing::debug!("SO_ORIGINAL_DST unavailable: {e}");
+            None
+        }
+    }
+}

@@ -1,0 +1,749 @@
+//! The HTTP request path: route → (local answer | cluster) → attempts with retries
+//! and timeouts → response headers → stats and access log.
+//!
+//! ```text
+//! request ─► proxy headers ─► router ─► direct/redirect ───────────────┐
+//!                                    └► cluster ─► LB pick ─► pool ─► upstream
+//!                                          ▲  retry (other endpoint)   │
+//!                                          └──── 5xx/reset/timeout ◄───┤
+//! response ◄─ header ops, via ◄─ hop-by-hop strip ◄─────────────────────┘
+//! ```
+//! The filter chain (Wasm plugins) slots in between proxy headers and the router in
+//! a later release.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use rand::Rng;
+
+use crate::body::{self, Body, BoxError, Limited};
+use crate::connection::ConnCtx;
+use crate::error::{Kind, ProxyError, Side};
+use crate::proxy_headers;
+use crate::router::{Action, Matched, RetryPolicy, RouteInput};
+use crate::server::ClusterEntry;
+use crate::upstream::Target;
+use crate::worker::RouteStats;
+
+/// What the access log and stats learn about a request as it goes.
+#[derive(Default)]
+struct Outcome {
+    route: Option<Arc<str>>,
+    cluster: Option<String>,
+    upstream: Option<SocketAddr>,
+    attempts: u32,
+    cause: Option<&'static str>,
+    request_id: Option<HeaderValue>,
+}
+
+/// Handles one downstream request. Never fails: errors become responses here.
+pub async fn handle(
+    conn: Rc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    conn.activity.request_started();
+    conn.listener.stats.rq_active.inc();
+    let method = req.method().clone();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.to_string());
+    let version = req.version();
+    let mut out = Outcome::default();
+    let resp = match proxy(&conn, req, &mut out).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.kind != Kind::NoRoute {
+                tracing::debug!(listener = %conn.listener.name, "request failed: {e}");
+            }
+            out.cause = Some(e.cause());
+            e.to_response()
+        }
+    };
+    let route_stats = out.route.as_ref().map(|r| conn.worker.route_stats(r));
+    let status = resp.status();
+    let done = Done {
+        conn: conn.clone(),
+        start,
+        method,
+        path,
+        version,
+        status,
+        out,
+        route_stats,
+        bytes: Cell::new(0),
+    };
+    Ok(resp.map(|b| {
+        body::boxed(Observed {
+            inner: b,
+            done: Some(done),
+        })
+    }))
+}
+
+async fn proxy(
+    conn: &ConnCtx,
+    mut req: Request<Incoming>,
+    out: &mut Outcome,
+) -> Result<Response<Body>, ProxyError> {
+    let listener = &conn.listener;
+    let Some(http) = &listener.cfg.http else {
+        return Err(ProxyError::new(
+            Kind::Internal,
+            "HTTP request on a non-HTTP listener",
+        ));
+    };
+    let snapshot = conn.worker.shared.snapshot.load_full();
+    let table = snapshot
+        .route_tables
+        .get(&http.routes.value)
+        .ok_or_else(|| {
+            ProxyError::new(
+                Kind::Internal,
+                "route table missing from the config snapshot",
+            )
+        })?;
+
+    let authority = match authority_of(&req) {
+        Some(a) => a,
+        None => {
+            return Err(ProxyError::new(
+                Kind::BadRequest,
+                "request has no Host/:authority",
+            ))
+        }
+    };
+    let https = conn.tls.is_some();
+    let trusted = http.trust_downstream;
+    {
+        let h = req.headers_mut();
+        out.request_id = proxy_headers::request_id(h, trusted, http.generate_request_id);
+    }
+    let input = RouteInput {
+        method: req.method(),
+        uri: req.uri(),
+        authority: &authority,
+        headers: req.headers(),
+        scheme_https: https,
+    };
+    let Some(matched) = table.route(&input) else {
+        return Err(ProxyError::new(
+            Kind::NoRoute,
+            format!("no route for {authority}{}", req.uri().path()),
+        ));
+    };
+    out.route = Some(matched.route.name.clone());
+
+    let cluster_name = match &matched.route.action {
+        Action::Direct {
+            status,
+            body,
+            content_type,
+        } => {
+            let mut resp = Response::new(body::full(body.clone()));
+            *resp.status_mut() = *status;
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, content_type.clone());
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            finish_response_headers(&matched, http.via.as_deref(), resp.headers_mut(), false);
+            return Ok(resp);
+        }
+        Action::Redirect(_) => {
+            let (status, location) = matched.redirect(&input).ok_or_else(|| {
+                ProxyError::new(Kind::Internal, "redirect route without a redirect")
+            })?;
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = status;
+            resp.headers_mut().insert(header::LOCATION, location);
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            finish_response_headers(&matched, http.via.as_deref(), resp.headers_mut(), false);
+            return Ok(resp);
+        }
+        Action::Cluster(name) => name.clone(),
+        Action::Weighted(w) => w.pick(rand::rng().random()).clone(),
+    };
+    out.cluster = Some(cluster_name.to_string());
+    let entry = snapshot
+        .clusters
+        .get(&cluster_name)
+        .ok_or_else(|| {
+            ProxyError::new(
+                Kind::Internal,
+                format!("cluster `{cluster_name}` missing from the snapshot"),
+            )
+        })?
+        .clone();
+
+    // Limits on the request body, checked before anything goes upstream.
+    let max_body = matched.route.max_request_body;
+    if let (Some(max), Some(len)) = (max_body, content_length(req.headers())) {
+        if len > max {
+            return Err(ProxyError::new(
+                Kind::BodyTooLarge,
+                format!("content-length {len} > {max}"),
+            ));
+        }
+    }
+
+    let upgrade = is_upgrade(&req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, incoming) = req.into_parts();
+
+    // Request headers: hop-by-hop out, forwarding facts in, then the route's ops.
+    let h = &mut parts.headers;
+    let upgrade_token = if upgrade {
+        h.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    proxy_headers::strip_hop_by_hop(h);
+    h.remove(header::EXPECT);
+    h.remove(header::HOST);
+    proxy_headers::set_forwarded(h, conn.peer.ip(), https, &authority, trusted);
+    matched.apply_request_headers(h);
+    if let Some(v) = &http.via {
+        proxy_headers::add_via(h, &via_value(parts.version, v));
+    }
+    if let Some(token) = upgrade_token {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, token);
+    }
+    let upstream_authority = match matched.rewritten_host() {
+        Some(v) => v.to_str().unwrap_or(&authority).to_string(),
+        None => authority.clone(),
+    };
+    let path = matched.rewritten_path(&parts.uri).unwrap_or_else(|| {
+        parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.to_string())
+    });
+
+    let tripped = Rc::new(Cell::new(false));
+    let mut req_body = body::boxed(incoming);
+    if let Some(max) = max_body {
+        req_body = body::boxed(Limited::new(req_body, max, tripped.clone()));
+    }
+
+    let route = matched.route;
+    let policy = route.retry.as_ref().filter(|p| {
+        !upgrade && p.num_retries > 0 && p.allows_method(&parts.method)
+    });
+    let source = match policy {
+        Some(p) => ReqBody::buffer(req_body, p.buffer_limit, &parts)
+            .await
+            .map_err(|e| {
+                if tripped.get() {
+                    ProxyError::new(Kind::BodyTooLarge, "request body too large")
+                } else {
+                    e
+                }
+            })?,
+        None => ReqBody::Stream(Some(req_body)),
+    };
+
+    let attempt = Attempts {
+        conn,
+        entry: &entry,
+        parts: &parts,
+        path: &path,
+        authority: &upstream_authority,
+        policy,
+        per_try: route.per_try_timeout,
+    };
+    let result = match route.timeout {
+        Some(t) => match tokio::time::timeout(t, attempt.run(source, out)).await {
+            Ok(r) => r,
+            Err(_) => {
+                entry.cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
+                Err(ProxyError::new(
+                    Kind::Timeout,
+                    format!("route timeout {t:?}"),
+                ))
+            }
+        },
+        None => attempt.run(source, out).await,
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) if tripped.get() => return Err(ProxyError::new(Kind::BodyTooLarge, e.detail)),
+        Err(e) => return Err(e),
+    };
+
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching {
+        if let Some(down) = downstream_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::task::spawn_local(tunnel(down, up));
+        }
+    }
+    finish_response_headers(&matched, http.via.as_deref(), resp.headers_mut(), switching);
+    if resp.version() != Version::HTTP_11 || parts.version == Version::HTTP_2 {
+        // The downstream protocol sets the response framing; hyper picks it.
+        *resp.version_mut() = parts.version;
+    }
+    Ok(resp)
+}
+
+/// Response headers: hop-by-hop out (kept for a 101), route then vhost ops, via.
+fn finish_response_headers(
+    m: &Matched<'_>,
+    via: Option<&str>,
+    h: &mut http::HeaderMap,
+    switching: bool,
+) {
+    if !switching {
+        proxy_headers::strip_hop_by_hop(h);
+    }
+    m.apply_response_headers(h);
+    if let Some(v) = via {
+        proxy_headers::add_via(h, &via_value(Version::HTTP_11, v));
+    }
+}
+
+fn via_value(version: Version, name: &str) -> HeaderValue {
+    let proto = match version {
+        Version::HTTP_2 => "2",
+        Version::HTTP_10 => "1.0",
+        _ => "1.1",
+    };
+    HeaderValue::from_str(&format!("{proto} {name}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("1.1 legate"))
+}
+
+/// One request's attempts against a cluster.
+struct Attempts<'a> {
+    conn: &'a ConnCtx,
+    entry: &'a ClusterEntry,
+    parts: &'a Parts,
+    path: &'a str,
+    authority: &'a str,
+    policy: Option<&'a RetryPolicy>,
+    per_try: Option<Duration>,
+}
+
+impl Attempts<'_> {
+    async fn run(
+        &self,
+        mut source: ReqBody,
+        out: &mut Outcome,
+    ) -> Result<Response<Body>, ProxyError> {
+        let cluster = &self.entry.cluster;
+        let balancer = self.conn.worker.balancer(cluster);
+        let hash = cluster.hash_key(&self.parts.headers, self.conn.peer.ip());
+        let max_retries = self.policy.map_or(0, |p| p.num_retries);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut attempt: u32 = 0;
+        loop {
+            // Original-destination clusters send to where the client was going.
+            let (target_addr, host, index) = if cluster.config.original_dst {
+                let addr = self.conn.original_dst.ok_or_else(|| {
+                    ProxyError::new(
+                        Kind::NoHealthyUpstream,
+                        "connection has no original destination",
+                    )
+                })?;
+                (addr, addr.ip().to_string(), None)
+            } else {
+                let idx = balancer.pick(hash, &tried).ok_or_else(|| {
+                    ProxyError::new(
+                        Kind::NoHealthyUpstream,
+                        format!("cluster `{}` has no endpoints", cluster.name),
+                    )
+                })?;
+                tried.push(idx);
+                let ep = &cluster.endpoints[idx];
+                (ep.address, ep.host.clone(), Some(idx))
+            };
+            out.upstream = Some(target_addr);
+            out.attempts = attempt + 1;
+            let replayable = source.replayable();
+            let req = self.build_request(source.take())?;
+            let active = cluster.start_request(index);
+            let target = Target {
+                addr: target_addr,
+                host: &host,
+                cluster,
+                endpoint: index,
+            };
+            let send = self.conn.worker.pool.send(&self.entry.upstream, target, req);
+            let result = match self.per_try {
+                Some(d) => tokio::time::timeout(d, send).await.unwrap_or_else(|_| {
+                    Err(ProxyError::new(
+                        Kind::PerTryTimeout,
+                        format!("per-try timeout {d:?}"),
+                    ))
+                }),
+                None => send.await,
+            };
+            let can_retry = replayable && attempt < max_retries;
+            match result {
+                Ok(resp) => {
+                    active.record_status(resp.status().as_u16());
+                    if can_retry && self.policy.is_some_and(|p| p.retries_status(resp.status())) {
+                        drop(resp);
+                        self.backoff(attempt).await;
+                        attempt += 1;
+                        cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    return Ok(resp);
+                }
+                Err(e) => {
+                    if e.kind == Kind::PerTryTimeout {
+                        active.record_timeout();
+                    } else if e.side() == Side::Upstream {
+                        active.record_failure();
+                    }
+                    if can_retry && self.policy.is_some_and(|p| retry_on_error(p, &e)) {
+                        self.backoff(attempt).await;
+                        attempt += 1;
+                        cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn build_request(&self, body: Body) -> Result<Request<Body>, ProxyError> {
+        let h2 = self.entry.upstream.is_h2();
+        let uri: Uri = if h2 {
+            let scheme = if self.entry.cluster.config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}{}", self.authority, self.path).parse()
+        } else {
+            self.path.parse()
+        }
+        .map_err(|e| {
+            ProxyError::new(Kind::BadRequest, format!("cannot build upstream URI: {e}"))
+        })?;
+        let mut req = Request::new(body);
+        *req.method_mut() = self.parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = self.parts.headers.clone();
+        if !h2 {
+            let host = HeaderValue::from_str(self.authority)
+                .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?;
+            req.headers_mut().insert(header::HOST, host);
+        }
+        Ok(req)
+    }
+
+    /// Exponential backoff with full jitter (as Envoy): a random wait in
+    /// [0, min(max, base × 2^attempt)].
+    async fn backoff(&self, attempt: u32) {
+        let Some(p) = self.policy else { return };
+        let (base, max) = (p.backoff_base, p.backoff_max);
+        let ceiling = base.saturating_mul(1u32 << attempt.min(16)).min(max);
+        let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+        let wait = rand::rng().random_range(0..=ms);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
+}
+
+/// Whether `e` is retried under `p` (as Envoy, `5xx` and `gateway-error` also cover
+/// "no response at all": connect failure, reset, per-try timeout).
+fn retry_on_error(p: &RetryPolicy, e: &ProxyError) -> bool {
+    match e.kind {
+        Kind::ConnectFailed => p.retries_connect_failure(),
+        Kind::UpstreamReset | Kind::PerTryTimeout => p.retries_reset(),
+        _ => false,
+    }
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn authority_of<B>(req: &Request<B>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_string());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+}
+
+fn content_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Bytes both ways between an upgraded client and upstream connection.
+async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!("upgrade failed: {e}");
+            return;
+        }
+    };
+    let mut down = hyper_util::rt::TokioIo::new(down);
+    let mut up = hyper_util::rt::TokioIo::new(up);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!("upgraded connection ended: {e}");
+    }
+}
+
+/// The request body as the attempts see it: buffered (replayable) or streamed once.
+enum ReqBody {
+    Buffered { frames: Vec<Frame<Bytes>> },
+    Stream(Option<Body>),
+}
+
+impl ReqBody {
+    /// Reads up to `limit` bytes so the body can be replayed on retry; a larger body
+    /// (or one with trailers) is streamed and the request is not retried.
+    async fn buffer(mut body: Body, limit: u64, parts: &Parts) -> Result<Self, ProxyError> {
+        if content_length(&parts.headers).is_some_and(|l| l > limit) {
+            return Ok(ReqBody::Stream(Some(body)));
+        }
+        let mut frames = Vec::new();
+        let mut total = 0u64;
+        loop {
+            if body.is_end_stream() {
+                return Ok(ReqBody::Buffered { frames });
+            }
+            let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+            match frame {
+                None => return Ok(ReqBody::Buffered { frames }),
+                Some(Err(e)) => {
+                    return Err(ProxyError::new(
+                        Kind::DownstreamReset,
+                        format!("reading request body: {e}"),
+                    ))
+                }
+                Some(Ok(f)) => {
+                    let trailers = f.is_trailers();
+                    total += f.data_ref().map_or(0, |d| d.len() as u64);
+                    frames.push(f);
+                    if trailers || total > limit {
+                        return Ok(ReqBody::Stream(Some(body::boxed(Prefixed {
+                            head: frames.into(),
+                            rest: body,
+                        }))));
+                    }
+                }
+            }
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, ReqBody::Buffered { .. })
+    }
+
+    /// The body for the next attempt.
+    fn take(&mut self) -> Body {
+        match self {
+            ReqBody::Buffered { frames } => {
+                let copy: VecDeque<Frame<Bytes>> = frames
+                    .iter()
+                    .filter_map(|f| f.data_ref().map(|d| Frame::data(d.clone())))
+                    .collect();
+                if copy.is_empty() {
+                    body::empty()
+                } else {
+                    body::boxed(Prefixed {
+                        head: copy,
+                        rest: body::empty(),
+                    })
+                }
+            }
+            ReqBody::Stream(b) => b.take().unwrap_or_else(body::empty),
+        }
+    }
+}
+
+/// Frames already read, then the rest of the body.
+struct Prefixed {
+    head: VecDeque<Frame<Bytes>>,
+    rest: Body,
+}
+
+impl HttpBody for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(f) = self.head.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.head.is_empty() && self.rest.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        let head: u64 = self
+            .head
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        let mut h = self.rest.size_hint();
+        h.set_lower(h.lower() + head);
+        if let Some(u) = h.upper() {
+            h.set_upper(u + head);
+        }
+        h
+    }
+}
+
+/// Everything recorded when a request is over (its response body ended or was
+/// dropped): stats, latency, the access-log line.
+struct Done {
+    conn: Rc<ConnCtx>,
+    start: Instant,
+    method: Method,
+    path: String,
+    version: Version,
+    status: StatusCode,
+    out: Outcome,
+    route_stats: Option<RouteStats>,
+    bytes: Cell<u64>,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        let class = (self.status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        let l = &self.conn.listener.stats;
+        l.rq_by_class[class].inc();
+        l.rq_active.dec();
+        if let Some(rs) = &self.route_stats {
+            rs.by_class[class].inc();
+            rs.latency.observe(elapsed);
+        }
+        self.conn.activity.request_finished();
+        if let Some(log) = &self.conn.worker.shared.access_log {
+            let o = &self.out;
+            let line = serde_json::json!({
+                "time": humantime(SystemTime::now()),
+                "listener": self.conn.listener.name.as_str(),
+                "client": self.conn.peer.to_string(),
+                "method": self.method.as_str(),
+                "path": self.path,
+                "protocol": format!("{:?}", self.version),
+                "status": self.status.as_u16(),
+                "bytes_sent": self.bytes.get(),
+                "duration_ms": (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+                "route": o.route.as_deref(),
+                "cluster": o.cluster,
+                "upstream": o.upstream.map(|a| a.to_string()),
+                "attempts": o.attempts,
+                "cause": o.cause,
+                "request_id": o.request_id.as_ref().and_then(|v| v.to_str().ok()),
+            });
+            log.write(&line);
+        }
+    }
+}
+
+/// RFC 3339 UTC timestamp with milliseconds, without a date crate.
+fn humantime(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// The response body on its way out: counts bytes; its end finishes the request.
+struct Observed {
+    inner: Body,
+    done: Option<Done>,
+}
+
+impl HttpBody for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let (Some(d), Some(done)) = (f.data_ref(), &self.done) {
+                    done.bytes.set(done.bytes.get() + d.len() as u64);
+                }
+                if self.inner.is_end_stream() {
+                    self.done = None;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.done = None,
+            Poll::Pending => {}
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(humantime(t), "2023-11-14T22:13:20.123Z");
+    }
+}

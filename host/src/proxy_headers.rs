@@ -1,0 +1,476 @@
+//! Standard proxy header handling: what every HTTP proxy must do to a message's
+//! headers on the way through, independent of routes. Pure functions on a
+//! [`HeaderMap`], so they apply the same way to requests and responses and to
+//! HTTP/1.1 and HTTP/2.
+//!
+//! The request path calls them in this order, before the route's header
+//! operations: [`strip_hop_by_hop`] (first, so that headers the proxy adds next
+//! cannot be removed by a client naming them in `Connection`), [`set_forwarded`],
+//! [`request_id`], [`add_via`]. Responses get [`strip_hop_by_hop`] and [`add_via`].
+//!
+//! Trust: at the edge a client can send any header. `x-forwarded-*` and
+//! `x-request-id` from an untrusted downstream are therefore replaced, never
+//! extended; only a listener configured with `trust_downstream` (behind another
+//! proxy Legate trusts) keeps and appends to them.
+
+use std::net::IpAddr;
+
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, PROXY_AUTHORIZATION, TE,
+    TRANSFER_ENCODING, UPGRADE, VIA,
+};
+
+/// `keep-alive` (RFC 9112 appendix C.2.2; no constant in `http`).
+pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// `proxy-connection`, a non-standard `Connection` some old clients send.
+pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// `x-forwarded-for`.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `x-forwarded-proto`.
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `x-forwarded-host`.
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `x-request-id`.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest incoming `x-request-id` kept from a trusted downstream.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Headers always removed: connection-specific (RFC 9110 §7.6.1, RFC 9112) or, for
+/// `proxy-authorization`, credentials meant for this proxy and not the origin. `te`
+/// is handled on its own (see [`strip_hop_by_hop`]).
+const HOP_BY_HOP: [HeaderName; 6] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_AUTHORIZATION,
+];
+
+/// Headers a `Connection` option cannot remove: `host` and `content-length` carry
+/// the message's target and framing, which a client must not be able to strip from
+/// under the proxy; `te` follows its own rule (`TE: trailers` is announced with
+/// `Connection: TE` per RFC 9110 §10.1.4, and must survive for gRPC).
+const NOT_NOMINATABLE: [HeaderName; 3] = [HOST, CONTENT_LENGTH, TE];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it
+/// lists, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`,
+/// `Proxy-Authorization`, and `TE` unless it offers `trailers`, in which case it is
+/// reduced to exactly `TE: trailers` (gRPC needs it; other codings are a property of
+/// this hop only). `Trailer` and `Proxy-Authenticate` are kept: they describe the
+/// message itself and are end-to-end in practice.
+///
+/// A caller proxying a protocol upgrade (WebSocket) reads `Upgrade` and `Connection`
+/// before calling this and sets them again for the upstream hop.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let nominated: Vec<HeaderName> = h
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| list_items(v.as_bytes()))
+        .filter_map(|token| HeaderName::from_bytes(token).ok())
+        .filter(|n| !NOT_NOMINATABLE.contains(n))
+        .collect();
+    for n in nominated.iter().chain(HOP_BY_HOP.iter()) {
+        h.remove(n);
+    }
+
+    let offers_trailers = h.get_all(TE).iter().any(|v| {
+        list_items(v.as_bytes()).any(|item| {
+            // A t-codings item may carry parameters (`trailers;q=1` is not valid,
+            // but be lenient about what precedes the `;`).
+            let coding = item.split(|&b| b == b';').next().unwrap_or(item);
+            trim_ows(coding).eq_ignore_ascii_case(b"trailers")
+        })
+    });
+    if offers_trailers {
+        // `insert` replaces every TE line with the one value that may pass.
+        let _ = h.try_insert(TE, HeaderValue::from_static("trailers"));
+    } else {
+        h.remove(TE);
+    }
+}
+
+/// Sets `x-forwarded-for`, `x-forwarded-proto` and `x-forwarded-host`.
+///
+/// Untrusted downstream: whatever came in is replaced with the client IP, the
+/// scheme of the downstream connection and `host` (the request's authority), so a
+/// client cannot spoof them. Trusted downstream: the client IP is appended to
+/// `x-forwarded-for` (all incoming lines are joined into one comma-separated value)
+/// and incoming `-proto`/`-host` are kept, set only when absent.
+///
+/// IPv4-mapped IPv6 addresses (from a dual-stack listener) are written as IPv4,
+/// IPv6 without brackets, as other proxies do. A `host` that is not a valid header
+/// value is not forwarded.
+pub fn set_forwarded(h: &mut HeaderMap, client_ip: IpAddr, https: bool, host: &str, trusted: bool) {
+    let ip = client_ip.to_canonical().to_string();
+    let xff = if trusted {
+        let mut joined: Vec<u8> = Vec::new();
+        for v in h.get_all(&X_FORWARDED_FOR) {
+            let v = trim_ows(v.as_bytes());
+            if !v.is_empty() {
+                joined.extend_from_slice(v);
+                joined.extend_from_slice(b", ");
+            }
+        }
+        joined.extend_from_slice(ip.as_bytes());
+        HeaderValue::from_bytes(&joined)
+    } else {
+        HeaderValue::from_str(&ip)
+    };
+    match xff {
+        Ok(v) => {
+            let _ = h.try_insert(X_FORWARDED_FOR, v);
+        }
+        // Unreachable: joined valid values and an IP literal form a valid value.
+        Err(_) => {
+            h.remove(&X_FORWARDED_FOR);
+        }
+    }
+
+    if !trusted || !h.contains_key(&X_FORWARDED_PROTO) {
+        let proto = HeaderValue::from_static(if https { "https" } else { "http" });
+        let _ = h.try_insert(X_FORWARDED_PROTO, proto);
+    }
+    if !trusted || !h.contains_key(&X_FORWARDED_HOST) {
+        match HeaderValue::from_str(host) {
+            Ok(v) if !host.is_empty() => {
+                let _ = h.try_insert(X_FORWARDED_HOST, v);
+            }
+            _ => {
+                h.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+}
+
+/// Ensures `x-request-id` and returns the id in effect, if any.
+///
+/// An incoming id is kept only from a trusted downstream and only if valid
+/// ([`is_valid_request_id`]); extra incoming lines are dropped. Otherwise, when
+/// `generate` is true, a random UUIDv4-format id replaces it; when `generate` is
+/// false, the header is removed (an untrusted or malformed id must not reach the
+/// upstream or the logs).
+pub fn request_id(h: &mut HeaderMap, trusted: bool, generate: bool) -> Option<HeaderValue> {
+    let kept = if trusted {
+        h.get(&X_REQUEST_ID)
+            .filter(|v| is_valid_request_id(v.as_bytes()))
+            .cloned()
+    } else {
+        None
+    };
+    let id = kept.or_else(|| generate.then(new_request_id));
+    match &id {
+        Some(v) => {
+            let _ = h.try_insert(X_REQUEST_ID, v.clone());
+        }
+        None => {
+            h.remove(&X_REQUEST_ID);
+        }
+    }
+    id
+}
+
+/// Whether an incoming request id may be kept: 1 to [`MAX_REQUEST_ID_LEN`] bytes of
+/// visible ASCII (no spaces, no control or non-ASCII bytes), so it is safe to log
+/// and to pass on.
+pub fn is_valid_request_id(v: &[u8]) -> bool {
+    !v.is_empty() && v.len() <= MAX_REQUEST_ID_LEN && v.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// A new random request id in UUIDv4 format (`xxxxxxxx-xxxx-4xxx-Vxxx-xxxxxxxxxxxx`,
+/// lower-case hex), from the thread-local CSPRNG so ids cannot be predicted.
+pub fn new_request_id() -> HeaderValue {
+    let mut b = rand::random::<u128>().to_be_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 9562 variant
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 36];
+    let mut o = 0;
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out[o] = b'-';
+            o += 1;
+        }
+        out[o] = HEX[usize::from(byte >> 4)];
+        out[o + 1] = HEX[usize::from(byte & 0x0f)];
+        o += 2;
+    }
+    // Every byte is a hex digit or `-`, all valid in a header value.
+    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&out))
+        .unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"))
+}
+
+/// Appends `via` to the `Via` header: one value, comma-joined after the values
+/// already present (RFC 9110 §7.6.3 lists intermediaries in order).
+pub fn add_via(h: &mut HeaderMap, via: &HeaderValue) {
+    if !h.contains_key(VIA) {
+        let _ = h.try_insert(VIA, via.clone());
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::new();
+    for v in h.get_all(VIA) {
+        let v = trim_ows(v.as_bytes());
+        if !v.is_empty() {
+            joined.extend_from_slice(v);
+            joined.extend_from_slice(b", ");
+        }
+    }
+    joined.extend_from_slice(via.as_bytes());
+    match HeaderValue::from_bytes(&joined) {
+        Ok(v) => {
+            let _ = h.try_insert(VIA, v);
+        }
+        // Unreachable (valid values joined by ", "); a second line means the same.
+        Err(_) => {
+            let _ = h.try_append(VIA, via.clone());
+        }
+    }
+}
+
+/// The non-empty items of a comma-separated list header, whitespace-trimmed.
+fn list_items(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',')
+        .map(trim_ows)
+        .filter(|s| !s.is_empty())
+}
+
+/// Trims optional whitespace (space and tab, RFC 9110 §5.6.3).
+fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use http::header::{PROXY_AUTHENTICATE, TRAILER};
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn all(h: &HeaderMap, k: &str) -> Vec<String> {
+        h.get_all(k)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn strips_standard_and_connection_listed_headers() {
+        let mut h = map(&[
+            ("connection", "close, X-Custom"),
+            ("connection", " x-other ,, "),
+            ("x-custom", "1"),
+            ("x-other", "2"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("trailer", "grpc-status"),
+            ("proxy-authenticate", "Basic"),
+            ("x-keep", "3"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["proxy-authenticate", "trailer", "x-keep"]);
+        assert!(h.contains_key(TRAILER) && h.contains_key(PROXY_AUTHENTICATE));
+    }
+
+    #[test]
+    fn connection_cannot_remove_framing_or_target() {
+        let mut h = map(&[
+            ("connection", "host, content-length, te, bogus header"),
+            ("host", "a.com"),
+            ("content-length", "5"),
+            ("te", "trailers"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(all(&h, "host"), ["a.com"]);
+        assert_eq!(all(&h, "content-length"), ["5"]);
+        assert_eq!(all(&h, "te"), ["trailers"]);
+        assert!(!h.contains_key(CONNECTION));
+    }
+
+    #[test]
+    fn te_trailers_kept_other_codings_dropped() {
+        let te_after = |vals: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in vals {
+                h.append(TE, HeaderValue::from_static(v));
+            }
+            strip_hop_by_hop(&mut h);
+            all(&h, "te")
+        };
+        assert_eq!(te_after(&["trailers"]), ["trailers"]);
+        assert_eq!(te_after(&["Trailers"]), ["trailers"]);
+        assert!(te_after(&["gzip"]).is_empty());
+        assert!(te_after(&["gzip;q=0.5, deflate"]).is_empty());
+        assert_eq!(te_after(&["gzip, trailers"]), ["trailers"]);
+        assert_eq!(te_after(&["deflate", " trailers "]), ["trailers"]);
+        assert!(te_after(&["trailersx"]).is_empty());
+    }
+
+    #[test]
+    fn untrusted_forwarded_headers_are_overwritten() {
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-for", "7.7.7.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "bank.example"),
+        ]);
+        set_forwarded(
+            &mut h,
+            "10.0.0.1".parse().unwrap(),
+            false,
+            "a.com:8080",
+            false,
+        );
+        assert_eq!(all(&h, "x-forwarded-for"), ["10.0.0.1"]);
+        assert_eq!(all(&h, "x-forwarded-proto"), ["http"]);
+        assert_eq!(all(&h, "x-forwarded-host"), ["a.com:8080"]);
+    }
+
+    #[test]
+    fn trusted_forwarded_headers_are_appended_and_kept() {
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8 "),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "public.example"),
+        ]);
+        set_forwarded(
+            &mut h,
+            "10.0.0.1".parse().unwrap(),
+            false,
+            "internal:8080",
+            true,
+        );
+        assert_eq!(all(&h, "x-forwarded-for"), ["1.2.3.4, 5.6.7.8, 10.0.0.1"]);
+        assert_eq!(all(&h, "x-forwarded-proto"), ["https"]);
+        assert_eq!(all(&h, "x-forwarded-host"), ["public.example"]);
+
+        let mut fresh = HeaderMap::new();
+        set_forwarded(
+            &mut fresh,
+            "2001:db8::1".parse().unwrap(),
+            true,
+            "a.com",
+            true,
+        );
+        assert_eq!(all(&fresh, "x-forwarded-for"), ["2001:db8::1"]);
+        assert_eq!(all(&fresh, "x-forwarded-proto"), ["https"]);
+        assert_eq!(all(&fresh, "x-forwarded-host"), ["a.com"]);
+    }
+
+    #[test]
+    fn forwarded_for_uses_canonical_ip_and_skips_bad_host() {
+        let mut h = map(&[("x-forwarded-host", "spoofed")]);
+        set_forwarded(
+            &mut h,
+            "::ffff:192.0.2.7".parse().unwrap(),
+            false,
+            "",
+            false,
+        );
+        assert_eq!(all(&h, "x-forwarded-for"), ["192.0.2.7"]);
+        assert!(!h.contains_key(&X_FORWARDED_HOST));
+    }
+
+    fn is_uuid_v4(v: &HeaderValue) -> bool {
+        let s = v.to_str().unwrap();
+        let parts: Vec<&str> = s.split('-').collect();
+        parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
+            && s.bytes()
+                .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && parts[2].starts_with('4')
+            && matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b')
+    }
+
+    #[test]
+    fn generated_request_ids_are_uuid_v4_and_distinct() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert!(is_uuid_v4(&a), "{a:?}");
+        assert!(is_uuid_v4(&b), "{b:?}");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn request_id_trust_and_validity() {
+        // Trusted and valid: kept, duplicates dropped.
+        let mut h = map(&[("x-request-id", "abc-123"), ("x-request-id", "other")]);
+        assert_eq!(request_id(&mut h, true, true).unwrap(), "abc-123");
+        assert_eq!(all(&h, "x-request-id"), ["abc-123"]);
+        let mut h = map(&[("x-request-id", "abc-123")]);
+        assert_eq!(request_id(&mut h, true, false).unwrap(), "abc-123");
+
+        // Untrusted: replaced by a fresh id.
+        let mut h = map(&[("x-request-id", "abc-123")]);
+        let id = request_id(&mut h, false, true).unwrap();
+        assert!(is_uuid_v4(&id));
+        assert_eq!(h.get(&X_REQUEST_ID), Some(&id));
+
+        // Trusted but invalid: replaced.
+        let long = "a".repeat(MAX_REQUEST_ID_LEN + 1);
+        for bad in ["has space", "", long.as_str()] {
+            let mut h = HeaderMap::new();
+            h.insert(&X_REQUEST_ID, HeaderValue::from_str(bad).unwrap());
+            let id = request_id(&mut h, true, true).unwrap();
+            assert!(is_uuid_v4(&id), "{bad:?}");
+        }
+        assert!(is_valid_request_id(
+            "a".repeat(MAX_REQUEST_ID_LEN).as_bytes()
+        ));
+        assert!(!is_valid_request_id("caf\u{e9}".as_bytes()));
+
+        // Not generating: untrusted or invalid ids are removed.
+        let mut h = map(&[("x-request-id", "abc-123")]);
+        assert!(request_id(&mut h, false, false).is_none());
+        assert!(!h.contains_key(&X_REQUEST_ID));
+        let mut h = map(&[("x-request-id", "bad id")]);
+        assert!(request_id(&mut h, true, false).is_none());
+        assert!(!h.contains_key(&X_REQUEST_ID));
+
+        // Nothing incoming.
+        let mut h = HeaderMap::new();
+        assert!(request_id(&mut h, true, true).is_some_and(|v| is_uuid_v4(&v)));
+        let mut h = HeaderMap::new();
+        assert!(request_id(&mut h, true, false).is_none());
+    }
+
+    #[test]
+    fn via_is_comma_joined() {
+        let ours = HeaderValue::from_static("1.1 legate");
+        let mut h = HeaderMap::new();
+        add_via(&mut h, &ours);
+        assert_eq!(all(&h, "via"), ["1.1 legate"]);
+        add_via(&mut h, &ours);
+        assert_eq!(all(&h, "via"), ["1.1 legate, 1.1 legate"]);
+
+        let mut h = map(&[("via", "1.0 fred"), ("via", "1.1 p.example.net ")]);
+        add_via(&mut h, &ours);
+        assert_eq!(all(&h, "via"), ["1.0 fred, 1.1 p.example.net, 1.1 legate"]);
+    }
+
+    #[test]
+    fn trims_ows() {
+        assert_eq!(trim_ows(b" \ta b\t "), b"a b");
+        assert_eq!(trim_ows(b"   "), b"");
+        let items: Vec<&[u8]> = list_items(b" a, ,b ,").collect();
+        assert_eq!(items, [b"a".as_slice(), b"b".as_slice()]);
+    }
+}

@@ -1,0 +1,120 @@
+//! TCP proxy listeners (L4): each downstream connection is forwarded byte for byte
+//! to an endpoint of the listener's cluster, with a connect retry across endpoints,
+//! an idle timeout and byte counters. Network filters attach here later.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use crate::io::{Activity, Conn, Tracked, Verdict};
+use crate::listener::ListenerCtx;
+use crate::upstream::{open_stream, Target};
+use crate::worker::Worker;
+
+/// Proxies one accepted connection until either side closes or it idles out.
+pub async fn serve(
+    worker: Rc<Worker>,
+    ctx: Arc<ListenerCtx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    original_dst: Option<SocketAddr>,
+) {
+    let Some(tcp) = &ctx.cfg.tcp else { return };
+    let snapshot = worker.shared.snapshot.load_full();
+    let Some(entry) = snapshot.clusters.get(&tcp.cluster.value).cloned() else {
+        tracing::error!(listener = %ctx.name, "cluster `{}` missing from the snapshot", tcp.cluster.value);
+        return;
+    };
+    let downstream = match &ctx.tls {
+        None => Conn::Plain(stream),
+        Some(acceptor) => {
+            let hs = tokio::time::timeout(
+                ctx.cfg.limits.header_read_timeout.get(),
+                acceptor.accept(stream),
+            );
+            match hs.await {
+                Ok(Ok(s)) => Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s))),
+                _ => {
+                    ctx.stats.cx_tls_error.inc();
+                    return;
+                }
+            }
+        }
+    };
+
+    // Connect, trying each endpoint once on failure.
+    let cluster = &entry.cluster;
+    let balancer = worker.balancer(cluster);
+    let hash = cluster.hash_key(&http::HeaderMap::new(), peer.ip());
+    let mut tried = Vec::new();
+    let attempts = if cluster.config.original_dst {
+        1
+    } else {
+        cluster.endpoints.len().max(1)
+    };
+    let mut upstream = None;
+    for _ in 0..attempts {
+        let (addr, host, index) = if cluster.config.original_dst {
+            let Some(a) = original_dst else {
+                tracing::warn!(listener = %ctx.name, %peer, "no original destination; closing");
+                return;
+            };
+            (a, a.ip().to_string(), None)
+        } else {
+            let Some(i) = balancer.pick(hash, &tried) else {
+                break;
+            };
+            tried.push(i);
+            let ep = &cluster.endpoints[i];
+            (ep.address, ep.host.clone(), Some(i))
+        };
+        let target = Target {
+            addr,
+            host: &host,
+            cluster,
+            endpoint: index,
+        };
+        match open_stream(&entry.upstream, &target).await {
+            Ok((conn, counted)) => {
+                upstream = Some((conn, counted, index));
+                break;
+            }
+            Err(e) => tracing::debug!(listener = %ctx.name, "tcp upstream {addr}: {e}"),
+        }
+    }
+    let Some((upstream, _counted, index)) = upstream else {
+        tracing::debug!(listener = %ctx.name, %peer, "no upstream reachable; closing");
+        return;
+    };
+    let _active = cluster.start_request(index);
+
+    let activity = Arc::new(Activity::default());
+    let mut down = Tracked::new(downstream, activity.clone());
+    let mut up = upstream;
+    let idle = tcp.idle_timeout.get();
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(copy);
+    loop {
+        let deadline = match activity.check(idle, None) {
+            Verdict::WaitUntil(t) => t,
+            _ => {
+                tracing::debug!(listener = %ctx.name, %peer, "tcp connection idle for {idle:?}; closing");
+                break;
+            }
+        };
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!(listener = %ctx.name, %peer, "tcp proxy ended: {e}");
+                }
+                break;
+            }
+            () = tokio::time::sleep_until(deadline.into()) => {}
+        }
+    }
+    let (rx, tx) = activity.bytes();
+    ctx.stats.rx_bytes.add(rx);
+    ctx.stats.tx_bytes.add(tx);
+}

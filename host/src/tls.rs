@@ -1,0 +1,1269 @@
+//! TLS termination (listeners) and origination (clusters), on rustls with the *ring*
+//! provider.
+//!
+//! This module owns everything between a config's `tls:` section and a ready
+//! `rustls::{ServerConfig, ClientConfig}`: reading and checking PEM files (every error
+//! names the file and what is wrong with it), choosing a listener certificate by SNI,
+//! client-certificate verification (mTLS), protocol versions, ALPN and session
+//! resumption. It also extracts the facts about an established downstream session that
+//! the request path, access log and (later) filters need: [`TlsInfo`].
+//!
+//! Config building reads files synchronously; it runs at startup and on reload, off the
+//! request path (callers on a runtime should use `spawn_blocking`).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use rustls::client::ClientConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer, ServerName};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{
+    ClientHello, ResolvesServerCert, ServerConfig, ServerConnection, ServerSessionMemoryCache,
+    WebPkiClientVerifier,
+};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
+use rustls::{
+    CipherSuite, InconsistentKeys, ProtocolVersion, RootCertStore, SupportedProtocolVersion,
+};
+use x509_parser::asn1_rs::{Any, Tag, ToDer};
+use x509_parser::x509::X509Name;
+
+use crate::config::{self, CertificateConfig, TlsVersion};
+
+/// Server-side session cache for TLS 1.2 session-ID resumption (TLS 1.3 and TLS 1.2
+/// clients that support tickets use stateless tickets instead). rustls' default of 256
+/// is small for an edge listener; 4096 entries cost at most a few MiB.
+const SESSION_CACHE_SIZE: usize = 4096;
+
+/// Label substituted for `*` when asking webpki whether a wildcard name is one the
+/// certificate is really valid for.
+const WILDCARD_PROBE_LABEL: &str = "legate-sni-probe";
+
+/// The crypto provider for every config this module builds. The workspace compiles
+/// rustls without aws-lc-rs, so there is no process default to fall back on.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the server config for a listener: all certificates loaded and checked, SNI
+/// certificate selection, minimum protocol version, client-certificate verification,
+/// ALPN (`alpn` in preference order, e.g. `[b"h2", b"http/1.1"]`) and resumption.
+pub fn server_config(
+    cfg: &config::ListenerTls,
+    alpn: &[&[u8]],
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let provider = provider();
+    let resolver = SniResolver::load(&cfg.certificates, &provider)?;
+
+    let versions: &[&'static SupportedProtocolVersion] = match cfg.min_version {
+        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .context("TLS protocol versions")?;
+    let builder = match &cfg.client_auth {
+        None => builder.with_no_client_auth(),
+        Some(auth) => builder.with_client_cert_verifier(client_verifier(auth, &provider)?),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
+    // Stateless tickets: resumption works across this listener's workers without a
+    // shared cache. Keys rotate every 6 hours; a config reload starts a new key set.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| anyhow!("cannot create a TLS session ticket key: {e}"))?;
+    Ok(Arc::new(config))
+}
+
+/// Builds the client config for a cluster: trusts `ca` if given (else the Mozilla roots
+/// from webpki-roots), presents `client_cert`/`client_key` if given (mTLS), and offers
+/// `alpn` (e.g. `[b"h2"]`, `[b"h2", b"http/1.1"]` or `[b"http/1.1"]`).
+///
+/// The SNI and verified name are chosen per connection by the caller: `cfg.sni`, else
+/// the endpoint's host.
+pub fn client_config(
+    cfg: &config::UpstreamTls,
+    alpn: &[&[u8]],
+) -> anyhow::Result<Arc<ClientConfig>> {
+    let provider = provider();
+    let roots = match &cfg.ca {
+        Some(ca) => load_roots(ca, "upstream CA file")?,
+        None => RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        },
+    };
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots);
+    let mut config = match (&cfg.client_cert, &cfg.client_key) {
+        (None, None) => builder.with_no_client_auth(),
+        (Some(cert), Some(key)) => {
+            let certified = load_certified_key(cert, key, &provider)?;
+            builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
+        }
+        // Config validation rejects this; kept as an error rather than a panic.
+        _ => bail!("upstream TLS: `client_cert` and `client_key` go together"),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// What the request path and logs need to know about a downstream TLS session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// The server name the client asked for (lowercase), if it sent SNI.
+    pub sni: Option<String>,
+    /// The negotiated ALPN protocol, if any (e.g. `b"h2"`).
+    pub alpn: Option<Vec<u8>>,
+    /// `"TLSv1.2"` or `"TLSv1.3"`.
+    pub version: &'static str,
+    /// IANA name of the negotiated cipher suite, e.g. `TLS_AES_128_GCM_SHA256`.
+    pub cipher: &'static str,
+    /// The client certificate's subject as an RFC 4514 string (most specific RDN first,
+    /// as Envoy and nginx print it), e.g. `CN=client,O=Example`.
+    pub peer_subject: Option<String>,
+    /// Whether the client presented a certificate (which the verifier then accepted:
+    /// the handshake fails otherwise).
+    pub peer_cert_present: bool,
+}
+
+/// Describes an established downstream session. Call after the handshake completes.
+pub fn tls_info(conn: &ServerConnection) -> TlsInfo {
+    let peer = conn.peer_certificates().and_then(|chain| chain.first());
+    TlsInfo {
+        sni: conn.server_name().map(str::to_owned),
+        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        version: match conn.protocol_version() {
+            Some(ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "unknown",
+        },
+        cipher: conn
+            .negotiated_cipher_suite()
+            .map_or("unknown", |suite| cipher_name(suite.suite())),
+        peer_subject: peer.and_then(subject_rfc4514),
+        peer_cert_present: peer.is_some(),
+    }
+}
+
+/// The IANA name of a cipher suite, as Envoy and nginx log it. rustls names TLS 1.2
+/// suites the IANA way already, but prefixes TLS 1.3 ones with `TLS13_`.
+fn cipher_name(suite: CipherSuite) -> &'static str {
+    match suite {
+        CipherSuite::TLS13_AES_128_GCM_SHA256 => "TLS_AES_128_GCM_SHA256",
+        CipherSuite::TLS13_AES_256_GCM_SHA384 => "TLS_AES_256_GCM_SHA384",
+        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => "TLS_CHACHA20_POLY1305_SHA256",
+        other => other.as_str().unwrap_or("unknown"),
+    }
+}
+
+/// Picks a listener certificate from the client's SNI: an exact name first, then a
+/// `*.suffix` wildcard, then the first certificate (also used without SNI).
+#[derive(Debug)]
+struct SniResolver {
+    certs: Vec<Arc<CertifiedKey>>,
+    /// Lowercase name → index into `certs`. The first certificate to claim a name wins.
+    exact: HashMap<String, usize>,
+    /// Lowercase parent domain of a `*.parent` pattern → index into `certs`.
+    wildcard: HashMap<String, usize>,
+}
+
+/// A name a certificate serves, normalized to lowercase without a trailing dot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NamePattern {
+    Exact(String),
+    /// `*.parent`, matching exactly one label in front of `parent`.
+    Wildcard(String),
+}
+
+impl NamePattern {
+    /// Parses an exact DNS name or `*.suffix`; `None` if it is neither.
+    fn parse(raw: &str) -> Option<Self> {
+        let name = raw.strip_suffix('.').unwrap_or(raw).to_ascii_lowercase();
+        let (pattern, dns) = match name.strip_prefix("*.") {
+            Some(parent) => (NamePattern::Wildcard(parent.to_owned()), parent),
+            None => (NamePattern::Exact(name.clone()), name.as_str()),
+        };
+        // DnsName rejects `*` and other characters a hostname cannot contain.
+        DnsName::try_from(dns).ok()?;
+        Some(pattern)
+    }
+
+    /// Whether webpki accepts the certificate for this name, i.e. whether a verifying
+    /// client would. Wildcards are checked with a representative label.
+    fn covered_by(&self, cert: &webpki::EndEntityCert<'_>) -> bool {
+        let probe = match self {
+            NamePattern::Exact(name) => name.clone(),
+            NamePattern::Wildcard(parent) => format!("{WILDCARD_PROBE_LABEL}.{parent}"),
+        };
+        ServerName::try_from(probe)
+            .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+    }
+}
+
+impl std::fmt::Display for NamePattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NamePattern::Exact(name) => f.write_str(name),
+            NamePattern::Wildcard(parent) => write!(f, "*.{parent}"),
+        }
+    }
+}
+
+impl SniResolver {
+    fn load(
+        certificates: &[config::Spanned<CertificateConfig>],
+        provider: &CryptoProvider,
+    ) -> anyhow::Result<Self> {
+        if certificates.is_empty() {
+            bail!("TLS listener has no certificates");
+        }
+        let mut resolver = SniResolver {
+            certs: Vec::with_capacity(certificates.len()),
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        };
+        for (index, spanned) in certificates.iter().enumerate() {
+            let c = &spanned.value;
+            let certified = load_certified_key(&c.cert, &c.key, provider)?;
+            let mut selectable = index == 0;
+            for pattern in served_names(c, &certified, index == 0)? {
+                let (table, key) = match pattern {
+                    NamePattern::Exact(name) => (&mut resolver.exact, name),
+                    NamePattern::Wildcard(parent) => (&mut resolver.wildcard, parent),
+                };
+                // Earlier certificates keep the names they claim (config order decides).
+                if let std::collections::hash_map::Entry::Vacant(entry) = table.entry(key) {
+                    entry.insert(index);
+                    selectable = true;
+                }
+            }
+            if !selectable {
+                tracing::warn!(
+                    cert = %c.cert.display(),
+                    "every name this certificate serves is claimed by an earlier certificate, \
+                     so SNI never selects it"
+                );
+            }
+            resolver.certs.push(Arc::new(certified));
+        }
+        Ok(resolver)
+    }
+
+    /// Index of the certificate serving `sni`, if any serves it.
+    fn lookup(&self, sni: &str) -> Option<usize> {
+        // rustls already lowercases SNI and clients strip the trailing dot; normalize
+        // anyway, without allocating in the common case.
+        let sni = sni.strip_suffix('.').unwrap_or(sni);
+        let lowered;
+        let sni = if sni.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = sni.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            sni
+        };
+        if let Some(&index) = self.exact.get(sni) {
+            return Some(index);
+        }
+        match sni.split_once('.') {
+            Some((label, parent)) if !label.is_empty() => self.wildcard.get(parent).copied(),
+            _ => None,
+        }
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let index = client_hello
+            .server_name()
+            .and_then(|sni| self.lookup(sni))
+            .unwrap_or(0);
+        self.certs.get(index).cloned()
+    }
+}
+
+/// The names one listener certificate serves: its `server_names`, or else the DNS names
+/// it is valid for (subjectAltName, wildcards included, as webpki reads them).
+fn served_names(
+    c: &CertificateConfig,
+    certified: &CertifiedKey,
+    is_default: bool,
+) -> anyhow::Result<Vec<NamePattern>> {
+    let cert_path = c.cert.display();
+    let leaf = certified
+        .end_entity_cert()
+        .map_err(|e| anyhow!("certificate file `{cert_path}`: {e}"))?;
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| {
+        anyhow!("certificate file `{cert_path}`: first certificate is not valid X.509: {e}")
+    })?;
+
+    if !c.server_names.is_empty() {
+        let mut names = Vec::with_capacity(c.server_names.len());
+        for raw in &c.server_names {
+            let pattern = NamePattern::parse(raw).ok_or_else(|| {
+                anyhow!(
+                    "certificate file `{cert_path}`: server name `{raw}` is neither a DNS name \
+                     nor a `*.suffix` wildcard"
+                )
+            })?;
+            if !pattern.covered_by(&ee) {
+                tracing::warn!(
+                    cert = %cert_path,
+                    "certificate is configured to serve `{pattern}` but is not valid for it; \
+                     clients that verify the server will reject it"
+                );
+            }
+            names.push(pattern);
+        }
+        return Ok(names);
+    }
+
+    // webpki only lists names it could parse; keep the ones it would also accept for
+    // this certificate, so selection agrees with what verifying clients will check.
+    let names: Vec<NamePattern> = ee
+        .valid_dns_names()
+        .filter_map(NamePattern::parse)
+        .filter(|pattern| pattern.covered_by(&ee))
+        .collect();
+    if names.is_empty() && !is_default {
+        bail!(
+            "certificate file `{cert_path}` has no DNS names in its subjectAltName and no \
+             `server_names`, so SNI can never select it; add `server_names` or make it the \
+             first (default) certificate"
+        );
+    }
+    Ok(names)
+}
+
+/// Loads a certificate chain and its private key and checks that they belong together.
+fn load_certified_key(
+    cert_path: &Path,
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> anyhow::Result<CertifiedKey> {
+    let chain = load_certs(cert_path, "certificate file")?;
+    let key = load_key(key_path)?;
+    let signing_key = provider.key_provider.load_private_key(key).map_err(|e| {
+        anyhow!(
+            "private key file `{}`: unusable key (supported: RSA, ECDSA P-256/P-384, \
+             Ed25519): {e}",
+            key_path.display()
+        )
+    })?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        // ring keys always know their public key; `Unknown` would mean a provider that
+        // cannot tell, which rustls itself treats as acceptable.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {}
+        Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => bail!(
+            "private key file `{}` does not match the certificate in `{}` (the first \
+             certificate in the file must be the one the key belongs to)",
+            key_path.display(),
+            cert_path.display()
+        ),
+        Err(e) => bail!(
+            "certificate file `{}`: first certificate is not usable: {e}",
+            cert_path.display()
+        ),
+    }
+    if let Some(leaf) = certified.cert.first() {
+        warn_if_outside_validity(leaf, cert_path);
+    }
+    Ok(certified)
+}
+
+/// An expired certificate is served anyway (refusing to start would turn an expiry into
+/// an outage of every name on the listener), but the operator must hear about it.
+fn warn_if_outside_validity(cert: &CertificateDer<'_>, path: &Path) {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return;
+    };
+    let validity = parsed.validity();
+    let now = x509_parser::time::ASN1Time::now().timestamp();
+    if validity.not_after.timestamp() < now {
+        tracing::warn!(cert = %path.display(), not_after = %validity.not_after, "certificate has expired");
+    } else if validity.not_before.timestamp() > now {
+        tracing::warn!(cert = %path.display(), not_before = %validity.not_before, "certificate is not valid yet");
+    }
+}
+
+fn read_file(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow!("cannot read {what} `{}`: {e}", path.display()))
+}
+
+/// All certificates in a PEM file, in order; other PEM sections (such as a key) are
+/// skipped. Fails if there is none.
+fn load_certs(path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = read_file(path, what)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("{what} `{}`: malformed PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        bail!(
+            "{what} `{}` contains no certificate (expected a PEM `BEGIN CERTIFICATE` block)",
+            path.display()
+        );
+    }
+    Ok(certs)
+}
+
+/// The first private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
+fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let pem = read_file(path, "private key file")?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        pem::Error::NoItemsFound => anyhow!(
+            "private key file `{}` contains no private key (expected a PEM `BEGIN PRIVATE KEY`, \
+             `BEGIN RSA PRIVATE KEY` or `BEGIN EC PRIVATE KEY` block; encrypted keys are not \
+             supported)",
+            path.display()
+        ),
+        e => anyhow!("private key file `{}`: malformed PEM: {e}", path.display()),
+    })
+}
+
+/// A trust store holding every certificate of a PEM file; any unusable one is an error
+/// rather than silently skipped, so a broken CA bundle is noticed at load.
+fn load_roots(path: &Path, what: &str) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for (i, cert) in load_certs(path, what)?.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| {
+            anyhow!(
+                "{what} `{}`: certificate #{} is not a usable trust anchor: {e}",
+                path.display(),
+                i + 1
+            )
+        })?;
+    }
+    Ok(roots)
+}
+
+fn client_verifier(
+    auth: &config::ClientAuth,
+    provider: &Arc<CryptoProvider>,
+) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
+    let roots = load_roots(&auth.ca, "client CA file")?;
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if !auth.required {
+        builder = builder.allow_unauthenticated();
+    }
+    builder
+        .build()
+        .map_err(|e| anyhow!("client CA file `{}`: {e}", auth.ca.display()))
+}
+
+/// The subject of a certificate as an RFC 4514 string; `None` if it does not parse.
+fn subject_rfc4514(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(format_name(parsed.subject()))
+}
+
+/// RFC 4514: RDNs last-to-first, separated by `,`; multi-valued RDNs joined by `+`.
+fn format_name(name: &X509Name<'_>) -> String {
+    let rdns: Vec<_> = name.iter_rdn().collect();
+    let mut out = String::new();
+    for (i, rdn) in rdns.into_iter().rev().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, atv) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            let oid = atv.attr_type().to_id_string();
+            out.push_str(attribute_short_name(&oid).unwrap_or(&oid));
+            out.push('=');
+            push_attribute_value(&mut out, atv.attr_value());
+        }
+    }
+    out
+}
+
+/// The short names of RFC 4514 §3, plus OpenSSL's names for two attributes common in
+/// client certificates. Other attributes are written as dotted OIDs, as the RFC says.
+fn attribute_short_name(oid: &str) -> Option<&'static str> {
+    Some(match oid {
+        "2.5.4.3" => "CN",
+        "2.5.4.5" => "serialNumber",
+        "2.5.4.6" => "C",
+        "2.5.4.7" => "L",
+        "2.5.4.8" => "ST",
+        "2.5.4.9" => "STREET",
+        "2.5.4.10" => "O",
+        "2.5.4.11" => "OU",
+        "0.9.2342.19200300.100.1.1" => "UID",
+        "0.9.2342.19200300.100.1.25" => "DC",
+        "1.2.840.113549.1.9.1" => "emailAddress",
+        _ => return None,
+    })
+}
+
+fn push_attribute_value(out: &mut String, value: &Any<'_>) {
+    let data = value.data;
+    let text: Option<String> = match value.tag() {
+        Tag::Utf8String
+        | Tag::PrintableString
+        | Tag::Ia5String
+        | Tag::NumericString
+        | Tag::VisibleString => std::str::from_utf8(data).ok().map(str::to_owned),
+        // T.61 in practice carries Latin-1, which is how OpenSSL reads it too.
+        Tag::T61String => Some(data.iter().map(|&b| char::from(b)).collect()),
+        Tag::BmpString if data.len().is_multiple_of(2) => char::decode_utf16(
+            data.chunks_exact(2)
+                .map(|pair| u16::from_be_bytes([pair[0], pair[1]])),
+        )
+        .collect::<Result<String, _>>()
+        .ok(),
+        Tag::UniversalString if data.len().is_multiple_of(4) => data
+            .chunks_exact(4)
+            .map(|quad| char::from_u32(u32::from_be_bytes([quad[0], quad[1], quad[2], quad[3]])))
+            .collect(),
+        _ => None,
+    };
+    match text {
+        Some(text) => escape_attribute_value(out, &text),
+        // RFC 4514 §2.4: values that are not strings are written as `#` and the hex of
+        // their BER encoding.
+        None => {
+            out.push('#');
+            let der = value.to_der_vec().unwrap_or_else(|_| data.to_vec());
+            for byte in der {
+                let _ = write!(out, "{byte:02x}");
+            }
+        }
+    }
+}
+
+/// RFC 4514 §2.4 escaping. Control characters are hex-escaped too (the RFC allows any
+/// character to be), so a subject can never break a log line.
+fn escape_attribute_value(out: &mut String, value: &str) {
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        match c {
+            '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            '#' if i == 0 => out.push_str("\\#"),
+            c if c.is_control() => {
+                let mut utf8 = [0u8; 4];
+                for byte in c.encode_utf8(&mut utf8).bytes() {
+                    let _ = write!(out, "\\{byte:02x}");
+                }
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+        IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::UnixTime;
+    use rustls::{DigitallySignedStruct, HandshakeKind, SignatureScheme};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use crate::config::{unspanned, ClientAuth, ListenerTls, UpstreamTls};
+
+    /// A directory removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "legate-tls-test-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A certificate and key written as PEM files.
+    struct Leaf {
+        cert: PathBuf,
+        key: PathBuf,
+        der: CertificateDer<'static>,
+    }
+
+    /// A test CA that issues server and client certificates into a temp dir.
+    struct Pki {
+        dir: TempDir,
+        issuer: Issuer<'static, KeyPair>,
+        ca: PathBuf,
+    }
+
+    impl Pki {
+        fn new() -> Self {
+            let dir = TempDir::new();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name = DistinguishedName::new();
+            // Distinct names per CA: with equal names webpki would try the other CA as
+            // issuer and report a bad signature instead of an unknown issuer.
+            let name = dir.0.file_name().unwrap().to_string_lossy().into_owned();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            let ca = dir.0.join("ca.pem");
+            std::fs::write(&ca, cert.pem()).unwrap();
+            Pki {
+                dir,
+                issuer: Issuer::new(params, key),
+                ca,
+            }
+        }
+
+        fn write(&self, name: &str, contents: &str) -> PathBuf {
+            let path = self.dir.0.join(name);
+            std::fs::write(&path, contents).unwrap();
+            path
+        }
+
+        fn issue(&self, stem: &str, mut params: CertificateParams) -> Leaf {
+            let key = KeyPair::generate().unwrap();
+            params.use_authority_key_identifier_extension = true;
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            Leaf {
+                cert: self.write(&format!("{stem}.crt"), &cert.pem()),
+                key: self.write(&format!("{stem}.key"), &key.serialize_pem()),
+                der: cert.der().clone(),
+            }
+        }
+
+        /// A server certificate for `sans` (DNS names, wildcards allowed).
+        fn server(&self, stem: &str, sans: &[&str]) -> Leaf {
+            let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+            let mut params = CertificateParams::new(sans).unwrap();
+            params.distinguished_name = DistinguishedName::new();
+            params.distinguished_name.push(DnType::CommonName, stem);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            self.issue(stem, params)
+        }
+
+        /// A client certificate with subject `O=Legate Test, CN=<cn>`.
+        fn client(&self, stem: &str, cn: &str) -> Leaf {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name = DistinguishedName::new();
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, "Legate Test");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            self.issue(stem, params)
+        }
+    }
+
+    fn listener(certs: &[(&Leaf, &[&str])]) -> ListenerTls {
+        ListenerTls {
+            certificates: certs
+                .iter()
+                .map(|(leaf, names)| {
+                    unspanned(CertificateConfig {
+                        cert: leaf.cert.clone(),
+                        key: leaf.key.clone(),
+                        server_names: names.iter().map(|n| n.to_string()).collect(),
+                    })
+                })
+                .collect(),
+            min_version: TlsVersion::V1_2,
+            client_auth: None,
+        }
+    }
+
+    fn upstream(ca: Option<&Path>, client: Option<&Leaf>) -> UpstreamTls {
+        UpstreamTls {
+            sni: None,
+            ca: ca.map(Path::to_path_buf),
+            client_cert: client.map(|c| c.cert.clone()),
+            client_key: client.map(|c| c.key.clone()),
+        }
+    }
+
+    /// Accepts any server certificate (still checking handshake signatures), so a test
+    /// can see which certificate the server chose even for names it does not cover.
+    #[derive(Debug)]
+    struct AcceptAnyServerCert(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for AcceptAnyServerCert {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    fn any_cert_client(
+        versions: &[&'static SupportedProtocolVersion],
+        alpn: &[&[u8]],
+        sni: bool,
+    ) -> Arc<ClientConfig> {
+        let provider = provider();
+        let mut config = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider)))
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config.enable_sni = sni;
+        Arc::new(config)
+    }
+
+    /// What the client saw of a successful connection.
+    #[derive(Debug)]
+    struct ClientView {
+        server_cert: CertificateDer<'static>,
+        alpn: Option<Vec<u8>>,
+        resumed: bool,
+    }
+
+    struct Outcome {
+        server: Result<TlsInfo, String>,
+        client: Result<ClientView, String>,
+    }
+
+    /// One connection over loopback: the server completes the handshake, records
+    /// `tls_info` and writes `hello`; the client handshakes and reads it. Reading matters:
+    /// in TLS 1.3 a server rejects a missing client certificate only after the client
+    /// considers its handshake done.
+    async fn connect(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>, sni: &str) -> Outcome {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(server.clone());
+        let server_side = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+            let mut tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+            let info = tls_info(tls.get_ref().1);
+            tls.write_all(b"hello").await.map_err(|e| e.to_string())?;
+            let _ = tls.shutdown().await;
+            Ok::<_, String>(info)
+        });
+        let connector = TlsConnector::from(client.clone());
+        let name = ServerName::try_from(sni.to_owned()).unwrap();
+        let client_side = async move {
+            let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let mut tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 5];
+            tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            assert_eq!(&buf, b"hello");
+            let conn = tls.get_ref().1;
+            Ok::<_, String>(ClientView {
+                server_cert: conn.peer_certificates().unwrap()[0].clone(),
+                alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+                resumed: conn.handshake_kind() == Some(HandshakeKind::Resumed),
+            })
+        };
+        let limit = Duration::from_secs(10);
+        let client = tokio::time::timeout(limit, client_side)
+            .await
+            .expect("client timed out");
+        let server = tokio::time::timeout(limit, server_side)
+            .await
+            .expect("server timed out")
+            .unwrap();
+        Outcome { server, client }
+    }
+
+    fn error_text(result: anyhow::Result<impl std::fmt::Debug>) -> String {
+        format!("{:#}", result.expect_err("expected an error"))
+    }
+
+    const H2_H1: &[&[u8]] = &[b"h2", b"http/1.1"];
+    const BOTH: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+    #[tokio::test]
+    async fn sni_selects_by_server_names_and_falls_back_to_first() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let b = pki.server("b", &["b.test"]);
+        let server =
+            server_config(&listener(&[(&a, &["a.test"]), (&b, &["b.test"])]), &[]).unwrap();
+        let client = any_cert_client(BOTH, &[], true);
+        for (sni, expected) in [
+            ("a.test", &a),
+            ("b.test", &b),
+            ("B.Test", &b),
+            ("unknown.test", &a),
+        ] {
+            let out = connect(&server, &client, sni).await;
+            assert_eq!(out.client.unwrap().server_cert, expected.der, "SNI {sni}");
+            assert_eq!(
+                out.server.unwrap().sni.as_deref(),
+                Some(sni.to_ascii_lowercase().as_str())
+            );
+        }
+        let no_sni = any_cert_client(BOTH, &[], false);
+        let out = connect(&server, &no_sni, "b.test").await;
+        assert_eq!(out.client.unwrap().server_cert, a.der);
+        assert_eq!(out.server.unwrap().sni, None);
+    }
+
+    #[tokio::test]
+    async fn wildcard_server_names_match_one_label_and_lose_to_exact() {
+        let pki = Pki::new();
+        let default = pki.server("default", &["default.test"]);
+        let wild = pki.server("wild", &["*.wild.test"]);
+        let exact = pki.server("exact", &["exact.wild.test"]);
+        let cfg = listener(&[
+            (&default, &["default.test"]),
+            (&wild, &["*.WILD.test"]),
+            (&exact, &["exact.wild.test"]),
+        ]);
+        let server = server_config(&cfg, &[]).unwrap();
+        let client = any_cert_client(BOTH, &[], true);
+        for (sni, expected) in [
+            ("foo.wild.test", &wild),
+            ("exact.wild.test", &exact),
+            ("a.b.wild.test", &default),
+            ("wild.test", &default),
+        ] {
+            let out = connect(&server, &client, sni).await;
+            assert_eq!(out.client.unwrap().server_cert, expected.der, "SNI {sni}");
+        }
+    }
+
+    #[tokio::test]
+    async fn names_come_from_the_certificate_when_server_names_is_empty() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test", "*.wc.test"]);
+        let b = pki.server("b", &["b.test"]);
+        let server = server_config(&listener(&[(&a, &[]), (&b, &[])]), &[]).unwrap();
+        // A verifying client: the chosen certificate must really be valid for the name.
+        let verifying = client_config(&upstream(Some(&pki.ca), None), &[]).unwrap();
+        for (sni, expected) in [("a.test", &a), ("x.wc.test", &a), ("b.test", &b)] {
+            let out = connect(&server, &verifying, sni).await;
+            assert_eq!(out.client.unwrap().server_cert, expected.der, "SNI {sni}");
+        }
+        let any = any_cert_client(BOTH, &[], true);
+        let out = connect(&server, &any, "x.b.test").await;
+        assert_eq!(out.client.unwrap().server_cert, a.der);
+    }
+
+    #[test]
+    fn certificate_that_sni_can_never_select_is_an_error() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+        let ip_only = pki.issue("ip-only", params);
+        let err = error_text(server_config(&listener(&[(&a, &[]), (&ip_only, &[])]), &[]));
+        assert!(
+            err.contains("ip-only.crt") && err.contains("no DNS names"),
+            "{err}"
+        );
+        // As the first certificate it is the default, which is fine.
+        assert!(server_config(&listener(&[(&ip_only, &[]), (&a, &[])]), &[]).is_ok());
+    }
+
+    #[test]
+    fn invalid_server_name_is_an_error() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        for bad in ["a.*.test", "*", "foo*.test", "a b.test", ""] {
+            let err = error_text(server_config(&listener(&[(&a, &[bad])]), &[]));
+            assert!(
+                err.contains(&format!("server name `{bad}`")),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn name_lookup_table() {
+        let resolver = SniResolver {
+            certs: Vec::new(),
+            exact: HashMap::from([("a.test".to_owned(), 1), ("x.wc.test".to_owned(), 2)]),
+            wildcard: HashMap::from([("wc.test".to_owned(), 3)]),
+        };
+        assert_eq!(resolver.lookup("a.test"), Some(1));
+        assert_eq!(resolver.lookup("A.TEST."), Some(1));
+        assert_eq!(resolver.lookup("x.wc.test"), Some(2));
+        assert_eq!(resolver.lookup("y.wc.test"), Some(3));
+        assert_eq!(resolver.lookup(".wc.test"), None);
+        assert_eq!(resolver.lookup("wc.test"), None);
+        assert_eq!(resolver.lookup("z.y.wc.test"), None);
+        assert_eq!(resolver.lookup("test"), None);
+    }
+
+    #[tokio::test]
+    async fn min_version_1_3_rejects_tls12_only_client() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let tls12_only = any_cert_client(&[&rustls::version::TLS12], &[], true);
+
+        let mut cfg = listener(&[(&a, &[])]);
+        let out = connect(&server_config(&cfg, &[]).unwrap(), &tls12_only, "a.test").await;
+        let info = out.server.unwrap();
+        assert_eq!(info.version, "TLSv1.2");
+        assert!(
+            info.cipher.starts_with("TLS_ECDHE_ECDSA_WITH_"),
+            "{}",
+            info.cipher
+        );
+        assert!(out.client.is_ok());
+
+        cfg.min_version = TlsVersion::V1_3;
+        let server = server_config(&cfg, &[]).unwrap();
+        let out = connect(&server, &tls12_only, "a.test").await;
+        let err = out.server.unwrap_err();
+        assert!(err.contains("Tls12NotOfferedOrEnabled"), "{err}");
+        assert!(out.client.is_err());
+
+        let out = connect(&server, &any_cert_client(BOTH, &[], true), "a.test").await;
+        let info = out.server.unwrap();
+        assert_eq!(info.version, "TLSv1.3");
+        assert!(
+            [
+                "TLS_AES_128_GCM_SHA256",
+                "TLS_AES_256_GCM_SHA384",
+                "TLS_CHACHA20_POLY1305_SHA256"
+            ]
+            .contains(&info.cipher),
+            "{}",
+            info.cipher
+        );
+    }
+
+    #[tokio::test]
+    async fn required_client_auth_rejects_anonymous_and_foreign_clients() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let client_leaf = pki.client("client", "client.test");
+        let mut cfg = listener(&[(&a, &[])]);
+        cfg.client_auth = Some(ClientAuth {
+            ca: pki.ca.clone(),
+            required: true,
+        });
+        let server = server_config(&cfg, &[]).unwrap();
+
+        let anonymous = client_config(&upstream(Some(&pki.ca), None), &[]).unwrap();
+        let out = connect(&server, &anonymous, "a.test").await;
+        let err = out.server.unwrap_err();
+        assert!(err.contains("no certificates"), "{err}");
+        assert!(out.client.is_err());
+
+        let other_pki = Pki::new();
+        let foreign_leaf = other_pki.client("foreign", "foreign.test");
+        let foreign = client_config(&upstream(Some(&pki.ca), Some(&foreign_leaf)), &[]).unwrap();
+        let out = connect(&server, &foreign, "a.test").await;
+        assert!(out.server.is_err());
+        assert!(out.client.is_err());
+
+        let with_cert = client_config(&upstream(Some(&pki.ca), Some(&client_leaf)), &[]).unwrap();
+        let out = connect(&server, &with_cert, "a.test").await;
+        assert!(!out.client.unwrap().resumed);
+        let info = out.server.unwrap();
+        assert!(info.peer_cert_present);
+        assert_eq!(
+            info.peer_subject.as_deref(),
+            Some("CN=client.test,O=Legate Test")
+        );
+
+        // A resumed session still carries the client's identity.
+        let out = connect(&server, &with_cert, "a.test").await;
+        assert!(out.client.unwrap().resumed);
+        let resumed = out.server.unwrap();
+        assert!(resumed.peer_cert_present);
+        assert_eq!(resumed.peer_subject, info.peer_subject);
+    }
+
+    #[tokio::test]
+    async fn optional_client_auth_accepts_both() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let client_leaf = pki.client("client", "client.test");
+        let mut cfg = listener(&[(&a, &[])]);
+        cfg.client_auth = Some(ClientAuth {
+            ca: pki.ca.clone(),
+            required: false,
+        });
+        let server = server_config(&cfg, &[]).unwrap();
+
+        let anonymous = client_config(&upstream(Some(&pki.ca), None), &[]).unwrap();
+        let out = connect(&server, &anonymous, "a.test").await;
+        assert!(out.client.is_ok());
+        let info = out.server.unwrap();
+        assert!(!info.peer_cert_present);
+        assert_eq!(info.peer_subject, None);
+
+        let with_cert = client_config(&upstream(Some(&pki.ca), Some(&client_leaf)), &[]).unwrap();
+        let out = connect(&server, &with_cert, "a.test").await;
+        let info = out.server.unwrap();
+        assert!(info.peer_cert_present);
+        assert_eq!(
+            info.peer_subject.as_deref(),
+            Some("CN=client.test,O=Legate Test")
+        );
+
+        // A certificate that does not chain to the CA is still refused.
+        let other_pki = Pki::new();
+        let foreign_leaf = other_pki.client("foreign", "foreign.test");
+        let foreign = client_config(&upstream(Some(&pki.ca), Some(&foreign_leaf)), &[]).unwrap();
+        assert!(connect(&server, &foreign, "a.test").await.server.is_err());
+    }
+
+    #[tokio::test]
+    async fn alpn_result_is_in_tls_info() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let server = server_config(&listener(&[(&a, &[])]), H2_H1).unwrap();
+        for (offered, expected) in [
+            (&[b"h2".as_slice()][..], Some(b"h2".to_vec())),
+            (&[b"http/1.1".as_slice()][..], Some(b"http/1.1".to_vec())),
+            // The server's preference decides, not the client's order.
+            (
+                &[b"http/1.1".as_slice(), b"h2".as_slice()][..],
+                Some(b"h2".to_vec()),
+            ),
+            (&[][..], None),
+        ] {
+            let client = client_config(&upstream(Some(&pki.ca), None), offered).unwrap();
+            let out = connect(&server, &client, "a.test").await;
+            assert_eq!(out.server.unwrap().alpn, expected);
+            assert_eq!(out.client.unwrap().alpn, expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn client_config_trusts_only_the_configured_ca() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let server = server_config(&listener(&[(&a, &[])]), &[]).unwrap();
+
+        let trusting = client_config(&upstream(Some(&pki.ca), None), &[]).unwrap();
+        assert!(connect(&server, &trusting, "a.test").await.client.is_ok());
+        // Right CA, wrong name.
+        let err = connect(&server, &trusting, "b.test")
+            .await
+            .client
+            .unwrap_err();
+        assert!(err.contains("not valid for name \"b.test\""), "{err}");
+
+        let other_pki = Pki::new();
+        let wrong_ca = client_config(&upstream(Some(&other_pki.ca), None), &[]).unwrap();
+        let err = connect(&server, &wrong_ca, "a.test")
+            .await
+            .client
+            .unwrap_err();
+        assert!(err.contains("UnknownIssuer"), "{err}");
+
+        // Default trust is the public web PKI, which does not include a private CA.
+        let public_roots = client_config(&upstream(None, None), &[]).unwrap();
+        let err = connect(&server, &public_roots, "a.test")
+            .await
+            .client
+            .unwrap_err();
+        assert!(err.contains("UnknownIssuer"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn sessions_resume() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let server = server_config(&listener(&[(&a, &[])]), &[]).unwrap();
+        for versions in [
+            &[&rustls::version::TLS13][..],
+            &[&rustls::version::TLS12][..],
+        ] {
+            let client = any_cert_client(versions, &[], true);
+            let first = connect(&server, &client, "a.test").await.client.unwrap();
+            assert!(!first.resumed);
+            let second = connect(&server, &client, "a.test").await.client.unwrap();
+            assert!(second.resumed, "{versions:?}");
+        }
+    }
+
+    #[test]
+    fn file_errors_name_the_file_and_the_problem() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let b = pki.server("b", &["b.test"]);
+        let with = |cert: &Path, key: &Path| {
+            let mut cfg = listener(&[(&a, &[])]);
+            cfg.certificates[0].value.cert = cert.to_path_buf();
+            cfg.certificates[0].value.key = key.to_path_buf();
+            error_text(server_config(&cfg, &[]))
+        };
+
+        let missing = pki.dir.0.join("missing.crt");
+        let err = with(&missing, &a.key);
+        assert!(err.starts_with("cannot read certificate file"), "{err}");
+        assert!(err.contains("missing.crt"), "{err}");
+
+        let err = with(&a.cert, &pki.dir.0.join("missing.key"));
+        assert!(err.starts_with("cannot read private key file"), "{err}");
+        assert!(err.contains("missing.key"), "{err}");
+
+        let err = with(&a.cert, &b.key);
+        assert!(
+            err.contains("b.key") && err.contains("does not match") && err.contains("a.crt"),
+            "{err}"
+        );
+
+        let empty = pki.write("empty.pem", "");
+        let err = with(&empty, &a.key);
+        assert!(
+            err.contains("empty.pem") && err.contains("contains no certificate"),
+            "{err}"
+        );
+
+        // A key file holding only a certificate.
+        let err = with(&a.cert, &a.cert);
+        assert!(
+            err.contains("a.crt") && err.contains("contains no private key"),
+            "{err}"
+        );
+
+        let garbage = pki.write(
+            "garbage.pem",
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        );
+        let err = with(&garbage, &a.key);
+        assert!(
+            err.contains("garbage.pem") && err.contains("malformed PEM"),
+            "{err}"
+        );
+
+        let mut cfg = listener(&[(&a, &[])]);
+        cfg.client_auth = Some(ClientAuth {
+            ca: empty.clone(),
+            required: true,
+        });
+        let err = error_text(server_config(&cfg, &[]));
+        assert!(
+            err.starts_with("client CA file") && err.contains("contains no certificate"),
+            "{err}"
+        );
+
+        let err = error_text(client_config(&upstream(Some(&missing), None), &[]));
+        assert!(err.starts_with("cannot read upstream CA file"), "{err}");
+
+        let mut mismatched = upstream(Some(&pki.ca), Some(&a));
+        mismatched.client_key = Some(b.key.clone());
+        let err = error_text(client_config(&mismatched, &[]));
+        assert!(err.contains("does not match"), "{err}");
+    }
+
+    #[test]
+    fn certificate_and_key_may_share_one_file() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let combined = format!(
+            "{}{}",
+            std::fs::read_to_string(&a.key).unwrap(),
+            std::fs::read_to_string(&a.cert).unwrap()
+        );
+        let both = pki.write("both.pem", &combined);
+        let mut cfg = listener(&[(&a, &[])]);
+        cfg.certificates[0].value.cert = both.clone();
+        cfg.certificates[0].value.key = both;
+        assert!(server_config(&cfg, &[]).is_ok());
+    }
+
+    #[test]
+    fn subject_is_rfc4514_with_escaping() {
+        let pki = Pki::new();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CountryName, "NL");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, " Acme, Inc.");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "#a+b;c\\\n");
+        let leaf = pki.issue("odd", params);
+        assert_eq!(
+            subject_rfc4514(&leaf.der).as_deref(),
+            Some("CN=\\#a\\+b\\;c\\\\\\0a,O=\\ Acme\\, Inc.,C=NL")
+        );
+    }
+
+    #[test]
+    fn attribute_value_escaping() {
+        let escape = |s: &str| {
+            let mut out = String::new();
+            escape_attribute_value(&mut out, s);
+            out
+        };
+        assert_eq!(escape("plain"), "plain");
+        assert_eq!(escape(" a b "), "\\ a b\\ ");
+        assert_eq!(escape(" "), "\\ ");
+        assert_eq!(escape("a#b"), "a#b");
+        assert_eq!(escape("\"<x>\""), "\\\"\\<x\\>\\\"");
+        assert_eq!(escape("tab\there\u{0}"), "tab\\09here\\00");
+        assert_eq!(escape("c1\u{85}"), "c1\\c2\\85");
+        assert_eq!(escape("Zoë"), "Zoë");
+    }
+}

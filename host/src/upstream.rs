@@ -1,0 +1,468 @@
+//! The upstream connection pool: one per worker, no locks.
+//!
+//! A [`Pool`] owns every upstream connection its worker opened: idle HTTP/1.1
+//! keep-alive connections per (cluster, endpoint), and one multiplexed HTTP/2
+//! connection per (cluster, endpoint). [`UpstreamSettings`] (built once per cluster
+//! when config is applied) carry the protocol, TLS and timeouts.
+//!
+//! An HTTP/1.1 connection goes back to the idle list only after its response body has
+//! been read to the end, so a reused connection is always between messages. If a
+//! pooled connection turns out closed before the request was written, hyper hands the
+//! request back and it is sent on a new connection: keep-alive races never reach the
+//! client.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::TlsStream;
+
+use crate::body::{self, Body, BoxError};
+use crate::cluster::{ActiveConnection, Cluster};
+use crate::config::{self, UpstreamProtocol};
+use crate::error::{Kind, ProxyError};
+use crate::io::Conn;
+use crate::worker::LocalExec;
+
+static NEXT_SETTINGS_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How to talk to one cluster's endpoints; built when config is applied.
+pub struct UpstreamSettings {
+    /// Distinguishes pools of clusters with the same endpoint but other settings
+    /// (and of the same cluster across config reloads).
+    id: u64,
+    protocol: UpstreamProtocol,
+    tls: Option<UpstreamTls>,
+    connect_timeout: Duration,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+struct UpstreamTls {
+    connector: TlsConnector,
+    /// Configured SNI; `None` = the endpoint's host.
+    sni: Option<ServerName<'static>>,
+}
+
+impl UpstreamSettings {
+    /// Settings for `cluster`, loading its TLS files.
+    pub fn new(cluster: &config::Cluster) -> anyhow::Result<Self> {
+        let tls = match &cluster.tls {
+            None => None,
+            Some(t) => {
+                let alpn: &[&[u8]] = match cluster.protocol {
+                    UpstreamProtocol::Http1 => &[b"http/1.1"],
+                    UpstreamProtocol::H2 => &[b"h2"],
+                    UpstreamProtocol::Auto => &[b"h2", b"http/1.1"],
+                };
+                let cfg = crate::tls::client_config(t, alpn)?;
+                let sni = match &t.sni {
+                    Some(s) => Some(ServerName::try_from(s.clone()).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cluster `{}`: tls.sni `{s}` is not a valid name: {e}",
+                            cluster.name
+                        )
+                    })?),
+                    None => None,
+                };
+                Some(UpstreamTls {
+                    connector: TlsConnector::from(cfg),
+                    sni,
+                })
+            }
+        };
+        Ok(UpstreamSettings {
+            id: NEXT_SETTINGS_ID.fetch_add(1, Ordering::Relaxed),
+            protocol: cluster.protocol,
+            tls,
+            connect_timeout: cluster.connect_timeout.get(),
+            max_idle: cluster.max_idle_per_endpoint as usize,
+            idle_timeout: cluster.idle_timeout.get(),
+        })
+    }
+
+    /// Whether requests to this cluster go over HTTP/2 from the start.
+    pub fn is_h2(&self) -> bool {
+        self.protocol == UpstreamProtocol::H2
+    }
+}
+
+type Key = (u64, SocketAddr);
+
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct PoolInner {
+    idle: RefCell<HashMap<Key, Vec<Idle>>>,
+    h2: RefCell<HashMap<Key, http2::SendRequest<Body>>>,
+}
+
+/// A worker's upstream connections.
+#[derive(Clone, Default)]
+pub struct Pool {
+    inner: Rc<PoolInner>,
+}
+
+/// One established connection, ready for a request.
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+/// Where an attempt goes.
+pub struct Target<'a> {
+    /// Endpoint address.
+    pub addr: SocketAddr,
+    /// Endpoint host as configured (the default TLS SNI).
+    pub host: &'a str,
+    /// The cluster, whose connection counters the pool keeps.
+    pub cluster: &'a Arc<Cluster>,
+    /// The endpoint's index in the cluster (`None` for original-destination).
+    pub endpoint: Option<usize>,
+}
+
+impl Pool {
+    /// A new, empty pool.
+    pub fn new() -> Self {
+        Pool::default()
+    }
+
+    /// Sends `req` to `target`, reusing a pooled connection when one is usable.
+    /// The response body returns the connection to the pool when read to its end.
+    pub async fn send(
+        &self,
+        s: &UpstreamSettings,
+        target: Target<'_>,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let key = (s.id, target.addr);
+        // hyper picks the wire format from the version field; h2 wants absolute URIs
+        // with scheme+authority, h1 an origin-form path (set by the caller).
+        if let Some(sender) = self.checkout(s, key).await {
+            match self.try_send(key, s, sender, req).await {
+                Ok(resp) => return Ok(resp),
+                Err(SendError::NotSent(back)) => req = back,
+                Err(SendError::Failed(e)) => return Err(e),
+            }
+        }
+        let sender = self.connect(s, key, &target).await?;
+        match self.try_send(key, s, sender, req).await {
+            Ok(resp) => Ok(resp),
+            Err(SendError::NotSent(_)) => Err(ProxyError::new(
+                Kind::UpstreamReset,
+                format!(
+                    "new connection to {} closed before the request was sent",
+                    target.addr
+                ),
+            )),
+            Err(SendError::Failed(e)) => Err(e),
+        }
+    }
+
+    async fn checkout(&self, s: &UpstreamSettings, key: Key) -> Option<Sender> {
+        if s.protocol != UpstreamProtocol::Http1 {
+            let mut h2 = self.inner.h2.borrow_mut();
+            match h2.get(&key) {
+                Some(c) if !c.is_closed() => return Some(Sender::H2(c.clone())),
+                Some(_) => {
+                    h2.remove(&key);
+                }
+                None => {}
+            }
+            if s.protocol == UpstreamProtocol::H2 {
+                return None;
+            }
+        }
+        loop {
+            let candidate = {
+                let mut idle = self.inner.idle.borrow_mut();
+                let list = idle.get_mut(&key)?;
+                let c = list.pop();
+                if list.is_empty() {
+                    idle.remove(&key);
+                }
+                c?
+            };
+            if candidate.since.elapsed() >= s.idle_timeout || candidate.sender.is_closed() {
+                continue;
+            }
+            let mut sender = candidate.sender;
+            // Returned connections are between messages; ready() only waits for the
+            // connection task to notice, and fails if the upstream has closed it.
+            if sender.ready().await.is_ok() {
+                return Some(Sender::H1(sender));
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        s: &UpstreamSettings,
+        key: Key,
+        target: &Target<'_>,
+    ) -> Result<Sender, ProxyError> {
+        let (io, h2, guard) = open_counted(s, target).await?;
+        let io = TokioIo::new(io);
+        let handshake_err = |e: hyper::Error| {
+            ProxyError::new(
+                Kind::ConnectFailed,
+                format!("handshake with {}: {e}", target.addr),
+            )
+        };
+        if h2 {
+            let (sender, conn) = http2::Builder::new(LocalExec)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .handshake(io)
+                .await
+                .map_err(handshake_err)?;
+            tokio::task::spawn_local(async move {
+                let _counted = guard;
+                if let Err(e) = conn.await {
+                    tracing::debug!("upstream h2 connection ended: {e}");
+                }
+            });
+            self.inner.h2.borrow_mut().insert(key, sender.clone());
+            Ok(Sender::H2(sender))
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(handshake_err)?;
+            tokio::task::spawn_local(async move {
+                let _counted = guard;
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!("upstream h1 connection ended: {e}");
+                }
+            });
+            Ok(Sender::H1(sender))
+        }
+    }
+
+    async fn try_send(
+        &self,
+        key: Key,
+        s: &UpstreamSettings,
+        sender: Sender,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, SendError> {
+        match sender {
+            Sender::H2(mut sr) => {
+                *req.version_mut() = Version::HTTP_2;
+                match sr.try_send_request(req).await {
+                    Ok(resp) => Ok(resp.map(body::boxed)),
+                    Err(mut e) => match e.take_message() {
+                        Some(back) => {
+                            self.inner.h2.borrow_mut().remove(&key);
+                            Err(SendError::NotSent(back))
+                        }
+                        None => Err(SendError::Failed(map_hyper_error(e.error()))),
+                    },
+                }
+            }
+            Sender::H1(mut sr) => {
+                *req.version_mut() = Version::HTTP_11;
+                match sr.try_send_request(req).await {
+                    Ok(resp) => {
+                        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                            // The connection now belongs to the upgraded stream.
+                            return Ok(resp.map(body::boxed));
+                        }
+                        let ret = Return {
+                            pool: Rc::downgrade(&self.inner),
+                            key,
+                            sender: sr,
+                            max_idle: s.max_idle,
+                        };
+                        Ok(resp.map(|b| {
+                            let end = b.is_end_stream();
+                            let mut pb = PooledBody {
+                                inner: b,
+                                ret: Some(ret),
+                            };
+                            if end {
+                                pb.give_back();
+                            }
+                            body::boxed(pb)
+                        }))
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(back) => Err(SendError::NotSent(back)),
+                        None => Err(SendError::Failed(map_hyper_error(e.error()))),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Drops idle connections older than their cluster's idle timeout and closed
+    /// HTTP/2 connections. Called periodically by the worker.
+    pub fn sweep(&self, max_age: Duration) {
+        self.inner.idle.borrow_mut().retain(|_, list| {
+            list.retain(|c| c.since.elapsed() < max_age && !c.sender.is_closed());
+            !list.is_empty()
+        });
+        self.inner.h2.borrow_mut().retain(|_, c| !c.is_closed());
+    }
+
+    /// Number of idle HTTP/1.1 connections (for tests and stats).
+    pub fn idle_count(&self) -> usize {
+        self.inner.idle.borrow().values().map(Vec::len).sum()
+    }
+}
+
+enum SendError {
+    /// The request was not written; it can go on another connection.
+    NotSent(Request<Body>),
+    Failed(ProxyError),
+}
+
+fn map_hyper_error(e: &hyper::Error) -> ProxyError {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(cur) = src {
+        if cur.is::<crate::body::BodyTooLarge>() {
+            return ProxyError::new(Kind::BodyTooLarge, e.to_string());
+        }
+        src = cur.source();
+    }
+    if e.is_parse() {
+        ProxyError::new(Kind::UpstreamProtocol, e.to_string())
+    } else if e.is_user() || e.is_body_write_aborted() {
+        // Our side of the exchange failed: the request body (the client) went away.
+        ProxyError::new(Kind::DownstreamReset, e.to_string())
+    } else {
+        ProxyError::new(Kind::UpstreamReset, e.to_string())
+    }
+}
+
+/// A connection on its way back to the pool.
+struct Return {
+    pool: Weak<PoolInner>,
+    key: Key,
+    sender: http1::SendRequest<Body>,
+    max_idle: usize,
+}
+
+/// A response body that returns its HTTP/1.1 connection to the pool at its end.
+struct PooledBody {
+    inner: Incoming,
+    ret: Option<Return>,
+}
+
+impl PooledBody {
+    fn give_back(&mut self) {
+        let Some(r) = self.ret.take() else { return };
+        let Some(pool) = r.pool.upgrade() else { return };
+        if r.sender.is_closed() {
+            return;
+        }
+        let mut idle = pool.idle.borrow_mut();
+        let list = idle.entry(r.key).or_default();
+        if list.len() < r.max_idle {
+            list.push(Idle {
+                sender: r.sender,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let res = Pin::new(&mut this.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(None) => this.give_back(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.give_back(),
+            // An errored connection is dropped with the sender.
+            Poll::Ready(Some(Err(_))) => this.ret = None,
+            _ => {}
+        }
+        res.map(|o| o.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Opens a byte stream (TCP, and TLS if the cluster says so) to `target` within the
+/// cluster's connect timeout, for the TCP proxy.
+pub async fn open_stream(s: &UpstreamSettings, target: &Target<'_>) -> Result<Conn, ProxyError> {
+    match tokio::time::timeout(s.connect_timeout, open(s, target)).await {
+        Ok(r) => r.map(|(c, _)| c),
+        Err(_) => Err(ProxyError::new(
+            Kind::ConnectFailed,
+            format!(
+                "connect to {} timed out after {:?}",
+                target.addr, s.connect_timeout
+            ),
+        )),
+    }
+}
+
+/// Opens TCP (and TLS) to the target; returns the stream and whether to speak h2.
+async fn open(s: &UpstreamSettings, target: &Target<'_>) -> Result<(Conn, bool), ProxyError> {
+    let tcp = TcpStream::connect(target.addr).await.map_err(|e| {
+        ProxyError::new(
+            Kind::ConnectFailed,
+            format!("connect to {}: {e}", target.addr),
+        )
+    })?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = &s.tls else {
+        return Ok((Conn::Plain(tcp), s.protocol == UpstreamProtocol::H2));
+    };
+    let name = match &tls.sni {
+        Some(n) => n.clone(),
+        None => ServerName::try_from(target.host.to_string()).map_err(|e| {
+            ProxyError::new(
+                Kind::ConnectFailed,
+                format!(
+                    "endpoint host `{}` is not a valid TLS name: {e}",
+                    target.host
+                ),
+            )
+        })?,
+    };
+    let stream = tls.connector.connect(name, tcp).await.map_err(|e| {
+        ProxyError::new(
+            Kind::ConnectFailed,
+            format!("TLS handshake with {}: {e}", target.addr),
+        )
+    })?;
+    let h2 = match s.protocol {
+        UpstreamProtocol::H2 => true,
+        UpstreamProtocol::Http1 => false,
+        UpstreamProtocol::Auto => stream.get_ref().1.alpn_protocol() == Some(b"h2"),
+    };
+    Ok((Conn::Tls(Box::new(TlsStream::Client(stream))), h2))
+}

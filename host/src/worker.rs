@@ -1,0 +1,116 @@
+//! Workers: Envoy's threading model. Each worker is one OS thread running a
+//! single-threaded tokio runtime; it accepts connections from the shared listening
+//! sockets and owns them, their requests and its upstream pool for their whole life.
+//! Nothing on the request path is shared across workers except read-only config
+//! snapshots and atomic counters, so later each worker owns its Wasm instances too.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cluster::{Balancer, Cluster};
+use crate::server::Shared;
+use crate::stats::{Counter, Histogram};
+use crate::upstream::Pool;
+
+/// A hyper executor that spawns on the current worker (`spawn_local`), so request
+/// futures and bodies need not be `Send`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+/// Per-route stats handles, cached per worker so the registry's lock is taken once
+/// per route per worker, never per request.
+#[derive(Clone)]
+pub struct RouteStats {
+    /// Requests by status class: 1xx..5xx.
+    pub by_class: [Counter; 5],
+    /// Whole-request latency.
+    pub latency: Histogram,
+}
+
+/// What a worker owns.
+pub struct Worker {
+    /// Worker index, for logs.
+    pub id: usize,
+    /// Process-wide state.
+    pub shared: Arc<Shared>,
+    /// Upstream connections of this worker.
+    pub pool: Pool,
+    /// Per-cluster balancer state, keyed by the cluster's address (a reload makes
+    /// new clusters, so stale entries are never reused; they are pruned on reload).
+    balancers: RefCell<HashMap<usize, (Arc<Cluster>, Rc<Balancer>)>>,
+    route_stats: RefCell<HashMap<Arc<str>, RouteStats>>,
+}
+
+impl Worker {
+    /// A worker's state.
+    pub fn new(id: usize, shared: Arc<Shared>) -> Rc<Self> {
+        Rc::new(Worker {
+            id,
+            shared,
+            pool: Pool::new(),
+            balancers: RefCell::default(),
+            route_stats: RefCell::default(),
+        })
+    }
+
+    /// This worker's balancer for `cluster`.
+    pub fn balancer(&self, cluster: &Arc<Cluster>) -> Rc<Balancer> {
+        let key = Arc::as_ptr(cluster) as usize;
+        let mut map = self.balancers.borrow_mut();
+        if let Some((_, b)) = map.get(&key) {
+            return b.clone();
+        }
+        // Drop balancers of clusters no longer in any config (the map holds the
+        // only other reference).
+        map.retain(|_, (c, _)| Arc::strong_count(c) > 1);
+        let b = Rc::new(cluster.balancer());
+        map.insert(key, (cluster.clone(), b.clone()));
+        b
+    }
+
+    /// This worker's stats handles for `route`.
+    pub fn route_stats(&self, route: &Arc<str>) -> RouteStats {
+        if let Some(s) = self.route_stats.borrow().get(route) {
+            return s.clone();
+        }
+        let stats = &self.shared.stats;
+        let labels = |class| [("route", &**route), ("class", class)];
+        let help = "Downstream requests per route, by response status class.";
+        let s = RouteStats {
+            by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|c| stats.counter("legate_route_requests_total", help, &labels(c))),
+            latency: stats.histogram(
+                "legate_route_request_duration_seconds",
+                "Time from request headers to the end of the response, per route.",
+                &[("route", route)],
+            ),
+        };
+        self.route_stats
+            .borrow_mut()
+            .insert(route.clone(), s.clone());
+        s
+    }
+
+    /// Periodic housekeeping: idle upstream connections past their timeout.
+    pub async fn housekeeping(self: Rc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let max_age = self.shared.snapshot.load().max_pool_idle;
+            self.pool.sweep(max_age);
+        }
+    }
+}
