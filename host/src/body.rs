@@ -11,26 +11,41 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty, Full};
 
 /// The error type of boxed bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A request or response body anywhere in the proxy.
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+/// A request or response body anywhere in the proxy: a boxed body that need not be
+/// `Send` (http-body-util's boxes all require `Send`).
+pub struct Body(Pin<Box<dyn HttpBody<Data = Bytes, Error = BoxError>>>);
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0.as_mut().poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
+    }
+}
 
 /// A body with these bytes.
 pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    boxed(Full::new(b.into()))
 }
 
 /// An empty body.
 pub fn empty() -> Body {
-    Empty::<Bytes>::new()
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    boxed(Empty::<Bytes>::new())
 }
 
 /// Boxes any body whose error converts to [`BoxError`].
@@ -39,7 +54,7 @@ where
     B: HttpBody<Data = Bytes> + 'static,
     B::Error: Into<BoxError>,
 {
-    b.map_err(Into::into).boxed_unsync()
+    Body(Box::pin(b.map_err(Into::into)))
 }
 
 /// The error a [`Limited`] body fails with once its limit is passed.

@@ -150,9 +150,9 @@ impl ProxyError {
     /// The response sent to the client: the status for the kind and a one-line body
     /// naming the cause (no internal detail beyond it: addresses and messages stay in
     /// the logs).
-    pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
+    pub fn to_response(&self) -> Response<Bytes> {
         let body = Bytes::from(format!("{}\n", self.cause()));
-        let mut resp = Response::new(B::from(body.clone()));
+        let mut resp = Response::new(body.clone());
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(

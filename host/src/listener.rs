@@ -120,7 +120,6 @@ impl ListenerCtx {
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
-        socket.set_nodelay(true)?;
         socket
             .bind(&addr.into())
             .with_context(|| format!("cannot bind {addr} (is another process using it?)"))?;

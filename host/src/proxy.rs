@@ -72,7 +72,7 @@ pub async fn handle(
                 tracing::debug!(listener = %conn.listener.name, "request failed: {e}");
             }
             out.cause = Some(e.cause());
-            e.to_response()
+            e.to_response().map(body::full)
         }
     };
     let route_stats = out.route.as_ref().map(|r| conn.worker.route_stats(r));

@@ -415,17 +415,36 @@ impl HttpBody for PooledBody {
 }
 
 /// Opens a byte stream (TCP, and TLS if the cluster says so) to `target` within the
-/// cluster's connect timeout, for the TCP proxy.
-pub async fn open_stream(s: &UpstreamSettings, target: &Target<'_>) -> Result<Conn, ProxyError> {
+/// cluster's connect timeout, for the TCP proxy. The guard counts the connection as
+/// open in the cluster's stats until dropped.
+pub async fn open_stream(
+    s: &UpstreamSettings,
+    target: &Target<'_>,
+) -> Result<(Conn, ActiveConnection), ProxyError> {
+    open_counted(s, target).await.map(|(c, _, g)| (c, g))
+}
+
+/// [`open`] under the connect timeout, with the cluster's connection counters.
+async fn open_counted(
+    s: &UpstreamSettings,
+    target: &Target<'_>,
+) -> Result<(Conn, bool, ActiveConnection), ProxyError> {
     match tokio::time::timeout(s.connect_timeout, open(s, target)).await {
-        Ok(r) => r.map(|(c, _)| c),
-        Err(_) => Err(ProxyError::new(
-            Kind::ConnectFailed,
-            format!(
-                "connect to {} timed out after {:?}",
-                target.addr, s.connect_timeout
-            ),
-        )),
+        Ok(Ok((c, h2))) => Ok((c, h2, target.cluster.start_connection(target.endpoint))),
+        Ok(Err(e)) => {
+            target.cluster.record_connect_failure(target.endpoint);
+            Err(e)
+        }
+        Err(_) => {
+            target.cluster.record_connect_failure(target.endpoint);
+            Err(ProxyError::new(
+                Kind::ConnectFailed,
+                format!(
+                    "connect to {} timed out after {:?}",
+                    target.addr, s.connect_timeout
+                ),
+            ))
+        }
     }
 }
 
