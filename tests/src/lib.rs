@@ -21,11 +21,11 @@
 //!
 //! each_proto!(async fn get_is_proxied(proto) {
 //!     let up = upstream().name("a").start().await;
-//!     let lg = legate().config(&simple_config(up.addr)).start();
+//!     let lg = legate().config(&simple_config(&[up.addr])).start();
 //!     let mut c = client(proto, lg.addr("web")).await;
 //!     let r = c.get("/hello").send().await;
 //!     assert_eq!(r.status, 200);
-//!     lg.assert_stat(r#"legate_http_requests_total{listener="web",class="2xx"}"#, 1.0).await;
+//!     lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="2xx"}"#, 1.0).await;
 //! });
 //! ```
 //!
@@ -106,15 +106,15 @@ where
 }
 
 /// A minimal config: one HTTP listener `web` on an ephemeral port whose every request
-/// goes to cluster `backend` with the given endpoints. Extra YAML for the route (at
-/// route indentation, e.g. `"        timeout: 1s\n"`) can be appended with
-/// [`simple_config_with`].
+/// (virtual host `all`, route `all/0`) goes to cluster `backend` with the given
+/// endpoints. [`simple_config_with`] adds keys to the route and the cluster.
 pub fn simple_config(endpoints: &[std::net::SocketAddr]) -> String {
     simple_config_with(endpoints, "", "")
 }
 
-/// [`simple_config`] with extra route keys (each line indented by 8 spaces) and extra
-/// cluster keys (each line indented by 4 spaces).
+/// [`simple_config`] with extra route keys (each line indented by 12 spaces, e.g.
+/// `"            timeout: 1s\n"`) and extra cluster keys (each line indented by 4
+/// spaces, e.g. `"    lb_policy: random\n"`).
 pub fn simple_config_with(
     endpoints: &[std::net::SocketAddr],
     route_extra: &str,

@@ -1,0 +1,516 @@
+//! Basic proxying: requests and responses pass through intact (method, path, query,
+//! headers, bodies, trailers), across protocol combinations, with the standard proxy
+//! headers (`x-forwarded-*`, `x-request-id`, `via`, hop-by-hop removal) and the
+//! configured header operations.
+
+use legate_tests::*;
+
+const LISTENER_2XX: &str = r#"legate_listener_requests_total{listener="web",class="2xx"}"#;
+const ROUTE_2XX: &str = r#"legate_route_requests_total{route="all/0",class="2xx"}"#;
+const CLUSTER_RQ: &str = r#"legate_cluster_upstream_rq_total{cluster="backend"}"#;
+const CLUSTER_2XX: &str = r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#;
+
+each_proto!(
+    async fn request_and_response_pass_through(proto) {
+        let up = upstream()
+            .name("a")
+            .route("/teapot", |_req| async {
+                let mut r = Response::new(Full::new(Bytes::from("short and stout")));
+                *r.status_mut() = StatusCode::IM_A_TEAPOT;
+                r.headers_mut().insert("x-custom", HeaderValue::from_static("resp"));
+                r.headers_mut().append("set-cookie", HeaderValue::from_static("a=1"));
+                r.headers_mut().append("set-cookie", HeaderValue::from_static("b=2"));
+                r
+            })
+            .start()
+            .await;
+        let lg = legate().config(&simple_config(&[up.addr])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c
+            .post("/a/b%20c/d?x=1&y=two&x=3")
+            .host("app.example")
+            .header("x-single", "one")
+            .header("x-multi", "1")
+            .header("x-multi", "2")
+            .header("content-type", "text/plain")
+            .body("request body ✓")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.version, proto.version());
+        assert_eq!(r.header("x-upstream"), Some("a"));
+        let e = r.echo();
+        assert_eq!(e.method, "POST");
+        assert_eq!(e.path, "/a/b%20c/d?x=1&y=two&x=3");
+        assert_eq!(e.body, "request body ✓");
+        assert_eq!(e.header("host"), Some("app.example"));
+        assert_eq!(e.header("x-single"), Some("one"));
+        assert_eq!(e.header_all("x-multi"), vec!["1", "2"]);
+        assert_eq!(e.header("content-type"), Some("text/plain"));
+        assert_eq!(
+            e.header("content-length"),
+            Some("request body ✓".len().to_string().as_str())
+        );
+
+        for m in ["GET", "PUT", "DELETE", "PATCH", "OPTIONS"] {
+            let r = c
+                .request(Method::from_bytes(m.as_bytes()).unwrap(), "/m")
+                .send()
+                .await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.echo().method, m);
+        }
+        let r = c.request(Method::HEAD, "/head").send().await;
+        assert_eq!(r.status, 200);
+        assert!(r.body.is_empty(), "HEAD response has a body: {:?}", r.body);
+
+        let r = c.get("/teapot").send().await;
+        assert_eq!(r.status, 418);
+        assert_eq!(r.text(), "short and stout");
+        assert_eq!(r.header("x-custom"), Some("resp"));
+        assert_eq!(r.header_all("set-cookie"), vec!["a=1", "b=2"]);
+
+        // 1 POST + 5 methods + HEAD = 7 2xx, 1 4xx, all through one upstream.
+        lg.assert_stat(LISTENER_2XX, 7.0).await;
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="4xx"}"#, 1.0)
+            .await;
+        lg.assert_stat(ROUTE_2XX, 7.0).await;
+        lg.assert_stat(CLUSTER_RQ, 8.0).await;
+        lg.assert_stat(CLUSTER_2XX, 7.0).await;
+        lg.assert_stat(r#"legate_cluster_upstream_rq_4xx{cluster="backend"}"#, 1.0)
+            .await;
+        lg.assert_stat(
+            &format!(r#"legate_endpoint_rq_total{{cluster="backend",endpoint="{}"}}"#, up.addr),
+            8.0,
+        )
+        .await;
+        assert_eq!(up.requests.get(), 8);
+        lg.assert_stat(r#"legate_listener_connections_total{listener="web"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    async fn upstream_connections_are_reused(proto) {
+        let up = upstream().start().await;
+        let lg = legate().config(&simple_config(&[up.addr])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..20 {
+            assert_eq!(c.get("/").send().await.status, 200);
+        }
+        assert_eq!(up.requests.get(), 20);
+        assert_eq!(up.connections.get(), 1, "HTTP/1.1 keep-alive pool not reused");
+        lg.assert_stat(r#"legate_cluster_upstream_cx_total{cluster="backend"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    async fn large_bodies_stream_both_ways(proto) {
+        let n = 10 << 20;
+        let up = upstream()
+            .route("/sink", sink)
+            .route("/source", source(n))
+            .start()
+            .await;
+        let lg = legate().config(&simple_config(&[up.addr])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let data = Bytes::from(pattern_bytes(n));
+
+        // Streamed upload without a length (chunked under HTTP/1.1).
+        let r = c.post("/sink").streamed_body(data.clone(), 64 * 1024).send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v["len"], n);
+        assert_eq!(v["checksum"], checksum(&data));
+
+        // Upload with a content-length.
+        let r = c.post("/sink").body(data.clone()).send().await;
+        let v = r.json();
+        assert_eq!(v["len"], n);
+        assert_eq!(v["checksum"], checksum(&data));
+
+        // Streamed download.
+        let r = c.get("/source").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), n);
+        assert_eq!(checksum(&r.body), checksum(&data));
+        lg.assert_stat(LISTENER_2XX, 3.0).await;
+    }
+);
+
+each_proto!(
+    async fn h2_upstream(proto) {
+        let up = upstream().h2().start().await;
+        let lg = legate()
+            .config(&simple_config_with(&[up.addr], "", "    protocol: h2\n"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/x?y=1").host("h2.example").body("to h2").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.version, "HTTP/2.0");
+        assert_eq!(e.path, "/x?y=1");
+        assert_eq!(e.body, "to h2");
+        assert_eq!(e.header("host"), Some("h2.example"));
+        // Concurrent requests share the one upstream HTTP/2 connection.
+        for _ in 0..5 {
+            assert_eq!(c.get("/").send().await.status, 200);
+        }
+        assert_eq!(up.connections.get(), 1);
+        lg.assert_stat(CLUSTER_2XX, 6.0).await;
+    }
+);
+
+each_proto!(
+    async fn h1_upstream(proto) {
+        let up = upstream().http1().start().await;
+        let lg = legate().config(&simple_config(&[up.addr])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/x").host("h1.example").body("to h1").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.version, "HTTP/1.1");
+        assert_eq!(e.body, "to h1");
+        assert_eq!(e.header("host"), Some("h1.example"));
+        lg.assert_stat(CLUSTER_2XX, 1.0).await;
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_through_h2_with_trailers() {
+    let up = upstream().grpc().start().await;
+    let lg = legate()
+        .config(&simple_config_with(&[up.addr], "", "    protocol: h2\n"))
+        .start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    let msg = grpc_frame(b"\x0a\x05hello");
+    let mut req_trailers = HeaderMap::new();
+    req_trailers.insert("x-client-trailer", HeaderValue::from_static("ct"));
+    let r = c
+        .post("/echo.Echo/Say")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body_with_trailers(msg.clone(), req_trailers)
+        .send()
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/grpc"));
+    assert_eq!(r.body, msg);
+    let t = r.trailers.as_ref().expect("response trailers were dropped");
+    assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    assert_eq!(
+        t.get("grpc-message").map(|v| v.as_bytes()),
+        Some(&b"OK"[..])
+    );
+    assert_eq!(
+        t.get("x-echo-trailer").map(|v| v.as_bytes()),
+        Some(&b"yes"[..])
+    );
+    lg.assert_stat(LISTENER_2XX, 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_and_te_reach_an_h2_upstream() {
+    let up = upstream().h2().start().await;
+    let lg = legate()
+        .config(&simple_config_with(&[up.addr], "", "    protocol: h2\n"))
+        .start();
+    for proto in [Proto::H1, Proto::H2] {
+        let mut c = client(proto, lg.addr("web")).await;
+        let mut t = HeaderMap::new();
+        t.insert("x-checksum", HeaderValue::from_static("abc"));
+        let r = c
+            .post("/")
+            .header("te", "trailers")
+            .body_with_trailers("payload", t)
+            .send()
+            .await;
+        let e = r.echo();
+        assert_eq!(e.body, "payload", "{proto:?}");
+        assert_eq!(e.header("te"), Some("trailers"), "{proto:?}");
+        assert_eq!(
+            e.trailers.get("x-checksum"),
+            Some(&vec!["abc".to_string()]),
+            "{proto:?}: request trailers were dropped"
+        );
+    }
+}
+
+fn forwarding_config(up: std::net::SocketAddr, http_extra: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+{http_extra}routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match:
+              prefix: /
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+"
+    )
+}
+
+each_proto!(
+    async fn forwarded_headers_untrusted(proto) {
+        let up = upstream().start().await;
+        let lg = legate().config(&forwarding_config(up.addr, "")).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .get("/")
+            .host("shop.example:8080")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "evil.example")
+            .header("x-request-id", "client-chosen-id")
+            .send()
+            .await;
+        let e = r.echo();
+        assert_eq!(e.header_all("x-forwarded-for"), vec!["127.0.0.1"]);
+        assert_eq!(e.header_all("x-forwarded-proto"), vec!["http"]);
+        assert_eq!(e.header_all("x-forwarded-host"), vec!["shop.example:8080"]);
+        let id = e.header("x-request-id").expect("x-request-id generated");
+        assert_ne!(id, "client-chosen-id", "untrusted x-request-id kept");
+        assert_eq!(id.len(), 36, "not a UUID: {id}");
+
+        // Generated ids differ per request.
+        let id2 = c.get("/").send().await.echo();
+        let id2 = id2.header("x-request-id").expect("x-request-id generated");
+        assert_ne!(id, id2);
+    }
+);
+
+each_proto!(
+    async fn forwarded_headers_trusted(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&forwarding_config(up.addr, "      trust_downstream: true\n"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .get("/")
+            .host("shop.example")
+            .header("x-forwarded-for", "10.1.1.1")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "front.example")
+            .header("x-request-id", "trusted-id-123")
+            .send()
+            .await;
+        let e = r.echo();
+        assert_eq!(e.header_all("x-forwarded-for"), vec!["10.1.1.1, 127.0.0.1"]);
+        assert_eq!(e.header_all("x-forwarded-proto"), vec!["https"]);
+        assert_eq!(e.header_all("x-forwarded-host"), vec!["front.example"]);
+        assert_eq!(e.header_all("x-request-id"), vec!["trusted-id-123"]);
+
+        // Trusted but absent: generated.
+        let e = c.get("/").send().await.echo();
+        assert_eq!(e.header("x-request-id").map(str::len), Some(36));
+        assert_eq!(e.header_all("x-forwarded-for"), vec!["127.0.0.1"]);
+    }
+);
+
+each_proto!(
+    async fn request_id_generation_off(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&forwarding_config(up.addr, "      generate_request_id: false\n"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let e = c.get("/").send().await.echo();
+        assert_eq!(e.header("x-request-id"), None);
+        // Untrusted incoming id is removed, not forwarded.
+        let e = c.get("/").header("x-request-id", "forged").send().await.echo();
+        assert_eq!(e.header("x-request-id"), None);
+    }
+);
+
+each_proto!(
+    async fn via_on_requests_and_responses(proto) {
+        let up = upstream().response_header("via", "1.1 origin").start().await;
+        let lg = legate()
+            .config(&forwarding_config(up.addr, "      via: legate-test\n"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").header("via", "1.1 client-proxy").send().await;
+        let expected_req = match proto {
+            Proto::H1 => "1.1 client-proxy, 1.1 legate-test",
+            Proto::H2 => "1.1 client-proxy, 2 legate-test",
+        };
+        assert_eq!(r.echo().header_all("via"), vec![expected_req]);
+        let via = r.header_all("via").join(", ");
+        assert!(
+            via.starts_with("1.1 origin") && via.ends_with("legate-test"),
+            "response via: {via}"
+        );
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_request_headers_are_removed() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let r = c
+        .get("/")
+        .header("connection", "keep-alive, x-private")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("te", "gzip, trailers")
+        .header("x-kept", "yes")
+        .send()
+        .await;
+    let e = r.echo();
+    for h in [
+        "x-private",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "upgrade",
+        "transfer-encoding",
+    ] {
+        assert_eq!(
+            e.header(h),
+            None,
+            "hop-by-hop `{h}` forwarded: {:?}",
+            e.headers
+        );
+    }
+    assert!(
+        e.header("connection")
+            .is_none_or(|v| !v.contains("x-private")),
+        "{:?}",
+        e.headers
+    );
+    assert_eq!(e.header("te"), Some("trailers"));
+    assert_eq!(e.header("x-kept"), Some("yes"));
+}
+
+each_proto!(
+    async fn hop_by_hop_response_headers_are_removed(proto) {
+        let up = upstream()
+            .http1()
+            .route("/", |_req| async {
+                let mut r = Response::new(Full::new(Bytes::from("ok")));
+                let h = r.headers_mut();
+                h.insert("connection", HeaderValue::from_static("x-upstream-private"));
+                h.insert("x-upstream-private", HeaderValue::from_static("secret"));
+                h.insert("keep-alive", HeaderValue::from_static("timeout=30"));
+                h.insert("proxy-authenticate", HeaderValue::from_static("Basic"));
+                h.insert("x-kept", HeaderValue::from_static("yes"));
+                r
+            })
+            .start()
+            .await;
+        let lg = legate().config(&simple_config(&[up.addr])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-upstream-private"), None, "{:?}", r.headers);
+        assert_eq!(r.header("keep-alive"), None, "{:?}", r.headers);
+        assert_eq!(r.header("x-kept"), Some("yes"));
+        assert_eq!(r.text(), "ok");
+    }
+);
+
+const HEADER_OPS: &str = "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        request_headers:
+          add:
+            x-vhost-add: vhost
+          set:
+            x-both: vhost
+          remove: [x-vhost-remove]
+        response_headers:
+          add:
+            x-resp-vhost: vhost
+          set:
+            x-resp-both: vhost
+          remove: [x-resp-vhost-remove]
+        routes:
+          - match:
+              prefix: /
+            cluster: backend
+            request_headers:
+              add:
+                x-add: route
+              set:
+                x-set: route
+                x-both: route
+              remove: [x-remove]
+            response_headers:
+              add:
+                x-resp-add: route
+              set:
+                x-resp-set: route
+                x-resp-both: route
+              remove: [x-resp-remove]
+clusters:
+  - name: backend
+    endpoints:
+      - address: UPSTREAM
+";
+
+each_proto!(
+    async fn header_operations_at_route_and_vhost_level(proto) {
+        let up = upstream()
+            .response_header("x-resp-add", "upstream")
+            .response_header("x-resp-set", "upstream")
+            .response_header("x-resp-remove", "upstream")
+            .response_header("x-resp-vhost-remove", "upstream")
+            .response_header("x-resp-both", "upstream")
+            .start()
+            .await;
+        let lg = legate()
+            .config(&HEADER_OPS.replace("UPSTREAM", &up.addr.to_string()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .get("/")
+            .header("x-add", "client")
+            .header("x-set", "client")
+            .header("x-remove", "client")
+            .header("x-vhost-remove", "client")
+            .header("x-both", "client")
+            .send()
+            .await;
+        assert_eq!(r.status, 200);
+        let e = r.echo();
+        assert_eq!(e.header_all("x-add"), vec!["client", "route"]);
+        assert_eq!(e.header_all("x-set"), vec!["route"]);
+        assert_eq!(e.header_all("x-remove"), Vec::<&str>::new());
+        assert_eq!(e.header_all("x-vhost-remove"), Vec::<&str>::new());
+        assert_eq!(e.header_all("x-vhost-add"), vec!["vhost"]);
+        // Route ops run first, then the virtual host's: its `set` wins.
+        assert_eq!(e.header_all("x-both"), vec!["vhost"]);
+
+        assert_eq!(r.header_all("x-resp-add"), vec!["upstream", "route"]);
+        assert_eq!(r.header_all("x-resp-set"), vec!["route"]);
+        assert_eq!(r.header_all("x-resp-remove"), Vec::<&str>::new());
+        assert_eq!(r.header_all("x-resp-vhost-remove"), Vec::<&str>::new());
+        assert_eq!(r.header_all("x-resp-vhost"), vec!["vhost"]);
+        assert_eq!(r.header_all("x-resp-both"), vec!["vhost"]);
+    }
+);
