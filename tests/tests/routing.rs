@@ -1,0 +1,409 @@
+//! Routing: virtual host selection by host, route matching on path, method, headers
+//! and query, weighted clusters, redirects, direct responses and rewrites.
+
+use legate_tests::*;
+
+const VHOSTS: &str = "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: exact
+        domains: [api.example.com, other.example.com:8443]
+        routes:
+          - direct_response: { status: 200, body: exact }
+      - name: suffix
+        domains: [\"*.example.com\"]
+        routes:
+          - direct_response: { status: 200, body: suffix }
+      - name: longer-suffix
+        domains: [\"*.eu.example.com\"]
+        routes:
+          - direct_response: { status: 200, body: longer-suffix }
+      - name: prefix
+        domains: [\"api.*\"]
+        routes:
+          - direct_response: { status: 200, body: prefix }
+DEFAULT";
+
+fn vhost_config(with_default: bool) -> String {
+    let default = if with_default {
+        "      - name: default
+        domains: [\"*\"]
+        routes:
+          - direct_response: { status: 200, body: default }
+"
+    } else {
+        ""
+    };
+    VHOSTS.replace("DEFAULT", default)
+}
+
+each_proto!(
+    async fn virtual_host_selection(proto) {
+        let lg = legate().config(&vhost_config(true)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for (host, expected) in [
+            ("api.example.com", "exact"),
+            ("API.Example.COM", "exact"),
+            ("api.example.com:8080", "exact"),
+            ("other.example.com:8443", "exact"),
+            ("other.example.com:9000", "suffix"),
+            ("www.example.com", "suffix"),
+            ("a.b.example.com", "suffix"),
+            ("x.eu.example.com", "longer-suffix"),
+            ("api.example.org", "prefix"),
+            ("api.internal:9000", "prefix"),
+            ("example.com", "default"),
+            ("unknown.test", "default"),
+        ] {
+            let r = c.get("/").host(host).send().await;
+            assert_eq!(r.status, 200, "{host}");
+            assert_eq!(r.text(), expected, "host {host}");
+        }
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="2xx"}"#, 12.0)
+            .await;
+        lg.assert_stat(r#"legate_route_requests_total{route="exact/0",class="2xx"}"#, 4.0)
+            .await;
+        lg.assert_stat(r#"legate_route_requests_total{route="default/0",class="2xx"}"#, 2.0)
+            .await;
+    }
+);
+
+each_proto!(
+    async fn no_virtual_host_is_404(proto) {
+        let lg = legate().config(&vhost_config(false)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").host("unknown.test").send().await;
+        assert_eq!(r.status, 404);
+        assert_eq!(r.text(), "no_route\n");
+        let r = c.get("/").host("example.com").send().await;
+        assert_eq!(r.status, 404);
+        // The connection stays usable after a 404.
+        assert_eq!(c.get("/").host("api.example.com").send().await.text(), "exact");
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="4xx"}"#, 2.0)
+            .await;
+    }
+);
+
+const MATCHES: &str = "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - name: exact-path
+            match: { path: /exact }
+            direct_response: { status: 200, body: exact-path }
+          - name: regex
+            match: { regex: \"/items/[0-9]+\" }
+            direct_response: { status: 200, body: regex }
+          - name: post-only
+            match: { prefix: /methods, methods: [POST, PUT] }
+            direct_response: { status: 200, body: post-or-put }
+          - name: header-exact
+            match:
+              prefix: /h
+              headers:
+                - { name: x-tenant, exact: blue }
+            direct_response: { status: 200, body: header-exact }
+          - name: header-regex
+            match:
+              prefix: /h
+              headers:
+                - { name: X-Version, regex: \"v[0-9]+\" }
+            direct_response: { status: 200, body: header-regex }
+          - name: header-present
+            match:
+              prefix: /h
+              headers:
+                - { name: x-debug, present: true }
+                - { name: x-skip, present: false }
+            direct_response: { status: 200, body: header-present }
+          - name: query
+            match:
+              prefix: /q
+              query:
+                - { name: mode, exact: fast car }
+                - { name: id, regex: \"[a-f]{3}\" }
+            direct_response: { status: 200, body: query-exact-regex }
+          - name: query-present
+            match:
+              prefix: /q
+              query:
+                - { name: flag, present: true }
+            direct_response: { status: 200, body: query-present }
+          - name: prefix
+            match: { prefix: /exact }
+            direct_response: { status: 200, body: prefix-exact }
+          - name: fallback
+            direct_response: { status: 200, body: fallback }
+";
+
+each_proto!(
+    async fn route_matching(proto) {
+        let lg = legate().config(MATCHES).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let cases: &[(&str, &str, &[(&str, &str)], &str)] = &[
+            ("GET", "/exact", &[], "exact-path"),
+            ("GET", "/exact?x=1", &[], "exact-path"),
+            ("GET", "/exact/more", &[], "prefix-exact"),
+            ("GET", "/exactly", &[], "prefix-exact"),
+            ("GET", "/items/42", &[], "regex"),
+            ("GET", "/items/42/x", &[], "fallback"),
+            ("GET", "/items/abc", &[], "fallback"),
+            ("POST", "/methods", &[], "post-or-put"),
+            ("PUT", "/methods/x", &[], "post-or-put"),
+            ("GET", "/methods", &[], "fallback"),
+            ("GET", "/h", &[("x-tenant", "blue")], "header-exact"),
+            ("GET", "/h", &[("x-tenant", "Blue")], "fallback"),
+            ("GET", "/h", &[("x-tenant", "red"), ("x-tenant", "blue")], "header-exact"),
+            ("GET", "/h", &[("x-version", "v12")], "header-regex"),
+            ("GET", "/h", &[("x-version", "v12-beta")], "fallback"),
+            ("GET", "/h", &[("x-debug", "")], "header-present"),
+            ("GET", "/h", &[("x-debug", "1"), ("x-skip", "1")], "fallback"),
+            ("GET", "/q?mode=fast+car&id=abc", &[], "query-exact-regex"),
+            ("GET", "/q?id=abc&mode=fast%20car", &[], "query-exact-regex"),
+            ("GET", "/q?mode=fast+car&id=abcd", &[], "fallback"),
+            ("GET", "/q?mode=fast&id=abc", &[], "fallback"),
+            ("GET", "/q?a=1&flag", &[], "query-present"),
+            ("GET", "/q?flag=", &[], "query-present"),
+            ("GET", "/q?flags=1", &[], "fallback"),
+        ];
+        for (method, path, headers, expected) in cases {
+            let mut b = c.request(Method::from_bytes(method.as_bytes()).unwrap(), path);
+            for (k, v) in *headers {
+                b = b.header(k, v);
+            }
+            let r = b.send().await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.text(), *expected, "{method} {path} {headers:?}");
+        }
+        lg.assert_stat(r#"legate_route_requests_total{route="fallback",class="2xx"}"#, 9.0)
+            .await;
+        lg.assert_stat(r#"legate_route_requests_total{route="header-exact",class="2xx"}"#, 2.0)
+            .await;
+    }
+);
+
+const WEIGHTED: &str = "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - weighted_clusters:
+              - { cluster: stable, weight: 90 }
+              - { cluster: canary, weight: 10 }
+clusters:
+  - name: stable
+    endpoints:
+      - address: STABLE
+  - name: canary
+    endpoints:
+      - address: CANARY
+";
+
+each_proto!(
+    async fn weighted_clusters_split_traffic(proto) {
+        let stable = upstream().name("stable").start().await;
+        let canary = upstream().name("canary").start().await;
+        let lg = legate()
+            .config(
+                &WEIGHTED
+                    .replace("STABLE", &stable.addr.to_string())
+                    .replace("CANARY", &canary.addr.to_string()),
+            )
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let n = 1000;
+        let mut to_canary = 0;
+        for _ in 0..n {
+            let r = c.get("/").send().await;
+            assert_eq!(r.status, 200);
+            if r.header("x-upstream") == Some("canary") {
+                to_canary += 1;
+            }
+        }
+        // Binomial(1000, 0.1): mean 100, sd 9.5; ±50 is more than 5 sd.
+        assert!((50..=150).contains(&to_canary), "canary got {to_canary} of {n}");
+        assert_eq!(canary.requests.get(), to_canary);
+        assert_eq!(stable.requests.get(), n - to_canary);
+        lg.assert_stat(r#"legate_cluster_upstream_rq_total{cluster="canary"}"#, to_canary as f64)
+            .await;
+        lg.assert_stat(
+            r#"legate_cluster_upstream_rq_total{cluster="stable"}"#,
+            (n - to_canary) as f64,
+        )
+        .await;
+    }
+);
+
+const REDIRECTS: &str = "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: { prefix: /old/ }
+            redirect: { prefix_rewrite: /new/, code: 308 }
+          - match: { prefix: /secure }
+            redirect: { scheme: https }
+          - match: { prefix: /elsewhere }
+            redirect: { host: \"other.example:8443\", path: /landing, code: 302 }
+          - match: { prefix: /noquery }
+            redirect: { path: /clean, strip_query: true, code: 307 }
+";
+
+each_proto!(
+    async fn redirects(proto) {
+        let lg = legate().config(REDIRECTS).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let cases = [
+            ("/old/page?x=1", 308, "http://site.example/new/page?x=1"),
+            ("/secure/a?b=c", 301, "https://site.example/secure/a?b=c"),
+            ("/elsewhere/x?y=1", 302, "http://other.example:8443/landing?y=1"),
+            ("/noquery?drop=me", 307, "http://site.example/clean"),
+        ];
+        for (path, code, location) in cases {
+            let r = c.get(path).host("site.example").send().await;
+            assert_eq!(r.status, code, "{path}");
+            assert_eq!(r.header("location"), Some(location), "{path}");
+        }
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="3xx"}"#, 4.0)
+            .await;
+    }
+);
+
+const DIRECT: &str = "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: { path: /health }
+            direct_response: { status: 200, body: \"ok\\n\" }
+          - match: { path: /json }
+            direct_response:
+              status: 201
+              body: '{\"a\":1}'
+              content_type: application/json
+          - match: { path: /empty }
+            direct_response: { status: 204 }
+          - direct_response: { status: 503, body: maintenance }
+";
+
+each_proto!(
+    async fn direct_responses(proto) {
+        let lg = legate().config(DIRECT).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/health").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "ok\n");
+        assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+        assert_eq!(r.header("content-length"), Some("3"));
+        let r = c.post("/json").body("ignored").send().await;
+        assert_eq!(r.status, 201);
+        assert_eq!(r.json()["a"], 1);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let r = c.get("/empty").send().await;
+        assert_eq!(r.status, 204);
+        assert!(r.body.is_empty());
+        let r = c.get("/anything").send().await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.text(), "maintenance");
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="5xx"}"#, 1.0)
+            .await;
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="2xx"}"#, 3.0)
+            .await;
+    }
+);
+
+const REWRITES: &str = "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: { prefix: /api/v1/ }
+            cluster: backend
+            rewrite: { prefix: /v2/ }
+          - match: { prefix: /strip/ }
+            cluster: backend
+            rewrite: { prefix: / }
+          - match: { prefix: /users/ }
+            cluster: backend
+            rewrite:
+              regex: { pattern: \"^/users/([0-9]+)/profile$\", substitution: \"/profiles/$1\" }
+          - match: { prefix: /dash }
+            cluster: backend
+            rewrite:
+              regex: { pattern: \"-\", substitution: \"_\" }
+          - match: { prefix: /host }
+            cluster: backend
+            rewrite: { host: \"internal.svc:8080\" }
+clusters:
+  - name: backend
+    endpoints:
+      - address: UPSTREAM
+";
+
+each_proto!(
+    async fn path_and_host_rewrites(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&REWRITES.replace("UPSTREAM", &up.addr.to_string()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for (path, expected) in [
+            ("/api/v1/users?page=2", "/v2/users?page=2"),
+            ("/strip/a/b", "/a/b"),
+            ("/users/42/profile?full=1", "/profiles/42?full=1"),
+            ("/users/42/settings", "/users/42/settings"),
+            ("/dash/a-b-c?q=x-y", "/dash/a_b_c?q=x-y"),
+        ] {
+            let e = c.get(path).host("front.example").send().await.echo();
+            assert_eq!(e.path, expected, "{path}");
+            assert_eq!(e.header("host"), Some("front.example"), "{path}");
+        }
+        let e = c.get("/host/x").host("front.example").send().await.echo();
+        assert_eq!(e.path, "/host/x");
+        assert_eq!(e.header_all("host"), vec!["internal.svc:8080"]);
+        assert_eq!(e.header("x-forwarded-host"), Some("front.example"));
+        assert_eq!(up.requests.get(), 6);
+    }
+);
