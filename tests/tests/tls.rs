@@ -1,0 +1,316 @@
+//! TLS: termination (certificate choice by SNI, minimum version, client
+//! certificates) and origination towards upstreams (custom CA, SNI, client
+//! certificate, ALPN).
+
+use legate_tests::*;
+
+struct Pki {
+    ca: Ca,
+    a: TlsFiles,
+    b: TlsFiles,
+}
+
+fn pki() -> Pki {
+    let ca = Ca::new("legate test CA");
+    let a = ca.server(&["a.example", "fallback.example"]);
+    let b = ca.server(&["b.example"]);
+    Pki { ca, a, b }
+}
+
+fn tls_listener_config(up: std::net::SocketAddr, tls: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+    tls:
+{tls}routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+"
+    )
+}
+
+fn certs_yaml(p: &Pki) -> String {
+    format!(
+        "      certificates:
+        - cert: {}
+          key: {}
+          server_names: [a.example]
+        - cert: {}
+          key: {}
+",
+        p.a.cert.display(),
+        p.a.key.display(),
+        p.b.cert.display(),
+        p.b.key.display()
+    )
+}
+
+const TLS_ERRORS: &str = r#"legate_listener_tls_errors_total{listener="web"}"#;
+
+each_proto!(
+    async fn certificate_chosen_by_sni(proto) {
+        let p = pki();
+        let up = upstream().start().await;
+        let lg = legate().config(&tls_listener_config(up.addr, &certs_yaml(&p))).start();
+        let addr = lg.addr("web");
+        for (sni, cert) in [("a.example", &p.a), ("b.example", &p.b), ("fallback.example", &p.a)] {
+            let mut c = tls_client(proto, addr, TlsOptions::new(cert, sni))
+                .await
+                .unwrap_or_else(|e| panic!("TLS to {sni}: {e:#}"));
+            assert_eq!(c.peer_cert.as_ref(), Some(&cert.chain[0]), "certificate for {sni}");
+            let expected_alpn = match proto {
+                Proto::H1 => "http/1.1",
+                Proto::H2 => "h2",
+            };
+            assert_eq!(c.alpn.as_deref(), Some(expected_alpn));
+            let r = c.get("/").send().await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.version, proto.version());
+            let e = r.echo();
+            assert_eq!(e.header("x-forwarded-proto"), Some("https"));
+            assert_eq!(e.header("host"), Some(sni));
+        }
+        // An untrusted client (other CA) fails verification of any of them.
+        let other = Ca::new("other").server(&["a.example"]);
+        assert!(tls_client(proto, addr, TlsOptions::new(&other, "a.example")).await.is_err());
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="2xx"}"#, 3.0)
+            .await;
+        lg.assert_stat(TLS_ERRORS, 1.0).await;
+        drop(p.ca);
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_to_a_tls_listener_fails() {
+    let p = pki();
+    let up = upstream().start().await;
+    let lg = legate().config(&tls_listener_config(up.addr, &certs_yaml(&p))).start();
+    let out = raw(lg.addr("web"), b"GET / HTTP/1.1\r\nhost: a.example\r\n\r\n").await;
+    assert!(!out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    assert_eq!(up.requests.get(), 0);
+    lg.assert_stat(TLS_ERRORS, 1.0).await;
+}
+
+each_proto!(
+    async fn tls13_only(proto) {
+        let p = pki();
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&tls_listener_config(
+                up.addr,
+                &format!("{}      min_version: \"1.3\"\n", certs_yaml(&p)),
+            ))
+            .start();
+        let addr = lg.addr("web");
+        let r = tls_client(proto, addr, TlsOptions::new(&p.a, "a.example").tls12_only()).await;
+        assert!(r.is_err(), "a TLS 1.2-only client was accepted");
+        let mut c = tls_client(proto, addr, TlsOptions::new(&p.a, "a.example"))
+            .await
+            .expect("TLS 1.3 client");
+        assert_eq!(c.tls_version.as_deref(), Some("TLSv1_3"));
+        assert_eq!(c.get("/").send().await.status, 200);
+        lg.assert_stat(TLS_ERRORS, 1.0).await;
+    }
+);
+
+each_proto!(
+    async fn tls12_is_accepted_by_default(proto) {
+        let p = pki();
+        let up = upstream().start().await;
+        let lg = legate().config(&tls_listener_config(up.addr, &certs_yaml(&p))).start();
+        let mut c = tls_client(proto, lg.addr("web"), TlsOptions::new(&p.a, "a.example").tls12_only())
+            .await
+            .expect("TLS 1.2 client");
+        assert_eq!(c.tls_version.as_deref(), Some("TLSv1_2"));
+        assert_eq!(c.get("/").send().await.status, 200);
+    }
+);
+
+/// Whether a TLS client is refused: in TLS 1.3 the server rejects a client
+/// certificate after the client considers the handshake done, so the refusal may
+/// only show on the first request.
+async fn refused(proto: Proto, addr: std::net::SocketAddr, opts: TlsOptions) -> bool {
+    match tls_client(proto, addr, opts).await {
+        Err(_) => true,
+        Ok(mut c) => match c.get("/").try_send().await {
+            Err(_) => true,
+            Ok(r) => {
+                assert_ne!(r.status, 200, "refused client got a 200");
+                false
+            }
+        },
+    }
+}
+
+each_proto!(
+    async fn mtls_required(proto) {
+        let p = pki();
+        let client_cert = p.ca.client("client-1");
+        let stranger = Ca::new("stranger CA").client("client-2");
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&tls_listener_config(
+                up.addr,
+                &format!("{}      client_auth:\n        ca: {}\n", certs_yaml(&p), p.ca.cert_path.display()),
+            ))
+            .start();
+        let addr = lg.addr("web");
+
+        assert!(refused(proto, addr, TlsOptions::new(&p.a, "a.example")).await, "no client cert accepted");
+        assert!(
+            refused(proto, addr, TlsOptions::new(&p.a, "a.example").client_cert(stranger)).await,
+            "client cert of another CA accepted"
+        );
+        assert_eq!(up.requests.get(), 0);
+
+        let mut c = tls_client(proto, addr, TlsOptions::new(&p.a, "a.example").client_cert(client_cert))
+            .await
+            .expect("mTLS client");
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(up.requests.get(), 1);
+        lg.assert_stat(TLS_ERRORS, 2.0).await;
+    }
+);
+
+each_proto!(
+    async fn mtls_optional(proto) {
+        let p = pki();
+        let client_cert = p.ca.client("client-1");
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&tls_listener_config(
+                up.addr,
+                &format!(
+                    "{}      client_auth:\n        ca: {}\n        required: false\n",
+                    certs_yaml(&p),
+                    p.ca.cert_path.display()
+                ),
+            ))
+            .start();
+        let addr = lg.addr("web");
+        let mut anon = tls_client(proto, addr, TlsOptions::new(&p.a, "a.example"))
+            .await
+            .expect("anonymous client");
+        assert_eq!(anon.get("/").send().await.status, 200);
+        let mut c = tls_client(proto, addr, TlsOptions::new(&p.a, "a.example").client_cert(client_cert))
+            .await
+            .expect("client with certificate");
+        assert_eq!(c.get("/").send().await.status, 200);
+    }
+);
+
+fn upstream_tls_config(up: std::net::SocketAddr, cluster_extra: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - cluster: backend
+clusters:
+  - name: backend
+{cluster_extra}    endpoints:
+      - address: {up}
+"
+    )
+}
+
+each_proto!(
+    async fn upstream_tls_with_custom_ca_and_client_cert(proto) {
+        let ca = Ca::new("upstream CA");
+        let server = ca.server(&["backend.internal"]);
+        let legate_cert = ca.client("legate");
+        let up = upstream()
+            .tls(server.clone())
+            .client_ca(legate_cert.clone())
+            .start()
+            .await;
+        let tls = format!(
+            "    protocol: auto
+    tls:
+      sni: backend.internal
+      ca: {}
+      client_cert: {}
+      client_key: {}
+",
+            ca.cert_path.display(),
+            legate_cert.cert.display(),
+            legate_cert.key.display()
+        );
+        let lg = legate().config(&upstream_tls_config(up.addr, &tls)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/secure").body("over tls").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.body, "over tls");
+        let t = e.tls.expect("upstream saw TLS");
+        assert_eq!(t.sni.as_deref(), Some("backend.internal"));
+        assert!(t.client_cert, "Legate did not present its client certificate");
+        // `auto` takes h2 when the upstream offers it.
+        assert_eq!(t.alpn.as_deref(), Some("h2"));
+        assert_eq!(e.version, "HTTP/2.0");
+        lg.assert_stat(r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    async fn upstream_tls_http1(proto) {
+        let ca = Ca::new("upstream CA");
+        let server = ca.server(&["backend.internal"]);
+        let up = upstream().tls(server).start().await;
+        let tls = format!(
+            "    tls:\n      sni: backend.internal\n      ca: {}\n",
+            ca.cert_path.display()
+        );
+        let lg = legate().config(&upstream_tls_config(up.addr, &tls)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.version, "HTTP/1.1");
+        let t = e.tls.expect("upstream saw TLS");
+        assert!(!t.client_cert);
+        assert_ne!(t.alpn.as_deref(), Some("h2"));
+    }
+);
+
+each_proto!(
+    async fn upstream_tls_untrusted_certificate_is_502(proto) {
+        let ca = Ca::new("upstream CA");
+        let other = Ca::new("other CA");
+        let up = upstream().tls(ca.server(&["backend.internal"])).start().await;
+        let tls = format!(
+            "    tls:\n      sni: backend.internal\n      ca: {}\n",
+            other.cert_path.display()
+        );
+        let lg = legate().config(&upstream_tls_config(up.addr, &tls)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 502);
+        assert_eq!(r.text(), "upstream_connect_failure\n");
+        assert_eq!(up.requests.get(), 0);
+        lg.assert_stat(r#"legate_cluster_upstream_cx_connect_fail{cluster="backend"}"#, 1.0)
+            .await;
+    }
+);
