@@ -81,7 +81,11 @@ each_proto!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_request_prefers_the_fast_endpoint() {
-    let slow = upstream().name("slow").delay(Duration::from_millis(50)).start().await;
+    let slow = upstream()
+        .name("slow")
+        .delay(Duration::from_millis(50))
+        .start()
+        .await;
     let fast = upstream().name("fast").start().await;
     let lg = legate()
         .config(&cluster_config(

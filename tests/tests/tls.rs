@@ -96,9 +96,15 @@ each_proto!(
 async fn plaintext_to_a_tls_listener_fails() {
     let p = pki();
     let up = upstream().start().await;
-    let lg = legate().config(&tls_listener_config(up.addr, &certs_yaml(&p))).start();
+    let lg = legate()
+        .config(&tls_listener_config(up.addr, &certs_yaml(&p)))
+        .start();
     let out = raw(lg.addr("web"), b"GET / HTTP/1.1\r\nhost: a.example\r\n\r\n").await;
-    assert!(!out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    assert!(
+        !out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
     assert_eq!(up.requests.get(), 0);
     lg.assert_stat(TLS_ERRORS, 1.0).await;
 }

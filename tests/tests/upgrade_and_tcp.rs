@@ -22,7 +22,10 @@ async fn websocket_upgrade_passthrough() {
     let lower = head.to_ascii_lowercase();
     assert!(lower.contains("upgrade: websocket"), "{head}");
     assert!(lower.contains("connection: upgrade"), "{head}");
-    assert!(lower.contains("sec-websocket-accept: accept-dghlihnhbxbszsbub25jzq=="), "{head}");
+    assert!(
+        lower.contains("sec-websocket-accept: accept-dghlihnhbxbszsbub25jzq=="),
+        "{head}"
+    );
 
     // The upstream saw the upgrade request with its hop-by-hop upgrade headers.
     let seen = up.heads.lock().unwrap().clone();
@@ -30,22 +33,33 @@ async fn websocket_upgrade_passthrough() {
     let seen = seen[0].to_ascii_lowercase();
     assert!(seen.starts_with("get /chat?room=1 http/1.1"), "{seen}");
     assert!(seen.contains("upgrade: websocket"), "{seen}");
-    assert!(seen.contains("sec-websocket-key: dghlihnhbxbszsbub25jzq=="), "{seen}");
+    assert!(
+        seen.contains("sec-websocket-key: dghlihnhbxbszsbub25jzq=="),
+        "{seen}"
+    );
 
     // Bytes flow both ways after the switch, including more than one buffer's worth.
     c.write(b"hello").await;
-    assert_eq!(c.read_exact(5, Duration::from_secs(2)).await.unwrap(), b"hello");
+    assert_eq!(
+        c.read_exact(5, Duration::from_secs(2)).await.unwrap(),
+        b"hello"
+    );
     let big = pattern_bytes(256 * 1024);
     c.write(&big).await;
-    let back = c.read_exact(big.len(), Duration::from_secs(5)).await.unwrap();
+    let back = c
+        .read_exact(big.len(), Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(checksum(&back), checksum(&big));
     assert_eq!(up.bytes.get(), 5 + big.len());
 
     // Closing the client closes the upstream side.
     drop(c);
-    eventually(Duration::from_secs(3), "upstream side of the tunnel closed", || async {
-        (up.closed.get() == 1).then_some(())
-    })
+    eventually(
+        Duration::from_secs(3),
+        "upstream side of the tunnel closed",
+        || async { (up.closed.get() == 1).then_some(()) },
+    )
     .await;
 }
 
@@ -58,7 +72,12 @@ async fn upgrade_refused_by_upstream_is_a_normal_response() {
         b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;
-    assert_eq!(raw_status(&out), Some(400), "{}", String::from_utf8_lossy(&out));
+    assert_eq!(
+        raw_status(&out),
+        Some(400),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
 }
 
 fn tcp_config(cluster_addr: std::net::SocketAddr, idle: &str) -> String {
@@ -84,10 +103,16 @@ async fn tcp_proxy_moves_bytes_both_ways() {
     let lg = legate().config(&tcp_config(echo.addr, "1h")).start();
     let mut c = RawConn::connect(lg.addr("tcp")).await;
     c.write(b"ping").await;
-    assert_eq!(c.read_exact(4, Duration::from_secs(2)).await.unwrap(), b"ping");
+    assert_eq!(
+        c.read_exact(4, Duration::from_secs(2)).await.unwrap(),
+        b"ping"
+    );
     let big = pattern_bytes(1 << 20);
     c.write(&big).await;
-    let back = c.read_exact(big.len(), Duration::from_secs(5)).await.unwrap();
+    let back = c
+        .read_exact(big.len(), Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(checksum(&back), checksum(&big));
     let total = (4 + big.len()) as f64;
     // Half-close from the client: the proxy passes the FIN on and closes after the
@@ -96,10 +121,14 @@ async fn tcp_proxy_moves_bytes_both_ways() {
     let (rest, closed) = c.read_until_close(Duration::from_secs(3)).await;
     assert!(rest.is_empty());
     assert!(closed, "proxy did not close after both sides finished");
-    lg.assert_stat(r#"legate_listener_rx_bytes_total{listener="tcp"}"#, total).await;
-    lg.assert_stat(r#"legate_listener_tx_bytes_total{listener="tcp"}"#, total).await;
-    lg.assert_stat(r#"legate_listener_connections_total{listener="tcp"}"#, 1.0).await;
-    lg.assert_stat(r#"legate_listener_connections_active{listener="tcp"}"#, 0.0).await;
+    lg.assert_stat(r#"legate_listener_rx_bytes_total{listener="tcp"}"#, total)
+        .await;
+    lg.assert_stat(r#"legate_listener_tx_bytes_total{listener="tcp"}"#, total)
+        .await;
+    lg.assert_stat(r#"legate_listener_connections_total{listener="tcp"}"#, 1.0)
+        .await;
+    lg.assert_stat(r#"legate_listener_connections_active{listener="tcp"}"#, 0.0)
+        .await;
     assert_eq!(echo.connections.get(), 1);
     assert_eq!(echo.bytes.get(), 4 + big.len());
 }
@@ -121,11 +150,14 @@ async fn tcp_proxy_idle_timeout_closes_both_sides() {
     assert!(closed, "idle connection not closed");
     assert!(idle >= Duration::from_millis(250), "closed after {idle:?}");
     assert!(idle < Duration::from_millis(1500), "closed after {idle:?}");
-    eventually(Duration::from_secs(2), "upstream connection closed", || async {
-        (echo.closed.get() == 1).then_some(())
-    })
+    eventually(
+        Duration::from_secs(2),
+        "upstream connection closed",
+        || async { (echo.closed.get() == 1).then_some(()) },
+    )
     .await;
-    lg.assert_stat(r#"legate_listener_connections_active{listener="tcp"}"#, 0.0).await;
+    lg.assert_stat(r#"legate_listener_connections_active{listener="tcp"}"#, 0.0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,5 +169,9 @@ async fn tcp_proxy_upstream_down_closes_the_client() {
     let (out, closed) = c.read_until_close(Duration::from_secs(3)).await;
     assert!(closed, "client left hanging");
     assert!(out.is_empty());
-    lg.assert_stat(r#"legate_cluster_upstream_cx_connect_fail{cluster="echo"}"#, 1.0).await;
+    lg.assert_stat(
+        r#"legate_cluster_upstream_cx_connect_fail{cluster="echo"}"#,
+        1.0,
+    )
+    .await;
 }

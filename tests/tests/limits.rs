@@ -1,0 +1,437 @@
+//! Limits and malformed input: request smuggling shapes, bad chunking, header size
+//! and count limits, slowloris, idle connections, max_connections, request body
+//! limits and HTTP/2 stream limits. Every rejected request must never reach the
+//! upstream.
+
+use std::time::{Duration, Instant};
+
+use legate_tests::*;
+
+fn limits_config(up: std::net::SocketAddr, limits: &str, route_extra: &str) -> String {
+    let limits = if limits.is_empty() {
+        String::new()
+    } else {
+        format!("    limits:\n{limits}")
+    };
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+{limits}routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - cluster: backend
+{route_extra}clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+"
+    )
+}
+
+const LISTENER_4XX: &str = r#"legate_listener_requests_total{listener="web",class="4xx"}"#;
+
+async fn raw_exchange(addr: std::net::SocketAddr, req: &[u8]) -> (Option<u16>, String) {
+    let out = raw(addr, req).await;
+    (raw_status(&out), String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_is_rejected() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    // The classic CL.TE smuggling shape: a front end using Content-Length and a back
+    // end using chunked would disagree on where the request ends.
+    let (status, text) = raw_exchange(
+        lg.addr("web"),
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, Some(400), "{text}");
+    assert_eq!(
+        up.requests.get(),
+        0,
+        "a request with both CL and TE was forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_content_lengths_are_rejected() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let (status, text) = raw_exchange(
+        lg.addr("web"),
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
+    )
+    .await;
+    assert_eq!(status, Some(400), "{text}");
+    assert_eq!(up.requests.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_transfer_encoding_is_rejected() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let (status, text) = raw_exchange(
+        lg.addr("web"),
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(
+        status.is_none_or(|s| s >= 400) && !text.contains("\"method\""),
+        "forwarded: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_chunked_encoding_is_rejected() {
+    let up = upstream().route("/sink", sink).start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let (status, text) = raw_exchange(
+        lg.addr("web"),
+        b"POST /sink HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    // The head was valid, so the request may have started upstream; what must not
+    // happen is a success for a body that could not be read.
+    assert!(
+        matches!(status, Some(400) | None),
+        "bad chunking answered with {status:?}: {text}"
+    );
+    assert!(
+        !text.contains("\"len\""),
+        "upstream consumed a broken body: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_request_lines_are_400() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    for req in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nx-nul: a\0b\r\n\r\n",
+        b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+    ] {
+        let (status, text) = raw_exchange(lg.addr("web"), req).await;
+        assert!(
+            matches!(status, Some(400) | Some(505) | None) && !text.contains("\"method\""),
+            "{:?} answered: {text}",
+            String::from_utf8_lossy(req)
+        );
+    }
+    assert_eq!(up.requests.get(), 0);
+}
+
+each_proto!(
+    async fn oversized_headers_are_431(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&limits_config(up.addr, "      max_request_headers_size: 4KiB\n", ""))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        // Within the limit: fine.
+        let r = c.get("/").header("x-small", &"a".repeat(1000)).send().await;
+        assert_eq!(r.status, 200);
+        let big = "b".repeat(8 * 1024);
+        match c.get("/").header("x-big", &big).try_send().await {
+            Ok(r) => assert_eq!(r.status, 431, "{}", r.text()),
+            // An HTTP/2 client may refuse to send past the advertised
+            // SETTINGS_MAX_HEADER_LIST_SIZE; the limit is enforced either way.
+            Err(e) => assert_eq!(proto, Proto::H2, "{e:#}"),
+        }
+        assert_eq!(up.requests.get(), 1);
+    }
+);
+
+each_proto!(
+    async fn too_many_headers_are_431(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&limits_config(up.addr, "      max_request_headers: 10\n", ""))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let mut b = c.get("/");
+        for i in 0..5 {
+            b = b.header(&format!("x-h{i}"), "v");
+        }
+        assert_eq!(b.send().await.status, 200);
+        let mut c = client(proto, lg.addr("web")).await;
+        let mut b = c.get("/");
+        for i in 0..30 {
+            b = b.header(&format!("x-h{i}"), "v");
+        }
+        let r = b.try_send().await;
+        match r {
+            Ok(r) => assert_eq!(r.status, 431, "{}", r.text()),
+            Err(e) => panic!("no 431 for too many headers: {e:#}"),
+        }
+        assert_eq!(up.requests.get(), 1);
+        lg.assert_stat(LISTENER_4XX, 1.0).await;
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_is_cut_by_the_header_read_timeout() {
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&limits_config(
+            up.addr,
+            "      header_read_timeout: 300ms\n",
+            "",
+        ))
+        .start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    let t = Instant::now();
+    c.write(b"GET / HTTP/1.1\r\nHost: x\r\n").await;
+    // Trickle a byte every 50ms: activity must not extend the head deadline.
+    let mut closed_at = None;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if c.try_write(b"x").await.is_err() {
+            closed_at = Some(t.elapsed());
+            break;
+        }
+        let (_, closed) = c.read_until_close(Duration::from_millis(1)).await;
+        if closed {
+            closed_at = Some(t.elapsed());
+            break;
+        }
+    }
+    let closed_at = closed_at.expect("slowloris connection still open after 3s");
+    assert!(closed_at >= Duration::from_millis(250), "{closed_at:?}");
+    assert!(closed_at < Duration::from_millis(1500), "{closed_at:?}");
+    assert_eq!(up.requests.get(), 0);
+}
+
+async fn assert_closed_by_header_timeout(preface: &[u8]) {
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&limits_config(
+            up.addr,
+            "      header_read_timeout: 300ms\n",
+            "",
+        ))
+        .start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    c.write(preface).await;
+    let t = Instant::now();
+    let (_, closed) = c.read_until_close(Duration::from_secs(3)).await;
+    assert!(
+        closed,
+        "connection without a request head left open after 3s"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connection_is_closed_by_the_idle_timeout() {
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&limits_config(up.addr, "      idle_timeout: 300ms\n", ""))
+        .start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    let t = Instant::now();
+    let (_, closed) = c.read_until_close(Duration::from_secs(3)).await;
+    assert!(
+        closed,
+        "connection that never sent a byte left open after 3s"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+each_proto!(
+    async fn keepalive_connection_outlives_the_header_read_timeout(proto) {
+        // Between requests a connection is idle, not "reading a head": only the idle
+        // timeout applies, even if the client sends connection-level bytes (HTTP/2
+        // SETTINGS acks, WINDOW_UPDATEs) in the meantime.
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&limits_config(up.addr, "      header_read_timeout: 200ms\n", ""))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/").send().await.status, 200);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let r = c.get("/").try_send().await;
+        assert!(
+            r.as_ref().is_ok_and(|r| r.status == 200),
+            "idle keep-alive connection was closed: {r:?}"
+        );
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_preface_without_a_request_is_closed_by_the_header_read_timeout() {
+    assert_closed_by_header_timeout(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_request_head_is_closed_by_the_header_read_timeout() {
+    assert_closed_by_header_timeout(b"GET / HTTP/1.1\r\nHost: x\r\n").await;
+}
+
+each_proto!(
+    async fn idle_keepalive_connection_is_closed(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&limits_config(up.addr, "      idle_timeout: 300ms\n", ""))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/").send().await.status, 200);
+        let t = Instant::now();
+        eventually(Duration::from_secs(3), "idle connection closed", || {
+            let closed = c.is_closed();
+            async move { closed.then_some(()) }
+        })
+        .await;
+        assert!(t.elapsed() >= Duration::from_millis(250), "{:?}", t.elapsed());
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_response_is_not_cut_by_the_idle_timeout() {
+    let up = upstream().delay(Duration::from_millis(600)).start().await;
+    let lg = legate()
+        .config(&limits_config(up.addr, "      idle_timeout: 200ms\n", ""))
+        .start();
+    for proto in [Proto::H1, Proto::H2] {
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/").send().await.status, 200, "{proto:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections() {
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&limits_config(up.addr, "      max_connections: 2\n", ""))
+        .start();
+    let addr = lg.addr("web");
+    let mut a = client(Proto::H1, addr).await;
+    let mut b = client(Proto::H2, addr).await;
+    assert_eq!(a.get("/").send().await.status, 200);
+    assert_eq!(b.get("/").send().await.status, 200);
+
+    let mut third = RawConn::connect(addr).await;
+    third.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (out, closed) = third.read_until_close(Duration::from_secs(2)).await;
+    assert!(closed, "connection over the limit was kept open");
+    assert!(
+        raw_status(&out).is_none_or(|s| s == 503),
+        "over-limit connection served: {}",
+        String::from_utf8_lossy(&out)
+    );
+    lg.assert_stat(
+        r#"legate_listener_connections_overflow_total{listener="web"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(up.requests.get(), 2);
+
+    // Existing connections still work; a closed one frees its slot.
+    assert_eq!(a.get("/").send().await.status, 200);
+    drop(a);
+    eventually(Duration::from_secs(2), "a slot to free up", || async {
+        match Client::connect(Proto::H1, addr).await {
+            Ok(mut c) => match c.get("/").try_send().await {
+                Ok(r) if r.status == 200 => Some(()),
+                _ => None,
+            },
+            Err(_) => None,
+        }
+    })
+    .await;
+}
+
+each_proto!(
+    async fn request_body_limit(proto) {
+        let up = upstream().route("/sink", sink).start().await;
+        let lg = legate()
+            .config(&limits_config(up.addr, "", "            max_request_body: 1KiB\n"))
+            .start();
+        let addr = lg.addr("web");
+        let mut c = client(proto, addr).await;
+        let r = c.post("/sink").body(vec![b'a'; 1024]).send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["len"], 1024);
+        let r = c.post("/sink").streamed_body(vec![b'a'; 1024], 100).send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(up.requests.get(), 2);
+
+        // Declared too large: refused before anything goes upstream.
+        let mut c = client(proto, addr).await;
+        let r = c.post("/sink").body(vec![b'a'; 2048]).send().await;
+        assert_eq!(r.status, 413);
+        assert_eq!(r.text(), "request_body_too_large\n");
+        assert_eq!(up.requests.get(), 2, "over-limit body with content-length forwarded");
+
+        // Streamed without a length: cut when it crosses the limit.
+        let mut c = client(proto, addr).await;
+        match c.post("/sink").streamed_body(vec![b'a'; 64 * 1024], 512).try_send().await {
+            Ok(r) => {
+                assert_eq!(r.status, 413, "{}", r.text());
+                assert!(!r.text().contains("\"len\""), "{}", r.text());
+            }
+            // The proxy may answer 413 and reset the rest of the upload; a client
+            // still writing can then see the reset instead of the answer.
+            Err(e) => assert!(format!("{e:#}").contains("reset") || format!("{e:#}").contains("closed"), "{e:#}"),
+        }
+        lg.assert_stat_with(LISTENER_4XX, |v| v >= 1.0, ">= 1").await;
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_max_concurrent_streams() {
+    let up = upstream().delay(Duration::from_millis(200)).start().await;
+    let lg = legate()
+        .config(&limits_config(
+            up.addr,
+            "      max_concurrent_streams: 2\n",
+            "",
+        ))
+        .start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    // One request first, so the client has the server's SETTINGS (a client may open
+    // streams before it knows the limit; those are refused, which is correct).
+    assert_eq!(c.get("/").send().await.status, 200);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move { c.get("/").send().await.status }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    assert_eq!(up.requests.get(), 7);
+    assert_eq!(
+        up.max_in_flight.get(),
+        2,
+        "streams beyond the limit ran concurrently"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(550),
+        "{:?}",
+        t.elapsed()
+    );
+}
