@@ -1,0 +1,252 @@
+//! Process lifecycle and the admin API: graceful drain under load (by
+//! `shutdown()` and by `POST /drain`), the drain timeout, and the admin endpoints
+//! (`/ready`, `/stats`, `/clusters`, `/config_dump`, `/drain`).
+
+use std::time::{Duration, Instant};
+
+use legate_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_drain_finishes_in_flight_requests() {
+    let up = upstream().delay(Duration::from_millis(400)).start().await;
+    let lg = legate()
+        .config(&simple_config(&[up.addr]))
+        .concurrency(2)
+        .start();
+    let addr = lg.addr("web");
+
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let mut c = client(Proto::H1, addr).await;
+        tasks.push(tokio::spawn(async move {
+            c.post("/h1").body(format!("h1-{i}")).try_send().await
+        }));
+    }
+    let h2 = client(Proto::H2, addr).await;
+    for i in 0..5 {
+        let mut c = h2.clone();
+        tasks.push(tokio::spawn(async move {
+            c.post("/h2").body(format!("h2-{i}")).try_send().await
+        }));
+    }
+    eventually(
+        Duration::from_secs(3),
+        "10 requests in flight upstream",
+        || async { (up.in_flight.get() == 10).then_some(()) },
+    )
+    .await;
+
+    lg.shutdown();
+    // Draining is visible on the admin API while requests finish.
+    let (status, body) = lg.admin_get("/ready").await;
+    assert_eq!((status, body.as_str()), (503, "DRAINING\n"));
+
+    // A connection opened during the drain is not served.
+    let late = tokio::time::timeout(Duration::from_millis(800), async {
+        match Client::connect(Proto::H1, addr).await {
+            Ok(mut c) => c.get("/late").try_send().await.ok().map(|r| r.status),
+            Err(_) => None,
+        }
+    })
+    .await;
+    assert!(
+        !matches!(late, Ok(Some(s)) if s == 200),
+        "a new connection was served during the drain"
+    );
+
+    for t in tasks {
+        let r = t
+            .await
+            .unwrap()
+            .expect("in-flight request failed during drain");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.echo().body.starts_with("h"));
+    }
+    let t = Instant::now();
+    lg.shutdown_and_wait().await.expect("clean stop");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener still accepting after shutdown"
+    );
+    assert_eq!(up.requests.get(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_closes_idle_keepalive_connections() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let mut h1 = client(Proto::H1, lg.addr("web")).await;
+    let mut h2 = client(Proto::H2, lg.addr("web")).await;
+    assert_eq!(h1.get("/").send().await.status, 200);
+    assert_eq!(h2.get("/").send().await.status, 200);
+    let t = Instant::now();
+    lg.shutdown_and_wait().await.expect("clean stop");
+    // Idle connections do not hold the drain for drain_timeout (30s by default).
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    eventually(Duration::from_secs(2), "client connections closed", || {
+        let closed = h1.is_closed() && h2.is_closed();
+        async move { closed.then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_bounds_the_shutdown() {
+    let up = upstream().delay(Duration::from_secs(10)).start().await;
+    let cfg =
+        simple_config(&[up.addr]).replace("version: 1\n", "version: 1\ndrain_timeout: 300ms\n");
+    let lg = legate().config(&cfg).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let req = tokio::spawn(async move { c.get("/slow").try_send().await });
+    eventually(Duration::from_secs(3), "request in flight", || async {
+        (up.in_flight.get() == 1).then_some(())
+    })
+    .await;
+    let t = Instant::now();
+    lg.shutdown_and_wait().await.expect("stop");
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "drain_timeout not enforced: {took:?}"
+    );
+    // The cut request does not get a success.
+    let r = req.await.unwrap();
+    assert!(r.as_ref().map_or(true, |r| r.status != 200), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_drain_stops_the_server() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let addr = lg.addr("web");
+    let mut c = client(Proto::H1, addr).await;
+    assert_eq!(c.get("/").send().await.status, 200);
+
+    assert_eq!(lg.admin_get("/drain").await.0, 405);
+    assert_eq!(lg.admin_get("/ready").await, (200, "LIVE\n".to_string()));
+    let (status, _) = lg.admin_post("/drain").await;
+    assert_eq!(status, 200);
+    assert_eq!(lg.admin_get("/ready").await.0, 503);
+    lg.wait_stopped(Duration::from_secs(5))
+        .await
+        .expect("server stops after POST /drain");
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    for _ in 0..3 {
+        assert_eq!(c.get("/").send().await.status, 200);
+    }
+    assert!(lg.admin.ip().is_loopback());
+
+    assert_eq!(lg.admin_get("/ready").await, (200, "LIVE\n".to_string()));
+
+    let mut admin = client(Proto::H1, lg.admin).await;
+    let r = admin.get("/stats").send().await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")),
+        "{:?}",
+        r.header("content-type")
+    );
+    let text = r.text();
+    assert!(
+        text.contains("# TYPE legate_listener_requests_total counter\n"),
+        "{text}"
+    );
+    let m = parse_prometheus(&text);
+    assert_eq!(
+        m.get(r#"legate_listener_requests_total{listener="web",class="2xx"}"#),
+        Some(&3.0)
+    );
+    assert_eq!(
+        m.get(r#"legate_route_request_duration_seconds_count{route="all/0"}"#),
+        Some(&3.0)
+    );
+    assert_eq!(
+        m.get(r#"legate_cluster_upstream_rq_total{cluster="backend"}"#),
+        Some(&3.0)
+    );
+    assert_eq!(
+        m.get(r#"legate_listener_connections_active{listener="web"}"#),
+        Some(&1.0)
+    );
+
+    let r = admin.get("/clusters").send().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let v = r.json();
+    let cl = &v["clusters"][0];
+    assert_eq!(cl["name"], "backend");
+    assert_eq!(cl["lb_policy"], "round_robin");
+    assert_eq!(cl["protocol"], "http1");
+    assert_eq!(cl["stats"]["upstream_rq_total"], 3);
+    assert_eq!(cl["stats"]["upstream_rq_2xx"], 3);
+    assert_eq!(cl["endpoints"][0]["address"], up.addr.to_string());
+    assert_eq!(cl["endpoints"][0]["weight"], 1);
+    assert_eq!(cl["endpoints"][0]["stats"]["rq_total"], 3);
+
+    let r = admin.get("/config_dump").send().await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["listeners"][0]["name"], "web");
+    assert_eq!(
+        v["clusters"][0]["endpoints"][0]["address"],
+        up.addr.to_string()
+    );
+    // Defaults are filled in, in the config's own notation.
+    assert_eq!(v["drain_timeout"], "30s");
+    assert_eq!(v["listeners"][0]["limits"]["max_connections"], 10000);
+    assert_eq!(
+        v["listeners"][0]["limits"]["max_request_headers_size"],
+        "60KiB"
+    );
+    assert_eq!(
+        v["routes"][0]["virtual_hosts"][0]["routes"][0]["timeout"],
+        "15s"
+    );
+
+    assert_eq!(admin.post("/stats").send().await.status, 405);
+    assert_eq!(admin.get("/nope").send().await.status, 404);
+    let r = admin.get("/").send().await;
+    assert!(r.text().contains("/config_dump"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_workers_share_the_listener() {
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&simple_config(&[up.addr]))
+        .concurrency(2)
+        .start();
+    let addr = lg.addr("web");
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let proto = if i % 2 == 0 { Proto::H1 } else { Proto::H2 };
+        tasks.push(tokio::spawn(async move {
+            let mut c = client(proto, addr).await;
+            for _ in 0..5 {
+                assert_eq!(c.get("/").send().await.status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(up.requests.get(), 50);
+    lg.assert_stat(r#"legate_listener_connections_total{listener="web"}"#, 10.0)
+        .await;
+    lg.assert_stat(
+        r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
+        50.0,
+    )
+    .await;
+}
