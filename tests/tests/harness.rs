@@ -2,6 +2,9 @@
 //! certificates the proxy tests rely on must behave as documented, or a proxy test
 //! failure would be meaningless.
 
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use legate_tests::*;

@@ -2,6 +2,9 @@
 //! `shutdown()` and by `POST /drain`), the drain timeout, and the admin endpoints
 //! (`/ready`, `/stats`, `/clusters`, `/config_dump`, `/drain`).
 
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use legate_tests::*;

@@ -3,6 +3,9 @@
 //! limits and HTTP/2 stream limits. Every rejected request must never reach the
 //! upstream.
 
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use legate_tests::*;

@@ -1,6 +1,9 @@
 //! Load-balancing policies: the distribution of requests across a cluster's endpoints
 //! (weighted round robin, least request, weighted random, ring hash stickiness).
 
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -3,6 +3,9 @@
 //! headers (`x-forwarded-*`, `x-request-id`, `via`, hop-by-hop removal) and the
 //! configured header operations.
 
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
 use legate_tests::*;
 
 const LISTENER_2XX: &str = r#"legate_listener_requests_total{listener="web",class="2xx"}"#;

@@ -1,6 +1,9 @@
 //! Failure handling: retries (conditions, limits, idempotency, endpoint choice),
 //! route and per-try timeouts, connect failures and resets.
 
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,6 +1,9 @@
 //! Routing: virtual host selection by host, route matching on path, method, headers
 //! and query, weighted clusters, redirects, direct responses and rewrites.
 
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
 use legate_tests::*;
 
 const VHOSTS: &str = "version: 1
@@ -90,6 +93,9 @@ each_proto!(
     }
 );
 
+/// Method, path, headers, expected route answer.
+type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+
 const MATCHES: &str = "version: 1
 listeners:
   - name: web
@@ -154,7 +160,7 @@ each_proto!(
     async fn route_matching(proto) {
         let lg = legate().config(MATCHES).start();
         let mut c = client(proto, lg.addr("web")).await;
-        let cases: &[(&str, &str, &[(&str, &str)], &str)] = &[
+        let cases: &[Case<'_>] = &[
             ("GET", "/exact", &[], "exact-path"),
             ("GET", "/exact?x=1", &[], "exact-path"),
             ("GET", "/exact/more", &[], "prefix-exact"),

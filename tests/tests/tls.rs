@@ -2,6 +2,9 @@
 //! certificates) and origination towards upstreams (custom CA, SNI, client
 //! certificate, ALPN).
 
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
 use legate_tests::*;
 
 struct Pki {

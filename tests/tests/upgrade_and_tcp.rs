@@ -1,6 +1,9 @@
 //! Connection-level proxying: HTTP/1.1 Upgrade (WebSocket) passthrough and TCP proxy
 //! listeners (bytes both ways, idle timeout, byte counters).
 
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
