@@ -243,9 +243,10 @@ async fn proxy(
     }
 
     let route = matched.route;
-    let policy = route.retry.as_ref().filter(|p| {
-        !upgrade && p.num_retries > 0 && p.allows_method(&parts.method)
-    });
+    let policy = route
+        .retry
+        .as_ref()
+        .filter(|p| !upgrade && p.num_retries > 0 && p.allows_method(&parts.method));
     let source = match policy {
         Some(p) => ReqBody::buffer(req_body, p.buffer_limit, &parts)
             .await
@@ -272,7 +273,11 @@ async fn proxy(
         Some(t) => match tokio::time::timeout(t, attempt.run(source, out)).await {
             Ok(r) => r,
             Err(_) => {
-                entry.cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
+                entry
+                    .cluster
+                    .stats
+                    .upstream_rq_timeout
+                    .fetch_add(1, Relaxed);
                 Err(ProxyError::new(
                     Kind::Timeout,
                     format!("route timeout {t:?}"),
@@ -383,7 +388,11 @@ impl Attempts<'_> {
                 cluster,
                 endpoint: index,
             };
-            let send = self.conn.worker.pool.send(&self.entry.upstream, target, req);
+            let send = self
+                .conn
+                .worker
+                .pool
+                .send(&self.entry.upstream, target, req);
             let result = match self.per_try {
                 Some(d) => tokio::time::timeout(d, send).await.unwrap_or_else(|_| {
                     Err(ProxyError::new(
