@@ -11,7 +11,7 @@
 //! The filter chain (Wasm plugins) slots in between proxy headers and the router in
 //! a later release.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -263,7 +263,8 @@ async fn proxy(
     let attempt = Attempts {
         conn,
         entry: &entry,
-        parts: &parts,
+        method: &parts.method,
+        headers: RefCell::new(std::mem::take(&mut parts.headers)),
         path: &path,
         authority: &upstream_authority,
         policy,
@@ -337,7 +338,9 @@ fn via_value(version: Version, name: &str) -> HeaderValue {
 struct Attempts<'a> {
     conn: &'a ConnCtx,
     entry: &'a ClusterEntry,
-    parts: &'a Parts,
+    method: &'a Method,
+    /// Moved into the last attempt's request; cloned for earlier ones.
+    headers: RefCell<http::HeaderMap>,
     path: &'a str,
     authority: &'a str,
     policy: Option<&'a RetryPolicy>,
@@ -352,7 +355,7 @@ impl Attempts<'_> {
     ) -> Result<Response<Body>, ProxyError> {
         let cluster = &self.entry.cluster;
         let balancer = self.conn.worker.balancer(cluster);
-        let hash = cluster.hash_key(&self.parts.headers, self.conn.peer.ip());
+        let hash = cluster.hash_key(&self.headers.borrow(), self.conn.peer.ip());
         let max_retries = self.policy.map_or(0, |p| p.num_retries);
         let mut tried: Vec<usize> = Vec::new();
         let mut attempt: u32 = 0;
@@ -380,7 +383,8 @@ impl Attempts<'_> {
             out.upstream = Some(target_addr);
             out.attempts = attempt + 1;
             let replayable = source.replayable();
-            let req = self.build_request(source.take())?;
+            let last = !replayable || attempt >= max_retries;
+            let req = self.build_request(source.take(), last)?;
             let active = cluster.start_request(index);
             let target = Target {
                 addr: target_addr,
@@ -433,7 +437,7 @@ impl Attempts<'_> {
         }
     }
 
-    fn build_request(&self, body: Body) -> Result<Request<Body>, ProxyError> {
+    fn build_request(&self, body: Body, last: bool) -> Result<Request<Body>, ProxyError> {
         let h2 = self.entry.upstream.is_h2();
         let uri: Uri = if h2 {
             let scheme = if self.entry.cluster.config.tls.is_some() {
@@ -449,9 +453,13 @@ impl Attempts<'_> {
             ProxyError::new(Kind::BadRequest, format!("cannot build upstream URI: {e}"))
         })?;
         let mut req = Request::new(body);
-        *req.method_mut() = self.parts.method.clone();
+        *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
-        *req.headers_mut() = self.parts.headers.clone();
+        *req.headers_mut() = if last {
+            std::mem::take(&mut *self.headers.borrow_mut())
+        } else {
+            self.headers.borrow().clone()
+        };
         if !h2 {
             let host = HeaderValue::from_str(self.authority)
                 .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?;
