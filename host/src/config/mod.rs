@@ -7,6 +7,7 @@
 //! each field and in `docs/config.md`, with the reason they are safe.
 
 mod load;
+mod source;
 mod types;
 mod validate;
 
@@ -255,10 +256,11 @@ pub struct VirtualHost {
     pub domains: Vec<Spanned<String>>,
     /// Routes, tried in order; the first that matches wins.
     pub routes: Vec<Spanned<Route>>,
-    /// Headers added to requests of every route here (before the route's own).
+    /// Headers changed in requests of every route here (after the route's own, so the
+    /// virtual host's `set` has the last word, as in Envoy).
     #[serde(default)]
     pub request_headers: HeaderOps,
-    /// Headers added to responses of every route here (after the route's own).
+    /// Headers changed in responses of every route here (after the route's own).
     #[serde(default)]
     pub response_headers: HeaderOps,
 }
@@ -323,7 +325,7 @@ pub struct Route {
     /// Whole-request timeout, retries included. Default 15s, as Envoy; `0s` disables.
     #[serde(default = "defaults::route_timeout")]
     pub timeout: Dur,
-    /// Timeout of each upstream attempt; absent = only the route timeout applies.
+    /// Timeout of each upstream attempt; absent (or `0s`) = only the route timeout applies.
     #[serde(default)]
     pub per_try_timeout: Option<Dur>,
     /// Retry policy; absent = no retries.
@@ -532,8 +534,9 @@ pub struct Cluster {
     /// Idle keep-alive connections kept per endpoint per worker. Default 64.
     #[serde(default = "defaults::max_idle")]
     pub max_idle_per_endpoint: u32,
-    /// Close an idle pooled connection after this long. Default 60s, below the
-    /// common upstream keep-alive timeouts so Legate closes first.
+    /// Close an idle pooled connection after this long. Default 60s, below nginx's
+    /// 75s keep-alive so Legate closes first; set it below the upstream's own idle
+    /// timeout when that is shorter (Node.js and Apache close after 5s).
     #[serde(default = "defaults::pool_idle_timeout")]
     pub idle_timeout: Dur,
 }
@@ -685,5 +688,163 @@ mod defaults {
     }
     pub fn weight() -> u32 {
         1
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // in tests a panic is the failure report
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn parse(src: &str) -> Config {
+        parse_str("test.yaml", src, Path::new("/etc/legate")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const MINIMAL: &str = "\
+version: 1
+listeners:
+  - { name: web, address: \"0.0.0.0:8080\", http: { routes: main } }
+routes:
+  - name: main
+    virtual_hosts:
+      - { name: all, domains: [\"*\"], routes: [{ cluster: app }] }
+clusters:
+  - { name: app, endpoints: [{ address: \"127.0.0.1:9000\" }] }
+";
+
+    #[test]
+    fn limits_defaults_are_the_documented_ones() {
+        let l = Limits::default();
+        assert_eq!(l.max_connections, 10_000);
+        assert_eq!(l.max_request_headers_size, ByteSize(60 * 1024));
+        assert_eq!(l.max_request_headers, 100);
+        assert_eq!(l.header_read_timeout.get(), Duration::from_secs(10));
+        assert_eq!(l.idle_timeout.get(), Duration::from_secs(60));
+        assert_eq!(l.max_concurrent_streams, 100);
+    }
+
+    /// The `Default` impls and serde's per-field defaults are written separately;
+    /// an empty mapping must give the same values as `Default`.
+    #[test]
+    fn serde_defaults_agree_with_default_impls() {
+        let json = |v: &dyn erased::Ser| v.json();
+        let limits: Limits = serde_saphyr::from_str("{}").unwrap();
+        assert_eq!(json(&limits), json(&Limits::default()));
+        let admin: Admin = serde_saphyr::from_str("{}").unwrap();
+        assert_eq!(json(&admin), json(&Admin::default()));
+        let ops: HeaderOps = serde_saphyr::from_str("{}").unwrap();
+        assert_eq!(json(&ops), json(&HeaderOps::default()));
+        assert!(ops.is_empty());
+        let m: RouteMatch = serde_saphyr::from_str("{}").unwrap();
+        assert_eq!(json(&m), json(&RouteMatch::default()));
+        let tls: UpstreamTls = serde_saphyr::from_str("{}").unwrap();
+        assert_eq!(json(&tls), json(&UpstreamTls::default()));
+    }
+
+    /// Serialization through `dyn`, so one helper compares values of any section.
+    mod erased {
+        pub trait Ser {
+            fn json(&self) -> serde_json::Value;
+        }
+        impl<T: serde::Serialize> Ser for T {
+            fn json(&self) -> serde_json::Value {
+                serde_json::to_value(self).unwrap()
+            }
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let c = parse(MINIMAL);
+        assert_eq!(c.admin.address.value, "127.0.0.1:9901");
+        assert!(!c.admin.allow_non_loopback);
+        assert!(c.access_log.is_none());
+        assert_eq!(c.drain_timeout.get(), Duration::from_secs(30));
+        assert!(c.plugins.value.is_empty());
+
+        let l = &c.listeners[0].value;
+        let http = l.http.as_ref().unwrap();
+        assert!(!http.trust_downstream);
+        assert!(http.generate_request_id);
+        assert!(http.via.is_none());
+        assert!(l.tls.is_none() && l.tcp.is_none() && !l.original_destination);
+        assert_eq!(l.limits.max_connections, Limits::default().max_connections);
+
+        let vh = &c.routes[0].value.virtual_hosts[0].value;
+        assert!(vh.request_headers.is_empty() && vh.response_headers.is_empty());
+        let r = &vh.routes[0].value;
+        assert!(r.name.is_none());
+        assert_eq!(r.timeout.get(), Duration::from_secs(15));
+        assert!(r.per_try_timeout.is_none() && r.retry.is_none() && r.rewrite.is_none());
+        assert!(
+            r.max_request_body.is_none(),
+            "bodies are streamed: unlimited by default"
+        );
+        assert!(r.matcher.prefix.is_none() && r.matcher.methods.is_empty());
+
+        let cl = &c.clusters[0].value;
+        assert_eq!(cl.lb_policy, LbPolicy::RoundRobin);
+        assert_eq!(cl.protocol, UpstreamProtocol::Http1);
+        assert_eq!(cl.connect_timeout.get(), Duration::from_secs(5));
+        assert_eq!(cl.max_idle_per_endpoint, 64);
+        assert_eq!(cl.idle_timeout.get(), Duration::from_secs(60));
+        assert!(cl.tls.is_none() && cl.hash_on.is_none() && !cl.original_dst);
+        assert_eq!(cl.endpoints[0].value.weight, 1);
+    }
+
+    #[test]
+    fn defaults_inside_optional_sections() {
+        let c = parse(
+            "\
+version: 1
+listeners:
+  - name: db
+    address: 127.0.0.1:6432
+    tcp: { cluster: app }
+    tls:
+      certificates: [{ cert: c.pem, key: k.pem }]
+      client_auth: { ca: ca.pem }
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - { match: { prefix: /old }, redirect: { prefix_rewrite: /new } }
+          - { cluster: app, retry: { retry_on: [reset] } }
+clusters:
+  - { name: app, endpoints: [{ address: \"127.0.0.1:9000\" }] }
+",
+        );
+        let l = &c.listeners[0].value;
+        assert_eq!(
+            l.tcp.as_ref().unwrap().idle_timeout.get(),
+            Duration::from_secs(3600)
+        );
+        let tls = l.tls.as_ref().unwrap();
+        assert_eq!(tls.min_version, TlsVersion::V1_2);
+        assert!(
+            tls.client_auth.as_ref().unwrap().required,
+            "mTLS means required"
+        );
+        assert!(tls.certificates[0].value.server_names.is_empty());
+
+        let routes = &c.routes[0].value.virtual_hosts[0].value.routes;
+        let rd = routes[0].value.redirect.as_ref().unwrap();
+        assert_eq!(rd.code.value, 301);
+        assert!(!rd.strip_query && rd.scheme.is_none() && rd.host.is_none());
+        let retry = routes[1].value.retry.as_ref().unwrap();
+        assert_eq!(retry.num_retries, 1);
+        assert_eq!(retry.backoff_base.get(), Duration::from_millis(25));
+        assert!(
+            retry.backoff_max.is_none(),
+            "10 × backoff_base, applied by the router"
+        );
+        assert!(!retry.retry_non_idempotent);
+        assert_eq!(retry.buffer_limit, ByteSize(64 * 1024));
+        assert!(retry.retriable_status_codes.is_empty());
     }
 }
