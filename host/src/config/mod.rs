@@ -694,8 +694,11 @@ mod defaults {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // in tests a panic is the failure report
 mod tests {
+    use std::collections::BTreeSet;
     use std::path::Path;
     use std::time::Duration;
+
+    use serde::de::DeserializeOwned;
 
     use super::*;
 
@@ -846,5 +849,326 @@ clusters:
         assert!(!retry.retry_non_idempotent);
         assert_eq!(retry.buffer_limit, ByteSize(64 * 1024));
         assert!(retry.retriable_status_codes.is_empty());
+    }
+
+    // ---- The schema, the reference example and the docs cover each other. ----
+
+    /// The keys a section accepts, as serde reports them for an unknown key.
+    fn fields<T: DeserializeOwned>() -> Vec<&'static str> {
+        match serde_saphyr::from_str::<T>("__probe__: 1").map(|_| ()) {
+            Err(e) => match load::innermost(&e) {
+                serde_saphyr::Error::SerdeUnknownField { expected, .. } => expected.clone(),
+                other => panic!("no field list in {other}"),
+            },
+            Ok(()) => panic!("probe key accepted"),
+        }
+    }
+
+    /// The values an enum accepts.
+    fn variants<T: DeserializeOwned>() -> Vec<&'static str> {
+        match serde_saphyr::from_str::<T>("__probe__").map(|_| ()) {
+            Err(e) => match load::innermost(&e) {
+                serde_saphyr::Error::SerdeUnknownVariant { expected, .. } => expected.clone(),
+                other => panic!("no variant list in {other}"),
+            },
+            Ok(()) => panic!("probe value accepted"),
+        }
+    }
+
+    const ROUTE: &str = "routes.virtual_hosts.routes";
+
+    /// Each section of the schema: the docs heading that describes it, where it
+    /// appears in the YAML (key paths without list indices), and its keys.
+    fn sections() -> Vec<(&'static str, Vec<String>, Vec<&'static str>)> {
+        let at = |paths: &[&str]| paths.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let route = |sub: &str| vec![format!("{ROUTE}.{sub}")];
+        vec![
+            ("Top level", at(&[""]), fields::<Config>()),
+            ("`admin`", at(&["admin"]), fields::<Admin>()),
+            ("`access_log`", at(&["access_log"]), fields::<AccessLog>()),
+            ("`listeners[]`", at(&["listeners"]), fields::<Listener>()),
+            (
+                "`listeners[].http`",
+                at(&["listeners.http"]),
+                fields::<HttpListener>(),
+            ),
+            (
+                "`listeners[].tcp`",
+                at(&["listeners.tcp"]),
+                fields::<TcpProxy>(),
+            ),
+            (
+                "`listeners[].tls`",
+                at(&["listeners.tls"]),
+                fields::<ListenerTls>(),
+            ),
+            (
+                "`listeners[].tls.certificates[]`",
+                at(&["listeners.tls.certificates"]),
+                fields::<CertificateConfig>(),
+            ),
+            (
+                "`listeners[].tls.client_auth`",
+                at(&["listeners.tls.client_auth"]),
+                fields::<ClientAuth>(),
+            ),
+            (
+                "`listeners[].limits`",
+                at(&["listeners.limits"]),
+                fields::<Limits>(),
+            ),
+            ("`routes[]`", at(&["routes"]), fields::<RouteTable>()),
+            (
+                "`routes[].virtual_hosts[]`",
+                at(&["routes.virtual_hosts"]),
+                fields::<VirtualHost>(),
+            ),
+            (
+                "Header operations",
+                vec![
+                    "routes.virtual_hosts.request_headers".into(),
+                    "routes.virtual_hosts.response_headers".into(),
+                    format!("{ROUTE}.request_headers"),
+                    format!("{ROUTE}.response_headers"),
+                ],
+                fields::<HeaderOps>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[]`",
+                vec![ROUTE.into()],
+                fields::<Route>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].match`",
+                route("match"),
+                fields::<RouteMatch>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].match.headers[]`",
+                vec![
+                    format!("{ROUTE}.match.headers"),
+                    format!("{ROUTE}.match.query"),
+                ],
+                fields::<ValueMatch>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].weighted_clusters[]`",
+                route("weighted_clusters"),
+                fields::<WeightedCluster>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].redirect`",
+                route("redirect"),
+                fields::<Redirect>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].direct_response`",
+                route("direct_response"),
+                fields::<DirectResponse>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].rewrite`",
+                route("rewrite"),
+                fields::<Rewrite>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].rewrite.regex`",
+                route("rewrite.regex"),
+                fields::<RegexRewrite>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].retry`",
+                route("retry"),
+                fields::<RetryPolicy>(),
+            ),
+            ("`clusters[]`", at(&["clusters"]), fields::<Cluster>()),
+            (
+                "`clusters[].endpoints[]`",
+                at(&["clusters.endpoints"]),
+                fields::<EndpointConfig>(),
+            ),
+            (
+                "`clusters[].hash_on`",
+                at(&["clusters.hash_on"]),
+                fields::<HashOn>(),
+            ),
+            (
+                "`clusters[].tls`",
+                at(&["clusters.tls"]),
+                fields::<UpstreamTls>(),
+            ),
+        ]
+    }
+
+    fn enum_values() -> Vec<&'static str> {
+        [
+            variants::<TlsVersion>(),
+            variants::<RetryOn>(),
+            variants::<LbPolicy>(),
+            variants::<UpstreamProtocol>(),
+        ]
+        .concat()
+    }
+
+    fn workspace_file(rel: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// Key paths (`listeners.tls.certificates.server_names`) and scalar values of a
+    /// YAML document.
+    fn keys_and_values(yaml: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+        fn walk(
+            v: &serde_json::Value,
+            path: &str,
+            keys: &mut BTreeSet<String>,
+            values: &mut BTreeSet<String>,
+        ) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        let p = if path.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{path}.{k}")
+                        };
+                        keys.insert(p.clone());
+                        walk(v, &p, keys, values);
+                    }
+                }
+                serde_json::Value::Array(items) => {
+                    for v in items {
+                        walk(v, path, keys, values);
+                    }
+                }
+                serde_json::Value::String(s) => {
+                    values.insert(s.clone());
+                }
+                other => {
+                    values.insert(other.to_string());
+                }
+            }
+        }
+        let doc: serde_json::Value = serde_saphyr::from_str(yaml).unwrap();
+        let (mut keys, mut values) = (BTreeSet::new(), BTreeSet::new());
+        walk(&doc, "", &mut keys, &mut values);
+        (keys, values)
+    }
+
+    #[test]
+    fn full_example_uses_every_key_and_value() {
+        let full = workspace_file("tests/ui/valid/full.yaml");
+        parse(&full);
+        let (keys, values) = keys_and_values(&full);
+        let mut missing = Vec::new();
+        for (heading, paths, fields) in sections() {
+            for f in fields {
+                let used = paths.iter().any(|p| {
+                    keys.contains(&if p.is_empty() {
+                        f.to_string()
+                    } else {
+                        format!("{p}.{f}")
+                    })
+                });
+                if !used {
+                    missing.push(format!("{heading}: {f}"));
+                }
+            }
+        }
+        for v in enum_values() {
+            if !values.contains(v) {
+                missing.push(format!("value {v}"));
+            }
+        }
+        assert!(missing.is_empty(), "full.yaml does not use: {missing:?}");
+    }
+
+    #[test]
+    fn docs_describe_every_key_and_nothing_else() {
+        let docs = workspace_file("docs/config.md");
+        // Prose only: a `#` line inside a code block is a YAML comment, not a heading.
+        let mut in_code = false;
+        let lines: Vec<&str> = docs
+            .lines()
+            .map(|l| {
+                if l.starts_with("```") {
+                    in_code = !in_code;
+                    ""
+                } else if in_code {
+                    ""
+                } else {
+                    l
+                }
+            })
+            .collect();
+        let mut problems = Vec::new();
+        for (heading, _, fields) in sections() {
+            let Some(start) = lines
+                .iter()
+                .position(|l| l.starts_with('#') && l.contains(heading))
+            else {
+                problems.push(format!("no heading for {heading}"));
+                continue;
+            };
+            // Rows of the section's key table: | `key` | type | default | meaning |
+            // (value tables, headed `| Value |`, list enum values instead).
+            let mut rows = BTreeSet::new();
+            let mut in_key_table = false;
+            for l in lines[start + 1..]
+                .iter()
+                .take_while(|l| !l.starts_with('#'))
+            {
+                if !l.starts_with('|') {
+                    in_key_table = false;
+                } else if l.starts_with("| Key |") {
+                    in_key_table = true;
+                } else if let (true, Some(rest)) = (in_key_table, l.strip_prefix("| `")) {
+                    rows.insert(rest.split('`').next().unwrap_or_default());
+                }
+            }
+            for f in &fields {
+                if !rows.contains(f) {
+                    problems.push(format!("{heading}: `{f}` is not documented"));
+                }
+            }
+            for r in &rows {
+                if !fields.contains(r) {
+                    problems.push(format!(
+                        "{heading}: `{r}` is documented but not in the schema"
+                    ));
+                }
+            }
+        }
+        for v in enum_values() {
+            if !docs.contains(&format!("`{v}`")) && !docs.contains(&format!("`\"{v}\"`")) {
+                problems.push(format!("value `{v}` is not documented"));
+            }
+        }
+        // Value tables list nothing but values of the schema's enums.
+        let values = enum_values();
+        let mut in_value_table = false;
+        for l in &lines {
+            if !l.starts_with('|') {
+                in_value_table = false;
+            } else if l.starts_with("| Value |") {
+                in_value_table = true;
+            } else if let (true, Some(rest)) = (in_value_table, l.strip_prefix("| `")) {
+                let v = rest.split('`').next().unwrap_or_default();
+                if !values.contains(&v) {
+                    problems.push(format!("value `{v}` is documented but not in the schema"));
+                }
+            }
+        }
+        assert!(problems.is_empty(), "docs/config.md: {problems:#?}");
+    }
+
+    #[test]
+    fn docs_embed_the_full_example() {
+        let docs = workspace_file("docs/config.md");
+        let full = workspace_file("tests/ui/valid/full.yaml");
+        assert!(
+            docs.contains(&format!("```yaml\n{full}```")),
+            "docs/config.md must contain tests/ui/valid/full.yaml verbatim in a yaml block"
+        );
     }
 }
