@@ -19,6 +19,7 @@ pub use serde_saphyr::Spanned;
 
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors};
 pub use types::{ByteSize, Dur, Name};
+pub(crate) use validate::split_host_port;
 
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
