@@ -102,15 +102,17 @@ cat <<EOF
 
 demo: Legate is running with ${CONFIG}. Try, in another terminal:
 
-  curl -i http://127.0.0.1:8080/
-  curl -i http://127.0.0.1:8080/echo
-  curl -i http://127.0.0.1:8080/api/hello
-  curl -i --http2-prior-knowledge http://127.0.0.1:8080/
+  curl -i http://127.0.0.1:8080/hello            # canary: 90% app-v1, 10% app-v2 (x-upstream)
+  curl -i --http2-prior-knowledge http://127.0.0.1:8080/api/users   # h2c, round robin
+  curl -i http://127.0.0.1:8080/api/status/503    # retried twice, then passed through
+  curl -i http://127.0.0.1:8080/healthz           # direct response
+  curl -i http://127.0.0.1:8080/old/page?x=1      # 302 redirect
 
   admin:
   curl -s http://${ADMIN}/ready
   curl -s http://${ADMIN}/stats
   curl -s http://${ADMIN}/clusters
+  curl -s http://${ADMIN}/config_dump
 
   upstreams directly: curl -i http://127.0.0.1:8081/   curl -i http://127.0.0.1:8082/
 

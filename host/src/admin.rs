@@ -107,8 +107,16 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// ending in `_active` are gauges.
 fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone, out: &mut String) {
     use std::fmt::Write as _;
-    let kind = |name: &str| if name.ends_with("_active") { "gauge" } else { "counter" };
-    let Some(first) = clusters.clone().next() else { return };
+    let kind = |name: &str| {
+        if name.ends_with("_active") {
+            "gauge"
+        } else {
+            "counter"
+        }
+    };
+    let Some(first) = clusters.clone().next() else {
+        return;
+    };
     for (i, (name, _)) in first.stats.snapshot().into_iter().enumerate() {
         let _ = writeln!(out, "# TYPE legate_cluster_{name} {}", kind(name));
         for c in clusters.clone() {
@@ -117,7 +125,9 @@ fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone,
             }
         }
     }
-    let Some(ep) = clusters.clone().find_map(|c| c.endpoints.first().cloned()) else { return };
+    let Some(ep) = clusters.clone().find_map(|c| c.endpoints.first().cloned()) else {
+        return;
+    };
     for (i, (name, _)) in ep.stats.snapshot().into_iter().enumerate() {
         let _ = writeln!(out, "# TYPE legate_endpoint_{name} {}", kind(name));
         for c in clusters.clone() {

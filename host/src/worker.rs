@@ -40,6 +40,9 @@ pub struct RouteStats {
     pub latency: Histogram,
 }
 
+/// A cluster (kept alive to detect when config dropped it) and this worker's balancer.
+type BalancerEntry = (Arc<Cluster>, Rc<Balancer>);
+
 /// What a worker owns.
 pub struct Worker {
     /// Worker index, for logs.
@@ -50,7 +53,7 @@ pub struct Worker {
     pub pool: Pool,
     /// Per-cluster balancer state, keyed by the cluster's address (a reload makes
     /// new clusters, so stale entries are never reused; they are pruned on reload).
-    balancers: RefCell<HashMap<usize, (Arc<Cluster>, Rc<Balancer>)>>,
+    balancers: RefCell<HashMap<usize, BalancerEntry>>,
     route_stats: RefCell<HashMap<Arc<str>, RouteStats>>,
 }
 

@@ -372,7 +372,6 @@ fn version_str(v: Version) -> &'static str {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 

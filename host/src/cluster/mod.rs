@@ -178,12 +178,9 @@ impl Cluster {
         let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
         for ep in &cfg.endpoints {
             let ep = &ep.value;
-            let (host, port) = split_host_port(&ep.address).ok_or_else(|| {
-                anyhow!(
-                    "cluster `{cluster}`: endpoint address `{}` is not `host:port`",
-                    ep.address
-                )
-            })?;
+            let (host, port) = config::split_host_port(&ep.address)
+                .map_err(|why| anyhow!("cluster `{cluster}`: {why}"))?;
+            let host = host.as_str();
             if ep.weight == 0 {
                 bail!(
                     "cluster `{cluster}`: endpoint `{}` has weight 0",
@@ -417,17 +414,6 @@ impl Drop for ActiveConnection {
             ep.stats.cx_active.fetch_sub(1, Relaxed);
         }
     }
-}
-
-/// Splits `host:port` or `[v6]:port` (the config validator has accepted the address;
-/// its helper is private to the config module).
-fn split_host_port(s: &str) -> Option<(&str, u16)> {
-    let (host, port) = match s.strip_prefix('[') {
-        Some(rest) => rest.split_once("]:")?,
-        None => s.rsplit_once(':')?,
-    };
-    let port: u16 = port.parse().ok()?;
-    (!host.is_empty() && port != 0).then_some((host, port))
 }
 
 /// The address to use among those a name resolved to: the first IPv4 one, else the

@@ -1,11 +1,17 @@
 //! Reading a config file: YAML parsing, then [`Config::validate`], with every error
 //! rendered as `file:line:col: error: what` + the offending line + `help: how to fix`.
+//!
+//! serde's own messages speak Rust (`invalid type: sequence, expected struct Admin`,
+//! `invalid u32`); they are rewritten here in the file's terms — the key path, what
+//! was found, what is allowed — using an outline of the YAML text ([`Outline`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde_saphyr::Location;
+use serde_saphyr::{Error as YamlError, Location};
 
+use super::source::{shorten, Kind, Outline, Path as KeyPath, Pos};
+use super::validate::{did_you_mean, Issue};
 use super::Config;
 
 /// One config error, with its place in the file.
@@ -37,6 +43,11 @@ impl ConfigError {
         self.help = Some(help.into());
         self
     }
+
+    fn place(&mut self, pos: Pos) {
+        self.line = pos.line;
+        self.col = pos.col;
+    }
 }
 
 /// All errors found in one file, with the file's name and text for rendering.
@@ -61,13 +72,23 @@ impl fmt::Display for ConfigErrors {
             if e.line == 0 {
                 writeln!(f, "{}: error: {}", self.file, e.message)?;
             } else {
-                writeln!(f, "{}:{}:{}: error: {}", self.file, e.line, e.col, e.message)?;
+                writeln!(
+                    f,
+                    "{}:{}:{}: error: {}",
+                    self.file, e.line, e.col, e.message
+                )?;
                 if let Some(text) = self.source.lines().nth((e.line - 1) as usize) {
                     let gutter = e.line.to_string().len();
                     writeln!(f, "{:gutter$} |", "")?;
                     writeln!(f, "{} | {}", e.line, text)?;
-                    let pad = (e.col.max(1) - 1) as usize;
-                    writeln!(f, "{:gutter$} | {:pad$}^", "", "")?;
+                    // The caret goes under the column's character; tabs are kept so it
+                    // lines up in a terminal however wide it draws them.
+                    let pad: String = text
+                        .chars()
+                        .take((e.col.max(1) - 1) as usize)
+                        .map(|c| if c == '\t' { '\t' } else { ' ' })
+                        .collect();
+                    writeln!(f, "{:gutter$} | {pad}^", "")?;
                 }
             }
             if let Some(help) = &e.help {
@@ -107,43 +128,375 @@ pub fn parse_str(file: &str, source: &str, base: &Path) -> Result<Config, Config
         source: source.to_string(),
         errors,
     };
-    let mut config: Config = serde_saphyr::from_str(source).map_err(|e| fail(vec![yaml_error(&e)]))?;
-    let mut errors = config.validate();
-    errors.sort_by_key(|e| (e.line, e.col));
-    if !errors.is_empty() {
+    let mut config: Config = serde_saphyr::from_str(source).map_err(|e| {
+        fail(vec![yaml_error(
+            &e,
+            source,
+            Outline::parse(source).as_ref(),
+        )])
+    })?;
+    let issues = config.issues();
+    if !issues.is_empty() {
+        let outline = Outline::parse(source);
+        let mut errors: Vec<ConfigError> = issues
+            .into_iter()
+            .map(|i| place(i, outline.as_ref()))
+            .collect();
+        errors.sort_by_key(|e| (e.line, e.col));
         return Err(fail(errors));
     }
     config.resolve_paths(base);
     Ok(config)
 }
 
-/// Turns a YAML/serde error into a [`ConfigError`] with a hint for the common cases.
-fn yaml_error(e: &serde_saphyr::Error) -> ConfigError {
-    let loc = e.location().unwrap_or(Location::UNKNOWN);
-    let raw = e
-        .without_snippet()
-        .render_with_options(serde_saphyr::render_options! {
-            snippets: serde_saphyr::SnippetMode::Off,
-        });
-    let message = strip_location_suffix(raw.trim());
-    let help = if message.contains("unknown field") {
-        Some(
-            "remove the key or fix its spelling; the keys allowed here are listed in the message \
-             and in docs/config.md"
-                .to_string(),
-        )
-    } else if message.contains("missing field") {
-        Some("add the field; docs/config.md lists what each section needs".to_string())
-    } else if message.contains("unknown variant") {
-        Some("use one of the values listed in the message".to_string())
-    } else {
-        None
+/// Moves a validation error from its item to the key it is about.
+fn place(issue: Issue, outline: Option<&Outline>) -> ConfigError {
+    let mut error = issue.error;
+    let Some(outline) = outline else {
+        return error;
     };
-    ConfigError {
-        line: loc.line(),
-        col: loc.column(),
-        message,
-        help,
+    let pos = match &issue.anchor {
+        Some(anchor) => Pos::of(anchor).and_then(|a| outline.descend(a, &issue.focus)),
+        None => outline.descend_from_root(&issue.focus),
+    };
+    if let Some(pos) = pos {
+        error.place(pos);
+    }
+    error
+}
+
+/// Turns a YAML/serde error into a [`ConfigError`] that says, in the file's terms,
+/// what is wrong, where, and how to fix it.
+fn yaml_error(e: &YamlError, source: &str, outline: Option<&Outline>) -> ConfigError {
+    let e = innermost(e);
+    let loc = e.location().unwrap_or(Location::UNKNOWN);
+    let pos = Pos::of(&loc);
+    // The value node at the error, and its key path.
+    let node = pos.and_then(|p| outline.and_then(|o| o.node_at(p)));
+    let found = node.as_ref().map(|(_, n)| n.describe());
+    // An enum written as a mapping (`lb_policy: { x: 1 }`) is reported at its key.
+    let path = node.as_ref().map(|(p, _)| p.clone()).or_else(|| {
+        pos.and_then(|p| outline.and_then(|o| o.map_of_key_at(p)))
+            .map(|(p, _)| p)
+    });
+    let subject = |what: &str| match &path {
+        Some(p) if p.is_root() => "the top level of the file".to_string(),
+        Some(p) => format!("`{p}`"),
+        None => what.to_string(),
+    };
+    let mut out = ConfigError::at(&loc, "");
+    match e {
+        YamlError::SerdeUnknownField {
+            field, expected, ..
+        } => {
+            let owner = pos.and_then(|p| outline.and_then(|o| o.map_of_key_at(p)));
+            let place = match owner {
+                Some((p, _)) if !p.is_root() => format!(" in `{p}`"),
+                Some(_) => " at the top level".to_string(),
+                None => String::new(),
+            };
+            out.message = format!(
+                "unknown key `{field}`{place}; the keys allowed here are: {}",
+                expected.join(", ")
+            );
+            let near = did_you_mean(field, expected.iter().copied())
+                .or_else(|| unique_extension(field, expected));
+            out.help = Some(match near {
+                Some(near) => format!("did you mean `{near}`?"),
+                None => "remove the key or fix its spelling; docs/config.md describes every key"
+                    .to_string(),
+            });
+        }
+        YamlError::SerdeMissingField { field, .. } => {
+            // serde-saphyr reports a missing field at the mapping's last key (or at the
+            // mapping itself when it is empty); point at the start of the mapping.
+            let owner = pos.and_then(|p| {
+                outline.and_then(|o| {
+                    o.map_of_key_at(p)
+                        .or_else(|| o.node_at(p).filter(|(_, n)| matches!(n.kind, Kind::Map(_))))
+                })
+            });
+            match owner {
+                Some((p, map)) => {
+                    out.place(map.pos);
+                    out.message = if p.is_root() {
+                        format!("the required top-level key `{field}` is missing")
+                    } else {
+                        format!("`{p}` is missing the required key `{field}`")
+                    };
+                    out.help = Some(missing_help(field, &p));
+                }
+                None => {
+                    out.message = format!("the required key `{field}` is missing");
+                    out.help = Some(missing_help(field, &KeyPath::default()));
+                }
+            }
+        }
+        YamlError::SerdeUnknownVariant {
+            variant, expected, ..
+        } => {
+            out.message = format!(
+                "{} cannot be `{variant}`; the values allowed are: {}",
+                subject("the value"),
+                expected.join(", ")
+            );
+            out.help = Some(
+                match (
+                    mixup(variant, expected),
+                    did_you_mean(variant, expected.iter().copied()),
+                ) {
+                    (Some(hint), _) => hint,
+                    (None, Some(near)) => format!("did you mean `{near}`?"),
+                    (None, None) => {
+                        "use one of the values listed; docs/config.md explains each".to_string()
+                    }
+                },
+            );
+        }
+        YamlError::InvalidScalar { ty, .. } => {
+            let (want, help) = scalar_type(ty);
+            out.message = format!(
+                "{} must be {want}, not {}",
+                subject("the value"),
+                found.as_deref().unwrap_or("this")
+            );
+            out.help = help.map(str::to_string);
+        }
+        YamlError::SerdeInvalidType {
+            unexpected,
+            expected,
+            ..
+        }
+        | YamlError::SerdeInvalidValue {
+            unexpected,
+            expected,
+            ..
+        } => {
+            let (want, help) = expected_kind(expected);
+            let found = found.unwrap_or_else(|| unexpected.clone());
+            out.message = format!("{} must be {want}, not {found}", subject("the value"));
+            out.help = help;
+        }
+        YamlError::Unexpected { expected, .. } => {
+            let want = match *expected {
+                "mapping start" => "a mapping (`key: value` lines or `{ key: value }`)",
+                "sequence start" => "a list (`- item` lines or `[a, b]`)",
+                "scalar" | "string scalar" | "value" => "a single value",
+                other => other,
+            };
+            out.message = format!(
+                "{} must be {want}, not {}",
+                subject("the value"),
+                found.as_deref().unwrap_or("this")
+            );
+            let is_null = node
+                .as_ref()
+                .is_some_and(|(_, n)| matches!(&n.kind, Kind::Scalar(s) if s.is_empty() || s == "~" || s == "null"));
+            out.help = Some(match *expected {
+                _ if is_null => {
+                    "write its value, or leave the key out to get the default".to_string()
+                }
+                "mapping start" => "docs/config.md shows the keys this section takes".to_string(),
+                "sequence start" => {
+                    "write the items as a YAML list, even when there is only one".to_string()
+                }
+                _ => "docs/config.md shows what this key takes".to_string(),
+            });
+        }
+        YamlError::NullIntoString { .. } => {
+            out.message = format!("{} has no value", subject("this key"));
+            out.help = Some(
+                "write the value after the `:`, or remove the key if it is optional".to_string(),
+            );
+        }
+        YamlError::Message { msg, .. } => {
+            // Our own scalar types (names, durations, sizes) explain themselves.
+            out.message = match &path {
+                Some(p) if !p.is_root() => format!("`{p}`: {msg}"),
+                _ => msg.clone(),
+            };
+        }
+        YamlError::DuplicateMappingKey { key, .. } => {
+            let owner = pos
+                .and_then(|p| outline.and_then(|o| o.map_of_key_at(p)))
+                .map(|(p, _)| p);
+            let place = match owner {
+                Some(p) if !p.is_root() => format!(" in `{p}`"),
+                _ => String::new(),
+            };
+            out.message = match key {
+                Some(k) => format!("key `{k}` appears twice{place}"),
+                None => format!("a key appears twice{place}"),
+            };
+            out.help = Some("remove one of them; each key may appear once".to_string());
+        }
+        YamlError::Eof { .. } if outline.is_none() && is_blank(source) => {
+            out = ConfigError::at(&Location::UNKNOWN, "the config file is empty");
+            out.help = Some(
+                "start with `version: 1`; docs/config.md shows a complete example".to_string(),
+            );
+        }
+        YamlError::Eof { .. } => {
+            out.message = "the file ends in the middle of a value".to_string();
+            out.help = Some("close every `[`, `{` and quote that was opened".to_string());
+        }
+        YamlError::MultipleDocuments { .. } => {
+            out.message = "the file holds more than one YAML document (`---`)".to_string();
+            out.help = Some("keep the whole config in one document".to_string());
+        }
+        _ => {
+            let raw = e.render_with_options(serde_saphyr::render_options! {
+                snippets: serde_saphyr::SnippetMode::Off,
+            });
+            let msg = strip_location_suffix(raw.trim());
+            out.help = Some(if msg.contains("tab") {
+                "indent with spaces: YAML does not allow tabs for indentation".to_string()
+            } else if msg.contains("mapping values are not allowed") {
+                "a `key: value` cannot start here: check that this key is indented like the keys \
+                 above it, and quote values that contain `: `"
+                    .to_string()
+            } else {
+                "this is not well-formed YAML; check the indentation, quotes and brackets here"
+                    .to_string()
+            });
+            out.message = format!("YAML syntax: {msg}");
+        }
+    }
+    out
+}
+
+/// The error an alias or snippet wrapper carries.
+pub(super) fn innermost(e: &YamlError) -> &YamlError {
+    match e {
+        YamlError::WithSnippet { error, .. } | YamlError::AliasError { error, .. } => {
+            innermost(error)
+        }
+        other => other,
+    }
+}
+
+/// How a person writes a value of a Rust scalar type, and a hint.
+fn scalar_type(ty: &str) -> (String, Option<&'static str>) {
+    let max = match ty {
+        "u8" => Some(u64::from(u8::MAX)),
+        "u16" => Some(u64::from(u16::MAX)),
+        "u32" => Some(u64::from(u32::MAX)),
+        "u64" | "usize" => Some(u64::MAX),
+        _ => None,
+    };
+    match (ty, max) {
+        (_, Some(max)) => (
+            format!("a whole number from 0 to {max}"),
+            Some("write digits only, without quotes, units or a sign"),
+        ),
+        ("bool" | "boolean", _) => (
+            "`true` or `false`".to_string(),
+            Some("YAML booleans are `true` and `false`"),
+        ),
+        ("f32" | "f64", _) => ("a number".to_string(), None),
+        (other, _) => (format!("a valid {other}"), None),
+    }
+}
+
+/// Values people write for an enum that edit distance would misread (`http2` is one
+/// letter from `http1`, but means `h2`).
+fn mixup(variant: &str, expected: &[&str]) -> Option<String> {
+    let v = variant.to_ascii_lowercase();
+    if expected.contains(&"h2") {
+        if matches!(v.as_str(), "http2" | "http/2" | "http_2" | "h2c" | "grpc") {
+            return Some("HTTP/2 is `h2` (cleartext h2c when the cluster has no `tls`)".into());
+        }
+        if matches!(
+            v.as_str(),
+            "http" | "http/1.1" | "http1.1" | "http11" | "h1"
+        ) {
+            return Some("HTTP/1.1 is `http1`".into());
+        }
+    }
+    if expected.contains(&"1.2") {
+        let bare = v.trim_start_matches(|c: char| c.is_ascii_alphabetic() || c == ' ');
+        if matches!(bare, "1" | "1.0" | "1.1") {
+            return Some(
+                "TLS 1.0 and 1.1 are deprecated (RFC 8996) and not offered; the lowest is `1.2`"
+                    .into(),
+            );
+        }
+        if bare != v && expected.contains(&bare) {
+            return Some(format!("write the version number alone: `\"{bare}\"`"));
+        }
+    }
+    None
+}
+
+/// The only allowed key that starts with what was written (`lb` → `lb_policy`):
+/// abbreviations are too far from the full key for edit distance to find them.
+fn unique_extension<'a>(field: &str, expected: &[&'a str]) -> Option<&'a str> {
+    let mut hits = expected
+        .iter()
+        .filter(|k| k.starts_with(field) && k.len() > field.len());
+    match (hits.next(), hits.next()) {
+        (Some(k), None) if field.len() >= 2 => Some(k),
+        _ => None,
+    }
+}
+
+fn is_blank(source: &str) -> bool {
+    source
+        .lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+}
+
+/// serde's "expected" phrase in the file's terms, and a hint.
+fn expected_kind(expected: &str) -> (String, Option<String>) {
+    if expected.starts_with("struct ") {
+        return (
+            "a mapping (`key: value` lines or `{ key: value }`)".into(),
+            Some("docs/config.md shows the keys this section takes".into()),
+        );
+    }
+    match expected {
+        "a sequence" => (
+            "a list (`- item` lines or `[a, b]`)".into(),
+            Some("write the items as a YAML list, even when there is only one".into()),
+        ),
+        "a map" => (
+            "a mapping of names to values".into(),
+            Some("write it like `{ x-env: prod }`".into()),
+        ),
+        "a string" => (
+            "a string".into(),
+            Some("quote the value if YAML reads it as something else".into()),
+        ),
+        "a boolean" => ("`true` or `false`".into(), None),
+        other => {
+            let (want, help) = scalar_type(other);
+            if want.starts_with("a valid ") {
+                (other.to_string(), None)
+            } else {
+                (want, help.map(str::to_string))
+            }
+        }
+    }
+}
+
+/// How to add a missing key; keys whose value has an obvious shape get an example.
+fn missing_help(field: &str, path: &KeyPath) -> String {
+    let example = match (field, path.last_key()) {
+        ("version", _) => "version: 1",
+        ("routes", Some("http")) => "routes: TABLE_NAME",
+        ("cluster", _) => "cluster: CLUSTER_NAME",
+        ("address", _) if path.to_string().starts_with("listeners") => "address: 0.0.0.0:8080",
+        ("address", _) => "address: HOST:PORT",
+        ("domains", _) => "domains: [\"*\"]",
+        ("certificates", _) => "certificates: [{ cert: FILE, key: FILE }]",
+        ("retry_on", _) => "retry_on: [5xx, connect-failure]",
+        ("status", _) => "status: 404",
+        _ => "",
+    };
+    if example.is_empty() {
+        format!("add `{field}:` here; docs/config.md lists the required keys of each section")
+    } else {
+        format!("add `{example}` here; docs/config.md lists the required keys of each section")
     }
 }
 
@@ -153,12 +506,21 @@ fn strip_location_suffix(msg: &str) -> String {
         Some(i) if msg[i..].contains("column") => &msg[..i],
         _ => msg,
     };
-    msg.trim_end_matches(['.', ' ']).to_string()
+    shorten_message(msg.trim_end_matches(['.', ' ']))
+}
+
+/// Parser messages can quote input; keep them on one line.
+fn shorten_message(msg: &str) -> String {
+    if msg.contains('\n') {
+        shorten(msg)
+    } else {
+        msg.to_string()
+    }
 }
 
 impl Config {
     /// Makes file paths in the config absolute relative to `base`.
-    fn resolve_paths(&mut self, base: &Path) {
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -186,10 +548,178 @@ impl Config {
             }
         }
         if let Some(log) = &mut self.access_log {
-            if !matches!(log.path.as_str(), "stdout" | "stderr") && Path::new(&log.path).is_relative()
+            if !matches!(log.path.as_str(), "stdout" | "stderr")
+                && Path::new(&log.path).is_relative()
             {
                 log.path = base.join(&log.path).display().to_string();
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // in tests a panic is the failure report
+mod tests {
+    use super::*;
+
+    const WITH_PATHS: &str = "\
+version: 1
+access_log: { path: logs/access.log }
+listeners:
+  - name: web
+    address: 0.0.0.0:8443
+    http: { routes: main }
+    tls:
+      certificates:
+        - { cert: certs/web.pem, key: /abs/web.key }
+      client_auth: { ca: ../shared/ca.pem }
+routes:
+  - name: main
+    virtual_hosts: [{ name: all, domains: [\"*\"], routes: [{ cluster: app }] }]
+clusters:
+  - name: app
+    endpoints: [{ address: \"10.0.0.1:443\" }]
+    tls: { ca: ca.pem, client_cert: /abs/client.pem, client_key: client.key }
+";
+
+    #[test]
+    fn relative_paths_are_resolved_against_the_base() {
+        let c = parse_str("x.yaml", WITH_PATHS, Path::new("/etc/legate")).unwrap();
+        assert_eq!(c.access_log.unwrap().path, "/etc/legate/logs/access.log");
+        let tls = c.listeners[0].value.tls.as_ref().unwrap();
+        let cert = &tls.certificates[0].value;
+        assert_eq!(cert.cert, Path::new("/etc/legate/certs/web.pem"));
+        assert_eq!(cert.key, Path::new("/abs/web.key"), "absolute paths stay");
+        assert_eq!(
+            tls.client_auth.as_ref().unwrap().ca,
+            Path::new("/etc/legate/../shared/ca.pem")
+        );
+        let up = c.clusters[0].value.tls.as_ref().unwrap();
+        assert_eq!(up.ca.as_deref(), Some(Path::new("/etc/legate/ca.pem")));
+        assert_eq!(
+            up.client_cert.as_deref(),
+            Some(Path::new("/abs/client.pem"))
+        );
+        assert_eq!(
+            up.client_key.as_deref(),
+            Some(Path::new("/etc/legate/client.key"))
+        );
+    }
+
+    #[test]
+    fn standard_streams_are_not_paths() {
+        for stream in ["stdout", "stderr"] {
+            let src = WITH_PATHS.replace("logs/access.log", stream);
+            let c = parse_str("x.yaml", &src, Path::new("/etc/legate")).unwrap();
+            assert_eq!(c.access_log.unwrap().path, stream);
+        }
+    }
+
+    #[test]
+    fn load_file_resolves_against_the_file_directory() {
+        let dir = std::env::temp_dir().join(format!("legate-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("plugins.yaml");
+        std::fs::write(&file, WITH_PATHS).unwrap();
+        let c = load_file(&file);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let c = c.unwrap();
+        let cert = &c.listeners[0].value.tls.as_ref().unwrap().certificates[0].value;
+        assert_eq!(cert.cert, dir.join("certs/web.pem"));
+    }
+
+    #[test]
+    fn unreadable_file_is_one_unlocated_error() {
+        let e = load_file(Path::new("/nonexistent/legate/plugins.yaml")).unwrap_err();
+        assert_eq!(e.errors.len(), 1);
+        assert_eq!((e.errors[0].line, e.errors[0].col), (0, 0));
+        let text = e.to_string();
+        assert!(
+            text.starts_with(
+                "/nonexistent/legate/plugins.yaml: error: cannot read the config file"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("help: check the path given with -c/--config"),
+            "{text}"
+        );
+    }
+
+    const TWO_ISSUES: &str = "\
+version: 1
+clusters:
+  - name: a
+    lb_policy: ring_hash
+    endpoints: [{ address: \"10.0.0.1:80\" }]
+  - name: b
+    hash_on: { cookie: s }
+    endpoints: [{ address: \"10.0.0.2:80\" }]
+";
+
+    #[test]
+    fn validation_errors_point_at_the_offending_key() {
+        let e = parse_str("x.yaml", TWO_ISSUES, Path::new(".")).unwrap_err();
+        let at: Vec<(u64, u64)> = e.errors.iter().map(|e| (e.line, e.col)).collect();
+        // `lb_policy` of `a`, `hash_on` of `b`: not the clusters' first lines.
+        assert_eq!(at, [(4, 5), (7, 5)]);
+        let text = e.to_string();
+        assert!(text.ends_with("2 errors in x.yaml"), "{text}");
+        assert!(
+            text.contains("7 |     hash_on: { cookie: s }\n  |     ^\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn validate_without_text_locates_errors_at_their_item() {
+        let c: Config = serde_saphyr::from_str(TWO_ISSUES).unwrap();
+        let at: Vec<(u64, u64)> = c.validate().iter().map(|e| (e.line, e.col)).collect();
+        assert_eq!(at, [(3, 5), (6, 5)]);
+    }
+
+    #[test]
+    fn caret_keeps_tabs_so_it_lines_up() {
+        let errors = ConfigErrors {
+            file: "f.yaml".into(),
+            source: "a:\n\tb: [x y]\n".into(),
+            errors: vec![ConfigError {
+                line: 2,
+                col: 6,
+                message: "m".into(),
+                help: None,
+            }],
+        };
+        assert_eq!(
+            errors.to_string(),
+            "f.yaml:2:6: error: m\n  |\n2 | \tb: [x y]\n  | \t    ^\n"
+        );
+    }
+
+    #[test]
+    fn abbreviated_keys_are_completed_when_unambiguous() {
+        let keys = ["lb_policy", "hash_on", "idle_timeout", "ignore"];
+        assert_eq!(unique_extension("lb", &keys), Some("lb_policy"));
+        assert_eq!(unique_extension("i", &keys), None, "too short");
+        assert_eq!(unique_extension("ig", &keys), Some("ignore"));
+        assert_eq!(
+            unique_extension("idle_timeout", &keys),
+            None,
+            "not an extension"
+        );
+        let keys = ["max_idle", "max_conn"];
+        assert_eq!(unique_extension("max", &keys), None, "ambiguous");
+    }
+
+    #[test]
+    fn enum_mixups_get_a_specific_hint() {
+        let h2 = ["http1", "h2", "auto"];
+        assert!(mixup("HTTP2", &h2).unwrap().contains("`h2`"));
+        assert!(mixup("http", &h2).unwrap().contains("`http1`"));
+        assert_eq!(mixup("h3", &h2), None);
+        let tls = ["1.2", "1.3"];
+        assert!(mixup("1.1", &tls).unwrap().contains("RFC 8996"));
+        assert!(mixup("TLSv1.3", &tls).unwrap().contains("`\"1.3\"`"));
+        assert_eq!(mixup("2.0", &tls), None);
     }
 }

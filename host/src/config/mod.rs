@@ -7,6 +7,7 @@
 //! each field and in `docs/config.md`, with the reason they are safe.
 
 mod load;
+mod source;
 mod types;
 mod validate;
 
@@ -18,6 +19,7 @@ pub use serde_saphyr::Spanned;
 
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors};
 pub use types::{ByteSize, Dur, Name};
+pub(crate) use validate::split_host_port;
 
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -255,10 +257,11 @@ pub struct VirtualHost {
     pub domains: Vec<Spanned<String>>,
     /// Routes, tried in order; the first that matches wins.
     pub routes: Vec<Spanned<Route>>,
-    /// Headers added to requests of every route here (before the route's own).
+    /// Headers changed in requests of every route here (after the route's own, so the
+    /// virtual host's `set` has the last word, as in Envoy).
     #[serde(default)]
     pub request_headers: HeaderOps,
-    /// Headers added to responses of every route here (after the route's own).
+    /// Headers changed in responses of every route here (after the route's own).
     #[serde(default)]
     pub response_headers: HeaderOps,
 }
@@ -323,7 +326,7 @@ pub struct Route {
     /// Whole-request timeout, retries included. Default 15s, as Envoy; `0s` disables.
     #[serde(default = "defaults::route_timeout")]
     pub timeout: Dur,
-    /// Timeout of each upstream attempt; absent = only the route timeout applies.
+    /// Timeout of each upstream attempt; absent (or `0s`) = only the route timeout applies.
     #[serde(default)]
     pub per_try_timeout: Option<Dur>,
     /// Retry policy; absent = no retries.
@@ -532,8 +535,9 @@ pub struct Cluster {
     /// Idle keep-alive connections kept per endpoint per worker. Default 64.
     #[serde(default = "defaults::max_idle")]
     pub max_idle_per_endpoint: u32,
-    /// Close an idle pooled connection after this long. Default 60s, below the
-    /// common upstream keep-alive timeouts so Legate closes first.
+    /// Close an idle pooled connection after this long. Default 60s, below nginx's
+    /// 75s keep-alive so Legate closes first; set it below the upstream's own idle
+    /// timeout when that is shorter (Node.js and Apache close after 5s).
     #[serde(default = "defaults::pool_idle_timeout")]
     pub idle_timeout: Dur,
 }
@@ -685,5 +689,487 @@ mod defaults {
     }
     pub fn weight() -> u32 {
         1
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // in tests a panic is the failure report
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use serde::de::DeserializeOwned;
+
+    use super::*;
+
+    fn parse(src: &str) -> Config {
+        parse_str("test.yaml", src, Path::new("/etc/legate")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const MINIMAL: &str = "\
+version: 1
+listeners:
+  - { name: web, address: \"0.0.0.0:8080\", http: { routes: main } }
+routes:
+  - name: main
+    virtual_hosts:
+      - { name: all, domains: [\"*\"], routes: [{ cluster: app }] }
+clusters:
+  - { name: app, endpoints: [{ address: \"127.0.0.1:9000\" }] }
+";
+
+    #[test]
+    fn limits_defaults_are_the_documented_ones() {
+        let l = Limits::default();
+        assert_eq!(l.max_connections, 10_000);
+        assert_eq!(l.max_request_headers_size, ByteSize(60 * 1024));
+        assert_eq!(l.max_request_headers, 100);
+        assert_eq!(l.header_read_timeout.get(), Duration::from_secs(10));
+        assert_eq!(l.idle_timeout.get(), Duration::from_secs(60));
+        assert_eq!(l.max_concurrent_streams, 100);
+    }
+
+    /// The `Default` impls and serde's per-field defaults are written separately;
+    /// an empty mapping must give the same values as `Default`.
+    #[test]
+    fn serde_defaults_agree_with_default_impls() {
+        let json = |v: &dyn erased::Ser| v.json();
+        let limits: Limits = serde_saphyr::from_str("{}").unwrap();
+        assert_eq!(json(&limits), json(&Limits::default()));
+        let admin: Admin = serde_saphyr::from_str("{}").unwrap();
+        assert_eq!(json(&admin), json(&Admin::default()));
+        let ops: HeaderOps = serde_saphyr::from_str("{}").unwrap();
+        assert_eq!(json(&ops), json(&HeaderOps::default()));
+        assert!(ops.is_empty());
+        let m: RouteMatch = serde_saphyr::from_str("{}").unwrap();
+        assert_eq!(json(&m), json(&RouteMatch::default()));
+        let tls: UpstreamTls = serde_saphyr::from_str("{}").unwrap();
+        assert_eq!(json(&tls), json(&UpstreamTls::default()));
+    }
+
+    /// Serialization through `dyn`, so one helper compares values of any section.
+    mod erased {
+        pub trait Ser {
+            fn json(&self) -> serde_json::Value;
+        }
+        impl<T: serde::Serialize> Ser for T {
+            fn json(&self) -> serde_json::Value {
+                serde_json::to_value(self).unwrap()
+            }
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let c = parse(MINIMAL);
+        assert_eq!(c.admin.address.value, "127.0.0.1:9901");
+        assert!(!c.admin.allow_non_loopback);
+        assert!(c.access_log.is_none());
+        assert_eq!(c.drain_timeout.get(), Duration::from_secs(30));
+        assert!(c.plugins.value.is_empty());
+
+        let l = &c.listeners[0].value;
+        let http = l.http.as_ref().unwrap();
+        assert!(!http.trust_downstream);
+        assert!(http.generate_request_id);
+        assert!(http.via.is_none());
+        assert!(l.tls.is_none() && l.tcp.is_none() && !l.original_destination);
+        assert_eq!(l.limits.max_connections, Limits::default().max_connections);
+
+        let vh = &c.routes[0].value.virtual_hosts[0].value;
+        assert!(vh.request_headers.is_empty() && vh.response_headers.is_empty());
+        let r = &vh.routes[0].value;
+        assert!(r.name.is_none());
+        assert_eq!(r.timeout.get(), Duration::from_secs(15));
+        assert!(r.per_try_timeout.is_none() && r.retry.is_none() && r.rewrite.is_none());
+        assert!(
+            r.max_request_body.is_none(),
+            "bodies are streamed: unlimited by default"
+        );
+        assert!(r.matcher.prefix.is_none() && r.matcher.methods.is_empty());
+
+        let cl = &c.clusters[0].value;
+        assert_eq!(cl.lb_policy, LbPolicy::RoundRobin);
+        assert_eq!(cl.protocol, UpstreamProtocol::Http1);
+        assert_eq!(cl.connect_timeout.get(), Duration::from_secs(5));
+        assert_eq!(cl.max_idle_per_endpoint, 64);
+        assert_eq!(cl.idle_timeout.get(), Duration::from_secs(60));
+        assert!(cl.tls.is_none() && cl.hash_on.is_none() && !cl.original_dst);
+        assert_eq!(cl.endpoints[0].value.weight, 1);
+    }
+
+    #[test]
+    fn defaults_inside_optional_sections() {
+        let c = parse(
+            "\
+version: 1
+listeners:
+  - name: db
+    address: 127.0.0.1:6432
+    tcp: { cluster: app }
+    tls:
+      certificates: [{ cert: c.pem, key: k.pem }]
+      client_auth: { ca: ca.pem }
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - { match: { prefix: /old }, redirect: { prefix_rewrite: /new } }
+          - { cluster: app, retry: { retry_on: [reset] } }
+clusters:
+  - { name: app, endpoints: [{ address: \"127.0.0.1:9000\" }] }
+",
+        );
+        let l = &c.listeners[0].value;
+        assert_eq!(
+            l.tcp.as_ref().unwrap().idle_timeout.get(),
+            Duration::from_secs(3600)
+        );
+        let tls = l.tls.as_ref().unwrap();
+        assert_eq!(tls.min_version, TlsVersion::V1_2);
+        assert!(
+            tls.client_auth.as_ref().unwrap().required,
+            "mTLS means required"
+        );
+        assert!(tls.certificates[0].value.server_names.is_empty());
+
+        let routes = &c.routes[0].value.virtual_hosts[0].value.routes;
+        let rd = routes[0].value.redirect.as_ref().unwrap();
+        assert_eq!(rd.code.value, 301);
+        assert!(!rd.strip_query && rd.scheme.is_none() && rd.host.is_none());
+        let retry = routes[1].value.retry.as_ref().unwrap();
+        assert_eq!(retry.num_retries, 1);
+        assert_eq!(retry.backoff_base.get(), Duration::from_millis(25));
+        assert!(
+            retry.backoff_max.is_none(),
+            "10 × backoff_base, applied by the router"
+        );
+        assert!(!retry.retry_non_idempotent);
+        assert_eq!(retry.buffer_limit, ByteSize(64 * 1024));
+        assert!(retry.retriable_status_codes.is_empty());
+    }
+
+    // ---- The schema, the reference example and the docs cover each other. ----
+
+    /// The keys a section accepts, as serde reports them for an unknown key.
+    fn fields<T: DeserializeOwned>() -> Vec<&'static str> {
+        match serde_saphyr::from_str::<T>("__probe__: 1").map(|_| ()) {
+            Err(e) => match load::innermost(&e) {
+                serde_saphyr::Error::SerdeUnknownField { expected, .. } => expected.clone(),
+                other => panic!("no field list in {other}"),
+            },
+            Ok(()) => panic!("probe key accepted"),
+        }
+    }
+
+    /// The values an enum accepts.
+    fn variants<T: DeserializeOwned>() -> Vec<&'static str> {
+        match serde_saphyr::from_str::<T>("__probe__").map(|_| ()) {
+            Err(e) => match load::innermost(&e) {
+                serde_saphyr::Error::SerdeUnknownVariant { expected, .. } => expected.clone(),
+                other => panic!("no variant list in {other}"),
+            },
+            Ok(()) => panic!("probe value accepted"),
+        }
+    }
+
+    const ROUTE: &str = "routes.virtual_hosts.routes";
+
+    /// Each section of the schema: the docs heading that describes it, where it
+    /// appears in the YAML (key paths without list indices), and its keys.
+    fn sections() -> Vec<(&'static str, Vec<String>, Vec<&'static str>)> {
+        let at = |paths: &[&str]| paths.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let route = |sub: &str| vec![format!("{ROUTE}.{sub}")];
+        vec![
+            ("Top level", at(&[""]), fields::<Config>()),
+            ("`admin`", at(&["admin"]), fields::<Admin>()),
+            ("`access_log`", at(&["access_log"]), fields::<AccessLog>()),
+            ("`listeners[]`", at(&["listeners"]), fields::<Listener>()),
+            (
+                "`listeners[].http`",
+                at(&["listeners.http"]),
+                fields::<HttpListener>(),
+            ),
+            (
+                "`listeners[].tcp`",
+                at(&["listeners.tcp"]),
+                fields::<TcpProxy>(),
+            ),
+            (
+                "`listeners[].tls`",
+                at(&["listeners.tls"]),
+                fields::<ListenerTls>(),
+            ),
+            (
+                "`listeners[].tls.certificates[]`",
+                at(&["listeners.tls.certificates"]),
+                fields::<CertificateConfig>(),
+            ),
+            (
+                "`listeners[].tls.client_auth`",
+                at(&["listeners.tls.client_auth"]),
+                fields::<ClientAuth>(),
+            ),
+            (
+                "`listeners[].limits`",
+                at(&["listeners.limits"]),
+                fields::<Limits>(),
+            ),
+            ("`routes[]`", at(&["routes"]), fields::<RouteTable>()),
+            (
+                "`routes[].virtual_hosts[]`",
+                at(&["routes.virtual_hosts"]),
+                fields::<VirtualHost>(),
+            ),
+            (
+                "Header operations",
+                vec![
+                    "routes.virtual_hosts.request_headers".into(),
+                    "routes.virtual_hosts.response_headers".into(),
+                    format!("{ROUTE}.request_headers"),
+                    format!("{ROUTE}.response_headers"),
+                ],
+                fields::<HeaderOps>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[]`",
+                vec![ROUTE.into()],
+                fields::<Route>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].match`",
+                route("match"),
+                fields::<RouteMatch>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].match.headers[]`",
+                vec![
+                    format!("{ROUTE}.match.headers"),
+                    format!("{ROUTE}.match.query"),
+                ],
+                fields::<ValueMatch>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].weighted_clusters[]`",
+                route("weighted_clusters"),
+                fields::<WeightedCluster>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].redirect`",
+                route("redirect"),
+                fields::<Redirect>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].direct_response`",
+                route("direct_response"),
+                fields::<DirectResponse>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].rewrite`",
+                route("rewrite"),
+                fields::<Rewrite>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].rewrite.regex`",
+                route("rewrite.regex"),
+                fields::<RegexRewrite>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].retry`",
+                route("retry"),
+                fields::<RetryPolicy>(),
+            ),
+            ("`clusters[]`", at(&["clusters"]), fields::<Cluster>()),
+            (
+                "`clusters[].endpoints[]`",
+                at(&["clusters.endpoints"]),
+                fields::<EndpointConfig>(),
+            ),
+            (
+                "`clusters[].hash_on`",
+                at(&["clusters.hash_on"]),
+                fields::<HashOn>(),
+            ),
+            (
+                "`clusters[].tls`",
+                at(&["clusters.tls"]),
+                fields::<UpstreamTls>(),
+            ),
+        ]
+    }
+
+    fn enum_values() -> Vec<&'static str> {
+        [
+            variants::<TlsVersion>(),
+            variants::<RetryOn>(),
+            variants::<LbPolicy>(),
+            variants::<UpstreamProtocol>(),
+        ]
+        .concat()
+    }
+
+    fn workspace_file(rel: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// Key paths (`listeners.tls.certificates.server_names`) and scalar values of a
+    /// YAML document.
+    fn keys_and_values(yaml: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+        fn walk(
+            v: &serde_json::Value,
+            path: &str,
+            keys: &mut BTreeSet<String>,
+            values: &mut BTreeSet<String>,
+        ) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        let p = if path.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{path}.{k}")
+                        };
+                        keys.insert(p.clone());
+                        walk(v, &p, keys, values);
+                    }
+                }
+                serde_json::Value::Array(items) => {
+                    for v in items {
+                        walk(v, path, keys, values);
+                    }
+                }
+                serde_json::Value::String(s) => {
+                    values.insert(s.clone());
+                }
+                other => {
+                    values.insert(other.to_string());
+                }
+            }
+        }
+        let doc: serde_json::Value = serde_saphyr::from_str(yaml).unwrap();
+        let (mut keys, mut values) = (BTreeSet::new(), BTreeSet::new());
+        walk(&doc, "", &mut keys, &mut values);
+        (keys, values)
+    }
+
+    #[test]
+    fn full_example_uses_every_key_and_value() {
+        let full = workspace_file("tests/ui/valid/full.yaml");
+        parse(&full);
+        let (keys, values) = keys_and_values(&full);
+        let mut missing = Vec::new();
+        for (heading, paths, fields) in sections() {
+            for f in fields {
+                let used = paths.iter().any(|p| {
+                    keys.contains(&if p.is_empty() {
+                        f.to_string()
+                    } else {
+                        format!("{p}.{f}")
+                    })
+                });
+                if !used {
+                    missing.push(format!("{heading}: {f}"));
+                }
+            }
+        }
+        for v in enum_values() {
+            if !values.contains(v) {
+                missing.push(format!("value {v}"));
+            }
+        }
+        assert!(missing.is_empty(), "full.yaml does not use: {missing:?}");
+    }
+
+    #[test]
+    fn docs_describe_every_key_and_nothing_else() {
+        let docs = workspace_file("docs/config.md");
+        // Prose only: a `#` line inside a code block is a YAML comment, not a heading.
+        let mut in_code = false;
+        let lines: Vec<&str> = docs
+            .lines()
+            .map(|l| {
+                if l.starts_with("```") {
+                    in_code = !in_code;
+                    ""
+                } else if in_code {
+                    ""
+                } else {
+                    l
+                }
+            })
+            .collect();
+        let mut problems = Vec::new();
+        for (heading, _, fields) in sections() {
+            let Some(start) = lines
+                .iter()
+                .position(|l| l.starts_with('#') && l.contains(heading))
+            else {
+                problems.push(format!("no heading for {heading}"));
+                continue;
+            };
+            // Rows of the section's key table: | `key` | type | default | meaning |
+            // (value tables, headed `| Value |`, list enum values instead).
+            let mut rows = BTreeSet::new();
+            let mut in_key_table = false;
+            for l in lines[start + 1..]
+                .iter()
+                .take_while(|l| !l.starts_with('#'))
+            {
+                if !l.starts_with('|') {
+                    in_key_table = false;
+                } else if l.starts_with("| Key |") {
+                    in_key_table = true;
+                } else if let (true, Some(rest)) = (in_key_table, l.strip_prefix("| `")) {
+                    rows.insert(rest.split('`').next().unwrap_or_default());
+                }
+            }
+            for f in &fields {
+                if !rows.contains(f) {
+                    problems.push(format!("{heading}: `{f}` is not documented"));
+                }
+            }
+            for r in &rows {
+                if !fields.contains(r) {
+                    problems.push(format!(
+                        "{heading}: `{r}` is documented but not in the schema"
+                    ));
+                }
+            }
+        }
+        for v in enum_values() {
+            if !docs.contains(&format!("`{v}`")) && !docs.contains(&format!("`\"{v}\"`")) {
+                problems.push(format!("value `{v}` is not documented"));
+            }
+        }
+        // Value tables list nothing but values of the schema's enums.
+        let values = enum_values();
+        let mut in_value_table = false;
+        for l in &lines {
+            if !l.starts_with('|') {
+                in_value_table = false;
+            } else if l.starts_with("| Value |") {
+                in_value_table = true;
+            } else if let (true, Some(rest)) = (in_value_table, l.strip_prefix("| `")) {
+                let v = rest.split('`').next().unwrap_or_default();
+                if !values.contains(&v) {
+                    problems.push(format!("value `{v}` is documented but not in the schema"));
+                }
+            }
+        }
+        assert!(problems.is_empty(), "docs/config.md: {problems:#?}");
+    }
+
+    #[test]
+    fn docs_embed_the_full_example() {
+        let docs = workspace_file("docs/config.md");
+        let full = workspace_file("tests/ui/valid/full.yaml");
+        assert!(
+            docs.contains(&format!("```yaml\n{full}```")),
+            "docs/config.md must contain tests/ui/valid/full.yaml verbatim in a yaml block"
+        );
     }
 }

@@ -75,10 +75,15 @@ impl Dur {
     /// Parses `250ms`, `5s`, `1.5s`, `2m`, `1h`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
+        if s.is_empty() {
+            return Err("the duration is empty; write it like `250ms` or `5s`".into());
+        }
         let split = s
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .ok_or_else(|| {
-                format!("duration `{s}` has no unit; write it like `250ms`, `5s`, `2m` or `1h`")
+                format!(
+                    "duration `{s}` has no unit; write it like `{s}s` (units: `ms`, `s`, `m`, `h`)"
+                )
             })?;
         let (num, unit) = s.split_at(split);
         let value: f64 = num.parse().map_err(|_| {
@@ -91,7 +96,9 @@ impl Dur {
             "h" => 3600.0,
             _ => {
                 return Err(format!(
-                    "duration `{s}` has unknown unit `{unit}`; use `ms`, `s`, `m` or `h`"
+                    "duration `{s}` has unknown unit `{}`; use `ms`, `s`, `m` or `h` right after \
+                     the number, e.g. `{num}s`",
+                    unit.trim()
                 ))
             }
         };
@@ -106,7 +113,7 @@ impl Dur {
 impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 != 0 || ms == 0 {
+        if !ms.is_multiple_of(1000) || ms == 0 {
             write!(f, "{ms}ms")
         } else {
             write!(f, "{}s", ms / 1000)
@@ -139,8 +146,15 @@ impl ByteSize {
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
         let n: u64 = num.parse().map_err(|_| {
-            format!("size `{s}` does not start with a whole number; write it like `64KiB` or `1MiB`")
+            format!(
+                "size `{s}` does not start with a whole number; write it like `64KiB` or `1MiB`"
+            )
         })?;
+        if unit.starts_with(['.', ',']) {
+            return Err(format!(
+                "size `{s}` is not a whole number; use a smaller unit (`1536KiB`, not `1.5MiB`)"
+            ));
+        }
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" | "KB" | "K" | "k" => 1 << 10,
@@ -161,11 +175,11 @@ impl ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
-        if n != 0 && n % (1 << 30) == 0 {
+        if n != 0 && n.is_multiple_of(1 << 30) {
             write!(f, "{}GiB", n >> 30)
-        } else if n != 0 && n % (1 << 20) == 0 {
+        } else if n != 0 && n.is_multiple_of(1 << 20) {
             write!(f, "{}MiB", n >> 20)
-        } else if n != 0 && n % (1 << 10) == 0 {
+        } else if n != 0 && n.is_multiple_of(1 << 10) {
             write!(f, "{}KiB", n >> 10)
         } else {
             write!(f, "{n}")
@@ -204,6 +218,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // in tests a panic is the failure report
 mod tests {
     use super::*;
 
@@ -213,7 +228,13 @@ mod tests {
         assert_eq!(Dur::parse("1.5s").unwrap().0, Duration::from_millis(1500));
         assert_eq!(Dur::parse("2m").unwrap().0, Duration::from_secs(120));
         assert!(Dur::parse("5").unwrap_err().contains("no unit"));
-        assert!(Dur::parse("5d").unwrap_err().contains("unknown unit"));
+        assert!(Dur::parse("5d").unwrap_err().contains("unknown unit `d`"));
+        assert!(Dur::parse("30 seconds")
+            .unwrap_err()
+            .contains("unknown unit `seconds`"));
+        assert!(Dur::parse("-5s")
+            .unwrap_err()
+            .contains("start with a number"));
         assert_eq!(Dur::secs(5).to_string(), "5s");
         assert_eq!(Dur::millis(1500).to_string(), "1500ms");
     }
@@ -223,7 +244,13 @@ mod tests {
         assert_eq!(ByteSize::parse("64KiB").unwrap().0, 65536);
         assert_eq!(ByteSize::parse("1MB").unwrap().0, 1 << 20);
         assert_eq!(ByteSize::parse("100").unwrap().0, 100);
-        assert!(ByteSize::parse("1TiB").is_err());
+        assert!(ByteSize::parse("1TiB")
+            .unwrap_err()
+            .contains("unknown unit `TiB`"));
+        assert!(ByteSize::parse("1.5MiB")
+            .unwrap_err()
+            .contains("not a whole number"));
+        assert_eq!(ByteSize::parse("10 MiB").unwrap().0, 10 << 20);
         assert_eq!(ByteSize(1 << 20).to_string(), "1MiB");
     }
 

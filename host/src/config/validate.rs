@@ -1,428 +1,1326 @@
 //! `Config::validate`: every check serde cannot make — references between sections,
 //! uniqueness, exactly-one-of choices, regexes, header names — collected (not stopped
 //! at the first) so one `legate check` run shows everything to fix.
+//!
+//! Each problem is recorded against the nearest item that carries a location (a
+//! listener, a route, a cluster...) plus the key path inside it (`retry.num_retries`);
+//! the loader, which has the text, follows that path so the caret lands on the key.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 use serde_saphyr::Location;
 
+use super::source::Seg;
 use super::*;
 
-type Errors = Vec<ConfigError>;
+/// One problem found by validation, before it is placed precisely.
+#[derive(Debug, Clone)]
+pub(crate) struct Issue {
+    /// The located item the problem belongs to; `None` = the top of the file.
+    pub anchor: Option<Location>,
+    /// Key path from the anchor to the offending key, followed as far as it exists.
+    pub focus: Vec<Seg>,
+    /// The error, located at the anchor.
+    pub error: ConfigError,
+}
 
-fn err(errors: &mut Errors, loc: &Location, msg: impl Into<String>, help: impl Into<String>) {
-    errors.push(ConfigError::at(loc, msg).help(help));
+impl Issue {
+    /// Narrows the place to key `k` of the current one.
+    fn key(&mut self, k: &str) -> &mut Self {
+        self.focus.push(Seg::Key(k.to_string()));
+        self
+    }
+
+    /// Narrows the place to item `i` of the current list.
+    fn index(&mut self, i: usize) -> &mut Self {
+        self.focus.push(Seg::Index(i));
+        self
+    }
+}
+
+#[derive(Default)]
+struct Issues(Vec<Issue>);
+
+impl Issues {
+    /// Records a problem at `loc` (refine it with [`Issue::key`]).
+    fn at(
+        &mut self,
+        loc: &Location,
+        msg: impl Into<String>,
+        help: impl Into<String>,
+    ) -> &mut Issue {
+        self.push(Some(*loc), msg, help)
+    }
+
+    /// Records a problem at a top-level key path (refine it with [`Issue::key`]).
+    fn top(&mut self, msg: impl Into<String>, help: impl Into<String>) -> &mut Issue {
+        self.push(None, msg, help)
+    }
+
+    fn push(
+        &mut self,
+        anchor: Option<Location>,
+        msg: impl Into<String>,
+        help: impl Into<String>,
+    ) -> &mut Issue {
+        let loc = anchor.unwrap_or(Location::UNKNOWN);
+        let n = self.0.len();
+        self.0.push(Issue {
+            anchor,
+            focus: Vec::new(),
+            error: ConfigError::at(&loc, msg).help(help),
+        });
+        &mut self.0[n]
+    }
+}
+
+/// Defined names of one kind, for reference checks and their hints.
+struct Defined<'a> {
+    what: &'static str,
+    section: &'static str,
+    names: HashSet<&'a Name>,
+}
+
+impl Defined<'_> {
+    fn check(&self, e: &mut Issues, r: &Spanned<Name>) {
+        if self.names.contains(&r.value) {
+            return;
+        }
+        let mut sorted: Vec<&str> = self.names.iter().map(|n| n.as_str()).collect();
+        sorted.sort_unstable();
+        let help = match did_you_mean(r.value.as_str(), sorted.iter().copied()) {
+            Some(near) => format!(
+                "did you mean `{near}`? The {}s defined are: {}",
+                self.what,
+                sorted.join(", ")
+            ),
+            None if sorted.is_empty() => format!(
+                "define it under `{}:`; no {}s are defined yet",
+                self.section, self.what
+            ),
+            None => format!(
+                "define it under `{}:`, or use one of the {}s defined: {}",
+                self.section,
+                self.what,
+                sorted.join(", ")
+            ),
+        };
+        e.at(
+            &r.referenced,
+            format!("unknown {} `{}`", self.what, r.value),
+            help,
+        );
+    }
 }
 
 impl Config {
     /// Checks the parsed config; an empty vector means it is valid.
+    ///
+    /// Errors are located at the item they concern; [`parse_str`](super::parse_str)
+    /// narrows them to the offending key using the file's text.
     pub fn validate(&self) -> Vec<ConfigError> {
-        let mut e = Vec::new();
+        self.issues().into_iter().map(|i| i.error).collect()
+    }
+
+    /// The problems of this config with the key paths that locate them precisely.
+    pub(crate) fn issues(&self) -> Vec<Issue> {
+        let mut e = Issues::default();
         if self.version.value != 1 {
-            err(
-                &mut e,
+            e.at(
                 &self.version.referenced,
                 format!("unsupported config version {}", self.version.value),
                 "this Legate reads `version: 1`",
             );
         }
         if !self.plugins.value.is_empty() {
-            err(
-                &mut e,
+            e.at(
                 &self.plugins.referenced,
                 "the `plugins` section is reserved and not supported by this Legate yet",
                 "remove the plugins or leave `plugins: []`",
             );
         }
         self.validate_admin(&mut e);
-
-        let clusters: HashSet<&Name> = self.clusters.iter().map(|c| &c.value.name).collect();
-        let tables: HashSet<&Name> = self.routes.iter().map(|t| &t.value.name).collect();
-        let cluster_ref = |e: &mut Errors, r: &Spanned<Name>| {
-            if !clusters.contains(&r.value) {
-                err(
-                    e,
-                    &r.referenced,
-                    format!("unknown cluster `{}`", r.value),
-                    format!("define it under `clusters:`; defined: {}", list(&clusters)),
-                );
+        if let Some(log) = &self.access_log {
+            if log.path.trim().is_empty() {
+                e.top(
+                    "`access_log.path` is empty",
+                    "use `stdout`, `stderr` or a file path; remove `access_log` for no log",
+                )
+                .key("access_log")
+                .key("path");
             }
+        }
+
+        let clusters = Defined {
+            what: "cluster",
+            section: "clusters",
+            names: self.clusters.iter().map(|c| &c.value.name).collect(),
+        };
+        let tables = Defined {
+            what: "route table",
+            section: "routes",
+            names: self.routes.iter().map(|t| &t.value.name).collect(),
         };
 
-        unique(&mut e, "listener", self.listeners.iter().map(|l| (&l.value.name, &l.referenced)));
-        unique(&mut e, "route table", self.routes.iter().map(|t| (&t.value.name, &t.referenced)));
-        unique(&mut e, "cluster", self.clusters.iter().map(|c| (&c.value.name, &c.referenced)));
+        unique(
+            &mut e,
+            "listener",
+            self.listeners
+                .iter()
+                .map(|l| (&l.value.name, &l.referenced)),
+        );
+        unique(
+            &mut e,
+            "route table",
+            self.routes.iter().map(|t| (&t.value.name, &t.referenced)),
+        );
+        unique(
+            &mut e,
+            "cluster",
+            self.clusters.iter().map(|c| (&c.value.name, &c.referenced)),
+        );
 
-        let mut addrs = HashMap::new();
+        self.validate_listener_addresses(&mut e);
         for l in &self.listeners {
-            let loc = &l.referenced;
-            let l = &l.value;
-            match l.address.value.parse::<SocketAddr>() {
-                Ok(a) => {
-                    if let Some(other) = addrs.insert(a, &l.name) {
-                        err(
-                            &mut e,
-                            &l.address.referenced,
-                            format!("listeners `{other}` and `{}` both bind {a}", l.name),
-                            "give each listener its own address",
-                        );
-                    }
-                }
-                Err(_) => err(
-                    &mut e,
-                    &l.address.referenced,
-                    format!("listener address `{}` is not `ip:port`", l.address.value),
-                    "write it like `0.0.0.0:8080` or `[::1]:8443`",
-                ),
-            }
-            match (&l.http, &l.tcp) {
-                (Some(h), None) => {
-                    if !tables.contains(&h.routes.value) {
-                        err(
-                            &mut e,
-                            &h.routes.referenced,
-                            format!("unknown route table `{}`", h.routes.value),
-                            format!("define it under `routes:`; defined: {}", list(&tables)),
-                        );
-                    }
-                }
-                (None, Some(t)) => cluster_ref(&mut e, &t.cluster),
-                _ => err(
-                    &mut e,
-                    loc,
-                    format!("listener `{}` needs exactly one of `http` and `tcp`", l.name),
-                    "add `http: { routes: NAME }` for HTTP or `tcp: { cluster: NAME }` for a TCP proxy",
-                ),
-            }
-            if let Some(tls) = &l.tls {
-                if tls.certificates.is_empty() {
-                    err(
-                        &mut e,
-                        loc,
-                        format!("listener `{}` has `tls` but no certificates", l.name),
-                        "add `certificates: [{ cert: FILE, key: FILE }]`",
-                    );
-                }
-            }
-            let lim = &l.limits;
-            if lim.max_connections == 0 || lim.max_request_headers == 0 || lim.max_concurrent_streams == 0 {
-                err(
-                    &mut e,
-                    loc,
-                    format!("listener `{}`: limits must be greater than zero", l.name),
-                    "remove the limit to get the default, or set a positive value",
-                );
-            }
-            if lim.max_request_headers_size.0 < 1024 {
-                err(
-                    &mut e,
-                    loc,
-                    format!("listener `{}`: max_request_headers_size below 1KiB", l.name),
-                    "real clients send more than 1KiB of headers; the default is 60KiB",
-                );
-            }
+            validate_listener(&mut e, l, &tables, &clusters);
         }
-
         for t in &self.routes {
-            let table = &t.value;
-            unique(&mut e, "virtual host", table.virtual_hosts.iter().map(|v| (&v.value.name, &v.referenced)));
-            let mut domains: HashMap<String, &Name> = HashMap::new();
-            for vh in &table.virtual_hosts {
-                let vh_loc = &vh.referenced;
-                let vh = &vh.value;
-                if vh.domains.is_empty() {
-                    err(&mut e, vh_loc, format!("virtual host `{}` has no domains", vh.name), "add `domains: [\"*\"]` to match every host");
-                }
-                for d in &vh.domains {
-                    if let Err(why) = check_domain(&d.value) {
-                        err(&mut e, &d.referenced, why, "use `host`, `*.suffix`, `prefix.*` or `*`");
-                    }
-                    let key = d.value.to_ascii_lowercase();
-                    if let Some(other) = domains.insert(key, &vh.name) {
-                        err(
-                            &mut e,
-                            &d.referenced,
-                            format!("domain `{}` is in virtual hosts `{other}` and `{}`", d.value, vh.name),
-                            "a domain may belong to one virtual host per route table",
-                        );
-                    }
-                }
-                headers(&mut e, &vh.request_headers);
-                headers(&mut e, &vh.response_headers);
-                for r in &vh.routes {
-                    self.validate_route(&mut e, r, &cluster_ref);
-                }
-            }
+            validate_route_table(&mut e, t, &clusters);
         }
-
         for c in &self.clusters {
             validate_cluster(&mut e, c);
         }
-        e
+        e.0
     }
 
-    fn validate_admin(&self, e: &mut Errors) {
+    fn validate_admin(&self, e: &mut Issues) {
         let a = &self.admin.address;
         match a.value.parse::<SocketAddr>() {
-            Ok(addr) if !addr.ip().is_loopback() && !self.admin.allow_non_loopback => err(
-                e,
-                &a.referenced,
-                format!("admin address {addr} is not a loopback address"),
-                "the admin API can drain the proxy; bind it to 127.0.0.1, or set \
-                 `admin.allow_non_loopback: true` if the network is trusted",
-            ),
+            Ok(addr) if !addr.ip().is_loopback() && !self.admin.allow_non_loopback => {
+                e.at(
+                    &a.referenced,
+                    format!("admin address {addr} is not a loopback address"),
+                    "the admin API can drain the proxy; bind it to 127.0.0.1, or set \
+                     `admin.allow_non_loopback: true` if the network is trusted",
+                );
+            }
             Ok(_) => {}
-            Err(_) => err(e, &a.referenced, format!("admin address `{}` is not `ip:port`", a.value), "write it like `127.0.0.1:9901`"),
+            Err(_) => {
+                e.at(
+                    &a.referenced,
+                    format!("admin address `{}` is not `ip:port`", a.value),
+                    "write it like `127.0.0.1:9901`",
+                );
+            }
         }
     }
 
-    fn validate_route(&self, e: &mut Errors, r: &Spanned<Route>, cluster_ref: &dyn Fn(&mut Errors, &Spanned<Name>)) {
-        let loc = &r.referenced;
-        let r = &r.value;
-        let actions = [r.cluster.is_some(), r.weighted_clusters.is_some(), r.redirect.is_some(), r.direct_response.is_some()];
-        if actions.iter().filter(|a| **a).count() != 1 {
-            err(
-                e,
-                loc,
-                "a route needs exactly one action",
-                "give it one of `cluster`, `weighted_clusters`, `redirect` or `direct_response`",
-            );
+    /// Listener addresses: well-formed, and no two listeners that would collide on bind
+    /// (the same address, or a wildcard address and another of its family on one port).
+    fn validate_listener_addresses(&self, e: &mut Issues) {
+        let mut seen: Vec<(SocketAddr, &Name)> = Vec::new();
+        for l in &self.listeners {
+            let l = &l.value;
+            let Ok(addr) = l.address.value.parse::<SocketAddr>() else {
+                e.at(
+                    &l.address.referenced,
+                    format!("listener address `{}` is not `ip:port`", l.address.value),
+                    "write it like `0.0.0.0:8080` or `[::1]:8443`; host names are not allowed here",
+                );
+                continue;
+            };
+            let clash = seen.iter().find(|(other, _)| {
+                other.port() == addr.port()
+                    && other.is_ipv4() == addr.is_ipv4()
+                    && (other.ip() == addr.ip()
+                        || other.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            });
+            if let Some((other, other_name)) = clash {
+                let (msg, help) = if *other == addr {
+                    (
+                        format!("listeners `{other_name}` and `{}` both bind {addr}", l.name),
+                        "give each listener its own address".to_string(),
+                    )
+                } else {
+                    (
+                        format!(
+                            "listener `{}` ({addr}) overlaps listener `{other_name}` ({other}) on port {}",
+                            l.name,
+                            addr.port()
+                        ),
+                        format!(
+                            "a wildcard address ({}) already takes the port on every address of its \
+                             family; use another port",
+                            if addr.is_ipv4() { "0.0.0.0" } else { "[::]" }
+                        ),
+                    )
+                };
+                e.at(&l.address.referenced, msg, help);
+            }
+            seen.push((addr, &l.name));
         }
-        if let Some(c) = &r.cluster {
-            cluster_ref(e, c);
-        }
-        if let Some(w) = &r.weighted_clusters {
-            for wc in &w.value {
-                cluster_ref(e, &wc.cluster);
-            }
-            if w.value.iter().map(|c| u64::from(c.weight)).sum::<u64>() == 0 {
-                err(e, &w.referenced, "weighted_clusters: the weights add up to zero", "give at least one cluster a positive weight");
-            }
-        }
-        if let Some(rd) = &r.redirect {
-            if ![301, 302, 303, 307, 308].contains(&rd.code.value) {
-                err(e, &rd.code.referenced, format!("redirect code {} is not a redirect", rd.code.value), "use 301, 302, 303, 307 or 308");
-            }
-            if let Some(s) = &rd.scheme {
-                if s != "http" && s != "https" {
-                    err(e, loc, format!("redirect scheme `{s}` is not http or https"), "use `http` or `https`");
-                }
-            }
-            if rd.prefix_rewrite.is_some() && rd.path.is_some() {
-                err(e, loc, "redirect has both `path` and `prefix_rewrite`", "keep one of them");
-            }
-            if rd.prefix_rewrite.is_some() && r.matcher.prefix.is_none() {
-                err(e, loc, "redirect `prefix_rewrite` needs a route matched by `prefix`", "match with `prefix:` or use `path:`");
-            }
-        }
-        if let Some(d) = &r.direct_response {
-            if !(200..=599).contains(&d.status.value) {
-                err(e, &d.status.referenced, format!("status {} is not a final HTTP status", d.status.value), "use a status from 200 to 599");
-            }
-            if let Some(ct) = &d.content_type {
-                if http::HeaderValue::from_str(ct).is_err() {
-                    err(e, loc, format!("content_type `{ct}` is not a valid header value"), "use printable ASCII");
-                }
-            }
-        }
-        let m = &r.matcher;
-        let path_kinds = [m.prefix.is_some(), m.path.is_some(), m.regex.is_some()].iter().filter(|x| **x).count();
-        if path_kinds > 1 {
-            err(e, loc, "a route match may use only one of `prefix`, `path` and `regex`", "keep one of them");
-        }
-        for p in [&m.prefix, &m.path].into_iter().flatten() {
-            if !p.starts_with('/') {
-                err(e, loc, format!("path `{p}` does not start with `/`"), "paths in matches start with `/`");
-            }
-        }
-        if let Some(re) = &m.regex {
-            regex_check(e, re);
-        }
-        for meth in &m.methods {
-            if http::Method::from_bytes(meth.as_bytes()).is_err() {
-                err(e, loc, format!("`{meth}` is not an HTTP method"), "use GET, POST, PUT, ...");
-            }
-        }
-        for (vm, is_header) in m.headers.iter().map(|h| (h, true)).chain(m.query.iter().map(|q| (q, false))) {
-            let v = &vm.value;
-            let n = [v.exact.is_some(), v.regex.is_some(), v.present.is_some()].iter().filter(|x| **x).count();
-            if n != 1 {
-                err(e, &vm.referenced, format!("condition on `{}` needs exactly one of `exact`, `regex`, `present`", v.name), "add one of them");
-            }
-            if is_header && http::HeaderName::from_bytes(v.name.as_bytes()).is_err() {
-                err(e, &vm.referenced, format!("`{}` is not a valid header name", v.name), "header names are tokens like `x-user-id`");
-            }
-            if let Some(re) = &v.regex {
-                if let Err(x) = regex::Regex::new(re) {
-                    err(e, &vm.referenced, format!("invalid regex `{re}`: {x}"), "fix the regular expression (Rust regex syntax)");
-                }
-            }
-        }
-        if let Some(rw) = &r.rewrite {
-            if rw.prefix.is_some() && m.prefix.is_none() {
-                err(e, loc, "`rewrite.prefix` needs a route matched by `prefix`", "match with `prefix:` or use `rewrite.regex`");
-            }
-            if rw.prefix.is_some() && rw.regex.is_some() {
-                err(e, loc, "`rewrite` has both `prefix` and `regex`", "keep one of them");
-            }
-            if let Some(rr) = &rw.regex {
-                regex_check(e, &rr.pattern);
-            }
-            if let Some(h) = &rw.host {
-                if http::uri::Authority::try_from(h.as_str()).is_err() {
-                    err(e, loc, format!("rewrite host `{h}` is not a valid host"), "write it like `api.internal` or `api.internal:8080`");
-                }
-            }
-            if r.cluster.is_none() && r.weighted_clusters.is_none() {
-                err(e, loc, "`rewrite` only applies to routes that forward to a cluster", "remove `rewrite` or route to a cluster");
-            }
-        }
-        if let (Some(pt), true) = (r.per_try_timeout, !r.timeout.0.is_zero()) {
-            if pt > r.timeout {
-                err(e, loc, format!("per_try_timeout {pt} is longer than the route timeout {}", r.timeout), "make per_try_timeout shorter than timeout");
-            }
-        }
-        if let Some(rp) = &r.retry {
-            if rp.retry_on.is_empty() {
-                err(e, loc, "`retry.retry_on` is empty", "list conditions such as `[5xx, connect-failure, reset]`");
-            }
-            if rp.retry_on.contains(&RetryOn::RetriableStatusCodes) && rp.retriable_status_codes.is_empty() {
-                err(e, loc, "`retriable-status-codes` is set but `retriable_status_codes` is empty", "list the statuses, e.g. `retriable_status_codes: [409]`");
-            }
-            if rp.num_retries > 10 {
-                err(e, loc, format!("num_retries {} is more than 10", rp.num_retries), "retry storms hurt a failing upstream; use a small number");
-            }
-            if rp.backoff_base.0.is_zero() {
-                err(e, loc, "backoff_base must be greater than zero", "the default is 25ms");
-            }
-        }
-        headers(e, &r.request_headers);
-        headers(e, &r.response_headers);
     }
 }
 
-fn validate_cluster(e: &mut Errors, c: &Spanned<Cluster>) {
+fn validate_listener(
+    e: &mut Issues,
+    l: &Spanned<Listener>,
+    tables: &Defined<'_>,
+    clusters: &Defined<'_>,
+) {
+    let loc = &l.referenced;
+    let l = &l.value;
+    match (&l.http, &l.tcp) {
+        (Some(h), None) => {
+            tables.check(e, &h.routes);
+            if let Some(via) = &h.via {
+                if via.is_empty() || http::HeaderValue::from_str(via).is_err() {
+                    e.at(
+                        loc,
+                        format!(
+                            "listener `{}`: `via` value `{via}` is not a valid header value",
+                            l.name
+                        ),
+                        "use printable ASCII such as `legate`; remove `via` for no header",
+                    )
+                    .key("http")
+                    .key("via");
+                }
+            }
+        }
+        (None, Some(t)) => {
+            clusters.check(e, &t.cluster);
+            if t.idle_timeout.0.is_zero() {
+                e.at(
+                    loc,
+                    format!("listener `{}`: `tcp.idle_timeout` is zero", l.name),
+                    "a zero idle timeout would close every connection at once; the default is 1h",
+                )
+                .key("tcp")
+                .key("idle_timeout");
+            }
+        }
+        (Some(_), Some(_)) => {
+            e.at(
+                loc,
+                format!("listener `{}` has both `http` and `tcp`", l.name),
+                "a listener is either HTTP or a TCP proxy; keep one and move the other to its own \
+                 listener with a different address",
+            )
+            .key("tcp");
+        }
+        (None, None) => {
+            e.at(
+                loc,
+                format!("listener `{}` needs one of `http` and `tcp`", l.name),
+                "add `http: { routes: NAME }` for HTTP or `tcp: { cluster: NAME }` for a TCP proxy",
+            );
+        }
+    }
+    if let Some(tls) = &l.tls {
+        if tls.certificates.is_empty() {
+            e.at(
+                loc,
+                format!("listener `{}` has `tls` but no certificates", l.name),
+                "add `certificates: [{ cert: FILE, key: FILE }]`",
+            )
+            .key("tls")
+            .key("certificates");
+        }
+        for c in &tls.certificates {
+            for (i, sni) in c.value.server_names.iter().enumerate() {
+                if let Err(why) = check_server_name(sni) {
+                    e.at(
+                        &c.referenced,
+                        why,
+                        "use an exact name like `api.example.com` or `*.example.com`",
+                    )
+                    .key("server_names")
+                    .index(i);
+                }
+            }
+        }
+    }
+    let lim = &l.limits;
+    for (key, value) in [
+        ("max_connections", lim.max_connections),
+        ("max_request_headers", lim.max_request_headers),
+        ("max_concurrent_streams", lim.max_concurrent_streams),
+    ] {
+        if value == 0 {
+            e.at(
+                loc,
+                format!("listener `{}`: `limits.{key}` is zero", l.name),
+                "limits must be greater than zero; remove the key to get the default",
+            )
+            .key("limits")
+            .key(key);
+        }
+    }
+    if lim.max_request_headers_size.0 < 1024 {
+        e.at(
+            loc,
+            format!(
+                "listener `{}`: `limits.max_request_headers_size` is {} bytes, below 1KiB",
+                l.name, lim.max_request_headers_size.0
+            ),
+            "real clients send more than 1KiB of headers; the default is 60KiB",
+        )
+        .key("limits")
+        .key("max_request_headers_size");
+    }
+    for (key, value) in [
+        ("header_read_timeout", lim.header_read_timeout),
+        ("idle_timeout", lim.idle_timeout),
+    ] {
+        if value.0.is_zero() {
+            e.at(
+                loc,
+                format!("listener `{}`: `limits.{key}` is zero", l.name),
+                "a zero timeout would close every connection at once; remove the key to get the default",
+            )
+            .key("limits")
+            .key(key);
+        }
+    }
+}
+
+fn validate_route_table(e: &mut Issues, t: &Spanned<RouteTable>, clusters: &Defined<'_>) {
+    let table = &t.value;
+    if table.virtual_hosts.is_empty() {
+        e.at(
+            &t.referenced,
+            format!("route table `{}` has no virtual hosts", table.name),
+            "add a virtual host, e.g. `{ name: default, domains: [\"*\"], routes: [...] }`",
+        )
+        .key("virtual_hosts");
+    }
+    unique(
+        e,
+        "virtual host",
+        table
+            .virtual_hosts
+            .iter()
+            .map(|v| (&v.value.name, &v.referenced)),
+    );
+    let mut domains: HashMap<String, &Name> = HashMap::new();
+    for vh in &table.virtual_hosts {
+        let vh_loc = &vh.referenced;
+        let vh = &vh.value;
+        if vh.domains.is_empty() {
+            e.at(
+                vh_loc,
+                format!("virtual host `{}` has no domains", vh.name),
+                "add `domains: [\"*\"]` to match every host",
+            )
+            .key("domains");
+        }
+        for d in &vh.domains {
+            if let Err(why) = check_domain(&d.value) {
+                e.at(
+                    &d.referenced,
+                    why,
+                    "use an exact host (`api.example.com`), `*.suffix`, `prefix.*` or `*`",
+                );
+            }
+            let key = d.value.to_ascii_lowercase();
+            if let Some(other) = domains.insert(key, &vh.name) {
+                e.at(
+                    &d.referenced,
+                    format!(
+                        "domain `{}` is in virtual hosts `{other}` and `{}`",
+                        d.value, vh.name
+                    ),
+                    "a domain may belong to one virtual host per route table; remove one",
+                );
+            }
+        }
+        if vh.routes.is_empty() {
+            e.at(
+                vh_loc,
+                format!("virtual host `{}` has no routes", vh.name),
+                "add a route, e.g. `{ match: { prefix: / }, cluster: NAME }`",
+            )
+            .key("routes");
+        }
+        unique(
+            e,
+            "route",
+            vh.routes
+                .iter()
+                .filter_map(|r| r.value.name.as_ref().map(|n| (n, &r.referenced))),
+        );
+        header_ops(e, &vh.request_headers, vh_loc, "request_headers");
+        header_ops(e, &vh.response_headers, vh_loc, "response_headers");
+        for r in &vh.routes {
+            validate_route(e, r, clusters);
+        }
+    }
+}
+
+/// The action keys of a route, in the order the schema lists them.
+const ACTIONS: [&str; 4] = [
+    "cluster",
+    "weighted_clusters",
+    "redirect",
+    "direct_response",
+];
+
+fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
+    let loc = &r.referenced;
+    let r = &r.value;
+    let present: Vec<&str> = ACTIONS
+        .iter()
+        .zip([
+            r.cluster.is_some(),
+            r.weighted_clusters.is_some(),
+            r.redirect.is_some(),
+            r.direct_response.is_some(),
+        ])
+        .filter_map(|(name, set)| set.then_some(*name))
+        .collect();
+    match present.as_slice() {
+        [] => {
+            e.at(
+                loc,
+                "this route has no action",
+                "give it one of `cluster`, `weighted_clusters`, `redirect` or `direct_response`",
+            );
+        }
+        [_] => {}
+        [first, second, ..] => {
+            e.at(
+                loc,
+                format!("this route has two actions, `{first}` and `{second}`"),
+                "a route does one thing; keep one action, or split it into two routes with different matches",
+            )
+            .key(second);
+        }
+    }
+    if let Some(c) = &r.cluster {
+        clusters.check(e, c);
+    }
+    if let Some(w) = &r.weighted_clusters {
+        for wc in &w.value {
+            clusters.check(e, &wc.cluster);
+        }
+        if w.value.is_empty() {
+            e.at(
+                &w.referenced,
+                "`weighted_clusters` is empty",
+                "list the clusters to split across, e.g. `[{ cluster: a, weight: 90 }, { cluster: b, weight: 10 }]`",
+            );
+        } else if w.value.iter().map(|c| u64::from(c.weight)).sum::<u64>() == 0 {
+            e.at(
+                &w.referenced,
+                "`weighted_clusters`: the weights add up to zero",
+                "give at least one cluster a positive weight",
+            );
+        }
+    }
+    if let Some(rd) = &r.redirect {
+        validate_redirect(e, loc, rd, &r.matcher);
+    }
+    if let Some(d) = &r.direct_response {
+        if !(200..=599).contains(&d.status.value) {
+            e.at(
+                &d.status.referenced,
+                format!(
+                    "direct_response status {} is not a final HTTP status",
+                    d.status.value
+                ),
+                "use a status from 200 to 599",
+            );
+        }
+        if let Some(ct) = &d.content_type {
+            if ct.is_empty() || http::HeaderValue::from_str(ct).is_err() {
+                e.at(
+                    loc,
+                    format!("content_type `{ct}` is not a valid header value"),
+                    "use a media type such as `application/json`",
+                )
+                .key("direct_response")
+                .key("content_type");
+            }
+        }
+    }
+    validate_match(e, loc, &r.matcher);
+    if let Some(rw) = &r.rewrite {
+        if rw.prefix.is_some() && r.matcher.prefix.is_none() {
+            e.at(
+                loc,
+                "`rewrite.prefix` needs a route matched by `prefix`",
+                "it replaces the matched prefix; match with `prefix:`, or use `rewrite.regex`",
+            )
+            .key("rewrite")
+            .key("prefix");
+        }
+        if rw.prefix.is_some() && rw.regex.is_some() {
+            e.at(
+                loc,
+                "`rewrite` has both `prefix` and `regex`",
+                "keep one of them",
+            )
+            .key("rewrite")
+            .key("regex");
+        }
+        if let Some(rr) = &rw.regex {
+            regex_check(e, &rr.pattern);
+        }
+        if let Some(h) = &rw.host {
+            if h.is_empty() || http::uri::Authority::try_from(h.as_str()).is_err() {
+                e.at(
+                    loc,
+                    format!("rewrite host `{h}` is not a valid host"),
+                    "write it like `api.internal` or `api.internal:8080`",
+                )
+                .key("rewrite")
+                .key("host");
+            }
+        }
+        if r.cluster.is_none() && r.weighted_clusters.is_none() {
+            e.at(
+                loc,
+                "`rewrite` only applies to routes that forward to a cluster",
+                "remove `rewrite`, or route to a cluster",
+            )
+            .key("rewrite");
+        }
+    }
+    if let Some(pt) = r.per_try_timeout {
+        // `0s` disables the per-try timeout, as it does the route timeout.
+        if !pt.0.is_zero() && !r.timeout.0.is_zero() && pt > r.timeout {
+            e.at(
+                loc,
+                format!(
+                    "per_try_timeout {pt} is longer than the route timeout {}",
+                    r.timeout
+                ),
+                "the route timeout covers all attempts; make per_try_timeout shorter than `timeout` \
+                 (default 15s)",
+            )
+            .key("per_try_timeout");
+        }
+    }
+    if let Some(rp) = &r.retry {
+        validate_retry(e, loc, rp);
+    }
+    header_ops(e, &r.request_headers, loc, "request_headers");
+    header_ops(e, &r.response_headers, loc, "response_headers");
+}
+
+fn validate_redirect(e: &mut Issues, loc: &Location, rd: &Redirect, m: &RouteMatch) {
+    if ![301, 302, 303, 307, 308].contains(&rd.code.value) {
+        e.at(
+            &rd.code.referenced,
+            format!("redirect code {} is not a redirect status", rd.code.value),
+            "use 301, 302, 303, 307 or 308 (for other answers use `direct_response`)",
+        );
+    }
+    if let Some(s) = &rd.scheme {
+        if s != "http" && s != "https" {
+            e.at(
+                loc,
+                format!("redirect scheme `{s}` is not http or https"),
+                "use `http` or `https`",
+            )
+            .key("redirect")
+            .key("scheme");
+        }
+    }
+    if let Some(h) = &rd.host {
+        if h.is_empty() || http::uri::Authority::try_from(h.as_str()).is_err() {
+            e.at(
+                loc,
+                format!("redirect host `{h}` is not a valid host"),
+                "write it like `www.example.com` or `example.com:8443`",
+            )
+            .key("redirect")
+            .key("host");
+        }
+    }
+    if let Some(p) = &rd.path {
+        if !p.starts_with('/') {
+            e.at(
+                loc,
+                format!("redirect path `{p}` does not start with `/`"),
+                "write an absolute path such as `/login`",
+            )
+            .key("redirect")
+            .key("path");
+        }
+    }
+    if rd.prefix_rewrite.is_some() {
+        if rd.path.is_some() {
+            e.at(
+                loc,
+                "redirect has both `path` and `prefix_rewrite`",
+                "`path` replaces the whole path, `prefix_rewrite` only the matched prefix; keep one",
+            )
+            .key("redirect")
+            .key("prefix_rewrite");
+        } else if m.prefix.is_none() {
+            e.at(
+                loc,
+                "redirect `prefix_rewrite` needs a route matched by `prefix`",
+                "it replaces the matched prefix; match with `prefix:`, or use `path:`",
+            )
+            .key("redirect")
+            .key("prefix_rewrite");
+        }
+    }
+}
+
+fn validate_match(e: &mut Issues, loc: &Location, m: &RouteMatch) {
+    let kinds: Vec<&str> = [
+        ("prefix", m.prefix.is_some()),
+        ("path", m.path.is_some()),
+        ("regex", m.regex.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, set)| set.then_some(k))
+    .collect();
+    if let [first, second, ..] = kinds.as_slice() {
+        e.at(
+            loc,
+            format!("a route match has both `{first}` and `{second}`"),
+            "match the path with one of `prefix`, `path` and `regex`",
+        )
+        .key("match")
+        .key(second);
+    }
+    for (key, p) in [("prefix", &m.prefix), ("path", &m.path)] {
+        if let Some(p) = p {
+            if !p.starts_with('/') {
+                e.at(
+                    loc,
+                    format!("match {key} `{p}` does not start with `/`"),
+                    format!("request paths start with `/`; write `/{p}`"),
+                )
+                .key("match")
+                .key(key);
+            }
+        }
+    }
+    if let Some(re) = &m.regex {
+        regex_check(e, re);
+    }
+    for (i, meth) in m.methods.iter().enumerate() {
+        if meth.is_empty() || http::Method::from_bytes(meth.as_bytes()).is_err() {
+            e.at(
+                loc,
+                format!("`{meth}` is not an HTTP method"),
+                "use a method token such as GET, POST or PUT",
+            )
+            .key("match")
+            .key("methods")
+            .index(i);
+        }
+    }
+    let conditions = m
+        .headers
+        .iter()
+        .map(|h| (h, "header"))
+        .chain(m.query.iter().map(|q| (q, "query parameter")));
+    for (vm, what) in conditions {
+        let at = &vm.referenced;
+        let v = &vm.value;
+        let n = [v.exact.is_some(), v.regex.is_some(), v.present.is_some()]
+            .iter()
+            .filter(|x| **x)
+            .count();
+        if n != 1 {
+            e.at(
+                at,
+                format!(
+                    "the condition on {what} `{}` needs exactly one of `exact`, `regex` and `present`",
+                    v.name
+                ),
+                if n == 0 {
+                    "add `exact: VALUE`, `regex: PATTERN`, or `present: true`"
+                } else {
+                    "keep one of them; use two conditions on the same name to require both"
+                },
+            );
+        }
+        if what == "header" {
+            if v.name.starts_with(':') || http::HeaderName::from_bytes(v.name.as_bytes()).is_err() {
+                e.at(
+                    at,
+                    format!("`{}` is not a valid header name", v.name),
+                    "header names are tokens such as `x-user-id`: letters, digits and `!#$%&'*+-.^_|~`",
+                )
+                .key("name");
+            }
+        } else if v.name.is_empty() {
+            e.at(
+                at,
+                "the query parameter name is empty",
+                "give the parameter's name",
+            )
+            .key("name");
+        }
+        if let Some(re) = &v.regex {
+            if let Err(x) = regex::Regex::new(re) {
+                e.at(
+                    at,
+                    format!("invalid regex `{re}`: {}", regex_error(&x)),
+                    "fix the regular expression (Rust regex syntax)",
+                )
+                .key("regex");
+            }
+        }
+    }
+}
+
+fn validate_retry(e: &mut Issues, loc: &Location, rp: &RetryPolicy) {
+    let wants_codes = rp.retry_on.contains(&RetryOn::RetriableStatusCodes);
+    if rp.retry_on.is_empty() {
+        e.at(
+            loc,
+            "`retry.retry_on` is empty, so nothing is retried",
+            "list conditions such as `[5xx, connect-failure, reset]`, or remove `retry`",
+        )
+        .key("retry")
+        .key("retry_on");
+    }
+    if wants_codes && rp.retriable_status_codes.is_empty() {
+        let at = rp
+            .retry_on
+            .iter()
+            .position(|r| *r == RetryOn::RetriableStatusCodes)
+            .unwrap_or_default();
+        e.at(
+            loc,
+            "`retry_on` has `retriable-status-codes` but no `retriable_status_codes` are listed",
+            "list the statuses to retry, e.g. `retriable_status_codes: [409]`",
+        )
+        .key("retry")
+        .key("retry_on")
+        .index(at);
+    }
+    if !wants_codes && !rp.retriable_status_codes.is_empty() {
+        e.at(
+            loc,
+            "`retriable_status_codes` has no effect without `retriable-status-codes` in `retry_on`",
+            "add `retriable-status-codes` to `retry_on`",
+        )
+        .key("retry")
+        .key("retriable_status_codes");
+    }
+    for (i, code) in rp.retriable_status_codes.iter().enumerate() {
+        if !(100..=599).contains(code) {
+            e.at(
+                loc,
+                format!("retriable status {code} is not an HTTP status"),
+                "statuses are from 100 to 599",
+            )
+            .key("retry")
+            .key("retriable_status_codes")
+            .index(i);
+        }
+    }
+    if rp.num_retries > 10 {
+        e.at(
+            loc,
+            format!("num_retries {} is more than 10", rp.num_retries),
+            "retry storms hurt a failing upstream; use a small number (the default is 1)",
+        )
+        .key("retry")
+        .key("num_retries");
+    }
+    if rp.backoff_base.0.is_zero() {
+        e.at(
+            loc,
+            "`retry.backoff_base` is zero",
+            "retrying at once hammers a failing upstream; the default is 25ms",
+        )
+        .key("retry")
+        .key("backoff_base");
+    }
+    if let Some(max) = rp.backoff_max {
+        if max < rp.backoff_base {
+            e.at(
+                loc,
+                format!(
+                    "backoff_max {max} is shorter than backoff_base {}",
+                    rp.backoff_base
+                ),
+                "backoff_max caps the doubling backoff; make it at least backoff_base",
+            )
+            .key("retry")
+            .key("backoff_max");
+        }
+    }
+}
+
+fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
     let loc = &c.referenced;
     let c = &c.value;
     if c.original_dst {
         if !c.endpoints.is_empty() {
-            err(e, loc, format!("cluster `{}` is `original_dst` and also lists endpoints", c.name), "remove the endpoints: the connection's original destination is the endpoint");
+            e.at(
+                loc,
+                format!(
+                    "cluster `{}` is `original_dst` and also lists endpoints",
+                    c.name
+                ),
+                "remove the endpoints: each connection's original destination is its endpoint",
+            )
+            .key("endpoints");
         }
     } else if c.endpoints.is_empty() {
-        err(e, loc, format!("cluster `{}` has no endpoints", c.name), "add `endpoints: [{ address: HOST:PORT }]`");
+        e.at(
+            loc,
+            format!("cluster `{}` has no endpoints", c.name),
+            "add `endpoints: [{ address: HOST:PORT }]`, or set `original_dst: true` for a \
+             transparent sidecar",
+        )
+        .key("endpoints");
     }
     for ep in &c.endpoints {
         if let Err(why) = split_host_port(&ep.value.address) {
-            err(e, &ep.referenced, why, "write it like `10.0.0.5:8080` or `app.internal:8080`");
+            e.at(
+                &ep.referenced,
+                why,
+                "write it like `10.0.0.5:8080`, `[2001:db8::5]:8080` or `app.internal:8080`",
+            )
+            .key("address");
         }
         if ep.value.weight == 0 {
-            err(e, &ep.referenced, "endpoint weight 0", "weights are at least 1; remove the endpoint to send it nothing");
+            e.at(
+                &ep.referenced,
+                format!(
+                    "endpoint `{}` of cluster `{}` has weight 0",
+                    ep.value.address, c.name
+                ),
+                "weights are at least 1; remove the endpoint to send it nothing",
+            )
+            .key("weight");
         }
     }
     match (c.lb_policy, &c.hash_on) {
-        (LbPolicy::RingHash, None) => err(e, loc, format!("cluster `{}` uses ring_hash without `hash_on`", c.name), "add `hash_on: { header: x-user-id }`, `{ cookie: NAME }` or `{ source_ip: true }`"),
+        (LbPolicy::RingHash, None) => {
+            e.at(
+                loc,
+                format!("cluster `{}` uses ring_hash without `hash_on`", c.name),
+                "add `hash_on: { header: x-user-id }`, `{ cookie: NAME }` or `{ source_ip: true }`",
+            )
+            .key("lb_policy");
+        }
         (LbPolicy::RingHash, Some(h)) => {
-            let n = [h.header.is_some(), h.cookie.is_some(), h.source_ip].iter().filter(|x| **x).count();
+            let n = [h.header.is_some(), h.cookie.is_some(), h.source_ip]
+                .iter()
+                .filter(|x| **x)
+                .count();
             if n != 1 {
-                err(e, loc, "`hash_on` needs exactly one of `header`, `cookie`, `source_ip`", "keep one of them");
+                e.at(
+                    loc,
+                    format!(
+                        "cluster `{}`: `hash_on` needs exactly one of `header`, `cookie` and `source_ip`",
+                        c.name
+                    ),
+                    if n == 0 {
+                        "add `header: NAME`, `cookie: NAME` or `source_ip: true`"
+                    } else {
+                        "keep one of them: the ring hashes a single key"
+                    },
+                )
+                .key("hash_on");
+            }
+            if let Some(name) = &h.header {
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    e.at(
+                        loc,
+                        format!("`{name}` is not a valid header name"),
+                        "header names are tokens such as `x-user-id`",
+                    )
+                    .key("hash_on")
+                    .key("header");
+                }
             }
         }
-        (_, Some(_)) => err(e, loc, "`hash_on` is only used by `lb_policy: ring_hash`", "remove `hash_on` or set `lb_policy: ring_hash`"),
+        (_, Some(_)) => {
+            e.at(
+                loc,
+                format!(
+                    "cluster `{}`: `hash_on` is only used by `lb_policy: ring_hash`",
+                    c.name
+                ),
+                "remove `hash_on`, or set `lb_policy: ring_hash`",
+            )
+            .key("hash_on");
+        }
         _ => {}
     }
     if c.protocol == UpstreamProtocol::Auto && c.tls.is_none() {
-        err(e, loc, "`protocol: auto` picks the protocol by ALPN, which needs `tls`", "add `tls:` or choose `http1` or `h2`");
+        e.at(
+            loc,
+            format!(
+                "cluster `{}`: `protocol: auto` picks the protocol by ALPN, which needs `tls`",
+                c.name
+            ),
+            "add `tls:`, or choose `http1` or `h2` (h2c)",
+        )
+        .key("protocol");
     }
     if let Some(tls) = &c.tls {
-        if tls.client_cert.is_some() != tls.client_key.is_some() {
-            err(e, loc, "`client_cert` and `client_key` go together", "give both or neither");
+        match (&tls.client_cert, &tls.client_key) {
+            (Some(_), None) => {
+                e.at(
+                    loc,
+                    format!(
+                        "cluster `{}`: `tls.client_cert` without `client_key`",
+                        c.name
+                    ),
+                    "a client certificate needs its private key; add `client_key: FILE`",
+                )
+                .key("tls")
+                .key("client_cert");
+            }
+            (None, Some(_)) => {
+                e.at(
+                    loc,
+                    format!(
+                        "cluster `{}`: `tls.client_key` without `client_cert`",
+                        c.name
+                    ),
+                    "add `client_cert: FILE`, or remove `client_key`",
+                )
+                .key("tls")
+                .key("client_key");
+            }
+            _ => {}
+        }
+        if let Some(sni) = &tls.sni {
+            if rustls_pki_types::ServerName::try_from(sni.as_str()).is_err() {
+                e.at(
+                    loc,
+                    format!(
+                        "cluster `{}`: `tls.sni` `{sni}` is not a DNS name or IP address",
+                        c.name
+                    ),
+                    "write a host name such as `api.example.com`, without port or scheme",
+                )
+                .key("tls")
+                .key("sni");
+            }
         }
     }
     if c.connect_timeout.0.is_zero() {
-        err(e, loc, "connect_timeout must be greater than zero", "the default is 5s");
+        e.at(
+            loc,
+            format!("cluster `{}`: `connect_timeout` is zero", c.name),
+            "no connection can be made in no time; the default is 5s",
+        )
+        .key("connect_timeout");
     }
 }
 
 /// Splits `host:port`, `ip:port` or `[v6]:port`.
 pub(crate) fn split_host_port(s: &str) -> Result<(String, u16), String> {
-    let bad = || format!("endpoint address `{s}` is not `host:port`");
+    let bad = |why: &str| format!("endpoint address `{s}` is not `host:port`: {why}");
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (h, p) = rest.split_once("]:").ok_or_else(bad)?;
-        (h, p)
+        rest.split_once("]:")
+            .ok_or_else(|| bad("an IPv6 address needs the form `[addr]:port`"))?
     } else {
-        s.rsplit_once(':').ok_or_else(bad)?
+        s.rsplit_once(':')
+            .ok_or_else(|| bad("the port is missing"))?
     };
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    if host.is_empty() || port == 0 {
-        return Err(bad());
+    let port: u16 = port
+        .parse()
+        .map_err(|_| bad("the port is not a number from 1 to 65535"))?;
+    if host.is_empty() {
+        return Err(bad("the host is missing"));
+    }
+    if port == 0 {
+        return Err(bad("port 0 cannot be connected to"));
     }
     Ok((host.to_string(), port))
 }
 
+/// A virtual host's domain pattern: `*`, `host`, `*.suffix` or `prefix.*`, optionally
+/// with `:port`.
 fn check_domain(d: &str) -> Result<(), String> {
     if d == "*" {
         return Ok(());
     }
-    let stars = d.matches('*').count();
-    let ok = match stars {
-        0 => true,
-        1 => (d.starts_with("*.") || d.ends_with(".*")) && d.len() > 2,
-        _ => false,
-    };
-    if !ok || d.is_empty() || d.contains(char::is_whitespace) || d.contains('/') {
-        return Err(format!("domain `{d}` is not a valid host pattern"));
+    let bad = |why: &str| Err(format!("domain `{d}` is not a valid host pattern: {why}"));
+    if d.is_empty() {
+        return bad("it is empty");
+    }
+    if d.contains(|c: char| c.is_whitespace() || c == '/') {
+        return bad("it contains a space or `/`; write only the host, without scheme or path");
+    }
+    match d.matches('*').count() {
+        0 => Ok(()),
+        1 if (d.starts_with("*.") || d.ends_with(".*")) && d.len() > 2 => Ok(()),
+        1 => bad(
+            "`*` may only stand for a whole leading or trailing label (`*.example.com`, `api.*`)",
+        ),
+        _ => bad("only one `*` is allowed"),
+    }
+}
+
+/// A TLS certificate's SNI name: exact or `*.suffix`.
+fn check_server_name(s: &str) -> Result<(), String> {
+    let name = s.strip_prefix("*.").unwrap_or(s);
+    if name.is_empty() || name.contains('*') || rustls_pki_types::DnsName::try_from(name).is_err() {
+        return Err(format!(
+            "server name `{s}` is not a DNS name or `*.suffix` wildcard"
+        ));
     }
     Ok(())
 }
 
-fn regex_check(e: &mut Errors, re: &Spanned<String>) {
+fn regex_check(e: &mut Issues, re: &Spanned<String>) {
     if let Err(x) = regex::Regex::new(&re.value) {
-        err(e, &re.referenced, format!("invalid regex `{}`: {x}", re.value), "fix the regular expression (Rust regex syntax)");
+        e.at(
+            &re.referenced,
+            format!("invalid regex `{}`: {}", re.value, regex_error(&x)),
+            "fix the regular expression (Rust regex syntax, see https://docs.rs/regex)",
+        );
     }
 }
 
-fn headers(e: &mut Errors, ops: &HeaderOps) {
-    for (map, loc) in [(&ops.add.value, &ops.add.referenced), (&ops.set.value, &ops.set.referenced)] {
-        for (k, v) in map {
-            if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                err(e, loc, format!("`{k}` is not a valid header name"), "header names are tokens like `x-env`");
+/// The regex crate explains a syntax error over several lines (the pattern, a caret
+/// line, `error: ...`); a config error is one line, so keep the explanation and turn
+/// the caret into a character position.
+pub(crate) fn regex_error(e: &regex::Error) -> String {
+    match e {
+        regex::Error::Syntax(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let what = lines
+                .iter()
+                .rev()
+                .find_map(|l| l.strip_prefix("error: "))
+                .unwrap_or(text.as_str())
+                .trim();
+            // Layout: "regex parse error:", "    PATTERN", "    ^^^", "error: ...".
+            let caret = match lines.as_slice() {
+                [_, _, marks, _] => marks.find('^').map(|i| i.saturating_sub(4) + 1),
+                _ => None,
+            };
+            match caret {
+                Some(at) => format!("{what} (at character {at})"),
+                None => what.to_string(),
+            }
+        }
+        regex::Error::CompiledTooBig(limit) => {
+            format!("the compiled regex is larger than the {limit}-byte limit")
+        }
+        other => other.to_string().replace('\n', " "),
+    }
+}
+
+fn header_ops(e: &mut Issues, ops: &HeaderOps, owner: &Location, key: &str) {
+    for (op, map) in [("add", &ops.add), ("set", &ops.set)] {
+        for (k, v) in &map.value {
+            // A default (absent) map has no location: point at the owner's key instead.
+            let at = |e: &mut Issues, msg: String, help: &str| {
+                if map.referenced.line() == 0 {
+                    e.at(owner, msg, help).key(key).key(op).key(k);
+                } else {
+                    e.at(&map.referenced, msg, help).key(k);
+                }
+            };
+            if k.starts_with(':') || http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                at(
+                    e,
+                    format!("`{k}` is not a valid header name"),
+                    "header names are tokens such as `x-env`: letters, digits and `!#$%&'*+-.^_|~`",
+                );
+            } else if is_hop_by_hop(k) {
+                at(
+                    e,
+                    format!("header `{k}` cannot be changed by config"),
+                    "hop-by-hop headers, `host` and `content-length` are managed by the proxy",
+                );
             }
             if http::HeaderValue::from_str(v).is_err() {
-                err(e, loc, format!("value of `{k}` is not a valid header value"), "use printable ASCII without newlines");
-            }
-            if is_pseudo_or_hop(k) {
-                err(e, loc, format!("header `{k}` cannot be changed by config"), "hop-by-hop and pseudo headers are managed by the proxy");
+                at(
+                    e,
+                    format!("the value of `{k}` is not a valid header value"),
+                    "use printable ASCII without line breaks",
+                );
             }
         }
     }
-    for k in &ops.remove.value {
-        if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
-            err(e, &ops.remove.referenced, format!("`{k}` is not a valid header name"), "header names are tokens like `x-env`");
+    for (i, k) in ops.remove.value.iter().enumerate() {
+        if k.starts_with(':') || http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+            e.at(
+                &ops.remove.referenced,
+                format!("`{k}` is not a valid header name"),
+                "header names are tokens such as `x-env`",
+            )
+            .index(i);
         }
     }
 }
 
-fn is_pseudo_or_hop(k: &str) -> bool {
-    let k = k.to_ascii_lowercase();
-    k.starts_with(':') || matches!(k.as_str(), "connection" | "transfer-encoding" | "upgrade" | "te" | "keep-alive" | "host" | "content-length")
+/// Headers the proxy owns: connection management (RFC 9110 §7.6.1) and framing.
+fn is_hop_by_hop(k: &str) -> bool {
+    matches!(
+        k.to_ascii_lowercase().as_str(),
+        "connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "keep-alive"
+            | "proxy-connection"
+            | "host"
+            | "content-length"
+    )
 }
 
-fn unique<'a>(e: &mut Errors, what: &str, items: impl Iterator<Item = (&'a Name, &'a Location)>) {
-    let mut seen = HashSet::new();
+fn unique<'a>(e: &mut Issues, what: &str, items: impl Iterator<Item = (&'a Name, &'a Location)>) {
+    let mut seen: HashMap<&Name, &Location> = HashMap::new();
     for (name, loc) in items {
-        if !seen.insert(name) {
-            err(e, loc, format!("duplicate {what} name `{name}`"), format!("give each {what} a unique name"));
+        if let Some(first) = seen.get(name) {
+            let help = if first.line() == 0 {
+                format!("give each {what} a unique name")
+            } else {
+                format!(
+                    "give each {what} a unique name; the first `{name}` starts on line {}",
+                    first.line()
+                )
+            };
+            e.at(loc, format!("duplicate {what} name `{name}`"), help)
+                .key("name");
+        } else {
+            seen.insert(name, loc);
         }
     }
 }
 
-fn list(names: &HashSet<&Name>) -> String {
-    let mut v: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
-    v.sort_unstable();
-    if v.is_empty() {
-        "none".into()
-    } else {
-        v.join(", ")
+/// The candidate closest to `word` within edit distance 2 (and less than the word's
+/// length, so `ab` does not suggest `xy`); ties go to the first candidate.
+pub(crate) fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let mut best: Option<(usize, &'a str)> = None;
+    for c in candidates {
+        let d = edit_distance(word, c);
+        if d <= 2 && d < word.chars().count() && best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, c));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+/// Optimal-string-alignment distance: insertions, deletions, substitutions and
+/// transpositions of neighbours each cost 1 (`ahtp` → `http` is 2), case-insensitive.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.to_lowercase().chars().collect();
+    let b: Vec<char> = b.to_lowercase().chars().collect();
+    let w = b.len() + 1;
+    let mut d = vec![0usize; (a.len() + 1) * w];
+    for i in 0..=a.len() {
+        d[i * w] = i;
+    }
+    for (j, cell) in d.iter_mut().enumerate().take(w) {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[(i - 1) * w + j] + 1)
+                .min(d[i * w + j - 1] + 1)
+                .min(d[(i - 1) * w + j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[(i - 2) * w + j - 2] + 1);
+            }
+            d[i * w + j] = v;
+        }
+    }
+    d[a.len() * w + b.len()]
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // in tests a panic is the failure report
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("app", "app"), 0);
+        assert_eq!(edit_distance("ap", "app"), 1);
+        assert_eq!(edit_distance("ahtp", "http"), 2);
+        assert_eq!(edit_distance("teh", "the"), 1);
+        assert_eq!(edit_distance("API", "api"), 0);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn suggestions() {
+        let names = ["backend", "frontend", "db"];
+        assert_eq!(did_you_mean("backnd", names), Some("backend"));
+        assert_eq!(did_you_mean("fronted", names), Some("frontend"));
+        assert_eq!(did_you_mean("cache", names), None);
+        // Short words would match anything short; no suggestion.
+        assert_eq!(did_you_mean("xy", names), None);
+        assert_eq!(did_you_mean("dc", names), Some("db"));
+        // The closest wins, not the first within reach.
+        assert_eq!(did_you_mean("web-2", ["web-10", "web-1"]), Some("web-1"));
+    }
+
+    #[test]
+    fn regex_errors_fit_on_one_line() {
+        // black_box: keep clippy from rejecting the deliberately broken patterns.
+        let e = regex::Regex::new(std::hint::black_box("a(b")).unwrap_err();
+        assert_eq!(regex_error(&e), "unclosed group (at character 2)");
+        let e = regex::Regex::new(std::hint::black_box("x{2,1}")).unwrap_err();
+        let msg = regex_error(&e);
+        assert!(!msg.contains('\n'), "{msg}");
+        assert!(msg.contains("invalid repetition"), "{msg}");
+    }
+
+    #[test]
+    fn endpoint_addresses() {
+        assert_eq!(
+            split_host_port("a.internal:80").unwrap(),
+            ("a.internal".into(), 80)
+        );
+        assert_eq!(split_host_port("[::1]:8080").unwrap(), ("::1".into(), 8080));
+        assert!(split_host_port("a.internal")
+            .unwrap_err()
+            .contains("port is missing"));
+        assert!(split_host_port(":80")
+            .unwrap_err()
+            .contains("host is missing"));
+        assert!(split_host_port("a:0").unwrap_err().contains("port 0"));
+        assert!(split_host_port("a:http")
+            .unwrap_err()
+            .contains("not a number"));
+        assert!(split_host_port("[::1]").is_err());
+    }
+
+    #[test]
+    fn domain_patterns() {
+        for ok in [
+            "*",
+            "example.com",
+            "*.example.com",
+            "api.*",
+            "example.com:8080",
+        ] {
+            assert!(check_domain(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "*.", "a.*.b", "*example.com", "**", "http://x", "a b"] {
+            assert!(check_domain(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn server_names() {
+        assert!(check_server_name("api.example.com").is_ok());
+        assert!(check_server_name("*.example.com").is_ok());
+        assert!(check_server_name("*").is_err());
+        assert!(check_server_name("a.*.com").is_err());
+        assert!(check_server_name("bad name").is_err());
     }
 }
