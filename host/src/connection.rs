@@ -109,12 +109,10 @@ pub async fn serve(
         Some(false) => builder.http1_only(),
         None => builder,
     };
-    let h1_header_timeout = match alpn_h2 {
-        Some(true) => None,
-        // For cleartext we do not know the protocol up front; a client speaking h2c
-        // sends its preface at once, so the head timer never fires for it in practice.
-        _ => Some(limits.header_read_timeout.get()),
-    };
+    if alpn_h2 == Some(true) {
+        activity.set_h2();
+    }
+    let header_timeout = limits.header_read_timeout.get();
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(Tracked::new(io, activity.clone())), service);
     let mut conn = pin!(conn);
@@ -122,7 +120,7 @@ pub async fn serve(
     let idle = limits.idle_timeout.get();
     let mut closing = false;
     loop {
-        let deadline = match activity.check(idle, h1_header_timeout) {
+        let deadline = match activity.check(idle, Some(header_timeout)) {
             Verdict::WaitUntil(t) => t,
             Verdict::Idle if !closing => {
                 conn.as_mut().graceful_shutdown();
@@ -138,6 +136,11 @@ pub async fn serve(
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
+                    // hyper answered a malformed or oversized request head itself
+                    // (400/431) without calling us: count it as a 4xx.
+                    if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse) {
+                        ctx.stats.rq_by_class[3].inc();
+                    }
                     tracing::debug!(listener = %ctx.name, %peer, "connection error: {e}");
                 }
                 return;

@@ -10,6 +10,8 @@
 //! | `NoRoute` | 404 | no |
 //! | `BodyTooLarge` | 413 | no |
 //! | `BadRequest` | 400 | no |
+//! | `HeadersTooLarge` | 431 | no |
+//! | `NotImplemented` | 501 | no |
 //! | `ConnectFailed` | 502 | yes (`connect-failure`) |
 //! | `UpstreamReset` | 502 | yes (`reset`) |
 //! | `UpstreamProtocol` | 502 | no |
@@ -34,6 +36,10 @@ pub enum Kind {
     BodyTooLarge,
     /// The request was malformed in a way hyper let through.
     BadRequest,
+    /// More request headers than the listener allows.
+    HeadersTooLarge,
+    /// A request feature Legate does not implement (an unknown transfer coding).
+    NotImplemented,
     /// TCP or TLS connect to the upstream failed or timed out.
     ConnectFailed,
     /// The upstream closed or reset the connection/stream before a full response.
@@ -85,12 +91,37 @@ impl ProxyError {
         }
     }
 
+    /// Classifies a failure while reading the client's request body: over the
+    /// route's limit (413), the client gone mid-body (499, logged only), or a
+    /// malformed body such as bad chunking (400).
+    pub fn request_body(err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut src = Some(err);
+        while let Some(cur) = src {
+            if cur.is::<crate::body::BodyTooLarge>() {
+                return ProxyError::new(Kind::BodyTooLarge, cur.to_string());
+            }
+            if let Some(h) = cur.downcast_ref::<hyper::Error>() {
+                let kind = if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
+                    Kind::DownstreamReset
+                } else {
+                    Kind::BadRequest
+                };
+                return ProxyError::new(kind, format!("request body: {h}"));
+            }
+            src = cur.source();
+        }
+        ProxyError::new(Kind::BadRequest, format!("request body: {err}"))
+    }
+
     /// Whose fault it is.
     pub fn side(&self) -> Side {
         match self.kind {
-            Kind::NoRoute | Kind::BodyTooLarge | Kind::BadRequest | Kind::DownstreamReset => {
-                Side::Downstream
-            }
+            Kind::NoRoute
+            | Kind::BodyTooLarge
+            | Kind::BadRequest
+            | Kind::HeadersTooLarge
+            | Kind::NotImplemented
+            | Kind::DownstreamReset => Side::Downstream,
             Kind::ConnectFailed
             | Kind::UpstreamReset
             | Kind::UpstreamProtocol
@@ -116,6 +147,8 @@ impl ProxyError {
             Kind::NoRoute => StatusCode::NOT_FOUND,
             Kind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Kind::BadRequest => StatusCode::BAD_REQUEST,
+            Kind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Kind::NotImplemented => StatusCode::NOT_IMPLEMENTED,
             Kind::ConnectFailed | Kind::UpstreamReset | Kind::UpstreamProtocol => {
                 StatusCode::BAD_GATEWAY
             }
@@ -135,6 +168,8 @@ impl ProxyError {
             Kind::NoRoute => "no_route",
             Kind::BodyTooLarge => "request_body_too_large",
             Kind::BadRequest => "bad_request",
+            Kind::HeadersTooLarge => "request_headers_too_large",
+            Kind::NotImplemented => "not_implemented",
             Kind::ConnectFailed => "upstream_connect_failure",
             Kind::UpstreamReset => "upstream_reset",
             Kind::UpstreamProtocol => "upstream_protocol_error",

@@ -3,7 +3,7 @@
 //! idle and header-read timeouts without a timer per read.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -86,7 +86,13 @@ pub struct Activity {
     in_flight: AtomicUsize,
     rx: AtomicU64,
     tx: AtomicU64,
+    /// Requests started on this connection.
+    requests: AtomicU64,
+    /// 0 = protocol not known yet, 1 = HTTP/1, 2 = HTTP/2.
+    proto: AtomicU8,
 }
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What the watchdog should do.
 #[derive(Debug, PartialEq, Eq)]
@@ -108,6 +114,8 @@ impl Default for Activity {
             in_flight: AtomicUsize::new(0),
             rx: AtomicU64::new(0),
             tx: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            proto: AtomicU8::new(0),
         }
     }
 }
@@ -119,6 +127,18 @@ impl Activity {
 
     fn at(&self, ms: u64) -> Instant {
         self.base + Duration::from_millis(ms)
+    }
+
+    /// Marks the connection as HTTP/2 (ALPN said so).
+    pub fn set_h2(&self) {
+        self.proto.store(2, Relaxed);
+    }
+
+    /// Learns the protocol from the first bytes a client sends.
+    fn sniff(&self, first: &[u8]) {
+        let n = first.len().min(H2_PREFACE.len());
+        let h2 = first[..n] == H2_PREFACE[..n];
+        self.proto.store(if h2 { 2 } else { 1 }, Relaxed);
     }
 
     fn on_read(&self, n: usize) {
@@ -137,6 +157,7 @@ impl Activity {
 
     /// A request head was parsed: the header timer stops, the request counts.
     pub fn request_started(&self) {
+        self.requests.fetch_add(1, Relaxed);
         self.in_flight.fetch_add(1, Relaxed);
         self.head_start_ms.store(NONE, Relaxed);
     }
@@ -157,31 +178,40 @@ impl Activity {
         self.in_flight.load(Relaxed)
     }
 
-    /// Decides whether a timeout has passed. `header_timeout` is `None` for HTTP/2,
-    /// whose frames (pings, settings) are not request heads.
+    /// Decides whether a timeout has passed.
+    ///
+    /// The header timer runs from the first byte of a request head until the
+    /// request starts. HTTP/2 connections are held to it only until their first
+    /// request: afterwards their frames (pings, window updates) are not heads.
+    /// `header_timeout` is `None` for streams that carry no HTTP (the TCP proxy).
     pub fn check(&self, idle: Duration, header_timeout: Option<Duration>) -> Verdict {
         let now = self.now_ms();
-        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(NONE - 1);
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(NONE - 1);
+        let idle_end = self.last_ms.load(Relaxed).saturating_add(ms(idle));
         if self.in_flight.load(Relaxed) > 0 {
-            return Verdict::WaitUntil(self.at(now.saturating_add(idle_ms)));
+            return Verdict::WaitUntil(self.at(now.saturating_add(ms(idle))));
         }
+        let header_timeout = header_timeout
+            .filter(|_| self.proto.load(Relaxed) != 2 || self.requests.load(Relaxed) == 0);
+        let mut wake = idle_end;
         if let Some(ht) = header_timeout {
             let start = self.head_start_ms.load(Relaxed);
             if start != NONE {
-                let end = start.saturating_add(u64::try_from(ht.as_millis()).unwrap_or(NONE - 1));
-                return if now >= end {
-                    Verdict::HeaderTimeout
-                } else {
-                    Verdict::WaitUntil(self.at(end))
-                };
+                let end = start.saturating_add(ms(ht));
+                if now >= end {
+                    return Verdict::HeaderTimeout;
+                }
+                wake = wake.min(end);
+            } else {
+                // Bytes of a new head may arrive at any moment without waking the
+                // watchdog; look again soon so a slow head is cut within 1.25x.
+                wake = wake.min(now.saturating_add((ms(ht) / 4).max(10)));
             }
         }
-        let end = self.last_ms.load(Relaxed).saturating_add(idle_ms);
-        if now >= end {
-            Verdict::Idle
-        } else {
-            Verdict::WaitUntil(self.at(end))
+        if now >= idle_end {
+            return Verdict::Idle;
         }
+        Verdict::WaitUntil(self.at(wake))
     }
 }
 
@@ -208,6 +238,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if matches!(r, Poll::Ready(Ok(()))) && n > 0 {
+            if self.activity.proto.load(Relaxed) == 0 {
+                self.activity.sniff(&buf.filled()[before..]);
+            }
             self.activity.on_read(n);
         }
         r
@@ -259,25 +292,36 @@ mod tests {
     #[test]
     fn verdicts() {
         let a = Activity::default();
-        let idle = Duration::from_millis(0);
+        let zero = Duration::ZERO;
+        let ten = Duration::from_secs(10);
         // No bytes, no request: idle at once with a zero idle timeout.
-        assert_eq!(a.check(idle, Some(Duration::from_secs(10))), Verdict::Idle);
-        // Bytes of a head arrived: the header timer runs instead.
+        assert_eq!(a.check(zero, Some(ten)), Verdict::Idle);
+        // Bytes of a head arrived: the header timer runs.
+        a.sniff(b"GET / HTTP/1.1\r\n");
         a.on_read(1);
-        assert!(matches!(
-            a.check(idle, Some(Duration::from_secs(10))),
-            Verdict::WaitUntil(_)
-        ));
-        assert_eq!(a.check(idle, Some(Duration::ZERO)), Verdict::HeaderTimeout);
-        // HTTP/2 ignores the header timer.
-        assert_eq!(a.check(idle, None), Verdict::Idle);
-        // A request in flight is never idle.
+        assert!(matches!(a.check(ten, Some(ten)), Verdict::WaitUntil(_)));
+        assert_eq!(a.check(ten, Some(zero)), Verdict::HeaderTimeout);
+        // A request in flight is never idle nor timed out.
         a.request_started();
+        assert!(matches!(a.check(zero, Some(zero)), Verdict::WaitUntil(_)));
+        a.request_finished();
+        assert_eq!(a.check(zero, Some(ten)), Verdict::Idle);
+    }
+
+    #[test]
+    fn h2_heads_are_timed_until_the_first_request() {
+        let a = Activity::default();
+        let ten = Duration::from_secs(10);
+        a.sniff(H2_PREFACE);
+        a.on_read(24);
+        assert_eq!(a.check(ten, Some(Duration::ZERO)), Verdict::HeaderTimeout);
+        a.request_started();
+        a.request_finished();
+        // A ping after the first request is not a slow head.
+        a.on_read(17);
         assert!(matches!(
-            a.check(idle, Some(Duration::ZERO)),
+            a.check(ten, Some(Duration::ZERO)),
             Verdict::WaitUntil(_)
         ));
-        a.request_finished();
-        assert_eq!(a.check(idle, Some(Duration::ZERO)), Verdict::Idle);
     }
 }

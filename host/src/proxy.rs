@@ -72,7 +72,13 @@ pub async fn handle(
                 tracing::debug!(listener = %conn.listener.name, "request failed: {e}");
             }
             out.cause = Some(e.cause());
-            e.to_response().map(body::full)
+            let mut r = e.to_response().map(body::full);
+            if e.kind == Kind::BadRequest && version < Version::HTTP_2 {
+                // The rest of the byte stream cannot be trusted to frame requests.
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            r
         }
     };
     let route_stats = out.route.as_ref().map(|r| conn.worker.route_stats(r));
@@ -108,6 +114,7 @@ async fn proxy(
             "HTTP request on a non-HTTP listener",
         ));
     };
+    check_framing(&req, listener.cfg.limits.max_request_headers as usize)?;
     let snapshot = conn.worker.shared.snapshot.load_full();
     let table = snapshot
         .route_tables
@@ -161,7 +168,13 @@ async fn proxy(
                 .insert(header::CONTENT_TYPE, content_type.clone());
             resp.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-            finish_response_headers(&matched, http.via.as_deref(), resp.headers_mut(), false);
+            finish_response_headers(
+                &matched,
+                http.via.as_deref(),
+                Version::HTTP_11,
+                resp.headers_mut(),
+                false,
+            );
             return Ok(resp);
         }
         Action::Redirect(_) => {
@@ -173,7 +186,13 @@ async fn proxy(
             resp.headers_mut().insert(header::LOCATION, location);
             resp.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-            finish_response_headers(&matched, http.via.as_deref(), resp.headers_mut(), false);
+            finish_response_headers(
+                &matched,
+                http.via.as_deref(),
+                Version::HTTP_11,
+                resp.headers_mut(),
+                false,
+            );
             return Ok(resp);
         }
         Action::Cluster(name) => name.clone(),
@@ -300,7 +319,14 @@ async fn proxy(
             tokio::task::spawn_local(tunnel(down, up));
         }
     }
-    finish_response_headers(&matched, http.via.as_deref(), resp.headers_mut(), switching);
+    let received = resp.version();
+    finish_response_headers(
+        &matched,
+        http.via.as_deref(),
+        received,
+        resp.headers_mut(),
+        switching,
+    );
     if resp.version() != Version::HTTP_11 || parts.version == Version::HTTP_2 {
         // The downstream protocol sets the response framing; hyper picks it.
         *resp.version_mut() = parts.version;
@@ -308,10 +334,45 @@ async fn proxy(
     Ok(resp)
 }
 
+/// Rejects requests whose framing a proxy must not guess at (RFC 9112 §6.1, the
+/// request-smuggling shapes) and enforces the header count on HTTP/2 (hyper
+/// enforces it on HTTP/1.1 while parsing).
+fn check_framing<B>(req: &Request<B>, max_headers: usize) -> Result<(), ProxyError> {
+    let h = req.headers();
+    if req.version() < Version::HTTP_2 {
+        let te: Vec<&HeaderValue> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
+        if !te.is_empty() {
+            if h.contains_key(header::CONTENT_LENGTH) {
+                return Err(ProxyError::new(
+                    Kind::BadRequest,
+                    "both Content-Length and Transfer-Encoding",
+                ));
+            }
+            let only_chunked = te.len() == 1
+                && te[0]
+                    .to_str()
+                    .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+            if !only_chunked {
+                return Err(ProxyError::new(
+                    Kind::NotImplemented,
+                    "transfer codings other than `chunked` are not supported",
+                ));
+            }
+        }
+    } else if h.len() > max_headers {
+        return Err(ProxyError::new(
+            Kind::HeadersTooLarge,
+            format!("{} headers > {max_headers}", h.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// Response headers: hop-by-hop out (kept for a 101), route then vhost ops, via.
 fn finish_response_headers(
     m: &Matched<'_>,
     via: Option<&str>,
+    received: Version,
     h: &mut http::HeaderMap,
     switching: bool,
 ) {
@@ -320,7 +381,7 @@ fn finish_response_headers(
     }
     m.apply_response_headers(h);
     if let Some(v) = via {
-        proxy_headers::add_via(h, &via_value(Version::HTTP_11, v));
+        proxy_headers::add_via(h, &via_value(received, v));
     }
 }
 
@@ -437,19 +498,10 @@ impl Attempts<'_> {
         }
     }
 
+    /// The attempt's request in HTTP/1.1 form (origin-form URI + Host); the pool
+    /// turns it into HTTP/2 form when the connection it picks speaks h2.
     fn build_request(&self, body: Body, last: bool) -> Result<Request<Body>, ProxyError> {
-        let h2 = self.entry.upstream.is_h2();
-        let uri: Uri = if h2 {
-            let scheme = if self.entry.cluster.config.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            };
-            format!("{scheme}://{}{}", self.authority, self.path).parse()
-        } else {
-            self.path.parse()
-        }
-        .map_err(|e| {
+        let uri: Uri = self.path.parse().map_err(|e| {
             ProxyError::new(Kind::BadRequest, format!("cannot build upstream URI: {e}"))
         })?;
         let mut req = Request::new(body);
@@ -460,11 +512,9 @@ impl Attempts<'_> {
         } else {
             self.headers.borrow().clone()
         };
-        if !h2 {
-            let host = HeaderValue::from_str(self.authority)
-                .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?;
-            req.headers_mut().insert(header::HOST, host);
-        }
+        let host = HeaderValue::from_str(self.authority)
+            .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?;
+        req.headers_mut().insert(header::HOST, host);
         Ok(req)
     }
 
@@ -560,12 +610,7 @@ impl ReqBody {
             let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
             match frame {
                 None => return Ok(ReqBody::Buffered { frames }),
-                Some(Err(e)) => {
-                    return Err(ProxyError::new(
-                        Kind::DownstreamReset,
-                        format!("reading request body: {e}"),
-                    ))
-                }
+                Some(Err(e)) => return Err(ProxyError::request_body(&*e)),
                 Some(Ok(f)) => {
                     let trailers = f.is_trailers();
                     total += f.data_ref().map_or(0, |d| d.len() as u64);
@@ -635,9 +680,12 @@ impl HttpBody for Prefixed {
             .filter_map(|f| f.data_ref())
             .map(|d| d.len() as u64)
             .sum();
-        let mut h = self.rest.size_hint();
-        h.set_lower(h.lower() + head);
-        if let Some(u) = h.upper() {
+        let rest = self.rest.size_hint();
+        // A fresh hint: raising `lower` before `upper` on the old one would trip
+        // http-body's lower <= upper assertion for exact sizes.
+        let mut h = SizeHint::new();
+        h.set_lower(rest.lower() + head);
+        if let Some(u) = rest.upper() {
             h.set_upper(u + head);
         }
         h

@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, Version};
+use http::{Request, Response, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -266,7 +266,7 @@ impl Pool {
     ) -> Result<Response<Body>, SendError> {
         match sender {
             Sender::H2(mut sr) => {
-                *req.version_mut() = Version::HTTP_2;
+                to_h2_form(&mut req, s.tls.is_some()).map_err(SendError::Failed)?;
                 match sr.try_send_request(req).await {
                     Ok(resp) => Ok(resp.map(body::boxed)),
                     Err(mut e) => match e.take_message() {
@@ -279,7 +279,7 @@ impl Pool {
                 }
             }
             Sender::H1(mut sr) => {
-                *req.version_mut() = Version::HTTP_11;
+                to_h1_form(&mut req);
                 match sr.try_send_request(req).await {
                     Ok(resp) => {
                         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -329,6 +329,53 @@ impl Pool {
     }
 }
 
+/// Rewrites an HTTP/1.1-form request (origin-form URI + Host) into HTTP/2 form:
+/// scheme and authority in the URI (hyper sends them as `:scheme`/`:authority`),
+/// no Host header.
+fn to_h2_form(req: &mut Request<Body>, tls: bool) -> Result<(), ProxyError> {
+    *req.version_mut() = Version::HTTP_2;
+    if req.uri().authority().is_some() {
+        return Ok(());
+    }
+    let host = req
+        .headers_mut()
+        .remove(http::header::HOST)
+        .ok_or_else(|| ProxyError::new(Kind::Internal, "upstream request without Host"))?;
+    let authority = http::uri::Authority::try_from(host.as_bytes())
+        .map_err(|e| ProxyError::new(Kind::BadRequest, format!("invalid authority: {e}")))?;
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(if tls {
+        http::uri::Scheme::HTTPS
+    } else {
+        http::uri::Scheme::HTTP
+    });
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = Uri::from_parts(parts)
+        .map_err(|e| ProxyError::new(Kind::BadRequest, format!("invalid upstream URI: {e}")))?;
+    Ok(())
+}
+
+/// The inverse of [`to_h2_form`], for a request handed back by an h2 connection
+/// and re-sent on a new HTTP/1.1 one (`protocol: auto`).
+fn to_h1_form(req: &mut Request<Body>) {
+    *req.version_mut() = Version::HTTP_11;
+    let Some(authority) = req.uri().authority().cloned() else {
+        return;
+    };
+    if let Ok(host) = http::HeaderValue::from_str(authority.as_str()) {
+        req.headers_mut().insert(http::header::HOST, host);
+    }
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(pq);
+}
+
 enum SendError {
     /// The request was not written; it can go on another connection.
     NotSent(Box<Request<Body>>),
@@ -336,18 +383,15 @@ enum SendError {
 }
 
 fn map_hyper_error(e: &hyper::Error) -> ProxyError {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(cur) = src {
-        if cur.is::<crate::body::BodyTooLarge>() {
-            return ProxyError::new(Kind::BodyTooLarge, e.to_string());
+    // A failure of the request body we were sending is the client's: hyper wraps
+    // the body's own error (ours around the downstream's) as the source.
+    if e.is_user() {
+        if let Some(cause) = std::error::Error::source(e) {
+            return ProxyError::request_body(cause);
         }
-        src = cur.source();
     }
     if e.is_parse() {
         ProxyError::new(Kind::UpstreamProtocol, e.to_string())
-    } else if e.is_user() || e.is_body_write_aborted() {
-        // Our side of the exchange failed: the request body (the client) went away.
-        ProxyError::new(Kind::DownstreamReset, e.to_string())
     } else {
         ProxyError::new(Kind::UpstreamReset, e.to_string())
     }

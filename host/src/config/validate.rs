@@ -230,8 +230,10 @@ impl Config {
                 );
                 continue;
             };
+            // Port 0 asks the kernel for a free port: never a clash.
             let clash = seen.iter().find(|(other, _)| {
-                other.port() == addr.port()
+                addr.port() != 0
+                    && other.port() == addr.port()
                     && other.is_ipv4() == addr.is_ipv4()
                     && (other.ip() == addr.ip()
                         || other.ip().is_unspecified()
