@@ -30,7 +30,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use rand::Rng;
 
-use crate::body::{self, Body, BoxError, Limited};
+use crate::body::{self, Body, BoxError, Limit, Watch, Watched};
 use crate::connection::ConnCtx;
 use crate::error::{Kind, ProxyError, Side};
 use crate::proxy_headers;
@@ -94,12 +94,7 @@ pub async fn handle(
         route_stats,
         bytes: Cell::new(0),
     };
-    Ok(resp.map(|b| {
-        body::boxed(Observed {
-            inner: b,
-            done: Some(done),
-        })
-    }))
+    Ok(resp.map(|b| body::boxed(Watched::new(b, done))))
 }
 
 async fn proxy(
@@ -255,11 +250,10 @@ async fn proxy(
             .map_or_else(|| "/".to_string(), |p| p.to_string())
     });
 
-    let tripped = Rc::new(Cell::new(false));
-    let mut req_body = body::boxed(incoming);
-    if let Some(max) = max_body {
-        req_body = body::boxed(Limited::new(req_body, max, tripped.clone()));
-    }
+    let req_body = match max_body {
+        Some(max) => body::boxed(Watched::new(incoming, Limit { remaining: max })),
+        None => body::boxed(incoming),
+    };
 
     let route = matched.route;
     let policy = route
@@ -267,15 +261,7 @@ async fn proxy(
         .as_ref()
         .filter(|p| !upgrade && p.num_retries > 0 && p.allows_method(&parts.method));
     let source = match policy {
-        Some(p) => ReqBody::buffer(req_body, p.buffer_limit, &parts)
-            .await
-            .map_err(|e| {
-                if tripped.get() {
-                    ProxyError::new(Kind::BodyTooLarge, "request body too large")
-                } else {
-                    e
-                }
-            })?,
+        Some(p) => ReqBody::buffer(req_body, p.buffer_limit, &parts).await?,
         None => ReqBody::Stream(Some(req_body)),
     };
 
@@ -306,11 +292,7 @@ async fn proxy(
         },
         None => attempt.run(source, out).await,
     };
-    let mut resp = match result {
-        Ok(r) => r,
-        Err(e) if tripped.get() => return Err(ProxyError::new(Kind::BodyTooLarge, e.detail)),
-        Err(e) => return Err(e),
-    };
+    let mut resp = result?;
 
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
@@ -766,39 +748,14 @@ fn humantime(t: SystemTime) -> String {
     )
 }
 
-/// The response body on its way out: counts bytes; its end finishes the request.
-struct Observed {
-    inner: Body,
-    done: Option<Done>,
-}
-
-impl HttpBody for Observed {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(f))) => {
-                if let (Some(d), Some(done)) = (f.data_ref(), &self.done) {
-                    done.bytes.set(done.bytes.get() + d.len() as u64);
-                }
-                if self.inner.is_end_stream() {
-                    self.done = None;
-                }
-            }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.done = None,
-            Poll::Pending => {}
+/// The response body on its way out counts its bytes here; when it ends (or is
+/// dropped), `Done` drops and finishes the request.
+impl Watch for Done {
+    fn frame(&mut self, frame: &Frame<Bytes>) -> Result<(), BoxError> {
+        if let Some(d) = frame.data_ref() {
+            self.bytes.set(self.bytes.get() + d.len() as u64);
         }
-        r
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        Ok(())
     }
 }
 

@@ -14,17 +14,12 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Request, Response, Uri, Version};
-use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
@@ -32,7 +27,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::TlsStream;
 
-use crate::body::{self, Body, BoxError};
+use crate::body::{self, Body};
 use crate::cluster::{ActiveConnection, Cluster};
 use crate::config::{self, UpstreamProtocol};
 use crate::error::{Kind, ProxyError};
@@ -292,17 +287,7 @@ impl Pool {
                             sender: sr,
                             max_idle: s.max_idle,
                         };
-                        Ok(resp.map(|b| {
-                            let end = b.is_end_stream();
-                            let mut pb = PooledBody {
-                                inner: b,
-                                ret: Some(ret),
-                            };
-                            if end {
-                                pb.give_back();
-                            }
-                            body::boxed(pb)
-                        }))
+                        Ok(resp.map(|b| body::boxed(body::Watched::new(b, ret))))
                     }
                     Err(mut e) => match e.take_message() {
                         Some(back) => Err(SendError::NotSent(Box::new(back))),
@@ -405,56 +390,24 @@ struct Return {
     max_idle: usize,
 }
 
-/// A response body that returns its HTTP/1.1 connection to the pool at its end.
-struct PooledBody {
-    inner: Incoming,
-    ret: Option<Return>,
-}
-
-impl PooledBody {
-    fn give_back(&mut self) {
-        let Some(r) = self.ret.take() else { return };
-        let Some(pool) = r.pool.upgrade() else { return };
-        if r.sender.is_closed() {
+impl body::Watch for Return {
+    /// A response read to its end leaves the connection between messages: pool it.
+    /// An errored or abandoned one is dropped with its sender.
+    fn end(self, complete: bool) {
+        if !complete || self.sender.is_closed() {
             return;
         }
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
         let mut idle = pool.idle.borrow_mut();
-        let list = idle.entry(r.key).or_default();
-        if list.len() < r.max_idle {
+        let list = idle.entry(self.key).or_default();
+        if list.len() < self.max_idle {
             list.push(Idle {
-                sender: r.sender,
+                sender: self.sender,
                 since: Instant::now(),
             });
         }
-    }
-}
-
-impl HttpBody for PooledBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let res = Pin::new(&mut this.inner).poll_frame(cx);
-        match &res {
-            Poll::Ready(None) => this.give_back(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.give_back(),
-            // An errored connection is dropped with the sender.
-            Poll::Ready(Some(Err(_))) => this.ret = None,
-            _ => {}
-        }
-        res.map(|o| o.map(|r| r.map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
