@@ -16,7 +16,7 @@
 //! expands one async body into an `h1` and an `h2` test (run in parallel, reported
 //! separately):
 //!
-//! ```ignore
+//! ```no_run
 //! use legate_tests::*;
 //!
 //! each_proto!(async fn get_is_proxied(proto) {
@@ -27,6 +27,7 @@
 //!     assert_eq!(r.status, 200);
 //!     lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="2xx"}"#, 1.0).await;
 //! });
+//! # fn main() {}
 //! ```
 //!
 //! Everything binds 127.0.0.1 only. Nothing sleeps longer than the behaviour under
