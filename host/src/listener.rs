@@ -241,7 +241,10 @@ pub async fn accept_loop(
         let guard = tracker.enter();
         let _ = stream.set_nodelay(true);
         let original_dst = if ctx.cfg.original_destination {
-            original_dst(&stream, peer)
+            // A client that connects to the listener itself (no REDIRECT) reports
+            // the listener as its original destination; proxying there would
+            // loop back into Legate forever.
+            original_dst(&stream, peer).filter(|d| Some(*d) != stream.local_addr().ok())
         } else {
             None
         };

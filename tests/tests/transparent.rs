@@ -482,6 +482,20 @@ fn http_connection_redirected_by_iptables_reaches_its_original_destination() {
         r#"legate_listener_connections_total{listener="transparent"}"#,
         1.0,
     );
+
+    // A client that connects to the transparent listener itself has no original
+    // destination to go to (the kernel reports the listener's own address): it
+    // gets a 503, and Legate does not proxy to itself in a loop.
+    let own = ns.curl(None, "http://127.0.0.1:15001/loop");
+    assert_eq!(own.status, 503, "{own:?}");
+    ns.assert_stat(
+        r#"legate_listener_connections_total{listener="transparent"}"#,
+        2.0,
+    );
+    ns.assert_stat(
+        r#"legate_cluster_upstream_cx_total{cluster="original"}"#,
+        1.0,
+    );
 }
 
 #[test]
