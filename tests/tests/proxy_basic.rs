@@ -517,3 +517,27 @@ each_proto!(
         assert_eq!(r.header_all("x-resp-both"), vec!["vhost"]);
     }
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_waits_for_the_go_ahead() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    c.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        .await;
+    // The client holds the body until Legate says go on.
+    let interim = c.read_head(std::time::Duration::from_secs(5)).await;
+    let interim = String::from_utf8_lossy(&interim);
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
+    c.write(b"hello").await;
+    let (rest, _) = c.read_until_close(std::time::Duration::from_secs(2)).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 200 OK"), "{rest}");
+    let body = &rest[rest.find("\r\n\r\n").map_or(0, |i| i + 4)..];
+    let echo: legate_tests::serde_json::Value =
+        legate_tests::serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {rest}"));
+    assert_eq!(echo["body"], "hello", "{echo}");
+    // The expectation is met hop by hop: the upstream is not asked again.
+    assert!(echo["headers"].get("expect").is_none(), "{echo}");
+    assert_eq!(up.requests.get(), 1);
+}
