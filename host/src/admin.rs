@@ -104,11 +104,11 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Cluster and endpoint counters in Prometheus format: `legate_cluster_<counter>`
 /// labelled by cluster, `legate_endpoint_<counter>` by cluster and endpoint. Names
-/// ending in `_active` are gauges.
+/// ending in `_active` (and `membership_*`) are gauges.
 fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone, out: &mut String) {
     use std::fmt::Write as _;
     let kind = |name: &str| {
-        if name.ends_with("_active") {
+        if crate::cluster::is_gauge(name) {
             "gauge"
         } else {
             "counter"

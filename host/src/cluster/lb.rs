@@ -251,12 +251,22 @@ impl Balancer {
     /// attempts used: they are skipped while any other endpoint exists, and used
     /// again when every endpoint is excluded, so a one-endpoint cluster still
     /// retries. `None` only when the cluster has no endpoints (`original_dst`).
+    ///
+    /// Endpoints that are unavailable (failed health checks, ejected) are skipped like
+    /// excluded ones — unless fewer than `panic_threshold` of the endpoints are
+    /// available, then all are used and `lb_healthy_panic` counts the pick. With
+    /// none available and panic mode off (`panic_threshold: 0%`), `None`.
     pub fn pick(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
         let n = self.cluster.endpoints.len();
         if n == 0 {
             return None;
         }
-        let excluded = normalize_exclusion(exclude, n);
+        let mut excluded = normalize_exclusion(exclude, n);
+        let healthy = usize::try_from(self.cluster.stats.membership_healthy.load(Relaxed))
+            .unwrap_or(usize::MAX);
+        if healthy < n {
+            excluded = self.health_exclusion(excluded, healthy)?;
+        }
         let shared = &self.cluster.lb;
         Some(match shared.policy {
             LbPolicy::RoundRobin => self.round_robin(&excluded),
@@ -266,6 +276,38 @@ impl Balancer {
                 Some(i) => i,
                 None => shared.weighted_pick(&mut self.rng.borrow_mut(), &excluded),
             },
+        })
+    }
+
+    /// `excluded` plus the unavailable endpoints, when `healthy` of them are
+    /// available; see [`Balancer::pick`].
+    fn health_exclusion(&self, excluded: Vec<usize>, healthy: usize) -> Option<Vec<usize>> {
+        let cluster = &self.cluster;
+        if cluster.in_panic(healthy) {
+            cluster.stats.lb_healthy_panic.fetch_add(1, Relaxed);
+            return Some(excluded);
+        }
+        let unavailable: Vec<usize> = (0..cluster.endpoints.len())
+            .filter(|&i| {
+                cluster
+                    .endpoints
+                    .get(i)
+                    .is_some_and(|e| !e.health.is_available())
+            })
+            .collect();
+        if unavailable.len() >= cluster.endpoints.len() {
+            // None left (the count raced a flag change, or panic mode is off).
+            return (healthy > 0 || cluster.in_panic(0)).then_some(excluded);
+        }
+        let mut both = excluded;
+        both.extend_from_slice(&unavailable);
+        both.sort_unstable();
+        both.dedup();
+        // Every available endpoint already tried: retry one of them.
+        Some(if both.len() >= cluster.endpoints.len() {
+            unavailable
+        } else {
+            both
         })
     }
 
