@@ -418,7 +418,7 @@ impl Attempts<'_> {
                 let idx = balancer.pick(hash, &tried).ok_or_else(|| {
                     ProxyError::new(
                         Kind::NoHealthyUpstream,
-                        format!("cluster `{}` has no endpoints", cluster.name),
+                        format!("cluster `{}` has no available endpoint", cluster.name),
                     )
                 })?;
                 tried.push(idx);

@@ -532,9 +532,16 @@ each_proto!(
         }
         let ok = ok.load(Ordering::Relaxed);
         let rate = ok as f64 / total as f64;
+        let stats = parse_prometheus(&lg.stats().await);
+        let of = |name: &str| stats.get(&stat(name, "backend")).copied().unwrap_or(-1.0);
         println!(
-            "kill one of three ({proto:?}): {ok}/{total} succeeded = {:.3}%",
-            rate * 100.0
+            "kill one of three ({proto:?}): {ok}/{total} succeeded = {:.3}%; retries {}, \
+             retry overflow {}, ejections {}, health check failures {}",
+            rate * 100.0,
+            of("upstream_rq_retry"),
+            of("upstream_rq_retry_overflow"),
+            of("outlier_detection_ejections_total"),
+            of("health_check_failure"),
         );
         assert!(rate >= 0.999, "success rate {rate} < 99.9% ({ok}/{total})");
         // The dead endpoint is out of rotation, by the checks and by ejection.

@@ -728,6 +728,61 @@ mod tests {
     }
 
     #[test]
+    fn unavailable_endpoints_are_skipped_by_every_policy() {
+        use crate::cluster::health::{EJECTED, FAILED_ACTIVE_HC};
+        for (policy, extra) in [
+            ("round_robin", ""),
+            ("round_robin", "weights"),
+            ("least_request", ""),
+            ("random", ""),
+            ("ring_hash", "hash_on: { source_ip: true }\n"),
+        ] {
+            let weights: &[u32] = if extra == "weights" {
+                &[1, 2, 3, 4]
+            } else {
+                &[1; 4]
+            };
+            let extra = if extra == "weights" { "" } else { extra };
+            let c = weighted(policy, weights, extra);
+            c.set_flag(1, FAILED_ACTIVE_HC, true);
+            c.set_flag(3, EJECTED, true);
+            let b = seeded(&c, 5);
+            let hash = (policy == "ring_hash").then_some(42);
+            let n = counts(&b, 400, hash, &[]);
+            assert_eq!((n[1], n[3]), (0, 0), "{policy}: {n:?}");
+            // A retry after the available ones were tried goes to an available one.
+            for _ in 0..50 {
+                let first = b.pick(hash, &[]).unwrap();
+                let second = b.pick(hash, &[first]).unwrap();
+                assert!([0, 2].contains(&second) && second != first, "{policy}");
+                let third = b.pick(hash, &[0, 2]).unwrap();
+                assert!([0, 2].contains(&third), "{policy}: {third}");
+            }
+            assert_eq!(c.stats.lb_healthy_panic.load(Relaxed), 0, "{policy}");
+        }
+    }
+
+    #[test]
+    fn panic_mode_uses_all_endpoints_and_is_counted() {
+        use crate::cluster::health::FAILED_ACTIVE_HC;
+        let c = weighted("round_robin", &[1, 1, 1], "");
+        c.set_flag(0, FAILED_ACTIVE_HC, true);
+        c.set_flag(1, FAILED_ACTIVE_HC, true);
+        let b = seeded(&c, 1);
+        assert_eq!(counts(&b, 30, None, &[]), [10, 10, 10]);
+        assert_eq!(c.stats.lb_healthy_panic.load(Relaxed), 30);
+
+        let strict = weighted("round_robin", &[1, 1, 1], "panic_threshold: 0%\n");
+        strict.set_flag(0, FAILED_ACTIVE_HC, true);
+        strict.set_flag(1, FAILED_ACTIVE_HC, true);
+        let b = seeded(&strict, 1);
+        assert_eq!(counts(&b, 30, None, &[]), [0, 0, 30]);
+        strict.set_flag(2, FAILED_ACTIVE_HC, true);
+        assert_eq!(b.pick(None, &[]), None, "nothing available, no panic");
+        assert_eq!(strict.stats.lb_healthy_panic.load(Relaxed), 0);
+    }
+
+    #[test]
     fn weighted_pick_maps_around_excluded_intervals() {
         let c = weighted("random", &[3, 1, 4, 1, 5], "");
         let mut rng = SmallRng::seed_from_u64(0);
