@@ -550,3 +550,78 @@ each_proto!(
         assert_eq!(h["status"], "unhealthy", "{h}");
     }
 );
+
+/// An upstream whose `/healthz` answers 200 only to a check that came over TLS with
+/// SNI `backend.internal` and HTTP version `version`, while `healthy` is true.
+async fn tls_checked(
+    server: TlsFiles,
+    http1: bool,
+    version: http::Version,
+    healthy: &Arc<AtomicBool>,
+) -> UpstreamHandle {
+    let healthy = healthy.clone();
+    let b = upstream().tls(server);
+    let b = if http1 { b.http1() } else { b };
+    b.route("/healthz", move |req| {
+        let tls_ok = req
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|i| i.tls.as_ref())
+            .is_some_and(|t| t.sni.as_deref() == Some("backend.internal"));
+        let ok = tls_ok && req.version() == version && healthy.load(Ordering::SeqCst);
+        async move {
+            if ok {
+                text(200, "ok\n")
+            } else {
+                text(418, "wrong check\n")
+            }
+        }
+    })
+    .start()
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_use_the_cluster_tls_and_protocol() {
+    let ca = Ca::new("upstream CA");
+    let server = ca.server(&["backend.internal"]);
+    let (h2_ok, h1_ok) = (
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let h2 = tls_checked(server.clone(), false, http::Version::HTTP_2, &h2_ok).await;
+    let h1 = tls_checked(server, true, http::Version::HTTP_11, &h1_ok).await;
+    let cluster = |name: &str, addr: std::net::SocketAddr, protocol: &str| {
+        format!(
+            "  - name: {name}
+    protocol: {protocol}
+    tls: {{ sni: backend.internal, ca: {ca} }}
+    endpoints: [{{ address: \"{addr}\" }}]
+    health_check: {{ http: {{ path: /healthz }}, interval: 50ms, unhealthy_threshold: 1 }}
+",
+            ca = ca.cert_path.display()
+        )
+    };
+    let cfg = format!(
+        "version: 1\nclusters:\n{}{}",
+        cluster("alpn", h2.addr, "auto"),
+        cluster("plain", h1.addr, "http1")
+    );
+    let lg = legate().config(&cfg).start();
+    for c in ["alpn", "plain"] {
+        lg.assert_stat_with(&stat("health_check_success", c), |v| v >= 2.0, ">= 2")
+            .await;
+        assert_eq!(lg.stat(&stat("health_check_failure", c)).await, Some(0.0));
+        assert_eq!(lg.stat(&stat("membership_healthy", c)).await, Some(1.0));
+    }
+    h2_ok.store(false, Ordering::SeqCst);
+    until_stat(&lg, &stat("membership_healthy", "alpn"), 0.0).await;
+    assert_eq!(
+        endpoint_health(&lg, h2.addr).await["last_health_check_failure"],
+        "HTTP status 418"
+    );
+    assert_eq!(
+        lg.stat(&stat("membership_healthy", "plain")).await,
+        Some(1.0)
+    );
+}
