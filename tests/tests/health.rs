@@ -625,3 +625,57 @@ async fn health_checks_use_the_cluster_tls_and_protocol() {
         Some(1.0)
     );
 }
+
+each_proto!(
+    async fn success_rate_outlier_is_ejected(proto) {
+        let good_a = upstream().name("a").start().await;
+        let good_b = upstream().name("b").start().await;
+        // Fails every other request: never 5 in a row, but a poor success rate.
+        let n = Arc::new(AtomicU64::new(0));
+        let bad = upstream()
+            .name("bad")
+            .handler(move |req| {
+                let fail = n.fetch_add(1, Ordering::SeqCst) % 2 == 0;
+                async move {
+                    if fail {
+                        text(500, "sometimes\n")
+                    } else {
+                        echo(req).await
+                    }
+                }
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[good_a.addr, good_b.addr, bad.addr],
+                "",
+                "    outlier_detection:
+      interval: 300ms
+      max_ejection_percent: 34%
+      success_rate: { minimum_hosts: 3, request_volume: 10, stdev_factor: 1.0 }
+",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let ejected = stat("outlier_detection_ejections_success_rate", "backend");
+        // Traffic until an interval has seen enough of it (a poll with a deadline).
+        let deadline = std::time::Instant::now() + WAIT;
+        while lg.stat(&ejected).await != Some(1.0) {
+            assert!(std::time::Instant::now() < deadline, "no success-rate ejection");
+            spread(&mut c, 30).await;
+        }
+        assert_eq!(
+            endpoint_health(&lg, bad.addr).await["outlier"]["last_ejection_reason"],
+            "success_rate"
+        );
+        let seen = spread(&mut c, 20).await;
+        assert_eq!(seen.get("bad"), None, "{seen:?}");
+        assert_eq!(seen.get("status 500"), None, "{seen:?}");
+        assert_eq!(
+            lg.stat(&stat("outlier_detection_ejections_consecutive_5xx", "backend"))
+                .await,
+            Some(0.0)
+        );
+    }
+);
