@@ -635,7 +635,7 @@ each_proto!(
         let bad = upstream()
             .name("bad")
             .handler(move |req| {
-                let fail = n.fetch_add(1, Ordering::SeqCst) % 2 == 0;
+                let fail = n.fetch_add(1, Ordering::SeqCst).is_multiple_of(2);
                 async move {
                     if fail {
                         text(500, "sometimes\n")
