@@ -679,3 +679,61 @@ each_proto!(
         );
     }
 );
+
+each_proto!(
+    async fn recovery_seen_by_health_checks_ends_an_ejection(proto) {
+        let (health_ok, serve_ok) = (
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicBool::new(true)),
+        );
+        let good = upstream().name("good").start().await;
+        let (h, s) = (health_ok.clone(), serve_ok.clone());
+        let bad = upstream()
+            .name("bad")
+            .handler(move |req| {
+                let ok = if req.uri().path() == "/healthz" {
+                    h.load(Ordering::SeqCst)
+                } else {
+                    s.load(Ordering::SeqCst)
+                };
+                async move {
+                    if ok {
+                        echo(req).await
+                    } else {
+                        text(500, "broken\n")
+                    }
+                }
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[good.addr, bad.addr],
+                "",
+                "    health_check: { http: { path: /healthz }, interval: 50ms, healthy_threshold: 1 }
+    outlier_detection: { consecutive_5xx: 2, base_ejection_time: 1h }
+",
+            ))
+            .start();
+        let healthy = stat("membership_healthy", "backend");
+        let active = stat("outlier_detection_ejections_active", "backend");
+        let mut c = client(proto, lg.addr("web")).await;
+        serve_ok.store(false, Ordering::SeqCst);
+        spread(&mut c, 4).await;
+        lg.assert_stat(&active, 1.0).await;
+        // The checks see it fail too, then recover: that ends the hour-long ejection.
+        health_ok.store(false, Ordering::SeqCst);
+        eventually(WAIT, "the failed health check", || async {
+            (endpoint_health(&lg, bad.addr).await["failed_active_health_check"] == true)
+                .then_some(())
+        })
+        .await;
+        assert_eq!(lg.stat(&active).await, Some(1.0));
+        serve_ok.store(true, Ordering::SeqCst);
+        health_ok.store(true, Ordering::SeqCst);
+        until_stat(&lg, &healthy, 2.0).await;
+        assert_eq!(lg.stat(&active).await, Some(0.0));
+        let seen = spread(&mut c, 10).await;
+        assert_eq!((seen.get("good"), seen.get("bad")), (Some(&5), Some(&5)), "{seen:?}");
+    }
+);

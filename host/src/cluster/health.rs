@@ -203,6 +203,9 @@ async fn check_loop(entry: Arc<ClusterEntry>, hc: Arc<HealthCheck>, i: usize) {
                 passes = passes.saturating_add(1);
                 if failed && (first || passes >= hc.healthy_threshold) {
                     cluster.set_flag(i, FAILED_ACTIVE_HC, false);
+                    // Health restored by active checks also ends an ejection, as
+                    // Envoy's `successful_active_health_check_uneject_host`.
+                    cluster.uneject(i);
                     tracing::info!(cluster = %cluster.name, endpoint = %ep.address, "endpoint passes its health checks");
                 }
             }

@@ -184,11 +184,8 @@ impl Cluster {
             let total = s.window_total.swap(0, Relaxed);
             let success = s.window_success.swap(0, Relaxed).min(total);
             if ep.health.flags() & EJECTED != 0 {
-                if now >= s.ejected_until_ms.load(Relaxed) && self.set_flag(i, EJECTED, false) {
-                    self.stats
-                        .outlier_detection_ejections_active
-                        .fetch_sub(1, Relaxed);
-                    tracing::info!(cluster = %self.name, endpoint = %ep.address, "outlier detection returned an endpoint");
+                if now >= s.ejected_until_ms.load(Relaxed) {
+                    self.uneject(i);
                 }
                 continue;
             }
@@ -212,6 +209,20 @@ impl Cluster {
         for (i, rate) in rates {
             if rate < threshold {
                 self.eject(i, Reason::SuccessRate);
+            }
+        }
+    }
+
+    /// Ends endpoint `i`'s ejection, if it is ejected. Also called when active health
+    /// checks find an endpoint healthy again (Envoy's default
+    /// `successful_active_health_check_uneject_host`).
+    pub(crate) fn uneject(&self, i: usize) {
+        if self.set_flag(i, EJECTED, false) {
+            self.stats
+                .outlier_detection_ejections_active
+                .fetch_sub(1, Relaxed);
+            if let Some(ep) = self.endpoints.get(i) {
+                tracing::info!(cluster = %self.name, endpoint = %ep.address, "outlier detection returned an endpoint");
             }
         }
     }
