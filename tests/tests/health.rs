@@ -737,3 +737,41 @@ each_proto!(
         assert_eq!((seen.get("good"), seen.get("bad")), (Some(&5), Some(&5)), "{seen:?}");
     }
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_connect_failures_eject() {
+    let echo = tcp_echo_server().await;
+    let dead = closed_port_addr();
+    let cfg = format!(
+        "version: 1
+listeners:
+  - name: db
+    address: 127.0.0.1:0
+    tcp: {{ cluster: pg }}
+clusters:
+  - name: pg
+    endpoints: [{{ address: \"{}\" }}, {{ address: \"{dead}\" }}]
+    outlier_detection: {{ consecutive_gateway_failure: 2, base_ejection_time: 1h }}
+",
+        echo.addr
+    );
+    let lg = legate().config(&cfg).start();
+    for i in 0..6 {
+        let mut conn = RawConn::connect(lg.addr("db")).await;
+        conn.write(b"ping").await;
+        let got = conn.read_exact(4, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got, b"ping", "connection {i}");
+    }
+    lg.assert_stat(
+        &stat(
+            "outlier_detection_ejections_consecutive_gateway_failure",
+            "pg",
+        ),
+        1.0,
+    )
+    .await;
+    // After the ejection the dead endpoint is not tried any more.
+    lg.assert_stat(&stat("upstream_cx_connect_fail", "pg"), 2.0)
+        .await;
+    assert_eq!(endpoint_health(&lg, dead).await["outlier"]["ejected"], true);
+}
