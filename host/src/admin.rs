@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `/ready` | GET | 200 `LIVE`, or 503 `DRAINING` once a drain started |
 //! | `/stats` | GET | every metric, Prometheus text format 0.0.4 |
-//! | `/clusters` | GET | clusters, endpoints, weights and counters as JSON |
+//! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
 //! | `/config_dump` | GET | the effective config (defaults filled in) as JSON |
 //! | `/drain` | POST | starts a graceful drain, as SIGTERM does |
 
