@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `/ready` | GET | 200 `LIVE`, or 503 `DRAINING` once a drain started |
 //! | `/stats` | GET | every metric, Prometheus text format 0.0.4 |
-//! | `/clusters` | GET | clusters, endpoints, weights and counters as JSON |
+//! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
 //! | `/config_dump` | GET | the effective config (defaults filled in) as JSON |
 //! | `/drain` | POST | starts a graceful drain, as SIGTERM does |
 
@@ -104,11 +104,11 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Cluster and endpoint counters in Prometheus format: `legate_cluster_<counter>`
 /// labelled by cluster, `legate_endpoint_<counter>` by cluster and endpoint. Names
-/// ending in `_active` are gauges.
+/// ending in `_active` (and `membership_*`) are gauges.
 fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone, out: &mut String) {
     use std::fmt::Write as _;
     let kind = |name: &str| {
-        if name.ends_with("_active") {
+        if crate::cluster::is_gauge(name) {
             "gauge"
         } else {
             "counter"

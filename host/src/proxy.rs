@@ -402,6 +402,8 @@ impl Attempts<'_> {
         let max_retries = self.policy.map_or(0, |p| p.num_retries);
         let mut tried: Vec<usize> = Vec::new();
         let mut attempt: u32 = 0;
+        // The circuit breakers' count of this request's retry in flight.
+        let mut retry_slot = None;
         loop {
             // Original-destination clusters send to where the client was going.
             let (target_addr, host, index) = if cluster.config.original_dst {
@@ -416,7 +418,7 @@ impl Attempts<'_> {
                 let idx = balancer.pick(hash, &tried).ok_or_else(|| {
                     ProxyError::new(
                         Kind::NoHealthyUpstream,
-                        format!("cluster `{}` has no endpoints", cluster.name),
+                        format!("cluster `{}` has no available endpoint", cluster.name),
                     )
                 })?;
                 tried.push(idx);
@@ -428,7 +430,7 @@ impl Attempts<'_> {
             let replayable = source.replayable();
             let last = !replayable || attempt >= max_retries;
             let req = self.build_request(source.take(), last)?;
-            let active = cluster.start_request(index);
+            let active = cluster.try_start_request(index)?;
             let target = Target {
                 addr: target_addr,
                 host: &host,
@@ -453,7 +455,10 @@ impl Attempts<'_> {
             match result {
                 Ok(resp) => {
                     active.record_status(resp.status().as_u16());
-                    if can_retry && self.policy.is_some_and(|p| p.retries_status(resp.status())) {
+                    if can_retry
+                        && self.policy.is_some_and(|p| p.retries_status(resp.status()))
+                        && cluster.retry_permit(&mut retry_slot)
+                    {
                         drop(resp);
                         self.backoff(attempt).await;
                         attempt += 1;
@@ -468,7 +473,10 @@ impl Attempts<'_> {
                     } else if e.side() == Side::Upstream {
                         active.record_failure();
                     }
-                    if can_retry && self.policy.is_some_and(|p| retry_on_error(p, &e)) {
+                    if can_retry
+                        && self.policy.is_some_and(|p| retry_on_error(p, &e))
+                        && cluster.retry_permit(&mut retry_slot)
+                    {
                         self.backoff(attempt).await;
                         attempt += 1;
                         cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);

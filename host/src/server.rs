@@ -151,6 +151,14 @@ pub fn start(config: Config, opts: Options) -> anyhow::Result<Handle> {
         access_log,
     });
 
+    // Active health checks and outlier-detection intervals: one thread for the
+    // process, not one per worker.
+    crate::cluster::health::spawn(
+        shared.snapshot.load().clusters.values().cloned().collect(),
+        shared.drain_signal(),
+    )
+    .context("starting the health-check thread")?;
+
     let mut bound = Vec::new();
     let mut addrs = HashMap::new();
     for l in &config.listeners {

@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+use crate::cluster::outlier::Outcome;
+use crate::error::{Kind, ProxyError};
 use crate::io::{Activity, Conn, Tracked, Verdict};
 use crate::listener::ListenerCtx;
 use crate::upstream::{open_stream, Target};
@@ -76,7 +78,26 @@ pub async fn serve(
             cluster,
             endpoint: index,
         };
-        match open_stream(&entry.upstream, &target).await {
+        let result = open_stream(&entry.upstream, &target).await;
+        // Connects are all a TCP proxy learns about an endpoint: outlier detection
+        // counts them (a refused or timed-out connect is a gateway failure).
+        if let (
+            Some(i),
+            Ok(_)
+            | Err(ProxyError {
+                kind: Kind::ConnectFailed,
+                ..
+            }),
+        ) = (index, &result)
+        {
+            let outcome = if result.is_ok() {
+                Outcome::Success
+            } else {
+                Outcome::LocalFailure
+            };
+            cluster.outlier_record(i, outcome);
+        }
+        match result {
             Ok((conn, counted)) => {
                 upstream = Some((conn, counted, index));
                 break;

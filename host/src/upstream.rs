@@ -421,13 +421,35 @@ pub async fn open_stream(
     open_counted(s, target).await.map(|(c, _, g)| (c, g))
 }
 
-/// [`open`] under the connect timeout, with the cluster's connection counters.
+/// Opens a connection for a health check: under the connect timeout, but not
+/// pooled, not counted in the cluster's connection stats and not subject to its
+/// circuit breakers. Returns the stream and whether to speak h2.
+pub async fn open_unpooled(
+    s: &UpstreamSettings,
+    target: &Target<'_>,
+) -> Result<(Conn, bool), ProxyError> {
+    tokio::time::timeout(s.connect_timeout, open(s, target))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ProxyError::new(
+                Kind::ConnectFailed,
+                format!(
+                    "connect to {} timed out after {:?}",
+                    target.addr, s.connect_timeout
+                ),
+            ))
+        })
+}
+
+/// [`open`] under the connect timeout and the cluster's circuit breakers, with the
+/// cluster's connection counters.
 async fn open_counted(
     s: &UpstreamSettings,
     target: &Target<'_>,
 ) -> Result<(Conn, bool, ActiveConnection), ProxyError> {
+    let permit = target.cluster.connect_permit()?;
     match tokio::time::timeout(s.connect_timeout, open(s, target)).await {
-        Ok(Ok((c, h2))) => Ok((c, h2, target.cluster.start_connection(target.endpoint))),
+        Ok(Ok((c, h2))) => Ok((c, h2, permit.established(target.endpoint))),
         Ok(Err(e)) => {
             target.cluster.record_connect_failure(target.endpoint);
             Err(e)

@@ -251,12 +251,22 @@ impl Balancer {
     /// attempts used: they are skipped while any other endpoint exists, and used
     /// again when every endpoint is excluded, so a one-endpoint cluster still
     /// retries. `None` only when the cluster has no endpoints (`original_dst`).
+    ///
+    /// Endpoints that are unavailable (failed health checks, ejected) are skipped like
+    /// excluded ones — unless fewer than `panic_threshold` of the endpoints are
+    /// available, then all are used and `lb_healthy_panic` counts the pick. With
+    /// none available and panic mode off (`panic_threshold: 0%`), `None`.
     pub fn pick(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
         let n = self.cluster.endpoints.len();
         if n == 0 {
             return None;
         }
-        let excluded = normalize_exclusion(exclude, n);
+        let mut excluded = normalize_exclusion(exclude, n);
+        let healthy = usize::try_from(self.cluster.stats.membership_healthy.load(Relaxed))
+            .unwrap_or(usize::MAX);
+        if healthy < n {
+            excluded = self.health_exclusion(excluded, healthy)?;
+        }
         let shared = &self.cluster.lb;
         Some(match shared.policy {
             LbPolicy::RoundRobin => self.round_robin(&excluded),
@@ -266,6 +276,38 @@ impl Balancer {
                 Some(i) => i,
                 None => shared.weighted_pick(&mut self.rng.borrow_mut(), &excluded),
             },
+        })
+    }
+
+    /// `excluded` plus the unavailable endpoints, when `healthy` of them are
+    /// available; see [`Balancer::pick`].
+    fn health_exclusion(&self, excluded: Vec<usize>, healthy: usize) -> Option<Vec<usize>> {
+        let cluster = &self.cluster;
+        if cluster.in_panic(healthy) {
+            cluster.stats.lb_healthy_panic.fetch_add(1, Relaxed);
+            return Some(excluded);
+        }
+        let unavailable: Vec<usize> = (0..cluster.endpoints.len())
+            .filter(|&i| {
+                cluster
+                    .endpoints
+                    .get(i)
+                    .is_some_and(|e| !e.health.is_available())
+            })
+            .collect();
+        if unavailable.len() >= cluster.endpoints.len() {
+            // None left (the count raced a flag change, or panic mode is off).
+            return (healthy > 0 || cluster.in_panic(0)).then_some(excluded);
+        }
+        let mut both = excluded;
+        both.extend_from_slice(&unavailable);
+        both.sort_unstable();
+        both.dedup();
+        // Every available endpoint already tried: retry one of them.
+        Some(if both.len() >= cluster.endpoints.len() {
+            unavailable
+        } else {
+            both
         })
     }
 
@@ -683,6 +725,61 @@ mod tests {
             c.lb.ring.owners.contains(&0),
             "every endpoint keeps a point"
         );
+    }
+
+    #[test]
+    fn unavailable_endpoints_are_skipped_by_every_policy() {
+        use crate::cluster::health::{EJECTED, FAILED_ACTIVE_HC};
+        for (policy, extra) in [
+            ("round_robin", ""),
+            ("round_robin", "weights"),
+            ("least_request", ""),
+            ("random", ""),
+            ("ring_hash", "hash_on: { source_ip: true }\n"),
+        ] {
+            let weights: &[u32] = if extra == "weights" {
+                &[1, 2, 3, 4]
+            } else {
+                &[1; 4]
+            };
+            let extra = if extra == "weights" { "" } else { extra };
+            let c = weighted(policy, weights, extra);
+            c.set_flag(1, FAILED_ACTIVE_HC, true);
+            c.set_flag(3, EJECTED, true);
+            let b = seeded(&c, 5);
+            let hash = (policy == "ring_hash").then_some(42);
+            let n = counts(&b, 400, hash, &[]);
+            assert_eq!((n[1], n[3]), (0, 0), "{policy}: {n:?}");
+            // A retry after the available ones were tried goes to an available one.
+            for _ in 0..50 {
+                let first = b.pick(hash, &[]).unwrap();
+                let second = b.pick(hash, &[first]).unwrap();
+                assert!([0, 2].contains(&second) && second != first, "{policy}");
+                let third = b.pick(hash, &[0, 2]).unwrap();
+                assert!([0, 2].contains(&third), "{policy}: {third}");
+            }
+            assert_eq!(c.stats.lb_healthy_panic.load(Relaxed), 0, "{policy}");
+        }
+    }
+
+    #[test]
+    fn panic_mode_uses_all_endpoints_and_is_counted() {
+        use crate::cluster::health::FAILED_ACTIVE_HC;
+        let c = weighted("round_robin", &[1, 1, 1], "");
+        c.set_flag(0, FAILED_ACTIVE_HC, true);
+        c.set_flag(1, FAILED_ACTIVE_HC, true);
+        let b = seeded(&c, 1);
+        assert_eq!(counts(&b, 30, None, &[]), [10, 10, 10]);
+        assert_eq!(c.stats.lb_healthy_panic.load(Relaxed), 30);
+
+        let strict = weighted("round_robin", &[1, 1, 1], "panic_threshold: 0%\n");
+        strict.set_flag(0, FAILED_ACTIVE_HC, true);
+        strict.set_flag(1, FAILED_ACTIVE_HC, true);
+        let b = seeded(&strict, 1);
+        assert_eq!(counts(&b, 30, None, &[]), [0, 0, 30]);
+        strict.set_flag(2, FAILED_ACTIVE_HC, true);
+        assert_eq!(b.pick(None, &[]), None, "nothing available, no panic");
+        assert_eq!(strict.stats.lb_healthy_panic.load(Relaxed), 0);
     }
 
     #[test]

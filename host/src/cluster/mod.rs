@@ -7,10 +7,20 @@
 //! request path takes no lock. What a load-balancing policy remembers between picks
 //! (round-robin position, random generator) lives in a [`Balancer`], one per worker
 //! per cluster, which is `!Sync` and needs no synchronization.
+//!
+//! Resilience: each endpoint carries atomic health flags ([`health`]: failed active
+//! health check, [`outlier`]: ejected). Active checks run on one thread for the whole
+//! process and set them; every worker's outcomes feed outlier detection through
+//! [`ActiveRequest`]; every worker's balancer reads them lock-free. [`breaker`] holds
+//! the per-cluster circuit breakers, also atomics shared by all workers.
 
+pub mod breaker;
 mod hash;
+pub mod health;
 mod lb;
+pub mod outlier;
 
+pub use breaker::{ConnectPermit, RetrySlot};
 pub use lb::Balancer;
 
 use std::io;
@@ -86,7 +96,48 @@ counters! {
         upstream_cx_active,
         /// Connection attempts that failed or timed out.
         upstream_cx_connect_fail,
+        /// Attempts waiting for a new connection to open (gauge).
+        upstream_rq_pending_active,
+        /// Connections not opened because `circuit_breakers.max_connections` was reached.
+        upstream_cx_overflow,
+        /// Attempts refused by `max_requests` or `max_pending_requests`.
+        upstream_rq_pending_overflow,
+        /// Retries not made because of `max_retries` or the retry budget.
+        upstream_rq_retry_overflow,
+        /// Active health checks started.
+        health_check_attempt,
+        /// Active health checks passed.
+        health_check_success,
+        /// Active health checks failed (any reason).
+        health_check_failure,
+        /// Active health checks failed without an answer (connect, reset, timeout).
+        health_check_network_failure,
+        /// Endpoints ejected now (gauge).
+        outlier_detection_ejections_active,
+        /// Ejections ever.
+        outlier_detection_ejections_total,
+        /// Ejections for consecutive 5xx.
+        outlier_detection_ejections_consecutive_5xx,
+        /// Ejections for consecutive gateway failures.
+        outlier_detection_ejections_consecutive_gateway_failure,
+        /// Ejections for a low success rate.
+        outlier_detection_ejections_success_rate,
+        /// Ejections not made because of `max_ejection_percent`.
+        outlier_detection_ejections_overflow,
+        /// Picks made across all endpoints because too few were available.
+        lb_healthy_panic,
+        /// Endpoints available for new requests: passing health checks, not ejected
+        /// (gauge).
+        membership_healthy,
+        /// Endpoints (gauge).
+        membership_total,
     }
+}
+
+/// Whether a cluster or endpoint statistic is a gauge (it goes up and down) rather
+/// than a counter.
+pub fn is_gauge(name: &str) -> bool {
+    name.ends_with("_active") || name.starts_with("membership_")
 }
 
 counters! {
@@ -138,6 +189,10 @@ pub struct Endpoint {
     pub weight: u32,
     /// Counters.
     pub stats: EndpointStats,
+    /// Health flags and the last health-check failure.
+    pub health: health::EndpointHealth,
+    /// Passive outlier-detection state.
+    pub outlier: outlier::OutlierState,
 }
 
 /// An upstream cluster, built once per config load and shared by all workers.
@@ -152,6 +207,8 @@ pub struct Cluster {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Counters.
     pub stats: ClusterStats,
+    /// Circuit-breaker reservations not visible as stats.
+    breakers: breaker::Breakers,
     /// `hash_on.header`, parsed once.
     hash_header: Option<HeaderName>,
     /// What the policy precomputes: cumulative weights, the hash ring.
@@ -210,6 +267,8 @@ impl Cluster {
                 authority: ep.address.clone(),
                 weight: ep.weight,
                 stats: EndpointStats::default(),
+                health: health::EndpointHealth::default(),
+                outlier: outlier::OutlierState::default(),
             }));
         }
 
@@ -220,12 +279,20 @@ impl Cluster {
             None => None,
         };
 
+        let stats = ClusterStats::default();
+        stats
+            .membership_total
+            .store(endpoints.len() as u64, Relaxed);
+        stats
+            .membership_healthy
+            .store(endpoints.len() as u64, Relaxed);
         Ok(Arc::new(Cluster {
             name: cfg.name.clone(),
             lb: lb::Shared::new(cfg.lb_policy, &endpoints),
             config: cfg.clone(),
             endpoints,
-            stats: ClusterStats::default(),
+            stats,
+            breakers: breaker::Breakers::default(),
             hash_header,
         }))
     }
@@ -267,8 +334,36 @@ impl Cluster {
     /// endpoint `endpoint` (an index into [`Cluster::endpoints`]; `None` for an
     /// `original_dst` cluster). The guard counts the attempt as active until dropped.
     pub fn start_request(self: &Arc<Self>, endpoint: Option<usize>) -> ActiveRequest {
-        self.stats.upstream_rq_total.fetch_add(1, Relaxed);
         self.stats.upstream_rq_active.fetch_add(1, Relaxed);
+        self.counted_request(endpoint)
+    }
+
+    /// [`Cluster::start_request`] under the `max_requests` circuit breaker: over it,
+    /// the attempt is refused with 503 `overloaded` and `upstream_rq_pending_overflow`
+    /// counts it.
+    pub fn try_start_request(
+        self: &Arc<Self>,
+        endpoint: Option<usize>,
+    ) -> Result<ActiveRequest, crate::error::ProxyError> {
+        let max = u64::from(self.config.circuit_breakers.max_requests);
+        if !breaker::reserve(&self.stats.upstream_rq_active, max) {
+            self.stats
+                .upstream_rq_pending_overflow
+                .fetch_add(1, Relaxed);
+            return Err(crate::error::ProxyError::new(
+                crate::error::Kind::Overloaded,
+                format!(
+                    "cluster `{}`: circuit_breakers.max_requests ({max}) reached",
+                    self.name
+                ),
+            ));
+        }
+        Ok(self.counted_request(endpoint))
+    }
+
+    /// The rest of starting a request, once `upstream_rq_active` counts it.
+    fn counted_request(self: &Arc<Self>, endpoint: Option<usize>) -> ActiveRequest {
+        self.stats.upstream_rq_total.fetch_add(1, Relaxed);
         let endpoint = endpoint.filter(|&i| i < self.endpoints.len());
         if let Some(ep) = endpoint.and_then(|i| self.endpoints.get(i)) {
             ep.stats.rq_total.fetch_add(1, Relaxed);
@@ -293,6 +388,7 @@ impl Cluster {
         ActiveConnection {
             cluster: Arc::clone(self),
             endpoint,
+            _slot: None,
         }
     }
 
@@ -319,6 +415,7 @@ impl Cluster {
                 m.insert("address".into(), ep.address.to_string().into());
                 m.insert("configured_address".into(), ep.authority.clone().into());
                 m.insert("weight".into(), ep.weight.into());
+                m.insert("health".into(), self.endpoint_health_json(ep));
                 m.insert("stats".into(), ep.stats.to_json());
                 Value::Object(m)
             })
@@ -336,6 +433,23 @@ impl Cluster {
         );
         m.insert("tls".into(), self.config.tls.is_some().into());
         m.insert("original_dst".into(), self.config.original_dst.into());
+        m.insert(
+            "health_check".into(),
+            match self.config.health_check.as_ref().map(|h| h.http.is_some()) {
+                Some(true) => "http",
+                Some(false) => "tcp",
+                None => "none",
+            }
+            .into(),
+        );
+        m.insert(
+            "outlier_detection".into(),
+            self.config.outlier_detection.is_some().into(),
+        );
+        m.insert(
+            "panic_threshold".into(),
+            self.config.panic_threshold.to_string().into(),
+        );
         m.insert("stats".into(), self.stats.to_json());
         m.insert("endpoints".into(), endpoints.into());
         Value::Object(m)
@@ -363,23 +477,38 @@ impl ActiveRequest {
     }
 
     /// Records the response status: the cluster's status class, and a 5xx as an
-    /// endpoint error.
+    /// endpoint error. Feeds outlier detection.
     pub fn record_status(&self, status: u16) {
         self.cluster.stats.record_status(status);
         if status >= 500 {
             self.record_error();
         }
+        let outcome = match status {
+            502..=504 => outlier::Outcome::GatewayError,
+            500..=599 => outlier::Outcome::ServerError,
+            _ => outlier::Outcome::Success,
+        };
+        self.record_outlier(outcome);
     }
 
-    /// Records an attempt that ended without a response (reset, protocol error).
+    /// Records an attempt that ended without a response (connect failure, reset,
+    /// protocol error). Feeds outlier detection as a gateway failure.
     pub fn record_failure(&self) {
         self.record_error();
+        self.record_outlier(outlier::Outcome::LocalFailure);
     }
 
-    /// Records an attempt that timed out.
+    /// Records an attempt that timed out. Feeds outlier detection as a gateway failure.
     pub fn record_timeout(&self) {
         self.cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
         self.record_error();
+        self.record_outlier(outlier::Outcome::LocalFailure);
+    }
+
+    fn record_outlier(&self, outcome: outlier::Outcome) {
+        if let Some(i) = self.endpoint {
+            self.cluster.outlier_record(i, outcome);
+        }
     }
 
     fn record_error(&self) {
@@ -405,6 +534,8 @@ impl Drop for ActiveRequest {
 pub struct ActiveConnection {
     cluster: Arc<Cluster>,
     endpoint: Option<usize>,
+    /// The `max_connections` reservation, released with the connection.
+    _slot: Option<breaker::Slot>,
 }
 
 impl Drop for ActiveConnection {
@@ -732,6 +863,7 @@ mod tests {
         assert_eq!(ep["weight"], 3);
         assert_eq!(ep["stats"]["rq_total"], 1);
         assert_eq!(ep["stats"]["rq_active"], 1);
-        assert_eq!(c.stats.snapshot().len(), 12);
+        assert_eq!(c.stats.snapshot().len(), 29);
+        assert_eq!(ep["health"]["status"], "healthy");
     }
 }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use serde_saphyr::Spanned;
 
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors};
-pub use types::{ByteSize, Dur, Name};
+pub use types::{ByteSize, Dur, Name, Percent, StatusRange};
 pub(crate) use validate::split_host_port;
 
 /// The whole config file.
@@ -540,6 +540,208 @@ pub struct Cluster {
     /// timeout when that is shorter (Node.js and Apache close after 5s).
     #[serde(default = "defaults::pool_idle_timeout")]
     pub idle_timeout: Dur,
+    /// Active health checking of the endpoints; absent = none.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    /// Passive outlier detection (ejection on errors seen by requests); absent = none.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Below this share of available endpoints, balance across all of them (and count
+    /// `lb_healthy_panic`). Default 50%, as Envoy; `0%` disables panic mode.
+    #[serde(default = "defaults::panic_threshold")]
+    pub panic_threshold: Percent,
+    /// Limits on what the cluster may have in flight, across all workers.
+    #[serde(default)]
+    pub circuit_breakers: CircuitBreakers,
+}
+
+/// Active health checks: exactly one of `http` and `tcp`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// An HTTP GET whose status must be one of `expected_statuses`.
+    #[serde(default)]
+    pub http: Option<HttpHealthCheck>,
+    /// A TCP connect, optionally sending bytes and expecting bytes back.
+    #[serde(default)]
+    pub tcp: Option<TcpHealthCheck>,
+    /// Time between two checks of one endpoint. Default 5s.
+    #[serde(default = "defaults::hc_interval")]
+    pub interval: Dur,
+    /// A random extra wait of up to this much is added to each interval, so checks
+    /// from many proxies do not arrive in lockstep. Default 0ms.
+    #[serde(default = "defaults::zero")]
+    pub interval_jitter: Dur,
+    /// A check not answered within this time fails. Default 1s.
+    #[serde(default = "defaults::hc_timeout")]
+    pub timeout: Dur,
+    /// Passed checks in a row that return an unhealthy endpoint to rotation. Default 2.
+    #[serde(default = "defaults::hc_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Failed checks in a row that take an endpoint out of rotation. Default 3. An
+    /// HTTP answer with an unexpected status takes it out at once, as in Envoy.
+    #[serde(default = "defaults::hc_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+/// An HTTP health check.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpHealthCheck {
+    /// Path (and query) requested.
+    pub path: String,
+    /// Host/`:authority` sent. Default: the endpoint's configured address.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Statuses that mean healthy: numbers or `"lo-hi"` ranges. Default `[200]`, as
+    /// Envoy.
+    #[serde(default = "defaults::expected_statuses")]
+    pub expected_statuses: Vec<StatusRange>,
+}
+
+/// A TCP health check: connect, then optionally send and expect bytes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpHealthCheck {
+    /// Bytes written after connecting; absent = nothing.
+    #[serde(default)]
+    pub send: Option<Payload>,
+    /// Bytes that must appear in what the endpoint sends back; absent = a successful
+    /// connect is enough.
+    #[serde(default)]
+    pub expect: Option<Payload>,
+}
+
+/// Bytes written as text or as hex: exactly one of `text` and `hex`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Payload {
+    /// The bytes as UTF-8 text.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// The bytes as hex digits (`"50494e470d0a"`).
+    #[serde(default)]
+    pub hex: Option<String>,
+}
+
+impl Payload {
+    /// The bytes; `None` when the hex is invalid (validation rejects that).
+    pub fn bytes(&self) -> Option<Vec<u8>> {
+        match (&self.text, &self.hex) {
+            (Some(t), None) => Some(t.as_bytes().to_vec()),
+            (None, Some(h)) => decode_hex(h),
+            _ => None,
+        }
+    }
+}
+
+/// Decodes hex digits (whitespace ignored); `None` if not an even number of them.
+pub(crate) fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if digits.is_empty() || !digits.len().is_multiple_of(2) {
+        return None;
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            let hi = char::from(pair[0]).to_digit(16)?;
+            let lo = char::from(pair[1]).to_digit(16)?;
+            u8::try_from(hi * 16 + lo).ok()
+        })
+        .collect()
+}
+
+/// Passive outlier detection, as Envoy's.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx answers (or connect failures, resets, timeouts) that eject an
+    /// endpoint. Default 5; 0 turns this detector off.
+    #[serde(default = "defaults::five")]
+    pub consecutive_5xx: u32,
+    /// Consecutive 502/503/504 answers (or connect failures, resets, timeouts) that
+    /// eject an endpoint. Default 5; 0 turns this detector off.
+    #[serde(default = "defaults::five")]
+    pub consecutive_gateway_failure: u32,
+    /// How often ejections are reviewed (un-ejection, success rate). Default 10s.
+    #[serde(default = "defaults::od_interval")]
+    pub interval: Dur,
+    /// An endpoint is ejected for this times the number of its ejections. Default 30s.
+    #[serde(default = "defaults::od_base_ejection_time")]
+    pub base_ejection_time: Dur,
+    /// The longest an ejection lasts. Default: the larger of 300s and
+    /// `base_ejection_time`, as Envoy.
+    #[serde(default)]
+    pub max_ejection_time: Option<Dur>,
+    /// At most this share of the endpoints is ejected at once (but at least one may
+    /// be). Default 10%.
+    #[serde(default = "defaults::od_max_ejection_percent")]
+    pub max_ejection_percent: Percent,
+    /// Ejection of endpoints whose success rate is far below the others'; absent = off.
+    #[serde(default)]
+    pub success_rate: Option<SuccessRate>,
+}
+
+/// Success-rate outlier detection: each `interval`, an endpoint whose success rate is
+/// below `mean - stdev_factor × stdev` of the endpoints' rates is ejected.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuccessRate {
+    /// Endpoints with enough requests needed for the statistics. Default 5.
+    #[serde(default = "defaults::five")]
+    pub minimum_hosts: u32,
+    /// Requests an endpoint needs in the interval to be judged. Default 100.
+    #[serde(default = "defaults::sr_request_volume")]
+    pub request_volume: u32,
+    /// How many standard deviations below the mean ejects. Default 1.9.
+    #[serde(default = "defaults::sr_stdev_factor")]
+    pub stdev_factor: f64,
+}
+
+/// Per-cluster circuit breakers (Envoy's defaults); counted across all workers.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakers {
+    /// Upstream connections open (or opening). Default 1024.
+    #[serde(default = "defaults::breaker_limit")]
+    pub max_connections: u32,
+    /// Attempts waiting for a new connection to open. Default 1024.
+    #[serde(default = "defaults::breaker_limit")]
+    pub max_pending_requests: u32,
+    /// Attempts in flight. Default 1024.
+    #[serde(default = "defaults::breaker_limit")]
+    pub max_requests: u32,
+    /// Retries in flight. Default 3.
+    #[serde(default = "defaults::breaker_retries")]
+    pub max_retries: u32,
+    /// Limits retries in flight to a share of the requests in flight instead of
+    /// `max_retries`; absent = `max_retries` applies.
+    #[serde(default)]
+    pub retry_budget: Option<RetryBudget>,
+}
+
+impl Default for CircuitBreakers {
+    fn default() -> Self {
+        CircuitBreakers {
+            max_connections: defaults::breaker_limit(),
+            max_pending_requests: defaults::breaker_limit(),
+            max_requests: defaults::breaker_limit(),
+            max_retries: defaults::breaker_retries(),
+            retry_budget: None,
+        }
+    }
+}
+
+/// A retry budget, as Envoy's.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudget {
+    /// Retries in flight allowed, as a share of the attempts in flight. Default 20%.
+    #[serde(default = "defaults::budget_percent")]
+    pub percent: Percent,
+    /// Retries in flight always allowed, however few requests are. Default 3.
+    #[serde(default = "defaults::budget_min_concurrency")]
+    pub min_concurrency: u32,
 }
 
 /// One upstream endpoint.
@@ -689,6 +891,57 @@ mod defaults {
     }
     pub fn weight() -> u32 {
         1
+    }
+    pub fn zero() -> Dur {
+        Dur::millis(0)
+    }
+    pub fn five() -> u32 {
+        5
+    }
+    pub fn panic_threshold() -> Percent {
+        Percent(50.0)
+    }
+    pub fn hc_interval() -> Dur {
+        Dur::secs(5)
+    }
+    pub fn hc_timeout() -> Dur {
+        Dur::secs(1)
+    }
+    pub fn hc_healthy_threshold() -> u32 {
+        2
+    }
+    pub fn hc_unhealthy_threshold() -> u32 {
+        3
+    }
+    pub fn expected_statuses() -> Vec<StatusRange> {
+        vec![StatusRange { lo: 200, hi: 200 }]
+    }
+    pub fn od_interval() -> Dur {
+        Dur::secs(10)
+    }
+    pub fn od_base_ejection_time() -> Dur {
+        Dur::secs(30)
+    }
+    pub fn od_max_ejection_percent() -> Percent {
+        Percent(10.0)
+    }
+    pub fn sr_request_volume() -> u32 {
+        100
+    }
+    pub fn sr_stdev_factor() -> f64 {
+        1.9
+    }
+    pub fn breaker_limit() -> u32 {
+        1024
+    }
+    pub fn breaker_retries() -> u32 {
+        3
+    }
+    pub fn budget_percent() -> Percent {
+        Percent(20.0)
+    }
+    pub fn budget_min_concurrency() -> u32 {
+        3
     }
 }
 
@@ -997,6 +1250,49 @@ clusters:
                 "`clusters[].tls`",
                 at(&["clusters.tls"]),
                 fields::<UpstreamTls>(),
+            ),
+            (
+                "`clusters[].health_check`",
+                at(&["clusters.health_check"]),
+                fields::<HealthCheck>(),
+            ),
+            (
+                "`clusters[].health_check.http`",
+                at(&["clusters.health_check.http"]),
+                fields::<HttpHealthCheck>(),
+            ),
+            (
+                "`clusters[].health_check.tcp`",
+                at(&["clusters.health_check.tcp"]),
+                fields::<TcpHealthCheck>(),
+            ),
+            (
+                "Payloads",
+                at(&[
+                    "clusters.health_check.tcp.send",
+                    "clusters.health_check.tcp.expect",
+                ]),
+                fields::<Payload>(),
+            ),
+            (
+                "`clusters[].outlier_detection`",
+                at(&["clusters.outlier_detection"]),
+                fields::<OutlierDetection>(),
+            ),
+            (
+                "`clusters[].outlier_detection.success_rate`",
+                at(&["clusters.outlier_detection.success_rate"]),
+                fields::<SuccessRate>(),
+            ),
+            (
+                "`clusters[].circuit_breakers`",
+                at(&["clusters.circuit_breakers"]),
+                fields::<CircuitBreakers>(),
+            ),
+            (
+                "`clusters[].circuit_breakers.retry_budget`",
+                at(&["clusters.circuit_breakers.retry_budget"]),
+                fields::<RetryBudget>(),
             ),
         ]
     }

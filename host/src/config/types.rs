@@ -217,6 +217,128 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// A percentage, written `50%` (or a bare number, `50`), from 0 to 100.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+pub struct Percent(pub f64);
+
+impl fmt::Display for Percent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}%", self.0)
+    }
+}
+
+impl Serialize for Percent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Percent;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a percentage such as `50%`")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Percent, E> {
+                Ok(Percent(v as f64))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Percent, E> {
+                Ok(Percent(v as f64))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Percent, E> {
+                Ok(Percent(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Percent, E> {
+                let num = v.trim().strip_suffix('%').unwrap_or(v).trim();
+                num.parse::<f64>()
+                    .ok()
+                    .filter(|p| p.is_finite())
+                    .map(Percent)
+                    .ok_or_else(|| {
+                        E::custom(format!("`{v}` is not a percentage; write it like `50%`"))
+                    })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// An HTTP status or an inclusive range of them: `200`, or `"200-299"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusRange {
+    /// First status of the range.
+    pub lo: u16,
+    /// Last status of the range (equal to `lo` for a single status).
+    pub hi: u16,
+}
+
+impl StatusRange {
+    /// Whether `status` is in the range.
+    pub fn contains(&self, status: u16) -> bool {
+        (self.lo..=self.hi).contains(&status)
+    }
+}
+
+impl fmt::Display for StatusRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+impl Serialize for StatusRange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.lo == self.hi {
+            s.serialize_u16(self.lo)
+        } else {
+            s.collect_str(self)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = StatusRange;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a status such as `200` or a range such as `\"200-299\"`")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<StatusRange, E> {
+                let s = u16::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} is not an HTTP status")))?;
+                Ok(StatusRange { lo: s, hi: s })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<StatusRange, E> {
+                let v = u64::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} is not an HTTP status")))?;
+                self.visit_u64(v)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StatusRange, E> {
+                let bad = || {
+                    E::custom(format!(
+                        "`{v}` is not a status or a status range; write `200` or `\"200-299\"`"
+                    ))
+                };
+                let (lo, hi) = match v.split_once('-') {
+                    Some((lo, hi)) => (lo.trim(), hi.trim()),
+                    None => (v.trim(), v.trim()),
+                };
+                Ok(StatusRange {
+                    lo: lo.parse().map_err(|_| bad())?,
+                    hi: hi.parse().map_err(|_| bad())?,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // in tests a panic is the failure report
 mod tests {

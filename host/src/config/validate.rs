@@ -1019,6 +1019,234 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
         )
         .key("connect_timeout");
     }
+    validate_resilience(e, loc, c);
+}
+
+/// `health_check`, `outlier_detection`, `panic_threshold`, `circuit_breakers`.
+fn validate_resilience(e: &mut Issues, loc: &Location, c: &Cluster) {
+    let name = &c.name;
+    let percent = |e: &mut Issues, p: Percent, path: &[&str]| {
+        if !(0.0..=100.0).contains(&p.0) {
+            let issue = e.at(
+                loc,
+                format!(
+                    "cluster `{name}`: `{}` {p} is not between 0% and 100%",
+                    path.join(".")
+                ),
+                "write a percentage from `0%` to `100%`",
+            );
+            for k in path {
+                issue.key(k);
+            }
+        }
+    };
+    percent(e, c.panic_threshold, &["panic_threshold"]);
+    if let Some(hc) = &c.health_check {
+        if c.original_dst {
+            e.at(
+                loc,
+                format!("cluster `{name}`: `health_check` on an `original_dst` cluster"),
+                "an original-destination cluster has no endpoints to check; remove `health_check`",
+            )
+            .key("health_check");
+        }
+        match (&hc.http, &hc.tcp) {
+            (Some(_), Some(_)) | (None, None) => {
+                e.at(
+                    loc,
+                    format!(
+                        "cluster `{name}`: `health_check` needs exactly one of `http` and `tcp`"
+                    ),
+                    "write `http: { path: /healthz }` or `tcp: {}`",
+                )
+                .key("health_check");
+            }
+            _ => {}
+        }
+        for (key, d) in [("interval", hc.interval), ("timeout", hc.timeout)] {
+            if d.0.is_zero() {
+                e.at(
+                    loc,
+                    format!("cluster `{name}`: `health_check.{key}` is zero"),
+                    "checks need time between them and time to answer; the defaults are 5s and 1s",
+                )
+                .key("health_check")
+                .key(key);
+            }
+        }
+        for (key, n) in [
+            ("healthy_threshold", hc.healthy_threshold),
+            ("unhealthy_threshold", hc.unhealthy_threshold),
+        ] {
+            if n == 0 {
+                e.at(
+                    loc,
+                    format!("cluster `{name}`: `health_check.{key}` is 0"),
+                    "a state changes after at least one check; use 1 or more",
+                )
+                .key("health_check")
+                .key(key);
+            }
+        }
+        if let Some(http) = &hc.http {
+            if !http.path.starts_with('/') || http.path.parse::<http::uri::PathAndQuery>().is_err()
+            {
+                e.at(
+                    loc,
+                    format!(
+                        "cluster `{name}`: health check path `{}` is not a valid path",
+                        http.path
+                    ),
+                    "write an absolute path such as `/healthz`",
+                )
+                .key("health_check")
+                .key("http")
+                .key("path");
+            }
+            if let Some(host) = &http.host {
+                if http::uri::Authority::try_from(host.as_str()).is_err() {
+                    e.at(
+                        loc,
+                        format!(
+                            "cluster `{name}`: health check host `{host}` is not a valid authority"
+                        ),
+                        "write a host name, optionally with a port: `api.internal`",
+                    )
+                    .key("health_check")
+                    .key("http")
+                    .key("host");
+                }
+            }
+            if http.expected_statuses.is_empty() {
+                e.at(
+                    loc,
+                    format!("cluster `{name}`: `expected_statuses` is empty, so no check can pass"),
+                    "list statuses or ranges, e.g. `[200, \"300-399\"]`, or remove the key (default `[200]`)",
+                )
+                .key("health_check")
+                .key("http")
+                .key("expected_statuses");
+            }
+            for (i, r) in http.expected_statuses.iter().enumerate() {
+                if !(100..=599).contains(&r.lo) || !(100..=599).contains(&r.hi) || r.lo > r.hi {
+                    e.at(
+                        loc,
+                        format!("cluster `{name}`: expected status `{r}` is not a status or a rising range of statuses"),
+                        "statuses are from 100 to 599; write a range low to high, like `\"200-299\"`",
+                    )
+                    .key("health_check")
+                    .key("http")
+                    .key("expected_statuses")
+                    .index(i);
+                }
+            }
+        }
+        if let Some(tcp) = &hc.tcp {
+            for (key, p) in [("send", &tcp.send), ("expect", &tcp.expect)] {
+                let Some(p) = p else { continue };
+                let problem = match (&p.text, &p.hex) {
+                    (Some(_), Some(_)) | (None, None) => {
+                        Some("needs exactly one of `text` and `hex`".to_string())
+                    }
+                    (None, Some(h)) if decode_hex(h).is_none() => {
+                        Some(format!("`hex` `{h}` is not an even number of hex digits"))
+                    }
+                    (Some(t), None) if t.is_empty() => Some("`text` is empty".to_string()),
+                    _ => None,
+                };
+                if let Some(problem) = problem {
+                    e.at(
+                        loc,
+                        format!("cluster `{name}`: health check `tcp.{key}` {problem}"),
+                        "write `{ text: \"PING\\r\\n\" }` or `{ hex: \"50494e47\" }`",
+                    )
+                    .key("health_check")
+                    .key("tcp")
+                    .key(key);
+                }
+            }
+        }
+    }
+    if let Some(od) = &c.outlier_detection {
+        for (key, d) in [
+            ("interval", od.interval),
+            ("base_ejection_time", od.base_ejection_time),
+        ] {
+            if d.0.is_zero() {
+                e.at(
+                    loc,
+                    format!("cluster `{name}`: `outlier_detection.{key}` is zero"),
+                    "the defaults are 10s and 30s",
+                )
+                .key("outlier_detection")
+                .key(key);
+            }
+        }
+        if let Some(max) = od.max_ejection_time.filter(|m| *m < od.base_ejection_time) {
+            e.at(
+                loc,
+                format!(
+                    "cluster `{name}`: `max_ejection_time` {} is shorter than `base_ejection_time` {}",
+                    max, od.base_ejection_time
+                ),
+                "max_ejection_time caps the growing ejection time; make it at least base_ejection_time",
+            )
+            .key("outlier_detection")
+            .key("max_ejection_time");
+        }
+        percent(
+            e,
+            od.max_ejection_percent,
+            &["outlier_detection", "max_ejection_percent"],
+        );
+        if let Some(sr) = &od.success_rate {
+            if !(sr.stdev_factor.is_finite() && sr.stdev_factor > 0.0) {
+                e.at(
+                    loc,
+                    format!(
+                        "cluster `{name}`: `success_rate.stdev_factor` {} is not a positive number",
+                        sr.stdev_factor
+                    ),
+                    "the default is 1.9: eject below the mean minus 1.9 standard deviations",
+                )
+                .key("outlier_detection")
+                .key("success_rate")
+                .key("stdev_factor");
+            }
+            if sr.minimum_hosts == 0 || sr.request_volume == 0 {
+                e.at(
+                    loc,
+                    format!("cluster `{name}`: `success_rate` needs `minimum_hosts` and `request_volume` of at least 1"),
+                    "the defaults are 5 hosts and 100 requests per interval",
+                )
+                .key("outlier_detection")
+                .key("success_rate");
+            }
+        }
+    }
+    let cb = &c.circuit_breakers;
+    for (key, n) in [
+        ("max_connections", cb.max_connections),
+        ("max_pending_requests", cb.max_pending_requests),
+        ("max_requests", cb.max_requests),
+    ] {
+        if n == 0 {
+            e.at(
+                loc,
+                format!("cluster `{name}`: `circuit_breakers.{key}` is 0, so every request would be refused"),
+                "use at least 1; the default is 1024",
+            )
+            .key("circuit_breakers")
+            .key(key);
+        }
+    }
+    if let Some(b) = &cb.retry_budget {
+        percent(
+            e,
+            b.percent,
+            &["circuit_breakers", "retry_budget", "percent"],
+        );
+    }
 }
 
 /// Splits `host:port`, `ip:port` or `[v6]:port`.

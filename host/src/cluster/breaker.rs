@@ -1,0 +1,239 @@
+//! Circuit breakers: per-cluster limits on connections, attempts waiting for a
+//! connection, attempts in flight and retries in flight (Envoy's defaults: 1024,
+//! 1024, 1024, 3), optionally a retry budget instead of the fixed retry limit.
+//!
+//! Every limit is an atomic count shared by all workers, reserved with a
+//! compare-and-swap loop before the thing it counts starts, so two workers cannot
+//! both take the last slot. A reservation is a [`Slot`] (or the request guard
+//! itself for `max_requests`) and is given back when dropped.
+//!
+//! Legate has no queue of requests waiting for a connection: an attempt that would
+//! exceed a limit fails at once with 503 and `x-legate-overloaded: true`, and a retry
+//! that would exceed one is not made (the previous answer goes back to the client).
+//! "Pending" attempts are those waiting for a new connection to be established.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use super::{ActiveConnection, Cluster};
+use crate::error::{Kind, ProxyError};
+
+/// Reservation counts that are not themselves stats.
+#[derive(Debug, Default)]
+pub(super) struct Breakers {
+    /// Upstream connections open or being opened.
+    connections: AtomicU64,
+    /// Retries in flight.
+    retries: AtomicU64,
+}
+
+/// Adds one to `counter` if it is below `max`; whether it did.
+pub(super) fn reserve(counter: &AtomicU64, max: u64) -> bool {
+    counter
+        .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+        .is_ok()
+}
+
+/// One reserved unit of a cluster's counter, given back on drop.
+pub struct Slot {
+    cluster: Arc<Cluster>,
+    counter: fn(&Cluster) -> &AtomicU64,
+}
+
+impl Slot {
+    fn take(cluster: &Arc<Cluster>, counter: fn(&Cluster) -> &AtomicU64, max: u64) -> Option<Slot> {
+        reserve(counter(cluster), max).then(|| Slot {
+            cluster: Arc::clone(cluster),
+            counter,
+        })
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("cluster", &self.cluster.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        (self.counter)(&self.cluster).fetch_sub(1, Relaxed);
+    }
+}
+
+/// Permission to open one upstream connection: a `max_connections` slot (kept by the
+/// connection) and a `max_pending_requests` slot (given back once it is open).
+#[derive(Debug)]
+pub struct ConnectPermit {
+    connection: Slot,
+    _pending: Slot,
+}
+
+impl ConnectPermit {
+    /// The connection is open: count it (until the returned guard drops) on the
+    /// cluster and endpoint `endpoint`; the attempt is no longer pending.
+    pub fn established(self, endpoint: Option<usize>) -> ActiveConnection {
+        let mut guard = self.connection.cluster.start_connection(endpoint);
+        guard._slot = Some(self.connection);
+        guard
+    }
+}
+
+/// A retry in flight, counted against `max_retries` or the retry budget until dropped.
+pub type RetrySlot = Slot;
+
+impl Cluster {
+    /// Reserves a new connection under `max_connections` and `max_pending_requests`;
+    /// over either, a 503 `overloaded` error and `upstream_cx_overflow` or
+    /// `upstream_rq_pending_overflow` counts it.
+    pub fn connect_permit(self: &Arc<Self>) -> Result<ConnectPermit, ProxyError> {
+        let cb = &self.config.circuit_breakers;
+        let Some(connection) = Slot::take(
+            self,
+            |c| &c.breakers.connections,
+            u64::from(cb.max_connections),
+        ) else {
+            self.stats.upstream_cx_overflow.fetch_add(1, Relaxed);
+            return Err(overloaded(self, "max_connections", cb.max_connections));
+        };
+        let Some(pending) = Slot::take(
+            self,
+            |c| &c.stats.upstream_rq_pending_active,
+            u64::from(cb.max_pending_requests),
+        ) else {
+            self.stats
+                .upstream_rq_pending_overflow
+                .fetch_add(1, Relaxed);
+            return Err(overloaded(
+                self,
+                "max_pending_requests",
+                cb.max_pending_requests,
+            ));
+        };
+        Ok(ConnectPermit {
+            connection,
+            _pending: pending,
+        })
+    }
+
+    /// Whether a retry may be made now: replaces `slot` (the request's previous retry,
+    /// if any, is over) with a new reservation under `max_retries` or, when
+    /// configured, the retry budget. When refused, `upstream_rq_retry_overflow`
+    /// counts it and `slot` stays empty.
+    pub fn retry_permit(self: &Arc<Self>, slot: &mut Option<RetrySlot>) -> bool {
+        *slot = None;
+        let cb = &self.config.circuit_breakers;
+        let max = match &cb.retry_budget {
+            // Envoy: a share of the requests in flight, but never below the floor.
+            Some(b) => {
+                let active = self.stats.upstream_rq_active.load(Relaxed) as f64;
+                ((active * b.percent.0 / 100.0) as u64).max(u64::from(b.min_concurrency))
+            }
+            None => u64::from(cb.max_retries),
+        };
+        *slot = Slot::take(self, |c| &c.breakers.retries, max);
+        if slot.is_none() {
+            self.stats.upstream_rq_retry_overflow.fetch_add(1, Relaxed);
+        }
+        slot.is_some()
+    }
+}
+
+fn overloaded(cluster: &Cluster, limit: &str, max: u32) -> ProxyError {
+    ProxyError::new(
+        Kind::Overloaded,
+        format!(
+            "cluster `{}`: circuit_breakers.{limit} ({max}) reached",
+            cluster.name
+        ),
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+    use crate::cluster::tests::weighted;
+
+    #[test]
+    fn max_requests_refuses_and_counts() {
+        let c = weighted(
+            "round_robin",
+            &[1],
+            "circuit_breakers: { max_requests: 2 }\n",
+        );
+        let a = c.try_start_request(Some(0)).unwrap();
+        let _b = c.try_start_request(Some(0)).unwrap();
+        let err = c.try_start_request(Some(0)).unwrap_err();
+        assert_eq!(err.kind, Kind::Overloaded);
+        assert!(err.detail.contains("max_requests (2)"), "{}", err.detail);
+        assert_eq!(c.stats.upstream_rq_pending_overflow.load(Relaxed), 1);
+        assert_eq!(c.stats.upstream_rq_total.load(Relaxed), 2);
+        drop(a);
+        assert!(c.try_start_request(Some(0)).is_ok());
+        assert_eq!(c.stats.upstream_rq_active.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn connections_and_pending() {
+        let c = weighted(
+            "round_robin",
+            &[1],
+            "circuit_breakers: { max_connections: 2, max_pending_requests: 1 }\n",
+        );
+        let p1 = c.connect_permit().unwrap();
+        // One attempt is already waiting for its connection.
+        let err = c.connect_permit().unwrap_err();
+        assert!(
+            err.detail.contains("max_pending_requests"),
+            "{}",
+            err.detail
+        );
+        assert_eq!(c.stats.upstream_rq_pending_overflow.load(Relaxed), 1);
+        let cx1 = p1.established(Some(0));
+        assert_eq!(c.stats.upstream_rq_pending_active.load(Relaxed), 0);
+        let cx2 = c.connect_permit().unwrap().established(Some(0));
+        let err = c.connect_permit().unwrap_err();
+        assert!(err.detail.contains("max_connections (2)"), "{}", err.detail);
+        assert_eq!(c.stats.upstream_cx_overflow.load(Relaxed), 1);
+        drop(cx1);
+        let failed = c.connect_permit().unwrap();
+        drop(failed); // a connect that failed gives both slots back
+        assert!(c.connect_permit().is_ok());
+        drop(cx2);
+        assert_eq!(c.breakers.connections.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn retries_limit_and_budget() {
+        let c = weighted(
+            "round_robin",
+            &[1],
+            "circuit_breakers: { max_retries: 1 }\n",
+        );
+        let (mut a, mut b) = (None, None);
+        assert!(c.retry_permit(&mut a));
+        assert!(!c.retry_permit(&mut b));
+        assert_eq!(c.stats.upstream_rq_retry_overflow.load(Relaxed), 1);
+        // The same request retrying again gives its previous slot back first.
+        assert!(c.retry_permit(&mut a));
+        drop(a);
+        assert!(c.retry_permit(&mut b));
+
+        let c = weighted(
+            "round_robin",
+            &[1],
+            "circuit_breakers: { retry_budget: { percent: 50%, min_concurrency: 1 } }\n",
+        );
+        let _active: Vec<_> = (0..4).map(|_| c.start_request(Some(0))).collect();
+        let mut slots: Vec<Option<RetrySlot>> = (0..3).map(|_| None).collect();
+        let granted = slots
+            .iter_mut()
+            .map(|s| c.retry_permit(s))
+            .filter(|&ok| ok)
+            .count();
+        assert_eq!(granted, 2, "50% of 4 requests in flight");
+    }
+}

@@ -1,0 +1,390 @@
+//! Endpoint health: the flags every worker's balancer reads, and the active health
+//! checker that sets one of them.
+//!
+//! **Where checks run.** One thread for the whole process (`legate-health`, started
+//! by [`spawn`]) runs every cluster's checks — one task per endpoint — and the
+//! outlier-detection interval of every cluster. Checks are not repeated per worker:
+//! an endpoint sees one check per interval whatever `--concurrency` is.
+//!
+//! **How state is shared.** Each endpoint has one `AtomicU8` of flags
+//! ([`FAILED_ACTIVE_HC`], [`EJECTED`]); an endpoint is available when no flag is set.
+//! The checker and the workers (outlier ejection) flip flags with `fetch_or` /
+//! `fetch_and`, and whoever changes an endpoint between available and unavailable
+//! adjusts the cluster's `membership_healthy` gauge, which balancers read first so an
+//! all-healthy cluster costs one load per pick. No locks anywhere on the request path;
+//! a flag set by the checker is seen by the next pick of every worker.
+//!
+//! **Initial state.** Endpoints start *healthy*, and the first check's result is
+//! applied at once, ignoring the thresholds. Envoy starts them unhealthy and holds the
+//! cluster back ("warming") until the first round of checks; Legate has no warming
+//! phase, so starting unhealthy would fail (or, through panic mode, ignore) the first
+//! requests after every start. Starting healthy and checking immediately bounds the
+//! window in which a dead endpoint gets traffic to the first check's timeout, and
+//! retries and outlier detection cover that window.
+
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::{header, Request, Uri};
+use http_body_util::Empty;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::TokioIo;
+use rand::Rng;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::{Cluster, Endpoint};
+use crate::config::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
+use crate::io::Conn;
+use crate::server::ClusterEntry;
+use crate::upstream::{self, Target};
+use crate::worker::LocalExec;
+
+/// The endpoint failed its active health checks.
+pub const FAILED_ACTIVE_HC: u8 = 1;
+/// Outlier detection ejected the endpoint.
+pub const EJECTED: u8 = 2;
+
+/// The most bytes a TCP check reads while looking for its `expect` bytes.
+const MAX_TCP_READ: usize = 64 * 1024;
+
+/// One endpoint's health, shared by the checker and all workers.
+#[derive(Debug, Default)]
+pub struct EndpointHealth {
+    flags: AtomicU8,
+    /// Why the last failed check failed (for `/clusters`).
+    last_failure: ArcSwapOption<String>,
+}
+
+impl EndpointHealth {
+    /// Whether new requests may go here: no health flag set.
+    pub fn is_available(&self) -> bool {
+        self.flags.load(Relaxed) == 0
+    }
+
+    /// The flags ([`FAILED_ACTIVE_HC`], [`EJECTED`]).
+    pub fn flags(&self) -> u8 {
+        self.flags.load(Relaxed)
+    }
+}
+
+impl Cluster {
+    /// Sets (`on`) or clears `flag` on endpoint `i`, keeping `membership_healthy` in
+    /// step; whether the flag changed.
+    pub(crate) fn set_flag(&self, i: usize, flag: u8, on: bool) -> bool {
+        let Some(ep) = self.endpoints.get(i) else {
+            return false;
+        };
+        let flags = &ep.health.flags;
+        let prev = if on {
+            flags.fetch_or(flag, Relaxed)
+        } else {
+            flags.fetch_and(!flag, Relaxed)
+        };
+        let next = if on { prev | flag } else { prev & !flag };
+        let members = &self.stats.membership_healthy;
+        if prev == 0 && next != 0 {
+            members.fetch_sub(1, Relaxed);
+        } else if prev != 0 && next == 0 {
+            members.fetch_add(1, Relaxed);
+        }
+        prev != next
+    }
+
+    /// Whether the cluster is in panic mode with `healthy` endpoints available: below
+    /// `panic_threshold` of them, health is ignored.
+    pub(crate) fn in_panic(&self, healthy: usize) -> bool {
+        let total = self.endpoints.len() as f64;
+        (healthy as f64) * 100.0 < self.config.panic_threshold.0 * total
+    }
+
+    /// An endpoint's health for `/clusters`.
+    pub(super) fn endpoint_health_json(&self, ep: &Endpoint) -> Value {
+        let flags = ep.health.flags();
+        serde_json::json!({
+            "status": if flags == 0 { "healthy" } else { "unhealthy" },
+            "failed_active_health_check": flags & FAILED_ACTIVE_HC != 0,
+            "last_health_check_failure": ep.health.last_failure.load().as_deref().map(String::as_str),
+            "outlier": self.outlier_json(&ep.outlier, flags & EJECTED != 0),
+        })
+    }
+}
+
+/// Starts the `legate-health` thread if any cluster has health checks or outlier
+/// detection; it stops when `drain` turns true.
+pub fn spawn(
+    clusters: Vec<Arc<ClusterEntry>>,
+    mut drain: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let wanted: Vec<Arc<ClusterEntry>> = clusters
+        .into_iter()
+        .filter(|e| {
+            e.cluster.config.health_check.is_some() || e.cluster.config.outlier_detection.is_some()
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    std::thread::Builder::new()
+        .name("legate-health".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("health-check runtime: {e}");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                for entry in wanted {
+                    if let Some(hc) = &entry.cluster.config.health_check {
+                        let hc = Arc::new(hc.clone());
+                        for i in 0..entry.cluster.endpoints.len() {
+                            tokio::task::spawn_local(check_loop(entry.clone(), hc.clone(), i));
+                        }
+                    }
+                    if let Some(every) = entry.cluster.outlier_interval() {
+                        let cluster = entry.cluster.clone();
+                        tokio::task::spawn_local(async move {
+                            let mut tick = tokio::time::interval(every);
+                            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            tick.tick().await;
+                            loop {
+                                tick.tick().await;
+                                cluster.outlier_tick();
+                            }
+                        });
+                    }
+                }
+                let _ = drain.wait_for(|d| *d).await;
+            });
+        })
+        .map(|_| ())
+}
+
+/// Why a check failed.
+enum Failure {
+    /// No answer: connect failure, reset, timeout. Counts toward the threshold.
+    Network(String),
+    /// An answer that means unhealthy (HTTP status, missing TCP bytes). An HTTP
+    /// status outside `expected_statuses` fails the endpoint at once, as Envoy.
+    Answer { reason: String, immediate: bool },
+}
+
+/// Checks endpoint `i` every interval (plus jitter) for as long as the thread runs.
+async fn check_loop(entry: Arc<ClusterEntry>, hc: Arc<HealthCheck>, i: usize) {
+    let cluster = &entry.cluster;
+    let Some(ep) = cluster.endpoints.get(i) else {
+        return;
+    };
+    let st = &cluster.stats;
+    let (mut passes, mut fails) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        st.health_check_attempt.fetch_add(1, Relaxed);
+        let result = match tokio::time::timeout(hc.timeout.get(), check_once(&entry, &hc, i)).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Network(format!("timed out after {}", hc.timeout))),
+        };
+        let failed = ep.health.flags() & FAILED_ACTIVE_HC != 0;
+        match result {
+            Ok(()) => {
+                st.health_check_success.fetch_add(1, Relaxed);
+                fails = 0;
+                passes = passes.saturating_add(1);
+                if failed && (first || passes >= hc.healthy_threshold) {
+                    cluster.set_flag(i, FAILED_ACTIVE_HC, false);
+                    // Health restored by active checks also ends an ejection, as
+                    // Envoy's `successful_active_health_check_uneject_host`.
+                    cluster.uneject(i);
+                    tracing::info!(cluster = %cluster.name, endpoint = %ep.address, "endpoint passes its health checks");
+                }
+            }
+            Err(f) => {
+                st.health_check_failure.fetch_add(1, Relaxed);
+                passes = 0;
+                fails = fails.saturating_add(1);
+                let (reason, immediate) = match f {
+                    Failure::Network(r) => {
+                        st.health_check_network_failure.fetch_add(1, Relaxed);
+                        (r, false)
+                    }
+                    Failure::Answer { reason, immediate } => (reason, immediate),
+                };
+                if !failed && (first || immediate || fails >= hc.unhealthy_threshold) {
+                    cluster.set_flag(i, FAILED_ACTIVE_HC, true);
+                    tracing::warn!(cluster = %cluster.name, endpoint = %ep.address, "endpoint fails its health checks: {reason}");
+                }
+                ep.health.last_failure.store(Some(Arc::new(reason)));
+            }
+        }
+        first = false;
+        let jitter = hc.interval_jitter.get();
+        let extra = if jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            jitter.mul_f64(rand::rng().random::<f64>())
+        };
+        tokio::time::sleep(hc.interval.get() + extra).await;
+    }
+}
+
+/// One check of endpoint `i` on a fresh connection (not pooled, not counted in the
+/// cluster's connection stats, not subject to its circuit breakers).
+async fn check_once(entry: &ClusterEntry, hc: &HealthCheck, i: usize) -> Result<(), Failure> {
+    let cluster = &entry.cluster;
+    let ep = cluster
+        .endpoints
+        .get(i)
+        .ok_or_else(|| Failure::Network("no such endpoint".into()))?;
+    let target = Target {
+        addr: ep.address,
+        host: &ep.host,
+        cluster,
+        endpoint: Some(i),
+    };
+    let (conn, h2) = upstream::open_unpooled(&entry.upstream, &target)
+        .await
+        .map_err(|e| Failure::Network(e.detail))?;
+    match (&hc.http, &hc.tcp) {
+        (Some(http), _) => {
+            let tls = cluster.config.tls.is_some();
+            http_check(conn, h2, tls, ep, http).await
+        }
+        (None, Some(tcp)) => tcp_check(conn, tcp).await,
+        (None, None) => Ok(()),
+    }
+}
+
+async fn http_check(
+    conn: Conn,
+    h2: bool,
+    tls: bool,
+    ep: &Endpoint,
+    cfg: &HttpHealthCheck,
+) -> Result<(), Failure> {
+    let authority = cfg.host.as_deref().unwrap_or(&ep.authority);
+    let io = TokioIo::new(conn);
+    let net = |e: hyper::Error| Failure::Network(e.to_string());
+    let bad = |e: http::Error| Failure::Network(format!("cannot build the request: {e}"));
+    let user_agent = header::HeaderValue::from_static("legate-health-check");
+    let status = if h2 {
+        let (mut sender, conn) = http2::Builder::new(LocalExec)
+            .handshake::<_, Empty<Bytes>>(io)
+            .await
+            .map_err(net)?;
+        let driver = tokio::task::spawn_local(conn);
+        let uri = Uri::builder()
+            .scheme(if tls { "https" } else { "http" })
+            .authority(authority)
+            .path_and_query(cfg.path.as_str())
+            .build()
+            .map_err(bad)?;
+        let req = Request::get(uri)
+            .version(http::Version::HTTP_2)
+            .header(header::USER_AGENT, user_agent)
+            .body(Empty::new())
+            .map_err(bad)?;
+        let status = sender.send_request(req).await.map_err(net)?.status();
+        driver.abort();
+        status
+    } else {
+        let (mut sender, conn) = http1::handshake::<_, Empty<Bytes>>(io).await.map_err(net)?;
+        let driver = tokio::task::spawn_local(conn);
+        let req = Request::get(cfg.path.as_str())
+            .header(header::HOST, authority)
+            .header(header::USER_AGENT, user_agent)
+            .header(header::CONNECTION, "close")
+            .body(Empty::new())
+            .map_err(bad)?;
+        let status = sender.send_request(req).await.map_err(net)?.status();
+        driver.abort();
+        status
+    };
+    if cfg
+        .expected_statuses
+        .iter()
+        .any(|r| r.contains(status.as_u16()))
+    {
+        Ok(())
+    } else {
+        Err(Failure::Answer {
+            reason: format!("HTTP status {}", status.as_u16()),
+            immediate: true,
+        })
+    }
+}
+
+async fn tcp_check(mut conn: Conn, cfg: &TcpHealthCheck) -> Result<(), Failure> {
+    let io = |e: std::io::Error| Failure::Network(e.to_string());
+    if let Some(send) = cfg.send.as_ref().and_then(|p| p.bytes()) {
+        conn.write_all(&send).await.map_err(io)?;
+        conn.flush().await.map_err(io)?;
+    }
+    let Some(expect) = cfg.expect.as_ref().and_then(|p| p.bytes()) else {
+        return Ok(());
+    };
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if got.windows(expect.len()).any(|w| w == expect.as_slice()) {
+            return Ok(());
+        }
+        if got.len() >= MAX_TCP_READ {
+            break;
+        }
+        let n = conn.read(&mut buf).await.map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(buf.get(..n).unwrap_or_default());
+    }
+    Err(Failure::Answer {
+        reason: format!(
+            "the answer ({} bytes) does not contain the expected bytes",
+            got.len()
+        ),
+        immediate: false,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+    use crate::cluster::tests::weighted;
+
+    #[test]
+    fn flags_keep_membership_in_step() {
+        let c = weighted("round_robin", &[1, 1, 1], "");
+        let members = || c.stats.membership_healthy.load(Relaxed);
+        assert_eq!((members(), c.stats.membership_total.load(Relaxed)), (3, 3));
+        assert!(c.set_flag(0, FAILED_ACTIVE_HC, true));
+        assert!(!c.set_flag(0, FAILED_ACTIVE_HC, true), "already set");
+        assert!(c.set_flag(0, EJECTED, true));
+        assert_eq!(members(), 2, "two flags, one unavailable endpoint");
+        assert!(c.set_flag(0, FAILED_ACTIVE_HC, false));
+        assert_eq!(members(), 2, "still ejected");
+        assert!(c.set_flag(0, EJECTED, false));
+        assert_eq!(members(), 3);
+        assert!(!c.set_flag(9, EJECTED, true), "no such endpoint");
+    }
+
+    #[test]
+    fn panic_threshold() {
+        let c = weighted("round_robin", &[1, 1, 1, 1], "");
+        assert!(!c.in_panic(2), "50% is not below 50%");
+        assert!(c.in_panic(1));
+        let never = weighted("round_robin", &[1, 1], "panic_threshold: 0%\n");
+        assert!(!never.in_panic(0));
+    }
+}

@@ -1,0 +1,777 @@
+//! Upstream resilience with real failing upstreams on loopback: active health checks
+//! (HTTP and TCP), passive outlier detection, panic mode, circuit breakers, and one
+//! upstream of three killed under steady load.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use legate_tests::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn stat(name: &str, cluster: &str) -> String {
+    format!("legate_cluster_{name}{{cluster=\"{cluster}\"}}")
+}
+
+fn text(status: u16, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    r
+}
+
+/// An upstream named `name` whose `/healthz` answers 200 while `healthy` is true and
+/// 503 otherwise; every other path is echoed.
+async fn checked(name: &str, healthy: &Arc<AtomicBool>) -> UpstreamHandle {
+    let healthy = healthy.clone();
+    upstream()
+        .name(name)
+        .route("/healthz", move |_req| {
+            let ok = healthy.load(Ordering::SeqCst);
+            async move {
+                if ok {
+                    text(200, "ok\n")
+                } else {
+                    text(503, "draining\n")
+                }
+            }
+        })
+        .start()
+        .await
+}
+
+/// Waits until the gauge `series` equals `want`.
+async fn until_stat(lg: &LegateHandle, series: &str, want: f64) {
+    eventually(WAIT, &format!("{series} == {want}"), || async {
+        (lg.stat(series).await == Some(want)).then_some(())
+    })
+    .await;
+}
+
+/// Sends `n` requests and counts the answers by `x-upstream` (or by status when an
+/// upstream did not answer).
+async fn spread(c: &mut Client, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let r = c.get("/work").send().await;
+        let who = match r.header("x-upstream") {
+            Some(u) if r.status == 200 => u.to_string(),
+            _ => format!("status {}", r.status.as_u16()),
+        };
+        *seen.entry(who).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// The `health` object of endpoint `addr` in `/clusters`.
+async fn endpoint_health(lg: &LegateHandle, addr: std::net::SocketAddr) -> Value {
+    let (status, body) = lg.admin_get("/clusters").await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["endpoints"].as_array().unwrap().iter())
+        .find(|e| e["address"] == addr.to_string())
+        .map(|e| e["health"].clone())
+        .unwrap_or_else(|| panic!("{addr} not in /clusters: {body}"))
+}
+
+/// The cluster protocol to use with a client protocol: h2 clients go with an h2
+/// cluster, so health checks are exercised over HTTP/2 too.
+fn cluster_protocol(proto: Proto) -> &'static str {
+    match proto {
+        Proto::H2 => "    protocol: h2\n",
+        _ => "    protocol: http1\n",
+    }
+}
+
+each_proto!(
+    async fn failing_health_check_takes_an_endpoint_out_and_back(proto) {
+        let (a_ok, b_ok) = (
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicBool::new(true)),
+        );
+        let a = checked("a", &a_ok).await;
+        let b = checked("b", &b_ok).await;
+        let cluster = format!(
+            "{}    health_check:
+      http: {{ path: /healthz, host: health.internal }}
+      interval: 50ms
+      interval_jitter: 20ms
+      timeout: 1s
+      healthy_threshold: 2
+      unhealthy_threshold: 3
+",
+            cluster_protocol(proto)
+        );
+        let lg = legate()
+            .concurrency(2)
+            .config(&simple_config_with(&[a.addr, b.addr], "", &cluster))
+            .start();
+        let healthy = stat("membership_healthy", "backend");
+        eventually(WAIT, "health checks to run", || async {
+            (lg.stat(&stat("health_check_success", "backend")).await >= Some(4.0)).then_some(())
+        })
+        .await;
+        assert_eq!(lg.stat(&healthy).await, Some(2.0));
+        let mut c = client(proto, lg.addr("web")).await;
+        let both = spread(&mut c, 10).await;
+        assert_eq!((both.get("a"), both.get("b")), (Some(&5), Some(&5)), "{both:?}");
+
+        // b starts answering 503 on its health endpoint: out at the next check,
+        // whatever the threshold (an unhealthy answer is believed at once).
+        b_ok.store(false, Ordering::SeqCst);
+        until_stat(&lg, &healthy, 1.0).await;
+        let only_a = spread(&mut c, 20).await;
+        assert_eq!(only_a.get("a"), Some(&20), "{only_a:?}");
+        let h = endpoint_health(&lg, b.addr).await;
+        assert_eq!(h["status"], "unhealthy", "{h}");
+        assert_eq!(h["failed_active_health_check"], true, "{h}");
+        assert_eq!(h["last_health_check_failure"], "HTTP status 503", "{h}");
+        assert_eq!(endpoint_health(&lg, a.addr).await["status"], "healthy");
+        lg.assert_stat_with(&stat("health_check_failure", "backend"), |v| v >= 1.0, ">= 1")
+            .await;
+
+        // b recovers: back after two passed checks.
+        b_ok.store(true, Ordering::SeqCst);
+        until_stat(&lg, &healthy, 2.0).await;
+        let again = spread(&mut c, 10).await;
+        assert_eq!((again.get("a"), again.get("b")), (Some(&5), Some(&5)), "{again:?}");
+        assert_eq!(endpoint_health(&lg, b.addr).await["status"], "healthy");
+        assert_eq!(lg.stat(&stat("lb_healthy_panic", "backend")).await, Some(0.0));
+    }
+);
+
+each_proto!(
+    async fn unreachable_endpoint_fails_after_the_threshold(proto) {
+        let a = upstream().name("a").start().await;
+        let dead = closed_port_addr();
+        let lg = legate()
+            .config(&simple_config_with(
+                &[a.addr, dead],
+                "",
+                "    health_check:
+      http: { path: /, expected_statuses: [\"200-299\"] }
+      interval: 50ms
+      unhealthy_threshold: 2
+",
+            ))
+            .start();
+        // The first check decides at once: the dead endpoint is out.
+        until_stat(&lg, &stat("membership_healthy", "backend"), 1.0).await;
+        let mut c = client(proto, lg.addr("web")).await;
+        let seen = spread(&mut c, 10).await;
+        assert_eq!(seen.get("a"), Some(&10), "{seen:?}");
+        let h = endpoint_health(&lg, dead).await;
+        assert!(
+            h["last_health_check_failure"]
+                .as_str()
+                .is_some_and(|f| f.contains("connect")),
+            "{h}"
+        );
+        lg.assert_stat_with(
+            &stat("health_check_network_failure", "backend"),
+            |v| v >= 1.0,
+            ">= 1",
+        )
+        .await;
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_health_checks_send_and_expect_bytes() {
+    let echo = tcp_echo_server().await;
+    let other = tcp_echo_server().await;
+    let cfg = format!(
+        "version: 1
+listeners:
+  - name: db
+    address: 127.0.0.1:0
+    tcp: {{ cluster: echo }}
+clusters:
+  - name: echo
+    endpoints: [{{ address: \"{echo}\" }}]
+    health_check:
+      tcp:
+        send: {{ hex: \"50494e470d0a\" }}
+        expect: {{ text: \"PING\" }}
+      interval: 50ms
+      timeout: 500ms
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+  - name: wrong
+    endpoints: [{{ address: \"{other}\" }}]
+    health_check:
+      tcp:
+        send: {{ text: \"PING\" }}
+        expect: {{ text: \"PONG\" }}
+      interval: 50ms
+      timeout: 200ms
+  - name: connect-only
+    endpoints: [{{ address: \"{other}\" }}]
+    health_check:
+      tcp: {{}}
+      interval: 50ms
+      unhealthy_threshold: 1
+",
+        echo = echo.addr,
+        other = other.addr
+    );
+    let lg = legate().config(&cfg).start();
+    lg.assert_stat_with(&stat("health_check_success", "echo"), |v| v >= 2.0, ">= 2")
+        .await;
+    assert_eq!(
+        lg.stat(&stat("membership_healthy", "echo")).await,
+        Some(1.0)
+    );
+    assert!(echo.bytes.get() >= 12, "the checks sent PING\\r\\n");
+    // The echo of PING never contains PONG: the check times out waiting for it.
+    until_stat(&lg, &stat("membership_healthy", "wrong"), 0.0).await;
+    lg.assert_stat_with(
+        &stat("health_check_success", "connect-only"),
+        |v| v >= 1.0,
+        ">= 1",
+    )
+    .await;
+    assert_eq!(
+        lg.stat(&stat("membership_healthy", "connect-only")).await,
+        Some(1.0)
+    );
+
+    // The server goes away: connects are refused, the endpoint is out.
+    other.stop();
+    until_stat(&lg, &stat("membership_healthy", "connect-only"), 0.0).await;
+    assert_eq!(
+        lg.stat(&stat("membership_healthy", "echo")).await,
+        Some(1.0)
+    );
+}
+
+each_proto!(
+    async fn outlier_detection_ejects_a_5xx_endpoint_and_returns_it(proto) {
+        let failing = Arc::new(AtomicBool::new(true));
+        let good = upstream().name("good").start().await;
+        let flag = failing.clone();
+        let bad = upstream()
+            .name("bad")
+            .handler(move |req| {
+                let fail = flag.load(Ordering::SeqCst);
+                async move {
+                    if fail {
+                        text(500, "broken\n")
+                    } else {
+                        echo(req).await
+                    }
+                }
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[good.addr, bad.addr],
+                "",
+                "    outlier_detection:
+      consecutive_5xx: 3
+      interval: 50ms
+      base_ejection_time: 300ms
+",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        // Round robin: the bad endpoint gets every other request until ejected.
+        let before = spread(&mut c, 6).await;
+        assert_eq!(before.get("status 500"), Some(&3), "{before:?}");
+        lg.assert_stat(&stat("outlier_detection_ejections_consecutive_5xx", "backend"), 1.0)
+            .await;
+        assert_eq!(
+            lg.stat(&stat("outlier_detection_ejections_active", "backend")).await,
+            Some(1.0)
+        );
+        let h = endpoint_health(&lg, bad.addr).await;
+        assert_eq!(h["status"], "unhealthy", "{h}");
+        assert_eq!(h["outlier"]["ejected"], true, "{h}");
+        assert_eq!(h["outlier"]["last_ejection_reason"], "consecutive_5xx", "{h}");
+        let requests_to_bad = bad.requests.get();
+        let during = spread(&mut c, 20).await;
+        assert_eq!(during.get("good"), Some(&20), "{during:?}");
+        assert_eq!(bad.requests.get(), requests_to_bad, "an ejected endpoint got requests");
+
+        // It recovers; its ejection time ends and it is back in rotation.
+        failing.store(false, Ordering::SeqCst);
+        until_stat(&lg, &stat("outlier_detection_ejections_active", "backend"), 0.0).await;
+        let after = spread(&mut c, 10).await;
+        assert_eq!((after.get("good"), after.get("bad")), (Some(&5), Some(&5)), "{after:?}");
+        assert_eq!(
+            lg.stat(&stat("outlier_detection_ejections_total", "backend")).await,
+            Some(1.0)
+        );
+    }
+);
+
+each_proto!(
+    async fn connect_failures_eject_as_gateway_failures(proto) {
+        let good = upstream().name("good").start().await;
+        let dead = closed_port_addr();
+        let lg = legate()
+            .config(&simple_config_with(
+                &[good.addr, dead],
+                "            retry: { retry_on: [connect-failure], backoff_base: 1ms }\n",
+                "    outlier_detection: { consecutive_gateway_failure: 2, base_ejection_time: 1h }\n",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        // Every request succeeds: the connect failures are retried on the good one.
+        let seen = spread(&mut c, 20).await;
+        assert_eq!(seen.get("good"), Some(&20), "{seen:?}");
+        lg.assert_stat(
+            &stat("outlier_detection_ejections_consecutive_gateway_failure", "backend"),
+            1.0,
+        )
+        .await;
+        // Once ejected, the dead endpoint is not tried any more.
+        lg.assert_stat(&stat("upstream_cx_connect_fail", "backend"), 2.0).await;
+        assert_eq!(lg.stat(&stat("upstream_rq_retry", "backend")).await, Some(2.0));
+    }
+);
+
+each_proto!(
+    async fn panic_mode_uses_every_endpoint(proto) {
+        let oks: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(true))).collect();
+        let ups = [
+            checked("a", &oks[0]).await,
+            checked("b", &oks[1]).await,
+            checked("c", &oks[2]).await,
+        ];
+        let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+        let hc = "    health_check: { http: { path: /healthz }, interval: 50ms }\n";
+        let lg = legate()
+            .config(&simple_config_with(&addrs, "", hc))
+            .start();
+        let strict = legate()
+            .config(&simple_config_with(
+                &addrs,
+                "",
+                &format!("{hc}    panic_threshold: 0%\n"),
+            ))
+            .start();
+        oks[0].store(false, Ordering::SeqCst);
+        oks[1].store(false, Ordering::SeqCst);
+        let healthy = stat("membership_healthy", "backend");
+        until_stat(&lg, &healthy, 1.0).await;
+        until_stat(&strict, &healthy, 1.0).await;
+
+        // One of three available is below 50%: panic, all three are used.
+        let mut c = client(proto, lg.addr("web")).await;
+        let seen = spread(&mut c, 30).await;
+        for name in ["a", "b", "c"] {
+            assert_eq!(seen.get(name), Some(&10), "{seen:?}");
+        }
+        lg.assert_stat_with(&stat("lb_healthy_panic", "backend"), |v| v >= 30.0, ">= 30")
+            .await;
+
+        // Without panic mode, only the healthy one.
+        let mut s = client(proto, strict.addr("web")).await;
+        let seen = spread(&mut s, 10).await;
+        assert_eq!(seen.get("c"), Some(&10), "{seen:?}");
+        assert_eq!(strict.stat(&stat("lb_healthy_panic", "backend")).await, Some(0.0));
+
+        // None healthy at all: panic mode still serves, strict mode refuses.
+        oks[2].store(false, Ordering::SeqCst);
+        until_stat(&lg, &healthy, 0.0).await;
+        until_stat(&strict, &healthy, 0.0).await;
+        assert_eq!(c.get("/").send().await.status, 200);
+        let r = s.get("/").send().await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.text(), "no_healthy_upstream\n");
+    }
+);
+
+each_proto!(
+    async fn max_requests_overflow_is_503_overloaded(proto) {
+        let up = upstream().delay(Duration::from_millis(400)).start().await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[up.addr],
+                "",
+                "    circuit_breakers: { max_requests: 1 }\n",
+            ))
+            .start();
+        let addr = lg.addr("web");
+        let first = tokio::spawn(async move { client(proto, addr).await.get("/slow").send().await });
+        eventually(WAIT, "the first request upstream", || async {
+            (up.in_flight.get() == 1).then_some(())
+        })
+        .await;
+        let mut c = client(proto, addr).await;
+        let r = c.get("/second").send().await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("x-legate-overloaded"), Some("true"));
+        assert_eq!(r.text(), "overloaded\n");
+        assert_eq!(first.await.unwrap().status, 200);
+        lg.assert_stat(&stat("upstream_rq_pending_overflow", "backend"), 1.0)
+            .await;
+        assert_eq!(up.requests.get(), 1);
+        // The slot is free again.
+        assert_eq!(c.get("/third").send().await.status, 200);
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_overflow_is_503_overloaded() {
+    let up = upstream().delay(Duration::from_millis(400)).start().await;
+    let lg = legate()
+        .config(&simple_config_with(
+            &[up.addr],
+            "",
+            "    protocol: http1\n    circuit_breakers: { max_connections: 1 }\n",
+        ))
+        .start();
+    let addr = lg.addr("web");
+    let first =
+        tokio::spawn(async move { client(Proto::H1, addr).await.get("/slow").send().await });
+    eventually(WAIT, "the first request upstream", || async {
+        (up.in_flight.get() == 1).then_some(())
+    })
+    .await;
+    // The one connection is busy with an HTTP/1.1 request: a second one is needed.
+    let mut c = client(Proto::H1, addr).await;
+    let r = c.get("/second").send().await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-legate-overloaded"), Some("true"));
+    assert_eq!(first.await.unwrap().status, 200);
+    lg.assert_stat(&stat("upstream_cx_overflow", "backend"), 1.0)
+        .await;
+    // The pooled connection is reused: no new connection, no overflow.
+    assert_eq!(c.get("/third").send().await.status, 200);
+    assert_eq!(up.connections.get(), 1);
+}
+
+each_proto!(
+    async fn retry_overflow_passes_the_answer_through(proto) {
+        let up = upstream().fail_first(1, 503).start().await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[up.addr],
+                "            retry: { retry_on: [5xx], backoff_base: 1ms }\n",
+                "    circuit_breakers: { max_retries: 0 }\n",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 503, "not retried: the upstream's answer");
+        assert_eq!(r.header("x-legate-overloaded"), None);
+        lg.assert_stat(&stat("upstream_rq_retry_overflow", "backend"), 1.0)
+            .await;
+        assert_eq!(lg.stat(&stat("upstream_rq_retry", "backend")).await, Some(0.0));
+        assert_eq!(up.requests.get(), 1);
+    }
+);
+
+each_proto!(
+    async fn killing_one_of_three_under_load_keeps_traffic_flowing(proto) {
+        let oks: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(true))).collect();
+        let ups = [
+            checked("a", &oks[0]).await,
+            checked("b", &oks[1]).await,
+            checked("c", &oks[2]).await,
+        ];
+        let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+        let lg = legate()
+            .concurrency(2)
+            .config(&simple_config_with(
+                &addrs,
+                "            retry:
+              retry_on: [5xx, reset, connect-failure]
+              num_retries: 2
+              backoff_base: 1ms
+",
+                &format!(
+                    "{}    health_check: {{ http: {{ path: /healthz }}, interval: 100ms, timeout: 500ms }}
+    outlier_detection: {{ consecutive_gateway_failure: 2, interval: 100ms, base_ejection_time: 30s, max_ejection_percent: 34% }}
+",
+                    cluster_protocol(proto)
+                ),
+            ))
+            .start();
+        let addr = lg.addr("web");
+        const CLIENTS: usize = 8;
+        const PER_CLIENT: u64 = 400;
+        let ok = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..CLIENTS {
+            let (ok, done) = (ok.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut c = client(proto, addr).await;
+                for i in 0..PER_CLIENT {
+                    let good = matches!(c.get(&format!("/load/{i}")).try_send().await, Ok(r) if r.status == 200);
+                    if good {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else if c.is_closed() {
+                        c = client(proto, addr).await;
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        let total = CLIENTS as u64 * PER_CLIENT;
+        eventually(WAIT, "a third of the load", || async {
+            (done.load(Ordering::Relaxed) >= total / 3).then_some(())
+        })
+        .await;
+        // Kill b: its listener closes and its open connections are dropped.
+        ups[1].stop();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let ok = ok.load(Ordering::Relaxed);
+        let rate = ok as f64 / total as f64;
+        let stats = parse_prometheus(&lg.stats().await);
+        let of = |name: &str| stats.get(&stat(name, "backend")).copied().unwrap_or(-1.0);
+        println!(
+            "kill one of three ({proto:?}): {ok}/{total} succeeded = {:.3}%; retries {}, \
+             retry overflow {}, ejections {}, health check failures {}",
+            rate * 100.0,
+            of("upstream_rq_retry"),
+            of("upstream_rq_retry_overflow"),
+            of("outlier_detection_ejections_total"),
+            of("health_check_failure"),
+        );
+        assert!(rate >= 0.999, "success rate {rate} < 99.9% ({ok}/{total})");
+        // The dead endpoint is out of rotation, by the checks and by ejection.
+        until_stat(&lg, &stat("membership_healthy", "backend"), 2.0).await;
+        let h = endpoint_health(&lg, ups[1].addr).await;
+        assert_eq!(h["status"], "unhealthy", "{h}");
+    }
+);
+
+/// An upstream whose `/healthz` answers 200 only to a check that came over TLS with
+/// SNI `backend.internal` and HTTP version `version`, while `healthy` is true.
+async fn tls_checked(
+    server: TlsFiles,
+    http1: bool,
+    version: http::Version,
+    healthy: &Arc<AtomicBool>,
+) -> UpstreamHandle {
+    let healthy = healthy.clone();
+    let b = upstream().tls(server);
+    let b = if http1 { b.http1() } else { b };
+    b.route("/healthz", move |req| {
+        let tls_ok = req
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|i| i.tls.as_ref())
+            .is_some_and(|t| t.sni.as_deref() == Some("backend.internal"));
+        let ok = tls_ok && req.version() == version && healthy.load(Ordering::SeqCst);
+        async move {
+            if ok {
+                text(200, "ok\n")
+            } else {
+                text(418, "wrong check\n")
+            }
+        }
+    })
+    .start()
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_use_the_cluster_tls_and_protocol() {
+    let ca = Ca::new("upstream CA");
+    let server = ca.server(&["backend.internal"]);
+    let (h2_ok, h1_ok) = (
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let h2 = tls_checked(server.clone(), false, http::Version::HTTP_2, &h2_ok).await;
+    let h1 = tls_checked(server, true, http::Version::HTTP_11, &h1_ok).await;
+    let cluster = |name: &str, addr: std::net::SocketAddr, protocol: &str| {
+        format!(
+            "  - name: {name}
+    protocol: {protocol}
+    tls: {{ sni: backend.internal, ca: {ca} }}
+    endpoints: [{{ address: \"{addr}\" }}]
+    health_check: {{ http: {{ path: /healthz }}, interval: 50ms, unhealthy_threshold: 1 }}
+",
+            ca = ca.cert_path.display()
+        )
+    };
+    let cfg = format!(
+        "version: 1\nclusters:\n{}{}",
+        cluster("alpn", h2.addr, "auto"),
+        cluster("plain", h1.addr, "http1")
+    );
+    let lg = legate().config(&cfg).start();
+    for c in ["alpn", "plain"] {
+        lg.assert_stat_with(&stat("health_check_success", c), |v| v >= 2.0, ">= 2")
+            .await;
+        assert_eq!(lg.stat(&stat("health_check_failure", c)).await, Some(0.0));
+        assert_eq!(lg.stat(&stat("membership_healthy", c)).await, Some(1.0));
+    }
+    h2_ok.store(false, Ordering::SeqCst);
+    until_stat(&lg, &stat("membership_healthy", "alpn"), 0.0).await;
+    assert_eq!(
+        endpoint_health(&lg, h2.addr).await["last_health_check_failure"],
+        "HTTP status 418"
+    );
+    assert_eq!(
+        lg.stat(&stat("membership_healthy", "plain")).await,
+        Some(1.0)
+    );
+}
+
+each_proto!(
+    async fn success_rate_outlier_is_ejected(proto) {
+        let good_a = upstream().name("a").start().await;
+        let good_b = upstream().name("b").start().await;
+        // Fails every other request: never 5 in a row, but a poor success rate.
+        let n = Arc::new(AtomicU64::new(0));
+        let bad = upstream()
+            .name("bad")
+            .handler(move |req| {
+                let fail = n.fetch_add(1, Ordering::SeqCst).is_multiple_of(2);
+                async move {
+                    if fail {
+                        text(500, "sometimes\n")
+                    } else {
+                        echo(req).await
+                    }
+                }
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[good_a.addr, good_b.addr, bad.addr],
+                "",
+                "    outlier_detection:
+      interval: 300ms
+      max_ejection_percent: 34%
+      success_rate: { minimum_hosts: 3, request_volume: 10, stdev_factor: 1.0 }
+",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let ejected = stat("outlier_detection_ejections_success_rate", "backend");
+        // Traffic until an interval has seen enough of it (a poll with a deadline).
+        let deadline = std::time::Instant::now() + WAIT;
+        while lg.stat(&ejected).await != Some(1.0) {
+            assert!(std::time::Instant::now() < deadline, "no success-rate ejection");
+            spread(&mut c, 30).await;
+        }
+        assert_eq!(
+            endpoint_health(&lg, bad.addr).await["outlier"]["last_ejection_reason"],
+            "success_rate"
+        );
+        let seen = spread(&mut c, 20).await;
+        assert_eq!(seen.get("bad"), None, "{seen:?}");
+        assert_eq!(seen.get("status 500"), None, "{seen:?}");
+        assert_eq!(
+            lg.stat(&stat("outlier_detection_ejections_consecutive_5xx", "backend"))
+                .await,
+            Some(0.0)
+        );
+    }
+);
+
+each_proto!(
+    async fn recovery_seen_by_health_checks_ends_an_ejection(proto) {
+        let (health_ok, serve_ok) = (
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicBool::new(true)),
+        );
+        let good = upstream().name("good").start().await;
+        let (h, s) = (health_ok.clone(), serve_ok.clone());
+        let bad = upstream()
+            .name("bad")
+            .handler(move |req| {
+                let ok = if req.uri().path() == "/healthz" {
+                    h.load(Ordering::SeqCst)
+                } else {
+                    s.load(Ordering::SeqCst)
+                };
+                async move {
+                    if ok {
+                        echo(req).await
+                    } else {
+                        text(500, "broken\n")
+                    }
+                }
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[good.addr, bad.addr],
+                "",
+                "    health_check: { http: { path: /healthz }, interval: 50ms, healthy_threshold: 1 }
+    outlier_detection: { consecutive_5xx: 2, base_ejection_time: 1h }
+",
+            ))
+            .start();
+        let healthy = stat("membership_healthy", "backend");
+        let active = stat("outlier_detection_ejections_active", "backend");
+        let mut c = client(proto, lg.addr("web")).await;
+        serve_ok.store(false, Ordering::SeqCst);
+        spread(&mut c, 4).await;
+        lg.assert_stat(&active, 1.0).await;
+        // The checks see it fail too, then recover: that ends the hour-long ejection.
+        health_ok.store(false, Ordering::SeqCst);
+        eventually(WAIT, "the failed health check", || async {
+            (endpoint_health(&lg, bad.addr).await["failed_active_health_check"] == true)
+                .then_some(())
+        })
+        .await;
+        assert_eq!(lg.stat(&active).await, Some(1.0));
+        serve_ok.store(true, Ordering::SeqCst);
+        health_ok.store(true, Ordering::SeqCst);
+        until_stat(&lg, &healthy, 2.0).await;
+        assert_eq!(lg.stat(&active).await, Some(0.0));
+        let seen = spread(&mut c, 10).await;
+        assert_eq!((seen.get("good"), seen.get("bad")), (Some(&5), Some(&5)), "{seen:?}");
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_connect_failures_eject() {
+    let echo = tcp_echo_server().await;
+    let dead = closed_port_addr();
+    let cfg = format!(
+        "version: 1
+listeners:
+  - name: db
+    address: 127.0.0.1:0
+    tcp: {{ cluster: pg }}
+clusters:
+  - name: pg
+    endpoints: [{{ address: \"{}\" }}, {{ address: \"{dead}\" }}]
+    outlier_detection: {{ consecutive_gateway_failure: 2, base_ejection_time: 1h }}
+",
+        echo.addr
+    );
+    let lg = legate().config(&cfg).start();
+    for i in 0..6 {
+        let mut conn = RawConn::connect(lg.addr("db")).await;
+        conn.write(b"ping").await;
+        let got = conn.read_exact(4, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got, b"ping", "connection {i}");
+    }
+    lg.assert_stat(
+        &stat(
+            "outlier_detection_ejections_consecutive_gateway_failure",
+            "pg",
+        ),
+        1.0,
+    )
+    .await;
+    // After the ejection the dead endpoint is not tried any more.
+    lg.assert_stat(&stat("upstream_cx_connect_fail", "pg"), 2.0)
+        .await;
+    assert_eq!(endpoint_health(&lg, dead).await["outlier"]["ejected"], true);
+}
