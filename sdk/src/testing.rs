@@ -170,7 +170,8 @@ impl TestHost {
     }
 
     /// The value of counter `name` for label values `labels` (in definition
-    /// order; `&[]` for an unlabelled counter); `None` if never recorded.
+    /// order; `&[]` for an unlabelled counter); `None` if that series does not
+    /// exist (no `with_labels` handle for it was made, nor a record into it).
     pub fn counter(&self, name: &str, labels: &[&str]) -> Option<u64> {
         match self.series(name, labels)? {
             SeriesValue::Counter(v) => Some(v),
@@ -178,7 +179,7 @@ impl TestHost {
         }
     }
 
-    /// The value of gauge `name` for `labels`; `None` if never recorded.
+    /// The value of gauge `name` for `labels`; `None` as for [`TestHost::counter`].
     pub fn gauge(&self, name: &str, labels: &[&str]) -> Option<i64> {
         match self.series(name, labels)? {
             SeriesValue::Gauge(v) => Some(v),

@@ -51,6 +51,19 @@ pub(crate) struct Metric {
     pub(crate) series: BTreeMap<Vec<String>, SeriesValue>,
 }
 
+impl Metric {
+    /// The series for `labels`, created at zero: a series exists (and is
+    /// exported) from the moment its handle exists.
+    fn series_mut(&mut self, labels: &[String]) -> &mut SeriesValue {
+        let initial = match self.kind {
+            MetricKind::Counter => SeriesValue::Counter(0),
+            MetricKind::Gauge => SeriesValue::Gauge(0),
+            MetricKind::Histogram => SeriesValue::Histogram(Vec::new()),
+        };
+        self.series.entry(labels.to_vec()).or_insert(initial)
+    }
+}
+
 pub(crate) struct KvValue {
     pub(crate) value: Vec<u8>,
     pub(crate) version: u64,
@@ -619,25 +632,22 @@ impl SeriesHandle {
         let Some(metric) = h.metrics.get_mut(&self.name) else {
             return;
         };
-        let initial = match metric.kind {
-            MetricKind::Counter => SeriesValue::Counter(0),
-            MetricKind::Gauge => SeriesValue::Gauge(0),
-            MetricKind::Histogram => SeriesValue::Histogram(Vec::new()),
-        };
-        f(metric.series.entry(self.labels.clone()).or_insert(initial));
+        f(metric.series_mut(&self.labels));
     }
 
     fn with_labels(&self, values: &[&str]) -> Result<Self, Error> {
         let host = self.host.as_ref().ok_or(Error::Unsupported)?;
-        let h = host.borrow();
-        let metric = h.metrics.get(&self.name).ok_or(Error::Internal)?;
+        let mut h = host.borrow_mut();
+        let metric = h.metrics.get_mut(&self.name).ok_or(Error::Internal)?;
         if values.len() != metric.label_names.len() || values.iter().any(|v| v.len() > 128) {
             return Err(Error::InvalidArgument);
         }
+        let labels: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
+        metric.series_mut(&labels);
         Ok(SeriesHandle {
             host: Some(host.clone()),
             name: self.name.clone(),
-            labels: values.iter().map(|v| (*v).to_owned()).collect(),
+            labels,
         })
     }
 }
@@ -677,6 +687,11 @@ fn define(
                     series: BTreeMap::new(),
                 },
             );
+        }
+    }
+    if labels.is_empty() {
+        if let Some(m) = h.metrics.get_mut(name) {
+            m.series_mut(&[]);
         }
     }
     drop(h);
