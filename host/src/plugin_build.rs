@@ -252,3 +252,59 @@ fn check_component(wasm: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(package_id: &str, target: &str, files: &[&str]) -> String {
+        serde_json::json!({
+            "reason": "compiler-artifact",
+            "package_id": package_id,
+            "target": { "name": target, "kind": ["cdylib", "rlib"] },
+            "filenames": files,
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn finds_the_wasm_of_the_plugin_lib_only() {
+        let wasm = "/t/wasm32-wasip2/release/my_plugin.wasm";
+        let rlib = "/t/wasm32-wasip2/release/libmy_plugin.rlib";
+        // Both package id spellings cargo uses for path packages.
+        for id in [
+            "path+file:///src/plugins/x#my-plugin@0.1.0",
+            "path+file:///src/my-plugin#0.1.0",
+        ] {
+            let line = message(id, "my_plugin", &[rlib, wasm]);
+            assert_eq!(
+                artifact(&line, "my-plugin", "my_plugin"),
+                Some(PathBuf::from(wasm)),
+                "{id}"
+            );
+        }
+        // A dependency's artifact, or another target, is not the plugin.
+        let dep = message(
+            "registry+https://github.com/rust-lang/crates.io-index#serde@1.0.0",
+            "my_plugin",
+            &[wasm],
+        );
+        assert_eq!(artifact(&dep, "my-plugin", "my_plugin"), None);
+        let other = message("path+file:///src/my-plugin#0.1.0", "helper", &[wasm]);
+        assert_eq!(artifact(&other, "my-plugin", "my_plugin"), None);
+        assert_eq!(artifact("not json", "my-plugin", "my_plugin"), None);
+    }
+
+    #[test]
+    fn a_core_module_is_not_a_component() {
+        let dir = std::env::temp_dir().join(format!("legate-plugin-magic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let core = dir.join("core.wasm");
+        std::fs::write(&core, [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]).unwrap();
+        let err = check_component(&core).unwrap_err().to_string();
+        assert!(err.contains("not a WebAssembly component"), "{err}");
+        let component = dir.join("component.wasm");
+        std::fs::write(&component, COMPONENT_MAGIC).unwrap();
+        check_component(&component).unwrap();
+    }
+}
