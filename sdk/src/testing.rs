@@ -171,7 +171,8 @@ impl TestHost {
 
     /// The value of counter `name` for label values `labels` (in definition
     /// order; `&[]` for an unlabelled counter); `None` if that series does not
-    /// exist (no `with_labels` handle for it was made, nor a record into it).
+    /// exist. A series exists once a handle for it does: `define` makes the one
+    /// with every label value empty, `with_labels` the one it names.
     pub fn counter(&self, name: &str, labels: &[&str]) -> Option<u64> {
         match self.series(name, labels)? {
             SeriesValue::Counter(v) => Some(v),

@@ -689,16 +689,17 @@ fn define(
             );
         }
     }
-    if labels.is_empty() {
-        if let Some(m) = h.metrics.get_mut(name) {
-            m.series_mut(&[]);
-        }
+    // The `define-*` handle's series (all label values empty) exists from
+    // the start, as the host exports it.
+    let empty = vec![String::new(); labels.len()];
+    if let Some(m) = h.metrics.get_mut(name) {
+        m.series_mut(&empty);
     }
     drop(h);
     Ok(SeriesHandle {
         host: Some(host),
         name: name.to_owned(),
-        labels: vec![String::new(); labels.len()],
+        labels: empty,
     })
 }
 
