@@ -3,7 +3,7 @@
 # that already has rustup (the toolchain itself comes from rust-toolchain.toml).
 #
 # Usage: scripts/setup.sh [GROUP...]
-#   test    what the test suite needs (default when no group is given)
+#   test    what the test suite needs, wasm targets included (default when no group is given)
 #   bench   test + load generators and the proxies bench/run.sh compares with
 #   demo    what scripts/demo.sh needs
 #   wasm    the WebAssembly targets (see ensure_wasm_targets)
@@ -179,9 +179,15 @@ main() {
     if [[ ${#uniq[@]} -gt 0 ]]; then
         apt_install "${uniq[@]}"
     fi
+    # The test suite builds plugins (`legate plugin build`), so `test` (and
+    # `bench`, which includes it) need the targets too.
+    local want_wasm=0
     for group in "${groups[@]}"; do
-        [[ ${group} == wasm ]] && ensure_wasm_targets
+        [[ ${group} == wasm || ${group} == test || ${group} == bench ]] && want_wasm=1
     done
+    if [[ ${want_wasm} -eq 1 ]]; then
+        ensure_wasm_targets
+    fi
     log "ok (${groups[*]})"
 }
 

@@ -1,4 +1,7 @@
-//! The `legate` command: `legate run -c plugins.yaml`, `legate check -c plugins.yaml`.
+//! The `legate` command: `legate run -c plugins.yaml`, `legate check -c plugins.yaml`,
+//! `legate plugin build PATH`.
+
+mod plugin_build;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +35,11 @@ enum Command {
         #[arg(short, long, default_value = "plugins.yaml")]
         config: PathBuf,
     },
+    /// Plugin tools: `legate plugin build PATH [--out FILE]`.
+    Plugin {
+        #[command(subcommand)]
+        command: plugin_build::PluginCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +52,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Plugin { command } => plugin_build::run(command),
         Command::Check { config } => match config::load_file(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());

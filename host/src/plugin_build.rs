@@ -1,0 +1,310 @@
+//! `legate plugin build PATH [--out FILE]`: build a filter crate into a small
+//! WebAssembly component with `cargo build --release --target wasm32-wasip2`,
+//! size-optimized through `CARGO_PROFILE_RELEASE_*` overrides (so it works for
+//! crates outside this workspace, and the workspace's release profile keeps
+//! its line tables for the host).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{bail, Context as _};
+use clap::Subcommand;
+
+/// The target plugins are built for: it produces a component directly.
+pub const TARGET: &str = "wasm32-wasip2";
+
+/// Release-profile overrides for plugins, unless the user set them already:
+/// small code, no debug info, one codegen unit, full LTO.
+const PROFILE: [(&str, &str); 6] = [
+    ("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s"),
+    ("CARGO_PROFILE_RELEASE_LTO", "true"),
+    ("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1"),
+    ("CARGO_PROFILE_RELEASE_DEBUG", "false"),
+    ("CARGO_PROFILE_RELEASE_STRIP", "true"),
+    ("CARGO_PROFILE_RELEASE_PANIC", "abort"),
+];
+
+/// The component-model binary header: `\0asm`, version 0x0d, layer 1.
+pub const COMPONENT_MAGIC: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+
+/// `legate plugin …`.
+#[derive(Subcommand)]
+pub enum PluginCommand {
+    /// Build a plugin crate (a `cdylib` using legate-sdk) into a .wasm component.
+    Build {
+        /// The plugin crate: its directory or its Cargo.toml.
+        path: PathBuf,
+        /// Copy the component here (default: print the path of the built file).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Run a `legate plugin` command.
+pub fn run(command: PluginCommand) -> ExitCode {
+    match command {
+        PluginCommand::Build { path, out } => match build(&path, out.as_deref()) {
+            Ok(built) => {
+                println!("{}", built.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Build the crate at `path`; returns where the component is (`out` if given).
+pub fn build(path: &Path, out: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let manifest = if path.is_dir() {
+        path.join("Cargo.toml")
+    } else {
+        path.to_path_buf()
+    };
+    if !manifest.is_file() {
+        bail!(
+            "no such crate: {} has no Cargo.toml (give the plugin crate's directory or manifest)",
+            path.display()
+        );
+    }
+    let manifest = manifest
+        .canonicalize()
+        .with_context(|| format!("resolving {}", manifest.display()))?;
+    let crate_dir = manifest.parent().unwrap_or(Path::new("."));
+    let (package, lib) = plugin_package(&manifest)?;
+    check_target(crate_dir)?;
+
+    let mut cmd = cargo();
+    cmd.current_dir(crate_dir)
+        .args(["build", "--release", "--lib", "--target", TARGET])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .args(["--message-format", "json-render-diagnostics"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, value) in PROFILE {
+        if std::env::var_os(key).is_none() {
+            cmd.env(key, value);
+        }
+    }
+    let mut child = cmd.spawn().context("running cargo (is it on PATH?)")?;
+    // Cargo's progress and compiler errors go to the user as they come; they
+    // are kept to recognize a missing target.
+    let stderr = child.stderr.take();
+    let relay = std::thread::spawn(move || {
+        let mut seen = String::new();
+        if let Some(stderr) = stderr {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+        }
+        seen
+    });
+    let mut wasm = None;
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(file) = artifact(&line, &package, &lib) {
+                wasm = Some(file);
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo")?;
+    let seen = relay.join().unwrap_or_default();
+    if !status.success() {
+        if seen.contains("may not be installed") || seen.contains("can't find crate for `std`") {
+            bail!("the {TARGET} target is not installed: run `scripts/setup.sh wasm` (or `rustup target add {TARGET}`)");
+        }
+        bail!(
+            "cargo build failed for {} (see the errors above)",
+            manifest.display()
+        );
+    }
+    let wasm = wasm.with_context(|| {
+        format!(
+            "cargo built {package} but reported no .wasm file: is its [lib] crate-type \"cdylib\"?"
+        )
+    })?;
+    check_component(&wasm)?;
+    match out {
+        Some(out) => {
+            std::fs::copy(&wasm, out)
+                .with_context(|| format!("copying {} to {}", wasm.display(), out.display()))?;
+            Ok(out.to_path_buf())
+        }
+        None => Ok(wasm),
+    }
+}
+
+/// The package name and lib target name of the crate at `manifest`; errors
+/// if it has no `cdylib` library.
+fn plugin_package(manifest: &Path) -> anyhow::Result<(String, String)> {
+    let output = cargo()
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--manifest-path",
+        ])
+        .arg(manifest)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    if !output.status.success() {
+        bail!(
+            "cargo metadata failed for {} (see above)",
+            manifest.display()
+        );
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("parsing cargo metadata output")?;
+    let packages = meta["packages"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let package = packages
+        .iter()
+        .find(|p| {
+            p["manifest_path"]
+                .as_str()
+                .and_then(|m| Path::new(m).canonicalize().ok())
+                .is_some_and(|m| m == manifest)
+        })
+        .with_context(|| {
+            format!(
+                "{} is not a package manifest (a virtual workspace?): give a plugin crate",
+                manifest.display()
+            )
+        })?;
+    let name = package["name"].as_str().unwrap_or_default().to_owned();
+    let lib = package["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "cdylib"))
+        })
+        .and_then(|t| t["name"].as_str())
+        .with_context(|| {
+            format!("crate {name} has no cdylib library: add `[lib] crate-type = [\"cdylib\"]` to its Cargo.toml")
+        })?;
+    Ok((name, lib.to_owned()))
+}
+
+/// Fail early, with the fix, if rustup knows the target is missing. Without
+/// rustup the build itself reports it.
+fn check_target(crate_dir: &Path) -> anyhow::Result<()> {
+    let Ok(output) = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(crate_dir)
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return Ok(());
+    };
+    if output.status.success()
+        && !String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .any(|l| l.trim() == TARGET)
+    {
+        bail!("the {TARGET} target is not installed: run `scripts/setup.sh wasm` (or `rustup target add {TARGET}`)");
+    }
+    Ok(())
+}
+
+/// The `.wasm` file of a `compiler-artifact` message for the plugin's lib.
+fn artifact(line: &str, package: &str, lib: &str) -> Option<PathBuf> {
+    let msg: serde_json::Value = serde_json::from_str(line).ok()?;
+    if msg["reason"] != "compiler-artifact" || msg["target"]["name"] != lib {
+        return None;
+    }
+    let id = msg["package_id"].as_str()?;
+    // Package ids name the package: "path+file:///…#name@0.1.0" or "…#0.1.0".
+    if !id.contains(&format!("#{package}@")) && !id.contains(&format!("/{package}#")) {
+        return None;
+    }
+    msg["filenames"]
+        .as_array()?
+        .iter()
+        .filter_map(|f| f.as_str())
+        .find(|f| f.ends_with(".wasm"))
+        .map(PathBuf::from)
+}
+
+fn check_component(wasm: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
+    if !bytes.starts_with(&COMPONENT_MAGIC) {
+        bail!(
+            "{} is not a WebAssembly component (a core module?); plugins must be built for {TARGET}",
+            wasm.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(package_id: &str, target: &str, files: &[&str]) -> String {
+        serde_json::json!({
+            "reason": "compiler-artifact",
+            "package_id": package_id,
+            "target": { "name": target, "kind": ["cdylib", "rlib"] },
+            "filenames": files,
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn finds_the_wasm_of_the_plugin_lib_only() {
+        let wasm = "/t/wasm32-wasip2/release/my_plugin.wasm";
+        let rlib = "/t/wasm32-wasip2/release/libmy_plugin.rlib";
+        // Both package id spellings cargo uses for path packages.
+        for id in [
+            "path+file:///src/plugins/x#my-plugin@0.1.0",
+            "path+file:///src/my-plugin#0.1.0",
+        ] {
+            let line = message(id, "my_plugin", &[rlib, wasm]);
+            assert_eq!(
+                artifact(&line, "my-plugin", "my_plugin"),
+                Some(PathBuf::from(wasm)),
+                "{id}"
+            );
+        }
+        // A dependency's artifact, or another target, is not the plugin.
+        let dep = message(
+            "registry+https://github.com/rust-lang/crates.io-index#serde@1.0.0",
+            "my_plugin",
+            &[wasm],
+        );
+        assert_eq!(artifact(&dep, "my-plugin", "my_plugin"), None);
+        let other = message("path+file:///src/my-plugin#0.1.0", "helper", &[wasm]);
+        assert_eq!(artifact(&other, "my-plugin", "my_plugin"), None);
+        assert_eq!(artifact("not json", "my-plugin", "my_plugin"), None);
+    }
+
+    #[test]
+    fn a_core_module_is_not_a_component() {
+        let dir = std::env::temp_dir().join(format!("legate-plugin-magic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let core = dir.join("core.wasm");
+        std::fs::write(&core, [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]).unwrap();
+        let err = check_component(&core).unwrap_err().to_string();
+        assert!(err.contains("not a WebAssembly component"), "{err}");
+        let component = dir.join("component.wasm");
+        std::fs::write(&component, COMPONENT_MAGIC).unwrap();
+        check_component(&component).unwrap();
+    }
+}

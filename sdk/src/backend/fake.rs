@@ -1,0 +1,960 @@
+//! The native backend: an in-memory host that follows the ABI's rules (write
+//! windows, header validation, capabilities, metric definition in `configure`,
+//! KV versions and TTLs on a settable clock, callout bookkeeping). The public
+//! face is [`testing`](crate::testing); the thread's current fake host is
+//! installed by the harness around each call into the filter.
+
+#![allow(missing_docs)]
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use crate::callout::{CalloutRequest, CalloutResponse};
+use crate::kv::{Entry, WriteCondition};
+use crate::log::Level;
+use crate::types::{BodyMode, Direction, HttpVersion, TlsVersion};
+use crate::Error;
+
+pub(crate) type FieldList = Vec<(String, Vec<u8>)>;
+
+/// What the running call is, for the calls whose validity depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Call {
+    Idle,
+    Configure,
+    Exchange(u64),
+    Log(u64),
+    Tick,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum SeriesValue {
+    Counter(u64),
+    Gauge(i64),
+    Histogram(Vec<f64>),
+}
+
+pub(crate) struct Metric {
+    pub(crate) kind: MetricKind,
+    pub(crate) label_names: Vec<String>,
+    pub(crate) buckets: Vec<f64>,
+    pub(crate) series: BTreeMap<Vec<String>, SeriesValue>,
+}
+
+impl Metric {
+    /// The series for `labels`, created at zero: a series exists (and is
+    /// exported) from the moment its handle exists.
+    fn series_mut(&mut self, labels: &[String]) -> &mut SeriesValue {
+        let initial = match self.kind {
+            MetricKind::Counter => SeriesValue::Counter(0),
+            MetricKind::Gauge => SeriesValue::Gauge(0),
+            MetricKind::Histogram => SeriesValue::Histogram(Vec::new()),
+        };
+        self.series.entry(labels.to_vec()).or_insert(initial)
+    }
+}
+
+pub(crate) struct KvValue {
+    pub(crate) value: Vec<u8>,
+    pub(crate) version: u64,
+    /// Monotonic ns at which the key expires.
+    pub(crate) expires_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CalloutState {
+    Outstanding,
+    Delivered,
+    Cancelled,
+}
+
+pub(crate) struct SentCallout {
+    pub(crate) id: u64,
+    /// `None`: sent from `on_tick`.
+    pub(crate) context: Option<u64>,
+    pub(crate) request: CalloutRequest,
+    pub(crate) state: CalloutState,
+}
+
+pub(crate) struct HostState {
+    pub(crate) plugin_name: String,
+    pub(crate) instance_index: u32,
+    pub(crate) granted_kv: HashSet<String>,
+    pub(crate) granted_clusters: HashSet<String>,
+    pub(crate) wall_ns: u64,
+    pub(crate) mono_ns: u64,
+    pub(crate) rng: u64,
+    pub(crate) log_level: Level,
+    pub(crate) logs: Vec<(Level, String)>,
+    pub(crate) metrics: BTreeMap<String, Metric>,
+    pub(crate) kv: HashMap<String, HashMap<String, KvValue>>,
+    pub(crate) kv_version: u64,
+    pub(crate) callouts: Vec<SentCallout>,
+    pub(crate) queued: HashMap<String, VecDeque<Result<CalloutResponse, Error>>>,
+    pub(crate) call: Call,
+}
+
+pub(crate) const MAX_CALLOUTS_PER_CONTEXT: usize = 8;
+pub(crate) const MAX_CALLOUT_TIMEOUT_MS: u32 = 30_000;
+
+impl HostState {
+    pub(crate) fn new() -> Self {
+        HostState {
+            plugin_name: "test".to_owned(),
+            instance_index: 0,
+            granted_kv: HashSet::new(),
+            granted_clusters: HashSet::new(),
+            // 2026-01-01T00:00:00Z: a fixed, recognizable start.
+            wall_ns: 1_767_225_600_000_000_000,
+            mono_ns: 1_000_000_000,
+            rng: 0x9E37_79B9_7F4A_7C15,
+            log_level: Level::Trace,
+            logs: Vec::new(),
+            metrics: BTreeMap::new(),
+            kv: HashMap::new(),
+            kv_version: 0,
+            callouts: Vec::new(),
+            queued: HashMap::new(),
+            call: Call::Idle,
+        }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: deterministic, so tests are reproducible.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn live_kv(&mut self, ns: &str, key: &str) -> Option<&mut KvValue> {
+        let now = self.mono_ns;
+        let map = self.kv.get_mut(ns)?;
+        if map
+            .get(key)
+            .is_some_and(|v| v.expires_at.is_some_and(|t| t <= now))
+        {
+            map.remove(key);
+        }
+        map.get_mut(key)
+    }
+}
+
+pub(crate) type Host = Rc<RefCell<HostState>>;
+
+thread_local! {
+    static CURRENT: RefCell<Option<Host>> = const { RefCell::new(None) };
+}
+
+/// Installs `host` as the thread's current fake host (and `call` as the running
+/// call) until dropped; restores what was there before.
+pub(crate) struct Installed {
+    previous: Option<Host>,
+    previous_call: Call,
+    host: Host,
+}
+
+pub(crate) fn install(host: &Host, call: Call) -> Installed {
+    let previous = CURRENT.with(|c| c.replace(Some(host.clone())));
+    let previous_call = std::mem::replace(&mut host.borrow_mut().call, call);
+    Installed {
+        previous,
+        previous_call,
+        host: host.clone(),
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        self.host.borrow_mut().call = self.previous_call;
+        let previous = self.previous.take();
+        CURRENT.with(|c| *c.borrow_mut() = previous);
+    }
+}
+
+/// Run `f` on the current fake host; without one (SDK code called outside the
+/// harness), return `default`.
+fn with_host<R>(default: R, f: impl FnOnce(&mut HostState) -> R) -> R {
+    let host = CURRENT.with(|c| c.borrow().clone());
+    match host {
+        Some(h) => f(&mut h.borrow_mut()),
+        None => default,
+    }
+}
+
+fn current_host() -> Option<Host> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+// ---- exchange state ----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Part {
+    Head(Direction),
+    Body(Direction),
+    Trailers(Direction),
+}
+
+pub(crate) fn idx(d: Direction) -> usize {
+    match d {
+        Direction::Request => 0,
+        Direction::Response => 1,
+    }
+}
+
+pub(crate) struct ExchangeState {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) scheme: String,
+    pub(crate) authority: String,
+    pub(crate) version: HttpVersion,
+    pub(crate) status: Option<u16>,
+    pub(crate) heads: [Option<FieldList>; 2],
+    pub(crate) bodies: [Option<Vec<u8>>; 2],
+    pub(crate) trailers: [Option<FieldList>; 2],
+    pub(crate) source: SocketAddr,
+    pub(crate) destination: SocketAddr,
+    pub(crate) tls_version: Option<TlsVersion>,
+    pub(crate) tls_sni: Option<String>,
+    pub(crate) tls_peer_subject: Option<String>,
+    pub(crate) route_name: Option<String>,
+    pub(crate) cluster: Option<String>,
+    pub(crate) upstream_address: Option<SocketAddr>,
+    pub(crate) request_id: String,
+    pub(crate) start_time: u64,
+    pub(crate) cause: Option<String>,
+    /// The parts the filter may write during the running call.
+    pub(crate) window: Vec<Part>,
+    pub(crate) body_modes: [BodyMode; 2],
+    pub(crate) body_declared: [bool; 2],
+    pub(crate) body_started: [bool; 2],
+}
+
+pub(crate) type Ex = Rc<RefCell<ExchangeState>>;
+
+impl ExchangeState {
+    fn writable(&self, part: Part) -> Result<(), Error> {
+        if self.window.contains(&part) {
+            Ok(())
+        } else {
+            Err(Error::InvalidState)
+        }
+    }
+
+    fn map(&self, part: Part) -> Option<&FieldList> {
+        match part {
+            Part::Head(d) => self.heads[idx(d)].as_ref(),
+            Part::Trailers(d) => self.trailers[idx(d)].as_ref(),
+            Part::Body(_) => None,
+        }
+    }
+
+    fn map_mut(&mut self, part: Part) -> Option<&mut FieldList> {
+        match part {
+            Part::Head(d) => self.heads[idx(d)].as_mut(),
+            Part::Trailers(d) => self.trailers[idx(d)].as_mut(),
+            Part::Body(_) => None,
+        }
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn check_name(name: &str) -> Result<String, Error> {
+    if name.is_empty() || !name.bytes().all(is_tchar) {
+        return Err(Error::InvalidArgument);
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+fn check_value(value: &[u8]) -> Result<(), Error> {
+    if value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+        Err(Error::InvalidArgument)
+    } else {
+        Ok(())
+    }
+}
+
+const HOST_OWNED: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+// ---- headers ----
+
+pub(crate) struct HeadersHandle<'a> {
+    pub(crate) ex: Ex,
+    pub(crate) part: Part,
+    pub(crate) _borrow: PhantomData<&'a ()>,
+}
+
+impl HeadersHandle<'_> {
+    pub(crate) fn new(ex: Ex, part: Part) -> Self {
+        HeadersHandle {
+            ex,
+            part,
+            _borrow: PhantomData,
+        }
+    }
+
+    fn read<R>(&self, default: R, f: impl FnOnce(&FieldList) -> R) -> R {
+        let ex = self.ex.borrow();
+        ex.map(self.part).map_or(default, f)
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<Vec<u8>> {
+        self.read(None, |m| {
+            m.iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        })
+    }
+    pub(crate) fn get_all(&self, name: &str) -> Vec<Vec<u8>> {
+        self.read(Vec::new(), |m| {
+            m.iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+                .collect()
+        })
+    }
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.read(false, |m| {
+            m.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+        })
+    }
+    pub(crate) fn len(&self) -> u32 {
+        self.read(0, |m| u32::try_from(m.len()).unwrap_or(u32::MAX))
+    }
+    pub(crate) fn entries(&self) -> FieldList {
+        self.read(Vec::new(), Clone::clone)
+    }
+
+    fn write(&self, name: &str, value: Option<&[u8]>, append: bool) -> Result<(), Error> {
+        let name = check_name(name)?;
+        if let Some(v) = value {
+            check_value(v)?;
+        }
+        if HOST_OWNED.contains(&name.as_str()) || (name == "content-length" && value.is_some()) {
+            return Err(Error::Denied);
+        }
+        let mut ex = self.ex.borrow_mut();
+        ex.writable(self.part)?;
+        let map = ex.map_mut(self.part).ok_or(Error::InvalidState)?;
+        if !append {
+            map.retain(|(n, _)| *n != name);
+        }
+        if let Some(v) = value {
+            map.push((name, v.to_vec()));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn set(&self, name: &str, value: &[u8]) -> Result<(), Error> {
+        self.write(name, Some(value), false)
+    }
+    pub(crate) fn add(&self, name: &str, value: &[u8]) -> Result<(), Error> {
+        self.write(name, Some(value), true)
+    }
+    pub(crate) fn remove(&self, name: &str) -> Result<(), Error> {
+        self.write(name, None, false)
+    }
+}
+
+// ---- buffer ----
+
+pub(crate) struct BufferHandle<'a> {
+    pub(crate) ex: Ex,
+    pub(crate) dir: Direction,
+    pub(crate) _borrow: PhantomData<&'a ()>,
+}
+
+impl BufferHandle<'_> {
+    pub(crate) fn new(ex: Ex, dir: Direction) -> Self {
+        BufferHandle {
+            ex,
+            dir,
+            _borrow: PhantomData,
+        }
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.ex.borrow().bodies[idx(self.dir)]
+            .as_ref()
+            .map_or(0, |b| b.len() as u64)
+    }
+    pub(crate) fn read(&self, offset: u64, max_len: u64) -> Vec<u8> {
+        let ex = self.ex.borrow();
+        let Some(b) = ex.bodies[idx(self.dir)].as_ref() else {
+            return Vec::new();
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
+        let end = start
+            .saturating_add(usize::try_from(max_len).unwrap_or(usize::MAX))
+            .min(b.len());
+        b[start..end].to_vec()
+    }
+    pub(crate) fn replace(&self, data: &[u8]) -> Result<(), Error> {
+        let mut ex = self.ex.borrow_mut();
+        ex.writable(Part::Body(self.dir))?;
+        ex.bodies[idx(self.dir)] = Some(data.to_vec());
+        Ok(())
+    }
+    pub(crate) fn splice(&self, offset: u64, remove_len: u64, data: &[u8]) -> Result<(), Error> {
+        let mut ex = self.ex.borrow_mut();
+        ex.writable(Part::Body(self.dir))?;
+        let body = ex.bodies[idx(self.dir)].get_or_insert_with(Vec::new);
+        let start = usize::try_from(offset).map_err(|_| Error::InvalidArgument)?;
+        let len = usize::try_from(remove_len).map_err(|_| Error::InvalidArgument)?;
+        let end = start.checked_add(len).ok_or(Error::InvalidArgument)?;
+        if end > body.len() {
+            return Err(Error::InvalidArgument);
+        }
+        body.splice(start..end, data.iter().copied());
+        Ok(())
+    }
+}
+
+// ---- exchange ----
+
+pub(crate) struct ExchangeHandle<'a> {
+    pub(crate) ex: Ex,
+    pub(crate) _borrow: PhantomData<&'a ()>,
+}
+
+impl ExchangeHandle<'_> {
+    pub(crate) fn new(ex: Ex) -> Self {
+        ExchangeHandle {
+            ex,
+            _borrow: PhantomData,
+        }
+    }
+
+    fn get<R>(&self, f: impl FnOnce(&ExchangeState) -> R) -> R {
+        f(&self.ex.borrow())
+    }
+
+    fn set_head(&self, d: Direction, f: impl FnOnce(&mut ExchangeState)) -> Result<(), Error> {
+        let mut ex = self.ex.borrow_mut();
+        ex.writable(Part::Head(d))?;
+        f(&mut ex);
+        Ok(())
+    }
+
+    pub(crate) fn method(&self) -> String {
+        self.get(|x| x.method.clone())
+    }
+    pub(crate) fn set_method(&self, v: &str) -> Result<(), Error> {
+        if v.is_empty() || !v.bytes().all(is_tchar) {
+            return Err(Error::InvalidArgument);
+        }
+        self.set_head(Direction::Request, |x| x.method = v.to_owned())
+    }
+    pub(crate) fn path(&self) -> String {
+        self.get(|x| x.path.clone())
+    }
+    pub(crate) fn set_path(&self, v: &str) -> Result<(), Error> {
+        if !v.starts_with('/')
+            || v.bytes()
+                .any(|b| matches!(b, b'\r' | b'\n' | 0 | b' ' | b'#'))
+        {
+            return Err(Error::InvalidArgument);
+        }
+        self.set_head(Direction::Request, |x| x.path = v.to_owned())
+    }
+    pub(crate) fn scheme(&self) -> String {
+        self.get(|x| x.scheme.clone())
+    }
+    pub(crate) fn authority(&self) -> String {
+        self.get(|x| x.authority.clone())
+    }
+    pub(crate) fn set_authority(&self, v: &str) -> Result<(), Error> {
+        if v.is_empty()
+            || v.bytes()
+                .any(|b| b <= b' ' || matches!(b, b'/' | b'?' | b'#' | 0x7f))
+        {
+            return Err(Error::InvalidArgument);
+        }
+        self.set_head(Direction::Request, |x| x.authority = v.to_owned())
+    }
+    pub(crate) fn http_version(&self) -> HttpVersion {
+        self.get(|x| x.version)
+    }
+    pub(crate) fn status(&self) -> Option<u16> {
+        self.get(|x| x.status)
+    }
+    pub(crate) fn set_status(&self, v: u16) -> Result<(), Error> {
+        if !(200..=599).contains(&v) {
+            return Err(Error::InvalidArgument);
+        }
+        if self.status().is_none() {
+            return Err(Error::InvalidState);
+        }
+        self.set_head(Direction::Response, |x| x.status = Some(v))
+    }
+    pub(crate) fn headers(&self, d: Direction) -> Option<HeadersHandle<'static>> {
+        let exists = self.get(|x| x.heads[idx(d)].is_some());
+        exists.then(|| HeadersHandle::new(self.ex.clone(), Part::Head(d)))
+    }
+    pub(crate) fn body(&self, d: Direction) -> Option<BufferHandle<'static>> {
+        let exists = self.get(|x| x.bodies[idx(d)].is_some());
+        exists.then(|| BufferHandle::new(self.ex.clone(), d))
+    }
+    pub(crate) fn trailers(&self, d: Direction) -> Option<HeadersHandle<'static>> {
+        let exists = self.get(|x| x.trailers[idx(d)].is_some());
+        exists.then(|| HeadersHandle::new(self.ex.clone(), Part::Trailers(d)))
+    }
+    pub(crate) fn set_body_mode(&self, d: Direction, m: BodyMode) -> Result<(), Error> {
+        let mut ex = self.ex.borrow_mut();
+        if !ex.body_declared[idx(d)] || ex.body_started[idx(d)] {
+            return Err(Error::InvalidState);
+        }
+        ex.body_modes[idx(d)] = m;
+        Ok(())
+    }
+    pub(crate) fn source_address(&self) -> SocketAddr {
+        self.get(|x| x.source)
+    }
+    pub(crate) fn destination_address(&self) -> SocketAddr {
+        self.get(|x| x.destination)
+    }
+    pub(crate) fn tls_version(&self) -> Option<TlsVersion> {
+        self.get(|x| x.tls_version)
+    }
+    pub(crate) fn tls_sni(&self) -> Option<String> {
+        self.get(|x| x.tls_sni.clone())
+    }
+    pub(crate) fn tls_peer_certificate_presented(&self) -> bool {
+        self.get(|x| x.tls_peer_subject.is_some())
+    }
+    pub(crate) fn tls_peer_subject(&self) -> Option<String> {
+        self.get(|x| x.tls_peer_subject.clone())
+    }
+    pub(crate) fn route_name(&self) -> Option<String> {
+        self.get(|x| x.route_name.clone())
+    }
+    pub(crate) fn cluster(&self) -> Option<String> {
+        self.get(|x| x.cluster.clone())
+    }
+    pub(crate) fn upstream_address(&self) -> Option<SocketAddr> {
+        self.get(|x| x.upstream_address)
+    }
+    pub(crate) fn request_id(&self) -> String {
+        self.get(|x| x.request_id.clone())
+    }
+    pub(crate) fn start_time(&self) -> u64 {
+        self.get(|x| x.start_time)
+    }
+    pub(crate) fn cause(&self) -> Option<String> {
+        self.get(|x| x.cause.clone())
+    }
+}
+
+// ---- log, clock, random, plugin ----
+
+pub(crate) fn log(level: Level, message: &str) {
+    with_host((), |h| {
+        if level >= h.log_level {
+            h.logs.push((level, message.to_owned()));
+        }
+    })
+}
+pub(crate) fn log_enabled(level: Level) -> bool {
+    with_host(false, |h| level >= h.log_level)
+}
+pub(crate) fn wall_now() -> u64 {
+    with_host(0, |h| h.wall_ns)
+}
+pub(crate) fn monotonic_now() -> u64 {
+    with_host(0, |h| h.mono_ns)
+}
+pub(crate) fn random_bytes(len: u32) -> Result<Vec<u8>, Error> {
+    if len > 65_536 {
+        return Err(Error::LimitExceeded);
+    }
+    with_host(Err(Error::Unsupported), |h| {
+        let mut out = Vec::with_capacity(len as usize);
+        while out.len() < len as usize {
+            out.extend_from_slice(&h.next_random().to_le_bytes());
+        }
+        out.truncate(len as usize);
+        Ok(out)
+    })
+}
+pub(crate) fn random_u64() -> u64 {
+    with_host(0, |h| h.next_random())
+}
+pub(crate) fn plugin_name() -> String {
+    with_host(String::new(), |h| h.plugin_name.clone())
+}
+pub(crate) fn instance_index() -> u32 {
+    with_host(0, |h| h.instance_index)
+}
+
+// ---- metrics ----
+
+fn valid_metric_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+}
+
+pub(crate) struct SeriesHandle {
+    host: Option<Host>,
+    name: String,
+    labels: Vec<String>,
+}
+
+impl SeriesHandle {
+    fn record(&self, f: impl FnOnce(&mut SeriesValue)) {
+        let Some(host) = &self.host else { return };
+        let mut h = host.borrow_mut();
+        let Some(metric) = h.metrics.get_mut(&self.name) else {
+            return;
+        };
+        f(metric.series_mut(&self.labels));
+    }
+
+    fn with_labels(&self, values: &[&str]) -> Result<Self, Error> {
+        let host = self.host.as_ref().ok_or(Error::Unsupported)?;
+        let mut h = host.borrow_mut();
+        let metric = h.metrics.get_mut(&self.name).ok_or(Error::Internal)?;
+        if values.len() != metric.label_names.len() || values.iter().any(|v| v.len() > 128) {
+            return Err(Error::InvalidArgument);
+        }
+        let labels: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
+        metric.series_mut(&labels);
+        Ok(SeriesHandle {
+            host: Some(host.clone()),
+            name: self.name.clone(),
+            labels,
+        })
+    }
+}
+
+fn define(
+    name: &str,
+    labels: &[&str],
+    kind: MetricKind,
+    buckets: &[f64],
+) -> Result<SeriesHandle, Error> {
+    let host = current_host().ok_or(Error::Unsupported)?;
+    let mut h = host.borrow_mut();
+    if h.call != Call::Configure {
+        return Err(Error::InvalidState);
+    }
+    if !valid_metric_name(name)
+        || labels
+            .iter()
+            .any(|l| !valid_metric_name(l) || *l == "plugin")
+        || buckets.windows(2).any(|w| w[0] >= w[1])
+    {
+        return Err(Error::InvalidArgument);
+    }
+    let label_names: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+    match h.metrics.get(name) {
+        Some(m) if m.kind != kind || m.label_names != label_names || m.buckets != buckets => {
+            return Err(Error::InvalidArgument)
+        }
+        Some(_) => {}
+        None => {
+            h.metrics.insert(
+                name.to_owned(),
+                Metric {
+                    kind,
+                    label_names,
+                    buckets: buckets.to_vec(),
+                    series: BTreeMap::new(),
+                },
+            );
+        }
+    }
+    // The `define-*` handle's series (all label values empty) exists from
+    // the start, as the host exports it.
+    let empty = vec![String::new(); labels.len()];
+    if let Some(m) = h.metrics.get_mut(name) {
+        m.series_mut(&empty);
+    }
+    drop(h);
+    Ok(SeriesHandle {
+        host: Some(host),
+        name: name.to_owned(),
+        labels: empty,
+    })
+}
+
+pub(crate) struct CounterHandle(SeriesHandle);
+impl CounterHandle {
+    pub(crate) fn add(&self, delta: u64) {
+        self.0.record(|v| {
+            if let SeriesValue::Counter(c) = v {
+                *c = c.saturating_add(delta);
+            }
+        })
+    }
+    pub(crate) fn with_labels(&self, values: &[&str]) -> Result<Self, Error> {
+        self.0.with_labels(values).map(CounterHandle)
+    }
+}
+
+pub(crate) struct GaugeHandle(SeriesHandle);
+impl GaugeHandle {
+    pub(crate) fn set(&self, value: i64) {
+        self.0.record(|v| {
+            if let SeriesValue::Gauge(g) = v {
+                *g = value;
+            }
+        })
+    }
+    pub(crate) fn add(&self, delta: i64) {
+        self.0.record(|v| {
+            if let SeriesValue::Gauge(g) = v {
+                *g = g.saturating_add(delta);
+            }
+        })
+    }
+    pub(crate) fn with_labels(&self, values: &[&str]) -> Result<Self, Error> {
+        self.0.with_labels(values).map(GaugeHandle)
+    }
+}
+
+pub(crate) struct HistogramHandle(SeriesHandle);
+impl HistogramHandle {
+    pub(crate) fn observe(&self, value: f64) {
+        self.0.record(|v| {
+            if let SeriesValue::Histogram(h) = v {
+                h.push(value);
+            }
+        })
+    }
+    pub(crate) fn with_labels(&self, values: &[&str]) -> Result<Self, Error> {
+        self.0.with_labels(values).map(HistogramHandle)
+    }
+}
+
+pub(crate) fn define_counter(
+    name: &str,
+    _help: &str,
+    labels: &[&str],
+) -> Result<CounterHandle, Error> {
+    define(name, labels, MetricKind::Counter, &[]).map(CounterHandle)
+}
+pub(crate) fn define_gauge(name: &str, _help: &str, labels: &[&str]) -> Result<GaugeHandle, Error> {
+    define(name, labels, MetricKind::Gauge, &[]).map(GaugeHandle)
+}
+pub(crate) fn define_histogram(
+    name: &str,
+    _help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> Result<HistogramHandle, Error> {
+    define(name, labels, MetricKind::Histogram, buckets).map(HistogramHandle)
+}
+
+// ---- kv ----
+
+pub(crate) struct NamespaceHandle {
+    host: Host,
+    name: String,
+}
+
+fn ttl_deadline(now: u64, ttl_ms: Option<u64>) -> Result<Option<u64>, Error> {
+    match ttl_ms {
+        None => Ok(None),
+        Some(0) => Err(Error::InvalidArgument),
+        Some(ms) => Ok(Some(now.saturating_add(ms.saturating_mul(1_000_000)))),
+    }
+}
+
+impl NamespaceHandle {
+    fn check_key(key: &str) -> Result<(), Error> {
+        if key.len() > 512 {
+            Err(Error::InvalidArgument)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_condition(current: Option<u64>, c: WriteCondition) -> Result<(), Error> {
+        match (c, current) {
+            (WriteCondition::Always, _) => Ok(()),
+            (WriteCondition::IfAbsent, None) => Ok(()),
+            (WriteCondition::IfVersion(v), Some(cur)) if v == cur => Ok(()),
+            _ => Err(Error::CasMismatch),
+        }
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Result<Option<Entry>, Error> {
+        Self::check_key(key)?;
+        let mut h = self.host.borrow_mut();
+        Ok(h.live_kv(&self.name, key).map(|v| Entry {
+            value: v.value.clone(),
+            version: v.version,
+        }))
+    }
+
+    pub(crate) fn set(
+        &self,
+        key: &str,
+        value: &[u8],
+        c: WriteCondition,
+        ttl_ms: Option<u64>,
+    ) -> Result<u64, Error> {
+        Self::check_key(key)?;
+        if value.len() > 64 * 1024 {
+            return Err(Error::LimitExceeded);
+        }
+        let mut h = self.host.borrow_mut();
+        let expires_at = ttl_deadline(h.mono_ns, ttl_ms)?;
+        let current = h.live_kv(&self.name, key).map(|v| v.version);
+        Self::check_condition(current, c)?;
+        h.kv_version += 1;
+        let version = h.kv_version;
+        h.kv.entry(self.name.clone()).or_default().insert(
+            key.to_owned(),
+            KvValue {
+                value: value.to_vec(),
+                version,
+                expires_at,
+            },
+        );
+        Ok(version)
+    }
+
+    pub(crate) fn delete(&self, key: &str, c: WriteCondition) -> Result<bool, Error> {
+        Self::check_key(key)?;
+        if c == WriteCondition::IfAbsent {
+            return Err(Error::InvalidArgument);
+        }
+        let mut h = self.host.borrow_mut();
+        let current = h.live_kv(&self.name, key).map(|v| v.version);
+        if current.is_none() && c == WriteCondition::Always {
+            return Ok(false);
+        }
+        Self::check_condition(current, c)?;
+        Ok(h.kv
+            .get_mut(&self.name)
+            .and_then(|m| m.remove(key))
+            .is_some())
+    }
+
+    pub(crate) fn increment(
+        &self,
+        key: &str,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> Result<i64, Error> {
+        Self::check_key(key)?;
+        let mut h = self.host.borrow_mut();
+        let now = h.mono_ns;
+        let (old, expires_at) = match h.live_kv(&self.name, key) {
+            Some(v) => {
+                let text = std::str::from_utf8(&v.value).map_err(|_| Error::InvalidArgument)?;
+                let n: i64 = text.parse().map_err(|_| Error::InvalidArgument)?;
+                (n, v.expires_at)
+            }
+            None => (0, ttl_deadline(now, ttl_ms)?),
+        };
+        let new = old.checked_add(delta).ok_or(Error::InvalidArgument)?;
+        h.kv_version += 1;
+        let version = h.kv_version;
+        h.kv.entry(self.name.clone()).or_default().insert(
+            key.to_owned(),
+            KvValue {
+                value: new.to_string().into_bytes(),
+                version,
+                expires_at,
+            },
+        );
+        Ok(new)
+    }
+}
+
+pub(crate) fn kv_open(name: &str) -> Result<NamespaceHandle, Error> {
+    let host = current_host().ok_or(Error::Unsupported)?;
+    if !host.borrow().granted_kv.contains(name) {
+        return Err(Error::Denied);
+    }
+    Ok(NamespaceHandle {
+        host,
+        name: name.to_owned(),
+    })
+}
+
+// ---- callout ----
+
+pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
+    let host = current_host().ok_or(Error::Unsupported)?;
+    let mut h = host.borrow_mut();
+    let context = match h.call {
+        Call::Exchange(c) => Some(c),
+        Call::Tick => None,
+        Call::Idle | Call::Configure | Call::Log(_) => return Err(Error::InvalidState),
+    };
+    if !h.granted_clusters.contains(&r.cluster) {
+        return Err(Error::Denied);
+    }
+    if r.method.is_empty()
+        || !r.method.bytes().all(is_tchar)
+        || !r.path.starts_with('/')
+        || r.timeout_ms > MAX_CALLOUT_TIMEOUT_MS
+    {
+        return Err(Error::InvalidArgument);
+    }
+    for (n, v) in &r.headers {
+        check_name(n)?;
+        check_value(v)?;
+    }
+    let outstanding = h
+        .callouts
+        .iter()
+        .filter(|c| c.context == context && c.state == CalloutState::Outstanding)
+        .count();
+    if outstanding >= MAX_CALLOUTS_PER_CONTEXT {
+        return Err(Error::LimitExceeded);
+    }
+    let id = h.callouts.len() as u64 + 1;
+    h.callouts.push(SentCallout {
+        id,
+        context,
+        request: r.clone(),
+        state: CalloutState::Outstanding,
+    });
+    Ok(id)
+}
+
+pub(crate) fn callout_cancel(id: u64) -> Result<(), Error> {
+    with_host(Err(Error::Unsupported), |h| {
+        match h
+            .callouts
+            .iter_mut()
+            .find(|c| c.id == id && c.state == CalloutState::Outstanding)
+        {
+            Some(c) => {
+                c.state = CalloutState::Cancelled;
+                Ok(())
+            }
+            None => Err(Error::NotFound),
+        }
+    })
+}

@@ -1,0 +1,119 @@
+//! HTTP calls from a filter to a named upstream cluster. [`send`] returns at
+//! once with an id; the response arrives later in
+//! [`HttpFilter::on_callout_response`](crate::HttpFilter::on_callout_response)
+//! (or `on_tick_callout_response` for callouts sent from `on_tick`).
+
+use crate::backend;
+use crate::Error;
+
+/// Identifies a callout; unique within the plugin instance.
+pub type CalloutId = u64;
+
+/// A request to a cluster the plugin was granted. Build it with
+/// `CalloutRequest::new("authz", "POST", "/check").header(..).body(..)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalloutRequest {
+    /// The target cluster.
+    pub cluster: String,
+    /// The method.
+    pub method: String,
+    /// Path and query, starting with `/`.
+    pub path: String,
+    /// `None`: the cluster name.
+    pub authority: Option<String>,
+    /// Request fields.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The request body.
+    pub body: Vec<u8>,
+    /// Timeout in milliseconds; 0: the plugin's default (1000 ms).
+    pub timeout_ms: u32,
+}
+
+impl CalloutRequest {
+    /// A request without headers or body, with the default timeout.
+    pub fn new(
+        cluster: impl Into<String>,
+        method: impl Into<String>,
+        path: impl Into<String>,
+    ) -> Self {
+        CalloutRequest {
+            cluster: cluster.into(),
+            method: method.into(),
+            path: path.into(),
+            authority: None,
+            headers: Vec::new(),
+            body: Vec::new(),
+            timeout_ms: 0,
+        }
+    }
+    /// Set the authority.
+    pub fn authority(mut self, authority: impl Into<String>) -> Self {
+        self.authority = Some(authority.into());
+        self
+    }
+    /// Add a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.headers
+            .push((name.into().to_ascii_lowercase(), value.into()));
+        self
+    }
+    /// Set the body.
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+    /// Set the timeout.
+    pub fn timeout_ms(mut self, ms: u32) -> Self {
+        self.timeout_ms = ms;
+        self
+    }
+}
+
+/// A callout's response (any status, 5xx included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalloutResponse {
+    /// The status code.
+    pub status: u16,
+    /// Response fields.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The body (capped by the host, default 1 MiB).
+    pub body: Vec<u8>,
+}
+
+impl CalloutResponse {
+    /// A response with `status`, no headers, and `body`.
+    pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Self {
+        CalloutResponse {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+        }
+    }
+    /// Add a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.headers
+            .push((name.into().to_ascii_lowercase(), value.into()));
+        self
+    }
+    /// The first value of header `name` (case-insensitive).
+    pub fn header_value(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// Send a callout; the response is delivered after the current call returns.
+/// Errors: `Denied` (cluster not granted), `NotFound` (no such cluster),
+/// `InvalidArgument`, `InvalidState` (from `configure` or `on_log`),
+/// `LimitExceeded` (too many outstanding).
+pub fn send(request: &CalloutRequest) -> Result<CalloutId, Error> {
+    backend::callout_send(request)
+}
+
+/// Cancel an outstanding callout. Errors: `NotFound` (unknown, delivered or
+/// already cancelled).
+pub fn cancel(id: CalloutId) -> Result<(), Error> {
+    backend::callout_cancel(id)
+}

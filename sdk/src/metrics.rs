@@ -1,0 +1,79 @@
+//! Metrics the host exports on its admin endpoint
+//! (`legate_plugin_<name>{plugin="…",…}`): define them in
+//! [`HttpFilter::configure`](crate::HttpFilter::configure), keep the handles,
+//! record through them. Recording never fails.
+
+use crate::backend;
+use crate::Error;
+
+/// A monotonically increasing counter series.
+pub struct Counter(backend::CounterHandle);
+
+impl Counter {
+    /// Define a counter. `name` and label names match `[a-z][a-z0-9_]*` (at
+    /// most 64 bytes; `plugin` is reserved). Errors: `InvalidArgument`,
+    /// `InvalidState` (outside `configure`), `LimitExceeded`.
+    pub fn define(name: &str, help: &str, label_names: &[&str]) -> Result<Self, Error> {
+        backend::define_counter(name, help, label_names).map(Counter)
+    }
+    /// Add `delta`.
+    pub fn add(&self, delta: u64) {
+        self.0.add(delta)
+    }
+    /// Add 1.
+    pub fn inc(&self) {
+        self.0.add(1)
+    }
+    /// The series for `values` (one per label name, in definition order). Keep
+    /// the handle for hot paths. Errors: `InvalidArgument` (wrong count, value
+    /// over 128 bytes), `LimitExceeded` (series cap).
+    pub fn with_labels(&self, values: &[&str]) -> Result<Self, Error> {
+        self.0.with_labels(values).map(Counter)
+    }
+}
+
+/// A gauge series.
+pub struct Gauge(backend::GaugeHandle);
+
+impl Gauge {
+    /// Define a gauge. As [`Counter::define`].
+    pub fn define(name: &str, help: &str, label_names: &[&str]) -> Result<Self, Error> {
+        backend::define_gauge(name, help, label_names).map(Gauge)
+    }
+    /// Set the value.
+    pub fn set(&self, value: i64) {
+        self.0.set(value)
+    }
+    /// Add `delta` (may be negative).
+    pub fn add(&self, delta: i64) {
+        self.0.add(delta)
+    }
+    /// As [`Counter::with_labels`].
+    pub fn with_labels(&self, values: &[&str]) -> Result<Self, Error> {
+        self.0.with_labels(values).map(Gauge)
+    }
+}
+
+/// A histogram series.
+pub struct Histogram(backend::HistogramHandle);
+
+impl Histogram {
+    /// Define a histogram with upper bucket bounds (strictly increasing; empty:
+    /// the host's defaults). Otherwise as [`Counter::define`].
+    pub fn define(
+        name: &str,
+        help: &str,
+        label_names: &[&str],
+        buckets: &[f64],
+    ) -> Result<Self, Error> {
+        backend::define_histogram(name, help, label_names, buckets).map(Histogram)
+    }
+    /// Record one observation.
+    pub fn observe(&self, value: f64) {
+        self.0.observe(value)
+    }
+    /// As [`Counter::with_labels`].
+    pub fn with_labels(&self, values: &[&str]) -> Result<Self, Error> {
+        self.0.with_labels(values).map(Histogram)
+    }
+}

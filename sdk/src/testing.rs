@@ -1,0 +1,922 @@
+//! A native test harness: run a filter through its phases with `cargo test`,
+//! no wasm and no proxy. The filter runs on the same [`Instance`] runtime as in
+//! the guest; host calls go to an in-memory host ([`TestHost`]) that follows
+//! the ABI's rules: write windows (`InvalidState` outside them), header
+//! validation, capabilities (`Denied`), metrics defined only in `configure`,
+//! KV versions/CAS/TTL against a settable clock, callout bookkeeping.
+//!
+//! ```
+//! # use legate_sdk::{Action, Exchange, Headers, HttpFilter, Setup};
+//! # struct AddHeader;
+//! # impl HttpFilter for AddHeader {
+//! #     type Config = ();
+//! #     type Context = ();
+//! #     fn configure(_: ()) -> Result<Self, String> { Ok(AddHeader) }
+//! #     fn setup(&self) -> Setup { Setup::new().on_response_headers() }
+//! #     fn on_response_headers(&mut self, _: &mut (), _: &Exchange<'_>, h: &Headers<'_>, _: bool) -> Action {
+//! #         let _ = h.set("x-added", "1");
+//! #         Action::Continue
+//! #     }
+//! # }
+//! use legate_sdk::testing::{FilterTest, Request, Response};
+//!
+//! let mut t = FilterTest::<AddHeader>::configure("null").unwrap();
+//! let mut x = t.exchange(Request::get("/"));
+//! assert_eq!(x.request_headers(), Action::Continue); // not declared: not called
+//! assert_eq!(x.response_headers(Response::new(200)), Action::Continue);
+//! assert_eq!(x.response_header("x-added").as_deref(), Some("1"));
+//! ```
+//!
+//! Every phase method calls the filter only if the phase is declared (as the
+//! host does) and returns the [`Action`] (`Continue` for an undeclared phase).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::backend::{
+    idx, install, BufferHandle, Call, CalloutState, Ex, ExchangeHandle, ExchangeState, FieldList,
+    HeadersHandle, Host, HostState, Part, SeriesValue,
+};
+use crate::callout::{CalloutId, CalloutRequest, CalloutResponse};
+use crate::kv::Entry;
+use crate::log::Level;
+use crate::types::{Action, BodyMode, Direction, HttpVersion, TlsVersion};
+use crate::{Body, Error, Exchange, Headers, HttpFilter, Instance, Phase, Setup};
+
+/// The fake host: capabilities, clock, logs, metrics, KV and callouts. Cheap to
+/// clone (shared); several [`FilterTest`]s made from one `TestHost` share KV
+/// and metrics like instances of one plugin do.
+#[derive(Clone)]
+pub struct TestHost {
+    host: Host,
+}
+
+impl Default for TestHost {
+    fn default() -> Self {
+        TestHost::new()
+    }
+}
+
+/// A callout the filter sent, as recorded by the [`TestHost`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentCallout {
+    /// The id `send` returned.
+    pub id: CalloutId,
+    /// The exchange's context id; `None` if sent from `on_tick`.
+    pub context: Option<u64>,
+    /// What was sent.
+    pub request: CalloutRequest,
+    /// Whether it is still outstanding (neither delivered nor cancelled).
+    pub outstanding: bool,
+    /// Whether the filter cancelled it.
+    pub cancelled: bool,
+}
+
+impl TestHost {
+    /// A host with nothing granted, plugin name `test`, instance 0, the clock at
+    /// 2026-01-01T00:00:00Z and every log level enabled.
+    pub fn new() -> Self {
+        TestHost {
+            host: Rc::new(RefCell::new(HostState::new())),
+        }
+    }
+
+    /// Set the plugin name `plugin::name()` returns.
+    pub fn plugin_name(self, name: &str) -> Self {
+        self.host.borrow_mut().plugin_name = name.to_owned();
+        self
+    }
+
+    /// Set the instance index `plugin::instance_index()` returns.
+    pub fn instance_index(self, index: u32) -> Self {
+        self.host.borrow_mut().instance_index = index;
+        self
+    }
+
+    /// Grant (and configure) KV namespace `name`; others are `Denied`.
+    pub fn grant_kv(self, name: &str) -> Self {
+        self.host.borrow_mut().granted_kv.insert(name.to_owned());
+        self
+    }
+
+    /// Grant cluster `name` for callouts; others are `Denied`.
+    pub fn grant_cluster(self, name: &str) -> Self {
+        self.host
+            .borrow_mut()
+            .granted_clusters
+            .insert(name.to_owned());
+        self
+    }
+
+    /// Write only messages at `level` or above (and make `log::enabled` say so).
+    pub fn log_level(self, level: Level) -> Self {
+        self.host.borrow_mut().log_level = level;
+        self
+    }
+
+    /// Configure filter `F` on this host with the JSON `config` (`"null"`: no
+    /// config). `Err` is the message `configure` would return to the host.
+    pub fn configure<F: HttpFilter>(&self, config: &str) -> Result<FilterTest<F>, String> {
+        let instance = {
+            let _g = install(&self.host, Call::Configure);
+            Instance::<F>::configure(config)?
+        };
+        Ok(FilterTest {
+            host: self.clone(),
+            instance,
+            next_context: 1,
+        })
+    }
+
+    /// Set the wall clock (Unix nanoseconds).
+    pub fn set_wall_time(&self, unix_nanos: u64) {
+        self.host.borrow_mut().wall_ns = unix_nanos;
+    }
+
+    /// Move both clocks forward; KV entries expire against the monotonic one.
+    pub fn advance(&self, by: Duration) {
+        let ns = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        let mut h = self.host.borrow_mut();
+        h.wall_ns = h.wall_ns.saturating_add(ns);
+        h.mono_ns = h.mono_ns.saturating_add(ns);
+    }
+
+    /// Every message logged so far, in order.
+    pub fn logs(&self) -> Vec<(Level, String)> {
+        self.host.borrow().logs.clone()
+    }
+
+    /// Whether some logged message at `level` contains `needle`.
+    pub fn logged(&self, level: Level, needle: &str) -> bool {
+        self.host
+            .borrow()
+            .logs
+            .iter()
+            .any(|(l, m)| *l == level && m.contains(needle))
+    }
+
+    fn series(&self, name: &str, labels: &[&str]) -> Option<SeriesValue> {
+        let h = self.host.borrow();
+        let key: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+        h.metrics.get(name)?.series.get(&key).cloned()
+    }
+
+    /// Whether metric `name` was defined.
+    pub fn metric_defined(&self, name: &str) -> bool {
+        self.host.borrow().metrics.contains_key(name)
+    }
+
+    /// The value of counter `name` for label values `labels` (in definition
+    /// order; `&[]` for an unlabelled counter); `None` if that series does not
+    /// exist. A series exists once a handle for it does: `define` makes the one
+    /// with every label value empty, `with_labels` the one it names.
+    pub fn counter(&self, name: &str, labels: &[&str]) -> Option<u64> {
+        match self.series(name, labels)? {
+            SeriesValue::Counter(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The value of gauge `name` for `labels`; `None` as for [`TestHost::counter`].
+    pub fn gauge(&self, name: &str, labels: &[&str]) -> Option<i64> {
+        match self.series(name, labels)? {
+            SeriesValue::Gauge(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Every observation of histogram `name` for `labels`, in order.
+    pub fn histogram(&self, name: &str, labels: &[&str]) -> Option<Vec<f64>> {
+        match self.series(name, labels)? {
+            SeriesValue::Histogram(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Read a KV entry directly (expired entries are absent).
+    pub fn kv_get(&self, namespace: &str, key: &str) -> Option<Entry> {
+        let h = self.host.borrow();
+        let v = h.kv.get(namespace)?.get(key)?;
+        if v.expires_at.is_some_and(|t| t <= h.mono_ns) {
+            return None;
+        }
+        Some(Entry {
+            value: v.value.clone(),
+            version: v.version,
+        })
+    }
+
+    /// Seed a KV entry (as another plugin would); returns its version.
+    pub fn kv_put(&self, namespace: &str, key: &str, value: &[u8]) -> u64 {
+        let mut h = self.host.borrow_mut();
+        h.kv_version += 1;
+        let version = h.kv_version;
+        h.kv.entry(namespace.to_owned()).or_default().insert(
+            key.to_owned(),
+            crate::backend::KvValue {
+                value: value.to_vec(),
+                version,
+                expires_at: None,
+            },
+        );
+        version
+    }
+
+    /// Every callout sent so far, in order.
+    pub fn callouts(&self) -> Vec<SentCallout> {
+        self.host
+            .borrow()
+            .callouts
+            .iter()
+            .map(|c| SentCallout {
+                id: c.id,
+                context: c.context,
+                request: c.request.clone(),
+                outstanding: c.state == CalloutState::Outstanding,
+                cancelled: c.state == CalloutState::Cancelled,
+            })
+            .collect()
+    }
+
+    /// Queue the response the next callout to `cluster` gets when delivered
+    /// ([`TestExchange::deliver_callouts`], [`FilterTest::deliver_tick_callouts`]).
+    pub fn queue_callout_response(&self, cluster: &str, response: Result<CalloutResponse, Error>) {
+        self.host
+            .borrow_mut()
+            .queued
+            .entry(cluster.to_owned())
+            .or_default()
+            .push_back(response);
+    }
+
+    /// Mark callout `id` delivered if it is outstanding; whether it was.
+    fn take_outstanding(&self, id: CalloutId) -> bool {
+        let mut h = self.host.borrow_mut();
+        match h
+            .callouts
+            .iter_mut()
+            .find(|c| c.id == id && c.state == CalloutState::Outstanding)
+        {
+            Some(c) => {
+                c.state = CalloutState::Delivered;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Outstanding callouts of `context` that have a queued response, popped.
+    fn ready_callouts(
+        &self,
+        context: Option<u64>,
+    ) -> Vec<(CalloutId, Result<CalloutResponse, Error>)> {
+        let mut h = self.host.borrow_mut();
+        let pending: Vec<(CalloutId, String)> = h
+            .callouts
+            .iter()
+            .filter(|c| c.context == context && c.state == CalloutState::Outstanding)
+            .map(|c| (c.id, c.request.cluster.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (id, cluster) in pending {
+            if let Some(r) = h.queued.get_mut(&cluster).and_then(VecDeque::pop_front) {
+                out.push((id, r));
+            }
+        }
+        out
+    }
+
+    fn outstanding(&self, context: Option<u64>) -> usize {
+        self.host
+            .borrow()
+            .callouts
+            .iter()
+            .filter(|c| c.context == context && c.state == CalloutState::Outstanding)
+            .count()
+    }
+}
+
+/// One configured filter instance on a [`TestHost`].
+pub struct FilterTest<F: HttpFilter> {
+    host: TestHost,
+    instance: Instance<F>,
+    next_context: u64,
+}
+
+impl<F: HttpFilter> FilterTest<F> {
+    /// Configure `F` with JSON `config` on a fresh [`TestHost`] with nothing
+    /// granted. `Err` is the message `configure` returns to the host.
+    pub fn configure(config: &str) -> Result<Self, String> {
+        TestHost::new().configure(config)
+    }
+
+    /// The host this filter runs on.
+    pub fn host(&self) -> &TestHost {
+        &self.host
+    }
+
+    /// The effective setup (including `done` for a stateful context).
+    pub fn setup(&self) -> Setup {
+        self.instance.setup()
+    }
+
+    /// The filter value.
+    pub fn filter(&self) -> &F {
+        self.instance.filter()
+    }
+
+    /// How many exchange contexts the SDK keeps alive.
+    pub fn live_contexts(&self) -> usize {
+        self.instance.live_contexts()
+    }
+
+    /// Start an exchange for `request`; drive it with the returned handle.
+    pub fn exchange(&mut self, request: Request) -> TestExchange<'_, F> {
+        let context = self.next_context;
+        self.next_context += 1;
+        let setup = self.instance.setup();
+        let start_time = self.host.host.borrow().wall_ns;
+        let state = ExchangeState {
+            method: request.method,
+            path: request.path,
+            scheme: request.scheme,
+            authority: request.authority,
+            version: request.version,
+            status: None,
+            heads: [Some(request.headers), None],
+            bodies: [None, None],
+            trailers: [None, None],
+            source: request.source,
+            destination: request.destination,
+            tls_version: request.tls_version,
+            tls_sni: request.tls_sni,
+            tls_peer_subject: request.tls_peer_subject,
+            route_name: request.route_name,
+            cluster: request.cluster,
+            upstream_address: None,
+            request_id: format!("test-{context}"),
+            start_time,
+            cause: None,
+            window: Vec::new(),
+            body_modes: [
+                setup.body_mode(Direction::Request),
+                setup.body_mode(Direction::Response),
+            ],
+            body_declared: [
+                setup.declares(Phase::RequestBody),
+                setup.declares(Phase::ResponseBody),
+            ],
+            body_started: [false, false],
+        };
+        TestExchange {
+            test: self,
+            context,
+            ex: Rc::new(RefCell::new(state)),
+            pending_body: [request.body, Vec::new()],
+            pending_trailers: [request.trailers, None],
+            paused_window: Vec::new(),
+        }
+    }
+
+    /// Call `on_tick` (whether or not a tick interval was declared).
+    pub fn tick(&mut self) {
+        let _g = install(&self.host.host, Call::Tick);
+        self.instance.tick();
+    }
+
+    /// Deliver queued responses to outstanding callouts sent from `on_tick`;
+    /// returns how many were delivered.
+    pub fn deliver_tick_callouts(&mut self) -> usize {
+        let ready = self.host.ready_callouts(None);
+        let n = ready.len();
+        for (id, r) in ready {
+            self.host.take_outstanding(id);
+            let _g = install(&self.host.host, Call::Tick);
+            self.instance.tick_callout_response(id, r);
+        }
+        n
+    }
+}
+
+/// A request to start a [`TestExchange`] with.
+#[derive(Debug, Clone)]
+pub struct Request {
+    method: String,
+    path: String,
+    scheme: String,
+    authority: String,
+    version: HttpVersion,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    trailers: Option<Vec<(String, Vec<u8>)>>,
+    source: SocketAddr,
+    destination: SocketAddr,
+    tls_version: Option<TlsVersion>,
+    tls_sni: Option<String>,
+    tls_peer_subject: Option<String>,
+    route_name: Option<String>,
+    cluster: Option<String>,
+}
+
+impl Request {
+    /// `method path` over plain HTTP/1.1 to authority `example.com`, from
+    /// 192.0.2.1:50000 to 192.0.2.2:8080, routed to route `default` and cluster
+    /// `upstream`, with a `host` header.
+    pub fn new(method: &str, path: &str) -> Self {
+        Request {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            scheme: "http".to_owned(),
+            authority: "example.com".to_owned(),
+            version: HttpVersion::Http11,
+            headers: vec![("host".to_owned(), b"example.com".to_vec())],
+            body: Vec::new(),
+            trailers: None,
+            source: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 50000),
+            destination: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)), 8080),
+            tls_version: None,
+            tls_sni: None,
+            tls_peer_subject: None,
+            route_name: Some("default".to_owned()),
+            cluster: Some("upstream".to_owned()),
+        }
+    }
+    /// A `GET` request.
+    pub fn get(path: &str) -> Self {
+        Request::new("GET", path)
+    }
+    /// A `POST` request with `body`.
+    pub fn post(path: &str, body: impl Into<Vec<u8>>) -> Self {
+        Request::new("POST", path).body(body)
+    }
+    /// Add a header.
+    pub fn header(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
+        self.headers.push((name.to_ascii_lowercase(), value.into()));
+        self
+    }
+    /// Set the body.
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+    /// Add a trailer.
+    pub fn trailer(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
+        self.trailers
+            .get_or_insert_with(Vec::new)
+            .push((name.to_ascii_lowercase(), value.into()));
+        self
+    }
+    /// Set the authority (and the `host` header).
+    pub fn authority(mut self, authority: &str) -> Self {
+        self.authority = authority.to_owned();
+        self.headers.retain(|(n, _)| n != "host");
+        self.headers
+            .push(("host".to_owned(), authority.as_bytes().to_vec()));
+        self
+    }
+    /// Set the HTTP version.
+    pub fn version(mut self, version: HttpVersion) -> Self {
+        self.version = version;
+        self
+    }
+    /// Set the client address.
+    pub fn source(mut self, addr: SocketAddr) -> Self {
+        self.source = addr;
+        self
+    }
+    /// Make the connection TLS 1.3 with `sni`, and `https`.
+    pub fn tls(mut self, sni: &str) -> Self {
+        self.scheme = "https".to_owned();
+        self.tls_version = Some(TlsVersion::Tls13);
+        self.tls_sni = Some(sni.to_owned());
+        self
+    }
+    /// A verified client certificate with `subject`.
+    pub fn client_cert(mut self, subject: &str) -> Self {
+        self.tls_peer_subject = Some(subject.to_owned());
+        self
+    }
+    /// Set the selected route (`None`: no route matches).
+    pub fn route(mut self, name: Option<&str>) -> Self {
+        self.route_name = name.map(str::to_owned);
+        self
+    }
+    /// Set the upstream cluster (`None`: a direct response).
+    pub fn cluster(mut self, name: Option<&str>) -> Self {
+        self.cluster = name.map(str::to_owned);
+        self
+    }
+}
+
+/// An upstream response to feed a [`TestExchange`].
+#[derive(Debug, Clone)]
+pub struct Response {
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    trailers: Option<Vec<(String, Vec<u8>)>>,
+}
+
+impl Response {
+    /// A response with `status`, no headers and no body.
+    pub fn new(status: u16) -> Self {
+        Response {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            trailers: None,
+        }
+    }
+    /// Add a header.
+    pub fn header(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
+        self.headers.push((name.to_ascii_lowercase(), value.into()));
+        self
+    }
+    /// Set the body.
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+    /// Add a trailer.
+    pub fn trailer(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
+        self.trailers
+            .get_or_insert_with(Vec::new)
+            .push((name.to_ascii_lowercase(), value.into()));
+        self
+    }
+}
+
+/// What [`TestExchange::run`] ended with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every declared phase returned `Continue`; inspect the exchange for the
+    /// modified request and response.
+    Completed,
+    /// A phase answered locally.
+    Responded(Phase, crate::LocalResponse),
+    /// A phase paused (deliver callouts, then drive the rest by hand).
+    Paused(Phase),
+}
+
+/// One exchange of a [`FilterTest`], driven phase by phase.
+pub struct TestExchange<'t, F: HttpFilter> {
+    test: &'t mut FilterTest<F>,
+    context: u64,
+    ex: Ex,
+    pending_body: [Vec<u8>; 2],
+    pending_trailers: [Option<FieldList>; 2],
+    paused_window: Vec<Part>,
+}
+
+impl<F: HttpFilter> TestExchange<'_, F> {
+    /// The exchange's context id.
+    pub fn context(&self) -> u64 {
+        self.context
+    }
+
+    fn declared(&self, phase: Phase) -> bool {
+        self.test.instance.setup().declares(phase)
+    }
+
+    /// Run one phase call with `window` writable; keep the window if it paused.
+    fn call(
+        &mut self,
+        window: Vec<Part>,
+        f: impl FnOnce(&mut Instance<F>, &Exchange<'_>) -> Action,
+    ) -> Action {
+        self.ex.borrow_mut().window = window.clone();
+        let action = {
+            let _g = install(&self.test.host.host, Call::Exchange(self.context));
+            let x = Exchange(ExchangeHandle::new(self.ex.clone()));
+            f(&mut self.test.instance, &x)
+        };
+        self.ex.borrow_mut().window.clear();
+        if action == Action::Pause {
+            self.paused_window = window;
+        } else {
+            self.paused_window.clear();
+        }
+        action
+    }
+
+    fn has_body(&self, d: Direction) -> bool {
+        !self.pending_body[idx(d)].is_empty() || self.pending_trailers[idx(d)].is_some()
+    }
+
+    /// Call `on_request_headers` (end of stream when the request has no body
+    /// and no trailers).
+    pub fn request_headers(&mut self) -> Action {
+        if !self.declared(Phase::RequestHeaders) {
+            return Action::Continue;
+        }
+        let eos = !self.has_body(Direction::Request);
+        let c = self.context;
+        let ex = self.ex.clone();
+        self.call(vec![Part::Head(Direction::Request)], |i, x| {
+            let h = Headers(HeadersHandle::new(ex, Part::Head(Direction::Request)));
+            i.request_headers(c, x, &h, eos)
+        })
+    }
+
+    fn body_phase(&mut self, d: Direction, data: Vec<u8>, eos: bool) -> Action {
+        let phase = match d {
+            Direction::Request => Phase::RequestBody,
+            Direction::Response => Phase::ResponseBody,
+        };
+        let mode = self.ex.borrow().body_modes[idx(d)];
+        {
+            let mut ex = self.ex.borrow_mut();
+            ex.body_started[idx(d)] = true;
+            ex.bodies[idx(d)] = Some(data);
+        }
+        if !self.declared(phase) || mode == BodyMode::Skipped {
+            return Action::Continue;
+        }
+        let mut window = vec![Part::Body(d)];
+        if mode == BodyMode::Buffered {
+            window.push(Part::Head(d));
+        }
+        let c = self.context;
+        let ex = self.ex.clone();
+        self.call(window, |i, x| {
+            let b = Body(BufferHandle::new(ex, d));
+            match d {
+                Direction::Request => i.request_body(c, x, &b, eos),
+                Direction::Response => i.response_body(c, x, &b, eos),
+            }
+        })
+    }
+
+    /// Call `on_request_body` once with the whole request body and end of
+    /// stream (as in `buffered` mode; not called in `skipped` mode).
+    pub fn request_body(&mut self) -> Action {
+        let data = std::mem::take(&mut self.pending_body[0]);
+        self.body_phase(Direction::Request, data, true)
+    }
+
+    /// Call `on_request_body` with one chunk (for `streamed` filters).
+    pub fn request_body_chunk(&mut self, data: impl Into<Vec<u8>>, end_of_stream: bool) -> Action {
+        self.body_phase(Direction::Request, data.into(), end_of_stream)
+    }
+
+    fn trailers_phase(&mut self, d: Direction) -> Action {
+        let phase = match d {
+            Direction::Request => Phase::RequestTrailers,
+            Direction::Response => Phase::ResponseTrailers,
+        };
+        let Some(t) = self.pending_trailers[idx(d)].take() else {
+            return Action::Continue;
+        };
+        self.ex.borrow_mut().trailers[idx(d)] = Some(t);
+        if !self.declared(phase) {
+            return Action::Continue;
+        }
+        let c = self.context;
+        let ex = self.ex.clone();
+        self.call(vec![Part::Trailers(d)], |i, x| {
+            let t = Headers(HeadersHandle::new(ex, Part::Trailers(d)));
+            match d {
+                Direction::Request => i.request_trailers(c, x, &t),
+                Direction::Response => i.response_trailers(c, x, &t),
+            }
+        })
+    }
+
+    /// Call `on_request_trailers` if the request has trailers.
+    pub fn request_trailers(&mut self) -> Action {
+        self.trailers_phase(Direction::Request)
+    }
+
+    /// Receive `response` from upstream and call `on_response_headers`.
+    pub fn response_headers(&mut self, response: Response) -> Action {
+        {
+            let mut ex = self.ex.borrow_mut();
+            ex.status = Some(response.status);
+            ex.heads[1] = Some(response.headers);
+            ex.upstream_address =
+                Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 3)), 80));
+        }
+        self.pending_body[1] = response.body;
+        self.pending_trailers[1] = response.trailers;
+        if !self.declared(Phase::ResponseHeaders) {
+            return Action::Continue;
+        }
+        let eos = !self.has_body(Direction::Response);
+        let c = self.context;
+        let ex = self.ex.clone();
+        self.call(vec![Part::Head(Direction::Response)], |i, x| {
+            let h = Headers(HeadersHandle::new(ex, Part::Head(Direction::Response)));
+            i.response_headers(c, x, &h, eos)
+        })
+    }
+
+    /// Call `on_response_body` once with the whole response body.
+    pub fn response_body(&mut self) -> Action {
+        let data = std::mem::take(&mut self.pending_body[1]);
+        self.body_phase(Direction::Response, data, true)
+    }
+
+    /// Call `on_response_body` with one chunk.
+    pub fn response_body_chunk(&mut self, data: impl Into<Vec<u8>>, end_of_stream: bool) -> Action {
+        self.body_phase(Direction::Response, data.into(), end_of_stream)
+    }
+
+    /// Call `on_response_trailers` if the response has trailers.
+    pub fn response_trailers(&mut self) -> Action {
+        self.trailers_phase(Direction::Response)
+    }
+
+    /// Call `on_log` (if declared); everything is read-only and bodies are gone.
+    pub fn log(&mut self) {
+        {
+            let mut ex = self.ex.borrow_mut();
+            ex.bodies = [None, None];
+        }
+        if !self.declared(Phase::Log) {
+            return;
+        }
+        let c = self.context;
+        let _g = install(&self.test.host.host, Call::Log(c));
+        let x = Exchange(ExchangeHandle::new(self.ex.clone()));
+        self.test.instance.log(c, &x);
+    }
+
+    /// End the exchange: cancel its outstanding callouts and call `on_done`
+    /// (if declared), which drops the SDK-kept context.
+    pub fn done(&mut self) {
+        {
+            let mut h = self.test.host.host.borrow_mut();
+            for c in h.callouts.iter_mut() {
+                if c.context == Some(self.context) && c.state == CalloutState::Outstanding {
+                    c.state = CalloutState::Cancelled;
+                }
+            }
+        }
+        if self.declared(Phase::Done) {
+            let _g = install(&self.test.host.host, Call::Exchange(self.context));
+            self.test.instance.done(self.context);
+        }
+    }
+
+    /// Set the access-log cause (as if the exchange failed).
+    pub fn set_cause(&mut self, cause: &str) {
+        self.ex.borrow_mut().cause = Some(cause.to_owned());
+    }
+
+    /// Deliver callout `id`'s response to `on_callout_response`. `None` if `id`
+    /// is not an outstanding callout of this exchange (the host would not call).
+    pub fn deliver_callout(
+        &mut self,
+        id: CalloutId,
+        response: Result<CalloutResponse, Error>,
+    ) -> Option<Action> {
+        let mine = self
+            .test
+            .host
+            .callouts()
+            .iter()
+            .any(|c| c.id == id && c.context == Some(self.context) && c.outstanding);
+        if !mine || !self.test.host.take_outstanding(id) {
+            return None;
+        }
+        let c = self.context;
+        let window = self.paused_window.clone();
+        Some(self.call(window, |i, x| i.callout_response(c, x, id, response)))
+    }
+
+    /// Deliver the queued responses ([`TestHost::queue_callout_response`]) to
+    /// this exchange's outstanding callouts, in send order; the actions returned.
+    pub fn deliver_callouts(&mut self) -> Vec<Action> {
+        let ready = self.test.host.ready_callouts(Some(self.context));
+        let mut actions = Vec::new();
+        for (id, r) in ready {
+            if let Some(a) = self.deliver_callout(id, r) {
+                actions.push(a);
+            }
+        }
+        actions
+    }
+
+    /// Whether a `Pause` just returned is valid: this exchange has a callout
+    /// outstanding (the host treats a pause without one as a failure).
+    pub fn may_pause(&self) -> bool {
+        self.test.host.outstanding(Some(self.context)) > 0
+    }
+
+    /// Drive the whole exchange as the host would: request headers, body,
+    /// trailers, then `response` through headers, body, trailers, then log
+    /// and done. Stops at the first `Respond` (then logs and ends the
+    /// exchange) or `Pause`.
+    pub fn run(&mut self, response: Response) -> Outcome {
+        let mut response = Some(response);
+        for phase in [
+            Phase::RequestHeaders,
+            Phase::RequestBody,
+            Phase::RequestTrailers,
+            Phase::ResponseHeaders,
+            Phase::ResponseBody,
+            Phase::ResponseTrailers,
+        ] {
+            let action = match phase {
+                Phase::RequestHeaders => self.request_headers(),
+                Phase::RequestBody if self.has_body(Direction::Request) => self.request_body(),
+                Phase::RequestTrailers => self.request_trailers(),
+                Phase::ResponseHeaders => match response.take() {
+                    Some(r) => self.response_headers(r),
+                    None => Action::Continue,
+                },
+                Phase::ResponseBody if self.has_body(Direction::Response) => self.response_body(),
+                Phase::ResponseTrailers => self.response_trailers(),
+                _ => Action::Continue,
+            };
+            match action {
+                Action::Continue => {}
+                Action::Pause => return Outcome::Paused(phase),
+                Action::Respond(r) => {
+                    self.log();
+                    self.done();
+                    return Outcome::Responded(phase, r);
+                }
+            }
+        }
+        self.log();
+        self.done();
+        Outcome::Completed
+    }
+
+    // ---- inspection ----
+
+    fn field(&self, part: Part, name: &str) -> Option<String> {
+        HeadersHandle::new(self.ex.clone(), part)
+            .get(name)
+            .and_then(|v| String::from_utf8(v).ok())
+    }
+
+    /// The first value of request header `name` (as text), as the next filter sees it.
+    pub fn request_header(&self, name: &str) -> Option<String> {
+        self.field(Part::Head(Direction::Request), name)
+    }
+
+    /// The first value of response header `name` (as text).
+    pub fn response_header(&self, name: &str) -> Option<String> {
+        self.field(Part::Head(Direction::Response), name)
+    }
+
+    /// The first value of request trailer `name` (as text).
+    pub fn request_trailer(&self, name: &str) -> Option<String> {
+        self.field(Part::Trailers(Direction::Request), name)
+    }
+
+    /// The first value of response trailer `name` (as text).
+    pub fn response_trailer(&self, name: &str) -> Option<String> {
+        self.field(Part::Trailers(Direction::Response), name)
+    }
+
+    /// The whole request header map, in order.
+    pub fn request_headers_list(&self) -> Vec<(String, Vec<u8>)> {
+        HeadersHandle::new(self.ex.clone(), Part::Head(Direction::Request)).entries()
+    }
+
+    /// The whole response header map, in order.
+    pub fn response_headers_list(&self) -> Vec<(String, Vec<u8>)> {
+        HeadersHandle::new(self.ex.clone(), Part::Head(Direction::Response)).entries()
+    }
+
+    /// The request body as last delivered (and possibly rewritten).
+    pub fn request_body_bytes(&self) -> Vec<u8> {
+        self.ex.borrow().bodies[0].clone().unwrap_or_default()
+    }
+
+    /// The response body as last delivered (and possibly rewritten).
+    pub fn response_body_bytes(&self) -> Vec<u8> {
+        self.ex.borrow().bodies[1].clone().unwrap_or_default()
+    }
+
+    /// The request method (possibly rewritten).
+    pub fn method(&self) -> String {
+        self.ex.borrow().method.clone()
+    }
+
+    /// The request path (possibly rewritten).
+    pub fn path(&self) -> String {
+        self.ex.borrow().path.clone()
+    }
+
+    /// The authority (possibly rewritten).
+    pub fn authority(&self) -> String {
+        self.ex.borrow().authority.clone()
+    }
+
+    /// The response status (possibly rewritten); `None` before a response.
+    pub fn status(&self) -> Option<u16> {
+        self.ex.borrow().status
+    }
+
+    /// The current body mode of `direction` (after any override).
+    pub fn body_mode(&self, direction: Direction) -> BodyMode {
+        self.ex.borrow().body_modes[idx(direction)]
+    }
+}

@@ -1,0 +1,792 @@
+//! The SDK's runtime and its native harness, through filters written the way
+//! users write them: config parsing, phase declaration, contexts, the host
+//! services' rules (write windows, validation, capabilities, KV, callouts,
+//! metrics, logs, clock).
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use legate_sdk::callout::{self, CalloutId, CalloutRequest, CalloutResponse};
+use legate_sdk::kv::{Namespace, WriteCondition};
+use legate_sdk::log::Level;
+use legate_sdk::metrics::{Counter, Gauge, Histogram};
+use legate_sdk::testing::{FilterTest, Outcome, Request, Response, TestHost};
+use legate_sdk::{
+    clock, plugin, random, Action, Body, BodyMode, Direction, Error, Exchange, Headers, HttpFilter,
+    LocalResponse, Phase, Setup,
+};
+use serde::Deserialize;
+
+// ---------------------------------------------------------------- config
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Limits {
+    max: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NestedConfig {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    limits: Vec<Limits>,
+}
+
+struct ConfigOnly {
+    name: String,
+    total: u32,
+}
+
+impl HttpFilter for ConfigOnly {
+    type Config = NestedConfig;
+    type Context = ();
+    fn configure(c: NestedConfig) -> Result<Self, String> {
+        if c.name == "reject" {
+            return Err("name `reject` is reserved".to_owned());
+        }
+        Ok(ConfigOnly {
+            name: c.name,
+            total: c.limits.iter().map(|l| l.max).sum(),
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+    }
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"limits": [{"max": 1}, {"max": "x"}]}"#)
+        .err()
+        .unwrap();
+    assert!(err.contains("limits[1].max"), "{err}");
+    assert!(err.contains("invalid type"), "{err}");
+
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"nmae": "a"}"#)
+        .err()
+        .unwrap();
+    assert!(err.contains("unknown field `nmae`"), "{err}");
+
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"limits": [{}]}"#)
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("limits[0]") && err.contains("missing field `max`"),
+        "{err}"
+    );
+
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"name": "a"} x"#)
+        .err()
+        .unwrap();
+    assert!(err.contains("trailing characters"), "{err}");
+}
+
+#[test]
+fn configure_err_is_passed_through_and_null_means_defaults() {
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"name": "reject"}"#)
+        .err()
+        .unwrap();
+    assert_eq!(err, "name `reject` is reserved");
+
+    let t = FilterTest::<ConfigOnly>::configure("null").unwrap();
+    assert_eq!(t.filter().name, "");
+    assert_eq!(t.filter().total, 0);
+
+    let t =
+        FilterTest::<ConfigOnly>::configure(r#"{"name": "n", "limits": [{"max": 2}, {"max": 3}]}"#)
+            .unwrap();
+    assert_eq!((t.filter().name.as_str(), t.filter().total), ("n", 5));
+}
+
+// ---------------------------------------------------------------- phases and contexts
+
+/// Counts calls per phase; keeps per-exchange state.
+#[derive(Default)]
+struct Tracker {
+    seen: Vec<&'static str>,
+    done_with: Vec<u32>,
+}
+
+#[derive(Default)]
+struct TrackerCtx {
+    calls: u32,
+}
+
+impl HttpFilter for Tracker {
+    type Config = ();
+    type Context = TrackerCtx;
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(Tracker::default())
+    }
+    fn setup(&self) -> Setup {
+        // Declares request headers and log, not the response phases.
+        Setup::new().on_request_headers().on_log()
+    }
+    fn on_request_headers(
+        &mut self,
+        ctx: &mut TrackerCtx,
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        ctx.calls += 1;
+        self.seen.push("request_headers");
+        Action::Continue
+    }
+    fn on_response_headers(
+        &mut self,
+        ctx: &mut TrackerCtx,
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        ctx.calls += 1;
+        self.seen.push("response_headers");
+        Action::Continue
+    }
+    fn on_log(&mut self, ctx: &mut TrackerCtx, _: &Exchange<'_>) {
+        ctx.calls += 1;
+        self.seen.push("log");
+    }
+    fn on_done(&mut self, ctx: TrackerCtx) {
+        self.done_with.push(ctx.calls);
+    }
+}
+
+#[test]
+fn only_declared_phases_run_and_a_stateful_context_declares_done() {
+    let mut t = FilterTest::<Tracker>::configure("null").unwrap();
+    assert_eq!(
+        t.setup().phases(),
+        vec![Phase::RequestHeaders, Phase::Log, Phase::Done]
+    );
+    assert_eq!(
+        t.exchange(Request::get("/")).run(Response::new(200)),
+        Outcome::Completed
+    );
+    // response_headers is implemented but not declared: never called.
+    assert_eq!(t.filter().seen, vec!["request_headers", "log"]);
+    // on_done got the context that lived through both calls, and dropped it.
+    assert_eq!(t.filter().done_with, vec![2]);
+    assert_eq!(t.live_contexts(), 0);
+}
+
+#[test]
+fn contexts_are_per_exchange() {
+    let mut t = FilterTest::<Tracker>::configure("null").unwrap();
+    {
+        let mut a = t.exchange(Request::get("/a"));
+        a.request_headers();
+        a.log();
+        // `a` is not done yet: its context stays alive.
+    }
+    assert_eq!(t.live_contexts(), 1);
+    let mut b = t.exchange(Request::get("/b"));
+    b.request_headers();
+    b.done();
+    assert_eq!(t.filter().done_with, vec![1]);
+    assert_eq!(t.live_contexts(), 1);
+}
+
+#[test]
+fn a_stateless_filter_does_not_declare_done() {
+    let t = FilterTest::<ConfigOnly>::configure("null").unwrap();
+    assert!(!t.setup().declares(Phase::Done));
+    assert!(t.setup().phases().is_empty());
+}
+
+// ---------------------------------------------------------------- headers, bodies, exchange
+
+/// Rewrites things and records what the host said.
+#[derive(Default)]
+struct Rewriter {
+    results: Vec<(&'static str, Result<(), Error>)>,
+}
+
+impl HttpFilter for Rewriter {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(Rewriter::default())
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_request_headers()
+            .on_response_headers()
+            .on_response_body(BodyMode::Buffered)
+            .on_log()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        x: &Exchange<'_>,
+        h: &Headers<'_>,
+        eos: bool,
+    ) -> Action {
+        assert!(eos);
+        let cookies = h.get_all("Cookie");
+        h.set("x-cookies", cookies.len().to_string()).unwrap();
+        h.add("x-multi", "1").unwrap();
+        h.add("x-multi", "2").unwrap();
+        self.results
+            .push(("content-length", h.set("content-length", "5")));
+        self.results.push(("bad name", h.set("bad name", "v")));
+        self.results.push(("bad value", h.set("x-ok", "a\r\nb")));
+        self.results
+            .push(("connection", h.add("connection", "close")));
+        self.results.push(("remove absent", h.remove("x-absent")));
+        // The response head does not exist yet.
+        self.results.push((
+            "response head",
+            match x.headers(Direction::Response) {
+                Some(_) => Ok(()),
+                None => Err(Error::NotFound),
+            },
+        ));
+        x.set_path("/rewritten?q=1").unwrap();
+        self.results.push(("bad path", x.set_path("no-slash")));
+        x.set_body_mode(Direction::Response, BodyMode::Buffered)
+            .unwrap();
+        Action::Continue
+    }
+    fn on_response_headers(
+        &mut self,
+        _: &mut (),
+        x: &Exchange<'_>,
+        h: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        // Request head was released: writing it now is outside its window.
+        let req = x.headers(Direction::Request).unwrap();
+        self.results
+            .push(("late request write", req.set("x-late", "1")));
+        self.results.push(("late path", x.set_path("/late")));
+        h.remove("server").unwrap();
+        Action::Continue
+    }
+    fn on_response_body(
+        &mut self,
+        _: &mut (),
+        x: &Exchange<'_>,
+        b: &Body<'_>,
+        eos: bool,
+    ) -> Action {
+        assert!(eos);
+        assert_eq!(b.read(0, 5), b"hello");
+        b.splice(0, 5, "HELLO").unwrap();
+        b.append("!").unwrap();
+        self.results.push(("bad splice", b.splice(100, 1, "")));
+        // Buffered: the response head is still held and writable.
+        let resp = x.headers(Direction::Response).unwrap();
+        resp.set("content-type", "text/shout").unwrap();
+        x.set_status(203).unwrap();
+        self.results.push(("bad status", x.set_status(700)));
+        Action::Continue
+    }
+    fn on_log(&mut self, _: &mut (), x: &Exchange<'_>) {
+        self.results.push((
+            "log write",
+            x.headers(Direction::Response).unwrap().set("x-log", "1"),
+        ));
+        self.results.push((
+            "log body",
+            match x.body(Direction::Response) {
+                Some(_) => Ok(()),
+                None => Err(Error::NotFound),
+            },
+        ));
+    }
+}
+
+fn result_of(t: &FilterTest<Rewriter>, what: &str) -> Result<(), Error> {
+    t.filter()
+        .results
+        .iter()
+        .find(|(w, _)| *w == what)
+        .unwrap()
+        .1
+}
+
+#[test]
+fn headers_bodies_and_write_windows_follow_the_abi() {
+    let mut t = FilterTest::<Rewriter>::configure("null").unwrap();
+    let mut x = t.exchange(
+        Request::get("/orig")
+            .header("cookie", "a=1")
+            .header("Cookie", "b=2"),
+    );
+    let outcome = x.run(
+        Response::new(200)
+            .header("server", "upstream")
+            .header("content-type", "text/plain")
+            .body("hello world"),
+    );
+    assert_eq!(outcome, Outcome::Completed);
+    assert_eq!(x.path(), "/rewritten?q=1");
+    assert_eq!(x.request_header("x-cookies").as_deref(), Some("2"));
+    let multi: Vec<_> = x
+        .request_headers_list()
+        .into_iter()
+        .filter(|(n, _)| n == "x-multi")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(multi, vec![b"1".to_vec(), b"2".to_vec()]);
+    assert_eq!(x.request_header("x-late"), None);
+    assert_eq!(x.response_header("server"), None);
+    assert_eq!(
+        x.response_header("content-type").as_deref(),
+        Some("text/shout")
+    );
+    assert_eq!(x.response_header("x-log"), None);
+    assert_eq!(x.status(), Some(203));
+    assert_eq!(x.body_mode(Direction::Response), BodyMode::Buffered);
+    drop(x);
+
+    assert_eq!(result_of(&t, "content-length"), Err(Error::Denied));
+    assert_eq!(result_of(&t, "bad name"), Err(Error::InvalidArgument));
+    assert_eq!(result_of(&t, "bad value"), Err(Error::InvalidArgument));
+    assert_eq!(result_of(&t, "connection"), Err(Error::Denied));
+    assert_eq!(result_of(&t, "remove absent"), Ok(()));
+    assert_eq!(result_of(&t, "response head"), Err(Error::NotFound));
+    assert_eq!(result_of(&t, "bad path"), Err(Error::InvalidArgument));
+    assert_eq!(
+        result_of(&t, "late request write"),
+        Err(Error::InvalidState)
+    );
+    assert_eq!(result_of(&t, "late path"), Err(Error::InvalidState));
+    assert_eq!(result_of(&t, "bad splice"), Err(Error::InvalidArgument));
+    assert_eq!(result_of(&t, "bad status"), Err(Error::InvalidArgument));
+    assert_eq!(result_of(&t, "log write"), Err(Error::InvalidState));
+    assert_eq!(result_of(&t, "log body"), Err(Error::NotFound));
+}
+
+#[test]
+fn the_rewritten_body_is_what_goes_on() {
+    let mut t = FilterTest::<Rewriter>::configure("null").unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    x.request_headers();
+    x.response_headers(Response::new(200).body("hello world"));
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(x.response_body_bytes(), b"HELLO world!");
+}
+
+// ---------------------------------------------------------------- services
+
+/// Uses KV, metrics, logs, clock, random and callouts.
+struct Services {
+    ns: Namespace,
+    hits: Counter,
+    inflight: Gauge,
+    latency: Histogram,
+    configure_results: Vec<(&'static str, Result<(), Error>)>,
+    later: Vec<(&'static str, Result<(), Error>)>,
+    tick_responses: Vec<(CalloutId, Result<u16, Error>)>,
+}
+
+#[derive(Default)]
+struct ServicesCtx {
+    started: u64,
+}
+
+fn unit<T>(r: Result<T, Error>) -> Result<(), Error> {
+    r.map(|_| ())
+}
+
+impl HttpFilter for Services {
+    type Config = ();
+    type Context = ServicesCtx;
+    fn configure(_: ()) -> Result<Self, String> {
+        let mut configure_results = vec![
+            ("kv denied", unit(Namespace::open("secret"))),
+            (
+                "callout in configure",
+                unit(callout::send(&CalloutRequest::new("authz", "GET", "/"))),
+            ),
+            (
+                "bad metric name",
+                unit(Counter::define("Bad-Name", "", &[])),
+            ),
+            (
+                "reserved label",
+                unit(Counter::define("x_total", "", &["plugin"])),
+            ),
+            (
+                "bad buckets",
+                unit(Histogram::define("h", "", &[], &[2.0, 1.0])),
+            ),
+        ];
+        let hits = Counter::define("hits_total", "hits", &["route"]).map_err(|e| e.to_string())?;
+        // Defining it again the same way is fine, differently is not.
+        configure_results.push((
+            "redefine same",
+            unit(Counter::define("hits_total", "hits", &["route"])),
+        ));
+        configure_results.push((
+            "redefine other",
+            unit(Gauge::define("hits_total", "hits", &["route"])),
+        ));
+        configure_results.push(("wrong label count", unit(hits.with_labels(&["a", "b"]))));
+        Ok(Services {
+            ns: Namespace::open("shared").map_err(|e| e.to_string())?,
+            hits,
+            inflight: Gauge::define("inflight", "in flight", &[]).map_err(|e| e.to_string())?,
+            latency: Histogram::define("latency_ms", "latency", &[], &[1.0, 10.0])
+                .map_err(|e| e.to_string())?,
+            configure_results,
+            later: Vec::new(),
+            tick_responses: Vec::new(),
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_request_headers()
+            .on_log()
+            .tick_every_ms(1000)
+    }
+    fn on_request_headers(
+        &mut self,
+        ctx: &mut ServicesCtx,
+        x: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        ctx.started = clock::monotonic_now();
+        self.inflight.add(1);
+        self.later
+            .push(("define late", unit(Counter::define("late_total", "", &[]))));
+        if let Ok(series) = self
+            .hits
+            .with_labels(&[x.route_name().unwrap_or_default().as_str()])
+        {
+            series.inc();
+        }
+        legate_sdk::debug!("request {} on {}", x.request_id(), plugin::name());
+        match x.path().as_str() {
+            "/auth" => match callout::send(
+                &CalloutRequest::new("authz", "POST", "/check")
+                    .header("X-Path", x.path())
+                    .body("payload")
+                    .timeout_ms(200),
+            ) {
+                Ok(_) => Action::Pause,
+                Err(e) => Action::respond(500, e.to_string()),
+            },
+            "/denied" => {
+                let r = callout::send(&CalloutRequest::new("other", "GET", "/"));
+                Action::respond(500, r.err().map(|e| e.to_string()).unwrap_or_default())
+            }
+            "/cancel" => {
+                let id = callout::send(&CalloutRequest::new("authz", "GET", "/")).unwrap();
+                self.later.push(("cancel", callout::cancel(id)));
+                self.later.push(("cancel again", callout::cancel(id)));
+                Action::Continue
+            }
+            _ => Action::Continue,
+        }
+    }
+    fn on_callout_response(
+        &mut self,
+        _: &mut ServicesCtx,
+        x: &Exchange<'_>,
+        _: CalloutId,
+        response: Result<CalloutResponse, Error>,
+    ) -> Action {
+        match response {
+            Ok(r) if r.status == 200 => {
+                let user = r.header_value("x-user").unwrap_or_default().to_vec();
+                // Paused in the request-headers phase: the head is writable.
+                let set = x.headers(Direction::Request).unwrap().set("x-user", user);
+                self.later.push(("set while paused", set));
+                Action::Continue
+            }
+            Ok(r) => Action::Respond(LocalResponse::new(403).body(r.body).details("authz_denied")),
+            Err(e) => Action::respond(503, e.to_string()),
+        }
+    }
+    fn on_log(&mut self, ctx: &mut ServicesCtx, _: &Exchange<'_>) {
+        self.inflight.add(-1);
+        let ms = (clock::monotonic_now() - ctx.started) / 1_000_000;
+        self.latency.observe(ms as f64);
+        self.later.push((
+            "callout from log",
+            unit(callout::send(&CalloutRequest::new("authz", "GET", "/"))),
+        ));
+    }
+    fn on_tick(&mut self) {
+        legate_sdk::info!("tick at {}", clock::wall_now());
+        self.later.push((
+            "tick callout",
+            unit(callout::send(&CalloutRequest::new(
+                "authz", "GET", "/refresh",
+            ))),
+        ));
+    }
+    fn on_tick_callout_response(
+        &mut self,
+        id: CalloutId,
+        response: Result<CalloutResponse, Error>,
+    ) {
+        self.tick_responses.push((id, response.map(|r| r.status)));
+    }
+}
+
+fn host() -> TestHost {
+    TestHost::new()
+        .plugin_name("svc")
+        .grant_kv("shared")
+        .grant_cluster("authz")
+}
+
+fn later(t: &FilterTest<Services>, what: &str) -> Result<(), Error> {
+    t.filter().later.iter().find(|(w, _)| *w == what).unwrap().1
+}
+
+#[test]
+fn configure_time_rules() {
+    let t = host().configure::<Services>("null").unwrap();
+    let r = |w: &str| {
+        t.filter()
+            .configure_results
+            .iter()
+            .find(|(x, _)| *x == w)
+            .unwrap()
+            .1
+    };
+    assert_eq!(r("kv denied"), Err(Error::Denied));
+    assert_eq!(r("callout in configure"), Err(Error::InvalidState));
+    assert_eq!(r("bad metric name"), Err(Error::InvalidArgument));
+    assert_eq!(r("reserved label"), Err(Error::InvalidArgument));
+    assert_eq!(r("bad buckets"), Err(Error::InvalidArgument));
+    assert_eq!(r("redefine same"), Ok(()));
+    assert_eq!(r("redefine other"), Err(Error::InvalidArgument));
+    assert_eq!(r("wrong label count"), Err(Error::InvalidArgument));
+    // Without the grant, configure fails the load with the host's error.
+    let err = TestHost::new().configure::<Services>("null").err().unwrap();
+    assert_eq!(err, "denied");
+}
+
+#[test]
+fn callout_pause_and_resume_with_the_response() {
+    let mut t = host().configure::<Services>("null").unwrap();
+    let h = t.host().clone();
+    h.queue_callout_response(
+        "authz",
+        Ok(CalloutResponse::new(200, "").header("x-user", "alice")),
+    );
+    let mut x = t.exchange(Request::get("/auth"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert!(x.may_pause());
+    let sent = h.callouts();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].context, Some(x.context()));
+    assert_eq!(sent[0].request.cluster, "authz");
+    assert_eq!(sent[0].request.method, "POST");
+    assert_eq!(
+        sent[0].request.headers,
+        vec![("x-path".to_owned(), b"/auth".to_vec())]
+    );
+    assert_eq!(sent[0].request.body, b"payload");
+    assert_eq!(sent[0].request.timeout_ms, 200);
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
+    assert!(!x.may_pause());
+    // Delivered once only.
+    assert_eq!(
+        x.deliver_callout(sent[0].id, Ok(CalloutResponse::new(200, ""))),
+        None
+    );
+    drop(x);
+    assert_eq!(later(&t, "set while paused"), Ok(()));
+}
+
+#[test]
+fn callout_errors_and_denials() {
+    let mut t = host().configure::<Services>("null").unwrap();
+    let h = t.host().clone();
+    h.queue_callout_response("authz", Err(Error::Timeout));
+    let mut x = t.exchange(Request::get("/auth"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let actions = x.deliver_callouts();
+    assert!(
+        matches!(&actions[..], [Action::Respond(r)] if r.status == 503 && r.body == b"timeout")
+    );
+
+    let mut y = t.exchange(Request::get("/denied"));
+    assert!(matches!(y.request_headers(), Action::Respond(r) if r.body == b"denied"));
+
+    let mut z = t.exchange(Request::get("/cancel"));
+    z.request_headers();
+    drop(z);
+    assert_eq!(later(&t, "cancel"), Ok(()));
+    assert_eq!(later(&t, "cancel again"), Err(Error::NotFound));
+    assert!(h.callouts().last().unwrap().cancelled);
+}
+
+#[test]
+fn done_cancels_outstanding_callouts() {
+    let mut t = host().configure::<Services>("null").unwrap();
+    let h = t.host().clone();
+    let mut x = t.exchange(Request::get("/auth"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    x.done();
+    assert!(h.callouts()[0].cancelled);
+    assert!(x.deliver_callouts().is_empty());
+}
+
+#[test]
+fn metrics_logs_and_the_clock() {
+    let mut t = host().configure::<Services>("null").unwrap();
+    let h = t.host().clone();
+    let mut x = t.exchange(Request::get("/"));
+    x.request_headers();
+    assert_eq!(h.gauge("inflight", &[]), Some(1));
+    h.advance(Duration::from_millis(7));
+    x.log();
+    drop(x);
+    t.exchange(Request::get("/")).request_headers();
+    assert_eq!(h.counter("hits_total", &["default"]), Some(2));
+    assert_eq!(h.counter("hits_total", &["other"]), None);
+    assert_eq!(h.gauge("inflight", &[]), Some(1));
+    assert_eq!(h.histogram("latency_ms", &[]), Some(vec![7.0]));
+    assert_eq!(later(&t, "define late"), Err(Error::InvalidState));
+    assert_eq!(later(&t, "callout from log"), Err(Error::InvalidState));
+    assert!(h.logged(Level::Debug, "request test-1 on svc"));
+
+    let quiet = host()
+        .log_level(Level::Info)
+        .configure::<Services>("null")
+        .unwrap();
+    let qh = quiet.host().clone();
+    let mut quiet = quiet;
+    quiet.exchange(Request::get("/")).request_headers();
+    assert!(qh.logs().is_empty());
+}
+
+#[test]
+fn ticks_and_tick_callouts() {
+    let mut t = host().configure::<Services>("null").unwrap();
+    assert_eq!(t.setup().tick_interval_ms(), 1000);
+    let h = t.host().clone();
+    h.set_wall_time(42);
+    t.tick();
+    assert!(h.logged(Level::Info, "tick at 42"));
+    assert_eq!(later(&t, "tick callout"), Ok(()));
+    assert_eq!(h.callouts()[0].context, None);
+    assert_eq!(t.deliver_tick_callouts(), 0, "nothing queued yet");
+    h.queue_callout_response("authz", Ok(CalloutResponse::new(204, "")));
+    assert_eq!(t.deliver_tick_callouts(), 1);
+    assert_eq!(
+        t.filter().tick_responses,
+        vec![(h.callouts()[0].id, Ok(204))]
+    );
+}
+
+#[test]
+fn kv_versions_cas_ttl_and_increment() {
+    let t = host().configure::<Services>("null").unwrap();
+    let h = t.host().clone();
+    let ns = &t.filter().ns;
+
+    let v1 = ns.set("k", "a", WriteCondition::IfAbsent, None).unwrap();
+    assert_eq!(
+        ns.set("k", "b", WriteCondition::IfAbsent, None),
+        Err(Error::CasMismatch)
+    );
+    assert_eq!(
+        ns.set("k", "b", WriteCondition::IfVersion(v1 + 100), None),
+        Err(Error::CasMismatch)
+    );
+    let v2 = ns
+        .set("k", "b", WriteCondition::IfVersion(v1), None)
+        .unwrap();
+    assert!(v2 > v1);
+    let e = ns.get("k").unwrap().unwrap();
+    assert_eq!((e.value.as_slice(), e.version), (&b"b"[..], v2));
+    assert_eq!(
+        ns.delete("k", WriteCondition::IfVersion(v1)),
+        Err(Error::CasMismatch)
+    );
+    assert_eq!(
+        ns.delete("k", WriteCondition::IfAbsent),
+        Err(Error::InvalidArgument)
+    );
+    assert_eq!(ns.delete("k", WriteCondition::IfVersion(v2)), Ok(true));
+    assert_eq!(ns.delete("k", WriteCondition::Always), Ok(false));
+    // Re-created: a new version, never an old one (no ABA).
+    let v3 = ns.set("k", "c", WriteCondition::IfAbsent, None).unwrap();
+    assert!(v3 > v2);
+
+    // TTL against the fake clock.
+    ns.set("t", "x", WriteCondition::Always, Some(1000))
+        .unwrap();
+    assert_eq!(
+        ns.set("t", "x", WriteCondition::Always, Some(0)),
+        Err(Error::InvalidArgument)
+    );
+    h.advance(Duration::from_millis(999));
+    assert!(ns.get("t").unwrap().is_some());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(ns.get("t").unwrap(), None);
+    assert_eq!(h.kv_get("shared", "t"), None);
+
+    // Fixed-window counter: the first increment sets the expiry, later ones keep it.
+    assert_eq!(ns.increment("n", 1, Some(60_000)), Ok(1));
+    h.advance(Duration::from_secs(30));
+    assert_eq!(ns.increment("n", 5, Some(60_000)), Ok(6));
+    assert_eq!(ns.get("n").unwrap().unwrap().value, b"6");
+    h.advance(Duration::from_secs(30));
+    assert_eq!(ns.increment("n", 1, Some(60_000)), Ok(1));
+    assert_eq!(
+        ns.increment("k", 1, None),
+        Err(Error::InvalidArgument),
+        "not an integer"
+    );
+    h.kv_put("shared", "max", i64::MAX.to_string().as_bytes());
+    assert_eq!(
+        ns.increment("max", 1, None),
+        Err(Error::InvalidArgument),
+        "overflow"
+    );
+    assert_eq!(ns.get(&"k".repeat(513)), Err(Error::InvalidArgument));
+}
+
+#[test]
+fn kv_is_shared_by_instances_on_one_host() {
+    let h = host();
+    let a = h.configure::<Services>("null").unwrap();
+    let b = h
+        .clone()
+        .instance_index(1)
+        .configure::<Services>("null")
+        .unwrap();
+    a.filter()
+        .ns
+        .set("k", "from a", WriteCondition::Always, None)
+        .unwrap();
+    assert_eq!(b.filter().ns.get("k").unwrap().unwrap().value, b"from a");
+}
+
+#[test]
+fn random_is_bounded_and_not_constant() {
+    struct R;
+    impl HttpFilter for R {
+        type Config = ();
+        type Context = ();
+        fn configure(_: ()) -> Result<Self, String> {
+            assert_eq!(random::bytes(65_537), Err(Error::LimitExceeded));
+            let a = random::bytes(16).unwrap();
+            let b = random::bytes(16).unwrap();
+            assert_eq!(a.len(), 16);
+            assert_ne!(a, b);
+            assert_ne!(random::u64(), random::u64());
+            Ok(R)
+        }
+        fn setup(&self) -> Setup {
+            Setup::new()
+        }
+    }
+    FilterTest::<R>::configure("null").unwrap();
+}
