@@ -23,7 +23,9 @@ pub struct Config {
     /// memory or shared (Redis).
     #[serde(default = "default_namespace")]
     pub namespace: String,
-    /// The limits; every matching one must pass.
+    /// The limits; every matching one must pass. (Defaulted so that a missing
+    /// `limits` gets validation's message rather than serde's.)
+    #[serde(default)]
     pub limits: Vec<LimitConfig>,
     /// Count, never block (every limit in shadow mode).
     #[serde(default)]
@@ -245,7 +247,10 @@ impl Config {
             if !names.insert(l.name.as_str()) {
                 return Err(field_err(
                     &f("name"),
-                    format!("{:?} is used by an earlier limit; names must be unique", l.name),
+                    format!(
+                        "{:?} is used by an earlier limit; names must be unique",
+                        l.name
+                    ),
                 ));
             }
             let (count, period_ns) = parse_rate(&l.rate).map_err(|e| field_err(&f("rate"), e))?;

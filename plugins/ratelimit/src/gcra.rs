@@ -84,7 +84,10 @@ mod tests {
 
     #[test]
     fn a_full_bucket_allows_burst_then_refills_one_token_per_interval() {
-        let b = Bucket { interval_ns: SEC, burst: 3 };
+        let b = Bucket {
+            interval_ns: SEC,
+            burst: 3,
+        };
         let now = 1_000 * SEC;
         let mut tat = None;
         for left in [2, 1, 0] {
@@ -96,7 +99,11 @@ mod tests {
         let d = b.decide(tat, now);
         assert!(!d.allowed);
         assert_eq!(d.retry_after_ns, SEC);
-        assert_eq!(d.new_tat, now + 3 * SEC, "a denial leaves the state unchanged");
+        assert_eq!(
+            d.new_tat,
+            now + 3 * SEC,
+            "a denial leaves the state unchanged"
+        );
         // Half an interval later: still nothing; a full interval: one token.
         assert!(!b.decide(tat, now + SEC / 2).allowed);
         let d = b.decide(tat, now + SEC);
@@ -106,7 +113,10 @@ mod tests {
 
     #[test]
     fn an_old_tat_is_a_full_bucket() {
-        let b = Bucket { interval_ns: 10, burst: 5 };
+        let b = Bucket {
+            interval_ns: 10,
+            burst: 5,
+        };
         assert_eq!(b.decide(Some(3), 1_000), b.decide(None, 1_000));
         assert_eq!(b.decide(None, 1_000).remaining, 4);
         assert_eq!(b.decide(None, 1_000).reset_ns, 10);

@@ -179,7 +179,12 @@ impl RateLimit {
                 continue; // a descriptor is missing: the limit does not apply
             };
             match self.read(&key, l, now) {
-                Ok((version, decision)) => evals.push(Eval { idx, key, version, decision }),
+                Ok((version, decision)) => evals.push(Eval {
+                    idx,
+                    key,
+                    version,
+                    decision,
+                }),
                 Err(e) => failed = self.kv_error(idx, &key, e).or(failed),
             }
         }
