@@ -391,3 +391,41 @@ fn buckets_expire_once_full_again() {
     }
     assert!(send(&mut t, Request::get("/")).is_some());
 }
+
+#[test]
+fn method_authority_and_route_descriptors() {
+    let mut t = setup(
+        r#"{"limits": [{"name": "m", "key": ["method", "authority", "route"], "rate": "1/m"}]}"#,
+    );
+    let req = |m: &str, host: &str| Request::new(m, "/").authority(host);
+    assert_eq!(send(&mut t, req("GET", "a.example")), None);
+    assert!(send(&mut t, req("GET", "a.example")).is_some());
+    assert_eq!(send(&mut t, req("POST", "a.example")), None, "other method");
+    assert_eq!(
+        send(&mut t, req("GET", "b.example")),
+        None,
+        "other authority"
+    );
+    let routed = |r: Option<&str>| req("GET", "a.example").route(r);
+    assert_eq!(send(&mut t, routed(Some("other"))), None, "other route");
+    for _ in 0..3 {
+        assert_eq!(send(&mut t, routed(None)), None, "no route: limit skipped");
+    }
+    assert_eq!(t.host().counter(METRIC, &["m", "allowed"]), Some(4));
+    assert_eq!(t.host().counter(METRIC, &["m", "limited"]), Some(1));
+}
+
+#[test]
+fn ipv6_clients_have_their_own_buckets() {
+    let mut t = setup(r#"{"limits": [{"name": "ip", "key": ["client_ip"], "rate": "1/m"}]}"#);
+    let v6 = |last: u16| {
+        Request::get("/").source(SocketAddr::new(
+            IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last)),
+            443,
+        ))
+    };
+    assert_eq!(send(&mut t, v6(1)), None);
+    assert!(send(&mut t, v6(1)).is_some());
+    assert_eq!(send(&mut t, v6(2)), None);
+    assert!(t.host().kv_get("ratelimit", "ip|2001:db8::2").is_some());
+}
