@@ -1,0 +1,422 @@
+//! `ratelimit`: Legate's first-party rate-limit filter, a Wasm plugin built
+//! with `legate-sdk`.
+//!
+//! Each configured limit is a token bucket (GCRA, [`gcra`]) per key, where the
+//! key is built from request attributes ([`config::Descriptor`]). Buckets live
+//! in a host KV namespace, so every worker (and, when the host backs the
+//! namespace with Redis, every process) shares them. Updates are
+//! compare-and-swap on the bucket's version with bounded retries; a denied
+//! request writes nothing. Over a limit: `429` with a JSON body,
+//! `Retry-After` and `RateLimit-*` headers. See `README.md` for the schema.
+
+pub mod config;
+pub mod gcra;
+
+use legate_sdk::kv::{Namespace, WriteCondition};
+use legate_sdk::metrics::Counter;
+use legate_sdk::{clock, Action, Error, Exchange, Headers, HttpFilter, LocalResponse, Setup};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, Descriptor, FailureMode, Limit};
+use crate::gcra::{ceil_ms, ceil_secs, Decision};
+
+/// Attempts at a compare-and-swap before the limit counts as a KV error. Each
+/// conflict means another request was admitted (lock-free progress), so
+/// running out takes a key hammered from many workers within microseconds.
+pub const MAX_CAS_ATTEMPTS: u32 = 8;
+
+/// Keys longer than this are replaced by a digest (the ABI caps keys at 512 B).
+const MAX_KEY_LEN: usize = 512;
+
+/// The metric: `ratelimit_requests_total{limit, outcome}`.
+pub const METRIC: &str = "ratelimit_requests_total";
+
+/// Per-limit metric series, created in `configure`.
+struct Series {
+    allowed: Counter,
+    limited: Counter,
+    shadow_limited: Counter,
+    error: Counter,
+}
+
+/// The filter: one per plugin instance (worker).
+pub struct RateLimit {
+    kv: Namespace,
+    limits: Vec<Limit>,
+    series: Vec<Series>,
+    emit_headers: bool,
+    failure_mode: FailureMode,
+}
+
+/// The `RateLimit-*` values of the most restrictive limit, kept from the
+/// request phase for the response (only with `emit_headers`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    limit: u32,
+    remaining: u32,
+    reset_s: u64,
+}
+
+/// Per-exchange state.
+#[derive(Debug, Default)]
+pub struct Context {
+    quota: Option<Quota>,
+}
+
+/// One limit's evaluation for the current request.
+struct Eval {
+    idx: usize,
+    key: String,
+    version: Option<u64>,
+    decision: Decision,
+}
+
+impl HttpFilter for RateLimit {
+    type Config = Config;
+    type Context = Context;
+
+    fn configure(config: Config) -> Result<Self, String> {
+        let limits = config.validate()?;
+        let kv = Namespace::open(&config.namespace).map_err(|e| {
+            format!(
+                "invalid config: field `namespace`: cannot open KV namespace {:?}: {e} \
+                 (grant it in the plugin's capabilities.kv_namespaces and configure it on the host)",
+                config.namespace
+            )
+        })?;
+        let total = Counter::define(
+            METRIC,
+            "Rate-limit verdicts per limit: allowed, limited, shadow_limited, error",
+            &["limit", "outcome"],
+        )
+        .map_err(|e| format!("defining {METRIC}: {e}"))?;
+        let mut series = Vec::with_capacity(limits.len());
+        for l in &limits {
+            let s = |outcome: &str| {
+                total
+                    .with_labels(&[&l.name, outcome])
+                    .map_err(|e| format!("metric series {METRIC}{{{},{outcome}}}: {e}", l.name))
+            };
+            series.push(Series {
+                allowed: s("allowed")?,
+                limited: s("limited")?,
+                shadow_limited: s("shadow_limited")?,
+                error: s("error")?,
+            });
+        }
+        Ok(RateLimit {
+            kv,
+            limits,
+            series,
+            emit_headers: config.emit_headers,
+            failure_mode: config.failure_mode,
+        })
+    }
+
+    fn setup(&self) -> Setup {
+        let s = Setup::new().on_request_headers();
+        if self.emit_headers {
+            s.on_response_headers()
+        } else {
+            s
+        }
+    }
+
+    fn on_request_headers(
+        &mut self,
+        ctx: &mut Context,
+        exchange: &Exchange<'_>,
+        headers: &Headers<'_>,
+        _end_of_stream: bool,
+    ) -> Action {
+        self.check(ctx, exchange, headers)
+    }
+
+    fn on_response_headers(
+        &mut self,
+        ctx: &mut Context,
+        _exchange: &Exchange<'_>,
+        headers: &Headers<'_>,
+        _end_of_stream: bool,
+    ) -> Action {
+        if let Some(q) = ctx.quota.take() {
+            for (name, value) in quota_headers(&q) {
+                if let Err(e) = headers.set(name, value) {
+                    legate_sdk::debug!("cannot set {name}: {e}");
+                }
+            }
+        }
+        Action::Continue
+    }
+}
+
+fn quota_headers(q: &Quota) -> [(&'static str, String); 3] {
+    [
+        ("ratelimit-limit", q.limit.to_string()),
+        ("ratelimit-remaining", q.remaining.to_string()),
+        ("ratelimit-reset", q.reset_s.to_string()),
+    ]
+}
+
+impl RateLimit {
+    /// Evaluate every matching limit; admit the request only if all
+    /// non-shadow limits allow it, and only then consume their tokens.
+    fn check(&mut self, ctx: &mut Context, x: &Exchange<'_>, headers: &Headers<'_>) -> Action {
+        let now = clock::wall_now();
+        let method = x.method();
+        let full_path = x.path();
+        let path = full_path.split('?').next().unwrap_or_default();
+        let route = x.route_name();
+
+        // Phase 1: read and decide, no writes.
+        let mut evals = Vec::new();
+        let mut failed: Option<usize> = None;
+        for (idx, l) in self.limits.iter().enumerate() {
+            if !matches(l, &method, path, route.as_deref()) {
+                continue;
+            }
+            let Some(key) = bucket_key(l, x, headers, &method, path, route.as_deref()) else {
+                continue; // a descriptor is missing: the limit does not apply
+            };
+            match self.read(&key, l, now) {
+                Ok((version, decision)) => evals.push(Eval {
+                    idx,
+                    key,
+                    version,
+                    decision,
+                }),
+                Err(e) => failed = self.kv_error(idx, &key, e).or(failed),
+            }
+        }
+        if let Some(idx) = failed {
+            return self.unavailable(idx);
+        }
+        let blocked = evals
+            .iter()
+            .filter(|e| !e.decision.allowed && !self.limits[e.idx].shadow)
+            .max_by_key(|e| e.decision.retry_after_ns)
+            .map(|e| e.idx);
+        if let Some(blocker) = blocked {
+            // Nothing is consumed: a rejected request costs no other limit a token.
+            for e in &evals {
+                self.count_verdict(e.idx, e.decision.allowed);
+            }
+            let e = evals.iter().find(|e| e.idx == blocker);
+            return match e {
+                Some(e) => self.too_many(e.idx, &e.decision),
+                None => Action::Continue,
+            };
+        }
+
+        // Phase 2: consume. A lost CAS race re-reads and re-decides.
+        let mut quota: Option<(Quota, u64)> = None;
+        let mut raced: Option<(usize, Decision)> = None;
+        for e in &mut evals {
+            let l = &self.limits[e.idx];
+            if !e.decision.allowed {
+                self.count_verdict(e.idx, false); // shadow only, see `blocked`
+                continue;
+            }
+            match self.commit(e, now) {
+                Ok(()) => {}
+                Err(err) => {
+                    if let Some(idx) = self.kv_error(e.idx, &e.key, err) {
+                        return self.unavailable(idx);
+                    }
+                    continue;
+                }
+            }
+            self.count_verdict(e.idx, e.decision.allowed);
+            if l.shadow {
+                continue;
+            }
+            if !e.decision.allowed {
+                // Another worker took the last token between our read and write.
+                if raced.is_none_or(|(_, d)| d.retry_after_ns < e.decision.retry_after_ns) {
+                    raced = Some((e.idx, e.decision));
+                }
+                continue;
+            }
+            let q = Quota {
+                limit: l.bucket.burst,
+                remaining: e.decision.remaining,
+                reset_s: ceil_secs(e.decision.reset_ns),
+            };
+            let more_restrictive = match quota {
+                None => true,
+                Some((best, reset)) => {
+                    (q.remaining, std::cmp::Reverse(e.decision.reset_ns))
+                        < (best.remaining, std::cmp::Reverse(reset))
+                }
+            };
+            if more_restrictive {
+                quota = Some((q, e.decision.reset_ns));
+            }
+        }
+        if let Some((idx, d)) = raced {
+            return self.too_many(idx, &d);
+        }
+        if self.emit_headers {
+            ctx.quota = quota.map(|(q, _)| q);
+        }
+        Action::Continue
+    }
+
+    /// The stored state of `key` and the decision for one more request.
+    fn read(&self, key: &str, l: &Limit, now: u64) -> Result<(Option<u64>, Decision), Error> {
+        let entry = self.kv.get(key)?;
+        let (version, tat) = match entry {
+            None => (None, None),
+            Some(e) => (Some(e.version), Some(decode(&e.value)?)),
+        };
+        Ok((version, l.bucket.decide(tat, now)))
+    }
+
+    /// Write an allowed decision with CAS, re-deciding on conflict; leaves the
+    /// final decision in `e` (which may have turned into a denial).
+    fn commit(&self, e: &mut Eval, now: u64) -> Result<(), Error> {
+        let l = &self.limits[e.idx];
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            if !e.decision.allowed {
+                return Ok(());
+            }
+            let cond = match e.version {
+                Some(v) => WriteCondition::IfVersion(v),
+                None => WriteCondition::IfAbsent,
+            };
+            // The entry may vanish once the bucket would be full: absent == full.
+            let ttl = ceil_ms(e.decision.reset_ns);
+            match self
+                .kv
+                .set(&e.key, e.decision.new_tat.to_string(), cond, Some(ttl))
+            {
+                Ok(_) => return Ok(()),
+                Err(Error::CasMismatch) => {
+                    let (version, decision) = self.read(&e.key, l, now)?;
+                    e.version = version;
+                    e.decision = decision;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(Error::LimitExceeded)
+    }
+
+    fn count_verdict(&self, idx: usize, allowed: bool) {
+        let s = &self.series[idx];
+        match (allowed, self.limits[idx].shadow) {
+            (true, _) => s.allowed.inc(),
+            (false, true) => s.shadow_limited.inc(),
+            (false, false) => s.limited.inc(),
+        }
+    }
+
+    /// Count and log a KV failure; `Some(idx)` if it must deny the request.
+    fn kv_error(&self, idx: usize, key: &str, e: Error) -> Option<usize> {
+        let l = &self.limits[idx];
+        self.series[idx].error.inc();
+        legate_sdk::warn!(
+            "limit {:?}: KV error on bucket {key:?}: {e}; failure_mode {:?}",
+            l.name,
+            self.failure_mode
+        );
+        (self.failure_mode == FailureMode::Deny && !l.shadow).then_some(idx)
+    }
+
+    fn unavailable(&self, idx: usize) -> Action {
+        let body = serde_json::json!({
+            "error": "rate_limit_unavailable",
+            "limit": self.limits[idx].name,
+        });
+        Action::Respond(
+            LocalResponse::new(503)
+                .header("content-type", "application/json")
+                .header("retry-after", "1")
+                .body(format!("{body}\n"))
+                .details("rate_limit_unavailable"),
+        )
+    }
+
+    fn too_many(&self, idx: usize, d: &Decision) -> Action {
+        let l = &self.limits[idx];
+        let retry = ceil_secs(d.retry_after_ns).max(1);
+        let body = serde_json::json!({
+            "error": "rate_limited",
+            "limit": l.name,
+            "retry_after_s": retry,
+        });
+        let q = Quota {
+            limit: l.bucket.burst,
+            remaining: 0,
+            reset_s: ceil_secs(d.reset_ns),
+        };
+        let mut r = LocalResponse::new(429)
+            .header("content-type", "application/json")
+            .header("retry-after", retry.to_string());
+        for (name, value) in quota_headers(&q) {
+            r = r.header(name, value);
+        }
+        Action::Respond(r.body(format!("{body}\n")).details("rate_limited"))
+    }
+}
+
+fn matches(l: &Limit, method: &str, path: &str, route: Option<&str>) -> bool {
+    l.prefix.as_deref().is_none_or(|p| path.starts_with(p))
+        && (l.methods.is_empty() || l.methods.iter().any(|m| m == method))
+        && (l.routes.is_empty() || route.is_some_and(|r| l.routes.iter().any(|x| x == r)))
+}
+
+/// `name|v1|v2…` with each value escaped so values cannot forge separators;
+/// `None` if a descriptor has no value for this request.
+fn bucket_key(
+    l: &Limit,
+    x: &Exchange<'_>,
+    headers: &Headers<'_>,
+    method: &str,
+    path: &str,
+    route: Option<&str>,
+) -> Option<String> {
+    let mut key = l.name.clone();
+    for d in &l.key {
+        key.push('|');
+        match d {
+            Descriptor::ClientIp => key.push_str(&x.source_address().ip().to_string()),
+            Descriptor::Method => escape_into(&mut key, method.as_bytes()),
+            Descriptor::Path => escape_into(&mut key, path.as_bytes()),
+            Descriptor::Route => escape_into(&mut key, route?.as_bytes()),
+            Descriptor::Authority => escape_into(&mut key, x.authority().as_bytes()),
+            Descriptor::Header(h) => escape_into(&mut key, &headers.get(h)?),
+        }
+    }
+    if key.len() > MAX_KEY_LEN {
+        let digest = Sha256::digest(key.as_bytes());
+        let mut short = l.name.clone();
+        short.push_str("|#");
+        for b in digest {
+            short.push_str(&format!("{b:02x}"));
+        }
+        return Some(short);
+    }
+    Some(key)
+}
+
+/// Printable ASCII except `%` and `|` as is; everything else as `%XX`.
+fn escape_into(out: &mut String, v: &[u8]) {
+    for &b in v {
+        if (0x21..0x7f).contains(&b) && b != b'%' && b != b'|' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
+/// A stored TAT: ASCII decimal Unix nanoseconds.
+fn decode(v: &[u8]) -> Result<u64, Error> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(Error::InvalidArgument)
+}
+
+legate_sdk::export!(RateLimit);

@@ -1,0 +1,431 @@
+//! ratelimit's request path on the SDK harness: the real filter against the
+//! harness's KV (versions, CAS, TTLs) on its settable clock.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use legate_plugin_ratelimit::RateLimit;
+use legate_sdk::testing::{FilterTest, Outcome, Request, Response, TestHost};
+use legate_sdk::{LocalResponse, Phase};
+
+const T0: u64 = 1_800_000_000_000_000_000;
+const METRIC: &str = "ratelimit_requests_total";
+
+fn setup(config: &str) -> FilterTest<RateLimit> {
+    let host = TestHost::new().grant_kv("ratelimit");
+    host.set_wall_time(T0);
+    host.configure::<RateLimit>(config).unwrap()
+}
+
+fn from(ip: [u8; 4]) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), 40000)
+}
+
+/// `Some(response)` if the filter answered locally, `None` if it passed.
+fn send(t: &mut FilterTest<RateLimit>, req: Request) -> Option<LocalResponse> {
+    match t.exchange(req).run(Response::new(200)) {
+        Outcome::Completed => None,
+        Outcome::Responded(Phase::RequestHeaders, r) => Some(r),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn header(r: &LocalResponse, name: &str) -> String {
+    String::from_utf8(r.header_value(name).unwrap().to_vec()).unwrap()
+}
+
+fn body(r: &LocalResponse) -> serde_json::Value {
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+#[test]
+fn burst_then_429_then_refill_over_time() {
+    let mut t =
+        setup(r#"{"limits": [{"name": "ip", "key": ["client_ip"], "rate": "2/s", "burst": 3}]}"#);
+    for _ in 0..3 {
+        assert_eq!(send(&mut t, Request::get("/")), None);
+    }
+    let r = send(&mut t, Request::get("/")).unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(r.details, "rate_limited");
+    assert_eq!(header(&r, "content-type"), "application/json");
+    // One token every 500 ms: the next one is 0.5 s away, rounded up.
+    assert_eq!(header(&r, "retry-after"), "1");
+    assert_eq!(header(&r, "ratelimit-limit"), "3");
+    assert_eq!(header(&r, "ratelimit-remaining"), "0");
+    // Full again after 3 tokens × 500 ms.
+    assert_eq!(header(&r, "ratelimit-reset"), "2");
+    assert_eq!(
+        body(&r),
+        serde_json::json!({"error": "rate_limited", "limit": "ip", "retry_after_s": 1})
+    );
+
+    // Half an interval is not enough; a full one gives exactly one token.
+    t.host().advance(Duration::from_millis(250));
+    assert!(send(&mut t, Request::get("/")).is_some());
+    t.host().advance(Duration::from_millis(250));
+    assert_eq!(send(&mut t, Request::get("/")), None);
+    assert!(send(&mut t, Request::get("/")).is_some());
+
+    // After a long idle time the bucket is full (burst), not fuller.
+    t.host().advance(Duration::from_secs(3600));
+    for _ in 0..3 {
+        assert_eq!(send(&mut t, Request::get("/")), None);
+    }
+    assert!(send(&mut t, Request::get("/")).is_some());
+
+    assert_eq!(t.host().counter(METRIC, &["ip", "allowed"]), Some(7));
+    assert_eq!(t.host().counter(METRIC, &["ip", "limited"]), Some(4));
+    assert_eq!(t.host().counter(METRIC, &["ip", "error"]), Some(0));
+}
+
+#[test]
+fn slow_rates_give_long_retry_after() {
+    let mut t = setup(r#"{"limits": [{"name": "slow", "rate": "1/m"}]}"#);
+    assert_eq!(send(&mut t, Request::get("/")), None);
+    t.host().advance(Duration::from_secs(15));
+    let r = send(&mut t, Request::get("/")).unwrap();
+    assert_eq!(header(&r, "retry-after"), "45");
+    assert_eq!(body(&r)["retry_after_s"], 45);
+}
+
+#[test]
+fn keys_are_isolated() {
+    let mut t = setup(
+        r#"{"limits": [
+            {"name": "ip", "key": ["client_ip"], "rate": "1/m"},
+            {"name": "user", "key": [{"header": "x-jwt-sub"}], "rate": "1/m"}
+        ]}"#,
+    );
+    let a = || Request::get("/").source(from([10, 0, 0, 1]));
+    let b = || Request::get("/").source(from([10, 0, 0, 2]));
+    assert_eq!(send(&mut t, a()), None);
+    assert_eq!(send(&mut t, a()).unwrap().status, 429);
+    assert_eq!(
+        send(&mut t, b()),
+        None,
+        "another client IP has its own bucket"
+    );
+
+    // The header limit: a request without the header skips it.
+    let c = |sub: &str| {
+        Request::get("/")
+            .source(from([10, 0, 0, 3]))
+            .header("x-jwt-sub", sub)
+    };
+    assert_eq!(send(&mut t, c("alice")), None);
+    let r = send(&mut t, c("alice").source(from([10, 0, 0, 4]))).unwrap();
+    assert_eq!(body(&r)["limit"], "user", "same subject, other IP");
+    assert_eq!(send(&mut t, c("bob").source(from([10, 0, 0, 5]))), None);
+    assert_eq!(t.host().counter(METRIC, &["user", "allowed"]), Some(2));
+}
+
+#[test]
+fn values_cannot_forge_key_separators() {
+    let mut t =
+        setup(r#"{"limits": [{"name": "k", "key": ["header:x-a", "header:x-b"], "rate": "1/m"}]}"#);
+    let req = |a: &str, b: &str| Request::get("/").header("x-a", a).header("x-b", b);
+    assert_eq!(send(&mut t, req("1|2", "3")), None);
+    assert_eq!(send(&mut t, req("1", "2|3")), None, "a distinct bucket");
+    assert!(send(&mut t, req("1", "2|3")).is_some());
+}
+
+#[test]
+fn over_long_keys_are_digested_and_still_limited() {
+    let mut t =
+        setup(r#"{"limits": [{"name": "k", "key": ["header:x-api-key-id"], "rate": "1/m"}]}"#);
+    let long = "a".repeat(2000);
+    let long2 = format!("{}b", "a".repeat(1999));
+    assert_eq!(
+        send(
+            &mut t,
+            Request::get("/").header("x-api-key-id", long.clone())
+        ),
+        None
+    );
+    assert!(send(&mut t, Request::get("/").header("x-api-key-id", long)).is_some());
+    assert_eq!(
+        send(&mut t, Request::get("/").header("x-api-key-id", long2)),
+        None
+    );
+    assert_eq!(t.host().counter(METRIC, &["k", "error"]), Some(0));
+}
+
+#[test]
+fn routes_select_limits() {
+    let mut t = setup(
+        r#"{"limits": [
+            {"name": "writes", "match": {"prefix": "/api", "methods": ["POST"]}, "rate": "1/m"},
+            {"name": "admin", "match": {"routes": ["admin"]}, "rate": "1/m"}
+        ]}"#,
+    );
+    let post = |p: &str| Request::post(p, "x");
+    assert_eq!(send(&mut t, post("/api/a?x=1")), None);
+    assert_eq!(
+        body(&send(&mut t, post("/api/b")).unwrap())["limit"],
+        "writes"
+    );
+    assert_eq!(
+        send(&mut t, Request::get("/api/a")),
+        None,
+        "GET is not limited"
+    );
+    assert_eq!(send(&mut t, post("/other")), None, "outside the prefix");
+    assert_eq!(send(&mut t, post("/other")), None);
+    let admin = || Request::get("/x").route(Some("admin"));
+    assert_eq!(send(&mut t, admin()), None);
+    assert_eq!(body(&send(&mut t, admin()).unwrap())["limit"], "admin");
+    assert_eq!(send(&mut t, Request::get("/x").route(None)), None);
+}
+
+#[test]
+fn every_limit_must_pass_and_a_rejection_consumes_nothing() {
+    let mut t = setup(
+        r#"{"emit_headers": true, "limits": [
+            {"name": "wide", "rate": "10/m"},
+            {"name": "narrow", "key": ["path"], "rate": "1/m"}
+        ]}"#,
+    );
+    // `wide` stores its TAT: one admitted request moves it 6 s (60 s / 10).
+    let wide_tat = |t: &FilterTest<RateLimit>| -> u64 {
+        let e = t.host().kv_get("ratelimit", "wide").unwrap();
+        String::from_utf8(e.value).unwrap().parse().unwrap()
+    };
+    const TOKEN: u64 = 6_000_000_000;
+
+    let mut x = t.exchange(Request::get("/a"));
+    assert_eq!(x.run(Response::new(200)), Outcome::Completed);
+    // The most restrictive limit's numbers: narrow has 0 left (wide has 9).
+    assert_eq!(x.response_header("ratelimit-limit").as_deref(), Some("1"));
+    assert_eq!(
+        x.response_header("ratelimit-remaining").as_deref(),
+        Some("0")
+    );
+    assert_eq!(x.response_header("ratelimit-reset").as_deref(), Some("60"));
+    drop(x);
+    assert_eq!(wide_tat(&t), T0 + TOKEN);
+
+    for _ in 0..3 {
+        let r = send(&mut t, Request::get("/a")).unwrap();
+        assert_eq!(body(&r)["limit"], "narrow");
+    }
+    assert_eq!(
+        wide_tat(&t),
+        T0 + TOKEN,
+        "rejected requests consumed nothing"
+    );
+
+    assert_eq!(send(&mut t, Request::get("/b")), None);
+    assert_eq!(wide_tat(&t), T0 + 2 * TOKEN);
+    assert_eq!(t.host().counter(METRIC, &["wide", "allowed"]), Some(5));
+    assert_eq!(t.host().counter(METRIC, &["narrow", "allowed"]), Some(2));
+    assert_eq!(t.host().counter(METRIC, &["narrow", "limited"]), Some(3));
+}
+
+#[test]
+fn the_blocking_limit_with_the_longest_wait_answers() {
+    let mut t = setup(
+        r#"{"limits": [
+            {"name": "per-second", "rate": "1/s"},
+            {"name": "per-hour", "rate": "1/h"}
+        ]}"#,
+    );
+    assert_eq!(send(&mut t, Request::get("/")), None);
+    let r = send(&mut t, Request::get("/")).unwrap();
+    assert_eq!(body(&r)["limit"], "per-hour");
+    assert_eq!(header(&r, "retry-after"), "3600");
+}
+
+#[test]
+fn allowed_responses_carry_headers_only_with_emit_headers() {
+    let mut t =
+        setup(r#"{"emit_headers": true, "limits": [{"name": "a", "rate": "10/s", "burst": 5}]}"#);
+    let mut x = t.exchange(Request::get("/"));
+    assert_eq!(x.run(Response::new(200)), Outcome::Completed);
+    assert_eq!(x.response_header("ratelimit-limit").as_deref(), Some("5"));
+    assert_eq!(
+        x.response_header("ratelimit-remaining").as_deref(),
+        Some("4")
+    );
+    // 100 ms of credit used, rounded up to whole seconds.
+    assert_eq!(x.response_header("ratelimit-reset").as_deref(), Some("1"));
+    drop(x);
+    let mut x = t.exchange(Request::get("/"));
+    x.run(Response::new(200));
+    assert_eq!(
+        x.response_header("ratelimit-remaining").as_deref(),
+        Some("3")
+    );
+    drop(x);
+    assert_eq!(t.live_contexts(), 0, "contexts are freed at done");
+
+    let mut t = setup(r#"{"limits": [{"name": "a", "rate": "10/s", "burst": 5}]}"#);
+    let mut x = t.exchange(Request::get("/"));
+    assert_eq!(x.run(Response::new(200)), Outcome::Completed);
+    assert_eq!(x.response_header("ratelimit-limit"), None);
+}
+
+#[test]
+fn shadow_counts_but_never_blocks() {
+    let mut t = setup(
+        r#"{"limits": [
+            {"name": "s", "rate": "1/m", "shadow": true},
+            {"name": "real", "rate": "2/m"}
+        ]}"#,
+    );
+    assert_eq!(send(&mut t, Request::get("/")), None);
+    assert_eq!(
+        send(&mut t, Request::get("/")),
+        None,
+        "s is over, but in shadow"
+    );
+    assert_eq!(
+        body(&send(&mut t, Request::get("/")).unwrap())["limit"],
+        "real"
+    );
+    assert_eq!(t.host().counter(METRIC, &["s", "allowed"]), Some(1));
+    assert_eq!(t.host().counter(METRIC, &["s", "shadow_limited"]), Some(2));
+    assert_eq!(t.host().counter(METRIC, &["s", "limited"]), Some(0));
+    assert_eq!(t.host().counter(METRIC, &["real", "limited"]), Some(1));
+
+    let mut t = setup(r#"{"shadow": true, "limits": [{"name": "all", "rate": "1/m"}]}"#);
+    for _ in 0..5 {
+        assert_eq!(send(&mut t, Request::get("/")), None);
+    }
+    assert_eq!(
+        t.host().counter(METRIC, &["all", "shadow_limited"]),
+        Some(4)
+    );
+}
+
+/// The bucket of limit `name` for client 192.0.2.1 (the harness default),
+/// overwritten with something that is not a bucket: the KV read fails.
+fn corrupt(t: &FilterTest<RateLimit>, name: &str) {
+    t.host()
+        .kv_put("ratelimit", &format!("{name}|192.0.2.1"), b"not a number");
+}
+
+#[test]
+fn kv_errors_fail_open_by_default() {
+    let mut t = setup(
+        r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "1/m"},
+                      {"name": "b", "rate": "5/m"}]}"#,
+    );
+    corrupt(&t, "a");
+    for _ in 0..3 {
+        assert_eq!(send(&mut t, Request::get("/")), None);
+    }
+    assert_eq!(t.host().counter(METRIC, &["a", "error"]), Some(3));
+    assert_eq!(
+        t.host().counter(METRIC, &["b", "allowed"]),
+        Some(3),
+        "b still applies"
+    );
+    assert!(t.host().logged(legate_sdk::log::Level::Warn, "KV error"));
+    // A healthy key is limited as usual.
+    assert_eq!(
+        send(&mut t, Request::get("/").source(from([10, 1, 1, 1]))),
+        None
+    );
+    assert!(send(&mut t, Request::get("/").source(from([10, 1, 1, 1]))).is_some());
+}
+
+#[test]
+fn kv_errors_fail_closed_with_deny() {
+    let mut t = setup(
+        r#"{"failure_mode": "deny", "limits": [{"name": "a", "key": ["client_ip"], "rate": "1/m"}]}"#,
+    );
+    corrupt(&t, "a");
+    let r = send(&mut t, Request::get("/")).unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        body(&r),
+        serde_json::json!({"error": "rate_limit_unavailable", "limit": "a"})
+    );
+    assert_eq!(t.host().counter(METRIC, &["a", "error"]), Some(1));
+    assert_eq!(
+        send(&mut t, Request::get("/").source(from([10, 1, 1, 1]))),
+        None
+    );
+
+    // A shadow limit never blocks, even on errors.
+    let mut t = setup(
+        r#"{"failure_mode": "deny", "shadow": true, "limits": [{"name": "a", "key": ["client_ip"], "rate": "1/m"}]}"#,
+    );
+    corrupt(&t, "a");
+    assert_eq!(send(&mut t, Request::get("/")), None);
+    assert_eq!(t.host().counter(METRIC, &["a", "error"]), Some(1));
+}
+
+#[test]
+fn instances_share_buckets_through_the_kv() {
+    // Two workers' instances on one host: one KV store.
+    let host = TestHost::new().grant_kv("ratelimit");
+    host.set_wall_time(T0);
+    let cfg = r#"{"limits": [{"name": "a", "rate": "3/m"}]}"#;
+    let mut w1 = host.configure::<RateLimit>(cfg).unwrap();
+    let mut w2 = host.configure::<RateLimit>(cfg).unwrap();
+    assert_eq!(send(&mut w1, Request::get("/")), None);
+    assert_eq!(send(&mut w2, Request::get("/")), None);
+    assert_eq!(send(&mut w1, Request::get("/")), None);
+    assert!(send(&mut w2, Request::get("/")).is_some());
+    assert!(send(&mut w1, Request::get("/")).is_some());
+}
+
+#[test]
+fn buckets_expire_once_full_again() {
+    let mut t = setup(r#"{"limits": [{"name": "a", "rate": "1/s", "burst": 2}]}"#);
+    assert_eq!(send(&mut t, Request::get("/")), None);
+    assert!(t.host().kv_get("ratelimit", "a").is_some());
+    t.host().advance(Duration::from_millis(999));
+    assert!(t.host().kv_get("ratelimit", "a").is_some());
+    t.host().advance(Duration::from_millis(1));
+    assert!(
+        t.host().kv_get("ratelimit", "a").is_none(),
+        "expired: a full bucket"
+    );
+    for _ in 0..2 {
+        assert_eq!(send(&mut t, Request::get("/")), None);
+    }
+    assert!(send(&mut t, Request::get("/")).is_some());
+}
+
+#[test]
+fn method_authority_and_route_descriptors() {
+    let mut t = setup(
+        r#"{"limits": [{"name": "m", "key": ["method", "authority", "route"], "rate": "1/m"}]}"#,
+    );
+    let req = |m: &str, host: &str| Request::new(m, "/").authority(host);
+    assert_eq!(send(&mut t, req("GET", "a.example")), None);
+    assert!(send(&mut t, req("GET", "a.example")).is_some());
+    assert_eq!(send(&mut t, req("POST", "a.example")), None, "other method");
+    assert_eq!(
+        send(&mut t, req("GET", "b.example")),
+        None,
+        "other authority"
+    );
+    let routed = |r: Option<&str>| req("GET", "a.example").route(r);
+    assert_eq!(send(&mut t, routed(Some("other"))), None, "other route");
+    for _ in 0..3 {
+        assert_eq!(send(&mut t, routed(None)), None, "no route: limit skipped");
+    }
+    assert_eq!(t.host().counter(METRIC, &["m", "allowed"]), Some(4));
+    assert_eq!(t.host().counter(METRIC, &["m", "limited"]), Some(1));
+}
+
+#[test]
+fn ipv6_clients_have_their_own_buckets() {
+    let mut t = setup(r#"{"limits": [{"name": "ip", "key": ["client_ip"], "rate": "1/m"}]}"#);
+    let v6 = |last: u16| {
+        Request::get("/").source(SocketAddr::new(
+            IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last)),
+            443,
+        ))
+    };
+    assert_eq!(send(&mut t, v6(1)), None);
+    assert!(send(&mut t, v6(1)).is_some());
+    assert_eq!(send(&mut t, v6(2)), None);
+    assert!(t.host().kv_get("ratelimit", "ip|2001:db8::2").is_some());
+}
