@@ -204,3 +204,53 @@ pub fn print_wit(component: &[u8]) -> Result<String> {
         .context("printing the component's WIT")?;
     Ok(printer.output.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(imports: &[&str], exports: &[&str]) -> WorldSummary {
+        WorldSummary {
+            imports: imports.iter().map(|s| (*s).to_owned()).collect(),
+            exports: exports.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn http_filter_shape_is_accepted() {
+        let ok = summary(
+            &["legate:filter/http@0.1.0", "wasi:io/streams@0.2.0"],
+            &[HTTP_HANDLER],
+        );
+        assert!(ok.check_http_filter().is_ok());
+    }
+
+    #[test]
+    fn missing_handler_export_is_named() {
+        let err = summary(&[], &["legate:filter/network-handler@0.1.0"])
+            .check_http_filter()
+            .map(|()| "accepted".to_owned())
+            .unwrap_or_else(|e| e.to_string());
+        assert!(
+            err.contains("does not export legate:filter/http-handler@0.1.0"),
+            "{err}"
+        );
+        assert!(err.contains("network-handler"), "{err}");
+    }
+
+    #[test]
+    fn foreign_imports_are_named() {
+        let err = summary(
+            &[
+                "legate:filter/http@0.1.0",
+                "acme:evil/net@1.0.0",
+                "func raw",
+            ],
+            &[HTTP_HANDLER],
+        )
+        .check_http_filter()
+        .map(|()| "accepted".to_owned())
+        .unwrap_or_else(|e| e.to_string());
+        assert!(err.contains("acme:evil/net@1.0.0, func raw"), "{err}");
+    }
+}
