@@ -33,8 +33,15 @@ pub fn generate_c_bindings(wit_dir: &Path, world: &str, out_dir: &Path) -> Resul
         .with_context(|| format!("selecting world `{world}` in {}", wit_dir.display()))?;
 
     let mut files = wit_bindgen_core::Files::default();
-    wit_bindgen_c::Opts::default()
-        .build()
+    let opts = wit_bindgen_c::Opts {
+        // The canonical ABI traps if an export returns while a `borrow` it
+        // received is still live. With this, the generated export wrappers
+        // drop the `exchange`/`headers`/`buffer` borrows after the filter's
+        // function returns, so C code never calls `*_drop_borrow` itself.
+        autodrop_borrows: wit_bindgen_c::Enabled::Yes,
+        ..Default::default()
+    };
+    opts.build()
         .generate(&mut resolve, world_id, &mut files)
         .with_context(|| format!("generating C bindings for world `{world}`"))?;
 
