@@ -7,6 +7,7 @@
 #   bench   test + load generators and the proxies bench/run.sh compares with
 #   demo    what scripts/demo.sh needs
 #   wasm    the WebAssembly targets (see ensure_wasm_targets)
+#   cguest  the C toolchain for wasm32-wasi guests (scripts/build-c-filter.sh)
 #
 # Idempotent: packages already installed are skipped, and `apt-get update` only
 # runs when something is missing. Daemons that Debian packages start on install
@@ -21,6 +22,9 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TEST_PKGS=(iproute2 iptables nghttp2-client curl)
 BENCH_PKGS=(wrk nghttp2-client nginx haproxy hyperfine util-linux)
 DEMO_PKGS=(curl)
+# Debian 12's clang 14 builds wasm32-wasi with lld's wasm-ld, wasi-libc and the
+# wasm32 compiler-rt builtins.
+CGUEST_PKGS=(clang lld wasi-libc libclang-rt-14-dev-wasm32)
 # Packages that ship a daemon Debian starts on install.
 SERVICE_PKGS=(nginx haproxy)
 
@@ -158,12 +162,13 @@ main() {
                 command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
                 ;;
             demo) pkgs+=("${DEMO_PKGS[@]}") ;;
+            cguest) pkgs+=("${CGUEST_PKGS[@]}") ;;
             wasm) ;;
             -h | --help)
-                sed -n '2,15s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+                sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
                 return 0
                 ;;
-            *) die "unknown group '${group}' (want: test, bench, demo, wasm)" ;;
+            *) die "unknown group '${group}' (want: test, bench, demo, wasm, cguest)" ;;
         esac
     done
 
