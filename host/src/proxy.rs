@@ -408,7 +408,8 @@ fn request_filters(
     let x = &chain.x;
     *req.method_mut() = x.method.clone();
     let mut headers = x.request_headers.clone();
-    if x.authority != *authority || x.path != req.uri().path_and_query().map_or("/", |p| p.as_str()) {
+    if x.authority != *authority || x.path != req.uri().path_and_query().map_or("/", |p| p.as_str())
+    {
         let uri = if req.uri().authority().is_some() {
             let mut b = Uri::builder()
                 .authority(x.authority.as_str())
@@ -421,7 +422,10 @@ fn request_filters(
             Uri::builder().path_and_query(x.path.as_str()).build()
         };
         *req.uri_mut() = uri.map_err(|e| {
-            ProxyError::new(Kind::Internal, format!("filter rewrote the target badly: {e}"))
+            ProxyError::new(
+                Kind::Internal,
+                format!("filter rewrote the target badly: {e}"),
+            )
         })?;
         authority.clone_from(&x.authority);
     }

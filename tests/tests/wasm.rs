@@ -20,7 +20,13 @@ fn guest() -> &'static Path {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let target_dir = root.join("target").join("guests");
         let out = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
             .arg(root.join("tests/guests/Cargo.toml"))
             .arg("--target-dir")
             .arg(&target_dir)
@@ -189,8 +195,10 @@ async fn only_declared_phases_are_called() {
         assert_eq!(r.echo().header("x-filter"), Some("reqonly"));
         assert_eq!(r.header("x-filter-resp"), None);
     }
-    lg.assert_stat(&calls("reqonly", "request_headers"), 3.0).await;
-    lg.assert_stat(&calls("reqonly", "response_headers"), 0.0).await;
+    lg.assert_stat(&calls("reqonly", "request_headers"), 3.0)
+        .await;
+    lg.assert_stat(&calls("reqonly", "response_headers"), 0.0)
+        .await;
     lg.assert_stat(&calls("reqonly", "log"), 0.0).await;
     lg.assert_stat(&calls("reqonly", "done"), 0.0).await;
     // configure: once at load (the check instance), once for the worker's instance.
@@ -244,7 +252,9 @@ async fn configure_error_rejects_the_load() {
         Err(e) => format!("{e:#}"),
     };
     assert!(
-        err.contains("plugin `picky`: configure failed: bad-config: the `mode` asked this plugin to refuse"),
+        err.contains(
+            "plugin `picky`: configure failed: bad-config: the `mode` asked this plugin to refuse"
+        ),
         "{err}"
     );
 
@@ -256,7 +266,10 @@ async fn configure_error_rejects_the_load() {
         .arg(&file)
         .output()
         .unwrap();
-    assert!(!out.status.success(), "legate check accepted a failing plugin");
+    assert!(
+        !out.status.success(),
+        "legate check accepted a failing plugin"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad-config: the `mode` asked"), "{stderr}");
 
@@ -292,7 +305,10 @@ async fn sha256_mismatch_refuses_the_load() {
         Err(e) => format!("{e:#}"),
     };
     assert!(err.contains("plugin `pinned`: module"), "{err}");
-    assert!(err.contains(&format!("but the config says {}", "ab".repeat(32))), "{err}");
+    assert!(
+        err.contains(&format!("but the config says {}", "ab".repeat(32))),
+        "{err}"
+    );
 }
 
 /// A hostile plugin on one route, checked to be contained: the failing request gets

@@ -217,10 +217,7 @@ impl HostState {
         let x = self.exchange(context)?;
         let (map, writable) = match part {
             Part::Request => (Some(&mut x.request_headers), phase == Phase::RequestHeaders),
-            Part::Response => (
-                x.response_headers.as_mut(),
-                phase == Phase::ResponseHeaders,
-            ),
+            Part::Response => (x.response_headers.as_mut(), phase == Phase::ResponseHeaders),
         };
         Ok((map, writable, part))
     }
@@ -296,11 +293,7 @@ fn field_name(name: &str) -> Result<HeaderName, Error> {
 impl whttp::Host for HostState {}
 
 impl whttp::HostHeaders for HostState {
-    fn get(
-        &mut self,
-        r: Resource<HeadersRes>,
-        name: String,
-    ) -> wasmtime::Result<Option<Vec<u8>>> {
+    fn get(&mut self, r: Resource<HeadersRes>, name: String) -> wasmtime::Result<Option<Vec<u8>>> {
         let (map, _, _) = self.headers_of(&r)?;
         Ok(map
             .and_then(|m| m.get(name.as_str()))
@@ -430,10 +423,7 @@ fn socket_address(a: std::net::SocketAddr) -> types::SocketAddress {
             types::IpAddress::Ipv6((s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]))
         }
     };
-    types::SocketAddress {
-        ip,
-        port: a.port(),
-    }
+    types::SocketAddress { ip, port: a.port() }
 }
 
 fn unix_nanos(t: SystemTime) -> u64 {
@@ -598,7 +588,10 @@ impl whttp::HostExchange for HostState {
         Ok(Err(Error::InvalidState))
     }
 
-    fn source_address(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<types::SocketAddress> {
+    fn source_address(
+        &mut self,
+        r: Resource<ExchangeRes>,
+    ) -> wasmtime::Result<types::SocketAddress> {
         Ok(socket_address(self.exchange_of(&r)?.conn.source))
     }
 
@@ -609,7 +602,10 @@ impl whttp::HostExchange for HostState {
         Ok(socket_address(self.exchange_of(&r)?.conn.destination))
     }
 
-    fn tls_version(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<Option<types::TlsVersion>> {
+    fn tls_version(
+        &mut self,
+        r: Resource<ExchangeRes>,
+    ) -> wasmtime::Result<Option<types::TlsVersion>> {
         Ok(self.exchange_of(&r)?.conn.tls.as_ref().map(|t| {
             if t.tls13 {
                 types::TlsVersion::Tls13
@@ -628,7 +624,10 @@ impl whttp::HostExchange for HostState {
             .and_then(|t| t.sni.clone()))
     }
 
-    fn tls_peer_certificate_presented(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<bool> {
+    fn tls_peer_certificate_presented(
+        &mut self,
+        r: Resource<ExchangeRes>,
+    ) -> wasmtime::Result<bool> {
         Ok(self
             .exchange_of(&r)?
             .conn
@@ -693,7 +692,12 @@ impl types::HostBuffer for HostState {
     fn len(&mut self, _r: Resource<BufferRes>) -> wasmtime::Result<u64> {
         no_buffer()
     }
-    fn read(&mut self, _r: Resource<BufferRes>, _offset: u64, _max: u64) -> wasmtime::Result<Vec<u8>> {
+    fn read(
+        &mut self,
+        _r: Resource<BufferRes>,
+        _offset: u64,
+        _max: u64,
+    ) -> wasmtime::Result<Vec<u8>> {
         no_buffer()
     }
     fn replace(
@@ -827,9 +831,7 @@ impl HostState {
         if self.phase != Phase::Configure {
             return Ok(Err(Error::InvalidState));
         }
-        if !metric_name_ok(&name)
-            || labels.iter().any(|l| !metric_name_ok(l) || l == "plugin")
-        {
+        if !metric_name_ok(&name) || labels.iter().any(|l| !metric_name_ok(l) || l == "plugin") {
             return Ok(Err(Error::InvalidArgument));
         }
         let def = {
@@ -1053,10 +1055,7 @@ impl kv::HostNamespace for HostState {
 }
 
 impl callout::Host for HostState {
-    fn send(
-        &mut self,
-        _request: callout::CalloutRequest,
-    ) -> wasmtime::Result<Result<u64, Error>> {
+    fn send(&mut self, _request: callout::CalloutRequest) -> wasmtime::Result<Result<u64, Error>> {
         if self.phase == Phase::Configure || self.phase == Phase::ReadOnly {
             return Ok(Err(Error::InvalidState));
         }

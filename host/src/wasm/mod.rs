@@ -49,11 +49,8 @@ pub fn load(
                  Legate yet; remove them"
             );
         }
-        let component = engine::compile(
-            name,
-            &p.module,
-            p.sha256.as_ref().map(|s| s.value.as_str()),
-        )?;
+        let component =
+            engine::compile(name, &p.module, p.sha256.as_ref().map(|s| s.value.as_str()))?;
         let mut configs: Vec<Option<String>> = vec![None];
         for t in &config.routes {
             for vh in &t.value.virtual_hosts {

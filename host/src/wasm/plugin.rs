@@ -227,7 +227,10 @@ fn unsupported(setup: &HttpSetup) -> Option<&'static str> {
 fn describe(e: &wasmtime::Error, cpu: Duration) -> (&'static str, String) {
     if let Some(t) = e.downcast_ref::<Trap>() {
         if *t == Trap::Interrupt {
-            return ("timeout", format!("call exceeded its CPU deadline ({cpu:?})"));
+            return (
+                "timeout",
+                format!("call exceeded its CPU deadline ({cpu:?})"),
+            );
         }
     }
     let text = format!("{e:#}");
@@ -420,7 +423,9 @@ impl WasmFilter {
     /// panic costs one request), doubling from 100ms to 5s while failures repeat.
     fn fail_slot(&self, slot: &mut Slot) {
         let now = Instant::now();
-        let repeated = slot.not_before.is_some_and(|t| now < t + Duration::from_secs(1));
+        let repeated = slot
+            .not_before
+            .is_some_and(|t| now < t + Duration::from_secs(1));
         slot.backoff = if repeated {
             (slot.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
         } else {
@@ -447,7 +452,11 @@ impl WasmFilter {
         self.with_instance(worker, phase, Some(x), request, |live| {
             let data = live.store.data_mut();
             let xr = data.exchange_handle(context)?;
-            let part = if request { Part::Request } else { Part::Response };
+            let part = if request {
+                Part::Request
+            } else {
+                Part::Response
+            };
             let hr = data.headers_handle(context, part)?;
             let (xr2, hr2) = (
                 wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep()),
@@ -489,7 +498,10 @@ impl WasmFilter {
 /// the call, abi/README.md §3.5).
 fn local_response(lr: whttp::LocalResponse) -> Result<LocalResponse, String> {
     if !(200..=599).contains(&lr.status) {
-        return Err(format!("local response status {} is outside 200..=599", lr.status));
+        return Err(format!(
+            "local response status {} is outside 200..=599",
+            lr.status
+        ));
     }
     let status =
         StatusCode::from_u16(lr.status).map_err(|_| format!("bad status {}", lr.status))?;
@@ -546,11 +558,11 @@ impl HttpFilter for WasmFilter {
         let r = self.with_instance(worker, Phase::ReadOnly, Some(x), false, |live| {
             let xr = live.store.data_mut().exchange_handle(context)?;
             let xr2 = wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep());
-            let r = run_inline(
-                live.bindings
-                    .legate_filter_http_handler()
-                    .call_on_log(&mut live.store, context, xr),
-            );
+            let r = run_inline(live.bindings.legate_filter_http_handler().call_on_log(
+                &mut live.store,
+                context,
+                xr,
+            ));
             live.store.data_mut().drop_handle(xr2);
             r.map(Ok)
         });
