@@ -65,7 +65,12 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds the runtime state: compiles routes, resolves endpoints, loads TLS.
-    pub fn build(config: Arc<Config>, stats: &Arc<Stats>) -> anyhow::Result<Self> {
+    pub fn build(config: Arc<Config>) -> anyhow::Result<Self> {
+        Self::build_with(config, &Stats::new())
+    }
+
+    /// As [`Snapshot::build`], registering plugin stats in `stats`.
+    pub fn build_with(config: Arc<Config>, stats: &Arc<Stats>) -> anyhow::Result<Self> {
         let mut route_tables = HashMap::new();
         for t in &config.routes {
             let table = RouteTable::new(&t.value)
@@ -142,7 +147,7 @@ pub fn start(config: Config, opts: Options) -> anyhow::Result<Handle> {
     }
     let config = Arc::new(config);
     let stats = Stats::new();
-    let snapshot = Snapshot::build(config.clone(), &stats)?;
+    let snapshot = Snapshot::build_with(config.clone(), &stats)?;
     let access_log = match &config.access_log {
         Some(a) => Some(AccessLog::open(&a.path)?),
         None => None,

@@ -383,7 +383,7 @@ impl WasmFilter {
             let result = call(live);
             self.stats.duration.observe(started.elapsed());
             let data = live.store.data_mut();
-            if let Some(x) = x.as_deref_mut() {
+            if let Some(x) = x {
                 std::mem::swap(x, &mut data.x);
             }
             data.in_exchange = false;
