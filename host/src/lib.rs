@@ -5,7 +5,9 @@
 //! → [`upstream`] (connection pool). [`tcp_proxy`] is the L4 path. [`server`] and
 //! [`worker`] own the process and threads, [`admin`] the admin API. [`filter`] is the
 //! HTTP filter chain; [`wasm`] runs Wasm filter plugins in it.
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: the one exception is loading a compiled component from the
+// disk cache (`wasm::cache`), which says why it is sound.
+#![deny(unsafe_code)]
 
 pub mod access_log;
 pub mod admin;

@@ -418,6 +418,56 @@ async fn unsupported_features_are_refused_at_load() {
     assert!(err.contains("body phases"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_components_are_cached_on_disk() {
+    let dir = TempDir::new();
+    let cache = dir.path().join("cache");
+    // Process-wide, read when a plugin is compiled; other tests in this process just
+    // use this cache too.
+    std::env::set_var("LEGATE_WASM_CACHE", &cache);
+    let up = upstream().start().await;
+    let yaml = simple(
+        up.addr,
+        &plugin("cached", "{ mode: headers }", ""),
+        &["cached"],
+    );
+    let hits = "legate_wasm_cache_hits_total";
+    let invalid = "legate_wasm_cache_invalid_total";
+
+    let first = legate().config(&yaml).start();
+    assert_eq!(first.stat(hits).await, None);
+    let entries: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    drop(first);
+
+    let second = legate().config(&yaml).start();
+    second.assert_stat(hits, 1.0).await;
+    let mut c = client(Proto::H1, second.addr("web")).await;
+    assert_eq!(
+        c.get("/x").send().await.header("x-filter-resp"),
+        Some("cached")
+    );
+    drop(second);
+
+    // A corrupt entry is recompiled, not fatal.
+    std::fs::write(&entries[0], b"not a compiled component").unwrap();
+    let third = legate().config(&yaml).start();
+    third.assert_stat(invalid, 1.0).await;
+    let mut c = client(Proto::H1, third.addr("web")).await;
+    assert_eq!(
+        c.get("/x").send().await.header("x-filter-resp"),
+        Some("cached")
+    );
+    assert!(std::fs::metadata(&entries[0]).unwrap().len() > 1000);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+}
+
 /// The `legate` binary, built once per test process.
 fn legate_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();

@@ -90,8 +90,14 @@ pub fn ticks(budget: Duration) -> u64 {
     u64::try_from(budget.as_millis()).unwrap_or(u64::MAX).max(1) + 1
 }
 
-/// Reads, checks and compiles a component file.
-pub fn compile(plugin: &str, path: &Path, sha256: Option<&str>) -> anyhow::Result<Component> {
+/// Reads, checks and compiles a component file (through the disk cache, when one is
+/// configured: see [`super::cache`]).
+pub fn compile(
+    plugin: &str,
+    path: &Path,
+    sha256: Option<&str>,
+    stats: &crate::stats::Stats,
+) -> anyhow::Result<Component> {
     let bytes = std::fs::read(path).map_err(|e| {
         anyhow::anyhow!(
             "plugin `{plugin}`: cannot read module {}: {e}",
@@ -115,12 +121,23 @@ pub fn compile(plugin: &str, path: &Path, sha256: Option<&str>) -> anyhow::Resul
             path.display()
         );
     }
-    Component::new(engine()?, &bytes).map_err(|e| {
+    let engine = engine()?;
+    let cache = super::cache::Cache::from_env(engine);
+    if let Some(c) = &cache {
+        if let Some(component) = c.load(engine, &digest, stats) {
+            return Ok(component);
+        }
+    }
+    let component = Component::new(engine, &bytes).map_err(|e| {
         anyhow::anyhow!(
             "plugin `{plugin}`: cannot compile {}: {e:#}",
             path.display()
         )
-    })
+    })?;
+    if let Some(c) = &cache {
+        c.store(&digest, &component);
+    }
+    Ok(component)
 }
 
 /// A core module's header is `\0asm` version 1; a component's has layer 1.

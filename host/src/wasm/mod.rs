@@ -4,6 +4,7 @@
 //! - [`engine`]: the one wasmtime engine (Cranelift, pooling allocator with
 //!   copy-on-write memory images, epoch interruption driven by one ticker thread),
 //!   compiling modules and checking their SHA-256.
+//! - [`cache`]: compiled components on disk, keyed by module SHA-256 and engine.
 //! - [`bindings`]: the one `bindgen!` of the WIT world.
 //! - [`host`]: the host side of every imported interface; WASI linked with nothing
 //!   granted.
@@ -14,6 +15,7 @@
 //! ticks, KV namespaces and callouts (`capabilities`).
 
 pub mod bindings;
+pub mod cache;
 pub mod engine;
 pub mod host;
 pub mod plugin;
@@ -49,8 +51,12 @@ pub fn load(
                  Legate yet; remove them"
             );
         }
-        let component =
-            engine::compile(name, &p.module, p.sha256.as_ref().map(|s| s.value.as_str()))?;
+        let component = engine::compile(
+            name,
+            &p.module,
+            p.sha256.as_ref().map(|s| s.value.as_str()),
+            stats,
+        )?;
         let mut configs: Vec<Option<String>> = vec![None];
         for t in &config.routes {
             for vh in &t.value.virtual_hosts {
