@@ -465,9 +465,10 @@ impl Chain {
                     return Ok(Some(lr));
                 }
                 Err(why) => {
-                    failure(&*f, "request_headers", &why)?;
-                    self.entered.push(f);
+                    // Entered either way, so `finish` frees its context.
+                    self.entered.push(f.clone());
                     self.skipped.push(self.entered.len() - 1);
+                    failure(&*f, "request_headers", &why)?;
                 }
             }
         }
