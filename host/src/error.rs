@@ -19,6 +19,7 @@
 //! | `Overloaded` | 503 + `x-legate-overloaded: true` | no |
 //! | `Timeout` (route) | 504 | no |
 //! | `PerTryTimeout` | 504 | yes |
+//! | `PluginFailure` | 503, body `plugin_failure: <plugin>` | no |
 //! | `DownstreamReset` | (none: the client is gone) | no |
 //! | `Internal` | 500 | no |
 
@@ -54,6 +55,9 @@ pub enum Kind {
     Timeout,
     /// One attempt's `per_try_timeout` fired.
     PerTryTimeout,
+    /// A filter plugin with `fail: closed` trapped, overran its deadline or memory
+    /// cap, or returned an invalid result. The detail is the plugin's name.
+    PluginFailure,
     /// The client went away.
     DownstreamReset,
     /// A bug or resource failure inside Legate.
@@ -129,6 +133,7 @@ impl ProxyError {
             | Kind::Timeout
             | Kind::PerTryTimeout => Side::Upstream,
             Kind::Overloaded | Kind::Internal => Side::Internal,
+            Kind::PluginFailure => Side::Plugin,
         }
     }
 
@@ -152,7 +157,9 @@ impl ProxyError {
             Kind::ConnectFailed | Kind::UpstreamReset | Kind::UpstreamProtocol => {
                 StatusCode::BAD_GATEWAY
             }
-            Kind::NoHealthyUpstream | Kind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::NoHealthyUpstream | Kind::Overloaded | Kind::PluginFailure => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Kind::Timeout | Kind::PerTryTimeout => StatusCode::GATEWAY_TIMEOUT,
             // The client is gone; this response is never delivered, 499 (nginx's
             // "client closed request") keeps the access log honest.
@@ -177,6 +184,7 @@ impl ProxyError {
             Kind::Overloaded => "overloaded",
             Kind::Timeout => "upstream_timeout",
             Kind::PerTryTimeout => "upstream_per_try_timeout",
+            Kind::PluginFailure => "plugin_failure",
             Kind::DownstreamReset => "downstream_reset",
             Kind::Internal => "internal_error",
         }
@@ -186,7 +194,13 @@ impl ProxyError {
     /// naming the cause (no internal detail beyond it: addresses and messages stay in
     /// the logs).
     pub fn to_response(&self) -> Response<Bytes> {
-        let body = Bytes::from(format!("{}\n", self.cause()));
+        let body = if self.kind == Kind::PluginFailure {
+            // The plugin's name is configuration, not a secret: it tells the operator
+            // which filter to look at.
+            Bytes::from(format!("{}: {}\n", self.cause(), self.detail))
+        } else {
+            Bytes::from(format!("{}\n", self.cause()))
+        };
         let mut resp = Response::new(body.clone());
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
@@ -230,5 +244,9 @@ mod tests {
         assert_eq!(ProxyError::new(Kind::Timeout, "").status(), 504);
         assert!(!ProxyError::new(Kind::Timeout, "").retryable());
         assert_eq!(ProxyError::new(Kind::NoHealthyUpstream, "").status(), 503);
+        let p = ProxyError::new(Kind::PluginFailure, "auth");
+        assert_eq!(p.status(), 503);
+        assert_eq!(p.side(), Side::Plugin);
+        assert_eq!(p.to_response().body().as_ref(), b"plugin_failure: auth\n");
     }
 }

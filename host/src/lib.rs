@@ -3,8 +3,11 @@
 //! One module per stage of the request path: [`listener`] → [`connection`] →
 //! [`proxy`] (with [`router`] and [`proxy_headers`]) → [`cluster`] (load balancing)
 //! → [`upstream`] (connection pool). [`tcp_proxy`] is the L4 path. [`server`] and
-//! [`worker`] own the process and threads, [`admin`] the admin API.
-#![forbid(unsafe_code)]
+//! [`worker`] own the process and threads, [`admin`] the admin API. [`filter`] is the
+//! HTTP filter chain; [`wasm`] runs Wasm filter plugins in it.
+// `deny`, not `forbid`: the one exception is loading a compiled component from the
+// disk cache (`wasm::cache`), which says why it is sound.
+#![deny(unsafe_code)]
 
 pub mod access_log;
 pub mod admin;
@@ -13,6 +16,7 @@ pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod filter;
 pub mod io;
 pub mod listener;
 pub mod proxy;
@@ -23,4 +27,5 @@ pub mod stats;
 pub mod tcp_proxy;
 pub mod tls;
 pub mod upstream;
+pub mod wasm;
 pub mod worker;

@@ -54,10 +54,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Plugin { command } => plugin_build::run(command),
         Command::Check { config } => match config::load_file(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
-            }
+            Ok(cfg) => match legate_host::wasm::check_plugins(&cfg) {
+                Ok(()) => {
+                    println!("{}: ok", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: error: {e:#}", config.display());
+                    ExitCode::FAILURE
+                }
+            },
             Err(e) => {
                 eprint!("{e}");
                 eprintln!();

@@ -8,8 +8,10 @@
 //!                                          └──── 5xx/reset/timeout ◄───┤
 //! response ◄─ header ops, via ◄─ hop-by-hop strip ◄─────────────────────┘
 //! ```
-//! The filter chain (Wasm plugins) slots in between proxy headers and the router in
-//! a later release.
+//! The filter chain ([`crate::filter`], Wasm plugins) runs between the request id and
+//! the router (request headers, in chain order) and after the response header
+//! handling (response headers, in reverse); a filter's local response takes the
+//! place of the upstream's and gets the same response header handling.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -33,6 +35,7 @@ use rand::Rng;
 use crate::body::{self, Body, BoxError, Limit, Watch, Watched};
 use crate::connection::ConnCtx;
 use crate::error::{Kind, ProxyError, Side};
+use crate::filter::{self, ConnFacts, Exchange, TlsFacts};
 use crate::proxy_headers;
 use crate::router::{Action, Matched, RetryPolicy, RouteInput};
 use crate::server::ClusterEntry;
@@ -48,6 +51,8 @@ struct Outcome {
     attempts: u32,
     cause: Option<&'static str>,
     request_id: Option<HeaderValue>,
+    /// The filter chain run of this exchange, finished (log, done) with it.
+    chain: Option<filter::Chain>,
 }
 
 /// Handles one downstream request. Never fails: errors become responses here.
@@ -136,6 +141,35 @@ async fn proxy(
         let h = req.headers_mut();
         out.request_id = proxy_headers::request_id(h, trusted, http.generate_request_id);
     }
+    let mut authority = authority;
+    if let Some(chain) = snapshot.filters.start(
+        &listener.name,
+        conn.worker.id,
+        exchange_of(conn, &req, &authority, out.request_id.as_ref(), table),
+    ) {
+        out.chain = Some(chain);
+        if let Some(local) = request_filters(out, &mut req, &mut authority)? {
+            let input = RouteInput {
+                method: req.method(),
+                uri: req.uri(),
+                authority: &authority,
+                headers: req.headers(),
+                scheme_https: https,
+            };
+            let mut resp = local_response(local);
+            if let Some(m) = table.route(&input) {
+                out.route = Some(m.route.name.clone());
+                finish_response_headers(
+                    &m,
+                    http.via.as_deref(),
+                    Version::HTTP_11,
+                    resp.headers_mut(),
+                    false,
+                );
+            }
+            return response_filters(out, resp);
+        }
+    }
     let input = RouteInput {
         method: req.method(),
         uri: req.uri(),
@@ -170,7 +204,7 @@ async fn proxy(
                 resp.headers_mut(),
                 false,
             );
-            return Ok(resp);
+            return response_filters(out, resp);
         }
         Action::Redirect(_) => {
             let (status, location) = matched.redirect(&input).ok_or_else(|| {
@@ -188,7 +222,7 @@ async fn proxy(
                 resp.headers_mut(),
                 false,
             );
-            return Ok(resp);
+            return response_filters(out, resp);
         }
         Action::Cluster(name) => name.clone(),
         Action::Weighted(w) => w.pick(rand::rng().random()).clone(),
@@ -312,6 +346,136 @@ async fn proxy(
     if resp.version() != Version::HTTP_11 || parts.version == Version::HTTP_2 {
         // The downstream protocol sets the response framing; hyper picks it.
         *resp.version_mut() = parts.version;
+    }
+    if switching {
+        // The tunnel is already spliced; filters see upgraded exchanges' heads only
+        // on the request side in this release.
+        return Ok(resp);
+    }
+    response_filters(out, resp)
+}
+
+/// The exchange filters see, from the request head (without `host`: the authority is
+/// its own property).
+fn exchange_of<B>(
+    conn: &ConnCtx,
+    req: &Request<B>,
+    authority: &str,
+    request_id: Option<&HeaderValue>,
+    table: &Arc<crate::router::RouteTable>,
+) -> Exchange {
+    let mut headers = req.headers().clone();
+    headers.remove(header::HOST);
+    let facts = ConnFacts {
+        source: conn.peer,
+        destination: conn.local,
+        tls: conn.tls.as_ref().map(|t| TlsFacts {
+            tls13: t.version == "TLSv1.3",
+            sni: t.sni.clone(),
+            peer_cert_present: t.peer_cert_present,
+            peer_subject: t.peer_subject.clone(),
+        }),
+    };
+    Exchange::new(
+        req.method().clone(),
+        req.uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.to_string()),
+        authority.to_string(),
+        req.version(),
+        headers,
+        Arc::new(facts),
+        request_id
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        Some(table.clone()),
+    )
+}
+
+/// Runs the request-headers phase of the chain and writes the (possibly changed)
+/// head back into `req`. `Some` is a filter's local response.
+fn request_filters(
+    out: &mut Outcome,
+    req: &mut Request<Incoming>,
+    authority: &mut String,
+) -> Result<Option<filter::LocalResponse>, ProxyError> {
+    let Some(chain) = out.chain.as_mut() else {
+        return Ok(None);
+    };
+    let eos = req.body().is_end_stream();
+    let local = chain.on_request_headers(eos)?;
+    let x = &chain.x;
+    *req.method_mut() = x.method.clone();
+    let mut headers = x.request_headers.clone();
+    if x.authority != *authority || x.path != req.uri().path_and_query().map_or("/", |p| p.as_str())
+    {
+        let uri = if req.uri().authority().is_some() {
+            let mut b = Uri::builder()
+                .authority(x.authority.as_str())
+                .path_and_query(x.path.as_str());
+            if let Some(s) = req.uri().scheme() {
+                b = b.scheme(s.clone());
+            }
+            b.build()
+        } else {
+            Uri::builder().path_and_query(x.path.as_str()).build()
+        };
+        *req.uri_mut() = uri.map_err(|e| {
+            ProxyError::new(
+                Kind::Internal,
+                format!("filter rewrote the target badly: {e}"),
+            )
+        })?;
+        authority.clone_from(&x.authority);
+    }
+    if req.version() < Version::HTTP_2 || req.headers().contains_key(header::HOST) {
+        let host = HeaderValue::from_str(authority)
+            .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?;
+        headers.insert(header::HOST, host);
+    }
+    *req.headers_mut() = headers;
+    Ok(local)
+}
+
+/// A filter's local response as an HTTP response: hop-by-hop fields dropped,
+/// `content-length` set to the body's length.
+fn local_response(lr: filter::LocalResponse) -> Response<Body> {
+    let len = lr.body.len();
+    let mut resp = Response::new(body::full(lr.body));
+    *resp.status_mut() = lr.status;
+    *resp.headers_mut() = lr.headers;
+    proxy_headers::strip_hop_by_hop(resp.headers_mut());
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp
+}
+
+/// Runs the response-headers phase of the chain (reverse order) on `resp`.
+fn response_filters(
+    out: &mut Outcome,
+    mut resp: Response<Body>,
+) -> Result<Response<Body>, ProxyError> {
+    let Some(chain) = out.chain.as_mut() else {
+        return Ok(resp);
+    };
+    chain.x.upstream = out.upstream;
+    chain.x.status = Some(resp.status());
+    chain.x.response_headers = Some(std::mem::take(resp.headers_mut()));
+    let eos = resp.body().is_end_stream();
+    let replaced = chain.on_response_headers(eos);
+    let headers = chain.x.response_headers.clone().unwrap_or_default();
+    *resp.headers_mut() = headers;
+    let replaced = replaced?;
+    if let Some(s) = chain.x.status {
+        *resp.status_mut() = s;
+    }
+    if let Some(b) = replaced {
+        let len = b.len();
+        *resp.body_mut() = body::full(b);
+        proxy_headers::strip_hop_by_hop(resp.headers_mut());
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     Ok(resp)
 }
@@ -698,6 +862,11 @@ struct Done {
 
 impl Drop for Done {
     fn drop(&mut self) {
+        if let Some(mut chain) = self.out.chain.take() {
+            chain.x.status = Some(self.status);
+            chain.x.cause = self.out.cause.map(str::to_string);
+            chain.finish();
+        }
         let elapsed = self.start.elapsed();
         let class = (self.status.as_u16() / 100).clamp(1, 5) as usize - 1;
         let l = &self.conn.listener.stats;

@@ -59,11 +59,18 @@ pub struct Snapshot {
     pub clusters: HashMap<Name, Arc<ClusterEntry>>,
     /// The longest pool idle timeout of any cluster (for the sweeper).
     pub max_pool_idle: Duration,
+    /// The HTTP filter chains (Wasm plugins) per listener.
+    pub filters: crate::filter::Filters,
 }
 
 impl Snapshot {
     /// Builds the runtime state: compiles routes, resolves endpoints, loads TLS.
     pub fn build(config: Arc<Config>) -> anyhow::Result<Self> {
+        Self::build_with(config, &Stats::new())
+    }
+
+    /// As [`Snapshot::build`], registering plugin stats in `stats`.
+    pub fn build_with(config: Arc<Config>, stats: &Arc<Stats>) -> anyhow::Result<Self> {
         let mut route_tables = HashMap::new();
         for t in &config.routes {
             let table = RouteTable::new(&t.value)
@@ -81,11 +88,13 @@ impl Snapshot {
             max_pool_idle = max_pool_idle.max(c.idle_timeout.get());
             clusters.insert(c.name.clone(), Arc::new(ClusterEntry { cluster, upstream }));
         }
+        let filters = crate::filter::Filters::build(&config, stats, crate::wasm::load)?;
         Ok(Snapshot {
             config,
             route_tables,
             clusters,
             max_pool_idle,
+            filters,
         })
     }
 }
@@ -138,7 +147,7 @@ pub fn start(config: Config, opts: Options) -> anyhow::Result<Handle> {
     }
     let config = Arc::new(config);
     let stats = Stats::new();
-    let snapshot = Snapshot::build(config.clone())?;
+    let snapshot = Snapshot::build_with(config.clone(), &stats)?;
     let access_log = match &config.access_log {
         Some(a) => Some(AccessLog::open(&a.path)?),
         None => None,

@@ -547,6 +547,9 @@ impl Config {
                 }
             }
         }
+        for p in &mut self.plugins {
+            fix(&mut p.value.module);
+        }
         if let Some(log) = &mut self.access_log {
             if !matches!(log.path.as_str(), "stdout" | "stderr")
                 && Path::new(&log.path).is_relative()

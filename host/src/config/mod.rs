@@ -46,10 +46,102 @@ pub struct Config {
     /// Upstream clusters.
     #[serde(default)]
     pub clusters: Vec<Spanned<Cluster>>,
-    /// Wasm plugins. Reserved: the Wasm host fills this section in a later release,
-    /// so for now it must be absent or empty.
-    #[serde(default = "defaults::spanned")]
-    pub plugins: Spanned<Vec<serde_json::Value>>,
+    /// Wasm filter plugins (components of the `legate:filter/http-filter` world),
+    /// referred to by name from listeners' `http.filters`.
+    #[serde(default)]
+    pub plugins: Vec<Spanned<Plugin>>,
+}
+
+/// A Wasm filter plugin: a component, its configuration and its sandbox.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plugin {
+    /// Unique name, used in stats, logs and the 503 body of a failed plugin.
+    pub name: Name,
+    /// The `.wasm` component file (relative to the config file).
+    pub module: PathBuf,
+    /// Expected SHA-256 of the module file (64 hex digits); a mismatch refuses the load.
+    #[serde(default)]
+    pub sha256: Option<Spanned<String>>,
+    /// Any value; passed to the plugin's `configure` as JSON text (`null` if absent).
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+    /// What happens to a request when the plugin fails (trap, deadline, memory cap):
+    /// `closed` (default: answer 503 naming the plugin) or `open` (skip the plugin).
+    #[serde(default)]
+    pub fail: FailPolicy,
+    /// The plugin's sandbox limits.
+    #[serde(default)]
+    pub limits: PluginLimits,
+    /// What the plugin may reach outside itself.
+    #[serde(default)]
+    pub capabilities: Capabilities,
+}
+
+/// A plugin's failure policy.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FailPolicy {
+    /// The request fails with 503 (the safe default for auth-like filters).
+    #[default]
+    Closed,
+    /// The filter is skipped for the rest of the request.
+    Open,
+}
+
+/// Sandbox limits of a plugin.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    /// Wall-clock deadline of one call into the plugin. Default 5ms: a filter does
+    /// microseconds of work; a loop must not hold a worker.
+    #[serde(default = "defaults::plugin_cpu")]
+    pub cpu: Spanned<Dur>,
+    /// Linear-memory cap of each instance. Default 16MiB.
+    #[serde(default = "defaults::plugin_memory")]
+    pub memory: Spanned<ByteSize>,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            cpu: defaults::plugin_cpu(),
+            memory: defaults::plugin_memory(),
+        }
+    }
+}
+
+/// What a plugin may reach: upstream clusters (callouts) and KV namespaces.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    /// Clusters the plugin may send callouts to.
+    #[serde(default)]
+    pub clusters: Vec<Spanned<Name>>,
+    /// KV namespaces the plugin may open.
+    #[serde(default)]
+    pub kv: Vec<Name>,
+}
+
+/// One entry of a listener's filter chain.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterRef {
+    /// The plugin (a `plugins:` entry).
+    pub plugin: Spanned<Name>,
+}
+
+/// A route's override of one filter of the chain.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFilter {
+    /// Skip the filter on this route.
+    #[serde(default)]
+    pub disabled: bool,
+    /// Run the filter with this `config` instead of the plugin's on this route
+    /// (a separate set of instances, configured with this value).
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
 }
 
 /// The admin listener.
@@ -127,6 +219,10 @@ pub struct HttpListener {
     /// Add `via: <value>` to requests and responses; absent = no `via` header.
     #[serde(default)]
     pub via: Option<String>,
+    /// The HTTP filter chain: plugins run in this order on requests and in
+    /// reverse order on responses.
+    #[serde(default)]
+    pub filters: Vec<Spanned<FilterRef>>,
 }
 
 /// Settings of a TCP proxy listener.
@@ -342,6 +438,9 @@ pub struct Route {
     /// Response headers to change (applied before the virtual host's).
     #[serde(default)]
     pub response_headers: HeaderOps,
+    /// Per-route overrides of the listener's filters, by plugin name.
+    #[serde(default)]
+    pub filters: BTreeMap<Name, RouteFilter>,
 }
 
 /// The match part of a route; all given conditions must hold.
@@ -942,6 +1041,11 @@ mod defaults {
     }
     pub fn budget_min_concurrency() -> u32 {
         3
+    pub fn plugin_cpu() -> Spanned<Dur> {
+        unspanned(Dur::millis(5))
+    }
+    pub fn plugin_memory() -> Spanned<ByteSize> {
+        unspanned(ByteSize(16 << 20))
     }
 }
 
@@ -1020,7 +1124,7 @@ clusters:
         assert!(!c.admin.allow_non_loopback);
         assert!(c.access_log.is_none());
         assert_eq!(c.drain_timeout.get(), Duration::from_secs(30));
-        assert!(c.plugins.value.is_empty());
+        assert!(c.plugins.is_empty());
 
         let l = &c.listeners[0].value;
         let http = l.http.as_ref().unwrap();
@@ -1145,6 +1249,30 @@ clusters:
                 "`listeners[].http`",
                 at(&["listeners.http"]),
                 fields::<HttpListener>(),
+            ),
+            (
+                "`listeners[].http.filters[]`",
+                at(&["listeners.http.filters"]),
+                fields::<FilterRef>(),
+            ),
+            ("`plugins[]`", at(&["plugins"]), fields::<Plugin>()),
+            (
+                "`plugins[].limits`",
+                at(&["plugins.limits"]),
+                fields::<PluginLimits>(),
+            ),
+            (
+                "`plugins[].capabilities`",
+                at(&["plugins.capabilities"]),
+                fields::<Capabilities>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].filters`",
+                vec![
+                    format!("{ROUTE}.filters.auth"),
+                    format!("{ROUTE}.filters.headers"),
+                ],
+                fields::<RouteFilter>(),
             ),
             (
                 "`listeners[].tcp`",
@@ -1303,6 +1431,7 @@ clusters:
             variants::<RetryOn>(),
             variants::<LbPolicy>(),
             variants::<UpstreamProtocol>(),
+            variants::<FailPolicy>(),
         ]
         .concat()
     }

@@ -133,13 +133,6 @@ impl Config {
                 "this Legate reads `version: 1`",
             );
         }
-        if !self.plugins.value.is_empty() {
-            e.at(
-                &self.plugins.referenced,
-                "the `plugins` section is reserved and not supported by this Legate yet",
-                "remove the plugins or leave `plugins: []`",
-            );
-        }
         self.validate_admin(&mut e);
         if let Some(log) = &self.access_log {
             if log.path.trim().is_empty() {
@@ -181,12 +174,55 @@ impl Config {
             self.clusters.iter().map(|c| (&c.value.name, &c.referenced)),
         );
 
+        let plugins = Defined {
+            what: "plugin",
+            section: "plugins",
+            names: self.plugins.iter().map(|p| &p.value.name).collect(),
+        };
+        unique(
+            &mut e,
+            "plugin",
+            self.plugins.iter().map(|p| (&p.value.name, &p.referenced)),
+        );
+        for p in &self.plugins {
+            validate_plugin(&mut e, p, &clusters);
+        }
+
         self.validate_listener_addresses(&mut e);
         for l in &self.listeners {
             validate_listener(&mut e, l, &tables, &clusters);
+            if let Some(h) = &l.value.http {
+                for f in &h.filters {
+                    plugins.check(&mut e, &f.value.plugin);
+                }
+            }
         }
         for t in &self.routes {
             validate_route_table(&mut e, t, &clusters);
+            for vh in &t.value.virtual_hosts {
+                for r in &vh.value.routes {
+                    for (name, f) in &r.value.filters {
+                        if !plugins.names.contains(name) {
+                            e.at(
+                                &r.referenced,
+                                format!("route filter override for unknown plugin `{name}`"),
+                                "the keys of `filters:` are plugin names from `plugins:`",
+                            )
+                            .key("filters")
+                            .key(name.as_str());
+                        }
+                        if f.disabled && f.config.is_some() {
+                            e.at(
+                                &r.referenced,
+                                format!("filter `{name}` is both `disabled` and given a `config`"),
+                                "use either `disabled: true` or `config: ...`",
+                            )
+                            .key("filters")
+                            .key(name.as_str());
+                        }
+                    }
+                }
+            }
         }
         for c in &self.clusters {
             validate_cluster(&mut e, c);
@@ -469,6 +505,54 @@ const ACTIONS: [&str; 4] = [
     "redirect",
     "direct_response",
 ];
+
+fn validate_plugin(e: &mut Issues, p: &Spanned<Plugin>, clusters: &Defined<'_>) {
+    let loc = &p.referenced;
+    let p = &p.value;
+    if p.module.as_os_str().is_empty() {
+        e.at(
+            loc,
+            format!("plugin `{}`: `module` is empty", p.name),
+            "give the path of the plugin's `.wasm` component",
+        )
+        .key("module");
+    }
+    if let Some(sha) = &p.sha256 {
+        let v = &sha.value;
+        if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+            e.at(
+                &sha.referenced,
+                format!("plugin `{}`: `sha256` is not 64 hex digits", p.name),
+                "write the module's digest as printed by `sha256sum FILE`",
+            );
+        }
+    }
+    let cpu = p.limits.cpu.value.get();
+    if cpu < std::time::Duration::from_millis(1) || cpu > std::time::Duration::from_secs(10) {
+        e.at(
+            &p.limits.cpu.referenced,
+            format!(
+                "plugin `{}`: `limits.cpu` {} is out of range",
+                p.name, p.limits.cpu.value
+            ),
+            "use between `1ms` and `10s` (deadlines are enforced at 1ms granularity)",
+        );
+    }
+    let mem = p.limits.memory.value.0;
+    if !((1 << 20)..=(256 << 20)).contains(&mem) {
+        e.at(
+            &p.limits.memory.referenced,
+            format!(
+                "plugin `{}`: `limits.memory` {} is out of range",
+                p.name, p.limits.memory.value
+            ),
+            "use between `1MiB` and `256MiB`",
+        );
+    }
+    for c in &p.capabilities.clusters {
+        clusters.check(e, c);
+    }
+}
 
 fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
     let loc = &r.referenced;

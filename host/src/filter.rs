@@ -1,0 +1,524 @@
+//! The host side of HTTP filters: the [`HttpFilter`] trait every filter implements
+//! (Wasm components today; native and proxy-wasm filters plug in here too), the
+//! [`Exchange`] a filter sees, the per-config [`Filters`] (listener chains and
+//! per-route overrides) and the per-request [`Chain`] that runs them.
+//!
+//! Order (abi/README.md §1, §3): request phases run in chain order, response phases
+//! in reverse; a local response from filter *k* is seen only by the filters before
+//! *k*. A filter that changes the request head makes the route be selected again
+//! (Envoy's `clearRouteCache`): route overrides and `exchange.route-name()` always
+//! answer for the head as it is now.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode, Uri, Version};
+use rand::Rng;
+
+use crate::config::{Config, Name};
+use crate::error::{Kind, ProxyError};
+use crate::router::{Action, RouteInput, RouteTable};
+use crate::stats::Stats;
+
+/// The phases a filter wants (the WIT `phases` flags, same bit order).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Phases(pub u8);
+
+impl Phases {
+    /// `on-request-headers`.
+    pub const REQUEST_HEADERS: Phases = Phases(1);
+    /// `on-request-body`.
+    pub const REQUEST_BODY: Phases = Phases(1 << 1);
+    /// `on-request-trailers`.
+    pub const REQUEST_TRAILERS: Phases = Phases(1 << 2);
+    /// `on-response-headers`.
+    pub const RESPONSE_HEADERS: Phases = Phases(1 << 3);
+    /// `on-response-body`.
+    pub const RESPONSE_BODY: Phases = Phases(1 << 4);
+    /// `on-response-trailers`.
+    pub const RESPONSE_TRAILERS: Phases = Phases(1 << 5);
+    /// `on-log`.
+    pub const LOG: Phases = Phases(1 << 6);
+    /// `on-done`.
+    pub const DONE: Phases = Phases(1 << 7);
+
+    /// Whether every phase of `other` is in `self`.
+    pub fn contains(self, other: Phases) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+/// What a filter tells the host after a phase.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Pass the message part on.
+    Continue,
+    /// Answer locally instead.
+    Respond(LocalResponse),
+}
+
+/// A response produced by a filter.
+#[derive(Debug, Clone)]
+pub struct LocalResponse {
+    /// Status (200..=599, checked by the filter implementation).
+    pub status: StatusCode,
+    /// Headers; the host drops hop-by-hop fields and sets `content-length`.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+    /// A short token for logs.
+    pub details: String,
+}
+
+/// Facts about the downstream connection, shared by its requests.
+#[derive(Debug, Clone)]
+pub struct ConnFacts {
+    /// The client.
+    pub source: SocketAddr,
+    /// Our address the client connected to.
+    pub destination: SocketAddr,
+    /// TLS facts for TLS connections.
+    pub tls: Option<TlsFacts>,
+}
+
+/// TLS facts of a connection.
+#[derive(Debug, Clone)]
+pub struct TlsFacts {
+    /// TLS 1.3 (else 1.2).
+    pub tls13: bool,
+    /// SNI sent by the client.
+    pub sni: Option<String>,
+    /// A client certificate was presented and verified.
+    pub peer_cert_present: bool,
+    /// Its subject (RFC 4514).
+    pub peer_subject: Option<String>,
+}
+
+/// The request's route as last selected.
+#[derive(Debug, Clone, Default)]
+struct Routing {
+    valid: bool,
+    route: Option<Arc<str>>,
+    cluster: Option<String>,
+}
+
+/// One HTTP exchange as filters see it. Plain data (`Send`), so a Wasm store can hold
+/// it while the guest runs; the proxy moves the request head in before the request
+/// phases and out after.
+#[derive(Debug)]
+pub struct Exchange {
+    /// The id filters key per-exchange state by (unique in the process).
+    pub context: u64,
+    /// Request method.
+    pub method: Method,
+    /// Path and query.
+    pub path: String,
+    /// Host and optional port.
+    pub authority: String,
+    /// The downstream connection is TLS.
+    pub https: bool,
+    /// Downstream protocol.
+    pub version: Version,
+    /// Request headers (no `host`: the authority is [`Exchange::authority`]).
+    pub request_headers: HeaderMap,
+    /// Response status, once a response head exists.
+    pub status: Option<StatusCode>,
+    /// Response headers, once a response head exists.
+    pub response_headers: Option<HeaderMap>,
+    /// The connection.
+    pub conn: Arc<ConnFacts>,
+    /// `x-request-id`.
+    pub request_id: String,
+    /// When the request head was received.
+    pub start: SystemTime,
+    /// The upstream endpoint of the last attempt.
+    pub upstream: Option<SocketAddr>,
+    /// The access-log cause of a failed exchange.
+    pub cause: Option<String>,
+    table: Option<Arc<RouteTable>>,
+    routing: Routing,
+}
+
+static NEXT_CONTEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl Exchange {
+    /// A new exchange for a request head.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        method: Method,
+        path: String,
+        authority: String,
+        version: Version,
+        request_headers: HeaderMap,
+        conn: Arc<ConnFacts>,
+        request_id: String,
+        table: Option<Arc<RouteTable>>,
+    ) -> Self {
+        Exchange {
+            context: NEXT_CONTEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            method,
+            path,
+            authority,
+            https: conn.tls.is_some(),
+            version,
+            request_headers,
+            status: None,
+            response_headers: None,
+            conn,
+            request_id,
+            start: SystemTime::now(),
+            upstream: None,
+            cause: None,
+            table,
+            routing: Routing::default(),
+        }
+    }
+
+    /// An empty exchange (context 0, never live): the stand-in a Wasm store holds
+    /// between calls, swapped with the real one for the duration of a call.
+    pub fn placeholder() -> Self {
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        Exchange {
+            context: 0,
+            method: Method::GET,
+            path: String::new(),
+            authority: String::new(),
+            https: false,
+            version: Version::HTTP_11,
+            request_headers: HeaderMap::new(),
+            status: None,
+            response_headers: None,
+            conn: Arc::new(ConnFacts {
+                source: unspecified,
+                destination: unspecified,
+                tls: None,
+            }),
+            request_id: String::new(),
+            start: SystemTime::UNIX_EPOCH,
+            upstream: None,
+            cause: None,
+            table: None,
+            routing: Routing::default(),
+        }
+    }
+
+    /// Records that the request head changed: the route is selected again.
+    pub fn head_changed(&mut self) {
+        self.routing.valid = false;
+    }
+
+    fn routing(&mut self) -> &Routing {
+        if !self.routing.valid {
+            self.routing = self.select_route();
+        }
+        &self.routing
+    }
+
+    fn select_route(&self) -> Routing {
+        let mut r = Routing {
+            valid: true,
+            ..Routing::default()
+        };
+        let Some(table) = &self.table else { return r };
+        let Ok(uri) = self.path.parse::<Uri>() else {
+            return r;
+        };
+        let input = RouteInput {
+            method: &self.method,
+            uri: &uri,
+            authority: &self.authority,
+            headers: &self.request_headers,
+            scheme_https: self.https,
+        };
+        if let Some(m) = table.route(&input) {
+            r.route = Some(m.route.name.clone());
+            r.cluster = match &m.route.action {
+                Action::Cluster(n) => Some(n.to_string()),
+                Action::Weighted(w) => Some(w.pick(rand::rng().random()).to_string()),
+                Action::Redirect(_) | Action::Direct { .. } => None,
+            };
+        }
+        r
+    }
+
+    /// The route selected for the current head.
+    pub fn route_name(&mut self) -> Option<Arc<str>> {
+        self.routing().route.clone()
+    }
+
+    /// The cluster the current head goes to (`None` for local answers).
+    pub fn cluster(&mut self) -> Option<String> {
+        self.routing().cluster.clone()
+    }
+}
+
+/// An HTTP filter: one loaded plugin (configured), shared by every worker. An
+/// implementation keeps its per-worker state (Wasm instances) itself, keyed by the
+/// `worker` index it is called with; calls for one worker come from that worker's
+/// thread only.
+pub trait HttpFilter: Send + Sync {
+    /// The plugin name (stats, logs, the 503 body).
+    fn name(&self) -> &str;
+    /// The phases it declared.
+    fn phases(&self) -> Phases;
+    /// `fail: open`: a failure skips the filter instead of failing the request.
+    fn fail_open(&self) -> bool;
+    /// The request head. `Err` is a failure (trap, deadline, invalid return).
+    fn on_request_headers(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String>;
+    /// The response head (`x.status`, `x.response_headers` are set).
+    fn on_response_headers(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String>;
+    /// After the response (read-only).
+    fn on_log(&self, worker: usize, x: &mut Exchange);
+    /// The exchange is over; always called for a filter that saw the exchange, so
+    /// the implementation can free per-exchange state (it calls the guest only if
+    /// the `done` phase was declared).
+    fn on_done(&self, worker: usize, context: u64);
+}
+
+/// Loads filters for a config. The Wasm host registers itself here; tests and native
+/// filters can use any other implementation.
+pub type Loader =
+    fn(&Config, &Arc<Stats>) -> anyhow::Result<HashMap<FilterKey, Arc<dyn HttpFilter>>>;
+
+/// A filter instance set: a plugin, with the route's `config` override if any.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FilterKey {
+    /// Plugin name.
+    pub plugin: Name,
+    /// `None`: the plugin's own config; `Some(json)`: a route's override.
+    pub config_override: Option<String>,
+}
+
+/// What a route does with one filter of the chain.
+#[derive(Clone)]
+enum RouteChoice {
+    Disabled,
+    Use(Arc<dyn HttpFilter>),
+}
+
+/// One entry of a listener's chain.
+#[derive(Clone)]
+struct Slot {
+    filter: Arc<dyn HttpFilter>,
+    /// By route name.
+    routes: HashMap<Arc<str>, RouteChoice>,
+}
+
+impl Slot {
+    fn resolve(&self, route: Option<&Arc<str>>) -> Option<Arc<dyn HttpFilter>> {
+        match route.and_then(|r| self.routes.get(r)) {
+            Some(RouteChoice::Disabled) => None,
+            Some(RouteChoice::Use(f)) => Some(f.clone()),
+            None => Some(self.filter.clone()),
+        }
+    }
+}
+
+/// The filter chains of one config version: per listener, with route overrides.
+#[derive(Default)]
+pub struct Filters {
+    chains: HashMap<Name, Arc<[Slot]>>,
+}
+
+impl Filters {
+    /// Builds the chains from the config, loading every plugin with `load`.
+    pub fn build(config: &Config, stats: &Arc<Stats>, load: Loader) -> anyhow::Result<Self> {
+        if config.plugins.is_empty() {
+            return Ok(Filters::default());
+        }
+        let loaded = load(config, stats)?;
+        // Route overrides by plugin: route name → choice.
+        let mut overrides: HashMap<&Name, HashMap<Arc<str>, RouteChoice>> = HashMap::new();
+        for t in &config.routes {
+            for vh in &t.value.virtual_hosts {
+                for (i, r) in vh.value.routes.iter().enumerate() {
+                    let route_name: Arc<str> = match &r.value.name {
+                        Some(n) => n.as_str().into(),
+                        None => format!("{}/{i}", vh.value.name).into(),
+                    };
+                    for (plugin, f) in &r.value.filters {
+                        let choice = if f.disabled {
+                            RouteChoice::Disabled
+                        } else {
+                            let key = FilterKey {
+                                plugin: plugin.clone(),
+                                config_override: f.config.as_ref().map(|c| c.to_string()),
+                            };
+                            match loaded.get(&key) {
+                                Some(f) => RouteChoice::Use(f.clone()),
+                                None => continue,
+                            }
+                        };
+                        overrides
+                            .entry(plugin)
+                            .or_default()
+                            .insert(route_name.clone(), choice);
+                    }
+                }
+            }
+        }
+        let mut chains = HashMap::new();
+        for l in &config.listeners {
+            let Some(http) = &l.value.http else { continue };
+            if http.filters.is_empty() {
+                continue;
+            }
+            let mut slots = Vec::new();
+            for f in &http.filters {
+                let name = &f.value.plugin.value;
+                let key = FilterKey {
+                    plugin: name.clone(),
+                    config_override: None,
+                };
+                let filter = loaded
+                    .get(&key)
+                    .ok_or_else(|| anyhow::anyhow!("plugin `{name}` was not loaded"))?
+                    .clone();
+                slots.push(Slot {
+                    filter,
+                    routes: overrides.get(name).cloned().unwrap_or_default(),
+                });
+            }
+            chains.insert(l.value.name.clone(), slots.into());
+        }
+        Ok(Filters { chains })
+    }
+
+    /// Starts the chain of `listener` for one exchange; `None` if it has no filters.
+    pub fn start(&self, listener: &Name, worker: usize, x: Exchange) -> Option<Chain> {
+        let slots = self.chains.get(listener)?.clone();
+        Some(Chain {
+            worker,
+            slots,
+            x,
+            entered: Vec::new(),
+            skipped: Vec::new(),
+            responded: None,
+        })
+    }
+}
+
+/// One exchange's run through a listener's chain.
+pub struct Chain {
+    worker: usize,
+    slots: Arc<[Slot]>,
+    /// The exchange.
+    pub x: Exchange,
+    /// Filters that took part (not disabled by the route), in chain order; response
+    /// phases run over them in reverse.
+    entered: Vec<Arc<dyn HttpFilter>>,
+    /// Indices into `entered` of filters bypassed after a fail-open failure.
+    skipped: Vec<usize>,
+    /// The filter that answered from its request phase (it gets no response phase).
+    responded: Option<usize>,
+}
+
+/// The failure policy applied to a failed call: `Ok(())` if the filter is skipped
+/// (fail open), the request's error otherwise.
+fn failure(f: &dyn HttpFilter, phase: &str, why: &str) -> Result<(), ProxyError> {
+    tracing::warn!(plugin = f.name(), phase, "plugin failure: {why}");
+    if f.fail_open() {
+        Ok(())
+    } else {
+        Err(ProxyError::new(Kind::PluginFailure, f.name()))
+    }
+}
+
+impl Chain {
+    /// Runs the request-headers phase of every filter in chain order. `Some` is a
+    /// local response that replaces the upstream (the filters before the one that
+    /// answered will see it in their response phases).
+    pub fn on_request_headers(
+        &mut self,
+        end_of_stream: bool,
+    ) -> Result<Option<LocalResponse>, ProxyError> {
+        let slots = self.slots.clone();
+        for slot in slots.iter() {
+            let route = self.x.route_name();
+            let Some(f) = slot.resolve(route.as_ref()) else {
+                continue;
+            };
+            if !f.phases().contains(Phases::REQUEST_HEADERS) {
+                self.entered.push(f);
+                continue;
+            }
+            match f.on_request_headers(self.worker, &mut self.x, end_of_stream) {
+                Ok(Verdict::Continue) => self.entered.push(f),
+                Ok(Verdict::Respond(lr)) => {
+                    // `f` itself never sees its own local response; it still gets
+                    // log/done.
+                    self.entered.push(f);
+                    self.responded = Some(self.entered.len() - 1);
+                    return Ok(Some(lr));
+                }
+                Err(why) => {
+                    // Entered either way, so `finish` frees its context.
+                    self.entered.push(f.clone());
+                    self.skipped.push(self.entered.len() - 1);
+                    failure(&*f, "request_headers", &why)?;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs the response-headers phase in reverse chain order over the response head
+    /// in `x.status`/`x.response_headers`. `Some` is a local response replacing the
+    /// response (status and headers are already in `x`; the body is returned).
+    pub fn on_response_headers(
+        &mut self,
+        end_of_stream: bool,
+    ) -> Result<Option<Bytes>, ProxyError> {
+        let mut replaced = None;
+        let mut eos = end_of_stream;
+        for i in (0..self.entered.len()).rev() {
+            if self.skipped.contains(&i) || self.responded == Some(i) {
+                continue;
+            }
+            let f = self.entered[i].clone();
+            if !f.phases().contains(Phases::RESPONSE_HEADERS) {
+                continue;
+            }
+            match f.on_response_headers(self.worker, &mut self.x, eos) {
+                Ok(Verdict::Continue) => {}
+                Ok(Verdict::Respond(lr)) => {
+                    eos = lr.body.is_empty();
+                    self.x.status = Some(lr.status);
+                    self.x.response_headers = Some(lr.headers);
+                    replaced = Some(lr.body);
+                }
+                Err(why) => {
+                    failure(&*f, "response_headers", &why)?;
+                    self.skipped.push(i);
+                }
+            }
+        }
+        Ok(replaced)
+    }
+
+    /// The exchange is over: `on-log` then `on-done` for every filter that took part
+    /// (in chain order, as Envoy's access loggers run).
+    pub fn finish(mut self) {
+        for (i, f) in self.entered.iter().enumerate() {
+            if !self.skipped.contains(&i) && f.phases().contains(Phases::LOG) {
+                f.on_log(self.worker, &mut self.x);
+            }
+        }
+        for f in &self.entered {
+            f.on_done(self.worker, self.x.context);
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! The one `bindgen!` of the `legate:filter/http-filter@0.1.0` world (abi/wit).
+//!
+//! WIT resources are mapped with `with:` to the host types in [`super::host`], so
+//! `Resource<T>` handles are typed and the same host types can serve a future 0.2
+//! binding set side by side (abi/README.md §12). Every import may trap (a dangling
+//! handle, a broken host invariant), so all imports are `trappable`. Exports are
+//! generated async only because WASI's host side is async in wasmtime-wasi (its sync
+//! wrappers start a nested tokio runtime, which panics on a worker thread);
+//! `plugin::run_inline` polls each call to completion in place.
+
+wasmtime::component::bindgen!({
+    world: "http-filter",
+    path: "../abi/wit",
+    imports: { default: trappable },
+    exports: { default: async },
+    with: {
+        "legate:filter/types.buffer": super::host::BufferRes,
+        "legate:filter/http.headers": super::host::HeadersRes,
+        "legate:filter/http.exchange": super::host::ExchangeRes,
+        "legate:filter/metrics.counter": super::host::MetricRes,
+        "legate:filter/metrics.gauge": super::host::MetricRes,
+        "legate:filter/metrics.histogram": super::host::MetricRes,
+        "legate:filter/kv.namespace": super::host::NamespaceRes,
+    },
+});

@@ -1,0 +1,1068 @@
+//! The host side of every interface a plugin imports: the store's data
+//! ([`HostState`]), the resource types `bindings.rs` maps the WIT resources to, and
+//! the `Host` trait impls (`http`, `types`, `log`, `clock`, `random`, `metrics`,
+//! `kv`, `callout`, `plugin`), plus WASI linked with nothing granted.
+//!
+//! Handles are entries in the store's `ResourceTable` naming the exchange (`context`)
+//! and the message part they point at; the data itself stays in the [`Exchange`] the
+//! proxy moved into the store for the duration of a call. A handle used when its
+//! exchange is not the one in the store is dangling and traps (abi/README.md §8).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::HeaderMap;
+use rand::RngCore;
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::legate::filter::{
+    callout, clock, http as whttp, kv, log, metrics, plugin, random, types,
+};
+use crate::filter::Exchange;
+use crate::stats::{Counter, Gauge, Histogram, Stats};
+
+type Error = types::Error;
+
+/// A `buffer` handle. No phase that hands out buffers is supported yet (body phases
+/// are refused at load), so none is ever created.
+pub struct BufferRes;
+
+/// Which map a `headers` handle points at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Request headers.
+    Request,
+    /// Response headers.
+    Response,
+}
+
+/// A `headers` handle: one map of one exchange.
+pub struct HeadersRes {
+    context: u64,
+    part: Part,
+}
+
+/// An `exchange` handle.
+pub struct ExchangeRes {
+    context: u64,
+}
+
+/// A metric handle (counter, gauge or histogram series).
+pub struct MetricRes {
+    def: Arc<MetricDef>,
+    series: Series,
+}
+
+/// A `kv.namespace` handle. KV is not supported yet (plugins granted namespaces are
+/// refused at load), so none is ever created.
+pub struct NamespaceRes;
+
+#[derive(Clone)]
+enum Series {
+    Counter(Counter),
+    Gauge(Gauge),
+    Histogram(Histogram),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// A metric a plugin defined (shared by all its instances).
+pub struct MetricDef {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricKind,
+    labels: Vec<String>,
+}
+
+/// What every instance of one plugin shares: its name, stats and metrics.
+pub struct PluginShared {
+    /// Plugin name.
+    pub name: Arc<str>,
+    /// The process's metrics registry.
+    pub stats: Arc<Stats>,
+    metrics: Mutex<HashMap<String, Arc<MetricDef>>>,
+    series: AtomicUsize,
+}
+
+impl PluginShared {
+    /// The shared state of plugin `name`.
+    pub fn new(name: &str, stats: Arc<Stats>) -> Self {
+        PluginShared {
+            name: name.into(),
+            stats,
+            metrics: Mutex::default(),
+            series: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Metrics and series caps (abi/README.md §7).
+const MAX_METRICS: usize = 100;
+const MAX_SERIES: usize = 1000;
+const MAX_LOG: usize = 4096;
+
+/// What a call is allowed to do now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// `configure`.
+    Configure,
+    /// `on-request-headers`: the request head is writable.
+    RequestHeaders,
+    /// `on-response-headers`: the response head is writable.
+    ResponseHeaders,
+    /// `on-log`, `on-done`: read-only.
+    ReadOnly,
+}
+
+/// The data of one instance's store.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// The memory cap.
+    pub limits: StoreLimits,
+    /// The plugin.
+    pub plugin: Arc<PluginShared>,
+    /// The worker index.
+    pub worker: u32,
+    /// The current call's phase.
+    pub phase: Phase,
+    /// The exchange of the current call, swapped in by the caller and back out after
+    /// (a placeholder between calls).
+    pub x: Exchange,
+    /// Whether a per-exchange call is running (`x` is live).
+    pub in_exchange: bool,
+    /// The per-worker memory gauge (`None` for load-time check instances).
+    pub memory_gauge: Option<Gauge>,
+    /// Bytes of linear memory this instance holds (for the memory gauge).
+    pub memory_bytes: usize,
+}
+
+impl HostState {
+    /// A store's data for an instance of `plugin` on worker `worker`.
+    pub fn new(plugin: Arc<PluginShared>, worker: u32, memory_cap: usize) -> Self {
+        // WASI with nothing granted: no preopens, env, args, sockets or name lookup;
+        // stdin is empty, stdout and stderr are discarded.
+        let mut b = WasiCtxBuilder::new();
+        b.allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        HostState {
+            wasi: b.build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(memory_cap)
+                .trap_on_grow_failure(true)
+                .build(),
+            plugin,
+            worker,
+            phase: Phase::Configure,
+            x: Exchange::placeholder(),
+            in_exchange: false,
+            memory_gauge: None,
+            memory_bytes: 0,
+        }
+    }
+
+    /// A handle for the current exchange, to pass to a phase.
+    pub fn exchange_handle(&mut self, context: u64) -> wasmtime::Result<Resource<ExchangeRes>> {
+        Ok(self.table.push(ExchangeRes { context })?)
+    }
+
+    /// A handle for a header map of the current exchange.
+    pub fn headers_handle(
+        &mut self,
+        context: u64,
+        part: Part,
+    ) -> wasmtime::Result<Resource<HeadersRes>> {
+        Ok(self.table.push(HeadersRes { context, part })?)
+    }
+
+    /// Drops handles made for a call (borrows end with the call).
+    pub fn drop_handle<T: 'static>(&mut self, r: Resource<T>) {
+        let _ = self.table.delete(r);
+    }
+
+    fn exchange(&mut self, context: u64) -> wasmtime::Result<&mut Exchange> {
+        match &mut self.x {
+            x if self.in_exchange && x.context == context => Ok(x),
+            _ => Err(wasmtime::format_err!(
+                "dangling handle: exchange {context} is not live in this call"
+            )),
+        }
+    }
+
+    fn exchange_of(&mut self, r: &Resource<ExchangeRes>) -> wasmtime::Result<&mut Exchange> {
+        let context = self.table.get(r)?.context;
+        self.exchange(context)
+    }
+
+    /// The map behind a headers handle and whether it may be written now.
+    fn headers_of(
+        &mut self,
+        r: &Resource<HeadersRes>,
+    ) -> wasmtime::Result<(Option<&mut HeaderMap>, bool, Part)> {
+        let h = self.table.get(r)?;
+        let (context, part) = (h.context, h.part);
+        let phase = self.phase;
+        let x = self.exchange(context)?;
+        let (map, writable) = match part {
+            Part::Request => (Some(&mut x.request_headers), phase == Phase::RequestHeaders),
+            Part::Response => (x.response_headers.as_mut(), phase == Phase::ResponseHeaders),
+        };
+        Ok((map, writable, part))
+    }
+}
+
+impl Drop for HostState {
+    fn drop(&mut self) {
+        if let Some(g) = &self.memory_gauge {
+            g.set(g.get() - i64::try_from(self.memory_bytes).unwrap_or(0));
+        }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl wasmtime::ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = self.limits.memory_growing(current, desired, maximum)?;
+        if ok {
+            let delta = desired.saturating_sub(current);
+            self.memory_bytes += delta;
+            if let Some(g) = &self.memory_gauge {
+                g.set(g.get() + i64::try_from(delta).unwrap_or(0));
+            }
+        }
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+}
+
+// ---- http ----
+
+/// Fields the host owns (framing, connection management): never writable by a filter.
+fn denied_field(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "upgrade"
+            | "trailer"
+            | "host"
+            | "content-length"
+    )
+}
+
+fn field_name(name: &str) -> Result<HeaderName, Error> {
+    HeaderName::from_bytes(name.as_bytes()).map_err(|_| Error::InvalidArgument)
+}
+
+impl whttp::Host for HostState {}
+
+impl whttp::HostHeaders for HostState {
+    fn get(&mut self, r: Resource<HeadersRes>, name: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        let (map, _, _) = self.headers_of(&r)?;
+        Ok(map
+            .and_then(|m| m.get(name.as_str()))
+            .map(|v| v.as_bytes().to_vec()))
+    }
+
+    fn get_all(&mut self, r: Resource<HeadersRes>, name: String) -> wasmtime::Result<Vec<Vec<u8>>> {
+        let (map, _, _) = self.headers_of(&r)?;
+        Ok(map
+            .map(|m| {
+                m.get_all(name.as_str())
+                    .iter()
+                    .map(|v| v.as_bytes().to_vec())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn has(&mut self, r: Resource<HeadersRes>, name: String) -> wasmtime::Result<bool> {
+        let (map, _, _) = self.headers_of(&r)?;
+        Ok(map.is_some_and(|m| m.contains_key(name.as_str())))
+    }
+
+    fn len(&mut self, r: Resource<HeadersRes>) -> wasmtime::Result<u32> {
+        let (map, _, _) = self.headers_of(&r)?;
+        Ok(map.map_or(0, |m| u32::try_from(m.len()).unwrap_or(u32::MAX)))
+    }
+
+    fn set(
+        &mut self,
+        r: Resource<HeadersRes>,
+        name: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        self.write_field(r, &name, Some(value), true)
+    }
+
+    fn add(
+        &mut self,
+        r: Resource<HeadersRes>,
+        name: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        self.write_field(r, &name, Some(value), false)
+    }
+
+    fn remove(
+        &mut self,
+        r: Resource<HeadersRes>,
+        name: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        self.write_field(r, &name, None, true)
+    }
+
+    fn entries(&mut self, r: Resource<HeadersRes>) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
+        let (map, _, _) = self.headers_of(&r)?;
+        Ok(map
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn drop(&mut self, r: Resource<HeadersRes>) -> wasmtime::Result<()> {
+        self.table.delete(r)?;
+        Ok(())
+    }
+}
+
+impl HostState {
+    /// `set` (replace), `add` (append) or `remove` (value `None`) one field.
+    fn write_field(
+        &mut self,
+        r: Resource<HeadersRes>,
+        name: &str,
+        value: Option<Vec<u8>>,
+        replace: bool,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        let name = match field_name(name) {
+            Ok(n) => n,
+            Err(e) => return Ok(Err(e)),
+        };
+        let removing_length = value.is_none() && name == header::CONTENT_LENGTH;
+        if denied_field(&name) && !removing_length {
+            return Ok(Err(Error::Denied));
+        }
+        let value = match value.map(|v| HeaderValue::from_bytes(&v)).transpose() {
+            Ok(v) => v,
+            Err(_) => return Ok(Err(Error::InvalidArgument)),
+        };
+        let (map, writable, part) = self.headers_of(&r)?;
+        let Some(map) = map else {
+            return Ok(Err(Error::InvalidState));
+        };
+        if !writable {
+            return Ok(Err(Error::InvalidState));
+        }
+        match value {
+            None => {
+                map.remove(&name);
+            }
+            Some(v) if replace => {
+                map.insert(name, v);
+            }
+            Some(v) => {
+                map.append(name, v);
+            }
+        }
+        if part == Part::Request {
+            let context = self.table.get(&r)?.context;
+            self.exchange(context)?.head_changed();
+        }
+        Ok(Ok(()))
+    }
+}
+
+fn socket_address(a: std::net::SocketAddr) -> types::SocketAddress {
+    let ip = match a.ip() {
+        std::net::IpAddr::V4(v) => {
+            let o = v.octets();
+            types::IpAddress::Ipv4((o[0], o[1], o[2], o[3]))
+        }
+        std::net::IpAddr::V6(v) => {
+            let s = v.segments();
+            types::IpAddress::Ipv6((s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]))
+        }
+    };
+    types::SocketAddress { ip, port: a.port() }
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// A request-line value: no CR, LF, NUL, space or `#`.
+fn clean_target(s: &str) -> bool {
+    !s.bytes()
+        .any(|b| matches!(b, b'\r' | b'\n' | 0 | b' ' | b'#') || b < 0x20 || b == 0x7f)
+}
+
+impl whttp::HostExchange for HostState {
+    fn method(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<String> {
+        Ok(self.exchange_of(&r)?.method.as_str().to_string())
+    }
+
+    fn set_method(
+        &mut self,
+        r: Resource<ExchangeRes>,
+        method: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        let writable = self.phase == Phase::RequestHeaders;
+        let x = self.exchange_of(&r)?;
+        let Ok(m) = http::Method::from_bytes(method.as_bytes()) else {
+            return Ok(Err(Error::InvalidArgument));
+        };
+        if !writable {
+            return Ok(Err(Error::InvalidState));
+        }
+        x.method = m;
+        x.head_changed();
+        Ok(Ok(()))
+    }
+
+    fn path(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<String> {
+        Ok(self.exchange_of(&r)?.path.clone())
+    }
+
+    fn set_path(
+        &mut self,
+        r: Resource<ExchangeRes>,
+        path: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        let writable = self.phase == Phase::RequestHeaders;
+        let x = self.exchange_of(&r)?;
+        if !path.starts_with('/') || !clean_target(&path) || path.parse::<http::Uri>().is_err() {
+            return Ok(Err(Error::InvalidArgument));
+        }
+        if !writable {
+            return Ok(Err(Error::InvalidState));
+        }
+        x.path = path;
+        x.head_changed();
+        Ok(Ok(()))
+    }
+
+    fn scheme(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<String> {
+        let https = self.exchange_of(&r)?.https;
+        Ok(if https { "https" } else { "http" }.to_string())
+    }
+
+    fn authority(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<String> {
+        Ok(self.exchange_of(&r)?.authority.clone())
+    }
+
+    fn set_authority(
+        &mut self,
+        r: Resource<ExchangeRes>,
+        authority: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        let writable = self.phase == Phase::RequestHeaders;
+        let x = self.exchange_of(&r)?;
+        if authority.is_empty()
+            || authority.parse::<http::uri::Authority>().is_err()
+            || authority.contains('@')
+        {
+            return Ok(Err(Error::InvalidArgument));
+        }
+        if !writable {
+            return Ok(Err(Error::InvalidState));
+        }
+        x.authority = authority;
+        x.head_changed();
+        Ok(Ok(()))
+    }
+
+    fn http_version(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<whttp::HttpVersion> {
+        Ok(match self.exchange_of(&r)?.version {
+            http::Version::HTTP_2 => whttp::HttpVersion::Http2,
+            http::Version::HTTP_10 | http::Version::HTTP_09 => whttp::HttpVersion::Http10,
+            _ => whttp::HttpVersion::Http11,
+        })
+    }
+
+    fn status(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<Option<u16>> {
+        Ok(self.exchange_of(&r)?.status.map(|s| s.as_u16()))
+    }
+
+    fn set_status(
+        &mut self,
+        r: Resource<ExchangeRes>,
+        status: u16,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        let writable = self.phase == Phase::ResponseHeaders;
+        let x = self.exchange_of(&r)?;
+        if !(200..=599).contains(&status) {
+            return Ok(Err(Error::InvalidArgument));
+        }
+        if !writable || x.status.is_none() {
+            return Ok(Err(Error::InvalidState));
+        }
+        x.status = http::StatusCode::from_u16(status).ok();
+        Ok(Ok(()))
+    }
+
+    fn headers(
+        &mut self,
+        r: Resource<ExchangeRes>,
+        direction: types::Direction,
+    ) -> wasmtime::Result<Option<Resource<HeadersRes>>> {
+        let x = self.exchange_of(&r)?;
+        let context = x.context;
+        let part = match direction {
+            types::Direction::Request => Part::Request,
+            types::Direction::Response if x.response_headers.is_some() => Part::Response,
+            types::Direction::Response => return Ok(None),
+        };
+        Ok(Some(self.headers_handle(context, part)?))
+    }
+
+    fn body(
+        &mut self,
+        r: Resource<ExchangeRes>,
+        _direction: types::Direction,
+    ) -> wasmtime::Result<Option<Resource<BufferRes>>> {
+        self.exchange_of(&r)?;
+        // Body phases are not supported yet: the host never holds body data for a
+        // filter.
+        Ok(None)
+    }
+
+    fn trailers(
+        &mut self,
+        r: Resource<ExchangeRes>,
+        _direction: types::Direction,
+    ) -> wasmtime::Result<Option<Resource<HeadersRes>>> {
+        self.exchange_of(&r)?;
+        Ok(None)
+    }
+
+    fn set_body_mode(
+        &mut self,
+        r: Resource<ExchangeRes>,
+        _direction: types::Direction,
+        _mode: types::BodyMode,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        self.exchange_of(&r)?;
+        // No plugin with a body phase loads yet, so the body phase of either
+        // direction is never declared (abi/README.md: `invalid-state`).
+        Ok(Err(Error::InvalidState))
+    }
+
+    fn source_address(
+        &mut self,
+        r: Resource<ExchangeRes>,
+    ) -> wasmtime::Result<types::SocketAddress> {
+        Ok(socket_address(self.exchange_of(&r)?.conn.source))
+    }
+
+    fn destination_address(
+        &mut self,
+        r: Resource<ExchangeRes>,
+    ) -> wasmtime::Result<types::SocketAddress> {
+        Ok(socket_address(self.exchange_of(&r)?.conn.destination))
+    }
+
+    fn tls_version(
+        &mut self,
+        r: Resource<ExchangeRes>,
+    ) -> wasmtime::Result<Option<types::TlsVersion>> {
+        Ok(self.exchange_of(&r)?.conn.tls.as_ref().map(|t| {
+            if t.tls13 {
+                types::TlsVersion::Tls13
+            } else {
+                types::TlsVersion::Tls12
+            }
+        }))
+    }
+
+    fn tls_sni(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<Option<String>> {
+        Ok(self
+            .exchange_of(&r)?
+            .conn
+            .tls
+            .as_ref()
+            .and_then(|t| t.sni.clone()))
+    }
+
+    fn tls_peer_certificate_presented(
+        &mut self,
+        r: Resource<ExchangeRes>,
+    ) -> wasmtime::Result<bool> {
+        Ok(self
+            .exchange_of(&r)?
+            .conn
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.peer_cert_present))
+    }
+
+    fn tls_peer_subject(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<Option<String>> {
+        Ok(self
+            .exchange_of(&r)?
+            .conn
+            .tls
+            .as_ref()
+            .and_then(|t| t.peer_subject.clone()))
+    }
+
+    fn route_name(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<Option<String>> {
+        Ok(self.exchange_of(&r)?.route_name().map(|n| n.to_string()))
+    }
+
+    fn cluster(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<Option<String>> {
+        Ok(self.exchange_of(&r)?.cluster())
+    }
+
+    fn upstream_address(
+        &mut self,
+        r: Resource<ExchangeRes>,
+    ) -> wasmtime::Result<Option<types::SocketAddress>> {
+        Ok(self.exchange_of(&r)?.upstream.map(socket_address))
+    }
+
+    fn request_id(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<String> {
+        Ok(self.exchange_of(&r)?.request_id.clone())
+    }
+
+    fn start_time(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<u64> {
+        Ok(unix_nanos(self.exchange_of(&r)?.start))
+    }
+
+    fn cause(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<Option<String>> {
+        Ok(self.exchange_of(&r)?.cause.clone())
+    }
+
+    fn drop(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<()> {
+        self.table.delete(r)?;
+        Ok(())
+    }
+}
+
+// ---- types: buffer ----
+
+fn no_buffer<T>() -> wasmtime::Result<T> {
+    Err(wasmtime::format_err!(
+        "dangling handle: no buffer exists (body phases are not supported by this host)"
+    ))
+}
+
+impl types::Host for HostState {}
+
+impl types::HostBuffer for HostState {
+    fn len(&mut self, _r: Resource<BufferRes>) -> wasmtime::Result<u64> {
+        no_buffer()
+    }
+    fn read(
+        &mut self,
+        _r: Resource<BufferRes>,
+        _offset: u64,
+        _max: u64,
+    ) -> wasmtime::Result<Vec<u8>> {
+        no_buffer()
+    }
+    fn replace(
+        &mut self,
+        _r: Resource<BufferRes>,
+        _data: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        no_buffer()
+    }
+    fn splice(
+        &mut self,
+        _r: Resource<BufferRes>,
+        _offset: u64,
+        _remove: u64,
+        _data: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        no_buffer()
+    }
+    fn drop(&mut self, r: Resource<BufferRes>) -> wasmtime::Result<()> {
+        self.table.delete(r)?;
+        Ok(())
+    }
+}
+
+// ---- log, clock, random, plugin ----
+
+impl log::Host for HostState {
+    fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        let mut msg = message;
+        if msg.len() > MAX_LOG {
+            let mut cut = MAX_LOG;
+            while !msg.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            msg.truncate(cut);
+            msg.push_str("…[truncated]");
+        }
+        let plugin = &*self.plugin.name;
+        match level {
+            log::Level::Trace => tracing::trace!(plugin, "{msg}"),
+            log::Level::Debug => tracing::debug!(plugin, "{msg}"),
+            log::Level::Info => tracing::info!(plugin, "{msg}"),
+            log::Level::Warn => tracing::warn!(plugin, "{msg}"),
+            log::Level::Error => tracing::error!(plugin, "{msg}"),
+        }
+        Ok(())
+    }
+
+    fn enabled(&mut self, level: log::Level) -> wasmtime::Result<bool> {
+        Ok(match level {
+            log::Level::Trace => tracing::enabled!(tracing::Level::TRACE),
+            log::Level::Debug => tracing::enabled!(tracing::Level::DEBUG),
+            log::Level::Info => tracing::enabled!(tracing::Level::INFO),
+            log::Level::Warn => tracing::enabled!(tracing::Level::WARN),
+            log::Level::Error => tracing::enabled!(tracing::Level::ERROR),
+        })
+    }
+}
+
+/// The monotonic clock's origin: fixed for the process.
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+impl clock::Host for HostState {
+    fn wall_now(&mut self) -> wasmtime::Result<u64> {
+        Ok(unix_nanos(SystemTime::now()))
+    }
+    fn monotonic_now(&mut self) -> wasmtime::Result<u64> {
+        Ok(u64::try_from(origin().elapsed().as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+impl random::Host for HostState {
+    fn get_bytes(&mut self, len: u32) -> wasmtime::Result<Result<Vec<u8>, Error>> {
+        if len > 65536 {
+            return Ok(Err(Error::LimitExceeded));
+        }
+        let mut v = vec![0u8; len as usize];
+        rand::rng().fill_bytes(&mut v);
+        Ok(Ok(v))
+    }
+    fn get_u64(&mut self) -> wasmtime::Result<u64> {
+        Ok(rand::rng().next_u64())
+    }
+}
+
+impl plugin::Host for HostState {
+    fn name(&mut self) -> wasmtime::Result<String> {
+        Ok(self.plugin.name.to_string())
+    }
+    fn instance_index(&mut self) -> wasmtime::Result<u32> {
+        Ok(self.worker)
+    }
+}
+
+// ---- metrics ----
+
+/// Stats names are `&'static str`; plugin metric names are made static once each
+/// (bounded: at most `MAX_METRICS` per plugin, the same name reuses its string).
+fn intern(s: String) -> &'static str {
+    static INTERNED: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
+    let mut map = INTERNED
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(s) = map.get(&s) {
+        return s;
+    }
+    let leaked: &'static str = Box::leak(s.clone().into_boxed_str());
+    map.insert(s, leaked);
+    leaked
+}
+
+fn metric_name_ok(s: &str) -> bool {
+    let mut b = s.bytes();
+    s.len() <= 64
+        && b.next().is_some_and(|c| c.is_ascii_lowercase())
+        && b.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+}
+
+impl HostState {
+    fn define(
+        &mut self,
+        kind: MetricKind,
+        name: String,
+        help: String,
+        labels: Vec<String>,
+    ) -> wasmtime::Result<Result<Resource<MetricRes>, Error>> {
+        if self.phase != Phase::Configure {
+            return Ok(Err(Error::InvalidState));
+        }
+        if !metric_name_ok(&name) || labels.iter().any(|l| !metric_name_ok(l) || l == "plugin") {
+            return Ok(Err(Error::InvalidArgument));
+        }
+        let def = {
+            let mut defs = self
+                .plugin
+                .metrics
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match defs.get(&name) {
+                Some(d) if d.kind == kind && d.labels == labels => d.clone(),
+                Some(_) => return Ok(Err(Error::InvalidArgument)),
+                None if defs.len() >= MAX_METRICS => return Ok(Err(Error::LimitExceeded)),
+                None => {
+                    let d = Arc::new(MetricDef {
+                        name: intern(format!("legate_plugin_{name}")),
+                        help: intern(help),
+                        kind,
+                        labels,
+                    });
+                    defs.insert(name, d.clone());
+                    d
+                }
+            }
+        };
+        let empty = vec![String::new(); def.labels.len()];
+        match self.series(&def, &empty) {
+            Ok(series) => Ok(Ok(self.table.push(MetricRes { def, series })?)),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    fn series(&self, def: &MetricDef, values: &[String]) -> Result<Series, Error> {
+        if values.len() != def.labels.len() || values.iter().any(|v| v.len() > 128) {
+            return Err(Error::InvalidArgument);
+        }
+        let mut labels: Vec<(&str, &str)> = vec![("plugin", &*self.plugin.name)];
+        labels.extend(
+            def.labels
+                .iter()
+                .map(String::as_str)
+                .zip(values.iter().map(String::as_str)),
+        );
+        if self.plugin.series.fetch_add(1, Relaxed) >= MAX_SERIES {
+            self.plugin.series.fetch_sub(1, Relaxed);
+            return Err(Error::LimitExceeded);
+        }
+        let stats = &self.plugin.stats;
+        Ok(match def.kind {
+            MetricKind::Counter => Series::Counter(stats.counter(def.name, def.help, &labels)),
+            MetricKind::Gauge => Series::Gauge(stats.gauge(def.name, def.help, &labels)),
+            MetricKind::Histogram => {
+                Series::Histogram(stats.histogram(def.name, def.help, &labels))
+            }
+        })
+    }
+
+    fn with_labels(
+        &mut self,
+        r: &Resource<MetricRes>,
+        values: Vec<String>,
+    ) -> wasmtime::Result<Result<Resource<MetricRes>, Error>> {
+        let def = self.table.get(r)?.def.clone();
+        match self.series(&def, &values) {
+            Ok(series) => Ok(Ok(self.table.push(MetricRes { def, series })?)),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    fn metric(&mut self, r: &Resource<MetricRes>) -> wasmtime::Result<Series> {
+        Ok(self.table.get(r)?.series.clone())
+    }
+}
+
+impl metrics::Host for HostState {
+    fn define_counter(
+        &mut self,
+        name: String,
+        help: String,
+        labels: Vec<String>,
+    ) -> wasmtime::Result<Result<Resource<MetricRes>, Error>> {
+        self.define(MetricKind::Counter, name, help, labels)
+    }
+    fn define_gauge(
+        &mut self,
+        name: String,
+        help: String,
+        labels: Vec<String>,
+    ) -> wasmtime::Result<Result<Resource<MetricRes>, Error>> {
+        self.define(MetricKind::Gauge, name, help, labels)
+    }
+    fn define_histogram(
+        &mut self,
+        name: String,
+        help: String,
+        labels: Vec<String>,
+        _buckets: Vec<f64>,
+    ) -> wasmtime::Result<Result<Resource<MetricRes>, Error>> {
+        // The stats module has one fixed bucket layout (seconds, 0.5ms..1800s); guest
+        // buckets are accepted and the host's are used.
+        self.define(MetricKind::Histogram, name, help, labels)
+    }
+}
+
+impl metrics::HostCounter for HostState {
+    fn add(&mut self, r: Resource<MetricRes>, delta: u64) -> wasmtime::Result<()> {
+        if let Series::Counter(c) = self.metric(&r)? {
+            c.add(delta);
+        }
+        Ok(())
+    }
+    fn with_labels(
+        &mut self,
+        r: Resource<MetricRes>,
+        values: Vec<String>,
+    ) -> wasmtime::Result<Result<Resource<MetricRes>, Error>> {
+        HostState::with_labels(self, &r, values)
+    }
+    fn drop(&mut self, r: Resource<MetricRes>) -> wasmtime::Result<()> {
+        self.table.delete(r)?;
+        Ok(())
+    }
+}
+
+impl metrics::HostGauge for HostState {
+    fn set(&mut self, r: Resource<MetricRes>, value: i64) -> wasmtime::Result<()> {
+        if let Series::Gauge(g) = self.metric(&r)? {
+            g.set(value);
+        }
+        Ok(())
+    }
+    fn add(&mut self, r: Resource<MetricRes>, delta: i64) -> wasmtime::Result<()> {
+        if let Series::Gauge(g) = self.metric(&r)? {
+            g.set(g.get().saturating_add(delta));
+        }
+        Ok(())
+    }
+    fn with_labels(
+        &mut self,
+        r: Resource<MetricRes>,
+        values: Vec<String>,
+    ) -> wasmtime::Result<Result<Resource<MetricRes>, Error>> {
+        HostState::with_labels(self, &r, values)
+    }
+    fn drop(&mut self, r: Resource<MetricRes>) -> wasmtime::Result<()> {
+        self.table.delete(r)?;
+        Ok(())
+    }
+}
+
+impl metrics::HostHistogram for HostState {
+    fn observe(&mut self, r: Resource<MetricRes>, value: f64) -> wasmtime::Result<()> {
+        if let Series::Histogram(h) = self.metric(&r)? {
+            if value.is_finite() && value >= 0.0 {
+                h.observe(Duration::from_secs_f64(value.min(1e9)));
+            }
+        }
+        Ok(())
+    }
+    fn with_labels(
+        &mut self,
+        r: Resource<MetricRes>,
+        values: Vec<String>,
+    ) -> wasmtime::Result<Result<Resource<MetricRes>, Error>> {
+        HostState::with_labels(self, &r, values)
+    }
+    fn drop(&mut self, r: Resource<MetricRes>) -> wasmtime::Result<()> {
+        self.table.delete(r)?;
+        Ok(())
+    }
+}
+
+// ---- kv, callout: capability-gated; nothing can be granted yet ----
+
+impl kv::Host for HostState {
+    fn open(&mut self, _name: String) -> wasmtime::Result<Result<Resource<NamespaceRes>, Error>> {
+        // Plugins granted KV namespaces are refused at load, so no namespace is
+        // granted to a running plugin.
+        Ok(Err(Error::Denied))
+    }
+}
+
+impl kv::HostNamespace for HostState {
+    fn get(
+        &mut self,
+        _r: Resource<NamespaceRes>,
+        _key: String,
+    ) -> wasmtime::Result<Result<Option<kv::Entry>, Error>> {
+        Ok(Err(Error::Unavailable))
+    }
+    fn set(
+        &mut self,
+        _r: Resource<NamespaceRes>,
+        _key: String,
+        _value: Vec<u8>,
+        _condition: kv::WriteCondition,
+        _ttl: Option<u64>,
+    ) -> wasmtime::Result<Result<u64, Error>> {
+        Ok(Err(Error::Unavailable))
+    }
+    fn delete(
+        &mut self,
+        _r: Resource<NamespaceRes>,
+        _key: String,
+        _condition: kv::WriteCondition,
+    ) -> wasmtime::Result<Result<bool, Error>> {
+        Ok(Err(Error::Unavailable))
+    }
+    fn increment(
+        &mut self,
+        _r: Resource<NamespaceRes>,
+        _key: String,
+        _delta: i64,
+        _ttl: Option<u64>,
+    ) -> wasmtime::Result<Result<i64, Error>> {
+        Ok(Err(Error::Unavailable))
+    }
+    fn drop(&mut self, r: Resource<NamespaceRes>) -> wasmtime::Result<()> {
+        self.table.delete(r)?;
+        Ok(())
+    }
+}
+
+impl callout::Host for HostState {
+    fn send(&mut self, _request: callout::CalloutRequest) -> wasmtime::Result<Result<u64, Error>> {
+        if self.phase == Phase::Configure || self.phase == Phase::ReadOnly {
+            return Ok(Err(Error::InvalidState));
+        }
+        // Plugins granted clusters are refused at load: no cluster is granted.
+        Ok(Err(Error::Denied))
+    }
+    fn cancel(&mut self, _id: u64) -> wasmtime::Result<Result<(), Error>> {
+        Ok(Err(Error::NotFound))
+    }
+}

@@ -1,0 +1,600 @@
+//! A loaded Wasm plugin ([`WasmFilter`], an [`HttpFilter`]) and its instances:
+//! one per worker (Envoy's VM-per-worker), created lazily on the worker's thread,
+//! configured, and replaced after a failure with backoff.
+//!
+//! Calls are synchronous and bounded by the epoch deadline. The store is async-capable
+//! only because WASI's host functions are async inside wasmtime-wasi and its sync
+//! wrappers would start a nested tokio runtime on a worker thread; our own imports
+//! never wait, so each call is polled to completion in place ([`run_inline`]).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, StatusCode};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Store, Trap};
+
+use super::bindings::exports::legate::filter::http_handler::HttpSetup;
+use super::bindings::legate::filter::http as whttp;
+use super::bindings::{HttpFilter as World, HttpFilterPre};
+use super::engine;
+use super::host::{HostState, Part, Phase, PluginShared};
+use crate::filter::{Exchange, HttpFilter, LocalResponse, Phases, Verdict};
+use crate::stats::{Counter, Gauge, Histogram, Stats};
+
+/// Deadline of `configure` (abi/README.md §2).
+const CONFIGURE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Polls a future that never waits on anything outside the call to completion.
+/// Guest code that does wait (a WASI pollable) spins here until its deadline traps it.
+pub fn run_inline<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// How a plugin is run.
+pub struct Settings {
+    /// `configure`'s argument.
+    pub config_json: String,
+    /// Per-call deadline.
+    pub cpu: Duration,
+    /// Memory cap per instance.
+    pub memory: usize,
+    /// `fail: open`.
+    pub fail_open: bool,
+}
+
+/// Per-plugin counters on `/stats`.
+struct PluginStats {
+    calls: HashMap<&'static str, Counter>,
+    failures: Counter,
+    traps: Counter,
+    timeouts: Counter,
+    memory_exceeded: Counter,
+    restarts: Counter,
+    duration: Histogram,
+    instances: Gauge,
+}
+
+impl PluginStats {
+    fn new(stats: &Stats, name: &str) -> Self {
+        let l = [("plugin", name)];
+        let calls = [
+            "configure",
+            "request_headers",
+            "response_headers",
+            "log",
+            "done",
+        ]
+        .into_iter()
+        .map(|p| {
+            (
+                p,
+                stats.counter(
+                    "legate_plugin_calls_total",
+                    "Calls into a plugin, by phase.",
+                    &[("plugin", name), ("phase", p)],
+                ),
+            )
+        })
+        .collect();
+        PluginStats {
+            calls,
+            failures: stats.counter(
+                "legate_plugin_failures_total",
+                "Failed plugin calls (traps, deadlines, memory cap, invalid results).",
+                &l,
+            ),
+            traps: stats.counter(
+                "legate_plugin_traps_total",
+                "Plugin calls that trapped (a guest panic or other trap), excluding deadlines and the memory cap.",
+                &l,
+            ),
+            timeouts: stats.counter(
+                "legate_plugin_timeouts_total",
+                "Plugin calls stopped at their CPU deadline.",
+                &l,
+            ),
+            memory_exceeded: stats.counter(
+                "legate_plugin_memory_exceeded_total",
+                "Plugin calls stopped for growing memory past the cap.",
+                &l,
+            ),
+            restarts: stats.counter(
+                "legate_plugin_instance_restarts_total",
+                "Instances created to replace one that failed.",
+                &l,
+            ),
+            duration: stats.histogram(
+                "legate_plugin_call_duration_seconds",
+                "Time spent in plugin calls.",
+                &l,
+            ),
+            instances: stats.gauge(
+                "legate_plugin_instances",
+                "Live plugin instances (one per worker once used).",
+                &l,
+            ),
+        }
+    }
+}
+
+/// A plugin loaded and configured: what every worker instantiates from.
+pub struct WasmFilter {
+    /// Unique per load, so per-worker instances of an older config are never reused.
+    id: u64,
+    shared: Arc<PluginShared>,
+    pre: HttpFilterPre<HostState>,
+    settings: Settings,
+    phases: Phases,
+    stats: PluginStats,
+}
+
+/// One live instance on a worker.
+struct Live {
+    store: Store<HostState>,
+    bindings: World,
+    /// Contexts whose request started on this instance (a context from a replaced
+    /// instance gets the failure policy without a call).
+    contexts: HashSet<u64>,
+}
+
+/// A worker's slot for one plugin.
+#[derive(Default)]
+struct Slot {
+    live: Option<Live>,
+    /// A failed instance is not replaced before this.
+    not_before: Option<Instant>,
+    backoff: Duration,
+    failed_before: bool,
+}
+
+thread_local! {
+    /// This worker's instances, by `WasmFilter::id`.
+    static INSTANCES: RefCell<HashMap<u64, Slot>> = RefCell::default();
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Why a call failed.
+enum Failure {
+    /// The guest trapped, ran out of time or memory: the instance is dead.
+    Trap(String),
+    /// The guest returned something invalid: the instance is kept.
+    Invalid(String),
+}
+
+/// The linker: WASI (nothing granted) and the plugin ABI.
+fn linker() -> anyhow::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine::engine()?);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
+    World::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
+        .map_err(|e| anyhow::anyhow!("linking the plugin ABI: {e}"))?;
+    Ok(linker)
+}
+
+fn phases_of(setup: &HttpSetup) -> Phases {
+    use whttp::Phases as P;
+    let p = setup.phases;
+    let mut out = 0u8;
+    for (flag, bit) in [
+        (P::REQUEST_HEADERS, Phases::REQUEST_HEADERS),
+        (P::REQUEST_BODY, Phases::REQUEST_BODY),
+        (P::REQUEST_TRAILERS, Phases::REQUEST_TRAILERS),
+        (P::RESPONSE_HEADERS, Phases::RESPONSE_HEADERS),
+        (P::RESPONSE_BODY, Phases::RESPONSE_BODY),
+        (P::RESPONSE_TRAILERS, Phases::RESPONSE_TRAILERS),
+        (P::LOG, Phases::LOG),
+        (P::DONE, Phases::DONE),
+    ] {
+        if p.contains(flag) {
+            out |= bit.0;
+        }
+    }
+    Phases(out)
+}
+
+/// What this host does not run yet; a plugin that asks for it is refused at load
+/// rather than silently not called.
+fn unsupported(setup: &HttpSetup) -> Option<&'static str> {
+    let p = phases_of(setup);
+    if p.contains(Phases::REQUEST_BODY) || p.contains(Phases::RESPONSE_BODY) {
+        return Some("body phases (`request-body`, `response-body`)");
+    }
+    if p.contains(Phases::REQUEST_TRAILERS) || p.contains(Phases::RESPONSE_TRAILERS) {
+        return Some("trailer phases (`request-trailers`, `response-trailers`)");
+    }
+    if setup.tick_interval_ms > 0 {
+        return Some("ticks (`tick-interval-ms` > 0)");
+    }
+    None
+}
+
+fn describe(e: &wasmtime::Error, cpu: Duration) -> (&'static str, String) {
+    if let Some(t) = e.downcast_ref::<Trap>() {
+        if *t == Trap::Interrupt {
+            return (
+                "timeout",
+                format!("call exceeded its CPU deadline ({cpu:?})"),
+            );
+        }
+    }
+    let text = format!("{e:#}");
+    if text.contains("growing memory") || text.contains("memory") && text.contains("limit") {
+        return ("memory", format!("memory cap exceeded: {text}"));
+    }
+    ("trap", format!("trap: {text}"))
+}
+
+impl WasmFilter {
+    /// Compiles, links and configures a plugin once (on the calling thread) to check
+    /// it: a bad module, a missing import, a `configure` error or an unsupported
+    /// feature is an error naming the plugin.
+    pub fn load(
+        name: &str,
+        component: &Component,
+        settings: Settings,
+        stats: &Arc<Stats>,
+    ) -> anyhow::Result<Self> {
+        let linker = linker()?;
+        let pre = linker.instantiate_pre(component).map_err(|e| {
+            anyhow::anyhow!("plugin `{name}`: the component does not fit this host: {e:#}")
+        })?;
+        let pre = HttpFilterPre::new(pre).map_err(|e| {
+            anyhow::anyhow!(
+                "plugin `{name}`: the component does not export \
+                 `legate:filter/http-handler@0.1.x`: {e:#}"
+            )
+        })?;
+        let shared = Arc::new(PluginShared::new(name, stats.clone()));
+        let mut f = WasmFilter {
+            id: NEXT_ID.fetch_add(1, Relaxed),
+            shared,
+            pre,
+            settings,
+            phases: Phases::default(),
+            stats: PluginStats::new(stats, name),
+        };
+        let (_, setup) = f
+            .instantiate(u32::MAX, false)
+            .map_err(|e| anyhow::anyhow!("plugin `{name}`: {e}"))?;
+        if let Some(what) = unsupported(&setup) {
+            anyhow::bail!(
+                "plugin `{name}`: declares {what}, which this Legate does not support yet"
+            );
+        }
+        f.phases = phases_of(&setup);
+        Ok(f)
+    }
+
+    /// A new configured instance. `Err` carries the plugin's own message for a
+    /// `configure` error.
+    fn instantiate(&self, worker: u32, track: bool) -> Result<(Live, HttpSetup), String> {
+        let mut state = HostState::new(self.shared.clone(), worker, self.settings.memory);
+        if track {
+            state.memory_gauge = Some(self.shared.stats.gauge(
+                "legate_plugin_memory_bytes",
+                "Linear memory of a plugin's instances, per worker.",
+                &[
+                    ("plugin", &*self.shared.name),
+                    ("worker", &worker.to_string()),
+                ],
+            ));
+        }
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
+        store.set_epoch_deadline(engine::ticks(CONFIGURE_DEADLINE));
+        let bindings = run_inline(self.pre.instantiate_async(&mut store))
+            .map_err(|e| format!("cannot instantiate: {e:#}"))?;
+        self.stats.calls["configure"].inc();
+        store.data_mut().phase = Phase::Configure;
+        let r = run_inline(
+            bindings
+                .legate_filter_http_handler()
+                .call_configure(&mut store, &self.settings.config_json),
+        );
+        match r {
+            Ok(Ok(setup)) => Ok((
+                Live {
+                    store,
+                    bindings,
+                    contexts: HashSet::new(),
+                },
+                setup,
+            )),
+            Ok(Err(msg)) => Err(format!("configure failed: {msg}")),
+            Err(e) => Err(format!(
+                "configure failed: {}",
+                describe(&e, CONFIGURE_DEADLINE).1
+            )),
+        }
+    }
+
+    /// Runs `call` on this worker's instance (creating it if needed) with `x` swapped
+    /// into the store. A trap drops the instance.
+    fn with_instance<R>(
+        &self,
+        worker: usize,
+        phase: Phase,
+        x: Option<&mut Exchange>,
+        new_context: bool,
+        call: impl FnOnce(&mut Live) -> wasmtime::Result<Result<R, String>>,
+    ) -> Result<R, String> {
+        INSTANCES.with(|cell| {
+            let mut map = cell.borrow_mut();
+            let slot = map.entry(self.id).or_default();
+            let context = x.as_ref().map(|x| x.context);
+            if slot.live.is_none() {
+                if !new_context {
+                    return Err("the instance this exchange started on failed".to_string());
+                }
+                if slot.not_before.is_some_and(|t| Instant::now() < t) {
+                    return Err("no instance (restarting after a failure)".to_string());
+                }
+                let w = u32::try_from(worker).unwrap_or(u32::MAX);
+                match self.instantiate(w, true) {
+                    Ok((live, _)) => {
+                        if slot.failed_before {
+                            self.stats.restarts.inc();
+                        }
+                        self.stats.instances.inc();
+                        slot.live = Some(live);
+                    }
+                    Err(e) => {
+                        self.fail_slot(slot);
+                        return Err(e);
+                    }
+                }
+            }
+            let Some(live) = slot.live.as_mut() else {
+                return Err("no instance".to_string());
+            };
+            if let Some(c) = context {
+                if new_context {
+                    live.contexts.insert(c);
+                } else if !live.contexts.contains(&c) {
+                    return Err("the instance this exchange started on failed".to_string());
+                }
+            }
+            let data = live.store.data_mut();
+            data.phase = phase;
+            data.in_exchange = x.is_some();
+            let mut x = x;
+            if let Some(x) = x.as_deref_mut() {
+                std::mem::swap(x, &mut data.x);
+            }
+            live.store
+                .set_epoch_deadline(engine::ticks(self.settings.cpu));
+            let started = Instant::now();
+            let result = call(live);
+            self.stats.duration.observe(started.elapsed());
+            let data = live.store.data_mut();
+            if let Some(x) = x {
+                std::mem::swap(x, &mut data.x);
+            }
+            data.in_exchange = false;
+            let outcome = match result {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(invalid)) => Err(Failure::Invalid(invalid)),
+                Err(e) => {
+                    let (class, text) = describe(&e, self.settings.cpu);
+                    match class {
+                        "timeout" => self.stats.timeouts.inc(),
+                        "memory" => self.stats.memory_exceeded.inc(),
+                        _ => self.stats.traps.inc(),
+                    }
+                    Err(Failure::Trap(text))
+                }
+            };
+            match outcome {
+                Ok(r) => Ok(r),
+                Err(Failure::Invalid(why)) => {
+                    self.stats.failures.inc();
+                    Err(why)
+                }
+                Err(Failure::Trap(why)) => {
+                    self.stats.failures.inc();
+                    // The instance is dead: wasmtime does not re-enter a trapped
+                    // component instance, and its state may be inconsistent anyway.
+                    slot.live = None;
+                    self.stats.instances.dec();
+                    self.fail_slot(slot);
+                    Err(why)
+                }
+            }
+        })
+    }
+
+    /// Backoff before the next instance: none after a first failure (a one-off
+    /// panic costs one request), doubling from 100ms to 5s while failures repeat.
+    fn fail_slot(&self, slot: &mut Slot) {
+        let now = Instant::now();
+        let repeated = slot
+            .not_before
+            .is_some_and(|t| now < t + Duration::from_secs(1));
+        slot.backoff = if repeated {
+            (slot.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
+        } else {
+            Duration::ZERO
+        };
+        slot.not_before = Some(now + slot.backoff);
+        slot.failed_before = true;
+    }
+
+    fn phase_call(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        request: bool,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String> {
+        let (phase, label) = if request {
+            (Phase::RequestHeaders, "request_headers")
+        } else {
+            (Phase::ResponseHeaders, "response_headers")
+        };
+        self.stats.calls[label].inc();
+        let context = x.context;
+        self.with_instance(worker, phase, Some(x), request, |live| {
+            let data = live.store.data_mut();
+            let xr = data.exchange_handle(context)?;
+            let part = if request {
+                Part::Request
+            } else {
+                Part::Response
+            };
+            let hr = data.headers_handle(context, part)?;
+            let (xr2, hr2) = (
+                wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep()),
+                wasmtime::component::Resource::<super::host::HeadersRes>::new_own(hr.rep()),
+            );
+            let h = live.bindings.legate_filter_http_handler();
+            let action = if request {
+                run_inline(h.call_on_request_headers(
+                    &mut live.store,
+                    context,
+                    xr,
+                    hr,
+                    end_of_stream,
+                ))
+            } else {
+                run_inline(h.call_on_response_headers(
+                    &mut live.store,
+                    context,
+                    xr,
+                    hr,
+                    end_of_stream,
+                ))
+            };
+            let data = live.store.data_mut();
+            data.drop_handle(xr2);
+            data.drop_handle(hr2);
+            Ok(action?).map(|a| match a {
+                whttp::Action::Continue => Ok(Verdict::Continue),
+                whttp::Action::Pause => {
+                    Err("returned `pause` with no outstanding callout".to_string())
+                }
+                whttp::Action::Respond(lr) => local_response(lr).map(Verdict::Respond),
+            })
+        })
+    }
+}
+
+/// Checks and converts a guest's local response (an invalid one is a failure of
+/// the call, abi/README.md §3.5).
+fn local_response(lr: whttp::LocalResponse) -> Result<LocalResponse, String> {
+    if !(200..=599).contains(&lr.status) {
+        return Err(format!(
+            "local response status {} is outside 200..=599",
+            lr.status
+        ));
+    }
+    let status =
+        StatusCode::from_u16(lr.status).map_err(|_| format!("bad status {}", lr.status))?;
+    let mut headers = HeaderMap::new();
+    for (name, value) in lr.headers {
+        let n = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("local response header name `{name}` is invalid"))?;
+        let v = HeaderValue::from_bytes(&value)
+            .map_err(|_| format!("local response header `{name}` has an invalid value"))?;
+        headers.append(n, v);
+    }
+    Ok(LocalResponse {
+        status,
+        headers,
+        body: Bytes::from(lr.body),
+        details: lr.details,
+    })
+}
+
+impl HttpFilter for WasmFilter {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn phases(&self) -> Phases {
+        self.phases
+    }
+
+    fn fail_open(&self) -> bool {
+        self.settings.fail_open
+    }
+
+    fn on_request_headers(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String> {
+        self.phase_call(worker, x, true, end_of_stream)
+    }
+
+    fn on_response_headers(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String> {
+        self.phase_call(worker, x, false, end_of_stream)
+    }
+
+    fn on_log(&self, worker: usize, x: &mut Exchange) {
+        self.stats.calls["log"].inc();
+        let context = x.context;
+        let r = self.with_instance(worker, Phase::ReadOnly, Some(x), false, |live| {
+            let xr = live.store.data_mut().exchange_handle(context)?;
+            let xr2 = wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep());
+            let r = run_inline(live.bindings.legate_filter_http_handler().call_on_log(
+                &mut live.store,
+                context,
+                xr,
+            ));
+            live.store.data_mut().drop_handle(xr2);
+            r.map(Ok)
+        });
+        if let Err(e) = r {
+            tracing::warn!(plugin = self.name(), "on-log failed: {e}");
+        }
+    }
+
+    fn on_done(&self, worker: usize, context: u64) {
+        let was_live = INSTANCES.with(|cell| {
+            cell.borrow_mut()
+                .get_mut(&self.id)
+                .and_then(|s| s.live.as_mut())
+                .is_some_and(|live| live.contexts.remove(&context))
+        });
+        // Not called for a context whose instance failed (abi/README.md §3.2).
+        if !was_live || !self.phases.contains(Phases::DONE) {
+            return;
+        }
+        self.stats.calls["done"].inc();
+        // The context was just removed from the live set; `on-done` is a plugin-level
+        // call that names it.
+        let r = self.with_instance(worker, Phase::ReadOnly, None, false, |live| {
+            run_inline(
+                live.bindings
+                    .legate_filter_http_handler()
+                    .call_on_done(&mut live.store, context),
+            )
+            .map(Ok)
+        });
+        if let Err(e) = r {
+            tracing::warn!(plugin = self.name(), "on-done failed: {e}");
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Test guest for the Wasm host: one component, behaviour chosen by the plugin's
+//! `config`, a JSON object `{"mode": ..., "phases": ..., "tag": ...}`:
+//!
+//! - `headers`: sets request header `x-filter: <tag or plugin name>` and response
+//!   header `x-filter-resp: <tag or plugin name>`; echoes the route and request-id
+//!   seen into `x-seen-route` / `x-seen-request-id` response headers.
+//! - `respond`: answers 401 locally unless the request has `x-api-key`.
+//! - `cookies`: on the response, counts `set-cookie` values (`x-cookie-count`) and
+//!   adds one more.
+//! - `rewrite`: rewrites a path starting `/old` to `/new` (the host re-routes).
+//! - `hostile`: path `/panic` panics, `/loop` loops forever, `/oom` allocates
+//!   without bound; anything else passes.
+//! - `bad-config`: `configure` fails with a message.
+//! - `metrics`: counts requests in counter `requests{method}`.
+//!
+//! `phases` is a comma list of `rq` (request headers), `rs` (response headers),
+//! `log`, `done`; default `rq,rs`.
+
+wit_bindgen::generate!({ world: "http-filter", path: "../../abi/wit" });
+
+use std::cell::RefCell;
+
+use exports::legate::filter::http_handler::Guest;
+use legate::filter::callout::CalloutResponse;
+use legate::filter::http::{Action, Exchange, Headers, HttpSetup, LocalResponse, Phases};
+use legate::filter::metrics::Counter;
+use legate::filter::types::{BodyMode, Buffer, Error};
+
+struct Cfg {
+    mode: String,
+    tag: String,
+}
+
+thread_local! {
+    static CFG: RefCell<Cfg> = RefCell::new(Cfg { mode: String::new(), tag: String::new() });
+    static REQUESTS: RefCell<Option<Counter>> = const { RefCell::new(None) };
+    static HOARD: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `"key":"value"` from compact JSON (the host serializes config without spaces).
+fn field(json: &str, key: &str) -> Option<String> {
+    let pat = format!("\"{key}\":\"");
+    let start = json.find(&pat)? + pat.len();
+    let end = json[start..].find('"')? + start;
+    Some(json[start..end].to_string())
+}
+
+fn mode() -> String {
+    CFG.with(|c| c.borrow().mode.clone())
+}
+
+fn tag() -> String {
+    CFG.with(|c| c.borrow().tag.clone())
+}
+
+struct Plugin;
+
+impl Guest for Plugin {
+    fn configure(config: String) -> Result<HttpSetup, String> {
+        let mode = field(&config, "mode").unwrap_or_else(|| "headers".into());
+        if mode == "bad-config" {
+            return Err("bad-config: the `mode` asked this plugin to refuse".into());
+        }
+        let tag = field(&config, "tag").unwrap_or_else(legate::filter::plugin::name);
+        let mut phases = Phases::empty();
+        for p in field(&config, "phases").unwrap_or_else(|| "rq,rs".into()).split(',') {
+            phases |= match p {
+                "rq" => Phases::REQUEST_HEADERS,
+                "rs" => Phases::RESPONSE_HEADERS,
+                "rqbody" => Phases::REQUEST_BODY,
+                "log" => Phases::LOG,
+                "done" => Phases::DONE,
+                _ => return Err(format!("unknown phase `{p}`")),
+            };
+        }
+        if mode == "metrics" {
+            let c = legate::filter::metrics::define_counter(
+                "requests",
+                "Requests seen by the test plugin.",
+                &["method".to_string()],
+            )
+            .map_err(|e| format!("define-counter: {e:?}"))?;
+            REQUESTS.with(|r| *r.borrow_mut() = Some(c));
+        }
+        CFG.with(|c| *c.borrow_mut() = Cfg { mode, tag });
+        Ok(HttpSetup {
+            phases,
+            request_body_mode: BodyMode::Streamed,
+            response_body_mode: BodyMode::Skipped,
+            tick_interval_ms: 0,
+        })
+    }
+
+    fn on_tick() {}
+
+    fn on_tick_callout_response(_id: u64, _r: Result<CalloutResponse, Error>) {}
+
+    fn on_request_headers(_c: u64, x: &Exchange, h: &Headers, _eos: bool) -> Action {
+        match mode().as_str() {
+            "headers" => {
+                let _ = h.set("x-filter", tag().as_bytes());
+                Action::Continue
+            }
+            "respond" if !h.has("x-api-key") => Action::Respond(LocalResponse {
+                status: 401,
+                headers: vec![
+                    ("www-authenticate".into(), b"ApiKey".to_vec()),
+                    ("connection".into(), b"x-dropped-by-host".to_vec()),
+                ],
+                body: b"denied by plugin\n".to_vec(),
+                details: "missing_api_key".into(),
+            }),
+            "rewrite" => {
+                let p = x.path();
+                if let Some(rest) = p.strip_prefix("/old") {
+                    let _ = x.set_path(&format!("/new{rest}"));
+                }
+                Action::Continue
+            }
+            "hostile" => {
+                let p = x.path();
+                if p.starts_with("/panic") {
+                    panic!("hostile guest panics on purpose");
+                }
+                if p.starts_with("/loop") {
+                    let mut n: u64 = 0;
+                    loop {
+                        n = std::hint::black_box(n.wrapping_add(1));
+                    }
+                }
+                if p.starts_with("/oom") {
+                    HOARD.with(|h| loop {
+                        h.borrow_mut().push(vec![1u8; 1 << 20]);
+                    });
+                }
+                Action::Continue
+            }
+            "metrics" => {
+                REQUESTS.with(|r| {
+                    if let Some(c) = r.borrow().as_ref() {
+                        if let Ok(s) = c.with_labels(&[x.method()]) {
+                            s.add(1);
+                        }
+                    }
+                });
+                Action::Continue
+            }
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_request_body(_c: u64, _x: &Exchange, _b: &Buffer, _eos: bool) -> Action {
+        Action::Continue
+    }
+
+    fn on_request_trailers(_c: u64, _x: &Exchange, _t: &Headers) -> Action {
+        Action::Continue
+    }
+
+    fn on_response_headers(_c: u64, x: &Exchange, h: &Headers, _eos: bool) -> Action {
+        match mode().as_str() {
+            "headers" => {
+                let _ = h.set("x-filter-resp", tag().as_bytes());
+                let route = x.route_name().unwrap_or_default();
+                let _ = h.set("x-seen-route", route.as_bytes());
+                let _ = h.set("x-seen-request-id", x.request_id().as_bytes());
+                if let Some(req) = x.headers(legate::filter::types::Direction::Request) {
+                    if let Some(v) = req.get("x-filter") {
+                        let _ = h.set("x-seen-request-filter", &v);
+                    }
+                }
+                Action::Continue
+            }
+            "cookies" => {
+                let n = h.get_all("set-cookie").len();
+                let _ = h.set("x-cookie-count", n.to_string().as_bytes());
+                let _ = h.add("set-cookie", b"added=by-plugin");
+                Action::Continue
+            }
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_response_body(_c: u64, _x: &Exchange, _b: &Buffer, _eos: bool) -> Action {
+        Action::Continue
+    }
+
+    fn on_response_trailers(_c: u64, _x: &Exchange, _t: &Headers) -> Action {
+        Action::Continue
+    }
+
+    fn on_log(_c: u64, _x: &Exchange) {}
+
+    fn on_callout_response(
+        _c: u64,
+        _x: &Exchange,
+        _id: u64,
+        _r: Result<CalloutResponse, Error>,
+    ) -> Action {
+        Action::Continue
+    }
+
+    fn on_done(_c: u64) {}
+}
+
+export!(Plugin);

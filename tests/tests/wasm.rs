@@ -1,0 +1,498 @@
+//! Wasm filter plugins in the request path: a real component (tests/guests, built
+//! for wasm32-wasip2 once per test process) run by a real Legate against a real
+//! upstream. The one guest crate's behaviour is picked by the plugin `config`
+//! (`{mode: ...}`), so the fixtures build in one compile.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use legate_tests::*;
+
+/// The guest component, built once per test process.
+fn guest() -> &'static Path {
+    static WASM: OnceLock<PathBuf> = OnceLock::new();
+    WASM.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let target_dir = root.join("target").join("guests");
+        let out = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
+            .arg(root.join("tests/guests/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .output()
+            .expect("run cargo build for the test guests");
+        assert!(
+            out.status.success(),
+            "building tests/guests for wasm32-wasip2 failed (is the target installed? \
+             `rustup target add wasm32-wasip2`):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let wasm = target_dir.join("wasm32-wasip2/release/legate_test_guests.wasm");
+        assert!(wasm.is_file(), "{} was not built", wasm.display());
+        wasm
+    })
+}
+
+/// One plugin entry (indented for `plugins:`).
+fn plugin(name: &str, config: &str, extra: &str) -> String {
+    // A generous deadline for well-behaved guests, so a busy test machine never trips
+    // it; the deadline tests set their own.
+    let limits = if extra.contains("limits:") {
+        ""
+    } else {
+        "    limits: { cpu: 500ms }\n"
+    };
+    format!(
+        "  - name: {name}\n    module: {}\n    config: {config}\n{limits}{extra}",
+        guest().display()
+    )
+}
+
+/// Listener `web` with the filter chain `chain`; routes `/off` and `/over` (with the
+/// route keys `off` and `over`, e.g. filter overrides), `/new` (a direct response),
+/// the rest to the upstream.
+fn config(up: SocketAddr, plugins: &str, chain: &[&str], off: &str, over: &str) -> String {
+    let chain: Vec<String> = chain.iter().map(|p| format!("{{ plugin: {p} }}")).collect();
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - name: off
+            match: {{ prefix: /off }}
+            cluster: backend
+{off}          - name: over
+            match: {{ prefix: /over }}
+            cluster: backend
+{over}          - name: new
+            match: {{ prefix: /new }}
+            direct_response: {{ status: 200, body: \"the new route\" }}
+          - name: rest
+            match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+plugins:
+{plugins}",
+        chain.join(", ")
+    )
+}
+
+fn simple(up: SocketAddr, plugins: &str, chain: &[&str]) -> String {
+    config(up, plugins, chain, "", "")
+}
+
+fn calls(plugin: &str, phase: &str) -> String {
+    format!("legate_plugin_calls_total{{plugin=\"{plugin}\",phase=\"{phase}\"}}")
+}
+
+each_proto!(
+    async fn adds_headers_on_request_and_response(proto) {
+        let up = upstream().start().await;
+        let p = plugin("tagger", "{ mode: headers }", "");
+        let lg = legate().config(&simple(up.addr, &p, &["tagger"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/a?b=1").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.header("x-filter"), Some("tagger"));
+        assert_eq!(e.path, "/a?b=1");
+        assert_eq!(r.header("x-filter-resp"), Some("tagger"));
+        assert_eq!(r.header("x-seen-route"), Some("rest"));
+        assert_eq!(r.header("x-seen-request-filter"), Some("tagger"));
+        assert_eq!(r.header("x-seen-request-id"), e.header("x-request-id"));
+        lg.assert_stat(&calls("tagger", "request_headers"), 1.0).await;
+        lg.assert_stat(&calls("tagger", "response_headers"), 1.0).await;
+        lg.assert_stat(r#"legate_plugin_instances{plugin="tagger"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    async fn local_response_replaces_upstream(proto) {
+        let up = upstream().start().await;
+        let p = plugin("auth", "{ mode: respond }", "")
+            + &plugin("outer", "{ mode: headers }", "");
+        // `outer` runs first, so it sees auth's local response in its response phase.
+        let lg = legate()
+            .config(&simple(up.addr, &p, &["outer", "auth"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/private").send().await;
+        assert_eq!(r.status, 401);
+        assert_eq!(r.text(), "denied by plugin\n");
+        assert_eq!(r.header("www-authenticate"), Some("ApiKey"));
+        assert_eq!(r.header("content-length"), Some("17"));
+        assert_eq!(r.header("connection"), None, "hop-by-hop header kept");
+        assert_eq!(r.header("x-filter-resp"), Some("outer"));
+        assert_eq!(up.requests.get(), 0, "the upstream was called");
+
+        let r = c.get("/private").header("x-api-key", "k").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(up.requests.get(), 1);
+    }
+);
+
+each_proto!(
+    async fn set_cookie_values_stay_separate(proto) {
+        let up = upstream()
+            .route("/cookies", |_req| async {
+                let mut r = Response::new(Full::new(Bytes::from("c")));
+                r.headers_mut()
+                    .append("set-cookie", HeaderValue::from_static("a=1"));
+                r.headers_mut()
+                    .append("set-cookie", HeaderValue::from_static("b=2"));
+                r
+            })
+            .start()
+            .await;
+        let p = plugin("jar", "{ mode: cookies }", "");
+        let lg = legate().config(&simple(up.addr, &p, &["jar"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/cookies").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-cookie-count"), Some("2"));
+        assert_eq!(
+            r.header_all("set-cookie"),
+            vec!["a=1", "b=2", "added=by-plugin"]
+        );
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_declared_phases_are_called() {
+    let up = upstream().start().await;
+    let p = plugin("reqonly", "{ mode: headers, phases: rq }", "");
+    let lg = legate().config(&simple(up.addr, &p, &["reqonly"])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    for _ in 0..3 {
+        let r = c.get("/x").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.echo().header("x-filter"), Some("reqonly"));
+        assert_eq!(r.header("x-filter-resp"), None);
+    }
+    lg.assert_stat(&calls("reqonly", "request_headers"), 3.0)
+        .await;
+    lg.assert_stat(&calls("reqonly", "response_headers"), 0.0)
+        .await;
+    lg.assert_stat(&calls("reqonly", "log"), 0.0).await;
+    lg.assert_stat(&calls("reqonly", "done"), 0.0).await;
+    // configure: once at load (the check instance), once for the worker's instance.
+    lg.assert_stat(&calls("reqonly", "configure"), 2.0).await;
+}
+
+each_proto!(
+    async fn routes_disable_or_reconfigure_a_filter(proto) {
+        let up = upstream().start().await;
+        let p = plugin("tagger", "{ mode: headers }", "");
+        let off = "            filters: { tagger: { disabled: true } }\n";
+        let over = "            filters: { tagger: { config: { mode: headers, tag: per-route } } }\n";
+        let lg = legate()
+            .config(&config(up.addr, &p, &["tagger"], off, over))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/off").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.echo().header("x-filter"), None);
+        assert_eq!(r.header("x-filter-resp"), None);
+        let r = c.get("/over").send().await;
+        assert_eq!(r.echo().header("x-filter"), Some("per-route"));
+        assert_eq!(r.header("x-filter-resp"), Some("per-route"));
+        let r = c.get("/other").send().await;
+        assert_eq!(r.echo().header("x-filter"), Some("tagger"));
+    }
+);
+
+each_proto!(
+    async fn a_rewritten_path_is_routed_again(proto) {
+        let up = upstream().start().await;
+        let p = plugin("rw", "{ mode: rewrite }", "");
+        let lg = legate().config(&simple(up.addr, &p, &["rw"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/old/page").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "the new route");
+        assert_eq!(up.requests.get(), 0);
+        let r = c.get("/keep").send().await;
+        assert_eq!(r.echo().path, "/keep");
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configure_error_rejects_the_load() {
+    let up = upstream().start().await;
+    let p = plugin("picky", "{ mode: bad-config }", "");
+    let yaml = simple(up.addr, &p, &["picky"]);
+    let err = match legate().config(&yaml).try_start() {
+        Ok(_) => panic!("a plugin whose configure fails was loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains(
+            "plugin `picky`: configure failed: bad-config: the `mode` asked this plugin to refuse"
+        ),
+        "{err}"
+    );
+
+    // `legate check` loads the plugins too.
+    let dir = TempDir::new();
+    let file = dir.write("plugins.yaml", &yaml);
+    let out = Command::new(legate_bin())
+        .args(["check", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "legate check accepted a failing plugin"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad-config: the `mode` asked"), "{stderr}");
+
+    let good = dir.write(
+        "good.yaml",
+        simple(up.addr, &plugin("fine", "{ mode: headers }", ""), &["fine"]),
+    );
+    let out = Command::new(legate_bin())
+        .args(["check", "-c"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sha256_mismatch_refuses_the_load() {
+    let up = upstream().start().await;
+    let p = plugin(
+        "pinned",
+        "{ mode: headers }",
+        &format!("    sha256: {}\n", "ab".repeat(32)),
+    );
+    let err = match legate()
+        .config(&simple(up.addr, &p, &["pinned"]))
+        .try_start()
+    {
+        Ok(_) => panic!("a module with the wrong sha256 was loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("plugin `pinned`: module"), "{err}");
+    assert!(
+        err.contains(&format!("but the config says {}", "ab".repeat(32))),
+        "{err}"
+    );
+}
+
+/// A hostile plugin on one route, checked to be contained: the failing request gets
+/// the failure policy, the next request on another path is served by a fresh instance.
+async fn hostile(proto: Proto, path: &str, fail: &str, limits: &str, counter: &str) {
+    let up = upstream().start().await;
+    let p = plugin(
+        "hostile",
+        "{ mode: hostile }",
+        &format!("    fail: {fail}\n    limits: {{ cpu: 20ms, {limits} }}\n"),
+    );
+    let lg = legate().config(&simple(up.addr, &p, &["hostile"])).start();
+    let mut c = client(proto, lg.addr("web")).await;
+    let r = c.get("/fine").send().await;
+    assert_eq!(r.status, 200);
+
+    let r = c.get(path).send().await;
+    if fail == "closed" {
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.text(), "plugin_failure: hostile\n");
+        assert_eq!(up.requests.get(), 1);
+    } else {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(up.requests.get(), 2);
+    }
+    lg.assert_stat(&format!("{counter}{{plugin=\"hostile\"}}"), 1.0)
+        .await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="hostile"}"#, 1.0)
+        .await;
+
+    // The proxy keeps serving, with a new instance.
+    let r = c.get("/fine/again").send().await;
+    assert_eq!(r.status, 200);
+    lg.assert_stat(
+        r#"legate_plugin_instance_restarts_total{plugin="hostile"}"#,
+        1.0,
+    )
+    .await;
+    lg.assert_stat(r#"legate_plugin_instances{plugin="hostile"}"#, 1.0)
+        .await;
+}
+
+each_proto!(
+    async fn guest_panic_fails_closed(proto) {
+        hostile(proto, "/panic", "closed", "memory: 16MiB", "legate_plugin_traps_total").await;
+    }
+);
+
+each_proto!(
+    async fn guest_panic_fails_open(proto) {
+        hostile(proto, "/panic", "open", "memory: 16MiB", "legate_plugin_traps_total").await;
+    }
+);
+
+each_proto!(
+    async fn infinite_loop_hits_the_deadline(proto) {
+        hostile(proto, "/loop", "closed", "memory: 16MiB", "legate_plugin_timeouts_total").await;
+    }
+);
+
+each_proto!(
+    async fn memory_bomb_hits_the_cap(proto) {
+        hostile(
+            proto,
+            "/oom",
+            "closed",
+            "memory: 8MiB",
+            "legate_plugin_memory_exceeded_total",
+        )
+        .await;
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_metrics_reach_stats() {
+    let up = upstream().start().await;
+    let p = plugin("counting", "{ mode: metrics }", "");
+    let lg = legate().config(&simple(up.addr, &p, &["counting"])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    c.get("/a").send().await;
+    c.get("/b").send().await;
+    c.post("/c").body("x").send().await;
+    lg.assert_stat(
+        r#"legate_plugin_requests{plugin="counting",method="GET"}"#,
+        2.0,
+    )
+    .await;
+    lg.assert_stat(
+        r#"legate_plugin_requests{plugin="counting",method="POST"}"#,
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_features_are_refused_at_load() {
+    let up = upstream().start().await;
+    let p = plugin("bodies", "{ mode: headers, phases: \"rq,rqbody\" }", "");
+    let err = match legate()
+        .config(&simple(up.addr, &p, &["bodies"]))
+        .try_start()
+    {
+        Ok(_) => panic!("a plugin declaring body phases was loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("does not support yet"), "{err}");
+    assert!(err.contains("body phases"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_components_are_cached_on_disk() {
+    let dir = TempDir::new();
+    let cache = dir.path().join("cache");
+    // Process-wide, read when a plugin is compiled; other tests in this process just
+    // use this cache too.
+    std::env::set_var("LEGATE_WASM_CACHE", &cache);
+    let up = upstream().start().await;
+    let yaml = simple(
+        up.addr,
+        &plugin("cached", "{ mode: headers }", ""),
+        &["cached"],
+    );
+    let hits = "legate_wasm_cache_hits_total";
+    let invalid = "legate_wasm_cache_invalid_total";
+
+    let first = legate().config(&yaml).start();
+    assert_eq!(first.stat(hits).await, None);
+    let entries: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    drop(first);
+
+    let second = legate().config(&yaml).start();
+    second.assert_stat(hits, 1.0).await;
+    let mut c = client(Proto::H1, second.addr("web")).await;
+    assert_eq!(
+        c.get("/x").send().await.header("x-filter-resp"),
+        Some("cached")
+    );
+    drop(second);
+
+    // A corrupt entry is recompiled, not fatal.
+    std::fs::write(&entries[0], b"not a compiled component").unwrap();
+    let third = legate().config(&yaml).start();
+    third.assert_stat(invalid, 1.0).await;
+    let mut c = client(Proto::H1, third.addr("web")).await;
+    assert_eq!(
+        c.get("/x").send().await.header("x-filter-resp"),
+        Some("cached")
+    );
+    assert!(std::fs::metadata(&entries[0]).unwrap().len() > 1000);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+}
+
+/// The `legate` binary, built once per test process.
+fn legate_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = env!("CARGO");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let build = Command::new(cargo)
+            .current_dir(&workspace)
+            .args(["build", "-p", "legate-host", "--bin", "legate"])
+            .output()
+            .expect("run cargo build");
+        assert!(
+            build.status.success(),
+            "cargo build -p legate-host failed:\n{}",
+            String::from_utf8_lossy(&build.stderr)
+        );
+        let meta = Command::new(cargo)
+            .current_dir(&workspace)
+            .args(["metadata", "--format-version", "1", "--no-deps"])
+            .output()
+            .expect("run cargo metadata");
+        assert!(meta.status.success(), "cargo metadata failed");
+        let meta: Value = serde_json::from_slice(&meta.stdout).unwrap();
+        let bin = PathBuf::from(meta["target_directory"].as_str().unwrap()).join("debug/legate");
+        assert!(bin.is_file(), "{} was not built", bin.display());
+        bin
+    })
+}
