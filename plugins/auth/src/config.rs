@@ -2,7 +2,7 @@
 //! validation into the runtime [`Settings`]; every error names the field
 //! (`providers[0].issuer: ...`) so an operator can fix it from `legate check`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use serde::Deserialize;
 
@@ -536,13 +536,23 @@ fn check_path(field: &str, path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A realm goes into a quoted-string of `WWW-Authenticate`.
+fn check_realm(field: &str, realm: &str) -> Result<(), String> {
+    if realm.is_empty() || realm.contains(['"', '\\']) || realm.chars().any(char::is_control) {
+        return Err(format!(
+            "{field}: must not contain quotes, backslashes or control characters, and not be empty (got {realm:?})"
+        ));
+    }
+    Ok(())
+}
+
 const SECONDS: u64 = 1_000_000_000;
 
 impl Config {
     /// Validate into [`Settings`]; the error names the field.
     pub fn validate(self) -> Result<Settings, String> {
+        check_realm("realm", &self.realm)?;
         let mut names: HashMap<String, AuthnRef> = HashMap::new();
-        let mut claim_headers: HashSet<String> = HashSet::new();
         let mut add_name = |field: &str, name: &str, r: AuthnRef| -> Result<(), String> {
             if name.is_empty() {
                 return Err(format!("{field}: must not be empty"));
@@ -627,7 +637,6 @@ impl Config {
                     return Err(format!("{cf}.claim: must not be empty"));
                 }
                 let header = header_name(&format!("{cf}.header"), &c.header)?;
-                claim_headers.insert(header.clone());
                 claim_to_headers.push(ClaimHeaderConfig {
                     claim: c.claim,
                     header,
@@ -692,6 +701,9 @@ impl Config {
             let f = format!("basic[{i}]");
             add_name(&format!("{f}.name"), &b.name, AuthnRef::Basic(i))?;
             let users = Htpasswd::parse(&b.htpasswd).map_err(|(j, e)| format!("{f}.htpasswd[{j}]: {e}"))?;
+            if let Some(r) = &b.realm {
+                check_realm(&format!("{f}.realm"), r)?;
+            }
             basic.push(Basic {
                 name: b.name,
                 realm: b.realm.unwrap_or_else(|| self.realm.clone()),
@@ -840,7 +852,6 @@ impl Config {
                 out
             }
         };
-        let _ = claim_headers;
         Ok(Settings {
             realm: self.realm,
             providers,
