@@ -69,14 +69,20 @@ impl Htpasswd {
                         .try_into()
                         .map_err(|_| (i, "`{SHA}` hash is not 20 bytes".to_owned()))?,
                 )
-            } else if hash.starts_with("$2y$") || hash.starts_with("$2a$") || hash.starts_with("$2b$") {
+            } else if hash.starts_with("$2y$")
+                || hash.starts_with("$2a$")
+                || hash.starts_with("$2b$")
+            {
                 let cost = hash
                     .get(4..6)
                     .and_then(|c| c.parse::<u32>().ok())
                     .filter(|c| (4..=31).contains(c))
                     .ok_or_else(|| (i, "malformed bcrypt hash (cost)".to_owned()))?;
                 if hash.len() != 60 {
-                    return Err((i, "malformed bcrypt hash (expected 60 characters)".to_owned()));
+                    return Err((
+                        i,
+                        "malformed bcrypt hash (expected 60 characters)".to_owned(),
+                    ));
                 }
                 out.max_bcrypt_cost = out.max_bcrypt_cost.max(cost);
                 Hash::Bcrypt(hash.to_owned())

@@ -476,9 +476,9 @@ pub struct Settings {
 
 fn valid_header_name(name: &str) -> bool {
     !name.is_empty()
-        && name.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn header_name(field: &str, name: &str) -> Result<String, String> {
@@ -570,7 +570,9 @@ impl Config {
             let f = format!("providers[{i}]");
             add_name(&format!("{f}.name"), &p.name, AuthnRef::Jwt(i))?;
             if p.issuer.is_empty() {
-                return Err(format!("{f}.issuer: must not be empty (the token's `iss` claim)"));
+                return Err(format!(
+                    "{f}.issuer: must not be empty (the token's `iss` claim)"
+                ));
             }
             let mut algorithms = Vec::new();
             for (j, a) in p.algorithms.iter().enumerate() {
@@ -581,9 +583,7 @@ impl Config {
                 })?);
             }
             let inline = match p.jwks {
-                Some(v) => Some(
-                    Jwks::from_value(&v).map_err(|e| format!("{f}.jwks: {e}"))?,
-                ),
+                Some(v) => Some(Jwks::from_value(&v).map_err(|e| format!("{f}.jwks: {e}"))?),
                 None => None,
             };
             if let Some(k) = &inline {
@@ -598,7 +598,9 @@ impl Config {
                     }
                     check_path(&format!("{f}.remote_jwks.path"), &r.path)?;
                     if r.refresh_interval_s == 0 {
-                        return Err(format!("{f}.remote_jwks.refresh_interval_s: must be at least 1"));
+                        return Err(format!(
+                            "{f}.remote_jwks.refresh_interval_s: must be at least 1"
+                        ));
                     }
                     if r.timeout_ms == 0 || r.timeout_ms > 30_000 {
                         return Err(format!(
@@ -700,7 +702,8 @@ impl Config {
         for (i, b) in self.basic.into_iter().enumerate() {
             let f = format!("basic[{i}]");
             add_name(&format!("{f}.name"), &b.name, AuthnRef::Basic(i))?;
-            let users = Htpasswd::parse(&b.htpasswd).map_err(|(j, e)| format!("{f}.htpasswd[{j}]: {e}"))?;
+            let users =
+                Htpasswd::parse(&b.htpasswd).map_err(|(j, e)| format!("{f}.htpasswd[{j}]: {e}"))?;
             if let Some(r) = &b.realm {
                 check_realm(&format!("{f}.realm"), r)?;
             }
@@ -792,11 +795,7 @@ impl Config {
                             check_path(&format!("{f}.match.path"), &p)?;
                             Match::Path(p)
                         }
-                        _ => {
-                            return Err(format!(
-                                "{f}.match: set exactly one of `prefix`, `path`"
-                            ))
-                        }
+                        _ => return Err(format!("{f}.match: set exactly one of `prefix`, `path`")),
                     };
                     let mut any = Vec::new();
                     match (&r.requires, r.public) {
@@ -814,7 +813,9 @@ impl Config {
                     }
                     if let Some(req) = &r.requires {
                         if req.any.is_empty() {
-                            return Err(format!("{f}.requires.any: must name at least one authenticator"));
+                            return Err(format!(
+                                "{f}.requires.any: must name at least one authenticator"
+                            ));
                         }
                         for (j, n) in req.any.iter().enumerate() {
                             let a = names.get(n).copied().ok_or_else(|| {
@@ -838,7 +839,9 @@ impl Config {
                     claims.sort();
                     for (c, v) in &claims {
                         if v.is_empty() {
-                            return Err(format!("{f}.claims.{c}: list at least one accepted value"));
+                            return Err(format!(
+                                "{f}.claims.{c}: list at least one accepted value"
+                            ));
                         }
                     }
                     out.push(Rule {

@@ -155,7 +155,10 @@ impl Jwk {
     /// Parse one JWK; `Ok(None)` for a key this plugin does not use.
     pub fn from_value(v: &Value) -> Result<Option<Jwk>, String> {
         let o = v.as_object().ok_or("expected a JSON object")?;
-        if o.get("use").and_then(Value::as_str).is_some_and(|u| u != "sig") {
+        if o.get("use")
+            .and_then(Value::as_str)
+            .is_some_and(|u| u != "sig")
+        {
             return Ok(None);
         }
         let kid = o.get("kid").and_then(Value::as_str).map(str::to_owned);
@@ -327,7 +330,8 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, JwtError> {
         return Err(JwtError::Malformed("too long"));
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(JwtError::Malformed("not three dot-separated parts"));
     };
@@ -383,18 +387,14 @@ fn verify_with(key: &Jwk, alg: Algorithm, msg: &[u8], sig: &[u8]) -> bool {
                 _ => false,
             }
         }
-        (KeyMaterial::P256(k), Algorithm::Es256) => {
-            match p256::ecdsa::Signature::from_slice(sig) {
-                Ok(s) => k.verify(msg, &s).is_ok(),
-                Err(_) => false,
-            }
-        }
-        (KeyMaterial::P384(k), Algorithm::Es384) => {
-            match p384::ecdsa::Signature::from_slice(sig) {
-                Ok(s) => k.verify(msg, &s).is_ok(),
-                Err(_) => false,
-            }
-        }
+        (KeyMaterial::P256(k), Algorithm::Es256) => match p256::ecdsa::Signature::from_slice(sig) {
+            Ok(s) => k.verify(msg, &s).is_ok(),
+            Err(_) => false,
+        },
+        (KeyMaterial::P384(k), Algorithm::Es384) => match p384::ecdsa::Signature::from_slice(sig) {
+            Ok(s) => k.verify(msg, &s).is_ok(),
+            Err(_) => false,
+        },
         (KeyMaterial::Ed25519(k), Algorithm::EdDsa) => {
             match ed25519_dalek::Signature::from_slice(sig) {
                 Ok(s) => k.verify_strict(msg, &s).is_ok(),
@@ -408,7 +408,11 @@ fn verify_with(key: &Jwk, alg: Algorithm, msg: &[u8], sig: &[u8]) -> bool {
 /// Check the signature of `t` against `keys`. With a `kid`, only keys with
 /// that `kid` are tried (none: [`JwtError::UnknownKid`]); without, every key
 /// that fits the algorithm.
-pub fn verify_signature(t: &Parsed<'_>, keys: &[Jwk], allowed: &[Algorithm]) -> Result<(), JwtError> {
+pub fn verify_signature(
+    t: &Parsed<'_>,
+    keys: &[Jwk],
+    allowed: &[Algorithm],
+) -> Result<(), JwtError> {
     if !allowed.is_empty() && !allowed.contains(&t.alg) {
         return Err(JwtError::Algorithm);
     }

@@ -252,8 +252,15 @@ impl HttpFilter for AuthFilter {
                 self.ext_authz_arrived(exchange, response)
             }
             other => {
+                // Not the callout this exchange waits for (there is only one
+                // at a time, so this is defensive): keep waiting if paused.
+                let waiting = !matches!(other, Waiting::Nothing);
                 ctx.waiting = other;
-                Action::Continue
+                if waiting {
+                    Action::Pause
+                } else {
+                    Action::Continue
+                }
             }
         }
     }
@@ -266,11 +273,14 @@ impl HttpFilter for AuthFilter {
             if c.tick_fetch.is_some() {
                 continue;
             }
-            let due = c.fetched_at.is_none_or(|t| now.saturating_sub(t) >= r.refresh_ns);
+            let due = c
+                .fetched_at
+                .is_none_or(|t| now.saturating_sub(t) >= r.refresh_ns);
             // After a failure, wait before retrying (at least a second).
             let backoff = r.min_refetch_ns.max(1_000_000_000);
             let cooled = c.failed_at.is_none_or(|t| now.saturating_sub(t) >= backoff)
-                && c.started_at.is_none_or(|t| now.saturating_sub(t) >= 1_000_000_000);
+                && c.started_at
+                    .is_none_or(|t| now.saturating_sub(t) >= 1_000_000_000);
             if due && cooled {
                 c.started_at = Some(now);
                 match callout::send(&jwks_request(p)) {
@@ -285,7 +295,11 @@ impl HttpFilter for AuthFilter {
         }
     }
 
-    fn on_tick_callout_response(&mut self, id: CalloutId, response: Result<CalloutResponse, Error>) {
+    fn on_tick_callout_response(
+        &mut self,
+        id: CalloutId,
+        response: Result<CalloutResponse, Error>,
+    ) {
         if let Some(i) = self.caches.iter().position(|c| c.tick_fetch == Some(id)) {
             self.caches[i].tick_fetch = None;
             self.jwks_arrived(i, response);
@@ -352,7 +366,11 @@ impl AuthFilter {
             }
             Authn::Invalid(reason) => {
                 self.counters.invalid.inc();
-                debug!("auth: {} {}: rejected: {reason}", exchange.method(), exchange.request_id());
+                debug!(
+                    "auth: {} {}: rejected: {reason}",
+                    exchange.method(),
+                    exchange.request_id()
+                );
                 Action::Respond(self.unauthorized(&rule, Some(&reason)))
             }
             Authn::Forbidden(reason) => {
@@ -418,11 +436,12 @@ impl AuthFilter {
             }
             return Action::Continue;
         };
-        let mut req = CalloutRequest::new(ext.cluster.clone(), ext.method.clone(), ext.path.clone())
-            .timeout_ms(ext.timeout_ms)
-            .header("x-forwarded-method", exchange.method())
-            .header("x-forwarded-uri", exchange.path())
-            .header("x-forwarded-host", exchange.authority());
+        let mut req =
+            CalloutRequest::new(ext.cluster.clone(), ext.method.clone(), ext.path.clone())
+                .timeout_ms(ext.timeout_ms)
+                .header("x-forwarded-method", exchange.method())
+                .header("x-forwarded-uri", exchange.path())
+                .header("x-forwarded-host", exchange.authority());
         for name in &ext.forward_headers {
             for v in headers.get_all(name) {
                 req = req.header(name.clone(), v);
@@ -515,7 +534,10 @@ impl AuthFilter {
                 c.fetched_at = Some(now);
                 c.failed_at = None;
                 self.counters.jwks_ok.inc();
-                debug!("auth: provider {name:?}: JWKS fetched, {} keys", c.keys.len());
+                debug!(
+                    "auth: provider {name:?}: JWKS fetched, {} keys",
+                    c.keys.len()
+                );
             }
             Err(e) => {
                 c.failed_at = Some(now);
@@ -564,7 +586,13 @@ impl AuthFilter {
         resp
     }
 
-    fn authenticate(&mut self, rule: &Rule, headers: &Headers<'_>, path: &str, may_fetch: bool) -> Authn {
+    fn authenticate(
+        &mut self,
+        rule: &Rule,
+        headers: &Headers<'_>,
+        path: &str,
+        may_fetch: bool,
+    ) -> Authn {
         let mut invalid: Option<String> = None;
         let mut forbidden: Option<String> = None;
         let mut pending: Option<Authn> = None;
@@ -671,7 +699,12 @@ impl AuthFilter {
         Authn::Missing
     }
 
-    fn verify_jwt(&self, i: usize, token: &str, may_fetch: bool) -> Result<Map<String, Value>, JwtCheck> {
+    fn verify_jwt(
+        &self,
+        i: usize,
+        token: &str,
+        may_fetch: bool,
+    ) -> Result<Map<String, Value>, JwtCheck> {
         let p = &self.s.providers[i];
         let t = jwt::parse(token).map_err(JwtCheck::Bad)?;
         // Several providers may read the same header: a token for another
@@ -681,7 +714,11 @@ impl AuthFilter {
         }
         let now = clock::monotonic_now();
         let cache = &self.caches[i];
-        let mut keys: Vec<Jwk> = p.inline.as_ref().map(|j| j.keys.clone()).unwrap_or_default();
+        let mut keys: Vec<Jwk> = p
+            .inline
+            .as_ref()
+            .map(|j| j.keys.clone())
+            .unwrap_or_default();
         keys.extend(cache.keys.iter().cloned());
         if let Some(r) = &p.remote {
             let cold = cache.fetched_at.is_none();
@@ -738,14 +775,22 @@ enum JwtCheck {
 
 /// The first credential found in `sources`, and the header carrying it (for
 /// removal when it must not go upstream).
-fn find_credential(sources: &[Source], headers: &Headers<'_>, path: &str) -> Option<(String, Option<String>)> {
+fn find_credential(
+    sources: &[Source],
+    headers: &Headers<'_>,
+    path: &str,
+) -> Option<(String, Option<String>)> {
     for s in sources {
         match s {
             Source::Header { name, prefix } => {
-                let Some(v) = headers.get_str(name) else { continue };
+                let Some(v) = headers.get_str(name) else {
+                    continue;
+                };
                 let v = match prefix {
                     Some(p) => {
-                        let head = v.get(..p.len())?;
+                        let Some(head) = v.get(..p.len()) else {
+                            continue;
+                        };
                         if !head.eq_ignore_ascii_case(p) {
                             continue;
                         }
@@ -759,7 +804,9 @@ fn find_credential(sources: &[Source], headers: &Headers<'_>, path: &str) -> Opt
             }
             Source::Cookie(c) => {
                 for line in headers.get_all("cookie") {
-                    let Ok(line) = String::from_utf8(line) else { continue };
+                    let Ok(line) = String::from_utf8(line) else {
+                        continue;
+                    };
                     for pair in line.split(';') {
                         if let Some((n, v)) = pair.trim().split_once('=') {
                             if n == c && !v.is_empty() {
@@ -770,7 +817,9 @@ fn find_credential(sources: &[Source], headers: &Headers<'_>, path: &str) -> Opt
                 }
             }
             Source::Query(q) => {
-                let Some((_, query)) = path.split_once('?') else { continue };
+                let Some((_, query)) = path.split_once('?') else {
+                    continue;
+                };
                 for pair in query.split('&') {
                     let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
                     if percent_decode(n).as_deref() == Some(q.as_str()) {

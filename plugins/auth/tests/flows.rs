@@ -43,7 +43,10 @@ fn remote_cfg() -> Value {
 }
 
 fn jwks_response(keys: &[Value]) -> Result<CalloutResponse, Error> {
-    Ok(CalloutResponse::new(200, jwks(keys).to_string()).header("content-type", "application/json"))
+    Ok(
+        CalloutResponse::new(200, jwks(keys).to_string())
+            .header("content-type", "application/json"),
+    )
 }
 
 fn bearer(token: &str) -> Request {
@@ -53,7 +56,9 @@ fn bearer(token: &str) -> Request {
 #[test]
 fn remote_jwks_is_fetched_once_cached_and_refetched_on_rotation() {
     let host = host();
-    let mut t = host.configure::<AuthFilter>(&remote_cfg().to_string()).unwrap();
+    let mut t = host
+        .configure::<AuthFilter>(&remote_cfg().to_string())
+        .unwrap();
     assert_eq!(t.setup().tick_interval_ms(), 1000);
     // The test moves the clock by minutes: long-lived tokens.
     let long = || {
@@ -109,7 +114,10 @@ fn remote_jwks_is_fetched_once_cached_and_refetched_on_rotation() {
     let mut x = t.exchange(bearer(&tok3));
     assert_eq!(x.request_headers(), Action::Pause);
     let a = x.deliver_callouts();
-    assert!(matches!(&a[..], [Action::Respond(r)] if r.status == 401), "{a:?}");
+    assert!(
+        matches!(&a[..], [Action::Respond(r)] if r.status == 401),
+        "{a:?}"
+    );
     drop(x);
     assert_eq!(host.callouts().len(), 3);
     assert_eq!(host.counter("auth_jwks_fetches_total", &["ok"]), Some(3));
@@ -130,7 +138,9 @@ fn remote_jwks_is_fetched_once_cached_and_refetched_on_rotation() {
 #[test]
 fn remote_jwks_failure_is_503_then_backs_off() {
     let host = host();
-    let mut t = host.configure::<AuthFilter>(&remote_cfg().to_string()).unwrap();
+    let mut t = host
+        .configure::<AuthFilter>(&remote_cfg().to_string())
+        .unwrap();
     let k = Signer::new("ES256");
     let tok = k.token(Some("k1"), &claims(ISS));
 
@@ -172,9 +182,14 @@ fn remote_jwks_failure_is_503_then_backs_off() {
 fn remote_jwks_cluster_not_granted_is_503_not_a_hang() {
     let host = TestHost::new();
     host.set_wall_time(NOW * 1_000_000_000);
-    let mut t = host.configure::<AuthFilter>(&remote_cfg().to_string()).unwrap();
+    let mut t = host
+        .configure::<AuthFilter>(&remote_cfg().to_string())
+        .unwrap();
     let k = Signer::new("ES256");
-    let r = respond(t.exchange(bearer(&k.token(Some("k1"), &claims(ISS)))).request_headers());
+    let r = respond(
+        t.exchange(bearer(&k.token(Some("k1"), &claims(ISS))))
+            .request_headers(),
+    );
     assert_eq!(r.status, 503);
 }
 
@@ -191,7 +206,9 @@ fn keys_cfg() -> Value {
 
 #[test]
 fn api_keys_forward_the_id_not_the_key() {
-    let mut t = host().configure::<AuthFilter>(&keys_cfg().to_string()).unwrap();
+    let mut t = host()
+        .configure::<AuthFilter>(&keys_cfg().to_string())
+        .unwrap();
     let mut x = t.exchange(
         Request::get("/")
             .header("x-api-key", "s3cret-key-b")
@@ -207,17 +224,25 @@ fn api_keys_forward_the_id_not_the_key() {
     assert_eq!(x.request_header("x-api-key-id").as_deref(), Some("team-a"));
     drop(x);
 
-    let r = respond(t.exchange(Request::get("/").header("x-api-key", "guess")).request_headers());
+    let r = respond(
+        t.exchange(Request::get("/").header("x-api-key", "guess"))
+            .request_headers(),
+    );
     assert_eq!(r.status, 401);
     assert_eq!(r.details, "auth_invalid_credentials");
-    assert_eq!(r.header_value("www-authenticate"), Some(&b"ApiKey realm=\"legate\""[..]));
+    assert_eq!(
+        r.header_value("www-authenticate"),
+        Some(&b"ApiKey realm=\"legate\""[..])
+    );
     let r = respond(t.exchange(Request::get("/")).request_headers());
     assert_eq!(r.details, "auth_missing_credentials");
 }
 
 #[test]
 fn basic_bcrypt_and_sha() {
-    let bcrypt_hash = bcrypt::hash("open sesame", 4).unwrap().replacen("$2b$", "$2y$", 1);
+    let bcrypt_hash = bcrypt::hash("open sesame", 4)
+        .unwrap()
+        .replacen("$2b$", "$2y$", 1);
     let sha = {
         use base64::Engine as _;
         use sha1::Digest as _;
@@ -236,7 +261,11 @@ fn basic_bcrypt_and_sha() {
             base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
         )
     };
-    for (u, p) in [("alice", "open sesame"), ("bob", "hunter2"), ("alice", "open sesame")] {
+    for (u, p) in [
+        ("alice", "open sesame"),
+        ("bob", "hunter2"),
+        ("alice", "open sesame"),
+    ] {
         let mut x = t.exchange(Request::get("/").header("authorization", basic(u, p)));
         assert_eq!(x.request_headers(), Action::Continue, "{u}");
         assert_eq!(x.request_header("x-user").as_deref(), Some(u));
@@ -274,7 +303,9 @@ fn authz_cfg(failure_mode_allow: bool) -> Value {
 #[test]
 fn ext_authz_allow_copies_headers_and_sees_the_identity() {
     let host = host();
-    let mut t = host.configure::<AuthFilter>(&authz_cfg(false).to_string()).unwrap();
+    let mut t = host
+        .configure::<AuthFilter>(&authz_cfg(false).to_string())
+        .unwrap();
     host.queue_callout_response(
         "authz",
         Ok(CalloutResponse::new(200, "")
@@ -288,7 +319,10 @@ fn ext_authz_allow_copies_headers_and_sees_the_identity() {
     );
     assert_eq!(x.request_headers(), Action::Pause);
     let c = &host.callouts()[0].request;
-    assert_eq!((c.cluster.as_str(), c.method.as_str(), c.path.as_str()), ("authz", "GET", "/check"));
+    assert_eq!(
+        (c.cluster.as_str(), c.method.as_str(), c.path.as_str()),
+        ("authz", "GET", "/check")
+    );
     assert_eq!(c.timeout_ms, 250);
     let h = |n: &str| {
         c.headers
@@ -317,7 +351,9 @@ fn ext_authz_allow_copies_headers_and_sees_the_identity() {
 #[test]
 fn ext_authz_deny_passes_status_and_body_back() {
     let host = host();
-    let mut t = host.configure::<AuthFilter>(&authz_cfg(false).to_string()).unwrap();
+    let mut t = host
+        .configure::<AuthFilter>(&authz_cfg(false).to_string())
+        .unwrap();
     host.queue_callout_response(
         "authz",
         Ok(CalloutResponse::new(451, "{\"why\":\"region\"}")
@@ -331,21 +367,29 @@ fn ext_authz_deny_passes_status_and_body_back() {
         [Action::Respond(r)] => {
             assert_eq!(r.status, 451);
             assert_eq!(r.body, b"{\"why\":\"region\"}");
-            assert_eq!(r.header_value("content-type"), Some(&b"application/json"[..]));
+            assert_eq!(
+                r.header_value("content-type"),
+                Some(&b"application/json"[..])
+            );
             assert_eq!(r.header_value("x-internal"), None);
             assert_eq!(r.details, "auth_ext_authz_denied");
         }
         other => panic!("{other:?}"),
     }
     drop(x);
-    assert_eq!(host.counter("auth_decisions_total", &["ext_authz_denied"]), Some(1));
+    assert_eq!(
+        host.counter("auth_decisions_total", &["ext_authz_denied"]),
+        Some(1)
+    );
 }
 
 #[test]
 fn ext_authz_timeout_denies_by_default_and_allows_in_failure_mode_allow() {
     for (allow, expect) in [(false, Some(403)), (true, None)] {
         let host = host();
-        let mut t = host.configure::<AuthFilter>(&authz_cfg(allow).to_string()).unwrap();
+        let mut t = host
+            .configure::<AuthFilter>(&authz_cfg(allow).to_string())
+            .unwrap();
         host.queue_callout_response("authz", Err(Error::Timeout));
         let mut x = t.exchange(Request::get("/").header("x-api-key", "k-a"));
         assert_eq!(x.request_headers(), Action::Pause);
@@ -359,7 +403,10 @@ fn ext_authz_timeout_denies_by_default_and_allows_in_failure_mode_allow() {
             other => panic!("failure_mode_allow={allow}: {other:?}"),
         }
         drop(x);
-        assert_eq!(host.counter("auth_decisions_total", &["ext_authz_error"]), Some(1));
+        assert_eq!(
+            host.counter("auth_decisions_total", &["ext_authz_error"]),
+            Some(1)
+        );
     }
 }
 
@@ -373,7 +420,10 @@ fn ext_authz_only_config_checks_every_request() {
     assert_eq!(x.request_headers(), Action::Pause);
     let c = &host.callouts()[0].request;
     assert_eq!(c.method, "POST");
-    assert!(c.headers.iter().any(|(n, v)| n == "authorization" && v == b"Bearer opaque"));
+    assert!(c
+        .headers
+        .iter()
+        .any(|(n, v)| n == "authorization" && v == b"Bearer opaque"));
     assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
 }
 
@@ -386,12 +436,19 @@ fn no_token_key_or_password_is_logged() {
     let mut t = host.configure::<AuthFilter>(&cfg.to_string()).unwrap();
     let mut expired = claims(ISS);
     expired["exp"] = json!(NOW - 1000);
-    let tokens = [k.token(Some("k1"), &claims(ISS)), k.token(Some("k1"), &expired)];
+    let tokens = [
+        k.token(Some("k1"), &claims(ISS)),
+        k.token(Some("k1"), &expired),
+    ];
     for tok in &tokens {
         let _ = t.exchange(bearer(tok)).request_headers();
     }
-    let _ = t.exchange(Request::get("/").header("x-api-key", "wrong-secret-key")).request_headers();
-    let _ = t.exchange(Request::get("/").header("x-api-key", "s3cret-key-a")).request_headers();
+    let _ = t
+        .exchange(Request::get("/").header("x-api-key", "wrong-secret-key"))
+        .request_headers();
+    let _ = t
+        .exchange(Request::get("/").header("x-api-key", "s3cret-key-a"))
+        .request_headers();
     let logs = host.logs();
     assert!(!logs.is_empty(), "rejections are logged at debug");
     let secret = match k.jwk("k1")["k"].as_str() {

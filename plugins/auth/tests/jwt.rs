@@ -12,7 +12,9 @@ use legate_sdk::testing::{FilterTest, Request, TestHost};
 use legate_sdk::{Action, LocalResponse};
 use serde_json::{json, Value};
 
-const ALGS: [&str; 7] = ["HS256", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"];
+const ALGS: [&str; 7] = [
+    "HS256", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA",
+];
 const ISS: &str = "https://id.example.com";
 
 fn filter(config: Value) -> FilterTest<AuthFilter> {
@@ -71,9 +73,16 @@ fn every_algorithm_accepts_valid_and_rejects_bad_tokens() {
         let tok = s.token(Some("k1"), &claims(ISS));
         let mut x = t.exchange(bearer(&tok).header("x-user", "mallory"));
         assert_eq!(x.request_headers(), Action::Continue, "{alg}");
-        assert_eq!(x.request_header("x-user").as_deref(), Some("alice"), "{alg}");
+        assert_eq!(
+            x.request_header("x-user").as_deref(),
+            Some("alice"),
+            "{alg}"
+        );
         assert_eq!(x.request_header("x-org").as_deref(), Some("42"), "{alg}");
-        assert!(x.request_header("authorization").is_some(), "{alg}: forwarded by default");
+        assert!(
+            x.request_header("authorization").is_some(),
+            "{alg}: forwarded by default"
+        );
         drop(x);
 
         // Without kid: every key that fits the algorithm is tried.
@@ -98,7 +107,11 @@ fn every_algorithm_accepts_valid_and_rejects_bad_tokens() {
         // A flipped signature bit, and (except RSA: one key per test run)
         // a token signed by another key under the same kid.
         let tok = s.token(Some("k1"), &claims(ISS));
-        assert_invalid(&mut t, &common::corrupt(&tok), &format!("{alg} bad signature"));
+        assert_invalid(
+            &mut t,
+            &common::corrupt(&tok),
+            &format!("{alg} bad signature"),
+        );
         if !alg.starts_with("RS") {
             let other = Signer::new(alg);
             assert_invalid(
@@ -133,7 +146,11 @@ fn every_algorithm_accepts_valid_and_rejects_bad_tokens() {
         drop(x);
 
         // Unknown kid with inline keys only: rejected, no fetch.
-        assert_invalid(&mut t, &s.token(Some("k9"), &claims(ISS)), &format!("{alg} kid"));
+        assert_invalid(
+            &mut t,
+            &s.token(Some("k9"), &claims(ISS)),
+            &format!("{alg} kid"),
+        );
         assert!(t.host().callouts().is_empty());
     }
 }
@@ -159,7 +176,11 @@ fn missing_exp_none_alg_and_disallowed_alg_are_rejected() {
     let mut p = provider(jwks(&[s.jwk("k1")]));
     p["algorithms"] = json!(["RS256"]);
     let mut t = filter(json!({"providers": [p]}));
-    assert_invalid(&mut t, &s.token(Some("k1"), &claims(ISS)), "alg not allowed");
+    assert_invalid(
+        &mut t,
+        &s.token(Some("k1"), &claims(ISS)),
+        "alg not allowed",
+    );
 
     // require_exp: false accepts a token without exp.
     let mut p = provider(jwks(&[s.jwk("k1")]));
@@ -221,7 +242,11 @@ fn tokens_from_cookie_and_query_and_forward_token_off() {
 
     let mut x = t.exchange(Request::get("/").header("x-token", tok.as_str()));
     assert_eq!(x.request_headers(), Action::Continue);
-    assert_eq!(x.request_header("x-token"), None, "forward_token: false removes it");
+    assert_eq!(
+        x.request_header("x-token"),
+        None,
+        "forward_token: false removes it"
+    );
     drop(x);
 
     // The default bearer header is not a source any more.
@@ -268,7 +293,8 @@ fn rules_public_allow_missing_claims_and_no_match() {
 
     // Claims: role admin and scope "read write" contain what the rules need.
     for path in ["/admin", "/write"] {
-        let mut x = t.exchange(Request::get(path).header("authorization", format!("Bearer {good}")));
+        let mut x =
+            t.exchange(Request::get(path).header("authorization", format!("Bearer {good}")));
         assert_eq!(x.request_headers(), Action::Continue, "{path}");
     }
     let r = respond(
@@ -293,7 +319,10 @@ fn rules_public_allow_missing_claims_and_no_match() {
     assert_eq!(h.counter("auth_decisions_total", &["allowed"]), Some(2));
     assert_eq!(h.counter("auth_decisions_total", &["forbidden"]), Some(1));
     assert_eq!(h.counter("auth_decisions_total", &["no_rule"]), Some(1));
-    assert_eq!(h.counter("auth_decisions_total", &["invalid_credentials"]), Some(1));
+    assert_eq!(
+        h.counter("auth_decisions_total", &["invalid_credentials"]),
+        Some(1)
+    );
 }
 
 #[test]
@@ -308,7 +337,9 @@ fn two_providers_on_one_header_pick_by_issuer() {
     pa["claim_to_headers"] = json!([{"claim": "sub", "header": "x-user"}]);
     let mut t = filter(json!({"providers": [pa, pb]}));
 
-    let mut x = t.exchange(bearer(&b.token(Some("b"), &claims("https://partner.example"))));
+    let mut x = t.exchange(bearer(
+        &b.token(Some("b"), &claims("https://partner.example")),
+    ));
     assert_eq!(x.request_headers(), Action::Continue);
     assert_eq!(x.request_header("x-partner-user").as_deref(), Some("alice"));
     assert_eq!(x.request_header("x-user"), None);
@@ -316,4 +347,21 @@ fn two_providers_on_one_header_pick_by_issuer() {
     let mut x = t.exchange(bearer(&a.token(Some("a"), &claims(ISS))));
     assert_eq!(x.request_headers(), Action::Continue);
     assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
+}
+
+#[test]
+fn a_short_or_foreign_header_value_falls_through_to_the_next_source() {
+    let s = Signer::new("ES256");
+    let mut p = provider(jwks(&[s.jwk("k1")]));
+    p["from"] = json!([{"header": "authorization", "prefix": "Bearer "}, {"cookie": "session"}]);
+    let mut t = filter(json!({"providers": [p]}));
+    let tok = s.token(Some("k1"), &claims(ISS));
+    for auth in ["x", "Basic Zm9vOmJhcg=="] {
+        let mut x = t.exchange(
+            Request::get("/")
+                .header("authorization", auth)
+                .header("cookie", format!("session={tok}")),
+        );
+        assert_eq!(x.request_headers(), Action::Continue, "{auth}");
+    }
 }
