@@ -271,7 +271,14 @@ impl HttpFilter for AuthFilter {
             let Some(r) = &p.remote else { continue };
             let c = &mut self.caches[i];
             if c.tick_fetch.is_some() {
-                continue;
+                // The host delivers every callout (a timeout at worst); a
+                // refresh unanswered long after its timeout is forgotten so
+                // refreshing can never stop for good.
+                let limit = u64::from(r.timeout_ms) * 2_000_000 + 5_000_000_000;
+                if c.started_at.is_some_and(|t| now.saturating_sub(t) < limit) {
+                    continue;
+                }
+                c.tick_fetch = None;
             }
             let due = c
                 .fetched_at

@@ -464,3 +464,54 @@ fn no_token_key_or_password_is_logged() {
         assert!(!m.contains(&secret), "HMAC secret logged: {m}");
     }
 }
+
+#[test]
+fn a_failed_tick_refresh_keeps_the_old_keys_and_retries_after_the_backoff() {
+    let host = host();
+    let mut t = host
+        .configure::<AuthFilter>(&remote_cfg().to_string())
+        .unwrap();
+    let k = Signer::new("EdDSA");
+    let mut c = claims(ISS);
+    c["exp"] = json!(NOW + 3600);
+    let tok = k.token(Some("k1"), &c);
+
+    // Before any request, ticks fetch the keys (no exchange needed).
+    t.tick();
+    assert_eq!(host.callouts().len(), 1);
+    t.tick();
+    assert_eq!(host.callouts().len(), 1, "one refresh at a time");
+    host.queue_callout_response("idp", jwks_response(&[k.jwk("k1")]));
+    assert_eq!(t.deliver_tick_callouts(), 1);
+    let mut x = t.exchange(bearer(&tok));
+    assert_eq!(
+        x.request_headers(),
+        Action::Continue,
+        "no fetch: the tick got the keys"
+    );
+    drop(x);
+
+    host.advance(Duration::from_secs(301));
+    t.tick();
+    assert_eq!(host.callouts().len(), 2);
+    host.queue_callout_response("idp", Ok(CalloutResponse::new(500, "oops")));
+    assert_eq!(t.deliver_tick_callouts(), 1);
+    let mut x = t.exchange(bearer(&tok));
+    assert_eq!(
+        x.request_headers(),
+        Action::Continue,
+        "stale keys stay in use"
+    );
+    drop(x);
+
+    host.advance(Duration::from_secs(2));
+    t.tick();
+    assert_eq!(host.callouts().len(), 2, "backing off after the failure");
+    host.advance(Duration::from_secs(30));
+    t.tick();
+    assert_eq!(
+        host.callouts().len(),
+        3,
+        "retried after min_refetch_interval_s"
+    );
+}
