@@ -12,7 +12,7 @@ use sha1::Digest as _;
 
 /// bcrypt costs above this are warned about at configure time: one check
 /// would likely exceed the default 5 ms call deadline in wasm.
-pub const BCRYPT_COST_WARN: u32 = 5;
+pub const BCRYPT_COST_WARN: u32 = 4;
 
 /// Cached successful bcrypt checks per instance, before the cache is cleared.
 const BCRYPT_CACHE_MAX: usize = 1024;

@@ -20,6 +20,9 @@ pub mod basic;
 pub mod config;
 pub mod jwt;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use legate_sdk::callout::{self, CalloutId, CalloutRequest, CalloutResponse};
 use legate_sdk::metrics::Counter;
 use legate_sdk::{
@@ -129,7 +132,15 @@ pub struct AuthFilter {
     /// so a client cannot forge them.
     identity_headers: Vec<String>,
     counters: Counters,
+    /// SHA-256 of tokens whose signature a provider already verified, and
+    /// that provider: clients reuse tokens, and a signature check costs far
+    /// more than the claim checks, which still run every time. Cleared when
+    /// any remote JWKS changes (a removed key must stop working).
+    verified: RefCell<HashMap<[u8; 32], usize>>,
 }
+
+/// Verified-token cache entries per instance before it is cleared.
+const VERIFIED_MAX: usize = 4096;
 
 /// The identity to write into the request once authenticated.
 #[derive(Debug, Default)]
@@ -185,6 +196,7 @@ impl HttpFilter for AuthFilter {
             caches,
             identity_headers,
             counters,
+            verified: RefCell::new(HashMap::new()),
         })
     }
 
@@ -538,6 +550,7 @@ impl AuthFilter {
         match parsed {
             Ok(keys) => {
                 c.keys = keys;
+                self.verified.borrow_mut().clear();
                 c.fetched_at = Some(now);
                 c.failed_at = None;
                 self.counters.jwks_ok.inc();
@@ -719,6 +732,38 @@ impl AuthFilter {
         if t.claims.get("iss").and_then(Value::as_str) != Some(p.issuer.as_str()) {
             return Err(JwtCheck::Bad(JwtError::Issuer));
         }
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if self.verified.borrow().get(&digest) != Some(&i) {
+            self.verify_signature(i, &t, may_fetch)?;
+            let mut v = self.verified.borrow_mut();
+            if v.len() >= VERIFIED_MAX {
+                v.clear();
+            }
+            v.insert(digest, i);
+        }
+        let now_s = clock::wall_now() / 1_000_000_000;
+        jwt::check_claims(
+            &t.claims,
+            &jwt::ClaimRules {
+                issuer: &p.issuer,
+                audiences: &p.audiences,
+                now_s,
+                skew_s: p.skew_s,
+                require_exp: p.require_exp,
+            },
+        )
+        .map_err(JwtCheck::Bad)?;
+        Ok(t.claims)
+    }
+
+    /// The key lookup (possibly asking for a fetch) and signature check.
+    fn verify_signature(
+        &self,
+        i: usize,
+        t: &jwt::Parsed<'_>,
+        may_fetch: bool,
+    ) -> Result<(), JwtCheck> {
+        let p = &self.s.providers[i];
         let now = clock::monotonic_now();
         let cache = &self.caches[i];
         let mut keys: Vec<Jwk> = p
@@ -740,8 +785,8 @@ impl AuthFilter {
                 });
             }
         }
-        match jwt::verify_signature(&t, &keys, &p.algorithms) {
-            Ok(()) => {}
+        match jwt::verify_signature(t, &keys, &p.algorithms) {
+            Ok(()) => Ok(()),
             Err(JwtError::UnknownKid) => {
                 if let Some(r) = &p.remote {
                     // Key rotation: an unknown kid refetches, at most once per
@@ -753,23 +798,10 @@ impl AuthFilter {
                         return Err(JwtCheck::Need);
                     }
                 }
-                return Err(JwtCheck::Bad(JwtError::UnknownKid));
+                Err(JwtCheck::Bad(JwtError::UnknownKid))
             }
-            Err(e) => return Err(JwtCheck::Bad(e)),
+            Err(e) => Err(JwtCheck::Bad(e)),
         }
-        let now_s = clock::wall_now() / 1_000_000_000;
-        jwt::check_claims(
-            &t.claims,
-            &jwt::ClaimRules {
-                issuer: &p.issuer,
-                audiences: &p.audiences,
-                now_s,
-                skew_s: p.skew_s,
-                require_exp: p.require_exp,
-            },
-        )
-        .map_err(JwtCheck::Bad)?;
-        Ok(t.claims)
     }
 }
 

@@ -515,3 +515,41 @@ fn a_failed_tick_refresh_keeps_the_old_keys_and_retries_after_the_backoff() {
         "retried after min_refetch_interval_s"
     );
 }
+
+#[test]
+fn a_token_verified_before_still_expires() {
+    let host = host();
+    let k = Signer::new("ES384");
+    let cfg = json!({"providers": [{"name": "corp", "issuer": ISS, "jwks": jwks(&[k.jwk("k1")]),
+                                    "clock_skew_s": 0}]});
+    let mut t = host.configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    let tok = k.token(Some("k1"), &claims(ISS)); // exp: NOW + 300
+    for _ in 0..2 {
+        let mut x = t.exchange(bearer(&tok));
+        assert_eq!(x.request_headers(), Action::Continue);
+    }
+    host.advance(Duration::from_secs(301));
+    let r = respond(t.exchange(bearer(&tok)).request_headers());
+    assert_eq!(r.status, 401);
+    assert!(String::from_utf8_lossy(&r.body).contains("expired"));
+}
+
+#[test]
+fn a_costly_bcrypt_hash_is_warned_about_at_configure() {
+    use legate_sdk::log::Level;
+    for (cost, warned) in [(4, false), (5, true)] {
+        let hash = bcrypt::hash("pw", cost).unwrap();
+        let cfg = json!({"basic": [{"name": "b", "htpasswd": [format!("u:{hash}")]}]});
+        let host = host();
+        host.configure::<AuthFilter>(&cfg.to_string()).unwrap();
+        assert_eq!(
+            host.logged(Level::Warn, "bcrypt cost"),
+            warned,
+            "cost {cost}"
+        );
+        assert!(
+            !host.logs().iter().any(|(_, m)| m.contains(&hash)),
+            "hash logged"
+        );
+    }
+}
