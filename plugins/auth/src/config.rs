@@ -1,0 +1,881 @@
+//! The plugin's `config:` schema (serde, `deny_unknown_fields`) and its
+//! validation into the runtime [`Settings`]; every error names the field
+//! (`providers[0].issuer: ...`) so an operator can fix it from `legate check`.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use crate::basic::Htpasswd;
+use crate::jwt::{Algorithm, Jwks};
+
+/// The plugin config as written in plugins.yaml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The realm in `WWW-Authenticate` challenges.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    /// JWT providers.
+    #[serde(default)]
+    pub providers: Vec<ProviderConfig>,
+    /// API key sets.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeysConfig>,
+    /// HTTP Basic user sets.
+    #[serde(default)]
+    pub basic: Vec<BasicConfig>,
+    /// External authorization service.
+    #[serde(default)]
+    pub ext_authz: Option<ExtAuthzConfig>,
+    /// Per-path requirements; first match wins. Absent: every request needs
+    /// one of all the configured authenticators.
+    #[serde(default)]
+    pub rules: Option<Vec<RuleConfig>>,
+}
+
+fn default_realm() -> String {
+    "legate".to_owned()
+}
+
+/// Where a credential is read from.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// A request header.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// With `header`: a case-insensitive prefix the value must start with,
+    /// stripped (e.g. `"Bearer "`).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// A cookie name.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// A query parameter name.
+    #[serde(default)]
+    pub query: Option<String>,
+}
+
+/// A JWT provider.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// The name rules refer to.
+    pub name: String,
+    /// The required `iss` claim.
+    pub issuer: String,
+    /// Accepted `aud` values (any one); empty: `aud` is not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Accepted `alg` values; empty: any the keys support.
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    /// Inline JWKS (`{"keys": [...]}`).
+    #[serde(default)]
+    pub jwks: Option<serde_json::Value>,
+    /// JWKS fetched from a cluster.
+    #[serde(default)]
+    pub remote_jwks: Option<RemoteJwksConfig>,
+    /// Tolerance for `exp`/`nbf`, seconds.
+    #[serde(default = "default_skew")]
+    pub clock_skew_s: u64,
+    /// Whether a token without `exp` is rejected.
+    #[serde(default = "default_true")]
+    pub require_exp: bool,
+    /// Where the token is read from, first found wins.
+    #[serde(default)]
+    pub from: Vec<SourceConfig>,
+    /// Claims copied into request headers for the upstream.
+    #[serde(default)]
+    pub claim_to_headers: Vec<ClaimHeaderConfig>,
+    /// Whether the token itself is passed upstream (else its header/cookie
+    /// carrier header is removed).
+    #[serde(default = "default_true")]
+    pub forward_token: bool,
+}
+
+fn default_skew() -> u64 {
+    60
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A remote JWKS endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteJwksConfig {
+    /// The cluster (must be granted to the plugin).
+    pub cluster: String,
+    /// The path, e.g. `/.well-known/jwks.json`.
+    pub path: String,
+    /// The `:authority`/`host` sent; default: the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// How long fetched keys are used before a refresh, seconds.
+    #[serde(default = "default_refresh")]
+    pub refresh_interval_s: u64,
+    /// Minimum time between refetches triggered by an unknown `kid`, seconds.
+    #[serde(default = "default_refetch")]
+    pub min_refetch_interval_s: u64,
+    /// Fetch timeout.
+    #[serde(default = "default_fetch_timeout")]
+    pub timeout_ms: u32,
+}
+
+fn default_refresh() -> u64 {
+    300
+}
+fn default_refetch() -> u64 {
+    30
+}
+fn default_fetch_timeout() -> u32 {
+    1000
+}
+
+/// One claim → header mapping.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimHeaderConfig {
+    /// The claim; `a.b` reads a nested object member.
+    pub claim: String,
+    /// The request header it is written to.
+    pub header: String,
+}
+
+/// A set of API keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeysConfig {
+    /// The name rules refer to.
+    pub name: String,
+    /// Where the key is read from; default: header `x-api-key`.
+    #[serde(default)]
+    pub from: Vec<SourceConfig>,
+    /// The keys: an id and the SHA-256 of the key, hex.
+    pub keys: Vec<ApiKeyConfig>,
+    /// The request header the key id is written to.
+    #[serde(default = "default_key_id_header")]
+    pub id_header: String,
+    /// Whether the key is passed upstream (else its header is removed).
+    #[serde(default)]
+    pub forward_key: bool,
+}
+
+fn default_key_id_header() -> String {
+    "x-api-key-id".to_owned()
+}
+
+/// One API key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The id forwarded upstream (never the key).
+    pub id: String,
+    /// `sha256(key)` in hex (64 digits).
+    pub sha256: String,
+}
+
+/// HTTP Basic users.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicConfig {
+    /// The name rules refer to.
+    pub name: String,
+    /// The realm in the `Basic` challenge; default: the top-level realm.
+    #[serde(default)]
+    pub realm: Option<String>,
+    /// htpasswd lines `user:hash` (bcrypt `$2y$`/`$2a$`/`$2b$`, or `{SHA}`).
+    pub htpasswd: Vec<String>,
+    /// The request header the user name is written to.
+    #[serde(default = "default_user_header")]
+    pub user_header: String,
+    /// Whether the `authorization` header is passed upstream.
+    #[serde(default)]
+    pub forward_credentials: bool,
+}
+
+fn default_user_header() -> String {
+    "x-user".to_owned()
+}
+
+/// External authorization.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtAuthzConfig {
+    /// The auth service's cluster (must be granted).
+    pub cluster: String,
+    /// The path called.
+    #[serde(default = "default_authz_path")]
+    pub path: String,
+    /// The method used.
+    #[serde(default = "default_authz_method")]
+    pub method: String,
+    /// Request headers copied to the check request.
+    #[serde(default = "default_forward_headers")]
+    pub forward_headers: Vec<String>,
+    /// Check-response headers copied to the upstream request on allow.
+    #[serde(default)]
+    pub upstream_headers: Vec<String>,
+    /// Check-response headers copied to the client on deny.
+    #[serde(default = "default_client_headers")]
+    pub client_headers: Vec<String>,
+    /// Check timeout.
+    #[serde(default = "default_authz_timeout")]
+    pub timeout_ms: u32,
+    /// On an error (timeout, unavailable, ...): let the request through.
+    #[serde(default)]
+    pub failure_mode_allow: bool,
+    /// The status sent when the check fails and `failure_mode_allow` is off.
+    #[serde(default = "default_status_on_error")]
+    pub status_on_error: u16,
+}
+
+fn default_authz_path() -> String {
+    "/check".to_owned()
+}
+fn default_authz_method() -> String {
+    "GET".to_owned()
+}
+fn default_forward_headers() -> Vec<String> {
+    vec!["authorization".to_owned(), "cookie".to_owned()]
+}
+fn default_client_headers() -> Vec<String> {
+    vec!["www-authenticate".to_owned(), "content-type".to_owned()]
+}
+fn default_authz_timeout() -> u32 {
+    1000
+}
+fn default_status_on_error() -> u16 {
+    403
+}
+
+/// A per-path requirement.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Which requests.
+    #[serde(rename = "match")]
+    pub matcher: MatchConfig,
+    /// Authenticators, any one of which must accept the request.
+    #[serde(default)]
+    pub requires: Option<RequiresConfig>,
+    /// With `requires`: a request with no credential at all passes
+    /// (unauthenticated); a bad credential is still rejected.
+    #[serde(default)]
+    pub allow_missing: bool,
+    /// No authentication and no external authorization.
+    #[serde(default)]
+    pub public: bool,
+    /// Claims a JWT must carry (claim → accepted values); else 403.
+    #[serde(default)]
+    pub claims: HashMap<String, Vec<String>>,
+    /// Whether `ext_authz` (if configured) runs for this rule.
+    #[serde(default = "default_true")]
+    pub ext_authz: bool,
+}
+
+/// How a rule matches the request path (query excluded).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// A path prefix, on segment boundaries or not (like routes: plain prefix).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// An exact path.
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// `requires: {any: [names]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequiresConfig {
+    /// Authenticator names.
+    pub any: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Validated runtime settings.
+
+/// Where a credential is read from, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A header (lowercase) with an optional prefix.
+    Header {
+        /// Lowercase name.
+        name: String,
+        /// Prefix stripped (compared case-insensitively).
+        prefix: Option<String>,
+    },
+    /// A cookie.
+    Cookie(String),
+    /// A query parameter.
+    Query(String),
+}
+
+/// A remote JWKS endpoint, validated.
+#[derive(Debug, Clone)]
+pub struct RemoteJwks {
+    /// Cluster.
+    pub cluster: String,
+    /// Path.
+    pub path: String,
+    /// Authority.
+    pub authority: Option<String>,
+    /// Refresh interval, ns.
+    pub refresh_ns: u64,
+    /// Minimum interval between unknown-kid refetches, ns.
+    pub min_refetch_ns: u64,
+    /// Timeout.
+    pub timeout_ms: u32,
+}
+
+/// A JWT provider, validated.
+#[derive(Debug)]
+pub struct Provider {
+    /// Name.
+    pub name: String,
+    /// Issuer.
+    pub issuer: String,
+    /// Audiences.
+    pub audiences: Vec<String>,
+    /// Allowed algorithms (empty: any).
+    pub algorithms: Vec<Algorithm>,
+    /// Inline keys.
+    pub inline: Option<Jwks>,
+    /// Remote keys.
+    pub remote: Option<RemoteJwks>,
+    /// Skew, seconds.
+    pub skew_s: u64,
+    /// Whether `exp` is required.
+    pub require_exp: bool,
+    /// Token sources.
+    pub from: Vec<Source>,
+    /// Claim → header.
+    pub claim_to_headers: Vec<ClaimHeaderConfig>,
+    /// Forward the token.
+    pub forward_token: bool,
+}
+
+/// An API key set, validated.
+#[derive(Debug)]
+pub struct ApiKeys {
+    /// Name.
+    pub name: String,
+    /// Sources.
+    pub from: Vec<Source>,
+    /// sha256(key) → id.
+    pub keys: HashMap<[u8; 32], String>,
+    /// Header for the id.
+    pub id_header: String,
+    /// Forward the key.
+    pub forward_key: bool,
+}
+
+/// A Basic user set, validated.
+#[derive(Debug)]
+pub struct Basic {
+    /// Name.
+    pub name: String,
+    /// Realm.
+    pub realm: String,
+    /// Users.
+    pub users: Htpasswd,
+    /// Header for the user name.
+    pub user_header: String,
+    /// Forward the credentials.
+    pub forward_credentials: bool,
+}
+
+/// External authorization, validated.
+#[derive(Debug)]
+pub struct ExtAuthz {
+    /// Cluster.
+    pub cluster: String,
+    /// Path.
+    pub path: String,
+    /// Method.
+    pub method: String,
+    /// Lowercase header names forwarded to the check.
+    pub forward_headers: Vec<String>,
+    /// Lowercase header names copied upstream on allow.
+    pub upstream_headers: Vec<String>,
+    /// Lowercase header names copied to the client on deny.
+    pub client_headers: Vec<String>,
+    /// Timeout.
+    pub timeout_ms: u32,
+    /// Allow on failure.
+    pub failure_mode_allow: bool,
+    /// Status on failure.
+    pub status_on_error: u16,
+}
+
+/// An authenticator a rule may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthnRef {
+    /// `providers[i]`.
+    Jwt(usize),
+    /// `api_keys[i]`.
+    ApiKey(usize),
+    /// `basic[i]`.
+    Basic(usize),
+}
+
+/// How a rule matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Match {
+    /// Prefix.
+    Prefix(String),
+    /// Exact path.
+    Path(String),
+}
+
+impl Match {
+    /// Whether `path` (query excluded) matches.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            Match::Prefix(p) => path.starts_with(p.as_str()),
+            Match::Path(p) => path == p,
+        }
+    }
+}
+
+/// A rule, validated.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Matcher.
+    pub matcher: Match,
+    /// Any of these (empty: public).
+    pub any: Vec<AuthnRef>,
+    /// Missing credentials pass.
+    pub allow_missing: bool,
+    /// Required claims.
+    pub claims: Vec<(String, Vec<String>)>,
+    /// Run ext_authz.
+    pub ext_authz: bool,
+}
+
+/// Everything the filter runs on.
+#[derive(Debug)]
+pub struct Settings {
+    /// Realm.
+    pub realm: String,
+    /// JWT providers.
+    pub providers: Vec<Provider>,
+    /// API keys.
+    pub api_keys: Vec<ApiKeys>,
+    /// Basic.
+    pub basic: Vec<Basic>,
+    /// Ext authz.
+    pub ext_authz: Option<ExtAuthz>,
+    /// Rules.
+    pub rules: Vec<Rule>,
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn header_name(field: &str, name: &str) -> Result<String, String> {
+    if !valid_header_name(name) {
+        return Err(format!(
+            "{field}: {name:?} is not a valid header name (token characters only, e.g. x-user)"
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+fn sources(field: &str, from: &[SourceConfig], default: Source) -> Result<Vec<Source>, String> {
+    if from.is_empty() {
+        return Ok(vec![default]);
+    }
+    let mut out = Vec::new();
+    for (i, s) in from.iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        let set = [s.header.is_some(), s.cookie.is_some(), s.query.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if set != 1 {
+            return Err(format!(
+                "{f}: set exactly one of `header`, `cookie`, `query`"
+            ));
+        }
+        if s.prefix.is_some() && s.header.is_none() {
+            return Err(format!("{f}.prefix: only valid with `header`"));
+        }
+        if let Some(h) = &s.header {
+            out.push(Source::Header {
+                name: header_name(&format!("{f}.header"), h)?,
+                prefix: s.prefix.clone().filter(|p| !p.is_empty()),
+            });
+        } else if let Some(c) = &s.cookie {
+            if c.is_empty() || c.contains([';', '=', ' ']) {
+                return Err(format!("{f}.cookie: {c:?} is not a valid cookie name"));
+            }
+            out.push(Source::Cookie(c.clone()));
+        } else if let Some(q) = &s.query {
+            if q.is_empty() {
+                return Err(format!("{f}.query: must not be empty"));
+            }
+            out.push(Source::Query(q.clone()));
+        }
+    }
+    Ok(out)
+}
+
+fn check_path(field: &str, path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{field}: {path:?} must start with `/`"));
+    }
+    Ok(())
+}
+
+/// A realm goes into a quoted-string of `WWW-Authenticate`.
+fn check_realm(field: &str, realm: &str) -> Result<(), String> {
+    if realm.is_empty() || realm.contains(['"', '\\']) || realm.chars().any(char::is_control) {
+        return Err(format!(
+            "{field}: must not contain quotes, backslashes or control characters, and not be empty (got {realm:?})"
+        ));
+    }
+    Ok(())
+}
+
+const SECONDS: u64 = 1_000_000_000;
+
+impl Config {
+    /// Validate into [`Settings`]; the error names the field.
+    pub fn validate(self) -> Result<Settings, String> {
+        check_realm("realm", &self.realm)?;
+        let mut names: HashMap<String, AuthnRef> = HashMap::new();
+        let mut add_name = |field: &str, name: &str, r: AuthnRef| -> Result<(), String> {
+            if name.is_empty() {
+                return Err(format!("{field}: must not be empty"));
+            }
+            if names.insert(name.to_owned(), r).is_some() {
+                return Err(format!(
+                    "{field}: {name:?} is already used by another provider, api_keys or basic entry; names must be unique"
+                ));
+            }
+            Ok(())
+        };
+
+        let mut providers = Vec::new();
+        for (i, p) in self.providers.into_iter().enumerate() {
+            let f = format!("providers[{i}]");
+            add_name(&format!("{f}.name"), &p.name, AuthnRef::Jwt(i))?;
+            if p.issuer.is_empty() {
+                return Err(format!(
+                    "{f}.issuer: must not be empty (the token's `iss` claim)"
+                ));
+            }
+            let mut algorithms = Vec::new();
+            for (j, a) in p.algorithms.iter().enumerate() {
+                algorithms.push(Algorithm::parse(a).ok_or_else(|| {
+                    format!(
+                        "{f}.algorithms[{j}]: {a:?} is not supported (HS256, RS256, RS384, RS512, ES256, ES384, EdDSA)"
+                    )
+                })?);
+            }
+            let inline = match p.jwks {
+                Some(v) => Some(Jwks::from_value(&v).map_err(|e| format!("{f}.jwks: {e}"))?),
+                None => None,
+            };
+            if let Some(k) = &inline {
+                if k.keys.is_empty() {
+                    return Err(format!("{f}.jwks: has no usable key"));
+                }
+            }
+            let remote = match p.remote_jwks {
+                Some(r) => {
+                    if r.cluster.is_empty() {
+                        return Err(format!("{f}.remote_jwks.cluster: must not be empty"));
+                    }
+                    check_path(&format!("{f}.remote_jwks.path"), &r.path)?;
+                    if r.refresh_interval_s == 0 {
+                        return Err(format!(
+                            "{f}.remote_jwks.refresh_interval_s: must be at least 1"
+                        ));
+                    }
+                    if r.timeout_ms == 0 || r.timeout_ms > 30_000 {
+                        return Err(format!(
+                            "{f}.remote_jwks.timeout_ms: {} is outside 1..=30000",
+                            r.timeout_ms
+                        ));
+                    }
+                    Some(RemoteJwks {
+                        cluster: r.cluster,
+                        path: r.path,
+                        authority: r.authority,
+                        refresh_ns: r.refresh_interval_s.saturating_mul(SECONDS),
+                        min_refetch_ns: r.min_refetch_interval_s.saturating_mul(SECONDS),
+                        timeout_ms: r.timeout_ms,
+                    })
+                }
+                None => None,
+            };
+            if inline.is_none() && remote.is_none() {
+                return Err(format!(
+                    "{f}: needs keys: set `jwks` (inline JWKS) and/or `remote_jwks`"
+                ));
+            }
+            let from = sources(
+                &format!("{f}.from"),
+                &p.from,
+                Source::Header {
+                    name: "authorization".to_owned(),
+                    prefix: Some("Bearer ".to_owned()),
+                },
+            )?;
+            let mut claim_to_headers = Vec::new();
+            for (j, c) in p.claim_to_headers.into_iter().enumerate() {
+                let cf = format!("{f}.claim_to_headers[{j}]");
+                if c.claim.is_empty() {
+                    return Err(format!("{cf}.claim: must not be empty"));
+                }
+                let header = header_name(&format!("{cf}.header"), &c.header)?;
+                claim_to_headers.push(ClaimHeaderConfig {
+                    claim: c.claim,
+                    header,
+                });
+            }
+            providers.push(Provider {
+                name: p.name,
+                issuer: p.issuer,
+                audiences: p.audiences,
+                algorithms,
+                inline,
+                remote,
+                skew_s: p.clock_skew_s,
+                require_exp: p.require_exp,
+                from,
+                claim_to_headers,
+                forward_token: p.forward_token,
+            });
+        }
+
+        let mut api_keys = Vec::new();
+        for (i, a) in self.api_keys.into_iter().enumerate() {
+            let f = format!("api_keys[{i}]");
+            add_name(&format!("{f}.name"), &a.name, AuthnRef::ApiKey(i))?;
+            let from = sources(
+                &format!("{f}.from"),
+                &a.from,
+                Source::Header {
+                    name: "x-api-key".to_owned(),
+                    prefix: None,
+                },
+            )?;
+            if a.keys.is_empty() {
+                return Err(format!("{f}.keys: must list at least one key"));
+            }
+            let mut keys = HashMap::new();
+            for (j, k) in a.keys.into_iter().enumerate() {
+                let kf = format!("{f}.keys[{j}]");
+                if k.id.is_empty() || k.id.bytes().any(|b| b < 0x20 || b == 0x7f) {
+                    return Err(format!("{kf}.id: must be non-empty printable text"));
+                }
+                let digest = parse_hex32(&k.sha256).ok_or_else(|| {
+                    format!(
+                        "{kf}.sha256: expected 64 hex digits (the SHA-256 of the key, e.g. `printf %s KEY | sha256sum`)"
+                    )
+                })?;
+                if keys.insert(digest, k.id).is_some() {
+                    return Err(format!("{kf}.sha256: the same key is listed twice"));
+                }
+            }
+            api_keys.push(ApiKeys {
+                name: a.name,
+                from,
+                keys,
+                id_header: header_name(&format!("{f}.id_header"), &a.id_header)?,
+                forward_key: a.forward_key,
+            });
+        }
+
+        let mut basic = Vec::new();
+        for (i, b) in self.basic.into_iter().enumerate() {
+            let f = format!("basic[{i}]");
+            add_name(&format!("{f}.name"), &b.name, AuthnRef::Basic(i))?;
+            let users =
+                Htpasswd::parse(&b.htpasswd).map_err(|(j, e)| format!("{f}.htpasswd[{j}]: {e}"))?;
+            if let Some(r) = &b.realm {
+                check_realm(&format!("{f}.realm"), r)?;
+            }
+            basic.push(Basic {
+                name: b.name,
+                realm: b.realm.unwrap_or_else(|| self.realm.clone()),
+                users,
+                user_header: header_name(&format!("{f}.user_header"), &b.user_header)?,
+                forward_credentials: b.forward_credentials,
+            });
+        }
+
+        let ext_authz = match self.ext_authz {
+            Some(e) => {
+                if e.cluster.is_empty() {
+                    return Err("ext_authz.cluster: must not be empty".to_owned());
+                }
+                check_path("ext_authz.path", &e.path)?;
+                if e.method.is_empty() || !e.method.bytes().all(|b| b.is_ascii_uppercase()) {
+                    return Err(format!(
+                        "ext_authz.method: {:?} is not an HTTP method (e.g. GET, POST)",
+                        e.method
+                    ));
+                }
+                if e.timeout_ms == 0 || e.timeout_ms > 30_000 {
+                    return Err(format!(
+                        "ext_authz.timeout_ms: {} is outside 1..=30000",
+                        e.timeout_ms
+                    ));
+                }
+                if !(200..=599).contains(&e.status_on_error) {
+                    return Err(format!(
+                        "ext_authz.status_on_error: {} is outside 200..=599",
+                        e.status_on_error
+                    ));
+                }
+                let list = |field: &str, v: &[String]| -> Result<Vec<String>, String> {
+                    v.iter()
+                        .enumerate()
+                        .map(|(j, h)| header_name(&format!("ext_authz.{field}[{j}]"), h))
+                        .collect()
+                };
+                Some(ExtAuthz {
+                    forward_headers: list("forward_headers", &e.forward_headers)?,
+                    upstream_headers: list("upstream_headers", &e.upstream_headers)?,
+                    client_headers: list("client_headers", &e.client_headers)?,
+                    cluster: e.cluster,
+                    path: e.path,
+                    method: e.method,
+                    timeout_ms: e.timeout_ms,
+                    failure_mode_allow: e.failure_mode_allow,
+                    status_on_error: e.status_on_error,
+                })
+            }
+            None => None,
+        };
+
+        let all: Vec<AuthnRef> = (0..providers.len())
+            .map(AuthnRef::Jwt)
+            .chain((0..api_keys.len()).map(AuthnRef::ApiKey))
+            .chain((0..basic.len()).map(AuthnRef::Basic))
+            .collect();
+        let rules = match self.rules {
+            None => {
+                if all.is_empty() && ext_authz.is_none() {
+                    return Err(
+                        "config: nothing to do: configure `providers`, `api_keys`, `basic` or `ext_authz`"
+                            .to_owned(),
+                    );
+                }
+                vec![Rule {
+                    matcher: Match::Prefix("/".to_owned()),
+                    any: all,
+                    allow_missing: false,
+                    claims: Vec::new(),
+                    ext_authz: true,
+                }]
+            }
+            Some(rules) => {
+                let mut out = Vec::new();
+                for (i, r) in rules.into_iter().enumerate() {
+                    let f = format!("rules[{i}]");
+                    let matcher = match (r.matcher.prefix, r.matcher.path) {
+                        (Some(p), None) => {
+                            check_path(&format!("{f}.match.prefix"), &p)?;
+                            Match::Prefix(p)
+                        }
+                        (None, Some(p)) => {
+                            check_path(&format!("{f}.match.path"), &p)?;
+                            Match::Path(p)
+                        }
+                        _ => return Err(format!("{f}.match: set exactly one of `prefix`, `path`")),
+                    };
+                    let mut any = Vec::new();
+                    match (&r.requires, r.public) {
+                        (Some(_), true) => {
+                            return Err(format!(
+                                "{f}: `public: true` and `requires` contradict each other; keep one"
+                            ))
+                        }
+                        (None, false) if ext_authz.is_none() || !r.ext_authz => {
+                            return Err(format!(
+                                "{f}: says nothing: set `requires: {{any: [...]}}` or `public: true`"
+                            ))
+                        }
+                        _ => {}
+                    }
+                    if let Some(req) = &r.requires {
+                        if req.any.is_empty() {
+                            return Err(format!(
+                                "{f}.requires.any: must name at least one authenticator"
+                            ));
+                        }
+                        for (j, n) in req.any.iter().enumerate() {
+                            let a = names.get(n).copied().ok_or_else(|| {
+                                let mut known: Vec<&String> = names.keys().collect();
+                                known.sort();
+                                format!(
+                                    "{f}.requires.any[{j}]: no provider, api_keys or basic entry is named {n:?} (known: {known:?})"
+                                )
+                            })?;
+                            any.push(a);
+                        }
+                    } else if r.allow_missing {
+                        return Err(format!("{f}.allow_missing: only valid with `requires`"));
+                    }
+                    if !r.claims.is_empty() && !any.iter().any(|a| matches!(a, AuthnRef::Jwt(_))) {
+                        return Err(format!(
+                            "{f}.claims: needs a JWT provider in `requires.any` (claims come from tokens)"
+                        ));
+                    }
+                    let mut claims: Vec<(String, Vec<String>)> = r.claims.into_iter().collect();
+                    claims.sort();
+                    for (c, v) in &claims {
+                        if v.is_empty() {
+                            return Err(format!(
+                                "{f}.claims.{c}: list at least one accepted value"
+                            ));
+                        }
+                    }
+                    out.push(Rule {
+                        matcher,
+                        any,
+                        allow_missing: r.allow_missing,
+                        claims,
+                        ext_authz: r.ext_authz && !r.public,
+                    });
+                }
+                out
+            }
+        };
+        Ok(Settings {
+            realm: self.realm,
+            providers,
+            api_keys,
+            basic,
+            ext_authz,
+            rules,
+        })
+    }
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let hi = (chunk[0] as char).to_digit(16)?;
+        let lo = (chunk[1] as char).to_digit(16)?;
+        out[i] = u8::try_from(hi * 16 + lo).ok()?;
+    }
+    Some(out)
+}

@@ -1,0 +1,898 @@
+//! # legate-plugin-auth: authentication and authorization for Legate
+//!
+//! A Legate HTTP filter (Wasm component, built with `legate-sdk`) that runs
+//! in `on_request_headers`:
+//!
+//! 1. picks the first `rules[]` entry whose `match` fits the path (none: 403);
+//! 2. authenticates with any of the rule's authenticators: JWT providers
+//!    ([`jwt`], keys inline or fetched from a cluster with a callout, cached
+//!    and refetched on an unknown `kid`), API keys (SHA-256 hashes) or HTTP
+//!    Basic ([`basic`], htpasswd bcrypt/`{SHA}`); writes the identity (claims,
+//!    key id, user) into request headers, after removing client-sent copies;
+//! 3. optionally asks an external authorization service (a callout) that
+//!    allows (its selected headers go upstream) or denies (its status and
+//!    body go back to the client).
+//!
+//! 401 carries `WWW-Authenticate`; 403 is a policy failure. Tokens, keys and
+//! passwords are never logged. See `plugins/auth/README.md` for the schema.
+
+pub mod basic;
+pub mod config;
+pub mod jwt;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use legate_sdk::callout::{self, CalloutId, CalloutRequest, CalloutResponse};
+use legate_sdk::metrics::Counter;
+use legate_sdk::{
+    clock, debug, warn, Action, Direction, Error, Exchange, Headers, HttpFilter, LocalResponse,
+    Setup,
+};
+use serde_json::{Map, Value};
+use sha2::Digest as _;
+
+use crate::config::{AuthnRef, Config, Provider, Rule, Settings, Source};
+use crate::jwt::{Jwk, JwtError};
+
+/// How often `on_tick` looks at remote JWKS ages.
+const TICK_MS: u32 = 1000;
+
+/// Per provider, per instance: the keys fetched from `remote_jwks`.
+#[derive(Debug, Default)]
+struct KeyCache {
+    keys: Vec<Jwk>,
+    /// Monotonic ns of the last successful fetch.
+    fetched_at: Option<u64>,
+    /// Monotonic ns of the last fetch started (any trigger).
+    started_at: Option<u64>,
+    /// Monotonic ns of the last failed fetch.
+    failed_at: Option<u64>,
+    /// A refresh sent from `on_tick`, not answered yet.
+    tick_fetch: Option<CalloutId>,
+}
+
+/// What an exchange is waiting for.
+#[derive(Debug, Default)]
+enum Waiting {
+    #[default]
+    Nothing,
+    /// A JWKS fetch for `providers[provider]`.
+    Jwks { provider: usize, id: CalloutId },
+    /// The external authorization check.
+    ExtAuthz { id: CalloutId },
+}
+
+/// Per-exchange state.
+#[derive(Debug, Default)]
+pub struct Ctx {
+    waiting: Waiting,
+    /// This exchange already fetched a JWKS: never twice.
+    fetched: bool,
+    /// The rule that matched.
+    rule: Option<usize>,
+}
+
+/// Decision counters, one handle per result label.
+struct Counters {
+    allowed: Counter,
+    anonymous: Counter,
+    public: Counter,
+    missing: Counter,
+    invalid: Counter,
+    forbidden: Counter,
+    no_rule: Counter,
+    jwks_unavailable: Counter,
+    ext_denied: Counter,
+    ext_error: Counter,
+    jwks_ok: Counter,
+    jwks_error: Counter,
+}
+
+impl Counters {
+    fn define() -> Result<Counters, String> {
+        let d = Counter::define(
+            "auth_decisions_total",
+            "Requests by authentication/authorization outcome",
+            &["result"],
+        )
+        .map_err(|e| format!("defining auth_decisions_total: {e}"))?;
+        let f = Counter::define(
+            "auth_jwks_fetches_total",
+            "Remote JWKS fetches by result",
+            &["result"],
+        )
+        .map_err(|e| format!("defining auth_jwks_fetches_total: {e}"))?;
+        let l = |c: &Counter, v: &str| {
+            c.with_labels(&[v])
+                .map_err(|e| format!("defining auth metric label {v}: {e}"))
+        };
+        Ok(Counters {
+            allowed: l(&d, "allowed")?,
+            anonymous: l(&d, "anonymous")?,
+            public: l(&d, "public")?,
+            missing: l(&d, "missing_credentials")?,
+            invalid: l(&d, "invalid_credentials")?,
+            forbidden: l(&d, "forbidden")?,
+            no_rule: l(&d, "no_rule")?,
+            jwks_unavailable: l(&d, "jwks_unavailable")?,
+            ext_denied: l(&d, "ext_authz_denied")?,
+            ext_error: l(&d, "ext_authz_error")?,
+            jwks_ok: l(&f, "ok")?,
+            jwks_error: l(&f, "error")?,
+        })
+    }
+}
+
+/// The auth filter.
+pub struct AuthFilter {
+    s: Settings,
+    caches: Vec<KeyCache>,
+    /// Every identity header this plugin writes: removed from requests first
+    /// so a client cannot forge them.
+    identity_headers: Vec<String>,
+    counters: Counters,
+    /// SHA-256 of tokens whose signature a provider already verified, and
+    /// that provider: clients reuse tokens, and a signature check costs far
+    /// more than the claim checks, which still run every time. Cleared when
+    /// any remote JWKS changes (a removed key must stop working).
+    verified: RefCell<HashMap<[u8; 32], usize>>,
+}
+
+/// Verified-token cache entries per instance before it is cleared.
+const VERIFIED_MAX: usize = 4096;
+
+/// The identity to write into the request once authenticated.
+#[derive(Debug, Default)]
+struct Identity {
+    set: Vec<(String, String)>,
+    remove: Vec<String>,
+}
+
+/// Result of trying a rule's authenticators.
+#[derive(Debug)]
+enum Authn {
+    Ok(Identity),
+    /// No credential for any authenticator.
+    Missing,
+    /// A credential was present and bad.
+    Invalid(String),
+    /// Authenticated, but the rule's claims are not met.
+    Forbidden(String),
+    /// `providers[i]` needs a JWKS fetch first.
+    NeedKeys(usize),
+    /// `providers[i]` has no keys and cannot fetch now.
+    KeysUnavailable(usize),
+}
+
+impl HttpFilter for AuthFilter {
+    type Config = Config;
+    type Context = Ctx;
+
+    fn configure(config: Config) -> Result<Self, String> {
+        let s = config.validate()?;
+        let counters = Counters::define()?;
+        let mut identity_headers: Vec<String> = Vec::new();
+        for p in &s.providers {
+            identity_headers.extend(p.claim_to_headers.iter().map(|c| c.header.clone()));
+        }
+        identity_headers.extend(s.api_keys.iter().map(|a| a.id_header.clone()));
+        identity_headers.extend(s.basic.iter().map(|b| b.user_header.clone()));
+        identity_headers.sort();
+        identity_headers.dedup();
+        for b in &s.basic {
+            if b.users.max_bcrypt_cost > basic::BCRYPT_COST_WARN {
+                warn!(
+                    "auth: basic {:?} has bcrypt cost {}: a first check may exceed the plugin's call deadline (raise limits.call_deadline or use cost <= {})",
+                    b.name,
+                    b.users.max_bcrypt_cost,
+                    basic::BCRYPT_COST_WARN
+                );
+            }
+        }
+        let caches = s.providers.iter().map(|_| KeyCache::default()).collect();
+        Ok(AuthFilter {
+            s,
+            caches,
+            identity_headers,
+            counters,
+            verified: RefCell::new(HashMap::new()),
+        })
+    }
+
+    fn setup(&self) -> Setup {
+        let setup = Setup::new().on_request_headers();
+        if self.s.providers.iter().any(|p| p.remote.is_some()) {
+            setup.tick_every_ms(TICK_MS)
+        } else {
+            setup
+        }
+    }
+
+    fn on_request_headers(
+        &mut self,
+        ctx: &mut Ctx,
+        exchange: &Exchange<'_>,
+        headers: &Headers<'_>,
+        _end_of_stream: bool,
+    ) -> Action {
+        for h in &self.identity_headers {
+            // Failing to remove is only possible outside the write window,
+            // which a request-headers call is not.
+            let _ = headers.remove(h);
+        }
+        let path = exchange.path();
+        let path_only = path.split('?').next().unwrap_or("");
+        let Some(rule_idx) = self
+            .s
+            .rules
+            .iter()
+            .position(|r| r.matcher.matches(path_only))
+        else {
+            self.counters.no_rule.inc();
+            return Action::Respond(json_response(
+                403,
+                "forbidden",
+                "no auth rule matches this path",
+                "auth_no_rule",
+            ));
+        };
+        ctx.rule = Some(rule_idx);
+        if self.s.rules[rule_idx].any.is_empty() && !self.s.rules[rule_idx].ext_authz {
+            self.counters.public.inc();
+            return Action::Continue;
+        }
+        self.decide(ctx, exchange, headers)
+    }
+
+    fn on_callout_response(
+        &mut self,
+        ctx: &mut Ctx,
+        exchange: &Exchange<'_>,
+        id: CalloutId,
+        response: Result<CalloutResponse, Error>,
+    ) -> Action {
+        match std::mem::take(&mut ctx.waiting) {
+            Waiting::Jwks { provider, id: want } if want == id => {
+                self.jwks_arrived(provider, response);
+                let Some(headers) = exchange.headers(Direction::Request) else {
+                    return Action::Continue;
+                };
+                self.decide(ctx, exchange, &headers)
+            }
+            Waiting::ExtAuthz { id: want } if want == id => {
+                self.ext_authz_arrived(exchange, response)
+            }
+            other => {
+                // Not the callout this exchange waits for (there is only one
+                // at a time, so this is defensive): keep waiting if paused.
+                let waiting = !matches!(other, Waiting::Nothing);
+                ctx.waiting = other;
+                if waiting {
+                    Action::Pause
+                } else {
+                    Action::Continue
+                }
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = clock::monotonic_now();
+        for (i, p) in self.s.providers.iter().enumerate() {
+            let Some(r) = &p.remote else { continue };
+            let c = &mut self.caches[i];
+            if c.tick_fetch.is_some() {
+                // The host delivers every callout (a timeout at worst); a
+                // refresh unanswered long after its timeout is forgotten so
+                // refreshing can never stop for good.
+                let limit = u64::from(r.timeout_ms) * 2_000_000 + 5_000_000_000;
+                if c.started_at.is_some_and(|t| now.saturating_sub(t) < limit) {
+                    continue;
+                }
+                c.tick_fetch = None;
+            }
+            let due = c
+                .fetched_at
+                .is_none_or(|t| now.saturating_sub(t) >= r.refresh_ns);
+            // After a failure, wait before retrying (at least a second).
+            let backoff = r.min_refetch_ns.max(1_000_000_000);
+            let cooled = c.failed_at.is_none_or(|t| now.saturating_sub(t) >= backoff)
+                && c.started_at
+                    .is_none_or(|t| now.saturating_sub(t) >= 1_000_000_000);
+            if due && cooled {
+                c.started_at = Some(now);
+                match callout::send(&jwks_request(p)) {
+                    Ok(id) => c.tick_fetch = Some(id),
+                    Err(e) => {
+                        c.failed_at = Some(now);
+                        self.counters.jwks_error.inc();
+                        warn!("auth: provider {:?}: JWKS refresh not sent: {e}", p.name);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_tick_callout_response(
+        &mut self,
+        id: CalloutId,
+        response: Result<CalloutResponse, Error>,
+    ) {
+        if let Some(i) = self.caches.iter().position(|c| c.tick_fetch == Some(id)) {
+            self.caches[i].tick_fetch = None;
+            self.jwks_arrived(i, response);
+        }
+    }
+}
+
+legate_sdk::export!(AuthFilter);
+
+fn jwks_request(p: &Provider) -> CalloutRequest {
+    let Some(r) = &p.remote else {
+        return CalloutRequest::new("", "GET", "/");
+    };
+    let mut req = CalloutRequest::new(r.cluster.clone(), "GET", r.path.clone())
+        .header("accept", "application/json")
+        .timeout_ms(r.timeout_ms);
+    if let Some(a) = &r.authority {
+        req = req.authority(a.clone());
+    }
+    req
+}
+
+fn json_response(status: u16, error: &str, reason: &str, details: &str) -> LocalResponse {
+    let body = serde_json::json!({ "error": error, "reason": reason }).to_string() + "\n";
+    LocalResponse::new(status)
+        .header("content-type", "application/json")
+        .body(body)
+        .details(details)
+}
+
+impl AuthFilter {
+    /// Authenticate with the matched rule, then run ext_authz or answer.
+    fn decide(&mut self, ctx: &mut Ctx, exchange: &Exchange<'_>, headers: &Headers<'_>) -> Action {
+        let Some(rule_idx) = ctx.rule else {
+            return Action::Continue;
+        };
+        let rule = self.s.rules[rule_idx].clone();
+        let path = exchange.path();
+        let result = if rule.any.is_empty() {
+            Authn::Missing
+        } else {
+            self.authenticate(&rule, headers, &path, !ctx.fetched)
+        };
+        match result {
+            Authn::Ok(identity) => {
+                for h in &identity.remove {
+                    let _ = headers.remove(h);
+                }
+                for (n, v) in &identity.set {
+                    if let Err(e) = headers.set(n, v) {
+                        // An unusual claim value (e.g. a control character):
+                        // skip the header rather than fail the request.
+                        debug!("auth: header {n} not set: {e}");
+                    }
+                }
+                self.authorized(ctx, exchange, headers, &rule, true)
+            }
+            Authn::Missing if rule.allow_missing || rule.any.is_empty() => {
+                self.authorized(ctx, exchange, headers, &rule, false)
+            }
+            Authn::Missing => {
+                self.counters.missing.inc();
+                Action::Respond(self.unauthorized(&rule, None))
+            }
+            Authn::Invalid(reason) => {
+                self.counters.invalid.inc();
+                debug!(
+                    "auth: {} {}: rejected: {reason}",
+                    exchange.method(),
+                    exchange.request_id()
+                );
+                Action::Respond(self.unauthorized(&rule, Some(&reason)))
+            }
+            Authn::Forbidden(reason) => {
+                self.counters.forbidden.inc();
+                debug!("auth: {}: forbidden: {reason}", exchange.request_id());
+                let challenge = format!(
+                    "Bearer realm=\"{}\", error=\"insufficient_scope\"",
+                    self.s.realm
+                );
+                Action::Respond(
+                    json_response(403, "forbidden", &reason, "auth_forbidden")
+                        .header("www-authenticate", challenge),
+                )
+            }
+            Authn::NeedKeys(i) => {
+                let p = &self.s.providers[i];
+                let now = clock::monotonic_now();
+                self.caches[i].started_at = Some(now);
+                ctx.fetched = true;
+                match callout::send(&jwks_request(p)) {
+                    Ok(id) => {
+                        ctx.waiting = Waiting::Jwks { provider: i, id };
+                        Action::Pause
+                    }
+                    Err(e) => {
+                        warn!("auth: provider {:?}: JWKS fetch not sent: {e}", p.name);
+                        self.caches[i].failed_at = Some(now);
+                        self.counters.jwks_error.inc();
+                        self.decide(ctx, exchange, headers)
+                    }
+                }
+            }
+            Authn::KeysUnavailable(i) => {
+                self.counters.jwks_unavailable.inc();
+                warn!(
+                    "auth: provider {:?}: no signing keys (remote JWKS unavailable)",
+                    self.s.providers[i].name
+                );
+                Action::Respond(json_response(
+                    503,
+                    "unavailable",
+                    "token signing keys are not available",
+                    "auth_jwks_unavailable",
+                ))
+            }
+        }
+    }
+
+    /// Authentication passed (or was optional): external authorization or go.
+    fn authorized(
+        &mut self,
+        ctx: &mut Ctx,
+        exchange: &Exchange<'_>,
+        headers: &Headers<'_>,
+        rule: &Rule,
+        authenticated: bool,
+    ) -> Action {
+        let Some(ext) = self.s.ext_authz.as_ref().filter(|_| rule.ext_authz) else {
+            if authenticated {
+                self.counters.allowed.inc();
+            } else {
+                self.counters.anonymous.inc();
+            }
+            return Action::Continue;
+        };
+        let mut req =
+            CalloutRequest::new(ext.cluster.clone(), ext.method.clone(), ext.path.clone())
+                .timeout_ms(ext.timeout_ms)
+                .header("x-forwarded-method", exchange.method())
+                .header("x-forwarded-uri", exchange.path())
+                .header("x-forwarded-host", exchange.authority());
+        for name in &ext.forward_headers {
+            for v in headers.get_all(name) {
+                req = req.header(name.clone(), v);
+            }
+        }
+        match callout::send(&req) {
+            Ok(id) => {
+                ctx.waiting = Waiting::ExtAuthz { id };
+                Action::Pause
+            }
+            Err(e) => {
+                warn!("auth: ext_authz check not sent: {e}");
+                self.ext_authz_failed()
+            }
+        }
+    }
+
+    fn ext_authz_failed(&mut self) -> Action {
+        self.counters.ext_error.inc();
+        match &self.s.ext_authz {
+            Some(e) if !e.failure_mode_allow => Action::Respond(json_response(
+                e.status_on_error,
+                "forbidden",
+                "authorization service unavailable",
+                "auth_ext_authz_error",
+            )),
+            _ => Action::Continue,
+        }
+    }
+
+    fn ext_authz_arrived(
+        &mut self,
+        exchange: &Exchange<'_>,
+        response: Result<CalloutResponse, Error>,
+    ) -> Action {
+        let Some(ext) = &self.s.ext_authz else {
+            return Action::Continue;
+        };
+        match response {
+            Ok(r) if (200..300).contains(&r.status) => {
+                if let Some(h) = exchange.headers(Direction::Request) {
+                    for name in &ext.upstream_headers {
+                        if let Some(v) = r.header_value(name) {
+                            if let Err(e) = h.set(name, v) {
+                                debug!("auth: ext_authz header {name} not set: {e}");
+                            }
+                        }
+                    }
+                }
+                self.counters.allowed.inc();
+                Action::Continue
+            }
+            Ok(r) if (200..=599).contains(&r.status) => {
+                self.counters.ext_denied.inc();
+                let mut resp = LocalResponse::new(r.status)
+                    .body(r.body.clone())
+                    .details("auth_ext_authz_denied");
+                for name in &ext.client_headers {
+                    for (n, v) in &r.headers {
+                        if n.eq_ignore_ascii_case(name) {
+                            resp = resp.header(name.clone(), v.clone());
+                        }
+                    }
+                }
+                Action::Respond(resp)
+            }
+            Ok(r) => {
+                warn!("auth: ext_authz answered status {}", r.status);
+                self.ext_authz_failed()
+            }
+            Err(e) => {
+                warn!("auth: ext_authz check failed: {e}");
+                self.ext_authz_failed()
+            }
+        }
+    }
+
+    fn jwks_arrived(&mut self, i: usize, response: Result<CalloutResponse, Error>) {
+        let now = clock::monotonic_now();
+        let name = &self.s.providers[i].name;
+        let c = &mut self.caches[i];
+        let parsed = match response {
+            Ok(r) if r.status == 200 => jwt::Jwks::from_json(&r.body).map(|j| j.keys),
+            Ok(r) => Err(format!("status {}", r.status)),
+            Err(e) => Err(e.to_string()),
+        };
+        match parsed {
+            Ok(keys) => {
+                c.keys = keys;
+                self.verified.borrow_mut().clear();
+                c.fetched_at = Some(now);
+                c.failed_at = None;
+                self.counters.jwks_ok.inc();
+                debug!(
+                    "auth: provider {name:?}: JWKS fetched, {} keys",
+                    c.keys.len()
+                );
+            }
+            Err(e) => {
+                c.failed_at = Some(now);
+                self.counters.jwks_error.inc();
+                warn!("auth: provider {name:?}: JWKS fetch failed: {e}");
+            }
+        }
+    }
+
+    fn unauthorized(&self, rule: &Rule, invalid: Option<&str>) -> LocalResponse {
+        let mut resp = json_response(
+            401,
+            "unauthorized",
+            invalid.unwrap_or("credentials required"),
+            if invalid.is_some() {
+                "auth_invalid_credentials"
+            } else {
+                "auth_missing_credentials"
+            },
+        );
+        let realm = &self.s.realm;
+        let mut bearer = false;
+        let mut api_key = false;
+        for a in &rule.any {
+            match a {
+                AuthnRef::Jwt(_) => bearer = true,
+                AuthnRef::ApiKey(_) => api_key = true,
+                AuthnRef::Basic(b) => {
+                    resp = resp.header(
+                        "www-authenticate",
+                        format!("Basic realm=\"{}\"", self.s.basic[*b].realm),
+                    );
+                }
+            }
+        }
+        if bearer {
+            let v = match invalid {
+                Some(_) => format!("Bearer realm=\"{realm}\", error=\"invalid_token\""),
+                None => format!("Bearer realm=\"{realm}\""),
+            };
+            resp = resp.header("www-authenticate", v);
+        }
+        if api_key {
+            resp = resp.header("www-authenticate", format!("ApiKey realm=\"{realm}\""));
+        }
+        resp
+    }
+
+    fn authenticate(
+        &mut self,
+        rule: &Rule,
+        headers: &Headers<'_>,
+        path: &str,
+        may_fetch: bool,
+    ) -> Authn {
+        let mut invalid: Option<String> = None;
+        let mut forbidden: Option<String> = None;
+        let mut pending: Option<Authn> = None;
+        for a in &rule.any {
+            match *a {
+                AuthnRef::Jwt(i) => {
+                    let p = &self.s.providers[i];
+                    let Some((token, carrier)) = find_credential(&p.from, headers, path) else {
+                        continue;
+                    };
+                    match self.verify_jwt(i, &token, may_fetch) {
+                        Ok(claims) => {
+                            for (c, accepted) in &rule.claims {
+                                let ok = jwt::claim(&claims, c)
+                                    .is_some_and(|v| jwt::claim_accepts(v, accepted));
+                                if !ok {
+                                    forbidden.get_or_insert_with(|| {
+                                        format!("claim `{c}` does not allow this route")
+                                    });
+                                }
+                            }
+                            if forbidden.is_some() {
+                                continue;
+                            }
+                            let mut id = Identity::default();
+                            for m in &p.claim_to_headers {
+                                if let Some(v) = jwt::claim(&claims, &m.claim) {
+                                    id.set.push((m.header.clone(), jwt::claim_header_value(v)));
+                                }
+                            }
+                            if !p.forward_token {
+                                if let Some(h) = carrier {
+                                    id.remove.push(h);
+                                }
+                            }
+                            return Authn::Ok(id);
+                        }
+                        Err(JwtCheck::Need) => {
+                            pending.get_or_insert(Authn::NeedKeys(i));
+                        }
+                        Err(JwtCheck::Unavailable) => {
+                            pending.get_or_insert(Authn::KeysUnavailable(i));
+                        }
+                        Err(JwtCheck::Bad(e)) => {
+                            debug!("auth: provider {:?}: {e}", p.name);
+                            invalid.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                }
+                AuthnRef::ApiKey(i) => {
+                    let k = &self.s.api_keys[i];
+                    let Some((key, carrier)) = find_credential(&k.from, headers, path) else {
+                        continue;
+                    };
+                    let digest: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
+                    match k.keys.get(&digest) {
+                        Some(id) => {
+                            let mut ident = Identity::default();
+                            ident.set.push((k.id_header.clone(), id.clone()));
+                            if !k.forward_key {
+                                if let Some(h) = carrier {
+                                    ident.remove.push(h);
+                                }
+                            }
+                            return Authn::Ok(ident);
+                        }
+                        None => {
+                            debug!("auth: api_keys {:?}: unknown key", k.name);
+                            invalid.get_or_insert_with(|| "unknown API key".to_owned());
+                        }
+                    }
+                }
+                AuthnRef::Basic(i) => {
+                    let Some(value) = headers.get_str("authorization") else {
+                        continue;
+                    };
+                    let Some((user, password)) = basic::decode_basic(&value) else {
+                        // Another scheme (e.g. Bearer): not a Basic credential.
+                        continue;
+                    };
+                    let b = &mut self.s.basic[i];
+                    if b.users.check(&user, &password) {
+                        let mut ident = Identity::default();
+                        ident.set.push((b.user_header.clone(), user));
+                        if !b.forward_credentials {
+                            ident.remove.push("authorization".to_owned());
+                        }
+                        return Authn::Ok(ident);
+                    }
+                    debug!("auth: basic {:?}: bad user or password", b.name);
+                    invalid.get_or_insert_with(|| "bad user or password".to_owned());
+                }
+            }
+        }
+        if let Some(p) = pending {
+            return p;
+        }
+        if let Some(f) = forbidden {
+            return Authn::Forbidden(f);
+        }
+        if let Some(e) = invalid {
+            return Authn::Invalid(e);
+        }
+        Authn::Missing
+    }
+
+    fn verify_jwt(
+        &self,
+        i: usize,
+        token: &str,
+        may_fetch: bool,
+    ) -> Result<Map<String, Value>, JwtCheck> {
+        let p = &self.s.providers[i];
+        let t = jwt::parse(token).map_err(JwtCheck::Bad)?;
+        // Several providers may read the same header: a token for another
+        // issuer is not this provider's, whatever its signature.
+        if t.claims.get("iss").and_then(Value::as_str) != Some(p.issuer.as_str()) {
+            return Err(JwtCheck::Bad(JwtError::Issuer));
+        }
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if self.verified.borrow().get(&digest) != Some(&i) {
+            self.verify_signature(i, &t, may_fetch)?;
+            let mut v = self.verified.borrow_mut();
+            if v.len() >= VERIFIED_MAX {
+                v.clear();
+            }
+            v.insert(digest, i);
+        }
+        let now_s = clock::wall_now() / 1_000_000_000;
+        jwt::check_claims(
+            &t.claims,
+            &jwt::ClaimRules {
+                issuer: &p.issuer,
+                audiences: &p.audiences,
+                now_s,
+                skew_s: p.skew_s,
+                require_exp: p.require_exp,
+            },
+        )
+        .map_err(JwtCheck::Bad)?;
+        Ok(t.claims)
+    }
+
+    /// The key lookup (possibly asking for a fetch) and signature check.
+    fn verify_signature(
+        &self,
+        i: usize,
+        t: &jwt::Parsed<'_>,
+        may_fetch: bool,
+    ) -> Result<(), JwtCheck> {
+        let p = &self.s.providers[i];
+        let now = clock::monotonic_now();
+        let cache = &self.caches[i];
+        let mut keys: Vec<Jwk> = p
+            .inline
+            .as_ref()
+            .map(|j| j.keys.clone())
+            .unwrap_or_default();
+        keys.extend(cache.keys.iter().cloned());
+        if let Some(r) = &p.remote {
+            let cold = cache.fetched_at.is_none();
+            let recently_failed = cache
+                .failed_at
+                .is_some_and(|t| now.saturating_sub(t) < r.min_refetch_ns);
+            if cold && keys.is_empty() {
+                return Err(if may_fetch && !recently_failed {
+                    JwtCheck::Need
+                } else {
+                    JwtCheck::Unavailable
+                });
+            }
+        }
+        match jwt::verify_signature(t, &keys, &p.algorithms) {
+            Ok(()) => Ok(()),
+            Err(JwtError::UnknownKid) => {
+                if let Some(r) = &p.remote {
+                    // Key rotation: an unknown kid refetches, at most once per
+                    // min_refetch_interval per instance.
+                    let recent = cache
+                        .started_at
+                        .is_some_and(|t| now.saturating_sub(t) < r.min_refetch_ns);
+                    if may_fetch && !recent {
+                        return Err(JwtCheck::Need);
+                    }
+                }
+                Err(JwtCheck::Bad(JwtError::UnknownKid))
+            }
+            Err(e) => Err(JwtCheck::Bad(e)),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum JwtCheck {
+    Need,
+    Unavailable,
+    Bad(JwtError),
+}
+
+/// The first credential found in `sources`, and the header carrying it (for
+/// removal when it must not go upstream).
+fn find_credential(
+    sources: &[Source],
+    headers: &Headers<'_>,
+    path: &str,
+) -> Option<(String, Option<String>)> {
+    for s in sources {
+        match s {
+            Source::Header { name, prefix } => {
+                let Some(v) = headers.get_str(name) else {
+                    continue;
+                };
+                let v = match prefix {
+                    Some(p) => {
+                        let Some(head) = v.get(..p.len()) else {
+                            continue;
+                        };
+                        if !head.eq_ignore_ascii_case(p) {
+                            continue;
+                        }
+                        v[p.len()..].trim().to_owned()
+                    }
+                    None => v.trim().to_owned(),
+                };
+                if !v.is_empty() {
+                    return Some((v, Some(name.clone())));
+                }
+            }
+            Source::Cookie(c) => {
+                for line in headers.get_all("cookie") {
+                    let Ok(line) = String::from_utf8(line) else {
+                        continue;
+                    };
+                    for pair in line.split(';') {
+                        if let Some((n, v)) = pair.trim().split_once('=') {
+                            if n == c && !v.is_empty() {
+                                return Some((v.trim_matches('"').to_owned(), None));
+                            }
+                        }
+                    }
+                }
+            }
+            Source::Query(q) => {
+                let Some((_, query)) = path.split_once('?') else {
+                    continue;
+                };
+                for pair in query.split('&') {
+                    let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    if percent_decode(n).as_deref() == Some(q.as_str()) {
+                        if let Some(v) = percent_decode(v).filter(|v| !v.is_empty()) {
+                            return Some((v, None));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}

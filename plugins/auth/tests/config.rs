@@ -1,0 +1,237 @@
+//! Config tests: valid configs load with the documented defaults; invalid
+//! ones are rejected with a message naming the field.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{jwks, sha256_hex, Signer};
+use legate_plugin_auth::AuthFilter;
+use legate_sdk::testing::FilterTest;
+use legate_sdk::Phase;
+use serde_json::{json, Value};
+
+fn load(cfg: &Value) -> Result<FilterTest<AuthFilter>, String> {
+    FilterTest::<AuthFilter>::configure(&cfg.to_string())
+}
+
+fn err(cfg: Value) -> String {
+    match load(&cfg) {
+        Ok(_) => panic!("accepted: {cfg}"),
+        Err(e) => e,
+    }
+}
+
+fn jwk() -> Value {
+    jwks(&[Signer::new("EdDSA").jwk("k1")])
+}
+
+fn provider() -> Value {
+    json!({"name": "corp", "issuer": "https://id", "jwks": jwk()})
+}
+
+#[test]
+fn valid_configs_load() {
+    let t = load(&json!({"providers": [provider()]})).unwrap();
+    let s = t.setup();
+    assert!(s.declares(Phase::RequestHeaders));
+    assert!(!s.declares(Phase::ResponseHeaders));
+    assert_eq!(s.tick_interval_ms(), 0, "no remote JWKS: no tick");
+    assert!(t.host().metric_defined("auth_decisions_total"));
+
+    let full = json!({
+        "realm": "shop",
+        "providers": [{
+            "name": "corp", "issuer": "https://id", "audiences": ["api"],
+            "algorithms": ["RS256", "ES256", "EdDSA", "HS256", "RS384", "RS512", "ES384"],
+            "jwks": jwk(),
+            "remote_jwks": {"cluster": "idp", "path": "/jwks"},
+            "clock_skew_s": 0, "require_exp": false,
+            "from": [{"header": "Authorization", "prefix": "Bearer "}, {"cookie": "s"}, {"query": "t"}],
+            "claim_to_headers": [{"claim": "sub", "header": "X-User"}],
+            "forward_token": false
+        }],
+        "api_keys": [{"name": "keys", "keys": [{"id": "a", "sha256": sha256_hex("k")}],
+                      "id_header": "x-key", "forward_key": true}],
+        "basic": [{"name": "staff", "htpasswd": ["bob:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="]}],
+        "ext_authz": {"cluster": "authz", "path": "/check", "method": "POST",
+                      "forward_headers": ["authorization"], "upstream_headers": ["x-u"],
+                      "client_headers": ["www-authenticate"], "timeout_ms": 200,
+                      "failure_mode_allow": true, "status_on_error": 503},
+        "rules": [
+            {"match": {"prefix": "/public"}, "public": true},
+            {"match": {"path": "/login"}, "ext_authz": true},
+            {"match": {"prefix": "/"}, "requires": {"any": ["corp", "keys", "staff"]},
+             "allow_missing": false, "claims": {"role": ["admin"]}, "ext_authz": false}
+        ]
+    });
+    let t = load(&full).unwrap();
+    assert_eq!(
+        t.setup().tick_interval_ms(),
+        1000,
+        "remote JWKS: ticks refresh it"
+    );
+
+    // ext_authz alone is a complete config.
+    load(&json!({"ext_authz": {"cluster": "authz"}})).unwrap();
+}
+
+#[test]
+fn invalid_configs_name_the_field() {
+    let cases: Vec<(Value, &str)> = vec![
+        (json!(null), "nothing to do"),
+        (json!({"bogus": 1}), "unknown field `bogus`"),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "https://id", "jwks": jwk(), "audience": "x"}]}),
+            "providers[0]",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "", "jwks": jwk()}]}),
+            "providers[0].issuer: must not be empty",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "jwks": jwk()}]}),
+            "missing field `issuer`",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i"}]}),
+            "providers[0]: needs keys",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "algorithms": ["none"]}]}),
+            "providers[0].algorithms[0]: \"none\" is not supported",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": {"nokeys": []}}]}),
+            "providers[0].jwks: expected an object with a `keys` array",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": {"keys": [{"kty": "oct", "k": "c2hvcnQ"}]}}]}),
+            "providers[0].jwks: keys[0]: HS256 secret is 5 bytes",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": {"keys": [{"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}]}}]}),
+            "providers[0].jwks: keys[0]: P-256 `x`/`y` must be 32 bytes",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": {"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB"}]}}]}),
+            "providers[0].jwks: keys[0]:",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": {"keys": [{"kty": "dunno"}]}}]}),
+            "providers[0].jwks: has no usable key",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "remote_jwks": {"cluster": "idp", "path": "jwks"}}]}),
+            "providers[0].remote_jwks.path: \"jwks\" must start with `/`",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "remote_jwks": {"cluster": "idp", "path": "/j", "timeout_ms": 0}}]}),
+            "providers[0].remote_jwks.timeout_ms: 0 is outside 1..=30000",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "from": [{"header": "a", "cookie": "b"}]}]}),
+            "providers[0].from[0]: set exactly one of `header`, `cookie`, `query`",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "from": [{"cookie": "b", "prefix": "x"}]}]}),
+            "providers[0].from[0].prefix: only valid with `header`",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "claim_to_headers": [{"claim": "sub", "header": "x user"}]}]}),
+            "providers[0].claim_to_headers[0].header: \"x user\" is not a valid header name",
+        ),
+        (
+            json!({"providers": [provider(), provider()]}),
+            "providers[1].name: \"corp\" is already used",
+        ),
+        (
+            json!({"api_keys": [{"name": "k", "keys": [{"id": "a", "sha256": "abc"}]}]}),
+            "api_keys[0].keys[0].sha256: expected 64 hex digits",
+        ),
+        (
+            json!({"api_keys": [{"name": "k", "keys": []}]}),
+            "api_keys[0].keys: must list at least one key",
+        ),
+        (
+            json!({"api_keys": [{"name": "k", "keys": [{"id": "a", "sha256": sha256_hex("x")}, {"id": "b", "sha256": sha256_hex("x")}]}]}),
+            "api_keys[0].keys[1].sha256: the same key is listed twice",
+        ),
+        (
+            json!({"basic": [{"name": "b", "htpasswd": ["alice:plain"]}]}),
+            "basic[0].htpasswd[0]: unsupported hash",
+        ),
+        (
+            json!({"basic": [{"name": "b", "htpasswd": ["alice"]}]}),
+            "basic[0].htpasswd[0]: expected `user:hash`",
+        ),
+        (
+            json!({"basic": [{"name": "b", "htpasswd": ["a:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=", "a:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="]}]}),
+            "basic[0].htpasswd[1]: user \"a\" is listed twice",
+        ),
+        (
+            json!({"basic": [{"name": "b", "htpasswd": ["a:$2y$99$xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"]}]}),
+            "basic[0].htpasswd[0]: malformed bcrypt hash",
+        ),
+        (
+            json!({"ext_authz": {"cluster": "a", "path": "check"}}),
+            "ext_authz.path: \"check\" must start with `/`",
+        ),
+        (
+            json!({"ext_authz": {"cluster": "a", "method": "get"}}),
+            "ext_authz.method: \"get\" is not an HTTP method",
+        ),
+        (
+            json!({"ext_authz": {"cluster": "a", "status_on_error": 700}}),
+            "ext_authz.status_on_error: 700 is outside 200..=599",
+        ),
+        (
+            json!({"ext_authz": {"cluster": "a", "timeout_ms": 40000}}),
+            "ext_authz.timeout_ms: 40000 is outside 1..=30000",
+        ),
+        (
+            json!({"providers": [provider()], "rules": [{"match": {"prefix": "/"}, "requires": {"any": ["nope"]}}]}),
+            "rules[0].requires.any[0]: no provider, api_keys or basic entry is named \"nope\"",
+        ),
+        (
+            json!({"providers": [provider()], "rules": [{"match": {}, "public": true}]}),
+            "rules[0].match: set exactly one of `prefix`, `path`",
+        ),
+        (
+            json!({"providers": [provider()], "rules": [{"match": {"prefix": "api"}, "public": true}]}),
+            "rules[0].match.prefix: \"api\" must start with `/`",
+        ),
+        (
+            json!({"providers": [provider()], "rules": [{"match": {"prefix": "/"}}]}),
+            "rules[0]: says nothing",
+        ),
+        (
+            json!({"providers": [provider()], "rules": [{"match": {"prefix": "/"}, "public": true, "requires": {"any": ["corp"]}}]}),
+            "rules[0]: `public: true` and `requires` contradict",
+        ),
+        (
+            json!({"providers": [provider()], "rules": [{"match": {"prefix": "/"}, "public": true, "allow_missing": true}]}),
+            "rules[0].allow_missing: only valid with `requires`",
+        ),
+        (
+            json!({"api_keys": [{"name": "k", "keys": [{"id": "a", "sha256": sha256_hex("x")}]}],
+                "rules": [{"match": {"prefix": "/"}, "requires": {"any": ["k"]}, "claims": {"role": ["a"]}}]}),
+            "rules[0].claims: needs a JWT provider",
+        ),
+        (
+            json!({"providers": [provider()], "rules": [{"match": {"prefix": "/"}, "requires": {"any": []}}]}),
+            "rules[0].requires.any: must name at least one authenticator",
+        ),
+        (
+            json!({"providers": [provider()], "realm": "a\"b"}),
+            "realm: must not contain",
+        ),
+    ];
+    for (cfg, want) in cases {
+        let e = err(cfg.clone());
+        assert!(
+            e.contains(want),
+            "config {cfg}\n  error: {e}\n  wanted: {want}"
+        );
+    }
+}

@@ -1,0 +1,555 @@
+//! Callout flows and the other authenticators on the SDK harness: remote JWKS
+//! (cold fetch, caching, kid rotation with rate-limited refetch, failures,
+//! tick refresh), API keys, HTTP Basic (bcrypt and {SHA}), external
+//! authorization (allow, deny, timeout, failure_mode_allow), and that no
+//! secret reaches the logs.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{claims, jwks, sha256_hex, Signer, NOW};
+use legate_plugin_auth::AuthFilter;
+use legate_sdk::callout::CalloutResponse;
+use legate_sdk::testing::{Request, TestHost};
+use legate_sdk::{Action, Error, LocalResponse};
+use serde_json::{json, Value};
+
+const ISS: &str = "https://id.example.com";
+
+fn host() -> TestHost {
+    let h = TestHost::new().grant_cluster("idp").grant_cluster("authz");
+    h.set_wall_time(NOW * 1_000_000_000);
+    h
+}
+
+fn respond(a: Action) -> LocalResponse {
+    match a {
+        Action::Respond(r) => r,
+        other => panic!("expected a local response, got {other:?}"),
+    }
+}
+
+fn remote_cfg() -> Value {
+    json!({"providers": [{
+        "name": "corp",
+        "issuer": ISS,
+        "remote_jwks": {"cluster": "idp", "path": "/jwks.json", "authority": "id.example.com",
+                         "refresh_interval_s": 300, "min_refetch_interval_s": 30},
+        "claim_to_headers": [{"claim": "sub", "header": "x-user"}]
+    }]})
+}
+
+fn jwks_response(keys: &[Value]) -> Result<CalloutResponse, Error> {
+    Ok(
+        CalloutResponse::new(200, jwks(keys).to_string())
+            .header("content-type", "application/json"),
+    )
+}
+
+fn bearer(token: &str) -> Request {
+    Request::get("/").header("authorization", format!("Bearer {token}"))
+}
+
+#[test]
+fn remote_jwks_is_fetched_once_cached_and_refetched_on_rotation() {
+    let host = host();
+    let mut t = host
+        .configure::<AuthFilter>(&remote_cfg().to_string())
+        .unwrap();
+    assert_eq!(t.setup().tick_interval_ms(), 1000);
+    // The test moves the clock by minutes: long-lived tokens.
+    let long = || {
+        let mut c = claims(ISS);
+        c["exp"] = json!(NOW + 3600);
+        c
+    };
+    let k1 = Signer::new("ES256");
+    let tok1 = k1.token(Some("k1"), &long());
+
+    // Cold: the exchange pauses on a fetch, then verifies with what arrived.
+    host.queue_callout_response("idp", jwks_response(&[k1.jwk("k1")]));
+    let mut x = t.exchange(bearer(&tok1));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert!(x.may_pause());
+    let sent = host.callouts();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].request.cluster, "idp");
+    assert_eq!(sent[0].request.path, "/jwks.json");
+    assert_eq!(sent[0].request.authority.as_deref(), Some("id.example.com"));
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
+    drop(x);
+
+    // Cached: no more callouts.
+    let mut x = t.exchange(bearer(&tok1));
+    assert_eq!(x.request_headers(), Action::Continue);
+    drop(x);
+    assert_eq!(host.callouts().len(), 1);
+
+    // Rotation: a token with a new kid triggers one refetch.
+    let k2 = Signer::new("EdDSA");
+    let tok2 = k2.token(Some("k2"), &long());
+    host.advance(Duration::from_secs(31));
+    host.queue_callout_response("idp", jwks_response(&[k1.jwk("k1"), k2.jwk("k2")]));
+    let mut x = t.exchange(bearer(&tok2));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    drop(x);
+    assert_eq!(host.callouts().len(), 2);
+
+    // Another unknown kid right after: rate-limited, 401 without a fetch.
+    let k3 = Signer::new("ES256");
+    let tok3 = k3.token(Some("k3"), &long());
+    let r = respond(t.exchange(bearer(&tok3)).request_headers());
+    assert_eq!(r.status, 401);
+    assert_eq!(host.callouts().len(), 2);
+
+    // After min_refetch_interval_s it may fetch again; the JWKS still lacks
+    // k3, so the token is refused after that one fetch.
+    host.advance(Duration::from_secs(31));
+    host.queue_callout_response("idp", jwks_response(&[k1.jwk("k1"), k2.jwk("k2")]));
+    let mut x = t.exchange(bearer(&tok3));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let a = x.deliver_callouts();
+    assert!(
+        matches!(&a[..], [Action::Respond(r)] if r.status == 401),
+        "{a:?}"
+    );
+    drop(x);
+    assert_eq!(host.callouts().len(), 3);
+    assert_eq!(host.counter("auth_jwks_fetches_total", &["ok"]), Some(3));
+
+    // Keys the new JWKS dropped stop working: k1 removed.
+    host.advance(Duration::from_secs(301));
+    t.tick();
+    assert_eq!(host.callouts().len(), 4, "tick refreshes stale keys");
+    assert!(host.callouts()[3].context.is_none());
+    host.queue_callout_response("idp", jwks_response(&[k2.jwk("k2")]));
+    assert_eq!(t.deliver_tick_callouts(), 1);
+    let r = respond(t.exchange(bearer(&tok1)).request_headers());
+    assert_eq!(r.status, 401);
+    let mut x = t.exchange(bearer(&tok2));
+    assert_eq!(x.request_headers(), Action::Continue);
+}
+
+#[test]
+fn remote_jwks_failure_is_503_then_backs_off() {
+    let host = host();
+    let mut t = host
+        .configure::<AuthFilter>(&remote_cfg().to_string())
+        .unwrap();
+    let k = Signer::new("ES256");
+    let tok = k.token(Some("k1"), &claims(ISS));
+
+    host.queue_callout_response("idp", Err(Error::Timeout));
+    let mut x = t.exchange(bearer(&tok));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let a = x.deliver_callouts();
+    match &a[..] {
+        [Action::Respond(r)] => {
+            assert_eq!(r.status, 503);
+            assert_eq!(r.details, "auth_jwks_unavailable");
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(x);
+
+    // Within the backoff: 503 at once, no fetch.
+    let r = respond(t.exchange(bearer(&tok)).request_headers());
+    assert_eq!(r.status, 503);
+    assert_eq!(host.callouts().len(), 1);
+
+    // A bad document counts as a failure too; then a good one recovers.
+    host.advance(Duration::from_secs(31));
+    host.queue_callout_response("idp", Ok(CalloutResponse::new(200, "{not json")));
+    let mut x = t.exchange(bearer(&tok));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert!(matches!(&x.deliver_callouts()[..], [Action::Respond(r)] if r.status == 503));
+    drop(x);
+    assert_eq!(host.counter("auth_jwks_fetches_total", &["error"]), Some(2));
+
+    host.advance(Duration::from_secs(31));
+    host.queue_callout_response("idp", jwks_response(&[k.jwk("k1")]));
+    let mut x = t.exchange(bearer(&tok));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+}
+
+#[test]
+fn remote_jwks_cluster_not_granted_is_503_not_a_hang() {
+    let host = TestHost::new();
+    host.set_wall_time(NOW * 1_000_000_000);
+    let mut t = host
+        .configure::<AuthFilter>(&remote_cfg().to_string())
+        .unwrap();
+    let k = Signer::new("ES256");
+    let r = respond(
+        t.exchange(bearer(&k.token(Some("k1"), &claims(ISS))))
+            .request_headers(),
+    );
+    assert_eq!(r.status, 503);
+}
+
+fn keys_cfg() -> Value {
+    json!({
+        "api_keys": [{
+            "name": "keys",
+            "from": [{"header": "x-api-key"}, {"query": "api_key"}],
+            "keys": [{"id": "team-a", "sha256": sha256_hex("s3cret-key-a")},
+                     {"id": "team-b", "sha256": sha256_hex("s3cret-key-b")}]
+        }]
+    })
+}
+
+#[test]
+fn api_keys_forward_the_id_not_the_key() {
+    let mut t = host()
+        .configure::<AuthFilter>(&keys_cfg().to_string())
+        .unwrap();
+    let mut x = t.exchange(
+        Request::get("/")
+            .header("x-api-key", "s3cret-key-b")
+            .header("x-api-key-id", "forged"),
+    );
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_header("x-api-key-id").as_deref(), Some("team-b"));
+    assert_eq!(x.request_header("x-api-key"), None);
+    drop(x);
+
+    let mut x = t.exchange(Request::get("/a?api_key=s3cret%2Dkey%2Da"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_header("x-api-key-id").as_deref(), Some("team-a"));
+    drop(x);
+
+    let r = respond(
+        t.exchange(Request::get("/").header("x-api-key", "guess"))
+            .request_headers(),
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(r.details, "auth_invalid_credentials");
+    assert_eq!(
+        r.header_value("www-authenticate"),
+        Some(&b"ApiKey realm=\"legate\""[..])
+    );
+    let r = respond(t.exchange(Request::get("/")).request_headers());
+    assert_eq!(r.details, "auth_missing_credentials");
+}
+
+#[test]
+fn basic_bcrypt_and_sha() {
+    let bcrypt_hash = bcrypt::hash("open sesame", 4)
+        .unwrap()
+        .replacen("$2b$", "$2y$", 1);
+    let sha = {
+        use base64::Engine as _;
+        use sha1::Digest as _;
+        base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(b"hunter2"))
+    };
+    let cfg = json!({"basic": [{
+        "name": "staff",
+        "realm": "staff area",
+        "htpasswd": [format!("alice:{bcrypt_hash}"), format!("bob:{{SHA}}{sha}")]
+    }]});
+    let mut t = host().configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    let basic = |u: &str, p: &str| {
+        use base64::Engine as _;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        )
+    };
+    for (u, p) in [
+        ("alice", "open sesame"),
+        ("bob", "hunter2"),
+        ("alice", "open sesame"),
+    ] {
+        let mut x = t.exchange(Request::get("/").header("authorization", basic(u, p)));
+        assert_eq!(x.request_headers(), Action::Continue, "{u}");
+        assert_eq!(x.request_header("x-user").as_deref(), Some(u));
+        assert_eq!(x.request_header("authorization"), None);
+    }
+    for (u, p) in [("alice", "wrong"), ("bob", "open sesame"), ("carol", "x")] {
+        let r = respond(
+            t.exchange(Request::get("/").header("authorization", basic(u, p)))
+                .request_headers(),
+        );
+        assert_eq!(r.status, 401, "{u}");
+        assert_eq!(
+            r.header_value("www-authenticate"),
+            Some(&b"Basic realm=\"staff area\""[..])
+        );
+    }
+}
+
+fn authz_cfg(failure_mode_allow: bool) -> Value {
+    json!({
+        "api_keys": [{"name": "keys", "keys": [{"id": "team-a", "sha256": sha256_hex("k-a")}]}],
+        "ext_authz": {
+            "cluster": "authz", "path": "/check", "timeout_ms": 250,
+            "forward_headers": ["x-api-key-id", "x-tenant"],
+            "upstream_headers": ["x-authz-user"],
+            "failure_mode_allow": failure_mode_allow
+        },
+        "rules": [
+            {"match": {"prefix": "/open"}, "public": true},
+            {"match": {"prefix": "/"}, "requires": {"any": ["keys"]}}
+        ]
+    })
+}
+
+#[test]
+fn ext_authz_allow_copies_headers_and_sees_the_identity() {
+    let host = host();
+    let mut t = host
+        .configure::<AuthFilter>(&authz_cfg(false).to_string())
+        .unwrap();
+    host.queue_callout_response(
+        "authz",
+        Ok(CalloutResponse::new(200, "")
+            .header("x-authz-user", "alice")
+            .header("x-internal", "not copied")),
+    );
+    let mut x = t.exchange(
+        Request::get("/orders?id=1")
+            .header("x-api-key", "k-a")
+            .header("x-tenant", "t1"),
+    );
+    assert_eq!(x.request_headers(), Action::Pause);
+    let c = &host.callouts()[0].request;
+    assert_eq!(
+        (c.cluster.as_str(), c.method.as_str(), c.path.as_str()),
+        ("authz", "GET", "/check")
+    );
+    assert_eq!(c.timeout_ms, 250);
+    let h = |n: &str| {
+        c.headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+    };
+    assert_eq!(h("x-api-key-id").as_deref(), Some("team-a"));
+    assert_eq!(h("x-tenant").as_deref(), Some("t1"));
+    assert_eq!(h("x-forwarded-uri").as_deref(), Some("/orders?id=1"));
+    assert_eq!(h("x-api-key"), None, "the key itself is not forwarded");
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    assert_eq!(x.request_header("x-authz-user").as_deref(), Some("alice"));
+    assert_eq!(x.request_header("x-internal"), None);
+    drop(x);
+
+    // A public rule skips ext_authz; an unauthenticated request never reaches it.
+    let mut x = t.exchange(Request::get("/open"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    drop(x);
+    let r = respond(t.exchange(Request::get("/x")).request_headers());
+    assert_eq!(r.status, 401);
+    assert_eq!(host.callouts().len(), 1);
+}
+
+#[test]
+fn ext_authz_deny_passes_status_and_body_back() {
+    let host = host();
+    let mut t = host
+        .configure::<AuthFilter>(&authz_cfg(false).to_string())
+        .unwrap();
+    host.queue_callout_response(
+        "authz",
+        Ok(CalloutResponse::new(451, "{\"why\":\"region\"}")
+            .header("content-type", "application/json")
+            .header("x-internal", "no")),
+    );
+    let mut x = t.exchange(Request::get("/").header("x-api-key", "k-a"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let a = x.deliver_callouts();
+    match &a[..] {
+        [Action::Respond(r)] => {
+            assert_eq!(r.status, 451);
+            assert_eq!(r.body, b"{\"why\":\"region\"}");
+            assert_eq!(
+                r.header_value("content-type"),
+                Some(&b"application/json"[..])
+            );
+            assert_eq!(r.header_value("x-internal"), None);
+            assert_eq!(r.details, "auth_ext_authz_denied");
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(x);
+    assert_eq!(
+        host.counter("auth_decisions_total", &["ext_authz_denied"]),
+        Some(1)
+    );
+}
+
+#[test]
+fn ext_authz_timeout_denies_by_default_and_allows_in_failure_mode_allow() {
+    for (allow, expect) in [(false, Some(403)), (true, None)] {
+        let host = host();
+        let mut t = host
+            .configure::<AuthFilter>(&authz_cfg(allow).to_string())
+            .unwrap();
+        host.queue_callout_response("authz", Err(Error::Timeout));
+        let mut x = t.exchange(Request::get("/").header("x-api-key", "k-a"));
+        assert_eq!(x.request_headers(), Action::Pause);
+        let a = x.deliver_callouts();
+        match (expect, &a[..]) {
+            (Some(s), [Action::Respond(r)]) => {
+                assert_eq!(r.status, s);
+                assert_eq!(r.details, "auth_ext_authz_error");
+            }
+            (None, [Action::Continue]) => {}
+            other => panic!("failure_mode_allow={allow}: {other:?}"),
+        }
+        drop(x);
+        assert_eq!(
+            host.counter("auth_decisions_total", &["ext_authz_error"]),
+            Some(1)
+        );
+    }
+}
+
+#[test]
+fn ext_authz_only_config_checks_every_request() {
+    let host = host();
+    let cfg = json!({"ext_authz": {"cluster": "authz", "method": "POST", "path": "/authz"}});
+    let mut t = host.configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    host.queue_callout_response("authz", Ok(CalloutResponse::new(200, "")));
+    let mut x = t.exchange(Request::get("/").header("authorization", "Bearer opaque"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let c = &host.callouts()[0].request;
+    assert_eq!(c.method, "POST");
+    assert!(c
+        .headers
+        .iter()
+        .any(|(n, v)| n == "authorization" && v == b"Bearer opaque"));
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+}
+
+#[test]
+fn no_token_key_or_password_is_logged() {
+    let host = host();
+    let k = Signer::new("HS256");
+    let mut cfg = keys_cfg();
+    cfg["providers"] = json!([{"name": "corp", "issuer": ISS, "jwks": jwks(&[k.jwk("k1")])}]);
+    let mut t = host.configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    let mut expired = claims(ISS);
+    expired["exp"] = json!(NOW - 1000);
+    let tokens = [
+        k.token(Some("k1"), &claims(ISS)),
+        k.token(Some("k1"), &expired),
+    ];
+    for tok in &tokens {
+        let _ = t.exchange(bearer(tok)).request_headers();
+    }
+    let _ = t
+        .exchange(Request::get("/").header("x-api-key", "wrong-secret-key"))
+        .request_headers();
+    let _ = t
+        .exchange(Request::get("/").header("x-api-key", "s3cret-key-a"))
+        .request_headers();
+    let logs = host.logs();
+    assert!(!logs.is_empty(), "rejections are logged at debug");
+    let secret = match k.jwk("k1")["k"].as_str() {
+        Some(s) => s.to_owned(),
+        None => unreachable!(),
+    };
+    for (_, m) in &logs {
+        for tok in &tokens {
+            let sig = tok.rsplit('.').next().unwrap();
+            assert!(!m.contains(sig), "token logged: {m}");
+        }
+        assert!(!m.contains("secret-key"), "API key logged: {m}");
+        assert!(!m.contains(&secret), "HMAC secret logged: {m}");
+    }
+}
+
+#[test]
+fn a_failed_tick_refresh_keeps_the_old_keys_and_retries_after_the_backoff() {
+    let host = host();
+    let mut t = host
+        .configure::<AuthFilter>(&remote_cfg().to_string())
+        .unwrap();
+    let k = Signer::new("EdDSA");
+    let mut c = claims(ISS);
+    c["exp"] = json!(NOW + 3600);
+    let tok = k.token(Some("k1"), &c);
+
+    // Before any request, ticks fetch the keys (no exchange needed).
+    t.tick();
+    assert_eq!(host.callouts().len(), 1);
+    t.tick();
+    assert_eq!(host.callouts().len(), 1, "one refresh at a time");
+    host.queue_callout_response("idp", jwks_response(&[k.jwk("k1")]));
+    assert_eq!(t.deliver_tick_callouts(), 1);
+    let mut x = t.exchange(bearer(&tok));
+    assert_eq!(
+        x.request_headers(),
+        Action::Continue,
+        "no fetch: the tick got the keys"
+    );
+    drop(x);
+
+    host.advance(Duration::from_secs(301));
+    t.tick();
+    assert_eq!(host.callouts().len(), 2);
+    host.queue_callout_response("idp", Ok(CalloutResponse::new(500, "oops")));
+    assert_eq!(t.deliver_tick_callouts(), 1);
+    let mut x = t.exchange(bearer(&tok));
+    assert_eq!(
+        x.request_headers(),
+        Action::Continue,
+        "stale keys stay in use"
+    );
+    drop(x);
+
+    host.advance(Duration::from_secs(2));
+    t.tick();
+    assert_eq!(host.callouts().len(), 2, "backing off after the failure");
+    host.advance(Duration::from_secs(30));
+    t.tick();
+    assert_eq!(
+        host.callouts().len(),
+        3,
+        "retried after min_refetch_interval_s"
+    );
+}
+
+#[test]
+fn a_token_verified_before_still_expires() {
+    let host = host();
+    let k = Signer::new("ES384");
+    let cfg = json!({"providers": [{"name": "corp", "issuer": ISS, "jwks": jwks(&[k.jwk("k1")]),
+                                    "clock_skew_s": 0}]});
+    let mut t = host.configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    let tok = k.token(Some("k1"), &claims(ISS)); // exp: NOW + 300
+    for _ in 0..2 {
+        let mut x = t.exchange(bearer(&tok));
+        assert_eq!(x.request_headers(), Action::Continue);
+    }
+    host.advance(Duration::from_secs(301));
+    let r = respond(t.exchange(bearer(&tok)).request_headers());
+    assert_eq!(r.status, 401);
+    assert!(String::from_utf8_lossy(&r.body).contains("expired"));
+}
+
+#[test]
+fn a_costly_bcrypt_hash_is_warned_about_at_configure() {
+    use legate_sdk::log::Level;
+    for (cost, warned) in [(4, false), (5, true)] {
+        let hash = bcrypt::hash("pw", cost).unwrap();
+        let cfg = json!({"basic": [{"name": "b", "htpasswd": [format!("u:{hash}")]}]});
+        let host = host();
+        host.configure::<AuthFilter>(&cfg.to_string()).unwrap();
+        assert_eq!(
+            host.logged(Level::Warn, "bcrypt cost"),
+            warned,
+            "cost {cost}"
+        );
+        assert!(
+            !host.logs().iter().any(|(_, m)| m.contains(&hash)),
+            "hash logged"
+        );
+    }
+}

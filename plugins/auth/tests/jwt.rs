@@ -1,0 +1,367 @@
+//! JWT verification on the SDK harness: every algorithm with valid, expired,
+//! not-yet-valid, badly signed, wrong-issuer and wrong-audience tokens made in
+//! the test; token sources; rules (public, allow_missing, claims, no match).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{claims, jwks, Signer, NOW};
+use legate_plugin_auth::AuthFilter;
+use legate_sdk::testing::{FilterTest, Request, TestHost};
+use legate_sdk::{Action, LocalResponse};
+use serde_json::{json, Value};
+
+const ALGS: [&str; 7] = [
+    "HS256", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA",
+];
+const ISS: &str = "https://id.example.com";
+
+fn filter(config: Value) -> FilterTest<AuthFilter> {
+    let host = TestHost::new();
+    host.set_wall_time(NOW * 1_000_000_000);
+    host.configure::<AuthFilter>(&config.to_string()).unwrap()
+}
+
+fn provider(keys: Value) -> Value {
+    json!({
+        "name": "corp",
+        "issuer": ISS,
+        "audiences": ["api", "other"],
+        "jwks": keys,
+        "claim_to_headers": [
+            {"claim": "sub", "header": "x-user"},
+            {"claim": "org.id", "header": "x-org"}
+        ]
+    })
+}
+
+fn bearer(token: &str) -> Request {
+    Request::get("/api/x").header("authorization", format!("Bearer {token}"))
+}
+
+fn respond(a: Action) -> LocalResponse {
+    match a {
+        Action::Respond(r) => r,
+        other => panic!("expected a local response, got {other:?}"),
+    }
+}
+
+fn header(r: &LocalResponse, name: &str) -> String {
+    String::from_utf8(r.header_value(name).unwrap_or_default().to_vec()).unwrap()
+}
+
+fn assert_invalid(t: &mut FilterTest<AuthFilter>, token: &str, why: &str) {
+    let a = t.exchange(bearer(token)).request_headers();
+    let r = respond(a);
+    assert_eq!(r.status, 401, "{why}");
+    assert_eq!(
+        header(&r, "www-authenticate"),
+        "Bearer realm=\"legate\", error=\"invalid_token\"",
+        "{why}"
+    );
+    assert_eq!(r.details, "auth_invalid_credentials", "{why}");
+}
+
+#[test]
+fn every_algorithm_accepts_valid_and_rejects_bad_tokens() {
+    for alg in ALGS {
+        let s = Signer::new(alg);
+        let mut t = filter(json!({"providers": [provider(jwks(&[s.jwk("k1")]))]}));
+
+        // Valid: passes with the claims as headers, forged copies replaced.
+        let tok = s.token(Some("k1"), &claims(ISS));
+        let mut x = t.exchange(bearer(&tok).header("x-user", "mallory"));
+        assert_eq!(x.request_headers(), Action::Continue, "{alg}");
+        assert_eq!(
+            x.request_header("x-user").as_deref(),
+            Some("alice"),
+            "{alg}"
+        );
+        assert_eq!(x.request_header("x-org").as_deref(), Some("42"), "{alg}");
+        assert!(
+            x.request_header("authorization").is_some(),
+            "{alg}: forwarded by default"
+        );
+        drop(x);
+
+        // Without kid: every key that fits the algorithm is tried.
+        let mut x = t.exchange(bearer(&s.token(None, &claims(ISS))));
+        assert_eq!(x.request_headers(), Action::Continue, "{alg} no kid");
+        drop(x);
+
+        // Expired beyond the 60 s skew; expired within it passes.
+        let mut c = claims(ISS);
+        c["exp"] = json!(NOW - 120);
+        assert_invalid(&mut t, &s.token(Some("k1"), &c), &format!("{alg} expired"));
+        c["exp"] = json!(NOW - 30);
+        let mut x = t.exchange(bearer(&s.token(Some("k1"), &c)));
+        assert_eq!(x.request_headers(), Action::Continue, "{alg} within skew");
+        drop(x);
+
+        // Not yet valid.
+        let mut c = claims(ISS);
+        c["nbf"] = json!(NOW + 120);
+        assert_invalid(&mut t, &s.token(Some("k1"), &c), &format!("{alg} nbf"));
+
+        // A flipped signature bit, and (except RSA: one key per test run)
+        // a token signed by another key under the same kid.
+        let tok = s.token(Some("k1"), &claims(ISS));
+        assert_invalid(
+            &mut t,
+            &common::corrupt(&tok),
+            &format!("{alg} bad signature"),
+        );
+        if !alg.starts_with("RS") {
+            let other = Signer::new(alg);
+            assert_invalid(
+                &mut t,
+                &other.token(Some("k1"), &claims(ISS)),
+                &format!("{alg} other key"),
+            );
+        }
+
+        // Payload changed after signing.
+        let tok = s.token(Some("k1"), &claims(ISS));
+        let mut parts: Vec<String> = tok.split('.').map(str::to_owned).collect();
+        let mut c = claims(ISS);
+        c["sub"] = json!("root");
+        parts[1] = common::b64(c.to_string().as_bytes());
+        assert_invalid(&mut t, &parts.join("."), &format!("{alg} tampered"));
+
+        // Wrong issuer, wrong audience.
+        assert_invalid(
+            &mut t,
+            &s.token(Some("k1"), &claims("https://evil.example.com")),
+            &format!("{alg} issuer"),
+        );
+        let mut c = claims(ISS);
+        c["aud"] = json!(["nope"]);
+        assert_invalid(&mut t, &s.token(Some("k1"), &c), &format!("{alg} audience"));
+
+        // An audience list containing an accepted one passes.
+        c["aud"] = json!(["nope", "other"]);
+        let mut x = t.exchange(bearer(&s.token(Some("k1"), &c)));
+        assert_eq!(x.request_headers(), Action::Continue, "{alg} aud list");
+        drop(x);
+
+        // Unknown kid with inline keys only: rejected, no fetch.
+        assert_invalid(
+            &mut t,
+            &s.token(Some("k9"), &claims(ISS)),
+            &format!("{alg} kid"),
+        );
+        assert!(t.host().callouts().is_empty());
+    }
+}
+
+#[test]
+fn missing_exp_none_alg_and_disallowed_alg_are_rejected() {
+    let s = Signer::new("ES256");
+    let mut t = filter(json!({"providers": [provider(jwks(&[s.jwk("k1")]))]}));
+    let mut c = claims(ISS);
+    c.as_object_mut().unwrap().remove("exp");
+    assert_invalid(&mut t, &s.token(Some("k1"), &c), "no exp");
+
+    // alg none: header says none, no signature.
+    let none = format!(
+        "{}.{}.",
+        common::b64(br#"{"alg":"none"}"#),
+        common::b64(claims(ISS).to_string().as_bytes())
+    );
+    assert_invalid(&mut t, &none, "alg none");
+    assert_invalid(&mut t, "not-a-token", "garbage");
+
+    // A provider pinned to RS256 refuses an ES256 token even with a fitting key.
+    let mut p = provider(jwks(&[s.jwk("k1")]));
+    p["algorithms"] = json!(["RS256"]);
+    let mut t = filter(json!({"providers": [p]}));
+    assert_invalid(
+        &mut t,
+        &s.token(Some("k1"), &claims(ISS)),
+        "alg not allowed",
+    );
+
+    // require_exp: false accepts a token without exp.
+    let mut p = provider(jwks(&[s.jwk("k1")]));
+    p["require_exp"] = json!(false);
+    let mut t = filter(json!({"providers": [p]}));
+    let mut x = t.exchange(bearer(&s.token(Some("k1"), &c)));
+    assert_eq!(x.request_headers(), Action::Continue);
+}
+
+#[test]
+fn hs256_key_cannot_verify_an_rs256_token_header_swap() {
+    // Classic confusion: a token claiming HS256 "signed" with an RSA public
+    // key's bytes must not verify against an RSA JWK.
+    let rs = Signer::new("RS256");
+    let mut t = filter(json!({"providers": [provider(jwks(&[rs.jwk("k1")]))]}));
+    let hs = Signer::new("HS256");
+    assert_invalid(&mut t, &hs.token(Some("k1"), &claims(ISS)), "alg confusion");
+}
+
+#[test]
+fn missing_token_gets_a_bearer_challenge_without_error() {
+    let s = Signer::new("EdDSA");
+    let mut t = filter(json!({"realm": "shop", "providers": [provider(jwks(&[s.jwk("k1")]))]}));
+    let r = respond(t.exchange(Request::get("/api")).request_headers());
+    assert_eq!(r.status, 401);
+    assert_eq!(header(&r, "www-authenticate"), "Bearer realm=\"shop\"");
+    assert_eq!(r.details, "auth_missing_credentials");
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["error"], "unauthorized");
+    // A different scheme in authorization is not a bearer token.
+    let r = respond(
+        t.exchange(Request::get("/").header("authorization", "Basic Zm9vOmJhcg=="))
+            .request_headers(),
+    );
+    assert_eq!(r.details, "auth_missing_credentials");
+}
+
+#[test]
+fn tokens_from_cookie_and_query_and_forward_token_off() {
+    let s = Signer::new("ES384");
+    let mut p = provider(jwks(&[s.jwk("k1")]));
+    p["from"] = json!([
+        {"header": "x-token"},
+        {"cookie": "session"},
+        {"query": "access_token"}
+    ]);
+    p["forward_token"] = json!(false);
+    let mut t = filter(json!({"providers": [p]}));
+    let tok = s.token(Some("k1"), &claims(ISS));
+
+    let mut x = t.exchange(Request::get("/").header("cookie", format!("a=1; session={tok}; b=2")));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
+    drop(x);
+
+    let mut x = t.exchange(Request::get(&format!("/p?x=1&access_token={tok}")));
+    assert_eq!(x.request_headers(), Action::Continue);
+    drop(x);
+
+    let mut x = t.exchange(Request::get("/").header("x-token", tok.as_str()));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(
+        x.request_header("x-token"),
+        None,
+        "forward_token: false removes it"
+    );
+    drop(x);
+
+    // The default bearer header is not a source any more.
+    let r = respond(t.exchange(bearer(&tok)).request_headers());
+    assert_eq!(r.details, "auth_missing_credentials");
+}
+
+#[test]
+fn rules_public_allow_missing_claims_and_no_match() {
+    let s = Signer::new("HS256");
+    let cfg = json!({
+        "providers": [provider(jwks(&[s.jwk("k1")]))],
+        "rules": [
+            {"match": {"prefix": "/public"}, "public": true},
+            {"match": {"prefix": "/maybe"}, "requires": {"any": ["corp"]}, "allow_missing": true},
+            {"match": {"path": "/admin"}, "requires": {"any": ["corp"]}, "claims": {"role": ["admin"]}},
+            {"match": {"path": "/write"}, "requires": {"any": ["corp"]}, "claims": {"scope": ["write"]}},
+            {"match": {"path": "/ops"}, "requires": {"any": ["corp"]}, "claims": {"role": ["ops"]}},
+            {"match": {"prefix": "/api"}, "requires": {"any": ["corp"]}}
+        ]
+    });
+    let mut t = filter(cfg);
+    let good = s.token(Some("k1"), &claims(ISS));
+    let mut bad_claims = claims(ISS);
+    bad_claims["exp"] = json!(NOW - 1000);
+    let expired = s.token(Some("k1"), &bad_claims);
+
+    // Public: nothing needed, a forged identity header is still removed.
+    let mut x = t.exchange(Request::get("/public/a").header("x-user", "root"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_header("x-user"), None);
+    drop(x);
+
+    // allow_missing: no token passes anonymously; a bad one is still 401.
+    let mut x = t.exchange(Request::get("/maybe"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_header("x-user"), None);
+    drop(x);
+    let r = respond(
+        t.exchange(Request::get("/maybe").header("authorization", format!("Bearer {expired}")))
+            .request_headers(),
+    );
+    assert_eq!(r.status, 401);
+
+    // Claims: role admin and scope "read write" contain what the rules need.
+    for path in ["/admin", "/write"] {
+        let mut x =
+            t.exchange(Request::get(path).header("authorization", format!("Bearer {good}")));
+        assert_eq!(x.request_headers(), Action::Continue, "{path}");
+    }
+    let r = respond(
+        t.exchange(Request::get("/ops").header("authorization", format!("Bearer {good}")))
+            .request_headers(),
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        header(&r, "www-authenticate"),
+        "Bearer realm=\"legate\", error=\"insufficient_scope\""
+    );
+    assert_eq!(r.details, "auth_forbidden");
+
+    // No rule matches: 403 (fail closed).
+    let r = respond(t.exchange(Request::get("/elsewhere")).request_headers());
+    assert_eq!(r.status, 403);
+    assert_eq!(r.details, "auth_no_rule");
+
+    let h = t.host();
+    assert_eq!(h.counter("auth_decisions_total", &["public"]), Some(1));
+    assert_eq!(h.counter("auth_decisions_total", &["anonymous"]), Some(1));
+    assert_eq!(h.counter("auth_decisions_total", &["allowed"]), Some(2));
+    assert_eq!(h.counter("auth_decisions_total", &["forbidden"]), Some(1));
+    assert_eq!(h.counter("auth_decisions_total", &["no_rule"]), Some(1));
+    assert_eq!(
+        h.counter("auth_decisions_total", &["invalid_credentials"]),
+        Some(1)
+    );
+}
+
+#[test]
+fn two_providers_on_one_header_pick_by_issuer() {
+    let a = Signer::new("ES256");
+    let b = Signer::new("EdDSA");
+    let mut pa = provider(jwks(&[a.jwk("a")]));
+    let mut pb = provider(jwks(&[b.jwk("b")]));
+    pb["name"] = json!("partner");
+    pb["issuer"] = json!("https://partner.example");
+    pb["claim_to_headers"] = json!([{"claim": "sub", "header": "x-partner-user"}]);
+    pa["claim_to_headers"] = json!([{"claim": "sub", "header": "x-user"}]);
+    let mut t = filter(json!({"providers": [pa, pb]}));
+
+    let mut x = t.exchange(bearer(
+        &b.token(Some("b"), &claims("https://partner.example")),
+    ));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_header("x-partner-user").as_deref(), Some("alice"));
+    assert_eq!(x.request_header("x-user"), None);
+    drop(x);
+    let mut x = t.exchange(bearer(&a.token(Some("a"), &claims(ISS))));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
+}
+
+#[test]
+fn a_short_or_foreign_header_value_falls_through_to_the_next_source() {
+    let s = Signer::new("ES256");
+    let mut p = provider(jwks(&[s.jwk("k1")]));
+    p["from"] = json!([{"header": "authorization", "prefix": "Bearer "}, {"cookie": "session"}]);
+    let mut t = filter(json!({"providers": [p]}));
+    let tok = s.token(Some("k1"), &claims(ISS));
+    for auth in ["x", "Basic Zm9vOmJhcg=="] {
+        let mut x = t.exchange(
+            Request::get("/")
+                .header("authorization", auth)
+                .header("cookie", format!("session={tok}")),
+        );
+        assert_eq!(x.request_headers(), Action::Continue, "{auth}");
+    }
+}
