@@ -280,7 +280,7 @@ async fn proxy(
             Ok(r) => r,
             Err(_) => {
                 entry
-                    .cluster
+                    .cluster()
                     .stats
                     .upstream_rq_timeout
                     .fetch_add(1, Relaxed);
@@ -396,7 +396,7 @@ impl Attempts<'_> {
         mut source: ReqBody,
         out: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError> {
-        let cluster = &self.entry.cluster;
+        let cluster = &self.entry.cluster();
         let balancer = self.conn.worker.balancer(cluster);
         let hash = cluster.hash_key(&self.headers.borrow(), self.conn.peer.ip());
         let max_retries = self.policy.map_or(0, |p| p.num_retries);

@@ -546,6 +546,9 @@ impl Config {
                     fix(p);
                 }
             }
+            if let Some(p) = &mut c.value.discovery.path {
+                fix(p);
+            }
         }
         if let Some(log) = &mut self.access_log {
             if !matches!(log.path.as_str(), "stdout" | "stderr")

@@ -553,6 +553,83 @@ pub struct Cluster {
     /// Limits on what the cluster may have in flight, across all workers.
     #[serde(default)]
     pub circuit_breakers: CircuitBreakers,
+    /// Where the endpoints come from: `static` (the `endpoints` list, default),
+    /// `dns` (the `endpoints` host names, re-resolved) or `file` (a watched file).
+    #[serde(default)]
+    pub discovery: Discovery,
+}
+
+/// Service discovery of a cluster's endpoints; see docs/config.md.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    /// `static` (default), `dns` or `file`.
+    #[serde(rename = "type", default)]
+    pub kind: DiscoveryType,
+    /// `dns`: `strict` (every address of every host is an endpoint, default) or
+    /// `logical` (one endpoint per host: its first address).
+    #[serde(default)]
+    pub dns_lookup: DnsLookup,
+    /// `dns`: time between two resolutions. Default 5s, as Envoy.
+    #[serde(default = "defaults::dns_refresh_rate")]
+    pub dns_refresh_rate: Dur,
+    /// `dns`: re-resolve when the answers' smallest TTL expires (at least 1s apart)
+    /// instead of every `dns_refresh_rate`. Default false.
+    #[serde(default)]
+    pub dns_respect_ttl: bool,
+    /// `dns`: name servers (`ip` or `ip:port`), tried in order. Default: the
+    /// `nameserver` lines of /etc/resolv.conf.
+    #[serde(default)]
+    pub dns_resolvers: Vec<Spanned<String>>,
+    /// `dns`: how long one query waits for an answer. Default 2s.
+    #[serde(default = "defaults::dns_timeout")]
+    pub dns_timeout: Dur,
+    /// `file`: the endpoint file (YAML or JSON; relative to the config file).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// `file`: how often the file is re-read. Default 1s.
+    #[serde(default = "defaults::watch_interval")]
+    pub watch_interval: Dur,
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Discovery {
+            kind: DiscoveryType::Static,
+            dns_lookup: DnsLookup::Strict,
+            dns_refresh_rate: defaults::dns_refresh_rate(),
+            dns_respect_ttl: false,
+            dns_resolvers: Vec::new(),
+            dns_timeout: defaults::dns_timeout(),
+            path: None,
+            watch_interval: defaults::watch_interval(),
+        }
+    }
+}
+
+/// Where a cluster's endpoints come from.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoveryType {
+    /// The `endpoints` list, host names resolved once at load.
+    #[default]
+    Static,
+    /// The `endpoints` host names, resolved with A/AAAA queries, again and again.
+    Dns,
+    /// A watched endpoint file.
+    File,
+}
+
+/// How DNS answers become endpoints.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DnsLookup {
+    /// Every address is an endpoint (Envoy's STRICT_DNS).
+    #[default]
+    Strict,
+    /// One endpoint per host, at its first address; new connections follow the
+    /// answers (Envoy's LOGICAL_DNS).
+    Logical,
 }
 
 /// Active health checks: exactly one of `http` and `tcp`.
@@ -753,6 +830,12 @@ pub struct EndpointConfig {
     /// Relative weight for `round_robin`/`random`/`ring_hash`. Default 1.
     #[serde(default = "defaults::weight")]
     pub weight: u32,
+    /// The zone (failure domain) the endpoint runs in; absent = unknown.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Free-form metadata, shown in `/clusters`.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// Load-balancing policy.
@@ -840,6 +923,15 @@ mod defaults {
     }
     pub fn admin_address() -> Spanned<String> {
         unspanned(admin_address_str())
+    }
+    pub fn dns_refresh_rate() -> Dur {
+        Dur::secs(5)
+    }
+    pub fn dns_timeout() -> Dur {
+        Dur::secs(2)
+    }
+    pub fn watch_interval() -> Dur {
+        Dur::secs(1)
     }
     pub fn drain_timeout() -> Dur {
         Dur::secs(30)
@@ -1242,6 +1334,11 @@ clusters:
                 fields::<EndpointConfig>(),
             ),
             (
+                "`clusters[].discovery`",
+                at(&["clusters.discovery"]),
+                fields::<Discovery>(),
+            ),
+            (
                 "`clusters[].hash_on`",
                 at(&["clusters.hash_on"]),
                 fields::<HashOn>(),
@@ -1303,6 +1400,8 @@ clusters:
             variants::<RetryOn>(),
             variants::<LbPolicy>(),
             variants::<UpstreamProtocol>(),
+            variants::<DiscoveryType>(),
+            variants::<DnsLookup>(),
         ]
         .concat()
     }
