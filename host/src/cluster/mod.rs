@@ -144,6 +144,10 @@ counters! {
         discovery_update_no_rebuild,
         /// Refreshes that failed (no answer, bad file); the endpoints stay as they were.
         discovery_update_failure,
+        /// Mirrored (shadow) requests sent to this cluster.
+        mirror_requests,
+        /// Mirrored requests that failed: no endpoint, refused, error, 5xx or timeout.
+        mirror_failures,
     }
 }
 
@@ -948,7 +952,7 @@ mod tests {
         assert_eq!(ep["weight"], 3);
         assert_eq!(ep["stats"]["rq_total"], 1);
         assert_eq!(ep["stats"]["rq_active"], 1);
-        assert_eq!(c.stats.snapshot().len(), 34);
+        assert_eq!(c.stats.snapshot().len(), 36);
         assert_eq!(ep["health"]["status"], "healthy");
     }
 }

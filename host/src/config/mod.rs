@@ -336,6 +336,9 @@ pub struct Route {
     /// bodies without buffering them, so a large body costs no memory.
     #[serde(default)]
     pub max_request_body: Option<ByteSize>,
+    /// Fire-and-forget copies of the route's requests to another cluster.
+    #[serde(default)]
+    pub mirror: Option<Mirror>,
     /// Request headers to change (applied before the virtual host's).
     #[serde(default)]
     pub request_headers: HeaderOps,
@@ -557,6 +560,23 @@ pub struct Cluster {
     /// `dns` (the `endpoints` host names, re-resolved) or `file` (a watched file).
     #[serde(default)]
     pub discovery: Discovery,
+}
+
+/// Request mirroring (shadowing) of a route; see docs/config.md.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    /// The cluster the copies go to.
+    pub cluster: Spanned<Name>,
+    /// The share of requests mirrored. Default 100%.
+    #[serde(default = "defaults::hundred_percent")]
+    pub percent: Percent,
+    /// Requests whose body is larger are not mirrored. Default 64KiB.
+    #[serde(default = "defaults::mirror_max_body")]
+    pub max_body: ByteSize,
+    /// A mirrored request not answered within this time is abandoned. Default 5s.
+    #[serde(default = "defaults::mirror_timeout")]
+    pub timeout: Dur,
 }
 
 /// Service discovery of a cluster's endpoints; see docs/config.md.
@@ -923,6 +943,15 @@ mod defaults {
     }
     pub fn admin_address() -> Spanned<String> {
         unspanned(admin_address_str())
+    }
+    pub fn hundred_percent() -> Percent {
+        Percent(100.0)
+    }
+    pub fn mirror_max_body() -> ByteSize {
+        ByteSize(64 * 1024)
+    }
+    pub fn mirror_timeout() -> Dur {
+        Dur::secs(5)
     }
     pub fn dns_refresh_rate() -> Dur {
         Dur::secs(5)
@@ -1332,6 +1361,11 @@ clusters:
                 "`clusters[].endpoints[]`",
                 at(&["clusters.endpoints"]),
                 fields::<EndpointConfig>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].mirror`",
+                at(&["routes.virtual_hosts.routes.mirror"]),
+                fields::<Mirror>(),
             ),
             (
                 "`clusters[].discovery`",

@@ -522,6 +522,26 @@ fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
             );
         }
     }
+    if let Some(m) = &r.mirror {
+        clusters.check(e, &m.cluster);
+        if r.cluster.is_none() && r.weighted_clusters.is_none() {
+            e.at(
+                loc,
+                "`mirror` only applies to routes that forward to a cluster",
+                "remove `mirror`, or route to a cluster",
+            )
+            .key("mirror");
+        }
+        if m.timeout.get().is_zero() {
+            e.at(
+                loc,
+                "`mirror.timeout` is 0",
+                "use a positive duration such as `5s`",
+            )
+            .key("mirror")
+            .key("timeout");
+        }
+    }
     if let Some(rd) = &r.redirect {
         validate_redirect(e, loc, rd, &r.matcher);
     }
