@@ -15,6 +15,8 @@ pub mod connection;
 pub mod error;
 pub mod io;
 pub mod listener;
+pub mod mirror;
+pub mod overrides;
 pub mod proxy;
 pub mod proxy_headers;
 pub mod router;
