@@ -21,6 +21,7 @@ mod hash;
 pub mod health;
 mod lb;
 pub mod outlier;
+mod zone;
 
 pub use breaker::{ConnectPermit, RetrySlot};
 pub use lb::Balancer;
@@ -144,6 +145,15 @@ counters! {
         discovery_update_no_rebuild,
         /// Refreshes that failed (no answer, bad file); the endpoints stay as they were.
         discovery_update_failure,
+        /// Zone-aware picks that kept to the local zone (all of it available).
+        lb_zone_routing_all_directly,
+        /// Zone-aware picks that kept to the local zone by a draw (part of it down).
+        lb_zone_routing_sampled,
+        /// Zone-aware picks sent to other zones.
+        lb_zone_routing_cross_zone,
+        /// Picks where zones were ignored: fewer endpoints than `min_cluster_size`,
+        /// or none in the local zone.
+        lb_zone_cluster_too_small,
         /// Mirrored (shadow) requests sent to this cluster.
         mirror_requests,
         /// Mirrored requests that failed: no endpoint, refused, error, 5xx or timeout.
@@ -952,7 +962,7 @@ mod tests {
         assert_eq!(ep["weight"], 3);
         assert_eq!(ep["stats"]["rq_total"], 1);
         assert_eq!(ep["stats"]["rq_active"], 1);
-        assert_eq!(c.stats.snapshot().len(), 36);
+        assert_eq!(c.stats.snapshot().len(), 40);
         assert_eq!(ep["health"]["status"], "healthy");
     }
 }

@@ -37,6 +37,10 @@ pub struct Config {
     /// long enough for ordinary requests, short enough for an orchestrator's grace period.
     #[serde(default = "defaults::drain_timeout")]
     pub drain_timeout: Dur,
+    /// The zone this Legate runs in, for zone-aware routing (`--local-zone`
+    /// overrides it); absent = unknown, no zone-aware routing.
+    #[serde(default)]
+    pub local_zone: Option<String>,
     /// Downstream listeners.
     #[serde(default)]
     pub listeners: Vec<Spanned<Listener>>,
@@ -560,6 +564,32 @@ pub struct Cluster {
     /// `dns` (the `endpoints` host names, re-resolved) or `file` (a watched file).
     #[serde(default)]
     pub discovery: Discovery,
+    /// Prefer endpoints in the process's `local_zone`; absent = zones are ignored.
+    #[serde(default)]
+    pub zone_aware: Option<ZoneAware>,
+    /// The process's zone (the top-level `local_zone`), copied here when the config
+    /// is loaded so a cluster needs nothing else.
+    #[serde(skip)]
+    pub local_zone: Option<String>,
+}
+
+/// Zone-aware routing of a cluster; see docs/config.md.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneAware {
+    /// Below this many endpoints zones are ignored. Default 6, as Envoy.
+    #[serde(default = "defaults::zone_min_cluster_size")]
+    pub min_cluster_size: u32,
+}
+
+impl Config {
+    /// Sets the process's zone (the top-level `local_zone` and every cluster's copy).
+    pub fn set_local_zone(&mut self, zone: Option<String>) {
+        for c in &mut self.clusters {
+            c.value.local_zone.clone_from(&zone);
+        }
+        self.local_zone = zone;
+    }
 }
 
 /// Request mirroring (shadowing) of a route; see docs/config.md.
@@ -943,6 +973,9 @@ mod defaults {
     }
     pub fn admin_address() -> Spanned<String> {
         unspanned(admin_address_str())
+    }
+    pub fn zone_min_cluster_size() -> u32 {
+        6
     }
     pub fn hundred_percent() -> Percent {
         Percent(100.0)
@@ -1366,6 +1399,11 @@ clusters:
                 "`routes[].virtual_hosts[].routes[].mirror`",
                 at(&["routes.virtual_hosts.routes.mirror"]),
                 fields::<Mirror>(),
+            ),
+            (
+                "`clusters[].zone_aware`",
+                at(&["clusters.zone_aware"]),
+                fields::<ZoneAware>(),
             ),
             (
                 "`clusters[].discovery`",
