@@ -14,6 +14,7 @@
 //! [`ActiveRequest`]; every worker's balancer reads them lock-free. [`breaker`] holds
 //! the per-cluster circuit breakers, also atomics shared by all workers.
 
+pub mod adaptive;
 pub mod breaker;
 pub mod discovery;
 pub mod dns;
@@ -154,6 +155,12 @@ counters! {
         /// Picks where zones were ignored: fewer endpoints than `min_cluster_size`,
         /// or none in the local zone.
         lb_zone_cluster_too_small,
+        /// Attempts refused with 503 by the adaptive concurrency limit.
+        adaptive_concurrency_rq_blocked,
+        /// The adaptive concurrency limit (gauge).
+        adaptive_concurrency_limit,
+        /// The last measured minimum round-trip time, in ms (gauge).
+        adaptive_concurrency_min_rtt_ms,
         /// Mirrored (shadow) requests sent to this cluster.
         mirror_requests,
         /// Mirrored requests that failed: no endpoint, refused, error, 5xx or timeout.
@@ -164,7 +171,9 @@ counters! {
 /// Whether a cluster or endpoint statistic is a gauge (it goes up and down) rather
 /// than a counter.
 pub fn is_gauge(name: &str) -> bool {
-    name.ends_with("_active") || name.starts_with("membership_")
+    name.ends_with("_active")
+        || name.starts_with("membership_")
+        || name.starts_with("adaptive_concurrency_") && name != "adaptive_concurrency_rq_blocked"
 }
 
 counters! {
@@ -447,7 +456,33 @@ impl Cluster {
                 ),
             ));
         }
-        Ok(self.counted_request(endpoint))
+        let admitted = match &self.config.adaptive_concurrency {
+            Some(cfg) => {
+                let ac = self
+                    .breakers
+                    .adaptive
+                    .get_or_init(|| adaptive::Controller::new(cfg));
+                if !ac.try_acquire() {
+                    self.stats.upstream_rq_active.fetch_sub(1, Relaxed);
+                    self.stats
+                        .adaptive_concurrency_rq_blocked
+                        .fetch_add(1, Relaxed);
+                    return Err(crate::error::ProxyError::new(
+                        crate::error::Kind::Overloaded,
+                        format!(
+                            "cluster `{}`: adaptive concurrency limit ({}) reached",
+                            self.name,
+                            ac.limit()
+                        ),
+                    ));
+                }
+                Some(std::time::Instant::now())
+            }
+            None => None,
+        };
+        let mut active = self.counted_request(endpoint);
+        active.admitted = admitted;
+        Ok(active)
     }
 
     /// The rest of starting a request, once `upstream_rq_active` counts it.
@@ -461,6 +496,7 @@ impl Cluster {
         ActiveRequest {
             cluster: Arc::clone(self),
             endpoint,
+            admitted: None,
         }
     }
 
@@ -562,6 +598,8 @@ impl Cluster {
 pub struct ActiveRequest {
     cluster: Arc<Cluster>,
     endpoint: Option<usize>,
+    /// When the adaptive-concurrency controller admitted the attempt.
+    admitted: Option<std::time::Instant>,
 }
 
 impl ActiveRequest {
@@ -619,6 +657,15 @@ impl ActiveRequest {
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
+        if let (Some(at), Some(ac)) = (self.admitted, self.cluster.breakers.adaptive.get()) {
+            ac.release(at.elapsed());
+            let st = &self.cluster.stats;
+            st.adaptive_concurrency_limit.store(ac.limit(), Relaxed);
+            if let Some(rtt) = ac.min_rtt() {
+                st.adaptive_concurrency_min_rtt_ms
+                    .store(u64::try_from(rtt.as_millis()).unwrap_or(u64::MAX), Relaxed);
+            }
+        }
         self.cluster.stats.upstream_rq_active.fetch_sub(1, Relaxed);
         if let Some(ep) = self.cluster.endpoint(self.endpoint) {
             ep.stats.rq_active.fetch_sub(1, Relaxed);
@@ -962,7 +1009,7 @@ mod tests {
         assert_eq!(ep["weight"], 3);
         assert_eq!(ep["stats"]["rq_total"], 1);
         assert_eq!(ep["stats"]["rq_active"], 1);
-        assert_eq!(c.stats.snapshot().len(), 40);
+        assert_eq!(c.stats.snapshot().len(), 43);
         assert_eq!(ep["health"]["status"], "healthy");
     }
 }

@@ -564,6 +564,9 @@ pub struct Cluster {
     /// `dns` (the `endpoints` host names, re-resolved) or `file` (a watched file).
     #[serde(default)]
     pub discovery: Discovery,
+    /// A latency-driven limit on attempts in flight; absent = none.
+    #[serde(default)]
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
     /// Prefer endpoints in the process's `local_zone`; absent = zones are ignored.
     #[serde(default)]
     pub zone_aware: Option<ZoneAware>,
@@ -571,6 +574,33 @@ pub struct Cluster {
     /// is loaded so a cluster needs nothing else.
     #[serde(skip)]
     pub local_zone: Option<String>,
+}
+
+/// Adaptive concurrency (gradient controller) of a cluster; see docs/config.md.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveConcurrency {
+    /// How often the limit is recomputed from the window's p90 latency. Default 100ms.
+    #[serde(default = "defaults::ac_sample_window")]
+    pub sample_window: Dur,
+    /// How often minRTT is measured again. Default 60s.
+    #[serde(default = "defaults::ac_min_rtt_interval")]
+    pub min_rtt_interval: Dur,
+    /// Attempts sampled (at `min_concurrency`) per minRTT measurement. Default 50.
+    #[serde(default = "defaults::ac_min_rtt_samples")]
+    pub min_rtt_samples: u32,
+    /// Latency tolerated above minRTT before the limit shrinks. Default 25%.
+    #[serde(default = "defaults::ac_buffer")]
+    pub buffer: Percent,
+    /// The lowest limit, and the one used while measuring minRTT. Default 3.
+    #[serde(default = "defaults::ac_min_concurrency")]
+    pub min_concurrency: u32,
+    /// The limit after the first minRTT measurement. Default 100.
+    #[serde(default = "defaults::ac_initial_concurrency")]
+    pub initial_concurrency: u32,
+    /// The highest limit. Default 1000, as Envoy.
+    #[serde(default = "defaults::ac_max_concurrency")]
+    pub max_concurrency: u32,
 }
 
 /// Zone-aware routing of a cluster; see docs/config.md.
@@ -973,6 +1003,27 @@ mod defaults {
     }
     pub fn admin_address() -> Spanned<String> {
         unspanned(admin_address_str())
+    }
+    pub fn ac_sample_window() -> Dur {
+        Dur::millis(100)
+    }
+    pub fn ac_min_rtt_interval() -> Dur {
+        Dur::secs(60)
+    }
+    pub fn ac_min_rtt_samples() -> u32 {
+        50
+    }
+    pub fn ac_buffer() -> Percent {
+        Percent(25.0)
+    }
+    pub fn ac_min_concurrency() -> u32 {
+        3
+    }
+    pub fn ac_initial_concurrency() -> u32 {
+        100
+    }
+    pub fn ac_max_concurrency() -> u32 {
+        1000
     }
     pub fn zone_min_cluster_size() -> u32 {
         6
@@ -1399,6 +1450,11 @@ clusters:
                 "`routes[].virtual_hosts[].routes[].mirror`",
                 at(&["routes.virtual_hosts.routes.mirror"]),
                 fields::<Mirror>(),
+            ),
+            (
+                "`clusters[].adaptive_concurrency`",
+                at(&["clusters.adaptive_concurrency"]),
+                fields::<AdaptiveConcurrency>(),
             ),
             (
                 "`clusters[].zone_aware`",
