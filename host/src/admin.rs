@@ -62,10 +62,12 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let snapshot = shared.snapshot.load();
             let mut names: Vec<_> = snapshot.clusters.keys().collect();
             names.sort();
-            render_cluster_stats(
-                names.iter().filter_map(|n| snapshot.clusters.get(*n)).map(|e| &*e.cluster),
-                &mut body,
-            );
+            let current: Vec<_> = names
+                .iter()
+                .filter_map(|n| snapshot.clusters.get(*n))
+                .map(|e| e.cluster())
+                .collect();
+            render_cluster_stats(current.iter().map(|c| &**c), &mut body);
             with_type(text(StatusCode::OK, body), "text/plain; version=0.0.4; charset=utf-8")
         }
         (&Method::GET, "/clusters") => {
@@ -75,7 +77,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let list: Vec<serde_json::Value> = names
                 .iter()
                 .filter_map(|n| snapshot.clusters.get(*n))
-                .map(|e| e.cluster.to_json())
+                .map(|e| e.cluster().to_json())
                 .collect();
             json(&serde_json::json!({ "clusters": list }))
         }

@@ -19,6 +19,8 @@ pub mod error;
 pub mod filter;
 pub mod io;
 pub mod listener;
+pub mod mirror;
+pub mod overrides;
 pub mod proxy;
 pub mod proxy_headers;
 pub mod router;

@@ -28,6 +28,9 @@ enum Command {
         /// Worker threads (default: available cores).
         #[arg(long)]
         concurrency: Option<usize>,
+        /// The zone this process runs in (overrides the config's `local_zone`).
+        #[arg(long)]
+        local_zone: Option<String>,
     },
     /// Validate a config file without starting; exit 1 and print every error if invalid.
     Check {
@@ -73,7 +76,8 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             concurrency,
-        } => match run(&config, concurrency) {
+            local_zone,
+        } => match run(&config, concurrency, local_zone) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -83,11 +87,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: &std::path::Path, concurrency: Option<usize>) -> anyhow::Result<()> {
-    let cfg = match config::load_file(path) {
+fn run(
+    path: &std::path::Path,
+    concurrency: Option<usize>,
+    local_zone: Option<String>,
+) -> anyhow::Result<()> {
+    let mut cfg = match config::load_file(path) {
         Ok(c) => c,
         Err(e) => anyhow::bail!("invalid config\n{e}"),
     };
+    if local_zone.is_some() {
+        cfg.set_local_zone(local_zone);
+    }
     let mut opts = server::Options::default();
     if let Some(n) = concurrency {
         opts.concurrency = n;

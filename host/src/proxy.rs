@@ -137,10 +137,12 @@ async fn proxy(
     };
     let https = conn.tls.is_some();
     let trusted = http.trust_downstream;
-    {
+    let received = Instant::now();
+    let ov = {
         let h = req.headers_mut();
         out.request_id = proxy_headers::request_id(h, trusted, http.generate_request_id);
-    }
+        crate::overrides::take(h, trusted)
+    };
     let mut authority = authority;
     if let Some(chain) = snapshot.filters.start(
         &listener.name,
@@ -290,14 +292,38 @@ async fn proxy(
     };
 
     let route = matched.route;
-    let policy = route
-        .retry
+    // `x-legate-max-retries` tunes the route's policy (see crate::overrides).
+    let tuned: Option<RetryPolicy> = ov.max_retries.and_then(|n| {
+        route.retry.as_ref().map(|p| {
+            let mut p = p.clone();
+            p.num_retries = n;
+            p
+        })
+    });
+    let policy = tuned
         .as_ref()
+        .or(route.retry.as_ref())
         .filter(|p| !upgrade && p.num_retries > 0 && p.allows_method(&parts.method));
-    let source = match policy {
-        Some(p) => ReqBody::buffer(req_body, p.buffer_limit, &parts).await?,
-        None => ReqBody::Stream(Some(req_body)),
+    // A mirrored request's body is read first (up to the mirror's cap) to be copied.
+    let mirror = route
+        .mirror
+        .as_ref()
+        .filter(|m| !upgrade && crate::mirror::chosen(m));
+    let source = match (policy, mirror) {
+        (Some(p), _) => ReqBody::buffer(req_body, p.buffer_limit, &parts).await?,
+        (None, Some(m)) => ReqBody::buffer(req_body, m.max_body.0, &parts).await?,
+        (None, None) => ReqBody::Stream(Some(req_body)),
     };
+    if let (Some(m), Some(body)) = (mirror, source.whole(mirror.map_or(0, |m| m.max_body.0))) {
+        let copy = crate::mirror::Copy {
+            method: parts.method.clone(),
+            path: path.clone(),
+            headers: parts.headers.clone(),
+            authority: upstream_authority.clone(),
+            body,
+        };
+        crate::mirror::send(&conn.worker, &snapshot, m, copy);
+    }
 
     let attempt = Attempts {
         conn,
@@ -309,12 +335,12 @@ async fn proxy(
         policy,
         per_try: route.per_try_timeout,
     };
-    let result = match route.timeout {
+    let result = match ov.timeout.unwrap_or(route.timeout) {
         Some(t) => match tokio::time::timeout(t, attempt.run(source, out)).await {
             Ok(r) => r,
             Err(_) => {
                 entry
-                    .cluster
+                    .cluster()
                     .stats
                     .upstream_rq_timeout
                     .fetch_add(1, Relaxed);
@@ -327,6 +353,7 @@ async fn proxy(
         None => attempt.run(source, out).await,
     };
     let mut resp = result?;
+    let first_byte = received.elapsed();
 
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
@@ -346,6 +373,16 @@ async fn proxy(
     if resp.version() != Version::HTTP_11 || parts.version == Version::HTTP_2 {
         // The downstream protocol sets the response framing; hyper picks it.
         *resp.version_mut() = parts.version;
+    }
+    if ov.debug {
+        let debug = crate::overrides::Debug {
+            route: out.route.as_deref(),
+            cluster: out.cluster.as_deref(),
+            endpoint: out.upstream,
+            attempts: out.attempts,
+            first_byte: Some(first_byte),
+        };
+        crate::overrides::debug_headers(resp.headers_mut(), &debug);
     }
     if switching {
         // The tunnel is already spliced; filters see upgraded exchanges' heads only
@@ -560,7 +597,7 @@ impl Attempts<'_> {
         mut source: ReqBody,
         out: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError> {
-        let cluster = &self.entry.cluster;
+        let cluster = &self.entry.cluster();
         let balancer = self.conn.worker.balancer(cluster);
         let hash = cluster.hash_key(&self.headers.borrow(), self.conn.peer.ip());
         let max_retries = self.policy.map_or(0, |p| p.num_retries);
@@ -782,6 +819,23 @@ impl ReqBody {
 
     fn replayable(&self) -> bool {
         matches!(self, ReqBody::Buffered { .. })
+    }
+
+    /// The whole body, if it was read in full and is at most `max` bytes.
+    fn whole(&self, max: u64) -> Option<Bytes> {
+        let ReqBody::Buffered { frames } = self else {
+            return None;
+        };
+        let data: Vec<&Bytes> = frames.iter().filter_map(Frame::data_ref).collect();
+        let len: usize = data.iter().map(|d| d.len()).sum();
+        if len as u64 > max {
+            return None;
+        }
+        Some(match data.as_slice() {
+            [] => Bytes::new(),
+            [one] => (*one).clone(),
+            many => many.iter().flat_map(|d| d.iter().copied()).collect(),
+        })
     }
 
     /// The body for the next attempt.

@@ -140,6 +140,8 @@ pub struct Route {
     pub retry: Option<RetryPolicy>,
     /// Largest request body accepted, in bytes; `None` = unlimited.
     pub max_request_body: Option<u64>,
+    /// Request mirroring (see [`crate::mirror`]).
+    pub mirror: Option<config::Mirror>,
     matcher: RouteMatcher,
     path_rewrite: PathRewrite,
     host_rewrite: Option<HeaderValue>,
@@ -875,6 +877,7 @@ impl Route {
             per_try_timeout: cfg.per_try_timeout.and_then(|d| nonzero(d.get())),
             retry: cfg.retry.as_ref().map(RetryPolicy::new),
             max_request_body: cfg.max_request_body.map(|b| b.0),
+            mirror: cfg.mirror.clone(),
             matcher,
             path_rewrite,
             host_rewrite,

@@ -42,10 +42,31 @@ impl Default for Options {
 
 /// A cluster and how to reach it.
 pub struct ClusterEntry {
-    /// Endpoints, balancing, counters.
-    pub cluster: Arc<Cluster>,
+    /// Endpoints, balancing, counters: the current generation. Discovery swaps in a
+    /// new one when the endpoint set changes; a request keeps the one it picked from.
+    live: ArcSwap<Cluster>,
     /// Protocol, TLS, timeouts, pool limits.
     pub upstream: UpstreamSettings,
+}
+
+impl ClusterEntry {
+    /// An entry starting with `cluster`.
+    pub fn new(cluster: Arc<Cluster>, upstream: UpstreamSettings) -> ClusterEntry {
+        ClusterEntry {
+            live: ArcSwap::new(cluster),
+            upstream,
+        }
+    }
+
+    /// The cluster's current generation.
+    pub fn cluster(&self) -> Arc<Cluster> {
+        self.live.load_full()
+    }
+
+    /// Makes `cluster` the current generation (discovery only).
+    pub(crate) fn replace(&self, cluster: Arc<Cluster>) {
+        self.live.store(cluster);
+    }
 }
 
 /// Everything the request path reads from config, built once per config version and
@@ -86,7 +107,10 @@ impl Snapshot {
             let upstream =
                 UpstreamSettings::new(c).with_context(|| format!("cluster `{}`", c.name))?;
             max_pool_idle = max_pool_idle.max(c.idle_timeout.get());
-            clusters.insert(c.name.clone(), Arc::new(ClusterEntry { cluster, upstream }));
+            clusters.insert(
+                c.name.clone(),
+                Arc::new(ClusterEntry::new(cluster, upstream)),
+            );
         }
         let filters = crate::filter::Filters::build(&config, stats, crate::wasm::load)?;
         Ok(Snapshot {

@@ -47,7 +47,7 @@ pub async fn serve(
     };
 
     // Connect, trying each endpoint once on failure.
-    let cluster = &entry.cluster;
+    let cluster = &entry.cluster();
     let balancer = worker.balancer(cluster);
     let hash = cluster.hash_key(&http::HeaderMap::new(), peer.ip());
     let mut tried = Vec::new();

@@ -130,6 +130,7 @@ pub struct UpstreamBuilder {
     fail_first: Option<(usize, u16)>,
     close_connection: bool,
     header: Vec<(String, String)>,
+    bind: Option<SocketAddr>,
 }
 
 /// A new upstream builder: HTTP/1.1 + h2c (prior knowledge) on 127.0.0.1:0, answering
@@ -147,6 +148,7 @@ pub fn upstream() -> UpstreamBuilder {
         fail_first: None,
         close_connection: false,
         header: Vec::new(),
+        bind: None,
     }
 }
 
@@ -189,6 +191,12 @@ impl UpstreamBuilder {
         self.client_ca = Some(ca);
         self
     }
+    /// Listens on `addr` instead of 127.0.0.1:0 (e.g. another loopback address).
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = Some(addr);
+        self
+    }
+
     /// Names the upstream: every response carries `x-upstream: <name>`.
     pub fn name(mut self, name: &str) -> Self {
         self.name = name.to_string();
@@ -251,8 +259,11 @@ impl UpstreamBuilder {
     /// Binds 127.0.0.1:0 and starts serving.
     pub async fn start(self) -> UpstreamHandle {
         let rt = runtime();
-        let std_listener =
-            std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream listener");
+        let std_listener = std::net::TcpListener::bind(
+            self.bind
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+        )
+        .expect("bind upstream listener");
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("local_addr");
         let listener = {

@@ -66,6 +66,12 @@ impl EndpointHealth {
         self.flags.load(Relaxed) == 0
     }
 
+    /// Sets the flags of an endpoint no cluster uses yet (discovery's copy of a
+    /// reweighted endpoint).
+    pub(super) fn set_raw(&self, flags: u8) {
+        self.flags.store(flags, Relaxed);
+    }
+
     /// The flags ([`FAILED_ACTIVE_HC`], [`EJECTED`]).
     pub fn flags(&self) -> u8 {
         self.flags.load(Relaxed)
@@ -123,7 +129,10 @@ pub fn spawn(
     let wanted: Vec<Arc<ClusterEntry>> = clusters
         .into_iter()
         .filter(|e| {
-            e.cluster.config.health_check.is_some() || e.cluster.config.outlier_detection.is_some()
+            let c = &e.cluster().config;
+            c.health_check.is_some()
+                || c.outlier_detection.is_some()
+                || c.discovery.kind != crate::config::DiscoveryType::Static
         })
         .collect();
     if wanted.is_empty() {
@@ -145,23 +154,24 @@ pub fn spawn(
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 for entry in wanted {
-                    if let Some(hc) = &entry.cluster.config.health_check {
-                        let hc = Arc::new(hc.clone());
-                        for i in 0..entry.cluster.endpoints.len() {
-                            tokio::task::spawn_local(check_loop(entry.clone(), hc.clone(), i));
-                        }
+                    let cluster = entry.cluster();
+                    for ep in &cluster.endpoints {
+                        start_checks(&entry, ep);
                     }
-                    if let Some(every) = entry.cluster.outlier_interval() {
-                        let cluster = entry.cluster.clone();
+                    if let Some(every) = cluster.outlier_interval() {
+                        let entry = entry.clone();
                         tokio::task::spawn_local(async move {
                             let mut tick = tokio::time::interval(every);
                             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                             tick.tick().await;
                             loop {
                                 tick.tick().await;
-                                cluster.outlier_tick();
+                                entry.cluster().outlier_tick();
                             }
                         });
+                    }
+                    if cluster.config.discovery.kind != crate::config::DiscoveryType::Static {
+                        tokio::task::spawn_local(super::discovery::run(entry.clone()));
                     }
                 }
                 let _ = drain.wait_for(|d| *d).await;
@@ -179,22 +189,39 @@ enum Failure {
     Answer { reason: String, immediate: bool },
 }
 
-/// Checks endpoint `i` every interval (plus jitter) for as long as the thread runs.
-async fn check_loop(entry: Arc<ClusterEntry>, hc: Arc<HealthCheck>, i: usize) {
-    let cluster = &entry.cluster;
-    let Some(ep) = cluster.endpoints.get(i) else {
-        return;
-    };
-    let st = &cluster.stats;
+/// Starts the active health checks of `ep` (an endpoint of `entry`'s current
+/// cluster), if the cluster has any; they stop once discovery drops the endpoint.
+/// Must run on the health thread's `LocalSet`.
+pub(super) fn start_checks(entry: &Arc<ClusterEntry>, ep: &Arc<Endpoint>) {
+    if let Some(hc) = &entry.cluster().config.health_check {
+        tokio::task::spawn_local(check_loop(entry.clone(), Arc::new(hc.clone()), ep.clone()));
+    }
+}
+
+/// Checks endpoint `ep` every interval (plus jitter) for as long as it belongs to the
+/// cluster's current generation (always, without discovery).
+async fn check_loop(entry: Arc<ClusterEntry>, hc: Arc<HealthCheck>, ep: Arc<Endpoint>) {
     let (mut passes, mut fails) = (0u32, 0u32);
     let mut first = true;
     loop {
-        st.health_check_attempt.fetch_add(1, Relaxed);
-        let result = match tokio::time::timeout(hc.timeout.get(), check_once(&entry, &hc, i)).await
+        let Some((cluster, i)) = current(&entry, &ep) else {
+            return;
+        };
+        cluster.stats.health_check_attempt.fetch_add(1, Relaxed);
+        let result = match tokio::time::timeout(
+            hc.timeout.get(),
+            check_once(&entry, &cluster, &hc, i),
+        )
+        .await
         {
             Ok(r) => r,
             Err(_) => Err(Failure::Network(format!("timed out after {}", hc.timeout))),
         };
+        // Discovery may have built a new generation meanwhile: flag it there.
+        let Some((cluster, i)) = current(&entry, &ep) else {
+            return;
+        };
+        let st = &cluster.stats;
         let failed = ep.health.flags() & FAILED_ACTIVE_HC != 0;
         match result {
             Ok(()) => {
@@ -238,10 +265,21 @@ async fn check_loop(entry: Arc<ClusterEntry>, hc: Arc<HealthCheck>, i: usize) {
     }
 }
 
+/// The cluster's current generation and `ep`'s index in it, if it is still there.
+fn current(entry: &ClusterEntry, ep: &Arc<Endpoint>) -> Option<(Arc<Cluster>, usize)> {
+    let cluster = entry.cluster();
+    let i = cluster.index_of(ep)?;
+    Some((cluster, i))
+}
+
 /// One check of endpoint `i` on a fresh connection (not pooled, not counted in the
 /// cluster's connection stats, not subject to its circuit breakers).
-async fn check_once(entry: &ClusterEntry, hc: &HealthCheck, i: usize) -> Result<(), Failure> {
-    let cluster = &entry.cluster;
+async fn check_once(
+    entry: &ClusterEntry,
+    cluster: &Arc<Cluster>,
+    hc: &HealthCheck,
+    i: usize,
+) -> Result<(), Failure> {
     let ep = cluster
         .endpoints
         .get(i)

@@ -267,6 +267,11 @@ impl Balancer {
         if healthy < n {
             excluded = self.health_exclusion(excluded, healthy)?;
         }
+        if self.cluster.zone_aware() {
+            excluded = self
+                .cluster
+                .zone_exclusion(excluded, self.rng.borrow_mut().random());
+        }
         let shared = &self.cluster.lb;
         Some(match shared.policy {
             LbPolicy::RoundRobin => self.round_robin(&excluded),

@@ -14,11 +14,15 @@
 //! [`ActiveRequest`]; every worker's balancer reads them lock-free. [`breaker`] holds
 //! the per-cluster circuit breakers, also atomics shared by all workers.
 
+pub mod adaptive;
 pub mod breaker;
+pub mod discovery;
+pub mod dns;
 mod hash;
 pub mod health;
 mod lb;
 pub mod outlier;
+mod zone;
 
 pub use breaker::{ConnectPermit, RetrySlot};
 pub use lb::Balancer;
@@ -131,13 +135,45 @@ counters! {
         membership_healthy,
         /// Endpoints (gauge).
         membership_total,
+        /// Endpoints that discovery no longer lists but that stay while they pass
+        /// their health checks (gauge).
+        membership_kept_by_health,
+        /// Discovery refreshes (DNS resolutions, endpoint-file reads of new content).
+        discovery_update_attempt,
+        /// Refreshes that changed the endpoint set.
+        discovery_update_success,
+        /// Refreshes that found the same endpoints.
+        discovery_update_no_rebuild,
+        /// Refreshes that failed (no answer, bad file); the endpoints stay as they were.
+        discovery_update_failure,
+        /// Zone-aware picks that kept to the local zone (all of it available).
+        lb_zone_routing_all_directly,
+        /// Zone-aware picks that kept to the local zone by a draw (part of it down).
+        lb_zone_routing_sampled,
+        /// Zone-aware picks sent to other zones.
+        lb_zone_routing_cross_zone,
+        /// Picks where zones were ignored: fewer endpoints than `min_cluster_size`,
+        /// or none in the local zone.
+        lb_zone_cluster_too_small,
+        /// Attempts refused with 503 by the adaptive concurrency limit.
+        adaptive_concurrency_rq_blocked,
+        /// The adaptive concurrency limit (gauge).
+        adaptive_concurrency_limit,
+        /// The last measured minimum round-trip time, in ms (gauge).
+        adaptive_concurrency_min_rtt_ms,
+        /// Mirrored (shadow) requests sent to this cluster.
+        mirror_requests,
+        /// Mirrored requests that failed: no endpoint, refused, error, 5xx or timeout.
+        mirror_failures,
     }
 }
 
 /// Whether a cluster or endpoint statistic is a gauge (it goes up and down) rather
 /// than a counter.
 pub fn is_gauge(name: &str) -> bool {
-    name.ends_with("_active") || name.starts_with("membership_")
+    name.ends_with("_active")
+        || name.starts_with("membership_")
+        || name.starts_with("adaptive_concurrency_") && name != "adaptive_concurrency_rq_blocked"
 }
 
 counters! {
@@ -187,12 +223,40 @@ pub struct Endpoint {
     pub authority: String,
     /// Relative weight (at least 1).
     pub weight: u32,
+    /// The zone the endpoint runs in, if known.
+    pub zone: Option<String>,
+    /// Free-form metadata from the config or the endpoint file.
+    pub metadata: Option<Value>,
     /// Counters.
     pub stats: EndpointStats,
     /// Health flags and the last health-check failure.
     pub health: health::EndpointHealth,
     /// Passive outlier-detection state.
     pub outlier: outlier::OutlierState,
+}
+
+impl Endpoint {
+    /// A new endpoint with fresh counters and health.
+    pub fn new(
+        address: SocketAddr,
+        host: String,
+        authority: String,
+        weight: u32,
+        zone: Option<String>,
+        metadata: Option<Value>,
+    ) -> Arc<Endpoint> {
+        Arc::new(Endpoint {
+            address,
+            host,
+            authority,
+            weight,
+            zone,
+            metadata,
+            stats: EndpointStats::default(),
+            health: health::EndpointHealth::default(),
+            outlier: outlier::OutlierState::default(),
+        })
+    }
 }
 
 /// An upstream cluster, built once per config load and shared by all workers.
@@ -203,12 +267,13 @@ pub struct Cluster {
     /// The validated config (protocol, TLS, timeouts and pool settings are read by
     /// the upstream connection pool).
     pub config: config::Cluster,
-    /// Endpoints, in config order; empty for an `original_dst` cluster.
+    /// Endpoints, in config (or discovery) order; empty for an `original_dst` cluster.
+    /// Fixed for this value: discovery builds a new [`Cluster`] (see [`discovery`]).
     pub endpoints: Vec<Arc<Endpoint>>,
-    /// Counters.
-    pub stats: ClusterStats,
-    /// Circuit-breaker reservations not visible as stats.
-    breakers: breaker::Breakers,
+    /// Counters, shared by every generation of the cluster.
+    pub stats: Arc<ClusterStats>,
+    /// Circuit-breaker reservations not visible as stats, shared like `stats`.
+    breakers: Arc<breaker::Breakers>,
     /// `hash_on.header`, parsed once.
     hash_header: Option<HeaderName>,
     /// What the policy precomputes: cumulative weights, the hash ring.
@@ -219,7 +284,14 @@ impl Cluster {
     /// Builds a cluster from its validated config: resolves endpoint host names once
     /// (the error names the cluster, the endpoint and the host) and, for `ring_hash`,
     /// builds the hash ring.
+    /// A `dns` cluster starts with no endpoints and a `file` one with the file's (see
+    /// [`discovery`]).
     pub fn from_config(cfg: &config::Cluster) -> anyhow::Result<Arc<Cluster>> {
+        if cfg.discovery.kind != config::DiscoveryType::Static {
+            let endpoints = discovery::initial_endpoints(cfg)
+                .with_context(|| format!("cluster `{}`", cfg.name))?;
+            return Self::assemble(cfg, endpoints, Arc::default(), Arc::default());
+        }
         Self::build(cfg, &|host, port| {
             (host, port).to_socket_addrs().map(Iterator::collect)
         })
@@ -261,16 +333,27 @@ impl Cluster {
                     })?
                 }
             };
-            endpoints.push(Arc::new(Endpoint {
+            endpoints.push(Endpoint::new(
                 address,
-                host: host.to_string(),
-                authority: ep.address.clone(),
-                weight: ep.weight,
-                stats: EndpointStats::default(),
-                health: health::EndpointHealth::default(),
-                outlier: outlier::OutlierState::default(),
-            }));
+                host.to_string(),
+                ep.address.clone(),
+                ep.weight,
+                ep.zone.clone(),
+                ep.metadata.clone(),
+            ));
         }
+        Self::assemble(cfg, endpoints, Arc::default(), Arc::default())
+    }
+
+    /// A cluster of `endpoints` with the given (possibly inherited) counters and
+    /// breaker reservations.
+    fn assemble(
+        cfg: &config::Cluster,
+        endpoints: Vec<Arc<Endpoint>>,
+        stats: Arc<ClusterStats>,
+        breakers: Arc<breaker::Breakers>,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        let cluster = &cfg.name;
 
         let hash_header = match cfg.hash_on.as_ref().and_then(|h| h.header.as_deref()) {
             Some(h) => Some(HeaderName::from_bytes(h.as_bytes()).with_context(|| {
@@ -279,22 +362,37 @@ impl Cluster {
             None => None,
         };
 
-        let stats = ClusterStats::default();
         stats
             .membership_total
             .store(endpoints.len() as u64, Relaxed);
-        stats
-            .membership_healthy
-            .store(endpoints.len() as u64, Relaxed);
+        let available = endpoints.iter().filter(|e| e.health.is_available()).count();
+        stats.membership_healthy.store(available as u64, Relaxed);
         Ok(Arc::new(Cluster {
             name: cfg.name.clone(),
             lb: lb::Shared::new(cfg.lb_policy, &endpoints),
             config: cfg.clone(),
             endpoints,
             stats,
-            breakers: breaker::Breakers::default(),
+            breakers,
             hash_header,
         }))
+    }
+
+    /// The next generation of this cluster: the same config, counters and breaker
+    /// reservations, with `endpoints` (which keep their own state when they are the
+    /// same `Arc`s as before).
+    pub fn with_endpoints(&self, endpoints: Vec<Arc<Endpoint>>) -> anyhow::Result<Arc<Cluster>> {
+        Self::assemble(
+            &self.config,
+            endpoints,
+            Arc::clone(&self.stats),
+            Arc::clone(&self.breakers),
+        )
+    }
+
+    /// The index of `ep` (the same `Arc`) in this generation.
+    pub fn index_of(&self, ep: &Arc<Endpoint>) -> Option<usize> {
+        self.endpoints.iter().position(|e| Arc::ptr_eq(e, ep))
     }
 
     /// A new balancer for one worker.
@@ -358,7 +456,33 @@ impl Cluster {
                 ),
             ));
         }
-        Ok(self.counted_request(endpoint))
+        let admitted = match &self.config.adaptive_concurrency {
+            Some(cfg) => {
+                let ac = self
+                    .breakers
+                    .adaptive
+                    .get_or_init(|| adaptive::Controller::new(cfg));
+                if !ac.try_acquire() {
+                    self.stats.upstream_rq_active.fetch_sub(1, Relaxed);
+                    self.stats
+                        .adaptive_concurrency_rq_blocked
+                        .fetch_add(1, Relaxed);
+                    return Err(crate::error::ProxyError::new(
+                        crate::error::Kind::Overloaded,
+                        format!(
+                            "cluster `{}`: adaptive concurrency limit ({}) reached",
+                            self.name,
+                            ac.limit()
+                        ),
+                    ));
+                }
+                Some(std::time::Instant::now())
+            }
+            None => None,
+        };
+        let mut active = self.counted_request(endpoint);
+        active.admitted = admitted;
+        Ok(active)
     }
 
     /// The rest of starting a request, once `upstream_rq_active` counts it.
@@ -372,6 +496,7 @@ impl Cluster {
         ActiveRequest {
             cluster: Arc::clone(self),
             endpoint,
+            admitted: None,
         }
     }
 
@@ -415,6 +540,12 @@ impl Cluster {
                 m.insert("address".into(), ep.address.to_string().into());
                 m.insert("configured_address".into(), ep.authority.clone().into());
                 m.insert("weight".into(), ep.weight.into());
+                if let Some(zone) = &ep.zone {
+                    m.insert("zone".into(), zone.clone().into());
+                }
+                if let Some(meta) = &ep.metadata {
+                    m.insert("metadata".into(), meta.clone());
+                }
                 m.insert("health".into(), self.endpoint_health_json(ep));
                 m.insert("stats".into(), ep.stats.to_json());
                 Value::Object(m)
@@ -430,6 +561,10 @@ impl Cluster {
         m.insert(
             "protocol".into(),
             serde_json::to_value(self.config.protocol).unwrap_or(Value::Null),
+        );
+        m.insert(
+            "discovery".into(),
+            serde_json::to_value(self.config.discovery.kind).unwrap_or(Value::Null),
         );
         m.insert("tls".into(), self.config.tls.is_some().into());
         m.insert("original_dst".into(), self.config.original_dst.into());
@@ -463,6 +598,8 @@ impl Cluster {
 pub struct ActiveRequest {
     cluster: Arc<Cluster>,
     endpoint: Option<usize>,
+    /// When the adaptive-concurrency controller admitted the attempt.
+    admitted: Option<std::time::Instant>,
 }
 
 impl ActiveRequest {
@@ -520,6 +657,15 @@ impl ActiveRequest {
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
+        if let (Some(at), Some(ac)) = (self.admitted, self.cluster.breakers.adaptive.get()) {
+            ac.release(at.elapsed());
+            let st = &self.cluster.stats;
+            st.adaptive_concurrency_limit.store(ac.limit(), Relaxed);
+            if let Some(rtt) = ac.min_rtt() {
+                st.adaptive_concurrency_min_rtt_ms
+                    .store(u64::try_from(rtt.as_millis()).unwrap_or(u64::MAX), Relaxed);
+            }
+        }
         self.cluster.stats.upstream_rq_active.fetch_sub(1, Relaxed);
         if let Some(ep) = self.cluster.endpoint(self.endpoint) {
             ep.stats.rq_active.fetch_sub(1, Relaxed);
@@ -863,7 +1009,7 @@ mod tests {
         assert_eq!(ep["weight"], 3);
         assert_eq!(ep["stats"]["rq_total"], 1);
         assert_eq!(ep["stats"]["rq_active"], 1);
-        assert_eq!(c.stats.snapshot().len(), 29);
+        assert_eq!(c.stats.snapshot().len(), 43);
         assert_eq!(ep["health"]["status"], "healthy");
     }
 }

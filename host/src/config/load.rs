@@ -146,6 +146,8 @@ pub fn parse_str(file: &str, source: &str, base: &Path) -> Result<Config, Config
         return Err(fail(errors));
     }
     config.resolve_paths(base);
+    let zone = config.local_zone.clone();
+    config.set_local_zone(zone);
     Ok(config)
 }
 
@@ -545,6 +547,9 @@ impl Config {
                 {
                     fix(p);
                 }
+            }
+            if let Some(p) = &mut c.value.discovery.path {
+                fix(p);
             }
         }
         for p in &mut self.plugins {

@@ -37,6 +37,10 @@ pub struct Config {
     /// long enough for ordinary requests, short enough for an orchestrator's grace period.
     #[serde(default = "defaults::drain_timeout")]
     pub drain_timeout: Dur,
+    /// The zone this Legate runs in, for zone-aware routing (`--local-zone`
+    /// overrides it); absent = unknown, no zone-aware routing.
+    #[serde(default)]
+    pub local_zone: Option<String>,
     /// Downstream listeners.
     #[serde(default)]
     pub listeners: Vec<Spanned<Listener>>,
@@ -432,6 +436,9 @@ pub struct Route {
     /// bodies without buffering them, so a large body costs no memory.
     #[serde(default)]
     pub max_request_body: Option<ByteSize>,
+    /// Fire-and-forget copies of the route's requests to another cluster.
+    #[serde(default)]
+    pub mirror: Option<Mirror>,
     /// Request headers to change (applied before the virtual host's).
     #[serde(default)]
     pub request_headers: HeaderOps,
@@ -652,6 +659,156 @@ pub struct Cluster {
     /// Limits on what the cluster may have in flight, across all workers.
     #[serde(default)]
     pub circuit_breakers: CircuitBreakers,
+    /// Where the endpoints come from: `static` (the `endpoints` list, default),
+    /// `dns` (the `endpoints` host names, re-resolved) or `file` (a watched file).
+    #[serde(default)]
+    pub discovery: Discovery,
+    /// A latency-driven limit on attempts in flight; absent = none.
+    #[serde(default)]
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
+    /// Prefer endpoints in the process's `local_zone`; absent = zones are ignored.
+    #[serde(default)]
+    pub zone_aware: Option<ZoneAware>,
+    /// The process's zone (the top-level `local_zone`), copied here when the config
+    /// is loaded so a cluster needs nothing else.
+    #[serde(skip)]
+    pub local_zone: Option<String>,
+}
+
+/// Adaptive concurrency (gradient controller) of a cluster; see docs/config.md.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveConcurrency {
+    /// How often the limit is recomputed from the window's p90 latency. Default 100ms.
+    #[serde(default = "defaults::ac_sample_window")]
+    pub sample_window: Dur,
+    /// How often minRTT is measured again. Default 60s.
+    #[serde(default = "defaults::ac_min_rtt_interval")]
+    pub min_rtt_interval: Dur,
+    /// Attempts sampled (at `min_concurrency`) per minRTT measurement. Default 50.
+    #[serde(default = "defaults::ac_min_rtt_samples")]
+    pub min_rtt_samples: u32,
+    /// Latency tolerated above minRTT before the limit shrinks. Default 25%.
+    #[serde(default = "defaults::ac_buffer")]
+    pub buffer: Percent,
+    /// The lowest limit, and the one used while measuring minRTT. Default 3.
+    #[serde(default = "defaults::ac_min_concurrency")]
+    pub min_concurrency: u32,
+    /// The limit after the first minRTT measurement. Default 100.
+    #[serde(default = "defaults::ac_initial_concurrency")]
+    pub initial_concurrency: u32,
+    /// The highest limit. Default 1000, as Envoy.
+    #[serde(default = "defaults::ac_max_concurrency")]
+    pub max_concurrency: u32,
+}
+
+/// Zone-aware routing of a cluster; see docs/config.md.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneAware {
+    /// Below this many endpoints zones are ignored. Default 6, as Envoy.
+    #[serde(default = "defaults::zone_min_cluster_size")]
+    pub min_cluster_size: u32,
+}
+
+impl Config {
+    /// Sets the process's zone (the top-level `local_zone` and every cluster's copy).
+    pub fn set_local_zone(&mut self, zone: Option<String>) {
+        for c in &mut self.clusters {
+            c.value.local_zone.clone_from(&zone);
+        }
+        self.local_zone = zone;
+    }
+}
+
+/// Request mirroring (shadowing) of a route; see docs/config.md.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    /// The cluster the copies go to.
+    pub cluster: Spanned<Name>,
+    /// The share of requests mirrored. Default 100%.
+    #[serde(default = "defaults::hundred_percent")]
+    pub percent: Percent,
+    /// Requests whose body is larger are not mirrored. Default 64KiB.
+    #[serde(default = "defaults::mirror_max_body")]
+    pub max_body: ByteSize,
+    /// A mirrored request not answered within this time is abandoned. Default 5s.
+    #[serde(default = "defaults::mirror_timeout")]
+    pub timeout: Dur,
+}
+
+/// Service discovery of a cluster's endpoints; see docs/config.md.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    /// `static` (default), `dns` or `file`.
+    #[serde(rename = "type", default)]
+    pub kind: DiscoveryType,
+    /// `dns`: `strict` (every address of every host is an endpoint, default) or
+    /// `logical` (one endpoint per host: its first address).
+    #[serde(default)]
+    pub dns_lookup: DnsLookup,
+    /// `dns`: time between two resolutions. Default 5s, as Envoy.
+    #[serde(default = "defaults::dns_refresh_rate")]
+    pub dns_refresh_rate: Dur,
+    /// `dns`: re-resolve when the answers' smallest TTL expires (at least 1s apart)
+    /// instead of every `dns_refresh_rate`. Default false.
+    #[serde(default)]
+    pub dns_respect_ttl: bool,
+    /// `dns`: name servers (`ip` or `ip:port`), tried in order. Default: the
+    /// `nameserver` lines of /etc/resolv.conf.
+    #[serde(default)]
+    pub dns_resolvers: Vec<Spanned<String>>,
+    /// `dns`: how long one query waits for an answer. Default 2s.
+    #[serde(default = "defaults::dns_timeout")]
+    pub dns_timeout: Dur,
+    /// `file`: the endpoint file (YAML or JSON; relative to the config file).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// `file`: how often the file is re-read. Default 1s.
+    #[serde(default = "defaults::watch_interval")]
+    pub watch_interval: Dur,
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Discovery {
+            kind: DiscoveryType::Static,
+            dns_lookup: DnsLookup::Strict,
+            dns_refresh_rate: defaults::dns_refresh_rate(),
+            dns_respect_ttl: false,
+            dns_resolvers: Vec::new(),
+            dns_timeout: defaults::dns_timeout(),
+            path: None,
+            watch_interval: defaults::watch_interval(),
+        }
+    }
+}
+
+/// Where a cluster's endpoints come from.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoveryType {
+    /// The `endpoints` list, host names resolved once at load.
+    #[default]
+    Static,
+    /// The `endpoints` host names, resolved with A/AAAA queries, again and again.
+    Dns,
+    /// A watched endpoint file.
+    File,
+}
+
+/// How DNS answers become endpoints.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DnsLookup {
+    /// Every address is an endpoint (Envoy's STRICT_DNS).
+    #[default]
+    Strict,
+    /// One endpoint per host, at its first address; new connections follow the
+    /// answers (Envoy's LOGICAL_DNS).
+    Logical,
 }
 
 /// Active health checks: exactly one of `http` and `tcp`.
@@ -852,6 +1009,12 @@ pub struct EndpointConfig {
     /// Relative weight for `round_robin`/`random`/`ring_hash`. Default 1.
     #[serde(default = "defaults::weight")]
     pub weight: u32,
+    /// The zone (failure domain) the endpoint runs in; absent = unknown.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Free-form metadata, shown in `/clusters`.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// Load-balancing policy.
@@ -939,6 +1102,48 @@ mod defaults {
     }
     pub fn admin_address() -> Spanned<String> {
         unspanned(admin_address_str())
+    }
+    pub fn ac_sample_window() -> Dur {
+        Dur::millis(100)
+    }
+    pub fn ac_min_rtt_interval() -> Dur {
+        Dur::secs(60)
+    }
+    pub fn ac_min_rtt_samples() -> u32 {
+        50
+    }
+    pub fn ac_buffer() -> Percent {
+        Percent(25.0)
+    }
+    pub fn ac_min_concurrency() -> u32 {
+        3
+    }
+    pub fn ac_initial_concurrency() -> u32 {
+        100
+    }
+    pub fn ac_max_concurrency() -> u32 {
+        1000
+    }
+    pub fn zone_min_cluster_size() -> u32 {
+        6
+    }
+    pub fn hundred_percent() -> Percent {
+        Percent(100.0)
+    }
+    pub fn mirror_max_body() -> ByteSize {
+        ByteSize(64 * 1024)
+    }
+    pub fn mirror_timeout() -> Dur {
+        Dur::secs(5)
+    }
+    pub fn dns_refresh_rate() -> Dur {
+        Dur::secs(5)
+    }
+    pub fn dns_timeout() -> Dur {
+        Dur::secs(2)
+    }
+    pub fn watch_interval() -> Dur {
+        Dur::secs(1)
     }
     pub fn drain_timeout() -> Dur {
         Dur::secs(30)
@@ -1370,6 +1575,26 @@ clusters:
                 fields::<EndpointConfig>(),
             ),
             (
+                "`routes[].virtual_hosts[].routes[].mirror`",
+                at(&["routes.virtual_hosts.routes.mirror"]),
+                fields::<Mirror>(),
+            ),
+            (
+                "`clusters[].adaptive_concurrency`",
+                at(&["clusters.adaptive_concurrency"]),
+                fields::<AdaptiveConcurrency>(),
+            ),
+            (
+                "`clusters[].zone_aware`",
+                at(&["clusters.zone_aware"]),
+                fields::<ZoneAware>(),
+            ),
+            (
+                "`clusters[].discovery`",
+                at(&["clusters.discovery"]),
+                fields::<Discovery>(),
+            ),
+            (
                 "`clusters[].hash_on`",
                 at(&["clusters.hash_on"]),
                 fields::<HashOn>(),
@@ -1432,6 +1657,8 @@ clusters:
             variants::<LbPolicy>(),
             variants::<UpstreamProtocol>(),
             variants::<FailPolicy>(),
+            variants::<DiscoveryType>(),
+            variants::<DnsLookup>(),
         ]
         .concat()
     }

@@ -606,6 +606,26 @@ fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
             );
         }
     }
+    if let Some(m) = &r.mirror {
+        clusters.check(e, &m.cluster);
+        if r.cluster.is_none() && r.weighted_clusters.is_none() {
+            e.at(
+                loc,
+                "`mirror` only applies to routes that forward to a cluster",
+                "remove `mirror`, or route to a cluster",
+            )
+            .key("mirror");
+        }
+        if m.timeout.get().is_zero() {
+            e.at(
+                loc,
+                "`mirror.timeout` is 0",
+                "use a positive duration such as `5s`",
+            )
+            .key("mirror")
+            .key("timeout");
+        }
+    }
     if let Some(rd) = &r.redirect {
         validate_redirect(e, loc, rd, &r.matcher);
     }
@@ -942,6 +962,72 @@ fn validate_retry(e: &mut Issues, loc: &Location, rp: &RetryPolicy) {
     }
 }
 
+fn validate_discovery(e: &mut Issues, loc: &Location, c: &Cluster) {
+    let d = &c.discovery;
+    match (d.kind, &d.path) {
+        (DiscoveryType::File, None) => {
+            e.at(
+                loc,
+                format!(
+                    "cluster `{}` has `discovery.type: file` without a `path`",
+                    c.name
+                ),
+                "add `path: endpoints.yaml` (relative to this config file)",
+            )
+            .key("discovery");
+        }
+        (DiscoveryType::Static | DiscoveryType::Dns, Some(_)) => {
+            e.at(
+                loc,
+                format!(
+                    "cluster `{}` has `discovery.path` but its discovery type is not `file`",
+                    c.name
+                ),
+                "set `type: file`, or remove `path`",
+            )
+            .key("discovery")
+            .key("path");
+        }
+        _ => {}
+    }
+    if d.kind != DiscoveryType::Dns && !d.dns_resolvers.is_empty() {
+        e.at(
+            loc,
+            format!(
+                "cluster `{}` has `discovery.dns_resolvers` but its discovery type is not `dns`",
+                c.name
+            ),
+            "set `type: dns`, or remove `dns_resolvers`",
+        )
+        .key("discovery")
+        .key("dns_resolvers");
+    }
+    for r in &d.dns_resolvers {
+        if crate::cluster::dns::parse_server(&r.value).is_none() {
+            e.at(
+                &r.referenced,
+                format!("DNS resolver `{}` is not an IP address", r.value),
+                "write it like `10.0.0.2`, `10.0.0.2:53` or `[2001:db8::53]:53`",
+            );
+        }
+    }
+    for (what, d) in [
+        ("dns_refresh_rate", d.dns_refresh_rate),
+        ("dns_timeout", d.dns_timeout),
+        ("watch_interval", d.watch_interval),
+    ] {
+        if d.get().is_zero() {
+            e.at(
+                loc,
+                format!("cluster `{}`: `discovery.{what}` is 0", c.name),
+                "use a positive duration such as `1s`",
+            )
+            .key("discovery")
+            .key(what);
+        }
+    }
+}
+
 fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
     let loc = &c.referenced;
     let c = &c.value;
@@ -954,6 +1040,29 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
                     c.name
                 ),
                 "remove the endpoints: each connection's original destination is its endpoint",
+            )
+            .key("endpoints");
+        }
+        if c.discovery.kind != DiscoveryType::Static {
+            e.at(
+                loc,
+                format!(
+                    "cluster `{}` is `original_dst` and also has `discovery`",
+                    c.name
+                ),
+                "remove `discovery`: each connection's original destination is its endpoint",
+            )
+            .key("discovery");
+        }
+    } else if c.discovery.kind == DiscoveryType::File {
+        if !c.endpoints.is_empty() {
+            e.at(
+                loc,
+                format!(
+                    "cluster `{}` takes its endpoints from a file and also lists endpoints",
+                    c.name
+                ),
+                "move the endpoints into the `discovery.path` file, or drop `discovery`",
             )
             .key("endpoints");
         }
@@ -987,6 +1096,7 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
             .key("weight");
         }
     }
+    validate_discovery(e, loc, c);
     match (c.lb_policy, &c.hash_on) {
         (LbPolicy::RingHash, None) => {
             e.at(

@@ -1,0 +1,480 @@
+//! Service discovery: where a cluster's endpoints come from, and how a changed set
+//! reaches the workers without dropping anything in flight.
+//!
+//! - `static`: the config's `endpoints`, host names resolved once at load.
+//! - `dns`: the config's `endpoints` host names, resolved with [`dns::Resolver`]
+//!   every `dns_refresh_rate` (or when the TTL runs out). `strict`: every address is
+//!   an endpoint; `logical`: the first one (IPv4 preferred) is.
+//! - `file`: an endpoint file (YAML or JSON: `endpoints: [{address, weight, zone,
+//!   metadata}]`), re-read every `watch_interval` and applied when its content changes.
+//!
+//! **Generations.** A [`Cluster`] never changes its endpoint list. Discovery builds
+//! the next generation with [`Cluster::with_endpoints`] — same counters and breakers,
+//! and the *same `Arc<Endpoint>`* for every endpoint that is still there, so its
+//! health flags, outlier state and counters carry over — and swaps it into the
+//! [`ClusterEntry`]. Each request picks from the generation current when its attempt
+//! starts and keeps it (indices stay valid); each worker's balancer is keyed by
+//! generation, so the next pick after a swap uses the new set. Connection pools are
+//! keyed by address, so a surviving endpoint keeps its pooled connections.
+//!
+//! **Health has primacy.** An endpoint that fails health checks (or is ejected) gets
+//! no traffic even while discovery lists it (its flags carry over). An endpoint that
+//! discovery drops stays in the set while the cluster has active health checks and
+//! it passes them; the refresh after it fails them removes it
+//! (`membership_kept_by_health` counts such endpoints). Without health checks a
+//! dropped endpoint goes at once. A changed weight, zone or metadata makes a new
+//! endpoint (fresh counters and outlier state) that inherits only the "failed active
+//! health check" flag.
+//!
+//! **Failures keep the old set.** A failed resolution, an unreadable file or a file
+//! with an error (reported with `file:line`) changes nothing and counts
+//! `discovery_update_failure`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::dns::{self, Resolver};
+use super::health::FAILED_ACTIVE_HC;
+use super::{Cluster, Endpoint};
+use crate::config::{self, DiscoveryType, DnsLookup, Spanned};
+use crate::server::ClusterEntry;
+
+/// An endpoint as discovery found it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    /// Where connections go.
+    pub address: SocketAddr,
+    /// The host part as written (SNI / certificate name).
+    pub host: String,
+    /// `host:port` as written (Host header, ring-hash identity).
+    pub authority: String,
+    /// Weight, at least 1.
+    pub weight: u32,
+    /// Zone.
+    pub zone: Option<String>,
+    /// Metadata.
+    pub metadata: Option<Value>,
+}
+
+impl Spec {
+    fn same_endpoint(&self, ep: &Endpoint) -> bool {
+        self.address == ep.address && self.authority == ep.authority
+    }
+
+    fn same_attributes(&self, ep: &Endpoint) -> bool {
+        self.weight == ep.weight && self.zone == ep.zone && self.metadata == ep.metadata
+    }
+
+    fn endpoint(&self) -> Arc<Endpoint> {
+        Endpoint::new(
+            self.address,
+            self.host.clone(),
+            self.authority.clone(),
+            self.weight,
+            self.zone.clone(),
+            self.metadata.clone(),
+        )
+    }
+}
+
+/// The endpoint file's shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointFile {
+    endpoints: Vec<Spanned<FileEndpoint>>,
+}
+
+/// One endpoint of the file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEndpoint {
+    address: String,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    zone: Option<String>,
+    #[serde(default)]
+    metadata: Option<Value>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Parses an endpoint file's text; errors name `path:line`.
+pub fn parse_file(path: &Path, text: &str) -> anyhow::Result<Vec<Spec>> {
+    let shown = path.display();
+    let file: EndpointFile = serde_saphyr::from_str(text).map_err(|e| anyhow!("{shown}: {e}"))?;
+    let mut specs: Vec<Spec> = Vec::with_capacity(file.endpoints.len());
+    for ep in file.endpoints {
+        let line = ep.referenced.line();
+        let ep = ep.value;
+        let address: SocketAddr = ep.address.parse().map_err(|_| {
+            anyhow!(
+                "{shown}:{line}: endpoint address `{}` is not `ip:port` (write it like \
+                 `10.0.0.5:8080` or `[2001:db8::5]:8080`; the file takes no host names)",
+                ep.address
+            )
+        })?;
+        if ep.weight == 0 {
+            bail!(
+                "{shown}:{line}: endpoint `{}` has weight 0 (weights are at least 1; remove \
+                 the endpoint to send it nothing)",
+                ep.address
+            );
+        }
+        if specs.iter().any(|s| s.address == address) {
+            bail!("{shown}:{line}: endpoint `{}` is listed twice", ep.address);
+        }
+        specs.push(Spec {
+            address,
+            host: address.ip().to_string(),
+            authority: ep.address,
+            weight: ep.weight,
+            zone: ep.zone,
+            metadata: ep.metadata,
+        });
+    }
+    Ok(specs)
+}
+
+/// Reads and parses an endpoint file.
+pub fn read_file(path: &Path) -> anyhow::Result<Vec<Spec>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow!("cannot read endpoint file {}: {e}", path.display()))?;
+    parse_file(path, &text)
+}
+
+/// The first generation of a cluster: `static` resolves its host names now, `file`
+/// reads its file now (an error fails the config load), `dns` starts empty and is
+/// filled by the first resolution, which [`run`] makes at once.
+pub(super) fn initial_endpoints(cfg: &config::Cluster) -> anyhow::Result<Vec<Arc<Endpoint>>> {
+    match (&cfg.discovery.kind, &cfg.discovery.path) {
+        (DiscoveryType::File, Some(path)) => {
+            Ok(read_file(path)?.iter().map(Spec::endpoint).collect())
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// The endpoint list of the next generation of `current` given what discovery found:
+/// surviving endpoints keep their `Arc`, dropped ones stay while they pass health
+/// checks (see the module doc). Also returns how many were kept that way.
+pub fn merge(current: &Cluster, found: &[Spec]) -> (Vec<Arc<Endpoint>>, usize) {
+    let mut next: Vec<Arc<Endpoint>> = Vec::with_capacity(found.len());
+    for spec in found {
+        let old = current.endpoints.iter().find(|e| spec.same_endpoint(e));
+        next.push(match old {
+            Some(ep) if spec.same_attributes(ep) => ep.clone(),
+            Some(ep) => {
+                let fresh = spec.endpoint();
+                if ep.health.flags() & FAILED_ACTIVE_HC != 0 {
+                    fresh.health.set_raw(FAILED_ACTIVE_HC);
+                }
+                fresh
+            }
+            None => spec.endpoint(),
+        });
+    }
+    let checked = current.config.health_check.is_some();
+    let mut kept = 0;
+    for ep in &current.endpoints {
+        let listed = found.iter().any(|s| s.same_endpoint(ep));
+        if !listed && checked && ep.health.flags() & FAILED_ACTIVE_HC == 0 {
+            next.push(ep.clone());
+            kept += 1;
+        }
+    }
+    (next, kept)
+}
+
+/// Applies what discovery found to `entry`: swaps in a new generation if the set
+/// changed (and starts health checks of new endpoints), counts the outcome.
+fn apply(entry: &Arc<ClusterEntry>, found: &[Spec], counted: bool) {
+    let current = entry.cluster();
+    let stats = &current.stats;
+    let (next, kept) = merge(&current, found);
+    stats.membership_kept_by_health.store(kept as u64, Relaxed);
+    let same = next.len() == current.endpoints.len()
+        && next
+            .iter()
+            .zip(&current.endpoints)
+            .all(|(a, b)| Arc::ptr_eq(a, b));
+    if same {
+        if counted {
+            stats.discovery_update_no_rebuild.fetch_add(1, Relaxed);
+        }
+        return;
+    }
+    let fresh: Vec<Arc<Endpoint>> = next
+        .iter()
+        .filter(|e| current.index_of(e).is_none())
+        .cloned()
+        .collect();
+    match current.with_endpoints(next) {
+        Ok(cluster) => {
+            tracing::info!(
+                cluster = %cluster.name,
+                endpoints = cluster.endpoints.len(),
+                kept_by_health = kept,
+                "discovery: endpoint set changed"
+            );
+            entry.replace(cluster);
+            stats.discovery_update_success.fetch_add(1, Relaxed);
+            for ep in &fresh {
+                super::health::start_checks(entry, ep);
+            }
+        }
+        Err(e) => {
+            stats.discovery_update_failure.fetch_add(1, Relaxed);
+            tracing::warn!(cluster = %current.name, "discovery: {e:#}");
+        }
+    }
+}
+
+/// Runs a `dns` or `file` cluster's discovery for as long as the health thread runs.
+pub(super) async fn run(entry: Arc<ClusterEntry>) {
+    let cfg = entry.cluster().config.clone();
+    match cfg.discovery.kind {
+        DiscoveryType::Static => {}
+        DiscoveryType::Dns => run_dns(entry, &cfg).await,
+        DiscoveryType::File => run_file(entry, &cfg).await,
+    }
+}
+
+async fn run_dns(entry: Arc<ClusterEntry>, cfg: &config::Cluster) {
+    let d = &cfg.discovery;
+    let servers = d
+        .dns_resolvers
+        .iter()
+        .filter_map(|r| dns::parse_server(&r.value))
+        .collect();
+    let resolver = Resolver::new(servers, d.dns_timeout.get());
+    loop {
+        let stats = entry.cluster().stats.clone();
+        stats.discovery_update_attempt.fetch_add(1, Relaxed);
+        let mut wait = d.dns_refresh_rate.get();
+        match resolve_all(&resolver, cfg).await {
+            Ok((found, ttl)) => {
+                if d.dns_respect_ttl {
+                    wait = Duration::from_secs(u64::from(ttl.max(1)));
+                }
+                apply(&entry, &found, true);
+            }
+            Err(e) => {
+                stats.discovery_update_failure.fetch_add(1, Relaxed);
+                tracing::warn!(cluster = %cfg.name, "dns discovery: {e:#}; keeping the endpoints as they were");
+            }
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Resolves every configured endpoint; the endpoints and the smallest TTL.
+async fn resolve_all(
+    resolver: &Resolver,
+    cfg: &config::Cluster,
+) -> anyhow::Result<(Vec<Spec>, u32)> {
+    let mut found = Vec::new();
+    let mut ttl = u32::MAX;
+    for ep in &cfg.endpoints {
+        let ep = &ep.value;
+        let (host, port) = config::split_host_port(&ep.address).map_err(|why| anyhow!("{why}"))?;
+        let answer = resolver.resolve(&host).await?;
+        ttl = ttl.min(answer.ttl);
+        let addrs: Vec<IpAddr> = match cfg.discovery.dns_lookup {
+            DnsLookup::Strict => answer.addrs,
+            DnsLookup::Logical => answer
+                .addrs
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or_else(|| answer.addrs.first())
+                .copied()
+                .into_iter()
+                .collect(),
+        };
+        for ip in addrs {
+            let address = SocketAddr::new(ip, port);
+            if found
+                .iter()
+                .any(|s: &Spec| s.address == address && s.authority == ep.address)
+            {
+                continue;
+            }
+            found.push(Spec {
+                address,
+                host: host.clone(),
+                authority: ep.address.clone(),
+                weight: ep.weight.max(1),
+                zone: ep.zone.clone(),
+                metadata: ep.metadata.clone(),
+            });
+        }
+    }
+    Ok((found, ttl))
+}
+
+async fn run_file(entry: Arc<ClusterEntry>, cfg: &config::Cluster) {
+    let Some(path) = &cfg.discovery.path else {
+        return;
+    };
+    // The content last looked at (applied or rejected), and what it gave.
+    let mut last: Option<Vec<u8>> = None;
+    let mut last_found: Vec<Spec> = Vec::new();
+    let mut last_read_error: Option<String> = None;
+    let mut tick = tokio::time::interval(cfg.discovery.watch_interval.get());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let stats = entry.cluster().stats.clone();
+        let bytes = match tokio::fs::read(path).await {
+            Ok(b) => {
+                last_read_error = None;
+                b
+            }
+            Err(e) => {
+                let msg = format!("cannot read endpoint file {}: {e}", path.display());
+                // Counted and logged once per distinct error, not every tick.
+                if last_read_error.as_deref() != Some(msg.as_str()) {
+                    stats.discovery_update_attempt.fetch_add(1, Relaxed);
+                    stats.discovery_update_failure.fetch_add(1, Relaxed);
+                    tracing::warn!(cluster = %cfg.name, "file discovery: {msg}; keeping the endpoints as they were");
+                    last_read_error = Some(msg);
+                }
+                continue;
+            }
+        };
+        if last.as_deref() == Some(bytes.as_slice()) {
+            // Same content: only endpoints kept by health may need dropping.
+            if stats.membership_kept_by_health.load(Relaxed) > 0 {
+                apply(&entry, &last_found, false);
+            }
+            continue;
+        }
+        let first = last.is_none();
+        last = Some(bytes.clone());
+        let text = String::from_utf8_lossy(&bytes);
+        match parse_file(path, &text) {
+            Ok(found) => {
+                // The first read repeats the one made at load: not an update.
+                if !first {
+                    stats.discovery_update_attempt.fetch_add(1, Relaxed);
+                }
+                apply(&entry, &found, !first);
+                last_found = found;
+            }
+            Err(e) => {
+                stats.discovery_update_attempt.fetch_add(1, Relaxed);
+                stats.discovery_update_failure.fetch_add(1, Relaxed);
+                tracing::warn!(cluster = %cfg.name, "file discovery: {e:#}; keeping the endpoints as they were");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+    use crate::cluster::tests::cluster;
+
+    fn spec(addr: &str, weight: u32) -> Spec {
+        Spec {
+            address: addr.parse().unwrap(),
+            host: "h".into(),
+            authority: addr.into(),
+            weight,
+            zone: None,
+            metadata: None,
+        }
+    }
+
+    #[test]
+    fn file_errors_name_the_line() {
+        let p = Path::new("eps.yaml");
+        let ok = parse_file(
+            p,
+            "endpoints:\n  - address: 10.0.0.1:80\n    weight: 3\n    zone: a\n    metadata: {canary: true}\n  - { address: \"[::1]:81\" }\n",
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok[0].weight, 3);
+        assert_eq!(ok[0].zone.as_deref(), Some("a"));
+        assert_eq!(ok[1].host, "::1");
+        let json = parse_file(
+            p,
+            r#"{"endpoints": [{"address": "10.0.0.2:80", "weight": 2}]}"#,
+        )
+        .unwrap();
+        assert_eq!(json[0].weight, 2);
+
+        let e = parse_file(
+            p,
+            "endpoints:\n  - address: 10.0.0.1:80\n  - address: db.internal:80\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("eps.yaml:3: endpoint address `db.internal:80`"),
+            "{e}"
+        );
+        let e = parse_file(p, "endpoints:\n  - address: 10.0.0.1:80\n    weight: 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("eps.yaml:2:"), "{e}");
+        let e = parse_file(
+            p,
+            "endpoints:\n  - address: 10.0.0.1:80\n  - address: 10.0.0.1:80\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("listed twice"), "{e}");
+        let e = parse_file(p, "endpoints:\n  - address: 10.0.0.1:80\n    wieght: 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("eps.yaml: ") && e.contains("wieght"), "{e}");
+    }
+
+    #[test]
+    fn merge_keeps_state_and_respects_health() {
+        let c = cluster(
+            "name: c\nendpoints: [{ address: \"10.0.0.1:80\" }, { address: \"10.0.0.2:80\" }]",
+        );
+        // Same set: the same Arcs.
+        let (next, kept) = merge(&c, &[spec("10.0.0.1:80", 1), spec("10.0.0.2:80", 1)]);
+        assert!(Arc::ptr_eq(&next[0], &c.endpoints[0]) && Arc::ptr_eq(&next[1], &c.endpoints[1]));
+        assert_eq!(kept, 0);
+        // Without health checks a dropped endpoint goes; a reweighted one is new but
+        // keeps a failed health check.
+        c.set_flag(0, FAILED_ACTIVE_HC, true);
+        let (next, kept) = merge(&c, &[spec("10.0.0.1:80", 5), spec("10.0.0.3:80", 1)]);
+        assert_eq!(kept, 0);
+        assert_eq!(next.len(), 2);
+        assert!(!Arc::ptr_eq(&next[0], &c.endpoints[0]));
+        assert_eq!(next[0].weight, 5);
+        assert_eq!(next[0].health.flags(), FAILED_ACTIVE_HC);
+        assert_eq!(next[1].address.to_string(), "10.0.0.3:80");
+
+        // With health checks a dropped endpoint that passes them stays; one that
+        // fails them goes.
+        let c = cluster("name: c\nhealth_check: { tcp: {} }\nendpoints: [{ address: \"10.0.0.1:80\" }, { address: \"10.0.0.2:80\" }]");
+        c.set_flag(1, FAILED_ACTIVE_HC, true);
+        let (next, kept) = merge(&c, &[spec("10.0.0.3:80", 1)]);
+        assert_eq!(kept, 1);
+        let addrs: Vec<String> = next.iter().map(|e| e.address.to_string()).collect();
+        assert_eq!(addrs, ["10.0.0.3:80", "10.0.0.1:80"]);
+        assert!(Arc::ptr_eq(&next[1], &c.endpoints[0]));
+
+        let next = c.with_endpoints(next).unwrap();
+        assert!(Arc::ptr_eq(&next.stats, &c.stats));
+        assert_eq!(next.stats.membership_total.load(Relaxed), 2);
+        assert_eq!(next.stats.membership_healthy.load(Relaxed), 2);
+    }
+}

@@ -1,0 +1,142 @@
+//! Request mirroring (shadowing): a route's `mirror` sends a copy of a share of its
+//! requests to another cluster, fire and forget.
+//!
+//! The copy is a separate task on the worker: the primary request never waits for
+//! it, and its outcome (an error, a timeout, a slow answer) never reaches the client.
+//! The copy carries the primary's method, path and headers (after the route's header
+//! operations), with the Host/`:authority` suffixed `-shadow` (`api.example:8080` →
+//! `api.example-shadow:8080`), so the shadow service can tell copies apart. Only a
+//! request whose body is known in full (read before the primary is sent, at most
+//! `max_body` bytes, no trailers) is mirrored; the proxy reads such a body before
+//! forwarding when the route mirrors. The shadow's answer is read and discarded.
+//!
+//! Counters, on the shadow cluster: `mirror_requests`, `mirror_failures` (plus its
+//! ordinary upstream counters).
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Uri};
+use http_body_util::BodyExt;
+use rand::Rng;
+
+use crate::body;
+use crate::config::Mirror;
+use crate::server::Snapshot;
+use crate::upstream::Target;
+use crate::worker::Worker;
+
+/// Whether this request is to be mirrored under `m` (the `percent` draw).
+pub fn chosen(m: &Mirror) -> bool {
+    m.percent.0 >= 100.0 || rand::rng().random::<f64>() * 100.0 < m.percent.0
+}
+
+/// `authority` with `-shadow` appended to its host part.
+pub fn shadow_authority(authority: &str) -> String {
+    // A port follows the last `:` outside IPv6 brackets.
+    let port_at = authority
+        .rfind(':')
+        .filter(|&i| !authority[i..].contains(']'));
+    match port_at {
+        Some(i) => format!("{}-shadow{}", &authority[..i], &authority[i..]),
+        None => format!("{authority}-shadow"),
+    }
+}
+
+/// What the copy is made of.
+pub struct Copy {
+    /// Method.
+    pub method: Method,
+    /// Origin-form path and query.
+    pub path: String,
+    /// Request headers as sent to the primary (Host excluded).
+    pub headers: HeaderMap,
+    /// The Host/`:authority` the primary gets.
+    pub authority: String,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+/// Starts the copy of a request on this worker and returns at once.
+pub fn send(worker: &Rc<Worker>, snapshot: &Snapshot, m: &Mirror, copy: Copy) {
+    let Some(entry) = snapshot.clusters.get(&m.cluster.value).cloned() else {
+        return;
+    };
+    let worker = worker.clone();
+    let timeout = m.timeout.get();
+    tokio::task::spawn_local(async move {
+        let cluster = entry.cluster();
+        cluster.stats.mirror_requests.fetch_add(1, Relaxed);
+        // A timeout is a failure.
+        let ok = tokio::time::timeout(timeout, shadow(&worker, &entry, copy))
+            .await
+            .unwrap_or(false);
+        if !ok {
+            cluster.stats.mirror_failures.fetch_add(1, Relaxed);
+        }
+    });
+}
+
+/// Sends the copy; whether it got a non-5xx answer.
+async fn shadow(worker: &Worker, entry: &Arc<crate::server::ClusterEntry>, copy: Copy) -> bool {
+    let cluster = entry.cluster();
+    let Some(i) = worker.balancer(&cluster).pick(None, &[]) else {
+        return false;
+    };
+    let Some(ep) = cluster.endpoints.get(i).cloned() else {
+        return false;
+    };
+    let Ok(active) = cluster.try_start_request(Some(i)) else {
+        return false;
+    };
+    let (Ok(uri), Ok(host)) = (
+        copy.path.parse::<Uri>(),
+        HeaderValue::from_str(&shadow_authority(&copy.authority)),
+    ) else {
+        return false;
+    };
+    let mut req = Request::new(body::full(copy.body));
+    *req.method_mut() = copy.method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = copy.headers;
+    req.headers_mut().insert(header::HOST, host);
+    let target = Target {
+        addr: ep.address,
+        host: &ep.host,
+        cluster: &cluster,
+        endpoint: Some(i),
+    };
+    match worker.pool.send(&entry.upstream, target, req).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            active.record_status(status);
+            // Read the answer so the connection can be reused.
+            let _ = resp.into_body().collect().await;
+            status < 500
+        }
+        Err(e) => {
+            tracing::debug!(cluster = %cluster.name, "mirror: {}", e.detail);
+            active.record_failure();
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_host() {
+        assert_eq!(shadow_authority("api.example"), "api.example-shadow");
+        assert_eq!(
+            shadow_authority("api.example:8080"),
+            "api.example-shadow:8080"
+        );
+        assert_eq!(shadow_authority("[::1]:80"), "[::1]-shadow:80");
+        assert_eq!(shadow_authority("[::1]"), "[::1]-shadow");
+    }
+}

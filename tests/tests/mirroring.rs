@@ -1,0 +1,207 @@
+//! Request mirroring with real upstreams: the shadow cluster gets a copy with the
+//! `-shadow` host, and a shadow that hangs or fails changes nothing for the client.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use legate_tests::*;
+use tokio::sync::Notify;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn stat(name: &str, cluster: &str) -> String {
+    format!("legate_cluster_{name}{{cluster=\"{cluster}\"}}")
+}
+
+/// What the shadow saw: (host, path, body) of each request.
+type Seen = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+
+/// A shadow upstream that records each request, then waits for `release` (if given)
+/// and answers `status`.
+async fn shadow(seen: &Seen, release: Option<Arc<Notify>>, status: u16) -> UpstreamHandle {
+    let seen = seen.clone();
+    upstream()
+        .name("shadow")
+        .handler(move |req: Request<Incoming>| {
+            let seen = seen.clone();
+            let release = release.clone();
+            async move {
+                let host = req
+                    .headers()
+                    .get("host")
+                    .map(|h| h.to_str().unwrap().to_string())
+                    .unwrap_or_default();
+                let path = req.uri().path().to_string();
+                let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+                seen.lock().unwrap().push((host, path, body));
+                if let Some(r) = release {
+                    r.notified().await;
+                }
+                let mut resp = Response::new(Full::new(Bytes::from_static(b"shadow\n")));
+                *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+                resp
+            }
+        })
+        .start()
+        .await
+}
+
+fn config(primary: SocketAddr, shadow: SocketAddr, mirror: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http: {{ routes: main }}
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: primary
+            mirror: {mirror}
+clusters:
+  - name: primary
+    endpoints: [{{ address: \"{primary}\" }}]
+  - name: shadow
+    endpoints: [{{ address: \"{shadow}\" }}]
+"
+    )
+}
+
+each_proto!(
+    async fn the_shadow_gets_a_copy_with_the_shadow_host(proto) {
+        let p = upstream().name("primary").start().await;
+        let seen = Seen::default();
+        let s = shadow(&seen, None, 200).await;
+        let lg = legate()
+            .config(&config(p.addr, s.addr, "{ cluster: shadow }"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .post("/orders?id=7")
+            .host("shop.example:8080")
+            .body("hello mirror")
+            .send()
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-upstream"), Some("primary"));
+        assert_eq!(r.echo().body, "hello mirror");
+        eventually(WAIT, "the shadow to see the copy", || async {
+            (!seen.lock().unwrap().is_empty()).then_some(())
+        })
+        .await;
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            [(
+                "shop.example-shadow:8080".to_string(),
+                "/orders".to_string(),
+                b"hello mirror".to_vec()
+            )]
+        );
+        lg.assert_stat(&stat("mirror_requests", "shadow"), 1.0).await;
+        eventually(WAIT, "the copy's answer to be counted", || async {
+            (lg.stat(&stat("upstream_rq_2xx", "shadow")).await == Some(1.0)).then_some(())
+        })
+        .await;
+        lg.assert_stat(&stat("mirror_failures", "shadow"), 0.0).await;
+        lg.assert_stat(&stat("upstream_rq_total", "primary"), 1.0).await;
+    }
+);
+
+each_proto!(
+    async fn a_hanging_or_failing_shadow_does_not_affect_the_primary(proto) {
+        let p = upstream().name("primary").start().await;
+        let seen = Seen::default();
+        let release = Arc::new(Notify::new());
+        let hanging = shadow(&seen, Some(release.clone()), 200).await;
+        let lg = legate()
+            .config(&config(p.addr, hanging.addr, "{ cluster: shadow, timeout: 10s }"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        // The shadow holds every copy until released, after the primaries are
+        // answered: were the primary waiting for the copy, this would never finish.
+        for i in 0..3 {
+            let r = c.post("/x").body(format!("body {i}")).send().await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.echo().body, format!("body {i}"));
+        }
+        eventually(WAIT, "three copies", || async {
+            (seen.lock().unwrap().len() == 3).then_some(())
+        })
+        .await;
+        release.notify_waiters();
+
+        // A shadow answering 500: the primary's answers are unchanged, the failures
+        // are counted on the shadow cluster.
+        let failing_seen = Seen::default();
+        let failing = shadow(&failing_seen, None, 500).await;
+        let lg2 = legate()
+            .config(&config(p.addr, failing.addr, "{ cluster: shadow }"))
+            .start();
+        let mut c2 = client(proto, lg2.addr("web")).await;
+        for _ in 0..3 {
+            let r = c2.get("/y").send().await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.header("x-upstream"), Some("primary"));
+        }
+        eventually(WAIT, "three failed copies", || async {
+            (lg2.stat(&stat("mirror_failures", "shadow")).await == Some(3.0)).then_some(())
+        })
+        .await;
+
+        // A shadow that is down: same.
+        let lg3 = legate()
+            .config(&config(p.addr, closed_port_addr(), "{ cluster: shadow }"))
+            .start();
+        let mut c3 = client(proto, lg3.addr("web")).await;
+        let r = c3.get("/z").send().await;
+        assert_eq!((r.status.as_u16(), r.header("x-upstream")), (200, Some("primary")));
+        eventually(WAIT, "the failed copy", || async {
+            (lg3.stat(&stat("mirror_failures", "shadow")).await == Some(1.0)).then_some(())
+        })
+        .await;
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_cap_and_zero_percent_are_not_mirrored() {
+    let p = upstream().name("primary").start().await;
+    let seen = Seen::default();
+    let s = shadow(&seen, None, 200).await;
+    let lg = legate()
+        .config(&config(p.addr, s.addr, "{ cluster: shadow, max_body: 16 }"))
+        .start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let big = "x".repeat(17);
+    let r = c.post("/big").body(big.clone()).send().await;
+    assert_eq!(r.echo().body, big);
+    let r = c.post("/small").body("sixteen bytes!!!").send().await;
+    assert_eq!(r.status, 200);
+    eventually(WAIT, "the small copy", || async {
+        (!seen.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    let paths: Vec<String> = seen.lock().unwrap().iter().map(|s| s.1.clone()).collect();
+    assert_eq!(paths, ["/small"]);
+    lg.assert_stat(&stat("mirror_requests", "shadow"), 1.0)
+        .await;
+
+    let lg0 = legate()
+        .config(&config(p.addr, s.addr, "{ cluster: shadow, percent: 0% }"))
+        .start();
+    let mut c0 = client(Proto::H1, lg0.addr("web")).await;
+    for _ in 0..5 {
+        assert_eq!(c0.get("/never").send().await.status, 200);
+    }
+    lg0.assert_stat(&stat("mirror_requests", "shadow"), 0.0)
+        .await;
+}

@@ -1,0 +1,104 @@
+//! Zone-aware routing with real upstreams: the local zone takes the traffic while it
+//! is whole, and spills to the other zone when part of it fails health checks.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use legate_tests::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn stat(name: &str) -> String {
+    format!("legate_cluster_{name}{{cluster=\"backend\"}}")
+}
+
+async fn spread(c: &mut Client, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 200);
+        *seen
+            .entry(r.header("x-upstream").unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    seen
+}
+
+/// An upstream whose `/healthz` answers 200 while `ok`, 503 after.
+async fn checked(name: &str, ok: &Arc<AtomicBool>) -> UpstreamHandle {
+    let ok = ok.clone();
+    upstream()
+        .name(name)
+        .route("/healthz", move |_req| {
+            let ok = ok.load(Ordering::SeqCst);
+            async move {
+                let mut r = Response::new(Full::new(Bytes::from_static(b"hc\n")));
+                if !ok {
+                    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                }
+                r
+            }
+        })
+        .start()
+        .await
+}
+
+each_proto!(
+    async fn local_zone_first_then_spill(proto) {
+        let b_ok = Arc::new(AtomicBool::new(true));
+        let always = Arc::new(AtomicBool::new(true));
+        let a = checked("a", &always).await;
+        let b = checked("b", &b_ok).await;
+        let c = checked("c", &always).await;
+        let cfg = format!(
+            "version: 1
+local_zone: z1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http: {{ routes: main }}
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    zone_aware: {{ min_cluster_size: 3 }}
+    health_check: {{ http: {{ path: /healthz }}, interval: 30ms }}
+    panic_threshold: 0%
+    endpoints:
+      - {{ address: \"{}\", zone: z1 }}
+      - {{ address: \"{}\", zone: z1 }}
+      - {{ address: \"{}\", zone: z2 }}
+",
+            a.addr, b.addr, c.addr
+        );
+        let lg = legate().config(&cfg).start();
+        let mut cl = client(proto, lg.addr("web")).await;
+        let local = spread(&mut cl, 20).await;
+        assert_eq!((local.get("a"), local.get("b"), local.get("c")), (Some(&10), Some(&10), None), "{local:?}");
+        lg.assert_stat_with(&stat("lb_zone_routing_all_directly"), |v| v >= 20.0, ">= 20")
+            .await;
+
+        // Half the local zone fails: about half the traffic spills to z2.
+        b_ok.store(false, Ordering::SeqCst);
+        eventually(WAIT, "b out", || async {
+            (lg.stat(&stat("membership_healthy")).await == Some(2.0)).then_some(())
+        })
+        .await;
+        let spilled = spread(&mut cl, 60).await;
+        assert_eq!(spilled.get("b"), None, "{spilled:?}");
+        assert!(spilled.contains_key("a") && spilled.contains_key("c"), "{spilled:?}");
+        lg.assert_stat_with(&stat("lb_zone_routing_sampled"), |v| v >= 1.0, ">= 1").await;
+        lg.assert_stat_with(&stat("lb_zone_routing_cross_zone"), |v| v >= 1.0, ">= 1").await;
+    }
+);
