@@ -21,6 +21,7 @@ pub mod io;
 pub mod listener;
 pub mod mirror;
 pub mod overrides;
+pub mod plugin_build;
 pub mod proxy;
 pub mod proxy_headers;
 pub mod router;

@@ -1,8 +1,6 @@
 //! The `legate` command: `legate run -c plugins.yaml`, `legate check -c plugins.yaml`,
 //! `legate plugin build PATH`.
 
-mod plugin_build;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -41,7 +39,7 @@ enum Command {
     /// Plugin tools: `legate plugin build PATH [--out FILE]`.
     Plugin {
         #[command(subcommand)]
-        command: plugin_build::PluginCommand,
+        command: legate_host::plugin_build::PluginCommand,
     },
 }
 
@@ -55,7 +53,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Plugin { command } => plugin_build::run(command),
+        Command::Plugin { command } => legate_host::plugin_build::run(command),
         Command::Check { config } => match config::load_file(&config) {
             Ok(cfg) => match legate_host::wasm::check_plugins(&cfg) {
                 Ok(()) => {

@@ -63,6 +63,16 @@ fn cargo() -> Command {
 
 /// Build the crate at `path`; returns where the component is (`out` if given).
 pub fn build(path: &Path, out: Option<&Path>) -> anyhow::Result<PathBuf> {
+    build_in(path, out, None)
+}
+
+/// As [`build`], with cargo's target directory set (tests use one of their own so
+/// the nested cargo never waits for the lock of the build running them).
+pub fn build_in(
+    path: &Path,
+    out: Option<&Path>,
+    target_dir: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
     let manifest = if path.is_dir() {
         path.join("Cargo.toml")
     } else {
@@ -87,6 +97,12 @@ pub fn build(path: &Path, out: Option<&Path>) -> anyhow::Result<PathBuf> {
         .arg("--manifest-path")
         .arg(&manifest)
         .args(["--message-format", "json-render-diagnostics"])
+        .args(
+            target_dir
+                .map(|d| ["--target-dir".as_ref(), d.as_os_str()])
+                .into_iter()
+                .flatten(),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (key, value) in PROFILE {

@@ -36,6 +36,7 @@
 pub mod certs;
 pub mod client;
 pub mod legate;
+pub mod plugins;
 pub mod stats;
 pub mod upstream;
 

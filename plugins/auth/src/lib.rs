@@ -183,7 +183,7 @@ impl HttpFilter for AuthFilter {
         for b in &s.basic {
             if b.users.max_bcrypt_cost > basic::BCRYPT_COST_WARN {
                 warn!(
-                    "auth: basic {:?} has bcrypt cost {}: a first check may exceed the plugin's call deadline (raise limits.call_deadline or use cost <= {})",
+                    "auth: basic {:?} has bcrypt cost {}: a first check may exceed the plugin's call deadline (raise limits.cpu or use cost <= {})",
                     b.name,
                     b.users.max_bcrypt_cost,
                     basic::BCRYPT_COST_WARN

@@ -19,7 +19,7 @@ pub const MAX_LIMITS: usize = 64;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The KV namespace holding the buckets (granted in the plugin's
-    /// `capabilities.kv_namespaces`); the host decides whether it is local
+    /// `capabilities.kv`); the host decides whether it is local
     /// memory or shared (Redis).
     #[serde(default = "default_namespace")]
     pub namespace: String,

@@ -80,7 +80,7 @@ impl HttpFilter for RateLimit {
         let kv = Namespace::open(&config.namespace).map_err(|e| {
             format!(
                 "invalid config: field `namespace`: cannot open KV namespace {:?}: {e} \
-                 (grant it in the plugin's capabilities.kv_namespaces and configure it on the host)",
+                 (grant it in the plugin's capabilities.kv and configure it on the host)",
                 config.namespace
             )
         })?;

@@ -151,7 +151,7 @@ fn an_ungranted_namespace_is_a_config_error() {
         .unwrap();
     assert!(e.contains("`namespace`"), "{e}");
     assert!(e.contains("\"ratelimit\""), "{e}");
-    assert!(e.contains("kv_namespaces"), "{e}");
+    assert!(e.contains("capabilities.kv"), "{e}");
 }
 
 #[test]
