@@ -1041,6 +1041,7 @@ mod defaults {
     }
     pub fn budget_min_concurrency() -> u32 {
         3
+    }
     pub fn plugin_cpu() -> Spanned<Dur> {
         unspanned(Dur::millis(5))
     }
