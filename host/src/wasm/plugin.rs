@@ -55,6 +55,8 @@ pub struct Settings {
     pub memory: usize,
     /// `fail: open`.
     pub fail_open: bool,
+    /// KV namespaces granted (`capabilities.kv`).
+    pub kv: Vec<String>,
 }
 
 /// Per-plugin counters on `/stats`.
@@ -260,7 +262,7 @@ impl WasmFilter {
                  `legate:filter/http-handler@0.1.x`: {e:#}"
             )
         })?;
-        let shared = Arc::new(PluginShared::new(name, stats.clone()));
+        let shared = Arc::new(PluginShared::new(name, stats.clone(), &settings.kv));
         let mut f = WasmFilter {
             id: NEXT_ID.fetch_add(1, Relaxed),
             shared,
