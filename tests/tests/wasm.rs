@@ -599,3 +599,51 @@ async fn kv_entries_expire() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticks_call_on_tick() {
+    let up = upstream().start().await;
+    let p = plugin(
+        "ticker",
+        "{ mode: kv, ns: ticks, tick: \"20\" }",
+        "    capabilities: { kv: [ticks] }\n",
+    );
+    let lg = legate().config(&simple(up.addr, &p, &["ticker"])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    // The instance (and its tick task) starts with the worker's first exchange;
+    // each tick increments KV key `ticks`.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = c.get("/ticks").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let n: u64 = r.echo().header("x-kv-count").unwrap().parse().unwrap();
+        if n >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "on-tick ran {n} times in 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    lg.assert_stat_with(&calls("ticker", "tick"), |v| v >= 3.0, ">= 3")
+        .await;
+    let failures = lg
+        .stat(r#"legate_plugin_failures_total{plugin="ticker"}"#)
+        .await;
+    assert_eq!(failures.unwrap_or(0.0), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tick_interval_below_minimum_is_refused() {
+    let up = upstream().start().await;
+    let p = plugin("fast", "{ mode: kv, tick: \"5\" }", "");
+    let err = match legate().config(&simple(up.addr, &p, &["fast"])).try_start() {
+        Ok(_) => panic!("a 5 ms tick interval was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("plugin `fast`: tick-interval-ms 5 is below the minimum of 10 ms"),
+        "{err}"
+    );
+}

@@ -13,7 +13,7 @@
 //!   instances, deadlines, memory caps, failure handling and per-plugin stats.
 //!
 //! Not supported yet, refused at load with a clear error: body and trailer phases,
-//! ticks and callouts (`capabilities.clusters`).
+//! callouts (`capabilities.clusters`).
 
 pub mod bindings;
 pub mod cache;
@@ -79,13 +79,14 @@ pub fn load(
                 fail_open: p.fail == FailPolicy::Open,
                 kv: p.capabilities.kv.iter().map(|n| n.to_string()).collect(),
             };
-            let f = WasmFilter::load(name, &component, settings, stats)?;
+            let f = Arc::new(WasmFilter::load(name, &component, settings, stats)?);
+            f.arm();
             out.insert(
                 FilterKey {
                     plugin: p.name.clone(),
                     config_override: over,
                 },
-                Arc::new(f),
+                f,
             );
         }
     }
