@@ -496,3 +496,154 @@ fn legate_bin() -> &'static Path {
         bin
     })
 }
+
+/// The KV plugin (`mode: kv`) over namespace `ns`, granted `grant` (a YAML list).
+/// Legate runs in the test process, so each test uses its own namespace.
+fn kv_plugin(name: &str, ns: &str, grant: &str) -> String {
+    plugin(
+        name,
+        &format!("{{ mode: kv, ns: {ns} }}"),
+        &format!("    capabilities: {{ kv: {grant} }}\n"),
+    )
+}
+
+each_proto!(
+    async fn kv_counter_is_exact_across_workers(proto) {
+        let up = upstream().start().await;
+        let ns = format!("count-{proto:?}").to_lowercase();
+        let p = kv_plugin("counter", &ns, &format!("[{ns}]"));
+        let lg = legate()
+            .concurrency(2)
+            .config(&simple(up.addr, &p, &["counter"]))
+            .start();
+        let addr = lg.addr("web");
+        // 8 clients × 25 requests, each a get + CAS set with retries, racing on
+        // one key from two workers: no increment may be lost or doubled.
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut c = client(proto, addr).await;
+                    for _ in 0..25 {
+                        let r = c.get("/count").send().await;
+                        assert_eq!(r.status, 200, "{}", r.text());
+                        let e = r.echo();
+                        assert_eq!(e.header("x-kv-error"), None);
+                        assert!(e.header("x-kv-count").is_some());
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mut c = client(proto, addr).await;
+        let r = c.get("/read").send().await;
+        assert_eq!(r.echo().header("x-kv-count"), Some("200"));
+        // `increment` is atomic too and creates the key at 0.
+        let r = c.get("/incr").send().await;
+        assert_eq!(r.echo().header("x-kv-count"), Some("1"));
+        let r = c.get("/incr").send().await;
+        assert_eq!(r.echo().header("x-kv-count"), Some("2"));
+        // A value over the cap is refused, not stored.
+        let r = c.get("/big").send().await;
+        assert_eq!(r.echo().header("x-kv-error"), Some("limit-exceeded"));
+    }
+);
+
+each_proto!(
+    async fn kv_namespace_not_granted_is_denied(proto) {
+        let up = upstream().start().await;
+        // Granted `other`, asks for `secret`; `plain` has no KV capability at all.
+        let p = kv_plugin("nosy", "secret", "[other]") + &kv_plugin("plain", "secret", "[]");
+        for name in ["nosy", "plain"] {
+            let lg = legate()
+                .config(&simple(up.addr, &p, &[name]))
+                .start();
+            let mut c = client(proto, lg.addr("web")).await;
+            let r = c.get("/incr").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            let e = r.echo();
+            assert_eq!(e.header("x-kv-error"), Some("denied"), "{name}");
+            assert_eq!(e.header("x-kv-count"), None);
+        }
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_entries_expire() {
+    let up = upstream().start().await;
+    let p = kv_plugin("ttl", "ttl", "[ttl]");
+    let lg = legate().config(&simple(up.addr, &p, &["ttl"])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    // A TTL of an hour: present.
+    let r = c.get("/ttl-set/3600000").send().await;
+    assert!(r.echo().header("x-kv-version").is_some());
+    let r = c.get("/ttl-get").send().await;
+    assert_eq!(r.echo().header("x-kv-value"), Some("v"));
+    // A TTL of 0 is invalid.
+    let r = c.get("/ttl-set/0").send().await;
+    assert_eq!(r.echo().header("x-kv-error"), Some("invalid-argument"));
+    // A TTL of 1 ms: absent once it passed (polled, no timing assumption).
+    let r = c.get("/ttl-set/1").send().await;
+    assert!(r.echo().header("x-kv-version").is_some());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = c.get("/ttl-get").send().await;
+        if r.echo().header("x-kv-value") == Some("absent") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "key with a 1 ms TTL still present after 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticks_call_on_tick() {
+    let up = upstream().start().await;
+    let p = plugin(
+        "ticker",
+        "{ mode: kv, ns: ticks, tick: \"20\" }",
+        "    capabilities: { kv: [ticks] }\n",
+    );
+    let lg = legate().config(&simple(up.addr, &p, &["ticker"])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    // The instance (and its tick task) starts with the worker's first exchange;
+    // each tick increments KV key `ticks`.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = c.get("/ticks").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let n: u64 = r.echo().header("x-kv-count").unwrap().parse().unwrap();
+        if n >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "on-tick ran {n} times in 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    lg.assert_stat_with(&calls("ticker", "tick"), |v| v >= 3.0, ">= 3")
+        .await;
+    let failures = lg
+        .stat(r#"legate_plugin_failures_total{plugin="ticker"}"#)
+        .await;
+    assert_eq!(failures.unwrap_or(0.0), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tick_interval_below_minimum_is_refused() {
+    let up = upstream().start().await;
+    let p = plugin("fast", "{ mode: kv, tick: \"5\" }", "");
+    let err = match legate().config(&simple(up.addr, &p, &["fast"])).try_start() {
+        Ok(_) => panic!("a 5 ms tick interval was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("plugin `fast`: tick-interval-ms 5 is below the minimum of 10 ms"),
+        "{err}"
+    );
+}

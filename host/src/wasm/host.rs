@@ -23,6 +23,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use super::bindings::legate::filter::{
     callout, clock, http as whttp, kv, log, metrics, plugin, random, types,
 };
+use super::kv::{Condition, KvBackend, KvError};
 use crate::filter::Exchange;
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
@@ -58,9 +59,10 @@ pub struct MetricRes {
     series: Series,
 }
 
-/// A `kv.namespace` handle. KV is not supported yet (plugins granted namespaces are
-/// refused at load), so none is ever created.
-pub struct NamespaceRes;
+/// A `kv.namespace` handle: a namespace granted to the plugin.
+pub struct NamespaceRes {
+    name: Arc<str>,
+}
 
 #[derive(Clone)]
 enum Series {
@@ -84,22 +86,29 @@ pub struct MetricDef {
     labels: Vec<String>,
 }
 
-/// What every instance of one plugin shares: its name, stats and metrics.
+/// What every instance of one plugin shares: its name, stats, metrics and
+/// capabilities.
 pub struct PluginShared {
     /// Plugin name.
     pub name: Arc<str>,
     /// The process's metrics registry.
     pub stats: Arc<Stats>,
+    /// KV namespaces granted (`capabilities.kv`).
+    pub kv_granted: Vec<Arc<str>>,
+    /// The KV backend.
+    pub kv: Arc<dyn KvBackend>,
     metrics: Mutex<HashMap<String, Arc<MetricDef>>>,
     series: AtomicUsize,
 }
 
 impl PluginShared {
     /// The shared state of plugin `name`.
-    pub fn new(name: &str, stats: Arc<Stats>) -> Self {
+    pub fn new(name: &str, stats: Arc<Stats>, kv_granted: &[String]) -> Self {
         PluginShared {
             name: name.into(),
             stats,
+            kv_granted: kv_granted.iter().map(|n| Arc::from(n.as_str())).collect(),
+            kv: super::kv::store(),
             metrics: Mutex::default(),
             series: AtomicUsize::new(0),
         }
@@ -1003,56 +1012,122 @@ impl metrics::HostHistogram for HostState {
     }
 }
 
-// ---- kv, callout: capability-gated; nothing can be granted yet ----
+// ---- kv ----
+
+fn kv_error(e: KvError) -> Error {
+    match e {
+        KvError::CasMismatch => Error::CasMismatch,
+        KvError::InvalidArgument => Error::InvalidArgument,
+        KvError::LimitExceeded => Error::LimitExceeded,
+        KvError::Unavailable => Error::Unavailable,
+    }
+}
+
+fn condition(c: kv::WriteCondition) -> Condition {
+    match c {
+        kv::WriteCondition::Always => Condition::Always,
+        kv::WriteCondition::IfAbsent => Condition::IfAbsent,
+        kv::WriteCondition::IfVersion(v) => Condition::IfVersion(v),
+    }
+}
+
+impl HostState {
+    fn namespace(&self, r: &Resource<NamespaceRes>) -> wasmtime::Result<Arc<str>> {
+        Ok(self.table.get(r)?.name.clone())
+    }
+}
 
 impl kv::Host for HostState {
-    fn open(&mut self, _name: String) -> wasmtime::Result<Result<Resource<NamespaceRes>, Error>> {
-        // Plugins granted KV namespaces are refused at load, so no namespace is
-        // granted to a running plugin.
-        Ok(Err(Error::Denied))
+    fn open(&mut self, name: String) -> wasmtime::Result<Result<Resource<NamespaceRes>, Error>> {
+        // Every granted namespace exists (the in-memory store creates it on first
+        // use), so `not-found` is never returned.
+        let Some(name) = self
+            .plugin
+            .kv_granted
+            .iter()
+            .find(|n| ***n == *name)
+            .cloned()
+        else {
+            return Ok(Err(Error::Denied));
+        };
+        Ok(Ok(self.table.push(NamespaceRes { name })?))
     }
 }
 
 impl kv::HostNamespace for HostState {
     fn get(
         &mut self,
-        _r: Resource<NamespaceRes>,
-        _key: String,
+        r: Resource<NamespaceRes>,
+        key: String,
     ) -> wasmtime::Result<Result<Option<kv::Entry>, Error>> {
-        Ok(Err(Error::Unavailable))
+        let ns = self.namespace(&r)?;
+        Ok(self
+            .plugin
+            .kv
+            .get(&ns, &key)
+            .map(|e| {
+                e.map(|e| kv::Entry {
+                    value: e.value,
+                    version: e.version,
+                })
+            })
+            .map_err(kv_error))
     }
     fn set(
         &mut self,
-        _r: Resource<NamespaceRes>,
-        _key: String,
-        _value: Vec<u8>,
-        _condition: kv::WriteCondition,
-        _ttl: Option<u64>,
+        r: Resource<NamespaceRes>,
+        key: String,
+        value: Vec<u8>,
+        cond: kv::WriteCondition,
+        ttl: Option<u64>,
     ) -> wasmtime::Result<Result<u64, Error>> {
-        Ok(Err(Error::Unavailable))
+        let ns = self.namespace(&r)?;
+        Ok(self
+            .plugin
+            .kv
+            .set(
+                &ns,
+                &key,
+                value,
+                condition(cond),
+                ttl.map(Duration::from_millis),
+            )
+            .map_err(kv_error))
     }
     fn delete(
         &mut self,
-        _r: Resource<NamespaceRes>,
-        _key: String,
-        _condition: kv::WriteCondition,
+        r: Resource<NamespaceRes>,
+        key: String,
+        cond: kv::WriteCondition,
     ) -> wasmtime::Result<Result<bool, Error>> {
-        Ok(Err(Error::Unavailable))
+        let ns = self.namespace(&r)?;
+        Ok(self
+            .plugin
+            .kv
+            .delete(&ns, &key, condition(cond))
+            .map_err(kv_error))
     }
     fn increment(
         &mut self,
-        _r: Resource<NamespaceRes>,
-        _key: String,
-        _delta: i64,
-        _ttl: Option<u64>,
+        r: Resource<NamespaceRes>,
+        key: String,
+        delta: i64,
+        ttl: Option<u64>,
     ) -> wasmtime::Result<Result<i64, Error>> {
-        Ok(Err(Error::Unavailable))
+        let ns = self.namespace(&r)?;
+        Ok(self
+            .plugin
+            .kv
+            .increment(&ns, &key, delta, ttl.map(Duration::from_millis))
+            .map_err(kv_error))
     }
     fn drop(&mut self, r: Resource<NamespaceRes>) -> wasmtime::Result<()> {
         self.table.delete(r)?;
         Ok(())
     }
 }
+
+// ---- callout: capability-gated; nothing can be granted yet ----
 
 impl callout::Host for HostState {
     fn send(&mut self, _request: callout::CalloutRequest) -> wasmtime::Result<Result<u64, Error>> {

@@ -8,16 +8,18 @@
 //! - [`bindings`]: the one `bindgen!` of the WIT world.
 //! - [`host`]: the host side of every imported interface; WASI linked with nothing
 //!   granted.
+//! - [`kv`]: the plugin KV store, a [`kv::KvBackend`] (in-memory, one per process).
 //! - [`plugin`]: [`WasmFilter`], a [`crate::filter::HttpFilter`]; per-worker
 //!   instances, deadlines, memory caps, failure handling and per-plugin stats.
 //!
 //! Not supported yet, refused at load with a clear error: body and trailer phases,
-//! ticks, KV namespaces and callouts (`capabilities`).
+//! callouts (`capabilities.clusters`).
 
 pub mod bindings;
 pub mod cache;
 pub mod engine;
 pub mod host;
+pub mod kv;
 pub mod plugin;
 
 use std::collections::HashMap;
@@ -39,12 +41,6 @@ pub fn load(
     for p in &config.plugins {
         let p = &p.value;
         let name = p.name.as_str();
-        if !p.capabilities.kv.is_empty() {
-            anyhow::bail!(
-                "plugin `{name}`: KV namespaces (`capabilities.kv`) are not supported by this \
-                 Legate yet; remove them"
-            );
-        }
         if !p.capabilities.clusters.is_empty() {
             anyhow::bail!(
                 "plugin `{name}`: callouts (`capabilities.clusters`) are not supported by this \
@@ -81,14 +77,16 @@ pub fn load(
                 cpu: p.limits.cpu.value.get(),
                 memory: usize::try_from(p.limits.memory.value.0).unwrap_or(usize::MAX),
                 fail_open: p.fail == FailPolicy::Open,
+                kv: p.capabilities.kv.iter().map(|n| n.to_string()).collect(),
             };
-            let f = WasmFilter::load(name, &component, settings, stats)?;
+            let f = Arc::new(WasmFilter::load(name, &component, settings, stats)?);
+            f.arm();
             out.insert(
                 FilterKey {
                     plugin: p.name.clone(),
                     config_override: over,
                 },
-                Arc::new(f),
+                f,
             );
         }
     }

@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,9 @@ use super::engine;
 use super::host::{HostState, Part, Phase, PluginShared};
 use crate::filter::{Exchange, HttpFilter, LocalResponse, Phases, Verdict};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
+
+/// The shortest tick interval a plugin may ask for (abi/README.md §7).
+const MIN_TICK: Duration = Duration::from_millis(10);
 
 /// Deadline of `configure` (abi/README.md §2).
 const CONFIGURE_DEADLINE: Duration = Duration::from_secs(1);
@@ -55,6 +58,8 @@ pub struct Settings {
     pub memory: usize,
     /// `fail: open`.
     pub fail_open: bool,
+    /// KV namespaces granted (`capabilities.kv`).
+    pub kv: Vec<String>,
 }
 
 /// Per-plugin counters on `/stats`.
@@ -78,6 +83,7 @@ impl PluginStats {
             "response_headers",
             "log",
             "done",
+            "tick",
         ]
         .into_iter()
         .map(|p| {
@@ -141,6 +147,11 @@ pub struct WasmFilter {
     settings: Settings,
     phases: Phases,
     stats: PluginStats,
+    /// `tick-interval-ms` from the setup, if non-zero.
+    tick: Option<Duration>,
+    /// This filter, for the per-instance tick tasks (set by [`WasmFilter::arm`]);
+    /// weak so a removed plugin's ticks stop.
+    me: OnceLock<Weak<WasmFilter>>,
 }
 
 /// One live instance on a worker.
@@ -160,6 +171,8 @@ struct Slot {
     not_before: Option<Instant>,
     backoff: Duration,
     failed_before: bool,
+    /// Bumped for each new instance: a tick task runs while its instance is live.
+    generation: u64,
 }
 
 thread_local! {
@@ -218,9 +231,6 @@ fn unsupported(setup: &HttpSetup) -> Option<&'static str> {
     if p.contains(Phases::REQUEST_TRAILERS) || p.contains(Phases::RESPONSE_TRAILERS) {
         return Some("trailer phases (`request-trailers`, `response-trailers`)");
     }
-    if setup.tick_interval_ms > 0 {
-        return Some("ticks (`tick-interval-ms` > 0)");
-    }
     None
 }
 
@@ -260,7 +270,7 @@ impl WasmFilter {
                  `legate:filter/http-handler@0.1.x`: {e:#}"
             )
         })?;
-        let shared = Arc::new(PluginShared::new(name, stats.clone()));
+        let shared = Arc::new(PluginShared::new(name, stats.clone(), &settings.kv));
         let mut f = WasmFilter {
             id: NEXT_ID.fetch_add(1, Relaxed),
             shared,
@@ -268,6 +278,8 @@ impl WasmFilter {
             settings,
             phases: Phases::default(),
             stats: PluginStats::new(stats, name),
+            tick: None,
+            me: OnceLock::new(),
         };
         let (_, setup) = f
             .instantiate(u32::MAX, false)
@@ -278,7 +290,60 @@ impl WasmFilter {
             );
         }
         f.phases = phases_of(&setup);
+        let tick = Duration::from_millis(u64::from(setup.tick_interval_ms));
+        if !tick.is_zero() && tick < MIN_TICK {
+            anyhow::bail!(
+                "plugin `{name}`: tick-interval-ms {} is below the minimum of {} ms; \
+                 ask for 0 (no ticks) or at least {}",
+                setup.tick_interval_ms,
+                MIN_TICK.as_millis(),
+                MIN_TICK.as_millis()
+            );
+        }
+        f.tick = (!tick.is_zero()).then_some(tick);
         Ok(f)
+    }
+
+    /// Lets the filter start tick tasks for its instances (it needs an `Arc` of
+    /// itself); call once after wrapping it in an `Arc`.
+    pub fn arm(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+    }
+
+    /// Calls `on-tick` on this worker's instance every interval while that instance
+    /// (generation `generation`) is live and the filter is loaded. Runs on the
+    /// worker's `LocalSet`, so a tick never overlaps another call into the instance.
+    async fn tick_loop(me: Weak<WasmFilter>, worker: usize, every: Duration, generation: u64) {
+        let mut iv = tokio::time::interval(every);
+        // A late tick is not made up (abi/README.md §2).
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        iv.tick().await;
+        loop {
+            iv.tick().await;
+            let Some(f) = me.upgrade() else { return };
+            let current = INSTANCES.with(|cell| {
+                cell.borrow()
+                    .get(&f.id)
+                    .is_some_and(|s| s.live.is_some() && s.generation == generation)
+            });
+            if !current {
+                return;
+            }
+            f.stats.calls["tick"].inc();
+            let r = f.with_instance(worker, Phase::ReadOnly, None, false, |live| {
+                run_inline(
+                    live.bindings
+                        .legate_filter_http_handler()
+                        .call_on_tick(&mut live.store),
+                )
+                .map(Ok)
+            });
+            if let Err(e) = r {
+                // A trap dropped the instance; the next exchange gets a new one
+                // (with its own tick task).
+                tracing::warn!(plugin = f.name(), "on-tick failed: {e}");
+            }
+        }
     }
 
     /// A new configured instance. `Err` carries the plugin's own message for a
@@ -353,6 +418,15 @@ impl WasmFilter {
                         }
                         self.stats.instances.inc();
                         slot.live = Some(live);
+                        slot.generation += 1;
+                        if let (Some(every), Some(me)) = (self.tick, self.me.get()) {
+                            tokio::task::spawn_local(Self::tick_loop(
+                                me.clone(),
+                                worker,
+                                every,
+                                slot.generation,
+                            ));
+                        }
                     }
                     Err(e) => {
                         self.fail_slot(slot);

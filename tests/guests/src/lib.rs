@@ -12,6 +12,15 @@
 //!   without bound; anything else passes.
 //! - `bad-config`: `configure` fails with a message.
 //! - `metrics`: counts requests in counter `requests{method}`.
+//! - `kv`: opens KV namespace `ns` (default `counters`) in `configure`; a failed
+//!   open is reported on every request as `x-kv-error: <error>`. Request paths:
+//!   `/count` adds 1 to key `count` with a get + `if-version`/`if-absent` CAS retry
+//!   loop (`x-kv-count: <new>`, `x-kv-retries: <n>`); `/read` reads `count`;
+//!   `/incr` uses `increment` on key `hits`; `/ttl-set/<ms>` sets key `t` with that
+//!   TTL; `/ttl-get` reads `t` (`x-kv-value: <v or absent>`); `/big` writes a value
+//!   over the cap (`x-kv-error`); `/ticks` reads key `ticks`. The results are
+//!   request headers (the upstream echoes them). With `tick: "<ms>"` it asks for
+//!   that tick interval and each `on-tick` increments key `ticks`.
 //!
 //! `phases` is a comma list of `rq` (request headers), `rs` (response headers),
 //! `log`, `done`; default `rq,rs`.
@@ -23,6 +32,7 @@ use std::cell::RefCell;
 use exports::legate::filter::http_handler::Guest;
 use legate::filter::callout::CalloutResponse;
 use legate::filter::http::{Action, Exchange, Headers, HttpSetup, LocalResponse, Phases};
+use legate::filter::kv::{Namespace, WriteCondition};
 use legate::filter::metrics::Counter;
 use legate::filter::types::{BodyMode, Buffer, Error};
 
@@ -35,6 +45,86 @@ thread_local! {
     static CFG: RefCell<Cfg> = RefCell::new(Cfg { mode: String::new(), tag: String::new() });
     static REQUESTS: RefCell<Option<Counter>> = const { RefCell::new(None) };
     static HOARD: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static KV: RefCell<Option<Result<Namespace, Error>>> = const { RefCell::new(None) };
+}
+
+fn error_name(e: Error) -> &'static str {
+    match e {
+        Error::Denied => "denied",
+        Error::NotFound => "not-found",
+        Error::InvalidArgument => "invalid-argument",
+        Error::InvalidState => "invalid-state",
+        Error::CasMismatch => "cas-mismatch",
+        Error::LimitExceeded => "limit-exceeded",
+        Error::Timeout => "timeout",
+        Error::Unavailable => "unavailable",
+        Error::Unsupported => "unsupported",
+        Error::Internal => "internal",
+    }
+}
+
+/// `kv` mode's request: the KV operation the path names; results go in `h`.
+fn kv_request(ns: &Namespace, path: &str, h: &Headers) {
+    let put = |name: &str, v: String| {
+        let _ = h.set(name, v.as_bytes());
+    };
+    if path == "/count" {
+        let mut retries = 0u32;
+        loop {
+            let (n, cond) = match ns.get("count") {
+                Ok(Some(e)) => (
+                    String::from_utf8_lossy(&e.value)
+                        .parse::<u64>()
+                        .unwrap_or(0),
+                    WriteCondition::IfVersion(e.version),
+                ),
+                Ok(None) => (0, WriteCondition::IfAbsent),
+                Err(e) => return put("x-kv-error", error_name(e).into()),
+            };
+            match ns.set("count", (n + 1).to_string().as_bytes(), cond, None) {
+                Ok(_) => {
+                    put("x-kv-count", (n + 1).to_string());
+                    put("x-kv-retries", retries.to_string());
+                    return;
+                }
+                Err(Error::CasMismatch) => retries += 1,
+                Err(e) => return put("x-kv-error", error_name(e).into()),
+            }
+        }
+    } else if path == "/read" {
+        match ns.get("count") {
+            Ok(Some(e)) => put("x-kv-count", String::from_utf8_lossy(&e.value).into()),
+            Ok(None) => put("x-kv-count", "absent".into()),
+            Err(e) => put("x-kv-error", error_name(e).into()),
+        }
+    } else if path == "/ticks" {
+        match ns.get("ticks") {
+            Ok(Some(e)) => put("x-kv-count", String::from_utf8_lossy(&e.value).into()),
+            Ok(None) => put("x-kv-count", "0".into()),
+            Err(e) => put("x-kv-error", error_name(e).into()),
+        }
+    } else if path == "/incr" {
+        match ns.increment("hits", 1, None) {
+            Ok(n) => put("x-kv-count", n.to_string()),
+            Err(e) => put("x-kv-error", error_name(e).into()),
+        }
+    } else if let Some(ms) = path.strip_prefix("/ttl-set/") {
+        let ttl = ms.parse::<u64>().ok();
+        match ns.set("t", b"v", WriteCondition::Always, ttl) {
+            Ok(v) => put("x-kv-version", v.to_string()),
+            Err(e) => put("x-kv-error", error_name(e).into()),
+        }
+    } else if path == "/ttl-get" {
+        match ns.get("t") {
+            Ok(Some(e)) => put("x-kv-value", String::from_utf8_lossy(&e.value).into()),
+            Ok(None) => put("x-kv-value", "absent".into()),
+            Err(e) => put("x-kv-error", error_name(e).into()),
+        }
+    } else if path == "/big" {
+        if let Err(e) = ns.set("big", &vec![0u8; 65537], WriteCondition::Always, None) {
+            put("x-kv-error", error_name(e).into());
+        }
+    }
 }
 
 /// `"key":"value"` from compact JSON (the host serializes config without spaces).
@@ -63,7 +153,10 @@ impl Guest for Plugin {
         }
         let tag = field(&config, "tag").unwrap_or_else(legate::filter::plugin::name);
         let mut phases = Phases::empty();
-        for p in field(&config, "phases").unwrap_or_else(|| "rq,rs".into()).split(',') {
+        for p in field(&config, "phases")
+            .unwrap_or_else(|| "rq,rs".into())
+            .split(',')
+        {
             phases |= match p {
                 "rq" => Phases::REQUEST_HEADERS,
                 "rs" => Phases::RESPONSE_HEADERS,
@@ -82,16 +175,28 @@ impl Guest for Plugin {
             .map_err(|e| format!("define-counter: {e:?}"))?;
             REQUESTS.with(|r| *r.borrow_mut() = Some(c));
         }
+        if mode == "kv" {
+            let ns = field(&config, "ns").unwrap_or_else(|| "counters".into());
+            KV.with(|k| *k.borrow_mut() = Some(legate::filter::kv::open(&ns)));
+        }
         CFG.with(|c| *c.borrow_mut() = Cfg { mode, tag });
         Ok(HttpSetup {
             phases,
             request_body_mode: BodyMode::Streamed,
             response_body_mode: BodyMode::Skipped,
-            tick_interval_ms: 0,
+            tick_interval_ms: field(&config, "tick")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0),
         })
     }
 
-    fn on_tick() {}
+    fn on_tick() {
+        KV.with(|k| {
+            if let Some(Ok(ns)) = k.borrow().as_ref() {
+                let _ = ns.increment("ticks", 1, None);
+            }
+        });
+    }
 
     fn on_tick_callout_response(_id: u64, _r: Result<CalloutResponse, Error>) {}
 
@@ -133,6 +238,16 @@ impl Guest for Plugin {
                         h.borrow_mut().push(vec![1u8; 1 << 20]);
                     });
                 }
+                Action::Continue
+            }
+            "kv" => {
+                KV.with(|k| match k.borrow().as_ref() {
+                    Some(Ok(ns)) => kv_request(ns, &x.path(), h),
+                    Some(Err(e)) => {
+                        let _ = h.set("x-kv-error", error_name(*e).as_bytes());
+                    }
+                    None => {}
+                });
                 Action::Continue
             }
             "metrics" => {

@@ -1,0 +1,436 @@
+//! The plugin KV store (abi/README.md §5.7): the [`KvBackend`] trait the host's
+//! `kv` imports call, and [`MemoryKv`], the in-process backend — one per process
+//! ([`store`]), shared by every worker and every plugin granted a namespace.
+//!
+//! The trait is the seam for a remote backend (e.g. Redis) later: it speaks in
+//! namespaces, keys, write conditions and TTLs, and reports `unavailable` for a
+//! backend it cannot reach. Capability checks stay in the host (`host.rs`), not here.
+//!
+//! Expiry is checked lazily on every access (an expired key is absent for every
+//! call) and expired entries are reclaimed by a bounded sweep on each write, driven
+//! by a per-namespace expiry queue, so no background task is needed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+/// Longest key, in bytes (abi/README.md §7).
+pub const MAX_KEY: usize = 512;
+/// Largest value, in bytes (abi/README.md §7).
+pub const MAX_VALUE: usize = 64 << 10;
+/// Most live entries per namespace (host default).
+pub const MAX_ENTRIES: usize = 100_000;
+/// Most key + value bytes per namespace (host default).
+pub const MAX_BYTES: usize = 64 << 20;
+/// Expired entries reclaimed at most per write: keeps every call O(1) amortized.
+const SWEEP: usize = 32;
+
+/// A stored value and its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The value.
+    pub value: Vec<u8>,
+    /// The key's version (never 0, never reused).
+    pub version: u64,
+}
+
+/// When a write may happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// Unconditionally.
+    Always,
+    /// Only if the key does not exist.
+    IfAbsent,
+    /// Only if the key exists with exactly this version.
+    IfVersion(u64),
+}
+
+/// Why a KV call failed (the WIT `error` cases it can return).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvError {
+    /// The write condition did not hold.
+    CasMismatch,
+    /// Key too long, TTL 0, not an integer, overflow, `if-absent` on delete.
+    InvalidArgument,
+    /// Value, entry or byte cap.
+    LimitExceeded,
+    /// The backend cannot be reached (never for the in-memory one).
+    Unavailable,
+}
+
+/// A KV backend. Every call is atomic per key; all instances of all plugins see
+/// one consistent store.
+pub trait KvBackend: Send + Sync {
+    /// The live entry at `key`.
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Entry>, KvError>;
+    /// Writes `value` if `cond` holds, expiring `ttl` from now; the new version.
+    fn set(
+        &self,
+        ns: &str,
+        key: &str,
+        value: Vec<u8>,
+        cond: Condition,
+        ttl: Option<Duration>,
+    ) -> Result<u64, KvError>;
+    /// Deletes `key` if `cond` holds; whether it existed.
+    fn delete(&self, ns: &str, key: &str, cond: Condition) -> Result<bool, KvError>;
+    /// Adds `delta` to the decimal integer at `key` (absent = 0, created with `ttl`).
+    fn increment(
+        &self,
+        ns: &str,
+        key: &str,
+        delta: i64,
+        ttl: Option<Duration>,
+    ) -> Result<i64, KvError>;
+}
+
+/// The process's KV store.
+pub fn store() -> Arc<dyn KvBackend> {
+    static STORE: OnceLock<Arc<MemoryKv>> = OnceLock::new();
+    STORE.get_or_init(|| Arc::new(MemoryKv::default())).clone()
+}
+
+struct Item {
+    value: Vec<u8>,
+    version: u64,
+    expires: Option<Instant>,
+}
+
+impl Item {
+    fn live(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|t| now < t)
+    }
+}
+
+#[derive(Default)]
+struct Namespace {
+    items: HashMap<String, Item>,
+    /// (expiry, version) → key, for the sweep; an entry whose version no longer
+    /// matches the item is stale and just dropped.
+    expiries: BTreeMap<(Instant, u64), String>,
+    bytes: usize,
+    /// The last version handed out in this namespace: versions are unique across
+    /// all keys of the namespace, so never reused for a key (no ABA).
+    last_version: u64,
+}
+
+impl Namespace {
+    fn next_version(&mut self) -> u64 {
+        self.last_version += 1;
+        self.last_version
+    }
+
+    /// The live item at `key`, removing it first if it expired.
+    fn live(&mut self, key: &str, now: Instant) -> Option<&mut Item> {
+        if self.items.get(key).is_some_and(|i| !i.live(now)) {
+            self.remove(key);
+            return None;
+        }
+        self.items.get_mut(key)
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Item> {
+        let item = self.items.remove(key)?;
+        self.bytes -= key.len() + item.value.len();
+        Some(item)
+    }
+
+    /// Reclaims up to `max` expired entries, oldest expiry first.
+    fn sweep(&mut self, now: Instant, max: usize) {
+        for _ in 0..max {
+            let Some(entry) = self.expiries.first_entry() else {
+                return;
+            };
+            let (at, version) = *entry.key();
+            if at > now {
+                return;
+            }
+            let key = entry.remove();
+            if self
+                .items
+                .get(&key)
+                .is_some_and(|i| i.version == version && !i.live(now))
+            {
+                self.remove(&key);
+            }
+        }
+    }
+
+    /// Whether `key` with `new` bytes (key + value) fits the namespace caps.
+    fn fits(&self, key: &str, new: usize) -> bool {
+        let old = self.items.get(key).map(|i| key.len() + i.value.len());
+        self.bytes - old.unwrap_or(0) + new <= MAX_BYTES
+            && (old.is_some() || self.items.len() < MAX_ENTRIES)
+    }
+
+    /// Stores `value` at `key` (replacing any item) with a new version.
+    fn put(
+        &mut self,
+        key: &str,
+        value: Vec<u8>,
+        expires: Option<Instant>,
+        now: Instant,
+    ) -> Result<u64, KvError> {
+        let new = key.len() + value.len();
+        if !self.fits(key, new) {
+            // Make room from expired entries before refusing.
+            self.sweep(now, usize::MAX);
+            if !self.fits(key, new) {
+                return Err(KvError::LimitExceeded);
+            }
+        }
+        let version = self.next_version();
+        if let Some(t) = expires {
+            self.expiries.insert((t, version), key.to_string());
+        }
+        self.remove(key);
+        self.bytes += new;
+        self.items.insert(
+            key.to_string(),
+            Item {
+                value,
+                version,
+                expires,
+            },
+        );
+        Ok(version)
+    }
+}
+
+/// The in-process backend: namespaces created on first use, one lock each.
+#[derive(Default)]
+pub struct MemoryKv {
+    namespaces: RwLock<HashMap<String, Arc<Mutex<Namespace>>>>,
+}
+
+impl MemoryKv {
+    fn ns(&self, name: &str) -> Arc<Mutex<Namespace>> {
+        if let Some(ns) = self
+            .namespaces
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+        {
+            return ns.clone();
+        }
+        self.namespaces
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn with<R>(&self, name: &str, f: impl FnOnce(&mut Namespace) -> R) -> R {
+        let ns = self.ns(name);
+        let mut ns = ns.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut ns)
+    }
+}
+
+fn check_key(key: &str) -> Result<(), KvError> {
+    if key.len() > MAX_KEY {
+        return Err(KvError::InvalidArgument);
+    }
+    Ok(())
+}
+
+fn expiry(now: Instant, ttl: Option<Duration>) -> Result<Option<Instant>, KvError> {
+    match ttl {
+        None => Ok(None),
+        Some(d) if d.is_zero() => Err(KvError::InvalidArgument),
+        Some(d) => Ok(now.checked_add(d)),
+    }
+}
+
+impl KvBackend for MemoryKv {
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Entry>, KvError> {
+        check_key(key)?;
+        let now = Instant::now();
+        self.with(ns, |n| {
+            Ok(n.live(key, now).map(|i| Entry {
+                value: i.value.clone(),
+                version: i.version,
+            }))
+        })
+    }
+
+    fn set(
+        &self,
+        ns: &str,
+        key: &str,
+        value: Vec<u8>,
+        cond: Condition,
+        ttl: Option<Duration>,
+    ) -> Result<u64, KvError> {
+        check_key(key)?;
+        if value.len() > MAX_VALUE {
+            return Err(KvError::LimitExceeded);
+        }
+        let now = Instant::now();
+        let expires = expiry(now, ttl)?;
+        self.with(ns, |n| {
+            n.sweep(now, SWEEP);
+            let current = n.live(key, now).map(|i| i.version);
+            match (cond, current) {
+                (Condition::Always, _) | (Condition::IfAbsent, None) => {}
+                (Condition::IfVersion(v), Some(c)) if v == c => {}
+                _ => return Err(KvError::CasMismatch),
+            }
+            n.put(key, value, expires, now)
+        })
+    }
+
+    fn delete(&self, ns: &str, key: &str, cond: Condition) -> Result<bool, KvError> {
+        check_key(key)?;
+        let now = Instant::now();
+        self.with(ns, |n| {
+            n.sweep(now, SWEEP);
+            let current = n.live(key, now).map(|i| i.version);
+            match (cond, current) {
+                (Condition::IfAbsent, _) => Err(KvError::InvalidArgument),
+                (Condition::Always, None) => Ok(false),
+                (Condition::IfVersion(v), Some(c)) if v == c => Ok(n.remove(key).is_some()),
+                (Condition::Always, Some(_)) => Ok(n.remove(key).is_some()),
+                (Condition::IfVersion(_), _) => Err(KvError::CasMismatch),
+            }
+        })
+    }
+
+    fn increment(
+        &self,
+        ns: &str,
+        key: &str,
+        delta: i64,
+        ttl: Option<Duration>,
+    ) -> Result<i64, KvError> {
+        check_key(key)?;
+        let now = Instant::now();
+        let new_expiry = expiry(now, ttl)?;
+        self.with(ns, |n| {
+            n.sweep(now, SWEEP);
+            let (old, expires) = match n.live(key, now) {
+                None => (0, new_expiry),
+                Some(i) => {
+                    let v = std::str::from_utf8(&i.value)
+                        .ok()
+                        .and_then(|s| s.parse::<i64>().ok())
+                        .ok_or(KvError::InvalidArgument)?;
+                    (v, i.expires)
+                }
+            };
+            let sum = old.checked_add(delta).ok_or(KvError::InvalidArgument)?;
+            n.put(key, sum.to_string().into_bytes(), expires, now)?;
+            Ok(sum)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn conditions_and_versions() {
+        let kv = MemoryKv::default();
+        let v1 = kv
+            .set("n", "k", b"a".to_vec(), Condition::IfAbsent, None)
+            .unwrap();
+        assert_eq!(
+            kv.set("n", "k", b"b".to_vec(), Condition::IfAbsent, None),
+            Err(KvError::CasMismatch)
+        );
+        let v2 = kv
+            .set("n", "k", b"b".to_vec(), Condition::IfVersion(v1), None)
+            .unwrap();
+        assert!(v2 > v1);
+        assert_eq!(
+            kv.set("n", "k", b"c".to_vec(), Condition::IfVersion(v1), None),
+            Err(KvError::CasMismatch)
+        );
+        assert_eq!(
+            kv.get("n", "k").unwrap(),
+            Some(Entry {
+                value: b"b".to_vec(),
+                version: v2
+            })
+        );
+        // Namespaces are separate.
+        assert_eq!(kv.get("other", "k").unwrap(), None);
+        assert_eq!(
+            kv.delete("n", "k", Condition::IfAbsent),
+            Err(KvError::InvalidArgument)
+        );
+        assert_eq!(
+            kv.delete("n", "k", Condition::IfVersion(v1)),
+            Err(KvError::CasMismatch)
+        );
+        assert!(kv.delete("n", "k", Condition::IfVersion(v2)).unwrap());
+        assert!(!kv.delete("n", "k", Condition::Always).unwrap());
+        // Re-created: a new version, so the old one never matches again (no ABA).
+        let v3 = kv
+            .set("n", "k", b"d".to_vec(), Condition::Always, None)
+            .unwrap();
+        assert!(v3 > v2);
+    }
+
+    #[test]
+    fn increment_and_limits() {
+        let kv = MemoryKv::default();
+        assert_eq!(kv.increment("n", "c", 5, None).unwrap(), 5);
+        assert_eq!(kv.increment("n", "c", -2, None).unwrap(), 3);
+        assert_eq!(kv.get("n", "c").unwrap().unwrap().value, b"3");
+        kv.set("n", "s", b"x".to_vec(), Condition::Always, None)
+            .unwrap();
+        assert_eq!(
+            kv.increment("n", "s", 1, None),
+            Err(KvError::InvalidArgument)
+        );
+        kv.set(
+            "n",
+            "m",
+            i64::MAX.to_string().into_bytes(),
+            Condition::Always,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            kv.increment("n", "m", 1, None),
+            Err(KvError::InvalidArgument)
+        );
+        let long = "k".repeat(MAX_KEY + 1);
+        assert_eq!(kv.get("n", &long), Err(KvError::InvalidArgument));
+        assert_eq!(
+            kv.set("n", "big", vec![0; MAX_VALUE + 1], Condition::Always, None),
+            Err(KvError::LimitExceeded)
+        );
+        assert_eq!(
+            kv.set("n", "z", vec![], Condition::Always, Some(Duration::ZERO)),
+            Err(KvError::InvalidArgument)
+        );
+    }
+
+    #[test]
+    fn expired_keys_are_absent_and_swept() {
+        let kv = MemoryKv::default();
+        let ttl = Some(Duration::from_millis(1));
+        kv.set("n", "t", b"v".to_vec(), Condition::Always, ttl)
+            .unwrap();
+        kv.increment("n", "c", 1, ttl).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(kv.get("n", "t").unwrap(), None);
+        // An expired counter restarts at 0 with the new TTL.
+        assert_eq!(kv.increment("n", "c", 1, None).unwrap(), 1);
+        kv.set("n", "u", b"v".to_vec(), Condition::IfAbsent, ttl)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        // A write sweeps expired entries, even ones never read again.
+        kv.set("n", "w", b"v".to_vec(), Condition::Always, None)
+            .unwrap();
+        kv.with("n", |n| {
+            assert!(!n.items.contains_key("u"));
+            assert_eq!(n.bytes, "c".len() + 1 + "w".len() + 1);
+        });
+    }
+}
