@@ -112,12 +112,15 @@ fn binaries() -> &'static Binaries {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let build = Command::new(cargo)
             .current_dir(&workspace)
-            .args(["build", "-p", "legate-host", "-p", "legate-demo-upstream"])
+            // The same selection `scripts/test.sh` builds, so the features of shared
+            // dependencies unify the same way and this is a no-op there; `-p` alone
+            // would rebuild wasmtime with other features.
+            .args(["build", "--workspace", "--all-targets"])
             .output()
             .expect("run cargo build");
         assert!(
             build.status.success(),
-            "cargo build -p legate-host -p legate-demo-upstream failed:\n{}",
+            "cargo build --workspace --all-targets failed:\n{}",
             String::from_utf8_lossy(&build.stderr)
         );
         // `cargo metadata` knows the target directory (CARGO_TARGET_DIR, config...).

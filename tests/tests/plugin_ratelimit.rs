@@ -1,0 +1,108 @@
+//! plugins/ratelimit, built by `legate plugin build`, in the real host: buckets in
+//! the host's shared KV, shared by the workers of one process.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+
+use legate_tests::plugins::plugin_wasm;
+use legate_tests::*;
+
+fn config(up: SocketAddr, namespace: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: ratelimit }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - name: api
+            match: {{ prefix: /api }}
+            cluster: backend
+          - name: rest
+            match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+plugins:
+  - name: ratelimit
+    module: {wasm}
+    limits: {{ cpu: 500ms }}
+    capabilities: {{ kv: [{namespace}] }}
+    config:
+      namespace: {namespace}
+      emit_headers: true
+      limits:
+        - name: api-per-key
+          match: {{ routes: [api] }}
+          key: [{{ header: x-key }}]
+          rate: 3/h
+",
+        wasm = plugin_wasm("plugins/ratelimit").display(),
+    )
+}
+
+each_proto!(
+    async fn limits_per_key_across_workers(proto) {
+        let up = upstream().start().await;
+        // Each protocol's test gets its own namespace: under `cargo test` both run in
+        // one process and share its KV store.
+        let ns = format!("rl-{proto:?}").to_lowercase();
+        let lg = legate().config(&config(up.addr, &ns)).concurrency(2).start();
+
+        // Three requests per key per hour: separate connections, so both workers
+        // serve some, and the limit is still one.
+        for i in 0..3 {
+            let mut c = client(proto, lg.addr("web")).await;
+            let r = c.get("/api/x").header("x-key", "alice").send().await;
+            assert_eq!(r.status, 200, "request {i}: {}", r.text());
+            assert_eq!(r.header("ratelimit-limit"), Some("3"));
+            assert_eq!(
+                r.header("ratelimit-remaining"),
+                Some((2 - i).to_string().as_str())
+            );
+        }
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/api/x").header("x-key", "alice").send().await;
+        assert_eq!(r.status, 429, "{}", r.text());
+        let body: Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(body["error"], "rate_limited");
+        assert_eq!(body["limit"], "api-per-key");
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!(retry > 0 && retry <= 3600, "retry-after {retry}");
+        assert_eq!(r.header("ratelimit-remaining"), Some("0"));
+        let upstream_seen = up.requests.get();
+
+        // Another key has its own bucket; another route is not limited.
+        let r = c.get("/api/x").header("x-key", "bob").send().await;
+        assert_eq!(r.status, 200);
+        for _ in 0..5 {
+            let r = c.get("/other").header("x-key", "alice").send().await;
+            assert_eq!(r.status, 200);
+        }
+        assert_eq!(up.requests.get(), upstream_seen + 6);
+
+        let stats = lg.stats().await;
+        let outcome = |o: &str| {
+            parse_prometheus(&stats)
+                .into_iter()
+                .find(|(k, _)| {
+                    k.starts_with("legate_plugin_ratelimit_requests_total{")
+                        && k.contains(&format!("outcome=\"{o}\""))
+                })
+                .map(|(_, v)| v)
+        };
+        assert_eq!(outcome("limited"), Some(1.0), "{stats}");
+        assert_eq!(outcome("allowed"), Some(4.0), "{stats}");
+    }
+);
