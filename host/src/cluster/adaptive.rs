@@ -78,6 +78,13 @@ impl Controller {
         }
     }
 
+    /// `min_rtt_interval` plus a random share of it up to `jitter`.
+    fn next_interval(&self) -> Duration {
+        let base = self.cfg.min_rtt_interval.get();
+        let share = (self.cfg.jitter.0 / 100.0).clamp(0.0, 1.0);
+        base + base.mul_f64(share * rand::random::<f64>())
+    }
+
     /// The current limit.
     pub fn limit(&self) -> u64 {
         self.limit.load(Relaxed)
@@ -118,7 +125,7 @@ impl Controller {
                 s.min_rtt = Some(Duration::from_micros(m.max(1)));
                 s.samples.clear();
                 s.measuring = false;
-                s.next_min_rtt = now + self.cfg.min_rtt_interval.get();
+                s.next_min_rtt = now + self.next_interval();
                 s.window_start = now;
                 self.limit.store(s.saved_limit.clamp(min, max), Relaxed);
             }
@@ -160,6 +167,26 @@ mod tests {
         )
         .unwrap();
         Controller::new(&cfg)
+    }
+
+    #[test]
+    fn min_rtt_interval_has_jitter_within_bounds() {
+        let cfg = |j: &str| -> AdaptiveConcurrency {
+            serde_saphyr::from_str(&format!("{{ min_rtt_interval: 10s, jitter: {j} }}")).unwrap()
+        };
+        let base = Duration::from_secs(10);
+        assert_eq!(Controller::new(&cfg("0%")).next_interval(), base);
+        let c = Controller::new(&cfg("50%"));
+        let draws: Vec<Duration> = (0..200).map(|_| c.next_interval()).collect();
+        assert!(
+            draws.iter().all(|d| *d >= base && *d <= base * 3 / 2),
+            "{draws:?}"
+        );
+        // Random, not a constant offset.
+        assert!(draws.iter().any(|d| *d != draws[0]));
+        // The default is Envoy's 15%.
+        let d: AdaptiveConcurrency = serde_saphyr::from_str("{}").unwrap();
+        assert_eq!(d.jitter.0, 15.0);
     }
 
     #[test]

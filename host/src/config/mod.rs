@@ -685,6 +685,11 @@ pub struct AdaptiveConcurrency {
     /// How often minRTT is measured again. Default 60s.
     #[serde(default = "defaults::ac_min_rtt_interval")]
     pub min_rtt_interval: Dur,
+    /// A random extra delay, up to this share of `min_rtt_interval`, before each
+    /// new minRTT measurement, so a fleet started together does not pin all its
+    /// limits at the same moment. Default 15%, as Envoy.
+    #[serde(default = "defaults::ac_jitter")]
+    pub jitter: Percent,
     /// Attempts sampled (at `min_concurrency`) per minRTT measurement. Default 50.
     #[serde(default = "defaults::ac_min_rtt_samples")]
     pub min_rtt_samples: u32,
@@ -1108,6 +1113,9 @@ mod defaults {
     }
     pub fn ac_min_rtt_interval() -> Dur {
         Dur::secs(60)
+    }
+    pub fn ac_jitter() -> Percent {
+        Percent(15.0)
     }
     pub fn ac_min_rtt_samples() -> u32 {
         50

@@ -1235,6 +1235,9 @@ fn validate_resilience(e: &mut Issues, loc: &Location, c: &Cluster) {
         }
     };
     percent(e, c.panic_threshold, &["panic_threshold"]);
+    if let Some(ac) = &c.adaptive_concurrency {
+        percent(e, ac.jitter, &["adaptive_concurrency", "jitter"]);
+    }
     if let Some(hc) = &c.health_check {
         if c.original_dst {
             e.at(
