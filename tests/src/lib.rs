@@ -33,6 +33,7 @@
 //! Everything binds 127.0.0.1 only. Nothing sleeps longer than the behaviour under
 //! test needs: waits are polls with a deadline ([`eventually`]).
 
+pub mod bins;
 pub mod certs;
 pub mod client;
 pub mod legate;
@@ -43,6 +44,7 @@ pub mod upstream;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+pub use bins::workspace_bin;
 pub use certs::{Ca, TempDir, TlsFiles};
 pub use client::{
     client, raw, raw_status, tls_client, Client, Proto, RawConn, RequestBuilder, Resp, TlsOptions,

@@ -33,13 +33,11 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use legate_tests::{parse_prometheus, TempDir, Value};
+use legate_tests::{parse_prometheus, workspace_bin, TempDir, Value};
 
 /// The address the redirected "application" connects to, and the upstream behind it.
 const ORIGINAL_HTTP: &str = "127.0.0.2:9000";
@@ -97,50 +95,6 @@ fn unavailable(why: &str) {
              (`scripts/setup.sh test`). Set LEGATE_SKIP_NETNS=1 to skip it explicitly."
         );
     }
-}
-
-/// The `legate` and `legate-demo-upstream` binaries, built once per test process.
-struct Binaries {
-    legate: PathBuf,
-    upstream: PathBuf,
-}
-
-fn binaries() -> &'static Binaries {
-    static BINS: OnceLock<Binaries> = OnceLock::new();
-    BINS.get_or_init(|| {
-        let cargo = env!("CARGO");
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let build = Command::new(cargo)
-            .current_dir(&workspace)
-            // The same selection `scripts/test.sh` builds, so the features of shared
-            // dependencies unify the same way and this is a no-op there; `-p` alone
-            // would rebuild wasmtime with other features.
-            .args(["build", "--workspace", "--all-targets"])
-            .output()
-            .expect("run cargo build");
-        assert!(
-            build.status.success(),
-            "cargo build --workspace --all-targets failed:\n{}",
-            String::from_utf8_lossy(&build.stderr)
-        );
-        // `cargo metadata` knows the target directory (CARGO_TARGET_DIR, config...).
-        let meta = Command::new(cargo)
-            .current_dir(&workspace)
-            .args(["metadata", "--format-version", "1", "--no-deps"])
-            .output()
-            .expect("run cargo metadata");
-        assert!(meta.status.success(), "cargo metadata failed");
-        let meta: Value = legate_tests::serde_json::from_slice(&meta.stdout).unwrap();
-        let target = PathBuf::from(meta["target_directory"].as_str().unwrap()).join("debug");
-        let bins = Binaries {
-            legate: target.join("legate"),
-            upstream: target.join("legate-demo-upstream"),
-        };
-        for b in [&bins.legate, &bins.upstream] {
-            assert!(b.is_file(), "{} was not built", b.display());
-        }
-        bins
-    })
 }
 
 /// A network namespace with loopback up. Dropping it kills every process started in
@@ -245,7 +199,7 @@ impl Netns {
 
     /// Starts `legate-demo-upstream` on `addr` and waits until it has bound.
     fn start_upstream(&mut self, addr: &str, name: &str) {
-        let bin = binaries().upstream.display().to_string();
+        let bin = workspace_bin("legate-demo-upstream").display().to_string();
         let mut child = self
             .command(&[&bin, "--listen", addr, "--name", name, "--threads", "1"])
             .stdout(Stdio::piped())
@@ -267,7 +221,7 @@ impl Netns {
     fn start_legate(&mut self, config: &str) {
         let cfg = self.logs.write("legate.yaml", config);
         let log = std::fs::File::create(self.logs.path().join("legate.log")).unwrap();
-        let bin = binaries().legate.display().to_string();
+        let bin = workspace_bin("legate").display().to_string();
         let child = self
             .command(&[
                 &bin,

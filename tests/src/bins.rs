@@ -1,0 +1,46 @@
+//! The workspace's own binaries (`legate`, `legate-demo-upstream`, ...) for tests
+//! that must run them as separate processes (network namespaces, two proxies
+//! sharing state, hot restart). Built once per test process.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The path of the workspace binary `name` in the target directory, after one
+/// `cargo build --workspace --all-targets` per test process: the selection
+/// `scripts/test.sh` builds, so features of shared dependencies unify the same way
+/// and the build is a no-op there (`-p legate-host` alone would rebuild wasmtime
+/// with other features, for minutes, inside the test).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    static TARGET: OnceLock<PathBuf> = OnceLock::new();
+    let target = TARGET.get_or_init(|| {
+        let cargo = env!("CARGO");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let build = Command::new(cargo)
+            .current_dir(&workspace)
+            .args(["build", "--workspace", "--all-targets"])
+            .output()
+            .unwrap_or_else(|e| panic!("running cargo build: {e}"));
+        assert!(
+            build.status.success(),
+            "cargo build --workspace --all-targets failed:\n{}",
+            String::from_utf8_lossy(&build.stderr)
+        );
+        // `cargo metadata` knows the target directory (CARGO_TARGET_DIR, config...).
+        let meta = Command::new(cargo)
+            .current_dir(&workspace)
+            .args(["metadata", "--format-version", "1", "--no-deps"])
+            .output()
+            .unwrap_or_else(|e| panic!("running cargo metadata: {e}"));
+        assert!(meta.status.success(), "cargo metadata failed");
+        let meta: serde_json::Value =
+            serde_json::from_slice(&meta.stdout).unwrap_or_else(|e| panic!("metadata: {e}"));
+        let dir = meta["target_directory"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no target_directory in cargo metadata"));
+        PathBuf::from(dir).join("debug")
+    });
+    let bin = target.join(name);
+    assert!(bin.is_file(), "{} was not built", bin.display());
+    bin
+}
