@@ -18,7 +18,15 @@ import sys
 from pathlib import Path
 
 # Order of rows in the table, whatever order the files come in.
-CONTENDERS = ["direct", "legate", "nginx", "haproxy"]
+CONTENDERS = ["direct", "legate", "nginx", "haproxy", "native1", "native5", "wasm1", "wasm5", "wasmhdr"]
+# Legate with a filter chain (bench/filters.sh), compared with plain `legate`.
+FILTER_CONTENDERS = {
+    "native1": "1 native no-op filter",
+    "native5": "5 native no-op filters",
+    "wasm1": "1 no-op Wasm filter",
+    "wasm5": "5 no-op Wasm filters",
+    "wasmhdr": "1 Wasm filter reading a header",
+}
 PROTOCOLS = ["h1", "h2"]
 
 _UNITS_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
@@ -162,6 +170,26 @@ def table(results_dir: Path) -> int:
             f"| {k[0]} | {'HTTP/1.1' if k[1] == 'h1' else 'h2c'} | {b['rps']:.0f} | "
             f"{fmt_us(b['p50_us'])} | {fmt_us(b['p99_us'])} | {errors} | {per_round} |"
         )
+
+    filters = [c for c in FILTER_CONTENDERS if any(k[0] == c for k in keys)]
+    if filters:
+        lines += [
+            "",
+            "| filter chain | protocol | req/s vs legate (no filters) | req/s cost | p99 vs legate |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for proto in PROTOCOLS:
+            base = best.get(("legate", proto))
+            for c in filters:
+                b = best.get((c, proto))
+                if not base or not b:
+                    continue
+                cost = 100.0 * (1.0 - b["rps"] / base["rps"]) if base["rps"] else float("nan")
+                lines.append(
+                    f"| {FILTER_CONTENDERS[c]} | {'HTTP/1.1' if proto == 'h1' else 'h2c'} | "
+                    f"{ratio(b['rps'], base['rps'])} | {cost:.1f}% | "
+                    f"{ratio(b['p99_us'], base['p99_us'])} |"
+                )
 
     lines += ["", "| protocol | legate/nginx | legate/haproxy | legate/direct |", "|---|---:|---:|---:|"]
     for proto in PROTOCOLS:

@@ -7,6 +7,11 @@
 # Each contender/protocol is measured ROUNDS times, rounds interleaved, and the
 # best round counts. See bench/README.md.
 #
+# Filter-cost contenders (bench/filters.sh runs them): Legate again, each with a
+# filter chain on its route: native1/native5 = 1 or 5 native no-op filters,
+# wasm1/wasm5 = 1 or 5 no-op Wasm filters (bench/noop-filter), wasmhdr = 1 Wasm
+# filter that reads one request header. Compare them with `legate` (no filters).
+#
 # Environment (defaults):
 #   ROUNDS=3 DURATION=10s CONNS=64 STREAMS=1 WARMUP=2s
 #   CONTENDERS="direct legate nginx haproxy"  PROTOCOLS="h1 h2"
@@ -32,6 +37,8 @@ RESULTS_DIR="${RESULTS_DIR:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)}"
 # Fixed loopback ports (18xxx, away from the demo's 8080/8081/8082/9901).
 UPSTREAM_PORT=18081
 LEGATE_PORT=18080 LEGATE_ADMIN_PORT=19901
+# Filter-chain Legates (native1 native5 wasm1 wasm5 wasmhdr): listeners 18086-18090,
+# admin ports 19902-19906.
 NGINX_H1_PORT=18082 NGINX_H2_PORT=18083
 HAPROXY_H1_PORT=18084 HAPROXY_H2_PORT=18085
 EXPECTED_BODY="hello from bench-upstream"
@@ -50,14 +57,22 @@ die() {
 [[ ${DURATION} =~ ^[1-9][0-9]*[smh]?$ ]] || die "DURATION must look like 10s, 2m (got '${DURATION}')"
 [[ ${WARMUP} =~ ^[0-9]+[smh]?$ ]] || die "WARMUP must look like 2s, or 0 (got '${WARMUP}')"
 for c in ${CONTENDERS}; do
-    [[ ${c} =~ ^(direct|legate|nginx|haproxy)$ ]] ||
-        die "unknown contender '${c}' (want: direct legate nginx haproxy)"
+    [[ ${c} =~ ^(direct|legate|nginx|haproxy|native1|native5|wasm1|wasm5|wasmhdr)$ ]] ||
+        die "unknown contender '${c}' (want: direct legate nginx haproxy native1 native5 wasm1 wasm5 wasmhdr)"
 done
 for p in ${PROTOCOLS}; do
     [[ ${p} =~ ^(h1|h2)$ ]] || die "unknown protocol '${p}' (want: h1 h2)"
 done
 [[ ${LOAD_CPU} != "${PROXY_CPU}" ]] || die "LOAD_CPU and PROXY_CPU must differ"
 wants() { [[ " ${CONTENDERS} " == *" $1 "* ]]; }
+# Contenders that are a Legate process: the plain one and the filter chains.
+FILTER_CONTENDERS="native1 native5 wasm1 wasm5 wasmhdr"
+wants_legate() {
+    local c
+    for c in legate ${FILTER_CONTENDERS}; do wants "${c}" && return 0; done
+    return 1
+}
+wants_wasm() { wants wasm1 || wants wasm5 || wants wasmhdr; }
 
 # ---- install and build ------------------------------------------------------
 if [[ -z ${SKIP_SETUP:-} ]]; then
@@ -77,7 +92,7 @@ if [[ -f Cargo.lock ]]; then
 fi
 log "building the demo upstream (release)"
 cargo build --release "${lock[@]}" -p legate-demo-upstream
-if wants legate; then
+if wants_legate; then
     log "building legate (release)"
     cargo build --release "${lock[@]}" -p legate-host ||
         die "could not build legate; to bench the others alone: CONTENDERS='direct nginx haproxy' $0"
@@ -169,6 +184,11 @@ port_for() { # CONTENDER PROTO
     case "$1-$2" in
         direct-*) echo "${UPSTREAM_PORT}" ;;
         legate-*) echo "${LEGATE_PORT}" ;;
+        native1-*) echo 18086 ;;
+        native5-*) echo 18087 ;;
+        wasm1-*) echo 18088 ;;
+        wasm5-*) echo 18089 ;;
+        wasmhdr-*) echo 18090 ;;
         nginx-h1) echo "${NGINX_H1_PORT}" ;;
         nginx-h2) echo "${NGINX_H2_PORT}" ;;
         haproxy-h1) echo "${HAPROXY_H1_PORT}" ;;
@@ -177,14 +197,18 @@ port_for() { # CONTENDER PROTO
 }
 
 # ---- configs ------------------------------------------------------------------
+# write_legate_config FILE PORT ADMIN_PORT [PLUGINS FILTERS]: one listener proxying
+# everything to the upstream; PLUGINS is the `plugins:` list, FILTERS the
+# listener's `filters:` chain (both YAML flow sequences; none by default).
 write_legate_config() {
-    cat >"${WORK}/legate.yaml" <<EOF
+    local file=$1 port=$2 admin=$3 plugins=${4:-"[]"} filters=${5:-"[]"}
+    cat >"${file}" <<EOF
 version: 1
-admin: { address: 127.0.0.1:${LEGATE_ADMIN_PORT} }
+admin: { address: 127.0.0.1:${admin} }
 listeners:
   - name: bench
-    address: 127.0.0.1:${LEGATE_PORT}
-    http: { routes: bench }
+    address: 127.0.0.1:${port}
+    http: { routes: bench, filters: ${filters} }
 routes:
   - name: bench
     virtual_hosts:
@@ -196,7 +220,25 @@ routes:
 clusters:
   - name: upstream
     endpoints: [ { address: 127.0.0.1:${UPSTREAM_PORT} } ]
+plugins: ${plugins}
 EOF
+}
+
+# start_filter_legate NAME PORT ADMIN MODULE N [CONFIG]: a Legate whose listener
+# runs N filters of MODULE (`native:noop` or a component path), each its own
+# plugin entry, so the chain really makes N filter calls per phase.
+start_filter_legate() {
+    local name=$1 port=$2 admin=$3 module=$4 n=$5 config=${6:-null} i
+    local plugins="" filters=""
+    for ((i = 1; i <= n; i++)); do
+        plugins+="{ name: f${i}, module: '${module}', config: ${config} }, "
+        filters+="{ plugin: f${i} }, "
+    done
+    write_legate_config "${WORK}/${name}.yaml" "${port}" "${admin}" \
+        "[${plugins%, }]" "[${filters%, }]"
+    # shellcheck disable=SC2086 # LEGATE_FLAGS is a list of flags on purpose.
+    start "${name}" "${PROXY_CPU}" "${LEGATE_BIN}" run -c "${WORK}/${name}.yaml" ${LEGATE_FLAGS}
+    wait_port "${name}" "${port}"
 }
 
 write_nginx_config() {
@@ -277,7 +319,7 @@ EOF
 }
 
 # ---- start everything -------------------------------------------------------
-for port in "${UPSTREAM_PORT}" "${LEGATE_PORT}" "${LEGATE_ADMIN_PORT}" \
+for port in "${UPSTREAM_PORT}" "${LEGATE_PORT}" "${LEGATE_ADMIN_PORT}" 18086 18087 18088 18089 18090 \
     "${NGINX_H1_PORT}" "${NGINX_H2_PORT}" "${HAPROXY_H1_PORT}" "${HAPROXY_H2_PORT}"; do
     if port_open "${port}"; then
         die "port ${port} is already in use (leftover run? see 'ss -ltnp')"
@@ -290,10 +332,22 @@ start upstream "${LOAD_CPU}" "${UPSTREAM_BIN}" \
 wait_port upstream "${UPSTREAM_PORT}"
 
 if wants legate; then
-    write_legate_config
+    write_legate_config "${WORK}/legate.yaml" "${LEGATE_PORT}" "${LEGATE_ADMIN_PORT}"
     # shellcheck disable=SC2086 # LEGATE_FLAGS is a list of flags on purpose.
     start legate "${PROXY_CPU}" "${LEGATE_BIN}" run -c "${WORK}/legate.yaml" ${LEGATE_FLAGS}
     wait_port legate "${LEGATE_PORT}"
+fi
+if wants_wasm; then
+    log "building bench/noop-filter (legate plugin build)"
+    "${LEGATE_BIN}" plugin build bench/noop-filter --out "${WORK}/noop.wasm" >"${WORK}/plugin-build.log" 2>&1 ||
+        die "building bench/noop-filter failed: $(tail -n 20 "${WORK}/plugin-build.log")"
+fi
+if wants native1; then start_filter_legate native1 18086 19902 native:noop 1; fi
+if wants native5; then start_filter_legate native5 18087 19903 native:noop 5; fi
+if wants wasm1; then start_filter_legate wasm1 18088 19904 "${WORK}/noop.wasm" 1; fi
+if wants wasm5; then start_filter_legate wasm5 18089 19905 "${WORK}/noop.wasm" 5; fi
+if wants wasmhdr; then
+    start_filter_legate wasmhdr 18090 19906 "${WORK}/noop.wasm" 1 '{ read_header: user-agent }'
 fi
 if wants nginx; then
     command -v nginx >/dev/null 2>&1 || die "nginx not found: run scripts/setup.sh bench"
