@@ -20,6 +20,7 @@ pub mod filter;
 pub mod io;
 pub mod listener;
 pub mod mirror;
+pub mod native;
 pub mod overrides;
 pub mod plugin_build;
 pub mod proxy;

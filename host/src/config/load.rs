@@ -553,7 +553,15 @@ impl Config {
             }
         }
         for p in &mut self.plugins {
-            fix(&mut p.value.module);
+            // `native:NAME` names a filter compiled into the host, not a file.
+            if !p
+                .value
+                .module
+                .to_str()
+                .is_some_and(|m| m.starts_with(crate::native::PREFIX))
+            {
+                fix(&mut p.value.module);
+            }
         }
         if let Some(log) = &mut self.access_log {
             if !matches!(log.path.as_str(), "stdout" | "stderr")

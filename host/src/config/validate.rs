@@ -517,6 +517,23 @@ fn validate_plugin(e: &mut Issues, p: &Spanned<Plugin>, clusters: &Defined<'_>) 
         )
         .key("module");
     }
+    if let Some(kind) = p
+        .module
+        .to_str()
+        .and_then(|m| m.strip_prefix(crate::native::PREFIX))
+    {
+        if !crate::native::NAMES.contains(&kind) {
+            e.at(
+                loc,
+                format!("plugin `{}`: no native filter `{kind}`", p.name),
+                format!(
+                    "native filters: {}; or give the path of a `.wasm` file",
+                    crate::native::NAMES.join(", ")
+                ),
+            )
+            .key("module");
+        }
+    }
     if let Some(sha) = &p.sha256 {
         let v = &sha.value;
         if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
