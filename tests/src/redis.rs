@@ -5,6 +5,8 @@
 //! ```no_run
 //! let redis = legate_tests::redis::RedisServer::start();
 //! let url = redis.url(); // redis://127.0.0.1:PORT/0
+//! redis.pause(); // SIGSTOP: connected but silent, as a hung server
+//! redis.resume();
 //! redis.kill(); // SIGKILL, as a crash
 //! redis.restart(); // same port, empty data
 //! ```
@@ -56,6 +58,7 @@ impl RedisServer {
     pub fn kill(&self) {
         let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(mut c) = child.take() {
+            // A paused process dies on SIGKILL too; no SIGCONT needed.
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -78,6 +81,27 @@ impl RedisServer {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Freezes it (SIGSTOP): connections stay open but nothing is answered, as
+    /// with a hung or overloaded server. [`RedisServer::resume`] undoes it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = child.as_ref().expect("redis-server is not running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid} failed");
     }
 
     /// Sends one command in RESP (inline form) and returns the raw reply.

@@ -216,6 +216,49 @@ fn backend_unreachable_is_unavailable_at_once_then_reconnects() {
     assert_eq!(stat(r#"legate_kv_up{backend="redis"}"#), Some(1.0));
 }
 
+#[test]
+fn backend_hung_redis_times_out() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    // A short timeout: this test waits it out a few times.
+    let kv = RedisKv::new(&redis.url(), Duration::from_millis(100), "t", &stats).unwrap();
+    kv.set("n", "k", b"v".to_vec(), Condition::Always, None)
+        .unwrap();
+    // Connected, but nothing answers: each call gives up after the timeout
+    // (sending fits the socket buffer; the reply never comes).
+    redis.pause();
+    for _ in 0..3 {
+        assert_eq!(kv.get("n", "k"), Err(KvError::Unavailable));
+    }
+    let stat = |name: &str| {
+        parse_prometheus(&stats.render())
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    };
+    assert_eq!(
+        stat(r#"legate_kv_errors_total{backend="redis"}"#),
+        Some(3.0)
+    );
+    // The first call timed out reading; the next ones timed out connecting (the
+    // handshake gets no answer either) or failed at once while backing off.
+    assert!(
+        stat(r#"legate_kv_timeouts_total{backend="redis"}"#).is_some_and(|n| n >= 1.0),
+        "{}",
+        stats.render()
+    );
+    redis.resume();
+    let deadline = Instant::now() + HANG;
+    while kv.get("n", "k").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "not usable again within {HANG:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(kv.get("n", "k").unwrap().unwrap().value, b"v");
+}
+
 /// A config with the ratelimit plugin on `/api` (one bucket per route, `rate`),
 /// its KV in the Redis at `redis_url`; `web` and `admin` are `ip:port` (`:0` in
 /// process).
@@ -435,6 +478,54 @@ each_proto!(
                     .is_some_and(|n| n >= 5.0),
                 "{s}"
             );
+        }
+    }
+);
+
+each_proto!(
+    async fn hung_redis_fails_open_without_hanging(proto) {
+        let redis = RedisServer::start();
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, &redis.url(), "3/h", "127.0.0.1:0", "127.0.0.1:0"))
+            .start();
+        let web = lg.addr("web");
+        let r = get(proto, web).await;
+        assert_eq!(r.header("ratelimit-remaining"), Some("2"));
+
+        // Redis stops answering (connections stay open): each KV call gives up
+        // after kv.timeout (50ms, well inside the plugin's 500ms deadline), the
+        // plugin fails open, and the request is served.
+        redis.pause();
+        for i in 0..3 {
+            let r = get(proto, web).await;
+            assert_eq!(r.status, 200, "request {i} with Redis hung: {}", r.text());
+            assert_eq!(r.header("ratelimit-remaining"), None);
+        }
+        let s = lg.stats().await;
+        assert_eq!(outcome(&s, "error"), Some(3.0), "{s}");
+        assert!(
+            stat(&s, r#"legate_kv_timeouts_total{backend="redis"}"#).is_some_and(|n| n >= 1.0),
+            "{s}"
+        );
+        // No failed plugin call (deadline trap): the plugin handled every KV
+        // failure itself.
+        let failures: f64 = parse_prometheus(&s)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("legate_plugin_failures_total{"))
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(failures, 0.0, "{s}");
+        redis.resume();
+        let deadline = Instant::now() + HANG;
+        loop {
+            let r = get(proto, web).await;
+            if let Some(remaining) = r.header("ratelimit-remaining") {
+                assert_eq!(remaining, "1");
+                break;
+            }
+            assert!(Instant::now() < deadline, "Redis not used again within {HANG:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 );

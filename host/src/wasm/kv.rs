@@ -468,6 +468,34 @@ mod tests {
     }
 
     #[test]
+    fn entered_backend_is_the_store_until_the_guard_drops() {
+        let stats = Stats::new();
+        let redis = KvConfig {
+            backend: KvBackendKind::Redis,
+            url: Some(crate::config::unspanned(
+                "redis://127.0.0.1:1/0".to_string(),
+            )),
+            ..KvConfig::default()
+        };
+        // Built without connecting: nothing listens on port 1.
+        let b = backend(&redis, &stats).unwrap();
+        assert!(Arc::ptr_eq(&store(), &memory()));
+        {
+            let _g = enter(b.clone());
+            assert!(Arc::ptr_eq(&store(), &b));
+            // Only on this thread.
+            let other = std::thread::spawn(|| Arc::ptr_eq(&store(), &memory()))
+                .join()
+                .unwrap();
+            assert!(other);
+        }
+        assert!(Arc::ptr_eq(&store(), &memory()));
+        // The memory config is the process's one store.
+        let m = backend(&KvConfig::default(), &stats).unwrap();
+        assert!(Arc::ptr_eq(&m, &memory()));
+    }
+
+    #[test]
     fn expired_keys_are_absent_and_swept() {
         let kv = MemoryKv::default();
         let ttl = Some(Duration::from_millis(1));
