@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one demo command: builds Legate and the demo upstream, starts two
+# The one demo command: builds Legate, the demo upstream and the first-party
+# plugins plugins.yaml uses (auth, ratelimit, into target/plugins/), starts two
 # upstreams (app-v1 on 127.0.0.1:8081, app-v2 on 127.0.0.1:8082), then runs
 # Legate with plugins.yaml until Ctrl-C. Everything it started is stopped on
 # exit.
@@ -20,7 +21,7 @@ die() {
 
 [[ -f ${CONFIG} ]] || die "config '${CONFIG}' not found (run from a checkout that has it)"
 
-bash scripts/setup.sh demo
+bash scripts/setup.sh demo wasm
 
 lock=()
 if [[ -f Cargo.lock ]]; then
@@ -28,6 +29,12 @@ if [[ -f Cargo.lock ]]; then
 fi
 echo "demo: building (release)..."
 cargo build --release "${lock[@]}" -p legate-host -p legate-demo-upstream
+# plugins.yaml loads them from target/plugins/ (`legate plugin build` needs the
+# wasm32-wasip2 target: setup's `wasm` group, above).
+for plugin in auth ratelimit; do
+    echo "demo: building plugins/${plugin}..."
+    target/release/legate plugin build "plugins/${plugin}" --out "target/plugins/${plugin}.wasm" >/dev/null
+done
 
 LOGS="$(mktemp -d -t legate-demo.XXXXXX)"
 pids=()
@@ -103,8 +110,12 @@ cat <<EOF
 demo: Legate is running with ${CONFIG}. Try, in another terminal:
 
   curl -i http://127.0.0.1:8080/hello            # canary: 90% app-v1, 10% app-v2 (x-upstream)
-  curl -i --http2-prior-knowledge http://127.0.0.1:8080/api/users   # h2c, round robin
-  curl -i http://127.0.0.1:8080/api/status/503    # retried twice, then passed through
+  curl -i http://127.0.0.1:8080/api/users         # 401: /api/ needs a credential
+  curl -i -H 'x-api-key: demo-key' http://127.0.0.1:8080/api/users     # 200, RateLimit-* headers
+  curl -i --http2-prior-knowledge -H 'x-api-key: demo-key' http://127.0.0.1:8080/api/users   # h2c
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{http_code}\n' \
+      -H 'x-api-key: demo-key' http://127.0.0.1:8080/api/users; done     # 5 a minute, then 429
+  curl -i -H 'x-api-key: demo-key' http://127.0.0.1:8080/api/status/503    # retried twice, passed through
   curl -i http://127.0.0.1:8080/healthz           # direct response
   curl -i http://127.0.0.1:8080/old/page?x=1      # 302 redirect
 

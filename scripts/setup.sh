@@ -11,7 +11,8 @@
 #
 # Idempotent: packages already installed are skipped, and `apt-get update` only
 # runs when something is missing. Daemons that Debian packages start on install
-# (nginx, haproxy) are stopped and disabled again, so nothing keeps ports busy.
+# (nginx, haproxy, redis-server) are stopped and disabled again, so nothing keeps
+# ports busy.
 #
 # It can also be sourced (`. scripts/setup.sh`) to use its functions.
 set -euo pipefail
@@ -19,14 +20,16 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # Package groups. Keep them minimal: every entry costs time on a fresh CI box.
-TEST_PKGS=(iproute2 iptables nghttp2-client curl)
+# redis-server: the Redis KV backend's tests start their own on an ephemeral
+# loopback port (tests/src/redis.rs); the packaged service is not used.
+TEST_PKGS=(iproute2 iptables nghttp2-client curl redis-server)
 BENCH_PKGS=(wrk nghttp2-client nginx haproxy hyperfine util-linux)
 DEMO_PKGS=(curl)
 # Debian 12's clang 14 builds wasm32-wasi with lld's wasm-ld, wasi-libc and the
 # wasm32 compiler-rt builtins.
 CGUEST_PKGS=(clang lld wasi-libc libclang-rt-14-dev-wasm32)
 # Packages that ship a daemon Debian starts on install.
-SERVICE_PKGS=(nginx haproxy)
+SERVICE_PKGS=(nginx haproxy redis-server)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() {
@@ -165,7 +168,7 @@ main() {
             cguest) pkgs+=("${CGUEST_PKGS[@]}") ;;
             wasm) ;;
             -h | --help)
-                sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+                sed -n '2,17s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
                 return 0
                 ;;
             *) die "unknown group '${group}' (want: test, bench, demo, wasm, cguest)" ;;

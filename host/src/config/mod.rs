@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use serde_saphyr::Spanned;
 
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors};
-pub use types::{ByteSize, Dur, Name, Percent, StatusRange};
+pub use types::{ByteSize, Dur, KvBackendKind, KvConfig, Name, Percent, StatusRange};
 pub(crate) use validate::split_host_port;
 
 /// The whole config file.
@@ -54,6 +54,9 @@ pub struct Config {
     /// referred to by name from listeners' `http.filters`.
     #[serde(default)]
     pub plugins: Vec<Spanned<Plugin>>,
+    /// The plugins' shared KV store (see [`KvConfig`]); absent = in memory.
+    #[serde(default)]
+    pub kv: KvConfig,
 }
 
 /// A Wasm filter plugin: a component, its configuration and its sandbox.

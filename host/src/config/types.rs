@@ -383,3 +383,62 @@ mod tests {
         assert!(Name::new("").is_err());
     }
 }
+
+/// Where plugins' shared KV store lives: the top-level `kv:` section.
+///
+/// Absent = `backend: memory`: one in-process store shared by the workers of this
+/// Legate, nothing to run or reach, so nothing can fail. `backend: redis` shares the
+/// store between Legate processes (fleet-wide rate limits) through one Redis.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvConfig {
+    /// `memory` (default) or `redis`.
+    #[serde(default)]
+    pub backend: KvBackendKind,
+    /// `redis://[user:password@]host:port/db` (or `redis+unix:///path`); required for,
+    /// and only for, `backend: redis`. Connections are made lazily, so `legate check`
+    /// and startup do not need Redis to be up.
+    #[serde(default)]
+    pub url: Option<super::Spanned<String>>,
+    /// The longest a KV call may wait on Redis, per network step (connect, send,
+    /// receive). Default 50ms: two orders of magnitude above a LAN round trip, yet
+    /// short enough that a stalled Redis costs a request little; the guest then gets
+    /// `unavailable` and applies its own failure policy. At most 1s: a call blocks
+    /// its worker thread while it waits.
+    #[serde(default = "kv_timeout")]
+    pub timeout: super::Spanned<Dur>,
+    /// Prefix of every Redis key Legate writes (`PREFIX:NAMESPACE:KEY`), so one
+    /// Redis can be shared with other users. Default `legate`.
+    #[serde(default = "kv_prefix")]
+    pub prefix: String,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        KvConfig {
+            backend: KvBackendKind::Memory,
+            url: None,
+            timeout: kv_timeout(),
+            prefix: kv_prefix(),
+        }
+    }
+}
+
+fn kv_timeout() -> super::Spanned<Dur> {
+    super::unspanned(Dur::millis(50))
+}
+
+fn kv_prefix() -> String {
+    "legate".to_string()
+}
+
+/// The KV backend kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvBackendKind {
+    /// In-process memory, per Legate process.
+    #[default]
+    Memory,
+    /// A Redis server shared by every Legate pointed at it.
+    Redis,
+}

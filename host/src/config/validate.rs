@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde_saphyr::Location;
 
@@ -134,6 +135,7 @@ impl Config {
             );
         }
         self.validate_admin(&mut e);
+        self.validate_kv(&mut e);
         if let Some(log) = &self.access_log {
             if log.path.trim().is_empty() {
                 e.top(
@@ -248,6 +250,88 @@ impl Config {
                     format!("admin address `{}` is not `ip:port`", a.value),
                     "write it like `127.0.0.1:9901`",
                 );
+            }
+        }
+    }
+
+    /// The `kv:` section: a Redis backend needs a usable URL and a timeout that
+    /// fits every KV-using plugin's CPU deadline (a call waiting on Redis counts
+    /// against it: a deadline trap would bypass the plugin's own failure policy).
+    fn validate_kv(&self, e: &mut Issues) {
+        let kv = &self.kv;
+        let timeout = kv.timeout.value.get();
+        if timeout.is_zero() || timeout > Duration::from_secs(1) {
+            e.top(
+                format!(
+                    "`kv.timeout` is {}; it must be above 0 and at most 1s",
+                    kv.timeout.value
+                ),
+                "a KV call blocks its worker thread while it waits; 50ms (the default) suits a \
+                 Redis on the same network",
+            )
+            .key("kv")
+            .key("timeout");
+        }
+        if kv.prefix.is_empty() || kv.prefix.contains(char::is_whitespace) {
+            e.top(
+                format!("`kv.prefix` `{}` is empty or has whitespace", kv.prefix),
+                "use a short word like `legate` (the default); keys are `PREFIX:NAMESPACE:KEY`",
+            )
+            .key("kv")
+            .key("prefix");
+        }
+        match (kv.backend, &kv.url) {
+            (KvBackendKind::Memory, None) => {}
+            (KvBackendKind::Memory, Some(_)) => {
+                e.top(
+                    "`kv.url` is set but `kv.backend` is `memory`",
+                    "set `backend: redis` to use the Redis at this URL, or remove `url`",
+                )
+                .key("kv")
+                .key("url");
+            }
+            (KvBackendKind::Redis, None) => {
+                e.top(
+                    "`kv.backend: redis` needs `kv.url`",
+                    "add e.g. `url: redis://127.0.0.1:6379/0`",
+                )
+                .key("kv")
+                .key("backend");
+            }
+            (KvBackendKind::Redis, Some(url)) => {
+                if let Err(why) = crate::wasm::kv::check_redis_url(&url.value) {
+                    e.top(
+                        format!("`kv.url`: {why}"),
+                        "write it like `redis://127.0.0.1:6379/0` (or \
+                         `redis://:PASSWORD@host:6379/0`)",
+                    )
+                    .key("kv")
+                    .key("url");
+                }
+            }
+        }
+        if kv.backend != KvBackendKind::Redis {
+            return;
+        }
+        for p in &self.plugins {
+            let cpu = &p.value.limits.cpu;
+            if !p.value.capabilities.kv.is_empty() && cpu.value.get() <= timeout {
+                e.at(
+                    &p.referenced,
+                    format!(
+                        "plugin `{}` uses the Redis KV store but its `limits.cpu` ({}) is not above \
+                         `kv.timeout` ({})",
+                        p.value.name, cpu.value, kv.timeout.value
+                    ),
+                    format!(
+                        "time waiting on Redis counts against the CPU deadline; give the plugin \
+                         `limits: {{ cpu: {} }}` or more (4 KV calls), so a slow Redis gets it an \
+                         `unavailable` error it handles rather than a deadline trap",
+                        Dur(timeout.saturating_mul(4).saturating_add(Duration::from_millis(5)))
+                    ),
+                )
+                .key("limits")
+                .key("cpu");
             }
         }
     }

@@ -2,17 +2,29 @@
 //! `kv` imports call, and [`MemoryKv`], the in-process backend — one per process
 //! ([`store`]), shared by every worker and every plugin granted a namespace.
 //!
-//! The trait is the seam for a remote backend (e.g. Redis) later: it speaks in
-//! namespaces, keys, write conditions and TTLs, and reports `unavailable` for a
-//! backend it cannot reach. Capability checks stay in the host (`host.rs`), not here.
+//! The trait is the seam for the remote backend, [`RedisKv`] (`kv: {backend:
+//! redis}`, in [`redis`]): it speaks in namespaces, keys, write conditions and
+//! TTLs, and reports `unavailable` for a backend it cannot reach. Capability checks
+//! stay in the host (`host.rs`), not here.
+//!
+//! Which backend plugins get: [`backend`] builds the one a config asks for, and
+//! [`enter`] makes it the one [`store`] returns on this thread while a config's
+//! plugins are loaded; outside that, [`store`] is the process's memory store.
 //!
 //! Expiry is checked lazily on every access (an expired key is absent for every
 //! call) and expired entries are reclaimed by a bounded sweep on each write, driven
 //! by a per-namespace expiry queue, so no background task is needed.
 
+mod redis;
+
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
+
+pub use self::redis::{check_url as check_redis_url, RedisKv};
+use crate::config::{KvBackendKind, KvConfig};
+use crate::stats::Stats;
 
 /// Longest key, in bytes (abi/README.md §7).
 pub const MAX_KEY: usize = 512;
@@ -84,10 +96,54 @@ pub trait KvBackend: Send + Sync {
     ) -> Result<i64, KvError>;
 }
 
-/// The process's KV store.
-pub fn store() -> Arc<dyn KvBackend> {
+/// The process's in-memory store, shared by every config that uses `memory`.
+fn memory() -> Arc<dyn KvBackend> {
     static STORE: OnceLock<Arc<MemoryKv>> = OnceLock::new();
     STORE.get_or_init(|| Arc::new(MemoryKv::default())).clone()
+}
+
+thread_local! {
+    /// The backend of the config being loaded on this thread ([`enter`]).
+    static CURRENT: RefCell<Option<Arc<dyn KvBackend>>> = const { RefCell::new(None) };
+}
+
+/// The KV store plugins created now get: the backend [`enter`]ed on this thread,
+/// else the process's memory store.
+pub fn store() -> Arc<dyn KvBackend> {
+    CURRENT.with(|c| c.borrow().clone()).unwrap_or_else(memory)
+}
+
+/// The backend `config` asks for: the process's memory store, or a new Redis
+/// backend (which connects on first use, so this never waits on the network).
+pub fn backend(config: &KvConfig, stats: &Arc<Stats>) -> anyhow::Result<Arc<dyn KvBackend>> {
+    match (config.backend, &config.url) {
+        (KvBackendKind::Memory, _) => Ok(memory()),
+        (KvBackendKind::Redis, Some(url)) => Ok(Arc::new(RedisKv::new(
+            &url.value,
+            config.timeout.value.get(),
+            &config.prefix,
+            stats,
+        )?)),
+        (KvBackendKind::Redis, None) => {
+            anyhow::bail!("`kv.backend: redis` needs `kv.url` (e.g. redis://127.0.0.1:6379/0)")
+        }
+    }
+}
+
+/// Makes `backend` what [`store`] returns on this thread until the guard drops
+/// (the previous one is restored then).
+pub fn enter(backend: Arc<dyn KvBackend>) -> Entered {
+    Entered(CURRENT.with(|c| c.replace(Some(backend))))
+}
+
+/// Restores the previous [`store`] of this thread on drop.
+pub struct Entered(Option<Arc<dyn KvBackend>>);
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let prev = self.0.take();
+        CURRENT.with(|c| *c.borrow_mut() = prev);
+    }
 }
 
 struct Item {
@@ -409,6 +465,34 @@ mod tests {
             kv.set("n", "z", vec![], Condition::Always, Some(Duration::ZERO)),
             Err(KvError::InvalidArgument)
         );
+    }
+
+    #[test]
+    fn entered_backend_is_the_store_until_the_guard_drops() {
+        let stats = Stats::new();
+        let redis = KvConfig {
+            backend: KvBackendKind::Redis,
+            url: Some(crate::config::unspanned(
+                "redis://127.0.0.1:1/0".to_string(),
+            )),
+            ..KvConfig::default()
+        };
+        // Built without connecting: nothing listens on port 1.
+        let b = backend(&redis, &stats).unwrap();
+        assert!(Arc::ptr_eq(&store(), &memory()));
+        {
+            let _g = enter(b.clone());
+            assert!(Arc::ptr_eq(&store(), &b));
+            // Only on this thread.
+            let other = std::thread::spawn(|| Arc::ptr_eq(&store(), &memory()))
+                .join()
+                .unwrap();
+            assert!(other);
+        }
+        assert!(Arc::ptr_eq(&store(), &memory()));
+        // The memory config is the process's one store.
+        let m = backend(&KvConfig::default(), &stats).unwrap();
+        assert!(Arc::ptr_eq(&m, &memory()));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! - [`bindings`]: the one `bindgen!` of the WIT world.
 //! - [`host`]: the host side of every imported interface; WASI linked with nothing
 //!   granted.
-//! - [`kv`]: the plugin KV store, a [`kv::KvBackend`] (in-memory, one per process).
+//! - [`kv`]: the plugin KV store, a [`kv::KvBackend`]: in memory (one per process)
+//!   or in Redis (`kv:` in the config), shared by Legate processes.
 //! - [`plugin`]: [`WasmFilter`], a [`crate::filter::HttpFilter`]; per-worker
 //!   instances, deadlines, memory caps, failure handling and per-plugin stats.
 //!
@@ -38,6 +39,7 @@ pub fn load(
     stats: &Arc<Stats>,
 ) -> anyhow::Result<HashMap<FilterKey, Arc<dyn HttpFilter>>> {
     let mut out: HashMap<FilterKey, Arc<dyn HttpFilter>> = HashMap::new();
+    let _kv = kv::enter(kv::backend(&config.kv, stats)?);
     for p in &config.plugins {
         let p = &p.value;
         let name = p.name.as_str();

@@ -1,0 +1,442 @@
+//! [`RedisKv`]: the KV backend shared by Legate processes through one Redis
+//! (`kv: {backend: redis, url: ...}`), so N proxies enforce one rate limit.
+//!
+//! KV hostcalls are synchronous inside a guest call on a worker thread, so this
+//! backend uses the `redis` crate's blocking connections with every network step
+//! bounded: connect (handshake included), send and receive each wait at most
+//! `kv.timeout`, after which the guest gets `unavailable` and applies its own
+//! failure policy. A call never waits longer than that, whatever Redis does.
+//!
+//! - Atomicity: every conditional write is one Lua script run server-side
+//!   (compare version, write, bump version, set TTL), and increments use
+//!   `HINCRBY` in a script that also sets the TTL of a new counter, so N processes
+//!   never interleave inside one call. Scripts are sent by SHA (`EVALSHA`) and
+//!   reloaded after a Redis restart lost them.
+//! - Layout: an entry is a hash `PREFIX:NS:KEY` with fields `v` (value) and `n`
+//!   (version); versions come from one counter per namespace, `PREFIX:NS#version`,
+//!   so a version is never reused for a key (no ABA), as in memory.
+//! - Connections: an idle pool, one connection per concurrently calling worker.
+//!   A connection that failed or timed out mid-call is dropped (its reply may still
+//!   arrive), and the idle ones with it (they share its fate). A failed connect
+//!   starts an exponential backoff (100ms doubling to 2s) during which calls fail
+//!   at once instead of each waiting for a dead server.
+//! - Stats (label `backend="redis"`): `legate_kv_operations_total{op}`,
+//!   `legate_kv_errors_total` (calls that returned `unavailable`, timeouts
+//!   included), `legate_kv_timeouts_total`, `legate_kv_reconnects_total`
+//!   (connections made after one was lost or refused) and `legate_kv_up`.
+//!
+//! Not enforced here, unlike in memory: the per-namespace entry and byte caps
+//! (Redis's own `maxmemory` governs); key and value sizes are.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use ::redis::{Connection, RedisError, RedisResult, Script};
+
+use super::{check_key, Condition, Entry, KvBackend, KvError, MAX_VALUE};
+use crate::stats::{Counter, Gauge, Stats};
+
+/// First reconnect delay after a failed connect.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest reconnect delay: a recovered Redis is used again within 2s.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Idle connections kept; more concurrent callers than this connect anew.
+const MAX_IDLE: usize = 64;
+
+/// `set`: KEYS entry, version counter; ARGV value, mode (`a` always, `n` if
+/// absent, `v` if version), expected version, TTL in ms (`0` = none).
+const SET: &str = r"
+local cur = redis.call('HGET', KEYS[1], 'n')
+if ARGV[2] == 'n' and cur then return -1 end
+if ARGV[2] == 'v' and cur ~= ARGV[3] then return -1 end
+local ver = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'n', ver)
+if ARGV[4] ~= '0' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+else
+  redis.call('PERSIST', KEYS[1])
+end
+return ver
+";
+
+/// `delete`: KEYS entry; ARGV mode (`a` always, `v` if version), expected version.
+/// -1 = version mismatch, else how many keys were deleted.
+const DELETE: &str = r"
+if ARGV[1] == 'v' and redis.call('HGET', KEYS[1], 'n') ~= ARGV[2] then return -1 end
+return redis.call('DEL', KEYS[1])
+";
+
+/// `increment`: KEYS entry, version counter; ARGV delta, TTL in ms for a new
+/// counter (`0` = none). `{1, sum}`, or `{0}` if the value is not an integer or
+/// the sum overflows (HINCRBY refuses both and changes nothing).
+const INCREMENT: &str = r"
+local existed = redis.call('EXISTS', KEYS[1])
+local sum = redis.pcall('HINCRBY', KEYS[1], 'v', ARGV[1])
+if type(sum) == 'table' and sum.err then return {0} end
+if existed == 0 and ARGV[2] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+local ver = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], 'n', ver)
+return {1, sum}
+";
+
+/// Checks a `kv.url` without connecting; the reason if it is unusable.
+pub fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("rediss:") {
+        return Err(
+            "TLS (`rediss://`) is not supported by this Legate; use `redis://` \
+                    over a trusted network"
+                .into(),
+        );
+    }
+    ::redis::Client::open(url)
+        .map(|_| ())
+        .map_err(|e| format!("`{}` is not a usable Redis URL ({e})", redact(url)))
+}
+
+/// The URL with any password replaced, for messages: secrets are never logged.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+struct KvStats {
+    get: Counter,
+    set: Counter,
+    delete: Counter,
+    increment: Counter,
+    errors: Counter,
+    timeouts: Counter,
+    reconnects: Counter,
+    up: Gauge,
+}
+
+impl KvStats {
+    fn new(stats: &Stats) -> Self {
+        let ops = |op: &str| {
+            stats.counter(
+                "legate_kv_operations_total",
+                "Plugin KV calls sent to the backend.",
+                &[("backend", "redis"), ("op", op)],
+            )
+        };
+        let b = &[("backend", "redis")];
+        KvStats {
+            get: ops("get"),
+            set: ops("set"),
+            delete: ops("delete"),
+            increment: ops("increment"),
+            errors: stats.counter(
+                "legate_kv_errors_total",
+                "Plugin KV calls answered `unavailable` (backend down, timed out or failing).",
+                b,
+            ),
+            timeouts: stats.counter(
+                "legate_kv_timeouts_total",
+                "Plugin KV calls that hit kv.timeout.",
+                b,
+            ),
+            reconnects: stats.counter(
+                "legate_kv_reconnects_total",
+                "Connections to the KV backend made after one was lost or refused.",
+                b,
+            ),
+            up: stats.gauge(
+                "legate_kv_up",
+                "1 while the last connection attempt or call to the KV backend succeeded.",
+                b,
+            ),
+        }
+    }
+}
+
+/// Reconnect state.
+#[derive(Default)]
+struct Link {
+    /// Consecutive failed connects.
+    failures: u32,
+    /// No connect attempt before this.
+    retry_at: Option<Instant>,
+    /// A connection was lost or refused since the last one made.
+    lost: bool,
+}
+
+/// Why a call did not reach Redis.
+enum Down {
+    Timeout,
+    Unreachable,
+}
+
+/// The Redis backend. Cheap to share: one per loaded config.
+pub struct RedisKv {
+    client: ::redis::Client,
+    timeout: Duration,
+    prefix: String,
+    idle: Mutex<Vec<Connection>>,
+    link: Mutex<Link>,
+    set: Script,
+    delete: Script,
+    increment: Script,
+    stats: KvStats,
+}
+
+impl RedisKv {
+    /// A backend for `url` (checked, not connected: the first call connects).
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        prefix: &str,
+        stats: &Arc<Stats>,
+    ) -> anyhow::Result<Self> {
+        check_url(url).map_err(|e| anyhow::anyhow!("kv.url: {e}"))?;
+        let client = ::redis::Client::open(url)?;
+        let stats = KvStats::new(stats);
+        // Unknown until the first call; 0 would claim Redis is down.
+        stats.up.set(1);
+        Ok(RedisKv {
+            client,
+            timeout,
+            prefix: prefix.to_string(),
+            idle: Mutex::default(),
+            link: Mutex::default(),
+            set: Script::new(SET),
+            delete: Script::new(DELETE),
+            increment: Script::new(INCREMENT),
+            stats,
+        })
+    }
+
+    fn entry_key(&self, ns: &str, key: &str) -> String {
+        // Namespace names cannot contain `:`, so `PREFIX:NS:KEY` is unambiguous
+        // and never equals a version counter `PREFIX:NS#version`.
+        format!("{}:{ns}:{key}", self.prefix)
+    }
+
+    fn version_key(&self, ns: &str) -> String {
+        format!("{}:{ns}#version", self.prefix)
+    }
+
+    fn link(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An idle connection, or a new one unless backing off.
+    fn connection(&self) -> Result<Connection, Down> {
+        if let Some(c) = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+        {
+            return Ok(c);
+        }
+        if self.link().retry_at.is_some_and(|t| Instant::now() < t) {
+            return Err(Down::Unreachable);
+        }
+        let made = self
+            .client
+            .get_connection_with_timeout(self.timeout)
+            .and_then(|c| {
+                c.set_read_timeout(Some(self.timeout))?;
+                c.set_write_timeout(Some(self.timeout))?;
+                Ok(c)
+            });
+        let mut link = self.link();
+        match made {
+            Ok(c) => {
+                if link.lost {
+                    self.stats.reconnects.inc();
+                    tracing::info!("kv: reconnected to Redis");
+                }
+                *link = Link::default();
+                self.stats.up.set(1);
+                Ok(c)
+            }
+            Err(e) => {
+                if link.failures == 0 {
+                    tracing::warn!(
+                        "kv: cannot connect to Redis ({e}); KV calls fail with `unavailable` \
+                         while retrying with backoff"
+                    );
+                }
+                let delay = BACKOFF_MIN
+                    .saturating_mul(1 << link.failures.min(8))
+                    .min(BACKOFF_MAX);
+                link.failures = link.failures.saturating_add(1);
+                link.retry_at = Some(Instant::now() + delay);
+                link.lost = true;
+                self.stats.up.set(0);
+                Err(if e.is_timeout() {
+                    Down::Timeout
+                } else {
+                    Down::Unreachable
+                })
+            }
+        }
+    }
+
+    /// Runs `f` on a connection, counting it under `op`; every failure is
+    /// `unavailable` to the guest.
+    fn call<T>(
+        &self,
+        op: &Counter,
+        f: impl FnOnce(&mut Connection) -> RedisResult<T>,
+    ) -> Result<T, KvError> {
+        op.inc();
+        let mut conn = match self.connection() {
+            Ok(c) => c,
+            Err(down) => {
+                self.stats.errors.inc();
+                if matches!(down, Down::Timeout) {
+                    self.stats.timeouts.inc();
+                }
+                return Err(KvError::Unavailable);
+            }
+        };
+        match f(&mut conn) {
+            Ok(v) => {
+                let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                if idle.len() < MAX_IDLE {
+                    idle.push(conn);
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                self.failed(&e);
+                if !broken(&e) {
+                    // A server error reply (OOM, LOADING...): the connection is fine.
+                    let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                    if idle.len() < MAX_IDLE {
+                        idle.push(conn);
+                    }
+                }
+                Err(KvError::Unavailable)
+            }
+        }
+    }
+
+    fn failed(&self, e: &RedisError) {
+        self.stats.errors.inc();
+        if e.is_timeout() {
+            self.stats.timeouts.inc();
+        }
+        if broken(e) {
+            // The others were made to the same server: drop them too, so the
+            // next call reconnects (or backs off) rather than failing on each.
+            self.idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+            let mut link = self.link();
+            if !link.lost {
+                tracing::warn!("kv: lost the Redis connection ({e}); reconnecting");
+            }
+            link.lost = true;
+            self.stats.up.set(0);
+        } else {
+            tracing::warn!("kv: Redis answered an error: {e}");
+        }
+    }
+}
+
+/// Whether `e` leaves the connection unusable (it may hold a late reply, or be closed).
+fn broken(e: &RedisError) -> bool {
+    e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error()
+}
+
+/// A TTL in whole milliseconds for Redis (`0` = none), rounding a sub-ms TTL up.
+fn ttl_ms(ttl: Option<Duration>) -> Result<u64, KvError> {
+    match ttl {
+        None => Ok(0),
+        Some(d) if d.is_zero() => Err(KvError::InvalidArgument),
+        Some(d) => Ok(u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)),
+    }
+}
+
+impl KvBackend for RedisKv {
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Entry>, KvError> {
+        check_key(key)?;
+        let k = self.entry_key(ns, key);
+        let (value, version): (Option<Vec<u8>>, Option<u64>) = self.call(&self.stats.get, |c| {
+            ::redis::cmd("HMGET").arg(&k).arg("v").arg("n").query(c)
+        })?;
+        Ok(match (value, version) {
+            (Some(value), Some(version)) => Some(Entry { value, version }),
+            _ => None,
+        })
+    }
+
+    fn set(
+        &self,
+        ns: &str,
+        key: &str,
+        value: Vec<u8>,
+        cond: Condition,
+        ttl: Option<Duration>,
+    ) -> Result<u64, KvError> {
+        check_key(key)?;
+        if value.len() > MAX_VALUE {
+            return Err(KvError::LimitExceeded);
+        }
+        let ttl = ttl_ms(ttl)?;
+        let (mode, expected) = match cond {
+            Condition::Always => ("a", 0),
+            Condition::IfAbsent => ("n", 0),
+            Condition::IfVersion(v) => ("v", v),
+        };
+        let (k, vk) = (self.entry_key(ns, key), self.version_key(ns));
+        let r: i64 = self.call(&self.stats.set, |c| {
+            self.set
+                .key(&k)
+                .key(&vk)
+                .arg(value)
+                .arg(mode)
+                .arg(expected)
+                .arg(ttl)
+                .invoke(c)
+        })?;
+        u64::try_from(r).map_err(|_| KvError::CasMismatch)
+    }
+
+    fn delete(&self, ns: &str, key: &str, cond: Condition) -> Result<bool, KvError> {
+        check_key(key)?;
+        let (mode, expected) = match cond {
+            Condition::IfAbsent => return Err(KvError::InvalidArgument),
+            Condition::Always => ("a", 0),
+            Condition::IfVersion(v) => ("v", v),
+        };
+        let k = self.entry_key(ns, key);
+        let r: i64 = self.call(&self.stats.delete, |c| {
+            self.delete.key(&k).arg(mode).arg(expected).invoke(c)
+        })?;
+        match r {
+            -1 => Err(KvError::CasMismatch),
+            n => Ok(n > 0),
+        }
+    }
+
+    fn increment(
+        &self,
+        ns: &str,
+        key: &str,
+        delta: i64,
+        ttl: Option<Duration>,
+    ) -> Result<i64, KvError> {
+        check_key(key)?;
+        let ttl = ttl_ms(ttl)?;
+        let (k, vk) = (self.entry_key(ns, key), self.version_key(ns));
+        let r: Vec<i64> = self.call(&self.stats.increment, |c| {
+            self.increment
+                .key(&k)
+                .key(&vk)
+                .arg(delta)
+                .arg(ttl)
+                .invoke(c)
+        })?;
+        match r.as_slice() {
+            [1, sum] => Ok(*sum),
+            _ => Err(KvError::InvalidArgument),
+        }
+    }
+}

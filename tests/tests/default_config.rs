@@ -1,0 +1,108 @@
+//! The default config, `plugins.yaml` at the repository root, so it cannot rot:
+//! it parses and validates as is, and — with its plugins built from source, its
+//! addresses made ephemeral and its upstreams replaced by test upstreams — it
+//! answers the way the README's quick start says (200, 401, 429, ...), over
+//! HTTP/1.1 and HTTP/2.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use legate_tests::plugins::plugin_wasm;
+use legate_tests::*;
+
+/// The demo JWT (`sub: alice`, expires 2100), as in the README.
+const ALICE: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCIsImtpZCI6ImRlbW8ifQ.eyJpc3MiOiJodHRwczovL2RlbW8ubGVnYXRlLmxvY2FsIiwic3ViIjoiYWxpY2UiLCJhdWQiOiJkZW1vLWFwaSIsImV4cCI6NDEwMjQ0NDgwMH0.7GTghndOWx6suaxU4Im4C-8p7HZSt99dd1r6vphx5PQ";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn default_config() -> String {
+    std::fs::read_to_string(root().join("plugins.yaml")).unwrap()
+}
+
+/// `text` with `from` replaced by `to`, failing if `from` is not there: a change
+/// to plugins.yaml must update this test, not silently skip a substitution.
+fn subst(text: &str, from: &str, to: &str) -> String {
+    assert!(
+        text.contains(from),
+        "plugins.yaml no longer contains `{from}`; update tests/tests/default_config.rs"
+    );
+    text.replace(from, to)
+}
+
+#[test]
+fn parses_and_validates_as_is() {
+    legate_host::config::parse_str("plugins.yaml", &default_config(), &root())
+        .unwrap_or_else(|e| panic!("plugins.yaml is invalid:\n{e}"));
+}
+
+each_proto!(
+    async fn answers_as_the_readme_says(proto) {
+        let v1 = upstream().name("app-v1").start().await;
+        let v2 = upstream().name("app-v2").start().await;
+        let mut yaml = default_config();
+        yaml = subst(&yaml, "127.0.0.1:8080", "127.0.0.1:0");
+        yaml = subst(&yaml, "127.0.0.1:9901", "127.0.0.1:0");
+        yaml = subst(&yaml, "127.0.0.1:8081", &v1.addr.to_string());
+        yaml = subst(&yaml, "127.0.0.1:8082", &v2.addr.to_string());
+        for name in ["auth", "ratelimit"] {
+            let wasm = plugin_wasm(&format!("plugins/{name}"));
+            yaml = subst(
+                &yaml,
+                &format!("module: target/plugins/{name}.wasm"),
+                &format!("module: {}", wasm.display()),
+            );
+        }
+        // Both protocols' tests may share one process and so its in-memory KV
+        // store: each gets its own namespace.
+        let ns = format!("ratelimit-{proto:?}").to_lowercase();
+        yaml = subst(&yaml, "kv: [ratelimit]", &format!("kv: [{ns}]"));
+        yaml = subst(&yaml, "namespace: ratelimit", &format!("namespace: {ns}"));
+        let lg = legate().config(&yaml).base_dir(root()).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        // Public paths need no credential.
+        let r = c.get("/healthz").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = c.get("/hello").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+
+        // /api/ without a credential: 401, nothing upstream, no token spent.
+        let before = v1.requests.get() + v2.requests.get();
+        let r = c.get("/api/users").send().await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert!(r.header("www-authenticate").is_some());
+        assert_eq!(v1.requests.get() + v2.requests.get(), before);
+
+        // With the API key, then the JWT: 200, identity upstream, quota counting down.
+        let r = c.get("/api/users").header("x-api-key", "demo-key").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-api-key-id"), Some("demo"));
+        assert_eq!(r.header("ratelimit-limit"), Some("5"));
+        assert_eq!(r.header("ratelimit-remaining"), Some("4"));
+        let r = c
+            .get("/api/users")
+            .header("authorization", &format!("Bearer {ALICE}"))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-user"), Some("alice"));
+        assert_eq!(r.header("ratelimit-remaining"), Some("3"));
+
+        // Five a minute per client IP: the sixth is 429.
+        for left in ["2", "1", "0"] {
+            let r = c.get("/api/users").header("x-api-key", "demo-key").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.header("ratelimit-remaining"), Some(left));
+        }
+        let r = c.get("/api/users").header("x-api-key", "demo-key").send().await;
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert!(r.header("retry-after").is_some());
+        let body: Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(body["error"], "rate_limited");
+        assert_eq!(body["limit"], "api-per-ip");
+    }
+);

@@ -1,0 +1,125 @@
+//! plugins/auth, built by `legate plugin build`, in the real host with what needs
+//! no callout: a JWT provider with an inline HS256 key (JWKS `oct`) and API keys
+//! stored as SHA-256 hashes. The same credentials as the default plugins.yaml demo.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+
+use legate_tests::plugins::plugin_wasm;
+use legate_tests::*;
+
+/// HS256 token for `sub: alice`, `iss: https://demo.legate.local`, `aud: demo-api`,
+/// `exp: 4102444800` (2100-01-01), signed with the demo secret.
+const ALICE: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCIsImtpZCI6ImRlbW8ifQ.eyJpc3MiOiJodHRwczovL2RlbW8ubGVnYXRlLmxvY2FsIiwic3ViIjoiYWxpY2UiLCJhdWQiOiJkZW1vLWFwaSIsImV4cCI6NDEwMjQ0NDgwMH0.7GTghndOWx6suaxU4Im4C-8p7HZSt99dd1r6vphx5PQ";
+/// The same claims with `exp: 1700000000` (2023).
+const EXPIRED: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCIsImtpZCI6ImRlbW8ifQ.eyJpc3MiOiJodHRwczovL2RlbW8ubGVnYXRlLmxvY2FsIiwic3ViIjoiYWxpY2UiLCJhdWQiOiJkZW1vLWFwaSIsImV4cCI6MTcwMDAwMDAwMH0.rWXDtcjQtyIG_oQoSB6Pz2fxqPVHV5mkFwnEi_0ECoE";
+/// [`ALICE`]'s claims signed with another secret.
+const FORGED: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCIsImtpZCI6ImRlbW8ifQ.eyJpc3MiOiJodHRwczovL2RlbW8ubGVnYXRlLmxvY2FsIiwic3ViIjoiYWxpY2UiLCJhdWQiOiJkZW1vLWFwaSIsImV4cCI6NDEwMjQ0NDgwMH0.TEDIg6-EUoS6qAiy95sQSqY_uSUHXapnaQHqFNPZDMU";
+
+fn config(up: SocketAddr) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: auth }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+plugins:
+  - name: auth
+    module: {wasm}
+    limits: {{ cpu: 500ms }}
+    config:
+      providers:
+        - name: demo
+          issuer: https://demo.legate.local
+          audiences: [demo-api]
+          jwks:
+            keys:
+              - {{ kty: oct, kid: demo, alg: HS256, k: bGVnYXRlLWRlbW8tc2VjcmV0LW5vdC1mb3ItcHJvZHVjdGlvbiEh }}
+          claim_to_headers:
+            - {{ claim: sub, header: x-user }}
+      api_keys:
+        - name: keys
+          keys:
+            # sha256(\"demo-key\")
+            - {{ id: demo, sha256: c48a01f49fd0f2cc404bc3cbbc80e91457a3d41bb429a695243de4c61794155c }}
+      rules:
+        - match: {{ prefix: /public }}
+          public: true
+        - match: {{ prefix: / }}
+          requires: {{ any: [demo, keys] }}
+",
+        wasm = plugin_wasm("plugins/auth").display(),
+    )
+}
+
+each_proto!(
+    async fn jwt_and_api_keys_without_callouts(proto) {
+        let up = upstream().start().await;
+        let lg = legate().config(&config(up.addr)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        // No credential: 401 with the challenges of both authenticators; the
+        // upstream never sees the request.
+        let r = c.get("/api/x").send().await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        let challenges = r.header_all("www-authenticate").join(", ");
+        assert!(challenges.contains("Bearer realm=\"legate\""), "{challenges}");
+        assert!(challenges.contains("ApiKey realm=\"legate\""), "{challenges}");
+        let body: Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(body["error"], "unauthorized");
+        assert_eq!(up.requests.get(), 0);
+
+        // A valid JWT: the subject goes upstream as x-user, a forged one from the
+        // client is replaced.
+        let r = c
+            .get("/api/x")
+            .header("authorization", &format!("Bearer {ALICE}"))
+            .header("x-user", "mallory")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-user"), Some("alice"));
+
+        // Expired and forged tokens: 401 invalid_token.
+        for (what, token) in [("expired", EXPIRED), ("forged", FORGED)] {
+            let r = c
+                .get("/api/x")
+                .header("authorization", &format!("Bearer {token}"))
+                .send()
+                .await;
+            assert_eq!(r.status, 401, "{what}: {}", r.text());
+            let challenges = r.header_all("www-authenticate").join(", ");
+            assert!(challenges.contains("error=\"invalid_token\""), "{what}: {challenges}");
+        }
+
+        // An API key: its id goes upstream, the key itself does not.
+        let r = c.get("/api/x").header("x-api-key", "demo-key").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let echo = r.echo();
+        assert_eq!(echo.header("x-api-key-id"), Some("demo"));
+        assert_eq!(echo.header("x-api-key"), None);
+        let r = c.get("/api/x").header("x-api-key", "wrong").send().await;
+        assert_eq!(r.status, 401, "{}", r.text());
+
+        // A public path needs nothing.
+        let r = c.get("/public/x").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(up.requests.get(), 3);
+    }
+);

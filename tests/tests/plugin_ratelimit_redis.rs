@@ -1,0 +1,597 @@
+//! Global rate limiting: plugins/ratelimit over the host's Redis KV backend
+//! (`kv: {backend: redis}`), against a real `redis-server` started per test
+//! (tests/src/redis.rs).
+//!
+//! - The backend itself: conditional writes, versions, increments with TTL, expiry,
+//!   and `unavailable` at once when Redis cannot be reached.
+//! - Two Legate *processes* against one Redis enforce one limit between them.
+//! - Redis killed mid-test: requests are served (the plugin's default fail-open
+//!   policy), never hang, and the failures are counted in /stats; Redis restarted:
+//!   Legate reconnects and the limit is enforced again.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use legate_host::stats::Stats;
+use legate_host::wasm::kv::{Condition, Entry, KvBackend, KvError, RedisKv};
+use legate_tests::plugins::plugin_wasm;
+use legate_tests::redis::RedisServer;
+use legate_tests::*;
+
+/// Longest any one request may take before the test calls it a hang: far above
+/// `kv.timeout` (50ms), far below a stuck worker.
+const HANG: Duration = Duration::from_secs(10);
+
+fn backend(url: &str, stats: &Arc<Stats>) -> RedisKv {
+    RedisKv::new(url, Duration::from_millis(500), "t", stats).unwrap()
+}
+
+#[test]
+fn backend_conditions_versions_increments_and_expiry() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    let kv = backend(&redis.url(), &stats);
+
+    let v1 = kv
+        .set("n", "k", b"a".to_vec(), Condition::IfAbsent, None)
+        .unwrap();
+    assert_eq!(
+        kv.set("n", "k", b"b".to_vec(), Condition::IfAbsent, None),
+        Err(KvError::CasMismatch)
+    );
+    let v2 = kv
+        .set("n", "k", b"b".to_vec(), Condition::IfVersion(v1), None)
+        .unwrap();
+    assert!(v2 > v1);
+    assert_eq!(
+        kv.set("n", "k", b"c".to_vec(), Condition::IfVersion(v1), None),
+        Err(KvError::CasMismatch)
+    );
+    assert_eq!(
+        kv.get("n", "k").unwrap(),
+        Some(Entry {
+            value: b"b".to_vec(),
+            version: v2
+        })
+    );
+    // Binary values survive; namespaces are separate.
+    let bin = vec![0u8, 255, b':', 10, 13];
+    kv.set("n", "bin", bin.clone(), Condition::Always, None)
+        .unwrap();
+    assert_eq!(kv.get("n", "bin").unwrap().unwrap().value, bin);
+    assert_eq!(kv.get("other", "k").unwrap(), None);
+
+    assert_eq!(
+        kv.delete("n", "k", Condition::IfAbsent),
+        Err(KvError::InvalidArgument)
+    );
+    assert_eq!(
+        kv.delete("n", "k", Condition::IfVersion(v1)),
+        Err(KvError::CasMismatch)
+    );
+    assert!(kv.delete("n", "k", Condition::IfVersion(v2)).unwrap());
+    assert!(!kv.delete("n", "k", Condition::Always).unwrap());
+    assert_eq!(
+        kv.delete("n", "k", Condition::IfVersion(v2)),
+        Err(KvError::CasMismatch)
+    );
+    // Re-created: a new version, so the old one never matches again (no ABA).
+    let v3 = kv
+        .set("n", "k", b"d".to_vec(), Condition::Always, None)
+        .unwrap();
+    assert!(v3 > v2);
+
+    // Increments: absent = 0, the value stays a decimal, versions move.
+    assert_eq!(kv.increment("n", "c", 5, None).unwrap(), 5);
+    assert_eq!(kv.increment("n", "c", -2, None).unwrap(), 3);
+    let e = kv.get("n", "c").unwrap().unwrap();
+    assert_eq!(e.value, b"3");
+    assert!(e.version > v3);
+    assert_eq!(
+        kv.increment("n", "bin", 1, None),
+        Err(KvError::InvalidArgument)
+    );
+    kv.set(
+        "n",
+        "max",
+        i64::MAX.to_string().into_bytes(),
+        Condition::Always,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        kv.increment("n", "max", 1, None),
+        Err(KvError::InvalidArgument)
+    );
+    assert_eq!(
+        kv.get("n", "max").unwrap().unwrap().value,
+        i64::MAX.to_string().as_bytes()
+    );
+
+    // Arguments checked as in memory.
+    let long = "k".repeat(legate_host::wasm::kv::MAX_KEY + 1);
+    assert_eq!(kv.get("n", &long), Err(KvError::InvalidArgument));
+    assert_eq!(
+        kv.set(
+            "n",
+            "big",
+            vec![0; legate_host::wasm::kv::MAX_VALUE + 1],
+            Condition::Always,
+            None
+        ),
+        Err(KvError::LimitExceeded)
+    );
+    assert_eq!(
+        kv.set("n", "z", vec![], Condition::Always, Some(Duration::ZERO)),
+        Err(KvError::InvalidArgument)
+    );
+
+    // TTLs are Redis's own: the entry is gone after them; a counter's TTL is set
+    // when it is created and kept by later increments.
+    let ttl = Some(Duration::from_millis(100));
+    kv.set("n", "t", b"v".to_vec(), Condition::Always, ttl)
+        .unwrap();
+    kv.increment("n", "tc", 1, ttl).unwrap();
+    kv.increment("n", "tc", 1, Some(Duration::from_secs(3600)))
+        .unwrap();
+    let pttl = redis.command("PTTL t:n:tc");
+    let pttl: i64 = pttl.trim().trim_start_matches(':').parse().unwrap();
+    assert!(
+        (0..=100).contains(&pttl),
+        "counter TTL {pttl}ms, want <= 100"
+    );
+    // A plain set without TTL clears an earlier one.
+    kv.set("n", "p", b"v".to_vec(), Condition::Always, ttl)
+        .unwrap();
+    kv.set("n", "p", b"w".to_vec(), Condition::Always, None)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(kv.get("n", "t").unwrap(), None);
+    assert_eq!(kv.increment("n", "tc", 1, None).unwrap(), 1);
+    assert_eq!(kv.get("n", "p").unwrap().unwrap().value, b"w");
+
+    let ops = parse_prometheus(&stats.render());
+    let get = ops
+        .iter()
+        .find(|(k, _)| *k == r#"legate_kv_operations_total{backend="redis",op="get"}"#)
+        .map(|(_, v)| *v);
+    assert_eq!(get, Some(7.0), "{}", stats.render());
+    let errors = ops
+        .iter()
+        .find(|(k, _)| *k == r#"legate_kv_errors_total{backend="redis"}"#)
+        .map(|(_, v)| *v);
+    assert_eq!(errors, Some(0.0), "{}", stats.render());
+}
+
+#[test]
+fn backend_unreachable_is_unavailable_at_once_then_reconnects() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    let kv = backend(&redis.url(), &stats);
+    kv.set("n", "k", b"v".to_vec(), Condition::Always, None)
+        .unwrap();
+    redis.kill();
+    // The pooled connection is dead (first call), then connects are refused
+    // (second) and backed off (the rest): all `unavailable`, none waits.
+    for _ in 0..5 {
+        assert_eq!(kv.get("n", "k"), Err(KvError::Unavailable));
+    }
+    let stat = |name: &str| {
+        parse_prometheus(&stats.render())
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    };
+    assert_eq!(
+        stat(r#"legate_kv_errors_total{backend="redis"}"#),
+        Some(5.0)
+    );
+    assert_eq!(stat(r#"legate_kv_up{backend="redis"}"#), Some(0.0));
+    redis.restart();
+    // Within the longest backoff (2s) the backend is used again: a fresh Redis,
+    // so the key is gone.
+    let deadline = Instant::now() + HANG;
+    loop {
+        match kv.get("n", "k") {
+            Ok(v) => {
+                assert_eq!(v, None);
+                break;
+            }
+            Err(e) => assert_eq!(e, KvError::Unavailable),
+        }
+        assert!(Instant::now() < deadline, "no reconnect within {HANG:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        stat(r#"legate_kv_reconnects_total{backend="redis"}"#),
+        Some(1.0)
+    );
+    assert_eq!(stat(r#"legate_kv_up{backend="redis"}"#), Some(1.0));
+}
+
+#[test]
+fn backend_hung_redis_times_out() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    // A short timeout: this test waits it out a few times.
+    let kv = RedisKv::new(&redis.url(), Duration::from_millis(100), "t", &stats).unwrap();
+    kv.set("n", "k", b"v".to_vec(), Condition::Always, None)
+        .unwrap();
+    // Connected, but nothing answers: each call gives up after the timeout
+    // (sending fits the socket buffer; the reply never comes).
+    redis.pause();
+    for _ in 0..3 {
+        assert_eq!(kv.get("n", "k"), Err(KvError::Unavailable));
+    }
+    let stat = |name: &str| {
+        parse_prometheus(&stats.render())
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    };
+    assert_eq!(
+        stat(r#"legate_kv_errors_total{backend="redis"}"#),
+        Some(3.0)
+    );
+    // The first call timed out reading; the next ones timed out connecting (the
+    // handshake gets no answer either) or failed at once while backing off.
+    assert!(
+        stat(r#"legate_kv_timeouts_total{backend="redis"}"#).is_some_and(|n| n >= 1.0),
+        "{}",
+        stats.render()
+    );
+    redis.resume();
+    let deadline = Instant::now() + HANG;
+    while kv.get("n", "k").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "not usable again within {HANG:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(kv.get("n", "k").unwrap().unwrap().value, b"v");
+}
+
+/// A config with the ratelimit plugin on `/api` (one bucket per route, `rate`),
+/// its KV in the Redis at `redis_url`; `web` and `admin` are `ip:port` (`:0` in
+/// process).
+fn config(up: SocketAddr, redis_url: &str, rate: &str, web: &str, admin: &str) -> String {
+    format!(
+        "version: 1
+admin:
+  address: {admin}
+kv:
+  backend: redis
+  url: {redis_url}
+  timeout: 50ms
+listeners:
+  - name: web
+    address: {web}
+    http:
+      routes: main
+      filters: [{{ plugin: ratelimit }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - name: api
+            match: {{ prefix: /api }}
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+plugins:
+  - name: ratelimit
+    module: {wasm}
+    limits: {{ cpu: 500ms }}
+    capabilities: {{ kv: [ratelimit] }}
+    config:
+      namespace: ratelimit
+      emit_headers: true
+      limits:
+        - name: api
+          match: {{ routes: [api] }}
+          rate: {rate}
+",
+        wasm = plugin_wasm("plugins/ratelimit").display(),
+    )
+}
+
+/// Set (to a config path) in the environment of a child process of this test
+/// binary: [`legate_child_process`] then runs Legate from that config.
+const CHILD_CONFIG: &str = "LEGATE_TEST_CHILD_CONFIG";
+
+/// Not a test: the body of each separate Legate process of
+/// [`two_processes_share_one_limit`]. The test binary re-runs itself with only this
+/// test selected and [`CHILD_CONFIG`] set, so the processes run exactly the Legate
+/// under test without building the `legate` binary; in a normal run (variable
+/// unset) it returns at once.
+#[test]
+fn legate_child_process() {
+    let Some(path) = std::env::var_os(CHILD_CONFIG) else {
+        return;
+    };
+    let path = PathBuf::from(path);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config =
+        legate_host::config::parse_str("child.yaml", &text, path.parent().unwrap()).unwrap();
+    let opts = legate_host::server::Options { concurrency: 2 };
+    let handle = legate_host::server::start(config, opts).unwrap();
+    // Runs until the parent kills it.
+    handle.wait().unwrap();
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+}
+
+/// A Legate in a process of its own ([`legate_child_process`]); killed when dropped.
+struct LegateProcess {
+    child: Child,
+    web: SocketAddr,
+    admin: SocketAddr,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl LegateProcess {
+    /// Starts a Legate process with the config `make(web, admin)` on free ports and
+    /// waits until `/ready` answers 200.
+    async fn start(make: impl Fn(&str, &str) -> String) -> Self {
+        let dir = TempDir::new();
+        let (web, admin) = (free_port(), free_port());
+        let cfg = dir.path().join("legate.yaml");
+        std::fs::File::create(&cfg)
+            .unwrap()
+            .write_all(make(&web.to_string(), &admin.to_string()).as_bytes())
+            .unwrap();
+        let log = dir.path().join("legate.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "legate_child_process", "--nocapture"])
+            .env(CHILD_CONFIG, &cfg)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn legate");
+        let mut p = LegateProcess {
+            child,
+            web,
+            admin,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = p.child.try_wait().unwrap() {
+                panic!("legate exited ({status}) before ready:\n{}", p.log());
+            }
+            if let Ok(mut c) = Client::connect(Proto::H1, admin).await {
+                if c.get("/ready").send().await.status == 200 {
+                    return p;
+                }
+            }
+            assert!(Instant::now() < deadline, "legate not ready:\n{}", p.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn stats(&self) -> String {
+        let mut c = client(Proto::H1, self.admin).await;
+        c.get("/stats").send().await.text()
+    }
+}
+
+impl Drop for LegateProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of the ratelimit plugin's `requests_total` series with `outcome`.
+fn outcome(stats: &str, o: &str) -> Option<f64> {
+    parse_prometheus(stats)
+        .into_iter()
+        .find(|(k, _)| {
+            k.starts_with("legate_plugin_ratelimit_requests_total{")
+                && k.contains(&format!("outcome=\"{o}\""))
+        })
+        .map(|(_, v)| v)
+}
+
+fn stat(stats: &str, series: &str) -> Option<f64> {
+    parse_prometheus(stats)
+        .into_iter()
+        .find(|(k, _)| k == series)
+        .map(|(_, v)| v)
+}
+
+/// One request to `/api/x`, failing the test if it takes longer than [`HANG`].
+async fn get(proto: Proto, addr: SocketAddr) -> Resp {
+    let mut c = client(proto, addr).await;
+    tokio::time::timeout(HANG, c.get("/api/x").send())
+        .await
+        .unwrap_or_else(|_| panic!("a request hung for {HANG:?}"))
+}
+
+each_proto!(
+    async fn two_processes_share_one_limit(proto) {
+        let redis = RedisServer::start();
+        let up = upstream().start().await;
+        let url = redis.url();
+        let a = LegateProcess::start(|web, admin| config(up.addr, &url, "10/h", web, admin)).await;
+        let b = LegateProcess::start(|web, admin| config(up.addr, &url, "10/h", web, admin)).await;
+
+        // Ten requests, alternating between the two processes: one bucket of 10,
+        // so the remaining count goes down across both.
+        for i in 0..10 {
+            let (name, p) = if i % 2 == 0 { ("a", &a) } else { ("b", &b) };
+            let r = get(proto, p.web).await;
+            assert_eq!(r.status, 200, "request {i} via {name}: {}", r.text());
+            assert_eq!(r.header("ratelimit-limit"), Some("10"));
+            assert_eq!(
+                r.header("ratelimit-remaining"),
+                Some((9 - i).to_string().as_str()),
+                "request {i} via {name}"
+            );
+        }
+        // The 11th is refused by either.
+        for p in [&a, &b] {
+            let r = get(proto, p.web).await;
+            assert_eq!(r.status, 429, "{}", r.text());
+            let body: Value = serde_json::from_str(&r.text()).unwrap();
+            assert_eq!(body["error"], "rate_limited");
+            assert_eq!(r.header("ratelimit-remaining"), Some("0"));
+        }
+        assert_eq!(up.requests.get(), 10);
+
+        for p in [&a, &b] {
+            let s = p.stats().await;
+            assert_eq!(outcome(&s, "allowed"), Some(5.0), "{s}");
+            assert_eq!(outcome(&s, "limited"), Some(1.0), "{s}");
+            assert_eq!(outcome(&s, "error"), Some(0.0), "{s}");
+            assert_eq!(
+                stat(&s, r#"legate_kv_errors_total{backend="redis"}"#),
+                Some(0.0),
+                "{s}"
+            );
+            assert!(
+                stat(&s, r#"legate_kv_operations_total{backend="redis",op="set"}"#)
+                    .is_some_and(|n| n >= 5.0),
+                "{s}"
+            );
+        }
+    }
+);
+
+each_proto!(
+    async fn hung_redis_fails_open_without_hanging(proto) {
+        let redis = RedisServer::start();
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, &redis.url(), "3/h", "127.0.0.1:0", "127.0.0.1:0"))
+            .start();
+        let web = lg.addr("web");
+        let r = get(proto, web).await;
+        assert_eq!(r.header("ratelimit-remaining"), Some("2"));
+
+        // Redis stops answering (connections stay open): each KV call gives up
+        // after kv.timeout (50ms, well inside the plugin's 500ms deadline), the
+        // plugin fails open, and the request is served.
+        redis.pause();
+        for i in 0..3 {
+            let r = get(proto, web).await;
+            assert_eq!(r.status, 200, "request {i} with Redis hung: {}", r.text());
+            assert_eq!(r.header("ratelimit-remaining"), None);
+        }
+        let s = lg.stats().await;
+        assert_eq!(outcome(&s, "error"), Some(3.0), "{s}");
+        assert!(
+            stat(&s, r#"legate_kv_timeouts_total{backend="redis"}"#).is_some_and(|n| n >= 1.0),
+            "{s}"
+        );
+        // No failed plugin call (deadline trap): the plugin handled every KV
+        // failure itself.
+        let failures: f64 = parse_prometheus(&s)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("legate_plugin_failures_total{"))
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(failures, 0.0, "{s}");
+        redis.resume();
+        let deadline = Instant::now() + HANG;
+        loop {
+            let r = get(proto, web).await;
+            if let Some(remaining) = r.header("ratelimit-remaining") {
+                assert_eq!(remaining, "1");
+                break;
+            }
+            assert!(Instant::now() < deadline, "Redis not used again within {HANG:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+);
+
+each_proto!(
+    async fn redis_down_fails_open_then_reconnects(proto) {
+        let redis = RedisServer::start();
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, &redis.url(), "3/h", "127.0.0.1:0", "127.0.0.1:0"))
+            .start();
+        let web = lg.addr("web");
+
+        for i in 0..3 {
+            let r = get(proto, web).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(
+                r.header("ratelimit-remaining"),
+                Some((2 - i).to_string().as_str())
+            );
+        }
+        assert_eq!(get(proto, web).await.status, 429);
+
+        // Redis crashes: the plugin gets `unavailable` and, failing open (its
+        // default), lets every request through without a quota; none hangs.
+        redis.kill();
+        for i in 0..5 {
+            let r = get(proto, web).await;
+            assert_eq!(r.status, 200, "request {i} with Redis down: {}", r.text());
+            assert_eq!(r.header("ratelimit-remaining"), None);
+        }
+        let s = lg.stats().await;
+        assert_eq!(outcome(&s, "error"), Some(5.0), "{s}");
+        assert_eq!(
+            stat(&s, r#"legate_kv_errors_total{backend="redis"}"#),
+            Some(5.0),
+            "{s}"
+        );
+        assert_eq!(stat(&s, r#"legate_kv_up{backend="redis"}"#), Some(0.0), "{s}");
+
+        // Redis is back (empty): once Legate has reconnected, the limit holds again
+        // from a full bucket.
+        redis.restart();
+        let deadline = Instant::now() + HANG;
+        loop {
+            let r = get(proto, web).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            if let Some(remaining) = r.header("ratelimit-remaining") {
+                assert_eq!(remaining, "2");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no reconnect within {HANG:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for left in ["1", "0"] {
+            let r = get(proto, web).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.header("ratelimit-remaining"), Some(left));
+        }
+        assert_eq!(get(proto, web).await.status, 429);
+        let s = lg.stats().await;
+        assert_eq!(
+            stat(&s, r#"legate_kv_reconnects_total{backend="redis"}"#),
+            Some(1.0),
+            "{s}"
+        );
+        assert_eq!(stat(&s, r#"legate_kv_up{backend="redis"}"#), Some(1.0), "{s}");
+    }
+);
