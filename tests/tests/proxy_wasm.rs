@@ -283,7 +283,7 @@ each_proto!(
             .await;
         lg.assert_stat_with(
             r#"legate_plugin_instances{plugin="counter"}"#,
-            |v| v >= 1.0 && v <= 2.0,
+            |v| (1.0..=2.0).contains(&v),
             "one VM per worker that served",
         )
         .await;
