@@ -321,7 +321,7 @@ async fn hostile(proto: Proto, path: &str, fail: &str, counter: &str) {
     let p = plugin(
         "hostile",
         "{ mode: hostile }",
-        &format!("    fail: {fail}\n    limits: {{ cpu: 50ms }}\n"),
+        &format!("    fail: {fail}\n    limits: {{ cpu: 50ms, memory: 16MiB }}\n"),
     );
     let lg = legate().config(&config(up.addr, &p, &["hostile"])).start();
     let mut c = client(proto, lg.addr("web")).await;
@@ -371,6 +371,12 @@ each_proto!(
 );
 
 each_proto!(
+    async fn memory_cap_stops_a_growing_guest(proto) {
+        hostile(proto, "/grow", "closed", "legate_plugin_memory_exceeded_total").await;
+    }
+);
+
+each_proto!(
     async fn bad_pointers_and_contexts_get_error_statuses(proto) {
         let up = upstream().start().await;
         let p = plugin("hostile", "{ mode: hostile }", "");
@@ -388,6 +394,9 @@ each_proto!(
         let r = c.get("/unimpl").send().await;
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-pw-http-call"), Some("Err(InternalFailure)"));
+        // WASI stdout/stderr go to the log, and do not fail the call.
+        let r = c.get("/print").send().await;
+        assert_eq!(r.status, 200);
         // Nothing failed; the same VM served everything.
         let r = c.get("/fine").send().await;
         assert_eq!(r.status, 200);
@@ -397,7 +406,7 @@ each_proto!(
         assert_eq!(failures.unwrap_or(0.0), 0.0);
         lg.assert_stat(r#"legate_plugin_instances{plugin="hostile"}"#, 1.0)
             .await;
-        lg.assert_stat(&calls("hostile", "request_headers"), 4.0).await;
+        lg.assert_stat(&calls("hostile", "request_headers"), 5.0).await;
     }
 );
 
@@ -412,4 +421,31 @@ async fn wrong_sha256_is_refused() {
     let err = load_error(&config(up.addr, &p, &["pinned"]));
     assert!(err.contains("plugin `pinned`: module"), "{err}");
     assert!(err.contains("but the config says 0000"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_config_override_is_another_plugin_configuration() {
+    let up = upstream().start().await;
+    let p = plugin("rewriter", "{ mode: headers, greeting: default }", "");
+    let yaml = config(up.addr, &p, &["rewriter"]).replace(
+        "          - name: rest\n",
+        "          - name: over
+            match: { prefix: /over }
+            cluster: backend
+            filters: { rewriter: { config: { mode: headers, greeting: per-route } } }
+          - name: off
+            match: { prefix: /off }
+            cluster: backend
+            filters: { rewriter: { disabled: true } }
+          - name: rest\n",
+    );
+    let lg = legate().config(&yaml).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let r = c.get("/").send().await;
+    assert_eq!(r.echo().header("x-pw-hello"), Some("default"));
+    let r = c.get("/over").send().await;
+    assert_eq!(r.echo().header("x-pw-hello"), Some("per-route"));
+    let r = c.get("/off").send().await;
+    assert_eq!(r.echo().header("x-pw-hello"), None);
+    assert_eq!(r.header("x-pw-response"), None);
 }

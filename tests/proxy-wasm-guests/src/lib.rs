@@ -10,6 +10,7 @@
 //!   and echoed as response headers; ticks every `tick_ms` log and count.
 //! - `hostile`: by path: `/panic` panics, `/badptr` passes wild pointers to raw
 //!   hostcalls, `/badctx` switches to an unknown context, `/loop` spins forever,
+//!   `/grow` allocates 64 MiB, `/print` writes to stdout and stderr,
 //!   `/unimpl` calls http_call (Legate: unsupported) and reports the status.
 //! - `reject`: `on_configure` returns false.
 //!
@@ -248,8 +249,17 @@ impl HttpContext for Filter {
                         }
                     }
                 }
+                "/grow" => {
+                    let v = vec![7u8; 64 << 20];
+                    self.seen.push(("x-pw-grew".into(), std::hint::black_box(&v).len().to_string()));
+                }
+                "/print" => {
+                    println!("hello from stdout");
+                    eprintln!("hello from stderr");
+                }
                 "/badptr" => {
-                    // SAFETY-free in the host's eyes: these pointers are outside memory.
+                    // SAFETY: the host must not touch these out-of-memory pointers; it
+                    // answers with a status, which is what is tested.
                     let key = b"x-probe";
                     let mut out: *mut u8 = std::ptr::null_mut();
                     let mut len: usize = 0;
