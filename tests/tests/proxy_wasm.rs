@@ -255,6 +255,10 @@ each_proto!(
             .config(&config(up.addr, &p, &["counter"]))
             .start();
         let addr = lg.addr("web");
+        // The first set creates the key with CAS 0 ("unconditionally", as in
+        // Envoy), which two racing creators could both do: create it first.
+        let r = client(proto, addr).await.get("/count").send().await;
+        assert_eq!(r.header("x-pw-counter"), Some("1"));
         // 8 clients × 10 requests racing on one key from two workers (a CAS loop in
         // the guest): no increment lost or doubled.
         let tasks: Vec<_> = (0..8)
@@ -275,9 +279,9 @@ each_proto!(
         }
         let mut c = client(proto, addr).await;
         let r = c.get("/count").send().await;
-        assert_eq!(r.header("x-pw-counter"), Some("81"));
-        assert_eq!(r.header("x-pw-metric"), Some("81"));
-        lg.assert_stat(r#"legate_proxywasm_pw_requests{plugin="counter"}"#, 81.0)
+        assert_eq!(r.header("x-pw-counter"), Some("82"));
+        assert_eq!(r.header("x-pw-metric"), Some("82"));
+        lg.assert_stat(r#"legate_proxywasm_pw_requests{plugin="counter"}"#, 82.0)
             .await;
         lg.assert_stat(r#"legate_proxywasm_pw_gauge{plugin="counter"}"#, 42.0)
             .await;
@@ -287,6 +291,30 @@ each_proto!(
             "one VM per worker that served",
         )
         .await;
+    }
+);
+
+each_proto!(
+    async fn queue_ready_drains_a_shared_queue(proto) {
+        let up = upstream().start().await;
+        let vm = format!("queue-{proto:?}");
+        let p = plugin("queue", "{ mode: queue }", "").replace(
+            "    proxy_wasm:\n",
+            &format!("    proxy_wasm:\n      vm_id: {vm}\n"),
+        );
+        let lg = legate()
+            .concurrency(2)
+            .config(&config(up.addr, &p, &["queue"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for i in 0..5 {
+            let r = c.get(&format!("/event/{i}")).send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.header("x-pw-resolved"), Some("true"));
+        }
+        // Each enqueue wakes the registering root context, which dequeues.
+        lg.assert_stat(r#"legate_proxywasm_pw_dequeued{plugin="queue"}"#, 5.0)
+            .await;
     }
 );
 

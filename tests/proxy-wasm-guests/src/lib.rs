@@ -12,6 +12,8 @@
 //!   hostcalls, `/badctx` switches to an unknown context, `/loop` spins forever,
 //!   `/grow` allocates 64 MiB, `/print` writes to stdout and stderr,
 //!   `/unimpl` calls http_call (Legate: unsupported) and reports the status.
+//! - `queue`: each request enqueues its path to queue `pw_events`, which the root
+//!   context registered; `on_queue_ready` drains it, counting in `pw_dequeued`.
 //! - `reject`: `on_configure` returns false.
 //!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
@@ -36,6 +38,7 @@ struct Settings {
     vm_config: String,
     requests_metric: u32,
     ticks_metric: u32,
+    queue: u32,
 }
 
 #[derive(Default)]
@@ -71,6 +74,11 @@ impl RootContext for Root {
         if self.s.mode == "reject" {
             return false;
         }
+        if self.s.mode == "queue" {
+            self.s.queue = self.register_shared_queue("pw_events");
+            self.s.requests_metric =
+                hostcalls::define_metric(MetricType::Counter, "pw_dequeued").unwrap_or(0);
+        }
         if self.s.mode == "counter" {
             self.s.requests_metric =
                 hostcalls::define_metric(MetricType::Counter, "pw_requests").unwrap_or(0);
@@ -89,6 +97,15 @@ impl RootContext for Root {
         self.ticks += 1;
         hostcalls::increment_metric(self.s.ticks_metric, 1).ok();
         proxy_wasm::hostcalls::log(LogLevel::Info, &format!("tick {}", self.ticks)).ok();
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if self.s.mode != "queue" {
+            return;
+        }
+        while let Ok(Some(_item)) = self.dequeue_shared_queue(queue_id) {
+            hostcalls::increment_metric(self.s.requests_metric, 1).ok();
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -237,6 +254,15 @@ impl HttpContext for Filter {
                 self.enqueue_shared_queue(q, Some(b"item")).ok();
                 let item = hostcalls::dequeue_shared_queue(q).ok().flatten();
                 self.seen.push(("x-pw-queue".into(), item.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()));
+            }
+            "queue" => {
+                let vm = prop(self, &["plugin_vm_id"]);
+                let q = self.resolve_shared_queue(&vm, "pw_events");
+                let same = q == Some(self.s.queue);
+                if let Some(q) = q {
+                    self.enqueue_shared_queue(q, Some(path.as_bytes())).ok();
+                }
+                self.seen.push(("x-pw-resolved".into(), same.to_string()));
             }
             "hostile" => match path.as_str() {
                 "/panic" => panic!("guest panic on purpose"),

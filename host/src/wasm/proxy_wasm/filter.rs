@@ -42,6 +42,7 @@ struct Exports {
     vm_start: Option<TypedFunc<(i32, i32), i32>>,
     configure: Option<TypedFunc<(i32, i32), i32>>,
     tick: Option<TypedFunc<i32, ()>>,
+    queue_ready: Option<TypedFunc<(i32, i32), ()>>,
     request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     done: Option<TypedFunc<i32, i32>>,
@@ -56,6 +57,8 @@ struct Live {
     /// Exchange context → proxy-wasm context id, for exchanges that started here.
     contexts: HashMap<u64, u32>,
     next_context: u32,
+    /// Queues this VM registered, with their wake-ups (dropping one unsubscribes).
+    queues: HashMap<u32, Arc<tokio::sync::Notify>>,
 }
 
 /// A worker's slot for one plugin.
@@ -178,6 +181,7 @@ impl ProxyWasmFilter {
             vm_start: typed(&mut store, &instance, "proxy_on_vm_start")?,
             configure: typed(&mut store, &instance, "proxy_on_configure")?,
             tick: typed(&mut store, &instance, "proxy_on_tick")?,
+            queue_ready: typed(&mut store, &instance, "proxy_on_queue_ready")?,
             request_headers: typed(&mut store, &instance, "proxy_on_request_headers")?,
             response_headers: typed(&mut store, &instance, "proxy_on_response_headers")?,
             done: typed(&mut store, &instance, "proxy_on_done")?,
@@ -225,6 +229,7 @@ impl ProxyWasmFilter {
             exports,
             contexts: HashMap::new(),
             next_context: ROOT_CONTEXT + 1,
+            queues: HashMap::new(),
         })
     }
 
@@ -263,6 +268,67 @@ impl ProxyWasmFilter {
             });
             if let Err(e) = r {
                 tracing::warn!(plugin = f.name(), "proxy_on_tick failed: {e}");
+            }
+        }
+    }
+
+    /// Calls `proxy_on_queue_ready(root, queue)` on this worker's VM after each
+    /// enqueue, while that VM (generation `generation`) lives.
+    async fn queue_loop(
+        me: Weak<ProxyWasmFilter>,
+        worker: usize,
+        generation: u64,
+        queue: u32,
+        ready: Weak<tokio::sync::Notify>,
+    ) {
+        loop {
+            let Some(n) = ready.upgrade() else { return };
+            n.notified().await;
+            drop(n);
+            let Some(f) = me.upgrade() else { return };
+            let current = VMS.with(|cell| {
+                cell.borrow()
+                    .get(&f.id)
+                    .is_some_and(|s| s.live.is_some() && s.generation == generation)
+            });
+            if !current {
+                return;
+            }
+            let r = f.with_vm(worker, Phase::Root, None, false, |live, _| {
+                match live.exports.queue_ready.clone() {
+                    Some(q) => q
+                        .call(&mut live.store, (ROOT_CONTEXT as i32, queue as i32))
+                        .map(Ok),
+                    None => Ok(Ok(())),
+                }
+            });
+            if let Err(e) = r {
+                tracing::warn!(plugin = f.name(), "proxy_on_queue_ready failed: {e}");
+            }
+        }
+    }
+
+    /// Subscribes the VM to the queues it registered since the last look, each
+    /// with a task on the worker's `LocalSet`.
+    fn watch_queues(&self, live: &mut Live, worker: usize, generation: u64) {
+        let new = std::mem::take(&mut live.store.data_mut().new_queues);
+        let Some(me) = self.me.get() else { return };
+        if live.exports.queue_ready.is_none() {
+            return;
+        }
+        for q in new {
+            if live.queues.contains_key(&q) {
+                continue;
+            }
+            if let Some(n) = super::shared::subscribe(q) {
+                tokio::task::spawn_local(Self::queue_loop(
+                    me.clone(),
+                    worker,
+                    generation,
+                    q,
+                    Arc::downgrade(&n),
+                ));
+                live.queues.insert(q, n);
             }
         }
     }
@@ -352,6 +418,9 @@ impl ProxyWasmFilter {
                 Err(e) => Err(e),
             };
             self.stats.duration.observe(started.elapsed());
+            if !live.store.data().new_queues.is_empty() {
+                self.watch_queues(live, worker, slot.generation);
+            }
             let data = live.store.data_mut();
             if let Some(x) = x {
                 std::mem::swap(x, &mut data.x);

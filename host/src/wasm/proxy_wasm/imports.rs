@@ -476,7 +476,9 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 let name = read(c, np, nn)?;
                 check(c, out, 4)?;
                 let vm = c.data().meta.vm_id.clone();
-                write_u32(c, out, shared::register_queue(&vm, &name))
+                let id = shared::register_queue(&vm, &name);
+                c.data_mut().new_queues.push(id);
+                write_u32(c, out, id)
             })
         },
     )?;

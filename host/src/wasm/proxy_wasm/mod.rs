@@ -10,8 +10,8 @@
 //! - [`filter`]: [`ProxyWasmFilter`], the per-worker VMs and the context lifecycle.
 //!
 //! Not supported yet (documented, answered with the status the SDKs expect): body
-//! and trailer callbacks, HTTP/gRPC callouts, `on_queue_ready`, foreign functions,
-//! TCP (network) filters.
+//! and trailer callbacks, HTTP/gRPC callouts, foreign functions, TCP (network)
+//! filters.
 
 pub mod abi;
 pub mod filter;

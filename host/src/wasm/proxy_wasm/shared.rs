@@ -3,7 +3,9 @@
 //! same `vm_id` sees the same entries.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+
+use tokio::sync::Notify;
 
 use super::abi::status;
 
@@ -17,7 +19,15 @@ struct Store {
     data: HashMap<(String, Vec<u8>), Entry>,
     next_cas: u32,
     queue_ids: HashMap<(String, Vec<u8>), u32>,
-    queues: HashMap<u32, VecDeque<Vec<u8>>>,
+    queues: HashMap<u32, Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Vec<u8>>,
+    /// The VMs that registered the queue, woken on each enqueue (a stored permit,
+    /// so an enqueue during their callback is not lost).
+    subscribers: Vec<Weak<Notify>>,
 }
 
 /// Caps: one entry's value, all values, one queue's items.
@@ -77,7 +87,7 @@ pub fn register_queue(vm: &str, name: &[u8]) -> u32 {
     }
     let id = u32::try_from(s.queue_ids.len() + 1).unwrap_or(u32::MAX);
     s.queue_ids.insert(k, id);
-    s.queues.insert(id, VecDeque::new());
+    s.queues.insert(id, Queue::default());
     id
 }
 
@@ -93,10 +103,17 @@ pub fn resolve_queue(vm: &str, name: &[u8]) -> Option<u32> {
 pub fn enqueue(id: u32, value: &[u8]) -> Result<(), i32> {
     let mut s = store();
     let q = s.queues.get_mut(&id).ok_or(status::NOT_FOUND)?;
-    if q.len() >= MAX_QUEUE || value.len() > MAX_VALUE {
+    if q.items.len() >= MAX_QUEUE || value.len() > MAX_VALUE {
         return Err(status::BAD_ARGUMENT);
     }
-    q.push_back(value.to_vec());
+    q.items.push_back(value.to_vec());
+    q.subscribers.retain(|w| match w.upgrade() {
+        Some(n) => {
+            n.notify_one();
+            true
+        }
+        None => false,
+    });
     Ok(())
 }
 
@@ -104,7 +121,17 @@ pub fn enqueue(id: u32, value: &[u8]) -> Result<(), i32> {
 pub fn dequeue(id: u32) -> Result<Vec<u8>, i32> {
     let mut s = store();
     let q = s.queues.get_mut(&id).ok_or(status::NOT_FOUND)?;
-    q.pop_front().ok_or(status::EMPTY)
+    q.items.pop_front().ok_or(status::EMPTY)
+}
+
+/// Subscribes a VM to queue `id`: the returned `Notify` is signalled on each
+/// enqueue while the caller holds it.
+pub fn subscribe(id: u32) -> Option<Arc<Notify>> {
+    let mut s = store();
+    let q = s.queues.get_mut(&id)?;
+    let n = Arc::new(Notify::new());
+    q.subscribers.push(Arc::downgrade(&n));
+    Some(n)
 }
 
 #[cfg(test)]

@@ -147,6 +147,8 @@ pub struct PwState {
     pub tick: Option<Duration>,
     /// Properties the guest set, by context and path.
     pub props: HashMap<(u32, Vec<u8>), Vec<u8>>,
+    /// Queues registered since the host last looked (for `proxy_on_queue_ready`).
+    pub new_queues: Vec<u32>,
 }
 
 impl PwState {
@@ -169,6 +171,7 @@ impl PwState {
             close: false,
             tick: None,
             props: HashMap::new(),
+            new_queues: Vec::new(),
         }
     }
 
