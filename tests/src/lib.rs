@@ -38,6 +38,7 @@ pub mod certs;
 pub mod client;
 pub mod legate;
 pub mod plugins;
+pub mod proxy_wasm;
 pub mod redis;
 pub mod stats;
 pub mod upstream;

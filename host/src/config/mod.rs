@@ -83,6 +83,32 @@ pub struct Plugin {
     /// What the plugin may reach outside itself.
     #[serde(default)]
     pub capabilities: Capabilities,
+    /// Settings of a proxy-wasm (Envoy ABI 0.2.1) module; only for such modules
+    /// (docs/proxy-wasm.md).
+    #[serde(default)]
+    pub proxy_wasm: Option<ProxyWasm>,
+}
+
+/// Settings of a proxy-wasm module (Envoy's `vm_config` and plugin `configuration`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyWasm {
+    /// `root_id`: which root context of the module the plugin binds to (the
+    /// `plugin_root_id` property). Default empty.
+    #[serde(default)]
+    pub root_id: String,
+    /// `vm_id`: the scope of shared data and queues; plugins with the same `vm_id`
+    /// share them. Default empty.
+    #[serde(default)]
+    pub vm_id: String,
+    /// What `proxy_on_vm_start` reads as the VM configuration: a string as is, any
+    /// other value as JSON text (as Envoy does).
+    #[serde(default)]
+    pub vm_config: Option<serde_json::Value>,
+    /// What `proxy_on_configure` reads as the plugin configuration: a string as is,
+    /// any other value as JSON text. Give this or the plugin's `config`, not both.
+    #[serde(default)]
+    pub plugin_config: Option<serde_json::Value>,
 }
 
 /// A plugin's failure policy.

@@ -653,6 +653,29 @@ fn validate_plugin(e: &mut Issues, p: &Spanned<Plugin>, clusters: &Defined<'_>) 
     for c in &p.capabilities.clusters {
         clusters.check(e, c);
     }
+    if let Some(pw) = &p.proxy_wasm {
+        if pw.plugin_config.is_some() && p.config.is_some() {
+            e.at(
+                loc,
+                format!(
+                    "plugin `{}`: both `config` and `proxy_wasm.plugin_config` are given",
+                    p.name
+                ),
+                "give the proxy-wasm plugin configuration once, in either",
+            )
+            .key("proxy_wasm");
+        }
+        for (key, v) in [("root_id", &pw.root_id), ("vm_id", &pw.vm_id)] {
+            if v.len() > 256 || v.chars().any(char::is_control) {
+                e.at(
+                    loc,
+                    format!("plugin `{}`: `proxy_wasm.{key}` is invalid", p.name),
+                    "use at most 256 printable characters",
+                )
+                .key("proxy_wasm");
+            }
+        }
+    }
 }
 
 fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {

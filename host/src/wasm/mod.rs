@@ -13,6 +13,9 @@
 //! - [`plugin`]: [`WasmFilter`], a [`crate::filter::HttpFilter`]; per-worker
 //!   instances, deadlines, memory caps, failure handling and per-plugin stats.
 //!
+//! - [`proxy_wasm`]: core modules built for Envoy's proxy-wasm ABI 0.2.1, detected
+//!   from the module itself (docs/proxy-wasm.md).
+//!
 //! Not supported yet, refused at load with a clear error: body and trailer phases,
 //! callouts (`capabilities.clusters`).
 
@@ -22,6 +25,7 @@ pub mod engine;
 pub mod host;
 pub mod kv;
 pub mod plugin;
+pub mod proxy_wasm;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,6 +52,9 @@ pub fn load(
                 "plugin `{name}`: callouts (`capabilities.clusters`) are not supported by this \
                  Legate yet; remove them"
             );
+        }
+        if load_proxy_wasm(config, p, stats, &mut out)? {
+            continue;
         }
         let component = engine::compile(
             name,
@@ -93,6 +100,86 @@ pub fn load(
         }
     }
     Ok(out)
+}
+
+/// Route `config` overrides of plugin `name`, as JSON text, each once.
+fn route_overrides(config: &Config, name: &crate::config::Name) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for t in &config.routes {
+        for vh in &t.value.virtual_hosts {
+            for r in &vh.value.routes {
+                if let Some(c) = r.value.filters.get(name).and_then(|f| f.config.as_ref()) {
+                    let json = c.to_string();
+                    if !out.contains(&json) {
+                        out.push(json);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Loads plugin `p` as a proxy-wasm module if its file is a core module (`false`:
+/// it is a component, load it as one). Each route `config` override is another
+/// plugin configuration, as for components.
+fn load_proxy_wasm(
+    config: &Config,
+    p: &crate::config::Plugin,
+    stats: &Arc<Stats>,
+    out: &mut HashMap<FilterKey, Arc<dyn HttpFilter>>,
+) -> anyhow::Result<bool> {
+    use std::io::Read as _;
+    let name = p.name.as_str();
+    let mut header = [0u8; 8];
+    let is_core = std::fs::File::open(&p.module)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .is_ok()
+        && proxy_wasm::is_core_module(&header);
+    if !is_core {
+        if p.proxy_wasm.is_some() {
+            anyhow::bail!(
+                "plugin `{name}`: `proxy_wasm` settings are given, but {} is not a core Wasm \
+                 module (a proxy-wasm filter); remove `proxy_wasm` for a Legate component",
+                p.module.display()
+            );
+        }
+        return Ok(false);
+    }
+    let module = proxy_wasm::compile(name, &p.module, p.sha256.as_ref().map(|s| s.value.as_str()))?;
+    let pw = p.proxy_wasm.clone().unwrap_or_default();
+    let base = pw.plugin_config.as_ref().or(p.config.as_ref());
+    let mut configs: Vec<(Option<String>, Vec<u8>)> = vec![(None, proxy_wasm::config_bytes(base))];
+    for json in route_overrides(config, &p.name) {
+        let v: Option<serde_json::Value> = serde_json::from_str(&json).ok();
+        configs.push((Some(json), proxy_wasm::config_bytes(v.as_ref())));
+    }
+    for (over, plugin_config) in configs {
+        let f = proxy_wasm::load(
+            &module,
+            proxy_wasm::Load {
+                name,
+                root_id: &pw.root_id,
+                vm_id: &pw.vm_id,
+                vm_config: proxy_wasm::config_bytes(pw.vm_config.as_ref()),
+                plugin_config,
+            },
+            proxy_wasm::Settings {
+                cpu: p.limits.cpu.value.get(),
+                memory: usize::try_from(p.limits.memory.value.0).unwrap_or(usize::MAX),
+                fail_open: p.fail == FailPolicy::Open,
+            },
+            stats,
+        )?;
+        out.insert(
+            FilterKey {
+                plugin: p.name.clone(),
+                config_override: over,
+            },
+            f,
+        );
+    }
+    Ok(true)
 }
 
 /// For `legate check`: loads, compiles and configures every plugin, so a plugin

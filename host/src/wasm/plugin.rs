@@ -30,7 +30,7 @@ use crate::filter::{Exchange, HttpFilter, LocalResponse, Phases, Verdict};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
 /// The shortest tick interval a plugin may ask for (abi/README.md §7).
-const MIN_TICK: Duration = Duration::from_millis(10);
+pub(crate) const MIN_TICK: Duration = Duration::from_millis(10);
 
 /// Deadline of `configure` (abi/README.md §2).
 const CONFIGURE_DEADLINE: Duration = Duration::from_secs(1);
@@ -62,20 +62,20 @@ pub struct Settings {
     pub kv: Vec<String>,
 }
 
-/// Per-plugin counters on `/stats`.
-struct PluginStats {
-    calls: HashMap<&'static str, Counter>,
-    failures: Counter,
-    traps: Counter,
-    timeouts: Counter,
-    memory_exceeded: Counter,
-    restarts: Counter,
-    duration: Histogram,
-    instances: Gauge,
+/// Per-plugin counters on `/stats` (shared with proxy-wasm plugins).
+pub(crate) struct PluginStats {
+    pub(crate) calls: HashMap<&'static str, Counter>,
+    pub(crate) failures: Counter,
+    pub(crate) traps: Counter,
+    pub(crate) timeouts: Counter,
+    pub(crate) memory_exceeded: Counter,
+    pub(crate) restarts: Counter,
+    pub(crate) duration: Histogram,
+    pub(crate) instances: Gauge,
 }
 
 impl PluginStats {
-    fn new(stats: &Stats, name: &str) -> Self {
+    pub(crate) fn new(stats: &Stats, name: &str) -> Self {
         let l = [("plugin", name)];
         let calls = [
             "configure",
@@ -234,7 +234,7 @@ fn unsupported(setup: &HttpSetup) -> Option<&'static str> {
     None
 }
 
-fn describe(e: &wasmtime::Error, cpu: Duration) -> (&'static str, String) {
+pub(crate) fn describe(e: &wasmtime::Error, cpu: Duration) -> (&'static str, String) {
     if let Some(t) = e.downcast_ref::<Trap>() {
         if *t == Trap::Interrupt {
             return (

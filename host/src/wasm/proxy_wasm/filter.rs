@@ -1,0 +1,610 @@
+//! [`ProxyWasmFilter`]: a proxy-wasm module as an [`HttpFilter`]. One VM
+//! (instance) per worker, created lazily on the worker's thread and started as
+//! Envoy does (`_initialize`/`_start`, root context, `proxy_on_vm_start`,
+//! `proxy_on_configure`); each exchange gets an HTTP context
+//! (`proxy_on_context_create` → request headers → response headers → `on_done` →
+//! `on_log` → `on_delete`). Deadlines, the memory cap, the failure policy and the
+//! per-plugin stats are the component plugins' ([`super::super::plugin`]).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use wasmtime::{Extern, InstancePre, Linker, Module, Store, TypedFunc};
+
+use super::abi::action;
+use super::imports;
+use super::state::{Meta, Phase, PwState, ROOT_CONTEXT};
+use crate::filter::{Exchange, HttpFilter, Phases, Verdict};
+use crate::stats::Stats;
+use crate::wasm::engine;
+use crate::wasm::plugin::{describe, PluginStats, MIN_TICK};
+
+/// Deadline of VM start and configuration (as `configure` for components).
+const START_DEADLINE: Duration = Duration::from_secs(1);
+
+/// How a proxy-wasm plugin is run.
+pub struct Settings {
+    /// Per-call deadline.
+    pub cpu: Duration,
+    /// Memory cap per instance.
+    pub memory: usize,
+    /// `fail: open`.
+    pub fail_open: bool,
+}
+
+/// The guest's exports this host calls (absent ones are skipped, as Envoy does).
+#[derive(Clone)]
+struct Exports {
+    context_create: Option<TypedFunc<(i32, i32), ()>>,
+    vm_start: Option<TypedFunc<(i32, i32), i32>>,
+    configure: Option<TypedFunc<(i32, i32), i32>>,
+    tick: Option<TypedFunc<i32, ()>>,
+    queue_ready: Option<TypedFunc<(i32, i32), ()>>,
+    request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    done: Option<TypedFunc<i32, i32>>,
+    log: Option<TypedFunc<i32, ()>>,
+    delete: Option<TypedFunc<i32, ()>>,
+}
+
+/// One live VM on a worker.
+struct Live {
+    store: Store<PwState>,
+    exports: Exports,
+    /// Exchange context → proxy-wasm context id, for exchanges that started here.
+    contexts: HashMap<u64, u32>,
+    next_context: u32,
+    /// Queues this VM registered, with their wake-ups (dropping one unsubscribes).
+    queues: HashMap<u32, Arc<tokio::sync::Notify>>,
+}
+
+/// A worker's slot for one plugin.
+#[derive(Default)]
+struct Slot {
+    live: Option<Live>,
+    not_before: Option<Instant>,
+    backoff: Duration,
+    failed_before: bool,
+    generation: u64,
+}
+
+thread_local! {
+    /// This worker's VMs, by `ProxyWasmFilter::id`.
+    static VMS: RefCell<HashMap<u64, Slot>> = RefCell::default();
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A loaded proxy-wasm plugin.
+pub struct ProxyWasmFilter {
+    id: u64,
+    meta: Arc<Meta>,
+    pre: InstancePre<PwState>,
+    settings: Settings,
+    stats: PluginStats,
+    me: OnceLock<Weak<ProxyWasmFilter>>,
+}
+
+fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+    store: &mut Store<PwState>,
+    instance: &wasmtime::Instance,
+    name: &str,
+) -> Result<Option<TypedFunc<P, R>>, String> {
+    match instance.get_export(&mut *store, name) {
+        None => Ok(None),
+        Some(Extern::Func(f)) => f
+            .typed::<P, R>(&*store)
+            .map(Some)
+            .map_err(|e| format!("export `{name}` has the wrong signature for ABI 0.2.1: {e}")),
+        Some(_) => Err(format!("export `{name}` is not a function")),
+    }
+}
+
+fn b(v: bool) -> i32 {
+    i32::from(v)
+}
+
+impl ProxyWasmFilter {
+    /// Links a compiled module and starts one VM on this thread to check it: a
+    /// missing export, a trap in start-up or `proxy_on_configure` returning false
+    /// is an error naming the plugin.
+    pub fn load(
+        module: &Module,
+        meta: Meta,
+        settings: Settings,
+        stats: &Arc<Stats>,
+    ) -> anyhow::Result<Self> {
+        let name = meta.name.clone();
+        let mut linker: Linker<PwState> = Linker::new(engine::engine()?);
+        imports::add_to_linker(&mut linker)
+            .map_err(|e| anyhow::anyhow!("plugin `{name}`: linking the proxy-wasm ABI: {e}"))?;
+        let unknown = imports::stub_the_rest(&mut linker, module);
+        if !unknown.is_empty() {
+            tracing::warn!(
+                plugin = &*name,
+                "the module imports functions this host does not provide (calling one traps): {}",
+                unknown.join(", ")
+            );
+        }
+        let pre = linker.instantiate_pre(module).map_err(|e| {
+            anyhow::anyhow!("plugin `{name}`: the module does not fit this host: {e:#}")
+        })?;
+        let f = ProxyWasmFilter {
+            id: NEXT_ID.fetch_add(1, Relaxed),
+            meta: Arc::new(meta),
+            pre,
+            settings,
+            stats: PluginStats::new(stats, &name),
+            me: OnceLock::new(),
+        };
+        f.start_vm()
+            .map_err(|e| anyhow::anyhow!("plugin `{name}`: {e}"))?;
+        Ok(f)
+    }
+
+    /// Lets the filter start tick tasks (it needs an `Arc` of itself).
+    pub fn arm(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+    }
+
+    /// A new VM, started and configured.
+    fn start_vm(&self) -> Result<Live, String> {
+        let mut store = Store::new(
+            self.pre.module().engine(),
+            PwState::new(self.meta.clone(), self.settings.memory),
+        );
+        store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
+        store.set_epoch_deadline(engine::ticks(START_DEADLINE));
+        let fail = |what: &str, e: wasmtime::Error| {
+            format!("{what} failed: {}", describe(&e, START_DEADLINE).1)
+        };
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| format!("cannot instantiate: {e:#}"))?;
+        // A reactor's `_initialize` (then `main` if exported, as Envoy does), or a
+        // command's `_start`.
+        if let Some(init) = typed::<(), ()>(&mut store, &instance, "_initialize")? {
+            init.call(&mut store, ())
+                .map_err(|e| fail("_initialize", e))?;
+            if let Some(main) = typed::<(i32, i32), i32>(&mut store, &instance, "main")? {
+                main.call(&mut store, (0, 0)).map_err(|e| fail("main", e))?;
+            }
+        } else if let Some(start) = typed::<(), ()>(&mut store, &instance, "_start")? {
+            start.call(&mut store, ()).map_err(|e| fail("_start", e))?;
+        }
+        let exports = Exports {
+            context_create: typed(&mut store, &instance, "proxy_on_context_create")?,
+            vm_start: typed(&mut store, &instance, "proxy_on_vm_start")?,
+            configure: typed(&mut store, &instance, "proxy_on_configure")?,
+            tick: typed(&mut store, &instance, "proxy_on_tick")?,
+            queue_ready: typed(&mut store, &instance, "proxy_on_queue_ready")?,
+            request_headers: typed(&mut store, &instance, "proxy_on_request_headers")?,
+            response_headers: typed(&mut store, &instance, "proxy_on_response_headers")?,
+            done: typed(&mut store, &instance, "proxy_on_done")?,
+            log: typed(&mut store, &instance, "proxy_on_log")?,
+            delete: typed(&mut store, &instance, "proxy_on_delete")?,
+        };
+        if exports.context_create.is_none() {
+            return Err("the module does not export `proxy_on_context_create`".into());
+        }
+        let root = ROOT_CONTEXT as i32;
+        if let Some(f) = &exports.context_create {
+            f.call(&mut store, (root, 0))
+                .map_err(|e| fail("proxy_on_context_create (root)", e))?;
+        }
+        if let Some(f) = &exports.vm_start {
+            let n = self.meta.vm_config.len() as i32;
+            let ok = f
+                .call(&mut store, (root, n))
+                .map_err(|e| fail("proxy_on_vm_start", e))?;
+            if ok == 0 {
+                return Err(
+                    "proxy_on_vm_start returned false (check `proxy_wasm.vm_config` \
+                     and the plugin's log)"
+                        .into(),
+                );
+            }
+        }
+        self.stats.calls["configure"].inc();
+        if let Some(f) = &exports.configure {
+            let n = self.meta.plugin_config.len() as i32;
+            let ok = f
+                .call(&mut store, (root, n))
+                .map_err(|e| fail("proxy_on_configure", e))?;
+            if ok == 0 {
+                return Err(
+                    "proxy_on_configure returned false: the plugin rejected its \
+                     configuration (check `config`/`proxy_wasm.plugin_config` and the \
+                     plugin's log)"
+                        .into(),
+                );
+            }
+        }
+        Ok(Live {
+            store,
+            exports,
+            contexts: HashMap::new(),
+            next_context: ROOT_CONTEXT + 1,
+            queues: HashMap::new(),
+        })
+    }
+
+    /// Calls `proxy_on_tick` on this worker's VM while its period is set and that VM
+    /// (generation `generation`) lives. Runs on the worker's `LocalSet`, so a tick
+    /// never overlaps another call into the VM. The period is read again after each
+    /// tick (a module may change it); periods under 10ms are raised to 10ms.
+    async fn tick_loop(me: Weak<ProxyWasmFilter>, worker: usize, generation: u64) {
+        loop {
+            let period = {
+                let Some(f) = me.upgrade() else { return };
+                VMS.with(|cell| {
+                    let map = cell.borrow();
+                    let slot = map.get(&f.id)?;
+                    let live = slot
+                        .live
+                        .as_ref()
+                        .filter(|_| slot.generation == generation)?;
+                    Some(live.store.data().tick)
+                })
+            };
+            let Some(period) = period else { return };
+            let Some(period) = period else {
+                // Not ticking now; the module may ask later.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            tokio::time::sleep(period.max(MIN_TICK)).await;
+            let Some(f) = me.upgrade() else { return };
+            f.stats.calls["tick"].inc();
+            let r = f.with_vm(worker, Phase::Root, None, false, |live, _| {
+                match live.exports.tick.clone() {
+                    Some(t) => t.call(&mut live.store, ROOT_CONTEXT as i32).map(Ok),
+                    None => Ok(Ok(())),
+                }
+            });
+            if let Err(e) = r {
+                tracing::warn!(plugin = f.name(), "proxy_on_tick failed: {e}");
+            }
+        }
+    }
+
+    /// Calls `proxy_on_queue_ready(root, queue)` on this worker's VM after each
+    /// enqueue, while that VM (generation `generation`) lives.
+    async fn queue_loop(
+        me: Weak<ProxyWasmFilter>,
+        worker: usize,
+        generation: u64,
+        queue: u32,
+        ready: Weak<tokio::sync::Notify>,
+    ) {
+        loop {
+            let Some(n) = ready.upgrade() else { return };
+            n.notified().await;
+            drop(n);
+            let Some(f) = me.upgrade() else { return };
+            let current = VMS.with(|cell| {
+                cell.borrow()
+                    .get(&f.id)
+                    .is_some_and(|s| s.live.is_some() && s.generation == generation)
+            });
+            if !current {
+                return;
+            }
+            let r = f.with_vm(worker, Phase::Root, None, false, |live, _| {
+                match live.exports.queue_ready.clone() {
+                    Some(q) => q
+                        .call(&mut live.store, (ROOT_CONTEXT as i32, queue as i32))
+                        .map(Ok),
+                    None => Ok(Ok(())),
+                }
+            });
+            if let Err(e) = r {
+                tracing::warn!(plugin = f.name(), "proxy_on_queue_ready failed: {e}");
+            }
+        }
+    }
+
+    /// Subscribes the VM to the queues it registered since the last look, each
+    /// with a task on the worker's `LocalSet`.
+    fn watch_queues(&self, live: &mut Live, worker: usize, generation: u64) {
+        let new = std::mem::take(&mut live.store.data_mut().new_queues);
+        let Some(me) = self.me.get() else { return };
+        if live.exports.queue_ready.is_none() {
+            return;
+        }
+        for q in new {
+            if live.queues.contains_key(&q) {
+                continue;
+            }
+            if let Some(n) = super::shared::subscribe(q) {
+                tokio::task::spawn_local(Self::queue_loop(
+                    me.clone(),
+                    worker,
+                    generation,
+                    q,
+                    Arc::downgrade(&n),
+                ));
+                live.queues.insert(q, n);
+            }
+        }
+    }
+
+    /// Runs `call` on this worker's VM (starting it if needed) with `x` swapped into
+    /// the store. `new_context` creates the exchange's HTTP context first. A trap
+    /// drops the VM.
+    fn with_vm<R>(
+        &self,
+        worker: usize,
+        phase: Phase,
+        x: Option<&mut Exchange>,
+        new_context: bool,
+        call: impl FnOnce(&mut Live, u32) -> wasmtime::Result<Result<R, String>>,
+    ) -> Result<R, String> {
+        VMS.with(|cell| {
+            let mut map = cell.borrow_mut();
+            let slot = map.entry(self.id).or_default();
+            if slot.live.is_none() {
+                if !new_context {
+                    return Err("the VM this exchange started on failed".to_string());
+                }
+                if slot.not_before.is_some_and(|t| Instant::now() < t) {
+                    return Err("no VM (restarting after a failure)".to_string());
+                }
+                match self.start_vm() {
+                    Ok(live) => {
+                        if slot.failed_before {
+                            self.stats.restarts.inc();
+                        }
+                        self.stats.instances.inc();
+                        slot.live = Some(live);
+                        slot.generation += 1;
+                        if let Some(me) = self.me.get() {
+                            tokio::task::spawn_local(Self::tick_loop(
+                                me.clone(),
+                                worker,
+                                slot.generation,
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        fail_slot(slot);
+                        return Err(e);
+                    }
+                }
+            }
+            let Some(live) = slot.live.as_mut() else {
+                return Err("no VM".to_string());
+            };
+            let exchange = x.as_ref().map(|x| x.context);
+            live.store
+                .set_epoch_deadline(engine::ticks(self.settings.cpu));
+            let started = Instant::now();
+            let mut result = Ok(Ok(ROOT_CONTEXT));
+            let mut pw = ROOT_CONTEXT;
+            if let Some(c) = exchange {
+                match live.contexts.get(&c) {
+                    Some(id) => pw = *id,
+                    None if new_context => {
+                        pw = live.next_context;
+                        live.next_context = live.next_context.wrapping_add(1).max(ROOT_CONTEXT + 1);
+                        live.contexts.insert(c, pw);
+                        live.store.data_mut().contexts.insert(pw);
+                        if let Some(f) = live.exports.context_create.clone() {
+                            result = f
+                                .call(&mut live.store, (pw as i32, ROOT_CONTEXT as i32))
+                                .map(|()| Ok(pw));
+                        }
+                    }
+                    None => return Err("the VM this exchange started on failed".to_string()),
+                }
+            }
+            let data = live.store.data_mut();
+            data.phase = phase;
+            data.effective = pw;
+            data.local = None;
+            data.close = false;
+            let mut x = x;
+            if let Some(x) = x.as_deref_mut() {
+                std::mem::swap(x, &mut data.x);
+                data.x_context = pw;
+            }
+            let result = match result {
+                Ok(Ok(_)) => call(live, pw),
+                Ok(Err(e)) => Ok(Err(e)),
+                Err(e) => Err(e),
+            };
+            self.stats.duration.observe(started.elapsed());
+            if !live.store.data().new_queues.is_empty() {
+                self.watch_queues(live, worker, slot.generation);
+            }
+            let data = live.store.data_mut();
+            if let Some(x) = x {
+                std::mem::swap(x, &mut data.x);
+            }
+            data.x_context = 0;
+            data.effective = ROOT_CONTEXT;
+            match result {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(invalid)) => {
+                    self.stats.failures.inc();
+                    Err(invalid)
+                }
+                Err(e) => {
+                    let (class, text) = describe(&e, self.settings.cpu);
+                    match class {
+                        "timeout" => self.stats.timeouts.inc(),
+                        "memory" => self.stats.memory_exceeded.inc(),
+                        _ => self.stats.traps.inc(),
+                    }
+                    self.stats.failures.inc();
+                    // The VM is dead: its state may be inconsistent after a trap.
+                    slot.live = None;
+                    self.stats.instances.dec();
+                    fail_slot(slot);
+                    Err(text)
+                }
+            }
+        })
+    }
+
+    fn headers_phase(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        request: bool,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String> {
+        let (phase, label) = if request {
+            (Phase::RequestHeaders, "request_headers")
+        } else {
+            (Phase::ResponseHeaders, "response_headers")
+        };
+        self.stats.calls[label].inc();
+        let count = if request {
+            x.request_headers.len() + 4
+        } else {
+            x.response_headers.as_ref().map_or(0, |h| h.len() + 1)
+        };
+        let count = i32::try_from(count).unwrap_or(i32::MAX);
+        self.with_vm(worker, phase, Some(x), request, |live, ctx| {
+            let f = if request {
+                live.exports.request_headers.clone()
+            } else {
+                live.exports.response_headers.clone()
+            };
+            let Some(f) = f else {
+                return Ok(Ok(Verdict::Continue));
+            };
+            let a = f.call(&mut live.store, (ctx as i32, count, b(end_of_stream)))?;
+            let data = live.store.data_mut();
+            if let Some(lr) = data.local.take() {
+                return Ok(Ok(Verdict::Respond(lr)));
+            }
+            if data.close {
+                return Ok(Err(
+                    "the plugin reset the stream (proxy_close_stream)".into()
+                ));
+            }
+            Ok(if a == action::CONTINUE {
+                Ok(Verdict::Continue)
+            } else {
+                Err(format!(
+                    "returned action {a} (pause) with nothing to resume: this Legate has no \
+                     callouts or body buffering for proxy-wasm yet"
+                ))
+            })
+        })
+    }
+
+    /// `on_done` → `on_log` → `on_delete` for an exchange's context (Envoy's order),
+    /// with the exchange readable if it is given.
+    fn finish(&self, worker: usize, context: u64, x: Option<&mut Exchange>) {
+        let pw = VMS.with(|cell| {
+            cell.borrow_mut()
+                .get_mut(&self.id)
+                .and_then(|s| s.live.as_mut())
+                .and_then(|live| live.contexts.get(&context).copied())
+        });
+        if pw.is_none() {
+            return;
+        }
+        self.stats.calls["done"].inc();
+        self.stats.calls["log"].inc();
+        let r = self.with_vm(worker, Phase::ReadOnly, x, false, |live, _| {
+            let Some(ctx) = pw else { return Ok(Ok(())) };
+            live.store.data_mut().effective = ctx;
+            let ctx = ctx as i32;
+            if let Some(f) = live.exports.done.clone() {
+                f.call(&mut live.store, ctx)?;
+            }
+            if let Some(f) = live.exports.log.clone() {
+                f.call(&mut live.store, ctx)?;
+            }
+            if let Some(f) = live.exports.delete.clone() {
+                f.call(&mut live.store, ctx)?;
+            }
+            Ok(Ok(()))
+        });
+        // The context is gone whatever happened.
+        VMS.with(|cell| {
+            if let Some(live) = cell
+                .borrow_mut()
+                .get_mut(&self.id)
+                .and_then(|s| s.live.as_mut())
+            {
+                if let Some(pw) = live.contexts.remove(&context) {
+                    let data = live.store.data_mut();
+                    data.contexts.remove(&pw);
+                    data.props.retain(|(c, _), _| *c != pw);
+                }
+            }
+        });
+        if let Err(e) = r {
+            tracing::warn!(plugin = self.name(), "proxy_on_done/on_log failed: {e}");
+        }
+    }
+}
+
+/// Backoff before the next VM, as for component plugins: none after a first
+/// failure, doubling from 100ms to 5s while failures repeat.
+fn fail_slot(slot: &mut Slot) {
+    let now = Instant::now();
+    let repeated = slot
+        .not_before
+        .is_some_and(|t| now < t + Duration::from_secs(1));
+    slot.backoff = if repeated {
+        (slot.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    } else {
+        Duration::ZERO
+    };
+    slot.not_before = Some(now + slot.backoff);
+    slot.failed_before = true;
+}
+
+impl HttpFilter for ProxyWasmFilter {
+    fn name(&self) -> &str {
+        &self.meta.name
+    }
+
+    fn phases(&self) -> Phases {
+        Phases(
+            Phases::REQUEST_HEADERS.0 | Phases::RESPONSE_HEADERS.0 | Phases::LOG.0 | Phases::DONE.0,
+        )
+    }
+
+    fn fail_open(&self) -> bool {
+        self.settings.fail_open
+    }
+
+    fn on_request_headers(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String> {
+        self.headers_phase(worker, x, true, end_of_stream)
+    }
+
+    fn on_response_headers(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String> {
+        self.headers_phase(worker, x, false, end_of_stream)
+    }
+
+    fn on_log(&self, worker: usize, x: &mut Exchange) {
+        let context = x.context;
+        self.finish(worker, context, Some(x));
+    }
+
+    fn on_done(&self, worker: usize, context: u64) {
+        // Already finished by `on_log` unless the chain skipped it (a failure).
+        self.finish(worker, context, None);
+    }
+}

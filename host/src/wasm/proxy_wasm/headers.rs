@@ -1,0 +1,218 @@
+//! Header maps as proxy-wasm sees them: the request head with its pseudo-headers
+//! (`:method`, `:path`, `:authority`, `:scheme`) and the response head with
+//! `:status`, read and written on the [`Exchange`] in the store.
+//!
+//! Writes follow the component ABI's rules: only in the phase that owns the map,
+//! and never to the fields the host owns (framing, connection management), which
+//! are ignored as Envoy ignores writes it cannot honour.
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+
+use super::abi::{map, status, Pairs};
+use super::state::{Phase, PwState};
+use crate::filter::Exchange;
+
+/// Fields the host owns: never writable by a filter (as for component plugins).
+fn denied(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "upgrade"
+            | "trailer"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// The pairs of map `which` as the guest sees them (`Err` status for a map type
+/// that does not exist; an absent map, such as trailers, is empty).
+pub fn pairs(s: &mut PwState, which: i32) -> Result<Pairs, i32> {
+    if !(0..=map::MAX).contains(&which) {
+        return Err(status::BAD_ARGUMENT);
+    }
+    let Some(x) = s.exchange() else {
+        return Ok(Vec::new());
+    };
+    let mut out: Pairs = Vec::new();
+    match which {
+        map::REQUEST_HEADERS => {
+            out.push((b":authority".to_vec(), x.authority.as_bytes().to_vec()));
+            out.push((b":path".to_vec(), x.path.as_bytes().to_vec()));
+            out.push((b":method".to_vec(), x.method.as_str().as_bytes().to_vec()));
+            let scheme: &[u8] = if x.https { b"https" } else { b"http" };
+            out.push((b":scheme".to_vec(), scheme.to_vec()));
+            for (k, v) in &x.request_headers {
+                out.push((k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()));
+            }
+        }
+        map::RESPONSE_HEADERS => {
+            if let (Some(st), Some(h)) = (x.status, &x.response_headers) {
+                out.push((b":status".to_vec(), st.as_str().as_bytes().to_vec()));
+                for (k, v) in h {
+                    out.push((k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()));
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(out)
+}
+
+/// The value of `key` in map `which`: repeated fields joined with `,` (Envoy
+/// returns only the first, a known portability trap).
+pub fn value(s: &mut PwState, which: i32, key: &[u8]) -> Result<Vec<u8>, i32> {
+    let key = key.to_ascii_lowercase();
+    let all = pairs(s, which)?;
+    let values: Vec<&[u8]> = all
+        .iter()
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    if values.is_empty() {
+        return Err(status::NOT_FOUND);
+    }
+    Ok(values.join(&b","[..]))
+}
+
+/// How a write changes a map.
+pub enum Op<'a> {
+    /// Append a value.
+    Add(&'a [u8], &'a [u8]),
+    /// Replace every value (or add).
+    Replace(&'a [u8], &'a [u8]),
+    /// Remove every value.
+    Remove(&'a [u8]),
+}
+
+fn writable(s: &mut PwState, which: i32) -> Result<&mut Exchange, i32> {
+    let phase = s.phase;
+    let ok = match which {
+        map::REQUEST_HEADERS => phase == Phase::RequestHeaders,
+        map::RESPONSE_HEADERS => phase == Phase::ResponseHeaders,
+        _ => false,
+    };
+    match s.exchange() {
+        Some(x) if ok => Ok(x),
+        _ => Err(status::BAD_ARGUMENT),
+    }
+}
+
+/// Applies one write to map `which`.
+pub fn apply(s: &mut PwState, which: i32, op: Op<'_>) -> Result<(), i32> {
+    let x = writable(s, which)?;
+    let key = match &op {
+        Op::Add(k, _) | Op::Replace(k, _) | Op::Remove(k) => k.to_ascii_lowercase(),
+    };
+    if key.first() == Some(&b':') {
+        return pseudo(x, which, &key, &op);
+    }
+    let name = HeaderName::from_bytes(&key).map_err(|_| status::BAD_ARGUMENT)?;
+    if denied(name.as_str()) {
+        return Ok(());
+    }
+    let headers = if which == map::REQUEST_HEADERS {
+        &mut x.request_headers
+    } else {
+        x.response_headers.as_mut().ok_or(status::BAD_ARGUMENT)?
+    };
+    match op {
+        Op::Add(_, v) => {
+            let v = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
+            headers.append(name, v);
+        }
+        Op::Replace(_, v) => {
+            let v = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
+            headers.insert(name, v);
+        }
+        Op::Remove(_) => {
+            headers.remove(name);
+        }
+    }
+    if which == map::REQUEST_HEADERS {
+        x.head_changed();
+    }
+    Ok(())
+}
+
+/// A write to a pseudo-header changes the head itself; removing one is refused.
+fn pseudo(x: &mut Exchange, which: i32, key: &[u8], op: &Op<'_>) -> Result<(), i32> {
+    let v = match op {
+        Op::Add(_, v) | Op::Replace(_, v) => *v,
+        Op::Remove(_) => return Err(status::BAD_ARGUMENT),
+    };
+    let text = std::str::from_utf8(v).map_err(|_| status::BAD_ARGUMENT)?;
+    match (which, key) {
+        (map::REQUEST_HEADERS, b":path") => {
+            if !text.starts_with('/') || text.parse::<http::Uri>().is_err() {
+                return Err(status::BAD_ARGUMENT);
+            }
+            x.path = text.to_string();
+        }
+        (map::REQUEST_HEADERS, b":method") => {
+            x.method = Method::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
+        }
+        (map::REQUEST_HEADERS, b":authority") => {
+            if text.parse::<http::uri::Authority>().is_err() {
+                return Err(status::BAD_ARGUMENT);
+            }
+            x.authority = text.to_string();
+        }
+        // The scheme is the connection's; Envoy ignores a rewrite too.
+        (map::REQUEST_HEADERS, b":scheme") => return Ok(()),
+        (map::RESPONSE_HEADERS, b":status") => {
+            let code: u16 = text.parse().map_err(|_| status::BAD_ARGUMENT)?;
+            if !(200..=599).contains(&code) {
+                return Err(status::BAD_ARGUMENT);
+            }
+            x.status = Some(StatusCode::from_u16(code).map_err(|_| status::BAD_ARGUMENT)?);
+            return Ok(());
+        }
+        _ => return Err(status::BAD_ARGUMENT),
+    }
+    x.head_changed();
+    Ok(())
+}
+
+/// Replaces map `which` with `pairs` (host-owned fields keep their values).
+pub fn set_all(s: &mut PwState, which: i32, new: &[(Vec<u8>, Vec<u8>)]) -> Result<(), i32> {
+    let x = writable(s, which)?;
+    let headers = if which == map::REQUEST_HEADERS {
+        &mut x.request_headers
+    } else {
+        x.response_headers.as_mut().ok_or(status::BAD_ARGUMENT)?
+    };
+    // Check everything first so a bad pair leaves the map as it was.
+    let mut fresh = http::HeaderMap::new();
+    for (k, v) in new {
+        let k = k.to_ascii_lowercase();
+        if k.first() == Some(&b':') {
+            continue;
+        }
+        let name = HeaderName::from_bytes(&k).map_err(|_| status::BAD_ARGUMENT)?;
+        if denied(name.as_str()) {
+            continue;
+        }
+        let v = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
+        fresh.append(name, v);
+    }
+    for (k, v) in headers.iter() {
+        if denied(k.as_str()) {
+            fresh.append(k.clone(), v.clone());
+        }
+    }
+    *headers = fresh;
+    for (k, v) in new {
+        if k.first() == Some(&b':') {
+            pseudo(x, which, &k.to_ascii_lowercase(), &Op::Replace(k, v))?;
+        }
+    }
+    if which == map::REQUEST_HEADERS {
+        x.head_changed();
+    }
+    Ok(())
+}

@@ -1,0 +1,790 @@
+//! Every `env` host function of proxy-wasm ABI 0.2.1 (so modules built by the SDKs,
+//! which import nearly all of them, instantiate), and the WASI preview1 calls
+//! filters use, implemented directly on the module's memory under both
+//! `wasi_snapshot_preview1` and `wasi_unstable`.
+//!
+//! Statuses are the ones the Rust SDK handles for each call (its wrappers panic on
+//! anything else). What this host does not do yet answers as documented in
+//! docs/proxy-wasm.md: HTTP and gRPC callouts `INTERNAL_FAILURE`/`NOT_FOUND`, body
+//! and trailer buffers `NOT_FOUND`, foreign functions `NOT_FOUND`.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, StatusCode};
+use rand::RngCore;
+use wasmtime::{Caller, Linker};
+
+use super::abi::{
+    buffer, check, errno, fail, give, parse_pairs, read, read_str, run, serialize_pairs, status,
+    write, write_u32, write_u64, Fail, HResult,
+};
+use super::state::{Metric, PwState};
+use super::{headers, properties, shared};
+use crate::filter::LocalResponse;
+
+type C<'a> = Caller<'a, PwState>;
+
+const MAX_LOG: usize = 4096;
+
+fn st(r: Result<(), i32>) -> HResult<()> {
+    r.map_err(Fail::Status)
+}
+
+fn log_line(c: &C<'_>, level: i32, msg: &[u8]) {
+    let name = &*c.data().meta.name;
+    let text = String::from_utf8_lossy(&msg[..msg.len().min(MAX_LOG)]);
+    match level {
+        0 => tracing::trace!(plugin = name, "{text}"),
+        1 => tracing::debug!(plugin = name, "{text}"),
+        2 => tracing::info!(plugin = name, "{text}"),
+        3 => tracing::warn!(plugin = name, "{text}"),
+        _ => tracing::error!(plugin = name, "{text}"),
+    }
+}
+
+/// The most verbose level tracing records, in proxy-wasm's numbering.
+fn log_level() -> u32 {
+    use tracing::level_filters::LevelFilter;
+    match LevelFilter::current() {
+        LevelFilter::TRACE => 0,
+        LevelFilter::DEBUG => 1,
+        LevelFilter::INFO => 2,
+        LevelFilter::WARN => 3,
+        LevelFilter::ERROR => 4,
+        _ => 5,
+    }
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn monotonic_nanos() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Builds a local response from `proxy_send_local_response`'s arguments.
+fn local_response(
+    code: u32,
+    details: Vec<u8>,
+    body: Vec<u8>,
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    grpc_status: i32,
+) -> Result<LocalResponse, i32> {
+    let mut headers = HeaderMap::new();
+    for (k, v) in pairs {
+        let n = HeaderName::from_bytes(&k).map_err(|_| status::BAD_ARGUMENT)?;
+        let v = HeaderValue::from_bytes(&v).map_err(|_| status::BAD_ARGUMENT)?;
+        headers.append(n, v);
+    }
+    let details = String::from_utf8_lossy(&details).into_owned();
+    if grpc_status >= 0 {
+        // A gRPC answer is "trailers-only": HTTP 200 with the status in the head
+        // and the message (the body text) as `grpc-message`.
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(grpc_status));
+        if !body.is_empty() {
+            let msg: String = String::from_utf8_lossy(&body)
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_graphic() || c == ' ' {
+                        c
+                    } else {
+                        '?'
+                    }
+                })
+                .collect();
+            if let Ok(v) = HeaderValue::from_str(&msg) {
+                headers.insert("grpc-message", v);
+            }
+        }
+        return Ok(LocalResponse {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::new(),
+            details,
+        });
+    }
+    let code = u16::try_from(code).map_err(|_| status::BAD_ARGUMENT)?;
+    if !(200..=599).contains(&code) {
+        return Err(status::BAD_ARGUMENT);
+    }
+    Ok(LocalResponse {
+        status: StatusCode::from_u16(code).map_err(|_| status::BAD_ARGUMENT)?,
+        headers,
+        body: Bytes::from(body),
+        details,
+    })
+}
+
+/// Links every import this host provides.
+pub fn add_to_linker(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
+    add_env(l)?;
+    for module in ["wasi_snapshot_preview1", "wasi_unstable"] {
+        add_wasi(l, module)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_lines)]
+fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
+    const E: &str = "env";
+    // ---- logging, time, ticks ----
+    l.func_wrap(
+        E,
+        "proxy_log",
+        |mut c: C<'_>, level: i32, p: i32, n: i32| {
+            run(&mut c, |c| {
+                let msg = read(c, p, n)?;
+                log_line(c, level, &msg);
+                Ok(())
+            })
+        },
+    )?;
+    l.func_wrap(E, "proxy_get_log_level", |mut c: C<'_>, out: i32| {
+        run(&mut c, |c| write_u32(c, out, log_level()))
+    })?;
+    l.func_wrap(
+        E,
+        "proxy_get_current_time_nanoseconds",
+        |mut c: C<'_>, out: i32| run(&mut c, |c| write_u64(c, out, now_nanos())),
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_set_tick_period_milliseconds",
+        |mut c: C<'_>, ms: i32| {
+            run(&mut c, |c| {
+                let ms = u64::from(ms as u32);
+                c.data_mut().tick = (ms > 0).then(|| Duration::from_millis(ms));
+                Ok(())
+            })
+        },
+    )?;
+    // ---- buffers ----
+    l.func_wrap(
+        E,
+        "proxy_get_buffer_bytes",
+        |mut c: C<'_>, kind: i32, start: i32, max: i32, out_p: i32, out_n: i32| {
+            run(&mut c, |c| {
+                let meta = c.data().meta.clone();
+                let all: &[u8] = match kind {
+                    buffer::VM_CONFIGURATION => &meta.vm_config,
+                    buffer::PLUGIN_CONFIGURATION => &meta.plugin_config,
+                    // Bodies, callout responses, gRPC messages, foreign-function
+                    // arguments: none exist in this host yet.
+                    0..=8 => return fail(status::NOT_FOUND),
+                    _ => return fail(status::BAD_ARGUMENT),
+                };
+                let start = (start as u32 as usize).min(all.len());
+                let end = start.saturating_add(max as u32 as usize).min(all.len());
+                give(c, &all[start..end], out_p, out_n)
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_set_buffer_bytes",
+        |mut c: C<'_>, kind: i32, _start: i32, _size: i32, p: i32, n: i32| {
+            run(&mut c, |c| {
+                read(c, p, n)?;
+                // No body is buffered in this host yet; Envoy answers the same for a
+                // buffer that does not exist in the current phase.
+                fail(if (0..=8).contains(&kind) {
+                    status::NOT_FOUND
+                } else {
+                    status::BAD_ARGUMENT
+                })
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_get_buffer_status",
+        |mut c: C<'_>, kind: i32, size_out: i32, flags_out: i32| {
+            run(&mut c, |c| {
+                let meta = c.data().meta.clone();
+                let len = match kind {
+                    buffer::VM_CONFIGURATION => meta.vm_config.len(),
+                    buffer::PLUGIN_CONFIGURATION => meta.plugin_config.len(),
+                    0..=8 => return fail(status::NOT_FOUND),
+                    _ => return fail(status::BAD_ARGUMENT),
+                };
+                check(c, flags_out, 4)?;
+                write_u32(c, size_out, len as u32)?;
+                write_u32(c, flags_out, 0)
+            })
+        },
+    )?;
+    // ---- header maps ----
+    l.func_wrap(
+        E,
+        "proxy_get_header_map_size",
+        |mut c: C<'_>, m: i32, out: i32| {
+            run(&mut c, |c| {
+                let pairs = headers::pairs(c.data_mut(), m).map_err(Fail::Status)?;
+                write_u32(c, out, serialize_pairs(&pairs).len() as u32)
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_get_header_map_pairs",
+        |mut c: C<'_>, m: i32, out_p: i32, out_n: i32| {
+            run(&mut c, |c| {
+                let pairs = headers::pairs(c.data_mut(), m).map_err(Fail::Status)?;
+                give(c, &serialize_pairs(&pairs), out_p, out_n)
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_set_header_map_pairs",
+        |mut c: C<'_>, m: i32, p: i32, n: i32| {
+            run(&mut c, |c| {
+                let data = read(c, p, n)?;
+                let pairs = parse_pairs(&data).ok_or(Fail::Status(status::BAD_ARGUMENT))?;
+                st(headers::set_all(c.data_mut(), m, &pairs))
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_get_header_map_value",
+        |mut c: C<'_>, m: i32, kp: i32, kn: i32, out_p: i32, out_n: i32| {
+            run(&mut c, |c| {
+                let key = read(c, kp, kn)?;
+                check(c, out_p, 4)?;
+                check(c, out_n, 4)?;
+                let v = headers::value(c.data_mut(), m, &key).map_err(Fail::Status)?;
+                give(c, &v, out_p, out_n)
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_add_header_map_value",
+        |mut c: C<'_>, m: i32, kp: i32, kn: i32, vp: i32, vn: i32| {
+            run(&mut c, |c| {
+                let (k, v) = (read(c, kp, kn)?, read(c, vp, vn)?);
+                st(headers::apply(c.data_mut(), m, headers::Op::Add(&k, &v)))
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_replace_header_map_value",
+        |mut c: C<'_>, m: i32, kp: i32, kn: i32, vp: i32, vn: i32| {
+            run(&mut c, |c| {
+                let (k, v) = (read(c, kp, kn)?, read(c, vp, vn)?);
+                st(headers::apply(
+                    c.data_mut(),
+                    m,
+                    headers::Op::Replace(&k, &v),
+                ))
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_remove_header_map_value",
+        |mut c: C<'_>, m: i32, kp: i32, kn: i32| {
+            run(&mut c, |c| {
+                let k = read(c, kp, kn)?;
+                st(headers::apply(c.data_mut(), m, headers::Op::Remove(&k)))
+            })
+        },
+    )?;
+    // ---- stream control ----
+    l.func_wrap(E, "proxy_continue_stream", |mut c: C<'_>, _stream: i32| {
+        // Nothing is ever paused in this host (a phase that pauses without a local
+        // response fails), so there is nothing to resume.
+        run(&mut c, |_| Ok(()))
+    })?;
+    l.func_wrap(E, "proxy_close_stream", |mut c: C<'_>, _stream: i32| {
+        run(&mut c, |c| {
+            c.data_mut().close = true;
+            Ok(())
+        })
+    })?;
+    l.func_wrap(
+        E,
+        "proxy_get_status",
+        |mut c: C<'_>, code_out: i32, out_p: i32, out_n: i32| {
+            run(&mut c, |c| {
+                // Only meaningful inside gRPC callbacks, which never happen here.
+                write_u32(c, code_out, 0)?;
+                give(c, b"", out_p, out_n)
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_send_local_response",
+        |mut c: C<'_>,
+         code: i32,
+         dp: i32,
+         dn: i32,
+         bp: i32,
+         bn: i32,
+         hp: i32,
+         hn: i32,
+         grpc: i32| {
+            run(&mut c, |c| {
+                let details = read(c, dp, dn)?;
+                let body = read(c, bp, bn)?;
+                let hdrs = read(c, hp, hn)?;
+                let pairs = parse_pairs(&hdrs).ok_or(Fail::Status(status::BAD_ARGUMENT))?;
+                if c.data_mut().exchange().is_none() {
+                    return fail(status::BAD_ARGUMENT);
+                }
+                let lr = local_response(code as u32, details, body, pairs, grpc)
+                    .map_err(Fail::Status)?;
+                c.data_mut().local = Some(lr);
+                Ok(())
+            })
+        },
+    )?;
+    // ---- callouts: not supported yet ----
+    l.func_wrap(
+        E,
+        "proxy_http_call",
+        |mut c: C<'_>,
+         up: i32,
+         un: i32,
+         hp: i32,
+         hn: i32,
+         bp: i32,
+         bn: i32,
+         tp: i32,
+         tn: i32,
+         _timeout: i32,
+         token: i32| {
+            run(&mut c, |c| {
+                for (p, n) in [(up, un), (hp, hn), (bp, bn), (tp, tn)] {
+                    read(c, p, n)?;
+                }
+                check(c, token, 4)?;
+                tracing::warn!(
+                    plugin = &*c.data().meta.name,
+                    "proxy_http_call: HTTP callouts are not supported by this Legate yet"
+                );
+                fail(status::INTERNAL_FAILURE)
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_grpc_call",
+        |mut c: C<'_>,
+         _a: i32,
+         _b: i32,
+         _c2: i32,
+         _d: i32,
+         _e: i32,
+         _f: i32,
+         _g: i32,
+         _h: i32,
+         _i: i32,
+         _j: i32,
+         _timeout: i32,
+         _token: i32| {
+            run(&mut c, |c| {
+                tracing::warn!(
+                    plugin = &*c.data().meta.name,
+                    "proxy_grpc_call: gRPC callouts are not supported by this Legate yet"
+                );
+                fail(status::INTERNAL_FAILURE)
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_grpc_stream",
+        |mut c: C<'_>,
+         _a: i32,
+         _b: i32,
+         _c2: i32,
+         _d: i32,
+         _e: i32,
+         _f: i32,
+         _g: i32,
+         _h: i32,
+         _token: i32| {
+            run(&mut c, |c| {
+                tracing::warn!(
+                    plugin = &*c.data().meta.name,
+                    "proxy_grpc_stream: gRPC callouts are not supported by this Legate yet"
+                );
+                fail(status::INTERNAL_FAILURE)
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_grpc_send",
+        |mut c: C<'_>, _t: i32, _p: i32, _n: i32, _end: i32| {
+            run(&mut c, |_| fail(status::NOT_FOUND))
+        },
+    )?;
+    l.func_wrap(E, "proxy_grpc_cancel", |mut c: C<'_>, _t: i32| {
+        run(&mut c, |_| fail(status::NOT_FOUND))
+    })?;
+    l.func_wrap(E, "proxy_grpc_close", |mut c: C<'_>, _t: i32| {
+        run(&mut c, |_| fail(status::NOT_FOUND))
+    })?;
+    // ---- shared data and queues ----
+    l.func_wrap(
+        E,
+        "proxy_get_shared_data",
+        |mut c: C<'_>, kp: i32, kn: i32, out_p: i32, out_n: i32, cas_out: i32| {
+            run(&mut c, |c| {
+                let key = read(c, kp, kn)?;
+                check(c, cas_out, 4)?;
+                let vm = c.data().meta.vm_id.clone();
+                let (value, cas) = shared::get(&vm, &key).ok_or(Fail::Status(status::NOT_FOUND))?;
+                give(c, &value, out_p, out_n)?;
+                write_u32(c, cas_out, cas)
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_set_shared_data",
+        |mut c: C<'_>, kp: i32, kn: i32, vp: i32, vn: i32, cas: i32| {
+            run(&mut c, |c| {
+                let (key, value) = (read(c, kp, kn)?, read(c, vp, vn)?);
+                let vm = c.data().meta.vm_id.clone();
+                st(shared::set(&vm, &key, &value, cas as u32))
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_register_shared_queue",
+        |mut c: C<'_>, np: i32, nn: i32, out: i32| {
+            run(&mut c, |c| {
+                let name = read(c, np, nn)?;
+                check(c, out, 4)?;
+                let vm = c.data().meta.vm_id.clone();
+                let id = shared::register_queue(&vm, &name);
+                c.data_mut().new_queues.push(id);
+                write_u32(c, out, id)
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_resolve_shared_queue",
+        |mut c: C<'_>, vp: i32, vn: i32, np: i32, nn: i32, out: i32| {
+            run(&mut c, |c| {
+                let vm = read_str(c, vp, vn)?;
+                let name = read(c, np, nn)?;
+                check(c, out, 4)?;
+                let id =
+                    shared::resolve_queue(&vm, &name).ok_or(Fail::Status(status::NOT_FOUND))?;
+                write_u32(c, out, id)
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_enqueue_shared_queue",
+        |mut c: C<'_>, id: i32, p: i32, n: i32| {
+            run(&mut c, |c| {
+                let v = read(c, p, n)?;
+                st(shared::enqueue(id as u32, &v))
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_dequeue_shared_queue",
+        |mut c: C<'_>, id: i32, out_p: i32, out_n: i32| {
+            run(&mut c, |c| {
+                check(c, out_p, 4)?;
+                check(c, out_n, 4)?;
+                let v = shared::dequeue(id as u32).map_err(Fail::Status)?;
+                give(c, &v, out_p, out_n)
+            })
+        },
+    )?;
+    // ---- metrics ----
+    l.func_wrap(
+        E,
+        "proxy_define_metric",
+        |mut c: C<'_>, kind: i32, np: i32, nn: i32, out: i32| {
+            run(&mut c, |c| {
+                let name = read_str(c, np, nn)?;
+                check(c, out, 4)?;
+                let meta = c.data().meta.clone();
+                let id = meta
+                    .define_metric(kind, &name)
+                    .ok_or(Fail::Status(status::BAD_ARGUMENT))?;
+                write_u32(c, out, id)
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_record_metric",
+        |mut c: C<'_>, id: i32, value: i64| {
+            run(&mut c, |c| {
+                let m = c
+                    .data()
+                    .meta
+                    .metric(id as u32)
+                    .ok_or(Fail::Status(status::NOT_FOUND))?;
+                let v = value as u64;
+                match m {
+                    Metric::Counter(k) => {
+                        let cur = k.get();
+                        if v >= cur {
+                            k.add(v - cur);
+                        }
+                    }
+                    Metric::Gauge(g) => g.set(i64::try_from(v).unwrap_or(i64::MAX)),
+                    Metric::Histogram(h) => h.observe(Duration::from_millis(v.min(1 << 40))),
+                }
+                Ok(())
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_increment_metric",
+        |mut c: C<'_>, id: i32, delta: i64| {
+            run(&mut c, |c| {
+                let m = c
+                    .data()
+                    .meta
+                    .metric(id as u32)
+                    .ok_or(Fail::Status(status::NOT_FOUND))?;
+                match m {
+                    Metric::Counter(k) if delta >= 0 => k.add(delta as u64),
+                    Metric::Gauge(g) => g.set(g.get().saturating_add(delta)),
+                    _ => return fail(status::BAD_ARGUMENT),
+                }
+                Ok(())
+            })
+        },
+    )?;
+    l.func_wrap(E, "proxy_get_metric", |mut c: C<'_>, id: i32, out: i32| {
+        run(&mut c, |c| {
+            let m = c
+                .data()
+                .meta
+                .metric(id as u32)
+                .ok_or(Fail::Status(status::NOT_FOUND))?;
+            let v = match m {
+                Metric::Counter(k) => k.get(),
+                Metric::Gauge(g) => g.get() as u64,
+                Metric::Histogram(_) => return fail(status::BAD_ARGUMENT),
+            };
+            write_u64(c, out, v)
+        })
+    })?;
+    // ---- properties ----
+    l.func_wrap(
+        E,
+        "proxy_get_property",
+        |mut c: C<'_>, pp: i32, pn: i32, out_p: i32, out_n: i32| {
+            run(&mut c, |c| {
+                let path = read(c, pp, pn)?;
+                check(c, out_p, 4)?;
+                check(c, out_n, 4)?;
+                let v = properties::get(c.data_mut(), &path).map_err(Fail::Status)?;
+                give(c, &v, out_p, out_n)
+            })
+        },
+    )?;
+    l.func_wrap(
+        E,
+        "proxy_set_property",
+        |mut c: C<'_>, pp: i32, pn: i32, vp: i32, vn: i32| {
+            run(&mut c, |c| {
+                let (path, value) = (read(c, pp, pn)?, read(c, vp, vn)?);
+                st(properties::set(c.data_mut(), &path, &value))
+            })
+        },
+    )?;
+    // ---- contexts, foreign functions ----
+    l.func_wrap(E, "proxy_set_effective_context", |mut c: C<'_>, id: i32| {
+        run(&mut c, |c| {
+            let id = id as u32;
+            if !c.data().contexts.contains(&id) {
+                return fail(status::BAD_ARGUMENT);
+            }
+            c.data_mut().effective = id;
+            Ok(())
+        })
+    })?;
+    l.func_wrap(E, "proxy_done", |mut c: C<'_>| {
+        // Only meaningful after `on_done` returned false, which this host treats
+        // as done anyway.
+        run(&mut c, |_| Ok(()))
+    })?;
+    l.func_wrap(
+        E,
+        "proxy_call_foreign_function",
+        |mut c: C<'_>, np: i32, nn: i32, ap: i32, an: i32, _out_p: i32, _out_n: i32| {
+            run(&mut c, |c| {
+                read(c, np, nn)?;
+                read(c, ap, an)?;
+                fail(status::NOT_FOUND)
+            })
+        },
+    )?;
+    Ok(())
+}
+
+fn add_wasi(l: &mut Linker<PwState>, m: &str) -> wasmtime::Result<()> {
+    // Results are WASI errnos; a bad pointer is EFAULT, never a host error.
+    fn errno_of(r: HResult<()>) -> wasmtime::Result<i32> {
+        match r {
+            Ok(()) => Ok(errno::SUCCESS),
+            Err(Fail::Status(_)) => Ok(errno::FAULT),
+            Err(Fail::Trap(e)) => Err(e),
+        }
+    }
+    l.func_wrap(
+        m,
+        "fd_write",
+        |mut c: C<'_>, fd: i32, iovs: i32, n: i32, written: i32| -> wasmtime::Result<i32> {
+            if fd != 1 && fd != 2 {
+                return Ok(errno::BADF);
+            }
+            let mut gather = || -> HResult<()> {
+                let mut out = Vec::new();
+                for i in 0..(n as u32).min(1024) {
+                    let at = (iovs as u32).wrapping_add(i * 8) as i32;
+                    let iov = read(&mut c, at, 8)?;
+                    let p = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
+                    let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
+                    out.extend(read(&mut c, p, len)?);
+                }
+                write_u32(&mut c, written, out.len() as u32)?;
+                let text = String::from_utf8_lossy(&out);
+                let text = text.trim_end_matches('\n');
+                if !text.is_empty() {
+                    log_line(&c, if fd == 1 { 2 } else { 4 }, text.as_bytes());
+                }
+                Ok(())
+            };
+            errno_of(gather())
+        },
+    )?;
+    l.func_wrap(
+        m,
+        "clock_time_get",
+        |mut c: C<'_>, id: i32, _precision: i64, out: i32| -> wasmtime::Result<i32> {
+            let t = match id {
+                0 => now_nanos(),
+                1..=3 => monotonic_nanos(),
+                _ => return Ok(errno::INVAL),
+            };
+            errno_of(write_u64(&mut c, out, t))
+        },
+    )?;
+    l.func_wrap(
+        m,
+        "clock_res_get",
+        |mut c: C<'_>, _id: i32, out: i32| -> wasmtime::Result<i32> {
+            errno_of(write_u64(&mut c, out, 1))
+        },
+    )?;
+    l.func_wrap(
+        m,
+        "random_get",
+        |mut c: C<'_>, p: i32, n: i32| -> wasmtime::Result<i32> {
+            let mut buf = vec![0u8; (n as u32 as usize).min(1 << 20)];
+            rand::rng().fill_bytes(&mut buf);
+            errno_of(write(&mut c, p, &buf))
+        },
+    )?;
+    for name in ["environ_sizes_get", "args_sizes_get"] {
+        l.func_wrap(
+            m,
+            name,
+            |mut c: C<'_>, count: i32, size: i32| -> wasmtime::Result<i32> {
+                errno_of(write_u32(&mut c, count, 0).and_then(|()| write_u32(&mut c, size, 0)))
+            },
+        )?;
+    }
+    for name in ["environ_get", "args_get"] {
+        l.func_wrap(
+            m,
+            name,
+            |_: C<'_>, _a: i32, _b: i32| -> wasmtime::Result<i32> { Ok(errno::SUCCESS) },
+        )?;
+    }
+    l.func_wrap(
+        m,
+        "proc_exit",
+        |_: C<'_>, code: i32| -> wasmtime::Result<()> {
+            Err(wasmtime::format_err!("the module called proc_exit({code})"))
+        },
+    )?;
+    l.func_wrap(m, "sched_yield", |_: C<'_>| -> wasmtime::Result<i32> {
+        Ok(errno::SUCCESS)
+    })?;
+    // What std's start-up probes: no preopened directories, stdio is a character
+    // device with no rights to anything else.
+    l.func_wrap(
+        m,
+        "fd_prestat_get",
+        |_: C<'_>, _fd: i32, _out: i32| -> wasmtime::Result<i32> { Ok(errno::BADF) },
+    )?;
+    l.func_wrap(
+        m,
+        "fd_prestat_dir_name",
+        |_: C<'_>, _fd: i32, _p: i32, _n: i32| -> wasmtime::Result<i32> { Ok(errno::BADF) },
+    )?;
+    l.func_wrap(
+        m,
+        "fd_close",
+        |_: C<'_>, _fd: i32| -> wasmtime::Result<i32> { Ok(errno::BADF) },
+    )?;
+    Ok(())
+}
+
+/// Links every import of `module` this host does not provide: a WASI preview1
+/// call as "not supported" (`ENOSYS`), anything else as a trap naming it. Returns
+/// the non-WASI ones, for a warning at load: a module that imports a function it
+/// never calls still runs, as SDK modules importing unused functions need.
+pub fn stub_the_rest(l: &mut Linker<PwState>, module: &wasmtime::Module) -> Vec<String> {
+    let mut unknown = Vec::new();
+    for imp in module.imports() {
+        let wasmtime::ExternType::Func(ty) = imp.ty() else {
+            continue;
+        };
+        let wasi = matches!(imp.module(), "wasi_snapshot_preview1" | "wasi_unstable");
+        let name = format!("{}::{}", imp.module(), imp.name());
+        let returns_errno =
+            ty.results().len() == 1 && matches!(ty.results().next(), Some(wasmtime::ValType::I32));
+        let what = name.clone();
+        let defined = l.func_new(imp.module(), imp.name(), ty, move |_c, _args, results| {
+            if wasi && returns_errno {
+                results[0] = wasmtime::Val::I32(errno::NOSYS);
+                return Ok(());
+            }
+            Err(wasmtime::format_err!(
+                "the module called `{what}`, which this host does not provide"
+            ))
+        });
+        // An error means the name is already defined by this host.
+        if defined.is_ok() && !wasi {
+            unknown.push(name);
+        }
+    }
+    unknown
+}

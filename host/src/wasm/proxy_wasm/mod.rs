@@ -1,0 +1,128 @@
+//! proxy-wasm ABI 0.2.1 (and 0.2.0) support: a core Wasm module built for Envoy
+//! with a proxy-wasm SDK runs unchanged as an HTTP filter (docs/proxy-wasm.md).
+//!
+//! - [`abi`]: status codes and enums, guest-memory access, the pairs format.
+//! - [`imports`]: every `env` host function and the WASI preview1 subset.
+//! - [`state`]: a VM's store data and what a plugin's VMs share (metrics).
+//! - [`headers`]: header maps with pseudo-headers over the exchange.
+//! - [`properties`]: Envoy's attributes (`request.path`, `plugin_name`, ...).
+//! - [`shared`]: shared data with CAS and shared queues, per `vm_id`.
+//! - [`filter`]: [`ProxyWasmFilter`], the per-worker VMs and the context lifecycle.
+//!
+//! Not supported yet (documented, answered with the status the SDKs expect): body
+//! and trailer callbacks, HTTP/gRPC callouts, foreign functions, TCP (network)
+//! filters.
+
+pub mod abi;
+pub mod filter;
+pub mod headers;
+pub mod imports;
+pub mod properties;
+pub mod shared;
+pub mod state;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+use wasmtime::Module;
+
+pub use filter::{ProxyWasmFilter, Settings};
+use state::Meta;
+
+use crate::stats::Stats;
+
+/// The ABI markers a proxy-wasm module exports (0.2.0 differs from 0.2.1 only in
+/// calls this host answers the same way).
+const MARKERS: [&str; 2] = ["proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0"];
+
+/// Whether the file's header is a core module (`\0asm` version 1) rather than a
+/// component (layer 1).
+pub fn is_core_module(header: &[u8]) -> bool {
+    header.len() >= 8 && &header[0..4] == b"\0asm" && header[4..8] == [1, 0, 0, 0]
+}
+
+/// Reads, checks and compiles a core module, and checks it is a proxy-wasm module.
+pub fn compile(plugin: &str, path: &Path, sha256: Option<&str>) -> anyhow::Result<Module> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        anyhow::anyhow!(
+            "plugin `{plugin}`: cannot read module {}: {e}",
+            path.display()
+        )
+    })?;
+    let digest: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if let Some(want) = sha256 {
+        if !want.eq_ignore_ascii_case(&digest) {
+            anyhow::bail!(
+                "plugin `{plugin}`: module {} has sha256 {digest}, but the config says {want}; \
+                 rebuild the plugin or update `sha256`",
+                path.display()
+            );
+        }
+    }
+    let module = Module::new(crate::wasm::engine::engine()?, &bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "plugin `{plugin}`: cannot compile {}: {e:#}",
+            path.display()
+        )
+    })?;
+    if !module.exports().any(|e| MARKERS.contains(&e.name())) {
+        anyhow::bail!(
+            "plugin `{plugin}`: {} is a core Wasm module but not a proxy-wasm module (it \
+             exports neither `proxy_abi_version_0_2_1` nor `proxy_abi_version_0_2_0`); \
+             build a Legate plugin for `wasm32-wasip2`, or a proxy-wasm filter with a \
+             proxy-wasm SDK",
+            path.display()
+        );
+    }
+    Ok(module)
+}
+
+/// A config value as a proxy-wasm configuration buffer: a string as is, anything
+/// else as JSON text (Envoy's `StringValue` vs. other `Any` payloads).
+pub fn config_bytes(v: Option<&serde_json::Value>) -> Vec<u8> {
+    match v {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::String(s)) => s.clone().into_bytes(),
+        Some(other) => other.to_string().into_bytes(),
+    }
+}
+
+/// What a proxy-wasm plugin is loaded with.
+pub struct Load<'a> {
+    /// Plugin name.
+    pub name: &'a str,
+    /// `proxy_wasm.root_id`.
+    pub root_id: &'a str,
+    /// `proxy_wasm.vm_id`.
+    pub vm_id: &'a str,
+    /// The VM configuration buffer.
+    pub vm_config: Vec<u8>,
+    /// The plugin configuration buffer.
+    pub plugin_config: Vec<u8>,
+}
+
+/// Loads one proxy-wasm plugin (one configuration of it): starts a VM here to
+/// check it, as component plugins are configured once at load.
+pub fn load(
+    module: &Module,
+    what: Load<'_>,
+    settings: Settings,
+    stats: &Arc<Stats>,
+) -> anyhow::Result<Arc<ProxyWasmFilter>> {
+    let meta = Meta {
+        name: what.name.into(),
+        root_id: what.root_id.to_string(),
+        vm_id: what.vm_id.to_string(),
+        vm_config: what.vm_config,
+        plugin_config: what.plugin_config,
+        stats: stats.clone(),
+        metrics: Mutex::default(),
+    };
+    let f = Arc::new(ProxyWasmFilter::load(module, meta, settings, stats)?);
+    f.arm();
+    Ok(f)
+}

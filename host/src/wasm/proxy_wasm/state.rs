@@ -1,0 +1,203 @@
+//! The data of one proxy-wasm instance's store ([`PwState`]) and what every
+//! instance of one plugin shares ([`Meta`]): identity, configuration buffers and
+//! the metrics the module defined.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use wasmtime::{Memory, StoreLimits, StoreLimitsBuilder, TypedFunc};
+
+use crate::filter::{Exchange, LocalResponse};
+use crate::stats::{Counter, Gauge, Histogram, Stats};
+
+/// The root context's id (ids come from one counter per VM; 0 is reserved).
+pub const ROOT_CONTEXT: u32 = 1;
+
+/// What a call may touch now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// A root-context call (start, configure, tick): no exchange.
+    Root,
+    /// `proxy_on_request_headers`: the request head is writable.
+    RequestHeaders,
+    /// `proxy_on_response_headers`: the response head is writable.
+    ResponseHeaders,
+    /// `on_done`, `on_log`, `on_delete`: read-only.
+    ReadOnly,
+}
+
+/// A metric the module defined: its kind and series.
+#[derive(Clone)]
+pub enum Metric {
+    /// `COUNTER`.
+    Counter(Counter),
+    /// `GAUGE`.
+    Gauge(Gauge),
+    /// `HISTOGRAM` (values recorded as milliseconds).
+    Histogram(Histogram),
+}
+
+/// What all instances (workers) of one loaded plugin share.
+pub struct Meta {
+    /// Plugin name (`plugin_name`).
+    pub name: Arc<str>,
+    /// `plugin_root_id`.
+    pub root_id: String,
+    /// `plugin_vm_id`: scope of shared data and queues.
+    pub vm_id: String,
+    /// The VM configuration buffer.
+    pub vm_config: Vec<u8>,
+    /// The plugin configuration buffer.
+    pub plugin_config: Vec<u8>,
+    /// The process's metrics registry.
+    pub stats: Arc<Stats>,
+    /// Metrics by id (index + 1), shared so every worker's ids agree.
+    pub metrics: Mutex<Vec<(String, Metric)>>,
+}
+
+/// Most metrics one plugin may define (as for component plugins).
+pub const MAX_METRICS: usize = 100;
+
+impl Meta {
+    /// Defines (or finds) metric `name` of `kind` (0 counter, 1 gauge, 2 histogram);
+    /// `None` for a bad kind, a kind clash or too many metrics.
+    pub fn define_metric(&self, kind: i32, name: &str) -> Option<u32> {
+        let mut defs = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = defs.iter().position(|(n, _)| n == name) {
+            let same = matches!(
+                (kind, &defs[i].1),
+                (0, Metric::Counter(_)) | (1, Metric::Gauge(_)) | (2, Metric::Histogram(_))
+            );
+            return same.then(|| u32::try_from(i + 1).ok()).flatten();
+        }
+        if defs.len() >= MAX_METRICS || name.is_empty() || name.len() > 200 {
+            return None;
+        }
+        let prom = intern(format!("legate_proxywasm_{}", sanitize(name)));
+        let labels = [("plugin", &*self.name)];
+        let help = "A metric defined by a proxy-wasm plugin (proxy_define_metric).";
+        let m = match kind {
+            0 => Metric::Counter(self.stats.counter(prom, help, &labels)),
+            1 => Metric::Gauge(self.stats.gauge(prom, help, &labels)),
+            2 => Metric::Histogram(self.stats.histogram(prom, help, &labels)),
+            _ => return None,
+        };
+        defs.push((name.to_string(), m));
+        u32::try_from(defs.len()).ok()
+    }
+
+    /// The metric with id `id`.
+    pub fn metric(&self, id: u32) -> Option<Metric> {
+        let defs = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
+        let i = usize::try_from(id).ok()?.checked_sub(1)?;
+        defs.get(i).map(|(_, m)| m.clone())
+    }
+}
+
+/// A Prometheus-safe metric name: Envoy-style `a.b-c` becomes `a_b_c`.
+pub fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+/// Metric names live for the process (the stats registry keys families by
+/// `&'static str`); each distinct name is leaked once.
+fn intern(s: String) -> &'static str {
+    static INTERNED: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
+    let mut map = INTERNED
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(s) = map.get(&s) {
+        return s;
+    }
+    let leaked: &'static str = Box::leak(s.clone().into_boxed_str());
+    map.insert(s, leaked);
+    leaked
+}
+
+/// The data of one instance's store.
+pub struct PwState {
+    /// The memory cap.
+    pub limits: StoreLimits,
+    /// The plugin.
+    pub meta: Arc<Meta>,
+    /// The guest's exported memory (looked up on first use).
+    pub memory: Option<Memory>,
+    /// The guest's allocator (`malloc` or `proxy_on_memory_allocate`).
+    pub alloc: Option<TypedFunc<i32, i32>>,
+    /// The current call's phase.
+    pub phase: Phase,
+    /// The exchange of the current call, swapped in for the call (a placeholder
+    /// otherwise).
+    pub x: Exchange,
+    /// The proxy-wasm context id of `x` (0 when no exchange is live).
+    pub x_context: u32,
+    /// The context `proxy_set_effective_context` chose (the called one by default).
+    pub effective: u32,
+    /// Live context ids of this VM (root and HTTP).
+    pub contexts: HashSet<u32>,
+    /// A local response sent during the current call.
+    pub local: Option<LocalResponse>,
+    /// The guest asked to reset the stream (`proxy_close_stream`).
+    pub close: bool,
+    /// The root context's tick period.
+    pub tick: Option<Duration>,
+    /// Properties the guest set, by context and path.
+    pub props: HashMap<(u32, Vec<u8>), Vec<u8>>,
+    /// Queues registered since the host last looked (for `proxy_on_queue_ready`).
+    pub new_queues: Vec<u32>,
+}
+
+impl PwState {
+    /// A store's data for an instance of `meta`.
+    pub fn new(meta: Arc<Meta>, memory_cap: usize) -> Self {
+        PwState {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(memory_cap)
+                .trap_on_grow_failure(true)
+                .build(),
+            meta,
+            memory: None,
+            alloc: None,
+            phase: Phase::Root,
+            x: Exchange::placeholder(),
+            x_context: 0,
+            effective: ROOT_CONTEXT,
+            contexts: HashSet::from([ROOT_CONTEXT]),
+            local: None,
+            close: false,
+            tick: None,
+            props: HashMap::new(),
+            new_queues: Vec::new(),
+        }
+    }
+
+    /// The live exchange, if the effective context is the one whose exchange is in
+    /// the store.
+    pub fn exchange(&mut self) -> Option<&mut Exchange> {
+        (self.x_context != 0 && self.effective == self.x_context).then_some(&mut self.x)
+    }
+}
+
+impl wasmtime::ResourceLimiter for PwState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.memory_growing(current, desired, maximum)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+}

@@ -1,0 +1,337 @@
+//! Test filters for Legate's proxy-wasm host, written against the upstream
+//! `proxy-wasm` SDK the way Envoy filters are (shaped like the SDK's examples).
+//! The plugin configuration (JSON) picks the behaviour with `"mode"`:
+//!
+//! - `headers`: request gets `x-pw-hello: <config "greeting">`, `x-pw-remove` is
+//!   removed; a request to `/deny` is answered locally with 403; the response gets
+//!   `x-pw-response: 1` and the request's header count.
+//! - `properties`: the response carries properties read in each phase as headers.
+//! - `counter`: shared data counter (CAS) and a metric, both incremented per request
+//!   and echoed as response headers; ticks every `tick_ms` log and count.
+//! - `hostile`: by path: `/panic` panics, `/badptr` passes wild pointers to raw
+//!   hostcalls, `/badctx` switches to an unknown context, `/loop` spins forever,
+//!   `/grow` allocates 64 MiB, `/print` writes to stdout and stderr,
+//!   `/unimpl` calls http_call (Legate: unsupported) and reports the status.
+//! - `queue`: each request enqueues its path to queue `pw_events`, which the root
+//!   context registered; `on_queue_ready` drains it, counting in `pw_dequeued`.
+//! - `reject`: `on_configure` returns false.
+//!
+//! The VM configuration, if any, is echoed as `x-pw-vm-config`.
+
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::*;
+use proxy_wasm::types::*;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root::default())
+    });
+}}
+
+#[derive(Default, Clone)]
+struct Settings {
+    mode: String,
+    greeting: String,
+    vm_config: String,
+    requests_metric: u32,
+    ticks_metric: u32,
+    queue: u32,
+}
+
+#[derive(Default)]
+struct Root {
+    s: Settings,
+    ticks: u64,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _size: usize) -> bool {
+        if let Some(b) = self.get_vm_configuration() {
+            self.s.vm_config = String::from_utf8_lossy(&b).into_owned();
+        }
+        true
+    }
+
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let Some(bytes) = self.get_plugin_configuration() else {
+            proxy_wasm::hostcalls::log(LogLevel::Error, "no plugin configuration").ok();
+            return false;
+        };
+        let v: serde_json::Value = match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                proxy_wasm::hostcalls::log(LogLevel::Error, &format!("bad config: {e}")).ok();
+                return false;
+            }
+        };
+        self.s.mode = v["mode"].as_str().unwrap_or("headers").to_string();
+        self.s.greeting = v["greeting"].as_str().unwrap_or("hello").to_string();
+        if self.s.mode == "reject" {
+            return false;
+        }
+        if self.s.mode == "queue" {
+            self.s.queue = self.register_shared_queue("pw_events");
+            self.s.requests_metric =
+                hostcalls::define_metric(MetricType::Counter, "pw_dequeued").unwrap_or(0);
+        }
+        if self.s.mode == "counter" {
+            self.s.requests_metric =
+                hostcalls::define_metric(MetricType::Counter, "pw_requests").unwrap_or(0);
+            self.s.ticks_metric =
+                hostcalls::define_metric(MetricType::Counter, "pw_ticks").unwrap_or(0);
+            let g = hostcalls::define_metric(MetricType::Gauge, "pw_gauge").unwrap_or(0);
+            hostcalls::record_metric(g, 42).ok();
+            if let Some(ms) = v["tick_ms"].as_u64() {
+                self.set_tick_period(Duration::from_millis(ms));
+            }
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        self.ticks += 1;
+        hostcalls::increment_metric(self.s.ticks_metric, 1).ok();
+        proxy_wasm::hostcalls::log(LogLevel::Info, &format!("tick {}", self.ticks)).ok();
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if self.s.mode != "queue" {
+            return;
+        }
+        while let Ok(Some(_item)) = self.dequeue_shared_queue(queue_id) {
+            hostcalls::increment_metric(self.s.requests_metric, 1).ok();
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter {
+            id: context_id,
+            s: self.s.clone(),
+            seen: Vec::new(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Filter {
+    id: u32,
+    s: Settings,
+    /// Response headers to add, gathered in earlier phases.
+    seen: Vec<(String, String)>,
+}
+
+impl Context for Filter {}
+
+fn prop(c: &dyn Context, path: &[&str]) -> String {
+    match c.get_property(path.to_vec()) {
+        Some(b) => {
+            if b.len() == 8 && matches!(path, ["response", "code"] | ["source", "port"] | ["request", "size"] | ["destination", "port"] | ["request", "time"]) {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&b);
+                i64::from_le_bytes(a).to_string()
+            } else {
+                String::from_utf8_lossy(&b).into_owned()
+            }
+        }
+        None => "<none>".to_string(),
+    }
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_add_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, num_headers: usize, _end_of_stream: bool) -> Action {
+        if !self.s.vm_config.is_empty() {
+            self.seen.push(("x-pw-vm-config".into(), self.s.vm_config.clone()));
+        }
+        let path = self.get_http_request_header(":path").unwrap_or_default();
+        match self.s.mode.as_str() {
+            "headers" => {
+                if path == "/deny" {
+                    self.send_http_response(
+                        403,
+                        vec![("x-pw-denied", "yes"), ("content-type", "text/plain")],
+                        Some(b"denied by proxy-wasm\n"),
+                    );
+                    return Action::Pause;
+                }
+                if path == "/grpc-deny" {
+                    self.send_grpc_response(
+                        GrpcStatusCode::PermissionDenied,
+                        Some("nope"),
+                        vec![("x-pw-grpc", b"1")],
+                    );
+                    return Action::Pause;
+                }
+                let g = self.s.greeting.clone();
+                self.set_http_request_header("x-pw-hello", Some(&g));
+                self.set_http_request_header("x-pw-remove", None);
+                self.add_http_request_header("x-pw-multi", "a");
+                self.add_http_request_header("x-pw-multi", "b");
+                self.seen.push(("x-pw-request-count".into(), num_headers.to_string()));
+                let all = self.get_http_request_headers();
+                let names: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with(':')).collect();
+                self.seen.push(("x-pw-pseudo".into(), names.join(",")));
+            }
+            "properties" => {
+                for (name, p) in [
+                    ("x-p-path", &["request", "path"][..]),
+                    ("x-p-url-path", &["request", "url_path"][..]),
+                    ("x-p-method", &["request", "method"][..]),
+                    ("x-p-host", &["request", "host"][..]),
+                    ("x-p-scheme", &["request", "scheme"][..]),
+                    ("x-p-protocol", &["request", "protocol"][..]),
+                    ("x-p-id", &["request", "id"][..]),
+                    ("x-p-plugin-name", &["plugin_name"][..]),
+                    ("x-p-root-id", &["plugin_root_id"][..]),
+                    ("x-p-vm-id", &["plugin_vm_id"][..]),
+                    ("x-p-route", &["route_name"][..]),
+                    ("x-p-cluster", &["cluster_name"][..]),
+                    ("x-p-source", &["source", "address"][..]),
+                    ("x-p-source-port", &["source", "port"][..]),
+                    ("x-p-dest-port", &["destination", "port"][..]),
+                    ("x-p-missing", &["no", "such"][..]),
+                ] {
+                    let v = prop(self, p);
+                    self.seen.push((name.into(), v));
+                }
+                let hdr = prop(self, &["request", "headers", "x-probe"]);
+                self.seen.push(("x-p-header".into(), hdr));
+                let t = self.get_property(vec!["request", "time"]).map(|b| b.len()).unwrap_or(0);
+                self.seen.push(("x-p-time-len".into(), t.to_string()));
+                let now = self.get_current_time();
+                let ok = now > std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+                self.seen.push(("x-p-clock-ok".into(), ok.to_string()));
+                self.set_property(vec!["my", "prop"], Some(b"stored"));
+                let back = prop(self, &["my", "prop"]);
+                self.seen.push(("x-p-set-prop".into(), back));
+            }
+            "counter" => {
+                let mut n = 0u64;
+                for _ in 0..100 {
+                    let (cur, cas) = self.get_shared_data("pw_counter");
+                    let v = cur
+                        .and_then(|b| String::from_utf8(b).ok())
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    n = v + 1;
+                    match self.set_shared_data("pw_counter", Some(n.to_string().as_bytes()), cas) {
+                        Ok(()) => break,
+                        Err(Status::CasMismatch) => continue,
+                        Err(_) => break,
+                    }
+                }
+                hostcalls::increment_metric(self.s.requests_metric, 1).ok();
+                let m = hostcalls::get_metric(self.s.requests_metric).unwrap_or(0);
+                self.seen.push(("x-pw-counter".into(), n.to_string()));
+                self.seen.push(("x-pw-metric".into(), m.to_string()));
+                let q = self.register_shared_queue("pw_queue");
+                self.enqueue_shared_queue(q, Some(b"item")).ok();
+                let item = hostcalls::dequeue_shared_queue(q).ok().flatten();
+                self.seen.push(("x-pw-queue".into(), item.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()));
+            }
+            "queue" => {
+                let vm = prop(self, &["plugin_vm_id"]);
+                let q = self.resolve_shared_queue(&vm, "pw_events");
+                let same = q == Some(self.s.queue);
+                if let Some(q) = q {
+                    self.enqueue_shared_queue(q, Some(path.as_bytes())).ok();
+                }
+                self.seen.push(("x-pw-resolved".into(), same.to_string()));
+            }
+            "hostile" => match path.as_str() {
+                "/panic" => panic!("guest panic on purpose"),
+                "/loop" => {
+                    let mut x = 0u64;
+                    loop {
+                        x = x.wrapping_add(std::hint::black_box(1));
+                        if x == 0 {
+                            break;
+                        }
+                    }
+                }
+                "/grow" => {
+                    let v = vec![7u8; 64 << 20];
+                    self.seen.push(("x-pw-grew".into(), std::hint::black_box(&v).len().to_string()));
+                }
+                "/print" => {
+                    println!("hello from stdout");
+                    eprintln!("hello from stderr");
+                }
+                "/badptr" => {
+                    // SAFETY: the host must not touch these out-of-memory pointers; it
+                    // answers with a status, which is what is tested.
+                    let key = b"x-probe";
+                    let mut out: *mut u8 = std::ptr::null_mut();
+                    let mut len: usize = 0;
+                    let s1 = unsafe {
+                        proxy_get_header_map_value(0, 0xFFFF_FFF0usize as *const u8, 64, &mut out, &mut len)
+                    };
+                    let s2 = unsafe {
+                        proxy_get_header_map_value(0, key.as_ptr(), key.len(), 0xFFFF_FFFCusize as *mut *mut u8, 0xFFFF_FFF8usize as *mut usize)
+                    };
+                    let s3 = unsafe {
+                        proxy_add_header_map_value(0, key.as_ptr(), usize::MAX, key.as_ptr(), 1)
+                    };
+                    let s4 = unsafe { proxy_add_header_map_value(99, key.as_ptr(), key.len(), key.as_ptr(), 1) };
+                    self.seen.push(("x-pw-bad".into(), format!("{s1},{s2},{s3},{s4}")));
+                }
+                "/badctx" => {
+                    let s = unsafe { proxy_set_effective_context(987_654) };
+                    let back = unsafe { proxy_set_effective_context(self.id) };
+                    self.seen.push(("x-pw-badctx".into(), format!("{s},{back}")));
+                }
+                "/unimpl" => {
+                    let r = self.dispatch_http_call("backend", vec![(":method", "GET"), (":path", "/"), (":authority", "x")], None, vec![], Duration::from_secs(1));
+                    self.seen.push(("x-pw-http-call".into(), format!("{r:?}")));
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.s.mode == "headers" {
+            self.add_http_response_header("x-pw-response", "1");
+        }
+        if self.s.mode == "properties" {
+            let code = prop(self, &["response", "code"]);
+            self.seen.push(("x-p-code".into(), code));
+        }
+        for (k, v) in std::mem::take(&mut self.seen) {
+            self.add_http_response_header(&k, &v);
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        proxy_wasm::hostcalls::log(LogLevel::Info, &format!("on_log {}", self.id)).ok();
+    }
+}
