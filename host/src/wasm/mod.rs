@@ -12,8 +12,7 @@
 //! - [`plugin`]: [`WasmFilter`], a [`crate::filter::HttpFilter`]; per-worker
 //!   instances, deadlines, memory caps, failure handling and per-plugin stats.
 //!
-//! Not supported yet, refused at load with a clear error: body and trailer phases,
-//! callouts (`capabilities.clusters`).
+//! Not supported yet, refused at load with a clear error: body and trailer phases.
 
 pub mod bindings;
 pub mod cache;
@@ -41,11 +40,15 @@ pub fn load(
     for p in &config.plugins {
         let p = &p.value;
         let name = p.name.as_str();
-        if !p.capabilities.clusters.is_empty() {
-            anyhow::bail!(
-                "plugin `{name}`: callouts (`capabilities.clusters`) are not supported by this \
-                 Legate yet; remove them"
-            );
+        for c in &p.capabilities.clusters {
+            if !config.clusters.iter().any(|k| k.value.name == c.value) {
+                anyhow::bail!(
+                    "plugin `{name}`: `capabilities.clusters` names cluster `{}`, which is not \
+                     defined; add it under `clusters:` or remove it from the plugin's \
+                     capabilities",
+                    c.value
+                );
+            }
         }
         let component = engine::compile(
             name,
@@ -78,6 +81,12 @@ pub fn load(
                 memory: usize::try_from(p.limits.memory.value.0).unwrap_or(usize::MAX),
                 fail_open: p.fail == FailPolicy::Open,
                 kv: p.capabilities.kv.iter().map(|n| n.to_string()).collect(),
+                clusters: p
+                    .capabilities
+                    .clusters
+                    .iter()
+                    .map(|n| n.value.to_string())
+                    .collect(),
             };
             let f = Arc::new(WasmFilter::load(name, &component, settings, stats)?);
             f.arm();
