@@ -123,6 +123,19 @@ pub enum CalloutError {
 /// A callout's outcome.
 pub type CalloutResult = Result<CalloutResponse, CalloutError>;
 
+thread_local! {
+    /// The callout sender of the chain started last on this worker thread, for
+    /// plugin-level callouts (from `on-tick`), which have no chain of their own.
+    static WORKER_CALLOUTS: std::cell::RefCell<Option<Rc<dyn CalloutSender>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// This worker's callout sender for plugin-level callouts (`None` before the
+/// worker's first filtered exchange).
+pub fn worker_callouts() -> Option<Rc<dyn CalloutSender>> {
+    WORKER_CALLOUTS.with(|c| c.borrow().clone())
+}
+
 /// A callout in flight.
 pub type CalloutFuture = Pin<Box<dyn Future<Output = CalloutResult>>>;
 
@@ -501,6 +514,7 @@ impl Filters {
         callouts: Rc<dyn CalloutSender>,
     ) -> Option<Chain> {
         let slots = self.chains.get(listener)?.clone();
+        WORKER_CALLOUTS.with(|c| *c.borrow_mut() = Some(callouts.clone()));
         Some(Chain {
             worker,
             slots,
@@ -572,34 +586,67 @@ impl Chain {
             };
             // A task only ends early when aborted, i.e. with the chain.
             let Ok((i, id, result)) = done else { continue };
-            let Some(f) = self.entered.get(i).cloned() else {
+            if i != k {
+                self.deliver_unpaused(i, id, result, phase)?;
                 continue;
-            };
+            }
             if self.skipped.contains(&i) {
                 continue;
             }
-            let v = f.on_callout_response(self.worker, &mut self.x, id, result, i == k);
+            let f = self.entered[i].clone();
+            let v = f.on_callout_response(self.worker, &mut self.x, id, result, true);
             self.dispatch(i);
-            if i == k {
-                match v {
-                    Ok(Verdict::Pause) => continue,
-                    other => return Ok(other),
-                }
-            }
             match v {
-                Ok(Verdict::Continue | Verdict::Pause) => {}
-                Ok(Verdict::Respond(_)) => tracing::debug!(
+                Ok(Verdict::Pause) => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Delivers a callout result to filter `i`, which is not paused: `continue` and
+    /// `pause` mean nothing; a local response is ignored by this host (logged); a
+    /// failure applies the filter's failure policy.
+    fn deliver_unpaused(
+        &mut self,
+        i: usize,
+        id: u64,
+        result: CalloutResult,
+        phase: &str,
+    ) -> Result<(), ProxyError> {
+        let Some(f) = self.entered.get(i).cloned() else {
+            return Ok(());
+        };
+        if self.skipped.contains(&i) {
+            return Ok(());
+        }
+        let v = f.on_callout_response(self.worker, &mut self.x, id, result, false);
+        self.dispatch(i);
+        match v {
+            Ok(Verdict::Continue | Verdict::Pause) => Ok(()),
+            Ok(Verdict::Respond(_)) => {
+                tracing::debug!(
                     plugin = f.name(),
                     phase,
                     "a local response from a callout response of a filter that is not \
                      paused is ignored by this host"
-                ),
-                Err(why) => {
-                    self.skipped.push(i);
-                    failure(&*f, "callout_response", &why)?;
-                }
+                );
+                Ok(())
+            }
+            Err(why) => {
+                self.skipped.push(i);
+                failure(&*f, "callout_response", &why)
             }
         }
+    }
+
+    /// Delivers the callout results that arrived while no filter was paused.
+    fn deliver_ready(&mut self, phase: &str) -> Result<(), ProxyError> {
+        while let Some(done) = self.inflight.try_join_next() {
+            if let Ok((i, id, result)) = done {
+                self.deliver_unpaused(i, id, result, phase)?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs the request-headers phase of every filter in chain order, waiting out
@@ -654,6 +701,7 @@ impl Chain {
     ) -> Result<Option<Bytes>, ProxyError> {
         let mut replaced = None;
         let mut eos = end_of_stream;
+        self.deliver_ready("response_headers")?;
         for i in (0..self.entered.len()).rev() {
             if self.skipped.contains(&i) || self.responded == Some(i) {
                 continue;

@@ -152,7 +152,7 @@ async fn proxy(
         exchange_of(conn, &req, &authority, out.request_id.as_ref(), table),
         Rc::new(PoolCallouts {
             worker: conn.worker.clone(),
-            snapshot: snapshot.clone(),
+            snapshot: Arc::downgrade(&snapshot),
         }),
     ) {
         out.chain = Some(chain);
@@ -525,18 +525,22 @@ async fn response_filters(
 
 /// Sends filters' callouts (abi/README.md §5.8) like an attempt without retries:
 /// the cluster's balancer, circuit breaker and the worker's pool, under the
-/// callout's own timeout. Clusters come from the exchange's snapshot.
+/// callout's own timeout. Clusters come from the exchange's snapshot (weak: the
+/// worker keeps the last sender for plugin-level callouts, which must not keep an
+/// old config alive).
 struct PoolCallouts {
     worker: Rc<crate::worker::Worker>,
-    snapshot: Arc<crate::server::Snapshot>,
+    snapshot: std::sync::Weak<crate::server::Snapshot>,
 }
 
 impl filter::CalloutSender for PoolCallouts {
     fn send(&self, req: filter::CalloutRequest) -> filter::CalloutFuture {
         let worker = self.worker.clone();
-        let entry = crate::config::Name::new(&req.cluster)
-            .ok()
-            .and_then(|n| self.snapshot.clusters.get(&n).cloned());
+        let entry = crate::config::Name::new(&req.cluster).ok().and_then(|n| {
+            self.snapshot
+                .upgrade()
+                .and_then(|s| s.clusters.get(&n).cloned())
+        });
         Box::pin(async move {
             let Some(entry) = entry else {
                 return Err(filter::CalloutError::Unavailable);

@@ -152,6 +152,9 @@ pub enum Phase {
     Callout,
     /// `on-log`, `on-done`: read-only.
     ReadOnly,
+    /// `on-tick` and `on-tick-callout-response`: no exchange; callouts belong to
+    /// the plugin.
+    Tick,
 }
 
 /// The data of one instance's store.
@@ -177,9 +180,15 @@ pub struct HostState {
     pub memory_bytes: usize,
     /// The last callout id handed out.
     next_callout: u64,
-    /// Outstanding (sent, neither delivered nor cancelled) callouts by context.
+    /// Outstanding (sent, neither delivered nor cancelled) callouts by context
+    /// ([`PLUGIN_CONTEXT`] for the plugin's own, from `on-tick`).
     pub outstanding: HashMap<u64, HashSet<u64>>,
+    /// Callouts queued by an `on-tick` call (exchange calls queue on the exchange).
+    pub tick_callouts: Vec<CalloutRequest>,
 }
+
+/// The context plugin-level callouts are kept under (exchange contexts start at 1).
+pub const PLUGIN_CONTEXT: u64 = 0;
 
 impl HostState {
     /// A store's data for an instance of `plugin` on worker `worker`.
@@ -206,6 +215,7 @@ impl HostState {
             memory_bytes: 0,
             next_callout: 0,
             outstanding: HashMap::new(),
+            tick_callouts: Vec::new(),
         }
     }
 
@@ -1221,9 +1231,13 @@ impl HostState {
 
 impl callout::Host for HostState {
     fn send(&mut self, request: callout::CalloutRequest) -> wasmtime::Result<Result<u64, Error>> {
-        // Only calls for an exchange can send: `configure`, `on-log`, `on-done` and
-        // (in this host) `on-tick` cannot.
-        if !self.in_exchange || self.phase == Phase::Configure || self.phase == Phase::ReadOnly {
+        // Calls for an exchange and `on-tick` can send; `configure`, `on-log` and
+        // `on-done` cannot.
+        let tick = self.phase == Phase::Tick;
+        if !(self.in_exchange || tick)
+            || self.phase == Phase::Configure
+            || self.phase == Phase::ReadOnly
+        {
             return Ok(Err(Error::InvalidState));
         }
         if !self.plugin.clusters.iter().any(|c| **c == *request.cluster) {
@@ -1233,7 +1247,7 @@ impl callout::Host for HostState {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
-        let context = self.x.context;
+        let context = if tick { PLUGIN_CONTEXT } else { self.x.context };
         let total: usize = self.outstanding.values().map(HashSet::len).sum();
         let mine = self.outstanding.get(&context).map_or(0, HashSet::len);
         if mine >= CALLOUTS_PER_CONTEXT || total >= CALLOUTS_PER_INSTANCE {
@@ -1243,14 +1257,22 @@ impl callout::Host for HostState {
         let id = self.next_callout;
         req.id = id;
         self.outstanding.entry(context).or_default().insert(id);
-        self.x.callouts.push(req);
+        if tick {
+            self.tick_callouts.push(req);
+        } else {
+            self.x.callouts.push(req);
+        }
         self.plugin.callouts_sent.inc();
         Ok(Ok(id))
     }
 
     fn cancel(&mut self, id: u64) -> wasmtime::Result<Result<(), Error>> {
-        let context = self.x.context;
-        if self.in_exchange && self.take_outstanding(context, id) {
+        let context = if self.phase == Phase::Tick {
+            PLUGIN_CONTEXT
+        } else {
+            self.x.context
+        };
+        if (self.in_exchange || self.phase == Phase::Tick) && self.take_outstanding(context, id) {
             Ok(Ok(()))
         } else {
             Ok(Err(Error::NotFound))

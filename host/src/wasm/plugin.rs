@@ -25,8 +25,8 @@ use super::bindings::exports::legate::filter::http_handler::HttpSetup;
 use super::bindings::legate::filter::http as whttp;
 use super::bindings::{HttpFilter as World, HttpFilterPre};
 use super::engine;
-use super::host::{HostState, Part, Phase, PluginShared};
-use crate::filter::{Exchange, HttpFilter, LocalResponse, Phases, Verdict};
+use super::host::{HostState, Part, Phase, PluginShared, PLUGIN_CONTEXT};
+use crate::filter::{CalloutRequest, Exchange, HttpFilter, LocalResponse, Phases, Verdict};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
 /// The shortest tick interval a plugin may ask for (abi/README.md §7).
@@ -89,6 +89,7 @@ impl PluginStats {
             "done",
             "tick",
             "callout_response",
+            "tick_callout_response",
         ]
         .into_iter()
         .map(|p| {
@@ -406,19 +407,91 @@ impl WasmFilter {
                 return;
             }
             f.stats.calls["tick"].inc();
-            let r = f.with_instance(worker, Phase::ReadOnly, None, false, |live| {
-                run_inline(
+            let r = f.with_instance(worker, Phase::Tick, None, false, |live| {
+                let r = run_inline(
                     live.bindings
                         .legate_filter_http_handler()
                         .call_on_tick(&mut live.store),
-                )
-                .map(Ok)
+                );
+                let queued = std::mem::take(&mut live.store.data_mut().tick_callouts);
+                r.map(|()| Ok(queued))
             });
+            if let Ok(queued) = &r {
+                for req in queued.iter().cloned() {
+                    tokio::task::spawn_local(Self::tick_callout(
+                        me.clone(),
+                        worker,
+                        generation,
+                        req,
+                    ));
+                }
+            }
             if let Err(e) = r {
                 // A trap dropped the instance; the next exchange gets a new one
                 // (with its own tick task).
                 tracing::warn!(plugin = f.name(), "on-tick failed: {e}");
             }
+        }
+    }
+
+    /// Sends one callout queued by `on-tick` and delivers its result to
+    /// `on-tick-callout-response`, if the instance that sent it is still live.
+    async fn tick_callout(
+        me: Weak<WasmFilter>,
+        worker: usize,
+        generation: u64,
+        req: CalloutRequest,
+    ) {
+        let id = req.id;
+        let result = match crate::filter::worker_callouts() {
+            Some(sender) => sender.send(req).await,
+            None => Err(crate::filter::CalloutError::Unavailable),
+        };
+        let Some(f) = me.upgrade() else { return };
+        if let Err(e) = &result {
+            f.stats.callout_failures.inc();
+            if *e == crate::filter::CalloutError::Timeout {
+                f.stats.callout_timeouts.inc();
+            }
+        }
+        let current = INSTANCES.with(|cell| {
+            cell.borrow_mut()
+                .get_mut(&f.id)
+                .filter(|s| s.generation == generation)
+                .and_then(|s| s.live.as_mut())
+                .is_some_and(|live| live.store.data_mut().take_outstanding(PLUGIN_CONTEXT, id))
+        });
+        if !current {
+            return;
+        }
+        f.stats.calls["tick_callout_response"].inc();
+        let result = guest_result(result);
+        let r = f.with_instance(worker, Phase::Tick, None, false, |live| {
+            let r = run_inline(
+                live.bindings
+                    .legate_filter_http_handler()
+                    .call_on_tick_callout_response(
+                        &mut live.store,
+                        id,
+                        result.as_ref().map_err(|e| *e),
+                    ),
+            );
+            // Callouts sent from here belong to the plugin too.
+            let queued = std::mem::take(&mut live.store.data_mut().tick_callouts);
+            r.map(|()| Ok(queued))
+        });
+        match r {
+            Ok(queued) => {
+                for req in queued {
+                    tokio::task::spawn_local(Self::tick_callout(
+                        me.clone(),
+                        worker,
+                        generation,
+                        req,
+                    ));
+                }
+            }
+            Err(e) => tracing::warn!(plugin = f.name(), "on-tick-callout-response failed: {e}"),
         }
     }
 
