@@ -8,11 +8,23 @@
 //! *k*. A filter that changes the request head makes the route be selected again
 //! (Envoy's `clearRouteCache`): route overrides and `exchange.route-name()` always
 //! answer for the head as it is now.
+//!
+//! Callouts (abi/README.md §5.8): a filter queues [`CalloutRequest`]s on the
+//! [`Exchange`] during a call; the chain sends them with the [`CalloutSender`] the
+//! proxy gave it, each as a task on the worker's `LocalSet`, and delivers each
+//! result to the filter's [`HttpFilter::on_callout_response`]. A filter that returns
+//! [`Verdict::Pause`] holds the chain: the chain awaits results (the worker runs
+//! other exchanges meanwhile) until the paused filter's callout response resumes or
+//! answers. Dropping a [`Chain`] (the client went away) aborts its callouts and still
+//! runs `on-log`/`on-done`.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
@@ -58,6 +70,81 @@ pub enum Verdict {
     Continue,
     /// Answer locally instead.
     Respond(LocalResponse),
+    /// Keep holding the message part until a callout response resumes it (the
+    /// filter has at least one callout outstanding).
+    Pause,
+}
+
+/// A callout a filter asked for during a call, queued on [`Exchange::callouts`].
+#[derive(Debug, Clone)]
+pub struct CalloutRequest {
+    /// The id the filter knows it by (unique in its instance).
+    pub id: u64,
+    /// The target cluster (granted to the filter).
+    pub cluster: String,
+    /// Method.
+    pub method: Method,
+    /// Path and query.
+    pub path: String,
+    /// Host/`:authority`: the cluster name if `None`.
+    pub authority: Option<String>,
+    /// Request headers.
+    pub headers: HeaderMap,
+    /// Request body.
+    pub body: Bytes,
+    /// The whole callout (connect, send, read the response) must finish in this.
+    pub timeout: Duration,
+    /// A larger response body is [`CalloutError::LimitExceeded`].
+    pub max_response_body: usize,
+}
+
+/// A callout's response (any status).
+#[derive(Debug, Clone)]
+pub struct CalloutResponse {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+/// Why a callout has no response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CalloutError {
+    /// Its timeout passed.
+    Timeout,
+    /// No healthy endpoint, a connect failure, a reset, an unknown cluster.
+    Unavailable,
+    /// The response body is over the cap.
+    LimitExceeded,
+}
+
+/// A callout's outcome.
+pub type CalloutResult = Result<CalloutResponse, CalloutError>;
+
+thread_local! {
+    /// The callout sender of the chain started last on this worker thread, for
+    /// plugin-level callouts (from `on-tick`), which have no chain of their own.
+    static WORKER_CALLOUTS: std::cell::RefCell<Option<Rc<dyn CalloutSender>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// This worker's callout sender for plugin-level callouts (`None` before the
+/// worker's first filtered exchange).
+pub fn worker_callouts() -> Option<Rc<dyn CalloutSender>> {
+    WORKER_CALLOUTS.with(|c| c.borrow().clone())
+}
+
+/// A callout in flight.
+pub type CalloutFuture = Pin<Box<dyn Future<Output = CalloutResult>>>;
+
+/// Sends callouts for a chain: the proxy's implementation goes through the worker's
+/// upstream pool and the clusters of the exchange's config snapshot.
+pub trait CalloutSender {
+    /// Sends `req`; the future resolves with the response or the error (its own
+    /// timeout included).
+    fn send(&self, req: CalloutRequest) -> CalloutFuture;
 }
 
 /// A response produced by a filter.
@@ -138,6 +225,8 @@ pub struct Exchange {
     pub upstream: Option<SocketAddr>,
     /// The access-log cause of a failed exchange.
     pub cause: Option<String>,
+    /// Callouts queued by the current call, sent by the chain after it returns.
+    pub callouts: Vec<CalloutRequest>,
     table: Option<Arc<RouteTable>>,
     routing: Routing,
 }
@@ -172,6 +261,7 @@ impl Exchange {
             start: SystemTime::now(),
             upstream: None,
             cause: None,
+            callouts: Vec::new(),
             table,
             routing: Routing::default(),
         }
@@ -200,6 +290,7 @@ impl Exchange {
             start: SystemTime::UNIX_EPOCH,
             upstream: None,
             cause: None,
+            callouts: Vec::new(),
             table: None,
             routing: Routing::default(),
         }
@@ -280,6 +371,22 @@ pub trait HttpFilter: Send + Sync {
         x: &mut Exchange,
         end_of_stream: bool,
     ) -> Result<Verdict, String>;
+    /// The result of callout `id`, which this filter queued for exchange `x`.
+    /// `paused`: the filter is paused (in the phase it returned [`Verdict::Pause`]
+    /// from); the verdict then resumes it, answers, or keeps it paused. Not paused,
+    /// `Continue` and `Pause` mean nothing to do. Filters that never queue callouts
+    /// need not implement it.
+    fn on_callout_response(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        id: u64,
+        result: CalloutResult,
+        paused: bool,
+    ) -> Result<Verdict, String> {
+        let _ = (worker, x, id, result, paused);
+        Ok(Verdict::Continue)
+    }
     /// After the response (read-only).
     fn on_log(&self, worker: usize, x: &mut Exchange);
     /// The exchange is over; always called for a filter that saw the exchange, so
@@ -398,8 +505,16 @@ impl Filters {
     }
 
     /// Starts the chain of `listener` for one exchange; `None` if it has no filters.
-    pub fn start(&self, listener: &Name, worker: usize, x: Exchange) -> Option<Chain> {
+    /// `callouts` sends the callouts its filters queue.
+    pub fn start(
+        &self,
+        listener: &Name,
+        worker: usize,
+        x: Exchange,
+        callouts: Rc<dyn CalloutSender>,
+    ) -> Option<Chain> {
         let slots = self.chains.get(listener)?.clone();
+        WORKER_CALLOUTS.with(|c| *c.borrow_mut() = Some(callouts.clone()));
         Some(Chain {
             worker,
             slots,
@@ -407,9 +522,16 @@ impl Filters {
             entered: Vec::new(),
             skipped: Vec::new(),
             responded: None,
+            callouts,
+            inflight: tokio::task::JoinSet::new(),
+            finished: false,
         })
     }
 }
+
+/// A callout result on its way back: the index of the filter (in `entered`) that
+/// sent it, its id, the outcome.
+type Delivery = (usize, u64, CalloutResult);
 
 /// One exchange's run through a listener's chain.
 pub struct Chain {
@@ -424,6 +546,12 @@ pub struct Chain {
     skipped: Vec<usize>,
     /// The filter that answered from its request phase (it gets no response phase).
     responded: Option<usize>,
+    callouts: Rc<dyn CalloutSender>,
+    /// Callouts in flight, as tasks on the worker's `LocalSet`: dropping the set
+    /// (the chain) aborts them, so a gone exchange gets no deliveries.
+    inflight: tokio::task::JoinSet<Delivery>,
+    /// `on-log`/`on-done` ran.
+    finished: bool,
 }
 
 /// The failure policy applied to a failed call: `Ok(())` if the filter is skipped
@@ -438,10 +566,93 @@ fn failure(f: &dyn HttpFilter, phase: &str, why: &str) -> Result<(), ProxyError>
 }
 
 impl Chain {
-    /// Runs the request-headers phase of every filter in chain order. `Some` is a
-    /// local response that replaces the upstream (the filters before the one that
-    /// answered will see it in their response phases).
-    pub fn on_request_headers(
+    /// Sends the callouts filter `i` queued in its last call.
+    fn dispatch(&mut self, i: usize) {
+        for req in std::mem::take(&mut self.x.callouts) {
+            let id = req.id;
+            let fut = self.callouts.send(req);
+            self.inflight.spawn_local(async move { (i, id, fut.await) });
+        }
+    }
+
+    /// Waits while filter `k` is paused: delivers callout results (to whichever
+    /// filter sent them) until `k`'s own delivery returns a verdict other than
+    /// `Pause`. Results for other filters are delivered as not paused; a failure of
+    /// one of them applies its failure policy (the outer `Err`: it failed closed).
+    async fn wait(&mut self, k: usize, phase: &str) -> Result<Result<Verdict, String>, ProxyError> {
+        loop {
+            let Some(done) = self.inflight.join_next().await else {
+                return Ok(Err("paused with no callout in flight".to_string()));
+            };
+            // A task only ends early when aborted, i.e. with the chain.
+            let Ok((i, id, result)) = done else { continue };
+            if i != k {
+                self.deliver_unpaused(i, id, result, phase)?;
+                continue;
+            }
+            if self.skipped.contains(&i) {
+                continue;
+            }
+            let f = self.entered[i].clone();
+            let v = f.on_callout_response(self.worker, &mut self.x, id, result, true);
+            self.dispatch(i);
+            match v {
+                Ok(Verdict::Pause) => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Delivers a callout result to filter `i`, which is not paused: `continue` and
+    /// `pause` mean nothing; a local response is ignored by this host (logged); a
+    /// failure applies the filter's failure policy.
+    fn deliver_unpaused(
+        &mut self,
+        i: usize,
+        id: u64,
+        result: CalloutResult,
+        phase: &str,
+    ) -> Result<(), ProxyError> {
+        let Some(f) = self.entered.get(i).cloned() else {
+            return Ok(());
+        };
+        if self.skipped.contains(&i) {
+            return Ok(());
+        }
+        let v = f.on_callout_response(self.worker, &mut self.x, id, result, false);
+        self.dispatch(i);
+        match v {
+            Ok(Verdict::Continue | Verdict::Pause) => Ok(()),
+            Ok(Verdict::Respond(_)) => {
+                tracing::debug!(
+                    plugin = f.name(),
+                    phase,
+                    "a local response from a callout response of a filter that is not \
+                     paused is ignored by this host"
+                );
+                Ok(())
+            }
+            Err(why) => {
+                self.skipped.push(i);
+                failure(&*f, "callout_response", &why)
+            }
+        }
+    }
+
+    /// Delivers the callout results that arrived while no filter was paused.
+    fn deliver_ready(&mut self, phase: &str) -> Result<(), ProxyError> {
+        while let Some(done) = self.inflight.try_join_next() {
+            if let Ok((i, id, result)) = done {
+                self.deliver_unpaused(i, id, result, phase)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the request-headers phase of every filter in chain order, waiting out
+    /// pauses. `Some` is a local response that replaces the upstream (the filters
+    /// before the one that answered will see it in their response phases).
+    pub async fn on_request_headers(
         &mut self,
         end_of_stream: bool,
     ) -> Result<Option<LocalResponse>, ProxyError> {
@@ -451,23 +662,28 @@ impl Chain {
             let Some(f) = slot.resolve(route.as_ref()) else {
                 continue;
             };
+            // Entered whatever happens, so `finish` frees its context.
+            self.entered.push(f.clone());
+            let k = self.entered.len() - 1;
             if !f.phases().contains(Phases::REQUEST_HEADERS) {
-                self.entered.push(f);
                 continue;
             }
-            match f.on_request_headers(self.worker, &mut self.x, end_of_stream) {
-                Ok(Verdict::Continue) => self.entered.push(f),
+            let mut v = f.on_request_headers(self.worker, &mut self.x, end_of_stream);
+            self.dispatch(k);
+            if let Ok(Verdict::Pause) = v {
+                v = self.wait(k, "request_headers").await?;
+            }
+            match v {
+                Ok(Verdict::Continue) => {}
+                Ok(Verdict::Pause) => unreachable_pause(),
                 Ok(Verdict::Respond(lr)) => {
                     // `f` itself never sees its own local response; it still gets
                     // log/done.
-                    self.entered.push(f);
-                    self.responded = Some(self.entered.len() - 1);
+                    self.responded = Some(k);
                     return Ok(Some(lr));
                 }
                 Err(why) => {
-                    // Entered either way, so `finish` frees its context.
-                    self.entered.push(f.clone());
-                    self.skipped.push(self.entered.len() - 1);
+                    self.skipped.push(k);
                     failure(&*f, "request_headers", &why)?;
                 }
             }
@@ -476,14 +692,16 @@ impl Chain {
     }
 
     /// Runs the response-headers phase in reverse chain order over the response head
-    /// in `x.status`/`x.response_headers`. `Some` is a local response replacing the
-    /// response (status and headers are already in `x`; the body is returned).
-    pub fn on_response_headers(
+    /// in `x.status`/`x.response_headers`, waiting out pauses. `Some` is a local
+    /// response replacing the response (status and headers are already in `x`; the
+    /// body is returned).
+    pub async fn on_response_headers(
         &mut self,
         end_of_stream: bool,
     ) -> Result<Option<Bytes>, ProxyError> {
         let mut replaced = None;
         let mut eos = end_of_stream;
+        self.deliver_ready("response_headers")?;
         for i in (0..self.entered.len()).rev() {
             if self.skipped.contains(&i) || self.responded == Some(i) {
                 continue;
@@ -492,8 +710,14 @@ impl Chain {
             if !f.phases().contains(Phases::RESPONSE_HEADERS) {
                 continue;
             }
-            match f.on_response_headers(self.worker, &mut self.x, eos) {
+            let mut v = f.on_response_headers(self.worker, &mut self.x, eos);
+            self.dispatch(i);
+            if let Ok(Verdict::Pause) = v {
+                v = self.wait(i, "response_headers").await?;
+            }
+            match v {
                 Ok(Verdict::Continue) => {}
+                Ok(Verdict::Pause) => unreachable_pause(),
                 Ok(Verdict::Respond(lr)) => {
                     eos = lr.body.is_empty();
                     self.x.status = Some(lr.status);
@@ -510,8 +734,17 @@ impl Chain {
     }
 
     /// The exchange is over: `on-log` then `on-done` for every filter that took part
-    /// (in chain order, as Envoy's access loggers run).
+    /// (in chain order, as Envoy's access loggers run). Callouts still in flight are
+    /// aborted and never delivered.
     pub fn finish(mut self) {
+        self.run_finish();
+    }
+
+    fn run_finish(&mut self) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        self.inflight.abort_all();
         for (i, f) in self.entered.iter().enumerate() {
             if !self.skipped.contains(&i) && f.phases().contains(Phases::LOG) {
                 f.on_log(self.worker, &mut self.x);
@@ -519,6 +752,24 @@ impl Chain {
         }
         for f in &self.entered {
             f.on_done(self.worker, self.x.context);
+        }
+    }
+}
+
+/// `wait` never returns `Pause`; kept as a no-op rather than a panic.
+fn unreachable_pause() {
+    tracing::error!("bug: a paused filter's wait returned `pause`");
+}
+
+impl Drop for Chain {
+    /// A chain dropped before `finish` (the client went away mid-exchange, e.g.
+    /// while a filter was paused) still frees its filters' contexts.
+    fn drop(&mut self) {
+        if !self.finished {
+            if self.x.cause.is_none() {
+                self.x.cause = Some("downstream_disconnect".to_string());
+            }
+            self.run_finish();
         }
     }
 }

@@ -11,7 +11,9 @@
 //! The filter chain ([`crate::filter`], Wasm plugins) runs between the request id and
 //! the router (request headers, in chain order) and after the response header
 //! handling (response headers, in reverse); a filter's local response takes the
-//! place of the upstream's and gets the same response header handling.
+//! place of the upstream's and gets the same response header handling. Filters'
+//! callouts go through [`PoolCallouts`]: the worker's upstream pool and the
+//! exchange's config snapshot.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -148,9 +150,13 @@ async fn proxy(
         &listener.name,
         conn.worker.id,
         exchange_of(conn, &req, &authority, out.request_id.as_ref(), table),
+        Rc::new(PoolCallouts {
+            worker: conn.worker.clone(),
+            snapshot: Arc::downgrade(&snapshot),
+        }),
     ) {
         out.chain = Some(chain);
-        if let Some(local) = request_filters(out, &mut req, &mut authority)? {
+        if let Some(local) = request_filters(out, &mut req, &mut authority).await? {
             let input = RouteInput {
                 method: req.method(),
                 uri: req.uri(),
@@ -169,7 +175,7 @@ async fn proxy(
                     false,
                 );
             }
-            return response_filters(out, resp);
+            return response_filters(out, resp).await;
         }
     }
     let input = RouteInput {
@@ -206,7 +212,7 @@ async fn proxy(
                 resp.headers_mut(),
                 false,
             );
-            return response_filters(out, resp);
+            return response_filters(out, resp).await;
         }
         Action::Redirect(_) => {
             let (status, location) = matched.redirect(&input).ok_or_else(|| {
@@ -224,7 +230,7 @@ async fn proxy(
                 resp.headers_mut(),
                 false,
             );
-            return response_filters(out, resp);
+            return response_filters(out, resp).await;
         }
         Action::Cluster(name) => name.clone(),
         Action::Weighted(w) => w.pick(rand::rng().random()).clone(),
@@ -389,7 +395,7 @@ async fn proxy(
         // on the request side in this release.
         return Ok(resp);
     }
-    response_filters(out, resp)
+    response_filters(out, resp).await
 }
 
 /// The exchange filters see, from the request head (without `host`: the authority is
@@ -432,7 +438,7 @@ fn exchange_of<B>(
 
 /// Runs the request-headers phase of the chain and writes the (possibly changed)
 /// head back into `req`. `Some` is a filter's local response.
-fn request_filters(
+async fn request_filters(
     out: &mut Outcome,
     req: &mut Request<Incoming>,
     authority: &mut String,
@@ -441,7 +447,7 @@ fn request_filters(
         return Ok(None);
     };
     let eos = req.body().is_end_stream();
-    let local = chain.on_request_headers(eos)?;
+    let local = chain.on_request_headers(eos).await?;
     let x = &chain.x;
     *req.method_mut() = x.method.clone();
     let mut headers = x.request_headers.clone();
@@ -489,7 +495,7 @@ fn local_response(lr: filter::LocalResponse) -> Response<Body> {
 }
 
 /// Runs the response-headers phase of the chain (reverse order) on `resp`.
-fn response_filters(
+async fn response_filters(
     out: &mut Outcome,
     mut resp: Response<Body>,
 ) -> Result<Response<Body>, ProxyError> {
@@ -500,7 +506,7 @@ fn response_filters(
     chain.x.status = Some(resp.status());
     chain.x.response_headers = Some(std::mem::take(resp.headers_mut()));
     let eos = resp.body().is_end_stream();
-    let replaced = chain.on_response_headers(eos);
+    let replaced = chain.on_response_headers(eos).await;
     let headers = chain.x.response_headers.clone().unwrap_or_default();
     *resp.headers_mut() = headers;
     let replaced = replaced?;
@@ -515,6 +521,104 @@ fn response_filters(
             .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     Ok(resp)
+}
+
+/// Sends filters' callouts (abi/README.md §5.8) like an attempt without retries:
+/// the cluster's balancer, circuit breaker and the worker's pool, under the
+/// callout's own timeout. Clusters come from the exchange's snapshot (weak: the
+/// worker keeps the last sender for plugin-level callouts, which must not keep an
+/// old config alive).
+struct PoolCallouts {
+    worker: Rc<crate::worker::Worker>,
+    snapshot: std::sync::Weak<crate::server::Snapshot>,
+}
+
+impl filter::CalloutSender for PoolCallouts {
+    fn send(&self, req: filter::CalloutRequest) -> filter::CalloutFuture {
+        let worker = self.worker.clone();
+        let entry = crate::config::Name::new(&req.cluster).ok().and_then(|n| {
+            self.snapshot
+                .upgrade()
+                .and_then(|s| s.clusters.get(&n).cloned())
+        });
+        Box::pin(async move {
+            let Some(entry) = entry else {
+                return Err(filter::CalloutError::Unavailable);
+            };
+            let timeout = req.timeout;
+            tokio::time::timeout(timeout, callout(&worker, &entry, req))
+                .await
+                .unwrap_or(Err(filter::CalloutError::Timeout))
+        })
+    }
+}
+
+/// One callout: pick, send, read the whole (capped) response.
+async fn callout(
+    worker: &crate::worker::Worker,
+    entry: &Arc<ClusterEntry>,
+    req: filter::CalloutRequest,
+) -> filter::CalloutResult {
+    use filter::CalloutError::{LimitExceeded, Unavailable};
+    use http_body_util::BodyExt;
+    let cluster = entry.cluster();
+    let i = worker
+        .balancer(&cluster)
+        .pick(None, &[])
+        .ok_or(Unavailable)?;
+    let ep = cluster.endpoints.get(i).cloned().ok_or(Unavailable)?;
+    let active = cluster
+        .try_start_request(Some(i))
+        .map_err(|_| Unavailable)?;
+    let uri = req.path.parse::<Uri>().map_err(|_| Unavailable)?;
+    let host = HeaderValue::from_str(req.authority.as_deref().unwrap_or(&req.cluster))
+        .map_err(|_| Unavailable)?;
+    let len = req.body.len();
+    let mut up = Request::new(body::full(req.body));
+    *up.method_mut() = req.method;
+    *up.uri_mut() = uri;
+    *up.headers_mut() = req.headers;
+    let h = up.headers_mut();
+    h.insert(header::HOST, host);
+    if len > 0 || !matches!(*up.method(), Method::GET | Method::HEAD) {
+        up.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    let target = Target {
+        addr: ep.address,
+        host: &ep.host,
+        cluster: &cluster,
+        endpoint: Some(i),
+    };
+    let resp = match worker.pool.send(&entry.upstream, target, up).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(cluster = %cluster.name, "callout: {}", e.detail);
+            active.record_failure();
+            return Err(Unavailable);
+        }
+    };
+    let status = resp.status();
+    active.record_status(status.as_u16());
+    let (parts, body) = resp.into_parts();
+    let body = http_body_util::Limited::new(body, req.max_response_body)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                LimitExceeded
+            } else {
+                Unavailable
+            }
+        })?
+        .to_bytes();
+    let mut headers = parts.headers;
+    proxy_headers::strip_hop_by_hop(&mut headers);
+    Ok(filter::CalloutResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// Rejects requests whose framing a proxy must not guess at (RFC 9112 §6.1, the

@@ -649,3 +649,216 @@ async fn tick_interval_below_minimum_is_refused() {
         "{err}"
     );
 }
+
+// ---- callouts (abi/README.md §3.3, §5.8) ----
+
+/// An authorization service for the `callout` guest mode: `/check/deny*` answers
+/// 403, `/check/slow*` answers after 2 s, anything else 200 with `ok:<x-user>`.
+async fn authz() -> UpstreamHandle {
+    async fn check(req: Request<hyper::body::Incoming>) -> Response<http_body_util::Full<Bytes>> {
+        let path = req.uri().path().to_string();
+        let user = req
+            .headers()
+            .get("x-user")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("anonymous")
+            .to_string();
+        if path.starts_with("/check/slow") {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+        let (status, body) = if path.starts_with("/check/deny") {
+            (403, format!("denied:{user}"))
+        } else {
+            (200, format!("ok:{user}"))
+        };
+        Response::builder()
+            .status(status)
+            .body(http_body_util::Full::new(Bytes::from(body)))
+            .unwrap()
+    }
+    upstream().name("authz").handler(check).start().await
+}
+
+/// `simple`'s config plus cluster `authz` at `authz`.
+fn with_authz(up: SocketAddr, authz: SocketAddr, plugins: &str, chain: &[&str]) -> String {
+    simple(up, plugins, chain).replace(
+        "clusters:\n",
+        &format!("clusters:\n  - name: authz\n    endpoints:\n      - address: {authz}\n"),
+    )
+}
+
+fn callout_plugin(name: &str, config: &str) -> String {
+    plugin(name, config, "    capabilities: { clusters: [authz] }\n")
+}
+
+each_proto!(
+    async fn callout_pauses_then_continues_with_its_response(proto) {
+        let up = upstream().start().await;
+        let az = authz().await;
+        let p = callout_plugin("caller", "{ mode: callout }");
+        let lg = legate()
+            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/hello").header("x-user", "alice").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.path, "/hello");
+        assert_eq!(e.header("x-callout-status"), Some("200"));
+        assert_eq!(e.header("x-callout-body"), Some("ok:alice"));
+        // Two callouts outstanding: the first response keeps the exchange paused.
+        let r = c.get("/two").header("x-user", "bob").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-callout-count"), Some("2"));
+        assert_eq!(r.echo().header("x-callout-body"), Some("ok:bob"));
+        lg.assert_stat(r#"legate_plugin_callouts_total{plugin="caller"}"#, 3.0)
+            .await;
+        lg.assert_stat(&calls("caller", "callout_response"), 3.0).await;
+        lg.assert_stat(r#"legate_cluster_upstream_rq_total{cluster="authz"}"#, 3.0)
+            .await;
+    }
+);
+
+each_proto!(
+    async fn callout_response_answers_locally(proto) {
+        let up = upstream().start().await;
+        let az = authz().await;
+        let p = callout_plugin("caller", "{ mode: callout }");
+        let lg = legate()
+            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/deny/x").header("x-user", "mallory").send().await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "denied:mallory");
+        assert_eq!(r.header("x-from-callout"), Some("1"));
+        assert!(r.header("x-upstream").is_none(), "the backend answered");
+    }
+);
+
+each_proto!(
+    async fn callout_to_an_ungranted_cluster_is_denied(proto) {
+        let up = upstream().start().await;
+        let az = authz().await;
+        // Granted `authz` only; asks for `backend`.
+        let p = callout_plugin("caller", "{ mode: callout, cluster: backend }");
+        let lg = legate()
+            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/hello").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-callout-error"), Some("denied"));
+        lg.assert_stat(r#"legate_plugin_callouts_total{plugin="caller"}"#, 0.0)
+            .await;
+    }
+);
+
+each_proto!(
+    async fn callout_timeout_reaches_the_guest(proto) {
+        let up = upstream().start().await;
+        let az = authz().await;
+        let p = callout_plugin("caller", "{ mode: callout, timeout: \"100\" }");
+        let lg = legate()
+            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/slow").send().await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(r.header("x-callout-error"), Some("timeout"));
+        lg.assert_stat(r#"legate_plugin_callout_timeouts_total{plugin="caller"}"#, 1.0)
+            .await;
+        lg.assert_stat(r#"legate_plugin_callout_failures_total{plugin="caller"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    async fn a_paused_exchange_does_not_block_the_worker(proto) {
+        let up = upstream().start().await;
+        let az = authz().await;
+        let p = callout_plugin("caller", "{ mode: callout, timeout: \"5000\" }");
+        let lg = legate()
+            .concurrency(1)
+            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
+            .start();
+        let mut slow = client(proto, lg.addr("web")).await;
+        let slow = tokio::spawn(async move { slow.get("/slow").send().await });
+        eventually(
+            std::time::Duration::from_secs(5),
+            "the slow callout to be sent",
+            || async {
+                let n = lg
+                    .stat(r#"legate_plugin_callouts_total{plugin="caller"}"#)
+                    .await;
+                (n == Some(1.0)).then_some(())
+            },
+        )
+        .await;
+        // The one worker serves another exchange, callout included, meanwhile.
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/fast").header("x-user", "carol").send().await;
+        assert_eq!(r.status, 200, "{} {:?}", r.text(), r.header("x-callout-error"));
+        assert_eq!(r.echo().header("x-callout-body"), Some("ok:carol"));
+        assert!(!slow.is_finished(), "the slow exchange finished first");
+        let r = slow.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+);
+
+each_proto!(
+    async fn client_disconnect_while_paused_frees_the_exchange(proto) {
+        let up = upstream().start().await;
+        let az = authz().await;
+        let p = callout_plugin("caller", "{ mode: callout, phases: \"rq,done\", timeout: \"5000\" }");
+        let lg = legate()
+            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let pending = tokio::spawn(async move { c.get("/slow").try_send().await });
+        eventually(
+            std::time::Duration::from_secs(5),
+            "the slow callout to be sent",
+            || async {
+                let n = lg
+                    .stat(r#"legate_plugin_callouts_total{plugin="caller"}"#)
+                    .await;
+                (n == Some(1.0)).then_some(())
+            },
+        )
+        .await;
+        // Dropping the request task drops the client and closes its connection.
+        pending.abort();
+        let _ = pending.await;
+        lg.assert_stat(&calls("caller", "done"), 1.0).await;
+        // The callout was cancelled with the exchange: never delivered.
+        let delivered = lg.stat(&calls("caller", "callout_response")).await;
+        assert_eq!(delivered.unwrap_or(0.0), 0.0);
+        assert_eq!(
+            lg.stat(r#"legate_listener_requests_total{listener="web",class="2xx"}"#)
+                .await
+                .unwrap_or(0.0),
+            0.0
+        );
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_callout_cluster_is_a_load_error() {
+    let up = upstream().start().await;
+    let p = plugin(
+        "caller",
+        "{ mode: callout }",
+        "    capabilities: { clusters: [nope] }\n",
+    );
+    let yaml = simple(up.addr, &p, &["caller"]);
+    let err = match legate_host::config::parse_str("test.yaml", &yaml, Path::new(".")) {
+        Ok(_) => panic!("a plugin granted an undefined cluster was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("unknown cluster `nope`"), "{err}");
+    assert!(
+        err.contains("caller") || err.contains("capabilities"),
+        "{err}"
+    );
+}

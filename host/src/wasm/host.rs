@@ -8,7 +8,7 @@
 //! proxy moved into the store for the duration of a call. A handle used when its
 //! exchange is not the one in the store is dangling and traps (abi/README.md §8).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -24,7 +24,7 @@ use super::bindings::legate::filter::{
     callout, clock, http as whttp, kv, log, metrics, plugin, random, types,
 };
 use super::kv::{Condition, KvBackend, KvError};
-use crate::filter::Exchange;
+use crate::filter::{CalloutRequest, Exchange};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
 type Error = types::Error;
@@ -97,18 +97,29 @@ pub struct PluginShared {
     pub kv_granted: Vec<Arc<str>>,
     /// The KV backend.
     pub kv: Arc<dyn KvBackend>,
+    /// Clusters granted for callouts (`capabilities.clusters`).
+    pub clusters: Vec<Arc<str>>,
+    /// `legate_plugin_callouts_total`.
+    pub callouts_sent: Counter,
     metrics: Mutex<HashMap<String, Arc<MetricDef>>>,
     series: AtomicUsize,
 }
 
 impl PluginShared {
     /// The shared state of plugin `name`.
-    pub fn new(name: &str, stats: Arc<Stats>, kv_granted: &[String]) -> Self {
+    pub fn new(name: &str, stats: Arc<Stats>, kv_granted: &[String], clusters: &[String]) -> Self {
+        let callouts_sent = stats.counter(
+            "legate_plugin_callouts_total",
+            "Callouts a plugin sent.",
+            &[("plugin", name)],
+        );
         PluginShared {
             name: name.into(),
             stats,
             kv_granted: kv_granted.iter().map(|n| Arc::from(n.as_str())).collect(),
             kv: super::kv::store(),
+            clusters: clusters.iter().map(|n| Arc::from(n.as_str())).collect(),
+            callouts_sent,
             metrics: Mutex::default(),
             series: AtomicUsize::new(0),
         }
@@ -120,6 +131,13 @@ const MAX_METRICS: usize = 100;
 const MAX_SERIES: usize = 1000;
 const MAX_LOG: usize = 4096;
 
+/// Callout limits (abi/README.md §7).
+pub const CALLOUT_DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+const CALLOUT_MAX_TIMEOUT_MS: u32 = 30_000;
+const CALLOUT_MAX_RESPONSE: usize = 1 << 20;
+const CALLOUTS_PER_CONTEXT: usize = 8;
+const CALLOUTS_PER_INSTANCE: usize = 1024;
+
 /// What a call is allowed to do now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -129,8 +147,14 @@ pub enum Phase {
     RequestHeaders,
     /// `on-response-headers`: the response head is writable.
     ResponseHeaders,
+    /// `on-callout-response` of a context that is not paused: read-only, but
+    /// callouts may be sent.
+    Callout,
     /// `on-log`, `on-done`: read-only.
     ReadOnly,
+    /// `on-tick` and `on-tick-callout-response`: no exchange; callouts belong to
+    /// the plugin.
+    Tick,
 }
 
 /// The data of one instance's store.
@@ -154,7 +178,17 @@ pub struct HostState {
     pub memory_gauge: Option<Gauge>,
     /// Bytes of linear memory this instance holds (for the memory gauge).
     pub memory_bytes: usize,
+    /// The last callout id handed out.
+    next_callout: u64,
+    /// Outstanding (sent, neither delivered nor cancelled) callouts by context
+    /// ([`PLUGIN_CONTEXT`] for the plugin's own, from `on-tick`).
+    pub outstanding: HashMap<u64, HashSet<u64>>,
+    /// Callouts queued by an `on-tick` call (exchange calls queue on the exchange).
+    pub tick_callouts: Vec<CalloutRequest>,
 }
+
+/// The context plugin-level callouts are kept under (exchange contexts start at 1).
+pub const PLUGIN_CONTEXT: u64 = 0;
 
 impl HostState {
     /// A store's data for an instance of `plugin` on worker `worker`.
@@ -179,6 +213,9 @@ impl HostState {
             in_exchange: false,
             memory_gauge: None,
             memory_bytes: 0,
+            next_callout: 0,
+            outstanding: HashMap::new(),
+            tick_callouts: Vec::new(),
         }
     }
 
@@ -1127,17 +1164,118 @@ impl kv::HostNamespace for HostState {
     }
 }
 
-// ---- callout: capability-gated; nothing can be granted yet ----
+// ---- callout: capability-gated; queued on the exchange, sent by the chain ----
+
+impl HostState {
+    /// Whether `context` has a callout outstanding.
+    pub fn has_outstanding(&self, context: u64) -> bool {
+        self.outstanding
+            .get(&context)
+            .is_some_and(|s| !s.is_empty())
+    }
+
+    /// Marks callout `id` of `context` delivered; `false` if it was not outstanding
+    /// (cancelled), in which case it must not be delivered.
+    pub fn take_outstanding(&mut self, context: u64, id: u64) -> bool {
+        let Some(set) = self.outstanding.get_mut(&context) else {
+            return false;
+        };
+        let was = set.remove(&id);
+        if set.is_empty() {
+            self.outstanding.remove(&context);
+        }
+        was
+    }
+
+    fn build_callout(&self, r: callout::CalloutRequest) -> Result<CalloutRequest, Error> {
+        let method =
+            http::Method::from_bytes(r.method.as_bytes()).map_err(|_| Error::InvalidArgument)?;
+        if !r.path.starts_with('/') || r.path.parse::<http::Uri>().is_err() {
+            return Err(Error::InvalidArgument);
+        }
+        if r.timeout_ms > CALLOUT_MAX_TIMEOUT_MS {
+            return Err(Error::InvalidArgument);
+        }
+        if let Some(a) = &r.authority {
+            if a.parse::<http::uri::Authority>().is_err() {
+                return Err(Error::InvalidArgument);
+            }
+        }
+        let mut headers = HeaderMap::new();
+        for (name, value) in r.headers {
+            let n = field_name(&name)?;
+            if denied_field(&n) {
+                return Err(Error::InvalidArgument);
+            }
+            let v = HeaderValue::from_bytes(&value).map_err(|_| Error::InvalidArgument)?;
+            headers.append(n, v);
+        }
+        let timeout = if r.timeout_ms == 0 {
+            CALLOUT_DEFAULT_TIMEOUT
+        } else {
+            Duration::from_millis(u64::from(r.timeout_ms))
+        };
+        Ok(CalloutRequest {
+            id: 0,
+            cluster: r.cluster,
+            method,
+            path: r.path,
+            authority: r.authority,
+            headers,
+            body: r.body.into(),
+            timeout,
+            max_response_body: CALLOUT_MAX_RESPONSE,
+        })
+    }
+}
 
 impl callout::Host for HostState {
-    fn send(&mut self, _request: callout::CalloutRequest) -> wasmtime::Result<Result<u64, Error>> {
-        if self.phase == Phase::Configure || self.phase == Phase::ReadOnly {
+    fn send(&mut self, request: callout::CalloutRequest) -> wasmtime::Result<Result<u64, Error>> {
+        // Calls for an exchange and `on-tick` can send; `configure`, `on-log` and
+        // `on-done` cannot.
+        let tick = self.phase == Phase::Tick;
+        if !(self.in_exchange || tick)
+            || self.phase == Phase::Configure
+            || self.phase == Phase::ReadOnly
+        {
             return Ok(Err(Error::InvalidState));
         }
-        // Plugins granted clusters are refused at load: no cluster is granted.
-        Ok(Err(Error::Denied))
+        if !self.plugin.clusters.iter().any(|c| **c == *request.cluster) {
+            return Ok(Err(Error::Denied));
+        }
+        let mut req = match self.build_callout(request) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let context = if tick { PLUGIN_CONTEXT } else { self.x.context };
+        let total: usize = self.outstanding.values().map(HashSet::len).sum();
+        let mine = self.outstanding.get(&context).map_or(0, HashSet::len);
+        if mine >= CALLOUTS_PER_CONTEXT || total >= CALLOUTS_PER_INSTANCE {
+            return Ok(Err(Error::LimitExceeded));
+        }
+        self.next_callout += 1;
+        let id = self.next_callout;
+        req.id = id;
+        self.outstanding.entry(context).or_default().insert(id);
+        if tick {
+            self.tick_callouts.push(req);
+        } else {
+            self.x.callouts.push(req);
+        }
+        self.plugin.callouts_sent.inc();
+        Ok(Ok(id))
     }
-    fn cancel(&mut self, _id: u64) -> wasmtime::Result<Result<(), Error>> {
-        Ok(Err(Error::NotFound))
+
+    fn cancel(&mut self, id: u64) -> wasmtime::Result<Result<(), Error>> {
+        let context = if self.phase == Phase::Tick {
+            PLUGIN_CONTEXT
+        } else {
+            self.x.context
+        };
+        if (self.in_exchange || self.phase == Phase::Tick) && self.take_outstanding(context, id) {
+            Ok(Ok(()))
+        } else {
+            Ok(Err(Error::NotFound))
+        }
     }
 }

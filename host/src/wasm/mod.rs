@@ -16,8 +16,7 @@
 //! - [`proxy_wasm`]: core modules built for Envoy's proxy-wasm ABI 0.2.1, detected
 //!   from the module itself (docs/proxy-wasm.md).
 //!
-//! Not supported yet, refused at load with a clear error: body and trailer phases,
-//! callouts (`capabilities.clusters`).
+//! Not supported yet, refused at load with a clear error: body and trailer phases.
 
 pub mod bindings;
 pub mod cache;
@@ -47,11 +46,15 @@ pub fn load(
     for p in &config.plugins {
         let p = &p.value;
         let name = p.name.as_str();
-        if !p.capabilities.clusters.is_empty() {
-            anyhow::bail!(
-                "plugin `{name}`: callouts (`capabilities.clusters`) are not supported by this \
-                 Legate yet; remove them"
-            );
+        for c in &p.capabilities.clusters {
+            if !config.clusters.iter().any(|k| k.value.name == c.value) {
+                anyhow::bail!(
+                    "plugin `{name}`: `capabilities.clusters` names cluster `{}`, which is not \
+                     defined; add it under `clusters:` or remove it from the plugin's \
+                     capabilities",
+                    c.value
+                );
+            }
         }
         if load_proxy_wasm(config, p, stats, &mut out)? {
             continue;
@@ -87,6 +90,12 @@ pub fn load(
                 memory: usize::try_from(p.limits.memory.value.0).unwrap_or(usize::MAX),
                 fail_open: p.fail == FailPolicy::Open,
                 kv: p.capabilities.kv.iter().map(|n| n.to_string()).collect(),
+                clusters: p
+                    .capabilities
+                    .clusters
+                    .iter()
+                    .map(|n| n.value.to_string())
+                    .collect(),
             };
             let f = Arc::new(WasmFilter::load(name, &component, settings, stats)?);
             f.arm();

@@ -25,8 +25,8 @@ use super::bindings::exports::legate::filter::http_handler::HttpSetup;
 use super::bindings::legate::filter::http as whttp;
 use super::bindings::{HttpFilter as World, HttpFilterPre};
 use super::engine;
-use super::host::{HostState, Part, Phase, PluginShared};
-use crate::filter::{Exchange, HttpFilter, LocalResponse, Phases, Verdict};
+use super::host::{HostState, Part, Phase, PluginShared, PLUGIN_CONTEXT};
+use crate::filter::{CalloutRequest, Exchange, HttpFilter, LocalResponse, Phases, Verdict};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
 /// The shortest tick interval a plugin may ask for (abi/README.md §7).
@@ -60,6 +60,8 @@ pub struct Settings {
     pub fail_open: bool,
     /// KV namespaces granted (`capabilities.kv`).
     pub kv: Vec<String>,
+    /// Clusters granted for callouts (`capabilities.clusters`).
+    pub clusters: Vec<String>,
 }
 
 /// Per-plugin counters on `/stats` (shared with proxy-wasm plugins).
@@ -70,6 +72,8 @@ pub(crate) struct PluginStats {
     pub(crate) timeouts: Counter,
     pub(crate) memory_exceeded: Counter,
     pub(crate) restarts: Counter,
+    pub(crate) callout_failures: Counter,
+    pub(crate) callout_timeouts: Counter,
     pub(crate) duration: Histogram,
     pub(crate) instances: Gauge,
 }
@@ -84,6 +88,8 @@ impl PluginStats {
             "log",
             "done",
             "tick",
+            "callout_response",
+            "tick_callout_response",
         ]
         .into_iter()
         .map(|p| {
@@ -124,6 +130,16 @@ impl PluginStats {
                 "Instances created to replace one that failed.",
                 &l,
             ),
+            callout_failures: stats.counter(
+                "legate_plugin_callout_failures_total",
+                "Callouts of a plugin that got no response (timeouts included).",
+                &l,
+            ),
+            callout_timeouts: stats.counter(
+                "legate_plugin_callout_timeouts_total",
+                "Callouts of a plugin that timed out.",
+                &l,
+            ),
             duration: stats.histogram(
                 "legate_plugin_call_duration_seconds",
                 "Time spent in plugin calls.",
@@ -161,6 +177,9 @@ struct Live {
     /// Contexts whose request started on this instance (a context from a replaced
     /// instance gets the failure policy without a call).
     contexts: HashSet<u64>,
+    /// Contexts paused, with the phase they paused in (its write window stays open
+    /// for their `on-callout-response`).
+    paused: HashMap<u64, Phase>,
 }
 
 /// A worker's slot for one plugin.
@@ -221,6 +240,59 @@ fn phases_of(setup: &HttpSetup) -> Phases {
     Phases(out)
 }
 
+/// The verdict for a phase's (or a callout response's) action: `pause` needs an
+/// outstanding callout (abi/README.md §3.3), and pins the phase's write window.
+fn verdict(
+    live: &mut Live,
+    context: u64,
+    phase: Phase,
+    action: whttp::Action,
+) -> Result<Verdict, String> {
+    match action {
+        whttp::Action::Continue => {
+            live.paused.remove(&context);
+            Ok(Verdict::Continue)
+        }
+        whttp::Action::Pause => {
+            if !live.store.data().has_outstanding(context) {
+                live.paused.remove(&context);
+                return Err("returned `pause` with no outstanding callout".to_string());
+            }
+            live.paused.insert(context, phase);
+            Ok(Verdict::Pause)
+        }
+        whttp::Action::Respond(lr) => {
+            live.paused.remove(&context);
+            local_response(lr).map(Verdict::Respond)
+        }
+    }
+}
+
+/// A callout result as the guest sees it.
+fn guest_result(
+    r: crate::filter::CalloutResult,
+) -> Result<
+    super::bindings::legate::filter::callout::CalloutResponse,
+    super::bindings::legate::filter::types::Error,
+> {
+    use super::bindings::legate::filter::types::Error as E;
+    use crate::filter::CalloutError;
+    match r {
+        Ok(resp) => Ok(super::bindings::legate::filter::callout::CalloutResponse {
+            status: resp.status.as_u16(),
+            headers: resp
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            body: resp.body.to_vec(),
+        }),
+        Err(CalloutError::Timeout) => Err(E::Timeout),
+        Err(CalloutError::Unavailable) => Err(E::Unavailable),
+        Err(CalloutError::LimitExceeded) => Err(E::LimitExceeded),
+    }
+}
+
 /// What this host does not run yet; a plugin that asks for it is refused at load
 /// rather than silently not called.
 fn unsupported(setup: &HttpSetup) -> Option<&'static str> {
@@ -270,7 +342,12 @@ impl WasmFilter {
                  `legate:filter/http-handler@0.1.x`: {e:#}"
             )
         })?;
-        let shared = Arc::new(PluginShared::new(name, stats.clone(), &settings.kv));
+        let shared = Arc::new(PluginShared::new(
+            name,
+            stats.clone(),
+            &settings.kv,
+            &settings.clusters,
+        ));
         let mut f = WasmFilter {
             id: NEXT_ID.fetch_add(1, Relaxed),
             shared,
@@ -330,19 +407,91 @@ impl WasmFilter {
                 return;
             }
             f.stats.calls["tick"].inc();
-            let r = f.with_instance(worker, Phase::ReadOnly, None, false, |live| {
-                run_inline(
+            let r = f.with_instance(worker, Phase::Tick, None, false, |live| {
+                let r = run_inline(
                     live.bindings
                         .legate_filter_http_handler()
                         .call_on_tick(&mut live.store),
-                )
-                .map(Ok)
+                );
+                let queued = std::mem::take(&mut live.store.data_mut().tick_callouts);
+                r.map(|()| Ok(queued))
             });
+            if let Ok(queued) = &r {
+                for req in queued.iter().cloned() {
+                    tokio::task::spawn_local(Self::tick_callout(
+                        me.clone(),
+                        worker,
+                        generation,
+                        req,
+                    ));
+                }
+            }
             if let Err(e) = r {
                 // A trap dropped the instance; the next exchange gets a new one
                 // (with its own tick task).
                 tracing::warn!(plugin = f.name(), "on-tick failed: {e}");
             }
+        }
+    }
+
+    /// Sends one callout queued by `on-tick` and delivers its result to
+    /// `on-tick-callout-response`, if the instance that sent it is still live.
+    async fn tick_callout(
+        me: Weak<WasmFilter>,
+        worker: usize,
+        generation: u64,
+        req: CalloutRequest,
+    ) {
+        let id = req.id;
+        let result = match crate::filter::worker_callouts() {
+            Some(sender) => sender.send(req).await,
+            None => Err(crate::filter::CalloutError::Unavailable),
+        };
+        let Some(f) = me.upgrade() else { return };
+        if let Err(e) = &result {
+            f.stats.callout_failures.inc();
+            if *e == crate::filter::CalloutError::Timeout {
+                f.stats.callout_timeouts.inc();
+            }
+        }
+        let current = INSTANCES.with(|cell| {
+            cell.borrow_mut()
+                .get_mut(&f.id)
+                .filter(|s| s.generation == generation)
+                .and_then(|s| s.live.as_mut())
+                .is_some_and(|live| live.store.data_mut().take_outstanding(PLUGIN_CONTEXT, id))
+        });
+        if !current {
+            return;
+        }
+        f.stats.calls["tick_callout_response"].inc();
+        let result = guest_result(result);
+        let r = f.with_instance(worker, Phase::Tick, None, false, |live| {
+            let r = run_inline(
+                live.bindings
+                    .legate_filter_http_handler()
+                    .call_on_tick_callout_response(
+                        &mut live.store,
+                        id,
+                        result.as_ref().map_err(|e| *e),
+                    ),
+            );
+            // Callouts sent from here belong to the plugin too.
+            let queued = std::mem::take(&mut live.store.data_mut().tick_callouts);
+            r.map(|()| Ok(queued))
+        });
+        match r {
+            Ok(queued) => {
+                for req in queued {
+                    tokio::task::spawn_local(Self::tick_callout(
+                        me.clone(),
+                        worker,
+                        generation,
+                        req,
+                    ));
+                }
+            }
+            Err(e) => tracing::warn!(plugin = f.name(), "on-tick-callout-response failed: {e}"),
         }
     }
 
@@ -378,6 +527,7 @@ impl WasmFilter {
                     store,
                     bindings,
                     contexts: HashSet::new(),
+                    paused: HashMap::new(),
                 },
                 setup,
             )),
@@ -557,13 +707,8 @@ impl WasmFilter {
             let data = live.store.data_mut();
             data.drop_handle(xr2);
             data.drop_handle(hr2);
-            Ok(action?).map(|a| match a {
-                whttp::Action::Continue => Ok(Verdict::Continue),
-                whttp::Action::Pause => {
-                    Err("returned `pause` with no outstanding callout".to_string())
-                }
-                whttp::Action::Respond(lr) => local_response(lr).map(Verdict::Respond),
-            })
+            let action = action?;
+            Ok(verdict(live, context, phase, action))
         })
     }
 }
@@ -626,6 +771,75 @@ impl HttpFilter for WasmFilter {
         self.phase_call(worker, x, false, end_of_stream)
     }
 
+    fn on_callout_response(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        id: u64,
+        result: crate::filter::CalloutResult,
+        paused: bool,
+    ) -> Result<Verdict, String> {
+        match &result {
+            Ok(_) => {}
+            Err(e) => {
+                self.stats.callout_failures.inc();
+                if *e == crate::filter::CalloutError::Timeout {
+                    self.stats.callout_timeouts.inc();
+                }
+            }
+        }
+        let context = x.context;
+        let idle = if paused {
+            Verdict::Pause
+        } else {
+            Verdict::Continue
+        };
+        // Cancelled (or freed with its context): not delivered, no call.
+        let live_outstanding = INSTANCES.with(|cell| {
+            cell.borrow_mut()
+                .get_mut(&self.id)
+                .and_then(|s| s.live.as_mut())
+                .is_some_and(|live| live.store.data_mut().take_outstanding(context, id))
+        });
+        if !live_outstanding {
+            return Ok(idle);
+        }
+        self.stats.calls["callout_response"].inc();
+        self.with_instance(worker, Phase::Callout, Some(x), false, |live| {
+            // While paused, the paused phase's write window stays open.
+            let phase = if paused {
+                live.paused.get(&context).copied().unwrap_or(Phase::Callout)
+            } else {
+                Phase::Callout
+            };
+            live.store.data_mut().phase = phase;
+            let xr = live.store.data_mut().exchange_handle(context)?;
+            let xr2 = wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep());
+            let result = guest_result(result);
+            let action = run_inline(
+                live.bindings
+                    .legate_filter_http_handler()
+                    .call_on_callout_response(
+                        &mut live.store,
+                        context,
+                        xr,
+                        id,
+                        result.as_ref().map_err(|e| *e),
+                    ),
+            );
+            live.store.data_mut().drop_handle(xr2);
+            let action = action?;
+            if !paused {
+                // Not paused: `continue`/`pause` mean nothing to do.
+                return Ok(match action {
+                    whttp::Action::Respond(lr) => local_response(lr).map(Verdict::Respond),
+                    _ => Ok(Verdict::Continue),
+                });
+            }
+            Ok(verdict(live, context, phase, action))
+        })
+    }
+
     fn on_log(&self, worker: usize, x: &mut Exchange) {
         self.stats.calls["log"].inc();
         let context = x.context;
@@ -650,7 +864,12 @@ impl HttpFilter for WasmFilter {
             cell.borrow_mut()
                 .get_mut(&self.id)
                 .and_then(|s| s.live.as_mut())
-                .is_some_and(|live| live.contexts.remove(&context))
+                .is_some_and(|live| {
+                    // Outstanding callouts are cancelled with the exchange.
+                    live.paused.remove(&context);
+                    live.store.data_mut().outstanding.remove(&context);
+                    live.contexts.remove(&context)
+                })
         });
         // Not called for a context whose instance failed (abi/README.md §3.2).
         if !was_live || !self.phases.contains(Phases::DONE) {

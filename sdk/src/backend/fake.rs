@@ -922,7 +922,13 @@ pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
         return Err(Error::InvalidArgument);
     }
     for (n, v) in &r.headers {
-        check_name(n)?;
+        let n = check_name(n)?;
+        // Framing and the authority are the host's, as on the real host.
+        if HOST_OWNED.contains(&n.as_str())
+            || matches!(n.as_str(), "content-length" | "host" | "trailer")
+        {
+            return Err(Error::InvalidArgument);
+        }
         check_value(v)?;
     }
     let outstanding = h

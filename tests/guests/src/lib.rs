@@ -22,6 +22,16 @@
 //!   request headers (the upstream echoes them). With `tick: "<ms>"` it asks for
 //!   that tick interval and each `on-tick` increments key `ticks`.
 //!
+//! - `callout`: on the request, sends `GET /check<request path>` to cluster
+//!   `cluster` (default `authz`; `timeout` ms, default 0 = the host's) carrying the
+//!   request's `x-user` header, and pauses. On the response: a 2xx continues with
+//!   request headers `x-callout-status` and `x-callout-body` (the callout's body) and
+//!   `x-callout-id-ok`; any other status answers locally with that status and body
+//!   (`x-from-callout: 1`); an error answers 502 with `x-callout-error: <error>`.
+//!   Path `/nopause` sends without pausing (the request continues at once); a
+//!   failed `send` continues with request header `x-callout-error: <error>`.
+//!   Path `/two` sends two callouts and resumes after both (`x-callout-count: 2`).
+//!
 //! `phases` is a comma list of `rq` (request headers), `rs` (response headers),
 //! `log`, `done`; default `rq,rs`.
 
@@ -39,10 +49,19 @@ use legate::filter::types::{BodyMode, Buffer, Error};
 struct Cfg {
     mode: String,
     tag: String,
+    cluster: String,
+    timeout: u32,
 }
 
 thread_local! {
-    static CFG: RefCell<Cfg> = RefCell::new(Cfg { mode: String::new(), tag: String::new() });
+    static CFG: RefCell<Cfg> = RefCell::new(Cfg {
+        mode: String::new(),
+        tag: String::new(),
+        cluster: String::new(),
+        timeout: 0,
+    });
+    /// `callout` mode: responses still awaited per context.
+    static WAITING: RefCell<std::collections::HashMap<u64, u32>> = RefCell::default();
     static REQUESTS: RefCell<Option<Counter>> = const { RefCell::new(None) };
     static HOARD: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     static KV: RefCell<Option<Result<Namespace, Error>>> = const { RefCell::new(None) };
@@ -127,6 +146,37 @@ fn kv_request(ns: &Namespace, path: &str, h: &Headers) {
     }
 }
 
+/// `callout` mode's request phase.
+fn callout_request(c: u64, x: &Exchange, h: &Headers) -> Action {
+    let (cluster, timeout) = CFG.with(|c| (c.borrow().cluster.clone(), c.borrow().timeout));
+    let path = x.path();
+    let mut headers = Vec::new();
+    if let Some(u) = h.get("x-user") {
+        headers.push(("x-user".to_string(), u));
+    }
+    let req = legate::filter::callout::CalloutRequest {
+        cluster,
+        method: "GET".into(),
+        path: format!("/check{path}"),
+        authority: None,
+        headers,
+        body: Vec::new(),
+        timeout_ms: timeout,
+    };
+    let n = if path.starts_with("/two") { 2 } else { 1 };
+    for _ in 0..n {
+        if let Err(e) = legate::filter::callout::send(&req) {
+            let _ = h.set("x-callout-error", error_name(e).as_bytes());
+            return Action::Continue;
+        }
+    }
+    if path.starts_with("/nopause") {
+        return Action::Continue;
+    }
+    WAITING.with(|w| w.borrow_mut().insert(c, n));
+    Action::Pause
+}
+
 /// `"key":"value"` from compact JSON (the host serializes config without spaces).
 fn field(json: &str, key: &str) -> Option<String> {
     let pat = format!("\"{key}\":\"");
@@ -179,7 +229,18 @@ impl Guest for Plugin {
             let ns = field(&config, "ns").unwrap_or_else(|| "counters".into());
             KV.with(|k| *k.borrow_mut() = Some(legate::filter::kv::open(&ns)));
         }
-        CFG.with(|c| *c.borrow_mut() = Cfg { mode, tag });
+        let cluster = field(&config, "cluster").unwrap_or_else(|| "authz".into());
+        let timeout = field(&config, "timeout")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        CFG.with(|c| {
+            *c.borrow_mut() = Cfg {
+                mode,
+                tag,
+                cluster,
+                timeout,
+            }
+        });
         Ok(HttpSetup {
             phases,
             request_body_mode: BodyMode::Streamed,
@@ -200,7 +261,7 @@ impl Guest for Plugin {
 
     fn on_tick_callout_response(_id: u64, _r: Result<CalloutResponse, Error>) {}
 
-    fn on_request_headers(_c: u64, x: &Exchange, h: &Headers, _eos: bool) -> Action {
+    fn on_request_headers(c: u64, x: &Exchange, h: &Headers, _eos: bool) -> Action {
         match mode().as_str() {
             "headers" => {
                 let _ = h.set("x-filter", tag().as_bytes());
@@ -250,6 +311,7 @@ impl Guest for Plugin {
                 });
                 Action::Continue
             }
+            "callout" => callout_request(c, x, h),
             "metrics" => {
                 REQUESTS.with(|r| {
                     if let Some(c) = r.borrow().as_ref() {
@@ -307,11 +369,51 @@ impl Guest for Plugin {
     fn on_log(_c: u64, _x: &Exchange) {}
 
     fn on_callout_response(
-        _c: u64,
-        _x: &Exchange,
+        c: u64,
+        x: &Exchange,
         _id: u64,
-        _r: Result<CalloutResponse, Error>,
+        r: Result<CalloutResponse, Error>,
     ) -> Action {
+        let left = WAITING.with(|w| {
+            let mut w = w.borrow_mut();
+            let n = w.get(&c).copied().unwrap_or(1).saturating_sub(1);
+            if n == 0 {
+                w.remove(&c);
+            } else {
+                w.insert(c, n);
+            }
+            n
+        });
+        let resp = match r {
+            Ok(resp) => resp,
+            Err(e) => {
+                return Action::Respond(LocalResponse {
+                    status: 502,
+                    headers: vec![("x-callout-error".into(), error_name(e).as_bytes().to_vec())],
+                    body: b"callout failed\n".to_vec(),
+                    details: "callout_failed".into(),
+                })
+            }
+        };
+        if !(200..300).contains(&resp.status) {
+            return Action::Respond(LocalResponse {
+                status: resp.status,
+                headers: vec![("x-from-callout".into(), b"1".to_vec())],
+                body: resp.body,
+                details: "callout_denied".into(),
+            });
+        }
+        if left > 0 {
+            return Action::Pause;
+        }
+        // The paused request head is still writable.
+        if let Some(h) = x.headers(legate::filter::types::Direction::Request) {
+            let _ = h.set("x-callout-status", resp.status.to_string().as_bytes());
+            let _ = h.set("x-callout-body", &resp.body);
+            if x.path().starts_with("/two") {
+                let _ = h.set("x-callout-count", b"2");
+            }
+        }
         Action::Continue
     }
 

@@ -1,0 +1,263 @@
+//! plugins/auth in the real host: the component built with `legate plugin build`,
+//! JWTs (ES384) verified against a JWKS fetched by callout from a real upstream,
+//! and external authorization through a real auth upstream, over HTTP/1.1 and
+//! HTTP/2.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http_body_util::Full;
+use hyper::body::Incoming;
+use legate_tests::plugins::plugin_wasm;
+use legate_tests::*;
+use ring::rand::SystemRandom;
+use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
+use serde_json::{json, Value};
+
+const ISS: &str = "https://id.example.com";
+
+/// base64url without padding (RFC 7515 §2).
+fn b64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..=c.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// The ES384 signing key of this test process.
+fn key() -> &'static EcdsaKeyPair {
+    static KEY: OnceLock<EcdsaKeyPair> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng).unwrap();
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap()
+    })
+}
+
+fn jwks() -> String {
+    // The public key is the uncompressed point: 0x04 || x || y.
+    let p = key().public_key().as_ref();
+    let (x, y) = p[1..].split_at(48);
+    json!({"keys": [{"kty": "EC", "crv": "P-384", "kid": "k1", "use": "sig",
+                     "x": b64(x), "y": b64(y)}]})
+    .to_string()
+}
+
+fn token(sub: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = json!({"alg": "ES384", "typ": "JWT", "kid": "k1"});
+    let claims: Value = json!({"iss": ISS, "aud": "api", "sub": sub,
+                               "exp": now + 300, "nbf": now - 10});
+    let input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = key().sign(&SystemRandom::new(), input.as_bytes()).unwrap();
+    format!("{input}.{}", b64(sig.as_ref()))
+}
+
+/// The identity provider: serves the JWKS and counts fetches.
+async fn idp(fetches: Arc<AtomicUsize>) -> UpstreamHandle {
+    upstream()
+        .name("idp")
+        .route("/jwks.json", move |_req: Request<Incoming>| {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            async move {
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(jwks())))
+                    .unwrap()
+            }
+        })
+        .start()
+        .await
+}
+
+/// The ext_authz service: allows `x-user: alice` (answering `x-authz-user`),
+/// denies everyone else with 403 and a challenge.
+async fn authz() -> UpstreamHandle {
+    upstream()
+        .name("authz")
+        .handler(|req: Request<Incoming>| async move {
+            let user = req
+                .headers()
+                .get("x-user")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            if user == "alice" {
+                Response::builder()
+                    .header("x-authz-user", format!("checked:{user}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap()
+            } else {
+                Response::builder()
+                    .status(403)
+                    .header("www-authenticate", "Custom realm=\"authz\"")
+                    .body(Full::new(Bytes::from("denied by authz\n")))
+                    .unwrap()
+            }
+        })
+        .start()
+        .await
+}
+
+fn config(up: SocketAddr, idp: SocketAddr, authz: SocketAddr) -> String {
+    let wasm = plugin_wasm("plugins/auth");
+    let cfg = json!({
+        "providers": [{
+            "name": "corp",
+            "issuer": ISS,
+            "audiences": ["api"],
+            "remote_jwks": {"cluster": "idp", "path": "/jwks.json"},
+            "claim_to_headers": [{"claim": "sub", "header": "x-user"}]
+        }],
+        "ext_authz": {
+            "cluster": "authz",
+            "path": "/check",
+            "forward_headers": ["authorization", "x-user"],
+            "upstream_headers": ["x-authz-user"]
+        },
+        "rules": [
+            {"match": {"prefix": "/public"}, "public": true},
+            {"match": {"prefix": "/jwt"}, "requires": {"any": ["corp"]}, "ext_authz": false},
+            {"match": {"prefix": "/"}, "requires": {"any": ["corp"]}}
+        ]
+    });
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: auth }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints: [{{ address: {up} }}]
+  - name: idp
+    endpoints: [{{ address: {idp} }}]
+  - name: authz
+    endpoints: [{{ address: {authz} }}]
+plugins:
+  - name: auth
+    module: {}
+    # ES384 verification costs milliseconds; the default 5ms CPU deadline is too
+    # tight for it on a loaded machine (plugins/auth/README.md).
+    limits: {{ cpu: 50ms }}
+    capabilities: {{ clusters: [idp, authz] }}
+    config: {cfg}
+",
+        wasm.display()
+    )
+}
+
+each_proto!(
+    async fn jwt_with_remote_jwks_and_ext_authz(proto) {
+        let up = upstream().start().await;
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let idp = idp(fetches.clone()).await;
+        let az = authz().await;
+        let lg = legate()
+            .concurrency(1)
+            .config(&config(up.addr, idp.addr, az.addr))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        // No credentials: 401 with a Bearer challenge.
+        let r = c.get("/jwt/a").send().await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        let challenge = r.header("www-authenticate").unwrap_or_default();
+        assert!(challenge.starts_with("Bearer"), "{challenge}");
+
+        // A valid token: the JWKS is fetched by callout (the request pauses), the
+        // claim is forwarded; a forged x-user is replaced.
+        let r = c
+            .get("/jwt/a")
+            .header("authorization", &format!("Bearer {}", token("alice")))
+            .header("x-user", "mallory")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header_all("x-user"), vec!["alice"]);
+        // Cached: a second request does not fetch again.
+        let r = c
+            .get("/jwt/b")
+            .header("authorization", &format!("Bearer {}", token("bob")))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-user"), Some("bob"));
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+
+        // A bad signature: 401 with the invalid_token challenge.
+        let mut bad = token("alice");
+        bad.pop();
+        bad.push(if bad.ends_with('A') { 'B' } else { 'A' });
+        let r = c
+            .get("/jwt/a")
+            .header("authorization", &format!("Bearer {bad}"))
+            .send()
+            .await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert!(r.header("www-authenticate").unwrap_or_default().contains("invalid_token"));
+
+        // ext_authz allows alice (its header goes upstream) ...
+        let r = c
+            .get("/api")
+            .header("authorization", &format!("Bearer {}", token("alice")))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.header("x-user"), Some("alice"));
+        assert_eq!(e.header("x-authz-user"), Some("checked:alice"));
+        // ... and denies bob: its status, body and challenge reach the client.
+        let r = c
+            .get("/api")
+            .header("authorization", &format!("Bearer {}", token("bob")))
+            .send()
+            .await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "denied by authz\n");
+        assert_eq!(r.header("www-authenticate"), Some("Custom realm=\"authz\""));
+        assert!(r.header("x-upstream").is_none());
+
+        // Public paths need nothing.
+        let r = c.get("/public/x").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="auth"}"#, 0.0)
+            .await;
+        lg.assert_stat_with(
+            r#"legate_plugin_callouts_total{plugin="auth"}"#,
+            |v| v >= 3.0,
+            ">= 3 (one JWKS fetch, two checks)",
+        )
+        .await;
+    }
+);
