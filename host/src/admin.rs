@@ -75,40 +75,51 @@ async fn reload_answer(
         .and_then(|p| p.strip_suffix("/reload"))
         .filter(|p| !p.is_empty() && !p.contains('/'))
         .map(str::to_string);
-    let work: Box<ReloadWork> =
-        match (req.method(), path, plugin) {
-            (&Method::POST, "/reload", _) => {
-                Box::new(|s: &Arc<Shared>| reload::reload_config(s, Trigger::Admin))
-            }
-            (&Method::GET, "/reload", _) => return Some(json(&shared.reloader.last())),
-            (_, "/reload", _) => {
-                return Some(with_allow(
-                    text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reload (GET shows the last one)\n"),
-                    "GET, POST",
-                ))
-            }
-            (&Method::GET, "/plugins", _) => return Some(json(&shared.reloader.plugins_json(shared))),
-            (_, "/plugins", _) => {
-                return Some(with_allow(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"), "GET"))
-            }
-            (&Method::POST, _, Some(name)) => {
-                Box::new(move |s: &Arc<Shared>| reload::reload_plugin(s, &name, Trigger::Admin))
-            }
-            (_, _, Some(_)) => {
-                return Some(with_allow(
-                    text(StatusCode::METHOD_NOT_ALLOWED, "use POST /plugins/NAME/reload\n"),
-                    "POST",
-                ))
-            }
-            _ => return None,
-        };
+    let work: Box<ReloadWork> = match (req.method(), path, plugin) {
+        (&Method::POST, "/reload", _) => {
+            Box::new(|s: &Arc<Shared>| reload::reload_config(s, Trigger::Admin))
+        }
+        (&Method::GET, "/reload", _) => return Some(json(&shared.reloader.last())),
+        (_, "/reload", _) => {
+            return Some(with_allow(
+                text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "use POST /reload (GET shows the last one)\n",
+                ),
+                "GET, POST",
+            ))
+        }
+        (&Method::GET, "/plugins", _) => return Some(json(&shared.reloader.plugins_json(shared))),
+        (_, "/plugins", _) => {
+            return Some(with_allow(
+                text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
+                "GET",
+            ))
+        }
+        (&Method::POST, _, Some(name)) => {
+            Box::new(move |s: &Arc<Shared>| reload::reload_plugin(s, &name, Trigger::Admin))
+        }
+        (_, _, Some(_)) => {
+            return Some(with_allow(
+                text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "use POST /plugins/NAME/reload\n",
+                ),
+                "POST",
+            ))
+        }
+        _ => return None,
+    };
     let shared = shared.clone();
     let done = tokio::task::spawn_blocking(move || work(&shared)).await;
     Some(match done {
         Ok(Ok(v)) => json(&v),
         Ok(Err(e @ ReloadError::UnknownPlugin(_))) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
         Ok(Err(e)) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("reload task failed: {e}\n")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reload task failed: {e}\n"),
+        ),
     })
 }
 

@@ -70,7 +70,12 @@ fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io
     if !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(io::Error::other("too many sockets to pass"));
     }
-    let sent = sendmsg(stream, &[IoSlice::new(data)], &mut control, SendFlags::empty())?;
+    let sent = sendmsg(
+        stream,
+        &[IoSlice::new(data)],
+        &mut control,
+        SendFlags::empty(),
+    )?;
     // The sockets went with the first byte; the rest is plain data.
     (&*stream).write_all(&data[sent..])
 }
@@ -166,7 +171,11 @@ pub fn serve(
 }
 
 /// The old process's side of one upgrade.
-fn hand_over(shared: &Shared, admin: &std::net::TcpListener, stream: UnixStream) -> anyhow::Result<()> {
+fn hand_over(
+    shared: &Shared,
+    admin: &std::net::TcpListener,
+    stream: UnixStream,
+) -> anyhow::Result<()> {
     stream.set_nonblocking(false)?;
     // The new process may take long to start (compiling plugins), but not forever.
     stream.set_read_timeout(Some(Duration::from_secs(300)))?;
@@ -193,7 +202,10 @@ fn hand_over(shared: &Shared, admin: &std::net::TcpListener, stream: UnixStream)
     let mut msg = serde_json::to_vec(&offer)?;
     msg.push(b'\n');
     send_with_fds(&stream, &msg, &fds)?;
-    tracing::info!("hot restart: passed {} sockets; waiting for the new process", fds.len());
+    tracing::info!(
+        "hot restart: passed {} sockets; waiting for the new process",
+        fds.len()
+    );
     line.clear();
     reader.read_line(&mut line)?;
     if line.trim() != "DRAIN" {
@@ -232,7 +244,10 @@ pub fn take_over(path: &Path) -> anyhow::Result<Inherited> {
     let offer: Offer = serde_json::from_slice(&msg).context("the running Legate's answer")?;
     let want = offer.listeners.len() + usize::from(offer.admin);
     if fds.len() != want {
-        bail!("expected {want} sockets from the running Legate, got {}", fds.len());
+        bail!(
+            "expected {want} sockets from the running Legate, got {}",
+            fds.len()
+        );
     }
     let mut fds = fds.into_iter();
     let mut listeners = HashMap::new();
@@ -263,7 +278,10 @@ impl Inherited {
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
         if line.trim() != "OK" {
-            bail!("the old process did not confirm the handover ({:?})", line.trim());
+            bail!(
+                "the old process did not confirm the handover ({:?})",
+                line.trim()
+            );
         }
         tracing::info!("hot restart: process {} is draining", self.pid);
         Ok(())

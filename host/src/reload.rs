@@ -175,7 +175,11 @@ impl Reloader {
             )
         };
         Reloader {
-            applied: Mutex::new(path.as_deref().and_then(|p| std::fs::read(p).ok()).map(|b| sha256_hex(&b))),
+            applied: Mutex::new(
+                path.as_deref()
+                    .and_then(|p| std::fs::read(p).ok())
+                    .map(|b| sha256_hex(&b)),
+            ),
             path,
             local_zone,
             lock: Mutex::new(()),
@@ -241,7 +245,11 @@ impl Reloader {
 
     /// The last config reload's outcome, for `GET /reload`.
     pub fn last(&self) -> Value {
-        let last = self.last.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         json!({
             "config": self.path.as_ref().map(|p| p.display().to_string()),
             "generation": self.generation.load(Relaxed),
@@ -258,14 +266,17 @@ impl Reloader {
             let p = &p.value;
             let name = p.name.as_str();
             let st = map.get(name).cloned().unwrap_or_default();
-            let counter = |family: &'static str| {
-                self.stats.counter(family, "", &[("plugin", name)]).get()
-            };
+            let counter =
+                |family: &'static str| self.stats.counter(family, "", &[("plugin", name)]).get();
             let instances = self
                 .stats
                 .gauge("legate_plugin_instances", "", &[("plugin", name)])
                 .get();
-            let config_sets = snap.plugins.keys().filter(|k| k.plugin.as_str() == name).count();
+            let config_sets = snap
+                .plugins
+                .keys()
+                .filter(|k| k.plugin.as_str() == name)
+                .count();
             list.push(json!({
                 "name": name,
                 "module": st.module.display().to_string(),
@@ -290,7 +301,10 @@ impl Reloader {
 
     /// SHA-256 of the config text in force.
     fn applied_hash(&self) -> Option<String> {
-        self.applied.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The SHA-256 of the module `plugin` runs now.
@@ -358,9 +372,8 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             "this Legate was not started from a config file, so there is nothing to reload".into(),
         );
     };
-    let text = std::fs::read(path).map_err(|e| {
-        format!("{}: cannot read the config file: {e}", path.display())
-    })?;
+    let text = std::fs::read(path)
+        .map_err(|e| format!("{}: cannot read the config file: {e}", path.display()))?;
     let hash = sha256_hex(&text);
     let mut cfg = config::load_file(path).map_err(|e| e.to_string())?;
     if r.local_zone.is_some() {
@@ -474,9 +487,8 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<(ListenerSet, Valu
                 }
             }
             None => {
-                let (ctx, socket) = ListenerCtx::bind(l, &shared.stats).map_err(|e| {
-                    format!("listener `{}` on {}: {e:#}", l.name, l.address.value)
-                })?;
+                let (ctx, socket) = ListenerCtx::bind(l, &shared.stats)
+                    .map_err(|e| format!("listener `{}` on {}: {e:#}", l.name, l.address.value))?;
                 added.push(l.name.to_string());
                 Bound {
                     ctx: Arc::new(ctx),
@@ -507,7 +519,12 @@ pub fn reload_plugin(
     let r = &shared.reloader;
     let _one = r.lock.lock().unwrap_or_else(PoisonError::into_inner);
     let old = shared.snapshot.load_full();
-    if !old.config.plugins.iter().any(|p| p.value.name.as_str() == name) {
+    if !old
+        .config
+        .plugins
+        .iter()
+        .any(|p| p.value.name.as_str() == name)
+    {
         return Err(ReloadError::UnknownPlugin(name.to_string()));
     }
     let started = Instant::now();
@@ -550,11 +567,21 @@ pub fn reload_plugin(
             r.plugin_counter(name, "success").inc();
             r.record_plugins(&old.config, Some(name), took);
             outcome["result"] = json!("ok");
-            if let Some(st) = r.plugins.lock().unwrap_or_else(PoisonError::into_inner).get_mut(name) {
+            if let Some(st) = r
+                .plugins
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(name)
+            {
                 outcome["sha256"] = json!(st.sha256);
                 st.last_reload = Some(outcome.clone());
             }
-            tracing::info!(plugin = name, trigger = trigger.as_str(), "plugin reloaded in {:.1} ms", ms(took));
+            tracing::info!(
+                plugin = name,
+                trigger = trigger.as_str(),
+                "plugin reloaded in {:.1} ms",
+                ms(took)
+            );
             Ok(outcome)
         }
         Err(e) => {
@@ -566,7 +593,12 @@ pub fn reload_plugin(
             );
             outcome["result"] = json!("error");
             outcome["error"] = json!(e);
-            if let Some(st) = r.plugins.lock().unwrap_or_else(PoisonError::into_inner).get_mut(name) {
+            if let Some(st) = r
+                .plugins
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(name)
+            {
                 st.last_error = Some(e.clone());
                 st.last_reload = Some(outcome);
             }

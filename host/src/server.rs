@@ -137,7 +137,11 @@ impl Snapshot {
     }
 
     /// Builds the runtime state around plugins already loaded.
-    pub fn assemble(config: Arc<Config>, stats: &Arc<Stats>, loaded: Loaded) -> anyhow::Result<Self> {
+    pub fn assemble(
+        config: Arc<Config>,
+        stats: &Arc<Stats>,
+        loaded: Loaded,
+    ) -> anyhow::Result<Self> {
         let mut route_tables = HashMap::new();
         for t in &config.routes {
             let table = RouteTable::new(&t.value)
@@ -278,7 +282,10 @@ impl Shared {
     /// Starts health checks, outlier detection and discovery for the clusters of
     /// the current snapshot on a new thread, and stops the previous thread.
     pub(crate) fn restart_health(&self) -> anyhow::Result<()> {
-        let mut stop = self.health_stop.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut stop = self
+            .health_stop
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if self.is_draining() {
             return Ok(());
         }
@@ -333,7 +340,11 @@ pub fn start(config: Config, opts: Options) -> anyhow::Result<Handle> {
 }
 
 /// As [`start`], with reload sources and inherited sockets.
-pub fn start_with(config: Config, opts: Options, process: ProcessOptions) -> anyhow::Result<Handle> {
+pub fn start_with(
+    config: Config,
+    opts: Options,
+    process: ProcessOptions,
+) -> anyhow::Result<Handle> {
     if opts.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }

@@ -295,12 +295,19 @@ async fn health_checks_follow_the_reloaded_clusters() {
         .stat(r#"legate_cluster_health_check_success{cluster="checked"}"#)
         .await
         .unwrap();
-    assert!(after >= before, "a kept cluster lost its counters: {before} -> {after}");
-    eventually(Duration::from_secs(5), "checks continue after the reload", || async {
-        lg.stat(r#"legate_cluster_health_check_success{cluster="checked"}"#)
-            .await
-            .filter(|v| *v >= after + 2.0)
-    })
+    assert!(
+        after >= before,
+        "a kept cluster lost its counters: {before} -> {after}"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "checks continue after the reload",
+        || async {
+            lg.stat(r#"legate_cluster_health_check_success{cluster="checked"}"#)
+                .await
+                .filter(|v| *v >= after + 2.0)
+        },
+    )
     .await;
 }
 
@@ -327,7 +334,11 @@ async fn the_file_watch_reloads_on_change() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(lg.stat(RELOAD_FAILED).await, Some(1.0), "a broken file was retried");
+    assert_eq!(
+        lg.stat(RELOAD_FAILED).await,
+        Some(1.0),
+        "a broken file was retried"
+    );
     let mut c = client(Proto::H1, web).await;
     assert_eq!(c.get("/x").send().await.header("x-upstream"), Some("b"));
     assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
@@ -435,7 +446,11 @@ async fn reloads_under_load_fail_no_request() {
     let stop = Arc::new(AtomicBool::new(false));
     let (res, tasks) = steady_load(web, stop.clone(), None);
     for i in 0..20 {
-        let (up, route) = if i % 2 == 0 { (b.addr, "            timeout: 5s\n") } else { (a.addr, "") };
+        let (up, route) = if i % 2 == 0 {
+            (b.addr, "            timeout: 5s\n")
+        } else {
+            (a.addr, "")
+        };
         // Every third config adds (and the next removes) a listener.
         lg.write(&yaml(up, i % 3 == 0, route, "", ""));
         let (status, body) = lg.reload().await;
@@ -459,7 +474,13 @@ fn guest() -> &'static Path {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let target_dir = root.join("target").join("guests");
         let out = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
             .arg(root.join("tests/guests/Cargo.toml"))
             .arg("--target-dir")
             .arg(&target_dir)
@@ -613,19 +634,32 @@ async fn the_module_watch_reloads_a_plugin() {
     let dir = TempDir::new();
     let module = dir.path().join("tagger.wasm");
     write_module(&module, &guest_variant(1));
-    let lg = start(&plugin_yaml(up.addr, &module), Some(Duration::from_millis(50)), 1);
+    let lg = start(
+        &plugin_yaml(up.addr, &module),
+        Some(Duration::from_millis(50)),
+        1,
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     write_module(&module, &guest_variant(3));
     let want = sha256_hex(&guest_variant(3));
-    eventually(Duration::from_secs(10), "the watch reloads the plugin", || async {
-        (plugin_status(&lg).await["sha256"] == want.as_str()).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the watch reloads the plugin",
+        || async { (plugin_status(&lg).await["sha256"] == want.as_str()).then_some(()) },
+    )
     .await;
     let st = plugin_status(&lg).await;
     assert_eq!(st["last_reload"]["trigger"], "watch");
     let mut c = client(Proto::H1, lg.addr("web").unwrap()).await;
-    assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
-    assert_eq!(lg.stat(RELOAD_OK).await, Some(0.0), "a module change reloaded the whole config");
+    assert_eq!(
+        c.get("/x").send().await.header("x-filter-resp"),
+        Some("tagger")
+    );
+    assert_eq!(
+        lg.stat(RELOAD_OK).await,
+        Some(0.0),
+        "a module change reloaded the whole config"
+    );
 }
 
 /// Plugin and config reloads, good and broken, under load: no request fails and
@@ -675,7 +709,15 @@ fn legate_bin() -> &'static Path {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let build = Command::new(env!("CARGO"))
             .current_dir(&workspace)
-            .args(["build", "-p", "legate-host", "--bin", "legate", "--message-format", "json"])
+            .args([
+                "build",
+                "-p",
+                "legate-host",
+                "--bin",
+                "legate",
+                "--message-format",
+                "json",
+            ])
             .output()
             .expect("run cargo build");
         assert!(
@@ -746,8 +788,14 @@ async fn admin_at(admin: SocketAddr, method: Method, path: &str) -> Option<(u16,
 /// A config on fixed (free) ports, since two processes must agree on them.
 fn fixed_yaml(web: SocketAddr, admin: SocketAddr, up: SocketAddr) -> String {
     yaml(up, false, "", "", "")
-        .replace("  address: 127.0.0.1:0\nlisteners:", &format!("  address: {admin}\nlisteners:"))
-        .replace("    address: 127.0.0.1:0\n    http:", &format!("    address: {web}\n    http:"))
+        .replace(
+            "  address: 127.0.0.1:0\nlisteners:",
+            &format!("  address: {admin}\nlisteners:"),
+        )
+        .replace(
+            "    address: 127.0.0.1:0\n    http:",
+            &format!("    address: {web}\n    http:"),
+        )
 }
 
 async fn wait_ready(admin: SocketAddr) {
@@ -801,7 +849,10 @@ async fn hot_restart_under_load_fails_no_request() {
         // The old process hands over and exits once drained.
         let status = current.exited(Duration::from_secs(60)).await;
         assert!(status.success(), "the old process exited with {status}");
-        assert!(next.child.try_wait().unwrap().is_none(), "the new process died");
+        assert!(
+            next.child.try_wait().unwrap().is_none(),
+            "the new process died"
+        );
         std::mem::swap(&mut current, &mut next);
         wait_ready(admin).await;
         eventually(Duration::from_secs(10), "requests continue", || async {
@@ -820,11 +871,20 @@ fn percentiles(mut v: Vec<f64>) -> String {
     }
     v.sort_by(f64::total_cmp);
     let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-    format!("p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms (n={})", at(0.5), at(0.95), at(1.0), v.len())
+    format!(
+        "p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms (n={})",
+        at(0.5),
+        at(0.95),
+        at(1.0),
+        v.len()
+    )
 }
 
 fn env_n(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// The reload benchmark (bench/reload.sh): steady load while doing config reloads,
@@ -863,14 +923,23 @@ async fn reload_bench() {
 
     let post = |path: &'static str| async move {
         let t = std::time::Instant::now();
-        let (status, body) = admin_at(admin, Method::POST, path).await.expect("admin answers");
+        let (status, body) = admin_at(admin, Method::POST, path)
+            .await
+            .expect("admin answers");
         assert_eq!(status, 200, "{path}: {body}");
         let v: Value = serde_json::from_str(&body).unwrap();
-        (v["duration_ms"].as_f64().unwrap(), t.elapsed().as_secs_f64() * 1000.0)
+        (
+            v["duration_ms"].as_f64().unwrap(),
+            t.elapsed().as_secs_f64() * 1000.0,
+        )
     };
     let (mut cfg_server, mut cfg_client) = (Vec::new(), Vec::new());
     for i in 0..config_reloads {
-        let route = if i % 2 == 0 { "            timeout: 5s\n" } else { "" };
+        let route = if i % 2 == 0 {
+            "            timeout: 5s\n"
+        } else {
+            ""
+        };
         let tmp = cfg.with_extension("tmp");
         std::fs::write(&tmp, with_plugin(route)).unwrap();
         std::fs::rename(&tmp, &cfg).unwrap();
@@ -903,10 +972,22 @@ async fn reload_bench() {
     println!("reload bench: {config_reloads} config reloads, {plugin_reloads} plugin reloads, {restarts} hot restarts");
     println!("  requests: {ok} ok, {failed} failed, {resent} resent on a new connection after a graceful close");
     println!("  config reload (server-side): {}", percentiles(cfg_server));
-    println!("  config reload (POST round trip): {}", percentiles(cfg_client));
-    println!("  plugin reload, cached module (server-side): {}", percentiles(pl_server));
-    println!("  plugin reload, cached module (POST round trip): {}", percentiles(pl_client));
-    println!("  hot restart, spawn to old process exited: {}", percentiles(handovers));
+    println!(
+        "  config reload (POST round trip): {}",
+        percentiles(cfg_client)
+    );
+    println!(
+        "  plugin reload, cached module (server-side): {}",
+        percentiles(pl_server)
+    );
+    println!(
+        "  plugin reload, cached module (POST round trip): {}",
+        percentiles(pl_client)
+    );
+    println!(
+        "  hot restart, spawn to old process exited: {}",
+        percentiles(handovers)
+    );
     finish_load(&res, &stop, tasks).await;
     current.signal("TERM");
     let _ = current.exited(Duration::from_secs(30)).await;

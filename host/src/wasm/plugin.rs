@@ -163,7 +163,9 @@ static LIVE: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
 
 impl Drop for WasmFilter {
     fn drop(&mut self) {
-        LIVE.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+        LIVE.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
         for _ in 0..self.live_instances.load(Relaxed) {
             self.stats.instances.dec();
         }
@@ -294,7 +296,9 @@ impl WasmFilter {
         })?;
         let shared = Arc::new(PluginShared::new(name, stats.clone(), &settings.kv));
         let id = NEXT_ID.fetch_add(1, Relaxed);
-        LIVE.lock().unwrap_or_else(PoisonError::into_inner).insert(id);
+        LIVE.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id);
         let mut f = WasmFilter {
             id,
             shared,
