@@ -8,6 +8,13 @@
 //! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
 //! | `/config_dump` | GET | the effective config (defaults filled in) as JSON |
 //! | `/drain` | POST | starts a graceful drain, as SIGTERM does |
+//! | `/reload` | POST | reloads the config file (as SIGHUP): 200 JSON of what changed, 400 with the error (file:line:col) and nothing changed |
+//! | `/reload` | GET | the config file, generation and the last reload's outcome as JSON |
+//! | `/plugins` | GET | every plugin: module, sha256, ABI, load time, instances, errors, last reload |
+//! | `/plugins/NAME/reload` | POST | recompiles and reconfigures one plugin: 200 JSON, 400 error (the old version keeps serving), 404 unknown |
+//!
+//! Reloads run on a blocking thread, so the admin API keeps answering meanwhile
+//! (see [`crate::reload`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -38,13 +45,82 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(answer(&shared, &req)) }
+                async move {
+                    if let Some(r) = reload_answer(&shared, &req).await {
+                        return Ok::<_, Infallible>(r);
+                    }
+                    Ok::<_, Infallible>(answer(&shared, &req))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
     }
+}
+
+/// A reload, run on a blocking thread.
+type ReloadWork =
+    dyn FnOnce(&Arc<Shared>) -> Result<serde_json::Value, crate::reload::ReloadError> + Send;
+
+/// The reload endpoints (they block while compiling, so off this runtime).
+async fn reload_answer(
+    shared: &Arc<Shared>,
+    req: &Request<Incoming>,
+) -> Option<Response<Full<Bytes>>> {
+    use crate::reload::{self, ReloadError, Trigger};
+    let path = req.uri().path();
+    let plugin = path
+        .strip_prefix("/plugins/")
+        .and_then(|p| p.strip_suffix("/reload"))
+        .filter(|p| !p.is_empty() && !p.contains('/'))
+        .map(str::to_string);
+    let work: Box<ReloadWork> = match (req.method(), path, plugin) {
+        (&Method::POST, "/reload", _) => {
+            Box::new(|s: &Arc<Shared>| reload::reload_config(s, Trigger::Admin))
+        }
+        (&Method::GET, "/reload", _) => return Some(json(&shared.reloader.last())),
+        (_, "/reload", _) => {
+            return Some(with_allow(
+                text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "use POST /reload (GET shows the last one)\n",
+                ),
+                "GET, POST",
+            ))
+        }
+        (&Method::GET, "/plugins", _) => return Some(json(&shared.reloader.plugins_json(shared))),
+        (_, "/plugins", _) => {
+            return Some(with_allow(
+                text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
+                "GET",
+            ))
+        }
+        (&Method::POST, _, Some(name)) => {
+            Box::new(move |s: &Arc<Shared>| reload::reload_plugin(s, &name, Trigger::Admin))
+        }
+        (_, _, Some(_)) => {
+            return Some(with_allow(
+                text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "use POST /plugins/NAME/reload\n",
+                ),
+                "POST",
+            ))
+        }
+        _ => return None,
+    };
+    let shared = shared.clone();
+    let done = tokio::task::spawn_blocking(move || work(&shared)).await;
+    Some(match done {
+        Ok(Ok(v)) => json(&v),
+        Ok(Err(e @ ReloadError::UnknownPlugin(_))) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+        Ok(Err(e)) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reload task failed: {e}\n"),
+        ),
+    })
 }
 
 fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -98,7 +174,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         (&Method::GET, "/") => text(
             StatusCode::OK,
-            "Legate admin\n  GET  /ready\n  GET  /stats\n  GET  /clusters\n  GET  /config_dump\n  POST /drain\n",
+            "Legate admin\n  GET  /ready\n  GET  /stats\n  GET  /clusters\n  GET  /config_dump\n  POST /drain\n  GET  /reload\n  POST /reload\n  GET  /plugins\n  POST /plugins/NAME/reload\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the admin endpoints\n"),
     }

@@ -2,6 +2,7 @@
 //! knowledge or ALPN), the connection limits, idle and header-read timeouts, and
 //! graceful close on drain. Each request is handed to [`crate::proxy::handle`].
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
@@ -34,6 +35,10 @@ pub struct ConnCtx {
     /// Activity, for the timeouts.
     pub activity: Arc<Activity>,
 }
+
+/// How long a draining HTTP/1.1 connection may stay idle (waiting for one more
+/// request to answer with `Connection: close`) before it is closed.
+const H1_DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves one accepted HTTP connection until it closes.
 pub async fn serve(
@@ -86,7 +91,31 @@ pub async fn serve(
         original_dst,
         activity: activity.clone(),
     });
-    let service = service_fn(move |req| crate::proxy::handle(conn_ctx.clone(), req));
+    // Set when the listener closes (drain, reload, hot restart): HTTP/1.1
+    // responses then carry `Connection: close`, so a keep-alive client learns of
+    // the close from a response instead of racing a request against it.
+    let h1_closing = Rc::new(Cell::new(false));
+    // The protocol of the last request: HTTP/2 connections get a GOAWAY instead.
+    let last_version = Rc::new(Cell::new(None::<http::Version>));
+    let service = {
+        let (h1_closing, last_version) = (h1_closing.clone(), last_version.clone());
+        service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let version = req.version();
+            last_version.set(Some(version));
+            let fut = crate::proxy::handle(conn_ctx.clone(), req);
+            let h1_closing = h1_closing.clone();
+            async move {
+                let mut resp = fut.await?;
+                if h1_closing.get() && version < http::Version::HTTP_2 {
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        })
+    };
 
     let mut builder = auto::Builder::new(LocalExec);
     builder
@@ -116,10 +145,14 @@ pub async fn serve(
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(Tracked::new(io, activity.clone())), service);
     let mut conn = pin!(conn);
-    let mut drain = worker.shared.drain_signal();
-    let idle = limits.idle_timeout.get();
+    let mut drain = ctx.closing_signal();
+    let mut idle = limits.idle_timeout.get();
     let mut closing = false;
     loop {
+        if h1_closing.get() && !closing && last_version.get() == Some(http::Version::HTTP_2) {
+            conn.as_mut().graceful_shutdown();
+            closing = true;
+        }
         let deadline = match activity.check(idle, Some(header_timeout)) {
             Verdict::WaitUntil(t) => t,
             Verdict::Idle if !closing => {
@@ -145,10 +178,14 @@ pub async fn serve(
                 }
                 return;
             }
-            _ = drain.wait_for(|d| *d), if !closing => {
-                // h1: close after the in-flight response; h2: GOAWAY, finish streams.
-                conn.as_mut().graceful_shutdown();
-                closing = true;
+            _ = drain.wait_for(|d| *d), if !closing && !h1_closing.get() => {
+                // h2: GOAWAY (checked at the top of the loop), in-flight streams
+                // finish. h1 (or nothing received yet): the next response says
+                // `Connection: close`; a connection idle for H1_DRAIN_IDLE is closed,
+                // so a client sending on it right then is the only one that can
+                // race the close.
+                h1_closing.set(true);
+                idle = idle.min(H1_DRAIN_IDLE);
             }
             () = tokio::time::sleep_until(deadline.into()) => {}
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{self, Name};
@@ -104,6 +104,9 @@ pub struct ListenerCtx {
     open: AtomicUsize,
     /// Counters.
     pub stats: ListenerStats,
+    /// Turns true when this listener stops: the process drains, or a reload removed
+    /// or replaced it. Accept loops stop; its connections close gracefully.
+    closing: watch::Sender<bool>,
 }
 
 impl ListenerCtx {
@@ -112,21 +115,20 @@ impl ListenerCtx {
         cfg: &config::Listener,
         stats: &Stats,
     ) -> anyhow::Result<(Self, std::net::TcpListener)> {
-        let addr: SocketAddr = cfg.address.value.parse().context("listener address")?;
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        // SO_REUSEADDR lets a restarted Legate bind while old connections sit in
-        // TIME_WAIT; it does not allow two live listeners on one port.
-        socket.set_reuse_address(true)?;
-        if addr.is_ipv6() {
-            socket.set_only_v6(true)?;
-        }
-        socket
-            .bind(&addr.into())
-            .with_context(|| format!("cannot bind {addr} (is another process using it?)"))?;
-        socket.listen(4096)?;
+        let socket = bind_socket(cfg)?;
+        let ctx = Self::adopt(cfg, stats, &socket)?;
+        Ok((ctx, socket))
+    }
+
+    /// A listener serving on an already bound and listening socket (kept across a
+    /// reload, or inherited from the previous process on a hot restart).
+    pub fn adopt(
+        cfg: &config::Listener,
+        stats: &Stats,
+        socket: &std::net::TcpListener,
+    ) -> anyhow::Result<Self> {
         socket.set_nonblocking(true)?;
-        let std_listener: std::net::TcpListener = socket.into();
-        let local_addr = std_listener.local_addr()?;
+        let local_addr = socket.local_addr()?;
         let tls = match &cfg.tls {
             Some(t) => {
                 let alpn: &[&[u8]] = if cfg.http.is_some() {
@@ -138,18 +140,50 @@ impl ListenerCtx {
             }
             None => None,
         };
-        Ok((
-            ListenerCtx {
-                name: cfg.name.clone(),
-                cfg: cfg.clone(),
-                local_addr,
-                tls,
-                open: AtomicUsize::new(0),
-                stats: ListenerStats::new(stats, cfg.name.as_str()),
-            },
-            std_listener,
-        ))
+        Ok(ListenerCtx {
+            name: cfg.name.clone(),
+            cfg: cfg.clone(),
+            local_addr,
+            tls,
+            open: AtomicUsize::new(0),
+            stats: ListenerStats::new(stats, cfg.name.as_str()),
+            closing: watch::channel(false).0,
+        })
     }
+
+    /// Stops this listener: accept loops end, connections close gracefully
+    /// (idempotent).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Whether [`ListenerCtx::close`] was called.
+    pub fn is_closing(&self) -> bool {
+        *self.closing.borrow()
+    }
+
+    /// A receiver that turns true when the listener stops.
+    pub fn closing_signal(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+}
+
+/// Binds and listens on a listener's address.
+pub fn bind_socket(cfg: &config::Listener) -> anyhow::Result<std::net::TcpListener> {
+    let addr: SocketAddr = cfg.address.value.parse().context("listener address")?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // SO_REUSEADDR lets a restarted Legate bind while old connections sit in
+    // TIME_WAIT; it does not allow two live listeners on one port.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("cannot bind {addr} (is another process using it?)"))?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// Counts a worker's open connections so a drain can wait for them.
@@ -204,14 +238,14 @@ impl Drop for Slot {
     }
 }
 
-/// Accepts connections until a drain starts.
+/// Accepts connections until the listener closes (drain, or removed by a reload).
 pub async fn accept_loop(
     worker: Rc<Worker>,
     ctx: Arc<ListenerCtx>,
     listener: TcpListener,
     tracker: ConnTracker,
 ) {
-    let mut drain = worker.shared.drain_signal();
+    let mut drain = ctx.closing_signal();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -260,7 +294,7 @@ pub async fn accept_loop(
             }
         });
     }
-    tracing::debug!(listener = %ctx.name, worker = worker.id, "stopped accepting (draining)");
+    tracing::debug!(listener = %ctx.name, worker = worker.id, "stopped accepting (listener closed)");
 }
 
 /// The destination a connection had before an iptables `REDIRECT` (SO_ORIGINAL_DST).

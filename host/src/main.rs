@@ -3,10 +3,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use legate_host::{config, server};
+use legate_host::{config, hot_restart, server};
 
 /// Legate: a reverse proxy whose filter chains run sandboxed WebAssembly plugins.
 #[derive(Parser)]
@@ -29,6 +30,19 @@ enum Command {
         /// The zone this process runs in (overrides the config's `local_zone`).
         #[arg(long)]
         local_zone: Option<String>,
+        /// Poll the config file and plugin modules this often and reload on change
+        /// (e.g. `1s`, `500ms`); `0` disables the watch. SIGHUP and
+        /// `POST /reload` reload at any time.
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        watch_interval: Duration,
+        /// Hot restart: take the listening sockets of the Legate running with this
+        /// config (over its upgrade socket), start, then tell it to drain.
+        #[arg(long)]
+        upgrade: bool,
+        /// The Unix socket hot restarts go through (default: the config file's path
+        /// plus `.upgrade.sock`).
+        #[arg(long)]
+        upgrade_socket: Option<PathBuf>,
     },
     /// Validate a config file without starting; exit 1 and print every error if invalid.
     Check {
@@ -75,7 +89,17 @@ fn main() -> ExitCode {
             config,
             concurrency,
             local_zone,
-        } => match run(&config, concurrency, local_zone) {
+            watch_interval,
+            upgrade,
+            upgrade_socket,
+        } => match run(
+            &config,
+            concurrency,
+            local_zone,
+            watch_interval,
+            upgrade_socket,
+            upgrade,
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -85,23 +109,73 @@ fn main() -> ExitCode {
     }
 }
 
+/// `1s`, `250ms`, `0`.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let (n, unit) = match s.strip_suffix("ms") {
+        Some(n) => (n, 1),
+        None => match s.strip_suffix('s') {
+            Some(n) => (n, 1000),
+            None => return Err(format!("`{s}`: give a duration like `1s` or `500ms`")),
+        },
+    };
+    n.parse::<u64>()
+        .map(|n| Duration::from_millis(n * unit))
+        .map_err(|_| format!("`{s}`: give a duration like `1s` or `500ms`"))
+}
+
 fn run(
     path: &std::path::Path,
     concurrency: Option<usize>,
     local_zone: Option<String>,
+    watch_interval: Duration,
+    upgrade_socket: Option<PathBuf>,
+    take_over: bool,
 ) -> anyhow::Result<()> {
+    let upgrade_path = upgrade_socket.unwrap_or_else(|| hot_restart::default_socket(path));
     let mut cfg = match config::load_file(path) {
         Ok(c) => c,
         Err(e) => anyhow::bail!("invalid config\n{e}"),
     };
     if local_zone.is_some() {
-        cfg.set_local_zone(local_zone);
+        cfg.set_local_zone(local_zone.clone());
     }
     let mut opts = server::Options::default();
     if let Some(n) = concurrency {
         opts.concurrency = n;
     }
-    let handle = server::start(cfg, opts).context("starting legate")?;
+    let mut process = server::ProcessOptions {
+        config_path: Some(path.to_path_buf()),
+        local_zone,
+        watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
+        ..Default::default()
+    };
+    // If starting fails after this, the old process keeps serving: it drains only
+    // when told to below.
+    let mut inherited = if take_over {
+        Some(hot_restart::take_over(&upgrade_path).context("hot restart")?)
+    } else {
+        None
+    };
+    if let Some(i) = inherited.as_mut() {
+        process.inherited = std::mem::take(&mut i.listeners);
+        process.inherited_admin = i.admin.take();
+    }
+    let handle = server::start_with(cfg, opts, process).context("starting legate")?;
+    if let Some(i) = inherited {
+        i.finish().context("hot restart")?;
+    }
+    match handle.admin_socket() {
+        Ok(admin) => {
+            if let Err(e) = hot_restart::serve(&handle.shared(), &upgrade_path, admin, take_over) {
+                tracing::error!("hot restart will not be available: {e:#}");
+            }
+        }
+        Err(e) => tracing::error!("hot restart will not be available: {e}"),
+    }
+    let shared = handle.shared();
     let mut drain = handle.drain_signal();
     // Signals are handled on a small runtime of their own; workers own theirs.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -109,11 +183,27 @@ fn run(
         .build()
         .context("signal runtime")?;
     rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
-            _ = drain.wait_for(|d| *d) => tracing::info!("drain requested on the admin port"),
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+                _ = drain.wait_for(|d| *d) => tracing::info!("drain requested"),
+                _ = hup.recv() => {
+                    // Config and every plugin module are read again; the result is
+                    // logged, counted and shown by `GET /reload`.
+                    tracing::info!("SIGHUP: reloading {}", path.display());
+                    let shared = shared.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        legate_host::reload::reload_config(&shared, legate_host::reload::Trigger::Signal)
+                    })
+                    .await;
+                    continue;
+                }
+            }
+            break;
         }
         anyhow::Ok(())
     })?;

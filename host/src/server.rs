@@ -4,11 +4,16 @@
 //! Accepts are spread by sharing: each listener is bound once and every worker
 //! accepts from (a duplicate of) the same socket. See ARCHITECTURE.md for why this
 //! and not one `SO_REUSEPORT` socket per worker.
+//!
+//! The listener set and the config snapshot can change while running (see
+//! [`crate::reload`]): both are published through [`Shared`], and workers follow
+//! the listener set ([`crate::worker::supervise_listeners`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -19,6 +24,7 @@ use tokio::sync::watch;
 use crate::access_log::AccessLog;
 use crate::cluster::Cluster;
 use crate::config::{Config, Name};
+use crate::filter::{FilterKey, HttpFilter};
 use crate::listener::{self, ListenerCtx};
 use crate::router::RouteTable;
 use crate::stats::Stats;
@@ -69,6 +75,9 @@ impl ClusterEntry {
     }
 }
 
+/// Every loaded filter instance set of a config version, by plugin and override.
+pub type Loaded = HashMap<FilterKey, Arc<dyn HttpFilter>>;
+
 /// Everything the request path reads from config, built once per config version and
 /// swapped atomically (a request keeps the snapshot it started with).
 pub struct Snapshot {
@@ -82,6 +91,33 @@ pub struct Snapshot {
     pub max_pool_idle: Duration,
     /// The HTTP filter chains (Wasm plugins) per listener.
     pub filters: crate::filter::Filters,
+    /// The loaded filters the chains were assembled from, so one plugin can be
+    /// reloaded without loading the others again.
+    pub plugins: Loaded,
+}
+
+thread_local! {
+    /// Filters already loaded, handed to [`crate::filter::Filters::build`] through
+    /// [`preloaded`]: its loader is a plain `fn`, so it cannot capture them.
+    static PRELOADED: std::cell::RefCell<Option<Loaded>> = const { std::cell::RefCell::new(None) };
+}
+
+fn preloaded(_: &Config, _: &Arc<Stats>) -> anyhow::Result<Loaded> {
+    PRELOADED
+        .with(|p| p.borrow_mut().take())
+        .ok_or_else(|| anyhow::anyhow!("internal error: no loaded filters to assemble"))
+}
+
+/// The chains of `config` from filters already loaded.
+fn assemble_filters(
+    config: &Config,
+    stats: &Arc<Stats>,
+    loaded: &Loaded,
+) -> anyhow::Result<crate::filter::Filters> {
+    PRELOADED.with(|p| *p.borrow_mut() = Some(loaded.clone()));
+    let built = crate::filter::Filters::build(config, stats, preloaded);
+    PRELOADED.with(|p| *p.borrow_mut() = None);
+    built
 }
 
 impl Snapshot {
@@ -92,6 +128,20 @@ impl Snapshot {
 
     /// As [`Snapshot::build`], registering plugin stats in `stats`.
     pub fn build_with(config: Arc<Config>, stats: &Arc<Stats>) -> anyhow::Result<Self> {
+        let loaded = if config.plugins.is_empty() {
+            Loaded::new()
+        } else {
+            crate::wasm::load(&config, stats)?
+        };
+        Self::assemble(config, stats, loaded)
+    }
+
+    /// Builds the runtime state around plugins already loaded.
+    pub fn assemble(
+        config: Arc<Config>,
+        stats: &Arc<Stats>,
+        loaded: Loaded,
+    ) -> anyhow::Result<Self> {
         let mut route_tables = HashMap::new();
         for t in &config.routes {
             let table = RouteTable::new(&t.value)
@@ -112,16 +162,43 @@ impl Snapshot {
                 Arc::new(ClusterEntry::new(cluster, upstream)),
             );
         }
-        let filters = crate::filter::Filters::build(&config, stats, crate::wasm::load)?;
+        let filters = assemble_filters(&config, stats, &loaded)?;
         Ok(Snapshot {
             config,
             route_tables,
             clusters,
             max_pool_idle,
             filters,
+            plugins: loaded,
+        })
+    }
+
+    /// This snapshot with other plugin instances (a plugin reload): routes and
+    /// clusters are shared, the chains are assembled from `loaded`.
+    pub fn with_plugins(&self, stats: &Arc<Stats>, loaded: Loaded) -> anyhow::Result<Self> {
+        Ok(Snapshot {
+            config: self.config.clone(),
+            route_tables: self.route_tables.clone(),
+            clusters: self.clusters.clone(),
+            max_pool_idle: self.max_pool_idle,
+            filters: assemble_filters(&self.config, stats, &loaded)?,
+            plugins: loaded,
         })
     }
 }
+
+/// A listening socket and the listener serving on it. Workers accept on duplicates
+/// of `socket`; the socket itself stays here so a reload can keep it for the next
+/// version of the listener and a hot restart can pass it to the next process.
+pub struct Bound {
+    /// The listener.
+    pub ctx: Arc<ListenerCtx>,
+    /// Its socket.
+    pub socket: std::net::TcpListener,
+}
+
+/// The listeners in force.
+pub type ListenerSet = Arc<[Arc<Bound>]>;
 
 /// Process-wide state shared by workers and the admin listener.
 pub struct Shared {
@@ -133,6 +210,19 @@ pub struct Shared {
     pub draining: watch::Sender<bool>,
     /// The access log, if configured.
     pub access_log: Option<AccessLog>,
+    /// The listeners in force; every worker accepts on each (see
+    /// [`crate::worker::supervise_listeners`]).
+    pub listeners: watch::Sender<ListenerSet>,
+    /// Config and plugin reloads: what to reload from, status and counters.
+    pub reloader: crate::reload::Reloader,
+    /// Held while a reload publishes its listeners and while a drain starts, so a
+    /// reload never publishes a listener after the drain closed the others.
+    commit: Mutex<()>,
+    /// Stops the health-check thread of the current cluster set.
+    health_stop: Mutex<watch::Sender<bool>>,
+    /// Turns true when a new process took over (hot restart): the admin listener
+    /// stops accepting too, since the new process serves on the same socket.
+    pub handed_over: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -141,22 +231,102 @@ impl Shared {
         self.draining.subscribe()
     }
 
-    /// Starts a graceful drain (idempotent).
+    /// Starts a graceful drain (idempotent): every listener stops accepting, their
+    /// connections close gracefully, health checks stop.
     pub fn start_drain(&self) {
+        let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
         self.draining.send_replace(true);
+        for b in self.listeners.borrow().iter() {
+            b.ctx.close();
+        }
+        self.health_stop
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send_replace(true);
     }
 
     /// Whether draining has started.
     pub fn is_draining(&self) -> bool {
         *self.draining.borrow()
     }
+
+    /// The listeners in force.
+    pub fn listener_set(&self) -> ListenerSet {
+        self.listeners.borrow().clone()
+    }
+
+    /// Publishes a new snapshot and listener set together; listeners of the old
+    /// set that are not in the new one are closed (they stop accepting, and their
+    /// connections drain). Fails, changing nothing, once a drain has started.
+    pub(crate) fn commit(
+        &self,
+        snapshot: Arc<Snapshot>,
+        listeners: Option<ListenerSet>,
+    ) -> Result<(), String> {
+        let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.is_draining() {
+            return Err("Legate is draining; nothing was changed".into());
+        }
+        self.snapshot.store(snapshot);
+        if let Some(next) = listeners {
+            let old = self.listeners.send_replace(next.clone());
+            for b in old.iter() {
+                if !next.iter().any(|n| Arc::ptr_eq(n, b)) {
+                    b.ctx.close();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts health checks, outlier detection and discovery for the clusters of
+    /// the current snapshot on a new thread, and stops the previous thread.
+    pub(crate) fn restart_health(&self) -> anyhow::Result<()> {
+        let mut stop = self
+            .health_stop
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.is_draining() {
+            return Ok(());
+        }
+        let (tx, rx) = watch::channel(false);
+        crate::cluster::health::spawn(
+            self.snapshot.load().clusters.values().cloned().collect(),
+            rx,
+        )
+        .context("starting the health-check thread")?;
+        let old = std::mem::replace(&mut *stop, tx);
+        old.send_replace(true);
+        Ok(())
+    }
+}
+
+/// What the process runs from, beyond the config: where to reload it from and
+/// what the previous process handed over. Not part of [`Options`] so that a
+/// caller building `Options` literally keeps compiling.
+#[derive(Default)]
+pub struct ProcessOptions {
+    /// The config file, for reloads (`POST /reload`, SIGHUP, the file watch).
+    /// Without it the config cannot be reloaded, only plugins.
+    pub config_path: Option<PathBuf>,
+    /// `--local-zone`, applied to every reloaded config too.
+    pub local_zone: Option<String>,
+    /// Poll the config file and plugin modules this often and reload on change;
+    /// `None` disables the watch.
+    pub watch_interval: Option<Duration>,
+    /// Listening sockets inherited from the previous process (hot restart), by
+    /// listener name; used instead of binding when the address is the same.
+    pub inherited: HashMap<String, (String, std::net::TcpListener)>,
+    /// The admin socket inherited from the previous process (hot restart).
+    pub inherited_admin: Option<std::net::TcpListener>,
 }
 
 /// A running Legate.
 pub struct Handle {
     shared: Arc<Shared>,
-    listeners: HashMap<String, SocketAddr>,
     admin: SocketAddr,
+    /// A duplicate of the admin socket, to pass on at a hot restart.
+    admin_socket: std::net::TcpListener,
     workers: Vec<JoinHandle<()>>,
     admin_thread: Option<JoinHandle<()>>,
     admin_stop: Arc<tokio::sync::Notify>,
@@ -166,6 +336,15 @@ pub struct Handle {
 /// Starts Legate: every listener is bound before this returns (so port conflicts
 /// are reported here), then workers begin accepting.
 pub fn start(config: Config, opts: Options) -> anyhow::Result<Handle> {
+    start_with(config, opts, ProcessOptions::default())
+}
+
+/// As [`start`], with reload sources and inherited sockets.
+pub fn start_with(
+    config: Config,
+    opts: Options,
+    process: ProcessOptions,
+) -> anyhow::Result<Handle> {
     if opts.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
@@ -176,30 +355,38 @@ pub fn start(config: Config, opts: Options) -> anyhow::Result<Handle> {
         Some(a) => Some(AccessLog::open(&a.path)?),
         None => None,
     };
-    let (draining, _) = watch::channel(false);
-    let shared = Arc::new(Shared {
-        stats: stats.clone(),
-        snapshot: ArcSwap::from_pointee(snapshot),
-        draining,
-        access_log,
-    });
 
-    // Active health checks and outlier-detection intervals: one thread for the
-    // process, not one per worker.
-    crate::cluster::health::spawn(
-        shared.snapshot.load().clusters.values().cloned().collect(),
-        shared.drain_signal(),
-    )
-    .context("starting the health-check thread")?;
-
+    let mut inherited = process.inherited;
     let mut bound = Vec::new();
-    let mut addrs = HashMap::new();
     for l in &config.listeners {
         let l = &l.value;
-        let (ctx, socket) = ListenerCtx::bind(l, &stats)
-            .with_context(|| format!("listener `{}` on {}", l.name, l.address.value))?;
-        addrs.insert(l.name.to_string(), ctx.local_addr);
-        bound.push((Arc::new(ctx), socket));
+        let b = match inherited.remove(l.name.as_str()) {
+            Some((address, socket)) if address == l.address.value => {
+                let ctx = ListenerCtx::adopt(l, &stats, &socket).with_context(|| {
+                    format!("listener `{}` on {} (inherited)", l.name, l.address.value)
+                })?;
+                Bound {
+                    ctx: Arc::new(ctx),
+                    socket,
+                }
+            }
+            _ => {
+                let (ctx, socket) = ListenerCtx::bind(l, &stats)
+                    .with_context(|| format!("listener `{}` on {}", l.name, l.address.value))?;
+                Bound {
+                    ctx: Arc::new(ctx),
+                    socket,
+                }
+            }
+        };
+        bound.push(Arc::new(b));
+    }
+    if !inherited.is_empty() {
+        let names: Vec<_> = inherited.keys().cloned().collect();
+        tracing::info!(
+            "inherited listeners not in the config (closed here): {}",
+            names.join(", ")
+        );
     }
 
     let admin_addr: SocketAddr = config
@@ -208,29 +395,50 @@ pub fn start(config: Config, opts: Options) -> anyhow::Result<Handle> {
         .value
         .parse()
         .context("admin address")?;
-    let admin_socket = std::net::TcpListener::bind(admin_addr)
-        .with_context(|| format!("admin listener on {admin_addr}"))?;
+    let admin_socket = match process.inherited_admin {
+        Some(s) => s,
+        None => std::net::TcpListener::bind(admin_addr)
+            .with_context(|| format!("admin listener on {admin_addr}"))?,
+    };
+    let admin_dup = admin_socket
+        .try_clone()
+        .context("duplicating the admin socket")?;
     admin_socket.set_nonblocking(true)?;
     let admin = admin_socket.local_addr()?;
 
+    let (draining, _) = watch::channel(false);
+    let (listeners, _) = watch::channel(ListenerSet::from(bound));
+    let reloader = crate::reload::Reloader::new(
+        process.config_path.clone(),
+        process.local_zone.clone(),
+        &stats,
+    );
+    let shared = Arc::new(Shared {
+        stats: stats.clone(),
+        snapshot: ArcSwap::from_pointee(snapshot),
+        draining,
+        access_log,
+        listeners,
+        reloader,
+        commit: Mutex::new(()),
+        health_stop: Mutex::new(watch::channel(false).0),
+        handed_over: watch::channel(false).0,
+    });
+    shared.reloader.record_initial(&shared);
+
+    // Active health checks, outlier-detection intervals and discovery: one thread
+    // for the process, not one per worker; restarted when a reload changes clusters.
+    shared.restart_health()?;
+
     let mut workers = Vec::new();
     for id in 0..opts.concurrency {
-        let mut sockets = Vec::new();
-        for (ctx, sock) in &bound {
-            sockets.push((
-                ctx.clone(),
-                sock.try_clone().context("duplicating a listening socket")?,
-            ));
-        }
         let shared = shared.clone();
         let t = std::thread::Builder::new()
             .name(format!("legate-worker-{id}"))
-            .spawn(move || run_worker(id, shared, sockets))
+            .spawn(move || run_worker(id, shared))
             .context("starting a worker thread")?;
         workers.push(t);
     }
-    // The original sockets stay open in the workers' duplicates only.
-    drop(bound);
 
     let admin_stop = Arc::new(tokio::sync::Notify::new());
     let admin_thread = {
@@ -257,25 +465,36 @@ pub fn start(config: Config, opts: Options) -> anyhow::Result<Handle> {
                             return;
                         }
                     };
+                    let mut handed_over = shared.handed_over.subscribe();
                     tokio::select! {
                         () = crate::admin::serve(listener, shared) => {}
                         () = stop.notified() => {}
+                        _ = handed_over.wait_for(|h| *h) => {}
                     }
                 });
             })
             .context("starting the admin thread")?
     };
 
+    if let Some(every) = process.watch_interval {
+        crate::reload::spawn_watch(&shared, every).context("starting the config watch")?;
+    }
+
     tracing::info!(
         workers = opts.concurrency,
         admin = %admin,
         "legate started; listeners: {}",
-        addrs.iter().map(|(n, a)| format!("{n}={a}")).collect::<Vec<_>>().join(", ")
+        shared
+            .listener_set()
+            .iter()
+            .map(|b| format!("{}={}", b.ctx.name, b.ctx.local_addr))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(Handle {
         shared,
-        listeners: addrs,
         admin,
+        admin_socket: admin_dup,
         workers,
         admin_thread: Some(admin_thread),
         admin_stop,
@@ -283,11 +502,7 @@ pub fn start(config: Config, opts: Options) -> anyhow::Result<Handle> {
     })
 }
 
-fn run_worker(
-    id: usize,
-    shared: Arc<Shared>,
-    sockets: Vec<(Arc<ListenerCtx>, std::net::TcpListener)>,
-) {
+fn run_worker(id: usize, shared: Arc<Shared>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -303,19 +518,10 @@ fn run_worker(
     local.block_on(&rt, async move {
         let worker = Worker::new(id, shared.clone());
         let tracker = listener::ConnTracker::default();
-        for (ctx, sock) in sockets {
-            match tokio::net::TcpListener::from_std(sock) {
-                Ok(l) => {
-                    tokio::task::spawn_local(listener::accept_loop(
-                        worker.clone(),
-                        ctx,
-                        l,
-                        tracker.clone(),
-                    ));
-                }
-                Err(e) => tracing::error!("worker {id}: listener: {e}"),
-            }
-        }
+        let supervisor = tokio::task::spawn_local(crate::worker::supervise_listeners(
+            worker.clone(),
+            tracker.clone(),
+        ));
         let housekeeping = tokio::task::spawn_local(worker.clone().housekeeping());
         let mut drain = shared.drain_signal();
         let _ = drain.wait_for(|d| *d).await;
@@ -328,6 +534,7 @@ fn run_worker(
                 tracker.count()
             );
         }
+        supervisor.abort();
         housekeeping.abort();
     });
 }
@@ -335,12 +542,26 @@ fn run_worker(
 impl Handle {
     /// The bound address of a listener (useful with port 0).
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.get(name).copied()
+        self.shared
+            .listener_set()
+            .iter()
+            .find(|b| b.ctx.name.as_str() == name)
+            .map(|b| b.ctx.local_addr)
+    }
+
+    /// Process-wide state (reloads, listeners, the snapshot in force).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
     }
 
     /// The bound admin address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// A duplicate of the admin socket (for a hot restart's handover).
+    pub fn admin_socket(&self) -> std::io::Result<std::net::TcpListener> {
+        self.admin_socket.try_clone()
     }
 
     /// The metrics registry.

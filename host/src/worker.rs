@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cluster::{Balancer, Cluster};
-use crate::server::Shared;
+use crate::listener::ConnTracker;
+use crate::server::{Bound, Shared};
 use crate::stats::{Counter, Histogram};
 use crate::upstream::Pool;
 
@@ -114,6 +115,49 @@ impl Worker {
             tick.tick().await;
             let max_age = self.shared.snapshot.load().max_pool_idle;
             self.pool.sweep(max_age);
+        }
+    }
+}
+
+/// Follows the process's listener set: starts an accept loop on a duplicate of each
+/// new listener's socket; a listener that leaves the set was closed by the reload
+/// that removed it, which stops its accept loops ([`crate::listener::accept_loop`]).
+pub async fn supervise_listeners(worker: Rc<Worker>, tracker: ConnTracker) {
+    let mut rx = worker.shared.listeners.subscribe();
+    // The listeners this worker accepts on, by identity; holding the `Arc` keeps
+    // the address from being reused by another listener while it is here.
+    let mut running: HashMap<usize, Arc<Bound>> = HashMap::new();
+    loop {
+        let set = rx.borrow_and_update().clone();
+        for b in set.iter() {
+            let key = Arc::as_ptr(b) as usize;
+            if running.contains_key(&key) || b.ctx.is_closing() {
+                continue;
+            }
+            running.insert(key, b.clone());
+            let listener = b
+                .socket
+                .try_clone()
+                .and_then(tokio::net::TcpListener::from_std);
+            match listener {
+                Ok(l) => {
+                    tokio::task::spawn_local(crate::listener::accept_loop(
+                        worker.clone(),
+                        b.ctx.clone(),
+                        l,
+                        tracker.clone(),
+                    ));
+                }
+                Err(e) => tracing::error!(
+                    worker = worker.id,
+                    listener = %b.ctx.name,
+                    "cannot accept on the listener: {e}"
+                ),
+            }
+        }
+        running.retain(|_, b| set.iter().any(|n| Arc::ptr_eq(n, b)));
+        if rx.changed().await.is_err() {
+            return;
         }
     }
 }

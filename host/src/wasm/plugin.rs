@@ -8,10 +8,10 @@
 //! never wait, so each call is polled to completion in place ([`run_inline`]).
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -168,6 +168,30 @@ pub struct WasmFilter {
     /// This filter, for the per-instance tick tasks (set by [`WasmFilter::arm`]);
     /// weak so a removed plugin's ticks stop.
     me: OnceLock<Weak<WasmFilter>>,
+    /// Instances of this filter live on workers (reload hook: see [`LIVE`]).
+    live_instances: AtomicI64,
+}
+
+/// Ids of filters not dropped yet. A reload replaces filters while workers hold
+/// their instances in [`INSTANCES`]; a worker frees the instances of dropped
+/// filters before it instantiates a new one, so reloads do not exhaust the pool.
+static LIVE: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+
+impl Drop for WasmFilter {
+    fn drop(&mut self) {
+        LIVE.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        for _ in 0..self.live_instances.load(Relaxed) {
+            self.stats.instances.dec();
+        }
+    }
+}
+
+/// Frees this worker's instances of dropped filters.
+fn sweep_dropped(map: &mut HashMap<u64, Slot>) {
+    let live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
+    map.retain(|id, _| live.contains(id));
 }
 
 /// One live instance on a worker.
@@ -348,8 +372,12 @@ impl WasmFilter {
             &settings.kv,
             &settings.clusters,
         ));
+        let id = NEXT_ID.fetch_add(1, Relaxed);
+        LIVE.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id);
         let mut f = WasmFilter {
-            id: NEXT_ID.fetch_add(1, Relaxed),
+            id,
             shared,
             pre,
             settings,
@@ -357,6 +385,7 @@ impl WasmFilter {
             stats: PluginStats::new(stats, name),
             tick: None,
             me: OnceLock::new(),
+            live_instances: AtomicI64::new(0),
         };
         let (_, setup) = f
             .instantiate(u32::MAX, false)
@@ -551,6 +580,9 @@ impl WasmFilter {
     ) -> Result<R, String> {
         INSTANCES.with(|cell| {
             let mut map = cell.borrow_mut();
+            if !map.contains_key(&self.id) {
+                sweep_dropped(&mut map);
+            }
             let slot = map.entry(self.id).or_default();
             let context = x.as_ref().map(|x| x.context);
             if slot.live.is_none() {
@@ -567,6 +599,7 @@ impl WasmFilter {
                             self.stats.restarts.inc();
                         }
                         self.stats.instances.inc();
+                        self.live_instances.fetch_add(1, Relaxed);
                         slot.live = Some(live);
                         slot.generation += 1;
                         if let (Some(every), Some(me)) = (self.tick, self.me.get()) {
@@ -636,6 +669,7 @@ impl WasmFilter {
                     // component instance, and its state may be inconsistent anyway.
                     slot.live = None;
                     self.stats.instances.dec();
+                    self.live_instances.fetch_sub(1, Relaxed);
                     self.fail_slot(slot);
                     Err(why)
                 }

@@ -1,0 +1,289 @@
+//! Hot restart (binary upgrade), as Pingora and Envoy do it: the new process takes
+//! the running one's listening sockets, so no connection is refused and no request
+//! fails across the switch.
+//!
+//! Every `legate run` serves an upgrade socket, a Unix socket (default: the config
+//! file's path plus `.upgrade.sock`; `--upgrade-socket PATH`). `legate run
+//! --upgrade` (same config, usually a new binary):
+//!
+//! 1. connects to it and sends `FDS`; the running process answers with a JSON line
+//!    naming its listeners (name, address) and passes their sockets, then its admin
+//!    socket, by `SCM_RIGHTS`;
+//! 2. starts with those sockets (a listener whose address is unchanged adopts the
+//!    socket; others are bound as usual; the admin socket is adopted) — both
+//!    processes now accept on the same sockets, so connections queue in one backlog
+//!    whoever accepts them;
+//! 3. sends `DRAIN`: the old process stops accepting (including on the admin
+//!    socket) and drains as on SIGTERM (in-flight requests finish; HTTP/1.1
+//!    connections get `Connection: close` on their next response, HTTP/2 a GOAWAY),
+//!    answers `OK`, and exits when drained;
+//! 4. takes over the upgrade socket path for the next upgrade.
+//!
+//! If the new process fails before step 3 (bad config, crash), the old one keeps
+//! serving: the handover is not committed until `DRAIN`.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use rustix::net::{
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::server::Shared;
+
+/// Most sockets one handover passes.
+const MAX_FDS: usize = 250;
+
+/// The default upgrade socket of a config file: next to it.
+pub fn default_socket(config: &Path) -> PathBuf {
+    let mut s = config.as_os_str().to_owned();
+    s.push(".upgrade.sock");
+    PathBuf::from(s)
+}
+
+#[derive(Serialize, Deserialize)]
+struct Offer {
+    pid: u32,
+    /// In the order of the passed sockets; the admin socket comes after them.
+    listeners: Vec<Passed>,
+    admin: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Passed {
+    name: String,
+    address: String,
+}
+
+fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("too many sockets to pass"));
+    }
+    let sent = sendmsg(
+        stream,
+        &[IoSlice::new(data)],
+        &mut control,
+        SendFlags::empty(),
+    )?;
+    // The sockets went with the first byte; the rest is plain data.
+    (&*stream).write_all(&data[sent..])
+}
+
+fn recv_with_fds(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut buf = vec![0u8; 64 * 1024];
+    let got = recvmsg(
+        stream,
+        &mut [IoSliceMut::new(&mut buf)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    buf.truncate(got.bytes);
+    let mut fds = Vec::new();
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(passed) = msg {
+            fds.extend(passed);
+        }
+    }
+    while !buf.ends_with(b"\n") {
+        let mut more = [0u8; 4096];
+        let n = (&*stream).read(&mut more)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the running Legate closed the upgrade connection mid-message",
+            ));
+        }
+        buf.extend_from_slice(&more[..n]);
+    }
+    Ok((buf, fds))
+}
+
+/// Serves upgrade requests on `path` for the running process, whose admin socket
+/// is `admin` (a duplicate). Fails if another live process serves on `path`,
+/// unless `replace` (this process just took over from it).
+pub fn serve(
+    shared: &Arc<Shared>,
+    path: &Path,
+    admin: std::net::TcpListener,
+    replace: bool,
+) -> anyhow::Result<()> {
+    if replace {
+        let _ = std::fs::remove_file(path);
+    } else if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!(
+                "another Legate serves upgrades on {}; stop it, upgrade it with `legate run \
+                 --upgrade`, or give this one another --upgrade-socket",
+                path.display()
+            );
+        }
+        // A stale socket file from a process that is gone.
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the upgrade socket {}", path.display()))?;
+    listener.set_nonblocking(true)?;
+    let shared = Arc::downgrade(shared);
+    let path = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("legate-upgrade".into())
+        .spawn(move || loop {
+            let Some(s) = shared.upgrade() else { return };
+            if s.is_draining() {
+                // After a handover the path belongs to the new process.
+                if !*s.handed_over.borrow() {
+                    let _ = std::fs::remove_file(&path);
+                }
+                return;
+            }
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if let Err(e) = hand_over(&s, &admin, stream) {
+                        tracing::error!("hot restart: {e:#}; still serving");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drop(s);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    tracing::warn!("upgrade socket accept: {e}");
+                    drop(s);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })
+        .context("starting the upgrade thread")?;
+    Ok(())
+}
+
+/// The old process's side of one upgrade.
+fn hand_over(
+    shared: &Shared,
+    admin: &std::net::TcpListener,
+    stream: UnixStream,
+) -> anyhow::Result<()> {
+    stream.set_nonblocking(false)?;
+    // The new process may take long to start (compiling plugins), but not forever.
+    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if line.trim() != "FDS" {
+        bail!("unexpected upgrade request {:?}", line.trim());
+    }
+    let set = shared.listener_set();
+    let offer = Offer {
+        pid: std::process::id(),
+        listeners: set
+            .iter()
+            .map(|b| Passed {
+                name: b.ctx.name.to_string(),
+                address: b.ctx.cfg.address.value.clone(),
+            })
+            .collect(),
+        admin: true,
+    };
+    let mut fds: Vec<BorrowedFd<'_>> = set.iter().map(|b| b.socket.as_fd()).collect();
+    fds.push(admin.as_fd());
+    let mut msg = serde_json::to_vec(&offer)?;
+    msg.push(b'\n');
+    send_with_fds(&stream, &msg, &fds)?;
+    tracing::info!(
+        "hot restart: passed {} sockets; waiting for the new process",
+        fds.len()
+    );
+    line.clear();
+    reader.read_line(&mut line)?;
+    if line.trim() != "DRAIN" {
+        bail!("the new process did not take over ({:?})", line.trim());
+    }
+    shared.handed_over.send_replace(true);
+    shared.start_drain();
+    (&stream).write_all(b"OK\n")?;
+    tracing::info!("hot restart: the new process took over; draining");
+    Ok(())
+}
+
+/// What the new process got from the running one.
+pub struct Inherited {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+    /// Listening sockets by listener name: (configured address, socket).
+    pub listeners: HashMap<String, (String, std::net::TcpListener)>,
+    /// The admin socket.
+    pub admin: Option<std::net::TcpListener>,
+    /// The old process.
+    pub pid: u32,
+}
+
+/// Connects to the running process on `path` and receives its sockets.
+pub fn take_over(path: &Path) -> anyhow::Result<Inherited> {
+    let stream = UnixStream::connect(path).with_context(|| {
+        format!(
+            "connecting to the running Legate's upgrade socket {} (is it running with this \
+             config? see --upgrade-socket)",
+            path.display()
+        )
+    })?;
+    (&stream).write_all(b"FDS\n")?;
+    let (msg, fds) = recv_with_fds(&stream).context("receiving the listening sockets")?;
+    let offer: Offer = serde_json::from_slice(&msg).context("the running Legate's answer")?;
+    let want = offer.listeners.len() + usize::from(offer.admin);
+    if fds.len() != want {
+        bail!(
+            "expected {want} sockets from the running Legate, got {}",
+            fds.len()
+        );
+    }
+    let mut fds = fds.into_iter();
+    let mut listeners = HashMap::new();
+    for (p, fd) in offer.listeners.into_iter().zip(fds.by_ref()) {
+        listeners.insert(p.name, (p.address, std::net::TcpListener::from(fd)));
+    }
+    let admin = fds.next().map(std::net::TcpListener::from);
+    let reader = BufReader::new(stream.try_clone()?);
+    tracing::info!(
+        "hot restart: took {} listening sockets from process {}",
+        listeners.len(),
+        offer.pid
+    );
+    Ok(Inherited {
+        stream,
+        reader,
+        listeners,
+        admin,
+        pid: offer.pid,
+    })
+}
+
+impl Inherited {
+    /// Tells the old process to stop accepting and drain (call once this process
+    /// serves); waits for its `OK`.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        (&self.stream).write_all(b"DRAIN\n")?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        if line.trim() != "OK" {
+            bail!(
+                "the old process did not confirm the handover ({:?})",
+                line.trim()
+            );
+        }
+        tracing::info!("hot restart: process {} is draining", self.pid);
+        Ok(())
+    }
+}

@@ -1,0 +1,680 @@
+//! Hot reload: the config (SIGHUP, `POST /reload`, the file watch) and single
+//! plugins (`POST /plugins/NAME/reload`, the module file watch), with zero failed
+//! requests.
+//!
+//! **Config.** The file is read, parsed and validated, and a whole new
+//! [`Snapshot`] is built — route tables, clusters, TLS, every plugin compiled (from
+//! the disk cache when warm) and configured — on the caller's thread, never on a
+//! worker. Any error changes nothing: it is logged with its `file:line:col`,
+//! returned (the admin endpoint answers 400 with it) and counted in
+//! `legate_config_reloads_total{result="failure"}`. Otherwise the snapshot and the
+//! listener set are published together ([`Shared::commit`]); a request in flight
+//! keeps the snapshot it started with.
+//!
+//! **Listeners.** A listener whose config is unchanged keeps its socket and its
+//! connections. One whose address is unchanged but whose settings changed keeps its
+//! socket (no connection is refused) and is served by a new listener: the old one's
+//! connections drain gracefully. A new address is bound before anything is
+//! published (a bind failure fails the reload); a removed listener stops accepting
+//! and its connections drain.
+//!
+//! **What carries over.** A cluster whose config is unchanged keeps its state:
+//! health flags, outlier ejections, discovered endpoints, counters, and every
+//! worker's balancer. A new or changed cluster starts fresh (endpoints healthy, as
+//! at start). When the cluster set changed, the health-check / discovery thread is
+//! restarted for the new set (checks of kept clusters start again from their
+//! current flags). Stats counters are by name, so they keep counting. Not
+//! reloadable (logged, listed in the reload's `notes`, need a hot restart):
+//! `admin.address` and `access_log`.
+//!
+//! **Plugins.** A plugin reload compiles and configures that plugin's module again
+//! (every route override of it too); other plugins keep their instances. An error
+//! leaves the old version serving and is shown in `/plugins`. A config reload
+//! reloads every plugin (modules are read again). With `sha256:` pinned in the
+//! config a changed module fails its reload until the config is updated.
+//!
+//! **Watch.** With `--watch-interval` (default 1s; `0` disables) a thread polls the
+//! config file and every plugin module: when a file's size or mtime changes its
+//! contents are hashed, and a content change triggers a reload. A content that
+//! failed is not retried until it changes again. Write files atomically (write
+//! then rename) so a half-written file is never picked up.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::{self, Config};
+use crate::listener::ListenerCtx;
+use crate::server::{Bound, ListenerSet, Shared, Snapshot};
+use crate::stats::{Counter, Histogram, Stats};
+
+/// What a reload was asked by, for logs and `/reload`.
+#[derive(Clone, Copy, Debug)]
+pub enum Trigger {
+    /// `POST /reload` or `POST /plugins/NAME/reload`.
+    Admin,
+    /// SIGHUP.
+    Signal,
+    /// The file watch saw a change.
+    Watch,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Admin => "admin",
+            Trigger::Signal => "signal",
+            Trigger::Watch => "watch",
+        }
+    }
+}
+
+/// Why a reload failed.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// No such plugin in the config in force.
+    UnknownPlugin(String),
+    /// Nothing was changed; the message says why (with `file:line:col` for config
+    /// errors).
+    Failed(String),
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::UnknownPlugin(n) => write!(
+                f,
+                "no plugin named `{n}` in the config in force; GET /plugins lists them"
+            ),
+            ReloadError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// A plugin's load state for `GET /plugins`.
+#[derive(Clone, Debug, Default)]
+struct PluginStatus {
+    module: PathBuf,
+    sha256: String,
+    abi: &'static str,
+    loaded_at: f64,
+    load_ms: f64,
+    /// Last reload attempt: result object.
+    last_reload: Option<Value>,
+    /// The last load error (cleared by a successful load).
+    last_error: Option<String>,
+}
+
+/// Reload state of the process: where the config comes from, one reload at a time,
+/// the last results and the counters.
+pub struct Reloader {
+    path: Option<PathBuf>,
+    local_zone: Option<String>,
+    /// Held for the whole of a reload: reloads are serialized.
+    lock: Mutex<()>,
+    last: Mutex<Option<Value>>,
+    generation: AtomicU64,
+    /// SHA-256 of the config text in force (for the watch).
+    applied: Mutex<Option<String>>,
+    plugins: Mutex<BTreeMap<String, PluginStatus>>,
+    stats: Arc<Stats>,
+    ok: Counter,
+    failed: Counter,
+    duration: Histogram,
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(64);
+    for b in Sha256::digest(bytes) {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// The ABI of a module file, from its header: a component is the Legate filter
+/// world; a core module is not something this host loads as a filter.
+fn abi_of(bytes: &[u8]) -> &'static str {
+    match bytes.get(0..8) {
+        Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => "core-module",
+        Some([0, b'a', b's', b'm', _, _, 1, 0]) => "legate:filter@0.1.0",
+        _ => "unknown",
+    }
+}
+
+fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    match (serde_json::to_value(a), serde_json::to_value(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+impl Reloader {
+    /// Reload state for a process started from `path` (if any).
+    pub fn new(path: Option<PathBuf>, local_zone: Option<String>, stats: &Arc<Stats>) -> Self {
+        let result = |r| {
+            stats.counter(
+                "legate_config_reloads_total",
+                "Config reloads (SIGHUP, POST /reload, file watch), by result.",
+                &[("result", r)],
+            )
+        };
+        Reloader {
+            applied: Mutex::new(
+                path.as_deref()
+                    .and_then(|p| std::fs::read(p).ok())
+                    .map(|b| sha256_hex(&b)),
+            ),
+            path,
+            local_zone,
+            lock: Mutex::new(()),
+            last: Mutex::new(None),
+            generation: AtomicU64::new(1),
+            plugins: Mutex::new(BTreeMap::new()),
+            stats: stats.clone(),
+            ok: result("success"),
+            failed: result("failure"),
+            duration: stats.histogram(
+                "legate_config_reload_duration_seconds",
+                "Time to validate, build and publish a new config.",
+                &[],
+            ),
+        }
+    }
+
+    /// The config file reloads read, if any.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Records the plugins of the config Legate started with.
+    pub(crate) fn record_initial(&self, shared: &Shared) {
+        let snap = shared.snapshot.load_full();
+        self.record_plugins(&snap.config, None, Duration::ZERO);
+    }
+
+    fn plugin_counter(&self, plugin: &str, result: &str) -> Counter {
+        self.stats.counter(
+            "legate_plugin_reloads_total",
+            "Plugin reloads (POST /plugins/NAME/reload, module watch), by result.",
+            &[("plugin", plugin), ("result", result)],
+        )
+    }
+
+    /// Refreshes the status of `only` (or every plugin of `config`), after a load.
+    fn record_plugins(&self, config: &Config, only: Option<&str>, took: Duration) {
+        let mut map = self.plugins.lock().unwrap_or_else(PoisonError::into_inner);
+        if only.is_none() {
+            map.retain(|name, _| config.plugins.iter().any(|p| p.value.name.as_str() == name));
+        }
+        for p in &config.plugins {
+            let p = &p.value;
+            if only.is_some_and(|o| o != p.name.as_str()) {
+                continue;
+            }
+            let bytes = std::fs::read(&p.module).unwrap_or_default();
+            let st = map.entry(p.name.to_string()).or_default();
+            st.module = p.module.clone();
+            st.sha256 = sha256_hex(&bytes);
+            st.abi = abi_of(&bytes);
+            st.loaded_at = now_unix();
+            st.load_ms = ms(took);
+            st.last_error = None;
+        }
+    }
+
+    fn finish(&self, outcome: Value) -> Value {
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome.clone());
+        outcome
+    }
+
+    /// The last config reload's outcome, for `GET /reload`.
+    pub fn last(&self) -> Value {
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        json!({
+            "config": self.path.as_ref().map(|p| p.display().to_string()),
+            "generation": self.generation.load(Relaxed),
+            "last": last,
+        })
+    }
+
+    /// `GET /plugins`.
+    pub fn plugins_json(&self, shared: &Shared) -> Value {
+        let snap = shared.snapshot.load_full();
+        let map = self.plugins.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut list = Vec::new();
+        for p in &snap.config.plugins {
+            let p = &p.value;
+            let name = p.name.as_str();
+            let st = map.get(name).cloned().unwrap_or_default();
+            let counter =
+                |family: &'static str| self.stats.counter(family, "", &[("plugin", name)]).get();
+            let instances = self
+                .stats
+                .gauge("legate_plugin_instances", "", &[("plugin", name)])
+                .get();
+            let config_sets = snap
+                .plugins
+                .keys()
+                .filter(|k| k.plugin.as_str() == name)
+                .count();
+            list.push(json!({
+                "name": name,
+                "module": st.module.display().to_string(),
+                "sha256": st.sha256,
+                "abi": st.abi,
+                "loaded_at": st.loaded_at,
+                "load_ms": st.load_ms,
+                "instances": instances,
+                "config_sets": config_sets,
+                "errors": {
+                    "failures": counter("legate_plugin_failures_total"),
+                    "traps": counter("legate_plugin_traps_total"),
+                    "timeouts": counter("legate_plugin_timeouts_total"),
+                    "memory_exceeded": counter("legate_plugin_memory_exceeded_total"),
+                    "last_load_error": st.last_error,
+                },
+                "last_reload": st.last_reload,
+            }));
+        }
+        json!({ "plugins": list })
+    }
+
+    /// SHA-256 of the config text in force.
+    fn applied_hash(&self) -> Option<String> {
+        self.applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The SHA-256 of the module `plugin` runs now.
+    fn plugin_hash(&self, plugin: &str) -> Option<String> {
+        self.plugins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(plugin)
+            .map(|s| s.sha256.clone())
+    }
+}
+
+/// Reloads the config file: validates and builds everything first; on any error
+/// nothing changes. Returns the outcome (what changed) as JSON.
+pub fn reload_config(shared: &Arc<Shared>, trigger: Trigger) -> Result<Value, ReloadError> {
+    let r = &shared.reloader;
+    let _one = r.lock.lock().unwrap_or_else(PoisonError::into_inner);
+    let started = Instant::now();
+    let result = apply_config(shared);
+    let took = started.elapsed();
+    r.duration.observe(took);
+    match result {
+        Ok(mut changes) => {
+            r.ok.inc();
+            let generation = r.generation.fetch_add(1, Relaxed) + 1;
+            changes["result"] = json!("ok");
+            changes["trigger"] = json!(trigger.as_str());
+            changes["generation"] = json!(generation);
+            changes["duration_ms"] = json!(ms(took));
+            changes["at"] = json!(now_unix());
+            tracing::info!(
+                trigger = trigger.as_str(),
+                generation,
+                "config reloaded in {:.1} ms: {}",
+                ms(took),
+                changes
+            );
+            Ok(r.finish(changes))
+        }
+        Err(e) => {
+            r.failed.inc();
+            tracing::error!(
+                trigger = trigger.as_str(),
+                "config reload failed; the config in force is unchanged:\n{e}"
+            );
+            r.finish(json!({
+                "result": "error",
+                "trigger": trigger.as_str(),
+                "error": e,
+                "duration_ms": ms(took),
+                "at": now_unix(),
+            }));
+            Err(ReloadError::Failed(e))
+        }
+    }
+}
+
+fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
+    let r = &shared.reloader;
+    if shared.is_draining() {
+        return Err("Legate is draining; not reloading".into());
+    }
+    let Some(path) = r.path.as_deref() else {
+        return Err(
+            "this Legate was not started from a config file, so there is nothing to reload".into(),
+        );
+    };
+    let text = std::fs::read(path)
+        .map_err(|e| format!("{}: cannot read the config file: {e}", path.display()))?;
+    let hash = sha256_hex(&text);
+    let mut cfg = config::load_file(path).map_err(|e| e.to_string())?;
+    if r.local_zone.is_some() {
+        cfg.set_local_zone(r.local_zone.clone());
+    }
+    let old = shared.snapshot.load_full();
+    let mut notes = Vec::new();
+    if cfg.admin.address.value != old.config.admin.address.value {
+        notes.push(format!(
+            "admin.address changed to {}; the admin listener stays on {} until a restart",
+            cfg.admin.address.value, old.config.admin.address.value
+        ));
+    }
+    if !same(&cfg.access_log, &old.config.access_log) {
+        notes.push("access_log changed; it takes effect at the next (hot) restart".to_string());
+    }
+    for n in &notes {
+        tracing::warn!("reload: {n}");
+    }
+    let config = Arc::new(cfg);
+    let stats = &shared.stats;
+    let mut snap = Snapshot::build_with(config.clone(), stats).map_err(|e| format!("{e:#}"))?;
+
+    // Clusters whose config is unchanged keep their entry (health, ejections,
+    // discovered endpoints, counters, balancers).
+    let mut kept_clusters = Vec::new();
+    let mut changed_clusters = Vec::new();
+    for c in &config.clusters {
+        let c = &c.value;
+        let before = old.config.clusters.iter().find(|o| o.value.name == c.name);
+        match (before, old.clusters.get(&c.name)) {
+            (Some(b), Some(entry)) if same(&b.value, c) => {
+                snap.clusters.insert(c.name.clone(), entry.clone());
+                kept_clusters.push(c.name.to_string());
+            }
+            _ => changed_clusters.push(c.name.to_string()),
+        }
+    }
+    let removed_clusters: Vec<String> = old
+        .clusters
+        .keys()
+        .filter(|n| !snap.clusters.contains_key(*n))
+        .map(|n| n.to_string())
+        .collect();
+
+    let (listeners, lchanges) = plan_listeners(shared, &config)?;
+    let clusters_changed = !changed_clusters.is_empty() || !removed_clusters.is_empty();
+    shared.commit(Arc::new(snap), Some(listeners))?;
+    *r.applied.lock().unwrap_or_else(PoisonError::into_inner) = Some(hash);
+    if clusters_changed {
+        if let Err(e) = shared.restart_health() {
+            // The config is in force; only health checking of the new clusters is
+            // missing, which is worth an error but not a rollback.
+            tracing::error!("reload: {e:#}");
+            notes.push(format!("health checks not restarted: {e:#}"));
+        }
+    }
+    r.record_plugins(&config, None, Duration::ZERO);
+    Ok(json!({
+        "listeners": lchanges,
+        "clusters": {
+            "kept": kept_clusters,
+            "new_or_changed": changed_clusters,
+            "removed": removed_clusters,
+        },
+        "plugins": config.plugins.iter().map(|p| p.value.name.to_string()).collect::<Vec<_>>(),
+        "notes": notes,
+    }))
+}
+
+/// The listener set for `config`: unchanged listeners kept, changed ones on their
+/// old socket when the address is the same, new addresses bound.
+fn plan_listeners(shared: &Shared, config: &Config) -> Result<(ListenerSet, Value), String> {
+    let current = shared.listener_set();
+    let mut next: Vec<Arc<Bound>> = Vec::new();
+    let (mut kept, mut changed, mut added) = (Vec::new(), Vec::new(), Vec::new());
+    for l in &config.listeners {
+        let l = &l.value;
+        let by_name = current.iter().find(|b| b.ctx.name == l.name);
+        if let Some(b) = by_name.filter(|b| same(&b.ctx.cfg, l)) {
+            next.push(b.clone());
+            kept.push(l.name.to_string());
+            continue;
+        }
+        // The same address string (a rename, or other settings): keep the socket,
+        // so no connection waiting in its backlog is refused.
+        // Another name's socket only if that listener is going away, and never for
+        // port 0 (every `:0` is a different socket).
+        let ephemeral = l.address.value.ends_with(":0");
+        let reuse = by_name
+            .filter(|b| b.ctx.cfg.address.value == l.address.value)
+            .or_else(|| {
+                current.iter().find(|b| {
+                    !ephemeral
+                        && b.ctx.cfg.address.value == l.address.value
+                        && !config.listeners.iter().any(|n| n.value.name == b.ctx.name)
+                })
+            });
+        let bound = match reuse {
+            Some(b) => {
+                let socket = b
+                    .socket
+                    .try_clone()
+                    .map_err(|e| format!("listener `{}`: duplicating its socket: {e}", l.name))?;
+                let ctx = ListenerCtx::adopt(l, &shared.stats, &socket)
+                    .map_err(|e| format!("listener `{}`: {e:#}", l.name))?;
+                changed.push(l.name.to_string());
+                Bound {
+                    ctx: Arc::new(ctx),
+                    socket,
+                }
+            }
+            None => {
+                let (ctx, socket) = ListenerCtx::bind(l, &shared.stats)
+                    .map_err(|e| format!("listener `{}` on {}: {e:#}", l.name, l.address.value))?;
+                added.push(l.name.to_string());
+                Bound {
+                    ctx: Arc::new(ctx),
+                    socket,
+                }
+            }
+        };
+        next.push(Arc::new(bound));
+    }
+    let removed: Vec<String> = current
+        .iter()
+        .filter(|b| !config.listeners.iter().any(|l| l.value.name == b.ctx.name))
+        .map(|b| b.ctx.name.to_string())
+        .collect();
+    Ok((
+        next.into(),
+        json!({ "kept": kept, "changed": changed, "added": added, "removed": removed }),
+    ))
+}
+
+/// Reloads one plugin: compiles its module again and configures it (with every
+/// route override). On error the old version keeps serving.
+pub fn reload_plugin(
+    shared: &Arc<Shared>,
+    name: &str,
+    trigger: Trigger,
+) -> Result<Value, ReloadError> {
+    let r = &shared.reloader;
+    let _one = r.lock.lock().unwrap_or_else(PoisonError::into_inner);
+    let old = shared.snapshot.load_full();
+    if !old
+        .config
+        .plugins
+        .iter()
+        .any(|p| p.value.name.as_str() == name)
+    {
+        return Err(ReloadError::UnknownPlugin(name.to_string()));
+    }
+    let started = Instant::now();
+    let result = (|| -> Result<(), String> {
+        if shared.is_draining() {
+            return Err("Legate is draining; not reloading".into());
+        }
+        let mut only = (*old.config).clone();
+        only.plugins.retain(|p| p.value.name.as_str() == name);
+        let fresh = crate::wasm::load(&only, &shared.stats).map_err(|e| format!("{e:#}"))?;
+        let mut loaded: HashMap<_, _> = old
+            .plugins
+            .iter()
+            .filter(|(k, _)| k.plugin.as_str() != name)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        loaded.extend(fresh);
+        let snap = old
+            .with_plugins(&shared.stats, loaded)
+            .map_err(|e| format!("{e:#}"))?;
+        shared.commit(Arc::new(snap), None)
+    })();
+    let took = started.elapsed();
+    shared
+        .stats
+        .histogram(
+            "legate_plugin_reload_duration_seconds",
+            "Time to compile (or load from the cache), configure and publish a plugin.",
+            &[("plugin", name)],
+        )
+        .observe(took);
+    let mut outcome = json!({
+        "plugin": name,
+        "trigger": trigger.as_str(),
+        "duration_ms": ms(took),
+        "at": now_unix(),
+    });
+    match result {
+        Ok(()) => {
+            r.plugin_counter(name, "success").inc();
+            r.record_plugins(&old.config, Some(name), took);
+            outcome["result"] = json!("ok");
+            if let Some(st) = r
+                .plugins
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(name)
+            {
+                outcome["sha256"] = json!(st.sha256);
+                st.last_reload = Some(outcome.clone());
+            }
+            tracing::info!(
+                plugin = name,
+                trigger = trigger.as_str(),
+                "plugin reloaded in {:.1} ms",
+                ms(took)
+            );
+            Ok(outcome)
+        }
+        Err(e) => {
+            r.plugin_counter(name, "failure").inc();
+            tracing::error!(
+                plugin = name,
+                trigger = trigger.as_str(),
+                "plugin reload failed; the version in force keeps serving: {e}"
+            );
+            outcome["result"] = json!("error");
+            outcome["error"] = json!(e);
+            if let Some(st) = r
+                .plugins
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(name)
+            {
+                st.last_error = Some(e.clone());
+                st.last_reload = Some(outcome);
+            }
+            Err(ReloadError::Failed(e))
+        }
+    }
+}
+
+/// A file's size and mtime: cheap to poll; its contents are hashed only when
+/// they change.
+fn stamp(path: &Path) -> Option<(u64, SystemTime)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+/// Starts the thread that polls the config file and plugin modules every `every`.
+pub fn spawn_watch(shared: &Arc<Shared>, every: Duration) -> std::io::Result<()> {
+    let weak = Arc::downgrade(shared);
+    std::thread::Builder::new()
+        .name("legate-watch".into())
+        .spawn(move || {
+            let mut stamps: HashMap<PathBuf, (u64, SystemTime)> = HashMap::new();
+            // Content last tried per file: a broken version is tried once.
+            let mut tried: HashMap<PathBuf, String> = HashMap::new();
+            let mut first = true;
+            loop {
+                let Some(shared) = weak.upgrade() else { return };
+                if shared.is_draining() {
+                    return;
+                }
+                watch_once(&shared, &mut stamps, &mut tried, first);
+                first = false;
+                drop(shared);
+                std::thread::sleep(every);
+            }
+        })
+        .map(|_| ())
+}
+
+fn watch_once(
+    shared: &Arc<Shared>,
+    stamps: &mut HashMap<PathBuf, (u64, SystemTime)>,
+    tried: &mut HashMap<PathBuf, String>,
+    first: bool,
+) {
+    let r = &shared.reloader;
+    // Returns the new content hash when `path` changed since the last poll.
+    let mut changed = |path: &Path| -> Option<String> {
+        let now = stamp(path)?;
+        let before = stamps.insert(path.to_path_buf(), now);
+        if first || before == Some(now) {
+            return None;
+        }
+        let hash = sha256_hex(&std::fs::read(path).ok()?);
+        if tried.get(path) == Some(&hash) {
+            return None;
+        }
+        tried.insert(path.to_path_buf(), hash.clone());
+        Some(hash)
+    };
+    if let Some(path) = r.path.clone() {
+        if let Some(hash) = changed(&path) {
+            if r.applied_hash().as_deref() != Some(hash.as_str()) {
+                // Errors are logged and counted by the reload itself.
+                let _ = reload_config(shared, Trigger::Watch);
+                return;
+            }
+        }
+    }
+    let snap = shared.snapshot.load_full();
+    for p in &snap.config.plugins {
+        let p = &p.value;
+        if let Some(hash) = changed(&p.module) {
+            if r.plugin_hash(p.name.as_str()).as_deref() != Some(hash.as_str()) {
+                let _ = reload_plugin(shared, p.name.as_str(), Trigger::Watch);
+            }
+        }
+    }
+}

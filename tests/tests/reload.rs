@@ -1,0 +1,994 @@
+//! Hot operations: config reload (`POST /reload`, the file watch), listener
+//! add/remove, cluster health after a reload, plugin reload (`POST
+//! /plugins/NAME/reload`, `GET /plugins`), and requests under steady load across
+//! all of them failing none. Legate runs in-process from a real config file; the
+//! SIGHUP and hot-restart tests run the real `legate` binary.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use legate_host::{config, server};
+use legate_tests::*;
+
+/// Legate started in-process from a config file, so it can reload it.
+struct Proc {
+    handle: Option<server::Handle>,
+    admin: SocketAddr,
+    path: PathBuf,
+    _dir: TempDir,
+}
+
+fn start(yaml: &str, watch: Option<Duration>, concurrency: usize) -> Proc {
+    let dir = TempDir::new();
+    let path = dir.write("legate.yaml", yaml);
+    let cfg = config::load_file(&path).unwrap_or_else(|e| panic!("invalid test config:\n{e}"));
+    let process = server::ProcessOptions {
+        config_path: Some(path.clone()),
+        watch_interval: watch,
+        ..Default::default()
+    };
+    let opts = server::Options { concurrency };
+    let handle = std::thread::spawn(move || server::start_with(cfg, opts, process))
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("legate failed to start: {e:#}"));
+    Proc {
+        admin: handle.admin_addr(),
+        handle: Some(handle),
+        path,
+        _dir: dir,
+    }
+}
+
+impl Proc {
+    fn addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.handle.as_ref().unwrap().listener_addr(listener)
+    }
+
+    /// Replaces the config file atomically (write, then rename).
+    fn write(&self, yaml: &str) {
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &self.path).unwrap();
+    }
+
+    async fn admin(&self, method: Method, path: &str) -> (u16, String) {
+        let mut c = client(Proto::H1, self.admin).await;
+        let r = c.request(method, path).send().await;
+        (r.status.as_u16(), r.text())
+    }
+
+    async fn reload(&self) -> (u16, String) {
+        self.admin(Method::POST, "/reload").await
+    }
+
+    async fn stat(&self, series: &str) -> Option<f64> {
+        let (_, text) = self.admin(Method::GET, "/stats").await;
+        parse_prometheus(&text).get(series).copied()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown();
+            std::thread::spawn(move || {
+                let _ = h.wait();
+            });
+        }
+    }
+}
+
+const RELOAD_OK: &str = r#"legate_config_reloads_total{result="success"}"#;
+const RELOAD_FAILED: &str = r#"legate_config_reloads_total{result="failure"}"#;
+
+/// Listener `web` (and `extra` if asked) routing everything to cluster `backend`
+/// at `up`; `route_extra` lines go into the route (indented 12), `cluster_extra`
+/// into the cluster (indented 4), `top` at the end.
+fn yaml(up: SocketAddr, extra: bool, route_extra: &str, cluster_extra: &str, top: &str) -> String {
+    let extra = if extra {
+        "  - name: extra\n    address: 127.0.0.1:0\n    http:\n      routes: main\n"
+    } else {
+        ""
+    };
+    format!(
+        "version: 1
+admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+{extra}routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match:
+              prefix: /
+            cluster: backend
+{route_extra}clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+{cluster_extra}{top}"
+    )
+}
+
+each_proto!(
+    async fn reload_swaps_routes_and_keeps_connections(proto) {
+        let a = upstream().name("a").start().await;
+        let b = upstream().name("b").start().await;
+        let lg = start(&yaml(a.addr, false, "", "", ""), None, 2);
+        let web = lg.addr("web").unwrap();
+        let mut c = client(proto, web).await;
+        let r = c.get("/x").send().await;
+        assert_eq!(r.header("x-upstream"), Some("a"));
+
+        lg.write(&yaml(b.addr, false, "", "", ""));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["result"], "ok");
+        assert_eq!(v["listeners"]["kept"], json!(["web"]));
+        assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]));
+
+        // The same connection, now routed by the new config.
+        let r = c.get("/x").send().await;
+        assert_eq!(r.header("x-upstream"), Some("b"));
+        assert!(!c.is_closed(), "the reload closed a connection of a kept listener");
+        assert_eq!(lg.addr("web"), Some(web), "the kept listener moved");
+        assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
+        let (_, last) = lg.admin(Method::GET, "/reload").await;
+        let last: Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(last["generation"], 2);
+        assert_eq!(last["last"]["result"], "ok");
+    }
+);
+
+each_proto!(
+    async fn a_broken_config_changes_nothing(proto) {
+        let a = upstream().name("a").start().await;
+        let b = upstream().name("b").start().await;
+        let lg = start(&yaml(a.addr, false, "", "", ""), None, 1);
+        let mut c = client(proto, lg.addr("web").unwrap()).await;
+
+        // Valid YAML, invalid config: an unknown key in the cluster (line 22).
+        lg.write(&yaml(b.addr, false, "", "    lb_polizy: random\n", ""));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("legate.yaml:22:"), "no file:line:col in: {body}");
+        assert!(body.contains("lb_polizy"), "{body}");
+        // Not YAML at all.
+        lg.write("version: 1\nlisteners: [\n");
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("legate.yaml:"), "{body}");
+
+        let r = c.get("/x").send().await;
+        assert_eq!(r.header("x-upstream"), Some("a"), "a failed reload changed the routes");
+        assert_eq!(lg.stat(RELOAD_FAILED).await, Some(2.0));
+        assert_eq!(lg.stat(RELOAD_OK).await, Some(0.0));
+        let (_, last) = lg.admin(Method::GET, "/reload").await;
+        let last: Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(last["generation"], 1);
+        assert_eq!(last["last"]["result"], "error");
+        assert!(last["last"]["error"].as_str().unwrap().contains("legate.yaml:"));
+
+        // A config that validates but cannot be applied (its listener's address is
+        // taken) changes nothing either.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let bad = yaml(b.addr, false, "", "", "").replace(
+            "  - name: web\n",
+            &format!(
+                "  - name: busy\n    address: {}\n    http:\n      routes: main\n  - name: web\n",
+                taken.local_addr().unwrap()
+            ),
+        );
+        lg.write(&bad);
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("listener `busy`"), "{body}");
+        let r = c.get("/x").send().await;
+        assert_eq!(r.header("x-upstream"), Some("a"));
+    }
+);
+
+each_proto!(
+    async fn listeners_are_added_and_removed(proto) {
+        let a = upstream().name("a").start().await;
+        let lg = start(&yaml(a.addr, false, "", "", ""), None, 2);
+        let web = lg.addr("web").unwrap();
+        assert_eq!(lg.addr("extra"), None);
+
+        lg.write(&yaml(a.addr, true, "", "", ""));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["listeners"]["added"], json!(["extra"]), "{body}");
+        let extra = lg.addr("extra").expect("the new listener is bound");
+        let mut on_extra = client(proto, extra).await;
+        let r = on_extra.get("/x").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(lg.addr("web"), Some(web));
+
+        // Removing it: it stops accepting; its connection is closed gracefully.
+        lg.write(&yaml(a.addr, false, "", "", ""));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["listeners"]["removed"], json!(["extra"]));
+        assert_eq!(lg.addr("extra"), None);
+        eventually(Duration::from_secs(3), "the removed listener refuses", || async {
+            tokio::net::TcpStream::connect(extra).await.is_err().then_some(())
+        })
+        .await;
+        match proto {
+            // HTTP/2: a GOAWAY closes the idle connection.
+            Proto::H2 => {
+                eventually(Duration::from_secs(3), "the connection closes", || async {
+                    on_extra.is_closed().then_some(())
+                })
+                .await
+            }
+            // HTTP/1.1: one more request is answered, with `Connection: close`.
+            Proto::H1 => {
+                let r = on_extra.get("/x").send().await;
+                assert_eq!(r.status, 200);
+                assert_eq!(r.header("connection"), Some("close"));
+            }
+        }
+        let mut c = client(proto, web).await;
+        assert_eq!(c.get("/x").send().await.status, 200);
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_follow_the_reloaded_clusters() {
+    let a = upstream().name("a").start().await;
+    let b = upstream().name("b").start().await;
+    let lg = start(&yaml(a.addr, false, "", "", ""), None, 1);
+    let hc = "    health_check:
+      http: { path: /healthz }
+      interval: 50ms
+      timeout: 1s
+";
+    // A new cluster with health checks, and the old one replaced by another
+    // endpoint: both are checked after the reload.
+    let top = format!(
+        "  - name: checked
+    endpoints:
+      - address: {}
+{hc}",
+        b.addr
+    );
+    lg.write(&yaml(a.addr, false, "", hc, &top));
+    let (status, body) = lg.reload().await;
+    assert_eq!(status, 200, "{body}");
+    for cluster in ["backend", "checked"] {
+        let series = format!("legate_cluster_health_check_success{{cluster=\"{cluster}\"}}");
+        eventually(Duration::from_secs(5), &series, || async {
+            lg.stat(&series).await.filter(|v| *v >= 2.0)
+        })
+        .await;
+    }
+    // A reload that keeps the clusters keeps their state: the counter continues.
+    let before = lg
+        .stat(r#"legate_cluster_health_check_success{cluster="checked"}"#)
+        .await
+        .unwrap();
+    lg.write(&yaml(a.addr, false, "            timeout: 5s\n", hc, &top));
+    let (status, body) = lg.reload().await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["clusters"]["kept"], json!(["backend", "checked"]));
+    let after = lg
+        .stat(r#"legate_cluster_health_check_success{cluster="checked"}"#)
+        .await
+        .unwrap();
+    assert!(
+        after >= before,
+        "a kept cluster lost its counters: {before} -> {after}"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "checks continue after the reload",
+        || async {
+            lg.stat(r#"legate_cluster_health_check_success{cluster="checked"}"#)
+                .await
+                .filter(|v| *v >= after + 2.0)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_watch_reloads_on_change() {
+    let a = upstream().name("a").start().await;
+    let b = upstream().name("b").start().await;
+    let lg = start(
+        &yaml(a.addr, false, "", "", ""),
+        Some(Duration::from_millis(50)),
+        1,
+    );
+    let web = lg.addr("web").unwrap();
+    lg.write(&yaml(b.addr, false, "", "", ""));
+    eventually(Duration::from_secs(5), "the watch reloads", || async {
+        let mut c = client(Proto::H1, web).await;
+        (c.get("/x").send().await.header("x-upstream") == Some("b")).then_some(())
+    })
+    .await;
+    // A broken file is tried once and counted; the config in force stays.
+    lg.write("version: 1\nlisteners: [\n");
+    eventually(Duration::from_secs(5), "the failure is counted", || async {
+        lg.stat(RELOAD_FAILED).await.filter(|v| *v == 1.0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        lg.stat(RELOAD_FAILED).await,
+        Some(1.0),
+        "a broken file was retried"
+    );
+    let mut c = client(Proto::H1, web).await;
+    assert_eq!(c.get("/x").send().await.header("x-upstream"), Some("b"));
+    assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
+}
+
+/// What a steady load saw.
+#[derive(Debug, Default)]
+struct LoadResult {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    /// Requests not written because the server had closed the connection
+    /// gracefully (GOAWAY, `Connection: close`) first: sent again on a new
+    /// connection, as any client does. Not failures: the request never left.
+    resent: AtomicU64,
+    errors: Mutex<Vec<String>>,
+}
+
+impl LoadResult {
+    fn fail(&self, what: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut e = self.errors.lock().unwrap();
+        if e.len() < 10 {
+            e.push(what);
+        }
+    }
+}
+
+/// Steady load until `stop`: per protocol, one keep-alive connection (reopened
+/// when the server closes it gracefully) and one new connection per request.
+/// Every answer must be a 200.
+fn steady_load(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    expect: Option<(&'static str, &'static str)>,
+) -> (Arc<LoadResult>, Vec<tokio::task::JoinHandle<()>>) {
+    let res = Arc::new(LoadResult::default());
+    let mut tasks = Vec::new();
+    for proto in [Proto::H1, Proto::H2] {
+        for keep_alive in [true, false] {
+            let (res, stop) = (res.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut conn: Option<Client> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    if conn.as_ref().is_none_or(Client::is_closed) || !keep_alive {
+                        conn = match Client::connect(proto, addr).await {
+                            Ok(c) => Some(c),
+                            Err(e) => {
+                                res.fail(format!("{proto:?} connect: {e:#}"));
+                                None
+                            }
+                        };
+                    }
+                    let Some(c) = conn.as_mut() else { continue };
+                    match c.get("/load").try_send().await {
+                        Ok(r) if r.status == 200 => match expect {
+                            Some((name, value)) if r.header(name) != Some(value) => res.fail(
+                                format!("{proto:?}: {name} = {:?}, not {value}", r.header(name)),
+                            ),
+                            _ => {
+                                res.ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                        },
+                        Ok(r) => res.fail(format!("{proto:?}: status {} {}", r.status, r.text())),
+                        // hyper's `canceled`: the connection closed before the
+                        // request was written (hyper-util's pool resends these).
+                        Err(e)
+                            if format!("{e:#}").contains("connection not ready")
+                                || format!("{e:#}").contains("operation was canceled") =>
+                        {
+                            res.resent.fetch_add(1, Ordering::Relaxed);
+                            conn = None;
+                        }
+                        Err(e) => res.fail(format!("{proto:?} keep_alive={keep_alive}: {e:#}")),
+                    }
+                }
+            }));
+        }
+    }
+    (res, tasks)
+}
+
+async fn finish_load(res: &LoadResult, stop: &AtomicBool, tasks: Vec<tokio::task::JoinHandle<()>>) {
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let failed = res.failed.load(Ordering::Relaxed);
+    let ok = res.ok.load(Ordering::Relaxed);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed: {:?}",
+        ok + failed,
+        res.errors.lock().unwrap()
+    );
+    assert!(ok > 0, "no request was made");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_fail_no_request() {
+    let a = upstream().name("a").start().await;
+    let b = upstream().name("b").start().await;
+    let lg = start(&yaml(a.addr, false, "", "", ""), None, 2);
+    let web = lg.addr("web").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (res, tasks) = steady_load(web, stop.clone(), None);
+    for i in 0..20 {
+        let (up, route) = if i % 2 == 0 {
+            (b.addr, "            timeout: 5s\n")
+        } else {
+            (a.addr, "")
+        };
+        // Every third config adds (and the next removes) a listener.
+        lg.write(&yaml(up, i % 3 == 0, route, "", ""));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        if i % 5 == 0 {
+            lg.write(&yaml(up, false, "", "    bogus: 1\n", ""));
+            let (status, _) = lg.reload().await;
+            assert_eq!(status, 400);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    finish_load(&res, &stop, tasks).await;
+    assert_eq!(lg.stat(RELOAD_OK).await, Some(20.0));
+    assert_eq!(lg.stat(RELOAD_FAILED).await, Some(4.0));
+}
+
+/// The test guest component (tests/guests), built once per test process.
+fn guest() -> &'static Path {
+    static WASM: OnceLock<PathBuf> = OnceLock::new();
+    WASM.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let target_dir = root.join("target").join("guests");
+        let out = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
+            .arg(root.join("tests/guests/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .output()
+            .expect("run cargo build for the test guests");
+        assert!(
+            out.status.success(),
+            "building tests/guests failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let wasm = target_dir.join("wasm32-wasip2/release/legate_test_guests.wasm");
+        assert!(wasm.is_file(), "{} was not built", wasm.display());
+        wasm
+    })
+}
+
+/// The guest with a custom section appended: the same behaviour, another module
+/// (another SHA-256), as a rebuilt plugin would be.
+fn guest_variant(n: u32) -> Vec<u8> {
+    let mut bytes = std::fs::read(guest()).unwrap();
+    let name = b"legate-test";
+    let payload = n.to_le_bytes();
+    let size = 1 + name.len() + payload.len();
+    bytes.push(0); // custom section
+    bytes.push(u8::try_from(size).unwrap());
+    bytes.push(u8::try_from(name.len()).unwrap());
+    bytes.extend_from_slice(name);
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            c.stdin.take().unwrap().write_all(bytes)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}
+
+/// Writes a module file atomically.
+fn write_module(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// [`yaml`] with plugin `tagger` (module `module`) on listener `web`.
+fn plugin_yaml(up: SocketAddr, module: &Path) -> String {
+    yaml(up, false, "", "", "").replace(
+        "    http:\n      routes: main\n",
+        "    http:\n      routes: main\n      filters: [{ plugin: tagger }]\n",
+    ) + &format!(
+        "plugins:
+  - name: tagger
+    module: {}
+    config: {{ mode: headers }}
+    limits: {{ cpu: 500ms }}
+",
+        module.display()
+    )
+}
+
+async fn plugin_status(lg: &Proc) -> Value {
+    let (status, body) = lg.admin(Method::GET, "/plugins").await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["plugins"][0].clone()
+}
+
+each_proto!(
+    async fn a_plugin_reload_swaps_the_module(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let module = dir.path().join("tagger.wasm");
+        write_module(&module, &guest_variant(1));
+        let lg = start(&plugin_yaml(up.addr, &module), None, 2);
+        let mut c = client(proto, lg.addr("web").unwrap()).await;
+        assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
+        let st = plugin_status(&lg).await;
+        assert_eq!(st["name"], "tagger");
+        assert_eq!(st["sha256"], sha256_hex(&guest_variant(1)));
+        assert_eq!(st["abi"], "legate:filter@0.1.0");
+        assert_eq!(st["instances"], 1);
+        assert!(st["loaded_at"].as_f64().unwrap() > 0.0);
+
+        write_module(&module, &guest_variant(2));
+        let (status, body) = lg.admin(Method::POST, "/plugins/tagger/reload").await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["result"], "ok");
+        assert_eq!(v["sha256"], sha256_hex(&guest_variant(2)));
+        // The same connection runs the new instance.
+        assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
+        let st = plugin_status(&lg).await;
+        assert_eq!(st["sha256"], sha256_hex(&guest_variant(2)));
+        assert_eq!(st["last_reload"]["result"], "ok");
+        // The old instance was freed when its snapshot went.
+        assert_eq!(st["instances"], 1, "{st}");
+        assert_eq!(
+            lg.stat(r#"legate_plugin_reloads_total{plugin="tagger",result="success"}"#).await,
+            Some(1.0)
+        );
+
+        let (status, body) = lg.admin(Method::POST, "/plugins/nope/reload").await;
+        assert_eq!(status, 404, "{body}");
+    }
+);
+
+each_proto!(
+    async fn a_broken_plugin_keeps_the_old_version(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let module = dir.path().join("tagger.wasm");
+        write_module(&module, &guest_variant(1));
+        let lg = start(&plugin_yaml(up.addr, &module), None, 1);
+        let mut c = client(proto, lg.addr("web").unwrap()).await;
+        assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
+
+        write_module(&module, b"\0asm\x0d\0\x01\0 not a component");
+        let (status, body) = lg.admin(Method::POST, "/plugins/tagger/reload").await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("plugin `tagger`"), "{body}");
+        assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
+        let st = plugin_status(&lg).await;
+        assert_eq!(st["sha256"], sha256_hex(&guest_variant(1)), "the status shows a module not in use");
+        assert_eq!(st["last_reload"]["result"], "error");
+        assert!(st["errors"]["last_load_error"].as_str().unwrap().contains("tagger"), "{st}");
+        assert_eq!(
+            lg.stat(r#"legate_plugin_reloads_total{plugin="tagger",result="failure"}"#).await,
+            Some(1.0)
+        );
+        // A config reload reads the module too: it fails the same way, and changes
+        // nothing.
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_module_watch_reloads_a_plugin() {
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    let module = dir.path().join("tagger.wasm");
+    write_module(&module, &guest_variant(1));
+    let lg = start(
+        &plugin_yaml(up.addr, &module),
+        Some(Duration::from_millis(50)),
+        1,
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    write_module(&module, &guest_variant(3));
+    let want = sha256_hex(&guest_variant(3));
+    eventually(
+        Duration::from_secs(10),
+        "the watch reloads the plugin",
+        || async { (plugin_status(&lg).await["sha256"] == want.as_str()).then_some(()) },
+    )
+    .await;
+    let st = plugin_status(&lg).await;
+    assert_eq!(st["last_reload"]["trigger"], "watch");
+    let mut c = client(Proto::H1, lg.addr("web").unwrap()).await;
+    assert_eq!(
+        c.get("/x").send().await.header("x-filter-resp"),
+        Some("tagger")
+    );
+    assert_eq!(
+        lg.stat(RELOAD_OK).await,
+        Some(0.0),
+        "a module change reloaded the whole config"
+    );
+}
+
+/// Plugin and config reloads, good and broken, under load: no request fails and
+/// every answer went through the plugin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_reloads_under_load_fail_no_request() {
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    let module = dir.path().join("tagger.wasm");
+    write_module(&module, &guest_variant(0));
+    let lg = start(&plugin_yaml(up.addr, &module), None, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (res, tasks) = steady_load(
+        lg.addr("web").unwrap(),
+        stop.clone(),
+        Some(("x-filter-resp", "tagger")),
+    );
+    let mut failures = 0;
+    for i in 1..=30u32 {
+        if i % 7 == 0 {
+            write_module(&module, b"garbage");
+            failures += 1;
+        } else {
+            write_module(&module, &guest_variant(i));
+        }
+        let (status, body) = if i % 5 == 0 {
+            lg.reload().await
+        } else {
+            lg.admin(Method::POST, "/plugins/tagger/reload").await
+        };
+        assert_eq!(status == 200, i % 7 != 0, "reload {i}: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    finish_load(&res, &stop, tasks).await;
+    assert!(failures > 0);
+    // Instances of replaced versions are freed: at most one per worker remains.
+    let mut c = client(Proto::H1, lg.addr("web").unwrap()).await;
+    assert_eq!(c.get("/x").send().await.status, 200);
+    let st = plugin_status(&lg).await;
+    assert!(st["instances"].as_i64().unwrap() <= 2, "{st}");
+}
+
+/// The `legate` binary, built on first use.
+fn legate_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let build = Command::new(env!("CARGO"))
+            .current_dir(&workspace)
+            .args([
+                "build",
+                "-p",
+                "legate-host",
+                "--bin",
+                "legate",
+                "--message-format",
+                "json",
+            ])
+            .output()
+            .expect("run cargo build");
+        assert!(
+            build.status.success(),
+            "cargo build --bin legate failed:\n{}",
+            String::from_utf8_lossy(&build.stderr)
+        );
+        // Cargo reports where the executable went.
+        String::from_utf8_lossy(&build.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"]["name"] == "legate")
+            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+            .expect("cargo did not report the legate executable")
+    })
+}
+
+/// A `legate run` child process.
+struct Child {
+    child: std::process::Child,
+}
+
+impl Child {
+    fn spawn(config: &Path, extra: &[&str]) -> Child {
+        let child = Command::new(legate_bin())
+            .args(["run", "--concurrency", "2", "--watch-interval", "0", "-c"])
+            .arg(config)
+            .args(extra)
+            .env("LEGATE_LOG", "info")
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn legate");
+        Child { child }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit; its exit status.
+    async fn exited(&mut self, within: Duration) -> std::process::ExitStatus {
+        eventually(within, "the legate process exits", || {
+            let r = self.child.try_wait().unwrap();
+            async move { r }
+        })
+        .await
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn admin_at(admin: SocketAddr, method: Method, path: &str) -> Option<(u16, String)> {
+    let mut c = Client::connect(Proto::H1, admin).await.ok()?;
+    let r = c.request(method, path).try_send().await.ok()?;
+    Some((r.status.as_u16(), r.text()))
+}
+
+/// A config on fixed (free) ports, since two processes must agree on them.
+fn fixed_yaml(web: SocketAddr, admin: SocketAddr, up: SocketAddr) -> String {
+    yaml(up, false, "", "", "")
+        .replace(
+            "  address: 127.0.0.1:0\nlisteners:",
+            &format!("  address: {admin}\nlisteners:"),
+        )
+        .replace(
+            "    address: 127.0.0.1:0\n    http:",
+            &format!("    address: {web}\n    http:"),
+        )
+}
+
+async fn wait_ready(admin: SocketAddr) {
+    eventually(Duration::from_secs(60), "legate is ready", || async {
+        admin_at(admin, Method::GET, "/ready")
+            .await
+            .filter(|(s, _)| *s == 200)
+            .map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config() {
+    let a = upstream().name("a").start().await;
+    let b = upstream().name("b").start().await;
+    let (web, admin) = (closed_port_addr(), closed_port_addr());
+    let dir = TempDir::new();
+    let cfg = dir.write("legate.yaml", fixed_yaml(web, admin, a.addr));
+    let p = Child::spawn(&cfg, &[]);
+    wait_ready(admin).await;
+    let mut c = client(Proto::H1, web).await;
+    assert_eq!(c.get("/x").send().await.header("x-upstream"), Some("a"));
+    std::fs::write(&cfg, fixed_yaml(web, admin, b.addr)).unwrap();
+    p.signal("HUP");
+    eventually(Duration::from_secs(10), "SIGHUP reloads", || async {
+        let (_, body) = admin_at(admin, Method::GET, "/reload").await?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (v["last"]["trigger"] == "signal" && v["last"]["result"] == "ok").then_some(())
+    })
+    .await;
+    assert_eq!(c.get("/x").send().await.header("x-upstream"), Some("b"));
+}
+
+/// Hot restarts under steady load (HTTP/1.1 and HTTP/2, keep-alive and new
+/// connections): no connection refused, no request failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_restart_under_load_fails_no_request() {
+    let up = upstream().start().await;
+    let (web, admin) = (closed_port_addr(), closed_port_addr());
+    let dir = TempDir::new();
+    let cfg = dir.write("legate.yaml", fixed_yaml(web, admin, up.addr));
+    let mut current = Child::spawn(&cfg, &[]);
+    wait_ready(admin).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (res, tasks) = steady_load(web, stop.clone(), None);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        let before = res.ok.load(Ordering::Relaxed);
+        let mut next = Child::spawn(&cfg, &["--upgrade"]);
+        // The old process hands over and exits once drained.
+        let status = current.exited(Duration::from_secs(60)).await;
+        assert!(status.success(), "the old process exited with {status}");
+        assert!(
+            next.child.try_wait().unwrap().is_none(),
+            "the new process died"
+        );
+        std::mem::swap(&mut current, &mut next);
+        wait_ready(admin).await;
+        eventually(Duration::from_secs(10), "requests continue", || async {
+            (res.ok.load(Ordering::Relaxed) > before + 20).then_some(())
+        })
+        .await;
+    }
+    finish_load(&res, &stop, tasks).await;
+    current.signal("TERM");
+    assert!(current.exited(Duration::from_secs(30)).await.success());
+}
+
+fn percentiles(mut v: Vec<f64>) -> String {
+    if v.is_empty() {
+        return "n/a".into();
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    format!(
+        "p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms (n={})",
+        at(0.5),
+        at(0.95),
+        at(1.0),
+        v.len()
+    )
+}
+
+fn env_n(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The reload benchmark (bench/reload.sh): steady load while doing config reloads,
+/// plugin reloads and hot restarts of the real binary; prints failed requests and
+/// reload latencies. Ignored in the normal suite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run by bench/reload.sh"]
+async fn reload_bench() {
+    let (config_reloads, plugin_reloads, restarts) = (
+        env_n("CONFIG_RELOADS", 100),
+        env_n("PLUGIN_RELOADS", 100),
+        env_n("RESTARTS", 10),
+    );
+    let up = upstream().start().await;
+    let (web, admin) = (closed_port_addr(), closed_port_addr());
+    let dir = TempDir::new();
+    let module = dir.path().join("tagger.wasm");
+    write_module(&module, &guest_variant(0));
+    let with_plugin = |route: &str| {
+        fixed_yaml(web, admin, up.addr)
+            .replace(
+                "    http:\n      routes: main\n",
+                "    http:\n      routes: main\n      filters: [{ plugin: tagger }]\n",
+            )
+            .replace("            cluster: backend\n", &format!("            cluster: backend\n{route}"))
+            + &format!(
+                "plugins:\n  - name: tagger\n    module: {}\n    config: {{ mode: headers }}\n    limits: {{ cpu: 500ms }}\n",
+                module.display()
+            )
+    };
+    let cfg = dir.write("legate.yaml", with_plugin(""));
+    let mut current = Child::spawn(&cfg, &[]);
+    wait_ready(admin).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (res, tasks) = steady_load(web, stop.clone(), Some(("x-filter-resp", "tagger")));
+
+    let post = |path: &'static str| async move {
+        let t = std::time::Instant::now();
+        let (status, body) = admin_at(admin, Method::POST, path)
+            .await
+            .expect("admin answers");
+        assert_eq!(status, 200, "{path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        (
+            v["duration_ms"].as_f64().unwrap(),
+            t.elapsed().as_secs_f64() * 1000.0,
+        )
+    };
+    let (mut cfg_server, mut cfg_client) = (Vec::new(), Vec::new());
+    for i in 0..config_reloads {
+        let route = if i % 2 == 0 {
+            "            timeout: 5s\n"
+        } else {
+            ""
+        };
+        let tmp = cfg.with_extension("tmp");
+        std::fs::write(&tmp, with_plugin(route)).unwrap();
+        std::fs::rename(&tmp, &cfg).unwrap();
+        let (s, c) = post("/reload").await;
+        cfg_server.push(s);
+        cfg_client.push(c);
+    }
+    let (mut pl_server, mut pl_client) = (Vec::new(), Vec::new());
+    for i in 0..plugin_reloads {
+        // Two module versions, alternating: each compiled once, then from the cache.
+        write_module(&module, &guest_variant(u32::try_from(i % 2).unwrap() + 1));
+        let (s, c) = post("/plugins/tagger/reload").await;
+        pl_server.push(s);
+        pl_client.push(c);
+    }
+    let mut handovers = Vec::new();
+    for _ in 0..restarts {
+        let t = std::time::Instant::now();
+        let mut next = Child::spawn(&cfg, &["--upgrade"]);
+        let status = current.exited(Duration::from_secs(120)).await;
+        assert!(status.success(), "the old process exited with {status}");
+        handovers.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::mem::swap(&mut current, &mut next);
+        wait_ready(admin).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ok = res.ok.load(Ordering::Relaxed);
+    let failed = res.failed.load(Ordering::Relaxed);
+    let resent = res.resent.load(Ordering::Relaxed);
+    println!("reload bench: {config_reloads} config reloads, {plugin_reloads} plugin reloads, {restarts} hot restarts");
+    println!("  requests: {ok} ok, {failed} failed, {resent} resent on a new connection after a graceful close");
+    println!("  config reload (server-side): {}", percentiles(cfg_server));
+    println!(
+        "  config reload (POST round trip): {}",
+        percentiles(cfg_client)
+    );
+    println!(
+        "  plugin reload, cached module (server-side): {}",
+        percentiles(pl_server)
+    );
+    println!(
+        "  plugin reload, cached module (POST round trip): {}",
+        percentiles(pl_client)
+    );
+    println!(
+        "  hot restart, spawn to old process exited: {}",
+        percentiles(handovers)
+    );
+    finish_load(&res, &stop, tasks).await;
+    current.signal("TERM");
+    let _ = current.exited(Duration::from_secs(30)).await;
+}
