@@ -12,6 +12,10 @@
 //! - [`plugin`]: [`WasmFilter`], a [`crate::filter::HttpFilter`]; per-worker
 //!   instances, deadlines, memory caps, failure handling and per-plugin stats.
 //!
+//! Callouts: `callout.send` queues a request on the exchange (or, from `on-tick`,
+//! on the instance); [`crate::filter::Chain`] (or the tick task) sends it through
+//! the proxy's [`crate::filter::CalloutSender`] and delivers the result.
+//!
 //! Not supported yet, refused at load with a clear error: body and trailer phases.
 
 pub mod bindings;
