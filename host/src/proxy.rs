@@ -65,6 +65,9 @@ pub async fn handle(
     let start = Instant::now();
     conn.activity.request_started();
     conn.listener.stats.rq_active.inc();
+    // Undone by `Done` once the response exists; by the guard if the client goes
+    // away first (hyper drops this future, e.g. while a filter is paused).
+    let mut in_flight = InFlight(Some(conn.clone()));
     let method = req.method().clone();
     let path = req
         .uri()
@@ -88,6 +91,7 @@ pub async fn handle(
             r
         }
     };
+    in_flight.0 = None;
     let route_stats = out.route.as_ref().map(|r| conn.worker.route_stats(r));
     let status = resp.status();
     let done = Done {
@@ -1001,6 +1005,19 @@ impl HttpBody for Prefixed {
             h.set_upper(u + head);
         }
         h
+    }
+}
+
+/// A request started but without a response yet: if dropped armed, the request
+/// is no longer active (the client went away).
+struct InFlight(Option<Rc<ConnCtx>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            conn.listener.stats.rq_active.dec();
+            conn.activity.request_finished();
+        }
     }
 }
 

@@ -106,7 +106,9 @@ impl CalloutResponse {
 
 /// Send a callout; the response is delivered after the current call returns.
 /// Errors: `Denied` (cluster not granted), `NotFound` (no such cluster),
-/// `InvalidArgument`, `InvalidState` (from `configure` or `on_log`),
+/// `InvalidArgument` (bad method, path or header — `host`, `content-length`
+/// and hop-by-hop fields are the host's —, or a timeout over 30 s),
+/// `InvalidState` (from `configure` or `on_log`),
 /// `LimitExceeded` (too many outstanding).
 pub fn send(request: &CalloutRequest) -> Result<CalloutId, Error> {
     backend::callout_send(request)

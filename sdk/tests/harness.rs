@@ -474,6 +474,12 @@ impl HttpFilter for Services {
                 Ok(_) => Action::Pause,
                 Err(e) => Action::respond(500, e.to_string()),
             },
+            "/host-header" => {
+                // Framing and the authority are the host's (as on the real host).
+                let r =
+                    callout::send(&CalloutRequest::new("authz", "GET", "/").header("Host", "x"));
+                Action::respond(500, r.err().map(|e| e.to_string()).unwrap_or_default())
+            }
             "/denied" => {
                 let r = callout::send(&CalloutRequest::new("other", "GET", "/"));
                 Action::respond(500, r.err().map(|e| e.to_string()).unwrap_or_default())
@@ -616,6 +622,12 @@ fn callout_errors_and_denials() {
 
     let mut y = t.exchange(Request::get("/denied"));
     assert!(matches!(y.request_headers(), Action::Respond(r) if r.body == b"denied"));
+
+    let mut w = t.exchange(Request::get("/host-header"));
+    assert!(
+        matches!(w.request_headers(), Action::Respond(r) if r.body == b"invalid-argument"),
+        "a callout carrying `host` is refused"
+    );
 
     let mut z = t.exchange(Request::get("/cancel"));
     z.request_headers();

@@ -831,6 +831,8 @@ each_proto!(
         pending.abort();
         let _ = pending.await;
         lg.assert_stat(&calls("caller", "done"), 1.0).await;
+        lg.assert_stat(r#"legate_listener_requests_active{listener="web"}"#, 0.0)
+            .await;
         // The callout was cancelled with the exchange: never delivered.
         let delivered = lg.stat(&calls("caller", "callout_response")).await;
         assert_eq!(delivered.unwrap_or(0.0), 0.0);
@@ -861,4 +863,40 @@ async fn unknown_callout_cluster_is_a_load_error() {
         err.contains("caller") || err.contains("capabilities"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callouts_from_on_tick_reach_on_tick_callout_response() {
+    let up = upstream().start().await;
+    let az = authz().await;
+    let p = plugin(
+        "ticker",
+        "{ mode: tick-callout, ns: tickco, tick: \"20\" }",
+        "    capabilities: { clusters: [authz], kv: [tickco] }\n",
+    );
+    let lg = legate()
+        .concurrency(1)
+        .config(&with_authz(up.addr, az.addr, &p, &["ticker"]))
+        .start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    // The instance (and its ticks) starts with the first exchange; the first tick
+    // sends the callout, whose response the guest writes to KV.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = c.get("/t").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        if let Some(v) = r.echo().header("x-tick-callout") {
+            assert_eq!(v, "200 ok:anonymous");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tick callout response in 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    lg.assert_stat(&calls("ticker", "tick_callout_response"), 1.0)
+        .await;
+    lg.assert_stat(r#"legate_plugin_callouts_total{plugin="ticker"}"#, 1.0)
+        .await;
 }

@@ -16,6 +16,10 @@
 //! - [`proxy_wasm`]: core modules built for Envoy's proxy-wasm ABI 0.2.1, detected
 //!   from the module itself (docs/proxy-wasm.md).
 //!
+//! Callouts: `callout.send` queues a request on the exchange (or, from `on-tick`,
+//! on the instance); [`crate::filter::Chain`] (or the tick task) sends it through
+//! the proxy's [`crate::filter::CalloutSender`] and delivers the result.
+//!
 //! Not supported yet, refused at load with a clear error: body and trailer phases.
 
 pub mod bindings;

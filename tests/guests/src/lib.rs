@@ -32,6 +32,11 @@
 //!   failed `send` continues with request header `x-callout-error: <error>`.
 //!   Path `/two` sends two callouts and resumes after both (`x-callout-count: 2`).
 //!
+//! - `tick-callout`: with `tick`, the first `on-tick` sends `GET /check/tick` to
+//!   cluster `cluster`; `on-tick-callout-response` stores `<status> <body>` (or
+//!   `error <error>`) in KV key `tick-callout` of namespace `ns`; requests get it as
+//!   request header `x-tick-callout` (absent until then).
+//!
 //! `phases` is a comma list of `rq` (request headers), `rs` (response headers),
 //! `log`, `done`; default `rq,rs`.
 
@@ -61,6 +66,8 @@ thread_local! {
         timeout: 0,
     });
     /// `callout` mode: responses still awaited per context.
+    /// `tick-callout` mode: the tick callout was sent.
+    static TICK_SENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static WAITING: RefCell<std::collections::HashMap<u64, u32>> = RefCell::default();
     static REQUESTS: RefCell<Option<Counter>> = const { RefCell::new(None) };
     static HOARD: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
@@ -146,6 +153,15 @@ fn kv_request(ns: &Namespace, path: &str, h: &Headers) {
     }
 }
 
+/// `tick-callout` mode: records the tick callout's outcome in KV.
+fn tick_result(v: String) {
+    KV.with(|k| {
+        if let Some(Ok(ns)) = k.borrow().as_ref() {
+            let _ = ns.set("tick-callout", v.as_bytes(), WriteCondition::Always, None);
+        }
+    });
+}
+
 /// `callout` mode's request phase.
 fn callout_request(c: u64, x: &Exchange, h: &Headers) -> Action {
     let (cluster, timeout) = CFG.with(|c| (c.borrow().cluster.clone(), c.borrow().timeout));
@@ -225,7 +241,7 @@ impl Guest for Plugin {
             .map_err(|e| format!("define-counter: {e:?}"))?;
             REQUESTS.with(|r| *r.borrow_mut() = Some(c));
         }
-        if mode == "kv" {
+        if mode == "kv" || mode == "tick-callout" {
             let ns = field(&config, "ns").unwrap_or_else(|| "counters".into());
             KV.with(|k| *k.borrow_mut() = Some(legate::filter::kv::open(&ns)));
         }
@@ -252,6 +268,25 @@ impl Guest for Plugin {
     }
 
     fn on_tick() {
+        if mode() == "tick-callout" {
+            if TICK_SENT.with(|s| s.replace(true)) {
+                return;
+            }
+            let cluster = CFG.with(|c| c.borrow().cluster.clone());
+            let req = legate::filter::callout::CalloutRequest {
+                cluster,
+                method: "GET".into(),
+                path: "/check/tick".into(),
+                authority: None,
+                headers: Vec::new(),
+                body: Vec::new(),
+                timeout_ms: 0,
+            };
+            if let Err(e) = legate::filter::callout::send(&req) {
+                tick_result(format!("error {}", error_name(e)));
+            }
+            return;
+        }
         KV.with(|k| {
             if let Some(Ok(ns)) = k.borrow().as_ref() {
                 let _ = ns.increment("ticks", 1, None);
@@ -259,7 +294,12 @@ impl Guest for Plugin {
         });
     }
 
-    fn on_tick_callout_response(_id: u64, _r: Result<CalloutResponse, Error>) {}
+    fn on_tick_callout_response(_id: u64, r: Result<CalloutResponse, Error>) {
+        tick_result(match r {
+            Ok(resp) => format!("{} {}", resp.status, String::from_utf8_lossy(&resp.body)),
+            Err(e) => format!("error {}", error_name(e)),
+        });
+    }
 
     fn on_request_headers(c: u64, x: &Exchange, h: &Headers, _eos: bool) -> Action {
         match mode().as_str() {
@@ -312,6 +352,16 @@ impl Guest for Plugin {
                 Action::Continue
             }
             "callout" => callout_request(c, x, h),
+            "tick-callout" => {
+                KV.with(|k| {
+                    if let Some(Ok(ns)) = k.borrow().as_ref() {
+                        if let Ok(Some(e)) = ns.get("tick-callout") {
+                            let _ = h.set("x-tick-callout", &e.value);
+                        }
+                    }
+                });
+                Action::Continue
+            }
             "metrics" => {
                 REQUESTS.with(|r| {
                     if let Some(c) = r.borrow().as_ref() {
