@@ -60,6 +60,30 @@ pub fn load(
                 );
             }
         }
+        if let Some(kind) = p
+            .module
+            .to_str()
+            .and_then(|m| m.strip_prefix(crate::native::PREFIX))
+        {
+            // A native filter: same chain, no sandbox; one per config, like components.
+            let mut configs: Vec<Option<String>> = vec![None];
+            configs.extend(route_overrides(config, &p.name).into_iter().map(Some));
+            for over in configs {
+                let value = match &over {
+                    Some(j) => Some(serde_json::from_str(j)?),
+                    None => p.config.clone(),
+                };
+                let f = crate::native::load(name, kind, value.as_ref())?;
+                out.insert(
+                    FilterKey {
+                        plugin: p.name.clone(),
+                        config_override: over,
+                    },
+                    f,
+                );
+            }
+            continue;
+        }
         if load_proxy_wasm(config, p, stats, &mut out)? {
             continue;
         }
@@ -70,18 +94,7 @@ pub fn load(
             stats,
         )?;
         let mut configs: Vec<Option<String>> = vec![None];
-        for t in &config.routes {
-            for vh in &t.value.virtual_hosts {
-                for r in &vh.value.routes {
-                    if let Some(c) = r.value.filters.get(&p.name).and_then(|f| f.config.as_ref()) {
-                        let json = c.to_string();
-                        if !configs.contains(&Some(json.clone())) {
-                            configs.push(Some(json));
-                        }
-                    }
-                }
-            }
-        }
+        configs.extend(route_overrides(config, &p.name).into_iter().map(Some));
         for over in configs {
             let json = match (&over, &p.config) {
                 (Some(j), _) => j.clone(),
