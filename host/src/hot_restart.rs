@@ -136,19 +136,22 @@ pub fn serve(
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding the upgrade socket {}", path.display()))?;
     listener.set_nonblocking(true)?;
+    // Receivers outlive `Shared`, so the exit decision works even after it is gone.
+    let (draining, handed_over) = (shared.drain_signal(), shared.handed_over.subscribe());
     let shared = Arc::downgrade(shared);
     let path = path.to_path_buf();
     std::thread::Builder::new()
         .name("legate-upgrade".into())
         .spawn(move || loop {
-            let Some(s) = shared.upgrade() else { return };
-            if s.is_draining() {
+            let s = shared.upgrade();
+            if s.is_none() || *draining.borrow() {
                 // After a handover the path belongs to the new process.
-                if !*s.handed_over.borrow() {
+                if !*handed_over.borrow() {
                     let _ = std::fs::remove_file(&path);
                 }
                 return;
             }
+            let Some(s) = s else { return };
             match listener.accept() {
                 Ok((stream, _)) => {
                     if let Err(e) = hand_over(&s, &admin, stream) {

@@ -709,12 +709,12 @@ fn legate_bin() -> &'static Path {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let build = Command::new(env!("CARGO"))
             .current_dir(&workspace)
+            // What `scripts/test.sh` builds, so features unify the same way and this
+            // is a no-op there (`-p legate-host` alone rebuilds with other features).
             .args([
                 "build",
-                "-p",
-                "legate-host",
-                "--bin",
-                "legate",
+                "--workspace",
+                "--all-targets",
                 "--message-format",
                 "json",
             ])
@@ -722,7 +722,7 @@ fn legate_bin() -> &'static Path {
             .expect("run cargo build");
         assert!(
             build.status.success(),
-            "cargo build --bin legate failed:\n{}",
+            "cargo build --workspace --all-targets failed:\n{}",
             String::from_utf8_lossy(&build.stderr)
         );
         // Cargo reports where the executable went.

@@ -1510,6 +1510,11 @@ clusters:
                 fields::<Capabilities>(),
             ),
             (
+                "`plugins[].proxy_wasm`",
+                at(&["plugins.proxy_wasm"]),
+                fields::<ProxyWasm>(),
+            ),
+            (
                 "`routes[].virtual_hosts[].routes[].filters`",
                 vec![
                     format!("{ROUTE}.filters.auth"),

@@ -158,11 +158,12 @@ fn load_proxy_wasm(
     use std::io::Read as _;
     let name = p.name.as_str();
     let mut header = [0u8; 8];
-    let is_core = std::fs::File::open(&p.module)
-        .and_then(|mut f| f.read_exact(&mut header))
-        .is_ok()
-        && proxy_wasm::is_core_module(&header);
-    if !is_core {
+    let read = std::fs::File::open(&p.module).and_then(|mut f| f.read_exact(&mut header));
+    if read.is_err() {
+        // Missing or too short: the component path reports it.
+        return Ok(false);
+    }
+    if !proxy_wasm::is_core_module(&header) {
         if p.proxy_wasm.is_some() {
             anyhow::bail!(
                 "plugin `{name}`: `proxy_wasm` settings are given, but {} is not a core Wasm \
