@@ -72,5 +72,8 @@ fn a_route_config_for_noop_is_refused_at_load() {
         .err()
         .unwrap();
     let msg = format!("{err:#}");
-    assert!(msg.contains("plugin `n1`") && msg.contains("takes no config"), "{msg}");
+    assert!(
+        msg.contains("plugin `n1`") && msg.contains("takes no config"),
+        "{msg}"
+    );
 }
