@@ -702,37 +702,9 @@ async fn plugin_reloads_under_load_fail_no_request() {
     assert!(st["instances"].as_i64().unwrap() <= 2, "{st}");
 }
 
-/// The `legate` binary, built on first use.
-fn legate_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let build = Command::new(env!("CARGO"))
-            .current_dir(&workspace)
-            // What `scripts/test.sh` builds, so features unify the same way and this
-            // is a no-op there (`-p legate-host` alone rebuilds with other features).
-            .args([
-                "build",
-                "--workspace",
-                "--all-targets",
-                "--message-format",
-                "json",
-            ])
-            .output()
-            .expect("run cargo build");
-        assert!(
-            build.status.success(),
-            "cargo build --workspace --all-targets failed:\n{}",
-            String::from_utf8_lossy(&build.stderr)
-        );
-        // Cargo reports where the executable went.
-        String::from_utf8_lossy(&build.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["target"]["name"] == "legate")
-            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-            .expect("cargo did not report the legate executable")
-    })
+/// The `legate` binary (the harness builds the workspace's binaries once).
+fn legate_bin() -> PathBuf {
+    workspace_bin("legate")
 }
 
 /// A `legate run` child process.

@@ -468,35 +468,9 @@ async fn compiled_components_are_cached_on_disk() {
     assert_eq!(mode & 0o777, 0o700);
 }
 
-/// The `legate` binary, built once per test process.
-fn legate_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = env!("CARGO");
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let build = Command::new(cargo)
-            .current_dir(&workspace)
-            // What `scripts/test.sh` builds, so features unify the same way and this
-            // is a no-op there (`-p legate-host` alone rebuilds with other features).
-            .args(["build", "--workspace", "--all-targets"])
-            .output()
-            .expect("run cargo build");
-        assert!(
-            build.status.success(),
-            "cargo build --workspace --all-targets failed:\n{}",
-            String::from_utf8_lossy(&build.stderr)
-        );
-        let meta = Command::new(cargo)
-            .current_dir(&workspace)
-            .args(["metadata", "--format-version", "1", "--no-deps"])
-            .output()
-            .expect("run cargo metadata");
-        assert!(meta.status.success(), "cargo metadata failed");
-        let meta: Value = serde_json::from_slice(&meta.stdout).unwrap();
-        let bin = PathBuf::from(meta["target_directory"].as_str().unwrap()).join("debug/legate");
-        assert!(bin.is_file(), "{} was not built", bin.display());
-        bin
-    })
+/// The `legate` binary (the harness builds the workspace's binaries once).
+fn legate_bin() -> PathBuf {
+    workspace_bin("legate")
 }
 
 /// The KV plugin (`mode: kv`) over namespace `ns`, granted `grant` (a YAML list).
