@@ -623,14 +623,12 @@ pub fn spawn_watch(shared: &Arc<Shared>, every: Duration) -> std::io::Result<()>
             let mut stamps: HashMap<PathBuf, (u64, SystemTime)> = HashMap::new();
             // Content last tried per file: a broken version is tried once.
             let mut tried: HashMap<PathBuf, String> = HashMap::new();
-            let mut first = true;
             loop {
                 let Some(shared) = weak.upgrade() else { return };
                 if shared.is_draining() {
                     return;
                 }
-                watch_once(&shared, &mut stamps, &mut tried, first);
-                first = false;
+                watch_once(&shared, &mut stamps, &mut tried);
                 drop(shared);
                 std::thread::sleep(every);
             }
@@ -642,14 +640,15 @@ fn watch_once(
     shared: &Arc<Shared>,
     stamps: &mut HashMap<PathBuf, (u64, SystemTime)>,
     tried: &mut HashMap<PathBuf, String>,
-    first: bool,
 ) {
     let r = &shared.reloader;
-    // Returns the new content hash when `path` changed since the last poll.
+    // Returns the content hash when `path` changed since the last poll. The first
+    // poll of a file hashes it too: it may have changed between the load and the
+    // watch's start, and the callers compare with the hash actually applied.
     let mut changed = |path: &Path| -> Option<String> {
         let now = stamp(path)?;
         let before = stamps.insert(path.to_path_buf(), now);
-        if first || before == Some(now) {
+        if before == Some(now) {
             return None;
         }
         let hash = sha256_hex(&std::fs::read(path).ok()?);
