@@ -57,8 +57,33 @@ pub fn run(command: PluginCommand) -> ExitCode {
     }
 }
 
-fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+/// A `cargo` command (the one running us, if any) without the variables cargo
+/// sets for the crate it compiles or runs. A nested cargo started from a test or
+/// `cargo run` would otherwise see the outer crate's `CARGO_MANIFEST_DIR` etc.,
+/// which rustc recorded as inputs of every crate using `env!` on them: those
+/// crates then look changed and rebuild, for minutes, on every nested call.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_by_cargo = matches!(
+            key,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "OUT_DIR"
+        ) || key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_");
+        if set_by_cargo {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
 }
 
 /// Build the crate at `path`; returns where the component is (`out` if given).

@@ -3,8 +3,9 @@
 //! sharing state, hot restart). Built once per test process.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
+
+use legate_host::plugin_build::cargo;
 
 /// The path of the workspace binary `name` in the target directory, after one
 /// `cargo build --workspace --all-targets` per test process: the selection
@@ -14,9 +15,8 @@ use std::sync::OnceLock;
 pub fn workspace_bin(name: &str) -> PathBuf {
     static TARGET: OnceLock<PathBuf> = OnceLock::new();
     let target = TARGET.get_or_init(|| {
-        let cargo = env!("CARGO");
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let build = Command::new(cargo)
+        let build = cargo()
             .current_dir(&workspace)
             .args(["build", "--workspace", "--all-targets"])
             .output()
@@ -27,7 +27,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
             String::from_utf8_lossy(&build.stderr)
         );
         // `cargo metadata` knows the target directory (CARGO_TARGET_DIR, config...).
-        let meta = Command::new(cargo)
+        let meta = cargo()
             .current_dir(&workspace)
             .args(["metadata", "--format-version", "1", "--no-deps"])
             .output()

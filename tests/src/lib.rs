@@ -36,6 +36,7 @@
 pub mod bins;
 pub mod certs;
 pub mod client;
+pub mod guests;
 pub mod legate;
 pub mod plugins;
 pub mod proxy_wasm;
@@ -51,6 +52,7 @@ pub use certs::{Ca, TempDir, TlsFiles};
 pub use client::{
     client, raw, raw_status, tls_client, Client, Proto, RawConn, RequestBuilder, Resp, TlsOptions,
 };
+pub use guests::test_guest;
 pub use legate::{legate, LegateBuilder, LegateHandle};
 pub use stats::parse_prometheus;
 pub use upstream::{

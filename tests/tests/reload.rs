@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use legate_host::{config, server};
@@ -467,42 +467,10 @@ async fn reloads_under_load_fail_no_request() {
     assert_eq!(lg.stat(RELOAD_FAILED).await, Some(4.0));
 }
 
-/// The test guest component (tests/guests), built once per test process.
-fn guest() -> &'static Path {
-    static WASM: OnceLock<PathBuf> = OnceLock::new();
-    WASM.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let target_dir = root.join("target").join("guests");
-        let out = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--manifest-path",
-            ])
-            .arg(root.join("tests/guests/Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .output()
-            .expect("run cargo build for the test guests");
-        assert!(
-            out.status.success(),
-            "building tests/guests failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let wasm = target_dir.join("wasm32-wasip2/release/legate_test_guests.wasm");
-        assert!(wasm.is_file(), "{} was not built", wasm.display());
-        wasm
-    })
-}
-
 /// The guest with a custom section appended: the same behaviour, another module
 /// (another SHA-256), as a rebuilt plugin would be.
 fn guest_variant(n: u32) -> Vec<u8> {
-    let mut bytes = std::fs::read(guest()).unwrap();
+    let mut bytes = std::fs::read(test_guest()).unwrap();
     let name = b"legate-test";
     let payload = n.to_le_bytes();
     let size = 1 + name.len() + payload.len();
@@ -784,6 +752,8 @@ async fn wait_ready(admin: SocketAddr) {
 async fn sighup_reloads_the_config() {
     let a = upstream().name("a").start().await;
     let b = upstream().name("b").start().await;
+    // The binary first: ports chosen before a slow build could be taken meanwhile.
+    legate_bin();
     let (web, admin) = (closed_port_addr(), closed_port_addr());
     let dir = TempDir::new();
     let cfg = dir.write("legate.yaml", fixed_yaml(web, admin, a.addr));
@@ -807,6 +777,7 @@ async fn sighup_reloads_the_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_restart_under_load_fails_no_request() {
     let up = upstream().start().await;
+    legate_bin();
     let (web, admin) = (closed_port_addr(), closed_port_addr());
     let dir = TempDir::new();
     let cfg = dir.write("legate.yaml", fixed_yaml(web, admin, up.addr));

@@ -9,42 +9,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use legate_tests::*;
-
-/// The guest component, built once per test process.
-fn guest() -> &'static Path {
-    static WASM: OnceLock<PathBuf> = OnceLock::new();
-    WASM.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let target_dir = root.join("target").join("guests");
-        let out = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--manifest-path",
-            ])
-            .arg(root.join("tests/guests/Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .output()
-            .expect("run cargo build for the test guests");
-        assert!(
-            out.status.success(),
-            "building tests/guests for wasm32-wasip2 failed (is the target installed? \
-             `rustup target add wasm32-wasip2`):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let wasm = target_dir.join("wasm32-wasip2/release/legate_test_guests.wasm");
-        assert!(wasm.is_file(), "{} was not built", wasm.display());
-        wasm
-    })
-}
 
 /// One plugin entry (indented for `plugins:`).
 fn plugin(name: &str, config: &str, extra: &str) -> String {
@@ -57,7 +23,7 @@ fn plugin(name: &str, config: &str, extra: &str) -> String {
     };
     format!(
         "  - name: {name}\n    module: {}\n    config: {config}\n{limits}{extra}",
-        guest().display()
+        test_guest().display()
     )
 }
 
