@@ -34,8 +34,9 @@
 //! config a changed module fails its reload until the config is updated.
 //!
 //! **Watch.** With `--watch-interval` (default 1s; `0` disables) a thread polls the
-//! config file and every plugin module: when a file's size or mtime changes its
-//! contents are hashed, and a content change triggers a reload. A content that
+//! config file and every plugin module: when a file's size, mtime or inode changes
+//! (or its mtime is under 2 s old, so a same-size rewrite within one mtime tick is
+//! not missed) its contents are hashed, and a content change triggers a reload. A content that
 //! failed is not retried until it changes again. Write files atomically (write
 //! then rename) so a half-written file is never picked up.
 
@@ -607,12 +608,22 @@ pub fn reload_plugin(
     }
 }
 
-/// A file's size and mtime: cheap to poll; its contents are hashed only when
-/// they change.
-fn stamp(path: &Path) -> Option<(u64, SystemTime)> {
+/// What the watch compares between polls: size, mtime and inode (an atomic
+/// write-then-rename makes a new inode even within one mtime tick). Cheap to poll;
+/// contents are hashed only when it changes.
+type Stamp = (u64, SystemTime, u64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.len(), m.modified().ok()?))
+    Some((m.len(), m.modified().ok()?, m.ino()))
 }
+
+/// A stamp this close to its mtime is not trusted (git's "racy clean" rule): a
+/// same-size rewrite in place within the same mtime tick would look unchanged.
+/// Such a file is hashed again at the next poll (the hash decides; nothing is
+/// reloaded twice).
+const RACY: Duration = Duration::from_secs(2);
 
 /// Starts the thread that polls the config file and plugin modules every `every`.
 pub fn spawn_watch(shared: &Arc<Shared>, every: Duration) -> std::io::Result<()> {
@@ -620,7 +631,7 @@ pub fn spawn_watch(shared: &Arc<Shared>, every: Duration) -> std::io::Result<()>
     std::thread::Builder::new()
         .name("legate-watch".into())
         .spawn(move || {
-            let mut stamps: HashMap<PathBuf, (u64, SystemTime)> = HashMap::new();
+            let mut stamps: HashMap<PathBuf, Stamp> = HashMap::new();
             // Content last tried per file: a broken version is tried once.
             let mut tried: HashMap<PathBuf, String> = HashMap::new();
             loop {
@@ -638,7 +649,7 @@ pub fn spawn_watch(shared: &Arc<Shared>, every: Duration) -> std::io::Result<()>
 
 fn watch_once(
     shared: &Arc<Shared>,
-    stamps: &mut HashMap<PathBuf, (u64, SystemTime)>,
+    stamps: &mut HashMap<PathBuf, Stamp>,
     tried: &mut HashMap<PathBuf, String>,
 ) {
     let r = &shared.reloader;
@@ -647,7 +658,14 @@ fn watch_once(
     // watch's start, and the callers compare with the hash actually applied.
     let mut changed = |path: &Path| -> Option<String> {
         let now = stamp(path)?;
-        let before = stamps.insert(path.to_path_buf(), now);
+        let racy = SystemTime::now()
+            .duration_since(now.1)
+            .map_or(true, |age| age < RACY);
+        let before = if racy {
+            stamps.remove(path)
+        } else {
+            stamps.insert(path.to_path_buf(), now)
+        };
         if before == Some(now) {
             return None;
         }

@@ -344,6 +344,44 @@ async fn the_file_watch_reloads_on_change() {
     assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
 }
 
+/// A rewrite in place (same size, same inode) within the mtime tick the watch
+/// already saw is still picked up: the watch re-hashes files whose mtime is recent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_watch_sees_a_same_size_rewrite_in_place() {
+    let a = upstream().name("a").start().await;
+    let b = upstream().name("b").start().await;
+    let (ya, yb) = (
+        yaml(a.addr, false, "", "", ""),
+        yaml(b.addr, false, "", "", ""),
+    );
+    assert_eq!(
+        ya.len(),
+        yb.len(),
+        "the two configs must have the same size"
+    );
+    let lg = start(&ya, Some(Duration::from_millis(50)), 1);
+    let web = lg.addr("web").unwrap();
+    let before = std::fs::metadata(&lg.path).unwrap();
+    // Let the watch poll (and stamp) the current file a few times.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(&lg.path, &yb).unwrap();
+    // The same size, inode and mtime the watch stamped: only the contents differ.
+    std::fs::File::options()
+        .write(true)
+        .open(&lg.path)
+        .unwrap()
+        .set_modified(before.modified().unwrap())
+        .unwrap();
+    let after = std::fs::metadata(&lg.path).unwrap();
+    assert_eq!(after.modified().unwrap(), before.modified().unwrap());
+    eventually(Duration::from_secs(5), "the watch reloads", || async {
+        let mut c = client(Proto::H1, web).await;
+        (c.get("/x").send().await.header("x-upstream") == Some("b")).then_some(())
+    })
+    .await;
+    assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
+}
+
 /// What a steady load saw.
 #[derive(Debug, Default)]
 struct LoadResult {
