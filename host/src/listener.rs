@@ -100,6 +100,9 @@ pub struct ListenerCtx {
     pub local_addr: SocketAddr,
     /// TLS termination, if configured.
     pub tls: Option<TlsAcceptor>,
+    /// [`crate::tls::files_digest`] of the files `tls` was built from: a reload
+    /// rebuilds the listener when they changed (a renewed certificate).
+    pub tls_files: Option<[u8; 32]>,
     /// Connections open across workers (for `max_connections`).
     open: AtomicUsize,
     /// Counters.
@@ -129,6 +132,9 @@ impl ListenerCtx {
     ) -> anyhow::Result<Self> {
         socket.set_nonblocking(true)?;
         let local_addr = socket.local_addr()?;
+        // Digested before reading: a file replaced meanwhile makes the next reload
+        // rebuild again rather than keep a stale certificate.
+        let tls_files = cfg.tls.as_ref().map(crate::tls::files_digest);
         let tls = match &cfg.tls {
             Some(t) => {
                 let alpn: &[&[u8]] = if cfg.http.is_some() {
@@ -145,6 +151,7 @@ impl ListenerCtx {
             cfg: cfg.clone(),
             local_addr,
             tls,
+            tls_files,
             open: AtomicUsize::new(0),
             stats: ListenerStats::new(stats, cfg.name.as_str()),
             closing: watch::channel(false).0,

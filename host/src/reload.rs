@@ -11,14 +11,16 @@
 //! listener set are published together ([`Shared::commit`]); a request in flight
 //! keeps the snapshot it started with.
 //!
-//! **Listeners.** A listener whose config is unchanged keeps its socket and its
-//! connections. One whose address is unchanged but whose settings changed keeps its
+//! **Listeners.** A listener whose config and TLS files are unchanged keeps its
+//! socket and its connections (a certificate renewed at the same path counts as a
+//! change). One whose address is unchanged but whose settings changed keeps its
 //! socket (no connection is refused) and is served by a new listener: the old one's
 //! connections drain gracefully. A new address is bound before anything is
 //! published (a bind failure fails the reload); a removed listener stops accepting
 //! and its connections drain.
 //!
-//! **What carries over.** A cluster whose config is unchanged keeps its state:
+//! **What carries over.** A cluster whose config and TLS files are unchanged keeps
+//! its state:
 //! health flags, outlier ejections, discovered endpoints, counters, and every
 //! worker's balancer. A new or changed cluster starts fresh (endpoints healthy, as
 //! at start). When the cluster set changed, the health-check / discovery thread is
@@ -406,7 +408,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         let c = &c.value;
         let before = old.config.clusters.iter().find(|o| o.value.name == c.name);
         match (before, old.clusters.get(&c.name)) {
-            (Some(b), Some(entry)) if same(&b.value, c) => {
+            (Some(b), Some(entry)) if same(&b.value, c) && entry.upstream.same_tls_files(c) => {
                 snap.clusters.insert(c.name.clone(), entry.clone());
                 kept_clusters.push(c.name.to_string());
             }
@@ -454,7 +456,12 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<(ListenerSet, Valu
     for l in &config.listeners {
         let l = &l.value;
         let by_name = current.iter().find(|b| b.ctx.name == l.name);
-        if let Some(b) = by_name.filter(|b| same(&b.ctx.cfg, l)) {
+        // Unchanged: the same config and the same TLS files (a renewed certificate
+        // at the same path rebuilds the listener; its connections drain).
+        let unchanged = |b: &&Arc<Bound>| {
+            same(&b.ctx.cfg, l) && b.ctx.tls_files == l.tls.as_ref().map(crate::tls::files_digest)
+        };
+        if let Some(b) = by_name.filter(unchanged) {
             next.push(b.clone());
             kept.push(l.name.to_string());
             continue;

@@ -81,6 +81,44 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// A digest of the files a listener's TLS section names (certificates, keys,
+/// client CA), in order. A reload compares it to tell a renewed certificate behind
+/// an unchanged config: the listener is then rebuilt with the new files.
+pub fn files_digest(cfg: &config::ListenerTls) -> [u8; 32] {
+    digest_files(
+        cfg.certificates
+            .iter()
+            .flat_map(|c| [&c.value.cert, &c.value.key])
+            .chain(cfg.client_auth.iter().map(|a| &a.ca)),
+    )
+}
+
+/// As [`files_digest`], for a cluster's `tls` (CA, client certificate and key).
+pub fn upstream_files_digest(cfg: &config::UpstreamTls) -> [u8; 32] {
+    digest_files(
+        [&cfg.ca, &cfg.client_cert, &cfg.client_key]
+            .into_iter()
+            .flatten(),
+    )
+}
+
+/// A file that cannot be read digests as its error, so the rebuild that follows
+/// reports it.
+fn digest_files<'a>(paths: impl Iterator<Item = &'a std::path::PathBuf>) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for path in paths {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(&bytes);
+            }
+            Err(e) => h.update(format!("error: {e}").as_bytes()),
+        }
+    }
+    h.finalize().into()
+}
+
 /// Builds the client config for a cluster: trusts `ca` if given (else the Mozilla roots
 /// from webpki-roots), presents `client_cert`/`client_key` if given (mTLS), and offers
 /// `alpn` (e.g. `[b"h2"]`, `[b"h2", b"http/1.1"]` or `[b"http/1.1"]`).

@@ -43,6 +43,8 @@ pub struct UpstreamSettings {
     id: u64,
     protocol: UpstreamProtocol,
     tls: Option<UpstreamTls>,
+    /// [`crate::tls::upstream_files_digest`] of the files `tls` was built from.
+    tls_files: Option<[u8; 32]>,
     connect_timeout: Duration,
     max_idle: usize,
     idle_timeout: Duration,
@@ -57,6 +59,8 @@ struct UpstreamTls {
 impl UpstreamSettings {
     /// Settings for `cluster`, loading its TLS files.
     pub fn new(cluster: &config::Cluster) -> anyhow::Result<Self> {
+        // Digested before reading, as for listeners.
+        let tls_files = cluster.tls.as_ref().map(crate::tls::upstream_files_digest);
         let tls = match &cluster.tls {
             None => None,
             Some(t) => {
@@ -85,10 +89,17 @@ impl UpstreamSettings {
             id: NEXT_SETTINGS_ID.fetch_add(1, Ordering::Relaxed),
             protocol: cluster.protocol,
             tls,
+            tls_files,
             connect_timeout: cluster.connect_timeout.get(),
             max_idle: cluster.max_idle_per_endpoint as usize,
             idle_timeout: cluster.idle_timeout.get(),
         })
+    }
+
+    /// Whether the TLS files `cluster` names still hold what these settings were
+    /// built from (a reload keeps the cluster only then).
+    pub fn same_tls_files(&self, cluster: &config::Cluster) -> bool {
+        self.tls_files == cluster.tls.as_ref().map(crate::tls::upstream_files_digest)
     }
 
     /// Whether requests to this cluster go over HTTP/2 from the start.

@@ -344,6 +344,118 @@ async fn the_file_watch_reloads_on_change() {
     assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
 }
 
+each_proto!(
+    /// A certificate renewed at the same paths (the config unchanged) is served
+    /// after a reload; connections made before keep working until they drain; a
+    /// renewal with a key that does not match fails the reload and keeps the old one.
+    async fn reload_picks_up_a_renewed_certificate(proto) {
+        let up = upstream().start().await;
+        let ca = Ca::new("reload CA");
+        let (first, second) = (ca.server(&["a.example"]), ca.server(&["a.example"]));
+        let dir = TempDir::new();
+        let cert = dir.write("cert.pem", std::fs::read(&first.cert).unwrap());
+        let key = dir.write("key.pem", std::fs::read(&first.key).unwrap());
+        let config = format!(
+            "version: 1
+admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+    tls:
+      certificates:
+        - cert: {}
+          key: {}
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {}
+",
+            cert.display(),
+            key.display(),
+            up.addr
+        );
+        let lg = start(&config, None, 1);
+        let web = lg.addr("web").unwrap();
+        let tls = || async { tls_client(proto, web, TlsOptions::new(&first, "a.example")).await.unwrap() };
+        let mut before = tls().await;
+        assert_eq!(before.peer_cert.as_ref(), Some(&first.chain[0]));
+        assert_eq!(before.get("/").send().await.status, 200);
+
+        // A mismatched pair (the new certificate, the old key) fails the reload.
+        std::fs::write(&cert, std::fs::read(&second.cert).unwrap()).unwrap();
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("key"), "the error should name the key problem: {body}");
+        let mut c = tls().await;
+        assert_eq!(c.peer_cert.as_ref(), Some(&first.chain[0]), "a failed reload changed the certificate");
+        assert_eq!(c.get("/").send().await.status, 200);
+
+        std::fs::write(&key, std::fs::read(&second.key).unwrap()).unwrap();
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["listeners"]["changed"], json!(["web"]), "{body}");
+        let mut after = tls().await;
+        assert_eq!(after.peer_cert.as_ref(), Some(&second.chain[0]), "the renewed certificate");
+        assert_eq!(after.get("/").send().await.status, 200);
+        assert_eq!(lg.addr("web"), Some(web), "the listener moved");
+        // The connection from before the renewal drains: HTTP/1.1 gets its next
+        // answer with `Connection: close`, HTTP/2 a GOAWAY.
+        match proto {
+            Proto::H1 => {
+                let r = before.get("/").send().await;
+                assert_eq!(r.status, 200);
+                assert_eq!(r.header("connection"), Some("close"));
+            }
+            Proto::H2 => {
+                eventually(Duration::from_secs(5), "the old connection closes", || {
+                    let closed = before.is_closed();
+                    async move { closed.then_some(()) }
+                })
+                .await;
+            }
+        }
+        assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
+        assert_eq!(lg.stat(RELOAD_FAILED).await, Some(1.0));
+    }
+);
+
+each_proto!(
+    /// A cluster's CA file replaced at the same path (the config unchanged) is
+    /// used after a reload: the cluster is rebuilt, not kept.
+    async fn reload_picks_up_a_replaced_upstream_ca(proto) {
+        let (right, wrong) = (Ca::new("upstream CA"), Ca::new("other CA"));
+        let up = upstream().tls(right.server(&["backend.internal"])).start().await;
+        let dir = TempDir::new();
+        let ca = dir.write("ca.pem", std::fs::read(&wrong.cert_path).unwrap());
+        let cluster_tls = format!(
+            "    tls:\n      sni: backend.internal\n      ca: {}\n",
+            ca.display()
+        );
+        let lg = start(&yaml(up.addr, false, "", &cluster_tls, ""), None, 1);
+        let mut c = client(proto, lg.addr("web").unwrap()).await;
+        assert_eq!(c.get("/x").send().await.status, 502, "an untrusted upstream");
+
+        std::fs::write(&ca, std::fs::read(&right.cert_path).unwrap()).unwrap();
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]), "{body}");
+        let r = c.get("/x").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+);
+
 /// A rewrite in place (same size, same inode) within the mtime tick the watch
 /// already saw is still picked up: the watch re-hashes files whose mtime is recent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
