@@ -456,6 +456,105 @@ each_proto!(
     }
 );
 
+/// A config for [`discovery_follows_reloads`]: cluster `backend` discovered from
+/// the endpoint file `eps`; `tag` is added as a response header by the route (a
+/// change that keeps the cluster).
+fn discovered_yaml(eps: &Path, tag: &str) -> String {
+    format!(
+        "version: 1
+admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match:
+              prefix: /
+            cluster: backend
+            response_headers:
+              add:
+                x-tag: {tag}
+clusters:
+  - name: backend
+    discovery:
+      type: file
+      path: {}
+      watch_interval: 20ms
+",
+        eps.display()
+    )
+}
+
+fn write_endpoints(path: &Path, up: SocketAddr) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("endpoints:\n  - address: \"{up}\"\n")).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// File discovery across reloads: a reload pointing the cluster at another file
+/// uses it (and watches it), and a reload that keeps the cluster keeps its
+/// discovered endpoints and its watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_follows_reloads() {
+    let a = upstream().name("a").start().await;
+    let b = upstream().name("b").start().await;
+    let c = upstream().name("c").start().await;
+    let dir = TempDir::new();
+    let (first, second) = (
+        dir.path().join("first.yaml"),
+        dir.path().join("second.yaml"),
+    );
+    write_endpoints(&first, a.addr);
+    write_endpoints(&second, b.addr);
+    let lg = start(&discovered_yaml(&first, "one"), None, 1);
+    let web = lg.addr("web").unwrap();
+    let answered_by = |want: &'static str, tag: &'static str| async move {
+        eventually(
+            Duration::from_secs(5),
+            &format!("answers from {want}"),
+            || async {
+                let mut cl = client(Proto::H1, web).await;
+                let r = cl.get("/x").send().await;
+                (r.header("x-upstream") == Some(want) && r.header("x-tag") == Some(tag))
+                    .then_some(())
+            },
+        )
+        .await;
+    };
+    answered_by("a", "one").await;
+
+    // The cluster now reads another file.
+    lg.write(&discovered_yaml(&second, "one"));
+    let (status, body) = lg.reload().await;
+    assert_eq!(status, 200, "{body}");
+    answered_by("b", "one").await;
+    // ... and watches it.
+    write_endpoints(&second, c.addr);
+    answered_by("c", "one").await;
+
+    // A reload that keeps the cluster keeps what it discovered and its watch.
+    lg.write(&discovered_yaml(&second, "two"));
+    let (status, body) = lg.reload().await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["clusters"]["kept"], json!(["backend"]), "{body}");
+    answered_by("c", "two").await;
+    write_endpoints(&second, a.addr);
+    answered_by("a", "two").await;
+    // The first file is no longer watched.
+    write_endpoints(&first, b.addr);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut cl = client(Proto::H1, web).await;
+    assert_eq!(cl.get("/x").send().await.header("x-upstream"), Some("a"));
+}
+
 /// A rewrite in place (same size, same inode) within the mtime tick the watch
 /// already saw is still picked up: the watch re-hashes files whose mtime is recent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
