@@ -8,12 +8,20 @@
 # generator and the process handling are the integration harness's).
 #
 # Environment (defaults): CONFIG_RELOADS=100 PLUGIN_RELOADS=100 RESTARTS=10
-# Debug builds (what the test suite builds): latencies are upper bounds.
+# PROFILE=release (the `legate` under test is a release build; `debug` runs the
+# test suite's build, whose latencies are upper bounds).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 export CONFIG_RELOADS="${CONFIG_RELOADS:-100}"
 export PLUGIN_RELOADS="${PLUGIN_RELOADS:-100}"
 export RESTARTS="${RESTARTS:-10}"
+PROFILE="${PROFILE:-release}"
+if [[ ${PROFILE} == release ]]; then
+    cargo build --release --locked -p legate-host --bin legate
+    LEGATE_BIN_DIR="$(cargo metadata --format-version 1 --no-deps |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release"
+    export LEGATE_BIN_DIR
+fi
 exec cargo test -p legate-tests --test reload -- \
     --ignored --exact reload_bench --nocapture

@@ -12,9 +12,15 @@ use legate_host::plugin_build::cargo;
 /// `scripts/test.sh` builds, so features of shared dependencies unify the same way
 /// and the build is a no-op there (`-p legate-host` alone would rebuild wasmtime
 /// with other features, for minutes, inside the test).
+///
+/// With `LEGATE_BIN_DIR` set, the binaries are taken from that directory as they
+/// are, nothing is built: benchmarks point it at `target/release`.
 pub fn workspace_bin(name: &str) -> PathBuf {
     static TARGET: OnceLock<PathBuf> = OnceLock::new();
     let target = TARGET.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("LEGATE_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let build = cargo()
             .current_dir(&workspace)
