@@ -367,6 +367,14 @@ async fn guest_metrics_reach_stats() {
         1.0,
     )
     .await;
+    // The define handle's all-empty-labels series was never recorded into.
+    assert_eq!(
+        lg.stat(r#"legate_plugin_requests{plugin="counting",method=""}"#)
+            .await,
+        None,
+        "{}",
+        lg.stats().await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

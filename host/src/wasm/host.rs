@@ -56,7 +56,11 @@ pub struct ExchangeRes {
 /// A metric handle (counter, gauge or histogram series).
 pub struct MetricRes {
     def: Arc<MetricDef>,
-    series: Series,
+    /// `None` until first recorded into: the all-empty-labels series of a labelled
+    /// metric (what a `define-*` handle records into) is only made, and shown in
+    /// /stats, once used; a plugin that only records labelled series never shows a
+    /// `{result=""}` line.
+    series: Option<Series>,
 }
 
 /// A `kv.namespace` handle: a namespace granted to the plugin.
@@ -902,11 +906,15 @@ impl HostState {
                 }
             }
         };
-        let empty = vec![String::new(); def.labels.len()];
-        match self.series(&def, &empty) {
-            Ok(series) => Ok(Ok(self.table.push(MetricRes { def, series })?)),
-            Err(e) => Ok(Err(e)),
-        }
+        let series = if def.labels.is_empty() {
+            match self.series(&def, &[]) {
+                Ok(series) => Some(series),
+                Err(e) => return Ok(Err(e)),
+            }
+        } else {
+            None
+        };
+        Ok(Ok(self.table.push(MetricRes { def, series })?))
     }
 
     fn series(&self, def: &MetricDef, values: &[String]) -> Result<Series, Error> {
@@ -941,13 +949,29 @@ impl HostState {
     ) -> wasmtime::Result<Result<Resource<MetricRes>, Error>> {
         let def = self.table.get(r)?.def.clone();
         match self.series(&def, &values) {
-            Ok(series) => Ok(Ok(self.table.push(MetricRes { def, series })?)),
+            Ok(series) => Ok(Ok(self.table.push(MetricRes {
+                def,
+                series: Some(series),
+            })?)),
             Err(e) => Ok(Err(e)),
         }
     }
 
-    fn metric(&mut self, r: &Resource<MetricRes>) -> wasmtime::Result<Series> {
-        Ok(self.table.get(r)?.series.clone())
+    /// The series `r` records into, made on first use (see [`MetricRes`]); `None`
+    /// when the plugin's series cap is reached (the value is dropped, as for any
+    /// series over the cap).
+    fn metric(&mut self, r: &Resource<MetricRes>) -> wasmtime::Result<Option<Series>> {
+        let m = self.table.get(r)?;
+        if let Some(series) = &m.series {
+            return Ok(Some(series.clone()));
+        }
+        let def = m.def.clone();
+        let empty = vec![String::new(); def.labels.len()];
+        let Ok(series) = self.series(&def, &empty) else {
+            return Ok(None);
+        };
+        self.table.get_mut(r)?.series = Some(series.clone());
+        Ok(Some(series))
     }
 }
 
@@ -983,7 +1007,7 @@ impl metrics::Host for HostState {
 
 impl metrics::HostCounter for HostState {
     fn add(&mut self, r: Resource<MetricRes>, delta: u64) -> wasmtime::Result<()> {
-        if let Series::Counter(c) = self.metric(&r)? {
+        if let Some(Series::Counter(c)) = self.metric(&r)? {
             c.add(delta);
         }
         Ok(())
@@ -1003,13 +1027,13 @@ impl metrics::HostCounter for HostState {
 
 impl metrics::HostGauge for HostState {
     fn set(&mut self, r: Resource<MetricRes>, value: i64) -> wasmtime::Result<()> {
-        if let Series::Gauge(g) = self.metric(&r)? {
+        if let Some(Series::Gauge(g)) = self.metric(&r)? {
             g.set(value);
         }
         Ok(())
     }
     fn add(&mut self, r: Resource<MetricRes>, delta: i64) -> wasmtime::Result<()> {
-        if let Series::Gauge(g) = self.metric(&r)? {
+        if let Some(Series::Gauge(g)) = self.metric(&r)? {
             g.set(g.get().saturating_add(delta));
         }
         Ok(())
@@ -1029,7 +1053,7 @@ impl metrics::HostGauge for HostState {
 
 impl metrics::HostHistogram for HostState {
     fn observe(&mut self, r: Resource<MetricRes>, value: f64) -> wasmtime::Result<()> {
-        if let Series::Histogram(h) = self.metric(&r)? {
+        if let Some(Series::Histogram(h)) = self.metric(&r)? {
             if value.is_finite() && value >= 0.0 {
                 h.observe(Duration::from_secs_f64(value.min(1e9)));
             }
