@@ -932,3 +932,33 @@ async fn raw_conn(
         }
     }
 }
+
+/// An authorization service for the callout tests (both ABIs), named `authz`:
+/// `/check/deny*` answers 403 `denied:<x-user>`, `/check/slow*` answers after 2 s,
+/// `/tick` answers 200 `fresh`, anything else 200 `ok:<x-user>` (`anonymous`
+/// without the header).
+pub async fn authz_upstream() -> UpstreamHandle {
+    async fn check(req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_string();
+        let user = req
+            .headers()
+            .get("x-user")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("anonymous")
+            .to_string();
+        if path.starts_with("/check/slow") {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let (status, body) = if path.starts_with("/check/deny") {
+            (StatusCode::FORBIDDEN, format!("denied:{user}"))
+        } else if path == "/tick" {
+            (StatusCode::OK, "fresh".to_string())
+        } else {
+            (StatusCode::OK, format!("ok:{user}"))
+        };
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = status;
+        resp
+    }
+    upstream().name("authz").handler(check).start().await
+}

@@ -418,10 +418,11 @@ each_proto!(
         // An unknown context id is refused (BAD_ARGUMENT), its own is accepted.
         let r = c.get("/badctx").send().await;
         assert_eq!(r.header("x-pw-badctx"), Some("2,0"));
-        // http_call is not supported yet: the SDK sees INTERNAL_FAILURE.
+        // http_call to a cluster the plugin is not granted: the SDK sees
+        // BAD_ARGUMENT (as Envoy answers for an unknown cluster).
         let r = c.get("/unimpl").send().await;
         assert_eq!(r.status, 200);
-        assert_eq!(r.header("x-pw-http-call"), Some("Err(InternalFailure)"));
+        assert_eq!(r.header("x-pw-http-call"), Some("Err(BadArgument)"));
         // WASI stdout/stderr go to the log, and do not fail the call.
         let r = c.get("/print").send().await;
         assert_eq!(r.status, 200);
@@ -496,4 +497,145 @@ fn the_sdk_module_needs_no_import_the_host_lacks() {
     imports::add_to_linker(&mut linker).unwrap();
     let unknown = imports::stub_the_rest(&mut linker, &module);
     assert!(unknown.is_empty(), "not provided: {unknown:?}");
+}
+
+// ---- HTTP callouts (proxy_http_call → proxy_on_http_call_response) ----
+
+/// [`config`] plus cluster `authz` at `authz`.
+fn with_authz(up: SocketAddr, authz: SocketAddr, plugins: &str, chain: &[&str]) -> String {
+    config(up, plugins, chain).replace(
+        "clusters:\n",
+        &format!("clusters:\n  - name: authz\n    endpoints:\n      - address: {authz}\n"),
+    )
+}
+
+fn caller(plugin_config: &str) -> String {
+    plugin(
+        "caller",
+        plugin_config,
+        "    capabilities: { clusters: [authz] }\n",
+    )
+}
+
+each_proto!(
+    /// The SDK's http_auth pattern: pause on an HTTP call, then resume with a
+    /// header from its response, or answer with the response's status and body.
+    async fn http_call_pauses_then_resumes_or_answers(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let lg = legate()
+            .config(&with_authz(up.addr, az.addr, &caller("{ mode: callout }"), &["caller"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/hello").header("x-user", "alice").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.path, "/hello");
+        assert_eq!(e.header("x-pw-authz"), Some("ok:anonymous"));
+        let r = c.get("/deny/x").send().await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "denied:anonymous");
+        assert_eq!(r.header("x-pw-denied"), Some("yes"));
+        assert!(r.header("x-upstream").is_none(), "the backend answered");
+        lg.assert_stat(r#"legate_plugin_callouts_total{plugin="caller"}"#, 2.0)
+            .await;
+        lg.assert_stat(&calls("caller", "callout_response"), 2.0).await;
+        lg.assert_stat(r#"legate_cluster_upstream_rq_total{cluster="authz"}"#, 2.0)
+            .await;
+        assert_eq!(up.requests.get(), 1, "only the allowed request reached the backend");
+    }
+);
+
+each_proto!(
+    /// A failed call (its timeout, or no endpoint) reaches the guest as zero
+    /// headers; the guest answers 503.
+    async fn http_call_failures_reach_the_guest(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let lg = legate()
+            .config(&with_authz(
+                up.addr,
+                az.addr,
+                &caller("{ mode: callout, timeout_ms: 100 }"),
+                &["caller"],
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/slow").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.header("x-pw-call"), Some("failed"));
+        lg.assert_stat(r#"legate_plugin_callout_timeouts_total{plugin="caller"}"#, 1.0)
+            .await;
+        lg.assert_stat(r#"legate_plugin_callout_failures_total{plugin="caller"}"#, 1.0)
+            .await;
+        // The VM is fine: the next request is allowed.
+        let r = c.get("/again").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+);
+
+each_proto!(
+    /// Calling a cluster the plugin was not granted fails the dispatch
+    /// (BAD_ARGUMENT, what the Rust SDK returns as an error), nothing is sent.
+    async fn http_call_needs_the_cluster_grant(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let p = plugin("caller", "{ mode: callout }", "");
+        let lg = legate()
+            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/hello").send().await;
+        assert_eq!(r.status, 500, "{}", r.text());
+        assert_eq!(r.header("x-pw-call-error"), Some("BadArgument"));
+        lg.assert_stat(r#"legate_plugin_callouts_total{plugin="caller"}"#, 0.0)
+            .await;
+        assert_eq!(az.requests.get(), 0);
+    }
+);
+
+/// The root context calls out from `on_tick` and keeps the answer in shared data,
+/// which requests then read (a JWKS-refresh-like pattern).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_call_from_the_root_context_on_tick() {
+    let up = upstream().start().await;
+    let az = authz_upstream().await;
+    let lg = legate()
+        .concurrency(1)
+        .config(&with_authz(
+            up.addr,
+            az.addr,
+            &caller("{ mode: tick-callout, tick_ms: 20 }"),
+            &["caller"],
+        ))
+        .start();
+    // The first request starts the worker's VM (and its ticks).
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    assert_eq!(c.get("/first").send().await.status, 200);
+    eventually(
+        std::time::Duration::from_secs(5),
+        "a tick's callout answered",
+        || {
+            let addr = lg.addr("web");
+            async move {
+                let mut c = client(Proto::H1, addr).await;
+                let r = c.get("/x").send().await;
+                (r.header("x-pw-tick-body") == Some("fresh")).then_some(())
+            }
+        },
+    )
+    .await;
+    let sent = lg
+        .stat(r#"legate_plugin_callouts_total{plugin="caller"}"#)
+        .await
+        .unwrap_or(0.0);
+    assert!(sent >= 1.0, "callouts sent: {sent}");
+    assert!(
+        lg.stat(&calls("caller", "tick_callout_response"))
+            .await
+            .unwrap_or(0.0)
+            >= 1.0,
+        "{}",
+        lg.stats().await
+    );
 }

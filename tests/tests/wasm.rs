@@ -600,33 +600,6 @@ async fn tick_interval_below_minimum_is_refused() {
 
 // ---- callouts (abi/README.md §3.3, §5.8) ----
 
-/// An authorization service for the `callout` guest mode: `/check/deny*` answers
-/// 403, `/check/slow*` answers after 2 s, anything else 200 with `ok:<x-user>`.
-async fn authz() -> UpstreamHandle {
-    async fn check(req: Request<hyper::body::Incoming>) -> Response<http_body_util::Full<Bytes>> {
-        let path = req.uri().path().to_string();
-        let user = req
-            .headers()
-            .get("x-user")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("anonymous")
-            .to_string();
-        if path.starts_with("/check/slow") {
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        }
-        let (status, body) = if path.starts_with("/check/deny") {
-            (403, format!("denied:{user}"))
-        } else {
-            (200, format!("ok:{user}"))
-        };
-        Response::builder()
-            .status(status)
-            .body(http_body_util::Full::new(Bytes::from(body)))
-            .unwrap()
-    }
-    upstream().name("authz").handler(check).start().await
-}
-
 /// `simple`'s config plus cluster `authz` at `authz`.
 fn with_authz(up: SocketAddr, authz: SocketAddr, plugins: &str, chain: &[&str]) -> String {
     simple(up, plugins, chain).replace(
@@ -642,7 +615,7 @@ fn callout_plugin(name: &str, config: &str) -> String {
 each_proto!(
     async fn callout_pauses_then_continues_with_its_response(proto) {
         let up = upstream().start().await;
-        let az = authz().await;
+        let az = authz_upstream().await;
         let p = callout_plugin("caller", "{ mode: callout }");
         let lg = legate()
             .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
@@ -670,7 +643,7 @@ each_proto!(
 each_proto!(
     async fn callout_response_answers_locally(proto) {
         let up = upstream().start().await;
-        let az = authz().await;
+        let az = authz_upstream().await;
         let p = callout_plugin("caller", "{ mode: callout }");
         let lg = legate()
             .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
@@ -687,7 +660,7 @@ each_proto!(
 each_proto!(
     async fn callout_to_an_ungranted_cluster_is_denied(proto) {
         let up = upstream().start().await;
-        let az = authz().await;
+        let az = authz_upstream().await;
         // Granted `authz` only; asks for `backend`.
         let p = callout_plugin("caller", "{ mode: callout, cluster: backend }");
         let lg = legate()
@@ -705,7 +678,7 @@ each_proto!(
 each_proto!(
     async fn callout_timeout_reaches_the_guest(proto) {
         let up = upstream().start().await;
-        let az = authz().await;
+        let az = authz_upstream().await;
         let p = callout_plugin("caller", "{ mode: callout, timeout: \"100\" }");
         let lg = legate()
             .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
@@ -724,7 +697,7 @@ each_proto!(
 each_proto!(
     async fn a_paused_exchange_does_not_block_the_worker(proto) {
         let up = upstream().start().await;
-        let az = authz().await;
+        let az = authz_upstream().await;
         let p = callout_plugin("caller", "{ mode: callout, timeout: \"5000\" }");
         let lg = legate()
             .concurrency(1)
@@ -757,7 +730,7 @@ each_proto!(
 each_proto!(
     async fn client_disconnect_while_paused_frees_the_exchange(proto) {
         let up = upstream().start().await;
-        let az = authz().await;
+        let az = authz_upstream().await;
         let p = callout_plugin("caller", "{ mode: callout, phases: \"rq,done\", timeout: \"5000\" }");
         let lg = legate()
             .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
@@ -816,7 +789,7 @@ async fn unknown_callout_cluster_is_a_load_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callouts_from_on_tick_reach_on_tick_callout_response() {
     let up = upstream().start().await;
-    let az = authz().await;
+    let az = authz_upstream().await;
     let p = plugin(
         "ticker",
         "{ mode: tick-callout, ns: tickco, tick: \"20\" }",

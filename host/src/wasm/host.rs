@@ -112,11 +112,7 @@ pub struct PluginShared {
 impl PluginShared {
     /// The shared state of plugin `name`.
     pub fn new(name: &str, stats: Arc<Stats>, kv_granted: &[String], clusters: &[String]) -> Self {
-        let callouts_sent = stats.counter(
-            "legate_plugin_callouts_total",
-            "Callouts a plugin sent.",
-            &[("plugin", name)],
-        );
+        let callouts_sent = callouts_counter(&stats, name);
         PluginShared {
             name: name.into(),
             stats,
@@ -130,6 +126,15 @@ impl PluginShared {
     }
 }
 
+/// `legate_plugin_callouts_total` of plugin `name` (both ABIs).
+pub(crate) fn callouts_counter(stats: &Stats, name: &str) -> Counter {
+    stats.counter(
+        "legate_plugin_callouts_total",
+        "Callouts a plugin sent.",
+        &[("plugin", name)],
+    )
+}
+
 /// Metrics and series caps (abi/README.md §7).
 const MAX_METRICS: usize = 100;
 const MAX_SERIES: usize = 1000;
@@ -137,10 +142,10 @@ const MAX_LOG: usize = 4096;
 
 /// Callout limits (abi/README.md §7).
 pub const CALLOUT_DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
-const CALLOUT_MAX_TIMEOUT_MS: u32 = 30_000;
-const CALLOUT_MAX_RESPONSE: usize = 1 << 20;
-const CALLOUTS_PER_CONTEXT: usize = 8;
-const CALLOUTS_PER_INSTANCE: usize = 1024;
+pub(crate) const CALLOUT_MAX_TIMEOUT_MS: u32 = 30_000;
+pub(crate) const CALLOUT_MAX_RESPONSE: usize = 1 << 20;
+pub(crate) const CALLOUTS_PER_CONTEXT: usize = 8;
+pub(crate) const CALLOUTS_PER_INSTANCE: usize = 1024;
 
 /// What a call is allowed to do now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -190,6 +190,12 @@ fn load_proxy_wasm(
                 vm_id: &pw.vm_id,
                 vm_config: proxy_wasm::config_bytes(pw.vm_config.as_ref()),
                 plugin_config,
+                clusters: p
+                    .capabilities
+                    .clusters
+                    .iter()
+                    .map(|c| c.value.to_string())
+                    .collect(),
             },
             proxy_wasm::Settings {
                 cpu: p.limits.cpu.value.get(),

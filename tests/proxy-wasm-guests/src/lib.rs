@@ -11,10 +11,19 @@
 //! - `hostile`: by path: `/panic` panics, `/badptr` passes wild pointers to raw
 //!   hostcalls, `/badctx` switches to an unknown context, `/loop` spins forever,
 //!   `/grow` allocates 64 MiB, `/print` writes to stdout and stderr,
-//!   `/unimpl` calls http_call (Legate: unsupported) and reports the status.
+//!   `/unimpl` calls http_call to `backend` (not granted) and reports the status.
 //! - `queue`: each request enqueues its path to queue `pw_events`, which the root
 //!   context registered; `on_queue_ready` drains it, counting in `pw_dequeued`.
 //! - `reject`: `on_configure` returns false.
+//! - `callout`: each request pauses on an HTTP call to cluster `authz` (path
+//!   `/check<request path>`, timeout `timeout_ms`, default 1000); in
+//!   `on_http_call_response` a 200 adds its body as request header `x-pw-authz`
+//!   and resumes, another status is answered locally with that status and body
+//!   (`x-pw-denied: yes`), a failed call (no headers) with 503 `x-pw-call: failed`.
+//!   A dispatch error is answered 500 with `x-pw-call-error: <status>`.
+//! - `tick-callout`: the root context calls `authz` `/tick` on every tick
+//!   (`tick_ms`) and keeps the last body in shared data `pw_tick_body`, which each
+//!   request echoes as response header `x-pw-tick-body`.
 //!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
 
@@ -39,6 +48,7 @@ struct Settings {
     requests_metric: u32,
     ticks_metric: u32,
     queue: u32,
+    timeout_ms: u64,
 }
 
 #[derive(Default)]
@@ -47,7 +57,12 @@ struct Root {
     ticks: u64,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
+        let body = self.get_http_call_response_body(0, usize::MAX).unwrap_or_default();
+        self.set_shared_data("pw_tick_body", Some(&body), None).ok();
+    }
+}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _size: usize) -> bool {
@@ -79,6 +94,12 @@ impl RootContext for Root {
             self.s.requests_metric =
                 hostcalls::define_metric(MetricType::Counter, "pw_dequeued").unwrap_or(0);
         }
+        self.s.timeout_ms = v["timeout_ms"].as_u64().unwrap_or(1000);
+        if self.s.mode == "tick-callout" {
+            if let Some(ms) = v["tick_ms"].as_u64() {
+                self.set_tick_period(Duration::from_millis(ms));
+            }
+        }
         if self.s.mode == "counter" {
             self.s.requests_metric =
                 hostcalls::define_metric(MetricType::Counter, "pw_requests").unwrap_or(0);
@@ -94,6 +115,19 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if self.s.mode == "tick-callout" {
+            let r = self.dispatch_http_call(
+                "authz",
+                vec![(":method", "GET"), (":path", "/tick"), (":authority", "authz")],
+                None,
+                vec![],
+                Duration::from_millis(self.s.timeout_ms),
+            );
+            if let Err(e) = r {
+                proxy_wasm::hostcalls::log(LogLevel::Warn, &format!("tick call: {e:?}")).ok();
+            }
+            return;
+        }
         self.ticks += 1;
         hostcalls::increment_metric(self.s.ticks_metric, 1).ok();
         proxy_wasm::hostcalls::log(LogLevel::Info, &format!("tick {}", self.ticks)).ok();
@@ -128,7 +162,24 @@ struct Filter {
     seen: Vec<(String, String)>,
 }
 
-impl Context for Filter {}
+impl Context for Filter {
+    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        if num_headers == 0 {
+            self.send_http_response(503, vec![("x-pw-call", "failed")], Some(b"authz unavailable\n"));
+            return;
+        }
+        let status = self.get_http_call_response_header(":status").unwrap_or_default();
+        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        if status == "200" {
+            let v = String::from_utf8_lossy(&body).into_owned();
+            self.set_http_request_header("x-pw-authz", Some(&v));
+            self.resume_http_request();
+        } else {
+            let code = status.parse::<u32>().unwrap_or(500);
+            self.send_http_response(code, vec![("x-pw-denied", "yes")], Some(&body));
+        }
+    }
+}
 
 fn prop(c: &dyn Context, path: &[&str]) -> String {
     match c.get_property(path.to_vec()) {
@@ -263,6 +314,29 @@ impl HttpContext for Filter {
                     self.enqueue_shared_queue(q, Some(path.as_bytes())).ok();
                 }
                 self.seen.push(("x-pw-resolved".into(), same.to_string()));
+            }
+            "callout" => {
+                let check = format!("/check{path}");
+                let r = self.dispatch_http_call(
+                    "authz",
+                    vec![(":method", "GET"), (":path", &check), (":authority", "authz")],
+                    None,
+                    vec![],
+                    Duration::from_millis(self.s.timeout_ms),
+                );
+                return match r {
+                    Ok(_) => Action::Pause,
+                    Err(e) => {
+                        let e = format!("{e:?}");
+                        self.send_http_response(500, vec![("x-pw-call-error", &e)], None);
+                        Action::Pause
+                    }
+                };
+            }
+            "tick-callout" => {
+                let (v, _) = self.get_shared_data("pw_tick_body");
+                let v = v.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+                self.seen.push(("x-pw-tick-body".into(), v));
             }
             "hostile" => match path.as_str() {
                 "/panic" => panic!("guest panic on purpose"),

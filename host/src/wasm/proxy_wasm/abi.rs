@@ -55,12 +55,18 @@ pub mod map {
     pub const RESPONSE_HEADERS: i32 = 2;
     /// Response trailers.
     pub const RESPONSE_TRAILERS: i32 = 3;
+    /// `HTTP_CALL_RESPONSE_HEADERS`: the callout response being delivered.
+    pub const HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
+    /// `HTTP_CALL_RESPONSE_TRAILERS` (callout responses have none here).
+    pub const HTTP_CALL_RESPONSE_TRAILERS: i32 = 7;
     /// Largest defined map type (HTTP_CALL_RESPONSE_TRAILERS).
     pub const MAX: i32 = 7;
 }
 
 /// `proxy_buffer_type_t` values this host serves.
 pub mod buffer {
+    /// The response of the HTTP callout being delivered.
+    pub const HTTP_CALL_RESPONSE_BODY: i32 = 4;
     /// The VM configuration (`proxy_wasm.vm_config`).
     pub const VM_CONFIGURATION: i32 = 6;
     /// The plugin configuration.
@@ -71,6 +77,8 @@ pub mod buffer {
 pub mod action {
     /// Continue the stream.
     pub const CONTINUE: i32 = 0;
+    /// Hold the stream until `proxy_continue_stream` (after a callout response).
+    pub const PAUSE: i32 = 1;
 }
 
 /// Envoy's caps on one serialized header map.

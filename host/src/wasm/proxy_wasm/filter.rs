@@ -17,7 +17,9 @@ use wasmtime::{Extern, InstancePre, Linker, Module, Store, TypedFunc};
 use super::abi::action;
 use super::imports;
 use super::state::{Meta, Phase, PwState, ROOT_CONTEXT};
-use crate::filter::{Exchange, HttpFilter, Phases, Verdict};
+use crate::filter::{
+    CalloutError, CalloutRequest, CalloutResult, Exchange, HttpFilter, Phases, Verdict,
+};
 use crate::stats::Stats;
 use crate::wasm::engine;
 use crate::wasm::plugin::{describe, PluginStats, MIN_TICK};
@@ -35,6 +37,9 @@ pub struct Settings {
     pub fail_open: bool,
 }
 
+/// `proxy_on_http_call_response(root, token, headers, body_size, trailers)`.
+type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
+
 /// The guest's exports this host calls (absent ones are skipped, as Envoy does).
 #[derive(Clone)]
 struct Exports {
@@ -45,6 +50,7 @@ struct Exports {
     queue_ready: Option<TypedFunc<(i32, i32), ()>>,
     request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    http_call_response: Option<CallResponseFn>,
     done: Option<TypedFunc<i32, i32>>,
     log: Option<TypedFunc<i32, ()>>,
     delete: Option<TypedFunc<i32, ()>>,
@@ -184,6 +190,7 @@ impl ProxyWasmFilter {
             queue_ready: typed(&mut store, &instance, "proxy_on_queue_ready")?,
             request_headers: typed(&mut store, &instance, "proxy_on_request_headers")?,
             response_headers: typed(&mut store, &instance, "proxy_on_response_headers")?,
+            http_call_response: typed(&mut store, &instance, "proxy_on_http_call_response")?,
             done: typed(&mut store, &instance, "proxy_on_done")?,
             log: typed(&mut store, &instance, "proxy_on_log")?,
             delete: typed(&mut store, &instance, "proxy_on_delete")?,
@@ -421,6 +428,9 @@ impl ProxyWasmFilter {
             if !live.store.data().new_queues.is_empty() {
                 self.watch_queues(live, worker, slot.generation);
             }
+            if !live.store.data().root_callouts.is_empty() {
+                self.send_root_callouts(live, worker, slot.generation);
+            }
             let data = live.store.data_mut();
             if let Some(x) = x {
                 std::mem::swap(x, &mut data.x);
@@ -489,15 +499,126 @@ impl ProxyWasmFilter {
                     "the plugin reset the stream (proxy_close_stream)".into()
                 ));
             }
-            Ok(if a == action::CONTINUE {
-                Ok(Verdict::Continue)
-            } else {
-                Err(format!(
-                    "returned action {a} (pause) with nothing to resume: this Legate has no \
-                     callouts or body buffering for proxy-wasm yet"
-                ))
+            let waiting = data.outstanding.values().any(|c| *c == ctx);
+            Ok(match a {
+                action::CONTINUE => Ok(Verdict::Continue),
+                action::PAUSE if waiting => Ok(Verdict::Pause),
+                _ => Err(format!(
+                    "returned action {a} (pause) with no HTTP callout outstanding: nothing \
+                     could resume it (this Legate has no body buffering for proxy-wasm yet)"
+                )),
             })
         })
+    }
+
+    /// Delivers callout `token`'s result to `proxy_on_http_call_response` (with
+    /// the root context's id, as the spec says; the SDKs find the calling context
+    /// by token). Failures are delivered as zero headers, as Envoy does.
+    /// `exchange` is the exchange the callout belongs to (`None` for the root
+    /// context's). The verdict: a local response, a resume
+    /// (`proxy_continue_stream`), or still paused.
+    fn call_response(
+        &self,
+        worker: usize,
+        x: Option<&mut Exchange>,
+        token: u32,
+        result: CalloutResult,
+    ) -> Result<Verdict, String> {
+        match &result {
+            Ok(_) => {}
+            Err(e) => {
+                self.stats.callout_failures.inc();
+                if *e == CalloutError::Timeout {
+                    self.stats.callout_timeouts.inc();
+                }
+            }
+        }
+        let label = if x.is_some() {
+            "callout_response"
+        } else {
+            "tick_callout_response"
+        };
+        self.stats.calls[label].inc();
+        let phase = if x.is_some() {
+            Phase::CalloutResponse
+        } else {
+            Phase::Root
+        };
+        self.with_vm(worker, phase, x, false, |live, _ctx| {
+            let data = live.store.data_mut();
+            if data.outstanding.remove(&token).is_none() {
+                // Its context is gone (or it was delivered already).
+                return Ok(Ok(Verdict::Continue));
+            }
+            let Some(f) = live.exports.http_call_response.clone() else {
+                return Ok(Err(
+                    "sent an HTTP callout but does not export proxy_on_http_call_response".into(),
+                ));
+            };
+            let (headers, body) = match &result {
+                Ok(r) => (r.headers.len() + 1, r.body.len()),
+                Err(_) => (0, 0),
+            };
+            data.call_response = Some(result);
+            data.resume = false;
+            data.effective = ROOT_CONTEXT;
+            let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
+            let called = f.call(
+                &mut live.store,
+                (ROOT_CONTEXT as i32, token as i32, n(headers), n(body), 0),
+            );
+            let data = live.store.data_mut();
+            data.call_response = None;
+            called?;
+            if let Some(lr) = data.local.take() {
+                return Ok(Ok(Verdict::Respond(lr)));
+            }
+            if data.close {
+                return Ok(Err(
+                    "the plugin reset the stream (proxy_close_stream)".into()
+                ));
+            }
+            Ok(Ok(if data.resume {
+                Verdict::Continue
+            } else {
+                Verdict::Pause
+            }))
+        })
+    }
+
+    /// Sends the callouts the root context queued in the last call (ticks, queue
+    /// events) on the worker's sender, each delivered back to the VM that sent it.
+    fn send_root_callouts(&self, live: &mut Live, worker: usize, generation: u64) {
+        let queued = std::mem::take(&mut live.store.data_mut().root_callouts);
+        let Some(me) = self.me.get() else { return };
+        for req in queued {
+            tokio::task::spawn_local(Self::root_callout(me.clone(), worker, generation, req));
+        }
+    }
+
+    async fn root_callout(
+        me: Weak<ProxyWasmFilter>,
+        worker: usize,
+        generation: u64,
+        req: CalloutRequest,
+    ) {
+        let token = u32::try_from(req.id).unwrap_or(0);
+        let result = match crate::filter::worker_callouts() {
+            Some(sender) => sender.send(req).await,
+            None => Err(CalloutError::Unavailable),
+        };
+        let Some(f) = me.upgrade() else { return };
+        let current = VMS.with(|cell| {
+            cell.borrow()
+                .get(&f.id)
+                .is_some_and(|s| s.live.is_some() && s.generation == generation)
+        });
+        if !current {
+            return;
+        }
+        if let Err(e) = f.call_response(worker, None, token, result) {
+            tracing::warn!(plugin = f.name(), "proxy_on_http_call_response failed: {e}");
+        }
     }
 
     /// `on_done` → `on_log` → `on_delete` for an exchange's context (Envoy's order),
@@ -540,6 +661,8 @@ impl ProxyWasmFilter {
                     let data = live.store.data_mut();
                     data.contexts.remove(&pw);
                     data.props.retain(|(c, _), _| *c != pw);
+                    // Its callouts are aborted with the chain; never delivered.
+                    data.outstanding.retain(|_, c| *c != pw);
                 }
             }
         });
@@ -596,6 +719,24 @@ impl HttpFilter for ProxyWasmFilter {
         end_of_stream: bool,
     ) -> Result<Verdict, String> {
         self.headers_phase(worker, x, false, end_of_stream)
+    }
+
+    fn on_callout_response(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        id: u64,
+        result: CalloutResult,
+        paused: bool,
+    ) -> Result<Verdict, String> {
+        let token = u32::try_from(id).map_err(|_| format!("callout id {id} is not a token"))?;
+        let v = self.call_response(worker, Some(x), token, result)?;
+        // Not paused: a resume or a pause means nothing (the chain logs a local
+        // response it cannot use).
+        Ok(match v {
+            Verdict::Pause if !paused => Verdict::Continue,
+            v => v,
+        })
     }
 
     fn on_log(&self, worker: usize, x: &mut Exchange) {

@@ -35,6 +35,16 @@ pub fn pairs(s: &mut PwState, which: i32) -> Result<Pairs, i32> {
     if !(0..=map::MAX).contains(&which) {
         return Err(status::BAD_ARGUMENT);
     }
+    if which == map::HTTP_CALL_RESPONSE_HEADERS {
+        let mut out: Pairs = Vec::new();
+        if let Some(Ok(r)) = &s.call_response {
+            out.push((b":status".to_vec(), r.status.as_str().as_bytes().to_vec()));
+            for (k, v) in &r.headers {
+                out.push((k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()));
+            }
+        }
+        return Ok(out);
+    }
     let Some(x) = s.exchange() else {
         return Ok(Vec::new());
     };
@@ -91,9 +101,16 @@ pub enum Op<'a> {
 
 fn writable(s: &mut PwState, which: i32) -> Result<&mut Exchange, i32> {
     let phase = s.phase;
+    // During a callout response the exchange is held at its request head until
+    // a response exists, at its response head after.
+    let at_response = s.x.status.is_some();
     let ok = match which {
-        map::REQUEST_HEADERS => phase == Phase::RequestHeaders,
-        map::RESPONSE_HEADERS => phase == Phase::ResponseHeaders,
+        map::REQUEST_HEADERS => {
+            phase == Phase::RequestHeaders || (phase == Phase::CalloutResponse && !at_response)
+        }
+        map::RESPONSE_HEADERS => {
+            phase == Phase::ResponseHeaders || (phase == Phase::CalloutResponse && at_response)
+        }
         _ => false,
     };
     match s.exchange() {

@@ -5,8 +5,9 @@
 //!
 //! Statuses are the ones the Rust SDK handles for each call (its wrappers panic on
 //! anything else). What this host does not do yet answers as documented in
-//! docs/proxy-wasm.md: HTTP and gRPC callouts `INTERNAL_FAILURE`/`NOT_FOUND`, body
-//! and trailer buffers `NOT_FOUND`, foreign functions `NOT_FOUND`.
+//! docs/proxy-wasm.md: gRPC callouts `INTERNAL_FAILURE`, body and trailer buffers
+//! `NOT_FOUND`, foreign functions `NOT_FOUND`. HTTP callouts go through the host's
+//! callouts (the same grants, limits and stats as component plugins).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,9 +21,9 @@ use super::abi::{
     buffer, check, errno, fail, give, parse_pairs, read, read_str, run, serialize_pairs, status,
     write, write_u32, write_u64, Fail, HResult,
 };
-use super::state::{Metric, PwState};
+use super::state::{Metric, Phase, PwState, ROOT_CONTEXT as ROOT_CONTEXT_ID};
 use super::{headers, properties, shared};
-use crate::filter::LocalResponse;
+use crate::filter::{CalloutRequest, LocalResponse};
 
 type C<'a> = Caller<'a, PwState>;
 
@@ -42,6 +43,98 @@ fn log_line(c: &C<'_>, level: i32, msg: &[u8]) {
         3 => tracing::warn!(plugin = name, "{text}"),
         _ => tracing::error!(plugin = name, "{text}"),
     }
+}
+
+/// The body of the callout response being delivered, if any.
+fn call_body(s: &PwState) -> Option<Bytes> {
+    match &s.call_response {
+        Some(Ok(r)) => Some(r.body.clone()),
+        _ => None,
+    }
+}
+
+/// `proxy_http_call`: checks the grant and the request, queues the callout (on
+/// the exchange, sent by the chain after the call; or, from the root context, sent
+/// by the filter after the call) and returns its token. `BAD_ARGUMENT` for a
+/// cluster not in `capabilities.clusters` or a request without `:method`/`:path`
+/// (Envoy's answers; the Rust SDK returns them as errors),
+/// `INTERNAL_FAILURE` when no callout can be sent now (too many outstanding, or
+/// during start/configure/log).
+fn http_call(
+    s: &mut PwState,
+    cluster: String,
+    pairs: &[(Vec<u8>, Vec<u8>)],
+    body: Vec<u8>,
+    timeout_ms: u32,
+) -> Result<u32, i32> {
+    use crate::wasm::host::{
+        CALLOUTS_PER_CONTEXT, CALLOUTS_PER_INSTANCE, CALLOUT_DEFAULT_TIMEOUT, CALLOUT_MAX_RESPONSE,
+        CALLOUT_MAX_TIMEOUT_MS,
+    };
+    if !s.meta.clusters.contains(&cluster) {
+        tracing::warn!(
+            plugin = &*s.meta.name,
+            "proxy_http_call to cluster `{cluster}`, which the plugin is not granted: add it \
+             to the plugin's `capabilities.clusters`"
+        );
+        return Err(status::BAD_ARGUMENT);
+    }
+    let (mut method, mut path, mut authority) = (None, None, None);
+    let mut headers = HeaderMap::new();
+    for (k, v) in pairs {
+        match k.as_slice() {
+            b":method" => method = http::Method::from_bytes(v).ok(),
+            b":path" => path = std::str::from_utf8(v).ok().map(str::to_string),
+            b":authority" | b"host" => authority = std::str::from_utf8(v).ok().map(str::to_string),
+            b":scheme" => {}
+            _ => {
+                let name = HeaderName::from_bytes(k).map_err(|_| status::BAD_ARGUMENT)?;
+                let value = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
+                headers.append(name, value);
+            }
+        }
+    }
+    let (Some(method), Some(path)) = (method, path) else {
+        return Err(status::BAD_ARGUMENT);
+    };
+    if !path.starts_with('/') || path.parse::<http::Uri>().is_err() {
+        return Err(status::BAD_ARGUMENT);
+    }
+    let context = if s.exchange().is_some() {
+        s.x_context
+    } else if s.phase == Phase::Root && s.x_context == 0 && s.effective == ROOT_CONTEXT_ID {
+        ROOT_CONTEXT_ID
+    } else {
+        return Err(status::INTERNAL_FAILURE);
+    };
+    let mine = s.outstanding.values().filter(|c| **c == context).count();
+    if mine >= CALLOUTS_PER_CONTEXT || s.outstanding.len() >= CALLOUTS_PER_INSTANCE {
+        return Err(status::INTERNAL_FAILURE);
+    }
+    s.next_token = s.next_token.wrapping_add(1).max(1);
+    let token = s.next_token;
+    let req = CalloutRequest {
+        id: u64::from(token),
+        cluster,
+        method,
+        path,
+        authority,
+        headers,
+        body: body.into(),
+        timeout: match timeout_ms {
+            0 => CALLOUT_DEFAULT_TIMEOUT,
+            ms => Duration::from_millis(u64::from(ms.min(CALLOUT_MAX_TIMEOUT_MS))),
+        },
+        max_response_body: CALLOUT_MAX_RESPONSE,
+    };
+    s.outstanding.insert(token, context);
+    if context == ROOT_CONTEXT_ID {
+        s.root_callouts.push(req);
+    } else {
+        s.x.callouts.push(req);
+    }
+    s.meta.callouts_sent.inc();
+    Ok(token)
 }
 
 /// The most verbose level tracing records, in proxy-wasm's numbering.
@@ -177,11 +270,16 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, kind: i32, start: i32, max: i32, out_p: i32, out_n: i32| {
             run(&mut c, |c| {
                 let meta = c.data().meta.clone();
+                let call_body = call_body(c.data());
                 let all: &[u8] = match kind {
                     buffer::VM_CONFIGURATION => &meta.vm_config,
                     buffer::PLUGIN_CONFIGURATION => &meta.plugin_config,
-                    // Bodies, callout responses, gRPC messages, foreign-function
-                    // arguments: none exist in this host yet.
+                    buffer::HTTP_CALL_RESPONSE_BODY => match &call_body {
+                        Some(b) => b,
+                        None => return fail(status::NOT_FOUND),
+                    },
+                    // Bodies, gRPC messages, foreign-function arguments: none exist
+                    // in this host yet.
                     0..=8 => return fail(status::NOT_FOUND),
                     _ => return fail(status::BAD_ARGUMENT),
                 };
@@ -216,6 +314,10 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 let len = match kind {
                     buffer::VM_CONFIGURATION => meta.vm_config.len(),
                     buffer::PLUGIN_CONFIGURATION => meta.plugin_config.len(),
+                    buffer::HTTP_CALL_RESPONSE_BODY => match call_body(c.data()) {
+                        Some(b) => b.len(),
+                        None => return fail(status::NOT_FOUND),
+                    },
                     0..=8 => return fail(status::NOT_FOUND),
                     _ => return fail(status::BAD_ARGUMENT),
                 };
@@ -306,9 +408,12 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
     )?;
     // ---- stream control ----
     l.func_wrap(E, "proxy_continue_stream", |mut c: C<'_>, _stream: i32| {
-        // Nothing is ever paused in this host (a phase that pauses without a local
-        // response fails), so there is nothing to resume.
-        run(&mut c, |_| Ok(()))
+        // Resumes the exchange held since a phase returned PAUSE, once the current
+        // call (a callout response) returns; nothing to do when it is not held.
+        run(&mut c, |c| {
+            c.data_mut().resume = true;
+            Ok(())
+        })
     })?;
     l.func_wrap(E, "proxy_close_stream", |mut c: C<'_>, _stream: i32| {
         run(&mut c, |c| {
@@ -354,7 +459,7 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
             })
         },
     )?;
-    // ---- callouts: not supported yet ----
+    // ---- callouts: HTTP through the host's callouts; gRPC not yet ----
     l.func_wrap(
         E,
         "proxy_http_call",
@@ -367,18 +472,18 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
          bn: i32,
          tp: i32,
          tn: i32,
-         _timeout: i32,
-         token: i32| {
+         timeout: i32,
+         token_out: i32| {
             run(&mut c, |c| {
-                for (p, n) in [(up, un), (hp, hn), (bp, bn), (tp, tn)] {
-                    read(c, p, n)?;
-                }
-                check(c, token, 4)?;
-                tracing::warn!(
-                    plugin = &*c.data().meta.name,
-                    "proxy_http_call: HTTP callouts are not supported by this Legate yet"
-                );
-                fail(status::INTERNAL_FAILURE)
+                let cluster = read_str(c, up, un)?;
+                let hdrs = read(c, hp, hn)?;
+                let body = read(c, bp, bn)?;
+                read(c, tp, tn)?;
+                check(c, token_out, 4)?;
+                let pairs = parse_pairs(&hdrs).ok_or(Fail::Status(status::BAD_ARGUMENT))?;
+                let token = http_call(c.data_mut(), cluster, &pairs, body, timeout as u32)
+                    .map_err(Fail::Status)?;
+                write_u32(c, token_out, token)
             })
         },
     )?;

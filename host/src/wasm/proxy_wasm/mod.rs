@@ -103,6 +103,8 @@ pub struct Load<'a> {
     pub vm_config: Vec<u8>,
     /// The plugin configuration buffer.
     pub plugin_config: Vec<u8>,
+    /// Clusters granted for `proxy_http_call` (`capabilities.clusters`).
+    pub clusters: Vec<String>,
 }
 
 /// Loads one proxy-wasm plugin (one configuration of it): starts a VM here to
@@ -121,6 +123,8 @@ pub fn load(
         plugin_config: what.plugin_config,
         stats: stats.clone(),
         metrics: Mutex::default(),
+        callouts_sent: crate::wasm::host::callouts_counter(stats, what.name),
+        clusters: what.clusters,
     };
     let f = Arc::new(ProxyWasmFilter::load(module, meta, settings, stats)?);
     f.arm();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use wasmtime::{Memory, StoreLimits, StoreLimitsBuilder, TypedFunc};
 
-use crate::filter::{Exchange, LocalResponse};
+use crate::filter::{CalloutRequest, CalloutResult, Exchange, LocalResponse};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
 /// The root context's id (ids come from one counter per VM; 0 is reserved).
@@ -23,6 +23,9 @@ pub enum Phase {
     RequestHeaders,
     /// `proxy_on_response_headers`: the response head is writable.
     ResponseHeaders,
+    /// `proxy_on_http_call_response`: the head the exchange is held at (request
+    /// before a response exists, else response) is writable.
+    CalloutResponse,
     /// `on_done`, `on_log`, `on_delete`: read-only.
     ReadOnly,
 }
@@ -54,6 +57,10 @@ pub struct Meta {
     pub stats: Arc<Stats>,
     /// Metrics by id (index + 1), shared so every worker's ids agree.
     pub metrics: Mutex<Vec<(String, Metric)>>,
+    /// Clusters granted for `proxy_http_call` (`capabilities.clusters`).
+    pub clusters: Vec<String>,
+    /// `legate_plugin_callouts_total`.
+    pub callouts_sent: Counter,
 }
 
 /// Most metrics one plugin may define (as for component plugins).
@@ -149,6 +156,18 @@ pub struct PwState {
     pub props: HashMap<(u32, Vec<u8>), Vec<u8>>,
     /// Queues registered since the host last looked (for `proxy_on_queue_ready`).
     pub new_queues: Vec<u32>,
+    /// The callout result being delivered (`proxy_on_http_call_response`): read
+    /// through map 6 and buffer 4.
+    pub call_response: Option<CalloutResult>,
+    /// `proxy_continue_stream` was called during the current call.
+    pub resume: bool,
+    /// The last callout token handed out.
+    pub next_token: u32,
+    /// Callouts sent and not yet delivered: token → the context that sent it.
+    pub outstanding: HashMap<u32, u32>,
+    /// Callouts sent from the root context (ticks, queue events), sent by the
+    /// filter after the call.
+    pub root_callouts: Vec<CalloutRequest>,
 }
 
 impl PwState {
@@ -172,6 +191,11 @@ impl PwState {
             tick: None,
             props: HashMap::new(),
             new_queues: Vec::new(),
+            call_response: None,
+            resume: false,
+            next_token: 0,
+            outstanding: HashMap::new(),
+            root_callouts: Vec::new(),
         }
     }
 
