@@ -33,6 +33,8 @@ pub struct ListenerStats {
     pub rq_by_class: [Counter; 5],
     /// Requests in flight.
     pub rq_active: Gauge,
+    /// Responses that carried the `x-legate-debug-*` headers.
+    pub debug_responses: Counter,
     /// Bytes received from downstream (TCP listeners).
     pub rx_bytes: Counter,
     /// Bytes sent to downstream (TCP listeners).
@@ -74,6 +76,11 @@ impl ListenerStats {
             rq_active: stats.gauge(
                 "legate_listener_requests_active",
                 "Downstream requests in flight.",
+                &l,
+            ),
+            debug_responses: stats.counter(
+                "legate_debug_responses_total",
+                "Responses carrying x-legate-debug-* headers (trusted x-legate-debug: 1).",
                 &l,
             ),
             rx_bytes: stats.counter(

@@ -6,13 +6,15 @@
 //! - `x-legate-max-retries: N` replaces the route's `retry.num_retries` (only on a
 //!   route with a `retry` policy: the header tunes retries, it does not enable them);
 //! - `x-legate-debug: 1` makes the response carry where the request went and how
-//!   long it took ([`debug_headers`]).
+//!   long its stages took ([`debug_headers`]), also for local answers and errors.
 //!
 //! A value that is not a plain decimal number is ignored.
 
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::upstream::ConnectionUse;
 
 /// `x-legate-upstream-rq-timeout-ms`.
 pub const TIMEOUT: &str = "x-legate-upstream-rq-timeout-ms";
@@ -57,45 +59,89 @@ pub fn take(h: &mut HeaderMap, trusted: bool) -> Overrides {
     }
 }
 
-/// What the debug headers report.
+/// What the debug headers report. Durations are from the request's arrival.
 #[derive(Debug, Default)]
 pub struct Debug<'a> {
-    /// The route's name.
+    /// The route's name, if one matched.
     pub route: Option<&'a str>,
-    /// The cluster.
+    /// The cluster, if the route sends to one.
     pub cluster: Option<&'a str>,
-    /// The endpoint of the last attempt.
+    /// The endpoint of the last attempt: the one that answered, or the last that
+    /// failed.
     pub endpoint: Option<std::net::SocketAddr>,
-    /// Upstream attempts made.
+    /// Upstream attempts made, retries included.
     pub attempts: u32,
-    /// From the request's arrival to the upstream response headers.
+    /// How the answering attempt got its connection (`None`: no upstream answer).
+    pub connection: Option<ConnectionUse>,
+    /// Time spent in the request-headers phase of the filter chain.
+    pub request_filters: Option<Duration>,
+    /// When the upstream's response headers arrived.
     pub first_byte: Option<Duration>,
+    /// Time spent in the response-headers phase of the filter chain.
+    pub response_filters: Option<Duration>,
+    /// When the response headers were ready to go downstream.
+    pub total: Duration,
+    /// The error's cause, for an error response.
+    pub cause: Option<&'a str>,
 }
 
-/// Adds `x-legate-debug-{route,cluster,endpoint,attempts,first-byte-ms}` to a
-/// response.
+/// Adds the debug headers to a response (see docs/config.md, "Override and debug
+/// headers"): `x-legate-debug-{route,cluster,endpoint,attempts,connection,cause}`
+/// where known, and `x-legate-debug-timing: request-filters=N, connect=N,
+/// first-byte=N, response-filters=N, total=N` in microseconds, each part present
+/// only when it happened.
 pub fn debug_headers(h: &mut HeaderMap, d: &Debug<'_>) {
-    let mut put = |name: &'static str, value: String| {
-        if let Ok(v) = HeaderValue::from_str(&value) {
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
             h.insert(HeaderName::from_static(name), v);
         }
     };
     if let Some(r) = d.route {
-        put("x-legate-debug-route", r.to_string());
+        put("x-legate-debug-route", r);
     }
     if let Some(c) = d.cluster {
-        put("x-legate-debug-cluster", c.to_string());
+        put("x-legate-debug-cluster", c);
     }
     if let Some(e) = d.endpoint {
-        put("x-legate-debug-endpoint", e.to_string());
+        put("x-legate-debug-endpoint", &e.to_string());
     }
-    put("x-legate-debug-attempts", d.attempts.to_string());
-    if let Some(t) = d.first_byte {
-        put(
-            "x-legate-debug-first-byte-ms",
-            format!("{:.3}", t.as_secs_f64() * 1000.0),
-        );
+    put("x-legate-debug-attempts", &d.attempts.to_string());
+    if let Some(c) = d.connection {
+        let kind = match c {
+            ConnectionUse::Reused => "reused",
+            ConnectionUse::New { .. } => "new",
+        };
+        put("x-legate-debug-connection", kind);
     }
+    if let Some(c) = d.cause {
+        put("x-legate-debug-cause", c);
+    }
+    put("x-legate-debug-timing", &timing(d));
+}
+
+/// The `x-legate-debug-timing` value.
+fn timing(d: &Debug<'_>) -> String {
+    let connect = match d.connection {
+        Some(ConnectionUse::New { connect }) => Some(connect),
+        _ => None,
+    };
+    let parts = [
+        ("request-filters", d.request_filters),
+        ("connect", connect),
+        ("first-byte", d.first_byte),
+        ("response-filters", d.response_filters),
+        ("total", Some(d.total)),
+    ];
+    let mut out = String::new();
+    for (name, t) in parts {
+        if let Some(t) = t {
+            if !out.is_empty() {
+                out.push_str(", ");
+            }
+            out.push_str(&format!("{name}={}", t.as_micros()));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -135,5 +181,29 @@ mod tests {
         assert_eq!(o.timeout, Some(None));
         assert_eq!(o.max_retries, None);
         assert!(!o.debug);
+    }
+
+    #[test]
+    fn timing_lists_only_what_happened_in_order() {
+        let us = Duration::from_micros;
+        let mut d = Debug {
+            first_byte: Some(us(900)),
+            total: us(1000),
+            connection: Some(ConnectionUse::Reused),
+            ..Debug::default()
+        };
+        assert_eq!(timing(&d), "first-byte=900, total=1000");
+        d.connection = Some(ConnectionUse::New { connect: us(300) });
+        d.request_filters = Some(us(20));
+        d.response_filters = Some(us(5));
+        assert_eq!(
+            timing(&d),
+            "request-filters=20, connect=300, first-byte=900, response-filters=5, total=1000"
+        );
+        let mut h = HeaderMap::new();
+        debug_headers(&mut h, &d);
+        assert_eq!(h["x-legate-debug-connection"], "new");
+        assert_eq!(h["x-legate-debug-attempts"], "0");
+        assert!(!h.contains_key("x-legate-debug-route"));
     }
 }

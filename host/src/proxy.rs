@@ -55,6 +55,18 @@ struct Outcome {
     request_id: Option<HeaderValue>,
     /// The filter chain run of this exchange, finished (log, done) with it.
     chain: Option<filter::Chain>,
+    /// What `x-legate-debug` reports (`debug.on`: it was asked for, trusted).
+    debug: DebugFacts,
+}
+
+/// Timings and facts only the debug headers use ([`crate::overrides::Debug`]).
+#[derive(Default)]
+struct DebugFacts {
+    on: bool,
+    request_filters: Option<Duration>,
+    response_filters: Option<Duration>,
+    first_byte: Option<Instant>,
+    connection: Option<crate::upstream::ConnectionUse>,
 }
 
 /// Handles one downstream request. Never fails: errors become responses here.
@@ -75,7 +87,7 @@ pub async fn handle(
         .map_or_else(|| "/".to_string(), |p| p.to_string());
     let version = req.version();
     let mut out = Outcome::default();
-    let resp = match proxy(&conn, req, &mut out).await {
+    let mut resp = match proxy(&conn, req, &mut out).await {
         Ok(r) => r,
         Err(e) => {
             if e.kind != Kind::NoRoute {
@@ -91,6 +103,11 @@ pub async fn handle(
             r
         }
     };
+    if out.debug.on {
+        // Here, after the response filters, so that every answer (upstream, local,
+        // error) gets them the same way and no filter changes them.
+        add_debug_headers(&conn, &out, start, resp.headers_mut());
+    }
     in_flight.0 = None;
     let route_stats = out.route.as_ref().map(|r| conn.worker.route_stats(r));
     let status = resp.status();
@@ -106,6 +123,25 @@ pub async fn handle(
         bytes: Cell::new(0),
     };
     Ok(resp.map(|b| body::boxed(Watched::new(b, done))))
+}
+
+/// Adds the `x-legate-debug-*` headers and counts the debug response.
+fn add_debug_headers(conn: &ConnCtx, out: &Outcome, start: Instant, h: &mut http::HeaderMap) {
+    conn.listener.stats.debug_responses.inc();
+    let d = &out.debug;
+    let debug = crate::overrides::Debug {
+        route: out.route.as_deref(),
+        cluster: out.cluster.as_deref(),
+        endpoint: out.upstream,
+        attempts: out.attempts,
+        connection: d.connection,
+        request_filters: d.request_filters,
+        first_byte: d.first_byte.map(|t| t.saturating_duration_since(start)),
+        response_filters: d.response_filters,
+        total: start.elapsed(),
+        cause: out.cause,
+    };
+    crate::overrides::debug_headers(h, &debug);
 }
 
 async fn proxy(
@@ -143,12 +179,12 @@ async fn proxy(
     };
     let https = conn.tls.is_some();
     let trusted = http.trust_downstream;
-    let received = Instant::now();
     let ov = {
         let h = req.headers_mut();
         out.request_id = proxy_headers::request_id(h, trusted, http.generate_request_id);
         crate::overrides::take(h, trusted)
     };
+    out.debug.on = ov.debug;
     let mut authority = authority;
     if let Some(chain) = snapshot.filters.start(
         &listener.name,
@@ -160,7 +196,10 @@ async fn proxy(
         }),
     ) {
         out.chain = Some(chain);
-        if let Some(local) = request_filters(out, &mut req, &mut authority).await? {
+        let started = Instant::now();
+        let local = request_filters(out, &mut req, &mut authority).await;
+        out.debug.request_filters = Some(started.elapsed());
+        if let Some(local) = local? {
             let input = RouteInput {
                 method: req.method(),
                 uri: req.uri(),
@@ -363,7 +402,7 @@ async fn proxy(
         None => attempt.run(source, out).await,
     };
     let mut resp = result?;
-    let first_byte = received.elapsed();
+    out.debug.first_byte = Some(Instant::now());
 
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
@@ -383,16 +422,6 @@ async fn proxy(
     if resp.version() != Version::HTTP_11 || parts.version == Version::HTTP_2 {
         // The downstream protocol sets the response framing; hyper picks it.
         *resp.version_mut() = parts.version;
-    }
-    if ov.debug {
-        let debug = crate::overrides::Debug {
-            route: out.route.as_deref(),
-            cluster: out.cluster.as_deref(),
-            endpoint: out.upstream,
-            attempts: out.attempts,
-            first_byte: Some(first_byte),
-        };
-        crate::overrides::debug_headers(resp.headers_mut(), &debug);
     }
     if switching {
         // The tunnel is already spliced; filters see upgraded exchanges' heads only
@@ -510,7 +539,9 @@ async fn response_filters(
     chain.x.status = Some(resp.status());
     chain.x.response_headers = Some(std::mem::take(resp.headers_mut()));
     let eos = resp.body().is_end_stream();
+    let started = Instant::now();
     let replaced = chain.on_response_headers(eos).await;
+    out.debug.response_filters = Some(started.elapsed());
     let headers = chain.x.response_headers.clone().unwrap_or_default();
     *resp.headers_mut() = headers;
     let replaced = replaced?;
@@ -736,6 +767,7 @@ impl Attempts<'_> {
             };
             out.upstream = Some(target_addr);
             out.attempts = attempt + 1;
+            out.debug.connection = None;
             let replayable = source.replayable();
             let last = !replayable || attempt >= max_retries;
             let req = self.build_request(source.take(), last)?;
@@ -762,7 +794,10 @@ impl Attempts<'_> {
             };
             let can_retry = replayable && attempt < max_retries;
             match result {
-                Ok(resp) => {
+                Ok(mut resp) => {
+                    out.debug.connection = resp
+                        .extensions_mut()
+                        .remove::<crate::upstream::ConnectionUse>();
                     active.record_status(resp.status().as_u16());
                     if can_retry
                         && self.policy.is_some_and(|p| p.retries_status(resp.status()))

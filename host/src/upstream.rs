@@ -133,6 +133,20 @@ enum Sender {
     H2(http2::SendRequest<Body>),
 }
 
+/// How a response's request got its connection, as a response extension set by
+/// [`Pool::send`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionUse {
+    /// A pooled connection (HTTP/1.1 keep-alive or a shared HTTP/2 one).
+    Reused,
+    /// A connection opened for this request, `connect` after the attempt asked for
+    /// it (TCP connect, TLS and HTTP handshakes).
+    New {
+        /// Time to open the connection.
+        connect: Duration,
+    },
+}
+
 /// Where an attempt goes.
 pub struct Target<'a> {
     /// Endpoint address.
@@ -153,6 +167,8 @@ impl Pool {
 
     /// Sends `req` to `target`, reusing a pooled connection when one is usable.
     /// The response body returns the connection to the pool when read to its end.
+    /// The response carries a [`ConnectionUse`] extension: whether the connection
+    /// was reused or opened for it, and how long opening took.
     pub async fn send(
         &self,
         s: &UpstreamSettings,
@@ -164,14 +180,24 @@ impl Pool {
         // with scheme+authority, h1 an origin-form path (set by the caller).
         if let Some(sender) = self.checkout(s, key).await {
             match self.try_send(key, s, sender, req).await {
-                Ok(resp) => return Ok(resp),
+                Ok(mut resp) => {
+                    resp.extensions_mut().insert(ConnectionUse::Reused);
+                    return Ok(resp);
+                }
                 Err(SendError::NotSent(back)) => req = *back,
                 Err(SendError::Failed(e)) => return Err(e),
             }
         }
+        // Measured here, where the connection is made: TCP, TLS and the HTTP
+        // handshake (what a debug response reports as `connect`).
+        let started = Instant::now();
         let sender = self.connect(s, key, &target).await?;
+        let connect = started.elapsed();
         match self.try_send(key, s, sender, req).await {
-            Ok(resp) => Ok(resp),
+            Ok(mut resp) => {
+                resp.extensions_mut().insert(ConnectionUse::New { connect });
+                Ok(resp)
+            }
             Err(SendError::NotSent(_)) => Err(ProxyError::new(
                 Kind::UpstreamReset,
                 format!(
