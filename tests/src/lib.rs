@@ -155,6 +155,16 @@ routes:
     )
 }
 
+/// `yaml` (a config with a top-level `clusters:` list) with one more cluster,
+/// `name`, at `addr`.
+pub fn with_cluster(yaml: &str, name: &str, addr: std::net::SocketAddr) -> String {
+    yaml.replacen(
+        "clusters:\n",
+        &format!("clusters:\n  - name: {name}\n    endpoints:\n      - address: {addr}\n"),
+        1,
+    )
+}
+
 /// A port on 127.0.0.1 that nothing listens on (bound, then released). Connecting to
 /// it is refused, which is what connect-failure tests need.
 pub fn closed_port_addr() -> std::net::SocketAddr {

@@ -503,10 +503,7 @@ fn the_sdk_module_needs_no_import_the_host_lacks() {
 
 /// [`config`] plus cluster `authz` at `authz`.
 fn with_authz(up: SocketAddr, authz: SocketAddr, plugins: &str, chain: &[&str]) -> String {
-    config(up, plugins, chain).replace(
-        "clusters:\n",
-        &format!("clusters:\n  - name: authz\n    endpoints:\n      - address: {authz}\n"),
-    )
+    with_cluster(&config(up, plugins, chain), "authz", authz)
 }
 
 fn caller(plugin_config: &str) -> String {

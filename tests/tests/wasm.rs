@@ -602,10 +602,7 @@ async fn tick_interval_below_minimum_is_refused() {
 
 /// `simple`'s config plus cluster `authz` at `authz`.
 fn with_authz(up: SocketAddr, authz: SocketAddr, plugins: &str, chain: &[&str]) -> String {
-    simple(up, plugins, chain).replace(
-        "clusters:\n",
-        &format!("clusters:\n  - name: authz\n    endpoints:\n      - address: {authz}\n"),
-    )
+    with_cluster(&simple(up, plugins, chain), "authz", authz)
 }
 
 fn callout_plugin(name: &str, config: &str) -> String {

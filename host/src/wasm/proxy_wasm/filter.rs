@@ -151,6 +151,16 @@ impl ProxyWasmFilter {
         Ok(f)
     }
 
+    /// Whether this worker's VM is still the one of `generation` (a task started
+    /// for an older VM must not call into its successor).
+    fn is_current(&self, generation: u64) -> bool {
+        VMS.with(|cell| {
+            cell.borrow()
+                .get(&self.id)
+                .is_some_and(|s| s.live.is_some() && s.generation == generation)
+        })
+    }
+
     /// Lets the filter start tick tasks (it needs an `Arc` of itself).
     pub fn arm(self: &Arc<Self>) {
         let _ = self.me.set(Arc::downgrade(self));
@@ -293,12 +303,7 @@ impl ProxyWasmFilter {
             n.notified().await;
             drop(n);
             let Some(f) = me.upgrade() else { return };
-            let current = VMS.with(|cell| {
-                cell.borrow()
-                    .get(&f.id)
-                    .is_some_and(|s| s.live.is_some() && s.generation == generation)
-            });
-            if !current {
+            if !f.is_current(generation) {
                 return;
             }
             let r = f.with_vm(worker, Phase::Root, None, false, |live, _| {
@@ -608,12 +613,7 @@ impl ProxyWasmFilter {
             None => Err(CalloutError::Unavailable),
         };
         let Some(f) = me.upgrade() else { return };
-        let current = VMS.with(|cell| {
-            cell.borrow()
-                .get(&f.id)
-                .is_some_and(|s| s.live.is_some() && s.generation == generation)
-        });
-        if !current {
+        if !f.is_current(generation) {
             return;
         }
         if let Err(e) = f.call_response(worker, None, token, result) {
