@@ -10,7 +10,9 @@
 # Filter-cost contenders (bench/filters.sh runs them): Legate again, each with a
 # filter chain on its route: native1/native5 = 1 or 5 native no-op filters,
 # wasm1/wasm5 = 1 or 5 no-op Wasm filters (bench/noop-filter), wasmhdr = 1 Wasm
-# filter that reads one request header. Compare them with `legate` (no filters).
+# filter that reads one request header, pwnoop = 1 no-op proxy-wasm filter (the
+# upstream `proxy-wasm` Rust SDK, tests/proxy-wasm-guests in mode `noop`: Envoy's
+# ABI, called for request and response headers). Compare them with `legate`.
 #
 # Environment (defaults):
 #   ROUNDS=3 DURATION=10s CONNS=64 STREAMS=1 WARMUP=2s
@@ -37,8 +39,8 @@ RESULTS_DIR="${RESULTS_DIR:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)}"
 # Fixed loopback ports (18xxx, away from the demo's 8080/8081/8082/9901).
 UPSTREAM_PORT=18081
 LEGATE_PORT=18080 LEGATE_ADMIN_PORT=19901
-# Filter-chain Legates (native1 native5 wasm1 wasm5 wasmhdr): listeners 18086-18090,
-# admin ports 19902-19906.
+# Filter-chain Legates (native1 native5 wasm1 wasm5 wasmhdr pwnoop): listeners
+# 18086-18091, admin ports 19902-19907.
 NGINX_H1_PORT=18082 NGINX_H2_PORT=18083
 HAPROXY_H1_PORT=18084 HAPROXY_H2_PORT=18085
 EXPECTED_BODY="hello from bench-upstream"
@@ -57,8 +59,8 @@ die() {
 [[ ${DURATION} =~ ^[1-9][0-9]*[smh]?$ ]] || die "DURATION must look like 10s, 2m (got '${DURATION}')"
 [[ ${WARMUP} =~ ^[0-9]+[smh]?$ ]] || die "WARMUP must look like 2s, or 0 (got '${WARMUP}')"
 for c in ${CONTENDERS}; do
-    [[ ${c} =~ ^(direct|legate|nginx|haproxy|native1|native5|wasm1|wasm5|wasmhdr)$ ]] ||
-        die "unknown contender '${c}' (want: direct legate nginx haproxy native1 native5 wasm1 wasm5 wasmhdr)"
+    [[ ${c} =~ ^(direct|legate|nginx|haproxy|native1|native5|wasm1|wasm5|wasmhdr|pwnoop)$ ]] ||
+        die "unknown contender '${c}' (want: direct legate nginx haproxy native1 native5 wasm1 wasm5 wasmhdr pwnoop)"
 done
 for p in ${PROTOCOLS}; do
     [[ ${p} =~ ^(h1|h2)$ ]] || die "unknown protocol '${p}' (want: h1 h2)"
@@ -66,7 +68,7 @@ done
 [[ ${LOAD_CPU} != "${PROXY_CPU}" ]] || die "LOAD_CPU and PROXY_CPU must differ"
 wants() { [[ " ${CONTENDERS} " == *" $1 "* ]]; }
 # Contenders that are a Legate process: the plain one and the filter chains.
-FILTER_CONTENDERS="native1 native5 wasm1 wasm5 wasmhdr"
+FILTER_CONTENDERS="native1 native5 wasm1 wasm5 wasmhdr pwnoop"
 wants_legate() {
     local c
     for c in legate ${FILTER_CONTENDERS}; do wants "${c}" && return 0; done
@@ -189,6 +191,7 @@ port_for() { # CONTENDER PROTO
         wasm1-*) echo 18088 ;;
         wasm5-*) echo 18089 ;;
         wasmhdr-*) echo 18090 ;;
+        pwnoop-*) echo 18091 ;;
         nginx-h1) echo "${NGINX_H1_PORT}" ;;
         nginx-h2) echo "${NGINX_H2_PORT}" ;;
         haproxy-h1) echo "${HAPROXY_H1_PORT}" ;;
@@ -342,6 +345,14 @@ if wants_wasm; then
     "${LEGATE_BIN}" plugin build bench/noop-filter --out "${WORK}/noop.wasm" >"${WORK}/plugin-build.log" 2>&1 ||
         die "building bench/noop-filter failed: $(tail -n 20 "${WORK}/plugin-build.log")"
 fi
+if wants pwnoop; then
+    log "building tests/proxy-wasm-guests (wasm32-wasip1, release)"
+    cargo build --release "${lock[@]}" --target wasm32-wasip1 \
+        --manifest-path tests/proxy-wasm-guests/Cargo.toml \
+        --target-dir target/proxy-wasm-guests >"${WORK}/pw-build.log" 2>&1 ||
+        die "building tests/proxy-wasm-guests failed: $(tail -n 20 "${WORK}/pw-build.log")"
+    cp target/proxy-wasm-guests/wasm32-wasip1/release/legate_proxy_wasm_guests.wasm "${WORK}/pwnoop.wasm"
+fi
 if wants native1; then start_filter_legate native1 18086 19902 native:noop 1; fi
 if wants native5; then start_filter_legate native5 18087 19903 native:noop 5; fi
 if wants wasm1; then start_filter_legate wasm1 18088 19904 "${WORK}/noop.wasm" 1; fi
@@ -349,6 +360,7 @@ if wants wasm5; then start_filter_legate wasm5 18089 19905 "${WORK}/noop.wasm" 5
 if wants wasmhdr; then
     start_filter_legate wasmhdr 18090 19906 "${WORK}/noop.wasm" 1 '{ read_header: user-agent }'
 fi
+if wants pwnoop; then start_filter_legate pwnoop 18091 19907 "${WORK}/pwnoop.wasm" 1 '{ mode: noop }'; fi
 if wants nginx; then
     command -v nginx >/dev/null 2>&1 || die "nginx not found: run scripts/setup.sh bench"
     write_nginx_config

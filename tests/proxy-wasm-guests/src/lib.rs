@@ -15,6 +15,7 @@
 //! - `queue`: each request enqueues its path to queue `pw_events`, which the root
 //!   context registered; `on_queue_ready` drains it, counting in `pw_dequeued`.
 //! - `reject`: `on_configure` returns false.
+//! - `noop`: every callback returns at once (bench/run.sh's `pwnoop`).
 //! - `callout`: each request pauses on an HTTP call to cluster `authz` (path
 //!   `/check<request path>`, timeout `timeout_ms`, default 1000); in
 //!   `on_http_call_response` a 200 adds its body as request header `x-pw-authz`
@@ -217,6 +218,9 @@ extern "C" {
 
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.s.mode == "noop" {
+            return Action::Continue;
+        }
         if !self.s.vm_config.is_empty() {
             self.seen.push(("x-pw-vm-config".into(), self.s.vm_config.clone()));
         }
@@ -392,6 +396,9 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.s.mode == "noop" {
+            return Action::Continue;
+        }
         if self.s.mode == "headers" {
             self.add_http_response_header("x-pw-response", "1");
         }
@@ -406,6 +413,9 @@ impl HttpContext for Filter {
     }
 
     fn on_log(&mut self) {
+        if self.s.mode == "noop" {
+            return;
+        }
         proxy_wasm::hostcalls::log(LogLevel::Info, &format!("on_log {}", self.id)).ok();
     }
 }
