@@ -330,6 +330,10 @@ pub struct Exchange {
     pub trailers: [Option<HeaderMap>; 2],
     /// The body settings of the filter being called.
     pub body_ctl: BodyCtl,
+    /// Whether this is the chain's first call into the filter being called for
+    /// this exchange (its instance learns the context then; any later call on an
+    /// instance that does not know it means that instance was replaced).
+    pub first_call: bool,
     table: Option<Arc<RouteTable>>,
     routing: Routing,
 }
@@ -368,6 +372,7 @@ impl Exchange {
             bodies: [None, None],
             trailers: [None, None],
             body_ctl: BodyCtl::default(),
+            first_call: false,
             table,
             routing: Routing::default(),
         }
@@ -400,6 +405,7 @@ impl Exchange {
             bodies: [None, None],
             trailers: [None, None],
             body_ctl: BodyCtl::default(),
+            first_call: false,
             table: None,
             routing: Routing::default(),
         }
@@ -663,6 +669,7 @@ impl Filters {
             x,
             entered: Vec::new(),
             ctl: Vec::new(),
+            called: Vec::new(),
             skipped: Vec::new(),
             responded: None,
             callouts,
@@ -788,6 +795,8 @@ pub struct Chain {
     entered: Vec<Arc<dyn HttpFilter>>,
     /// Each entered filter's body settings for this exchange.
     ctl: Vec<BodyCtl>,
+    /// Whether each entered filter was called for this exchange yet.
+    called: Vec<bool>,
     /// Indices into `entered` of filters bypassed after a fail-open failure.
     skipped: Vec<usize>,
     /// The filter that answered from a request phase: it and the filters after it
@@ -817,6 +826,7 @@ impl Chain {
     fn call<R>(&mut self, i: usize, call: impl FnOnce(&dyn HttpFilter, usize, &mut Exchange) -> R) -> R {
         let f = self.entered[i].clone();
         self.x.body_ctl = self.ctl[i];
+        self.x.first_call = !std::mem::replace(&mut self.called[i], true);
         let r = call(&*f, self.worker, &mut self.x);
         self.ctl[i] = self.x.body_ctl;
         r
@@ -925,6 +935,7 @@ impl Chain {
             // Entered whatever happens, so `finish` frees its context.
             self.entered.push(f.clone());
             self.ctl.push(BodyCtl::of(&*f));
+            self.called.push(false);
             let k = self.entered.len() - 1;
             if !f.phases().contains(Phases::REQUEST_HEADERS) {
                 continue;

@@ -720,7 +720,8 @@ impl WasmFilter {
         };
         self.stats.calls[label].inc();
         let context = x.context;
-        self.with_instance(worker, phase, Some(x), request, |live| {
+        let first = x.first_call;
+        self.with_instance(worker, phase, Some(x), first, |live| {
             let data = live.store.data_mut();
             let xr = data.exchange_handle(context)?;
             let part = if request {
@@ -772,8 +773,8 @@ impl WasmFilter {
             Direction::Response => (Phase::ResponseBody, "response_body"),
         };
         self.stats.calls[label].inc();
-        let context = x.context;
-        self.with_instance(worker, phase, Some(x), false, |live| {
+        let (context, first) = (x.context, x.first_call);
+        self.with_instance(worker, phase, Some(x), first, |live| {
             let data = live.store.data_mut();
             let xr = data.exchange_handle(context)?;
             let br = data.buffer_handle(context, d)?;
@@ -815,8 +816,8 @@ impl WasmFilter {
             }
         };
         self.stats.calls[label].inc();
-        let context = x.context;
-        self.with_instance(worker, phase, Some(x), false, |live| {
+        let (context, first) = (x.context, x.first_call);
+        self.with_instance(worker, phase, Some(x), first, |live| {
             let data = live.store.data_mut();
             let xr = data.exchange_handle(context)?;
             let tr = data.headers_handle(context, part)?;
