@@ -283,7 +283,11 @@ pub struct Filtered {
 
 impl Filtered {
     /// Runs `chain`'s phases of direction `dir` over `inner`.
-    pub fn new(inner: Body, chain: crate::filter::SharedChain, dir: crate::filter::Direction) -> Self {
+    pub fn new(
+        inner: Body,
+        chain: crate::filter::SharedChain,
+        dir: crate::filter::Direction,
+    ) -> Self {
         Filtered {
             inner,
             chain,
@@ -316,7 +320,11 @@ impl Filtered {
             )),
             Ok(Ok(BodyStep::Continue(b))) => Ok(b),
             Ok(Ok(BodyStep::Respond(lr))) => {
-                let why = format!("local response {} from a {} body phase", lr.status, dir.as_str());
+                let why = format!(
+                    "local response {} from a {} body phase",
+                    lr.status,
+                    dir.as_str()
+                );
                 if dir == Direction::Request {
                     self.chain.set_local(lr);
                 }
@@ -340,7 +348,11 @@ impl Filtered {
             }
             Ok(Ok(Ok(t))) => Ok(t),
             Ok(Ok(Err(lr))) => {
-                let why = format!("local response {} from a {} trailers phase", lr.status, dir.as_str());
+                let why = format!(
+                    "local response {} from a {} trailers phase",
+                    lr.status,
+                    dir.as_str()
+                );
                 if dir == crate::filter::Direction::Request {
                     self.chain.set_local(lr);
                 }

@@ -260,8 +260,14 @@ mod tests {
         assert_eq!(p.side(), Side::Plugin);
         assert_eq!(p.to_response().body().as_ref(), b"plugin_failure: auth\n");
         let b = ProxyError::new(Kind::RequestBufferLimit, "");
-        assert_eq!((b.status(), b.cause()), (StatusCode::PAYLOAD_TOO_LARGE, "plugin_buffer_limit"));
+        assert_eq!(
+            (b.status(), b.cause()),
+            (StatusCode::PAYLOAD_TOO_LARGE, "plugin_buffer_limit")
+        );
         let b = ProxyError::new(Kind::ResponseBufferLimit, "");
-        assert_eq!((b.status(), b.side()), (StatusCode::BAD_GATEWAY, Side::Upstream));
+        assert_eq!(
+            (b.status(), b.side()),
+            (StatusCode::BAD_GATEWAY, Side::Upstream)
+        );
     }
 }

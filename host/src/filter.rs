@@ -531,7 +531,12 @@ pub trait HttpFilter: Send + Sync {
     }
     /// The trailers of direction `d`, in `x.trailers[d.idx()]` (writable). Called
     /// only for filters that declared the phase.
-    fn on_trailers(&self, worker: usize, x: &mut Exchange, d: Direction) -> Result<Verdict, String> {
+    fn on_trailers(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+    ) -> Result<Verdict, String> {
         let _ = (worker, x, d);
         Ok(Verdict::Continue)
     }
@@ -771,7 +776,12 @@ impl SharedChain {
     /// final status and cause. Streams pass data unfiltered from now on.
     pub fn finish(&self, status: StatusCode, cause: Option<&str>) {
         self.0.finished.set(true);
-        let chain = self.0.chain.try_borrow_mut().ok().and_then(|mut c| c.take());
+        let chain = self
+            .0
+            .chain
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut c| c.take());
         if let Some(mut chain) = chain {
             chain.x.status = Some(status);
             chain.x.cause = cause.map(str::to_string);
@@ -823,7 +833,11 @@ fn failure(f: &dyn HttpFilter, phase: &str, why: &str) -> Result<(), ProxyError>
 
 impl Chain {
     /// Calls entered filter `i` with its body settings swapped into the exchange.
-    fn call<R>(&mut self, i: usize, call: impl FnOnce(&dyn HttpFilter, usize, &mut Exchange) -> R) -> R {
+    fn call<R>(
+        &mut self,
+        i: usize,
+        call: impl FnOnce(&dyn HttpFilter, usize, &mut Exchange) -> R,
+    ) -> R {
         let f = self.entered[i].clone();
         self.x.body_ctl = self.ctl[i];
         self.x.first_call = !std::mem::replace(&mut self.called[i], true);

@@ -482,7 +482,11 @@ async fn request_filters(
 }
 
 /// Writes the request head as the filters left it back into `req`.
-fn write_head(x: &Exchange, req: &mut Request<Body>, authority: &mut String) -> Result<(), ProxyError> {
+fn write_head(
+    x: &Exchange,
+    req: &mut Request<Body>,
+    authority: &mut String,
+) -> Result<(), ProxyError> {
     *req.method_mut() = x.method.clone();
     let mut headers = x.request_headers.clone();
     if x.authority != *authority || x.path != req.uri().path_and_query().map_or("/", |p| p.as_str())
@@ -553,7 +557,8 @@ async fn request_body(
         return Ok(None);
     };
     let over = |len: u64| {
-        let _ = shared.with(|c| c.body_limit_exceeded(Rq, usize::try_from(len).unwrap_or(usize::MAX)));
+        let _ =
+            shared.with(|c| c.body_limit_exceeded(Rq, usize::try_from(len).unwrap_or(usize::MAX)));
         ProxyError::new(
             Kind::RequestBufferLimit,
             format!("request body of {len} bytes is over a filter's buffer cap of {cap} bytes"),
@@ -562,10 +567,12 @@ async fn request_body(
     if let Some(len) = content_length(req.headers()).filter(|&l| l > cap as u64) {
         return Err(over(len));
     }
-    let (data, trailers) = body::collect_capped(inner, cap).await.map_err(|e| match e {
-        body::CollectError::OverCap(len) => over(len as u64),
-        body::CollectError::Read(e) => ProxyError::request_body(&*e),
-    })?;
+    let (data, trailers) = body::collect_capped(inner, cap)
+        .await
+        .map_err(|e| match e {
+            body::CollectError::OverCap(len) => over(len as u64),
+            body::CollectError::Read(e) => ProxyError::request_body(&*e),
+        })?;
     let data = match chain_step(&shared, |c| c.on_body(Rq, data, true))?? {
         BodyStep::Continue(d) => d,
         BodyStep::Respond(lr) => return Ok(Some(lr)),
@@ -615,7 +622,8 @@ async fn response_body(
         return Ok(resp);
     };
     let over = |len: u64| {
-        let _ = shared.with(|c| c.body_limit_exceeded(Rs, usize::try_from(len).unwrap_or(usize::MAX)));
+        let _ =
+            shared.with(|c| c.body_limit_exceeded(Rs, usize::try_from(len).unwrap_or(usize::MAX)));
         ProxyError::new(
             Kind::ResponseBufferLimit,
             format!("response body of {len} bytes is over a filter's buffer cap of {cap} bytes"),
@@ -624,12 +632,14 @@ async fn response_body(
     if let Some(len) = content_length(resp.headers()).filter(|&l| l > cap as u64) {
         return Err(over(len));
     }
-    let (data, trailers) = body::collect_capped(inner, cap).await.map_err(|e| match e {
-        body::CollectError::OverCap(len) => over(len as u64),
-        body::CollectError::Read(e) => {
-            ProxyError::new(Kind::UpstreamReset, format!("response body: {e}"))
-        }
-    })?;
+    let (data, trailers) = body::collect_capped(inner, cap)
+        .await
+        .map_err(|e| match e {
+            body::CollectError::OverCap(len) => over(len as u64),
+            body::CollectError::Read(e) => {
+                ProxyError::new(Kind::UpstreamReset, format!("response body: {e}"))
+            }
+        })?;
     let data = match chain_step(&shared, |c| c.on_body(Rs, data, true))?? {
         BodyStep::Continue(d) => d,
         BodyStep::Respond(lr) => return Ok(local_response(lr)),
@@ -649,7 +659,10 @@ async fn response_body(
     if let Some(s) = status {
         *resp.status_mut() = s;
     }
-    if matches!(resp.status(), StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED) {
+    if matches!(
+        resp.status(),
+        StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+    ) {
         resp.headers_mut().remove(header::CONTENT_LENGTH);
     } else {
         set_length(resp.headers_mut(), data.len(), trailers.is_some());

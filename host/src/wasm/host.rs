@@ -254,7 +254,11 @@ impl HostState {
     }
 
     /// A handle for the body data of `dir` of the current exchange.
-    pub fn buffer_handle(&mut self, context: u64, dir: Direction) -> wasmtime::Result<Resource<BufferRes>> {
+    pub fn buffer_handle(
+        &mut self,
+        context: u64,
+        dir: Direction,
+    ) -> wasmtime::Result<Resource<BufferRes>> {
         Ok(self.table.push(BufferRes { context, dir })?)
     }
 
@@ -264,7 +268,8 @@ impl HostState {
         let buffered = self.x.body_ctl.modes[dir.idx()] == BodyMode::Buffered;
         match dir {
             Direction::Request => {
-                self.phase == Phase::RequestHeaders || (self.phase == Phase::RequestBody && buffered)
+                self.phase == Phase::RequestHeaders
+                    || (self.phase == Phase::RequestBody && buffered)
             }
             Direction::Response => {
                 self.phase == Phase::ResponseHeaders
@@ -868,7 +873,11 @@ impl types::HostBuffer for HostState {
         let end = start.saturating_add(len).min(buf.len());
         Ok(buf[start..end].to_vec())
     }
-    fn replace(&mut self, r: Resource<BufferRes>, data: Vec<u8>) -> wasmtime::Result<Result<(), Error>> {
+    fn replace(
+        &mut self,
+        r: Resource<BufferRes>,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), Error>> {
         self.splice_buffer(&r, None, 0, data)
     }
     fn splice(

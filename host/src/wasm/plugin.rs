@@ -808,12 +808,23 @@ impl WasmFilter {
     }
 
     /// `on-request-trailers` / `on-response-trailers` over `x.trailers[d]`.
-    fn trailers_call(&self, worker: usize, x: &mut Exchange, d: Direction) -> Result<Verdict, String> {
+    fn trailers_call(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+    ) -> Result<Verdict, String> {
         let (phase, label, part) = match d {
-            Direction::Request => (Phase::RequestTrailers, "request_trailers", Part::RequestTrailers),
-            Direction::Response => {
-                (Phase::ResponseTrailers, "response_trailers", Part::ResponseTrailers)
-            }
+            Direction::Request => (
+                Phase::RequestTrailers,
+                "request_trailers",
+                Part::RequestTrailers,
+            ),
+            Direction::Response => (
+                Phase::ResponseTrailers,
+                "response_trailers",
+                Part::ResponseTrailers,
+            ),
         };
         self.stats.calls[label].inc();
         let (context, first) = (x.context, x.first_call);
@@ -923,7 +934,12 @@ impl HttpFilter for WasmFilter {
         self.body_call(worker, x, d, end_of_stream)
     }
 
-    fn on_trailers(&self, worker: usize, x: &mut Exchange, d: Direction) -> Result<Verdict, String> {
+    fn on_trailers(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+    ) -> Result<Verdict, String> {
         self.trailers_call(worker, x, d)
     }
 

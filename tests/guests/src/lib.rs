@@ -490,7 +490,9 @@ impl Guest for Plugin {
 
     fn on_request_trailers(_c: u64, _x: &Exchange, t: &Headers) -> Action {
         if mode() == "trailers" {
-            let seen = t.get("x-client-trailer").unwrap_or_else(|| b"none".to_vec());
+            let seen = t
+                .get("x-client-trailer")
+                .unwrap_or_else(|| b"none".to_vec());
             let _ = t.set("x-trailer-seen", &seen);
         }
         Action::Continue
