@@ -461,6 +461,20 @@ mod tests {
         assert_eq!(b.collect().await.map(|c| c.to_bytes().len()).ok(), Some(5));
     }
 
+    #[tokio::test]
+    async fn collect_capped_stops_past_the_cap_and_keeps_trailers() {
+        let mut t = HeaderMap::new();
+        t.insert("x-t", http::HeaderValue::from_static("1"));
+        let (data, trailers) = collect_capped(whole(Bytes::from("abc"), Some(t)), 3)
+            .await
+            .unwrap();
+        assert_eq!(data, "abc");
+        assert_eq!(trailers.unwrap()["x-t"], "1");
+
+        let r = collect_capped(full(vec![0u8; 10]), 9).await;
+        assert!(matches!(r, Err(CollectError::OverCap(10))), "{r:?}");
+    }
+
     struct Ends(std::rc::Rc<std::cell::Cell<Option<bool>>>);
     impl Watch for Ends {
         fn end(self, complete: bool) {
