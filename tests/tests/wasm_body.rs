@@ -131,6 +131,35 @@ each_proto!(
 );
 
 each_proto!(
+    async fn streamed_bodies_are_rewritten_without_a_length(proto) {
+        let up = text_upstream("hello world").await;
+        let p = plugin(
+            "upper",
+            "{ mode: body-upper, phases: \"rq,rs,rqbody,rsbody\" }",
+            "",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["upper"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        // The filter removed content-length in its headers phase: the rewritten
+        // stream goes on chunked (HTTP/1.1) or unsized (HTTP/2).
+        let r = c.post("/a").body("hello").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The response filter upper-cases the echo too.
+        let text = r.text();
+        assert!(text.contains("\"BODY\":\"HELLO!\""), "{text}");
+        assert!(!text.contains("CONTENT-LENGTH"), "{text}");
+
+        let r = c.get("/text").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "HELLO WORLD!");
+        assert_eq!(r.header("content-length"), None);
+        // Streamed: the head went on before the body, so it was not writable.
+        assert_eq!(r.header("x-body-len"), None);
+    }
+);
+
+each_proto!(
     async fn buffered_bodies_over_the_cap_are_413_and_502(proto) {
         let up = upstream()
             .route("/big", |_req| async {

@@ -43,7 +43,8 @@
 //! - `body-upper`: a body phase replaces the data with its upper case plus `!`
 //!   (so the length changes), in both directions. In buffered mode it also sets
 //!   header `x-body-len: <original length>` on that direction's head (writable
-//!   while buffered).
+//!   while buffered). Its headers phases remove `content-length`, as a streamed
+//!   rewrite that changes sizes must.
 //! - `body-stream-count`: counts request body calls, bytes and whether
 //!   end-of-stream was seen; the response head gets `x-body-calls`,
 //!   `x-body-bytes`, `x-body-eos`. Data passes unchanged.
@@ -445,6 +446,11 @@ impl Guest for Plugin {
                 Action::Continue
             }
             "callout" => callout_request(c, x, h),
+            "body-upper" => {
+                // The body will grow: a streamed rewrite must not keep the length.
+                let _ = h.remove("content-length");
+                Action::Continue
+            }
             "body-mode-switch" => {
                 let mode = match h.get("x-mode").as_deref() {
                     Some(b"buffered") => Some(BodyMode::Buffered),
@@ -510,6 +516,10 @@ impl Guest for Plugin {
                         let _ = h.set("x-seen-request-filter", &v);
                     }
                 }
+                Action::Continue
+            }
+            "body-upper" => {
+                let _ = h.remove("content-length");
                 Action::Continue
             }
             "body-stream-count" => {
