@@ -1,4 +1,7 @@
-//! The body types on the request path and the request-body size limit.
+//! The body types on the request path, the request-body size limit, and the
+//! plumbing of body filters: [`Filtered`] runs a chain's body and trailer phases
+//! on chunks as they pass (streamed mode), [`collect_capped`] reads a whole body
+//! under a cap for buffered mode, and [`whole`] is the body that results.
 //!
 //! Bodies are boxed once at the edge of the proxy so every stage passes one type.
 //! They are `!Send` on purpose: each worker owns its requests from accept to
@@ -7,7 +10,8 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Empty, Full};
 
@@ -173,6 +177,276 @@ impl Watch for Limit {
     }
 }
 
+/// Why [`collect_capped`] stopped.
+#[derive(Debug)]
+pub enum CollectError {
+    /// More than the cap arrived; this many bytes had been read.
+    OverCap(usize),
+    /// The body failed.
+    Read(BoxError),
+}
+
+/// Reads a whole body (data and trailers), failing once more than `cap` bytes of
+/// data arrived: the buffered body mode never holds more than a plugin's cap.
+pub async fn collect_capped(
+    mut body: Body,
+    cap: usize,
+) -> Result<(Bytes, Option<HeaderMap>), CollectError> {
+    let mut data = BytesMut::new();
+    let mut trailers: Option<HeaderMap> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(CollectError::Read)?;
+        match frame.into_data() {
+            Ok(d) => {
+                if data.len() + d.len() > cap {
+                    return Err(CollectError::OverCap(data.len() + d.len()));
+                }
+                data.extend_from_slice(&d);
+            }
+            Err(f) => {
+                if let Ok(t) = f.into_trailers() {
+                    match &mut trailers {
+                        Some(all) => all.extend(t),
+                        None => trailers = Some(t),
+                    }
+                }
+            }
+        }
+    }
+    Ok((data.freeze(), trailers))
+}
+
+/// A body of `data` then `trailers` (if any): what a buffered body phase passes on.
+pub fn whole(data: Bytes, trailers: Option<HeaderMap>) -> Body {
+    match trailers {
+        None => full(data),
+        Some(t) => boxed(Whole {
+            data: (!data.is_empty()).then_some(data),
+            trailers: Some(t),
+        }),
+    }
+}
+
+struct Whole {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl HttpBody for Whole {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(d) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+}
+
+/// The error a streamed body fails with when a filter's body phase cannot pass it
+/// on (a local response, a failure): the peer sees a reset, the only honest end
+/// of a message whose head is out (abi/README.md §3.5).
+#[derive(Debug)]
+pub struct FilterStopped(pub String);
+
+impl std::fmt::Display for FilterStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "body stopped by a filter: {}", self.0)
+    }
+}
+impl std::error::Error for FilterStopped {}
+
+/// A body whose chunks go through a chain's body phases as they arrive (streamed
+/// mode, abi/README.md §4), then its trailers phases. The end of the body is
+/// signalled to the filters exactly once: with the last data frame when the inner
+/// body knows it is the last, else with an empty chunk when the trailers or the
+/// end arrive. `content-length` is the filters' business: the size hint is
+/// unknown, so a filter that removed the header gets chunked encoding.
+pub struct Filtered {
+    inner: Body,
+    chain: crate::filter::SharedChain,
+    dir: crate::filter::Direction,
+    /// The filters saw end-of-stream.
+    ended: bool,
+    /// Trailers to send after the data of the end-of-stream call.
+    trailers: Option<HeaderMap>,
+    done: bool,
+}
+
+impl Filtered {
+    /// Runs `chain`'s phases of direction `dir` over `inner`.
+    pub fn new(
+        inner: Body,
+        chain: crate::filter::SharedChain,
+        dir: crate::filter::Direction,
+    ) -> Self {
+        Filtered {
+            inner,
+            chain,
+            dir,
+            ended: false,
+            trailers: None,
+            done: false,
+        }
+    }
+
+    fn stopped(&self, why: String) -> BoxError {
+        Box::new(FilterStopped(why))
+    }
+
+    /// One body call over the chain.
+    fn step(&mut self, data: Bytes, eos: bool) -> Result<Bytes, BoxError> {
+        use crate::filter::{BodyStep, Direction, SharedError};
+        self.ended |= eos;
+        let mut slot = Some(data);
+        let dir = self.dir;
+        let r = self
+            .chain
+            .with(|c| c.on_body(dir, slot.take().unwrap_or_default(), eos));
+        match r {
+            Err(SharedError::Finished) => Ok(slot.take().unwrap_or_default()),
+            Err(SharedError::Busy) => Err(self.stopped(
+                "body data arrived while the filter chain was paused in another phase \
+                 (full-duplex exchanges with pauses are not supported by this host)"
+                    .into(),
+            )),
+            Ok(Ok(BodyStep::Continue(b))) => Ok(b),
+            Ok(Ok(BodyStep::Respond(lr))) => {
+                let why = format!(
+                    "local response {} from a {} body phase",
+                    lr.status,
+                    dir.as_str()
+                );
+                if dir == Direction::Request {
+                    self.chain.set_local(lr);
+                }
+                Err(self.stopped(why))
+            }
+            Ok(Err(e)) => Err(Box::new(e)),
+        }
+    }
+
+    /// The trailers call over the chain.
+    fn trailers_step(&mut self, t: HeaderMap) -> Result<HeaderMap, BoxError> {
+        let dir = self.dir;
+        let mut slot = Some(t);
+        let r = self
+            .chain
+            .with(|c| c.on_trailers(dir, slot.take().unwrap_or_default()));
+        match r {
+            Err(crate::filter::SharedError::Finished) => Ok(slot.take().unwrap_or_default()),
+            Err(crate::filter::SharedError::Busy) => {
+                Err(self.stopped("trailers arrived while the filter chain was paused".into()))
+            }
+            Ok(Ok(Ok(t))) => Ok(t),
+            Ok(Ok(Err(lr))) => {
+                let why = format!(
+                    "local response {} from a {} trailers phase",
+                    lr.status,
+                    dir.as_str()
+                );
+                if dir == crate::filter::Direction::Request {
+                    self.chain.set_local(lr);
+                }
+                Err(self.stopped(why))
+            }
+            Ok(Err(e)) => Err(Box::new(e)),
+        }
+    }
+}
+
+impl HttpBody for Filtered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(t) = this.trailers.take() {
+                this.done = true;
+                return Poll::Ready(Some(Ok(Frame::trailers(t))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(f) => f,
+            };
+            match frame {
+                Some(Err(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(data) => {
+                        let eos = this.inner.is_end_stream();
+                        match this.step(data, eos) {
+                            Err(e) => {
+                                this.done = true;
+                                return Poll::Ready(Some(Err(e)));
+                            }
+                            // An empty chunk is not sent: on HTTP/1.1 it would end
+                            // the chunked body.
+                            Ok(out) if out.is_empty() => {}
+                            Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                        }
+                    }
+                    Err(f) => {
+                        let Ok(t) = f.into_trailers() else { continue };
+                        let out = if this.ended {
+                            Ok(Bytes::new())
+                        } else {
+                            this.step(Bytes::new(), true)
+                        };
+                        let r = out.and_then(|out| this.trailers_step(t).map(|t| (out, t)));
+                        match r {
+                            Err(e) => {
+                                this.done = true;
+                                return Poll::Ready(Some(Err(e)));
+                            }
+                            Ok((out, t)) => {
+                                this.trailers = Some(t);
+                                if !out.is_empty() {
+                                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                                }
+                            }
+                        }
+                    }
+                },
+                None => {
+                    this.done = true;
+                    if !this.ended {
+                        match this.step(Bytes::new(), true) {
+                            Err(e) => return Poll::Ready(Some(Err(e))),
+                            Ok(out) if !out.is_empty() => {
+                                return Poll::Ready(Some(Ok(Frame::data(out))))
+                            }
+                            Ok(_) => {}
+                        }
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.trailers.is_none()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +459,20 @@ mod tests {
 
         let b = Watched::new(full(vec![0u8; 5]), Limit { remaining: 5 });
         assert_eq!(b.collect().await.map(|c| c.to_bytes().len()).ok(), Some(5));
+    }
+
+    #[tokio::test]
+    async fn collect_capped_stops_past_the_cap_and_keeps_trailers() {
+        let mut t = HeaderMap::new();
+        t.insert("x-t", http::HeaderValue::from_static("1"));
+        let (data, trailers) = collect_capped(whole(Bytes::from("abc"), Some(t)), 3)
+            .await
+            .unwrap();
+        assert_eq!(data, "abc");
+        assert_eq!(trailers.unwrap()["x-t"], "1");
+
+        let r = collect_capped(full(vec![0u8; 10]), 9).await;
+        assert!(matches!(r, Err(CollectError::OverCap(10))), "{r:?}");
     }
 
     struct Ends(std::rc::Rc<std::cell::Cell<Option<bool>>>);

@@ -20,6 +20,8 @@
 //! | `Timeout` (route) | 504 | no |
 //! | `PerTryTimeout` | 504 | yes |
 //! | `PluginFailure` | 503, body `plugin_failure: <plugin>` | no |
+//! | `RequestBufferLimit` | 413 (`plugin_buffer_limit`) | no |
+//! | `ResponseBufferLimit` | 502 (`plugin_buffer_limit`) | no |
 //! | `DownstreamReset` | (none: the client is gone) | no |
 //! | `Internal` | 500 | no |
 
@@ -58,6 +60,11 @@ pub enum Kind {
     /// A filter plugin with `fail: closed` trapped, overran its deadline or memory
     /// cap, or returned an invalid result. The detail is the plugin's name.
     PluginFailure,
+    /// A request body a filter buffers was over the plugin's `limits.body`.
+    RequestBufferLimit,
+    /// A response body a filter buffers was over the plugin's `limits.body`: the
+    /// upstream sent more than this gateway was configured to handle.
+    ResponseBufferLimit,
     /// The client went away.
     DownstreamReset,
     /// A bug or resource failure inside Legate.
@@ -125,12 +132,14 @@ impl ProxyError {
             | Kind::BadRequest
             | Kind::HeadersTooLarge
             | Kind::NotImplemented
+            | Kind::RequestBufferLimit
             | Kind::DownstreamReset => Side::Downstream,
             Kind::ConnectFailed
             | Kind::UpstreamReset
             | Kind::UpstreamProtocol
             | Kind::NoHealthyUpstream
             | Kind::Timeout
+            | Kind::ResponseBufferLimit
             | Kind::PerTryTimeout => Side::Upstream,
             Kind::Overloaded | Kind::Internal => Side::Internal,
             Kind::PluginFailure => Side::Plugin,
@@ -150,13 +159,14 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self.kind {
             Kind::NoRoute => StatusCode::NOT_FOUND,
-            Kind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Kind::BodyTooLarge | Kind::RequestBufferLimit => StatusCode::PAYLOAD_TOO_LARGE,
             Kind::BadRequest => StatusCode::BAD_REQUEST,
             Kind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Kind::NotImplemented => StatusCode::NOT_IMPLEMENTED,
-            Kind::ConnectFailed | Kind::UpstreamReset | Kind::UpstreamProtocol => {
-                StatusCode::BAD_GATEWAY
-            }
+            Kind::ConnectFailed
+            | Kind::UpstreamReset
+            | Kind::UpstreamProtocol
+            | Kind::ResponseBufferLimit => StatusCode::BAD_GATEWAY,
             Kind::NoHealthyUpstream | Kind::Overloaded | Kind::PluginFailure => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -185,6 +195,7 @@ impl ProxyError {
             Kind::Timeout => "upstream_timeout",
             Kind::PerTryTimeout => "upstream_per_try_timeout",
             Kind::PluginFailure => "plugin_failure",
+            Kind::RequestBufferLimit | Kind::ResponseBufferLimit => "plugin_buffer_limit",
             Kind::DownstreamReset => "downstream_reset",
             Kind::Internal => "internal_error",
         }
@@ -248,5 +259,15 @@ mod tests {
         assert_eq!(p.status(), 503);
         assert_eq!(p.side(), Side::Plugin);
         assert_eq!(p.to_response().body().as_ref(), b"plugin_failure: auth\n");
+        let b = ProxyError::new(Kind::RequestBufferLimit, "");
+        assert_eq!(
+            (b.status(), b.cause()),
+            (StatusCode::PAYLOAD_TOO_LARGE, "plugin_buffer_limit")
+        );
+        let b = ProxyError::new(Kind::ResponseBufferLimit, "");
+        assert_eq!(
+            (b.status(), b.side()),
+            (StatusCode::BAD_GATEWAY, Side::Upstream)
+        );
     }
 }

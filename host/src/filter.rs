@@ -63,6 +63,101 @@ impl Phases {
     }
 }
 
+/// Which way a message flows (the WIT `direction`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Downstream to upstream.
+    Request,
+    /// Upstream to downstream.
+    Response,
+}
+
+impl Direction {
+    /// 0 for the request, 1 for the response (index of per-direction arrays).
+    pub fn idx(self) -> usize {
+        match self {
+            Direction::Request => 0,
+            Direction::Response => 1,
+        }
+    }
+
+    /// `request` / `response`, for logs and stats labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Request => "request",
+            Direction::Response => "response",
+        }
+    }
+
+    fn body_phase(self) -> Phases {
+        match self {
+            Direction::Request => Phases::REQUEST_BODY,
+            Direction::Response => Phases::RESPONSE_BODY,
+        }
+    }
+
+    fn trailers_phase(self) -> Phases {
+        match self {
+            Direction::Request => Phases::REQUEST_TRAILERS,
+            Direction::Response => Phases::RESPONSE_TRAILERS,
+        }
+    }
+}
+
+/// How a filter receives a body in one direction (the WIT `body-mode`,
+/// abi/README.md §4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BodyMode {
+    /// No body calls; the body passes untouched.
+    #[default]
+    Skipped,
+    /// One call per chunk as it arrives.
+    Streamed,
+    /// One call with the whole body (up to the plugin's cap); the head of that
+    /// direction is held (writable) until it returns.
+    Buffered,
+}
+
+/// One filter's body settings for one exchange: its declared default modes,
+/// overridable by `set-body-mode` until the body of that direction starts.
+/// The chain keeps one per filter and swaps it into [`Exchange::body_ctl`] for
+/// each call into that filter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BodyCtl {
+    /// The mode per direction ([`Direction::idx`]).
+    pub modes: [BodyMode; 2],
+    /// Whether the body phase of that direction was declared.
+    pub declared: [bool; 2],
+    /// Whether the body of that direction started flowing (too late to change
+    /// the mode).
+    pub started: [bool; 2],
+}
+
+impl BodyCtl {
+    fn of(f: &dyn HttpFilter) -> Self {
+        let p = f.phases();
+        let mut c = BodyCtl::default();
+        for d in [Direction::Request, Direction::Response] {
+            let declared = p.contains(d.body_phase());
+            c.declared[d.idx()] = declared;
+            c.modes[d.idx()] = if declared {
+                f.body_mode(d)
+            } else {
+                BodyMode::Skipped
+            };
+        }
+        c
+    }
+
+    /// Whether this filter gets body calls in direction `d`.
+    pub fn wants(&self, d: Direction) -> bool {
+        self.declared[d.idx()] && self.modes[d.idx()] != BodyMode::Skipped
+    }
+}
+
+/// The default per-plugin cap of a buffered body (`limits.body`).
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+
 /// What a filter tells the host after a phase.
 #[derive(Debug)]
 pub enum Verdict {
@@ -227,6 +322,18 @@ pub struct Exchange {
     pub cause: Option<String>,
     /// Callouts queued by the current call, sent by the chain after it returns.
     pub callouts: Vec<CalloutRequest>,
+    /// The body data held for the filter being called, per direction
+    /// ([`Direction::idx`]): the chunk or the whole buffered body; `None` outside
+    /// body phases (bodies are not kept after they are forwarded).
+    pub bodies: [Option<Vec<u8>>; 2],
+    /// The trailers per direction, once they arrived (kept for later phases).
+    pub trailers: [Option<HeaderMap>; 2],
+    /// The body settings of the filter being called.
+    pub body_ctl: BodyCtl,
+    /// Whether this is the chain's first call into the filter being called for
+    /// this exchange (its instance learns the context then; any later call on an
+    /// instance that does not know it means that instance was replaced).
+    pub first_call: bool,
     table: Option<Arc<RouteTable>>,
     routing: Routing,
 }
@@ -262,6 +369,10 @@ impl Exchange {
             upstream: None,
             cause: None,
             callouts: Vec::new(),
+            bodies: [None, None],
+            trailers: [None, None],
+            body_ctl: BodyCtl::default(),
+            first_call: false,
             table,
             routing: Routing::default(),
         }
@@ -291,6 +402,10 @@ impl Exchange {
             upstream: None,
             cause: None,
             callouts: Vec::new(),
+            bodies: [None, None],
+            trailers: [None, None],
+            body_ctl: BodyCtl::default(),
+            first_call: false,
             table: None,
             routing: Routing::default(),
         }
@@ -385,6 +500,44 @@ pub trait HttpFilter: Send + Sync {
         paused: bool,
     ) -> Result<Verdict, String> {
         let _ = (worker, x, id, result, paused);
+        Ok(Verdict::Continue)
+    }
+    /// The default body mode of direction `d` (meaningful only if that body phase
+    /// is declared).
+    fn body_mode(&self, d: Direction) -> BodyMode {
+        let _ = d;
+        BodyMode::Skipped
+    }
+    /// The cap of a body this filter has buffered (`limits.body`).
+    fn body_limit(&self) -> usize {
+        DEFAULT_BODY_LIMIT
+    }
+    /// A body of direction `d` went over this filter's cap (for its stats).
+    fn body_limit_exceeded(&self, d: Direction) {
+        let _ = d;
+    }
+    /// Body data of direction `d`, in `x.bodies[d.idx()]` (the filter may change
+    /// it); `end_of_stream`: no more body data follows. Called only for filters that
+    /// declared the phase and whose mode is not skipped.
+    fn on_body(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String> {
+        let _ = (worker, x, d, end_of_stream);
+        Ok(Verdict::Continue)
+    }
+    /// The trailers of direction `d`, in `x.trailers[d.idx()]` (writable). Called
+    /// only for filters that declared the phase.
+    fn on_trailers(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+    ) -> Result<Verdict, String> {
+        let _ = (worker, x, d);
         Ok(Verdict::Continue)
     }
     /// After the response (read-only).
@@ -520,12 +673,120 @@ impl Filters {
             slots,
             x,
             entered: Vec::new(),
+            ctl: Vec::new(),
+            called: Vec::new(),
             skipped: Vec::new(),
             responded: None,
             callouts,
             inflight: tokio::task::JoinSet::new(),
             finished: false,
         })
+    }
+}
+
+/// How a body goes through a chain (see [`Chain::body_plan`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyPlan {
+    /// `Some(cap)`: a filter buffers, so the host reads the whole body (at most
+    /// `cap` bytes, the smallest cap of the buffering filters) and calls the body
+    /// phases once; `None`: chunks go through as they arrive.
+    pub buffer_cap: Option<usize>,
+}
+
+/// The outcome of a body phase run over the chain.
+#[derive(Debug)]
+pub enum BodyStep {
+    /// Forward this data.
+    Continue(Bytes),
+    /// A filter answered locally.
+    Respond(LocalResponse),
+}
+
+/// A chain shared by the proxy and the body streams that run body phases as
+/// chunks pass. Synchronous calls borrow it for the call; an async phase (which
+/// may wait out a pause) takes it out and puts it back, so no borrow is held
+/// across an await. Data that reaches a stream while the chain is out is a
+/// full-duplex exchange paused in another phase, which this host refuses.
+#[derive(Clone)]
+pub struct SharedChain(Rc<SharedInner>);
+
+struct SharedInner {
+    chain: std::cell::RefCell<Option<Chain>>,
+    /// The exchange is over (`finish` ran): streams pass data unfiltered.
+    finished: std::cell::Cell<bool>,
+    /// A local response from a streamed request body phase, for the proxy to send
+    /// in place of the upstream's.
+    local: std::cell::RefCell<Option<LocalResponse>>,
+}
+
+/// Why a body stream could not run its phases.
+#[derive(Debug)]
+pub enum SharedError {
+    /// The exchange is over.
+    Finished,
+    /// The chain is out in an async phase.
+    Busy,
+}
+
+impl SharedChain {
+    /// Shares `chain`.
+    pub fn new(chain: Chain) -> Self {
+        SharedChain(Rc::new(SharedInner {
+            chain: std::cell::RefCell::new(Some(chain)),
+            finished: std::cell::Cell::new(false),
+            local: std::cell::RefCell::new(None),
+        }))
+    }
+
+    /// Takes the chain out for an async phase; put it back with [`Self::put`].
+    pub fn take(&self) -> Option<Chain> {
+        self.0.chain.borrow_mut().take()
+    }
+
+    /// Puts the chain back after an async phase.
+    pub fn put(&self, chain: Chain) {
+        *self.0.chain.borrow_mut() = Some(chain);
+    }
+
+    /// Runs a synchronous step on the chain.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Chain) -> R) -> Result<R, SharedError> {
+        if self.0.finished.get() {
+            return Err(SharedError::Finished);
+        }
+        let Ok(mut guard) = self.0.chain.try_borrow_mut() else {
+            return Err(SharedError::Busy);
+        };
+        match guard.as_mut() {
+            Some(c) => Ok(f(c)),
+            None => Err(SharedError::Busy),
+        }
+    }
+
+    /// Records a local response from a streamed request body phase.
+    pub fn set_local(&self, lr: LocalResponse) {
+        *self.0.local.borrow_mut() = Some(lr);
+    }
+
+    /// The local response a streamed request body phase answered with, if any.
+    pub fn take_local(&self) -> Option<LocalResponse> {
+        self.0.local.borrow_mut().take()
+    }
+
+    /// Ends the exchange: `finish` on the chain (if it is not out), with the
+    /// final status and cause. Streams pass data unfiltered from now on.
+    pub fn finish(&self, status: StatusCode, cause: Option<&str>) {
+        self.0.finished.set(true);
+        let chain = self
+            .0
+            .chain
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut c| c.take());
+        if let Some(mut chain) = chain {
+            chain.x.status = Some(status);
+            chain.x.cause = cause.map(str::to_string);
+            chain.finish();
+        }
     }
 }
 
@@ -542,9 +803,14 @@ pub struct Chain {
     /// Filters that took part (not disabled by the route), in chain order; response
     /// phases run over them in reverse.
     entered: Vec<Arc<dyn HttpFilter>>,
+    /// Each entered filter's body settings for this exchange.
+    ctl: Vec<BodyCtl>,
+    /// Whether each entered filter was called for this exchange yet.
+    called: Vec<bool>,
     /// Indices into `entered` of filters bypassed after a fail-open failure.
     skipped: Vec<usize>,
-    /// The filter that answered from its request phase (it gets no response phase).
+    /// The filter that answered from a request phase: it and the filters after it
+    /// get no response phase.
     responded: Option<usize>,
     callouts: Rc<dyn CalloutSender>,
     /// Callouts in flight, as tasks on the worker's `LocalSet`: dropping the set
@@ -566,6 +832,25 @@ fn failure(f: &dyn HttpFilter, phase: &str, why: &str) -> Result<(), ProxyError>
 }
 
 impl Chain {
+    /// Calls entered filter `i` with its body settings swapped into the exchange.
+    fn call<R>(
+        &mut self,
+        i: usize,
+        call: impl FnOnce(&dyn HttpFilter, usize, &mut Exchange) -> R,
+    ) -> R {
+        let f = self.entered[i].clone();
+        self.x.body_ctl = self.ctl[i];
+        self.x.first_call = !std::mem::replace(&mut self.called[i], true);
+        let r = call(&*f, self.worker, &mut self.x);
+        self.ctl[i] = self.x.body_ctl;
+        r
+    }
+
+    /// Whether entered filter `i` takes part in the response path.
+    fn in_response(&self, i: usize) -> bool {
+        !self.skipped.contains(&i) && self.responded.is_none_or(|k| i < k)
+    }
+
     /// Sends the callouts filter `i` queued in its last call.
     fn dispatch(&mut self, i: usize) {
         for req in std::mem::take(&mut self.x.callouts) {
@@ -593,8 +878,7 @@ impl Chain {
             if self.skipped.contains(&i) {
                 continue;
             }
-            let f = self.entered[i].clone();
-            let v = f.on_callout_response(self.worker, &mut self.x, id, result, true);
+            let v = self.call(i, |f, w, x| f.on_callout_response(w, x, id, result, true));
             self.dispatch(i);
             match v {
                 Ok(Verdict::Pause) => continue,
@@ -619,7 +903,7 @@ impl Chain {
         if self.skipped.contains(&i) {
             return Ok(());
         }
-        let v = f.on_callout_response(self.worker, &mut self.x, id, result, false);
+        let v = self.call(i, |f, w, x| f.on_callout_response(w, x, id, result, false));
         self.dispatch(i);
         match v {
             Ok(Verdict::Continue | Verdict::Pause) => Ok(()),
@@ -664,11 +948,13 @@ impl Chain {
             };
             // Entered whatever happens, so `finish` frees its context.
             self.entered.push(f.clone());
+            self.ctl.push(BodyCtl::of(&*f));
+            self.called.push(false);
             let k = self.entered.len() - 1;
             if !f.phases().contains(Phases::REQUEST_HEADERS) {
                 continue;
             }
-            let mut v = f.on_request_headers(self.worker, &mut self.x, end_of_stream);
+            let mut v = self.call(k, |f, w, x| f.on_request_headers(w, x, end_of_stream));
             self.dispatch(k);
             if let Ok(Verdict::Pause) = v {
                 v = self.wait(k, "request_headers").await?;
@@ -703,14 +989,14 @@ impl Chain {
         let mut eos = end_of_stream;
         self.deliver_ready("response_headers")?;
         for i in (0..self.entered.len()).rev() {
-            if self.skipped.contains(&i) || self.responded == Some(i) {
+            if !self.in_response(i) {
                 continue;
             }
             let f = self.entered[i].clone();
             if !f.phases().contains(Phases::RESPONSE_HEADERS) {
                 continue;
             }
-            let mut v = f.on_response_headers(self.worker, &mut self.x, eos);
+            let mut v = self.call(i, |f, w, x| f.on_response_headers(w, x, eos));
             self.dispatch(i);
             if let Ok(Verdict::Pause) = v {
                 v = self.wait(i, "response_headers").await?;
@@ -731,6 +1017,154 @@ impl Chain {
             }
         }
         Ok(replaced)
+    }
+
+    /// Entered filters in direction `d`'s order that take part in it.
+    fn order(&self, d: Direction) -> Vec<usize> {
+        match d {
+            Direction::Request if self.responded.is_some() => Vec::new(),
+            Direction::Request => (0..self.entered.len())
+                .filter(|i| !self.skipped.contains(i))
+                .collect(),
+            Direction::Response => (0..self.entered.len())
+                .rev()
+                .filter(|&i| self.in_response(i))
+                .collect(),
+        }
+    }
+
+    /// How the body of direction `d` must go through the chain; `None` if no
+    /// filter has a body or trailers phase for it, so the body streams straight
+    /// through at no cost. From here on the body of `d` has started: a
+    /// `set-body-mode` for it is too late.
+    pub fn body_plan(&mut self, d: Direction) -> Option<BodyPlan> {
+        let mut plan: Option<BodyPlan> = None;
+        for i in self.order(d) {
+            self.ctl[i].started[d.idx()] = true;
+            let f = &self.entered[i];
+            let c = self.ctl[i];
+            let trailers = f.phases().contains(d.trailers_phase());
+            if !c.wants(d) && !trailers {
+                continue;
+            }
+            let p = plan.get_or_insert(BodyPlan { buffer_cap: None });
+            if c.wants(d) && c.modes[d.idx()] == BodyMode::Buffered {
+                let cap = f.body_limit();
+                p.buffer_cap = Some(p.buffer_cap.map_or(cap, |m| m.min(cap)));
+            }
+        }
+        plan
+    }
+
+    /// A body of direction `d` reached `len` bytes: counted on every buffering
+    /// filter whose cap that exceeds.
+    pub fn body_limit_exceeded(&self, d: Direction, len: usize) {
+        for i in self.order(d) {
+            let f = &self.entered[i];
+            let c = self.ctl[i];
+            if c.wants(d) && c.modes[d.idx()] == BodyMode::Buffered && len > f.body_limit() {
+                f.body_limit_exceeded(d);
+            }
+        }
+    }
+
+    /// Applies a body or trailers phase verdict other than continue: `pause` is
+    /// not supported there (a failure of the filter), a failure applies the
+    /// failure policy. `Some` is a local response from filter `i`.
+    fn body_verdict(
+        &mut self,
+        i: usize,
+        d: Direction,
+        phase: &str,
+        v: Result<Verdict, String>,
+    ) -> Result<Option<LocalResponse>, ProxyError> {
+        let why = match v {
+            Ok(Verdict::Continue) => return Ok(None),
+            Ok(Verdict::Respond(lr)) => {
+                if d == Direction::Request {
+                    self.responded = Some(i);
+                }
+                return Ok(Some(lr));
+            }
+            Ok(Verdict::Pause) => {
+                "returned `pause` from a body or trailers phase, which this host does not \
+                 support yet; send callouts from the headers phase or use `buffered` mode"
+                    .to_string()
+            }
+            Err(why) => why,
+        };
+        self.skipped.push(i);
+        let f = self.entered[i].clone();
+        failure(&*f, phase, &why)?;
+        Ok(None)
+    }
+
+    /// Runs the body phase of direction `d` over `data` in every filter that wants
+    /// it (chain order for the request, reverse for the response): the data as
+    /// the filters left it, or a filter's local response.
+    pub fn on_body(
+        &mut self,
+        d: Direction,
+        data: Bytes,
+        end_of_stream: bool,
+    ) -> Result<BodyStep, ProxyError> {
+        let order: Vec<usize> = self
+            .order(d)
+            .into_iter()
+            .filter(|&i| self.ctl[i].wants(d))
+            .collect();
+        if order.is_empty() {
+            return Ok(BodyStep::Continue(data));
+        }
+        let phase = match d {
+            Direction::Request => "request_body",
+            Direction::Response => "response_body",
+        };
+        self.x.bodies[d.idx()] = Some(Vec::from(data));
+        for i in order {
+            let v = self.call(i, |f, w, x| f.on_body(w, x, d, end_of_stream));
+            self.dispatch(i);
+            let r = self.body_verdict(i, d, phase, v);
+            match r {
+                Ok(None) => {}
+                Ok(Some(lr)) => {
+                    self.x.bodies[d.idx()] = None;
+                    return Ok(BodyStep::Respond(lr));
+                }
+                Err(e) => {
+                    self.x.bodies[d.idx()] = None;
+                    return Err(e);
+                }
+            }
+        }
+        let out = self.x.bodies[d.idx()].take().unwrap_or_default();
+        Ok(BodyStep::Continue(Bytes::from(out)))
+    }
+
+    /// Runs the trailers phase of direction `d` over `trailers` in every filter
+    /// that declared it: the trailers as the filters left them (kept on the
+    /// exchange for later reads), or a filter's local response.
+    pub fn on_trailers(
+        &mut self,
+        d: Direction,
+        trailers: HeaderMap,
+    ) -> Result<Result<HeaderMap, LocalResponse>, ProxyError> {
+        let phase = match d {
+            Direction::Request => "request_trailers",
+            Direction::Response => "response_trailers",
+        };
+        self.x.trailers[d.idx()] = Some(trailers);
+        for i in self.order(d) {
+            if !self.entered[i].phases().contains(d.trailers_phase()) {
+                continue;
+            }
+            let v = self.call(i, |f, w, x| f.on_trailers(w, x, d));
+            self.dispatch(i);
+            if let Some(lr) = self.body_verdict(i, d, phase, v)? {
+                return Ok(Err(lr));
+            }
+        }
+        Ok(Ok(self.x.trailers[d.idx()].clone().unwrap_or_default()))
     }
 
     /// The exchange is over: `on-log` then `on-done` for every filter that took part

@@ -13,7 +13,10 @@
 //! handling (response headers, in reverse); a filter's local response takes the
 //! place of the upstream's and gets the same response header handling. Filters'
 //! callouts go through [`PoolCallouts`]: the worker's upstream pool and the
-//! exchange's config snapshot.
+//! exchange's config snapshot. Bodies go through the chain only when a filter
+//! declared a body or trailers phase for that direction ([`request_body`],
+//! [`response_body`]): buffered (read whole under the plugin's cap, head held) or
+//! streamed ([`body::Filtered`]); otherwise they stream straight through.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -53,8 +56,9 @@ struct Outcome {
     attempts: u32,
     cause: Option<&'static str>,
     request_id: Option<HeaderValue>,
-    /// The filter chain run of this exchange, finished (log, done) with it.
-    chain: Option<filter::Chain>,
+    /// The filter chain run of this exchange, finished (log, done) with it; shared
+    /// with the body streams that run body phases.
+    chain: Option<filter::SharedChain>,
     /// What `x-legate-debug` reports (`debug.on`: it was asked for, trusted).
     debug: DebugFacts,
 }
@@ -87,7 +91,7 @@ pub async fn handle(
         .map_or_else(|| "/".to_string(), |p| p.to_string());
     let version = req.version();
     let mut out = Outcome::default();
-    let mut resp = match proxy(&conn, req, &mut out).await {
+    let mut resp = match proxy(&conn, req.map(body::boxed), &mut out).await {
         Ok(r) => r,
         Err(e) => {
             if e.kind != Kind::NoRoute {
@@ -146,7 +150,7 @@ fn add_debug_headers(conn: &ConnCtx, out: &Outcome, start: Instant, h: &mut http
 
 async fn proxy(
     conn: &ConnCtx,
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
     out: &mut Outcome,
 ) -> Result<Response<Body>, ProxyError> {
     let listener = &conn.listener;
@@ -195,11 +199,15 @@ async fn proxy(
             snapshot: Arc::downgrade(&snapshot),
         }),
     ) {
-        out.chain = Some(chain);
+        out.chain = Some(filter::SharedChain::new(chain));
         let started = Instant::now();
         let local = request_filters(out, &mut req, &mut authority).await;
         out.debug.request_filters = Some(started.elapsed());
-        if let Some(local) = local? {
+        let mut local = local?;
+        if local.is_none() {
+            local = request_body(out, &mut req, &mut authority).await?;
+        }
+        if let Some(local) = local {
             let input = RouteInput {
                 method: req.method(),
                 uri: req.uri(),
@@ -337,7 +345,7 @@ async fn proxy(
 
     let req_body = match max_body {
         Some(max) => body::boxed(Watched::new(incoming, Limit { remaining: max })),
-        None => body::boxed(incoming),
+        None => incoming,
     };
 
     let route = matched.route;
@@ -401,6 +409,19 @@ async fn proxy(
         },
         None => attempt.run(source, out).await,
     };
+    if let Some(lr) = out.chain.as_ref().and_then(filter::SharedChain::take_local) {
+        // A streamed request body phase answered: its response replaces whatever
+        // the aborted upstream request produced.
+        let mut resp = local_response(lr);
+        finish_response_headers(
+            &matched,
+            http.via.as_deref(),
+            Version::HTTP_11,
+            resp.headers_mut(),
+            false,
+        );
+        return response_filters(out, resp).await;
+    }
     let mut resp = result?;
     out.debug.first_byte = Some(Instant::now());
 
@@ -473,15 +494,28 @@ fn exchange_of<B>(
 /// head back into `req`. `Some` is a filter's local response.
 async fn request_filters(
     out: &mut Outcome,
-    req: &mut Request<Incoming>,
+    req: &mut Request<Body>,
     authority: &mut String,
 ) -> Result<Option<filter::LocalResponse>, ProxyError> {
-    let Some(chain) = out.chain.as_mut() else {
+    let Some(shared) = out.chain.clone() else {
+        return Ok(None);
+    };
+    let Some(mut chain) = shared.take() else {
         return Ok(None);
     };
     let eos = req.body().is_end_stream();
-    let local = chain.on_request_headers(eos).await?;
-    let x = &chain.x;
+    let local = chain.on_request_headers(eos).await;
+    let r = local.and_then(|local| write_head(&chain.x, req, authority).map(|()| local));
+    shared.put(chain);
+    r
+}
+
+/// Writes the request head as the filters left it back into `req`.
+fn write_head(
+    x: &Exchange,
+    req: &mut Request<Body>,
+    authority: &mut String,
+) -> Result<(), ProxyError> {
     *req.method_mut() = x.method.clone();
     let mut headers = x.request_headers.clone();
     if x.authority != *authority || x.path != req.uri().path_and_query().map_or("/", |p| p.as_str())
@@ -511,7 +545,159 @@ async fn request_filters(
         headers.insert(header::HOST, host);
     }
     *req.headers_mut() = headers;
-    Ok(local)
+    Ok(())
+}
+
+/// The chain's step `f`, run synchronously; the chain is out only while an async
+/// phase waits, which cannot be the case between phases of one direction.
+fn chain_step<R>(
+    shared: &filter::SharedChain,
+    f: impl FnOnce(&mut filter::Chain) -> R,
+) -> Result<R, ProxyError> {
+    shared
+        .with(f)
+        .map_err(|e| ProxyError::new(Kind::Internal, format!("filter chain unavailable: {e:?}")))
+}
+
+/// Sends the request body through the chain's body and trailers phases if a
+/// filter declared them (abi/README.md §4): buffered, the whole body is read
+/// (under the smallest cap of the buffering filters; over it is 413), the phases
+/// run once, the head is written back (it was writable) and `content-length` is
+/// recomputed; streamed, the body is wrapped so chunks go through as they are
+/// forwarded. `Some` is a filter's local response.
+async fn request_body(
+    out: &mut Outcome,
+    req: &mut Request<Body>,
+    authority: &mut String,
+) -> Result<Option<filter::LocalResponse>, ProxyError> {
+    use filter::{BodyStep, Direction::Request as Rq};
+    let Some(shared) = out.chain.clone() else {
+        return Ok(None);
+    };
+    if req.body().is_end_stream() || is_upgrade(req) {
+        return Ok(None);
+    }
+    let Some(plan) = chain_step(&shared, |c| c.body_plan(Rq))? else {
+        return Ok(None);
+    };
+    let inner = std::mem::replace(req.body_mut(), body::empty());
+    let Some(cap) = plan.buffer_cap else {
+        *req.body_mut() = body::boxed(body::Filtered::new(inner, shared, Rq));
+        return Ok(None);
+    };
+    let over = |len: u64| {
+        let _ =
+            shared.with(|c| c.body_limit_exceeded(Rq, usize::try_from(len).unwrap_or(usize::MAX)));
+        ProxyError::new(
+            Kind::RequestBufferLimit,
+            format!("request body of {len} bytes is over a filter's buffer cap of {cap} bytes"),
+        )
+    };
+    if let Some(len) = content_length(req.headers()).filter(|&l| l > cap as u64) {
+        return Err(over(len));
+    }
+    let (data, trailers) = body::collect_capped(inner, cap)
+        .await
+        .map_err(|e| match e {
+            body::CollectError::OverCap(len) => over(len as u64),
+            body::CollectError::Read(e) => ProxyError::request_body(&*e),
+        })?;
+    let data = match chain_step(&shared, |c| c.on_body(Rq, data, true))?? {
+        BodyStep::Continue(d) => d,
+        BodyStep::Respond(lr) => return Ok(Some(lr)),
+    };
+    let trailers = match trailers {
+        None => None,
+        Some(t) => match chain_step(&shared, |c| c.on_trailers(Rq, t))?? {
+            Ok(t) => Some(t),
+            Err(lr) => return Ok(Some(lr)),
+        },
+    };
+    chain_step(&shared, |c| write_head(&c.x, req, authority))??;
+    set_length(req.headers_mut(), data.len(), trailers.is_some());
+    *req.body_mut() = body::whole(data, trailers);
+    Ok(None)
+}
+
+/// `content-length` of a buffered body the filters may have changed; none when
+/// trailers follow (they need chunked encoding on HTTP/1.1).
+fn set_length(h: &mut http::HeaderMap, len: usize, trailers: bool) {
+    h.remove(header::TRANSFER_ENCODING);
+    if trailers {
+        h.remove(header::CONTENT_LENGTH);
+    } else {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+}
+
+/// As [`request_body`], for the response: over the cap is 502 (the head is still
+/// held, so a clean status can be sent); a local response from the buffered
+/// body phase replaces the response; from a streamed one, it resets the exchange
+/// (its head is out).
+async fn response_body(
+    shared: filter::SharedChain,
+    mut resp: Response<Body>,
+) -> Result<Response<Body>, ProxyError> {
+    use filter::{BodyStep, Direction::Response as Rs};
+    if resp.body().is_end_stream() {
+        return Ok(resp);
+    }
+    let Some(plan) = chain_step(&shared, |c| c.body_plan(Rs))? else {
+        return Ok(resp);
+    };
+    let inner = std::mem::replace(resp.body_mut(), body::empty());
+    let Some(cap) = plan.buffer_cap else {
+        *resp.body_mut() = body::boxed(body::Filtered::new(inner, shared, Rs));
+        return Ok(resp);
+    };
+    let over = |len: u64| {
+        let _ =
+            shared.with(|c| c.body_limit_exceeded(Rs, usize::try_from(len).unwrap_or(usize::MAX)));
+        ProxyError::new(
+            Kind::ResponseBufferLimit,
+            format!("response body of {len} bytes is over a filter's buffer cap of {cap} bytes"),
+        )
+    };
+    if let Some(len) = content_length(resp.headers()).filter(|&l| l > cap as u64) {
+        return Err(over(len));
+    }
+    let (data, trailers) = body::collect_capped(inner, cap)
+        .await
+        .map_err(|e| match e {
+            body::CollectError::OverCap(len) => over(len as u64),
+            body::CollectError::Read(e) => {
+                ProxyError::new(Kind::UpstreamReset, format!("response body: {e}"))
+            }
+        })?;
+    let data = match chain_step(&shared, |c| c.on_body(Rs, data, true))?? {
+        BodyStep::Continue(d) => d,
+        BodyStep::Respond(lr) => return Ok(local_response(lr)),
+    };
+    let trailers = match trailers {
+        None => None,
+        Some(t) => match chain_step(&shared, |c| c.on_trailers(Rs, t))?? {
+            Ok(t) => Some(t),
+            Err(lr) => return Ok(local_response(lr)),
+        },
+    };
+    // The head was held (and writable) with the body.
+    let (status, headers) = chain_step(&shared, |c| {
+        (c.x.status, c.x.response_headers.clone().unwrap_or_default())
+    })?;
+    *resp.headers_mut() = headers;
+    if let Some(s) = status {
+        *resp.status_mut() = s;
+    }
+    if matches!(
+        resp.status(),
+        StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+    ) {
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    } else {
+        set_length(resp.headers_mut(), data.len(), trailers.is_some());
+    }
+    *resp.body_mut() = body::whole(data, trailers);
+    Ok(resp)
 }
 
 /// A filter's local response as an HTTP response: hop-by-hop fields dropped,
@@ -532,7 +718,10 @@ async fn response_filters(
     out: &mut Outcome,
     mut resp: Response<Body>,
 ) -> Result<Response<Body>, ProxyError> {
-    let Some(chain) = out.chain.as_mut() else {
+    let Some(shared) = out.chain.clone() else {
+        return Ok(resp);
+    };
+    let Some(mut chain) = shared.take() else {
         return Ok(resp);
     };
     chain.x.upstream = out.upstream;
@@ -544,8 +733,10 @@ async fn response_filters(
     out.debug.response_filters = Some(started.elapsed());
     let headers = chain.x.response_headers.clone().unwrap_or_default();
     *resp.headers_mut() = headers;
+    let status = chain.x.status;
+    shared.put(chain);
     let replaced = replaced?;
-    if let Some(s) = chain.x.status {
+    if let Some(s) = status {
         *resp.status_mut() = s;
     }
     if let Some(b) = replaced {
@@ -555,7 +746,7 @@ async fn response_filters(
         resp.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
-    Ok(resp)
+    response_body(shared, resp).await
 }
 
 /// Sends filters' callouts (abi/README.md §5.8) like an attempt without retries:
@@ -1072,10 +1263,8 @@ struct Done {
 
 impl Drop for Done {
     fn drop(&mut self) {
-        if let Some(mut chain) = self.out.chain.take() {
-            chain.x.status = Some(self.status);
-            chain.x.cause = self.out.cause.map(str::to_string);
-            chain.finish();
+        if let Some(chain) = self.out.chain.take() {
+            chain.finish(self.status, self.out.cause);
         }
         let elapsed = self.start.elapsed();
         let class = (self.status.as_u16() / 100).clamp(1, 5) as usize - 1;

@@ -373,6 +373,52 @@ fn the_rewritten_body_is_what_goes_on() {
     assert_eq!(x.response_body_bytes(), b"HELLO world!");
 }
 
+/// Redacts `secret` in request bodies chunk by chunk (streamed) and records in a
+/// request trailer how many it redacted.
+#[derive(Default)]
+struct Redactor;
+
+impl HttpFilter for Redactor {
+    type Config = ();
+    type Context = u32;
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(Redactor)
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_request_body(BodyMode::Streamed)
+            .on_request_trailers()
+    }
+    fn on_request_body(&mut self, n: &mut u32, _: &Exchange<'_>, b: &Body<'_>, _: bool) -> Action {
+        let data = b.read(0, b.len());
+        let text = String::from_utf8_lossy(&data);
+        *n += u32::try_from(text.matches("secret").count()).unwrap();
+        b.replace(text.replace("secret", "******")).unwrap();
+        Action::Continue
+    }
+    fn on_request_trailers(&mut self, n: &mut u32, _: &Exchange<'_>, t: &Headers<'_>) -> Action {
+        t.set("x-redacted", n.to_string()).unwrap();
+        Action::Continue
+    }
+}
+
+#[test]
+fn a_streamed_request_body_is_rewritten_chunk_by_chunk() {
+    let mut t = FilterTest::<Redactor>::configure("null").unwrap();
+    let mut x = t.exchange(Request::post("/", "").trailer("x-client", "1"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_body_chunk("a secret, ", false), Action::Continue);
+    assert_eq!(x.request_body_bytes(), b"a ******, ");
+    assert_eq!(
+        x.request_body_chunk("another secret", true),
+        Action::Continue
+    );
+    assert_eq!(x.request_body_bytes(), b"another ******");
+    assert_eq!(x.request_trailers(), Action::Continue);
+    assert_eq!(x.request_trailer("x-redacted").as_deref(), Some("2"));
+    assert_eq!(x.request_trailer("x-client").as_deref(), Some("1"));
+}
+
 // ---------------------------------------------------------------- services
 
 /// Uses KV, metrics, logs, clock, random and callouts.

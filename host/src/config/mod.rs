@@ -133,6 +133,11 @@ pub struct PluginLimits {
     /// Linear-memory cap of each instance. Default 16MiB.
     #[serde(default = "defaults::plugin_memory")]
     pub memory: Spanned<ByteSize>,
+    /// The most body bytes the host buffers for this plugin (buffered body mode),
+    /// per direction per exchange. Default 1MiB: the buffer is host memory held
+    /// while the body arrives, so the cap bounds what one slow client can pin.
+    #[serde(default = "defaults::plugin_body")]
+    pub body: Spanned<ByteSize>,
 }
 
 impl Default for PluginLimits {
@@ -140,6 +145,7 @@ impl Default for PluginLimits {
         PluginLimits {
             cpu: defaults::plugin_cpu(),
             memory: defaults::plugin_memory(),
+            body: defaults::plugin_body(),
         }
     }
 }
@@ -1289,6 +1295,9 @@ mod defaults {
     }
     pub fn plugin_memory() -> Spanned<ByteSize> {
         unspanned(ByteSize(16 << 20))
+    }
+    pub fn plugin_body() -> Spanned<ByteSize> {
+        unspanned(ByteSize(1 << 20))
     }
 }
 

@@ -650,6 +650,17 @@ fn validate_plugin(e: &mut Issues, p: &Spanned<Plugin>, clusters: &Defined<'_>) 
             "use between `1MiB` and `256MiB`",
         );
     }
+    let body = p.limits.body.value.0;
+    if !((1 << 10)..=(64 << 20)).contains(&body) {
+        e.at(
+            &p.limits.body.referenced,
+            format!(
+                "plugin `{}`: `limits.body` {} is out of range",
+                p.name, p.limits.body.value
+            ),
+            "use between `1KiB` and `64MiB` (a buffered body is held in host memory per exchange)",
+        );
+    }
     for c in &p.capabilities.clusters {
         clusters.check(e, c);
     }

@@ -24,14 +24,17 @@ use super::bindings::legate::filter::{
     callout, clock, http as whttp, kv, log, metrics, plugin, random, types,
 };
 use super::kv::{Condition, KvBackend, KvError};
-use crate::filter::{CalloutRequest, Exchange};
+use crate::filter::{BodyMode, CalloutRequest, Direction, Exchange};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
 type Error = types::Error;
 
-/// A `buffer` handle. No phase that hands out buffers is supported yet (body phases
-/// are refused at load), so none is ever created.
-pub struct BufferRes;
+/// A `buffer` handle: the body data of one direction of one exchange, as the host
+/// holds it for the filter being called ([`Exchange::bodies`]).
+pub struct BufferRes {
+    context: u64,
+    dir: Direction,
+}
 
 /// Which map a `headers` handle points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +43,10 @@ pub enum Part {
     Request,
     /// Response headers.
     Response,
+    /// Request trailers.
+    RequestTrailers,
+    /// Response trailers.
+    ResponseTrailers,
 }
 
 /// A `headers` handle: one map of one exchange.
@@ -105,6 +112,9 @@ pub struct PluginShared {
     pub clusters: Vec<Arc<str>>,
     /// `legate_plugin_callouts_total`.
     pub callouts_sent: Counter,
+    /// The buffered body cap (`limits.body`): `buffer` writes past it are
+    /// `limit-exceeded`.
+    pub body_limit: usize,
     metrics: Mutex<HashMap<String, Arc<MetricDef>>>,
     series: AtomicUsize,
 }
@@ -120,6 +130,7 @@ impl PluginShared {
             kv: super::kv::store(),
             clusters: clusters.iter().map(|n| Arc::from(n.as_str())).collect(),
             callouts_sent,
+            body_limit: crate::filter::DEFAULT_BODY_LIMIT,
             metrics: Mutex::default(),
             series: AtomicUsize::new(0),
         }
@@ -156,6 +167,15 @@ pub enum Phase {
     RequestHeaders,
     /// `on-response-headers`: the response head is writable.
     ResponseHeaders,
+    /// `on-request-body`: the data is writable, and the request head too in
+    /// `buffered` mode.
+    RequestBody,
+    /// `on-response-body`: as `RequestBody`, for the response.
+    ResponseBody,
+    /// `on-request-trailers`: the request trailers are writable.
+    RequestTrailers,
+    /// `on-response-trailers`: the response trailers are writable.
+    ResponseTrailers,
     /// `on-callout-response` of a context that is not paused: read-only, but
     /// callouts may be sent.
     Callout,
@@ -242,6 +262,31 @@ impl HostState {
         Ok(self.table.push(HeadersRes { context, part })?)
     }
 
+    /// A handle for the body data of `dir` of the current exchange.
+    pub fn buffer_handle(
+        &mut self,
+        context: u64,
+        dir: Direction,
+    ) -> wasmtime::Result<Resource<BufferRes>> {
+        Ok(self.table.push(BufferRes { context, dir })?)
+    }
+
+    /// Whether the head of `dir` is writable now: in its headers phase, or in its
+    /// body phase in `buffered` mode (the head is held with the body, §3.4).
+    fn head_writable(&self, dir: Direction) -> bool {
+        let buffered = self.x.body_ctl.modes[dir.idx()] == BodyMode::Buffered;
+        match dir {
+            Direction::Request => {
+                self.phase == Phase::RequestHeaders
+                    || (self.phase == Phase::RequestBody && buffered)
+            }
+            Direction::Response => {
+                self.phase == Phase::ResponseHeaders
+                    || (self.phase == Phase::ResponseBody && buffered)
+            }
+        }
+    }
+
     /// Drops handles made for a call (borrows end with the call).
     pub fn drop_handle<T: 'static>(&mut self, r: Resource<T>) {
         let _ = self.table.delete(r);
@@ -269,10 +314,18 @@ impl HostState {
         let h = self.table.get(r)?;
         let (context, part) = (h.context, h.part);
         let phase = self.phase;
+        let writable = match part {
+            Part::Request => self.head_writable(Direction::Request),
+            Part::Response => self.head_writable(Direction::Response),
+            Part::RequestTrailers => phase == Phase::RequestTrailers,
+            Part::ResponseTrailers => phase == Phase::ResponseTrailers,
+        };
         let x = self.exchange(context)?;
-        let (map, writable) = match part {
-            Part::Request => (Some(&mut x.request_headers), phase == Phase::RequestHeaders),
-            Part::Response => (x.response_headers.as_mut(), phase == Phase::ResponseHeaders),
+        let map = match part {
+            Part::Request => Some(&mut x.request_headers),
+            Part::Response => x.response_headers.as_mut(),
+            Part::RequestTrailers => x.trailers[0].as_mut(),
+            Part::ResponseTrailers => x.trailers[1].as_mut(),
         };
         Ok((map, writable, part))
     }
@@ -502,7 +555,7 @@ impl whttp::HostExchange for HostState {
         r: Resource<ExchangeRes>,
         method: String,
     ) -> wasmtime::Result<Result<(), Error>> {
-        let writable = self.phase == Phase::RequestHeaders;
+        let writable = self.head_writable(Direction::Request);
         let x = self.exchange_of(&r)?;
         let Ok(m) = http::Method::from_bytes(method.as_bytes()) else {
             return Ok(Err(Error::InvalidArgument));
@@ -524,7 +577,7 @@ impl whttp::HostExchange for HostState {
         r: Resource<ExchangeRes>,
         path: String,
     ) -> wasmtime::Result<Result<(), Error>> {
-        let writable = self.phase == Phase::RequestHeaders;
+        let writable = self.head_writable(Direction::Request);
         let x = self.exchange_of(&r)?;
         if !path.starts_with('/') || !clean_target(&path) || path.parse::<http::Uri>().is_err() {
             return Ok(Err(Error::InvalidArgument));
@@ -551,7 +604,7 @@ impl whttp::HostExchange for HostState {
         r: Resource<ExchangeRes>,
         authority: String,
     ) -> wasmtime::Result<Result<(), Error>> {
-        let writable = self.phase == Phase::RequestHeaders;
+        let writable = self.head_writable(Direction::Request);
         let x = self.exchange_of(&r)?;
         if authority.is_empty()
             || authority.parse::<http::uri::Authority>().is_err()
@@ -584,7 +637,7 @@ impl whttp::HostExchange for HostState {
         r: Resource<ExchangeRes>,
         status: u16,
     ) -> wasmtime::Result<Result<(), Error>> {
-        let writable = self.phase == Phase::ResponseHeaders;
+        let writable = self.head_writable(Direction::Response);
         let x = self.exchange_of(&r)?;
         if !(200..=599).contains(&status) {
             return Ok(Err(Error::InvalidArgument));
@@ -614,33 +667,53 @@ impl whttp::HostExchange for HostState {
     fn body(
         &mut self,
         r: Resource<ExchangeRes>,
-        _direction: types::Direction,
+        direction: types::Direction,
     ) -> wasmtime::Result<Option<Resource<BufferRes>>> {
-        self.exchange_of(&r)?;
-        // Body phases are not supported yet: the host never holds body data for a
-        // filter.
-        Ok(None)
+        let d = dir(direction);
+        let x = self.exchange_of(&r)?;
+        let context = x.context;
+        if x.bodies[d.idx()].is_none() {
+            return Ok(None);
+        }
+        Ok(Some(self.buffer_handle(context, d)?))
     }
 
     fn trailers(
         &mut self,
         r: Resource<ExchangeRes>,
-        _direction: types::Direction,
+        direction: types::Direction,
     ) -> wasmtime::Result<Option<Resource<HeadersRes>>> {
-        self.exchange_of(&r)?;
-        Ok(None)
+        let d = dir(direction);
+        let x = self.exchange_of(&r)?;
+        let context = x.context;
+        if x.trailers[d.idx()].is_none() {
+            return Ok(None);
+        }
+        let part = match d {
+            Direction::Request => Part::RequestTrailers,
+            Direction::Response => Part::ResponseTrailers,
+        };
+        Ok(Some(self.headers_handle(context, part)?))
     }
 
     fn set_body_mode(
         &mut self,
         r: Resource<ExchangeRes>,
-        _direction: types::Direction,
-        _mode: types::BodyMode,
+        direction: types::Direction,
+        mode: types::BodyMode,
     ) -> wasmtime::Result<Result<(), Error>> {
-        self.exchange_of(&r)?;
-        // No plugin with a body phase loads yet, so the body phase of either
-        // direction is never declared (abi/README.md: `invalid-state`).
-        Ok(Err(Error::InvalidState))
+        let d = dir(direction);
+        let x = self.exchange_of(&r)?;
+        let ctl = &mut x.body_ctl;
+        if !ctl.declared[d.idx()] || ctl.started[d.idx()] {
+            return Ok(Err(Error::InvalidState));
+        }
+        ctl.modes[d.idx()] = match mode {
+            types::BodyMode::Streamed => BodyMode::Streamed,
+            types::BodyMode::Buffered => BodyMode::Buffered,
+            types::BodyMode::Skipped => BodyMode::Skipped,
+        };
+        Ok(Ok(()))
     }
 
     fn source_address(
@@ -735,41 +808,95 @@ impl whttp::HostExchange for HostState {
 
 // ---- types: buffer ----
 
-fn no_buffer<T>() -> wasmtime::Result<T> {
-    Err(wasmtime::format_err!(
-        "dangling handle: no buffer exists (body phases are not supported by this host)"
-    ))
+fn dir(d: types::Direction) -> Direction {
+    match d {
+        types::Direction::Request => Direction::Request,
+        types::Direction::Response => Direction::Response,
+    }
+}
+
+impl HostState {
+    /// The data behind a buffer handle and whether it may be written now (only in
+    /// the body phase of its direction, §3.4). A handle whose data is gone (the
+    /// phase returned) is dangling and traps.
+    fn buffer_of(&mut self, r: &Resource<BufferRes>) -> wasmtime::Result<(&mut Vec<u8>, bool)> {
+        let b = self.table.get(r)?;
+        let (context, d) = (b.context, b.dir);
+        let writable = match d {
+            Direction::Request => self.phase == Phase::RequestBody,
+            Direction::Response => self.phase == Phase::ResponseBody,
+        };
+        let x = self.exchange(context)?;
+        match x.bodies[d.idx()].as_mut() {
+            Some(data) => Ok((data, writable)),
+            None => Err(wasmtime::format_err!(
+                "dangling handle: the {} body data of exchange {context} was already forwarded",
+                d.as_str()
+            )),
+        }
+    }
+
+    /// Replaces `remove` bytes at `offset` with `data`, under the plugin's cap.
+    fn splice_buffer(
+        &mut self,
+        r: &Resource<BufferRes>,
+        offset: Option<u64>,
+        remove: u64,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        let cap = self.plugin.body_limit;
+        let (buf, writable) = self.buffer_of(r)?;
+        if !writable {
+            return Ok(Err(Error::InvalidState));
+        }
+        let (start, end) = match offset {
+            None => (0, buf.len()),
+            Some(o) => {
+                let Some(end) = o.checked_add(remove) else {
+                    return Ok(Err(Error::InvalidArgument));
+                };
+                match (usize::try_from(o), usize::try_from(end)) {
+                    (Ok(s), Ok(e)) if e <= buf.len() => (s, e),
+                    _ => return Ok(Err(Error::InvalidArgument)),
+                }
+            }
+        };
+        if buf.len() - (end - start) + data.len() > cap {
+            return Ok(Err(Error::LimitExceeded));
+        }
+        buf.splice(start..end, data);
+        Ok(Ok(()))
+    }
 }
 
 impl types::Host for HostState {}
 
 impl types::HostBuffer for HostState {
-    fn len(&mut self, _r: Resource<BufferRes>) -> wasmtime::Result<u64> {
-        no_buffer()
+    fn len(&mut self, r: Resource<BufferRes>) -> wasmtime::Result<u64> {
+        Ok(self.buffer_of(&r)?.0.len() as u64)
     }
-    fn read(
-        &mut self,
-        _r: Resource<BufferRes>,
-        _offset: u64,
-        _max: u64,
-    ) -> wasmtime::Result<Vec<u8>> {
-        no_buffer()
+    fn read(&mut self, r: Resource<BufferRes>, offset: u64, max: u64) -> wasmtime::Result<Vec<u8>> {
+        let (buf, _) = self.buffer_of(&r)?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(buf.len());
+        let len = usize::try_from(max).unwrap_or(usize::MAX);
+        let end = start.saturating_add(len).min(buf.len());
+        Ok(buf[start..end].to_vec())
     }
     fn replace(
         &mut self,
-        _r: Resource<BufferRes>,
-        _data: Vec<u8>,
+        r: Resource<BufferRes>,
+        data: Vec<u8>,
     ) -> wasmtime::Result<Result<(), Error>> {
-        no_buffer()
+        self.splice_buffer(&r, None, 0, data)
     }
     fn splice(
         &mut self,
-        _r: Resource<BufferRes>,
-        _offset: u64,
-        _remove: u64,
-        _data: Vec<u8>,
+        r: Resource<BufferRes>,
+        offset: u64,
+        remove: u64,
+        data: Vec<u8>,
     ) -> wasmtime::Result<Result<(), Error>> {
-        no_buffer()
+        self.splice_buffer(&r, Some(offset), remove, data)
     }
     fn drop(&mut self, r: Resource<BufferRes>) -> wasmtime::Result<()> {
         self.table.delete(r)?;

@@ -20,7 +20,10 @@
 //! on the instance); [`crate::filter::Chain`] (or the tick task) sends it through
 //! the proxy's [`crate::filter::CalloutSender`] and delivers the result.
 //!
-//! Not supported yet, refused at load with a clear error: body and trailer phases.
+//! Body and trailer phases: [`crate::filter::Chain`] runs them when a filter
+//! declared them (buffered or streamed, abi/README.md §4); the `buffer` resource
+//! and trailer maps point at the data the proxy moved into the exchange for the
+//! call. Not supported: `pause` from a body or trailers phase (a plugin failure).
 
 pub mod bindings;
 pub mod cache;
@@ -113,6 +116,7 @@ pub fn load(
                     .iter()
                     .map(|n| n.value.to_string())
                     .collect(),
+                body_limit: usize::try_from(p.limits.body.value.0).unwrap_or(usize::MAX),
             };
             let f = Arc::new(WasmFilter::load(name, &component, settings, stats)?);
             f.arm();

@@ -26,7 +26,9 @@ use super::bindings::legate::filter::http as whttp;
 use super::bindings::{HttpFilter as World, HttpFilterPre};
 use super::engine;
 use super::host::{HostState, Part, Phase, PluginShared, PLUGIN_CONTEXT};
-use crate::filter::{CalloutRequest, Exchange, HttpFilter, LocalResponse, Phases, Verdict};
+use crate::filter::{
+    BodyMode, CalloutRequest, Direction, Exchange, HttpFilter, LocalResponse, Phases, Verdict,
+};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
 /// The shortest tick interval a plugin may ask for (abi/README.md §7).
@@ -62,6 +64,8 @@ pub struct Settings {
     pub kv: Vec<String>,
     /// Clusters granted for callouts (`capabilities.clusters`).
     pub clusters: Vec<String>,
+    /// The buffered body cap (`limits.body`).
+    pub body_limit: usize,
 }
 
 /// Per-plugin counters on `/stats` (shared with proxy-wasm plugins).
@@ -84,7 +88,11 @@ impl PluginStats {
         let calls = [
             "configure",
             "request_headers",
+            "request_body",
+            "request_trailers",
             "response_headers",
+            "response_body",
+            "response_trailers",
             "log",
             "done",
             "tick",
@@ -158,6 +166,10 @@ impl PluginStats {
 pub struct WasmFilter {
     /// Unique per load, so per-worker instances of an older config are never reused.
     id: u64,
+    /// The declared default body modes ([`Direction::idx`]).
+    body_modes: [BodyMode; 2],
+    /// `legate_plugin_body_limit_exceeded_total` by direction.
+    body_limit_exceeded: [Counter; 2],
     shared: Arc<PluginShared>,
     pre: HttpFilterPre<HostState>,
     settings: Settings,
@@ -317,17 +329,13 @@ fn guest_result(
     }
 }
 
-/// What this host does not run yet; a plugin that asks for it is refused at load
-/// rather than silently not called.
-fn unsupported(setup: &HttpSetup) -> Option<&'static str> {
-    let p = phases_of(setup);
-    if p.contains(Phases::REQUEST_BODY) || p.contains(Phases::RESPONSE_BODY) {
-        return Some("body phases (`request-body`, `response-body`)");
+fn body_mode(m: super::bindings::legate::filter::types::BodyMode) -> BodyMode {
+    use super::bindings::legate::filter::types::BodyMode as B;
+    match m {
+        B::Streamed => BodyMode::Streamed,
+        B::Buffered => BodyMode::Buffered,
+        B::Skipped => BodyMode::Skipped,
     }
-    if p.contains(Phases::REQUEST_TRAILERS) || p.contains(Phases::RESPONSE_TRAILERS) {
-        return Some("trailer phases (`request-trailers`, `response-trailers`)");
-    }
-    None
 }
 
 pub(crate) fn describe(e: &wasmtime::Error, cpu: Duration) -> (&'static str, String) {
@@ -366,18 +374,24 @@ impl WasmFilter {
                  `legate:filter/http-handler@0.1.x`: {e:#}"
             )
         })?;
-        let shared = Arc::new(PluginShared::new(
-            name,
-            stats.clone(),
-            &settings.kv,
-            &settings.clusters,
-        ));
+        let mut shared = PluginShared::new(name, stats.clone(), &settings.kv, &settings.clusters);
+        shared.body_limit = settings.body_limit;
+        let shared = Arc::new(shared);
+        let body_limit_exceeded = ["request", "response"].map(|d| {
+            stats.counter(
+                "legate_plugin_body_limit_exceeded_total",
+                "Bodies over a plugin's buffered body cap (`limits.body`), by direction.",
+                &[("plugin", name), ("direction", d)],
+            )
+        });
         let id = NEXT_ID.fetch_add(1, Relaxed);
         LIVE.lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id);
         let mut f = WasmFilter {
             id,
+            body_modes: [BodyMode::Skipped; 2],
+            body_limit_exceeded,
             shared,
             pre,
             settings,
@@ -390,12 +404,11 @@ impl WasmFilter {
         let (_, setup) = f
             .instantiate(u32::MAX, false)
             .map_err(|e| anyhow::anyhow!("plugin `{name}`: {e}"))?;
-        if let Some(what) = unsupported(&setup) {
-            anyhow::bail!(
-                "plugin `{name}`: declares {what}, which this Legate does not support yet"
-            );
-        }
         f.phases = phases_of(&setup);
+        f.body_modes = [
+            body_mode(setup.request_body_mode),
+            body_mode(setup.response_body_mode),
+        ];
         let tick = Duration::from_millis(u64::from(setup.tick_interval_ms));
         if !tick.is_zero() && tick < MIN_TICK {
             anyhow::bail!(
@@ -707,7 +720,8 @@ impl WasmFilter {
         };
         self.stats.calls[label].inc();
         let context = x.context;
-        self.with_instance(worker, phase, Some(x), request, |live| {
+        let first = x.first_call;
+        self.with_instance(worker, phase, Some(x), first, |live| {
             let data = live.store.data_mut();
             let xr = data.exchange_handle(context)?;
             let part = if request {
@@ -741,6 +755,99 @@ impl WasmFilter {
             let data = live.store.data_mut();
             data.drop_handle(xr2);
             data.drop_handle(hr2);
+            let action = action?;
+            Ok(verdict(live, context, phase, action))
+        })
+    }
+
+    /// `on-request-body` / `on-response-body` over `x.bodies[d]`.
+    fn body_call(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String> {
+        let (phase, label) = match d {
+            Direction::Request => (Phase::RequestBody, "request_body"),
+            Direction::Response => (Phase::ResponseBody, "response_body"),
+        };
+        self.stats.calls[label].inc();
+        let (context, first) = (x.context, x.first_call);
+        self.with_instance(worker, phase, Some(x), first, |live| {
+            let data = live.store.data_mut();
+            let xr = data.exchange_handle(context)?;
+            let br = data.buffer_handle(context, d)?;
+            let (xr2, br2) = (
+                wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep()),
+                wasmtime::component::Resource::<super::host::BufferRes>::new_own(br.rep()),
+            );
+            let h = live.bindings.legate_filter_http_handler();
+            let action = match d {
+                Direction::Request => run_inline(h.call_on_request_body(
+                    &mut live.store,
+                    context,
+                    xr,
+                    br,
+                    end_of_stream,
+                )),
+                Direction::Response => run_inline(h.call_on_response_body(
+                    &mut live.store,
+                    context,
+                    xr,
+                    br,
+                    end_of_stream,
+                )),
+            };
+            let data = live.store.data_mut();
+            data.drop_handle(xr2);
+            data.drop_handle(br2);
+            let action = action?;
+            Ok(verdict(live, context, phase, action))
+        })
+    }
+
+    /// `on-request-trailers` / `on-response-trailers` over `x.trailers[d]`.
+    fn trailers_call(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+    ) -> Result<Verdict, String> {
+        let (phase, label, part) = match d {
+            Direction::Request => (
+                Phase::RequestTrailers,
+                "request_trailers",
+                Part::RequestTrailers,
+            ),
+            Direction::Response => (
+                Phase::ResponseTrailers,
+                "response_trailers",
+                Part::ResponseTrailers,
+            ),
+        };
+        self.stats.calls[label].inc();
+        let (context, first) = (x.context, x.first_call);
+        self.with_instance(worker, phase, Some(x), first, |live| {
+            let data = live.store.data_mut();
+            let xr = data.exchange_handle(context)?;
+            let tr = data.headers_handle(context, part)?;
+            let (xr2, tr2) = (
+                wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep()),
+                wasmtime::component::Resource::<super::host::HeadersRes>::new_own(tr.rep()),
+            );
+            let h = live.bindings.legate_filter_http_handler();
+            let action = match d {
+                Direction::Request => {
+                    run_inline(h.call_on_request_trailers(&mut live.store, context, xr, tr))
+                }
+                Direction::Response => {
+                    run_inline(h.call_on_response_trailers(&mut live.store, context, xr, tr))
+                }
+            };
+            let data = live.store.data_mut();
+            data.drop_handle(xr2);
+            data.drop_handle(tr2);
             let action = action?;
             Ok(verdict(live, context, phase, action))
         })
@@ -803,6 +910,37 @@ impl HttpFilter for WasmFilter {
         end_of_stream: bool,
     ) -> Result<Verdict, String> {
         self.phase_call(worker, x, false, end_of_stream)
+    }
+
+    fn body_mode(&self, d: Direction) -> BodyMode {
+        self.body_modes[d.idx()]
+    }
+
+    fn body_limit(&self) -> usize {
+        self.settings.body_limit
+    }
+
+    fn body_limit_exceeded(&self, d: Direction) {
+        self.body_limit_exceeded[d.idx()].inc();
+    }
+
+    fn on_body(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String> {
+        self.body_call(worker, x, d, end_of_stream)
+    }
+
+    fn on_trailers(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+    ) -> Result<Verdict, String> {
+        self.trailers_call(worker, x, d)
     }
 
     fn on_callout_response(

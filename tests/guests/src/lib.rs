@@ -37,8 +37,31 @@
 //!   `error <error>`) in KV key `tick-callout` of namespace `ns`; requests get it as
 //!   request header `x-tick-callout` (absent until then).
 //!
+//! Body and trailer modes (phases `rqbody`, `rsbody`, `rqtrailers`, `rstrailers`;
+//! body modes `rqmode` / `rsmode`: `streamed` (default), `buffered`, `skipped`):
+//!
+//! - `body-upper`: a body phase replaces the data with its upper case plus `!`
+//!   (so the length changes), in both directions. In buffered mode it also sets
+//!   header `x-body-len: <original length>` on that direction's head (writable
+//!   while buffered). Its headers phases remove `content-length`, as a streamed
+//!   rewrite that changes sizes must.
+//! - `body-stream-count`: counts request body calls, bytes and whether
+//!   end-of-stream was seen; the response head gets `x-body-calls`,
+//!   `x-body-bytes`, `x-body-eos`. Data passes unchanged.
+//! - `body-deny`: a request body containing `forbidden` is answered 403
+//!   (`body denied\n`) from the body phase; a response body containing
+//!   `forbidden` is replaced with 451.
+//! - `trailers`: the request trailers phase adds trailer `x-trailer-seen` (the
+//!   value of request trailer `x-client-trailer`, or `none`); the response
+//!   trailers phase adds trailer `x-added-trailer: yes`.
+//! - `body-mode-switch`: declares a streamed request body phase; a request with
+//!   header `x-mode: buffered` (or `skipped`) switches it in the headers phase
+//!   (`x-mode-result` request header: `ok` or the error); the body phase then
+//!   behaves as `body-upper`, and records a late `set-body-mode` error in
+//!   `x-late-mode` on the response.
+//!
 //! `phases` is a comma list of `rq` (request headers), `rs` (response headers),
-//! `log`, `done`; default `rq,rs`.
+//! `rqbody`, `rsbody`, `rqtrailers`, `rstrailers`, `log`, `done`; default `rq,rs`.
 
 wit_bindgen::generate!({ world: "http-filter", path: "../../abi/wit" });
 
@@ -49,7 +72,7 @@ use legate::filter::callout::CalloutResponse;
 use legate::filter::http::{Action, Exchange, Headers, HttpSetup, LocalResponse, Phases};
 use legate::filter::kv::{Namespace, WriteCondition};
 use legate::filter::metrics::Counter;
-use legate::filter::types::{BodyMode, Buffer, Error};
+use legate::filter::types::{BodyMode, Buffer, Direction, Error};
 
 struct Cfg {
     mode: String,
@@ -72,6 +95,10 @@ thread_local! {
     static REQUESTS: RefCell<Option<Counter>> = const { RefCell::new(None) };
     static HOARD: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     static KV: RefCell<Option<Result<Namespace, Error>>> = const { RefCell::new(None) };
+    /// `body-stream-count` mode: (calls, bytes, end-of-stream seen) per context.
+    static STREAMED: RefCell<std::collections::HashMap<u64, (u32, u64, bool)>> = RefCell::default();
+    /// `body-mode-switch` mode: the result of a late `set-body-mode` per context.
+    static LATE: RefCell<std::collections::HashMap<u64, String>> = RefCell::default();
 }
 
 fn error_name(e: Error) -> &'static str {
@@ -193,6 +220,64 @@ fn callout_request(c: u64, x: &Exchange, h: &Headers) -> Action {
     Action::Pause
 }
 
+/// The body phases of the body modes (either direction).
+fn body_phase(c: u64, x: &Exchange, b: &Buffer, eos: bool, d: Direction) -> Action {
+    match mode().as_str() {
+        "body-upper" | "body-mode-switch" => {
+            if mode() == "body-mode-switch" {
+                let late = match x.set_body_mode(d, BodyMode::Streamed) {
+                    Ok(()) => "ok",
+                    Err(e) => error_name(e),
+                };
+                LATE.with(|l| l.borrow_mut().insert(c, late.to_string()));
+            }
+            let data = b.read(0, b.len());
+            let mut upper = data.to_ascii_uppercase();
+            if eos {
+                upper.push(b'!');
+            }
+            if let Err(e) = b.replace(&upper) {
+                return Action::Respond(LocalResponse {
+                    status: 500,
+                    headers: Vec::new(),
+                    body: format!("replace failed: {}\n", error_name(e)).into_bytes(),
+                    details: "replace_failed".into(),
+                });
+            }
+            if let Some(h) = x.headers(d) {
+                // Writable only while the body is buffered; ignored otherwise.
+                let _ = h.set("x-body-len", data.len().to_string().as_bytes());
+            }
+            Action::Continue
+        }
+        "body-stream-count" => {
+            let n = b.len();
+            STREAMED.with(|s| {
+                let mut s = s.borrow_mut();
+                let e = s.entry(c).or_default();
+                e.0 += 1;
+                e.1 += n;
+                e.2 |= eos;
+            });
+            Action::Continue
+        }
+        "body-deny" => {
+            let data = b.read(0, b.len());
+            if data.windows(9).any(|w| w == b"forbidden") {
+                let status = if d == Direction::Request { 403 } else { 451 };
+                return Action::Respond(LocalResponse {
+                    status,
+                    headers: vec![("x-denied-by".into(), b"body".to_vec())],
+                    body: b"body denied\n".to_vec(),
+                    details: "body_denied".into(),
+                });
+            }
+            Action::Continue
+        }
+        _ => Action::Continue,
+    }
+}
+
 /// `"key":"value"` from compact JSON (the host serializes config without spaces).
 fn field(json: &str, key: &str) -> Option<String> {
     let pat = format!("\"{key}\":\"");
@@ -227,6 +312,9 @@ impl Guest for Plugin {
                 "rq" => Phases::REQUEST_HEADERS,
                 "rs" => Phases::RESPONSE_HEADERS,
                 "rqbody" => Phases::REQUEST_BODY,
+                "rsbody" => Phases::RESPONSE_BODY,
+                "rqtrailers" => Phases::REQUEST_TRAILERS,
+                "rstrailers" => Phases::RESPONSE_TRAILERS,
                 "log" => Phases::LOG,
                 "done" => Phases::DONE,
                 _ => return Err(format!("unknown phase `{p}`")),
@@ -257,10 +345,16 @@ impl Guest for Plugin {
                 timeout,
             }
         });
+        let body_mode = |key: &str| match field(&config, key).as_deref() {
+            None | Some("streamed") => Ok(BodyMode::Streamed),
+            Some("buffered") => Ok(BodyMode::Buffered),
+            Some("skipped") => Ok(BodyMode::Skipped),
+            Some(m) => Err(format!("unknown body mode `{m}`")),
+        };
         Ok(HttpSetup {
             phases,
-            request_body_mode: BodyMode::Streamed,
-            response_body_mode: BodyMode::Skipped,
+            request_body_mode: body_mode("rqmode")?,
+            response_body_mode: body_mode("rsmode")?,
             tick_interval_ms: field(&config, "tick")
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(0),
@@ -352,6 +446,26 @@ impl Guest for Plugin {
                 Action::Continue
             }
             "callout" => callout_request(c, x, h),
+            "body-upper" => {
+                // The body will grow: a streamed rewrite must not keep the length.
+                let _ = h.remove("content-length");
+                Action::Continue
+            }
+            "body-mode-switch" => {
+                let mode = match h.get("x-mode").as_deref() {
+                    Some(b"buffered") => Some(BodyMode::Buffered),
+                    Some(b"skipped") => Some(BodyMode::Skipped),
+                    _ => None,
+                };
+                if let Some(m) = mode {
+                    let r = match x.set_body_mode(Direction::Request, m) {
+                        Ok(()) => "ok",
+                        Err(e) => error_name(e),
+                    };
+                    let _ = h.set("x-mode-result", r.as_bytes());
+                }
+                Action::Continue
+            }
             "tick-callout" => {
                 KV.with(|k| {
                     if let Some(Ok(ns)) = k.borrow().as_ref() {
@@ -376,25 +490,50 @@ impl Guest for Plugin {
         }
     }
 
-    fn on_request_body(_c: u64, _x: &Exchange, _b: &Buffer, _eos: bool) -> Action {
+    fn on_request_body(c: u64, x: &Exchange, b: &Buffer, eos: bool) -> Action {
+        body_phase(c, x, b, eos, Direction::Request)
+    }
+
+    fn on_request_trailers(_c: u64, _x: &Exchange, t: &Headers) -> Action {
+        if mode() == "trailers" {
+            let seen = t
+                .get("x-client-trailer")
+                .unwrap_or_else(|| b"none".to_vec());
+            let _ = t.set("x-trailer-seen", &seen);
+        }
         Action::Continue
     }
 
-    fn on_request_trailers(_c: u64, _x: &Exchange, _t: &Headers) -> Action {
-        Action::Continue
-    }
-
-    fn on_response_headers(_c: u64, x: &Exchange, h: &Headers, _eos: bool) -> Action {
+    fn on_response_headers(c: u64, x: &Exchange, h: &Headers, _eos: bool) -> Action {
         match mode().as_str() {
             "headers" => {
                 let _ = h.set("x-filter-resp", tag().as_bytes());
                 let route = x.route_name().unwrap_or_default();
                 let _ = h.set("x-seen-route", route.as_bytes());
                 let _ = h.set("x-seen-request-id", x.request_id().as_bytes());
-                if let Some(req) = x.headers(legate::filter::types::Direction::Request) {
+                if let Some(req) = x.headers(Direction::Request) {
                     if let Some(v) = req.get("x-filter") {
                         let _ = h.set("x-seen-request-filter", &v);
                     }
+                }
+                Action::Continue
+            }
+            "body-upper" => {
+                let _ = h.remove("content-length");
+                Action::Continue
+            }
+            "body-stream-count" => {
+                let (calls, bytes, eos) = STREAMED
+                    .with(|s| s.borrow_mut().remove(&c))
+                    .unwrap_or_default();
+                let _ = h.set("x-body-calls", calls.to_string().as_bytes());
+                let _ = h.set("x-body-bytes", bytes.to_string().as_bytes());
+                let _ = h.set("x-body-eos", if eos { b"1" } else { b"0" });
+                Action::Continue
+            }
+            "body-mode-switch" => {
+                if let Some(v) = LATE.with(|l| l.borrow_mut().remove(&c)) {
+                    let _ = h.set("x-late-mode", v.as_bytes());
                 }
                 Action::Continue
             }
@@ -408,11 +547,14 @@ impl Guest for Plugin {
         }
     }
 
-    fn on_response_body(_c: u64, _x: &Exchange, _b: &Buffer, _eos: bool) -> Action {
-        Action::Continue
+    fn on_response_body(c: u64, x: &Exchange, b: &Buffer, eos: bool) -> Action {
+        body_phase(c, x, b, eos, Direction::Response)
     }
 
-    fn on_response_trailers(_c: u64, _x: &Exchange, _t: &Headers) -> Action {
+    fn on_response_trailers(_c: u64, _x: &Exchange, t: &Headers) -> Action {
+        if mode() == "trailers" {
+            let _ = t.set("x-added-trailer", b"yes");
+        }
         Action::Continue
     }
 
@@ -457,7 +599,7 @@ impl Guest for Plugin {
             return Action::Pause;
         }
         // The paused request head is still writable.
-        if let Some(h) = x.headers(legate::filter::types::Direction::Request) {
+        if let Some(h) = x.headers(Direction::Request) {
             let _ = h.set("x-callout-status", resp.status.to_string().as_bytes());
             let _ = h.set("x-callout-body", &resp.body);
             if x.path().starts_with("/two") {

@@ -1,0 +1,412 @@
+//! Body and trailer phases of Wasm filters (abi/README.md §3.2, §4): the fixture
+//! guest (tests/guests, built from source) in a real Legate between a real client
+//! and a real upstream that echoes what it received, over HTTP/1.1 and HTTP/2.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+
+use legate_tests::*;
+
+/// One plugin entry (indented for `plugins:`): the fixture guest with `config`,
+/// a generous CPU deadline (a busy test machine must not trip it) and `limits`.
+fn plugin(name: &str, config: &str, limits: &str) -> String {
+    let limits = if limits.is_empty() {
+        "{ cpu: 500ms }"
+    } else {
+        limits
+    };
+    format!(
+        "  - name: {name}\n    module: {}\n    config: {config}\n    limits: {limits}\n",
+        test_guest().display()
+    )
+}
+
+/// Listener `web` with the filter chain `chain`, everything to the upstream.
+fn config(up: SocketAddr, plugins: &str, chain: &[&str]) -> String {
+    config_with(up, plugins, chain, "")
+}
+
+/// As [`config`], with `cluster` keys added to the cluster.
+fn config_with(up: SocketAddr, plugins: &str, chain: &[&str], cluster: &str) -> String {
+    let chain: Vec<String> = chain.iter().map(|p| format!("{{ plugin: {p} }}")).collect();
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+{cluster}    endpoints:
+      - address: {up}
+plugins:
+{plugins}",
+        chain.join(", ")
+    )
+}
+
+fn calls(plugin: &str, phase: &str) -> String {
+    format!("legate_plugin_calls_total{{plugin=\"{plugin}\",phase=\"{phase}\"}}")
+}
+
+fn limit_exceeded(plugin: &str, direction: &str) -> String {
+    format!(
+        "legate_plugin_body_limit_exceeded_total{{plugin=\"{plugin}\",direction=\"{direction}\"}}"
+    )
+}
+
+/// An upstream that answers `/text` with `text` (with a content-length), and
+/// echoes the rest.
+async fn text_upstream(text: &'static str) -> UpstreamHandle {
+    upstream()
+        .route("/text", move |_req| async move {
+            Response::new(Full::new(Bytes::from(text)))
+        })
+        .start()
+        .await
+}
+
+each_proto!(
+    async fn buffered_request_body_is_rewritten_with_its_length(proto) {
+        let up = upstream().start().await;
+        let p = plugin(
+            "upper",
+            "{ mode: body-upper, phases: \"rq,rqbody\", rqmode: buffered }",
+            "",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["upper"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c.post("/a").body("hello").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.body, "HELLO!");
+        assert_eq!(e.header("content-length"), Some("6"));
+        // The head is held, and writable, while the body is buffered.
+        assert_eq!(e.header("x-body-len"), Some("5"));
+
+        // A body of unknown length (chunked on HTTP/1.1) gets a content-length.
+        let r = c.post("/b").streamed_body("chunk-one/chunk-two", 5).send().await;
+        let e = r.echo();
+        assert_eq!(e.body, "CHUNK-ONE/CHUNK-TWO!");
+        assert_eq!(e.header("content-length"), Some("20"));
+        assert_eq!(e.header("transfer-encoding"), None);
+
+        // No body: no body call.
+        let r = c.get("/c").send().await;
+        assert_eq!(r.echo().body, "");
+        lg.assert_stat(&calls("upper", "request_body"), 2.0).await;
+    }
+);
+
+each_proto!(
+    async fn buffered_response_body_is_rewritten_with_its_length(proto) {
+        let up = text_upstream("hello world").await;
+        let p = plugin(
+            "upper",
+            "{ mode: body-upper, phases: \"rs,rsbody\", rsmode: buffered }",
+            "",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["upper"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/text").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "HELLO WORLD!");
+        assert_eq!(r.header("content-length"), Some("12"));
+        assert_eq!(r.header("x-body-len"), Some("11"));
+        lg.assert_stat(&calls("upper", "response_body"), 1.0).await;
+    }
+);
+
+each_proto!(
+    async fn streamed_bodies_are_rewritten_without_a_length(proto) {
+        let up = text_upstream("hello world").await;
+        let p = plugin(
+            "upper",
+            "{ mode: body-upper, phases: \"rq,rs,rqbody,rsbody\" }",
+            "",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["upper"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        // The filter removed content-length in its headers phase: the rewritten
+        // stream goes on chunked (HTTP/1.1) or unsized (HTTP/2).
+        let r = c.post("/a").body("hello").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The response filter upper-cases the echo too.
+        let text = r.text();
+        assert!(text.contains("\"BODY\":\"HELLO!\""), "{text}");
+        assert!(!text.contains("CONTENT-LENGTH"), "{text}");
+
+        let r = c.get("/text").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "HELLO WORLD!");
+        assert_eq!(r.header("content-length"), None);
+        // Streamed: the head went on before the body, so it was not writable.
+        assert_eq!(r.header("x-body-len"), None);
+    }
+);
+
+each_proto!(
+    async fn buffered_bodies_over_the_cap_are_413_and_502(proto) {
+        let up = upstream()
+            .route("/big", |_req| async {
+                Response::new(Full::new(Bytes::from(vec![b'x'; 5000])))
+            })
+            .start()
+            .await;
+        let p = plugin(
+            "rq",
+            "{ mode: body-upper, phases: \"rqbody\", rqmode: buffered }",
+            "{ cpu: 500ms, body: 1KiB }",
+        ) + &plugin(
+            "rs",
+            "{ mode: body-upper, phases: \"rsbody\", rsmode: buffered }",
+            "{ cpu: 500ms, body: 4KiB }",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["rq", "rs"])).start();
+        // A fresh connection per request: HTTP/1.1 closes the connection after
+        // answering a request whose body it did not read.
+        let web = lg.addr("web");
+
+        // Known too large from its content-length.
+        let r = client(proto, web).await.post("/up").body(vec![b'a'; 2000]).send().await;
+        assert_eq!(r.status, 413);
+        assert_eq!(r.text(), "plugin_buffer_limit\n");
+        // Found too large while reading it.
+        let r = client(proto, web)
+            .await
+            .post("/up")
+            .streamed_body(vec![b'a'; 2000], 500)
+            .send()
+            .await;
+        assert_eq!(r.status, 413);
+        assert_eq!(up.requests.get(), 0, "the upstream got a request");
+        lg.assert_stat(&limit_exceeded("rq", "request"), 2.0).await;
+
+        // Under the cap: rewritten.
+        let mut c = client(proto, web).await;
+        let r = c.post("/up").body(vec![b'a'; 1000]).send().await;
+        // (The response filter upper-cases the echo too.)
+        assert_eq!(r.status, 200);
+        assert!(r.text().contains("\"BODY_LEN\":1001"), "{}", r.text());
+
+        let r = c.get("/big").send().await;
+        assert_eq!(r.status, 502);
+        assert_eq!(r.text(), "plugin_buffer_limit\n");
+        lg.assert_stat(&limit_exceeded("rs", "response"), 1.0).await;
+    }
+);
+
+each_proto!(
+    async fn streamed_bodies_pass_unchanged_and_are_seen_chunk_by_chunk(proto) {
+        let n = 4 << 20;
+        let up = upstream()
+            .route("/sink", sink)
+            .route("/source", source(n))
+            .start()
+            .await;
+        let p = plugin(
+            "count",
+            "{ mode: body-stream-count, phases: \"rq,rs,rqbody,rsbody\" }",
+            "",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["count"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let data = pattern_bytes(n);
+        let r = c
+            .post("/sink")
+            .streamed_body(data.clone(), 64 * 1024)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v["len"], n);
+        assert_eq!(v["checksum"], checksum(&data));
+        assert_eq!(r.header("x-body-bytes"), Some(n.to_string().as_str()));
+        assert_eq!(r.header("x-body-eos"), Some("1"));
+        let chunks: u32 = r.header("x-body-calls").unwrap().parse().unwrap();
+        // Far more than one call: the body was not buffered (chunk sizes are the
+        // transport's, at most the 4 MiB).
+        assert!(chunks > 4, "{chunks} body calls for 4 MiB");
+
+        let r = c.get("/source").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), n);
+        assert_eq!(checksum(&r.body), checksum(&pattern_bytes(n)));
+        lg.assert_stat_with(
+            &calls("count", "response_body"),
+            |v| v > 4.0,
+            "streamed response body calls",
+        )
+        .await;
+    }
+);
+
+each_proto!(
+    async fn filters_without_body_phases_leave_bodies_alone(proto) {
+        let up = upstream().start().await;
+        let p = plugin("tagger", "{ mode: headers }", "");
+        let lg = legate().config(&config(up.addr, &p, &["tagger"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/a").streamed_body("some body", 4).send().await;
+        let e = r.echo();
+        assert_eq!(e.body, "some body");
+        assert_eq!(e.header("content-length"), None);
+        assert_eq!(e.header("x-filter"), Some("tagger"));
+        let r = c.post("/a").body("sized").send().await;
+        assert_eq!(r.echo().header("content-length"), Some("5"));
+        lg.assert_stat(&calls("tagger", "request_headers"), 2.0).await;
+        lg.assert_stat(&calls("tagger", "request_body"), 0.0).await;
+        lg.assert_stat(&calls("tagger", "response_body"), 0.0).await;
+    }
+);
+
+each_proto!(
+    async fn a_body_phase_answers_locally(proto) {
+        let up = text_upstream("this text is forbidden").await;
+        let p = plugin(
+            "deny",
+            "{ mode: body-deny, phases: \"rqbody,rsbody\", rqmode: buffered, rsmode: buffered }",
+            "",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["deny"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c.post("/a").body("a forbidden word").send().await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.text(), "body denied\n");
+        assert_eq!(r.header("x-denied-by"), Some("body"));
+        assert_eq!(r.header("content-length"), Some("12"));
+        assert_eq!(up.requests.get(), 0, "the upstream saw the denied request");
+
+        let r = c.post("/a").body("a fine word").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.echo().body, "a fine word");
+
+        // Buffered response: the head was held, so the answer replaces it cleanly.
+        let r = c.get("/text").send().await;
+        assert_eq!(r.status, 451);
+        assert_eq!(r.text(), "body denied\n");
+    }
+);
+
+each_proto!(
+    async fn a_streamed_request_body_phase_answers_locally(proto) {
+        let up = upstream().start().await;
+        let p = plugin("deny", "{ mode: body-deny, phases: \"rqbody\" }", "");
+        let lg = legate().config(&config(up.addr, &p, &["deny"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .post("/a")
+            .streamed_body("this is forbidden", 64)
+            .send()
+            .await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "body denied\n");
+    }
+);
+
+each_proto!(
+    async fn request_trailers_go_through_the_trailers_phase(proto) {
+        let up = upstream().start().await;
+        let p = plugin("tr", "{ mode: trailers, phases: \"rqtrailers\" }", "");
+        let lg = legate().config(&config(up.addr, &p, &["tr"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let mut t = HeaderMap::new();
+        t.insert("x-client-trailer", HeaderValue::from_static("abc"));
+        let r = c
+            .post("/a")
+            .header("te", "trailers")
+            // hyper's HTTP/1.1 encoder sends only the trailers `Trailer` names.
+            .header("trailer", "x-client-trailer, x-trailer-seen")
+            .body_with_trailers("payload", t)
+            .send()
+            .await;
+        let e = r.echo();
+        assert_eq!(e.body, "payload");
+        assert_eq!(e.trailers.get("x-client-trailer"), Some(&vec!["abc".to_string()]));
+        assert_eq!(e.trailers.get("x-trailer-seen"), Some(&vec!["abc".to_string()]));
+        lg.assert_stat(&calls("tr", "request_trailers"), 1.0).await;
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_trailers_go_through_the_trailers_phase() {
+    let up = upstream().grpc().start().await;
+    let p = plugin("tr", "{ mode: trailers, phases: \"rstrailers\" }", "");
+    let yaml = config_with(up.addr, &p, &["tr"], "    protocol: h2\n");
+    let lg = legate().config(&yaml).start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    let msg = grpc_frame(b"ping");
+    let r = c
+        .post("/echo.Echo/Say")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(msg.clone())
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, msg);
+    let t = r.trailers.as_ref().expect("response trailers were dropped");
+    assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    assert_eq!(
+        t.get("x-added-trailer").map(|v| v.as_bytes()),
+        Some(&b"yes"[..])
+    );
+    lg.assert_stat(&calls("tr", "response_trailers"), 1.0).await;
+}
+
+each_proto!(
+    async fn set_body_mode_overrides_the_declared_mode_until_the_body_starts(proto) {
+        let up = upstream().start().await;
+        let p = plugin(
+            "switch",
+            "{ mode: body-mode-switch, phases: \"rq,rs,rqbody\" }",
+            "",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["switch"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        // Streamed by default, buffered for this exchange: the length is fixed.
+        let r = c
+            .post("/a")
+            .header("x-mode", "buffered")
+            .body("hello")
+            .send()
+            .await;
+        let e = r.echo();
+        assert_eq!(e.header("x-mode-result"), Some("ok"));
+        assert_eq!(e.body, "HELLO!");
+        assert_eq!(e.header("content-length"), Some("6"));
+        assert_eq!(e.header("x-body-len"), Some("5"));
+        // From the body phase, the mode can no longer change.
+        assert_eq!(r.header("x-late-mode"), Some("invalid-state"));
+
+        // Skipped for this exchange: no body call, the body passes untouched.
+        let r = c
+            .post("/a")
+            .header("x-mode", "skipped")
+            .body("hello")
+            .send()
+            .await;
+        let e = r.echo();
+        assert_eq!(e.header("x-mode-result"), Some("ok"));
+        assert_eq!(e.body, "hello");
+        assert_eq!(r.header("x-late-mode"), None);
+        lg.assert_stat(&calls("switch", "request_body"), 1.0).await;
+    }
+);
