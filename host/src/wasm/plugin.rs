@@ -83,6 +83,16 @@ pub(crate) struct PluginStats {
 }
 
 impl PluginStats {
+    /// Counts a callout's outcome (failures, timeouts among them).
+    pub(crate) fn count_callout(&self, result: &crate::filter::CalloutResult) {
+        if let Err(e) = result {
+            self.callout_failures.inc();
+            if *e == crate::filter::CalloutError::Timeout {
+                self.callout_timeouts.inc();
+            }
+        }
+    }
+
     pub(crate) fn new(stats: &Stats, name: &str) -> Self {
         let l = [("plugin", name)];
         let calls = [
@@ -490,12 +500,7 @@ impl WasmFilter {
             None => Err(crate::filter::CalloutError::Unavailable),
         };
         let Some(f) = me.upgrade() else { return };
-        if let Err(e) = &result {
-            f.stats.callout_failures.inc();
-            if *e == crate::filter::CalloutError::Timeout {
-                f.stats.callout_timeouts.inc();
-            }
-        }
+        f.stats.count_callout(&result);
         let current = INSTANCES.with(|cell| {
             cell.borrow_mut()
                 .get_mut(&f.id)
@@ -951,15 +956,7 @@ impl HttpFilter for WasmFilter {
         result: crate::filter::CalloutResult,
         paused: bool,
     ) -> Result<Verdict, String> {
-        match &result {
-            Ok(_) => {}
-            Err(e) => {
-                self.stats.callout_failures.inc();
-                if *e == crate::filter::CalloutError::Timeout {
-                    self.stats.callout_timeouts.inc();
-                }
-            }
-        }
+        self.stats.count_callout(&result);
         let context = x.context;
         let idle = if paused {
             Verdict::Pause

@@ -529,15 +529,7 @@ impl ProxyWasmFilter {
         token: u32,
         result: CalloutResult,
     ) -> Result<Verdict, String> {
-        match &result {
-            Ok(_) => {}
-            Err(e) => {
-                self.stats.callout_failures.inc();
-                if *e == CalloutError::Timeout {
-                    self.stats.callout_timeouts.inc();
-                }
-            }
-        }
+        self.stats.count_callout(&result);
         let label = if x.is_some() {
             "callout_response"
         } else {
