@@ -559,63 +559,98 @@ fn chain_step<R>(
         .map_err(|e| ProxyError::new(Kind::Internal, format!("filter chain unavailable: {e:?}")))
 }
 
-/// Sends the request body through the chain's body and trailers phases if a
-/// filter declared them (abi/README.md §4): buffered, the whole body is read
-/// (under the smallest cap of the buffering filters; over it is 413), the phases
-/// run once, the head is written back (it was writable) and `content-length` is
-/// recomputed; streamed, the body is wrapped so chunks go through as they are
-/// forwarded. `Some` is a filter's local response.
+/// What running one direction's body through the chain gave.
+enum BodyRun {
+    /// No filter takes this body, or it now streams through them chunk by chunk:
+    /// the body to send on, head unchanged.
+    Passed(Body),
+    /// Buffered and run through the phases: the new body and trailers (the head,
+    /// writable meanwhile, must be written back).
+    Whole(Bytes, Option<http::HeaderMap>),
+    /// A filter answered from a body or trailers phase.
+    Respond(filter::LocalResponse),
+}
+
+/// Sends a body of direction `d` (whose head has `headers`) through the chain's
+/// body and trailers phases if a filter declared them (abi/README.md §4):
+/// streamed, the body is wrapped so chunks go through as they are forwarded;
+/// buffered, the whole body is read under the smallest cap of the buffering
+/// filters (over it: request 413, response 502) and the phases run once.
+async fn run_body(
+    shared: &filter::SharedChain,
+    d: filter::Direction,
+    inner: Body,
+    headers: &http::HeaderMap,
+) -> Result<BodyRun, ProxyError> {
+    use filter::{BodyStep, Direction};
+    let Some(plan) = chain_step(shared, |c| c.body_plan(d))? else {
+        return Ok(BodyRun::Passed(inner));
+    };
+    let Some(cap) = plan.buffer_cap else {
+        let streamed = body::Filtered::new(inner, shared.clone(), d);
+        return Ok(BodyRun::Passed(body::boxed(streamed)));
+    };
+    let (kind, what) = match d {
+        Direction::Request => (Kind::RequestBufferLimit, "request"),
+        Direction::Response => (Kind::ResponseBufferLimit, "response"),
+    };
+    let over = |len: u64| {
+        let _ =
+            shared.with(|c| c.body_limit_exceeded(d, usize::try_from(len).unwrap_or(usize::MAX)));
+        ProxyError::new(
+            kind,
+            format!("{what} body of {len} bytes is over a filter's buffer cap of {cap} bytes"),
+        )
+    };
+    if let Some(len) = content_length(headers).filter(|&l| l > cap as u64) {
+        return Err(over(len));
+    }
+    let (data, trailers) = body::collect_capped(inner, cap)
+        .await
+        .map_err(|e| match (e, d) {
+            (body::CollectError::OverCap(len), _) => over(len as u64),
+            (body::CollectError::Read(e), Direction::Request) => ProxyError::request_body(&*e),
+            (body::CollectError::Read(e), Direction::Response) => {
+                ProxyError::new(Kind::UpstreamReset, format!("response body: {e}"))
+            }
+        })?;
+    let data = match chain_step(shared, |c| c.on_body(d, data, true))?? {
+        BodyStep::Continue(data) => data,
+        BodyStep::Respond(lr) => return Ok(BodyRun::Respond(lr)),
+    };
+    let trailers = match trailers {
+        None => None,
+        Some(t) => match chain_step(shared, |c| c.on_trailers(d, t))?? {
+            Ok(t) => Some(t),
+            Err(lr) => return Ok(BodyRun::Respond(lr)),
+        },
+    };
+    Ok(BodyRun::Whole(data, trailers))
+}
+
+/// The request side of [`run_body`]: a buffered body's head is written back and
+/// its `content-length` recomputed. `Some` is a filter's local response.
 async fn request_body(
     out: &mut Outcome,
     req: &mut Request<Body>,
     authority: &mut String,
 ) -> Result<Option<filter::LocalResponse>, ProxyError> {
-    use filter::{BodyStep, Direction::Request as Rq};
     let Some(shared) = out.chain.clone() else {
         return Ok(None);
     };
     if req.body().is_end_stream() || is_upgrade(req) {
         return Ok(None);
     }
-    let Some(plan) = chain_step(&shared, |c| c.body_plan(Rq))? else {
-        return Ok(None);
-    };
     let inner = std::mem::replace(req.body_mut(), body::empty());
-    let Some(cap) = plan.buffer_cap else {
-        *req.body_mut() = body::boxed(body::Filtered::new(inner, shared, Rq));
-        return Ok(None);
-    };
-    let over = |len: u64| {
-        let _ =
-            shared.with(|c| c.body_limit_exceeded(Rq, usize::try_from(len).unwrap_or(usize::MAX)));
-        ProxyError::new(
-            Kind::RequestBufferLimit,
-            format!("request body of {len} bytes is over a filter's buffer cap of {cap} bytes"),
-        )
-    };
-    if let Some(len) = content_length(req.headers()).filter(|&l| l > cap as u64) {
-        return Err(over(len));
+    match run_body(&shared, filter::Direction::Request, inner, req.headers()).await? {
+        BodyRun::Passed(b) => *req.body_mut() = b,
+        BodyRun::Respond(lr) => return Ok(Some(lr)),
+        BodyRun::Whole(data, trailers) => {
+            chain_step(&shared, |c| write_head(&c.x, req, authority))??;
+            set_length(req.headers_mut(), data.len(), trailers.is_some());
+            *req.body_mut() = body::whole(data, trailers);
+        }
     }
-    let (data, trailers) = body::collect_capped(inner, cap)
-        .await
-        .map_err(|e| match e {
-            body::CollectError::OverCap(len) => over(len as u64),
-            body::CollectError::Read(e) => ProxyError::request_body(&*e),
-        })?;
-    let data = match chain_step(&shared, |c| c.on_body(Rq, data, true))?? {
-        BodyStep::Continue(d) => d,
-        BodyStep::Respond(lr) => return Ok(Some(lr)),
-    };
-    let trailers = match trailers {
-        None => None,
-        Some(t) => match chain_step(&shared, |c| c.on_trailers(Rq, t))?? {
-            Ok(t) => Some(t),
-            Err(lr) => return Ok(Some(lr)),
-        },
-    };
-    chain_step(&shared, |c| write_head(&c.x, req, authority))??;
-    set_length(req.headers_mut(), data.len(), trailers.is_some());
-    *req.body_mut() = body::whole(data, trailers);
     Ok(None)
 }
 
@@ -630,7 +665,7 @@ fn set_length(h: &mut http::HeaderMap, len: usize, trailers: bool) {
     }
 }
 
-/// As [`request_body`], for the response: over the cap is 502 (the head is still
+/// The response side of [`run_body`]: over the cap is 502 (the head is still
 /// held, so a clean status can be sent); a local response from the buffered
 /// body phase replaces the response; from a streamed one, it resets the exchange
 /// (its head is out).
@@ -638,48 +673,19 @@ async fn response_body(
     shared: filter::SharedChain,
     mut resp: Response<Body>,
 ) -> Result<Response<Body>, ProxyError> {
-    use filter::{BodyStep, Direction::Response as Rs};
     if resp.body().is_end_stream() {
         return Ok(resp);
     }
-    let Some(plan) = chain_step(&shared, |c| c.body_plan(Rs))? else {
-        return Ok(resp);
-    };
     let inner = std::mem::replace(resp.body_mut(), body::empty());
-    let Some(cap) = plan.buffer_cap else {
-        *resp.body_mut() = body::boxed(body::Filtered::new(inner, shared, Rs));
-        return Ok(resp);
-    };
-    let over = |len: u64| {
-        let _ =
-            shared.with(|c| c.body_limit_exceeded(Rs, usize::try_from(len).unwrap_or(usize::MAX)));
-        ProxyError::new(
-            Kind::ResponseBufferLimit,
-            format!("response body of {len} bytes is over a filter's buffer cap of {cap} bytes"),
-        )
-    };
-    if let Some(len) = content_length(resp.headers()).filter(|&l| l > cap as u64) {
-        return Err(over(len));
-    }
-    let (data, trailers) = body::collect_capped(inner, cap)
-        .await
-        .map_err(|e| match e {
-            body::CollectError::OverCap(len) => over(len as u64),
-            body::CollectError::Read(e) => {
-                ProxyError::new(Kind::UpstreamReset, format!("response body: {e}"))
+    let (data, trailers) =
+        match run_body(&shared, filter::Direction::Response, inner, resp.headers()).await? {
+            BodyRun::Passed(b) => {
+                *resp.body_mut() = b;
+                return Ok(resp);
             }
-        })?;
-    let data = match chain_step(&shared, |c| c.on_body(Rs, data, true))?? {
-        BodyStep::Continue(d) => d,
-        BodyStep::Respond(lr) => return Ok(local_response(lr)),
-    };
-    let trailers = match trailers {
-        None => None,
-        Some(t) => match chain_step(&shared, |c| c.on_trailers(Rs, t))?? {
-            Ok(t) => Some(t),
-            Err(lr) => return Ok(local_response(lr)),
-        },
-    };
+            BodyRun::Respond(lr) => return Ok(local_response(lr)),
+            BodyRun::Whole(data, trailers) => (data, trailers),
+        };
     // The head was held (and writable) with the body.
     let (status, headers) = chain_step(&shared, |c| {
         (c.x.status, c.x.response_headers.clone().unwrap_or_default())
