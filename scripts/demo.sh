@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one demo command: builds Legate, the demo upstream and the first-party
-# plugins plugins.yaml uses (auth, ratelimit, into target/plugins/), starts two
+# The one demo command: builds Legate (with the first-party plugins embedded,
+# `module: builtin:NAME` in plugins.yaml) and the demo upstream, starts two
 # upstreams (app-v1 on 127.0.0.1:8081, app-v2 on 127.0.0.1:8082), then runs
 # Legate with plugins.yaml until Ctrl-C. Everything it started is stopped on
 # exit.
@@ -29,12 +29,8 @@ if [[ -f Cargo.lock ]]; then
 fi
 echo "demo: building (release)..."
 cargo build --release "${lock[@]}" -p legate-host -p legate-demo-upstream
-# plugins.yaml loads them from target/plugins/ (`legate plugin build` needs the
-# wasm32-wasip2 target: setup's `wasm` group, above).
-for plugin in auth ratelimit; do
-    echo "demo: building plugins/${plugin}..."
-    target/release/legate plugin build "plugins/${plugin}" --out "target/plugins/${plugin}.wasm" >/dev/null
-done
+# The host's build script builds plugins/* into Wasm components and embeds them
+# (it needs the wasm32-wasip2 target: setup's `wasm` group, above).
 
 LOGS="$(mktemp -d -t legate-demo.XXXXXX)"
 pids=()

@@ -24,6 +24,7 @@ pub mod mirror;
 pub mod native;
 pub mod overrides;
 pub mod plugin_build;
+pub mod plugin_profile;
 pub mod proxy;
 pub mod proxy_headers;
 pub mod reload;

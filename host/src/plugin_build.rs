@@ -11,19 +11,7 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{bail, Context as _};
 use clap::Subcommand;
 
-/// The target plugins are built for: it produces a component directly.
-pub const TARGET: &str = "wasm32-wasip2";
-
-/// Release-profile overrides for plugins, unless the user set them already:
-/// small code, no debug info, one codegen unit, full LTO.
-const PROFILE: [(&str, &str); 6] = [
-    ("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s"),
-    ("CARGO_PROFILE_RELEASE_LTO", "true"),
-    ("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1"),
-    ("CARGO_PROFILE_RELEASE_DEBUG", "false"),
-    ("CARGO_PROFILE_RELEASE_STRIP", "true"),
-    ("CARGO_PROFILE_RELEASE_PANIC", "abort"),
-];
+pub use crate::plugin_profile::{PROFILE, TARGET};
 
 /// The component-model binary header: `\0asm`, version 0x0d, layer 1.
 pub const COMPONENT_MAGIC: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
@@ -39,6 +27,9 @@ pub enum PluginCommand {
         #[arg(short, long)]
         out: Option<PathBuf>,
     },
+    /// List the plugins embedded in this binary (`module: builtin:NAME`), with
+    /// their size and SHA-256 (for `sha256:` pinning).
+    List,
 }
 
 /// Run a `legate plugin` command.
@@ -54,6 +45,19 @@ pub fn run(command: PluginCommand) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        PluginCommand::List => {
+            if crate::wasm::builtin::BUILTINS.is_empty() {
+                eprintln!("{}", crate::wasm::builtin::missing_help());
+            }
+            for (name, bytes) in crate::wasm::builtin::BUILTINS {
+                println!(
+                    "builtin:{name}\t{} bytes\tsha256:{}",
+                    bytes.len(),
+                    crate::reload::sha256_hex(bytes)
+                );
+            }
+            ExitCode::SUCCESS
+        }
     }
 }
 

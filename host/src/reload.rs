@@ -141,7 +141,7 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     let mut s = String::with_capacity(64);
     for b in Sha256::digest(bytes) {
@@ -230,7 +230,7 @@ impl Reloader {
             if only.is_some_and(|o| o != p.name.as_str()) {
                 continue;
             }
-            let bytes = std::fs::read(&p.module).unwrap_or_default();
+            let bytes = crate::wasm::module_bytes(p).unwrap_or_default();
             let st = map.entry(p.name.to_string()).or_default();
             st.module = p.module.clone();
             st.sha256 = sha256_hex(&bytes);
@@ -694,8 +694,11 @@ fn watch_once(
     }
     let snap = shared.snapshot.load_full();
     for p in &snap.config.plugins {
+        let Some(file) = p.value.module_file() else {
+            continue; // compiled in: nothing to watch
+        };
         let p = &p.value;
-        if let Some(hash) = changed(&p.module) {
+        if let Some(hash) = changed(file) {
             if r.plugin_hash(p.name.as_str()).as_deref() != Some(hash.as_str()) {
                 let _ = reload_plugin(shared, p.name.as_str(), Trigger::Watch);
             }

@@ -9,7 +9,6 @@
 
 use std::path::{Path, PathBuf};
 
-use legate_tests::plugins::plugin_wasm;
 use legate_tests::*;
 
 /// The demo JWT (`sub: alice`, expires 2100), as in the README.
@@ -48,14 +47,7 @@ each_proto!(
         yaml = subst(&yaml, "127.0.0.1:9901", "127.0.0.1:0");
         yaml = subst(&yaml, "127.0.0.1:8081", &v1.addr.to_string());
         yaml = subst(&yaml, "127.0.0.1:8082", &v2.addr.to_string());
-        for name in ["auth", "ratelimit"] {
-            let wasm = plugin_wasm(&format!("plugins/{name}"));
-            yaml = subst(
-                &yaml,
-                &format!("module: target/plugins/{name}.wasm"),
-                &format!("module: {}", wasm.display()),
-            );
-        }
+        // The plugins are the ones embedded in the host (`builtin:NAME`).
         // Both protocols' tests may share one process and so its in-memory KV
         // store: each gets its own namespace.
         let ns = format!("ratelimit-{proto:?}").to_lowercase();

@@ -553,13 +553,8 @@ impl Config {
             }
         }
         for p in &mut self.plugins {
-            // `native:NAME` names a filter compiled into the host, not a file.
-            if !p
-                .value
-                .module
-                .to_str()
-                .is_some_and(|m| m.starts_with(crate::native::PREFIX))
-            {
+            // `native:NAME` and `builtin:NAME` are compiled into the host, not files.
+            if p.value.module_file().is_some() {
                 fix(&mut p.value.module);
             }
         }

@@ -65,7 +65,8 @@ pub struct Config {
 pub struct Plugin {
     /// Unique name, used in stats, logs and the 503 body of a failed plugin.
     pub name: Name,
-    /// The `.wasm` component file (relative to the config file).
+    /// The `.wasm` file (relative to the config file), `builtin:NAME` for a
+    /// first-party plugin embedded in the binary, or `native:NAME`.
     pub module: PathBuf,
     /// Expected SHA-256 of the module file (64 hex digits); a mismatch refuses the load.
     #[serde(default)]
@@ -138,6 +139,17 @@ pub struct PluginLimits {
     /// while the body arrives, so the cap bounds what one slow client can pin.
     #[serde(default = "defaults::plugin_body")]
     pub body: Spanned<ByteSize>,
+}
+
+impl Plugin {
+    /// The module's file; `None` for a module compiled into the binary
+    /// (`builtin:NAME`, `native:NAME`), which is never read from disk or watched.
+    pub fn module_file(&self) -> Option<&std::path::Path> {
+        let embedded = self.module.to_str().is_some_and(|m| {
+            m.starts_with(crate::native::PREFIX) || m.starts_with(crate::wasm::builtin::PREFIX)
+        });
+        (!embedded).then_some(self.module.as_path())
+    }
 }
 
 impl Default for PluginLimits {

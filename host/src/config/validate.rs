@@ -618,6 +618,20 @@ fn validate_plugin(e: &mut Issues, p: &Spanned<Plugin>, clusters: &Defined<'_>) 
             .key("module");
         }
     }
+    if let Some(name) = p
+        .module
+        .to_str()
+        .and_then(|m| m.strip_prefix(crate::wasm::builtin::PREFIX))
+    {
+        if crate::wasm::builtin::get(name).is_none() {
+            e.at(
+                loc,
+                format!("plugin `{}`: no builtin plugin `{name}`", p.name),
+                crate::wasm::builtin::missing_help(),
+            )
+            .key("module");
+        }
+    }
     if let Some(sha) = &p.sha256 {
         let v = &sha.value;
         if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {

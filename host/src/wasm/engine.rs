@@ -90,21 +90,17 @@ pub fn ticks(budget: Duration) -> u64 {
     u64::try_from(budget.as_millis()).unwrap_or(u64::MAX).max(1) + 1
 }
 
-/// Reads, checks and compiles a component file (through the disk cache, when one is
-/// configured: see [`super::cache`]).
+/// Checks and compiles the component `bytes` of module `path` (a file or
+/// `builtin:NAME`; through the disk cache, when one is configured: see
+/// [`super::cache`]).
 pub fn compile(
     plugin: &str,
     path: &Path,
+    bytes: &[u8],
     sha256: Option<&str>,
     stats: &crate::stats::Stats,
 ) -> anyhow::Result<Component> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        anyhow::anyhow!(
-            "plugin `{plugin}`: cannot read module {}: {e}",
-            path.display()
-        )
-    })?;
-    let digest = hex(&Sha256::digest(&bytes));
+    let digest = hex(&Sha256::digest(bytes));
     if let Some(want) = sha256 {
         if !want.eq_ignore_ascii_case(&digest) {
             anyhow::bail!(
@@ -114,7 +110,7 @@ pub fn compile(
             );
         }
     }
-    if wasmparser_is_core_module(&bytes) {
+    if wasmparser_is_core_module(bytes) {
         anyhow::bail!(
             "plugin `{plugin}`: {} is a core Wasm module, not a component; build it for \
              `wasm32-wasip2` (or adapt it with `wasm-tools component new`)",
@@ -128,7 +124,7 @@ pub fn compile(
             return Ok(component);
         }
     }
-    let component = Component::new(engine, &bytes).map_err(|e| {
+    let component = Component::new(engine, bytes).map_err(|e| {
         anyhow::anyhow!(
             "plugin `{plugin}`: cannot compile {}: {e:#}",
             path.display()

@@ -26,6 +26,7 @@
 //! call. Not supported: `pause` from a body or trailers phase (a plugin failure).
 
 pub mod bindings;
+pub mod builtin;
 pub mod cache;
 pub mod engine;
 pub mod host;
@@ -87,15 +88,12 @@ pub fn load(
             }
             continue;
         }
-        if load_proxy_wasm(config, p, stats, &mut out)? {
+        let bytes = module_bytes(p)?;
+        if load_proxy_wasm(config, p, &bytes, stats, &mut out)? {
             continue;
         }
-        let component = engine::compile(
-            name,
-            &p.module,
-            p.sha256.as_ref().map(|s| s.value.as_str()),
-            stats,
-        )?;
+        let sha256 = p.sha256.as_ref().map(|s| s.value.as_str());
+        let component = engine::compile(name, &p.module, &bytes, sha256, stats)?;
         let mut configs: Vec<Option<String>> = vec![None];
         configs.extend(route_overrides(config, &p.name).into_iter().map(Some));
         for over in configs {
@@ -132,6 +130,35 @@ pub fn load(
     Ok(out)
 }
 
+/// The bytes of plugin `p`'s module: the embedded component of `builtin:NAME`, or
+/// the file's contents.
+pub fn module_bytes(p: &crate::config::Plugin) -> anyhow::Result<std::borrow::Cow<'static, [u8]>> {
+    let name = p.name.as_str();
+    if let Some(file) = p.module_file() {
+        return std::fs::read(file).map(Into::into).map_err(|e| {
+            anyhow::anyhow!(
+                "plugin `{name}`: cannot read module {}: {e}",
+                file.display()
+            )
+        });
+    }
+    let builtin = p
+        .module
+        .to_str()
+        .and_then(|m| m.strip_prefix(builtin::PREFIX));
+    match builtin.map(|b| (b, builtin::get(b))) {
+        Some((_, Some(bytes))) => Ok(bytes.into()),
+        Some((b, None)) => anyhow::bail!(
+            "plugin `{name}`: no builtin plugin `{b}`: {}",
+            builtin::missing_help()
+        ),
+        None => anyhow::bail!(
+            "plugin `{name}`: module {} is compiled into the host, not Wasm",
+            p.module.display()
+        ),
+    }
+}
+
 /// Route `config` overrides of plugin `name`, as JSON text, each once.
 fn route_overrides(config: &Config, name: &crate::config::Name) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -156,18 +183,12 @@ fn route_overrides(config: &Config, name: &crate::config::Name) -> Vec<String> {
 fn load_proxy_wasm(
     config: &Config,
     p: &crate::config::Plugin,
+    bytes: &[u8],
     stats: &Arc<Stats>,
     out: &mut HashMap<FilterKey, Arc<dyn HttpFilter>>,
 ) -> anyhow::Result<bool> {
-    use std::io::Read as _;
     let name = p.name.as_str();
-    let mut header = [0u8; 8];
-    let read = std::fs::File::open(&p.module).and_then(|mut f| f.read_exact(&mut header));
-    if read.is_err() {
-        // Missing or too short: the component path reports it.
-        return Ok(false);
-    }
-    if !proxy_wasm::is_core_module(&header) {
+    if !proxy_wasm::is_core_module(bytes) {
         if p.proxy_wasm.is_some() {
             anyhow::bail!(
                 "plugin `{name}`: `proxy_wasm` settings are given, but {} is not a core Wasm \
