@@ -10,6 +10,9 @@
 //! redis.kill(); // SIGKILL, as a crash
 //! redis.restart(); // same port, empty data
 //! ```
+//!
+//! [`RedisServer::start_tls`] adds a TLS port (`rediss://localhost:PORT/0`) beside
+//! the plaintext one, which tests keep using to look inside.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -20,28 +23,71 @@ use std::time::{Duration, Instant};
 /// A running `redis-server`; killed when dropped.
 pub struct RedisServer {
     addr: SocketAddr,
+    tls_port: Option<u16>,
+    /// Extra arguments (the TLS ones), kept for [`RedisServer::restart`].
+    args: Vec<String>,
     child: Mutex<Option<Child>>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
 }
 
 impl RedisServer {
     /// Starts one on a free port, waiting until it answers `PING`.
     pub fn start() -> Self {
+        Self::start_with(|_| Vec::new(), false)
+    }
+
+    /// Starts one that also serves TLS with `server`'s certificate (for the name
+    /// `localhost`) on another port. `client_ca`: require client certificates
+    /// issued by this CA (`tls-auth-clients yes`); `None`: no client certificate.
+    pub fn start_tls(server: &crate::TlsFiles, client_ca: Option<&std::path::Path>) -> Self {
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        let ca = client_ca.unwrap_or(&server.ca);
+        let args = move |tls_port: u16| {
+            vec![
+                "--tls-port".into(),
+                tls_port.to_string(),
+                "--tls-cert-file".into(),
+                path(&server.cert),
+                "--tls-key-file".into(),
+                path(&server.key),
+                "--tls-ca-cert-file".into(),
+                path(ca),
+                "--tls-auth-clients".into(),
+                if client_ca.is_some() { "yes" } else { "no" }.into(),
+            ]
+        };
+        Self::start_with(args, true)
+    }
+
+    fn start_with(args: impl Fn(u16) -> Vec<String>, tls: bool) -> Self {
         // A port is picked by binding :0 and releasing it; another process may
         // take it in between, so retry with a new one.
         for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("bind an ephemeral port")
-                .port();
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            if let Some(child) = spawn(addr) {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let tls_port = tls.then(free_port);
+            let args = tls_port.map(&args).unwrap_or_default();
+            if let Some(child) = spawn(addr, &args) {
                 return RedisServer {
                     addr,
+                    tls_port,
+                    args,
                     child: Mutex::new(Some(child)),
                 };
             }
         }
         panic!("redis-server did not start on any of 5 ephemeral ports");
+    }
+
+    /// `rediss://localhost:PORT/0`, the TLS port of [`RedisServer::start_tls`].
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("started without TLS: use start_tls");
+        format!("rediss://localhost:{port}/0")
     }
 
     /// `redis://127.0.0.1:PORT/0`.
@@ -70,7 +116,7 @@ impl RedisServer {
         // The port was just released; retry briefly if the bind races.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(c) = spawn(self.addr) {
+            if let Some(c) = spawn(self.addr, &self.args) {
                 *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
                 return;
             }
@@ -118,9 +164,10 @@ impl Drop for RedisServer {
 
 /// Starts redis-server on `addr` and waits until it answers, or `None` if it
 /// exited (typically: the port is taken).
-fn spawn(addr: SocketAddr) -> Option<Child> {
+fn spawn(addr: SocketAddr, extra: &[String]) -> Option<Child> {
     let mut child = Command::new("redis-server")
         .args(["--port", &addr.port().to_string()])
+        .args(extra)
         .args(["--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
         // No pid/log files or working files outside a temp dir.

@@ -5,6 +5,8 @@
 //! - The backend itself: conditional writes, versions, increments with TTL, expiry,
 //!   and `unavailable` at once when Redis cannot be reached.
 //! - Two Legate *processes* against one Redis enforce one limit between them.
+//! - Over TLS (`rediss://`, `kv.tls`): the server verified against a private CA,
+//!   a client certificate presented; wrong CA or no certificate: `unavailable`.
 //! - Redis killed mid-test: requests are served (the plugin's default fail-open
 //!   policy), never hang, and the failures are counted in /stats; Redis restarted:
 //!   Legate reconnects and the limit is enforced again.
@@ -20,7 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use legate_host::stats::Stats;
-use legate_host::wasm::kv::{Condition, Entry, KvBackend, KvError, RedisKv};
+use legate_host::wasm::kv::{
+    ClientTlsConfig, Condition, Entry, KvBackend, KvError, RedisKv, TlsCertificates,
+};
 use legate_tests::plugins::plugin_wasm;
 use legate_tests::redis::RedisServer;
 use legate_tests::*;
@@ -30,7 +34,7 @@ use legate_tests::*;
 const HANG: Duration = Duration::from_secs(10);
 
 fn backend(url: &str, stats: &Arc<Stats>) -> RedisKv {
-    RedisKv::new(url, Duration::from_millis(500), "t", stats).unwrap()
+    RedisKv::new(url, None, Duration::from_millis(500), "t", stats).unwrap()
 }
 
 #[test]
@@ -221,7 +225,7 @@ fn backend_hung_redis_times_out() {
     let redis = RedisServer::start();
     let stats = Stats::new();
     // A short timeout: this test waits it out a few times.
-    let kv = RedisKv::new(&redis.url(), Duration::from_millis(100), "t", &stats).unwrap();
+    let kv = RedisKv::new(&redis.url(), None, Duration::from_millis(100), "t", &stats).unwrap();
     kv.set("n", "k", b"v".to_vec(), Condition::Always, None)
         .unwrap();
     // Connected, but nothing answers: each call gives up after the timeout
@@ -306,6 +310,108 @@ plugins:
         wasm = plugin_wasm("plugins/ratelimit").display(),
     )
 }
+
+/// The certificates of `kv.tls`, read as the host reads them.
+fn tls_certs(client: Option<&TlsFiles>, ca: &std::path::Path) -> TlsCertificates {
+    TlsCertificates {
+        client_tls: client.map(|c| ClientTlsConfig {
+            client_cert: std::fs::read(&c.cert).unwrap(),
+            client_key: std::fs::read(&c.key).unwrap(),
+        }),
+        root_cert: Some(std::fs::read(ca).unwrap()),
+    }
+}
+
+#[test]
+fn backend_over_tls_needs_a_trusted_server_and_a_client_certificate() {
+    let ca = Ca::new("redis-ca");
+    let server = ca.server(&["localhost"]);
+    let client = ca.client("legate");
+    let redis = RedisServer::start_tls(&server, Some(&server.ca));
+    let stats = Stats::new();
+    let timeout = Duration::from_millis(500);
+    let url = redis.tls_url();
+
+    let kv = RedisKv::new(
+        &url,
+        Some(tls_certs(Some(&client), &server.ca)),
+        timeout,
+        "t",
+        &stats,
+    )
+    .unwrap();
+    kv.set("n", "k", b"v".to_vec(), Condition::Always, None)
+        .unwrap();
+    assert_eq!(kv.get("n", "k").unwrap().unwrap().value, b"v");
+    // It went to this Redis (seen over its plaintext port).
+    assert!(redis.command("EXISTS t:n:k").starts_with(":1"));
+
+    // The server asks for a client certificate: without one, nothing works.
+    let anonymous = RedisKv::new(
+        &url,
+        Some(tls_certs(None, &server.ca)),
+        timeout,
+        "t",
+        &stats,
+    )
+    .unwrap();
+    assert_eq!(anonymous.get("n", "k"), Err(KvError::Unavailable));
+    // A server certificate from a CA Legate does not trust is refused.
+    let other = Ca::new("other-ca").server(&["localhost"]);
+    let distrustful = RedisKv::new(
+        &url,
+        Some(tls_certs(Some(&client), &other.ca)),
+        timeout,
+        "t",
+        &stats,
+    )
+    .unwrap();
+    assert_eq!(distrustful.get("n", "k"), Err(KvError::Unavailable));
+    // A plaintext client on the TLS port gets nowhere either.
+    let plain = RedisKv::new(
+        &url.replace("rediss://", "redis://"),
+        None,
+        timeout,
+        "t",
+        &stats,
+    )
+    .unwrap();
+    assert_eq!(plain.get("n", "k"), Err(KvError::Unavailable));
+}
+
+each_proto!(
+    async fn limits_through_redis_over_mutual_tls(proto) {
+        let ca = Ca::new("redis-ca");
+        let server = ca.server(&["localhost"]);
+        let client_files = ca.client("legate");
+        let redis = RedisServer::start_tls(&server, Some(&server.ca));
+        let up = upstream().start().await;
+        let tls = format!(
+            "  timeout: 50ms\n  tls:\n    ca: {}\n    client_cert: {}\n    client_key: {}\n",
+            server.ca.display(),
+            client_files.cert.display(),
+            client_files.key.display()
+        );
+        let yaml = config(up.addr, &redis.tls_url(), "2/h", "127.0.0.1:0", "127.0.0.1:0");
+        assert!(yaml.contains("  timeout: 50ms\n"));
+        let lg = legate()
+            .config(&yaml.replace("  timeout: 50ms\n", &tls))
+            .start();
+        let mut codes = Vec::new();
+        for _ in 0..3 {
+            let mut c = client(proto, lg.addr("web")).await;
+            codes.push(c.get("/api/x").send().await.status);
+        }
+        assert_eq!(codes, [200, 200, 429]);
+        assert_eq!(up.requests.get(), 2);
+        // The bucket lives in Redis (seen over its plaintext port)...
+        let keys = redis.command("KEYS legate:ratelimit:*");
+        assert!(keys.contains("legate:ratelimit:"), "{keys}");
+        // ...and no KV call failed on the way.
+        lg.assert_stat(r#"legate_kv_errors_total{backend="redis"}"#, 0.0)
+            .await;
+    }
+);
 
 /// Set (to a config path) in the environment of a child process of this test
 /// binary: [`legate_child_process`] then runs Legate from that config.

@@ -558,6 +558,15 @@ impl Config {
                 fix(&mut p.value.module);
             }
         }
+        if let Some(tls) = &mut self.kv.tls {
+            let tls = &mut tls.value;
+            for p in [&mut tls.ca, &mut tls.client_cert, &mut tls.client_key]
+                .into_iter()
+                .flatten()
+            {
+                fix(p);
+            }
+        }
         if let Some(log) = &mut self.access_log {
             if !matches!(log.path.as_str(), "stdout" | "stderr")
                 && Path::new(&log.path).is_relative()

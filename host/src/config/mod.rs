@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use serde_saphyr::Spanned;
 
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors};
-pub use types::{ByteSize, Dur, KvBackendKind, KvConfig, Name, Percent, StatusRange};
+pub use types::{ByteSize, Dur, KvBackendKind, KvConfig, KvTls, Name, Percent, StatusRange};
 pub(crate) use validate::split_host_port;
 
 /// The whole config file.

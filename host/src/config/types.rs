@@ -411,6 +411,27 @@ pub struct KvConfig {
     /// Redis can be shared with other users. Default `legate`.
     #[serde(default = "kv_prefix")]
     pub prefix: String,
+    /// TLS settings of a `rediss://` URL (a private CA, a client certificate).
+    /// Absent with `rediss://`: the server is verified against the system's and
+    /// the Mozilla roots.
+    #[serde(default)]
+    pub tls: Option<super::Spanned<KvTls>>,
+}
+
+/// `kv.tls`: how Legate verifies a `rediss://` server and proves itself to it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvTls {
+    /// PEM CA file(s) to trust instead of the system's and the Mozilla roots.
+    #[serde(default)]
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for a Redis with `tls-auth-clients yes`; needs
+    /// `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The client certificate's key (PEM).
+    #[serde(default)]
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 impl Default for KvConfig {
@@ -420,6 +441,7 @@ impl Default for KvConfig {
             url: None,
             timeout: kv_timeout(),
             prefix: kv_prefix(),
+            tls: None,
         }
     }
 }

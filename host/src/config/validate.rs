@@ -303,11 +303,35 @@ impl Config {
                     e.top(
                         format!("`kv.url`: {why}"),
                         "write it like `redis://127.0.0.1:6379/0` (or \
-                         `redis://:PASSWORD@host:6379/0`)",
+                         `redis://:PASSWORD@host:6379/0`, `rediss://host:6380/0` for TLS)",
                     )
                     .key("kv")
                     .key("url");
                 }
+            }
+        }
+        if let Some(tls) = &kv.tls {
+            let rediss = kv
+                .url
+                .as_ref()
+                .is_some_and(|u| u.value.starts_with("rediss:"));
+            if !rediss {
+                e.at(
+                    &tls.referenced,
+                    "`kv.tls` is set but `kv.url` is not a `rediss://` URL",
+                    "write the URL as `rediss://host:port/db` to use TLS, or remove `tls`",
+                )
+                .key("kv")
+                .key("tls");
+            }
+            if tls.value.client_cert.is_some() != tls.value.client_key.is_some() {
+                e.at(
+                    &tls.referenced,
+                    "`kv.tls` needs both `client_cert` and `client_key`, or neither",
+                    "give the client certificate and its key (PEM files)",
+                )
+                .key("kv")
+                .key("tls");
             }
         }
         if kv.backend != KvBackendKind::Redis {

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-pub use self::redis::{check_url as check_redis_url, RedisKv};
+pub use self::redis::{check_url as check_redis_url, ClientTlsConfig, RedisKv, TlsCertificates};
 use crate::config::{KvBackendKind, KvConfig};
 use crate::stats::Stats;
 
@@ -120,6 +120,7 @@ pub fn backend(config: &KvConfig, stats: &Arc<Stats>) -> anyhow::Result<Arc<dyn 
         (KvBackendKind::Memory, _) => Ok(memory()),
         (KvBackendKind::Redis, Some(url)) => Ok(Arc::new(RedisKv::new(
             &url.value,
+            redis_tls(config)?,
             config.timeout.value.get(),
             &config.prefix,
             stats,
@@ -128,6 +129,30 @@ pub fn backend(config: &KvConfig, stats: &Arc<Stats>) -> anyhow::Result<Arc<dyn 
             anyhow::bail!("`kv.backend: redis` needs `kv.url` (e.g. redis://127.0.0.1:6379/0)")
         }
     }
+}
+
+/// The certificates `kv.tls` names, read now so a missing file fails the load.
+fn redis_tls(config: &KvConfig) -> anyhow::Result<Option<TlsCertificates>> {
+    let Some(tls) = &config.tls else {
+        return Ok(None);
+    };
+    let tls = &tls.value;
+    let read = |what: &str, p: &std::path::Path| {
+        std::fs::read(p)
+            .map_err(|e| anyhow::anyhow!("kv.tls.{what}: cannot read {}: {e}", p.display()))
+    };
+    let client_tls = match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key)) => Some(ClientTlsConfig {
+            client_cert: read("client_cert", cert)?,
+            client_key: read("client_key", key)?,
+        }),
+        _ => None,
+    };
+    let root_cert = tls.ca.as_deref().map(|ca| read("ca", ca)).transpose()?;
+    Ok(Some(TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
 }
 
 /// Makes `backend` what [`store`] returns on this thread until the guard drops

@@ -31,6 +31,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+pub use ::redis::{ClientTlsConfig, TlsCertificates};
 use ::redis::{Connection, RedisError, RedisResult, Script};
 
 use super::{check_key, Condition, Entry, KvBackend, KvError, MAX_VALUE};
@@ -81,13 +82,6 @@ return {1, sum}
 
 /// Checks a `kv.url` without connecting; the reason if it is unusable.
 pub fn check_url(url: &str) -> Result<(), String> {
-    if url.starts_with("rediss:") {
-        return Err(
-            "TLS (`rediss://`) is not supported by this Legate; use `redis://` \
-                    over a trusted network"
-                .into(),
-        );
-    }
     ::redis::Client::open(url)
         .map(|_| ())
         .map_err(|e| format!("`{}` is not a usable Redis URL ({e})", redact(url)))
@@ -183,14 +177,21 @@ pub struct RedisKv {
 
 impl RedisKv {
     /// A backend for `url` (checked, not connected: the first call connects).
+    /// `tls`: the CA and client certificate of a `rediss://` URL, when not the
+    /// defaults (system and Mozilla roots, no client certificate).
     pub fn new(
         url: &str,
+        tls: Option<TlsCertificates>,
         timeout: Duration,
         prefix: &str,
         stats: &Arc<Stats>,
     ) -> anyhow::Result<Self> {
         check_url(url).map_err(|e| anyhow::anyhow!("kv.url: {e}"))?;
-        let client = ::redis::Client::open(url)?;
+        let client = match tls {
+            Some(tls) => ::redis::Client::build_with_tls(url, tls),
+            None => ::redis::Client::open(url),
+        }
+        .map_err(|e| anyhow::anyhow!("kv: cannot use {}: {e}", redact(url)))?;
         let stats = KvStats::new(stats);
         // Unknown until the first call; 0 would claim Redis is down.
         stats.up.set(1);
