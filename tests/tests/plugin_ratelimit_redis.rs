@@ -637,6 +637,42 @@ each_proto!(
 );
 
 each_proto!(
+    async fn waiting_on_redis_is_not_cpu_time(proto) {
+        // Three limits, so three KV reads per request. With Redis hung the first
+        // waits out kv.timeout (40ms) and the reconnect for the second does too
+        // (the third then fails at once: backoff), 80ms in all, above the
+        // plugin's 60ms deadline. That deadline is CPU time, and waiting uses
+        // none: the plugin gets its `unavailable`s and fails open instead of
+        // being stopped (a 503).
+        let redis = RedisServer::start();
+        let up = upstream().start().await;
+        let yaml = config(up.addr, &redis.url(), "3/h", "127.0.0.1:0", "127.0.0.1:0");
+        assert!(yaml.contains("limits: { cpu: 500ms }") && yaml.ends_with("rate: 3/h\n"));
+        let yaml = yaml
+            .replace("limits: { cpu: 500ms }", "limits: { cpu: 60ms }")
+            .replace("  timeout: 50ms\n", "  timeout: 40ms\n")
+            + "        - { name: second, rate: 3/h }\n        - { name: third, rate: 3/h }\n";
+        let lg = legate().config(&yaml).start();
+        let web = lg.addr("web");
+        assert_eq!(get(proto, web).await.status, 200);
+        redis.pause();
+        let r = get(proto, web).await;
+        assert_eq!(r.status, 200, "with Redis hung: {}", r.text());
+        let s = lg.stats().await;
+        assert!(
+            stat(&s, r#"legate_kv_timeouts_total{backend="redis"}"#).is_some_and(|n| n >= 2.0),
+            "{s}"
+        );
+        assert_eq!(
+            stat(&s, r#"legate_plugin_timeouts_total{plugin="ratelimit"}"#),
+            Some(0.0),
+            "{s}"
+        );
+        redis.resume();
+    }
+);
+
+each_proto!(
     async fn redis_down_fails_open_then_reconnects(proto) {
         let redis = RedisServer::start();
         let up = upstream().start().await;

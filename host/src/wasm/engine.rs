@@ -2,14 +2,18 @@
 //! plugin's component file (with its SHA-256 check).
 //!
 //! Deadlines use epoch interruption: one thread bumps the engine's epoch every
-//! millisecond and each call sets its deadline in ticks, so a call is stopped between
-//! `cpu` and `cpu + 1ms` (abi/README.md §7). The pooling allocator keeps instance
+//! millisecond and each call sets its deadline in ticks ([`arm`]). When it passes,
+//! the call is stopped if its thread has used `cpu` of CPU time since the call
+//! began (or ten times that in wall time); otherwise the worker was waiting — for
+//! a core, or in a host call such as a KV round trip — and the deadline moves by
+//! the CPU budget left. So a call is stopped within 1ms of spending its budget,
+//! and a busy machine does not kill well-behaved plugins (abi/README.md §7). The pooling allocator keeps instance
 //! memories in pre-reserved slots reused copy-on-write from the module's image, so
 //! re-instantiating a poisoned instance is cheap.
 
 use std::path::Path;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
@@ -83,6 +87,47 @@ fn build() -> Result<Engine, String> {
         })
         .map_err(|e| format!("cannot start the epoch thread: {e}"))?;
     Ok(engine)
+}
+
+/// Wall time a call may take, as a multiple of its CPU budget: bounds calls that
+/// wait (host calls to a slow Redis, a starved thread) without spinning.
+pub const WALL_FACTOR: u32 = 10;
+
+/// Sets the CPU deadline of the next call on `store` to `budget` (see the module
+/// docs); call right before each guest call.
+pub fn arm<T: 'static>(store: &mut wasmtime::Store<T>, budget: Duration) {
+    let cpu_start = thread_cpu_time();
+    let wall_start = Instant::now();
+    store.set_epoch_deadline(ticks(budget));
+    store.epoch_deadline_callback(move |_| {
+        let used = match (cpu_start, thread_cpu_time()) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            // No thread clock: wall time, as if every tick was spent running.
+            _ => budget,
+        };
+        if used >= budget || wall_start.elapsed() >= budget.saturating_mul(WALL_FACTOR) {
+            return Err(wasmtime::Trap::Interrupt.into());
+        }
+        Ok(wasmtime::UpdateDeadline::Continue(ticks(budget - used)))
+    });
+}
+
+/// CPU time the calling thread has used, if the OS tells.
+fn thread_cpu_time() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes one `timespec` through the valid,
+    // exclusively borrowed pointer it is given.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return None;
+    }
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let nanos = u32::try_from(ts.tv_nsec).ok()?;
+    Some(Duration::new(secs, nanos))
 }
 
 /// Deadline in epoch ticks for a call budget.

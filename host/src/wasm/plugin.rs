@@ -652,8 +652,7 @@ impl WasmFilter {
             if let Some(x) = x.as_deref_mut() {
                 std::mem::swap(x, &mut data.x);
             }
-            live.store
-                .set_epoch_deadline(engine::ticks(self.settings.cpu));
+            engine::arm(&mut live.store, self.settings.cpu);
             let started = Instant::now();
             let result = call(live);
             self.stats.duration.observe(started.elapsed());

@@ -392,8 +392,7 @@ impl ProxyWasmFilter {
                 return Err("no VM".to_string());
             };
             let exchange = x.as_ref().map(|x| x.context);
-            live.store
-                .set_epoch_deadline(engine::ticks(self.settings.cpu));
+            engine::arm(&mut live.store, self.settings.cpu);
             let started = Instant::now();
             let mut result = Ok(Ok(ROOT_CONTEXT));
             let mut pw = ROOT_CONTEXT;
