@@ -2,9 +2,17 @@
 //! (instance) per worker, created lazily on the worker's thread and started as
 //! Envoy does (`_initialize`/`_start`, root context, `proxy_on_vm_start`,
 //! `proxy_on_configure`); each exchange gets an HTTP context
-//! (`proxy_on_context_create` → request headers → response headers → `on_done` →
-//! `on_log` → `on_delete`). Deadlines, the memory cap, the failure policy and the
-//! per-plugin stats are the component plugins' ([`super::super::plugin`]).
+//! (`proxy_on_context_create` → request headers → request body/trailers →
+//! response headers → response body/trailers → `on_done` → `on_log` →
+//! `on_delete`). Deadlines, the memory cap, the failure policy and the per-plugin
+//! stats are the component plugins' ([`super::super::plugin`]).
+//!
+//! Bodies: a module that exports a body callback gets the host's `streamed` mode
+//! for that direction, and Envoy's `StopIterationAndBuffer` (`Pause` from a body
+//! callback) is done here: the data is held in the context (forwarding nothing)
+//! and the next call sees everything held plus the new chunk, under the plugin's
+//! body cap (request over it: 413; response: the exchange is reset, its head
+//! being out). `Continue` forwards what is held.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -18,8 +26,10 @@ use super::abi::action;
 use super::imports;
 use super::state::{Meta, Phase, PwState, ROOT_CONTEXT};
 use crate::filter::{
-    CalloutError, CalloutRequest, CalloutResult, Exchange, HttpFilter, Phases, Verdict,
+    BodyMode, CalloutError, CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter,
+    LocalResponse, Phases, Verdict,
 };
+use crate::stats::Counter;
 use crate::stats::Stats;
 use crate::wasm::engine;
 use crate::wasm::plugin::{describe, PluginStats, MIN_TICK};
@@ -40,6 +50,16 @@ pub struct Settings {
 /// `proxy_on_http_call_response(root, token, headers, body_size, trailers)`.
 type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
+/// `proxy_on_{request,response}_body(context, body_buffer_length, end_of_stream)`.
+type BodyFn = TypedFunc<(i32, i32, i32), i32>;
+
+/// `proxy_on_{request,response}_trailers(context, num_trailers)`.
+type TrailersFn = TypedFunc<(i32, i32), i32>;
+
+/// The body and trailer callbacks, by direction ([`Direction::idx`]).
+const BODY_EXPORTS: [&str; 2] = ["proxy_on_request_body", "proxy_on_response_body"];
+const TRAILERS_EXPORTS: [&str; 2] = ["proxy_on_request_trailers", "proxy_on_response_trailers"];
+
 /// The guest's exports this host calls (absent ones are skipped, as Envoy does).
 #[derive(Clone)]
 struct Exports {
@@ -50,6 +70,8 @@ struct Exports {
     queue_ready: Option<TypedFunc<(i32, i32), ()>>,
     request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    body: [Option<BodyFn>; 2],
+    trailers: [Option<TrailersFn>; 2],
     http_call_response: Option<CallResponseFn>,
     done: Option<TypedFunc<i32, i32>>,
     log: Option<TypedFunc<i32, ()>>,
@@ -65,6 +87,9 @@ struct Live {
     next_context: u32,
     /// Queues this VM registered, with their wake-ups (dropping one unsubscribes).
     queues: HashMap<u32, Arc<tokio::sync::Notify>>,
+    /// Body data a body callback held back with `Pause`, by proxy-wasm context
+    /// and direction: handed back (before the new data) on the next body call.
+    held: HashMap<(u32, usize), Vec<u8>>,
 }
 
 /// A worker's slot for one plugin.
@@ -91,6 +116,11 @@ pub struct ProxyWasmFilter {
     pre: InstancePre<PwState>,
     settings: Settings,
     stats: PluginStats,
+    /// The phases declared to the chain: headers, log and done always; a body or
+    /// trailers phase only if the module exports its callback.
+    phases: Phases,
+    /// `legate_plugin_body_limit_exceeded_total` by direction.
+    body_limit_exceeded: [Counter; 2],
     me: OnceLock<Weak<ProxyWasmFilter>>,
 }
 
@@ -138,12 +168,21 @@ impl ProxyWasmFilter {
         let pre = linker.instantiate_pre(module).map_err(|e| {
             anyhow::anyhow!("plugin `{name}`: the module does not fit this host: {e:#}")
         })?;
+        let body_limit_exceeded = [Direction::Request, Direction::Response].map(|d| {
+            stats.counter(
+                "legate_plugin_body_limit_exceeded_total",
+                "Bodies over a plugin's buffered body cap (`limits.body`), by direction.",
+                &[("plugin", &name), ("direction", d.as_str())],
+            )
+        });
         let f = ProxyWasmFilter {
             id: NEXT_ID.fetch_add(1, Relaxed),
             meta: Arc::new(meta),
             pre,
             settings,
             stats: PluginStats::new(stats, &name),
+            phases: phases_of(module),
+            body_limit_exceeded,
             me: OnceLock::new(),
         };
         f.start_vm()
@@ -200,6 +239,14 @@ impl ProxyWasmFilter {
             queue_ready: typed(&mut store, &instance, "proxy_on_queue_ready")?,
             request_headers: typed(&mut store, &instance, "proxy_on_request_headers")?,
             response_headers: typed(&mut store, &instance, "proxy_on_response_headers")?,
+            body: [
+                typed(&mut store, &instance, BODY_EXPORTS[0])?,
+                typed(&mut store, &instance, BODY_EXPORTS[1])?,
+            ],
+            trailers: [
+                typed(&mut store, &instance, TRAILERS_EXPORTS[0])?,
+                typed(&mut store, &instance, TRAILERS_EXPORTS[1])?,
+            ],
             http_call_response: typed(&mut store, &instance, "proxy_on_http_call_response")?,
             done: typed(&mut store, &instance, "proxy_on_done")?,
             log: typed(&mut store, &instance, "proxy_on_log")?,
@@ -247,6 +294,7 @@ impl ProxyWasmFilter {
             contexts: HashMap::new(),
             next_context: ROOT_CONTEXT + 1,
             queues: HashMap::new(),
+            held: HashMap::new(),
         })
     }
 
@@ -516,6 +564,136 @@ impl ProxyWasmFilter {
         })
     }
 
+    /// A body callback over `x.bodies[d]` (the new chunk), Envoy's way: data held
+    /// back by an earlier `Pause` comes first, so the guest sees the whole body
+    /// so far (`body_buffer_length` grows). `Continue` forwards all of it as the
+    /// guest left it; `Pause` before the end holds it (forwarding nothing now);
+    /// over the body cap the request is answered 413 and the response (whose
+    /// head is out) reset — the chain cannot send a clean 502 then.
+    fn body_phase(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String> {
+        let label = match d {
+            Direction::Request => "request_body",
+            Direction::Response => "response_body",
+        };
+        self.stats.calls[label].inc();
+        let cap = self.meta.body_limit;
+        let v = self.with_vm(worker, Phase::Body(d), Some(x), false, |live, ctx| {
+            let key = (ctx, d.idx());
+            let held = live.held.remove(&key);
+            let body = live.store.data_mut().x.bodies[d.idx()].get_or_insert_with(Vec::new);
+            if let Some(mut h) = held {
+                h.append(body);
+                *body = h;
+            }
+            if body.len() > cap {
+                return Ok(Ok(None));
+            }
+            let len = i32::try_from(body.len()).unwrap_or(i32::MAX);
+            let Some(f) = live.exports.body[d.idx()].clone() else {
+                return Ok(Ok(Some(Verdict::Continue)));
+            };
+            let a = f.call(&mut live.store, (ctx as i32, len, b(end_of_stream)))?;
+            let data = live.store.data_mut();
+            if let Some(lr) = data.local.take() {
+                return Ok(Ok(Some(Verdict::Respond(lr))));
+            }
+            if data.close {
+                return Ok(Err(
+                    "the plugin reset the stream (proxy_close_stream)".into()
+                ));
+            }
+            Ok(match a {
+                action::CONTINUE => Ok(Some(Verdict::Continue)),
+                action::PAUSE if !end_of_stream => {
+                    let body = data.x.bodies[d.idx()].replace(Vec::new());
+                    live.held.insert(key, body.unwrap_or_default());
+                    Ok(Some(Verdict::Continue))
+                }
+                action::PAUSE => Err(format!(
+                    "returned Pause (StopIterationAndBuffer) from proxy_on_{}_body at \
+                     end of stream: Envoy would hold the body until proxy_continue_stream, \
+                     which this host does not support from body callbacks; return \
+                     Continue at end of stream",
+                    d.as_str()
+                )),
+                other => Err(format!(
+                    "returned action {other} from proxy_on_{}_body; this host supports \
+                     Continue (0) and Pause (1, StopIterationAndBuffer)",
+                    d.as_str()
+                )),
+            })
+        })?;
+        match v {
+            Some(v) => Ok(v),
+            None => {
+                self.body_limit_exceeded(d);
+                tracing::warn!(
+                    plugin = self.name(),
+                    "the {} body this filter held (Pause) is over its cap of {cap} bytes",
+                    d.as_str()
+                );
+                let status = match d {
+                    Direction::Request => http::StatusCode::PAYLOAD_TOO_LARGE,
+                    Direction::Response => http::StatusCode::BAD_GATEWAY,
+                };
+                Ok(Verdict::Respond(LocalResponse {
+                    status,
+                    headers: http::HeaderMap::new(),
+                    body: bytes::Bytes::new(),
+                    details: "plugin_buffer_limit".to_string(),
+                }))
+            }
+        }
+    }
+
+    /// A trailers callback over `x.trailers[d]` (writable through map 1 or 3).
+    /// `Pause` is a failure: Envoy would hold the trailers until
+    /// `proxy_continue_stream`, which this host does not support after the body.
+    fn trailers_phase(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+    ) -> Result<Verdict, String> {
+        let label = match d {
+            Direction::Request => "request_trailers",
+            Direction::Response => "response_trailers",
+        };
+        self.stats.calls[label].inc();
+        let count = x.trailers[d.idx()].as_ref().map_or(0, http::HeaderMap::len);
+        let count = i32::try_from(count).unwrap_or(i32::MAX);
+        self.with_vm(worker, Phase::Trailers(d), Some(x), false, |live, ctx| {
+            let Some(f) = live.exports.trailers[d.idx()].clone() else {
+                return Ok(Ok(Verdict::Continue));
+            };
+            let a = f.call(&mut live.store, (ctx as i32, count))?;
+            let data = live.store.data_mut();
+            if let Some(lr) = data.local.take() {
+                return Ok(Ok(Verdict::Respond(lr)));
+            }
+            if data.close {
+                return Ok(Err(
+                    "the plugin reset the stream (proxy_close_stream)".into()
+                ));
+            }
+            Ok(match a {
+                action::CONTINUE => Ok(Verdict::Continue),
+                other => Err(format!(
+                    "returned action {other} from proxy_on_{}_trailers; this host supports \
+                     only Continue there (Envoy would hold the trailers until \
+                     proxy_continue_stream)",
+                    d.as_str()
+                )),
+            })
+        })
+    }
+
     /// Delivers callout `token`'s result to `proxy_on_http_call_response` (with
     /// the root context's id, as the spec says; the SDKs find the calling context
     /// by token). Failures are delivered as zero headers, as Envoy does.
@@ -650,6 +828,7 @@ impl ProxyWasmFilter {
                 .and_then(|s| s.live.as_mut())
             {
                 if let Some(pw) = live.contexts.remove(&context) {
+                    live.held.retain(|(c, _), _| *c != pw);
                     let data = live.store.data_mut();
                     data.contexts.remove(&pw);
                     data.props.retain(|(c, _), _| *c != pw);
@@ -662,6 +841,31 @@ impl ProxyWasmFilter {
             tracing::warn!(plugin = self.name(), "proxy_on_done/on_log failed: {e}");
         }
     }
+}
+
+/// The phases a module declares: headers, log and done always (Envoy calls them
+/// whether exported or not, and absent ones are skipped); a body or trailers
+/// phase only if its callback is exported, so a filter without them adds no work
+/// to bodies.
+fn phases_of(module: &Module) -> Phases {
+    let exported = |name: &str| module.exports().any(|e| e.name() == name);
+    let mut p =
+        Phases::REQUEST_HEADERS.0 | Phases::RESPONSE_HEADERS.0 | Phases::LOG.0 | Phases::DONE.0;
+    for (i, (body, trailers)) in [
+        (Phases::REQUEST_BODY, Phases::REQUEST_TRAILERS),
+        (Phases::RESPONSE_BODY, Phases::RESPONSE_TRAILERS),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if exported(BODY_EXPORTS[i]) {
+            p |= body.0;
+        }
+        if exported(TRAILERS_EXPORTS[i]) {
+            p |= trailers.0;
+        }
+    }
+    Phases(p)
 }
 
 /// Backoff before the next VM, as for component plugins: none after a first
@@ -686,9 +890,40 @@ impl HttpFilter for ProxyWasmFilter {
     }
 
     fn phases(&self) -> Phases {
-        Phases(
-            Phases::REQUEST_HEADERS.0 | Phases::RESPONSE_HEADERS.0 | Phases::LOG.0 | Phases::DONE.0,
-        )
+        self.phases
+    }
+
+    fn body_mode(&self, d: Direction) -> BodyMode {
+        // Chunk by chunk; `Pause` (buffering) is done by the filter itself.
+        let _ = d;
+        BodyMode::Streamed
+    }
+
+    fn body_limit(&self) -> usize {
+        self.meta.body_limit
+    }
+
+    fn body_limit_exceeded(&self, d: Direction) {
+        self.body_limit_exceeded[d.idx()].inc();
+    }
+
+    fn on_body(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String> {
+        self.body_phase(worker, x, d, end_of_stream)
+    }
+
+    fn on_trailers(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+    ) -> Result<Verdict, String> {
+        self.trailers_phase(worker, x, d)
     }
 
     fn fail_open(&self) -> bool {
