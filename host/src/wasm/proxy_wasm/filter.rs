@@ -553,12 +553,29 @@ impl ProxyWasmFilter {
                 ));
             }
             let waiting = data.outstanding.values().any(|c| *c == ctx);
+            let d = if request {
+                Direction::Request
+            } else {
+                Direction::Response
+            };
+            // Envoy's StopIteration to wait for the body: the host's buffered mode
+            // holds the head (writable) until the body callback has the whole body.
+            let ctl = &mut data.x.body_ctl;
+            let can_buffer = !end_of_stream
+                && live.exports.body[d.idx()].is_some()
+                && ctl.declared[d.idx()]
+                && !ctl.started[d.idx()];
             Ok(match a {
                 action::CONTINUE => Ok(Verdict::Continue),
                 action::PAUSE if waiting => Ok(Verdict::Pause),
+                action::PAUSE if can_buffer => {
+                    ctl.modes[d.idx()] = BodyMode::Buffered;
+                    Ok(Verdict::Continue)
+                }
                 _ => Err(format!(
-                    "returned action {a} (pause) with no HTTP callout outstanding: nothing \
-                     could resume it (this Legate has no body buffering for proxy-wasm yet)"
+                    "returned action {a} (pause) from proxy_on_{}_headers with no HTTP \
+                     callout outstanding and no body to wait for: nothing could resume it",
+                    d.as_str()
                 )),
             })
         })
@@ -642,10 +659,16 @@ impl ProxyWasmFilter {
                     Direction::Request => http::StatusCode::PAYLOAD_TOO_LARGE,
                     Direction::Response => http::StatusCode::BAD_GATEWAY,
                 };
+                // As the host answers a buffered body over the cap.
+                let mut headers = http::HeaderMap::new();
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain"),
+                );
                 Ok(Verdict::Respond(LocalResponse {
                     status,
-                    headers: http::HeaderMap::new(),
-                    body: bytes::Bytes::new(),
+                    headers,
+                    body: bytes::Bytes::from_static(b"plugin_buffer_limit\n"),
                     details: "plugin_buffer_limit".to_string(),
                 }))
             }

@@ -14,7 +14,7 @@ use http::{Method, StatusCode};
 
 use super::abi::{map, status, Pairs};
 use super::state::{Phase, PwState};
-use crate::filter::{Direction, Exchange};
+use crate::filter::{BodyMode, Direction, Exchange};
 
 /// Fields the host owns: never writable by a filter (as for component plugins).
 fn denied(name: &str) -> bool {
@@ -145,12 +145,20 @@ fn writable(s: &mut PwState, which: i32) -> Result<&mut Exchange, i32> {
     // During a callout response the exchange is held at its request head until
     // a response exists, at its response head after.
     let at_response = s.x.status.is_some();
+    // A head paused for its body (buffered mode) is held, and writable, until
+    // the body callback returns.
+    let held =
+        |d: Direction| phase == Phase::Body(d) && s.x.body_ctl.modes[d.idx()] == BodyMode::Buffered;
     let ok = match which {
         map::REQUEST_HEADERS => {
-            phase == Phase::RequestHeaders || (phase == Phase::CalloutResponse && !at_response)
+            phase == Phase::RequestHeaders
+                || (phase == Phase::CalloutResponse && !at_response)
+                || held(Direction::Request)
         }
         map::RESPONSE_HEADERS => {
-            phase == Phase::ResponseHeaders || (phase == Phase::CalloutResponse && at_response)
+            phase == Phase::ResponseHeaders
+                || (phase == Phase::CalloutResponse && at_response)
+                || held(Direction::Response)
         }
         map::REQUEST_TRAILERS | map::RESPONSE_TRAILERS => {
             phase == Phase::Trailers(trailers_direction(which))
