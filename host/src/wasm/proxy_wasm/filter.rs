@@ -999,3 +999,74 @@ impl HttpFilter for ProxyWasmFilter {
         self.finish(worker, context, None);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    fn section(id: u8, body: &[u8], out: &mut Vec<u8>) {
+        out.push(id);
+        leb(body.len(), out);
+        out.extend_from_slice(body);
+    }
+
+    /// A core module exporting an empty `() -> ()` function under each name
+    /// (the signatures do not matter to which phases are declared).
+    fn module_exporting(names: &[&str]) -> Module {
+        let mut m = b"\0asm\x01\0\0\0".to_vec();
+        section(1, &[1, 0x60, 0, 0], &mut m);
+        let mut funcs = Vec::new();
+        leb(names.len(), &mut funcs);
+        funcs.extend(std::iter::repeat_n(0u8, names.len()));
+        section(3, &funcs, &mut m);
+        let mut exports = Vec::new();
+        leb(names.len(), &mut exports);
+        for (i, n) in names.iter().enumerate() {
+            leb(n.len(), &mut exports);
+            exports.extend_from_slice(n.as_bytes());
+            exports.push(0);
+            leb(i, &mut exports);
+        }
+        section(7, &exports, &mut m);
+        let mut code = Vec::new();
+        leb(names.len(), &mut code);
+        for _ in names {
+            code.extend_from_slice(&[2, 0, 0x0b]);
+        }
+        section(10, &code, &mut m);
+        Module::new(engine::engine().unwrap(), &m).unwrap()
+    }
+
+    #[test]
+    fn body_and_trailer_phases_only_when_exported() {
+        let headers_only = Phases(
+            Phases::REQUEST_HEADERS.0 | Phases::RESPONSE_HEADERS.0 | Phases::LOG.0 | Phases::DONE.0,
+        );
+        let m = module_exporting(&["proxy_abi_version_0_2_1", "proxy_on_request_headers"]);
+        assert_eq!(phases_of(&m), headers_only);
+        let m = module_exporting(&[
+            "proxy_abi_version_0_2_1",
+            "proxy_on_request_body",
+            "proxy_on_response_trailers",
+        ]);
+        let p = phases_of(&m);
+        assert!(p.contains(headers_only));
+        assert!(p.contains(Phases::REQUEST_BODY));
+        assert!(p.contains(Phases::RESPONSE_TRAILERS));
+        assert!(!p.contains(Phases::RESPONSE_BODY));
+        assert!(!p.contains(Phases::REQUEST_TRAILERS));
+    }
+}

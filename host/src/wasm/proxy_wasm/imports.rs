@@ -959,3 +959,44 @@ pub fn stub_the_rest(l: &mut Linker<PwState>, module: &wasmtime::Module) -> Vec<
     }
     unknown
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_writes_follow_envoys_copy_from() {
+        let cap = 16;
+        let mut b = b"body".to_vec();
+        // start 0, size 0: prepend.
+        assert_eq!(write_body(&mut b, 0, 0, b"<", cap), Ok(()));
+        assert_eq!(b, b"<body");
+        // start = len: append.
+        assert_eq!(write_body(&mut b, 5, 0, b">", cap), Ok(()));
+        assert_eq!(b, b"<body>");
+        // start 0, size >= len: replace.
+        assert_eq!(write_body(&mut b, 0, 6, b"new", cap), Ok(()));
+        assert_eq!(b, b"new");
+        assert_eq!(write_body(&mut b, 0, usize::MAX, b"x", cap), Ok(()));
+        assert_eq!(b, b"x");
+        // A splice in the middle, or a partial replace: refused, unchanged.
+        let mut b = b"abcdef".to_vec();
+        assert_eq!(
+            write_body(&mut b, 2, 1, b"Z", cap),
+            Err(status::BAD_ARGUMENT)
+        );
+        assert_eq!(
+            write_body(&mut b, 0, 3, b"Z", cap),
+            Err(status::BAD_ARGUMENT)
+        );
+        assert_eq!(b, b"abcdef");
+        // Over the cap: refused, unchanged; a replace may shrink under it.
+        assert_eq!(
+            write_body(&mut b, 6, 0, &[b'x'; 11], cap),
+            Err(status::BAD_ARGUMENT)
+        );
+        assert_eq!(b, b"abcdef");
+        assert_eq!(write_body(&mut b, 0, 6, &[b'y'; 16], cap), Ok(()));
+        assert_eq!(b.len(), 16);
+    }
+}
