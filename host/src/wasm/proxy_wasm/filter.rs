@@ -87,9 +87,6 @@ struct Live {
     next_context: u32,
     /// Queues this VM registered, with their wake-ups (dropping one unsubscribes).
     queues: HashMap<u32, Arc<tokio::sync::Notify>>,
-    /// Body data a body callback held back with `Pause`, by proxy-wasm context
-    /// and direction: handed back (before the new data) on the next body call.
-    held: HashMap<(u32, usize), Vec<u8>>,
 }
 
 /// A worker's slot for one plugin.
@@ -100,6 +97,9 @@ struct Slot {
     backoff: Duration,
     failed_before: bool,
     generation: u64,
+    /// Body data a body callback held back with `Pause`, by exchange and
+    /// direction: handed back (before the new data) on the next body call.
+    held: HashMap<(u64, usize), Vec<u8>>,
 }
 
 thread_local! {
@@ -294,7 +294,6 @@ impl ProxyWasmFilter {
             contexts: HashMap::new(),
             next_context: ROOT_CONTEXT + 1,
             queues: HashMap::new(),
-            held: HashMap::new(),
         })
     }
 
@@ -600,20 +599,26 @@ impl ProxyWasmFilter {
         };
         self.stats.calls[label].inc();
         let cap = self.meta.body_limit;
-        let v = self.with_vm(worker, Phase::Body(d), Some(x), false, |live, ctx| {
-            let key = (ctx, d.idx());
-            let held = live.held.remove(&key);
-            let body = live.store.data_mut().x.bodies[d.idx()].get_or_insert_with(Vec::new);
-            if let Some(mut h) = held {
-                h.append(body);
-                *body = h;
-            }
-            if body.len() > cap {
-                return Ok(Ok(None));
-            }
-            let len = i32::try_from(body.len()).unwrap_or(i32::MAX);
+        let key = (x.context, d.idx());
+        // Data held back by an earlier Pause comes first. The worker's slot keeps
+        // it (not the VM), so a VM that fails with `fail: open` still forwards it.
+        let held = VMS.with(|cell| {
+            cell.borrow_mut()
+                .get_mut(&self.id)
+                .and_then(|s| s.held.remove(&key))
+        });
+        let body = x.bodies[d.idx()].get_or_insert_with(Vec::new);
+        if let Some(mut h) = held {
+            h.append(body);
+            *body = h;
+        }
+        if body.len() > cap {
+            return Ok(self.over_cap(d, cap));
+        }
+        let len = i32::try_from(body.len()).unwrap_or(i32::MAX);
+        let hold = self.with_vm(worker, Phase::Body(d), Some(&mut *x), false, |live, ctx| {
             let Some(f) = live.exports.body[d.idx()].clone() else {
-                return Ok(Ok(Some(Verdict::Continue)));
+                return Ok(Ok(None));
             };
             let a = f.call(&mut live.store, (ctx as i32, len, b(end_of_stream)))?;
             let data = live.store.data_mut();
@@ -626,12 +631,8 @@ impl ProxyWasmFilter {
                 ));
             }
             Ok(match a {
-                action::CONTINUE => Ok(Some(Verdict::Continue)),
-                action::PAUSE if !end_of_stream => {
-                    let body = data.x.bodies[d.idx()].replace(Vec::new());
-                    live.held.insert(key, body.unwrap_or_default());
-                    Ok(Some(Verdict::Continue))
-                }
+                action::CONTINUE => Ok(None),
+                action::PAUSE if !end_of_stream => Ok(Some(Verdict::Pause)),
                 action::PAUSE => Err(format!(
                     "returned Pause (StopIterationAndBuffer) from proxy_on_{}_body at \
                      end of stream: Envoy would hold the body until proxy_continue_stream, \
@@ -646,33 +647,49 @@ impl ProxyWasmFilter {
                 )),
             })
         })?;
-        match v {
-            Some(v) => Ok(v),
-            None => {
-                self.body_limit_exceeded(d);
-                tracing::warn!(
-                    plugin = self.name(),
-                    "the {} body this filter held (Pause) is over its cap of {cap} bytes",
-                    d.as_str()
-                );
-                let status = match d {
-                    Direction::Request => http::StatusCode::PAYLOAD_TOO_LARGE,
-                    Direction::Response => http::StatusCode::BAD_GATEWAY,
-                };
-                // As the host answers a buffered body over the cap.
-                let mut headers = http::HeaderMap::new();
-                headers.insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("text/plain"),
-                );
-                Ok(Verdict::Respond(LocalResponse {
-                    status,
-                    headers,
-                    body: bytes::Bytes::from_static(b"plugin_buffer_limit\n"),
-                    details: "plugin_buffer_limit".to_string(),
-                }))
+        Ok(match hold {
+            None => Verdict::Continue,
+            // Hold everything (as the guest left it); forward nothing now.
+            Some(Verdict::Pause) => {
+                let body = x.bodies[d.idx()].replace(Vec::new()).unwrap_or_default();
+                VMS.with(|cell| {
+                    cell.borrow_mut()
+                        .entry(self.id)
+                        .or_default()
+                        .held
+                        .insert(key, body);
+                });
+                Verdict::Continue
             }
-        }
+            Some(v) => v,
+        })
+    }
+
+    /// A body held for a `Pause` went over the cap: counted, and answered as the
+    /// host answers a buffered body over the cap (for the response, whose head is
+    /// out, the chain resets the exchange instead).
+    fn over_cap(&self, d: Direction, cap: usize) -> Verdict {
+        self.body_limit_exceeded(d);
+        tracing::warn!(
+            plugin = self.name(),
+            "the {} body this filter held (Pause) is over its cap of {cap} bytes",
+            d.as_str()
+        );
+        let status = match d {
+            Direction::Request => http::StatusCode::PAYLOAD_TOO_LARGE,
+            Direction::Response => http::StatusCode::BAD_GATEWAY,
+        };
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain"),
+        );
+        Verdict::Respond(LocalResponse {
+            status,
+            headers,
+            body: bytes::Bytes::from_static(b"plugin_buffer_limit\n"),
+            details: "plugin_buffer_limit".to_string(),
+        })
     }
 
     /// A trailers callback over `x.trailers[d]` (writable through map 1 or 3).
@@ -818,9 +835,11 @@ impl ProxyWasmFilter {
     /// with the exchange readable if it is given.
     fn finish(&self, worker: usize, context: u64, x: Option<&mut Exchange>) {
         let pw = VMS.with(|cell| {
-            cell.borrow_mut()
-                .get_mut(&self.id)
-                .and_then(|s| s.live.as_mut())
+            let mut map = cell.borrow_mut();
+            let slot = map.get_mut(&self.id)?;
+            slot.held.retain(|(c, _), _| *c != context);
+            slot.live
+                .as_mut()
                 .and_then(|live| live.contexts.get(&context).copied())
         });
         if pw.is_none() {
@@ -851,7 +870,6 @@ impl ProxyWasmFilter {
                 .and_then(|s| s.live.as_mut())
             {
                 if let Some(pw) = live.contexts.remove(&context) {
-                    live.held.retain(|(c, _), _| *c != pw);
                     let data = live.store.data_mut();
                     data.contexts.remove(&pw);
                     data.props.retain(|(c, _), _| *c != pw);
