@@ -678,6 +678,9 @@ each_proto!(
         // No stale length went upstream (the guest removed it; the host framed
         // the longer body itself).
         assert!(e.header("content-length").is_none_or(|l| l == want.len().to_string()));
+        // A header set from the body callback, after the head went out: accepted
+        // (no failure, as in Envoy), and it goes nowhere.
+        assert_eq!(e.header("x-pw-late"), None);
         let seen = r.header("x-pw-rq-body").unwrap();
         let (calls_seen, len) = seen.split_once(':').unwrap();
         assert_eq!(len, body.len().to_string(), "the length at end of stream");

@@ -31,7 +31,8 @@
 //!   StopIterationAndBuffer), then rewrites the whole body: the request's
 //!   `hello` becomes `HELLO-WORLD`; the response is wrapped in `<<` (prepended)
 //!   and `>>` (appended). The response carries `x-pw-rq-body:
-//!   <request body calls>:<body length at end of stream>`.
+//!   <request body calls>:<body length at end of stream>`. The request body
+//!   callback also sets request header `x-pw-late` (too late: the head is out).
 //! - `body-wait`: the headers callbacks return `Pause` with no call outstanding
 //!   (wait for the body); at end of stream the body callback sets header
 //!   `x-pw-body-len` on that head and upper-cases the body (content-length left
@@ -428,6 +429,8 @@ impl HttpContext for Filter {
                 }
                 let body = self.get_http_request_body(0, body_size).unwrap_or_default();
                 self.seen.push(("x-pw-rq-body".into(), format!("{}:{}", self.body_calls, body.len())));
+                // The head is out: as in Envoy, this is accepted and goes nowhere.
+                self.set_http_request_header("x-pw-late", Some("1"));
                 let new = String::from_utf8_lossy(&body).replace("hello", "HELLO-WORLD");
                 self.set_http_request_body(0, body_size, new.as_bytes());
                 Action::Continue

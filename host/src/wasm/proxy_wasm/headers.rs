@@ -140,7 +140,11 @@ pub enum Op<'a> {
     Remove(&'a [u8]),
 }
 
-fn writable(s: &mut PwState, which: i32) -> Result<&mut Exchange, i32> {
+/// The exchange if map `which` is writable now; `None` if the write is to be
+/// ignored: a head that already went out, written from a body or trailers
+/// callback (Envoy answers OK and the change goes nowhere; filters written for
+/// it do this, and the Rust SDK panics on any other status).
+fn writable(s: &mut PwState, which: i32) -> Result<Option<&mut Exchange>, i32> {
     let phase = s.phase;
     // During a callout response the exchange is held at its request head until
     // a response exists, at its response head after.
@@ -165,15 +169,28 @@ fn writable(s: &mut PwState, which: i32) -> Result<&mut Exchange, i32> {
         }
         _ => false,
     };
+    let late = matches!(phase, Phase::Body(_) | Phase::Trailers(_))
+        && matches!(which, map::REQUEST_HEADERS | map::RESPONSE_HEADERS);
+    let name = s.meta.name.clone();
     match s.exchange() {
-        Some(x) if ok => Ok(x),
+        Some(x) if ok => Ok(Some(x)),
+        Some(_) if late => {
+            tracing::debug!(
+                plugin = &*name,
+                "a header write from a body or trailers callback to a head that is already \
+                 sent is ignored (return Pause from the headers callback to hold the head)"
+            );
+            Ok(None)
+        }
         _ => Err(status::BAD_ARGUMENT),
     }
 }
 
 /// Applies one write to map `which`.
 pub fn apply(s: &mut PwState, which: i32, op: Op<'_>) -> Result<(), i32> {
-    let x = writable(s, which)?;
+    let Some(x) = writable(s, which)? else {
+        return Ok(());
+    };
     let key = match &op {
         Op::Add(k, _) | Op::Replace(k, _) | Op::Remove(k) => k.to_ascii_lowercase(),
     };
@@ -251,7 +268,9 @@ fn fresh_names_length(new: &[(Vec<u8>, Vec<u8>)]) -> bool {
 
 /// Replaces map `which` with `pairs` (host-owned fields keep their values).
 pub fn set_all(s: &mut PwState, which: i32, new: &[(Vec<u8>, Vec<u8>)]) -> Result<(), i32> {
-    let x = writable(s, which)?;
+    let Some(x) = writable(s, which)? else {
+        return Ok(());
+    };
     let headers = fields(x, which)?;
     // Check everything first so a bad pair leaves the map as it was.
     let mut fresh = http::HeaderMap::new();
