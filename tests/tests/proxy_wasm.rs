@@ -894,3 +894,38 @@ each_proto!(
         lg.assert_stat(&limit_exceeded("quiet", "request"), 0.0).await;
     }
 );
+
+each_proto!(
+    async fn pause_at_end_of_stream_fails_by_policy_without_losing_data(proto) {
+        let up = upstream().start().await;
+        let p = plugin("closed", "{ mode: body-stuck }", "");
+        let yaml = config(up.addr, &p, &["closed"]);
+        let lg = legate().config(&yaml).start();
+        let r = client(proto, lg.addr("web"))
+            .await
+            .post("/up")
+            .streamed_body("abcdefgh", 2)
+            .send()
+            .await;
+        // Failed closed. (The host answers a streamed request body stopped by a
+        // filter failure as a request body error, 400, not 503.)
+        assert!(r.status.is_client_error() || r.status.is_server_error(), "{}", r.status);
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="closed"}"#, 1.0)
+            .await;
+        drop(lg);
+
+        // Failing open, the filter is skipped and everything it held goes on.
+        let p = plugin("open", "{ mode: body-stuck }", "    fail: open\n");
+        let lg = legate().config(&config(up.addr, &p, &["open"])).start();
+        let r = client(proto, lg.addr("web"))
+            .await
+            .post("/up")
+            .streamed_body("abcdefgh", 2)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().body, "abcdefgh");
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="open"}"#, 1.0)
+            .await;
+    }
+);

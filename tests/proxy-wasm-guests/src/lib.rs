@@ -39,6 +39,8 @@
 //!   to the host).
 //! - `body-local`: the request body is held until end of stream; one containing
 //!   `forbidden` is answered 403 from the body callback.
+//! - `body-stuck`: the request body callback always returns `Pause`, even at
+//!   end of stream.
 //! - `trailers`: request trailers get `x-pw-trailer-seen: <x-client-trailer>`
 //!   and `x-client-trailer` replaced by `changed`; response trailers get
 //!   `x-pw-added: <number of trailers>` and `grpc-message` removed.
@@ -455,6 +457,9 @@ impl HttpContext for Filter {
                 }
                 Action::Continue
             }
+            // Never continues: at end of stream Envoy would wait for
+            // proxy_continue_stream; Legate fails the filter.
+            "body-stuck" => Action::Pause,
             _ => Action::Continue,
         }
     }
