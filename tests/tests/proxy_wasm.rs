@@ -804,6 +804,19 @@ each_proto!(
         assert_eq!(r.echo().body, "this is fine");
         lg.assert_stat_with(&calls("words", "request_body"), |v| v >= 2.0, ">= 2")
             .await;
+        // From the response body callback (its head held: the headers callback
+        // waited for the body), the answer replaces the upstream's response.
+        let r = client(proto, web)
+            .await
+            .post("/up")
+            .streamed_body("a secret", 4)
+            .send()
+            .await;
+        assert_eq!(r.status, 451);
+        assert_eq!(r.header("x-pw-resp-denied"), Some("yes"));
+        assert_eq!(r.text(), "redacted\n");
+        // One call each for the two upstream responses (a local answer has none).
+        lg.assert_stat(&calls("words", "response_body"), 2.0).await;
     }
 );
 

@@ -38,7 +38,9 @@
 //!   `x-pw-body-len` on that head and upper-cases the body (content-length left
 //!   to the host).
 //! - `body-local`: the request body is held until end of stream; one containing
-//!   `forbidden` is answered 403 from the body callback.
+//!   `forbidden` is answered 403 from the body callback. The response headers
+//!   callback waits for the body (`Pause`); a response body containing `secret`
+//!   is replaced by a 451 answered from the response body callback.
 //! - `body-stuck`: the request body callback always returns `Pause`, even at
 //!   end of stream.
 //! - `trailers`: request trailers get `x-pw-trailer-seen: <x-client-trailer>`
@@ -484,6 +486,14 @@ impl HttpContext for Filter {
                 self.set_http_response_body(body_size + 2, 0, b">>");
                 Action::Continue
             }
+            "body-local" => {
+                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+                if String::from_utf8_lossy(&body).contains("secret") {
+                    self.send_http_response(451, vec![("x-pw-resp-denied", "yes")], Some(b"redacted\n"));
+                    return Action::Pause;
+                }
+                Action::Continue
+            }
             "body-wait" => {
                 if !end_of_stream {
                     return Action::Pause;
@@ -512,7 +522,7 @@ impl HttpContext for Filter {
         if self.s.mode == "body-rewrite" {
             self.set_http_response_header("content-length", None);
         }
-        if self.s.mode == "body-wait" && !end_of_stream {
+        if matches!(self.s.mode.as_str(), "body-wait" | "body-local") && !end_of_stream {
             return Action::Pause;
         }
         if self.s.mode == "headers" {
