@@ -636,3 +636,309 @@ async fn http_call_from_the_root_context_on_tick() {
         lg.stats().await
     );
 }
+
+// ---- bodies and trailers (proxy_on_*_body, proxy_on_*_trailers) ----
+
+fn limit_exceeded(plugin: &str, direction: &str) -> String {
+    format!(
+        "legate_plugin_body_limit_exceeded_total{{plugin=\"{plugin}\",direction=\"{direction}\"}}"
+    )
+}
+
+/// The response body without the `<<`/`>>` the `body-rewrite` guest wraps it in.
+fn unwrap_angles(text: &str) -> &str {
+    assert!(
+        text.starts_with("<<") && text.ends_with(">>"),
+        "not wrapped: {}",
+        &text[..text.len().min(200)]
+    );
+    &text[2..text.len() - 2]
+}
+
+each_proto!(
+    async fn paused_body_callbacks_see_the_whole_body_and_rewrite_it(proto) {
+        let up = upstream().start().await;
+        let p = plugin("rw", "{ mode: body-rewrite }", "");
+        let lg = legate().config(&config(up.addr, &p, &["rw"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        // Many chunks: the guest returns Pause until end of stream, so it must be
+        // handed the whole body then (and nothing may reach the upstream before).
+        let body = "hello world ".repeat(20_000);
+        let r = c
+            .post("/up")
+            .streamed_body(body.clone(), 16 * 1024)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let text = r.text();
+        let e: EchoBody = serde_json::from_str(unwrap_angles(&text)).unwrap();
+        let want = body.replace("hello", "HELLO-WORLD");
+        assert_eq!(e.body_len, want.len());
+        assert!(e.body == want, "the upstream got another body");
+        // No stale length went upstream (the guest removed it; the host framed
+        // the longer body itself).
+        assert!(e.header("content-length").is_none_or(|l| l == want.len().to_string()));
+        // A header set from the body callback, after the head went out: accepted
+        // (no failure, as in Envoy), and it goes nowhere.
+        assert_eq!(e.header("x-pw-late"), None);
+        let seen = r.header("x-pw-rq-body").unwrap();
+        let (calls_seen, len) = seen.split_once(':').unwrap();
+        assert_eq!(len, body.len().to_string(), "the length at end of stream");
+        assert!(calls_seen.parse::<u32>().unwrap() >= 2, "{seen}: one call only");
+        lg.assert_stat_with(&calls("rw", "request_body"), |v| v >= 2.0, ">= 2")
+            .await;
+        lg.assert_stat_with(&calls("rw", "response_body"), |v| v >= 1.0, ">= 1")
+            .await;
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="rw"}"#, 0.0)
+            .await;
+    }
+);
+
+each_proto!(
+    async fn pause_from_headers_waits_for_the_whole_body(proto) {
+        let up = upstream().start().await;
+        let p = plugin("wait", "{ mode: body-wait }", "");
+        let lg = legate().config(&config(up.addr, &p, &["wait"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .post("/up")
+            .streamed_body("abc def", 3)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The response body was upper-cased and its head written in the body
+        // callback (the head was held with the body).
+        let text = r.text();
+        assert!(text.contains("\"BODY\":\"ABC DEF\""), "{text}");
+        assert_eq!(r.header("x-pw-body-len"), Some(text.len().to_string().as_str()));
+        let e: Value = serde_json::from_str(&text.to_lowercase()).unwrap();
+        // The request head was written in the body callback too, and the host set
+        // the length of the rewritten body.
+        assert_eq!(e["headers"]["x-pw-body-len"][0], "7");
+        assert_eq!(e["headers"]["content-length"][0], "7");
+        // One call with the whole body.
+        lg.assert_stat(&calls("wait", "request_body"), 1.0).await;
+        lg.assert_stat(&calls("wait", "response_body"), 1.0).await;
+    }
+);
+
+each_proto!(
+    async fn held_bodies_over_the_cap_are_413_and_reset(proto) {
+        let n = 2 << 20;
+        let up = upstream().route("/source", source(n)).start().await;
+        let p = plugin("rw", "{ mode: body-rewrite }", "");
+        let lg = legate().config(&config(up.addr, &p, &["rw"])).start();
+        let web = lg.addr("web");
+        // A fresh connection per request: HTTP/1.1 closes the connection after
+        // answering a request whose body it did not read.
+        let r = client(proto, web)
+            .await
+            .post("/up")
+            .streamed_body(pattern_bytes(n), 64 * 1024)
+            .send()
+            .await;
+        assert_eq!(r.status, 413);
+        assert_eq!(r.text(), "plugin_buffer_limit\n");
+        lg.assert_stat(&limit_exceeded("rw", "request"), 1.0).await;
+
+        // Under the cap: through.
+        let r = client(proto, web)
+            .await
+            .post("/up")
+            .streamed_body("hello", 2)
+            .send()
+            .await;
+        assert_eq!(r.status, 200);
+
+        // The response head is out before the body: over the cap, the exchange
+        // is reset (nothing of the held body is sent).
+        let r = client(proto, web).await.get("/source").try_send().await;
+        if let Ok(r) = &r {
+            assert!(r.body.len() < n, "the whole response went through");
+        }
+        lg.assert_stat(&limit_exceeded("rw", "response"), 1.0).await;
+    }
+);
+
+each_proto!(
+    async fn headers_pause_buffers_under_the_host_cap_502(proto) {
+        let up = upstream()
+            .route("/big", |_req| async {
+                Response::new(Full::new(Bytes::from(vec![b'x'; 2 << 20])))
+            })
+            .start()
+            .await;
+        let p = plugin("wait", "{ mode: body-wait }", "");
+        let lg = legate().config(&config(up.addr, &p, &["wait"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        // The head is still held (buffered): a clean 502.
+        let r = c.get("/big").send().await;
+        assert_eq!(r.status, 502);
+        assert_eq!(r.text(), "plugin_buffer_limit\n");
+        lg.assert_stat(&limit_exceeded("wait", "response"), 1.0).await;
+    }
+);
+
+each_proto!(
+    async fn a_body_callback_answers_locally(proto) {
+        let up = upstream().start().await;
+        let p = plugin("words", "{ mode: body-local }", "");
+        let lg = legate().config(&config(up.addr, &p, &["words"])).start();
+        let web = lg.addr("web");
+        let r = client(proto, web)
+            .await
+            .post("/up")
+            .streamed_body("this is forbidden text", 4)
+            .send()
+            .await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.header("x-pw-body-denied"), Some("yes"));
+        assert_eq!(r.text(), "no forbidden words\n");
+        let r = client(proto, web)
+            .await
+            .post("/up")
+            .streamed_body("this is fine", 4)
+            .send()
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.echo().body, "this is fine");
+        lg.assert_stat_with(&calls("words", "request_body"), |v| v >= 2.0, ">= 2")
+            .await;
+        // From the response body callback (its head held: the headers callback
+        // waited for the body), the answer replaces the upstream's response.
+        let r = client(proto, web)
+            .await
+            .post("/up")
+            .streamed_body("a secret", 4)
+            .send()
+            .await;
+        assert_eq!(r.status, 451);
+        assert_eq!(r.header("x-pw-resp-denied"), Some("yes"));
+        assert_eq!(r.text(), "redacted\n");
+        // One call each for the two upstream responses (a local answer has none).
+        lg.assert_stat(&calls("words", "response_body"), 2.0).await;
+    }
+);
+
+each_proto!(
+    async fn request_trailers_are_read_and_modified(proto) {
+        let up = upstream().start().await;
+        let p = plugin("tr", "{ mode: trailers }", "");
+        let lg = legate().config(&config(up.addr, &p, &["tr"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let mut t = HeaderMap::new();
+        t.insert("x-client-trailer", HeaderValue::from_static("abc"));
+        let r = c
+            .post("/a")
+            .header("te", "trailers")
+            // hyper's HTTP/1.1 encoder sends only the trailers `Trailer` names.
+            .header("trailer", "x-client-trailer, x-pw-trailer-seen")
+            .body_with_trailers("payload", t)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.body, "payload");
+        assert_eq!(e.trailers.get("x-client-trailer"), Some(&vec!["changed".to_string()]));
+        assert_eq!(e.trailers.get("x-pw-trailer-seen"), Some(&vec!["abc".to_string()]));
+        lg.assert_stat(&calls("tr", "request_trailers"), 1.0).await;
+    }
+);
+
+/// Response trailers need an HTTP/2 upstream that sends them (gRPC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_trailers_are_read_and_modified() {
+    let up = upstream().grpc().start().await;
+    let p = plugin("tr", "{ mode: trailers }", "");
+    let yaml = config(up.addr, &p, &["tr"]).replace(
+        &format!("      - address: {}\n", up.addr),
+        &format!("      - address: {}\n    protocol: h2\n", up.addr),
+    );
+    let lg = legate().config(&yaml).start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    let msg = grpc_frame(b"ping");
+    let r = c
+        .post("/echo.Echo/Say")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(msg.clone())
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, msg);
+    let t = r.trailers.as_ref().expect("response trailers were dropped");
+    assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    // grpc-status, grpc-message, x-echo-trailer
+    assert_eq!(t.get("x-pw-added").map(|v| v.as_bytes()), Some(&b"3"[..]));
+    assert!(t.get("grpc-message").is_none(), "not removed: {t:?}");
+    lg.assert_stat(&calls("tr", "response_trailers"), 1.0).await;
+}
+
+each_proto!(
+    async fn continuing_body_callbacks_stream_4_mib_unchanged(proto) {
+        let n = 4 << 20;
+        let up = upstream()
+            .route("/sink", sink)
+            .route("/source", source(n))
+            .start()
+            .await;
+        let p = plugin("quiet", "{ mode: noop }", "");
+        let lg = legate().config(&config(up.addr, &p, &["quiet"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let data = pattern_bytes(n);
+        let r = c
+            .post("/sink")
+            .streamed_body(data.clone(), 64 * 1024)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v["len"], n);
+        assert_eq!(v["checksum"], checksum(&data));
+        let r = c.get("/source").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), n);
+        assert_eq!(checksum(&r.body), checksum(&data));
+        // Chunk by chunk (over the 1 MiB cap, so nothing was buffered).
+        lg.assert_stat_with(&calls("quiet", "request_body"), |v| v > 4.0, "> 4")
+            .await;
+        lg.assert_stat_with(&calls("quiet", "response_body"), |v| v > 4.0, "> 4")
+            .await;
+        lg.assert_stat(&limit_exceeded("quiet", "request"), 0.0).await;
+    }
+);
+
+each_proto!(
+    async fn pause_at_end_of_stream_fails_by_policy_without_losing_data(proto) {
+        let up = upstream().start().await;
+        let p = plugin("closed", "{ mode: body-stuck }", "");
+        let yaml = config(up.addr, &p, &["closed"]);
+        let lg = legate().config(&yaml).start();
+        let r = client(proto, lg.addr("web"))
+            .await
+            .post("/up")
+            .streamed_body("abcdefgh", 2)
+            .send()
+            .await;
+        // Failed closed. (The host answers a streamed request body stopped by a
+        // filter failure as a request body error, 400, not 503.)
+        assert!(r.status.is_client_error() || r.status.is_server_error(), "{}", r.status);
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="closed"}"#, 1.0)
+            .await;
+        drop(lg);
+
+        // Failing open, the filter is skipped and everything it held goes on.
+        let p = plugin("open", "{ mode: body-stuck }", "    fail: open\n");
+        let lg = legate().config(&config(up.addr, &p, &["open"])).start();
+        let r = client(proto, lg.addr("web"))
+            .await
+            .post("/up")
+            .streamed_body("abcdefgh", 2)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().body, "abcdefgh");
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="open"}"#, 1.0)
+            .await;
+    }
+);

@@ -26,6 +26,27 @@
 //!   (`tick_ms`) and keeps the last body in shared data `pw_tick_body`, which each
 //!   request echoes as response header `x-pw-tick-body`.
 //!
+//! - `body-rewrite`: removes `content-length` in both headers callbacks, returns
+//!   `Pause` from the body callbacks until end of stream (Envoy's
+//!   StopIterationAndBuffer), then rewrites the whole body: the request's
+//!   `hello` becomes `HELLO-WORLD`; the response is wrapped in `<<` (prepended)
+//!   and `>>` (appended). The response carries `x-pw-rq-body:
+//!   <request body calls>:<body length at end of stream>`. The request body
+//!   callback also sets request header `x-pw-late` (too late: the head is out).
+//! - `body-wait`: the headers callbacks return `Pause` with no call outstanding
+//!   (wait for the body); at end of stream the body callback sets header
+//!   `x-pw-body-len` on that head and upper-cases the body (content-length left
+//!   to the host).
+//! - `body-local`: the request body is held until end of stream; one containing
+//!   `forbidden` is answered 403 from the body callback. The response headers
+//!   callback waits for the body (`Pause`); a response body containing `secret`
+//!   is replaced by a 451 answered from the response body callback.
+//! - `body-stuck`: the request body callback always returns `Pause`, even at
+//!   end of stream.
+//! - `trailers`: request trailers get `x-pw-trailer-seen: <x-client-trailer>`
+//!   and `x-client-trailer` replaced by `changed`; response trailers get
+//!   `x-pw-added: <number of trailers>` and `grpc-message` removed.
+//!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
 
 use std::time::Duration;
@@ -148,6 +169,7 @@ impl RootContext for Root {
             id: context_id,
             s: self.s.clone(),
             seen: Vec::new(),
+            body_calls: 0,
         }))
     }
 
@@ -161,6 +183,8 @@ struct Filter {
     s: Settings,
     /// Response headers to add, gathered in earlier phases.
     seen: Vec<(String, String)>,
+    /// Request body callbacks so far.
+    body_calls: u32,
 }
 
 impl Context for Filter {
@@ -337,6 +361,11 @@ impl HttpContext for Filter {
                     }
                 };
             }
+            "body-rewrite" => {
+                // The body changes size: the length must go (as in Envoy).
+                self.set_http_request_header("content-length", None);
+            }
+            "body-wait" if !_end_of_stream => return Action::Pause,
             "tick-callout" => {
                 let (v, _) = self.get_shared_data("pw_tick_body");
                 let v = v.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
@@ -395,9 +424,106 @@ impl HttpContext for Filter {
         Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.body_calls += 1;
+        match self.s.mode.as_str() {
+            "body-rewrite" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+                self.seen.push(("x-pw-rq-body".into(), format!("{}:{}", self.body_calls, body.len())));
+                // The head is out: as in Envoy, this is accepted and goes nowhere.
+                self.set_http_request_header("x-pw-late", Some("1"));
+                let new = String::from_utf8_lossy(&body).replace("hello", "HELLO-WORLD");
+                self.set_http_request_body(0, body_size, new.as_bytes());
+                Action::Continue
+            }
+            "body-wait" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+                self.set_http_request_header("x-pw-body-len", Some(&body.len().to_string()));
+                self.set_http_request_body(0, body_size, &body.to_ascii_uppercase());
+                Action::Continue
+            }
+            "body-local" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+                if String::from_utf8_lossy(&body).contains("forbidden") {
+                    self.send_http_response(403, vec![("x-pw-body-denied", "yes")], Some(b"no forbidden words\n"));
+                    return Action::Pause;
+                }
+                Action::Continue
+            }
+            // Never continues: at end of stream Envoy would wait for
+            // proxy_continue_stream; Legate fails the filter.
+            "body-stuck" => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.s.mode == "trailers" {
+            let v = self.get_http_request_trailer("x-client-trailer").unwrap_or_default();
+            self.add_http_request_trailer("x-pw-trailer-seen", &v);
+            self.set_http_request_trailer("x-client-trailer", Some("changed"));
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match self.s.mode.as_str() {
+            "body-rewrite" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                // Envoy's buffer rules: start 0 size 0 prepends, start = len appends.
+                self.set_http_response_body(0, 0, b"<<");
+                self.set_http_response_body(body_size + 2, 0, b">>");
+                Action::Continue
+            }
+            "body-local" => {
+                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+                if String::from_utf8_lossy(&body).contains("secret") {
+                    self.send_http_response(451, vec![("x-pw-resp-denied", "yes")], Some(b"redacted\n"));
+                    return Action::Pause;
+                }
+                Action::Continue
+            }
+            "body-wait" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+                self.set_http_response_header("x-pw-body-len", Some(&body.len().to_string()));
+                self.set_http_response_body(0, body_size, &body.to_ascii_uppercase());
+                Action::Continue
+            }
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_http_response_trailers(&mut self, num_trailers: usize) -> Action {
+        if self.s.mode == "trailers" {
+            self.add_http_response_trailer("x-pw-added", &num_trailers.to_string());
+            self.set_http_response_trailer("grpc-message", None);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if self.s.mode == "noop" {
             return Action::Continue;
+        }
+        if self.s.mode == "body-rewrite" {
+            self.set_http_response_header("content-length", None);
+        }
+        if matches!(self.s.mode.as_str(), "body-wait" | "body-local") && !end_of_stream {
+            return Action::Pause;
         }
         if self.s.mode == "headers" {
             self.add_http_response_header("x-pw-response", "1");

@@ -65,6 +65,10 @@ pub mod map {
 
 /// `proxy_buffer_type_t` values this host serves.
 pub mod buffer {
+    /// The request body held for the current `proxy_on_request_body`.
+    pub const HTTP_REQUEST_BODY: i32 = 0;
+    /// The response body held for the current `proxy_on_response_body`.
+    pub const HTTP_RESPONSE_BODY: i32 = 1;
     /// The response of the HTTP callout being delivered.
     pub const HTTP_CALL_RESPONSE_BODY: i32 = 4;
     /// The VM configuration (`proxy_wasm.vm_config`).
@@ -77,7 +81,9 @@ pub mod buffer {
 pub mod action {
     /// Continue the stream.
     pub const CONTINUE: i32 = 0;
-    /// Hold the stream until `proxy_continue_stream` (after a callout response).
+    /// Headers: hold the stream until `proxy_continue_stream` (after a callout
+    /// response). Body: Envoy's `StopIterationAndBuffer` — hold the data and call
+    /// again with everything held when more arrives.
     pub const PAUSE: i32 = 1;
 }
 

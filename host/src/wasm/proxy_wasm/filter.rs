@@ -2,9 +2,17 @@
 //! (instance) per worker, created lazily on the worker's thread and started as
 //! Envoy does (`_initialize`/`_start`, root context, `proxy_on_vm_start`,
 //! `proxy_on_configure`); each exchange gets an HTTP context
-//! (`proxy_on_context_create` → request headers → response headers → `on_done` →
-//! `on_log` → `on_delete`). Deadlines, the memory cap, the failure policy and the
-//! per-plugin stats are the component plugins' ([`super::super::plugin`]).
+//! (`proxy_on_context_create` → request headers → request body/trailers →
+//! response headers → response body/trailers → `on_done` → `on_log` →
+//! `on_delete`). Deadlines, the memory cap, the failure policy and the per-plugin
+//! stats are the component plugins' ([`super::super::plugin`]).
+//!
+//! Bodies: a module that exports a body callback gets the host's `streamed` mode
+//! for that direction, and Envoy's `StopIterationAndBuffer` (`Pause` from a body
+//! callback) is done here: the data is held in the context (forwarding nothing)
+//! and the next call sees everything held plus the new chunk, under the plugin's
+//! body cap (request over it: 413; response: the exchange is reset, its head
+//! being out). `Continue` forwards what is held.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -18,8 +26,10 @@ use super::abi::action;
 use super::imports;
 use super::state::{Meta, Phase, PwState, ROOT_CONTEXT};
 use crate::filter::{
-    CalloutError, CalloutRequest, CalloutResult, Exchange, HttpFilter, Phases, Verdict,
+    BodyMode, CalloutError, CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter,
+    LocalResponse, Phases, Verdict,
 };
+use crate::stats::Counter;
 use crate::stats::Stats;
 use crate::wasm::engine;
 use crate::wasm::plugin::{describe, PluginStats, MIN_TICK};
@@ -40,6 +50,16 @@ pub struct Settings {
 /// `proxy_on_http_call_response(root, token, headers, body_size, trailers)`.
 type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
+/// `proxy_on_{request,response}_body(context, body_buffer_length, end_of_stream)`.
+type BodyFn = TypedFunc<(i32, i32, i32), i32>;
+
+/// `proxy_on_{request,response}_trailers(context, num_trailers)`.
+type TrailersFn = TypedFunc<(i32, i32), i32>;
+
+/// The body and trailer callbacks, by direction ([`Direction::idx`]).
+const BODY_EXPORTS: [&str; 2] = ["proxy_on_request_body", "proxy_on_response_body"];
+const TRAILERS_EXPORTS: [&str; 2] = ["proxy_on_request_trailers", "proxy_on_response_trailers"];
+
 /// The guest's exports this host calls (absent ones are skipped, as Envoy does).
 #[derive(Clone)]
 struct Exports {
@@ -50,6 +70,8 @@ struct Exports {
     queue_ready: Option<TypedFunc<(i32, i32), ()>>,
     request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    body: [Option<BodyFn>; 2],
+    trailers: [Option<TrailersFn>; 2],
     http_call_response: Option<CallResponseFn>,
     done: Option<TypedFunc<i32, i32>>,
     log: Option<TypedFunc<i32, ()>>,
@@ -75,6 +97,9 @@ struct Slot {
     backoff: Duration,
     failed_before: bool,
     generation: u64,
+    /// Body data a body callback held back with `Pause`, by exchange and
+    /// direction: handed back (before the new data) on the next body call.
+    held: HashMap<(u64, usize), Vec<u8>>,
 }
 
 thread_local! {
@@ -91,6 +116,11 @@ pub struct ProxyWasmFilter {
     pre: InstancePre<PwState>,
     settings: Settings,
     stats: PluginStats,
+    /// The phases declared to the chain: headers, log and done always; a body or
+    /// trailers phase only if the module exports its callback.
+    phases: Phases,
+    /// `legate_plugin_body_limit_exceeded_total` by direction.
+    body_limit_exceeded: [Counter; 2],
     me: OnceLock<Weak<ProxyWasmFilter>>,
 }
 
@@ -138,12 +168,21 @@ impl ProxyWasmFilter {
         let pre = linker.instantiate_pre(module).map_err(|e| {
             anyhow::anyhow!("plugin `{name}`: the module does not fit this host: {e:#}")
         })?;
+        let body_limit_exceeded = [Direction::Request, Direction::Response].map(|d| {
+            stats.counter(
+                "legate_plugin_body_limit_exceeded_total",
+                "Bodies over a plugin's buffered body cap (`limits.body`), by direction.",
+                &[("plugin", &name), ("direction", d.as_str())],
+            )
+        });
         let f = ProxyWasmFilter {
             id: NEXT_ID.fetch_add(1, Relaxed),
             meta: Arc::new(meta),
             pre,
             settings,
             stats: PluginStats::new(stats, &name),
+            phases: phases_of(module),
+            body_limit_exceeded,
             me: OnceLock::new(),
         };
         f.start_vm()
@@ -200,6 +239,14 @@ impl ProxyWasmFilter {
             queue_ready: typed(&mut store, &instance, "proxy_on_queue_ready")?,
             request_headers: typed(&mut store, &instance, "proxy_on_request_headers")?,
             response_headers: typed(&mut store, &instance, "proxy_on_response_headers")?,
+            body: [
+                typed(&mut store, &instance, BODY_EXPORTS[0])?,
+                typed(&mut store, &instance, BODY_EXPORTS[1])?,
+            ],
+            trailers: [
+                typed(&mut store, &instance, TRAILERS_EXPORTS[0])?,
+                typed(&mut store, &instance, TRAILERS_EXPORTS[1])?,
+            ],
             http_call_response: typed(&mut store, &instance, "proxy_on_http_call_response")?,
             done: typed(&mut store, &instance, "proxy_on_done")?,
             log: typed(&mut store, &instance, "proxy_on_log")?,
@@ -504,12 +551,183 @@ impl ProxyWasmFilter {
                 ));
             }
             let waiting = data.outstanding.values().any(|c| *c == ctx);
+            let d = if request {
+                Direction::Request
+            } else {
+                Direction::Response
+            };
+            // Envoy's StopIteration to wait for the body: the host's buffered mode
+            // holds the head (writable) until the body callback has the whole body.
+            let ctl = &mut data.x.body_ctl;
+            let can_buffer = !end_of_stream
+                && live.exports.body[d.idx()].is_some()
+                && ctl.declared[d.idx()]
+                && !ctl.started[d.idx()];
             Ok(match a {
                 action::CONTINUE => Ok(Verdict::Continue),
                 action::PAUSE if waiting => Ok(Verdict::Pause),
+                action::PAUSE if can_buffer => {
+                    ctl.modes[d.idx()] = BodyMode::Buffered;
+                    Ok(Verdict::Continue)
+                }
                 _ => Err(format!(
-                    "returned action {a} (pause) with no HTTP callout outstanding: nothing \
-                     could resume it (this Legate has no body buffering for proxy-wasm yet)"
+                    "returned action {a} (pause) from proxy_on_{}_headers with no HTTP \
+                     callout outstanding and no body to wait for: nothing could resume it",
+                    d.as_str()
+                )),
+            })
+        })
+    }
+
+    /// A body callback over `x.bodies[d]` (the new chunk), Envoy's way: data held
+    /// back by an earlier `Pause` comes first, so the guest sees the whole body
+    /// so far (`body_buffer_length` grows). `Continue` forwards all of it as the
+    /// guest left it; `Pause` before the end holds it (forwarding nothing now);
+    /// over the body cap the request is answered 413 and the response (whose
+    /// head is out) reset — the chain cannot send a clean 502 then.
+    fn body_phase(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String> {
+        let label = match d {
+            Direction::Request => "request_body",
+            Direction::Response => "response_body",
+        };
+        self.stats.calls[label].inc();
+        let cap = self.meta.body_limit;
+        let key = (x.context, d.idx());
+        // Data held back by an earlier Pause comes first. The worker's slot keeps
+        // it (not the VM), so a VM that fails with `fail: open` still forwards it.
+        let held = VMS.with(|cell| {
+            cell.borrow_mut()
+                .get_mut(&self.id)
+                .and_then(|s| s.held.remove(&key))
+        });
+        let body = x.bodies[d.idx()].get_or_insert_with(Vec::new);
+        if let Some(mut h) = held {
+            h.append(body);
+            *body = h;
+        }
+        if body.len() > cap {
+            return Ok(self.over_cap(d, cap));
+        }
+        let len = i32::try_from(body.len()).unwrap_or(i32::MAX);
+        let hold = self.with_vm(worker, Phase::Body(d), Some(&mut *x), false, |live, ctx| {
+            let Some(f) = live.exports.body[d.idx()].clone() else {
+                return Ok(Ok(None));
+            };
+            let a = f.call(&mut live.store, (ctx as i32, len, b(end_of_stream)))?;
+            let data = live.store.data_mut();
+            if let Some(lr) = data.local.take() {
+                return Ok(Ok(Some(Verdict::Respond(lr))));
+            }
+            if data.close {
+                return Ok(Err(
+                    "the plugin reset the stream (proxy_close_stream)".into()
+                ));
+            }
+            Ok(match a {
+                action::CONTINUE => Ok(None),
+                action::PAUSE if !end_of_stream => Ok(Some(Verdict::Pause)),
+                action::PAUSE => Err(format!(
+                    "returned Pause (StopIterationAndBuffer) from proxy_on_{}_body at \
+                     end of stream: Envoy would hold the body until proxy_continue_stream, \
+                     which this host does not support from body callbacks; return \
+                     Continue at end of stream",
+                    d.as_str()
+                )),
+                other => Err(format!(
+                    "returned action {other} from proxy_on_{}_body; this host supports \
+                     Continue (0) and Pause (1, StopIterationAndBuffer)",
+                    d.as_str()
+                )),
+            })
+        })?;
+        Ok(match hold {
+            None => Verdict::Continue,
+            // Hold everything (as the guest left it); forward nothing now.
+            Some(Verdict::Pause) => {
+                let body = x.bodies[d.idx()].replace(Vec::new()).unwrap_or_default();
+                VMS.with(|cell| {
+                    cell.borrow_mut()
+                        .entry(self.id)
+                        .or_default()
+                        .held
+                        .insert(key, body);
+                });
+                Verdict::Continue
+            }
+            Some(v) => v,
+        })
+    }
+
+    /// A body held for a `Pause` went over the cap: counted, and answered as the
+    /// host answers a buffered body over the cap (for the response, whose head is
+    /// out, the chain resets the exchange instead).
+    fn over_cap(&self, d: Direction, cap: usize) -> Verdict {
+        self.body_limit_exceeded(d);
+        tracing::warn!(
+            plugin = self.name(),
+            "the {} body this filter held (Pause) is over its cap of {cap} bytes",
+            d.as_str()
+        );
+        let status = match d {
+            Direction::Request => http::StatusCode::PAYLOAD_TOO_LARGE,
+            Direction::Response => http::StatusCode::BAD_GATEWAY,
+        };
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain"),
+        );
+        Verdict::Respond(LocalResponse {
+            status,
+            headers,
+            body: bytes::Bytes::from_static(b"plugin_buffer_limit\n"),
+            details: "plugin_buffer_limit".to_string(),
+        })
+    }
+
+    /// A trailers callback over `x.trailers[d]` (writable through map 1 or 3).
+    /// `Pause` is a failure: Envoy would hold the trailers until
+    /// `proxy_continue_stream`, which this host does not support after the body.
+    fn trailers_phase(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+    ) -> Result<Verdict, String> {
+        let label = match d {
+            Direction::Request => "request_trailers",
+            Direction::Response => "response_trailers",
+        };
+        self.stats.calls[label].inc();
+        let count = x.trailers[d.idx()].as_ref().map_or(0, http::HeaderMap::len);
+        let count = i32::try_from(count).unwrap_or(i32::MAX);
+        self.with_vm(worker, Phase::Trailers(d), Some(x), false, |live, ctx| {
+            let Some(f) = live.exports.trailers[d.idx()].clone() else {
+                return Ok(Ok(Verdict::Continue));
+            };
+            let a = f.call(&mut live.store, (ctx as i32, count))?;
+            let data = live.store.data_mut();
+            if let Some(lr) = data.local.take() {
+                return Ok(Ok(Verdict::Respond(lr)));
+            }
+            if data.close {
+                return Ok(Err(
+                    "the plugin reset the stream (proxy_close_stream)".into()
+                ));
+            }
+            Ok(match a {
+                action::CONTINUE => Ok(Verdict::Continue),
+                other => Err(format!(
+                    "returned action {other} from proxy_on_{}_trailers; this host supports \
+                     only Continue there (Envoy would hold the trailers until \
+                     proxy_continue_stream)",
+                    d.as_str()
                 )),
             })
         })
@@ -616,9 +834,11 @@ impl ProxyWasmFilter {
     /// with the exchange readable if it is given.
     fn finish(&self, worker: usize, context: u64, x: Option<&mut Exchange>) {
         let pw = VMS.with(|cell| {
-            cell.borrow_mut()
-                .get_mut(&self.id)
-                .and_then(|s| s.live.as_mut())
+            let mut map = cell.borrow_mut();
+            let slot = map.get_mut(&self.id)?;
+            slot.held.retain(|(c, _), _| *c != context);
+            slot.live
+                .as_mut()
                 .and_then(|live| live.contexts.get(&context).copied())
         });
         if pw.is_none() {
@@ -663,6 +883,31 @@ impl ProxyWasmFilter {
     }
 }
 
+/// The phases a module declares: headers, log and done always (Envoy calls them
+/// whether exported or not, and absent ones are skipped); a body or trailers
+/// phase only if its callback is exported, so a filter without them adds no work
+/// to bodies.
+fn phases_of(module: &Module) -> Phases {
+    let exported = |name: &str| module.exports().any(|e| e.name() == name);
+    let mut p =
+        Phases::REQUEST_HEADERS.0 | Phases::RESPONSE_HEADERS.0 | Phases::LOG.0 | Phases::DONE.0;
+    for (i, (body, trailers)) in [
+        (Phases::REQUEST_BODY, Phases::REQUEST_TRAILERS),
+        (Phases::RESPONSE_BODY, Phases::RESPONSE_TRAILERS),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if exported(BODY_EXPORTS[i]) {
+            p |= body.0;
+        }
+        if exported(TRAILERS_EXPORTS[i]) {
+            p |= trailers.0;
+        }
+    }
+    Phases(p)
+}
+
 /// Backoff before the next VM, as for component plugins: none after a first
 /// failure, doubling from 100ms to 5s while failures repeat.
 fn fail_slot(slot: &mut Slot) {
@@ -685,9 +930,40 @@ impl HttpFilter for ProxyWasmFilter {
     }
 
     fn phases(&self) -> Phases {
-        Phases(
-            Phases::REQUEST_HEADERS.0 | Phases::RESPONSE_HEADERS.0 | Phases::LOG.0 | Phases::DONE.0,
-        )
+        self.phases
+    }
+
+    fn body_mode(&self, d: Direction) -> BodyMode {
+        // Chunk by chunk; `Pause` (buffering) is done by the filter itself.
+        let _ = d;
+        BodyMode::Streamed
+    }
+
+    fn body_limit(&self) -> usize {
+        self.meta.body_limit
+    }
+
+    fn body_limit_exceeded(&self, d: Direction) {
+        self.body_limit_exceeded[d.idx()].inc();
+    }
+
+    fn on_body(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+        end_of_stream: bool,
+    ) -> Result<Verdict, String> {
+        self.body_phase(worker, x, d, end_of_stream)
+    }
+
+    fn on_trailers(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        d: Direction,
+    ) -> Result<Verdict, String> {
+        self.trailers_phase(worker, x, d)
     }
 
     fn fail_open(&self) -> bool {
@@ -738,5 +1014,76 @@ impl HttpFilter for ProxyWasmFilter {
     fn on_done(&self, worker: usize, context: u64) {
         // Already finished by `on_log` unless the chain skipped it (a failure).
         self.finish(worker, context, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    fn section(id: u8, body: &[u8], out: &mut Vec<u8>) {
+        out.push(id);
+        leb(body.len(), out);
+        out.extend_from_slice(body);
+    }
+
+    /// A core module exporting an empty `() -> ()` function under each name
+    /// (the signatures do not matter to which phases are declared).
+    fn module_exporting(names: &[&str]) -> Module {
+        let mut m = b"\0asm\x01\0\0\0".to_vec();
+        section(1, &[1, 0x60, 0, 0], &mut m);
+        let mut funcs = Vec::new();
+        leb(names.len(), &mut funcs);
+        funcs.extend(std::iter::repeat_n(0u8, names.len()));
+        section(3, &funcs, &mut m);
+        let mut exports = Vec::new();
+        leb(names.len(), &mut exports);
+        for (i, n) in names.iter().enumerate() {
+            leb(n.len(), &mut exports);
+            exports.extend_from_slice(n.as_bytes());
+            exports.push(0);
+            leb(i, &mut exports);
+        }
+        section(7, &exports, &mut m);
+        let mut code = Vec::new();
+        leb(names.len(), &mut code);
+        for _ in names {
+            code.extend_from_slice(&[2, 0, 0x0b]);
+        }
+        section(10, &code, &mut m);
+        Module::new(engine::engine().unwrap(), &m).unwrap()
+    }
+
+    #[test]
+    fn body_and_trailer_phases_only_when_exported() {
+        let headers_only = Phases(
+            Phases::REQUEST_HEADERS.0 | Phases::RESPONSE_HEADERS.0 | Phases::LOG.0 | Phases::DONE.0,
+        );
+        let m = module_exporting(&["proxy_abi_version_0_2_1", "proxy_on_request_headers"]);
+        assert_eq!(phases_of(&m), headers_only);
+        let m = module_exporting(&[
+            "proxy_abi_version_0_2_1",
+            "proxy_on_request_body",
+            "proxy_on_response_trailers",
+        ]);
+        let p = phases_of(&m);
+        assert!(p.contains(headers_only));
+        assert!(p.contains(Phases::REQUEST_BODY));
+        assert!(p.contains(Phases::RESPONSE_TRAILERS));
+        assert!(!p.contains(Phases::RESPONSE_BODY));
+        assert!(!p.contains(Phases::REQUEST_TRAILERS));
     }
 }

@@ -1,17 +1,20 @@
 //! Header maps as proxy-wasm sees them: the request head with its pseudo-headers
-//! (`:method`, `:path`, `:authority`, `:scheme`) and the response head with
-//! `:status`, read and written on the [`Exchange`] in the store.
+//! (`:method`, `:path`, `:authority`, `:scheme`), the response head with
+//! `:status`, and the request and response trailers, read and written on the
+//! [`Exchange`] in the store.
 //!
 //! Writes follow the component ABI's rules: only in the phase that owns the map,
 //! and never to the fields the host owns (framing, connection management), which
-//! are ignored as Envoy ignores writes it cannot honour.
+//! are ignored as Envoy ignores writes it cannot honour — except that
+//! `content-length` may be removed from a head (as in Envoy, a filter that
+//! changes a body's size removes it in the headers callback).
 
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
 use super::abi::{map, status, Pairs};
 use super::state::{Phase, PwState};
-use crate::filter::Exchange;
+use crate::filter::{BodyMode, Direction, Exchange};
 
 /// Fields the host owns: never writable by a filter (as for component plugins).
 fn denied(name: &str) -> bool {
@@ -68,6 +71,14 @@ pub fn pairs(s: &mut PwState, which: i32) -> Result<Pairs, i32> {
                 }
             }
         }
+        map::REQUEST_TRAILERS | map::RESPONSE_TRAILERS => {
+            let d = trailers_direction(which);
+            if let Some(t) = &x.trailers[d.idx()] {
+                for (k, v) in t {
+                    out.push((k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()));
+                }
+            }
+        }
         _ => {}
     }
     Ok(out)
@@ -89,6 +100,36 @@ pub fn value(s: &mut PwState, which: i32, key: &[u8]) -> Result<Vec<u8>, i32> {
     Ok(values.join(&b","[..]))
 }
 
+/// The direction of trailers map `which` (`REQUEST_TRAILERS` or
+/// `RESPONSE_TRAILERS`).
+fn trailers_direction(which: i32) -> Direction {
+    if which == map::REQUEST_TRAILERS {
+        Direction::Request
+    } else {
+        Direction::Response
+    }
+}
+
+/// The plain (non-pseudo) fields of map `which`, writable.
+fn fields(x: &mut Exchange, which: i32) -> Result<&mut http::HeaderMap, i32> {
+    match which {
+        map::REQUEST_HEADERS => Ok(&mut x.request_headers),
+        map::RESPONSE_HEADERS => x.response_headers.as_mut().ok_or(status::BAD_ARGUMENT),
+        map::REQUEST_TRAILERS | map::RESPONSE_TRAILERS => x.trailers
+            [trailers_direction(which).idx()]
+        .as_mut()
+        .ok_or(status::BAD_ARGUMENT),
+        _ => Err(status::BAD_ARGUMENT),
+    }
+}
+
+/// Whether `op` on field `name` is ignored: writes to host-owned fields are,
+/// except removing `content-length` from a head (so a filter that changes the
+/// body's size can drop it, as in Envoy; the host then frames the body itself).
+fn ignored(name: &str, op: &Op<'_>) -> bool {
+    denied(name) && !(name == "content-length" && matches!(op, Op::Remove(_)))
+}
+
 /// How a write changes a map.
 pub enum Op<'a> {
     /// Append a value.
@@ -99,29 +140,57 @@ pub enum Op<'a> {
     Remove(&'a [u8]),
 }
 
-fn writable(s: &mut PwState, which: i32) -> Result<&mut Exchange, i32> {
+/// The exchange if map `which` is writable now; `None` if the write is to be
+/// ignored: a head that already went out, written from a body or trailers
+/// callback (Envoy answers OK and the change goes nowhere; filters written for
+/// it do this, and the Rust SDK panics on any other status).
+fn writable(s: &mut PwState, which: i32) -> Result<Option<&mut Exchange>, i32> {
     let phase = s.phase;
     // During a callout response the exchange is held at its request head until
     // a response exists, at its response head after.
     let at_response = s.x.status.is_some();
+    // A head paused for its body (buffered mode) is held, and writable, until
+    // the body callback returns.
+    let held =
+        |d: Direction| phase == Phase::Body(d) && s.x.body_ctl.modes[d.idx()] == BodyMode::Buffered;
     let ok = match which {
         map::REQUEST_HEADERS => {
-            phase == Phase::RequestHeaders || (phase == Phase::CalloutResponse && !at_response)
+            phase == Phase::RequestHeaders
+                || (phase == Phase::CalloutResponse && !at_response)
+                || held(Direction::Request)
         }
         map::RESPONSE_HEADERS => {
-            phase == Phase::ResponseHeaders || (phase == Phase::CalloutResponse && at_response)
+            phase == Phase::ResponseHeaders
+                || (phase == Phase::CalloutResponse && at_response)
+                || held(Direction::Response)
+        }
+        map::REQUEST_TRAILERS | map::RESPONSE_TRAILERS => {
+            phase == Phase::Trailers(trailers_direction(which))
         }
         _ => false,
     };
+    let late = matches!(phase, Phase::Body(_) | Phase::Trailers(_))
+        && matches!(which, map::REQUEST_HEADERS | map::RESPONSE_HEADERS);
+    let name = s.meta.name.clone();
     match s.exchange() {
-        Some(x) if ok => Ok(x),
+        Some(x) if ok => Ok(Some(x)),
+        Some(_) if late => {
+            tracing::debug!(
+                plugin = &*name,
+                "a header write from a body or trailers callback to a head that is already \
+                 sent is ignored (return Pause from the headers callback to hold the head)"
+            );
+            Ok(None)
+        }
         _ => Err(status::BAD_ARGUMENT),
     }
 }
 
 /// Applies one write to map `which`.
 pub fn apply(s: &mut PwState, which: i32, op: Op<'_>) -> Result<(), i32> {
-    let x = writable(s, which)?;
+    let Some(x) = writable(s, which)? else {
+        return Ok(());
+    };
     let key = match &op {
         Op::Add(k, _) | Op::Replace(k, _) | Op::Remove(k) => k.to_ascii_lowercase(),
     };
@@ -129,14 +198,10 @@ pub fn apply(s: &mut PwState, which: i32, op: Op<'_>) -> Result<(), i32> {
         return pseudo(x, which, &key, &op);
     }
     let name = HeaderName::from_bytes(&key).map_err(|_| status::BAD_ARGUMENT)?;
-    if denied(name.as_str()) {
+    if ignored(name.as_str(), &op) {
         return Ok(());
     }
-    let headers = if which == map::REQUEST_HEADERS {
-        &mut x.request_headers
-    } else {
-        x.response_headers.as_mut().ok_or(status::BAD_ARGUMENT)?
-    };
+    let headers = fields(x, which)?;
     match op {
         Op::Add(_, v) => {
             let v = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
@@ -195,14 +260,18 @@ fn pseudo(x: &mut Exchange, which: i32, key: &[u8], op: &Op<'_>) -> Result<(), i
     Ok(())
 }
 
+/// Whether new pairs name `content-length`.
+fn fresh_names_length(new: &[(Vec<u8>, Vec<u8>)]) -> bool {
+    new.iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case(b"content-length"))
+}
+
 /// Replaces map `which` with `pairs` (host-owned fields keep their values).
 pub fn set_all(s: &mut PwState, which: i32, new: &[(Vec<u8>, Vec<u8>)]) -> Result<(), i32> {
-    let x = writable(s, which)?;
-    let headers = if which == map::REQUEST_HEADERS {
-        &mut x.request_headers
-    } else {
-        x.response_headers.as_mut().ok_or(status::BAD_ARGUMENT)?
+    let Some(x) = writable(s, which)? else {
+        return Ok(());
     };
+    let headers = fields(x, which)?;
     // Check everything first so a bad pair leaves the map as it was.
     let mut fresh = http::HeaderMap::new();
     for (k, v) in new {
@@ -217,8 +286,11 @@ pub fn set_all(s: &mut PwState, which: i32, new: &[(Vec<u8>, Vec<u8>)]) -> Resul
         let v = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
         fresh.append(name, v);
     }
+    // Host-owned fields keep their values; `content-length` only if the new map
+    // still names it (replacing the map without it removes it, as in Envoy).
+    let keeps_length = fresh_names_length(new);
     for (k, v) in headers.iter() {
-        if denied(k.as_str()) {
+        if denied(k.as_str()) && (k != http::header::CONTENT_LENGTH || keeps_length) {
             fresh.append(k.clone(), v.clone());
         }
     }

@@ -5,8 +5,9 @@
 //!
 //! Statuses are the ones the Rust SDK handles for each call (its wrappers panic on
 //! anything else). What this host does not do yet answers as documented in
-//! docs/proxy-wasm.md: gRPC callouts `INTERNAL_FAILURE`, body and trailer buffers
-//! `NOT_FOUND`, foreign functions `NOT_FOUND`. HTTP callouts go through the host's
+//! docs/proxy-wasm.md: gRPC callouts `INTERNAL_FAILURE`, foreign functions
+//! `NOT_FOUND`. Body buffers exist during the body callback of their direction
+//! (Envoy's start/length rules for writes); trailers maps once trailers arrived. HTTP callouts go through the host's
 //! callouts (the same grants, limits and stats as component plugins).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,7 +24,7 @@ use super::abi::{
 };
 use super::state::{Metric, Phase, PwState, ROOT_CONTEXT as ROOT_CONTEXT_ID};
 use super::{headers, properties, shared};
-use crate::filter::{CalloutRequest, LocalResponse};
+use crate::filter::{CalloutRequest, Direction, LocalResponse};
 
 type C<'a> = Caller<'a, PwState>;
 
@@ -51,6 +52,55 @@ fn call_body(s: &PwState) -> Option<Bytes> {
         Some(Ok(r)) => Some(r.body.clone()),
         _ => None,
     }
+}
+
+/// The body buffer of `kind` (`HTTP_REQUEST_BODY`/`HTTP_RESPONSE_BODY`): it
+/// exists only during the body callback of its direction, holding everything the
+/// filter has held so far plus the new data.
+fn body_mut(s: &mut PwState, kind: i32) -> Option<&mut Vec<u8>> {
+    let d = match kind {
+        buffer::HTTP_REQUEST_BODY => Direction::Request,
+        buffer::HTTP_RESPONSE_BODY => Direction::Response,
+        _ => return None,
+    };
+    if s.phase != Phase::Body(d) {
+        return None;
+    }
+    s.exchange()?.bodies[d.idx()].as_mut()
+}
+
+/// `proxy_set_buffer_bytes` on a body, with Envoy's rules (its `Buffer::copyFrom`):
+/// `start = 0, size = 0` prepends; `start = 0, size >= len` replaces; `start >=
+/// len` appends; anything else (a splice in the middle) is `BAD_ARGUMENT`. A body
+/// the write would take over `cap` is `BAD_ARGUMENT` too, so a filter cannot grow
+/// a buffer without bound.
+fn write_body(
+    body: &mut Vec<u8>,
+    start: usize,
+    size: usize,
+    data: &[u8],
+    cap: usize,
+) -> Result<(), i32> {
+    let len = body.len();
+    let new_len = if start == 0 && size >= len && size != 0 {
+        data.len()
+    } else {
+        len.saturating_add(data.len())
+    };
+    if new_len > cap.max(len) {
+        return Err(status::BAD_ARGUMENT);
+    }
+    if start == 0 && size == 0 {
+        body.splice(0..0, data.iter().copied());
+    } else if start == 0 && size >= len {
+        body.clear();
+        body.extend_from_slice(data);
+    } else if start >= len {
+        body.extend_from_slice(data);
+    } else {
+        return Err(status::BAD_ARGUMENT);
+    }
+    Ok(())
 }
 
 /// `proxy_http_call`: checks the grant and the request, queues the callout (on
@@ -271,15 +321,21 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
             run(&mut c, |c| {
                 let meta = c.data().meta.clone();
                 let call_body = call_body(c.data());
+                // Copied out (the guest's allocator runs before the write).
+                let body = body_mut(c.data_mut(), kind).map(|b| b.clone());
                 let all: &[u8] = match kind {
+                    buffer::HTTP_REQUEST_BODY | buffer::HTTP_RESPONSE_BODY => match &body {
+                        Some(b) => b,
+                        None => return fail(status::NOT_FOUND),
+                    },
                     buffer::VM_CONFIGURATION => &meta.vm_config,
                     buffer::PLUGIN_CONFIGURATION => &meta.plugin_config,
                     buffer::HTTP_CALL_RESPONSE_BODY => match &call_body {
                         Some(b) => b,
                         None => return fail(status::NOT_FOUND),
                     },
-                    // Bodies, gRPC messages, foreign-function arguments: none exist
-                    // in this host yet.
+                    // gRPC messages, foreign-function arguments: none exist in this
+                    // host yet.
                     0..=8 => return fail(status::NOT_FOUND),
                     _ => return fail(status::BAD_ARGUMENT),
                 };
@@ -292,11 +348,16 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
     l.func_wrap(
         E,
         "proxy_set_buffer_bytes",
-        |mut c: C<'_>, kind: i32, _start: i32, _size: i32, p: i32, n: i32| {
+        |mut c: C<'_>, kind: i32, start: i32, size: i32, p: i32, n: i32| {
             run(&mut c, |c| {
-                read(c, p, n)?;
-                // No body is buffered in this host yet; Envoy answers the same for a
-                // buffer that does not exist in the current phase.
+                let data = read(c, p, n)?;
+                let cap = c.data().meta.body_limit;
+                if let Some(body) = body_mut(c.data_mut(), kind) {
+                    let (start, size) = (start as u32 as usize, size as u32 as usize);
+                    return st(write_body(body, start, size, &data, cap));
+                }
+                // Other buffers are read-only, or do not exist in this phase
+                // (Envoy answers the same).
                 fail(if (0..=8).contains(&kind) {
                     status::NOT_FOUND
                 } else {
@@ -311,7 +372,12 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, kind: i32, size_out: i32, flags_out: i32| {
             run(&mut c, |c| {
                 let meta = c.data().meta.clone();
+                let body = body_mut(c.data_mut(), kind).map(|b| b.len());
                 let len = match kind {
+                    buffer::HTTP_REQUEST_BODY | buffer::HTTP_RESPONSE_BODY => match body {
+                        Some(n) => n,
+                        None => return fail(status::NOT_FOUND),
+                    },
                     buffer::VM_CONFIGURATION => meta.vm_config.len(),
                     buffer::PLUGIN_CONFIGURATION => meta.plugin_config.len(),
                     buffer::HTTP_CALL_RESPONSE_BODY => match call_body(c.data()) {
@@ -892,4 +958,45 @@ pub fn stub_the_rest(l: &mut Linker<PwState>, module: &wasmtime::Module) -> Vec<
         }
     }
     unknown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_writes_follow_envoys_copy_from() {
+        let cap = 16;
+        let mut b = b"body".to_vec();
+        // start 0, size 0: prepend.
+        assert_eq!(write_body(&mut b, 0, 0, b"<", cap), Ok(()));
+        assert_eq!(b, b"<body");
+        // start = len: append.
+        assert_eq!(write_body(&mut b, 5, 0, b">", cap), Ok(()));
+        assert_eq!(b, b"<body>");
+        // start 0, size >= len: replace.
+        assert_eq!(write_body(&mut b, 0, 6, b"new", cap), Ok(()));
+        assert_eq!(b, b"new");
+        assert_eq!(write_body(&mut b, 0, usize::MAX, b"x", cap), Ok(()));
+        assert_eq!(b, b"x");
+        // A splice in the middle, or a partial replace: refused, unchanged.
+        let mut b = b"abcdef".to_vec();
+        assert_eq!(
+            write_body(&mut b, 2, 1, b"Z", cap),
+            Err(status::BAD_ARGUMENT)
+        );
+        assert_eq!(
+            write_body(&mut b, 0, 3, b"Z", cap),
+            Err(status::BAD_ARGUMENT)
+        );
+        assert_eq!(b, b"abcdef");
+        // Over the cap: refused, unchanged; a replace may shrink under it.
+        assert_eq!(
+            write_body(&mut b, 6, 0, &[b'x'; 11], cap),
+            Err(status::BAD_ARGUMENT)
+        );
+        assert_eq!(b, b"abcdef");
+        assert_eq!(write_body(&mut b, 0, 6, &[b'y'; 16], cap), Ok(()));
+        assert_eq!(b.len(), 16);
+    }
 }

@@ -9,9 +9,8 @@
 //! - [`shared`]: shared data with CAS and shared queues, per `vm_id`.
 //! - [`filter`]: [`ProxyWasmFilter`], the per-worker VMs and the context lifecycle.
 //!
-//! Not supported yet (documented, answered with the status the SDKs expect): body
-//! and trailer callbacks, HTTP/gRPC callouts, foreign functions, TCP (network)
-//! filters.
+//! Not supported yet (documented, answered with the status the SDKs expect): gRPC
+//! callouts, foreign functions, TCP (network) filters.
 
 pub mod abi;
 pub mod filter;
@@ -125,6 +124,9 @@ pub fn load(
         metrics: Mutex::default(),
         callouts_sent: crate::wasm::host::callouts_counter(stats, what.name),
         clusters: what.clusters,
+        // The component plugins' default cap (`limits.body` is not passed to
+        // proxy-wasm plugins by the loader yet).
+        body_limit: crate::filter::DEFAULT_BODY_LIMIT,
     };
     let f = Arc::new(ProxyWasmFilter::load(module, meta, settings, stats)?);
     f.arm();

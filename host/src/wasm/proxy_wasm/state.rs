@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use wasmtime::{Memory, StoreLimits, StoreLimitsBuilder, TypedFunc};
 
-use crate::filter::{CalloutRequest, CalloutResult, Exchange, LocalResponse};
+use crate::filter::{CalloutRequest, CalloutResult, Direction, Exchange, LocalResponse};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
 /// The root context's id (ids come from one counter per VM; 0 is reserved).
@@ -23,6 +23,12 @@ pub enum Phase {
     RequestHeaders,
     /// `proxy_on_response_headers`: the response head is writable.
     ResponseHeaders,
+    /// `proxy_on_request_body` / `proxy_on_response_body` (by direction): that
+    /// body buffer is readable and writable.
+    Body(Direction),
+    /// `proxy_on_request_trailers` / `proxy_on_response_trailers` (by
+    /// direction): those trailers are writable.
+    Trailers(Direction),
     /// `proxy_on_http_call_response`: the head the exchange is held at (request
     /// before a response exists, else response) is writable.
     CalloutResponse,
@@ -61,6 +67,9 @@ pub struct Meta {
     pub clusters: Vec<String>,
     /// `legate_plugin_callouts_total`.
     pub callouts_sent: Counter,
+    /// The cap of a body the filter holds (`Pause` from a body callback) and of
+    /// body buffer writes, per direction per exchange.
+    pub body_limit: usize,
 }
 
 /// Most metrics one plugin may define (as for component plugins).
