@@ -724,9 +724,14 @@ each_proto!(
 
 each_proto!(
     async fn held_bodies_over_the_cap_are_413_and_reset(proto) {
-        let n = 2 << 20;
+        // The plugin's own cap (`limits.body`), below the 1 MiB default.
+        let n = 512 << 10;
         let up = upstream().route("/source", source(n)).start().await;
-        let p = plugin("rw", "{ mode: body-rewrite }", "");
+        let p = plugin(
+            "rw",
+            "{ mode: body-rewrite }",
+            "    limits: { cpu: 500ms, body: 256KiB }\n",
+        );
         let lg = legate().config(&config(up.addr, &p, &["rw"])).start();
         let web = lg.addr("web");
         // A fresh connection per request: HTTP/1.1 closes the connection after

@@ -226,6 +226,7 @@ fn load_proxy_wasm(
                 cpu: p.limits.cpu.value.get(),
                 memory: usize::try_from(p.limits.memory.value.0).unwrap_or(usize::MAX),
                 fail_open: p.fail == FailPolicy::Open,
+                body_limit: usize::try_from(p.limits.body.value.0).unwrap_or(usize::MAX),
             },
             stats,
         )?;

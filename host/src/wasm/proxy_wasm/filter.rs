@@ -45,6 +45,8 @@ pub struct Settings {
     pub memory: usize,
     /// `fail: open`.
     pub fail_open: bool,
+    /// `limits.body`: the cap of a body the filter holds.
+    pub body_limit: usize,
 }
 
 /// `proxy_on_http_call_response(root, token, headers, body_size, trailers)`.

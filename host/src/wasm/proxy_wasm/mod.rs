@@ -124,9 +124,7 @@ pub fn load(
         metrics: Mutex::default(),
         callouts_sent: crate::wasm::host::callouts_counter(stats, what.name),
         clusters: what.clusters,
-        // The component plugins' default cap (`limits.body` is not passed to
-        // proxy-wasm plugins by the loader yet).
-        body_limit: crate::filter::DEFAULT_BODY_LIMIT,
+        body_limit: settings.body_limit,
     };
     let f = Arc::new(ProxyWasmFilter::load(module, meta, settings, stats)?);
     f.arm();
