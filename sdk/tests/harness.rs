@@ -419,6 +419,76 @@ fn a_streamed_request_body_is_rewritten_chunk_by_chunk() {
     assert_eq!(x.request_trailer("x-client").as_deref(), Some("1"));
 }
 
+/// Folds the response trailers into the body at its end (as gRPC-Web does),
+/// except `x-keep`; counts its trailers-phase calls in response trailer `x-calls`.
+struct Folder;
+
+impl HttpFilter for Folder {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(Folder)
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_response_body(BodyMode::Streamed)
+            .on_response_trailers()
+    }
+    fn on_response_body(
+        &mut self,
+        _: &mut (),
+        x: &Exchange<'_>,
+        b: &Body<'_>,
+        eos: bool,
+    ) -> Action {
+        let Some(t) = x.trailers(Direction::Response) else {
+            return Action::Continue;
+        };
+        assert!(eos, "trailers are visible only in the end-of-stream call");
+        for (name, value) in t.entries() {
+            if name != "x-keep" {
+                b.append(format!("|{name}={}", String::from_utf8_lossy(&value)))
+                    .unwrap();
+                t.remove(&name).unwrap();
+            }
+        }
+        Action::Continue
+    }
+    fn on_response_trailers(&mut self, _: &mut (), _: &Exchange<'_>, t: &Headers<'_>) -> Action {
+        t.set("x-phase", "ran").unwrap();
+        Action::Continue
+    }
+}
+
+#[test]
+fn trailers_are_writable_in_the_last_body_call_and_folded_ones_are_gone() {
+    let mut t = FilterTest::<Folder>::configure("null").unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    x.response_headers(Response::new(200).trailer("grpc-status", "0"));
+    assert_eq!(x.response_body_chunk("data", false), Action::Continue);
+    assert_eq!(x.response_body_bytes(), b"data");
+    assert_eq!(x.response_body_chunk("", true), Action::Continue);
+    assert_eq!(x.response_body_bytes(), b"|grpc-status=0");
+    // Emptied: no trailers, and the trailers phase is not called.
+    assert_eq!(x.response_trailers(), Action::Continue);
+    assert_eq!(x.response_trailer("grpc-status"), None);
+    assert_eq!(x.response_trailer("x-phase"), None);
+
+    // What is left goes through the trailers phase.
+    let mut x = t.exchange(Request::get("/"));
+    let resp = Response::new(200)
+        .body("d")
+        .trailer("x-keep", "1")
+        .trailer("x-gone", "2");
+    x.response_headers(resp);
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(x.response_body_bytes(), b"d|x-gone=2");
+    assert_eq!(x.response_trailers(), Action::Continue);
+    assert_eq!(x.response_trailer("x-keep").as_deref(), Some("1"));
+    assert_eq!(x.response_trailer("x-gone"), None);
+    assert_eq!(x.response_trailer("x-phase").as_deref(), Some("ran"));
+}
+
 // ---------------------------------------------------------------- services
 
 /// Uses KV, metrics, logs, clock, random and callouts.
