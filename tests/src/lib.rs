@@ -36,6 +36,7 @@
 pub mod bins;
 pub mod certs;
 pub mod client;
+pub mod grpc;
 pub mod guests;
 pub mod legate;
 pub mod plugins;
