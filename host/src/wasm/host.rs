@@ -496,7 +496,12 @@ impl HostState {
             Err(e) => return Ok(Err(e)),
         };
         let removing_length = value.is_none() && name == header::CONTENT_LENGTH;
-        if denied_field(&name) && !removing_length {
+        // `te: trailers` is the one `te` that crosses a proxy, and gRPC needs it
+        // upstream: a request filter converting to gRPC may set (or remove) it.
+        let te_trailers = name == header::TE
+            && (replace || value.is_none())
+            && value.as_deref().is_none_or(|v| v == b"trailers");
+        if denied_field(&name) && !removing_length && !te_trailers {
             return Ok(Err(Error::Denied));
         }
         let value = match value.map(|v| HeaderValue::from_bytes(&v)).transpose() {
@@ -509,6 +514,9 @@ impl HostState {
         };
         if !writable {
             return Ok(Err(Error::InvalidState));
+        }
+        if te_trailers && part != Part::Request {
+            return Ok(Err(Error::Denied));
         }
         match value {
             None => {
