@@ -145,7 +145,7 @@ mod base64_ref {
         for b in data {
             bits.push_str(&format!("{b:08b}"));
         }
-        while bits.len() % 6 != 0 {
+        while !bits.len().is_multiple_of(6) {
             bits.push('0');
         }
         let mut out: Vec<u8> = bits
@@ -153,7 +153,7 @@ mod base64_ref {
             .chunks(6)
             .map(|c| A[usize::from_str_radix(std::str::from_utf8(c).unwrap(), 2).unwrap()])
             .collect();
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(b'=');
         }
         out

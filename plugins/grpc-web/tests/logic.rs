@@ -39,7 +39,7 @@ fn counter(t: &FilterTest<GrpcWeb>, name: &str, label: &str) -> Option<u64> {
 
 #[test]
 fn content_types_map_to_grpc() {
-    let c = |s: &str| convert_content_type(s).map(|(v, client, grpc)| (v, client, grpc));
+    let c = convert_content_type;
     assert_eq!(
         c("application/grpc-web"),
         Some((
