@@ -237,6 +237,10 @@ impl HttpFilter for Rewriter {
         self.results.push(("bad value", h.set("x-ok", "a\r\nb")));
         self.results
             .push(("connection", h.add("connection", "close")));
+        // `te: trailers` only, set or removed, on the request head (gRPC).
+        self.results.push(("te trailers", h.set("te", "trailers")));
+        self.results.push(("te gzip", h.set("te", "gzip")));
+        self.results.push(("te add", h.add("te", "trailers")));
         self.results.push(("remove absent", h.remove("x-absent")));
         // The response head does not exist yet.
         self.results.push((
@@ -265,6 +269,7 @@ impl HttpFilter for Rewriter {
             .push(("late request write", req.set("x-late", "1")));
         self.results.push(("late path", x.set_path("/late")));
         h.remove("server").unwrap();
+        self.results.push(("response te", h.set("te", "trailers")));
         Action::Continue
     }
     fn on_response_body(
@@ -343,12 +348,18 @@ fn headers_bodies_and_write_windows_follow_the_abi() {
     assert_eq!(x.response_header("x-log"), None);
     assert_eq!(x.status(), Some(203));
     assert_eq!(x.body_mode(Direction::Response), BodyMode::Buffered);
+    let x_te = x.request_header("te");
     drop(x);
 
     assert_eq!(result_of(&t, "content-length"), Err(Error::Denied));
     assert_eq!(result_of(&t, "bad name"), Err(Error::InvalidArgument));
     assert_eq!(result_of(&t, "bad value"), Err(Error::InvalidArgument));
     assert_eq!(result_of(&t, "connection"), Err(Error::Denied));
+    assert_eq!(result_of(&t, "te trailers"), Ok(()));
+    assert_eq!(x_te, Some("trailers".to_owned()));
+    assert_eq!(result_of(&t, "te gzip"), Err(Error::Denied));
+    assert_eq!(result_of(&t, "te add"), Err(Error::Denied));
+    assert_eq!(result_of(&t, "response te"), Err(Error::Denied));
     assert_eq!(result_of(&t, "remove absent"), Ok(()));
     assert_eq!(result_of(&t, "response head"), Err(Error::NotFound));
     assert_eq!(result_of(&t, "bad path"), Err(Error::InvalidArgument));
