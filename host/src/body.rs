@@ -334,6 +334,40 @@ impl Filtered {
         }
     }
 
+    /// The end-of-stream body call when the trailers arrive, with the trailers
+    /// writable, then the trailers phases unless the filters folded them all
+    /// into the body (`None`: the body ends without trailers).
+    fn end_step(&mut self, t: HeaderMap) -> Result<(Bytes, Option<HeaderMap>), BoxError> {
+        use crate::filter::{Direction, SharedError};
+        self.ended = true;
+        let dir = self.dir;
+        let mut slot = Some(t);
+        let r = self
+            .chain
+            .with(|c| c.on_body_end(dir, Bytes::new(), slot.take().unwrap_or_default()));
+        match r {
+            Err(SharedError::Finished) => Ok((Bytes::new(), slot.take())),
+            Err(SharedError::Busy) => Err(self.stopped(
+                "trailers arrived while the filter chain was paused in another phase \
+                 (full-duplex exchanges with pauses are not supported by this host)"
+                    .into(),
+            )),
+            Ok(Ok(Ok(whole))) => Ok(whole),
+            Ok(Ok(Err(lr))) => {
+                let why = format!(
+                    "local response {} from the last {} body or trailers phase",
+                    lr.status,
+                    dir.as_str()
+                );
+                if dir == Direction::Request {
+                    self.chain.set_local(lr);
+                }
+                Err(self.stopped(why))
+            }
+            Ok(Err(e)) => Err(Box::new(e)),
+        }
+    }
+
     /// The trailers call over the chain.
     fn trailers_step(&mut self, t: HeaderMap) -> Result<HeaderMap, BoxError> {
         let dir = self.dir;
@@ -405,19 +439,21 @@ impl HttpBody for Filtered {
                     }
                     Err(f) => {
                         let Ok(t) = f.into_trailers() else { continue };
-                        let out = if this.ended {
-                            Ok(Bytes::new())
+                        let r = if this.ended {
+                            this.trailers_step(t).map(|t| (Bytes::new(), Some(t)))
                         } else {
-                            this.step(Bytes::new(), true)
+                            this.end_step(t)
                         };
-                        let r = out.and_then(|out| this.trailers_step(t).map(|t| (out, t)));
                         match r {
                             Err(e) => {
                                 this.done = true;
                                 return Poll::Ready(Some(Err(e)));
                             }
                             Ok((out, t)) => {
-                                this.trailers = Some(t);
+                                // No trailers left (folded into the body): the
+                                // body ends with its data.
+                                this.done = t.is_none();
+                                this.trailers = t;
                                 if !out.is_empty() {
                                     return Poll::Ready(Some(Ok(Frame::data(out))));
                                 }

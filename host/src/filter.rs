@@ -1141,6 +1141,30 @@ impl Chain {
         Ok(BodyStep::Continue(Bytes::from(out)))
     }
 
+    /// The last body call of direction `d` for a message that ends with
+    /// `trailers` (abi/README.md §4): the trailers are on the exchange, readable
+    /// and writable, during this end-of-stream body call, so a filter can fold
+    /// them into the body (gRPC-Web). Then the trailers phases run over what is
+    /// left, unless the filters emptied the map: the message then ends with its
+    /// body and has no trailers (`None`).
+    pub fn on_body_end(
+        &mut self,
+        d: Direction,
+        data: Bytes,
+        trailers: HeaderMap,
+    ) -> Result<Result<(Bytes, Option<HeaderMap>), LocalResponse>, ProxyError> {
+        self.x.trailers[d.idx()] = Some(trailers);
+        let data = match self.on_body(d, data, true)? {
+            BodyStep::Continue(data) => data,
+            BodyStep::Respond(lr) => return Ok(Err(lr)),
+        };
+        let trailers = self.x.trailers[d.idx()].take().unwrap_or_default();
+        if trailers.is_empty() {
+            return Ok(Ok((data, None)));
+        }
+        Ok(self.on_trailers(d, trailers)?.map(|t| (data, Some(t))))
+    }
+
     /// Runs the trailers phase of direction `d` over `trailers` in every filter
     /// that declared it: the trailers as the filters left them (kept on the
     /// exchange for later reads), or a filter's local response.

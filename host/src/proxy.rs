@@ -614,14 +614,14 @@ async fn run_body(
                 ProxyError::new(Kind::UpstreamReset, format!("response body: {e}"))
             }
         })?;
-    let data = match chain_step(shared, |c| c.on_body(d, data, true))?? {
-        BodyStep::Continue(data) => data,
-        BodyStep::Respond(lr) => return Ok(BodyRun::Respond(lr)),
-    };
-    let trailers = match trailers {
-        None => None,
-        Some(t) => match chain_step(shared, |c| c.on_trailers(d, t))?? {
-            Ok(t) => Some(t),
+    let (data, trailers) = match trailers {
+        None => match chain_step(shared, |c| c.on_body(d, data, true))?? {
+            BodyStep::Continue(data) => (data, None),
+            BodyStep::Respond(lr) => return Ok(BodyRun::Respond(lr)),
+        },
+        // The trailers are writable in the body call; emptied, there are none.
+        Some(t) => match chain_step(shared, |c| c.on_body_end(d, data, t))?? {
+            Ok(whole) => whole,
             Err(lr) => return Ok(BodyRun::Respond(lr)),
         },
     };

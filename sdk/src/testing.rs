@@ -639,15 +639,29 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         if mode == BodyMode::Buffered {
             window.push(Part::Head(d));
         }
+        // The end-of-stream call sees the trailers that arrived, writable, as
+        // the host does (abi/README.md §4): a filter may fold them into the body.
+        let folding = eos && self.pending_trailers[idx(d)].is_some();
+        if folding {
+            self.ex.borrow_mut().trailers[idx(d)] = self.pending_trailers[idx(d)].clone();
+            window.push(Part::Trailers(d));
+        }
         let c = self.context;
         let ex = self.ex.clone();
-        self.call(window, |i, x| {
+        let action = self.call(window, |i, x| {
             let b = Body(BufferHandle::new(ex, d));
             match d {
                 Direction::Request => i.request_body(c, x, &b, eos),
                 Direction::Response => i.response_body(c, x, &b, eos),
             }
-        })
+        });
+        if folding {
+            // What the filter left goes to the trailers phase; an emptied map
+            // means no trailers at all (and no trailers phase).
+            let left = self.ex.borrow_mut().trailers[idx(d)].take();
+            self.pending_trailers[idx(d)] = left.filter(|t| !t.is_empty());
+        }
+        action
     }
 
     /// Call `on_request_body` once with the whole request body and end of

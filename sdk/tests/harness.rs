@@ -237,6 +237,10 @@ impl HttpFilter for Rewriter {
         self.results.push(("bad value", h.set("x-ok", "a\r\nb")));
         self.results
             .push(("connection", h.add("connection", "close")));
+        // `te: trailers` only, set or removed, on the request head (gRPC).
+        self.results.push(("te trailers", h.set("te", "trailers")));
+        self.results.push(("te gzip", h.set("te", "gzip")));
+        self.results.push(("te add", h.add("te", "trailers")));
         self.results.push(("remove absent", h.remove("x-absent")));
         // The response head does not exist yet.
         self.results.push((
@@ -265,6 +269,7 @@ impl HttpFilter for Rewriter {
             .push(("late request write", req.set("x-late", "1")));
         self.results.push(("late path", x.set_path("/late")));
         h.remove("server").unwrap();
+        self.results.push(("response te", h.set("te", "trailers")));
         Action::Continue
     }
     fn on_response_body(
@@ -343,12 +348,18 @@ fn headers_bodies_and_write_windows_follow_the_abi() {
     assert_eq!(x.response_header("x-log"), None);
     assert_eq!(x.status(), Some(203));
     assert_eq!(x.body_mode(Direction::Response), BodyMode::Buffered);
+    let x_te = x.request_header("te");
     drop(x);
 
     assert_eq!(result_of(&t, "content-length"), Err(Error::Denied));
     assert_eq!(result_of(&t, "bad name"), Err(Error::InvalidArgument));
     assert_eq!(result_of(&t, "bad value"), Err(Error::InvalidArgument));
     assert_eq!(result_of(&t, "connection"), Err(Error::Denied));
+    assert_eq!(result_of(&t, "te trailers"), Ok(()));
+    assert_eq!(x_te, Some("trailers".to_owned()));
+    assert_eq!(result_of(&t, "te gzip"), Err(Error::Denied));
+    assert_eq!(result_of(&t, "te add"), Err(Error::Denied));
+    assert_eq!(result_of(&t, "response te"), Err(Error::Denied));
     assert_eq!(result_of(&t, "remove absent"), Ok(()));
     assert_eq!(result_of(&t, "response head"), Err(Error::NotFound));
     assert_eq!(result_of(&t, "bad path"), Err(Error::InvalidArgument));
@@ -417,6 +428,76 @@ fn a_streamed_request_body_is_rewritten_chunk_by_chunk() {
     assert_eq!(x.request_trailers(), Action::Continue);
     assert_eq!(x.request_trailer("x-redacted").as_deref(), Some("2"));
     assert_eq!(x.request_trailer("x-client").as_deref(), Some("1"));
+}
+
+/// Folds the response trailers into the body at its end (as gRPC-Web does),
+/// except `x-keep`; counts its trailers-phase calls in response trailer `x-calls`.
+struct Folder;
+
+impl HttpFilter for Folder {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(Folder)
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_response_body(BodyMode::Streamed)
+            .on_response_trailers()
+    }
+    fn on_response_body(
+        &mut self,
+        _: &mut (),
+        x: &Exchange<'_>,
+        b: &Body<'_>,
+        eos: bool,
+    ) -> Action {
+        let Some(t) = x.trailers(Direction::Response) else {
+            return Action::Continue;
+        };
+        assert!(eos, "trailers are visible only in the end-of-stream call");
+        for (name, value) in t.entries() {
+            if name != "x-keep" {
+                b.append(format!("|{name}={}", String::from_utf8_lossy(&value)))
+                    .unwrap();
+                t.remove(&name).unwrap();
+            }
+        }
+        Action::Continue
+    }
+    fn on_response_trailers(&mut self, _: &mut (), _: &Exchange<'_>, t: &Headers<'_>) -> Action {
+        t.set("x-phase", "ran").unwrap();
+        Action::Continue
+    }
+}
+
+#[test]
+fn trailers_are_writable_in_the_last_body_call_and_folded_ones_are_gone() {
+    let mut t = FilterTest::<Folder>::configure("null").unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    x.response_headers(Response::new(200).trailer("grpc-status", "0"));
+    assert_eq!(x.response_body_chunk("data", false), Action::Continue);
+    assert_eq!(x.response_body_bytes(), b"data");
+    assert_eq!(x.response_body_chunk("", true), Action::Continue);
+    assert_eq!(x.response_body_bytes(), b"|grpc-status=0");
+    // Emptied: no trailers, and the trailers phase is not called.
+    assert_eq!(x.response_trailers(), Action::Continue);
+    assert_eq!(x.response_trailer("grpc-status"), None);
+    assert_eq!(x.response_trailer("x-phase"), None);
+
+    // What is left goes through the trailers phase.
+    let mut x = t.exchange(Request::get("/"));
+    let resp = Response::new(200)
+        .body("d")
+        .trailer("x-keep", "1")
+        .trailer("x-gone", "2");
+    x.response_headers(resp);
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(x.response_body_bytes(), b"d|x-gone=2");
+    assert_eq!(x.response_trailers(), Action::Continue);
+    assert_eq!(x.response_trailer("x-keep").as_deref(), Some("1"));
+    assert_eq!(x.response_trailer("x-gone"), None);
+    assert_eq!(x.response_trailer("x-phase").as_deref(), Some("ran"));
 }
 
 // ---------------------------------------------------------------- services

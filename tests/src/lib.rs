@@ -4,7 +4,7 @@
 //!
 //! 1. start one or more real upstream servers with [`upstream()`] (hyper 1 on
 //!    127.0.0.1:0, run on a background runtime so they keep serving while a test
-//!    blocks),
+//!    blocks) or, for gRPC, [`grpc::grpc_upstream()`] (a real tonic server),
 //! 2. format their addresses into a `plugins.yaml` text and start Legate in-process
 //!    with [`legate()`],
 //! 3. talk to it with a real client ([`client`], [`tls_client`], or [`raw`] bytes for
@@ -36,6 +36,7 @@
 pub mod bins;
 pub mod certs;
 pub mod client;
+pub mod grpc;
 pub mod guests;
 pub mod legate;
 pub mod plugins;

@@ -59,7 +59,7 @@ impl Counter {
     pub fn get(&self) -> usize {
         self.0.load(Ordering::SeqCst)
     }
-    fn inc(&self) -> usize {
+    pub(crate) fn inc(&self) -> usize {
         self.0.fetch_add(1, Ordering::SeqCst) + 1
     }
     fn dec(&self) {

@@ -410,3 +410,98 @@ each_proto!(
         lg.assert_stat(&calls("switch", "request_body"), 1.0).await;
     }
 );
+
+each_proto!(
+    async fn response_trailers_folded_into_the_body_end_the_body(proto) {
+        // An HTTP/2 gRPC upstream sends trailers; the filter folds them into the
+        // body in its last body call (abi/README.md §4), so the client gets a body
+        // and no trailers, over HTTP/1.1 (chunked) as over HTTP/2.
+        let up = upstream().grpc().start().await;
+        // Streamed: the data chunk, then the empty end-of-stream call with the
+        // trailers; buffered: one call.
+        for (mode, body_calls) in [("streamed", 2.0), ("buffered", 1.0)] {
+            let name = format!("fold_{mode}");
+            let p = plugin(
+                &name,
+                &format!(
+                    "{{ mode: fold-trailers, phases: \"rs,rsbody,rstrailers\", rsmode: {mode} }}"
+                ),
+                "",
+            );
+            let yaml = config_with(up.addr, &p, &[&name], "    protocol: h2\n");
+            let lg = legate().config(&yaml).start();
+            let mut c = client(proto, lg.addr("web")).await;
+            let msg = grpc_frame(b"ping");
+            let r = c
+                .post("/echo.Echo/Say")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(msg.clone())
+                .send()
+                .await;
+            assert_eq!(r.status, 200, "{mode}: {}", r.text());
+            let mut want = msg.to_vec();
+            want.extend_from_slice(
+                b"\n[trailers] grpc-status=0 grpc-message=OK x-echo-trailer=yes",
+            );
+            assert_eq!(r.body, want, "{mode}: {}", String::from_utf8_lossy(&r.body));
+            assert!(
+                r.trailers.as_ref().is_none_or(|t| t.is_empty()),
+                "{mode}: trailers were not removed: {:?}",
+                r.trailers
+            );
+            // Buffered, the host knows the final length once no trailers follow.
+            let len = want.len().to_string();
+            let want_len = (mode == "buffered").then_some(len.as_str());
+            assert_eq!(r.header("content-length"), want_len, "{mode}");
+            // Emptied trailers: no trailers phase.
+            lg.assert_stat(&calls(&name, "response_body"), body_calls).await;
+            lg.assert_stat(&calls(&name, "response_trailers"), 0.0).await;
+        }
+    }
+);
+
+each_proto!(
+    async fn request_trailers_folded_into_the_body(proto) {
+        let up = upstream().start().await;
+        let p = plugin(
+            "fold",
+            "{ mode: fold-trailers, phases: \"rq,rqbody,rqtrailers\" }",
+            "",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["fold"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let mut t = HeaderMap::new();
+        t.insert("x-client-trailer", HeaderValue::from_static("abc"));
+        let r = c
+            .post("/a")
+            .header("te", "trailers")
+            .header("trailer", "x-client-trailer")
+            .body_with_trailers("payload", t)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.body, "payload\n[trailers] x-client-trailer=abc");
+        assert!(e.trailers.is_empty(), "{:?}", e.trailers);
+        lg.assert_stat(&calls("fold", "request_trailers"), 0.0).await;
+
+        // Trailers left in the map go on, through the trailers phase.
+        let mut t = HeaderMap::new();
+        t.insert("x-keep", HeaderValue::from_static("1"));
+        t.insert("x-gone", HeaderValue::from_static("2"));
+        let r = c
+            .post("/a")
+            .header("te", "trailers")
+            .header("trailer", "x-keep, x-gone, x-trailers-phase")
+            .body_with_trailers("payload", t)
+            .send()
+            .await;
+        let e = r.echo();
+        assert_eq!(e.body, "payload\n[trailers] x-gone=2");
+        assert_eq!(e.trailers.get("x-keep"), Some(&vec!["1".to_string()]));
+        assert_eq!(e.trailers.get("x-gone"), None);
+        assert_eq!(e.trailers.get("x-trailers-phase"), Some(&vec!["ran".to_string()]));
+        lg.assert_stat(&calls("fold", "request_trailers"), 1.0).await;
+    }
+);

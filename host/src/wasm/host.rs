@@ -198,6 +198,10 @@ pub struct HostState {
     pub worker: u32,
     /// The current call's phase.
     pub phase: Phase,
+    /// The current body call has `end-of-stream = true`: that direction's
+    /// trailers, if they arrived, are writable with the body (abi/README.md §4,
+    /// folding trailers into the body).
+    pub body_end: bool,
     /// The exchange of the current call, swapped in by the caller and back out after
     /// (a placeholder between calls).
     pub x: Exchange,
@@ -238,6 +242,7 @@ impl HostState {
             plugin,
             worker,
             phase: Phase::Configure,
+            body_end: false,
             x: Exchange::placeholder(),
             in_exchange: false,
             memory_gauge: None,
@@ -317,8 +322,12 @@ impl HostState {
         let writable = match part {
             Part::Request => self.head_writable(Direction::Request),
             Part::Response => self.head_writable(Direction::Response),
-            Part::RequestTrailers => phase == Phase::RequestTrailers,
-            Part::ResponseTrailers => phase == Phase::ResponseTrailers,
+            Part::RequestTrailers => {
+                phase == Phase::RequestTrailers || (phase == Phase::RequestBody && self.body_end)
+            }
+            Part::ResponseTrailers => {
+                phase == Phase::ResponseTrailers || (phase == Phase::ResponseBody && self.body_end)
+            }
         };
         let x = self.exchange(context)?;
         let map = match part {
@@ -487,7 +496,12 @@ impl HostState {
             Err(e) => return Ok(Err(e)),
         };
         let removing_length = value.is_none() && name == header::CONTENT_LENGTH;
-        if denied_field(&name) && !removing_length {
+        // `te: trailers` is the one `te` that crosses a proxy, and gRPC needs it
+        // upstream: a request filter converting to gRPC may set (or remove) it.
+        let te_trailers = name == header::TE
+            && (replace || value.is_none())
+            && value.as_deref().is_none_or(|v| v == b"trailers");
+        if denied_field(&name) && !removing_length && !te_trailers {
             return Ok(Err(Error::Denied));
         }
         let value = match value.map(|v| HeaderValue::from_bytes(&v)).transpose() {
@@ -500,6 +514,9 @@ impl HostState {
         };
         if !writable {
             return Ok(Err(Error::InvalidState));
+        }
+        if te_trailers && part != Part::Request {
+            return Ok(Err(Error::Denied));
         }
         match value {
             None => {

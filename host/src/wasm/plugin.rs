@@ -780,6 +780,7 @@ impl WasmFilter {
         let (context, first) = (x.context, x.first_call);
         self.with_instance(worker, phase, Some(x), first, |live| {
             let data = live.store.data_mut();
+            data.body_end = end_of_stream;
             let xr = data.exchange_handle(context)?;
             let br = data.buffer_handle(context, d)?;
             let (xr2, br2) = (
@@ -804,6 +805,7 @@ impl WasmFilter {
                 )),
             };
             let data = live.store.data_mut();
+            data.body_end = false;
             data.drop_handle(xr2);
             data.drop_handle(br2);
             let action = action?;

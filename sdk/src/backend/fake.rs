@@ -352,7 +352,15 @@ impl HeadersHandle<'_> {
         if let Some(v) = value {
             check_value(v)?;
         }
-        if HOST_OWNED.contains(&name.as_str()) || (name == "content-length" && value.is_some()) {
+        // As on the host: `te: trailers` (only) may be set on, or removed from,
+        // the request head, for filters converting requests to gRPC.
+        let te_trailers = name == "te"
+            && self.part == Part::Head(Direction::Request)
+            && !append
+            && value.is_none_or(|v| v == b"trailers");
+        if (HOST_OWNED.contains(&name.as_str()) && !te_trailers)
+            || (name == "content-length" && value.is_some())
+        {
             return Err(Error::Denied);
         }
         let mut ex = self.ex.borrow_mut();

@@ -54,6 +54,11 @@
 //! - `trailers`: the request trailers phase adds trailer `x-trailer-seen` (the
 //!   value of request trailer `x-client-trailer`, or `none`); the response
 //!   trailers phase adds trailer `x-added-trailer: yes`.
+//! - `fold-trailers`: the end-of-stream body call appends the direction's
+//!   trailers (if any arrived) to the body as `\n[trailers] name=value ...` and
+//!   removes them all, except `x-keep` (then left for the trailers phase); other
+//!   body calls pass data unchanged. Its headers phases remove `content-length`;
+//!   its trailers phases add `x-trailers-phase: ran`.
 //! - `body-mode-switch`: declares a streamed request body phase; a request with
 //!   header `x-mode: buffered` (or `skipped`) switches it in the headers phase
 //!   (`x-mode-result` request header: `ok` or the error); the body phase then
@@ -247,6 +252,30 @@ fn body_phase(c: u64, x: &Exchange, b: &Buffer, eos: bool, d: Direction) -> Acti
             if let Some(h) = x.headers(d) {
                 // Writable only while the body is buffered; ignored otherwise.
                 let _ = h.set("x-body-len", data.len().to_string().as_bytes());
+            }
+            Action::Continue
+        }
+        "fold-trailers" => {
+            let Some(t) = x.trailers(d) else {
+                return Action::Continue;
+            };
+            if !eos {
+                return Action::Continue;
+            }
+            let mut folded = b"\n[trailers]".to_vec();
+            for (name, value) in t.entries() {
+                if name == "x-keep" {
+                    continue;
+                }
+                folded.extend_from_slice(format!(" {name}=").as_bytes());
+                folded.extend_from_slice(&value);
+                if let Err(e) = t.remove(&name) {
+                    folded.extend_from_slice(format!(" remove-failed:{}", error_name(e)).as_bytes());
+                }
+            }
+            if let Err(e) = b.splice(b.len(), 0, &folded) {
+                folded = format!("splice failed: {}", error_name(e)).into_bytes();
+                let _ = b.replace(&folded);
             }
             Action::Continue
         }
@@ -446,7 +475,7 @@ impl Guest for Plugin {
                 Action::Continue
             }
             "callout" => callout_request(c, x, h),
-            "body-upper" => {
+            "body-upper" | "fold-trailers" => {
                 // The body will grow: a streamed rewrite must not keep the length.
                 let _ = h.remove("content-length");
                 Action::Continue
@@ -495,6 +524,9 @@ impl Guest for Plugin {
     }
 
     fn on_request_trailers(_c: u64, _x: &Exchange, t: &Headers) -> Action {
+        if mode() == "fold-trailers" {
+            let _ = t.set("x-trailers-phase", b"ran");
+        }
         if mode() == "trailers" {
             let seen = t
                 .get("x-client-trailer")
@@ -518,7 +550,7 @@ impl Guest for Plugin {
                 }
                 Action::Continue
             }
-            "body-upper" => {
+            "body-upper" | "fold-trailers" => {
                 let _ = h.remove("content-length");
                 Action::Continue
             }
@@ -554,6 +586,9 @@ impl Guest for Plugin {
     fn on_response_trailers(_c: u64, _x: &Exchange, t: &Headers) -> Action {
         if mode() == "trailers" {
             let _ = t.set("x-added-trailer", b"yes");
+        }
+        if mode() == "fold-trailers" {
+            let _ = t.set("x-trailers-phase", b"ran");
         }
         Action::Continue
     }

@@ -1,0 +1,450 @@
+//! `grpc-web`: Legate's first-party gRPC-Web filter, a Wasm plugin built with
+//! `legate-sdk`.
+//!
+//! Browsers cannot speak gRPC (no trailers, no HTTP/2 framing control), so
+//! gRPC-Web (grpc/grpc `doc/PROTOCOL-WEB.md`) carries the same messages over
+//! any HTTP version with the trailers moved into the body. This filter converts
+//! at the proxy, as Envoy's `grpc_web` filter does:
+//!
+//! - request: `content-type: application/grpc-web[-text][+proto]` becomes
+//!   `application/grpc[+proto]`, `te: trailers` is added, and a `-text` body is
+//!   base64-decoded as it streams (any chunking);
+//! - response: `content-type` goes back to the client's variant, the body passes
+//!   through (base64-encoded for `-text`), and the upstream's trailers become
+//!   the final body frame (flag `0x80`) in the last body call, so the HTTP
+//!   response itself has no trailers (abi/README.md §4, folding trailers).
+//!   A trailers-only response (status in the headers) passes as headers;
+//! - CORS (optional): preflights are answered locally, converted responses get
+//!   `access-control-allow-origin` and `access-control-expose-headers`.
+//!
+//! Anything that is not a gRPC-Web request passes untouched, its bodies skipped.
+//! See `README.md` for the schema and behaviour.
+
+pub mod codec;
+pub mod config;
+
+use legate_sdk::metrics::Counter;
+use legate_sdk::{
+    Action, Body, BodyMode, Direction, Exchange, Headers, HttpFilter, LocalResponse, Setup,
+};
+
+use crate::codec::{TextDecoder, TextEncoder};
+use crate::config::{Config, Cors};
+
+/// `grpc_web_requests_total{variant}`: requests converted, `binary` or `text`.
+pub const REQUESTS: &str = "grpc_web_requests_total";
+/// `grpc_web_responses_total{kind}`: converted responses by how the status
+/// travelled: `trailer_frame`, `trailers_only`, or `not_grpc` (the upstream
+/// did not answer gRPC; passed through).
+pub const RESPONSES: &str = "grpc_web_responses_total";
+/// `grpc_web_preflights_total{outcome}`: CORS preflights answered, `allowed`
+/// or `denied`.
+pub const PREFLIGHTS: &str = "grpc_web_preflights_total";
+/// `grpc_web_rejected_total{reason}`: requests refused, `invalid_base64`.
+pub const REJECTED: &str = "grpc_web_rejected_total";
+
+/// Which gRPC-Web encoding a request used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `application/grpc-web[+…]`: binary frames.
+    Binary,
+    /// `application/grpc-web-text[+…]`: the frames base64-encoded.
+    Text,
+}
+
+/// A gRPC-Web `content-type` → (variant, the client's media type, the gRPC
+/// media type to send upstream). `None` for anything else.
+pub fn convert_content_type(content_type: &str) -> Option<(Variant, String, String)> {
+    let base = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let (variant, suffix) = if let Some(s) = base.strip_prefix("application/grpc-web-text") {
+        (Variant::Text, s)
+    } else if let Some(s) = base.strip_prefix("application/grpc-web") {
+        (Variant::Binary, s)
+    } else {
+        return None;
+    };
+    // `+proto`, `+json`, …: the message codec, the same on both sides.
+    if !(suffix.is_empty() || suffix.starts_with('+') && suffix.len() > 1) {
+        return None;
+    }
+    let grpc = format!("application/grpc{suffix}");
+    Some((variant, base, grpc))
+}
+
+struct Metrics {
+    binary: Counter,
+    text: Counter,
+    trailer_frame: Counter,
+    trailers_only: Counter,
+    not_grpc: Counter,
+    preflight_allowed: Counter,
+    preflight_denied: Counter,
+    invalid_base64: Counter,
+}
+
+impl Metrics {
+    fn define() -> Result<Self, String> {
+        let def = |name: &str, help: &str, label: &str, values: &[&str]| {
+            let c = Counter::define(name, help, &[label])
+                .map_err(|e| format!("defining metric {name}: {e}"))?;
+            values
+                .iter()
+                .map(|v| {
+                    c.with_labels(&[v])
+                        .map_err(|e| format!("metric series {name}{{{label}={v}}}: {e}"))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        };
+        let mut req = def(
+            REQUESTS,
+            "gRPC-Web requests converted to gRPC, by variant",
+            "variant",
+            &["binary", "text"],
+        )?
+        .into_iter();
+        let mut resp = def(
+            RESPONSES,
+            "Responses to converted requests, by how the gRPC status travelled",
+            "kind",
+            &["trailer_frame", "trailers_only", "not_grpc"],
+        )?
+        .into_iter();
+        let mut pre = def(
+            PREFLIGHTS,
+            "CORS preflights answered, by outcome",
+            "outcome",
+            &["allowed", "denied"],
+        )?
+        .into_iter();
+        let mut rej = def(
+            REJECTED,
+            "gRPC-Web requests refused, by reason",
+            "reason",
+            &["invalid_base64"],
+        )?
+        .into_iter();
+        let next = |it: &mut std::vec::IntoIter<Counter>| {
+            it.next()
+                .ok_or_else(|| "bug: a metric series is missing".to_owned())
+        };
+        Ok(Metrics {
+            binary: next(&mut req)?,
+            text: next(&mut req)?,
+            trailer_frame: next(&mut resp)?,
+            trailers_only: next(&mut resp)?,
+            not_grpc: next(&mut resp)?,
+            preflight_allowed: next(&mut pre)?,
+            preflight_denied: next(&mut pre)?,
+            invalid_base64: next(&mut rej)?,
+        })
+    }
+}
+
+/// The filter: one per plugin instance (worker).
+pub struct GrpcWeb {
+    cors: Option<Cors>,
+    metrics: Metrics,
+}
+
+/// Per-exchange state of a converted exchange.
+#[derive(Debug, Default)]
+pub struct Context {
+    /// `Some` once the request was converted.
+    variant: Option<Variant>,
+    /// The client's media type, for the response.
+    content_type: String,
+    /// `access-control-allow-origin` for this exchange (CORS on, origin allowed).
+    allow_origin: Option<String>,
+    /// The upstream answered gRPC: its body and trailers are converted.
+    grpc_response: bool,
+    decoder: TextDecoder,
+    encoder: TextEncoder,
+}
+
+impl HttpFilter for GrpcWeb {
+    type Config = Config;
+    type Context = Context;
+
+    fn configure(config: Config) -> Result<Self, String> {
+        let cors = config.validate()?;
+        Ok(GrpcWeb {
+            cors,
+            metrics: Metrics::define()?,
+        })
+    }
+
+    fn setup(&self) -> Setup {
+        // Streamed both ways: messages flow as they come (server streaming),
+        // and exchanges that need no body work switch to `skipped`.
+        Setup::new()
+            .on_request_headers()
+            .on_request_body(BodyMode::Streamed)
+            .on_response_headers()
+            .on_response_body(BodyMode::Streamed)
+    }
+
+    fn on_request_headers(
+        &mut self,
+        ctx: &mut Context,
+        x: &Exchange<'_>,
+        headers: &Headers<'_>,
+        _end_of_stream: bool,
+    ) -> Action {
+        let method = x.method();
+        if let Some(cors) = &self.cors {
+            if method == "OPTIONS" && headers.has("access-control-request-method") {
+                if let Some(origin) = headers.get_str("origin") {
+                    return self.preflight(cors, &origin);
+                }
+            }
+        }
+        let converted = headers
+            .get_str("content-type")
+            .and_then(|ct| convert_content_type(&ct))
+            .filter(|_| method == "POST");
+        let Some((variant, client_type, grpc_type)) = converted else {
+            pass_through(x);
+            return Action::Continue;
+        };
+        // Writes to the request head cannot fail in its own phase but for a
+        // malformed value, which these constants are not; a failure would
+        // surface as the upstream rejecting the request.
+        let _ = headers.set("content-type", &grpc_type);
+        let _ = headers.set("te", "trailers");
+        match variant {
+            Variant::Binary => {
+                self.metrics.binary.inc();
+                let _ = x.set_body_mode(Direction::Request, BodyMode::Skipped);
+            }
+            Variant::Text => {
+                self.metrics.text.inc();
+                // Decoding shrinks the body.
+                let _ = headers.remove("content-length");
+            }
+        }
+        ctx.variant = Some(variant);
+        ctx.content_type = client_type;
+        ctx.allow_origin = self
+            .cors
+            .as_ref()
+            .and_then(|c| headers.get_str("origin").and_then(|o| c.allow_origin(&o)));
+        Action::Continue
+    }
+
+    fn on_request_body(
+        &mut self,
+        ctx: &mut Context,
+        _x: &Exchange<'_>,
+        body: &Body<'_>,
+        end_of_stream: bool,
+    ) -> Action {
+        if ctx.variant != Some(Variant::Text) {
+            return Action::Continue;
+        }
+        match ctx.decoder.push(&body.to_vec(), end_of_stream) {
+            Ok(decoded) => match body.replace(decoded) {
+                Ok(()) => Action::Continue,
+                Err(e) => Action::Respond(self.error_response(
+                    ctx,
+                    500,
+                    13,
+                    &format!("grpc-web: replacing the decoded request body failed: {e}"),
+                    "grpc_web_body_write",
+                )),
+            },
+            Err(e) => {
+                self.metrics.invalid_base64.inc();
+                Action::Respond(self.error_response(
+                    ctx,
+                    400,
+                    3,
+                    &e.to_string(),
+                    "grpc_web_invalid_base64",
+                ))
+            }
+        }
+    }
+
+    fn on_response_headers(
+        &mut self,
+        ctx: &mut Context,
+        x: &Exchange<'_>,
+        headers: &Headers<'_>,
+        end_of_stream: bool,
+    ) -> Action {
+        if ctx.variant.is_none() {
+            return Action::Continue;
+        }
+        if let Some(origin) = &ctx.allow_origin {
+            self.cors_headers(headers, origin);
+        }
+        let grpc = headers.get_str("content-type").is_some_and(|ct| {
+            ct.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/grpc")
+        });
+        if !grpc {
+            // An error page from the upstream or a proxy: nothing to convert.
+            self.metrics.not_grpc.inc();
+            let _ = x.set_body_mode(Direction::Response, BodyMode::Skipped);
+            return Action::Continue;
+        }
+        ctx.grpc_response = true;
+        let _ = headers.set("content-type", &ctx.content_type);
+        // The body grows by the trailer frame (and by base64 for -text).
+        let _ = headers.remove("content-length");
+        if end_of_stream {
+            // Trailers-only: the status is in the headers, which gRPC-Web
+            // clients read as they are.
+            self.metrics.trailers_only.inc();
+        }
+        Action::Continue
+    }
+
+    fn on_response_body(
+        &mut self,
+        ctx: &mut Context,
+        x: &Exchange<'_>,
+        body: &Body<'_>,
+        end_of_stream: bool,
+    ) -> Action {
+        if !ctx.grpc_response {
+            return Action::Continue;
+        }
+        let text = ctx.variant == Some(Variant::Text);
+        let trailers = if end_of_stream {
+            x.trailers(Direction::Response)
+        } else {
+            None
+        };
+        if !text && trailers.is_none() {
+            return Action::Continue;
+        }
+        let mut data = body.to_vec();
+        if let Some(t) = trailers {
+            let entries = t.entries();
+            data.extend_from_slice(&codec::trailer_frame(&entries));
+            // Emptied, the host ends the response with this body: no HTTP
+            // trailers, which browsers cannot read.
+            for (name, _) in &entries {
+                if let Err(e) = t.remove(name) {
+                    legate_sdk::warn!("grpc-web: removing trailer {name} failed: {e}");
+                }
+            }
+            self.metrics.trailer_frame.inc();
+        }
+        if text {
+            data = ctx.encoder.push(&data, end_of_stream);
+        }
+        match body.replace(data) {
+            Ok(()) => Action::Continue,
+            Err(e) => {
+                legate_sdk::error!("grpc-web: rewriting the response body failed: {e}");
+                Action::respond(502, "grpc-web: response conversion failed\n")
+            }
+        }
+    }
+}
+
+/// Not gRPC-Web: no body work for this exchange.
+fn pass_through(x: &Exchange<'_>) {
+    let _ = x.set_body_mode(Direction::Request, BodyMode::Skipped);
+    let _ = x.set_body_mode(Direction::Response, BodyMode::Skipped);
+}
+
+impl GrpcWeb {
+    /// Answers a CORS preflight from `origin`.
+    fn preflight(&self, cors: &Cors, origin: &str) -> Action {
+        let Some(allow) = cors.allow_origin(origin) else {
+            self.metrics.preflight_denied.inc();
+            return Action::Respond(
+                LocalResponse::new(403)
+                    .header("content-type", "text/plain")
+                    .body(format!("grpc-web: origin {origin} is not allowed\n"))
+                    .details("grpc_web_cors_denied"),
+            );
+        };
+        self.metrics.preflight_allowed.inc();
+        let mut r = LocalResponse::new(204)
+            .header("access-control-allow-origin", allow.as_str())
+            .header("access-control-allow-methods", "POST, OPTIONS")
+            .header(
+                "access-control-allow-headers",
+                cors.allowed_headers.join(", "),
+            )
+            .header("access-control-max-age", cors.max_age_s.to_string())
+            .details("grpc_web_preflight");
+        if allow != "*" {
+            r = r.header("vary", "origin");
+        }
+        if cors.allow_credentials {
+            r = r.header("access-control-allow-credentials", "true");
+        }
+        Action::Respond(r)
+    }
+
+    /// CORS headers of a converted response for an allowed origin.
+    fn cors_headers(&self, headers: &Headers<'_>, allow_origin: &str) {
+        let Some(cors) = &self.cors else { return };
+        let _ = headers.set("access-control-allow-origin", allow_origin);
+        if !cors.expose_headers.is_empty() {
+            let _ = headers.set(
+                "access-control-expose-headers",
+                cors.expose_headers.join(","),
+            );
+        }
+        if allow_origin != "*" {
+            let _ = headers.add("vary", "origin");
+        }
+        if cors.allow_credentials {
+            let _ = headers.set("access-control-allow-credentials", "true");
+        }
+    }
+
+    /// A gRPC-Web error answered by this filter: trailers-only (status in the
+    /// headers) so a gRPC-Web client reports it, with CORS headers when allowed.
+    fn error_response(
+        &self,
+        ctx: &Context,
+        http_status: u16,
+        grpc_status: u32,
+        message: &str,
+        details: &str,
+    ) -> LocalResponse {
+        let mut r = LocalResponse::new(http_status)
+            .header("content-type", ctx.content_type.as_str())
+            .header("grpc-status", grpc_status.to_string())
+            .header("grpc-message", percent_encode(message))
+            .details(details);
+        if let (Some(origin), Some(cors)) = (&ctx.allow_origin, &self.cors) {
+            r = r.header("access-control-allow-origin", origin.as_str());
+            if !cors.expose_headers.is_empty() {
+                r = r.header(
+                    "access-control-expose-headers",
+                    cors.expose_headers.join(","),
+                );
+            }
+        }
+        r
+    }
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2, "Responses").
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+legate_sdk::export!(GrpcWeb);

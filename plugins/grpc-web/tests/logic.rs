@@ -1,0 +1,376 @@
+//! grpc-web's logic on the SDK harness: the request and response conversions
+//! phase by phase, chunking of the `-text` variant, trailers folded into the
+//! trailer frame, trailers-only responses, pass-through, and CORS.
+
+#![allow(clippy::unwrap_used)]
+
+use legate_plugin_grpc_web::codec::{self, TextDecoder, TextEncoder};
+use legate_plugin_grpc_web::{convert_content_type, GrpcWeb, Variant};
+use legate_sdk::testing::{FilterTest, Request, Response};
+use legate_sdk::{Action, BodyMode, Direction};
+
+const CORS: &str = r#"{"cors": {"allowed_origins": ["https://app.example.com"]}}"#;
+
+fn frame(flag: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![flag];
+    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+fn grpc_web(content_type: &str, body: &[u8]) -> Request {
+    Request::post("/pkg.Svc/Method", body.to_vec())
+        .header("content-type", content_type)
+        .header("x-grpc-web", "1")
+        .header("content-length", body.len().to_string())
+}
+
+fn grpc_response() -> Response {
+    Response::new(200)
+        .header("content-type", "application/grpc")
+        .header("content-length", "99")
+        .trailer("grpc-status", "0")
+        .trailer("grpc-message", "")
+}
+
+fn counter(t: &FilterTest<GrpcWeb>, name: &str, label: &str) -> Option<u64> {
+    t.host().counter(name, &[label])
+}
+
+#[test]
+fn content_types_map_to_grpc() {
+    let c = convert_content_type;
+    assert_eq!(
+        c("application/grpc-web"),
+        Some((
+            Variant::Binary,
+            "application/grpc-web".into(),
+            "application/grpc".into()
+        ))
+    );
+    assert_eq!(
+        c("Application/GRPC-Web+proto; charset=utf-8"),
+        Some((
+            Variant::Binary,
+            "application/grpc-web+proto".into(),
+            "application/grpc+proto".into()
+        ))
+    );
+    assert_eq!(
+        c("application/grpc-web-text+proto"),
+        Some((
+            Variant::Text,
+            "application/grpc-web-text+proto".into(),
+            "application/grpc+proto".into()
+        ))
+    );
+    for other in [
+        "application/grpc",
+        "application/grpc-webx",
+        "application/grpc-web+",
+        "text/plain",
+    ] {
+        assert_eq!(c(other), None, "{other}");
+    }
+}
+
+#[test]
+fn binary_unary_is_converted_and_trailers_become_the_last_frame() {
+    let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+    let msg = frame(0, b"request");
+    let mut x = t.exchange(grpc_web("application/grpc-web+proto", &msg));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(
+        x.request_header("content-type").as_deref(),
+        Some("application/grpc+proto")
+    );
+    assert_eq!(x.request_header("te").as_deref(), Some("trailers"));
+    // Binary: same size, the length stays and the body is not touched.
+    assert_eq!(x.request_header("content-length").as_deref(), Some("12"));
+    assert_eq!(x.body_mode(Direction::Request), BodyMode::Skipped);
+
+    assert_eq!(x.response_headers(grpc_response()), Action::Continue);
+    assert_eq!(
+        x.response_header("content-type").as_deref(),
+        Some("application/grpc-web+proto")
+    );
+    assert_eq!(x.response_header("content-length"), None);
+    let reply = frame(0, b"reply");
+    assert_eq!(
+        x.response_body_chunk(reply.clone(), false),
+        Action::Continue
+    );
+    assert_eq!(x.response_body_bytes(), reply);
+    assert_eq!(x.response_body_chunk(Vec::new(), true), Action::Continue);
+    assert_eq!(
+        x.response_body_bytes(),
+        frame(0x80, b"grpc-status: 0\r\ngrpc-message: \r\n")
+    );
+    // Folded: no HTTP trailers are left.
+    assert_eq!(x.response_trailers(), Action::Continue);
+    assert_eq!(x.response_trailer("grpc-status"), None);
+    assert_eq!(counter(&t, "grpc_web_requests_total", "binary"), Some(1));
+    assert_eq!(
+        counter(&t, "grpc_web_responses_total", "trailer_frame"),
+        Some(1)
+    );
+}
+
+#[test]
+fn text_bodies_are_decoded_and_encoded_whatever_the_chunking() {
+    let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+    let msg = frame(0, b"hello, text variant");
+    let encoded = codec::encode(&msg);
+    let mut x = t.exchange(grpc_web("application/grpc-web-text", &encoded));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(
+        x.request_header("content-type").as_deref(),
+        Some("application/grpc")
+    );
+    assert_eq!(
+        x.request_header("content-length"),
+        None,
+        "decoding changes the size"
+    );
+    assert_eq!(x.body_mode(Direction::Request), BodyMode::Streamed);
+    // Chunks of 3 bytes: never a whole number of base64 groups.
+    let mut decoded = Vec::new();
+    let chunks: Vec<&[u8]> = encoded.chunks(3).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        let last = i == chunks.len() - 1;
+        assert_eq!(x.request_body_chunk(c.to_vec(), last), Action::Continue);
+        decoded.extend(x.request_body_bytes());
+    }
+    assert_eq!(decoded, msg);
+
+    assert_eq!(x.response_headers(grpc_response()), Action::Continue);
+    assert_eq!(
+        x.response_header("content-type").as_deref(),
+        Some("application/grpc-web-text")
+    );
+    let reply = frame(0, b"a reply of some length");
+    let mut out = Vec::new();
+    for c in reply.chunks(4) {
+        assert_eq!(x.response_body_chunk(c.to_vec(), false), Action::Continue);
+        out.extend(x.response_body_bytes());
+    }
+    assert_eq!(x.response_body_chunk(Vec::new(), true), Action::Continue);
+    out.extend(x.response_body_bytes());
+    let mut want = reply.clone();
+    want.extend(frame(0x80, b"grpc-status: 0\r\ngrpc-message: \r\n"));
+    // One base64 string for the whole body.
+    assert_eq!(out, codec::encode(&want));
+    assert_eq!(counter(&t, "grpc_web_requests_total", "text"), Some(1));
+}
+
+#[test]
+fn invalid_base64_is_refused_with_a_grpc_status() {
+    let mut t = FilterTest::<GrpcWeb>::configure(CORS).unwrap();
+    let mut x = t.exchange(
+        grpc_web("application/grpc-web-text", b"AAAA!!!!")
+            .header("origin", "https://app.example.com"),
+    );
+    assert_eq!(x.request_headers(), Action::Continue);
+    let Action::Respond(r) = x.request_body_chunk(b"AAAA!!!!".to_vec(), true) else {
+        panic!("not refused")
+    };
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header_value("grpc-status"), Some(&b"3"[..]));
+    assert_eq!(
+        r.header_value("content-type"),
+        Some(&b"application/grpc-web-text"[..])
+    );
+    assert_eq!(
+        r.header_value("access-control-allow-origin"),
+        Some(&b"https://app.example.com"[..])
+    );
+    assert_eq!(
+        counter(&t, "grpc_web_rejected_total", "invalid_base64"),
+        Some(1)
+    );
+}
+
+#[test]
+fn a_trailers_only_response_passes_as_headers() {
+    let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+    let mut x = t.exchange(grpc_web("application/grpc-web", &frame(0, b"x")));
+    x.request_headers();
+    let resp = Response::new(200)
+        .header("content-type", "application/grpc")
+        .header("grpc-status", "5")
+        .header("grpc-message", "not found");
+    assert_eq!(x.response_headers(resp), Action::Continue);
+    assert_eq!(x.response_header("grpc-status").as_deref(), Some("5"));
+    assert_eq!(
+        x.response_header("content-type").as_deref(),
+        Some("application/grpc-web")
+    );
+    assert_eq!(
+        counter(&t, "grpc_web_responses_total", "trailers_only"),
+        Some(1)
+    );
+    assert_eq!(
+        counter(&t, "grpc_web_responses_total", "trailer_frame"),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_non_grpc_upstream_answer_is_not_converted() {
+    let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+    let mut x = t.exchange(grpc_web("application/grpc-web", &frame(0, b"x")));
+    x.request_headers();
+    let resp = Response::new(503)
+        .header("content-type", "text/html")
+        .body("<h1>down</h1>");
+    assert_eq!(x.response_headers(resp), Action::Continue);
+    assert_eq!(
+        x.response_header("content-type").as_deref(),
+        Some("text/html")
+    );
+    assert_eq!(x.body_mode(Direction::Response), BodyMode::Skipped);
+    assert_eq!(counter(&t, "grpc_web_responses_total", "not_grpc"), Some(1));
+}
+
+#[test]
+fn other_requests_are_untouched_and_their_bodies_skipped() {
+    let mut t = FilterTest::<GrpcWeb>::configure(CORS).unwrap();
+    for req in [
+        Request::post("/api", "{}").header("content-type", "application/json"),
+        Request::post("/pkg.Svc/M", "x").header("content-type", "application/grpc"),
+        // gRPC-Web is POST only.
+        Request::get("/pkg.Svc/M").header("content-type", "application/grpc-web"),
+        // A plain OPTIONS (no preflight headers).
+        Request::new("OPTIONS", "/").header("origin", "https://app.example.com"),
+    ] {
+        let before = format!("{req:?}");
+        let mut x = t.exchange(req);
+        let headers = x.request_headers_list();
+        assert_eq!(x.request_headers(), Action::Continue, "{before}");
+        assert_eq!(x.request_headers_list(), headers, "{before}");
+        assert_eq!(x.body_mode(Direction::Request), BodyMode::Skipped);
+        assert_eq!(x.body_mode(Direction::Response), BodyMode::Skipped);
+        x.response_headers(Response::new(200).header("content-type", "application/json"));
+        assert_eq!(x.response_header("access-control-allow-origin"), None);
+    }
+    assert_eq!(counter(&t, "grpc_web_requests_total", "binary"), Some(0));
+}
+
+#[test]
+fn cors_preflights_are_answered_locally() {
+    let mut t = FilterTest::<GrpcWeb>::configure(CORS).unwrap();
+    let preflight = |origin: &str| {
+        Request::new("OPTIONS", "/pkg.Svc/M")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+    };
+    let mut x = t.exchange(preflight("https://app.example.com"));
+    let Action::Respond(r) = x.request_headers() else {
+        panic!("preflight not answered")
+    };
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header_value("access-control-allow-origin"),
+        Some(&b"https://app.example.com"[..])
+    );
+    assert_eq!(
+        r.header_value("access-control-max-age"),
+        Some(&b"86400"[..])
+    );
+    assert_eq!(r.header_value("vary"), Some(&b"origin"[..]));
+    let allowed = String::from_utf8(
+        r.header_value("access-control-allow-headers")
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        allowed.contains("x-grpc-web") && allowed.contains("grpc-timeout"),
+        "{allowed}"
+    );
+
+    let mut x = t.exchange(preflight("https://evil.example"));
+    let Action::Respond(r) = x.request_headers() else {
+        panic!("preflight not answered")
+    };
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header_value("access-control-allow-origin"), None);
+    assert_eq!(counter(&t, "grpc_web_preflights_total", "allowed"), Some(1));
+    assert_eq!(counter(&t, "grpc_web_preflights_total", "denied"), Some(1));
+
+    // Without `cors`, a preflight is not this filter's business.
+    let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+    let mut x = t.exchange(preflight("https://app.example.com"));
+    assert_eq!(x.request_headers(), Action::Continue);
+}
+
+#[test]
+fn converted_responses_carry_cors_headers_for_allowed_origins() {
+    let mut t = FilterTest::<GrpcWeb>::configure(CORS).unwrap();
+    let mut x = t.exchange(
+        grpc_web("application/grpc-web", &frame(0, b"x"))
+            .header("origin", "https://app.example.com"),
+    );
+    x.request_headers();
+    x.response_headers(grpc_response());
+    assert_eq!(
+        x.response_header("access-control-allow-origin").as_deref(),
+        Some("https://app.example.com")
+    );
+    assert_eq!(
+        x.response_header("access-control-expose-headers")
+            .as_deref(),
+        Some("grpc-status,grpc-message")
+    );
+
+    let mut x = t.exchange(
+        grpc_web("application/grpc-web", &frame(0, b"x")).header("origin", "https://evil.example"),
+    );
+    x.request_headers();
+    x.response_headers(grpc_response());
+    assert_eq!(x.response_header("access-control-allow-origin"), None);
+}
+
+#[test]
+fn base64_round_trips_across_any_chunking() {
+    let data: Vec<u8> = (0..=255u8).chain(0..17).collect();
+    let encoded = codec::encode(&data);
+    for size in 1..=9 {
+        let mut enc = TextEncoder::default();
+        let mut out = Vec::new();
+        for c in data.chunks(size) {
+            out.extend(enc.push(c, false));
+        }
+        out.extend(enc.push(&[], true));
+        assert_eq!(out, encoded, "encode in chunks of {size}");
+
+        let mut dec = TextDecoder::default();
+        let mut back = Vec::new();
+        let chunks: Vec<&[u8]> = encoded.chunks(size).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            back.extend(dec.push(c, i == chunks.len() - 1).unwrap());
+        }
+        assert_eq!(back, data, "decode in chunks of {size}");
+    }
+    // Independently padded strings back to back (one per message) decode too.
+    let mut two = codec::encode(b"a");
+    two.extend(codec::encode(b"bc"));
+    assert_eq!(TextDecoder::default().push(&two, true).unwrap(), b"abc");
+    // A truncated body or a bad character is an error with its offset.
+    assert_eq!(TextDecoder::default().push(b"QUJD", false).unwrap(), b"ABC");
+    assert_eq!(
+        TextDecoder::default()
+            .push(b"QUJDQ", true)
+            .unwrap_err()
+            .offset,
+        4
+    );
+    assert_eq!(
+        TextDecoder::default()
+            .push(b"QUJD*A==", true)
+            .unwrap_err()
+            .offset,
+        4
+    );
+    assert!(TextDecoder::default().push(b"Q===", true).is_err());
+}

@@ -1,0 +1,215 @@
+//! A real gRPC upstream for tests: tonic's generated server for the test service
+//! `legate.test.v1.Echo` (tests/proto), served over HTTP/2 with prior knowledge
+//! on 127.0.0.1:0, plus the gRPC message framing tests need and the compiled
+//! `FileDescriptorSet` of the test protos (for schema-driven plugins).
+//!
+//! ```no_run
+//! # async fn f() {
+//! use legate_tests::grpc::{grpc_upstream, pb};
+//! let up = grpc_upstream().start().await;
+//! // cluster: { protocol: h2, endpoints: [{ address: <up.addr> }] }
+//! # }
+//! ```
+//!
+//! The service: `Say` echoes the message and reports the request metadata it saw
+//! (so a test can check what the proxy sent); `Count` streams `count` replies,
+//! then ends with `fail_code`/`fail_message` in the trailers; `Fail` answers with
+//! a chosen status, which tonic sends trailers-only (status in the headers).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::codegen::Service;
+use tonic::{Code, Request, Response, Status};
+
+use crate::upstream::{runtime, Counter};
+
+/// The generated messages and server of `legate.test.v1` (tests/proto).
+#[allow(missing_docs, clippy::all, clippy::unwrap_used)]
+pub mod pb {
+    tonic::include_proto!("legate.test.v1");
+}
+
+pub use prost::Message;
+
+/// The encoded `FileDescriptorSet` of tests/proto (`legate/test/v1/echo.proto`).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/legate_test_v1_descriptor.bin"));
+
+/// Where [`FILE_DESCRIPTOR_SET`] is on disk (in the build's `OUT_DIR`), for a
+/// plugin config that names a descriptor file.
+pub fn file_descriptor_set_path() -> std::path::PathBuf {
+    std::path::PathBuf::from(concat!(env!("OUT_DIR"), "/legate_test_v1_descriptor.bin"))
+}
+
+/// Frames `msg` as one gRPC (and gRPC-Web data) message: flag 0, big-endian
+/// length, message.
+pub fn frame(msg: &[u8]) -> Vec<u8> {
+    frame_with(0, msg)
+}
+
+/// Frames `payload` with flag byte `flag` (gRPC-Web trailers: `0x80`).
+pub fn frame_with(flag: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(payload.len() + 5);
+    v.push(flag);
+    v.extend_from_slice(
+        &u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Splits a body into `(flag, payload)` frames; `Err` names what is malformed.
+pub fn unframe(mut body: &[u8]) -> Result<Vec<(u8, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        if body.len() < 5 {
+            return Err(format!("{} trailing bytes, not a frame header", body.len()));
+        }
+        let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        let Some(payload) = body.get(5..5 + len) else {
+            return Err(format!(
+                "frame of {len} bytes, {} available",
+                body.len() - 5
+            ));
+        };
+        out.push((body[0], payload.to_vec()));
+        body = &body[5 + len..];
+    }
+    Ok(out)
+}
+
+/// Starts building a gRPC upstream.
+pub fn grpc_upstream() -> GrpcUpstreamBuilder {
+    GrpcUpstreamBuilder { _private: () }
+}
+
+/// Builder of the gRPC upstream (no options yet; kept for growth).
+pub struct GrpcUpstreamBuilder {
+    _private: (),
+}
+
+impl GrpcUpstreamBuilder {
+    /// Binds 127.0.0.1:0 and serves `legate.test.v1.Echo` over HTTP/2 (prior
+    /// knowledge, no TLS) on the harness's upstream runtime.
+    pub async fn start(self) -> GrpcUpstreamHandle {
+        let rt = runtime();
+        let std_listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind gRPC upstream listener");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("local_addr");
+        let listener = {
+            let _guard = rt.enter();
+            TcpListener::from_std(std_listener).expect("tokio listener")
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let calls = Counter::default();
+        rt.spawn(serve(listener, calls.clone(), stop_rx));
+        GrpcUpstreamHandle { addr, calls, stop }
+    }
+}
+
+/// A running gRPC upstream; dropping it stops it.
+pub struct GrpcUpstreamHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// RPCs handled.
+    pub calls: Counter,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for GrpcUpstreamHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+async fn serve(listener: TcpListener, calls: Counter, mut stop: watch::Receiver<bool>) {
+    let svc = pb::echo_server::EchoServer::new(EchoService { calls });
+    loop {
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(_) => continue,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let svc = svc.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: http::Request<Incoming>| {
+                let mut svc = svc.clone();
+                async move { svc.call(req).await }
+            });
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+    }
+}
+
+struct EchoService {
+    calls: Counter,
+}
+
+type CountStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<pb::CountReply, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::echo_server::Echo for EchoService {
+    async fn say(&self, req: Request<pb::SayRequest>) -> Result<Response<pb::SayReply>, Status> {
+        self.calls.inc();
+        let metadata = req
+            .metadata()
+            .clone()
+            .into_headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        Ok(Response::new(pb::SayReply {
+            message: req.into_inner().message,
+            metadata,
+        }))
+    }
+
+    type CountStream = CountStream;
+
+    async fn count(&self, req: Request<pb::CountRequest>) -> Result<Response<CountStream>, Status> {
+        self.calls.inc();
+        let r = req.into_inner();
+        let mut items: Vec<Result<pb::CountReply, Status>> = (0..r.count)
+            .map(|i| {
+                Ok(pb::CountReply {
+                    n: r.from.saturating_add(i),
+                })
+            })
+            .collect();
+        if r.fail_code != 0 {
+            items.push(Err(Status::new(Code::from(r.fail_code), r.fail_message)));
+        }
+        Ok(Response::new(Box::pin(futures_util::stream::iter(items))))
+    }
+
+    async fn fail(&self, req: Request<pb::FailRequest>) -> Result<Response<pb::SayReply>, Status> {
+        self.calls.inc();
+        let r = req.into_inner();
+        Err(Status::new(Code::from(r.code), r.message))
+    }
+}
+
+/// A gRPC message's bytes, encoded (no frame).
+pub fn encode<M: Message>(m: &M) -> Bytes {
+    Bytes::from(m.encode_to_vec())
+}

@@ -1,0 +1,508 @@
+//! plugins/grpc-web, built by `legate plugin build`, in the real host between a
+//! client speaking gRPC-Web (requests framed here, as grpc-web clients frame
+//! them) and a real tonic gRPC server over HTTP/2 (`legate_tests::grpc`), over
+//! HTTP/1.1 and HTTP/2 downstream.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+
+use legate_tests::grpc::{frame, grpc_upstream, pb, unframe, GrpcUpstreamHandle, Message};
+use legate_tests::plugins::plugin_wasm;
+use legate_tests::*;
+
+const ORIGIN: &str = "https://app.example.com";
+
+/// Listener `web`: `/echo/*` to a plain HTTP echo upstream, the rest to the
+/// gRPC server (cluster over h2 prior knowledge), all through the plugin.
+fn config(grpc: SocketAddr, echo: SocketAddr) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: grpc-web }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: /echo/ }}
+            cluster: echo
+          - match: {{ prefix: / }}
+            cluster: grpc
+clusters:
+  - name: grpc
+    protocol: h2
+    endpoints:
+      - address: {grpc}
+  - name: echo
+    endpoints:
+      - address: {echo}
+plugins:
+  - name: grpc-web
+    module: {wasm}
+    limits: {{ cpu: 500ms }}
+    config:
+      cors:
+        allowed_origins: [\"{ORIGIN}\"]
+        max_age_s: 600
+",
+        wasm = plugin_wasm("plugins/grpc-web").display(),
+    )
+}
+
+struct Setup {
+    lg: LegateHandle,
+    grpc: GrpcUpstreamHandle,
+    _echo: UpstreamHandle,
+}
+
+async fn setup() -> Setup {
+    let grpc = grpc_upstream().start().await;
+    let echo = upstream().start().await;
+    let lg = legate().config(&config(grpc.addr, echo.addr)).start();
+    Setup {
+        lg,
+        grpc,
+        _echo: echo,
+    }
+}
+
+/// A gRPC-Web call: `POST path` with `content_type`, `x-grpc-web: 1`, and the
+/// (already framed, possibly base64) body.
+async fn call(c: &mut Client, path: &str, content_type: &str, body: Vec<u8>) -> Resp {
+    c.post(path)
+        .header("content-type", content_type)
+        .header("x-grpc-web", "1")
+        .header("x-user-agent", "grpc-web-javascript/0.1")
+        .body(body)
+        .send()
+        .await
+}
+
+/// The data messages and the trailer block (`name: value` lines, lower-cased
+/// names) of a binary gRPC-Web response body; the trailer frame must be last.
+fn split(body: &[u8]) -> (Vec<Vec<u8>>, Vec<(String, String)>) {
+    let frames = unframe(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    let mut data = Vec::new();
+    let mut trailers = None;
+    for (flag, payload) in frames {
+        assert!(trailers.is_none(), "a frame after the trailer frame");
+        match flag {
+            0 => data.push(payload),
+            0x80 => {
+                let text = String::from_utf8(payload).unwrap();
+                assert!(text.ends_with("\r\n"), "{text:?}");
+                let lines = text
+                    .split("\r\n")
+                    .filter(|l| !l.is_empty())
+                    .map(|l| {
+                        let (n, v) = l.split_once(':').unwrap();
+                        (n.trim().to_ascii_lowercase(), v.trim().to_owned())
+                    })
+                    .collect();
+                trailers = Some(lines);
+            }
+            f => panic!("unexpected frame flag {f:#x}"),
+        }
+    }
+    (data, trailers.expect("no trailer frame"))
+}
+
+fn trailer<'a>(t: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    t.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+/// The response has no HTTP trailers (browsers cannot read them).
+fn no_http_trailers(r: &Resp) {
+    assert!(
+        r.trailers.as_ref().is_none_or(|t| t.is_empty()),
+        "HTTP trailers: {:?}",
+        r.trailers
+    );
+}
+
+fn b64(data: &[u8]) -> Vec<u8> {
+    base64_ref::encode(data)
+}
+
+fn unb64(data: &[u8]) -> Vec<u8> {
+    base64_ref::decode(data)
+}
+
+/// Base64 for the test's own encoding and decoding: a small independent
+/// implementation (not the plugin's), so a shared bug cannot hide.
+mod base64_ref {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(data: &[u8]) -> Vec<u8> {
+        let mut bits = String::new();
+        for b in data {
+            bits.push_str(&format!("{b:08b}"));
+        }
+        while !bits.len().is_multiple_of(6) {
+            bits.push('0');
+        }
+        let mut out: Vec<u8> = bits
+            .as_bytes()
+            .chunks(6)
+            .map(|c| A[usize::from_str_radix(std::str::from_utf8(c).unwrap(), 2).unwrap()])
+            .collect();
+        while !out.len().is_multiple_of(4) {
+            out.push(b'=');
+        }
+        out
+    }
+
+    pub fn decode(data: &[u8]) -> Vec<u8> {
+        let mut bits = String::new();
+        for &c in data.iter().filter(|&&c| c != b'=') {
+            let i = A
+                .iter()
+                .position(|&a| a == c)
+                .unwrap_or_else(|| panic!("not base64: {c:#x}"));
+            bits.push_str(&format!("{i:06b}"));
+        }
+        bits.as_bytes()
+            .chunks(8)
+            .filter(|c| c.len() == 8)
+            .map(|c| u8::from_str_radix(std::str::from_utf8(c).unwrap(), 2).unwrap())
+            .collect()
+    }
+}
+
+fn say(message: &str) -> Vec<u8> {
+    frame(
+        &pb::SayRequest {
+            message: message.into(),
+        }
+        .encode_to_vec(),
+    )
+}
+
+fn count(from: u32, n: u32, fail_code: i32, fail_message: &str) -> Vec<u8> {
+    frame(
+        &pb::CountRequest {
+            from,
+            count: n,
+            fail_code,
+            fail_message: fail_message.into(),
+        }
+        .encode_to_vec(),
+    )
+}
+
+/// The value of the plugin counter `name` with label `label="value"`.
+async fn plugin_counter(lg: &LegateHandle, name: &str, label: &str) -> Option<f64> {
+    let stats = lg.stats().await;
+    parse_prometheus(&stats)
+        .into_iter()
+        .find(|(k, _)| k.starts_with(&format!("legate_plugin_{name}{{")) && k.contains(label))
+        .map(|(_, v)| v)
+}
+
+each_proto!(
+    async fn unary_binary_call_is_converted_both_ways(proto) {
+        let s = setup().await;
+        let mut c = client(proto, s.lg.addr("web")).await;
+        let r = call(
+            &mut c,
+            "/legate.test.v1.Echo/Say",
+            "application/grpc-web+proto",
+            say("hello"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/grpc-web+proto"));
+        no_http_trailers(&r);
+        let (data, trailers) = split(&r.body);
+        assert_eq!(data.len(), 1);
+        let reply = pb::SayReply::decode(&data[0][..]).unwrap();
+        assert_eq!(reply.message, "hello");
+        // What the gRPC server saw: a gRPC request.
+        let md = &reply.metadata;
+        assert_eq!(
+            md.get("content-type").map(String::as_str),
+            Some("application/grpc+proto")
+        );
+        assert_eq!(md.get("te").map(String::as_str), Some("trailers"));
+        assert_eq!(
+            md.get("x-user-agent").map(String::as_str),
+            Some("grpc-web-javascript/0.1")
+        );
+        assert_eq!(trailer(&trailers, "grpc-status"), Some("0"));
+        assert_eq!(s.grpc.calls.get(), 1);
+
+        // `application/grpc-web` (no codec suffix) maps to `application/grpc`.
+        let r = call(
+            &mut c,
+            "/legate.test.v1.Echo/Say",
+            "application/grpc-web",
+            say("plain"),
+        )
+        .await;
+        assert_eq!(r.header("content-type"), Some("application/grpc-web"));
+        let (data, trailers) = split(&r.body);
+        let reply = pb::SayReply::decode(&data[0][..]).unwrap();
+        assert_eq!(reply.message, "plain");
+        assert_eq!(
+            reply.metadata.get("content-type").map(String::as_str),
+            Some("application/grpc")
+        );
+        assert_eq!(trailer(&trailers, "grpc-status"), Some("0"));
+
+        assert_eq!(
+            plugin_counter(&s.lg, "grpc_web_requests_total", "variant=\"binary\"").await,
+            Some(2.0)
+        );
+        assert_eq!(
+            plugin_counter(&s.lg, "grpc_web_responses_total", "kind=\"trailer_frame\"").await,
+            Some(2.0)
+        );
+    }
+);
+
+each_proto!(
+    async fn server_streaming_sends_every_message_then_the_trailer_frame(proto) {
+        let s = setup().await;
+        let mut c = client(proto, s.lg.addr("web")).await;
+        let r = call(
+            &mut c,
+            "/legate.test.v1.Echo/Count",
+            "application/grpc-web+proto",
+            count(7, 5, 0, ""),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        no_http_trailers(&r);
+        let (data, trailers) = split(&r.body);
+        let ns: Vec<u32> = data
+            .iter()
+            .map(|d| pb::CountReply::decode(&d[..]).unwrap().n)
+            .collect();
+        assert_eq!(ns, [7, 8, 9, 10, 11]);
+        assert_eq!(trailer(&trailers, "grpc-status"), Some("0"));
+    }
+);
+
+each_proto!(
+    async fn text_variant_is_decoded_and_encoded_across_chunks(proto) {
+        let s = setup().await;
+        let mut c = client(proto, s.lg.addr("web")).await;
+        // Two messages on a stream would be odd for a unary call; a streamed
+        // body in 5-byte chunks (never a multiple of 4) is the point here.
+        let body = b64(&say("über text"));
+        let r = c
+            .post("/legate.test.v1.Echo/Say")
+            .header("content-type", "application/grpc-web-text")
+            .header("accept", "application/grpc-web-text")
+            .streamed_body(body, 5)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/grpc-web-text"));
+        no_http_trailers(&r);
+        let (data, trailers) = split(&unb64(&r.body));
+        let reply = pb::SayReply::decode(&data[0][..]).unwrap();
+        assert_eq!(reply.message, "über text");
+        assert_eq!(
+            reply.metadata.get("content-type").map(String::as_str),
+            Some("application/grpc")
+        );
+        assert_eq!(trailer(&trailers, "grpc-status"), Some("0"));
+
+        // Server streaming in text: one base64 string for the whole body.
+        let r = c
+            .post("/legate.test.v1.Echo/Count")
+            .header("content-type", "application/grpc-web-text+proto")
+            .body(b64(&count(1, 3, 0, "")))
+            .send()
+            .await;
+        assert_eq!(r.header("content-type"), Some("application/grpc-web-text+proto"));
+        let (data, trailers) = split(&unb64(&r.body));
+        assert_eq!(data.len(), 3);
+        assert_eq!(trailer(&trailers, "grpc-status"), Some("0"));
+
+        // Not base64: refused with a gRPC status the client can read.
+        let r = c
+            .post("/legate.test.v1.Echo/Say")
+            .header("content-type", "application/grpc-web-text")
+            .body("%%%%")
+            .send()
+            .await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.header("grpc-status"), Some("3"));
+        assert_eq!(s.grpc.calls.get(), 2);
+        assert_eq!(
+            plugin_counter(&s.lg, "grpc_web_requests_total", "variant=\"text\"").await,
+            Some(3.0)
+        );
+        assert_eq!(
+            plugin_counter(&s.lg, "grpc_web_rejected_total", "reason=\"invalid_base64\"").await,
+            Some(1.0)
+        );
+    }
+);
+
+each_proto!(
+    async fn failures_carry_the_status_in_the_trailer_frame_or_the_headers(proto) {
+        let s = setup().await;
+        let mut c = client(proto, s.lg.addr("web")).await;
+        // A stream that fails after one message: the status is in the trailer frame.
+        let r = call(
+            &mut c,
+            "/legate.test.v1.Echo/Count",
+            "application/grpc-web+proto",
+            count(1, 1, 9, "not now"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        no_http_trailers(&r);
+        let (data, trailers) = split(&r.body);
+        assert_eq!(data.len(), 1);
+        assert_eq!(trailer(&trailers, "grpc-status"), Some("9"));
+        // grpc-message is percent-encoded on the wire (gRPC over HTTP/2).
+        assert_eq!(trailer(&trailers, "grpc-message"), Some("not%20now"));
+
+        // A unary failure: tonic answers trailers-only, which passes as headers.
+        let r = call(
+            &mut c,
+            "/legate.test.v1.Echo/Fail",
+            "application/grpc-web+proto",
+            frame(
+                &pb::FailRequest {
+                    code: 5,
+                    message: "no such thing".into(),
+                }
+                .encode_to_vec(),
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("grpc-status"), Some("5"));
+        assert_eq!(r.header("grpc-message"), Some("no%20such%20thing"));
+        assert_eq!(r.header("content-type"), Some("application/grpc-web+proto"));
+        assert!(r.body.is_empty(), "{:?}", r.body);
+        no_http_trailers(&r);
+        assert_eq!(
+            plugin_counter(&s.lg, "grpc_web_responses_total", "kind=\"trailers_only\"").await,
+            Some(1.0)
+        );
+    }
+);
+
+each_proto!(
+    async fn cors_preflight_is_answered_and_responses_carry_cors_headers(proto) {
+        let s = setup().await;
+        let mut c = client(proto, s.lg.addr("web")).await;
+        let r = c
+            .request(Method::OPTIONS, "/legate.test.v1.Echo/Say")
+            .header("origin", ORIGIN)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type,x-grpc-web")
+            .send()
+            .await;
+        assert_eq!(r.status, 204, "{}", r.text());
+        assert_eq!(r.header("access-control-allow-origin"), Some(ORIGIN));
+        assert_eq!(r.header("access-control-max-age"), Some("600"));
+        let allowed = r.header("access-control-allow-headers").unwrap();
+        for h in ["content-type", "x-grpc-web", "x-user-agent", "grpc-timeout"] {
+            assert!(allowed.contains(h), "{h} not in {allowed}");
+        }
+        assert!(r
+            .header("access-control-allow-methods")
+            .unwrap()
+            .contains("POST"));
+
+        // Another origin is refused.
+        let r = c
+            .request(Method::OPTIONS, "/legate.test.v1.Echo/Say")
+            .header("origin", "https://evil.example")
+            .header("access-control-request-method", "POST")
+            .send()
+            .await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.header("access-control-allow-origin"), None);
+        assert_eq!(s.grpc.calls.get(), 0, "a preflight reached the upstream");
+
+        // The call itself: CORS headers so the script can read the status.
+        let r = c
+            .post("/legate.test.v1.Echo/Say")
+            .header("origin", ORIGIN)
+            .header("content-type", "application/grpc-web+proto")
+            .body(say("x"))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("access-control-allow-origin"), Some(ORIGIN));
+        assert_eq!(
+            r.header("access-control-expose-headers"),
+            Some("grpc-status,grpc-message")
+        );
+        // From a foreign origin: converted, but no CORS headers.
+        let r = c
+            .post("/legate.test.v1.Echo/Say")
+            .header("origin", "https://evil.example")
+            .header("content-type", "application/grpc-web+proto")
+            .body(say("x"))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("access-control-allow-origin"), None);
+        assert_eq!(
+            plugin_counter(&s.lg, "grpc_web_preflights_total", "outcome=\"allowed\"").await,
+            Some(1.0)
+        );
+        assert_eq!(
+            plugin_counter(&s.lg, "grpc_web_preflights_total", "outcome=\"denied\"").await,
+            Some(1.0)
+        );
+    }
+);
+
+each_proto!(
+    async fn other_requests_pass_untouched(proto) {
+        let s = setup().await;
+        let mut c = client(proto, s.lg.addr("web")).await;
+        let r = c
+            .post("/echo/json")
+            .header("content-type", "application/json")
+            .body("{\"a\":1}")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.header("content-type"), Some("application/json"));
+        assert_eq!(e.header("te"), None);
+        assert_eq!(e.body, "{\"a\":1}");
+        assert_eq!(r.header("access-control-allow-origin"), None);
+        assert_eq!(
+            plugin_counter(&s.lg, "grpc_web_requests_total", "variant=\"binary\"").await,
+            Some(0.0)
+        );
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_grpc_passes_untouched_with_its_trailers() {
+    let s = setup().await;
+    let mut c = client(Proto::H2, s.lg.addr("web")).await;
+    let r = c
+        .post("/legate.test.v1.Echo/Count")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(count(3, 2, 0, ""))
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/grpc"));
+    let frames = unframe(&r.body).unwrap();
+    assert_eq!(frames.len(), 2);
+    assert!(frames.iter().all(|(flag, _)| *flag == 0));
+    assert_eq!(r.trailer("grpc-status"), Some("0"));
+}
