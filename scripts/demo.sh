@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one demo command: builds Legate (with the first-party plugins embedded,
 # `module: builtin:NAME` in plugins.yaml) and the demo upstream, starts two
-# upstreams (app-v1 on 127.0.0.1:8081, app-v2 on 127.0.0.1:8082), then runs
+# upstreams (app-v1 on 127.0.0.1:8081, app-v2 on 127.0.0.1:8082, a gRPC echo on 127.0.0.1:8083), then runs
 # Legate with plugins.yaml until Ctrl-C. Everything it started is stopped on
 # exit.
 #
@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 CONFIG="${1:-plugins.yaml}"
 ADMIN="127.0.0.1:9901"
-UPSTREAMS=("app-v1=127.0.0.1:8081" "app-v2=127.0.0.1:8082")
+UPSTREAMS=("app-v1=127.0.0.1:8081" "app-v2=127.0.0.1:8082" "grpc=127.0.0.1:8083")
 
 die() {
     printf 'demo: error: %s\n' "$*" >&2
@@ -114,6 +114,9 @@ demo: Legate is running with ${CONFIG}. Try, in another terminal:
   curl -i -H 'x-api-key: demo-key' http://127.0.0.1:8080/api/status/503    # retried twice, passed through
   curl -i http://127.0.0.1:8080/healthz           # direct response
   curl -i http://127.0.0.1:8080/old/page?x=1      # 302 redirect
+  printf '\\0\\0\\0\\0\\7\\n\\5hello' | curl -s --data-binary @- \\
+      -H 'content-type: application/grpc-web+proto' \\
+      http://127.0.0.1:8080/legate.demo.v1.Echo/Say | od -c   # gRPC-Web: message + trailer frame
 
   admin:
   curl -s http://${ADMIN}/ready

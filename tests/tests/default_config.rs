@@ -38,15 +38,55 @@ fn parses_and_validates_as_is() {
         .unwrap_or_else(|e| panic!("plugins.yaml is invalid:\n{e}"));
 }
 
+/// `legate-demo-upstream` on an ephemeral port; killed when dropped.
+struct DemoUpstream {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl DemoUpstream {
+    fn start(name: &str) -> Self {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(workspace_bin("legate-demo-upstream"))
+            .args(["--listen", "127.0.0.1:0", "--name", name, "--threads", "1"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // It prints `listening on ADDR` once bound.
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("legate-demo-upstream said {line:?}"))
+            .parse()
+            .unwrap();
+        DemoUpstream { child, addr }
+    }
+}
+
+impl Drop for DemoUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 each_proto!(
     async fn answers_as_the_readme_says(proto) {
         let v1 = upstream().name("app-v1").start().await;
         let v2 = upstream().name("app-v2").start().await;
+        // The demo's own gRPC upstream, the binary scripts/demo.sh runs.
+        let grpc = DemoUpstream::start("grpc");
         let mut yaml = default_config();
         yaml = subst(&yaml, "127.0.0.1:8080", "127.0.0.1:0");
         yaml = subst(&yaml, "127.0.0.1:9901", "127.0.0.1:0");
         yaml = subst(&yaml, "127.0.0.1:8081", &v1.addr.to_string());
         yaml = subst(&yaml, "127.0.0.1:8082", &v2.addr.to_string());
+        yaml = subst(&yaml, "127.0.0.1:8083", &grpc.addr.to_string());
         // The plugins are the ones embedded in the host (`builtin:NAME`).
         // Both protocols' tests may share one process and so its in-memory KV
         // store: each gets its own namespace.
@@ -61,6 +101,26 @@ each_proto!(
         assert_eq!(r.status, 200, "{}", r.text());
         let r = c.get("/hello").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
+
+        // gRPC-Web (as the README's printf line sends it): the message comes back,
+        // and the gRPC trailers in the body's last frame.
+        let framed = b"\0\0\0\0\x07\x0a\x05hello";
+        let r = c
+            .post("/legate.demo.v1.Echo/Say")
+            .header("content-type", "application/grpc-web+proto")
+            .body(&framed[..])
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/grpc-web+proto"));
+        assert!(r.body.starts_with(framed), "{:?}", r.body);
+        let trailer = &r.body[framed.len()..];
+        assert_eq!(trailer.first(), Some(&0x80), "{:?}", r.body);
+        assert!(
+            String::from_utf8_lossy(trailer).contains("grpc-status: 0\r\n"),
+            "{:?}",
+            r.body
+        );
 
         // /api/ without a credential: 401, nothing upstream, no token spent.
         let before = v1.requests.get() + v2.requests.get();

@@ -18,6 +18,7 @@
 //! | `/status/{code}`| that status (200..=999)                                         |
 //! | `/delay/{ms}`   | sleeps `ms` milliseconds, then `200`                            |
 //! | `/bytes/{n}`    | `200` with `n` bytes of `application/octet-stream`              |
+//! | gRPC: a `POST` with `content-type: application/grpc[+…]` | a gRPC echo: the request's messages back, then `grpc-status: 0` in the trailers (the demo's gRPC-Web route) |
 //! | anything else   | `200`, the same JSON as `/echo`, so proxied routes show what arrived |
 //!
 //! Once the socket is bound it prints `listening on ADDR` on stdout, which
@@ -30,7 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Either, Full, Limited, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::service::service_fn;
@@ -128,7 +130,15 @@ struct State {
     hello: Bytes,
 }
 
-type Resp = Response<Full<Bytes>>;
+/// A whole body, or a gRPC answer's data and trailers.
+type Body = Either<Full<Bytes>, GrpcBody>;
+type GrpcBody =
+    StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+type Resp = Response<Body>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Either::Left(Full::new(b.into()))
+}
 
 fn main() {
     let opts = match parse_args(std::env::args().skip(1)) {
@@ -231,7 +241,9 @@ async fn shutdown_signal() {
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
     let path = req.uri().path();
-    let mut resp = if path == "/" && req.method() == Method::GET {
+    let mut resp = if is_grpc(&req) {
+        grpc_echo(req).await
+    } else if path == "/" && req.method() == Method::GET {
         text(StatusCode::OK, state.hello.clone())
     } else if path == "/echo" {
         echo(&state, req).await
@@ -251,8 +263,42 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
     Ok(resp)
 }
 
+/// `POST` with `application/grpc` or `application/grpc+CODEC` (not gRPC-Web).
+fn is_grpc(req: &Request<Incoming>) -> bool {
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    req.method() == Method::POST
+        && (ct == "application/grpc" || ct.starts_with("application/grpc+"))
+}
+
+/// Echoes the request's gRPC messages (already length-prefixed on the wire, so
+/// the body is sent back as it came) and ends with `grpc-status: 0`.
+async fn grpc_echo(req: Request<Incoming>) -> Resp {
+    let (status, message, data) = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(c) => ("0", None, c.to_bytes()),
+        Err(e) => ("8", Some(format!("reading the request: {e}")), Bytes::new()),
+    };
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static(status));
+    if let Some(m) = message.and_then(|m| HeaderValue::from_str(&m).ok()) {
+        trailers.insert("grpc-message", m);
+    }
+    let frames = vec![Ok(Frame::data(data)), Ok(Frame::trailers(trailers))];
+    let mut resp = Response::new(Either::Right(StreamBody::new(futures_util::stream::iter(
+        frames,
+    ))));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    resp
+}
+
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Resp {
-    let mut resp = Response::new(Full::new(body.into()));
+    let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -275,7 +321,7 @@ fn status(code: &str) -> Resp {
     };
     // 204 and 304 must not carry a body.
     if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        let mut resp = Response::new(Full::new(Bytes::new()));
+        let mut resp = Response::new(full(Bytes::new()));
         *resp.status_mut() = status;
         return resp;
     }
@@ -300,7 +346,7 @@ fn bytes(n: &str) -> Resp {
             format!("bad size {n:?}: want a byte count in 0..={MAX_BYTES}\n"),
         );
     };
-    let mut resp = Response::new(Full::new(Bytes::from(vec![b'x'; n])));
+    let mut resp = Response::new(full(vec![b'x'; n]));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
@@ -337,7 +383,7 @@ async fn echo(state: &State, req: Request<Incoming>) -> Resp {
     let mut out = json.to_string();
     out.push('\n');
 
-    let mut resp = Response::new(Full::new(Bytes::from(out)));
+    let mut resp = Response::new(full(out));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
