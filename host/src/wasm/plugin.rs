@@ -738,6 +738,13 @@ impl WasmFilter {
                 wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep()),
                 wasmtime::component::Resource::<super::host::HeadersRes>::new_own(hr.rep()),
             );
+            // Passed as `borrow`s: an own-state `Resource` lowered into a borrow
+            // parameter would be moved into wasmtime's host handle table and
+            // never released (counted against the store's 100 000-handle cap).
+            let (xr, hr) = (
+                wasmtime::component::Resource::<super::host::ExchangeRes>::new_borrow(xr.rep()),
+                wasmtime::component::Resource::<super::host::HeadersRes>::new_borrow(hr.rep()),
+            );
             let h = live.bindings.legate_filter_http_handler();
             let action = if request {
                 run_inline(h.call_on_request_headers(
@@ -786,6 +793,13 @@ impl WasmFilter {
             let (xr2, br2) = (
                 wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep()),
                 wasmtime::component::Resource::<super::host::BufferRes>::new_own(br.rep()),
+            );
+            // Passed as `borrow`s: an own-state `Resource` lowered into a borrow
+            // parameter would be moved into wasmtime's host handle table and
+            // never released (counted against the store's 100 000-handle cap).
+            let (xr, br) = (
+                wasmtime::component::Resource::<super::host::ExchangeRes>::new_borrow(xr.rep()),
+                wasmtime::component::Resource::<super::host::BufferRes>::new_borrow(br.rep()),
             );
             let h = live.bindings.legate_filter_http_handler();
             let action = match d {
@@ -841,6 +855,13 @@ impl WasmFilter {
             let (xr2, tr2) = (
                 wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep()),
                 wasmtime::component::Resource::<super::host::HeadersRes>::new_own(tr.rep()),
+            );
+            // Passed as `borrow`s: an own-state `Resource` lowered into a borrow
+            // parameter would be moved into wasmtime's host handle table and
+            // never released (counted against the store's 100 000-handle cap).
+            let (xr, tr) = (
+                wasmtime::component::Resource::<super::host::ExchangeRes>::new_borrow(xr.rep()),
+                wasmtime::component::Resource::<super::host::HeadersRes>::new_borrow(tr.rep()),
             );
             let h = live.bindings.legate_filter_http_handler();
             let action = match d {
@@ -985,6 +1006,8 @@ impl HttpFilter for WasmFilter {
             live.store.data_mut().phase = phase;
             let xr = live.store.data_mut().exchange_handle(context)?;
             let xr2 = wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep());
+            let xr =
+                wasmtime::component::Resource::<super::host::ExchangeRes>::new_borrow(xr.rep()); // a borrow, as for the headers phases
             let result = guest_result(result);
             let action = run_inline(
                 live.bindings
@@ -1016,6 +1039,8 @@ impl HttpFilter for WasmFilter {
         let r = self.with_instance(worker, Phase::ReadOnly, Some(x), false, |live| {
             let xr = live.store.data_mut().exchange_handle(context)?;
             let xr2 = wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep());
+            let xr =
+                wasmtime::component::Resource::<super::host::ExchangeRes>::new_borrow(xr.rep()); // a borrow, as for the headers phases
             let r = run_inline(live.bindings.legate_filter_http_handler().call_on_log(
                 &mut live.store,
                 context,
