@@ -339,6 +339,14 @@ fn guest_result(
     }
 }
 
+/// A `borrow` of the host handle `r`, to pass to a phase's `borrow<…>` parameter.
+/// An own-state `Resource` given there would be moved into wasmtime's host
+/// handle table and never released: a leak against the store's cap of 100 000
+/// live handles, which trapped an instance every few ten thousand requests.
+fn borrow<T: 'static>(r: &wasmtime::component::Resource<T>) -> wasmtime::component::Resource<T> {
+    wasmtime::component::Resource::new_borrow(r.rep())
+}
+
 fn body_mode(m: super::bindings::legate::filter::types::BodyMode) -> BodyMode {
     use super::bindings::legate::filter::types::BodyMode as B;
     match m {
@@ -734,17 +742,8 @@ impl WasmFilter {
                 Part::Response
             };
             let hr = data.headers_handle(context, part)?;
-            let (xr2, hr2) = (
-                wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep()),
-                wasmtime::component::Resource::<super::host::HeadersRes>::new_own(hr.rep()),
-            );
-            // Passed as `borrow`s: an own-state `Resource` lowered into a borrow
-            // parameter would be moved into wasmtime's host handle table and
-            // never released (counted against the store's 100 000-handle cap).
-            let (xr, hr) = (
-                wasmtime::component::Resource::<super::host::ExchangeRes>::new_borrow(xr.rep()),
-                wasmtime::component::Resource::<super::host::HeadersRes>::new_borrow(hr.rep()),
-            );
+            let (xr2, hr2) = (xr, hr);
+            let (xr, hr) = (borrow(&xr2), borrow(&hr2));
             let h = live.bindings.legate_filter_http_handler();
             let action = if request {
                 run_inline(h.call_on_request_headers(
@@ -790,17 +789,8 @@ impl WasmFilter {
             data.body_end = end_of_stream;
             let xr = data.exchange_handle(context)?;
             let br = data.buffer_handle(context, d)?;
-            let (xr2, br2) = (
-                wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep()),
-                wasmtime::component::Resource::<super::host::BufferRes>::new_own(br.rep()),
-            );
-            // Passed as `borrow`s: an own-state `Resource` lowered into a borrow
-            // parameter would be moved into wasmtime's host handle table and
-            // never released (counted against the store's 100 000-handle cap).
-            let (xr, br) = (
-                wasmtime::component::Resource::<super::host::ExchangeRes>::new_borrow(xr.rep()),
-                wasmtime::component::Resource::<super::host::BufferRes>::new_borrow(br.rep()),
-            );
+            let (xr2, br2) = (xr, br);
+            let (xr, br) = (borrow(&xr2), borrow(&br2));
             let h = live.bindings.legate_filter_http_handler();
             let action = match d {
                 Direction::Request => run_inline(h.call_on_request_body(
@@ -852,17 +842,8 @@ impl WasmFilter {
             let data = live.store.data_mut();
             let xr = data.exchange_handle(context)?;
             let tr = data.headers_handle(context, part)?;
-            let (xr2, tr2) = (
-                wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep()),
-                wasmtime::component::Resource::<super::host::HeadersRes>::new_own(tr.rep()),
-            );
-            // Passed as `borrow`s: an own-state `Resource` lowered into a borrow
-            // parameter would be moved into wasmtime's host handle table and
-            // never released (counted against the store's 100 000-handle cap).
-            let (xr, tr) = (
-                wasmtime::component::Resource::<super::host::ExchangeRes>::new_borrow(xr.rep()),
-                wasmtime::component::Resource::<super::host::HeadersRes>::new_borrow(tr.rep()),
-            );
+            let (xr2, tr2) = (xr, tr);
+            let (xr, tr) = (borrow(&xr2), borrow(&tr2));
             let h = live.bindings.legate_filter_http_handler();
             let action = match d {
                 Direction::Request => {
@@ -1005,9 +986,8 @@ impl HttpFilter for WasmFilter {
             };
             live.store.data_mut().phase = phase;
             let xr = live.store.data_mut().exchange_handle(context)?;
-            let xr2 = wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep());
-            let xr =
-                wasmtime::component::Resource::<super::host::ExchangeRes>::new_borrow(xr.rep()); // a borrow, as for the headers phases
+            let xr2 = xr;
+            let xr = borrow(&xr2);
             let result = guest_result(result);
             let action = run_inline(
                 live.bindings
@@ -1038,9 +1018,8 @@ impl HttpFilter for WasmFilter {
         let context = x.context;
         let r = self.with_instance(worker, Phase::ReadOnly, Some(x), false, |live| {
             let xr = live.store.data_mut().exchange_handle(context)?;
-            let xr2 = wasmtime::component::Resource::<super::host::ExchangeRes>::new_own(xr.rep());
-            let xr =
-                wasmtime::component::Resource::<super::host::ExchangeRes>::new_borrow(xr.rep()); // a borrow, as for the headers phases
+            let xr2 = xr;
+            let xr = borrow(&xr2);
             let r = run_inline(live.bindings.legate_filter_http_handler().call_on_log(
                 &mut live.store,
                 context,
