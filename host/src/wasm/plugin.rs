@@ -66,7 +66,12 @@ pub struct Settings {
     pub clusters: Vec<String>,
     /// The buffered body cap (`limits.body`).
     pub body_limit: usize,
+    /// The data files granted (`files:`), read at load.
+    pub files: Arc<Files>,
 }
+
+/// A plugin's data files by name (`files:` in the config), as read at load.
+pub type Files = HashMap<String, Arc<[u8]>>;
 
 /// Per-plugin counters on `/stats` (shared with proxy-wasm plugins).
 pub(crate) struct PluginStats {
@@ -394,6 +399,7 @@ impl WasmFilter {
         })?;
         let mut shared = PluginShared::new(name, stats.clone(), &settings.kv, &settings.clusters);
         shared.body_limit = settings.body_limit;
+        shared.files = settings.files.clone();
         let shared = Arc::new(shared);
         let body_limit_exceeded = ["request", "response"].map(|d| {
             stats.counter(
