@@ -869,3 +869,31 @@ async fn a_missing_data_file_refuses_the_load() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_stdout_and_stderr_become_log_lines() {
+    // `legate check` configures the plugin once; its log goes to stderr.
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    let yaml = simple(
+        up.addr,
+        &plugin("printer", "{ mode: stdio }", ""),
+        &["printer"],
+    );
+    let file = dir.write("plugins.yaml", &yaml);
+    let out = Command::new(legate_bin())
+        .args(["check", "-c"])
+        .arg(&file)
+        .env("LEGATE_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let line = |needle: &str, level: &str| {
+        log.lines()
+            .any(|l| l.contains(needle) && l.contains(level) && l.contains("printer"))
+    };
+    assert!(line("stdout line from printer", "INFO"), "{log}");
+    assert!(line("stderr line from printer", "ERROR"), "{log}");
+    assert!(line("partial line from printer", "INFO"), "{log}");
+}

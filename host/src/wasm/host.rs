@@ -20,6 +20,8 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use super::stdio::{GuestOutput, Which};
+
 use super::bindings::legate::filter::{
     callout, clock, http as whttp, kv, log, metrics, plugin, random, types,
 };
@@ -230,11 +232,13 @@ impl HostState {
     /// A store's data for an instance of `plugin` on worker `worker`.
     pub fn new(plugin: Arc<PluginShared>, worker: u32, memory_cap: usize) -> Self {
         // WASI with nothing granted: no preopens, env, args, sockets or name lookup;
-        // stdin is empty, stdout and stderr are discarded.
+        // stdin is empty; stdout and stderr become log lines (wasm/stdio.rs).
         let mut b = WasiCtxBuilder::new();
         b.allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false);
+            .allow_ip_name_lookup(false)
+            .stdout(GuestOutput::new(plugin.name.clone(), Which::Stdout))
+            .stderr(GuestOutput::new(plugin.name.clone(), Which::Stderr));
         HostState {
             wasi: b.build(),
             table: ResourceTable::new(),

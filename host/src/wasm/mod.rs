@@ -33,6 +33,7 @@ pub mod host;
 pub mod kv;
 pub mod plugin;
 pub mod proxy_wasm;
+pub mod stdio;
 
 use std::collections::HashMap;
 use std::sync::Arc;

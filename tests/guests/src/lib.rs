@@ -68,6 +68,10 @@
 //! - `file`: answers every request locally with data file `file` (default
 //!   `data`, `plugin.file`): 200 and its contents, or 404 and the error name.
 //!
+//! - `stdio`: `configure` prints `stdout line from <tag>` to stdout and
+//!   `stderr line from <tag>` to stderr (WASI), then a partial line without a
+//!   newline, flushed.
+//!
 //! `phases` is a comma list of `rq` (request headers), `rs` (response headers),
 //! `rqbody`, `rsbody`, `rqtrailers`, `rstrailers`, `log`, `done`; default `rq,rs`.
 
@@ -353,6 +357,13 @@ impl Guest for Plugin {
                 "done" => Phases::DONE,
                 _ => return Err(format!("unknown phase `{p}`")),
             };
+        }
+        if mode == "stdio" {
+            use std::io::Write as _;
+            println!("stdout line from {tag}");
+            eprintln!("stderr line from {tag}");
+            print!("partial line from {tag}");
+            let _ = std::io::stdout().flush();
         }
         if mode == "metrics" {
             let c = legate::filter::metrics::define_counter(
