@@ -219,7 +219,7 @@ impl Transcoder {
         for pair in m.query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let key = percent_decode(k, false, true)?;
-            if self.ignored_query_parameters.iter().any(|i| *i == key) {
+            if self.ignored_query_parameters.contains(&key) {
                 continue;
             }
             if matches!(rule.body, BodyMapping::All) {

@@ -141,6 +141,20 @@ fn get_with_path_variable_and_query() {
             display_name: "D".into(),
         }
     );
+    // A typed path variable.
+    let r: pb::FailRequest = build(&t, "GET", "/v1/fail/-5?message=m", "").unwrap();
+    assert_eq!(
+        r,
+        pb::FailRequest {
+            code: -5,
+            message: "m".into()
+        }
+    );
+    let e = build::<pb::FailRequest>(&t, "GET", "/v1/fail/five", "").unwrap_err();
+    assert!(
+        e.starts_with("path variable code: \"five\" does not fit legate.test.v1.FailRequest.code"),
+        "{e}"
+    );
     // Enum by number.
     let r: pb::ReflectRequest = build(&t, "GET", "/v1/tags/n?kind=1", "").unwrap();
     assert_eq!(r.kind, 1);
