@@ -1056,6 +1056,16 @@ impl Chain {
         plan
     }
 
+    /// Whether a filter takes part in direction `d` with a `buffered` body phase:
+    /// then even a body-less message of `d` gets its one body call (with an empty
+    /// buffer), so such a filter can give it a body.
+    pub fn buffers(&self, d: Direction) -> bool {
+        self.order(d).into_iter().any(|i| {
+            let c = self.ctl[i];
+            c.wants(d) && c.modes[d.idx()] == BodyMode::Buffered
+        })
+    }
+
     /// A body of direction `d` reached `len` bytes: counted on every buffering
     /// filter whose cap that exceeds.
     pub fn body_limit_exceeded(&self, d: Direction, len: usize) {

@@ -638,7 +638,13 @@ async fn request_body(
     let Some(shared) = out.chain.clone() else {
         return Ok(None);
     };
-    if req.body().is_end_stream() || is_upgrade(req) {
+    if is_upgrade(req) {
+        return Ok(None);
+    }
+    // A body-less request goes through the body phases only for a filter that
+    // buffers it: that filter may give it a body (abi/README.md §4).
+    let empty = req.body().is_end_stream();
+    if empty && !chain_step(&shared, |c| c.buffers(filter::Direction::Request))? {
         return Ok(None);
     }
     let inner = std::mem::replace(req.body_mut(), body::empty());
@@ -647,7 +653,10 @@ async fn request_body(
         BodyRun::Respond(lr) => return Ok(Some(lr)),
         BodyRun::Whole(data, trailers) => {
             chain_step(&shared, |c| write_head(&c.x, req, authority))??;
-            set_length(req.headers_mut(), data.len(), trailers.is_some());
+            // Still empty: framed as it came (no `content-length: 0` on a GET).
+            if !(empty && data.is_empty() && trailers.is_none()) {
+                set_length(req.headers_mut(), data.len(), trailers.is_some());
+            }
             *req.body_mut() = body::whole(data, trailers);
         }
     }
@@ -673,8 +682,21 @@ async fn response_body(
     shared: filter::SharedChain,
     mut resp: Response<Body>,
 ) -> Result<Response<Body>, ProxyError> {
-    if resp.body().is_end_stream() {
-        return Ok(resp);
+    // As for requests: a body-less response goes through the body phases only
+    // for a filter that buffers it, and only if it may have a body.
+    let empty = resp.body().is_end_stream();
+    if empty {
+        let may_have_body = !(resp.status().is_informational()
+            || matches!(
+                resp.status(),
+                StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+            ));
+        let buffered = chain_step(&shared, |c| {
+            c.x.method != Method::HEAD && c.buffers(filter::Direction::Response)
+        })?;
+        if !(may_have_body && buffered) {
+            return Ok(resp);
+        }
     }
     let inner = std::mem::replace(resp.body_mut(), body::empty());
     let (data, trailers) =

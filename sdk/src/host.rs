@@ -48,4 +48,17 @@ pub mod plugin {
     pub fn instance_index() -> u32 {
         crate::backend::instance_index()
     }
+
+    /// The contents of data file `name`, granted to the plugin in the host
+    /// configuration (`files: {NAME: PATH}`, read by the host at load). Read it
+    /// once in `configure`. Errors: `NotFound` if no such file was granted.
+    ///
+    /// ```no_run
+    /// # fn f() -> Result<(), legate_sdk::Error> {
+    /// let descriptors = legate_sdk::plugin::file("descriptors")?;
+    /// # Ok(()) }
+    /// ```
+    pub fn file(name: &str) -> Result<Vec<u8>, crate::Error> {
+        crate::backend::plugin_file(name)
+    }
 }

@@ -96,6 +96,16 @@ impl TestHost {
         self
     }
 
+    /// Grant data file `name` with `contents` (`plugin::file(name)`), as
+    /// `files: {NAME: PATH}` does in the host configuration.
+    pub fn file(self, name: &str, contents: impl Into<Vec<u8>>) -> Self {
+        self.host
+            .borrow_mut()
+            .files
+            .insert(name.to_owned(), contents.into());
+        self
+    }
+
     /// Grant (and configure) KV namespace `name`; others are `Denied`.
     pub fn grant_kv(self, name: &str) -> Self {
         self.host.borrow_mut().granted_kv.insert(name.to_owned());

@@ -8,10 +8,13 @@ use std::sync::OnceLock;
 use legate_host::plugin_build::cargo;
 
 /// The path of the workspace binary `name` in the target directory, after one
-/// `cargo build --workspace --all-targets` per test process: the selection
-/// `scripts/test.sh` builds, so features of shared dependencies unify the same way
-/// and the build is a no-op there (`-p legate-host` alone would rebuild wasmtime
-/// with other features, for minutes, inside the test).
+/// `cargo build --workspace --bins` per test process. `--workspace` makes the
+/// features of shared dependencies unify as in `scripts/test.sh`'s build, so
+/// nothing but the binaries is built (`-p legate-host` alone would rebuild
+/// wasmtime with other features, for minutes, inside the test); `--bins` and not
+/// `--all-targets`, because `cargo build` builds test targets in the `dev`
+/// profile while the test run built them in `test`: every test executable
+/// would be compiled and linked a second time (minutes, and ~0.5 GB each).
 ///
 /// With `LEGATE_BIN_DIR` set, the binaries are taken from that directory as they
 /// are, nothing is built: benchmarks point it at `target/release`.
@@ -24,12 +27,12 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let build = cargo()
             .current_dir(&workspace)
-            .args(["build", "--workspace", "--all-targets"])
+            .args(["build", "--workspace", "--bins"])
             .output()
             .unwrap_or_else(|e| panic!("running cargo build: {e}"));
         assert!(
             build.status.success(),
-            "cargo build --workspace --all-targets failed:\n{}",
+            "cargo build --workspace --bins failed:\n{}",
             String::from_utf8_lossy(&build.stderr)
         );
         // `cargo metadata` knows the target directory (CARGO_TARGET_DIR, config...).

@@ -803,3 +803,69 @@ async fn callouts_from_on_tick_reach_on_tick_callout_response() {
     lg.assert_stat(r#"legate_plugin_callouts_total{plugin="ticker"}"#, 1.0)
         .await;
 }
+
+each_proto!(
+    async fn data_files_are_given_to_the_plugin_and_read_again_on_reload(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let data = dir.write("data.bin", b"first\x00contents");
+        let files = format!("    files: {{ data: {} }}\n", data.display());
+        let p = plugin("reader", "{ mode: file }", &files);
+        let yaml = config(
+            up.addr,
+            &p,
+            &["reader"],
+            "",
+            "            filters: { reader: { config: { mode: file, file: nope } } }\n",
+        );
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c.get("/x").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.as_ref(), b"first\x00contents");
+        // A name that was not granted is `not-found`, not a trap.
+        let r = c.get("/over").send().await;
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (404, "not-found"));
+        assert_eq!(up.requests.get(), 0);
+
+        // A plugin reload reads the file again.
+        std::fs::write(&data, b"second").unwrap();
+        let (status, body) = lg.admin_post("/plugins/reader/reload").await;
+        assert_eq!(status, 200, "{body}");
+        let r = c.get("/x").send().await;
+        assert_eq!(r.text(), "second");
+
+        // A file that cannot be read fails the reload, naming it; the old data stays.
+        std::fs::remove_file(&data).unwrap();
+        let (status, body) = lg.admin_post("/plugins/reader/reload").await;
+        assert_ne!(status, 200, "{body}");
+        assert!(
+            body.contains("plugin `reader`: cannot read file `data`")
+                && body.contains("data.bin"),
+            "{body}"
+        );
+        let r = c.get("/x").send().await;
+        assert_eq!(r.text(), "second");
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_data_file_refuses_the_load() {
+    let up = upstream().start().await;
+    let files = "    files: { data: /nonexistent/legate-data.bin }\n";
+    let yaml = simple(
+        up.addr,
+        &plugin("reader", "{ mode: file }", files),
+        &["reader"],
+    );
+    let err = match legate().config(&yaml).try_start() {
+        Ok(_) => panic!("a plugin with a missing data file was loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("plugin `reader`: cannot read file `data` (/nonexistent/legate-data.bin)")
+            && err.contains("fix the path under the plugin's `files:`"),
+        "{err}"
+    );
+}

@@ -104,10 +104,14 @@ each_proto!(
         assert_eq!(e.header("content-length"), Some("20"));
         assert_eq!(e.header("transfer-encoding"), None);
 
-        // No body: no body call.
+        // No body: still one body call in buffered mode, and the filter can give
+        // the request a body (abi/README.md §4), sent with its length.
         let r = c.get("/c").send().await;
-        assert_eq!(r.echo().body, "");
-        lg.assert_stat(&calls("upper", "request_body"), 2.0).await;
+        let e = r.echo();
+        assert_eq!((e.method.as_str(), e.body.as_str()), ("GET", "!"));
+        assert_eq!(e.header("content-length"), Some("1"));
+        assert_eq!(e.header("x-body-len"), Some("0"));
+        lg.assert_stat(&calls("upper", "request_body"), 3.0).await;
     }
 );
 
@@ -127,6 +131,44 @@ each_proto!(
         assert_eq!(r.header("content-length"), Some("12"));
         assert_eq!(r.header("x-body-len"), Some("11"));
         lg.assert_stat(&calls("upper", "response_body"), 1.0).await;
+    }
+);
+
+each_proto!(
+    async fn a_buffered_body_phase_can_give_a_body_to_a_message_without_one(proto) {
+        let up = upstream()
+            .route("/empty", |_req| async { Response::new(Full::new(Bytes::new())) })
+            .route("/nocontent", |_req| async {
+                let mut r = Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = StatusCode::NO_CONTENT;
+                r
+            })
+            .start()
+            .await;
+        let p = plugin(
+            "upper",
+            "{ mode: body-upper, phases: \"rs,rsbody\", rsmode: buffered }",
+            "",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["upper"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c.get("/empty").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "!");
+        assert_eq!(r.header("content-length"), Some("1"));
+        assert_eq!(r.header("x-body-len"), Some("0"));
+        lg.assert_stat(&calls("upper", "response_body"), 1.0).await;
+
+        // Responses that cannot have a body get no body call.
+        let r = c.get("/nocontent").send().await;
+        assert_eq!(r.status, 204);
+        assert_eq!(r.text(), "");
+        let r = c.request(Method::HEAD, "/empty").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "");
+        lg.assert_stat(&calls("upper", "response_body"), 1.0).await;
+        assert_eq!(up.requests.get(), 3);
     }
 );
 

@@ -557,6 +557,9 @@ impl Config {
             if p.value.module_file().is_some() {
                 fix(&mut p.value.module);
             }
+            for f in p.value.files.values_mut() {
+                fix(f);
+            }
         }
         if let Some(tls) = &mut self.kv.tls {
             let tls = &mut tls.value;

@@ -84,11 +84,23 @@ pub struct Plugin {
     /// What the plugin may reach outside itself.
     #[serde(default)]
     pub capabilities: Capabilities,
+    /// Data files the plugin may read (`plugin.file(NAME)`), by name: paths
+    /// relative to the config file, read by the host at every (re)load, so a
+    /// sandboxed plugin gets e.g. a protobuf descriptor set without filesystem
+    /// access. At most [`MAX_PLUGIN_FILES`] files of [`MAX_PLUGIN_FILE_SIZE`] each.
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<Name, PathBuf>,
     /// Settings of a proxy-wasm (Envoy ABI 0.2.1) module; only for such modules
     /// (docs/proxy-wasm.md).
     #[serde(default)]
     pub proxy_wasm: Option<ProxyWasm>,
 }
+
+/// The most data files one plugin may be given (`files:`).
+pub const MAX_PLUGIN_FILES: usize = 16;
+/// The largest data file a plugin may be given: 16 MiB, the default memory cap of
+/// an instance (the guest receives a copy).
+pub const MAX_PLUGIN_FILE_SIZE: u64 = 16 << 20;
 
 /// Settings of a proxy-wasm module (Envoy's `vm_config` and plugin `configuration`).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

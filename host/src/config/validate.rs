@@ -702,6 +702,30 @@ fn validate_plugin(e: &mut Issues, p: &Spanned<Plugin>, clusters: &Defined<'_>) 
     for c in &p.capabilities.clusters {
         clusters.check(e, c);
     }
+    if p.files.len() > super::MAX_PLUGIN_FILES {
+        e.at(
+            loc,
+            format!(
+                "plugin `{}`: {} `files` given; at most {} are allowed",
+                p.name,
+                p.files.len(),
+                super::MAX_PLUGIN_FILES
+            ),
+            "combine the data into fewer files",
+        )
+        .key("files");
+    }
+    if p.proxy_wasm.is_some() && !p.files.is_empty() {
+        e.at(
+            loc,
+            format!(
+                "plugin `{}`: `files` is for components, not proxy-wasm modules",
+                p.name
+            ),
+            "proxy-wasm modules read their data from `proxy_wasm.plugin_config`; remove `files`",
+        )
+        .key("files");
+    }
     if let Some(pw) = &p.proxy_wasm {
         if pw.plugin_config.is_some() && p.config.is_some() {
             e.at(

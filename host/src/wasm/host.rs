@@ -115,6 +115,8 @@ pub struct PluginShared {
     /// The buffered body cap (`limits.body`): `buffer` writes past it are
     /// `limit-exceeded`.
     pub body_limit: usize,
+    /// The data files granted (`files:`), read at load.
+    pub files: Arc<super::plugin::Files>,
     metrics: Mutex<HashMap<String, Arc<MetricDef>>>,
     series: AtomicUsize,
 }
@@ -131,6 +133,7 @@ impl PluginShared {
             clusters: clusters.iter().map(|n| Arc::from(n.as_str())).collect(),
             callouts_sent,
             body_limit: crate::filter::DEFAULT_BODY_LIMIT,
+            files: Arc::default(),
             metrics: Mutex::default(),
             series: AtomicUsize::new(0),
         }
@@ -991,6 +994,12 @@ impl plugin::Host for HostState {
     }
     fn instance_index(&mut self) -> wasmtime::Result<u32> {
         Ok(self.worker)
+    }
+    fn file(&mut self, name: String) -> wasmtime::Result<Result<Vec<u8>, Error>> {
+        Ok(match self.plugin.files.get(&name) {
+            Some(bytes) => Ok(bytes.to_vec()),
+            None => Err(Error::NotFound),
+        })
     }
 }
 

@@ -92,6 +92,7 @@ pub fn load(
         if load_proxy_wasm(config, p, &bytes, stats, &mut out)? {
             continue;
         }
+        let files = read_files(p)?;
         let sha256 = p.sha256.as_ref().map(|s| s.value.as_str());
         let component = engine::compile(name, &p.module, &bytes, sha256, stats)?;
         let mut configs: Vec<Option<String>> = vec![None];
@@ -115,6 +116,7 @@ pub fn load(
                     .map(|n| n.value.to_string())
                     .collect(),
                 body_limit: usize::try_from(p.limits.body.value.0).unwrap_or(usize::MAX),
+                files: files.clone(),
             };
             let f = Arc::new(WasmFilter::load(name, &component, settings, stats)?);
             f.arm();
@@ -128,6 +130,38 @@ pub fn load(
         }
     }
     Ok(out)
+}
+
+/// Reads plugin `p`'s data files (`files:`), once per load, shared by its instances.
+fn read_files(p: &crate::config::Plugin) -> anyhow::Result<Arc<plugin::Files>> {
+    let name = p.name.as_str();
+    let mut out = plugin::Files::new();
+    for (key, path) in &p.files {
+        let fix = "fix the path under the plugin's `files:` (relative to the config file)";
+        let meta = std::fs::metadata(path).map_err(|e| {
+            anyhow::anyhow!(
+                "plugin `{name}`: cannot read file `{key}` ({}): {e}; {fix}",
+                path.display()
+            )
+        })?;
+        if meta.len() > crate::config::MAX_PLUGIN_FILE_SIZE {
+            anyhow::bail!(
+                "plugin `{name}`: file `{key}` ({}) is {} bytes, over the limit of {} bytes \
+                 for a plugin data file",
+                path.display(),
+                meta.len(),
+                crate::config::MAX_PLUGIN_FILE_SIZE
+            );
+        }
+        let bytes = std::fs::read(path).map_err(|e| {
+            anyhow::anyhow!(
+                "plugin `{name}`: cannot read file `{key}` ({}): {e}; {fix}",
+                path.display()
+            )
+        })?;
+        out.insert(key.to_string(), bytes.into());
+    }
+    Ok(Arc::new(out))
 }
 
 /// The bytes of plugin `p`'s module: the embedded component of `builtin:NAME`, or
@@ -197,6 +231,13 @@ fn load_proxy_wasm(
             );
         }
         return Ok(false);
+    }
+    if !p.files.is_empty() {
+        anyhow::bail!(
+            "plugin `{name}`: `files` is for Legate components, but {} is a proxy-wasm \
+             module; give its data in `proxy_wasm.plugin_config` and remove `files`",
+            p.module.display()
+        );
     }
     let module = proxy_wasm::compile(name, &p.module, p.sha256.as_ref().map(|s| s.value.as_str()))?;
     let pw = p.proxy_wasm.clone().unwrap_or_default();

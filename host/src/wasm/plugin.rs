@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -66,7 +66,12 @@ pub struct Settings {
     pub clusters: Vec<String>,
     /// The buffered body cap (`limits.body`).
     pub body_limit: usize,
+    /// The data files granted (`files:`), read at load.
+    pub files: Arc<Files>,
 }
+
+/// A plugin's data files by name (`files:` in the config), as read at load.
+pub type Files = HashMap<String, Arc<[u8]>>;
 
 /// Per-plugin counters on `/stats` (shared with proxy-wasm plugins).
 pub(crate) struct PluginStats {
@@ -339,6 +344,19 @@ fn guest_result(
     }
 }
 
+/// The cap on live component handles of each new store; 0 = wasmtime's default
+/// (100 000).
+static MAX_HANDLES: AtomicUsize = AtomicUsize::new(0);
+
+/// Lowers the cap on live component handles of every instance created from now
+/// on in this process (wasmtime's default is 100 000), so a test can show in a
+/// few hundred requests that phase calls do not leak handles — a leak that used
+/// to trap an instance only every few ten thousand requests.
+#[doc(hidden)]
+pub fn set_max_component_handles_for_tests(limit: usize) {
+    MAX_HANDLES.store(limit, Relaxed);
+}
+
 /// A `borrow` of the host handle `r`, to pass to a phase's `borrow<…>` parameter.
 /// An own-state `Resource` given there would be moved into wasmtime's host
 /// handle table and never released: a leak against the store's cap of 100 000
@@ -394,6 +412,7 @@ impl WasmFilter {
         })?;
         let mut shared = PluginShared::new(name, stats.clone(), &settings.kv, &settings.clusters);
         shared.body_limit = settings.body_limit;
+        shared.files = settings.files.clone();
         let shared = Arc::new(shared);
         let body_limit_exceeded = ["request", "response"].map(|d| {
             stats.counter(
@@ -566,6 +585,10 @@ impl WasmFilter {
         }
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
+        match MAX_HANDLES.load(Relaxed) {
+            0 => {}
+            n => store.set_max_component_handles(n),
+        }
         store.set_epoch_deadline(engine::ticks(CONFIGURE_DEADLINE));
         let bindings = run_inline(self.pre.instantiate_async(&mut store))
             .map_err(|e| format!("cannot instantiate: {e:#}"))?;

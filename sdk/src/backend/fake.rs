@@ -89,6 +89,7 @@ pub(crate) struct SentCallout {
 pub(crate) struct HostState {
     pub(crate) plugin_name: String,
     pub(crate) instance_index: u32,
+    pub(crate) files: HashMap<String, Vec<u8>>,
     pub(crate) granted_kv: HashSet<String>,
     pub(crate) granted_clusters: HashSet<String>,
     pub(crate) wall_ns: u64,
@@ -112,6 +113,7 @@ impl HostState {
         HostState {
             plugin_name: "test".to_owned(),
             instance_index: 0,
+            files: HashMap::new(),
             granted_kv: HashSet::new(),
             granted_clusters: HashSet::new(),
             // 2026-01-01T00:00:00Z: a fixed, recognizable start.
@@ -614,6 +616,11 @@ pub(crate) fn plugin_name() -> String {
 }
 pub(crate) fn instance_index() -> u32 {
     with_host(0, |h| h.instance_index)
+}
+pub(crate) fn plugin_file(name: &str) -> Result<Vec<u8>, Error> {
+    with_host(Err(Error::Unsupported), |h| {
+        h.files.get(name).cloned().ok_or(Error::NotFound)
+    })
 }
 
 // ---- metrics ----

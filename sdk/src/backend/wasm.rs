@@ -305,6 +305,9 @@ pub(crate) fn plugin_name() -> String {
 pub(crate) fn instance_index() -> u32 {
     wit::plugin::instance_index()
 }
+pub(crate) fn plugin_file(name: &str) -> Result<Vec<u8>, Error> {
+    wit::plugin::file(name).map_err(error)
+}
 
 // ---- metrics ----
 

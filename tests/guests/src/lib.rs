@@ -65,6 +65,9 @@
 //!   behaves as `body-upper`, and records a late `set-body-mode` error in
 //!   `x-late-mode` on the response.
 //!
+//! - `file`: answers every request locally with data file `file` (default
+//!   `data`, `plugin.file`): 200 and its contents, or 404 and the error name.
+//!
 //! `phases` is a comma list of `rq` (request headers), `rs` (response headers),
 //! `rqbody`, `rsbody`, `rqtrailers`, `rstrailers`, `log`, `done`; default `rq,rs`.
 
@@ -84,6 +87,7 @@ struct Cfg {
     tag: String,
     cluster: String,
     timeout: u32,
+    file: String,
 }
 
 thread_local! {
@@ -92,6 +96,7 @@ thread_local! {
         tag: String::new(),
         cluster: String::new(),
         timeout: 0,
+        file: String::new(),
     });
     /// `callout` mode: responses still awaited per context.
     /// `tick-callout` mode: the tick callout was sent.
@@ -372,6 +377,7 @@ impl Guest for Plugin {
                 tag,
                 cluster,
                 timeout,
+                file: field(&config, "file").unwrap_or_else(|| "data".into()),
             }
         });
         let body_mode = |key: &str| match field(&config, key).as_deref() {
@@ -439,6 +445,23 @@ impl Guest for Plugin {
                 body: b"denied by plugin\n".to_vec(),
                 details: "missing_api_key".into(),
             }),
+            "file" => {
+                let name = CFG.with(|c| c.borrow().file.clone());
+                match legate::filter::plugin::file(&name) {
+                    Ok(data) => Action::Respond(LocalResponse {
+                        status: 200,
+                        headers: Vec::new(),
+                        body: data,
+                        details: String::new(),
+                    }),
+                    Err(e) => Action::Respond(LocalResponse {
+                        status: 404,
+                        headers: Vec::new(),
+                        body: error_name(e).as_bytes().to_vec(),
+                        details: "no_file".into(),
+                    }),
+                }
+            }
             "rewrite" => {
                 let p = x.path();
                 if let Some(rest) = p.strip_prefix("/old") {
