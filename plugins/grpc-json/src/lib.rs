@@ -123,7 +123,7 @@ impl HttpFilter for GrpcJson {
     type Context = Context;
 
     fn configure(config: Config) -> Result<Self, String> {
-        let bytes = read_file(&config.descriptor_file).map_err(|e| {
+        let bytes = legate_sdk::plugin::file(&config.descriptor_file).map_err(|e| {
             format!(
                 "reading descriptor file {:?}: {e}: grant it in the plugin's `files:` (e.g. `files: {{ {}: protos/api.pb }}`)",
                 config.descriptor_file, config.descriptor_file
@@ -353,11 +353,6 @@ impl HttpFilter for GrpcJson {
             }
         }
     }
-}
-
-// TEMPORARY until `legate_sdk::plugin::file` lands on main (then merged).
-fn read_file(_name: &str) -> Result<Vec<u8>, legate_sdk::Error> {
-    Err(legate_sdk::Error::Unsupported)
 }
 
 legate_sdk::export!(GrpcJson);
