@@ -149,7 +149,19 @@ impl HttpFilter for GrpcJson {
         headers: &Headers<'_>,
         _end_of_stream: bool,
     ) -> Action {
-        let Some(m) = self.transcoder.find(&x.method(), &x.path()) else {
+        // Already gRPC (a gRPC client on a path that looks like a REST one):
+        // not ours to convert, as in Envoy.
+        let grpc = headers.get_str("content-type").is_some_and(|ct| {
+            ct.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/grpc")
+        });
+        let found = if grpc {
+            None
+        } else {
+            self.transcoder.find(&x.method(), &x.path())
+        };
+        let Some(m) = found else {
             return Action::Continue;
         };
         let Some(rule) = self.transcoder.rules.get(m.rule) else {

@@ -268,6 +268,9 @@ fn unmatched_requests_pass_untouched() {
         Request::get("/v1/count/3"),
         // The right path with the wrong method.
         Request::new("DELETE", "/v1/echo/x"),
+        // A matching rule, but the request is gRPC already.
+        Request::post("/v1/echo", common::frame(b""))
+            .header("content-type", "application/grpc+proto"),
     ] {
         let mut x = t.exchange(req.header("content-length", "5"));
         let (method, path) = (x.method(), x.path());
