@@ -18,6 +18,16 @@ use serde_json::json;
 /// gRPC server (h2 prior knowledge), all through the transcoder. The
 /// transcoded path (`/legate.test.v1.Echo/...`) is routed like any gRPC call.
 fn config(grpc: SocketAddr, echo: SocketAddr) -> String {
+    config_with(
+        grpc,
+        echo,
+        &plugin_wasm("plugins/grpc-json").display().to_string(),
+        "[legate.test.v1.Echo]",
+    )
+}
+
+/// [`config`] with another `module` and `services`.
+fn config_with(grpc: SocketAddr, echo: SocketAddr, module: &str, services: &str) -> String {
     format!(
         "version: 1
 listeners:
@@ -46,14 +56,13 @@ clusters:
       - address: {echo}
 plugins:
   - name: transcoder
-    module: {wasm}
+    module: {module}
     limits: {{ cpu: 500ms }}
     files: {{ descriptors: {fds} }}
     config:
-      services: [legate.test.v1.Echo]
+      services: {services}
       ignored_query_parameters: [access_token]
 ",
-        wasm = plugin_wasm("plugins/grpc-json").display(),
         fds = file_descriptor_set_path().display(),
     )
 }
@@ -247,3 +256,81 @@ each_proto!(
         }
     }
 );
+
+each_proto!(
+    async fn a_non_grpc_answer_passes_as_it_is(proto) {
+        // The "gRPC" cluster is a plain HTTP/2 echo server: it shows what the
+        // transcoder sent, and its JSON answer (not gRPC) passes untranscoded.
+        let h2_echo = upstream().h2().start().await;
+        let echo = upstream().start().await;
+        let lg = legate().config(&config(h2_echo.addr, echo.addr)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/v1/echo/x?access_token=t").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let seen = r.echo();
+        assert_eq!(seen.method, "POST");
+        assert_eq!(seen.path, "/legate.test.v1.Echo/Say");
+        assert_eq!(seen.header("content-type"), Some("application/grpc"));
+        assert_eq!(seen.header("te"), Some("trailers"));
+        // One frame: flag, length 3, then field 1 = "x".
+        assert_eq!(seen.body.as_bytes(), [0, 0, 0, 0, 3, 0x0a, 1, b'x']);
+        assert_eq!(seen.header("content-length"), Some("8"));
+        assert_eq!(requests(&lg, "upstream_error").await, Some(1.0));
+
+        // No gRPC server at all: the host's own 502 passes as it is.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let lg = legate().config(&config(closed, echo.addr)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/v1/echo/x").send().await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(r.text().trim(), "upstream_connect_failure");
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builtin_module_transcodes() {
+    let grpc = grpc_upstream().start().await;
+    let echo = upstream().start().await;
+    let yaml = config_with(
+        grpc.addr,
+        echo.addr,
+        "builtin:grpc-json",
+        "[legate.test.v1.Echo]",
+    );
+    let lg = legate().config(&yaml).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let r = c.get("/v1/echo/builtin").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["message"], "builtin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configure_errors_reject_the_load() {
+    let grpc = grpc_upstream().start().await;
+    let echo = upstream().start().await;
+    let wasm = plugin_wasm("plugins/grpc-json").display().to_string();
+    let yaml = config_with(grpc.addr, echo.addr, &wasm, "[legate.test.v1.Nope]");
+    let err = match legate().config(&yaml).try_start() {
+        Ok(_) => panic!("an unknown service was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains(
+            "service \"legate.test.v1.Nope\" is not in descriptor file \"descriptors\"; it has: legate.test.v1.Echo"
+        ),
+        "{err}"
+    );
+    // No descriptor file granted.
+    let yaml = config(grpc.addr, echo.addr).replace("    files:", "    # files:");
+    let err = match legate().config(&yaml).try_start() {
+        Ok(_) => panic!("a missing descriptor file was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("reading descriptor file \"descriptors\""),
+        "{err}"
+    );
+}
