@@ -315,6 +315,18 @@ fn responses_print_as_proto3_json() {
     assert_eq!(v["flag"], false);
     assert_eq!(v["name"], "");
 
+    // add_whitespace: indented, same content.
+    let t2 = transcoder(
+        r#"{"services": ["legate.test.v1.Echo"], "print_options": {"add_whitespace": true}}"#,
+    );
+    let (_, m) = find(&t2, "GET", "/v1/echo/x").unwrap();
+    let text = String::from_utf8(t2.response_json(m.rule, &reply).unwrap()).unwrap();
+    assert!(text.starts_with("{\n  \""), "{text}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+        serde_json::json!({"message": "hi", "metadata": {"k": "v"}})
+    );
+
     // A message that does not decode is the upstream's fault.
     let (_, m) = find(&t, "GET", "/v1/echo/x").unwrap();
     let e = t.response_json(m.rule, &[0x0a, 0x05, b'a']).unwrap_err();
