@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Plugin cost: requests/s through Legate with no plugins, with the first-party
-# ratelimit plugin, and with auth (API key) + ratelimit chained — and, with
-# REDIS=1, ratelimit over a Redis KV backend (a local redis-server, loopback).
-# HTTP/1.1 keep-alive load from wrk; pinned as bench/README.md describes: wrk
-# and the upstream on core 0, Legate alone on core 1 with one worker.
+# Plugin cost: requests/s through Legate with no plugins and with each
+# first-party plugin (the `builtin:` ones of the release binary), one at a time
+# and chained as issue 4 asks: grpc-web + auth (JWT, RS256) + ratelimit, on
+# plain requests. gRPC-Web conversion itself is measured separately: gRPC-Web
+# POSTs to an HTTP/2 upstream, converted by the plugin, against the same POSTs
+# through no plugin. With REDIS=1, also ratelimit over a Redis KV backend (a
+# local redis-server). HTTP/1.1 keep-alive load from wrk; pinned as
+# bench/README.md describes: wrk and the upstream on core 0, Legate alone on
+# core 1 with one worker.
 #
 #   bench/plugins.sh                         # defaults: 3 rounds of 10s per setup
 #   ROUNDS=1 DURATION=5 bench/plugins.sh     # a short run
 #   REDIS=1 bench/plugins.sh                 # also ratelimit over Redis
+#   SETUPS="none chain" bench/plugins.sh     # only some setups
 #
 # The limit is set so high that it never refuses: what is measured is the cost
 # of checking it (two KV calls per request: get + CAS set). Prints one table:
-# best-of-ROUNDS req/s, p50/p99 of that round, and the loss against no plugins.
+# best-of-ROUNDS req/s, p50/p99 of that round, and the change against the
+# setup's baseline (no plugins, same requests).
 # Loopback only; every process is this script's child and is stopped on exit.
 set -euo pipefail
 
@@ -42,6 +48,7 @@ fi
 
 lock=()
 [[ -f Cargo.lock ]] && lock=(--locked)
+command -v openssl >/dev/null 2>&1 || die "'openssl' not found: run scripts/setup.sh bench"
 log "building legate and the demo upstream (release)"
 cargo build --release "${lock[@]}" -p legate-demo-upstream -p legate-host
 UPSTREAM_BIN="${REPO_ROOT}/target/release/legate-demo-upstream"
@@ -62,10 +69,27 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-for plugin in auth ratelimit; do
-    log "building plugins/${plugin}"
-    "${LEGATE_BIN}" plugin build "plugins/${plugin}" --out "${WORK}/${plugin}.wasm" >/dev/null
-done
+
+# An RS256 key, its JWKS modulus and a token valid for a day: what the JWT
+# setups verify (a 2048-bit key, the common case).
+b64url() { base64 -w0 | tr '+/' '-_' | tr -d '='; }
+openssl genrsa -out "${WORK}/jwt.key" 2048 2>/dev/null
+JWT_N=$(openssl rsa -in "${WORK}/jwt.key" -noout -modulus | cut -d= -f2 |
+    perl -ne 'chomp; print pack("H*", $_)' | b64url)
+jwt_head=$(printf '{"alg":"RS256","typ":"JWT","kid":"bench"}' | b64url)
+jwt_body=$(printf '{"iss":"https://id.bench","aud":"bench","sub":"user-1","exp":%d}' \
+    "$(($(date +%s) + 86400))" | b64url)
+jwt_sig=$(printf '%s.%s' "${jwt_head}" "${jwt_body}" |
+    openssl dgst -sha256 -sign "${WORK}/jwt.key" -binary | b64url)
+TOKEN="${jwt_head}.${jwt_body}.${jwt_sig}"
+
+# One gRPC-Web unary call (legate.demo.v1.Echo/Say, a 7-byte message) for wrk.
+printf '%s\n' \
+    'wrk.method = "POST"' \
+    'wrk.path = "/legate.demo.v1.Echo/Say"' \
+    'wrk.headers["content-type"] = "application/grpc-web+proto"' \
+    'wrk.headers["x-grpc-web"] = "1"' \
+    'wrk.body = "\0\0\0\0\7\10\5hello"' >"${WORK}/grpc-web.lua"
 
 port_open() { (: >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_port() {
@@ -78,6 +102,7 @@ UPSTREAM=18281
 LISTEN=18280
 ADMIN=18289
 REDIS_PORT=18279
+
 taskset -c "${LOAD_CPU}" "${UPSTREAM_BIN}" --listen "127.0.0.1:${UPSTREAM}" --name bench \
     --threads 1 >"${WORK}/upstream.log" 2>&1 &
 pids+=($!)
@@ -89,20 +114,26 @@ if [[ ${REDIS} == 1 ]]; then
     wait_port "${REDIS_PORT}"
 fi
 
-# The config of setup $1: none | ratelimit | auth+ratelimit | ratelimit-redis.
-config() {
-    local filters=() kv=""
+# The filter chain of setup $1.
+chain_of() {
     case "$1" in
-        none) ;;
-        ratelimit | ratelimit-redis) filters=(ratelimit) ;;
-        auth+ratelimit) filters=(auth ratelimit) ;;
+        none | grpc-web-none) ;;
+        grpc-web | grpc-web-convert) echo grpc-web ;;
+        auth-key) echo auth-key ;;
+        auth-jwt) echo auth-jwt ;;
+        ratelimit | ratelimit-redis) echo ratelimit ;;
+        chain) echo grpc-web auth-jwt ratelimit ;;
         *) die "unknown setup $1" ;;
     esac
+}
+
+# The config of setup $1: every plugin is loaded, the setup's are in the chain.
+config() {
+    local kv="" chain="" f
     if [[ $1 == ratelimit-redis ]]; then
         kv=$'kv:\n  backend: redis\n  url: redis://127.0.0.1:'"${REDIS_PORT}"$'/0\n  timeout: 50ms\n'
     fi
-    local chain=""
-    for f in "${filters[@]}"; do chain+="{ plugin: ${f} }, "; done
+    for f in $(chain_of "$1"); do chain+="{ plugin: ${f} }, "; done
     cat <<EOF
 version: 1
 admin: { address: 127.0.0.1:${ADMIN} }
@@ -118,24 +149,41 @@ routes:
       - name: all
         domains: ["*"]
         routes:
+          - name: grpc
+            match: { prefix: /legate.demo.v1.Echo/ }
+            cluster: grpc
           - name: all
             match: { prefix: / }
             cluster: up
 clusters:
   - name: up
     endpoints: [{ address: 127.0.0.1:${UPSTREAM} }]
+  - name: grpc
+    protocol: h2
+    endpoints: [{ address: 127.0.0.1:${UPSTREAM} }]
 plugins:
-  - name: auth
-    module: ${WORK}/auth.wasm
-    limits: { cpu: 50ms }
+  - name: grpc-web
+    module: builtin:grpc-web
+  - name: auth-key
+    module: builtin:auth
     config:
       api_keys:
         # sha256("bench-key")
         - name: keys
           keys: [{ id: bench, sha256: $(printf %s bench-key | sha256sum | cut -d' ' -f1) }]
       rules: [{ match: { prefix: / }, requires: { any: [keys] } }]
+  - name: auth-jwt
+    module: builtin:auth
+    config:
+      providers:
+        - name: corp
+          issuer: https://id.bench
+          audiences: [bench]
+          jwks: { keys: [{ kty: RSA, kid: bench, alg: RS256, use: sig, n: "${JWT_N}", e: AQAB }] }
+          claim_to_headers: [{ claim: sub, header: x-user }]
+      rules: [{ match: { prefix: / }, requires: { any: [corp] } }]
   - name: ratelimit
-    module: ${WORK}/ratelimit.wasm
+    module: builtin:ratelimit
     limits: { cpu: 250ms }
     capabilities: { kv: [ratelimit] }
     config:
@@ -146,11 +194,29 @@ plugins:
 EOF
 }
 
-# One wrk run against Legate; prints "rps p50_ms p99_ms".
+# The wrk arguments of setup $1's requests (after the common ones).
+requests_of() {
+    case "$1" in
+        grpc-web-none | grpc-web-convert) echo "-s ${WORK}/grpc-web.lua" ;;
+        *) echo "" ;;
+    esac
+}
+
+# The setup $1 is compared with.
+baseline_of() {
+    case "$1" in
+        grpc-web-convert) echo grpc-web-none ;;
+        *) echo none ;;
+    esac
+}
+
+# One wrk run against Legate for setup $1; prints "rps p50_ms p99_ms".
 measure() {
     local out="${WORK}/wrk.txt"
+    # shellcheck disable=SC2046 # the extra arguments are words
     taskset -c "${LOAD_CPU}" wrk -t"${THREADS}" -c"${CONNS}" -d"${DURATION}s" --latency \
-        -H 'x-api-key: bench-key' "http://127.0.0.1:${LISTEN}/" >"${out}" 2>&1 ||
+        -H 'x-api-key: bench-key' -H "authorization: Bearer ${TOKEN}" \
+        $(requests_of "$1") "http://127.0.0.1:${LISTEN}/" >"${out}" 2>&1 ||
         die "wrk failed: $(cat "${out}")"
     if grep -q 'Non-2xx' "${out}"; then
         die "non-2xx answers during the run: $(grep 'Non-2xx' "${out}")"
@@ -169,8 +235,30 @@ measure() {
     ' "${out}"
 }
 
-SETUPS=(none ratelimit auth+ratelimit)
-[[ ${REDIS} == 1 ]] && SETUPS+=(ratelimit-redis)
+# Checks that setup $1 answers as it should before it is measured.
+check() {
+    local hdrs="${WORK}/check.headers" code
+    if [[ $1 == grpc-web-* ]]; then
+        code=$(printf '\0\0\0\0\7\n\5hello' | curl -s -o /dev/null -D "${hdrs}" \
+            -w '%{http_code}' -H 'content-type: application/grpc-web+proto' \
+            -H 'x-grpc-web: 1' --data-binary @- \
+            "http://127.0.0.1:${LISTEN}/legate.demo.v1.Echo/Say")
+        if [[ $1 == grpc-web-convert ]] &&
+            ! grep -qi '^content-type: application/grpc-web' "${hdrs}"; then
+            die "$1: the answer was not converted to gRPC-Web: $(cat "${hdrs}")"
+        fi
+    else
+        code=$(curl -s -o /dev/null -w '%{http_code}' -H 'x-api-key: bench-key' \
+            -H "authorization: Bearer ${TOKEN}" "http://127.0.0.1:${LISTEN}/")
+    fi
+    [[ ${code} == 200 ]] || die "$1: Legate answered ${code}, not 200"
+}
+
+if [[ -z ${SETUPS:-} ]]; then
+    SETUPS="none grpc-web auth-key auth-jwt ratelimit chain grpc-web-none grpc-web-convert"
+    [[ ${REDIS} == 1 ]] && SETUPS+=" ratelimit-redis"
+fi
+read -r -a SETUPS <<<"${SETUPS}"
 declare -A best_rps best_p50 best_p99
 for setup in "${SETUPS[@]}"; do
     config "${setup}" >"${WORK}/legate.yaml"
@@ -179,11 +267,10 @@ for setup in "${SETUPS[@]}"; do
     lpid=$!
     pids+=("${lpid}")
     wait_port "${LISTEN}"
-    code=$(curl -s -o /dev/null -w '%{http_code}' -H 'x-api-key: bench-key' "http://127.0.0.1:${LISTEN}/")
-    [[ ${code} == 200 ]] || die "${setup}: Legate answered ${code}, not 200"
+    check "${setup}"
     best_rps[${setup}]=0
     for ((r = 1; r <= ROUNDS; r++)); do
-        read -r rps p50 p99 < <(measure)
+        read -r rps p50 p99 < <(measure "${setup}")
         log "${setup} round ${r}: ${rps} req/s (p50 ${p50}ms, p99 ${p99}ms)"
         if ((rps > best_rps[${setup}])); then
             best_rps[${setup}]=${rps}
@@ -196,13 +283,20 @@ for setup in "${SETUPS[@]}"; do
     while port_open "${LISTEN}"; do sleep 0.1; done
 done
 
-base=${best_rps[none]}
-printf '\n| setup | req/s | p50 ms | p99 ms | vs none |\n|---|---|---|---|---|\n'
+printf '\n| setup | chain | req/s | p50 ms | p99 ms | vs baseline |\n|---|---|---|---|---|---|\n'
 for setup in "${SETUPS[@]}"; do
     rps=${best_rps[${setup}]}
-    loss=$(awk -v a="${rps}" -v b="${base}" 'BEGIN { printf "%+.1f%%", (a - b) * 100 / b }')
-    printf '| %s | %s | %s | %s | %s |\n' "${setup}" "${rps}" "${best_p50[${setup}]}" \
-        "${best_p99[${setup}]}" "${loss}"
+    base_setup=$(baseline_of "${setup}")
+    base=${best_rps[${base_setup}]:-}
+    if [[ -z ${base} || ${setup} == "${base_setup}" || ${setup} == grpc-web-none ]]; then
+        change="(baseline)"
+    else
+        change=$(awk -v a="${rps}" -v b="${base}" -v n="${base_setup}" \
+            'BEGIN { printf "%+.1f%% vs %s", (a - b) * 100 / b, n }')
+    fi
+    chain=$(chain_of "${setup}")
+    printf '| %s | %s | %s | %s | %s | %s |\n' "${setup}" "${chain:-none}" "${rps}" \
+        "${best_p50[${setup}]}" "${best_p99[${setup}]}" "${change}"
 done
 printf '\n%s rounds of %ss, %s connections, wrk on core %s, Legate (1 worker) on core %s\n' \
     "${ROUNDS}" "${DURATION}" "${CONNS}" "${LOAD_CPU}" "${PROXY_CPU}"

@@ -101,6 +101,39 @@ fn configure_err_is_passed_through_and_null_means_defaults() {
     assert_eq!((t.filter().name.as_str(), t.filter().total), ("n", 5));
 }
 
+/// Reads its data file in `configure`, as a descriptor-driven plugin does.
+struct FileReader {
+    data: Vec<u8>,
+}
+
+impl HttpFilter for FileReader {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        let data = plugin::file("data").map_err(|e| format!("file `data`: {e:?}"))?;
+        Ok(FileReader { data })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+    }
+}
+
+#[test]
+fn data_files_are_read_in_configure() {
+    let t = TestHost::new()
+        .file("data", b"\x00bytes".to_vec())
+        .configure::<FileReader>("null")
+        .unwrap();
+    assert_eq!(t.filter().data, b"\x00bytes");
+
+    let err = TestHost::new()
+        .configure::<FileReader>("null")
+        .err()
+        .unwrap();
+    // Not granted: `NotFound`, a result the plugin turns into its own message.
+    assert_eq!(err, "file `data`: NotFound");
+}
+
 // ---------------------------------------------------------------- phases and contexts
 
 /// Counts calls per phase; keeps per-exchange state.
