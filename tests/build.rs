@@ -8,11 +8,20 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/legate/test/v1/echo.proto";
     println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([proto], ["proto"])?;
+    // Its imports: the `google.api.http` options (JSON transcoding rules).
+    println!("cargo:rerun-if-changed=proto/google/api");
+    let mut compiler = protox::Compiler::new(["proto"])?;
+    compiler
+        .include_source_info(true)
+        .include_imports(true)
+        .open_file(proto)?;
+    let fds = compiler.file_descriptor_set();
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // Encoded by protox itself: `prost_types` would drop the options'
+    // extensions (the `google.api.http` rules) as unknown fields.
     std::fs::write(
         out.join("legate_test_v1_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
+        compiler.encode_file_descriptor_set(),
     )?;
     tonic_prost_build::configure()
         .build_client(false)

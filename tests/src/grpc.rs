@@ -14,7 +14,9 @@
 //! The service: `Say` echoes the message and reports the request metadata it saw
 //! (so a test can check what the proxy sent); `Count` streams `count` replies,
 //! then ends with `fail_code`/`fail_message` in the trailers; `Fail` answers with
-//! a chosen status, which tonic sends trailers-only (status in the headers).
+//! a chosen status, which tonic sends trailers-only (status in the headers);
+//! `Reflect` answers with the request it received. The methods carry
+//! `google.api.http` options (REST/JSON bindings for plugins/grpc-json).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -206,6 +208,14 @@ impl pb::echo_server::Echo for EchoService {
         self.calls.inc();
         let r = req.into_inner();
         Err(Status::new(Code::from(r.code), r.message))
+    }
+
+    async fn reflect(
+        &self,
+        req: Request<pb::ReflectRequest>,
+    ) -> Result<Response<pb::ReflectRequest>, Status> {
+        self.calls.inc();
+        Ok(Response::new(req.into_inner()))
     }
 }
 

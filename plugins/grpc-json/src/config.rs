@@ -1,0 +1,52 @@
+//! The plugin's configuration: the serde schema (`deny_unknown_fields`) with
+//! its defaults. Building the rules from the descriptor set it names is
+//! [`crate::rules`]'s job.
+
+use serde::Deserialize;
+
+/// The granted file that holds the `FileDescriptorSet` unless configured.
+pub const DEFAULT_DESCRIPTOR_FILE: &str = "descriptors";
+
+/// The plugin's `config:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Which file granted under the plugin's `files:` holds the encoded
+    /// `FileDescriptorSet` (built with its imports, so `google.api.http` is in it).
+    #[serde(default = "default_descriptor_file")]
+    pub descriptor_file: String,
+    /// Fully-qualified services to transcode (`package.Service`). Required:
+    /// a descriptor set often holds more services than should be exposed.
+    pub services: Vec<String>,
+    /// How responses are printed as JSON.
+    #[serde(default)]
+    pub print_options: PrintOptions,
+    /// Query parameters that are not mapped to fields (and not rejected),
+    /// e.g. an `access_token` an auth filter consumes.
+    #[serde(default)]
+    pub ignored_query_parameters: Vec<String>,
+}
+
+fn default_descriptor_file() -> String {
+    DEFAULT_DESCRIPTOR_FILE.to_owned()
+}
+
+/// Envoy's `print_options`; every default is the canonical proto3 JSON mapping.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PrintOptions {
+    /// Indent the JSON (two spaces).
+    #[serde(default)]
+    pub add_whitespace: bool,
+    /// Print fields that have their default value (`0`, `""`, `false`, `[]`);
+    /// by default they are omitted, as the mapping says.
+    #[serde(default)]
+    pub always_print_primitive_fields: bool,
+    /// Print enums as numbers rather than their names.
+    #[serde(default)]
+    pub always_print_enums_as_ints: bool,
+    /// Use the `.proto` field names (`fail_code`) rather than lowerCamelCase
+    /// JSON names (`failCode`).
+    #[serde(default)]
+    pub preserve_proto_field_names: bool,
+}

@@ -1,0 +1,370 @@
+//! `grpc-json`: Legate's first-party JSON ↔ gRPC transcoder, a Wasm plugin
+//! built with `legate-sdk`, after Envoy's `grpc_json_transcoder`.
+//!
+//! A unary gRPC method with a `google.api.http` option is exposed as REST/JSON:
+//!
+//! - request headers: the method and path are matched against the rules of the
+//!   configured services (most specific template wins). No match: the
+//!   exchange passes untouched, its bodies skipped. A match: the head becomes a
+//!   gRPC request (`POST /pkg.Service/Method`, `content-type: application/grpc`,
+//!   `te: trailers`) and the request body is buffered;
+//! - request body (buffered, also called for a body-less `GET`): the message is
+//!   built from the JSON body, path variables and query parameters, encoded and
+//!   framed; bad input is answered `400` with `{"code": 3, "message": ...}`;
+//! - response: the response body is buffered; its message is printed as JSON,
+//!   or, for a gRPC error (in the trailers, or trailers-only in the headers),
+//!   the mapped HTTP status with `{"code": N, "message": ...}`. The trailers
+//!   are removed, so the response ends with its body (abi/README.md §4).
+//!
+//! See `README.md` for the schema and behaviour.
+
+pub mod codec;
+pub mod config;
+pub mod rules;
+pub mod template;
+
+use legate_sdk::metrics::Counter;
+use legate_sdk::{
+    Action, Body, BodyMode, Direction, Exchange, Headers, HttpFilter, LocalResponse, Setup,
+};
+
+use crate::codec::code;
+use crate::config::Config;
+use crate::rules::{Match, Transcoder};
+
+/// `grpc_json_requests_total{result}`: transcoded requests by result: `ok`,
+/// `grpc_error` (the upstream answered a non-OK status), `bad_request` (the
+/// client's JSON, path or query did not fit the message; answered 400) or
+/// `upstream_error` (the upstream's answer could not be transcoded).
+pub const REQUESTS: &str = "grpc_json_requests_total";
+
+/// The label values of [`REQUESTS`].
+pub const RESULTS: [&str; 4] = ["ok", "grpc_error", "bad_request", "upstream_error"];
+
+struct Metrics {
+    ok: Counter,
+    grpc_error: Counter,
+    bad_request: Counter,
+    upstream_error: Counter,
+}
+
+impl Metrics {
+    fn define() -> Result<Self, String> {
+        let c = Counter::define(
+            REQUESTS,
+            "Requests transcoded between JSON and gRPC, by result",
+            &["result"],
+        )
+        .map_err(|e| format!("defining metric {REQUESTS}: {e}"))?;
+        let series = |v: &str| {
+            c.with_labels(&[v])
+                .map_err(|e| format!("metric series {REQUESTS}{{result={v}}}: {e}"))
+        };
+        Ok(Metrics {
+            ok: series("ok")?,
+            grpc_error: series("grpc_error")?,
+            bad_request: series("bad_request")?,
+            upstream_error: series("upstream_error")?,
+        })
+    }
+}
+
+/// The filter: one per plugin instance (worker).
+pub struct GrpcJson {
+    transcoder: Transcoder,
+    metrics: Metrics,
+}
+
+/// Per-exchange state; `Some` match only for exchanges being transcoded.
+#[derive(Debug, Default)]
+pub struct Context {
+    matched: Option<Match>,
+    /// The upstream answered gRPC: its body is transcoded.
+    grpc_response: bool,
+    /// `grpc-status`/`grpc-message` found in the response headers.
+    header_status: Option<(u32, String)>,
+}
+
+impl GrpcJson {
+    /// Builds the filter from a parsed config and the descriptor set's bytes
+    /// (what `configure` does after reading the granted file).
+    pub fn new(config: &Config, descriptor_set: &[u8]) -> Result<Self, String> {
+        Ok(GrpcJson {
+            transcoder: Transcoder::new(config, descriptor_set)?,
+            metrics: Metrics::define()?,
+        })
+    }
+
+    /// The rules, for inspection.
+    pub fn transcoder(&self) -> &Transcoder {
+        &self.transcoder
+    }
+
+    fn bad_request(&self, message: &str) -> Action {
+        self.metrics.bad_request.inc();
+        Action::Respond(json_response(
+            400,
+            code::INVALID_ARGUMENT,
+            message,
+            "grpc_json_bad_request",
+        ))
+    }
+}
+
+fn json_response(status: u16, code: u32, message: &str, details: &str) -> LocalResponse {
+    LocalResponse::new(status)
+        .header("content-type", "application/json")
+        .body(codec::error_json(code, message))
+        .details(details)
+}
+
+impl HttpFilter for GrpcJson {
+    type Config = Config;
+    type Context = Context;
+
+    fn configure(config: Config) -> Result<Self, String> {
+        let bytes = legate_sdk::plugin::file(&config.descriptor_file).map_err(|e| {
+            format!(
+                "reading descriptor file {:?}: {e}: grant it in the plugin's `files:` (e.g. `files: {{ {}: protos/api.pb }}`)",
+                config.descriptor_file, config.descriptor_file
+            )
+        })?;
+        GrpcJson::new(&config, &bytes)
+    }
+
+    fn setup(&self) -> Setup {
+        // Bodies are skipped unless an exchange is transcoded, which switches
+        // its directions to buffered: other traffic pays no body calls.
+        Setup::new()
+            .on_request_headers()
+            .on_request_body(BodyMode::Skipped)
+            .on_response_headers()
+            .on_response_body(BodyMode::Skipped)
+    }
+
+    fn on_request_headers(
+        &mut self,
+        ctx: &mut Context,
+        x: &Exchange<'_>,
+        headers: &Headers<'_>,
+        _end_of_stream: bool,
+    ) -> Action {
+        // Already gRPC (a gRPC client on a path that looks like a REST one):
+        // not ours to convert, as in Envoy.
+        let grpc = headers.get_str("content-type").is_some_and(|ct| {
+            ct.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/grpc")
+        });
+        let found = if grpc {
+            None
+        } else {
+            self.transcoder.find(&x.method(), &x.path())
+        };
+        let Some(m) = found else {
+            return Action::Continue;
+        };
+        let Some(rule) = self.transcoder.rules.get(m.rule) else {
+            return Action::Continue;
+        };
+        let rewrite = x
+            .set_method("POST")
+            .and_then(|()| x.set_path(&rule.grpc_path))
+            .and_then(|()| headers.set("content-type", "application/grpc"))
+            .and_then(|()| headers.set("te", "trailers"))
+            // The body changes; buffered, the host sets the new length.
+            .and_then(|()| headers.remove("content-length"))
+            .and_then(|()| x.set_body_mode(Direction::Request, BodyMode::Buffered));
+        if let Err(e) = rewrite {
+            legate_sdk::error!("grpc-json: rewriting the request head failed: {e}");
+            return Action::Respond(json_response(
+                500,
+                code::INTERNAL,
+                "grpc-json: the request could not be transcoded",
+                "grpc_json_internal",
+            ));
+        }
+        ctx.matched = Some(m);
+        Action::Continue
+    }
+
+    fn on_request_body(
+        &mut self,
+        ctx: &mut Context,
+        _x: &Exchange<'_>,
+        body: &Body<'_>,
+        end_of_stream: bool,
+    ) -> Action {
+        let Some(m) = &ctx.matched else {
+            return Action::Continue;
+        };
+        if !end_of_stream {
+            return Action::Continue;
+        }
+        let framed = self
+            .transcoder
+            .request_message(m, &body.to_vec())
+            .and_then(|msg| codec::frame(&msg));
+        match framed {
+            Ok(framed) => match body.replace(framed) {
+                Ok(()) => Action::Continue,
+                Err(e) => {
+                    ctx.matched = None;
+                    self.bad_request(&format!("the request message does not fit: {e}"))
+                }
+            },
+            Err(e) => {
+                // Answered here: no response of this exchange is transcoded.
+                ctx.matched = None;
+                self.bad_request(&e)
+            }
+        }
+    }
+
+    fn on_response_headers(
+        &mut self,
+        ctx: &mut Context,
+        x: &Exchange<'_>,
+        headers: &Headers<'_>,
+        end_of_stream: bool,
+    ) -> Action {
+        if ctx.matched.is_none() {
+            return Action::Continue;
+        }
+        let grpc = headers.get_str("content-type").is_some_and(|ct| {
+            ct.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/grpc")
+        });
+        if !grpc {
+            // Not a gRPC answer (an error page of the host or of a proxy on
+            // the way): nothing to transcode, it passes as it is.
+            self.metrics.upstream_error.inc();
+            return Action::Continue;
+        }
+        let status = headers.get_str("grpc-status").map(|s| {
+            let msg = headers.get_str("grpc-message").unwrap_or_default();
+            (
+                s.trim().parse::<u32>().unwrap_or(2),
+                codec::grpc_message(&msg),
+            )
+        });
+        if end_of_stream {
+            // Trailers-only: the status is all there is.
+            return Action::Respond(match status {
+                Some((s, msg)) if s != 0 => {
+                    self.metrics.grpc_error.inc();
+                    json_response(codec::http_status(s), s, &msg, "grpc_json_grpc_error")
+                }
+                _ => {
+                    self.metrics.upstream_error.inc();
+                    json_response(
+                        502,
+                        code::UNAVAILABLE,
+                        "grpc-json: the upstream answered without a message",
+                        "grpc_json_upstream_error",
+                    )
+                }
+            });
+        }
+        ctx.header_status = status;
+        ctx.grpc_response = true;
+        if let Err(e) = x.set_body_mode(Direction::Response, BodyMode::Buffered) {
+            legate_sdk::error!("grpc-json: buffering the response failed: {e}");
+        }
+        Action::Continue
+    }
+
+    fn on_response_body(
+        &mut self,
+        ctx: &mut Context,
+        x: &Exchange<'_>,
+        body: &Body<'_>,
+        end_of_stream: bool,
+    ) -> Action {
+        if !ctx.grpc_response || !end_of_stream {
+            return Action::Continue;
+        }
+        let Some(m) = &ctx.matched else {
+            return Action::Continue;
+        };
+        let mut status = ctx.header_status.take();
+        if let Some(t) = x.trailers(Direction::Response) {
+            let entries = t.entries();
+            if let Some(s) = t.get_str("grpc-status") {
+                let msg = t.get_str("grpc-message").unwrap_or_default();
+                status = Some((
+                    s.trim().parse::<u32>().unwrap_or(2),
+                    codec::grpc_message(&msg),
+                ));
+            }
+            // Emptied, the host ends the response with this body: a JSON
+            // client (HTTP/1.1 included) gets no trailers.
+            for (name, _) in &entries {
+                if let Err(e) = t.remove(name) {
+                    legate_sdk::warn!("grpc-json: removing trailer {name} failed: {e}");
+                }
+            }
+        }
+        let (http, json) = match status {
+            Some((0, _)) => {
+                let out = codec::deframe(&body.to_vec())
+                    .and_then(|payload| self.transcoder.response_json(m.rule, payload));
+                match out {
+                    Ok(json) => {
+                        self.metrics.ok.inc();
+                        (200, json)
+                    }
+                    Err(e) => {
+                        self.metrics.upstream_error.inc();
+                        legate_sdk::warn!("grpc-json: bad upstream response: {e}");
+                        (
+                            502,
+                            codec::error_json(code::UNAVAILABLE, &format!("grpc-json: {e}")),
+                        )
+                    }
+                }
+            }
+            Some((s, msg)) => {
+                self.metrics.grpc_error.inc();
+                (codec::http_status(s), codec::error_json(s, &msg))
+            }
+            None => {
+                self.metrics.upstream_error.inc();
+                (
+                    502,
+                    codec::error_json(
+                        code::UNAVAILABLE,
+                        "grpc-json: the upstream's response has no grpc-status",
+                    ),
+                )
+            }
+        };
+        let written = body
+            .replace(json)
+            .and_then(|()| x.set_status(http))
+            .and_then(|()| match x.headers(Direction::Response) {
+                Some(h) => h
+                    .set("content-type", "application/json")
+                    .and_then(|()| h.remove("grpc-status"))
+                    .and_then(|()| h.remove("grpc-message"))
+                    .and_then(|()| h.remove("grpc-encoding"))
+                    .and_then(|()| h.remove("grpc-accept-encoding")),
+                None => Ok(()),
+            });
+        match written {
+            Ok(()) => Action::Continue,
+            Err(e) => {
+                legate_sdk::error!("grpc-json: writing the JSON response failed: {e}");
+                Action::Respond(json_response(
+                    502,
+                    code::UNAVAILABLE,
+                    "grpc-json: the response could not be transcoded",
+                    "grpc_json_upstream_error",
+                ))
+            }
+        }
+    }
+}
+
+legate_sdk::export!(GrpcJson);

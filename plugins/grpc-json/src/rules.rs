@@ -1,0 +1,535 @@
+//! The transcoding rules and the JSON ↔ protobuf conversions they drive: the
+//! `google.api.http` options of the configured services, read from the
+//! descriptor set and validated at configure; request matching (method + path
+//! template); building the request message from the JSON body, path variables
+//! and query parameters; printing the response message as JSON.
+
+use prost::Message;
+use prost_reflect::{
+    DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor,
+    MethodDescriptor, SerializeOptions, Value,
+};
+use serde_json::{Map, Value as Json};
+
+use crate::config::{Config, PrintOptions};
+use crate::template::{percent_decode, Capture, Template};
+
+/// What of the request message the HTTP body carries (`HttpRule.body`).
+#[derive(Debug, Clone)]
+pub enum BodyMapping {
+    /// No body (`GET`, `DELETE`…): a body sent anyway is ignored.
+    None,
+    /// `body: "*"`: the whole message (less the path variables).
+    All,
+    /// `body: "field"`: that field, given as its proto field path.
+    Field(Vec<String>),
+}
+
+/// One HTTP binding of a gRPC method.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// `GET`, `POST`… (or a `custom` kind).
+    pub http_method: String,
+    /// The path template.
+    pub template: Template,
+    /// The gRPC method.
+    pub method: MethodDescriptor,
+    /// `/package.Service/Method`.
+    pub grpc_path: String,
+    /// What the body maps to.
+    pub body: BodyMapping,
+    /// `response_body`: the response field printed instead of the whole message.
+    pub response_body: Option<FieldDescriptor>,
+}
+
+/// A request matched to a rule.
+#[derive(Debug, Clone)]
+pub struct Match {
+    /// Index into [`Transcoder::rules`].
+    pub rule: usize,
+    /// The path variables, still percent-encoded.
+    pub captures: Vec<Capture>,
+    /// The raw query string (without `?`), possibly empty.
+    pub query: String,
+}
+
+/// The validated rules and printing options: everything a request needs.
+#[derive(Debug)]
+pub struct Transcoder {
+    /// All bindings of the configured services' unary methods.
+    pub rules: Vec<Rule>,
+    print: PrintOptions,
+    ignored_query_parameters: Vec<String>,
+}
+
+impl Transcoder {
+    /// Builds the rules of `config.services` from an encoded `FileDescriptorSet`.
+    /// `Err` is one line naming what is wrong (service, method, template) and the fix.
+    pub fn new(config: &Config, descriptor_set: &[u8]) -> Result<Transcoder, String> {
+        let pool = DescriptorPool::decode(descriptor_set).map_err(|e| {
+            format!(
+                "descriptor file {:?} is not a valid FileDescriptorSet: {e} (build it with `protoc --include_imports --descriptor_set_out=FILE ...`)",
+                config.descriptor_file
+            )
+        })?;
+        if config.services.is_empty() {
+            return Err("invalid config: `services` is empty: name the services to transcode (package.Service)".into());
+        }
+        let http = pool.get_extension_by_name("google.api.http");
+        let mut rules = Vec::new();
+        for name in &config.services {
+            let Some(service) = pool.get_service_by_name(name) else {
+                let known: Vec<String> =
+                    pool.services().map(|s| s.full_name().to_owned()).collect();
+                return Err(format!(
+                    "invalid config: service {name:?} is not in descriptor file {:?}; it has: {}",
+                    config.descriptor_file,
+                    if known.is_empty() {
+                        "no services".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ));
+            };
+            let Some(http) = &http else {
+                return Err(format!(
+                    "descriptor file {:?} has no google.api.http extension: import google/api/annotations.proto in the service's .proto and build the set with its imports (`protoc --include_imports`)",
+                    config.descriptor_file
+                ));
+            };
+            for method in service.methods() {
+                // Streaming methods are not transcoded (README): their requests
+                // find no rule and pass through untouched.
+                if method.is_client_streaming() || method.is_server_streaming() {
+                    continue;
+                }
+                let options = method.options();
+                if !options.has_extension(http) {
+                    continue;
+                }
+                let Value::Message(rule) = options.get_extension(http).into_owned() else {
+                    continue;
+                };
+                add_rules(&mut rules, &method, &rule, true)?;
+            }
+        }
+        if rules.is_empty() {
+            return Err(format!(
+                "services {} have no unary method with a google.api.http option: nothing to transcode",
+                config.services.join(", ")
+            ));
+        }
+        for (i, a) in rules.iter().enumerate() {
+            if let Some(b) = rules[..i].iter().find(|b| {
+                b.http_method == a.http_method
+                    && b.template.segments == a.template.segments
+                    && b.template.verb == a.template.verb
+            }) {
+                return Err(format!(
+                    "{} {} is bound twice: by {} and by {}",
+                    a.http_method,
+                    a.template.source,
+                    b.method.full_name(),
+                    a.method.full_name()
+                ));
+            }
+        }
+        Ok(Transcoder {
+            rules,
+            print: config.print_options.clone(),
+            ignored_query_parameters: config.ignored_query_parameters.clone(),
+        })
+    }
+
+    /// The most specific rule for `method` and `path_and_query`, if any.
+    pub fn find(&self, method: &str, path_and_query: &str) -> Option<Match> {
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
+        let mut best: Option<(usize, Vec<Capture>)> = None;
+        for (i, rule) in self.rules.iter().enumerate() {
+            if rule.http_method != method {
+                continue;
+            }
+            let Some(captures) = rule.template.matches(path) else {
+                continue;
+            };
+            let better = match &best {
+                None => true,
+                Some((j, _)) => rule
+                    .template
+                    .specificity_cmp(&self.rules[*j].template)
+                    .is_gt(),
+            };
+            if better {
+                best = Some((i, captures));
+            }
+        }
+        best.map(|(rule, captures)| Match {
+            rule,
+            captures,
+            query: query.to_owned(),
+        })
+    }
+
+    /// The encoded request message for a matched request with HTTP body
+    /// `body`: the body per the rule, then the path variables, then the query
+    /// parameters. `Err` is a client error (400), saying what is wrong.
+    pub fn request_message(&self, m: &Match, body: &[u8]) -> Result<Vec<u8>, String> {
+        let rule = self
+            .rules
+            .get(m.rule)
+            .ok_or_else(|| "internal: no such rule".to_owned())?;
+        let input = rule.method.input();
+        let mut msg = match &rule.body {
+            BodyMapping::None => DynamicMessage::new(input.clone()),
+            _ if body.iter().all(u8::is_ascii_whitespace) => DynamicMessage::new(input.clone()),
+            BodyMapping::All => {
+                let mut de = serde_json::Deserializer::from_slice(body);
+                let msg = DynamicMessage::deserialize_with_options(
+                    input.clone(),
+                    &mut de,
+                    &DeserializeOptions::new().deny_unknown_fields(true),
+                )
+                .and_then(|m| de.end().map(|()| m))
+                .map_err(|e| format!("invalid JSON body for {}: {e}", input.full_name()))?;
+                msg
+            }
+            BodyMapping::Field(path) => {
+                let value: Json =
+                    serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
+                let wrapped = path.iter().rev().fold(value, |v, name| {
+                    Json::Object(Map::from_iter([(name.clone(), v)]))
+                });
+                json_to_message(&input, wrapped)
+                    .map_err(|e| format!("invalid JSON body for field {}: {e}", path.join(".")))?
+            }
+        };
+
+        // Path variables and query parameters, gathered as one JSON object
+        // and merged into the body's message with protobuf merge semantics:
+        // a scalar given again overrides the body's, repeated values append.
+        let mut bindings = Map::new();
+        for c in &m.captures {
+            let value = percent_decode(&c.raw, c.multi_segment, false)
+                .map_err(|e| format!("path variable {}: {e}", c.field_path.join(".")))?;
+            bind(&input, &mut bindings, &c.field_path, &value, false)
+                .map_err(|e| format!("path variable {}: {e}", c.field_path.join(".")))?;
+        }
+        for pair in m.query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let key = percent_decode(k, false, true)?;
+            if self.ignored_query_parameters.contains(&key) {
+                continue;
+            }
+            if matches!(rule.body, BodyMapping::All) {
+                return Err(format!(
+                    "query parameter {key:?} is not allowed: every field of {} is in the body",
+                    input.full_name()
+                ));
+            }
+            let value = percent_decode(v, false, true)?;
+            let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+            bind(&input, &mut bindings, &path, &value, true)
+                .map_err(|e| format!("query parameter {key:?}: {e}"))?;
+        }
+        if !bindings.is_empty() {
+            let b = json_to_message(&input, Json::Object(bindings))?;
+            msg.merge(b.encode_to_vec().as_slice())
+                .map_err(|e| format!("internal: merging the bound fields: {e}"))?;
+        }
+        Ok(msg.encode_to_vec())
+    }
+
+    /// The JSON body for a response message `payload` of the matched rule.
+    /// `Err` means the upstream's message does not decode (502).
+    pub fn response_json(&self, rule: usize, payload: &[u8]) -> Result<Vec<u8>, String> {
+        let rule = self
+            .rules
+            .get(rule)
+            .ok_or_else(|| "internal: no such rule".to_owned())?;
+        let output = rule.method.output();
+        let msg = DynamicMessage::decode(output.clone(), payload)
+            .map_err(|e| format!("the upstream's {} does not decode: {e}", output.full_name()))?;
+        let opts = |skip_default| {
+            SerializeOptions::new()
+                .skip_default_fields(skip_default)
+                .use_proto_field_name(self.print.preserve_proto_field_names)
+                .use_enum_numbers(self.print.always_print_enums_as_ints)
+        };
+        let to_json = |skip_default| {
+            msg.serialize_with_options(serde_json::value::Serializer, &opts(skip_default))
+                .map_err(|e| format!("printing {} as JSON: {e}", output.full_name()))
+        };
+        let mut json = to_json(!self.print.always_print_primitive_fields)?;
+        if let Some(field) = &rule.response_body {
+            let key = if self.print.preserve_proto_field_names {
+                field.name()
+            } else {
+                field.json_name()
+            };
+            json = match json.get_mut(key).map(Json::take) {
+                Some(v) => v,
+                // Omitted as a default value: print that default rather than nothing.
+                None => to_json(false)?
+                    .get_mut(key)
+                    .map(Json::take)
+                    .unwrap_or(Json::Null),
+            };
+        }
+        let mut out = if self.print.add_whitespace {
+            serde_json::to_vec_pretty(&json)
+        } else {
+            serde_json::to_vec(&json)
+        }
+        .map_err(|e| format!("printing JSON: {e}"))?;
+        out.push(b'\n');
+        Ok(out)
+    }
+}
+
+fn json_to_message(desc: &MessageDescriptor, value: Json) -> Result<DynamicMessage, String> {
+    DynamicMessage::deserialize_with_options(
+        desc.clone(),
+        value,
+        &DeserializeOptions::new().deny_unknown_fields(true),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Reads one `HttpRule` (and its `additional_bindings`) into `rules`.
+fn add_rules(
+    rules: &mut Vec<Rule>,
+    method: &MethodDescriptor,
+    rule: &DynamicMessage,
+    top: bool,
+) -> Result<(), String> {
+    let name = method.full_name();
+    let text = |field: &str| match rule.get_field_by_name(field).as_deref() {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        _ => None,
+    };
+    let mut pattern = None;
+    for verb in ["get", "put", "post", "delete", "patch"] {
+        if let Some(p) = text(verb) {
+            pattern = Some((verb.to_ascii_uppercase(), p));
+        }
+    }
+    if let Some(Value::Message(custom)) = rule.get_field_by_name("custom").as_deref() {
+        let get = |f: &str| match custom.get_field_by_name(f).as_deref() {
+            Some(Value::String(s)) => s.clone(),
+            _ => String::new(),
+        };
+        let (kind, path) = (get("kind"), get("path"));
+        if !kind.is_empty() && !path.is_empty() {
+            pattern = Some((kind, path));
+        }
+    }
+    let Some((http_method, source)) = pattern else {
+        return Err(format!(
+            "method {name}: google.api.http rule has no pattern (get, put, post, delete, patch or custom)"
+        ));
+    };
+    let template = Template::parse(&source)
+        .map_err(|e| format!("method {name}: path template {source:?}: {e}"))?;
+    let input = method.input();
+    for v in &template.variables {
+        resolve(&input, &v.field_path, false).map_err(|e| {
+            format!(
+                "method {name}: path template {source:?}: variable {{{}}}: {e}",
+                v.field_path.join(".")
+            )
+        })?;
+    }
+    let body = match text("body").as_deref() {
+        None => BodyMapping::None,
+        Some("*") => BodyMapping::All,
+        Some(b) => {
+            let path: Vec<String> = b.split('.').map(str::to_owned).collect();
+            field_path(&input, &path).map_err(|e| format!("method {name}: body {b:?}: {e}"))?;
+            BodyMapping::Field(path)
+        }
+    };
+    let response_body = match text("response_body") {
+        None => None,
+        Some(f) => Some(method.output().get_field_by_name(&f).ok_or_else(|| {
+            format!(
+                "method {name}: response_body {f:?}: {} has no field {f}",
+                method.output().full_name()
+            )
+        })?),
+    };
+    rules.push(Rule {
+        http_method,
+        template,
+        method: method.clone(),
+        grpc_path: format!("/{}/{}", method.parent_service().full_name(), method.name()),
+        body,
+        response_body,
+    });
+    if top {
+        if let Some(Value::List(more)) = rule.get_field_by_name("additional_bindings").as_deref() {
+            for b in more {
+                if let Value::Message(b) = b {
+                    // Bindings cannot nest (http.proto): deeper ones are ignored.
+                    add_rules(rules, method, b, false)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The fields along `path` from `desc` (proto or JSON names); every field but
+/// the last must be a singular message.
+fn field_path(desc: &MessageDescriptor, path: &[String]) -> Result<Vec<FieldDescriptor>, String> {
+    let mut out = Vec::with_capacity(path.len());
+    let mut cur = desc.clone();
+    for (i, name) in path.iter().enumerate() {
+        let field = cur
+            .get_field_by_name(name)
+            .or_else(|| cur.get_field_by_json_name(name))
+            .ok_or_else(|| format!("{} has no field {name:?}", cur.full_name()))?;
+        if i + 1 < path.len() {
+            match field.kind() {
+                Kind::Message(m) if !field.is_list() && !field.is_map() => cur = m,
+                _ => {
+                    return Err(format!(
+                        "{}.{name} is not a message, so it has no field {:?}",
+                        cur.full_name(),
+                        path[i + 1]
+                    ))
+                }
+            }
+        }
+        out.push(field);
+    }
+    Ok(out)
+}
+
+/// Well-known message types whose JSON form is a string or a primitive, so a
+/// path or query value can set them.
+fn is_scalar_like(m: &MessageDescriptor) -> bool {
+    matches!(
+        m.full_name(),
+        "google.protobuf.Timestamp"
+            | "google.protobuf.Duration"
+            | "google.protobuf.FieldMask"
+            | "google.protobuf.DoubleValue"
+            | "google.protobuf.FloatValue"
+            | "google.protobuf.Int64Value"
+            | "google.protobuf.UInt64Value"
+            | "google.protobuf.Int32Value"
+            | "google.protobuf.UInt32Value"
+            | "google.protobuf.BoolValue"
+            | "google.protobuf.StringValue"
+            | "google.protobuf.BytesValue"
+    )
+}
+
+/// The leaf field a path variable or query parameter sets: it must be a
+/// scalar, an enum or a scalar-like well-known type; repeated only if allowed.
+fn resolve(
+    desc: &MessageDescriptor,
+    path: &[String],
+    repeated_ok: bool,
+) -> Result<FieldDescriptor, String> {
+    let fields = field_path(desc, path)?;
+    let leaf = fields
+        .last()
+        .cloned()
+        .ok_or_else(|| "empty field path".to_owned())?;
+    if leaf.is_map() {
+        return Err(format!(
+            "{} is a map, which cannot be set from a URL",
+            leaf.full_name()
+        ));
+    }
+    if leaf.is_list() && !repeated_ok {
+        return Err(format!(
+            "{} is repeated, which a path variable cannot set",
+            leaf.full_name()
+        ));
+    }
+    if let Kind::Message(m) = leaf.kind() {
+        if !is_scalar_like(&m) {
+            return Err(format!(
+                "{} is a message ({}), not a scalar field",
+                leaf.full_name(),
+                m.full_name()
+            ));
+        }
+    }
+    Ok(leaf)
+}
+
+/// Sets `path` = `value` in the JSON object `root` (by proto field names),
+/// typed for the leaf field so the proto3 JSON parser accepts it: bools as
+/// JSON booleans, enum numbers as numbers, everything else as a string
+/// (numbers, enum names, base64 bytes, timestamps are strings in the mapping).
+fn bind(
+    desc: &MessageDescriptor,
+    root: &mut Map<String, Json>,
+    path: &[String],
+    value: &str,
+    repeated_ok: bool,
+) -> Result<(), String> {
+    let leaf = resolve(desc, path, repeated_ok)?;
+    let fields = field_path(desc, path)?;
+    let is_bool = match leaf.kind() {
+        Kind::Bool => true,
+        Kind::Message(m) => m.full_name() == "google.protobuf.BoolValue",
+        _ => false,
+    };
+    let json = if is_bool {
+        match value {
+            "true" => Json::Bool(true),
+            "false" => Json::Bool(false),
+            _ => return Err(format!("{value:?} is not a bool (true or false)")),
+        }
+    } else if matches!(leaf.kind(), Kind::Enum(_)) && value.parse::<i32>().is_ok() {
+        value
+            .parse::<i64>()
+            .map(|n| Json::Number(n.into()))
+            .unwrap_or_else(|_| Json::String(value.to_owned()))
+    } else {
+        Json::String(value.to_owned())
+    };
+    // Checked alone first, so an error names this parameter.
+    let alone = fields.iter().rev().fold(
+        if leaf.is_list() {
+            Json::Array(vec![json.clone()])
+        } else {
+            json.clone()
+        },
+        |v, f| Json::Object(Map::from_iter([(f.name().to_owned(), v)])),
+    );
+    json_to_message(desc, alone)
+        .map_err(|e| format!("{value:?} does not fit {}: {e}", leaf.full_name()))?;
+    let mut obj = root;
+    let (last, parents) = fields
+        .split_last()
+        .ok_or_else(|| "empty field path".to_owned())?;
+    for f in parents {
+        let slot = obj
+            .entry(f.name().to_owned())
+            .or_insert_with(|| Json::Object(Map::new()));
+        obj = match slot {
+            Json::Object(o) => o,
+            _ => return Err(format!("{} is set twice", f.full_name())),
+        };
+    }
+    if last.is_list() {
+        match obj
+            .entry(last.name().to_owned())
+            .or_insert_with(|| Json::Array(Vec::new()))
+        {
+            Json::Array(a) => a.push(json),
+            _ => return Err(format!("{} is set twice", last.full_name())),
+        }
+    } else {
+        // Given twice (`?a=1&a=2`): the last one wins, as for a repeated JSON key.
+        obj.insert(last.name().to_owned(), json);
+    }
+    Ok(())
+}

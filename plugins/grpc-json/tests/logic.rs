@@ -1,0 +1,290 @@
+//! grpc-json's logic on the SDK harness, phase by phase: the request head
+//! rewritten to gRPC and the message built and framed in the body phase; the
+//! response message printed as JSON; gRPC errors (in trailers, or
+//! trailers-only) mapped to HTTP statuses with a JSON body; bad input answered
+//! 400; unmatched requests untouched.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use legate_plugin_grpc_json::GrpcJson;
+use legate_sdk::testing::{FilterTest, Request, Response, TestHost};
+use legate_sdk::{Action, BodyMode, Direction};
+use prost::Message;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SayRequest {
+    #[prost(string, tag = "1")]
+    message: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SayReply {
+    #[prost(string, tag = "1")]
+    message: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ReflectRequest {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, repeated, tag = "3")]
+    tags: Vec<String>,
+}
+
+fn filter() -> FilterTest<GrpcJson> {
+    TestHost::new()
+        .file("descriptors", common::echo_descriptors())
+        .configure::<GrpcJson>(common::CONFIG)
+        .unwrap()
+}
+
+fn grpc_ok(body: Vec<u8>) -> Response {
+    Response::new(200)
+        .header("content-type", "application/grpc")
+        .body(body)
+        .trailer("grpc-status", "0")
+}
+
+fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(bytes)))
+}
+
+fn counter(t: &FilterTest<GrpcJson>, result: &str) -> Option<u64> {
+    t.host().counter("grpc_json_requests_total", &[result])
+}
+
+/// The single gRPC message of a framed body.
+fn unframe(body: &[u8]) -> &[u8] {
+    assert_eq!(body[0], 0, "flag");
+    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    assert_eq!(body.len(), 5 + len, "one frame");
+    &body[5..]
+}
+
+#[test]
+fn get_with_path_variable_and_query_becomes_a_grpc_request() {
+    let mut t = filter();
+    let mut x = t.exchange(
+        Request::get("/v1/shelves/1/books/2?tags=a&tags=b")
+            .header("accept", "application/json")
+            .header("content-length", "0"),
+    );
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.method(), "POST");
+    assert_eq!(x.path(), "/legate.test.v1.Echo/Reflect");
+    assert_eq!(
+        x.request_header("content-type").as_deref(),
+        Some("application/grpc")
+    );
+    assert_eq!(x.request_header("te").as_deref(), Some("trailers"));
+    assert_eq!(x.request_header("content-length"), None);
+    assert_eq!(x.body_mode(Direction::Request), BodyMode::Buffered);
+    // Body-less GET: the buffered body call still comes, empty.
+    assert_eq!(x.request_body(), Action::Continue);
+    let sent = ReflectRequest::decode(unframe(&x.request_body_bytes())).unwrap();
+    assert_eq!(
+        sent,
+        ReflectRequest {
+            name: "shelves/1/books/2".into(),
+            tags: vec!["a".into(), "b".into()],
+        }
+    );
+
+    // The reply (the same message): printed as JSON, trailers gone.
+    assert_eq!(
+        x.response_headers(grpc_ok(common::frame(&sent.encode_to_vec()))),
+        Action::Continue
+    );
+    assert_eq!(x.body_mode(Direction::Response), BodyMode::Buffered);
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(x.status(), Some(200));
+    assert_eq!(
+        x.response_header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(
+        json(&x.response_body_bytes()),
+        serde_json::json!({"name": "shelves/1/books/2", "tags": ["a", "b"]})
+    );
+    assert_eq!(x.response_trailers(), Action::Continue);
+    assert_eq!(x.response_trailer("grpc-status"), None);
+    assert_eq!(counter(&t, "ok"), Some(1));
+}
+
+#[test]
+fn post_with_body_star() {
+    let mut t = filter();
+    let body = r#"{"message": "hello"}"#;
+    let mut x = t.exchange(
+        Request::post("/v1/echo", body)
+            .header("content-type", "application/json")
+            .header("content-length", body.len().to_string()),
+    );
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.path(), "/legate.test.v1.Echo/Say");
+    assert_eq!(x.request_body(), Action::Continue);
+    let sent = SayRequest::decode(unframe(&x.request_body_bytes())).unwrap();
+    assert_eq!(sent.message, "hello");
+    let reply = SayReply {
+        message: "hello".into(),
+    };
+    x.response_headers(grpc_ok(common::frame(&reply.encode_to_vec())));
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(
+        json(&x.response_body_bytes()),
+        serde_json::json!({"message": "hello"})
+    );
+}
+
+#[test]
+fn bad_json_is_answered_400_and_nothing_goes_upstream() {
+    let mut t = filter();
+    let mut x = t.exchange(Request::post("/v1/echo", r#"{"message": 5}"#));
+    assert_eq!(x.request_headers(), Action::Continue);
+    let Action::Respond(r) = x.request_body() else {
+        panic!("not answered locally")
+    };
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.headers,
+        [("content-type".to_owned(), b"application/json".to_vec())]
+    );
+    let v = json(&r.body);
+    assert_eq!(v["code"], 3);
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("legate.test.v1.SayRequest"),
+        "{v}"
+    );
+    // An unknown query parameter, too.
+    let mut x = t.exchange(Request::get("/v1/echo/x?nope=1"));
+    x.request_headers();
+    let Action::Respond(r) = x.request_body() else {
+        panic!("not answered locally")
+    };
+    assert_eq!(r.status, 400);
+    assert!(json(&r.body)["message"]
+        .as_str()
+        .unwrap()
+        .contains("\"nope\""));
+    assert_eq!(counter(&t, "bad_request"), Some(2));
+}
+
+#[test]
+fn grpc_error_in_trailers_maps_to_http_status_and_json() {
+    let mut t = filter();
+    let mut x = t.exchange(Request::get("/v1/echo/x"));
+    x.request_headers();
+    x.request_body();
+    let resp = Response::new(200)
+        .header("content-type", "application/grpc")
+        .body(Vec::new())
+        .trailer("grpc-status", "5")
+        .trailer("grpc-message", "no%20such%20echo%3A%20%C3%BC");
+    assert_eq!(x.response_headers(resp), Action::Continue);
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(x.status(), Some(404));
+    assert_eq!(
+        x.response_header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(
+        json(&x.response_body_bytes()),
+        serde_json::json!({"code": 5, "message": "no such echo: ü"})
+    );
+    // Emptied: the response ends without trailers.
+    x.response_trailers();
+    assert_eq!(x.response_trailer("grpc-status"), None);
+    assert_eq!(x.response_trailer("grpc-message"), None);
+    assert_eq!(counter(&t, "grpc_error"), Some(1));
+}
+
+#[test]
+fn trailers_only_error_is_answered_with_the_mapped_status() {
+    let mut t = filter();
+    let mut x = t.exchange(Request::post(
+        "/v1/fail",
+        r#"{"code": 16, "message": "who?"}"#,
+    ));
+    x.request_headers();
+    x.request_body();
+    let resp = Response::new(200)
+        .header("content-type", "application/grpc")
+        .header("grpc-status", "16")
+        .header("grpc-message", "who%3F");
+    let Action::Respond(r) = x.response_headers(resp) else {
+        panic!("trailers-only not answered")
+    };
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        json(&r.body),
+        serde_json::json!({"code": 16, "message": "who?"})
+    );
+    assert_eq!(counter(&t, "grpc_error"), Some(1));
+}
+
+#[test]
+fn malformed_upstream_frame_is_502() {
+    let mut t = filter();
+    let mut x = t.exchange(Request::get("/v1/echo/x"));
+    x.request_headers();
+    x.request_body();
+    x.response_headers(grpc_ok(vec![0, 0, 0, 0, 9, 1]));
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(x.status(), Some(502));
+    let v = json(&x.response_body_bytes());
+    assert_eq!(v["code"], 14);
+    assert!(
+        v["message"].as_str().unwrap().contains("announces 9 bytes"),
+        "{v}"
+    );
+    // No grpc-status at all.
+    let mut x = t.exchange(Request::get("/v1/echo/x"));
+    x.request_headers();
+    x.request_body();
+    x.response_headers(
+        Response::new(200)
+            .header("content-type", "application/grpc")
+            .body(common::frame(b"")),
+    );
+    x.response_body();
+    assert_eq!(x.status(), Some(502));
+    assert_eq!(counter(&t, "upstream_error"), Some(2));
+}
+
+#[test]
+fn unmatched_requests_pass_untouched() {
+    let mut t = filter();
+    for req in [
+        Request::get("/healthz"),
+        Request::post("/legate.test.v1.Echo/Say", common::frame(b""))
+            .header("content-type", "application/grpc"),
+        // Streaming methods are not transcoded.
+        Request::get("/v1/count/3"),
+        // The right path with the wrong method.
+        Request::new("DELETE", "/v1/echo/x"),
+        // A matching rule, but the request is gRPC already.
+        Request::post("/v1/echo", common::frame(b""))
+            .header("content-type", "application/grpc+proto"),
+    ] {
+        let mut x = t.exchange(req.header("content-length", "5"));
+        let (method, path) = (x.method(), x.path());
+        assert_eq!(x.request_headers(), Action::Continue);
+        assert_eq!((x.method(), x.path()), (method, path));
+        assert_eq!(x.request_header("content-length").as_deref(), Some("5"));
+        assert_eq!(x.body_mode(Direction::Request), BodyMode::Skipped);
+        assert_eq!(
+            x.response_headers(Response::new(200).body("x")),
+            Action::Continue
+        );
+        assert_eq!(x.body_mode(Direction::Response), BodyMode::Skipped);
+    }
+    for result in legate_plugin_grpc_json::RESULTS {
+        assert_eq!(counter(&t, result), Some(0), "{result}");
+    }
+}

@@ -1,0 +1,334 @@
+//! The transcoder's rules without the SDK: which rule a request matches, the
+//! protobuf message built from path, query and JSON body (decoded here with
+//! independent prost structs), and the JSON printed for a response message.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use legate_plugin_grpc_json::config::Config;
+use legate_plugin_grpc_json::rules::{Match, Transcoder};
+use prost::Message;
+
+/// legate.test.v1 messages, declared independently of the plugin.
+mod pb {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SayRequest {
+        #[prost(string, tag = "1")]
+        pub message: String,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SayReply {
+        #[prost(string, tag = "1")]
+        pub message: String,
+        #[prost(map = "string, string", tag = "2")]
+        pub metadata: std::collections::HashMap<String, String>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct FailRequest {
+        #[prost(int32, tag = "1")]
+        pub code: i32,
+        #[prost(string, tag = "2")]
+        pub message: String,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Inner {
+        #[prost(string, tag = "1")]
+        pub id: String,
+        #[prost(int32, tag = "2")]
+        pub n: i32,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ReflectRequest {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(message, optional, tag = "2")]
+        pub inner: Option<Inner>,
+        #[prost(string, repeated, tag = "3")]
+        pub tags: Vec<String>,
+        #[prost(int64, tag = "4")]
+        pub big: i64,
+        #[prost(bool, tag = "5")]
+        pub flag: bool,
+        #[prost(int32, tag = "6")]
+        pub kind: i32,
+        #[prost(bytes = "vec", tag = "7")]
+        pub data: Vec<u8>,
+        #[prost(string, tag = "8")]
+        pub display_name: String,
+    }
+}
+
+fn transcoder(config: &str) -> Transcoder {
+    let config: Config = serde_json::from_str(config).unwrap();
+    Transcoder::new(&config, &common::echo_descriptors()).unwrap()
+}
+
+fn find(t: &Transcoder, method: &str, path: &str) -> Option<(String, Match)> {
+    t.find(method, path)
+        .map(|m| (t.rules[m.rule].grpc_path.clone(), m))
+}
+
+fn build<M: Message + Default>(
+    t: &Transcoder,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<M, String> {
+    let (_, m) = find(t, method, path).unwrap_or_else(|| panic!("{method} {path}: no rule"));
+    let bytes = t.request_message(&m, body.as_bytes())?;
+    Ok(M::decode(bytes.as_slice()).unwrap())
+}
+
+#[test]
+fn rules_come_from_the_http_options_of_unary_methods() {
+    let t = transcoder(common::CONFIG);
+    let mut bound: Vec<String> = t
+        .rules
+        .iter()
+        .map(|r| format!("{} {} -> {}", r.http_method, r.template.source, r.grpc_path))
+        .collect();
+    bound.sort();
+    assert_eq!(
+        bound,
+        [
+            "GET /v1/echo/{message} -> /legate.test.v1.Echo/Say",
+            "GET /v1/fail/{code} -> /legate.test.v1.Echo/Fail",
+            "GET /v1/tags/{name} -> /legate.test.v1.Echo/Reflect",
+            "GET /v1/{name=shelves/*/books/*} -> /legate.test.v1.Echo/Reflect",
+            "PATCH /v1/files/{name=**} -> /legate.test.v1.Echo/Reflect",
+            "POST /v1/echo -> /legate.test.v1.Echo/Say",
+            "POST /v1/fail -> /legate.test.v1.Echo/Fail",
+            "POST /v1/reflect/{inner.id}:run -> /legate.test.v1.Echo/Reflect",
+        ]
+    );
+    // Count streams: its rule is not used, the request passes through.
+    assert!(find(&t, "GET", "/v1/count/3").is_none());
+    // Method and path must both match.
+    assert!(find(&t, "POST", "/v1/echo/x").is_none());
+    assert!(find(&t, "GET", "/v1/echo").is_none());
+    assert!(find(&t, "GET", "/legate.test.v1.Echo/Say").is_none());
+    assert!(find(&t, "GET", "/v1/shelves/1/books").is_none());
+}
+
+#[test]
+fn get_with_path_variable_and_query() {
+    let t = transcoder(common::CONFIG);
+    let r: pb::SayRequest = build(&t, "GET", "/v1/echo/hello%20world", "").unwrap();
+    assert_eq!(r.message, "hello world");
+
+    let r: pb::ReflectRequest = build(
+        &t,
+        "GET",
+        "/v1/shelves/s1/books/b%2F2?tags=a&tags=b+c&big=-9007199254740993&flag=true&kind=KIND_BOOK&inner.id=x&inner.n=7&data=AAE%3D&displayName=D",
+        "",
+    )
+    .unwrap();
+    assert_eq!(
+        r,
+        pb::ReflectRequest {
+            // Multi-segment variable: %2F stays encoded.
+            name: "shelves/s1/books/b%2F2".into(),
+            inner: Some(pb::Inner {
+                id: "x".into(),
+                n: 7
+            }),
+            tags: vec!["a".into(), "b c".into()],
+            big: -9007199254740993,
+            flag: true,
+            kind: 1,
+            data: vec![0, 1],
+            display_name: "D".into(),
+        }
+    );
+    // A typed path variable.
+    let r: pb::FailRequest = build(&t, "GET", "/v1/fail/-5?message=m", "").unwrap();
+    assert_eq!(
+        r,
+        pb::FailRequest {
+            code: -5,
+            message: "m".into()
+        }
+    );
+    let e = build::<pb::FailRequest>(&t, "GET", "/v1/fail/five", "").unwrap_err();
+    assert!(
+        e.starts_with("path variable code: \"five\" does not fit legate.test.v1.FailRequest.code"),
+        "{e}"
+    );
+    // Enum by number.
+    let r: pb::ReflectRequest = build(&t, "GET", "/v1/tags/n?kind=1", "").unwrap();
+    assert_eq!(r.kind, 1);
+}
+
+#[test]
+fn bad_query_parameters_are_client_errors() {
+    let t = transcoder(common::CONFIG);
+    for (path, why) in [
+        ("/v1/tags/n?nope=1", "has no field \"nope\""),
+        ("/v1/tags/n?flag=yes", "is not a bool"),
+        ("/v1/tags/n?big=abc", "big"),
+        ("/v1/tags/n?inner=x", "is a message"),
+        ("/v1/tags/n?name.x=1", "is not a message"),
+        ("/v1/tags/n?kind=KIND_NOPE", "KIND_NOPE"),
+    ] {
+        let e = build::<pb::ReflectRequest>(&t, "GET", path, "").unwrap_err();
+        assert!(e.contains(why), "{path}: {e}");
+    }
+    // Ignored ones are dropped.
+    let t = transcoder(
+        r#"{"services": ["legate.test.v1.Echo"], "ignored_query_parameters": ["access_token"]}"#,
+    );
+    let r: pb::SayRequest = build(&t, "GET", "/v1/echo/hi?access_token=s3cret", "").unwrap();
+    assert_eq!(r.message, "hi");
+}
+
+#[test]
+fn post_with_body_star_and_a_body_field() {
+    let t = transcoder(common::CONFIG);
+    let r: pb::SayRequest = build(&t, "POST", "/v1/echo", r#"{"message": "über"}"#).unwrap();
+    assert_eq!(r.message, "über");
+    // An empty body is the empty message.
+    let r: pb::SayRequest = build(&t, "POST", "/v1/echo", "").unwrap();
+    assert_eq!(r.message, "");
+    // body: "*" leaves nothing to the query.
+    let e = build::<pb::SayRequest>(&t, "POST", "/v1/echo?message=x", "{}").unwrap_err();
+    assert!(
+        e.contains("every field of legate.test.v1.SayRequest is in the body"),
+        "{e}"
+    );
+
+    // body: "inner" with the path variable {inner.id} (the path wins) and a verb.
+    let r: pb::ReflectRequest = build(
+        &t,
+        "POST",
+        "/v1/reflect/from-path:run?tags=q",
+        r#"{"id": "from-body", "n": 3}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        r.inner,
+        Some(pb::Inner {
+            id: "from-path".into(),
+            n: 3
+        })
+    );
+    assert_eq!(r.tags, ["q"]);
+
+    // PATCH with {name=**}: the rest of the path, and the body's other fields.
+    let r: pb::ReflectRequest = build(
+        &t,
+        "PATCH",
+        "/v1/files/a/b/c.txt",
+        r#"{"display_name": "x", "big": "12"}"#,
+    )
+    .unwrap();
+    assert_eq!(r.name, "a/b/c.txt");
+    assert_eq!(r.display_name, "x");
+    assert_eq!(r.big, 12);
+}
+
+#[test]
+fn bad_json_is_a_client_error_naming_the_problem() {
+    let t = transcoder(common::CONFIG);
+    for (body, why) in [
+        ("{", "invalid JSON body"),
+        (r#"{"message": 5}"#, "invalid type"),
+        (r#"{"nope": "x"}"#, "nope"),
+        ("[1]", "invalid JSON body"),
+        (r#"{"message": "a"} x"#, "trailing"),
+    ] {
+        let e = build::<pb::SayRequest>(&t, "POST", "/v1/echo", body).unwrap_err();
+        assert!(e.contains(why), "{body}: {e}");
+    }
+    let e = build::<pb::ReflectRequest>(&t, "POST", "/v1/reflect/x:run", r#"{"n": "many"}"#)
+        .unwrap_err();
+    assert!(e.contains("field inner"), "{e}");
+}
+
+#[test]
+fn most_specific_template_wins() {
+    let fds = common::descriptors_of(
+        r#"syntax = "proto3";
+package t;
+import "google/api/annotations.proto";
+message R { string a = 1; string b = 2; }
+service S {
+  rpc Wild(R) returns (R) { option (google.api.http) = { get: "/v1/{a=**}" }; }
+  rpc One(R) returns (R) { option (google.api.http) = { get: "/v1/items/{a}" }; }
+  rpc Lit(R) returns (R) { option (google.api.http) = { get: "/v1/items/special" }; }
+  rpc Verb(R) returns (R) { option (google.api.http) = { custom: { kind: "GET", path: "/v1/items/{a}:peek" } }; }
+}"#,
+    );
+    let config: Config = serde_json::from_str(r#"{"services": ["t.S"]}"#).unwrap();
+    let t = Transcoder::new(&config, &fds).unwrap();
+    let target = |p: &str| find(&t, "GET", p).map(|(g, _)| g);
+    assert_eq!(target("/v1/items/special").as_deref(), Some("/t.S/Lit"));
+    assert_eq!(target("/v1/items/other").as_deref(), Some("/t.S/One"));
+    assert_eq!(target("/v1/items/other:peek").as_deref(), Some("/t.S/Verb"));
+    assert_eq!(target("/v1/items/a/b").as_deref(), Some("/t.S/Wild"));
+    assert_eq!(target("/v2/x"), None);
+}
+
+#[test]
+fn responses_print_as_proto3_json() {
+    let t = transcoder(common::CONFIG);
+    let json = |t: &Transcoder, method: &str, path: &str, msg: &[u8]| -> serde_json::Value {
+        let (_, m) = find(t, method, path).unwrap();
+        serde_json::from_slice(&t.response_json(m.rule, msg).unwrap()).unwrap()
+    };
+    let reply = pb::SayReply {
+        message: "hi".into(),
+        metadata: [("k".to_owned(), "v".to_owned())].into(),
+    }
+    .encode_to_vec();
+    assert_eq!(
+        json(&t, "GET", "/v1/echo/x", &reply),
+        serde_json::json!({"message": "hi", "metadata": {"k": "v"}})
+    );
+    let reflected = pb::ReflectRequest {
+        display_name: "D".into(),
+        big: 5,
+        kind: 1,
+        tags: vec!["a".into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    // Defaults omitted, lowerCamelCase names, int64 as a string, enum names.
+    assert_eq!(
+        json(&t, "GET", "/v1/shelves/1/books/2", &reflected),
+        serde_json::json!({"displayName": "D", "big": "5", "kind": "KIND_BOOK", "tags": ["a"]})
+    );
+    // response_body: "tags".
+    assert_eq!(
+        json(&t, "GET", "/v1/tags/x", &reflected),
+        serde_json::json!(["a"])
+    );
+    // An omitted (default) response_body field prints as its default.
+    assert_eq!(json(&t, "GET", "/v1/tags/x", &[]), serde_json::json!([]));
+
+    let t = transcoder(
+        r#"{"services": ["legate.test.v1.Echo"], "print_options": {"always_print_primitive_fields": true, "preserve_proto_field_names": true, "always_print_enums_as_ints": true}}"#,
+    );
+    let v = json(&t, "GET", "/v1/shelves/1/books/2", &reflected);
+    assert_eq!(v["display_name"], "D");
+    assert_eq!(v["kind"], 1);
+    assert_eq!(v["flag"], false);
+    assert_eq!(v["name"], "");
+
+    // add_whitespace: indented, same content.
+    let t2 = transcoder(
+        r#"{"services": ["legate.test.v1.Echo"], "print_options": {"add_whitespace": true}}"#,
+    );
+    let (_, m) = find(&t2, "GET", "/v1/echo/x").unwrap();
+    let text = String::from_utf8(t2.response_json(m.rule, &reply).unwrap()).unwrap();
+    assert!(text.starts_with("{\n  \""), "{text}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+        serde_json::json!({"message": "hi", "metadata": {"k": "v"}})
+    );
+
+    // A message that does not decode is the upstream's fault.
+    let (_, m) = find(&t, "GET", "/v1/echo/x").unwrap();
+    let e = t.response_json(m.rule, &[0x0a, 0x05, b'a']).unwrap_err();
+    assert!(e.contains("legate.test.v1.SayReply does not decode"), "{e}");
+}
