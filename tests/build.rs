@@ -23,6 +23,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("legate_test_v1_descriptor.bin"),
         compiler.encode_file_descriptor_set(),
     )?;
+    // The demo's service (examples/demo-upstream/proto): its descriptor set is
+    // committed as examples/demo-upstream/echo.pb for plugins.yaml, and a test
+    // (default_config.rs) checks the committed file against this one.
+    let demo = "legate/demo/v1/echo.proto";
+    println!("cargo:rerun-if-changed=../examples/demo-upstream/proto");
+    let mut demo_compiler = protox::Compiler::new(["../examples/demo-upstream/proto", "proto"])?;
+    demo_compiler.include_imports(true).open_file(demo)?;
+    std::fs::write(
+        out.join("legate_demo_v1_descriptor.bin"),
+        demo_compiler.encode_file_descriptor_set(),
+    )?;
     tonic_prost_build::configure()
         .build_client(false)
         .build_transport(false)

@@ -44,6 +44,13 @@ pub use prost::Message;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/legate_test_v1_descriptor.bin"));
 
+/// The encoded `FileDescriptorSet` of the demo's service `legate.demo.v1.Echo`
+/// (examples/demo-upstream/proto, with its imports), as compiled now: what
+/// examples/demo-upstream/echo.pb, which plugins.yaml gives the grpc-json
+/// plugin, must contain.
+pub const DEMO_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/legate_demo_v1_descriptor.bin"));
+
 /// Where [`FILE_DESCRIPTOR_SET`] is on disk (in the build's `OUT_DIR`), for a
 /// plugin config that names a descriptor file.
 pub fn file_descriptor_set_path() -> std::path::PathBuf {

@@ -122,6 +122,22 @@ each_proto!(
             r.body
         );
 
+        // REST/JSON, transcoded to the same gRPC method and back (the README's line).
+        let r = c.get("/v1/echo/hello").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let body: Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(body, serde_json::json!({ "message": "hello" }));
+        let r = c
+            .post("/v1/echo")
+            .header("content-type", "application/json")
+            .body(r#"{"message": "posted"}"#)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let body: Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(body["message"], "posted");
+
         // /api/ without a credential: 401, nothing upstream, no token spent.
         let before = v1.requests.get() + v2.requests.get();
         let r = c.get("/api/users").send().await;
@@ -158,3 +174,22 @@ each_proto!(
         assert_eq!(body["limit"], "api-per-ip");
     }
 );
+
+/// examples/demo-upstream/echo.pb, the descriptor set plugins.yaml gives the
+/// grpc-json plugin, is the compiled examples/demo-upstream/proto. After
+/// changing the .proto, regenerate it with
+/// `BLESS=1 cargo test -p legate-tests --test default_config`.
+#[test]
+fn the_demo_descriptor_set_is_current() {
+    let path = root().join("examples/demo-upstream/echo.pb");
+    if std::env::var_os("BLESS").is_some_and(|v| !v.is_empty() && v != "0") {
+        std::fs::write(&path, legate_tests::grpc::DEMO_DESCRIPTOR_SET).unwrap();
+    }
+    let committed = std::fs::read(&path).unwrap_or_default();
+    assert!(
+        committed == legate_tests::grpc::DEMO_DESCRIPTOR_SET,
+        "{} is not the compiled examples/demo-upstream/proto; regenerate it with \
+         `BLESS=1 cargo test -p legate-tests --test default_config`",
+        path.display()
+    );
+}
