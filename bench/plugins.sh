@@ -4,7 +4,7 @@
 # and chained as issue 4 asks: grpc-web + auth (JWT, RS256) + ratelimit, on
 # plain requests. gRPC-Web conversion itself is measured separately: gRPC-Web
 # POSTs to an HTTP/2 upstream, converted by the plugin, against the same POSTs
-# through no plugin. With REDIS=1, also ratelimit over a Redis KV backend (a
+# through no plugin; REST/JSON transcoding (grpc-json) likewise, with GETs. With REDIS=1, also ratelimit over a Redis KV backend (a
 # local redis-server). HTTP/1.1 keep-alive load from wrk; pinned as
 # bench/README.md describes: wrk and the upstream on core 0, Legate alone on
 # core 1 with one worker.
@@ -117,8 +117,9 @@ fi
 # The filter chain of setup $1.
 chain_of() {
     case "$1" in
-        none | grpc-web-none) ;;
+        none | grpc-web-none | grpc-json-none) ;;
         grpc-web | grpc-web-convert) echo grpc-web ;;
+        grpc-json-convert) echo grpc-json ;;
         auth-key) echo auth-key ;;
         auth-jwt) echo auth-jwt ;;
         ratelimit | ratelimit-redis) echo ratelimit ;;
@@ -164,6 +165,10 @@ clusters:
 plugins:
   - name: grpc-web
     module: builtin:grpc-web
+  - name: grpc-json
+    module: builtin:grpc-json
+    files: { descriptors: ${REPO_ROOT}/examples/demo-upstream/echo.pb }
+    config: { services: [legate.demo.v1.Echo] }
   - name: auth-key
     module: builtin:auth
     config:
@@ -202,10 +207,19 @@ requests_of() {
     esac
 }
 
+# The URL setup $1 loads: REST/JSON for the transcoder, else the root.
+url_of() {
+    case "$1" in
+        grpc-json-*) echo "http://127.0.0.1:${LISTEN}/v1/echo/hello" ;;
+        *) echo "http://127.0.0.1:${LISTEN}/" ;;
+    esac
+}
+
 # The setup $1 is compared with.
 baseline_of() {
     case "$1" in
         grpc-web-convert) echo grpc-web-none ;;
+        grpc-json-convert) echo grpc-json-none ;;
         *) echo none ;;
     esac
 }
@@ -216,7 +230,7 @@ measure() {
     # shellcheck disable=SC2046 # the extra arguments are words
     taskset -c "${LOAD_CPU}" wrk -t"${THREADS}" -c"${CONNS}" -d"${DURATION}s" --latency \
         -H 'x-api-key: bench-key' -H "authorization: Bearer ${TOKEN}" \
-        $(requests_of "$1") "http://127.0.0.1:${LISTEN}/" >"${out}" 2>&1 ||
+        $(requests_of "$1") "$(url_of "$1")" >"${out}" 2>&1 ||
         die "wrk failed: $(cat "${out}")"
     if grep -q 'Non-2xx' "${out}"; then
         die "non-2xx answers during the run: $(grep 'Non-2xx' "${out}")"
@@ -247,15 +261,20 @@ check() {
             ! grep -qi '^content-type: application/grpc-web' "${hdrs}"; then
             die "$1: the answer was not converted to gRPC-Web: $(cat "${hdrs}")"
         fi
+    elif [[ $1 == grpc-json-convert ]]; then
+        code=$(curl -s -o "${WORK}/check.body" -w '%{http_code}' "$(url_of "$1")")
+        grep -q '"message":"hello"' "${WORK}/check.body" ||
+            die "$1: not transcoded: $(cat "${WORK}/check.body")"
     else
         code=$(curl -s -o /dev/null -w '%{http_code}' -H 'x-api-key: bench-key' \
-            -H "authorization: Bearer ${TOKEN}" "http://127.0.0.1:${LISTEN}/")
+            -H "authorization: Bearer ${TOKEN}" "$(url_of "$1")")
     fi
     [[ ${code} == 200 ]] || die "$1: Legate answered ${code}, not 200"
 }
 
 if [[ -z ${SETUPS:-} ]]; then
     SETUPS="none grpc-web auth-key auth-jwt ratelimit chain grpc-web-none grpc-web-convert"
+    SETUPS+=" grpc-json-none grpc-json-convert"
     [[ ${REDIS} == 1 ]] && SETUPS+=" ratelimit-redis"
 fi
 read -r -a SETUPS <<<"${SETUPS}"
@@ -288,7 +307,7 @@ for setup in "${SETUPS[@]}"; do
     rps=${best_rps[${setup}]}
     base_setup=$(baseline_of "${setup}")
     base=${best_rps[${base_setup}]:-}
-    if [[ -z ${base} || ${setup} == "${base_setup}" || ${setup} == grpc-web-none ]]; then
+    if [[ -z ${base} || ${setup} == "${base_setup}" || ${setup} == *-none ]]; then
         change="(baseline)"
     else
         change=$(awk -v a="${rps}" -v b="${base}" -v n="${base_setup}" \
