@@ -35,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         demo_compiler.encode_file_descriptor_set(),
     )?;
     tonic_prost_build::configure()
-        .build_client(false)
+        .build_client(true)
         .build_transport(false)
         .compile_fds(fds)?;
     Ok(())

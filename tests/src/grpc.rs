@@ -230,3 +230,115 @@ impl pb::echo_server::Echo for EchoService {
 pub fn encode<M: Message>(m: &M) -> Bytes {
     Bytes::from(m.encode_to_vec())
 }
+
+/// One HTTP/1.1 or HTTP/2 connection to `addr` as a tower service, for tonic's
+/// generated client (tonic's own transport is not built here).
+#[derive(Clone)]
+pub struct HyperConn {
+    sender: ConnSender,
+    authority: String,
+}
+
+#[derive(Clone)]
+enum ConnSender {
+    H1(std::sync::Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<ConnBody>>>),
+    H2(hyper::client::conn::http2::SendRequest<ConnBody>),
+}
+
+type ConnBody = http_body_util::combinators::UnsyncBoxBody<Bytes, crate::BoxError>;
+
+impl HyperConn {
+    /// Connects to `addr` speaking `proto` (HTTP/2: prior knowledge).
+    pub async fn connect(proto: crate::Proto, addr: SocketAddr) -> Self {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        let io = TokioIo::new(tcp);
+        let sender = match proto {
+            crate::Proto::H1 => {
+                let (s, conn) = hyper::client::conn::http1::handshake(io)
+                    .await
+                    .unwrap_or_else(|e| panic!("HTTP/1.1 handshake: {e}"));
+                tokio::spawn(conn);
+                ConnSender::H1(std::sync::Arc::new(tokio::sync::Mutex::new(s)))
+            }
+            crate::Proto::H2 => {
+                let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .unwrap_or_else(|e| panic!("HTTP/2 handshake: {e}"));
+                tokio::spawn(conn);
+                ConnSender::H2(s)
+            }
+        };
+        HyperConn {
+            sender,
+            authority: addr.to_string(),
+        }
+    }
+}
+
+impl<B> Service<http::Request<B>> for HyperConn
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<crate::BoxError>,
+{
+    type Response = http::Response<Incoming>;
+    type Error = hyper::Error;
+    type Future = Pin<
+        Box<
+            dyn std::future::Future<Output = Result<http::Response<Incoming>, hyper::Error>> + Send,
+        >,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), hyper::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        use http_body_util::BodyExt as _;
+        let mut req = req.map(|b| b.map_err(Into::into).boxed_unsync());
+        match self.sender.clone() {
+            ConnSender::H1(s) => {
+                // Origin-form target and a Host header, as an HTTP/1.1 client sends.
+                let path = req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/".to_string(), |p| p.to_string());
+                *req.uri_mut() = path.parse().unwrap_or_default();
+                if let Ok(host) = http::HeaderValue::from_str(&self.authority) {
+                    req.headers_mut().insert(http::header::HOST, host);
+                }
+                *req.version_mut() = http::Version::HTTP_11;
+                Box::pin(async move {
+                    let mut s = s.lock().await;
+                    s.ready().await?;
+                    s.send_request(req).await
+                })
+            }
+            ConnSender::H2(mut s) => {
+                *req.version_mut() = http::Version::HTTP_2;
+                Box::pin(async move {
+                    s.ready().await?;
+                    s.send_request(req).await
+                })
+            }
+        }
+    }
+}
+
+/// A gRPC-Web client of `legate.test.v1.Echo` (what a browser app built with
+/// tonic-web sends: `application/grpc-web+proto`, trailers in the body) on one
+/// connection to `addr` (e.g. Legate's listener) over `proto`.
+pub async fn grpc_web_client(
+    proto: crate::Proto,
+    addr: SocketAddr,
+) -> pb::echo_client::EchoClient<tonic_web::GrpcWebClientService<HyperConn>> {
+    let conn = HyperConn::connect(proto, addr).await;
+    let origin: http::Uri = format!("http://{addr}")
+        .parse()
+        .unwrap_or_else(|e| panic!("origin for {addr}: {e}"));
+    pb::echo_client::EchoClient::with_origin(tonic_web::GrpcWebClientService::new(conn), origin)
+}

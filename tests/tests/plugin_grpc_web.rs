@@ -268,6 +268,76 @@ each_proto!(
 );
 
 each_proto!(
+    async fn a_real_grpc_web_client_talks_to_a_real_grpc_server_through_legate(proto) {
+        // tonic's generated client with tonic-web's client layer: the requests
+        // and the response parsing are a gRPC-Web implementation's, not ours.
+        let s = setup().await;
+        let mut c = legate_tests::grpc::grpc_web_client(proto, s.lg.addr("web")).await;
+
+        let reply = c
+            .say(pb::SayRequest {
+                message: "from a grpc-web client".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.message, "from a grpc-web client");
+        // The server got gRPC, not gRPC-Web.
+        assert_eq!(
+            reply.metadata.get("content-type").map(String::as_str),
+            Some("application/grpc")
+        );
+
+        // Server streaming: every message, then the status from the trailer frame.
+        let mut stream = c
+            .count(pb::CountRequest {
+                from: 1,
+                count: 3,
+                fail_code: 0,
+                fail_message: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(m) = stream.message().await.unwrap() {
+            got.push(m.n);
+        }
+        assert_eq!(got, [1, 2, 3]);
+
+        // A failure reaches the client as a gRPC status with its message, both
+        // from the trailer frame (streaming) and trailers-only (unary).
+        let mut stream = c
+            .count(pb::CountRequest {
+                from: 1,
+                count: 1,
+                fail_code: 9,
+                fail_message: "stopped".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stream.message().await.unwrap().map(|m| m.n), Some(1));
+        let err = stream.message().await.unwrap_err();
+        assert_eq!((err.code(), err.message()), (tonic::Code::FailedPrecondition, "stopped"));
+        let err = c
+            .fail(pb::FailRequest {
+                code: 5,
+                message: "no such thing".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!((err.code(), err.message()), (tonic::Code::NotFound, "no such thing"));
+
+        assert_eq!(s.grpc.calls.get(), 4);
+        assert_eq!(
+            plugin_counter(&s.lg, "grpc_web_requests_total", "variant=\"binary\"").await,
+            Some(4.0)
+        );
+    }
+);
+
+each_proto!(
     async fn server_streaming_sends_every_message_then_the_trailer_frame(proto) {
         let s = setup().await;
         let mut c = client(proto, s.lg.addr("web")).await;
