@@ -202,6 +202,8 @@ pub struct CalloutResponse {
     pub headers: HeaderMap,
     /// The whole body.
     pub body: Bytes,
+    /// The trailers, if any (a gRPC call's status is there).
+    pub trailers: HeaderMap,
 }
 
 /// Why a callout has no response.

@@ -855,7 +855,7 @@ async fn callout(
     let status = resp.status();
     active.record_status(status.as_u16());
     let (parts, body) = resp.into_parts();
-    let body = http_body_util::Limited::new(body, req.max_response_body)
+    let collected = http_body_util::Limited::new(body, req.max_response_body)
         .collect()
         .await
         .map_err(|e| {
@@ -864,14 +864,16 @@ async fn callout(
             } else {
                 Unavailable
             }
-        })?
-        .to_bytes();
+        })?;
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let body = collected.to_bytes();
     let mut headers = parts.headers;
     proxy_headers::strip_hop_by_hop(&mut headers);
     Ok(filter::CalloutResponse {
         status,
         headers,
         body,
+        trailers,
     })
 }
 

@@ -499,6 +499,78 @@ fn the_sdk_module_needs_no_import_the_host_lacks() {
     assert!(unknown.is_empty(), "not provided: {unknown:?}");
 }
 
+// ---- gRPC calls (proxy_grpc_call → proxy_on_grpc_receive / _close) ----
+
+each_proto!(
+    /// The SDK's gRPC pattern against a real tonic server: pause on a unary gRPC
+    /// call, resume with a header from the reply, or answer with a gRPC local
+    /// response carrying the call's status (`send_grpc_response`).
+    async fn grpc_call_pauses_then_resumes_or_answers_with_its_status(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let p = plugin(
+            "caller",
+            "{ mode: grpc-call }",
+            "    capabilities: { clusters: [grpc] }\n",
+        );
+        let yaml = config(up.addr, &p, &["caller"]).replacen(
+            "clusters:\n",
+            &format!(
+                "clusters:\n  - name: grpc\n    protocol: h2\n    endpoints:\n      - address: {}\n",
+                grpc.addr
+            ),
+            1,
+        );
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c.get("/say/hello").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.path, "/say/hello");
+        assert_eq!(e.header("x-pw-grpc-reply"), Some("hello"));
+        // The call's metadata reached the gRPC server.
+        assert_eq!(e.header("x-pw-md-seen"), Some("yes"));
+
+        // NOT_FOUND from the server (trailers-only): a gRPC local response.
+        let r = c.get("/fail/5").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/grpc"));
+        assert_eq!(r.header("grpc-status"), Some("5"));
+        assert_eq!(r.header("x-pw-grpc"), Some("failed"));
+        let message = r.header("grpc-message").unwrap_or_default();
+        assert!(message.contains("failed") && message.contains("purpose"), "{message}");
+        assert_eq!(up.requests.get(), 1, "the failed call's request reached the backend");
+        assert_eq!(grpc.calls.get(), 2);
+        lg.assert_stat(r#"legate_plugin_callouts_total{plugin="caller"}"#, 2.0)
+            .await;
+        lg.assert_stat(&calls("caller", "callout_response"), 2.0).await;
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_to_a_dead_cluster_closes_with_unavailable() {
+    let up = upstream().start().await;
+    let p = plugin(
+        "caller",
+        "{ mode: grpc-call }",
+        "    capabilities: { clusters: [grpc] }\n",
+    );
+    let yaml = config(up.addr, &p, &["caller"]).replacen(
+        "clusters:\n",
+        &format!(
+            "clusters:\n  - name: grpc\n    protocol: h2\n    endpoints:\n      - address: {}\n",
+            closed_port_addr()
+        ),
+        1,
+    );
+    let lg = legate().config(&yaml).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let r = c.get("/say/hello").send().await;
+    assert_eq!(r.header("grpc-status"), Some("14"), "{}", r.text());
+    assert_eq!(up.requests.get(), 0);
+}
+
 // ---- HTTP callouts (proxy_http_call → proxy_on_http_call_response) ----
 
 /// [`config`] plus cluster `authz` at `authz`.
@@ -529,6 +601,8 @@ each_proto!(
         let e = r.echo();
         assert_eq!(e.path, "/hello");
         assert_eq!(e.header("x-pw-authz"), Some("ok:anonymous"));
+        // Trailer count passed and map 7 read: this authz service sends none.
+        assert_eq!(e.header("x-pw-call-trailers"), Some("0:0"));
         let r = c.get("/deny/x").send().await;
         assert_eq!(r.status, 403, "{}", r.text());
         assert_eq!(r.text(), "denied:anonymous");

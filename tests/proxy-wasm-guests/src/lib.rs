@@ -47,6 +47,14 @@
 //!   and `x-client-trailer` replaced by `changed`; response trailers get
 //!   `x-pw-added: <number of trailers>` and `grpc-message` removed.
 //!
+//! - `grpc-call`: `/say/<msg>` calls `legate.test.v1.Echo/Say` on cluster `grpc`
+//!   (`dispatch_grpc_call`, metadata `x-pw-md: from-proxy-wasm`) and pauses; the
+//!   reply's message goes upstream as request header `x-pw-grpc-reply`, and
+//!   `x-pw-md-seen: yes` if the server reported the metadata. `/fail/<code>`
+//!   calls `Fail` with that code; a failed call is answered with a gRPC local
+//!   response (`send_grpc_response`) carrying the call's status and message.
+//!   The HTTP callout of `callout` mode reports its trailer count too.
+//!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
 
 use std::time::Duration;
@@ -188,6 +196,40 @@ struct Filter {
 }
 
 impl Context for Filter {
+    fn on_grpc_call_response(&mut self, _token: u32, status: u32, size: usize) {
+        if status == 0 {
+            let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
+            // SayReply: field 1 (message) is first; the metadata map follows.
+            let reply = match body.as_slice() {
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => {
+                    String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned()
+                }
+                _ => "<undecodable>".to_string(),
+            };
+            self.set_http_request_header("x-pw-grpc-reply", Some(&reply));
+            let seen = body.windows(15).any(|w| w == b"from-proxy-wasm");
+            self.set_http_request_header("x-pw-md-seen", Some(if seen { "yes" } else { "no" }));
+            self.resume_http_request();
+            return;
+        }
+        let (code, message) = self.get_grpc_status();
+        let code = match code {
+            1 => GrpcStatusCode::Cancelled,
+            3 => GrpcStatusCode::InvalidArgument,
+            4 => GrpcStatusCode::DeadlineExceeded,
+            5 => GrpcStatusCode::NotFound,
+            7 => GrpcStatusCode::PermissionDenied,
+            8 => GrpcStatusCode::ResourceExhausted,
+            9 => GrpcStatusCode::FailedPrecondition,
+            12 => GrpcStatusCode::Unimplemented,
+            13 => GrpcStatusCode::Internal,
+            14 => GrpcStatusCode::Unavailable,
+            16 => GrpcStatusCode::Unauthenticated,
+            _ => GrpcStatusCode::Unknown,
+        };
+        self.send_grpc_response(code, message.as_deref(), vec![("x-pw-grpc", b"failed")]);
+    }
+
     fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         if num_headers == 0 {
             self.send_http_response(503, vec![("x-pw-call", "failed")], Some(b"authz unavailable\n"));
@@ -198,6 +240,8 @@ impl Context for Filter {
         if status == "200" {
             let v = String::from_utf8_lossy(&body).into_owned();
             self.set_http_request_header("x-pw-authz", Some(&v));
+            let trailers = self.get_http_call_response_trailers();
+            self.set_http_request_header("x-pw-call-trailers", Some(&format!("{}:{}", _trailers, trailers.len())));
             self.resume_http_request();
         } else {
             let code = status.parse::<u32>().unwrap_or(500);
@@ -351,6 +395,37 @@ impl HttpContext for Filter {
                     None,
                     vec![],
                     Duration::from_millis(self.s.timeout_ms),
+                );
+                return match r {
+                    Ok(_) => Action::Pause,
+                    Err(e) => {
+                        let e = format!("{e:?}");
+                        self.send_http_response(500, vec![("x-pw-call-error", &e)], None);
+                        Action::Pause
+                    }
+                };
+            }
+            "grpc-call" => {
+                let timeout = Duration::from_millis(self.s.timeout_ms);
+                let (method, message) = if let Some(msg) = path.strip_prefix("/say/") {
+                    let mut m = vec![0x0a, msg.len() as u8];
+                    m.extend_from_slice(msg.as_bytes());
+                    ("Say", m)
+                } else if let Some(code) = path.strip_prefix("/fail/") {
+                    let text = b"failed on purpose";
+                    let mut m = vec![0x08, code.parse::<u8>().unwrap_or(2), 0x12, text.len() as u8];
+                    m.extend_from_slice(text);
+                    ("Fail", m)
+                } else {
+                    return Action::Continue;
+                };
+                let r = self.dispatch_grpc_call(
+                    "grpc",
+                    "legate.test.v1.Echo",
+                    method,
+                    vec![("x-pw-md", b"from-proxy-wasm")],
+                    Some(&message),
+                    timeout,
                 );
                 return match r {
                     Ok(_) => Action::Pause,

@@ -57,7 +57,8 @@ pub mod map {
     pub const RESPONSE_TRAILERS: i32 = 3;
     /// `HTTP_CALL_RESPONSE_HEADERS`: the callout response being delivered.
     pub const HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
-    /// `HTTP_CALL_RESPONSE_TRAILERS` (callout responses have none here).
+    /// `HTTP_CALL_RESPONSE_TRAILERS`: the trailers of the HTTP callout being
+    /// delivered.
     pub const HTTP_CALL_RESPONSE_TRAILERS: i32 = 7;
     /// Largest defined map type (HTTP_CALL_RESPONSE_TRAILERS).
     pub const MAX: i32 = 7;
@@ -71,6 +72,9 @@ pub mod buffer {
     pub const HTTP_RESPONSE_BODY: i32 = 1;
     /// The response of the HTTP callout being delivered.
     pub const HTTP_CALL_RESPONSE_BODY: i32 = 4;
+    /// The response message of the gRPC call being delivered
+    /// (`proxy_on_grpc_receive`).
+    pub const GRPC_RECEIVE_BUFFER: i32 = 5;
     /// The VM configuration (`proxy_wasm.vm_config`).
     pub const VM_CONFIGURATION: i32 = 6;
     /// The plugin configuration.

@@ -75,6 +75,10 @@ struct Exports {
     body: [Option<BodyFn>; 2],
     trailers: [Option<TrailersFn>; 2],
     http_call_response: Option<CallResponseFn>,
+    /// `proxy_on_grpc_receive(root, token, message_size)`.
+    grpc_receive: Option<TypedFunc<(i32, i32, i32), ()>>,
+    /// `proxy_on_grpc_close(root, token, status_code)`.
+    grpc_close: Option<TypedFunc<(i32, i32, i32), ()>>,
     done: Option<TypedFunc<i32, i32>>,
     log: Option<TypedFunc<i32, ()>>,
     delete: Option<TypedFunc<i32, ()>>,
@@ -250,6 +254,8 @@ impl ProxyWasmFilter {
                 typed(&mut store, &instance, TRAILERS_EXPORTS[1])?,
             ],
             http_call_response: typed(&mut store, &instance, "proxy_on_http_call_response")?,
+            grpc_receive: typed(&mut store, &instance, "proxy_on_grpc_receive")?,
+            grpc_close: typed(&mut store, &instance, "proxy_on_grpc_close")?,
             done: typed(&mut store, &instance, "proxy_on_done")?,
             log: typed(&mut store, &instance, "proxy_on_log")?,
             delete: typed(&mut store, &instance, "proxy_on_delete")?,
@@ -737,7 +743,9 @@ impl ProxyWasmFilter {
 
     /// Delivers callout `token`'s result to `proxy_on_http_call_response` (with
     /// the root context's id, as the spec says; the SDKs find the calling context
-    /// by token). Failures are delivered as zero headers, as Envoy does.
+    /// by token). Failures are delivered as zero headers, as Envoy does. A gRPC
+    /// call's result goes to `proxy_on_grpc_receive` (the message) or
+    /// `proxy_on_grpc_close` (any other status), as Envoy's unary calls do.
     /// `exchange` is the exchange the callout belongs to (`None` for the root
     /// context's). The verdict: a local response, a resume
     /// (`proxy_continue_stream`), or still paused.
@@ -766,26 +774,64 @@ impl ProxyWasmFilter {
                 // Its context is gone (or it was delivered already).
                 return Ok(Ok(Verdict::Continue));
             }
-            let Some(f) = live.exports.http_call_response.clone() else {
-                return Ok(Err(
-                    "sent an HTTP callout but does not export proxy_on_http_call_response".into(),
-                ));
-            };
-            let (headers, body) = match &result {
-                Ok(r) => (r.headers.len() + 1, r.body.len()),
-                Err(_) => (0, 0),
-            };
-            data.call_response = Some(result);
+            let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
             data.resume = false;
             data.effective = ROOT_CONTEXT;
-            let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
-            let called = f.call(
-                &mut live.store,
-                (ROOT_CONTEXT as i32, token as i32, n(headers), n(body), 0),
-            );
+            if data.grpc_calls.remove(&token) {
+                // Envoy's unary gRPC callbacks: the message on success, else the
+                // status (readable with proxy_get_status).
+                let root = ROOT_CONTEXT as i32;
+                let called = match grpc_outcome(&result) {
+                    Ok(message) => {
+                        let Some(f) = live.exports.grpc_receive.clone() else {
+                            return Ok(Err(
+                                "sent a gRPC call but does not export proxy_on_grpc_receive".into(),
+                            ));
+                        };
+                        let len = n(message.len());
+                        data.grpc_message = Some(message);
+                        f.call(&mut live.store, (root, token as i32, len))
+                    }
+                    Err((code, message)) => {
+                        let Some(f) = live.exports.grpc_close.clone() else {
+                            return Ok(Err(
+                                "sent a gRPC call but does not export proxy_on_grpc_close".into(),
+                            ));
+                        };
+                        data.grpc_status = Some((code, message));
+                        f.call(&mut live.store, (root, token as i32, code as i32))
+                    }
+                };
+                let data = live.store.data_mut();
+                data.grpc_message = None;
+                data.grpc_status = None;
+                called?;
+            } else {
+                let Some(f) = live.exports.http_call_response.clone() else {
+                    return Ok(Err(
+                        "sent an HTTP callout but does not export proxy_on_http_call_response"
+                            .into(),
+                    ));
+                };
+                let (headers, body, trailers) = match &result {
+                    Ok(r) => (r.headers.len() + 1, r.body.len(), r.trailers.len()),
+                    Err(_) => (0, 0, 0),
+                };
+                data.call_response = Some(result);
+                let called = f.call(
+                    &mut live.store,
+                    (
+                        ROOT_CONTEXT as i32,
+                        token as i32,
+                        n(headers),
+                        n(body),
+                        n(trailers),
+                    ),
+                );
+                live.store.data_mut().call_response = None;
+                called?;
+            }
             let data = live.store.data_mut();
-            data.call_response = None;
-            called?;
             if let Some(lr) = data.local.take() {
                 return Ok(Ok(Verdict::Respond(lr)));
             }
@@ -1017,6 +1063,93 @@ impl HttpFilter for ProxyWasmFilter {
         // Already finished by `on_log` unless the chain skipped it (a failure).
         self.finish(worker, context, None);
     }
+}
+
+/// A unary gRPC call's result as Envoy reports it to a proxy-wasm filter: the
+/// response message, or a status code and message (gRPC's HTTP-to-status
+/// mapping for a non-200 answer; `DEADLINE_EXCEEDED`, `UNAVAILABLE` or
+/// `RESOURCE_EXHAUSTED` for a callout that failed; `INTERNAL` for a malformed
+/// answer).
+fn grpc_outcome(result: &CalloutResult) -> Result<bytes::Bytes, (u32, String)> {
+    use crate::filter::CalloutError;
+    const UNKNOWN: u32 = 2;
+    const INTERNAL: u32 = 13;
+    let r = match result {
+        Ok(r) => r,
+        Err(CalloutError::Timeout) => return Err((4, "gRPC call timed out".into())),
+        Err(CalloutError::Unavailable) => return Err((14, "upstream unavailable".into())),
+        Err(CalloutError::LimitExceeded) => {
+            return Err((8, "gRPC response over the callout limit".into()))
+        }
+    };
+    if r.status != http::StatusCode::OK {
+        let code = match r.status.as_u16() {
+            400 => INTERNAL,
+            401 => 16,
+            403 => 7,
+            404 => 12,
+            429 | 502..=504 => 14,
+            _ => UNKNOWN,
+        };
+        return Err((code, format!("HTTP status {}", r.status.as_u16())));
+    }
+    // Trailers, or the headers of a trailers-only answer.
+    let field = |name: &str| {
+        r.trailers
+            .get(name)
+            .or_else(|| r.headers.get(name))
+            .and_then(|v| v.to_str().ok())
+    };
+    let code = match field("grpc-status").map(str::parse::<u32>) {
+        Some(Ok(c)) => c,
+        _ => return Err((UNKNOWN, "the answer has no valid grpc-status".into())),
+    };
+    if code != 0 {
+        let message = field("grpc-message")
+            .map(percent_decode)
+            .unwrap_or_default();
+        return Err((code, message));
+    }
+    match r.body.as_ref() {
+        [0, a, b, c, d, rest @ ..]
+            if usize::try_from(u32::from_be_bytes([*a, *b, *c, *d])).ok() == Some(rest.len()) =>
+        {
+            Ok(r.body.slice(5..))
+        }
+        [1, ..] => Err((
+            INTERNAL,
+            "compressed gRPC responses are not supported".into(),
+        )),
+        _ => Err((
+            INTERNAL,
+            "the answer is not exactly one gRPC message".into(),
+        )),
+    }
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2, "Responses").
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).and_then(|&c| hex(c)),
+            b.get(i + 2).and_then(|&c| hex(c)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -48,6 +48,15 @@ pub fn pairs(s: &mut PwState, which: i32) -> Result<Pairs, i32> {
         }
         return Ok(out);
     }
+    if which == map::HTTP_CALL_RESPONSE_TRAILERS {
+        let mut out: Pairs = Vec::new();
+        if let Some(Ok(r)) = &s.call_response {
+            for (k, v) in &r.trailers {
+                out.push((k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()));
+            }
+        }
+        return Ok(out);
+    }
     let Some(x) = s.exchange() else {
         return Ok(Vec::new());
     };

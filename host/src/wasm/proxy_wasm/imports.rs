@@ -117,18 +117,6 @@ fn http_call(
     body: Vec<u8>,
     timeout_ms: u32,
 ) -> Result<u32, i32> {
-    use crate::wasm::host::{
-        CALLOUTS_PER_CONTEXT, CALLOUTS_PER_INSTANCE, CALLOUT_DEFAULT_TIMEOUT, CALLOUT_MAX_RESPONSE,
-        CALLOUT_MAX_TIMEOUT_MS,
-    };
-    if !s.meta.clusters.contains(&cluster) {
-        tracing::warn!(
-            plugin = &*s.meta.name,
-            "proxy_http_call to cluster `{cluster}`, which the plugin is not granted: add it \
-             to the plugin's `capabilities.clusters`"
-        );
-        return Err(status::BAD_ARGUMENT);
-    }
     let (mut method, mut path, mut authority) = (None, None, None);
     let mut headers = HeaderMap::new();
     for (k, v) in pairs {
@@ -147,6 +135,103 @@ fn http_call(
     let (Some(method), Some(path)) = (method, path) else {
         return Err(status::BAD_ARGUMENT);
     };
+    queue_call(
+        s, cluster, method, path, authority, headers, body, timeout_ms,
+    )
+}
+
+/// `proxy_grpc_call`: a unary gRPC call, sent as an HTTP/2 callout (the
+/// cluster must speak `h2`) `POST /SERVICE/METHOD` with the message framed.
+/// `upstream` is the cluster's name, or Envoy's serialized `GrpcService` whose
+/// `envoy_grpc.cluster_name` names it.
+fn grpc_call(
+    s: &mut PwState,
+    upstream: &[u8],
+    service: String,
+    method: String,
+    metadata: &[(Vec<u8>, Vec<u8>)],
+    message: &[u8],
+    timeout_ms: u32,
+) -> Result<u32, i32> {
+    let cluster = grpc_cluster(upstream).ok_or(status::BAD_ARGUMENT)?;
+    let path = format!("/{service}/{method}");
+    if service.is_empty() || method.is_empty() || path.parse::<http::Uri>().is_err() {
+        return Err(status::BAD_ARGUMENT);
+    }
+    let mut headers = HeaderMap::new();
+    for (k, v) in metadata {
+        let name = HeaderName::from_bytes(k).map_err(|_| status::BAD_ARGUMENT)?;
+        let value = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
+        headers.append(name, value);
+    }
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    if timeout_ms > 0 {
+        if let Ok(v) = HeaderValue::from_str(&format!("{timeout_ms}m")) {
+            headers.insert("grpc-timeout", v);
+        }
+    }
+    let len = u32::try_from(message.len()).map_err(|_| status::BAD_ARGUMENT)?;
+    let mut body = Vec::with_capacity(message.len() + 5);
+    body.push(0);
+    body.extend_from_slice(&len.to_be_bytes());
+    body.extend_from_slice(message);
+    let token = queue_call(
+        s,
+        cluster,
+        http::Method::POST,
+        path,
+        None,
+        headers,
+        body,
+        timeout_ms,
+    )?;
+    s.grpc_calls.insert(token);
+    Ok(token)
+}
+
+/// The cluster a `proxy_grpc_call` names: the bytes as a name, or the
+/// `envoy_grpc.cluster_name` (field 1 of field 1) of a serialized `GrpcService`.
+fn grpc_cluster(upstream: &[u8]) -> Option<String> {
+    let name = match upstream {
+        [0x0a, n, rest @ ..] if usize::from(*n) == rest.len() => match rest {
+            [0x0a, m, name @ ..] if usize::from(*m) <= name.len() => &name[..usize::from(*m)],
+            _ => return None,
+        },
+        _ => upstream,
+    };
+    let name = std::str::from_utf8(name).ok()?;
+    crate::config::Name::new(name).ok().map(|n| n.to_string())
+}
+
+/// Queues a callout of the current context (HTTP or gRPC), within the plugin's
+/// granted clusters and the per-context and per-instance bounds; its token.
+#[allow(clippy::too_many_arguments)]
+fn queue_call(
+    s: &mut PwState,
+    cluster: String,
+    method: http::Method,
+    path: String,
+    authority: Option<String>,
+    headers: HeaderMap,
+    body: Vec<u8>,
+    timeout_ms: u32,
+) -> Result<u32, i32> {
+    use crate::wasm::host::{
+        CALLOUTS_PER_CONTEXT, CALLOUTS_PER_INSTANCE, CALLOUT_DEFAULT_TIMEOUT, CALLOUT_MAX_RESPONSE,
+        CALLOUT_MAX_TIMEOUT_MS,
+    };
+    if !s.meta.clusters.contains(&cluster) {
+        tracing::warn!(
+            plugin = &*s.meta.name,
+            "a callout to cluster `{cluster}`, which the plugin is not granted: add it \
+             to the plugin's `capabilities.clusters`"
+        );
+        return Err(status::BAD_ARGUMENT);
+    }
     if !path.starts_with('/') || path.parse::<http::Uri>().is_err() {
         return Err(status::BAD_ARGUMENT);
     }
@@ -321,6 +406,7 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
             run(&mut c, |c| {
                 let meta = c.data().meta.clone();
                 let call_body = call_body(c.data());
+                let grpc_message = c.data().grpc_message.clone();
                 // Copied out (the guest's allocator runs before the write).
                 let body = body_mut(c.data_mut(), kind).map(|b| b.clone());
                 let all: &[u8] = match kind {
@@ -334,8 +420,11 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                         Some(b) => b,
                         None => return fail(status::NOT_FOUND),
                     },
-                    // gRPC messages, foreign-function arguments: none exist in this
-                    // host yet.
+                    buffer::GRPC_RECEIVE_BUFFER => match &grpc_message {
+                        Some(b) => b,
+                        None => return fail(status::NOT_FOUND),
+                    },
+                    // Foreign-function arguments: none exist in this host.
                     0..=8 => return fail(status::NOT_FOUND),
                     _ => return fail(status::BAD_ARGUMENT),
                 };
@@ -381,6 +470,10 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                     buffer::VM_CONFIGURATION => meta.vm_config.len(),
                     buffer::PLUGIN_CONFIGURATION => meta.plugin_config.len(),
                     buffer::HTTP_CALL_RESPONSE_BODY => match call_body(c.data()) {
+                        Some(b) => b.len(),
+                        None => return fail(status::NOT_FOUND),
+                    },
+                    buffer::GRPC_RECEIVE_BUFFER => match &c.data().grpc_message {
                         Some(b) => b.len(),
                         None => return fail(status::NOT_FOUND),
                     },
@@ -492,9 +585,11 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
         "proxy_get_status",
         |mut c: C<'_>, code_out: i32, out_p: i32, out_n: i32| {
             run(&mut c, |c| {
-                // Only meaningful inside gRPC callbacks, which never happen here.
-                write_u32(c, code_out, 0)?;
-                give(c, b"", out_p, out_n)
+                // The status of the gRPC call being closed (`proxy_on_grpc_close`);
+                // OK with no message elsewhere, as Envoy answers.
+                let (code, message) = c.data().grpc_status.clone().unwrap_or((0, String::new()));
+                write_u32(c, code_out, code)?;
+                give(c, message.as_bytes(), out_p, out_n)
             })
         },
     )?;
@@ -525,7 +620,7 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
             })
         },
     )?;
-    // ---- callouts: HTTP through the host's callouts; gRPC not yet ----
+    // ---- callouts: HTTP and unary gRPC through the host's callouts ----
     l.func_wrap(
         E,
         "proxy_http_call",
@@ -557,24 +652,41 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
         E,
         "proxy_grpc_call",
         |mut c: C<'_>,
-         _a: i32,
-         _b: i32,
-         _c2: i32,
-         _d: i32,
-         _e: i32,
-         _f: i32,
-         _g: i32,
-         _h: i32,
-         _i: i32,
-         _j: i32,
-         _timeout: i32,
-         _token: i32| {
+         up: i32,
+         un: i32,
+         sp: i32,
+         sn: i32,
+         mp: i32,
+         mn: i32,
+         mdp: i32,
+         mdn: i32,
+         msgp: i32,
+         msgn: i32,
+         timeout: i32,
+         token_out: i32| {
             run(&mut c, |c| {
-                tracing::warn!(
-                    plugin = &*c.data().meta.name,
-                    "proxy_grpc_call: gRPC callouts are not supported by this Legate yet"
-                );
-                fail(status::INTERNAL_FAILURE)
+                let upstream = read(c, up, un)?;
+                let service = read_str(c, sp, sn)?;
+                let method = read_str(c, mp, mn)?;
+                let md = read(c, mdp, mdn)?;
+                let message = read(c, msgp, msgn)?;
+                check(c, token_out, 4)?;
+                let pairs = if md.is_empty() {
+                    Vec::new()
+                } else {
+                    parse_pairs(&md).ok_or(Fail::Status(status::BAD_ARGUMENT))?
+                };
+                let token = grpc_call(
+                    c.data_mut(),
+                    &upstream,
+                    service,
+                    method,
+                    &pairs,
+                    &message,
+                    timeout as u32,
+                )
+                .map_err(Fail::Status)?;
+                write_u32(c, token_out, token)
             })
         },
     )?;
@@ -594,7 +706,8 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
             run(&mut c, |c| {
                 tracing::warn!(
                     plugin = &*c.data().meta.name,
-                    "proxy_grpc_stream: gRPC callouts are not supported by this Legate yet"
+                    "proxy_grpc_stream: gRPC streams are not supported by this Legate yet \
+                     (unary proxy_grpc_call is)"
                 );
                 fail(status::INTERNAL_FAILURE)
             })

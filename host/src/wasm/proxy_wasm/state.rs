@@ -174,6 +174,14 @@ pub struct PwState {
     pub next_token: u32,
     /// Callouts sent and not yet delivered: token → the context that sent it.
     pub outstanding: HashMap<u32, u32>,
+    /// The tokens of `outstanding` that are gRPC calls (`proxy_grpc_call`).
+    pub grpc_calls: std::collections::HashSet<u32>,
+    /// The gRPC response message being delivered (`proxy_on_grpc_receive`),
+    /// read through buffer 5.
+    pub grpc_message: Option<bytes::Bytes>,
+    /// The gRPC status being delivered (`proxy_on_grpc_close`), read with
+    /// `proxy_get_status`: code and message.
+    pub grpc_status: Option<(u32, String)>,
     /// Callouts sent from the root context (ticks, queue events), sent by the
     /// filter after the call.
     pub root_callouts: Vec<CalloutRequest>,
@@ -201,6 +209,9 @@ impl PwState {
             props: HashMap::new(),
             new_queues: Vec::new(),
             call_response: None,
+            grpc_calls: std::collections::HashSet::new(),
+            grpc_message: None,
+            grpc_status: None,
             resume: false,
             next_token: 0,
             outstanding: HashMap::new(),
