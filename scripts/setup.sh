@@ -158,7 +158,13 @@ main() {
     [[ ${#groups[@]} -gt 0 ]] || groups=(test)
     for group in "${groups[@]}"; do
         case "${group}" in
-            test) pkgs+=("${TEST_PKGS[@]}") ;;
+            test)
+                pkgs+=("${TEST_PKGS[@]}")
+                # The AssemblyScript proxy-wasm fixture (tests/proxy-wasm-as) is
+                # built with npm; any Node.js with npm will do (by command, not
+                # package: a nodesource nodejs bundles npm and conflicts with it).
+                command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)
+                ;;
             bench)
                 pkgs+=("${TEST_PKGS[@]}" "${BENCH_PKGS[@]}")
                 # bench/run.sh parses results with python3; any python3 will do.

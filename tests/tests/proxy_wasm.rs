@@ -499,6 +499,32 @@ fn the_sdk_module_needs_no_import_the_host_lacks() {
     assert!(unknown.is_empty(), "not provided: {unknown:?}");
 }
 
+// ---- a filter from another language's SDK ----
+
+each_proto!(
+    /// An AssemblyScript filter built with Solo.io's proxy-runtime SDK, configured
+    /// as its README configures it for Envoy: root id, plugin configuration read
+    /// back, request and response headers, a local response.
+    async fn an_assemblyscript_filter_runs_unchanged(proto) {
+        let up = upstream().start().await;
+        let p = format!(
+            "  - name: as\n    module: {}\n    limits: {{ cpu: 500ms }}\n    proxy_wasm:\n      root_id: legate_as\n      plugin_config: from-as\n",
+            legate_tests::proxy_wasm::assemblyscript_guest().display()
+        );
+        let lg = legate().config(&config(up.addr, &p, &["as"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/hello").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-as-config"), Some("from-as"));
+        assert_eq!(r.echo().header("x-as-request"), Some("seen"));
+        let r = c.get("/as-deny").send().await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "denied by an AssemblyScript filter\n");
+        assert_eq!(up.requests.get(), 1);
+        lg.assert_stat(&calls("as", "request_headers"), 2.0).await;
+    }
+);
+
 // ---- gRPC calls (proxy_grpc_call → proxy_on_grpc_receive / _close) ----
 
 each_proto!(
