@@ -13,6 +13,7 @@
 #   ROUNDS=1 DURATION=5 bench/plugins.sh     # a short run
 #   REDIS=1 bench/plugins.sh                 # also ratelimit over Redis
 #   SETUPS="none chain" bench/plugins.sh     # only some setups
+#   SKIP_BUILD=1 bench/plugins.sh            # the release binaries as they are
 #
 # The limit is set so high that it never refuses: what is measured is the cost
 # of checking it (two KV calls per request: get + CAS set). Prints one table:
@@ -49,8 +50,10 @@ fi
 lock=()
 [[ -f Cargo.lock ]] && lock=(--locked)
 command -v openssl >/dev/null 2>&1 || die "'openssl' not found: run scripts/setup.sh bench"
-log "building legate and the demo upstream (release)"
-cargo build --release "${lock[@]}" -p legate-demo-upstream -p legate-host
+if [[ -z ${SKIP_BUILD:-} ]]; then
+    log "building legate and the demo upstream (release)"
+    cargo build --release "${lock[@]}" -p legate-demo-upstream -p legate-host
+fi
 UPSTREAM_BIN="${REPO_ROOT}/target/release/legate-demo-upstream"
 LEGATE_BIN="${REPO_ROOT}/target/release/legate"
 
