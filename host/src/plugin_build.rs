@@ -30,6 +30,19 @@ pub enum PluginCommand {
     /// List the plugins embedded in this binary (`module: builtin:NAME`), with
     /// their size and SHA-256 (for `sha256:` pinning).
     List,
+    /// Measure what one instance of a component plugin costs: create, configure
+    /// and drop it (what an instance per request would add to each request), and
+    /// its linear memory (what each worker's instance holds).
+    Measure {
+        /// Config file.
+        #[arg(short, long, default_value = "plugins.yaml")]
+        config: PathBuf,
+        /// The plugin's name in the config.
+        plugin: String,
+        /// Instances to create.
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        iterations: u32,
+    },
 }
 
 /// Run a `legate plugin` command.
@@ -57,6 +70,30 @@ pub fn run(command: PluginCommand) -> ExitCode {
                 );
             }
             ExitCode::SUCCESS
+        }
+        PluginCommand::Measure {
+            config,
+            plugin,
+            iterations,
+        } => {
+            let cost = crate::config::load_file(&config)
+                .map_err(|e| anyhow::anyhow!("invalid config\n{e}"))
+                .and_then(|c| crate::wasm::measure_instances(&c, &plugin, iterations));
+            match cost {
+                Ok(c) => {
+                    println!(
+                        "plugin {plugin}: instantiate + configure + drop: {:.1} us (mean of {iterations}); \
+                         linear memory per instance: {} KiB",
+                        c.instantiate.as_secs_f64() * 1e6,
+                        c.memory / 1024
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

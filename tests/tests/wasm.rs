@@ -378,6 +378,36 @@ async fn guest_metrics_reach_stats() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_new_series_count_against_the_series_cap() {
+    // The guest calls `with-labels` on every request: the same series again must
+    // not use up the plugin's 1000 series (it did: metrics stopped after 1000
+    // requests, and an instance re-created 1000 times could not configure).
+    let up = upstream().start().await;
+    let p = plugin("counting", "{ mode: metrics }", "");
+    let lg = legate().config(&simple(up.addr, &p, &["counting"])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    for _ in 0..1100 {
+        assert_eq!(c.get("/a").send().await.status, 200);
+    }
+    lg.assert_stat(
+        r#"legate_plugin_requests{plugin="counting",method="GET"}"#,
+        1100.0,
+    )
+    .await;
+    // New series still stop at the cap: GET plus 999 more.
+    for i in 0..1000 {
+        let m = Method::from_bytes(format!("M{i}").as_bytes()).unwrap();
+        assert_eq!(c.request(m, "/m").send().await.status, 200);
+    }
+    let stats = lg.stats().await;
+    assert!(stats.contains(r#"legate_plugin_requests{plugin="counting",method="M998"} 1"#));
+    assert!(
+        !stats.contains(r#"method="M999""#),
+        "a series over the cap was made"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_components_are_cached_on_disk() {
     let dir = TempDir::new();
     let cache = dir.path().join("cache");

@@ -9,7 +9,6 @@
 //! exchange is not the one in the store is dangling and traps (abi/README.md §8).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -120,7 +119,10 @@ pub struct PluginShared {
     /// The data files granted (`files:`), read at load.
     pub files: Arc<super::plugin::Files>,
     metrics: Mutex<HashMap<String, Arc<MetricDef>>>,
-    series: AtomicUsize,
+    /// The series made so far (metric, label values): only a new one counts
+    /// against the cap, so instances re-defining their metrics and per-request
+    /// `with-labels` calls do not use it up.
+    series: Mutex<HashSet<(&'static str, Vec<String>)>>,
 }
 
 impl PluginShared {
@@ -137,7 +139,7 @@ impl PluginShared {
             body_limit: crate::filter::DEFAULT_BODY_LIMIT,
             files: Arc::default(),
             metrics: Mutex::default(),
-            series: AtomicUsize::new(0),
+            series: Mutex::default(),
         }
     }
 }
@@ -1090,9 +1092,19 @@ impl HostState {
                 .map(String::as_str)
                 .zip(values.iter().map(String::as_str)),
         );
-        if self.plugin.series.fetch_add(1, Relaxed) >= MAX_SERIES {
-            self.plugin.series.fetch_sub(1, Relaxed);
-            return Err(Error::LimitExceeded);
+        {
+            let mut made = self
+                .plugin
+                .series
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let key = (def.name, values.to_vec());
+            if !made.contains(&key) {
+                if made.len() >= MAX_SERIES {
+                    return Err(Error::LimitExceeded);
+                }
+                made.insert(key);
+            }
         }
         let stats = &self.plugin.stats;
         Ok(match def.kind {

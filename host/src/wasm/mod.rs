@@ -104,21 +104,7 @@ pub fn load(
                 (None, Some(v)) => v.to_string(),
                 (None, None) => "null".to_string(),
             };
-            let settings = plugin::Settings {
-                config_json: json,
-                cpu: p.limits.cpu.value.get(),
-                memory: usize::try_from(p.limits.memory.value.0).unwrap_or(usize::MAX),
-                fail_open: p.fail == FailPolicy::Open,
-                kv: p.capabilities.kv.iter().map(|n| n.to_string()).collect(),
-                clusters: p
-                    .capabilities
-                    .clusters
-                    .iter()
-                    .map(|n| n.value.to_string())
-                    .collect(),
-                body_limit: usize::try_from(p.limits.body.value.0).unwrap_or(usize::MAX),
-                files: files.clone(),
-            };
+            let settings = settings(p, json, files.clone());
             let f = Arc::new(WasmFilter::load(name, &component, settings, stats)?);
             f.arm();
             out.insert(
@@ -131,6 +117,61 @@ pub fn load(
         }
     }
     Ok(out)
+}
+
+/// The sandbox settings of component plugin `p` configured with `json`.
+fn settings(
+    p: &crate::config::Plugin,
+    json: String,
+    files: Arc<plugin::Files>,
+) -> plugin::Settings {
+    plugin::Settings {
+        config_json: json,
+        cpu: p.limits.cpu.value.get(),
+        memory: usize::try_from(p.limits.memory.value.0).unwrap_or(usize::MAX),
+        fail_open: p.fail == FailPolicy::Open,
+        kv: p.capabilities.kv.iter().map(|n| n.to_string()).collect(),
+        clusters: p
+            .capabilities
+            .clusters
+            .iter()
+            .map(|n| n.value.to_string())
+            .collect(),
+        body_limit: usize::try_from(p.limits.body.value.0).unwrap_or(usize::MAX),
+        files,
+    }
+}
+
+/// `legate plugin measure`: component plugin `name` of `config`, loaded as
+/// `legate run` loads it, then `n` instances created, configured and dropped.
+pub fn measure_instances(
+    config: &Config,
+    name: &str,
+    n: u32,
+) -> anyhow::Result<plugin::InstanceCost> {
+    let stats = Stats::new();
+    let _kv = kv::enter(kv::backend(&config.kv, &stats)?);
+    let Some(p) = config
+        .plugins
+        .iter()
+        .find(|p| p.value.name.as_str() == name)
+    else {
+        anyhow::bail!("no plugin named `{name}` in the config");
+    };
+    let p = &p.value;
+    let bytes = module_bytes(p)?;
+    if proxy_wasm::is_core_module(&bytes) {
+        anyhow::bail!("plugin `{name}` is a proxy-wasm module; this measures components");
+    }
+    let json = p
+        .config
+        .as_ref()
+        .map_or("null".to_string(), |v| v.to_string());
+    let sha256 = p.sha256.as_ref().map(|s| s.value.as_str());
+    let component = engine::compile(name, &p.module, &bytes, sha256, &stats)?;
+    let f = WasmFilter::load(name, &component, settings(p, json, read_files(p)?), &stats)?;
+    f.measure_instances(n)
+        .map_err(|e| anyhow::anyhow!("plugin `{name}`: {e}"))
 }
 
 /// Reads plugin `p`'s data files (`files:`), once per load, shared by its instances.

@@ -1088,3 +1088,32 @@ impl HttpFilter for WasmFilter {
         }
     }
 }
+
+/// What one instance of a plugin costs (`legate plugin measure`): the figures
+/// behind the instance shape (ARCHITECTURE.md, "Wasm filters").
+#[derive(Debug, Clone, Copy)]
+pub struct InstanceCost {
+    /// Mean time to create, configure and drop one instance.
+    pub instantiate: Duration,
+    /// Linear memory of one configured instance, in bytes.
+    pub memory: usize,
+}
+
+impl WasmFilter {
+    /// Creates, configures and drops `n` instances on this thread: what an
+    /// instance-per-request shape would add to every request, and the memory a
+    /// per-worker instance holds.
+    pub fn measure_instances(&self, n: u32) -> Result<InstanceCost, String> {
+        let n = n.max(1);
+        let mut memory = 0;
+        let start = Instant::now();
+        for _ in 0..n {
+            let (live, _) = self.instantiate(u32::MAX, false)?;
+            memory = live.store.data().memory_bytes;
+        }
+        Ok(InstanceCost {
+            instantiate: start.elapsed() / n,
+            memory,
+        })
+    }
+}
