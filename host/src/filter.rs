@@ -1129,13 +1129,26 @@ impl Chain {
         order: &[usize],
         hold: bool,
     ) -> Result<Option<LocalResponse>, ProxyError> {
+        self.x.hold_body = hold;
+        let r = self.run_calls(d, body_eos, order, hold).await;
+        self.x.hold_body = false;
+        r
+    }
+
+    /// The calls of [`Chain::run_part`].
+    async fn run_calls(
+        &mut self,
+        d: Direction,
+        body_eos: Option<bool>,
+        order: &[usize],
+        hold: bool,
+    ) -> Result<Option<LocalResponse>, ProxyError> {
         let phase = match (d, body_eos) {
             (Direction::Request, Some(_)) => "request_body",
             (Direction::Response, Some(_)) => "response_body",
             (Direction::Request, None) => "request_trailers",
             (Direction::Response, None) => "response_trailers",
         };
-        self.x.hold_body = hold;
         for &i in order {
             let mut v = match body_eos {
                 Some(eos) => self.call(i, |f, w, x| f.on_body(w, x, d, eos)),
