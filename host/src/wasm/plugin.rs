@@ -311,12 +311,13 @@ fn verdict(
                 live.paused.remove(&context);
                 return Err("returned `pause` with no outstanding callout".to_string());
             }
-            let streamed = match phase {
+            // A body or trailers call may pause only if the host holds the message.
+            let body_dir = match phase {
                 Phase::RequestBody | Phase::RequestTrailers => Some(Direction::Request),
                 Phase::ResponseBody | Phase::ResponseTrailers => Some(Direction::Response),
                 _ => None,
             };
-            if let Some(d) = streamed.filter(|_| !live.store.data().x.hold_body) {
+            if let Some(d) = body_dir.filter(|_| !live.store.data().x.hold_body) {
                 live.paused.remove(&context);
                 return Err(crate::filter::streamed_pause_error(d));
             }
