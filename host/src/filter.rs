@@ -15,8 +15,11 @@
 //! result to the filter's [`HttpFilter::on_callout_response`]. A filter that returns
 //! [`Verdict::Pause`] holds the chain: the chain awaits results (the worker runs
 //! other exchanges meanwhile) until the paused filter's callout response resumes or
-//! answers. Dropping a [`Chain`] (the client went away) aborts its callouts and still
-//! runs `on-log`/`on-done`.
+//! answers. That works from the headers phases and, when the host holds the whole
+//! message (buffered mode, [`Chain::on_whole_body`]), from the body and trailers
+//! phases; a streamed body runs its phases from a stream's poll, which cannot wait,
+//! so a pause there is a failure. Dropping a [`Chain`] (the client went away) aborts
+//! its callouts and still runs `on-log`/`on-done`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -336,6 +339,11 @@ pub struct Exchange {
     /// this exchange (its instance learns the context then; any later call on an
     /// instance that does not know it means that instance was replaced).
     pub first_call: bool,
+    /// Whether the current body or trailers call may return pause: the host holds
+    /// the whole message (buffered mode) and waits a pause out. A streamed call
+    /// cannot wait: a filter answering pause there fails
+    /// ([`streamed_pause_error`]).
+    pub hold_body: bool,
     table: Option<Arc<RouteTable>>,
     routing: Routing,
 }
@@ -375,6 +383,7 @@ impl Exchange {
             trailers: [None, None],
             body_ctl: BodyCtl::default(),
             first_call: false,
+            hold_body: false,
             table,
             routing: Routing::default(),
         }
@@ -408,6 +417,7 @@ impl Exchange {
             trailers: [None, None],
             body_ctl: BodyCtl::default(),
             first_call: false,
+            hold_body: false,
             table: None,
             routing: Routing::default(),
         }
@@ -1080,9 +1090,9 @@ impl Chain {
         }
     }
 
-    /// Applies a body or trailers phase verdict other than continue: `pause` is
-    /// not supported there (a failure of the filter), a failure applies the
-    /// failure policy. `Some` is a local response from filter `i`.
+    /// Applies a body or trailers phase verdict other than continue and pause (a
+    /// pause was waited out or refused by [`Chain::run_part`]): a local response
+    /// from filter `i` is `Some`, a failure applies the failure policy.
     fn body_verdict(
         &mut self,
         i: usize,
@@ -1098,11 +1108,8 @@ impl Chain {
                 }
                 return Ok(Some(lr));
             }
-            Ok(Verdict::Pause) => {
-                "returned `pause` from a body or trailers phase, which this host does not \
-                 support yet; send callouts from the headers phase or use `buffered` mode"
-                    .to_string()
-            }
+            // `run_part` never passes one; treated as refused rather than a panic.
+            Ok(Verdict::Pause) => streamed_pause_error(d),
             Err(why) => why,
         };
         self.skipped.push(i);
@@ -1111,96 +1118,197 @@ impl Chain {
         Ok(None)
     }
 
+    /// Calls the body (`Some(end_of_stream)`) or trailers (`None`) phase of
+    /// direction `d` in every filter of `order`, over the part already on the
+    /// exchange. A filter that pauses is waited out if `hold` (the host holds the
+    /// whole message, buffered mode: the chain must be out of its
+    /// [`SharedChain`]); otherwise (streamed, run from a body stream's poll,
+    /// which cannot wait) its pause is a failure. `Some` is a local response.
+    async fn run_part(
+        &mut self,
+        d: Direction,
+        body_eos: Option<bool>,
+        order: &[usize],
+        hold: bool,
+    ) -> Result<Option<LocalResponse>, ProxyError> {
+        self.x.hold_body = hold;
+        let r = self.run_calls(d, body_eos, order, hold).await;
+        self.x.hold_body = false;
+        r
+    }
+
+    /// The calls of [`Chain::run_part`].
+    async fn run_calls(
+        &mut self,
+        d: Direction,
+        body_eos: Option<bool>,
+        order: &[usize],
+        hold: bool,
+    ) -> Result<Option<LocalResponse>, ProxyError> {
+        let phase = match (d, body_eos) {
+            (Direction::Request, Some(_)) => "request_body",
+            (Direction::Response, Some(_)) => "response_body",
+            (Direction::Request, None) => "request_trailers",
+            (Direction::Response, None) => "response_trailers",
+        };
+        for &i in order {
+            let mut v = match body_eos {
+                Some(eos) => self.call(i, |f, w, x| f.on_body(w, x, d, eos)),
+                None => self.call(i, |f, w, x| f.on_trailers(w, x, d)),
+            };
+            self.dispatch(i);
+            if let Ok(Verdict::Pause) = v {
+                v = if hold {
+                    // The part stays on the exchange, held and writable, for the
+                    // callout responses (abi/README.md §3.3).
+                    self.wait(i, phase).await?
+                } else {
+                    Err(streamed_pause_error(d))
+                };
+            }
+            if let Some(lr) = self.body_verdict(i, d, phase, v)? {
+                return Ok(Some(lr));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Filters of direction `d` that get its body calls, in its order.
+    fn body_order(&self, d: Direction) -> Vec<usize> {
+        self.order(d)
+            .into_iter()
+            .filter(|&i| self.ctl[i].wants(d))
+            .collect()
+    }
+
     /// Runs the body phase of direction `d` over `data` in every filter that wants
     /// it (chain order for the request, reverse for the response): the data as
-    /// the filters left it, or a filter's local response.
+    /// the filters left it, or a filter's local response. `hold`: see
+    /// [`Chain::run_part`].
+    async fn body_part(
+        &mut self,
+        d: Direction,
+        data: Bytes,
+        end_of_stream: bool,
+        hold: bool,
+    ) -> Result<BodyStep, ProxyError> {
+        let order = self.body_order(d);
+        if order.is_empty() {
+            return Ok(BodyStep::Continue(data));
+        }
+        self.x.bodies[d.idx()] = Some(Vec::from(data));
+        let r = self.run_part(d, Some(end_of_stream), &order, hold).await;
+        let out = self.x.bodies[d.idx()].take().unwrap_or_default();
+        Ok(match r? {
+            Some(lr) => BodyStep::Respond(lr),
+            None => BodyStep::Continue(Bytes::from(out)),
+        })
+    }
+
+    /// The last body call of direction `d`, with the `trailers` the message ends
+    /// with if any (see [`Chain::on_body_end`]), then the trailers phases over
+    /// what the body phases left of them.
+    async fn end_part(
+        &mut self,
+        d: Direction,
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+        hold: bool,
+    ) -> Result<Result<(Bytes, Option<HeaderMap>), LocalResponse>, ProxyError> {
+        let folding = trailers.is_some();
+        if folding {
+            self.x.trailers[d.idx()] = trailers;
+        }
+        let data = match self.body_part(d, data, true, hold).await? {
+            BodyStep::Continue(data) => data,
+            BodyStep::Respond(lr) => return Ok(Err(lr)),
+        };
+        if !folding {
+            return Ok(Ok((data, None)));
+        }
+        let trailers = self.x.trailers[d.idx()].take().unwrap_or_default();
+        if trailers.is_empty() {
+            return Ok(Ok((data, None)));
+        }
+        Ok(self
+            .trailers_part(d, trailers, hold)
+            .await?
+            .map(|t| (data, Some(t))))
+    }
+
+    /// Runs the trailers phase of direction `d` over `trailers` in every filter
+    /// that declared it: the trailers as the filters left them (kept on the
+    /// exchange for later reads), or a filter's local response.
+    async fn trailers_part(
+        &mut self,
+        d: Direction,
+        trailers: HeaderMap,
+        hold: bool,
+    ) -> Result<Result<HeaderMap, LocalResponse>, ProxyError> {
+        self.x.trailers[d.idx()] = Some(trailers);
+        let order: Vec<usize> = self
+            .order(d)
+            .into_iter()
+            .filter(|&i| self.entered[i].phases().contains(d.trailers_phase()))
+            .collect();
+        if let Some(lr) = self.run_part(d, None, &order, hold).await? {
+            return Ok(Err(lr));
+        }
+        Ok(Ok(self.x.trailers[d.idx()].clone().unwrap_or_default()))
+    }
+
+    /// Runs the body phase of direction `d` over one streamed chunk `data` (see
+    /// [`Chain::body_part`]); a pause there is a failure: a body stream cannot
+    /// wait for a callout.
     pub fn on_body(
         &mut self,
         d: Direction,
         data: Bytes,
         end_of_stream: bool,
     ) -> Result<BodyStep, ProxyError> {
-        let order: Vec<usize> = self
-            .order(d)
-            .into_iter()
-            .filter(|&i| self.ctl[i].wants(d))
-            .collect();
-        if order.is_empty() {
-            return Ok(BodyStep::Continue(data));
-        }
-        let phase = match d {
-            Direction::Request => "request_body",
-            Direction::Response => "response_body",
-        };
-        self.x.bodies[d.idx()] = Some(Vec::from(data));
-        for i in order {
-            let v = self.call(i, |f, w, x| f.on_body(w, x, d, end_of_stream));
-            self.dispatch(i);
-            let r = self.body_verdict(i, d, phase, v);
-            match r {
-                Ok(None) => {}
-                Ok(Some(lr)) => {
-                    self.x.bodies[d.idx()] = None;
-                    return Ok(BodyStep::Respond(lr));
-                }
-                Err(e) => {
-                    self.x.bodies[d.idx()] = None;
-                    return Err(e);
-                }
-            }
-        }
-        let out = self.x.bodies[d.idx()].take().unwrap_or_default();
-        Ok(BodyStep::Continue(Bytes::from(out)))
+        now(self.body_part(d, data, end_of_stream, false))
     }
 
-    /// The last body call of direction `d` for a message that ends with
+    /// The last body call of direction `d` for a streamed message that ends with
     /// `trailers` (abi/README.md §4): the trailers are on the exchange, readable
     /// and writable, during this end-of-stream body call, so a filter can fold
     /// them into the body (gRPC-Web). Then the trailers phases run over what is
     /// left, unless the filters emptied the map: the message then ends with its
-    /// body and has no trailers (`None`).
+    /// body and has no trailers (`None`). A pause is a failure, as in
+    /// [`Chain::on_body`].
     pub fn on_body_end(
         &mut self,
         d: Direction,
         data: Bytes,
         trailers: HeaderMap,
     ) -> Result<Result<(Bytes, Option<HeaderMap>), LocalResponse>, ProxyError> {
-        self.x.trailers[d.idx()] = Some(trailers);
-        let data = match self.on_body(d, data, true)? {
-            BodyStep::Continue(data) => data,
-            BodyStep::Respond(lr) => return Ok(Err(lr)),
-        };
-        let trailers = self.x.trailers[d.idx()].take().unwrap_or_default();
-        if trailers.is_empty() {
-            return Ok(Ok((data, None)));
-        }
-        Ok(self.on_trailers(d, trailers)?.map(|t| (data, Some(t))))
+        now(self.end_part(d, data, Some(trailers), false))
     }
 
-    /// Runs the trailers phase of direction `d` over `trailers` in every filter
-    /// that declared it: the trailers as the filters left them (kept on the
-    /// exchange for later reads), or a filter's local response.
+    /// Runs the trailers phase of direction `d` over the `trailers` of a streamed
+    /// message (see [`Chain::trailers_part`]); a pause is a failure, as in
+    /// [`Chain::on_body`].
     pub fn on_trailers(
         &mut self,
         d: Direction,
         trailers: HeaderMap,
     ) -> Result<Result<HeaderMap, LocalResponse>, ProxyError> {
-        let phase = match d {
-            Direction::Request => "request_trailers",
-            Direction::Response => "response_trailers",
-        };
-        self.x.trailers[d.idx()] = Some(trailers);
-        for i in self.order(d) {
-            if !self.entered[i].phases().contains(d.trailers_phase()) {
-                continue;
-            }
-            let v = self.call(i, |f, w, x| f.on_trailers(w, x, d));
-            self.dispatch(i);
-            if let Some(lr) = self.body_verdict(i, d, phase, v)? {
-                return Ok(Err(lr));
-            }
-        }
-        Ok(Ok(self.x.trailers[d.idx()].clone().unwrap_or_default()))
+        now(self.trailers_part(d, trailers, false))
+    }
+
+    /// Buffered mode: the one body call of direction `d` over the whole body
+    /// `data`, then, if the message ends with `trailers`, the trailers phases
+    /// (folding as in [`Chain::on_body_end`]). The host holds the whole message,
+    /// so a filter may pause in these phases: the call waits out the pause (the
+    /// worker serves other exchanges meanwhile), so the chain must be out of its
+    /// [`SharedChain`] ([`SharedChain::take`]).
+    pub async fn on_whole_body(
+        &mut self,
+        d: Direction,
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+    ) -> Result<Result<(Bytes, Option<HeaderMap>), LocalResponse>, ProxyError> {
+        self.end_part(d, data, trailers, true).await
     }
 
     /// The exchange is over: `on-log` then `on-done` for every filter that took part
@@ -1223,6 +1331,33 @@ impl Chain {
         for f in &self.entered {
             f.on_done(self.worker, self.x.context);
         }
+    }
+}
+
+/// Why a pause from a streamed body or trailers phase of direction `d` is a
+/// failure (see [`Exchange::hold_body`]).
+pub fn streamed_pause_error(d: Direction) -> String {
+    format!(
+        "returned `pause` from a {} body or trailers phase in streamed mode; this host \
+         supports `pause` there only when the {} body is buffered (a filter of the chain \
+         has `buffered` mode for it): use `buffered` mode or send callouts from the \
+         headers phase",
+        d.as_str(),
+        d.as_str()
+    )
+}
+
+/// Runs a chain future that does not hold (pauses refused): it never waits, so
+/// its first poll completes it.
+fn now<T>(f: impl Future<Output = Result<T, ProxyError>>) -> Result<T, ProxyError> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => Err(ProxyError::new(
+            Kind::Internal,
+            "bug: a streamed body phase run waited on a pause",
+        )),
     }
 }
 

@@ -575,14 +575,15 @@ enum BodyRun {
 /// body and trailers phases if a filter declared them (abi/README.md §4):
 /// streamed, the body is wrapped so chunks go through as they are forwarded;
 /// buffered, the whole body is read under the smallest cap of the buffering
-/// filters (over it: request 413, response 502) and the phases run once.
+/// filters (over it: request 413, response 502) and the phases run once, waiting
+/// out a filter's pause (abi/README.md §3.3) as the headers phases do.
 async fn run_body(
     shared: &filter::SharedChain,
     d: filter::Direction,
     inner: Body,
     headers: &http::HeaderMap,
 ) -> Result<BodyRun, ProxyError> {
-    use filter::{BodyStep, Direction};
+    use filter::Direction;
     let Some(plan) = chain_step(shared, |c| c.body_plan(d))? else {
         return Ok(BodyRun::Passed(inner));
     };
@@ -614,18 +615,21 @@ async fn run_body(
                 ProxyError::new(Kind::UpstreamReset, format!("response body: {e}"))
             }
         })?;
-    let (data, trailers) = match trailers {
-        None => match chain_step(shared, |c| c.on_body(d, data, true))?? {
-            BodyStep::Continue(data) => (data, None),
-            BodyStep::Respond(lr) => return Ok(BodyRun::Respond(lr)),
-        },
-        // The trailers are writable in the body call; emptied, there are none.
-        Some(t) => match chain_step(shared, |c| c.on_body_end(d, data, t))?? {
-            Ok(whole) => whole,
-            Err(lr) => return Ok(BodyRun::Respond(lr)),
-        },
+    // The phases may pause (the whole message is held here): taken out, as for
+    // the headers phases, so no borrow is held while the chain waits.
+    let Some(mut chain) = shared.take() else {
+        return Err(ProxyError::new(
+            Kind::Internal,
+            format!("filter chain unavailable for the buffered {what} body phases"),
+        ));
     };
-    Ok(BodyRun::Whole(data, trailers))
+    // The trailers are writable in the body call; emptied, there are none.
+    let r = chain.on_whole_body(d, data, trailers).await;
+    shared.put(chain);
+    match r? {
+        Ok((data, trailers)) => Ok(BodyRun::Whole(data, trailers)),
+        Err(lr) => Ok(BodyRun::Respond(lr)),
+    }
 }
 
 /// The request side of [`run_body`]: a buffered body's head is written back and

@@ -388,6 +388,8 @@ impl<F: HttpFilter> FilterTest<F> {
             pending_body: [request.body, Vec::new()],
             pending_trailers: [request.trailers, None],
             paused_window: Vec::new(),
+            held_trailers: None,
+            paused_streamed: false,
         }
     }
 
@@ -579,6 +581,12 @@ pub struct TestExchange<'t, F: HttpFilter> {
     pending_body: [Vec<u8>; 2],
     pending_trailers: [Option<FieldList>; 2],
     paused_window: Vec<Part>,
+    /// The direction whose trailers a paused end-of-stream body call holds (on
+    /// the exchange, writable, until the pause ends).
+    held_trailers: Option<Direction>,
+    /// The last `Pause` came from a body or trailers call of a direction this
+    /// filter does not buffer, which the host refuses.
+    paused_streamed: bool,
 }
 
 impl<F: HttpFilter> TestExchange<'_, F> {
@@ -665,13 +673,24 @@ impl<F: HttpFilter> TestExchange<'_, F> {
                 Direction::Response => i.response_body(c, x, &b, eos),
             }
         });
+        self.paused_streamed = action == Action::Pause && mode != BodyMode::Buffered;
         if folding {
-            // What the filter left goes to the trailers phase; an emptied map
-            // means no trailers at all (and no trailers phase).
-            let left = self.ex.borrow_mut().trailers[idx(d)].take();
-            self.pending_trailers[idx(d)] = left.filter(|t| !t.is_empty());
+            if action == Action::Pause {
+                // Held (and writable) with the body until the pause ends.
+                self.held_trailers = Some(d);
+            } else {
+                self.settle_trailers(d);
+            }
         }
         action
+    }
+
+    /// After the end-of-stream body call of `d`: what the filter left of the
+    /// trailers goes to the trailers phase; an emptied map means no trailers at
+    /// all (and no trailers phase).
+    fn settle_trailers(&mut self, d: Direction) {
+        let left = self.ex.borrow_mut().trailers[idx(d)].take();
+        self.pending_trailers[idx(d)] = left.filter(|t| !t.is_empty());
     }
 
     /// Call `on_request_body` once with the whole request body and end of
@@ -700,13 +719,16 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         }
         let c = self.context;
         let ex = self.ex.clone();
-        self.call(vec![Part::Trailers(d)], |i, x| {
+        let action = self.call(vec![Part::Trailers(d)], |i, x| {
             let t = Headers(HeadersHandle::new(ex, Part::Trailers(d)));
             match d {
                 Direction::Request => i.request_trailers(c, x, &t),
                 Direction::Response => i.response_trailers(c, x, &t),
             }
-        })
+        });
+        let buffered = self.ex.borrow().body_modes[idx(d)] == BodyMode::Buffered;
+        self.paused_streamed = action == Action::Pause && !buffered;
+        action
     }
 
     /// Call `on_request_trailers` if the request has trailers.
@@ -808,7 +830,14 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         }
         let c = self.context;
         let window = self.paused_window.clone();
-        Some(self.call(window, |i, x| i.callout_response(c, x, id, response)))
+        let action = self.call(window, |i, x| i.callout_response(c, x, id, response));
+        if action != Action::Pause {
+            self.paused_streamed = false;
+            if let Some(d) = self.held_trailers.take() {
+                self.settle_trailers(d);
+            }
+        }
+        Some(action)
     }
 
     /// Deliver the queued responses ([`TestHost::queue_callout_response`]) to
@@ -825,9 +854,13 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// Whether a `Pause` just returned is valid: this exchange has a callout
-    /// outstanding (the host treats a pause without one as a failure).
+    /// outstanding (the host treats a pause without one as a failure) and, from
+    /// a body or trailers phase, the filter buffers that direction (the host
+    /// waits only for a message it holds: a pause from a `Streamed` call fails).
+    /// The harness knows only this filter: in a chain where another filter
+    /// buffers the direction, a streamed filter's pause is valid too.
     pub fn may_pause(&self) -> bool {
-        self.test.host.outstanding(Some(self.context)) > 0
+        !self.paused_streamed && self.test.host.outstanding(Some(self.context)) > 0
     }
 
     /// Drive the whole exchange as the host would: request headers, body,

@@ -533,6 +533,104 @@ fn trailers_are_writable_in_the_last_body_call_and_folded_ones_are_gone() {
     assert_eq!(x.response_trailer("x-phase").as_deref(), Some("ran"));
 }
 
+/// Sends the whole request body to `checker` and pauses until it answers (mode
+/// from the config: `"buffered"` or `"streamed"`): a 200 upper-cases the body,
+/// sets `x-checked` on the head and, if the request has trailers, trailer
+/// `x-body-checked`; anything else answers 403 with the checker's body.
+struct BodyCheck {
+    mode: BodyMode,
+}
+
+impl HttpFilter for BodyCheck {
+    type Config = String;
+    type Context = ();
+    fn configure(mode: String) -> Result<Self, String> {
+        let mode = match mode.as_str() {
+            "buffered" => BodyMode::Buffered,
+            "streamed" => BodyMode::Streamed,
+            other => return Err(format!("unknown mode {other}")),
+        };
+        Ok(BodyCheck { mode })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_body(self.mode)
+    }
+    fn on_request_body(&mut self, _: &mut (), _: &Exchange<'_>, b: &Body<'_>, eos: bool) -> Action {
+        if !eos {
+            return Action::Continue;
+        }
+        let check = CalloutRequest::new("checker", "POST", "/check").body(b.read(0, b.len()));
+        match callout::send(&check) {
+            Ok(_) => Action::Pause,
+            Err(e) => Action::respond(500, e.to_string()),
+        }
+    }
+    fn on_callout_response(
+        &mut self,
+        _: &mut (),
+        x: &Exchange<'_>,
+        _: CalloutId,
+        response: Result<CalloutResponse, Error>,
+    ) -> Action {
+        match response {
+            Ok(r) if r.status == 200 => {
+                // Still paused in the body phase: body, head and trailers are held.
+                let b = x.body(Direction::Request).unwrap();
+                b.replace(b.read(0, b.len()).to_ascii_uppercase()).unwrap();
+                x.headers(Direction::Request)
+                    .unwrap()
+                    .set("x-checked", "200")
+                    .unwrap();
+                if let Some(t) = x.trailers(Direction::Request) {
+                    t.set("x-body-checked", "200").unwrap();
+                }
+                Action::Continue
+            }
+            Ok(r) => Action::Respond(LocalResponse::new(403).body(r.body)),
+            Err(e) => Action::respond(502, e.to_string()),
+        }
+    }
+}
+
+#[test]
+fn a_buffered_body_phase_pauses_for_a_callout_with_the_message_writable() {
+    let h = TestHost::new().grant_cluster("checker");
+    let mut t = h.configure::<BodyCheck>(r#""buffered""#).unwrap();
+    h.queue_callout_response("checker", Ok(CalloutResponse::new(200, "ok")));
+    let mut x = t.exchange(Request::post("/", "hello").trailer("x-client", "1"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_body(), Action::Pause);
+    assert!(x.may_pause());
+    assert_eq!(h.callouts()[0].request.body, b"hello");
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    assert_eq!(x.request_body_bytes(), b"HELLO");
+    assert_eq!(x.request_header("x-checked").as_deref(), Some("200"));
+    // The trailers, held with the end-of-stream call, go on as the filter left them.
+    assert_eq!(x.request_trailers(), Action::Continue);
+    assert_eq!(x.request_trailer("x-body-checked").as_deref(), Some("200"));
+    assert_eq!(x.request_trailer("x-client").as_deref(), Some("1"));
+
+    // Denied by the checker: its answer.
+    h.queue_callout_response("checker", Ok(CalloutResponse::new(401, "no")));
+    let mut x = t.exchange(Request::post("/", "bad"));
+    assert_eq!(x.request_body(), Action::Pause);
+    let actions = x.deliver_callouts();
+    assert!(
+        matches!(&actions[..], [Action::Respond(r)] if r.status == 403 && r.body == b"no"),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn a_streamed_body_phase_may_not_pause() {
+    let h = TestHost::new().grant_cluster("checker");
+    let mut t = h.configure::<BodyCheck>(r#""streamed""#).unwrap();
+    let mut x = t.exchange(Request::post("/", "hello"));
+    assert_eq!(x.request_body_chunk("hello", true), Action::Pause);
+    // A callout is outstanding, but the host cannot wait in a streamed call.
+    assert!(!x.may_pause());
+}
+
 // ---------------------------------------------------------------- services
 
 /// Uses KV, metrics, logs, clock, random and callouts.

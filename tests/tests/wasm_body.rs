@@ -547,3 +547,315 @@ each_proto!(
         lg.assert_stat(&calls("fold", "request_trailers"), 1.0).await;
     }
 );
+
+// ---- pause from buffered body and trailers phases (abi/README.md §3.3, §4) ----
+
+/// A checking service for `body-callout`: `403 rejected: <body>` for a body
+/// containing `forbidden`, else `200 ok`; a path containing `/slow` answers after
+/// 2 s.
+async fn checker() -> UpstreamHandle {
+    async fn check(req: Request<Incoming>) -> Response<Full<Bytes>> {
+        use http_body_util::BodyExt;
+        let slow = req.uri().path().contains("/slow");
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => Bytes::from(format!("checker could not read the body: {e}")),
+        };
+        if slow {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+        let text = String::from_utf8_lossy(&body);
+        let (status, answer) = if text.contains("forbidden") {
+            (StatusCode::FORBIDDEN, format!("rejected: {text}"))
+        } else {
+            (StatusCode::OK, "ok".to_string())
+        };
+        let mut r = Response::new(Full::new(Bytes::from(answer)));
+        *r.status_mut() = status;
+        r
+    }
+    upstream().name("checker").handler(check).start().await
+}
+
+/// A `body-callout` plugin entry granted cluster `checker`, with `extra` config
+/// keys (`phases`, modes, ...).
+fn checking_plugin(name: &str, extra: &str) -> String {
+    format!(
+        "  - name: {name}\n    module: {}\n    config: {{ mode: body-callout, cluster: checker, {extra} }}\n    limits: {{ cpu: 500ms }}\n    capabilities: {{ clusters: [checker] }}\n",
+        test_guest().display()
+    )
+}
+
+/// [`config_with`] plus cluster `checker` at `checker`.
+fn checked_config(
+    up: SocketAddr,
+    checker: SocketAddr,
+    plugins: &str,
+    chain: &[&str],
+    cluster: &str,
+) -> String {
+    config_with(up, plugins, chain, cluster).replace(
+        "\nplugins:\n",
+        &format!("\n  - name: checker\n    endpoints:\n      - address: {checker}\nplugins:\n"),
+    )
+}
+
+fn callouts(plugin: &str) -> String {
+    format!("legate_plugin_callouts_total{{plugin=\"{plugin}\"}}")
+}
+
+each_proto!(
+    async fn a_buffered_request_body_pauses_for_a_callout(proto) {
+        let up = upstream().start().await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rqbody\", rqmode: buffered");
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        // Allowed: the body, still held and writable in the callout response, is
+        // rewritten there, and the head too; the length is recomputed.
+        let r = c.post("/a").body("hello").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.body, "HELLO!");
+        assert_eq!(e.header("content-length"), Some("6"));
+        assert_eq!(e.header("x-checked"), Some("200"));
+        assert_eq!(up.requests.get(), 1);
+
+        // Denied from the callout response: the checker's answer, no upstream.
+        let r = c.post("/a").body("a forbidden word").send().await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "rejected: a forbidden word");
+        assert_eq!(r.header("x-from-callout"), Some("1"));
+        assert_eq!(up.requests.get(), 1, "the upstream saw the denied request");
+
+        assert_eq!(ck.requests.get(), 2);
+        lg.assert_stat(&calls("check", "request_body"), 2.0).await;
+        lg.assert_stat(&calls("check", "callout_response"), 2.0).await;
+        lg.assert_stat(&callouts("check"), 2.0).await;
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="4xx"}"#, 1.0)
+            .await;
+        let failures = lg.stat(r#"legate_plugin_failures_total{plugin="check"}"#).await;
+        assert_eq!(failures.unwrap_or(0.0), 0.0);
+    }
+);
+
+each_proto!(
+    async fn a_buffered_response_body_pauses_for_a_callout(proto) {
+        let up = upstream()
+            .route("/text", |_req| async {
+                Response::new(Full::new(Bytes::from("hello world")))
+            })
+            .route("/bad", |_req| async {
+                Response::new(Full::new(Bytes::from("a forbidden answer")))
+            })
+            .start()
+            .await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rsbody\", rsmode: buffered");
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c.get("/text").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "HELLO WORLD!");
+        assert_eq!(r.header("content-length"), Some("12"));
+        // The response head is held with the body: writable while paused.
+        assert_eq!(r.header("x-checked"), Some("200"));
+
+        // The head is still held: the checker's answer replaces the response.
+        let r = c.get("/bad").send().await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "rejected: a forbidden answer");
+        assert_eq!(r.header("x-from-callout"), Some("1"));
+
+        lg.assert_stat(&calls("check", "response_body"), 2.0).await;
+        lg.assert_stat(&calls("check", "callout_response"), 2.0).await;
+    }
+);
+
+each_proto!(
+    async fn a_pause_without_a_callout_in_a_body_phase_fails_closed(proto) {
+        let up = upstream().start().await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rqbody\", rqmode: buffered");
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/nocallout").body("hello").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.text(), "plugin_failure: check\n");
+        assert_eq!(up.requests.get(), 0, "the upstream got the request");
+        assert_eq!(ck.requests.get(), 0);
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="check"}"#, 1.0)
+            .await;
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="5xx"}"#, 1.0)
+            .await;
+
+        // The instance is kept: the next request is checked as usual.
+        let r = c.post("/a").body("fine").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().body, "FINE!");
+    }
+);
+
+each_proto!(
+    async fn a_body_pause_whose_callout_times_out_gets_the_guests_answer(proto) {
+        let up = upstream().start().await;
+        let ck = checker().await;
+        let p = checking_plugin(
+            "check",
+            "phases: \"rqbody\", rqmode: buffered, timeout: \"100\"",
+        );
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/slow").body("hello").send().await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(r.header("x-callout-error"), Some("timeout"));
+        assert_eq!(r.text(), "callout failed\n");
+        assert_eq!(up.requests.get(), 0, "the upstream got the request");
+        lg.assert_stat(r#"legate_plugin_callout_timeouts_total{plugin="check"}"#, 1.0)
+            .await;
+        lg.assert_stat(&calls("check", "callout_response"), 1.0).await;
+    }
+);
+
+each_proto!(
+    async fn buffered_request_trailers_pause_for_a_callout(proto) {
+        let up = upstream().start().await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rqbody,rqtrailers\", rqmode: buffered");
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let mut t = HeaderMap::new();
+        t.insert("x-client-trailer", HeaderValue::from_static("abc"));
+        let r = c
+            .post("/a")
+            .header("te", "trailers")
+            // hyper's HTTP/1.1 encoder sends only the trailers `Trailer` names.
+            .header("trailer", "x-client-trailer, x-body-checked, x-checked")
+            .body_with_trailers("payload", t)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.body, "PAYLOAD!");
+        assert_eq!(e.header("x-checked"), Some("200"));
+        let trailer = |n: &str| e.trailers.get(n).cloned();
+        assert_eq!(trailer("x-client-trailer"), Some(vec!["abc".to_string()]));
+        // Paused in the last body call, the trailers stay writable.
+        assert_eq!(trailer("x-body-checked"), Some(vec!["200".to_string()]));
+        // Then the trailers phase paused for its own callout.
+        assert_eq!(trailer("x-checked"), Some(vec!["200".to_string()]));
+        assert_eq!(ck.requests.get(), 2);
+        lg.assert_stat(&calls("check", "request_trailers"), 1.0).await;
+        lg.assert_stat(&calls("check", "callout_response"), 2.0).await;
+
+        // Denied from the trailers phase's callout: no upstream.
+        let mut t = HeaderMap::new();
+        t.insert("x-client-trailer", HeaderValue::from_static("forbidden"));
+        let r = c
+            .post("/a")
+            .header("te", "trailers")
+            .header("trailer", "x-client-trailer, x-body-checked")
+            .body_with_trailers("payload", t)
+            .send()
+            .await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "rejected: x-client-trailer=forbidden;x-body-checked=200;");
+        assert_eq!(up.requests.get(), 1, "the upstream saw the denied request");
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_response_trailers_pause_for_a_callout() {
+    let up = upstream().grpc().start().await;
+    let ck = checker().await;
+    let p = checking_plugin("check", "phases: \"rsbody,rstrailers\", rsmode: buffered");
+    let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "    protocol: h2\n");
+    let lg = legate().config(&yaml).start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    let r = c
+        .post("/echo.Echo/Say")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(grpc_frame(b"ping"))
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut want = grpc_frame(b"PING").to_vec();
+    want.push(b'!');
+    assert_eq!(r.body, want);
+    assert_eq!(r.header("x-checked"), Some("200"));
+    let t = r.trailers.as_ref().expect("response trailers were dropped");
+    assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    assert_eq!(
+        t.get("x-body-checked").map(|v| v.as_bytes()),
+        Some(&b"200"[..])
+    );
+    assert_eq!(t.get("x-checked").map(|v| v.as_bytes()), Some(&b"200"[..]));
+    lg.assert_stat(&calls("check", "response_trailers"), 1.0)
+        .await;
+    lg.assert_stat(&calls("check", "callout_response"), 2.0)
+        .await;
+}
+
+each_proto!(
+    /// A streamed body runs its phases as a body stream is polled, which cannot
+    /// wait for a callout: pause there stays a failure (abi/README.md §4).
+    async fn a_pause_from_a_streamed_body_phase_is_a_failure(proto) {
+        let up = upstream().start().await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rqbody\"");
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/a").body("hello").send().await;
+        // Failed closed. (A streamed request body stopped by a filter failure is
+        // answered as a request body error, 400, as in proxy_wasm.rs.)
+        assert!(
+            r.status.is_client_error() || r.status.is_server_error(),
+            "{} {}",
+            r.status,
+            r.text()
+        );
+        // The refused pause is the plugin's failure, counted as such.
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="check"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    async fn a_client_gone_while_a_body_phase_is_paused_frees_the_exchange(proto) {
+        let up = upstream().start().await;
+        let ck = checker().await;
+        let p = checking_plugin(
+            "check",
+            "phases: \"rqbody,done\", rqmode: buffered, timeout: \"5000\"",
+        );
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let pending = tokio::spawn(async move { c.post("/slow").body("hello").try_send().await });
+        eventually(
+            std::time::Duration::from_secs(5),
+            "the slow callout to be sent",
+            || async { (lg.stat(&callouts("check")).await == Some(1.0)).then_some(()) },
+        )
+        .await;
+        // Dropping the request task drops the client and closes its connection.
+        pending.abort();
+        let _ = pending.await;
+        lg.assert_stat(&calls("check", "done"), 1.0).await;
+        lg.assert_stat(r#"legate_listener_requests_active{listener="web"}"#, 0.0)
+            .await;
+        // The callout was cancelled with the exchange: never delivered.
+        let delivered = lg.stat(&calls("check", "callout_response")).await;
+        assert_eq!(delivered.unwrap_or(0.0), 0.0);
+        assert_eq!(up.requests.get(), 0, "the upstream got the request");
+    }
+);

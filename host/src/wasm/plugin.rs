@@ -228,9 +228,10 @@ struct Live {
     /// Contexts whose request started on this instance (a context from a replaced
     /// instance gets the failure policy without a call).
     contexts: HashSet<u64>,
-    /// Contexts paused, with the phase they paused in (its write window stays open
+    /// Contexts paused, with the phase they paused in and whether it was an
+    /// end-of-stream body call (its write window, trailers included, stays open
     /// for their `on-callout-response`).
-    paused: HashMap<u64, Phase>,
+    paused: HashMap<u64, (Phase, bool)>,
 }
 
 /// A worker's slot for one plugin.
@@ -292,7 +293,8 @@ fn phases_of(setup: &HttpSetup) -> Phases {
 }
 
 /// The verdict for a phase's (or a callout response's) action: `pause` needs an
-/// outstanding callout (abi/README.md §3.3), and pins the phase's write window.
+/// outstanding callout (abi/README.md §3.3) and, from a body or trailers phase, a
+/// message the host holds (buffered mode); it pins the phase's write window.
 fn verdict(
     live: &mut Live,
     context: u64,
@@ -309,7 +311,18 @@ fn verdict(
                 live.paused.remove(&context);
                 return Err("returned `pause` with no outstanding callout".to_string());
             }
-            live.paused.insert(context, phase);
+            // A body or trailers call may pause only if the host holds the message.
+            let body_dir = match phase {
+                Phase::RequestBody | Phase::RequestTrailers => Some(Direction::Request),
+                Phase::ResponseBody | Phase::ResponseTrailers => Some(Direction::Response),
+                _ => None,
+            };
+            if let Some(d) = body_dir.filter(|_| !live.store.data().x.hold_body) {
+                live.paused.remove(&context);
+                return Err(crate::filter::streamed_pause_error(d));
+            }
+            let body_end = live.store.data().body_end;
+            live.paused.insert(context, (phase, body_end));
             Ok(Verdict::Pause)
         }
         whttp::Action::Respond(lr) => {
@@ -832,11 +845,11 @@ impl WasmFilter {
                 )),
             };
             let data = live.store.data_mut();
-            data.body_end = false;
             data.drop_handle(xr2);
             data.drop_handle(br2);
-            let action = action?;
-            Ok(verdict(live, context, phase, action))
+            let v = action.map(|a| verdict(live, context, phase, a));
+            live.store.data_mut().body_end = false;
+            v
         })
     }
 
@@ -1002,12 +1015,16 @@ impl HttpFilter for WasmFilter {
         self.stats.calls["callout_response"].inc();
         self.with_instance(worker, Phase::Callout, Some(x), false, |live| {
             // While paused, the paused phase's write window stays open.
-            let phase = if paused {
-                live.paused.get(&context).copied().unwrap_or(Phase::Callout)
+            let (phase, body_end) = if paused {
+                live.paused
+                    .get(&context)
+                    .copied()
+                    .unwrap_or((Phase::Callout, false))
             } else {
-                Phase::Callout
+                (Phase::Callout, false)
             };
             live.store.data_mut().phase = phase;
+            live.store.data_mut().body_end = body_end;
             let xr = live.store.data_mut().exchange_handle(context)?;
             let xr2 = xr;
             let xr = borrow(&xr2);
@@ -1024,15 +1041,19 @@ impl HttpFilter for WasmFilter {
                     ),
             );
             live.store.data_mut().drop_handle(xr2);
-            let action = action?;
-            if !paused {
-                // Not paused: `continue`/`pause` mean nothing to do.
-                return Ok(match action {
-                    whttp::Action::Respond(lr) => local_response(lr).map(Verdict::Respond),
-                    _ => Ok(Verdict::Continue),
-                });
-            }
-            Ok(verdict(live, context, phase, action))
+            let v = action.map(|action| {
+                if paused {
+                    verdict(live, context, phase, action)
+                } else {
+                    // Not paused: `continue`/`pause` mean nothing to do.
+                    match action {
+                        whttp::Action::Respond(lr) => local_response(lr).map(Verdict::Respond),
+                        _ => Ok(Verdict::Continue),
+                    }
+                }
+            });
+            live.store.data_mut().body_end = false;
+            v
         })
     }
 

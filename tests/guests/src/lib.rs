@@ -65,6 +65,19 @@
 //!   behaves as `body-upper`, and records a late `set-body-mode` error in
 //!   `x-late-mode` on the response.
 //!
+//! - `body-callout`: the body phase (either direction; meant for `buffered`
+//!   mode) sends the body as a callout `POST /check<request path>` to cluster
+//!   `cluster` (`timeout` as in `callout`; header `x-direction: request|response`)
+//!   and pauses; a trailers phase likewise sends `POST /check/trailers<request
+//!   path>` with the trailers as `name=value;...` and pauses. Request path
+//!   `/nocallout...` pauses without sending anything (a failure). The callout
+//!   response, still in the paused phase: a 2xx sets `x-checked: <status>` on that
+//!   direction's head and upper-cases the body plus `!` (or, from a trailers phase,
+//!   sets trailer `x-checked: <status>`); if the direction's trailers are there in
+//!   a body pause, it sets trailer `x-body-checked: <status>` too. A write that
+//!   fails answers 500 `write failed: <what> <error>`. Any other status answers
+//!   locally with that status and body (`x-from-callout: 1`); an error answers 502
+//!   with `x-callout-error: <error>`.
 //! - `file`: answers every request locally with data file `file` (default
 //!   `data`, `plugin.file`): 200 and its contents, or 404 and the error name.
 //!
@@ -113,6 +126,9 @@ thread_local! {
     static STREAMED: RefCell<std::collections::HashMap<u64, (u32, u64, bool)>> = RefCell::default();
     /// `body-mode-switch` mode: the result of a late `set-body-mode` per context.
     static LATE: RefCell<std::collections::HashMap<u64, String>> = RefCell::default();
+    /// `body-callout` mode: per paused context, the direction and whether it
+    /// paused in a trailers phase.
+    static HELD: RefCell<std::collections::HashMap<u64, (Direction, bool)>> = RefCell::default();
 }
 
 fn error_name(e: Error) -> &'static str {
@@ -234,9 +250,114 @@ fn callout_request(c: u64, x: &Exchange, h: &Headers) -> Action {
     Action::Pause
 }
 
+/// `body-callout` mode: sends `body` for checking and pauses the body (or, if
+/// `trailers`, the trailers) phase of direction `d`.
+fn check_part(c: u64, x: &Exchange, d: Direction, trailers: bool, body: Vec<u8>) -> Action {
+    let path = x.path();
+    if !path.starts_with("/nocallout") {
+        let (cluster, timeout) = CFG.with(|c| (c.borrow().cluster.clone(), c.borrow().timeout));
+        let direction = if d == Direction::Request { "request" } else { "response" };
+        let req = legate::filter::callout::CalloutRequest {
+            cluster,
+            method: "POST".into(),
+            path: if trailers {
+                format!("/check/trailers{path}")
+            } else {
+                format!("/check{path}")
+            },
+            authority: None,
+            headers: vec![("x-direction".into(), direction.as_bytes().to_vec())],
+            body,
+            timeout_ms: timeout,
+        };
+        if let Err(e) = legate::filter::callout::send(&req) {
+            return callout_failed(e);
+        }
+    }
+    HELD.with(|h| h.borrow_mut().insert(c, (d, trailers)));
+    Action::Pause
+}
+
+/// 502 for a callout that has no response.
+fn callout_failed(e: Error) -> Action {
+    Action::Respond(LocalResponse {
+        status: 502,
+        headers: vec![("x-callout-error".into(), error_name(e).as_bytes().to_vec())],
+        body: b"callout failed\n".to_vec(),
+        details: "callout_failed".into(),
+    })
+}
+
+/// 500 naming a write the host refused.
+fn write_failed(what: &str, e: Error) -> Action {
+    Action::Respond(LocalResponse {
+        status: 500,
+        headers: Vec::new(),
+        body: format!("write failed: {what} {}\n", error_name(e)).into_bytes(),
+        details: "write_failed".into(),
+    })
+}
+
+/// `body-callout` mode's callout response, in the phase that paused.
+fn checked(c: u64, x: &Exchange, r: Result<CalloutResponse, Error>) -> Action {
+    let Some((d, trailers)) = HELD.with(|h| h.borrow_mut().remove(&c)) else {
+        return Action::Continue;
+    };
+    let resp = match r {
+        Ok(resp) => resp,
+        Err(e) => return callout_failed(e),
+    };
+    if !(200..300).contains(&resp.status) {
+        return Action::Respond(LocalResponse {
+            status: resp.status,
+            headers: vec![("x-from-callout".into(), b"1".to_vec())],
+            body: resp.body,
+            details: "check_denied".into(),
+        });
+    }
+    let status = resp.status.to_string();
+    let set = |h: Option<Headers>, name: &str, what: &str| match h {
+        Some(h) => h.set(name, status.as_bytes()).err().map(|e| write_failed(what, e)),
+        None => Some(write_failed(what, Error::NotFound)),
+    };
+    if trailers {
+        return set(x.trailers(d), "x-checked", "trailers").unwrap_or(Action::Continue);
+    }
+    if let Some(a) = set(x.headers(d), "x-checked", "head") {
+        return a;
+    }
+    let Some(b) = x.body(d) else {
+        return write_failed("body", Error::NotFound);
+    };
+    let mut upper = b.read(0, b.len()).to_ascii_uppercase();
+    upper.push(b'!');
+    if let Err(e) = b.replace(&upper) {
+        return write_failed("body", e);
+    }
+    if let Some(t) = x.trailers(d) {
+        if let Err(e) = t.set("x-body-checked", status.as_bytes()) {
+            return write_failed("trailers", e);
+        }
+    }
+    Action::Continue
+}
+
+/// `name=value;` for each trailer.
+fn trailer_list(t: &Headers) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in t.entries() {
+        out.extend_from_slice(name.as_bytes());
+        out.push(b'=');
+        out.extend_from_slice(&value);
+        out.push(b';');
+    }
+    out
+}
+
 /// The body phases of the body modes (either direction).
 fn body_phase(c: u64, x: &Exchange, b: &Buffer, eos: bool, d: Direction) -> Action {
     match mode().as_str() {
+        "body-callout" => check_part(c, x, d, false, b.read(0, b.len())),
         "body-upper" | "body-mode-switch" => {
             if mode() == "body-mode-switch" {
                 let late = match x.set_body_mode(d, BodyMode::Streamed) {
@@ -557,7 +678,10 @@ impl Guest for Plugin {
         body_phase(c, x, b, eos, Direction::Request)
     }
 
-    fn on_request_trailers(_c: u64, _x: &Exchange, t: &Headers) -> Action {
+    fn on_request_trailers(c: u64, x: &Exchange, t: &Headers) -> Action {
+        if mode() == "body-callout" {
+            return check_part(c, x, Direction::Request, true, trailer_list(t));
+        }
         if mode() == "fold-trailers" {
             let _ = t.set("x-trailers-phase", b"ran");
         }
@@ -617,7 +741,10 @@ impl Guest for Plugin {
         body_phase(c, x, b, eos, Direction::Response)
     }
 
-    fn on_response_trailers(_c: u64, _x: &Exchange, t: &Headers) -> Action {
+    fn on_response_trailers(c: u64, x: &Exchange, t: &Headers) -> Action {
+        if mode() == "body-callout" {
+            return check_part(c, x, Direction::Response, true, trailer_list(t));
+        }
         if mode() == "trailers" {
             let _ = t.set("x-added-trailer", b"yes");
         }
@@ -635,6 +762,9 @@ impl Guest for Plugin {
         _id: u64,
         r: Result<CalloutResponse, Error>,
     ) -> Action {
+        if mode() == "body-callout" {
+            return checked(c, x, r);
+        }
         let left = WAITING.with(|w| {
             let mut w = w.borrow_mut();
             let n = w.get(&c).copied().unwrap_or(1).saturating_sub(1);
