@@ -106,6 +106,16 @@ impl ProxyError {
     /// route's limit (413), the client gone mid-body (499, logged only), or a
     /// malformed body such as bad chunking (400).
     pub fn request_body(err: &(dyn std::error::Error + 'static)) -> Self {
+        // A filter that failed in a streamed body phase failed the body with its
+        // own error (a plugin failure is 503, not the client's fault); it is
+        // under hyper's "error from the body stream", so look past that first.
+        let mut src = Some(err);
+        while let Some(cur) = src {
+            if let Some(e) = cur.downcast_ref::<ProxyError>() {
+                return ProxyError::new(e.kind, e.detail.clone());
+            }
+            src = cur.source();
+        }
         let mut src = Some(err);
         while let Some(cur) = src {
             if cur.is::<crate::body::BodyTooLarge>() {

@@ -1025,9 +1025,9 @@ each_proto!(
             .streamed_body("abcdefgh", 2)
             .send()
             .await;
-        // Failed closed. (The host answers a streamed request body stopped by a
-        // filter failure as a request body error, 400, not 503.)
-        assert!(r.status.is_client_error() || r.status.is_server_error(), "{}", r.status);
+        // Failed closed: 503 naming the plugin, as for a failure in any phase.
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.text(), "plugin_failure: closed\n");
         lg.assert_stat(r#"legate_plugin_failures_total{plugin="closed"}"#, 1.0)
             .await;
         drop(lg);
