@@ -92,12 +92,15 @@ lock=()
 if [[ -f Cargo.lock ]]; then
     lock=(--locked)
 fi
-log "building the demo upstream (release)"
-cargo build --release "${lock[@]}" -p legate-demo-upstream
-if wants_legate; then
-    log "building legate (release)"
-    cargo build --release "${lock[@]}" -p legate-host ||
-        die "could not build legate; to bench the others alone: CONTENDERS='direct nginx haproxy' $0"
+# SKIP_BUILD=1: bench the release binaries as they are (e.g. built earlier).
+if [[ -z ${SKIP_BUILD:-} ]]; then
+    log "building the demo upstream (release)"
+    cargo build --release "${lock[@]}" -p legate-demo-upstream
+    if wants_legate; then
+        log "building legate (release)"
+        cargo build --release "${lock[@]}" -p legate-host ||
+            die "could not build legate; to bench the others alone: CONTENDERS='direct nginx haproxy' $0"
+    fi
 fi
 UPSTREAM_BIN="${REPO_ROOT}/target/release/legate-demo-upstream"
 LEGATE_BIN="${REPO_ROOT}/target/release/legate"
