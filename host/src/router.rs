@@ -636,8 +636,14 @@ fn query_values<'q>(query: &'q str, name: &'q [u8]) -> impl Iterator<Item = Cow<
 /// which is what query strings carry in practice). A `%` not followed by two hex
 /// digits is kept as is, like browsers and Envoy do. Borrows when nothing changes.
 fn percent_decode(s: &str) -> Cow<'_, [u8]> {
+    percent_decode_with(s, true)
+}
+
+/// [`percent_decode`], with `+` decoded as a space only if `plus_is_space` (form
+/// encoding; not in e.g. gRPC's `grpc-message`).
+pub(crate) fn percent_decode_with(s: &str, plus_is_space: bool) -> Cow<'_, [u8]> {
     let b = s.as_bytes();
-    if !b.iter().any(|&c| c == b'%' || c == b'+') {
+    if !b.iter().any(|&c| c == b'%' || (plus_is_space && c == b'+')) {
         return Cow::Borrowed(b);
     }
     let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
@@ -656,7 +662,7 @@ fn percent_decode(s: &str) -> Cow<'_, [u8]> {
                 }
                 out.push(b'%');
             }
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             c => out.push(c),
         }
         i += 1;
@@ -1406,6 +1412,7 @@ mod tests {
         assert_eq!(&*percent_decode("100%"), b"100%");
         assert_eq!(&*percent_decode("%zz%4"), b"%zz%4");
         assert_eq!(&*percent_decode("%00"), b"\0");
+        assert_eq!(&*percent_decode_with("a+b%20c", false), b"a+b c");
     }
 
     #[test]

@@ -527,6 +527,15 @@ each_proto!(
 
 // ---- gRPC calls (proxy_grpc_call → proxy_on_grpc_receive / _close) ----
 
+/// `yaml` plus cluster `grpc` (HTTP/2, as gRPC needs) at `addr`.
+fn with_grpc_cluster(yaml: &str, addr: SocketAddr) -> String {
+    yaml.replacen(
+        "clusters:\n",
+        &format!("clusters:\n  - name: grpc\n    protocol: h2\n    endpoints:\n      - address: {addr}\n"),
+        1,
+    )
+}
+
 each_proto!(
     /// The SDK's gRPC pattern against a real tonic server: pause on a unary gRPC
     /// call, resume with a header from the reply, or answer with a gRPC local
@@ -539,14 +548,7 @@ each_proto!(
             "{ mode: grpc-call }",
             "    capabilities: { clusters: [grpc] }\n",
         );
-        let yaml = config(up.addr, &p, &["caller"]).replacen(
-            "clusters:\n",
-            &format!(
-                "clusters:\n  - name: grpc\n    protocol: h2\n    endpoints:\n      - address: {}\n",
-                grpc.addr
-            ),
-            1,
-        );
+        let yaml = with_grpc_cluster(&config(up.addr, &p, &["caller"]), grpc.addr);
         let lg = legate().config(&yaml).start();
         let mut c = client(proto, lg.addr("web")).await;
 
@@ -582,14 +584,7 @@ async fn a_grpc_call_to_a_dead_cluster_closes_with_unavailable() {
         "{ mode: grpc-call }",
         "    capabilities: { clusters: [grpc] }\n",
     );
-    let yaml = config(up.addr, &p, &["caller"]).replacen(
-        "clusters:\n",
-        &format!(
-            "clusters:\n  - name: grpc\n    protocol: h2\n    endpoints:\n      - address: {}\n",
-            closed_port_addr()
-        ),
-        1,
-    );
+    let yaml = with_grpc_cluster(&config(up.addr, &p, &["caller"]), closed_port_addr());
     let lg = legate().config(&yaml).start();
     let mut c = client(Proto::H1, lg.addr("web")).await;
     let r = c.get("/say/hello").send().await;

@@ -1105,8 +1105,11 @@ fn grpc_outcome(result: &CalloutResult) -> Result<bytes::Bytes, (u32, String)> {
         _ => return Err((UNKNOWN, "the answer has no valid grpc-status".into())),
     };
     if code != 0 {
+        // Percent-encoded (gRPC over HTTP/2, "Responses"); `+` is not a space.
         let message = field("grpc-message")
-            .map(percent_decode)
+            .map(|m| {
+                String::from_utf8_lossy(&crate::router::percent_decode_with(m, false)).into_owned()
+            })
             .unwrap_or_default();
         return Err((code, message));
     }
@@ -1125,31 +1128,6 @@ fn grpc_outcome(result: &CalloutResult) -> Result<bytes::Bytes, (u32, String)> {
             "the answer is not exactly one gRPC message".into(),
         )),
     }
-}
-
-/// `grpc-message` is percent-encoded (gRPC over HTTP/2, "Responses").
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (
-            b[i],
-            b.get(i + 1).and_then(|&c| hex(c)),
-            b.get(i + 2).and_then(|&c| hex(c)),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
