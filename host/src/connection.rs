@@ -34,6 +34,9 @@ pub struct ConnCtx {
     pub original_dst: Option<SocketAddr>,
     /// Activity, for the timeouts.
     pub activity: Arc<Activity>,
+    /// The connection as filters see it, made by the first exchange that has a
+    /// filter chain and shared by the connection's later ones.
+    pub facts: std::cell::OnceCell<Arc<crate::filter::ConnFacts>>,
 }
 
 /// How long a draining HTTP/1.1 connection may stay idle (waiting for one more
@@ -90,6 +93,7 @@ pub async fn serve(
         tls,
         original_dst,
         activity: activity.clone(),
+        facts: std::cell::OnceCell::new(),
     });
     // Set when the listener closes (drain, reload, hot restart): HTTP/1.1
     // responses then carry `Connection: close`, so a keep-alive client learns of

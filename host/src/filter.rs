@@ -344,6 +344,9 @@ pub struct Exchange {
     /// cannot wait: a filter answering pause there fails
     /// ([`streamed_pause_error`]).
     pub hold_body: bool,
+    /// The request came with a `host` header (removed here: the authority is
+    /// [`Exchange::authority`]), so the request sent on carries one too.
+    pub had_host: bool,
     table: Option<Arc<RouteTable>>,
     routing: Routing,
 }
@@ -384,6 +387,7 @@ impl Exchange {
             body_ctl: BodyCtl::default(),
             first_call: false,
             hold_body: false,
+            had_host: false,
             table,
             routing: Routing::default(),
         }
@@ -418,6 +422,7 @@ impl Exchange {
             body_ctl: BodyCtl::default(),
             first_call: false,
             hold_body: false,
+            had_host: false,
             table: None,
             routing: Routing::default(),
         }
@@ -670,23 +675,27 @@ impl Filters {
     }
 
     /// Starts the chain of `listener` for one exchange; `None` if it has no filters.
-    /// `callouts` sends the callouts its filters queue.
+    /// `x` makes the exchange and `callouts` the sender of the callouts its filters
+    /// queue: both only when there is a chain, so a listener without filters pays
+    /// nothing for them.
     pub fn start(
         &self,
         listener: &Name,
         worker: usize,
-        x: Exchange,
-        callouts: Rc<dyn CalloutSender>,
+        x: impl FnOnce() -> Exchange,
+        callouts: impl FnOnce() -> Rc<dyn CalloutSender>,
     ) -> Option<Chain> {
         let slots = self.chains.get(listener)?.clone();
+        let callouts = callouts();
         WORKER_CALLOUTS.with(|c| *c.borrow_mut() = Some(callouts.clone()));
+        let n = slots.len();
         Some(Chain {
             worker,
             slots,
-            x,
-            entered: Vec::new(),
-            ctl: Vec::new(),
-            called: Vec::new(),
+            x: x(),
+            entered: Vec::with_capacity(n),
+            ctl: Vec::with_capacity(n),
+            called: Vec::with_capacity(n),
             skipped: Vec::new(),
             responded: None,
             callouts,
@@ -1029,6 +1038,25 @@ impl Chain {
             }
         }
         Ok(replaced)
+    }
+
+    /// The response-side work of this exchange's filters: whether any filter
+    /// taking part in the response has a response phase (headers, body, trailers)
+    /// or `on-log`, and whether any reads the response head after its headers
+    /// phase (in a body, trailers or log call). Lets the proxy skip the response
+    /// path, or move the head instead of copying it, when no filter needs it.
+    pub fn response_interest(&self) -> (bool, bool) {
+        let later = Phases(Phases::RESPONSE_BODY.0 | Phases::RESPONSE_TRAILERS.0 | Phases::LOG.0);
+        let (mut any, mut after) = (false, false);
+        for (i, f) in self.entered.iter().enumerate() {
+            if !self.in_response(i) {
+                continue;
+            }
+            let p = f.phases();
+            any |= p.0 & (Phases::RESPONSE_HEADERS.0 | later.0) != 0;
+            after |= p.0 & later.0 != 0;
+        }
+        (any, after)
     }
 
     /// Entered filters in direction `d`'s order that take part in it.

@@ -193,11 +193,13 @@ async fn proxy(
     if let Some(chain) = snapshot.filters.start(
         &listener.name,
         conn.worker.id,
-        exchange_of(conn, &req, &authority, out.request_id.as_ref(), table),
-        Rc::new(PoolCallouts {
-            worker: conn.worker.clone(),
-            snapshot: Arc::downgrade(&snapshot),
-        }),
+        || exchange_of(conn, &mut req, &authority, out.request_id.as_ref(), table),
+        || {
+            Rc::new(PoolCallouts {
+                worker: conn.worker.clone(),
+                snapshot: Arc::downgrade(&snapshot),
+            })
+        },
     ) {
         out.chain = Some(filter::SharedChain::new(chain));
         let started = Instant::now();
@@ -456,24 +458,27 @@ async fn proxy(
 /// its own property).
 fn exchange_of<B>(
     conn: &ConnCtx,
-    req: &Request<B>,
+    req: &mut Request<B>,
     authority: &str,
     request_id: Option<&HeaderValue>,
     table: &Arc<crate::router::RouteTable>,
 ) -> Exchange {
-    let mut headers = req.headers().clone();
-    headers.remove(header::HOST);
-    let facts = ConnFacts {
-        source: conn.peer,
-        destination: conn.local,
-        tls: conn.tls.as_ref().map(|t| TlsFacts {
-            tls13: t.version == "TLSv1.3",
-            sni: t.sni.clone(),
-            peer_cert_present: t.peer_cert_present,
-            peer_subject: t.peer_subject.clone(),
-        }),
-    };
-    Exchange::new(
+    // Moved, not copied: `write_head` puts the head as the filters leave it back.
+    let mut headers = std::mem::take(req.headers_mut());
+    let had_host = headers.remove(header::HOST).is_some();
+    let facts = conn.facts.get_or_init(|| {
+        Arc::new(ConnFacts {
+            source: conn.peer,
+            destination: conn.local,
+            tls: conn.tls.as_ref().map(|t| TlsFacts {
+                tls13: t.version == "TLSv1.3",
+                sni: t.sni.clone(),
+                peer_cert_present: t.peer_cert_present,
+                peer_subject: t.peer_subject.clone(),
+            }),
+        })
+    });
+    let mut x = Exchange::new(
         req.method().clone(),
         req.uri()
             .path_and_query()
@@ -481,13 +486,15 @@ fn exchange_of<B>(
         authority.to_string(),
         req.version(),
         headers,
-        Arc::new(facts),
+        facts.clone(),
         request_id
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string(),
         Some(table.clone()),
-    )
+    );
+    x.had_host = had_host;
+    x
 }
 
 /// Runs the request-headers phase of the chain and writes the (possibly changed)
@@ -505,9 +512,12 @@ async fn request_filters(
     };
     let eos = req.body().is_end_stream();
     let local = chain.on_request_headers(eos).await;
-    let r = local.and_then(|local| write_head(&chain.x, req, authority).map(|()| local));
+    // Written back even when the chain failed: the request's headers are in the
+    // exchange, and the error response may look at them (gRPC or not).
+    let written = write_head(&chain.x, req, authority);
     shared.put(chain);
-    r
+    let local = local?;
+    written.map(|()| local)
 }
 
 /// Writes the request head as the filters left it back into `req`.
@@ -539,7 +549,7 @@ fn write_head(
         })?;
         authority.clone_from(&x.authority);
     }
-    if req.version() < Version::HTTP_2 || req.headers().contains_key(header::HOST) {
+    if req.version() < Version::HTTP_2 || x.had_host || req.headers().contains_key(header::HOST) {
         let host = HeaderValue::from_str(authority)
             .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?;
         headers.insert(header::HOST, host);
@@ -758,13 +768,24 @@ async fn response_filters(
     };
     chain.x.upstream = out.upstream;
     chain.x.status = Some(resp.status());
+    let (any, later) = chain.response_interest();
+    if !any {
+        // No filter has a response phase: the response passes as it is.
+        shared.put(chain);
+        return Ok(resp);
+    }
     chain.x.response_headers = Some(std::mem::take(resp.headers_mut()));
     let eos = resp.body().is_end_stream();
     let started = Instant::now();
     let replaced = chain.on_response_headers(eos).await;
     out.debug.response_filters = Some(started.elapsed());
-    let headers = chain.x.response_headers.clone().unwrap_or_default();
-    *resp.headers_mut() = headers;
+    // Copied only for a filter that reads the head later (body, trailers, log).
+    let headers = if later {
+        chain.x.response_headers.clone()
+    } else {
+        chain.x.response_headers.take()
+    };
+    *resp.headers_mut() = headers.unwrap_or_default();
     let status = chain.x.status;
     shared.put(chain);
     let replaced = replaced?;

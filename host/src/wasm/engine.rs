@@ -93,23 +93,59 @@ fn build() -> Result<Engine, String> {
 /// wait (host calls to a slow Redis, a starved thread) without spinning.
 pub const WALL_FACTOR: u32 = 10;
 
-/// Sets the CPU deadline of the next call on `store` to `budget` (see the module
-/// docs); call right before each guest call.
-pub fn arm<T: 'static>(store: &mut wasmtime::Store<T>, budget: Duration) {
-    let cpu_start = thread_cpu_time();
-    let wall_start = Instant::now();
-    store.set_epoch_deadline(ticks(budget));
-    store.epoch_deadline_callback(move |_| {
-        let used = match (cpu_start, thread_cpu_time()) {
+/// The clock of the call running on a store: what the deadline callback
+/// compares against. It lives in the store's data so that the callback is
+/// installed once per store ([`install`]) and [`arm`] costs no allocation.
+#[derive(Clone, Copy, Debug)]
+pub struct CallClock {
+    cpu_start: Option<Duration>,
+    wall_start: Instant,
+    budget: Duration,
+}
+
+impl Default for CallClock {
+    fn default() -> Self {
+        CallClock {
+            cpu_start: None,
+            wall_start: Instant::now(),
+            budget: Duration::ZERO,
+        }
+    }
+}
+
+/// Store data that carries a [`CallClock`].
+pub trait Clocked {
+    /// The clock of the current call.
+    fn call_clock(&mut self) -> &mut CallClock;
+}
+
+/// Installs the deadline callback on a new `store` and arms its first call
+/// (instantiation and setup) with `budget`.
+pub fn install<T: Clocked + 'static>(store: &mut wasmtime::Store<T>, budget: Duration) {
+    store.epoch_deadline_callback(|mut ctx| {
+        let c = *ctx.data_mut().call_clock();
+        let used = match (c.cpu_start, thread_cpu_time()) {
             (Some(a), Some(b)) => b.saturating_sub(a),
             // No thread clock: wall time, as if every tick was spent running.
-            _ => budget,
+            _ => c.budget,
         };
-        if used >= budget || wall_start.elapsed() >= budget.saturating_mul(WALL_FACTOR) {
+        if used >= c.budget || c.wall_start.elapsed() >= c.budget.saturating_mul(WALL_FACTOR) {
             return Err(wasmtime::Trap::Interrupt.into());
         }
-        Ok(wasmtime::UpdateDeadline::Continue(ticks(budget - used)))
+        Ok(wasmtime::UpdateDeadline::Continue(ticks(c.budget - used)))
     });
+    arm(store, budget);
+}
+
+/// Sets the CPU deadline of the next call on `store` to `budget` (see the module
+/// docs); call right before each guest call, on a store set up with [`install`].
+pub fn arm<T: Clocked + 'static>(store: &mut wasmtime::Store<T>, budget: Duration) {
+    *store.data_mut().call_clock() = CallClock {
+        cpu_start: thread_cpu_time(),
+        wall_start: Instant::now(),
+        budget,
+    };
+    store.set_epoch_deadline(ticks(budget));
 }
 
 /// CPU time the calling thread has used, if the OS tells.

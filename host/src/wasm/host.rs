@@ -195,6 +195,8 @@ pub enum Phase {
 
 /// The data of one instance's store.
 pub struct HostState {
+    /// The current call's deadline clock ([`crate::wasm::engine::arm`]).
+    pub clock: crate::wasm::engine::CallClock,
     wasi: WasiCtx,
     table: ResourceTable,
     /// The memory cap.
@@ -222,9 +224,15 @@ pub struct HostState {
     next_callout: u64,
     /// Outstanding (sent, neither delivered nor cancelled) callouts by context
     /// ([`PLUGIN_CONTEXT`] for the plugin's own, from `on-tick`).
-    pub outstanding: HashMap<u64, HashSet<u64>>,
+    pub outstanding: rustc_hash::FxHashMap<u64, HashSet<u64>>,
     /// Callouts queued by an `on-tick` call (exchange calls queue on the exchange).
     pub tick_callouts: Vec<CalloutRequest>,
+}
+
+impl crate::wasm::engine::Clocked for HostState {
+    fn call_clock(&mut self) -> &mut crate::wasm::engine::CallClock {
+        &mut self.clock
+    }
 }
 
 /// The context plugin-level callouts are kept under (exchange contexts start at 1).
@@ -242,6 +250,7 @@ impl HostState {
             .stdout(GuestOutput::new(plugin.name.clone(), Which::Stdout))
             .stderr(GuestOutput::new(plugin.name.clone(), Which::Stderr));
         HostState {
+            clock: crate::wasm::engine::CallClock::default(),
             wasi: b.build(),
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
@@ -257,7 +266,7 @@ impl HostState {
             memory_gauge: None,
             memory_bytes: 0,
             next_callout: 0,
-            outstanding: HashMap::new(),
+            outstanding: rustc_hash::FxHashMap::default(),
             tick_callouts: Vec::new(),
         }
     }

@@ -8,7 +8,7 @@
 //! never wait, so each call is polled to completion in place ([`run_inline`]).
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
+// Keyed by host-made ids (plugin loads, exchange contexts): no hashing DoS to
+// defend against, and these maps are touched on every call.
+use rustc_hash::{FxHashMap, FxHashSet};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Store, Trap};
 
@@ -73,9 +76,26 @@ pub struct Settings {
 /// A plugin's data files by name (`files:` in the config), as read at load.
 pub type Files = HashMap<String, Arc<[u8]>>;
 
+/// `legate_plugin_calls_total` by phase, indexed by the phase's label: a short
+/// list searched in place, cheaper per call than hashing the label.
+pub(crate) struct PhaseCounters(Vec<(&'static str, Counter)>);
+
+impl std::ops::Index<&str> for PhaseCounters {
+    type Output = Counter;
+
+    /// The counter of `phase`, which must be one of [`PluginStats::PHASES`] (a
+    /// host bug otherwise, as with a map).
+    fn index(&self, phase: &str) -> &Counter {
+        match self.0.iter().find(|(p, _)| *p == phase) {
+            Some((_, c)) => c,
+            None => panic!("no call counter for phase `{phase}`"),
+        }
+    }
+}
+
 /// Per-plugin counters on `/stats` (shared with proxy-wasm plugins).
 pub(crate) struct PluginStats {
-    pub(crate) calls: HashMap<&'static str, Counter>,
+    pub(crate) calls: PhaseCounters,
     pub(crate) failures: Counter,
     pub(crate) traps: Counter,
     pub(crate) timeouts: Counter,
@@ -98,36 +118,39 @@ impl PluginStats {
         }
     }
 
+    /// The phases calls are counted by, the per-request ones first.
+    const PHASES: [&'static str; 12] = [
+        "request_headers",
+        "response_headers",
+        "request_body",
+        "response_body",
+        "request_trailers",
+        "response_trailers",
+        "log",
+        "done",
+        "callout_response",
+        "configure",
+        "tick",
+        "tick_callout_response",
+    ];
+
     pub(crate) fn new(stats: &Stats, name: &str) -> Self {
         let l = [("plugin", name)];
-        let calls = [
-            "configure",
-            "request_headers",
-            "request_body",
-            "request_trailers",
-            "response_headers",
-            "response_body",
-            "response_trailers",
-            "log",
-            "done",
-            "tick",
-            "callout_response",
-            "tick_callout_response",
-        ]
-        .into_iter()
-        .map(|p| {
-            (
-                p,
-                stats.counter(
-                    "legate_plugin_calls_total",
-                    "Calls into a plugin, by phase.",
-                    &[("plugin", name), ("phase", p)],
-                ),
-            )
-        })
-        .collect();
+        let calls = Self::PHASES
+            .into_iter()
+            .map(|p| {
+                (
+                    p,
+                    stats.counter(
+                        "legate_plugin_calls_total",
+                        "Calls into a plugin, by phase.",
+                        &[("plugin", name), ("phase", p)],
+                    ),
+                )
+            })
+            .collect();
         PluginStats {
-            calls,
+            calls: PhaseCounters(calls),
             failures: stats.counter(
                 "legate_plugin_failures_total",
                 "Failed plugin calls (traps, deadlines, memory cap, invalid results).",
@@ -216,7 +239,7 @@ impl Drop for WasmFilter {
 }
 
 /// Frees this worker's instances of dropped filters.
-fn sweep_dropped(map: &mut HashMap<u64, Slot>) {
+fn sweep_dropped(map: &mut FxHashMap<u64, Slot>) {
     let live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
     map.retain(|id, _| live.contains(id));
 }
@@ -227,11 +250,11 @@ struct Live {
     bindings: World,
     /// Contexts whose request started on this instance (a context from a replaced
     /// instance gets the failure policy without a call).
-    contexts: HashSet<u64>,
+    contexts: FxHashSet<u64>,
     /// Contexts paused, with the phase they paused in and whether it was an
     /// end-of-stream body call (its write window, trailers included, stays open
     /// for their `on-callout-response`).
-    paused: HashMap<u64, (Phase, bool)>,
+    paused: FxHashMap<u64, (Phase, bool)>,
 }
 
 /// A worker's slot for one plugin.
@@ -248,7 +271,7 @@ struct Slot {
 
 thread_local! {
     /// This worker's instances, by `WasmFilter::id`.
-    static INSTANCES: RefCell<HashMap<u64, Slot>> = RefCell::default();
+    static INSTANCES: RefCell<FxHashMap<u64, Slot>> = RefCell::default();
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -602,7 +625,7 @@ impl WasmFilter {
             0 => {}
             n => store.set_max_component_handles(n),
         }
-        store.set_epoch_deadline(engine::ticks(CONFIGURE_DEADLINE));
+        engine::install(&mut store, CONFIGURE_DEADLINE);
         let bindings = run_inline(self.pre.instantiate_async(&mut store))
             .map_err(|e| format!("cannot instantiate: {e:#}"))?;
         self.stats.calls["configure"].inc();
@@ -617,8 +640,8 @@ impl WasmFilter {
                 Live {
                     store,
                     bindings,
-                    contexts: HashSet::new(),
-                    paused: HashMap::new(),
+                    contexts: FxHashSet::default(),
+                    paused: FxHashMap::default(),
                 },
                 setup,
             )),

@@ -218,7 +218,7 @@ impl ProxyWasmFilter {
             PwState::new(self.meta.clone(), self.settings.memory),
         );
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
-        store.set_epoch_deadline(engine::ticks(START_DEADLINE));
+        engine::install(&mut store, START_DEADLINE);
         let fail = |what: &str, e: wasmtime::Error| {
             format!("{what} failed: {}", describe(&e, START_DEADLINE).1)
         };

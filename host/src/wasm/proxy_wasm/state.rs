@@ -136,6 +136,8 @@ fn intern(s: String) -> &'static str {
 
 /// The data of one instance's store.
 pub struct PwState {
+    /// The current call's deadline clock ([`crate::wasm::engine::arm`]).
+    pub clock: crate::wasm::engine::CallClock,
     /// The memory cap.
     pub limits: StoreLimits,
     /// The plugin.
@@ -187,10 +189,17 @@ pub struct PwState {
     pub root_callouts: Vec<CalloutRequest>,
 }
 
+impl crate::wasm::engine::Clocked for PwState {
+    fn call_clock(&mut self) -> &mut crate::wasm::engine::CallClock {
+        &mut self.clock
+    }
+}
+
 impl PwState {
     /// A store's data for an instance of `meta`.
     pub fn new(meta: Arc<Meta>, memory_cap: usize) -> Self {
         PwState {
+            clock: crate::wasm::engine::CallClock::default(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(memory_cap)
                 .trap_on_grow_failure(true)
