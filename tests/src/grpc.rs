@@ -12,8 +12,8 @@
 //! ```
 //!
 //! The service: `Say` echoes the message and reports the request metadata it saw
-//! (so a test can check what the proxy sent); `Count` streams `count` replies,
-//! then ends with `fail_code`/`fail_message` in the trailers; `Fail` answers with
+//! (so a test can check what the proxy sent); `Count` streams `count` replies
+//! (`delay_ms` apart), then ends with `fail_code`/`fail_message` in the trailers; `Fail` answers with
 //! a chosen status, which tonic sends trailers-only (status in the headers);
 //! `Reflect` answers with the request it received. The methods carry
 //! `google.api.http` options (REST/JSON bindings for plugins/grpc-json).
@@ -208,7 +208,17 @@ impl pb::echo_server::Echo for EchoService {
         if r.fail_code != 0 {
             items.push(Err(Status::new(Code::from(r.fail_code), r.fail_message)));
         }
-        Ok(Response::new(Box::pin(futures_util::stream::iter(items))))
+        let delay = std::time::Duration::from_millis(u64::from(r.delay_ms));
+        let items = futures_util::StreamExt::then(
+            futures_util::stream::iter(items),
+            move |item| async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                item
+            },
+        );
+        Ok(Response::new(Box::pin(items)))
     }
 
     async fn fail(&self, req: Request<pb::FailRequest>) -> Result<Response<pb::SayReply>, Status> {
