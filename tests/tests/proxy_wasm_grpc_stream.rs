@@ -254,3 +254,81 @@ each_proto!(
             .await;
     }
 );
+
+each_proto!(
+    /// Bidirectional: each message the filter sends from a callback (the
+    /// stream already running) reaches the server, whose echo comes back
+    /// before the next is sent; the filter's half-close then ends the call
+    /// with status 0.
+    async fn a_bidi_stream_exchanges_messages_one_by_one(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        start(&mut c, "talk", "chat/3").await;
+        let seen = wait_record(&mut c, "talk", closed).await;
+        assert_eq!(
+            seen.last().unwrap(),
+            "open;init:application/grpc;msg:m1;msg:m2;msg:m3;closed:Ok(());trail:0;\
+             close:0/0:;after:Err(NotFound)",
+            "{seen:#?}"
+        );
+        assert_eq!(grpc.calls.get(), 1);
+        lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 3.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+            .await;
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_are_capped_per_vm() {
+    let up = upstream().start().await;
+    let grpc = legate_tests::grpc::grpc_upstream().start().await;
+    let lg = legate()
+        .config(&config(up.addr, grpc.addr, closed_port_addr()))
+        .start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    start(&mut c, "many", "cap").await;
+    let seen = wait_record(&mut c, "many", closed).await;
+    assert_eq!(seen.last().unwrap(), "cap:64:InternalFailure;after:");
+    lg.assert_stat(&stat("legate_plugin_grpc_streams_total"), 64.0)
+        .await;
+    lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+        .await;
+    // Cancelled in the call that opened them: never sent.
+    assert_eq!(grpc.calls.get(), 0);
+    // The VM can open streams again.
+    start(&mut c, "again", "count/1").await;
+    let seen = wait_record(&mut c, "again", closed).await;
+    assert!(seen.last().unwrap().contains("close:0/0:"), "{seen:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_in_a_stream_callback_ends_the_vms_streams() {
+    let up = upstream().start().await;
+    let grpc = legate_tests::grpc::grpc_upstream().start().await;
+    let lg = legate()
+        .config(&config(up.addr, grpc.addr, closed_port_addr()))
+        .start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    start(&mut c, "boom", "trap").await;
+    let want = "open;init:application/grpc;msg:1";
+    wait_record(&mut c, "boom", |r| r == want).await;
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="streamer"}"#, 1.0)
+        .await;
+    lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+        .await;
+    // Four more replies were due, 200 ms apart: none is delivered.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(record(&mut c, "boom").await, want);
+    // A new VM serves new streams.
+    start(&mut c, "after", "count/2").await;
+    let seen = wait_record(&mut c, "after", closed).await;
+    assert!(
+        seen.last().unwrap().contains("msg:2;trail:0;close:0/0:"),
+        "{seen:#?}"
+    );
+}

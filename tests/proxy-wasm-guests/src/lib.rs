@@ -66,7 +66,11 @@
 //!   sent without `end_stream`, then `proxy_grpc_close`: the server answers
 //!   only once the request side ended), `cancel` (cancels on the first reply;
 //!   records `cancel:<result>,<second cancel>,<send after>`), `dead` (cluster
-//!   `dead`). `/direct/unknown` answers `x-pw-unknown: <send>,<close>,<cancel>`
+//!   `dead`), `chat/<n>` (bidirectional `Echo/Chat`: sends `m1`, and on each
+//!   echoed reply the next one, until `m<n>` came back; then half-closes;
+//!   replies are recorded as `msg:<text>`), `cap` (opens streams until one is
+//!   refused, cancels them all, records `cap:<opened>:<error>;after:`), `trap`
+//!   (a slow `Count` whose first reply makes the guest panic). `/direct/unknown` answers `x-pw-unknown: <send>,<close>,<cancel>`
 //!   for token 999999; `/direct/ungranted` answers `x-pw-open:` the result of
 //!   opening a stream to `backend`, which is not granted.
 //!
@@ -136,6 +140,14 @@ fn count_request(count: u64, fail_code: u64, fail_message: &str, delay_ms: u64) 
     m
 }
 
+/// A `SayRequest { message }`.
+fn say_request(message: &str) -> Vec<u8> {
+    let mut m = vec![0x0a];
+    varint(message.len() as u64, &mut m);
+    m.extend_from_slice(message.as_bytes());
+    m
+}
+
 impl Root {
     /// Appends `item` to the record of stream `token`.
     fn record(&self, token: u32, item: &str) {
@@ -154,13 +166,34 @@ impl Root {
 
     /// Opens the stream `scenario` asks for, recorded under `key`.
     fn start_stream(&mut self, key: &str, scenario: &str) {
+        if scenario == "cap" {
+            let mut open = Vec::new();
+            let mut error = String::new();
+            for _ in 0..100 {
+                match hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]) {
+                    Ok(t) => open.push(t),
+                    Err(e) => {
+                        error = format!("{e:?}");
+                        break;
+                    }
+                }
+            }
+            for t in &open {
+                hostcalls::cancel_grpc_stream(*t).ok();
+            }
+            let k = format!("pw_stream_{key}");
+            let v = format!("cap:{}:{error};after:", open.len());
+            self.set_shared_data(&k, Some(v.as_bytes()), None).ok();
+            return;
+        }
         let parts: Vec<&str> = scenario.split('/').collect();
         let num = |i: usize, d: u64| parts.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(d);
         let cluster = if parts[0] == "dead" { "dead" } else { "grpc" };
+        let method = if parts[0] == "chat" { "Chat" } else { "Count" };
         let r = hostcalls::open_grpc_stream(
             cluster,
             "legate.test.v1.Echo",
-            "Count",
+            method,
             vec![("x-pw-md", b"from-a-stream")],
         );
         let token = match r {
@@ -178,6 +211,8 @@ impl Root {
             "fail" => (count_request(2, num(1, 2), "stream failed on purpose", 0), true),
             "close" => (count_request(num(1, 2), 0, "", 0), false),
             "cancel" => (count_request(5, 0, "", 200), true),
+            "trap" => (count_request(5, 0, "", 200), true),
+            "chat" => (say_request("m1"), false),
             _ => (count_request(1, 0, "", 0), true),
         };
         let sent = hostcalls::send_grpc_stream_message(token, Some(&message), end);
@@ -204,12 +239,36 @@ impl Context for Root {
 
     fn on_grpc_stream_message(&mut self, token: u32, size: usize) {
         let m = self.get_grpc_stream_message(0, size).unwrap_or_default();
+        let chat = self.streams.get(&token).and_then(|(_, s)| s.strip_prefix("chat/")).and_then(|n| n.parse::<u32>().ok());
+        if let Some(last) = chat {
+            // SayReply: field 1 (message) first.
+            let text = match m.as_slice() {
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned(),
+                _ => "<undecodable>".to_string(),
+            };
+            self.record(token, &format!("msg:{text}"));
+            let i = text.trim_start_matches('m').parse::<u32>().unwrap_or(last);
+            if i < last {
+                let next = say_request(&format!("m{}", i + 1));
+                let r = hostcalls::send_grpc_stream_message(token, Some(&next), false);
+                if r.is_err() {
+                    self.record(token, &format!("send-error:{r:?}"));
+                }
+            } else {
+                let c = hostcalls::close_grpc_stream(token);
+                self.record(token, &format!("closed:{c:?}"));
+            }
+            return;
+        }
         let n = match m.as_slice() {
             [] => 0,
             [0x08, v] => u64::from(*v),
             _ => 9999,
         };
         self.record(token, &format!("msg:{n}"));
+        if self.streams.get(&token).is_some_and(|(_, s)| s == "trap") {
+            panic!("guest panic in a gRPC stream callback, on purpose");
+        }
         let cancel = self.streams.get(&token).is_some_and(|(_, s)| s == "cancel");
         if cancel {
             let a = hostcalls::cancel_grpc_stream(token);

@@ -13,6 +13,11 @@
 //! and the next call sees everything held plus the new chunk, under the plugin's
 //! body cap (request over it: 413; response: the exchange is reset, its head
 //! being out). `Continue` forwards what is held.
+//!
+//! Callouts: HTTP and unary gRPC calls go through the chain (or, from the root
+//! context, are sent here with the worker's sender) and come back to
+//! `proxy_on_http_call_response` / `proxy_on_grpc_receive|close`. gRPC streams
+//! ([`super::grpc`]) run as tasks of this worker's VM, one VM call per event.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
