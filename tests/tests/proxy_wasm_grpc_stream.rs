@@ -332,3 +332,31 @@ async fn a_trap_in_a_stream_callback_ends_the_vms_streams() {
         "{seen:#?}"
     );
 }
+
+each_proto!(
+    /// A stream opened by an HTTP context is reset when that context is
+    /// deleted (as Envoy does when the context is destroyed): it is counted
+    /// closed long before the server's replies (one a second) were due, and no
+    /// callback comes.
+    async fn an_http_contexts_stream_ends_with_the_context(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/direct/leave").send().await;
+        assert!(
+            r.header("x-pw-open").is_some_and(|v| v.starts_with("Ok(")),
+            "{:?}",
+            r.header("x-pw-open")
+        );
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_total"), 1.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+            .await;
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 0.0)
+            .await;
+    }
+);

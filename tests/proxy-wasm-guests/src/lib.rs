@@ -70,9 +70,11 @@
 //!   echoed reply the next one, until `m<n>` came back; then half-closes;
 //!   replies are recorded as `msg:<text>`), `cap` (opens streams until one is
 //!   refused, cancels them all, records `cap:<opened>:<error>;after:`), `trap`
-//!   (a slow `Count` whose first reply makes the guest panic). `/direct/unknown` answers `x-pw-unknown: <send>,<close>,<cancel>`
-//!   for token 999999; `/direct/ungranted` answers `x-pw-open:` the result of
-//!   opening a stream to `backend`, which is not granted.
+//!   (a slow `Count` whose first reply makes the guest panic).
+//!   `/direct/unknown` answers `x-pw-unknown: <send>,<close>,<cancel>` for
+//!   token 999999; `/direct/ungranted` answers `x-pw-open:` the result of
+//!   opening a stream to `backend`, which is not granted; `/direct/leave`
+//!   opens a slow `Count` stream from the HTTP context and answers at once.
 //!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
 
@@ -680,6 +682,16 @@ impl HttpContext for Filter {
                     let b = hostcalls::close_grpc_stream(999_999);
                     let c = hostcalls::cancel_grpc_stream(999_999);
                     self.send_http_response(200, vec![("x-pw-unknown", &format!("{a:?},{b:?},{c:?}"))], None);
+                    return Action::Pause;
+                }
+                if path == "/direct/leave" {
+                    // A slow stream opened by this HTTP context, which ends
+                    // right away: the host resets the stream with it.
+                    let r = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]);
+                    if let Ok(t) = r {
+                        hostcalls::send_grpc_stream_message(t, Some(&count_request(5, 0, "", 1000)), true).ok();
+                    }
+                    self.send_http_response(200, vec![("x-pw-open", &format!("{r:?}"))], None);
                     return Action::Pause;
                 }
                 if path == "/direct/ungranted" {
