@@ -112,7 +112,7 @@ each_proto!(
     /// Server streaming: every message is delivered as it arrives (a record
     /// with some messages and no close is seen while the server paces them),
     /// then the trailing metadata and the close with status 0; the initial
-    /// metadata is the response head. An error status from the server reaches
+    /// metadata is the response head (with `:status`, as in Envoy). An error status from the server reaches
     /// `proxy_on_grpc_close` with its message (and `proxy_get_status`), after
     /// the messages sent before it.
     async fn a_server_stream_delivers_each_message_then_trailers_and_close(proto) {
@@ -128,7 +128,7 @@ each_proto!(
         let last = seen.last().unwrap();
         assert_eq!(
             last,
-            "open;init:application/grpc;msg:1;msg:2;msg:3;trail:0;close:0/0:;after:Ok(())",
+            "open;init:200:application/grpc;msg:1;msg:2;msg:3;trail:0;close:0/0:;after:Ok(())",
             "{seen:#?}"
         );
         assert!(
@@ -140,7 +140,7 @@ each_proto!(
         let seen = wait_record(&mut c, "failed", closed).await;
         assert_eq!(
             seen.last().unwrap(),
-            "open;init:application/grpc;msg:1;msg:2;trail:9;\
+            "open;init:200:application/grpc;msg:1;msg:2;trail:9;\
              close:9/9:stream failed on purpose;after:Ok(())",
             "{seen:#?}"
         );
@@ -172,7 +172,7 @@ each_proto!(
         let seen = wait_record(&mut c, "half", closed).await;
         assert_eq!(
             seen.last().unwrap(),
-            "open;closed:Ok(());init:application/grpc;msg:1;msg:2;trail:0;close:0/0:;\
+            "open;closed:Ok(());init:200:application/grpc;msg:1;msg:2;trail:0;close:0/0:;\
              after:Err(NotFound)",
             "{seen:#?}"
         );
@@ -193,7 +193,7 @@ each_proto!(
             .start();
         let mut c = client(proto, lg.addr("web")).await;
         start(&mut c, "cancelled", "cancel").await;
-        let want = "open;init:application/grpc;msg:1;cancel:Ok(()),Err(NotFound),Err(NotFound)";
+        let want = "open;init:200:application/grpc;msg:1;cancel:Ok(()),Err(NotFound),Err(NotFound)";
         wait_record(&mut c, "cancelled", |r| r == want).await;
         // The server would have sent four more replies, 200 ms apart.
         tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -271,7 +271,7 @@ each_proto!(
         let seen = wait_record(&mut c, "talk", closed).await;
         assert_eq!(
             seen.last().unwrap(),
-            "open;init:application/grpc;msg:m1;msg:m2;msg:m3;closed:Ok(());trail:0;\
+            "open;init:200:application/grpc;msg:m1;msg:m2;msg:m3;closed:Ok(());trail:0;\
              close:0/0:;after:Err(NotFound)",
             "{seen:#?}"
         );
@@ -315,7 +315,7 @@ async fn a_trap_in_a_stream_callback_ends_the_vms_streams() {
         .start();
     let mut c = client(Proto::H1, lg.addr("web")).await;
     start(&mut c, "boom", "trap").await;
-    let want = "open;init:application/grpc;msg:1";
+    let want = "open;init:200:application/grpc;msg:1";
     wait_record(&mut c, "boom", |r| r == want).await;
     lg.assert_stat(r#"legate_plugin_traps_total{plugin="streamer"}"#, 1.0)
         .await;

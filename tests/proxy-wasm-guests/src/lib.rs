@@ -59,7 +59,7 @@
 //!   `grpc`, opened by the root context. `/stream/<key>/<scenario>` enqueues the
 //!   scenario to queue `pw_streams`; the root context's `on_queue_ready` opens
 //!   the stream and records what it gets in shared data `pw_stream_<key>`
-//!   (`open;init:<content-type>;msg:<n>;...;trail:<grpc-status>;close:<code>:<message>`),
+//!   (`open;init:<:status>:<content-type>;msg:<n>;...;trail:<grpc-status>;close:<code>:<message>`),
 //!   which `/result/<key>` answers as header `x-pw-stream`. Scenarios:
 //!   `count/<n>/<delay_ms>` (the request sent with `end_stream`),
 //!   `fail/<code>` (two replies, then status `code`), `close/<n>` (the request
@@ -236,7 +236,11 @@ impl Context for Root {
             .get_grpc_stream_initial_metadata_value("content-type")
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
-        self.record(token, &format!("init:{ct}"));
+        let status = self
+            .get_grpc_stream_initial_metadata_value(":status")
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        self.record(token, &format!("init:{status}:{ct}"));
     }
 
     fn on_grpc_stream_message(&mut self, token: u32, size: usize) {

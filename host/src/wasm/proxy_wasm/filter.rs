@@ -977,9 +977,18 @@ impl ProxyWasmFilter {
             let args = |v: usize| (ROOT_CONTEXT as i32, token as i32, n(v));
             let last = matches!(event, Event::Close(..));
             let called = match event {
-                Event::InitialMetadata(h) => {
-                    let args = args(h.len());
-                    data.grpc_initial = Some(h);
+                Event::InitialMetadata(status, h) => {
+                    // Envoy's response head has `:status` first.
+                    let pairs: super::abi::Pairs =
+                        status
+                            .map(|st| (b":status".to_vec(), st.as_str().as_bytes().to_vec()))
+                            .into_iter()
+                            .chain(h.iter().map(|(k, v)| {
+                                (k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec())
+                            }))
+                            .collect();
+                    let args = args(pairs.len());
+                    data.grpc_initial = Some(pairs);
                     match live.exports.grpc_initial.clone() {
                         Some(f) => f.call(&mut live.store, args),
                         None => Ok(()),

@@ -332,7 +332,9 @@ pub fn open(
     Ok(token)
 }
 
-/// `proxy_grpc_send`: frames and queues `message`; `end_stream` half-closes.
+/// `proxy_grpc_send`: frames and queues `message` (an empty one too, as
+/// Envoy); `end_stream` half-closes after it (use `proxy_grpc_close` to
+/// half-close without sending).
 /// As in Envoy, a stream that can no longer send (half-closed, or closed by the
 /// server) takes the message as `OK` and drops it (the SDK's `Context` wrapper
 /// unwraps the result). `NOT_FOUND` for an unknown token, `BAD_ARGUMENT` for a
@@ -354,21 +356,21 @@ pub fn send(s: &mut PwState, token: u32, message: &[u8], end_stream: bool) -> Re
         );
         return Ok(());
     };
-    if !message.is_empty() || !end_stream {
-        let framed = frame(message).ok_or(status::BAD_ARGUMENT)?;
-        let queued = st.queued.load(Relaxed);
-        if queued.saturating_add(framed.len()) > MAX_QUEUED_BYTES {
-            tracing::warn!(
-                plugin = &*name,
-                "proxy_grpc_send: over {MAX_QUEUED_BYTES} bytes the upstream has not taken \
-                 yet on gRPC stream {token}"
-            );
-            return Err(status::BAD_ARGUMENT);
-        }
-        st.queued.fetch_add(framed.len(), Relaxed);
-        // A closed receiver: the stream is over (its close is on its way).
-        let _ = tx.send(framed);
+    // Always a message, even an empty one with `end_stream` (Envoy frames
+    // whatever it is given).
+    let framed = frame(message).ok_or(status::BAD_ARGUMENT)?;
+    let queued = st.queued.load(Relaxed);
+    if queued.saturating_add(framed.len()) > MAX_QUEUED_BYTES {
+        tracing::warn!(
+            plugin = &*name,
+            "proxy_grpc_send: over {MAX_QUEUED_BYTES} bytes the upstream has not taken \
+             yet on gRPC stream {token}"
+        );
+        return Err(status::BAD_ARGUMENT);
     }
+    st.queued.fetch_add(framed.len(), Relaxed);
+    // A closed receiver: the stream is over (its close is on its way).
+    let _ = tx.send(framed);
     if end_stream {
         st.tx = None;
     }
@@ -436,8 +438,9 @@ pub fn drop_context(streams: &mut HashMap<u32, Stream>, context: u32) {
 
 /// What the server sent on a stream, in Envoy's order.
 pub enum Event {
-    /// The response head (empty for a trailers-only answer).
-    InitialMetadata(HeaderMap),
+    /// The response head: its status (`None` for a trailers-only answer, whose
+    /// head is empty) and fields.
+    InitialMetadata(Option<http::StatusCode>, HeaderMap),
     /// One message.
     Message(Bytes),
     /// The trailers.
@@ -448,7 +451,7 @@ pub enum Event {
 
 /// Runs stream `p` on `sender` and hands each event to `deliver` as it comes,
 /// the way Envoy's gRPC async client reports them: initial metadata first
-/// (empty for a trailers-only answer), each message as it is complete, then the
+/// (the head with `:status`; empty for a trailers-only answer), each message as it is complete, then the
 /// trailing metadata and the close with `grpc-status`. A non-200 answer closes
 /// with gRPC's HTTP mapping; no answer closes with 14 `UNAVAILABLE` (or the
 /// callout's error); a reset mid-stream with 13 `INTERNAL`; a stream that ends
@@ -477,11 +480,11 @@ pub async fn drive(
     let (parts, mut body) = resp.into_parts();
     let ended = http_body::Body::is_end_stream(&body);
     let initial = if ended {
-        HeaderMap::new()
+        Event::InitialMetadata(None, HeaderMap::new())
     } else {
-        parts.headers.clone()
+        Event::InitialMetadata(Some(parts.status), parts.headers.clone())
     };
-    if !deliver(Event::InitialMetadata(initial)) {
+    if !deliver(initial) {
         return;
     }
     let trailers_only = ended && parts.headers.contains_key("grpc-status");

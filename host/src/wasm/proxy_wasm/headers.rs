@@ -49,13 +49,12 @@ pub fn pairs(s: &mut PwState, which: i32) -> Result<Pairs, i32> {
         }
         return Ok(out);
     }
-    if which == map::GRPC_RECEIVE_INITIAL_METADATA || which == map::GRPC_RECEIVE_TRAILING_METADATA {
-        let m = if which == map::GRPC_RECEIVE_INITIAL_METADATA {
-            &s.grpc_initial
-        } else {
-            &s.grpc_trailing
-        };
-        return Ok(m
+    if which == map::GRPC_RECEIVE_INITIAL_METADATA {
+        return Ok(s.grpc_initial.clone().unwrap_or_default());
+    }
+    if which == map::GRPC_RECEIVE_TRAILING_METADATA {
+        return Ok(s
+            .grpc_trailing
             .iter()
             .flatten()
             .map(|(k, v)| (k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()))

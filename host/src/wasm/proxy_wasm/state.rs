@@ -10,6 +10,7 @@ use std::time::Duration;
 use http::HeaderMap;
 use wasmtime::{Memory, StoreLimits, StoreLimitsBuilder, TypedFunc};
 
+use super::abi::Pairs;
 use super::grpc::{Pending, Stream};
 use crate::filter::{CalloutRequest, CalloutResult, Direction, Exchange, LocalResponse};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
@@ -204,8 +205,9 @@ pub struct PwState {
     /// Tokens of `streams` the server closed, oldest first (bounded).
     pub remote_closed: VecDeque<u32>,
     /// The stream's initial metadata being delivered (map 4,
-    /// `proxy_on_grpc_receive_initial_metadata`).
-    pub grpc_initial: Option<HeaderMap>,
+    /// `proxy_on_grpc_receive_initial_metadata`), with `:status` as Envoy's
+    /// response head has it.
+    pub grpc_initial: Option<Pairs>,
     /// The stream's trailing metadata being delivered (map 5,
     /// `proxy_on_grpc_receive_trailing_metadata`).
     pub grpc_trailing: Option<HeaderMap>,
