@@ -239,12 +239,27 @@ pub fn worker_callouts() -> Option<Rc<dyn CalloutSender>> {
 /// A callout in flight.
 pub type CalloutFuture = Pin<Box<dyn Future<Output = CalloutResult>>>;
 
+/// A streaming callout's response head, its body still arriving.
+pub type CalloutStreamFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<crate::body::Body>, CalloutError>>>>;
+
 /// Sends callouts for a chain: the proxy's implementation goes through the worker's
 /// upstream pool and the clusters of the exchange's config snapshot.
 pub trait CalloutSender {
     /// Sends `req`; the future resolves with the response or the error (its own
     /// timeout included).
     fn send(&self, req: CalloutRequest) -> CalloutFuture;
+
+    /// Opens a streaming callout (proxy-wasm gRPC streams): `body` replaces
+    /// `req.body` and is sent as it is produced; the future resolves with the
+    /// response head, whose body the caller reads as it arrives. No timeout and
+    /// no size cap apply (the caller bounds what it keeps); `req.timeout` and
+    /// `req.max_response_body` are ignored. Senders that cannot stream answer
+    /// [`CalloutError::Unavailable`].
+    fn open_stream(&self, req: CalloutRequest, body: crate::body::Body) -> CalloutStreamFuture {
+        let _ = (req, body);
+        Box::pin(async { Err(CalloutError::Unavailable) })
+    }
 }
 
 /// A response produced by a filter.

@@ -815,11 +815,7 @@ struct PoolCallouts {
 impl filter::CalloutSender for PoolCallouts {
     fn send(&self, req: filter::CalloutRequest) -> filter::CalloutFuture {
         let worker = self.worker.clone();
-        let entry = crate::config::Name::new(&req.cluster).ok().and_then(|n| {
-            self.snapshot
-                .upgrade()
-                .and_then(|s| s.clusters.get(&n).cloned())
-        });
+        let entry = self.entry(&req.cluster);
         Box::pin(async move {
             let Some(entry) = entry else {
                 return Err(filter::CalloutError::Unavailable);
@@ -830,16 +826,54 @@ impl filter::CalloutSender for PoolCallouts {
                 .unwrap_or(Err(filter::CalloutError::Timeout))
         })
     }
+
+    fn open_stream(&self, req: filter::CalloutRequest, body: Body) -> filter::CalloutStreamFuture {
+        let worker = self.worker.clone();
+        let entry = self.entry(&req.cluster);
+        Box::pin(async move {
+            let Some(entry) = entry else {
+                return Err(filter::CalloutError::Unavailable);
+            };
+            let (mut resp, active) = callout_open(&worker, &entry, req, body, None).await?;
+            proxy_headers::strip_hop_by_hop(resp.headers_mut());
+            // The request counts as active (circuit breaker) until its response
+            // body ends or is dropped.
+            Ok(resp.map(|b| body::boxed(Watched::new(b, HoldActive(active)))))
+        })
+    }
 }
 
-/// One callout: pick, send, read the whole (capped) response.
-async fn callout(
+impl PoolCallouts {
+    /// The cluster `name` of the snapshot, if both still exist.
+    fn entry(&self, name: &str) -> Option<Arc<ClusterEntry>> {
+        crate::config::Name::new(name).ok().and_then(|n| {
+            self.snapshot
+                .upgrade()
+                .and_then(|s| s.clusters.get(&n).cloned())
+        })
+    }
+}
+
+/// Keeps a streaming callout's [`crate::cluster::ActiveRequest`] for as long as
+/// its response body.
+struct HoldActive(crate::cluster::ActiveRequest);
+
+impl Watch for HoldActive {
+    fn end(self, _complete: bool) {
+        drop(self.0);
+    }
+}
+
+/// Picks an endpoint of `entry` and sends `req` with `body` (of length `len`
+/// when known, else streamed); the response head and the request's breaker slot.
+async fn callout_open(
     worker: &crate::worker::Worker,
     entry: &Arc<ClusterEntry>,
     req: filter::CalloutRequest,
-) -> filter::CalloutResult {
-    use filter::CalloutError::{LimitExceeded, Unavailable};
-    use http_body_util::BodyExt;
+    body: Body,
+    len: Option<usize>,
+) -> Result<(Response<Body>, crate::cluster::ActiveRequest), filter::CalloutError> {
+    use filter::CalloutError::Unavailable;
     let cluster = entry.cluster();
     let i = worker
         .balancer(&cluster)
@@ -852,16 +886,16 @@ async fn callout(
     let uri = req.path.parse::<Uri>().map_err(|_| Unavailable)?;
     let host = HeaderValue::from_str(req.authority.as_deref().unwrap_or(&req.cluster))
         .map_err(|_| Unavailable)?;
-    let len = req.body.len();
-    let mut up = Request::new(body::full(req.body));
+    let mut up = Request::new(body);
     *up.method_mut() = req.method;
     *up.uri_mut() = uri;
     *up.headers_mut() = req.headers;
-    let h = up.headers_mut();
-    h.insert(header::HOST, host);
-    if len > 0 || !matches!(*up.method(), Method::GET | Method::HEAD) {
-        up.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    up.headers_mut().insert(header::HOST, host);
+    if let Some(len) = len {
+        if len > 0 || !matches!(*up.method(), Method::GET | Method::HEAD) {
+            up.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
     }
     let target = Target {
         addr: ep.address,
@@ -869,18 +903,34 @@ async fn callout(
         cluster: &cluster,
         endpoint: Some(i),
     };
-    let resp = match worker.pool.send(&entry.upstream, target, up).await {
-        Ok(r) => r,
+    match worker.pool.send(&entry.upstream, target, up).await {
+        Ok(resp) => {
+            active.record_status(resp.status().as_u16());
+            Ok((resp, active))
+        }
         Err(e) => {
             tracing::debug!(cluster = %cluster.name, "callout: {}", e.detail);
             active.record_failure();
-            return Err(Unavailable);
+            Err(Unavailable)
         }
-    };
+    }
+}
+
+/// One callout: pick, send, read the whole (capped) response.
+async fn callout(
+    worker: &crate::worker::Worker,
+    entry: &Arc<ClusterEntry>,
+    req: filter::CalloutRequest,
+) -> filter::CalloutResult {
+    use filter::CalloutError::{LimitExceeded, Unavailable};
+    use http_body_util::BodyExt;
+    let len = req.body.len();
+    let max = req.max_response_body;
+    let body = body::full(req.body.clone());
+    let (resp, _active) = callout_open(worker, entry, req, body, Some(len)).await?;
     let status = resp.status();
-    active.record_status(status.as_u16());
     let (parts, body) = resp.into_parts();
-    let collected = http_body_util::Limited::new(body, req.max_response_body)
+    let collected = http_body_util::Limited::new(body, max)
         .collect()
         .await
         .map_err(|e| {

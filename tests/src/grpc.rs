@@ -12,11 +12,13 @@
 //! ```
 //!
 //! The service: `Say` echoes the message and reports the request metadata it saw
-//! (so a test can check what the proxy sent); `Count` streams `count` replies,
-//! then ends with `fail_code`/`fail_message` in the trailers; `Fail` answers with
-//! a chosen status, which tonic sends trailers-only (status in the headers);
-//! `Reflect` answers with the request it received. The methods carry
-//! `google.api.http` options (REST/JSON bindings for plugins/grpc-json).
+//! (so a test can check what the proxy sent); `Count` streams `count` replies
+//! (`delay_ms` apart), then ends with `fail_code`/`fail_message` in the
+//! trailers; `Chat` echoes each message of a client stream as it arrives;
+//! `Fail` answers with a chosen status, which tonic sends trailers-only
+//! (status in the headers); `Reflect` answers with the request it received.
+//! The unary and server-streaming methods carry `google.api.http` options
+//! (REST/JSON bindings for plugins/grpc-json).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -176,6 +178,9 @@ struct EchoService {
 type CountStream =
     Pin<Box<dyn futures_util::Stream<Item = Result<pb::CountReply, Status>> + Send + 'static>>;
 
+type ChatStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<pb::SayReply, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl pb::echo_server::Echo for EchoService {
     async fn say(&self, req: Request<pb::SayRequest>) -> Result<Response<pb::SayReply>, Status> {
@@ -208,7 +213,33 @@ impl pb::echo_server::Echo for EchoService {
         if r.fail_code != 0 {
             items.push(Err(Status::new(Code::from(r.fail_code), r.fail_message)));
         }
-        Ok(Response::new(Box::pin(futures_util::stream::iter(items))))
+        let delay = std::time::Duration::from_millis(u64::from(r.delay_ms));
+        let items = futures_util::StreamExt::then(
+            futures_util::stream::iter(items),
+            move |item| async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                item
+            },
+        );
+        Ok(Response::new(Box::pin(items)))
+    }
+
+    type ChatStream = ChatStream;
+
+    async fn chat(
+        &self,
+        req: Request<tonic::Streaming<pb::SayRequest>>,
+    ) -> Result<Response<ChatStream>, Status> {
+        self.calls.inc();
+        let replies = futures_util::StreamExt::map(req.into_inner(), |m| {
+            m.map(|m| pb::SayReply {
+                message: m.message,
+                metadata: Default::default(),
+            })
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn fail(&self, req: Request<pb::FailRequest>) -> Result<Response<pb::SayReply>, Status> {

@@ -192,6 +192,7 @@ fn count(from: u32, n: u32, fail_code: i32, fail_message: &str) -> Vec<u8> {
             count: n,
             fail_code,
             fail_message: fail_message.into(),
+            delay_ms: 0,
         }
         .encode_to_vec(),
     )
@@ -295,6 +296,7 @@ each_proto!(
                 count: 3,
                 fail_code: 0,
                 fail_message: String::new(),
+                delay_ms: 0,
             })
             .await
             .unwrap()
@@ -313,6 +315,7 @@ each_proto!(
                 count: 1,
                 fail_code: 9,
                 fail_message: "stopped".into(),
+                delay_ms: 0,
             })
             .await
             .unwrap()

@@ -55,8 +55,30 @@
 //!   response (`send_grpc_response`) carrying the call's status and message.
 //!   The HTTP callout of `callout` mode reports its trailer count too.
 //!
+//! - `grpc-stream`: gRPC streams to `legate.test.v1.Echo/Count` on cluster
+//!   `grpc`, opened by the root context. `/stream/<key>/<scenario>` enqueues the
+//!   scenario to queue `pw_streams`; the root context's `on_queue_ready` opens
+//!   the stream and records what it gets in shared data `pw_stream_<key>`
+//!   (`open;init:<:status>:<content-type>;msg:<n>;...;trail:<grpc-status>;close:<code>:<message>`),
+//!   which `/result/<key>` answers as header `x-pw-stream`. Scenarios:
+//!   `count/<n>/<delay_ms>` (the request sent with `end_stream`),
+//!   `fail/<code>` (two replies, then status `code`), `close/<n>` (the request
+//!   sent without `end_stream`, then `proxy_grpc_close`: the server answers
+//!   only once the request side ended), `cancel` (cancels on the first reply;
+//!   records `cancel:<result>,<second cancel>,<send after>`), `dead` (cluster
+//!   `dead`), `chat/<n>` (bidirectional `Echo/Chat`: sends `m1`, and on each
+//!   echoed reply the next one, until `m<n>` came back; then half-closes;
+//!   replies are recorded as `msg:<text>`), `cap` (opens streams until one is
+//!   refused, cancels them all, records `cap:<opened>:<error>;after:`), `trap`
+//!   (a slow `Count` whose first reply makes the guest panic).
+//!   `/direct/unknown` answers `x-pw-unknown: <send>,<close>,<cancel>` for
+//!   token 999999; `/direct/ungranted` answers `x-pw-open:` the result of
+//!   opening a stream to `backend`, which is not granted; `/direct/leave`
+//!   opens a slow `Count` stream from the HTTP context and answers at once.
+//!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
@@ -85,9 +107,202 @@ struct Settings {
 struct Root {
     s: Settings,
     ticks: u64,
+    /// gRPC streams: token → (record key, scenario).
+    streams: HashMap<u32, (String, String)>,
+}
+
+/// A protobuf varint.
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// A `CountRequest { from: 1, count, fail_code, fail_message, delay_ms }`.
+fn count_request(count: u64, fail_code: u64, fail_message: &str, delay_ms: u64) -> Vec<u8> {
+    let mut m = vec![0x08, 1, 0x10];
+    varint(count, &mut m);
+    if fail_code != 0 {
+        m.push(0x18);
+        varint(fail_code, &mut m);
+        m.push(0x22);
+        varint(fail_message.len() as u64, &mut m);
+        m.extend_from_slice(fail_message.as_bytes());
+    }
+    if delay_ms != 0 {
+        m.push(0x28);
+        varint(delay_ms, &mut m);
+    }
+    m
+}
+
+/// A `SayRequest { message }`.
+fn say_request(message: &str) -> Vec<u8> {
+    let mut m = vec![0x0a];
+    varint(message.len() as u64, &mut m);
+    m.extend_from_slice(message.as_bytes());
+    m
+}
+
+impl Root {
+    /// Appends `item` to the record of stream `token`.
+    fn record(&self, token: u32, item: &str) {
+        let Some((key, _)) = self.streams.get(&token) else {
+            return;
+        };
+        let key = format!("pw_stream_{key}");
+        let (cur, _) = self.get_shared_data(&key);
+        let mut v = cur.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        if !v.is_empty() {
+            v.push(';');
+        }
+        v.push_str(item);
+        self.set_shared_data(&key, Some(v.as_bytes()), None).ok();
+    }
+
+    /// Opens the stream `scenario` asks for, recorded under `key`.
+    fn start_stream(&mut self, key: &str, scenario: &str) {
+        if scenario == "cap" {
+            let mut open = Vec::new();
+            let mut error = String::new();
+            for _ in 0..100 {
+                match hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]) {
+                    Ok(t) => open.push(t),
+                    Err(e) => {
+                        error = format!("{e:?}");
+                        break;
+                    }
+                }
+            }
+            for t in &open {
+                hostcalls::cancel_grpc_stream(*t).ok();
+            }
+            let k = format!("pw_stream_{key}");
+            let v = format!("cap:{}:{error};after:", open.len());
+            self.set_shared_data(&k, Some(v.as_bytes()), None).ok();
+            return;
+        }
+        let parts: Vec<&str> = scenario.split('/').collect();
+        let num = |i: usize, d: u64| parts.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(d);
+        let cluster = if parts[0] == "dead" { "dead" } else { "grpc" };
+        let method = if parts[0] == "chat" { "Chat" } else { "Count" };
+        let r = hostcalls::open_grpc_stream(
+            cluster,
+            "legate.test.v1.Echo",
+            method,
+            vec![("x-pw-md", b"from-a-stream")],
+        );
+        let token = match r {
+            Ok(t) => t,
+            Err(e) => {
+                let k = format!("pw_stream_{key}");
+                self.set_shared_data(&k, Some(format!("open-error:{e:?}").as_bytes()), None).ok();
+                return;
+            }
+        };
+        self.streams.insert(token, (key.to_string(), scenario.to_string()));
+        self.record(token, "open");
+        let (message, end) = match parts[0] {
+            "count" => (count_request(num(1, 3), 0, "", num(2, 0)), true),
+            "fail" => (count_request(2, num(1, 2), "stream failed on purpose", 0), true),
+            "close" => (count_request(num(1, 2), 0, "", 0), false),
+            "cancel" => (count_request(5, 0, "", 200), true),
+            "trap" => (count_request(5, 0, "", 200), true),
+            "chat" => (say_request("m1"), false),
+            _ => (count_request(1, 0, "", 0), true),
+        };
+        let sent = hostcalls::send_grpc_stream_message(token, Some(&message), end);
+        if sent.is_err() {
+            self.record(token, &format!("send-error:{sent:?}"));
+        }
+        if parts[0] == "close" {
+            // Half-close: the server (which waits for the end of the request)
+            // answers, and the callbacks go on.
+            let c = hostcalls::close_grpc_stream(token);
+            self.record(token, &format!("closed:{c:?}"));
+        }
+    }
 }
 
 impl Context for Root {
+    fn on_grpc_stream_initial_metadata(&mut self, token: u32, _n: u32) {
+        let ct = self
+            .get_grpc_stream_initial_metadata_value("content-type")
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let status = self
+            .get_grpc_stream_initial_metadata_value(":status")
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        self.record(token, &format!("init:{status}:{ct}"));
+    }
+
+    fn on_grpc_stream_message(&mut self, token: u32, size: usize) {
+        let m = self.get_grpc_stream_message(0, size).unwrap_or_default();
+        let chat = self.streams.get(&token).and_then(|(_, s)| s.strip_prefix("chat/")).and_then(|n| n.parse::<u32>().ok());
+        if let Some(last) = chat {
+            // SayReply: field 1 (message) first.
+            let text = match m.as_slice() {
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned(),
+                _ => "<undecodable>".to_string(),
+            };
+            self.record(token, &format!("msg:{text}"));
+            let i = text.trim_start_matches('m').parse::<u32>().unwrap_or(last);
+            if i < last {
+                let next = say_request(&format!("m{}", i + 1));
+                let r = hostcalls::send_grpc_stream_message(token, Some(&next), false);
+                if r.is_err() {
+                    self.record(token, &format!("send-error:{r:?}"));
+                }
+            } else {
+                let c = hostcalls::close_grpc_stream(token);
+                self.record(token, &format!("closed:{c:?}"));
+            }
+            return;
+        }
+        let n = match m.as_slice() {
+            [] => 0,
+            [0x08, v] => u64::from(*v),
+            _ => 9999,
+        };
+        self.record(token, &format!("msg:{n}"));
+        if self.streams.get(&token).is_some_and(|(_, s)| s == "trap") {
+            panic!("guest panic in a gRPC stream callback, on purpose");
+        }
+        let cancel = self.streams.get(&token).is_some_and(|(_, s)| s == "cancel");
+        if cancel {
+            let a = hostcalls::cancel_grpc_stream(token);
+            let b = hostcalls::cancel_grpc_stream(token);
+            let c = hostcalls::send_grpc_stream_message(token, Some(b"x"), false);
+            self.record(token, &format!("cancel:{a:?},{b:?},{c:?}"));
+        }
+    }
+
+    fn on_grpc_stream_trailing_metadata(&mut self, token: u32, _n: u32) {
+        let st = self
+            .get_grpc_stream_trailing_metadata_value("grpc-status")
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        self.record(token, &format!("trail:{st}"));
+    }
+
+    fn on_grpc_stream_close(&mut self, token: u32, status: u32) {
+        let (code, message) = self.get_grpc_status();
+        let message = message.unwrap_or_default();
+        self.record(token, &format!("close:{status}/{code}:{message}"));
+        // Closing after the server closed is OK, as in Envoy (the SDK's
+        // wrapper unwraps it).
+        let c = hostcalls::close_grpc_stream(token);
+        self.record(token, &format!("after:{c:?}"));
+        self.streams.remove(&token);
+    }
+
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
         let body = self.get_http_call_response_body(0, usize::MAX).unwrap_or_default();
         self.set_shared_data("pw_tick_body", Some(&body), None).ok();
@@ -118,6 +333,9 @@ impl RootContext for Root {
         self.s.greeting = v["greeting"].as_str().unwrap_or("hello").to_string();
         if self.s.mode == "reject" {
             return false;
+        }
+        if self.s.mode == "grpc-stream" {
+            self.s.queue = self.register_shared_queue("pw_streams");
         }
         if self.s.mode == "queue" {
             self.s.queue = self.register_shared_queue("pw_events");
@@ -164,6 +382,15 @@ impl RootContext for Root {
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
+        if self.s.mode == "grpc-stream" {
+            while let Ok(Some(item)) = self.dequeue_shared_queue(queue_id) {
+                let item = String::from_utf8_lossy(&item).into_owned();
+                if let Some((key, scenario)) = item.split_once(' ') {
+                    self.start_stream(key, scenario);
+                }
+            }
+            return;
+        }
         if self.s.mode != "queue" {
             return;
         }
@@ -435,6 +662,47 @@ impl HttpContext for Filter {
                         Action::Pause
                     }
                 };
+            }
+            "grpc-stream" => {
+                if let Some(rest) = path.strip_prefix("/stream/") {
+                    let (key, scenario) = rest.split_once('/').unwrap_or((rest, "count"));
+                    let vm = prop(self, &["plugin_vm_id"]);
+                    let q = self.resolve_shared_queue(&vm, "pw_streams");
+                    let r = match q {
+                        Some(q) => self.enqueue_shared_queue(q, Some(format!("{key} {scenario}").as_bytes())).map(|_| "ok".to_string()).unwrap_or_else(|e| format!("{e:?}")),
+                        None => "no queue".to_string(),
+                    };
+                    self.send_http_response(200, vec![("x-pw-queued", &r)], None);
+                    return Action::Pause;
+                }
+                if let Some(key) = path.strip_prefix("/result/") {
+                    let (v, _) = self.get_shared_data(&format!("pw_stream_{key}"));
+                    let v = v.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+                    self.send_http_response(200, vec![("x-pw-stream", &v)], None);
+                    return Action::Pause;
+                }
+                if path == "/direct/unknown" {
+                    let a = hostcalls::send_grpc_stream_message(999_999, Some(b"x"), false);
+                    let b = hostcalls::close_grpc_stream(999_999);
+                    let c = hostcalls::cancel_grpc_stream(999_999);
+                    self.send_http_response(200, vec![("x-pw-unknown", &format!("{a:?},{b:?},{c:?}"))], None);
+                    return Action::Pause;
+                }
+                if path == "/direct/leave" {
+                    // A slow stream opened by this HTTP context, which ends
+                    // right away: the host resets the stream with it.
+                    let r = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]);
+                    if let Ok(t) = r {
+                        hostcalls::send_grpc_stream_message(t, Some(&count_request(5, 0, "", 1000)), true).ok();
+                    }
+                    self.send_http_response(200, vec![("x-pw-open", &format!("{r:?}"))], None);
+                    return Action::Pause;
+                }
+                if path == "/direct/ungranted" {
+                    let r = hostcalls::open_grpc_stream("backend", "legate.test.v1.Echo", "Count", vec![]);
+                    self.send_http_response(200, vec![("x-pw-open", &format!("{r:?}"))], None);
+                    return Action::Pause;
+                }
             }
             "body-rewrite" => {
                 // The body changes size: the length must go (as in Envoy).

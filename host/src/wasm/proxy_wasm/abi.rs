@@ -55,6 +55,12 @@ pub mod map {
     pub const RESPONSE_HEADERS: i32 = 2;
     /// Response trailers.
     pub const RESPONSE_TRAILERS: i32 = 3;
+    /// `GRPC_RECEIVE_INITIAL_METADATA`: a gRPC stream's response head, during
+    /// `proxy_on_grpc_receive_initial_metadata`.
+    pub const GRPC_RECEIVE_INITIAL_METADATA: i32 = 4;
+    /// `GRPC_RECEIVE_TRAILING_METADATA`: a gRPC stream's trailers, during
+    /// `proxy_on_grpc_receive_trailing_metadata`.
+    pub const GRPC_RECEIVE_TRAILING_METADATA: i32 = 5;
     /// `HTTP_CALL_RESPONSE_HEADERS`: the callout response being delivered.
     pub const HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
     /// `HTTP_CALL_RESPONSE_TRAILERS`: the trailers of the HTTP callout being

@@ -13,6 +13,11 @@
 //! and the next call sees everything held plus the new chunk, under the plugin's
 //! body cap (request over it: 413; response: the exchange is reset, its head
 //! being out). `Continue` forwards what is held.
+//!
+//! Callouts: HTTP and unary gRPC calls go through the chain (or, from the root
+//! context, are sent here with the worker's sender) and come back to
+//! `proxy_on_http_call_response` / `proxy_on_grpc_receive|close`. gRPC streams
+//! ([`super::grpc`]) run as tasks of this worker's VM, one VM call per event.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -79,6 +84,10 @@ struct Exports {
     grpc_receive: Option<TypedFunc<(i32, i32, i32), ()>>,
     /// `proxy_on_grpc_close(root, token, status_code)`.
     grpc_close: Option<TypedFunc<(i32, i32, i32), ()>>,
+    /// `proxy_on_grpc_receive_initial_metadata(root, token, headers)`.
+    grpc_initial: Option<TypedFunc<(i32, i32, i32), ()>>,
+    /// `proxy_on_grpc_receive_trailing_metadata(root, token, trailers)`.
+    grpc_trailing: Option<TypedFunc<(i32, i32, i32), ()>>,
     done: Option<TypedFunc<i32, i32>>,
     log: Option<TypedFunc<i32, ()>>,
     delete: Option<TypedFunc<i32, ()>>,
@@ -256,6 +265,16 @@ impl ProxyWasmFilter {
             http_call_response: typed(&mut store, &instance, "proxy_on_http_call_response")?,
             grpc_receive: typed(&mut store, &instance, "proxy_on_grpc_receive")?,
             grpc_close: typed(&mut store, &instance, "proxy_on_grpc_close")?,
+            grpc_initial: typed(
+                &mut store,
+                &instance,
+                "proxy_on_grpc_receive_initial_metadata",
+            )?,
+            grpc_trailing: typed(
+                &mut store,
+                &instance,
+                "proxy_on_grpc_receive_trailing_metadata",
+            )?,
             done: typed(&mut store, &instance, "proxy_on_done")?,
             log: typed(&mut store, &instance, "proxy_on_log")?,
             delete: typed(&mut store, &instance, "proxy_on_delete")?,
@@ -489,6 +508,9 @@ impl ProxyWasmFilter {
             }
             if !live.store.data().root_callouts.is_empty() {
                 self.send_root_callouts(live, worker, slot.generation);
+            }
+            if !live.store.data().new_streams.is_empty() {
+                self.start_streams(live, worker, slot.generation);
             }
             let data = live.store.data_mut();
             if let Some(x) = x {
@@ -878,6 +900,150 @@ impl ProxyWasmFilter {
         }
     }
 
+    /// Starts the gRPC streams opened in the last call, each a task on the
+    /// worker's `LocalSet` whose abort handle the stream's handle keeps.
+    fn start_streams(&self, live: &mut Live, worker: usize, generation: u64) {
+        let data = live.store.data_mut();
+        let pending = std::mem::take(&mut data.new_streams);
+        let Some(me) = self.me.get() else { return };
+        for p in pending {
+            let token = p.token;
+            let task =
+                tokio::task::spawn_local(Self::stream_task(me.clone(), worker, generation, p));
+            match data.streams.get_mut(&token) {
+                Some(st) => st.task = Some(task.abort_handle()),
+                // Cancelled in the call that opened it.
+                None => task.abort(),
+            }
+        }
+    }
+
+    /// Runs one gRPC stream, delivering each event to this worker's VM of
+    /// `generation`. It ends with the stream, when the stream is cancelled (its
+    /// handle aborts this task), or soon after the plugin is replaced or its VM
+    /// fails (checked every second while the stream is idle).
+    async fn stream_task(
+        me: Weak<ProxyWasmFilter>,
+        worker: usize,
+        generation: u64,
+        p: super::grpc::Pending,
+    ) {
+        let token = p.token;
+        let sender = crate::filter::worker_callouts();
+        let alive = || me.upgrade().is_some_and(|f| f.is_current(generation));
+        let run = super::grpc::drive(sender, p, |event| match me.upgrade() {
+            Some(f) => f.stream_event(worker, generation, token, event),
+            None => false,
+        });
+        let watch = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if !alive() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            () = run => {}
+            () = watch => {}
+        }
+    }
+
+    /// Delivers one event of stream `token` as Envoy does:
+    /// `proxy_on_grpc_receive_initial_metadata` (map 4),
+    /// `proxy_on_grpc_receive` (buffer 5), `_receive_trailing_metadata` (map 5),
+    /// `proxy_on_grpc_close` (`proxy_get_status`), each to the root context id
+    /// (the SDKs find the opening context by token) and skipped when not
+    /// exported. Whether the stream goes on (not closed, cancelled, or its VM
+    /// gone).
+    fn stream_event(
+        &self,
+        worker: usize,
+        generation: u64,
+        token: u32,
+        event: super::grpc::Event,
+    ) -> bool {
+        use super::grpc::Event;
+        if !self.is_current(generation) {
+            return false;
+        }
+        let r = self.with_vm(worker, Phase::Root, None, false, |live, _| {
+            let data = live.store.data_mut();
+            if data.streams.get(&token).is_none_or(|st| st.remote_closed) {
+                // Cancelled (or closed) meanwhile: no callback follows.
+                return Ok(Ok(false));
+            }
+            let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
+            let args = |v: usize| (ROOT_CONTEXT as i32, token as i32, n(v));
+            let last = matches!(event, Event::Close(..));
+            let called = match event {
+                Event::InitialMetadata(status, h) => {
+                    // Envoy's response head has `:status` first.
+                    let pairs: super::abi::Pairs =
+                        status
+                            .map(|st| (b":status".to_vec(), st.as_str().as_bytes().to_vec()))
+                            .into_iter()
+                            .chain(h.iter().map(|(k, v)| {
+                                (k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec())
+                            }))
+                            .collect();
+                    let args = args(pairs.len());
+                    data.grpc_initial = Some(pairs);
+                    match live.exports.grpc_initial.clone() {
+                        Some(f) => f.call(&mut live.store, args),
+                        None => Ok(()),
+                    }
+                }
+                Event::Message(m) => {
+                    self.meta.grpc_stream_messages.inc();
+                    let args = args(m.len());
+                    data.grpc_message = Some(m);
+                    match live.exports.grpc_receive.clone() {
+                        Some(f) => f.call(&mut live.store, args),
+                        None => Ok(()),
+                    }
+                }
+                Event::TrailingMetadata(h) => {
+                    let args = args(h.len());
+                    data.grpc_trailing = Some(h);
+                    match live.exports.grpc_trailing.clone() {
+                        Some(f) => f.call(&mut live.store, args),
+                        None => Ok(()),
+                    }
+                }
+                Event::Close(code, message) => {
+                    if code != 0 {
+                        self.meta.grpc_stream_failures.inc();
+                    }
+                    super::grpc::remote_closed(data, token);
+                    data.grpc_status = Some((code, message));
+                    match live.exports.grpc_close.clone() {
+                        Some(f) => f.call(
+                            &mut live.store,
+                            (ROOT_CONTEXT as i32, token as i32, code as i32),
+                        ),
+                        None => Ok(()),
+                    }
+                }
+            };
+            let data = live.store.data_mut();
+            data.grpc_initial = None;
+            data.grpc_trailing = None;
+            data.grpc_message = None;
+            data.grpc_status = None;
+            called?;
+            let open = data.streams.get(&token).is_some_and(|st| !st.remote_closed);
+            Ok(Ok(!last && open))
+        });
+        match r {
+            Ok(more) => more,
+            Err(e) => {
+                tracing::warn!(plugin = self.name(), "a gRPC stream callback failed: {e}");
+                false
+            }
+        }
+    }
+
     /// `on_done` → `on_log` → `on_delete` for an exchange's context (Envoy's order),
     /// with the exchange readable if it is given.
     fn finish(&self, worker: usize, context: u64, x: Option<&mut Exchange>) {
@@ -922,6 +1088,9 @@ impl ProxyWasmFilter {
                     data.props.retain(|(c, _), _| *c != pw);
                     // Its callouts are aborted with the chain; never delivered.
                     data.outstanding.retain(|_, c| *c != pw);
+                    // Its gRPC streams are reset (as Envoy does when a context
+                    // is destroyed).
+                    super::grpc::drop_context(&mut data.streams, pw);
                 }
             }
         });
@@ -1071,46 +1240,15 @@ impl HttpFilter for ProxyWasmFilter {
 /// `RESOURCE_EXHAUSTED` for a callout that failed; `INTERNAL` for a malformed
 /// answer).
 fn grpc_outcome(result: &CalloutResult) -> Result<bytes::Bytes, (u32, String)> {
-    use crate::filter::CalloutError;
-    const UNKNOWN: u32 = 2;
+    use super::grpc::{callout_error_status, http_status, trailer_status};
     const INTERNAL: u32 = 13;
-    let r = match result {
-        Ok(r) => r,
-        Err(CalloutError::Timeout) => return Err((4, "gRPC call timed out".into())),
-        Err(CalloutError::Unavailable) => return Err((14, "upstream unavailable".into())),
-        Err(CalloutError::LimitExceeded) => {
-            return Err((8, "gRPC response over the callout limit".into()))
-        }
-    };
+    let r = result.as_ref().map_err(|e| callout_error_status(*e))?;
     if r.status != http::StatusCode::OK {
-        let code = match r.status.as_u16() {
-            400 => INTERNAL,
-            401 => 16,
-            403 => 7,
-            404 => 12,
-            429 | 502..=504 => 14,
-            _ => UNKNOWN,
-        };
-        return Err((code, format!("HTTP status {}", r.status.as_u16())));
+        return Err(http_status(r.status));
     }
     // Trailers, or the headers of a trailers-only answer.
-    let field = |name: &str| {
-        r.trailers
-            .get(name)
-            .or_else(|| r.headers.get(name))
-            .and_then(|v| v.to_str().ok())
-    };
-    let code = match field("grpc-status").map(str::parse::<u32>) {
-        Some(Ok(c)) => c,
-        _ => return Err((UNKNOWN, "the answer has no valid grpc-status".into())),
-    };
+    let (code, message) = trailer_status(&r.trailers, Some(&r.headers));
     if code != 0 {
-        // Percent-encoded (gRPC over HTTP/2, "Responses"); `+` is not a space.
-        let message = field("grpc-message")
-            .map(|m| {
-                String::from_utf8_lossy(&crate::router::percent_decode_with(m, false)).into_owned()
-            })
-            .unwrap_or_default();
         return Err((code, message));
     }
     match r.body.as_ref() {

@@ -1,7 +1,8 @@
 //! Header maps as proxy-wasm sees them: the request head with its pseudo-headers
 //! (`:method`, `:path`, `:authority`, `:scheme`), the response head with
 //! `:status`, and the request and response trailers, read and written on the
-//! [`Exchange`] in the store.
+//! [`Exchange`] in the store; read-only, the callout response's head and
+//! trailers and a gRPC stream's metadata being delivered.
 //!
 //! Writes follow the component ABI's rules: only in the phase that owns the map,
 //! and never to the fields the host owns (framing, connection management), which
@@ -47,6 +48,17 @@ pub fn pairs(s: &mut PwState, which: i32) -> Result<Pairs, i32> {
             }
         }
         return Ok(out);
+    }
+    if which == map::GRPC_RECEIVE_INITIAL_METADATA {
+        return Ok(s.grpc_initial.clone().unwrap_or_default());
+    }
+    if which == map::GRPC_RECEIVE_TRAILING_METADATA {
+        return Ok(s
+            .grpc_trailing
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect());
     }
     if which == map::HTTP_CALL_RESPONSE_TRAILERS {
         let mut out: Pairs = Vec::new();

@@ -5,8 +5,8 @@
 //!
 //! Statuses are the ones the Rust SDK handles for each call (its wrappers panic on
 //! anything else). What this host does not do yet answers as documented in
-//! docs/proxy-wasm.md: gRPC callouts `INTERNAL_FAILURE`, foreign functions
-//! `NOT_FOUND`. Body buffers exist during the body callback of their direction
+//! docs/proxy-wasm.md: foreign functions `NOT_FOUND`. gRPC calls and streams
+//! are in [`super::grpc`]. Body buffers exist during the body callback of their direction
 //! (Envoy's start/length rules for writes); trailers maps once trailers arrived. HTTP callouts go through the host's
 //! callouts (the same grants, limits and stats as component plugins).
 
@@ -23,7 +23,7 @@ use super::abi::{
     write, write_u32, write_u64, Fail, HResult,
 };
 use super::state::{Metric, Phase, PwState, ROOT_CONTEXT as ROOT_CONTEXT_ID};
-use super::{headers, properties, shared};
+use super::{grpc, headers, properties, shared};
 use crate::filter::{CalloutRequest, Direction, LocalResponse};
 
 type C<'a> = Caller<'a, PwState>;
@@ -142,43 +142,19 @@ fn http_call(
 
 /// `proxy_grpc_call`: a unary gRPC call, sent as an HTTP/2 callout (the
 /// cluster must speak `h2`) `POST /SERVICE/METHOD` with the message framed.
-/// `upstream` is the cluster's name, or Envoy's serialized `GrpcService` whose
-/// `envoy_grpc.cluster_name` names it.
+/// A bad or ungranted upstream is `PARSE_FAILURE` ([`grpc::request_head`]).
 fn grpc_call(
     s: &mut PwState,
     upstream: &[u8],
-    service: String,
-    method: String,
+    service: &str,
+    method: &str,
     metadata: &[(Vec<u8>, Vec<u8>)],
     message: &[u8],
     timeout_ms: u32,
 ) -> Result<u32, i32> {
-    let cluster = grpc_cluster(upstream).ok_or(status::BAD_ARGUMENT)?;
-    let path = format!("/{service}/{method}");
-    if service.is_empty() || method.is_empty() || path.parse::<http::Uri>().is_err() {
-        return Err(status::BAD_ARGUMENT);
-    }
-    let mut headers = HeaderMap::new();
-    for (k, v) in metadata {
-        let name = HeaderName::from_bytes(k).map_err(|_| status::BAD_ARGUMENT)?;
-        let value = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
-        headers.append(name, value);
-    }
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
-    if timeout_ms > 0 {
-        if let Ok(v) = HeaderValue::from_str(&format!("{timeout_ms}m")) {
-            headers.insert("grpc-timeout", v);
-        }
-    }
-    let len = u32::try_from(message.len()).map_err(|_| status::BAD_ARGUMENT)?;
-    let mut body = Vec::with_capacity(message.len() + 5);
-    body.push(0);
-    body.extend_from_slice(&len.to_be_bytes());
-    body.extend_from_slice(message);
+    let (cluster, path, headers) =
+        grpc::request_head(s, upstream, service, method, metadata, timeout_ms)?;
+    let body = grpc::frame(message).ok_or(status::BAD_ARGUMENT)?;
     let token = queue_call(
         s,
         cluster,
@@ -186,25 +162,24 @@ fn grpc_call(
         path,
         None,
         headers,
-        body,
+        body.to_vec(),
         timeout_ms,
     )?;
     s.grpc_calls.insert(token);
     Ok(token)
 }
 
-/// The cluster a `proxy_grpc_call` names: the bytes as a name, or the
-/// `envoy_grpc.cluster_name` (field 1 of field 1) of a serialized `GrpcService`.
-fn grpc_cluster(upstream: &[u8]) -> Option<String> {
-    let name = match upstream {
-        [0x0a, n, rest @ ..] if usize::from(*n) == rest.len() => match rest {
-            [0x0a, m, name @ ..] if usize::from(*m) <= name.len() => &name[..usize::from(*m)],
-            _ => return None,
-        },
-        _ => upstream,
-    };
-    let name = std::str::from_utf8(name).ok()?;
-    crate::config::Name::new(name).ok().map(|n| n.to_string())
+/// The context a callout or stream opened now belongs to: the exchange's, or
+/// the root context's outside any exchange; `INTERNAL_FAILURE` when none can
+/// (a read-only phase, or the effective context is another one).
+fn calling_context(s: &mut PwState) -> Result<u32, i32> {
+    if s.exchange().is_some() {
+        Ok(s.x_context)
+    } else if s.phase == Phase::Root && s.x_context == 0 && s.effective == ROOT_CONTEXT_ID {
+        Ok(ROOT_CONTEXT_ID)
+    } else {
+        Err(status::INTERNAL_FAILURE)
+    }
 }
 
 /// Queues a callout of the current context (HTTP or gRPC), within the plugin's
@@ -235,19 +210,12 @@ fn queue_call(
     if !path.starts_with('/') || path.parse::<http::Uri>().is_err() {
         return Err(status::BAD_ARGUMENT);
     }
-    let context = if s.exchange().is_some() {
-        s.x_context
-    } else if s.phase == Phase::Root && s.x_context == 0 && s.effective == ROOT_CONTEXT_ID {
-        ROOT_CONTEXT_ID
-    } else {
-        return Err(status::INTERNAL_FAILURE);
-    };
+    let context = calling_context(s)?;
     let mine = s.outstanding.values().filter(|c| **c == context).count();
     if mine >= CALLOUTS_PER_CONTEXT || s.outstanding.len() >= CALLOUTS_PER_INSTANCE {
         return Err(status::INTERNAL_FAILURE);
     }
-    s.next_token = s.next_token.wrapping_add(1).max(1);
-    let token = s.next_token;
+    let token = s.new_token();
     let req = CalloutRequest {
         id: u64::from(token),
         cluster,
@@ -679,8 +647,8 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 let token = grpc_call(
                     c.data_mut(),
                     &upstream,
-                    service,
-                    method,
+                    &service,
+                    &method,
                     &pairs,
                     &message,
                     timeout as u32,
@@ -694,37 +662,49 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
         E,
         "proxy_grpc_stream",
         |mut c: C<'_>,
-         _a: i32,
-         _b: i32,
-         _c2: i32,
-         _d: i32,
-         _e: i32,
-         _f: i32,
-         _g: i32,
-         _h: i32,
-         _token: i32| {
+         up: i32,
+         un: i32,
+         sp: i32,
+         sn: i32,
+         mp: i32,
+         mn: i32,
+         mdp: i32,
+         mdn: i32,
+         token_out: i32| {
             run(&mut c, |c| {
-                tracing::warn!(
-                    plugin = &*c.data().meta.name,
-                    "proxy_grpc_stream: gRPC streams are not supported by this Legate yet \
-                     (unary proxy_grpc_call is)"
-                );
-                fail(status::INTERNAL_FAILURE)
+                let upstream = read(c, up, un)?;
+                let service = read_str(c, sp, sn)?;
+                let method = read_str(c, mp, mn)?;
+                let md = read(c, mdp, mdn)?;
+                check(c, token_out, 4)?;
+                let pairs = if md.is_empty() {
+                    Vec::new()
+                } else {
+                    parse_pairs(&md).ok_or(Fail::Status(status::PARSE_FAILURE))?
+                };
+                let s = c.data_mut();
+                let context = calling_context(s).map_err(Fail::Status)?;
+                let token = grpc::open(s, context, &upstream, &service, &method, &pairs)
+                    .map_err(Fail::Status)?;
+                write_u32(c, token_out, token)
             })
         },
     )?;
     l.func_wrap(
         E,
         "proxy_grpc_send",
-        |mut c: C<'_>, _t: i32, _p: i32, _n: i32, _end: i32| {
-            run(&mut c, |_| fail(status::NOT_FOUND))
+        |mut c: C<'_>, token: i32, p: i32, n: i32, end: i32| {
+            run(&mut c, |c| {
+                let message = read(c, p, n)?;
+                st(grpc::send(c.data_mut(), token as u32, &message, end != 0))
+            })
         },
     )?;
-    l.func_wrap(E, "proxy_grpc_cancel", |mut c: C<'_>, _t: i32| {
-        run(&mut c, |_| fail(status::NOT_FOUND))
+    l.func_wrap(E, "proxy_grpc_cancel", |mut c: C<'_>, token: i32| {
+        run(&mut c, |c| st(grpc::cancel(c.data_mut(), token as u32)))
     })?;
-    l.func_wrap(E, "proxy_grpc_close", |mut c: C<'_>, _t: i32| {
-        run(&mut c, |_| fail(status::NOT_FOUND))
+    l.func_wrap(E, "proxy_grpc_close", |mut c: C<'_>, token: i32| {
+        run(&mut c, |c| st(grpc::close(c.data_mut(), token as u32)))
     })?;
     // ---- shared data and queues ----
     l.func_wrap(

@@ -7,13 +7,15 @@
 //! - [`headers`]: header maps with pseudo-headers over the exchange.
 //! - [`properties`]: Envoy's attributes (`request.path`, `plugin_name`, ...).
 //! - [`shared`]: shared data with CAS and shared queues, per `vm_id`.
+//! - [`grpc`]: gRPC over callouts: unary calls' framing and statuses, streams.
 //! - [`filter`]: [`ProxyWasmFilter`], the per-worker VMs and the context lifecycle.
 //!
-//! Not supported yet (documented, answered with the status the SDKs expect): gRPC
-//! callouts, foreign functions, TCP (network) filters.
+//! Not supported yet (documented, answered with the status the SDKs expect):
+//! foreign functions, TCP (network) filters.
 
 pub mod abi;
 pub mod filter;
+pub mod grpc;
 pub mod headers;
 pub mod imports;
 pub mod properties;
@@ -123,6 +125,26 @@ pub fn load(
         stats: stats.clone(),
         metrics: Mutex::default(),
         callouts_sent: crate::wasm::host::callouts_counter(stats, what.name),
+        grpc_streams: stats.counter(
+            "legate_plugin_grpc_streams_total",
+            "gRPC streams a proxy-wasm plugin opened (proxy_grpc_stream).",
+            &[("plugin", what.name)],
+        ),
+        grpc_streams_open: stats.gauge(
+            "legate_plugin_grpc_streams_open",
+            "gRPC streams of a proxy-wasm plugin not closed yet.",
+            &[("plugin", what.name)],
+        ),
+        grpc_stream_messages: stats.counter(
+            "legate_plugin_grpc_stream_messages_total",
+            "Messages a proxy-wasm plugin's gRPC streams received.",
+            &[("plugin", what.name)],
+        ),
+        grpc_stream_failures: stats.counter(
+            "legate_plugin_grpc_stream_failures_total",
+            "gRPC streams of a proxy-wasm plugin closed with a status other than OK.",
+            &[("plugin", what.name)],
+        ),
         clusters: what.clusters,
         body_limit: settings.body_limit,
     };

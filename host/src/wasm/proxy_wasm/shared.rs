@@ -131,6 +131,11 @@ pub fn subscribe(id: u32) -> Option<Arc<Notify>> {
     let q = s.queues.get_mut(&id)?;
     let n = Arc::new(Notify::new());
     q.subscribers.push(Arc::downgrade(&n));
+    // Items enqueued before the subscription (e.g. by the very call that
+    // registered the queue, as the VM subscribes after it) wake it at once.
+    if !q.items.is_empty() {
+        n.notify_one();
+    }
     Some(n)
 }
 

@@ -1,13 +1,17 @@
 //! The data of one proxy-wasm instance's store ([`PwState`]) and what every
 //! instance of one plugin shares ([`Meta`]): identity, configuration buffers and
-//! the metrics the module defined.
+//! the metrics the module defined. The store also holds the VM's gRPC streams
+//! (their handles: dropping the store ends them).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use http::HeaderMap;
 use wasmtime::{Memory, StoreLimits, StoreLimitsBuilder, TypedFunc};
 
+use super::abi::Pairs;
+use super::grpc::{Pending, Stream};
 use crate::filter::{CalloutRequest, CalloutResult, Direction, Exchange, LocalResponse};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
@@ -67,6 +71,15 @@ pub struct Meta {
     pub clusters: Vec<String>,
     /// `legate_plugin_callouts_total`.
     pub callouts_sent: Counter,
+    /// `legate_plugin_grpc_streams_total`: gRPC streams opened.
+    pub grpc_streams: Counter,
+    /// `legate_plugin_grpc_streams_open`: gRPC streams not closed yet.
+    pub grpc_streams_open: Gauge,
+    /// `legate_plugin_grpc_stream_messages_total`: messages streams received.
+    pub grpc_stream_messages: Counter,
+    /// `legate_plugin_grpc_stream_failures_total`: streams closed with a
+    /// status other than 0.
+    pub grpc_stream_failures: Counter,
     /// The cap of a body the filter holds (`Pause` from a body callback) and of
     /// body buffer writes, per direction per exchange.
     pub body_limit: usize,
@@ -187,6 +200,19 @@ pub struct PwState {
     /// Callouts sent from the root context (ticks, queue events), sent by the
     /// filter after the call.
     pub root_callouts: Vec<CalloutRequest>,
+    /// gRPC streams by token (open, or closed by the server and remembered).
+    pub streams: HashMap<u32, Stream>,
+    /// Streams opened during the current call, started by the filter after it.
+    pub new_streams: Vec<Pending>,
+    /// Tokens of `streams` the server closed, oldest first (bounded).
+    pub remote_closed: VecDeque<u32>,
+    /// The stream's initial metadata being delivered (map 4,
+    /// `proxy_on_grpc_receive_initial_metadata`), with `:status` as Envoy's
+    /// response head has it.
+    pub grpc_initial: Option<Pairs>,
+    /// The stream's trailing metadata being delivered (map 5,
+    /// `proxy_on_grpc_receive_trailing_metadata`).
+    pub grpc_trailing: Option<HeaderMap>,
 }
 
 impl crate::wasm::engine::Clocked for PwState {
@@ -225,7 +251,18 @@ impl PwState {
             next_token: 0,
             outstanding: HashMap::new(),
             root_callouts: Vec::new(),
+            streams: HashMap::new(),
+            new_streams: Vec::new(),
+            remote_closed: VecDeque::new(),
+            grpc_initial: None,
+            grpc_trailing: None,
         }
+    }
+
+    /// A new callout or stream token (never 0).
+    pub fn new_token(&mut self) -> u32 {
+        self.next_token = self.next_token.wrapping_add(1).max(1);
+        self.next_token
     }
 
     /// The live exchange, if the effective context is the one whose exchange is in

@@ -1,0 +1,362 @@
+//! proxy-wasm gRPC streams (`proxy_grpc_stream` / `_send` / `_close` /
+//! `_cancel` and the four stream callbacks) against a real tonic server
+//! (tests/src/grpc.rs), driven by the upstream `proxy-wasm` SDK's test guest in
+//! mode `grpc-stream` (tests/proxy-wasm-guests): the guest's root context opens
+//! each stream from `on_queue_ready` and records every callback in shared data,
+//! which a later request reads back (`/result/<key>`). Run over HTTP/1.1 and
+//! HTTP/2 clients.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use legate_tests::proxy_wasm::proxy_wasm_guest;
+use legate_tests::*;
+
+/// Listener `web` running plugin `streamer` (mode `grpc-stream`, granted
+/// clusters `grpc` and `dead`), route to `backend` at `up`; cluster `grpc` at
+/// `grpc` and `dead` at `dead`, both HTTP/2. Each config has its own `vm_id`:
+/// the tests' Legates share this process, hence shared data and queues.
+fn config(up: SocketAddr, grpc: SocketAddr, dead: SocketAddr) -> String {
+    static VM: AtomicU32 = AtomicU32::new(0);
+    let vm = VM.fetch_add(1, Relaxed);
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: streamer }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - name: rest
+            match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+  - name: grpc
+    protocol: h2
+    endpoints:
+      - address: {grpc}
+  - name: dead
+    protocol: h2
+    endpoints:
+      - address: {dead}
+plugins:
+  - name: streamer
+    module: {}
+    limits: {{ cpu: 500ms }}
+    capabilities: {{ clusters: [grpc, dead] }}
+    proxy_wasm:
+      vm_id: streams{vm}
+      plugin_config: {{ mode: grpc-stream }}
+",
+        proxy_wasm_guest().display()
+    )
+}
+
+/// Starts scenario `scenario` recorded under `key`.
+async fn start(c: &mut Client, key: &str, scenario: &str) {
+    let r = c.get(&format!("/stream/{key}/{scenario}")).send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-pw-queued"), Some("ok"));
+}
+
+/// The record of `key` so far.
+async fn record(c: &mut Client, key: &str) -> String {
+    let r = c.get(&format!("/result/{key}")).send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.header("x-pw-stream").unwrap_or_default().to_string()
+}
+
+/// Polls the record of `key` until `done` holds (5 s at most); every record
+/// seen on the way, the last one last.
+async fn wait_record(c: &mut Client, key: &str, done: impl Fn(&str) -> bool) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let r = record(c, key).await;
+        if seen.last() != Some(&r) {
+            seen.push(r.clone());
+        }
+        if done(&r) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stream `{key}` did not finish; records seen: {seen:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn closed(r: &str) -> bool {
+    r.contains("after:") || r.contains("open-error")
+}
+
+fn stat(name: &str) -> String {
+    format!("{name}{{plugin=\"streamer\"}}")
+}
+
+each_proto!(
+    /// Server streaming: every message is delivered as it arrives (a record
+    /// with some messages and no close is seen while the server paces them),
+    /// then the trailing metadata and the close with status 0; the initial
+    /// metadata is the response head (with `:status`, as in Envoy). An error status from the server reaches
+    /// `proxy_on_grpc_close` with its message (and `proxy_get_status`), after
+    /// the messages sent before it.
+    async fn a_server_stream_delivers_each_message_then_trailers_and_close(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        start(&mut c, "paced", "count/3/300").await;
+        let seen = wait_record(&mut c, "paced", closed).await;
+        let last = seen.last().unwrap();
+        assert_eq!(
+            last,
+            "open;init:200:application/grpc;msg:1;msg:2;msg:3;trail:0;close:0/0:;after:Ok(())",
+            "{seen:#?}"
+        );
+        assert!(
+            seen.iter().any(|r| r.contains("msg:1") && !r.contains("msg:3")),
+            "messages were not delivered one by one: {seen:#?}"
+        );
+
+        start(&mut c, "failed", "fail/9").await;
+        let seen = wait_record(&mut c, "failed", closed).await;
+        assert_eq!(
+            seen.last().unwrap(),
+            "open;init:200:application/grpc;msg:1;msg:2;trail:9;\
+             close:9/9:stream failed on purpose;after:Ok(())",
+            "{seen:#?}"
+        );
+        assert_eq!(grpc.calls.get(), 2);
+        assert_eq!(up.requests.get(), 0);
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_total"), 2.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 5.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_stream_failures_total"), 1.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// `proxy_grpc_close` is Envoy's local close: the request side ends (the
+    /// server, which waits for it, then answers) and the callbacks go on; the
+    /// token is gone once both sides closed.
+    async fn close_half_closes_and_the_replies_still_arrive(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        start(&mut c, "half", "close/2").await;
+        let seen = wait_record(&mut c, "half", closed).await;
+        assert_eq!(
+            seen.last().unwrap(),
+            "open;closed:Ok(());init:200:application/grpc;msg:1;msg:2;trail:0;close:0/0:;\
+             after:Err(NotFound)",
+            "{seen:#?}"
+        );
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// `proxy_grpc_cancel` resets the stream: `OK`, then the token is unknown
+    /// (`NOT_FOUND` for a second cancel and for a send), and no callback
+    /// follows although the server had more to send.
+    async fn cancel_resets_and_nothing_follows(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        start(&mut c, "cancelled", "cancel").await;
+        let want = "open;init:200:application/grpc;msg:1;cancel:Ok(()),Err(NotFound),Err(NotFound)";
+        wait_record(&mut c, "cancelled", |r| r == want).await;
+        // The server would have sent four more replies, 200 ms apart.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(record(&mut c, "cancelled").await, want);
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// Statuses the SDK handles: an unknown token is `NOT_FOUND` for send,
+    /// close and cancel; a cluster the plugin is not granted is
+    /// `PARSE_FAILURE` (Envoy's answer for an upstream it cannot use).
+    async fn unknown_tokens_and_ungranted_clusters_are_refused(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/direct/unknown").send().await;
+        assert_eq!(
+            r.header("x-pw-unknown"),
+            Some("Err(NotFound),Err(NotFound),Err(NotFound)"),
+            "{}",
+            r.text()
+        );
+        let r = c.get("/direct/ungranted").send().await;
+        assert_eq!(r.header("x-pw-open"), Some("Err(ParseFailure)"), "{}", r.text());
+        assert_eq!(grpc.calls.get(), 0);
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_total"), 0.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// A stream whose upstream does not answer closes with 14 `UNAVAILABLE`,
+    /// without metadata callbacks.
+    async fn a_stream_to_a_dead_upstream_closes_with_unavailable(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        start(&mut c, "nobody", "dead").await;
+        let seen = wait_record(&mut c, "nobody", closed).await;
+        assert_eq!(
+            seen.last().unwrap(),
+            "open;close:14/14:upstream unavailable;after:Ok(())",
+            "{seen:#?}"
+        );
+        lg.assert_stat(&stat("legate_plugin_grpc_stream_failures_total"), 1.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// Bidirectional: each message the filter sends from a callback (the
+    /// stream already running) reaches the server, whose echo comes back
+    /// before the next is sent; the filter's half-close then ends the call
+    /// with status 0.
+    async fn a_bidi_stream_exchanges_messages_one_by_one(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        start(&mut c, "talk", "chat/3").await;
+        let seen = wait_record(&mut c, "talk", closed).await;
+        assert_eq!(
+            seen.last().unwrap(),
+            "open;init:200:application/grpc;msg:m1;msg:m2;msg:m3;closed:Ok(());trail:0;\
+             close:0/0:;after:Err(NotFound)",
+            "{seen:#?}"
+        );
+        assert_eq!(grpc.calls.get(), 1);
+        lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 3.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+            .await;
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_are_capped_per_vm() {
+    let up = upstream().start().await;
+    let grpc = legate_tests::grpc::grpc_upstream().start().await;
+    let lg = legate()
+        .config(&config(up.addr, grpc.addr, closed_port_addr()))
+        .start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    start(&mut c, "many", "cap").await;
+    let seen = wait_record(&mut c, "many", closed).await;
+    assert_eq!(seen.last().unwrap(), "cap:64:InternalFailure;after:");
+    lg.assert_stat(&stat("legate_plugin_grpc_streams_total"), 64.0)
+        .await;
+    lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+        .await;
+    // Cancelled in the call that opened them: never sent.
+    assert_eq!(grpc.calls.get(), 0);
+    // The VM can open streams again.
+    start(&mut c, "again", "count/1").await;
+    let seen = wait_record(&mut c, "again", closed).await;
+    assert!(seen.last().unwrap().contains("close:0/0:"), "{seen:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_in_a_stream_callback_ends_the_vms_streams() {
+    let up = upstream().start().await;
+    let grpc = legate_tests::grpc::grpc_upstream().start().await;
+    let lg = legate()
+        .config(&config(up.addr, grpc.addr, closed_port_addr()))
+        .start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    start(&mut c, "boom", "trap").await;
+    let want = "open;init:200:application/grpc;msg:1";
+    wait_record(&mut c, "boom", |r| r == want).await;
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="streamer"}"#, 1.0)
+        .await;
+    lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+        .await;
+    // Four more replies were due, 200 ms apart: none is delivered.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(record(&mut c, "boom").await, want);
+    // A new VM serves new streams.
+    start(&mut c, "after", "count/2").await;
+    let seen = wait_record(&mut c, "after", closed).await;
+    assert!(
+        seen.last().unwrap().contains("msg:2;trail:0;close:0/0:"),
+        "{seen:#?}"
+    );
+}
+
+each_proto!(
+    /// A stream opened by an HTTP context is reset when that context is
+    /// deleted (as Envoy does when the context is destroyed): it is counted
+    /// closed long before the server's replies (one a second) were due, and no
+    /// callback comes.
+    async fn an_http_contexts_stream_ends_with_the_context(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/direct/leave").send().await;
+        assert!(
+            r.header("x-pw-open").is_some_and(|v| v.starts_with("Ok(")),
+            "{:?}",
+            r.header("x-pw-open")
+        );
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_total"), 1.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+            .await;
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 0.0)
+            .await;
+    }
+);
