@@ -23,7 +23,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # redis-server: the Redis KV backend's tests start their own on an ephemeral
 # loopback port (tests/src/redis.rs); the packaged service is not used.
 TEST_PKGS=(iproute2 iptables nghttp2-client curl redis-server)
-BENCH_PKGS=(wrk nghttp2-client nginx haproxy hyperfine util-linux openssl)
+BENCH_PKGS=(wrk nghttp2-client nginx haproxy hyperfine util-linux openssl valgrind curl)
 DEMO_PKGS=(curl)
 # Debian 12's clang 14 builds wasm32-wasi with lld's wasm-ld, wasi-libc and the
 # wasm32 compiler-rt builtins.

@@ -747,7 +747,9 @@ pub enum BodyStep {
 pub struct SharedChain(Rc<SharedInner>);
 
 struct SharedInner {
-    chain: std::cell::RefCell<Option<Chain>>,
+    /// Boxed: the chain (with its exchange) moves out and back around every async
+    /// phase, and a pointer moves cheaper than the whole struct.
+    chain: std::cell::RefCell<Option<Box<Chain>>>,
     /// The exchange is over (`finish` ran): streams pass data unfiltered.
     finished: std::cell::Cell<bool>,
     /// A local response from a streamed request body phase, for the proxy to send
@@ -768,19 +770,19 @@ impl SharedChain {
     /// Shares `chain`.
     pub fn new(chain: Chain) -> Self {
         SharedChain(Rc::new(SharedInner {
-            chain: std::cell::RefCell::new(Some(chain)),
+            chain: std::cell::RefCell::new(Some(Box::new(chain))),
             finished: std::cell::Cell::new(false),
             local: std::cell::RefCell::new(None),
         }))
     }
 
     /// Takes the chain out for an async phase; put it back with [`Self::put`].
-    pub fn take(&self) -> Option<Chain> {
+    pub fn take(&self) -> Option<Box<Chain>> {
         self.0.chain.borrow_mut().take()
     }
 
     /// Puts the chain back after an async phase.
-    pub fn put(&self, chain: Chain) {
+    pub fn put(&self, chain: Box<Chain>) {
         *self.0.chain.borrow_mut() = Some(chain);
     }
 
@@ -821,7 +823,7 @@ impl SharedChain {
         if let Some(mut chain) = chain {
             chain.x.status = Some(status);
             chain.x.cause = cause.map(str::to_string);
-            chain.finish();
+            chain.run_finish();
         }
     }
 }
@@ -978,8 +980,14 @@ impl Chain {
     ) -> Result<Option<LocalResponse>, ProxyError> {
         let slots = self.slots.clone();
         for slot in slots.iter() {
-            let route = self.x.route_name();
-            let Some(f) = slot.resolve(route.as_ref()) else {
+            // The route is selected only for a filter that has route overrides.
+            let f = if slot.routes.is_empty() {
+                Some(slot.filter.clone())
+            } else {
+                let route = self.x.route_name();
+                slot.resolve(route.as_ref())
+            };
+            let Some(f) = f else {
                 continue;
             };
             // Entered whatever happens, so `finish` frees its context.

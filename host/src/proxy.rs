@@ -771,6 +771,7 @@ async fn response_filters(
     let (any, later) = chain.response_interest();
     if !any {
         // No filter has a response phase: the response passes as it is.
+        out.debug.response_filters = Some(Duration::ZERO);
         shared.put(chain);
         return Ok(resp);
     }

@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Instructions per request: Legate (release, one worker) under valgrind's
+# callgrind, with no filters and with each filter setup, counting every
+# instruction the process executes (all threads, kernel time excluded). Unlike
+# req/s this does not move with the machine's load, so it resolves per-request
+# costs of a few hundred instructions and shows which change bought what.
+#
+# Each setup runs twice: WARMUP requests only, then WARMUP + N requests; the
+# difference divided by N is the cost of one request (start-up, compilation and
+# warm-up cancel out). HTTP/1.1 keep-alive requests from h2load, 16 connections,
+# to the demo upstream. Loopback only.
+#
+#   bench/instructions.sh                       # all setups, N=10000
+#   SETUPS="none wasm1" N=5000 bench/instructions.sh
+#   SKIP_BUILD=1 bench/instructions.sh          # the release binaries as they are
+#
+# Setups: none, wasm1 (bench/noop-filter: one no-op component filter), wasmhdr
+# (the same reading one header), grpc-web (builtin, plain requests), auth-key
+# (builtin auth, API key), ratelimit (builtin, in-memory KV).
+set -euo pipefail
+
+N=${N:-10000}
+WARMUP=${WARMUP:-500}
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "${REPO_ROOT}"
+log() { printf '[instructions] %s\n' "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+if [[ -z ${SKIP_SETUP:-} ]]; then
+    bash scripts/setup.sh bench wasm
+fi
+for tool in valgrind callgrind_annotate h2load curl; do
+    command -v "${tool}" >/dev/null 2>&1 || die "'${tool}' not found: run scripts/setup.sh bench"
+done
+lock=()
+[[ -f Cargo.lock ]] && lock=(--locked)
+if [[ -z ${SKIP_BUILD:-} ]]; then
+    log "building legate and the demo upstream (release)"
+    cargo build --release "${lock[@]}" -p legate-demo-upstream -p legate-host
+fi
+UPSTREAM_BIN="${REPO_ROOT}/target/release/legate-demo-upstream"
+LEGATE_BIN="${REPO_ROOT}/target/release/legate"
+
+WORK="$(mktemp -d -t legate-instr.XXXXXX)"
+pids=()
+cleanup() {
+    local rc=$? p
+    trap - EXIT INT TERM
+    for p in "${pids[@]}"; do kill "${p}" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "${p}" 2>/dev/null || true; done
+    [[ ${rc} -ne 0 ]] && tail -n 20 "${WORK}"/*.log >&2 2>/dev/null
+    rm -rf "${WORK}"
+    exit "${rc}"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+log "building bench/noop-filter (legate plugin build)"
+"${LEGATE_BIN}" plugin build bench/noop-filter --out "${WORK}/noop.wasm" >"${WORK}/plugin-build.log" 2>&1 ||
+    die "building bench/noop-filter failed: $(tail -n 20 "${WORK}/plugin-build.log")"
+
+UPSTREAM=18481
+LISTEN=18480
+ADMIN=18489
+port_open() { (: >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+"${UPSTREAM_BIN}" --listen "127.0.0.1:${UPSTREAM}" --name bench --threads 1 >"${WORK}/upstream.log" 2>&1 &
+pids+=($!)
+for ((i = 0; i < 100; i++)); do port_open "${UPSTREAM}" && break; sleep 0.1; done
+
+chain_of() {
+    case "$1" in
+        none) ;;
+        wasm1) echo noop ;;
+        wasmhdr) echo noop-hdr ;;
+        grpc-web) echo grpc-web ;;
+        auth-key) echo auth-key ;;
+        ratelimit) echo ratelimit ;;
+        *) die "unknown setup $1" ;;
+    esac
+}
+
+config() {
+    local chain="" f
+    for f in $(chain_of "$1"); do chain+="{ plugin: ${f} }, "; done
+    cat <<EOF
+version: 1
+admin: { address: 127.0.0.1:${ADMIN} }
+listeners:
+  - name: web
+    address: 127.0.0.1:${LISTEN}
+    http:
+      routes: main
+      filters: [${chain%, }]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - name: all
+            match: { prefix: / }
+            cluster: up
+clusters:
+  - name: up
+    endpoints: [{ address: 127.0.0.1:${UPSTREAM} }]
+plugins:
+  - name: noop
+    module: ${WORK}/noop.wasm
+  - name: noop-hdr
+    module: ${WORK}/noop.wasm
+    config: { read_header: user-agent }
+  - name: grpc-web
+    module: builtin:grpc-web
+  - name: auth-key
+    module: builtin:auth
+    config:
+      api_keys:
+        - name: keys
+          keys: [{ id: bench, sha256: $(printf %s bench-key | sha256sum | cut -d' ' -f1) }]
+      rules: [{ match: { prefix: / }, requires: { any: [keys] } }]
+  - name: ratelimit
+    module: builtin:ratelimit
+    capabilities: { kv: [ratelimit] }
+    config:
+      limits:
+        - name: per-ip
+          key: [client_ip]
+          rate: 100000000/s
+EOF
+}
+
+# Total instructions of one Legate run of setup $1 serving WARMUP + $2 requests.
+instructions() {
+    local setup=$1 n=$2 out="${WORK}/cg.out" lpid i
+    config "${setup}" >"${WORK}/legate.yaml"
+    rm -f "${out}"
+    valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file="${out}" \
+        "${LEGATE_BIN}" run -c "${WORK}/legate.yaml" --concurrency 1 >"${WORK}/legate.log" 2>&1 &
+    lpid=$!
+    pids+=("${lpid}")
+    for ((i = 0; i < 600; i++)); do
+        curl -s -o /dev/null -H 'x-api-key: bench-key' "http://127.0.0.1:${LISTEN}/" && break
+        sleep 0.2
+    done
+    local total=$((WARMUP + n)) codes
+    codes=$(h2load --h1 -n "${total}" -c 16 -H 'x-api-key: bench-key' \
+        "http://127.0.0.1:${LISTEN}/" | grep '^status codes')
+    [[ ${codes} == "status codes: ${total} 2xx"* ]] || die "${setup}: not all 2xx: ${codes}"
+    kill -INT "${lpid}"
+    wait "${lpid}" 2>/dev/null || true
+    while port_open "${LISTEN}"; do sleep 0.1; done
+    callgrind_annotate "${out}" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }'
+}
+
+# Every config loads every plugin, from a private module cache that a first,
+# unmeasured run fills: no measured run pays for Cranelift.
+export LEGATE_WASM_CACHE="${WORK}/cache"
+read -r -a SETUPS <<<"${SETUPS:-none wasm1 wasmhdr grpc-web auth-key ratelimit}"
+declare -A per
+# A first run fills the cache (its count includes Cranelift's work): discarded.
+instructions none 0 >/dev/null
+for setup in "${SETUPS[@]}"; do
+    log "${setup}: ${WARMUP} requests, then ${WARMUP} + ${N}"
+    a=$(instructions "${setup}" 0)
+    b=$(instructions "${setup}" "${N}")
+    log "${setup}: totals ${a} / ${b}"
+    per[${setup}]=$(((b - a) / N))
+    log "${setup}: ${per[${setup}]} instructions per request"
+done
+
+printf '\n| setup | filters | instructions/request | added vs none |\n|---|---|---:|---:|\n'
+for setup in "${SETUPS[@]}"; do
+    chain=$(chain_of "${setup}")
+    added="—"
+    if [[ -n ${per[none]:-} && ${setup} != none ]]; then
+        added=$(awk -v a="${per[${setup}]}" -v b="${per[none]}" \
+            'BEGIN { printf "%+d (%+.0f%%)", a - b, (a - b) * 100 / b }')
+    fi
+    printf '| %s | %s | %s | %s |\n' "${setup}" "${chain:-none}" "${per[${setup}]}" "${added}"
+done
+printf '\nN=%s requests after %s warm-up, HTTP/1.1, 16 connections, one worker\n' "${N}" "${WARMUP}"
