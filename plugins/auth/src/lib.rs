@@ -789,7 +789,9 @@ impl AuthFilter {
             require_exp: p.require_exp,
         };
         let mut tokens = self.tokens[i].borrow_mut();
-        let key = tokens.enabled().then(|| cache::token_key(token));
+        // A token too long to parse is refused below: not worth hashing.
+        let key = (tokens.enabled() && token.len() <= jwt::MAX_TOKEN_LEN)
+            .then(|| cache::token_key(token));
         if let Some(key) = &key {
             if let Some(claims) = tokens.get(key) {
                 counters.cache_hit.inc();
