@@ -1,7 +1,7 @@
 //! plugins/auth in the real host: the component built with `legate plugin build`,
 //! JWTs (ES384) verified against a JWKS fetched by callout from a real upstream,
 //! and external authorization through a real auth upstream, over HTTP/1.1 and
-//! HTTP/2.
+//! HTTP/2; a reused token is served from the verified-token cache (/stats).
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -225,6 +225,19 @@ each_proto!(
         assert_eq!(r.echo().header("x-user"), Some("bob"));
         assert_eq!(fetches.load(Ordering::SeqCst), 1);
 
+        // The same token twice: verified once, then served from the plugin's
+        // verified-token cache (one hit in /stats, checked at the end).
+        let carol = token("carol");
+        for path in ["/jwt/c1", "/jwt/c2"] {
+            let r = c
+                .get(path)
+                .header("authorization", &format!("Bearer {carol}"))
+                .send()
+                .await;
+            assert_eq!(r.status, 200, "{} {}", r.text(), why(&lg).await);
+            assert_eq!(r.echo().header("x-user"), Some("carol"));
+        }
+
         // A bad signature: 401 with the invalid_token challenge.
         let mut bad = token("alice");
         bad.pop();
@@ -270,5 +283,24 @@ each_proto!(
             ">= 3 (one JWKS fetch, two checks)",
         )
         .await;
+
+        // Every token above was new except carol's second use: one cache hit;
+        // six distinct tokens were looked up, missed and signature-checked
+        // (alice, bob, carol, the bad one, and alice and bob for /api).
+        let stats = lg.stats().await;
+        let series = parse_prometheus(&stats);
+        let stat = |name: &str, result: Option<&str>| {
+            series
+                .iter()
+                .find(|(k, _)| {
+                    k.starts_with(&format!("legate_plugin_{name}{{"))
+                        && k.contains(r#"provider="corp""#)
+                        && result.is_none_or(|r| k.contains(&format!(r#"result="{r}""#)))
+                })
+                .map(|(_, v)| *v)
+        };
+        assert_eq!(stat("auth_jwt_cache_total", Some("hit")), Some(1.0), "{stats}");
+        assert_eq!(stat("auth_jwt_cache_total", Some("miss")), Some(6.0), "{stats}");
+        assert_eq!(stat("auth_jwt_signature_checks_total", None), Some(6.0), "{stats}");
     }
 );

@@ -93,6 +93,29 @@ pub struct ProviderConfig {
     /// carrier header is removed).
     #[serde(default = "default_true")]
     pub forward_token: bool,
+    /// The verified-token cache (absent: the default size).
+    #[serde(default)]
+    pub cache: Option<TokenCacheConfig>,
+}
+
+/// `cache: {size: N}` of a provider.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCacheConfig {
+    /// Verified tokens remembered per instance; 0 disables the cache.
+    #[serde(default = "default_cache_size")]
+    pub size: usize,
+}
+
+/// Default verified-token cache size, per provider per instance.
+pub const DEFAULT_CACHE_SIZE: usize = 100;
+
+/// Largest accepted `cache.size`: an entry holds a token's claims (about a
+/// KiB), per provider per worker.
+pub const MAX_CACHE_SIZE: usize = 100_000;
+
+fn default_cache_size() -> usize {
+    DEFAULT_CACHE_SIZE
 }
 
 fn default_skew() -> u64 {
@@ -357,6 +380,8 @@ pub struct Provider {
     pub claim_to_headers: Vec<ClaimHeaderConfig>,
     /// Forward the token.
     pub forward_token: bool,
+    /// Verified-token cache size (0: disabled).
+    pub cache_size: usize,
 }
 
 /// An API key set, validated.
@@ -644,6 +669,12 @@ impl Config {
                     header,
                 });
             }
+            let cache_size = p.cache.map_or(DEFAULT_CACHE_SIZE, |c| c.size);
+            if cache_size > MAX_CACHE_SIZE {
+                return Err(format!(
+                    "{f}.cache.size: {cache_size} is above {MAX_CACHE_SIZE} (each entry holds a token's claims, per worker; 0 disables the cache)"
+                ));
+            }
             providers.push(Provider {
                 name: p.name,
                 issuer: p.issuer,
@@ -656,6 +687,7 @@ impl Config {
                 from,
                 claim_to_headers,
                 forward_token: p.forward_token,
+                cache_size,
             });
         }
 

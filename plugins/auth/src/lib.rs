@@ -6,7 +6,8 @@
 //! 1. picks the first `rules[]` entry whose `match` fits the path (none: 403);
 //! 2. authenticates with any of the rule's authenticators: JWT providers
 //!    ([`jwt`], keys inline or fetched from a cluster with a callout, cached
-//!    and refetched on an unknown `kid`), API keys (SHA-256 hashes) or HTTP
+//!    and refetched on an unknown `kid`; verified tokens remembered per
+//!    provider by [`cache`]), API keys (SHA-256 hashes) or HTTP
 //!    Basic ([`basic`], htpasswd bcrypt/`{SHA}`); writes the identity (claims,
 //!    key id, user) into request headers, after removing client-sent copies;
 //! 3. optionally asks an external authorization service (a callout) that
@@ -17,11 +18,12 @@
 //! passwords are never logged. See `plugins/auth/README.md` for the schema.
 
 pub mod basic;
+pub mod cache;
 pub mod config;
 pub mod jwt;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::rc::Rc;
 
 use legate_sdk::callout::{self, CalloutId, CalloutRequest, CalloutResponse};
 use legate_sdk::metrics::Counter;
@@ -32,6 +34,7 @@ use legate_sdk::{
 use serde_json::{Map, Value};
 use sha2::Digest as _;
 
+use crate::cache::TokenCache;
 use crate::config::{AuthnRef, Config, Provider, Rule, Settings, Source};
 use crate::jwt::{Jwk, JwtError};
 
@@ -50,6 +53,9 @@ struct KeyCache {
     failed_at: Option<u64>,
     /// A refresh sent from `on_tick`, not answered yet.
     tick_fetch: Option<CalloutId>,
+    /// SHA-256 of the last JWKS body used: an unchanged refresh keeps the
+    /// verified-token cache, a changed one flushes it.
+    body_digest: Option<[u8; 32]>,
 }
 
 /// What an exchange is waiting for.
@@ -87,10 +93,22 @@ struct Counters {
     ext_error: Counter,
     jwks_ok: Counter,
     jwks_error: Counter,
+    /// Per provider (same index).
+    providers: Vec<ProviderCounters>,
+}
+
+/// Per-provider token cache and signature-check counters.
+struct ProviderCounters {
+    /// A token served from the cache: no signature check.
+    cache_hit: Counter,
+    /// A token looked up and not found (then verified).
+    cache_miss: Counter,
+    /// Signature checks run (whatever the cache).
+    signature_checks: Counter,
 }
 
 impl Counters {
-    fn define() -> Result<Counters, String> {
+    fn define(providers: &[Provider]) -> Result<Counters, String> {
         let d = Counter::define(
             "auth_decisions_total",
             "Requests by authentication/authorization outcome",
@@ -107,7 +125,30 @@ impl Counters {
             c.with_labels(&[v])
                 .map_err(|e| format!("defining auth metric label {v}: {e}"))
         };
+        let cache = Counter::define(
+            "auth_jwt_cache_total",
+            "Verified-token cache lookups by provider and result (hit: no signature check)",
+            &["provider", "result"],
+        )
+        .map_err(|e| format!("defining auth_jwt_cache_total: {e}"))?;
+        let checks = Counter::define(
+            "auth_jwt_signature_checks_total",
+            "JWT signature verifications run, by provider",
+            &["provider"],
+        )
+        .map_err(|e| format!("defining auth_jwt_signature_checks_total: {e}"))?;
+        let mut per_provider = Vec::new();
+        for p in providers {
+            let n = p.name.as_str();
+            let err = |e| format!("defining auth metric labels for provider {n:?}: {e}");
+            per_provider.push(ProviderCounters {
+                cache_hit: cache.with_labels(&[n, "hit"]).map_err(err)?,
+                cache_miss: cache.with_labels(&[n, "miss"]).map_err(err)?,
+                signature_checks: checks.with_labels(&[n]).map_err(err)?,
+            });
+        }
         Ok(Counters {
+            providers: per_provider,
             allowed: l(&d, "allowed")?,
             anonymous: l(&d, "anonymous")?,
             public: l(&d, "public")?,
@@ -132,15 +173,13 @@ pub struct AuthFilter {
     /// so a client cannot forge them.
     identity_headers: Vec<String>,
     counters: Counters,
-    /// SHA-256 of tokens whose signature a provider already verified, and
-    /// that provider: clients reuse tokens, and a signature check costs far
-    /// more than the claim checks, which still run every time. Cleared when
-    /// any remote JWKS changes (a removed key must stop working).
-    verified: RefCell<HashMap<[u8; 32], usize>>,
+    /// Per provider (same index): tokens it verified. Clients reuse tokens,
+    /// and a signature check costs far more than the claim checks, which
+    /// still run on every hit. Flushed when that provider's remote JWKS
+    /// changes (a removed key must stop working). RefCell: verification runs
+    /// under `&self` while the settings are borrowed.
+    tokens: Vec<RefCell<TokenCache>>,
 }
-
-/// Verified-token cache entries per instance before it is cleared.
-const VERIFIED_MAX: usize = 4096;
 
 /// The identity to write into the request once authenticated.
 #[derive(Debug, Default)]
@@ -171,7 +210,7 @@ impl HttpFilter for AuthFilter {
 
     fn configure(config: Config) -> Result<Self, String> {
         let s = config.validate()?;
-        let counters = Counters::define()?;
+        let counters = Counters::define(&s.providers)?;
         let mut identity_headers: Vec<String> = Vec::new();
         for p in &s.providers {
             identity_headers.extend(p.claim_to_headers.iter().map(|c| c.header.clone()));
@@ -191,12 +230,17 @@ impl HttpFilter for AuthFilter {
             }
         }
         let caches = s.providers.iter().map(|_| KeyCache::default()).collect();
+        let tokens = s
+            .providers
+            .iter()
+            .map(|p| RefCell::new(TokenCache::new(p.cache_size)))
+            .collect();
         Ok(AuthFilter {
             s,
             caches,
             identity_headers,
             counters,
-            verified: RefCell::new(HashMap::new()),
+            tokens,
         })
     }
 
@@ -543,14 +587,20 @@ impl AuthFilter {
         let name = &self.s.providers[i].name;
         let c = &mut self.caches[i];
         let parsed = match response {
-            Ok(r) if r.status == 200 => jwt::Jwks::from_json(&r.body).map(|j| j.keys),
+            Ok(r) if r.status == 200 => jwt::Jwks::from_json(&r.body)
+                .map(|j| (j.keys, sha2::Sha256::digest(&r.body).into())),
             Ok(r) => Err(format!("status {}", r.status)),
             Err(e) => Err(e.to_string()),
         };
         match parsed {
-            Ok(keys) => {
+            Ok((keys, digest)) => {
                 c.keys = keys;
-                self.verified.borrow_mut().clear();
+                if c.body_digest != Some(digest) {
+                    // New keys: a token signed by a removed key must stop
+                    // working, so nothing verified before is trusted.
+                    c.body_digest = Some(digest);
+                    self.tokens[i].borrow_mut().clear();
+                }
                 c.fetched_at = Some(now);
                 c.failed_at = None;
                 self.counters.jwks_ok.inc();
@@ -719,41 +769,63 @@ impl AuthFilter {
         Authn::Missing
     }
 
+    /// The claims of `token` if provider `i` accepts it now: from the
+    /// verified-token cache (claims rechecked at the current time) or parsed,
+    /// signature-checked and claim-checked, then cached. Only a token that
+    /// passed every check is cached, so a bad one cannot poison the cache.
     fn verify_jwt(
         &self,
         i: usize,
         token: &str,
         may_fetch: bool,
-    ) -> Result<Map<String, Value>, JwtCheck> {
+    ) -> Result<Rc<Map<String, Value>>, JwtCheck> {
         let p = &self.s.providers[i];
+        let counters = &self.counters.providers[i];
+        let rules = jwt::ClaimRules {
+            issuer: &p.issuer,
+            audiences: &p.audiences,
+            now_s: clock::wall_now() / 1_000_000_000,
+            skew_s: p.skew_s,
+            require_exp: p.require_exp,
+        };
+        let mut tokens = self.tokens[i].borrow_mut();
+        // A token too long to parse is refused below: not worth hashing.
+        let key = (tokens.enabled() && token.len() <= jwt::MAX_TOKEN_LEN)
+            .then(|| cache::token_key(token));
+        if let Some(key) = &key {
+            if let Some(claims) = tokens.get(key) {
+                counters.cache_hit.inc();
+                // Signature, issuer and audience are fixed per token; time
+                // moves: an expired (or, after a clock step back, not yet
+                // valid) token is evicted and refused.
+                return match jwt::check_claims(&claims, &rules) {
+                    Ok(()) => Ok(claims),
+                    Err(e) => {
+                        tokens.remove(key);
+                        Err(JwtCheck::Bad(e))
+                    }
+                };
+            }
+        }
         let t = jwt::parse(token).map_err(JwtCheck::Bad)?;
         // Several providers may read the same header: a token for another
         // issuer is not this provider's, whatever its signature.
         if t.claims.get("iss").and_then(Value::as_str) != Some(p.issuer.as_str()) {
             return Err(JwtCheck::Bad(JwtError::Issuer));
         }
-        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-        if self.verified.borrow().get(&digest) != Some(&i) {
-            self.verify_signature(i, &t, may_fetch)?;
-            let mut v = self.verified.borrow_mut();
-            if v.len() >= VERIFIED_MAX {
-                v.clear();
-            }
-            v.insert(digest, i);
+        // A request paused for a JWKS fetch comes back here: count its miss
+        // once, when the signature is actually checked.
+        let checked = self.verify_signature(i, &t, may_fetch);
+        if key.is_some() && !matches!(checked, Err(JwtCheck::Need | JwtCheck::Unavailable)) {
+            counters.cache_miss.inc();
         }
-        let now_s = clock::wall_now() / 1_000_000_000;
-        jwt::check_claims(
-            &t.claims,
-            &jwt::ClaimRules {
-                issuer: &p.issuer,
-                audiences: &p.audiences,
-                now_s,
-                skew_s: p.skew_s,
-                require_exp: p.require_exp,
-            },
-        )
-        .map_err(JwtCheck::Bad)?;
-        Ok(t.claims)
+        checked?;
+        jwt::check_claims(&t.claims, &rules).map_err(JwtCheck::Bad)?;
+        let claims = Rc::new(t.claims);
+        if let Some(key) = key {
+            tokens.insert(key, Rc::clone(&claims));
+        }
+        Ok(claims)
     }
 
     /// The key lookup (possibly asking for a fetch) and signature check.
@@ -784,6 +856,9 @@ impl AuthFilter {
                     JwtCheck::Unavailable
                 });
             }
+        }
+        if let Some(c) = self.counters.providers.get(i) {
+            c.signature_checks.inc();
         }
         match jwt::verify_signature(t, &keys, &p.algorithms) {
             Ok(()) => Ok(()),

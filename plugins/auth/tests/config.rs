@@ -49,7 +49,8 @@ fn valid_configs_load() {
             "clock_skew_s": 0, "require_exp": false,
             "from": [{"header": "Authorization", "prefix": "Bearer "}, {"cookie": "s"}, {"query": "t"}],
             "claim_to_headers": [{"claim": "sub", "header": "X-User"}],
-            "forward_token": false
+            "forward_token": false,
+            "cache": {"size": 500}
         }],
         "api_keys": [{"name": "keys", "keys": [{"id": "a", "sha256": sha256_hex("k")}],
                       "id_header": "x-key", "forward_key": true}],
@@ -226,12 +227,64 @@ fn invalid_configs_name_the_field() {
             json!({"providers": [provider()], "realm": "a\"b"}),
             "realm: must not contain",
         ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache": {"size": 100_001}}]}),
+            "providers[0].cache.size: 100001 is above 100000",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache": {"size": -1}}]}),
+            "providers[0]",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache": {"size": "big"}}]}),
+            "invalid type: string \"big\"",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache": {"max_entries": 5}}]}),
+            "unknown field `max_entries`, expected `size`",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache_size": 5}]}),
+            "unknown field `cache_size`",
+        ),
     ];
     for (cfg, want) in cases {
         let e = err(cfg.clone());
         assert!(
             e.contains(want),
             "config {cfg}\n  error: {e}\n  wanted: {want}"
+        );
+    }
+}
+
+#[test]
+fn token_cache_config() {
+    // Absent, empty (default size), disabled, the maximum: all load, and the
+    // cache metrics exist per provider.
+    for cache in [
+        None,
+        Some(json!({})),
+        Some(json!({"size": 0})),
+        Some(json!({"size": 100_000})),
+    ] {
+        let mut p = provider();
+        if let Some(c) = &cache {
+            p["cache"] = c.clone();
+        }
+        let t = load(&json!({"providers": [p]})).unwrap();
+        let h = t.host();
+        assert_eq!(
+            h.counter("auth_jwt_cache_total", &["corp", "hit"]),
+            Some(0),
+            "{cache:?}"
+        );
+        assert_eq!(
+            h.counter("auth_jwt_cache_total", &["corp", "miss"]),
+            Some(0)
+        );
+        assert_eq!(
+            h.counter("auth_jwt_signature_checks_total", &["corp"]),
+            Some(0)
         );
     }
 }
