@@ -12,7 +12,7 @@ use legate_host::{config, hot_restart, server};
 /// mimalloc instead of the system allocator: a proxy allocates and frees small
 /// objects on every request (header maps, buffers, futures), and glibc's malloc
 /// spent about a quarter of the per-request instructions there (bench/README.md,
-/// "Allocator"). Envoy links tcmalloc for the same reason.
+/// "Instructions per request"). Envoy links tcmalloc for the same reason.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
