@@ -21,6 +21,10 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+
+// Keyed by host-made ids (plugin loads, exchange contexts): no hashing DoS to
+// defend against, and these maps are touched on every call.
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -98,7 +102,7 @@ struct Live {
     store: Store<PwState>,
     exports: Exports,
     /// Exchange context → proxy-wasm context id, for exchanges that started here.
-    contexts: HashMap<u64, u32>,
+    contexts: FxHashMap<u64, u32>,
     next_context: u32,
     /// Queues this VM registered, with their wake-ups (dropping one unsubscribes).
     queues: HashMap<u32, Arc<tokio::sync::Notify>>,
@@ -114,12 +118,12 @@ struct Slot {
     generation: u64,
     /// Body data a body callback held back with `Pause`, by exchange and
     /// direction: handed back (before the new data) on the next body call.
-    held: HashMap<(u64, usize), Vec<u8>>,
+    held: FxHashMap<(u64, usize), Vec<u8>>,
 }
 
 thread_local! {
     /// This worker's VMs, by `ProxyWasmFilter::id`.
-    static VMS: RefCell<HashMap<u64, Slot>> = RefCell::default();
+    static VMS: RefCell<FxHashMap<u64, Slot>> = RefCell::default();
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -318,7 +322,7 @@ impl ProxyWasmFilter {
         Ok(Live {
             store,
             exports,
-            contexts: HashMap::new(),
+            contexts: FxHashMap::default(),
             next_context: ROOT_CONTEXT + 1,
             queues: HashMap::new(),
         })

@@ -14,7 +14,6 @@
 //! a cancelled stream, a deleted HTTP context's streams and a failed or
 //! replaced VM's streams end at once.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -432,7 +431,7 @@ pub fn remote_closed(s: &mut PwState, token: u32) {
 
 /// Drops the streams context `context` opened (Envoy resets them when the
 /// context is destroyed).
-pub fn drop_context(streams: &mut HashMap<u32, Stream>, context: u32) {
+pub fn drop_context(streams: &mut rustc_hash::FxHashMap<u32, Stream>, context: u32) {
     streams.retain(|_, st| st.context != context);
 }
 

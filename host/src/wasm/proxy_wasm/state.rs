@@ -3,7 +3,10 @@
 //! the metrics the module defined. The store also holds the VM's gRPC streams
 //! (their handles: dropping the store ends them).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
+
+// Context ids and tokens are the host's: Fx hashing, touched on every call.
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -169,7 +172,7 @@ pub struct PwState {
     /// The context `proxy_set_effective_context` chose (the called one by default).
     pub effective: u32,
     /// Live context ids of this VM (root and HTTP).
-    pub contexts: HashSet<u32>,
+    pub contexts: FxHashSet<u32>,
     /// A local response sent during the current call.
     pub local: Option<LocalResponse>,
     /// The guest asked to reset the stream (`proxy_close_stream`).
@@ -188,9 +191,9 @@ pub struct PwState {
     /// The last callout token handed out.
     pub next_token: u32,
     /// Callouts sent and not yet delivered: token → the context that sent it.
-    pub outstanding: HashMap<u32, u32>,
+    pub outstanding: FxHashMap<u32, u32>,
     /// The tokens of `outstanding` that are gRPC calls (`proxy_grpc_call`).
-    pub grpc_calls: std::collections::HashSet<u32>,
+    pub grpc_calls: FxHashSet<u32>,
     /// The gRPC response message being delivered (`proxy_on_grpc_receive`),
     /// read through buffer 5.
     pub grpc_message: Option<bytes::Bytes>,
@@ -201,7 +204,7 @@ pub struct PwState {
     /// filter after the call.
     pub root_callouts: Vec<CalloutRequest>,
     /// gRPC streams by token (open, or closed by the server and remembered).
-    pub streams: HashMap<u32, Stream>,
+    pub streams: FxHashMap<u32, Stream>,
     /// Streams opened during the current call, started by the filter after it.
     pub new_streams: Vec<Pending>,
     /// Tokens of `streams` the server closed, oldest first (bounded).
@@ -237,21 +240,21 @@ impl PwState {
             x: Exchange::placeholder(),
             x_context: 0,
             effective: ROOT_CONTEXT,
-            contexts: HashSet::from([ROOT_CONTEXT]),
+            contexts: FxHashSet::from_iter([ROOT_CONTEXT]),
             local: None,
             close: false,
             tick: None,
             props: HashMap::new(),
             new_queues: Vec::new(),
             call_response: None,
-            grpc_calls: std::collections::HashSet::new(),
+            grpc_calls: FxHashSet::default(),
             grpc_message: None,
             grpc_status: None,
             resume: false,
             next_token: 0,
-            outstanding: HashMap::new(),
+            outstanding: FxHashMap::default(),
             root_callouts: Vec::new(),
-            streams: HashMap::new(),
+            streams: FxHashMap::default(),
             new_streams: Vec::new(),
             remote_closed: VecDeque::new(),
             grpc_initial: None,
