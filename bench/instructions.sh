@@ -13,10 +13,12 @@
 #   bench/instructions.sh                       # all setups, N=10000
 #   SETUPS="none wasm1" N=5000 bench/instructions.sh
 #   SKIP_BUILD=1 bench/instructions.sh          # the release binaries as they are
+#   LEGATE_BIN=/tmp/legate-old SKIP_BUILD=1 bench/instructions.sh   # another build of legate
 #
 # Setups: none, wasm1 (bench/noop-filter: one no-op component filter), wasmhdr
 # (the same reading one header), grpc-web (builtin, plain requests), auth-key
-# (builtin auth, API key), ratelimit (builtin, in-memory KV).
+# (builtin auth, API key), ratelimit (builtin, in-memory KV), pwnoop (one no-op
+# proxy-wasm filter: tests/proxy-wasm-guests in mode `noop`, the upstream Rust SDK).
 set -euo pipefail
 
 N=${N:-10000}
@@ -42,7 +44,7 @@ if [[ -z ${SKIP_BUILD:-} ]]; then
     cargo build --release "${lock[@]}" -p legate-demo-upstream -p legate-host
 fi
 UPSTREAM_BIN="${REPO_ROOT}/target/release/legate-demo-upstream"
-LEGATE_BIN="${REPO_ROOT}/target/release/legate"
+LEGATE_BIN="${LEGATE_BIN:-${REPO_ROOT}/target/release/legate}"
 
 WORK="$(mktemp -d -t legate-instr.XXXXXX)"
 pids=()
@@ -63,6 +65,13 @@ log "building bench/noop-filter (legate plugin build)"
 "${LEGATE_BIN}" plugin build bench/noop-filter --out "${WORK}/noop.wasm" >"${WORK}/plugin-build.log" 2>&1 ||
     die "building bench/noop-filter failed: $(tail -n 20 "${WORK}/plugin-build.log")"
 
+log "building tests/proxy-wasm-guests (wasm32-wasip1, release)"
+cargo build --release "${lock[@]}" --target wasm32-wasip1 \
+    --manifest-path tests/proxy-wasm-guests/Cargo.toml \
+    --target-dir target/proxy-wasm-guests >"${WORK}/pw-build.log" 2>&1 ||
+    die "building tests/proxy-wasm-guests failed: $(tail -n 20 "${WORK}/pw-build.log")"
+cp target/proxy-wasm-guests/wasm32-wasip1/release/legate_proxy_wasm_guests.wasm "${WORK}/pwnoop.wasm"
+
 UPSTREAM=18481
 LISTEN=18480
 ADMIN=18489
@@ -79,6 +88,7 @@ chain_of() {
         grpc-web) echo grpc-web ;;
         auth-key) echo auth-key ;;
         ratelimit) echo ratelimit ;;
+        pwnoop) echo pwnoop ;;
         *) die "unknown setup $1" ;;
     esac
 }
@@ -113,6 +123,9 @@ plugins:
   - name: noop-hdr
     module: ${WORK}/noop.wasm
     config: { read_header: user-agent }
+  - name: pwnoop
+    module: ${WORK}/pwnoop.wasm
+    config: { mode: noop }
   - name: grpc-web
     module: builtin:grpc-web
   - name: auth-key
@@ -159,7 +172,7 @@ instructions() {
 # Every config loads every plugin, from a private module cache that a first,
 # unmeasured run fills: no measured run pays for Cranelift.
 export LEGATE_WASM_CACHE="${WORK}/cache"
-read -r -a SETUPS <<<"${SETUPS:-none wasm1 wasmhdr grpc-web auth-key ratelimit}"
+read -r -a SETUPS <<<"${SETUPS:-none wasm1 wasmhdr pwnoop grpc-web auth-key ratelimit}"
 declare -A per
 # A first run fills the cache (its count includes Cranelift's work): discarded.
 instructions none 0 >/dev/null

@@ -123,7 +123,7 @@ pub enum BodyMode {
 
 /// One filter's body settings for one exchange: its declared default modes,
 /// overridable by `set-body-mode` until the body of that direction starts.
-/// The chain keeps one per filter and swaps it into [`Exchange::body_ctl`] for
+/// The chain keeps one per filter and swaps it into [`ExchangeData::body_ctl`] for
 /// each call into that filter.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BodyCtl {
@@ -173,7 +173,7 @@ pub enum Verdict {
     Pause,
 }
 
-/// A callout a filter asked for during a call, queued on [`Exchange::callouts`].
+/// A callout a filter asked for during a call, queued on [`ExchangeData::callouts`].
 #[derive(Debug, Clone)]
 pub struct CalloutRequest {
     /// The id the filter knows it by (unique in its instance).
@@ -307,11 +307,31 @@ struct Routing {
     cluster: Option<String>,
 }
 
-/// One HTTP exchange as filters see it. Plain data (`Send`), so a Wasm store can hold
-/// it while the guest runs; the proxy moves the request head in before the request
+/// One HTTP exchange as filters see it ([`ExchangeData`], reached through `Deref`).
+/// Boxed because a Wasm store holds the exchange for the duration of each guest
+/// call: swapping it in and out moves a pointer instead of copying the whole
+/// struct twice per call (a proxy-wasm filter makes four such calls per request).
+#[derive(Debug)]
+pub struct Exchange(Box<ExchangeData>);
+
+impl std::ops::Deref for Exchange {
+    type Target = ExchangeData;
+    fn deref(&self) -> &ExchangeData {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Exchange {
+    fn deref_mut(&mut self) -> &mut ExchangeData {
+        &mut self.0
+    }
+}
+
+/// The fields of an [`Exchange`]. Plain data (`Send`), so a Wasm store can hold it
+/// while the guest runs; the proxy moves the request head in before the request
 /// phases and out after.
 #[derive(Debug)]
-pub struct Exchange {
+pub struct ExchangeData {
     /// The id filters key per-exchange state by (unique in the process).
     pub context: u64,
     /// Request method.
@@ -324,7 +344,7 @@ pub struct Exchange {
     pub https: bool,
     /// Downstream protocol.
     pub version: Version,
-    /// Request headers (no `host`: the authority is [`Exchange::authority`]).
+    /// Request headers (no `host`: the authority is [`ExchangeData::authority`]).
     pub request_headers: HeaderMap,
     /// Response status, once a response head exists.
     pub status: Option<StatusCode>,
@@ -360,7 +380,7 @@ pub struct Exchange {
     /// ([`streamed_pause_error`]).
     pub hold_body: bool,
     /// The request came with a `host` header (removed here: the authority is
-    /// [`Exchange::authority`]), so the request sent on carries one too.
+    /// [`ExchangeData::authority`]), so the request sent on carries one too.
     pub had_host: bool,
     table: Option<Arc<RouteTable>>,
     routing: Routing,
@@ -381,7 +401,7 @@ impl Exchange {
         request_id: String,
         table: Option<Arc<RouteTable>>,
     ) -> Self {
-        Exchange {
+        Exchange(Box::new(ExchangeData {
             context: NEXT_CONTEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             method,
             path,
@@ -405,14 +425,14 @@ impl Exchange {
             had_host: false,
             table,
             routing: Routing::default(),
-        }
+        }))
     }
 
     /// An empty exchange (context 0, never live): the stand-in a Wasm store holds
     /// between calls, swapped with the real one for the duration of a call.
     pub fn placeholder() -> Self {
         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-        Exchange {
+        Exchange(Box::new(ExchangeData {
             context: 0,
             method: Method::GET,
             path: String::new(),
@@ -440,7 +460,7 @@ impl Exchange {
             had_host: false,
             table: None,
             routing: Routing::default(),
-        }
+        }))
     }
 
     /// Records that the request head changed: the route is selected again.
@@ -1386,7 +1406,7 @@ impl Chain {
 }
 
 /// Why a pause from a streamed body or trailers phase of direction `d` is a
-/// failure (see [`Exchange::hold_body`]).
+/// failure (see [`ExchangeData::hold_body`]).
 pub fn streamed_pause_error(d: Direction) -> String {
     format!(
         "returned `pause` from a {} body or trailers phase in streamed mode; this host \

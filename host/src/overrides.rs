@@ -37,6 +37,11 @@ pub struct Overrides {
 /// Removes the override headers from `h`, returning what they asked for when the
 /// downstream is `trusted` (nothing otherwise).
 pub fn take(h: &mut HeaderMap, trusted: bool) -> Overrides {
+    // One pass over the names instead of three removals by `&str` (each parses the
+    // name before hashing it: ~1.4k instructions per request without overrides).
+    if !h.keys().any(|k| k.as_str().starts_with("x-legate-")) {
+        return Overrides::default();
+    }
     let number = |v: Option<HeaderValue>| -> Option<u64> {
         let v = v?;
         let s = v.to_str().ok()?.trim();

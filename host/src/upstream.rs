@@ -11,8 +11,8 @@
 //! request back and it is sent on a new connection: keep-alive races never reach the
 //! client.
 
+use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -117,8 +117,9 @@ struct Idle {
 
 #[derive(Default)]
 struct PoolInner {
-    idle: RefCell<HashMap<Key, Vec<Idle>>>,
-    h2: RefCell<HashMap<Key, http2::SendRequest<Body>>>,
+    // Fx: looked up several times per request with keys from the config.
+    idle: RefCell<FxHashMap<Key, Vec<Idle>>>,
+    h2: RefCell<FxHashMap<Key, http2::SendRequest<Body>>>,
 }
 
 /// A worker's upstream connections.

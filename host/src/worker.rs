@@ -4,6 +4,7 @@
 //! Nothing on the request path is shared across workers except read-only config
 //! snapshots and atomic counters, so later each worker owns its Wasm instances too.
 
+use rustc_hash::FxHashMap;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
@@ -54,8 +55,9 @@ pub struct Worker {
     pub pool: Pool,
     /// Per-cluster balancer state, keyed by the cluster's address (a reload makes
     /// new clusters, so stale entries are never reused; they are pruned on reload).
-    balancers: RefCell<HashMap<usize, BalancerEntry>>,
-    route_stats: RefCell<HashMap<Arc<str>, RouteStats>>,
+    // Fx: each is looked up once per request, with keys from the config.
+    balancers: RefCell<FxHashMap<usize, BalancerEntry>>,
+    route_stats: RefCell<FxHashMap<Arc<str>, RouteStats>>,
 }
 
 impl Worker {

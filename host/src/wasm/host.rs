@@ -31,7 +31,7 @@ use crate::stats::{Counter, Gauge, Histogram, Stats};
 type Error = types::Error;
 
 /// A `buffer` handle: the body data of one direction of one exchange, as the host
-/// holds it for the filter being called ([`Exchange::bodies`]).
+/// holds it for the filter being called ([`ExchangeData::bodies`]).
 pub struct BufferRes {
     context: u64,
     dir: Direction,

@@ -21,6 +21,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 // Keyed by host-made ids (plugin loads, exchange contexts): no hashing DoS to
 // defend against, and these maps are touched on every call.
@@ -59,42 +60,45 @@ pub struct Settings {
 }
 
 /// `proxy_on_http_call_response(root, token, headers, body_size, trailers)`.
-type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
+type CallResponseFn = Rc<TypedFunc<(i32, i32, i32, i32, i32), ()>>;
 
 /// `proxy_on_{request,response}_body(context, body_buffer_length, end_of_stream)`.
-type BodyFn = TypedFunc<(i32, i32, i32), i32>;
+type BodyFn = Rc<TypedFunc<(i32, i32, i32), i32>>;
 
 /// `proxy_on_{request,response}_trailers(context, num_trailers)`.
-type TrailersFn = TypedFunc<(i32, i32), i32>;
+type TrailersFn = Rc<TypedFunc<(i32, i32), i32>>;
 
 /// The body and trailer callbacks, by direction ([`Direction::idx`]).
 const BODY_EXPORTS: [&str; 2] = ["proxy_on_request_body", "proxy_on_response_body"];
 const TRAILERS_EXPORTS: [&str; 2] = ["proxy_on_request_trailers", "proxy_on_response_trailers"];
 
 /// The guest's exports this host calls (absent ones are skipped, as Envoy does).
+/// Each is behind an `Rc`: a call clones its export out of the VM (the store is
+/// borrowed mutably for the call), and a `TypedFunc` clone costs ~200
+/// instructions (its type's registry entry) against an `Rc`'s one increment.
 #[derive(Clone)]
 struct Exports {
-    context_create: Option<TypedFunc<(i32, i32), ()>>,
-    vm_start: Option<TypedFunc<(i32, i32), i32>>,
-    configure: Option<TypedFunc<(i32, i32), i32>>,
-    tick: Option<TypedFunc<i32, ()>>,
-    queue_ready: Option<TypedFunc<(i32, i32), ()>>,
-    request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
-    response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    context_create: Option<Rc<TypedFunc<(i32, i32), ()>>>,
+    vm_start: Option<Rc<TypedFunc<(i32, i32), i32>>>,
+    configure: Option<Rc<TypedFunc<(i32, i32), i32>>>,
+    tick: Option<Rc<TypedFunc<i32, ()>>>,
+    queue_ready: Option<Rc<TypedFunc<(i32, i32), ()>>>,
+    request_headers: Option<Rc<TypedFunc<(i32, i32, i32), i32>>>,
+    response_headers: Option<Rc<TypedFunc<(i32, i32, i32), i32>>>,
     body: [Option<BodyFn>; 2],
     trailers: [Option<TrailersFn>; 2],
     http_call_response: Option<CallResponseFn>,
     /// `proxy_on_grpc_receive(root, token, message_size)`.
-    grpc_receive: Option<TypedFunc<(i32, i32, i32), ()>>,
+    grpc_receive: Option<Rc<TypedFunc<(i32, i32, i32), ()>>>,
     /// `proxy_on_grpc_close(root, token, status_code)`.
-    grpc_close: Option<TypedFunc<(i32, i32, i32), ()>>,
+    grpc_close: Option<Rc<TypedFunc<(i32, i32, i32), ()>>>,
     /// `proxy_on_grpc_receive_initial_metadata(root, token, headers)`.
-    grpc_initial: Option<TypedFunc<(i32, i32, i32), ()>>,
+    grpc_initial: Option<Rc<TypedFunc<(i32, i32, i32), ()>>>,
     /// `proxy_on_grpc_receive_trailing_metadata(root, token, trailers)`.
-    grpc_trailing: Option<TypedFunc<(i32, i32, i32), ()>>,
-    done: Option<TypedFunc<i32, i32>>,
-    log: Option<TypedFunc<i32, ()>>,
-    delete: Option<TypedFunc<i32, ()>>,
+    grpc_trailing: Option<Rc<TypedFunc<(i32, i32, i32), ()>>>,
+    done: Option<Rc<TypedFunc<i32, i32>>>,
+    log: Option<Rc<TypedFunc<i32, ()>>>,
+    delete: Option<Rc<TypedFunc<i32, ()>>>,
 }
 
 /// One live VM on a worker.
@@ -147,12 +151,12 @@ fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
     store: &mut Store<PwState>,
     instance: &wasmtime::Instance,
     name: &str,
-) -> Result<Option<TypedFunc<P, R>>, String> {
+) -> Result<Option<Rc<TypedFunc<P, R>>>, String> {
     match instance.get_export(&mut *store, name) {
         None => Ok(None),
         Some(Extern::Func(f)) => f
             .typed::<P, R>(&*store)
-            .map(Some)
+            .map(|f| Some(Rc::new(f)))
             .map_err(|e| format!("export `{name}` has the wrong signature for ABI 0.2.1: {e}")),
         Some(_) => Err(format!("export `{name}` is not a function")),
     }
