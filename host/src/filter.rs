@@ -1130,14 +1130,22 @@ impl Chain {
     }
 
     /// A body of direction `d` reached `len` bytes: counted on every buffering
-    /// filter whose cap that exceeds.
-    pub fn body_limit_exceeded(&self, d: Direction, len: usize) {
+    /// filter whose cap that exceeds. For a request, the first of them (chain
+    /// order) is where the exchange stops: the `413` enters the response path
+    /// right after it (abi/README.md §3.2), so it and the filters after it do
+    /// not see it.
+    pub fn body_limit_exceeded(&mut self, d: Direction, len: usize) {
+        let mut first = None;
         for i in self.order(d) {
             let f = &self.entered[i];
             let c = self.ctl[i];
             if c.wants(d) && c.modes[d.idx()] == BodyMode::Buffered && len > f.body_limit() {
                 f.body_limit_exceeded(d);
+                first.get_or_insert(i);
             }
+        }
+        if d == Direction::Request && first.is_some() {
+            self.responded = first;
         }
     }
 
@@ -1165,7 +1173,14 @@ impl Chain {
         };
         self.skipped.push(i);
         let f = self.entered[i].clone();
-        failure(&*f, phase, &why)?;
+        if let Err(e) = failure(&*f, phase, &why) {
+            if d == Direction::Request {
+                // Failed closed while it held the request: the `503` enters
+                // the response path right after it (abi/README.md §3.2).
+                self.responded = Some(i);
+            }
+            return Err(e);
+        }
         Ok(None)
     }
 
