@@ -134,3 +134,96 @@ each_proto!(
         .await;
     }
 );
+
+/// Listener `web` with the chain `tagger` (component, `headers` mode), then
+/// `stopper`: `hostile` (fails closed: `/panic` traps in its request phase) or
+/// a `body-upper` filter buffering the request body under a 1 KiB cap; all
+/// routes to `up`. Both of them declare response headers phases.
+fn stopping_chain(up: SocketAddr, stopper: &str) -> String {
+    let stopper = match stopper {
+        "hostile" => "config: { mode: hostile }\n    limits: { cpu: 500ms }",
+        _ => "config: { mode: body-upper, phases: \"rq,rs,rqbody\", rqmode: buffered }\n    limits: { cpu: 500ms, body: 1KiB }",
+    };
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: tagger }}, {{ plugin: stopper }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+plugins:
+  - name: tagger
+    module: {guest}
+    limits: {{ cpu: 500ms }}
+    config: {{ mode: headers }}
+  - name: stopper
+    module: {guest}
+    {stopper}
+",
+        guest = test_guest().display(),
+    )
+}
+
+each_proto!(
+    async fn a_fail_closed_503_reaches_only_the_filters_before_the_failed_one(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&stopping_chain(up.addr, "hostile"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/panic").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.text(), "plugin_failure: stopper\n");
+        // The filter before the failed one sees the host's answer...
+        assert_eq!(r.header("x-filter-resp"), Some("tagger"));
+        lg.assert_stat(&calls("tagger", "response_headers"), 1.0)
+            .await;
+        // ...the failed one does not (it held the request, abi §3.2).
+        assert_eq!(
+            lg.stat(&calls("stopper", "response_headers")).await.unwrap_or(0.0),
+            0.0
+        );
+        assert_eq!(up.requests.get(), 0);
+    }
+);
+
+each_proto!(
+    async fn a_buffer_cap_413_reaches_only_the_filters_before_the_buffering_one(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&stopping_chain(up.addr, "buffered"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/up").body("x".repeat(4096)).send().await;
+        assert_eq!(r.status, 413, "{}", r.text());
+        assert_eq!(r.text(), "plugin_buffer_limit\n");
+        assert_eq!(r.header("x-filter-resp"), Some("tagger"));
+        lg.assert_stat(&calls("tagger", "response_headers"), 1.0)
+            .await;
+        assert_eq!(
+            lg.stat(&calls("stopper", "response_headers")).await.unwrap_or(0.0),
+            0.0
+        );
+        lg.assert_stat(&calls("stopper", "request_headers"), 1.0)
+            .await;
+        assert_eq!(up.requests.get(), 0);
+        // Under the cap the buffering filter takes part in the response too.
+        let r = c.post("/up").body("small").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        lg.assert_stat(&calls("stopper", "response_headers"), 1.0)
+            .await;
+    }
+);
