@@ -11,7 +11,9 @@
 //! The filter chain ([`crate::filter`], Wasm plugins) runs between the request id and
 //! the router (request headers, in chain order) and after the response header
 //! handling (response headers, in reverse); a filter's local response takes the
-//! place of the upstream's and gets the same response header handling. Filters'
+//! place of the upstream's and gets the same response header handling, and the
+//! host's own answer to an error after the request phases goes through the
+//! response phases too ([`local_reply`]). Filters'
 //! callouts go through [`PoolCallouts`]: the worker's upstream pool and the
 //! exchange's config snapshot. Bodies go through the chain only when a filter
 //! declared a body or trailers phase for that direction ([`request_body`],
