@@ -960,3 +960,22 @@ each_proto!(
         .await;
     }
 );
+
+each_proto!(
+    async fn a_buffered_response_phase_may_pause_on_the_hosts_own_502(proto) {
+        // The upstream is down: the host's 502 goes through the response body
+        // phase (abi/README.md §3.6), which pauses on a callout and rewrites it.
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rsbody\", rsmode: buffered");
+        let yaml = checked_config(closed_port_addr(), ck.addr, &p, &["check"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/down").send().await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(r.text(), "UPSTREAM_CONNECT_FAILURE\n!");
+        assert_eq!(r.header("x-checked"), Some("200"));
+        assert_eq!(r.header("content-length"), Some("26"));
+        lg.assert_stat(&calls("check", "response_body"), 1.0).await;
+        lg.assert_stat(&calls("check", "callout_response"), 1.0).await;
+    }
+);
