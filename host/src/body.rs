@@ -313,11 +313,12 @@ impl Filtered {
             .with(|c| c.on_body(dir, slot.take().unwrap_or_default(), eos));
         match r {
             Err(SharedError::Finished) => Ok(slot.take().unwrap_or_default()),
-            Err(SharedError::Busy) => Err(self.stopped(
-                "body data arrived while the filter chain was paused in another phase \
-                 (full-duplex exchanges with pauses are not supported by this host)"
-                    .into(),
-            )),
+            // `poll_frame` waits for the chain before reading (see
+            // `SharedChain::poll_available`): out here means it is in use.
+            Err(SharedError::Busy) => {
+                Err(self.stopped("body data arrived while the filter chain was in use".into()))
+            }
+            Err(SharedError::Aborted) => Err(aborted()),
             Ok(Ok(BodyStep::Continue(b))) => Ok(b),
             Ok(Ok(BodyStep::Respond(lr))) => {
                 let why = format!(
@@ -347,11 +348,10 @@ impl Filtered {
             .with(|c| c.on_body_end(dir, Bytes::new(), slot.take().unwrap_or_default()));
         match r {
             Err(SharedError::Finished) => Ok((Bytes::new(), slot.take())),
-            Err(SharedError::Busy) => Err(self.stopped(
-                "trailers arrived while the filter chain was paused in another phase \
-                 (full-duplex exchanges with pauses are not supported by this host)"
-                    .into(),
-            )),
+            Err(SharedError::Busy) => {
+                Err(self.stopped("trailers arrived while the filter chain was in use".into()))
+            }
+            Err(SharedError::Aborted) => Err(aborted()),
             Ok(Ok(Ok(whole))) => Ok(whole),
             Ok(Ok(Err(lr))) => {
                 let why = format!(
@@ -378,8 +378,9 @@ impl Filtered {
         match r {
             Err(crate::filter::SharedError::Finished) => Ok(slot.take().unwrap_or_default()),
             Err(crate::filter::SharedError::Busy) => {
-                Err(self.stopped("trailers arrived while the filter chain was paused".into()))
+                Err(self.stopped("trailers arrived while the filter chain was in use".into()))
             }
+            Err(crate::filter::SharedError::Aborted) => Err(aborted()),
             Ok(Ok(Ok(t))) => Ok(t),
             Ok(Ok(Err(lr))) => {
                 let why = format!(
@@ -395,6 +396,13 @@ impl Filtered {
             Ok(Err(e)) => Err(Box::new(e)),
         }
     }
+}
+
+/// The error of a stream whose exchange was abandoned while it waited.
+fn aborted() -> BoxError {
+    Box::new(FilterStopped(
+        "the exchange was abandoned while another phase was paused".into(),
+    ))
 }
 
 impl HttpBody for Filtered {
@@ -413,6 +421,12 @@ impl HttpBody for Filtered {
             }
             if this.done {
                 return Poll::Ready(None);
+            }
+            // Another phase of the exchange is paused (full duplex): leave the
+            // peer's data unread until it resumes, so the chunk is neither
+            // refused nor buffered here, and the peer gets backpressure.
+            if this.chain.poll_available(cx).is_pending() {
+                return Poll::Pending;
             }
             let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,

@@ -3,7 +3,10 @@
 //! Every failure on the request path is a [`ProxyError`] with a [`Kind`] (what went
 //! wrong), a [`Side`] (whose fault: downstream client, upstream server, a plugin, or
 //! Legate itself) and whether a retry may help. [`ProxyError::to_response`] is the only
-//! code that picks a status for an error, so the mapping is written down once:
+//! code that picks a status for an error, so the mapping is written down once.
+//! Once the request phases of a filter chain ran, the response goes through the
+//! filters' response phases like an upstream response (`proxy::local_reply`,
+//! abi/README.md §3.6), so they may still change it.
 //!
 //! | kind | status | retryable |
 //! |---|---|---|

@@ -736,6 +736,7 @@ impl Filters {
             callouts,
             inflight: tokio::task::JoinSet::new(),
             finished: false,
+            shared: std::rc::Weak::new(),
         })
     }
 }
@@ -761,8 +762,11 @@ pub enum BodyStep {
 /// A chain shared by the proxy and the body streams that run body phases as
 /// chunks pass. Synchronous calls borrow it for the call; an async phase (which
 /// may wait out a pause) takes it out and puts it back, so no borrow is held
-/// across an await. Data that reaches a stream while the chain is out is a
-/// full-duplex exchange paused in another phase, which this host refuses.
+/// across an await. A body stream of the other direction that wants to run its
+/// phases while the chain is out (a full-duplex exchange paused in another
+/// phase) waits for it ([`SharedChain::poll_available`]) without reading its
+/// peer, which is backpressure (abi/README.md §3.3): it is woken when the chain
+/// is put back, or when the exchange ends.
 #[derive(Clone)]
 pub struct SharedChain(Rc<SharedInner>);
 
@@ -775,6 +779,21 @@ struct SharedInner {
     /// A local response from a streamed request body phase, for the proxy to send
     /// in place of the upstream's.
     local: std::cell::RefCell<Option<LocalResponse>>,
+    /// Body streams waiting for the chain to come back from an async phase.
+    waiters: std::cell::RefCell<Vec<std::task::Waker>>,
+    /// The chain was dropped while out (the exchange was abandoned mid-phase,
+    /// e.g. the client went away during a pause): waiting streams must stop,
+    /// not pass data unfiltered.
+    aborted: std::cell::Cell<bool>,
+}
+
+impl SharedInner {
+    fn wake_waiters(&self) {
+        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        for w in waiters {
+            w.wake();
+        }
+    }
 }
 
 /// Why a body stream could not run its phases.
@@ -784,16 +803,39 @@ pub enum SharedError {
     Finished,
     /// The chain is out in an async phase.
     Busy,
+    /// The chain was dropped while out in an async phase: the exchange is gone.
+    Aborted,
 }
 
 impl SharedChain {
     /// Shares `chain`.
-    pub fn new(chain: Chain) -> Self {
-        SharedChain(Rc::new(SharedInner {
-            chain: std::cell::RefCell::new(Some(Box::new(chain))),
-            finished: std::cell::Cell::new(false),
-            local: std::cell::RefCell::new(None),
+    pub fn new(mut chain: Chain) -> Self {
+        SharedChain(Rc::new_cyclic(|me| {
+            chain.shared = me.clone();
+            SharedInner {
+                chain: std::cell::RefCell::new(Some(Box::new(chain))),
+                finished: std::cell::Cell::new(false),
+                local: std::cell::RefCell::new(None),
+                waiters: std::cell::RefCell::new(Vec::new()),
+                aborted: std::cell::Cell::new(false),
+            }
         }))
+    }
+
+    /// Whether a body stream can run its phases now: `Pending` while the chain
+    /// is out in an async phase (another phase is paused), with `cx` woken when
+    /// it is back or the exchange ended. A stream polls this before reading its
+    /// peer, so data is left unread (backpressure) rather than refused.
+    pub fn poll_available(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let out = !self.0.finished.get() && self.0.chain.try_borrow().is_ok_and(|c| c.is_none());
+        if !out {
+            return std::task::Poll::Ready(());
+        }
+        let mut waiters = self.0.waiters.borrow_mut();
+        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            waiters.push(cx.waker().clone());
+        }
+        std::task::Poll::Pending
     }
 
     /// Takes the chain out for an async phase; put it back with [`Self::put`].
@@ -801,13 +843,18 @@ impl SharedChain {
         self.0.chain.borrow_mut().take()
     }
 
-    /// Puts the chain back after an async phase.
+    /// Puts the chain back after an async phase; body streams waiting for it
+    /// go on.
     pub fn put(&self, chain: Box<Chain>) {
         *self.0.chain.borrow_mut() = Some(chain);
+        self.0.wake_waiters();
     }
 
     /// Runs a synchronous step on the chain.
     pub fn with<R>(&self, f: impl FnOnce(&mut Chain) -> R) -> Result<R, SharedError> {
+        if self.0.aborted.get() {
+            return Err(SharedError::Aborted);
+        }
         if self.0.finished.get() {
             return Err(SharedError::Finished);
         }
@@ -845,6 +892,7 @@ impl SharedChain {
             chain.x.cause = cause.map(str::to_string);
             chain.run_finish();
         }
+        self.0.wake_waiters();
     }
 }
 
@@ -876,6 +924,9 @@ pub struct Chain {
     inflight: tokio::task::JoinSet<Delivery>,
     /// `on-log`/`on-done` ran.
     finished: bool,
+    /// The [`SharedChain`] holding this chain, told if the chain is dropped
+    /// while out in an async phase.
+    shared: std::rc::Weak<SharedInner>,
 }
 
 /// The failure policy applied to a failed call: `Ok(())` if the filter is skipped
@@ -1150,14 +1201,22 @@ impl Chain {
     }
 
     /// A body of direction `d` reached `len` bytes: counted on every buffering
-    /// filter whose cap that exceeds.
-    pub fn body_limit_exceeded(&self, d: Direction, len: usize) {
+    /// filter whose cap that exceeds. For a request, the first of them (chain
+    /// order) is where the exchange stops: the `413` enters the response path
+    /// right after it (abi/README.md §3.2), so it and the filters after it do
+    /// not see it.
+    pub fn body_limit_exceeded(&mut self, d: Direction, len: usize) {
+        let mut first = None;
         for i in self.order(d) {
             let f = &self.entered[i];
             let c = self.ctl[i];
             if c.wants(d) && c.modes[d.idx()] == BodyMode::Buffered && len > f.body_limit() {
                 f.body_limit_exceeded(d);
+                first.get_or_insert(i);
             }
+        }
+        if d == Direction::Request && first.is_some() {
+            self.responded = first;
         }
     }
 
@@ -1185,7 +1244,14 @@ impl Chain {
         };
         self.skipped.push(i);
         let f = self.entered[i].clone();
-        failure(&*f, phase, &why)?;
+        if let Err(e) = failure(&*f, phase, &why) {
+            if d == Direction::Request {
+                // Failed closed while it held the request: the `503` enters
+                // the response path right after it (abi/README.md §3.2).
+                self.responded = Some(i);
+            }
+            return Err(e);
+        }
         Ok(None)
     }
 
@@ -1446,6 +1512,127 @@ impl Drop for Chain {
                 self.x.cause = Some("downstream_disconnect".to_string());
             }
             self.run_finish();
+        }
+        // Dropped while out of its shared slot (the future holding it in an
+        // async phase was dropped): body streams waiting for it must end.
+        // Dropped with the slot itself, the upgrade fails and nothing waits.
+        if let Some(shared) = self.shared.upgrade() {
+            let out = shared.chain.try_borrow().is_ok_and(|c| c.is_none());
+            if out && !shared.finished.get() {
+                shared.aborted.set(true);
+                shared.finished.set(true);
+                shared.wake_waiters();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+    use http_body::Body as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll, Wake, Waker};
+
+    struct NoCallouts;
+    impl CalloutSender for NoCallouts {
+        fn send(&self, _req: CalloutRequest) -> CalloutFuture {
+            Box::pin(async { Err(CalloutError::Unavailable) })
+        }
+    }
+
+    /// A chain with no filter: body phases pass data as it is.
+    fn chain() -> Chain {
+        Chain {
+            worker: 0,
+            slots: Arc::from(Vec::<Slot>::new()),
+            x: Exchange::placeholder(),
+            entered: Vec::new(),
+            ctl: Vec::new(),
+            called: Vec::new(),
+            skipped: Vec::new(),
+            responded: None,
+            callouts: Rc::new(NoCallouts),
+            inflight: tokio::task::JoinSet::new(),
+            finished: false,
+            shared: std::rc::Weak::new(),
+        }
+    }
+
+    /// Counts its wakes.
+    struct Wakes(AtomicUsize);
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn streamed(shared: &SharedChain) -> crate::body::Filtered {
+        crate::body::Filtered::new(
+            crate::body::full("chunk"),
+            shared.clone(),
+            Direction::Request,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_stream_waits_while_another_phase_holds_the_chain() {
+        let shared = SharedChain::new(chain());
+        let mut body = std::pin::pin!(streamed(&shared));
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+
+        // Out in an async phase (a pause): the chunk is left unread, no error.
+        let out = shared.take().unwrap();
+        assert!(body.as_mut().poll_frame(&mut cx).is_pending());
+        assert!(body.as_mut().poll_frame(&mut cx).is_pending());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+
+        // Back: the stream is woken (once) and the chunk goes through.
+        shared.put(out);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(f))) => assert_eq!(f.into_data().unwrap(), "chunk"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiting_stream_ends_when_the_exchange_is_abandoned() {
+        let shared = SharedChain::new(chain());
+        let mut body = std::pin::pin!(streamed(&shared));
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+
+        let out = shared.take().unwrap();
+        assert!(body.as_mut().poll_frame(&mut cx).is_pending());
+        // The future holding the chain is dropped (the client went away).
+        drop(out);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(Some(Err(e))) => assert!(e.to_string().contains("abandoned"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_exchange_wakes_waiting_streams() {
+        let shared = SharedChain::new(chain());
+        let mut body = std::pin::pin!(streamed(&shared));
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let out = shared.take().unwrap();
+        assert!(body.as_mut().poll_frame(&mut cx).is_pending());
+        // Put back and finished normally: data then passes unfiltered.
+        shared.put(out);
+        shared.finish(StatusCode::OK, None);
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(f))) => assert_eq!(f.into_data().unwrap(), "chunk"),
+            other => panic!("{other:?}"),
         }
     }
 }

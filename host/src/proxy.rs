@@ -11,7 +11,9 @@
 //! The filter chain ([`crate::filter`], Wasm plugins) runs between the request id and
 //! the router (request headers, in chain order) and after the response header
 //! handling (response headers, in reverse); a filter's local response takes the
-//! place of the upstream's and gets the same response header handling. Filters'
+//! place of the upstream's and gets the same response header handling, and the
+//! host's own answer to an error after the request phases goes through the
+//! response phases too ([`local_reply`]). Filters'
 //! callouts go through [`PoolCallouts`]: the worker's upstream pool and the
 //! exchange's config snapshot. Bodies go through the chain only when a filter
 //! declared a body or trailers phase for that direction ([`request_body`],
@@ -61,6 +63,9 @@ struct Outcome {
     chain: Option<filter::SharedChain>,
     /// What `x-legate-debug` reports (`debug.on`: it was asked for, trusted).
     debug: DebugFacts,
+    /// A response entered the response path ([`response_filters`]): a later
+    /// error is answered without the filters (see [`local_reply`]).
+    responding: bool,
 }
 
 /// Timings and facts only the debug headers use ([`crate::overrides::Debug`]).
@@ -93,19 +98,7 @@ pub async fn handle(
     let mut out = Outcome::default();
     let mut resp = match proxy(&conn, req.map(body::boxed), &mut out).await {
         Ok(r) => r,
-        Err(e) => {
-            if e.kind != Kind::NoRoute {
-                tracing::debug!(listener = %conn.listener.name, "request failed: {e}");
-            }
-            out.cause = Some(e.cause());
-            let mut r = e.to_response().map(body::full);
-            if e.kind == Kind::BadRequest && version < Version::HTTP_2 {
-                // The rest of the byte stream cannot be trusted to frame requests.
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            r
-        }
+        Err(e) => local_reply(&conn, &mut out, e, version).await,
     };
     if out.debug.on {
         // Here, after the response filters, so that every answer (upstream, local,
@@ -127,6 +120,44 @@ pub async fn handle(
         bytes: Cell::new(0),
     };
     Ok(resp.map(|b| body::boxed(Watched::new(b, done))))
+}
+
+/// The host's own answer to a failed request (error.rs picks the status). Once
+/// the request phases ran and before any response reached the filters, it goes
+/// through the response phases of the filters that took part, as an upstream
+/// response does (Envoy's local reply through the encoder filters), so a filter
+/// can add headers to a 502 or turn it into its protocol's error. An error of
+/// the response path itself (a response phase failed, a response body over a
+/// cap) is sent as it is, as Envoy sends a direct local reply then: a reply
+/// never enters filters that already saw a response of this exchange.
+async fn local_reply(
+    conn: &ConnCtx,
+    out: &mut Outcome,
+    e: ProxyError,
+    version: Version,
+) -> Response<Body> {
+    if e.kind != Kind::NoRoute {
+        tracing::debug!(listener = %conn.listener.name, "request failed: {e}");
+    }
+    out.cause = Some(e.cause());
+    let mut r = e.to_response().map(body::full);
+    // The client is gone: nobody reads this answer, it only names the cause.
+    if out.chain.is_some() && !out.responding && e.kind != Kind::DownstreamReset {
+        r = match response_filters(out, r).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(listener = %conn.listener.name, "local reply failed: {e}");
+                out.cause = Some(e.cause());
+                e.to_response().map(body::full)
+            }
+        };
+    }
+    if e.kind == Kind::BadRequest && version < Version::HTTP_2 {
+        // The rest of the byte stream cannot be trusted to frame requests.
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
 }
 
 /// Adds the `x-legate-debug-*` headers and counts the debug response.
@@ -760,6 +791,7 @@ async fn response_filters(
     out: &mut Outcome,
     mut resp: Response<Body>,
 ) -> Result<Response<Body>, ProxyError> {
+    out.responding = true;
     let Some(shared) = out.chain.clone() else {
         return Ok(resp);
     };
@@ -768,6 +800,11 @@ async fn response_filters(
     };
     chain.x.upstream = out.upstream;
     chain.x.status = Some(resp.status());
+    if let Some(cause) = out.cause {
+        // A local reply: its cause is readable in the response phases already
+        // (proxy-wasm `response.code_details`), not only in `on-log`.
+        chain.x.cause = Some(cause.to_string());
+    }
     let (any, later) = chain.response_interest();
     if !any {
         // No filter has a response phase: the response passes as it is.

@@ -258,7 +258,7 @@ each_proto!(
 );
 
 each_proto!(
-    async fn a_non_grpc_answer_passes_as_it_is(proto) {
+    async fn a_non_grpc_answer_that_is_no_error_passes_as_it_is(proto) {
         // The "gRPC" cluster is a plain HTTP/2 echo server: it shows what the
         // transcoder sent, and its JSON answer (not gRPC) passes untranscoded.
         let h2_echo = upstream().h2().start().await;
@@ -277,16 +277,55 @@ each_proto!(
         assert_eq!(seen.header("content-length"), Some("8"));
         assert_eq!(requests(&lg, "upstream_error").await, Some(1.0));
 
-        // No gRPC server at all: the host's own 502 passes as it is.
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let lg = legate().config(&config(closed, echo.addr)).start();
+    }
+);
+
+each_proto!(
+    async fn a_dead_upstream_becomes_a_json_error(proto) {
+        // No gRPC server at all: the host's own 502 goes through the
+        // transcoder's response phases, which turn it into its JSON error:
+        // 502 → UNAVAILABLE (14) → 503.
+        let echo = upstream().start().await;
+        let yaml = config_with(
+            closed_port_addr(),
+            echo.addr,
+            "builtin:grpc-json",
+            "[legate.test.v1.Echo]",
+        );
+        let lg = legate().config(&yaml).start();
         let mut c = client(proto, lg.addr("web")).await;
         let r = c.get("/v1/echo/x").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        is_json(&r);
+        assert_eq!(
+            r.json(),
+            json!({"code": 14, "message": "HTTP 502: upstream_connect_failure"})
+        );
+        assert_eq!(requests(&lg, "upstream_error").await, Some(1.0));
+        lg.assert_stat(
+            r#"legate_plugin_calls_total{plugin="transcoder",phase="response_headers"}"#,
+            1.0,
+        )
+        .await;
+        lg.assert_stat(
+            r#"legate_plugin_calls_total{plugin="transcoder",phase="response_body"}"#,
+            1.0,
+        )
+        .await;
+        lg.assert_stat(
+            r#"legate_listener_requests_total{listener="web",class="5xx"}"#,
+            1.0,
+        )
+        .await;
+        // A request the transcoder does not take keeps the host's answer.
+        let r = c
+            .post("/legate.test.v1.Echo/Say")
+            .header("content-type", "application/grpc")
+            .body(Vec::new())
+            .send()
+            .await;
         assert_eq!(r.status, 502, "{}", r.text());
-        assert_eq!(r.text().trim(), "upstream_connect_failure");
+        assert_eq!(r.text(), "upstream_connect_failure\n");
     }
 );
 

@@ -539,6 +539,67 @@ each_proto!(
 );
 
 each_proto!(
+    async fn a_dead_upstream_becomes_unavailable_in_the_trailer_frame(proto) {
+        // No gRPC server: the host's own 502 goes through the plugin's
+        // response phases, which turn it into a gRPC-Web answer.
+        let echo = upstream().start().await;
+        let lg = legate()
+            .config(&config(closed_port_addr(), echo.addr))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .post("/legate.test.v1.Echo/Say")
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .header("origin", ORIGIN)
+            .body(say("hi"))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/grpc-web+proto")
+        );
+        assert_eq!(r.header("access-control-allow-origin"), Some(ORIGIN));
+        no_http_trailers(&r);
+        let (data, t) = split(&r.body);
+        assert!(data.is_empty(), "{data:?}");
+        assert_eq!(trailer(&t, "grpc-status"), Some("14"));
+        assert_eq!(
+            trailer(&t, "grpc-message"),
+            Some("HTTP 502: upstream_connect_failure")
+        );
+
+        // -text: the same frame, base64.
+        let r = call(&mut c, "/legate.test.v1.Echo/Say", "application/grpc-web-text", b64(&say("hi"))).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/grpc-web-text"));
+        let (_, t) = split(&unb64(&r.body));
+        assert_eq!(trailer(&t, "grpc-status"), Some("14"));
+
+        assert_eq!(
+            plugin_counter(&lg, "grpc_web_responses_total", "kind=\"not_grpc\"").await,
+            Some(2.0)
+        );
+        lg.assert_stat(
+            r#"legate_plugin_calls_total{plugin="grpc-web",phase="response_headers"}"#,
+            2.0,
+        )
+        .await;
+        lg.assert_stat(
+            r#"legate_plugin_calls_total{plugin="grpc-web",phase="response_body"}"#,
+            2.0,
+        )
+        .await;
+        lg.assert_stat(
+            r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
+            2.0,
+        )
+        .await;
+    }
+);
+
+each_proto!(
     async fn other_requests_pass_untouched(proto) {
         let s = setup().await;
         let mut c = client(proto, s.lg.addr("web")).await;

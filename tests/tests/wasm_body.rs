@@ -854,3 +854,128 @@ each_proto!(
         assert_eq!(up.requests.get(), 0, "the upstream got the request");
     }
 );
+
+// ---- full duplex: a body chunk while another phase is paused (issue 3) ----
+
+each_proto!(
+    async fn a_request_chunk_while_a_response_phase_is_paused_waits_for_it(proto) {
+        use std::sync::{Arc, Mutex};
+        use tokio::sync::{mpsc, oneshot, Notify};
+
+        // The upstream (h2) answers at once, then keeps reading the request
+        // body: what it received, or how its read failed, goes to `got`.
+        let (got_tx, got_rx) = oneshot::channel::<Result<Bytes, String>>();
+        let got_tx = Arc::new(Mutex::new(Some(got_tx)));
+        let up = upstream()
+            .h2()
+            .handler(move |req: Request<Incoming>| {
+                let got_tx = got_tx.clone();
+                async move {
+                    tokio::spawn(async move {
+                        use http_body_util::BodyExt;
+                        let r = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .map_err(|e| e.to_string());
+                        if let Some(tx) = got_tx.lock().unwrap().take() {
+                            let _ = tx.send(r);
+                        }
+                    });
+                    Response::new(Full::new(Bytes::from("pong")))
+                }
+            })
+            .start()
+            .await;
+        // The checker holds the response body phase paused until released.
+        let (paused_tx, mut paused_rx) = mpsc::unbounded_channel::<()>();
+        let release = Arc::new(Notify::new());
+        let held = release.clone();
+        let checker = upstream()
+            .name("checker")
+            .handler(move |_req: Request<Incoming>| {
+                let paused_tx = paused_tx.clone();
+                let held = held.clone();
+                async move {
+                    let _ = paused_tx.send(());
+                    held.notified().await;
+                    Response::new(Full::new(Bytes::from("ok")))
+                }
+            })
+            .start()
+            .await;
+        let p = plugin("count", "{ mode: body-stream-count, phases: \"rq,rs,rqbody\" }", "{ cpu: 500ms }")
+            + &checking_plugin("check", "phases: \"rq,rs,rsbody\", rsmode: buffered");
+        let lg = legate()
+            .config(&checked_config(
+                up.addr,
+                checker.addr,
+                &p,
+                &["count", "check"],
+                "    protocol: h2\n",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        // The request body streams from here: chunk 1 now, chunk 2 once the
+        // response body phase is paused.
+        let (body_tx, body_rx) = mpsc::unbounded_channel::<Bytes>();
+        body_tx.send(Bytes::from("first,")).unwrap();
+        let stream = futures_util::stream::unfold(body_rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|d| (Ok::<_, BoxError>(http_body::Frame::data(d)), rx))
+        });
+        let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(stream));
+        let drive = async {
+            paused_rx.recv().await.unwrap();
+            body_tx.send(Bytes::from("second")).unwrap();
+            drop(body_tx);
+            // The host would reset the exchange as soon as it read the chunk;
+            // give it the time to read it before the phase resumes.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            release.notify_one();
+        };
+        let (r, ()) = tokio::join!(c.post("/duplex").boxed_body(body).send(), drive);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "PONG!");
+        assert_eq!(r.header("x-checked"), Some("200"));
+        // The chunk that arrived during the pause reached the upstream after it.
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), got_rx)
+            .await
+            .expect("the upstream never finished reading the request body")
+            .expect("the upstream's reader was dropped");
+        assert_eq!(got.as_deref(), Ok(&b"first,second"[..]), "{got:?}");
+        lg.assert_stat(&calls("check", "response_body"), 1.0).await;
+        // The first chunk went through the streamed phase before the pause;
+        // the second reached the upstream after it. (The response ended first
+        // here, which ends the exchange's filters: what is left of the request
+        // body then passes as it is, as before.)
+        lg.assert_stat_with(
+            &calls("count", "request_body"),
+            |n| n >= 1.0,
+            "the first request chunk went through the streamed body phase",
+        )
+        .await;
+    }
+);
+
+each_proto!(
+    async fn a_buffered_response_phase_may_pause_on_the_hosts_own_502(proto) {
+        // The upstream is down: the host's 502 goes through the response body
+        // phase (abi/README.md §3.6), which pauses on a callout and rewrites it.
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rsbody\", rsmode: buffered");
+        let yaml = checked_config(closed_port_addr(), ck.addr, &p, &["check"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/down").send().await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(r.text(), "UPSTREAM_CONNECT_FAILURE\n!");
+        assert_eq!(r.header("x-checked"), Some("200"));
+        assert_eq!(r.header("content-length"), Some("26"));
+        lg.assert_stat(&calls("check", "response_body"), 1.0).await;
+        lg.assert_stat(&calls("check", "callout_response"), 1.0).await;
+    }
+);

@@ -69,6 +69,39 @@ pub fn http_status(grpc_status: u32) -> u16 {
     }
 }
 
+/// The gRPC status for a non-gRPC answer's HTTP status (grpc/grpc
+/// `doc/http-grpc-status-mapping.md`, as gRPC clients and Envoy map it): a
+/// dead upstream's `502`, `503` and `504` are all `UNAVAILABLE`.
+pub fn grpc_status_of_http(http: u16) -> u32 {
+    match http {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// The most of a non-gRPC answer's body kept as the JSON error's message.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// The JSON error's message for a non-gRPC answer with HTTP `status` and body
+/// `page`: the page's text (its start, for a long page), prefixed with the
+/// status it came with.
+pub fn http_error_message(status: u16, page: &[u8]) -> String {
+    let text = String::from_utf8_lossy(page);
+    let mut message = text.trim();
+    if message.is_empty() {
+        message = "the response was not gRPC";
+    }
+    let mut end = message.len().min(MAX_MESSAGE);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("HTTP {status}: {}", &message[..end])
+}
+
 /// gRPC codes this plugin uses for its own errors.
 pub mod code {
     /// Bad JSON, unknown fields or query parameters.
@@ -143,6 +176,36 @@ mod tests {
         for (g, h) in table {
             assert_eq!(http_status(g), h, "grpc {g}");
         }
+    }
+
+    #[test]
+    fn http_statuses_map_to_grpc_codes_and_messages() {
+        for (h, g) in [
+            (400, 13),
+            (401, 16),
+            (403, 7),
+            (404, 12),
+            (429, 14),
+            (502, 14),
+            (503, 14),
+            (504, 14),
+            (500, 2),
+            (200, 2),
+        ] {
+            assert_eq!(grpc_status_of_http(h), g, "http {h}");
+        }
+        assert_eq!(
+            http_error_message(502, b"upstream_connect_failure\n"),
+            "HTTP 502: upstream_connect_failure"
+        );
+        assert_eq!(
+            http_error_message(503, b""),
+            "HTTP 503: the response was not gRPC"
+        );
+        // Cut at a character boundary: the cap falls inside a 2-byte one.
+        let long = format!("a{}", "\u{e9}".repeat(MAX_MESSAGE));
+        let m = http_error_message(500, long.as_bytes());
+        assert_eq!(m.len(), "HTTP 500: ".len() + MAX_MESSAGE - 1);
     }
 
     #[test]

@@ -15,6 +15,10 @@
 //!   or, for a gRPC error (in the trailers, or trailers-only in the headers),
 //!   the mapped HTTP status with `{"code": N, "message": ...}`. The trailers
 //!   are removed, so the response ends with its body (abi/README.md §4).
+//!   A non-gRPC error answer (of the host or a proxy: `502` for a dead
+//!   upstream) becomes the same JSON error: its HTTP status mapped to a gRPC
+//!   code (`502`/`503`/`504`: `UNAVAILABLE`) and back to an HTTP status, its
+//!   body as the message.
 //!
 //! See `README.md` for the schema and behaviour.
 
@@ -83,6 +87,9 @@ pub struct Context {
     grpc_response: bool,
     /// `grpc-status`/`grpc-message` found in the response headers.
     header_status: Option<(u32, String)>,
+    /// The HTTP status of a non-gRPC answer, turned into a JSON error in the
+    /// (buffered) response body phase.
+    not_grpc: Option<u16>,
 }
 
 impl GrpcJson {
@@ -237,9 +244,29 @@ impl HttpFilter for GrpcJson {
                 .starts_with("application/grpc")
         });
         if !grpc {
-            // Not a gRPC answer (an error page of the host or of a proxy on
-            // the way): nothing to transcode, it passes as it is.
             self.metrics.upstream_error.inc();
+            let status = x.status().unwrap_or(500);
+            if status < 400 {
+                // Not gRPC but no error either (a plain HTTP service behind
+                // the route): nothing to transcode, it passes as it is.
+                return Action::Continue;
+            }
+            // An error of the host (a dead upstream's 502) or of a proxy on
+            // the way: the JSON client gets the same error shape as for a
+            // gRPC status, with the page as the message.
+            if end_of_stream {
+                let code = codec::grpc_status_of_http(status);
+                return Action::Respond(json_response(
+                    codec::http_status(code),
+                    code,
+                    &codec::http_error_message(status, b""),
+                    "grpc_json_upstream_error",
+                ));
+            }
+            ctx.not_grpc = Some(status);
+            if let Err(e) = x.set_body_mode(Direction::Response, BodyMode::Buffered) {
+                legate_sdk::error!("grpc-json: buffering a non-gRPC answer failed: {e}");
+            }
             return Action::Continue;
         }
         let status = headers.get_str("grpc-status").map(|s| {
@@ -282,6 +309,16 @@ impl HttpFilter for GrpcJson {
         body: &Body<'_>,
         end_of_stream: bool,
     ) -> Action {
+        if let (Some(status), true) = (ctx.not_grpc, end_of_stream) {
+            let code = codec::grpc_status_of_http(status);
+            let message = codec::http_error_message(status, &body.to_vec());
+            return write_json(
+                x,
+                body,
+                codec::http_status(code),
+                codec::error_json(code, &message),
+            );
+        }
         if !ctx.grpc_response || !end_of_stream {
             return Action::Continue;
         }
@@ -340,29 +377,35 @@ impl HttpFilter for GrpcJson {
                 )
             }
         };
-        let written = body
-            .replace(json)
-            .and_then(|()| x.set_status(http))
-            .and_then(|()| match x.headers(Direction::Response) {
-                Some(h) => h
-                    .set("content-type", "application/json")
-                    .and_then(|()| h.remove("grpc-status"))
-                    .and_then(|()| h.remove("grpc-message"))
-                    .and_then(|()| h.remove("grpc-encoding"))
-                    .and_then(|()| h.remove("grpc-accept-encoding")),
-                None => Ok(()),
-            });
-        match written {
-            Ok(()) => Action::Continue,
-            Err(e) => {
-                legate_sdk::error!("grpc-json: writing the JSON response failed: {e}");
-                Action::Respond(json_response(
-                    502,
-                    code::UNAVAILABLE,
-                    "grpc-json: the response could not be transcoded",
-                    "grpc_json_upstream_error",
-                ))
-            }
+        write_json(x, body, http, json)
+    }
+}
+
+/// Writes the JSON answer over the held (buffered) response: body, status,
+/// `content-type`, no gRPC fields; the host sets the length.
+fn write_json(x: &Exchange<'_>, body: &Body<'_>, http: u16, json: Vec<u8>) -> Action {
+    let written = body
+        .replace(json)
+        .and_then(|()| x.set_status(http))
+        .and_then(|()| match x.headers(Direction::Response) {
+            Some(h) => h
+                .set("content-type", "application/json")
+                .and_then(|()| h.remove("grpc-status"))
+                .and_then(|()| h.remove("grpc-message"))
+                .and_then(|()| h.remove("grpc-encoding"))
+                .and_then(|()| h.remove("grpc-accept-encoding")),
+            None => Ok(()),
+        });
+    match written {
+        Ok(()) => Action::Continue,
+        Err(e) => {
+            legate_sdk::error!("grpc-json: writing the JSON response failed: {e}");
+            Action::Respond(json_response(
+                502,
+                code::UNAVAILABLE,
+                "grpc-json: the response could not be transcoded",
+                "grpc_json_upstream_error",
+            ))
         }
     }
 }

@@ -288,3 +288,56 @@ fn unmatched_requests_pass_untouched() {
         assert_eq!(counter(&t, result), Some(0), "{result}");
     }
 }
+
+#[test]
+fn a_non_grpc_answer_becomes_a_json_error_with_the_mapped_status() {
+    let mut t = filter();
+    let mut x = t.exchange(Request::get("/v1/echo/x"));
+    x.request_headers();
+    x.request_body();
+    // The host's answer for a dead upstream.
+    let resp = Response::new(502)
+        .header("content-type", "text/plain; charset=utf-8")
+        .header("content-length", "25")
+        .body("upstream_connect_failure\n");
+    assert_eq!(x.response_headers(resp), Action::Continue);
+    assert_eq!(x.body_mode(Direction::Response), BodyMode::Buffered);
+    assert_eq!(x.response_body(), Action::Continue);
+    // 502 → UNAVAILABLE → 503, as a gRPC server's UNAVAILABLE would be.
+    assert_eq!(x.status(), Some(503));
+    assert_eq!(
+        x.response_header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(
+        json(&x.response_body_bytes()),
+        serde_json::json!({"code": 14, "message": "HTTP 502: upstream_connect_failure"})
+    );
+    assert_eq!(counter(&t, "upstream_error"), Some(1));
+
+    // Without a body: answered from the headers phase.
+    let mut x = t.exchange(Request::get("/v1/echo/x"));
+    x.request_headers();
+    x.request_body();
+    let Action::Respond(r) = x.response_headers(Response::new(404)) else {
+        panic!("a body-less non-gRPC answer was not converted")
+    };
+    assert_eq!(r.status, 501);
+    assert_eq!(
+        json(&r.body),
+        serde_json::json!({"code": 12, "message": "HTTP 404: the response was not gRPC"})
+    );
+    assert_eq!(counter(&t, "upstream_error"), Some(2));
+
+    // Not gRPC but not an error (a plain HTTP service): passes as it is.
+    let mut x = t.exchange(Request::get("/v1/echo/x"));
+    x.request_headers();
+    x.request_body();
+    let plain = Response::new(200)
+        .header("content-type", "application/json")
+        .body("{}");
+    assert_eq!(x.response_headers(plain), Action::Continue);
+    assert_eq!(x.body_mode(Direction::Response), BodyMode::Skipped);
+    assert_eq!(x.status(), Some(200));
+    assert_eq!(counter(&t, "upstream_error"), Some(3));
+}

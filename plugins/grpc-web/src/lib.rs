@@ -13,7 +13,11 @@
 //!   through (base64-encoded for `-text`), and the upstream's trailers become
 //!   the final body frame (flag `0x80`) in the last body call, so the HTTP
 //!   response itself has no trailers (abi/README.md §4, folding trailers).
-//!   A trailers-only response (status in the headers) passes as headers;
+//!   A trailers-only response (status in the headers) passes as headers. A
+//!   non-gRPC answer (an error of the host or of a proxy: `502` for a dead
+//!   upstream) becomes a gRPC-Web response: `200`, the status mapped from the
+//!   HTTP status (gRPC's HTTP mapping: `502`/`503`/`504` are `UNAVAILABLE`)
+//!   and its body as `grpc-message`, in the trailer frame;
 //! - CORS (optional): preflights are answered locally, converted responses get
 //!   `access-control-allow-origin` and `access-control-expose-headers`.
 //!
@@ -35,7 +39,8 @@ use crate::config::{Config, Cors};
 pub const REQUESTS: &str = "grpc_web_requests_total";
 /// `grpc_web_responses_total{kind}`: converted responses by how the status
 /// travelled: `trailer_frame`, `trailers_only`, or `not_grpc` (the upstream
-/// did not answer gRPC; passed through).
+/// or the host did not answer gRPC; converted to a trailer frame with the
+/// status mapped from the HTTP status).
 pub const RESPONSES: &str = "grpc_web_responses_total";
 /// `grpc_web_preflights_total{outcome}`: CORS preflights answered, `allowed`
 /// or `denied`.
@@ -162,6 +167,9 @@ pub struct Context {
     allow_origin: Option<String>,
     /// The upstream answered gRPC: its body and trailers are converted.
     grpc_response: bool,
+    /// The HTTP status of a non-gRPC answer, converted in the (buffered)
+    /// response body phase.
+    not_grpc: Option<u16>,
     decoder: TextDecoder,
     encoder: TextEncoder,
 }
@@ -289,9 +297,22 @@ impl HttpFilter for GrpcWeb {
                 .starts_with("application/grpc")
         });
         if !grpc {
-            // An error page from the upstream or a proxy: nothing to convert.
+            // An error page from the upstream, a proxy or the host (a dead
+            // upstream's 502): a gRPC-Web client could only report the HTTP
+            // status, so it becomes a gRPC status in a trailer frame, with
+            // the page (whole, buffered) as the message.
             self.metrics.not_grpc.inc();
-            let _ = x.set_body_mode(Direction::Response, BodyMode::Skipped);
+            let status = x.status().unwrap_or(500);
+            if end_of_stream {
+                // No body call follows: the converted answer replaces it here.
+                return Action::Respond(self.converted_error(ctx, status, b""));
+            }
+            ctx.not_grpc = Some(status);
+            let _ = headers.set("content-type", &ctx.content_type);
+            let _ = headers.remove("content-length");
+            if let Err(e) = x.set_body_mode(Direction::Response, BodyMode::Buffered) {
+                legate_sdk::error!("grpc-web: buffering a non-gRPC answer failed: {e}");
+            }
             return Action::Continue;
         }
         ctx.grpc_response = true;
@@ -313,6 +334,17 @@ impl HttpFilter for GrpcWeb {
         body: &Body<'_>,
         end_of_stream: bool,
     ) -> Action {
+        if let Some(status) = ctx.not_grpc {
+            // Buffered: this is the one call, with the whole page.
+            let frame = self.error_frame(ctx, status, &body.to_vec());
+            return match body.replace(frame).and_then(|()| x.set_status(200)) {
+                Ok(()) => Action::Continue,
+                Err(e) => {
+                    legate_sdk::error!("grpc-web: converting a non-gRPC answer failed: {e}");
+                    Action::Respond(self.converted_error(ctx, status, b""))
+                }
+            };
+        }
         if !ctx.grpc_response {
             return Action::Continue;
         }
@@ -406,6 +438,57 @@ impl GrpcWeb {
         }
     }
 
+    /// The body of a gRPC-Web response for a non-gRPC answer with HTTP
+    /// `status` and body `page`: the trailer frame with the mapped
+    /// `grpc-status` and the page's text as `grpc-message` (base64 for
+    /// `-text`).
+    fn error_frame(&self, ctx: &mut Context, status: u16, page: &[u8]) -> Vec<u8> {
+        let text = String::from_utf8_lossy(page);
+        let mut message = text.trim();
+        if message.is_empty() {
+            message = "the response was not gRPC";
+        }
+        // A whole HTML page is no message: its start is enough to tell.
+        let mut end = message.len().min(MAX_MESSAGE);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let message = format!("HTTP {status}: {}", &message[..end]);
+        let frame = codec::trailer_frame(&[
+            (
+                "grpc-status".to_owned(),
+                grpc_status_of(status).to_string().into_bytes(),
+            ),
+            (
+                "grpc-message".to_owned(),
+                percent_encode(&message).into_bytes(),
+            ),
+        ]);
+        match ctx.variant {
+            Some(Variant::Text) => ctx.encoder.push(&frame, true),
+            _ => frame,
+        }
+    }
+
+    /// A non-gRPC answer converted as a whole (one without a body call):
+    /// `200` with the trailer frame of [`GrpcWeb::error_frame`].
+    fn converted_error(&self, ctx: &mut Context, status: u16, page: &[u8]) -> LocalResponse {
+        let mut r = LocalResponse::new(200)
+            .header("content-type", ctx.content_type.as_str())
+            .body(self.error_frame(ctx, status, page))
+            .details("grpc_web_not_grpc");
+        if let (Some(origin), Some(cors)) = (&ctx.allow_origin, &self.cors) {
+            r = r.header("access-control-allow-origin", origin.as_str());
+            if !cors.expose_headers.is_empty() {
+                r = r.header(
+                    "access-control-expose-headers",
+                    cors.expose_headers.join(","),
+                );
+            }
+        }
+        r
+    }
+
     /// A gRPC-Web error answered by this filter: trailers-only (status in the
     /// headers) so a gRPC-Web client reports it, with CORS headers when allowed.
     fn error_response(
@@ -431,6 +514,22 @@ impl GrpcWeb {
             }
         }
         r
+    }
+}
+
+/// The most of a non-gRPC answer's body kept as its `grpc-message`, in bytes.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// The gRPC status for a non-gRPC answer's HTTP status (grpc/grpc
+/// `doc/http-grpc-status-mapping.md`, as gRPC clients and Envoy map it).
+pub fn grpc_status_of(http: u16) -> u32 {
+    match http {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
     }
 }
 

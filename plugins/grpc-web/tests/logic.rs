@@ -216,20 +216,82 @@ fn a_trailers_only_response_passes_as_headers() {
 }
 
 #[test]
-fn a_non_grpc_upstream_answer_is_not_converted() {
-    let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
-    let mut x = t.exchange(grpc_web("application/grpc-web", &frame(0, b"x")));
+fn a_non_grpc_answer_becomes_a_status_in_the_trailer_frame() {
+    let mut t = FilterTest::<GrpcWeb>::configure(CORS).unwrap();
+    let mut x = t.exchange(
+        grpc_web("application/grpc-web+proto", &frame(0, b"x"))
+            .header("origin", "https://app.example.com"),
+    );
     x.request_headers();
-    let resp = Response::new(503)
-        .header("content-type", "text/html")
-        .body("<h1>down</h1>");
+    let resp = Response::new(502)
+        .header("content-type", "text/plain; charset=utf-8")
+        .header("content-length", "25")
+        .body("upstream_connect_failure\n");
     assert_eq!(x.response_headers(resp), Action::Continue);
+    // The page is buffered (the head held) and converted in its one body call.
+    assert_eq!(x.body_mode(Direction::Response), BodyMode::Buffered);
+    assert_eq!(
+        x.response_header("access-control-allow-origin").as_deref(),
+        Some("https://app.example.com")
+    );
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(x.status(), Some(200));
     assert_eq!(
         x.response_header("content-type").as_deref(),
-        Some("text/html")
+        Some("application/grpc-web+proto")
     );
-    assert_eq!(x.body_mode(Direction::Response), BodyMode::Skipped);
+    assert_eq!(x.response_header("content-length"), None);
+    assert_eq!(
+        x.response_body_bytes(),
+        frame(
+            0x80,
+            b"grpc-status: 14\r\ngrpc-message: HTTP 502: upstream_connect_failure\r\n"
+        )
+    );
     assert_eq!(counter(&t, "grpc_web_responses_total", "not_grpc"), Some(1));
+}
+
+#[test]
+fn a_body_less_non_grpc_answer_is_replaced_and_text_is_base64() {
+    let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+    let mut x = t.exchange(grpc_web("application/grpc-web-text", b""));
+    x.request_headers();
+    let answer = x.response_headers(Response::new(404));
+    let Action::Respond(r) = answer else {
+        panic!("not answered: {answer:?}");
+    };
+    assert_eq!(r.status, 200);
+    let ct: Vec<&[u8]> = r
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "content-type")
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    assert_eq!(ct, [b"application/grpc-web-text".as_slice()]);
+    let want = frame(
+        0x80,
+        b"grpc-status: 12\r\ngrpc-message: HTTP 404: the response was not gRPC\r\n",
+    );
+    assert_eq!(r.body, codec::encode(&want));
+}
+
+#[test]
+fn http_statuses_map_to_grpc_statuses() {
+    use legate_plugin_grpc_web::grpc_status_of;
+    for (http, grpc) in [
+        (400, 13),
+        (401, 16),
+        (403, 7),
+        (404, 12),
+        (429, 14),
+        (502, 14),
+        (503, 14),
+        (504, 14),
+        (500, 2),
+        (200, 2),
+    ] {
+        assert_eq!(grpc_status_of(http), grpc, "{http}");
+    }
 }
 
 #[test]

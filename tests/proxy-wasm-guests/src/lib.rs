@@ -874,6 +874,8 @@ impl HttpContext for Filter {
         if self.s.mode == "properties" {
             let code = prop(self, &["response", "code"]);
             self.seen.push(("x-p-code".into(), code));
+            let details = prop(self, &["response", "code_details"]);
+            self.seen.push(("x-p-code-details".into(), details));
         }
         for (k, v) in std::mem::take(&mut self.seen) {
             self.add_http_response_header(&k, &v);
