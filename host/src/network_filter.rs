@@ -1,0 +1,694 @@
+//! The host side of network (L4) filters on TCP proxy listeners: the
+//! [`NetworkFilter`] trait every L4 filter implements (proxy-wasm modules and
+//! components of the `network-filter` world), the per-listener chains
+//! ([`NetworkFilters`]) and the per-connection run ([`serve`]), which
+//! `tcp_proxy.rs` uses instead of its plain copy when a listener has filters.
+//!
+//! A connection's state as filters see it is an [`Exchange`] (its facts,
+//! `upstream`, queued callouts), so the Wasm hosts reuse their exchange plumbing:
+//! the data of a call is in `bodies[0]` (from downstream) or `bodies[1]` (from
+//! upstream), where the filter may rewrite it.
+//!
+//! Order: `on_new_connection` in chain order before the upstream connect;
+//! downstream data in chain order, upstream data in reverse order (as HTTP
+//! request and response phases); close notifications per side once the
+//! connection is over, then `on_done`. A `Pause` from a data call holds the data
+//! in that filter: with a callout of the filter outstanding, that direction stops
+//! reading until the callout response resumes it (the held data then goes on to
+//! the next filter); with none, the next data of that direction is appended and
+//! the filter called again with all of it (Envoy's buffering), up to the
+//! filter's cap. Failures follow the plugin's policy as for HTTP filters: `fail:
+//! closed` closes the connection, `fail: open` skips the filter for the rest of
+//! the connection.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::config::{Config, Name};
+use crate::filter::{CalloutResult, CalloutSender, ConnFacts, Exchange, FilterKey, HttpFilter};
+use crate::io::{Activity, Verdict as Idle};
+
+/// One side of a proxied connection (the WIT `peer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// The client connection.
+    Downstream,
+    /// The connection to the upstream endpoint.
+    Upstream,
+}
+
+impl Peer {
+    /// 0 for downstream, 1 for upstream: the index of [`Exchange::bodies`] that
+    /// holds data read from this peer.
+    pub fn idx(self) -> usize {
+        match self {
+            Peer::Downstream => 0,
+            Peer::Upstream => 1,
+        }
+    }
+
+    /// `downstream` / `upstream`, for logs and stats labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Peer::Downstream => "downstream",
+            Peer::Upstream => "upstream",
+        }
+    }
+}
+
+/// What an L4 filter tells the host after a call (the WIT `network-action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetVerdict {
+    /// Go on: forward the data, or connect upstream.
+    Continue,
+    /// Hold the data (or the connection), see the module docs.
+    Pause,
+    /// Close both connections; held data is discarded.
+    Close,
+}
+
+/// An L4 filter: one loaded plugin, shared by every worker (per-worker state is
+/// the implementation's, as for [`HttpFilter`]). `Err` from a call is a failure
+/// (trap, deadline, invalid result) handled by the plugin's policy.
+pub trait NetworkFilter: Send + Sync {
+    /// The plugin name.
+    fn name(&self) -> &str;
+    /// `fail: open`: a failure skips the filter instead of closing the connection.
+    fn fail_open(&self) -> bool;
+    /// The most bytes this filter may hold (`Pause`) per direction.
+    fn buffer_limit(&self) -> usize;
+    /// Held data went over [`Self::buffer_limit`] (for the filter's stats).
+    fn buffer_limit_exceeded(&self, from: Peer) {
+        let _ = from;
+    }
+    /// A downstream connection was accepted (after TLS), before connecting
+    /// upstream. The first call for `c`: the implementation creates its
+    /// per-connection state here.
+    fn on_new_connection(&self, worker: usize, c: &mut Exchange) -> Result<NetVerdict, String>;
+    /// Data read from `from`, in `c.bodies[from.idx()]` (writable: what is left
+    /// there is forwarded). `end_of_stream`: `from` half-closed.
+    fn on_data(
+        &self,
+        worker: usize,
+        c: &mut Exchange,
+        from: Peer,
+        end_of_stream: bool,
+    ) -> Result<NetVerdict, String>;
+    /// The result of callout `id`, which this filter queued for `c`. If the
+    /// filter is paused, `Continue` resumes it.
+    fn on_callout_response(
+        &self,
+        worker: usize,
+        c: &mut Exchange,
+        id: u64,
+        result: CalloutResult,
+    ) -> Result<NetVerdict, String>;
+    /// `peer`'s connection closed: by the peer (`remote`) or by the host.
+    fn on_close(&self, worker: usize, c: &mut Exchange, peer: Peer, remote: bool);
+    /// The connection is over: free its state (always called for a filter that
+    /// saw `on_new_connection`).
+    fn on_done(&self, worker: usize, c: &mut Exchange);
+}
+
+/// The network filter chains of one config version, per TCP listener.
+#[derive(Default)]
+pub struct NetworkFilters {
+    chains: HashMap<Name, Arc<[Arc<dyn NetworkFilter>]>>,
+}
+
+impl NetworkFilters {
+    /// The chains of `config`'s TCP listeners from the loaded plugins. A plugin
+    /// that is not a network filter on a TCP listener, or a network-only plugin
+    /// on an HTTP listener, is an error naming both.
+    pub fn build(
+        config: &Config,
+        loaded: &HashMap<FilterKey, Arc<dyn HttpFilter>>,
+    ) -> anyhow::Result<Self> {
+        let get = |plugin: &Name| {
+            let key = FilterKey {
+                plugin: plugin.clone(),
+                config_override: None,
+            };
+            loaded
+                .get(&key)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("plugin `{plugin}` was not loaded"))
+        };
+        let mut chains = HashMap::new();
+        for l in &config.listeners {
+            let l = &l.value;
+            if let Some(http) = &l.http {
+                for f in &http.filters {
+                    let name = &f.value.plugin.value;
+                    if get(name)?.phases().0 == 0 {
+                        anyhow::bail!(
+                            "listener `{}`: plugin `{name}` is a network (L4) filter, but \
+                             `http.filters` takes HTTP filters; use it in a TCP listener's \
+                             `tcp.filters`",
+                            l.name
+                        );
+                    }
+                }
+            }
+            let Some(tcp) = &l.tcp else { continue };
+            if tcp.filters.is_empty() {
+                continue;
+            }
+            let mut chain = Vec::new();
+            for f in &tcp.filters {
+                let name = &f.value.plugin.value;
+                let Some(nf) = get(name)?.network() else {
+                    anyhow::bail!(
+                        "listener `{}`: plugin `{name}` is an HTTP filter, but `tcp.filters` \
+                         takes network filters (a component of the `network-filter` world, \
+                         or a proxy-wasm module); move it to an HTTP listener's \
+                         `http.filters`",
+                        l.name
+                    );
+                };
+                chain.push(nf);
+            }
+            chains.insert(l.name.clone(), chain.into());
+        }
+        Ok(NetworkFilters { chains })
+    }
+
+    /// The chain of TCP listener `listener`; `None` if it has no filters.
+    pub fn get(&self, listener: &Name) -> Option<Arc<[Arc<dyn NetworkFilter>]>> {
+        self.chains.get(listener).cloned()
+    }
+}
+
+/// Connection contexts start here so they never meet an HTTP exchange's in a
+/// plugin used on both kinds of listener.
+static NEXT_CONTEXT: AtomicU64 = AtomicU64::new(1 << 62);
+
+/// The connection's state for filters: an exchange holding its facts.
+pub fn connection(facts: Arc<ConnFacts>) -> Exchange {
+    let mut x = Exchange::placeholder();
+    x.context = NEXT_CONTEXT.fetch_add(1, Relaxed);
+    x.https = facts.tls.is_some();
+    x.conn = facts;
+    x.start = SystemTime::now();
+    x
+}
+
+/// A callout result on its way back: the filter that sent it, its id, the result.
+type Delivery = (usize, u64, CalloutResult);
+
+/// Where a filter paused waiting for a callout.
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    /// In `on_new_connection`.
+    New,
+    /// In a data call of direction `from`, at position `pos` of its order.
+    Data { from: Peer, pos: usize, eos: bool },
+}
+
+/// What a run over the chain produced.
+#[derive(Debug)]
+enum Step {
+    /// Go on (connect, or forward this data).
+    Go(Vec<u8>),
+    /// A filter holds it.
+    Held,
+    /// Close the connection.
+    Close,
+}
+
+/// One connection's run through a listener's network chain.
+pub struct NetChain {
+    worker: usize,
+    filters: Arc<[Arc<dyn NetworkFilter>]>,
+    /// The connection as filters see it.
+    pub x: Exchange,
+    /// Filters bypassed after a fail-open failure.
+    skipped: Vec<bool>,
+    /// Data each filter holds (`Pause`), per direction ([`Peer::idx`]).
+    held: Vec<[Vec<u8>; 2]>,
+    /// Callouts of each filter not delivered yet.
+    outstanding: Vec<usize>,
+    /// The filter waiting for a callout, and where.
+    paused: Option<(usize, Stage)>,
+    /// Data a resume released, per direction, for the pump to write.
+    out: [Vec<u8>; 2],
+    /// End of stream reached the end of the chain in that direction while held.
+    eos_out: [bool; 2],
+    /// A filter (or a failure) closed the connection.
+    closing: bool,
+    /// Filters that saw `on_new_connection` (they get `on_close` and `on_done`).
+    entered: usize,
+    callouts: Rc<dyn CalloutSender>,
+    deliver: tokio::sync::mpsc::UnboundedSender<Delivery>,
+    /// Callouts in flight: dropping the chain aborts them.
+    inflight: tokio::task::JoinSet<()>,
+}
+
+impl NetChain {
+    /// A chain for connection `x`; the receiver gets callout results.
+    pub fn new(
+        worker: usize,
+        filters: Arc<[Arc<dyn NetworkFilter>]>,
+        x: Exchange,
+        callouts: Rc<dyn CalloutSender>,
+    ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<Delivery>) {
+        let n = filters.len();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let chain = NetChain {
+            worker,
+            filters,
+            x,
+            skipped: vec![false; n],
+            held: vec![[Vec::new(), Vec::new()]; n],
+            outstanding: vec![0; n],
+            paused: None,
+            out: [Vec::new(), Vec::new()],
+            eos_out: [false, false],
+            closing: false,
+            entered: 0,
+            callouts,
+            deliver: tx,
+            inflight: tokio::task::JoinSet::new(),
+        };
+        (chain, rx)
+    }
+
+    /// Sends the callouts filter `i` queued in its last call.
+    fn dispatch(&mut self, i: usize) {
+        for req in std::mem::take(&mut self.x.callouts) {
+            let id = req.id;
+            let fut = self.callouts.send(req);
+            let tx = self.deliver.clone();
+            self.outstanding[i] += 1;
+            self.inflight.spawn_local(async move {
+                let _ = tx.send((i, id, fut.await));
+            });
+        }
+    }
+
+    /// Applies filter `i`'s failure policy: `true` if the filter is skipped.
+    fn failure(&mut self, i: usize, phase: &str, why: &str) -> bool {
+        let f = &self.filters[i];
+        tracing::warn!(plugin = f.name(), phase, "plugin failure: {why}");
+        if f.fail_open() {
+            self.skipped[i] = true;
+            if matches!(self.paused, Some((p, _)) if p == i) {
+                self.paused = None;
+            }
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The filter positions data from `from` runs through.
+    fn order(&self, from: Peer) -> Vec<usize> {
+        let n = self.filters.len();
+        match from {
+            Peer::Downstream => (0..n).collect(),
+            Peer::Upstream => (0..n).rev().collect(),
+        }
+    }
+
+    /// `on_new_connection` from filter `start` on.
+    fn run_new(&mut self, start: usize) -> Step {
+        for i in start..self.filters.len() {
+            self.entered = self.entered.max(i + 1);
+            if self.skipped[i] {
+                continue;
+            }
+            let f = self.filters[i].clone();
+            let r = f.on_new_connection(self.worker, &mut self.x);
+            self.dispatch(i);
+            match r {
+                Ok(NetVerdict::Continue) => {}
+                Ok(NetVerdict::Close) => return Step::Close,
+                Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
+                    self.paused = Some((i, Stage::New));
+                    return Step::Held;
+                }
+                Ok(NetVerdict::Pause) => {
+                    let why = "paused the new connection with no callout outstanding: nothing \
+                               could resume it";
+                    if !self.failure(i, "new_connection", why) {
+                        return Step::Close;
+                    }
+                }
+                Err(e) => {
+                    if !self.failure(i, "new_connection", &e) {
+                        return Step::Close;
+                    }
+                }
+            }
+        }
+        Step::Go(Vec::new())
+    }
+
+    /// Data from `from` through the chain from position `pos` of its order.
+    fn run_data(&mut self, from: Peer, mut data: Vec<u8>, eos: bool, start: usize) -> Step {
+        let d = from.idx();
+        let order = self.order(from);
+        let phase = match from {
+            Peer::Downstream => "downstream_data",
+            Peer::Upstream => "upstream_data",
+        };
+        for (pos, &i) in order.iter().enumerate().skip(start) {
+            if self.skipped[i] {
+                continue;
+            }
+            let f = self.filters[i].clone();
+            let mut held = std::mem::take(&mut self.held[i][d]);
+            if !held.is_empty() {
+                held.append(&mut data);
+                data = held;
+            }
+            if data.len() > f.buffer_limit() {
+                f.buffer_limit_exceeded(from);
+                tracing::warn!(
+                    plugin = f.name(),
+                    "the {} data this filter holds is over its cap of {} bytes; closing",
+                    from.as_str(),
+                    f.buffer_limit()
+                );
+                return Step::Close;
+            }
+            self.x.bodies[d] = Some(data);
+            let r = f.on_data(self.worker, &mut self.x, from, eos);
+            data = self.x.bodies[d].take().unwrap_or_default();
+            self.dispatch(i);
+            match r {
+                Ok(NetVerdict::Continue) => {}
+                Ok(NetVerdict::Close) => return Step::Close,
+                Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
+                    self.held[i][d] = data;
+                    self.paused = Some((i, Stage::Data { from, pos, eos }));
+                    return Step::Held;
+                }
+                Ok(NetVerdict::Pause) if !eos => {
+                    // Envoy's buffering: called again with this and the next data.
+                    self.held[i][d] = data;
+                    return Step::Held;
+                }
+                Ok(NetVerdict::Pause) => {
+                    let why = format!(
+                        "paused at the end of the {} stream with no callout outstanding: \
+                         nothing could resume it",
+                        from.as_str()
+                    );
+                    if !self.failure(i, phase, &why) {
+                        return Step::Close;
+                    }
+                }
+                Err(e) => {
+                    if !self.failure(i, phase, &e) {
+                        return Step::Close;
+                    }
+                }
+            }
+        }
+        Step::Go(data)
+    }
+
+    /// Whether data from `from` must wait (a filter waits for a callout on the
+    /// new connection or in that direction).
+    fn blocked(&self, from: Peer) -> bool {
+        match self.paused {
+            Some((_, Stage::New)) => true,
+            Some((_, Stage::Data { from: f, .. })) => f == from,
+            None => false,
+        }
+    }
+
+    /// Delivers a callout result; a resume runs the rest of the chain from where
+    /// the filter paused. `Some(step)` when the paused new connection resumed.
+    fn deliver(&mut self, (i, id, result): Delivery) -> Option<Step> {
+        self.outstanding[i] = self.outstanding[i].saturating_sub(1);
+        if self.closing {
+            return None;
+        }
+        let here = matches!(self.paused, Some((p, _)) if p == i);
+        let f = self.filters[i].clone();
+        let r = if self.skipped[i] {
+            Ok(NetVerdict::Continue)
+        } else {
+            f.on_callout_response(self.worker, &mut self.x, id, result)
+        };
+        self.dispatch(i);
+        let resume = match r {
+            Ok(NetVerdict::Continue) => here,
+            Ok(NetVerdict::Pause) if here && self.outstanding[i] == 0 => {
+                let why = "still paused with no callout outstanding: nothing could resume it";
+                if !self.failure(i, "callout_response", why) {
+                    self.closing = true;
+                    return Some(Step::Close);
+                }
+                true
+            }
+            Ok(NetVerdict::Pause) => false,
+            Ok(NetVerdict::Close) => {
+                self.closing = true;
+                return Some(Step::Close);
+            }
+            Err(e) => {
+                if !self.failure(i, "callout_response", &e) {
+                    self.closing = true;
+                    return Some(Step::Close);
+                }
+                here
+            }
+        };
+        if !resume {
+            return None;
+        }
+        let (_, stage) = self.paused.take()?;
+        match stage {
+            Stage::New => Some(self.run_new(i + 1)),
+            Stage::Data { from, pos, eos } => {
+                let d = from.idx();
+                let data = std::mem::take(&mut self.held[i][d]);
+                match self.run_data(from, data, eos, pos + 1) {
+                    Step::Go(data) => {
+                        self.out[d].extend_from_slice(&data);
+                        self.eos_out[d] |= eos;
+                    }
+                    Step::Held => {}
+                    Step::Close => self.closing = true,
+                }
+                None
+            }
+        }
+    }
+
+    /// Close notifications for the sides that were open, then `on_done`, for
+    /// the filters that saw the connection.
+    fn finish(&mut self, closed: &[(Peer, bool)]) {
+        for i in 0..self.entered {
+            let f = self.filters[i].clone();
+            for &(peer, remote) in closed {
+                if !self.skipped[i] {
+                    f.on_close(self.worker, &mut self.x, peer, remote);
+                }
+            }
+            f.on_done(self.worker, &mut self.x);
+        }
+        self.entered = 0;
+    }
+}
+
+/// Callout results for a chain.
+pub type Deliveries = tokio::sync::mpsc::UnboundedReceiver<Delivery>;
+
+/// Runs `on_new_connection` over the chain, waiting out pauses: whether to
+/// connect upstream.
+pub async fn start(chain: &mut NetChain, rx: &mut Deliveries) -> bool {
+    let mut step = chain.run_new(0);
+    loop {
+        match step {
+            Step::Go(_) => return true,
+            Step::Close => {
+                chain.closing = true;
+                return false;
+            }
+            Step::Held => {
+                let Some(d) = rx.recv().await else {
+                    return false;
+                };
+                step = chain.deliver(d).unwrap_or(Step::Held);
+            }
+        }
+    }
+}
+
+/// How a pump ended.
+#[derive(Clone, Copy, Default)]
+struct Ended {
+    /// The peer it read from closed (EOF or error): a remote close.
+    remote: bool,
+}
+
+/// Reads from `from`, runs the chain, writes to the other side. Ends at the end
+/// of `from`'s stream (after half-closing the other side) or when the
+/// connection closes.
+async fn pump<R, W>(
+    chain: &RefCell<NetChain>,
+    from: Peer,
+    mut r: R,
+    mut w: W,
+    mut changed: tokio::sync::watch::Receiver<u64>,
+    wake: &tokio::sync::watch::Sender<u64>,
+) -> Ended
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let d = from.idx();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut ended = Ended::default();
+    let close = |wake: &tokio::sync::watch::Sender<u64>| {
+        chain.borrow_mut().closing = true;
+        wake.send_modify(|v| *v += 1);
+    };
+    loop {
+        let (out, eos_out) = {
+            let mut c = chain.borrow_mut();
+            if c.closing {
+                return ended;
+            }
+            let eos = std::mem::take(&mut c.eos_out[d]);
+            (std::mem::take(&mut c.out[d]), eos)
+        };
+        if !out.is_empty() && w.write_all(&out).await.is_err() {
+            close(wake);
+            return ended;
+        }
+        if eos_out {
+            let _ = w.shutdown().await;
+            return ended;
+        }
+        if chain.borrow().blocked(from) {
+            if changed.changed().await.is_err() {
+                return ended;
+            }
+            continue;
+        }
+        if ended.remote {
+            // Our end of stream is held by a filter (buffering): wait for a
+            // resume or a close.
+            if changed.changed().await.is_err() {
+                return ended;
+            }
+            continue;
+        }
+        let n = tokio::select! {
+            n = r.read(&mut buf) => n.unwrap_or(0),
+            c = changed.changed() => {
+                if c.is_err() {
+                    return ended;
+                }
+                continue;
+            }
+        };
+        let eos = n == 0;
+        ended.remote = eos;
+        let step = chain.borrow_mut().run_data(from, buf[..n].to_vec(), eos, 0);
+        match step {
+            Step::Go(data) => {
+                if !data.is_empty() && w.write_all(&data).await.is_err() {
+                    close(wake);
+                    return ended;
+                }
+                if eos {
+                    let _ = w.shutdown().await;
+                    return ended;
+                }
+            }
+            Step::Held => {}
+            Step::Close => {
+                close(wake);
+                return ended;
+            }
+        }
+    }
+}
+
+/// Proxies a connection through its chain after [`start`] and the upstream
+/// connect, with the idle timeout over `activity`; then the close notifications
+/// and `on_done`. Returns when the connection is over.
+pub async fn serve<D, U>(
+    chain: NetChain,
+    mut rx: Deliveries,
+    down: D,
+    up: U,
+    activity: &Activity,
+    idle: Duration,
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut timed_out = false;
+    let (mut chain, down_ended, up_ended, closed) = {
+        let cell = RefCell::new(chain);
+        let (wake, changed) = tokio::sync::watch::channel(0u64);
+        let (dr, dw) = tokio::io::split(down);
+        let (ur, uw) = tokio::io::split(up);
+        let (result, closed) = {
+            let pumps = async {
+                tokio::join!(
+                    pump(&cell, Peer::Downstream, dr, uw, changed.clone(), &wake),
+                    pump(&cell, Peer::Upstream, ur, dw, changed.clone(), &wake),
+                )
+            };
+            let deliveries = async {
+                while let Some(d) = rx.recv().await {
+                    let _ = cell.borrow_mut().deliver(d);
+                    wake.send_modify(|v| *v += 1);
+                }
+                std::future::pending::<()>().await;
+            };
+            tokio::pin!(pumps);
+            tokio::pin!(deliveries);
+            let mut result = None;
+            loop {
+                let deadline = match activity.check(idle, None) {
+                    Idle::WaitUntil(t) => t,
+                    _ => {
+                        timed_out = true;
+                        break;
+                    }
+                };
+                tokio::select! {
+                    ends = &mut pumps => {
+                        result = Some(ends);
+                        break;
+                    }
+                    () = &mut deliveries => {}
+                    () = tokio::time::sleep_until(deadline.into()) => {}
+                }
+            }
+            (result, cell.borrow().closing)
+        };
+        let (a, b) = result.unwrap_or_default();
+        (cell.into_inner(), a, b, closed)
+    };
+    if timed_out {
+        tracing::debug!("tcp connection idle for {idle:?}; closing");
+    }
+    // Remote: that peer closed (and the host did not close first).
+    let remote = |e: Ended| e.remote && !closed && !timed_out;
+    chain.finish(&[
+        (Peer::Downstream, remote(down_ended)),
+        (Peer::Upstream, remote(up_ended)),
+    ]);
+}
+
+/// Finishes a connection that never reached the upstream (rejected by a filter,
+/// or no endpoint reachable): the downstream side closes locally.
+pub fn finish_unconnected(chain: &mut NetChain) {
+    chain.finish(&[(Peer::Downstream, false)]);
+}
