@@ -119,7 +119,7 @@ impl PluginStats {
     }
 
     /// The phases calls are counted by, the per-request ones first.
-    const PHASES: [&'static str; 12] = [
+    const PHASES: [&'static str; 17] = [
         "request_headers",
         "response_headers",
         "request_body",
@@ -132,6 +132,12 @@ impl PluginStats {
         "configure",
         "tick",
         "tick_callout_response",
+        // Network (L4) filters on TCP listeners.
+        "new_connection",
+        "downstream_data",
+        "upstream_data",
+        "downstream_close",
+        "upstream_close",
     ];
 
     pub(crate) fn new(stats: &Stats, name: &str) -> Self {

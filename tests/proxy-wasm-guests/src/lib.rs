@@ -76,6 +76,23 @@
 //!   opening a stream to `backend`, which is not granted; `/direct/leave`
 //!   opens a slow `Count` stream from the HTTP context and answers at once.
 //!
+//! TCP (network filter) modes, a `StreamContext` per connection; each counts
+//! its callbacks in metrics `pw_tcp_new`, `pw_tcp_down_close_{remote,local}`,
+//! `pw_tcp_up_close_{remote,local}` and `pw_tcp_log`:
+//!
+//! - `tcp-rewrite`: downstream data is held (`Pause`) until it ends with a
+//!   newline (or the stream ends), then every `hello` becomes `howdy, partner`
+//!   and a line `props` becomes `src=<source.address> dst=<destination.address>
+//!   up=<upstream.address> tls=<connection.tls_version or none>`; upstream data
+//!   has every `o` replaced by `0`.
+//! - `tcp-close`: downstream data containing `QUIT` closes the connection
+//!   (`close_downstream`), upstream data containing `BYE` too
+//!   (`close_upstream`); anything else passes.
+//! - `tcp-callout`: `on_new_connection` calls cluster `authz` at the config's
+//!   `path` and pauses; a 200 resumes (`resume_downstream`) and prefixes the
+//!   first downstream data with the answer's body and `|`, anything else closes.
+//! - `tcp-trap`: downstream data containing `boom` panics.
+//!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
 
 use std::collections::HashMap;
@@ -101,6 +118,10 @@ struct Settings {
     ticks_metric: u32,
     queue: u32,
     timeout_ms: u64,
+    /// `path` (the TCP callout's).
+    path: String,
+    /// The TCP metrics: new, down close remote/local, up close remote/local, log.
+    tcp: [u32; 6],
 }
 
 #[derive(Default)]
@@ -158,7 +179,9 @@ impl Root {
         };
         let key = format!("pw_stream_{key}");
         let (cur, _) = self.get_shared_data(&key);
-        let mut v = cur.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        let mut v = cur
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
         if !v.is_empty() {
             v.push(';');
         }
@@ -189,7 +212,12 @@ impl Root {
             return;
         }
         let parts: Vec<&str> = scenario.split('/').collect();
-        let num = |i: usize, d: u64| parts.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(d);
+        let num = |i: usize, d: u64| {
+            parts
+                .get(i)
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(d)
+        };
         let cluster = if parts[0] == "dead" { "dead" } else { "grpc" };
         let method = if parts[0] == "chat" { "Chat" } else { "Count" };
         let r = hostcalls::open_grpc_stream(
@@ -202,15 +230,20 @@ impl Root {
             Ok(t) => t,
             Err(e) => {
                 let k = format!("pw_stream_{key}");
-                self.set_shared_data(&k, Some(format!("open-error:{e:?}").as_bytes()), None).ok();
+                self.set_shared_data(&k, Some(format!("open-error:{e:?}").as_bytes()), None)
+                    .ok();
                 return;
             }
         };
-        self.streams.insert(token, (key.to_string(), scenario.to_string()));
+        self.streams
+            .insert(token, (key.to_string(), scenario.to_string()));
         self.record(token, "open");
         let (message, end) = match parts[0] {
             "count" => (count_request(num(1, 3), 0, "", num(2, 0)), true),
-            "fail" => (count_request(2, num(1, 2), "stream failed on purpose", 0), true),
+            "fail" => (
+                count_request(2, num(1, 2), "stream failed on purpose", 0),
+                true,
+            ),
             "close" => (count_request(num(1, 2), 0, "", 0), false),
             "cancel" => (count_request(5, 0, "", 200), true),
             "trap" => (count_request(5, 0, "", 200), true),
@@ -245,11 +278,17 @@ impl Context for Root {
 
     fn on_grpc_stream_message(&mut self, token: u32, size: usize) {
         let m = self.get_grpc_stream_message(0, size).unwrap_or_default();
-        let chat = self.streams.get(&token).and_then(|(_, s)| s.strip_prefix("chat/")).and_then(|n| n.parse::<u32>().ok());
+        let chat = self
+            .streams
+            .get(&token)
+            .and_then(|(_, s)| s.strip_prefix("chat/"))
+            .and_then(|n| n.parse::<u32>().ok());
         if let Some(last) = chat {
             // SayReply: field 1 (message) first.
             let text = match m.as_slice() {
-                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned(),
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => {
+                    String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned()
+                }
                 _ => "<undecodable>".to_string(),
             };
             self.record(token, &format!("msg:{text}"));
@@ -303,8 +342,16 @@ impl Context for Root {
         self.streams.remove(&token);
     }
 
-    fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
-        let body = self.get_http_call_response_body(0, usize::MAX).unwrap_or_default();
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
+        let body = self
+            .get_http_call_response_body(0, usize::MAX)
+            .unwrap_or_default();
         self.set_shared_data("pw_tick_body", Some(&body), None).ok();
     }
 }
@@ -343,6 +390,20 @@ impl RootContext for Root {
                 hostcalls::define_metric(MetricType::Counter, "pw_dequeued").unwrap_or(0);
         }
         self.s.timeout_ms = v["timeout_ms"].as_u64().unwrap_or(1000);
+        self.s.path = v["path"].as_str().unwrap_or("/check").to_string();
+        if self.s.mode.starts_with("tcp-") {
+            let names = [
+                "pw_tcp_new",
+                "pw_tcp_down_close_remote",
+                "pw_tcp_down_close_local",
+                "pw_tcp_up_close_remote",
+                "pw_tcp_up_close_local",
+                "pw_tcp_log",
+            ];
+            for (i, n) in names.iter().enumerate() {
+                self.s.tcp[i] = hostcalls::define_metric(MetricType::Counter, n).unwrap_or(0);
+            }
+        }
         if self.s.mode == "tick-callout" {
             if let Some(ms) = v["tick_ms"].as_u64() {
                 self.set_tick_period(Duration::from_millis(ms));
@@ -366,7 +427,11 @@ impl RootContext for Root {
         if self.s.mode == "tick-callout" {
             let r = self.dispatch_http_call(
                 "authz",
-                vec![(":method", "GET"), (":path", "/tick"), (":authority", "authz")],
+                vec![
+                    (":method", "GET"),
+                    (":path", "/tick"),
+                    (":authority", "authz"),
+                ],
                 None,
                 vec![],
                 Duration::from_millis(self.s.timeout_ms),
@@ -408,8 +473,187 @@ impl RootContext for Root {
         }))
     }
 
+    fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(Tcp {
+            s: self.s.clone(),
+            prefix: None,
+        }))
+    }
+
     fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        if self.s.mode.starts_with("tcp-") {
+            Some(ContextType::StreamContext)
+        } else {
+            Some(ContextType::HttpContext)
+        }
+    }
+}
+
+/// A TCP connection's context (the `tcp-*` modes).
+struct Tcp {
+    s: Settings,
+    /// `tcp-callout`: the authorization answer, prefixed to the next downstream data.
+    prefix: Option<Vec<u8>>,
+}
+
+impl Tcp {
+    fn count(&self, i: usize) {
+        hostcalls::increment_metric(self.s.tcp[i], 1).ok();
+    }
+
+    fn property(&self, path: &str) -> String {
+        let segs: Vec<&str> = path.split('.').collect();
+        self.get_property(segs)
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_else(|| "none".to_string())
+    }
+}
+
+fn replace_all(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut i = 0;
+    while i < data.len() {
+        if data[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+        } else {
+            out.push(data[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+impl Context for Tcp {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        headers: usize,
+        body: usize,
+        _trailers: usize,
+    ) {
+        let status = self.get_http_call_response_header(":status");
+        if headers > 0 && status.as_deref() == Some("200") {
+            self.prefix = Some(
+                self.get_http_call_response_body(0, body)
+                    .unwrap_or_default(),
+            );
+            self.resume_downstream();
+        } else {
+            self.close_downstream();
+        }
+    }
+
+    fn on_done(&mut self) -> bool {
+        true
+    }
+}
+
+impl StreamContext for Tcp {
+    fn on_new_connection(&mut self) -> Action {
+        self.count(0);
+        if self.s.mode != "tcp-callout" {
+            return Action::Continue;
+        }
+        let path = self.s.path.clone();
+        match self.dispatch_http_call(
+            "authz",
+            vec![
+                (":method", "GET"),
+                (":path", &path),
+                (":authority", "authz"),
+            ],
+            None,
+            vec![],
+            Duration::from_millis(self.s.timeout_ms),
+        ) {
+            Ok(_) => Action::Pause,
+            Err(_) => {
+                self.close_downstream();
+                Action::Continue
+            }
+        }
+    }
+
+    fn on_downstream_data(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let data = self.get_downstream_data(0, size).unwrap_or_default();
+        match self.s.mode.as_str() {
+            "tcp-rewrite" => {
+                if !end_of_stream && !data.ends_with(b"\n") {
+                    return Action::Pause;
+                }
+                let mut out = replace_all(&data, b"hello", b"howdy, partner");
+                if out.windows(6).any(|w| w == b"props\n") {
+                    let line = format!(
+                        "src={} dst={} up={} tls={}\n",
+                        self.property("source.address"),
+                        self.property("destination.address"),
+                        self.property("upstream.address"),
+                        self.property("connection.tls_version"),
+                    );
+                    out = replace_all(&out, b"props\n", line.as_bytes());
+                }
+                self.set_downstream_data(0, size, &out);
+            }
+            "tcp-close" => {
+                if data.windows(4).any(|w| w == b"QUIT") {
+                    self.close_downstream();
+                }
+            }
+            "tcp-callout" => {
+                if let Some(mut p) = self.prefix.take() {
+                    p.push(b'|');
+                    self.set_downstream_data(0, 0, &p);
+                }
+            }
+            "tcp-trap" => {
+                if data.windows(4).any(|w| w == b"boom") {
+                    panic!("boom in on_downstream_data");
+                }
+            }
+            _ => {}
+        }
+        Action::Continue
+    }
+
+    fn on_upstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
+        let data = self.get_upstream_data(0, size).unwrap_or_default();
+        match self.s.mode.as_str() {
+            "tcp-rewrite" => {
+                let out: Vec<u8> = data
+                    .iter()
+                    .map(|b| if *b == b'o' { b'0' } else { *b })
+                    .collect();
+                self.set_upstream_data(0, size, &out);
+            }
+            "tcp-close" => {
+                if data.windows(3).any(|w| w == b"BYE") {
+                    self.close_upstream();
+                }
+            }
+            _ => {}
+        }
+        Action::Continue
+    }
+
+    fn on_downstream_close(&mut self, peer: PeerType) {
+        self.count(if matches!(peer, PeerType::Remote) {
+            1
+        } else {
+            2
+        });
+    }
+
+    fn on_upstream_close(&mut self, peer: PeerType) {
+        self.count(if matches!(peer, PeerType::Remote) {
+            3
+        } else {
+            4
+        });
+    }
+
+    fn on_log(&mut self) {
+        self.count(5);
     }
 }
 
@@ -425,7 +669,9 @@ struct Filter {
 impl Context for Filter {
     fn on_grpc_call_response(&mut self, _token: u32, status: u32, size: usize) {
         if status == 0 {
-            let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
+            let body = self
+                .get_grpc_call_response_body(0, size)
+                .unwrap_or_default();
             // SayReply: field 1 (message) is first; the metadata map follows.
             let reply = match body.as_slice() {
                 [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => {
@@ -457,18 +703,35 @@ impl Context for Filter {
         self.send_grpc_response(code, message.as_deref(), vec![("x-pw-grpc", b"failed")]);
     }
 
-    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        num_headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
         if num_headers == 0 {
-            self.send_http_response(503, vec![("x-pw-call", "failed")], Some(b"authz unavailable\n"));
+            self.send_http_response(
+                503,
+                vec![("x-pw-call", "failed")],
+                Some(b"authz unavailable\n"),
+            );
             return;
         }
-        let status = self.get_http_call_response_header(":status").unwrap_or_default();
-        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_default();
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
         if status == "200" {
             let v = String::from_utf8_lossy(&body).into_owned();
             self.set_http_request_header("x-pw-authz", Some(&v));
             let trailers = self.get_http_call_response_trailers();
-            self.set_http_request_header("x-pw-call-trailers", Some(&format!("{}:{}", _trailers, trailers.len())));
+            self.set_http_request_header(
+                "x-pw-call-trailers",
+                Some(&format!("{}:{}", _trailers, trailers.len())),
+            );
             self.resume_http_request();
         } else {
             let code = status.parse::<u32>().unwrap_or(500);
@@ -480,7 +743,16 @@ impl Context for Filter {
 fn prop(c: &dyn Context, path: &[&str]) -> String {
     match c.get_property(path.to_vec()) {
         Some(b) => {
-            if b.len() == 8 && matches!(path, ["response", "code"] | ["source", "port"] | ["request", "size"] | ["destination", "port"] | ["request", "time"]) {
+            if b.len() == 8
+                && matches!(
+                    path,
+                    ["response", "code"]
+                        | ["source", "port"]
+                        | ["request", "size"]
+                        | ["destination", "port"]
+                        | ["request", "time"]
+                )
+            {
                 let mut a = [0u8; 8];
                 a.copy_from_slice(&b);
                 i64::from_le_bytes(a).to_string()
@@ -517,7 +789,8 @@ impl HttpContext for Filter {
             return Action::Continue;
         }
         if !self.s.vm_config.is_empty() {
-            self.seen.push(("x-pw-vm-config".into(), self.s.vm_config.clone()));
+            self.seen
+                .push(("x-pw-vm-config".into(), self.s.vm_config.clone()));
         }
         let path = self.get_http_request_header(":path").unwrap_or_default();
         match self.s.mode.as_str() {
@@ -543,9 +816,14 @@ impl HttpContext for Filter {
                 self.set_http_request_header("x-pw-remove", None);
                 self.add_http_request_header("x-pw-multi", "a");
                 self.add_http_request_header("x-pw-multi", "b");
-                self.seen.push(("x-pw-request-count".into(), num_headers.to_string()));
+                self.seen
+                    .push(("x-pw-request-count".into(), num_headers.to_string()));
                 let all = self.get_http_request_headers();
-                let names: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with(':')).collect();
+                let names: Vec<&str> = all
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .filter(|k| k.starts_with(':'))
+                    .collect();
                 self.seen.push(("x-pw-pseudo".into(), names.join(",")));
             }
             "properties" => {
@@ -572,7 +850,10 @@ impl HttpContext for Filter {
                 }
                 let hdr = prop(self, &["request", "headers", "x-probe"]);
                 self.seen.push(("x-p-header".into(), hdr));
-                let t = self.get_property(vec!["request", "time"]).map(|b| b.len()).unwrap_or(0);
+                let t = self
+                    .get_property(vec!["request", "time"])
+                    .map(|b| b.len())
+                    .unwrap_or(0);
                 self.seen.push(("x-p-time-len".into(), t.to_string()));
                 let now = self.get_current_time();
                 let ok = now > std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
@@ -603,7 +884,11 @@ impl HttpContext for Filter {
                 let q = self.register_shared_queue("pw_queue");
                 self.enqueue_shared_queue(q, Some(b"item")).ok();
                 let item = hostcalls::dequeue_shared_queue(q).ok().flatten();
-                self.seen.push(("x-pw-queue".into(), item.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()));
+                self.seen.push((
+                    "x-pw-queue".into(),
+                    item.map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default(),
+                ));
             }
             "queue" => {
                 let vm = prop(self, &["plugin_vm_id"]);
@@ -618,7 +903,11 @@ impl HttpContext for Filter {
                 let check = format!("/check{path}");
                 let r = self.dispatch_http_call(
                     "authz",
-                    vec![(":method", "GET"), (":path", &check), (":authority", "authz")],
+                    vec![
+                        (":method", "GET"),
+                        (":path", &check),
+                        (":authority", "authz"),
+                    ],
                     None,
                     vec![],
                     Duration::from_millis(self.s.timeout_ms),
@@ -640,7 +929,12 @@ impl HttpContext for Filter {
                     ("Say", m)
                 } else if let Some(code) = path.strip_prefix("/fail/") {
                     let text = b"failed on purpose";
-                    let mut m = vec![0x08, code.parse::<u8>().unwrap_or(2), 0x12, text.len() as u8];
+                    let mut m = vec![
+                        0x08,
+                        code.parse::<u8>().unwrap_or(2),
+                        0x12,
+                        text.len() as u8,
+                    ];
                     m.extend_from_slice(text);
                     ("Fail", m)
                 } else {
@@ -669,7 +963,10 @@ impl HttpContext for Filter {
                     let vm = prop(self, &["plugin_vm_id"]);
                     let q = self.resolve_shared_queue(&vm, "pw_streams");
                     let r = match q {
-                        Some(q) => self.enqueue_shared_queue(q, Some(format!("{key} {scenario}").as_bytes())).map(|_| "ok".to_string()).unwrap_or_else(|e| format!("{e:?}")),
+                        Some(q) => self
+                            .enqueue_shared_queue(q, Some(format!("{key} {scenario}").as_bytes()))
+                            .map(|_| "ok".to_string())
+                            .unwrap_or_else(|e| format!("{e:?}")),
                         None => "no queue".to_string(),
                     };
                     self.send_http_response(200, vec![("x-pw-queued", &r)], None);
@@ -677,7 +974,9 @@ impl HttpContext for Filter {
                 }
                 if let Some(key) = path.strip_prefix("/result/") {
                     let (v, _) = self.get_shared_data(&format!("pw_stream_{key}"));
-                    let v = v.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+                    let v = v
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default();
                     self.send_http_response(200, vec![("x-pw-stream", &v)], None);
                     return Action::Pause;
                 }
@@ -685,21 +984,36 @@ impl HttpContext for Filter {
                     let a = hostcalls::send_grpc_stream_message(999_999, Some(b"x"), false);
                     let b = hostcalls::close_grpc_stream(999_999);
                     let c = hostcalls::cancel_grpc_stream(999_999);
-                    self.send_http_response(200, vec![("x-pw-unknown", &format!("{a:?},{b:?},{c:?}"))], None);
+                    self.send_http_response(
+                        200,
+                        vec![("x-pw-unknown", &format!("{a:?},{b:?},{c:?}"))],
+                        None,
+                    );
                     return Action::Pause;
                 }
                 if path == "/direct/leave" {
                     // A slow stream opened by this HTTP context, which ends
                     // right away: the host resets the stream with it.
-                    let r = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]);
+                    let r =
+                        hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]);
                     if let Ok(t) = r {
-                        hostcalls::send_grpc_stream_message(t, Some(&count_request(5, 0, "", 1000)), true).ok();
+                        hostcalls::send_grpc_stream_message(
+                            t,
+                            Some(&count_request(5, 0, "", 1000)),
+                            true,
+                        )
+                        .ok();
                     }
                     self.send_http_response(200, vec![("x-pw-open", &format!("{r:?}"))], None);
                     return Action::Pause;
                 }
                 if path == "/direct/ungranted" {
-                    let r = hostcalls::open_grpc_stream("backend", "legate.test.v1.Echo", "Count", vec![]);
+                    let r = hostcalls::open_grpc_stream(
+                        "backend",
+                        "legate.test.v1.Echo",
+                        "Count",
+                        vec![],
+                    );
                     self.send_http_response(200, vec![("x-pw-open", &format!("{r:?}"))], None);
                     return Action::Pause;
                 }
@@ -711,7 +1025,9 @@ impl HttpContext for Filter {
             "body-wait" if !_end_of_stream => return Action::Pause,
             "tick-callout" => {
                 let (v, _) = self.get_shared_data("pw_tick_body");
-                let v = v.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+                let v = v
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
                 self.seen.push(("x-pw-tick-body".into(), v));
             }
             "hostile" => match path.as_str() {
@@ -727,7 +1043,10 @@ impl HttpContext for Filter {
                 }
                 "/grow" => {
                     let v = vec![7u8; 64 << 20];
-                    self.seen.push(("x-pw-grew".into(), std::hint::black_box(&v).len().to_string()));
+                    self.seen.push((
+                        "x-pw-grew".into(),
+                        std::hint::black_box(&v).len().to_string(),
+                    ));
                 }
                 "/print" => {
                     println!("hello from stdout");
@@ -740,24 +1059,46 @@ impl HttpContext for Filter {
                     let mut out: *mut u8 = std::ptr::null_mut();
                     let mut len: usize = 0;
                     let s1 = unsafe {
-                        proxy_get_header_map_value(0, 0xFFFF_FFF0usize as *const u8, 64, &mut out, &mut len)
+                        proxy_get_header_map_value(
+                            0,
+                            0xFFFF_FFF0usize as *const u8,
+                            64,
+                            &mut out,
+                            &mut len,
+                        )
                     };
                     let s2 = unsafe {
-                        proxy_get_header_map_value(0, key.as_ptr(), key.len(), 0xFFFF_FFFCusize as *mut *mut u8, 0xFFFF_FFF8usize as *mut usize)
+                        proxy_get_header_map_value(
+                            0,
+                            key.as_ptr(),
+                            key.len(),
+                            0xFFFF_FFFCusize as *mut *mut u8,
+                            0xFFFF_FFF8usize as *mut usize,
+                        )
                     };
                     let s3 = unsafe {
                         proxy_add_header_map_value(0, key.as_ptr(), usize::MAX, key.as_ptr(), 1)
                     };
-                    let s4 = unsafe { proxy_add_header_map_value(99, key.as_ptr(), key.len(), key.as_ptr(), 1) };
-                    self.seen.push(("x-pw-bad".into(), format!("{s1},{s2},{s3},{s4}")));
+                    let s4 = unsafe {
+                        proxy_add_header_map_value(99, key.as_ptr(), key.len(), key.as_ptr(), 1)
+                    };
+                    self.seen
+                        .push(("x-pw-bad".into(), format!("{s1},{s2},{s3},{s4}")));
                 }
                 "/badctx" => {
                     let s = unsafe { proxy_set_effective_context(987_654) };
                     let back = unsafe { proxy_set_effective_context(self.id) };
-                    self.seen.push(("x-pw-badctx".into(), format!("{s},{back}")));
+                    self.seen
+                        .push(("x-pw-badctx".into(), format!("{s},{back}")));
                 }
                 "/unimpl" => {
-                    let r = self.dispatch_http_call("backend", vec![(":method", "GET"), (":path", "/"), (":authority", "x")], None, vec![], Duration::from_secs(1));
+                    let r = self.dispatch_http_call(
+                        "backend",
+                        vec![(":method", "GET"), (":path", "/"), (":authority", "x")],
+                        None,
+                        vec![],
+                        Duration::from_secs(1),
+                    );
                     self.seen.push(("x-pw-http-call".into(), format!("{r:?}")));
                 }
                 _ => {}
@@ -775,7 +1116,10 @@ impl HttpContext for Filter {
                     return Action::Pause;
                 }
                 let body = self.get_http_request_body(0, body_size).unwrap_or_default();
-                self.seen.push(("x-pw-rq-body".into(), format!("{}:{}", self.body_calls, body.len())));
+                self.seen.push((
+                    "x-pw-rq-body".into(),
+                    format!("{}:{}", self.body_calls, body.len()),
+                ));
                 // The head is out: as in Envoy, this is accepted and goes nowhere.
                 self.set_http_request_header("x-pw-late", Some("1"));
                 let new = String::from_utf8_lossy(&body).replace("hello", "HELLO-WORLD");
@@ -797,7 +1141,11 @@ impl HttpContext for Filter {
                 }
                 let body = self.get_http_request_body(0, body_size).unwrap_or_default();
                 if String::from_utf8_lossy(&body).contains("forbidden") {
-                    self.send_http_response(403, vec![("x-pw-body-denied", "yes")], Some(b"no forbidden words\n"));
+                    self.send_http_response(
+                        403,
+                        vec![("x-pw-body-denied", "yes")],
+                        Some(b"no forbidden words\n"),
+                    );
                     return Action::Pause;
                 }
                 Action::Continue
@@ -811,7 +1159,9 @@ impl HttpContext for Filter {
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         if self.s.mode == "trailers" {
-            let v = self.get_http_request_trailer("x-client-trailer").unwrap_or_default();
+            let v = self
+                .get_http_request_trailer("x-client-trailer")
+                .unwrap_or_default();
             self.add_http_request_trailer("x-pw-trailer-seen", &v);
             self.set_http_request_trailer("x-client-trailer", Some("changed"));
         }
@@ -830,9 +1180,15 @@ impl HttpContext for Filter {
                 Action::Continue
             }
             "body-local" => {
-                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+                let body = self
+                    .get_http_response_body(0, body_size)
+                    .unwrap_or_default();
                 if String::from_utf8_lossy(&body).contains("secret") {
-                    self.send_http_response(451, vec![("x-pw-resp-denied", "yes")], Some(b"redacted\n"));
+                    self.send_http_response(
+                        451,
+                        vec![("x-pw-resp-denied", "yes")],
+                        Some(b"redacted\n"),
+                    );
                     return Action::Pause;
                 }
                 Action::Continue
@@ -841,7 +1197,9 @@ impl HttpContext for Filter {
                 if !end_of_stream {
                     return Action::Pause;
                 }
-                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+                let body = self
+                    .get_http_response_body(0, body_size)
+                    .unwrap_or_default();
                 self.set_http_response_header("x-pw-body-len", Some(&body.len().to_string()));
                 self.set_http_response_body(0, body_size, &body.to_ascii_uppercase());
                 Action::Continue

@@ -76,6 +76,10 @@ pub mod buffer {
     pub const HTTP_REQUEST_BODY: i32 = 0;
     /// The response body held for the current `proxy_on_response_body`.
     pub const HTTP_RESPONSE_BODY: i32 = 1;
+    /// The data read from downstream, during `proxy_on_downstream_data`.
+    pub const DOWNSTREAM_DATA: i32 = 2;
+    /// The data read from upstream, during `proxy_on_upstream_data`.
+    pub const UPSTREAM_DATA: i32 = 3;
     /// The response of the HTTP callout being delivered.
     pub const HTTP_CALL_RESPONSE_BODY: i32 = 4;
     /// The response message of the gRPC call being delivered
@@ -85,6 +89,15 @@ pub mod buffer {
     pub const VM_CONFIGURATION: i32 = 6;
     /// The plugin configuration.
     pub const PLUGIN_CONFIGURATION: i32 = 7;
+}
+
+/// `proxy_action_t`.
+/// `proxy_peer_type_t`: who closed a connection (`proxy_on_*_connection_close`).
+pub mod peer {
+    /// The host closed it.
+    pub const LOCAL: i32 = 1;
+    /// The peer closed it.
+    pub const REMOTE: i32 = 2;
 }
 
 /// `proxy_action_t`.

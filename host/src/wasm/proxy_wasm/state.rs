@@ -41,6 +41,12 @@ pub enum Phase {
     CalloutResponse,
     /// `on_done`, `on_log`, `on_delete`: read-only.
     ReadOnly,
+    /// `proxy_on_downstream_data` (`Request`) / `proxy_on_upstream_data`
+    /// (`Response`) on a TCP connection: that data buffer (2 or 3) is readable
+    /// and writable.
+    Data(Direction),
+    /// `proxy_on_new_connection` and the close callbacks of a TCP connection.
+    Connection,
 }
 
 /// A metric the module defined: its kind and series.
