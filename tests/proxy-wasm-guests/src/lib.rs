@@ -179,9 +179,7 @@ impl Root {
         };
         let key = format!("pw_stream_{key}");
         let (cur, _) = self.get_shared_data(&key);
-        let mut v = cur
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
+        let mut v = cur.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
         if !v.is_empty() {
             v.push(';');
         }
@@ -212,12 +210,7 @@ impl Root {
             return;
         }
         let parts: Vec<&str> = scenario.split('/').collect();
-        let num = |i: usize, d: u64| {
-            parts
-                .get(i)
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(d)
-        };
+        let num = |i: usize, d: u64| parts.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(d);
         let cluster = if parts[0] == "dead" { "dead" } else { "grpc" };
         let method = if parts[0] == "chat" { "Chat" } else { "Count" };
         let r = hostcalls::open_grpc_stream(
@@ -230,20 +223,15 @@ impl Root {
             Ok(t) => t,
             Err(e) => {
                 let k = format!("pw_stream_{key}");
-                self.set_shared_data(&k, Some(format!("open-error:{e:?}").as_bytes()), None)
-                    .ok();
+                self.set_shared_data(&k, Some(format!("open-error:{e:?}").as_bytes()), None).ok();
                 return;
             }
         };
-        self.streams
-            .insert(token, (key.to_string(), scenario.to_string()));
+        self.streams.insert(token, (key.to_string(), scenario.to_string()));
         self.record(token, "open");
         let (message, end) = match parts[0] {
             "count" => (count_request(num(1, 3), 0, "", num(2, 0)), true),
-            "fail" => (
-                count_request(2, num(1, 2), "stream failed on purpose", 0),
-                true,
-            ),
+            "fail" => (count_request(2, num(1, 2), "stream failed on purpose", 0), true),
             "close" => (count_request(num(1, 2), 0, "", 0), false),
             "cancel" => (count_request(5, 0, "", 200), true),
             "trap" => (count_request(5, 0, "", 200), true),
@@ -278,17 +266,11 @@ impl Context for Root {
 
     fn on_grpc_stream_message(&mut self, token: u32, size: usize) {
         let m = self.get_grpc_stream_message(0, size).unwrap_or_default();
-        let chat = self
-            .streams
-            .get(&token)
-            .and_then(|(_, s)| s.strip_prefix("chat/"))
-            .and_then(|n| n.parse::<u32>().ok());
+        let chat = self.streams.get(&token).and_then(|(_, s)| s.strip_prefix("chat/")).and_then(|n| n.parse::<u32>().ok());
         if let Some(last) = chat {
             // SayReply: field 1 (message) first.
             let text = match m.as_slice() {
-                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => {
-                    String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned()
-                }
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned(),
                 _ => "<undecodable>".to_string(),
             };
             self.record(token, &format!("msg:{text}"));
@@ -342,16 +324,8 @@ impl Context for Root {
         self.streams.remove(&token);
     }
 
-    fn on_http_call_response(
-        &mut self,
-        _token: u32,
-        _headers: usize,
-        _body: usize,
-        _trailers: usize,
-    ) {
-        let body = self
-            .get_http_call_response_body(0, usize::MAX)
-            .unwrap_or_default();
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
+        let body = self.get_http_call_response_body(0, usize::MAX).unwrap_or_default();
         self.set_shared_data("pw_tick_body", Some(&body), None).ok();
     }
 }
@@ -427,11 +401,7 @@ impl RootContext for Root {
         if self.s.mode == "tick-callout" {
             let r = self.dispatch_http_call(
                 "authz",
-                vec![
-                    (":method", "GET"),
-                    (":path", "/tick"),
-                    (":authority", "authz"),
-                ],
+                vec![(":method", "GET"), (":path", "/tick"), (":authority", "authz")],
                 None,
                 vec![],
                 Duration::from_millis(self.s.timeout_ms),
@@ -669,9 +639,7 @@ struct Filter {
 impl Context for Filter {
     fn on_grpc_call_response(&mut self, _token: u32, status: u32, size: usize) {
         if status == 0 {
-            let body = self
-                .get_grpc_call_response_body(0, size)
-                .unwrap_or_default();
+            let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
             // SayReply: field 1 (message) is first; the metadata map follows.
             let reply = match body.as_slice() {
                 [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => {
@@ -703,35 +671,18 @@ impl Context for Filter {
         self.send_grpc_response(code, message.as_deref(), vec![("x-pw-grpc", b"failed")]);
     }
 
-    fn on_http_call_response(
-        &mut self,
-        _token: u32,
-        num_headers: usize,
-        body_size: usize,
-        _trailers: usize,
-    ) {
+    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         if num_headers == 0 {
-            self.send_http_response(
-                503,
-                vec![("x-pw-call", "failed")],
-                Some(b"authz unavailable\n"),
-            );
+            self.send_http_response(503, vec![("x-pw-call", "failed")], Some(b"authz unavailable\n"));
             return;
         }
-        let status = self
-            .get_http_call_response_header(":status")
-            .unwrap_or_default();
-        let body = self
-            .get_http_call_response_body(0, body_size)
-            .unwrap_or_default();
+        let status = self.get_http_call_response_header(":status").unwrap_or_default();
+        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
         if status == "200" {
             let v = String::from_utf8_lossy(&body).into_owned();
             self.set_http_request_header("x-pw-authz", Some(&v));
             let trailers = self.get_http_call_response_trailers();
-            self.set_http_request_header(
-                "x-pw-call-trailers",
-                Some(&format!("{}:{}", _trailers, trailers.len())),
-            );
+            self.set_http_request_header("x-pw-call-trailers", Some(&format!("{}:{}", _trailers, trailers.len())));
             self.resume_http_request();
         } else {
             let code = status.parse::<u32>().unwrap_or(500);
@@ -743,16 +694,7 @@ impl Context for Filter {
 fn prop(c: &dyn Context, path: &[&str]) -> String {
     match c.get_property(path.to_vec()) {
         Some(b) => {
-            if b.len() == 8
-                && matches!(
-                    path,
-                    ["response", "code"]
-                        | ["source", "port"]
-                        | ["request", "size"]
-                        | ["destination", "port"]
-                        | ["request", "time"]
-                )
-            {
+            if b.len() == 8 && matches!(path, ["response", "code"] | ["source", "port"] | ["request", "size"] | ["destination", "port"] | ["request", "time"]) {
                 let mut a = [0u8; 8];
                 a.copy_from_slice(&b);
                 i64::from_le_bytes(a).to_string()
@@ -789,8 +731,7 @@ impl HttpContext for Filter {
             return Action::Continue;
         }
         if !self.s.vm_config.is_empty() {
-            self.seen
-                .push(("x-pw-vm-config".into(), self.s.vm_config.clone()));
+            self.seen.push(("x-pw-vm-config".into(), self.s.vm_config.clone()));
         }
         let path = self.get_http_request_header(":path").unwrap_or_default();
         match self.s.mode.as_str() {
@@ -816,14 +757,9 @@ impl HttpContext for Filter {
                 self.set_http_request_header("x-pw-remove", None);
                 self.add_http_request_header("x-pw-multi", "a");
                 self.add_http_request_header("x-pw-multi", "b");
-                self.seen
-                    .push(("x-pw-request-count".into(), num_headers.to_string()));
+                self.seen.push(("x-pw-request-count".into(), num_headers.to_string()));
                 let all = self.get_http_request_headers();
-                let names: Vec<&str> = all
-                    .iter()
-                    .map(|(k, _)| k.as_str())
-                    .filter(|k| k.starts_with(':'))
-                    .collect();
+                let names: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with(':')).collect();
                 self.seen.push(("x-pw-pseudo".into(), names.join(",")));
             }
             "properties" => {
@@ -850,10 +786,7 @@ impl HttpContext for Filter {
                 }
                 let hdr = prop(self, &["request", "headers", "x-probe"]);
                 self.seen.push(("x-p-header".into(), hdr));
-                let t = self
-                    .get_property(vec!["request", "time"])
-                    .map(|b| b.len())
-                    .unwrap_or(0);
+                let t = self.get_property(vec!["request", "time"]).map(|b| b.len()).unwrap_or(0);
                 self.seen.push(("x-p-time-len".into(), t.to_string()));
                 let now = self.get_current_time();
                 let ok = now > std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
@@ -884,11 +817,7 @@ impl HttpContext for Filter {
                 let q = self.register_shared_queue("pw_queue");
                 self.enqueue_shared_queue(q, Some(b"item")).ok();
                 let item = hostcalls::dequeue_shared_queue(q).ok().flatten();
-                self.seen.push((
-                    "x-pw-queue".into(),
-                    item.map(|b| String::from_utf8_lossy(&b).into_owned())
-                        .unwrap_or_default(),
-                ));
+                self.seen.push(("x-pw-queue".into(), item.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()));
             }
             "queue" => {
                 let vm = prop(self, &["plugin_vm_id"]);
@@ -903,11 +832,7 @@ impl HttpContext for Filter {
                 let check = format!("/check{path}");
                 let r = self.dispatch_http_call(
                     "authz",
-                    vec![
-                        (":method", "GET"),
-                        (":path", &check),
-                        (":authority", "authz"),
-                    ],
+                    vec![(":method", "GET"), (":path", &check), (":authority", "authz")],
                     None,
                     vec![],
                     Duration::from_millis(self.s.timeout_ms),
@@ -929,12 +854,7 @@ impl HttpContext for Filter {
                     ("Say", m)
                 } else if let Some(code) = path.strip_prefix("/fail/") {
                     let text = b"failed on purpose";
-                    let mut m = vec![
-                        0x08,
-                        code.parse::<u8>().unwrap_or(2),
-                        0x12,
-                        text.len() as u8,
-                    ];
+                    let mut m = vec![0x08, code.parse::<u8>().unwrap_or(2), 0x12, text.len() as u8];
                     m.extend_from_slice(text);
                     ("Fail", m)
                 } else {
@@ -963,10 +883,7 @@ impl HttpContext for Filter {
                     let vm = prop(self, &["plugin_vm_id"]);
                     let q = self.resolve_shared_queue(&vm, "pw_streams");
                     let r = match q {
-                        Some(q) => self
-                            .enqueue_shared_queue(q, Some(format!("{key} {scenario}").as_bytes()))
-                            .map(|_| "ok".to_string())
-                            .unwrap_or_else(|e| format!("{e:?}")),
+                        Some(q) => self.enqueue_shared_queue(q, Some(format!("{key} {scenario}").as_bytes())).map(|_| "ok".to_string()).unwrap_or_else(|e| format!("{e:?}")),
                         None => "no queue".to_string(),
                     };
                     self.send_http_response(200, vec![("x-pw-queued", &r)], None);
@@ -974,9 +891,7 @@ impl HttpContext for Filter {
                 }
                 if let Some(key) = path.strip_prefix("/result/") {
                     let (v, _) = self.get_shared_data(&format!("pw_stream_{key}"));
-                    let v = v
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                        .unwrap_or_default();
+                    let v = v.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
                     self.send_http_response(200, vec![("x-pw-stream", &v)], None);
                     return Action::Pause;
                 }
@@ -984,36 +899,21 @@ impl HttpContext for Filter {
                     let a = hostcalls::send_grpc_stream_message(999_999, Some(b"x"), false);
                     let b = hostcalls::close_grpc_stream(999_999);
                     let c = hostcalls::cancel_grpc_stream(999_999);
-                    self.send_http_response(
-                        200,
-                        vec![("x-pw-unknown", &format!("{a:?},{b:?},{c:?}"))],
-                        None,
-                    );
+                    self.send_http_response(200, vec![("x-pw-unknown", &format!("{a:?},{b:?},{c:?}"))], None);
                     return Action::Pause;
                 }
                 if path == "/direct/leave" {
                     // A slow stream opened by this HTTP context, which ends
                     // right away: the host resets the stream with it.
-                    let r =
-                        hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]);
+                    let r = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]);
                     if let Ok(t) = r {
-                        hostcalls::send_grpc_stream_message(
-                            t,
-                            Some(&count_request(5, 0, "", 1000)),
-                            true,
-                        )
-                        .ok();
+                        hostcalls::send_grpc_stream_message(t, Some(&count_request(5, 0, "", 1000)), true).ok();
                     }
                     self.send_http_response(200, vec![("x-pw-open", &format!("{r:?}"))], None);
                     return Action::Pause;
                 }
                 if path == "/direct/ungranted" {
-                    let r = hostcalls::open_grpc_stream(
-                        "backend",
-                        "legate.test.v1.Echo",
-                        "Count",
-                        vec![],
-                    );
+                    let r = hostcalls::open_grpc_stream("backend", "legate.test.v1.Echo", "Count", vec![]);
                     self.send_http_response(200, vec![("x-pw-open", &format!("{r:?}"))], None);
                     return Action::Pause;
                 }
@@ -1025,9 +925,7 @@ impl HttpContext for Filter {
             "body-wait" if !_end_of_stream => return Action::Pause,
             "tick-callout" => {
                 let (v, _) = self.get_shared_data("pw_tick_body");
-                let v = v
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_default();
+                let v = v.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
                 self.seen.push(("x-pw-tick-body".into(), v));
             }
             "hostile" => match path.as_str() {
@@ -1043,10 +941,7 @@ impl HttpContext for Filter {
                 }
                 "/grow" => {
                     let v = vec![7u8; 64 << 20];
-                    self.seen.push((
-                        "x-pw-grew".into(),
-                        std::hint::black_box(&v).len().to_string(),
-                    ));
+                    self.seen.push(("x-pw-grew".into(), std::hint::black_box(&v).len().to_string()));
                 }
                 "/print" => {
                     println!("hello from stdout");
@@ -1059,46 +954,24 @@ impl HttpContext for Filter {
                     let mut out: *mut u8 = std::ptr::null_mut();
                     let mut len: usize = 0;
                     let s1 = unsafe {
-                        proxy_get_header_map_value(
-                            0,
-                            0xFFFF_FFF0usize as *const u8,
-                            64,
-                            &mut out,
-                            &mut len,
-                        )
+                        proxy_get_header_map_value(0, 0xFFFF_FFF0usize as *const u8, 64, &mut out, &mut len)
                     };
                     let s2 = unsafe {
-                        proxy_get_header_map_value(
-                            0,
-                            key.as_ptr(),
-                            key.len(),
-                            0xFFFF_FFFCusize as *mut *mut u8,
-                            0xFFFF_FFF8usize as *mut usize,
-                        )
+                        proxy_get_header_map_value(0, key.as_ptr(), key.len(), 0xFFFF_FFFCusize as *mut *mut u8, 0xFFFF_FFF8usize as *mut usize)
                     };
                     let s3 = unsafe {
                         proxy_add_header_map_value(0, key.as_ptr(), usize::MAX, key.as_ptr(), 1)
                     };
-                    let s4 = unsafe {
-                        proxy_add_header_map_value(99, key.as_ptr(), key.len(), key.as_ptr(), 1)
-                    };
-                    self.seen
-                        .push(("x-pw-bad".into(), format!("{s1},{s2},{s3},{s4}")));
+                    let s4 = unsafe { proxy_add_header_map_value(99, key.as_ptr(), key.len(), key.as_ptr(), 1) };
+                    self.seen.push(("x-pw-bad".into(), format!("{s1},{s2},{s3},{s4}")));
                 }
                 "/badctx" => {
                     let s = unsafe { proxy_set_effective_context(987_654) };
                     let back = unsafe { proxy_set_effective_context(self.id) };
-                    self.seen
-                        .push(("x-pw-badctx".into(), format!("{s},{back}")));
+                    self.seen.push(("x-pw-badctx".into(), format!("{s},{back}")));
                 }
                 "/unimpl" => {
-                    let r = self.dispatch_http_call(
-                        "backend",
-                        vec![(":method", "GET"), (":path", "/"), (":authority", "x")],
-                        None,
-                        vec![],
-                        Duration::from_secs(1),
-                    );
+                    let r = self.dispatch_http_call("backend", vec![(":method", "GET"), (":path", "/"), (":authority", "x")], None, vec![], Duration::from_secs(1));
                     self.seen.push(("x-pw-http-call".into(), format!("{r:?}")));
                 }
                 _ => {}
@@ -1116,10 +989,7 @@ impl HttpContext for Filter {
                     return Action::Pause;
                 }
                 let body = self.get_http_request_body(0, body_size).unwrap_or_default();
-                self.seen.push((
-                    "x-pw-rq-body".into(),
-                    format!("{}:{}", self.body_calls, body.len()),
-                ));
+                self.seen.push(("x-pw-rq-body".into(), format!("{}:{}", self.body_calls, body.len())));
                 // The head is out: as in Envoy, this is accepted and goes nowhere.
                 self.set_http_request_header("x-pw-late", Some("1"));
                 let new = String::from_utf8_lossy(&body).replace("hello", "HELLO-WORLD");
@@ -1141,11 +1011,7 @@ impl HttpContext for Filter {
                 }
                 let body = self.get_http_request_body(0, body_size).unwrap_or_default();
                 if String::from_utf8_lossy(&body).contains("forbidden") {
-                    self.send_http_response(
-                        403,
-                        vec![("x-pw-body-denied", "yes")],
-                        Some(b"no forbidden words\n"),
-                    );
+                    self.send_http_response(403, vec![("x-pw-body-denied", "yes")], Some(b"no forbidden words\n"));
                     return Action::Pause;
                 }
                 Action::Continue
@@ -1159,9 +1025,7 @@ impl HttpContext for Filter {
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         if self.s.mode == "trailers" {
-            let v = self
-                .get_http_request_trailer("x-client-trailer")
-                .unwrap_or_default();
+            let v = self.get_http_request_trailer("x-client-trailer").unwrap_or_default();
             self.add_http_request_trailer("x-pw-trailer-seen", &v);
             self.set_http_request_trailer("x-client-trailer", Some("changed"));
         }
@@ -1180,15 +1044,9 @@ impl HttpContext for Filter {
                 Action::Continue
             }
             "body-local" => {
-                let body = self
-                    .get_http_response_body(0, body_size)
-                    .unwrap_or_default();
+                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
                 if String::from_utf8_lossy(&body).contains("secret") {
-                    self.send_http_response(
-                        451,
-                        vec![("x-pw-resp-denied", "yes")],
-                        Some(b"redacted\n"),
-                    );
+                    self.send_http_response(451, vec![("x-pw-resp-denied", "yes")], Some(b"redacted\n"));
                     return Action::Pause;
                 }
                 Action::Continue
@@ -1197,9 +1055,7 @@ impl HttpContext for Filter {
                 if !end_of_stream {
                     return Action::Pause;
                 }
-                let body = self
-                    .get_http_response_body(0, body_size)
-                    .unwrap_or_default();
+                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
                 self.set_http_response_header("x-pw-body-len", Some(&body.len().to_string()));
                 self.set_http_response_body(0, body_size, &body.to_ascii_uppercase());
                 Action::Continue
