@@ -1,6 +1,7 @@
 //! The host side of network (L4) filters on TCP proxy listeners: the
-//! [`NetworkFilter`] trait every L4 filter implements (proxy-wasm modules and
-//! components of the `network-filter` world), the per-listener chains
+//! [`NetworkFilter`] trait every L4 filter implements (proxy-wasm modules today;
+//! components of the `network-filter` world are to plug in here), the
+//! per-listener chains
 //! ([`NetworkFilters`]) and the per-connection run ([`serve`]), which
 //! `tcp_proxy.rs` uses instead of its plain copy when a listener has filters.
 //!
@@ -166,9 +167,9 @@ impl NetworkFilters {
                 let Some(nf) = get(name)?.network() else {
                     anyhow::bail!(
                         "listener `{}`: plugin `{name}` is an HTTP filter, but `tcp.filters` \
-                         takes network filters (a component of the `network-filter` world, \
-                         or a proxy-wasm module); move it to an HTTP listener's \
-                         `http.filters`",
+                         takes network filters (proxy-wasm modules; components of the \
+                         `network-filter` world are not loaded yet); move it to an HTTP \
+                         listener's `http.filters`",
                         l.name
                     );
                 };
@@ -187,7 +188,14 @@ impl NetworkFilters {
 
 /// Connection contexts start here so they never meet an HTTP exchange's in a
 /// plugin used on both kinds of listener.
-static NEXT_CONTEXT: AtomicU64 = AtomicU64::new(1 << 62);
+static NEXT_CONTEXT: AtomicU64 = AtomicU64::new(FIRST_CONTEXT);
+
+/// Whether exchange context `context` is a TCP connection's.
+pub fn is_connection(context: u64) -> bool {
+    context >= FIRST_CONTEXT
+}
+
+const FIRST_CONTEXT: u64 = 1 << 62;
 
 /// The connection's state for filters: an exchange holding its facts.
 pub fn connection(facts: Arc<ConnFacts>) -> Exchange {
@@ -691,4 +699,210 @@ pub async fn serve<D, U>(
 /// or no endpoint reachable): the downstream side closes locally.
 pub fn finish_unconnected(chain: &mut NetChain) {
     chain.finish(&[(Peer::Downstream, false)]);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A filter that appends its tag to data, pauses until it has seen `hold`
+    /// bytes, fails on `fail<tag>` in the data, and records its calls.
+    struct Tag {
+        tag: u8,
+        hold: usize,
+        open: bool,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl NetworkFilter for Tag {
+        fn name(&self) -> &str {
+            "tag"
+        }
+        fn fail_open(&self) -> bool {
+            self.open
+        }
+        fn buffer_limit(&self) -> usize {
+            16
+        }
+        fn on_new_connection(&self, _: usize, _: &mut Exchange) -> Result<NetVerdict, String> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("new {}", self.tag as char));
+            Ok(NetVerdict::Continue)
+        }
+        fn on_data(
+            &self,
+            _: usize,
+            c: &mut Exchange,
+            from: Peer,
+            eos: bool,
+        ) -> Result<NetVerdict, String> {
+            let data = c.bodies[from.idx()].as_mut().unwrap();
+            if data
+                .windows(5)
+                .any(|w| w[..4] == *b"fail" && w[4] == self.tag)
+            {
+                return Err("fail".into());
+            }
+            if data.len() < self.hold && !eos {
+                return Ok(NetVerdict::Pause);
+            }
+            data.push(self.tag);
+            Ok(NetVerdict::Continue)
+        }
+        fn on_callout_response(
+            &self,
+            _: usize,
+            _: &mut Exchange,
+            _: u64,
+            _: CalloutResult,
+        ) -> Result<NetVerdict, String> {
+            Ok(NetVerdict::Continue)
+        }
+        fn on_close(&self, _: usize, _: &mut Exchange, peer: Peer, remote: bool) {
+            let who = if remote { "remote" } else { "local" };
+            self.log.lock().unwrap().push(format!(
+                "close {} {} {who}",
+                self.tag as char,
+                peer.as_str()
+            ));
+        }
+        fn on_done(&self, _: usize, _: &mut Exchange) {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("done {}", self.tag as char));
+        }
+    }
+
+    struct NoCallouts;
+    impl CalloutSender for NoCallouts {
+        fn send(&self, _: crate::filter::CalloutRequest) -> crate::filter::CalloutFuture {
+            Box::pin(async { Err(crate::filter::CalloutError::Unavailable) })
+        }
+    }
+
+    fn chain(filters: Vec<Tag>) -> NetChain {
+        let filters: Vec<Arc<dyn NetworkFilter>> = filters
+            .into_iter()
+            .map(|f| Arc::new(f) as Arc<dyn NetworkFilter>)
+            .collect();
+        let x = connection(Arc::new(ConnFacts {
+            source: ([127, 0, 0, 1], 1).into(),
+            destination: ([127, 0, 0, 1], 2).into(),
+            tls: None,
+        }));
+        NetChain::new(0, filters.into(), x, Rc::new(NoCallouts)).0
+    }
+
+    fn tag(tag: u8, hold: usize, open: bool, log: &Arc<Mutex<Vec<String>>>) -> Tag {
+        Tag {
+            tag,
+            hold,
+            open,
+            log: log.clone(),
+        }
+    }
+
+    fn go(s: Step) -> Vec<u8> {
+        match s {
+            Step::Go(d) => d,
+            other => panic!("expected Go, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn downstream_in_order_upstream_in_reverse() {
+        let log = Arc::default();
+        let mut c = chain(vec![tag(b'a', 0, false, &log), tag(b'b', 0, false, &log)]);
+        assert!(matches!(c.run_new(0), Step::Go(_)));
+        assert_eq!(
+            go(c.run_data(Peer::Downstream, b"x".to_vec(), false, 0)),
+            b"xab"
+        );
+        assert_eq!(
+            go(c.run_data(Peer::Upstream, b"y".to_vec(), false, 0)),
+            b"yba"
+        );
+        c.finish(&[(Peer::Downstream, true), (Peer::Upstream, false)]);
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "new a",
+                "new b",
+                "close a downstream remote",
+                "close a upstream local",
+                "done a",
+                "close b downstream remote",
+                "close b upstream local",
+                "done b"
+            ]
+        );
+    }
+
+    #[test]
+    fn pause_holds_data_until_the_filter_continues() {
+        let log = Arc::default();
+        let mut c = chain(vec![tag(b'a', 4, false, &log), tag(b'b', 0, false, &log)]);
+        c.run_new(0);
+        assert!(matches!(
+            c.run_data(Peer::Downstream, b"12".to_vec(), false, 0),
+            Step::Held
+        ));
+        // The other direction is not blocked by a buffering pause.
+        assert!(!c.blocked(Peer::Upstream) && !c.blocked(Peer::Downstream));
+        assert_eq!(
+            go(c.run_data(Peer::Downstream, b"34".to_vec(), false, 0)),
+            b"1234ab"
+        );
+        // End of stream releases what is held.
+        assert!(matches!(
+            c.run_data(Peer::Downstream, b"5".to_vec(), false, 0),
+            Step::Held
+        ));
+        assert_eq!(
+            go(c.run_data(Peer::Downstream, Vec::new(), true, 0)),
+            b"5ab"
+        );
+    }
+
+    #[test]
+    fn held_data_over_the_cap_closes() {
+        let log = Arc::default();
+        let mut c = chain(vec![tag(b'a', 100, false, &log)]);
+        c.run_new(0);
+        assert!(matches!(
+            c.run_data(Peer::Downstream, vec![0; 10], false, 0),
+            Step::Held
+        ));
+        assert!(matches!(
+            c.run_data(Peer::Downstream, vec![0; 10], false, 0),
+            Step::Close
+        ));
+    }
+
+    #[test]
+    fn failures_close_or_skip_by_policy() {
+        let log = Arc::default();
+        let mut closed = chain(vec![tag(b'a', 0, false, &log)]);
+        closed.run_new(0);
+        assert!(matches!(
+            closed.run_data(Peer::Downstream, b"faila".to_vec(), false, 0),
+            Step::Close
+        ));
+        let mut open = chain(vec![tag(b'a', 0, true, &log), tag(b'b', 0, false, &log)]);
+        open.run_new(0);
+        assert_eq!(
+            go(open.run_data(Peer::Downstream, b"faila".to_vec(), false, 0)),
+            b"failab"
+        );
+        // Skipped for the rest of the connection.
+        assert_eq!(
+            go(open.run_data(Peer::Downstream, b"x".to_vec(), false, 0)),
+            b"xb"
+        );
+    }
 }

@@ -69,7 +69,7 @@ async fn proxy_wasm_rewrites_both_directions() {
     // Properties of the connection, read in the downstream data callback.
     c.write(b"props\n").await;
     let line = format!(
-        "src={me} dst={} up={} tls=none\n",
+        "src={me} dst={} up={} tls=none req=none\n",
         lg.addr("tcp"),
         echo.addr
     );
@@ -271,7 +271,7 @@ async fn tls_terminating_tcp_listener_runs_the_filter() {
     s.flush().await.unwrap();
     let me = s.get_ref().0.local_addr().unwrap();
     let expected = format!(
-        "howdy, partner\nsrc={me} dst={} up={} tls=TLSv1.3\n",
+        "howdy, partner\nsrc={me} dst={} up={} tls=TLSv1.3 req=none\n",
         lg.addr("tcp"),
         echo.addr
     )

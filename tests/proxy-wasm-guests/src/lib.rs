@@ -83,7 +83,8 @@
 //! - `tcp-rewrite`: downstream data is held (`Pause`) until it ends with a
 //!   newline (or the stream ends), then every `hello` becomes `howdy, partner`
 //!   and a line `props` becomes `src=<source.address> dst=<destination.address>
-//!   up=<upstream.address> tls=<connection.tls_version or none>`; upstream data
+//!   up=<upstream.address> tls=<connection.tls_version or none> req=<request.path
+//!   or none>`; upstream data
 //!   has every `o` replaced by `0`.
 //! - `tcp-close`: downstream data containing `QUIT` closes the connection
 //!   (`close_downstream`), upstream data containing `BYE` too
@@ -555,11 +556,12 @@ impl StreamContext for Tcp {
                 let mut out = replace_all(&data, b"hello", b"howdy, partner");
                 if out.windows(6).any(|w| w == b"props\n") {
                     let line = format!(
-                        "src={} dst={} up={} tls={}\n",
+                        "src={} dst={} up={} tls={} req={}\n",
                         self.property("source.address"),
                         self.property("destination.address"),
                         self.property("upstream.address"),
                         self.property("connection.tls_version"),
+                        self.property("request.path"),
                     );
                     out = replace_all(&out, b"props\n", line.as_bytes());
                 }
