@@ -238,6 +238,8 @@ pub struct NetChain {
     pub x: Exchange,
     /// Filters bypassed after a fail-open failure.
     skipped: Vec<bool>,
+    /// Filters that failed (their state may be gone: no close notification).
+    failed: Vec<bool>,
     /// Data each filter holds (`Pause`), per direction ([`Peer::idx`]).
     held: Vec<[Vec<u8>; 2]>,
     /// Callouts of each filter not delivered yet.
@@ -273,6 +275,7 @@ impl NetChain {
             filters,
             x,
             skipped: vec![false; n],
+            failed: vec![false; n],
             held: vec![[Vec::new(), Vec::new()]; n],
             outstanding: vec![0; n],
             paused: None,
@@ -304,6 +307,7 @@ impl NetChain {
     fn failure(&mut self, i: usize, phase: &str, why: &str) -> bool {
         let f = &self.filters[i];
         tracing::warn!(plugin = f.name(), phase, "plugin failure: {why}");
+        self.failed[i] = true;
         if f.fail_open() {
             self.skipped[i] = true;
             if matches!(self.paused, Some((p, _)) if p == i) {
@@ -493,13 +497,13 @@ impl NetChain {
         }
     }
 
-    /// Close notifications for the sides that were open, then `on_done`, for
-    /// the filters that saw the connection.
+    /// Close notifications for the sides that were open (not to filters that
+    /// failed), then `on_done`, for the filters that saw the connection.
     fn finish(&mut self, closed: &[(Peer, bool)]) {
         for i in 0..self.entered {
             let f = self.filters[i].clone();
             for &(peer, remote) in closed {
-                if !self.skipped[i] {
+                if !self.skipped[i] && !self.failed[i] {
                     f.on_close(self.worker, &mut self.x, peer, remote);
                 }
             }

@@ -34,7 +34,13 @@ pub async fn serve(
         tracing::error!(listener = %ctx.name, "cluster `{}` missing from the snapshot", tcp.cluster.value);
         return;
     };
-    let local = stream.local_addr().unwrap_or(peer);
+    // Looked up once; the facts filters see are gathered only when there are
+    // filters, so the plain path makes no extra syscall or allocation.
+    let filters = snapshot.network.get(&ctx.name);
+    let local = match filters {
+        Some(_) => stream.local_addr().unwrap_or(peer),
+        None => peer,
+    };
     let mut tls_info = None;
     let downstream = match &ctx.tls {
         None => Conn::Plain(stream),
@@ -45,7 +51,9 @@ pub async fn serve(
             );
             match hs.await {
                 Ok(Ok(s)) => {
-                    tls_info = Some(crate::tls::tls_info(s.get_ref().1));
+                    if filters.is_some() {
+                        tls_info = Some(crate::tls::tls_info(s.get_ref().1));
+                    }
                     Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))
                 }
                 _ => {
@@ -59,7 +67,7 @@ pub async fn serve(
     // Network filters: `on_new_connection` (which may pause for a callout or
     // close) before the connect.
     let mut filtered = None;
-    if let Some(filters) = snapshot.network.get(&ctx.name) {
+    if let Some(filters) = filters {
         let facts = Arc::new(ConnFacts {
             source: peer,
             destination: local,

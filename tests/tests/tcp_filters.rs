@@ -316,3 +316,30 @@ plugins:
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_reload_keeps_open_connections_and_filters_new_ones() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&config(echo.addr, "{ mode: tcp-rewrite }", "", ""))
+        .start();
+    let mut old = RawConn::connect(lg.addr("tcp")).await;
+    old.write(b"hello\n").await;
+    let back = b"h0wdy, partner\n";
+    assert_eq!(old.read_exact(back.len(), T).await.unwrap(), back);
+    let (status, body) = lg.admin_post("/plugins/pw/reload").await;
+    assert_eq!(status, 200, "{body}");
+    lg.assert_stat(
+        r#"legate_plugin_reloads_total{plugin="pw",result="success"}"#,
+        1.0,
+    )
+    .await;
+    // The open connection keeps its chain (and the VM it started on).
+    old.write(b"hello\n").await;
+    assert_eq!(old.read_exact(back.len(), T).await.unwrap(), back);
+    // A new connection runs the reloaded plugin.
+    let mut new = RawConn::connect(lg.addr("tcp")).await;
+    new.write(b"hello\n").await;
+    assert_eq!(new.read_exact(back.len(), T).await.unwrap(), back);
+    lg.assert_stat(&calls("new_connection"), 2.0).await;
+}
