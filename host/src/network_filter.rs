@@ -663,8 +663,19 @@ pub async fn serve<D, U>(
                 }
                 std::future::pending::<()>().await;
             };
+            // A close ends the connection even if a pump is stuck writing to a
+            // peer that does not read.
+            let mut on_change = changed.clone();
+            let closed = async {
+                while !cell.borrow().closing {
+                    if on_change.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
             tokio::pin!(pumps);
             tokio::pin!(deliveries);
+            tokio::pin!(closed);
             let mut result = None;
             loop {
                 let deadline = match activity.check(idle, None) {
@@ -680,6 +691,7 @@ pub async fn serve<D, U>(
                         break;
                     }
                     () = &mut deliveries => {}
+                    () = &mut closed => break,
                     () = tokio::time::sleep_until(deadline.into()) => {}
                 }
             }
