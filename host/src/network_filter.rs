@@ -830,6 +830,101 @@ mod tests {
         }
     }
 
+    /// Pauses the first downstream data on a callout; resumes on its response.
+    struct Waits;
+
+    impl NetworkFilter for Waits {
+        fn name(&self) -> &str {
+            "waits"
+        }
+        fn fail_open(&self) -> bool {
+            false
+        }
+        fn buffer_limit(&self) -> usize {
+            1024
+        }
+        fn on_new_connection(&self, _: usize, _: &mut Exchange) -> Result<NetVerdict, String> {
+            Ok(NetVerdict::Continue)
+        }
+        fn on_data(
+            &self,
+            _: usize,
+            c: &mut Exchange,
+            from: Peer,
+            _: bool,
+        ) -> Result<NetVerdict, String> {
+            if from == Peer::Upstream || c.request_id == "asked" {
+                return Ok(NetVerdict::Continue);
+            }
+            c.request_id = "asked".into();
+            c.callouts.push(crate::filter::CalloutRequest {
+                id: 7,
+                cluster: "authz".into(),
+                method: http::Method::GET,
+                path: "/".into(),
+                authority: None,
+                headers: http::HeaderMap::new(),
+                body: bytes::Bytes::new(),
+                timeout: Duration::from_secs(1),
+                max_response_body: 1024,
+            });
+            Ok(NetVerdict::Pause)
+        }
+        fn on_callout_response(
+            &self,
+            _: usize,
+            c: &mut Exchange,
+            id: u64,
+            result: CalloutResult,
+        ) -> Result<NetVerdict, String> {
+            assert_eq!(id, 7);
+            assert_eq!(result.err(), Some(crate::filter::CalloutError::Unavailable));
+            let _ = c;
+            Ok(NetVerdict::Continue)
+        }
+        fn on_close(&self, _: usize, _: &mut Exchange, _: Peer, _: bool) {}
+        fn on_done(&self, _: usize, _: &mut Exchange) {}
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_callout_pause_blocks_one_direction_until_resumed() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let log = Arc::default();
+                let filters: Vec<Arc<dyn NetworkFilter>> =
+                    vec![Arc::new(Waits), Arc::new(tag(b'b', 0, false, &log))];
+                let x = connection(Arc::new(ConnFacts {
+                    source: ([127, 0, 0, 1], 1).into(),
+                    destination: ([127, 0, 0, 1], 2).into(),
+                    tls: None,
+                }));
+                let (mut c, mut rx) = NetChain::new(0, filters.into(), x, Rc::new(NoCallouts));
+                assert!(start(&mut c, &mut rx).await);
+                assert!(matches!(
+                    c.run_data(Peer::Downstream, b"x".to_vec(), false, 0),
+                    Step::Held
+                ));
+                assert!(c.blocked(Peer::Downstream));
+                assert!(!c.blocked(Peer::Upstream));
+                // The other direction flows meanwhile.
+                assert_eq!(
+                    go(c.run_data(Peer::Upstream, b"u".to_vec(), false, 0)),
+                    b"ub"
+                );
+                let d = rx.recv().await.unwrap();
+                assert!(c.deliver(d).is_none());
+                assert!(!c.blocked(Peer::Downstream));
+                // The held data went on to the next filter, for the pump to write.
+                assert_eq!(std::mem::take(&mut c.out[0]), b"xb");
+                assert_eq!(
+                    go(c.run_data(Peer::Downstream, b"y".to_vec(), false, 0)),
+                    b"yb"
+                );
+            })
+            .await;
+    }
+
     #[test]
     fn downstream_in_order_upstream_in_reverse() {
         let log = Arc::default();
