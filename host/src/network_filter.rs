@@ -197,9 +197,13 @@ pub fn is_connection(context: u64) -> bool {
 
 const FIRST_CONTEXT: u64 = 1 << 62;
 
-/// The connection's state for filters: an exchange holding its facts.
-pub fn connection(facts: Arc<ConnFacts>) -> Exchange {
+/// The connection's state for filters: an exchange holding its facts, with the
+/// listener's name as `authority` and the cluster's as `path` (a connection has
+/// neither; the Wasm hosts answer `listener-name` and `cluster` from them).
+pub fn connection(facts: Arc<ConnFacts>, listener: &Name, cluster: &Name) -> Exchange {
     let mut x = Exchange::placeholder();
+    x.authority = listener.to_string();
+    x.path = cluster.to_string();
     x.context = NEXT_CONTEXT.fetch_add(1, Relaxed);
     x.https = facts.tls.is_some();
     x.conn = facts;
@@ -806,11 +810,15 @@ mod tests {
             .into_iter()
             .map(|f| Arc::new(f) as Arc<dyn NetworkFilter>)
             .collect();
-        let x = connection(Arc::new(ConnFacts {
-            source: ([127, 0, 0, 1], 1).into(),
-            destination: ([127, 0, 0, 1], 2).into(),
-            tls: None,
-        }));
+        let x = connection(
+            Arc::new(ConnFacts {
+                source: ([127, 0, 0, 1], 1).into(),
+                destination: ([127, 0, 0, 1], 2).into(),
+                tls: None,
+            }),
+            &Name::new("tcp").unwrap(),
+            &Name::new("echo").unwrap(),
+        );
         NetChain::new(0, filters.into(), x, Rc::new(NoCallouts)).0
     }
 
@@ -894,11 +902,15 @@ mod tests {
                 let log = Arc::default();
                 let filters: Vec<Arc<dyn NetworkFilter>> =
                     vec![Arc::new(Waits), Arc::new(tag(b'b', 0, false, &log))];
-                let x = connection(Arc::new(ConnFacts {
-                    source: ([127, 0, 0, 1], 1).into(),
-                    destination: ([127, 0, 0, 1], 2).into(),
-                    tls: None,
-                }));
+                let x = connection(
+                    Arc::new(ConnFacts {
+                        source: ([127, 0, 0, 1], 1).into(),
+                        destination: ([127, 0, 0, 1], 2).into(),
+                        tls: None,
+                    }),
+                    &Name::new("tcp").unwrap(),
+                    &Name::new("echo").unwrap(),
+                );
                 let (mut c, mut rx) = NetChain::new(0, filters.into(), x, Rc::new(NoCallouts));
                 assert!(start(&mut c, &mut rx).await);
                 assert!(matches!(

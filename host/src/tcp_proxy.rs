@@ -78,7 +78,7 @@ pub async fn serve(
                 peer_subject: t.peer_subject,
             }),
         });
-        let x = network_filter::connection(facts);
+        let x = network_filter::connection(facts, &ctx.name, &tcp.cluster.value);
         let callouts = crate::proxy::callout_sender(&worker, &snapshot);
         crate::filter::set_worker_callouts(callouts.clone());
         let (mut chain, mut rx) = NetChain::new(worker.id, filters, x, callouts);

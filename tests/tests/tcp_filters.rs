@@ -343,3 +343,151 @@ async fn a_plugin_reload_keeps_open_connections_and_filters_new_ones() {
     assert_eq!(new.read_exact(back.len(), T).await.unwrap(), back);
     lg.assert_stat(&calls("new_connection"), 2.0).await;
 }
+
+/// [`config`] with the component fixture (tests/network-guest) as `pw`.
+fn component_config(echo: SocketAddr, mode: &str, extra: &str, tls: &str) -> String {
+    let proxy_wasm = config(echo, "x", extra, tls);
+    let cut = proxy_wasm.find("    proxy_wasm:").unwrap();
+    let module = proxy_wasm_guest().display().to_string();
+    format!(
+        "{}    config: {{ mode: {mode} }}\n",
+        &proxy_wasm[..cut].replace(&module, &network_guest().display().to_string())
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_network_filter_rewrites_and_sees_closes() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&component_config(echo.addr, "rewrite", "", ""))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"hello world").await;
+    assert_eq!(c.read_exact(11, T).await.unwrap(), b"HELL0 W0RLD");
+    c.write(b"props\n").await;
+    let expected =
+        format!("listener=tcp cluster=echo tls=none up={}\n", echo.addr).replace('O', "0");
+    let got = c.read_exact(expected.len(), T).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+    c.stream.shutdown().await.unwrap();
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    assert_eq!(echo.bytes.get(), 11 + expected.len());
+    lg.assert_stat(&calls("new_connection"), 1.0).await;
+    lg.assert_stat_with(&calls("downstream_data"), |v| v >= 2.0, ">= 2")
+        .await;
+    lg.assert_stat(&calls("downstream_close"), 1.0).await;
+    lg.assert_stat(&calls("upstream_close"), 1.0).await;
+    lg.assert_stat(
+        r#"legate_plugin_net_closes{plugin="pw",peer="downstream"}"#,
+        1.0,
+    )
+    .await;
+    lg.assert_stat(
+        r#"legate_plugin_net_closes{plugin="pw",peer="upstream"}"#,
+        1.0,
+    )
+    .await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_network_filter_closes_and_survives_a_trap() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&component_config(echo.addr, "close", "", ""))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"hi").await;
+    assert_eq!(c.read_exact(2, T).await.unwrap(), b"hi");
+    c.write(b"QUIT").await;
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    assert_eq!(echo.bytes.get(), 2);
+    drop(lg);
+
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&component_config(echo.addr, "trap", "", ""))
+        .concurrency(1)
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"boom").await;
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="pw"}"#, 1.0)
+        .await;
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"fine").await;
+    assert_eq!(c.read_exact(4, T).await.unwrap(), b"fine");
+    assert_eq!(echo.bytes.get(), 4);
+    lg.assert_stat(r#"legate_plugin_instance_restarts_total{plugin="pw"}"#, 1.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_network_filter_on_a_tls_listener() {
+    let ca = Ca::new("tcp-filters-component");
+    let cert = ca.server(&["db.example"]);
+    let tls = format!(
+        "    tls:\n      certificates:\n        - cert: {}\n          key: {}\n",
+        cert.cert.display(),
+        cert.key.display()
+    );
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&component_config(echo.addr, "rewrite", "", &tls))
+        .start();
+    let mut s = tls_raw(lg.addr("tcp"), TlsOptions::new(&cert, "db.example"))
+        .await
+        .unwrap();
+    s.write_all(b"props\n").await.unwrap();
+    s.flush().await.unwrap();
+    let expected = format!("listener=tcp cluster=echo tls=1.3 up={}\n", echo.addr);
+    let mut got = vec![0u8; expected.len()];
+    tokio::time::timeout(T, s.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+}
+
+#[test]
+fn a_network_component_on_an_http_listener_is_refused() {
+    let yaml = format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: l4 }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: echo
+clusters:
+  - name: echo
+    endpoints:
+      - address: 127.0.0.1:1
+plugins:
+  - name: l4
+    module: {}
+    config: {{ mode: rewrite }}
+",
+        network_guest().display()
+    );
+    let e = match legate().config(&yaml).try_start() {
+        Ok(_) => panic!("a network component was accepted on an HTTP listener"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("plugin `l4` is a network (L4) filter, but `http.filters` takes HTTP filters"),
+        "{e}"
+    );
+}

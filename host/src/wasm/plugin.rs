@@ -362,7 +362,7 @@ fn verdict(
 }
 
 /// A callout result as the guest sees it.
-fn guest_result(
+pub(crate) fn guest_result(
     r: crate::filter::CalloutResult,
 ) -> Result<
     super::bindings::legate::filter::callout::CalloutResponse,
@@ -403,7 +403,9 @@ pub fn set_max_component_handles_for_tests(limit: usize) {
 /// An own-state `Resource` given there would be moved into wasmtime's host
 /// handle table and never released: a leak against the store's cap of 100 000
 /// live handles, which trapped an instance every few ten thousand requests.
-fn borrow<T: 'static>(r: &wasmtime::component::Resource<T>) -> wasmtime::component::Resource<T> {
+pub(crate) fn borrow<T: 'static>(
+    r: &wasmtime::component::Resource<T>,
+) -> wasmtime::component::Resource<T> {
     wasmtime::component::Resource::new_borrow(r.rep())
 }
 
