@@ -1,6 +1,6 @@
 //! The host side of network (L4) filters on TCP proxy listeners: the
-//! [`NetworkFilter`] trait every L4 filter implements (proxy-wasm modules today;
-//! components of the `network-filter` world are to plug in here), the
+//! [`NetworkFilter`] trait every L4 filter implements (proxy-wasm modules and
+//! components of the `network-filter` world, `wasm/network.rs`), the
 //! per-listener chains
 //! ([`NetworkFilters`]) and the per-connection run ([`serve`]), which
 //! `tcp_proxy.rs` uses instead of its plain copy when a listener has filters.
@@ -167,9 +167,9 @@ impl NetworkFilters {
                 let Some(nf) = get(name)?.network() else {
                     anyhow::bail!(
                         "listener `{}`: plugin `{name}` is an HTTP filter, but `tcp.filters` \
-                         takes network filters (proxy-wasm modules; components of the \
-                         `network-filter` world are not loaded yet); move it to an HTTP \
-                         listener's `http.filters`",
+                         takes network filters (a component of the `network-filter` world, \
+                         or a proxy-wasm module); move it to an HTTP listener's \
+                         `http.filters`",
                         l.name
                     );
                 };

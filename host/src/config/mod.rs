@@ -298,8 +298,8 @@ pub struct TcpProxy {
     /// as Envoy's tcp_proxy: long-lived database connections are normal.
     #[serde(default = "defaults::tcp_idle_timeout")]
     pub idle_timeout: Dur,
-    /// The network (L4) filter chain: plugins that are network filters
-    /// (proxy-wasm modules with a stream context). Downstream
+    /// The network (L4) filter chain: plugins that are network filters (a
+    /// component exporting `network-handler`, or a proxy-wasm module). Downstream
     /// data runs through them in this order, upstream data in reverse order.
     #[serde(default)]
     pub filters: Vec<Spanned<FilterRef>>,

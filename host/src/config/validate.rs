@@ -648,8 +648,8 @@ fn http_only_on_tcp(
              `tcp.filters` takes network filters",
             name.value
         ),
-        "use a proxy-wasm module with a stream context here, or move the plugin to an HTTP \
-         listener's `http.filters`",
+        "use a component of the `network-filter` world or a proxy-wasm module here, or move \
+         the plugin to an HTTP listener's `http.filters`",
     );
 }
 

@@ -12,6 +12,8 @@
 //!   or in Redis (`kv:` in the config), shared by Legate processes.
 //! - [`plugin`]: [`WasmFilter`], a [`crate::filter::HttpFilter`]; per-worker
 //!   instances, deadlines, memory caps, failure handling and per-plugin stats.
+//! - [`network`]: components of the `network-filter` world, as
+//!   [`crate::network_filter::NetworkFilter`]s on TCP listeners.
 //!
 //! - [`proxy_wasm`]: core modules built for Envoy's proxy-wasm ABI 0.2.1, detected
 //!   from the module itself (docs/proxy-wasm.md).
