@@ -491,3 +491,51 @@ plugins:
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_network_filter_pauses_the_new_connection_on_a_callout() {
+    let echo = tcp_echo_server().await;
+    let az = authz_upstream().await;
+    let cfg = |path: &str| {
+        let yaml = component_config(
+            echo.addr,
+            &format!("callout, path: \"{path}\""),
+            "    capabilities: { clusters: [authz] }\n",
+            "",
+        );
+        with_cluster(&yaml, "authz", az.addr)
+    };
+    let lg = legate().config(&cfg("/check/tcp")).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"data").await;
+    assert_eq!(c.read_exact(4, T).await.unwrap(), b"data");
+    assert_eq!(echo.connections.get(), 1);
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    lg.assert_stat(r#"legate_cluster_upstream_rq_total{cluster="authz"}"#, 1.0)
+        .await;
+    drop(c);
+    drop(lg);
+
+    let lg = legate().config(&cfg("/check/deny")).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"data").await;
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    assert_eq!(
+        echo.connections.get(),
+        1,
+        "a denied connection reached the upstream"
+    );
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    // Closed before connecting: only the downstream side was open.
+    lg.assert_stat(
+        r#"legate_plugin_net_closes{plugin="pw",peer="downstream"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        lg.stat(r#"legate_plugin_net_closes{plugin="pw",peer="upstream"}"#)
+            .await,
+        None
+    );
+}

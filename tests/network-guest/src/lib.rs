@@ -7,6 +7,9 @@
 //!   `O` replaced by `0`.
 //! - `close`: downstream data containing `QUIT` closes the connection.
 //! - `trap`: downstream data containing `boom` panics.
+//! - `callout`: `on-new-connection` calls cluster `authz` at the config's
+//!   `path` and pauses; a 200 continues (connecting upstream), anything else
+//!   closes.
 //!
 //! Every mode counts closes in `net_closes{peer}` (`legate_plugin_net_closes`).
 
@@ -24,6 +27,7 @@ use legate::filter::types::{Buffer, Error, IpAddress, TlsVersion};
 
 thread_local! {
     static MODE: RefCell<String> = const { RefCell::new(String::new()) };
+    static PATH: RefCell<String> = const { RefCell::new(String::new()) };
     static CLOSES: RefCell<Option<Counter>> = const { RefCell::new(None) };
 }
 
@@ -33,11 +37,19 @@ impl Guest for Plugin {
     type NetworkContext = Ctx;
 
     fn configure(config: String) -> Result<NetworkSetup, String> {
-        let mode = ["rewrite", "close", "trap"]
+        let mode = ["rewrite", "close", "trap", "callout"]
             .into_iter()
             .find(|m| config.contains(&format!("\"{m}\"")))
             .ok_or_else(|| format!("no known mode in {config}"))?;
         MODE.with(|m| *m.borrow_mut() = mode.to_string());
+        // `"path": "/..."` (no JSON parser in this fixture).
+        let path = config
+            .split("\"path\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("/check")
+            .to_string();
+        PATH.with(|p| *p.borrow_mut() = path);
         let c = legate::filter::metrics::define_counter(
             "net_closes",
             "Close notifications seen by the network test plugin.",
@@ -81,6 +93,21 @@ impl GuestNetworkContext for Ctx {
         // Nothing is connected yet.
         if connection.upstream_address().is_some() {
             return NetworkAction::Close;
+        }
+        if MODE.with(|m| m.borrow().as_str() == "callout") {
+            let request = legate::filter::callout::CalloutRequest {
+                cluster: "authz".into(),
+                method: "GET".into(),
+                path: PATH.with(|p| p.borrow().clone()),
+                authority: None,
+                headers: Vec::new(),
+                body: Vec::new(),
+                timeout_ms: 0,
+            };
+            return match legate::filter::callout::send(&request) {
+                Ok(_) => NetworkAction::Pause,
+                Err(_) => NetworkAction::Close,
+            };
         }
         NetworkAction::Continue
     }
@@ -150,9 +177,12 @@ impl GuestNetworkContext for Ctx {
         &self,
         _connection: &Connection,
         _id: CalloutId,
-        _response: Result<CalloutResponse, Error>,
+        response: Result<CalloutResponse, Error>,
     ) -> NetworkAction {
-        NetworkAction::Continue
+        match response {
+            Ok(r) if r.status == 200 => NetworkAction::Continue,
+            _ => NetworkAction::Close,
+        }
     }
 }
 
