@@ -539,3 +539,28 @@ async fn component_network_filter_pauses_the_new_connection_on_a_callout() {
         None
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_network_filter_reloads() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&component_config(echo.addr, "rewrite", "", ""))
+        .concurrency(1)
+        .start();
+    let mut old = RawConn::connect(lg.addr("tcp")).await;
+    old.write(b"one").await;
+    assert_eq!(old.read_exact(3, T).await.unwrap(), b"0NE");
+    let (status, body) = lg.admin_post("/plugins/pw/reload").await;
+    assert_eq!(status, 200, "{body}");
+    // The open connection keeps the instance it started on.
+    old.write(b"two").await;
+    assert_eq!(old.read_exact(3, T).await.unwrap(), b"TW0");
+    drop(old);
+    // A new connection gets an instance of the reloaded filter; the old one is
+    // freed (one instance on the one worker).
+    let mut new = RawConn::connect(lg.addr("tcp")).await;
+    new.write(b"foo").await;
+    assert_eq!(new.read_exact(3, T).await.unwrap(), b"F00");
+    lg.assert_stat(r#"legate_plugin_instances{plugin="pw"}"#, 1.0)
+        .await;
+}

@@ -10,8 +10,9 @@
 //! non-zero `tick-interval-ms` refuses the load).
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
@@ -55,6 +56,11 @@ thread_local! {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Ids of filters not dropped yet: a worker frees its instances of dropped
+/// filters (a reload replaced them) before it instantiates a new one, so
+/// reloads do not exhaust the instance pool (as `plugin.rs` does for HTTP).
+static LIVE: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+
 /// Whether `component` exports the L4 handler (and so is a network filter).
 pub fn is_network_filter(component: &Component) -> bool {
     let Ok(engine) = engine::engine() else {
@@ -76,16 +82,19 @@ pub struct WasmNetworkFilter {
     setup: NetworkSetup,
     /// `legate_plugin_body_limit_exceeded_total` by direction.
     limit_exceeded: [Counter; 2],
+    /// Instances of this filter live on workers (taken off the instances
+    /// gauge when the filter is dropped).
+    live_instances: AtomicI64,
 }
 
 impl Drop for WasmNetworkFilter {
     fn drop(&mut self) {
-        // This thread's instance; other workers free theirs when they exit.
-        let _ = INSTANCES.try_with(|cell| {
-            if let Ok(mut map) = cell.try_borrow_mut() {
-                map.remove(&self.id);
-            }
-        });
+        LIVE.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        for _ in 0..self.live_instances.load(Relaxed) {
+            self.stats.instances.dec();
+        }
     }
 }
 
@@ -133,8 +142,12 @@ impl WasmNetworkFilter {
                 &[("plugin", name), ("direction", d)],
             )
         });
+        let id = NEXT_ID.fetch_add(1, Relaxed);
+        LIVE.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id);
         let mut f = WasmNetworkFilter {
-            id: NEXT_ID.fetch_add(1, Relaxed),
+            id,
             shared: Arc::new(shared),
             pre,
             settings,
@@ -144,6 +157,7 @@ impl WasmNetworkFilter {
                 tick_interval_ms: 0,
             },
             limit_exceeded,
+            live_instances: AtomicI64::new(0),
         };
         let (_, setup) = f
             .instantiate(u32::MAX)
@@ -203,6 +217,10 @@ impl WasmNetworkFilter {
     ) -> Result<R, String> {
         INSTANCES.with(|cell| {
             let mut map = cell.borrow_mut();
+            if !map.contains_key(&self.id) {
+                let live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
+                map.retain(|id, _| live.contains(id));
+            }
             let slot = map.entry(self.id).or_default();
             if slot.live.is_none() {
                 if !new {
@@ -217,6 +235,7 @@ impl WasmNetworkFilter {
                             self.stats.restarts.inc();
                         }
                         self.stats.instances.inc();
+                        self.live_instances.fetch_add(1, Relaxed);
                         slot.live = Some(live);
                     }
                     Err(e) => {
@@ -272,6 +291,7 @@ impl WasmNetworkFilter {
                     // The instance is dead: wasmtime does not re-enter it.
                     slot.live = None;
                     self.stats.instances.dec();
+                    self.live_instances.fetch_sub(1, Relaxed);
                     fail_slot(slot);
                     Err(text)
                 }
