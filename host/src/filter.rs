@@ -236,6 +236,12 @@ pub fn worker_callouts() -> Option<Rc<dyn CalloutSender>> {
     WORKER_CALLOUTS.with(|c| c.borrow().clone())
 }
 
+/// Makes `sender` this worker's sender for plugin-level callouts (a TCP
+/// connection with network filters does, as a filtered exchange does).
+pub fn set_worker_callouts(sender: Rc<dyn CalloutSender>) {
+    WORKER_CALLOUTS.with(|c| *c.borrow_mut() = Some(sender));
+}
+
 /// A callout in flight.
 pub type CalloutFuture = Pin<Box<dyn Future<Output = CalloutResult>>>;
 
@@ -591,6 +597,11 @@ pub trait HttpFilter: Send + Sync {
     ) -> Result<Verdict, String> {
         let _ = (worker, x, d);
         Ok(Verdict::Continue)
+    }
+    /// This plugin as a network (L4) filter for TCP listeners, if it is one
+    /// (`crate::network_filter`); HTTP-only filters are not.
+    fn network(self: Arc<Self>) -> Option<Arc<dyn crate::network_filter::NetworkFilter>> {
+        None
     }
     /// After the response (read-only).
     fn on_log(&self, worker: usize, x: &mut Exchange);

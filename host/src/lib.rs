@@ -2,7 +2,7 @@
 //!
 //! One module per stage of the request path: [`listener`] → [`connection`] →
 //! [`proxy`] (with [`router`] and [`proxy_headers`]) → [`cluster`] (load balancing)
-//! → [`upstream`] (connection pool). [`tcp_proxy`] is the L4 path. [`server`] and
+//! → [`upstream`] (connection pool). [`tcp_proxy`] is the L4 path, with [`network_filter`] chains. [`server`] and
 //! [`worker`] own the process and threads, [`admin`] the admin API. [`filter`] is the
 //! HTTP filter chain; [`wasm`] runs Wasm filter plugins in it.
 // `deny`, not `forbid`: the one exception is loading a compiled component from the
@@ -22,6 +22,7 @@ pub mod io;
 pub mod listener;
 pub mod mirror;
 pub mod native;
+pub mod network_filter;
 pub mod overrides;
 pub mod plugin_build;
 pub mod plugin_profile;

@@ -840,6 +840,18 @@ async fn response_filters(
     response_body(shared, resp).await
 }
 
+/// The callout sender of a TCP connection's network filters: the same as an
+/// HTTP exchange's.
+pub fn callout_sender(
+    worker: &Rc<crate::worker::Worker>,
+    snapshot: &Arc<crate::server::Snapshot>,
+) -> Rc<dyn filter::CalloutSender> {
+    Rc::new(PoolCallouts {
+        worker: worker.clone(),
+        snapshot: Arc::downgrade(snapshot),
+    })
+}
+
 /// Sends filters' callouts (abi/README.md §5.8) like an attempt without retries:
 /// the cluster's balancer, circuit breaker and the worker's pool, under the
 /// callout's own timeout. Clusters come from the exchange's snapshot (weak: the

@@ -91,6 +91,8 @@ pub struct Snapshot {
     pub max_pool_idle: Duration,
     /// The HTTP filter chains (Wasm plugins) per listener.
     pub filters: crate::filter::Filters,
+    /// The network (L4) filter chains per TCP listener.
+    pub network: crate::network_filter::NetworkFilters,
     /// The loaded filters the chains were assembled from, so one plugin can be
     /// reloaded without loading the others again.
     pub plugins: Loaded,
@@ -163,12 +165,14 @@ impl Snapshot {
             );
         }
         let filters = assemble_filters(&config, stats, &loaded)?;
+        let network = crate::network_filter::NetworkFilters::build(&config, &loaded)?;
         Ok(Snapshot {
             config,
             route_tables,
             clusters,
             max_pool_idle,
             filters,
+            network,
             plugins: loaded,
         })
     }
@@ -182,6 +186,7 @@ impl Snapshot {
             clusters: self.clusters.clone(),
             max_pool_idle: self.max_pool_idle,
             filters: assemble_filters(&self.config, stats, &loaded)?,
+            network: crate::network_filter::NetworkFilters::build(&self.config, &loaded)?,
             plugins: loaded,
         })
     }

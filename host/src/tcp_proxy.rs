@@ -1,6 +1,9 @@
 //! TCP proxy listeners (L4): each downstream connection is forwarded byte for byte
 //! to an endpoint of the listener's cluster, with a connect retry across endpoints,
-//! an idle timeout and byte counters. Network filters attach here later.
+//! an idle timeout and byte counters. A listener with `tcp.filters` runs each
+//! connection through its network filter chain ([`crate::network_filter`]):
+//! `on_new_connection` before the connect, data and close callbacks after; one
+//! without filters keeps the plain `copy_bidirectional` path.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -10,8 +13,10 @@ use tokio::net::TcpStream;
 
 use crate::cluster::outlier::Outcome;
 use crate::error::{Kind, ProxyError};
+use crate::filter::{ConnFacts, TlsFacts};
 use crate::io::{Activity, Conn, Tracked, Verdict};
 use crate::listener::ListenerCtx;
+use crate::network_filter::{self, NetChain};
 use crate::upstream::{open_stream, Target};
 use crate::worker::Worker;
 
@@ -29,6 +34,14 @@ pub async fn serve(
         tracing::error!(listener = %ctx.name, "cluster `{}` missing from the snapshot", tcp.cluster.value);
         return;
     };
+    // Looked up once; the facts filters see are gathered only when there are
+    // filters, so the plain path makes no extra syscall or allocation.
+    let filters = snapshot.network.get(&ctx.name);
+    let local = match filters {
+        Some(_) => stream.local_addr().unwrap_or(peer),
+        None => peer,
+    };
+    let mut tls_info = None;
     let downstream = match &ctx.tls {
         None => Conn::Plain(stream),
         Some(acceptor) => {
@@ -37,7 +50,12 @@ pub async fn serve(
                 acceptor.accept(stream),
             );
             match hs.await {
-                Ok(Ok(s)) => Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s))),
+                Ok(Ok(s)) => {
+                    if filters.is_some() {
+                        tls_info = Some(crate::tls::tls_info(s.get_ref().1));
+                    }
+                    Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))
+                }
                 _ => {
                     ctx.stats.cx_tls_error.inc();
                     return;
@@ -45,6 +63,32 @@ pub async fn serve(
             }
         }
     };
+
+    // Network filters: `on_new_connection` (which may pause for a callout or
+    // close) before the connect.
+    let mut filtered = None;
+    if let Some(filters) = filters {
+        let facts = Arc::new(ConnFacts {
+            source: peer,
+            destination: local,
+            tls: tls_info.map(|t| TlsFacts {
+                tls13: t.version == "TLSv1.3",
+                sni: t.sni,
+                peer_cert_present: t.peer_cert_present,
+                peer_subject: t.peer_subject,
+            }),
+        });
+        let x = network_filter::connection(facts, &ctx.name, &tcp.cluster.value);
+        let callouts = crate::proxy::callout_sender(&worker, &snapshot);
+        crate::filter::set_worker_callouts(callouts.clone());
+        let (mut chain, mut rx) = NetChain::new(worker.id, filters, x, callouts);
+        if !network_filter::start(&mut chain, &mut rx).await {
+            tracing::debug!(listener = %ctx.name, %peer, "a network filter closed the connection");
+            network_filter::finish_unconnected(&mut chain);
+            return;
+        }
+        filtered = Some((chain, rx));
+    }
 
     // Connect, trying each endpoint once on failure.
     let cluster = &entry.cluster();
@@ -99,14 +143,17 @@ pub async fn serve(
         }
         match result {
             Ok((conn, counted)) => {
-                upstream = Some((conn, counted, index));
+                upstream = Some((conn, counted, index, addr));
                 break;
             }
             Err(e) => tracing::debug!(listener = %ctx.name, "tcp upstream {addr}: {e}"),
         }
     }
-    let Some((upstream, _counted, index)) = upstream else {
+    let Some((upstream, _counted, index, addr)) = upstream else {
         tracing::debug!(listener = %ctx.name, %peer, "no upstream reachable; closing");
+        if let Some((mut chain, _)) = filtered {
+            network_filter::finish_unconnected(&mut chain);
+        }
         return;
     };
     let _active = cluster.start_request(index);
@@ -115,6 +162,14 @@ pub async fn serve(
     let mut down = Tracked::new(downstream, activity.clone());
     let mut up = upstream;
     let idle = tcp.idle_timeout.get();
+    if let Some((mut chain, rx)) = filtered {
+        chain.x.upstream = Some(addr);
+        network_filter::serve(chain, rx, down, up, &activity, idle).await;
+        let (rx, tx) = activity.bytes();
+        ctx.stats.rx_bytes.add(rx);
+        ctx.stats.tx_bytes.add(tx);
+        return;
+    }
     let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
     tokio::pin!(copy);
     loop {

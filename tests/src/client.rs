@@ -552,6 +552,22 @@ impl RawConn {
     }
 }
 
+/// A raw TLS connection (no ALPN), for TCP proxy listeners that terminate TLS.
+pub async fn tls_raw(
+    addr: SocketAddr,
+    opts: TlsOptions,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut cfg = client_tls_config(Proto::H1, &opts)?;
+    cfg.alpn_protocols = Vec::new();
+    let tcp = TcpStream::connect(addr).await.context("tcp connect")?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from(opts.sni.clone()).context("sni")?;
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .context("tls handshake")
+}
+
 /// The status code of a raw HTTP/1.x response (`None` if it is not one).
 pub fn raw_status(resp: &[u8]) -> Option<u16> {
     let s = std::str::from_utf8(resp.get(..12)?).ok()?;

@@ -35,6 +35,20 @@ pub fn build_wasm_crate(manifest: &str, target: &str, dir: &str, artifact: &str)
     wasm
 }
 
+/// The L4 fixture component of tests/network-guest (`legate:filter/network-filter`;
+/// `mode` in its config picks the behaviour).
+pub fn network_guest() -> &'static Path {
+    static WASM: OnceLock<PathBuf> = OnceLock::new();
+    WASM.get_or_init(|| {
+        build_wasm_crate(
+            "tests/network-guest/Cargo.toml",
+            "wasm32-wasip2",
+            "network-guest",
+            "legate_network_guest",
+        )
+    })
+}
+
 /// The fixture component of tests/guests (`mode` in its config picks the
 /// behaviour under test).
 pub fn test_guest() -> &'static Path {

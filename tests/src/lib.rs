@@ -51,9 +51,10 @@ use std::time::{Duration, Instant};
 pub use bins::workspace_bin;
 pub use certs::{Ca, TempDir, TlsFiles};
 pub use client::{
-    client, raw, raw_status, tls_client, Client, Proto, RawConn, RequestBuilder, Resp, TlsOptions,
+    client, raw, raw_status, tls_client, tls_raw, Client, Proto, RawConn, RequestBuilder, Resp,
+    TlsOptions,
 };
-pub use guests::test_guest;
+pub use guests::{network_guest, test_guest};
 pub use legate::{legate, LegateBuilder, LegateHandle};
 pub use stats::parse_prometheus;
 pub use upstream::{

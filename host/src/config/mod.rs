@@ -298,6 +298,11 @@ pub struct TcpProxy {
     /// as Envoy's tcp_proxy: long-lived database connections are normal.
     #[serde(default = "defaults::tcp_idle_timeout")]
     pub idle_timeout: Dur,
+    /// The network (L4) filter chain: plugins that are network filters (a
+    /// component exporting `network-handler`, or a proxy-wasm module). Downstream
+    /// data runs through them in this order, upstream data in reverse order.
+    #[serde(default)]
+    pub filters: Vec<Spanned<FilterRef>>,
 }
 
 /// TLS termination on a listener.
@@ -1559,6 +1564,11 @@ clusters:
                 "`listeners[].tcp`",
                 at(&["listeners.tcp"]),
                 fields::<TcpProxy>(),
+            ),
+            (
+                "`listeners[].tcp.filters[]`",
+                at(&["listeners.tcp.filters"]),
+                fields::<FilterRef>(),
             ),
             (
                 "`listeners[].tls`",

@@ -198,6 +198,12 @@ impl Config {
                     plugins.check(&mut e, &f.value.plugin);
                 }
             }
+            if let Some(t) = &l.value.tcp {
+                for f in &t.filters {
+                    plugins.check(&mut e, &f.value.plugin);
+                    http_only_on_tcp(&mut e, &l.value.name, f, &self.plugins);
+                }
+            }
         }
         for t in &self.routes {
             validate_route_table(&mut e, t, &clusters);
@@ -613,6 +619,39 @@ const ACTIONS: [&str; 4] = [
     "redirect",
     "direct_response",
 ];
+
+/// A plugin on a TCP listener must be a network filter. Native filters and the
+/// builtin plugins are HTTP filters, known from the config alone; whether a
+/// `.wasm` file is one is known only once it is loaded (`network_filter.rs`).
+fn http_only_on_tcp(
+    e: &mut Issues,
+    listener: &Name,
+    f: &Spanned<super::FilterRef>,
+    plugins: &[Spanned<Plugin>],
+) {
+    let name = &f.value.plugin;
+    let Some(p) = plugins.iter().find(|p| p.value.name == name.value) else {
+        return;
+    };
+    let module = p.value.module.to_str().unwrap_or_default();
+    let kind = if module.starts_with(crate::native::PREFIX) {
+        "a native filter"
+    } else if module.starts_with(crate::wasm::builtin::PREFIX) {
+        "a builtin plugin"
+    } else {
+        return;
+    };
+    e.at(
+        &name.referenced,
+        format!(
+            "listener `{listener}`: plugin `{}` ({kind}, `{module}`) is an HTTP filter, but \
+             `tcp.filters` takes network filters",
+            name.value
+        ),
+        "use a component of the `network-filter` world or a proxy-wasm module here, or move \
+         the plugin to an HTTP listener's `http.filters`",
+    );
+}
 
 fn validate_plugin(e: &mut Issues, p: &Spanned<Plugin>, clusters: &Defined<'_>) {
     let loc = &p.referenced;

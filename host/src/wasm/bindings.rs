@@ -23,3 +23,26 @@ wasmtime::component::bindgen!({
         "legate:filter/kv.namespace": super::host::NamespaceRes,
     },
 });
+
+/// The `legate:filter/network-filter@0.1.0` world (L4 filters). The interfaces
+/// it shares with `http-filter` are the ones generated above (`with:`), so one
+/// set of `Host` impls serves both worlds.
+pub mod network {
+    wasmtime::component::bindgen!({
+        world: "network-filter",
+        path: "../abi/wit",
+        imports: { default: trappable },
+        exports: { default: async },
+        with: {
+            "legate:filter/types": super::legate::filter::types,
+            "legate:filter/log": super::legate::filter::log,
+            "legate:filter/clock": super::legate::filter::clock,
+            "legate:filter/random": super::legate::filter::random,
+            "legate:filter/metrics": super::legate::filter::metrics,
+            "legate:filter/kv": super::legate::filter::kv,
+            "legate:filter/callout": super::legate::filter::callout,
+            "legate:filter/plugin": super::legate::filter::plugin,
+            "legate:filter/network.connection": crate::wasm::host::ConnectionRes,
+        },
+    });
+}

@@ -37,6 +37,11 @@ pub struct BufferRes {
     dir: Direction,
 }
 
+/// A `connection` handle (L4 filters): the TCP connection of `context`.
+pub struct ConnectionRes {
+    context: u64,
+}
+
 /// Which map a `headers` handle points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
@@ -191,6 +196,12 @@ pub enum Phase {
     /// `on-tick` and `on-tick-callout-response`: no exchange; callouts belong to
     /// the plugin.
     Tick,
+    /// L4 `on-downstream-data` (`Request`) / `on-upstream-data` (`Response`):
+    /// that direction's data is writable.
+    NetData(Direction),
+    /// L4 `on-new-connection`, `on-close`, `on-callout-response`: nothing is
+    /// writable; callouts may be sent (not from `on-close`, which is `ReadOnly`).
+    Net,
 }
 
 /// The data of one instance's store.
@@ -857,10 +868,11 @@ impl HostState {
     fn buffer_of(&mut self, r: &Resource<BufferRes>) -> wasmtime::Result<(&mut Vec<u8>, bool)> {
         let b = self.table.get(r)?;
         let (context, d) = (b.context, b.dir);
-        let writable = match d {
-            Direction::Request => self.phase == Phase::RequestBody,
-            Direction::Response => self.phase == Phase::ResponseBody,
-        };
+        let writable = self.phase == Phase::NetData(d)
+            || match d {
+                Direction::Request => self.phase == Phase::RequestBody,
+                Direction::Response => self.phase == Phase::ResponseBody,
+            };
         let x = self.exchange(context)?;
         match x.bodies[d.idx()].as_mut() {
             Some(data) => Ok((data, writable)),
@@ -1433,6 +1445,125 @@ impl HostState {
             timeout,
             max_response_body: CALLOUT_MAX_RESPONSE,
         })
+    }
+}
+
+// ---- network: the L4 `connection` (its facts are an `Exchange`, see
+// `crate::network_filter::connection`) ----
+
+impl super::bindings::network::legate::filter::network::Host for HostState {}
+
+impl super::bindings::network::legate::filter::network::HostConnection for HostState {
+    fn id(&mut self, r: Resource<ConnectionRes>) -> wasmtime::Result<u64> {
+        Ok(self.connection_of(&r)?.context)
+    }
+
+    fn listener_name(&mut self, r: Resource<ConnectionRes>) -> wasmtime::Result<String> {
+        Ok(self.connection_of(&r)?.authority.clone())
+    }
+
+    fn source_address(
+        &mut self,
+        r: Resource<ConnectionRes>,
+    ) -> wasmtime::Result<types::SocketAddress> {
+        Ok(socket_address(self.connection_of(&r)?.conn.source))
+    }
+
+    fn destination_address(
+        &mut self,
+        r: Resource<ConnectionRes>,
+    ) -> wasmtime::Result<types::SocketAddress> {
+        Ok(socket_address(self.connection_of(&r)?.conn.destination))
+    }
+
+    fn tls_version(
+        &mut self,
+        r: Resource<ConnectionRes>,
+    ) -> wasmtime::Result<Option<types::TlsVersion>> {
+        Ok(self.connection_of(&r)?.conn.tls.as_ref().map(|t| {
+            if t.tls13 {
+                types::TlsVersion::Tls13
+            } else {
+                types::TlsVersion::Tls12
+            }
+        }))
+    }
+
+    fn tls_sni(&mut self, r: Resource<ConnectionRes>) -> wasmtime::Result<Option<String>> {
+        Ok(self
+            .connection_of(&r)?
+            .conn
+            .tls
+            .as_ref()
+            .and_then(|t| t.sni.clone()))
+    }
+
+    fn tls_peer_certificate_presented(
+        &mut self,
+        r: Resource<ConnectionRes>,
+    ) -> wasmtime::Result<bool> {
+        Ok(self
+            .connection_of(&r)?
+            .conn
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.peer_cert_present))
+    }
+
+    fn tls_peer_subject(&mut self, r: Resource<ConnectionRes>) -> wasmtime::Result<Option<String>> {
+        Ok(self
+            .connection_of(&r)?
+            .conn
+            .tls
+            .as_ref()
+            .and_then(|t| t.peer_subject.clone()))
+    }
+
+    fn cluster(&mut self, r: Resource<ConnectionRes>) -> wasmtime::Result<Option<String>> {
+        let path = &self.connection_of(&r)?.path;
+        Ok((!path.is_empty()).then(|| path.clone()))
+    }
+
+    fn upstream_address(
+        &mut self,
+        r: Resource<ConnectionRes>,
+    ) -> wasmtime::Result<Option<types::SocketAddress>> {
+        Ok(self.connection_of(&r)?.upstream.map(socket_address))
+    }
+
+    fn start_time(&mut self, r: Resource<ConnectionRes>) -> wasmtime::Result<u64> {
+        Ok(unix_nanos(self.connection_of(&r)?.start))
+    }
+
+    fn data(
+        &mut self,
+        r: Resource<ConnectionRes>,
+        direction: types::Direction,
+    ) -> wasmtime::Result<Option<Resource<BufferRes>>> {
+        let d = dir(direction);
+        let x = self.connection_of(&r)?;
+        let context = x.context;
+        if x.bodies[d.idx()].is_none() {
+            return Ok(None);
+        }
+        Ok(Some(self.buffer_handle(context, d)?))
+    }
+
+    fn drop(&mut self, r: Resource<ConnectionRes>) -> wasmtime::Result<()> {
+        self.table.delete(r)?;
+        Ok(())
+    }
+}
+
+impl HostState {
+    /// A handle for the TCP connection of `context` (live in the current call).
+    pub fn connection_handle(&mut self, context: u64) -> wasmtime::Result<Resource<ConnectionRes>> {
+        Ok(self.table.push(ConnectionRes { context })?)
+    }
+
+    fn connection_of(&mut self, r: &Resource<ConnectionRes>) -> wasmtime::Result<&mut Exchange> {
+        let context = self.table.get(r)?.context;
+        self.exchange(context)
     }
 }
 

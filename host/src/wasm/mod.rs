@@ -12,6 +12,8 @@
 //!   or in Redis (`kv:` in the config), shared by Legate processes.
 //! - [`plugin`]: [`WasmFilter`], a [`crate::filter::HttpFilter`]; per-worker
 //!   instances, deadlines, memory caps, failure handling and per-plugin stats.
+//! - [`network`]: components of the `network-filter` world, as
+//!   [`crate::network_filter::NetworkFilter`]s on TCP listeners.
 //!
 //! - [`proxy_wasm`]: core modules built for Envoy's proxy-wasm ABI 0.2.1, detected
 //!   from the module itself (docs/proxy-wasm.md).
@@ -31,6 +33,7 @@ pub mod cache;
 pub mod engine;
 pub mod host;
 pub mod kv;
+pub mod network;
 pub mod plugin;
 pub mod proxy_wasm;
 pub mod stdio;
@@ -96,6 +99,27 @@ pub fn load(
         let files = read_files(p)?;
         let sha256 = p.sha256.as_ref().map(|s| s.value.as_str());
         let component = engine::compile(name, &p.module, &bytes, sha256, stats)?;
+        if network::is_network_filter(&component) {
+            // An L4 filter: TCP listeners only, so no route overrides.
+            let json = p
+                .config
+                .as_ref()
+                .map_or_else(|| "null".to_string(), |v| v.to_string());
+            let f = network::WasmNetworkFilter::load(
+                name,
+                &component,
+                settings(p, json, files.clone()),
+                stats,
+            )?;
+            out.insert(
+                FilterKey {
+                    plugin: p.name.clone(),
+                    config_override: None,
+                },
+                Arc::new(f),
+            );
+            continue;
+        }
         let mut configs: Vec<Option<String>> = vec![None];
         configs.extend(route_overrides(config, &p.name).into_iter().map(Some));
         for over in configs {

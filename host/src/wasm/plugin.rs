@@ -119,7 +119,7 @@ impl PluginStats {
     }
 
     /// The phases calls are counted by, the per-request ones first.
-    const PHASES: [&'static str; 12] = [
+    const PHASES: [&'static str; 17] = [
         "request_headers",
         "response_headers",
         "request_body",
@@ -132,6 +132,12 @@ impl PluginStats {
         "configure",
         "tick",
         "tick_callout_response",
+        // Network (L4) filters on TCP listeners.
+        "new_connection",
+        "downstream_data",
+        "upstream_data",
+        "downstream_close",
+        "upstream_close",
     ];
 
     pub(crate) fn new(stats: &Stats, name: &str) -> Self {
@@ -356,7 +362,7 @@ fn verdict(
 }
 
 /// A callout result as the guest sees it.
-fn guest_result(
+pub(crate) fn guest_result(
     r: crate::filter::CalloutResult,
 ) -> Result<
     super::bindings::legate::filter::callout::CalloutResponse,
@@ -397,7 +403,9 @@ pub fn set_max_component_handles_for_tests(limit: usize) {
 /// An own-state `Resource` given there would be moved into wasmtime's host
 /// handle table and never released: a leak against the store's cap of 100 000
 /// live handles, which trapped an instance every few ten thousand requests.
-fn borrow<T: 'static>(r: &wasmtime::component::Resource<T>) -> wasmtime::component::Resource<T> {
+pub(crate) fn borrow<T: 'static>(
+    r: &wasmtime::component::Resource<T>,
+) -> wasmtime::component::Resource<T> {
     wasmtime::component::Resource::new_borrow(r.rep())
 }
 

@@ -76,6 +76,24 @@
 //!   opening a stream to `backend`, which is not granted; `/direct/leave`
 //!   opens a slow `Count` stream from the HTTP context and answers at once.
 //!
+//! TCP (network filter) modes, a `StreamContext` per connection; each counts
+//! its callbacks in metrics `pw_tcp_new`, `pw_tcp_down_close_{remote,local}`,
+//! `pw_tcp_up_close_{remote,local}` and `pw_tcp_log`:
+//!
+//! - `tcp-rewrite`: downstream data is held (`Pause`) until it ends with a
+//!   newline (or the stream ends), then every `hello` becomes `howdy, partner`
+//!   and a line `props` becomes `src=<source.address> dst=<destination.address>
+//!   up=<upstream.address> tls=<connection.tls_version or none> req=<request.path
+//!   or none>`; upstream data
+//!   has every `o` replaced by `0`.
+//! - `tcp-close`: downstream data containing `QUIT` closes the connection
+//!   (`close_downstream`), upstream data containing `BYE` too
+//!   (`close_upstream`); anything else passes.
+//! - `tcp-callout`: `on_new_connection` calls cluster `authz` at the config's
+//!   `path` and pauses; a 200 resumes (`resume_downstream`) and prefixes the
+//!   first downstream data with the answer's body and `|`, anything else closes.
+//! - `tcp-trap`: downstream data containing `boom` panics.
+//!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
 
 use std::collections::HashMap;
@@ -101,6 +119,10 @@ struct Settings {
     ticks_metric: u32,
     queue: u32,
     timeout_ms: u64,
+    /// `path` (the TCP callout's).
+    path: String,
+    /// The TCP metrics: new, down close remote/local, up close remote/local, log.
+    tcp: [u32; 6],
 }
 
 #[derive(Default)]
@@ -343,6 +365,20 @@ impl RootContext for Root {
                 hostcalls::define_metric(MetricType::Counter, "pw_dequeued").unwrap_or(0);
         }
         self.s.timeout_ms = v["timeout_ms"].as_u64().unwrap_or(1000);
+        self.s.path = v["path"].as_str().unwrap_or("/check").to_string();
+        if self.s.mode.starts_with("tcp-") {
+            let names = [
+                "pw_tcp_new",
+                "pw_tcp_down_close_remote",
+                "pw_tcp_down_close_local",
+                "pw_tcp_up_close_remote",
+                "pw_tcp_up_close_local",
+                "pw_tcp_log",
+            ];
+            for (i, n) in names.iter().enumerate() {
+                self.s.tcp[i] = hostcalls::define_metric(MetricType::Counter, n).unwrap_or(0);
+            }
+        }
         if self.s.mode == "tick-callout" {
             if let Some(ms) = v["tick_ms"].as_u64() {
                 self.set_tick_period(Duration::from_millis(ms));
@@ -408,8 +444,188 @@ impl RootContext for Root {
         }))
     }
 
+    fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(Tcp {
+            s: self.s.clone(),
+            prefix: None,
+        }))
+    }
+
     fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        if self.s.mode.starts_with("tcp-") {
+            Some(ContextType::StreamContext)
+        } else {
+            Some(ContextType::HttpContext)
+        }
+    }
+}
+
+/// A TCP connection's context (the `tcp-*` modes).
+struct Tcp {
+    s: Settings,
+    /// `tcp-callout`: the authorization answer, prefixed to the next downstream data.
+    prefix: Option<Vec<u8>>,
+}
+
+impl Tcp {
+    fn count(&self, i: usize) {
+        hostcalls::increment_metric(self.s.tcp[i], 1).ok();
+    }
+
+    fn property(&self, path: &str) -> String {
+        let segs: Vec<&str> = path.split('.').collect();
+        self.get_property(segs)
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_else(|| "none".to_string())
+    }
+}
+
+fn replace_all(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut i = 0;
+    while i < data.len() {
+        if data[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+        } else {
+            out.push(data[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+impl Context for Tcp {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        headers: usize,
+        body: usize,
+        _trailers: usize,
+    ) {
+        let status = self.get_http_call_response_header(":status");
+        if headers > 0 && status.as_deref() == Some("200") {
+            self.prefix = Some(
+                self.get_http_call_response_body(0, body)
+                    .unwrap_or_default(),
+            );
+            self.resume_downstream();
+        } else {
+            self.close_downstream();
+        }
+    }
+
+    fn on_done(&mut self) -> bool {
+        true
+    }
+}
+
+impl StreamContext for Tcp {
+    fn on_new_connection(&mut self) -> Action {
+        self.count(0);
+        if self.s.mode != "tcp-callout" {
+            return Action::Continue;
+        }
+        let path = self.s.path.clone();
+        match self.dispatch_http_call(
+            "authz",
+            vec![
+                (":method", "GET"),
+                (":path", &path),
+                (":authority", "authz"),
+            ],
+            None,
+            vec![],
+            Duration::from_millis(self.s.timeout_ms),
+        ) {
+            Ok(_) => Action::Pause,
+            Err(_) => {
+                self.close_downstream();
+                Action::Continue
+            }
+        }
+    }
+
+    fn on_downstream_data(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let data = self.get_downstream_data(0, size).unwrap_or_default();
+        match self.s.mode.as_str() {
+            "tcp-rewrite" => {
+                if !end_of_stream && !data.ends_with(b"\n") {
+                    return Action::Pause;
+                }
+                let mut out = replace_all(&data, b"hello", b"howdy, partner");
+                if out.windows(6).any(|w| w == b"props\n") {
+                    let line = format!(
+                        "src={} dst={} up={} tls={} req={}\n",
+                        self.property("source.address"),
+                        self.property("destination.address"),
+                        self.property("upstream.address"),
+                        self.property("connection.tls_version"),
+                        self.property("request.path"),
+                    );
+                    out = replace_all(&out, b"props\n", line.as_bytes());
+                }
+                self.set_downstream_data(0, size, &out);
+            }
+            "tcp-close" => {
+                if data.windows(4).any(|w| w == b"QUIT") {
+                    self.close_downstream();
+                }
+            }
+            "tcp-callout" => {
+                if let Some(mut p) = self.prefix.take() {
+                    p.push(b'|');
+                    self.set_downstream_data(0, 0, &p);
+                }
+            }
+            "tcp-trap" => {
+                if data.windows(4).any(|w| w == b"boom") {
+                    panic!("boom in on_downstream_data");
+                }
+            }
+            _ => {}
+        }
+        Action::Continue
+    }
+
+    fn on_upstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
+        let data = self.get_upstream_data(0, size).unwrap_or_default();
+        match self.s.mode.as_str() {
+            "tcp-rewrite" => {
+                let out: Vec<u8> = data
+                    .iter()
+                    .map(|b| if *b == b'o' { b'0' } else { *b })
+                    .collect();
+                self.set_upstream_data(0, size, &out);
+            }
+            "tcp-close" => {
+                if data.windows(3).any(|w| w == b"BYE") {
+                    self.close_upstream();
+                }
+            }
+            _ => {}
+        }
+        Action::Continue
+    }
+
+    fn on_downstream_close(&mut self, peer: PeerType) {
+        self.count(if matches!(peer, PeerType::Remote) {
+            1
+        } else {
+            2
+        });
+    }
+
+    fn on_upstream_close(&mut self, peer: PeerType) {
+        self.count(if matches!(peer, PeerType::Remote) {
+            3
+        } else {
+            4
+        });
+    }
+
+    fn on_log(&mut self) {
+        self.count(5);
     }
 }
 

@@ -5,6 +5,8 @@
 //! A bad pointer or length is never a host error: it is `INVALID_MEMORY_ACCESS`
 //! for the call, and the host's own state is untouched.
 
+use std::sync::Arc;
+
 use wasmtime::{Caller, Extern, Memory, TypedFunc};
 
 use super::state::PwState;
@@ -76,6 +78,10 @@ pub mod buffer {
     pub const HTTP_REQUEST_BODY: i32 = 0;
     /// The response body held for the current `proxy_on_response_body`.
     pub const HTTP_RESPONSE_BODY: i32 = 1;
+    /// The data read from downstream, during `proxy_on_downstream_data`.
+    pub const DOWNSTREAM_DATA: i32 = 2;
+    /// The data read from upstream, during `proxy_on_upstream_data`.
+    pub const UPSTREAM_DATA: i32 = 3;
     /// The response of the HTTP callout being delivered.
     pub const HTTP_CALL_RESPONSE_BODY: i32 = 4;
     /// The response message of the gRPC call being delivered
@@ -85,6 +91,15 @@ pub mod buffer {
     pub const VM_CONFIGURATION: i32 = 6;
     /// The plugin configuration.
     pub const PLUGIN_CONFIGURATION: i32 = 7;
+}
+
+/// `proxy_action_t`.
+/// `proxy_peer_type_t`: who closed a connection (`proxy_on_*_connection_close`).
+pub mod peer {
+    /// The host closed it.
+    pub const LOCAL: i32 = 1;
+    /// The peer closed it.
+    pub const REMOTE: i32 = 2;
 }
 
 /// `proxy_action_t`.
@@ -200,15 +215,16 @@ pub fn write_u64(caller: &mut Caller<'_, PwState>, ptr: i32, v: u64) -> HResult<
     write(caller, ptr, &v.to_le_bytes())
 }
 
-fn allocator(caller: &mut Caller<'_, PwState>) -> HResult<TypedFunc<i32, i32>> {
+fn allocator(caller: &mut Caller<'_, PwState>) -> HResult<Arc<TypedFunc<i32, i32>>> {
     if let Some(f) = &caller.data().alloc {
-        return Ok(f.clone());
+        return Ok(Arc::clone(f));
     }
     // Envoy looks up `malloc` first, then the SDK's `proxy_on_memory_allocate`.
     for name in ["malloc", "proxy_on_memory_allocate"] {
         if let Some(Extern::Func(f)) = caller.get_export(name) {
             if let Ok(t) = f.typed::<i32, i32>(&*caller) {
-                caller.data_mut().alloc = Some(t.clone());
+                let t = Arc::new(t);
+                caller.data_mut().alloc = Some(Arc::clone(&t));
                 return Ok(t);
             }
         }

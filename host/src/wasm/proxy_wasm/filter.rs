@@ -32,13 +32,14 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{Extern, InstancePre, Linker, Module, Store, TypedFunc};
 
-use super::abi::action;
+use super::abi::{action, peer};
 use super::imports;
 use super::state::{Meta, Phase, PwState, ROOT_CONTEXT};
 use crate::filter::{
     BodyMode, CalloutError, CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter,
     LocalResponse, Phases, Verdict,
 };
+use crate::network_filter::{NetVerdict, NetworkFilter, Peer};
 use crate::stats::Counter;
 use crate::stats::Stats;
 use crate::wasm::engine;
@@ -99,7 +100,26 @@ struct Exports {
     done: Option<Rc<TypedFunc<i32, i32>>>,
     log: Option<Rc<TypedFunc<i32, ()>>>,
     delete: Option<Rc<TypedFunc<i32, ()>>>,
+    /// `proxy_on_new_connection(context)`.
+    new_connection: Option<Rc<TypedFunc<i32, i32>>>,
+    /// `proxy_on_downstream_data` / `proxy_on_upstream_data(context, size,
+    /// end_of_stream)`, by direction ([`Direction::idx`]).
+    data: [Option<BodyFn>; 2],
+    /// `proxy_on_downstream_connection_close` /
+    /// `proxy_on_upstream_connection_close(context, peer_type)`, by side.
+    connection_close: [Option<Rc<TypedFunc<(i32, i32), ()>>>; 2],
 }
+
+/// What a callout response asked for.
+enum Answer {
+    /// As for an HTTP exchange.
+    Verdict(Verdict),
+    /// `proxy_close_stream`: close (a TCP connection) or reset (an exchange).
+    Close,
+}
+
+/// The failure text of `proxy_close_stream` on an HTTP exchange.
+const RESET: &str = "the plugin reset the stream (proxy_close_stream)";
 
 /// One live VM on a worker.
 struct Live {
@@ -286,6 +306,19 @@ impl ProxyWasmFilter {
             done: typed(&mut store, &instance, "proxy_on_done")?,
             log: typed(&mut store, &instance, "proxy_on_log")?,
             delete: typed(&mut store, &instance, "proxy_on_delete")?,
+            new_connection: typed(&mut store, &instance, "proxy_on_new_connection")?,
+            data: [
+                typed(&mut store, &instance, "proxy_on_downstream_data")?,
+                typed(&mut store, &instance, "proxy_on_upstream_data")?,
+            ],
+            connection_close: [
+                typed(
+                    &mut store,
+                    &instance,
+                    "proxy_on_downstream_connection_close",
+                )?,
+                typed(&mut store, &instance, "proxy_on_upstream_connection_close")?,
+            ],
         };
         if exports.context_create.is_none() {
             return Err("the module does not export `proxy_on_context_create`".into());
@@ -366,7 +399,7 @@ impl ProxyWasmFilter {
                 }
             });
             if let Err(e) = r {
-                tracing::warn!(plugin = f.name(), "proxy_on_tick failed: {e}");
+                tracing::warn!(plugin = &*f.meta.name, "proxy_on_tick failed: {e}");
             }
         }
     }
@@ -397,7 +430,7 @@ impl ProxyWasmFilter {
                 }
             });
             if let Err(e) = r {
-                tracing::warn!(plugin = f.name(), "proxy_on_queue_ready failed: {e}");
+                tracing::warn!(plugin = &*f.meta.name, "proxy_on_queue_ready failed: {e}");
             }
         }
     }
@@ -708,7 +741,7 @@ impl ProxyWasmFilter {
     fn over_cap(&self, d: Direction, cap: usize) -> Verdict {
         self.body_limit_exceeded(d);
         tracing::warn!(
-            plugin = self.name(),
+            plugin = &*self.meta.name,
             "the {} body this filter held (Pause) is over its cap of {cap} bytes",
             d.as_str()
         );
@@ -785,7 +818,7 @@ impl ProxyWasmFilter {
         x: Option<&mut Exchange>,
         token: u32,
         result: CalloutResult,
-    ) -> Result<Verdict, String> {
+    ) -> Result<Answer, String> {
         self.stats.count_callout(&result);
         let label = if x.is_some() {
             "callout_response"
@@ -802,7 +835,7 @@ impl ProxyWasmFilter {
             let data = live.store.data_mut();
             if data.outstanding.remove(&token).is_none() {
                 // Its context is gone (or it was delivered already).
-                return Ok(Ok(Verdict::Continue));
+                return Ok(Ok(Answer::Verdict(Verdict::Continue)));
             }
             let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
             data.resume = false;
@@ -863,18 +896,16 @@ impl ProxyWasmFilter {
             }
             let data = live.store.data_mut();
             if let Some(lr) = data.local.take() {
-                return Ok(Ok(Verdict::Respond(lr)));
+                return Ok(Ok(Answer::Verdict(Verdict::Respond(lr))));
             }
             if data.close {
-                return Ok(Err(
-                    "the plugin reset the stream (proxy_close_stream)".into()
-                ));
+                return Ok(Ok(Answer::Close));
             }
-            Ok(Ok(if data.resume {
+            Ok(Ok(Answer::Verdict(if data.resume {
                 Verdict::Continue
             } else {
                 Verdict::Pause
-            }))
+            })))
         })
     }
 
@@ -904,7 +935,10 @@ impl ProxyWasmFilter {
             return;
         }
         if let Err(e) = f.call_response(worker, None, token, result) {
-            tracing::warn!(plugin = f.name(), "proxy_on_http_call_response failed: {e}");
+            tracing::warn!(
+                plugin = &*f.meta.name,
+                "proxy_on_http_call_response failed: {e}"
+            );
         }
     }
 
@@ -1046,7 +1080,10 @@ impl ProxyWasmFilter {
         match r {
             Ok(more) => more,
             Err(e) => {
-                tracing::warn!(plugin = self.name(), "a gRPC stream callback failed: {e}");
+                tracing::warn!(
+                    plugin = &*self.meta.name,
+                    "a gRPC stream callback failed: {e}"
+                );
                 false
             }
         }
@@ -1103,7 +1140,10 @@ impl ProxyWasmFilter {
             }
         });
         if let Err(e) = r {
-            tracing::warn!(plugin = self.name(), "proxy_on_done/on_log failed: {e}");
+            tracing::warn!(
+                plugin = &*self.meta.name,
+                "proxy_on_done/on_log failed: {e}"
+            );
         }
     }
 }
@@ -1222,13 +1262,25 @@ impl HttpFilter for ProxyWasmFilter {
         paused: bool,
     ) -> Result<Verdict, String> {
         let token = u32::try_from(id).map_err(|_| format!("callout id {id} is not a token"))?;
-        let v = self.call_response(worker, Some(x), token, result)?;
+        let v = match self.call_response(worker, Some(x), token, result)? {
+            Answer::Verdict(v) => v,
+            Answer::Close => {
+                self.stats.failures.inc();
+                return Err(RESET.into());
+            }
+        };
         // Not paused: a resume or a pause means nothing (the chain logs a local
         // response it cannot use).
         Ok(match v {
             Verdict::Pause if !paused => Verdict::Continue,
             v => v,
         })
+    }
+
+    fn network(self: Arc<Self>) -> Option<Arc<dyn NetworkFilter>> {
+        // Any proxy-wasm module may be one (as in Envoy, the module's root
+        // context decides; a module without stream callbacks passes data on).
+        Some(self)
     }
 
     fn on_log(&self, worker: usize, x: &mut Exchange) {
@@ -1239,6 +1291,144 @@ impl HttpFilter for ProxyWasmFilter {
     fn on_done(&self, worker: usize, context: u64) {
         // Already finished by `on_log` unless the chain skipped it (a failure).
         self.finish(worker, context, None);
+    }
+}
+
+/// A network callback's action: Continue and Pause as Envoy's
+/// `Network::FilterStatus`; a `proxy_close_stream` during the call closes.
+fn net_action(data: &mut PwState, a: i32, callback: &str) -> Result<NetVerdict, String> {
+    if data.local.take().is_some() {
+        return Err(format!(
+            "called proxy_send_local_response from {callback}: a TCP connection has no HTTP \
+             response to send"
+        ));
+    }
+    if data.close {
+        return Ok(NetVerdict::Close);
+    }
+    match a {
+        action::CONTINUE => Ok(NetVerdict::Continue),
+        action::PAUSE => Ok(NetVerdict::Pause),
+        other => Err(format!(
+            "returned action {other} from {callback}; this host supports Continue (0) and \
+             Pause (1)"
+        )),
+    }
+}
+
+/// On TCP proxy listeners (docs/proxy-wasm.md, "TCP"): a stream context per
+/// connection, created at `proxy_on_new_connection`; data in buffers 2 and 3.
+impl NetworkFilter for ProxyWasmFilter {
+    fn name(&self) -> &str {
+        &self.meta.name
+    }
+
+    fn fail_open(&self) -> bool {
+        self.settings.fail_open
+    }
+
+    fn buffer_limit(&self) -> usize {
+        self.meta.body_limit
+    }
+
+    fn buffer_limit_exceeded(&self, from: Peer) {
+        let d = match from {
+            Peer::Downstream => Direction::Request,
+            Peer::Upstream => Direction::Response,
+        };
+        self.body_limit_exceeded[d.idx()].inc();
+    }
+
+    fn on_new_connection(&self, worker: usize, c: &mut Exchange) -> Result<NetVerdict, String> {
+        self.stats.calls["new_connection"].inc();
+        self.with_vm(worker, Phase::Connection, Some(c), true, |live, ctx| {
+            let Some(f) = live.exports.new_connection.clone() else {
+                return Ok(Ok(NetVerdict::Continue));
+            };
+            let a = f.call(&mut live.store, ctx as i32)?;
+            Ok(net_action(
+                live.store.data_mut(),
+                a,
+                "proxy_on_new_connection",
+            ))
+        })
+    }
+
+    fn on_data(
+        &self,
+        worker: usize,
+        c: &mut Exchange,
+        from: Peer,
+        end_of_stream: bool,
+    ) -> Result<NetVerdict, String> {
+        let (d, label, callback) = match from {
+            Peer::Downstream => (
+                Direction::Request,
+                "downstream_data",
+                "proxy_on_downstream_data",
+            ),
+            Peer::Upstream => (
+                Direction::Response,
+                "upstream_data",
+                "proxy_on_upstream_data",
+            ),
+        };
+        self.stats.calls[label].inc();
+        let len = c.bodies[d.idx()].as_ref().map_or(0, Vec::len);
+        let len = i32::try_from(len).unwrap_or(i32::MAX);
+        self.with_vm(worker, Phase::Data(d), Some(c), false, |live, ctx| {
+            let Some(f) = live.exports.data[d.idx()].clone() else {
+                return Ok(Ok(NetVerdict::Continue));
+            };
+            let a = f.call(&mut live.store, (ctx as i32, len, b(end_of_stream)))?;
+            Ok(net_action(live.store.data_mut(), a, callback))
+        })
+    }
+
+    fn on_callout_response(
+        &self,
+        worker: usize,
+        c: &mut Exchange,
+        id: u64,
+        result: CalloutResult,
+    ) -> Result<NetVerdict, String> {
+        let token = u32::try_from(id).map_err(|_| format!("callout id {id} is not a token"))?;
+        match self.call_response(worker, Some(c), token, result)? {
+            Answer::Close => Ok(NetVerdict::Close),
+            Answer::Verdict(Verdict::Continue) => Ok(NetVerdict::Continue),
+            Answer::Verdict(Verdict::Pause) => Ok(NetVerdict::Pause),
+            Answer::Verdict(Verdict::Respond(_)) => Err(
+                "called proxy_send_local_response from proxy_on_http_call_response: a TCP \
+                 connection has no HTTP response to send"
+                    .into(),
+            ),
+        }
+    }
+
+    fn on_close(&self, worker: usize, c: &mut Exchange, peer: Peer, remote: bool) {
+        let label = match peer {
+            Peer::Downstream => "downstream_close",
+            Peer::Upstream => "upstream_close",
+        };
+        self.stats.calls[label].inc();
+        let kind = if remote { peer::REMOTE } else { peer::LOCAL };
+        let r = self.with_vm(worker, Phase::Connection, Some(c), false, |live, ctx| {
+            if let Some(f) = live.exports.connection_close[peer.idx()].clone() {
+                f.call(&mut live.store, (ctx as i32, kind))?;
+            }
+            Ok(Ok(()))
+        });
+        if let Err(e) = r {
+            tracing::warn!(
+                plugin = self.meta.name.as_ref(),
+                "proxy_on_{label} failed: {e}"
+            );
+        }
+    }
+
+    fn on_done(&self, worker: usize, c: &mut Exchange) {
+        let context = c.context;
+        self.finish(worker, context, Some(c));
     }
 }
 

@@ -57,13 +57,17 @@ fn call_body(s: &PwState) -> Option<Bytes> {
 /// The body buffer of `kind` (`HTTP_REQUEST_BODY`/`HTTP_RESPONSE_BODY`): it
 /// exists only during the body callback of its direction, holding everything the
 /// filter has held so far plus the new data.
+/// On a TCP connection, the data buffers (`DOWNSTREAM_DATA`/`UPSTREAM_DATA`)
+/// are the same per-direction slots during that direction's data callback.
 fn body_mut(s: &mut PwState, kind: i32) -> Option<&mut Vec<u8>> {
-    let d = match kind {
-        buffer::HTTP_REQUEST_BODY => Direction::Request,
-        buffer::HTTP_RESPONSE_BODY => Direction::Response,
+    let (d, phase) = match kind {
+        buffer::HTTP_REQUEST_BODY => (Direction::Request, Phase::Body(Direction::Request)),
+        buffer::HTTP_RESPONSE_BODY => (Direction::Response, Phase::Body(Direction::Response)),
+        buffer::DOWNSTREAM_DATA => (Direction::Request, Phase::Data(Direction::Request)),
+        buffer::UPSTREAM_DATA => (Direction::Response, Phase::Data(Direction::Response)),
         _ => return None,
     };
-    if s.phase != Phase::Body(d) {
+    if s.phase != phase {
         return None;
     }
     s.exchange()?.bodies[d.idx()].as_mut()
@@ -378,7 +382,10 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 // Copied out (the guest's allocator runs before the write).
                 let body = body_mut(c.data_mut(), kind).map(|b| b.clone());
                 let all: &[u8] = match kind {
-                    buffer::HTTP_REQUEST_BODY | buffer::HTTP_RESPONSE_BODY => match &body {
+                    buffer::HTTP_REQUEST_BODY
+                    | buffer::HTTP_RESPONSE_BODY
+                    | buffer::DOWNSTREAM_DATA
+                    | buffer::UPSTREAM_DATA => match &body {
                         Some(b) => b,
                         None => return fail(status::NOT_FOUND),
                     },
@@ -431,7 +438,10 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 let meta = c.data().meta.clone();
                 let body = body_mut(c.data_mut(), kind).map(|b| b.len());
                 let len = match kind {
-                    buffer::HTTP_REQUEST_BODY | buffer::HTTP_RESPONSE_BODY => match body {
+                    buffer::HTTP_REQUEST_BODY
+                    | buffer::HTTP_RESPONSE_BODY
+                    | buffer::DOWNSTREAM_DATA
+                    | buffer::UPSTREAM_DATA => match body {
                         Some(n) => n,
                         None => return fail(status::NOT_FOUND),
                     },

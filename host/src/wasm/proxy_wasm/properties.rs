@@ -117,7 +117,11 @@ fn response(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
 
 fn exchange_property(x: &mut Exchange, path: &[&[u8]]) -> Option<Vec<u8>> {
     let conn = x.conn.clone();
+    // A TCP connection has no request, response or route.
+    let tcp = crate::network_filter::is_connection(x.context);
     match path {
+        [b"request" | b"response", ..] | [b"route_name"] if tcp => None,
+        [b"cluster_name"] if tcp => Some(x.path.clone().into_bytes()),
         [b"request", attr, rest @ ..] => request(x, attr, rest),
         [b"response", attr, rest @ ..] => response(x, attr, rest),
         [b"source", b"address"] => Some(conn.source.to_string().into_bytes()),

@@ -41,6 +41,12 @@ pub enum Phase {
     CalloutResponse,
     /// `on_done`, `on_log`, `on_delete`: read-only.
     ReadOnly,
+    /// `proxy_on_downstream_data` (`Request`) / `proxy_on_upstream_data`
+    /// (`Response`) on a TCP connection: that data buffer (2 or 3) is readable
+    /// and writable.
+    Data(Direction),
+    /// `proxy_on_new_connection` and the close callbacks of a TCP connection.
+    Connection,
 }
 
 /// A metric the module defined: its kind and series.
@@ -161,7 +167,9 @@ pub struct PwState {
     /// The guest's exported memory (looked up on first use).
     pub memory: Option<Memory>,
     /// The guest's allocator (`malloc` or `proxy_on_memory_allocate`).
-    pub alloc: Option<TypedFunc<i32, i32>>,
+    /// Behind an `Arc`: cloned out for every allocation (a `TypedFunc` clone is
+    /// ~170 instructions; the store data must be `Send`).
+    pub alloc: Option<Arc<TypedFunc<i32, i32>>>,
     /// The current call's phase.
     pub phase: Phase,
     /// The exchange of the current call, swapped in for the call (a placeholder

@@ -1,0 +1,1031 @@
+//! The host side of network (L4) filters on TCP proxy listeners: the
+//! [`NetworkFilter`] trait every L4 filter implements (proxy-wasm modules and
+//! components of the `network-filter` world, `wasm/network.rs`), the
+//! per-listener chains
+//! ([`NetworkFilters`]) and the per-connection run ([`serve`]), which
+//! `tcp_proxy.rs` uses instead of its plain copy when a listener has filters.
+//!
+//! A connection's state as filters see it is an [`Exchange`] (its facts,
+//! `upstream`, queued callouts), so the Wasm hosts reuse their exchange plumbing:
+//! the data of a call is in `bodies[0]` (from downstream) or `bodies[1]` (from
+//! upstream), where the filter may rewrite it.
+//!
+//! Order: `on_new_connection` in chain order before the upstream connect;
+//! downstream data in chain order, upstream data in reverse order (as HTTP
+//! request and response phases); close notifications per side once the
+//! connection is over, then `on_done`. A `Pause` from a data call holds the data
+//! in that filter: with a callout of the filter outstanding, that direction stops
+//! reading until the callout response resumes it (the held data then goes on to
+//! the next filter); with none, the next data of that direction is appended and
+//! the filter called again with all of it (Envoy's buffering), up to the
+//! filter's cap. Failures follow the plugin's policy as for HTTP filters: `fail:
+//! closed` closes the connection, `fail: open` skips the filter for the rest of
+//! the connection.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::config::{Config, Name};
+use crate::filter::{CalloutResult, CalloutSender, ConnFacts, Exchange, FilterKey, HttpFilter};
+use crate::io::{Activity, Verdict as Idle};
+
+/// One side of a proxied connection (the WIT `peer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// The client connection.
+    Downstream,
+    /// The connection to the upstream endpoint.
+    Upstream,
+}
+
+impl Peer {
+    /// 0 for downstream, 1 for upstream: the index of [`Exchange::bodies`] that
+    /// holds data read from this peer.
+    pub fn idx(self) -> usize {
+        match self {
+            Peer::Downstream => 0,
+            Peer::Upstream => 1,
+        }
+    }
+
+    /// `downstream` / `upstream`, for logs and stats labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Peer::Downstream => "downstream",
+            Peer::Upstream => "upstream",
+        }
+    }
+}
+
+/// What an L4 filter tells the host after a call (the WIT `network-action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetVerdict {
+    /// Go on: forward the data, or connect upstream.
+    Continue,
+    /// Hold the data (or the connection), see the module docs.
+    Pause,
+    /// Close both connections; held data is discarded.
+    Close,
+}
+
+/// An L4 filter: one loaded plugin, shared by every worker (per-worker state is
+/// the implementation's, as for [`HttpFilter`]). `Err` from a call is a failure
+/// (trap, deadline, invalid result) handled by the plugin's policy.
+pub trait NetworkFilter: Send + Sync {
+    /// The plugin name.
+    fn name(&self) -> &str;
+    /// `fail: open`: a failure skips the filter instead of closing the connection.
+    fn fail_open(&self) -> bool;
+    /// The most bytes this filter may hold (`Pause`) per direction.
+    fn buffer_limit(&self) -> usize;
+    /// Held data went over [`Self::buffer_limit`] (for the filter's stats).
+    fn buffer_limit_exceeded(&self, from: Peer) {
+        let _ = from;
+    }
+    /// A downstream connection was accepted (after TLS), before connecting
+    /// upstream. The first call for `c`: the implementation creates its
+    /// per-connection state here.
+    fn on_new_connection(&self, worker: usize, c: &mut Exchange) -> Result<NetVerdict, String>;
+    /// Data read from `from`, in `c.bodies[from.idx()]` (writable: what is left
+    /// there is forwarded). `end_of_stream`: `from` half-closed.
+    fn on_data(
+        &self,
+        worker: usize,
+        c: &mut Exchange,
+        from: Peer,
+        end_of_stream: bool,
+    ) -> Result<NetVerdict, String>;
+    /// The result of callout `id`, which this filter queued for `c`. If the
+    /// filter is paused, `Continue` resumes it.
+    fn on_callout_response(
+        &self,
+        worker: usize,
+        c: &mut Exchange,
+        id: u64,
+        result: CalloutResult,
+    ) -> Result<NetVerdict, String>;
+    /// `peer`'s connection closed: by the peer (`remote`) or by the host.
+    fn on_close(&self, worker: usize, c: &mut Exchange, peer: Peer, remote: bool);
+    /// The connection is over: free its state (always called for a filter that
+    /// saw `on_new_connection`).
+    fn on_done(&self, worker: usize, c: &mut Exchange);
+}
+
+/// The network filter chains of one config version, per TCP listener.
+#[derive(Default)]
+pub struct NetworkFilters {
+    chains: HashMap<Name, Arc<[Arc<dyn NetworkFilter>]>>,
+}
+
+impl NetworkFilters {
+    /// The chains of `config`'s TCP listeners from the loaded plugins. A plugin
+    /// that is not a network filter on a TCP listener, or a network-only plugin
+    /// on an HTTP listener, is an error naming both.
+    pub fn build(
+        config: &Config,
+        loaded: &HashMap<FilterKey, Arc<dyn HttpFilter>>,
+    ) -> anyhow::Result<Self> {
+        let get = |plugin: &Name| {
+            let key = FilterKey {
+                plugin: plugin.clone(),
+                config_override: None,
+            };
+            loaded
+                .get(&key)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("plugin `{plugin}` was not loaded"))
+        };
+        let mut chains = HashMap::new();
+        for l in &config.listeners {
+            let l = &l.value;
+            if let Some(http) = &l.http {
+                for f in &http.filters {
+                    let name = &f.value.plugin.value;
+                    if get(name)?.phases().0 == 0 {
+                        anyhow::bail!(
+                            "listener `{}`: plugin `{name}` is a network (L4) filter, but \
+                             `http.filters` takes HTTP filters; use it in a TCP listener's \
+                             `tcp.filters`",
+                            l.name
+                        );
+                    }
+                }
+            }
+            let Some(tcp) = &l.tcp else { continue };
+            if tcp.filters.is_empty() {
+                continue;
+            }
+            let mut chain = Vec::new();
+            for f in &tcp.filters {
+                let name = &f.value.plugin.value;
+                let Some(nf) = get(name)?.network() else {
+                    anyhow::bail!(
+                        "listener `{}`: plugin `{name}` is an HTTP filter, but `tcp.filters` \
+                         takes network filters (a component of the `network-filter` world, \
+                         or a proxy-wasm module); move it to an HTTP listener's \
+                         `http.filters`",
+                        l.name
+                    );
+                };
+                chain.push(nf);
+            }
+            chains.insert(l.name.clone(), chain.into());
+        }
+        Ok(NetworkFilters { chains })
+    }
+
+    /// The chain of TCP listener `listener`; `None` if it has no filters.
+    pub fn get(&self, listener: &Name) -> Option<Arc<[Arc<dyn NetworkFilter>]>> {
+        self.chains.get(listener).cloned()
+    }
+}
+
+/// Connection contexts start here so they never meet an HTTP exchange's in a
+/// plugin used on both kinds of listener.
+static NEXT_CONTEXT: AtomicU64 = AtomicU64::new(FIRST_CONTEXT);
+
+/// Whether exchange context `context` is a TCP connection's.
+pub fn is_connection(context: u64) -> bool {
+    context >= FIRST_CONTEXT
+}
+
+const FIRST_CONTEXT: u64 = 1 << 62;
+
+/// The connection's state for filters: an exchange holding its facts, with the
+/// listener's name as `authority` and the cluster's as `path` (a connection has
+/// neither; the Wasm hosts answer `listener-name` and `cluster` from them).
+pub fn connection(facts: Arc<ConnFacts>, listener: &Name, cluster: &Name) -> Exchange {
+    let mut x = Exchange::placeholder();
+    x.authority = listener.to_string();
+    x.path = cluster.to_string();
+    x.context = NEXT_CONTEXT.fetch_add(1, Relaxed);
+    x.https = facts.tls.is_some();
+    x.conn = facts;
+    x.start = SystemTime::now();
+    x
+}
+
+/// A callout result on its way back: the filter that sent it, its id, the result.
+type Delivery = (usize, u64, CalloutResult);
+
+/// Where a filter paused waiting for a callout.
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    /// In `on_new_connection`.
+    New,
+    /// In a data call of direction `from`, at position `pos` of its order.
+    Data { from: Peer, pos: usize, eos: bool },
+}
+
+/// What a run over the chain produced.
+#[derive(Debug)]
+enum Step {
+    /// Go on (connect, or forward this data).
+    Go(Vec<u8>),
+    /// A filter holds it.
+    Held,
+    /// Close the connection.
+    Close,
+}
+
+/// One connection's run through a listener's network chain.
+pub struct NetChain {
+    worker: usize,
+    filters: Arc<[Arc<dyn NetworkFilter>]>,
+    /// The connection as filters see it.
+    pub x: Exchange,
+    /// Filters bypassed after a fail-open failure.
+    skipped: Vec<bool>,
+    /// Filters that failed (their state may be gone: no close notification).
+    failed: Vec<bool>,
+    /// Data each filter holds (`Pause`), per direction ([`Peer::idx`]).
+    held: Vec<[Vec<u8>; 2]>,
+    /// Callouts of each filter not delivered yet.
+    outstanding: Vec<usize>,
+    /// The filter waiting for a callout, and where.
+    paused: Option<(usize, Stage)>,
+    /// Data a resume released, per direction, for the pump to write.
+    out: [Vec<u8>; 2],
+    /// End of stream reached the end of the chain in that direction while held.
+    eos_out: [bool; 2],
+    /// A filter (or a failure) closed the connection.
+    closing: bool,
+    /// Filters that saw `on_new_connection` (they get `on_close` and `on_done`).
+    entered: usize,
+    callouts: Rc<dyn CalloutSender>,
+    deliver: tokio::sync::mpsc::UnboundedSender<Delivery>,
+    /// Callouts in flight: dropping the chain aborts them.
+    inflight: tokio::task::JoinSet<()>,
+}
+
+impl NetChain {
+    /// A chain for connection `x`; the receiver gets callout results.
+    pub fn new(
+        worker: usize,
+        filters: Arc<[Arc<dyn NetworkFilter>]>,
+        x: Exchange,
+        callouts: Rc<dyn CalloutSender>,
+    ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<Delivery>) {
+        let n = filters.len();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let chain = NetChain {
+            worker,
+            filters,
+            x,
+            skipped: vec![false; n],
+            failed: vec![false; n],
+            held: vec![[Vec::new(), Vec::new()]; n],
+            outstanding: vec![0; n],
+            paused: None,
+            out: [Vec::new(), Vec::new()],
+            eos_out: [false, false],
+            closing: false,
+            entered: 0,
+            callouts,
+            deliver: tx,
+            inflight: tokio::task::JoinSet::new(),
+        };
+        (chain, rx)
+    }
+
+    /// Sends the callouts filter `i` queued in its last call.
+    fn dispatch(&mut self, i: usize) {
+        for req in std::mem::take(&mut self.x.callouts) {
+            let id = req.id;
+            let fut = self.callouts.send(req);
+            let tx = self.deliver.clone();
+            self.outstanding[i] += 1;
+            self.inflight.spawn_local(async move {
+                let _ = tx.send((i, id, fut.await));
+            });
+        }
+    }
+
+    /// Applies filter `i`'s failure policy: `true` if the filter is skipped.
+    fn failure(&mut self, i: usize, phase: &str, why: &str) -> bool {
+        let f = &self.filters[i];
+        tracing::warn!(plugin = f.name(), phase, "plugin failure: {why}");
+        self.failed[i] = true;
+        if f.fail_open() {
+            self.skipped[i] = true;
+            if matches!(self.paused, Some((p, _)) if p == i) {
+                self.paused = None;
+            }
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The filter positions data from `from` runs through.
+    fn order(&self, from: Peer) -> Vec<usize> {
+        let n = self.filters.len();
+        match from {
+            Peer::Downstream => (0..n).collect(),
+            Peer::Upstream => (0..n).rev().collect(),
+        }
+    }
+
+    /// `on_new_connection` from filter `start` on.
+    fn run_new(&mut self, start: usize) -> Step {
+        for i in start..self.filters.len() {
+            self.entered = self.entered.max(i + 1);
+            if self.skipped[i] {
+                continue;
+            }
+            let f = self.filters[i].clone();
+            let r = f.on_new_connection(self.worker, &mut self.x);
+            self.dispatch(i);
+            match r {
+                Ok(NetVerdict::Continue) => {}
+                Ok(NetVerdict::Close) => return Step::Close,
+                Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
+                    self.paused = Some((i, Stage::New));
+                    return Step::Held;
+                }
+                Ok(NetVerdict::Pause) => {
+                    let why = "paused the new connection with no callout outstanding: nothing \
+                               could resume it";
+                    if !self.failure(i, "new_connection", why) {
+                        return Step::Close;
+                    }
+                }
+                Err(e) => {
+                    if !self.failure(i, "new_connection", &e) {
+                        return Step::Close;
+                    }
+                }
+            }
+        }
+        Step::Go(Vec::new())
+    }
+
+    /// Data from `from` through the chain from position `pos` of its order.
+    fn run_data(&mut self, from: Peer, mut data: Vec<u8>, eos: bool, start: usize) -> Step {
+        let d = from.idx();
+        let order = self.order(from);
+        let phase = match from {
+            Peer::Downstream => "downstream_data",
+            Peer::Upstream => "upstream_data",
+        };
+        for (pos, &i) in order.iter().enumerate().skip(start) {
+            if self.skipped[i] {
+                continue;
+            }
+            let f = self.filters[i].clone();
+            let mut held = std::mem::take(&mut self.held[i][d]);
+            if !held.is_empty() {
+                held.append(&mut data);
+                data = held;
+            }
+            if data.len() > f.buffer_limit() {
+                f.buffer_limit_exceeded(from);
+                tracing::warn!(
+                    plugin = f.name(),
+                    "the {} data this filter holds is over its cap of {} bytes; closing",
+                    from.as_str(),
+                    f.buffer_limit()
+                );
+                return Step::Close;
+            }
+            self.x.bodies[d] = Some(data);
+            let r = f.on_data(self.worker, &mut self.x, from, eos);
+            data = self.x.bodies[d].take().unwrap_or_default();
+            self.dispatch(i);
+            match r {
+                Ok(NetVerdict::Continue) => {}
+                Ok(NetVerdict::Close) => return Step::Close,
+                Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
+                    self.held[i][d] = data;
+                    self.paused = Some((i, Stage::Data { from, pos, eos }));
+                    return Step::Held;
+                }
+                Ok(NetVerdict::Pause) if !eos => {
+                    // Envoy's buffering: called again with this and the next data.
+                    self.held[i][d] = data;
+                    return Step::Held;
+                }
+                Ok(NetVerdict::Pause) => {
+                    let why = format!(
+                        "paused at the end of the {} stream with no callout outstanding: \
+                         nothing could resume it",
+                        from.as_str()
+                    );
+                    if !self.failure(i, phase, &why) {
+                        return Step::Close;
+                    }
+                }
+                Err(e) => {
+                    if !self.failure(i, phase, &e) {
+                        return Step::Close;
+                    }
+                }
+            }
+        }
+        Step::Go(data)
+    }
+
+    /// Whether data from `from` must wait (a filter waits for a callout on the
+    /// new connection or in that direction).
+    fn blocked(&self, from: Peer) -> bool {
+        match self.paused {
+            Some((_, Stage::New)) => true,
+            Some((_, Stage::Data { from: f, .. })) => f == from,
+            None => false,
+        }
+    }
+
+    /// Delivers a callout result; a resume runs the rest of the chain from where
+    /// the filter paused. `Some(step)` when the paused new connection resumed.
+    fn deliver(&mut self, (i, id, result): Delivery) -> Option<Step> {
+        self.outstanding[i] = self.outstanding[i].saturating_sub(1);
+        if self.closing {
+            return None;
+        }
+        let here = matches!(self.paused, Some((p, _)) if p == i);
+        let f = self.filters[i].clone();
+        let r = if self.skipped[i] {
+            Ok(NetVerdict::Continue)
+        } else {
+            f.on_callout_response(self.worker, &mut self.x, id, result)
+        };
+        self.dispatch(i);
+        let resume = match r {
+            Ok(NetVerdict::Continue) => here,
+            Ok(NetVerdict::Pause) if here && self.outstanding[i] == 0 => {
+                let why = "still paused with no callout outstanding: nothing could resume it";
+                if !self.failure(i, "callout_response", why) {
+                    self.closing = true;
+                    return Some(Step::Close);
+                }
+                true
+            }
+            Ok(NetVerdict::Pause) => false,
+            Ok(NetVerdict::Close) => {
+                self.closing = true;
+                return Some(Step::Close);
+            }
+            Err(e) => {
+                if !self.failure(i, "callout_response", &e) {
+                    self.closing = true;
+                    return Some(Step::Close);
+                }
+                here
+            }
+        };
+        if !resume {
+            return None;
+        }
+        let (_, stage) = self.paused.take()?;
+        match stage {
+            Stage::New => Some(self.run_new(i + 1)),
+            Stage::Data { from, pos, eos } => {
+                let d = from.idx();
+                let data = std::mem::take(&mut self.held[i][d]);
+                match self.run_data(from, data, eos, pos + 1) {
+                    Step::Go(data) => {
+                        self.out[d].extend_from_slice(&data);
+                        self.eos_out[d] |= eos;
+                    }
+                    Step::Held => {}
+                    Step::Close => self.closing = true,
+                }
+                None
+            }
+        }
+    }
+
+    /// Close notifications for the sides that were open (not to filters that
+    /// failed), then `on_done`, for the filters that saw the connection.
+    fn finish(&mut self, closed: &[(Peer, bool)]) {
+        for i in 0..self.entered {
+            let f = self.filters[i].clone();
+            for &(peer, remote) in closed {
+                if !self.skipped[i] && !self.failed[i] {
+                    f.on_close(self.worker, &mut self.x, peer, remote);
+                }
+            }
+            f.on_done(self.worker, &mut self.x);
+        }
+        self.entered = 0;
+    }
+}
+
+/// Callout results for a chain.
+pub type Deliveries = tokio::sync::mpsc::UnboundedReceiver<Delivery>;
+
+/// Runs `on_new_connection` over the chain, waiting out pauses: whether to
+/// connect upstream.
+pub async fn start(chain: &mut NetChain, rx: &mut Deliveries) -> bool {
+    let mut step = chain.run_new(0);
+    loop {
+        match step {
+            Step::Go(_) => return true,
+            Step::Close => {
+                chain.closing = true;
+                return false;
+            }
+            Step::Held => {
+                let Some(d) = rx.recv().await else {
+                    return false;
+                };
+                step = chain.deliver(d).unwrap_or(Step::Held);
+            }
+        }
+    }
+}
+
+/// How a pump ended.
+#[derive(Clone, Copy, Default)]
+struct Ended {
+    /// The peer it read from closed (EOF or error): a remote close.
+    remote: bool,
+}
+
+/// Reads from `from`, runs the chain, writes to the other side. Ends at the end
+/// of `from`'s stream (after half-closing the other side) or when the
+/// connection closes.
+async fn pump<R, W>(
+    chain: &RefCell<NetChain>,
+    from: Peer,
+    mut r: R,
+    mut w: W,
+    mut changed: tokio::sync::watch::Receiver<u64>,
+    wake: &tokio::sync::watch::Sender<u64>,
+) -> Ended
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let d = from.idx();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut ended = Ended::default();
+    let close = |wake: &tokio::sync::watch::Sender<u64>| {
+        chain.borrow_mut().closing = true;
+        wake.send_modify(|v| *v += 1);
+    };
+    loop {
+        let (out, eos_out) = {
+            let mut c = chain.borrow_mut();
+            if c.closing {
+                return ended;
+            }
+            let eos = std::mem::take(&mut c.eos_out[d]);
+            (std::mem::take(&mut c.out[d]), eos)
+        };
+        if !out.is_empty() && w.write_all(&out).await.is_err() {
+            close(wake);
+            return ended;
+        }
+        if eos_out {
+            let _ = w.shutdown().await;
+            return ended;
+        }
+        if chain.borrow().blocked(from) {
+            if changed.changed().await.is_err() {
+                return ended;
+            }
+            continue;
+        }
+        if ended.remote {
+            // Our end of stream is held by a filter (buffering): wait for a
+            // resume or a close.
+            if changed.changed().await.is_err() {
+                return ended;
+            }
+            continue;
+        }
+        let n = tokio::select! {
+            n = r.read(&mut buf) => n.unwrap_or(0),
+            c = changed.changed() => {
+                if c.is_err() {
+                    return ended;
+                }
+                continue;
+            }
+        };
+        let eos = n == 0;
+        ended.remote = eos;
+        let step = chain.borrow_mut().run_data(from, buf[..n].to_vec(), eos, 0);
+        match step {
+            Step::Go(data) => {
+                if !data.is_empty() && w.write_all(&data).await.is_err() {
+                    close(wake);
+                    return ended;
+                }
+                if eos {
+                    let _ = w.shutdown().await;
+                    return ended;
+                }
+            }
+            Step::Held => {}
+            Step::Close => {
+                close(wake);
+                return ended;
+            }
+        }
+    }
+}
+
+/// Proxies a connection through its chain after [`start`] and the upstream
+/// connect, with the idle timeout over `activity`; then the close notifications
+/// and `on_done`. Returns when the connection is over.
+pub async fn serve<D, U>(
+    chain: NetChain,
+    mut rx: Deliveries,
+    down: D,
+    up: U,
+    activity: &Activity,
+    idle: Duration,
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut timed_out = false;
+    let (mut chain, down_ended, up_ended, closed) = {
+        let cell = RefCell::new(chain);
+        let (wake, changed) = tokio::sync::watch::channel(0u64);
+        let (dr, dw) = tokio::io::split(down);
+        let (ur, uw) = tokio::io::split(up);
+        let (result, closed) = {
+            let pumps = async {
+                tokio::join!(
+                    pump(&cell, Peer::Downstream, dr, uw, changed.clone(), &wake),
+                    pump(&cell, Peer::Upstream, ur, dw, changed.clone(), &wake),
+                )
+            };
+            let deliveries = async {
+                while let Some(d) = rx.recv().await {
+                    let _ = cell.borrow_mut().deliver(d);
+                    wake.send_modify(|v| *v += 1);
+                }
+                std::future::pending::<()>().await;
+            };
+            // A close ends the connection even if a pump is stuck writing to a
+            // peer that does not read.
+            let mut on_change = changed.clone();
+            let closed = async {
+                while !cell.borrow().closing {
+                    if on_change.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            tokio::pin!(pumps);
+            tokio::pin!(deliveries);
+            tokio::pin!(closed);
+            let mut result = None;
+            loop {
+                let deadline = match activity.check(idle, None) {
+                    Idle::WaitUntil(t) => t,
+                    _ => {
+                        timed_out = true;
+                        break;
+                    }
+                };
+                tokio::select! {
+                    ends = &mut pumps => {
+                        result = Some(ends);
+                        break;
+                    }
+                    () = &mut deliveries => {}
+                    () = &mut closed => break,
+                    () = tokio::time::sleep_until(deadline.into()) => {}
+                }
+            }
+            (result, cell.borrow().closing)
+        };
+        let (a, b) = result.unwrap_or_default();
+        (cell.into_inner(), a, b, closed)
+    };
+    if timed_out {
+        tracing::debug!("tcp connection idle for {idle:?}; closing");
+    }
+    // Remote: that peer closed (and the host did not close first).
+    let remote = |e: Ended| e.remote && !closed && !timed_out;
+    chain.finish(&[
+        (Peer::Downstream, remote(down_ended)),
+        (Peer::Upstream, remote(up_ended)),
+    ]);
+}
+
+/// Finishes a connection that never reached the upstream (rejected by a filter,
+/// or no endpoint reachable): the downstream side closes locally.
+pub fn finish_unconnected(chain: &mut NetChain) {
+    chain.finish(&[(Peer::Downstream, false)]);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A filter that appends its tag to data, pauses until it has seen `hold`
+    /// bytes, fails on `fail<tag>` in the data, and records its calls.
+    struct Tag {
+        tag: u8,
+        hold: usize,
+        open: bool,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl NetworkFilter for Tag {
+        fn name(&self) -> &str {
+            "tag"
+        }
+        fn fail_open(&self) -> bool {
+            self.open
+        }
+        fn buffer_limit(&self) -> usize {
+            16
+        }
+        fn on_new_connection(&self, _: usize, _: &mut Exchange) -> Result<NetVerdict, String> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("new {}", self.tag as char));
+            Ok(NetVerdict::Continue)
+        }
+        fn on_data(
+            &self,
+            _: usize,
+            c: &mut Exchange,
+            from: Peer,
+            eos: bool,
+        ) -> Result<NetVerdict, String> {
+            let data = c.bodies[from.idx()].as_mut().unwrap();
+            if data
+                .windows(5)
+                .any(|w| w[..4] == *b"fail" && w[4] == self.tag)
+            {
+                return Err("fail".into());
+            }
+            if data.len() < self.hold && !eos {
+                return Ok(NetVerdict::Pause);
+            }
+            data.push(self.tag);
+            Ok(NetVerdict::Continue)
+        }
+        fn on_callout_response(
+            &self,
+            _: usize,
+            _: &mut Exchange,
+            _: u64,
+            _: CalloutResult,
+        ) -> Result<NetVerdict, String> {
+            Ok(NetVerdict::Continue)
+        }
+        fn on_close(&self, _: usize, _: &mut Exchange, peer: Peer, remote: bool) {
+            let who = if remote { "remote" } else { "local" };
+            self.log.lock().unwrap().push(format!(
+                "close {} {} {who}",
+                self.tag as char,
+                peer.as_str()
+            ));
+        }
+        fn on_done(&self, _: usize, _: &mut Exchange) {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("done {}", self.tag as char));
+        }
+    }
+
+    struct NoCallouts;
+    impl CalloutSender for NoCallouts {
+        fn send(&self, _: crate::filter::CalloutRequest) -> crate::filter::CalloutFuture {
+            Box::pin(async { Err(crate::filter::CalloutError::Unavailable) })
+        }
+    }
+
+    fn chain(filters: Vec<Tag>) -> NetChain {
+        let filters: Vec<Arc<dyn NetworkFilter>> = filters
+            .into_iter()
+            .map(|f| Arc::new(f) as Arc<dyn NetworkFilter>)
+            .collect();
+        let x = connection(
+            Arc::new(ConnFacts {
+                source: ([127, 0, 0, 1], 1).into(),
+                destination: ([127, 0, 0, 1], 2).into(),
+                tls: None,
+            }),
+            &Name::new("tcp").unwrap(),
+            &Name::new("echo").unwrap(),
+        );
+        NetChain::new(0, filters.into(), x, Rc::new(NoCallouts)).0
+    }
+
+    fn tag(tag: u8, hold: usize, open: bool, log: &Arc<Mutex<Vec<String>>>) -> Tag {
+        Tag {
+            tag,
+            hold,
+            open,
+            log: log.clone(),
+        }
+    }
+
+    fn go(s: Step) -> Vec<u8> {
+        match s {
+            Step::Go(d) => d,
+            other => panic!("expected Go, got {other:?}"),
+        }
+    }
+
+    /// Pauses the first downstream data on a callout; resumes on its response.
+    struct Waits;
+
+    impl NetworkFilter for Waits {
+        fn name(&self) -> &str {
+            "waits"
+        }
+        fn fail_open(&self) -> bool {
+            false
+        }
+        fn buffer_limit(&self) -> usize {
+            1024
+        }
+        fn on_new_connection(&self, _: usize, _: &mut Exchange) -> Result<NetVerdict, String> {
+            Ok(NetVerdict::Continue)
+        }
+        fn on_data(
+            &self,
+            _: usize,
+            c: &mut Exchange,
+            from: Peer,
+            _: bool,
+        ) -> Result<NetVerdict, String> {
+            if from == Peer::Upstream || c.request_id == "asked" {
+                return Ok(NetVerdict::Continue);
+            }
+            c.request_id = "asked".into();
+            c.callouts.push(crate::filter::CalloutRequest {
+                id: 7,
+                cluster: "authz".into(),
+                method: http::Method::GET,
+                path: "/".into(),
+                authority: None,
+                headers: http::HeaderMap::new(),
+                body: bytes::Bytes::new(),
+                timeout: Duration::from_secs(1),
+                max_response_body: 1024,
+            });
+            Ok(NetVerdict::Pause)
+        }
+        fn on_callout_response(
+            &self,
+            _: usize,
+            c: &mut Exchange,
+            id: u64,
+            result: CalloutResult,
+        ) -> Result<NetVerdict, String> {
+            assert_eq!(id, 7);
+            assert_eq!(result.err(), Some(crate::filter::CalloutError::Unavailable));
+            let _ = c;
+            Ok(NetVerdict::Continue)
+        }
+        fn on_close(&self, _: usize, _: &mut Exchange, _: Peer, _: bool) {}
+        fn on_done(&self, _: usize, _: &mut Exchange) {}
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_callout_pause_blocks_one_direction_until_resumed() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let log = Arc::default();
+                let filters: Vec<Arc<dyn NetworkFilter>> =
+                    vec![Arc::new(Waits), Arc::new(tag(b'b', 0, false, &log))];
+                let x = connection(
+                    Arc::new(ConnFacts {
+                        source: ([127, 0, 0, 1], 1).into(),
+                        destination: ([127, 0, 0, 1], 2).into(),
+                        tls: None,
+                    }),
+                    &Name::new("tcp").unwrap(),
+                    &Name::new("echo").unwrap(),
+                );
+                let (mut c, mut rx) = NetChain::new(0, filters.into(), x, Rc::new(NoCallouts));
+                assert!(start(&mut c, &mut rx).await);
+                assert!(matches!(
+                    c.run_data(Peer::Downstream, b"x".to_vec(), false, 0),
+                    Step::Held
+                ));
+                assert!(c.blocked(Peer::Downstream));
+                assert!(!c.blocked(Peer::Upstream));
+                // The other direction flows meanwhile.
+                assert_eq!(
+                    go(c.run_data(Peer::Upstream, b"u".to_vec(), false, 0)),
+                    b"ub"
+                );
+                let d = rx.recv().await.unwrap();
+                assert!(c.deliver(d).is_none());
+                assert!(!c.blocked(Peer::Downstream));
+                // The held data went on to the next filter, for the pump to write.
+                assert_eq!(std::mem::take(&mut c.out[0]), b"xb");
+                assert_eq!(
+                    go(c.run_data(Peer::Downstream, b"y".to_vec(), false, 0)),
+                    b"yb"
+                );
+            })
+            .await;
+    }
+
+    #[test]
+    fn downstream_in_order_upstream_in_reverse() {
+        let log = Arc::default();
+        let mut c = chain(vec![tag(b'a', 0, false, &log), tag(b'b', 0, false, &log)]);
+        assert!(matches!(c.run_new(0), Step::Go(_)));
+        assert_eq!(
+            go(c.run_data(Peer::Downstream, b"x".to_vec(), false, 0)),
+            b"xab"
+        );
+        assert_eq!(
+            go(c.run_data(Peer::Upstream, b"y".to_vec(), false, 0)),
+            b"yba"
+        );
+        c.finish(&[(Peer::Downstream, true), (Peer::Upstream, false)]);
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "new a",
+                "new b",
+                "close a downstream remote",
+                "close a upstream local",
+                "done a",
+                "close b downstream remote",
+                "close b upstream local",
+                "done b"
+            ]
+        );
+    }
+
+    #[test]
+    fn pause_holds_data_until_the_filter_continues() {
+        let log = Arc::default();
+        let mut c = chain(vec![tag(b'a', 4, false, &log), tag(b'b', 0, false, &log)]);
+        c.run_new(0);
+        assert!(matches!(
+            c.run_data(Peer::Downstream, b"12".to_vec(), false, 0),
+            Step::Held
+        ));
+        // The other direction is not blocked by a buffering pause.
+        assert!(!c.blocked(Peer::Upstream) && !c.blocked(Peer::Downstream));
+        assert_eq!(
+            go(c.run_data(Peer::Downstream, b"34".to_vec(), false, 0)),
+            b"1234ab"
+        );
+        // End of stream releases what is held.
+        assert!(matches!(
+            c.run_data(Peer::Downstream, b"5".to_vec(), false, 0),
+            Step::Held
+        ));
+        assert_eq!(
+            go(c.run_data(Peer::Downstream, Vec::new(), true, 0)),
+            b"5ab"
+        );
+    }
+
+    #[test]
+    fn held_data_over_the_cap_closes() {
+        let log = Arc::default();
+        let mut c = chain(vec![tag(b'a', 100, false, &log)]);
+        c.run_new(0);
+        assert!(matches!(
+            c.run_data(Peer::Downstream, vec![0; 10], false, 0),
+            Step::Held
+        ));
+        assert!(matches!(
+            c.run_data(Peer::Downstream, vec![0; 10], false, 0),
+            Step::Close
+        ));
+    }
+
+    #[test]
+    fn failures_close_or_skip_by_policy() {
+        let log = Arc::default();
+        let mut closed = chain(vec![tag(b'a', 0, false, &log)]);
+        closed.run_new(0);
+        assert!(matches!(
+            closed.run_data(Peer::Downstream, b"faila".to_vec(), false, 0),
+            Step::Close
+        ));
+        let mut open = chain(vec![tag(b'a', 0, true, &log), tag(b'b', 0, false, &log)]);
+        open.run_new(0);
+        assert_eq!(
+            go(open.run_data(Peer::Downstream, b"faila".to_vec(), false, 0)),
+            b"failab"
+        );
+        // Skipped for the rest of the connection.
+        assert_eq!(
+            go(open.run_data(Peer::Downstream, b"x".to_vec(), false, 0)),
+            b"xb"
+        );
+    }
+}

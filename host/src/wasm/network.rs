@@ -1,0 +1,537 @@
+//! [`WasmNetworkFilter`]: a component of the `legate:filter/network-filter`
+//! world (abi/README.md §11) as a [`NetworkFilter`] on TCP listeners. One
+//! instance per worker, created lazily and replaced after a failure with the
+//! same backoff as HTTP plugins; each connection gets a guest
+//! `network-context` resource, constructed at `on-new-connection` and dropped
+//! at `on_done`. The connection's facts and data are the [`Exchange`] the
+//! chain swaps into the store for a call (the `connection` handle names it).
+//! Deadlines, the memory cap, the failure policy and the per-plugin stats are
+//! the HTTP plugins' ([`super::plugin`]). Not supported yet: `on-tick` (a
+//! non-zero `tick-interval-ms` refuses the load).
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
+use wasmtime::component::{Component, Linker, ResourceAny};
+use wasmtime::Store;
+
+use super::bindings::network::exports::legate::filter::network_handler::NetworkSetup;
+use super::bindings::network::legate::filter::network as wnet;
+use super::bindings::network::{NetworkFilter as World, NetworkFilterPre};
+use super::engine;
+use super::host::{HostState, Phase, PluginShared};
+use super::plugin::{borrow, describe, guest_result, run_inline, PluginStats, Settings};
+use crate::filter::{CalloutResult, Direction, Exchange, HttpFilter, Phases, Verdict};
+use crate::network_filter::{NetVerdict, NetworkFilter, Peer};
+use crate::stats::{Counter, Stats};
+
+/// Deadline of `configure`.
+const CONFIGURE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// One live instance on a worker.
+struct Live {
+    store: Store<HostState>,
+    bindings: World,
+    /// The guest's `network-context` per connection context.
+    contexts: FxHashMap<u64, ResourceAny>,
+}
+
+/// A worker's slot for one plugin.
+#[derive(Default)]
+struct Slot {
+    live: Option<Live>,
+    not_before: Option<Instant>,
+    backoff: Duration,
+    failed_before: bool,
+}
+
+thread_local! {
+    /// This worker's instances, by `WasmNetworkFilter::id`.
+    static INSTANCES: RefCell<FxHashMap<u64, Slot>> = RefCell::default();
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Ids of filters not dropped yet: a worker frees its instances of dropped
+/// filters (a reload replaced them) before it instantiates a new one, so
+/// reloads do not exhaust the instance pool (as `plugin.rs` does for HTTP).
+static LIVE: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+
+/// Whether `component` exports the L4 handler (and so is a network filter).
+pub fn is_network_filter(component: &Component) -> bool {
+    let Ok(engine) = engine::engine() else {
+        return false;
+    };
+    component
+        .component_type()
+        .exports(engine)
+        .any(|(name, _)| name.starts_with("legate:filter/network-handler@0.1."))
+}
+
+/// A loaded network-filter component.
+pub struct WasmNetworkFilter {
+    id: u64,
+    shared: Arc<PluginShared>,
+    pre: NetworkFilterPre<HostState>,
+    settings: Settings,
+    stats: PluginStats,
+    setup: NetworkSetup,
+    /// `legate_plugin_body_limit_exceeded_total` by direction.
+    limit_exceeded: [Counter; 2],
+    /// Instances of this filter live on workers (taken off the instances
+    /// gauge when the filter is dropped).
+    live_instances: AtomicI64,
+}
+
+impl Drop for WasmNetworkFilter {
+    fn drop(&mut self) {
+        LIVE.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        for _ in 0..self.live_instances.load(Relaxed) {
+            self.stats.instances.dec();
+        }
+    }
+}
+
+fn linker() -> anyhow::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine::engine()?);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
+    World::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
+        .map_err(|e| anyhow::anyhow!("linking the plugin ABI: {e}"))?;
+    Ok(linker)
+}
+
+fn action(a: wnet::NetworkAction) -> NetVerdict {
+    match a {
+        wnet::NetworkAction::Continue => NetVerdict::Continue,
+        wnet::NetworkAction::Pause => NetVerdict::Pause,
+        wnet::NetworkAction::Close => NetVerdict::Close,
+    }
+}
+
+impl WasmNetworkFilter {
+    /// Links and configures the component once on this thread to check it.
+    pub fn load(
+        name: &str,
+        component: &Component,
+        settings: Settings,
+        stats: &Arc<Stats>,
+    ) -> anyhow::Result<Self> {
+        let pre = linker()?.instantiate_pre(component).map_err(|e| {
+            anyhow::anyhow!("plugin `{name}`: the component does not fit this host: {e:#}")
+        })?;
+        let pre = NetworkFilterPre::new(pre).map_err(|e| {
+            anyhow::anyhow!(
+                "plugin `{name}`: the component does not export \
+                 `legate:filter/network-handler@0.1.x`: {e:#}"
+            )
+        })?;
+        let mut shared = PluginShared::new(name, stats.clone(), &settings.kv, &settings.clusters);
+        shared.body_limit = settings.body_limit;
+        shared.files = settings.files.clone();
+        let limit_exceeded = ["request", "response"].map(|d| {
+            stats.counter(
+                "legate_plugin_body_limit_exceeded_total",
+                "Bodies over a plugin's buffered body cap (`limits.body`), by direction.",
+                &[("plugin", name), ("direction", d)],
+            )
+        });
+        let id = NEXT_ID.fetch_add(1, Relaxed);
+        LIVE.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id);
+        let mut f = WasmNetworkFilter {
+            id,
+            shared: Arc::new(shared),
+            pre,
+            settings,
+            stats: PluginStats::new(stats, name),
+            setup: NetworkSetup {
+                events: wnet::NetworkEvents::empty(),
+                tick_interval_ms: 0,
+            },
+            limit_exceeded,
+            live_instances: AtomicI64::new(0),
+        };
+        let (_, setup) = f
+            .instantiate(u32::MAX)
+            .map_err(|e| anyhow::anyhow!("plugin `{name}`: {e}"))?;
+        if setup.tick_interval_ms != 0 {
+            anyhow::bail!(
+                "plugin `{name}`: a network filter asked for ticks (tick-interval-ms {}); \
+                 this host does not run `on-tick` for network filters yet: ask for 0",
+                setup.tick_interval_ms
+            );
+        }
+        f.setup = setup;
+        Ok(f)
+    }
+
+    fn instantiate(&self, worker: u32) -> Result<(Live, NetworkSetup), String> {
+        let state = HostState::new(self.shared.clone(), worker, self.settings.memory);
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
+        engine::install(&mut store, CONFIGURE_DEADLINE);
+        let bindings = run_inline(self.pre.instantiate_async(&mut store))
+            .map_err(|e| format!("cannot instantiate: {e:#}"))?;
+        self.stats.calls["configure"].inc();
+        store.data_mut().phase = Phase::Configure;
+        let r = run_inline(
+            bindings
+                .legate_filter_network_handler()
+                .call_configure(&mut store, &self.settings.config_json),
+        );
+        match r {
+            Ok(Ok(setup)) => Ok((
+                Live {
+                    store,
+                    bindings,
+                    contexts: FxHashMap::default(),
+                },
+                setup,
+            )),
+            Ok(Err(msg)) => Err(format!("configure failed: {msg}")),
+            Err(e) => Err(format!(
+                "configure failed: {}",
+                describe(&e, CONFIGURE_DEADLINE).1
+            )),
+        }
+    }
+
+    /// Runs `call` on this worker's instance with connection `c` swapped into
+    /// the store; `new` creates the instance if needed and the connection's
+    /// guest context. A trap drops the instance (as for HTTP plugins).
+    fn with_instance<R>(
+        &self,
+        worker: usize,
+        phase: Phase,
+        c: &mut Exchange,
+        new: bool,
+        call: impl FnOnce(&mut Live, ResourceAny) -> wasmtime::Result<Result<R, String>>,
+    ) -> Result<R, String> {
+        INSTANCES.with(|cell| {
+            let mut map = cell.borrow_mut();
+            if !map.contains_key(&self.id) {
+                let live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
+                map.retain(|id, _| live.contains(id));
+            }
+            let slot = map.entry(self.id).or_default();
+            if slot.live.is_none() {
+                if !new {
+                    return Err("the instance this connection started on failed".to_string());
+                }
+                if slot.not_before.is_some_and(|t| Instant::now() < t) {
+                    return Err("no instance (restarting after a failure)".to_string());
+                }
+                match self.instantiate(u32::try_from(worker).unwrap_or(u32::MAX)) {
+                    Ok((live, _)) => {
+                        if slot.failed_before {
+                            self.stats.restarts.inc();
+                        }
+                        self.stats.instances.inc();
+                        self.live_instances.fetch_add(1, Relaxed);
+                        slot.live = Some(live);
+                    }
+                    Err(e) => {
+                        fail_slot(slot);
+                        return Err(e);
+                    }
+                }
+            }
+            let Some(live) = slot.live.as_mut() else {
+                return Err("no instance".to_string());
+            };
+            let context = c.context;
+            engine::arm(&mut live.store, self.settings.cpu);
+            let started = Instant::now();
+            let data = live.store.data_mut();
+            data.phase = phase;
+            data.in_exchange = true;
+            std::mem::swap(c, &mut data.x);
+            let result = match live.contexts.get(&context).copied() {
+                Some(ctx) => call(live, ctx),
+                None if new => {
+                    let h = live.bindings.legate_filter_network_handler();
+                    match run_inline(h.network_context().call_constructor(&mut live.store)) {
+                        Ok(ctx) => {
+                            live.contexts.insert(context, ctx);
+                            call(live, ctx)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                None => Ok(Err(
+                    "the instance this connection started on failed".to_string()
+                )),
+            };
+            self.stats.duration.observe(started.elapsed());
+            let data = live.store.data_mut();
+            std::mem::swap(c, &mut data.x);
+            data.in_exchange = false;
+            match result {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(invalid)) => {
+                    self.stats.failures.inc();
+                    Err(invalid)
+                }
+                Err(e) => {
+                    let (class, text) = describe(&e, self.settings.cpu);
+                    match class {
+                        "timeout" => self.stats.timeouts.inc(),
+                        "memory" => self.stats.memory_exceeded.inc(),
+                        _ => self.stats.traps.inc(),
+                    }
+                    self.stats.failures.inc();
+                    // The instance is dead: wasmtime does not re-enter it.
+                    slot.live = None;
+                    self.stats.instances.dec();
+                    self.live_instances.fetch_sub(1, Relaxed);
+                    fail_slot(slot);
+                    Err(text)
+                }
+            }
+        })
+    }
+
+    fn wants(&self, event: wnet::NetworkEvents) -> bool {
+        self.setup.events.contains(event)
+    }
+}
+
+/// Backoff before the next instance, as for HTTP plugins.
+fn fail_slot(slot: &mut Slot) {
+    let now = Instant::now();
+    let repeated = slot
+        .not_before
+        .is_some_and(|t| now < t + Duration::from_secs(1));
+    slot.backoff = if repeated {
+        (slot.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    } else {
+        Duration::ZERO
+    };
+    slot.not_before = Some(now + slot.backoff);
+    slot.failed_before = true;
+}
+
+impl NetworkFilter for WasmNetworkFilter {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn fail_open(&self) -> bool {
+        self.settings.fail_open
+    }
+
+    fn buffer_limit(&self) -> usize {
+        self.settings.body_limit
+    }
+
+    fn buffer_limit_exceeded(&self, from: Peer) {
+        self.limit_exceeded[from.idx()].inc();
+    }
+
+    fn on_new_connection(&self, worker: usize, c: &mut Exchange) -> Result<NetVerdict, String> {
+        let wants = self.wants(wnet::NetworkEvents::NEW_CONNECTION);
+        if wants {
+            self.stats.calls["new_connection"].inc();
+        }
+        // The guest context is created here whether or not the event is declared.
+        self.with_instance(worker, Phase::Net, c, true, |live, ctx| {
+            if !wants {
+                return Ok(Ok(NetVerdict::Continue));
+            }
+            let context = live.store.data().x.context;
+            let cr = live.store.data_mut().connection_handle(context)?;
+            let h = live.bindings.legate_filter_network_handler();
+            let a = run_inline(h.network_context().call_on_new_connection(
+                &mut live.store,
+                ctx,
+                borrow(&cr),
+            ));
+            live.store.data_mut().drop_handle(cr);
+            Ok(Ok(action(a?)))
+        })
+    }
+
+    fn on_data(
+        &self,
+        worker: usize,
+        c: &mut Exchange,
+        from: Peer,
+        end_of_stream: bool,
+    ) -> Result<NetVerdict, String> {
+        let (event, label, d) = match from {
+            Peer::Downstream => (
+                wnet::NetworkEvents::DOWNSTREAM_DATA,
+                "downstream_data",
+                Direction::Request,
+            ),
+            Peer::Upstream => (
+                wnet::NetworkEvents::UPSTREAM_DATA,
+                "upstream_data",
+                Direction::Response,
+            ),
+        };
+        if !self.wants(event) {
+            return Ok(NetVerdict::Continue);
+        }
+        self.stats.calls[label].inc();
+        self.with_instance(worker, Phase::NetData(d), c, false, |live, ctx| {
+            let context = live.store.data().x.context;
+            let data = live.store.data_mut();
+            let cr = data.connection_handle(context)?;
+            let br = data.buffer_handle(context, d)?;
+            let h = live.bindings.legate_filter_network_handler();
+            let nc = h.network_context();
+            let a = match from {
+                Peer::Downstream => run_inline(nc.call_on_downstream_data(
+                    &mut live.store,
+                    ctx,
+                    borrow(&cr),
+                    borrow(&br),
+                    end_of_stream,
+                )),
+                Peer::Upstream => run_inline(nc.call_on_upstream_data(
+                    &mut live.store,
+                    ctx,
+                    borrow(&cr),
+                    borrow(&br),
+                    end_of_stream,
+                )),
+            };
+            let data = live.store.data_mut();
+            data.drop_handle(cr);
+            data.drop_handle(br);
+            Ok(Ok(action(a?)))
+        })
+    }
+
+    fn on_callout_response(
+        &self,
+        worker: usize,
+        c: &mut Exchange,
+        id: u64,
+        result: CalloutResult,
+    ) -> Result<NetVerdict, String> {
+        self.stats.count_callout(&result);
+        let context = c.context;
+        let outstanding = INSTANCES.with(|cell| {
+            cell.borrow_mut()
+                .get_mut(&self.id)
+                .and_then(|s| s.live.as_mut())
+                .is_some_and(|live| live.store.data_mut().take_outstanding(context, id))
+        });
+        if !outstanding {
+            return Ok(NetVerdict::Pause);
+        }
+        self.stats.calls["callout_response"].inc();
+        self.with_instance(worker, Phase::Net, c, false, |live, ctx| {
+            let cr = live.store.data_mut().connection_handle(context)?;
+            let result = guest_result(result);
+            let h = live.bindings.legate_filter_network_handler();
+            let a = run_inline(h.network_context().call_on_callout_response(
+                &mut live.store,
+                ctx,
+                borrow(&cr),
+                id,
+                result.as_ref().map_err(|e| *e),
+            ));
+            live.store.data_mut().drop_handle(cr);
+            Ok(Ok(action(a?)))
+        })
+    }
+
+    fn on_close(&self, worker: usize, c: &mut Exchange, peer: Peer, remote: bool) {
+        let _ = remote;
+        if !self.wants(wnet::NetworkEvents::CLOSE) {
+            return;
+        }
+        let label = match peer {
+            Peer::Downstream => "downstream_close",
+            Peer::Upstream => "upstream_close",
+        };
+        self.stats.calls[label].inc();
+        let p = match peer {
+            Peer::Downstream => wnet::Peer::Downstream,
+            Peer::Upstream => wnet::Peer::Upstream,
+        };
+        let r = self.with_instance(worker, Phase::ReadOnly, c, false, |live, ctx| {
+            let context = live.store.data().x.context;
+            let cr = live.store.data_mut().connection_handle(context)?;
+            let h = live.bindings.legate_filter_network_handler();
+            let r =
+                run_inline(
+                    h.network_context()
+                        .call_on_close(&mut live.store, ctx, borrow(&cr), p),
+                );
+            live.store.data_mut().drop_handle(cr);
+            r?;
+            Ok(Ok(()))
+        });
+        if let Err(e) = r {
+            tracing::warn!(plugin = &*self.shared.name, "on-close failed: {e}");
+        }
+    }
+
+    fn on_done(&self, _worker: usize, c: &mut Exchange) {
+        let context = c.context;
+        // The guest context is dropped (its destructor runs in the guest) and
+        // the connection's outstanding callouts forgotten.
+        let r = INSTANCES.with(|cell| {
+            let mut map = cell.borrow_mut();
+            let Some(live) = map.get_mut(&self.id).and_then(|s| s.live.as_mut()) else {
+                return Ok(());
+            };
+            live.store.data_mut().outstanding.remove(&context);
+            let Some(ctx) = live.contexts.remove(&context) else {
+                return Ok(());
+            };
+            engine::arm(&mut live.store, self.settings.cpu);
+            run_inline(ctx.resource_drop_async(&mut live.store))
+        });
+        if let Err(e) = r {
+            tracing::warn!(
+                plugin = &*self.shared.name,
+                "dropping a network-context failed: {e}"
+            );
+        }
+    }
+}
+
+/// A network filter is loaded with the HTTP plugins; it has no HTTP phases, and
+/// `crate::network_filter::NetworkFilters::build` refuses it on an HTTP listener.
+impl HttpFilter for WasmNetworkFilter {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn phases(&self) -> Phases {
+        Phases(0)
+    }
+
+    fn fail_open(&self) -> bool {
+        self.settings.fail_open
+    }
+
+    fn on_request_headers(&self, _: usize, _: &mut Exchange, _: bool) -> Result<Verdict, String> {
+        Ok(Verdict::Continue)
+    }
+
+    fn on_response_headers(&self, _: usize, _: &mut Exchange, _: bool) -> Result<Verdict, String> {
+        Ok(Verdict::Continue)
+    }
+
+    fn network(self: Arc<Self>) -> Option<Arc<dyn NetworkFilter>> {
+        Some(self)
+    }
+
+    fn on_log(&self, _: usize, _: &mut Exchange) {}
+
+    fn on_done(&self, _: usize, _: u64) {}
+}

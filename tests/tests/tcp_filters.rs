@@ -1,0 +1,566 @@
+//! Network (L4) filters on TCP proxy listeners: a proxy-wasm filter built from
+//! source with the upstream `proxy-wasm` crate (tests/proxy-wasm-guests, its
+//! `tcp-*` modes) runs on real connections to a real echo upstream; the tests
+//! assert the bytes each side gets and the `/stats` counters.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use legate_tests::proxy_wasm::proxy_wasm_guest;
+use legate_tests::*;
+
+const T: Duration = Duration::from_secs(5);
+
+/// TCP listener `tcp` to cluster `echo` at `echo`, with filter `pw` (the
+/// proxy-wasm guest with `plugin_config`), `extra` plugin keys and `tls` keys
+/// under the listener.
+fn config(echo: SocketAddr, plugin_config: &str, extra: &str, tls: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: tcp
+    address: 127.0.0.1:0
+{tls}    tcp:
+      cluster: echo
+      filters: [{{ plugin: pw }}]
+clusters:
+  - name: echo
+    endpoints:
+      - address: {echo}
+plugins:
+  - name: pw
+    module: {}
+    limits: {{ cpu: 500ms }}
+{extra}    proxy_wasm:
+      plugin_config: {plugin_config}
+",
+        proxy_wasm_guest().display()
+    )
+}
+
+fn calls(phase: &str) -> String {
+    format!("legate_plugin_calls_total{{plugin=\"pw\",phase=\"{phase}\"}}")
+}
+
+fn metric(name: &str) -> String {
+    format!("legate_proxywasm_{name}{{plugin=\"pw\"}}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_rewrites_both_directions() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&config(echo.addr, "{ mode: tcp-rewrite }", "", ""))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let me = c.stream.local_addr().unwrap();
+    // A line in two writes: the filter holds the first part (`Pause`) until the
+    // newline arrives, then rewrites the whole line (a longer buffer).
+    c.write(b"hel").await;
+    c.write(b"lo world\n").await;
+    let sent_up = b"howdy, partner world\n";
+    let back = b"h0wdy, partner w0rld\n";
+    assert_eq!(c.read_exact(back.len(), T).await.unwrap(), back);
+    // Properties of the connection, read in the downstream data callback.
+    c.write(b"props\n").await;
+    let line = format!(
+        "src={me} dst={} up={} tls=none req=none\n",
+        lg.addr("tcp"),
+        echo.addr
+    );
+    let expected = line.replace('o', "0");
+    let got = c.read_exact(expected.len(), T).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+    // The client half-closes: the FIN goes through the filter to the echo
+    // server, which closes, and the proxy closes the client.
+    c.stream.shutdown().await.unwrap();
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(
+        rest.is_empty(),
+        "unexpected bytes after the close: {rest:?}"
+    );
+    assert!(closed, "the proxy did not close the client");
+    assert_eq!(echo.bytes.get(), sent_up.len() + line.len());
+    let rx = (3 + 9 + 6) as f64;
+    let tx = (back.len() + expected.len()) as f64;
+    lg.assert_stat(r#"legate_listener_rx_bytes_total{listener="tcp"}"#, rx)
+        .await;
+    lg.assert_stat(r#"legate_listener_tx_bytes_total{listener="tcp"}"#, tx)
+        .await;
+    lg.assert_stat(&calls("new_connection"), 1.0).await;
+    lg.assert_stat_with(&calls("downstream_data"), |v| v >= 3.0, ">= 3")
+        .await;
+    lg.assert_stat_with(&calls("upstream_data"), |v| v >= 2.0, ">= 2")
+        .await;
+    lg.assert_stat(&calls("downstream_close"), 1.0).await;
+    lg.assert_stat(&calls("upstream_close"), 1.0).await;
+    lg.assert_stat(&calls("done"), 1.0).await;
+    // The guest's own view of the callbacks (its metrics).
+    lg.assert_stat(&metric("pw_tcp_new"), 1.0).await;
+    lg.assert_stat(&metric("pw_tcp_down_close_remote"), 1.0)
+        .await;
+    lg.assert_stat(&metric("pw_tcp_up_close_remote"), 1.0).await;
+    lg.assert_stat(&metric("pw_tcp_down_close_local"), 0.0)
+        .await;
+    lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_closes_the_connection_on_a_pattern() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&config(echo.addr, "{ mode: tcp-close }", "", ""))
+        .start();
+    // Downstream: `QUIT` closes before anything reaches the upstream.
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"hi\n").await;
+    assert_eq!(c.read_exact(3, T).await.unwrap(), b"hi\n");
+    c.write(b"QUIT\n").await;
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed, "QUIT did not close the connection");
+    assert!(rest.is_empty(), "got {rest:?} after QUIT");
+    eventually(T, "upstream connection closed", || async {
+        (echo.closed.get() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(echo.bytes.get(), 3, "QUIT reached the upstream");
+    lg.assert_stat(&metric("pw_tcp_down_close_local"), 1.0)
+        .await;
+    lg.assert_stat(&metric("pw_tcp_up_close_local"), 1.0).await;
+    lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
+
+    // Upstream: the echo of `BYE` closes; the client never gets it.
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"BYE").await;
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed, "BYE from upstream did not close the connection");
+    assert!(rest.is_empty(), "got {rest:?}");
+    assert_eq!(echo.bytes.get(), 6);
+    lg.assert_stat(&metric("pw_tcp_new"), 2.0).await;
+    lg.assert_stat(&metric("pw_tcp_log"), 2.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+    lg.assert_stat(r#"legate_listener_connections_active{listener="tcp"}"#, 0.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_pauses_the_new_connection_on_an_http_callout() {
+    let echo = tcp_echo_server().await;
+    let az = authz_upstream().await;
+    let cfg = |path: &str| {
+        with_cluster(
+            &config(
+                echo.addr,
+                &format!("{{ mode: tcp-callout, path: \"{path}\" }}"),
+                "    capabilities: { clusters: [authz] }\n",
+                "",
+            ),
+            "authz",
+            az.addr,
+        )
+    };
+    // Allowed: the connection resumes once the answer came, and the filter
+    // prefixes the first data with it.
+    let lg = legate().config(&cfg("/check/tcp")).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"data").await;
+    let want = b"ok:anonymous|data";
+    assert_eq!(c.read_exact(want.len(), T).await.unwrap(), want);
+    assert_eq!(echo.connections.get(), 1);
+    lg.assert_stat(r#"legate_cluster_upstream_rq_total{cluster="authz"}"#, 1.0)
+        .await;
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    drop(c);
+    drop(lg);
+
+    // Denied: closed without ever connecting upstream.
+    let lg = legate().config(&cfg("/check/deny")).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"data").await;
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed, "a denied connection was left open");
+    assert!(rest.is_empty());
+    assert_eq!(
+        echo.connections.get(),
+        1,
+        "a denied connection reached the upstream"
+    );
+    lg.assert_stat(&metric("pw_tcp_down_close_local"), 1.0)
+        .await;
+    lg.assert_stat(&metric("pw_tcp_up_close_local"), 0.0).await;
+    lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trapping_filter_closes_the_connection_and_the_proxy_keeps_serving() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&config(echo.addr, "{ mode: tcp-trap }", "", ""))
+        .concurrency(1)
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"fine").await;
+    assert_eq!(c.read_exact(4, T).await.unwrap(), b"fine");
+    c.write(b"boom").await;
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed, "fail: closed did not close the connection");
+    assert!(rest.is_empty());
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="pw"}"#, 1.0)
+        .await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 1.0)
+        .await;
+    assert_eq!(
+        echo.bytes.get(),
+        4,
+        "data that trapped the filter reached the upstream"
+    );
+    // A new connection gets a new VM.
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"again").await;
+    assert_eq!(c.read_exact(5, T).await.unwrap(), b"again");
+    lg.assert_stat(r#"legate_plugin_instance_restarts_total{plugin="pw"}"#, 1.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_skips_a_trapping_filter() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&config(
+            echo.addr,
+            "{ mode: tcp-trap }",
+            "    fail: open\n",
+            "",
+        ))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"boom").await;
+    assert_eq!(c.read_exact(4, T).await.unwrap(), b"boom");
+    c.write(b"boom again").await;
+    assert_eq!(c.read_exact(10, T).await.unwrap(), b"boom again");
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="pw"}"#, 1.0)
+        .await;
+    assert_eq!(echo.bytes.get(), 14);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_terminating_tcp_listener_runs_the_filter() {
+    let ca = Ca::new("tcp-filters");
+    let cert = ca.server(&["db.example"]);
+    let tls = format!(
+        "    tls:\n      certificates:\n        - cert: {}\n          key: {}\n",
+        cert.cert.display(),
+        cert.key.display()
+    );
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&config(echo.addr, "{ mode: tcp-rewrite }", "", &tls))
+        .start();
+    let mut s = tls_raw(lg.addr("tcp"), TlsOptions::new(&cert, "db.example"))
+        .await
+        .unwrap();
+    s.write_all(b"hello\nprops\n").await.unwrap();
+    s.flush().await.unwrap();
+    let me = s.get_ref().0.local_addr().unwrap();
+    let expected = format!(
+        "howdy, partner\nsrc={me} dst={} up={} tls=TLSv1.3 req=none\n",
+        lg.addr("tcp"),
+        echo.addr
+    )
+    .replace('o', "0");
+    let mut got = vec![0u8; expected.len()];
+    tokio::time::timeout(T, s.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+    lg.assert_stat(&calls("new_connection"), 1.0).await;
+    lg.assert_stat(r#"legate_listener_tls_errors_total{listener="tcp"}"#, 0.0)
+        .await;
+}
+
+#[test]
+fn an_http_component_on_a_tcp_listener_is_refused() {
+    let yaml = format!(
+        "version: 1
+listeners:
+  - name: tcp
+    address: 127.0.0.1:0
+    tcp:
+      cluster: echo
+      filters: [{{ plugin: web-only }}]
+clusters:
+  - name: echo
+    endpoints:
+      - address: 127.0.0.1:1
+plugins:
+  - name: web-only
+    module: {}
+",
+        test_guest().display()
+    );
+    let e = match legate().config(&yaml).try_start() {
+        Ok(_) => panic!("an HTTP component was accepted on a TCP listener"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("plugin `web-only` is an HTTP filter, but `tcp.filters` takes network filters"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_reload_keeps_open_connections_and_filters_new_ones() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&config(echo.addr, "{ mode: tcp-rewrite }", "", ""))
+        .start();
+    let mut old = RawConn::connect(lg.addr("tcp")).await;
+    old.write(b"hello\n").await;
+    let back = b"h0wdy, partner\n";
+    assert_eq!(old.read_exact(back.len(), T).await.unwrap(), back);
+    let (status, body) = lg.admin_post("/plugins/pw/reload").await;
+    assert_eq!(status, 200, "{body}");
+    lg.assert_stat(
+        r#"legate_plugin_reloads_total{plugin="pw",result="success"}"#,
+        1.0,
+    )
+    .await;
+    // The open connection keeps its chain (and the VM it started on).
+    old.write(b"hello\n").await;
+    assert_eq!(old.read_exact(back.len(), T).await.unwrap(), back);
+    // A new connection runs the reloaded plugin.
+    let mut new = RawConn::connect(lg.addr("tcp")).await;
+    new.write(b"hello\n").await;
+    assert_eq!(new.read_exact(back.len(), T).await.unwrap(), back);
+    lg.assert_stat(&calls("new_connection"), 2.0).await;
+}
+
+/// [`config`] with the component fixture (tests/network-guest) as `pw`.
+fn component_config(echo: SocketAddr, mode: &str, extra: &str, tls: &str) -> String {
+    let proxy_wasm = config(echo, "x", extra, tls);
+    let cut = proxy_wasm.find("    proxy_wasm:").unwrap();
+    let module = proxy_wasm_guest().display().to_string();
+    format!(
+        "{}    config: {{ mode: {mode} }}\n",
+        &proxy_wasm[..cut].replace(&module, &network_guest().display().to_string())
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_network_filter_rewrites_and_sees_closes() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&component_config(echo.addr, "rewrite", "", ""))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"hello world").await;
+    assert_eq!(c.read_exact(11, T).await.unwrap(), b"HELL0 W0RLD");
+    c.write(b"props\n").await;
+    let expected =
+        format!("listener=tcp cluster=echo tls=none up={}\n", echo.addr).replace('O', "0");
+    let got = c.read_exact(expected.len(), T).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+    c.stream.shutdown().await.unwrap();
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    assert_eq!(echo.bytes.get(), 11 + expected.len());
+    lg.assert_stat(&calls("new_connection"), 1.0).await;
+    lg.assert_stat_with(&calls("downstream_data"), |v| v >= 2.0, ">= 2")
+        .await;
+    lg.assert_stat(&calls("downstream_close"), 1.0).await;
+    lg.assert_stat(&calls("upstream_close"), 1.0).await;
+    lg.assert_stat(
+        r#"legate_plugin_net_closes{plugin="pw",peer="downstream"}"#,
+        1.0,
+    )
+    .await;
+    lg.assert_stat(
+        r#"legate_plugin_net_closes{plugin="pw",peer="upstream"}"#,
+        1.0,
+    )
+    .await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_network_filter_closes_and_survives_a_trap() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&component_config(echo.addr, "close", "", ""))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"hi").await;
+    assert_eq!(c.read_exact(2, T).await.unwrap(), b"hi");
+    c.write(b"QUIT").await;
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    assert_eq!(echo.bytes.get(), 2);
+    drop(lg);
+
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&component_config(echo.addr, "trap", "", ""))
+        .concurrency(1)
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"boom").await;
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="pw"}"#, 1.0)
+        .await;
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"fine").await;
+    assert_eq!(c.read_exact(4, T).await.unwrap(), b"fine");
+    assert_eq!(echo.bytes.get(), 4);
+    lg.assert_stat(r#"legate_plugin_instance_restarts_total{plugin="pw"}"#, 1.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_network_filter_on_a_tls_listener() {
+    let ca = Ca::new("tcp-filters-component");
+    let cert = ca.server(&["db.example"]);
+    let tls = format!(
+        "    tls:\n      certificates:\n        - cert: {}\n          key: {}\n",
+        cert.cert.display(),
+        cert.key.display()
+    );
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&component_config(echo.addr, "rewrite", "", &tls))
+        .start();
+    let mut s = tls_raw(lg.addr("tcp"), TlsOptions::new(&cert, "db.example"))
+        .await
+        .unwrap();
+    s.write_all(b"props\n").await.unwrap();
+    s.flush().await.unwrap();
+    let expected = format!("listener=tcp cluster=echo tls=1.3 up={}\n", echo.addr);
+    let mut got = vec![0u8; expected.len()];
+    tokio::time::timeout(T, s.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+}
+
+#[test]
+fn a_network_component_on_an_http_listener_is_refused() {
+    let yaml = format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: l4 }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: echo
+clusters:
+  - name: echo
+    endpoints:
+      - address: 127.0.0.1:1
+plugins:
+  - name: l4
+    module: {}
+    config: {{ mode: rewrite }}
+",
+        network_guest().display()
+    );
+    let e = match legate().config(&yaml).try_start() {
+        Ok(_) => panic!("a network component was accepted on an HTTP listener"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("plugin `l4` is a network (L4) filter, but `http.filters` takes HTTP filters"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_network_filter_pauses_the_new_connection_on_a_callout() {
+    let echo = tcp_echo_server().await;
+    let az = authz_upstream().await;
+    let cfg = |path: &str| {
+        let yaml = component_config(
+            echo.addr,
+            &format!("callout, path: \"{path}\""),
+            "    capabilities: { clusters: [authz] }\n",
+            "",
+        );
+        with_cluster(&yaml, "authz", az.addr)
+    };
+    let lg = legate().config(&cfg("/check/tcp")).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"data").await;
+    assert_eq!(c.read_exact(4, T).await.unwrap(), b"data");
+    assert_eq!(echo.connections.get(), 1);
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    lg.assert_stat(r#"legate_cluster_upstream_rq_total{cluster="authz"}"#, 1.0)
+        .await;
+    drop(c);
+    drop(lg);
+
+    let lg = legate().config(&cfg("/check/deny")).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"data").await;
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    assert_eq!(
+        echo.connections.get(),
+        1,
+        "a denied connection reached the upstream"
+    );
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    // Closed before connecting: only the downstream side was open.
+    lg.assert_stat(
+        r#"legate_plugin_net_closes{plugin="pw",peer="downstream"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        lg.stat(r#"legate_plugin_net_closes{plugin="pw",peer="upstream"}"#)
+            .await,
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_network_filter_reloads() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&component_config(echo.addr, "rewrite", "", ""))
+        .concurrency(1)
+        .start();
+    let mut old = RawConn::connect(lg.addr("tcp")).await;
+    old.write(b"one").await;
+    assert_eq!(old.read_exact(3, T).await.unwrap(), b"0NE");
+    let (status, body) = lg.admin_post("/plugins/pw/reload").await;
+    assert_eq!(status, 200, "{body}");
+    // The open connection keeps the instance it started on.
+    old.write(b"two").await;
+    assert_eq!(old.read_exact(3, T).await.unwrap(), b"TW0");
+    drop(old);
+    // A new connection gets an instance of the reloaded filter; the old one is
+    // freed (one instance on the one worker).
+    let mut new = RawConn::connect(lg.addr("tcp")).await;
+    new.write(b"foo").await;
+    assert_eq!(new.read_exact(3, T).await.unwrap(), b"F00");
+    lg.assert_stat(r#"legate_plugin_instances{plugin="pw"}"#, 1.0)
+        .await;
+}
