@@ -69,6 +69,9 @@ type BodyFn = Rc<TypedFunc<(i32, i32, i32), i32>>;
 /// `proxy_on_{request,response}_trailers(context, num_trailers)`.
 type TrailersFn = Rc<TypedFunc<(i32, i32), i32>>;
 
+/// An export of the guest this host may call: absent, or behind an `Rc`.
+type Export<P, R> = Option<Rc<TypedFunc<P, R>>>;
+
 /// The body and trailer callbacks, by direction ([`Direction::idx`]).
 const BODY_EXPORTS: [&str; 2] = ["proxy_on_request_body", "proxy_on_response_body"];
 const TRAILERS_EXPORTS: [&str; 2] = ["proxy_on_request_trailers", "proxy_on_response_trailers"];
@@ -79,35 +82,35 @@ const TRAILERS_EXPORTS: [&str; 2] = ["proxy_on_request_trailers", "proxy_on_resp
 /// instructions (its type's registry entry) against an `Rc`'s one increment.
 #[derive(Clone)]
 struct Exports {
-    context_create: Option<Rc<TypedFunc<(i32, i32), ()>>>,
-    vm_start: Option<Rc<TypedFunc<(i32, i32), i32>>>,
-    configure: Option<Rc<TypedFunc<(i32, i32), i32>>>,
-    tick: Option<Rc<TypedFunc<i32, ()>>>,
-    queue_ready: Option<Rc<TypedFunc<(i32, i32), ()>>>,
-    request_headers: Option<Rc<TypedFunc<(i32, i32, i32), i32>>>,
-    response_headers: Option<Rc<TypedFunc<(i32, i32, i32), i32>>>,
+    context_create: Export<(i32, i32), ()>,
+    vm_start: Export<(i32, i32), i32>,
+    configure: Export<(i32, i32), i32>,
+    tick: Export<i32, ()>,
+    queue_ready: Export<(i32, i32), ()>,
+    request_headers: Export<(i32, i32, i32), i32>,
+    response_headers: Export<(i32, i32, i32), i32>,
     body: [Option<BodyFn>; 2],
     trailers: [Option<TrailersFn>; 2],
     http_call_response: Option<CallResponseFn>,
     /// `proxy_on_grpc_receive(root, token, message_size)`.
-    grpc_receive: Option<Rc<TypedFunc<(i32, i32, i32), ()>>>,
+    grpc_receive: Export<(i32, i32, i32), ()>,
     /// `proxy_on_grpc_close(root, token, status_code)`.
-    grpc_close: Option<Rc<TypedFunc<(i32, i32, i32), ()>>>,
+    grpc_close: Export<(i32, i32, i32), ()>,
     /// `proxy_on_grpc_receive_initial_metadata(root, token, headers)`.
-    grpc_initial: Option<Rc<TypedFunc<(i32, i32, i32), ()>>>,
+    grpc_initial: Export<(i32, i32, i32), ()>,
     /// `proxy_on_grpc_receive_trailing_metadata(root, token, trailers)`.
-    grpc_trailing: Option<Rc<TypedFunc<(i32, i32, i32), ()>>>,
-    done: Option<Rc<TypedFunc<i32, i32>>>,
-    log: Option<Rc<TypedFunc<i32, ()>>>,
-    delete: Option<Rc<TypedFunc<i32, ()>>>,
+    grpc_trailing: Export<(i32, i32, i32), ()>,
+    done: Export<i32, i32>,
+    log: Export<i32, ()>,
+    delete: Export<i32, ()>,
     /// `proxy_on_new_connection(context)`.
-    new_connection: Option<Rc<TypedFunc<i32, i32>>>,
+    new_connection: Export<i32, i32>,
     /// `proxy_on_downstream_data` / `proxy_on_upstream_data(context, size,
     /// end_of_stream)`, by direction ([`Direction::idx`]).
     data: [Option<BodyFn>; 2],
     /// `proxy_on_downstream_connection_close` /
     /// `proxy_on_upstream_connection_close(context, peer_type)`, by side.
-    connection_close: [Option<Rc<TypedFunc<(i32, i32), ()>>>; 2],
+    connection_close: [Export<(i32, i32), ()>; 2],
 }
 
 /// What a callout response asked for.
@@ -171,7 +174,7 @@ fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
     store: &mut Store<PwState>,
     instance: &wasmtime::Instance,
     name: &str,
-) -> Result<Option<Rc<TypedFunc<P, R>>>, String> {
+) -> Result<Export<P, R>, String> {
     match instance.get_export(&mut *store, name) {
         None => Ok(None),
         Some(Extern::Func(f)) => f
