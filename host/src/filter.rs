@@ -292,6 +292,28 @@ pub struct ConnFacts {
     pub tls: Option<TlsFacts>,
 }
 
+impl ConnFacts {
+    /// `Some(true)` for TLS 1.3, `Some(false)` for 1.2, `None` for plaintext.
+    pub fn tls13(&self) -> Option<bool> {
+        self.tls.as_ref().map(|t| t.tls13)
+    }
+
+    /// The SNI the client sent, if any.
+    pub fn sni(&self) -> Option<String> {
+        self.tls.as_ref().and_then(|t| t.sni.clone())
+    }
+
+    /// A client certificate was presented and verified.
+    pub fn peer_cert_present(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.peer_cert_present)
+    }
+
+    /// The client certificate's subject (RFC 4514), if any.
+    pub fn peer_subject(&self) -> Option<String> {
+        self.tls.as_ref().and_then(|t| t.peer_subject.clone())
+    }
+}
+
 /// TLS facts of a connection.
 #[derive(Debug, Clone)]
 pub struct TlsFacts {

@@ -566,6 +566,17 @@ impl HostState {
     }
 }
 
+/// The WIT `tls-version` of a connection (`none`: plaintext).
+fn tls_version(c: &crate::filter::ConnFacts) -> Option<types::TlsVersion> {
+    c.tls13().map(|v| {
+        if v {
+            types::TlsVersion::Tls13
+        } else {
+            types::TlsVersion::Tls12
+        }
+    })
+}
+
 fn socket_address(a: std::net::SocketAddr) -> types::SocketAddress {
     let ip = match a.ip() {
         std::net::IpAddr::V4(v) => {
@@ -780,43 +791,22 @@ impl whttp::HostExchange for HostState {
         &mut self,
         r: Resource<ExchangeRes>,
     ) -> wasmtime::Result<Option<types::TlsVersion>> {
-        Ok(self.exchange_of(&r)?.conn.tls.as_ref().map(|t| {
-            if t.tls13 {
-                types::TlsVersion::Tls13
-            } else {
-                types::TlsVersion::Tls12
-            }
-        }))
+        Ok(tls_version(&self.exchange_of(&r)?.conn))
     }
 
     fn tls_sni(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<Option<String>> {
-        Ok(self
-            .exchange_of(&r)?
-            .conn
-            .tls
-            .as_ref()
-            .and_then(|t| t.sni.clone()))
+        Ok(self.exchange_of(&r)?.conn.sni())
     }
 
     fn tls_peer_certificate_presented(
         &mut self,
         r: Resource<ExchangeRes>,
     ) -> wasmtime::Result<bool> {
-        Ok(self
-            .exchange_of(&r)?
-            .conn
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.peer_cert_present))
+        Ok(self.exchange_of(&r)?.conn.peer_cert_present())
     }
 
     fn tls_peer_subject(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<Option<String>> {
-        Ok(self
-            .exchange_of(&r)?
-            .conn
-            .tls
-            .as_ref()
-            .and_then(|t| t.peer_subject.clone()))
+        Ok(self.exchange_of(&r)?.conn.peer_subject())
     }
 
     fn route_name(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<Option<String>> {
@@ -1480,43 +1470,22 @@ impl super::bindings::network::legate::filter::network::HostConnection for HostS
         &mut self,
         r: Resource<ConnectionRes>,
     ) -> wasmtime::Result<Option<types::TlsVersion>> {
-        Ok(self.connection_of(&r)?.conn.tls.as_ref().map(|t| {
-            if t.tls13 {
-                types::TlsVersion::Tls13
-            } else {
-                types::TlsVersion::Tls12
-            }
-        }))
+        Ok(tls_version(&self.connection_of(&r)?.conn))
     }
 
     fn tls_sni(&mut self, r: Resource<ConnectionRes>) -> wasmtime::Result<Option<String>> {
-        Ok(self
-            .connection_of(&r)?
-            .conn
-            .tls
-            .as_ref()
-            .and_then(|t| t.sni.clone()))
+        Ok(self.connection_of(&r)?.conn.sni())
     }
 
     fn tls_peer_certificate_presented(
         &mut self,
         r: Resource<ConnectionRes>,
     ) -> wasmtime::Result<bool> {
-        Ok(self
-            .connection_of(&r)?
-            .conn
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.peer_cert_present))
+        Ok(self.connection_of(&r)?.conn.peer_cert_present())
     }
 
     fn tls_peer_subject(&mut self, r: Resource<ConnectionRes>) -> wasmtime::Result<Option<String>> {
-        Ok(self
-            .connection_of(&r)?
-            .conn
-            .tls
-            .as_ref()
-            .and_then(|t| t.peer_subject.clone()))
+        Ok(self.connection_of(&r)?.conn.peer_subject())
     }
 
     fn cluster(&mut self, r: Resource<ConnectionRes>) -> wasmtime::Result<Option<String>> {

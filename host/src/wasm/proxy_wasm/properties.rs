@@ -128,24 +128,12 @@ fn exchange_property(x: &mut Exchange, path: &[&[u8]]) -> Option<Vec<u8>> {
         [b"source", b"port"] => Some(int(i64::from(conn.source.port()))),
         [b"destination", b"address"] => Some(conn.destination.to_string().into_bytes()),
         [b"destination", b"port"] => Some(int(i64::from(conn.destination.port()))),
-        [b"connection", b"mtls"] => Some(vec![u8::from(
-            conn.tls.as_ref().is_some_and(|t| t.peer_cert_present),
-        )]),
-        [b"connection", b"tls_version"] => conn.tls.as_ref().map(|t| {
-            if t.tls13 { "TLSv1.3" } else { "TLSv1.2" }
-                .as_bytes()
-                .to_vec()
-        }),
-        [b"connection", b"requested_server_name"] => conn
-            .tls
-            .as_ref()
-            .and_then(|t| t.sni.clone())
-            .map(String::into_bytes),
-        [b"connection", b"subject_peer_certificate"] => conn
-            .tls
-            .as_ref()
-            .and_then(|t| t.peer_subject.clone())
-            .map(String::into_bytes),
+        [b"connection", b"mtls"] => Some(vec![u8::from(conn.peer_cert_present())]),
+        [b"connection", b"tls_version"] => conn
+            .tls13()
+            .map(|v| if v { "TLSv1.3" } else { "TLSv1.2" }.into()),
+        [b"connection", b"requested_server_name"] => conn.sni().map(String::into_bytes),
+        [b"connection", b"subject_peer_certificate"] => conn.peer_subject().map(String::into_bytes),
         [b"upstream", b"address"] => x.upstream.map(|a| a.to_string().into_bytes()),
         [b"upstream", b"port"] => x.upstream.map(|a| int(i64::from(a.port()))),
         [b"route_name"] => x.route_name().map(|r| r.as_bytes().to_vec()),
