@@ -219,3 +219,24 @@ async fn ticks_are_per_root_context() {
     let failures = lg.stat(&stat("legate_plugin_failures_total", "a")).await;
     assert_eq!(failures.unwrap_or(0.0), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_configure_false_in_a_shared_vm_rejects_that_plugin() {
+    let up = upstream().start().await;
+    let plugins = share("a", "picky-vm")
+        + &plugin(
+            "picky",
+            "{ mode: reject }",
+            "      vm_id: picky-vm\n",
+            "closed",
+        );
+    let yaml = config(up.addr, &plugins, &["a", "picky"]);
+    let err = match legate().config(&yaml).try_start() {
+        Ok(_) => panic!("the config was loaded:\n{yaml}"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("plugin `picky`: proxy_on_configure returned false"),
+        "{err}"
+    );
+}
