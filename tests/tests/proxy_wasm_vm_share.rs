@@ -240,3 +240,62 @@ async fn on_configure_false_in_a_shared_vm_rejects_that_plugin() {
         "{err}"
     );
 }
+
+/// A root-context callout of the second plugin of a shared VM (root context 2)
+/// is answered to that plugin (`proxy_on_http_call_response` with its root id,
+/// counted in its stats), while the first plugin serves requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_callout_of_the_second_root_context_is_answered_to_it() {
+    let up = upstream().start().await;
+    let az = authz_upstream().await;
+    let plugins = share("a", "callout-vm")
+        + &plugin(
+            "caller",
+            "{ mode: tick-callout, tick_ms: 20 }",
+            "      vm_id: callout-vm\n",
+            "closed",
+        )
+        .replace(
+            "    proxy_wasm:\n",
+            "    capabilities: { clusters: [authz] }\n    proxy_wasm:\n",
+        );
+    let lg = legate()
+        .concurrency(1)
+        .config(&with_cluster(
+            &config(up.addr, &plugins, &["a", "caller"]),
+            "authz",
+            az.addr,
+        ))
+        .start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let r = c.get("/first").send().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-pw-count-a"), Some("1"));
+    eventually(
+        std::time::Duration::from_secs(5),
+        "a tick's callout answered",
+        || {
+            let addr = lg.addr("web");
+            async move {
+                let mut c = client(Proto::H1, addr).await;
+                let r = c.get("/x").send().await;
+                (r.header("x-pw-tick-body") == Some("fresh")).then_some(())
+            }
+        },
+    )
+    .await;
+    lg.assert_stat_with(
+        r#"legate_plugin_calls_total{plugin="caller",phase="tick_callout_response"}"#,
+        |v| v >= 1.0,
+        ">= 1",
+    )
+    .await;
+    let a_ticks = lg
+        .stat(r#"legate_plugin_calls_total{plugin="a",phase="tick"}"#)
+        .await;
+    assert_eq!(a_ticks.unwrap_or(0.0), 0.0);
+    for p in ["a", "caller"] {
+        let f = lg.stat(&stat("legate_plugin_failures_total", p)).await;
+        assert_eq!(f.unwrap_or(0.0), 0.0, "{p}");
+    }
+}
