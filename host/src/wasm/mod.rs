@@ -55,6 +55,8 @@ pub fn load(
 ) -> anyhow::Result<HashMap<FilterKey, Arc<dyn HttpFilter>>> {
     let mut out: HashMap<FilterKey, Arc<dyn HttpFilter>> = HashMap::new();
     let _kv = kv::enter(kv::backend(&config.kv, stats)?);
+    // This set's shared proxy-wasm VMs (a reloaded set gets new ones).
+    let mut shares = proxy_wasm::Shares::default();
     for p in &config.plugins {
         let p = &p.value;
         let name = p.name.as_str();
@@ -93,7 +95,7 @@ pub fn load(
             continue;
         }
         let bytes = module_bytes(p)?;
-        if load_proxy_wasm(config, p, &bytes, stats, &mut out)? {
+        if load_proxy_wasm(config, p, &bytes, stats, &mut out, &mut shares)? {
             continue;
         }
         let files = read_files(p)?;
@@ -286,6 +288,7 @@ fn load_proxy_wasm(
     bytes: &[u8],
     stats: &Arc<Stats>,
     out: &mut HashMap<FilterKey, Arc<dyn HttpFilter>>,
+    shares: &mut proxy_wasm::Shares,
 ) -> anyhow::Result<bool> {
     let name = p.name.as_str();
     if !proxy_wasm::is_core_module(bytes) {
@@ -313,6 +316,7 @@ fn load_proxy_wasm(
         let v: Option<serde_json::Value> = serde_json::from_str(&json).ok();
         configs.push((Some(json), proxy_wasm::config_bytes(v.as_ref())));
     }
+    let module_sha256 = proxy_wasm::sha256_hex(bytes);
     for (over, plugin_config) in configs {
         let f = proxy_wasm::load(
             &module,
@@ -328,6 +332,7 @@ fn load_proxy_wasm(
                     .iter()
                     .map(|c| c.value.to_string())
                     .collect(),
+                module_sha256: &module_sha256,
             },
             proxy_wasm::Settings {
                 cpu: p.limits.cpu.value.get(),
@@ -336,6 +341,7 @@ fn load_proxy_wasm(
                 body_limit: usize::try_from(p.limits.body.value.0).unwrap_or(usize::MAX),
             },
             stats,
+            shares,
         )?;
         out.insert(
             FilterKey {

@@ -94,10 +94,22 @@
 //!   first downstream data with the answer's body and `|`, anything else closes.
 //! - `tcp-trap`: downstream data containing `boom` panics.
 //!
+//! - `share` (VM sharing, `tag` from the config): a static counter of the module
+//!   (one per VM, so only a shared VM shows another plugin's increments) is
+//!   incremented per request and echoed as `x-pw-count-<tag>`; the response also
+//!   carries `x-pw-cfg-<tag>` (the tag read in `on_configure`), `x-pw-root-<tag>`
+//!   (`plugin_root_id` read in `on_configure`) and `x-pw-root-now-<tag>` (read in
+//!   the HTTP context). `/trap/<tag>` panics in that plugin's context. Ticks
+//!   (`tick_ms`) count in metric `pw_share_ticks` of the ticking plugin.
+//!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// `share` mode's counter: one per VM (module instance).
+static SHARED_COUNT: AtomicU64 = AtomicU64::new(0);
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::*;
@@ -121,6 +133,9 @@ struct Settings {
     timeout_ms: u64,
     /// `path` (the TCP callout's).
     path: String,
+    /// `share` mode: the config's `tag` and `plugin_root_id` as `on_configure` saw it.
+    tag: String,
+    root_id: String,
     /// The TCP metrics: new, down close remote/local, up close remote/local, log.
     tcp: [u32; 6],
 }
@@ -380,6 +395,15 @@ impl RootContext for Root {
             }
         }
         if self.s.mode == "tick-callout" {
+            if let Some(ms) = v["tick_ms"].as_u64() {
+                self.set_tick_period(Duration::from_millis(ms));
+            }
+        }
+        if self.s.mode == "share" {
+            self.s.tag = v["tag"].as_str().unwrap_or("none").to_string();
+            self.s.root_id = prop(self, &["plugin_root_id"]);
+            self.s.ticks_metric =
+                hostcalls::define_metric(MetricType::Counter, "pw_share_ticks").unwrap_or(0);
             if let Some(ms) = v["tick_ms"].as_u64() {
                 self.set_tick_period(Duration::from_millis(ms));
             }
@@ -796,6 +820,18 @@ impl HttpContext for Filter {
                 self.set_property(vec!["my", "prop"], Some(b"stored"));
                 let back = prop(self, &["my", "prop"]);
                 self.seen.push(("x-p-set-prop".into(), back));
+            }
+            "share" => {
+                let tag = self.s.tag.clone();
+                if path == format!("/trap/{tag}") {
+                    panic!("trap asked for by {tag}");
+                }
+                let n = SHARED_COUNT.fetch_add(1, Ordering::Relaxed) + 1;
+                self.seen.push((format!("x-pw-count-{tag}"), n.to_string()));
+                self.seen.push((format!("x-pw-cfg-{tag}"), tag.clone()));
+                self.seen.push((format!("x-pw-root-{tag}"), self.s.root_id.clone()));
+                let now = prop(self, &["plugin_root_id"]);
+                self.seen.push((format!("x-pw-root-now-{tag}"), now));
             }
             "counter" => {
                 let mut n = 0u64;

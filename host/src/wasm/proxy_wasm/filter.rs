@@ -7,6 +7,12 @@
 //! `on_delete`). Deadlines, the memory cap, the failure policy and the per-plugin
 //! stats are the component plugins' ([`super::super::plugin`]).
 //!
+//! VM sharing: plugins of one loaded set with the same non-empty `vm_id`,
+//! module and `vm_config` ([`Shares`]) share the worker's VM slot, each on its
+//! own root context (ids 1, 2, … in load order); every call sets the store's
+//! plugin (`meta`, `root`) to the called one. A VM of one plugin is the same
+//! with a single root context 1.
+//!
 //! Bodies: a module that exports a body callback gets the host's `streamed` mode
 //! for that direction, and Envoy's `StopIterationAndBuffer` (`Pause` from a body
 //! callback) is done here: the data is held in the context (forwarding nothing)
@@ -128,9 +134,13 @@ const RESET: &str = "the plugin reset the stream (proxy_close_stream)";
 struct Live {
     store: Store<PwState>,
     exports: Exports,
-    /// Exchange context → proxy-wasm context id, for exchanges that started here.
-    contexts: FxHashMap<u64, u32>,
+    /// (Exchange context, plugin's root context) → proxy-wasm context id, for
+    /// exchanges that started here (two plugins of a shared VM in one chain
+    /// each have a context for the same exchange).
+    contexts: FxHashMap<(u64, u32), u32>,
     next_context: u32,
+    /// The first id after the root contexts.
+    first_free: u32,
     /// Queues this VM registered, with their wake-ups (dropping one unsubscribes).
     queues: HashMap<u32, Arc<tokio::sync::Notify>>,
 }
@@ -143,21 +153,89 @@ struct Slot {
     backoff: Duration,
     failed_before: bool,
     generation: u64,
-    /// Body data a body callback held back with `Pause`, by exchange and
-    /// direction: handed back (before the new data) on the next body call.
-    held: FxHashMap<(u64, usize), Vec<u8>>,
+    /// Body data a body callback held back with `Pause`, by exchange, root
+    /// context and direction: handed back (before the new data) on the next
+    /// body call.
+    held: FxHashMap<(u64, u32, usize), Vec<u8>>,
 }
 
 thread_local! {
-    /// This worker's VMs, by `ProxyWasmFilter::id`.
+    /// This worker's VMs, by `ProxyWasmFilter::vm` (a plugin's own id, or its
+    /// shared VM's).
     static VMS: RefCell<FxHashMap<u64, Slot>> = RefCell::default();
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The plugins of one loaded plugin set that share a VM per worker (Envoy's VM
+/// sharing: same non-empty `vm_id`, same module, same `vm_config`).
+pub struct VmShare {
+    /// The key of the workers' slots (`VMS`).
+    vm: u64,
+    /// The plugins, in load order; plugin `i` has root context `i + 1`.
+    members: std::sync::Mutex<Vec<Weak<ProxyWasmFilter>>>,
+}
+
+impl VmShare {
+    fn members(&self) -> Vec<Arc<ProxyWasmFilter>> {
+        self.members
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+}
+
+/// The shared VMs of one plugin set being loaded, by (`vm_id`, module sha256,
+/// `vm_config`): a reload makes a new one, so a new set gets new VMs.
+#[derive(Default)]
+pub struct Shares(HashMap<(String, String, Vec<u8>), Arc<VmShare>>);
+
+impl Shares {
+    /// The shared VM for this key and the root context id of the plugin about
+    /// to join it (which [`Shares::join`] then registers).
+    pub fn reserve(&mut self, vm_id: &str, sha256: &str, vm_config: &[u8]) -> (Arc<VmShare>, u32) {
+        let share = self
+            .0
+            .entry((vm_id.to_string(), sha256.to_string(), vm_config.to_vec()))
+            .or_insert_with(|| {
+                Arc::new(VmShare {
+                    vm: NEXT_ID.fetch_add(1, Relaxed),
+                    members: std::sync::Mutex::default(),
+                })
+            })
+            .clone();
+        let n = share
+            .members
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        let root = ROOT_CONTEXT + u32::try_from(n).unwrap_or(u32::MAX - 1);
+        (share, root)
+    }
+
+    /// Registers a loaded plugin with its shared VM.
+    pub fn join(f: &Arc<ProxyWasmFilter>) {
+        if let Some(share) = &f.share {
+            share
+                .members
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(Arc::downgrade(f));
+        }
+    }
+}
+
 /// A loaded proxy-wasm plugin.
 pub struct ProxyWasmFilter {
     id: u64,
+    /// The key of this plugin's VM slot on each worker: `id`, or its shared VM's.
+    vm: u64,
+    /// This plugin's root context id in its VM.
+    root: u32,
+    /// The plugins this one shares a VM with (itself included), if any.
+    share: Option<Arc<VmShare>>,
     meta: Arc<Meta>,
     pre: InstancePre<PwState>,
     settings: Settings,
@@ -198,6 +276,7 @@ impl ProxyWasmFilter {
         meta: Meta,
         settings: Settings,
         stats: &Arc<Stats>,
+        share: Option<(Arc<VmShare>, u32)>,
     ) -> anyhow::Result<Self> {
         let name = meta.name.clone();
         let mut linker: Linker<PwState> = Linker::new(engine::engine()?);
@@ -221,8 +300,16 @@ impl ProxyWasmFilter {
                 &[("plugin", &name), ("direction", d.as_str())],
             )
         });
+        let id = NEXT_ID.fetch_add(1, Relaxed);
+        let (vm, root, share) = match share {
+            Some((s, root)) => (s.vm, root, Some(s)),
+            None => (id, ROOT_CONTEXT, None),
+        };
         let f = ProxyWasmFilter {
-            id: NEXT_ID.fetch_add(1, Relaxed),
+            id,
+            vm,
+            root,
+            share,
             meta: Arc::new(meta),
             pre,
             settings,
@@ -231,7 +318,9 @@ impl ProxyWasmFilter {
             body_limit_exceeded,
             me: OnceLock::new(),
         };
-        f.start_vm()
+        // Checked in a VM of its own (as the only plugin of it, on its root
+        // context): a failure is this plugin's.
+        f.start_vm(&[])
             .map_err(|e| anyhow::anyhow!("plugin `{name}`: {e}"))?;
         Ok(f)
     }
@@ -241,7 +330,7 @@ impl ProxyWasmFilter {
     fn is_current(&self, generation: u64) -> bool {
         VMS.with(|cell| {
             cell.borrow()
-                .get(&self.id)
+                .get(&self.vm)
                 .is_some_and(|s| s.live.is_some() && s.generation == generation)
         })
     }
@@ -251,18 +340,41 @@ impl ProxyWasmFilter {
         let _ = self.me.set(Arc::downgrade(self));
     }
 
-    /// A new VM, started and configured.
-    fn start_vm(&self) -> Result<Live, String> {
+    /// The plugins a new VM of this one's runs: every live plugin of its shared
+    /// VM (in load order), or this one alone (no `vm_id`, or at load, before it
+    /// joined).
+    fn members(&self) -> Vec<Arc<ProxyWasmFilter>> {
+        let Some(share) = &self.share else {
+            return Vec::new();
+        };
+        let all = share.members();
+        if all.iter().any(|m| m.id == self.id) {
+            all
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// A new VM, started and configured: `_initialize`/`_start` and
+    /// `proxy_on_vm_start` once (on the first plugin's root context, as Envoy
+    /// does), then a root context and `proxy_on_configure` for each plugin of
+    /// `members` (this plugin alone if empty).
+    fn start_vm(&self, members: &[Arc<ProxyWasmFilter>]) -> Result<Live, String> {
+        let mut list: Vec<&ProxyWasmFilter> = members.iter().map(|m| &**m).collect();
+        if list.is_empty() {
+            list.push(self);
+        }
+        let first = list[0];
         let mut store = Store::new(
-            self.pre.module().engine(),
-            PwState::new(self.meta.clone(), self.settings.memory),
+            first.pre.module().engine(),
+            PwState::new(first.meta.clone(), first.settings.memory),
         );
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         engine::install(&mut store, START_DEADLINE);
         let fail = |what: &str, e: wasmtime::Error| {
             format!("{what} failed: {}", describe(&e, START_DEADLINE).1)
         };
-        let instance = self
+        let instance = first
             .pre
             .instantiate(&mut store)
             .map_err(|e| format!("cannot instantiate: {e:#}"))?;
@@ -326,13 +438,20 @@ impl ProxyWasmFilter {
         if exports.context_create.is_none() {
             return Err("the module does not export `proxy_on_context_create`".into());
         }
-        let root = ROOT_CONTEXT as i32;
+        let root = first.root as i32;
+        {
+            let data = store.data_mut();
+            data.root = first.root;
+            data.effective = first.root;
+            data.contexts.clear();
+            data.contexts.insert(first.root);
+        }
         if let Some(f) = &exports.context_create {
             f.call(&mut store, (root, 0))
                 .map_err(|e| fail("proxy_on_context_create (root)", e))?;
         }
         if let Some(f) = &exports.vm_start {
-            let n = self.meta.vm_config.len() as i32;
+            let n = first.meta.vm_config.len() as i32;
             let ok = f
                 .call(&mut store, (root, n))
                 .map_err(|e| fail("proxy_on_vm_start", e))?;
@@ -344,26 +463,51 @@ impl ProxyWasmFilter {
                 );
             }
         }
-        self.stats.calls["configure"].inc();
-        if let Some(f) = &exports.configure {
-            let n = self.meta.plugin_config.len() as i32;
-            let ok = f
-                .call(&mut store, (root, n))
-                .map_err(|e| fail("proxy_on_configure", e))?;
-            if ok == 0 {
-                return Err(
-                    "proxy_on_configure returned false: the plugin rejected its \
-                     configuration (check `config`/`proxy_wasm.plugin_config` and the \
-                     plugin's log)"
-                        .into(),
-                );
+        for (i, m) in list.iter().enumerate() {
+            // Another plugin's failure names it: this VM is shared.
+            let whose = |e: String| {
+                if m.id == self.id {
+                    e
+                } else {
+                    format!("plugin `{}` (sharing this VM): {e}", m.meta.name)
+                }
+            };
+            {
+                let data = store.data_mut();
+                data.meta = m.meta.clone();
+                data.root = m.root;
+                data.effective = m.root;
+                data.contexts.insert(m.root);
+            }
+            if i > 0 {
+                if let Some(f) = &exports.context_create {
+                    f.call(&mut store, (m.root as i32, 0))
+                        .map_err(|e| whose(fail("proxy_on_context_create (root)", e)))?;
+                }
+            }
+            m.stats.calls["configure"].inc();
+            if let Some(f) = &exports.configure {
+                let n = m.meta.plugin_config.len() as i32;
+                let ok = f
+                    .call(&mut store, (m.root as i32, n))
+                    .map_err(|e| whose(fail("proxy_on_configure", e)))?;
+                if ok == 0 {
+                    return Err(whose(
+                        "proxy_on_configure returned false: the plugin rejected its \
+                         configuration (check `config`/`proxy_wasm.plugin_config` and the \
+                         plugin's log)"
+                            .into(),
+                    ));
+                }
             }
         }
+        let first_free = list.iter().map(|m| m.root).max().unwrap_or(ROOT_CONTEXT) + 1;
         Ok(Live {
             store,
             exports,
             contexts: FxHashMap::default(),
-            next_context: ROOT_CONTEXT + 1,
+            next_context: first_free,
+            first_free,
             queues: HashMap::new(),
         })
     }
@@ -378,12 +522,12 @@ impl ProxyWasmFilter {
                 let Some(f) = me.upgrade() else { return };
                 VMS.with(|cell| {
                     let map = cell.borrow();
-                    let slot = map.get(&f.id)?;
+                    let slot = map.get(&f.vm)?;
                     let live = slot
                         .live
                         .as_ref()
                         .filter(|_| slot.generation == generation)?;
-                    Some(live.store.data().tick)
+                    Some(live.store.data().ticks.get(&f.root).copied())
                 })
             };
             let Some(period) = period else { return };
@@ -397,7 +541,7 @@ impl ProxyWasmFilter {
             f.stats.calls["tick"].inc();
             let r = f.with_vm(worker, Phase::Root, None, false, |live, _| {
                 match live.exports.tick.clone() {
-                    Some(t) => t.call(&mut live.store, ROOT_CONTEXT as i32).map(Ok),
+                    Some(t) => t.call(&mut live.store, f.root as i32).map(Ok),
                     None => Ok(Ok(())),
                 }
             });
@@ -427,7 +571,7 @@ impl ProxyWasmFilter {
             let r = f.with_vm(worker, Phase::Root, None, false, |live, _| {
                 match live.exports.queue_ready.clone() {
                     Some(q) => q
-                        .call(&mut live.store, (ROOT_CONTEXT as i32, queue as i32))
+                        .call(&mut live.store, (f.root as i32, queue as i32))
                         .map(Ok),
                     None => Ok(Ok(())),
                 }
@@ -476,7 +620,7 @@ impl ProxyWasmFilter {
     ) -> Result<R, String> {
         VMS.with(|cell| {
             let mut map = cell.borrow_mut();
-            let slot = map.entry(self.id).or_default();
+            let slot = map.entry(self.vm).or_default();
             if slot.live.is_none() {
                 if !new_context {
                     return Err("the VM this exchange started on failed".to_string());
@@ -484,17 +628,26 @@ impl ProxyWasmFilter {
                 if slot.not_before.is_some_and(|t| Instant::now() < t) {
                     return Err("no VM (restarting after a failure)".to_string());
                 }
-                match self.start_vm() {
+                let members = self.members();
+                match self.start_vm(&members) {
                     Ok(live) => {
-                        if slot.failed_before {
-                            self.stats.restarts.inc();
-                        }
-                        self.stats.instances.inc();
                         slot.live = Some(live);
                         slot.generation += 1;
-                        if let Some(me) = self.me.get() {
+                        let me = self.me.get().and_then(Weak::upgrade);
+                        let list = if members.is_empty() {
+                            me.into_iter().collect()
+                        } else {
+                            members
+                        };
+                        // Every plugin of the VM runs in it now, and ticks on
+                        // its own root context.
+                        for m in &list {
+                            if slot.failed_before {
+                                m.stats.restarts.inc();
+                            }
+                            m.stats.instances.inc();
                             tokio::task::spawn_local(Self::tick_loop(
-                                me.clone(),
+                                Arc::downgrade(m),
                                 worker,
                                 slot.generation,
                             ));
@@ -512,19 +665,29 @@ impl ProxyWasmFilter {
             let exchange = x.as_ref().map(|x| x.context);
             engine::arm(&mut live.store, self.settings.cpu);
             let started = Instant::now();
-            let mut result = Ok(Ok(ROOT_CONTEXT));
-            let mut pw = ROOT_CONTEXT;
+            let root = self.root;
+            {
+                // The plugin being called (its configuration, name, root id): a
+                // pointer compare in a VM of one plugin.
+                let data = live.store.data_mut();
+                if !Arc::ptr_eq(&data.meta, &self.meta) {
+                    data.meta = self.meta.clone();
+                }
+                data.root = root;
+            }
+            let mut result = Ok(Ok(root));
+            let mut pw = root;
             if let Some(c) = exchange {
-                match live.contexts.get(&c) {
+                match live.contexts.get(&(c, root)) {
                     Some(id) => pw = *id,
                     None if new_context => {
                         pw = live.next_context;
-                        live.next_context = live.next_context.wrapping_add(1).max(ROOT_CONTEXT + 1);
-                        live.contexts.insert(c, pw);
+                        live.next_context = live.next_context.wrapping_add(1).max(live.first_free);
+                        live.contexts.insert((c, root), pw);
                         live.store.data_mut().contexts.insert(pw);
                         if let Some(f) = live.exports.context_create.clone() {
                             result = f
-                                .call(&mut live.store, (pw as i32, ROOT_CONTEXT as i32))
+                                .call(&mut live.store, (pw as i32, root as i32))
                                 .map(|()| Ok(pw));
                         }
                     }
@@ -561,7 +724,7 @@ impl ProxyWasmFilter {
                 std::mem::swap(x, &mut data.x);
             }
             data.x_context = 0;
-            data.effective = ROOT_CONTEXT;
+            data.effective = root;
             match result {
                 Ok(Ok(r)) => Ok(r),
                 Ok(Err(invalid)) => {
@@ -577,8 +740,15 @@ impl ProxyWasmFilter {
                     }
                     self.stats.failures.inc();
                     // The VM is dead: its state may be inconsistent after a trap.
+                    // A shared VM dies for every plugin in it.
                     slot.live = None;
                     self.stats.instances.dec();
+                    for m in self.members() {
+                        if m.id != self.id {
+                            m.stats.failures.inc();
+                            m.stats.instances.dec();
+                        }
+                    }
                     fail_slot(slot);
                     Err(text)
                 }
@@ -672,12 +842,12 @@ impl ProxyWasmFilter {
         };
         self.stats.calls[label].inc();
         let cap = self.meta.body_limit;
-        let key = (x.context, d.idx());
+        let key = (x.context, self.root, d.idx());
         // Data held back by an earlier Pause comes first. The worker's slot keeps
         // it (not the VM), so a VM that fails with `fail: open` still forwards it.
         let held = VMS.with(|cell| {
             cell.borrow_mut()
-                .get_mut(&self.id)
+                .get_mut(&self.vm)
                 .and_then(|s| s.held.remove(&key))
         });
         let body = x.bodies[d.idx()].get_or_insert_with(Vec::new);
@@ -727,7 +897,7 @@ impl ProxyWasmFilter {
                 let body = x.bodies[d.idx()].replace(Vec::new()).unwrap_or_default();
                 VMS.with(|cell| {
                     cell.borrow_mut()
-                        .entry(self.id)
+                        .entry(self.vm)
                         .or_default()
                         .held
                         .insert(key, body);
@@ -842,11 +1012,11 @@ impl ProxyWasmFilter {
             }
             let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
             data.resume = false;
-            data.effective = ROOT_CONTEXT;
+            data.effective = self.root;
             if data.grpc_calls.remove(&token) {
                 // Envoy's unary gRPC callbacks: the message on success, else the
                 // status (readable with proxy_get_status).
-                let root = ROOT_CONTEXT as i32;
+                let root = self.root as i32;
                 let called = match grpc_outcome(&result) {
                     Ok(message) => {
                         let Some(f) = live.exports.grpc_receive.clone() else {
@@ -887,7 +1057,7 @@ impl ProxyWasmFilter {
                 let called = f.call(
                     &mut live.store,
                     (
-                        ROOT_CONTEXT as i32,
+                        self.root as i32,
                         token as i32,
                         n(headers),
                         n(body),
@@ -1019,7 +1189,7 @@ impl ProxyWasmFilter {
                 return Ok(Ok(false));
             }
             let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
-            let args = |v: usize| (ROOT_CONTEXT as i32, token as i32, n(v));
+            let args = |v: usize| (self.root as i32, token as i32, n(v));
             let last = matches!(event, Event::Close(..));
             let called = match event {
                 Event::InitialMetadata(status, h) => {
@@ -1065,7 +1235,7 @@ impl ProxyWasmFilter {
                     match live.exports.grpc_close.clone() {
                         Some(f) => f.call(
                             &mut live.store,
-                            (ROOT_CONTEXT as i32, token as i32, code as i32),
+                            (self.root as i32, token as i32, code as i32),
                         ),
                         None => Ok(()),
                     }
@@ -1097,11 +1267,12 @@ impl ProxyWasmFilter {
     fn finish(&self, worker: usize, context: u64, x: Option<&mut Exchange>) {
         let pw = VMS.with(|cell| {
             let mut map = cell.borrow_mut();
-            let slot = map.get_mut(&self.id)?;
-            slot.held.retain(|(c, _), _| *c != context);
+            let slot = map.get_mut(&self.vm)?;
+            let root = self.root;
+            slot.held.retain(|(c, r, _), _| (*c, *r) != (context, root));
             slot.live
                 .as_mut()
-                .and_then(|live| live.contexts.get(&context).copied())
+                .and_then(|live| live.contexts.get(&(context, root)).copied())
         });
         if pw.is_none() {
             return;
@@ -1127,10 +1298,10 @@ impl ProxyWasmFilter {
         VMS.with(|cell| {
             if let Some(live) = cell
                 .borrow_mut()
-                .get_mut(&self.id)
+                .get_mut(&self.vm)
                 .and_then(|s| s.live.as_mut())
             {
-                if let Some(pw) = live.contexts.remove(&context) {
+                if let Some(pw) = live.contexts.remove(&(context, self.root)) {
                     let data = live.store.data_mut();
                     data.contexts.remove(&pw);
                     data.props.retain(|(c, _), _| *c != pw);

@@ -22,7 +22,7 @@ use super::abi::{
     buffer, check, errno, fail, give, parse_pairs, read, read_str, run, serialize_pairs, status,
     write, write_u32, write_u64, Fail, HResult,
 };
-use super::state::{Metric, Phase, PwState, ROOT_CONTEXT as ROOT_CONTEXT_ID};
+use super::state::{Metric, Phase, PwState};
 use super::{grpc, headers, properties, shared};
 use crate::filter::{CalloutRequest, Direction, LocalResponse};
 
@@ -179,8 +179,8 @@ fn grpc_call(
 fn calling_context(s: &mut PwState) -> Result<u32, i32> {
     if s.exchange().is_some() {
         Ok(s.x_context)
-    } else if s.phase == Phase::Root && s.x_context == 0 && s.effective == ROOT_CONTEXT_ID {
-        Ok(ROOT_CONTEXT_ID)
+    } else if s.phase == Phase::Root && s.x_context == 0 && s.effective == s.root {
+        Ok(s.root)
     } else {
         Err(status::INTERNAL_FAILURE)
     }
@@ -235,7 +235,7 @@ fn queue_call(
         max_response_body: CALLOUT_MAX_RESPONSE,
     };
     s.outstanding.insert(token, context);
-    if context == ROOT_CONTEXT_ID {
+    if context == s.root {
         s.root_callouts.push(req);
     } else {
         s.x.callouts.push(req);
@@ -365,7 +365,14 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, ms: i32| {
             run(&mut c, |c| {
                 let ms = u64::from(ms as u32);
-                c.data_mut().tick = (ms > 0).then(|| Duration::from_millis(ms));
+                // Per root context: each plugin of a shared VM ticks on its own.
+                let s = c.data_mut();
+                let root = s.root;
+                if ms > 0 {
+                    s.ticks.insert(root, Duration::from_millis(ms));
+                } else {
+                    s.ticks.remove(&root);
+                }
                 Ok(())
             })
         },

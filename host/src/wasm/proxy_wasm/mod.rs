@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 use wasmtime::Module;
 
-pub use filter::{ProxyWasmFilter, Settings};
+pub use filter::{ProxyWasmFilter, Settings, Shares};
 use state::Meta;
 
 use crate::stats::Stats;
@@ -106,16 +106,32 @@ pub struct Load<'a> {
     pub plugin_config: Vec<u8>,
     /// Clusters granted for `proxy_http_call` (`capabilities.clusters`).
     pub clusters: Vec<String>,
+    /// The module's sha256 (hex): with `vm_id` and `vm_config`, which plugins
+    /// share a VM.
+    pub module_sha256: &'a str,
+}
+
+/// The sha256 of module bytes, in hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Loads one proxy-wasm plugin (one configuration of it): starts a VM here to
-/// check it, as component plugins are configured once at load.
+/// check it, as component plugins are configured once at load. With a
+/// non-empty `vm_id` it joins the VM of `shares` with the same `vm_id`, module
+/// and `vm_config` (Envoy's VM sharing); otherwise it has a VM of its own.
 pub fn load(
     module: &Module,
     what: Load<'_>,
     settings: Settings,
     stats: &Arc<Stats>,
+    shares: &mut Shares,
 ) -> anyhow::Result<Arc<ProxyWasmFilter>> {
+    let share = (!what.vm_id.is_empty())
+        .then(|| shares.reserve(what.vm_id, what.module_sha256, &what.vm_config));
     let meta = Meta {
         name: what.name.into(),
         root_id: what.root_id.to_string(),
@@ -148,7 +164,8 @@ pub fn load(
         clusters: what.clusters,
         body_limit: settings.body_limit,
     };
-    let f = Arc::new(ProxyWasmFilter::load(module, meta, settings, stats)?);
+    let f = Arc::new(ProxyWasmFilter::load(module, meta, settings, stats, share)?);
     f.arm();
+    Shares::join(&f);
     Ok(f)
 }

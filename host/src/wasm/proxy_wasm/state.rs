@@ -18,7 +18,8 @@ use super::grpc::{Pending, Stream};
 use crate::filter::{CalloutRequest, CalloutResult, Direction, Exchange, LocalResponse};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
-/// The root context's id (ids come from one counter per VM; 0 is reserved).
+/// The root context's id in a VM of one plugin (ids come from one counter per
+/// VM; 0 is reserved). A shared VM's plugins have roots 1, 2, ….
 pub const ROOT_CONTEXT: u32 = 1;
 
 /// What a call may touch now.
@@ -185,8 +186,11 @@ pub struct PwState {
     pub local: Option<LocalResponse>,
     /// The guest asked to reset the stream (`proxy_close_stream`).
     pub close: bool,
-    /// The root context's tick period.
-    pub tick: Option<Duration>,
+    /// The root context of the plugin being called (each plugin of a shared
+    /// VM has its own; [`ROOT_CONTEXT`] in a VM of one plugin).
+    pub root: u32,
+    /// Tick periods, by root context (`proxy_set_tick_period_milliseconds`).
+    pub ticks: FxHashMap<u32, Duration>,
     /// Properties the guest set, by context and path.
     pub props: HashMap<(u32, Vec<u8>), Vec<u8>>,
     /// Queues registered since the host last looked (for `proxy_on_queue_ready`).
@@ -251,7 +255,8 @@ impl PwState {
             contexts: FxHashSet::from_iter([ROOT_CONTEXT]),
             local: None,
             close: false,
-            tick: None,
+            root: ROOT_CONTEXT,
+            ticks: FxHashMap::default(),
             props: HashMap::new(),
             new_queues: Vec::new(),
             call_response: None,
