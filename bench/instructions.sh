@@ -155,7 +155,8 @@ instructions() {
         "${LEGATE_BIN}" run -c "${WORK}/legate.yaml" --concurrency 1 >"${WORK}/legate.log" 2>&1 &
     lpid=$!
     pids+=("${lpid}")
-    for ((i = 0; i < 600; i++)); do
+    # Up to 10 minutes: the first run compiles every plugin under valgrind.
+    for ((i = 0; i < 3000; i++)); do
         curl -s -o /dev/null -H 'x-api-key: bench-key' "http://127.0.0.1:${LISTEN}/" && break
         sleep 0.2
     done
