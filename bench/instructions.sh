@@ -14,6 +14,11 @@
 #   SETUPS="none wasm1" N=5000 bench/instructions.sh
 #   SKIP_BUILD=1 bench/instructions.sh          # the release binaries as they are
 #   LEGATE_BIN=/tmp/legate-old SKIP_BUILD=1 bench/instructions.sh   # another build of legate
+#   KEEP=/tmp/cg SETUPS="wasm1 pwnoop" bench/instructions.sh       # keep the callgrind files
+#
+# With KEEP, each run's callgrind file stays as KEEP/SETUP-REQUESTS.out; where a
+# setup's cost goes, function by function, is then
+#   bench/callgrind-diff.py KEEP/pwnoop-500.out KEEP/pwnoop-10500.out 10000
 #
 # Setups: none, wasm1 (bench/noop-filter: one no-op component filter), wasmhdr
 # (the same reading one header), grpc-web (builtin, plain requests), auth-key
@@ -167,6 +172,10 @@ instructions() {
     kill -INT "${lpid}"
     wait "${lpid}" 2>/dev/null || true
     while port_open "${LISTEN}"; do sleep 0.1; done
+    if [[ -n ${KEEP:-} ]]; then
+        mkdir -p "${KEEP}"
+        cp "${out}" "${KEEP}/${setup}-${total}.out"
+    fi
     callgrind_annotate "${out}" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }'
 }
 

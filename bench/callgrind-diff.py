@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Where a per-request cost goes, function by function, from callgrind files.
+
+    bench/callgrind-diff.py SHORT LONG N [BASE_SHORT BASE_LONG]
+
+SHORT and LONG are two callgrind files of the same setup (bench/instructions.sh
+with KEEP=DIR keeps them): LONG served N more requests than SHORT, so
+(LONG - SHORT) / N is what one request costs in each function (self cost,
+start-up cancelled out). With BASE_SHORT and BASE_LONG (another setup, the same
+N), the table shows the difference to that setup instead: what the first setup
+adds, per function. Prints the 40 largest rows (TOP=n to change) and the total.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+LINE = re.compile(r"^\s*([\d,]+)\s+(?:\([^)]*\)\s+)?(\S.*?)\s*(?:\[[^\]]*\])?\s*$")
+
+
+def self_costs(path):
+    """Self instructions per function of one callgrind file."""
+    out = subprocess.run(
+        ["callgrind_annotate", "--threshold=100", "--inclusive=no", path],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    costs = {}
+    started = False
+    for line in out.splitlines():
+        if "file:function" in line:
+            started = True
+            continue
+        if not started:
+            continue
+        m = LINE.match(line)
+        if m:
+            name = m.group(2)
+            costs[name] = costs.get(name, 0) + int(m.group(1).replace(",", ""))
+    return costs
+
+
+def per_request(short, long, n):
+    a, b = self_costs(short), self_costs(long)
+    return {k: (b.get(k, 0) - a.get(k, 0)) / n for k in set(a) | set(b)}
+
+
+def main(argv):
+    if len(argv) not in (4, 6):
+        sys.exit(__doc__)
+    n = int(argv[3])
+    rows = per_request(argv[1], argv[2], n)
+    if len(argv) == 6:
+        base = per_request(argv[4], argv[5], n)
+        rows = {k: rows.get(k, 0) - base.get(k, 0) for k in set(rows) | set(base)}
+    top = int(os.environ.get("TOP", "40"))
+    shown = sorted(rows.items(), key=lambda kv: -abs(kv[1]))[:top]
+    for name, cost in shown:
+        print(f"{cost:10.1f}  {name}")
+    print(f"{sum(rows.values()):10.1f}  TOTAL per request")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
