@@ -653,6 +653,84 @@ async fn sdk_network_filter_ticks_per_instance() {
     assert_eq!(echo.bytes.get(), 5 + line.len());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_network_filter_tick_callouts_are_answered() {
+    let echo = tcp_echo_server().await;
+    let az = authz_upstream().await;
+    let yaml = with_cluster(
+        &sdk_config(
+            echo.addr,
+            SDK_GUEST,
+            "{ mode: tick, tick_ms: 20, tick_callout: true, path: /check/tick }",
+            "    capabilities: { clusters: [authz] }\n",
+        ),
+        "authz",
+        az.addr,
+    );
+    let lg = legate().config(&yaml).concurrency(1).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"go").await;
+    assert_eq!(c.read_exact(2, T).await.unwrap(), b"go");
+    lg.assert_stat_with(
+        r#"legate_plugin_tick_answers_total{plugin="pw",status="200"}"#,
+        |v| v >= 2.0,
+        ">= 2",
+    )
+    .await;
+    lg.assert_stat_with(&calls("tick_callout_response"), |v| v >= 2.0, ">= 2")
+        .await;
+    // Answered first: every answer was sent to the cluster before it.
+    let answered = lg.stat(&calls("tick_callout_response")).await.unwrap();
+    let sent = lg
+        .stat(r#"legate_cluster_upstream_rq_total{cluster="authz"}"#)
+        .await
+        .unwrap();
+    assert!(sent >= answered, "{sent} sent, {answered} answered");
+    lg.assert_stat(r#"legate_plugin_callout_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_in_on_tick_drops_the_instance_and_a_new_connection_replaces_it() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&sdk_config(
+            echo.addr,
+            SDK_GUEST,
+            "{ mode: tick, tick_ms: 20, tick_trap: 3 }",
+            "",
+        ))
+        .concurrency(1)
+        .start();
+    let mut old = RawConn::connect(lg.addr("tcp")).await;
+    old.write(b"one").await;
+    assert_eq!(old.read_exact(3, T).await.unwrap(), b"one");
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="pw"}"#, 1.0)
+        .await;
+    lg.assert_stat(r#"legate_plugin_instances{plugin="pw"}"#, 0.0)
+        .await;
+    // The dead instance ticks no more.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(lg.stat(&calls("tick")).await, Some(3.0));
+    // The connection that started on it gets the failure policy (closed).
+    old.write(b"two").await;
+    let (rest, closed) = old.read_until_close(T).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    // A new connection gets a new instance, which ticks again.
+    let mut new = RawConn::connect(lg.addr("tcp")).await;
+    new.write(b"three").await;
+    assert_eq!(new.read_exact(5, T).await.unwrap(), b"three");
+    lg.assert_stat(r#"legate_plugin_instance_restarts_total{plugin="pw"}"#, 1.0)
+        .await;
+    lg.assert_stat_with(&calls("tick"), |v| v >= 4.0, ">= 4")
+        .await;
+    assert_eq!(
+        echo.bytes.get(),
+        8,
+        "data after the trap reached the upstream"
+    );
+}
+
 #[test]
 fn a_network_filter_tick_below_the_minimum_is_refused() {
     let yaml = sdk_config(

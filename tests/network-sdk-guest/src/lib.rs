@@ -2,8 +2,12 @@
 //! glue (`export_network!`) under the real host. The config picks the mode:
 //!
 //! - `tick` (with `tick_ms`): counts `on_tick` calls in `ticks_total` and
-//!   appends `ticks=<n>` (this instance's count so far) to each downstream
-//!   line that is exactly `ticks?\n`;
+//!   answers a downstream chunk that is exactly `ticks?\n` with
+//!   `ticks=<n>\n` (this instance's count so far) sent upstream instead.
+//!   With `tick_trap: N`, the Nth tick of an instance panics (a trap); with
+//!   `tick_callout: true`, each tick without a callout outstanding calls
+//!   cluster `authz` at `path`, and the answers are counted in
+//!   `tick_answers_total{status}`;
 //! - `hold`: the first downstream data of a connection is held (`Pause`)
 //!   until a callout to cluster `authz` at `path` answers; a 200 forwards it
 //!   and marks the connection allowed (its per-connection context), so later
@@ -27,6 +31,10 @@ pub struct Config {
     tick_ms: u32,
     #[serde(default = "default_path")]
     path: String,
+    #[serde(default)]
+    tick_trap: Option<u64>,
+    #[serde(default)]
+    tick_callout: bool,
 }
 
 fn default_path() -> String {
@@ -53,6 +61,10 @@ pub struct Fixture {
     ticks: u64,
     ticks_total: Counter,
     closes: Counter,
+    tick_trap: Option<u64>,
+    tick_callout: bool,
+    tick_outstanding: bool,
+    tick_answers: Counter,
 }
 
 impl NetworkFilter for Fixture {
@@ -65,6 +77,9 @@ impl NetworkFilter for Fixture {
             .map_err(|e| format!("defining ticks_total: {e}"))?;
         let closes = Counter::define("closes_total", "on_close calls", &["peer"])
             .map_err(|e| format!("defining closes_total: {e}"))?;
+        let tick_answers =
+            Counter::define("tick_answers_total", "tick callout answers", &["status"])
+                .map_err(|e| format!("defining tick_answers_total: {e}"))?;
         Ok(Fixture {
             mode: config.mode,
             tick_ms: config.tick_ms,
@@ -72,6 +87,10 @@ impl NetworkFilter for Fixture {
             ticks: 0,
             ticks_total,
             closes,
+            tick_trap: config.tick_trap,
+            tick_callout: config.tick_callout,
+            tick_outstanding: false,
+            tick_answers,
         })
     }
 
@@ -146,6 +165,25 @@ impl NetworkFilter for Fixture {
     fn on_tick(&mut self) {
         self.ticks += 1;
         self.ticks_total.inc();
+        if self.tick_trap == Some(self.ticks) {
+            panic!("tick {} traps", self.ticks);
+        }
+        if self.tick_callout && !self.tick_outstanding {
+            let req = CalloutRequest::new("authz", "GET", self.path.as_str());
+            self.tick_outstanding = callout::send(&req).is_ok();
+        }
+    }
+
+    fn on_tick_callout_response(
+        &mut self,
+        _id: CalloutId,
+        response: Result<CalloutResponse, Error>,
+    ) {
+        self.tick_outstanding = false;
+        let status = response.map_or_else(|e| e.to_string(), |r| r.status.to_string());
+        if let Ok(c) = self.tick_answers.with_labels(&[&status]) {
+            c.inc();
+        }
     }
 }
 
