@@ -22,10 +22,11 @@ LINE = re.compile(r"^\s*([\d,]+)\s+(?:\([^)]*\)\s+)?(\S.*?)\s*(?:\[[^\]]*\])?\s*
 def self_costs(path):
     """Self instructions per function of one callgrind file."""
     out = subprocess.run(
-        ["callgrind_annotate", "--threshold=100", "--inclusive=no", path],
+        ["callgrind_annotate", "--threshold=100", "--inclusive=no", "--auto=no", path],
         check=True,
         capture_output=True,
         text=True,
+        errors="replace",
     ).stdout
     costs = {}
     started = False
@@ -33,11 +34,13 @@ def self_costs(path):
         if "file:function" in line:
             started = True
             continue
-        if not started:
+        if not started or "=>" in line:
             continue
         m = LINE.match(line)
         if m:
-            name = m.group(2)
+            # `file:function`, the file being where inlined code came from:
+            # counted by function.
+            name = m.group(2).split(":", 1)[-1] if m.group(2).startswith(("/", ".")) else m.group(2)
             costs[name] = costs.get(name, 0) + int(m.group(1).replace(",", ""))
     return costs
 
