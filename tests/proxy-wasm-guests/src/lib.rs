@@ -42,7 +42,23 @@
 //!   callback waits for the body (`Pause`); a response body containing `secret`
 //!   is replaced by a 451 answered from the response body callback.
 //! - `body-stuck`: the request body callback always returns `Pause`, even at
-//!   end of stream.
+//!   end of stream. `body-stuck-held`: the same after the request headers
+//!   callback returned `Pause` (waiting for the body), with no call outstanding.
+//! - `body-callout` (a body-checking service, Envoy's way): both headers
+//!   callbacks return `Pause` (wait for the body); at end of stream each body
+//!   callback sends the whole body to cluster `authz` (`POST
+//!   /check/body<path>` for the request, `/check/resp<path>` for the
+//!   response) and returns `Pause`; a request path under `/grpc/` sends the
+//!   request body as `Echo/Say`'s message on cluster `grpc` instead. In the
+//!   call's callback a 200 (gRPC: OK) reads the held body again (its length
+//!   as header `x-pw-held-len` on that head), replaces it with the answer's
+//!   body (gRPC: `grpc:<reply>`) and resumes; any other answer is a local
+//!   response with the answer's body: 403 `x-pw-body-denied: yes` for the
+//!   request, 451 `x-pw-resp-denied: yes` for the response.
+//! - `trailers-callout`: the request headers callback waits for the body;
+//!   the request trailers callback sends trailer `x-client-trailer` to
+//!   `authz` (`/check/trailer<path>`) and returns `Pause`; a 200 adds trailer
+//!   `x-pw-trailer-checked: <answer>` and resumes, else 403 as above.
 //! - `trailers`: request trailers get `x-pw-trailer-seen: <x-client-trailer>`
 //!   and `x-client-trailer` replaced by `changed`; response trailers get
 //!   `x-pw-added: <number of trailers>` and `grpc-message` removed.
@@ -465,6 +481,9 @@ impl RootContext for Root {
             s: self.s.clone(),
             seen: Vec::new(),
             body_calls: 0,
+            path: String::new(),
+            held: Held::None,
+            held_len: 0,
         }))
     }
 
@@ -660,10 +679,99 @@ struct Filter {
     seen: Vec<(String, String)>,
     /// Request body callbacks so far.
     body_calls: u32,
+    /// The request's `:path` (`body-callout`, `trailers-callout`).
+    path: String,
+    /// What a `body-callout`/`trailers-callout` call holds the exchange at.
+    held: Held,
+    /// The size of the body held for the call.
+    held_len: usize,
+}
+
+/// The part a `body-callout`/`trailers-callout` call was sent for.
+#[derive(Clone, Copy, PartialEq)]
+enum Held {
+    None,
+    RequestBody,
+    ResponseBody,
+    RequestTrailers,
+}
+
+impl Filter {
+    /// `body-callout`: sends `payload` (a whole body or a trailer) to be checked:
+    /// to cluster `authz` at `/check/<what><path>`, or, for a request path under
+    /// `/grpc/`, as the message of `Echo/Say` on cluster `grpc`; then `Pause`.
+    fn check(&mut self, held: Held, what: &str, payload: &[u8]) -> Action {
+        self.held = held;
+        self.held_len = payload.len();
+        let r = if self.path.starts_with("/grpc/") && held == Held::RequestBody {
+            let mut m = vec![0x0a, payload.len() as u8];
+            m.extend_from_slice(payload);
+            self.dispatch_grpc_call("grpc", "legate.test.v1.Echo", "Say", vec![], Some(&m), Duration::from_secs(5))
+        } else {
+            let path = format!("/check/{what}{}", self.path);
+            self.dispatch_http_call(
+                "authz",
+                vec![(":method", "POST"), (":path", &path), (":authority", "authz")],
+                Some(payload),
+                vec![],
+                Duration::from_secs(5),
+            )
+        };
+        if let Err(e) = r {
+            let e = format!("{e:?}");
+            self.send_http_response(500, vec![("x-pw-call-error", &e)], None);
+        }
+        Action::Pause
+    }
+
+    /// `body-callout`: the checking service's answer for the held part: `ok`
+    /// replaces the held body (or sets trailer `x-pw-trailer-checked`) with
+    /// `answer` and resumes; a denial answers locally.
+    fn checked(&mut self, ok: bool, answer: &[u8]) {
+        let answer_text = String::from_utf8_lossy(answer).into_owned();
+        match (self.held, ok) {
+            (Held::RequestBody, true) => {
+                // The held body is still readable here, and writable.
+                let body = self.get_http_request_body(0, self.held_len).unwrap_or_default();
+                self.set_http_request_header("x-pw-held-len", Some(&body.len().to_string()));
+                self.set_http_request_body(0, self.held_len, answer);
+                self.resume_http_request();
+            }
+            (Held::ResponseBody, true) => {
+                let body = self.get_http_response_body(0, self.held_len).unwrap_or_default();
+                self.set_http_response_header("x-pw-held-len", Some(&body.len().to_string()));
+                self.set_http_response_body(0, self.held_len, answer);
+                self.resume_http_response();
+            }
+            (Held::RequestTrailers, true) => {
+                self.set_http_request_trailer("x-pw-trailer-checked", Some(&answer_text));
+                self.resume_http_request();
+            }
+            (Held::ResponseBody, false) => {
+                self.send_http_response(451, vec![("x-pw-resp-denied", "yes")], Some(answer));
+            }
+            (_, false) => {
+                self.send_http_response(403, vec![("x-pw-body-denied", "yes")], Some(answer));
+            }
+            (Held::None, true) => {}
+        }
+        self.held = Held::None;
+    }
 }
 
 impl Context for Filter {
     fn on_grpc_call_response(&mut self, _token: u32, status: u32, size: usize) {
+        if self.s.mode == "body-callout" {
+            let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
+            let reply = match body.as_slice() {
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => rest[..usize::from(*n)].to_vec(),
+                _ => b"<undecodable>".to_vec(),
+            };
+            let mut answer = b"grpc:".to_vec();
+            answer.extend_from_slice(&reply);
+            self.checked(status == 0, &answer);
+            return;
+        }
         if status == 0 {
             let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
             // SayReply: field 1 (message) is first; the metadata map follows.
@@ -698,6 +806,12 @@ impl Context for Filter {
     }
 
     fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        if matches!(self.s.mode.as_str(), "body-callout" | "trailers-callout") {
+            let status = self.get_http_call_response_header(":status").unwrap_or_default();
+            let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+            self.checked(num_headers > 0 && status == "200", &body);
+            return;
+        }
         if num_headers == 0 {
             self.send_http_response(503, vec![("x-pw-call", "failed")], Some(b"authz unavailable\n"));
             return;
@@ -760,6 +874,7 @@ impl HttpContext for Filter {
             self.seen.push(("x-pw-vm-config".into(), self.s.vm_config.clone()));
         }
         let path = self.get_http_request_header(":path").unwrap_or_default();
+        self.path = path.clone();
         match self.s.mode.as_str() {
             "headers" => {
                 if path == "/deny" {
@@ -961,6 +1076,10 @@ impl HttpContext for Filter {
                 self.set_http_request_header("content-length", None);
             }
             "body-wait" if !_end_of_stream => return Action::Pause,
+            // Envoy's StopIteration: wait for the whole body (and trailers).
+            "body-callout" | "trailers-callout" | "body-stuck-held" if !_end_of_stream => {
+                return Action::Pause
+            }
             "tick-callout" => {
                 let (v, _) = self.get_shared_data("pw_tick_body");
                 let v = v.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
@@ -1054,14 +1173,25 @@ impl HttpContext for Filter {
                 }
                 Action::Continue
             }
+            "body-callout" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+                self.check(Held::RequestBody, "body", &body)
+            }
             // Never continues: at end of stream Envoy would wait for
             // proxy_continue_stream; Legate fails the filter.
-            "body-stuck" => Action::Pause,
+            "body-stuck" | "body-stuck-held" => Action::Pause,
             _ => Action::Continue,
         }
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.s.mode == "trailers-callout" {
+            let v = self.get_http_request_trailer("x-client-trailer").unwrap_or_default();
+            return self.check(Held::RequestTrailers, "trailer", v.as_bytes());
+        }
         if self.s.mode == "trailers" {
             let v = self.get_http_request_trailer("x-client-trailer").unwrap_or_default();
             self.add_http_request_trailer("x-pw-trailer-seen", &v);
@@ -1088,6 +1218,13 @@ impl HttpContext for Filter {
                     return Action::Pause;
                 }
                 Action::Continue
+            }
+            "body-callout" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+                self.check(Held::ResponseBody, "resp", &body)
             }
             "body-wait" => {
                 if !end_of_stream {
@@ -1117,7 +1254,7 @@ impl HttpContext for Filter {
         if self.s.mode == "body-rewrite" {
             self.set_http_response_header("content-length", None);
         }
-        if matches!(self.s.mode.as_str(), "body-wait" | "body-local") && !end_of_stream {
+        if matches!(self.s.mode.as_str(), "body-wait" | "body-local" | "body-callout") && !end_of_stream {
             return Action::Pause;
         }
         if self.s.mode == "headers" {
