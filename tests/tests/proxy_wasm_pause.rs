@@ -6,7 +6,8 @@
 //! locally. Real Legate, real upstream, real callout clusters (the `authz`
 //! content checker and a tonic gRPC server), the guest built from source with
 //! the `proxy-wasm` SDK (tests/proxy-wasm-guests, modes `body-callout`,
-//! `trailers-callout`, `body-stuck-held`), over HTTP/1.1 and HTTP/2.
+//! `trailers-callout`, `body-stuck-held`), over HTTP/1.1 and HTTP/2. Also
+//! `proxy_grpc_cancel` of a unary call during a pause (mode `grpc-cancel`).
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -261,6 +262,36 @@ each_proto!(
         lg.assert_stat(&calls("request_trailers"), 2.0).await;
         lg.assert_stat(&calls("callout_response"), 2.0).await;
         lg.assert_stat(AUTHZ_REQUESTS, 2.0).await;
+        lg.assert_stat(FAILURES, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// `proxy_grpc_cancel` of a unary call (as Envoy): `OK` (a second cancel
+    /// finds nothing: `NOT_FOUND`), and the reply never reaches the guest,
+    /// though it arrives while the exchange is paused on a slower HTTP call
+    /// (were it delivered, the guest's gRPC callback would resume the request
+    /// early with `x-pw-grpc-reply`).
+    async fn a_cancelled_unary_grpc_call_never_calls_back(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, az.addr, grpc.addr, "grpc-cancel"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        // `authz` answers `/check/slow…` after 2 s.
+        let r = c.get("/slow/x").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.header("x-pw-cancel"), Some("Ok(()),Err(NotFound)"));
+        assert_eq!(e.header("x-pw-authz"), Some("ok:anonymous"));
+        assert_eq!(e.header("x-pw-grpc-reply"), None, "the cancelled call called back");
+        // The call went out (its reply was dropped, not waited for).
+        assert_eq!(grpc.calls.get(), 1);
+        lg.assert_stat(CALLOUTS, 2.0).await;
+        // Only the HTTP call's callback ran.
+        lg.assert_stat(&calls("callout_response"), 1.0).await;
         lg.assert_stat(FAILURES, 0.0).await;
     }
 );

@@ -71,6 +71,12 @@
 //!   response (`send_grpc_response`) carrying the call's status and message.
 //!   The HTTP callout of `callout` mode reports its trailer count too.
 //!
+//! - `grpc-cancel`: each request sends a unary `Echo/Say` call on cluster
+//!   `grpc` and cancels it at once (`proxy_grpc_cancel`, twice), recording
+//!   both results as request header `x-pw-cancel`, then pauses on an HTTP
+//!   call to `authz` as `callout` does; a gRPC reply, were it delivered,
+//!   would add `x-pw-grpc-reply` and resume early (`grpc-call`'s callback).
+//!
 //! - `grpc-stream`: gRPC streams to `legate.test.v1.Echo/Count` on cluster
 //!   `grpc`, opened by the root context. `/stream/<key>/<scenario>` enqueues the
 //!   scenario to queue `pw_streams`; the root context's `on_queue_ready` opens
@@ -1029,6 +1035,37 @@ impl HttpContext for Filter {
                         Action::Pause
                     }
                 };
+            }
+            "grpc-cancel" => {
+                // A unary gRPC call cancelled at once (twice: the second
+                // finds nothing), then a pause on an HTTP call (`callout`'s
+                // callback resumes); the gRPC reply must never come.
+                let r = self.dispatch_grpc_call(
+                    "grpc",
+                    "legate.test.v1.Echo",
+                    "Say",
+                    vec![],
+                    Some(&[0x0a, 4, b'l', b'a', b't', b'e']),
+                    Duration::from_secs(5),
+                );
+                let cancels = match r {
+                    Ok(t) => format!("{:?},{:?}", hostcalls::cancel_grpc_call(t), hostcalls::cancel_grpc_call(t)),
+                    Err(e) => format!("dispatch:{e:?}"),
+                };
+                self.set_http_request_header("x-pw-cancel", Some(&cancels));
+                let check = format!("/check{path}");
+                let r = self.dispatch_http_call(
+                    "authz",
+                    vec![(":method", "GET"), (":path", &check), (":authority", "authz")],
+                    None,
+                    vec![],
+                    Duration::from_secs(5),
+                );
+                if let Err(e) = r {
+                    let e = format!("{e:?}");
+                    self.send_http_response(500, vec![("x-pw-call-error", &e)], None);
+                }
+                return Action::Pause;
             }
             "grpc-stream" => {
                 if let Some(rest) = path.strip_prefix("/stream/") {

@@ -1004,7 +1004,6 @@ impl ProxyWasmFilter {
         } else {
             "tick_callout_response"
         };
-        self.stats.calls[label].inc();
         let phase = match (&x, held_in) {
             (Some(_), Some(held)) => held,
             (Some(_), None) => Phase::CalloutResponse,
@@ -1013,9 +1012,11 @@ impl ProxyWasmFilter {
         self.with_vm(worker, phase, x, false, |live, _ctx| {
             let data = live.store.data_mut();
             if data.outstanding.remove(&token).is_none() {
-                // Its context is gone (or it was delivered already).
-                return Ok(Ok(Answer::Verdict(Verdict::Continue)));
+                // Cancelled (`proxy_grpc_cancel`), or its context is gone: no
+                // callback, and nothing changes (a pause holds).
+                return Ok(Ok(Answer::Verdict(Verdict::Pause)));
             }
+            self.stats.calls[label].inc();
             let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
             data.resume = false;
             data.effective = self.root;
