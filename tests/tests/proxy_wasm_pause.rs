@@ -295,3 +295,42 @@ each_proto!(
         lg.assert_stat(FAILURES, 0.0).await;
     }
 );
+
+/// `Pause` from the response trailers callback (the response headers callback
+/// waited for the body, so the head is held) for a call: the callback adds a
+/// trailer and resumes. Response trailers need an HTTP/2 upstream that sends
+/// them (gRPC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_trailers_held_for_a_call() {
+    let up = upstream().grpc().start().await;
+    let az = authz_upstream().await;
+    let grpc = legate_tests::grpc::grpc_upstream().start().await;
+    let yaml = config(up.addr, az.addr, grpc.addr, "trailers-callout").replacen(
+        &format!("      - address: {}\n", up.addr),
+        &format!("      - address: {}\n    protocol: h2\n", up.addr),
+        1,
+    );
+    let lg = legate().config(&yaml).start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    let msg = grpc_frame(b"ping");
+    let r = c
+        .post("/echo.Echo/Say")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(msg.clone())
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, msg);
+    let t = r.trailers.as_ref().expect("response trailers were dropped");
+    assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    assert_eq!(
+        t.get("x-pw-trailer-checked").map(|v| v.as_bytes()),
+        Some(&b"checked:YES"[..]),
+        "{t:?}"
+    );
+    lg.assert_stat(&calls("response_trailers"), 1.0).await;
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    lg.assert_stat(AUTHZ_REQUESTS, 1.0).await;
+    lg.assert_stat(FAILURES, 0.0).await;
+}

@@ -55,10 +55,12 @@
 //!   body (gRPC: `grpc:<reply>`) and resumes; any other answer is a local
 //!   response with the answer's body: 403 `x-pw-body-denied: yes` for the
 //!   request, 451 `x-pw-resp-denied: yes` for the response.
-//! - `trailers-callout`: the request headers callback waits for the body;
-//!   the request trailers callback sends trailer `x-client-trailer` to
-//!   `authz` (`/check/trailer<path>`) and returns `Pause`; a 200 adds trailer
-//!   `x-pw-trailer-checked: <answer>` and resumes, else 403 as above.
+//! - `trailers-callout`: both headers callbacks wait for the body; the
+//!   request trailers callback sends trailer `x-client-trailer` (the response
+//!   trailers callback: `x-echo-trailer`) to `authz`
+//!   (`/check/trailer<path>`) and returns `Pause`; a 200 adds trailer
+//!   `x-pw-trailer-checked: <answer>` to those trailers and resumes, else 403
+//!   (response: 451) as above.
 //! - `trailers`: request trailers get `x-pw-trailer-seen: <x-client-trailer>`
 //!   and `x-client-trailer` replaced by `changed`; response trailers get
 //!   `x-pw-added: <number of trailers>` and `grpc-message` removed.
@@ -700,6 +702,7 @@ enum Held {
     RequestBody,
     ResponseBody,
     RequestTrailers,
+    ResponseTrailers,
 }
 
 impl Filter {
@@ -753,7 +756,11 @@ impl Filter {
                 self.set_http_request_trailer("x-pw-trailer-checked", Some(&answer_text));
                 self.resume_http_request();
             }
-            (Held::ResponseBody, false) => {
+            (Held::ResponseTrailers, true) => {
+                self.set_http_response_trailer("x-pw-trailer-checked", Some(&answer_text));
+                self.resume_http_response();
+            }
+            (Held::ResponseBody | Held::ResponseTrailers, false) => {
                 self.send_http_response(451, vec![("x-pw-resp-denied", "yes")], Some(answer));
             }
             (_, false) => {
@@ -1277,6 +1284,10 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_trailers(&mut self, num_trailers: usize) -> Action {
+        if self.s.mode == "trailers-callout" {
+            let v = self.get_http_response_trailer("x-echo-trailer").unwrap_or_default();
+            return self.check(Held::ResponseTrailers, "trailer", v.as_bytes());
+        }
         if self.s.mode == "trailers" {
             self.add_http_response_trailer("x-pw-added", &num_trailers.to_string());
             self.set_http_response_trailer("grpc-message", None);
@@ -1291,7 +1302,7 @@ impl HttpContext for Filter {
         if self.s.mode == "body-rewrite" {
             self.set_http_response_header("content-length", None);
         }
-        if matches!(self.s.mode.as_str(), "body-wait" | "body-local" | "body-callout") && !end_of_stream {
+        if matches!(self.s.mode.as_str(), "body-wait" | "body-local" | "body-callout" | "trailers-callout") && !end_of_stream {
             return Action::Pause;
         }
         if self.s.mode == "headers" {
