@@ -935,8 +935,10 @@ async fn raw_conn(
 
 /// An authorization service for the callout tests (both ABIs), named `authz`:
 /// `/check/deny*` answers 403 `denied:<x-user>`, `/check/slow*` answers after 2 s,
-/// `/tick` answers 200 `fresh`, anything else 200 `ok:<x-user>` (`anonymous`
-/// without the header).
+/// `/tick` answers 200 `fresh`, `/check/body*`, `/check/resp*` and
+/// `/check/trailer*` check the request body (403 `denied:<length>` if it
+/// contains `forbidden`, else 200 `checked:<body upper-cased>`), anything else
+/// 200 `ok:<x-user>` (`anonymous` without the header).
 pub async fn authz_upstream() -> UpstreamHandle {
     async fn check(req: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
@@ -948,6 +950,29 @@ pub async fn authz_upstream() -> UpstreamHandle {
             .to_string();
         if path.starts_with("/check/slow") {
             tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        // A content-checking service: the payload (a body, a trailer) is
+        // refused if it contains `forbidden`, else answered upper-cased after
+        // `checked:` (so a body replaced with the answer changes length).
+        if ["/check/body", "/check/resp", "/check/trailer"]
+            .iter()
+            .any(|p| path.starts_with(p))
+        {
+            let payload = req
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&payload);
+            let (status, body) = if text.contains("forbidden") {
+                (StatusCode::FORBIDDEN, format!("denied:{}", payload.len()))
+            } else {
+                (StatusCode::OK, format!("checked:{}", text.to_uppercase()))
+            };
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            *resp.status_mut() = status;
+            return resp;
         }
         let (status, body) = if path.starts_with("/check/deny") {
             (StatusCode::FORBIDDEN, format!("denied:{user}"))

@@ -42,7 +42,25 @@
 //!   callback waits for the body (`Pause`); a response body containing `secret`
 //!   is replaced by a 451 answered from the response body callback.
 //! - `body-stuck`: the request body callback always returns `Pause`, even at
-//!   end of stream.
+//!   end of stream. `body-stuck-held`: the same after the request headers
+//!   callback returned `Pause` (waiting for the body), with no call outstanding.
+//! - `body-callout` (a body-checking service, Envoy's way): both headers
+//!   callbacks return `Pause` (wait for the body); at end of stream each body
+//!   callback sends the whole body to cluster `authz` (`POST
+//!   /check/body<path>` for the request, `/check/resp<path>` for the
+//!   response) and returns `Pause`; a request path under `/grpc/` sends the
+//!   request body as `Echo/Say`'s message on cluster `grpc` instead. In the
+//!   call's callback a 200 (gRPC: OK) reads the held body again (its length
+//!   as header `x-pw-held-len` on that head), replaces it with the answer's
+//!   body (gRPC: `grpc:<reply>`) and resumes; any other answer is a local
+//!   response with the answer's body: 403 `x-pw-body-denied: yes` for the
+//!   request, 451 `x-pw-resp-denied: yes` for the response.
+//! - `trailers-callout`: both headers callbacks wait for the body; the
+//!   request trailers callback sends trailer `x-client-trailer` (the response
+//!   trailers callback: `x-echo-trailer`) to `authz`
+//!   (`/check/trailer<path>`) and returns `Pause`; a 200 adds trailer
+//!   `x-pw-trailer-checked: <answer>` to those trailers and resumes, else 403
+//!   (response: 451) as above.
 //! - `trailers`: request trailers get `x-pw-trailer-seen: <x-client-trailer>`
 //!   and `x-client-trailer` replaced by `changed`; response trailers get
 //!   `x-pw-added: <number of trailers>` and `grpc-message` removed.
@@ -54,6 +72,12 @@
 //!   calls `Fail` with that code; a failed call is answered with a gRPC local
 //!   response (`send_grpc_response`) carrying the call's status and message.
 //!   The HTTP callout of `callout` mode reports its trailer count too.
+//!
+//! - `grpc-cancel`: each request sends a unary `Echo/Say` call on cluster
+//!   `grpc` and cancels it at once (`proxy_grpc_cancel`, twice), recording
+//!   both results as request header `x-pw-cancel`, then pauses on an HTTP
+//!   call to `authz` as `callout` does; a gRPC reply, were it delivered,
+//!   would add `x-pw-grpc-reply` and resume early (`grpc-call`'s callback).
 //!
 //! - `grpc-stream`: gRPC streams to `legate.test.v1.Echo/Count` on cluster
 //!   `grpc`, opened by the root context. `/stream/<key>/<scenario>` enqueues the
@@ -465,6 +489,9 @@ impl RootContext for Root {
             s: self.s.clone(),
             seen: Vec::new(),
             body_calls: 0,
+            path: String::new(),
+            held: Held::None,
+            held_len: 0,
         }))
     }
 
@@ -660,10 +687,104 @@ struct Filter {
     seen: Vec<(String, String)>,
     /// Request body callbacks so far.
     body_calls: u32,
+    /// The request's `:path` (`body-callout`, `trailers-callout`).
+    path: String,
+    /// What a `body-callout`/`trailers-callout` call holds the exchange at.
+    held: Held,
+    /// The size of the body held for the call.
+    held_len: usize,
+}
+
+/// The part a `body-callout`/`trailers-callout` call was sent for.
+#[derive(Clone, Copy, PartialEq)]
+enum Held {
+    None,
+    RequestBody,
+    ResponseBody,
+    RequestTrailers,
+    ResponseTrailers,
+}
+
+impl Filter {
+    /// `body-callout`: sends `payload` (a whole body or a trailer) to be checked:
+    /// to cluster `authz` at `/check/<what><path>`, or, for a request path under
+    /// `/grpc/`, as the message of `Echo/Say` on cluster `grpc`; then `Pause`.
+    fn check(&mut self, held: Held, what: &str, payload: &[u8]) -> Action {
+        self.held = held;
+        self.held_len = payload.len();
+        let r = if self.path.starts_with("/grpc/") && held == Held::RequestBody {
+            let mut m = vec![0x0a, payload.len() as u8];
+            m.extend_from_slice(payload);
+            self.dispatch_grpc_call("grpc", "legate.test.v1.Echo", "Say", vec![], Some(&m), Duration::from_secs(5))
+        } else {
+            let path = format!("/check/{what}{}", self.path);
+            self.dispatch_http_call(
+                "authz",
+                vec![(":method", "POST"), (":path", &path), (":authority", "authz")],
+                Some(payload),
+                vec![],
+                Duration::from_secs(5),
+            )
+        };
+        if let Err(e) = r {
+            let e = format!("{e:?}");
+            self.send_http_response(500, vec![("x-pw-call-error", &e)], None);
+        }
+        Action::Pause
+    }
+
+    /// `body-callout`: the checking service's answer for the held part: `ok`
+    /// replaces the held body (or sets trailer `x-pw-trailer-checked`) with
+    /// `answer` and resumes; a denial answers locally.
+    fn checked(&mut self, ok: bool, answer: &[u8]) {
+        let answer_text = String::from_utf8_lossy(answer).into_owned();
+        match (self.held, ok) {
+            (Held::RequestBody, true) => {
+                // The held body is still readable here, and writable.
+                let body = self.get_http_request_body(0, self.held_len).unwrap_or_default();
+                self.set_http_request_header("x-pw-held-len", Some(&body.len().to_string()));
+                self.set_http_request_body(0, self.held_len, answer);
+                self.resume_http_request();
+            }
+            (Held::ResponseBody, true) => {
+                let body = self.get_http_response_body(0, self.held_len).unwrap_or_default();
+                self.set_http_response_header("x-pw-held-len", Some(&body.len().to_string()));
+                self.set_http_response_body(0, self.held_len, answer);
+                self.resume_http_response();
+            }
+            (Held::RequestTrailers, true) => {
+                self.set_http_request_trailer("x-pw-trailer-checked", Some(&answer_text));
+                self.resume_http_request();
+            }
+            (Held::ResponseTrailers, true) => {
+                self.set_http_response_trailer("x-pw-trailer-checked", Some(&answer_text));
+                self.resume_http_response();
+            }
+            (Held::ResponseBody | Held::ResponseTrailers, false) => {
+                self.send_http_response(451, vec![("x-pw-resp-denied", "yes")], Some(answer));
+            }
+            (_, false) => {
+                self.send_http_response(403, vec![("x-pw-body-denied", "yes")], Some(answer));
+            }
+            (Held::None, true) => {}
+        }
+        self.held = Held::None;
+    }
 }
 
 impl Context for Filter {
     fn on_grpc_call_response(&mut self, _token: u32, status: u32, size: usize) {
+        if self.s.mode == "body-callout" {
+            let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
+            let reply = match body.as_slice() {
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => rest[..usize::from(*n)].to_vec(),
+                _ => b"<undecodable>".to_vec(),
+            };
+            let mut answer = b"grpc:".to_vec();
+            answer.extend_from_slice(&reply);
+            self.checked(status == 0, &answer);
+            return;
+        }
         if status == 0 {
             let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
             // SayReply: field 1 (message) is first; the metadata map follows.
@@ -698,6 +819,12 @@ impl Context for Filter {
     }
 
     fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        if matches!(self.s.mode.as_str(), "body-callout" | "trailers-callout") {
+            let status = self.get_http_call_response_header(":status").unwrap_or_default();
+            let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+            self.checked(num_headers > 0 && status == "200", &body);
+            return;
+        }
         if num_headers == 0 {
             self.send_http_response(503, vec![("x-pw-call", "failed")], Some(b"authz unavailable\n"));
             return;
@@ -760,6 +887,7 @@ impl HttpContext for Filter {
             self.seen.push(("x-pw-vm-config".into(), self.s.vm_config.clone()));
         }
         let path = self.get_http_request_header(":path").unwrap_or_default();
+        self.path = path.clone();
         match self.s.mode.as_str() {
             "headers" => {
                 if path == "/deny" {
@@ -915,6 +1043,37 @@ impl HttpContext for Filter {
                     }
                 };
             }
+            "grpc-cancel" => {
+                // A unary gRPC call cancelled at once (twice: the second
+                // finds nothing), then a pause on an HTTP call (`callout`'s
+                // callback resumes); the gRPC reply must never come.
+                let r = self.dispatch_grpc_call(
+                    "grpc",
+                    "legate.test.v1.Echo",
+                    "Say",
+                    vec![],
+                    Some(&[0x0a, 4, b'l', b'a', b't', b'e']),
+                    Duration::from_secs(5),
+                );
+                let cancels = match r {
+                    Ok(t) => format!("{:?},{:?}", hostcalls::cancel_grpc_call(t), hostcalls::cancel_grpc_call(t)),
+                    Err(e) => format!("dispatch:{e:?}"),
+                };
+                self.set_http_request_header("x-pw-cancel", Some(&cancels));
+                let check = format!("/check{path}");
+                let r = self.dispatch_http_call(
+                    "authz",
+                    vec![(":method", "GET"), (":path", &check), (":authority", "authz")],
+                    None,
+                    vec![],
+                    Duration::from_secs(5),
+                );
+                if let Err(e) = r {
+                    let e = format!("{e:?}");
+                    self.send_http_response(500, vec![("x-pw-call-error", &e)], None);
+                }
+                return Action::Pause;
+            }
             "grpc-stream" => {
                 if let Some(rest) = path.strip_prefix("/stream/") {
                     let (key, scenario) = rest.split_once('/').unwrap_or((rest, "count"));
@@ -961,6 +1120,10 @@ impl HttpContext for Filter {
                 self.set_http_request_header("content-length", None);
             }
             "body-wait" if !_end_of_stream => return Action::Pause,
+            // Envoy's StopIteration: wait for the whole body (and trailers).
+            "body-callout" | "trailers-callout" | "body-stuck-held" if !_end_of_stream => {
+                return Action::Pause
+            }
             "tick-callout" => {
                 let (v, _) = self.get_shared_data("pw_tick_body");
                 let v = v.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
@@ -1054,14 +1217,25 @@ impl HttpContext for Filter {
                 }
                 Action::Continue
             }
+            "body-callout" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+                self.check(Held::RequestBody, "body", &body)
+            }
             // Never continues: at end of stream Envoy would wait for
             // proxy_continue_stream; Legate fails the filter.
-            "body-stuck" => Action::Pause,
+            "body-stuck" | "body-stuck-held" => Action::Pause,
             _ => Action::Continue,
         }
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.s.mode == "trailers-callout" {
+            let v = self.get_http_request_trailer("x-client-trailer").unwrap_or_default();
+            return self.check(Held::RequestTrailers, "trailer", v.as_bytes());
+        }
         if self.s.mode == "trailers" {
             let v = self.get_http_request_trailer("x-client-trailer").unwrap_or_default();
             self.add_http_request_trailer("x-pw-trailer-seen", &v);
@@ -1089,6 +1263,13 @@ impl HttpContext for Filter {
                 }
                 Action::Continue
             }
+            "body-callout" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+                self.check(Held::ResponseBody, "resp", &body)
+            }
             "body-wait" => {
                 if !end_of_stream {
                     return Action::Pause;
@@ -1103,6 +1284,10 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_trailers(&mut self, num_trailers: usize) -> Action {
+        if self.s.mode == "trailers-callout" {
+            let v = self.get_http_response_trailer("x-echo-trailer").unwrap_or_default();
+            return self.check(Held::ResponseTrailers, "trailer", v.as_bytes());
+        }
         if self.s.mode == "trailers" {
             self.add_http_response_trailer("x-pw-added", &num_trailers.to_string());
             self.set_http_response_trailer("grpc-message", None);
@@ -1117,7 +1302,7 @@ impl HttpContext for Filter {
         if self.s.mode == "body-rewrite" {
             self.set_http_response_header("content-length", None);
         }
-        if matches!(self.s.mode.as_str(), "body-wait" | "body-local") && !end_of_stream {
+        if matches!(self.s.mode.as_str(), "body-wait" | "body-local" | "body-callout" | "trailers-callout") && !end_of_stream {
             return Action::Pause;
         }
         if self.s.mode == "headers" {

@@ -18,7 +18,11 @@
 //! callback) is done here: the data is held in the context (forwarding nothing)
 //! and the next call sees everything held plus the new chunk, under the plugin's
 //! body cap (request over it: 413; response: the exchange is reset, its head
-//! being out). `Continue` forwards what is held.
+//! being out). `Continue` forwards what is held. `Pause` at the end of the
+//! stream or from a trailers callback, with a call outstanding, is the chain's
+//! pause when the host holds the whole message (buffered: the headers callback
+//! waited for the body); the call's callback then runs in that body or
+//! trailers phase ([`held_phase`]), so it can rewrite what is held.
 //!
 //! Callouts: HTTP and unary gRPC calls go through the chain (or, from the root
 //! context, are sent here with the worker's sender) and come back to
@@ -828,7 +832,11 @@ impl ProxyWasmFilter {
     /// so far (`body_buffer_length` grows). `Continue` forwards all of it as the
     /// guest left it; `Pause` before the end holds it (forwarding nothing now);
     /// over the body cap the request is answered 413 and the response (whose
-    /// head is out) reset — the chain cannot send a clean 502 then.
+    /// head is out) reset — the chain cannot send a clean 502 then. `Pause` at
+    /// the end with a callout outstanding, when the host holds the whole message
+    /// (`x.hold_body`), is the chain's pause: the body stays on the
+    /// exchange, readable and writable from the callout's callback, until
+    /// `proxy_continue_stream` or a local response.
     fn body_phase(
         &self,
         worker: usize,
@@ -876,13 +884,7 @@ impl ProxyWasmFilter {
             Ok(match a {
                 action::CONTINUE => Ok(None),
                 action::PAUSE if !end_of_stream => Ok(Some(Verdict::Pause)),
-                action::PAUSE => Err(format!(
-                    "returned Pause (StopIterationAndBuffer) from proxy_on_{}_body at \
-                     end of stream: Envoy would hold the body until proxy_continue_stream, \
-                     which this host does not support from body callbacks; return \
-                     Continue at end of stream",
-                    d.as_str()
-                )),
+                action::PAUSE => paused_at_end(data, ctx, d, "body").map(Some),
                 other => Err(format!(
                     "returned action {other} from proxy_on_{}_body; this host supports \
                      Continue (0) and Pause (1, StopIterationAndBuffer)",
@@ -892,8 +894,9 @@ impl ProxyWasmFilter {
         })?;
         Ok(match hold {
             None => Verdict::Continue,
-            // Hold everything (as the guest left it); forward nothing now.
-            Some(Verdict::Pause) => {
+            // Hold everything (as the guest left it); forward nothing now. At
+            // the end of stream a pause is the chain's (see `paused_at_end`).
+            Some(Verdict::Pause) if !end_of_stream => {
                 let body = x.bodies[d.idx()].replace(Vec::new()).unwrap_or_default();
                 VMS.with(|cell| {
                     cell.borrow_mut()
@@ -936,8 +939,8 @@ impl ProxyWasmFilter {
     }
 
     /// A trailers callback over `x.trailers[d]` (writable through map 1 or 3).
-    /// `Pause` is a failure: Envoy would hold the trailers until
-    /// `proxy_continue_stream`, which this host does not support after the body.
+    /// `Pause` holds the trailers as the end-of-stream body `Pause` holds the
+    /// body (see `paused_at_end`).
     fn trailers_phase(
         &self,
         worker: usize,
@@ -967,10 +970,10 @@ impl ProxyWasmFilter {
             }
             Ok(match a {
                 action::CONTINUE => Ok(Verdict::Continue),
+                action::PAUSE => paused_at_end(data, ctx, d, "trailers"),
                 other => Err(format!(
                     "returned action {other} from proxy_on_{}_trailers; this host supports \
-                     only Continue there (Envoy would hold the trailers until \
-                     proxy_continue_stream)",
+                     Continue (0) and Pause (1)",
                     d.as_str()
                 )),
             })
@@ -983,14 +986,17 @@ impl ProxyWasmFilter {
     /// call's result goes to `proxy_on_grpc_receive` (the message) or
     /// `proxy_on_grpc_close` (any other status), as Envoy's unary calls do.
     /// `exchange` is the exchange the callout belongs to (`None` for the root
-    /// context's). The verdict: a local response, a resume
-    /// (`proxy_continue_stream`), or still paused.
+    /// context's); `held_in`, the body or trailers phase its context is paused
+    /// in, whose buffer or map the callback may read and write as that phase
+    /// could. The verdict: a local response, a resume (`proxy_continue_stream`),
+    /// or still paused.
     fn call_response(
         &self,
         worker: usize,
         x: Option<&mut Exchange>,
         token: u32,
         result: CalloutResult,
+        held_in: Option<Phase>,
     ) -> Result<Answer, String> {
         self.stats.count_callout(&result);
         let label = if x.is_some() {
@@ -998,18 +1004,19 @@ impl ProxyWasmFilter {
         } else {
             "tick_callout_response"
         };
-        self.stats.calls[label].inc();
-        let phase = if x.is_some() {
-            Phase::CalloutResponse
-        } else {
-            Phase::Root
+        let phase = match (&x, held_in) {
+            (Some(_), Some(held)) => held,
+            (Some(_), None) => Phase::CalloutResponse,
+            (None, _) => Phase::Root,
         };
         self.with_vm(worker, phase, x, false, |live, _ctx| {
             let data = live.store.data_mut();
             if data.outstanding.remove(&token).is_none() {
-                // Its context is gone (or it was delivered already).
-                return Ok(Ok(Answer::Verdict(Verdict::Continue)));
+                // Cancelled (`proxy_grpc_cancel`), or its context is gone: no
+                // callback, and nothing changes (a pause holds).
+                return Ok(Ok(Answer::Verdict(Verdict::Pause)));
             }
+            self.stats.calls[label].inc();
             let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
             data.resume = false;
             data.effective = self.root;
@@ -1107,7 +1114,7 @@ impl ProxyWasmFilter {
         if !f.is_current(generation) {
             return;
         }
-        if let Err(e) = f.call_response(worker, None, token, result) {
+        if let Err(e) = f.call_response(worker, None, token, result, None) {
             tracing::warn!(
                 plugin = &*f.meta.name,
                 "proxy_on_http_call_response failed: {e}"
@@ -1322,6 +1329,53 @@ impl ProxyWasmFilter {
     }
 }
 
+/// `Pause` from the end-of-stream body callback or a trailers callback of
+/// direction `d` (`what`): Envoy holds the message until
+/// `proxy_continue_stream`. The chain can wait when it holds the whole message
+/// (buffered: the headers callback returned `Pause` to wait for the body, or
+/// another filter buffers) and a callout of this context can resume it; else,
+/// as for component filters (abi/README.md §3.3, §4), a failure, since nothing
+/// could resume it (Envoy would hang until the route timeout).
+fn paused_at_end(data: &PwState, ctx: u32, d: Direction, what: &str) -> Result<Verdict, String> {
+    if !data.x.hold_body {
+        return Err(format!(
+            "returned Pause from proxy_on_{}_{what} at the end of a streamed {} body: this \
+             host can hold it for a callout only when the body is buffered; return Pause \
+             (with no call outstanding) from proxy_on_{}_headers to wait for the whole body",
+            d.as_str(),
+            d.as_str(),
+            d.as_str()
+        ));
+    }
+    if data.outstanding.values().any(|c| *c == ctx) {
+        return Ok(Verdict::Pause);
+    }
+    Err(format!(
+        "returned Pause from proxy_on_{}_{what} with no HTTP or gRPC call outstanding: \
+         nothing could resume it",
+        d.as_str()
+    ))
+}
+
+/// The body or trailers phase an exchange held by the host (buffered) is
+/// paused in, from what the chain keeps on it during the pause: the body of
+/// a paused body phase (bodies are on the exchange only during their phase),
+/// else the trailers of the direction that has them (the response's, once
+/// they exist).
+fn held_phase(x: &Exchange) -> Option<Phase> {
+    if x.bodies[Direction::Request.idx()].is_some() {
+        Some(Phase::Body(Direction::Request))
+    } else if x.bodies[Direction::Response.idx()].is_some() {
+        Some(Phase::Body(Direction::Response))
+    } else if x.trailers[Direction::Response.idx()].is_some() {
+        Some(Phase::Trailers(Direction::Response))
+    } else if x.trailers[Direction::Request.idx()].is_some() {
+        Some(Phase::Trailers(Direction::Request))
+    } else {
+        None
+    }
+}
+
 /// The phases a module declares: headers, log and done always (Envoy calls them
 /// whether exported or not, and absent ones are skipped); a body or trailers
 /// phase only if its callback is exported, so a filter without them adds no work
@@ -1436,7 +1490,12 @@ impl HttpFilter for ProxyWasmFilter {
         paused: bool,
     ) -> Result<Verdict, String> {
         let token = u32::try_from(id).map_err(|_| format!("callout id {id} is not a token"))?;
-        let v = match self.call_response(worker, Some(x), token, result)? {
+        let held_in = if paused && x.hold_body {
+            held_phase(x)
+        } else {
+            None
+        };
+        let v = match self.call_response(worker, Some(x), token, result, held_in)? {
             Answer::Verdict(v) => v,
             Answer::Close => {
                 self.stats.failures.inc();
@@ -1567,7 +1626,7 @@ impl NetworkFilter for ProxyWasmFilter {
         result: CalloutResult,
     ) -> Result<NetVerdict, String> {
         let token = u32::try_from(id).map_err(|_| format!("callout id {id} is not a token"))?;
-        match self.call_response(worker, Some(c), token, result)? {
+        match self.call_response(worker, Some(c), token, result, None)? {
             Answer::Close => Ok(NetVerdict::Close),
             Answer::Verdict(Verdict::Continue) => Ok(NetVerdict::Continue),
             Answer::Verdict(Verdict::Pause) => Ok(NetVerdict::Pause),

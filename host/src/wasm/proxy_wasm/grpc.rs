@@ -398,9 +398,15 @@ fn forget(s: &mut PwState, token: u32) -> Option<Stream> {
     Some(st)
 }
 
-/// `proxy_grpc_cancel`: resets the stream; no callback follows. `NOT_FOUND`
-/// for an unknown token (a unary call cannot be cancelled: docs/proxy-wasm.md).
+/// `proxy_grpc_cancel`: resets a stream, or cancels a unary call (as Envoy:
+/// its callback never comes; the call is not outstanding any more, so its
+/// result is dropped when it arrives). No callback follows. `NOT_FOUND` for an
+/// unknown token.
 pub fn cancel(s: &mut PwState, token: u32) -> Result<(), i32> {
+    if s.grpc_calls.remove(&token) {
+        s.outstanding.remove(&token);
+        return Ok(());
+    }
     match forget(s, token) {
         Some(_reset_on_drop) => Ok(()),
         None => Err(status::NOT_FOUND),

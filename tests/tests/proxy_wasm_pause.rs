@@ -1,0 +1,336 @@
+//! proxy-wasm filters that hold a whole message while an HTTP or gRPC call
+//! checks it, as Envoy runs them: the headers callback returns `Pause` (wait
+//! for the body), the end-of-stream body callback (or the trailers callback)
+//! sends the body to a service and returns `Pause`, and the call's callback
+//! rewrites the held body and resumes (`proxy_continue_stream`) or answers
+//! locally. Real Legate, real upstream, real callout clusters (the `authz`
+//! content checker and a tonic gRPC server), the guest built from source with
+//! the `proxy-wasm` SDK (tests/proxy-wasm-guests, modes `body-callout`,
+//! `trailers-callout`, `body-stuck-held`), over HTTP/1.1 and HTTP/2. Also
+//! `proxy_grpc_cancel` of a unary call during a pause (mode `grpc-cancel`).
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+
+use legate_tests::proxy_wasm::proxy_wasm_guest;
+use legate_tests::*;
+
+/// Listener `web` running plugin `checker` (the guest in `mode`, granted
+/// `authz` and `grpc`) in front of `up`, with cluster `authz` at `authz` and
+/// the HTTP/2 cluster `grpc` at `grpc`.
+fn config(up: SocketAddr, authz: SocketAddr, grpc: SocketAddr, mode: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: checker }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - name: rest
+            match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+  - name: authz
+    endpoints:
+      - address: {authz}
+  - name: grpc
+    protocol: h2
+    endpoints:
+      - address: {grpc}
+plugins:
+  - name: checker
+    module: {}
+    limits: {{ cpu: 500ms }}
+    capabilities: {{ clusters: [authz, grpc] }}
+    proxy_wasm:
+      plugin_config: {{ mode: {mode} }}
+",
+        proxy_wasm_guest().display()
+    )
+}
+
+fn calls(phase: &str) -> String {
+    format!("legate_plugin_calls_total{{plugin=\"checker\",phase=\"{phase}\"}}")
+}
+
+const CALLOUTS: &str = r#"legate_plugin_callouts_total{plugin="checker"}"#;
+const FAILURES: &str = r#"legate_plugin_failures_total{plugin="checker"}"#;
+const AUTHZ_REQUESTS: &str = r#"legate_cluster_upstream_rq_total{cluster="authz"}"#;
+
+/// The echo upstream's answer after the `body-callout` guest replaced it with
+/// the checker's (`checked:` + the JSON upper-cased), lower-cased back and
+/// parsed.
+fn checked_echo(text: &str) -> Value {
+    let json = text
+        .strip_prefix("checked:")
+        .unwrap_or_else(|| panic!("the response was not checked: {text}"));
+    serde_json::from_str(&json.to_lowercase()).unwrap()
+}
+
+each_proto!(
+    /// The request body is held at end of stream while the checker sees it;
+    /// the callback reads it, replaces it with the answer (another length) and
+    /// resumes: the upstream gets the new body with the right
+    /// `content-length`, and the header the callback set on the held head. A
+    /// denial is answered from the callback instead of the upstream. The
+    /// response goes through the same way (its head held, its body replaced).
+    async fn a_request_body_held_for_a_call_is_rewritten_or_answered(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, az.addr, grpc.addr, "body-callout"))
+            .start();
+        let web = lg.addr("web");
+
+        let r = client(proto, web)
+            .await
+            .post("/up")
+            .streamed_body("hello pause", 3)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let text = r.text();
+        // The response body was held and replaced too, with its length.
+        assert_eq!(r.header("content-length"), Some(text.len().to_string().as_str()));
+        let e = checked_echo(&text);
+        let want = "checked:hello pause";
+        assert_eq!(e["body"], want);
+        assert_eq!(e["headers"]["content-length"][0], want.len().to_string());
+        // Read again from the callback: the whole held body.
+        assert_eq!(e["headers"]["x-pw-held-len"][0], "11");
+        let held = r.header("x-pw-held-len").unwrap().parse::<usize>().unwrap();
+        assert_eq!(held + "checked:".len(), text.len(), "the response held whole");
+
+        // Refused by the checker: answered from the callback, the upstream
+        // never gets it.
+        let r = client(proto, web)
+            .await
+            .post("/up")
+            .streamed_body("a forbidden word", 4)
+            .send()
+            .await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.header("x-pw-body-denied"), Some("yes"));
+        assert_eq!(r.text(), "denied:16");
+        assert_eq!(up.requests.get(), 1);
+
+        lg.assert_stat(&calls("request_body"), 2.0).await;
+        lg.assert_stat(&calls("response_body"), 1.0).await;
+        lg.assert_stat(&calls("callout_response"), 3.0).await;
+        lg.assert_stat(CALLOUTS, 3.0).await;
+        lg.assert_stat(AUTHZ_REQUESTS, 3.0).await;
+        lg.assert_stat(FAILURES, 0.0).await;
+
+        // A pause at the end with no call outstanding cannot be resumed: a
+        // failure of the filter (Envoy would wait for the route timeout).
+        let lg = legate()
+            .config(&config(up.addr, az.addr, grpc.addr, "body-stuck-held"))
+            .start();
+        let r = client(proto, lg.addr("web"))
+            .await
+            .post("/up")
+            .streamed_body("stuck", 2)
+            .send()
+            .await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        lg.assert_stat(FAILURES, 1.0).await;
+        assert_eq!(up.requests.get(), 1);
+    }
+);
+
+each_proto!(
+    /// The response body is held at end of stream (the response headers
+    /// callback waited for it) while the checker sees it: replaced with the
+    /// answer, with its `content-length`, or replaced by the callback's local
+    /// response.
+    async fn a_response_body_held_for_a_call_is_replaced_or_answered(proto) {
+        let up = upstream()
+            .route("/fine", |_req| async {
+                Response::new(Full::new(Bytes::from_static(b"fine data")))
+            })
+            .route("/leak", |_req| async {
+                Response::new(Full::new(Bytes::from_static(b"some forbidden data")))
+            })
+            .start()
+            .await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, az.addr, grpc.addr, "body-callout"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c.get("/fine").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "checked:FINE DATA");
+        assert_eq!(r.header("content-length"), Some("17"));
+        // Set on the held response head from the callback.
+        assert_eq!(r.header("x-pw-held-len"), Some("9"));
+
+        let r = c.get("/leak").send().await;
+        assert_eq!(r.status, 451, "{}", r.text());
+        assert_eq!(r.header("x-pw-resp-denied"), Some("yes"));
+        assert_eq!(r.text(), "denied:19");
+
+        lg.assert_stat(&calls("response_body"), 2.0).await;
+        lg.assert_stat(&calls("callout_response"), 2.0).await;
+        lg.assert_stat(CALLOUTS, 2.0).await;
+        lg.assert_stat(AUTHZ_REQUESTS, 2.0).await;
+        lg.assert_stat(FAILURES, 0.0).await;
+        assert_eq!(up.requests.get(), 2);
+    }
+);
+
+each_proto!(
+    /// The same with a unary gRPC call (`proxy_grpc_call`): the request body is
+    /// held until `proxy_on_grpc_receive` replaces it with the reply.
+    async fn a_request_body_held_for_a_grpc_call(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, az.addr, grpc.addr, "body-callout"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/grpc/x").streamed_body("hi there", 3).send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = checked_echo(&r.text());
+        assert_eq!(e["path"], "/grpc/x");
+        assert_eq!(e["body"], "grpc:hi there");
+        assert_eq!(e["headers"]["content-length"][0], "13");
+        assert_eq!(grpc.calls.get(), 1);
+        // The gRPC call and the response's HTTP call.
+        lg.assert_stat(CALLOUTS, 2.0).await;
+        lg.assert_stat(&calls("callout_response"), 2.0).await;
+        lg.assert_stat(FAILURES, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// `Pause` from the request trailers callback holds the trailers (and the
+    /// body before them) for a call: the callback adds a trailer and resumes,
+    /// or answers locally.
+    async fn request_trailers_held_for_a_call(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, az.addr, grpc.addr, "trailers-callout"))
+            .start();
+        let web = lg.addr("web");
+        let send = |value: &'static str| async move {
+            let mut t = HeaderMap::new();
+            t.insert("x-client-trailer", HeaderValue::from_static(value));
+            client(proto, web)
+                .await
+                .post("/t")
+                .header("te", "trailers")
+                // hyper's HTTP/1.1 encoder sends only the trailers `Trailer` names.
+                .header("trailer", "x-client-trailer, x-pw-trailer-checked")
+                .body_with_trailers("payload", t)
+                .send()
+                .await
+        };
+        let r = send("abc").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.body, "payload");
+        assert_eq!(e.trailers.get("x-client-trailer"), Some(&vec!["abc".to_string()]));
+        assert_eq!(
+            e.trailers.get("x-pw-trailer-checked"),
+            Some(&vec!["checked:ABC".to_string()])
+        );
+
+        let r = send("forbidden").await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.header("x-pw-body-denied"), Some("yes"));
+        assert_eq!(up.requests.get(), 1);
+
+        lg.assert_stat(&calls("request_trailers"), 2.0).await;
+        lg.assert_stat(&calls("callout_response"), 2.0).await;
+        lg.assert_stat(AUTHZ_REQUESTS, 2.0).await;
+        lg.assert_stat(FAILURES, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// `proxy_grpc_cancel` of a unary call (as Envoy): `OK` (a second cancel
+    /// finds nothing: `NOT_FOUND`), and the reply never reaches the guest,
+    /// though it arrives while the exchange is paused on a slower HTTP call
+    /// (were it delivered, the guest's gRPC callback would resume the request
+    /// early with `x-pw-grpc-reply`).
+    async fn a_cancelled_unary_grpc_call_never_calls_back(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, az.addr, grpc.addr, "grpc-cancel"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        // `authz` answers `/check/slow…` after 2 s.
+        let r = c.get("/slow/x").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.header("x-pw-cancel"), Some("Ok(()),Err(NotFound)"));
+        assert_eq!(e.header("x-pw-authz"), Some("ok:anonymous"));
+        assert_eq!(e.header("x-pw-grpc-reply"), None, "the cancelled call called back");
+        // The call went out (its reply was dropped, not waited for).
+        assert_eq!(grpc.calls.get(), 1);
+        lg.assert_stat(CALLOUTS, 2.0).await;
+        // Only the HTTP call's callback ran.
+        lg.assert_stat(&calls("callout_response"), 1.0).await;
+        lg.assert_stat(FAILURES, 0.0).await;
+    }
+);
+
+/// `Pause` from the response trailers callback (the response headers callback
+/// waited for the body, so the head is held) for a call: the callback adds a
+/// trailer and resumes. Response trailers need an HTTP/2 upstream that sends
+/// them (gRPC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_trailers_held_for_a_call() {
+    let up = upstream().grpc().start().await;
+    let az = authz_upstream().await;
+    let grpc = legate_tests::grpc::grpc_upstream().start().await;
+    let yaml = config(up.addr, az.addr, grpc.addr, "trailers-callout").replacen(
+        &format!("      - address: {}\n", up.addr),
+        &format!("      - address: {}\n    protocol: h2\n", up.addr),
+        1,
+    );
+    let lg = legate().config(&yaml).start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    let msg = grpc_frame(b"ping");
+    let r = c
+        .post("/echo.Echo/Say")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(msg.clone())
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, msg);
+    let t = r.trailers.as_ref().expect("response trailers were dropped");
+    assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    assert_eq!(
+        t.get("x-pw-trailer-checked").map(|v| v.as_bytes()),
+        Some(&b"checked:YES"[..]),
+        "{t:?}"
+    );
+    lg.assert_stat(&calls("response_trailers"), 1.0).await;
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    lg.assert_stat(AUTHZ_REQUESTS, 1.0).await;
+    lg.assert_stat(FAILURES, 0.0).await;
+}
