@@ -1,8 +1,10 @@
-//! # legate-sdk: write Legate HTTP filters in Rust
+//! # legate-sdk: write Legate filters in Rust
 //!
 //! A Legate filter is a WebAssembly component implementing the WIT world
-//! `legate:filter/http-filter@0.1.0` (see `abi/README.md` in the Legate
-//! repository). This crate hides the generated bindings behind an idiomatic
+//! `legate:filter/http-filter@0.1.0` (an HTTP filter) or
+//! `legate:filter/network-filter@0.1.0` (an L4 filter on TCP listeners; see
+//! [Network filters](#network-filters)). See `abi/README.md` in the Legate
+//! repository. This crate hides the generated bindings behind an idiomatic
 //! API:
 //!
 //! - implement [`HttpFilter`] (typed `Config` via serde, per-exchange
@@ -88,6 +90,82 @@
 //! assert!(err.contains("header"), "{err}");
 //! ```
 //!
+//! ## Network filters
+//!
+//! An L4 filter runs on the connections of a TCP listener (`tcp.filters` in
+//! the host configuration): implement [`NetworkFilter`] (same `Config` and
+//! per-connection `Context` scheme, events with no-op defaults), declare
+//! the events in a [`NetworkSetup`] and export it with [`export_network!`].
+//! It uses the same host services; the data of a call is a [`Body`] and the
+//! connection a [`Connection`]. [`testing::NetworkFilterTest`] runs it
+//! natively: feed bytes from either side, see what would be forwarded,
+//! whether it paused or closed.
+//!
+//! ```
+//! use legate_sdk::metrics::Counter;
+//! use legate_sdk::{Body, Connection, NetworkAction, NetworkFilter, NetworkSetup};
+//! use serde::Deserialize;
+//!
+//! #[derive(Deserialize)]
+//! #[serde(deny_unknown_fields)]
+//! struct Config {
+//!     /// Bytes a client may send before the connection is closed.
+//!     max_bytes: u64,
+//! }
+//!
+//! struct Quota {
+//!     max: u64,
+//!     closed: Counter,
+//! }
+//!
+//! #[derive(Default)]
+//! struct Sent(u64);
+//!
+//! impl NetworkFilter for Quota {
+//!     type Config = Config;
+//!     type Context = Sent;
+//!
+//!     fn configure(config: Config) -> Result<Self, String> {
+//!         let closed = Counter::define("quota_closed_total", "Connections over quota", &[])
+//!             .map_err(|e| format!("defining quota_closed_total: {e}"))?;
+//!         Ok(Quota { max: config.max_bytes, closed })
+//!     }
+//!
+//!     fn setup(&self) -> NetworkSetup {
+//!         NetworkSetup::new().on_downstream_data()
+//!     }
+//!
+//!     fn on_downstream_data(
+//!         &mut self,
+//!         sent: &mut Sent,
+//!         _conn: &Connection<'_>,
+//!         data: &Body<'_>,
+//!         _end_of_stream: bool,
+//!     ) -> NetworkAction {
+//!         sent.0 += data.len();
+//!         if sent.0 > self.max {
+//!             self.closed.inc();
+//!             return NetworkAction::Close;
+//!         }
+//!         NetworkAction::Continue
+//!     }
+//! }
+//!
+//! legate_sdk::export_network!(Quota);
+//!
+//! use legate_sdk::testing::{Conn, NetworkFilterTest};
+//! let mut t = NetworkFilterTest::<Quota>::configure(r#"{"max_bytes": 5}"#).unwrap();
+//! let mut c = t.connect(Conn::new());
+//! assert_eq!(c.new_connection(), NetworkAction::Continue);
+//! assert_eq!(c.downstream("abc", false), NetworkAction::Continue);
+//! assert_eq!(c.upstream("pong", false), NetworkAction::Continue); // not declared
+//! assert_eq!(c.downstream("defg", false), NetworkAction::Close);
+//! assert_eq!(c.sent_upstream(), b"abc");
+//! assert_eq!(c.sent_downstream(), b"pong");
+//! drop(c);
+//! assert_eq!(t.host().counter("quota_closed_total", &[]), Some(1));
+//! ```
+//!
 //! ## Declaring phases
 //!
 //! The host calls **only the phases declared** in [`Setup`], and each
@@ -109,6 +187,7 @@ mod host;
 pub mod kv;
 pub mod log;
 pub mod metrics;
+mod network;
 mod setup;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
@@ -119,6 +198,9 @@ pub use exchange::Exchange;
 pub use filter::{parse_config, HttpFilter, Instance};
 pub use headers::{Body, Headers};
 pub use host::{clock, plugin, random};
+pub use network::{
+    Connection, NetworkAction, NetworkEvent, NetworkFilter, NetworkInstance, NetworkSetup, Peer,
+};
 pub use setup::{Phase, Setup};
 pub use types::{Action, BodyMode, Direction, HttpVersion, LocalResponse, TlsVersion};
 
@@ -306,6 +388,143 @@ macro_rules! export {
             }
 
     __lg::bindings::__export_http_filter!(__LegateExport with_types_in __lg::bindings);
+        };
+    };
+}
+
+/// Export a type implementing [`NetworkFilter`] as the component's
+/// `legate:filter/network-handler` (world `network-filter`). Use once per
+/// crate, at the top level, instead of [`export!`]. On non-wasm targets it
+/// expands to nothing, so the same crate builds natively for tests.
+#[macro_export]
+macro_rules! export_network {
+    ($filter:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            use __lg::bindings::legate::filter as __w;
+            use __lg::net_bindings::exports::legate::filter::network_handler as __h;
+            use __lg::net_bindings::legate::filter::network as __n;
+            use $crate::__private as __lg;
+
+            ::std::thread_local! {
+                static __LEGATE_NET_INSTANCE: ::std::cell::RefCell<
+                    ::std::option::Option<$crate::NetworkInstance<$filter>>,
+                > = const { ::std::cell::RefCell::new(::std::option::Option::None) };
+            }
+
+            struct __LegateNetExport;
+
+            /// The guest `network-context`: holds the connection's context.
+            struct __LegateNetContext(
+                ::std::cell::RefCell<<$filter as $crate::NetworkFilter>::Context>,
+            );
+
+            impl __h::Guest for __LegateNetExport {
+                type NetworkContext = __LegateNetContext;
+
+                fn configure(
+                    config: ::std::string::String,
+                ) -> ::std::result::Result<__n::NetworkSetup, ::std::string::String> {
+                    __lg::net_configure::<$filter>(&__LEGATE_NET_INSTANCE, config)
+                }
+                fn on_tick() {
+                    __lg::with_instance(&__LEGATE_NET_INSTANCE, (), |i| i.tick())
+                }
+                fn on_tick_callout_response(
+                    id: u64,
+                    response: ::std::result::Result<
+                        __w::callout::CalloutResponse,
+                        __w::types::Error,
+                    >,
+                ) {
+                    let r = __lg::callout_result(response);
+                    __lg::with_instance(&__LEGATE_NET_INSTANCE, (), |i| {
+                        i.tick_callout_response(id, r)
+                    })
+                }
+            }
+
+            impl __LegateNetContext {
+                fn run(
+                    &self,
+                    f: impl FnOnce(
+                        &mut $crate::NetworkInstance<$filter>,
+                        &mut <$filter as $crate::NetworkFilter>::Context,
+                    ) -> $crate::NetworkAction,
+                ) -> __n::NetworkAction {
+                    let continue_ = $crate::NetworkAction::Continue;
+                    __lg::net_action(__lg::with_context(&self.0, continue_, |ctx| {
+                        __lg::with_instance(&__LEGATE_NET_INSTANCE, continue_, |i| f(i, ctx))
+                    }))
+                }
+            }
+
+            impl __h::GuestNetworkContext for __LegateNetContext {
+                fn new() -> Self {
+                    __LegateNetContext(::std::cell::RefCell::new(
+                        ::std::default::Default::default(),
+                    ))
+                }
+                fn on_new_connection(&self, connection: &__n::Connection) -> __n::NetworkAction {
+                    self.run(|i, ctx| i.new_connection(ctx, &__lg::connection(connection)))
+                }
+                fn on_downstream_data(
+                    &self,
+                    connection: &__n::Connection,
+                    data: &__w::types::Buffer,
+                    end_of_stream: bool,
+                ) -> __n::NetworkAction {
+                    self.run(|i, ctx| {
+                        i.data(
+                            ctx,
+                            &__lg::connection(connection),
+                            $crate::Peer::Downstream,
+                            &__lg::body(data),
+                            end_of_stream,
+                        )
+                    })
+                }
+                fn on_upstream_data(
+                    &self,
+                    connection: &__n::Connection,
+                    data: &__w::types::Buffer,
+                    end_of_stream: bool,
+                ) -> __n::NetworkAction {
+                    self.run(|i, ctx| {
+                        i.data(
+                            ctx,
+                            &__lg::connection(connection),
+                            $crate::Peer::Upstream,
+                            &__lg::body(data),
+                            end_of_stream,
+                        )
+                    })
+                }
+                fn on_close(&self, connection: &__n::Connection, peer: __n::Peer) {
+                    let p = __lg::peer(peer);
+                    __lg::with_context(&self.0, (), |ctx| {
+                        __lg::with_instance(&__LEGATE_NET_INSTANCE, (), |i| {
+                            i.close(ctx, &__lg::connection(connection), p)
+                        })
+                    })
+                }
+                fn on_callout_response(
+                    &self,
+                    connection: &__n::Connection,
+                    id: u64,
+                    response: ::std::result::Result<
+                        __w::callout::CalloutResponse,
+                        __w::types::Error,
+                    >,
+                ) -> __n::NetworkAction {
+                    let r = __lg::callout_result(response);
+                    self.run(|i, ctx| {
+                        i.callout_response(ctx, &__lg::connection(connection), id, r)
+                    })
+                }
+            }
+
+    __lg::net_bindings::__export_network_filter!(__LegateNetExport with_types_in __lg::net_bindings);
         };
     };
 }

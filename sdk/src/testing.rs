@@ -29,6 +29,12 @@
 //!
 //! Every phase method calls the filter only if the phase is declared (as the
 //! host does) and returns the [`Action`] (`Continue` for an undeclared phase).
+//!
+//! Network (L4) filters run on [`NetworkFilterTest`]: open a connection with
+//! [`NetworkFilterTest::connect`], feed bytes from either side and read what
+//! would be forwarded ([`TestConnection::sent_upstream`] /
+//! [`TestConnection::sent_downstream`]), held (pause) or whether the
+//! connection was closed; the same fake host serves both kinds of filter.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -37,13 +43,17 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use crate::backend::{
-    idx, install, BufferHandle, Call, CalloutState, Ex, ExchangeHandle, ExchangeState, FieldList,
-    HeadersHandle, Host, HostState, Part, SeriesValue,
+    idx, install, BufferHandle, Call, CalloutState, ConnectionHandle, Ex, ExchangeHandle,
+    ExchangeState, FieldList, HeadersHandle, Host, HostState, Part, SeriesValue,
 };
 use crate::callout::{CalloutId, CalloutRequest, CalloutResponse};
 use crate::kv::Entry;
 use crate::log::Level;
+use crate::network::{
+    Connection, NetworkAction, NetworkEvent, NetworkInstance, NetworkSetup, Peer,
+};
 use crate::types::{Action, BodyMode, Direction, HttpVersion, TlsVersion};
+use crate::NetworkFilter;
 use crate::{Body, Error, Exchange, Headers, HttpFilter, Instance, Phase, Setup};
 
 /// The fake host: capabilities, clock, logs, metrics, KV and callouts. Cheap to
@@ -138,6 +148,25 @@ impl TestHost {
             host: self.clone(),
             instance,
             next_context: 1,
+        })
+    }
+
+    /// Configure network filter `F` on this host with the JSON `config`.
+    /// `Err` is the message `configure` would return to the host.
+    pub fn configure_network<F: NetworkFilter>(
+        &self,
+        config: &str,
+    ) -> Result<NetworkFilterTest<F>, String> {
+        let instance = {
+            let _g = install(&self.host, Call::Configure);
+            NetworkInstance::<F>::configure(config)?
+        };
+        Ok(NetworkFilterTest {
+            host: self.clone(),
+            instance,
+            // Apart from exchange ids, so HTTP and network filters can share
+            // one host.
+            next_context: 1 << 32,
         })
     }
 
@@ -975,5 +1004,500 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// The current body mode of `direction` (after any override).
     pub fn body_mode(&self, direction: Direction) -> BodyMode {
         self.ex.borrow().body_modes[idx(direction)]
+    }
+}
+
+// ---- network (L4) filters ----
+
+/// One configured network filter instance on a [`TestHost`].
+pub struct NetworkFilterTest<F: NetworkFilter> {
+    host: TestHost,
+    instance: NetworkInstance<F>,
+    next_context: u64,
+}
+
+impl<F: NetworkFilter> NetworkFilterTest<F> {
+    /// Configure `F` with JSON `config` on a fresh [`TestHost`] with nothing
+    /// granted. `Err` is the message `configure` returns to the host.
+    pub fn configure(config: &str) -> Result<Self, String> {
+        TestHost::new().configure_network(config)
+    }
+
+    /// The host this filter runs on.
+    pub fn host(&self) -> &TestHost {
+        &self.host
+    }
+
+    /// The setup `configure` returned.
+    pub fn setup(&self) -> NetworkSetup {
+        self.instance.setup()
+    }
+
+    /// The filter value.
+    pub fn filter(&self) -> &F {
+        self.instance.filter()
+    }
+
+    /// Accept a downstream connection described by `conn` (its context is
+    /// created; nothing is called yet): drive it with the returned handle,
+    /// starting with [`TestConnection::new_connection`].
+    pub fn connect(&mut self, conn: Conn) -> TestConnection<'_, F> {
+        let context = self.next_context;
+        self.next_context += 1;
+        let start_time = self.host.host.borrow().wall_ns;
+        let state = ExchangeState {
+            method: String::new(),
+            path: String::new(),
+            scheme: String::new(),
+            authority: String::new(),
+            version: HttpVersion::Http11,
+            status: None,
+            heads: [None, None],
+            bodies: [None, None],
+            trailers: [None, None],
+            source: conn.source,
+            destination: conn.destination,
+            tls_version: conn.tls_version,
+            tls_sni: conn.tls_sni,
+            tls_peer_subject: conn.tls_peer_subject,
+            route_name: None,
+            cluster: conn.cluster,
+            upstream_address: None,
+            request_id: String::new(),
+            start_time,
+            cause: None,
+            window: Vec::new(),
+            body_modes: [BodyMode::Streamed; 2],
+            body_declared: [false; 2],
+            body_started: [false; 2],
+        };
+        TestConnection {
+            test: self,
+            context,
+            listener: conn.listener,
+            upstream: conn.upstream,
+            ctx: F::Context::default(),
+            ex: Rc::new(RefCell::new(state)),
+            sent: [Vec::new(), Vec::new()],
+            paused: [false; 2],
+            paused_new: false,
+            pending: [Vec::new(), Vec::new()],
+            pending_eos: [false; 2],
+            open: [true, false],
+            closed: false,
+            closing: false,
+        }
+    }
+
+    /// Call `on_tick` (whether or not a tick interval was declared).
+    pub fn tick(&mut self) {
+        let _g = install(&self.host.host, Call::Tick);
+        self.instance.tick();
+    }
+
+    /// Deliver queued responses to outstanding callouts sent from `on_tick`;
+    /// returns how many were delivered.
+    pub fn deliver_tick_callouts(&mut self) -> usize {
+        let ready = self.host.ready_callouts(None);
+        let n = ready.len();
+        for (id, r) in ready {
+            self.host.take_outstanding(id);
+            let _g = install(&self.host.host, Call::Tick);
+            self.instance.tick_callout_response(id, r);
+        }
+        n
+    }
+}
+
+/// A downstream connection to open with [`NetworkFilterTest::connect`].
+#[derive(Debug, Clone)]
+pub struct Conn {
+    listener: String,
+    source: SocketAddr,
+    destination: SocketAddr,
+    upstream: SocketAddr,
+    cluster: Option<String>,
+    tls_version: Option<TlsVersion>,
+    tls_sni: Option<String>,
+    tls_peer_subject: Option<String>,
+}
+
+impl Default for Conn {
+    fn default() -> Self {
+        Conn::new()
+    }
+}
+
+impl Conn {
+    /// A plaintext connection on listener `tcp` from 192.0.2.1:50000 to
+    /// 192.0.2.2:9000, proxied to cluster `upstream`, whose endpoint (once
+    /// connected) is 192.0.2.3:9000.
+    pub fn new() -> Self {
+        Conn {
+            listener: "tcp".to_owned(),
+            source: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 50000),
+            destination: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)), 9000),
+            upstream: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 3)), 9000),
+            cluster: Some("upstream".to_owned()),
+            tls_version: None,
+            tls_sni: None,
+            tls_peer_subject: None,
+        }
+    }
+    /// Set the listener name.
+    pub fn listener(mut self, name: &str) -> Self {
+        self.listener = name.to_owned();
+        self
+    }
+    /// Set the downstream peer's address.
+    pub fn source(mut self, addr: SocketAddr) -> Self {
+        self.source = addr;
+        self
+    }
+    /// Set the local address the connection was accepted on.
+    pub fn destination(mut self, addr: SocketAddr) -> Self {
+        self.destination = addr;
+        self
+    }
+    /// Set the upstream endpoint the harness "connects" to.
+    pub fn upstream(mut self, addr: SocketAddr) -> Self {
+        self.upstream = addr;
+        self
+    }
+    /// Set the cluster (`None`: the listener has none).
+    pub fn cluster(mut self, cluster: Option<&str>) -> Self {
+        self.cluster = cluster.map(str::to_owned);
+        self
+    }
+    /// Make the connection TLS-terminated with `version` and `sni`.
+    pub fn tls(mut self, version: TlsVersion, sni: Option<&str>) -> Self {
+        self.tls_version = Some(version);
+        self.tls_sni = sni.map(str::to_owned);
+        self
+    }
+    /// Set the verified client certificate's subject (mTLS).
+    pub fn peer_subject(mut self, subject: &str) -> Self {
+        self.tls_peer_subject = Some(subject.to_owned());
+        self
+    }
+}
+
+fn direction_of(from: Peer) -> Direction {
+    match from {
+        Peer::Downstream => Direction::Request,
+        Peer::Upstream => Direction::Response,
+    }
+}
+
+/// One connection of a [`NetworkFilterTest`], driven event by event as the
+/// host would (abi/README.md §11): only declared events call the filter;
+/// `Continue` forwards the (possibly rewritten) data to the other side,
+/// `Pause` holds it in the filter, `Close` closes both sides (and calls
+/// `on_close` for each side that was open, downstream first).
+///
+/// A `Pause` from a data call with a callout of the connection outstanding
+/// blocks that direction: later data of it is queued, not delivered, until
+/// a callout response returns `Continue` (the held data is then forwarded
+/// and the queued data delivered). With nothing outstanding, the next data of
+/// that direction is appended to the held data and the filter is called
+/// again with all of it.
+pub struct TestConnection<'t, F: NetworkFilter> {
+    test: &'t mut NetworkFilterTest<F>,
+    context: u64,
+    listener: String,
+    upstream: SocketAddr,
+    ctx: F::Context,
+    ex: Ex,
+    /// Bytes forwarded: `[0]` to upstream, `[1]` to downstream.
+    sent: [Vec<u8>; 2],
+    /// Whether the direction's data is held in the filter (in `ex.bodies`).
+    paused: [bool; 2],
+    /// `on_new_connection` paused: not connected yet.
+    paused_new: bool,
+    /// Data read while the direction was blocked on a callout.
+    pending: [Vec<u8>; 2],
+    pending_eos: [bool; 2],
+    /// Which sides are open (`[downstream, upstream]`).
+    open: [bool; 2],
+    closed: bool,
+    /// An `on_close` call is running.
+    closing: bool,
+}
+
+impl<F: NetworkFilter> TestConnection<'_, F> {
+    /// The connection's context id (also [`Connection::id`]).
+    pub fn context(&self) -> u64 {
+        self.context
+    }
+
+    /// The filter's per-connection context.
+    pub fn state(&self) -> &F::Context {
+        &self.ctx
+    }
+
+    fn declared(&self, event: NetworkEvent) -> bool {
+        self.test.instance.setup().declares(event)
+    }
+
+    /// Run one call with the data of `current` visible and writable. As on
+    /// the host, held data is neither (not even in `on_callout_response`).
+    fn call(
+        &mut self,
+        current: Option<Direction>,
+        f: impl FnOnce(&mut NetworkInstance<F>, &mut F::Context, &Connection<'_>) -> NetworkAction,
+    ) -> NetworkAction {
+        self.ex.borrow_mut().window = current.map(Part::Body).into_iter().collect();
+        // `on_close` is read-only on the host (no callouts), like `on_log`.
+        let kind = if self.closing {
+            Call::Log(self.context)
+        } else {
+            Call::Exchange(self.context)
+        };
+        let action = {
+            let _g = install(&self.test.host.host, kind);
+            let c = Connection(ConnectionHandle::new(
+                self.ex.clone(),
+                self.context,
+                self.listener.clone(),
+            ));
+            f(&mut self.test.instance, &mut self.ctx, &c)
+        };
+        self.ex.borrow_mut().window.clear();
+        action
+    }
+
+    fn connected(&mut self) {
+        self.paused_new = false;
+        self.open[1] = true;
+        self.ex.borrow_mut().upstream_address = Some(self.upstream);
+    }
+
+    /// Call `on_new_connection` (if declared). `Continue` connects upstream
+    /// (from then on [`Connection::upstream_address`] is set), `Pause` waits
+    /// for a callout response, `Close` closes.
+    pub fn new_connection(&mut self) -> NetworkAction {
+        if self.closed {
+            return NetworkAction::Close;
+        }
+        let action = if self.declared(NetworkEvent::NewConnection) {
+            self.call(None, |i, ctx, c| i.new_connection(ctx, c))
+        } else {
+            NetworkAction::Continue
+        };
+        match action {
+            NetworkAction::Continue => self.connected(),
+            NetworkAction::Pause => self.paused_new = true,
+            NetworkAction::Close => self.close_all(),
+        }
+        action
+    }
+
+    /// Bytes from the client; returns the action (`Continue` if
+    /// `on_downstream_data` is not declared, `Pause` if the direction is
+    /// blocked on a callout, `Close` once closed).
+    pub fn downstream(&mut self, data: impl Into<Vec<u8>>, end_of_stream: bool) -> NetworkAction {
+        self.data(Peer::Downstream, data.into(), end_of_stream)
+    }
+
+    /// Bytes from the upstream endpoint, as [`TestConnection::downstream`].
+    pub fn upstream(&mut self, data: impl Into<Vec<u8>>, end_of_stream: bool) -> NetworkAction {
+        self.data(Peer::Upstream, data.into(), end_of_stream)
+    }
+
+    fn blocked(&self, d: Direction) -> bool {
+        self.paused[idx(d)] && self.test.host.outstanding(Some(self.context)) > 0
+    }
+
+    fn data(&mut self, from: Peer, bytes: Vec<u8>, eos: bool) -> NetworkAction {
+        if self.closed {
+            return NetworkAction::Close;
+        }
+        let d = direction_of(from);
+        let i = idx(d);
+        if self.blocked(d) {
+            self.pending[i].extend_from_slice(&bytes);
+            self.pending_eos[i] |= eos;
+            return NetworkAction::Pause;
+        }
+        let event = match from {
+            Peer::Downstream => NetworkEvent::DownstreamData,
+            Peer::Upstream => NetworkEvent::UpstreamData,
+        };
+        // Held data (a pause with nothing outstanding) comes again, with
+        // the new bytes appended.
+        let mut all = self.ex.borrow_mut().bodies[i].take().unwrap_or_default();
+        self.paused[i] = false;
+        all.extend_from_slice(&bytes);
+        if !self.declared(event) {
+            self.sent[i].extend_from_slice(&all);
+            return NetworkAction::Continue;
+        }
+        self.ex.borrow_mut().bodies[i] = Some(all);
+        let action = self.call(Some(d), |inst, ctx, c| {
+            let b = Body(BufferHandle::new(c.0.ex.clone(), d));
+            inst.data(ctx, c, from, &b, eos)
+        });
+        match action {
+            NetworkAction::Continue => self.forward(d),
+            NetworkAction::Pause => self.paused[i] = true,
+            NetworkAction::Close => self.close_all(),
+        }
+        action
+    }
+
+    fn forward(&mut self, d: Direction) {
+        let i = idx(d);
+        let out = self.ex.borrow_mut().bodies[i].take().unwrap_or_default();
+        self.sent[i].extend_from_slice(&out);
+        self.paused[i] = false;
+    }
+
+    /// `peer`'s connection closed: `on_close(peer)` if that side was open
+    /// and the event is declared.
+    pub fn close(&mut self, peer: Peer) {
+        let i = match peer {
+            Peer::Downstream => 0,
+            Peer::Upstream => 1,
+        };
+        if !self.open[i] {
+            return;
+        }
+        self.open[i] = false;
+        if self.declared(NetworkEvent::Close) {
+            self.closing = true;
+            self.call(None, |inst, ctx, c| {
+                inst.close(ctx, c, peer);
+                NetworkAction::Continue
+            });
+            self.closing = false;
+        }
+        if !self.open[0] && !self.open[1] {
+            self.end();
+        }
+    }
+
+    /// Close both sides (downstream first), as the host does when the
+    /// connection is over or a filter returned `Close`.
+    pub fn close_all(&mut self) {
+        self.close(Peer::Downstream);
+        self.close(Peer::Upstream);
+        self.end();
+    }
+
+    /// The connection is over: held data is discarded and outstanding
+    /// callouts are cancelled (never delivered).
+    fn end(&mut self) {
+        self.closed = true;
+        {
+            let mut ex = self.ex.borrow_mut();
+            ex.bodies = [None, None];
+        }
+        self.paused = [false; 2];
+        let mut h = self.test.host.host.borrow_mut();
+        for c in h.callouts.iter_mut() {
+            if c.context == Some(self.context) && c.state == CalloutState::Outstanding {
+                c.state = CalloutState::Cancelled;
+            }
+        }
+    }
+
+    /// Deliver callout `id`'s response to `on_callout_response`. `None` if
+    /// `id` is not an outstanding callout of this connection (the host would
+    /// not call). `Continue` resumes: connects (after a paused
+    /// `on_new_connection`), forwards held data, then delivers data queued
+    /// meanwhile.
+    pub fn deliver_callout(
+        &mut self,
+        id: CalloutId,
+        response: Result<CalloutResponse, Error>,
+    ) -> Option<NetworkAction> {
+        let mine = self
+            .test
+            .host
+            .callouts()
+            .iter()
+            .any(|c| c.id == id && c.context == Some(self.context) && c.outstanding);
+        if self.closed || !mine || !self.test.host.take_outstanding(id) {
+            return None;
+        }
+        let action = self.call(None, |i, ctx, c| i.callout_response(ctx, c, id, response));
+        match action {
+            NetworkAction::Continue => {
+                if self.paused_new {
+                    self.connected();
+                }
+                for (d, from) in [
+                    (Direction::Request, Peer::Downstream),
+                    (Direction::Response, Peer::Upstream),
+                ] {
+                    let i = idx(d);
+                    if self.paused[i] {
+                        self.forward(d);
+                    }
+                    let queued = std::mem::take(&mut self.pending[i]);
+                    let eos = std::mem::take(&mut self.pending_eos[i]);
+                    if (!queued.is_empty() || eos) && !self.closed {
+                        self.data(from, queued, eos);
+                    }
+                }
+            }
+            NetworkAction::Pause => {}
+            NetworkAction::Close => self.close_all(),
+        }
+        Some(action)
+    }
+
+    /// Deliver the queued responses ([`TestHost::queue_callout_response`]) to
+    /// this connection's outstanding callouts, in send order; the actions.
+    pub fn deliver_callouts(&mut self) -> Vec<NetworkAction> {
+        let ready = self.test.host.ready_callouts(Some(self.context));
+        let mut actions = Vec::new();
+        for (id, r) in ready {
+            if let Some(a) = self.deliver_callout(id, r) {
+                actions.push(a);
+            }
+        }
+        actions
+    }
+
+    /// Whether a `Pause` just returned is valid as the host sees it: the
+    /// connection has a callout outstanding (a pause from
+    /// `on_new_connection` or at end of stream without one is a failure).
+    pub fn may_pause(&self) -> bool {
+        self.test.host.outstanding(Some(self.context)) > 0
+    }
+
+    // ---- inspection ----
+
+    /// Every byte forwarded to the upstream endpoint so far (after the
+    /// filter's rewrites).
+    pub fn sent_upstream(&self) -> Vec<u8> {
+        self.sent[0].clone()
+    }
+
+    /// Every byte forwarded to the client so far.
+    pub fn sent_downstream(&self) -> Vec<u8> {
+        self.sent[1].clone()
+    }
+
+    /// The data of `from` held in the filter by a pause, if any.
+    pub fn held(&self, from: Peer) -> Option<Vec<u8>> {
+        let i = idx(direction_of(from));
+        if self.paused[i] {
+            self.ex.borrow().bodies[i].clone()
+        } else {
+            None
+        }
+    }
+
+    /// Whether the upstream connection was opened.
+    pub fn is_connected(&self) -> bool {
+        self.ex.borrow().upstream_address.is_some()
+    }
+
+    /// Whether the connection is over (closed by the filter, or both sides
+    /// closed).
+    pub fn is_closed(&self) -> bool {
+        self.closed
     }
 }

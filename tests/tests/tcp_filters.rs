@@ -1,7 +1,10 @@
 //! Network (L4) filters on TCP proxy listeners: a proxy-wasm filter built from
 //! source with the upstream `proxy-wasm` crate (tests/proxy-wasm-guests, its
-//! `tcp-*` modes) runs on real connections to a real echo upstream; the tests
-//! assert the bytes each side gets and the `/stats` counters.
+//! `tcp-*` modes), the component fixtures (tests/network-guest on raw
+//! `wit-bindgen`, tests/network-sdk-guest on `legate-sdk`) and the shipped
+//! example examples/tcp-filter run on real connections to a real echo
+//! upstream; the tests assert the bytes each side gets and the `/stats`
+//! counters.
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -11,6 +14,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use legate_tests::plugins::plugin_wasm;
 use legate_tests::proxy_wasm::proxy_wasm_guest;
 use legate_tests::*;
 
@@ -562,5 +566,306 @@ async fn a_component_network_filter_reloads() {
     new.write(b"foo").await;
     assert_eq!(new.read_exact(3, T).await.unwrap(), b"F00");
     lg.assert_stat(r#"legate_plugin_instances{plugin="pw"}"#, 1.0)
+        .await;
+}
+
+/// TCP listener `tcp` to cluster `echo` with the component at `module` as
+/// plugin `pw`, its `config` (a YAML flow mapping) and `extra` plugin keys.
+fn sdk_config(echo: SocketAddr, module: &str, plugin_config: &str, extra: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: tcp
+    address: 127.0.0.1:0
+    tcp:
+      cluster: echo
+      filters: [{{ plugin: pw }}]
+clusters:
+  - name: echo
+    endpoints:
+      - address: {echo}
+plugins:
+  - name: pw
+    module: {}
+    limits: {{ cpu: 500ms }}
+{extra}    config: {plugin_config}
+",
+        plugin_wasm(module).display()
+    )
+}
+
+const SDK_GUEST: &str = "tests/network-sdk-guest";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_network_filter_ticks_per_instance() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&sdk_config(
+            echo.addr,
+            SDK_GUEST,
+            "{ mode: tick, tick_ms: 20 }",
+            "",
+        ))
+        .concurrency(1)
+        .start();
+    // No instance before the first connection: no ticks.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(lg.stat(&calls("tick")).await.unwrap_or(0.0), 0.0);
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"plain").await;
+    assert_eq!(c.read_exact(5, T).await.unwrap(), b"plain");
+    // Ticks run on the instance (its own count, read back through a
+    // connection) and are counted by the host and by the guest.
+    lg.assert_stat_with(&calls("tick"), |v| v >= 3.0, ">= 3")
+        .await;
+    lg.assert_stat_with(
+        r#"legate_plugin_ticks_total{plugin="pw"}"#,
+        |v| v >= 3.0,
+        ">= 3",
+    )
+    .await;
+    c.write(b"ticks?\n").await;
+    let mut line = Vec::new();
+    while line.last() != Some(&b'\n') {
+        line.extend(c.read_exact(1, T).await.unwrap());
+    }
+    let n: u64 = std::str::from_utf8(&line)
+        .unwrap()
+        .trim()
+        .strip_prefix("ticks=")
+        .unwrap_or_else(|| panic!("unexpected reply {line:?}"))
+        .parse()
+        .unwrap();
+    assert!(n >= 3, "the instance saw {n} ticks");
+    // The interval is about 20 ms: over 300 ms, not hundreds of ticks.
+    let before = lg.stat(&calls("tick")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = lg.stat(&calls("tick")).await.unwrap();
+    assert!(
+        (5.0..=40.0).contains(&(after - before)),
+        "{} ticks in 300 ms at 20 ms",
+        after - before
+    );
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+    // The echo server saw the data but not the question, which the filter
+    // answered in place.
+    assert_eq!(echo.bytes.get(), 5 + line.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_network_filter_tick_callouts_are_answered() {
+    let echo = tcp_echo_server().await;
+    let az = authz_upstream().await;
+    let yaml = with_cluster(
+        &sdk_config(
+            echo.addr,
+            SDK_GUEST,
+            "{ mode: tick, tick_ms: 20, tick_callout: true, path: /check/tick }",
+            "    capabilities: { clusters: [authz] }\n",
+        ),
+        "authz",
+        az.addr,
+    );
+    let lg = legate().config(&yaml).concurrency(1).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"go").await;
+    assert_eq!(c.read_exact(2, T).await.unwrap(), b"go");
+    lg.assert_stat_with(
+        r#"legate_plugin_tick_answers_total{plugin="pw",status="200"}"#,
+        |v| v >= 2.0,
+        ">= 2",
+    )
+    .await;
+    lg.assert_stat_with(&calls("tick_callout_response"), |v| v >= 2.0, ">= 2")
+        .await;
+    // Answered first: every answer was sent to the cluster before it.
+    let answered = lg.stat(&calls("tick_callout_response")).await.unwrap();
+    let sent = lg
+        .stat(r#"legate_cluster_upstream_rq_total{cluster="authz"}"#)
+        .await
+        .unwrap();
+    assert!(sent >= answered, "{sent} sent, {answered} answered");
+    lg.assert_stat(r#"legate_plugin_callout_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_in_on_tick_drops_the_instance_and_a_new_connection_replaces_it() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&sdk_config(
+            echo.addr,
+            SDK_GUEST,
+            "{ mode: tick, tick_ms: 20, tick_trap: 3 }",
+            "",
+        ))
+        .concurrency(1)
+        .start();
+    let mut old = RawConn::connect(lg.addr("tcp")).await;
+    old.write(b"one").await;
+    assert_eq!(old.read_exact(3, T).await.unwrap(), b"one");
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="pw"}"#, 1.0)
+        .await;
+    lg.assert_stat(r#"legate_plugin_instances{plugin="pw"}"#, 0.0)
+        .await;
+    // The dead instance ticks no more.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(lg.stat(&calls("tick")).await, Some(3.0));
+    // The connection that started on it gets the failure policy (closed).
+    old.write(b"two").await;
+    let (rest, closed) = old.read_until_close(T).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    // A new connection gets a new instance, which ticks again.
+    let mut new = RawConn::connect(lg.addr("tcp")).await;
+    new.write(b"three").await;
+    assert_eq!(new.read_exact(5, T).await.unwrap(), b"three");
+    lg.assert_stat(r#"legate_plugin_instance_restarts_total{plugin="pw"}"#, 1.0)
+        .await;
+    lg.assert_stat_with(&calls("tick"), |v| v >= 4.0, ">= 4")
+        .await;
+    assert_eq!(
+        echo.bytes.get(),
+        8,
+        "data after the trap reached the upstream"
+    );
+}
+
+#[test]
+fn a_network_filter_tick_below_the_minimum_is_refused() {
+    let yaml = sdk_config(
+        "127.0.0.1:1".parse().unwrap(),
+        SDK_GUEST,
+        "{ mode: tick, tick_ms: 5 }",
+        "",
+    );
+    let e = match legate().config(&yaml).try_start() {
+        Ok(_) => panic!("a 5 ms tick was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("tick-interval-ms 5 is below the minimum of 10 ms"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_network_filter_holds_data_until_a_callout_answers() {
+    let echo = tcp_echo_server().await;
+    let az = authz_upstream().await;
+    let cfg = |path: &str| {
+        with_cluster(
+            &sdk_config(
+                echo.addr,
+                SDK_GUEST,
+                &format!("{{ mode: hold, path: \"{path}\" }}"),
+                "    capabilities: { clusters: [authz] }\n",
+            ),
+            "authz",
+            az.addr,
+        )
+    };
+    let lg = legate().config(&cfg("/check/tcp")).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"data").await;
+    // Held until the callout answered, then forwarded.
+    assert_eq!(c.read_exact(4, T).await.unwrap(), b"data");
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    // The connection's context remembers the answer: no second callout.
+    c.write(b"more").await;
+    assert_eq!(c.read_exact(4, T).await.unwrap(), b"more");
+    assert_eq!(echo.bytes.get(), 8);
+    lg.assert_stat(r#"legate_cluster_upstream_rq_total{cluster="authz"}"#, 1.0)
+        .await;
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    lg.assert_stat(&calls("downstream_data"), 2.0).await;
+    c.stream.shutdown().await.unwrap();
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    lg.assert_stat(
+        r#"legate_plugin_closes_total{plugin="pw",peer="downstream"}"#,
+        1.0,
+    )
+    .await;
+    lg.assert_stat(
+        r#"legate_plugin_closes_total{plugin="pw",peer="upstream"}"#,
+        1.0,
+    )
+    .await;
+    drop(lg);
+
+    // Denied: closed, nothing reaches the upstream.
+    let lg = legate().config(&cfg("/check/deny")).start();
+    let before = echo.bytes.get();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"data").await;
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    assert_eq!(echo.bytes.get(), before, "denied data reached the upstream");
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_network_filter_sees_the_connection() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&sdk_config(echo.addr, SDK_GUEST, "{ mode: facts }", ""))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"?").await;
+    let want = format!("id=true listener=tcp cluster=echo up={}\n", echo.addr);
+    let got = c.read_exact(want.len(), T).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), want);
+    lg.assert_stat(&calls("downstream_data"), 1.0).await;
+    // Not declared: never called.
+    lg.assert_stat(&calls("new_connection"), 0.0).await;
+    lg.assert_stat(&calls("upstream_data"), 0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_filter_example_denies_redacts_and_counts() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&sdk_config(
+            echo.addr,
+            "examples/tcp-filter",
+            "{ deny: [DROP], redact: [secret] }",
+            "",
+        ))
+        .start();
+    // Upstream data (the echo) is redacted; downstream data goes as is.
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let sent = b"my secret is secret\n";
+    c.write(sent).await;
+    let want = b"my ****** is ******\n";
+    assert_eq!(c.read_exact(want.len(), T).await.unwrap(), want);
+    assert_eq!(echo.bytes.get(), sent.len());
+    // A denied word closes the connection before it reaches the upstream.
+    c.write(b"DROP it\n").await;
+    let (rest, closed) = c.read_until_close(T).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    assert_eq!(
+        echo.bytes.get(),
+        sent.len(),
+        "the denied data was forwarded"
+    );
+    let n = sent.len() as f64;
+    lg.assert_stat(r#"legate_plugin_denied_total{plugin="pw"}"#, 1.0)
+        .await;
+    lg.assert_stat(
+        r#"legate_plugin_bytes_total{plugin="pw",direction="downstream"}"#,
+        n,
+    )
+    .await;
+    lg.assert_stat(
+        r#"legate_plugin_bytes_total{plugin="pw",direction="upstream"}"#,
+        n,
+    )
+    .await;
+    lg.assert_stat(&calls("downstream_close"), 1.0).await;
+    lg.assert_stat(&calls("upstream_close"), 1.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
         .await;
 }

@@ -110,18 +110,19 @@ pub fn load(
                 .config
                 .as_ref()
                 .map_or_else(|| "null".to_string(), |v| v.to_string());
-            let f = network::WasmNetworkFilter::load(
+            let f = Arc::new(network::WasmNetworkFilter::load(
                 name,
                 &component,
                 settings(p, json, files.clone()),
                 stats,
-            )?;
+            )?);
+            f.arm();
             out.insert(
                 FilterKey {
                     plugin: p.name.clone(),
                     config_override: None,
                 },
-                Arc::new(f),
+                f,
             );
             continue;
         }

@@ -6,13 +6,15 @@
 //! at `on_done`. The connection's facts and data are the [`Exchange`] the
 //! chain swaps into the store for a call (the `connection` handle names it).
 //! Deadlines, the memory cap, the failure policy and the per-plugin stats are
-//! the HTTP plugins' ([`super::plugin`]). Not supported yet: `on-tick` (a
-//! non-zero `tick-interval-ms` refuses the load).
+//! the HTTP plugins' ([`super::plugin`]), and so are ticks: with a non-zero
+//! `tick-interval-ms`, each instance gets a tick task on its worker's
+//! `LocalSet` (started with the instance, ended with it), whose `on-tick`
+//! calls and the callouts they send are handled as for HTTP plugins.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
@@ -23,9 +25,11 @@ use super::bindings::network::exports::legate::filter::network_handler::NetworkS
 use super::bindings::network::legate::filter::network as wnet;
 use super::bindings::network::{NetworkFilter as World, NetworkFilterPre};
 use super::engine;
-use super::host::{HostState, Phase, PluginShared};
-use super::plugin::{borrow, describe, guest_result, run_inline, PluginStats, Settings};
-use crate::filter::{CalloutResult, Direction, Exchange, HttpFilter, Phases, Verdict};
+use super::host::{HostState, Phase, PluginShared, PLUGIN_CONTEXT};
+use super::plugin::{borrow, describe, guest_result, run_inline, PluginStats, Settings, MIN_TICK};
+use crate::filter::{
+    CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter, Phases, Verdict,
+};
 use crate::network_filter::{NetVerdict, NetworkFilter, Peer};
 use crate::stats::{Counter, Stats};
 
@@ -47,6 +51,8 @@ struct Slot {
     not_before: Option<Instant>,
     backoff: Duration,
     failed_before: bool,
+    /// Bumped for each new instance: a tick task runs while its instance is live.
+    generation: u64,
 }
 
 thread_local! {
@@ -85,6 +91,11 @@ pub struct WasmNetworkFilter {
     /// Instances of this filter live on workers (taken off the instances
     /// gauge when the filter is dropped).
     live_instances: AtomicI64,
+    /// `tick-interval-ms` from the setup, if non-zero.
+    tick: Option<Duration>,
+    /// This filter, for the per-instance tick tasks (set by
+    /// [`WasmNetworkFilter::arm`]); weak so a removed plugin's ticks stop.
+    me: OnceLock<Weak<WasmNetworkFilter>>,
 }
 
 impl Drop for WasmNetworkFilter {
@@ -158,19 +169,188 @@ impl WasmNetworkFilter {
             },
             limit_exceeded,
             live_instances: AtomicI64::new(0),
+            tick: None,
+            me: OnceLock::new(),
         };
         let (_, setup) = f
             .instantiate(u32::MAX)
             .map_err(|e| anyhow::anyhow!("plugin `{name}`: {e}"))?;
-        if setup.tick_interval_ms != 0 {
+        // The same rule as for HTTP plugins (abi/README.md §2).
+        let tick = Duration::from_millis(u64::from(setup.tick_interval_ms));
+        if !tick.is_zero() && tick < MIN_TICK {
             anyhow::bail!(
-                "plugin `{name}`: a network filter asked for ticks (tick-interval-ms {}); \
-                 this host does not run `on-tick` for network filters yet: ask for 0",
-                setup.tick_interval_ms
+                "plugin `{name}`: tick-interval-ms {} is below the minimum of {} ms; \
+                 ask for 0 (no ticks) or at least {}",
+                setup.tick_interval_ms,
+                MIN_TICK.as_millis(),
+                MIN_TICK.as_millis()
             );
         }
+        f.tick = (!tick.is_zero()).then_some(tick);
         f.setup = setup;
         Ok(f)
+    }
+
+    /// Lets the filter start tick tasks for its instances (it needs an `Arc`
+    /// of itself); call once after wrapping it in an `Arc`.
+    pub fn arm(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+    }
+
+    /// Calls `on-tick` on this worker's instance every interval while that
+    /// instance (generation `generation`) is live and the filter is loaded.
+    /// Runs on the worker's `LocalSet`, so a tick never overlaps another call
+    /// into the instance.
+    async fn tick_loop(
+        me: Weak<WasmNetworkFilter>,
+        worker: usize,
+        every: Duration,
+        generation: u64,
+    ) {
+        let mut iv = tokio::time::interval(every);
+        // A late tick is not made up (abi/README.md §2).
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        iv.tick().await;
+        loop {
+            iv.tick().await;
+            let Some(f) = me.upgrade() else { return };
+            f.stats.calls["tick"].inc();
+            let r = f.with_plugin_call(generation, |live| {
+                let r = run_inline(
+                    live.bindings
+                        .legate_filter_network_handler()
+                        .call_on_tick(&mut live.store),
+                );
+                r.map(|()| std::mem::take(&mut live.store.data_mut().tick_callouts))
+            });
+            match r {
+                Ok(queued) => {
+                    for req in queued {
+                        tokio::task::spawn_local(Self::tick_callout(
+                            me.clone(),
+                            worker,
+                            generation,
+                            req,
+                        ));
+                    }
+                }
+                // The instance is gone (replaced, or the filter's last
+                // connection on this worker ended with the filter dropped).
+                Err(None) => return,
+                // A trap dropped the instance; the next connection gets a
+                // new one (with its own tick task).
+                Err(Some(e)) => {
+                    tracing::warn!(plugin = &*f.shared.name, "on-tick failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends one callout queued by `on-tick` and delivers its result to
+    /// `on-tick-callout-response`, if the instance that sent it is still live.
+    async fn tick_callout(
+        me: Weak<WasmNetworkFilter>,
+        worker: usize,
+        generation: u64,
+        req: CalloutRequest,
+    ) {
+        let id = req.id;
+        let result = match crate::filter::worker_callouts() {
+            Some(sender) => sender.send(req).await,
+            None => Err(crate::filter::CalloutError::Unavailable),
+        };
+        let Some(f) = me.upgrade() else { return };
+        f.stats.count_callout(&result);
+        let current = INSTANCES.with(|cell| {
+            cell.borrow_mut()
+                .get_mut(&f.id)
+                .filter(|s| s.generation == generation)
+                .and_then(|s| s.live.as_mut())
+                .is_some_and(|live| live.store.data_mut().take_outstanding(PLUGIN_CONTEXT, id))
+        });
+        if !current {
+            return;
+        }
+        f.stats.calls["tick_callout_response"].inc();
+        let result = guest_result(result);
+        let r = f.with_plugin_call(generation, |live| {
+            let r = run_inline(
+                live.bindings
+                    .legate_filter_network_handler()
+                    .call_on_tick_callout_response(
+                        &mut live.store,
+                        id,
+                        result.as_ref().map_err(|e| *e),
+                    ),
+            );
+            // Callouts sent from here belong to the plugin too.
+            r.map(|()| std::mem::take(&mut live.store.data_mut().tick_callouts))
+        });
+        match r {
+            Ok(queued) => {
+                for req in queued {
+                    tokio::task::spawn_local(Self::tick_callout(
+                        me.clone(),
+                        worker,
+                        generation,
+                        req,
+                    ));
+                }
+            }
+            Err(None) => {}
+            Err(Some(e)) => tracing::warn!(
+                plugin = &*f.shared.name,
+                "on-tick-callout-response failed: {e}"
+            ),
+        }
+    }
+
+    /// Runs a plugin-level call (`on-tick` and its callout responses: no
+    /// connection) on this worker's instance of generation `generation`, under
+    /// the CPU deadline. `Err(None)`: that instance is not live any more;
+    /// `Err(Some(why))`: the call failed (a trap drops the instance, as for
+    /// connection calls).
+    fn with_plugin_call<R>(
+        &self,
+        generation: u64,
+        call: impl FnOnce(&mut Live) -> wasmtime::Result<R>,
+    ) -> Result<R, Option<String>> {
+        INSTANCES.with(|cell| {
+            let mut map = cell.borrow_mut();
+            let Some(slot) = map.get_mut(&self.id).filter(|s| s.generation == generation) else {
+                return Err(None);
+            };
+            let Some(live) = slot.live.as_mut() else {
+                return Err(None);
+            };
+            engine::arm(&mut live.store, self.settings.cpu);
+            let data = live.store.data_mut();
+            data.phase = Phase::Tick;
+            data.in_exchange = false;
+            let started = Instant::now();
+            let result = call(live);
+            self.stats.duration.observe(started.elapsed());
+            match result {
+                Ok(r) => Ok(r),
+                Err(e) => {
+                    let (class, text) = describe(&e, self.settings.cpu);
+                    match class {
+                        "timeout" => self.stats.timeouts.inc(),
+                        "memory" => self.stats.memory_exceeded.inc(),
+                        _ => self.stats.traps.inc(),
+                    }
+                    self.stats.failures.inc();
+                    // The instance is dead; its connections get the failure
+                    // policy on their next call.
+                    slot.live = None;
+                    self.stats.instances.dec();
+                    self.live_instances.fetch_sub(1, Relaxed);
+                    fail_slot(slot);
+                    Err(Some(text))
+                }
+            }
+        })
     }
 
     fn instantiate(&self, worker: u32) -> Result<(Live, NetworkSetup), String> {
@@ -237,6 +417,15 @@ impl WasmNetworkFilter {
                         self.stats.instances.inc();
                         self.live_instances.fetch_add(1, Relaxed);
                         slot.live = Some(live);
+                        slot.generation += 1;
+                        if let (Some(every), Some(me)) = (self.tick, self.me.get()) {
+                            tokio::task::spawn_local(Self::tick_loop(
+                                me.clone(),
+                                worker,
+                                every,
+                                slot.generation,
+                            ));
+                        }
                     }
                     Err(e) => {
                         fail_slot(slot);

@@ -442,6 +442,70 @@ impl BufferHandle<'_> {
     }
 }
 
+// ---- connection (network filters) ----
+
+/// A TCP connection as a network filter sees it. The harness keeps its facts
+/// and data in an [`ExchangeState`] (as the host keeps a connection in an
+/// `Exchange`): `bodies[0]` is the data from downstream, `bodies[1]` from
+/// upstream, writable while `Part::Body` of that direction is in the window.
+pub(crate) struct ConnectionHandle<'a> {
+    pub(crate) ex: Ex,
+    pub(crate) id: u64,
+    pub(crate) listener: String,
+    pub(crate) _borrow: PhantomData<&'a ()>,
+}
+
+impl ConnectionHandle<'_> {
+    pub(crate) fn new(ex: Ex, id: u64, listener: String) -> Self {
+        ConnectionHandle {
+            ex,
+            id,
+            listener,
+            _borrow: PhantomData,
+        }
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+    pub(crate) fn listener_name(&self) -> String {
+        self.listener.clone()
+    }
+    pub(crate) fn source_address(&self) -> SocketAddr {
+        self.ex.borrow().source
+    }
+    pub(crate) fn destination_address(&self) -> SocketAddr {
+        self.ex.borrow().destination
+    }
+    pub(crate) fn tls_version(&self) -> Option<TlsVersion> {
+        self.ex.borrow().tls_version
+    }
+    pub(crate) fn tls_sni(&self) -> Option<String> {
+        self.ex.borrow().tls_sni.clone()
+    }
+    pub(crate) fn tls_peer_certificate_presented(&self) -> bool {
+        self.ex.borrow().tls_peer_subject.is_some()
+    }
+    pub(crate) fn tls_peer_subject(&self) -> Option<String> {
+        self.ex.borrow().tls_peer_subject.clone()
+    }
+    pub(crate) fn cluster(&self) -> Option<String> {
+        self.ex.borrow().cluster.clone()
+    }
+    pub(crate) fn upstream_address(&self) -> Option<SocketAddr> {
+        self.ex.borrow().upstream_address
+    }
+    pub(crate) fn start_time(&self) -> u64 {
+        self.ex.borrow().start_time
+    }
+    pub(crate) fn data(&self, d: Direction) -> Option<BufferHandle<'static>> {
+        let ex = self.ex.borrow();
+        // As on the host: only the current data call's direction has data.
+        (ex.bodies[idx(d)].is_some() && ex.window.contains(&Part::Body(d)))
+            .then(|| BufferHandle::new(self.ex.clone(), d))
+    }
+}
+
 // ---- exchange ----
 
 pub(crate) struct ExchangeHandle<'a> {

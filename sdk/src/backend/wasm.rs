@@ -1,5 +1,9 @@
 //! The guest backend: every SDK handle is a thin wrapper over the bindings that
-//! `wit-bindgen` generates from `abi/wit` (world `http-filter`).
+//! `wit-bindgen` generates from `abi/wit`: world `http-filter` ([`bindings`],
+//! which also holds the interfaces both worlds import) and world
+//! `network-filter` ([`net_bindings`], which reuses those shared interfaces
+//! through `with`, so buffers, metrics, KV, callouts… have one set of types and
+//! one set of wrappers).
 
 #![allow(missing_docs)]
 
@@ -22,7 +26,35 @@ pub mod bindings {
     });
 }
 
+/// The generated bindings of the `network-filter` world (public only for
+/// `legate_sdk::export_network!`). The interfaces it shares with
+/// `http-filter` are those of [`bindings`]; only `network` and
+/// `network-handler` are generated here. With `pub_export_macro`, the world's
+/// exports are described only by the export macro a crate invokes, so an
+/// HTTP filter does not have to export `network-handler` nor the reverse.
+pub mod net_bindings {
+    wit_bindgen::generate!({
+        world: "network-filter",
+        path: "../abi/wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_network_filter",
+        default_bindings_module: "::legate_sdk::__private::net_bindings",
+        with: {
+            "legate:filter/types@0.1.0": crate::backend::wasm::bindings::legate::filter::types,
+            "legate:filter/log@0.1.0": crate::backend::wasm::bindings::legate::filter::log,
+            "legate:filter/clock@0.1.0": crate::backend::wasm::bindings::legate::filter::clock,
+            "legate:filter/random@0.1.0": crate::backend::wasm::bindings::legate::filter::random,
+            "legate:filter/metrics@0.1.0": crate::backend::wasm::bindings::legate::filter::metrics,
+            "legate:filter/kv@0.1.0": crate::backend::wasm::bindings::legate::filter::kv,
+            "legate:filter/callout@0.1.0": crate::backend::wasm::bindings::legate::filter::callout,
+            "legate:filter/plugin@0.1.0": crate::backend::wasm::bindings::legate::filter::plugin,
+        },
+        generate_all,
+    });
+}
+
 use bindings::legate::filter as wit;
+use net_bindings::legate::filter::network as wnet;
 
 pub(crate) fn error(e: wit::types::Error) -> Error {
     use wit::types::Error as W;
@@ -269,6 +301,53 @@ impl<'a> ExchangeHandle<'a> {
     }
 }
 
+// ---- connection (network-filter world) ----
+
+pub(crate) struct ConnectionHandle<'a>(&'a wnet::Connection);
+
+impl<'a> ConnectionHandle<'a> {
+    pub(crate) fn borrowed(c: &'a wnet::Connection) -> Self {
+        ConnectionHandle(c)
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.0.id()
+    }
+    pub(crate) fn listener_name(&self) -> String {
+        self.0.listener_name()
+    }
+    pub(crate) fn source_address(&self) -> SocketAddr {
+        socket_address(self.0.source_address())
+    }
+    pub(crate) fn destination_address(&self) -> SocketAddr {
+        socket_address(self.0.destination_address())
+    }
+    pub(crate) fn tls_version(&self) -> Option<TlsVersion> {
+        self.0.tls_version().map(tls_version)
+    }
+    pub(crate) fn tls_sni(&self) -> Option<String> {
+        self.0.tls_sni()
+    }
+    pub(crate) fn tls_peer_certificate_presented(&self) -> bool {
+        self.0.tls_peer_certificate_presented()
+    }
+    pub(crate) fn tls_peer_subject(&self) -> Option<String> {
+        self.0.tls_peer_subject()
+    }
+    pub(crate) fn cluster(&self) -> Option<String> {
+        self.0.cluster()
+    }
+    pub(crate) fn upstream_address(&self) -> Option<SocketAddr> {
+        self.0.upstream_address().map(socket_address)
+    }
+    pub(crate) fn start_time(&self) -> u64 {
+        self.0.start_time()
+    }
+    pub(crate) fn data(&self, d: Direction) -> Option<BufferHandle<'static>> {
+        self.0.data(direction(d)).map(BufferHandle::Owned)
+    }
+}
+
 // ---- log, clock, random, plugin ----
 
 fn level(l: Level) -> wit::log::Level {
@@ -454,6 +533,10 @@ pub(crate) fn callout_cancel(id: u64) -> Result<(), Error> {
 /// The per-instance slot the `export!` macro declares for the filter type.
 pub type Slot<F> = std::thread::LocalKey<std::cell::RefCell<Option<crate::filter::Instance<F>>>>;
 
+/// The per-instance slot `export_network!` declares for the filter type.
+pub type NetSlot<F> =
+    std::thread::LocalKey<std::cell::RefCell<Option<crate::network::NetworkInstance<F>>>>;
+
 fn setup(s: crate::setup::Setup) -> wit::http::HttpSetup {
     use crate::setup::Phase;
     use wit::http::Phases;
@@ -487,22 +570,30 @@ pub fn configure<F: crate::HttpFilter>(
 ) -> Result<wit::http::HttpSetup, String> {
     let instance = crate::filter::Instance::<F>::configure(&config)?;
     let s = setup(instance.setup());
+    store(slot, instance)?;
+    Ok(s)
+}
+
+fn store<I: 'static>(
+    slot: &'static std::thread::LocalKey<std::cell::RefCell<Option<I>>>,
+    instance: I,
+) -> Result<(), String> {
     slot.with(|cell| match cell.try_borrow_mut() {
         Ok(mut guard) => {
             *guard = Some(instance);
-            Ok(s)
+            Ok(())
         }
         Err(_) => Err("legate-sdk: configure re-entered the plugin instance".to_owned()),
     })
 }
 
-/// Run `f` on the configured instance. The host calls an instance strictly
-/// sequentially and only after a successful `configure`; if either does not
-/// hold, `default` is returned instead of trapping.
-pub fn with_instance<F: crate::HttpFilter, R>(
-    slot: &'static Slot<F>,
+/// Run `f` on the configured instance (of either world). The host calls an
+/// instance strictly sequentially and only after a successful `configure`;
+/// if either does not hold, `default` is returned instead of trapping.
+pub fn with_instance<I: 'static, R>(
+    slot: &'static std::thread::LocalKey<std::cell::RefCell<Option<I>>>,
     default: R,
-    f: impl FnOnce(&mut crate::filter::Instance<F>) -> R,
+    f: impl FnOnce(&mut I) -> R,
 ) -> R {
     slot.with(|cell| match cell.try_borrow_mut() {
         Ok(mut guard) => match guard.as_mut() {
@@ -524,4 +615,73 @@ pub fn headers(h: &wit::http::Headers) -> crate::Headers<'_> {
 /// Wrap a borrowed buffer.
 pub fn body(b: &wit::types::Buffer) -> crate::Body<'_> {
     crate::Body(BufferHandle::borrowed(b))
+}
+
+// ---- network-filter export glue (`legate_sdk::export_network!`) ----
+
+fn net_setup(s: crate::network::NetworkSetup) -> wnet::NetworkSetup {
+    use crate::network::NetworkEvent as E;
+    use wnet::NetworkEvents as W;
+    let mut events = W::empty();
+    for (event, flag) in [
+        (E::NewConnection, W::NEW_CONNECTION),
+        (E::DownstreamData, W::DOWNSTREAM_DATA),
+        (E::UpstreamData, W::UPSTREAM_DATA),
+        (E::Close, W::CLOSE),
+    ] {
+        if s.declares(event) {
+            events |= flag;
+        }
+    }
+    wnet::NetworkSetup {
+        events,
+        tick_interval_ms: s.tick_interval_ms(),
+    }
+}
+
+/// `configure` of a network filter: build the instance and store it in `slot`.
+pub fn net_configure<F: crate::NetworkFilter>(
+    slot: &'static NetSlot<F>,
+    config: String,
+) -> Result<wnet::NetworkSetup, String> {
+    let instance = crate::network::NetworkInstance::<F>::configure(&config)?;
+    let s = net_setup(instance.setup());
+    store(slot, instance)?;
+    Ok(s)
+}
+
+/// A network action for the host.
+pub fn net_action(a: crate::NetworkAction) -> wnet::NetworkAction {
+    match a {
+        crate::NetworkAction::Continue => wnet::NetworkAction::Continue,
+        crate::NetworkAction::Pause => wnet::NetworkAction::Pause,
+        crate::NetworkAction::Close => wnet::NetworkAction::Close,
+    }
+}
+
+/// A peer from the host.
+pub fn peer(p: wnet::Peer) -> crate::Peer {
+    match p {
+        wnet::Peer::Downstream => crate::Peer::Downstream,
+        wnet::Peer::Upstream => crate::Peer::Upstream,
+    }
+}
+
+/// Wrap a borrowed connection.
+pub fn connection(c: &wnet::Connection) -> crate::Connection<'_> {
+    crate::Connection(ConnectionHandle::borrowed(c))
+}
+
+/// Run `f` on a connection's context (held by its `network-context`
+/// resource); `default` if it is already borrowed (the host never re-enters
+/// a call, so this does not happen, but it must not trap).
+pub fn with_context<C, R>(
+    cell: &std::cell::RefCell<C>,
+    default: R,
+    f: impl FnOnce(&mut C) -> R,
+) -> R {
+    match cell.try_borrow_mut() {
+        Ok(mut c) => f(&mut c),
+        Err(_) => default,
+    }
 }
