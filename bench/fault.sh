@@ -19,45 +19,16 @@ CONNS=${CONNS:-32}        # wrk connections
 THREADS=${THREADS:-2}     # wrk threads
 LEGATE_FLAGS=${LEGATE_FLAGS:---concurrency 1}
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "${REPO_ROOT}"
-log() { printf '[fault] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-if [[ -z ${SKIP_SETUP:-} ]] && ! command -v wrk >/dev/null 2>&1; then
-    bash scripts/setup.sh bench
+BENCH_NAME=fault
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+if ! command -v wrk >/dev/null 2>&1; then
+    bench_setup bench
 fi
-command -v wrk >/dev/null 2>&1 || die "'wrk' not found: run scripts/setup.sh bench"
-command -v curl >/dev/null 2>&1 || die "'curl' not found"
+bench_need wrk curl
+bench_build
+bench_workdir
 
-lock=()
-[[ -f Cargo.lock ]] && lock=(--locked)
-log "building legate and the demo upstream (release)"
-cargo build --release "${lock[@]}" -p legate-demo-upstream -p legate-host
-UPSTREAM_BIN="${REPO_ROOT}/target/release/legate-demo-upstream"
-LEGATE_BIN="${REPO_ROOT}/target/release/legate"
-
-WORK="$(mktemp -d -t legate-fault.XXXXXX)"
-pids=()
-cleanup() {
-    local rc=$? p
-    trap - EXIT INT TERM
-    for p in "${pids[@]}"; do kill "${p}" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "${p}" 2>/dev/null || true; done
-    [[ ${rc} -ne 0 ]] && tail -n 20 "${WORK}"/*.log >&2 2>/dev/null
-    rm -rf "${WORK}"
-    exit "${rc}"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-port_open() { (: >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_port() {
-    local i
-    for ((i = 0; i < 100; i++)); do port_open "$1" && return 0; sleep 0.1; done
-    die "nothing listens on port $1 (logs in ${WORK})"
-}
 
 PORTS=(18191 18192 18193)
 LISTEN=18190

@@ -28,43 +28,13 @@ set -euo pipefail
 
 N=${N:-10000}
 WARMUP=${WARMUP:-500}
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "${REPO_ROOT}"
-log() { printf '[instructions] %s\n' "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
-
-if [[ -z ${SKIP_SETUP:-} ]]; then
-    bash scripts/setup.sh bench wasm
-fi
-for tool in valgrind callgrind_annotate h2load curl; do
-    command -v "${tool}" >/dev/null 2>&1 || die "'${tool}' not found: run scripts/setup.sh bench"
-done
-lock=()
-[[ -f Cargo.lock ]] && lock=(--locked)
-if [[ -z ${SKIP_BUILD:-} ]]; then
-    log "building legate and the demo upstream (release)"
-    cargo build --release "${lock[@]}" -p legate-demo-upstream -p legate-host
-fi
-UPSTREAM_BIN="${REPO_ROOT}/target/release/legate-demo-upstream"
-LEGATE_BIN="${LEGATE_BIN:-${REPO_ROOT}/target/release/legate}"
-
-WORK="$(mktemp -d -t legate-instr.XXXXXX)"
-pids=()
-cleanup() {
-    local rc=$? p
-    trap - EXIT INT TERM
-    for p in "${pids[@]}"; do kill "${p}" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "${p}" 2>/dev/null || true; done
-    [[ ${rc} -ne 0 ]] && tail -n 20 "${WORK}"/*.log >&2 2>/dev/null
-    rm -rf "${WORK}"
-    exit "${rc}"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+BENCH_NAME=instructions
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_setup bench wasm
+bench_need valgrind callgrind_annotate h2load curl
+bench_build
+bench_workdir
 
 log "building bench/noop-filter (legate plugin build)"
 "${LEGATE_BIN}" plugin build bench/noop-filter --out "${WORK}/noop.wasm" >"${WORK}/plugin-build.log" 2>&1 ||
@@ -80,10 +50,9 @@ cp target/proxy-wasm-guests/wasm32-wasip1/release/legate_proxy_wasm_guests.wasm 
 UPSTREAM=18481
 LISTEN=18480
 ADMIN=18489
-port_open() { (: >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 "${UPSTREAM_BIN}" --listen "127.0.0.1:${UPSTREAM}" --name bench --threads 1 >"${WORK}/upstream.log" 2>&1 &
 pids+=($!)
-for ((i = 0; i < 100; i++)); do port_open "${UPSTREAM}" && break; sleep 0.1; done
+wait_port "${UPSTREAM}"
 
 chain_of() {
     case "$1" in

@@ -30,47 +30,16 @@ LOAD_CPU=${LOAD_CPU:-0}
 PROXY_CPU=${PROXY_CPU:-1}
 REDIS=${REDIS:-0}
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "${REPO_ROOT}"
-log() { printf '[plugins] %s\n' "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
-
-if [[ -z ${SKIP_SETUP:-} ]]; then
-    bash scripts/setup.sh bench wasm
-fi
-command -v wrk >/dev/null 2>&1 || die "'wrk' not found: run scripts/setup.sh bench"
-command -v taskset >/dev/null 2>&1 || die "'taskset' not found (util-linux)"
+BENCH_NAME=plugins
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_setup bench wasm
+bench_need wrk taskset openssl
 if [[ ${REDIS} == 1 ]]; then
     command -v redis-server >/dev/null 2>&1 || die "'redis-server' not found: run scripts/setup.sh test"
 fi
-
-lock=()
-[[ -f Cargo.lock ]] && lock=(--locked)
-command -v openssl >/dev/null 2>&1 || die "'openssl' not found: run scripts/setup.sh bench"
-if [[ -z ${SKIP_BUILD:-} ]]; then
-    log "building legate and the demo upstream (release)"
-    cargo build --release "${lock[@]}" -p legate-demo-upstream -p legate-host
-fi
-UPSTREAM_BIN="${REPO_ROOT}/target/release/legate-demo-upstream"
-LEGATE_BIN="${REPO_ROOT}/target/release/legate"
-
-WORK="$(mktemp -d -t legate-plugins.XXXXXX)"
-pids=()
-cleanup() {
-    local rc=$? p
-    trap - EXIT INT TERM
-    for p in "${pids[@]}"; do kill "${p}" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "${p}" 2>/dev/null || true; done
-    [[ ${rc} -ne 0 ]] && tail -n 20 "${WORK}"/*.log >&2 2>/dev/null
-    rm -rf "${WORK}"
-    exit "${rc}"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_build
+bench_workdir
 
 
 # An RS256 key, its JWKS modulus and a token valid for a day: what the JWT
@@ -94,12 +63,6 @@ printf '%s\n' \
     'wrk.headers["x-grpc-web"] = "1"' \
     'wrk.body = "\0\0\0\0\7\10\5hello"' >"${WORK}/grpc-web.lua"
 
-port_open() { (: >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_port() {
-    local i
-    for ((i = 0; i < 100; i++)); do port_open "$1" && return 0; sleep 0.1; done
-    die "nothing listens on port $1 (logs in ${WORK})"
-}
 
 UPSTREAM=18281
 LISTEN=18280

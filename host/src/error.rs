@@ -31,7 +31,7 @@
 use std::fmt;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
 /// What went wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +94,10 @@ pub struct ProxyError {
     pub kind: Kind,
     /// Detail for logs and the short response body (never secrets).
     pub detail: String,
+    /// The reply's headers once the matched route finished them (its and its
+    /// virtual host's `response_headers`, as for an upstream response; see
+    /// [`ProxyError::finish_headers`]). `None` before routing.
+    headers: Option<Box<HeaderMap>>,
 }
 
 impl ProxyError {
@@ -102,7 +106,19 @@ impl ProxyError {
         ProxyError {
             kind,
             detail: detail.into(),
+            headers: None,
         }
+    }
+
+    /// Lets the matched route finish the reply's headers (`finish` gets the
+    /// headers [`ProxyError::to_response`] would send), as Envoy's router does
+    /// for its local replies. Only error paths pay for it.
+    #[must_use]
+    pub fn finish_headers(mut self, finish: impl FnOnce(&mut HeaderMap)) -> Self {
+        let mut h = self.to_response().into_parts().0.headers;
+        finish(&mut h);
+        self.headers = Some(Box::new(h));
+        self
     }
 
     /// Classifies a failure while reading the client's request body: over the
@@ -235,6 +251,9 @@ impl ProxyError {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         if self.kind == Kind::Overloaded {
             h.insert("x-legate-overloaded", HeaderValue::from_static("true"));
+        }
+        if let Some(finished) = &self.headers {
+            h.clone_from(finished);
         }
         resp
     }

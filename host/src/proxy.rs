@@ -236,18 +236,30 @@ async fn proxy(
         let started = Instant::now();
         let local = request_filters(out, &mut req, &mut authority).await;
         out.debug.request_filters = Some(started.elapsed());
-        let mut local = local?;
-        if local.is_none() {
-            local = request_body(out, &mut req, &mut authority).await?;
+        let mut local = local;
+        if matches!(local, Ok(None)) {
+            local = request_body(out, &mut req, &mut authority).await;
         }
+        let input = RouteInput {
+            method: req.method(),
+            uri: req.uri(),
+            authority: &authority,
+            headers: req.headers(),
+            scheme_https: https,
+        };
+        let local = match local {
+            Ok(local) => local,
+            // A plugin failure (or the client's) in the request phases: an answer
+            // for the route the request matches, if any.
+            Err(e) => {
+                return Err(routed_error(
+                    e,
+                    table.route(&input).as_ref(),
+                    http.via.as_deref(),
+                ))
+            }
+        };
         if let Some(local) = local {
-            let input = RouteInput {
-                method: req.method(),
-                uri: req.uri(),
-                authority: &authority,
-                headers: req.headers(),
-                scheme_https: https,
-            };
             let mut resp = local_response(local);
             if let Some(m) = table.route(&input) {
                 out.route = Some(m.route.name.clone());
@@ -276,213 +288,224 @@ async fn proxy(
         ));
     };
     out.route = Some(matched.route.name.clone());
-
-    let cluster_name = match &matched.route.action {
-        Action::Direct {
-            status,
-            body,
-            content_type,
-        } => {
-            let mut resp = Response::new(body::full(body.clone()));
-            *resp.status_mut() = *status;
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, content_type.clone());
-            resp.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-            finish_response_headers(
-                &matched,
-                http.via.as_deref(),
-                Version::HTTP_11,
-                resp.headers_mut(),
-                false,
-            );
-            return response_filters(out, resp).await;
-        }
-        Action::Redirect(_) => {
-            let (status, location) = matched.redirect(&input).ok_or_else(|| {
-                ProxyError::new(Kind::Internal, "redirect route without a redirect")
-            })?;
-            let mut resp = Response::new(body::empty());
-            *resp.status_mut() = status;
-            resp.headers_mut().insert(header::LOCATION, location);
-            resp.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-            finish_response_headers(
-                &matched,
-                http.via.as_deref(),
-                Version::HTTP_11,
-                resp.headers_mut(),
-                false,
-            );
-            return response_filters(out, resp).await;
-        }
-        Action::Cluster(name) => name.clone(),
-        Action::Weighted(w) => w.pick(rand::rng().random()).clone(),
+    // Before the request moves on (the redirect reads its head).
+    let redirect = match matched.route.action {
+        Action::Redirect(_) => Some(matched.redirect(&input)),
+        _ => None,
     };
-    out.cluster = Some(cluster_name.to_string());
-    let entry = snapshot
-        .clusters
-        .get(&cluster_name)
-        .ok_or_else(|| {
-            ProxyError::new(
-                Kind::Internal,
-                format!("cluster `{cluster_name}` missing from the snapshot"),
-            )
-        })?
-        .clone();
-
-    // Limits on the request body, checked before anything goes upstream.
-    let max_body = matched.route.max_request_body;
-    if let (Some(max), Some(len)) = (max_body, content_length(req.headers())) {
-        if len > max {
-            return Err(ProxyError::new(
-                Kind::BodyTooLarge,
-                format!("content-length {len} > {max}"),
-            ));
-        }
-    }
-
-    let upgrade = is_upgrade(&req);
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, incoming) = req.into_parts();
-
-    // Request headers: hop-by-hop out, forwarding facts in, then the route's ops.
-    let h = &mut parts.headers;
-    let upgrade_token = if upgrade {
-        h.get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
-    proxy_headers::strip_hop_by_hop(h);
-    h.remove(header::EXPECT);
-    h.remove(header::HOST);
-    proxy_headers::set_forwarded(h, conn.peer.ip(), https, &authority, trusted);
-    matched.apply_request_headers(h);
-    if let Some(v) = &http.via {
-        proxy_headers::add_via(h, &via_value(parts.version, v));
-    }
-    if let Some(token) = upgrade_token {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, token);
-    }
-    let upstream_authority = match matched.rewritten_host() {
-        Some(v) => v.to_str().unwrap_or(&authority).to_string(),
-        None => authority.clone(),
-    };
-    let path = matched.rewritten_path(&parts.uri).unwrap_or_else(|| {
-        parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.to_string())
-    });
-
-    let req_body = match max_body {
-        Some(max) => body::boxed(Watched::new(incoming, Limit { remaining: max })),
-        None => incoming,
-    };
-
-    let route = matched.route;
-    // `x-legate-max-retries` tunes the route's policy (see crate::overrides).
-    let tuned: Option<RetryPolicy> = ov.max_retries.and_then(|n| {
-        route.retry.as_ref().map(|p| {
-            let mut p = p.clone();
-            p.num_retries = n;
-            p
-        })
-    });
-    let policy = tuned
-        .as_ref()
-        .or(route.retry.as_ref())
-        .filter(|p| !upgrade && p.num_retries > 0 && p.allows_method(&parts.method));
-    // A mirrored request's body is read first (up to the mirror's cap) to be copied.
-    let mirror = route
-        .mirror
-        .as_ref()
-        .filter(|m| !upgrade && crate::mirror::chosen(m));
-    let source = match (policy, mirror) {
-        (Some(p), _) => ReqBody::buffer(req_body, p.buffer_limit, &parts).await?,
-        (None, Some(m)) => ReqBody::buffer(req_body, m.max_body.0, &parts).await?,
-        (None, None) => ReqBody::Stream(Some(req_body)),
-    };
-    if let (Some(m), Some(body)) = (mirror, source.whole(mirror.map_or(0, |m| m.max_body.0))) {
-        let copy = crate::mirror::Copy {
-            method: parts.method.clone(),
-            path: path.clone(),
-            headers: parts.headers.clone(),
-            authority: upstream_authority.clone(),
-            body,
-        };
-        crate::mirror::send(&conn.worker, &snapshot, m, copy);
-    }
-
-    let attempt = Attempts {
-        conn,
-        entry: &entry,
-        method: &parts.method,
-        headers: RefCell::new(std::mem::take(&mut parts.headers)),
-        path: &path,
-        authority: &upstream_authority,
-        policy,
-        per_try: route.per_try_timeout,
-    };
-    let result = match ov.timeout.unwrap_or(route.timeout) {
-        Some(t) => match tokio::time::timeout(t, attempt.run(source, out)).await {
-            Ok(r) => r,
-            Err(_) => {
-                entry
-                    .cluster()
-                    .stats
-                    .upstream_rq_timeout
-                    .fetch_add(1, Relaxed);
-                Err(ProxyError::new(
-                    Kind::Timeout,
-                    format!("route timeout {t:?}"),
-                ))
+    // Errors from here on are answered for this route: it finishes their headers
+    // as it finishes an upstream response's (Envoy's router does the same for
+    // its local replies).
+    let forwarded: Result<Response<Body>, ProxyError> = async {
+        let cluster_name = match &matched.route.action {
+            Action::Direct {
+                status,
+                body,
+                content_type,
+            } => {
+                let mut resp = Response::new(body::full(body.clone()));
+                *resp.status_mut() = *status;
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, content_type.clone());
+                resp.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                finish_response_headers(
+                    &matched,
+                    http.via.as_deref(),
+                    Version::HTTP_11,
+                    resp.headers_mut(),
+                    false,
+                );
+                return response_filters(out, resp).await;
             }
-        },
-        None => attempt.run(source, out).await,
-    };
-    if let Some(lr) = out.chain.as_ref().and_then(filter::SharedChain::take_local) {
-        // A streamed request body phase answered: its response replaces whatever
-        // the aborted upstream request produced.
-        let mut resp = local_response(lr);
+            Action::Redirect(_) => {
+                let (status, location) = redirect.flatten().ok_or_else(|| {
+                    ProxyError::new(Kind::Internal, "redirect route without a redirect")
+                })?;
+                let mut resp = Response::new(body::empty());
+                *resp.status_mut() = status;
+                resp.headers_mut().insert(header::LOCATION, location);
+                resp.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+                finish_response_headers(
+                    &matched,
+                    http.via.as_deref(),
+                    Version::HTTP_11,
+                    resp.headers_mut(),
+                    false,
+                );
+                return response_filters(out, resp).await;
+            }
+            Action::Cluster(name) => name.clone(),
+            Action::Weighted(w) => w.pick(rand::rng().random()).clone(),
+        };
+        out.cluster = Some(cluster_name.to_string());
+        let entry = snapshot
+            .clusters
+            .get(&cluster_name)
+            .ok_or_else(|| {
+                ProxyError::new(
+                    Kind::Internal,
+                    format!("cluster `{cluster_name}` missing from the snapshot"),
+                )
+            })?
+            .clone();
+
+        // Limits on the request body, checked before anything goes upstream.
+        let max_body = matched.route.max_request_body;
+        if let (Some(max), Some(len)) = (max_body, content_length(req.headers())) {
+            if len > max {
+                return Err(ProxyError::new(
+                    Kind::BodyTooLarge,
+                    format!("content-length {len} > {max}"),
+                ));
+            }
+        }
+
+        let upgrade = is_upgrade(&req);
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, incoming) = req.into_parts();
+
+        // Request headers: hop-by-hop out, forwarding facts in, then the route's ops.
+        let h = &mut parts.headers;
+        let upgrade_token = if upgrade {
+            h.get(header::UPGRADE).cloned()
+        } else {
+            None
+        };
+        proxy_headers::strip_hop_by_hop(h);
+        h.remove(header::EXPECT);
+        h.remove(header::HOST);
+        proxy_headers::set_forwarded(h, conn.peer.ip(), https, &authority, trusted);
+        matched.apply_request_headers(h);
+        if let Some(v) = &http.via {
+            proxy_headers::add_via(h, &via_value(parts.version, v));
+        }
+        if let Some(token) = upgrade_token {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, token);
+        }
+        let upstream_authority = match matched.rewritten_host() {
+            Some(v) => v.to_str().unwrap_or(&authority).to_string(),
+            None => authority.clone(),
+        };
+        let path = matched.rewritten_path(&parts.uri).unwrap_or_else(|| {
+            parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.to_string())
+        });
+
+        let req_body = match max_body {
+            Some(max) => body::boxed(Watched::new(incoming, Limit { remaining: max })),
+            None => incoming,
+        };
+
+        let route = matched.route;
+        // `x-legate-max-retries` tunes the route's policy (see crate::overrides).
+        let tuned: Option<RetryPolicy> = ov.max_retries.and_then(|n| {
+            route.retry.as_ref().map(|p| {
+                let mut p = p.clone();
+                p.num_retries = n;
+                p
+            })
+        });
+        let policy = tuned
+            .as_ref()
+            .or(route.retry.as_ref())
+            .filter(|p| !upgrade && p.num_retries > 0 && p.allows_method(&parts.method));
+        // A mirrored request's body is read first (up to the mirror's cap) to be copied.
+        let mirror = route
+            .mirror
+            .as_ref()
+            .filter(|m| !upgrade && crate::mirror::chosen(m));
+        let source = match (policy, mirror) {
+            (Some(p), _) => ReqBody::buffer(req_body, p.buffer_limit, &parts).await?,
+            (None, Some(m)) => ReqBody::buffer(req_body, m.max_body.0, &parts).await?,
+            (None, None) => ReqBody::Stream(Some(req_body)),
+        };
+        if let (Some(m), Some(body)) = (mirror, source.whole(mirror.map_or(0, |m| m.max_body.0))) {
+            let copy = crate::mirror::Copy {
+                method: parts.method.clone(),
+                path: path.clone(),
+                headers: parts.headers.clone(),
+                authority: upstream_authority.clone(),
+                body,
+            };
+            crate::mirror::send(&conn.worker, &snapshot, m, copy);
+        }
+
+        let attempt = Attempts {
+            conn,
+            entry: &entry,
+            method: &parts.method,
+            headers: RefCell::new(std::mem::take(&mut parts.headers)),
+            path: &path,
+            authority: &upstream_authority,
+            policy,
+            per_try: route.per_try_timeout,
+        };
+        let result = match ov.timeout.unwrap_or(route.timeout) {
+            Some(t) => match tokio::time::timeout(t, attempt.run(source, out)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    entry
+                        .cluster()
+                        .stats
+                        .upstream_rq_timeout
+                        .fetch_add(1, Relaxed);
+                    Err(ProxyError::new(
+                        Kind::Timeout,
+                        format!("route timeout {t:?}"),
+                    ))
+                }
+            },
+            None => attempt.run(source, out).await,
+        };
+        if let Some(lr) = out.chain.as_ref().and_then(filter::SharedChain::take_local) {
+            // A streamed request body phase answered: its response replaces whatever
+            // the aborted upstream request produced.
+            let mut resp = local_response(lr);
+            finish_response_headers(
+                &matched,
+                http.via.as_deref(),
+                Version::HTTP_11,
+                resp.headers_mut(),
+                false,
+            );
+            return response_filters(out, resp).await;
+        }
+        let mut resp = result?;
+        out.debug.first_byte = Some(Instant::now());
+
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            if let Some(down) = downstream_upgrade {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::task::spawn_local(tunnel(down, up));
+            }
+        }
+        let received = resp.version();
         finish_response_headers(
             &matched,
             http.via.as_deref(),
-            Version::HTTP_11,
+            received,
             resp.headers_mut(),
-            false,
+            switching,
         );
-        return response_filters(out, resp).await;
-    }
-    let mut resp = result?;
-    out.debug.first_byte = Some(Instant::now());
-
-    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if switching {
-        if let Some(down) = downstream_upgrade {
-            let up = hyper::upgrade::on(&mut resp);
-            tokio::task::spawn_local(tunnel(down, up));
+        if resp.version() != Version::HTTP_11 || parts.version == Version::HTTP_2 {
+            // The downstream protocol sets the response framing; hyper picks it.
+            *resp.version_mut() = parts.version;
         }
+        if switching {
+            // The tunnel is already spliced; filters see upgraded exchanges' heads only
+            // on the request side in this release.
+            return Ok(resp);
+        }
+        response_filters(out, resp).await
     }
-    let received = resp.version();
-    finish_response_headers(
-        &matched,
-        http.via.as_deref(),
-        received,
-        resp.headers_mut(),
-        switching,
-    );
-    if resp.version() != Version::HTTP_11 || parts.version == Version::HTTP_2 {
-        // The downstream protocol sets the response framing; hyper picks it.
-        *resp.version_mut() = parts.version;
-    }
-    if switching {
-        // The tunnel is already spliced; filters see upgraded exchanges' heads only
-        // on the request side in this release.
-        return Ok(resp);
-    }
-    response_filters(out, resp).await
+    .await;
+    forwarded.map_err(|e| routed_error(e, Some(&matched), http.via.as_deref()))
 }
 
 /// The exchange filters see, from the request head (without `host`: the authority is
@@ -1034,6 +1057,18 @@ fn check_framing<B>(req: &Request<B>, max_headers: usize) -> Result<(), ProxyErr
         ));
     }
     Ok(())
+}
+
+/// An error answered for the route `m` (when the request matched one): the
+/// route finishes the reply's headers as it does an upstream response's. A
+/// client that went away gets no reply to finish.
+fn routed_error(e: ProxyError, m: Option<&Matched<'_>>, via: Option<&str>) -> ProxyError {
+    match m {
+        Some(m) if e.kind != Kind::DownstreamReset => {
+            e.finish_headers(|h| finish_response_headers(m, via, Version::HTTP_11, h, false))
+        }
+        _ => e,
+    }
 }
 
 /// Response headers: hop-by-hop out (kept for a 101), route then vhost ops, via.

@@ -3,7 +3,9 @@
 //! took part, as an upstream response does and as Envoy runs its encoder
 //! filters on local replies: a component filter and a proxy-wasm filter
 //! (built from source, tests/guests and tests/proxy-wasm-guests) see them,
-//! over HTTP/1.1 and HTTP/2, and `/stats` counts the calls.
+//! over HTTP/1.1 and HTTP/2, and `/stats` counts the calls. The matched
+//! route's `response_headers` finish these replies as they finish an
+//! upstream response.
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -36,6 +38,7 @@ routes:
         routes:
           - match: {{ prefix: /dead }}
             cluster: dead
+            response_headers: {{ set: {{ x-route: dead }} }}
           - match: {{ prefix: /slow }}
             cluster: slow
             timeout: 200ms
@@ -84,6 +87,8 @@ each_proto!(
         // The host's answer, as the filters left it.
         assert_eq!(r.text(), "upstream_connect_failure\n");
         assert_eq!(r.header("x-filter-resp"), Some("tagger"));
+        // The route finishes the host's reply as it finishes an upstream's.
+        assert_eq!(r.header("x-route"), Some("dead"));
         assert_eq!(r.header("x-p-code"), Some("502"));
         assert_eq!(
             r.header("x-p-code-details"),
@@ -104,6 +109,7 @@ each_proto!(
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.header("x-filter-resp"), Some("tagger"));
         assert_eq!(r.header("x-p-code-details"), Some("via_upstream"));
+        assert_eq!(r.header("x-route"), None);
         lg.assert_stat(&calls("tagger", "response_headers"), 2.0)
             .await;
         lg.assert_stat(&calls("pw", "response_headers"), 2.0).await;
@@ -160,6 +166,7 @@ routes:
         routes:
           - match: {{ prefix: / }}
             cluster: backend
+            response_headers: {{ add: {{ x-route: main }} }}
 clusters:
   - name: backend
     endpoints:
@@ -187,7 +194,9 @@ each_proto!(
         let r = c.get("/panic").send().await;
         assert_eq!(r.status, 503, "{}", r.text());
         assert_eq!(r.text(), "plugin_failure: stopper\n");
-        // The filter before the failed one sees the host's answer...
+        // The request's route finishes the answer (once)...
+        assert_eq!(r.header_all("x-route"), vec!["main"]);
+        // ...and the filter before the failed one sees it...
         assert_eq!(r.header("x-filter-resp"), Some("tagger"));
         lg.assert_stat(&calls("tagger", "response_headers"), 1.0)
             .await;

@@ -1,7 +1,8 @@
 //! Hot operations: config reload (`POST /reload`, the file watch), listener
 //! add/remove, cluster health after a reload, plugin reload (`POST
 //! /plugins/NAME/reload`, `GET /plugins`), and requests under steady load across
-//! all of them failing none. Legate runs in-process from a real config file; the
+//! all of them failing none, and replaced plugins' instances (components and
+//! proxy-wasm VMs) freed. Legate runs in-process from a real config file; the
 //! SIGHUP and hot-restart tests run the real `legate` binary.
 
 // Test code: a failed unwrap is a test failure with its location.
@@ -878,6 +879,58 @@ async fn the_module_watch_reloads_a_plugin() {
         "a module change reloaded the whole config"
     );
 }
+
+/// [`yaml`] with three proxy-wasm plugins on listener `web`: `solo` (a VM of
+/// its own) and `a`, `b` (one VM shared through `vm_id`).
+fn proxy_wasm_yaml(up: SocketAddr) -> String {
+    let plugin = |name: &str, mode: &str, vm_id: &str| {
+        format!(
+            "  - name: {name}\n    module: {}\n    limits: {{ cpu: 500ms }}\n    proxy_wasm:\n      \
+             root_id: root_{name}\n{vm_id}      plugin_config: {{ mode: {mode}, tag: {name} }}\n",
+            legate_tests::proxy_wasm::proxy_wasm_guest().display()
+        )
+    };
+    let shared = "      vm_id: shared\n";
+    yaml(up, false, "", "", "").replace(
+        "    http:\n      routes: main\n",
+        "    http:\n      routes: main\n      filters: [{ plugin: solo }, { plugin: a }, { plugin: b }]\n",
+    ) + "plugins:\n"
+        + &plugin("solo", "noop", "")
+        + &plugin("a", "share", shared)
+        + &plugin("b", "share", shared)
+}
+
+each_proto!(
+    async fn a_reload_frees_the_replaced_proxy_wasm_vms(proto) {
+        let up = upstream().start().await;
+        let lg = start(&proxy_wasm_yaml(up.addr), None, 1);
+        for round in 0..3 {
+            if round > 0 {
+                let (status, body) = lg.reload().await;
+                assert_eq!(status, 200, "{body}");
+            }
+            let mut c = client(proto, lg.addr("web").unwrap()).await;
+            let r = c.get("/x").send().await;
+            assert_eq!(r.status, 200, "round {round}: {}", r.text());
+            drop(c);
+            // One VM per plugin on the one worker: the replaced set's VMs were
+            // dropped (their plugins left the gauge), not kept beside the new.
+            for p in ["solo", "a", "b"] {
+                let series = format!("legate_plugin_instances{{plugin=\"{p}\"}}");
+                let mut seen = None;
+                for _ in 0..50 {
+                    seen = lg.stat(&series).await;
+                    if seen == Some(1.0) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                assert_eq!(seen, Some(1.0), "round {round}: {series}");
+            }
+        }
+        assert_eq!(lg.stat(RELOAD_OK).await, Some(2.0));
+    }
+);
 
 /// Plugin and config reloads, good and broken, under load: no request fails and
 /// every answer went through the plugin.

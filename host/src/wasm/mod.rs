@@ -15,6 +15,8 @@
 //! - [`network`]: components of the `network-filter` world, as
 //!   [`crate::network_filter::NetworkFilter`]s on TCP listeners.
 //!
+//! - [`slots`]: which loaded filters still exist (workers drop the instances of
+//!   replaced ones) and each filter's share of the instances gauge.
 //! - [`proxy_wasm`]: core modules built for Envoy's proxy-wasm ABI 0.2.1, detected
 //!   from the module itself (docs/proxy-wasm.md).
 //!
@@ -36,6 +38,7 @@ pub mod kv;
 pub mod network;
 pub mod plugin;
 pub mod proxy_wasm;
+pub mod slots;
 pub mod stdio;
 
 use std::collections::HashMap;

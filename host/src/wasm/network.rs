@@ -12,9 +12,8 @@
 //! calls and the callouts they send are handled as for HTTP plugins.
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
@@ -25,6 +24,7 @@ use super::bindings::network::exports::legate::filter::network_handler::NetworkS
 use super::bindings::network::legate::filter::network as wnet;
 use super::bindings::network::{NetworkFilter as World, NetworkFilterPre};
 use super::engine;
+use super::slots::{InstanceCount, LiveIds};
 use super::host::{HostState, Phase, PluginShared, PLUGIN_CONTEXT};
 use super::plugin::{borrow, describe, guest_result, run_inline, PluginStats, Settings, MIN_TICK};
 use crate::filter::{
@@ -65,7 +65,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// Ids of filters not dropped yet: a worker frees its instances of dropped
 /// filters (a reload replaced them) before it instantiates a new one, so
 /// reloads do not exhaust the instance pool (as `plugin.rs` does for HTTP).
-static LIVE: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+static LIVE: LiveIds = LiveIds::new();
 
 /// Whether `component` exports the L4 handler (and so is a network filter).
 pub fn is_network_filter(component: &Component) -> bool {
@@ -88,9 +88,8 @@ pub struct WasmNetworkFilter {
     setup: NetworkSetup,
     /// `legate_plugin_body_limit_exceeded_total` by direction.
     limit_exceeded: [Counter; 2],
-    /// Instances of this filter live on workers (taken off the instances
-    /// gauge when the filter is dropped).
-    live_instances: AtomicI64,
+    /// Instances of this filter live on workers.
+    instances: InstanceCount,
     /// `tick-interval-ms` from the setup, if non-zero.
     tick: Option<Duration>,
     /// This filter, for the per-instance tick tasks (set by
@@ -100,12 +99,7 @@ pub struct WasmNetworkFilter {
 
 impl Drop for WasmNetworkFilter {
     fn drop(&mut self) {
-        LIVE.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.id);
-        for _ in 0..self.live_instances.load(Relaxed) {
-            self.stats.instances.dec();
-        }
+        LIVE.remove(self.id);
     }
 }
 
@@ -154,21 +148,21 @@ impl WasmNetworkFilter {
             )
         });
         let id = NEXT_ID.fetch_add(1, Relaxed);
-        LIVE.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id);
+        LIVE.insert(id);
+        let plugin_stats = PluginStats::new(stats, name);
+        let instances = InstanceCount::new(plugin_stats.instances.clone());
         let mut f = WasmNetworkFilter {
             id,
             shared: Arc::new(shared),
             pre,
             settings,
-            stats: PluginStats::new(stats, name),
+            stats: plugin_stats,
             setup: NetworkSetup {
                 events: wnet::NetworkEvents::empty(),
                 tick_interval_ms: 0,
             },
             limit_exceeded,
-            live_instances: AtomicI64::new(0),
+            instances,
             tick: None,
             me: OnceLock::new(),
         };
@@ -344,8 +338,7 @@ impl WasmNetworkFilter {
                     // The instance is dead; its connections get the failure
                     // policy on their next call.
                     slot.live = None;
-                    self.stats.instances.dec();
-                    self.live_instances.fetch_sub(1, Relaxed);
+                    self.instances.ended();
                     fail_slot(slot);
                     Err(Some(text))
                 }
@@ -398,8 +391,7 @@ impl WasmNetworkFilter {
         INSTANCES.with(|cell| {
             let mut map = cell.borrow_mut();
             if !map.contains_key(&self.id) {
-                let live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
-                map.retain(|id, _| live.contains(id));
+                LIVE.sweep(&mut map);
             }
             let slot = map.entry(self.id).or_default();
             if slot.live.is_none() {
@@ -414,8 +406,7 @@ impl WasmNetworkFilter {
                         if slot.failed_before {
                             self.stats.restarts.inc();
                         }
-                        self.stats.instances.inc();
-                        self.live_instances.fetch_add(1, Relaxed);
+                        self.instances.started();
                         slot.live = Some(live);
                         slot.generation += 1;
                         if let (Some(every), Some(me)) = (self.tick, self.me.get()) {
@@ -479,8 +470,7 @@ impl WasmNetworkFilter {
                     self.stats.failures.inc();
                     // The instance is dead: wasmtime does not re-enter it.
                     slot.live = None;
-                    self.stats.instances.dec();
-                    self.live_instances.fetch_sub(1, Relaxed);
+                    self.instances.ended();
                     fail_slot(slot);
                     Err(text)
                 }

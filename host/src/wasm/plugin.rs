@@ -8,10 +8,10 @@
 //! never wait, so each call is polled to completion in place ([`run_inline`]).
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use super::bindings::exports::legate::filter::http_handler::HttpSetup;
 use super::bindings::legate::filter::http as whttp;
 use super::bindings::{HttpFilter as World, HttpFilterPre};
 use super::engine;
+use super::slots::{InstanceCount, LiveIds};
 use super::host::{HostState, Part, Phase, PluginShared, PLUGIN_CONTEXT};
 use crate::filter::{
     BodyMode, CalloutRequest, Direction, Exchange, HttpFilter, LocalResponse, Phases, Verdict,
@@ -224,30 +225,19 @@ pub struct WasmFilter {
     /// This filter, for the per-instance tick tasks (set by [`WasmFilter::arm`]);
     /// weak so a removed plugin's ticks stop.
     me: OnceLock<Weak<WasmFilter>>,
-    /// Instances of this filter live on workers (reload hook: see [`LIVE`]).
-    live_instances: AtomicI64,
+    /// Instances of this filter live on workers.
+    instances: InstanceCount,
 }
 
 /// Ids of filters not dropped yet. A reload replaces filters while workers hold
 /// their instances in [`INSTANCES`]; a worker frees the instances of dropped
 /// filters before it instantiates a new one, so reloads do not exhaust the pool.
-static LIVE: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+static LIVE: LiveIds = LiveIds::new();
 
 impl Drop for WasmFilter {
     fn drop(&mut self) {
-        LIVE.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.id);
-        for _ in 0..self.live_instances.load(Relaxed) {
-            self.stats.instances.dec();
-        }
+        LIVE.remove(self.id);
     }
-}
-
-/// Frees this worker's instances of dropped filters.
-fn sweep_dropped(map: &mut FxHashMap<u64, Slot>) {
-    let live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
-    map.retain(|id, _| live.contains(id));
 }
 
 /// One live instance on a worker.
@@ -466,9 +456,9 @@ impl WasmFilter {
             )
         });
         let id = NEXT_ID.fetch_add(1, Relaxed);
-        LIVE.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id);
+        LIVE.insert(id);
+        let plugin_stats = PluginStats::new(stats, name);
+        let instances = InstanceCount::new(plugin_stats.instances.clone());
         let mut f = WasmFilter {
             id,
             body_modes: [BodyMode::Skipped; 2],
@@ -477,10 +467,10 @@ impl WasmFilter {
             pre,
             settings,
             phases: Phases::default(),
-            stats: PluginStats::new(stats, name),
+            stats: plugin_stats,
             tick: None,
             me: OnceLock::new(),
-            live_instances: AtomicI64::new(0),
+            instances,
         };
         let (_, setup) = f
             .instantiate(u32::MAX, false)
@@ -674,7 +664,7 @@ impl WasmFilter {
         INSTANCES.with(|cell| {
             let mut map = cell.borrow_mut();
             if !map.contains_key(&self.id) {
-                sweep_dropped(&mut map);
+                LIVE.sweep(&mut map);
             }
             let slot = map.entry(self.id).or_default();
             let context = x.as_ref().map(|x| x.context);
@@ -691,8 +681,7 @@ impl WasmFilter {
                         if slot.failed_before {
                             self.stats.restarts.inc();
                         }
-                        self.stats.instances.inc();
-                        self.live_instances.fetch_add(1, Relaxed);
+                        self.instances.started();
                         slot.live = Some(live);
                         slot.generation += 1;
                         if let (Some(every), Some(me)) = (self.tick, self.me.get()) {
@@ -760,8 +749,7 @@ impl WasmFilter {
                     // The instance is dead: wasmtime does not re-enter a trapped
                     // component instance, and its state may be inconsistent anyway.
                     slot.live = None;
-                    self.stats.instances.dec();
-                    self.live_instances.fetch_sub(1, Relaxed);
+                    self.instances.ended();
                     self.fail_slot(slot);
                     Err(why)
                 }

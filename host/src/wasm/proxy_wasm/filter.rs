@@ -54,6 +54,7 @@ use crate::stats::Counter;
 use crate::stats::Stats;
 use crate::wasm::engine;
 use crate::wasm::plugin::{describe, PluginStats, MIN_TICK};
+use crate::wasm::slots::{InstanceCount, LiveIds};
 
 /// Deadline of VM start and configuration (as `configure` for components).
 const START_DEADLINE: Duration = Duration::from_secs(1);
@@ -171,6 +172,10 @@ thread_local! {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// VM slot keys (`ProxyWasmFilter::vm`) still in use: a worker drops its VMs of
+/// plugins (or shared VMs) that a reload replaced when it makes a new slot.
+static LIVE: LiveIds = LiveIds::new();
+
 /// The plugins of one loaded plugin set that share a VM per worker (Envoy's VM
 /// sharing: same non-empty `vm_id`, same module, same `vm_config`).
 pub struct VmShare {
@@ -178,6 +183,12 @@ pub struct VmShare {
     vm: u64,
     /// The plugins, in load order; plugin `i` has root context `i + 1`.
     members: std::sync::Mutex<Vec<Weak<ProxyWasmFilter>>>,
+}
+
+impl Drop for VmShare {
+    fn drop(&mut self) {
+        LIVE.remove(self.vm);
+    }
 }
 
 impl VmShare {
@@ -204,8 +215,10 @@ impl Shares {
             .0
             .entry((vm_id.to_string(), sha256.to_string(), vm_config.to_vec()))
             .or_insert_with(|| {
+                let vm = NEXT_ID.fetch_add(1, Relaxed);
+                LIVE.insert(vm);
                 Arc::new(VmShare {
-                    vm: NEXT_ID.fetch_add(1, Relaxed),
+                    vm,
                     members: std::sync::Mutex::default(),
                 })
             })
@@ -250,6 +263,17 @@ pub struct ProxyWasmFilter {
     /// `legate_plugin_body_limit_exceeded_total` by direction.
     body_limit_exceeded: [Counter; 2],
     me: OnceLock<Weak<ProxyWasmFilter>>,
+    /// This plugin's VMs on the workers (a shared VM counts for each plugin).
+    instances: InstanceCount,
+}
+
+impl Drop for ProxyWasmFilter {
+    fn drop(&mut self) {
+        // A shared VM's slot lives as long as its `VmShare`.
+        if self.share.is_none() {
+            LIVE.remove(self.vm);
+        }
+    }
 }
 
 fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
@@ -307,8 +331,13 @@ impl ProxyWasmFilter {
         let id = NEXT_ID.fetch_add(1, Relaxed);
         let (vm, root, share) = match share {
             Some((s, root)) => (s.vm, root, Some(s)),
-            None => (id, ROOT_CONTEXT, None),
+            None => {
+                LIVE.insert(id);
+                (id, ROOT_CONTEXT, None)
+            }
         };
+        let plugin_stats = PluginStats::new(stats, &name);
+        let instances = InstanceCount::new(plugin_stats.instances.clone());
         let f = ProxyWasmFilter {
             id,
             vm,
@@ -317,10 +346,11 @@ impl ProxyWasmFilter {
             meta: Arc::new(meta),
             pre,
             settings,
-            stats: PluginStats::new(stats, &name),
+            stats: plugin_stats,
             phases: phases_of(module),
             body_limit_exceeded,
             me: OnceLock::new(),
+            instances,
         };
         // Checked in a VM of its own (as the only plugin of it, on its root
         // context): a failure is this plugin's.
@@ -624,6 +654,9 @@ impl ProxyWasmFilter {
     ) -> Result<R, String> {
         VMS.with(|cell| {
             let mut map = cell.borrow_mut();
+            if !map.contains_key(&self.vm) {
+                LIVE.sweep(&mut map);
+            }
             let slot = map.entry(self.vm).or_default();
             if slot.live.is_none() {
                 if !new_context {
@@ -649,7 +682,7 @@ impl ProxyWasmFilter {
                             if slot.failed_before {
                                 m.stats.restarts.inc();
                             }
-                            m.stats.instances.inc();
+                            m.instances.started();
                             tokio::task::spawn_local(Self::tick_loop(
                                 Arc::downgrade(m),
                                 worker,
@@ -746,11 +779,11 @@ impl ProxyWasmFilter {
                     // The VM is dead: its state may be inconsistent after a trap.
                     // A shared VM dies for every plugin in it.
                     slot.live = None;
-                    self.stats.instances.dec();
+                    self.instances.ended();
                     for m in self.members() {
                         if m.id != self.id {
                             m.stats.failures.inc();
-                            m.stats.instances.dec();
+                            m.instances.ended();
                         }
                     }
                     fail_slot(slot);

@@ -1,0 +1,80 @@
+# shellcheck shell=bash
+# What the bench scripts share, sourced by them (not run): logging, setup and
+# the release build, a scratch directory whose processes are stopped on exit,
+# and waiting for ports. Loopback only.
+#
+#   BENCH_NAME=plugins
+#   . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+#   bench_setup bench wasm        # scripts/setup.sh GROUPS, unless SKIP_SETUP=1
+#   bench_need wrk curl           # each tool must be on PATH
+#   bench_build                   # release legate + demo upstream, unless SKIP_BUILD=1
+#   bench_workdir                 # $WORK, and $pids stopped on exit
+#
+# Sets REPO_ROOT (and cds there), UPSTREAM_BIN and LEGATE_BIN (LEGATE_BIN from
+# the environment wins: another build of legate to measure).
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "${REPO_ROOT}"
+
+log() { printf '[%s] %s\n' "${BENCH_NAME:-bench}" "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# scripts/setup.sh with these groups (what the script needs installed).
+bench_setup() {
+    if [[ -z ${SKIP_SETUP:-} ]]; then
+        bash scripts/setup.sh "$@"
+    fi
+}
+
+# Every named tool must be on PATH.
+bench_need() {
+    local tool
+    for tool in "$@"; do
+        command -v "${tool}" >/dev/null 2>&1 || die "'${tool}' not found: run scripts/setup.sh bench"
+    done
+}
+
+lock=()
+[[ -f Cargo.lock ]] && lock=(--locked)
+UPSTREAM_BIN="${REPO_ROOT}/target/release/legate-demo-upstream"
+LEGATE_BIN="${LEGATE_BIN:-${REPO_ROOT}/target/release/legate}"
+
+# The release builds of legate and the demo upstream.
+bench_build() {
+    if [[ -z ${SKIP_BUILD:-} ]]; then
+        log "building legate and the demo upstream (release)"
+        cargo build --release "${lock[@]}" -p legate-demo-upstream -p legate-host
+    fi
+}
+
+# A scratch directory, $WORK; every pid in $pids is stopped on exit, and on
+# failure the logs' tails are shown.
+bench_workdir() {
+    WORK="$(mktemp -d -t "legate-${BENCH_NAME:-bench}.XXXXXX")"
+    pids=()
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+bench_cleanup() {
+    local rc=$? p
+    trap - EXIT INT TERM
+    for p in "${pids[@]}"; do kill "${p}" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "${p}" 2>/dev/null || true; done
+    [[ ${rc} -ne 0 ]] && tail -n 20 "${WORK}"/*.log >&2 2>/dev/null
+    rm -rf "${WORK}"
+    exit "${rc}"
+}
+
+port_open() { (: >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Waits up to 10 s for something to listen on port $1.
+wait_port() {
+    local i
+    for ((i = 0; i < 100; i++)); do port_open "$1" && return 0; sleep 0.1; done
+    die "nothing listens on port $1 (logs in ${WORK})"
+}

@@ -1,0 +1,129 @@
+//! What the three kinds of Wasm filter (HTTP components, network components,
+//! proxy-wasm VMs) share about their per-worker instances across reloads:
+//! which loaded filters still exist, so that a worker drops the instances of
+//! filters a reload replaced ([`LiveIds`]), and each filter's share of its
+//! plugin's `legate_plugin_instances` gauge ([`InstanceCount`]).
+//!
+//! Workers keep instances in thread-local maps keyed by a filter's id; only the
+//! worker can free them, and a replaced filter is dropped on whatever thread
+//! drops its last reference. So the drop only marks the id dead here, and each
+//! worker sweeps its map the next time it makes a new slot (a reload always
+//! brings new ids, so that happens on the first request after it).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::{Mutex, PoisonError};
+
+use rustc_hash::FxHashMap;
+
+use crate::stats::Gauge;
+
+/// Ids of loaded filters (or shared VMs) not dropped yet.
+pub struct LiveIds(Mutex<BTreeSet<u64>>);
+
+impl LiveIds {
+    /// An empty set, for a `static`.
+    pub const fn new() -> Self {
+        LiveIds(Mutex::new(BTreeSet::new()))
+    }
+
+    /// `id` was loaded.
+    pub fn insert(&self, id: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id);
+    }
+
+    /// `id` was dropped: workers free its instances at their next sweep.
+    pub fn remove(&self, id: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    /// Drops a worker's slots of ids no longer live (their instances with them).
+    pub fn sweep<V>(&self, slots: &mut FxHashMap<u64, V>) {
+        let live = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.retain(|id, _| live.contains(id));
+    }
+}
+
+impl Default for LiveIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One filter's live instances (on all workers), counted in its plugin's
+/// instances gauge and taken off it when the filter is dropped: a reload does
+/// not leave the replaced filter's instances in the gauge.
+pub struct InstanceCount {
+    gauge: Gauge,
+    mine: AtomicI64,
+}
+
+impl InstanceCount {
+    /// None yet, counting into `gauge`.
+    pub fn new(gauge: Gauge) -> Self {
+        InstanceCount {
+            gauge,
+            mine: AtomicI64::new(0),
+        }
+    }
+
+    /// A worker started an instance.
+    pub fn started(&self) {
+        self.gauge.inc();
+        self.mine.fetch_add(1, Relaxed);
+    }
+
+    /// A worker's instance died (it trapped, or its filter went away).
+    pub fn ended(&self) {
+        self.gauge.dec();
+        self.mine.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Drop for InstanceCount {
+    fn drop(&mut self) {
+        for _ in 0..self.mine.load(Relaxed) {
+            self.gauge.dec();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_drops_the_slots_of_removed_ids() {
+        let live = LiveIds::new();
+        live.insert(1);
+        live.insert(2);
+        let mut slots: FxHashMap<u64, &str> = FxHashMap::default();
+        slots.insert(1, "a");
+        slots.insert(2, "b");
+        live.remove(1);
+        live.sweep(&mut slots);
+        assert_eq!(slots.keys().copied().collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn a_dropped_count_leaves_the_gauge() {
+        let gauge = Gauge::default();
+        let a = InstanceCount::new(gauge.clone());
+        let b = InstanceCount::new(gauge.clone());
+        a.started();
+        a.started();
+        a.ended();
+        b.started();
+        assert_eq!(gauge.get(), 2);
+        drop(a);
+        assert_eq!(gauge.get(), 1);
+        drop(b);
+        assert_eq!(gauge.get(), 0);
+    }
+}
