@@ -24,9 +24,9 @@ use super::bindings::network::exports::legate::filter::network_handler::NetworkS
 use super::bindings::network::legate::filter::network as wnet;
 use super::bindings::network::{NetworkFilter as World, NetworkFilterPre};
 use super::engine;
-use super::slots::{InstanceCount, LiveIds};
 use super::host::{HostState, Phase, PluginShared, PLUGIN_CONTEXT};
 use super::plugin::{borrow, describe, guest_result, run_inline, PluginStats, Settings, MIN_TICK};
+use super::slots::{InstanceCount, LiveIds};
 use crate::filter::{
     CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter, Phases, Verdict,
 };

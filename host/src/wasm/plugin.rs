@@ -28,8 +28,8 @@ use super::bindings::exports::legate::filter::http_handler::HttpSetup;
 use super::bindings::legate::filter::http as whttp;
 use super::bindings::{HttpFilter as World, HttpFilterPre};
 use super::engine;
-use super::slots::{InstanceCount, LiveIds};
 use super::host::{HostState, Part, Phase, PluginShared, PLUGIN_CONTEXT};
+use super::slots::{InstanceCount, LiveIds};
 use crate::filter::{
     BodyMode, CalloutRequest, Direction, Exchange, HttpFilter, LocalResponse, Phases, Verdict,
 };
