@@ -236,6 +236,15 @@ pub fn worker_callouts() -> Option<Rc<dyn CalloutSender>> {
     WORKER_CALLOUTS.with(|c| c.borrow().clone())
 }
 
+/// Sends a plugin-level callout (from a tick or a root context) through this
+/// worker's sender; `Unavailable` before the worker has one.
+pub async fn send_from_worker(req: CalloutRequest) -> CalloutResult {
+    match worker_callouts() {
+        Some(sender) => sender.send(req).await,
+        None => Err(CalloutError::Unavailable),
+    }
+}
+
 /// Makes `sender` this worker's sender for plugin-level callouts (a TCP
 /// connection with network filters does, as a filtered exchange does).
 pub fn set_worker_callouts(sender: Rc<dyn CalloutSender>) {

@@ -201,10 +201,7 @@ impl WasmNetworkFilter {
         every: Duration,
         generation: u64,
     ) {
-        let mut iv = tokio::time::interval(every);
-        // A late tick is not made up (abi/README.md §2).
-        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        iv.tick().await;
+        let mut iv = super::slots::tick_interval(every).await;
         loop {
             iv.tick().await;
             let Some(f) = me.upgrade() else { return };
@@ -250,10 +247,7 @@ impl WasmNetworkFilter {
         req: CalloutRequest,
     ) {
         let id = req.id;
-        let result = match crate::filter::worker_callouts() {
-            Some(sender) => sender.send(req).await,
-            None => Err(crate::filter::CalloutError::Unavailable),
-        };
+        let result = crate::filter::send_from_worker(req).await;
         let Some(f) = me.upgrade() else { return };
         f.stats.count_callout(&result);
         let current = INSTANCES.with(|cell| {

@@ -2,7 +2,8 @@
 //! proxy-wasm VMs) share about their per-worker instances across reloads:
 //! which loaded filters still exist, so that a worker drops the instances of
 //! filters a reload replaced ([`LiveIds`]), and each filter's share of its
-//! plugin's `legate_plugin_instances` gauge ([`InstanceCount`]).
+//! plugin's `legate_plugin_instances` gauge ([`InstanceCount`]); and the
+//! components' tick timer ([`tick_interval`]).
 //!
 //! Workers keep instances in thread-local maps keyed by a filter's id; only the
 //! worker can free them, and a replaced filter is dropped on whatever thread
@@ -92,6 +93,16 @@ impl Drop for InstanceCount {
             self.gauge.dec();
         }
     }
+}
+
+/// A component instance's tick timer: its first tick one period after the
+/// instance starts, and a late tick is not made up (abi/README.md §2).
+pub async fn tick_interval(every: std::time::Duration) -> tokio::time::Interval {
+    let mut iv = tokio::time::interval(every);
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // An interval's first tick is immediate.
+    iv.tick().await;
+    iv
 }
 
 #[cfg(test)]

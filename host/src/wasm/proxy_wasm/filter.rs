@@ -46,8 +46,8 @@ use super::abi::{action, peer};
 use super::imports;
 use super::state::{Meta, Phase, PwState, ROOT_CONTEXT};
 use crate::filter::{
-    BodyMode, CalloutError, CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter,
-    LocalResponse, Phases, Verdict,
+    BodyMode, CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter, LocalResponse,
+    Phases, Verdict,
 };
 use crate::network_filter::{NetVerdict, NetworkFilter, Peer};
 use crate::stats::Counter;
@@ -1139,10 +1139,7 @@ impl ProxyWasmFilter {
         req: CalloutRequest,
     ) {
         let token = u32::try_from(req.id).unwrap_or(0);
-        let result = match crate::filter::worker_callouts() {
-            Some(sender) => sender.send(req).await,
-            None => Err(CalloutError::Unavailable),
-        };
+        let result = crate::filter::send_from_worker(req).await;
         let Some(f) = me.upgrade() else { return };
         if !f.is_current(generation) {
             return;
