@@ -8,7 +8,10 @@ with KEEP=DIR keeps them): LONG served N more requests than SHORT, so
 (LONG - SHORT) / N is what one request costs in each function (self cost,
 start-up cancelled out). With BASE_SHORT and BASE_LONG (another setup, the same
 N), the table shows the difference to that setup instead: what the first setup
-adds, per function. Prints the 40 largest rows (TOP=n to change) and the total.
+adds, per function. Prints the 40 largest rows (TOP=n to change), the part in
+code without a symbol (`???`: the guests' code, compiled by wasmtime at run
+time, so it shows what a plugin's own code and its SDK cost, apart from the
+host's), and the total.
 """
 
 import os
@@ -62,6 +65,8 @@ def main(argv):
     shown = sorted(rows.items(), key=lambda kv: -abs(kv[1]))[:top]
     for name, cost in shown:
         print(f"{cost:10.1f}  {name}")
+    jit = sum(v for k, v in rows.items() if k.startswith("???"))
+    print(f"{jit:10.1f}  of which in guest (JIT-compiled, `???`) code")
     print(f"{sum(rows.values()):10.1f}  TOTAL per request")
 
 

@@ -1195,6 +1195,16 @@ impl Chain {
         (any, after)
     }
 
+    /// Whether a filter that ran may still read the request head after the
+    /// request-headers phase: one with any later phase (request body or
+    /// trailers, the response, `on-log`, `on-done`). When none may, the proxy
+    /// moves the head out of the exchange instead of copying it.
+    pub fn request_head_read_later(&self) -> bool {
+        self.entered
+            .iter()
+            .any(|f| f.phases().0 & !Phases::REQUEST_HEADERS.0 != 0)
+    }
+
     /// Entered filters in direction `d`'s order that take part in it.
     fn order(&self, d: Direction) -> Vec<usize> {
         match d {

@@ -2,12 +2,16 @@
 //! plugin's component file (with its SHA-256 check).
 //!
 //! Deadlines use epoch interruption: one thread bumps the engine's epoch every
-//! millisecond and each call sets its deadline in ticks ([`arm`]). When it passes,
-//! the call is stopped if its thread has used `cpu` of CPU time since the call
-//! began (or ten times that in wall time); otherwise the worker was waiting — for
-//! a core, or in a host call such as a KV round trip — and the deadline moves by
-//! the CPU budget left. So a call is stopped within 1ms of spending its budget,
-//! and a busy machine does not kill well-behaved plugins (abi/README.md §7). The pooling allocator keeps instance
+//! millisecond. A call's first tick marks the thread's CPU clock (counting the
+//! wall time before it, at most one tick, as spent); at each later tick the call
+//! is stopped if its thread has used `cpu` of CPU time since the call began (or
+//! ten times that in wall time); otherwise the worker was waiting — for a core,
+//! or in a host call such as a KV round trip — and the deadline moves by the CPU
+//! budget left. So a call is stopped within about a tick of spending its budget,
+//! and a busy machine does not kill well-behaved plugins (abi/README.md §7). The
+//! thread's CPU clock is a system call (~350ns here, more than a short guest
+//! call): reading it lazily means a call that ends before the next tick, nearly
+//! every filter call, never pays for it. The pooling allocator keeps instance
 //! memories in pre-reserved slots reused copy-on-write from the module's image, so
 //! re-instantiating a poisoned instance is cheap.
 
@@ -98,7 +102,9 @@ pub const WALL_FACTOR: u32 = 10;
 /// installed once per store ([`install`]) and [`arm`] costs no allocation.
 #[derive(Clone, Copy, Debug)]
 pub struct CallClock {
-    cpu_start: Option<Duration>,
+    /// The thread's CPU time at the call's first tick, and the time counted as
+    /// spent before it; `None` until that tick.
+    cpu_mark: Option<(Duration, Duration)>,
     wall_start: Instant,
     budget: Duration,
 }
@@ -106,7 +112,7 @@ pub struct CallClock {
 impl Default for CallClock {
     fn default() -> Self {
         CallClock {
-            cpu_start: None,
+            cpu_mark: None,
             wall_start: Instant::now(),
             budget: Duration::ZERO,
         }
@@ -123,29 +129,54 @@ pub trait Clocked {
 /// (instantiation and setup) with `budget`.
 pub fn install<T: Clocked + 'static>(store: &mut wasmtime::Store<T>, budget: Duration) {
     store.epoch_deadline_callback(|mut ctx| {
-        let c = *ctx.data_mut().call_clock();
-        let used = match (c.cpu_start, thread_cpu_time()) {
-            (Some(a), Some(b)) => b.saturating_sub(a),
-            // No thread clock: wall time, as if every tick was spent running.
-            _ => c.budget,
-        };
-        if used >= c.budget || c.wall_start.elapsed() >= c.budget.saturating_mul(WALL_FACTOR) {
-            return Err(wasmtime::Trap::Interrupt.into());
+        let c = ctx.data_mut().call_clock();
+        match c.tick(thread_cpu_time()) {
+            Some(left) => Ok(wasmtime::UpdateDeadline::Continue(ticks(left))),
+            None => Err(wasmtime::Trap::Interrupt.into()),
         }
-        Ok(wasmtime::UpdateDeadline::Continue(ticks(c.budget - used)))
     });
     arm(store, budget);
+}
+
+impl CallClock {
+    /// An epoch tick during the call, with the thread's CPU time now (if the OS
+    /// tells): the budget left, or `None` when it is spent.
+    fn tick(&mut self, cpu_now: Option<Duration>) -> Option<Duration> {
+        let wall = self.wall_start.elapsed();
+        if wall >= self.budget.saturating_mul(WALL_FACTOR) {
+            return None;
+        }
+        let used = match (cpu_now, self.cpu_mark) {
+            // No thread clock: wall time, as if every tick was spent running.
+            (None, _) => wall,
+            (Some(now), None) => {
+                // The first tick: the deadline counts CPU time from here. Before
+                // it, at most one tick of wall time counts (the thread may have
+                // waited for a core since the call began); never stopped here,
+                // so a starved thread is not stopped on wall time alone.
+                let before = wall.min(TICK);
+                self.cpu_mark = Some((now, before));
+                return Some(self.budget.saturating_sub(before));
+            }
+            (Some(now), Some((mark, before))) => before + now.saturating_sub(mark),
+        };
+        if used >= self.budget {
+            return None;
+        }
+        Some(self.budget - used)
+    }
 }
 
 /// Sets the CPU deadline of the next call on `store` to `budget` (see the module
 /// docs); call right before each guest call, on a store set up with [`install`].
 pub fn arm<T: Clocked + 'static>(store: &mut wasmtime::Store<T>, budget: Duration) {
     *store.data_mut().call_clock() = CallClock {
-        cpu_start: thread_cpu_time(),
+        cpu_mark: None,
         wall_start: Instant::now(),
         budget,
     };
-    store.set_epoch_deadline(ticks(budget));
+    // The next tick marks the CPU clock (see the module docs).
+    store.set_epoch_deadline(1);
 }
 
 /// CPU time the calling thread has used, if the OS tells.
@@ -229,4 +260,55 @@ fn hex(b: &[u8]) -> String {
         let _ = write!(s, "{x:02x}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clock(budget_ms: u64, started_ms_ago: u64) -> CallClock {
+        CallClock {
+            cpu_mark: None,
+            wall_start: Instant::now() - Duration::from_millis(started_ms_ago),
+            budget: Duration::from_millis(budget_ms),
+        }
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_first_tick_marks_the_cpu_clock_and_never_stops_the_call() {
+        // Started 3ms ago (a starved thread) with a 1ms budget: only one tick of
+        // wall time counts, and the call goes on.
+        let mut c = clock(1, 3);
+        assert_eq!(c.tick(Some(100 * MS)), Some(Duration::ZERO));
+        assert_eq!(c.cpu_mark, Some((100 * MS, TICK)));
+        // At the next tick, CPU time since the mark decides.
+        assert_eq!(c.tick(Some(100 * MS + MS / 2)), None);
+    }
+
+    #[test]
+    fn cpu_time_stops_the_call_and_waiting_does_not() {
+        let mut c = clock(5, 0);
+        assert!(c.tick(Some(10 * MS)).is_some());
+        let before = c.cpu_mark.map(|(_, b)| b).unwrap_or(TICK);
+        // 2ms of CPU since the mark: budget left.
+        assert_eq!(c.tick(Some(12 * MS)), Some(5 * MS - before - 2 * MS));
+        // The thread waited (no CPU used): still the same budget left.
+        assert_eq!(c.tick(Some(12 * MS)), Some(5 * MS - before - 2 * MS));
+        // 5ms of CPU since the mark: stopped.
+        assert_eq!(c.tick(Some(15 * MS)), None);
+    }
+
+    #[test]
+    fn wall_time_bounds_a_waiting_call() {
+        let mut c = clock(1, 10);
+        assert_eq!(c.tick(Some(MS)), None, "10× the budget in wall time");
+    }
+
+    #[test]
+    fn without_a_thread_clock_wall_time_counts() {
+        assert_eq!(clock(5, 6).tick(None), None);
+        assert!(clock(5, 0).tick(None).is_some());
+    }
 }
