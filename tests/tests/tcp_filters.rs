@@ -430,6 +430,33 @@ async fn component_network_filter_closes_and_survives_a_trap() {
         .await;
 }
 
+/// `legate_plugin_memory_bytes` counts a worker's network-filter instance, and
+/// drops it with the instance after a trap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_network_filter_memory_is_in_the_gauge() {
+    const MEMORY: &str = r#"legate_plugin_memory_bytes{plugin="pw",worker="0"}"#;
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&component_config(echo.addr, "trap", "", ""))
+        .concurrency(1)
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"fine").await;
+    assert_eq!(c.read_exact(4, T).await.unwrap(), b"fine");
+    lg.assert_stat_with(MEMORY, |v| v >= 65536.0, ">= one Wasm page")
+        .await;
+    let held = lg.stat(MEMORY).await.unwrap();
+    let mut boom = RawConn::connect(lg.addr("tcp")).await;
+    boom.write(b"boom").await;
+    let (_, closed) = boom.read_until_close(T).await;
+    assert!(closed);
+    lg.assert_stat(MEMORY, 0.0).await;
+    let mut again = RawConn::connect(lg.addr("tcp")).await;
+    again.write(b"back").await;
+    assert_eq!(again.read_exact(4, T).await.unwrap(), b"back");
+    lg.assert_stat(MEMORY, held).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn component_network_filter_on_a_tls_listener() {
     let ca = Ca::new("tcp-filters-component");

@@ -227,10 +227,9 @@ pub struct HostState {
     pub x: Exchange,
     /// Whether a per-exchange call is running (`x` is live).
     pub in_exchange: bool,
-    /// The per-worker memory gauge (`None` for load-time check instances).
-    pub memory_gauge: Option<Gauge>,
-    /// Bytes of linear memory this instance holds (for the memory gauge).
-    pub memory_bytes: usize,
+    /// Linear memory this instance holds (in the per-worker gauge, except for
+    /// load-time check instances).
+    pub memory: crate::wasm::slots::MemoryUse,
     /// The last callout id handed out.
     next_callout: u64,
     /// Outstanding (sent, neither delivered nor cancelled) callouts by context
@@ -274,8 +273,7 @@ impl HostState {
             body_end: false,
             x: Exchange::placeholder(),
             in_exchange: false,
-            memory_gauge: None,
-            memory_bytes: 0,
+            memory: crate::wasm::slots::MemoryUse::default(),
             next_callout: 0,
             outstanding: rustc_hash::FxHashMap::default(),
             tick_callouts: Vec::new(),
@@ -369,14 +367,6 @@ impl HostState {
     }
 }
 
-impl Drop for HostState {
-    fn drop(&mut self) {
-        if let Some(g) = &self.memory_gauge {
-            g.set(g.get() - i64::try_from(self.memory_bytes).unwrap_or(0));
-        }
-    }
-}
-
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
@@ -395,11 +385,7 @@ impl wasmtime::ResourceLimiter for HostState {
     ) -> wasmtime::Result<bool> {
         let ok = self.limits.memory_growing(current, desired, maximum)?;
         if ok {
-            let delta = desired.saturating_sub(current);
-            self.memory_bytes += delta;
-            if let Some(g) = &self.memory_gauge {
-                g.set(g.get() + i64::try_from(delta).unwrap_or(0));
-            }
+            self.memory.grew(desired.saturating_sub(current));
         }
         Ok(ok)
     }

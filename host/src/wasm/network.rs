@@ -26,7 +26,7 @@ use super::bindings::network::{NetworkFilter as World, NetworkFilterPre};
 use super::engine;
 use super::host::{HostState, Phase, PluginShared, PLUGIN_CONTEXT};
 use super::plugin::{borrow, describe, guest_result, run_inline, PluginStats, Settings, MIN_TICK};
-use super::slots::{InstanceCount, LiveIds};
+use super::slots::{InstanceCount, LiveIds, MemoryUse};
 use crate::filter::{
     CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter, Phases, Verdict,
 };
@@ -340,8 +340,13 @@ impl WasmNetworkFilter {
         })
     }
 
+    /// A new configured instance for `worker` (`u32::MAX`: the load-time check,
+    /// not counted in the memory gauge).
     fn instantiate(&self, worker: u32) -> Result<(Live, NetworkSetup), String> {
-        let state = HostState::new(self.shared.clone(), worker, self.settings.memory);
+        let mut state = HostState::new(self.shared.clone(), worker, self.settings.memory);
+        if worker != u32::MAX {
+            state.memory = MemoryUse::tracked(&self.shared.stats, &self.shared.name, worker);
+        }
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         engine::install(&mut store, CONFIGURE_DEADLINE);

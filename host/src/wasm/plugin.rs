@@ -29,7 +29,7 @@ use super::bindings::legate::filter::http as whttp;
 use super::bindings::{HttpFilter as World, HttpFilterPre};
 use super::engine;
 use super::host::{HostState, Part, Phase, PluginShared, PLUGIN_CONTEXT};
-use super::slots::{InstanceCount, LiveIds};
+use super::slots::{InstanceCount, LiveIds, MemoryUse};
 use crate::filter::{
     BodyMode, CalloutRequest, Direction, Exchange, HttpFilter, LocalResponse, Phases, Verdict,
 };
@@ -602,14 +602,7 @@ impl WasmFilter {
     fn instantiate(&self, worker: u32, track: bool) -> Result<(Live, HttpSetup), String> {
         let mut state = HostState::new(self.shared.clone(), worker, self.settings.memory);
         if track {
-            state.memory_gauge = Some(self.shared.stats.gauge(
-                "legate_plugin_memory_bytes",
-                "Linear memory of a plugin's instances, per worker.",
-                &[
-                    ("plugin", &*self.shared.name),
-                    ("worker", &worker.to_string()),
-                ],
-            ));
+            state.memory = MemoryUse::tracked(&self.shared.stats, &self.shared.name, worker);
         }
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
@@ -1143,7 +1136,7 @@ impl WasmFilter {
         let start = Instant::now();
         for _ in 0..n {
             let (live, _) = self.instantiate(u32::MAX, false)?;
-            memory = live.store.data().memory_bytes;
+            memory = live.store.data().memory.bytes();
         }
         Ok(InstanceCost {
             instantiate: start.elapsed() / n,

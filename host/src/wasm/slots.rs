@@ -2,7 +2,8 @@
 //! proxy-wasm VMs) share about their per-worker instances across reloads:
 //! which loaded filters still exist, so that a worker drops the instances of
 //! filters a reload replaced ([`LiveIds`]), and each filter's share of its
-//! plugin's `legate_plugin_instances` gauge ([`InstanceCount`]); and the
+//! plugin's `legate_plugin_instances` gauge ([`InstanceCount`]); each
+//! instance's share of `legate_plugin_memory_bytes` ([`MemoryUse`]); and the
 //! components' tick timer ([`tick_interval`]).
 //!
 //! Workers keep instances in thread-local maps keyed by a filter's id; only the
@@ -17,7 +18,7 @@ use std::sync::{Mutex, PoisonError};
 
 use rustc_hash::FxHashMap;
 
-use crate::stats::Gauge;
+use crate::stats::{Gauge, Stats};
 
 /// Ids of loaded filters (or shared VMs) not dropped yet.
 pub struct LiveIds(Mutex<BTreeSet<u64>>);
@@ -91,6 +92,50 @@ impl Drop for InstanceCount {
     fn drop(&mut self) {
         for _ in 0..self.mine.load(Relaxed) {
             self.gauge.dec();
+        }
+    }
+}
+
+/// The linear memory one instance holds, counted in its plugin's
+/// `legate_plugin_memory_bytes{plugin, worker}` gauge (when tracked) and taken
+/// off it when the instance is dropped. Fed by the store's resource limiter.
+#[derive(Default)]
+pub struct MemoryUse {
+    bytes: usize,
+    gauge: Option<Gauge>,
+}
+
+impl MemoryUse {
+    /// Counted in `plugin`'s gauge for `worker`.
+    pub fn tracked(stats: &Stats, plugin: &str, worker: u32) -> Self {
+        MemoryUse {
+            bytes: 0,
+            gauge: Some(stats.gauge(
+                "legate_plugin_memory_bytes",
+                "Linear memory of a plugin's instances, per worker.",
+                &[("plugin", plugin), ("worker", &worker.to_string())],
+            )),
+        }
+    }
+
+    /// A memory of the instance grew by `delta` bytes (or was created).
+    pub fn grew(&mut self, delta: usize) {
+        self.bytes += delta;
+        if let Some(g) = &self.gauge {
+            g.set(g.get() + i64::try_from(delta).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for MemoryUse {
+    fn drop(&mut self) {
+        if let Some(g) = &self.gauge {
+            g.set(g.get() - i64::try_from(self.bytes).unwrap_or(i64::MAX));
         }
     }
 }
