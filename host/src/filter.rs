@@ -417,9 +417,9 @@ pub struct ExchangeData {
     /// instance that does not know it means that instance was replaced).
     pub first_call: bool,
     /// Whether the current body or trailers call may return pause: the host holds
-    /// the whole message (buffered mode) and waits a pause out. A streamed call
-    /// cannot wait: a filter answering pause there fails
-    /// ([`streamed_pause_error`]).
+    /// the whole message (buffered mode) and waits a pause out. On a streamed
+    /// chunk a filter answering pause fails ([`streamed_pause_error`]); at the
+    /// end of a streamed message see [`ExchangeData::hold_end`].
     pub hold_body: bool,
     /// Whether the current call is the end of a streamed message (its last body
     /// call, its trailers), where a filter Envoy would let hold the rest of the
@@ -1820,6 +1820,137 @@ mod tests {
             shared.clone(),
             Direction::Request,
         )
+    }
+
+    /// Pauses the last request body call with a callout in flight (where the
+    /// host can hold it, `hold_end`); the callout's response replaces the
+    /// held body and resumes.
+    struct EndPauser;
+    impl HttpFilter for EndPauser {
+        fn name(&self) -> &str {
+            "end-pauser"
+        }
+        fn phases(&self) -> Phases {
+            Phases::REQUEST_BODY
+        }
+        fn fail_open(&self) -> bool {
+            false
+        }
+        fn on_request_headers(
+            &self,
+            _: usize,
+            _: &mut Exchange,
+            _: bool,
+        ) -> Result<Verdict, String> {
+            Ok(Verdict::Continue)
+        }
+        fn on_response_headers(
+            &self,
+            _: usize,
+            _: &mut Exchange,
+            _: bool,
+        ) -> Result<Verdict, String> {
+            Ok(Verdict::Continue)
+        }
+        fn body_mode(&self, _: Direction) -> BodyMode {
+            BodyMode::Streamed
+        }
+        fn on_body(
+            &self,
+            _: usize,
+            x: &mut Exchange,
+            _: Direction,
+            eos: bool,
+        ) -> Result<Verdict, String> {
+            if !eos {
+                return Ok(Verdict::Continue);
+            }
+            if !x.hold_end {
+                return Err("the end of a streamed body cannot be held".into());
+            }
+            x.callouts.push(CalloutRequest {
+                id: 7,
+                cluster: "authz".into(),
+                method: Method::POST,
+                path: "/check".into(),
+                authority: None,
+                headers: HeaderMap::new(),
+                body: Bytes::new(),
+                timeout: Duration::from_secs(1),
+                max_response_body: 1024,
+            });
+            Ok(Verdict::Pause)
+        }
+        fn on_callout_response(
+            &self,
+            _: usize,
+            x: &mut Exchange,
+            _: u64,
+            _: CalloutResult,
+            paused: bool,
+        ) -> Result<Verdict, String> {
+            assert!(paused);
+            let held = x.bodies[0].take().unwrap();
+            let mut body = b"checked:".to_vec();
+            body.extend_from_slice(&held);
+            x.bodies[0] = Some(body);
+            Ok(Verdict::Continue)
+        }
+        fn on_log(&self, _: usize, _: &mut Exchange) {}
+        fn on_done(&self, _: usize, _: u64) {}
+    }
+
+    /// Answers each callout when its gate opens.
+    struct Gated(std::cell::RefCell<Option<tokio::sync::oneshot::Receiver<()>>>);
+    impl CalloutSender for Gated {
+        fn send(&self, _req: CalloutRequest) -> CalloutFuture {
+            let gate = self.0.borrow_mut().take();
+            Box::pin(async move {
+                if let Some(g) = gate {
+                    let _ = g.await;
+                }
+                Ok(CalloutResponse {
+                    status: StatusCode::OK,
+                    headers: HeaderMap::new(),
+                    body: Bytes::new(),
+                    trailers: HeaderMap::new(),
+                })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_end_of_a_streamed_body_is_held_until_the_callout_resumes() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let (open, gate) = tokio::sync::oneshot::channel();
+                let mut c = chain();
+                c.callouts = Rc::new(Gated(std::cell::RefCell::new(Some(gate))));
+                let f: Arc<dyn HttpFilter> = Arc::new(EndPauser);
+                c.ctl.push(BodyCtl::of(&*f));
+                c.entered.push(f);
+                c.called.push(false);
+                let shared = SharedChain::new(c);
+                let mut body = std::pin::pin!(streamed(&shared));
+                let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+                let waker = Waker::from(wakes.clone());
+                let mut cx = Context::from_waker(&waker);
+
+                // Held: nothing sent, the chain is out with the wait.
+                assert!(body.as_mut().poll_frame(&mut cx).is_pending());
+                assert!(matches!(shared.with(|_| ()), Err(SharedError::Busy)));
+                assert!(!body.is_end_stream());
+
+                // The callout answers: the rewritten body, then the end; the
+                // chain is back.
+                open.send(()).unwrap();
+                let data = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+                let data = data.unwrap().unwrap().into_data().unwrap();
+                assert_eq!(data, "checked:chunk");
+                assert!(body.as_mut().poll_frame(&mut cx).is_ready());
+                assert!(shared.with(|_| ()).is_ok());
+            })
+            .await;
     }
 
     #[tokio::test]
