@@ -6,7 +6,11 @@
 //! locally. Real Legate, real upstream, real callout clusters (the `authz`
 //! content checker and a tonic gRPC server), the guest built from source with
 //! the `proxy-wasm` SDK (tests/proxy-wasm-guests, modes `body-callout`,
-//! `trailers-callout`, `body-stuck-held`), over HTTP/1.1 and HTTP/2. Also
+//! `trailers-callout`, `body-stuck-held`), over HTTP/1.1 and HTTP/2. The same
+//! on streamed messages (modes `stream-callout`, `stream-trailers`: the
+//! headers callbacks continue, the end of the body or the trailers are held
+//! for the call), including a client going away and a route timeout during
+//! the hold. Also
 //! `proxy_grpc_cancel` of a unary call during a pause (mode `grpc-cancel`).
 
 // Test code: a failed unwrap is a test failure with its location.
@@ -419,13 +423,63 @@ each_proto!(
         // The upstream saw the head, never the whole body.
         assert_eq!(whole.load(Ordering::SeqCst), 1);
 
-        lg.assert_stat(&calls("callout_response"), 3.0).await;
-        lg.assert_stat(CALLOUTS, 3.0).await;
-        lg.assert_stat(AUTHZ_REQUESTS, 3.0).await;
+        // The same with a unary gRPC call (`proxy_grpc_call`) holding the end.
+        let r = client(proto, web)
+            .await
+            .post("/grpc/x")
+            .boxed_body(slow_body(&["hi ", "there"]))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(checked_echo(&r.text())["body"], "grpc:hi there");
+        assert_eq!(grpc.calls.get(), 1);
+        assert_eq!(whole.load(Ordering::SeqCst), 2);
+
+        lg.assert_stat(&calls("callout_response"), 5.0).await;
+        lg.assert_stat(CALLOUTS, 5.0).await;
+        lg.assert_stat(AUTHZ_REQUESTS, 4.0).await;
         lg.assert_stat(FAILURES, 0.0).await;
-        lg.assert_stat(&calls("done"), 2.0).await;
+        lg.assert_stat(&calls("done"), 3.0).await;
     }
 );
+
+/// `Pause` from the response trailers callback of a streamed response (the
+/// response headers callback continued: the head and the body went out): the
+/// trailers are held for the call; the callback adds one and resumes. Response
+/// trailers need an HTTP/2 upstream that sends them (gRPC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_response_trailers_held_for_a_call() {
+    let up = upstream().grpc().start().await;
+    let az = authz_upstream().await;
+    let grpc = legate_tests::grpc::grpc_upstream().start().await;
+    let yaml = config(up.addr, az.addr, grpc.addr, "stream-trailers").replacen(
+        &format!("      - address: {}\n", up.addr),
+        &format!("      - address: {}\n    protocol: h2\n", up.addr),
+        1,
+    );
+    let lg = legate().config(&yaml).start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    let msg = grpc_frame(b"ping");
+    let r = c
+        .post("/echo.Echo/Say")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(msg.clone())
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, msg);
+    let t = r.trailers.as_ref().expect("response trailers were dropped");
+    assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    assert_eq!(
+        t.get("x-pw-trailer-checked").map(|v| v.as_bytes()),
+        Some(&b"checked:YES"[..]),
+        "{t:?}"
+    );
+    lg.assert_stat(&calls("response_trailers"), 1.0).await;
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    lg.assert_stat(FAILURES, 0.0).await;
+}
 
 /// An upstream answering `/fine` and `/leak` with a body streamed in chunks
 /// 30 ms apart (no length).
@@ -563,6 +617,8 @@ each_proto!(
             .send()
             .await;
         assert_eq!(r.status, 504, "{}", r.text());
+        // (The filters' response callbacks do not see this 504: the exchange's
+        // chain is held by the abandoned request body; docs/proxy-wasm.md.)
         lg.assert_stat_with(&calls("done"), |v| v == 3.0, "every context finished")
             .await;
         lg.assert_stat(&calls("log"), 3.0).await;
