@@ -280,7 +280,7 @@ type HeldEnd =
 /// At the end of the message a filter may hold it for a callout (proxy-wasm,
 /// Envoy's way): the chain is taken out of its [`crate::filter::SharedChain`]
 /// and the rest of the message (the held body, the trailers, the end) waits in
-/// [`Filtered::held`] until the callout's callback resumes or answers; the
+/// `Filtered::held` until the callout's callback resumes or answers; the
 /// peer of the other direction, finding the chain out, is not read meanwhile.
 pub struct Filtered {
     inner: Body,

@@ -22,7 +22,7 @@
 //! trailers) a filter that can be resumed (proxy-wasm with a call outstanding,
 //! [`ExchangeData::hold_end`]) stops the run ([`EndStep::Held`]); the stream
 //! then takes the chain out and awaits [`Chain::resume_end`], the same
-//! [`Chain::wait`] as the other pauses, holding the rest of the message.
+//! `Chain::wait` as the other pauses, holding the rest of the message.
 //! Dropping a [`Chain`] (the client went away) aborts its callouts and still
 //! runs `on-log`/`on-done`.
 
@@ -1603,7 +1603,7 @@ impl Chain {
     }
 
     /// Waits out the pause an end-of-message run of a streamed body stopped on
-    /// ([`EndStep::Held`]), with [`Chain::wait`] as the other pauses (the
+    /// ([`EndStep::Held`]), with `Chain::wait` as the other pauses (the
     /// worker serves other exchanges meanwhile; the chain must be out of its
     /// [`SharedChain`]), then runs the rest of it: the filters after the paused
     /// one, and the trailers phases after the last body call. The held part is
