@@ -7,6 +7,7 @@
 //! They are `!Send` on purpose: each worker owns its requests from accept to
 //! response (see ARCHITECTURE.md), so nothing needs to cross threads.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -264,12 +265,23 @@ impl std::fmt::Display for FilterStopped {
 }
 impl std::error::Error for FilterStopped {}
 
+/// The end of a message held for a callout ([`crate::filter::EndStep::Held`]):
+/// resolves when the paused filter's callout callback resumes or answers.
+type HeldEnd =
+    Pin<Box<dyn Future<Output = Result<crate::filter::EndStep, crate::error::ProxyError>>>>;
+
 /// A body whose chunks go through a chain's body phases as they arrive (streamed
 /// mode, abi/README.md §4), then its trailers phases. The end of the body is
 /// signalled to the filters exactly once: with the last data frame when the inner
 /// body knows it is the last, else with an empty chunk when the trailers or the
 /// end arrive. `content-length` is the filters' business: the size hint is
 /// unknown, so a filter that removed the header gets chunked encoding.
+///
+/// At the end of the message a filter may hold it for a callout (proxy-wasm,
+/// Envoy's way): the chain is taken out of its [`crate::filter::SharedChain`]
+/// and the rest of the message (the held body, the trailers, the end) waits in
+/// `Filtered::held` until the callout's callback resumes or answers; the
+/// peer of the other direction, finding the chain out, is not read meanwhile.
 pub struct Filtered {
     inner: Body,
     chain: crate::filter::SharedChain,
@@ -279,6 +291,8 @@ pub struct Filtered {
     /// Trailers to send after the data of the end-of-stream call.
     trailers: Option<HeaderMap>,
     done: bool,
+    /// The end of the message, held for a callout (boxed only then).
+    held: Option<HeldEnd>,
 }
 
 impl Filtered {
@@ -295,6 +309,7 @@ impl Filtered {
             ended: false,
             trailers: None,
             done: false,
+            held: None,
         }
     }
 
@@ -302,15 +317,29 @@ impl Filtered {
         Box::new(FilterStopped(why))
     }
 
-    /// One body call over the chain.
-    fn step(&mut self, data: Bytes, eos: bool) -> Result<Bytes, BoxError> {
-        use crate::filter::{BodyStep, Direction, SharedError};
-        self.ended |= eos;
+    /// A local response from a body or trailers phase: the request's replaces
+    /// the upstream's answer (the proxy sends it); either way this stream ends
+    /// with an error (the upstream request is aborted, the response reset).
+    fn respond(&self, lr: crate::filter::LocalResponse, what: &str) -> BoxError {
+        let why = format!(
+            "local response {} from {what} {} phase",
+            lr.status,
+            self.dir.as_str()
+        );
+        if self.dir == crate::filter::Direction::Request {
+            self.chain.set_local(lr);
+        }
+        self.stopped(why)
+    }
+
+    /// One body call over the chain, for a chunk that is not the last.
+    fn step(&mut self, data: Bytes) -> Result<Bytes, BoxError> {
+        use crate::filter::{BodyStep, SharedError};
         let mut slot = Some(data);
         let dir = self.dir;
         let r = self
             .chain
-            .with(|c| c.on_body(dir, slot.take().unwrap_or_default(), eos));
+            .with(|c| c.on_body(dir, slot.take().unwrap_or_default()));
         match r {
             Err(SharedError::Finished) => Ok(slot.take().unwrap_or_default()),
             // `poll_frame` waits for the chain before reading (see
@@ -320,80 +349,79 @@ impl Filtered {
             }
             Err(SharedError::Aborted) => Err(aborted()),
             Ok(Ok(BodyStep::Continue(b))) => Ok(b),
-            Ok(Ok(BodyStep::Respond(lr))) => {
-                let why = format!(
-                    "local response {} from a {} body phase",
-                    lr.status,
-                    dir.as_str()
-                );
-                if dir == Direction::Request {
-                    self.chain.set_local(lr);
-                }
-                Err(self.stopped(why))
-            }
+            Ok(Ok(BodyStep::Respond(lr))) => Err(self.respond(lr, "a body")),
             Ok(Err(e)) => Err(Box::new(e)),
         }
     }
 
-    /// The end-of-stream body call when the trailers arrive, with the trailers
-    /// writable, then the trailers phases unless the filters folded them all
-    /// into the body (`None`: the body ends without trailers).
-    fn end_step(&mut self, t: HeaderMap) -> Result<(Bytes, Option<HeaderMap>), BoxError> {
-        use crate::filter::{Direction, SharedError};
+    /// The end of the message over the chain: the end-of-stream body call over
+    /// `data` with the `trailers` the message ends with, writable there (unless
+    /// the body call already ran: `trailers_only`), then the trailers phases.
+    /// Returns the data to send now; the trailers and the end follow from
+    /// `self.trailers` and `self.done`, or from `self.held`.
+    fn end(
+        &mut self,
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+        trailers_only: bool,
+    ) -> Result<Bytes, BoxError> {
+        use crate::filter::SharedError;
         self.ended = true;
         let dir = self.dir;
-        let mut slot = Some(t);
-        let r = self
-            .chain
-            .with(|c| c.on_body_end(dir, Bytes::new(), slot.take().unwrap_or_default()));
+        let mut slot = Some((data, trailers));
+        let r = self.chain.with(|c| {
+            let (data, trailers) = slot.take().unwrap_or_default();
+            match trailers {
+                Some(t) if trailers_only => c.on_trailers(dir, t),
+                t => c.on_body_end(dir, data, t),
+            }
+        });
         match r {
-            Err(SharedError::Finished) => Ok((Bytes::new(), slot.take())),
-            Err(SharedError::Busy) => {
-                Err(self.stopped("trailers arrived while the filter chain was in use".into()))
+            Err(SharedError::Finished) => {
+                let (data, trailers) = slot.take().unwrap_or_default();
+                self.done = true;
+                self.trailers = trailers;
+                Ok(data)
             }
+            Err(SharedError::Busy) => Err(self
+                .stopped("the end of the body arrived while the filter chain was in use".into())),
             Err(SharedError::Aborted) => Err(aborted()),
-            Ok(Ok(Ok(whole))) => Ok(whole),
-            Ok(Ok(Err(lr))) => {
-                let why = format!(
-                    "local response {} from the last {} body or trailers phase",
-                    lr.status,
-                    dir.as_str()
-                );
-                if dir == Direction::Request {
-                    self.chain.set_local(lr);
-                }
-                Err(self.stopped(why))
-            }
-            Ok(Err(e)) => Err(Box::new(e)),
+            Ok(r) => self.ended_with(r),
         }
     }
 
-    /// The trailers call over the chain.
-    fn trailers_step(&mut self, t: HeaderMap) -> Result<HeaderMap, BoxError> {
-        let dir = self.dir;
-        let mut slot = Some(t);
-        let r = self
-            .chain
-            .with(|c| c.on_trailers(dir, slot.take().unwrap_or_default()));
+    /// What the end of the message over the chain gave: data to send (then
+    /// trailers, the end), a local response, or a hold (the chain goes out
+    /// with the future that waits for the callout).
+    fn ended_with(
+        &mut self,
+        r: Result<crate::filter::EndStep, crate::error::ProxyError>,
+    ) -> Result<Bytes, BoxError> {
+        use crate::filter::EndStep;
         match r {
-            Err(crate::filter::SharedError::Finished) => Ok(slot.take().unwrap_or_default()),
-            Err(crate::filter::SharedError::Busy) => {
-                Err(self.stopped("trailers arrived while the filter chain was in use".into()))
+            Err(e) => Err(Box::new(e)),
+            Ok(EndStep::Done(data, trailers)) => {
+                // No trailers left (folded into the body): the body ends with
+                // its data.
+                self.done = true;
+                self.trailers = trailers;
+                Ok(data)
             }
-            Err(crate::filter::SharedError::Aborted) => Err(aborted()),
-            Ok(Ok(Ok(t))) => Ok(t),
-            Ok(Ok(Err(lr))) => {
-                let why = format!(
-                    "local response {} from a {} trailers phase",
-                    lr.status,
-                    dir.as_str()
-                );
-                if dir == crate::filter::Direction::Request {
-                    self.chain.set_local(lr);
-                }
-                Err(self.stopped(why))
+            Ok(EndStep::Respond(lr)) => Err(self.respond(lr, "the last body or trailers")),
+            Ok(EndStep::Held) => {
+                let Some(mut chain) = self.chain.take() else {
+                    return Err(self.stopped("the filter chain was in use at a hold".into()));
+                };
+                let shared = self.chain.clone();
+                // Dropped with this body (the exchange was abandoned), the
+                // chain finishes its filters' contexts (`Chain`'s drop).
+                self.held = Some(Box::pin(async move {
+                    let r = chain.resume_end().await;
+                    shared.put(chain);
+                    r
+                }));
+                Ok(Bytes::new())
             }
-            Ok(Err(e)) => Err(Box::new(e)),
         }
     }
 }
@@ -415,85 +443,69 @@ impl HttpBody for Filtered {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         loop {
-            if let Some(t) = this.trailers.take() {
-                this.done = true;
-                return Poll::Ready(Some(Ok(Frame::trailers(t))));
-            }
-            if this.done {
-                return Poll::Ready(None);
-            }
-            // Another phase of the exchange is paused (full duplex): leave the
-            // peer's data unread until it resumes, so the chunk is neither
-            // refused nor buffered here, and the peer gets backpressure.
-            if this.chain.poll_available(cx).is_pending() {
-                return Poll::Pending;
-            }
-            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(f) => f,
-            };
-            match frame {
-                Some(Err(e)) => {
+            let out = if let Some(held) = this.held.as_mut() {
+                // The end of the message waits for a callout.
+                let r = match held.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(r) => r,
+                };
+                this.held = None;
+                this.ended_with(r)
+            } else {
+                if let Some(t) = this.trailers.take() {
                     this.done = true;
-                    return Poll::Ready(Some(Err(e)));
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
                 }
-                Some(Ok(f)) => match f.into_data() {
-                    Ok(data) => {
-                        let eos = this.inner.is_end_stream();
-                        match this.step(data, eos) {
-                            Err(e) => {
-                                this.done = true;
-                                return Poll::Ready(Some(Err(e)));
-                            }
-                            // An empty chunk is not sent: on HTTP/1.1 it would end
-                            // the chunked body.
-                            Ok(out) if out.is_empty() => {}
-                            Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
-                        }
-                    }
-                    Err(f) => {
-                        let Ok(t) = f.into_trailers() else { continue };
-                        let r = if this.ended {
-                            this.trailers_step(t).map(|t| (Bytes::new(), Some(t)))
-                        } else {
-                            this.end_step(t)
-                        };
-                        match r {
-                            Err(e) => {
-                                this.done = true;
-                                return Poll::Ready(Some(Err(e)));
-                            }
-                            Ok((out, t)) => {
-                                // No trailers left (folded into the body): the
-                                // body ends with its data.
-                                this.done = t.is_none();
-                                this.trailers = t;
-                                if !out.is_empty() {
-                                    return Poll::Ready(Some(Ok(Frame::data(out))));
-                                }
-                            }
-                        }
-                    }
-                },
-                None => {
-                    this.done = true;
-                    if !this.ended {
-                        match this.step(Bytes::new(), true) {
-                            Err(e) => return Poll::Ready(Some(Err(e))),
-                            Ok(out) if !out.is_empty() => {
-                                return Poll::Ready(Some(Ok(Frame::data(out))))
-                            }
-                            Ok(_) => {}
-                        }
-                    }
+                if this.done {
                     return Poll::Ready(None);
                 }
+                // Another phase of the exchange is paused (full duplex): leave the
+                // peer's data unread until it resumes, so the chunk is neither
+                // refused nor buffered here, and the peer gets backpressure.
+                if this.chain.poll_available(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(f) => f,
+                };
+                match frame {
+                    Some(Err(e)) => {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(data) if this.inner.is_end_stream() => this.end(data, None, false),
+                        Ok(data) => this.step(data),
+                        Err(f) => {
+                            let Ok(t) = f.into_trailers() else { continue };
+                            let ended = this.ended;
+                            this.end(Bytes::new(), Some(t), ended)
+                        }
+                    },
+                    None if this.ended => {
+                        this.done = true;
+                        return Poll::Ready(None);
+                    }
+                    None => this.end(Bytes::new(), None, false),
+                }
+            };
+            match out {
+                Err(e) => {
+                    this.done = true;
+                    this.trailers = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                // An empty chunk is not sent: on HTTP/1.1 it would end the
+                // chunked body.
+                Ok(out) if out.is_empty() => {}
+                Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.trailers.is_none()
+        self.done && self.trailers.is_none() && self.held.is_none()
     }
 }
 

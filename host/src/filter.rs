@@ -17,9 +17,14 @@
 //! other exchanges meanwhile) until the paused filter's callout response resumes or
 //! answers. That works from the headers phases and, when the host holds the whole
 //! message (buffered mode, [`Chain::on_whole_body`]), from the body and trailers
-//! phases; a streamed body runs its phases from a stream's poll, which cannot wait,
-//! so a pause there is a failure. Dropping a [`Chain`] (the client went away) aborts
-//! its callouts and still runs `on-log`/`on-done`.
+//! phases. A streamed body runs its phases from a stream's poll: a pause on a
+//! chunk is a failure, but at the end of the message (its last body call, its
+//! trailers) a filter that can be resumed (proxy-wasm with a call outstanding,
+//! [`ExchangeData::hold_end`]) stops the run ([`EndStep::Held`]); the stream
+//! then takes the chain out and awaits [`Chain::resume_end`], the same
+//! `Chain::wait` as the other pauses, holding the rest of the message.
+//! Dropping a [`Chain`] (the client went away) aborts its callouts and still
+//! runs `on-log`/`on-done`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -412,10 +417,16 @@ pub struct ExchangeData {
     /// instance that does not know it means that instance was replaced).
     pub first_call: bool,
     /// Whether the current body or trailers call may return pause: the host holds
-    /// the whole message (buffered mode) and waits a pause out. A streamed call
-    /// cannot wait: a filter answering pause there fails
-    /// ([`streamed_pause_error`]).
+    /// the whole message (buffered mode) and waits a pause out. On a streamed
+    /// chunk a filter answering pause fails ([`streamed_pause_error`]); at the
+    /// end of a streamed message see [`ExchangeData::hold_end`].
     pub hold_body: bool,
+    /// Whether the current call is the end of a streamed message (its last body
+    /// call, its trailers), where a filter Envoy would let hold the rest of the
+    /// message (proxy-wasm, a call outstanding) may return pause: the body
+    /// stream then waits for the call's callback ([`Chain::resume_end`]).
+    /// Component filters keep refusing it (abi/README.md §3.3).
+    pub hold_end: bool,
     /// The request came with a `host` header (removed here: the authority is
     /// [`ExchangeData::authority`]), so the request sent on carries one too.
     pub had_host: bool,
@@ -459,6 +470,7 @@ impl Exchange {
             body_ctl: BodyCtl::default(),
             first_call: false,
             hold_body: false,
+            hold_end: false,
             had_host: false,
             table,
             routing: Routing::default(),
@@ -494,6 +506,7 @@ impl Exchange {
             body_ctl: BodyCtl::default(),
             first_call: false,
             hold_body: false,
+            hold_end: false,
             had_host: false,
             table: None,
             routing: Routing::default(),
@@ -779,6 +792,7 @@ impl Filters {
             inflight: tokio::task::JoinSet::new(),
             finished: false,
             shared: std::rc::Weak::new(),
+            deferred: None,
         })
     }
 }
@@ -790,6 +804,55 @@ pub struct BodyPlan {
     /// `cap` bytes, the smallest cap of the buffering filters) and calls the body
     /// phases once; `None`: chunks go through as they arrive.
     pub buffer_cap: Option<usize>,
+}
+
+/// The outcome of the end of a message run over the chain (its last body call
+/// and its trailers phases).
+#[derive(Debug)]
+pub enum EndStep {
+    /// Forward this data, then these trailers (`None`: the body ends with its
+    /// data).
+    Done(Bytes, Option<HeaderMap>),
+    /// A filter answered locally.
+    Respond(LocalResponse),
+    /// A filter of a streamed message paused with a callout in flight: the
+    /// rest of the message is held until [`Chain::resume_end`] resolves.
+    Held,
+}
+
+/// How a body or trailers run treats a filter's pause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hold {
+    /// A streamed chunk before the end: the pause is a failure.
+    Refuse,
+    /// The host holds the whole message (buffered): waited out in place.
+    Wait,
+    /// The end of a streamed message, run from a body stream's poll: a pause
+    /// (accepted only by filters that can be resumed, [`ExchangeData::hold_end`])
+    /// with a callout in flight stops the run ([`Deferred`]).
+    Defer,
+    /// The same, resumed in the stream's future ([`Chain::resume_end`]): waited
+    /// out in place.
+    EndWait,
+}
+
+/// Where an end-of-message run of a streamed body stopped on a pause.
+struct Deferred {
+    d: Direction,
+    /// The filters of the stage, in order, and the position of the paused one.
+    order: Vec<usize>,
+    at: usize,
+    stage: Stage,
+}
+
+/// The stage a [`Deferred`] run stopped in.
+enum Stage {
+    /// The last body call (the body is on the exchange); `folding`: trailers
+    /// follow (on the exchange).
+    Body { folding: bool },
+    /// The trailers phases (the trailers are on the exchange), after the body
+    /// call left `data`.
+    Trailers { data: Bytes },
 }
 
 /// The outcome of a body phase run over the chain.
@@ -888,6 +951,13 @@ impl SharedChain {
     /// Puts the chain back after an async phase; body streams waiting for it
     /// go on.
     pub fn put(&self, chain: Box<Chain>) {
+        if self.0.finished.get() {
+            // The exchange ended while the chain was out (the response was
+            // answered meanwhile): nothing will finish it later, so it
+            // finishes now (on drop).
+            drop(chain);
+            return;
+        }
         *self.0.chain.borrow_mut() = Some(chain);
         self.0.wake_waiters();
     }
@@ -969,6 +1039,8 @@ pub struct Chain {
     /// The [`SharedChain`] holding this chain, told if the chain is dropped
     /// while out in an async phase.
     shared: std::rc::Weak<SharedInner>,
+    /// A streamed end-of-message run stopped on a pause ([`EndStep::Held`]).
+    deferred: Option<Deferred>,
 }
 
 /// The failure policy applied to a failed call: `Ok(())` if the filter is skipped
@@ -1290,7 +1362,7 @@ impl Chain {
                 }
                 return Ok(Some(lr));
             }
-            // `run_part` never passes one; treated as refused rather than a panic.
+            // `run_calls` never passes one; treated as refused rather than a panic.
             Ok(Verdict::Pause) => streamed_pause_error(d),
             Err(why) => why,
         };
@@ -1308,21 +1380,22 @@ impl Chain {
     }
 
     /// Calls the body (`Some(end_of_stream)`) or trailers (`None`) phase of
-    /// direction `d` in every filter of `order`, over the part already on the
-    /// exchange. A filter that pauses is waited out if `hold` (the host holds the
-    /// whole message, buffered mode: the chain must be out of its
-    /// [`SharedChain`]); otherwise (streamed, run from a body stream's poll,
-    /// which cannot wait) its pause is a failure. `Some` is a local response.
+    /// direction `d` in the filters `order[from..]`, over the part already on
+    /// the exchange; `hold` says what a pause does. `Ran::Paused` (only with
+    /// [`Hold::Defer`]) is where the run stopped.
     async fn run_part(
         &mut self,
         d: Direction,
         body_eos: Option<bool>,
         order: &[usize],
-        hold: bool,
-    ) -> Result<Option<LocalResponse>, ProxyError> {
-        self.x.hold_body = hold;
-        let r = self.run_calls(d, body_eos, order, hold).await;
+        from: usize,
+        hold: Hold,
+    ) -> Result<Ran, ProxyError> {
+        self.x.hold_body = hold == Hold::Wait;
+        self.x.hold_end = matches!(hold, Hold::Defer | Hold::EndWait);
+        let r = self.run_calls(d, body_eos, order, from, hold).await;
         self.x.hold_body = false;
+        self.x.hold_end = false;
         r
     }
 
@@ -1332,34 +1405,33 @@ impl Chain {
         d: Direction,
         body_eos: Option<bool>,
         order: &[usize],
-        hold: bool,
-    ) -> Result<Option<LocalResponse>, ProxyError> {
-        let phase = match (d, body_eos) {
-            (Direction::Request, Some(_)) => "request_body",
-            (Direction::Response, Some(_)) => "response_body",
-            (Direction::Request, None) => "request_trailers",
-            (Direction::Response, None) => "response_trailers",
-        };
-        for &i in order {
+        from: usize,
+        hold: Hold,
+    ) -> Result<Ran, ProxyError> {
+        let phase = part_phase(d, body_eos.is_some());
+        for (at, &i) in order.iter().enumerate().skip(from) {
             let mut v = match body_eos {
                 Some(eos) => self.call(i, |f, w, x| f.on_body(w, x, d, eos)),
                 None => self.call(i, |f, w, x| f.on_trailers(w, x, d)),
             };
             self.dispatch(i);
             if let Ok(Verdict::Pause) = v {
-                v = if hold {
+                v = match hold {
                     // The part stays on the exchange, held and writable, for the
                     // callout responses (abi/README.md §3.3).
-                    self.wait(i, phase).await?
-                } else {
-                    Err(streamed_pause_error(d))
+                    Hold::Wait | Hold::EndWait => self.wait(i, phase).await?,
+                    // A body stream's poll cannot wait: it resumes the run as
+                    // a future (`resume_end`).
+                    Hold::Defer if !self.inflight.is_empty() => return Ok(Ran::Paused(at)),
+                    Hold::Defer => Err("paused with no callout in flight".to_string()),
+                    Hold::Refuse => Err(streamed_pause_error(d)),
                 };
             }
             if let Some(lr) = self.body_verdict(i, d, phase, v)? {
-                return Ok(Some(lr));
+                return Ok(Ran::Respond(lr));
             }
         }
-        Ok(None)
+        Ok(Ran::Through)
     }
 
     /// Filters of direction `d` that get its body calls, in its order.
@@ -1370,119 +1442,222 @@ impl Chain {
             .collect()
     }
 
-    /// Runs the body phase of direction `d` over `data` in every filter that wants
-    /// it (chain order for the request, reverse for the response): the data as
-    /// the filters left it, or a filter's local response. `hold`: see
-    /// [`Chain::run_part`].
-    async fn body_part(
+    /// Filters of direction `d` that declared its trailers phase, in its order.
+    fn trailers_order(&self, d: Direction) -> Vec<usize> {
+        self.order(d)
+            .into_iter()
+            .filter(|&i| self.entered[i].phases().contains(d.trailers_phase()))
+            .collect()
+    }
+
+    /// Runs the body phase of direction `d` over one chunk `data` (not the
+    /// last) in every filter that wants it (chain order for the request,
+    /// reverse for the response): the data as the filters left it, or a
+    /// filter's local response. A pause is a failure.
+    fn body_part(
         &mut self,
         d: Direction,
         data: Bytes,
         end_of_stream: bool,
-        hold: bool,
     ) -> Result<BodyStep, ProxyError> {
         let order = self.body_order(d);
         if order.is_empty() {
             return Ok(BodyStep::Continue(data));
         }
         self.x.bodies[d.idx()] = Some(Vec::from(data));
-        let r = self.run_part(d, Some(end_of_stream), &order, hold).await;
+        let r = now(self.run_part(d, Some(end_of_stream), &order, 0, Hold::Refuse));
         let out = self.x.bodies[d.idx()].take().unwrap_or_default();
         Ok(match r? {
-            Some(lr) => BodyStep::Respond(lr),
-            None => BodyStep::Continue(Bytes::from(out)),
+            Ran::Respond(lr) => BodyStep::Respond(lr),
+            Ran::Through | Ran::Paused(_) => BodyStep::Continue(Bytes::from(out)),
         })
     }
 
-    /// The last body call of direction `d`, with the `trailers` the message ends
-    /// with if any (see [`Chain::on_body_end`]), then the trailers phases over
-    /// what the body phases left of them.
+    /// The end of a message of direction `d`: its last body call over `data`,
+    /// with the `trailers` it ends with if any (see [`Chain::on_body_end`]),
+    /// then the trailers phases over what the body phases left of them.
     async fn end_part(
         &mut self,
         d: Direction,
         data: Bytes,
         trailers: Option<HeaderMap>,
-        hold: bool,
-    ) -> Result<Result<(Bytes, Option<HeaderMap>), LocalResponse>, ProxyError> {
+        hold: Hold,
+    ) -> Result<EndStep, ProxyError> {
         let folding = trailers.is_some();
         if folding {
             self.x.trailers[d.idx()] = trailers;
         }
-        let data = match self.body_part(d, data, true, hold).await? {
-            BodyStep::Continue(data) => data,
-            BodyStep::Respond(lr) => return Ok(Err(lr)),
-        };
-        if !folding {
-            return Ok(Ok((data, None)));
+        let order = self.body_order(d);
+        if order.is_empty() {
+            return self.after_body(d, data, folding, hold).await;
         }
-        let trailers = self.x.trailers[d.idx()].take().unwrap_or_default();
-        if trailers.is_empty() {
-            return Ok(Ok((data, None)));
-        }
-        Ok(self
-            .trailers_part(d, trailers, hold)
-            .await?
-            .map(|t| (data, Some(t))))
+        self.x.bodies[d.idx()] = Some(Vec::from(data));
+        self.end_body(d, order, 0, folding, hold).await
     }
 
-    /// Runs the trailers phase of direction `d` over `trailers` in every filter
-    /// that declared it: the trailers as the filters left them (kept on the
-    /// exchange for later reads), or a filter's local response.
-    async fn trailers_part(
+    /// The last body call of direction `d` over the body on the exchange, in
+    /// the filters `order[from..]`; then [`Chain::after_body`].
+    async fn end_body(
         &mut self,
         d: Direction,
-        trailers: HeaderMap,
-        hold: bool,
-    ) -> Result<Result<HeaderMap, LocalResponse>, ProxyError> {
-        self.x.trailers[d.idx()] = Some(trailers);
-        let order: Vec<usize> = self
-            .order(d)
-            .into_iter()
-            .filter(|&i| self.entered[i].phases().contains(d.trailers_phase()))
-            .collect();
-        if let Some(lr) = self.run_part(d, None, &order, hold).await? {
-            return Ok(Err(lr));
+        order: Vec<usize>,
+        from: usize,
+        folding: bool,
+        hold: Hold,
+    ) -> Result<EndStep, ProxyError> {
+        let r = self.run_part(d, Some(true), &order, from, hold).await;
+        if let Ok(Ran::Paused(at)) = r {
+            // Held: the body stays on the exchange for the callout's callback.
+            self.deferred = Some(Deferred {
+                d,
+                order,
+                at,
+                stage: Stage::Body { folding },
+            });
+            return Ok(EndStep::Held);
         }
-        Ok(Ok(self.x.trailers[d.idx()].clone().unwrap_or_default()))
+        let out = Bytes::from(self.x.bodies[d.idx()].take().unwrap_or_default());
+        match r? {
+            Ran::Respond(lr) => Ok(EndStep::Respond(lr)),
+            Ran::Through | Ran::Paused(_) => self.after_body(d, out, folding, hold).await,
+        }
     }
 
-    /// Runs the body phase of direction `d` over one streamed chunk `data` (see
-    /// [`Chain::body_part`]); a pause there is a failure: a body stream cannot
-    /// wait for a callout.
-    pub fn on_body(
+    /// After the last body call left `data`: the trailers phases if the
+    /// message ends with trailers (`folding`) the body calls did not empty.
+    async fn after_body(
         &mut self,
         d: Direction,
         data: Bytes,
-        end_of_stream: bool,
-    ) -> Result<BodyStep, ProxyError> {
-        now(self.body_part(d, data, end_of_stream, false))
+        folding: bool,
+        hold: Hold,
+    ) -> Result<EndStep, ProxyError> {
+        if !folding {
+            return Ok(EndStep::Done(data, None));
+        }
+        let trailers = self.x.trailers[d.idx()].take().unwrap_or_default();
+        if trailers.is_empty() {
+            return Ok(EndStep::Done(data, None));
+        }
+        self.x.trailers[d.idx()] = Some(trailers);
+        let order = self.trailers_order(d);
+        self.end_trailers(d, data, order, 0, hold).await
     }
 
-    /// The last body call of direction `d` for a streamed message that ends with
-    /// `trailers` (abi/README.md §4): the trailers are on the exchange, readable
-    /// and writable, during this end-of-stream body call, so a filter can fold
-    /// them into the body (gRPC-Web). Then the trailers phases run over what is
-    /// left, unless the filters emptied the map: the message then ends with its
-    /// body and has no trailers (`None`). A pause is a failure, as in
-    /// [`Chain::on_body`].
+    /// The trailers phases of direction `d` over the trailers on the exchange
+    /// (kept there for later reads), in the filters `order[from..]`; `data` is
+    /// what the body calls left, sent before them.
+    async fn end_trailers(
+        &mut self,
+        d: Direction,
+        data: Bytes,
+        order: Vec<usize>,
+        from: usize,
+        hold: Hold,
+    ) -> Result<EndStep, ProxyError> {
+        match self.run_part(d, None, &order, from, hold).await? {
+            Ran::Paused(at) => {
+                self.deferred = Some(Deferred {
+                    d,
+                    order,
+                    at,
+                    stage: Stage::Trailers { data },
+                });
+                Ok(EndStep::Held)
+            }
+            Ran::Respond(lr) => Ok(EndStep::Respond(lr)),
+            Ran::Through => Ok(EndStep::Done(
+                data,
+                Some(self.x.trailers[d.idx()].clone().unwrap_or_default()),
+            )),
+        }
+    }
+
+    /// Runs the body phase of direction `d` over one streamed chunk `data` that
+    /// is not the last (see [`Chain::body_part`]); a pause there is a failure:
+    /// nothing is held for it (a filter holds chunks itself, as proxy-wasm's
+    /// `StopIterationAndBuffer`).
+    pub fn on_body(&mut self, d: Direction, data: Bytes) -> Result<BodyStep, ProxyError> {
+        self.body_part(d, data, false)
+    }
+
+    /// The last body call of direction `d` for a streamed message, over `data`,
+    /// with the `trailers` the message ends with (abi/README.md §4): the
+    /// trailers are on the exchange, readable and writable, during this
+    /// end-of-stream body call, so a filter can fold them into the body
+    /// (gRPC-Web). Then the trailers phases run over what is left, unless the
+    /// filters emptied the map: the message then ends with its body and has no
+    /// trailers. A pause of a filter that can be resumed, with a callout in
+    /// flight, is [`EndStep::Held`]: the stream takes the chain out and awaits
+    /// [`Chain::resume_end`]; any other pause is a failure.
     pub fn on_body_end(
         &mut self,
         d: Direction,
         data: Bytes,
-        trailers: HeaderMap,
-    ) -> Result<Result<(Bytes, Option<HeaderMap>), LocalResponse>, ProxyError> {
-        now(self.end_part(d, data, Some(trailers), false))
+        trailers: Option<HeaderMap>,
+    ) -> Result<EndStep, ProxyError> {
+        now(self.end_part(d, data, trailers, Hold::Defer))
     }
 
-    /// Runs the trailers phase of direction `d` over the `trailers` of a streamed
-    /// message (see [`Chain::trailers_part`]); a pause is a failure, as in
-    /// [`Chain::on_body`].
+    /// Runs the trailers phase of direction `d` over the `trailers` of a
+    /// streamed message whose last body call already ran; pauses as in
+    /// [`Chain::on_body_end`].
     pub fn on_trailers(
         &mut self,
         d: Direction,
         trailers: HeaderMap,
-    ) -> Result<Result<HeaderMap, LocalResponse>, ProxyError> {
-        now(self.trailers_part(d, trailers, false))
+    ) -> Result<EndStep, ProxyError> {
+        self.x.trailers[d.idx()] = Some(trailers);
+        let order = self.trailers_order(d);
+        now(self.end_trailers(d, Bytes::new(), order, 0, Hold::Defer))
+    }
+
+    /// Waits out the pause an end-of-message run of a streamed body stopped on
+    /// ([`EndStep::Held`]), with `Chain::wait` as the other pauses (the
+    /// worker serves other exchanges meanwhile; the chain must be out of its
+    /// [`SharedChain`]), then runs the rest of it: the filters after the paused
+    /// one, and the trailers phases after the last body call. The held part is
+    /// on the exchange meanwhile, readable and writable from the callout's
+    /// callback.
+    pub async fn resume_end(&mut self) -> Result<EndStep, ProxyError> {
+        let Some(p) = self.deferred.take() else {
+            return Err(ProxyError::new(
+                Kind::Internal,
+                "bug: resumed a streamed body that is not held",
+            ));
+        };
+        let d = p.d;
+        let body = matches!(p.stage, Stage::Body { .. });
+        let phase = part_phase(d, body);
+        let Some(&i) = p.order.get(p.at) else {
+            return Err(ProxyError::new(
+                Kind::Internal,
+                "bug: a held body's filter is not in its order",
+            ));
+        };
+        self.x.hold_end = true;
+        let v = self.wait(i, phase).await;
+        self.x.hold_end = false;
+        match v.and_then(|v| self.body_verdict(i, d, phase, v)) {
+            Ok(None) => {}
+            r => {
+                if body {
+                    // Answered or failed: the held body is not forwarded.
+                    self.x.bodies[d.idx()] = None;
+                }
+                return r.map(|lr| lr.map_or(EndStep::Done(Bytes::new(), None), EndStep::Respond));
+            }
+        }
+        match p.stage {
+            Stage::Body { folding } => {
+                self.end_body(d, p.order, p.at + 1, folding, Hold::EndWait)
+                    .await
+            }
+            Stage::Trailers { data } => {
+                self.end_trailers(d, data, p.order, p.at + 1, Hold::EndWait)
+                    .await
+            }
+        }
     }
 
     /// Buffered mode: the one body call of direction `d` over the whole body
@@ -1497,7 +1672,15 @@ impl Chain {
         data: Bytes,
         trailers: Option<HeaderMap>,
     ) -> Result<Result<(Bytes, Option<HeaderMap>), LocalResponse>, ProxyError> {
-        self.end_part(d, data, trailers, true).await
+        match self.end_part(d, data, trailers, Hold::Wait).await? {
+            EndStep::Done(data, trailers) => Ok(Ok((data, trailers))),
+            EndStep::Respond(lr) => Ok(Err(lr)),
+            // `Hold::Wait` waits every pause out.
+            EndStep::Held => Err(ProxyError::new(
+                Kind::Internal,
+                "bug: a buffered body run stopped on a pause",
+            )),
+        }
     }
 
     /// The exchange is over: `on-log` then `on-done` for every filter that took part
@@ -1536,8 +1719,28 @@ pub fn streamed_pause_error(d: Direction) -> String {
     )
 }
 
-/// Runs a chain future that does not hold (pauses refused): it never waits, so
-/// its first poll completes it.
+/// How far a run of body or trailers phases got.
+enum Ran {
+    /// Through every filter.
+    Through,
+    /// A filter answered locally.
+    Respond(LocalResponse),
+    /// Stopped on a pause at this position of the order ([`Hold::Defer`]).
+    Paused(usize),
+}
+
+/// The phase name (stats, logs) of a body (`body`) or trailers run of `d`.
+fn part_phase(d: Direction, body: bool) -> &'static str {
+    match (d, body) {
+        (Direction::Request, true) => "request_body",
+        (Direction::Response, true) => "response_body",
+        (Direction::Request, false) => "request_trailers",
+        (Direction::Response, false) => "response_trailers",
+    }
+}
+
+/// Runs a chain future that never waits (pauses refused or deferred), so its
+/// first poll completes it.
 fn now<T>(f: impl Future<Output = Result<T, ProxyError>>) -> Result<T, ProxyError> {
     let mut f = std::pin::pin!(f);
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -1609,6 +1812,7 @@ mod tests {
             inflight: tokio::task::JoinSet::new(),
             finished: false,
             shared: std::rc::Weak::new(),
+            deferred: None,
         }
     }
 
@@ -1626,6 +1830,137 @@ mod tests {
             shared.clone(),
             Direction::Request,
         )
+    }
+
+    /// Pauses the last request body call with a callout in flight (where the
+    /// host can hold it, `hold_end`); the callout's response replaces the
+    /// held body and resumes.
+    struct EndPauser;
+    impl HttpFilter for EndPauser {
+        fn name(&self) -> &str {
+            "end-pauser"
+        }
+        fn phases(&self) -> Phases {
+            Phases::REQUEST_BODY
+        }
+        fn fail_open(&self) -> bool {
+            false
+        }
+        fn on_request_headers(
+            &self,
+            _: usize,
+            _: &mut Exchange,
+            _: bool,
+        ) -> Result<Verdict, String> {
+            Ok(Verdict::Continue)
+        }
+        fn on_response_headers(
+            &self,
+            _: usize,
+            _: &mut Exchange,
+            _: bool,
+        ) -> Result<Verdict, String> {
+            Ok(Verdict::Continue)
+        }
+        fn body_mode(&self, _: Direction) -> BodyMode {
+            BodyMode::Streamed
+        }
+        fn on_body(
+            &self,
+            _: usize,
+            x: &mut Exchange,
+            _: Direction,
+            eos: bool,
+        ) -> Result<Verdict, String> {
+            if !eos {
+                return Ok(Verdict::Continue);
+            }
+            if !x.hold_end {
+                return Err("the end of a streamed body cannot be held".into());
+            }
+            x.callouts.push(CalloutRequest {
+                id: 7,
+                cluster: "authz".into(),
+                method: Method::POST,
+                path: "/check".into(),
+                authority: None,
+                headers: HeaderMap::new(),
+                body: Bytes::new(),
+                timeout: Duration::from_secs(1),
+                max_response_body: 1024,
+            });
+            Ok(Verdict::Pause)
+        }
+        fn on_callout_response(
+            &self,
+            _: usize,
+            x: &mut Exchange,
+            _: u64,
+            _: CalloutResult,
+            paused: bool,
+        ) -> Result<Verdict, String> {
+            assert!(paused);
+            let held = x.bodies[0].take().unwrap();
+            let mut body = b"checked:".to_vec();
+            body.extend_from_slice(&held);
+            x.bodies[0] = Some(body);
+            Ok(Verdict::Continue)
+        }
+        fn on_log(&self, _: usize, _: &mut Exchange) {}
+        fn on_done(&self, _: usize, _: u64) {}
+    }
+
+    /// Answers each callout when its gate opens.
+    struct Gated(std::cell::RefCell<Option<tokio::sync::oneshot::Receiver<()>>>);
+    impl CalloutSender for Gated {
+        fn send(&self, _req: CalloutRequest) -> CalloutFuture {
+            let gate = self.0.borrow_mut().take();
+            Box::pin(async move {
+                if let Some(g) = gate {
+                    let _ = g.await;
+                }
+                Ok(CalloutResponse {
+                    status: StatusCode::OK,
+                    headers: HeaderMap::new(),
+                    body: Bytes::new(),
+                    trailers: HeaderMap::new(),
+                })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_end_of_a_streamed_body_is_held_until_the_callout_resumes() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let (open, gate) = tokio::sync::oneshot::channel();
+                let mut c = chain();
+                c.callouts = Rc::new(Gated(std::cell::RefCell::new(Some(gate))));
+                let f: Arc<dyn HttpFilter> = Arc::new(EndPauser);
+                c.ctl.push(BodyCtl::of(&*f));
+                c.entered.push(f);
+                c.called.push(false);
+                let shared = SharedChain::new(c);
+                let mut body = std::pin::pin!(streamed(&shared));
+                let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+                let waker = Waker::from(wakes.clone());
+                let mut cx = Context::from_waker(&waker);
+
+                // Held: nothing sent, the chain is out with the wait.
+                assert!(body.as_mut().poll_frame(&mut cx).is_pending());
+                assert!(matches!(shared.with(|_| ()), Err(SharedError::Busy)));
+                assert!(!body.is_end_stream());
+
+                // The callout answers: the rewritten body, then the end; the
+                // chain is back.
+                open.send(()).unwrap();
+                let data = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+                let data = data.unwrap().unwrap().into_data().unwrap();
+                assert_eq!(data, "checked:chunk");
+                assert!(body.as_mut().poll_frame(&mut cx).is_ready());
+                assert!(shared.with(|_| ()).is_ok());
+            })
+            .await;
     }
 
     #[tokio::test]

@@ -934,7 +934,8 @@ async fn raw_conn(
 }
 
 /// An authorization service for the callout tests (both ABIs), named `authz`:
-/// `/check/deny*` answers 403 `denied:<x-user>`, `/check/slow*` answers after 2 s,
+/// `/check/deny*` answers 403 `denied:<x-user>`, `/check/slow*` and
+/// `/check/body/slow*` answer after 2 s,
 /// `/tick` answers 200 `fresh`, `/check/body*`, `/check/resp*` and
 /// `/check/trailer*` check the request body (403 `denied:<length>` if it
 /// contains `forbidden`, else 200 `checked:<body upper-cased>`), anything else
@@ -948,7 +949,7 @@ pub async fn authz_upstream() -> UpstreamHandle {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("anonymous")
             .to_string();
-        if path.starts_with("/check/slow") {
+        if path.starts_with("/check/slow") || path.starts_with("/check/body/slow") {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
         // A content-checking service: the payload (a body, a trailer) is

@@ -6,7 +6,11 @@
 //! locally. Real Legate, real upstream, real callout clusters (the `authz`
 //! content checker and a tonic gRPC server), the guest built from source with
 //! the `proxy-wasm` SDK (tests/proxy-wasm-guests, modes `body-callout`,
-//! `trailers-callout`, `body-stuck-held`), over HTTP/1.1 and HTTP/2. Also
+//! `trailers-callout`, `body-stuck-held`), over HTTP/1.1 and HTTP/2. The same
+//! on streamed messages (modes `stream-callout`, `stream-trailers`: the
+//! headers callbacks continue, the end of the body or the trailers are held
+//! for the call), including a client going away and a route timeout during
+//! the hold. Also
 //! `proxy_grpc_cancel` of a unary call during a pause (mode `grpc-cancel`).
 
 // Test code: a failed unwrap is a test failure with its location.
@@ -334,3 +338,293 @@ async fn response_trailers_held_for_a_call() {
     lg.assert_stat(AUTHZ_REQUESTS, 1.0).await;
     lg.assert_stat(FAILURES, 0.0).await;
 }
+
+/// A request body a slow client sends in `chunks`, 30 ms apart.
+fn slow_body(chunks: &'static [&'static str]) -> BoxBody {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    let s = futures_util::stream::iter(chunks.iter()).then(|c| async move {
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(c.as_bytes())))
+    });
+    BodyExt::boxed(http_body_util::StreamBody::new(s))
+}
+
+/// An echo upstream that also counts the requests whose body arrived whole.
+async fn counting_upstream() -> (
+    UpstreamHandle,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let whole = std::sync::Arc::new(AtomicUsize::new(0));
+    let w = whole.clone();
+    let up = upstream()
+        .handler(move |req| {
+            let w = w.clone();
+            async move {
+                let r = echo(req).await;
+                if r.status() == StatusCode::OK {
+                    w.fetch_add(1, Ordering::SeqCst);
+                }
+                r
+            }
+        })
+        .start()
+        .await;
+    (up, whole)
+}
+
+each_proto!(
+    /// Envoy's most common body check, on a streamed body: the headers
+    /// callback continues (the head goes upstream at once), the body callback
+    /// pauses chunk by chunk (the filter holds them), and at end of stream it
+    /// sends the whole body to the checker and returns `Pause`. The host holds
+    /// the end of the body until the call's callback rewrites it and resumes:
+    /// the upstream gets the checker's answer as the body. The response body
+    /// (streamed too) is held the same way and replaced. A denial answers the
+    /// client 403 from the callback and aborts the upstream request, which
+    /// never gets a whole body.
+    async fn a_streamed_request_body_held_at_end_for_a_call(proto) {
+        use std::sync::atomic::Ordering;
+        let (up, whole) = counting_upstream().await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, az.addr, grpc.addr, "stream-callout"))
+            .start();
+        let web = lg.addr("web");
+
+        let r = client(proto, web)
+            .await
+            .post("/up")
+            .boxed_body(slow_body(&["hel", "lo ", "pau", "se"]))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The response was streamed (its length removed) and held at its end.
+        assert_eq!(r.header("content-length"), None);
+        let e = checked_echo(&r.text());
+        assert_eq!(e["body"], "checked:hello pause");
+        // The head went out before the body: no length, and what the callback
+        // set on it came too late (as in Envoy).
+        assert!(e["headers"].get("content-length").is_none(), "{e}");
+        assert!(e["headers"].get("x-pw-held-len").is_none(), "{e}");
+        assert_eq!(whole.load(Ordering::SeqCst), 1);
+
+        let r = client(proto, web)
+            .await
+            .post("/up")
+            .boxed_body(slow_body(&["a forb", "idden ", "word"]))
+            .send()
+            .await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.header("x-pw-body-denied"), Some("yes"));
+        assert_eq!(r.text(), "denied:16");
+        // The upstream saw the head, never the whole body.
+        assert_eq!(whole.load(Ordering::SeqCst), 1);
+
+        // The same with a unary gRPC call (`proxy_grpc_call`) holding the end.
+        let r = client(proto, web)
+            .await
+            .post("/grpc/x")
+            .boxed_body(slow_body(&["hi ", "there"]))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(checked_echo(&r.text())["body"], "grpc:hi there");
+        assert_eq!(grpc.calls.get(), 1);
+        assert_eq!(whole.load(Ordering::SeqCst), 2);
+
+        lg.assert_stat(&calls("callout_response"), 5.0).await;
+        lg.assert_stat(CALLOUTS, 5.0).await;
+        lg.assert_stat(AUTHZ_REQUESTS, 4.0).await;
+        lg.assert_stat(FAILURES, 0.0).await;
+        lg.assert_stat(&calls("done"), 3.0).await;
+    }
+);
+
+/// `Pause` from the response trailers callback of a streamed response (the
+/// response headers callback continued: the head and the body went out): the
+/// trailers are held for the call; the callback adds one and resumes. Response
+/// trailers need an HTTP/2 upstream that sends them (gRPC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_response_trailers_held_for_a_call() {
+    let up = upstream().grpc().start().await;
+    let az = authz_upstream().await;
+    let grpc = legate_tests::grpc::grpc_upstream().start().await;
+    let yaml = config(up.addr, az.addr, grpc.addr, "stream-trailers").replacen(
+        &format!("      - address: {}\n", up.addr),
+        &format!("      - address: {}\n    protocol: h2\n", up.addr),
+        1,
+    );
+    let lg = legate().config(&yaml).start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    let msg = grpc_frame(b"ping");
+    let r = c
+        .post("/echo.Echo/Say")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(msg.clone())
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, msg);
+    let t = r.trailers.as_ref().expect("response trailers were dropped");
+    assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    assert_eq!(
+        t.get("x-pw-trailer-checked").map(|v| v.as_bytes()),
+        Some(&b"checked:YES"[..]),
+        "{t:?}"
+    );
+    lg.assert_stat(&calls("response_trailers"), 1.0).await;
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    lg.assert_stat(FAILURES, 0.0).await;
+}
+
+/// An upstream answering `/fine` and `/leak` with a body streamed in chunks
+/// 30 ms apart (no length).
+async fn chunked_upstream() -> UpstreamHandle {
+    fn chunks(parts: &'static [&'static str]) -> Response<BoxBody> {
+        Response::new(slow_body(parts))
+    }
+    upstream()
+        .route("/fine", |_req| async { chunks(&["fine ", "da", "ta"]) })
+        .route("/leak", |_req| async {
+            chunks(&["some ", "forbidden ", "data"])
+        })
+        .start()
+        .await
+}
+
+each_proto!(
+    /// A response body streamed from the upstream (the response headers
+    /// callback continued: the head is out) is held at its end for a call:
+    /// resumed, the client gets the rewritten body; answered locally, the
+    /// response cannot be replaced (its head is out), so the stream is reset,
+    /// as Envoy does.
+    async fn a_streamed_response_body_held_at_end_for_a_call(proto) {
+        let up = chunked_upstream().await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, az.addr, grpc.addr, "stream-callout"))
+            .start();
+        let web = lg.addr("web");
+
+        let r = client(proto, web).await.get("/fine").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "checked:FINE DATA");
+
+        let r = client(proto, web).await.get("/leak").try_send().await;
+        assert!(r.is_err(), "the response was not reset: {r:?}");
+
+        // Three chunks and the end (the stream learns it after the last chunk).
+        lg.assert_stat(&calls("response_body"), 8.0).await;
+        lg.assert_stat(&calls("callout_response"), 2.0).await;
+        lg.assert_stat(AUTHZ_REQUESTS, 2.0).await;
+        lg.assert_stat(FAILURES, 0.0).await;
+        lg.assert_stat(&calls("done"), 2.0).await;
+        assert_eq!(up.requests.get(), 2);
+    }
+);
+
+each_proto!(
+    /// `Pause` from the request trailers callback of a streamed request (the
+    /// headers callback continued): the trailers are held for the call, the
+    /// callback adds one and resumes, or answers locally (the upstream request
+    /// is aborted).
+    async fn streamed_request_trailers_held_for_a_call(proto) {
+        let (up, whole) = counting_upstream().await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, az.addr, grpc.addr, "stream-trailers"))
+            .start();
+        let web = lg.addr("web");
+        let send = |value: &'static str| async move {
+            let mut t = HeaderMap::new();
+            t.insert("x-client-trailer", HeaderValue::from_static(value));
+            client(proto, web)
+                .await
+                .post("/t")
+                .header("te", "trailers")
+                .header("trailer", "x-client-trailer, x-pw-trailer-checked")
+                .body_with_trailers("payload", t)
+                .send()
+                .await
+        };
+        let r = send("abc").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.body, "payload");
+        assert_eq!(
+            e.trailers.get("x-pw-trailer-checked"),
+            Some(&vec!["checked:ABC".to_string()])
+        );
+
+        let r = send("forbidden").await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.header("x-pw-body-denied"), Some("yes"));
+        assert_eq!(whole.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        lg.assert_stat(&calls("request_trailers"), 2.0).await;
+        lg.assert_stat(&calls("callout_response"), 2.0).await;
+        lg.assert_stat(FAILURES, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// A client that goes away while the end of its streamed body is held for
+    /// a call (the checker answers `/check/body/slow…` after 2 s): the wait
+    /// ends, the context is finished (`on_done`, `on_log`) and the upstream
+    /// never gets the whole body; the worker goes on serving. A route timeout
+    /// during the hold answers 504 and finishes the context the same way.
+    async fn a_held_streamed_body_ends_cleanly_on_disconnect_or_timeout(proto) {
+        use std::sync::atomic::Ordering;
+        let (up, whole) = counting_upstream().await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        // `/slowtimed` goes to a route with a timeout.
+        let yaml = config(up.addr, az.addr, grpc.addr, "stream-callout").replace("          - name: rest\n", "          - name: timed\n            match: { prefix: /slowtimed }\n            cluster: backend\n            timeout: 500ms\n          - name: rest\n");
+        let lg = legate().config(&yaml).start();
+        let web = lg.addr("web");
+
+        let mut c = client(proto, web).await;
+        let gone = tokio::time::timeout(
+            std::time::Duration::from_millis(600),
+            c.post("/slow/x").boxed_body(slow_body(&["ab", "cd"])).try_send(),
+        )
+        .await;
+        assert!(gone.is_err(), "answered before the checker: {gone:?}");
+        drop(c);
+        lg.assert_stat_with(&calls("done"), |v| v == 1.0, "the held context finished")
+            .await;
+        lg.assert_stat(&calls("log"), 1.0).await;
+
+        // The worker was never blocked: another request goes through meanwhile.
+        let r = client(proto, web)
+            .await
+            .post("/up")
+            .boxed_body(slow_body(&["fine"]))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+
+        let r = client(proto, web)
+            .await
+            .post("/slowtimed")
+            .boxed_body(slow_body(&["ab", "cd"]))
+            .send()
+            .await;
+        assert_eq!(r.status, 504, "{}", r.text());
+        // (The filters' response callbacks do not see this 504: the exchange's
+        // chain is held by the abandoned request body; docs/proxy-wasm.md.)
+        lg.assert_stat_with(&calls("done"), |v| v == 3.0, "every context finished")
+            .await;
+        lg.assert_stat(&calls("log"), 3.0).await;
+        // Only `/up` reached the upstream whole.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert_eq!(whole.load(Ordering::SeqCst), 1);
+        lg.assert_stat(&calls("done"), 3.0).await;
+    }
+);

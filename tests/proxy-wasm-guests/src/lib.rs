@@ -55,6 +55,13 @@
 //!   body (gRPC: `grpc:<reply>`) and resumes; any other answer is a local
 //!   response with the answer's body: 403 `x-pw-body-denied: yes` for the
 //!   request, 451 `x-pw-resp-denied: yes` for the response.
+//! - `stream-callout`, `stream-trailers`: `body-callout` and
+//!   `trailers-callout` on streamed bodies (Envoy's most common body check):
+//!   the headers callbacks return `Continue` (removing `content-length`, as
+//!   the checked body changes size), the body callbacks `Pause` until end of
+//!   stream, where the body (or trailer) goes to `authz` as above and the
+//!   callback returns `Pause`; the host holds the rest of the message until
+//!   the call's callback resumes or answers.
 //! - `trailers-callout`: both headers callbacks wait for the body; the
 //!   request trailers callback sends trailer `x-client-trailer` (the response
 //!   trailers callback: `x-echo-trailer`) to `authz`
@@ -706,6 +713,17 @@ enum Held {
 }
 
 impl Filter {
+    /// The held-body mode a streamed mode behaves as after its headers
+    /// callbacks (`stream-callout` is `body-callout`, `stream-trailers` is
+    /// `trailers-callout`).
+    fn callout_mode(&self) -> &str {
+        match self.s.mode.as_str() {
+            "stream-callout" => "body-callout",
+            "stream-trailers" => "trailers-callout",
+            m => m,
+        }
+    }
+
     /// `body-callout`: sends `payload` (a whole body or a trailer) to be checked:
     /// to cluster `authz` at `/check/<what><path>`, or, for a request path under
     /// `/grpc/`, as the message of `Echo/Say` on cluster `grpc`; then `Pause`.
@@ -774,7 +792,7 @@ impl Filter {
 
 impl Context for Filter {
     fn on_grpc_call_response(&mut self, _token: u32, status: u32, size: usize) {
-        if self.s.mode == "body-callout" {
+        if self.callout_mode() == "body-callout" {
             let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
             let reply = match body.as_slice() {
                 [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => rest[..usize::from(*n)].to_vec(),
@@ -819,7 +837,7 @@ impl Context for Filter {
     }
 
     fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
-        if matches!(self.s.mode.as_str(), "body-callout" | "trailers-callout") {
+        if matches!(self.callout_mode(), "body-callout" | "trailers-callout") {
             let status = self.get_http_call_response_header(":status").unwrap_or_default();
             let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
             self.checked(num_headers > 0 && status == "200", &body);
@@ -1120,6 +1138,10 @@ impl HttpContext for Filter {
                 self.set_http_request_header("content-length", None);
             }
             "body-wait" if !_end_of_stream => return Action::Pause,
+            // Streamed: the head goes on now; the checked body changes size.
+            "stream-callout" | "stream-trailers" => {
+                self.set_http_request_header("content-length", None);
+            }
             // Envoy's StopIteration: wait for the whole body (and trailers).
             "body-callout" | "trailers-callout" | "body-stuck-held" if !_end_of_stream => {
                 return Action::Pause
@@ -1184,7 +1206,8 @@ impl HttpContext for Filter {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.body_calls += 1;
-        match self.s.mode.as_str() {
+        let mode = self.callout_mode().to_string();
+        match mode.as_str() {
             "body-rewrite" => {
                 if !end_of_stream {
                     return Action::Pause;
@@ -1232,7 +1255,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        if self.s.mode == "trailers-callout" {
+        if self.callout_mode() == "trailers-callout" {
             let v = self.get_http_request_trailer("x-client-trailer").unwrap_or_default();
             return self.check(Held::RequestTrailers, "trailer", v.as_bytes());
         }
@@ -1245,7 +1268,8 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        match self.s.mode.as_str() {
+        let mode = self.callout_mode().to_string();
+        match mode.as_str() {
             "body-rewrite" => {
                 if !end_of_stream {
                     return Action::Pause;
@@ -1284,7 +1308,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_trailers(&mut self, num_trailers: usize) -> Action {
-        if self.s.mode == "trailers-callout" {
+        if self.callout_mode() == "trailers-callout" {
             let v = self.get_http_response_trailer("x-echo-trailer").unwrap_or_default();
             return self.check(Held::ResponseTrailers, "trailer", v.as_bytes());
         }
@@ -1299,7 +1323,7 @@ impl HttpContext for Filter {
         if self.s.mode == "noop" {
             return Action::Continue;
         }
-        if self.s.mode == "body-rewrite" {
+        if matches!(self.s.mode.as_str(), "body-rewrite" | "stream-callout" | "stream-trailers") {
             self.set_http_response_header("content-length", None);
         }
         if matches!(self.s.mode.as_str(), "body-wait" | "body-local" | "body-callout" | "trailers-callout") && !end_of_stream {

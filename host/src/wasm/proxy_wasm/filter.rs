@@ -20,8 +20,10 @@
 //! body cap (request over it: 413; response: the exchange is reset, its head
 //! being out). `Continue` forwards what is held. `Pause` at the end of the
 //! stream or from a trailers callback, with a call outstanding, is the chain's
-//! pause when the host holds the whole message (buffered: the headers callback
-//! waited for the body); the call's callback then runs in that body or
+//! pause: the host holds the rest of the message, whether it holds the whole
+//! message (buffered: the headers callback waited for the body) or the head
+//! went out before the body (streamed: the body stream waits, see
+//! `crate::body::Filtered`); the call's callback then runs in that body or
 //! trailers phase ([`held_phase`]), so it can rewrite what is held.
 //!
 //! Callouts: HTTP and unary gRPC calls go through the chain (or, from the root
@@ -866,8 +868,9 @@ impl ProxyWasmFilter {
     /// guest left it; `Pause` before the end holds it (forwarding nothing now);
     /// over the body cap the request is answered 413 and the response (whose
     /// head is out) reset — the chain cannot send a clean 502 then. `Pause` at
-    /// the end with a callout outstanding, when the host holds the whole message
-    /// (`x.hold_body`), is the chain's pause: the body stays on the
+    /// the end with a callout outstanding (`x.hold_body`: the host holds the
+    /// whole message; `x.hold_end`: the end of a streamed one) is the chain's
+    /// pause: the body stays on the
     /// exchange, readable and writable from the callout's callback, until
     /// `proxy_continue_stream` or a local response.
     fn body_phase(
@@ -1361,18 +1364,19 @@ impl ProxyWasmFilter {
 
 /// `Pause` from the end-of-stream body callback or a trailers callback of
 /// direction `d` (`what`): Envoy holds the message until
-/// `proxy_continue_stream`. The chain can wait when it holds the whole message
+/// `proxy_continue_stream`. The chain can wait at the end of a message
 /// (buffered: the headers callback returned `Pause` to wait for the body, or
-/// another filter buffers) and a callout of this context can resume it; else,
-/// as for component filters (abi/README.md §3.3, §4), a failure, since nothing
-/// could resume it (Envoy would hang until the route timeout).
+/// another filter buffers; streamed: the body stream holds the rest) when a
+/// callout of this context can resume it; else, as for component filters
+/// (abi/README.md §3.3, §4), a failure, since nothing could resume it (Envoy
+/// would hang until the route timeout).
 fn paused_at_end(data: &PwState, ctx: u32, d: Direction, what: &str) -> Result<Verdict, String> {
-    if !data.x.hold_body {
+    if !data.x.hold_body && !data.x.hold_end {
+        // Not the end of a message (the chain calls trailers and the last body
+        // call with one of them set): a host bug, refused as a failure.
         return Err(format!(
-            "returned Pause from proxy_on_{}_{what} at the end of a streamed {} body: this \
-             host can hold it for a callout only when the body is buffered; return Pause \
-             (with no call outstanding) from proxy_on_{}_headers to wait for the whole body",
-            d.as_str(),
+            "returned Pause from proxy_on_{}_{what} where the host cannot hold the {} \
+             message",
             d.as_str(),
             d.as_str()
         ));
@@ -1387,8 +1391,8 @@ fn paused_at_end(data: &PwState, ctx: u32, d: Direction, what: &str) -> Result<V
     ))
 }
 
-/// The body or trailers phase an exchange held by the host (buffered) is
-/// paused in, from what the chain keeps on it during the pause: the body of
+/// The body or trailers phase an exchange held by the host (buffered, or the
+/// end of a streamed message) is paused in, from what the chain keeps on it during the pause: the body of
 /// a paused body phase (bodies are on the exchange only during their phase),
 /// else the trailers of the direction that has them (the response's, once
 /// they exist).
@@ -1520,7 +1524,7 @@ impl HttpFilter for ProxyWasmFilter {
         paused: bool,
     ) -> Result<Verdict, String> {
         let token = u32::try_from(id).map_err(|_| format!("callout id {id} is not a token"))?;
-        let held_in = if paused && x.hold_body {
+        let held_in = if paused && (x.hold_body || x.hold_end) {
             held_phase(x)
         } else {
             None
