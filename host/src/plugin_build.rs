@@ -1,6 +1,6 @@
-//! `legate plugin build PATH [--out FILE]`: build a filter crate into a small
+//! `legate plugin build PATH [--out FILE]`: build a filter crate into a
 //! WebAssembly component with `cargo build --release --target wasm32-wasip2`,
-//! size-optimized through `CARGO_PROFILE_RELEASE_*` overrides (so it works for
+//! optimized for speed through `CARGO_PROFILE_RELEASE_*` overrides (so it works for
 //! crates outside this workspace, and the workspace's release profile keeps
 //! its line tables for the host).
 

@@ -343,18 +343,25 @@ async fn ticks_reach_the_root_context() {
 }
 
 /// The hostile guest on every path; `path` misbehaves and gets the failure policy,
-/// the next request is served by a fresh VM.
+/// the next request is served by a fresh VM. The VM's memory is in the memory
+/// gauge, and leaves it with the VM.
 async fn hostile(proto: Proto, path: &str, fail: &str, counter: &str) {
+    const MEMORY: &str = r#"legate_plugin_memory_bytes{plugin="hostile",worker="0"}"#;
     let up = upstream().start().await;
     let p = plugin(
         "hostile",
         "{ mode: hostile }",
         &format!("    fail: {fail}\n    limits: {{ cpu: 50ms, memory: 16MiB }}\n"),
     );
-    let lg = legate().config(&config(up.addr, &p, &["hostile"])).start();
+    let lg = legate()
+        .config(&config(up.addr, &p, &["hostile"]))
+        .concurrency(1)
+        .start();
     let mut c = client(proto, lg.addr("web")).await;
     let r = c.get("/fine").send().await;
     assert_eq!(r.status, 200);
+    lg.assert_stat_with(MEMORY, |v| v >= 65536.0, ">= one Wasm page")
+        .await;
 
     let r = c.get(path).send().await;
     if fail == "closed" {
@@ -369,6 +376,7 @@ async fn hostile(proto: Proto, path: &str, fail: &str, counter: &str) {
         .await;
     lg.assert_stat(r#"legate_plugin_failures_total{plugin="hostile"}"#, 1.0)
         .await;
+    lg.assert_stat(MEMORY, 0.0).await;
     let r = c.get("/fine/again").send().await;
     assert_eq!(r.status, 200);
     lg.assert_stat(
@@ -377,6 +385,8 @@ async fn hostile(proto: Proto, path: &str, fail: &str, counter: &str) {
     )
     .await;
     lg.assert_stat(r#"legate_plugin_instances{plugin="hostile"}"#, 1.0)
+        .await;
+    lg.assert_stat_with(MEMORY, |v| v >= 65536.0, ">= one Wasm page")
         .await;
 }
 

@@ -56,7 +56,7 @@ use crate::stats::Counter;
 use crate::stats::Stats;
 use crate::wasm::engine;
 use crate::wasm::plugin::{describe, PluginStats, MIN_TICK};
-use crate::wasm::slots::{InstanceCount, LiveIds};
+use crate::wasm::slots::{InstanceCount, LiveIds, MemoryUse};
 
 /// Deadline of VM start and configuration (as `configure` for components).
 const START_DEADLINE: Duration = Duration::from_secs(1);
@@ -356,7 +356,7 @@ impl ProxyWasmFilter {
         };
         // Checked in a VM of its own (as the only plugin of it, on its root
         // context): a failure is this plugin's.
-        f.start_vm(&[])
+        f.start_vm(&[], None)
             .map_err(|e| anyhow::anyhow!("plugin `{name}`: {e}"))?;
         Ok(f)
     }
@@ -394,17 +394,24 @@ impl ProxyWasmFilter {
     /// A new VM, started and configured: `_initialize`/`_start` and
     /// `proxy_on_vm_start` once (on the first plugin's root context, as Envoy
     /// does), then a root context and `proxy_on_configure` for each plugin of
-    /// `members` (this plugin alone if empty).
-    fn start_vm(&self, members: &[Arc<ProxyWasmFilter>]) -> Result<Live, String> {
+    /// `members` (this plugin alone if empty). A worker's VM counts in the
+    /// first plugin's `legate_plugin_memory_bytes` (its cap is that plugin's
+    /// too); the load-time check's (`worker` `None`) does not.
+    fn start_vm(
+        &self,
+        members: &[Arc<ProxyWasmFilter>],
+        worker: Option<u32>,
+    ) -> Result<Live, String> {
         let mut list: Vec<&ProxyWasmFilter> = members.iter().map(|m| &**m).collect();
         if list.is_empty() {
             list.push(self);
         }
         let first = list[0];
-        let mut store = Store::new(
-            first.pre.module().engine(),
-            PwState::new(first.meta.clone(), first.settings.memory),
-        );
+        let mut state = PwState::new(first.meta.clone(), first.settings.memory);
+        if let Some(w) = worker {
+            state.memory_use = MemoryUse::tracked(&first.meta.stats, &first.meta.name, w);
+        }
+        let mut store = Store::new(first.pre.module().engine(), state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         engine::install(&mut store, START_DEADLINE);
         let fail = |what: &str, e: wasmtime::Error| {
@@ -668,7 +675,7 @@ impl ProxyWasmFilter {
                     return Err("no VM (restarting after a failure)".to_string());
                 }
                 let members = self.members();
-                match self.start_vm(&members) {
+                match self.start_vm(&members, u32::try_from(worker).ok()) {
                     Ok(live) => {
                         slot.live = Some(live);
                         slot.generation += 1;

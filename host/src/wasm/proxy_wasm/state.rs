@@ -163,6 +163,9 @@ pub struct PwState {
     pub clock: crate::wasm::engine::CallClock,
     /// The memory cap.
     pub limits: StoreLimits,
+    /// Linear memory the VM holds (in the per-worker gauge, except for the
+    /// load-time check's VM).
+    pub memory_use: crate::wasm::slots::MemoryUse,
     /// The plugin.
     pub meta: Arc<Meta>,
     /// The guest's exported memory (looked up on first use).
@@ -245,6 +248,7 @@ impl PwState {
                 .memory_size(memory_cap)
                 .trap_on_grow_failure(true)
                 .build(),
+            memory_use: crate::wasm::slots::MemoryUse::default(),
             meta,
             memory: None,
             alloc: None,
@@ -295,7 +299,11 @@ impl wasmtime::ResourceLimiter for PwState {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        self.limits.memory_growing(current, desired, maximum)
+        let ok = self.limits.memory_growing(current, desired, maximum)?;
+        if ok {
+            self.memory_use.grew(desired.saturating_sub(current));
+        }
+        Ok(ok)
     }
 
     fn table_growing(
