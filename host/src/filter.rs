@@ -890,6 +890,10 @@ struct SharedInner {
     /// e.g. the client went away during a pause): waiting streams must stop,
     /// not pass data unfiltered.
     aborted: std::cell::Cell<bool>,
+    /// The final status and cause, when the exchange ended while the chain was
+    /// out (a route timeout while a filter held the end of the request): given
+    /// to the chain when it finishes after all, so `on-log` sees them.
+    ended: std::cell::RefCell<Option<(StatusCode, Option<String>)>>,
 }
 
 impl SharedInner {
@@ -923,6 +927,7 @@ impl SharedChain {
                 local: std::cell::RefCell::new(None),
                 waiters: std::cell::RefCell::new(Vec::new()),
                 aborted: std::cell::Cell::new(false),
+                ended: std::cell::RefCell::new(None),
             }
         }))
     }
@@ -999,10 +1004,13 @@ impl SharedChain {
             .try_borrow_mut()
             .ok()
             .and_then(|mut c| c.take());
-        if let Some(mut chain) = chain {
-            chain.x.status = Some(status);
-            chain.x.cause = cause.map(str::to_string);
-            chain.run_finish();
+        match chain {
+            Some(mut chain) => {
+                chain.x.status = Some(status);
+                chain.x.cause = cause.map(str::to_string);
+                chain.run_finish();
+            }
+            None => *self.0.ended.borrow_mut() = Some((status, cause.map(str::to_string))),
         }
         self.0.wake_waiters();
     }
@@ -1762,8 +1770,16 @@ impl Drop for Chain {
     /// A chain dropped before `finish` (the client went away mid-exchange, e.g.
     /// while a filter was paused) still frees its filters' contexts.
     fn drop(&mut self) {
+        let shared = self.shared.upgrade();
+        let ended = shared.as_ref().and_then(|s| s.ended.borrow_mut().take());
+        let over = ended.is_some();
+        if let Some((status, cause)) = ended {
+            // The exchange ended while this chain was out (see `SharedChain::finish`).
+            self.x.status = Some(status);
+            self.x.cause = cause;
+        }
         if !self.finished {
-            if self.x.cause.is_none() {
+            if self.x.cause.is_none() && !over {
                 self.x.cause = Some("downstream_disconnect".to_string());
             }
             self.run_finish();
@@ -1771,7 +1787,7 @@ impl Drop for Chain {
         // Dropped while out of its shared slot (the future holding it in an
         // async phase was dropped): body streams waiting for it must end.
         // Dropped with the slot itself, the upgrade fails and nothing waits.
-        if let Some(shared) = self.shared.upgrade() {
+        if let Some(shared) = shared {
             let out = shared.chain.try_borrow().is_ok_and(|c| c.is_none());
             if out && !shared.finished.get() {
                 shared.aborted.set(true);

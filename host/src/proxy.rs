@@ -620,6 +620,21 @@ fn write_head(
     Ok(())
 }
 
+/// Whether the chain is out in an async phase (`false`: the exchange is over).
+/// An error if the chain was dropped while out: the exchange was abandoned
+/// (e.g. the request body holding it was dropped), so nothing may pass
+/// unfiltered.
+fn chain_out(shared: &filter::SharedChain) -> Result<bool, ProxyError> {
+    match shared.with(|_| ()) {
+        Ok(()) | Err(filter::SharedError::Finished) => Ok(false),
+        Err(filter::SharedError::Busy) => Ok(true),
+        Err(filter::SharedError::Aborted) => Err(ProxyError::new(
+            Kind::UpstreamReset,
+            "the request was abandoned while a filter held it",
+        )),
+    }
+}
+
 /// The chain's step `f`, run synchronously; the chain is out only while an async
 /// phase waits, which cannot be the case between phases of one direction.
 fn chain_step<R>(
@@ -826,8 +841,20 @@ async fn response_filters(
     let Some(shared) = out.chain.clone() else {
         return Ok(resp);
     };
-    let Some(mut chain) = shared.take() else {
-        return Ok(resp);
+    let mut chain = loop {
+        if let Some(c) = shared.take() {
+            break c;
+        }
+        // The chain is out: a filter holds the end of the request for a
+        // callout (proxy-wasm, Envoy's body check) and the upstream answered
+        // meanwhile. Its response waits for the chain, since the response
+        // phases need it; a host reply (a route timeout during the hold) does
+        // not wait for the callout and passes unfiltered (docs/proxy-wasm.md
+        // "Differences"). Over (not out): nothing left to run.
+        if !chain_out(&shared)? || out.cause.is_some() {
+            return Ok(resp);
+        }
+        std::future::poll_fn(|cx| shared.poll_available(cx)).await;
     };
     chain.x.upstream = out.upstream;
     chain.x.status = Some(resp.status());

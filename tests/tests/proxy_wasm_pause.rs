@@ -65,6 +65,11 @@ plugins:
     )
 }
 
+/// What the guest's `on_log` saw (`stream-*` modes): `CODE_DETAILS`.
+fn logged(what: &str) -> String {
+    format!("legate_proxywasm_pw_logged_{what}{{plugin=\"checker\"}}")
+}
+
 fn calls(phase: &str) -> String {
     format!("legate_plugin_calls_total{{plugin=\"checker\",phase=\"{phase}\"}}")
 }
@@ -443,6 +448,47 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// The upstream answers while the end of its request is held for a call
+    /// (a streaming server: it answers before reading the whole body). The
+    /// response waits for the held request to be resumed, then goes through
+    /// the filters' response phases like any other (here: held and replaced
+    /// by the checker's answer), never past them.
+    async fn an_answer_during_a_held_request_end_goes_through_the_filters(proto) {
+        let up = upstream()
+            .handler(|req: Request<Incoming>| async move {
+                use http_body_util::BodyExt;
+                tokio::spawn(async move {
+                    let _ = req.into_body().collect().await;
+                });
+                // After the request's end is held (its check takes 2s).
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                Response::new(Full::new(Bytes::from_static(b"early")))
+            })
+            .start()
+            .await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, az.addr, grpc.addr, "stream-callout"))
+            .start();
+        let r = client(proto, lg.addr("web"))
+            .await
+            .post("/slow-early")
+            .boxed_body(slow_body(&["hel", "lo"]))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "checked:EARLY");
+        lg.assert_stat(&calls("response_headers"), 1.0).await;
+        lg.assert_stat(&calls("response_body"), 1.0).await;
+        lg.assert_stat(&calls("callout_response"), 2.0).await;
+        lg.assert_stat(AUTHZ_REQUESTS, 2.0).await;
+        lg.assert_stat(FAILURES, 0.0).await;
+        lg.assert_stat(&calls("done"), 1.0).await;
+    }
+);
+
 /// `Pause` from the response trailers callback of a streamed response (the
 /// response headers callback continued: the head and the body went out): the
 /// trailers are held for the call; the callback adds one and resumes. Response
@@ -617,11 +663,15 @@ each_proto!(
             .send()
             .await;
         assert_eq!(r.status, 504, "{}", r.text());
-        // (The filters' response callbacks do not see this 504: the exchange's
-        // chain is held by the abandoned request body; docs/proxy-wasm.md.)
+        // (The filters' response callbacks do not see this 504: it does not
+        // wait for the callout; docs/proxy-wasm.md.)
         lg.assert_stat_with(&calls("done"), |v| v == 3.0, "every context finished")
             .await;
         lg.assert_stat(&calls("log"), 3.0).await;
+        // `on_log` does see how each exchange ended, the 504 too.
+        lg.assert_stat(&logged("200_via_upstream"), 1.0).await;
+        lg.assert_stat(&logged("504_upstream_timeout"), 1.0).await;
+        lg.assert_stat(&logged("none_downstream_disconnect"), 1.0).await;
         // Only `/up` reached the upstream whole.
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         assert_eq!(whole.load(Ordering::SeqCst), 1);

@@ -2,16 +2,17 @@
 //! plugin's component file (with its SHA-256 check).
 //!
 //! Deadlines use epoch interruption: one thread bumps the engine's epoch every
-//! millisecond. A call's first tick marks the thread's CPU clock (counting the
-//! wall time before it, at most one tick, as spent); at each later tick the call
-//! is stopped if its thread has used `cpu` of CPU time since the call began (or
-//! ten times that in wall time); otherwise the worker was waiting — for a core,
-//! or in a host call such as a KV round trip — and the deadline moves by the CPU
-//! budget left. So a call is stopped within about a tick of spending its budget,
-//! and a busy machine does not kill well-behaved plugins (abi/README.md §7). The
-//! thread's CPU clock is a system call (~350ns here, more than a short guest
-//! call): reading it lazily means a call that ends before the next tick, nearly
-//! every filter call, never pays for it. The pooling allocator keeps instance
+//! millisecond. A call's first tick marks the thread's CPU clock; from then on,
+//! at each tick the call is stopped if its thread has used `cpu` of CPU time
+//! since the mark (or the call has taken ten times that in wall time);
+//! otherwise the worker was waiting — for a core, or in a host call such as a
+//! KV round trip — and the deadline moves by the CPU budget left. The CPU time
+//! before the first tick (at most one tick's worth) is not charged, so a call
+//! is stopped within about a tick of spending its budget, and a busy machine
+//! does not kill well-behaved plugins (abi/README.md §7). The thread's CPU
+//! clock is a system call (~350ns here, more than a short guest call): reading
+//! it lazily means a call that ends before the next tick, nearly every filter
+//! call, never pays for it. The pooling allocator keeps instance
 //! memories in pre-reserved slots reused copy-on-write from the module's image, so
 //! re-instantiating a poisoned instance is cheap.
 
@@ -102,9 +103,8 @@ pub const WALL_FACTOR: u32 = 10;
 /// installed once per store ([`install`]) and [`arm`] costs no allocation.
 #[derive(Clone, Copy, Debug)]
 pub struct CallClock {
-    /// The thread's CPU time at the call's first tick, and the time counted as
-    /// spent before it; `None` until that tick.
-    cpu_mark: Option<(Duration, Duration)>,
+    /// The thread's CPU time at the call's first tick; `None` until then.
+    cpu_mark: Option<Duration>,
     wall_start: Instant,
     budget: Duration,
 }
@@ -150,15 +150,14 @@ impl CallClock {
             // No thread clock: wall time, as if every tick was spent running.
             (None, _) => wall,
             (Some(now), None) => {
-                // The first tick: the deadline counts CPU time from here. Before
-                // it, at most one tick of wall time counts (the thread may have
-                // waited for a core since the call began); never stopped here,
-                // so a starved thread is not stopped on wall time alone.
-                let before = wall.min(TICK);
-                self.cpu_mark = Some((now, before));
-                return Some(self.budget.saturating_sub(before));
+                // The first tick: CPU time counts from here (what ran before
+                // it, less than a tick, is not charged: charging wall time
+                // would charge a thread that waited for a core). The next
+                // check comes a tick early to make up for it.
+                self.cpu_mark = Some(now);
+                return Some(self.budget.saturating_sub(TICK));
             }
-            (Some(now), Some((mark, before))) => before + now.saturating_sub(mark),
+            (Some(now), Some(mark)) => now.saturating_sub(mark),
         };
         if used >= self.budget {
             return None;
@@ -277,25 +276,26 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
-    fn the_first_tick_marks_the_cpu_clock_and_never_stops_the_call() {
-        // Started 3ms ago (a starved thread) with a 1ms budget: only one tick of
-        // wall time counts, and the call goes on.
+    fn the_first_tick_marks_the_cpu_clock_and_charges_no_waiting() {
+        // Started 3ms ago (a starved thread) with a 1ms budget: the first tick
+        // charges nothing and checks again a tick early (at the earliest).
         let mut c = clock(1, 3);
         assert_eq!(c.tick(Some(100 * MS)), Some(Duration::ZERO));
-        assert_eq!(c.cpu_mark, Some((100 * MS, TICK)));
-        // At the next tick, CPU time since the mark decides.
-        assert_eq!(c.tick(Some(100 * MS + MS / 2)), None);
+        assert_eq!(c.cpu_mark, Some(100 * MS));
+        // Half a millisecond of CPU since the mark: within the budget.
+        assert_eq!(c.tick(Some(100 * MS + MS / 2)), Some(MS / 2));
+        // A whole one: stopped.
+        assert_eq!(c.tick(Some(101 * MS)), None);
     }
 
     #[test]
     fn cpu_time_stops_the_call_and_waiting_does_not() {
         let mut c = clock(5, 0);
-        assert!(c.tick(Some(10 * MS)).is_some());
-        let before = c.cpu_mark.map(|(_, b)| b).unwrap_or(TICK);
+        assert_eq!(c.tick(Some(10 * MS)), Some(4 * MS));
         // 2ms of CPU since the mark: budget left.
-        assert_eq!(c.tick(Some(12 * MS)), Some(5 * MS - before - 2 * MS));
+        assert_eq!(c.tick(Some(12 * MS)), Some(3 * MS));
         // The thread waited (no CPU used): still the same budget left.
-        assert_eq!(c.tick(Some(12 * MS)), Some(5 * MS - before - 2 * MS));
+        assert_eq!(c.tick(Some(12 * MS)), Some(3 * MS));
         // 5ms of CPU since the mark: stopped.
         assert_eq!(c.tick(Some(15 * MS)), None);
     }

@@ -1349,5 +1349,20 @@ impl HttpContext for Filter {
             return;
         }
         proxy_wasm::hostcalls::log(LogLevel::Info, &format!("on_log {}", self.id)).ok();
+        if self.s.mode.starts_with("stream-") {
+            // What `on_log` sees of the end of the exchange, as a counter
+            // `pw_logged_<response.code>_<response.code_details>`.
+            let code = self
+                .get_property(vec!["response", "code"])
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or("none".to_string(), |b| u64::from_le_bytes(b).to_string());
+            let details = self
+                .get_property(vec!["response", "code_details"])
+                .map_or("none".to_string(), |b| String::from_utf8_lossy(&b).into_owned());
+            let name = format!("pw_logged_{code}_{details}");
+            if let Ok(m) = hostcalls::define_metric(MetricType::Counter, &name) {
+                hostcalls::increment_metric(m, 1).ok();
+            }
+        }
     }
 }

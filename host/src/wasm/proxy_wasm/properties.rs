@@ -95,22 +95,32 @@ fn request(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
     })
 }
 
+/// `response.*`. The code and its details come from the exchange's outcome, so
+/// `on_log` has them for a reply the response callbacks did not see (a host
+/// reply that ended the exchange while a filter held the request); the
+/// headers and size need the response head.
 fn response(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
-    let headers = x.response_headers.as_ref()?;
     if attr == b"headers" {
-        return map_value(headers, rest);
+        return map_value(x.response_headers.as_ref()?, rest);
     }
     if !rest.is_empty() {
         return None;
     }
     Some(match attr {
         b"code" => int(i64::from(x.status?.as_u16())),
-        b"code_details" => x
-            .cause
-            .clone()
-            .unwrap_or_else(|| "via_upstream".into())
-            .into_bytes(),
-        b"size" => int(headers.get("content-length")?.to_str().ok()?.parse().ok()?),
+        b"code_details" => match (&x.cause, x.status) {
+            (Some(c), _) => c.clone().into_bytes(),
+            (None, Some(_)) => b"via_upstream".to_vec(),
+            (None, None) => return None,
+        },
+        b"size" => int(x
+            .response_headers
+            .as_ref()?
+            .get("content-length")?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()?),
         _ => return None,
     })
 }
