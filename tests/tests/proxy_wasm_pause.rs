@@ -305,16 +305,16 @@ each_proto!(
     }
 );
 
-/// `Pause` from the response trailers callback (the response headers callback
-/// waited for the body, so the head is held) for a call: the callback adds a
-/// trailer and resumes. Response trailers need an HTTP/2 upstream that sends
-/// them (gRPC).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn response_trailers_held_for_a_call() {
+/// `Pause` from the response trailers callback for a call: the callback adds a
+/// trailer and resumes. In mode `trailers-callout` the response headers
+/// callback waited for the body, so the head is held; in `stream-trailers` it
+/// continued: the head and the body went out, and only the trailers are held.
+/// Response trailers need an HTTP/2 upstream that sends them (gRPC).
+async fn response_trailers_held(mode: &str) {
     let up = upstream().grpc().start().await;
     let az = authz_upstream().await;
     let grpc = legate_tests::grpc::grpc_upstream().start().await;
-    let yaml = config(up.addr, az.addr, grpc.addr, "trailers-callout").replacen(
+    let yaml = config(up.addr, az.addr, grpc.addr, mode).replacen(
         &format!("      - address: {}\n", up.addr),
         &format!("      - address: {}\n    protocol: h2\n", up.addr),
         1,
@@ -342,6 +342,11 @@ async fn response_trailers_held_for_a_call() {
     lg.assert_stat(&calls("callout_response"), 1.0).await;
     lg.assert_stat(AUTHZ_REQUESTS, 1.0).await;
     lg.assert_stat(FAILURES, 0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_trailers_held_for_a_call() {
+    response_trailers_held("trailers-callout").await;
 }
 
 /// A request body a slow client sends in `chunks`, 30 ms apart.
@@ -489,42 +494,9 @@ each_proto!(
     }
 );
 
-/// `Pause` from the response trailers callback of a streamed response (the
-/// response headers callback continued: the head and the body went out): the
-/// trailers are held for the call; the callback adds one and resumes. Response
-/// trailers need an HTTP/2 upstream that sends them (gRPC).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_response_trailers_held_for_a_call() {
-    let up = upstream().grpc().start().await;
-    let az = authz_upstream().await;
-    let grpc = legate_tests::grpc::grpc_upstream().start().await;
-    let yaml = config(up.addr, az.addr, grpc.addr, "stream-trailers").replacen(
-        &format!("      - address: {}\n", up.addr),
-        &format!("      - address: {}\n    protocol: h2\n", up.addr),
-        1,
-    );
-    let lg = legate().config(&yaml).start();
-    let mut c = client(Proto::H2, lg.addr("web")).await;
-    let msg = grpc_frame(b"ping");
-    let r = c
-        .post("/echo.Echo/Say")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(msg.clone())
-        .send()
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.body, msg);
-    let t = r.trailers.as_ref().expect("response trailers were dropped");
-    assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
-    assert_eq!(
-        t.get("x-pw-trailer-checked").map(|v| v.as_bytes()),
-        Some(&b"checked:YES"[..]),
-        "{t:?}"
-    );
-    lg.assert_stat(&calls("response_trailers"), 1.0).await;
-    lg.assert_stat(&calls("callout_response"), 1.0).await;
-    lg.assert_stat(FAILURES, 0.0).await;
+    response_trailers_held("stream-trailers").await;
 }
 
 /// An upstream answering `/fine` and `/leak` with a body streamed in chunks
