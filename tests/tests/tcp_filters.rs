@@ -430,6 +430,39 @@ async fn component_network_filter_closes_and_survives_a_trap() {
         .await;
 }
 
+/// A network component that sleeps 5s in `on-downstream-data` (a WASI pollable,
+/// where the epoch deadline never runs) under `cpu: 5ms` is stopped at the
+/// wall-time bound: the connection is closed (fail closed), the call counts as a
+/// timeout, and the worker serves the next connection with a new instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_network_component_is_stopped_at_the_wall_bound() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&component_config(echo.addr, "sleep", "", "").replace("cpu: 500ms", "cpu: 5ms"))
+        .concurrency(1)
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let started = std::time::Instant::now();
+    c.write(b"nap").await;
+    let (rest, closed) = c.read_until_close(Duration::from_secs(3)).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    lg.assert_stat(r#"legate_plugin_timeouts_total{plugin="pw"}"#, 1.0)
+        .await;
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="pw"}"#, 0.0)
+        .await;
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"fine").await;
+    assert_eq!(c.read_exact(4, T).await.unwrap(), b"fine");
+    assert_eq!(echo.bytes.get(), 4);
+    lg.assert_stat(r#"legate_plugin_instance_restarts_total{plugin="pw"}"#, 1.0)
+        .await;
+}
+
 /// `legate_plugin_memory_bytes` counts a worker's network-filter instance, and
 /// drops it with the instance after a trap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -277,6 +277,75 @@ async fn sha256_mismatch_refuses_the_load() {
     );
 }
 
+/// A guest that sleeps 5s in `on-request-headers` (a WASI pollable: no Wasm runs
+/// while it waits, so the epoch deadline never gets a say) under the default
+/// `cpu: 5ms`: the call is stopped at the wall-time bound (10× the budget), is
+/// counted as a timeout, and the worker goes on serving with a new instance. The
+/// client timeout turns a hung worker into a failure instead of a hung test.
+async fn sleeping_guest(proto: Proto, fail: &str) {
+    use std::time::{Duration, Instant};
+    let up = upstream().start().await;
+    let p = plugin(
+        "sleepy",
+        "{ mode: hostile }",
+        &format!("    fail: {fail}\n    limits: {{ cpu: 5ms }}\n"),
+    );
+    let lg = legate().config(&simple(up.addr, &p, &["sleepy"])).start();
+    let mut c = client(proto, lg.addr("web")).await;
+    let r = c.get("/fine").send().await;
+    assert_eq!(r.status, 200);
+
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(3), c.get("/sleep").send())
+        .await
+        .unwrap_or_else(|_| panic!("GET /sleep hung: the sleeping call was never stopped"));
+    // Far below the guest's 5s: the call was stopped, not waited out.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    if fail == "closed" {
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.text(), "plugin_failure: sleepy\n");
+        assert_eq!(up.requests.get(), 1);
+    } else {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(up.requests.get(), 2);
+    }
+    lg.assert_stat(r#"legate_plugin_timeouts_total{plugin="sleepy"}"#, 1.0)
+        .await;
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="sleepy"}"#, 0.0)
+        .await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="sleepy"}"#, 1.0)
+        .await;
+
+    // The same worker (same connection) serves the next request, on a new instance.
+    let r = tokio::time::timeout(Duration::from_secs(3), c.get("/fine/again").send())
+        .await
+        .unwrap_or_else(|_| panic!("the worker hung after the sleeping call"));
+    assert_eq!(r.status, 200);
+    lg.assert_stat(
+        r#"legate_plugin_instance_restarts_total{plugin="sleepy"}"#,
+        1.0,
+    )
+    .await;
+    lg.assert_stat(r#"legate_plugin_instances{plugin="sleepy"}"#, 1.0)
+        .await;
+}
+
+each_proto!(
+    async fn a_sleeping_guest_is_stopped_at_the_wall_bound_fail_closed(proto) {
+        sleeping_guest(proto, "closed").await;
+    }
+);
+
+each_proto!(
+    async fn a_sleeping_guest_is_stopped_at_the_wall_bound_fail_open(proto) {
+        sleeping_guest(proto, "open").await;
+    }
+);
+
 /// A hostile plugin on one route, checked to be contained: the failing request gets
 /// the failure policy, the next request on another path is served by a fresh instance.
 async fn hostile(proto: Proto, path: &str, fail: &str, limits: &str, counter: &str) {

@@ -12,10 +12,15 @@
 //! does not kill well-behaved plugins (abi/README.md §7). The thread's CPU
 //! clock is a system call (~350ns here, more than a short guest call): reading
 //! it lazily means a call that ends before the next tick, nearly every filter
-//! call, never pays for it. The pooling allocator keeps instance
+//! call, never pays for it. Epoch ticks only reach a call while Wasm runs: a
+//! call waiting in a host pollable (a guest's `sleep`, WASI `poll`) is bounded
+//! instead by [`run_inline`](super::plugin::run_inline), which reads the wall
+//! deadline [`arm`] leaves in a thread-local ([`wall_deadline`]). The pooling
+//! allocator keeps instance
 //! memories in pre-reserved slots reused copy-on-write from the module's image, so
 //! re-instantiating a poisoned instance is cheap.
 
+use std::cell::Cell;
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -166,14 +171,29 @@ impl CallClock {
     }
 }
 
+thread_local! {
+    /// The wall-time bound of the call last armed on this thread (calls on a
+    /// thread never overlap).
+    static WALL_DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// When the call last armed on this thread ([`arm`]) must be stopped even if no
+/// Wasm runs (its budget × [`WALL_FACTOR`] after it began); `None` if no call
+/// was armed here.
+pub fn wall_deadline() -> Option<Instant> {
+    WALL_DEADLINE.with(Cell::get)
+}
+
 /// Sets the CPU deadline of the next call on `store` to `budget` (see the module
 /// docs); call right before each guest call, on a store set up with [`install`].
 pub fn arm<T: Clocked + 'static>(store: &mut wasmtime::Store<T>, budget: Duration) {
+    let now = Instant::now();
     *store.data_mut().call_clock() = CallClock {
         cpu_mark: None,
-        wall_start: Instant::now(),
+        wall_start: now,
         budget,
     };
+    WALL_DEADLINE.with(|d| d.set(now.checked_add(budget.saturating_mul(WALL_FACTOR))));
     // The next tick marks the CPU clock (see the module docs).
     store.set_epoch_deadline(1);
 }

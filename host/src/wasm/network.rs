@@ -663,7 +663,10 @@ impl NetworkFilter for WasmNetworkFilter {
         // the connection's outstanding callouts forgotten.
         let r = INSTANCES.with(|cell| {
             let mut map = cell.borrow_mut();
-            let Some(live) = map.get_mut(&self.id).and_then(|s| s.live.as_mut()) else {
+            let Some(slot) = map.get_mut(&self.id) else {
+                return Ok(());
+            };
+            let Some(live) = slot.live.as_mut() else {
                 return Ok(());
             };
             live.store.data_mut().outstanding.remove(&context);
@@ -671,7 +674,24 @@ impl NetworkFilter for WasmNetworkFilter {
                 return Ok(());
             };
             engine::arm(&mut live.store, self.settings.cpu);
-            run_inline(ctx.resource_drop_async(&mut live.store))
+            let r = run_inline(ctx.resource_drop_async(&mut live.store));
+            if let Err(e) = r {
+                let (class, text) = describe(&e, self.settings.cpu);
+                match class {
+                    "timeout" => self.stats.timeouts.inc(),
+                    "memory" => self.stats.memory_exceeded.inc(),
+                    _ => self.stats.traps.inc(),
+                }
+                self.stats.failures.inc();
+                // A destructor that trapped or was stopped mid-call leaves an
+                // instance wasmtime will not re-enter: replace it, as after
+                // any failed call.
+                slot.live = None;
+                self.instances.ended();
+                fail_slot(slot);
+                return Err(text);
+            }
+            Ok(())
         });
         if let Err(e) = r {
             tracing::warn!(

@@ -5,7 +5,8 @@
 //! Calls are synchronous and bounded by the epoch deadline. The store is async-capable
 //! only because WASI's host functions are async inside wasmtime-wasi and its sync
 //! wrappers would start a nested tokio runtime on a worker thread; our own imports
-//! never wait, so each call is polled to completion in place ([`run_inline`]).
+//! never wait, so each call is polled to completion in place ([`run_inline`]), which
+//! also stops a call that waits in a WASI pollable at its wall-time bound.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -41,16 +42,32 @@ pub(crate) const MIN_TICK: Duration = Duration::from_millis(10);
 /// Deadline of `configure` (abi/README.md §2).
 const CONFIGURE_DEADLINE: Duration = Duration::from_secs(1);
 
-/// Polls a future that never waits on anything outside the call to completion.
-/// Guest code that does wait (a WASI pollable) spins here until its deadline traps it.
-pub fn run_inline<F: Future>(f: F) -> F::Output {
+/// Polls a guest call (armed with [`engine::arm`]) to completion in place.
+///
+/// Our imports never wait, so a call is nearly always ready on its first poll.
+/// A guest can still wait in a WASI pollable (`sleep`, `poll` on a clock): no
+/// Wasm runs then, so no epoch tick can stop it, and the worker's timer does
+/// not advance while this spins, so the wait may never end. Once the call has
+/// been pending, each spin checks its wall deadline ([`engine::wall_deadline`]:
+/// budget × [`engine::WALL_FACTOR`]); past it, the call is dropped (wasmtime
+/// unwinds the guest's stack as for a trap) and reported as
+/// [`Trap::Interrupt`], a timeout like an epoch interrupt, so the caller
+/// discards the instance as after any failed call.
+pub fn run_inline<T>(f: impl Future<Output = wasmtime::Result<T>>) -> wasmtime::Result<T> {
     let mut f = std::pin::pin!(f);
     let mut cx = Context::from_waker(Waker::noop());
+    if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+        return v;
+    }
+    let deadline = engine::wall_deadline();
     loop {
+        std::thread::yield_now();
         if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
             return v;
         }
-        std::thread::yield_now();
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Trap::Interrupt.into());
+        }
     }
 }
 
@@ -1142,5 +1159,49 @@ impl WasmFilter {
             instantiate: start.elapsed() / n,
             memory,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Data(engine::CallClock);
+
+    impl engine::Clocked for Data {
+        fn call_clock(&mut self) -> &mut engine::CallClock {
+            &mut self.0
+        }
+    }
+
+    #[test]
+    fn a_call_waiting_outside_wasm_is_stopped_at_its_wall_deadline() {
+        let mut store = Store::new(
+            engine::engine().unwrap(),
+            Data(engine::CallClock::default()),
+        );
+        let started = Instant::now();
+        engine::install(&mut store, Duration::from_millis(2));
+        // A guest waiting in a pollable whose timer never fires.
+        let r: wasmtime::Result<()> = run_inline(std::future::pending());
+        let e = r.unwrap_err();
+        assert_eq!(e.downcast_ref::<Trap>(), Some(&Trap::Interrupt));
+        assert_eq!(describe(&e, Duration::from_millis(2)).0, "timeout");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(2) * engine::WALL_FACTOR && took < Duration::from_secs(2),
+            "stopped after {took:?}"
+        );
+    }
+
+    #[test]
+    fn a_ready_call_is_not_stopped_even_past_the_deadline() {
+        let mut store = Store::new(
+            engine::engine().unwrap(),
+            Data(engine::CallClock::default()),
+        );
+        engine::install(&mut store, Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(run_inline(async { Ok(7) }).unwrap(), 7);
     }
 }

@@ -9,7 +9,8 @@
 //!   adds one more.
 //! - `rewrite`: rewrites a path starting `/old` to `/new` (the host re-routes).
 //! - `hostile`: path `/panic` panics, `/loop` loops forever, `/oom` allocates
-//!   without bound; anything else passes.
+//!   without bound, `/sleep` sleeps 5s (a WASI pollable: no Wasm runs while it
+//!   waits, so no epoch check either); anything else passes.
 //! - `bad-config`: `configure` fails with a message.
 //! - `metrics`: counts requests in counter `requests{method}`.
 //! - `kv`: opens KV namespace `ns` (default `counters`) in `configure`; a failed
@@ -611,6 +612,10 @@ impl Guest for Plugin {
                     loop {
                         n = std::hint::black_box(n.wrapping_add(1));
                     }
+                }
+                if p.starts_with("/sleep") {
+                    // `wasi:clocks/monotonic-clock.subscribe-duration` + `poll.block`.
+                    std::thread::sleep(std::time::Duration::from_secs(5));
                 }
                 if p.starts_with("/oom") {
                     HOARD.with(|h| loop {

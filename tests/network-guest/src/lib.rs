@@ -7,6 +7,7 @@
 //!   `O` replaced by `0`.
 //! - `close`: downstream data containing `QUIT` closes the connection.
 //! - `trap`: downstream data containing `boom` panics.
+//! - `sleep`: downstream data containing `nap` sleeps 5s (a WASI pollable).
 //! - `callout`: `on-new-connection` calls cluster `authz` at the config's
 //!   `path` and pauses; a 200 continues (connecting upstream), anything else
 //!   closes.
@@ -37,7 +38,7 @@ impl Guest for Plugin {
     type NetworkContext = Ctx;
 
     fn configure(config: String) -> Result<NetworkSetup, String> {
-        let mode = ["rewrite", "close", "trap", "callout"]
+        let mode = ["rewrite", "close", "trap", "sleep", "callout"]
             .into_iter()
             .find(|m| config.contains(&format!("\"{m}\"")))
             .ok_or_else(|| format!("no known mode in {config}"))?;
@@ -142,6 +143,10 @@ impl GuestNetworkContext for Ctx {
             }
             "close" if bytes.windows(4).any(|w| w == b"QUIT") => NetworkAction::Close,
             "trap" if bytes.windows(4).any(|w| w == b"boom") => panic!("boom in on-downstream-data"),
+            "sleep" if bytes.windows(3).any(|w| w == b"nap") => {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                NetworkAction::Continue
+            }
             _ => NetworkAction::Continue,
         }
     }
