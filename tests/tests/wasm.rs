@@ -255,6 +255,46 @@ async fn configure_error_rejects_the_load() {
     );
 }
 
+/// `configure` runs at load, on a thread with no runtime: a guest that waits in a
+/// WASI pollable there loads after its wait, or is refused at the wall bound of
+/// the configure deadline (10 × 1 s), naming the plugin; it never hangs the load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configure_that_sleeps_loads_or_is_refused_at_the_wall_bound() {
+    let up = upstream().start().await;
+    let p = plugin(
+        "napper",
+        r#"{ mode: headers, configure_sleep_ms: "200" }"#,
+        "",
+    );
+    let lg = legate().config(&simple(up.addr, &p, &["napper"])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let r = c.get("/").send().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echo().header("x-filter"), Some("napper"));
+    drop(lg);
+
+    let p = plugin(
+        "sleeper",
+        r#"{ mode: headers, configure_sleep_ms: "60000" }"#,
+        "",
+    );
+    let yaml = simple(up.addr, &p, &["sleeper"]);
+    let started = std::time::Instant::now();
+    let err = match legate().config(&yaml).try_start() {
+        Ok(_) => panic!("a plugin sleeping 60 s in configure was loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("plugin `sleeper`: configure failed") && err.contains("deadline"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(40),
+        "the load waited {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sha256_mismatch_refuses_the_load() {
     let up = upstream().start().await;

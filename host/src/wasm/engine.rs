@@ -184,6 +184,34 @@ pub fn wall_deadline() -> Option<Instant> {
     WALL_DEADLINE.with(Cell::get)
 }
 
+/// Runs `f`, a plugin's instantiation and `configure`, in the context of a
+/// small runtime of the engine's own whose thread drives its timer, so that a
+/// guest waiting in WASI there (a `sleep` in `configure`) waits as asked,
+/// within the configure deadline's wall bound. Without it the wait could not
+/// end: at load the thread has no runtime (creating a WASI clock pollable
+/// would panic), and on a worker the worker's own timer does not advance while
+/// [`run_inline`](super::plugin::run_inline) spins. Request-path calls do not
+/// pay for entering it (a filter must not sleep, abi/README.md §7).
+pub fn with_timers<R>(f: impl FnOnce() -> R) -> R {
+    static TIMERS: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    let rt = TIMERS.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("legate-wasm-timers")
+            .enable_time()
+            .build()
+            .map_err(|e| tracing::error!("no timer runtime for plugin configure: {e}"))
+            .ok()
+    });
+    match rt {
+        Some(rt) => {
+            let _in = rt.enter();
+            f()
+        }
+        None => f(),
+    }
+}
+
 /// Sets the CPU deadline of the next call on `store` to `budget` (see the module
 /// docs); call right before each guest call, on a store set up with [`install`].
 pub fn arm<T: Clocked + 'static>(store: &mut wasmtime::Store<T>, budget: Duration) {

@@ -628,15 +628,20 @@ impl WasmFilter {
             n => store.set_max_component_handles(n),
         }
         engine::install(&mut store, CONFIGURE_DEADLINE);
-        let bindings = run_inline(self.pre.instantiate_async(&mut store))
-            .map_err(|e| format!("cannot instantiate: {e:#}"))?;
-        self.stats.calls["configure"].inc();
-        store.data_mut().phase = Phase::Configure;
-        let r = run_inline(
-            bindings
-                .legate_filter_http_handler()
-                .call_configure(&mut store, &self.settings.config_json),
-        );
+        // Off the request path: a guest may wait in WASI here (see
+        // `engine::with_timers`).
+        let (bindings, r) = engine::with_timers(|| {
+            let bindings = run_inline(self.pre.instantiate_async(&mut store))
+                .map_err(|e| format!("cannot instantiate: {e:#}"))?;
+            self.stats.calls["configure"].inc();
+            store.data_mut().phase = Phase::Configure;
+            let r = run_inline(
+                bindings
+                    .legate_filter_http_handler()
+                    .call_configure(&mut store, &self.settings.config_json),
+            );
+            Ok::<_, String>((bindings, r))
+        })?;
         match r {
             Ok(Ok(setup)) => Ok((
                 Live {

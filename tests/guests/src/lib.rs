@@ -12,6 +12,7 @@
 //!   without bound, `/sleep` sleeps 5s (a WASI pollable: no Wasm runs while it
 //!   waits, so no epoch check either); anything else passes.
 //! - `bad-config`: `configure` fails with a message.
+//! - Any mode: `configure_sleep_ms: "<ms>"` sleeps that long in `configure`.
 //! - `metrics`: counts requests in counter `requests{method}`.
 //! - `kv`: opens KV namespace `ns` (default `counters`) in `configure`; a failed
 //!   open is reported on every request as `x-kv-error: <error>`. Request paths:
@@ -461,6 +462,10 @@ impl Guest for Plugin {
         let mode = field(&config, "mode").unwrap_or_else(|| "headers".into());
         if mode == "bad-config" {
             return Err("bad-config: the `mode` asked this plugin to refuse".into());
+        }
+        if let Some(ms) = field(&config, "configure_sleep_ms").and_then(|v| v.parse().ok()) {
+            // A WASI pollable in `configure`, which runs at load, off the workers.
+            std::thread::sleep(std::time::Duration::from_millis(ms));
         }
         let tag = field(&config, "tag").unwrap_or_else(legate::filter::plugin::name);
         let mut phases = Phases::empty();
