@@ -263,6 +263,67 @@ pub type CalloutFuture = Pin<Box<dyn Future<Output = CalloutResult>>>;
 pub type CalloutStreamFuture =
     Pin<Box<dyn Future<Output = Result<http::Response<crate::body::Body>, CalloutError>>>>;
 
+/// Callouts in flight, each a task on the worker's `LocalSet` that the filter
+/// which sent it can abort ([`ExchangeData::cancelled`]). Dropping the set
+/// aborts them all. Derefs to the tasks' [`JoinSet`](tokio::task::JoinSet).
+pub struct Inflight<T> {
+    tasks: tokio::task::JoinSet<T>,
+    /// (filter index, callout id, its task), for the tasks not known finished.
+    handles: Vec<(usize, u64, tokio::task::AbortHandle)>,
+}
+
+impl<T: 'static> Inflight<T> {
+    /// No callouts.
+    pub fn new() -> Self {
+        Inflight {
+            tasks: tokio::task::JoinSet::new(),
+            handles: Vec::new(),
+        }
+    }
+
+    /// Runs `task`, filter `i`'s callout `id`.
+    pub fn spawn(&mut self, i: usize, id: u64, task: impl Future<Output = T> + 'static) {
+        self.handles.retain(|(_, _, h)| !h.is_finished());
+        let h = self.tasks.spawn_local(task);
+        self.handles.push((i, id, h));
+    }
+
+    /// Aborts filter `i`'s callout `id`: `true` if its task had not finished
+    /// (it will deliver nothing), `false` if it is unknown or already done.
+    pub fn cancel(&mut self, i: usize, id: u64) -> bool {
+        let Some(k) = self
+            .handles
+            .iter()
+            .position(|(j, c, _)| *j == i && *c == id)
+        else {
+            return false;
+        };
+        let (_, _, h) = self.handles.swap_remove(k);
+        let running = !h.is_finished();
+        h.abort();
+        running
+    }
+}
+
+impl<T: 'static> Default for Inflight<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> std::ops::Deref for Inflight<T> {
+    type Target = tokio::task::JoinSet<T>;
+    fn deref(&self) -> &Self::Target {
+        &self.tasks
+    }
+}
+
+impl<T> std::ops::DerefMut for Inflight<T> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tasks
+    }
+}
+
 /// Sends callouts for a chain: the proxy's implementation goes through the worker's
 /// upstream pool and the clusters of the exchange's config snapshot.
 pub trait CalloutSender {
@@ -404,6 +465,10 @@ pub struct ExchangeData {
     pub cause: Option<String>,
     /// Callouts queued by the current call, sent by the chain after it returns.
     pub callouts: Vec<CalloutRequest>,
+    /// Ids of the calling filter's callouts it cancelled in the current call
+    /// (proxy-wasm's `proxy_grpc_cancel`): the chain aborts them after it
+    /// returns, which resets their upstream requests.
+    pub cancelled: Vec<u64>,
     /// The body data held for the filter being called, per direction
     /// ([`Direction::idx`]): the chunk or the whole buffered body; `None` outside
     /// body phases (bodies are not kept after they are forwarded).
@@ -465,6 +530,7 @@ impl Exchange {
             upstream: None,
             cause: None,
             callouts: Vec::new(),
+            cancelled: Vec::new(),
             bodies: [None, None],
             trailers: [None, None],
             body_ctl: BodyCtl::default(),
@@ -501,6 +567,7 @@ impl Exchange {
             upstream: None,
             cause: None,
             callouts: Vec::new(),
+            cancelled: Vec::new(),
             bodies: [None, None],
             trailers: [None, None],
             body_ctl: BodyCtl::default(),
@@ -789,7 +856,7 @@ impl Filters {
             skipped: Vec::new(),
             responded: None,
             callouts,
-            inflight: tokio::task::JoinSet::new(),
+            inflight: Inflight::new(),
             finished: false,
             shared: std::rc::Weak::new(),
             deferred: None,
@@ -1041,7 +1108,7 @@ pub struct Chain {
     callouts: Rc<dyn CalloutSender>,
     /// Callouts in flight, as tasks on the worker's `LocalSet`: dropping the set
     /// (the chain) aborts them, so a gone exchange gets no deliveries.
-    inflight: tokio::task::JoinSet<Delivery>,
+    inflight: Inflight<Delivery>,
     /// `on-log`/`on-done` ran.
     finished: bool,
     /// The [`SharedChain`] holding this chain, told if the chain is dropped
@@ -1087,7 +1154,11 @@ impl Chain {
         for req in std::mem::take(&mut self.x.callouts) {
             let id = req.id;
             let fut = self.callouts.send(req);
-            self.inflight.spawn_local(async move { (i, id, fut.await) });
+            self.inflight
+                .spawn(i, id, async move { (i, id, fut.await) });
+        }
+        for id in std::mem::take(&mut self.x.cancelled) {
+            self.inflight.cancel(i, id);
         }
     }
 
@@ -1100,7 +1171,8 @@ impl Chain {
             let Some(done) = self.inflight.join_next().await else {
                 return Ok(Err("paused with no callout in flight".to_string()));
             };
-            // A task only ends early when aborted, i.e. with the chain.
+            // A task only ends early when aborted: with the chain, or
+            // cancelled by its filter (which expects no delivery).
             let Ok((i, id, result)) = done else { continue };
             if i != k {
                 self.deliver_unpaused(i, id, result, phase)?;
@@ -1825,7 +1897,7 @@ mod tests {
             skipped: Vec::new(),
             responded: None,
             callouts: Rc::new(NoCallouts),
-            inflight: tokio::task::JoinSet::new(),
+            inflight: Inflight::new(),
             finished: false,
             shared: std::rc::Weak::new(),
             deferred: None,

@@ -261,7 +261,7 @@ pub struct NetChain {
     callouts: Rc<dyn CalloutSender>,
     deliver: tokio::sync::mpsc::UnboundedSender<Delivery>,
     /// Callouts in flight: dropping the chain aborts them.
-    inflight: tokio::task::JoinSet<()>,
+    inflight: crate::filter::Inflight<()>,
 }
 
 impl NetChain {
@@ -289,7 +289,7 @@ impl NetChain {
             entered: 0,
             callouts,
             deliver: tx,
-            inflight: tokio::task::JoinSet::new(),
+            inflight: crate::filter::Inflight::new(),
         };
         (chain, rx)
     }
@@ -301,9 +301,15 @@ impl NetChain {
             let fut = self.callouts.send(req);
             let tx = self.deliver.clone();
             self.outstanding[i] += 1;
-            self.inflight.spawn_local(async move {
+            self.inflight.spawn(i, id, async move {
                 let _ = tx.send((i, id, fut.await));
             });
+        }
+        for id in std::mem::take(&mut self.x.cancelled) {
+            // An aborted callout delivers nothing: it is not outstanding.
+            if self.inflight.cancel(i, id) {
+                self.outstanding[i] = self.outstanding[i].saturating_sub(1);
+            }
         }
     }
 

@@ -123,8 +123,14 @@ impl GrpcUpstreamBuilder {
         };
         let (stop, stop_rx) = watch::channel(false);
         let calls = Counter::default();
-        rt.spawn(serve(listener, calls.clone(), stop_rx));
-        GrpcUpstreamHandle { addr, calls, stop }
+        let abandoned = Counter::default();
+        rt.spawn(serve(listener, calls.clone(), abandoned.clone(), stop_rx));
+        GrpcUpstreamHandle {
+            addr,
+            calls,
+            abandoned,
+            stop,
+        }
     }
 }
 
@@ -134,6 +140,9 @@ pub struct GrpcUpstreamHandle {
     pub addr: SocketAddr,
     /// RPCs handled.
     pub calls: Counter,
+    /// `Say` calls with a message starting `slow` (answered after 5 s) whose
+    /// client went away first.
+    pub abandoned: Counter,
     stop: watch::Sender<bool>,
 }
 
@@ -143,8 +152,13 @@ impl Drop for GrpcUpstreamHandle {
     }
 }
 
-async fn serve(listener: TcpListener, calls: Counter, mut stop: watch::Receiver<bool>) {
-    let svc = pb::echo_server::EchoServer::new(EchoService { calls });
+async fn serve(
+    listener: TcpListener,
+    calls: Counter,
+    abandoned: Counter,
+    mut stop: watch::Receiver<bool>,
+) {
+    let svc = pb::echo_server::EchoServer::new(EchoService { calls, abandoned });
     loop {
         let tcp = tokio::select! {
             r = listener.accept() => match r {
@@ -173,6 +187,7 @@ async fn serve(listener: TcpListener, calls: Counter, mut stop: watch::Receiver<
 
 struct EchoService {
     calls: Counter,
+    abandoned: Counter,
 }
 
 type CountStream =
@@ -185,6 +200,21 @@ type ChatStream =
 impl pb::echo_server::Echo for EchoService {
     async fn say(&self, req: Request<pb::SayRequest>) -> Result<Response<pb::SayReply>, Status> {
         self.calls.inc();
+        if req.get_ref().message.starts_with("slow") {
+            // Counts the call as abandoned unless it gets to answer: tonic
+            // drops the handler when the client resets the stream.
+            struct Watch(Counter, bool);
+            impl Drop for Watch {
+                fn drop(&mut self) {
+                    if !self.1 {
+                        self.0.inc();
+                    }
+                }
+            }
+            let mut w = Watch(self.abandoned.clone(), false);
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            w.1 = true;
+        }
         let metadata = req
             .metadata()
             .clone()

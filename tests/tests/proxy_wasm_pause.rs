@@ -17,6 +17,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use legate_tests::proxy_wasm::proxy_wasm_guest;
 use legate_tests::*;
@@ -296,10 +297,45 @@ each_proto!(
         assert_eq!(e.header("x-pw-cancel"), Some("Ok(()),Err(NotFound)"));
         assert_eq!(e.header("x-pw-authz"), Some("ok:anonymous"));
         assert_eq!(e.header("x-pw-grpc-reply"), None, "the cancelled call called back");
-        // The call went out (its reply was dropped, not waited for).
-        assert_eq!(grpc.calls.get(), 1);
+        // Cancelled in the callback that sent it: aborted before it went out.
+        assert_eq!(grpc.calls.get(), 0);
         lg.assert_stat(CALLOUTS, 2.0).await;
         // Only the HTTP call's callback ran.
+        lg.assert_stat(&calls("callout_response"), 1.0).await;
+        lg.assert_stat(FAILURES, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// `proxy_grpc_cancel` of a unary call the server is working on (as
+    /// Envoy): the request is reset, so the server's handler is dropped
+    /// before it answers, and no callback comes. The call (a `slow` message,
+    /// answered after 5 s) is cancelled in the callback of an HTTP call that
+    /// `authz` answers after 2 s, while the exchange goes on.
+    async fn cancelling_a_unary_grpc_call_in_flight_resets_its_request(proto) {
+        // The upstream answers 4 s after the request reaches it (at 2 s), so
+        // the exchange is still live when the server would answer the call
+        // (5 s): only a reset of the call's own request drops its handler.
+        let up = upstream().delay(Duration::from_secs(4)).start().await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, az.addr, grpc.addr, "grpc-cancel"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        // `authz` answers `/check/slow…` after 2 s.
+        let (r, ()) = tokio::join!(c.get("/slow/inflight").send(), async {
+            eventually(Duration::from_secs(10), "the gRPC server to see the reset", || async {
+                (grpc.abandoned.get() == 1).then_some(())
+            })
+            .await;
+        });
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.header("x-pw-cancel"), Some("Ok(())"));
+        assert_eq!(e.header("x-pw-authz"), Some("ok:anonymous"));
+        assert_eq!(grpc.calls.get(), 1);
+        assert_eq!(e.header("x-pw-grpc-reply"), None);
         lg.assert_stat(&calls("callout_response"), 1.0).await;
         lg.assert_stat(FAILURES, 0.0).await;
     }

@@ -762,6 +762,30 @@ each_proto!(
 );
 
 each_proto!(
+    /// `callout.cancel`: `ok`, then `not-found`; a callout cancelled in the
+    /// call that sent it is aborted before it goes out, and nothing is
+    /// delivered.
+    async fn a_cancelled_callout_is_not_sent(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let p = callout_plugin("caller", "{ mode: callout }");
+        let lg = legate()
+            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/cancel").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-callout-cancel"), Some("ok,not-found"));
+        lg.assert_stat(r#"legate_plugin_callouts_total{plugin="caller"}"#, 1.0)
+            .await;
+        lg.assert_stat(&calls("caller", "callout_response"), 0.0).await;
+        lg.assert_stat(r#"legate_cluster_upstream_rq_total{cluster="authz"}"#, 0.0)
+            .await;
+        assert_eq!(az.requests.get(), 0);
+    }
+);
+
+each_proto!(
     async fn callout_response_answers_locally(proto) {
         let up = upstream().start().await;
         let az = authz_upstream().await;

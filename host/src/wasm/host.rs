@@ -1566,6 +1566,11 @@ impl callout::Host for HostState {
             self.x.context
         };
         if (self.in_exchange || self.phase == Phase::Tick) && self.take_outstanding(context, id) {
+            if context != PLUGIN_CONTEXT {
+                // The chain aborts its request after this call (a plugin-level
+                // callout from `on-tick` runs on: its result is dropped).
+                self.x.cancelled.push(id);
+            }
             Ok(Ok(()))
         } else {
             Ok(Err(Error::NotFound))

@@ -33,6 +33,8 @@
 //!   Path `/nopause` sends without pausing (the request continues at once); a
 //!   failed `send` continues with request header `x-callout-error: <error>`.
 //!   Path `/two` sends two callouts and resumes after both (`x-callout-count: 2`).
+//!   Path `/cancel` cancels its callout at once, twice (`x-callout-cancel:
+//!   <first>,<second>`), and continues.
 //!
 //! - `tick-callout`: with `tick`, the first `on-tick` sends `GET /check/tick` to
 //!   cluster `cluster`; `on-tick-callout-response` stores `<status> <body>` (or
@@ -240,9 +242,19 @@ fn callout_request(c: u64, x: &Exchange, h: &Headers) -> Action {
     };
     let n = if path.starts_with("/two") { 2 } else { 1 };
     for _ in 0..n {
-        if let Err(e) = legate::filter::callout::send(&req) {
-            let _ = h.set("x-callout-error", error_name(e).as_bytes());
-            return Action::Continue;
+        match legate::filter::callout::send(&req) {
+            Ok(id) if path.starts_with("/cancel") => {
+                let r = |r: Result<(), Error>| r.map_or_else(error_name, |()| "ok");
+                let first = r(legate::filter::callout::cancel(id));
+                let second = r(legate::filter::callout::cancel(id));
+                let _ = h.set("x-callout-cancel", format!("{first},{second}").as_bytes());
+                return Action::Continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = h.set("x-callout-error", error_name(e).as_bytes());
+                return Action::Continue;
+            }
         }
     }
     if path.starts_with("/nopause") {

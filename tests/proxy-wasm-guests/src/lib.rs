@@ -85,6 +85,8 @@
 //!   both results as request header `x-pw-cancel`, then pauses on an HTTP
 //!   call to `authz` as `callout` does; a gRPC reply, were it delivered,
 //!   would add `x-pw-grpc-reply` and resume early (`grpc-call`'s callback).
+//!   Paths containing `/inflight` send message `slow` (the server holds it 5 s)
+//!   and cancel it only in the HTTP call's callback, recording that result.
 //!
 //! - `grpc-stream`: gRPC streams to `legate.test.v1.Echo/Count` on cluster
 //!   `grpc`, opened by the root context. `/stream/<key>/<scenario>` enqueues the
@@ -499,6 +501,7 @@ impl RootContext for Root {
             path: String::new(),
             held: Held::None,
             held_len: 0,
+            grpc_token: None,
         }))
     }
 
@@ -700,6 +703,9 @@ struct Filter {
     held: Held,
     /// The size of the body held for the call.
     held_len: usize,
+    /// A gRPC call to cancel in the HTTP call's callback (`grpc-cancel`,
+    /// `/inflight`).
+    grpc_token: Option<u32>,
 }
 
 /// The part a `body-callout`/`trailers-callout` call was sent for.
@@ -850,6 +856,10 @@ impl Context for Filter {
         let status = self.get_http_call_response_header(":status").unwrap_or_default();
         let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
         if status == "200" {
+            if let Some(t) = self.grpc_token.take() {
+                let r = format!("{:?}", hostcalls::cancel_grpc_call(t));
+                self.set_http_request_header("x-pw-cancel", Some(&r));
+            }
             let v = String::from_utf8_lossy(&body).into_owned();
             self.set_http_request_header("x-pw-authz", Some(&v));
             let trailers = self.get_http_call_response_trailers();
@@ -1065,15 +1075,27 @@ impl HttpContext for Filter {
                 // A unary gRPC call cancelled at once (twice: the second
                 // finds nothing), then a pause on an HTTP call (`callout`'s
                 // callback resumes); the gRPC reply must never come.
+                // `slow…` makes the server wait 5 s before it answers.
+                let message: &[u8] = if path.contains("/inflight") {
+                    &[0x0a, 4, b's', b'l', b'o', b'w']
+                } else {
+                    &[0x0a, 4, b'l', b'a', b't', b'e']
+                };
                 let r = self.dispatch_grpc_call(
                     "grpc",
                     "legate.test.v1.Echo",
                     "Say",
                     vec![],
-                    Some(&[0x0a, 4, b'l', b'a', b't', b'e']),
-                    Duration::from_secs(5),
+                    Some(message),
+                    Duration::from_secs(10),
                 );
                 let cancels = match r {
+                    // `/inflight`: cancelled in the HTTP call's callback,
+                    // while the server works on it.
+                    Ok(t) if path.contains("/inflight") => {
+                        self.grpc_token = Some(t);
+                        "later".to_string()
+                    }
                     Ok(t) => format!("{:?},{:?}", hostcalls::cancel_grpc_call(t), hostcalls::cancel_grpc_call(t)),
                     Err(e) => format!("dispatch:{e:?}"),
                 };

@@ -1135,10 +1135,15 @@ impl ProxyWasmFilter {
     /// Sends the callouts the root context queued in the last call (ticks, queue
     /// events) on the worker's sender, each delivered back to the VM that sent it.
     fn send_root_callouts(&self, live: &mut Live, worker: usize, generation: u64) {
-        let queued = std::mem::take(&mut live.store.data_mut().root_callouts);
+        let data = live.store.data_mut();
+        let queued = std::mem::take(&mut data.root_callouts);
         let Some(me) = self.me.get() else { return };
+        data.root_tasks.retain(|(_, h)| !h.is_finished());
         for req in queued {
-            tokio::task::spawn_local(Self::root_callout(me.clone(), worker, generation, req));
+            let token = u32::try_from(req.id).unwrap_or(0);
+            let task =
+                tokio::task::spawn_local(Self::root_callout(me.clone(), worker, generation, req));
+            data.root_tasks.push((token, task.abort_handle()));
         }
     }
 

@@ -398,13 +398,24 @@ fn forget(s: &mut PwState, token: u32) -> Option<Stream> {
     Some(st)
 }
 
-/// `proxy_grpc_cancel`: resets a stream, or cancels a unary call (as Envoy:
-/// its callback never comes; the call is not outstanding any more, so its
-/// result is dropped when it arrives). No callback follows. `NOT_FOUND` for an
-/// unknown token.
+/// `proxy_grpc_cancel`: resets a stream, or cancels a unary call as Envoy
+/// does: its callback never comes, and its request is aborted (an HTTP/2
+/// stream is reset, an HTTP/1.1 connection closed). The abort needs the task
+/// that runs the call: the calling context's own calls (its exchange's chain
+/// aborts them after this call) and root-context calls; a call of another
+/// context is only forgotten, its result dropped when it arrives. No callback
+/// follows. `NOT_FOUND` for an unknown token.
 pub fn cancel(s: &mut PwState, token: u32) -> Result<(), i32> {
     if s.grpc_calls.remove(&token) {
-        s.outstanding.remove(&token);
+        let context = s.outstanding.remove(&token);
+        if let Some(k) = s.root_tasks.iter().position(|(t, _)| *t == token) {
+            s.root_tasks.swap_remove(k).1.abort();
+        } else if s.root_callouts.iter().any(|r| r.id == u64::from(token)) {
+            // Queued in this call, not started yet.
+            s.root_callouts.retain(|r| r.id != u64::from(token));
+        } else if s.x_context != 0 && context == Some(s.x_context) {
+            s.x.cancelled.push(u64::from(token));
+        }
         return Ok(());
     }
     match forget(s, token) {
