@@ -931,6 +931,24 @@ async fn unknown_callout_cluster_is_a_load_error() {
     );
 }
 
+/// What `tick-callout` mode stored from its tick callout, read through
+/// requests (the instance, and its ticks, start with the first exchange).
+async fn tick_callout_result(c: &mut Client) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = c.get("/t").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        if let Some(v) = r.echo().header("x-tick-callout") {
+            return v.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tick callout response in 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callouts_from_on_tick_reach_on_tick_callout_response() {
     let up = upstream().start().await;
@@ -945,26 +963,38 @@ async fn callouts_from_on_tick_reach_on_tick_callout_response() {
         .config(&with_authz(up.addr, az.addr, &p, &["ticker"]))
         .start();
     let mut c = client(Proto::H1, lg.addr("web")).await;
-    // The instance (and its ticks) starts with the first exchange; the first tick
-    // sends the callout, whose response the guest writes to KV.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let r = c.get("/t").send().await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        if let Some(v) = r.echo().header("x-tick-callout") {
-            assert_eq!(v, "200 ok:anonymous");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no tick callout response in 5 s"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    assert_eq!(tick_callout_result(&mut c).await, "200 ok:anonymous");
     lg.assert_stat(&calls("ticker", "tick_callout_response"), 1.0)
         .await;
     lg.assert_stat(r#"legate_plugin_callouts_total{plugin="ticker"}"#, 1.0)
         .await;
+}
+
+/// `callout.cancel` from `on-tick`: `ok`, then `not-found`; the cancelled
+/// callout never goes out, and only the other one is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callout_cancelled_in_on_tick_is_not_sent() {
+    let up = upstream().start().await;
+    let az = authz_upstream().await;
+    let p = plugin(
+        "ticker",
+        "{ mode: tick-callout, ns: tickcancel, tick: \"20\", tick_cancel: \"1\" }",
+        "    capabilities: { clusters: [authz], kv: [tickcancel] }\n",
+    );
+    let lg = legate()
+        .concurrency(1)
+        .config(&with_authz(up.addr, az.addr, &p, &["ticker"]))
+        .start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let v = tick_callout_result(&mut c).await;
+    assert_eq!(v, "cancel:ok,not-found 200 ok:anonymous");
+    lg.assert_stat(r#"legate_plugin_callouts_total{plugin="ticker"}"#, 2.0)
+        .await;
+    lg.assert_stat(&calls("ticker", "tick_callout_response"), 1.0)
+        .await;
+    lg.assert_stat(r#"legate_cluster_upstream_rq_total{cluster="authz"}"#, 1.0)
+        .await;
+    assert_eq!(az.requests.get(), 1);
 }
 
 each_proto!(

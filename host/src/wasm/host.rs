@@ -237,6 +237,9 @@ pub struct HostState {
     pub outstanding: rustc_hash::FxHashMap<u64, HashSet<u64>>,
     /// Callouts queued by an `on-tick` call (exchange calls queue on the exchange).
     pub tick_callouts: Vec<CalloutRequest>,
+    /// The tasks of plugin-level callouts in flight, by id, so that `cancel`
+    /// can abort them (pruned of finished ones as new ones start).
+    tick_tasks: Vec<(u64, tokio::task::AbortHandle)>,
 }
 
 impl crate::wasm::engine::Clocked for HostState {
@@ -277,6 +280,7 @@ impl HostState {
             next_callout: 0,
             outstanding: rustc_hash::FxHashMap::default(),
             tick_callouts: Vec::new(),
+            tick_tasks: Vec::new(),
         }
     }
 
@@ -1369,6 +1373,24 @@ impl HostState {
             .is_some_and(|s| !s.is_empty())
     }
 
+    /// Starts the callouts the last plugin-level call (`on-tick`, its callout
+    /// responses) queued, each as the task `task` makes, on the worker's
+    /// `LocalSet`, keeping their abort handles for `cancel`.
+    pub fn start_tick_callouts<F: std::future::Future<Output = ()> + 'static>(
+        &mut self,
+        task: impl Fn(CalloutRequest) -> F,
+    ) {
+        if self.tick_callouts.is_empty() {
+            return;
+        }
+        self.tick_tasks.retain(|(_, h)| !h.is_finished());
+        for req in std::mem::take(&mut self.tick_callouts) {
+            let id = req.id;
+            let h = tokio::task::spawn_local(task(req));
+            self.tick_tasks.push((id, h.abort_handle()));
+        }
+    }
+
     /// Marks callout `id` of `context` delivered; `false` if it was not outstanding
     /// (cancelled), in which case it must not be delivered.
     pub fn take_outstanding(&mut self, context: u64, id: u64) -> bool {
@@ -1567,9 +1589,13 @@ impl callout::Host for HostState {
         };
         if (self.in_exchange || self.phase == Phase::Tick) && self.take_outstanding(context, id) {
             if context != PLUGIN_CONTEXT {
-                // The chain aborts its request after this call (a plugin-level
-                // callout from `on-tick` runs on: its result is dropped).
+                // The chain aborts its request after this call.
                 self.x.cancelled.push(id);
+            } else if let Some(k) = self.tick_tasks.iter().position(|(t, _)| *t == id) {
+                self.tick_tasks.swap_remove(k).1.abort();
+            } else {
+                // Queued in this call, not started yet.
+                self.tick_callouts.retain(|r| r.id != id);
             }
             Ok(Ok(()))
         } else {

@@ -212,19 +212,14 @@ impl WasmNetworkFilter {
                         .legate_filter_network_handler()
                         .call_on_tick(&mut live.store),
                 );
-                r.map(|()| std::mem::take(&mut live.store.data_mut().tick_callouts))
+                r.map(|()| {
+                    live.store.data_mut().start_tick_callouts(|req| {
+                        Self::tick_callout(me.clone(), worker, generation, req)
+                    });
+                })
             });
             match r {
-                Ok(queued) => {
-                    for req in queued {
-                        tokio::task::spawn_local(Self::tick_callout(
-                            me.clone(),
-                            worker,
-                            generation,
-                            req,
-                        ));
-                    }
-                }
+                Ok(()) => {}
                 // The instance is gone (replaced, or the filter's last
                 // connection on this worker ended with the filter dropped).
                 Err(None) => return,
@@ -273,19 +268,14 @@ impl WasmNetworkFilter {
                     ),
             );
             // Callouts sent from here belong to the plugin too.
-            r.map(|()| std::mem::take(&mut live.store.data_mut().tick_callouts))
+            r.map(|()| {
+                live.store.data_mut().start_tick_callouts(|req| {
+                    Self::tick_callout(me.clone(), worker, generation, req)
+                });
+            })
         });
         match r {
-            Ok(queued) => {
-                for req in queued {
-                    tokio::task::spawn_local(Self::tick_callout(
-                        me.clone(),
-                        worker,
-                        generation,
-                        req,
-                    ));
-                }
-            }
+            Ok(()) => {}
             Err(None) => {}
             Err(Some(e)) => tracing::warn!(
                 plugin = &*f.shared.name,

@@ -540,19 +540,13 @@ impl WasmFilter {
                         .legate_filter_http_handler()
                         .call_on_tick(&mut live.store),
                 );
-                let queued = std::mem::take(&mut live.store.data_mut().tick_callouts);
-                r.map(|()| Ok(queued))
+                r.map(|()| {
+                    live.store.data_mut().start_tick_callouts(|req| {
+                        Self::tick_callout(me.clone(), worker, generation, req)
+                    });
+                    Ok(())
+                })
             });
-            if let Ok(queued) = &r {
-                for req in queued.iter().cloned() {
-                    tokio::task::spawn_local(Self::tick_callout(
-                        me.clone(),
-                        worker,
-                        generation,
-                        req,
-                    ));
-                }
-            }
             if let Err(e) = r {
                 // A trap dropped the instance; the next exchange gets a new one
                 // (with its own tick task).
@@ -596,21 +590,15 @@ impl WasmFilter {
                     ),
             );
             // Callouts sent from here belong to the plugin too.
-            let queued = std::mem::take(&mut live.store.data_mut().tick_callouts);
-            r.map(|()| Ok(queued))
+            r.map(|()| {
+                live.store.data_mut().start_tick_callouts(|req| {
+                    Self::tick_callout(me.clone(), worker, generation, req)
+                });
+                Ok(())
+            })
         });
-        match r {
-            Ok(queued) => {
-                for req in queued {
-                    tokio::task::spawn_local(Self::tick_callout(
-                        me.clone(),
-                        worker,
-                        generation,
-                        req,
-                    ));
-                }
-            }
-            Err(e) => tracing::warn!(plugin = f.name(), "on-tick-callout-response failed: {e}"),
+        if let Err(e) = r {
+            tracing::warn!(plugin = f.name(), "on-tick-callout-response failed: {e}");
         }
     }
 

@@ -39,7 +39,10 @@
 //! - `tick-callout`: with `tick`, the first `on-tick` sends `GET /check/tick` to
 //!   cluster `cluster`; `on-tick-callout-response` stores `<status> <body>` (or
 //!   `error <error>`) in KV key `tick-callout` of namespace `ns`; requests get it as
-//!   request header `x-tick-callout` (absent until then).
+//!   request header `x-tick-callout` (absent until then). With
+//!   `tick_cancel: "1"` that tick first sends `GET /check/cancelled` and cancels
+//!   it at once, twice; the results prefix the stored value (`cancel:<first>,
+//!   <second> `).
 //!
 //! Body and trailer modes (phases `rqbody`, `rsbody`, `rqtrailers`, `rstrailers`;
 //! body modes `rqmode` / `rsmode`: `streamed` (default), `buffered`, `skipped`):
@@ -122,6 +125,8 @@ thread_local! {
     /// `callout` mode: responses still awaited per context.
     /// `tick-callout` mode: the tick callout was sent.
     static TICK_SENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// `tick-callout` mode with `tick_cancel`: the two cancels' results.
+    static TICK_CANCEL: RefCell<Option<String>> = const { RefCell::new(None) };
     static WAITING: RefCell<std::collections::HashMap<u64, u32>> = RefCell::default();
     static REQUESTS: RefCell<Option<Counter>> = const { RefCell::new(None) };
     static HOARD: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
@@ -216,6 +221,10 @@ fn kv_request(ns: &Namespace, path: &str, h: &Headers) {
 
 /// `tick-callout` mode: records the tick callout's outcome in KV.
 fn tick_result(v: String) {
+    let v = match TICK_CANCEL.with(|c| c.borrow().clone()) {
+        Some(c) => format!("cancel:{c} {v}"),
+        None => v,
+    };
     KV.with(|k| {
         if let Some(Ok(ns)) = k.borrow().as_ref() {
             let _ = ns.set("tick-callout", v.as_bytes(), WriteCondition::Always, None);
@@ -513,6 +522,9 @@ impl Guest for Plugin {
             .map_err(|e| format!("define-counter: {e:?}"))?;
             REQUESTS.with(|r| *r.borrow_mut() = Some(c));
         }
+        if field(&config, "tick_cancel").is_some() {
+            TICK_CANCEL.with(|c| *c.borrow_mut() = Some(String::new()));
+        }
         if mode == "kv" || mode == "tick-callout" {
             let ns = field(&config, "ns").unwrap_or_else(|| "counters".into());
             KV.with(|k| *k.borrow_mut() = Some(legate::filter::kv::open(&ns)));
@@ -561,6 +573,23 @@ impl Guest for Plugin {
                 body: Vec::new(),
                 timeout_ms: 0,
             };
+            if TICK_CANCEL.with(|c| c.borrow().is_some()) {
+                // First a callout cancelled at once (twice), never to go out.
+                let cancelled = legate::filter::callout::CalloutRequest {
+                    path: "/check/cancelled".into(),
+                    ..req.clone()
+                };
+                let r = |r: Result<(), Error>| r.map_or_else(error_name, |()| "ok");
+                let v = match legate::filter::callout::send(&cancelled) {
+                    Ok(id) => format!(
+                        "{},{}",
+                        r(legate::filter::callout::cancel(id)),
+                        r(legate::filter::callout::cancel(id))
+                    ),
+                    Err(e) => format!("send {}", error_name(e)),
+                };
+                TICK_CANCEL.with(|c| *c.borrow_mut() = Some(v));
+            }
             if let Err(e) = legate::filter::callout::send(&req) {
                 tick_result(format!("error {}", error_name(e)));
             }
