@@ -654,9 +654,16 @@ fn steady_load(
                         Ok(r) => res.fail(format!("{proto:?}: status {} {}", r.status, r.text())),
                         // hyper's `canceled`: the connection closed before the
                         // request was written (hyper-util's pool resends these).
+                        // h2's remote GOAWAY with NO_ERROR on a request: a
+                        // stream opened as the server's final graceful GOAWAY
+                        // was on its way, so above its last stream id — never
+                        // processed, and safe to send again (RFC 9113 §6.8).
                         Err(e)
                             if format!("{e:#}").contains("connection not ready")
-                                || format!("{e:#}").contains("operation was canceled") =>
+                                || format!("{e:#}").contains("operation was canceled")
+                                || format!("{e:#}").contains(
+                                    "connection error received: not a result of an error",
+                                ) =>
                         {
                             res.resent.fetch_add(1, Ordering::Relaxed);
                             conn = None;
