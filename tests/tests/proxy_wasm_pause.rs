@@ -89,6 +89,22 @@ fn checked_echo(text: &str) -> Value {
     serde_json::from_str(&json.to_lowercase()).unwrap()
 }
 
+/// `POST /t` with body `payload` and trailer `x-client-trailer: value`, on a
+/// new connection.
+async fn post_with_trailer(proto: Proto, web: SocketAddr, value: &'static str) -> Resp {
+    let mut t = HeaderMap::new();
+    t.insert("x-client-trailer", HeaderValue::from_static(value));
+    client(proto, web)
+        .await
+        .post("/t")
+        .header("te", "trailers")
+        // hyper's HTTP/1.1 encoder sends only the trailers `Trailer` names.
+        .header("trailer", "x-client-trailer, x-pw-trailer-checked")
+        .body_with_trailers("payload", t)
+        .send()
+        .await
+}
+
 each_proto!(
     /// The request body is held at end of stream while the checker sees it;
     /// the callback reads it, replaces it with the answer (another length) and
@@ -241,19 +257,7 @@ each_proto!(
             .config(&config(up.addr, az.addr, grpc.addr, "trailers-callout"))
             .start();
         let web = lg.addr("web");
-        let send = |value: &'static str| async move {
-            let mut t = HeaderMap::new();
-            t.insert("x-client-trailer", HeaderValue::from_static(value));
-            client(proto, web)
-                .await
-                .post("/t")
-                .header("te", "trailers")
-                // hyper's HTTP/1.1 encoder sends only the trailers `Trailer` names.
-                .header("trailer", "x-client-trailer, x-pw-trailer-checked")
-                .body_with_trailers("payload", t)
-                .send()
-                .await
-        };
+        let send = |value: &'static str| post_with_trailer(proto, web, value);
         let r = send("abc").await;
         assert_eq!(r.status, 200, "{}", r.text());
         let e = r.echo();
@@ -595,18 +599,7 @@ each_proto!(
             .config(&config(up.addr, az.addr, grpc.addr, "stream-trailers"))
             .start();
         let web = lg.addr("web");
-        let send = |value: &'static str| async move {
-            let mut t = HeaderMap::new();
-            t.insert("x-client-trailer", HeaderValue::from_static(value));
-            client(proto, web)
-                .await
-                .post("/t")
-                .header("te", "trailers")
-                .header("trailer", "x-client-trailer, x-pw-trailer-checked")
-                .body_with_trailers("payload", t)
-                .send()
-                .await
-        };
+        let send = |value: &'static str| post_with_trailer(proto, web, value);
         let r = send("abc").await;
         assert_eq!(r.status, 200, "{}", r.text());
         let e = r.echo();

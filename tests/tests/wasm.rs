@@ -931,15 +931,31 @@ async fn unknown_callout_cluster_is_a_load_error() {
     );
 }
 
-/// What `tick-callout` mode stored from its tick callout, read through
-/// requests (the instance, and its ticks, start with the first exchange).
-async fn tick_callout_result(c: &mut Client) -> String {
+/// Plugin `ticker` in `tick-callout` mode over KV namespace `ns` (`extra`:
+/// more config keys), one worker, cluster `authz`; returns Legate, the
+/// `authz` upstream, and what the guest stored from its tick callout, read
+/// through requests (the instance, and its ticks, start with the first
+/// exchange).
+async fn tick_callout(ns: &str, extra: &str) -> (LegateHandle, UpstreamHandle, String) {
+    let up = upstream().start().await;
+    let az = authz_upstream().await;
+    let p = plugin(
+        "ticker",
+        &format!("{{ mode: tick-callout, ns: {ns}, tick: \"20\"{extra} }}"),
+        &format!("    capabilities: {{ clusters: [authz], kv: [{ns}] }}\n"),
+    );
+    let lg = legate()
+        .concurrency(1)
+        .config(&with_authz(up.addr, az.addr, &p, &["ticker"]))
+        .start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let r = c.get("/t").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
         if let Some(v) = r.echo().header("x-tick-callout") {
-            return v.to_owned();
+            let v = v.to_owned();
+            return (lg, az, v);
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -951,19 +967,8 @@ async fn tick_callout_result(c: &mut Client) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callouts_from_on_tick_reach_on_tick_callout_response() {
-    let up = upstream().start().await;
-    let az = authz_upstream().await;
-    let p = plugin(
-        "ticker",
-        "{ mode: tick-callout, ns: tickco, tick: \"20\" }",
-        "    capabilities: { clusters: [authz], kv: [tickco] }\n",
-    );
-    let lg = legate()
-        .concurrency(1)
-        .config(&with_authz(up.addr, az.addr, &p, &["ticker"]))
-        .start();
-    let mut c = client(Proto::H1, lg.addr("web")).await;
-    assert_eq!(tick_callout_result(&mut c).await, "200 ok:anonymous");
+    let (lg, _az, v) = tick_callout("tickco", "").await;
+    assert_eq!(v, "200 ok:anonymous");
     lg.assert_stat(&calls("ticker", "tick_callout_response"), 1.0)
         .await;
     lg.assert_stat(r#"legate_plugin_callouts_total{plugin="ticker"}"#, 1.0)
@@ -974,19 +979,7 @@ async fn callouts_from_on_tick_reach_on_tick_callout_response() {
 /// callout never goes out, and only the other one is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callout_cancelled_in_on_tick_is_not_sent() {
-    let up = upstream().start().await;
-    let az = authz_upstream().await;
-    let p = plugin(
-        "ticker",
-        "{ mode: tick-callout, ns: tickcancel, tick: \"20\", tick_cancel: \"1\" }",
-        "    capabilities: { clusters: [authz], kv: [tickcancel] }\n",
-    );
-    let lg = legate()
-        .concurrency(1)
-        .config(&with_authz(up.addr, az.addr, &p, &["ticker"]))
-        .start();
-    let mut c = client(Proto::H1, lg.addr("web")).await;
-    let v = tick_callout_result(&mut c).await;
+    let (lg, az, v) = tick_callout("tickcancel", ", tick_cancel: \"1\"").await;
     assert_eq!(v, "cancel:ok,not-found 200 ok:anonymous");
     lg.assert_stat(r#"legate_plugin_callouts_total{plugin="ticker"}"#, 2.0)
         .await;
