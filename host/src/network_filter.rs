@@ -297,6 +297,9 @@ impl NetChain {
     /// Sends the callouts filter `i` queued in its last call.
     fn dispatch(&mut self, i: usize) {
         for req in std::mem::take(&mut self.x.callouts) {
+            // Results come through `deliver`, never from the set: drop the
+            // finished tasks, which it keeps until joined.
+            while self.inflight.try_join_next().is_some() {}
             let id = req.id;
             let fut = self.callouts.send(req);
             let tx = self.deliver.clone();
@@ -319,10 +322,9 @@ impl NetChain {
         tracing::warn!(plugin = f.name(), phase, "plugin failure: {why}");
         self.failed[i] = true;
         if f.fail_open() {
+            // A pause of this filter is ended by `settle` (its held data
+            // runs on past it).
             self.skipped[i] = true;
-            if matches!(self.paused, Some((p, _)) if p == i) {
-                self.paused = None;
-            }
             true
         } else {
             false
@@ -462,33 +464,49 @@ impl NetChain {
             f.on_callout_response(self.worker, &mut self.x, id, result)
         };
         self.dispatch(i);
-        let resume = match r {
-            Ok(NetVerdict::Continue) => here,
-            Ok(NetVerdict::Pause) if here && self.outstanding[i] == 0 => {
-                let why = "still paused with no callout outstanding: nothing could resume it";
-                if !self.failure(i, "callout_response", why) {
-                    self.closing = true;
-                    return Some(Step::Close);
-                }
-                true
-            }
-            Ok(NetVerdict::Pause) => false,
+        match r {
+            Ok(NetVerdict::Continue) if here => return self.resume(),
             Ok(NetVerdict::Close) => {
                 self.closing = true;
                 return Some(Step::Close);
             }
-            Err(e) => {
-                if !self.failure(i, "callout_response", &e) {
-                    self.closing = true;
-                    return Some(Step::Close);
-                }
-                here
+            Err(e) if !self.failure(i, "callout_response", &e) => {
+                self.closing = true;
+                return Some(Step::Close);
             }
-        };
-        if !resume {
+            _ => {}
+        }
+        self.settle()
+    }
+
+    /// Ends a pause that nothing can end any more: its filter was skipped
+    /// after a failure (fail open), or it has no callout outstanding (it
+    /// answered a callout response with `pause`, or cancelled the last callout
+    /// it waited for while called for the other direction). The latter is a
+    /// failure: fail closed closes the connection (`Some(Step::Close)`); fail
+    /// open, like a skipped filter, lets what it held run on past it.
+    fn settle(&mut self) -> Option<Step> {
+        let (p, _) = self.paused?;
+        if self.closing {
             return None;
         }
-        let (_, stage) = self.paused.take()?;
+        if !self.skipped[p] {
+            if self.outstanding[p] > 0 {
+                return None;
+            }
+            let why = "paused with no callout outstanding: nothing could resume it";
+            if !self.failure(p, "callout_response", why) {
+                self.closing = true;
+                return Some(Step::Close);
+            }
+        }
+        self.resume()
+    }
+
+    /// Runs the rest of the chain from where the paused filter paused.
+    /// `Some(step)` when the paused new connection resumed.
+    fn resume(&mut self) -> Option<Step> {
+        let (i, stage) = self.paused.take()?;
         match stage {
             Stage::New => Some(self.run_new(i + 1)),
             Stage::Data { from, pos, eos } => {
@@ -618,7 +636,18 @@ where
         };
         let eos = n == 0;
         ended.remote = eos;
-        let step = chain.borrow_mut().run_data(from, buf[..n].to_vec(), eos, 0);
+        let (step, settled) = {
+            let mut c = chain.borrow_mut();
+            let step = c.run_data(from, buf[..n].to_vec(), eos, 0);
+            // The filters called may have ended another direction's pause
+            // for good (a failure, a cancelled callout).
+            let was = c.paused.is_some();
+            let settled = c.settle();
+            (step, was && c.paused.is_none() || settled.is_some())
+        };
+        if settled {
+            wake.send_modify(|v| *v += 1);
+        }
         match step {
             Step::Go(data) => {
                 if !data.is_empty() && w.write_all(&data).await.is_err() {
@@ -845,14 +874,23 @@ mod tests {
     }
 
     /// Pauses the first downstream data on a callout; resumes on its response.
-    struct Waits;
+    /// With `cancel`, upstream data makes it cancel that callout.
+    struct Waits {
+        cancel: bool,
+        open: bool,
+    }
+
+    const WAITS: Waits = Waits {
+        cancel: false,
+        open: false,
+    };
 
     impl NetworkFilter for Waits {
         fn name(&self) -> &str {
             "waits"
         }
         fn fail_open(&self) -> bool {
-            false
+            self.open
         }
         fn buffer_limit(&self) -> usize {
             1024
@@ -867,6 +905,9 @@ mod tests {
             from: Peer,
             _: bool,
         ) -> Result<NetVerdict, String> {
+            if from == Peer::Upstream && self.cancel {
+                c.cancelled.push(7);
+            }
             if from == Peer::Upstream || c.request_id == "asked" {
                 return Ok(NetVerdict::Continue);
             }
@@ -907,7 +948,7 @@ mod tests {
             .run_until(async {
                 let log = Arc::default();
                 let filters: Vec<Arc<dyn NetworkFilter>> =
-                    vec![Arc::new(Waits), Arc::new(tag(b'b', 0, false, &log))];
+                    vec![Arc::new(WAITS), Arc::new(tag(b'b', 0, false, &log))];
                 let x = connection(
                     Arc::new(ConnFacts {
                         source: ([127, 0, 0, 1], 1).into(),
@@ -941,6 +982,58 @@ mod tests {
                 );
             })
             .await;
+    }
+
+    /// The paused filter cancels the callout it waits for while called for
+    /// the other direction: nothing can resume it, so its failure policy
+    /// applies at once (closed: the connection closes; open: the held data
+    /// runs on past it) instead of holding that direction for ever.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_pause_whose_callout_is_cancelled_fails_at_once() {
+        for open in [false, true] {
+            let local = tokio::task::LocalSet::new();
+            local
+                .run_until(async {
+                    let log = Arc::default();
+                    let waits = Waits { cancel: true, open };
+                    let filters: Vec<Arc<dyn NetworkFilter>> =
+                        vec![Arc::new(waits), Arc::new(tag(b'b', 0, false, &log))];
+                    let x = connection(
+                        Arc::new(ConnFacts {
+                            source: ([127, 0, 0, 1], 1).into(),
+                            destination: ([127, 0, 0, 1], 2).into(),
+                            tls: None,
+                        }),
+                        &Name::new("tcp").unwrap(),
+                        &Name::new("echo").unwrap(),
+                    );
+                    let (mut c, mut rx) = NetChain::new(0, filters.into(), x, Rc::new(NoCallouts));
+                    assert!(start(&mut c, &mut rx).await);
+                    assert!(matches!(
+                        c.run_data(Peer::Downstream, b"x".to_vec(), false, 0),
+                        Step::Held
+                    ));
+                    assert_eq!(
+                        go(c.run_data(Peer::Upstream, b"u".to_vec(), false, 0)),
+                        b"ub"
+                    );
+                    assert_eq!(c.outstanding[0], 0);
+                    let settled = c.settle();
+                    if open {
+                        assert!(settled.is_none());
+                        assert!(!c.closing);
+                        assert!(!c.blocked(Peer::Downstream));
+                        assert_eq!(std::mem::take(&mut c.out[0]), b"xb");
+                    } else {
+                        assert!(matches!(settled, Some(Step::Close)));
+                        assert!(c.closing);
+                    }
+                    // The aborted callout delivers nothing.
+                    tokio::task::yield_now().await;
+                    assert!(rx.try_recv().is_err());
+                })
+                .await;
+        }
     }
 
     #[test]
