@@ -604,6 +604,62 @@ async fn component_network_filter_pauses_the_new_connection_on_a_callout() {
     );
 }
 
+/// A filter paused on a callout (downstream data held) cancels that callout
+/// while called for upstream data: nothing can resume the pause, so its
+/// failure policy applies at once, not when the callout would have answered
+/// (`authz` takes 2 s on `/check/slow`) and not never. Fail closed: the
+/// connection closes; fail open: the held data goes on to the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_whose_callout_is_cancelled_fails_by_policy_at_once() {
+    let az = authz_upstream().await;
+    for fail in ["closed", "open"] {
+        // An upstream that greets 300 ms after the connect, then echoes.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.write_all(b"hello\n").await.unwrap();
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let yaml = component_config(
+            addr,
+            "cancel, path: \"/check/slow\"",
+            &format!("    fail: {fail}\n    capabilities: {{ clusters: [authz] }}\n"),
+            "",
+        );
+        let lg = legate()
+            .config(&with_cluster(&yaml, "authz", az.addr))
+            .start();
+        let mut c = RawConn::connect(lg.addr("tcp")).await;
+        let started = std::time::Instant::now();
+        c.write(b"ask").await;
+        if fail == "closed" {
+            let (rest, closed) = c.read_until_close(Duration::from_secs(10)).await;
+            assert!(closed, "not closed; got {rest:?}");
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "closed only after {:?}: the cancelled callout was waited for",
+                started.elapsed()
+            );
+        } else {
+            assert_eq!(
+                c.read_exact(9, Duration::from_secs(10)).await.unwrap(),
+                b"hello\nask"
+            );
+        }
+        // The cancelled callout delivered nothing.
+        lg.assert_stat(&calls("callout_response"), 0.0).await;
+        lg.assert_stat(&calls("upstream_data"), 1.0).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_component_network_filter_reloads() {
     let echo = tcp_echo_server().await;

@@ -11,6 +11,9 @@
 //! - `callout`: `on-new-connection` calls cluster `authz` at the config's
 //!   `path` and pauses; a 200 continues (connecting upstream), anything else
 //!   closes.
+//! - `cancel`: downstream data containing `ask` calls `authz` at `path` and
+//!   pauses; the next upstream data cancels that callout (so nothing can
+//!   resume the pause) and continues.
 //!
 //! Every mode counts closes in `net_closes{peer}` (`legate_plugin_net_closes`).
 
@@ -30,6 +33,8 @@ thread_local! {
     static MODE: RefCell<String> = const { RefCell::new(String::new()) };
     static PATH: RefCell<String> = const { RefCell::new(String::new()) };
     static CLOSES: RefCell<Option<Counter>> = const { RefCell::new(None) };
+    /// `cancel` mode: the callout the downstream pause waits for.
+    static PENDING: RefCell<Option<CalloutId>> = const { RefCell::new(None) };
 }
 
 struct Plugin;
@@ -38,7 +43,7 @@ impl Guest for Plugin {
     type NetworkContext = Ctx;
 
     fn configure(config: String) -> Result<NetworkSetup, String> {
-        let mode = ["rewrite", "close", "trap", "sleep", "callout"]
+        let mode = ["rewrite", "close", "trap", "sleep", "callout", "cancel"]
             .into_iter()
             .find(|m| config.contains(&format!("\"{m}\"")))
             .ok_or_else(|| format!("no known mode in {config}"))?;
@@ -74,6 +79,19 @@ impl Guest for Plugin {
 
 struct Ctx;
 
+/// `GET <path>` on cluster `authz`.
+fn check() -> legate::filter::callout::CalloutRequest {
+    legate::filter::callout::CalloutRequest {
+        cluster: "authz".into(),
+        method: "GET".into(),
+        path: PATH.with(|p| p.borrow().clone()),
+        authority: None,
+        headers: Vec::new(),
+        body: Vec::new(),
+        timeout_ms: 0,
+    }
+}
+
 fn all(b: &Buffer) -> Vec<u8> {
     b.read(0, b.len())
 }
@@ -96,16 +114,7 @@ impl GuestNetworkContext for Ctx {
             return NetworkAction::Close;
         }
         if MODE.with(|m| m.borrow().as_str() == "callout") {
-            let request = legate::filter::callout::CalloutRequest {
-                cluster: "authz".into(),
-                method: "GET".into(),
-                path: PATH.with(|p| p.borrow().clone()),
-                authority: None,
-                headers: Vec::new(),
-                body: Vec::new(),
-                timeout_ms: 0,
-            };
-            return match legate::filter::callout::send(&request) {
+            return match legate::filter::callout::send(&check()) {
                 Ok(_) => NetworkAction::Pause,
                 Err(_) => NetworkAction::Close,
             };
@@ -143,6 +152,15 @@ impl GuestNetworkContext for Ctx {
             }
             "close" if bytes.windows(4).any(|w| w == b"QUIT") => NetworkAction::Close,
             "trap" if bytes.windows(4).any(|w| w == b"boom") => panic!("boom in on-downstream-data"),
+            "cancel" if bytes.windows(3).any(|w| w == b"ask") => {
+                match legate::filter::callout::send(&check()) {
+                    Ok(id) => {
+                        PENDING.with(|p| *p.borrow_mut() = Some(id));
+                        NetworkAction::Pause
+                    }
+                    Err(_) => NetworkAction::Close,
+                }
+            }
             "sleep" if bytes.windows(3).any(|w| w == b"nap") => {
                 std::thread::sleep(std::time::Duration::from_secs(5));
                 NetworkAction::Continue
@@ -152,6 +170,11 @@ impl GuestNetworkContext for Ctx {
     }
 
     fn on_upstream_data(&self, _connection: &Connection, data: &Buffer, _eos: bool) -> NetworkAction {
+        if let Some(id) = PENDING.with(|p| p.borrow_mut().take()) {
+            if legate::filter::callout::cancel(id).is_err() {
+                return NetworkAction::Close;
+            }
+        }
         if MODE.with(|m| m.borrow().as_str() == "rewrite") {
             let out: Vec<u8> = all(data)
                 .into_iter()
