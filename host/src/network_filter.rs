@@ -845,6 +845,11 @@ mod tests {
             .into_iter()
             .map(|f| Arc::new(f) as Arc<dyn NetworkFilter>)
             .collect();
+        chain_of(filters).0
+    }
+
+    /// A chain of `filters` for a loopback connection, with its deliveries.
+    fn chain_of(filters: Vec<Arc<dyn NetworkFilter>>) -> (NetChain, Deliveries) {
         let x = connection(
             Arc::new(ConnFacts {
                 source: ([127, 0, 0, 1], 1).into(),
@@ -854,7 +859,7 @@ mod tests {
             &Name::new("tcp").unwrap(),
             &Name::new("echo").unwrap(),
         );
-        NetChain::new(0, filters.into(), x, Rc::new(NoCallouts)).0
+        NetChain::new(0, filters.into(), x, Rc::new(NoCallouts))
     }
 
     fn tag(tag: u8, hold: usize, open: bool, log: &Arc<Mutex<Vec<String>>>) -> Tag {
@@ -949,16 +954,7 @@ mod tests {
                 let log = Arc::default();
                 let filters: Vec<Arc<dyn NetworkFilter>> =
                     vec![Arc::new(WAITS), Arc::new(tag(b'b', 0, false, &log))];
-                let x = connection(
-                    Arc::new(ConnFacts {
-                        source: ([127, 0, 0, 1], 1).into(),
-                        destination: ([127, 0, 0, 1], 2).into(),
-                        tls: None,
-                    }),
-                    &Name::new("tcp").unwrap(),
-                    &Name::new("echo").unwrap(),
-                );
-                let (mut c, mut rx) = NetChain::new(0, filters.into(), x, Rc::new(NoCallouts));
+                let (mut c, mut rx) = chain_of(filters);
                 assert!(start(&mut c, &mut rx).await);
                 assert!(matches!(
                     c.run_data(Peer::Downstream, b"x".to_vec(), false, 0),
@@ -998,16 +994,7 @@ mod tests {
                     let waits = Waits { cancel: true, open };
                     let filters: Vec<Arc<dyn NetworkFilter>> =
                         vec![Arc::new(waits), Arc::new(tag(b'b', 0, false, &log))];
-                    let x = connection(
-                        Arc::new(ConnFacts {
-                            source: ([127, 0, 0, 1], 1).into(),
-                            destination: ([127, 0, 0, 1], 2).into(),
-                            tls: None,
-                        }),
-                        &Name::new("tcp").unwrap(),
-                        &Name::new("echo").unwrap(),
-                    );
-                    let (mut c, mut rx) = NetChain::new(0, filters.into(), x, Rc::new(NoCallouts));
+                    let (mut c, mut rx) = chain_of(filters);
                     assert!(start(&mut c, &mut rx).await);
                     assert!(matches!(
                         c.run_data(Peer::Downstream, b"x".to_vec(), false, 0),
