@@ -733,14 +733,21 @@ fn callout_plugin(name: &str, config: &str) -> String {
     plugin(name, config, "    capabilities: { clusters: [authz] }\n")
 }
 
+/// Plugin `caller` (the test guest with `config`, granted `authz`) in front
+/// of a new upstream, with a new `authz` service: (upstream, authz, Legate).
+async fn caller(config: &str) -> (UpstreamHandle, UpstreamHandle, LegateHandle) {
+    let up = upstream().start().await;
+    let az = authz_upstream().await;
+    let p = callout_plugin("caller", config);
+    let lg = legate()
+        .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
+        .start();
+    (up, az, lg)
+}
+
 each_proto!(
     async fn callout_pauses_then_continues_with_its_response(proto) {
-        let up = upstream().start().await;
-        let az = authz_upstream().await;
-        let p = callout_plugin("caller", "{ mode: callout }");
-        let lg = legate()
-            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
-            .start();
+        let (_up, _az, lg) = caller("{ mode: callout }").await;
         let mut c = client(proto, lg.addr("web")).await;
         let r = c.get("/hello").header("x-user", "alice").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
@@ -766,12 +773,7 @@ each_proto!(
     /// call that sent it is aborted before it goes out, and nothing is
     /// delivered.
     async fn a_cancelled_callout_is_not_sent(proto) {
-        let up = upstream().start().await;
-        let az = authz_upstream().await;
-        let p = callout_plugin("caller", "{ mode: callout }");
-        let lg = legate()
-            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
-            .start();
+        let (_up, az, lg) = caller("{ mode: callout }").await;
         let mut c = client(proto, lg.addr("web")).await;
         let r = c.get("/cancel").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
@@ -787,12 +789,7 @@ each_proto!(
 
 each_proto!(
     async fn callout_response_answers_locally(proto) {
-        let up = upstream().start().await;
-        let az = authz_upstream().await;
-        let p = callout_plugin("caller", "{ mode: callout }");
-        let lg = legate()
-            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
-            .start();
+        let (_up, _az, lg) = caller("{ mode: callout }").await;
         let mut c = client(proto, lg.addr("web")).await;
         let r = c.get("/deny/x").header("x-user", "mallory").send().await;
         assert_eq!(r.status, 403, "{}", r.text());
@@ -804,13 +801,8 @@ each_proto!(
 
 each_proto!(
     async fn callout_to_an_ungranted_cluster_is_denied(proto) {
-        let up = upstream().start().await;
-        let az = authz_upstream().await;
         // Granted `authz` only; asks for `backend`.
-        let p = callout_plugin("caller", "{ mode: callout, cluster: backend }");
-        let lg = legate()
-            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
-            .start();
+        let (_up, _az, lg) = caller("{ mode: callout, cluster: backend }").await;
         let mut c = client(proto, lg.addr("web")).await;
         let r = c.get("/hello").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
@@ -822,12 +814,7 @@ each_proto!(
 
 each_proto!(
     async fn callout_timeout_reaches_the_guest(proto) {
-        let up = upstream().start().await;
-        let az = authz_upstream().await;
-        let p = callout_plugin("caller", "{ mode: callout, timeout: \"100\" }");
-        let lg = legate()
-            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
-            .start();
+        let (_up, _az, lg) = caller("{ mode: callout, timeout: \"100\" }").await;
         let mut c = client(proto, lg.addr("web")).await;
         let r = c.get("/slow").send().await;
         assert_eq!(r.status, 502, "{}", r.text());
@@ -874,12 +861,7 @@ each_proto!(
 
 each_proto!(
     async fn client_disconnect_while_paused_frees_the_exchange(proto) {
-        let up = upstream().start().await;
-        let az = authz_upstream().await;
-        let p = callout_plugin("caller", "{ mode: callout, phases: \"rq,done\", timeout: \"5000\" }");
-        let lg = legate()
-            .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
-            .start();
+        let (_up, _az, lg) = caller("{ mode: callout, phases: \"rq,done\", timeout: \"5000\" }").await;
         let mut c = client(proto, lg.addr("web")).await;
         let pending = tokio::spawn(async move { c.get("/slow").try_send().await });
         eventually(
