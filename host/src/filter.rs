@@ -263,13 +263,46 @@ pub type CalloutFuture = Pin<Box<dyn Future<Output = CalloutResult>>>;
 pub type CalloutStreamFuture =
     Pin<Box<dyn Future<Output = Result<http::Response<crate::body::Body>, CalloutError>>>>;
 
+/// Abort handles of callout tasks by key, so that a cancel can abort one
+/// (pruned of finished tasks as new ones are added).
+pub struct Aborts<K>(Vec<(K, tokio::task::AbortHandle)>);
+
+impl<K: PartialEq> Aborts<K> {
+    /// None.
+    pub const fn new() -> Self {
+        Aborts(Vec::new())
+    }
+
+    /// Keeps `task`'s handle under `key`.
+    pub fn push(&mut self, key: K, task: tokio::task::AbortHandle) {
+        self.0.retain(|(_, h)| !h.is_finished());
+        self.0.push((key, task));
+    }
+
+    /// Aborts the task of `key`: `None` if unknown, else whether it was still
+    /// running (it will deliver nothing).
+    pub fn abort(&mut self, key: &K) -> Option<bool> {
+        let k = self.0.iter().position(|(c, _)| c == key)?;
+        let (_, h) = self.0.swap_remove(k);
+        let running = !h.is_finished();
+        h.abort();
+        Some(running)
+    }
+}
+
+impl<K: PartialEq> Default for Aborts<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Callouts in flight, each a task on the worker's `LocalSet` that the filter
 /// which sent it can abort ([`ExchangeData::cancelled`]). Dropping the set
 /// aborts them all. Derefs to the tasks' [`JoinSet`](tokio::task::JoinSet).
 pub struct Inflight<T> {
     tasks: tokio::task::JoinSet<T>,
-    /// (filter index, callout id, its task), for the tasks not known finished.
-    handles: Vec<(usize, u64, tokio::task::AbortHandle)>,
+    /// By (filter index, callout id).
+    handles: Aborts<(usize, u64)>,
 }
 
 impl<T: 'static> Inflight<T> {
@@ -277,31 +310,20 @@ impl<T: 'static> Inflight<T> {
     pub fn new() -> Self {
         Inflight {
             tasks: tokio::task::JoinSet::new(),
-            handles: Vec::new(),
+            handles: Aborts::new(),
         }
     }
 
     /// Runs `task`, filter `i`'s callout `id`.
     pub fn spawn(&mut self, i: usize, id: u64, task: impl Future<Output = T> + 'static) {
-        self.handles.retain(|(_, _, h)| !h.is_finished());
         let h = self.tasks.spawn_local(task);
-        self.handles.push((i, id, h));
+        self.handles.push((i, id), h);
     }
 
     /// Aborts filter `i`'s callout `id`: `true` if its task had not finished
     /// (it will deliver nothing), `false` if it is unknown or already done.
     pub fn cancel(&mut self, i: usize, id: u64) -> bool {
-        let Some(k) = self
-            .handles
-            .iter()
-            .position(|(j, c, _)| *j == i && *c == id)
-        else {
-            return false;
-        };
-        let (_, _, h) = self.handles.swap_remove(k);
-        let running = !h.is_finished();
-        h.abort();
-        running
+        self.handles.abort(&(i, id)) == Some(true)
     }
 }
 

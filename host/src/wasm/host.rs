@@ -239,7 +239,7 @@ pub struct HostState {
     pub tick_callouts: Vec<CalloutRequest>,
     /// The tasks of plugin-level callouts in flight, by id, so that `cancel`
     /// can abort them (pruned of finished ones as new ones start).
-    tick_tasks: Vec<(u64, tokio::task::AbortHandle)>,
+    tick_tasks: crate::filter::Aborts<u64>,
 }
 
 impl crate::wasm::engine::Clocked for HostState {
@@ -280,7 +280,7 @@ impl HostState {
             next_callout: 0,
             outstanding: rustc_hash::FxHashMap::default(),
             tick_callouts: Vec::new(),
-            tick_tasks: Vec::new(),
+            tick_tasks: crate::filter::Aborts::new(),
         }
     }
 
@@ -1383,11 +1383,10 @@ impl HostState {
         if self.tick_callouts.is_empty() {
             return;
         }
-        self.tick_tasks.retain(|(_, h)| !h.is_finished());
         for req in std::mem::take(&mut self.tick_callouts) {
             let id = req.id;
             let h = tokio::task::spawn_local(task(req));
-            self.tick_tasks.push((id, h.abort_handle()));
+            self.tick_tasks.push(id, h.abort_handle());
         }
     }
 
@@ -1591,9 +1590,7 @@ impl callout::Host for HostState {
             if context != PLUGIN_CONTEXT {
                 // The chain aborts its request after this call.
                 self.x.cancelled.push(id);
-            } else if let Some(k) = self.tick_tasks.iter().position(|(t, _)| *t == id) {
-                self.tick_tasks.swap_remove(k).1.abort();
-            } else {
+            } else if self.tick_tasks.abort(&id).is_none() {
                 // Queued in this call, not started yet.
                 self.tick_callouts.retain(|r| r.id != id);
             }

@@ -1138,12 +1138,11 @@ impl ProxyWasmFilter {
         let data = live.store.data_mut();
         let queued = std::mem::take(&mut data.root_callouts);
         let Some(me) = self.me.get() else { return };
-        data.root_tasks.retain(|(_, h)| !h.is_finished());
         for req in queued {
             let token = u32::try_from(req.id).unwrap_or(0);
             let task =
                 tokio::task::spawn_local(Self::root_callout(me.clone(), worker, generation, req));
-            data.root_tasks.push((token, task.abort_handle()));
+            data.root_tasks.push(token, task.abort_handle());
         }
     }
 

@@ -408,13 +408,13 @@ fn forget(s: &mut PwState, token: u32) -> Option<Stream> {
 pub fn cancel(s: &mut PwState, token: u32) -> Result<(), i32> {
     if s.grpc_calls.remove(&token) {
         let context = s.outstanding.remove(&token);
-        if let Some(k) = s.root_tasks.iter().position(|(t, _)| *t == token) {
-            s.root_tasks.swap_remove(k).1.abort();
-        } else if s.root_callouts.iter().any(|r| r.id == u64::from(token)) {
-            // Queued in this call, not started yet.
-            s.root_callouts.retain(|r| r.id != u64::from(token));
-        } else if s.x_context != 0 && context == Some(s.x_context) {
-            s.x.cancelled.push(u64::from(token));
+        if s.root_tasks.abort(&token).is_none() {
+            if s.root_callouts.iter().any(|r| r.id == u64::from(token)) {
+                // Queued in this call, not started yet.
+                s.root_callouts.retain(|r| r.id != u64::from(token));
+            } else if s.x_context != 0 && context == Some(s.x_context) {
+                s.x.cancelled.push(u64::from(token));
+            }
         }
         return Ok(());
     }

@@ -221,7 +221,7 @@ pub struct PwState {
     /// The tasks of root-context callouts in flight, by token, so that
     /// `proxy_grpc_cancel` can abort them (pruned of finished ones as new
     /// ones start).
-    pub root_tasks: Vec<(u32, tokio::task::AbortHandle)>,
+    pub root_tasks: crate::filter::Aborts<u32>,
     /// gRPC streams by token (open, or closed by the server and remembered).
     pub streams: FxHashMap<u32, Stream>,
     /// Streams opened during the current call, started by the filter after it.
@@ -275,7 +275,7 @@ impl PwState {
             next_token: 0,
             outstanding: FxHashMap::default(),
             root_callouts: Vec::new(),
-            root_tasks: Vec::new(),
+            root_tasks: crate::filter::Aborts::new(),
             streams: FxHashMap::default(),
             new_streams: Vec::new(),
             remote_closed: VecDeque::new(),
