@@ -23,7 +23,7 @@
 # Setups: none, wasm1 (bench/noop-filter: one no-op component filter), wasmhdr
 # (the same reading one header), grpc-web (builtin, plain requests), auth-key
 # (builtin auth, API key), ratelimit (builtin, in-memory KV), pwnoop (one no-op
-# proxy-wasm filter: tests/proxy-wasm-guests in mode `noop`, the upstream Rust SDK).
+# proxy-wasm filter: bench/pw-noop-filter, the upstream Rust SDK).
 set -euo pipefail
 
 N=${N:-10000}
@@ -40,12 +40,7 @@ log "building bench/noop-filter (legate plugin build)"
 "${LEGATE_BIN}" plugin build bench/noop-filter --out "${WORK}/noop.wasm" >"${WORK}/plugin-build.log" 2>&1 ||
     die "building bench/noop-filter failed: $(tail -n 20 "${WORK}/plugin-build.log")"
 
-log "building tests/proxy-wasm-guests (wasm32-wasip1, release)"
-cargo build --release "${lock[@]}" --target wasm32-wasip1 \
-    --manifest-path tests/proxy-wasm-guests/Cargo.toml \
-    --target-dir target/proxy-wasm-guests >"${WORK}/pw-build.log" 2>&1 ||
-    die "building tests/proxy-wasm-guests failed: $(tail -n 20 "${WORK}/pw-build.log")"
-cp target/proxy-wasm-guests/wasm32-wasip1/release/legate_proxy_wasm_guests.wasm "${WORK}/pwnoop.wasm"
+bench_build_pwnoop
 
 UPSTREAM=18481
 LISTEN=18480
@@ -99,7 +94,6 @@ plugins:
     config: { read_header: user-agent }
   - name: pwnoop
     module: ${WORK}/pwnoop.wasm
-    config: { mode: noop }
   - name: grpc-web
     module: builtin:grpc-web
   - name: auth-key

@@ -50,6 +50,17 @@ bench_build() {
     fi
 }
 
+# bench/pw-noop-filter (the no-op proxy-wasm filter, upstream Rust SDK) as
+# $WORK/pwnoop.wasm; call after bench_workdir.
+bench_build_pwnoop() {
+    log "building bench/pw-noop-filter (wasm32-wasip1, release)"
+    cargo build --release --locked --target wasm32-wasip1 \
+        --manifest-path bench/pw-noop-filter/Cargo.toml \
+        --target-dir target/pw-noop-filter >"${WORK}/pw-build.log" 2>&1 ||
+        die "building bench/pw-noop-filter failed: $(tail -n 20 "${WORK}/pw-build.log")"
+    cp target/pw-noop-filter/wasm32-wasip1/release/legate_bench_pw_noop_filter.wasm "${WORK}/pwnoop.wasm"
+}
+
 # A scratch directory, $WORK; every pid in $pids is stopped on exit, and on
 # failure the logs' tails are shown.
 bench_workdir() {

@@ -11,7 +11,7 @@
 # filter chain on its route: native1/native5 = 1 or 5 native no-op filters,
 # wasm1/wasm5 = 1 or 5 no-op Wasm filters (bench/noop-filter), wasmhdr = 1 Wasm
 # filter that reads one request header, pwnoop = 1 no-op proxy-wasm filter (the
-# upstream `proxy-wasm` Rust SDK, tests/proxy-wasm-guests in mode `noop`: Envoy's
+# upstream `proxy-wasm` Rust SDK, bench/pw-noop-filter: Envoy's
 # ABI, called for request and response headers). Compare them with `legate`.
 #
 # Environment (defaults):
@@ -348,14 +348,7 @@ if wants_wasm; then
     "${LEGATE_BIN}" plugin build bench/noop-filter --out "${WORK}/noop.wasm" >"${WORK}/plugin-build.log" 2>&1 ||
         die "building bench/noop-filter failed: $(tail -n 20 "${WORK}/plugin-build.log")"
 fi
-if wants pwnoop; then
-    log "building tests/proxy-wasm-guests (wasm32-wasip1, release)"
-    cargo build --release "${lock[@]}" --target wasm32-wasip1 \
-        --manifest-path tests/proxy-wasm-guests/Cargo.toml \
-        --target-dir target/proxy-wasm-guests >"${WORK}/pw-build.log" 2>&1 ||
-        die "building tests/proxy-wasm-guests failed: $(tail -n 20 "${WORK}/pw-build.log")"
-    cp target/proxy-wasm-guests/wasm32-wasip1/release/legate_proxy_wasm_guests.wasm "${WORK}/pwnoop.wasm"
-fi
+if wants pwnoop; then bench_build_pwnoop; fi
 if wants native1; then start_filter_legate native1 18086 19902 native:noop 1; fi
 if wants native5; then start_filter_legate native5 18087 19903 native:noop 5; fi
 if wants wasm1; then start_filter_legate wasm1 18088 19904 "${WORK}/noop.wasm" 1; fi
@@ -363,7 +356,7 @@ if wants wasm5; then start_filter_legate wasm5 18089 19905 "${WORK}/noop.wasm" 5
 if wants wasmhdr; then
     start_filter_legate wasmhdr 18090 19906 "${WORK}/noop.wasm" 1 '{ read_header: user-agent }'
 fi
-if wants pwnoop; then start_filter_legate pwnoop 18091 19907 "${WORK}/pwnoop.wasm" 1 '{ mode: noop }'; fi
+if wants pwnoop; then start_filter_legate pwnoop 18091 19907 "${WORK}/pwnoop.wasm" 1; fi
 if wants nginx; then
     command -v nginx >/dev/null 2>&1 || die "nginx not found: run scripts/setup.sh bench"
     write_nginx_config
