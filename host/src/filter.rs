@@ -693,6 +693,10 @@ pub trait HttpFilter: Send + Sync {
         let _ = (worker, x, id, result, paused);
         Ok(Verdict::Continue)
     }
+    /// The chain found this filter failed without a failing call: it paused
+    /// where nothing can end the pause (no callout in flight, or a streamed
+    /// part the host cannot hold). For the filter's stats, as its own failures.
+    fn host_failure(&self) {}
     /// The default body mode of direction `d` (meaningful only if that body phase
     /// is declared).
     fn body_mode(&self, d: Direction) -> BodyMode {
@@ -1191,6 +1195,7 @@ impl Chain {
     async fn wait(&mut self, k: usize, phase: &str) -> Result<Result<Verdict, String>, ProxyError> {
         loop {
             let Some(done) = self.inflight.join_next().await else {
+                self.entered[k].host_failure();
                 return Ok(Err("paused with no callout in flight".to_string()));
             };
             // A task only ends early when aborted: with the chain, or
@@ -1465,7 +1470,10 @@ impl Chain {
                 return Ok(Some(lr));
             }
             // `run_calls` never passes one; treated as refused rather than a panic.
-            Ok(Verdict::Pause) => streamed_pause_error(d),
+            Ok(Verdict::Pause) => {
+                self.entered[i].host_failure();
+                streamed_pause_error(d)
+            }
             Err(why) => why,
         };
         self.skipped.push(i);
@@ -1525,8 +1533,14 @@ impl Chain {
                     // A body stream's poll cannot wait: it resumes the run as
                     // a future (`resume_end`).
                     Hold::Defer if !self.inflight.is_empty() => return Ok(Ran::Paused(at)),
-                    Hold::Defer => Err("paused with no callout in flight".to_string()),
-                    Hold::Refuse => Err(streamed_pause_error(d)),
+                    Hold::Defer => {
+                        self.entered[i].host_failure();
+                        Err("paused with no callout in flight".to_string())
+                    }
+                    Hold::Refuse => {
+                        self.entered[i].host_failure();
+                        Err(streamed_pause_error(d))
+                    }
                 };
             }
             if let Some(lr) = self.body_verdict(i, d, phase, v)? {

@@ -88,6 +88,10 @@ pub trait NetworkFilter: Send + Sync {
     fn buffer_limit_exceeded(&self, from: Peer) {
         let _ = from;
     }
+    /// The chain found this filter failed without a failing call: it paused
+    /// on callouts that were all cancelled, so nothing can end the pause. For
+    /// the filter's stats, as its own failures.
+    fn host_failure(&self) {}
     /// A downstream connection was accepted (after TLS), before connecting
     /// upstream. The first call for `c`: the implementation creates its
     /// per-connection state here.
@@ -495,6 +499,7 @@ impl NetChain {
                 return None;
             }
             let why = "paused with no callout outstanding: nothing could resume it";
+            self.filters[p].host_failure();
             if !self.failure(p, "callout_response", why) {
                 self.closing = true;
                 return Some(Step::Close);

@@ -657,6 +657,9 @@ async fn a_pause_whose_callout_is_cancelled_fails_by_policy_at_once() {
         // The cancelled callout delivered nothing.
         lg.assert_stat(&calls("callout_response"), 0.0).await;
         lg.assert_stat(&calls("upstream_data"), 1.0).await;
+        // The pause nothing could end is the filter's failure.
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 1.0)
+            .await;
     }
 }
 

@@ -505,6 +505,10 @@ impl NetworkFilter for WasmNetworkFilter {
         self.settings.body_limit
     }
 
+    fn host_failure(&self) {
+        self.stats.failures.inc();
+    }
+
     fn buffer_limit_exceeded(&self, from: Peer) {
         self.limit_exceeded[from.idx()].inc();
     }

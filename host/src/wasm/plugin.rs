@@ -980,6 +980,10 @@ impl HttpFilter for WasmFilter {
         self.settings.body_limit
     }
 
+    fn host_failure(&self) {
+        self.stats.failures.inc();
+    }
+
     fn body_limit_exceeded(&self, d: Direction) {
         self.body_limit_exceeded[d.idx()].inc();
     }

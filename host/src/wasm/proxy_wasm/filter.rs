@@ -1481,6 +1481,10 @@ impl HttpFilter for ProxyWasmFilter {
         self.meta.body_limit
     }
 
+    fn host_failure(&self) {
+        self.stats.failures.inc();
+    }
+
     fn body_limit_exceeded(&self, d: Direction) {
         self.body_limit_exceeded[d.idx()].inc();
     }
@@ -1607,6 +1611,10 @@ impl NetworkFilter for ProxyWasmFilter {
 
     fn buffer_limit(&self) -> usize {
         self.meta.body_limit
+    }
+
+    fn host_failure(&self) {
+        self.stats.failures.inc();
     }
 
     fn buffer_limit_exceeded(&self, from: Peer) {
