@@ -46,6 +46,37 @@ pub struct RateLimit {
     series: Vec<Series>,
     emit_headers: bool,
     failure_mode: FailureMode,
+    /// Which request attributes some limit uses: each is a host call per
+    /// request, made only if needed.
+    needs: Needs,
+}
+
+/// The request attributes the limits use (in a match or a key).
+#[derive(Debug, Default, Clone, Copy)]
+struct Needs {
+    method: bool,
+    path: bool,
+    route: bool,
+}
+
+impl Needs {
+    fn of(limits: &[Limit]) -> Needs {
+        let mut n = Needs::default();
+        for l in limits {
+            n.method |= !l.methods.is_empty();
+            n.path |= l.prefix.is_some();
+            n.route |= !l.routes.is_empty();
+            for d in &l.key {
+                match d {
+                    Descriptor::Method => n.method = true,
+                    Descriptor::Path => n.path = true,
+                    Descriptor::Route => n.route = true,
+                    _ => {}
+                }
+            }
+        }
+        n
+    }
 }
 
 /// The `RateLimit-*` values of the most restrictive limit, kept from the
@@ -106,6 +137,7 @@ impl HttpFilter for RateLimit {
         }
         Ok(RateLimit {
             kv,
+            needs: Needs::of(&limits),
             limits,
             series,
             emit_headers: config.emit_headers,
@@ -163,10 +195,23 @@ impl RateLimit {
     /// non-shadow limits allow it, and only then consume their tokens.
     fn check(&mut self, ctx: &mut Context, x: &Exchange<'_>, headers: &Headers<'_>) -> Action {
         let now = clock::wall_now();
-        let method = x.method();
-        let full_path = x.path();
+        // Unused attributes are left empty: no limit reads them.
+        let method = if self.needs.method {
+            x.method()
+        } else {
+            String::new()
+        };
+        let full_path = if self.needs.path {
+            x.path()
+        } else {
+            String::new()
+        };
         let path = full_path.split('?').next().unwrap_or_default();
-        let route = x.route_name();
+        let route = if self.needs.route {
+            x.route_name()
+        } else {
+            None
+        };
 
         // Phase 1: read and decide, no writes.
         let mut evals = Vec::new();
