@@ -4,6 +4,7 @@
 //! test harness, so what the harness tests is what runs in the proxy.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::de::DeserializeOwned;
 
@@ -181,13 +182,41 @@ fn parse_json<T: DeserializeOwned>(json: &str) -> Result<T, String> {
     Ok(value)
 }
 
+/// Exchange contexts by the host's context id. The ids are the host's, handed
+/// out in sequence, never chosen by a client, so a multiplicative hash is
+/// enough and costs a few instructions where SipHash costs a hundred or so on
+/// every phase call.
+pub(crate) type ContextMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
+/// The hasher of [`ContextMap`]: one multiplication (Fx's constant), the high
+/// bits mixed down so the table's low-bit buckets spread sequential ids.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        let h = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        self.0 = h ^ (h >> 32);
+    }
+}
+
 /// One configured filter and its live exchange contexts. Used by the export
 /// glue and by [`testing`](crate::testing); not needed by filter code.
 pub struct Instance<F: HttpFilter> {
     filter: F,
     setup: Setup,
     stateful: bool,
-    contexts: HashMap<u64, F::Context>,
+    contexts: ContextMap<F::Context>,
 }
 
 impl<F: HttpFilter> Instance<F> {
@@ -205,7 +234,7 @@ impl<F: HttpFilter> Instance<F> {
             filter,
             setup,
             stateful,
-            contexts: HashMap::new(),
+            contexts: ContextMap::default(),
         })
     }
 
