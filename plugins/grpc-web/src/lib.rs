@@ -203,18 +203,22 @@ impl HttpFilter for GrpcWeb {
         headers: &Headers<'_>,
         _end_of_stream: bool,
     ) -> Action {
-        let method = x.method();
+        // The method is a host call: asked for only when it decides something
+        // (a preflight, or a gRPC-Web content type), not for plain requests.
+        let mut method = None;
         if let Some(cors) = &self.cors {
-            if method == "OPTIONS" && headers.has("access-control-request-method") {
+            let m = x.method();
+            if m == "OPTIONS" && headers.has("access-control-request-method") {
                 if let Some(origin) = headers.get_str("origin") {
                     return self.preflight(cors, &origin);
                 }
             }
+            method = Some(m);
         }
         let converted = headers
             .get_str("content-type")
             .and_then(|ct| convert_content_type(&ct))
-            .filter(|_| method == "POST");
+            .filter(|_| method.unwrap_or_else(|| x.method()) == "POST");
         let Some((variant, client_type, grpc_type)) = converted else {
             pass_through(x);
             return Action::Continue;

@@ -296,7 +296,15 @@ fn http_statuses_map_to_grpc_statuses() {
 
 #[test]
 fn other_requests_are_untouched_and_their_bodies_skipped() {
-    let mut t = FilterTest::<GrpcWeb>::configure(CORS).unwrap();
+    // With CORS the method is read first (for preflights); without, only for
+    // a gRPC-Web content type: both must leave the same requests alone.
+    for config in [CORS, "{}"] {
+        other_requests_untouched(config);
+    }
+}
+
+fn other_requests_untouched(config: &str) {
+    let mut t = FilterTest::<GrpcWeb>::configure(config).unwrap();
     for req in [
         Request::post("/api", "{}").header("content-type", "application/json"),
         Request::post("/pkg.Svc/M", "x").header("content-type", "application/grpc"),
