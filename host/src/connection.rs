@@ -26,6 +26,8 @@ pub struct ConnCtx {
     pub listener: Arc<ListenerCtx>,
     /// Client address.
     pub peer: SocketAddr,
+    /// The client IP as `x-forwarded-for` writes it (formatted once).
+    pub forwarded_for: crate::proxy_headers::ForwardedFor,
     /// Our address the client connected to.
     pub local: SocketAddr,
     /// TLS session facts, when the listener terminates TLS.
@@ -89,6 +91,7 @@ pub async fn serve(
         worker: worker.clone(),
         listener: ctx.clone(),
         peer,
+        forwarded_for: crate::proxy_headers::ForwardedFor::new(peer.ip()),
         local,
         tls,
         original_dst,

@@ -376,7 +376,7 @@ async fn proxy(
         proxy_headers::strip_hop_by_hop(h);
         h.remove(header::EXPECT);
         h.remove(header::HOST);
-        proxy_headers::set_forwarded(h, conn.peer.ip(), https, &authority, trusted);
+        proxy_headers::set_forwarded(h, &conn.forwarded_for, https, &authority, trusted);
         matched.apply_request_headers(h);
         if let Some(v) = &http.via {
             proxy_headers::add_via(h, &via_value(parts.version, v));

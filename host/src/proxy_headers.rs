@@ -97,6 +97,24 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// A client IP as `x-forwarded-for` writes it: made once per connection, as
+/// formatting an address costs more than the rest of [`set_forwarded`].
+/// IPv4-mapped IPv6 addresses (from a dual-stack listener) are written as
+/// IPv4, IPv6 without brackets, as other proxies do.
+#[derive(Clone, Debug)]
+pub struct ForwardedFor(HeaderValue);
+
+impl ForwardedFor {
+    /// The value for client `ip`.
+    pub fn new(ip: IpAddr) -> Self {
+        // An IP literal is always a valid header value.
+        ForwardedFor(
+            HeaderValue::from_str(&ip.to_canonical().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        )
+    }
+}
+
 /// Sets `x-forwarded-for`, `x-forwarded-proto` and `x-forwarded-host`.
 ///
 /// Untrusted downstream: whatever came in is replaced with the client IP, the
@@ -105,11 +123,15 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// `x-forwarded-for` (all incoming lines are joined into one comma-separated value)
 /// and incoming `-proto`/`-host` are kept, set only when absent.
 ///
-/// IPv4-mapped IPv6 addresses (from a dual-stack listener) are written as IPv4,
-/// IPv6 without brackets, as other proxies do. A `host` that is not a valid header
-/// value is not forwarded.
-pub fn set_forwarded(h: &mut HeaderMap, client_ip: IpAddr, https: bool, host: &str, trusted: bool) {
-    let ip = client_ip.to_canonical().to_string();
+/// The client IP is written as [`ForwardedFor`] says. A `host` that is not a
+/// valid header value is not forwarded.
+pub fn set_forwarded(
+    h: &mut HeaderMap,
+    client: &ForwardedFor,
+    https: bool,
+    host: &str,
+    trusted: bool,
+) {
     let xff = if trusted {
         let mut joined: Vec<u8> = Vec::new();
         for v in h.get_all(&X_FORWARDED_FOR) {
@@ -119,10 +141,10 @@ pub fn set_forwarded(h: &mut HeaderMap, client_ip: IpAddr, https: bool, host: &s
                 joined.extend_from_slice(b", ");
             }
         }
-        joined.extend_from_slice(ip.as_bytes());
+        joined.extend_from_slice(client.0.as_bytes());
         HeaderValue::from_bytes(&joined)
     } else {
-        HeaderValue::from_str(&ip)
+        Ok(client.0.clone())
     };
     match xff {
         Ok(v) => {
@@ -340,7 +362,7 @@ mod tests {
         ]);
         set_forwarded(
             &mut h,
-            "10.0.0.1".parse().unwrap(),
+            &ForwardedFor::new("10.0.0.1".parse().unwrap()),
             false,
             "a.com:8080",
             false,
@@ -360,7 +382,7 @@ mod tests {
         ]);
         set_forwarded(
             &mut h,
-            "10.0.0.1".parse().unwrap(),
+            &ForwardedFor::new("10.0.0.1".parse().unwrap()),
             false,
             "internal:8080",
             true,
@@ -372,7 +394,7 @@ mod tests {
         let mut fresh = HeaderMap::new();
         set_forwarded(
             &mut fresh,
-            "2001:db8::1".parse().unwrap(),
+            &ForwardedFor::new("2001:db8::1".parse().unwrap()),
             true,
             "a.com",
             true,
@@ -387,7 +409,7 @@ mod tests {
         let mut h = map(&[("x-forwarded-host", "spoofed")]);
         set_forwarded(
             &mut h,
-            "::ffff:192.0.2.7".parse().unwrap(),
+            &ForwardedFor::new("::ffff:192.0.2.7".parse().unwrap()),
             false,
             "",
             false,
