@@ -496,7 +496,9 @@ pub struct Settings {
     /// Ext authz.
     pub ext_authz: Option<ExtAuthz>,
     /// Rules.
-    pub rules: Vec<Rule>,
+    /// Rules, shared: a request's rule is borrowed while the filter (and its
+    /// caches) are borrowed mutably.
+    pub rules: std::rc::Rc<[Rule]>,
 }
 
 fn valid_header_name(name: &str) -> bool {
@@ -893,7 +895,7 @@ impl Config {
             api_keys,
             basic,
             ext_authz,
-            rules,
+            rules: rules.into(),
         })
     }
 }

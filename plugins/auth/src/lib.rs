@@ -286,7 +286,7 @@ impl HttpFilter for AuthFilter {
             self.counters.public.inc();
             return Action::Continue;
         }
-        self.decide(ctx, exchange, headers)
+        self.decide(ctx, exchange, headers, Some(&path))
     }
 
     fn on_callout_response(
@@ -302,7 +302,7 @@ impl HttpFilter for AuthFilter {
                 let Some(headers) = exchange.headers(Direction::Request) else {
                     return Action::Continue;
                 };
-                self.decide(ctx, exchange, &headers)
+                self.decide(ctx, exchange, &headers, None)
             }
             Waiting::ExtAuthz { id: want } if want == id => {
                 self.ext_authz_arrived(exchange, response)
@@ -395,16 +395,27 @@ fn json_response(status: u16, error: &str, reason: &str, details: &str) -> Local
 
 impl AuthFilter {
     /// Authenticate with the matched rule, then run ext_authz or answer.
-    fn decide(&mut self, ctx: &mut Ctx, exchange: &Exchange<'_>, headers: &Headers<'_>) -> Action {
+    /// `path`: the request path if the caller has it (else asked from the host).
+    fn decide(
+        &mut self,
+        ctx: &mut Ctx,
+        exchange: &Exchange<'_>,
+        headers: &Headers<'_>,
+        path: Option<&str>,
+    ) -> Action {
         let Some(rule_idx) = ctx.rule else {
             return Action::Continue;
         };
-        let rule = self.s.rules[rule_idx].clone();
-        let path = exchange.path();
+        let rules = std::rc::Rc::clone(&self.s.rules);
+        let rule = &rules[rule_idx];
+        let path = match path {
+            Some(p) => std::borrow::Cow::Borrowed(p),
+            None => std::borrow::Cow::Owned(exchange.path()),
+        };
         let result = if rule.any.is_empty() {
             Authn::Missing
         } else {
-            self.authenticate(&rule, headers, &path, !ctx.fetched)
+            self.authenticate(rule, headers, &path, !ctx.fetched)
         };
         match result {
             Authn::Ok(identity) => {
@@ -418,14 +429,14 @@ impl AuthFilter {
                         debug!("auth: header {n} not set: {e}");
                     }
                 }
-                self.authorized(ctx, exchange, headers, &rule, true)
+                self.authorized(ctx, exchange, headers, rule, true)
             }
             Authn::Missing if rule.allow_missing || rule.any.is_empty() => {
-                self.authorized(ctx, exchange, headers, &rule, false)
+                self.authorized(ctx, exchange, headers, rule, false)
             }
             Authn::Missing => {
                 self.counters.missing.inc();
-                Action::Respond(self.unauthorized(&rule, None))
+                Action::Respond(self.unauthorized(rule, None))
             }
             Authn::Invalid(reason) => {
                 self.counters.invalid.inc();
@@ -434,7 +445,7 @@ impl AuthFilter {
                     exchange.method(),
                     exchange.request_id()
                 );
-                Action::Respond(self.unauthorized(&rule, Some(&reason)))
+                Action::Respond(self.unauthorized(rule, Some(&reason)))
             }
             Authn::Forbidden(reason) => {
                 self.counters.forbidden.inc();
@@ -462,7 +473,7 @@ impl AuthFilter {
                         warn!("auth: provider {:?}: JWKS fetch not sent: {e}", p.name);
                         self.caches[i].failed_at = Some(now);
                         self.counters.jwks_error.inc();
-                        self.decide(ctx, exchange, headers)
+                        self.decide(ctx, exchange, headers, Some(&path))
                     }
                 }
             }
