@@ -208,7 +208,7 @@ impl Reloader {
     /// Records the plugins of the config Legate started with.
     pub(crate) fn record_initial(&self, shared: &Shared) {
         let snap = shared.snapshot.load_full();
-        self.record_plugins(&snap.config, None, Duration::ZERO);
+        self.record_plugins(&snap.config, None, Duration::ZERO, None);
     }
 
     fn plugin_counter(&self, plugin: &str, result: &str) -> Counter {
@@ -220,7 +220,17 @@ impl Reloader {
     }
 
     /// Refreshes the status of `only` (or every plugin of `config`), after a load.
-    fn record_plugins(&self, config: &Config, only: Option<&str>, took: Duration) {
+    /// Records the plugins of `config` as loaded (only plugin `only`, if given)
+    /// and, with `outcome`, that plugin's reload outcome (with its new
+    /// sha256): in one critical section, so `/plugins` never shows a new module
+    /// with the previous reload's outcome.
+    fn record_plugins(
+        &self,
+        config: &Config,
+        only: Option<&str>,
+        took: Duration,
+        mut outcome: Option<&mut Value>,
+    ) {
         let mut map = self.plugins.lock().unwrap_or_else(PoisonError::into_inner);
         if only.is_none() {
             map.retain(|name, _| config.plugins.iter().any(|p| p.value.name.as_str() == name));
@@ -238,6 +248,10 @@ impl Reloader {
             st.loaded_at = now_unix();
             st.load_ms = ms(took);
             st.last_error = None;
+            if let Some(o) = outcome.as_deref_mut() {
+                o["sha256"] = json!(st.sha256);
+                st.last_reload = Some(o.clone());
+            }
         }
     }
 
@@ -434,7 +448,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             notes.push(format!("health checks not restarted: {e:#}"));
         }
     }
-    r.record_plugins(&config, None, Duration::ZERO);
+    r.record_plugins(&config, None, Duration::ZERO, None);
     Ok(json!({
         "listeners": lchanges,
         "clusters": {
@@ -573,17 +587,8 @@ pub fn reload_plugin(
     match result {
         Ok(()) => {
             r.plugin_counter(name, "success").inc();
-            r.record_plugins(&old.config, Some(name), took);
             outcome["result"] = json!("ok");
-            if let Some(st) = r
-                .plugins
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get_mut(name)
-            {
-                outcome["sha256"] = json!(st.sha256);
-                st.last_reload = Some(outcome.clone());
-            }
+            r.record_plugins(&old.config, Some(name), took, Some(&mut outcome));
             tracing::info!(
                 plugin = name,
                 trigger = trigger.as_str(),
