@@ -23,6 +23,11 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO_ROOT="$(pwd)"
+# For bench_build_pwnoop (shared with bench/instructions.sh). This script keeps
+# its own log, die, wait_port and binaries, defined below: they replace
+# lib.sh's.
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 ROUNDS="${ROUNDS:-3}"
 DURATION="${DURATION:-10s}"

@@ -15,7 +15,7 @@
 //! - `queue`: each request enqueues its path to queue `pw_events`, which the root
 //!   context registered; `on_queue_ready` drains it, counting in `pw_dequeued`.
 //! - `reject`: `on_configure` returns false.
-//! - `noop`: every callback returns at once (bench/run.sh's `pwnoop`).
+//! - `noop`: every callback returns at once.
 //! - `callout`: each request pauses on an HTTP call to cluster `authz` (path
 //!   `/check<request path>`, timeout `timeout_ms`, default 1000); in
 //!   `on_http_call_response` a 200 adds its body as request header `x-pw-authz`
