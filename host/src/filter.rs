@@ -1155,7 +1155,17 @@ fn failure(f: &dyn HttpFilter, phase: &str, why: &str) -> Result<(), ProxyError>
     }
 }
 
+/// Why a pause fails when no callout can end it.
+const NOTHING_IN_FLIGHT: &str = "paused with no callout in flight";
+
 impl Chain {
+    /// A pause of entered filter `i` the chain refuses (`why`): counted as the
+    /// filter's failure, as failures of its own calls are.
+    fn refused_pause(&self, i: usize, why: String) -> String {
+        self.entered[i].host_failure();
+        why
+    }
+
     /// Calls entered filter `i` with its body settings swapped into the exchange.
     fn call<R>(
         &mut self,
@@ -1195,8 +1205,7 @@ impl Chain {
     async fn wait(&mut self, k: usize, phase: &str) -> Result<Result<Verdict, String>, ProxyError> {
         loop {
             let Some(done) = self.inflight.join_next().await else {
-                self.entered[k].host_failure();
-                return Ok(Err("paused with no callout in flight".to_string()));
+                return Ok(Err(self.refused_pause(k, NOTHING_IN_FLIGHT.to_string())));
             };
             // A task only ends early when aborted: with the chain, or
             // cancelled by its filter (which expects no delivery).
@@ -1470,10 +1479,7 @@ impl Chain {
                 return Ok(Some(lr));
             }
             // `run_calls` never passes one; treated as refused rather than a panic.
-            Ok(Verdict::Pause) => {
-                self.entered[i].host_failure();
-                streamed_pause_error(d)
-            }
+            Ok(Verdict::Pause) => self.refused_pause(i, streamed_pause_error(d)),
             Err(why) => why,
         };
         self.skipped.push(i);
@@ -1533,14 +1539,8 @@ impl Chain {
                     // A body stream's poll cannot wait: it resumes the run as
                     // a future (`resume_end`).
                     Hold::Defer if !self.inflight.is_empty() => return Ok(Ran::Paused(at)),
-                    Hold::Defer => {
-                        self.entered[i].host_failure();
-                        Err("paused with no callout in flight".to_string())
-                    }
-                    Hold::Refuse => {
-                        self.entered[i].host_failure();
-                        Err(streamed_pause_error(d))
-                    }
+                    Hold::Defer => Err(self.refused_pause(i, NOTHING_IN_FLIGHT.to_string())),
+                    Hold::Refuse => Err(self.refused_pause(i, streamed_pause_error(d))),
                 };
             }
             if let Some(lr) = self.body_verdict(i, d, phase, v)? {
