@@ -127,9 +127,9 @@ pub enum BodyMode {
 }
 
 /// One filter's body settings for one exchange: its declared default modes,
-/// overridable by `set-body-mode` until the body of that direction starts.
-/// The chain keeps one per filter and swaps it into [`ExchangeData::body_ctl`] for
-/// each call into that filter.
+/// overridable by `set-body-mode` until the body of that direction starts, and
+/// whether it detached (`exchange.detach`). The chain keeps one per filter and
+/// swaps it into [`ExchangeData::body_ctl`] for each call into that filter.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BodyCtl {
     /// The mode per direction ([`Direction::idx`]).
@@ -139,6 +139,9 @@ pub struct BodyCtl {
     /// Whether the body of that direction started flowing (too late to change
     /// the mode).
     pub started: [bool; 2],
+    /// The filter detached from the exchange: no more calls into it, not even
+    /// `on-log` or its guest's `on-done` (abi/README.md §3.2).
+    pub detached: bool,
 }
 
 impl BodyCtl {
@@ -159,7 +162,7 @@ impl BodyCtl {
 
     /// Whether this filter gets body calls in direction `d`.
     pub fn wants(&self, d: Direction) -> bool {
-        self.declared[d.idx()] && self.modes[d.idx()] != BodyMode::Skipped
+        !self.detached && self.declared[d.idx()] && self.modes[d.idx()] != BodyMode::Skipped
     }
 }
 
@@ -744,8 +747,8 @@ pub trait HttpFilter: Send + Sync {
     fn on_log(&self, worker: usize, x: &mut Exchange);
     /// The exchange is over; always called for a filter that saw the exchange, so
     /// the implementation can free per-exchange state (it calls the guest only if
-    /// the `done` phase was declared).
-    fn on_done(&self, worker: usize, context: u64);
+    /// the `done` phase was declared and the filter did not `detached` itself).
+    fn on_done(&self, worker: usize, context: u64, detached: bool);
 }
 
 /// Loads filters for a config. The Wasm host registers itself here; tests and native
@@ -1180,9 +1183,15 @@ impl Chain {
         r
     }
 
+    /// Whether entered filter `i` still gets calls: it neither failed open
+    /// (skipped) nor detached.
+    fn live(&self, i: usize) -> bool {
+        !self.skipped.contains(&i) && !self.ctl[i].detached
+    }
+
     /// Whether entered filter `i` takes part in the response path.
     fn in_response(&self, i: usize) -> bool {
-        !self.skipped.contains(&i) && self.responded.is_none_or(|k| i < k)
+        self.live(i) && self.responded.is_none_or(|k| i < k)
     }
 
     /// Sends the callouts filter `i` queued in its last call.
@@ -1214,7 +1223,7 @@ impl Chain {
                 self.deliver_unpaused(i, id, result, phase)?;
                 continue;
             }
-            if self.skipped.contains(&i) {
+            if !self.live(i) {
                 continue;
             }
             let v = self.call(i, |f, w, x| f.on_callout_response(w, x, id, result, true));
@@ -1239,7 +1248,7 @@ impl Chain {
         let Some(f) = self.entered.get(i).cloned() else {
             return Ok(());
         };
-        if self.skipped.contains(&i) {
+        if !self.live(i) {
             return Ok(());
         }
         let v = self.call(i, |f, w, x| f.on_callout_response(w, x, id, result, false));
@@ -1390,16 +1399,15 @@ impl Chain {
     pub fn request_head_read_later(&self) -> bool {
         self.entered
             .iter()
-            .any(|f| f.phases().0 & !Phases::REQUEST_HEADERS.0 != 0)
+            .zip(&self.ctl)
+            .any(|(f, c)| !c.detached && f.phases().0 & !Phases::REQUEST_HEADERS.0 != 0)
     }
 
     /// Entered filters in direction `d`'s order that take part in it.
     fn order(&self, d: Direction) -> Vec<usize> {
         match d {
             Direction::Request if self.responded.is_some() => Vec::new(),
-            Direction::Request => (0..self.entered.len())
-                .filter(|i| !self.skipped.contains(i))
-                .collect(),
+            Direction::Request => (0..self.entered.len()).filter(|&i| self.live(i)).collect(),
             Direction::Response => (0..self.entered.len())
                 .rev()
                 .filter(|&i| self.in_response(i))
@@ -1812,12 +1820,12 @@ impl Chain {
         }
         self.inflight.abort_all();
         for (i, f) in self.entered.iter().enumerate() {
-            if !self.skipped.contains(&i) && f.phases().contains(Phases::LOG) {
+            if self.live(i) && f.phases().contains(Phases::LOG) {
                 f.on_log(self.worker, &mut self.x);
             }
         }
-        for f in &self.entered {
-            f.on_done(self.worker, self.x.context);
+        for (f, c) in self.entered.iter().zip(&self.ctl) {
+            f.on_done(self.worker, self.x.context, c.detached);
         }
     }
 }
@@ -2031,7 +2039,7 @@ mod tests {
             Ok(Verdict::Continue)
         }
         fn on_log(&self, _: usize, _: &mut Exchange) {}
-        fn on_done(&self, _: usize, _: u64) {}
+        fn on_done(&self, _: usize, _: u64, _: bool) {}
     }
 
     /// Answers each callout when its gate opens.

@@ -80,7 +80,7 @@ impl HttpFilter for Noop {
 
     fn on_log(&self, _worker: usize, _x: &mut Exchange) {}
 
-    fn on_done(&self, _worker: usize, _context: u64) {}
+    fn on_done(&self, _worker: usize, _context: u64, _detached: bool) {}
 }
 
 #[cfg(test)]

@@ -155,7 +155,7 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 fn abi_of(bytes: &[u8]) -> &'static str {
     match bytes.get(0..8) {
         Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => "core-module",
-        Some([0, b'a', b's', b'm', _, _, 1, 0]) => "legate:filter@0.1.0",
+        Some([0, b'a', b's', b'm', _, _, 1, 0]) => "legate:filter@0.1.1",
         _ => "unknown",
     }
 }

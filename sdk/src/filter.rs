@@ -138,7 +138,8 @@ pub trait HttpFilter: Sized + 'static {
         Action::Continue
     }
 
-    /// The exchange is over; `ctx` is dropped after this returns. Called only
+    /// The exchange is over, or the filter detached from it
+    /// ([`Exchange::detach`]); `ctx` is dropped after this returns. Called only
     /// when the `done` phase is declared (automatic for a non-zero-sized
     /// `Context`).
     fn on_done(&mut self, ctx: Self::Context) {
@@ -264,6 +265,21 @@ impl<F: HttpFilter> Instance<F> {
         }
     }
 
+    /// A per-exchange phase call: with the context, which ends (through
+    /// `on_done`) if the filter detached during the call.
+    fn phase<R>(
+        &mut self,
+        c: u64,
+        x: &Exchange<'_>,
+        f: impl FnOnce(&mut F, &mut F::Context) -> R,
+    ) -> R {
+        let r = self.with_ctx(c, f);
+        if x.was_detached() && self.setup.declares(Phase::Done) {
+            self.done(c);
+        }
+        r
+    }
+
     /// Dispatch `on_request_headers`.
     pub fn request_headers(
         &mut self,
@@ -272,15 +288,15 @@ impl<F: HttpFilter> Instance<F> {
         h: &Headers<'_>,
         eos: bool,
     ) -> Action {
-        self.with_ctx(c, |f, ctx| f.on_request_headers(ctx, x, h, eos))
+        self.phase(c, x, |f, ctx| f.on_request_headers(ctx, x, h, eos))
     }
     /// Dispatch `on_request_body`.
     pub fn request_body(&mut self, c: u64, x: &Exchange<'_>, b: &Body<'_>, eos: bool) -> Action {
-        self.with_ctx(c, |f, ctx| f.on_request_body(ctx, x, b, eos))
+        self.phase(c, x, |f, ctx| f.on_request_body(ctx, x, b, eos))
     }
     /// Dispatch `on_request_trailers`.
     pub fn request_trailers(&mut self, c: u64, x: &Exchange<'_>, t: &Headers<'_>) -> Action {
-        self.with_ctx(c, |f, ctx| f.on_request_trailers(ctx, x, t))
+        self.phase(c, x, |f, ctx| f.on_request_trailers(ctx, x, t))
     }
     /// Dispatch `on_response_headers`.
     pub fn response_headers(
@@ -290,15 +306,15 @@ impl<F: HttpFilter> Instance<F> {
         h: &Headers<'_>,
         eos: bool,
     ) -> Action {
-        self.with_ctx(c, |f, ctx| f.on_response_headers(ctx, x, h, eos))
+        self.phase(c, x, |f, ctx| f.on_response_headers(ctx, x, h, eos))
     }
     /// Dispatch `on_response_body`.
     pub fn response_body(&mut self, c: u64, x: &Exchange<'_>, b: &Body<'_>, eos: bool) -> Action {
-        self.with_ctx(c, |f, ctx| f.on_response_body(ctx, x, b, eos))
+        self.phase(c, x, |f, ctx| f.on_response_body(ctx, x, b, eos))
     }
     /// Dispatch `on_response_trailers`.
     pub fn response_trailers(&mut self, c: u64, x: &Exchange<'_>, t: &Headers<'_>) -> Action {
-        self.with_ctx(c, |f, ctx| f.on_response_trailers(ctx, x, t))
+        self.phase(c, x, |f, ctx| f.on_response_trailers(ctx, x, t))
     }
     /// Dispatch `on_log`.
     pub fn log(&mut self, c: u64, x: &Exchange<'_>) {
@@ -312,7 +328,7 @@ impl<F: HttpFilter> Instance<F> {
         id: CalloutId,
         r: Result<CalloutResponse, Error>,
     ) -> Action {
-        self.with_ctx(c, |f, ctx| f.on_callout_response(ctx, x, id, r))
+        self.phase(c, x, |f, ctx| f.on_callout_response(ctx, x, id, r))
     }
     /// Dispatch `on_done`: hand the context to the filter and drop it.
     pub fn done(&mut self, c: u64) {

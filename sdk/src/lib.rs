@@ -1,8 +1,8 @@
 //! # legate-sdk: write Legate filters in Rust
 //!
 //! A Legate filter is a WebAssembly component implementing the WIT world
-//! `legate:filter/http-filter@0.1.0` (an HTTP filter) or
-//! `legate:filter/network-filter@0.1.0` (an L4 filter on TCP listeners; see
+//! `legate:filter/http-filter@0.1.1` (an HTTP filter) or
+//! `legate:filter/network-filter@0.1.1` (an L4 filter on TCP listeners; see
 //! [Network filters](#network-filters)). See `abi/README.md` in the Legate
 //! repository. This crate hides the generated bindings behind an idiomatic
 //! API:

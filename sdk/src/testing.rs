@@ -409,6 +409,7 @@ impl<F: HttpFilter> FilterTest<F> {
                 setup.declares(Phase::ResponseBody),
             ],
             body_started: [false, false],
+            detached: false,
         };
         TestExchange {
             test: self,
@@ -624,8 +625,17 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.context
     }
 
+    /// Whether the host would make a call of `phase`: it is declared and the
+    /// filter did not detach from this exchange.
     fn declared(&self, phase: Phase) -> bool {
-        self.test.instance.setup().declares(phase)
+        self.test.instance.setup().declares(phase) && !self.detached()
+    }
+
+    /// Whether the filter detached from this exchange ([`Exchange::detach`]):
+    /// the harness, as the host, makes no more calls for it (its SDK context
+    /// was dropped through `on_done` then).
+    pub fn detached(&self) -> bool {
+        self.ex.borrow().detached
     }
 
     /// Run one phase call with `window` writable; keep the window if it paused.
@@ -637,7 +647,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.ex.borrow_mut().window = window.clone();
         let action = {
             let _g = install(&self.test.host.host, Call::Exchange(self.context));
-            let x = Exchange(ExchangeHandle::new(self.ex.clone()));
+            let x = Exchange::new(ExchangeHandle::new(self.ex.clone()));
             f(&mut self.test.instance, &x)
         };
         self.ex.borrow_mut().window.clear();
@@ -815,7 +825,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         }
         let c = self.context;
         let _g = install(&self.test.host.host, Call::Log(c));
-        let x = Exchange(ExchangeHandle::new(self.ex.clone()));
+        let x = Exchange::new(ExchangeHandle::new(self.ex.clone()));
         self.test.instance.log(c, &x);
     }
 
@@ -1070,6 +1080,7 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
             body_modes: [BodyMode::Streamed; 2],
             body_declared: [false; 2],
             body_started: [false; 2],
+            detached: false,
         };
         TestConnection {
             test: self,

@@ -231,6 +231,143 @@ fn a_stateless_filter_does_not_declare_done() {
     assert!(t.setup().phases().is_empty());
 }
 
+/// Detaches in request headers when the request asks (`x-detach`), after
+/// trying with a callout outstanding when asked (`x-callout`).
+#[derive(Default)]
+struct Detacher {
+    seen: Vec<&'static str>,
+    results: Vec<&'static str>,
+    done_with: Vec<u32>,
+}
+
+impl HttpFilter for Detacher {
+    type Config = ();
+    type Context = TrackerCtx;
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(Detacher::default())
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_request_headers()
+            .on_response_headers()
+            .on_response_body(BodyMode::Streamed)
+            .on_log()
+    }
+    fn on_request_headers(
+        &mut self,
+        ctx: &mut TrackerCtx,
+        x: &Exchange<'_>,
+        h: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        ctx.calls += 1;
+        self.seen.push("request_headers");
+        if !h.has("x-detach") {
+            return Action::Continue;
+        }
+        let name = |r: Result<(), Error>| match r {
+            Ok(()) => "ok",
+            Err(Error::InvalidState) => "invalid-state",
+            Err(_) => "other",
+        };
+        if h.has("x-callout") {
+            let req = CalloutRequest::new("authz", "GET", "/check");
+            let id = callout::send(&req).unwrap();
+            self.results.push(name(x.detach()));
+            callout::cancel(id).unwrap();
+        }
+        self.results.push(name(x.detach()));
+        let again = callout::send(&CalloutRequest::new("authz", "GET", "/check"));
+        self.results.push(name(again.map(|_| ())));
+        Action::Continue
+    }
+    fn on_response_headers(
+        &mut self,
+        ctx: &mut TrackerCtx,
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        ctx.calls += 1;
+        self.seen.push("response_headers");
+        Action::Continue
+    }
+    fn on_response_body(
+        &mut self,
+        ctx: &mut TrackerCtx,
+        _: &Exchange<'_>,
+        _: &Body<'_>,
+        _: bool,
+    ) -> Action {
+        ctx.calls += 1;
+        self.seen.push("response_body");
+        Action::Continue
+    }
+    fn on_log(&mut self, ctx: &mut TrackerCtx, x: &Exchange<'_>) {
+        ctx.calls += 1;
+        self.seen.push("log");
+        // Too late to save anything: refused.
+        assert_eq!(x.detach(), Err(Error::InvalidState));
+    }
+    fn on_done(&mut self, ctx: TrackerCtx) {
+        self.done_with.push(ctx.calls);
+    }
+}
+
+#[test]
+fn a_detached_exchange_gets_no_more_calls_and_its_context_ends_at_once() {
+    let host = TestHost::new().grant_cluster("authz");
+    let mut t = host.configure::<Detacher>("null").unwrap();
+    let response = || Response::new(200).body("hello");
+
+    // Not detached: every declared phase, then `on_done` with the context.
+    let mut x = t.exchange(Request::get("/"));
+    assert_eq!(x.run(response()), Outcome::Completed);
+    assert!(!x.detached());
+    assert_eq!(
+        t.filter().seen,
+        vec![
+            "request_headers",
+            "response_headers",
+            "response_body",
+            "log"
+        ]
+    );
+    assert_eq!(t.filter().done_with, vec![4]);
+
+    // Detached: `on_done` runs as the phase returns; the request goes on, and
+    // no later phase (nor log) is called. Callouts after it are refused.
+    let mut x = t.exchange(Request::get("/").header("x-detach", "1"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert!(x.detached());
+    assert_eq!(t.live_contexts(), 0);
+    assert_eq!(t.filter().done_with, vec![4, 1]);
+    let mut x = t.exchange(Request::get("/").header("x-detach", "1"));
+    let context = x.context();
+    assert!(context > 0);
+    assert_eq!(x.run(response()), Outcome::Completed);
+    assert_eq!(t.filter().seen.len(), 4 + 2);
+    assert_eq!(t.filter().done_with, vec![4, 1, 1]);
+    assert_eq!(
+        t.filter().results,
+        vec!["ok", "invalid-state", "ok", "invalid-state"]
+    );
+
+    // With a callout outstanding, refused; after cancelling it, allowed.
+    let mut x = t.exchange(
+        Request::get("/")
+            .header("x-detach", "1")
+            .header("x-callout", "1"),
+    );
+    assert_eq!(x.run(response()), Outcome::Completed);
+    assert!(x.detached());
+    assert_eq!(
+        t.filter().results[4..],
+        ["invalid-state", "ok", "invalid-state"]
+    );
+    assert_eq!(t.live_contexts(), 0);
+}
+
 // ---------------------------------------------------------------- headers, bodies, exchange
 
 /// Rewrites things and records what the host said.

@@ -746,6 +746,55 @@ async fn caller(config: &str) -> (UpstreamHandle, UpstreamHandle, LegateHandle) 
 }
 
 each_proto!(
+    async fn a_detached_filter_gets_no_more_calls_for_the_exchange(proto) {
+        let (up, az, lg) = caller("{ mode: detach, phases: \"rq,rs,rsbody,log,done\" }").await;
+        let mut c = client(proto, lg.addr("web")).await;
+        // Not detached: every declared phase runs.
+        let r = c.get("/plain").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-detach-resp"), Some("called"));
+        assert_eq!(r.echo().header("x-detach"), None);
+        let body = calls("caller", "response_body");
+        lg.assert_stat_with(&body, |v| v >= 1.0, ">= 1").await;
+        lg.assert_stat(&calls("caller", "done"), 1.0).await;
+        let body_calls = lg.stat(&body).await;
+
+        // Detached in request headers: the request goes on as the call said,
+        // and nothing more of this filter runs for the exchange.
+        let r = c.get("/quiet").header("x-detach-me", "1").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-detach"), Some("ok"));
+        assert_eq!(r.header("x-detach-resp"), None, "response phase after detach");
+        assert_eq!(r.echo().path, "/quiet");
+
+        // Refused with a callout outstanding; once it is cancelled, allowed; a
+        // callout after it is refused (its response would have nowhere to go).
+        let r = c
+            .get("/quiet")
+            .header("x-detach-me", "1")
+            .header("x-with-callout", "1")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.echo().header("x-detach"),
+            Some("invalid-state,ok,ok,invalid-state")
+        );
+        assert_eq!(r.header("x-detach-resp"), None);
+
+        lg.assert_stat(&calls("caller", "request_headers"), 3.0).await;
+        lg.assert_stat(&calls("caller", "response_headers"), 1.0).await;
+        lg.assert_stat(&calls("caller", "log"), 1.0).await;
+        lg.assert_stat(&calls("caller", "done"), 1.0).await;
+        assert_eq!(lg.stat(&body).await, body_calls, "body calls after detach");
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="caller"}"#, 0.0)
+            .await;
+        assert_eq!(up.requests.get(), 3);
+        assert_eq!(az.requests.get(), 0, "the cancelled callout went out");
+    }
+);
+
+each_proto!(
     async fn callout_pauses_then_continues_with_its_response(proto) {
         let (_up, _az, lg) = caller("{ mode: callout }").await;
         let mut c = client(proto, lg.addr("web")).await;

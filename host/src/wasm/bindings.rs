@@ -1,4 +1,4 @@
-//! The one `bindgen!` of the `legate:filter/http-filter@0.1.0` world (abi/wit).
+//! The one `bindgen!` of the `legate:filter/http-filter@0.1.1` world (abi/wit).
 //!
 //! WIT resources are mapped with `with:` to the host types in [`super::host`], so
 //! `Resource<T>` handles are typed and the same host types can serve a future 0.2
@@ -24,7 +24,7 @@ wasmtime::component::bindgen!({
     },
 });
 
-/// The `legate:filter/network-filter@0.1.0` world (L4 filters). The interfaces
+/// The `legate:filter/network-filter@0.1.1` world (L4 filters). The interfaces
 /// it shares with `http-filter` are the ones generated above (`with:`), so one
 /// set of `Host` impls serves both worlds.
 pub mod network {

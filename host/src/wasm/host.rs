@@ -763,6 +763,17 @@ impl whttp::HostExchange for HostState {
         Ok(Ok(()))
     }
 
+    fn detach(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<Result<(), Error>> {
+        let context = self.table.get(&r)?.context;
+        // A callout still out would have no one to deliver to; `on-log` and
+        // `on-done` are past the point where it saves anything.
+        if !self.in_exchange || self.phase == Phase::ReadOnly || self.has_outstanding(context) {
+            return Ok(Err(Error::InvalidState));
+        }
+        self.exchange_of(&r)?.body_ctl.detached = true;
+        Ok(Ok(()))
+    }
+
     fn source_address(
         &mut self,
         r: Resource<ExchangeRes>,
@@ -1561,6 +1572,10 @@ impl callout::Host for HostState {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
+        if !tick && self.x.body_ctl.detached {
+            // Its response would have no one to go to.
+            return Ok(Err(Error::InvalidState));
+        }
         let context = if tick { PLUGIN_CONTEXT } else { self.x.context };
         let total: usize = self.outstanding.values().map(HashSet::len).sum();
         let mine = self.outstanding.get(&context).map_or(0, HashSet::len);

@@ -730,5 +730,5 @@ impl HttpFilter for WasmNetworkFilter {
 
     fn on_log(&self, _: usize, _: &mut Exchange) {}
 
-    fn on_done(&self, _: usize, _: u64) {}
+    fn on_done(&self, _: usize, _: u64, _: bool) {}
 }

@@ -1097,7 +1097,7 @@ impl HttpFilter for WasmFilter {
         }
     }
 
-    fn on_done(&self, worker: usize, context: u64) {
+    fn on_done(&self, worker: usize, context: u64, detached: bool) {
         let was_live = INSTANCES.with(|cell| {
             cell.borrow_mut()
                 .get_mut(&self.id)
@@ -1109,8 +1109,9 @@ impl HttpFilter for WasmFilter {
                     live.contexts.remove(&context)
                 })
         });
-        // Not called for a context whose instance failed (abi/README.md §3.2).
-        if !was_live || !self.phases.contains(Phases::DONE) {
+        // Not called for a context whose instance failed, nor for one that
+        // detached (abi/README.md §3.2): the guest freed its state then.
+        if !was_live || detached || !self.phases.contains(Phases::DONE) {
             return;
         }
         self.stats.calls["done"].inc();

@@ -260,33 +260,9 @@ impl HttpFilter for AuthFilter {
         headers: &Headers<'_>,
         _end_of_stream: bool,
     ) -> Action {
-        for h in &self.identity_headers {
-            // Failing to remove is only possible outside the write window,
-            // which a request-headers call is not.
-            let _ = headers.remove(h);
-        }
-        let path = exchange.path();
-        let path_only = path.split('?').next().unwrap_or("");
-        let Some(rule_idx) = self
-            .s
-            .rules
-            .iter()
-            .position(|r| r.matcher.matches(path_only))
-        else {
-            self.counters.no_rule.inc();
-            return Action::Respond(json_response(
-                403,
-                "forbidden",
-                "no auth rule matches this path",
-                "auth_no_rule",
-            ));
-        };
-        ctx.rule = Some(rule_idx);
-        if self.s.rules[rule_idx].any.is_empty() && !self.s.rules[rule_idx].ext_authz {
-            self.counters.public.inc();
-            return Action::Continue;
-        }
-        self.decide(ctx, exchange, headers, Some(&path))
+        let action = self.request_headers(ctx, exchange, headers);
+        settle(ctx, exchange, &action);
+        action
     }
 
     fn on_callout_response(
@@ -296,29 +272,9 @@ impl HttpFilter for AuthFilter {
         id: CalloutId,
         response: Result<CalloutResponse, Error>,
     ) -> Action {
-        match std::mem::take(&mut ctx.waiting) {
-            Waiting::Jwks { provider, id: want } if want == id => {
-                self.jwks_arrived(provider, response);
-                let Some(headers) = exchange.headers(Direction::Request) else {
-                    return Action::Continue;
-                };
-                self.decide(ctx, exchange, &headers, None)
-            }
-            Waiting::ExtAuthz { id: want } if want == id => {
-                self.ext_authz_arrived(exchange, response)
-            }
-            other => {
-                // Not the callout this exchange waits for (there is only one
-                // at a time, so this is defensive): keep waiting if paused.
-                let waiting = !matches!(other, Waiting::Nothing);
-                ctx.waiting = other;
-                if waiting {
-                    Action::Pause
-                } else {
-                    Action::Continue
-                }
-            }
-        }
+        let action = self.callout_response(ctx, exchange, id, response);
+        settle(ctx, exchange, &action);
+        action
     }
 
     fn on_tick(&mut self) {
@@ -372,6 +328,16 @@ impl HttpFilter for AuthFilter {
 
 legate_sdk::export!(AuthFilter);
 
+/// After a call: once the decision is made (no callout awaited), this filter
+/// needs no more calls for the exchange, not even `on-done` (its context is
+/// dropped now). `detach` fails only with a callout outstanding, which a
+/// `pause` means: then the callout's response decides.
+fn settle(ctx: &Ctx, exchange: &Exchange<'_>, action: &Action) {
+    if !matches!(action, Action::Pause) && matches!(ctx.waiting, Waiting::Nothing) {
+        let _ = exchange.detach();
+    }
+}
+
 fn jwks_request(p: &Provider) -> CalloutRequest {
     let Some(r) = &p.remote else {
         return CalloutRequest::new("", "GET", "/");
@@ -394,6 +360,75 @@ fn json_response(status: u16, error: &str, reason: &str, details: &str) -> Local
 }
 
 impl AuthFilter {
+    /// The request-headers phase (before [`settle`]).
+    fn request_headers(
+        &mut self,
+        ctx: &mut Ctx,
+        exchange: &Exchange<'_>,
+        headers: &Headers<'_>,
+    ) -> Action {
+        for h in &self.identity_headers {
+            // Failing to remove is only possible outside the write window,
+            // which a request-headers call is not.
+            let _ = headers.remove(h);
+        }
+        let path = exchange.path();
+        let path_only = path.split('?').next().unwrap_or("");
+        let Some(rule_idx) = self
+            .s
+            .rules
+            .iter()
+            .position(|r| r.matcher.matches(path_only))
+        else {
+            self.counters.no_rule.inc();
+            return Action::Respond(json_response(
+                403,
+                "forbidden",
+                "no auth rule matches this path",
+                "auth_no_rule",
+            ));
+        };
+        ctx.rule = Some(rule_idx);
+        if self.s.rules[rule_idx].any.is_empty() && !self.s.rules[rule_idx].ext_authz {
+            self.counters.public.inc();
+            return Action::Continue;
+        }
+        self.decide(ctx, exchange, headers, Some(&path))
+    }
+
+    /// A callout's response (before [`settle`]).
+    fn callout_response(
+        &mut self,
+        ctx: &mut Ctx,
+        exchange: &Exchange<'_>,
+        id: CalloutId,
+        response: Result<CalloutResponse, Error>,
+    ) -> Action {
+        match std::mem::take(&mut ctx.waiting) {
+            Waiting::Jwks { provider, id: want } if want == id => {
+                self.jwks_arrived(provider, response);
+                let Some(headers) = exchange.headers(Direction::Request) else {
+                    return Action::Continue;
+                };
+                self.decide(ctx, exchange, &headers, None)
+            }
+            Waiting::ExtAuthz { id: want } if want == id => {
+                self.ext_authz_arrived(exchange, response)
+            }
+            other => {
+                // Not the callout this exchange waits for (there is only one
+                // at a time, so this is defensive): keep waiting if paused.
+                let waiting = !matches!(other, Waiting::Nothing);
+                ctx.waiting = other;
+                if waiting {
+                    Action::Pause
+                } else {
+                    Action::Continue
+                }
+            }
+        }
+    }
+
     /// Authenticate with the matched rule, then run ext_authz or answer.
     /// `path`: the request path if the caller has it (else asked from the host).
     fn decide(

@@ -74,6 +74,7 @@ fn remote_jwks_is_fetched_once_cached_and_refetched_on_rotation() {
     let mut x = t.exchange(bearer(&tok1));
     assert_eq!(x.request_headers(), Action::Pause);
     assert!(x.may_pause());
+    assert!(!x.detached(), "detached while waiting for the keys");
     let sent = host.callouts();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].request.cluster, "idp");
@@ -81,7 +82,10 @@ fn remote_jwks_is_fetched_once_cached_and_refetched_on_rotation() {
     assert_eq!(sent[0].request.authority.as_deref(), Some("id.example.com"));
     assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
     assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
+    // Decided: no more calls for the exchange, and its context is freed.
+    assert!(x.detached());
     drop(x);
+    assert_eq!(t.live_contexts(), 0);
 
     // Cached: no more callouts.
     let mut x = t.exchange(bearer(&tok1));
@@ -217,7 +221,9 @@ fn api_keys_forward_the_id_not_the_key() {
     assert_eq!(x.request_headers(), Action::Continue);
     assert_eq!(x.request_header("x-api-key-id").as_deref(), Some("team-b"));
     assert_eq!(x.request_header("x-api-key"), None);
+    assert!(x.detached(), "decided in the request headers");
     drop(x);
+    assert_eq!(t.live_contexts(), 0);
 
     let mut x = t.exchange(Request::get("/a?api_key=s3cret%2Dkey%2Da"));
     assert_eq!(x.request_headers(), Action::Continue);

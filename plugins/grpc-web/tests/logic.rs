@@ -88,6 +88,10 @@ fn binary_unary_is_converted_and_trailers_become_the_last_frame() {
     // Binary: same size, the length stays and the body is not touched.
     assert_eq!(x.request_header("content-length").as_deref(), Some("12"));
     assert_eq!(x.body_mode(Direction::Request), BodyMode::Skipped);
+    assert!(
+        !x.detached(),
+        "a converted exchange needs its response calls"
+    );
 
     assert_eq!(x.response_headers(grpc_response()), Action::Continue);
     assert_eq!(
@@ -295,7 +299,7 @@ fn http_statuses_map_to_grpc_statuses() {
 }
 
 #[test]
-fn other_requests_are_untouched_and_their_bodies_skipped() {
+fn other_requests_are_untouched_and_the_filter_detaches() {
     // With CORS the method is read first (for preflights); without, only for
     // a gRPC-Web content type: both must leave the same requests alone.
     for config in [CORS, "{}"] {
@@ -318,11 +322,13 @@ fn other_requests_untouched(config: &str) {
         let headers = x.request_headers_list();
         assert_eq!(x.request_headers(), Action::Continue, "{before}");
         assert_eq!(x.request_headers_list(), headers, "{before}");
-        assert_eq!(x.body_mode(Direction::Request), BodyMode::Skipped);
-        assert_eq!(x.body_mode(Direction::Response), BodyMode::Skipped);
+        // No more calls for the exchange (bodies, response, done): its
+        // context is gone at once.
+        assert!(x.detached(), "{before}");
         x.response_headers(Response::new(200).header("content-type", "application/json"));
         assert_eq!(x.response_header("access-control-allow-origin"), None);
     }
+    assert_eq!(t.live_contexts(), 0);
     assert_eq!(counter(&t, "grpc_web_requests_total", "binary"), Some(0));
 }
 

@@ -161,13 +161,19 @@ impl HttpFilter for RateLimit {
         headers: &Headers<'_>,
         _end_of_stream: bool,
     ) -> Action {
-        self.check(ctx, exchange, headers)
+        let action = self.check(ctx, exchange, headers);
+        if ctx.quota.is_none() {
+            // No headers to add to the response: no more calls (it cannot
+            // fail, as this filter sends no callouts).
+            let _ = exchange.detach();
+        }
+        action
     }
 
     fn on_response_headers(
         &mut self,
         ctx: &mut Context,
-        _exchange: &Exchange<'_>,
+        exchange: &Exchange<'_>,
         headers: &Headers<'_>,
         _end_of_stream: bool,
     ) -> Action {
@@ -178,6 +184,9 @@ impl HttpFilter for RateLimit {
                 }
             }
         }
+        // The last thing this filter does for the exchange: spares the host
+        // the `on-done` call.
+        let _ = exchange.detach();
         Action::Continue
     }
 }

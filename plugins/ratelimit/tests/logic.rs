@@ -253,18 +253,27 @@ fn allowed_responses_carry_headers_only_with_emit_headers() {
     assert_eq!(x.response_header("ratelimit-reset").as_deref(), Some("1"));
     drop(x);
     let mut x = t.exchange(Request::get("/"));
-    x.run(Response::new(200));
+    x.request_headers();
+    assert!(!x.detached(), "detached before adding the headers");
+    x.response_headers(Response::new(200));
     assert_eq!(
         x.response_header("ratelimit-remaining").as_deref(),
         Some("3")
     );
+    // Its last call for the exchange: detached, so no `on-done` call.
+    assert!(x.detached());
     drop(x);
-    assert_eq!(t.live_contexts(), 0, "contexts are freed at done");
+    assert_eq!(t.live_contexts(), 0, "contexts are freed when detached");
 
+    // Without headers to add, the filter is done after the request headers.
     let mut t = setup(r#"{"limits": [{"name": "a", "rate": "10/s", "burst": 5}]}"#);
     let mut x = t.exchange(Request::get("/"));
+    x.request_headers();
+    assert!(x.detached());
     assert_eq!(x.run(Response::new(200)), Outcome::Completed);
     assert_eq!(x.response_header("ratelimit-limit"), None);
+    drop(x);
+    assert_eq!(t.live_contexts(), 0);
 }
 
 #[test]

@@ -103,6 +103,9 @@ pub(crate) struct HostState {
     pub(crate) callouts: Vec<SentCallout>,
     pub(crate) queued: HashMap<String, VecDeque<Result<CalloutResponse, Error>>>,
     pub(crate) call: Call,
+    /// The running call's exchange detached (`Exchange::detach`): a callout
+    /// sent after it is refused. Reset for every call.
+    pub(crate) detached_in_call: bool,
 }
 
 pub(crate) const MAX_CALLOUTS_PER_CONTEXT: usize = 8;
@@ -128,6 +131,7 @@ impl HostState {
             callouts: Vec::new(),
             queued: HashMap::new(),
             call: Call::Idle,
+            detached_in_call: false,
         }
     }
 
@@ -171,6 +175,7 @@ pub(crate) struct Installed {
 pub(crate) fn install(host: &Host, call: Call) -> Installed {
     let previous = CURRENT.with(|c| c.replace(Some(host.clone())));
     let previous_call = std::mem::replace(&mut host.borrow_mut().call, call);
+    host.borrow_mut().detached_in_call = false;
     Installed {
         previous,
         previous_call,
@@ -242,6 +247,8 @@ pub(crate) struct ExchangeState {
     pub(crate) body_modes: [BodyMode; 2],
     pub(crate) body_declared: [bool; 2],
     pub(crate) body_started: [bool; 2],
+    /// The filter detached from the exchange: the host makes no more calls.
+    pub(crate) detached: bool,
 }
 
 pub(crate) type Ex = Rc<RefCell<ExchangeState>>;
@@ -601,6 +608,25 @@ impl ExchangeHandle<'_> {
             return Err(Error::InvalidState);
         }
         ex.body_modes[idx(d)] = m;
+        Ok(())
+    }
+    pub(crate) fn detach(&self) -> Result<(), Error> {
+        let host = current_host().ok_or(Error::Unsupported)?;
+        let mut h = host.borrow_mut();
+        // As the host: only from a call for the exchange, with no callout out.
+        let Call::Exchange(c) = h.call else {
+            return Err(Error::InvalidState);
+        };
+        let outstanding = h
+            .callouts
+            .iter()
+            .any(|x| x.context == Some(c) && x.state == CalloutState::Outstanding);
+        if outstanding {
+            return Err(Error::InvalidState);
+        }
+        h.detached_in_call = true;
+        drop(h);
+        self.ex.borrow_mut().detached = true;
         Ok(())
     }
     pub(crate) fn source_address(&self) -> SocketAddr {
@@ -990,6 +1016,9 @@ pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
         Call::Tick => None,
         Call::Idle | Call::Configure | Call::Log(_) => return Err(Error::InvalidState),
     };
+    if context.is_some() && h.detached_in_call {
+        return Err(Error::InvalidState);
+    }
     if !h.granted_clusters.contains(&r.cluster) {
         return Err(Error::Denied);
     }

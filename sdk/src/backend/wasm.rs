@@ -40,14 +40,14 @@ pub mod net_bindings {
         export_macro_name: "__export_network_filter",
         default_bindings_module: "::legate_sdk::__private::net_bindings",
         with: {
-            "legate:filter/types@0.1.0": crate::backend::wasm::bindings::legate::filter::types,
-            "legate:filter/log@0.1.0": crate::backend::wasm::bindings::legate::filter::log,
-            "legate:filter/clock@0.1.0": crate::backend::wasm::bindings::legate::filter::clock,
-            "legate:filter/random@0.1.0": crate::backend::wasm::bindings::legate::filter::random,
-            "legate:filter/metrics@0.1.0": crate::backend::wasm::bindings::legate::filter::metrics,
-            "legate:filter/kv@0.1.0": crate::backend::wasm::bindings::legate::filter::kv,
-            "legate:filter/callout@0.1.0": crate::backend::wasm::bindings::legate::filter::callout,
-            "legate:filter/plugin@0.1.0": crate::backend::wasm::bindings::legate::filter::plugin,
+            "legate:filter/types@0.1.1": crate::backend::wasm::bindings::legate::filter::types,
+            "legate:filter/log@0.1.1": crate::backend::wasm::bindings::legate::filter::log,
+            "legate:filter/clock@0.1.1": crate::backend::wasm::bindings::legate::filter::clock,
+            "legate:filter/random@0.1.1": crate::backend::wasm::bindings::legate::filter::random,
+            "legate:filter/metrics@0.1.1": crate::backend::wasm::bindings::legate::filter::metrics,
+            "legate:filter/kv@0.1.1": crate::backend::wasm::bindings::legate::filter::kv,
+            "legate:filter/callout@0.1.1": crate::backend::wasm::bindings::legate::filter::callout,
+            "legate:filter/plugin@0.1.1": crate::backend::wasm::bindings::legate::filter::plugin,
         },
         generate_all,
     });
@@ -262,6 +262,9 @@ impl<'a> ExchangeHandle<'a> {
         self.0
             .set_body_mode(direction(d), body_mode(m))
             .map_err(error)
+    }
+    pub(crate) fn detach(&self) -> Result<(), Error> {
+        self.0.detach().map_err(error)
     }
     pub(crate) fn source_address(&self) -> SocketAddr {
         socket_address(self.0.source_address())
@@ -606,7 +609,7 @@ pub fn with_instance<I: 'static, R>(
 
 /// Wrap a borrowed exchange.
 pub fn exchange(x: &wit::http::Exchange) -> crate::Exchange<'_> {
-    crate::Exchange(ExchangeHandle::borrowed(x))
+    crate::Exchange::new(ExchangeHandle::borrowed(x))
 }
 /// Wrap a borrowed header map.
 pub fn headers(h: &wit::http::Headers) -> crate::Headers<'_> {

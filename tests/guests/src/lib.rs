@@ -155,6 +155,42 @@ fn error_name(e: Error) -> &'static str {
     }
 }
 
+/// `detach` mode's request: with `x-detach-me`, `exchange.detach`; with
+/// `x-with-callout` too, first a detach with a callout outstanding (refused),
+/// then, after the callout is cancelled, the detach, then a callout sent after
+/// it (refused). The results, comma-separated, go in `x-detach`.
+fn detach_request(x: &Exchange, h: &Headers) {
+    if !h.has("x-detach-me") {
+        return;
+    }
+    let r = |r: Result<(), Error>| r.map_or_else(error_name, |()| "ok");
+    let req = || legate::filter::callout::CalloutRequest {
+        cluster: CFG.with(|c| c.borrow().cluster.clone()),
+        method: "GET".into(),
+        path: "/check/detach".into(),
+        authority: None,
+        headers: Vec::new(),
+        body: Vec::new(),
+        timeout_ms: 0,
+    };
+    let callout = h.has("x-with-callout");
+    let mut out = Vec::new();
+    if callout {
+        match legate::filter::callout::send(&req()) {
+            Ok(id) => {
+                out.push(r(x.detach()));
+                out.push(r(legate::filter::callout::cancel(id)));
+            }
+            Err(e) => out.push(error_name(e)),
+        }
+    }
+    out.push(r(x.detach()));
+    if callout {
+        out.push(r(legate::filter::callout::send(&req()).map(|_| ())));
+    }
+    let _ = h.set("x-detach", out.join(",").as_bytes());
+}
+
 /// `kv` mode's request: the KV operation the path names; results go in `h`.
 fn kv_request(ns: &Namespace, path: &str, h: &Headers) {
     let put = |name: &str, v: String| {
@@ -681,6 +717,10 @@ impl Guest for Plugin {
                 Action::Continue
             }
             "callout" => callout_request(c, x, h),
+            "detach" => {
+                detach_request(x, h);
+                Action::Continue
+            }
             "body-upper" | "fold-trailers" => {
                 // The body will grow: a streamed rewrite must not keep the length.
                 let _ = h.remove("content-length");
@@ -776,6 +816,11 @@ impl Guest for Plugin {
                 if let Some(v) = LATE.with(|l| l.borrow_mut().remove(&c)) {
                     let _ = h.set("x-late-mode", v.as_bytes());
                 }
+                Action::Continue
+            }
+            "detach" => {
+                // Only for exchanges that did not detach.
+                let _ = h.set("x-detach-resp", b"called");
                 Action::Continue
             }
             "cookies" => {

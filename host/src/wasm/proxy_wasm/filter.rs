@@ -1570,8 +1570,9 @@ impl HttpFilter for ProxyWasmFilter {
         self.finish(worker, context, Some(x));
     }
 
-    fn on_done(&self, worker: usize, context: u64) {
+    fn on_done(&self, worker: usize, context: u64, _detached: bool) {
         // Already finished by `on_log` unless the chain skipped it (a failure).
+        // (proxy-wasm has no detach: `_detached` is always false.)
         self.finish(worker, context, None);
     }
 }
