@@ -23,7 +23,8 @@
 # Setups: none, wasm1 (bench/noop-filter: one no-op component filter), wasmhdr
 # (the same reading one header), grpc-web (builtin, plain requests), auth-key
 # (builtin auth, API key), ratelimit (builtin, in-memory KV), pwnoop (one no-op
-# proxy-wasm filter: bench/pw-noop-filter, the upstream Rust SDK).
+# proxy-wasm filter: bench/pw-noop-filter, the upstream Rust SDK), chain
+# (grpc-web + auth-key + ratelimit, in that order; not in the default set).
 set -euo pipefail
 
 N=${N:-10000}
@@ -58,6 +59,7 @@ chain_of() {
         auth-key) echo auth-key ;;
         ratelimit) echo ratelimit ;;
         pwnoop) echo pwnoop ;;
+        chain) echo grpc-web auth-key ratelimit ;;
         *) die "unknown setup $1" ;;
     esac
 }
