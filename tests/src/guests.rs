@@ -49,6 +49,20 @@ pub fn network_guest() -> &'static Path {
     })
 }
 
+/// The filter of tests/abi-0.1.0-guest, built against the 0.1.0 WIT kept there
+/// verbatim: what an old plugin looks like to this host.
+pub fn abi_0_1_0_guest() -> &'static Path {
+    static WASM: OnceLock<PathBuf> = OnceLock::new();
+    WASM.get_or_init(|| {
+        build_wasm_crate(
+            "tests/abi-0.1.0-guest/Cargo.toml",
+            "wasm32-wasip2",
+            "abi-0.1.0-guest",
+            "legate_abi_0_1_0_guest",
+        )
+    })
+}
+
 /// The fixture component of tests/guests (`mode` in its config picks the
 /// behaviour under test).
 pub fn test_guest() -> &'static Path {

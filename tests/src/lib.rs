@@ -54,7 +54,7 @@ pub use client::{
     client, raw, raw_status, tls_client, tls_raw, Client, Proto, RawConn, RequestBuilder, Resp,
     TlsOptions,
 };
-pub use guests::{network_guest, test_guest};
+pub use guests::{abi_0_1_0_guest, network_guest, test_guest};
 pub use legate::{legate, LegateBuilder, LegateHandle};
 pub use stats::parse_prometheus;
 pub use upstream::{

@@ -746,6 +746,35 @@ async fn caller(config: &str) -> (UpstreamHandle, UpstreamHandle, LegateHandle) 
 }
 
 each_proto!(
+    async fn a_component_built_against_abi_0_1_0_still_runs(proto) {
+        // The versioning promise (abi/README.md §12): a guest of an older 0.1.z
+        // loads on this host (0.1.1) by semver-compatible names, and behaves.
+        let wasm = abi_0_1_0_guest();
+        let world = legate_componentize::describe(&std::fs::read(wasm).unwrap()).unwrap();
+        assert_eq!(
+            world.exports,
+            vec!["legate:filter/http-handler@0.1.0".to_owned()],
+            "{world}"
+        );
+        assert!(
+            world.imports.iter().any(|i| i == "legate:filter/http@0.1.0"),
+            "{world}"
+        );
+        let up = upstream().start().await;
+        let p = format!("  - name: old\n    module: {}\n", wasm.display());
+        let lg = legate().config(&simple(up.addr, &p, &["old"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..2 {
+            let r = c.get("/old/abi?x=1").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.echo().header("x-abi"), Some("0.1.0"));
+            assert_eq!(r.header("x-abi-resp"), Some("/old/abi?x=1"));
+        }
+        lg.assert_stat(&calls("old", "done"), 2.0).await;
+    }
+);
+
+each_proto!(
     async fn a_detached_filter_gets_no_more_calls_for_the_exchange(proto) {
         let (up, az, lg) = caller("{ mode: detach, phases: \"rq,rs,rsbody,log,done\" }").await;
         let mut c = client(proto, lg.addr("web")).await;

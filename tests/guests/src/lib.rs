@@ -36,6 +36,13 @@
 //!   Path `/cancel` cancels its callout at once, twice (`x-callout-cancel:
 //!   <first>,<second>`), and continues.
 //!
+//! - `detach`: with request header `x-detach-me`, calls `exchange.detach` in
+//!   the request headers; with `x-with-callout` too, first sends a callout to
+//!   `cluster` and detaches (refused), cancels it, detaches, then sends another
+//!   (refused). The results go in request header `x-detach` (e.g.
+//!   `invalid-state,ok,ok,invalid-state`). Its response-headers call sets
+//!   `x-detach-resp: called` (absent for a detached exchange).
+//!
 //! - `tick-callout`: with `tick`, the first `on-tick` sends `GET /check/tick` to
 //!   cluster `cluster`; `on-tick-callout-response` stores `<status> <body>` (or
 //!   `error <error>`) in KV key `tick-callout` of namespace `ns`; requests get it as
