@@ -201,6 +201,37 @@ each_proto!(
 );
 
 each_proto!(
+    async fn server_streaming_replies_are_a_json_array(proto) {
+        let s = setup().await;
+        let mut c = client(proto, s.lg.addr("web")).await;
+        let r = c.get("/v1/count/3?from=1&delay_ms=20").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        is_json(&r);
+        assert_eq!(r.json(), json!([{"n": 1}, {"n": 2}, {"n": 3}]));
+        let r = c.get("/v1/count/0").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json(), json!([]));
+
+        // An error after replies: the 200 is gone already, so the array is
+        // closed and the status stays in the trailers (when the client
+        // takes trailers: HTTP/2 always).
+        let r = c
+            .get("/v1/count/2?from=1&fail_code=5&fail_message=gone")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json(), json!([{"n": 1}, {"n": 2}]));
+        if proto == Proto::H2 {
+            let t = r.trailers.as_ref().expect("trailers");
+            assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"5"[..]));
+        }
+        assert_eq!(s.grpc.calls.get(), 3);
+        assert_eq!(requests(&s.lg, "ok").await, Some(2.0));
+        assert_eq!(requests(&s.lg, "grpc_error").await, Some(1.0));
+    }
+);
+
+each_proto!(
     async fn bad_json_is_400_and_the_upstream_sees_nothing(proto) {
         let s = setup().await;
         let mut c = client(proto, s.lg.addr("web")).await;

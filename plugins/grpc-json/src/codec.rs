@@ -44,6 +44,46 @@ pub fn deframe(body: &[u8]) -> Result<&[u8], String> {
     }
 }
 
+/// Splits a stream of gRPC frames that arrives in chunks of any size into its
+/// messages (server streaming).
+#[derive(Debug, Default)]
+pub struct Deframer {
+    /// Bytes of a frame whose end has not arrived yet.
+    pending: Vec<u8>,
+}
+
+impl Deframer {
+    /// Adds `data`; the payloads of the frames it completes, in order.
+    pub fn push(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+        self.pending.extend_from_slice(data);
+        let mut out = Vec::new();
+        let mut at = 0;
+        while let Some(header) = self.pending.get(at..at + 5) {
+            let flag = header[0];
+            if flag & 1 == 1 {
+                return Err("the upstream sent a compressed message (grpc-encoding), which the transcoder cannot decode".into());
+            }
+            if flag != 0 {
+                return Err(format!("unknown gRPC frame flag {flag:#04x}"));
+            }
+            let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+            let Some(payload) = self.pending.get(at + 5..at + 5 + len) else {
+                break;
+            };
+            out.push(payload.to_vec());
+            at += 5 + len;
+        }
+        self.pending.drain(..at);
+        Ok(out)
+    }
+
+    /// Bytes of an incomplete frame held: not 0 at the end of the stream
+    /// means the stream was cut inside a message.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
 /// The HTTP status for a gRPC status code (google/rpc/code.proto, as Envoy
 /// and grpc-gateway map them). Unknown codes are 500.
 pub fn http_status(grpc_status: u32) -> u16 {

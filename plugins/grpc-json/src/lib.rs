@@ -1,7 +1,8 @@
 //! `grpc-json`: Legate's first-party JSON ↔ gRPC transcoder, a Wasm plugin
 //! built with `legate-sdk`, after Envoy's `grpc_json_transcoder`.
 //!
-//! A unary gRPC method with a `google.api.http` option is exposed as REST/JSON:
+//! A unary or server-streaming gRPC method with a `google.api.http` option is
+//! exposed as REST/JSON (a server stream's replies as a JSON array, streamed):
 //!
 //! - request headers: the method and path are matched against the rules of the
 //!   configured services (most specific template wins). No match: the
@@ -90,6 +91,17 @@ pub struct Context {
     /// The HTTP status of a non-gRPC answer, turned into a JSON error in the
     /// (buffered) response body phase.
     not_grpc: Option<u16>,
+    /// A server-streaming method's replies, printed as a JSON array as they
+    /// arrive (the response body is streamed).
+    stream: Option<Stream>,
+}
+
+/// The state of a streamed JSON array.
+#[derive(Debug, Default)]
+struct Stream {
+    frames: codec::Deframer,
+    /// Messages printed so far.
+    messages: u64,
 }
 
 impl GrpcJson {
@@ -296,6 +308,32 @@ impl HttpFilter for GrpcJson {
         }
         ctx.header_status = status;
         ctx.grpc_response = true;
+        let streaming = ctx
+            .matched
+            .as_ref()
+            .and_then(|m| self.transcoder.rules.get(m.rule))
+            .is_some_and(|r| r.method.is_server_streaming());
+        if streaming {
+            // Replies go out as they come, as one JSON array: the head goes
+            // now, as a 200 (a later error status can only be a trailer).
+            let head = headers
+                .set("content-type", "application/json")
+                .and_then(|()| headers.remove("content-length"))
+                .and_then(|()| headers.remove("grpc-encoding"))
+                .and_then(|()| headers.remove("grpc-accept-encoding"))
+                .and_then(|()| x.set_body_mode(Direction::Response, BodyMode::Streamed));
+            if let Err(e) = head {
+                legate_sdk::error!("grpc-json: streaming the response failed: {e}");
+                return Action::Respond(json_response(
+                    502,
+                    code::UNAVAILABLE,
+                    "grpc-json: the response could not be transcoded",
+                    "grpc_json_upstream_error",
+                ));
+            }
+            ctx.stream = Some(Stream::default());
+            return Action::Continue;
+        }
         if let Err(e) = x.set_body_mode(Direction::Response, BodyMode::Buffered) {
             legate_sdk::error!("grpc-json: buffering the response failed: {e}");
         }
@@ -318,6 +356,10 @@ impl HttpFilter for GrpcJson {
                 codec::http_status(code),
                 codec::error_json(code, &message),
             );
+        }
+        if let (Some(stream), Some(m)) = (ctx.stream.as_mut(), &ctx.matched) {
+            let header_status = ctx.header_status.take();
+            return self.stream_body(stream, m.rule, x, body, end_of_stream, header_status);
         }
         if !ctx.grpc_response || !end_of_stream {
             return Action::Continue;
@@ -378,6 +420,89 @@ impl HttpFilter for GrpcJson {
             }
         };
         write_json(x, body, http, json)
+    }
+}
+
+impl GrpcJson {
+    /// One chunk of a server-streaming response: the messages it completes,
+    /// printed into the JSON array (`[` before the first, `,` between, `]` at
+    /// the end). The stream's status comes last, in the trailers: OK removes
+    /// them (the response ends with the array); an error keeps `grpc-status`
+    /// and `grpc-message` as trailers, as the 200 is already sent. A message
+    /// that does not decode resets the exchange (a local response after the
+    /// head went out, abi/README.md §3.5): the client must not take a cut
+    /// array for the whole answer.
+    fn stream_body(
+        &self,
+        stream: &mut Stream,
+        rule: usize,
+        x: &Exchange<'_>,
+        body: &Body<'_>,
+        end_of_stream: bool,
+        mut status: Option<(u32, String)>,
+    ) -> Action {
+        let broken = |why: String| {
+            self.metrics.upstream_error.inc();
+            legate_sdk::warn!("grpc-json: bad upstream stream: {why}");
+            Action::Respond(json_response(
+                502,
+                code::UNAVAILABLE,
+                &format!("grpc-json: {why}"),
+                "grpc_json_upstream_error",
+            ))
+        };
+        let mut out = Vec::new();
+        let payloads = match stream.frames.push(&body.to_vec()) {
+            Ok(p) => p,
+            Err(e) => return broken(e),
+        };
+        for payload in payloads {
+            match self.transcoder.response_json(rule, &payload) {
+                Ok(json) => {
+                    out.push(if stream.messages == 0 { b'[' } else { b',' });
+                    out.extend_from_slice(&json);
+                    stream.messages += 1;
+                }
+                Err(e) => return broken(e),
+            }
+        }
+        if end_of_stream {
+            if stream.frames.pending() != 0 {
+                return broken(format!(
+                    "the stream ended inside a message ({} bytes of it)",
+                    stream.frames.pending()
+                ));
+            }
+            if let Some(t) = x.trailers(Direction::Response) {
+                if let Some(s) = t.get_str("grpc-status") {
+                    let msg = t.get_str("grpc-message").unwrap_or_default();
+                    status = Some((s.trim().parse::<u32>().unwrap_or(2), msg));
+                }
+                if status.as_ref().is_some_and(|(s, _)| *s == 0) {
+                    for (name, _) in &t.entries() {
+                        if let Err(e) = t.remove(name) {
+                            legate_sdk::warn!("grpc-json: removing trailer {name} failed: {e}");
+                        }
+                    }
+                }
+            }
+            match status {
+                Some((0, _)) => self.metrics.ok.inc(),
+                Some(_) => self.metrics.grpc_error.inc(),
+                None => {
+                    legate_sdk::warn!("grpc-json: the upstream's stream has no grpc-status");
+                    self.metrics.upstream_error.inc();
+                }
+            }
+            if stream.messages == 0 {
+                out.push(b'[');
+            }
+            out.push(b']');
+        }
+        match body.replace(out) {
+            Ok(()) => Action::Continue,
+            Err(e) => broken(format!("writing the JSON array failed: {e}")),
+        }
     }
 }
 

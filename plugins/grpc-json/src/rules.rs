@@ -98,9 +98,10 @@ impl Transcoder {
                 ));
             };
             for method in service.methods() {
-                // Streaming methods are not transcoded (README): their requests
-                // find no rule and pass through untouched.
-                if method.is_client_streaming() || method.is_server_streaming() {
+                // Client and bidi streaming are not transcoded (README): their
+                // requests find no rule and pass through untouched. Server
+                // streaming is: the replies become a JSON array.
+                if method.is_client_streaming() {
                     continue;
                 }
                 let options = method.options();
@@ -115,7 +116,7 @@ impl Transcoder {
         }
         if rules.is_empty() {
             return Err(format!(
-                "services {} have no unary method with a google.api.http option: nothing to transcode",
+                "services {} have no unary or server-streaming method with a google.api.http option: nothing to transcode",
                 config.services.join(", ")
             ));
         }

@@ -257,6 +257,119 @@ fn malformed_upstream_frame_is_502() {
     assert_eq!(counter(&t, "upstream_error"), Some(2));
 }
 
+#[derive(Clone, PartialEq, prost::Message)]
+struct CountRequest {
+    #[prost(uint32, tag = "2")]
+    count: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct CountReply {
+    #[prost(uint32, tag = "1")]
+    n: u32,
+}
+
+/// Replies 1..=n of `Count`, framed, as one byte stream.
+fn count_replies(n: u32) -> Vec<u8> {
+    (1..=n)
+        .flat_map(|i| common::frame(&CountReply { n: i }.encode_to_vec()))
+        .collect()
+}
+
+/// A `GET /v1/count/N` exchange up to the response head (gRPC, trailers
+/// `status` to come); the bytes it sent upstream are checked.
+fn count_exchange<'t>(
+    t: &'t mut FilterTest<GrpcJson>,
+    n: u32,
+    status: &str,
+) -> legate_sdk::testing::TestExchange<'t, GrpcJson> {
+    let mut x = t.exchange(Request::get(&format!("/v1/count/{n}")));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.path(), "/legate.test.v1.Echo/Count");
+    assert_eq!(x.request_body(), Action::Continue);
+    let sent = CountRequest::decode(unframe(&x.request_body_bytes())).unwrap();
+    assert_eq!(sent.count, n);
+    let head = Response::new(200)
+        .header("content-type", "application/grpc")
+        .trailer("grpc-status", status)
+        .trailer("grpc-message", "stopped%20early");
+    assert_eq!(x.response_headers(head), Action::Continue);
+    // The head goes now (a 200 with JSON), the body streams.
+    assert_eq!(x.body_mode(Direction::Response), BodyMode::Streamed);
+    assert_eq!(
+        x.response_header("content-type").as_deref(),
+        Some("application/json")
+    );
+    x
+}
+
+#[test]
+fn server_streaming_replies_become_a_json_array_as_they_arrive() {
+    let mut t = filter();
+    let stream = count_replies(3);
+    // Every way of cutting the stream into two chunks gives the same array.
+    for cut in 0..=stream.len() {
+        let mut x = count_exchange(&mut t, 3, "0");
+        let mut out = Vec::new();
+        assert_eq!(
+            x.response_body_chunk(stream[..cut].to_vec(), false),
+            Action::Continue
+        );
+        out.extend(x.response_body_bytes());
+        assert_eq!(
+            x.response_body_chunk(stream[cut..].to_vec(), true),
+            Action::Continue
+        );
+        out.extend(x.response_body_bytes());
+        assert_eq!(
+            json(&out),
+            serde_json::json!([{"n": 1}, {"n": 2}, {"n": 3}]),
+            "cut at {cut}"
+        );
+        // OK: the trailers are gone, the response ends with the array.
+        assert_eq!(x.response_trailers(), Action::Continue);
+        assert_eq!(x.response_trailer("grpc-status"), None);
+    }
+    assert_eq!(counter(&t, "ok"), Some(stream.len() as u64 + 1));
+
+    // No replies: an empty array.
+    let mut x = count_exchange(&mut t, 0, "0");
+    assert_eq!(x.response_body_chunk(Vec::new(), true), Action::Continue);
+    assert_eq!(json(&x.response_body_bytes()), serde_json::json!([]));
+}
+
+#[test]
+fn a_server_stream_that_fails_keeps_its_status_as_trailers() {
+    let mut t = filter();
+    let mut x = count_exchange(&mut t, 2, "5");
+    let mut out = Vec::new();
+    assert_eq!(
+        x.response_body_chunk(count_replies(2), true),
+        Action::Continue
+    );
+    out.extend(x.response_body_bytes());
+    // The 200 went out with the head: the array is closed and the error
+    // stays in the trailers.
+    assert_eq!(json(&out), serde_json::json!([{"n": 1}, {"n": 2}]));
+    assert_eq!(x.response_trailers(), Action::Continue);
+    assert_eq!(x.response_trailer("grpc-status").as_deref(), Some("5"));
+    assert_eq!(counter(&t, "grpc_error"), Some(1));
+
+    // A reply that does not decode, or a stream cut inside a message: the
+    // exchange is reset (a local response after the head was sent).
+    let mut x = count_exchange(&mut t, 1, "0");
+    let Action::Respond(r) = x.response_body_chunk(common::frame(&[0xff, 0xff]), false) else {
+        panic!("a broken reply was passed on")
+    };
+    assert_eq!(r.status, 502);
+    let mut x = count_exchange(&mut t, 1, "0");
+    let cut = count_replies(1);
+    let Action::Respond(_) = x.response_body_chunk(cut[..cut.len() - 1].to_vec(), true) else {
+        panic!("a cut stream was passed on as complete")
+    };
+    assert_eq!(counter(&t, "upstream_error"), Some(2));
+}
+
 #[test]
 fn unmatched_requests_pass_untouched() {
     let mut t = filter();
@@ -264,8 +377,6 @@ fn unmatched_requests_pass_untouched() {
         Request::get("/healthz"),
         Request::post("/legate.test.v1.Echo/Say", common::frame(b""))
             .header("content-type", "application/grpc"),
-        // Streaming methods are not transcoded.
-        Request::get("/v1/count/3"),
         // The right path with the wrong method.
         Request::new("DELETE", "/v1/echo/x"),
         // A matching rule, but the request is gRPC already.
