@@ -144,6 +144,8 @@ pub fn http_error_message(status: u16, page: &[u8]) -> String {
 
 /// gRPC codes this plugin uses for its own errors.
 pub mod code {
+    /// A `grpc-status` that is not a number.
+    pub const UNKNOWN: u32 = 2;
     /// Bad JSON, unknown fields or query parameters.
     pub const INVALID_ARGUMENT: u32 = 3;
     /// A proxy-side failure.

@@ -281,13 +281,7 @@ impl HttpFilter for GrpcJson {
             }
             return Action::Continue;
         }
-        let status = headers.get_str("grpc-status").map(|s| {
-            let msg = headers.get_str("grpc-message").unwrap_or_default();
-            (
-                s.trim().parse::<u32>().unwrap_or(2),
-                codec::grpc_message(&msg),
-            )
-        });
+        let status = grpc_status(headers);
         if end_of_stream {
             // Trailers-only: the status is all there is.
             return Action::Respond(match status {
@@ -369,21 +363,10 @@ impl HttpFilter for GrpcJson {
         };
         let mut status = ctx.header_status.take();
         if let Some(t) = x.trailers(Direction::Response) {
-            let entries = t.entries();
-            if let Some(s) = t.get_str("grpc-status") {
-                let msg = t.get_str("grpc-message").unwrap_or_default();
-                status = Some((
-                    s.trim().parse::<u32>().unwrap_or(2),
-                    codec::grpc_message(&msg),
-                ));
-            }
+            status = grpc_status(&t).or(status);
             // Emptied, the host ends the response with this body: a JSON
             // client (HTTP/1.1 included) gets no trailers.
-            for (name, _) in &entries {
-                if let Err(e) = t.remove(name) {
-                    legate_sdk::warn!("grpc-json: removing trailer {name} failed: {e}");
-                }
-            }
+            clear(&t);
         }
         let (http, json) = match status {
             Some((0, _)) => {
@@ -474,16 +457,9 @@ impl GrpcJson {
                 ));
             }
             if let Some(t) = x.trailers(Direction::Response) {
-                if let Some(s) = t.get_str("grpc-status") {
-                    let msg = t.get_str("grpc-message").unwrap_or_default();
-                    status = Some((s.trim().parse::<u32>().unwrap_or(2), msg));
-                }
+                status = grpc_status(&t).or(status);
                 if status.as_ref().is_some_and(|(s, _)| *s == 0) {
-                    for (name, _) in &t.entries() {
-                        if let Err(e) = t.remove(name) {
-                            legate_sdk::warn!("grpc-json: removing trailer {name} failed: {e}");
-                        }
-                    }
+                    clear(&t);
                 }
             }
             match status {
@@ -502,6 +478,26 @@ impl GrpcJson {
         match body.replace(out) {
             Ok(()) => Action::Continue,
             Err(e) => broken(format!("writing the JSON array failed: {e}")),
+        }
+    }
+}
+
+/// The `grpc-status` (an unparsable one is UNKNOWN) and percent-decoded
+/// `grpc-message` of a response head or trailers, if it has a status.
+fn grpc_status(h: &Headers<'_>) -> Option<(u32, String)> {
+    let s = h.get_str("grpc-status")?;
+    let msg = h.get_str("grpc-message").unwrap_or_default();
+    Some((
+        s.trim().parse::<u32>().unwrap_or(code::UNKNOWN),
+        codec::grpc_message(&msg),
+    ))
+}
+
+/// Removes every trailer: the host then ends the response with its body.
+fn clear(t: &Headers<'_>) {
+    for (name, _) in &t.entries() {
+        if let Err(e) = t.remove(name) {
+            legate_sdk::warn!("grpc-json: removing trailer {name} failed: {e}");
         }
     }
 }
