@@ -1534,6 +1534,12 @@ impl Chain {
     ) -> Result<Ran, ProxyError> {
         let phase = part_phase(d, body_eos.is_some());
         for (at, &i) in order.iter().enumerate().skip(from) {
+            // The order was made before the run: while an earlier filter was
+            // paused, this one may have detached or failed open in a callout
+            // delivery, and then gets no more calls.
+            if !self.live(i) {
+                continue;
+            }
             let mut v = match body_eos {
                 Some(eos) => self.call(i, |f, w, x| f.on_body(w, x, d, eos)),
                 None => self.call(i, |f, w, x| f.on_trailers(w, x, d)),

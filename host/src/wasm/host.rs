@@ -1565,6 +1565,10 @@ impl callout::Host for HostState {
         {
             return Ok(Err(Error::InvalidState));
         }
+        if !tick && self.x.body_ctl.detached {
+            // Its response would have no one to go to.
+            return Ok(Err(Error::InvalidState));
+        }
         if !self.plugin.clusters.iter().any(|c| **c == *request.cluster) {
             return Ok(Err(Error::Denied));
         }
@@ -1572,10 +1576,6 @@ impl callout::Host for HostState {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
-        if !tick && self.x.body_ctl.detached {
-            // Its response would have no one to go to.
-            return Ok(Err(Error::InvalidState));
-        }
         let context = if tick { PLUGIN_CONTEXT } else { self.x.context };
         let total: usize = self.outstanding.values().map(HashSet::len).sum();
         let mine = self.outstanding.get(&context).map_or(0, HashSet::len);

@@ -44,6 +44,11 @@ pub fn deframe(body: &[u8]) -> Result<&[u8], String> {
     }
 }
 
+/// The largest message a server stream may send: gRPC's default receive
+/// limit. A streamed response is not under `limits.body`, so a frame header
+/// announcing more (up to 4 GiB) is refused, not buffered.
+pub const MAX_STREAM_MESSAGE: usize = 4 << 20;
+
 /// Splits a stream of gRPC frames that arrives in chunks of any size into its
 /// messages (server streaming).
 #[derive(Debug, Default)]
@@ -67,7 +72,14 @@ impl Deframer {
                 return Err(format!("unknown gRPC frame flag {flag:#04x}"));
             }
             let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-            let Some(payload) = self.pending.get(at + 5..at + 5 + len) else {
+            if len > MAX_STREAM_MESSAGE {
+                return Err(format!(
+                    "the upstream announced a message of {len} bytes (the limit is {MAX_STREAM_MESSAGE})"
+                ));
+            }
+            // Cannot overflow: `at` is within `pending` and `len` is capped.
+            let end = at + 5 + len;
+            let Some(payload) = self.pending.get(at + 5..end) else {
                 break;
             };
             out.push(payload.to_vec());

@@ -6,7 +6,7 @@
 //!
 //! - request headers: the method and path are matched against the rules of the
 //!   configured services (most specific template wins). No match: the
-//!   exchange passes untouched, its bodies skipped. A match: the head becomes a
+//!   exchange passes untouched and the filter detaches from it (no more calls). A match: the head becomes a
 //!   gRPC request (`POST /pkg.Service/Method`, `content-type: application/grpc`,
 //!   `te: trailers`) and the request body is buffered;
 //! - request body (buffered, also called for a body-less `GET`): the message is
@@ -181,6 +181,9 @@ impl HttpFilter for GrpcJson {
             self.transcoder.find(&x.method(), &x.path())
         };
         let Some(m) = found else {
+            // Not ours: no more calls for this exchange (no response or done
+            // call); it cannot fail, as this filter sends no callouts.
+            let _ = x.detach();
             return Action::Continue;
         };
         let Some(rule) = self.transcoder.rules.get(m.rule) else {
@@ -282,8 +285,22 @@ impl HttpFilter for GrpcJson {
             return Action::Continue;
         }
         let status = grpc_status(headers);
+        let streaming = ctx
+            .matched
+            .as_ref()
+            .and_then(|m| self.transcoder.rules.get(m.rule))
+            .is_some_and(|r| r.method.is_server_streaming());
         if end_of_stream {
-            // Trailers-only: the status is all there is.
+            // Trailers-only: the status is all there is. For a server stream,
+            // OK means no replies (grpc-go answers an empty stream this way).
+            if streaming && matches!(status, Some((0, _))) {
+                self.metrics.ok.inc();
+                return Action::Respond(
+                    LocalResponse::new(200)
+                        .header("content-type", "application/json")
+                        .body("[]"),
+                );
+            }
             return Action::Respond(match status {
                 Some((s, msg)) if s != 0 => {
                     self.metrics.grpc_error.inc();
@@ -302,11 +319,6 @@ impl HttpFilter for GrpcJson {
         }
         ctx.header_status = status;
         ctx.grpc_response = true;
-        let streaming = ctx
-            .matched
-            .as_ref()
-            .and_then(|m| self.transcoder.rules.get(m.rule))
-            .is_some_and(|r| r.method.is_server_streaming());
         if streaming {
             // Replies go out as they come, as one JSON array: the head goes
             // now, as a 200 (a later error status can only be a trailer).
@@ -352,7 +364,11 @@ impl HttpFilter for GrpcJson {
             );
         }
         if let (Some(stream), Some(m)) = (ctx.stream.as_mut(), &ctx.matched) {
-            let header_status = ctx.header_status.take();
+            let header_status = if end_of_stream {
+                ctx.header_status.take()
+            } else {
+                None
+            };
             return self.stream_body(stream, m.rule, x, body, end_of_stream, header_status);
         }
         if !ctx.grpc_response || !end_of_stream {
@@ -462,18 +478,23 @@ impl GrpcJson {
                     clear(&t);
                 }
             }
-            match status {
-                Some((0, _)) => self.metrics.ok.inc(),
-                Some(_) => self.metrics.grpc_error.inc(),
-                None => {
-                    legate_sdk::warn!("grpc-json: the upstream's stream has no grpc-status");
-                    self.metrics.upstream_error.inc();
-                }
-            }
+            let Some((s, _)) = status else {
+                // Ended cleanly but without a status: not known to be whole.
+                return broken("the upstream's stream ended without a grpc-status".into());
+            };
             if stream.messages == 0 {
                 out.push(b'[');
             }
             out.push(b']');
+            if let Err(e) = body.replace(out) {
+                return broken(format!("writing the JSON array failed: {e}"));
+            }
+            if s == 0 {
+                self.metrics.ok.inc();
+            } else {
+                self.metrics.grpc_error.inc();
+            }
+            return Action::Continue;
         }
         match body.replace(out) {
             Ok(()) => Action::Continue,

@@ -368,6 +368,71 @@ fn a_server_stream_that_fails_keeps_its_status_as_trailers() {
         panic!("a cut stream was passed on as complete")
     };
     assert_eq!(counter(&t, "upstream_error"), Some(2));
+
+    // A frame announcing more than a stream's message cap: refused at once,
+    // not buffered.
+    let mut x = count_exchange(&mut t, 1, "0");
+    let Action::Respond(_) = x.response_body_chunk(vec![0, 0xff, 0xff, 0xff, 0xff, 1], false)
+    else {
+        panic!("a 4 GiB frame was waited for")
+    };
+    assert_eq!(counter(&t, "upstream_error"), Some(3));
+}
+
+#[test]
+fn server_stream_statuses_from_the_head_or_nowhere() {
+    let mut t = filter();
+    // Trailers-only OK (grpc-go's empty stream): an empty array.
+    let mut x = t.exchange(Request::get("/v1/count/0"));
+    x.request_headers();
+    x.request_body();
+    let head = Response::new(200)
+        .header("content-type", "application/grpc")
+        .header("grpc-status", "0");
+    let Action::Respond(r) = x.response_headers(head) else {
+        panic!("an empty OK stream was not answered")
+    };
+    assert_eq!((r.status, json(&r.body)), (200, serde_json::json!([])));
+    drop(x);
+    assert_eq!(counter(&t, "ok"), Some(1));
+
+    // The status in the head, none in the trailers: it still ends the
+    // stream, however many chunks came before.
+    let mut x = t.exchange(Request::get("/v1/count/2"));
+    x.request_headers();
+    x.request_body();
+    let head = Response::new(200)
+        .header("content-type", "application/grpc")
+        .header("grpc-status", "0");
+    let stream = count_replies(2);
+    // A head with a body: not trailers-only.
+    assert_eq!(
+        x.response_headers(head.body(stream.clone())),
+        Action::Continue
+    );
+    let mut out = Vec::new();
+    for (i, b) in stream.iter().enumerate() {
+        let eos = i + 1 == stream.len();
+        assert_eq!(x.response_body_chunk(vec![*b], eos), Action::Continue);
+        out.extend(x.response_body_bytes());
+    }
+    assert_eq!(json(&out), serde_json::json!([{"n": 1}, {"n": 2}]));
+    drop(x);
+    assert_eq!(counter(&t, "ok"), Some(2));
+
+    // No status at all: not known to be complete, so the exchange is reset.
+    let mut x = t.exchange(Request::get("/v1/count/1"));
+    x.request_headers();
+    x.request_body();
+    let head = Response::new(200).header("content-type", "application/grpc");
+    assert_eq!(
+        x.response_headers(head.body(count_replies(1))),
+        Action::Continue
+    );
+    let Action::Respond(_) = x.response_body_chunk(count_replies(1), true) else {
+        panic!("a stream without a status passed as complete")
+    };
+    assert_eq!(counter(&t, "upstream_error"), Some(1));
 }
 
 #[test]
@@ -389,6 +454,8 @@ fn unmatched_requests_pass_untouched() {
         assert_eq!((x.method(), x.path()), (method, path));
         assert_eq!(x.request_header("content-length").as_deref(), Some("5"));
         assert_eq!(x.body_mode(Direction::Request), BodyMode::Skipped);
+        // Not ours: no more calls for the exchange.
+        assert!(x.detached());
         assert_eq!(
             x.response_headers(Response::new(200).body("x")),
             Action::Continue

@@ -387,7 +387,6 @@ impl HttpFilter for GrpcWeb {
     }
 }
 
-/// Not gRPC-Web: no body work for this exchange.
 /// Not a gRPC-Web exchange: no more calls for it (one guest call per plain
 /// request instead of three).
 fn pass_through(x: &Exchange<'_>) {
