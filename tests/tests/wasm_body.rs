@@ -642,6 +642,38 @@ each_proto!(
 );
 
 each_proto!(
+    async fn a_filter_that_detaches_while_another_is_paused_gets_no_body_call(proto) {
+        // `check` pauses 2 s in its buffered body phase; meanwhile `late`'s
+        // unpaused callout answers and `late` detaches in that delivery. The
+        // body run was planned with `late` in it: it must skip it.
+        let up = upstream().start().await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rqbody\", rqmode: buffered, timeout: \"5000\"")
+            + &format!(
+                "  - name: late\n    module: {}\n    config: {{ mode: detach, cluster: checker, phases: \"rq,rqbody\" }}\n    limits: {{ cpu: 500ms }}\n    capabilities: {{ clusters: [checker] }}\n",
+                test_guest().display()
+            );
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check", "late"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .post("/slow/x")
+            .header("x-detach-me", "1")
+            .header("x-detach-later", "1")
+            .body("hello")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().body, "HELLO!");
+        lg.assert_stat(&calls("late", "callout_response"), 1.0).await;
+        lg.assert_stat(&calls("check", "request_body"), 1.0).await;
+        lg.assert_stat(&calls("late", "request_body"), 0.0).await;
+        let failures = lg.stat(r#"legate_plugin_failures_total{plugin="late"}"#).await;
+        assert_eq!(failures.unwrap_or(0.0), 0.0);
+    }
+);
+
+each_proto!(
     async fn a_buffered_response_body_pauses_for_a_callout(proto) {
         let up = upstream()
             .route("/text", |_req| async {

@@ -40,8 +40,10 @@
 //!   the request headers; with `x-with-callout` too, first sends a callout to
 //!   `cluster` and detaches (refused), cancels it, detaches, then sends another
 //!   (refused). The results go in request header `x-detach` (e.g.
-//!   `invalid-state,ok,ok,invalid-state`). Its response-headers call sets
-//!   `x-detach-resp: called` (absent for a detached exchange).
+//!   `invalid-state,ok,ok,invalid-state`). With `x-detach-later` instead, it
+//!   sends a callout without pausing and detaches in its response. Its
+//!   response-headers call sets `x-detach-resp: called` (absent for a detached
+//!   exchange).
 //!
 //! - `tick-callout`: with `tick`, the first `on-tick` sends `GET /check/tick` to
 //!   cluster `cluster`; `on-tick-callout-response` stores `<status> <body>` (or
@@ -180,6 +182,13 @@ fn detach_request(x: &Exchange, h: &Headers) {
         body: Vec::new(),
         timeout_ms: 0,
     };
+    if h.has("x-detach-later") {
+        // Detach in the callout's response (`on-callout-response`), unpaused.
+        if let Err(e) = legate::filter::callout::send(&req()) {
+            let _ = h.set("x-detach", error_name(e).as_bytes());
+        }
+        return;
+    }
     let callout = h.has("x-with-callout");
     let mut out = Vec::new();
     if callout {
@@ -867,6 +876,15 @@ impl Guest for Plugin {
     ) -> Action {
         if mode() == "body-callout" {
             return checked(c, x, r);
+        }
+        if mode() == "detach" {
+            if let Err(e) = x.detach() {
+                legate::filter::log::log(
+                    legate::filter::log::Level::Error,
+                    &format!("detach from a callout response: {}", error_name(e)),
+                );
+            }
+            return Action::Continue;
         }
         let left = WAITING.with(|w| {
             let mut w = w.borrow_mut();
