@@ -322,20 +322,12 @@ impl HttpFilter for GrpcJson {
         if streaming {
             // Replies go out as they come, as one JSON array: the head goes
             // now, as a 200 (a later error status can only be a trailer).
-            let head = headers
-                .set("content-type", "application/json")
+            let head = json_head(headers)
                 .and_then(|()| headers.remove("content-length"))
-                .and_then(|()| headers.remove("grpc-encoding"))
-                .and_then(|()| headers.remove("grpc-accept-encoding"))
                 .and_then(|()| x.set_body_mode(Direction::Response, BodyMode::Streamed));
             if let Err(e) = head {
                 legate_sdk::error!("grpc-json: streaming the response failed: {e}");
-                return Action::Respond(json_response(
-                    502,
-                    code::UNAVAILABLE,
-                    "grpc-json: the response could not be transcoded",
-                    "grpc_json_upstream_error",
-                ));
+                return untranscodable();
             }
             ctx.stream = Some(Stream::default());
             return Action::Continue;
@@ -530,26 +522,36 @@ fn write_json(x: &Exchange<'_>, body: &Body<'_>, http: u16, json: Vec<u8>) -> Ac
         .replace(json)
         .and_then(|()| x.set_status(http))
         .and_then(|()| match x.headers(Direction::Response) {
-            Some(h) => h
-                .set("content-type", "application/json")
-                .and_then(|()| h.remove("grpc-status"))
-                .and_then(|()| h.remove("grpc-message"))
-                .and_then(|()| h.remove("grpc-encoding"))
-                .and_then(|()| h.remove("grpc-accept-encoding")),
+            Some(h) => json_head(&h),
             None => Ok(()),
         });
     match written {
         Ok(()) => Action::Continue,
         Err(e) => {
             legate_sdk::error!("grpc-json: writing the JSON response failed: {e}");
-            Action::Respond(json_response(
-                502,
-                code::UNAVAILABLE,
-                "grpc-json: the response could not be transcoded",
-                "grpc_json_upstream_error",
-            ))
+            untranscodable()
         }
     }
+}
+
+/// A response head turned JSON: `content-type`, and no gRPC fields (the
+/// status was read before).
+fn json_head(h: &Headers<'_>) -> Result<(), legate_sdk::Error> {
+    h.set("content-type", "application/json")
+        .and_then(|()| h.remove("grpc-status"))
+        .and_then(|()| h.remove("grpc-message"))
+        .and_then(|()| h.remove("grpc-encoding"))
+        .and_then(|()| h.remove("grpc-accept-encoding"))
+}
+
+/// The answer when the host refused a rewrite of the response (a bug).
+fn untranscodable() -> Action {
+    Action::Respond(json_response(
+        502,
+        code::UNAVAILABLE,
+        "grpc-json: the response could not be transcoded",
+        "grpc_json_upstream_error",
+    ))
 }
 
 legate_sdk::export!(GrpcJson);

@@ -390,12 +390,8 @@ impl HttpFilter for GrpcWeb {
 /// Not a gRPC-Web exchange: no more calls for it (one guest call per plain
 /// request instead of three).
 fn pass_through(x: &Exchange<'_>) {
-    // `detach` fails only with a callout outstanding, and this filter sends
-    // none; skipping both bodies is the same minus the response calls.
-    if x.detach().is_err() {
-        let _ = x.set_body_mode(Direction::Request, BodyMode::Skipped);
-        let _ = x.set_body_mode(Direction::Response, BodyMode::Skipped);
-    }
+    // `detach` fails only with a callout outstanding; this filter sends none.
+    let _ = x.detach();
 }
 
 impl GrpcWeb {
