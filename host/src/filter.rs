@@ -494,6 +494,12 @@ pub struct ExchangeData {
     /// (proxy-wasm's `proxy_grpc_cancel`): the chain aborts them after it
     /// returns, which resets their upstream requests.
     pub cancelled: Vec<u64>,
+    /// Wake-ups the calling filter armed in the current call, by id (unique
+    /// among its callouts): each is delivered like a callout response (with
+    /// the id, to `on_callout_response`) once its sender fires, and keeps a
+    /// pause waiting as an outstanding callout does. proxy-wasm filters wait
+    /// on their gRPC streams with them (HTTP exchanges only).
+    pub wakes: Vec<(u64, tokio::sync::oneshot::Receiver<CalloutResult>)>,
     /// The body data held for the filter being called, per direction
     /// ([`Direction::idx`]): the chunk or the whole buffered body; `None` outside
     /// body phases (bodies are not kept after they are forwarded).
@@ -556,6 +562,7 @@ impl Exchange {
             cause: None,
             callouts: Vec::new(),
             cancelled: Vec::new(),
+            wakes: Vec::new(),
             bodies: [None, None],
             trailers: [None, None],
             body_ctl: BodyCtl::default(),
@@ -593,6 +600,7 @@ impl Exchange {
             cause: None,
             callouts: Vec::new(),
             cancelled: Vec::new(),
+            wakes: Vec::new(),
             bodies: [None, None],
             trailers: [None, None],
             body_ctl: BodyCtl::default(),
@@ -1201,6 +1209,13 @@ impl Chain {
             let fut = self.callouts.send(req);
             self.inflight
                 .spawn(i, id, async move { (i, id, fut.await) });
+        }
+        for (id, wake) in std::mem::take(&mut self.x.wakes) {
+            // A dropped sender (the filter gave the wait up) still wakes: the
+            // filter answers a stale id as nothing to do.
+            self.inflight.spawn(i, id, async move {
+                (i, id, wake.await.unwrap_or(Err(CalloutError::Unavailable)))
+            });
         }
         for id in std::mem::take(&mut self.x.cancelled) {
             self.inflight.cancel(i, id);

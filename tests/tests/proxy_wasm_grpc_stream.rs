@@ -360,3 +360,97 @@ each_proto!(
             .await;
     }
 );
+
+each_proto!(
+    /// Envoy's ext_proc shape: a request pauses on a stream its HTTP context
+    /// opened (`Echo/Chat`), and the stream's reply, delivered to that context
+    /// with the exchange, edits the request head and resumes it, or answers
+    /// it with a local response. Fails if stream callbacks run without the
+    /// exchange (the SDK's `send_http_response` traps then) or if the pause
+    /// is refused (nothing but a call could resume it before).
+    async fn a_request_paused_on_its_stream_resumes_or_answers_from_the_reply(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c.get("/await/hello").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-pw-stream-verdict"), Some("hello"));
+
+        let r = c.get("/await/deny").send().await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.header("x-pw-stream-verdict"), Some("deny"));
+        assert_eq!(r.text(), "denied by the stream");
+        assert_eq!(up.requests.get(), 1, "the denied request reached the upstream");
+
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_total"), 2.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 2.0)
+            .await;
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="streamer"}"#, 0.0)
+            .await;
+        // Both streams end: the resumed one when the server closes it after
+        // the half-close, the denied one with its context.
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// A pause on a stream lasts over several events: each reply wakes the
+    /// exchange, the callback sees it with the exchange, and the pause holds
+    /// until the callback of the last reply resumes it. Resuming from the
+    /// close callback works too.
+    async fn a_pause_on_a_stream_holds_over_several_replies(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c.get("/await-count/3").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-pw-stream-seen"), Some("1,2,3"));
+
+        let r = c.get("/await-count/0/resume-on-close").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-pw-stream-close"), Some("0"));
+
+        lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 3.0)
+            .await;
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="streamer"}"#, 0.0)
+            .await;
+        assert_eq!(up.requests.get(), 2);
+    }
+);
+
+each_proto!(
+    /// A pause whose streams all end without a resume fails (the plugin's
+    /// failure policy, closed here: 503) as soon as nothing is left that
+    /// could resume it, instead of hanging until the route timeout; the
+    /// proxy keeps serving.
+    async fn a_pause_on_a_stream_that_ends_without_a_resume_fails(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c.get("/await-count/2/never").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(up.requests.get(), 0);
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="streamer"}"#, 1.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 2.0)
+            .await;
+
+        let r = c.get("/await/again").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-pw-stream-verdict"), Some("again"));
+    }
+);

@@ -108,6 +108,14 @@
 //!   token 999999; `/direct/ungranted` answers `x-pw-open:` the result of
 //!   opening a stream to `backend`, which is not granted; `/direct/leave`
 //!   opens a slow `Count` stream from the HTTP context and answers at once.
+//!   Requests that pause on a stream of their own HTTP context (Envoy's
+//!   ext_proc shape): `/await/<word>` opens `Echo/Chat`, sends `<word>` and
+//!   pauses; the echoed reply sets request header `x-pw-stream-verdict` and
+//!   resumes, or, for `deny`, answers 403. `/await-count/<n>` streams `n`
+//!   `Count` replies 50 ms apart and resumes after the last with
+//!   `x-pw-stream-seen: 1,2,…`; with `/resume-on-close` it resumes in the
+//!   close callback with `x-pw-stream-close: <status>`; with `/never` it
+//!   never resumes.
 //!
 //! TCP (network filter) modes, a `StreamContext` per connection; each counts
 //! its callbacks in metrics `pw_tcp_new`, `pw_tcp_down_close_{remote,local}`,
@@ -502,6 +510,7 @@ impl RootContext for Root {
             held: Held::None,
             held_len: 0,
             grpc_token: None,
+            stream_seen: Vec::new(),
         }))
     }
 
@@ -706,6 +715,18 @@ struct Filter {
     /// A gRPC call to cancel in the HTTP call's callback (`grpc-cancel`,
     /// `/inflight`).
     grpc_token: Option<u32>,
+    /// The replies an `/await-count/` request's stream delivered so far.
+    stream_seen: Vec<String>,
+}
+
+impl Filter {
+    /// Half-closes stream `token`, logging a refusal (the SDK's own helper
+    /// panics on one).
+    fn close_grpc_stream_or_log(&self, token: u32) {
+        if let Err(e) = hostcalls::close_grpc_stream(token) {
+            proxy_wasm::hostcalls::log(LogLevel::Warn, &format!("close {token}: {e:?}")).ok();
+        }
+    }
 }
 
 /// The part a `body-callout`/`trailers-callout` call was sent for.
@@ -797,6 +818,45 @@ impl Filter {
 }
 
 impl Context for Filter {
+    fn on_grpc_stream_message(&mut self, token: u32, size: usize) {
+        let m = self.get_grpc_stream_message(0, size).unwrap_or_default();
+        if self.path.starts_with("/await/") {
+            // SayReply: field 1 (message) first.
+            let text = match m.as_slice() {
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned(),
+                _ => "<undecodable>".to_string(),
+            };
+            if text == "deny" {
+                self.send_http_response(403, vec![("x-pw-stream-verdict", "deny")], Some(b"denied by the stream"));
+                return;
+            }
+            self.set_http_request_header("x-pw-stream-verdict", Some(&text));
+            // Done with it: half-close; the server ends the stream.
+            self.close_grpc_stream_or_log(token);
+            self.resume_http_request();
+        } else if let Some(rest) = self.path.strip_prefix("/await-count/") {
+            // CountReply: field 1 (n), a one-byte varint here.
+            let n = match m.as_slice() {
+                [0x08, n] => n.to_string(),
+                _ => "?".to_string(),
+            };
+            self.stream_seen.push(n);
+            let want = rest.split('/').next().and_then(|n| n.parse::<usize>().ok()).unwrap_or(1);
+            if self.stream_seen.len() == want && !rest.contains("/never") {
+                let seen = self.stream_seen.join(",");
+                self.set_http_request_header("x-pw-stream-seen", Some(&seen));
+                self.resume_http_request();
+            }
+        }
+    }
+
+    fn on_grpc_stream_close(&mut self, _token: u32, status: u32) {
+        if self.path.starts_with("/await-count/") && self.path.contains("/resume-on-close") {
+            self.set_http_request_header("x-pw-stream-close", Some(&status.to_string()));
+            self.resume_http_request();
+        }
+    }
+
     fn on_grpc_call_response(&mut self, _token: u32, status: u32, size: usize) {
         if self.callout_mode() == "body-callout" {
             let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
@@ -1137,6 +1197,35 @@ impl HttpContext for Filter {
                     let b = hostcalls::close_grpc_stream(999_999);
                     let c = hostcalls::cancel_grpc_stream(999_999);
                     self.send_http_response(200, vec![("x-pw-unknown", &format!("{a:?},{b:?},{c:?}"))], None);
+                    return Action::Pause;
+                }
+                if let Some(word) = path.strip_prefix("/await/") {
+                    // Envoy's ext_proc shape: the request waits (Pause) for
+                    // the answer on a stream this context opened.
+                    let r = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![]);
+                    return match r {
+                        Ok(t) => {
+                            self.grpc_token = Some(t);
+                            hostcalls::send_grpc_stream_message(t, Some(&say_request(word)), false).ok();
+                            Action::Pause
+                        }
+                        Err(e) => {
+                            self.send_http_response(500, vec![("x-pw-open", &format!("{e:?}"))], None);
+                            Action::Pause
+                        }
+                    };
+                }
+                if let Some(rest) = path.strip_prefix("/await-count/") {
+                    // A server stream of N replies, 50 ms apart: the request
+                    // resumes after the last (one wake-up per reply), or on
+                    // the close (`/resume-on-close`), or never (the pause
+                    // fails once the stream is over).
+                    let n = rest.split('/').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(1);
+                    let r = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]);
+                    if let Ok(t) = r {
+                        self.grpc_token = Some(t);
+                        hostcalls::send_grpc_stream_message(t, Some(&count_request(n, 0, "", 50)), true).ok();
+                    }
                     return Action::Pause;
                 }
                 if path == "/direct/leave" {

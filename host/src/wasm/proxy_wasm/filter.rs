@@ -840,7 +840,10 @@ impl ProxyWasmFilter {
                     "the plugin reset the stream (proxy_close_stream)".into()
                 ));
             }
-            let waiting = data.outstanding.values().any(|c| *c == ctx);
+            // A pause waits for the context's calls and streams (their
+            // callbacks may resume it).
+            let streams = a == action::PAUSE && super::grpc::arm_wait(data, ctx);
+            let waiting = streams || data.outstanding.values().any(|c| *c == ctx);
             let d = if request {
                 Direction::Request
             } else {
@@ -861,8 +864,9 @@ impl ProxyWasmFilter {
                     Ok(Verdict::Continue)
                 }
                 _ => Err(format!(
-                    "returned action {a} (pause) from proxy_on_{}_headers with no HTTP \
-                     callout outstanding and no body to wait for: nothing could resume it",
+                    "returned action {a} (pause) from proxy_on_{}_headers with no HTTP or \
+                     gRPC call or gRPC stream outstanding and no body to wait for: nothing \
+                     could resume it",
                     d.as_str()
                 )),
             })
@@ -1215,13 +1219,11 @@ impl ProxyWasmFilter {
         }
     }
 
-    /// Delivers one event of stream `token` as Envoy does:
-    /// `proxy_on_grpc_receive_initial_metadata` (map 4),
-    /// `proxy_on_grpc_receive` (buffer 5), `_receive_trailing_metadata` (map 5),
-    /// `proxy_on_grpc_close` (`proxy_get_status`), each to the root context id
-    /// (the SDKs find the opening context by token) and skipped when not
-    /// exported. Whether the stream goes on (not closed, cancelled, or its VM
-    /// gone).
+    /// Delivers one event of stream `token` to the VM: held for the exchange
+    /// of the context that opened it while that context waits on its streams
+    /// ([`Self::hold_for_exchange`]), else at once, to the root context id (the
+    /// SDKs find the opening context by token) without an exchange. Whether
+    /// the stream goes on (not closed, cancelled, or its VM gone).
     fn stream_event(
         &self,
         worker: usize,
@@ -1229,77 +1231,15 @@ impl ProxyWasmFilter {
         token: u32,
         event: super::grpc::Event,
     ) -> bool {
-        use super::grpc::Event;
         if !self.is_current(generation) {
             return false;
         }
+        let event = match self.hold_for_exchange(token, event) {
+            Ok(more) => return more,
+            Err(event) => event,
+        };
         let r = self.with_vm(worker, Phase::Root, None, false, |live, _| {
-            let data = live.store.data_mut();
-            if data.streams.get(&token).is_none_or(|st| st.remote_closed) {
-                // Cancelled (or closed) meanwhile: no callback follows.
-                return Ok(Ok(false));
-            }
-            let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
-            let args = |v: usize| (self.root as i32, token as i32, n(v));
-            let last = matches!(event, Event::Close(..));
-            let called = match event {
-                Event::InitialMetadata(status, h) => {
-                    // Envoy's response head has `:status` first.
-                    let pairs: super::abi::Pairs =
-                        status
-                            .map(|st| (b":status".to_vec(), st.as_str().as_bytes().to_vec()))
-                            .into_iter()
-                            .chain(h.iter().map(|(k, v)| {
-                                (k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec())
-                            }))
-                            .collect();
-                    let args = args(pairs.len());
-                    data.grpc_initial = Some(pairs);
-                    match live.exports.grpc_initial.clone() {
-                        Some(f) => f.call(&mut live.store, args),
-                        None => Ok(()),
-                    }
-                }
-                Event::Message(m) => {
-                    self.meta.grpc_stream_messages.inc();
-                    let args = args(m.len());
-                    data.grpc_message = Some(m);
-                    match live.exports.grpc_receive.clone() {
-                        Some(f) => f.call(&mut live.store, args),
-                        None => Ok(()),
-                    }
-                }
-                Event::TrailingMetadata(h) => {
-                    let args = args(h.len());
-                    data.grpc_trailing = Some(h);
-                    match live.exports.grpc_trailing.clone() {
-                        Some(f) => f.call(&mut live.store, args),
-                        None => Ok(()),
-                    }
-                }
-                Event::Close(code, message) => {
-                    if code != 0 {
-                        self.meta.grpc_stream_failures.inc();
-                    }
-                    super::grpc::remote_closed(data, token);
-                    data.grpc_status = Some((code, message));
-                    match live.exports.grpc_close.clone() {
-                        Some(f) => f.call(
-                            &mut live.store,
-                            (self.root as i32, token as i32, code as i32),
-                        ),
-                        None => Ok(()),
-                    }
-                }
-            };
-            let data = live.store.data_mut();
-            data.grpc_initial = None;
-            data.grpc_trailing = None;
-            data.grpc_message = None;
-            data.grpc_status = None;
-            called?;
-            let open = data.streams.get(&token).is_some_and(|st| !st.remote_closed);
-            Ok(Ok(!last && open))
+            self.stream_callback(live, token, event).map(Ok)
         });
         match r {
             Ok(more) => more,
@@ -1310,6 +1250,189 @@ impl ProxyWasmFilter {
                 );
                 false
             }
+        }
+    }
+
+    /// Holds an event of stream `token` when the context that opened it waits
+    /// on its streams ([`super::grpc::StreamWait`]) and wakes the chain, which
+    /// delivers it with the exchange; whether more events may follow. `Err`
+    /// gives the event back: nobody waits.
+    fn hold_for_exchange(
+        &self,
+        token: u32,
+        event: super::grpc::Event,
+    ) -> Result<bool, super::grpc::Event> {
+        VMS.with(|cell| {
+            let mut map = cell.borrow_mut();
+            let Some(live) = map.get_mut(&self.vm).and_then(|s| s.live.as_mut()) else {
+                return Err(event);
+            };
+            let data = live.store.data_mut();
+            let Some(ctx) = data
+                .streams
+                .get(&token)
+                .filter(|st| !st.remote_closed)
+                .map(|st| st.context)
+            else {
+                return Err(event);
+            };
+            let Some(wait) = data.stream_waits.get_mut(&ctx) else {
+                return Err(event);
+            };
+            let last = matches!(event, super::grpc::Event::Close(..));
+            wait.held.push_back((token, event));
+            wait.fire();
+            Ok(!last)
+        })
+    }
+
+    /// Calls the guest for one event of stream `token` as Envoy does:
+    /// `proxy_on_grpc_receive_initial_metadata` (map 4),
+    /// `proxy_on_grpc_receive` (buffer 5), `_receive_trailing_metadata` (map 5),
+    /// `proxy_on_grpc_close` (`proxy_get_status`), each to the root context id
+    /// and skipped when not exported, or when the stream was cancelled (or
+    /// closed) meanwhile. Whether more events may follow.
+    fn stream_callback(
+        &self,
+        live: &mut Live,
+        token: u32,
+        event: super::grpc::Event,
+    ) -> wasmtime::Result<bool> {
+        use super::grpc::Event;
+        let data = live.store.data_mut();
+        if data.streams.get(&token).is_none_or(|st| st.remote_closed) {
+            return Ok(false);
+        }
+        let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
+        let args = |v: usize| (self.root as i32, token as i32, n(v));
+        let last = matches!(event, Event::Close(..));
+        let called = match event {
+            Event::InitialMetadata(status, h) => {
+                // Envoy's response head has `:status` first.
+                let pairs: super::abi::Pairs = status
+                    .map(|st| (b":status".to_vec(), st.as_str().as_bytes().to_vec()))
+                    .into_iter()
+                    .chain(
+                        h.iter()
+                            .map(|(k, v)| (k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec())),
+                    )
+                    .collect();
+                let args = args(pairs.len());
+                data.grpc_initial = Some(pairs);
+                match live.exports.grpc_initial.clone() {
+                    Some(f) => f.call(&mut live.store, args),
+                    None => Ok(()),
+                }
+            }
+            Event::Message(m) => {
+                self.meta.grpc_stream_messages.inc();
+                let args = args(m.len());
+                data.grpc_message = Some(m);
+                match live.exports.grpc_receive.clone() {
+                    Some(f) => f.call(&mut live.store, args),
+                    None => Ok(()),
+                }
+            }
+            Event::TrailingMetadata(h) => {
+                let args = args(h.len());
+                data.grpc_trailing = Some(h);
+                match live.exports.grpc_trailing.clone() {
+                    Some(f) => f.call(&mut live.store, args),
+                    None => Ok(()),
+                }
+            }
+            Event::Close(code, message) => {
+                if code != 0 {
+                    self.meta.grpc_stream_failures.inc();
+                }
+                super::grpc::remote_closed(data, token);
+                data.grpc_status = Some((code, message));
+                match live.exports.grpc_close.clone() {
+                    Some(f) => f.call(
+                        &mut live.store,
+                        (self.root as i32, token as i32, code as i32),
+                    ),
+                    None => Ok(()),
+                }
+            }
+        };
+        let data = live.store.data_mut();
+        data.grpc_initial = None;
+        data.grpc_trailing = None;
+        data.grpc_message = None;
+        data.grpc_status = None;
+        called?;
+        let open = data.streams.get(&token).is_some_and(|st| !st.remote_closed);
+        Ok(!last && open)
+    }
+
+    /// Wake-up `wake` of `x`'s context, paused on its streams, fired: the held
+    /// events are delivered in order with the exchange, readable and writable
+    /// as in a callout's callback (`held_in`: the body or trailers phase the
+    /// exchange is paused in), until one resumes it
+    /// (`proxy_continue_stream`), answers it or resets it. Still paused, it
+    /// waits on again while it has streams open. Not paused (the pause ended
+    /// otherwise before the wake-up was delivered), the verdict means nothing.
+    fn stream_wake(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        wake: u32,
+        held_in: Option<Phase>,
+        paused: bool,
+    ) -> Result<Answer, String> {
+        let phase = held_in.unwrap_or(Phase::CalloutResponse);
+        self.with_vm(worker, phase, Some(x), false, |live, ctx| {
+            let data = live.store.data_mut();
+            if data.stream_waits.get(&ctx).is_none_or(|w| w.id != wake) {
+                // Replaced by a later wait: nothing to deliver.
+                return Ok(Ok(Answer::Verdict(Verdict::Pause)));
+            }
+            let Some(wait) = data.stream_waits.remove(&ctx) else {
+                return Ok(Ok(Answer::Verdict(Verdict::Pause)));
+            };
+            data.resume = false;
+            for (token, event) in wait.held {
+                self.stream_callback(live, token, event)?;
+                let data = live.store.data_mut();
+                // Anything held after an answer is moot: the context's streams
+                // are reset with it.
+                if let Some(lr) = data.local.take() {
+                    return Ok(Ok(Answer::Verdict(Verdict::Respond(lr))));
+                }
+                if data.close {
+                    return Ok(Ok(Answer::Close));
+                }
+            }
+            let data = live.store.data_mut();
+            if data.resume {
+                return Ok(Ok(Answer::Verdict(Verdict::Continue)));
+            }
+            if paused {
+                super::grpc::arm_wait(data, ctx);
+            }
+            Ok(Ok(Answer::Verdict(Verdict::Pause)))
+        })
+    }
+
+    /// The pause of `x`'s context ended otherwise (a call's callback resumed
+    /// or answered it): its streams' events go to the VM on their own again,
+    /// and the chain drops the wake-up. Events already held stay: their
+    /// wake-up has fired, and they are delivered with the exchange next.
+    fn end_stream_wait(&self, x: &mut Exchange) {
+        let dropped = VMS.with(|cell| {
+            let mut map = cell.borrow_mut();
+            let live = map.get_mut(&self.vm)?.live.as_mut()?;
+            let ctx = *live.contexts.get(&(x.context, self.root))?;
+            let data = live.store.data_mut();
+            if data.stream_waits.get(&ctx)?.held.is_empty() {
+                data.stream_waits.remove(&ctx)
+            } else {
+                None
+            }
+        });
+        if let Some(w) = dropped {
+            x.cancelled.push(super::grpc::WAKE | u64::from(w.id));
         }
     }
 
@@ -1361,6 +1484,7 @@ impl ProxyWasmFilter {
                     // Its gRPC streams are reset (as Envoy does when a context
                     // is destroyed).
                     super::grpc::drop_context(&mut data.streams, pw);
+                    data.stream_waits.remove(&pw);
                 }
             }
         });
@@ -1378,10 +1502,15 @@ impl ProxyWasmFilter {
 /// `proxy_continue_stream`. The chain can wait at the end of a message
 /// (buffered: the headers callback returned `Pause` to wait for the body, or
 /// another filter buffers; streamed: the body stream holds the rest) when a
-/// callout of this context can resume it; else, as for component filters
+/// callout or gRPC stream of this context can resume it; else, as for component filters
 /// (abi/README.md §3.3, §4), a failure, since nothing could resume it (Envoy
 /// would hang until the route timeout).
-fn paused_at_end(data: &PwState, ctx: u32, d: Direction, what: &str) -> Result<Verdict, String> {
+fn paused_at_end(
+    data: &mut PwState,
+    ctx: u32,
+    d: Direction,
+    what: &str,
+) -> Result<Verdict, String> {
     if !data.x.hold_body && !data.x.hold_end {
         // Not the end of a message (the chain calls trailers and the last body
         // call with one of them set): a host bug, refused as a failure.
@@ -1392,12 +1521,13 @@ fn paused_at_end(data: &PwState, ctx: u32, d: Direction, what: &str) -> Result<V
             d.as_str()
         ));
     }
-    if data.outstanding.values().any(|c| *c == ctx) {
+    // `|`: the streams' wait is armed even with a call out.
+    if super::grpc::arm_wait(data, ctx) | data.outstanding.values().any(|c| *c == ctx) {
         return Ok(Verdict::Pause);
     }
     Err(format!(
-        "returned Pause from proxy_on_{}_{what} with no HTTP or gRPC call outstanding: \
-         nothing could resume it",
+        "returned Pause from proxy_on_{}_{what} with no HTTP or gRPC call or gRPC stream \
+         outstanding: nothing could resume it",
         d.as_str()
     ))
 }
@@ -1538,13 +1668,24 @@ impl HttpFilter for ProxyWasmFilter {
         result: CalloutResult,
         paused: bool,
     ) -> Result<Verdict, String> {
-        let token = u32::try_from(id).map_err(|_| format!("callout id {id} is not a token"))?;
         let held_in = if paused && (x.hold_body || x.hold_end) {
             held_phase(x)
         } else {
             None
         };
-        let v = match self.call_response(worker, Some(x), token, result, held_in)? {
+        let answer = if id & super::grpc::WAKE != 0 {
+            let wake = u32::try_from(id & !super::grpc::WAKE)
+                .map_err(|_| format!("callout id {id} is not a wake-up"))?;
+            self.stream_wake(worker, x, wake, held_in, paused)?
+        } else {
+            let token = u32::try_from(id).map_err(|_| format!("callout id {id} is not a token"))?;
+            let answer = self.call_response(worker, Some(x), token, result, held_in)?;
+            if paused && !matches!(answer, Answer::Verdict(Verdict::Pause)) {
+                self.end_stream_wait(x);
+            }
+            answer
+        };
+        let v = match answer {
             Answer::Verdict(v) => v,
             Answer::Close => {
                 self.stats.failures.inc();

@@ -14,6 +14,7 @@
 //! a cancelled stream, a deleted HTTP context's streams and a failed or
 //! replaced VM's streams end at once.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -25,11 +26,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use http_body::Frame;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::abi::status;
 use super::state::PwState;
-use crate::filter::{CalloutError, CalloutRequest, CalloutSender};
+use crate::filter::{CalloutError, CalloutRequest, CalloutResult, CalloutSender};
 use crate::stats::Gauge;
 
 /// Streams one VM (plugin instance on a worker) may have open at once; one more
@@ -450,6 +451,68 @@ pub fn remote_closed(s: &mut PwState, token: u32) {
 /// context is destroyed).
 pub fn drop_context(streams: &mut rustc_hash::FxHashMap<u32, Stream>, context: u32) {
     streams.retain(|_, st| st.context != context);
+}
+
+/// An HTTP context paused (`Pause` from a headers callback, or at the end of
+/// a message) while it has gRPC streams open. As in Envoy, a stream callback
+/// may then resume the exchange (`proxy_continue_stream`), answer it or edit
+/// its head: the events of the context's streams are held here and the chain
+/// is woken to deliver them with the exchange
+/// (`ProxyWasmFilter::stream_wake`), instead of going to the VM on their own.
+pub struct StreamWait {
+    /// The wake-up's id in the chain (a token: unique among the VM's calls).
+    pub id: u32,
+    /// Fires the wake-up at the first held event.
+    pub wake: Option<oneshot::Sender<CalloutResult>>,
+    /// Events held for delivery, in arrival order, with their stream's token.
+    pub held: VecDeque<(u32, Event)>,
+}
+
+/// The chain id of stream wake-up `token`: above every callout token, so a
+/// delivery tells the two apart without a lookup.
+pub const WAKE: u64 = 1 << 32;
+
+/// Makes context `ctx`, which is pausing, wait on its open streams (if it has
+/// any): a wake-up for the chain (on the exchange in the store) and a
+/// [`StreamWait`] that holds their events. Whether it has open streams.
+pub fn arm_wait(s: &mut PwState, ctx: u32) -> bool {
+    if !s
+        .streams
+        .values()
+        .any(|st| st.context == ctx && !st.remote_closed)
+    {
+        return false;
+    }
+    let id = s.new_token();
+    let (tx, rx) = oneshot::channel();
+    s.x.wakes.push((WAKE | u64::from(id), rx));
+    // Events held for an earlier wait not delivered yet stay first.
+    let held = s
+        .stream_waits
+        .remove(&ctx)
+        .map(|w| w.held)
+        .unwrap_or_default();
+    let mut wait = StreamWait {
+        id,
+        wake: Some(tx),
+        held,
+    };
+    if !wait.held.is_empty() {
+        wait.fire();
+    }
+    s.stream_waits.insert(ctx, wait);
+    true
+}
+
+impl StreamWait {
+    /// Wakes the chain (once): the held events are ready.
+    pub fn fire(&mut self) {
+        if let Some(tx) = self.wake.take() {
+            // The result is not read (the id says it is a wake-up); the chain
+            // being gone is no error.
+            let _ = tx.send(Err(CalloutError::Unavailable));
+        }
+    }
 }
 
 /// What the server sent on a stream, in Envoy's order.

@@ -14,7 +14,7 @@ use http::HeaderMap;
 use wasmtime::{Memory, StoreLimits, StoreLimitsBuilder, TypedFunc};
 
 use super::abi::Pairs;
-use super::grpc::{Pending, Stream};
+use super::grpc::{Pending, Stream, StreamWait};
 use crate::filter::{CalloutRequest, CalloutResult, Direction, Exchange, LocalResponse};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
@@ -235,6 +235,9 @@ pub struct PwState {
     /// The stream's trailing metadata being delivered (map 5,
     /// `proxy_on_grpc_receive_trailing_metadata`).
     pub grpc_trailing: Option<HeaderMap>,
+    /// HTTP contexts paused on their gRPC streams, by context: the events
+    /// held for the chain to deliver with the exchange.
+    pub stream_waits: FxHashMap<u32, StreamWait>,
 }
 
 impl crate::wasm::engine::Clocked for PwState {
@@ -281,6 +284,7 @@ impl PwState {
             remote_closed: VecDeque::new(),
             grpc_initial: None,
             grpc_trailing: None,
+            stream_waits: FxHashMap::default(),
         }
     }
 
