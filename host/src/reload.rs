@@ -104,7 +104,7 @@ impl std::fmt::Display for ReloadError {
 struct PluginStatus {
     module: PathBuf,
     sha256: String,
-    abi: &'static str,
+    abi: String,
     loaded_at: f64,
     load_ms: f64,
     /// Last reload attempt: result object.
@@ -150,14 +150,49 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     s
 }
 
-/// The ABI of a module file, from its header: a component is the Legate filter
-/// world; a core module is not something this host loads as a filter.
-fn abi_of(bytes: &[u8]) -> &'static str {
-    match bytes.get(0..8) {
-        Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => "core-module",
-        Some([0, b'a', b's', b'm', _, _, 1, 0]) => "legate:filter@0.1.1",
-        _ => "unknown",
+/// The ABI a plugin file is built for, as `/plugins` shows it: a component's
+/// is the `legate:filter` package at the version of the interfaces it exports
+/// (`legate:filter@0.1.0` for a filter built against 0.1.0, which this host
+/// still runs); a core module's is `proxy-wasm@0.2.x` from its ABI marker.
+/// Anything else is named for what it is (`component`, `core-module`,
+/// `unknown`), which a load would have refused.
+fn abi_of(bytes: &[u8]) -> String {
+    use wasmparser::{Encoding, Parser, Payload};
+    let mut kind = None;
+    // Nested modules' sections come before the component's own exports; only
+    // the outer encoding's export section counts.
+    for payload in Parser::new(0).parse_all(bytes) {
+        let Ok(payload) = payload else { break };
+        match payload {
+            Payload::Version { encoding, .. } if kind.is_none() => kind = Some(encoding),
+            Payload::ComponentExportSection(exports) if kind == Some(Encoding::Component) => {
+                for e in exports.into_iter().flatten() {
+                    let version = e
+                        .name
+                        .name
+                        .strip_prefix("legate:filter/")
+                        .and_then(|rest| rest.split_once('@'));
+                    if let Some((_, version)) = version {
+                        return format!("legate:filter@{version}");
+                    }
+                }
+            }
+            Payload::ExportSection(exports) if kind == Some(Encoding::Module) => {
+                for e in exports.into_iter().flatten() {
+                    if let Some(v) = e.name.strip_prefix("proxy_abi_version_") {
+                        return format!("proxy-wasm@{}", v.replace('_', "."));
+                    }
+                }
+            }
+            _ => {}
+        }
     }
+    match kind {
+        Some(Encoding::Component) => "component",
+        Some(Encoding::Module) => "core-module",
+        None => "unknown",
+    }
+    .to_string()
 }
 
 fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {

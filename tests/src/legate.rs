@@ -145,6 +145,19 @@ impl LegateHandle {
         (r.status.as_u16(), r.text())
     }
 
+    /// The ABI `GET /plugins` reports for plugin `name`.
+    pub async fn plugin_abi(&self, name: &str) -> String {
+        let (status, body) = self.admin_get("/plugins").await;
+        assert_eq!(status, 200, "GET /plugins: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("/plugins is JSON");
+        let plugins = v["plugins"].as_array().cloned().unwrap_or_default();
+        let p = plugins
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no plugin `{name}` in /plugins: {body}"));
+        p["abi"].as_str().unwrap_or_default().to_string()
+    }
+
     /// The `/stats` page (Prometheus text).
     pub async fn stats(&self) -> String {
         let (status, body) = self.admin_get("/stats").await;

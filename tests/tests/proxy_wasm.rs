@@ -105,6 +105,8 @@ each_proto!(
         let r = c.get("/b").send().await;
         assert_eq!(r.echo().header("x-pw-hello"), Some("bonjour"));
         lg.assert_stat(&calls("rewriter", "done"), 2.0).await;
+        // `/plugins` names the ABI from the module's marker export.
+        assert_eq!(lg.plugin_abi("rewriter").await, "proxy-wasm@0.2.1");
     }
 );
 

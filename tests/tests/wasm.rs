@@ -771,6 +771,8 @@ each_proto!(
             assert_eq!(r.header("x-abi-resp"), Some("/old/abi?x=1"));
         }
         lg.assert_stat(&calls("old", "done"), 2.0).await;
+        // `/plugins` names the ABI the component was built against.
+        assert_eq!(lg.plugin_abi("old").await, "legate:filter@0.1.0");
     }
 );
 
