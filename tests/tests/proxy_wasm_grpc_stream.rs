@@ -454,3 +454,62 @@ each_proto!(
         assert_eq!(r.echo().header("x-pw-stream-verdict"), Some("again"));
     }
 );
+
+each_proto!(
+    /// A headers `Pause` with a stream open and a body to come still waits for
+    /// the whole body (Envoy's buffering, as without a stream); the body
+    /// callback sends it on the stream and pauses at the end of the body, and
+    /// the reply, delivered with the held body writable, rewrites and
+    /// resumes it.
+    async fn a_stream_open_at_a_headers_pause_still_lets_the_body_buffer(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.post("/await-body").body("ping").send(),
+        )
+        .await
+        .expect("the body was not buffered: the request waits on the silent stream");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().body, "stream:ping");
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="streamer"}"#, 0.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// A stream opened in a call's callback, which keeps the pause, can
+    /// resume the exchange: the pause waits on it. A stream cancelled while
+    /// the exchange waits on it (here by a call's callback) leaves nothing
+    /// that could resume it: the pause fails at once (503, fail closed)
+    /// instead of hanging.
+    async fn a_pause_waits_on_streams_opened_later_and_fails_when_they_are_cancelled(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c.get("/await-late").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-pw-stream-verdict"), Some("late"));
+
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), c.get("/await-cancel").send())
+            .await
+            .expect("the pause on a cancelled stream hangs");
+        assert_eq!(r.status, 503, "{}", r.text());
+        // Well before the stream's first reply (1 s) would have come.
+        assert!(started.elapsed() < Duration::from_secs(5));
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="streamer"}"#, 1.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 1.0)
+            .await;
+        assert_eq!(up.requests.get(), 1);
+    }
+);

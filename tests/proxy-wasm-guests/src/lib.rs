@@ -115,7 +115,12 @@
 //!   `Count` replies 50 ms apart and resumes after the last with
 //!   `x-pw-stream-seen: 1,2,…`; with `/resume-on-close` it resumes in the
 //!   close callback with `x-pw-stream-close: <status>`; with `/never` it
-//!   never resumes.
+//!   never resumes. `/await-body` keeps a `Chat` stream open while the body
+//!   is buffered, sends the body on it from the body callback and pauses; the
+//!   reply `<text>` makes the body `stream:<text>`. `/await-late` pauses on a
+//!   unary `Say` call whose callback opens the stream (`late`) that resumes;
+//!   `/await-cancel` opens a slow `Count` stream and a `Say` call whose
+//!   callback cancels the stream and stays paused.
 //!
 //! TCP (network filter) modes, a `StreamContext` per connection; each counts
 //! its callbacks in metrics `pw_tcp_new`, `pw_tcp_down_close_{remote,local}`,
@@ -820,7 +825,15 @@ impl Filter {
 impl Context for Filter {
     fn on_grpc_stream_message(&mut self, token: u32, size: usize) {
         let m = self.get_grpc_stream_message(0, size).unwrap_or_default();
-        if self.path.starts_with("/await/") {
+        if self.path == "/await-body" {
+            let text = match m.as_slice() {
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned(),
+                _ => "<undecodable>".to_string(),
+            };
+            self.set_http_request_body(0, self.held_len, format!("stream:{text}").as_bytes());
+            self.close_grpc_stream_or_log(token);
+            self.resume_http_request();
+        } else if self.path.starts_with("/await/") || self.path == "/await-late" {
             // SayReply: field 1 (message) first.
             let text = match m.as_slice() {
                 [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned(),
@@ -858,6 +871,21 @@ impl Context for Filter {
     }
 
     fn on_grpc_call_response(&mut self, _token: u32, status: u32, size: usize) {
+        if self.path == "/await-late" {
+            match hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![]) {
+                Ok(t) => {
+                    hostcalls::send_grpc_stream_message(t, Some(&say_request("late")), false).ok();
+                }
+                Err(e) => self.send_http_response(500, vec![("x-pw-open", &format!("{e:?}"))], None),
+            }
+            return;
+        }
+        if self.path == "/await-cancel" {
+            if let Some(t) = self.grpc_token {
+                hostcalls::cancel_grpc_stream(t).ok();
+            }
+            return;
+        }
         if self.callout_mode() == "body-callout" {
             let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
             let reply = match body.as_slice() {
@@ -1215,6 +1243,41 @@ impl HttpContext for Filter {
                         }
                     };
                 }
+                if path == "/await-body" {
+                    // A stream open at a headers Pause with a body to come:
+                    // the host buffers the body (as without a stream); the
+                    // body callback sends it on the stream and pauses until
+                    // the reply, which becomes the body.
+                    if let Ok(t) = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![]) {
+                        self.grpc_token = Some(t);
+                    }
+                    self.set_http_request_header("content-length", None);
+                    return Action::Pause;
+                }
+                if path == "/await-late" || path == "/await-cancel" {
+                    // A unary call first, whose callback stays paused and
+                    // opens a stream (`late`: its reply resumes) or cancels
+                    // the slow stream opened here (`cancel`: nothing is left
+                    // that could resume).
+                    if path == "/await-cancel" {
+                        if let Ok(t) = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]) {
+                            self.grpc_token = Some(t);
+                            hostcalls::send_grpc_stream_message(t, Some(&count_request(3, 0, "", 1000)), true).ok();
+                        }
+                    }
+                    let r = self.dispatch_grpc_call(
+                        "grpc",
+                        "legate.test.v1.Echo",
+                        "Say",
+                        vec![],
+                        Some(&say_request("first")),
+                        Duration::from_secs(5),
+                    );
+                    if let Err(e) = r {
+                        self.send_http_response(500, vec![("x-pw-call", &format!("{e:?}"))], None);
+                    }
+                    return Action::Pause;
+                }
                 if let Some(rest) = path.strip_prefix("/await-count/") {
                     // A server stream of N replies, 50 ms apart: the request
                     // resumes after the last (one wake-up per reply), or on
@@ -1319,6 +1382,18 @@ impl HttpContext for Filter {
         self.body_calls += 1;
         let mode = self.callout_mode().to_string();
         match mode.as_str() {
+            "grpc-stream" if self.path == "/await-body" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+                self.held_len = body_size;
+                if let Some(t) = self.grpc_token {
+                    let m = say_request(&String::from_utf8_lossy(&body));
+                    hostcalls::send_grpc_stream_message(t, Some(&m), false).ok();
+                }
+                Action::Pause
+            }
             "body-rewrite" => {
                 if !end_of_stream {
                     return Action::Pause;

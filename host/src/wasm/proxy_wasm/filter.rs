@@ -840,10 +840,7 @@ impl ProxyWasmFilter {
                     "the plugin reset the stream (proxy_close_stream)".into()
                 ));
             }
-            // A pause waits for the context's calls and streams (their
-            // callbacks may resume it).
-            let streams = a == action::PAUSE && super::grpc::arm_wait(data, ctx);
-            let waiting = streams || data.outstanding.values().any(|c| *c == ctx);
+            let calls = data.outstanding.values().any(|c| *c == ctx);
             let d = if request {
                 Direction::Request
             } else {
@@ -851,18 +848,26 @@ impl ProxyWasmFilter {
             };
             // Envoy's StopIteration to wait for the body: the host's buffered mode
             // holds the head (writable) until the body callback has the whole body.
-            let ctl = &mut data.x.body_ctl;
+            let ctl = &data.x.body_ctl;
             let can_buffer = !end_of_stream
                 && live.exports.body[d.idx()].is_some()
                 && ctl.declared[d.idx()]
                 && !ctl.started[d.idx()];
+            // A pause waits for the context's calls (and then its streams'
+            // events too); with no call out, for the body if there is one to
+            // buffer (a stream may resume it at the end of the body); else
+            // for its streams' events.
             Ok(match a {
                 action::CONTINUE => Ok(Verdict::Continue),
-                action::PAUSE if waiting => Ok(Verdict::Pause),
+                action::PAUSE if calls => {
+                    super::grpc::arm_wait(data, ctx);
+                    Ok(Verdict::Pause)
+                }
                 action::PAUSE if can_buffer => {
-                    ctl.modes[d.idx()] = BodyMode::Buffered;
+                    data.x.body_ctl.modes[d.idx()] = BodyMode::Buffered;
                     Ok(Verdict::Continue)
                 }
+                action::PAUSE if super::grpc::arm_wait(data, ctx) => Ok(Verdict::Pause),
                 _ => Err(format!(
                     "returned action {a} (pause) from proxy_on_{}_headers with no HTTP or \
                      gRPC call or gRPC stream outstanding and no body to wait for: nothing \
@@ -1044,6 +1049,7 @@ impl ProxyWasmFilter {
         token: u32,
         result: CalloutResult,
         held_in: Option<Phase>,
+        paused: bool,
     ) -> Result<Answer, String> {
         self.stats.count_callout(&result);
         let label = if x.is_some() {
@@ -1056,7 +1062,7 @@ impl ProxyWasmFilter {
             (Some(_), None) => Phase::CalloutResponse,
             (None, _) => Phase::Root,
         };
-        self.with_vm(worker, phase, x, false, |live, _ctx| {
+        self.with_vm(worker, phase, x, false, |live, ctx| {
             let data = live.store.data_mut();
             if data.outstanding.remove(&token).is_none() {
                 // Cancelled (`proxy_grpc_cancel`), or its context is gone: no
@@ -1128,11 +1134,14 @@ impl ProxyWasmFilter {
             if data.close {
                 return Ok(Ok(Answer::Close));
             }
-            Ok(Ok(Answer::Verdict(if data.resume {
-                Verdict::Continue
-            } else {
-                Verdict::Pause
-            })))
+            if data.resume {
+                return Ok(Ok(Answer::Verdict(Verdict::Continue)));
+            }
+            // Still paused: streams the callback opened can resume it too.
+            if paused && !data.stream_waits.contains_key(&ctx) {
+                super::grpc::arm_wait(data, ctx);
+            }
+            Ok(Ok(Answer::Verdict(Verdict::Pause)))
         })
     }
 
@@ -1162,7 +1171,7 @@ impl ProxyWasmFilter {
         if !f.is_current(generation) {
             return;
         }
-        if let Err(e) = f.call_response(worker, None, token, result, None) {
+        if let Err(e) = f.call_response(worker, None, token, result, None, false) {
             tracing::warn!(
                 plugin = &*f.meta.name,
                 "proxy_on_http_call_response failed: {e}"
@@ -1393,16 +1402,27 @@ impl ProxyWasmFilter {
             };
             data.resume = false;
             for (token, event) in wait.held {
+                // Each callback to the root context id, as on the root path
+                // (the SDKs switch to the opening context themselves).
+                live.store.data_mut().effective = self.root;
                 self.stream_callback(live, token, event)?;
                 let data = live.store.data_mut();
-                // Anything held after an answer is moot: the context's streams
-                // are reset with it.
-                if let Some(lr) = data.local.take() {
-                    return Ok(Ok(Answer::Verdict(Verdict::Respond(lr))));
-                }
                 if data.close {
                     return Ok(Ok(Answer::Close));
                 }
+                let Some(lr) = data.local.take() else {
+                    continue;
+                };
+                if paused {
+                    // Anything held after the answer is moot: the context's
+                    // streams are reset with it.
+                    return Ok(Ok(Answer::Verdict(Verdict::Respond(lr))));
+                }
+                tracing::debug!(
+                    plugin = &*self.meta.name,
+                    "a local response from a gRPC stream callback of a context that is \
+                     not paused is ignored by this host"
+                );
             }
             let data = live.store.data_mut();
             if data.resume {
@@ -1416,23 +1436,37 @@ impl ProxyWasmFilter {
     }
 
     /// The pause of `x`'s context ended otherwise (a call's callback resumed
-    /// or answered it): its streams' events go to the VM on their own again,
-    /// and the chain drops the wake-up. Events already held stay: their
-    /// wake-up has fired, and they are delivered with the exchange next.
-    fn end_stream_wait(&self, x: &mut Exchange) {
-        let dropped = VMS.with(|cell| {
+    /// or answered it, or the filter failed): its streams' events go to the VM
+    /// on their own again, and the chain drops the wake-up. With `deliver`,
+    /// events already held are delivered first, with the exchange (their
+    /// verdicts mean nothing now); else they are dropped with the wait.
+    fn end_stream_wait(&self, worker: usize, x: &mut Exchange, deliver: bool) {
+        let wait = VMS.with(|cell| {
             let mut map = cell.borrow_mut();
             let live = map.get_mut(&self.vm)?.live.as_mut()?;
             let ctx = *live.contexts.get(&(x.context, self.root))?;
             let data = live.store.data_mut();
-            if data.stream_waits.get(&ctx)?.held.is_empty() {
-                data.stream_waits.remove(&ctx)
+            let w = data.stream_waits.get(&ctx)?;
+            let id = w.id;
+            if deliver && !w.held.is_empty() {
+                // `stream_wake` removes it as it delivers.
+                Some((id, true))
             } else {
-                None
+                data.stream_waits.remove(&ctx);
+                Some((id, false))
             }
         });
-        if let Some(w) = dropped {
-            x.cancelled.push(super::grpc::WAKE | u64::from(w.id));
+        let Some((id, held)) = wait else {
+            return;
+        };
+        x.cancelled.push(super::grpc::WAKE | u64::from(id));
+        if held {
+            if let Err(e) = self.stream_wake(worker, x, id, None, false) {
+                tracing::warn!(
+                    plugin = &*self.meta.name,
+                    "a gRPC stream callback failed: {e}"
+                );
+            }
         }
     }
 
@@ -1676,20 +1710,33 @@ impl HttpFilter for ProxyWasmFilter {
         let answer = if id & super::grpc::WAKE != 0 {
             let wake = u32::try_from(id & !super::grpc::WAKE)
                 .map_err(|_| format!("callout id {id} is not a wake-up"))?;
-            self.stream_wake(worker, x, wake, held_in, paused)?
+            self.stream_wake(worker, x, wake, held_in, paused)
         } else {
             let token = u32::try_from(id).map_err(|_| format!("callout id {id} is not a token"))?;
-            let answer = self.call_response(worker, Some(x), token, result, held_in)?;
-            if paused && !matches!(answer, Answer::Verdict(Verdict::Pause)) {
-                self.end_stream_wait(x);
+            let answer = self.call_response(worker, Some(x), token, result, held_in, paused);
+            let over = matches!(
+                answer,
+                Ok(Answer::Verdict(Verdict::Continue | Verdict::Respond(_)))
+            );
+            if paused && over {
+                // Resumed or answered by the call: what the context's streams
+                // sent meanwhile is delivered now, and they go on unheld.
+                self.end_stream_wait(worker, x, true);
             }
             answer
         };
         let v = match answer {
-            Answer::Verdict(v) => v,
-            Answer::Close => {
+            Ok(Answer::Verdict(v)) => v,
+            Ok(Answer::Close) => {
+                self.end_stream_wait(worker, x, false);
                 self.stats.failures.inc();
                 return Err(RESET.into());
+            }
+            Err(e) => {
+                // Failed (the policy skips or fails the filter): no wait may
+                // outlive it in the chain.
+                self.end_stream_wait(worker, x, false);
+                return Err(e);
             }
         };
         // Not paused: a resume or a pause means nothing (the chain logs a local
@@ -1821,7 +1868,7 @@ impl NetworkFilter for ProxyWasmFilter {
         result: CalloutResult,
     ) -> Result<NetVerdict, String> {
         let token = u32::try_from(id).map_err(|_| format!("callout id {id} is not a token"))?;
-        match self.call_response(worker, Some(c), token, result, None)? {
+        match self.call_response(worker, Some(c), token, result, None, false)? {
             Answer::Close => Ok(NetVerdict::Close),
             Answer::Verdict(Verdict::Continue) => Ok(NetVerdict::Continue),
             Answer::Verdict(Verdict::Pause) => Ok(NetVerdict::Pause),

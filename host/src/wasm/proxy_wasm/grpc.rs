@@ -390,13 +390,27 @@ pub fn close(s: &mut PwState, token: u32) -> Result<(), i32> {
     Ok(())
 }
 
-/// Drops stream `token` (resetting it if it is still open).
+/// Drops stream `token` (resetting it if it is still open). A context paused
+/// on its streams whose last open one this was is woken: no event will come
+/// (the stream's task ends), and the delivery finds nothing left to wait on,
+/// so the pause fails instead of hanging.
 fn forget(s: &mut PwState, token: u32) -> Option<Stream> {
     let st = s.streams.remove(&token)?;
     if st.remote_closed {
         s.remote_closed.retain(|t| *t != token);
+    } else if !has_open(s, st.context) {
+        if let Some(wait) = s.stream_waits.get_mut(&st.context) {
+            wait.fire();
+        }
     }
     Some(st)
+}
+
+/// Whether context `ctx` has a stream the server has not closed.
+fn has_open(s: &PwState, ctx: u32) -> bool {
+    s.streams
+        .values()
+        .any(|st| st.context == ctx && !st.remote_closed)
 }
 
 /// `proxy_grpc_cancel`: resets a stream, or cancels a unary call as Envoy
@@ -476,11 +490,7 @@ pub const WAKE: u64 = 1 << 32;
 /// any): a wake-up for the chain (on the exchange in the store) and a
 /// [`StreamWait`] that holds their events. Whether it has open streams.
 pub fn arm_wait(s: &mut PwState, ctx: u32) -> bool {
-    if !s
-        .streams
-        .values()
-        .any(|st| st.context == ctx && !st.remote_closed)
-    {
+    if !has_open(s, ctx) {
         return false;
     }
     let id = s.new_token();
