@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use legate_tests::grpc::GrpcUpstreamHandle;
 use legate_tests::proxy_wasm::proxy_wasm_guest;
 use legate_tests::*;
 
@@ -63,6 +64,19 @@ plugins:
 ",
         proxy_wasm_guest().display()
     )
+}
+
+/// A test's servers and proxy: the echo upstream, the tonic server, a Legate
+/// on [`config`] (a dead cluster on a closed port) and a `proto` client of its
+/// listener.
+async fn setup(proto: Proto) -> (UpstreamHandle, GrpcUpstreamHandle, LegateHandle, Client) {
+    let up = upstream().start().await;
+    let grpc = legate_tests::grpc::grpc_upstream().start().await;
+    let lg = legate()
+        .config(&config(up.addr, grpc.addr, closed_port_addr()))
+        .start();
+    let c = client(proto, lg.addr("web")).await;
+    (up, grpc, lg, c)
 }
 
 /// Starts scenario `scenario` recorded under `key`.
@@ -116,12 +130,7 @@ each_proto!(
     /// `proxy_on_grpc_close` with its message (and `proxy_get_status`), after
     /// the messages sent before it.
     async fn a_server_stream_delivers_each_message_then_trailers_and_close(proto) {
-        let up = upstream().start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, grpc.addr, closed_port_addr()))
-            .start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (up, grpc, lg, mut c) = setup(proto).await;
 
         start(&mut c, "paced", "count/3/300").await;
         let seen = wait_record(&mut c, "paced", closed).await;
@@ -162,12 +171,7 @@ each_proto!(
     /// server, which waits for it, then answers) and the callbacks go on; the
     /// token is gone once both sides closed.
     async fn close_half_closes_and_the_replies_still_arrive(proto) {
-        let up = upstream().start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, grpc.addr, closed_port_addr()))
-            .start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (_up, _grpc, lg, mut c) = setup(proto).await;
         start(&mut c, "half", "close/2").await;
         let seen = wait_record(&mut c, "half", closed).await;
         assert_eq!(
@@ -186,12 +190,7 @@ each_proto!(
     /// (`NOT_FOUND` for a second cancel and for a send), and no callback
     /// follows although the server had more to send.
     async fn cancel_resets_and_nothing_follows(proto) {
-        let up = upstream().start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, grpc.addr, closed_port_addr()))
-            .start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (_up, _grpc, lg, mut c) = setup(proto).await;
         start(&mut c, "cancelled", "cancel").await;
         let want = "open;init:200:application/grpc;msg:1;cancel:Ok(()),Err(NotFound),Err(NotFound)";
         wait_record(&mut c, "cancelled", |r| r == want).await;
@@ -210,12 +209,7 @@ each_proto!(
     /// close and cancel; a cluster the plugin is not granted is
     /// `PARSE_FAILURE` (Envoy's answer for an upstream it cannot use).
     async fn unknown_tokens_and_ungranted_clusters_are_refused(proto) {
-        let up = upstream().start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, grpc.addr, closed_port_addr()))
-            .start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (_up, grpc, lg, mut c) = setup(proto).await;
         let r = c.get("/direct/unknown").send().await;
         assert_eq!(
             r.header("x-pw-unknown"),
@@ -235,12 +229,7 @@ each_proto!(
     /// A stream whose upstream does not answer closes with 14 `UNAVAILABLE`,
     /// without metadata callbacks.
     async fn a_stream_to_a_dead_upstream_closes_with_unavailable(proto) {
-        let up = upstream().start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, grpc.addr, closed_port_addr()))
-            .start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (_up, _grpc, lg, mut c) = setup(proto).await;
         start(&mut c, "nobody", "dead").await;
         let seen = wait_record(&mut c, "nobody", closed).await;
         assert_eq!(
@@ -261,12 +250,7 @@ each_proto!(
     /// before the next is sent; the filter's half-close then ends the call
     /// with status 0.
     async fn a_bidi_stream_exchanges_messages_one_by_one(proto) {
-        let up = upstream().start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, grpc.addr, closed_port_addr()))
-            .start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (_up, grpc, lg, mut c) = setup(proto).await;
         start(&mut c, "talk", "chat/3").await;
         let seen = wait_record(&mut c, "talk", closed).await;
         assert_eq!(
@@ -285,12 +269,7 @@ each_proto!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_streams_are_capped_per_vm() {
-    let up = upstream().start().await;
-    let grpc = legate_tests::grpc::grpc_upstream().start().await;
-    let lg = legate()
-        .config(&config(up.addr, grpc.addr, closed_port_addr()))
-        .start();
-    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let (_up, grpc, lg, mut c) = setup(Proto::H1).await;
     start(&mut c, "many", "cap").await;
     let seen = wait_record(&mut c, "many", closed).await;
     assert_eq!(seen.last().unwrap(), "cap:64:InternalFailure;after:");
@@ -308,12 +287,7 @@ async fn open_streams_are_capped_per_vm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trap_in_a_stream_callback_ends_the_vms_streams() {
-    let up = upstream().start().await;
-    let grpc = legate_tests::grpc::grpc_upstream().start().await;
-    let lg = legate()
-        .config(&config(up.addr, grpc.addr, closed_port_addr()))
-        .start();
-    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let (_up, _grpc, lg, mut c) = setup(Proto::H1).await;
     start(&mut c, "boom", "trap").await;
     let want = "open;init:200:application/grpc;msg:1";
     wait_record(&mut c, "boom", |r| r == want).await;
@@ -339,12 +313,7 @@ each_proto!(
     /// closed long before the server's replies (one a second) were due, and no
     /// callback comes.
     async fn an_http_contexts_stream_ends_with_the_context(proto) {
-        let up = upstream().start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, grpc.addr, closed_port_addr()))
-            .start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (_up, _grpc, lg, mut c) = setup(proto).await;
         let r = c.get("/direct/leave").send().await;
         assert!(
             r.header("x-pw-open").is_some_and(|v| v.starts_with("Ok(")),
@@ -369,12 +338,7 @@ each_proto!(
     /// exchange (the SDK's `send_http_response` traps then) or if the pause
     /// is refused (nothing but a call could resume it before).
     async fn a_request_paused_on_its_stream_resumes_or_answers_from_the_reply(proto) {
-        let up = upstream().start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, grpc.addr, closed_port_addr()))
-            .start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (up, _grpc, lg, mut c) = setup(proto).await;
 
         let r = c.get("/await/hello").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
@@ -405,12 +369,7 @@ each_proto!(
     /// until the callback of the last reply resumes it. Resuming from the
     /// close callback works too.
     async fn a_pause_on_a_stream_holds_over_several_replies(proto) {
-        let up = upstream().start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, grpc.addr, closed_port_addr()))
-            .start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (up, _grpc, lg, mut c) = setup(proto).await;
 
         let r = c.get("/await-count/3").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
@@ -434,12 +393,7 @@ each_proto!(
     /// could resume it, instead of hanging until the route timeout; the
     /// proxy keeps serving.
     async fn a_pause_on_a_stream_that_ends_without_a_resume_fails(proto) {
-        let up = upstream().start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, grpc.addr, closed_port_addr()))
-            .start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (up, _grpc, lg, mut c) = setup(proto).await;
 
         let r = c.get("/await-count/2/never").send().await;
         assert_eq!(r.status, 503, "{}", r.text());
@@ -462,12 +416,7 @@ each_proto!(
     /// the reply, delivered with the held body writable, rewrites and
     /// resumes it.
     async fn a_stream_open_at_a_headers_pause_still_lets_the_body_buffer(proto) {
-        let up = upstream().start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, grpc.addr, closed_port_addr()))
-            .start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (_up, _grpc, lg, mut c) = setup(proto).await;
         let r = tokio::time::timeout(
             Duration::from_secs(10),
             c.post("/await-body").body("ping").send(),
@@ -488,12 +437,7 @@ each_proto!(
     /// that could resume it: the pause fails at once (503, fail closed)
     /// instead of hanging.
     async fn a_pause_waits_on_streams_opened_later_and_fails_when_they_are_cancelled(proto) {
-        let up = upstream().start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, grpc.addr, closed_port_addr()))
-            .start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (up, _grpc, lg, mut c) = setup(proto).await;
 
         let r = c.get("/await-late").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
