@@ -583,7 +583,7 @@ impl ProxyWasmFilter {
             let Some(f) = me.upgrade() else { return };
             f.stats.calls["tick"].inc();
             let r = f.with_vm(worker, Phase::Root, None, false, |live, _| {
-                match live.exports.tick.clone() {
+                match live.exports.tick.as_ref() {
                     Some(t) => t.call(&mut live.store, f.root as i32).map(Ok),
                     None => Ok(Ok(())),
                 }
@@ -612,7 +612,7 @@ impl ProxyWasmFilter {
                 return;
             }
             let r = f.with_vm(worker, Phase::Root, None, false, |live, _| {
-                match live.exports.queue_ready.clone() {
+                match live.exports.queue_ready.as_ref() {
                     Some(q) => q
                         .call(&mut live.store, (f.root as i32, queue as i32))
                         .map(Ok),
@@ -731,7 +731,7 @@ impl ProxyWasmFilter {
                         live.next_context = live.next_context.wrapping_add(1).max(live.first_free);
                         live.contexts.insert((c, root), pw);
                         live.store.data_mut().contexts.insert(pw);
-                        if let Some(f) = live.exports.context_create.clone() {
+                        if let Some(f) = live.exports.context_create.as_ref() {
                             result = f
                                 .call(&mut live.store, (pw as i32, root as i32))
                                 .map(|()| Ok(pw));
@@ -823,9 +823,9 @@ impl ProxyWasmFilter {
         let count = i32::try_from(count).unwrap_or(i32::MAX);
         self.with_vm(worker, phase, Some(x), request, |live, ctx| {
             let f = if request {
-                live.exports.request_headers.clone()
+                live.exports.request_headers.as_ref()
             } else {
-                live.exports.response_headers.clone()
+                live.exports.response_headers.as_ref()
             };
             let Some(f) = f else {
                 return Ok(Ok(Verdict::Continue));
@@ -920,7 +920,7 @@ impl ProxyWasmFilter {
         }
         let len = i32::try_from(body.len()).unwrap_or(i32::MAX);
         let hold = self.with_vm(worker, Phase::Body(d), Some(&mut *x), false, |live, ctx| {
-            let Some(f) = live.exports.body[d.idx()].clone() else {
+            let Some(f) = live.exports.body[d.idx()].as_ref() else {
                 return Ok(Ok(None));
             };
             let a = f.call(&mut live.store, (ctx as i32, len, b(end_of_stream)))?;
@@ -1007,7 +1007,7 @@ impl ProxyWasmFilter {
         let count = x.trailers[d.idx()].as_ref().map_or(0, http::HeaderMap::len);
         let count = i32::try_from(count).unwrap_or(i32::MAX);
         self.with_vm(worker, Phase::Trailers(d), Some(x), false, |live, ctx| {
-            let Some(f) = live.exports.trailers[d.idx()].clone() else {
+            let Some(f) = live.exports.trailers[d.idx()].as_ref() else {
                 return Ok(Ok(Verdict::Continue));
             };
             let a = f.call(&mut live.store, (ctx as i32, count))?;
@@ -1079,7 +1079,7 @@ impl ProxyWasmFilter {
                 let root = self.root as i32;
                 let called = match grpc_outcome(&result) {
                     Ok(message) => {
-                        let Some(f) = live.exports.grpc_receive.clone() else {
+                        let Some(f) = live.exports.grpc_receive.as_ref() else {
                             return Ok(Err(
                                 "sent a gRPC call but does not export proxy_on_grpc_receive".into(),
                             ));
@@ -1089,7 +1089,7 @@ impl ProxyWasmFilter {
                         f.call(&mut live.store, (root, token as i32, len))
                     }
                     Err((code, message)) => {
-                        let Some(f) = live.exports.grpc_close.clone() else {
+                        let Some(f) = live.exports.grpc_close.as_ref() else {
                             return Ok(Err(
                                 "sent a gRPC call but does not export proxy_on_grpc_close".into(),
                             ));
@@ -1103,7 +1103,7 @@ impl ProxyWasmFilter {
                 data.grpc_status = None;
                 called?;
             } else {
-                let Some(f) = live.exports.http_call_response.clone() else {
+                let Some(f) = live.exports.http_call_response.as_ref() else {
                     return Ok(Err(
                         "sent an HTTP callout but does not export proxy_on_http_call_response"
                             .into(),
@@ -1328,7 +1328,7 @@ impl ProxyWasmFilter {
                     .collect();
                 let args = args(pairs.len());
                 data.grpc_initial = Some(pairs);
-                match live.exports.grpc_initial.clone() {
+                match live.exports.grpc_initial.as_ref() {
                     Some(f) => f.call(&mut live.store, args),
                     None => Ok(()),
                 }
@@ -1337,7 +1337,7 @@ impl ProxyWasmFilter {
                 self.meta.grpc_stream_messages.inc();
                 let args = args(m.len());
                 data.grpc_message = Some(m);
-                match live.exports.grpc_receive.clone() {
+                match live.exports.grpc_receive.as_ref() {
                     Some(f) => f.call(&mut live.store, args),
                     None => Ok(()),
                 }
@@ -1345,7 +1345,7 @@ impl ProxyWasmFilter {
             Event::TrailingMetadata(h) => {
                 let args = args(h.len());
                 data.grpc_trailing = Some(h);
-                match live.exports.grpc_trailing.clone() {
+                match live.exports.grpc_trailing.as_ref() {
                     Some(f) => f.call(&mut live.store, args),
                     None => Ok(()),
                 }
@@ -1356,7 +1356,7 @@ impl ProxyWasmFilter {
                 }
                 super::grpc::remote_closed(data, token);
                 data.grpc_status = Some((code, message));
-                match live.exports.grpc_close.clone() {
+                match live.exports.grpc_close.as_ref() {
                     Some(f) => f.call(
                         &mut live.store,
                         (self.root as i32, token as i32, code as i32),
@@ -1491,13 +1491,13 @@ impl ProxyWasmFilter {
             let Some(ctx) = pw else { return Ok(Ok(())) };
             live.store.data_mut().effective = ctx;
             let ctx = ctx as i32;
-            if let Some(f) = live.exports.done.clone() {
+            if let Some(f) = live.exports.done.as_ref() {
                 f.call(&mut live.store, ctx)?;
             }
-            if let Some(f) = live.exports.log.clone() {
+            if let Some(f) = live.exports.log.as_ref() {
                 f.call(&mut live.store, ctx)?;
             }
-            if let Some(f) = live.exports.delete.clone() {
+            if let Some(f) = live.exports.delete.as_ref() {
                 f.call(&mut live.store, ctx)?;
             }
             Ok(Ok(()))
@@ -1817,7 +1817,7 @@ impl NetworkFilter for ProxyWasmFilter {
     fn on_new_connection(&self, worker: usize, c: &mut Exchange) -> Result<NetVerdict, String> {
         self.stats.calls["new_connection"].inc();
         self.with_vm(worker, Phase::Connection, Some(c), true, |live, ctx| {
-            let Some(f) = live.exports.new_connection.clone() else {
+            let Some(f) = live.exports.new_connection.as_ref() else {
                 return Ok(Ok(NetVerdict::Continue));
             };
             let a = f.call(&mut live.store, ctx as i32)?;
@@ -1852,7 +1852,7 @@ impl NetworkFilter for ProxyWasmFilter {
         let len = c.bodies[d.idx()].as_ref().map_or(0, Vec::len);
         let len = i32::try_from(len).unwrap_or(i32::MAX);
         self.with_vm(worker, Phase::Data(d), Some(c), false, |live, ctx| {
-            let Some(f) = live.exports.data[d.idx()].clone() else {
+            let Some(f) = live.exports.data[d.idx()].as_ref() else {
                 return Ok(Ok(NetVerdict::Continue));
             };
             let a = f.call(&mut live.store, (ctx as i32, len, b(end_of_stream)))?;
@@ -1888,7 +1888,7 @@ impl NetworkFilter for ProxyWasmFilter {
         self.stats.calls[label].inc();
         let kind = if remote { peer::REMOTE } else { peer::LOCAL };
         let r = self.with_vm(worker, Phase::Connection, Some(c), false, |live, ctx| {
-            if let Some(f) = live.exports.connection_close[peer.idx()].clone() {
+            if let Some(f) = live.exports.connection_close[peer.idx()].as_ref() {
                 f.call(&mut live.store, (ctx as i32, kind))?;
             }
             Ok(Ok(()))
