@@ -32,6 +32,7 @@
 //! ([`super::grpc`]) run as tasks of this worker's VM, one VM call per event.
 
 use std::cell::RefCell;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -648,6 +649,12 @@ impl ProxyWasmFilter {
                 live.queues.insert(q, n);
             }
         }
+    }
+
+    /// `f` on this worker's live VM of this plugin, outside any guest call;
+    /// `None` if there is none (never started, or failed).
+    fn live_vm<R>(&self, f: impl FnOnce(&mut Live) -> Option<R>) -> Option<R> {
+        VMS.with(|cell| f(cell.borrow_mut().get_mut(&self.vm)?.live.as_mut()?))
     }
 
     /// Runs `call` on this worker's VM (starting it if needed) with `x` swapped into
@@ -1271,28 +1278,21 @@ impl ProxyWasmFilter {
         token: u32,
         event: super::grpc::Event,
     ) -> Result<bool, super::grpc::Event> {
-        VMS.with(|cell| {
-            let mut map = cell.borrow_mut();
-            let Some(live) = map.get_mut(&self.vm).and_then(|s| s.live.as_mut()) else {
-                return Err(event);
-            };
+        let last = matches!(event, super::grpc::Event::Close(..));
+        // Taken only if a wait holds it.
+        let mut event = Some(event);
+        self.live_vm(|live| {
             let data = live.store.data_mut();
-            let Some(ctx) = data
-                .streams
-                .get(&token)
-                .filter(|st| !st.remote_closed)
-                .map(|st| st.context)
-            else {
-                return Err(event);
-            };
-            let Some(wait) = data.stream_waits.get_mut(&ctx) else {
-                return Err(event);
-            };
-            let last = matches!(event, super::grpc::Event::Close(..));
-            wait.held.push_back((token, event));
+            let st = data.streams.get(&token).filter(|st| !st.remote_closed)?;
+            let wait = data.stream_waits.get_mut(&st.context)?;
+            wait.held.push_back((token, event.take()?));
             wait.fire();
-            Ok(!last)
-        })
+            Some(())
+        });
+        match event {
+            Some(event) => Err(event),
+            None => Ok(!last),
+        }
     }
 
     /// Calls the guest for one event of stream `token` as Envoy does:
@@ -1393,12 +1393,10 @@ impl ProxyWasmFilter {
         let phase = held_in.unwrap_or(Phase::CalloutResponse);
         self.with_vm(worker, phase, Some(x), false, |live, ctx| {
             let data = live.store.data_mut();
-            if data.stream_waits.get(&ctx).is_none_or(|w| w.id != wake) {
-                // Replaced by a later wait: nothing to deliver.
-                return Ok(Ok(Answer::Verdict(Verdict::Pause)));
-            }
-            let Some(wait) = data.stream_waits.remove(&ctx) else {
-                return Ok(Ok(Answer::Verdict(Verdict::Pause)));
+            let wait = match data.stream_waits.entry(ctx) {
+                Entry::Occupied(w) if w.get().id == wake => w.remove(),
+                // Replaced by a later wait, or given up: nothing to deliver.
+                _ => return Ok(Ok(Answer::Verdict(Verdict::Pause))),
             };
             data.resume = false;
             for (token, event) in wait.held {
@@ -1441,9 +1439,7 @@ impl ProxyWasmFilter {
     /// events already held are delivered first, with the exchange (their
     /// verdicts mean nothing now); else they are dropped with the wait.
     fn end_stream_wait(&self, worker: usize, x: &mut Exchange, deliver: bool) {
-        let wait = VMS.with(|cell| {
-            let mut map = cell.borrow_mut();
-            let live = map.get_mut(&self.vm)?.live.as_mut()?;
+        let wait = self.live_vm(|live| {
             let ctx = *live.contexts.get(&(x.context, self.root))?;
             let data = live.store.data_mut();
             let w = data.stream_waits.get(&ctx)?;
@@ -1503,24 +1499,18 @@ impl ProxyWasmFilter {
             Ok(Ok(()))
         });
         // The context is gone whatever happened.
-        VMS.with(|cell| {
-            if let Some(live) = cell
-                .borrow_mut()
-                .get_mut(&self.vm)
-                .and_then(|s| s.live.as_mut())
-            {
-                if let Some(pw) = live.contexts.remove(&(context, self.root)) {
-                    let data = live.store.data_mut();
-                    data.contexts.remove(&pw);
-                    data.props.retain(|(c, _), _| *c != pw);
-                    // Its callouts are aborted with the chain; never delivered.
-                    data.outstanding.retain(|_, c| *c != pw);
-                    // Its gRPC streams are reset (as Envoy does when a context
-                    // is destroyed).
-                    super::grpc::drop_context(&mut data.streams, pw);
-                    data.stream_waits.remove(&pw);
-                }
-            }
+        self.live_vm(|live| {
+            let pw = live.contexts.remove(&(context, self.root))?;
+            let data = live.store.data_mut();
+            data.contexts.remove(&pw);
+            data.props.retain(|(c, _), _| *c != pw);
+            // Its callouts are aborted with the chain; never delivered.
+            data.outstanding.retain(|_, c| *c != pw);
+            // Its gRPC streams are reset (as Envoy does when a context is
+            // destroyed).
+            super::grpc::drop_context(&mut data.streams, pw);
+            data.stream_waits.remove(&pw);
+            Some(())
         });
         if let Err(e) = r {
             tracing::warn!(
