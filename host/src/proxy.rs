@@ -585,11 +585,12 @@ fn write_head(
     authority: &mut String,
 ) -> Result<(), ProxyError> {
     *req.method_mut() = x.method.clone();
-    let mut headers = if keep {
-        x.request_headers.clone()
-    } else {
-        std::mem::take(&mut x.request_headers)
-    };
+    let mut headers = std::mem::take(&mut x.request_headers);
+    if keep {
+        // The original goes upstream and the copy stays: the copy's storage is
+        // exactly full, and the `host` written below would reallocate it.
+        x.request_headers = headers.clone();
+    }
     if x.authority != *authority || x.path != req.uri().path_and_query().map_or("/", |p| p.as_str())
     {
         let uri = if req.uri().authority().is_some() {
@@ -875,12 +876,12 @@ async fn response_filters(
     let started = Instant::now();
     let replaced = chain.on_response_headers(eos).await;
     out.debug.response_filters = Some(started.elapsed());
-    // Copied only for a filter that reads the head later (body, trailers, log).
-    let headers = if later {
-        chain.x.response_headers.clone()
-    } else {
-        chain.x.response_headers.take()
-    };
+    // Copied only for a filter that reads the head later (body, trailers, log);
+    // the original (room to grow) goes to the client, the copy stays.
+    let headers = chain.x.response_headers.take();
+    if later {
+        chain.x.response_headers.clone_from(&headers);
+    }
     *resp.headers_mut() = headers.unwrap_or_default();
     let status = chain.x.status;
     shared.put(chain);
