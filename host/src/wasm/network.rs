@@ -302,11 +302,10 @@ impl WasmNetworkFilter {
             let Some(live) = slot.live.as_mut() else {
                 return Err(None);
             };
-            engine::arm(&mut live.store, self.settings.cpu);
+            let started = engine::arm(&mut live.store, self.settings.cpu);
             let data = live.store.data_mut();
             data.phase = Phase::Tick;
             data.in_exchange = false;
-            let started = Instant::now();
             let result = call(live);
             self.stats.duration.observe(started.elapsed());
             match result {
@@ -422,8 +421,7 @@ impl WasmNetworkFilter {
                 return Err("no instance".to_string());
             };
             let context = c.context;
-            engine::arm(&mut live.store, self.settings.cpu);
-            let started = Instant::now();
+            let started = engine::arm(&mut live.store, self.settings.cpu);
             let data = live.store.data_mut();
             data.phase = phase;
             data.in_exchange = true;

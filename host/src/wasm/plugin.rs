@@ -94,18 +94,21 @@ pub struct Settings {
 /// A plugin's data files by name (`files:` in the config), as read at load.
 pub type Files = HashMap<String, Arc<[u8]>>;
 
-/// `legate_plugin_calls_total` by phase, indexed by the phase's label: a short
-/// list searched in place, cheaper per call than hashing the label.
-pub(crate) struct PhaseCounters(Vec<(&'static str, Counter)>);
+/// `legate_plugin_calls_total` by phase, in [`PluginStats::PHASES`] order,
+/// indexed by the phase's label.
+pub(crate) struct PhaseCounters(Vec<Counter>);
 
 impl std::ops::Index<&str> for PhaseCounters {
     type Output = Counter;
 
     /// The counter of `phase`, which must be one of [`PluginStats::PHASES`] (a
-    /// host bug otherwise, as with a map).
+    /// host bug otherwise, as with a map). The search runs over the constant
+    /// list, so for a literal label (every caller's) the compiler folds it
+    /// into the index.
+    #[inline]
     fn index(&self, phase: &str) -> &Counter {
-        match self.0.iter().find(|(p, _)| *p == phase) {
-            Some((_, c)) => c,
+        match PluginStats::PHASES.iter().position(|p| *p == phase) {
+            Some(i) => &self.0[i],
             None => panic!("no call counter for phase `{phase}`"),
         }
     }
@@ -163,13 +166,10 @@ impl PluginStats {
         let calls = Self::PHASES
             .into_iter()
             .map(|p| {
-                (
-                    p,
-                    stats.counter(
-                        "legate_plugin_calls_total",
-                        "Calls into a plugin, by phase.",
-                        &[("plugin", name), ("phase", p)],
-                    ),
+                stats.counter(
+                    "legate_plugin_calls_total",
+                    "Calls into a plugin, by phase.",
+                    &[("plugin", name), ("phase", p)],
                 )
             })
             .collect();
@@ -713,8 +713,7 @@ impl WasmFilter {
             if let Some(x) = x.as_deref_mut() {
                 std::mem::swap(x, &mut data.x);
             }
-            engine::arm(&mut live.store, self.settings.cpu);
-            let started = Instant::now();
+            let started = engine::arm(&mut live.store, self.settings.cpu);
             let result = call(live);
             self.stats.duration.observe(started.elapsed());
             let data = live.store.data_mut();

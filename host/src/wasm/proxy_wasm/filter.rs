@@ -716,8 +716,7 @@ impl ProxyWasmFilter {
                 return Err("no VM".to_string());
             };
             let exchange = x.as_ref().map(|x| x.context);
-            engine::arm(&mut live.store, self.settings.cpu);
-            let started = Instant::now();
+            let started = engine::arm(&mut live.store, self.settings.cpu);
             let root = self.root;
             {
                 // The plugin being called (its configuration, name, root id): a
@@ -915,6 +914,7 @@ impl ProxyWasmFilter {
         let held = VMS.with(|cell| {
             cell.borrow_mut()
                 .get_mut(&self.vm)
+                .filter(|s| !s.held.is_empty())
                 .and_then(|s| s.held.remove(&key))
         });
         let body = x.bodies[d.idx()].get_or_insert_with(Vec::new);
@@ -1473,7 +1473,9 @@ impl ProxyWasmFilter {
             let mut map = cell.borrow_mut();
             let slot = map.get_mut(&self.vm)?;
             let root = self.root;
-            slot.held.retain(|(c, r, _), _| (*c, *r) != (context, root));
+            if !slot.held.is_empty() {
+                slot.held.retain(|(c, r, _), _| (*c, *r) != (context, root));
+            }
             slot.live
                 .as_mut()
                 .and_then(|live| live.contexts.get(&(context, root)).copied())
@@ -1503,13 +1505,23 @@ impl ProxyWasmFilter {
             let pw = live.contexts.remove(&(context, self.root))?;
             let data = live.store.data_mut();
             data.contexts.remove(&pw);
-            data.props.retain(|(c, _), _| *c != pw);
+            // (Each sweep only when there is something to sweep: most
+            // contexts leave nothing behind.)
+            if !data.props.is_empty() {
+                data.props.retain(|(c, _), _| *c != pw);
+            }
             // Its callouts are aborted with the chain; never delivered.
-            data.outstanding.retain(|_, c| *c != pw);
+            if !data.outstanding.is_empty() {
+                data.outstanding.retain(|_, c| *c != pw);
+            }
             // Its gRPC streams are reset (as Envoy does when a context is
             // destroyed).
-            super::grpc::drop_context(&mut data.streams, pw);
-            data.stream_waits.remove(&pw);
+            if !data.streams.is_empty() {
+                super::grpc::drop_context(&mut data.streams, pw);
+            }
+            if !data.stream_waits.is_empty() {
+                data.stream_waits.remove(&pw);
+            }
             Some(())
         });
         if let Err(e) = r {
