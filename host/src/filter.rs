@@ -801,7 +801,7 @@ impl Slot {
 /// The filter chains of one config version: per listener, with route overrides.
 #[derive(Default)]
 pub struct Filters {
-    chains: HashMap<Name, Arc<[Slot]>>,
+    chains: rustc_hash::FxHashMap<Name, Arc<[Slot]>>,
 }
 
 impl Filters {
@@ -841,7 +841,7 @@ impl Filters {
                 }
             }
         }
-        let mut chains = HashMap::new();
+        let mut chains = rustc_hash::FxHashMap::default();
         for l in &config.listeners {
             let Some(http) = &l.value.http else { continue };
             if http.filters.is_empty() {

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use arc_swap::ArcSwap;
+use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use crate::access_log::AccessLog;
@@ -83,10 +84,11 @@ pub type Loaded = HashMap<FilterKey, Arc<dyn HttpFilter>>;
 pub struct Snapshot {
     /// The config it was built from (for `/config_dump`).
     pub config: Arc<Config>,
-    /// Route tables by name.
-    pub route_tables: HashMap<Name, Arc<RouteTable>>,
+    /// Route tables by name (Fx-hashed, as every map the request path reads
+    /// by a config-made key: each request looks one of each up).
+    pub route_tables: FxHashMap<Name, Arc<RouteTable>>,
     /// Clusters by name.
-    pub clusters: HashMap<Name, Arc<ClusterEntry>>,
+    pub clusters: FxHashMap<Name, Arc<ClusterEntry>>,
     /// The longest pool idle timeout of any cluster (for the sweeper).
     pub max_pool_idle: Duration,
     /// The HTTP filter chains (Wasm plugins) per listener.
@@ -144,13 +146,13 @@ impl Snapshot {
         stats: &Arc<Stats>,
         loaded: Loaded,
     ) -> anyhow::Result<Self> {
-        let mut route_tables = HashMap::new();
+        let mut route_tables = FxHashMap::default();
         for t in &config.routes {
             let table = RouteTable::new(&t.value)
                 .with_context(|| format!("route table `{}`", t.value.name))?;
             route_tables.insert(t.value.name.clone(), Arc::new(table));
         }
-        let mut clusters = HashMap::new();
+        let mut clusters = FxHashMap::default();
         let mut max_pool_idle = Duration::from_secs(1);
         for c in &config.clusters {
             let c = &c.value;
