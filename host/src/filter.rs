@@ -169,6 +169,10 @@ impl BodyCtl {
 /// The default per-plugin cap of a buffered body (`limits.body`).
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 
+/// The default bound of one pause (`limits.pause`): Envoy's
+/// `stream_idle_timeout`.
+pub const DEFAULT_PAUSE_LIMIT: Duration = Duration::from_secs(300);
+
 /// What a filter tells the host after a phase.
 #[derive(Debug)]
 pub enum Verdict {
@@ -718,6 +722,11 @@ pub trait HttpFilter: Send + Sync {
     fn body_limit(&self) -> usize {
         DEFAULT_BODY_LIMIT
     }
+    /// How long one pause of this filter may hold the exchange (`limits.pause`);
+    /// `None`: no bound.
+    fn pause_limit(&self) -> Option<Duration> {
+        Some(DEFAULT_PAUSE_LIMIT)
+    }
     /// A body of direction `d` went over this filter's cap (for its stats).
     fn body_limit_exceeded(&self, d: Direction) {
         let _ = d;
@@ -1232,8 +1241,27 @@ impl Chain {
     /// `Pause`. Results for other filters are delivered as not paused; a failure of
     /// one of them applies its failure policy (the outer `Err`: it failed closed).
     async fn wait(&mut self, k: usize, phase: &str) -> Result<Result<Verdict, String>, ProxyError> {
+        // Callouts time out on their own; a gRPC stream may stay open and
+        // silent, so the pause as a whole is bounded too.
+        let limit = self.entered[k].pause_limit();
+        let deadline = limit.map(|d| tokio::time::Instant::now() + d);
         loop {
-            let Some(done) = self.inflight.join_next().await else {
+            let next = self.inflight.join_next();
+            let done = match deadline {
+                Some(at) => match tokio::time::timeout_at(at, next).await {
+                    Ok(done) => done,
+                    Err(_) => {
+                        let why = format!(
+                            "paused in {phase} for longer than its `limits.pause` ({:?}) without \
+                             being resumed",
+                            limit.unwrap_or_default()
+                        );
+                        return Ok(Err(self.refused_pause(k, why)));
+                    }
+                },
+                None => next.await,
+            };
+            let Some(done) = done else {
                 return Ok(Err(self.refused_pause(k, NOTHING_IN_FLIGHT.to_string())));
             };
             // A task only ends early when aborted: with the chain, or

@@ -457,3 +457,40 @@ each_proto!(
         assert_eq!(up.requests.get(), 1);
     }
 );
+
+each_proto!(
+    /// A request paused on a stream that stays open and silent is not held
+    /// forever: past the plugin's `limits.pause` the pause fails by the
+    /// failure policy (503, fail closed), the context's stream is reset with
+    /// it, and the proxy keeps serving.
+    async fn a_pause_on_a_silent_stream_ends_at_the_pause_limit(proto) {
+        let up = upstream().start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let cfg = config(up.addr, grpc.addr, closed_port_addr())
+            .replace("limits: { cpu: 500ms }", "limits: { cpu: 500ms, pause: 400ms }");
+        assert!(cfg.contains("pause: 400ms"));
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), c.get("/await-silent").send())
+            .await
+            .expect("the pause on a silent stream hangs");
+        let took = started.elapsed();
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(r.text().contains("streamer"), "{}", r.text());
+        assert!(took >= Duration::from_millis(400), "answered after {took:?}");
+        assert_eq!(up.requests.get(), 0);
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="streamer"}"#, 1.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_total"), 1.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+            .await;
+
+        // The VM lives on: the next pause is resumed by its stream as usual.
+        let r = c.get("/await/again").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-pw-stream-verdict"), Some("again"));
+    }
+);

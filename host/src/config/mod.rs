@@ -151,6 +151,14 @@ pub struct PluginLimits {
     /// while the body arrives, so the cap bounds what one slow client can pin.
     #[serde(default = "defaults::plugin_body")]
     pub body: Spanned<ByteSize>,
+    /// The longest one pause of this plugin may hold an exchange (waiting for
+    /// its callouts or gRPC streams to resume it); past it the pause fails by
+    /// the failure policy. Default 300s, Envoy's `stream_idle_timeout`, which
+    /// ends a stream a filter keeps paused; `0s` = no bound. Callouts have
+    /// their own timeouts; this bounds what nothing else does: a pause on a gRPC
+    /// stream that goes silent.
+    #[serde(default = "defaults::plugin_pause")]
+    pub pause: Spanned<Dur>,
 }
 
 impl Plugin {
@@ -170,6 +178,7 @@ impl Default for PluginLimits {
             cpu: defaults::plugin_cpu(),
             memory: defaults::plugin_memory(),
             body: defaults::plugin_body(),
+            pause: defaults::plugin_pause(),
         }
     }
 }
@@ -1327,6 +1336,9 @@ mod defaults {
     }
     pub fn plugin_body() -> Spanned<ByteSize> {
         unspanned(ByteSize(1 << 20))
+    }
+    pub fn plugin_pause() -> Spanned<Dur> {
+        unspanned(Dur::secs(300))
     }
 }
 

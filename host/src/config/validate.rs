@@ -738,6 +738,17 @@ fn validate_plugin(e: &mut Issues, p: &Spanned<Plugin>, clusters: &Defined<'_>) 
             "use between `1KiB` and `64MiB` (a buffered body is held in host memory per exchange)",
         );
     }
+    let pause = p.limits.pause.value.get();
+    if pause > std::time::Duration::from_secs(3600) {
+        e.at(
+            &p.limits.pause.referenced,
+            format!(
+                "plugin `{}`: `limits.pause` {} is out of range",
+                p.name, p.limits.pause.value
+            ),
+            "use at most `1h`, or `0s` for no bound",
+        );
+    }
     for c in &p.capabilities.clusters {
         clusters.check(e, c);
     }

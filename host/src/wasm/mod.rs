@@ -149,6 +149,11 @@ pub fn load(
     Ok(out)
 }
 
+/// `limits.pause` of plugin `p`; `None` for `0s` (no bound).
+fn pause_limit(p: &crate::config::Plugin) -> Option<std::time::Duration> {
+    Some(p.limits.pause.value.get()).filter(|d| !d.is_zero())
+}
+
 /// The sandbox settings of component plugin `p` configured with `json`.
 fn settings(
     p: &crate::config::Plugin,
@@ -168,6 +173,7 @@ fn settings(
             .map(|n| n.value.to_string())
             .collect(),
         body_limit: usize::try_from(p.limits.body.value.0).unwrap_or(usize::MAX),
+        pause_limit: pause_limit(p),
         files,
     }
 }
@@ -343,6 +349,7 @@ fn load_proxy_wasm(
                 memory: usize::try_from(p.limits.memory.value.0).unwrap_or(usize::MAX),
                 fail_open: p.fail == FailPolicy::Open,
                 body_limit: usize::try_from(p.limits.body.value.0).unwrap_or(usize::MAX),
+                pause_limit: pause_limit(p),
             },
             stats,
             shares,

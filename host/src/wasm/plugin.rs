@@ -87,6 +87,8 @@ pub struct Settings {
     pub clusters: Vec<String>,
     /// The buffered body cap (`limits.body`).
     pub body_limit: usize,
+    /// How long one pause may hold an exchange (`limits.pause`; `None`: no bound).
+    pub pause_limit: Option<Duration>,
     /// The data files granted (`files:`), read at load.
     pub files: Arc<Files>,
 }
@@ -977,6 +979,10 @@ impl HttpFilter for WasmFilter {
 
     fn body_limit(&self) -> usize {
         self.settings.body_limit
+    }
+
+    fn pause_limit(&self) -> Option<Duration> {
+        self.settings.pause_limit
     }
 
     fn host_failure(&self) {

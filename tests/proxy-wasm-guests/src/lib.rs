@@ -1243,6 +1243,15 @@ impl HttpContext for Filter {
                         }
                     };
                 }
+                if path == "/await-silent" {
+                    // A bidi stream the server answers only when spoken to,
+                    // and nothing is sent: open, silent, and nothing else
+                    // could resume the pause (bounded by `limits.pause`).
+                    if let Ok(t) = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![]) {
+                        self.grpc_token = Some(t);
+                    }
+                    return Action::Pause;
+                }
                 if path == "/await-body" {
                     // A stream open at a headers Pause with a body to come:
                     // the host buffers the body (as without a stream); the

@@ -72,6 +72,8 @@ pub struct Settings {
     pub fail_open: bool,
     /// `limits.body`: the cap of a body the filter holds.
     pub body_limit: usize,
+    /// `limits.pause`: how long one pause may hold an exchange (`None`: no bound).
+    pub pause_limit: Option<Duration>,
 }
 
 /// `proxy_on_http_call_response(root, token, headers, body_size, trailers)`.
@@ -1645,6 +1647,10 @@ impl HttpFilter for ProxyWasmFilter {
 
     fn body_limit(&self) -> usize {
         self.meta.body_limit
+    }
+
+    fn pause_limit(&self) -> Option<Duration> {
+        self.settings.pause_limit
     }
 
     fn host_failure(&self) {
