@@ -295,6 +295,18 @@ impl<K: PartialEq> Aborts<K> {
         h.abort();
         Some(running)
     }
+
+    /// Aborts every task whose key `matches` (they will deliver nothing).
+    pub fn abort_all(&mut self, matches: impl Fn(&K) -> bool) {
+        self.0.retain(|(k, h)| {
+            if matches(k) {
+                h.abort();
+                false
+            } else {
+                true
+            }
+        });
+    }
 }
 
 impl<K: PartialEq> Default for Aborts<K> {
@@ -331,6 +343,11 @@ impl<T: 'static> Inflight<T> {
     /// (it will deliver nothing), `false` if it is unknown or already done.
     pub fn cancel(&mut self, i: usize, id: u64) -> bool {
         self.handles.abort(&(i, id)) == Some(true)
+    }
+
+    /// Aborts every callout (and wake-up) of filter `i`.
+    pub fn cancel_filter(&mut self, i: usize) {
+        self.handles.abort_all(|(f, _)| *f == i);
     }
 }
 
@@ -712,6 +729,12 @@ pub trait HttpFilter: Send + Sync {
     /// where nothing can end the pause (no callout in flight, or a streamed
     /// part the host cannot hold). For the filter's stats, as its own failures.
     fn host_failure(&self) {}
+    /// The chain gave up this filter's pause (past its `limits.pause`): its
+    /// callouts were aborted and will deliver nothing; the filter drops what
+    /// it kept for the pause.
+    fn pause_abandoned(&self, worker: usize, x: &mut Exchange) {
+        let _ = (worker, x);
+    }
     /// The default body mode of direction `d` (meaningful only if that body phase
     /// is declared).
     fn body_mode(&self, d: Direction) -> BodyMode {
@@ -1251,6 +1274,13 @@ impl Chain {
                 Some(at) => match tokio::time::timeout_at(at, next).await {
                     Ok(done) => done,
                     Err(_) => {
+                        // Nothing may deliver to the abandoned pause later (a
+                        // wake-up in flight would also keep a later filter's
+                        // pause from failing as nothing-in-flight).
+                        self.inflight.cancel_filter(k);
+                        let f = self.entered[k].clone();
+                        f.pause_abandoned(self.worker, &mut self.x);
+                        self.dispatch(k);
                         let why = format!(
                             "paused in {phase} for longer than its `limits.pause` ({:?}) without \
                              being resumed",

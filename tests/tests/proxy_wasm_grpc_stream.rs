@@ -494,3 +494,84 @@ each_proto!(
         assert_eq!(r.echo().header("x-pw-stream-verdict"), Some("again"));
     }
 );
+
+each_proto!(
+    /// A stream event for an HTTP context that is not paused (its request went
+    /// on at once) runs outside the exchange, as in Envoy: a header write is
+    /// `OK` and goes nowhere (the head is out; the Rust SDK's helpers panic on
+    /// anything else), and a local response answers the client at the
+    /// exchange's next callback (here the response head, which it replaces;
+    /// the upstream had the request already, as in Envoy). The VM keeps
+    /// serving.
+    async fn a_stream_event_outside_the_exchange_writes_nowhere_and_may_answer(proto) {
+        // The upstream answers after the stream's reply has come.
+        let up = upstream().delay(Duration::from_millis(500)).start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, grpc.addr, closed_port_addr()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c.get("/unpaused/hello").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-unpaused-write"), Some("Ok(())"));
+        // Written after the head went out: not seen upstream.
+        assert_eq!(r.echo().header("x-pw-late"), None);
+
+        let r = c.get("/unpaused/deny").send().await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.header("x-pw-stream-verdict"), Some("deny"));
+        assert_eq!(r.text(), "denied by the stream");
+        assert_eq!(up.requests.get(), 2);
+        lg.assert_stat(r#"legate_plugin_traps_total{plugin="streamer"}"#, 0.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+            .await;
+
+        let r = c.get("/await/again").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-pw-stream-verdict"), Some("again"));
+    }
+);
+
+each_proto!(
+    /// `fail: open`: a pause that outlives `limits.pause` is given up and the
+    /// request goes on to the upstream. The stream stays open; its later
+    /// events reach the guest as for a context not paused (here its header
+    /// write from the fifth reply is `OK` and goes nowhere, where the SDK's
+    /// helper would panic on an error), and the stream is reset when the
+    /// exchange ends.
+    async fn a_pause_given_up_with_fail_open_goes_on_and_its_stream_with_it(proto) {
+        // The upstream answers after the stream's five replies (50 ms apart).
+        let up = upstream().delay(Duration::from_millis(600)).start().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let cfg = config(up.addr, grpc.addr, closed_port_addr()).replace(
+            "    limits: { cpu: 500ms }",
+            "    fail: open\n    limits: { cpu: 500ms, pause: 120ms }",
+        );
+        assert!(cfg.contains("pause: 120ms"));
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let started = Instant::now();
+        let r = c.get("/await-count/5").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(started.elapsed() >= Duration::from_millis(120));
+        // Given up before the last reply: nothing was written into the head.
+        assert_eq!(r.echo().header("x-pw-stream-seen"), None);
+        assert_eq!(up.requests.get(), 1);
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="streamer"}"#, 1.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 5.0)
+            .await;
+        lg.assert_stat(r#"legate_plugin_traps_total{plugin="streamer"}"#, 0.0)
+            .await;
+        lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
+            .await;
+
+        // A pause that ends in time still works on the same VM.
+        let r = c.get("/await-count/1").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-pw-stream-seen"), Some("1"));
+    }
+);

@@ -825,6 +825,22 @@ impl Filter {
 impl Context for Filter {
     fn on_grpc_stream_message(&mut self, token: u32, size: usize) {
         let m = self.get_grpc_stream_message(0, size).unwrap_or_default();
+        if self.path.starts_with("/unpaused/") {
+            let text = match m.as_slice() {
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned(),
+                _ => "<undecodable>".to_string(),
+            };
+            // The request head went out already: Envoy answers OK (the
+            // change goes nowhere), and so must this host, or the SDK's
+            // helpers panic.
+            let w = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-pw-late", Some(&text));
+            self.seen.push(("x-pw-unpaused-write".into(), format!("{w:?}")));
+            if text == "deny" {
+                self.send_http_response(403, vec![("x-pw-stream-verdict", "deny")], Some(b"denied by the stream"));
+            }
+            self.close_grpc_stream_or_log(token);
+            return;
+        }
         if self.path == "/await-body" {
             let text = match m.as_slice() {
                 [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned(),
@@ -1242,6 +1258,16 @@ impl HttpContext for Filter {
                             Action::Pause
                         }
                     };
+                }
+                if let Some(word) = path.strip_prefix("/unpaused/") {
+                    // A stream whose reply comes while the request is not
+                    // paused (it goes on at once): its callback runs outside
+                    // the exchange, writes a header and may answer.
+                    if let Ok(t) = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![]) {
+                        self.grpc_token = Some(t);
+                        hostcalls::send_grpc_stream_message(t, Some(&say_request(word)), false).ok();
+                    }
+                    return Action::Continue;
                 }
                 if path == "/await-silent" {
                     // A bidi stream the server answers only when spoken to,

@@ -548,6 +548,7 @@ impl ProxyWasmFilter {
             }
         }
         let first_free = list.iter().map(|m| m.root).max().unwrap_or(ROOT_CONTEXT) + 1;
+        store.data_mut().first_context = first_free;
         Ok(Live {
             store,
             exports,
@@ -738,7 +739,11 @@ impl ProxyWasmFilter {
                         pw = live.next_context;
                         live.next_context = live.next_context.wrapping_add(1).max(live.first_free);
                         live.contexts.insert((c, root), pw);
-                        live.store.data_mut().contexts.insert(pw);
+                        let data = live.store.data_mut();
+                        data.contexts.insert(pw);
+                        if phase == Phase::Connection {
+                            data.tcp_contexts.insert(pw);
+                        }
                         if let Some(f) = live.exports.context_create.as_ref() {
                             result = f
                                 .call(&mut live.store, (pw as i32, root as i32))
@@ -830,6 +835,9 @@ impl ProxyWasmFilter {
         };
         let count = i32::try_from(count).unwrap_or(i32::MAX);
         self.with_vm(worker, phase, Some(x), request, |live, ctx| {
+            if let Some(lr) = take_pending_local(live.store.data_mut(), ctx) {
+                return Ok(Ok(Verdict::Respond(lr)));
+            }
             let f = if request {
                 live.exports.request_headers.as_ref()
             } else {
@@ -929,6 +937,9 @@ impl ProxyWasmFilter {
         }
         let len = i32::try_from(body.len()).unwrap_or(i32::MAX);
         let hold = self.with_vm(worker, Phase::Body(d), Some(&mut *x), false, |live, ctx| {
+            if let Some(lr) = take_pending_local(live.store.data_mut(), ctx) {
+                return Ok(Ok(Some(Verdict::Respond(lr))));
+            }
             let Some(f) = live.exports.body[d.idx()].as_ref() else {
                 return Ok(Ok(None));
             };
@@ -1016,6 +1027,9 @@ impl ProxyWasmFilter {
         let count = x.trailers[d.idx()].as_ref().map_or(0, http::HeaderMap::len);
         let count = i32::try_from(count).unwrap_or(i32::MAX);
         self.with_vm(worker, Phase::Trailers(d), Some(x), false, |live, ctx| {
+            if let Some(lr) = take_pending_local(live.store.data_mut(), ctx) {
+                return Ok(Ok(Verdict::Respond(lr)));
+            }
             let Some(f) = live.exports.trailers[d.idx()].as_ref() else {
                 return Ok(Ok(Verdict::Continue));
             };
@@ -1509,6 +1523,16 @@ impl ProxyWasmFilter {
             data.contexts.remove(&pw);
             // (Each sweep only when there is something to sweep: most
             // contexts leave nothing behind.)
+            if !data.tcp_contexts.is_empty() {
+                data.tcp_contexts.remove(&pw);
+            }
+            if !data.pending_local.is_empty() && data.pending_local.remove(&pw).is_some() {
+                tracing::debug!(
+                    plugin = &*self.meta.name,
+                    "a local response sent outside the exchange came after its last callback; \
+                     dropped"
+                );
+            }
             if !data.props.is_empty() {
                 data.props.retain(|(c, _), _| *c != pw);
             }
@@ -1533,6 +1557,15 @@ impl ProxyWasmFilter {
             );
         }
     }
+}
+
+/// The local response context `ctx` sent from a callback outside its exchange
+/// (see [`PwState::pending_local`]), now that the exchange is here.
+fn take_pending_local(data: &mut PwState, ctx: u32) -> Option<LocalResponse> {
+    if data.pending_local.is_empty() {
+        return None;
+    }
+    data.pending_local.remove(&ctx)
 }
 
 /// `Pause` from the end-of-stream body callback or a trailers callback of
@@ -1764,6 +1797,13 @@ impl HttpFilter for ProxyWasmFilter {
     fn on_log(&self, worker: usize, x: &mut Exchange) {
         let context = x.context;
         self.finish(worker, context, Some(x));
+    }
+
+    fn pause_abandoned(&self, worker: usize, x: &mut Exchange) {
+        // Events held for the pause are delivered now (as after a pause a
+        // call's callback ended); the streams stay open (the guest may still
+        // use them), their later events come as for a context not paused.
+        self.end_stream_wait(worker, x, true);
     }
 
     fn on_done(&self, worker: usize, context: u64, _detached: bool) {

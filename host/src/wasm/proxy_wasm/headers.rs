@@ -193,6 +193,16 @@ fn writable(s: &mut PwState, which: i32) -> Result<Option<&mut Exchange>, i32> {
     let late = matches!(phase, Phase::Body(_) | Phase::Trailers(_))
         && matches!(which, map::REQUEST_HEADERS | map::RESPONSE_HEADERS);
     let name = s.meta.name.clone();
+    if s.exchange().is_none() && s.detached_http().is_some() {
+        // Envoy keeps an HTTP context's maps for the stream's life and accepts
+        // writes to a head already sent (they go nowhere).
+        tracing::debug!(
+            plugin = &*name,
+            "a header write from an HTTP context outside its exchange (a callback while it \
+             is not paused) is ignored"
+        );
+        return Ok(None);
+    }
     match s.exchange() {
         Some(x) if ok => Ok(Some(x)),
         Some(_) if late => {

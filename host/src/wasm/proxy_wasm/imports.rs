@@ -595,12 +595,26 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 let body = read(c, bp, bn)?;
                 let hdrs = read(c, hp, hn)?;
                 let pairs = parse_pairs(&hdrs).ok_or(Fail::Status(status::BAD_ARGUMENT))?;
-                if c.data_mut().exchange().is_none() {
-                    return fail(status::BAD_ARGUMENT);
-                }
+                let s = c.data_mut();
+                // An HTTP context outside its exchange (a gRPC stream event
+                // while it is not paused): Envoy answers at once; the answer
+                // waits for the exchange's next phase call here.
+                let detached = if s.exchange().is_some() {
+                    None
+                } else {
+                    Some(
+                        s.detached_http()
+                            .ok_or(Fail::Status(status::BAD_ARGUMENT))?,
+                    )
+                };
                 let lr = local_response(code as u32, details, body, pairs, grpc)
                     .map_err(Fail::Status)?;
-                c.data_mut().local = Some(lr);
+                match detached {
+                    None => s.local = Some(lr),
+                    Some(ctx) => {
+                        s.pending_local.insert(ctx, lr);
+                    }
+                }
                 Ok(())
             })
         },

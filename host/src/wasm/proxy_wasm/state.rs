@@ -183,8 +183,16 @@ pub struct PwState {
     pub x_context: u32,
     /// The context `proxy_set_effective_context` chose (the called one by default).
     pub effective: u32,
-    /// Live context ids of this VM (root and HTTP).
+    /// Live context ids of this VM (root, HTTP and TCP).
     pub contexts: FxHashSet<u32>,
+    /// The first id after the root contexts (HTTP and TCP contexts are above).
+    pub first_context: u32,
+    /// The live TCP contexts among `contexts`.
+    pub tcp_contexts: FxHashSet<u32>,
+    /// Local responses sent by HTTP contexts from a callback outside their
+    /// exchange (a gRPC stream event while not paused): answered at the
+    /// exchange's next phase call, as Envoy answers at once.
+    pub pending_local: FxHashMap<u32, LocalResponse>,
     /// A local response sent during the current call.
     pub local: Option<LocalResponse>,
     /// The guest asked to reset the stream (`proxy_close_stream`).
@@ -264,6 +272,9 @@ impl PwState {
             x_context: 0,
             effective: ROOT_CONTEXT,
             contexts: FxHashSet::from_iter([ROOT_CONTEXT]),
+            first_context: ROOT_CONTEXT + 1,
+            tcp_contexts: FxHashSet::default(),
+            pending_local: FxHashMap::default(),
             local: None,
             close: false,
             root: ROOT_CONTEXT,
@@ -292,6 +303,18 @@ impl PwState {
     pub fn new_token(&mut self) -> u32 {
         self.next_token = self.next_token.wrapping_add(1).max(1);
         self.next_token
+    }
+
+    /// The effective context if it is an HTTP context called outside its
+    /// exchange (a gRPC stream callback while it is not paused, or a context
+    /// another callback made effective).
+    pub fn detached_http(&self) -> Option<u32> {
+        let c = self.effective;
+        (c >= self.first_context
+            && !(self.x_context != 0 && c == self.x_context)
+            && self.contexts.contains(&c)
+            && !self.tcp_contexts.contains(&c))
+        .then_some(c)
     }
 
     /// The live exchange, if the effective context is the one whose exchange is in
