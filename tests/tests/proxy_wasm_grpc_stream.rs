@@ -70,11 +70,31 @@ plugins:
 /// on [`config`] (a dead cluster on a closed port) and a `proto` client of its
 /// listener.
 async fn setup(proto: Proto) -> (UpstreamHandle, GrpcUpstreamHandle, LegateHandle, Client) {
-    let up = upstream().start().await;
+    setup_with(proto, None, "").await
+}
+
+/// [`setup`] with the echo upstream answering after `delay`, and the
+/// plugin's `limits: { cpu: 500ms }` line replaced by `plugin` (unless empty:
+/// e.g. `fail: open` and other limits).
+async fn setup_with(
+    proto: Proto,
+    delay: Option<Duration>,
+    plugin: &str,
+) -> (UpstreamHandle, GrpcUpstreamHandle, LegateHandle, Client) {
+    let up = match delay {
+        Some(d) => upstream().delay(d),
+        None => upstream(),
+    }
+    .start()
+    .await;
     let grpc = legate_tests::grpc::grpc_upstream().start().await;
-    let lg = legate()
-        .config(&config(up.addr, grpc.addr, closed_port_addr()))
-        .start();
+    let mut cfg = config(up.addr, grpc.addr, closed_port_addr());
+    if !plugin.is_empty() {
+        const LIMITS: &str = "    limits: { cpu: 500ms }\n";
+        assert!(cfg.contains(LIMITS));
+        cfg = cfg.replace(LIMITS, plugin);
+    }
+    let lg = legate().config(&cfg).start();
     let c = client(proto, lg.addr("web")).await;
     (up, grpc, lg, c)
 }
@@ -464,13 +484,8 @@ each_proto!(
     /// failure policy (503, fail closed), the context's stream is reset with
     /// it, and the proxy keeps serving.
     async fn a_pause_on_a_silent_stream_ends_at_the_pause_limit(proto) {
-        let up = upstream().start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let cfg = config(up.addr, grpc.addr, closed_port_addr())
-            .replace("limits: { cpu: 500ms }", "limits: { cpu: 500ms, pause: 400ms }");
-        assert!(cfg.contains("pause: 400ms"));
-        let lg = legate().config(&cfg).start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (up, _grpc, lg, mut c) =
+            setup_with(proto, None, "    limits: { cpu: 500ms, pause: 400ms }\n").await;
 
         let started = Instant::now();
         let r = tokio::time::timeout(Duration::from_secs(10), c.get("/await-silent").send())
@@ -505,12 +520,8 @@ each_proto!(
     /// serving.
     async fn a_stream_event_outside_the_exchange_writes_nowhere_and_may_answer(proto) {
         // The upstream answers after the stream's reply has come.
-        let up = upstream().delay(Duration::from_millis(500)).start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, grpc.addr, closed_port_addr()))
-            .start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (up, _grpc, lg, mut c) =
+            setup_with(proto, Some(Duration::from_millis(500)), "").await;
 
         let r = c.get("/unpaused/hello").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
@@ -543,15 +554,12 @@ each_proto!(
     /// exchange ends.
     async fn a_pause_given_up_with_fail_open_goes_on_and_its_stream_with_it(proto) {
         // The upstream answers after the stream's five replies (50 ms apart).
-        let up = upstream().delay(Duration::from_millis(600)).start().await;
-        let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        let cfg = config(up.addr, grpc.addr, closed_port_addr()).replace(
-            "    limits: { cpu: 500ms }",
-            "    fail: open\n    limits: { cpu: 500ms, pause: 120ms }",
-        );
-        assert!(cfg.contains("pause: 120ms"));
-        let lg = legate().config(&cfg).start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (up, _grpc, lg, mut c) = setup_with(
+            proto,
+            Some(Duration::from_millis(600)),
+            "    fail: open\n    limits: { cpu: 500ms, pause: 120ms }\n",
+        )
+        .await;
 
         let started = Instant::now();
         let r = c.get("/await-count/5").send().await;

@@ -705,49 +705,51 @@ fn validate_plugin(e: &mut Issues, p: &Spanned<Plugin>, clusters: &Defined<'_>) 
             );
         }
     }
-    let cpu = p.limits.cpu.value.get();
-    if cpu < std::time::Duration::from_millis(1) || cpu > std::time::Duration::from_secs(10) {
-        e.at(
-            &p.limits.cpu.referenced,
-            format!(
-                "plugin `{}`: `limits.cpu` {} is out of range",
-                p.name, p.limits.cpu.value
-            ),
+    let l = &p.limits;
+    let cpu = l.cpu.value.get();
+    let mem = l.memory.value.0;
+    let body = l.body.value.0;
+    let checks = [
+        (
+            (Duration::from_millis(1)..=Duration::from_secs(10)).contains(&cpu),
+            "cpu",
+            &l.cpu.referenced,
+            l.cpu.value.to_string(),
             "use between `1ms` and `10s` (deadlines are enforced at 1ms granularity)",
-        );
-    }
-    let mem = p.limits.memory.value.0;
-    if !((1 << 20)..=(256 << 20)).contains(&mem) {
-        e.at(
-            &p.limits.memory.referenced,
-            format!(
-                "plugin `{}`: `limits.memory` {} is out of range",
-                p.name, p.limits.memory.value
-            ),
+        ),
+        (
+            ((1 << 20)..=(256 << 20)).contains(&mem),
+            "memory",
+            &l.memory.referenced,
+            l.memory.value.to_string(),
             "use between `1MiB` and `256MiB`",
-        );
-    }
-    let body = p.limits.body.value.0;
-    if !((1 << 10)..=(64 << 20)).contains(&body) {
-        e.at(
-            &p.limits.body.referenced,
-            format!(
-                "plugin `{}`: `limits.body` {} is out of range",
-                p.name, p.limits.body.value
-            ),
+        ),
+        (
+            ((1 << 10)..=(64 << 20)).contains(&body),
+            "body",
+            &l.body.referenced,
+            l.body.value.to_string(),
             "use between `1KiB` and `64MiB` (a buffered body is held in host memory per exchange)",
-        );
-    }
-    let pause = p.limits.pause.value.get();
-    if pause > std::time::Duration::from_secs(3600) {
-        e.at(
-            &p.limits.pause.referenced,
-            format!(
-                "plugin `{}`: `limits.pause` {} is out of range",
-                p.name, p.limits.pause.value
-            ),
+        ),
+        (
+            l.pause.value.get() <= Duration::from_secs(3600),
+            "pause",
+            &l.pause.referenced,
+            l.pause.value.to_string(),
             "use at most `1h`, or `0s` for no bound",
-        );
+        ),
+    ];
+    for (ok, key, at, value, help) in checks {
+        if !ok {
+            e.at(
+                at,
+                format!(
+                    "plugin `{}`: `limits.{key}` {value} is out of range",
+                    p.name
+                ),
+                help,
+            );
+        }
     }
     for c in &p.capabilities.clusters {
         clusters.check(e, c);
