@@ -99,6 +99,14 @@ async fn setup_with(
     (up, grpc, lg, c)
 }
 
+/// The plugin still serves: a request paused on its stream is resumed by
+/// the reply (a VM that failed or trapped would not do this).
+async fn assert_still_serves(c: &mut Client) {
+    let r = c.get("/await/again").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.echo().header("x-pw-stream-verdict"), Some("again"));
+}
+
 /// Starts scenario `scenario` recorded under `key`.
 async fn start(c: &mut Client, key: &str, scenario: &str) {
     let r = c.get(&format!("/stream/{key}/{scenario}")).send().await;
@@ -423,9 +431,7 @@ each_proto!(
         lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 2.0)
             .await;
 
-        let r = c.get("/await/again").send().await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.echo().header("x-pw-stream-verdict"), Some("again"));
+        assert_still_serves(&mut c).await;
     }
 );
 
@@ -504,9 +510,7 @@ each_proto!(
             .await;
 
         // The VM lives on: the next pause is resumed by its stream as usual.
-        let r = c.get("/await/again").send().await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.echo().header("x-pw-stream-verdict"), Some("again"));
+        assert_still_serves(&mut c).await;
     }
 );
 
@@ -539,9 +543,7 @@ each_proto!(
         lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
             .await;
 
-        let r = c.get("/await/again").send().await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.echo().header("x-pw-stream-verdict"), Some("again"));
+        assert_still_serves(&mut c).await;
     }
 );
 
