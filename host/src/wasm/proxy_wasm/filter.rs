@@ -411,6 +411,9 @@ impl ProxyWasmFilter {
         }
         let first = list[0];
         let mut state = PwState::new(first.meta.clone(), first.settings.memory);
+        // Root contexts are 1..=n; HTTP and TCP contexts come after (known
+        // before any root is configured).
+        state.first_context = list.iter().map(|m| m.root).max().unwrap_or(ROOT_CONTEXT) + 1;
         if let Some(w) = worker {
             state.memory_use = MemoryUse::tracked(&first.meta.stats, &first.meta.name, w);
         }
@@ -547,8 +550,7 @@ impl ProxyWasmFilter {
                 }
             }
         }
-        let first_free = list.iter().map(|m| m.root).max().unwrap_or(ROOT_CONTEXT) + 1;
-        store.data_mut().first_context = first_free;
+        let first_free = store.data().first_context;
         Ok(Live {
             store,
             exports,
@@ -1800,10 +1802,11 @@ impl HttpFilter for ProxyWasmFilter {
     }
 
     fn pause_abandoned(&self, worker: usize, x: &mut Exchange) {
-        // Events held for the pause are delivered now (as after a pause a
-        // call's callback ended); the streams stay open (the guest may still
-        // use them), their later events come as for a context not paused.
-        self.end_stream_wait(worker, x, true);
+        // As when a failure ends the pause: events held for it are dropped
+        // (no guest code runs for a filter that just failed); the streams
+        // stay open until the context ends, their later events reaching the
+        // guest as for a context not paused.
+        self.end_stream_wait(worker, x, false);
     }
 
     fn on_done(&self, worker: usize, context: u64, _detached: bool) {

@@ -193,7 +193,14 @@ fn writable(s: &mut PwState, which: i32) -> Result<Option<&mut Exchange>, i32> {
     let late = matches!(phase, Phase::Body(_) | Phase::Trailers(_))
         && matches!(which, map::REQUEST_HEADERS | map::RESPONSE_HEADERS);
     let name = s.meta.name.clone();
-    if s.exchange().is_none() && s.detached_http().is_some() {
+    let message_map = matches!(
+        which,
+        map::REQUEST_HEADERS
+            | map::REQUEST_TRAILERS
+            | map::RESPONSE_HEADERS
+            | map::RESPONSE_TRAILERS
+    );
+    if message_map && s.exchange().is_none() && s.detached_http().is_some() {
         // Envoy keeps an HTTP context's maps for the stream's life and accepts
         // writes to a head already sent (they go nowhere).
         tracing::debug!(

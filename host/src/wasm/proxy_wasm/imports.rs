@@ -612,7 +612,8 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 match detached {
                     None => s.local = Some(lr),
                     Some(ctx) => {
-                        s.pending_local.insert(ctx, lr);
+                        // The first answer stands, as Envoy sends the first.
+                        s.pending_local.entry(ctx).or_insert(lr);
                     }
                 }
                 Ok(())

@@ -310,7 +310,14 @@ impl PwState {
     /// another callback made effective).
     pub fn detached_http(&self) -> Option<u32> {
         let c = self.effective;
-        (c >= self.first_context
+        // Not while the context itself ends (`on_done` without the exchange,
+        // after a failure) nor from a TCP callback.
+        let phase_ok = !matches!(
+            self.phase,
+            Phase::ReadOnly | Phase::Data(_) | Phase::Connection
+        );
+        (phase_ok
+            && c >= self.first_context
             && !(self.x_context != 0 && c == self.x_context)
             && self.contexts.contains(&c)
             && !self.tcp_contexts.contains(&c))
