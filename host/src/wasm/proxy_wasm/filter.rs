@@ -149,8 +149,6 @@ struct Live {
     /// each have a context for the same exchange).
     contexts: FxHashMap<(u64, u32), u32>,
     next_context: u32,
-    /// The first id after the root contexts.
-    first_free: u32,
     /// Queues this VM registered, with their wake-ups (dropping one unsubscribes).
     queues: HashMap<u32, Arc<tokio::sync::Notify>>,
 }
@@ -550,13 +548,12 @@ impl ProxyWasmFilter {
                 }
             }
         }
-        let first_free = store.data().first_context;
+        let next_context = store.data().first_context;
         Ok(Live {
             store,
             exports,
             contexts: FxHashMap::default(),
-            next_context: first_free,
-            first_free,
+            next_context,
             queues: HashMap::new(),
         })
     }
@@ -739,7 +736,10 @@ impl ProxyWasmFilter {
                     Some(id) => pw = *id,
                     None if new_context => {
                         pw = live.next_context;
-                        live.next_context = live.next_context.wrapping_add(1).max(live.first_free);
+                        live.next_context = live
+                            .next_context
+                            .wrapping_add(1)
+                            .max(live.store.data().first_context);
                         live.contexts.insert((c, root), pw);
                         let data = live.store.data_mut();
                         data.contexts.insert(pw);
