@@ -14,7 +14,7 @@
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 use wasmtime::component::{Component, Linker, ResourceAny};
@@ -26,7 +26,7 @@ use super::bindings::network::{NetworkFilter as World, NetworkFilterPre};
 use super::engine;
 use super::host::{HostState, Phase, PluginShared, PLUGIN_CONTEXT};
 use super::plugin::{borrow, describe, guest_result, run_inline, PluginStats, Settings, MIN_TICK};
-use super::slots::{InstanceCount, LiveIds, MemoryUse};
+use super::slots::{InstanceCount, LiveIds, MemoryUse, Restarts};
 use crate::filter::{
     CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter, Phases, Verdict,
 };
@@ -48,9 +48,7 @@ struct Live {
 #[derive(Default)]
 struct Slot {
     live: Option<Live>,
-    not_before: Option<Instant>,
-    backoff: Duration,
-    failed_before: bool,
+    restarts: Restarts,
     /// Bumped for each new instance: a tick task runs while its instance is live.
     generation: u64,
 }
@@ -311,18 +309,12 @@ impl WasmNetworkFilter {
             match result {
                 Ok(r) => Ok(r),
                 Err(e) => {
-                    let (class, text) = describe(&e, self.settings.cpu);
-                    match class {
-                        "timeout" => self.stats.timeouts.inc(),
-                        "memory" => self.stats.memory_exceeded.inc(),
-                        _ => self.stats.traps.inc(),
-                    }
-                    self.stats.failures.inc();
+                    let text = self.stats.count_fatal(&e, self.settings.cpu);
                     // The instance is dead; its connections get the failure
                     // policy on their next call.
                     slot.live = None;
                     self.instances.ended();
-                    fail_slot(slot);
+                    slot.restarts.failed();
                     Err(Some(text))
                 }
             }
@@ -391,12 +383,12 @@ impl WasmNetworkFilter {
                 if !new {
                     return Err("the instance this connection started on failed".to_string());
                 }
-                if slot.not_before.is_some_and(|t| Instant::now() < t) {
+                if slot.restarts.waiting() {
                     return Err("no instance (restarting after a failure)".to_string());
                 }
                 match self.instantiate(u32::try_from(worker).unwrap_or(u32::MAX)) {
                     Ok((live, _)) => {
-                        if slot.failed_before {
+                        if slot.restarts.failed_before() {
                             self.stats.restarts.inc();
                         }
                         self.instances.started();
@@ -412,7 +404,7 @@ impl WasmNetworkFilter {
                         }
                     }
                     Err(e) => {
-                        fail_slot(slot);
+                        slot.restarts.failed();
                         return Err(e);
                     }
                 }
@@ -453,17 +445,11 @@ impl WasmNetworkFilter {
                     Err(invalid)
                 }
                 Err(e) => {
-                    let (class, text) = describe(&e, self.settings.cpu);
-                    match class {
-                        "timeout" => self.stats.timeouts.inc(),
-                        "memory" => self.stats.memory_exceeded.inc(),
-                        _ => self.stats.traps.inc(),
-                    }
-                    self.stats.failures.inc();
+                    let text = self.stats.count_fatal(&e, self.settings.cpu);
                     // The instance is dead: wasmtime does not re-enter it.
                     slot.live = None;
                     self.instances.ended();
-                    fail_slot(slot);
+                    slot.restarts.failed();
                     Err(text)
                 }
             }
@@ -473,21 +459,6 @@ impl WasmNetworkFilter {
     fn wants(&self, event: wnet::NetworkEvents) -> bool {
         self.setup.events.contains(event)
     }
-}
-
-/// Backoff before the next instance, as for HTTP plugins.
-fn fail_slot(slot: &mut Slot) {
-    let now = Instant::now();
-    let repeated = slot
-        .not_before
-        .is_some_and(|t| now < t + Duration::from_secs(1));
-    slot.backoff = if repeated {
-        (slot.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
-    } else {
-        Duration::ZERO
-    };
-    slot.not_before = Some(now + slot.backoff);
-    slot.failed_before = true;
 }
 
 impl NetworkFilter for WasmNetworkFilter {
@@ -673,19 +644,13 @@ impl NetworkFilter for WasmNetworkFilter {
             engine::arm(&mut live.store, self.settings.cpu);
             let r = run_inline(ctx.resource_drop_async(&mut live.store));
             if let Err(e) = r {
-                let (class, text) = describe(&e, self.settings.cpu);
-                match class {
-                    "timeout" => self.stats.timeouts.inc(),
-                    "memory" => self.stats.memory_exceeded.inc(),
-                    _ => self.stats.traps.inc(),
-                }
-                self.stats.failures.inc();
+                let text = self.stats.count_fatal(&e, self.settings.cpu);
                 // A destructor that trapped or was stopped mid-call leaves an
                 // instance wasmtime will not re-enter: replace it, as after
                 // any failed call.
                 slot.live = None;
                 self.instances.ended();
-                fail_slot(slot);
+                slot.restarts.failed();
                 return Err(text);
             }
             Ok(())

@@ -30,7 +30,7 @@ use super::bindings::legate::filter::http as whttp;
 use super::bindings::{HttpFilter as World, HttpFilterPre};
 use super::engine;
 use super::host::{HostState, Part, Phase, PluginShared, PLUGIN_CONTEXT};
-use super::slots::{InstanceCount, LiveIds, MemoryUse};
+use super::slots::{InstanceCount, LiveIds, MemoryUse, Restarts};
 use crate::filter::{
     BodyMode, CalloutRequest, Direction, Exchange, HttpFilter, LocalResponse, Phases, Verdict,
 };
@@ -139,6 +139,19 @@ impl PluginStats {
                 self.callout_timeouts.inc();
             }
         }
+    }
+
+    /// Counts a call that killed its instance (a trap, the CPU deadline or
+    /// the memory cap) as a failure of its kind; returns what happened.
+    pub(crate) fn count_fatal(&self, e: &wasmtime::Error, cpu: Duration) -> String {
+        let (class, text) = describe(e, cpu);
+        match class {
+            "timeout" => self.timeouts.inc(),
+            "memory" => self.memory_exceeded.inc(),
+            _ => self.traps.inc(),
+        }
+        self.failures.inc();
+        text
     }
 
     /// The phases calls are counted by, the per-request ones first.
@@ -276,10 +289,7 @@ struct Live {
 #[derive(Default)]
 struct Slot {
     live: Option<Live>,
-    /// A failed instance is not replaced before this.
-    not_before: Option<Instant>,
-    backoff: Duration,
-    failed_before: bool,
+    restarts: Restarts,
     /// Bumped for each new instance: a tick task runs while its instance is live.
     generation: u64,
 }
@@ -290,14 +300,6 @@ thread_local! {
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-/// Why a call failed.
-enum Failure {
-    /// The guest trapped, ran out of time or memory: the instance is dead.
-    Trap(String),
-    /// The guest returned something invalid: the instance is kept.
-    Invalid(String),
-}
 
 /// The linker: WASI (nothing granted) and the plugin ABI.
 fn linker() -> anyhow::Result<Linker<HostState>> {
@@ -671,13 +673,13 @@ impl WasmFilter {
                 if !new_context {
                     return Err("the instance this exchange started on failed".to_string());
                 }
-                if slot.not_before.is_some_and(|t| Instant::now() < t) {
+                if slot.restarts.waiting() {
                     return Err("no instance (restarting after a failure)".to_string());
                 }
                 let w = u32::try_from(worker).unwrap_or(u32::MAX);
                 match self.instantiate(w, true) {
                     Ok((live, _)) => {
-                        if slot.failed_before {
+                        if slot.restarts.failed_before() {
                             self.stats.restarts.inc();
                         }
                         self.instances.started();
@@ -693,7 +695,7 @@ impl WasmFilter {
                         }
                     }
                     Err(e) => {
-                        self.fail_slot(slot);
+                        slot.restarts.failed();
                         return Err(e);
                     }
                 }
@@ -723,52 +725,24 @@ impl WasmFilter {
                 std::mem::swap(x, &mut data.x);
             }
             data.in_exchange = false;
-            let outcome = match result {
+            match result {
                 Ok(Ok(r)) => Ok(r),
-                Ok(Err(invalid)) => Err(Failure::Invalid(invalid)),
+                // The guest returned something invalid: the instance is kept.
+                Ok(Err(invalid)) => {
+                    self.stats.failures.inc();
+                    Err(invalid)
+                }
                 Err(e) => {
-                    let (class, text) = describe(&e, self.settings.cpu);
-                    match class {
-                        "timeout" => self.stats.timeouts.inc(),
-                        "memory" => self.stats.memory_exceeded.inc(),
-                        _ => self.stats.traps.inc(),
-                    }
-                    Err(Failure::Trap(text))
-                }
-            };
-            match outcome {
-                Ok(r) => Ok(r),
-                Err(Failure::Invalid(why)) => {
-                    self.stats.failures.inc();
-                    Err(why)
-                }
-                Err(Failure::Trap(why)) => {
-                    self.stats.failures.inc();
+                    let why = self.stats.count_fatal(&e, self.settings.cpu);
                     // The instance is dead: wasmtime does not re-enter a trapped
                     // component instance, and its state may be inconsistent anyway.
                     slot.live = None;
                     self.instances.ended();
-                    self.fail_slot(slot);
+                    slot.restarts.failed();
                     Err(why)
                 }
             }
         })
-    }
-
-    /// Backoff before the next instance: none after a first failure (a one-off
-    /// panic costs one request), doubling from 100ms to 5s while failures repeat.
-    fn fail_slot(&self, slot: &mut Slot) {
-        let now = Instant::now();
-        let repeated = slot
-            .not_before
-            .is_some_and(|t| now < t + Duration::from_secs(1));
-        slot.backoff = if repeated {
-            (slot.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
-        } else {
-            Duration::ZERO
-        };
-        slot.not_before = Some(now + slot.backoff);
-        slot.failed_before = true;
     }
 
     fn phase_call(

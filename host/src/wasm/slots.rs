@@ -4,7 +4,8 @@
 //! filters a reload replaced ([`LiveIds`]), and each filter's share of its
 //! plugin's `legate_plugin_instances` gauge ([`InstanceCount`]); each
 //! instance's share of `legate_plugin_memory_bytes` ([`MemoryUse`]); and the
-//! components' tick timer ([`tick_interval`]).
+//! components' tick timer ([`tick_interval`]); and the backoff before a
+//! worker replaces an instance that failed ([`Restarts`]).
 //!
 //! Workers keep instances in thread-local maps keyed by a filter's id; only the
 //! worker can free them, and a replaced filter is dropped on whatever thread
@@ -15,6 +16,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
@@ -140,6 +142,48 @@ impl Drop for MemoryUse {
     }
 }
 
+/// When a worker may replace a failed instance of one filter: at once after
+/// a first failure (a one-off panic costs one request), then after a backoff
+/// doubling from 100ms to 5s while failures repeat (within a second of the
+/// last allowed start), so a guest that fails on every call is not instantiated
+/// again for every request.
+#[derive(Default)]
+pub struct Restarts {
+    not_before: Option<Instant>,
+    backoff: Duration,
+    failed_before: bool,
+}
+
+impl Restarts {
+    /// The instance failed now.
+    pub fn failed(&mut self) {
+        self.failed_at(Instant::now());
+    }
+
+    fn failed_at(&mut self, now: Instant) {
+        let repeated = self
+            .not_before
+            .is_some_and(|t| now < t + Duration::from_secs(1));
+        self.backoff = if repeated {
+            (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
+        } else {
+            Duration::ZERO
+        };
+        self.not_before = Some(now + self.backoff);
+        self.failed_before = true;
+    }
+
+    /// Whether a new instance must still wait.
+    pub fn waiting(&self) -> bool {
+        self.not_before.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Whether an instance failed before: a new one is then a restart.
+    pub fn failed_before(&self) -> bool {
+        self.failed_before
+    }
+}
+
 /// A component instance's tick timer: its first tick one period after the
 /// instance starts, and a late tick is not made up (abi/README.md §2).
 pub async fn tick_interval(every: std::time::Duration) -> tokio::time::Interval {
@@ -152,6 +196,7 @@ pub async fn tick_interval(every: std::time::Duration) -> tokio::time::Interval 
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -165,6 +210,32 @@ mod tests {
         live.remove(1);
         live.sweep(&mut slots);
         assert_eq!(slots.keys().copied().collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn restarts_back_off_only_while_failures_repeat() {
+        let t0 = Instant::now();
+        let mut r = Restarts::default();
+        assert!(!r.waiting() && !r.failed_before());
+        r.failed_at(t0);
+        assert_eq!(
+            r.backoff,
+            Duration::ZERO,
+            "a first failure restarts at once"
+        );
+        assert!(r.failed_before());
+        r.failed_at(t0 + Duration::from_millis(10));
+        assert_eq!(r.backoff, Duration::from_millis(100));
+        r.failed_at(t0 + Duration::from_millis(120));
+        assert_eq!(r.backoff, Duration::from_millis(200));
+        for i in 0..10 {
+            r.failed_at(t0 + Duration::from_millis(200 + i));
+        }
+        assert_eq!(r.backoff, Duration::from_secs(5), "capped");
+        // Quiet for over a second past the last allowed start: back to none.
+        let quiet = r.not_before.unwrap() + Duration::from_secs(2);
+        r.failed_at(quiet);
+        assert_eq!(r.backoff, Duration::ZERO);
     }
 
     #[test]

@@ -38,10 +38,10 @@ use std::rc::Rc;
 
 // Keyed by host-made ids (plugin loads, exchange contexts): no hashing DoS to
 // defend against, and these maps are touched on every call.
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use wasmtime::{Extern, InstancePre, Linker, Module, Store, TypedFunc};
 
@@ -57,7 +57,7 @@ use crate::stats::Counter;
 use crate::stats::Stats;
 use crate::wasm::engine;
 use crate::wasm::plugin::{describe, PluginStats, MIN_TICK};
-use crate::wasm::slots::{InstanceCount, LiveIds, MemoryUse};
+use crate::wasm::slots::{InstanceCount, LiveIds, MemoryUse, Restarts};
 
 /// Deadline of VM start and configuration (as `configure` for components).
 const START_DEADLINE: Duration = Duration::from_secs(1);
@@ -157,9 +157,7 @@ struct Live {
 #[derive(Default)]
 struct Slot {
     live: Option<Live>,
-    not_before: Option<Instant>,
-    backoff: Duration,
-    failed_before: bool,
+    restarts: Restarts,
     generation: u64,
     /// Body data a body callback held back with `Pause`, by exchange, root
     /// context and direction: handed back (before the new data) on the next
@@ -680,7 +678,7 @@ impl ProxyWasmFilter {
                 if !new_context {
                     return Err("the VM this exchange started on failed".to_string());
                 }
-                if slot.not_before.is_some_and(|t| Instant::now() < t) {
+                if slot.restarts.waiting() {
                     return Err("no VM (restarting after a failure)".to_string());
                 }
                 let members = self.members();
@@ -697,7 +695,7 @@ impl ProxyWasmFilter {
                         // Every plugin of the VM runs in it now, and ticks on
                         // its own root context.
                         for m in &list {
-                            if slot.failed_before {
+                            if slot.restarts.failed_before() {
                                 m.stats.restarts.inc();
                             }
                             m.instances.started();
@@ -709,7 +707,7 @@ impl ProxyWasmFilter {
                         }
                     }
                     Err(e) => {
-                        fail_slot(slot);
+                        slot.restarts.failed();
                         return Err(e);
                     }
                 }
@@ -735,14 +733,13 @@ impl ProxyWasmFilter {
                 match live.contexts.get(&(c, root)) {
                     Some(id) => pw = *id,
                     None if new_context => {
-                        pw = live.next_context;
-                        live.next_context = live
-                            .next_context
-                            .wrapping_add(1)
-                            .max(live.store.data().first_context);
-                        live.contexts.insert((c, root), pw);
                         let data = live.store.data_mut();
-                        data.contexts.insert(pw);
+                        pw = allocate_context(
+                            &mut live.next_context,
+                            data.first_context,
+                            &mut data.contexts,
+                        );
+                        live.contexts.insert((c, root), pw);
                         if phase == Phase::Connection {
                             data.tcp_contexts.insert(pw);
                         }
@@ -793,13 +790,7 @@ impl ProxyWasmFilter {
                     Err(invalid)
                 }
                 Err(e) => {
-                    let (class, text) = describe(&e, self.settings.cpu);
-                    match class {
-                        "timeout" => self.stats.timeouts.inc(),
-                        "memory" => self.stats.memory_exceeded.inc(),
-                        _ => self.stats.traps.inc(),
-                    }
-                    self.stats.failures.inc();
+                    let text = self.stats.count_fatal(&e, self.settings.cpu);
                     // The VM is dead: its state may be inconsistent after a trap.
                     // A shared VM dies for every plugin in it.
                     slot.live = None;
@@ -810,7 +801,7 @@ impl ProxyWasmFilter {
                             m.instances.ended();
                         }
                     }
-                    fail_slot(slot);
+                    slot.restarts.failed();
                     Err(text)
                 }
             }
@@ -1649,22 +1640,6 @@ fn phases_of(module: &Module) -> Phases {
     Phases(p)
 }
 
-/// Backoff before the next VM, as for component plugins: none after a first
-/// failure, doubling from 100ms to 5s while failures repeat.
-fn fail_slot(slot: &mut Slot) {
-    let now = Instant::now();
-    let repeated = slot
-        .not_before
-        .is_some_and(|t| now < t + Duration::from_secs(1));
-    slot.backoff = if repeated {
-        (slot.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
-    } else {
-        Duration::ZERO
-    };
-    slot.not_before = Some(now + slot.backoff);
-    slot.failed_before = true;
-}
-
 impl HttpFilter for ProxyWasmFilter {
     fn name(&self) -> &str {
         &self.meta.name
@@ -1992,10 +1967,39 @@ fn grpc_outcome(result: &CalloutResult) -> Result<bytes::Bytes, (u32, String)> {
     }
 }
 
+/// The next free context id from `next` (which then points past it), marked
+/// in use in `live`. Ids wrap after `u32::MAX` back to `first` (the first id
+/// after the root contexts') and skip the ones still in use, so a context that
+/// outlives four billion others (a long TCP connection, a paused exchange)
+/// never shares its id with a new one.
+fn allocate_context(next: &mut u32, first: u32, live: &mut FxHashSet<u32>) -> u32 {
+    loop {
+        let id = *next;
+        *next = next.wrapping_add(1).max(first);
+        // `insert` is the in-use check: one lookup on the common path.
+        if live.insert(id) {
+            return id;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn context_ids_wrap_past_the_roots_and_skip_ids_in_use() {
+        // Roots 1 and 2; contexts 3 and 5 are still live when the ids wrap.
+        let mut live: FxHashSet<u32> = [1, 2, 3, 5].into_iter().collect();
+        let mut next = u32::MAX - 1;
+        let got: Vec<u32> = (0..4)
+            .map(|_| allocate_context(&mut next, 3, &mut live))
+            .collect();
+        assert_eq!(got, [u32::MAX - 1, u32::MAX, 4, 6]);
+        assert_eq!(next, 7);
+        assert!(live.contains(&4) && live.contains(&6));
+    }
 
     fn leb(mut n: usize, out: &mut Vec<u8>) {
         loop {
