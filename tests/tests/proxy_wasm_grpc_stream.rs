@@ -516,7 +516,8 @@ each_proto!(
 
 each_proto!(
     /// A stream event for an HTTP context that is not paused (its request went
-    /// on at once) runs outside the exchange, as in Envoy: a header write is
+    /// on at once) runs outside the exchange, as in Envoy: header reads see
+    /// the heads as its last callback left them, a header write is
     /// `OK` and goes nowhere (the head is out; the Rust SDK's helpers panic on
     /// anything else), and a local response answers the client at the
     /// exchange's next callback (here the response head, which it replaces;
@@ -527,9 +528,18 @@ each_proto!(
         let (up, _grpc, lg, mut c) =
             setup_with(proto, Some(Duration::from_millis(500)), "").await;
 
-        let r = c.get("/unpaused/hello").send().await;
+        let r = c
+            .get("/unpaused/hello")
+            .header("x-probe", "p1")
+            .send()
+            .await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.header("x-pw-unpaused-write"), Some("Ok(())"));
+        // Reads see the request head as the headers callback left it.
+        assert_eq!(
+            r.header("x-pw-unpaused-read"),
+            Some("/unpaused/hello|p1|true")
+        );
         // Written after the head went out: not seen upstream.
         assert_eq!(r.echo().header("x-pw-late"), None);
 

@@ -835,6 +835,14 @@ impl Context for Filter {
             // helpers panic.
             let w = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-pw-late", Some(&text));
             self.seen.push(("x-pw-unpaused-write".into(), format!("{w:?}")));
+            // Reads see the head as the context's last callback left it.
+            let read = |name: &str| {
+                hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+                    .map(|v| v.unwrap_or_else(|| "<none>".into()))
+                    .unwrap_or_else(|e| format!("{e:?}"))
+            };
+            let pairs = hostcalls::get_map(MapType::HttpRequestHeaders).map(|p| p.len()).unwrap_or(0);
+            self.seen.push(("x-pw-unpaused-read".into(), format!("{}|{}|{}", read(":path"), read("x-probe"), pairs > 4)));
             if text == "deny" {
                 self.send_http_response(403, vec![("x-pw-stream-verdict", "deny")], Some(b"denied by the stream"));
             }

@@ -779,6 +779,9 @@ impl ProxyWasmFilter {
             }
             let data = live.store.data_mut();
             if let Some(x) = x {
+                if !data.streams.is_empty() || !data.kept_maps.is_empty() {
+                    data.keep_maps();
+                }
                 std::mem::swap(x, &mut data.x);
             }
             data.x_context = 0;
@@ -1540,6 +1543,9 @@ impl ProxyWasmFilter {
             }
             if !data.stream_waits.is_empty() {
                 data.stream_waits.remove(&pw);
+            }
+            if !data.kept_maps.is_empty() {
+                data.kept_maps.remove(&pw);
             }
             Some(())
         });

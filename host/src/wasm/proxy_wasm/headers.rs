@@ -70,7 +70,14 @@ pub fn pairs(s: &mut PwState, which: i32) -> Result<Pairs, i32> {
         return Ok(out);
     }
     let Some(x) = s.exchange() else {
-        return Ok(Vec::new());
+        // An HTTP context called outside its exchange reads its maps as its
+        // last callback left them, if it has a stream open (the only way
+        // such a call comes); Envoy reads the stream's live maps.
+        let kept = s
+            .detached_http()
+            .and_then(|c| s.kept_maps.get(&c))
+            .and_then(|m| m.get(usize::try_from(which).ok()?));
+        return Ok(kept.cloned().unwrap_or_default());
     };
     let mut out: Pairs = Vec::new();
     match which {

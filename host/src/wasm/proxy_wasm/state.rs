@@ -193,6 +193,12 @@ pub struct PwState {
     /// exchange (a gRPC stream event while not paused): answered at the
     /// exchange's next phase call, as Envoy answers at once.
     pub pending_local: FxHashMap<u32, LocalResponse>,
+    /// The message maps (request and response heads and trailers, map types
+    /// 0–3) of HTTP contexts with a gRPC stream open, as their last callback
+    /// left them: what their stream callbacks outside the exchange read
+    /// (Envoy keeps a stream's maps for its life; this host's exchange is
+    /// elsewhere then).
+    pub kept_maps: FxHashMap<u32, Box<[Pairs; 4]>>,
     /// A local response sent during the current call.
     pub local: Option<LocalResponse>,
     /// The guest asked to reset the stream (`proxy_close_stream`).
@@ -275,6 +281,7 @@ impl PwState {
             first_context: ROOT_CONTEXT + 1,
             tcp_contexts: FxHashSet::default(),
             pending_local: FxHashMap::default(),
+            kept_maps: FxHashMap::default(),
             local: None,
             close: false,
             root: ROOT_CONTEXT,
@@ -322,6 +329,28 @@ impl PwState {
             && self.contexts.contains(&c)
             && !self.tcp_contexts.contains(&c))
         .then_some(c)
+    }
+
+    /// Keeps the message maps of `x_context`'s exchange for its stream
+    /// callbacks outside the exchange ([`Self::kept_maps`]) if it has a gRPC
+    /// stream open; forgets them once it has none. Called at the end of each
+    /// call with an exchange, so only a context with streams pays.
+    pub fn keep_maps(&mut self) {
+        let c = self.x_context;
+        let streaming = self
+            .streams
+            .values()
+            .any(|st| st.context == c && !st.remote_closed);
+        if !streaming || self.tcp_contexts.contains(&c) {
+            if !self.kept_maps.is_empty() {
+                self.kept_maps.remove(&c);
+            }
+            return;
+        }
+        let effective = std::mem::replace(&mut self.effective, c);
+        let maps = [0, 1, 2, 3].map(|which| super::headers::pairs(self, which).unwrap_or_default());
+        self.effective = effective;
+        self.kept_maps.insert(c, Box::new(maps));
     }
 
     /// The live exchange, if the effective context is the one whose exchange is in
