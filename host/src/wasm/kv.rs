@@ -186,8 +186,9 @@ impl Item {
 #[derive(Default)]
 struct Namespace {
     items: HashMap<String, Item>,
-    /// (expiry, version) → key, for the sweep; an entry whose version no longer
-    /// matches the item is stale and just dropped.
+    /// (expiry, version) → key, for the sweep: one entry per item with an
+    /// expiry (removed with the item, so replacing a key with a long TTL
+    /// again and again leaves one entry, not one per write).
     expiries: BTreeMap<(Instant, u64), String>,
     bytes: usize,
     /// The last version handed out in this namespace: versions are unique across
@@ -213,6 +214,9 @@ impl Namespace {
     fn remove(&mut self, key: &str) -> Option<Item> {
         let item = self.items.remove(key)?;
         self.bytes -= key.len() + item.value.len();
+        if let Some(t) = item.expires {
+            self.expiries.remove(&(t, item.version));
+        }
         Some(item)
     }
 
@@ -411,6 +415,27 @@ impl KvBackend for MemoryKv {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn expiry_entries_go_with_their_items() {
+        let kv = MemoryKv::default();
+        let hour = Some(Duration::from_secs(3600));
+        for i in 0..1000u32 {
+            kv.set("n", "k", i.to_string().into_bytes(), Condition::Always, hour)
+                .unwrap();
+            kv.increment("n", "c", 1, hour).unwrap();
+        }
+        kv.set("n", "forever", b"x".to_vec(), Condition::Always, None)
+            .unwrap();
+        let sizes = |kv: &MemoryKv| kv.with("n", |ns| (ns.items.len(), ns.expiries.len()));
+        assert_eq!(sizes(&kv), (3, 2));
+        // A write without a TTL drops the key's expiry, and its entry.
+        kv.set("n", "k", b"y".to_vec(), Condition::Always, None)
+            .unwrap();
+        assert_eq!(sizes(&kv), (3, 1));
+        assert!(kv.delete("n", "c", Condition::Always).unwrap());
+        assert_eq!(sizes(&kv), (2, 0));
+    }
 
     #[test]
     fn conditions_and_versions() {
