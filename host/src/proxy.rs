@@ -214,8 +214,23 @@ async fn proxy(
     };
     let https = conn.tls.is_some();
     let trusted = http.trust_downstream;
+    // A protocol upgrade (WebSocket) is read before its headers go with the
+    // other hop-by-hop ones; they are set again for the upstream hop.
+    let upgrade = is_upgrade(&req);
+    let upgrade_token = if upgrade {
+        req.headers().get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
     let ov = {
+        // Sanitised before filters and routes see the request (as Envoy's
+        // connection manager does): hop-by-hop headers out first, so that a
+        // client's `Connection: x-request-id` (or a header a filter adds) is
+        // not stripped after the fact; then the forwarding facts a client
+        // must not choose (untrusted downstream) and the request id.
         let h = req.headers_mut();
+        proxy_headers::strip_hop_by_hop(h);
+        proxy_headers::set_forwarded(h, &conn.forwarded_for, https, &authority, trusted);
         out.request_id = proxy_headers::request_id(h, trusted, http.generate_request_id);
         crate::overrides::take(h, trusted)
     };
@@ -237,7 +252,7 @@ async fn proxy(
         let local = request_filters(out, &mut req, &mut authority).await;
         out.debug.request_filters = Some(started.elapsed());
         let mut local = local;
-        if matches!(local, Ok(None)) {
+        if matches!(local, Ok(None)) && !upgrade {
             local = request_body(out, &mut req, &mut authority).await;
         }
         let input = RouteInput {
@@ -362,21 +377,14 @@ async fn proxy(
             }
         }
 
-        let upgrade = is_upgrade(&req);
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
 
-        // Request headers: hop-by-hop out, forwarding facts in, then the route's ops.
+        // Request headers (hop-by-hop ones out and forwarding facts in at the
+        // start): the route's ops.
         let h = &mut parts.headers;
-        let upgrade_token = if upgrade {
-            h.get(header::UPGRADE).cloned()
-        } else {
-            None
-        };
-        proxy_headers::strip_hop_by_hop(h);
         h.remove(header::EXPECT);
         h.remove(header::HOST);
-        proxy_headers::set_forwarded(h, &conn.forwarded_for, https, &authority, trusted);
         matched.apply_request_headers(h);
         if let Some(v) = &http.via {
             proxy_headers::add_via(h, &via_value(parts.version, v));
@@ -730,9 +738,6 @@ async fn request_body(
     let Some(shared) = out.chain.clone() else {
         return Ok(None);
     };
-    if is_upgrade(req) {
-        return Ok(None);
-    }
     // A body-less request goes through the body phases only for a filter that
     // buffers it: that filter may give it a body (abi/README.md §4).
     let empty = req.body().is_end_stream();

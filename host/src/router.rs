@@ -944,8 +944,11 @@ fn compile_redirect(r: &config::Redirect, m: &config::RouteMatch) -> anyhow::Res
 
 impl Matched<'_> {
     /// New path-and-query to send upstream if the route rewrites the path (prefix or
-    /// regex rewrite; the query is preserved); `None` = forward the path as is. An
-    /// empty rewritten path becomes `/`. The caller parses the result into a URI
+    /// regex rewrite; the query is preserved); `None` = forward the path as is. A
+    /// rewritten path always starts with `/` (one is put in front if the rewrite
+    /// left none, and an empty one becomes `/`), so the result is never read as
+    /// an authority or an absolute URI: `prefix: ''` on `/apievil.example` must
+    /// not send the request to host `evil.example`. The caller parses the result into a URI
     /// (a substitution can produce characters a URI may not hold: answer 500 then).
     pub fn rewritten_path(&self, uri: &Uri) -> Option<String> {
         let path = uri.path();
@@ -966,10 +969,10 @@ impl Matched<'_> {
                 substitution,
             } => pattern.replace_all(path, &**substitution),
         };
-        let new_path = if new_path.is_empty() { "/" } else { &new_path };
+        let slash = if new_path.starts_with('/') { "" } else { "/" };
         Some(match uri.query() {
-            Some(q) => format!("{new_path}?{q}"),
-            None => new_path.to_string(),
+            Some(q) => format!("{slash}{new_path}?{q}"),
+            None => format!("{slash}{new_path}"),
         })
     }
 
@@ -1561,6 +1564,15 @@ mod tests {
         );
         assert_eq!(rw("/strip").0.as_deref(), Some("/"));
         assert_eq!(rw("/strip/me?q").0.as_deref(), Some("/me?q"));
+        // Never an authority or absolute form, whatever the rewrite leaves.
+        assert_eq!(
+            rw("/stripevil.example:8080").0.as_deref(),
+            Some("/evil.example:8080")
+        );
+        assert_eq!(
+            rw("/striphttp://evil/x?q").0.as_deref(),
+            Some("/http://evil/x?q")
+        );
         assert_eq!(
             rw("/users/42/posts?page=2").0.as_deref(),
             Some("/v2/posts/42x?page=2")

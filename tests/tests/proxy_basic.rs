@@ -296,6 +296,62 @@ each_proto!(
 );
 
 each_proto!(
+    /// Hop-by-hop headers go and the forwarding facts are set before routes
+    /// (and filters) see the request: a client cannot pick a route by a
+    /// spoofed `x-forwarded-for`, nor strip the generated request id by
+    /// naming it in `Connection`.
+    async fn routes_see_the_sanitised_request(proto) {
+        let up = upstream().start().await;
+        let admin = upstream().start().await;
+        let config = format!(
+            "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match:
+              prefix: /
+              headers:
+                - {{ name: x-forwarded-for, exact: \"10.0.0.1\" }}
+            cluster: admin
+          - match:
+              prefix: /
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {}
+  - name: admin
+    endpoints:
+      - address: {}
+",
+            up.addr, admin.addr
+        );
+        let lg = legate().config(&config).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let mut req = c.get("/").header("x-forwarded-for", "10.0.0.1");
+        if proto == Proto::H1 {
+            // (HTTP/2 has no `Connection` header.)
+            req = req.header("connection", "keep-alive, x-request-id");
+        }
+        let r = req.send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(admin.requests.get(), 0, "routed by a spoofed x-forwarded-for");
+        assert_eq!(up.requests.get(), 1);
+        let e = r.echo();
+        assert_eq!(e.header_all("x-forwarded-for"), vec!["127.0.0.1"]);
+        assert_eq!(e.header("x-request-id").map(str::len), Some(36));
+    }
+);
+
+each_proto!(
     async fn forwarded_headers_trusted(proto) {
         let up = upstream().start().await;
         let lg = legate()

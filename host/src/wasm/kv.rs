@@ -421,8 +421,14 @@ mod tests {
         let kv = MemoryKv::default();
         let hour = Some(Duration::from_secs(3600));
         for i in 0..1000u32 {
-            kv.set("n", "k", i.to_string().into_bytes(), Condition::Always, hour)
-                .unwrap();
+            kv.set(
+                "n",
+                "k",
+                i.to_string().into_bytes(),
+                Condition::Always,
+                hour,
+            )
+            .unwrap();
             kv.increment("n", "c", 1, hour).unwrap();
         }
         kv.set("n", "forever", b"x".to_vec(), Condition::Always, None)
