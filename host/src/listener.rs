@@ -6,10 +6,11 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
@@ -117,6 +118,8 @@ pub struct ListenerCtx {
     /// Turns true when this listener stops: the process drains, or a reload removed
     /// or replaced it. Accept loops stop; its connections close gracefully.
     closing: watch::Sender<bool>,
+    /// The config a reload replaced this listener in ([`ListenerCtx::retire`]).
+    retired: OnceLock<Arc<crate::server::Snapshot>>,
 }
 
 impl ListenerCtx {
@@ -162,6 +165,7 @@ impl ListenerCtx {
             open: AtomicUsize::new(0),
             stats: ListenerStats::new(stats, cfg.name.as_str()),
             closing: watch::channel(false).0,
+            retired: OnceLock::new(),
         })
     }
 
@@ -169,6 +173,29 @@ impl ListenerCtx {
     /// (idempotent).
     pub fn close(&self) {
         self.closing.send_replace(true);
+    }
+
+    /// Stops this listener because a reload replaced or removed it: its
+    /// connections still open finish with `last`, the config they came in on.
+    /// The new config may name this listener's routes, filter chain or cluster
+    /// differently or not at all, and a request of an old connection looked
+    /// up there would miss its chain (skipping its filters, auth included) or
+    /// its route table (a 500).
+    pub fn retire(&self, last: Arc<crate::server::Snapshot>) {
+        let _ = self.retired.set(last);
+        self.close();
+    }
+
+    /// The config a request or connection of this listener runs with: the
+    /// current one, or the one it was retired from.
+    pub fn snapshot(
+        &self,
+        current: &ArcSwap<crate::server::Snapshot>,
+    ) -> Arc<crate::server::Snapshot> {
+        match self.retired.get() {
+            Some(last) => last.clone(),
+            None => current.load_full(),
+        }
     }
 
     /// Whether [`ListenerCtx::close`] was called.

@@ -192,7 +192,7 @@ async fn proxy(
         ));
     };
     check_framing(&req, listener.cfg.limits.max_request_headers as usize)?;
-    let snapshot = conn.worker.shared.snapshot.load_full();
+    let snapshot = listener.snapshot(&conn.worker.shared.snapshot);
     let table = snapshot
         .route_tables
         .get(&http.routes.value)

@@ -274,15 +274,23 @@ impl Shared {
         if self.is_draining() {
             return Err("Legate is draining; nothing was changed".into());
         }
-        self.snapshot.store(snapshot);
-        if let Some(next) = listeners {
-            let old = self.listeners.send_replace(next.clone());
-            for b in old.iter() {
-                if !next.iter().any(|n| Arc::ptr_eq(n, b)) {
-                    b.ctx.close();
-                }
-            }
+        let Some(next) = listeners else {
+            self.snapshot.store(snapshot);
+            return Ok(());
+        };
+        // Listeners going away keep the config they served with, set before
+        // the new one is live: none of their requests sees the new config.
+        let last = self.snapshot.load_full();
+        let old = self.listeners.borrow().clone();
+        let gone: Vec<_> = old
+            .iter()
+            .filter(|b| !next.iter().any(|n| Arc::ptr_eq(n, b)))
+            .collect();
+        for b in &gone {
+            b.ctx.retire(last.clone());
         }
+        self.snapshot.store(snapshot);
+        self.listeners.send_replace(next);
         Ok(())
     }
 

@@ -29,7 +29,7 @@ pub async fn serve(
     original_dst: Option<SocketAddr>,
 ) {
     let Some(tcp) = &ctx.cfg.tcp else { return };
-    let snapshot = worker.shared.snapshot.load_full();
+    let snapshot = ctx.snapshot(&worker.shared.snapshot);
     let Some(entry) = snapshot.clusters.get(&tcp.cluster.value).cloned() else {
         tracing::error!(listener = %ctx.name, "cluster `{}` missing from the snapshot", tcp.cluster.value);
         return;

@@ -822,6 +822,46 @@ each_proto!(
     }
 );
 
+/// A reload that renames a listener (and its route table) retires the old
+/// listener: its open connections finish with the config they came in on.
+/// Looked up in the new config by the old names, the next request of an old
+/// keep-alive connection found no filter chain (and went upstream without its
+/// filters) or no route table (a 500). HTTP/1.1: an HTTP/2 connection gets a
+/// GOAWAY and opens no new stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_listeners_connections_keep_its_filters() {
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    let module = dir.path().join("tagger.wasm");
+    write_module(&module, &guest_variant(1));
+    let before = plugin_yaml(up.addr, &module);
+    let lg = start(&before, None, 1);
+    let mut c = client(Proto::H1, lg.addr("web").unwrap()).await;
+    let r = c.get("/x").send().await;
+    assert_eq!(r.header("x-filter-resp"), Some("tagger"));
+
+    let after = before
+        .replace("  - name: web\n", "  - name: public\n")
+        .replace("routes: main", "routes: main2")
+        .replace("  - name: main\n", "  - name: main2\n");
+    assert_ne!(after, before);
+    lg.write(&after);
+    let (status, body) = lg.reload().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(lg.addr("public").is_some(), "{body}");
+
+    // The old connection's next request: still filtered, still routed.
+    let r = c.get("/x").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-filter-resp"), Some("tagger"));
+    assert_eq!(r.header("connection"), Some("close"));
+    // New connections get the new listener, with the same filter.
+    let mut c = client(Proto::H1, lg.addr("public").unwrap()).await;
+    let r = c.get("/x").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-filter-resp"), Some("tagger"));
+}
+
 each_proto!(
     async fn a_broken_plugin_keeps_the_old_version(proto) {
         let up = upstream().start().await;
