@@ -248,6 +248,20 @@ impl TestHost {
         })
     }
 
+    /// Another worker wins the next compare-and-swap races on `key`: each of
+    /// the plugin's next conditional writes (`if-absent`, `if-version`) to it
+    /// first sees another writer store the next of `values` (a new version,
+    /// no expiry), so it fails with `cas-mismatch` and a re-read sees that
+    /// value. For testing a plugin's CAS retry loop.
+    pub fn kv_race(&self, namespace: &str, key: &str, values: &[&[u8]]) {
+        self.host
+            .borrow_mut()
+            .kv_races
+            .entry((namespace.to_owned(), key.to_owned()))
+            .or_default()
+            .extend(values.iter().map(|v| v.to_vec()));
+    }
+
     /// Seed a KV entry (as another plugin would); returns its version.
     pub fn kv_put(&self, namespace: &str, key: &str, value: &[u8]) -> u64 {
         let mut h = self.host.borrow_mut();

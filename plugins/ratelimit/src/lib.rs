@@ -271,6 +271,11 @@ impl RateLimit {
                 self.count_verdict(e.idx, false); // shadow only, see `blocked`
                 continue;
             }
+            if raced.is_some() && !l.shadow {
+                // Refused by a race already: the rest spend no token.
+                self.count_verdict(e.idx, true);
+                continue;
+            }
             match self.commit(e, now) {
                 Ok(()) => {}
                 Err(err) => {
@@ -352,6 +357,11 @@ impl RateLimit {
                 }
                 Err(err) => return Err(err),
             }
+        }
+        // The last re-read may have decided: a refusal is an answer, not an
+        // error (which `failure_mode: allow` would let through).
+        if !e.decision.allowed {
+            return Ok(());
         }
         Err(Error::LimitExceeded)
     }

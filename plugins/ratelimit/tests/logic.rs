@@ -438,3 +438,41 @@ fn ipv6_clients_have_their_own_buckets() {
     assert_eq!(send(&mut t, v6(2)), None);
     assert!(t.host().kv_get("ratelimit", "ip|2001:db8::2").is_some());
 }
+
+/// A TAT far in the future: a bucket another worker just emptied.
+const EMPTIED: &[u8] = b"18000000000000000000";
+
+#[test]
+fn a_refusal_decided_on_the_last_cas_attempt_is_a_429() {
+    let mut t = setup(r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "1/m"}]}"#);
+    // Every write of ours loses a race; the last re-read finds the bucket
+    // emptied. That is a refusal, not a KV error (let through by default).
+    let n = legate_plugin_ratelimit::MAX_CAS_ATTEMPTS as usize;
+    let mut values: Vec<&[u8]> = vec![b"0"; n - 1];
+    values.push(EMPTIED);
+    t.host().kv_race("ratelimit", "a|192.0.2.1", &values);
+    let r = send(&mut t, Request::get("/")).expect("a 429");
+    assert_eq!(r.status, 429);
+    assert_eq!(t.host().counter(METRIC, &["a", "error"]), Some(0));
+    assert!(!t.host().logged(legate_sdk::log::Level::Warn, "KV error"));
+}
+
+#[test]
+fn limits_after_a_raced_refusal_spend_no_token() {
+    let mut t = setup(
+        r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "1/m"},
+                      {"name": "b", "rate": "5/m"}]}"#,
+    );
+    t.host().kv_race("ratelimit", "a|192.0.2.1", &[EMPTIED]);
+    assert_eq!(send(&mut t, Request::get("/")).map(|r| r.status), Some(429));
+    assert!(
+        t.host().kv_get("ratelimit", "b").is_none(),
+        "b spent a token on a refused request"
+    );
+    // The race is over: a's bucket is the other worker's (empty), b's full.
+    assert_eq!(send(&mut t, Request::get("/")).map(|r| r.status), Some(429));
+    assert_eq!(
+        send(&mut t, Request::get("/").source(from([10, 1, 1, 1]))),
+        None
+    );
+}

@@ -100,6 +100,10 @@ pub(crate) struct HostState {
     pub(crate) metrics: BTreeMap<String, Metric>,
     pub(crate) kv: HashMap<String, HashMap<String, KvValue>>,
     pub(crate) kv_version: u64,
+    /// Writes another worker makes just before a conditional write of the
+    /// plugin's, by (namespace, key): each conditional `set` takes the next one
+    /// ([`crate::testing::TestHost::kv_race`]).
+    pub(crate) kv_races: HashMap<(String, String), VecDeque<Vec<u8>>>,
     pub(crate) callouts: Vec<SentCallout>,
     pub(crate) queued: HashMap<String, VecDeque<Result<CalloutResponse, Error>>>,
     pub(crate) call: Call,
@@ -128,6 +132,7 @@ impl HostState {
             metrics: BTreeMap::new(),
             kv: HashMap::new(),
             kv_version: 0,
+            kv_races: HashMap::new(),
             callouts: Vec::new(),
             queued: HashMap::new(),
             call: Call::Idle,
@@ -931,6 +936,24 @@ impl NamespaceHandle {
         }
         let mut h = self.host.borrow_mut();
         let expires_at = ttl_deadline(h.mono_ns, ttl_ms)?;
+        if c != WriteCondition::Always {
+            let raced = h
+                .kv_races
+                .get_mut(&(self.name.clone(), key.to_owned()))
+                .and_then(VecDeque::pop_front);
+            if let Some(other) = raced {
+                h.kv_version += 1;
+                let version = h.kv_version;
+                h.kv.entry(self.name.clone()).or_default().insert(
+                    key.to_owned(),
+                    KvValue {
+                        value: other,
+                        version,
+                        expires_at: None,
+                    },
+                );
+            }
+        }
         let current = h.live_kv(&self.name, key).map(|v| v.version);
         Self::check_condition(current, c)?;
         h.kv_version += 1;
