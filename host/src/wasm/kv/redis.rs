@@ -297,6 +297,9 @@ impl RedisKv {
         };
         match f(&mut conn) {
             Ok(v) => {
+                // Up again even without a reconnect: another worker's failure
+                // may have set it down while this connection still worked.
+                self.stats.up.set(1);
                 let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
                 if idle.len() < MAX_IDLE {
                     idle.push(conn);
@@ -346,12 +349,20 @@ fn broken(e: &RedisError) -> bool {
     e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error()
 }
 
+/// TTLs from this many milliseconds (~2 230 years) on never expire, as in
+/// the memory store (whose deadline overflows there): Redis refuses an expiry
+/// time it cannot hold, and would do so after a script's first writes.
+const FOREVER_MS: u64 = 1 << 46;
+
 /// A TTL in whole milliseconds for Redis (`0` = none), rounding a sub-ms TTL up.
 fn ttl_ms(ttl: Option<Duration>) -> Result<u64, KvError> {
     match ttl {
         None => Ok(0),
         Some(d) if d.is_zero() => Err(KvError::InvalidArgument),
-        Some(d) => Ok(u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)),
+        Some(d) => match u64::try_from(d.as_millis()).unwrap_or(u64::MAX) {
+            ms if ms >= FOREVER_MS => Ok(0),
+            ms => Ok(ms.max(1)),
+        },
     }
 }
 
@@ -439,5 +450,24 @@ impl KvBackend for RedisKv {
             [1, sum] => Ok(*sum),
             _ => Err(KvError::InvalidArgument),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_redis_cannot_hold_mean_no_expiry() {
+        assert_eq!(ttl_ms(None), Ok(0));
+        assert_eq!(ttl_ms(Some(Duration::ZERO)), Err(KvError::InvalidArgument));
+        assert_eq!(ttl_ms(Some(Duration::from_micros(10))), Ok(1));
+        assert_eq!(ttl_ms(Some(Duration::from_secs(60))), Ok(60_000));
+        assert_eq!(ttl_ms(Some(Duration::from_millis(u64::MAX))), Ok(0));
+        assert_eq!(ttl_ms(Some(Duration::from_millis(FOREVER_MS))), Ok(0));
+        assert_eq!(
+            ttl_ms(Some(Duration::from_millis(FOREVER_MS - 1))),
+            Ok(FOREVER_MS - 1)
+        );
     }
 }
