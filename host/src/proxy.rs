@@ -1121,6 +1121,11 @@ fn finish_response_headers(
     switching: bool,
 ) {
     if !switching {
+        // Both framings on one response (RFC 9112 §6.3): the body was read as
+        // chunked, so a `content-length` left on it would misframe it downstream.
+        if h.contains_key(header::TRANSFER_ENCODING) {
+            h.remove(header::CONTENT_LENGTH);
+        }
         proxy_headers::strip_hop_by_hop(h);
     }
     m.apply_response_headers(h);
