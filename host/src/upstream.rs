@@ -381,10 +381,26 @@ fn to_h2_form(req: &mut Request<Body>, tls: bool) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// The inverse of [`to_h2_form`], for a request handed back by an h2 connection
-/// and re-sent on a new HTTP/1.1 one (`protocol: auto`).
+/// The HTTP/1.1 form of a request: the inverse of [`to_h2_form`] (for a request
+/// handed back by an h2 connection and re-sent on a new HTTP/1.1 one,
+/// `protocol: auto`), and its framing.
 fn to_h1_form(req: &mut Request<Body>) {
     *req.version_mut() = Version::HTTP_11;
+    use hyper::body::Body as _;
+    // A body of unknown length goes chunked whatever the method: without a
+    // length, hyper frames GET, HEAD and CONNECT as bodiless and would drop it
+    // (a GET with a body over HTTP/2, or chunked over HTTP/1.1).
+    let body = req.body();
+    if !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+        && !req.headers().contains_key(http::header::CONTENT_LENGTH)
+        && !req.headers().contains_key(http::header::TRANSFER_ENCODING)
+    {
+        req.headers_mut().insert(
+            http::header::TRANSFER_ENCODING,
+            http::HeaderValue::from_static("chunked"),
+        );
+    }
     let Some(authority) = req.uri().authority().cloned() else {
         return;
     };

@@ -636,3 +636,25 @@ each_proto!(
         assert_ne!(r.header("content-length"), Some("3"));
     }
 );
+
+each_proto!(
+    /// A GET with a body of unknown length (chunked over HTTP/1.1, DATA
+    /// frames without `content-length` over HTTP/2) reaches an HTTP/1.1
+    /// upstream with its body: hyper frames a GET without a length as
+    /// bodiless, so the proxy sends it chunked.
+    async fn a_get_body_of_unknown_length_goes_upstream(proto) {
+        let up = upstream().http1().start().await;
+        let lg = legate().config(&simple_config(&[up.addr])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let mut req = c.get("/_search").streamed_body(b"{\"query\":1}".to_vec(), 4);
+        if proto == Proto::H1 {
+            // hyper (the test client) would send the GET bodiless too.
+            req = req.header("transfer-encoding", "chunked");
+        }
+        let r = req.send().await;
+        assert_eq!(r.status, 200);
+        let e = r.echo();
+        assert_eq!(e.method, "GET");
+        assert_eq!(e.body, "{\"query\":1}");
+    }
+);
