@@ -159,6 +159,24 @@ fn run(
         watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
         ..Default::default()
     };
+    // Signals are handled on a small runtime of their own; workers own theirs.
+    // Their handlers are installed before anything starts: a SIGHUP's default
+    // action is to exit, and one sent while this process starts (`kill -HUP
+    // $(pidof legate)` during a hot restart reaches both processes) must not
+    // kill it; what arrives meanwhile is handled once it serves.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("signal runtime")?;
+    let (mut term, mut hup, mut int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _in = rt.enter();
+        (
+            signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        )
+    };
     // If starting fails after this, the old process keeps serving: it drains only
     // when told to below.
     let mut inherited = if take_over {
@@ -184,19 +202,11 @@ fn run(
     }
     let shared = handle.shared();
     let mut drain = handle.drain_signal();
-    // Signals are handled on a small runtime of their own; workers own theirs.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("signal runtime")?;
     rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut hup = signal(SignalKind::hangup())?;
         loop {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: draining"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+                _ = int.recv() => tracing::info!("SIGINT: draining"),
                 _ = drain.wait_for(|d| *d) => tracing::info!("drain requested"),
                 _ = hup.recv() => {
                     // Config and every plugin module are read again; the result is
