@@ -733,12 +733,16 @@ fn watch_once(
         }
     }
     let snap = shared.snapshot.load_full();
+    // Each file looked at once per poll, then every plugin loaded from it
+    // (two plugins may share a module: VM sharing needs one) is compared.
+    let mut files: HashMap<&Path, Option<String>> = HashMap::new();
     for p in &snap.config.plugins {
         let Some(file) = p.value.module_file() else {
             continue; // compiled in: nothing to watch
         };
         let p = &p.value;
-        if let Some(hash) = changed(file) {
+        let hash = files.entry(file).or_insert_with(|| changed(file));
+        if let Some(hash) = hash {
             if r.plugin_hash(p.name.as_str()).as_deref() != Some(hash.as_str()) {
                 let _ = reload_plugin(shared, p.name.as_str(), Trigger::Watch);
             }

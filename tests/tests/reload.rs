@@ -927,6 +927,42 @@ async fn the_module_watch_reloads_a_plugin() {
     );
 }
 
+/// Two plugins loaded from one module file: a change of the file reloads
+/// both (the first one's poll used to mark the file seen for the second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_module_watch_reloads_every_plugin_of_a_file() {
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    let module = dir.path().join("tagger.wasm");
+    write_module(&module, &guest_variant(1));
+    let yaml = plugin_yaml(up.addr, &module).replace(
+        "filters: [{ plugin: tagger }]",
+        "filters: [{ plugin: tagger }, { plugin: tagger2 }]",
+    ) + &format!(
+        "  - name: tagger2
+    module: {}
+    config: {{ mode: headers }}
+    limits: {{ cpu: 500ms }}
+",
+        module.display()
+    );
+    let lg = start(&yaml, Some(Duration::from_millis(50)), 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    write_module(&module, &guest_variant(4));
+    let want = sha256_hex(&guest_variant(4));
+    eventually(
+        Duration::from_secs(10),
+        "the watch reloads both plugins",
+        || async {
+            let (_, body) = lg.admin(Method::GET, "/plugins").await;
+            let v: Value = serde_json::from_str(&body).unwrap();
+            let all = v["plugins"].as_array().unwrap();
+            (all.len() == 2 && all.iter().all(|p| p["sha256"] == want.as_str())).then_some(())
+        },
+    )
+    .await;
+}
+
 /// [`yaml`] with three proxy-wasm plugins on listener `web`: `solo` (a VM of
 /// its own) and `a`, `b` (one VM shared through `vm_id`).
 fn proxy_wasm_yaml(up: SocketAddr) -> String {
