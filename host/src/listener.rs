@@ -181,8 +181,12 @@ impl ListenerCtx {
     /// differently or not at all, and a request of an old connection looked
     /// up there would miss its chain (skipping its filters, auth included) or
     /// its route table (a 500).
+    /// (HTTP only: a TCP connection looks its config up once, when it starts,
+    /// and must not keep a whole old config alive for its lifetime.)
     pub fn retire(&self, last: Arc<crate::server::Snapshot>) {
-        let _ = self.retired.set(last);
+        if self.cfg.http.is_some() {
+            let _ = self.retired.set(last);
+        }
         self.close();
     }
 

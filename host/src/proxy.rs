@@ -958,13 +958,16 @@ impl filter::CalloutSender for PoolCallouts {
 }
 
 impl PoolCallouts {
-    /// The cluster `name` of the snapshot, if both still exist.
+    /// The cluster `name` of the snapshot, or of the config in force once a
+    /// reload replaced it (the sender a worker keeps for plugin-level callouts
+    /// outlives the exchange it came with; a TCP connection lets its snapshot
+    /// go once set up): `None` if neither has it.
     fn entry(&self, name: &str) -> Option<Arc<ClusterEntry>> {
-        crate::config::Name::new(name).ok().and_then(|n| {
-            self.snapshot
-                .upgrade()
-                .and_then(|s| s.clusters.get(&n).cloned())
-        })
+        let n = crate::config::Name::new(name).ok()?;
+        match self.snapshot.upgrade() {
+            Some(s) => s.clusters.get(&n).cloned(),
+            None => self.worker.shared.snapshot.load().clusters.get(&n).cloned(),
+        }
     }
 }
 

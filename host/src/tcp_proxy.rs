@@ -89,6 +89,11 @@ pub async fn serve(
         }
         filtered = Some((chain, rx));
     }
+    // What the connection needs is held (its cluster, its filters); the rest
+    // of the config goes with the next reload instead of living as long as the
+    // connection: a long-lived connection would otherwise keep every plugin
+    // instance of its config version on every worker.
+    drop(snapshot);
 
     // Connect, trying each endpoint once on failure.
     let cluster = &entry.cluster();

@@ -862,6 +862,59 @@ async fn a_renamed_listeners_connections_keep_its_filters() {
     assert_eq!(r.header("x-filter-resp"), Some("tagger"));
 }
 
+/// A long-lived TCP-proxied connection does not keep the config it started
+/// with: a plugin reload frees the replaced plugin's instances while the
+/// connection stays open (it held the whole old config, every plugin
+/// instance of it included, for as long as it lived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_connection_does_not_pin_the_old_plugins() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    let module = dir.path().join("tagger.wasm");
+    write_module(&module, &guest_variant(1));
+    let yaml = plugin_yaml(up.addr, &module).replace(
+        "listeners:\n",
+        "listeners:\n  - name: raw\n    address: 127.0.0.1:0\n    tcp:\n      cluster: backend\n",
+    );
+    let lg = start(&yaml, None, 1);
+    let mut c = client(Proto::H1, lg.addr("web").unwrap()).await;
+    assert_eq!(
+        c.get("/x").send().await.header("x-filter-resp"),
+        Some("tagger")
+    );
+    // A TCP connection through `raw`, kept open.
+    let mut raw = tokio::net::TcpStream::connect(lg.addr("raw").unwrap())
+        .await
+        .unwrap();
+    raw.write_all(b"GET /raw HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = vec![0u8; 4096];
+    let n = raw.read(&mut got).await.unwrap();
+    assert!(
+        got[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got[..n])
+    );
+
+    write_module(&module, &guest_variant(2));
+    let (status, body) = lg.admin(Method::POST, "/plugins/tagger/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        c.get("/x").send().await.header("x-filter-resp"),
+        Some("tagger")
+    );
+    let st = plugin_status(&lg).await;
+    assert_eq!(st["instances"], 1, "the old instance is still held: {st}");
+    // The connection still works.
+    raw.write_all(b"GET /raw HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = raw.read(&mut got).await.unwrap();
+    assert!(got[..n].starts_with(b"HTTP/1.1 200"));
+}
+
 each_proto!(
     async fn a_broken_plugin_keeps_the_old_version(proto) {
         let up = upstream().start().await;
