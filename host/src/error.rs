@@ -58,6 +58,9 @@ pub enum Kind {
     Overloaded,
     /// The route's whole-request timeout fired.
     Timeout,
+    /// The client did not send the request body the proxy buffers (for
+    /// retries or a mirror) within the route timeout.
+    RequestTimeout,
     /// One attempt's `per_try_timeout` fired.
     PerTryTimeout,
     /// A filter plugin with `fail: closed` trapped, overran its deadline or memory
@@ -162,6 +165,7 @@ impl ProxyError {
             | Kind::HeadersTooLarge
             | Kind::NotImplemented
             | Kind::RequestBufferLimit
+            | Kind::RequestTimeout
             | Kind::DownstreamReset => Side::Downstream,
             Kind::ConnectFailed
             | Kind::UpstreamReset
@@ -200,6 +204,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Kind::Timeout | Kind::PerTryTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Kind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             // The client is gone; this response is never delivered, 499 (nginx's
             // "client closed request") keeps the access log honest.
             Kind::DownstreamReset => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
@@ -222,6 +227,7 @@ impl ProxyError {
             Kind::NoHealthyUpstream => "no_healthy_upstream",
             Kind::Overloaded => "overloaded",
             Kind::Timeout => "upstream_timeout",
+            Kind::RequestTimeout => "request_timeout",
             Kind::PerTryTimeout => "upstream_per_try_timeout",
             Kind::PluginFailure => "plugin_failure",
             Kind::RequestBufferLimit | Kind::ResponseBufferLimit => "plugin_buffer_limit",

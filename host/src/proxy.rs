@@ -427,10 +427,30 @@ async fn proxy(
             .mirror
             .as_ref()
             .filter(|m| !upgrade && crate::mirror::chosen(m));
-        let source = match (policy, mirror) {
-            (Some(p), _) => ReqBody::buffer(req_body, p.buffer_limit, &parts).await?,
-            (None, Some(m)) => ReqBody::buffer(req_body, m.max_body.0, &parts).await?,
-            (None, None) => ReqBody::Stream(Some(req_body)),
+        let route_timeout = ov.timeout.unwrap_or(route.timeout);
+        let buffer_limit = match (policy, mirror) {
+            (Some(p), _) => Some(p.buffer_limit),
+            (None, Some(m)) => Some(m.max_body.0),
+            // Not buffered: the body streams under the route timeout below.
+            (None, None) => None,
+        };
+        let source = match buffer_limit {
+            // A body read before anything goes upstream is bounded by the route
+            // timeout too (which then starts again for the attempts, as Envoy's
+            // starts once the request is in): a client sending it a byte a
+            // minute must not hold the request (and its buffer) forever.
+            Some(limit) => match route_timeout {
+                Some(t) => tokio::time::timeout(t, ReqBody::buffer(req_body, limit, &parts))
+                    .await
+                    .map_err(|_| {
+                        ProxyError::new(
+                            Kind::RequestTimeout,
+                            format!("request body not received within the route timeout {t:?}"),
+                        )
+                    })??,
+                None => ReqBody::buffer(req_body, limit, &parts).await?,
+            },
+            None => ReqBody::Stream(Some(req_body)),
         };
         if let (Some(m), Some(body)) = (mirror, source.whole(mirror.map_or(0, |m| m.max_body.0))) {
             let copy = crate::mirror::Copy {
@@ -453,7 +473,7 @@ async fn proxy(
             policy,
             per_try: route.per_try_timeout,
         };
-        let result = match ov.timeout.unwrap_or(route.timeout) {
+        let result = match route_timeout {
             Some(t) => match tokio::time::timeout(t, attempt.run(source, out)).await {
                 Ok(r) => r,
                 Err(_) => {

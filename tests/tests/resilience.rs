@@ -317,3 +317,37 @@ each_proto!(
         assert!(bad.requests.get() >= 1);
     }
 );
+
+/// A request body buffered for retries is bounded by the route timeout: a
+/// client that stops sending it gets 408 (it was held, with its buffer, for as
+/// long as the client kept the connection open), and nothing goes upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_buffered_for_retries_times_out_with_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&simple_config_with(
+            &[up.addr],
+            "            timeout: 300ms\n            retry:\n              retry_on: [5xx]\n              num_retries: 1\n",
+            "",
+        ))
+        .start();
+    let mut s = tokio::net::TcpStream::connect(lg.addr("web"))
+        .await
+        .unwrap();
+    s.write_all(b"PUT /slow HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "no answer while the body stalls");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    assert_eq!(up.requests.get(), 0);
+    lg.assert_stat(
+        r#"legate_listener_requests_total{listener="web",class="4xx"}"#,
+        1.0,
+    )
+    .await;
+}
