@@ -17,6 +17,9 @@ struct Entry {
 #[derive(Default)]
 struct Store {
     data: HashMap<(String, Vec<u8>), Entry>,
+    /// Bytes of keys and values in `data`, kept as entries change (summing
+    /// them on every set made each set cost O(entries) under the one lock).
+    bytes: usize,
     next_cas: u32,
     queue_ids: HashMap<(String, Vec<u8>), u32>,
     queues: HashMap<u32, Queue>,
@@ -30,9 +33,10 @@ struct Queue {
     subscribers: Vec<Weak<Notify>>,
 }
 
-/// Caps: one entry's value, all values, one queue's items.
+/// Caps: one entry's value, all keys and values, entries, one queue's items.
 const MAX_VALUE: usize = 1 << 20;
 const MAX_TOTAL: usize = 64 << 20;
+const MAX_ENTRIES: usize = 100_000;
 const MAX_QUEUE: usize = 10_000;
 
 fn store() -> std::sync::MutexGuard<'static, Store> {
@@ -56,26 +60,42 @@ pub fn set(vm: &str, key: &[u8], value: &[u8], cas: u32) -> Result<(), i32> {
     if value.len() > MAX_VALUE {
         return Err(status::BAD_ARGUMENT);
     }
-    let mut s = store();
-    let k = (vm.to_string(), key.to_vec());
-    let current = s.data.get(&k).map(|e| e.cas);
-    if cas != 0 && current.is_some_and(|c| c != cas) {
-        return Err(status::CAS_MISMATCH);
+    store().set(vm, key, value, cas, (MAX_TOTAL, MAX_ENTRIES))
+}
+
+impl Store {
+    /// [`set`] under `caps` (bytes of keys and values, entries); a value
+    /// replaced counts only once, so a store near its cap can still update.
+    fn set(
+        &mut self,
+        vm: &str,
+        key: &[u8],
+        value: &[u8],
+        cas: u32,
+        caps: (usize, usize),
+    ) -> Result<(), i32> {
+        let k = (vm.to_string(), key.to_vec());
+        let current = self.data.get(&k);
+        if cas != 0 && current.is_some_and(|e| e.cas != cas) {
+            return Err(status::CAS_MISMATCH);
+        }
+        let old = current.map_or(0, |e| k.0.len() + k.1.len() + e.value.len());
+        let new = k.0.len() + k.1.len() + value.len();
+        if self.bytes - old + new > caps.0 || (current.is_none() && self.data.len() >= caps.1) {
+            return Err(status::BAD_ARGUMENT);
+        }
+        self.bytes = self.bytes - old + new;
+        self.next_cas = self.next_cas.wrapping_add(1).max(1);
+        let cas = self.next_cas;
+        self.data.insert(
+            k,
+            Entry {
+                value: value.to_vec(),
+                cas,
+            },
+        );
+        Ok(())
     }
-    let total: usize = s.data.values().map(|e| e.value.len()).sum();
-    if total + value.len() > MAX_TOTAL {
-        return Err(status::BAD_ARGUMENT);
-    }
-    s.next_cas = s.next_cas.wrapping_add(1).max(1);
-    let cas = s.next_cas;
-    s.data.insert(
-        k,
-        Entry {
-            value: value.to_vec(),
-            cas,
-        },
-    );
-    Ok(())
 }
 
 /// Registers (or finds) queue `name` of `vm`.
@@ -142,6 +162,34 @@ pub fn subscribe(id: u32) -> Option<Arc<Notify>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caps_count_each_entry_once() {
+        let mut s = Store::default();
+        // "vm" + "k" + 10 bytes = 13 per entry; room for 30 bytes, 3 entries.
+        let caps = (30, 3);
+        s.set("vm", b"k", &[0; 10], 0, caps).unwrap();
+        // Replacing counts the new value only, not both.
+        for _ in 0..5 {
+            s.set("vm", b"k", &[1; 10], 0, caps).unwrap();
+        }
+        assert_eq!(s.bytes, 13);
+        s.set("vm", b"j", &[0; 10], 0, caps).unwrap();
+        assert_eq!(
+            s.set("vm", b"i", &[0; 10], 0, caps),
+            Err(status::BAD_ARGUMENT),
+            "over the byte cap"
+        );
+        s.set("vm", b"i", &[], 0, caps).unwrap();
+        assert_eq!(
+            s.set("vm", b"h", &[], 0, caps),
+            Err(status::BAD_ARGUMENT),
+            "over the entry cap"
+        );
+        // A smaller value frees room.
+        s.set("vm", b"k", &[], 0, caps).unwrap();
+        assert_eq!(s.bytes, 3 + 13 + 3);
+    }
 
     #[test]
     fn cas_guards_concurrent_updates() {
