@@ -39,6 +39,10 @@ pub struct ConnCtx {
     /// The connection as filters see it, made by the first exchange that has a
     /// filter chain and shared by the connection's later ones.
     pub facts: std::cell::OnceCell<Arc<crate::filter::ConnFacts>>,
+    /// The tunnel the connection became after a protocol upgrade (WebSocket),
+    /// which [`serve`] waits for: the connection stays counted
+    /// (`max_connections`, the active gauge, drain) until the tunnel ends.
+    pub tunnel: Cell<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// How long a draining HTTP/1.1 connection may stay idle (waiting for one more
@@ -97,6 +101,7 @@ pub async fn serve(
         original_dst,
         activity: activity.clone(),
         facts: std::cell::OnceCell::new(),
+        tunnel: Cell::new(None),
     });
     // Set when the listener closes (drain, reload, hot restart): HTTP/1.1
     // responses then carry `Connection: close`, so a keep-alive client learns of
@@ -106,6 +111,7 @@ pub async fn serve(
     let last_version = Rc::new(Cell::new(None::<http::Version>));
     let service = {
         let (h1_closing, last_version) = (h1_closing.clone(), last_version.clone());
+        let conn_ctx = conn_ctx.clone();
         service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let version = req.version();
             last_version.set(Some(version));
@@ -183,7 +189,7 @@ pub async fn serve(
                     }
                     tracing::debug!(listener = %ctx.name, %peer, "connection error: {e}");
                 }
-                return;
+                break;
             }
             _ = drain.wait_for(|d| *d), if !closing && !h1_closing.get() => {
                 // h2: GOAWAY (checked at the top of the loop), in-flight streams
@@ -194,6 +200,28 @@ pub async fn serve(
                 h1_closing.set(true);
                 idle = idle.min(H1_DRAIN_IDLE);
             }
+            () = tokio::time::sleep_until(deadline.into()) => {}
+        }
+    }
+    // An upgraded connection lives on as a tunnel: it ends when either side
+    // closes, or after the listener's idle timeout without a byte either way
+    // (both directions pass through this connection's byte counter). A drain
+    // waits for it up to `drain_timeout`, as for a request in flight.
+    let Some(mut tunnel) = conn_ctx.tunnel.take() else {
+        return;
+    };
+    let idle = limits.idle_timeout.get();
+    loop {
+        let deadline = match activity.check(idle, None) {
+            Verdict::WaitUntil(t) => t,
+            Verdict::Idle | Verdict::HeaderTimeout => {
+                tracing::debug!(listener = %ctx.name, %peer, "upgraded connection idle; closing");
+                tunnel.abort();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = &mut tunnel => return,
             () = tokio::time::sleep_until(deadline.into()) => {}
         }
     }

@@ -510,7 +510,8 @@ async fn proxy(
         if switching {
             if let Some(down) = downstream_upgrade {
                 let up = hyper::upgrade::on(&mut resp);
-                tokio::task::spawn_local(tunnel(down, up));
+                conn.tunnel
+                    .set(Some(tokio::task::spawn_local(tunnel(down, up))));
             }
         }
         let received = resp.version();

@@ -178,3 +178,47 @@ async fn tcp_proxy_upstream_down_closes_the_client() {
     )
     .await;
 }
+
+/// An upgraded connection (WebSocket tunnel) stays counted on its listener
+/// (the active gauge, `max_connections`, drain) while it lives, and closes
+/// after the listener's `idle_timeout` without a byte either way: it was
+/// uncounted from the 101 on, and had no timeout at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_is_counted_and_idles_out() {
+    let up = upgrade_echo_server().await;
+    let config = simple_config(&[up.addr]).replace(
+        "    http:\n      routes: main\n",
+        "    http:\n      routes: main\n    limits:\n      idle_timeout: 400ms\n",
+    );
+    let lg = legate().config(&config).start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    c.write(
+        b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    let head = String::from_utf8_lossy(&c.read_head(Duration::from_secs(3)).await).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    // Bytes keep it alive past the idle timeout.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.write(b"ping").await;
+        assert_eq!(
+            c.read_exact(4, Duration::from_secs(2)).await.unwrap(),
+            b"ping"
+        );
+    }
+    lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 1.0)
+        .await;
+    // Quiet: closed, both sides.
+    let (_, closed) = c.read_until_close(Duration::from_secs(10)).await;
+    assert!(closed, "an idle tunnel stayed open");
+    eventually(
+        Duration::from_secs(3),
+        "upstream side of the tunnel closed",
+        || async { (up.closed.get() == 1).then_some(()) },
+    )
+    .await;
+    lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
+        .await;
+}
