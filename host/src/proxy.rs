@@ -385,10 +385,11 @@ async fn proxy(
         let h = &mut parts.headers;
         h.remove(header::EXPECT);
         h.remove(header::HOST);
-        matched.apply_request_headers(h);
+        // `via` first: the route's operations see and may change it (docs/config.md).
         if let Some(v) = &http.via {
             proxy_headers::add_via(h, &via_value(parts.version, v));
         }
+        matched.apply_request_headers(h);
         if let Some(token) = upgrade_token {
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             h.insert(header::UPGRADE, token);

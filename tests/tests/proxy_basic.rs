@@ -658,3 +658,21 @@ each_proto!(
         assert_eq!(e.body, "{\"query\":1}");
     }
 );
+
+each_proto!(
+    /// The route's request operations run after `via` is added, so they may
+    /// remove it (docs/config.md: they see Legate's own proxy headers).
+    async fn route_operations_see_via(proto) {
+        let up = upstream().start().await;
+        let config = simple_config_with(
+            &[up.addr],
+            "            request_headers:\n              remove: [via]\n",
+            "",
+        )
+        .replace("      routes: main\n", "      routes: main\n      via: legate-test\n");
+        let lg = legate().config(&config).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let e = c.get("/").header("via", "1.1 client-proxy").send().await.echo();
+        assert_eq!(e.header("via"), None, "{:?}", e.headers);
+    }
+);
