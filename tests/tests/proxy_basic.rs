@@ -303,36 +303,15 @@ each_proto!(
     async fn routes_see_the_sanitised_request(proto) {
         let up = upstream().start().await;
         let admin = upstream().start().await;
-        let config = format!(
-            "version: 1
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    http:
-      routes: main
-routes:
-  - name: main
-    virtual_hosts:
-      - name: all
-        domains: [\"*\"]
-        routes:
-          - match:
-              prefix: /
-              headers:
-                - {{ name: x-forwarded-for, exact: \"10.0.0.1\" }}
-            cluster: admin
-          - match:
-              prefix: /
-            cluster: backend
-clusters:
-  - name: backend
-    endpoints:
-      - address: {}
-  - name: admin
-    endpoints:
-      - address: {}
-",
-            up.addr, admin.addr
+        // A route for a spoofable header first, then the usual catch-all.
+        let config = with_cluster(
+            &simple_config(&[up.addr]).replace(
+                "        routes:\n",
+                "        routes:\n          - match:\n              prefix: /\n              headers:\n                \
+                 - { name: x-forwarded-for, exact: \"10.0.0.1\" }\n            cluster: admin\n",
+            ),
+            "admin",
+            admin.addr,
         );
         let lg = legate().config(&config).start();
         let mut c = client(proto, lg.addr("web")).await;
