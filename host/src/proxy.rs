@@ -227,9 +227,16 @@ async fn proxy(
         // connection manager does): hop-by-hop headers out first, so that a
         // client's `Connection: x-request-id` (or a header a filter adds) is
         // not stripped after the fact; then the forwarding facts a client
-        // must not choose (untrusted downstream) and the request id.
+        // must not choose (untrusted downstream) and the request id. Kept for
+        // them: an upgrade's `Upgrade` and `Connection: upgrade` (a route may
+        // match on them), and `Proxy-Authorization` (credentials for this
+        // proxy, which a filter may check); both leave before the upstream.
         let h = req.headers_mut();
-        proxy_headers::strip_hop_by_hop(h);
+        proxy_headers::strip_hop_by_hop_but(h, Some(&header::PROXY_AUTHORIZATION));
+        if let Some(token) = &upgrade_token {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, token.clone());
+        }
         proxy_headers::set_forwarded(h, &conn.forwarded_for, https, &authority, trusted);
         out.request_id = proxy_headers::request_id(h, trusted, http.generate_request_id);
         crate::overrides::take(h, trusted)
@@ -385,6 +392,11 @@ async fn proxy(
         let h = &mut parts.headers;
         h.remove(header::EXPECT);
         h.remove(header::HOST);
+        h.remove(header::PROXY_AUTHORIZATION);
+        if upgrade_token.is_none() {
+            // A filter's; an upgrade is decided by the client's request.
+            h.remove(header::UPGRADE);
+        }
         // `via` first: the route's operations see and may change it (docs/config.md).
         if let Some(v) = &http.via {
             proxy_headers::add_via(h, &via_value(parts.version, v));

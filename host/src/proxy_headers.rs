@@ -64,6 +64,12 @@ const NOT_NOMINATABLE: [HeaderName; 3] = [HOST, CONTENT_LENGTH, TE];
 /// A caller proxying a protocol upgrade (WebSocket) reads `Upgrade` and `Connection`
 /// before calling this and sets them again for the upstream hop.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    strip_hop_by_hop_but(h, None);
+}
+
+/// [`strip_hop_by_hop`] keeping `keep` (and a `Connection` naming only it is
+/// still removed).
+pub fn strip_hop_by_hop_but(h: &mut HeaderMap, keep: Option<&HeaderName>) {
     // Most messages carry none of these: one pass over the names (compared by
     // their standard-header tag) costs a tenth of seven hashed removals of absent
     // names, which were ~1.5k instructions per proxied request.
@@ -78,7 +84,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         .filter(|n| !NOT_NOMINATABLE.contains(n))
         .collect();
     for n in nominated.iter().chain(HOP_BY_HOP.iter()) {
-        h.remove(n);
+        if Some(n) != keep {
+            h.remove(n);
+        }
     }
 
     let offers_trailers = h.get_all(TE).iter().any(|v| {

@@ -222,3 +222,30 @@ async fn an_upgraded_connection_is_counted_and_idles_out() {
     lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
         .await;
 }
+
+/// Routes (and filters) see an upgrade request's `Upgrade` and
+/// `Connection: upgrade`: a WebSocket route chosen by them gets the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_can_match_the_upgrade_header() {
+    let ws = upgrade_echo_server().await;
+    let web = upstream().start().await;
+    let config = with_cluster(
+        &simple_config(&[web.addr]).replace(
+            "        routes:\n",
+            "        routes:\n          - match:\n              prefix: /\n              headers:\n                \
+             - { name: upgrade, exact: websocket }\n            cluster: ws\n",
+        ),
+        "ws",
+        ws.addr,
+    );
+    let lg = legate().config(&config).start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    c.write(
+        b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    let head = String::from_utf8_lossy(&c.read_head(Duration::from_secs(3)).await).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    assert_eq!(web.requests.get(), 0);
+}
