@@ -53,6 +53,7 @@ const H1_DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 pub async fn serve(
     worker: Rc<Worker>,
     ctx: Arc<ListenerCtx>,
+    serving: Option<crate::listener::Serving>,
     stream: TcpStream,
     peer: SocketAddr,
     original_dst: Option<SocketAddr>,
@@ -210,6 +211,8 @@ pub async fn serve(
     let Some(mut tunnel) = conn_ctx.tunnel.take() else {
         return;
     };
+    // No request follows on a tunnel.
+    drop(serving);
     let idle = limits.idle_timeout.get();
     loop {
         let deadline = match activity.check(idle, None) {

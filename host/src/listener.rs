@@ -6,11 +6,11 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
@@ -118,8 +118,12 @@ pub struct ListenerCtx {
     /// Turns true when this listener stops: the process drains, or a reload removed
     /// or replaced it. Accept loops stop; its connections close gracefully.
     closing: watch::Sender<bool>,
-    /// The config a reload replaced this listener in ([`ListenerCtx::retire`]).
-    retired: OnceLock<Arc<crate::server::Snapshot>>,
+    /// The config a reload replaced this listener in ([`ListenerCtx::retire`]),
+    /// while connections that may still send requests are open.
+    retired: ArcSwapOption<crate::server::Snapshot>,
+    /// Connections that may still send requests ([`ListenerCtx::serving`]):
+    /// open HTTP connections, not counting those that became tunnels.
+    serving: AtomicUsize,
 }
 
 impl ListenerCtx {
@@ -165,7 +169,8 @@ impl ListenerCtx {
             open: AtomicUsize::new(0),
             stats: ListenerStats::new(stats, cfg.name.as_str()),
             closing: watch::channel(false).0,
-            retired: OnceLock::new(),
+            retired: ArcSwapOption::empty(),
+            serving: AtomicUsize::new(0),
         })
     }
 
@@ -183,11 +188,22 @@ impl ListenerCtx {
     /// its route table (a 500).
     /// (HTTP only: a TCP connection looks its config up once, when it starts,
     /// and must not keep a whole old config alive for its lifetime.)
+    /// Kept only while such connections remain: a WebSocket tunnel that
+    /// outlives them must not keep a whole old config alive.
     pub fn retire(&self, last: Arc<crate::server::Snapshot>) {
         if self.cfg.http.is_some() {
-            let _ = self.retired.set(last);
+            self.retired.store(Some(last));
+            if self.serving.load(Ordering::SeqCst) == 0 {
+                self.retired.store(None);
+            }
         }
         self.close();
+    }
+
+    /// Counts a connection that may send requests until the guard drops.
+    pub fn serving(self: &Arc<Self>) -> Serving {
+        self.serving.fetch_add(1, Ordering::SeqCst);
+        Serving(self.clone())
     }
 
     /// The config a request or connection of this listener runs with: the
@@ -196,8 +212,8 @@ impl ListenerCtx {
         &self,
         current: &ArcSwap<crate::server::Snapshot>,
     ) -> Arc<crate::server::Snapshot> {
-        match self.retired.get() {
-            Some(last) => last.clone(),
+        match self.retired.load_full() {
+            Some(last) => last,
             None => current.load_full(),
         }
     }
@@ -273,6 +289,19 @@ impl Drop for TrackGuard {
     }
 }
 
+/// A connection of a listener that may still send requests
+/// ([`ListenerCtx::serving`]); the last one to go lets a retired listener's
+/// config go.
+pub struct Serving(Arc<ListenerCtx>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if self.0.serving.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.retired.store(None);
+        }
+    }
+}
+
 /// Releases a `max_connections` slot and the active gauge on drop.
 struct Slot(Arc<ListenerCtx>);
 
@@ -329,13 +358,16 @@ pub async fn accept_loop(
         };
         let worker = worker.clone();
         let ctx = ctx.clone();
+        // Counted from the accept: a reload retiring the listener before the
+        // connection's first request keeps its config for it too.
+        let serving = ctx.cfg.tcp.is_none().then(|| ctx.serving());
         tokio::task::spawn_local(async move {
             let _slot = slot;
             let _guard = guard;
             if ctx.cfg.tcp.is_some() {
                 crate::tcp_proxy::serve(worker, ctx, stream, peer, original_dst).await;
             } else {
-                crate::connection::serve(worker, ctx, stream, peer, original_dst).await;
+                crate::connection::serve(worker, ctx, serving, stream, peer, original_dst).await;
             }
         });
     }

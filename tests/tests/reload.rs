@@ -915,6 +915,53 @@ async fn a_tcp_connection_does_not_pin_the_old_plugins() {
     assert!(got[..n].starts_with(b"HTTP/1.1 200"));
 }
 
+/// A WebSocket tunnel on a listener a reload replaced does not keep the old
+/// config alive: a retired listener keeps its config only while it has
+/// connections that may still send requests, and a tunnel sends none. (With
+/// the tunnel counted as a connection of the listener, it kept every plugin
+/// instance of the old config for as long as it lived.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_on_a_replaced_listener_does_not_pin_its_config() {
+    let ws = upgrade_echo_server().await;
+    let dir = TempDir::new();
+    let module = dir.path().join("tagger.wasm");
+    write_module(&module, &guest_variant(1));
+    let before = plugin_yaml(ws.addr, &module);
+    let lg = start(&before, None, 1);
+    let mut t = RawConn::connect(lg.addr("web").unwrap()).await;
+    t.write(
+        b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    let head = String::from_utf8_lossy(&t.read_head(Duration::from_secs(3)).await).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    assert_eq!(plugin_status(&lg).await["instances"], 1);
+
+    // The listener is replaced (renamed) and the plugin too (a new module).
+    write_module(&module, &guest_variant(2));
+    lg.write(&before.replace("  - name: web\n", "  - name: public\n"));
+    let (status, body) = lg.reload().await;
+    assert_eq!(status, 200, "{body}");
+    let mut c = client(Proto::H1, lg.addr("public").unwrap()).await;
+    assert_eq!(
+        c.get("/x").send().await.header("x-filter-resp"),
+        Some("tagger")
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the old plugin instance freed while the tunnel is open",
+        || async { (plugin_status(&lg).await["instances"] == 1).then_some(()) },
+    )
+    .await;
+    // The tunnel still carries bytes.
+    t.write(b"ping").await;
+    assert_eq!(
+        t.read_exact(4, Duration::from_secs(2)).await.unwrap(),
+        b"ping"
+    );
+}
+
 each_proto!(
     async fn a_broken_plugin_keeps_the_old_version(proto) {
         let up = upstream().start().await;
