@@ -160,22 +160,19 @@ fn run(
         ..Default::default()
     };
     // Signals are handled on a small runtime of their own; workers own theirs.
-    // Their handlers are installed before anything starts: a SIGHUP's default
-    // action is to exit, and one sent while this process starts (`kill -HUP
-    // $(pidof legate)` during a hot restart reaches both processes) must not
-    // kill it; what arrives meanwhile is handled once it serves.
+    // SIGHUP's is installed before anything starts: its default action is to
+    // exit, and one sent while this process starts (`kill -HUP $(pidof
+    // legate)` during a hot restart reaches both processes) must not kill it;
+    // it reloads once the process serves. SIGTERM and SIGINT keep their
+    // default until then, so Ctrl-C stops a slow start at once.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("signal runtime")?;
-    let (mut term, mut hup, mut int) = {
-        use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = {
         let _in = rt.enter();
-        (
-            signal(SignalKind::terminate()).context("SIGTERM handler")?,
-            signal(SignalKind::hangup()).context("SIGHUP handler")?,
-            signal(SignalKind::interrupt()).context("SIGINT handler")?,
-        )
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("SIGHUP handler")?
     };
     // If starting fails after this, the old process keeps serving: it drains only
     // when told to below.
@@ -203,6 +200,9 @@ fn run(
     let shared = handle.shared();
     let mut drain = handle.drain_signal();
     rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
         loop {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: draining"),
