@@ -526,6 +526,17 @@ impl RawConn {
         }
     }
 
+    /// Sends a WebSocket handshake (HTTP/1.1 `GET path` with `Upgrade:
+    /// websocket`) and returns the response head as text.
+    pub async fn websocket_handshake(&mut self, path: &str) -> String {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        self.write(req.as_bytes()).await;
+        String::from_utf8_lossy(&self.read_head(Duration::from_secs(3)).await).into_owned()
+    }
+
     /// Reads until a complete response head (`\r\n\r\n`) has arrived, EOF or
     /// `timeout`; returns what was read (possibly including part of a body).
     pub async fn read_head(&mut self, timeout: Duration) -> Vec<u8> {

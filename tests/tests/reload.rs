@@ -929,12 +929,7 @@ async fn a_tunnel_on_a_replaced_listener_does_not_pin_its_config() {
     let before = plugin_yaml(ws.addr, &module);
     let lg = start(&before, None, 1);
     let mut t = RawConn::connect(lg.addr("web").unwrap()).await;
-    t.write(
-        b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await;
-    let head = String::from_utf8_lossy(&t.read_head(Duration::from_secs(3)).await).into_owned();
+    let head = t.websocket_handshake("/chat").await;
     assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
     assert_eq!(plugin_status(&lg).await["instances"], 1);
 

@@ -15,12 +15,7 @@ async fn websocket_upgrade_passthrough() {
     let up = upgrade_echo_server().await;
     let lg = legate().config(&simple_config(&[up.addr])).start();
     let mut c = RawConn::connect(lg.addr("web")).await;
-    c.write(
-        b"GET /chat?room=1 HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await;
-    let head = String::from_utf8_lossy(&c.read_head(Duration::from_secs(3)).await).into_owned();
+    let head = c.websocket_handshake("/chat?room=1").await;
     assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
     let lower = head.to_ascii_lowercase();
     assert!(lower.contains("upgrade: websocket"), "{head}");
@@ -192,12 +187,7 @@ async fn an_upgraded_connection_is_counted_and_idles_out() {
     );
     let lg = legate().config(&config).start();
     let mut c = RawConn::connect(lg.addr("web")).await;
-    c.write(
-        b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await;
-    let head = String::from_utf8_lossy(&c.read_head(Duration::from_secs(3)).await).into_owned();
+    let head = c.websocket_handshake("/chat").await;
     assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
     // Bytes keep it alive past the idle timeout.
     for _ in 0..4 {
@@ -240,12 +230,7 @@ async fn a_route_can_match_the_upgrade_header() {
     );
     let lg = legate().config(&config).start();
     let mut c = RawConn::connect(lg.addr("web")).await;
-    c.write(
-        b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await;
-    let head = String::from_utf8_lossy(&c.read_head(Duration::from_secs(3)).await).into_owned();
+    let head = c.websocket_handshake("/chat").await;
     assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
     assert_eq!(web.requests.get(), 0);
 }
