@@ -452,17 +452,18 @@ async fn proxy(
             // timeout too (which then starts again for the attempts, as Envoy's
             // starts once the request is in): a client sending it a byte a
             // minute must not hold the request (and its buffer) forever.
-            Some(limit) => match route_timeout {
-                Some(t) => tokio::time::timeout(t, ReqBody::buffer(req_body, limit, &parts))
-                    .await
-                    .map_err(|_| {
+            Some(limit) => {
+                let buffering = ReqBody::buffer(req_body, limit, &parts);
+                match route_timeout {
+                    Some(t) => tokio::time::timeout(t, buffering).await.map_err(|_| {
                         ProxyError::new(
                             Kind::RequestTimeout,
                             format!("request body not received within the route timeout {t:?}"),
                         )
                     })??,
-                None => ReqBody::buffer(req_body, limit, &parts).await?,
-            },
+                    None => buffering.await?,
+                }
+            }
             None => ReqBody::Stream(Some(req_body)),
         };
         if let (Some(m), Some(body)) = (mirror, source.whole(mirror.map_or(0, |m| m.max_body.0))) {
