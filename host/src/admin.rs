@@ -160,7 +160,16 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/config_dump") => {
             let snapshot = shared.snapshot.load();
             match serde_json::to_value(&*snapshot.config) {
-                Ok(v) => json(&v),
+                Ok(mut v) => {
+                    // The Redis URL may carry a password (Envoy redacts its
+                    // sensitive fields in config dumps too).
+                    if let Some(url) = v.pointer_mut("/kv/url") {
+                        if let Some(s) = url.as_str() {
+                            *url = crate::wasm::kv::redact_url(s).into();
+                        }
+                    }
+                    json(&v)
+                }
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot serialize config: {e}\n")),
             }
         }

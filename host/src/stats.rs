@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-/// Upper bounds of histogram buckets, in seconds (Envoy's default buckets, 0.5ms–60s).
+/// Upper bounds of histogram buckets, in seconds (Envoy's default buckets, 0.5ms–30min).
 pub const BUCKETS: [f64; 19] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0, 300.0, 600.0, 1800.0,

@@ -224,6 +224,21 @@ async fn admin_endpoints() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_dump_hides_the_redis_password() {
+    let up = upstream().start().await;
+    // Redis is connected to lazily: none needs to run for the dump.
+    let cfg = format!(
+        "{}kv:\n  backend: redis\n  url: redis://app:s3cret-pw@127.0.0.1:1/0\n",
+        simple_config(&[up.addr])
+    );
+    let lg = legate().config(&cfg).start();
+    let (status, body) = lg.admin_get("/config_dump").await;
+    assert_eq!(status, 200);
+    assert!(!body.contains("s3cret-pw"), "{body}");
+    assert!(body.contains("redis://***@127.0.0.1:1/0"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_workers_share_the_listener() {
     let up = upstream().start().await;
     let lg = legate()

@@ -17,6 +17,8 @@
 
 mod redis;
 
+pub(crate) use redis::redact as redact_url;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};

@@ -87,8 +87,9 @@ pub fn check_url(url: &str) -> Result<(), String> {
         .map_err(|e| format!("`{}` is not a usable Redis URL ({e})", redact(url)))
 }
 
-/// The URL with any password replaced, for messages: secrets are never logged.
-fn redact(url: &str) -> String {
+/// The URL with any user and password replaced, for messages and the admin
+/// config dump: secrets are never logged or served.
+pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
         _ => url.to_string(),
