@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, LineWriter, Write};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Mutex, PoisonError};
 
 use anyhow::Context as _;
@@ -18,6 +19,9 @@ enum Sink {
 /// Where access-log lines go.
 pub struct AccessLog {
     sink: Sink,
+    /// A write failed and none succeeded since: the failure was reported once
+    /// (a full disk would otherwise log a warning per request).
+    failing: AtomicBool,
 }
 
 impl AccessLog {
@@ -35,11 +39,14 @@ impl AccessLog {
                 Sink::File(Mutex::new(LineWriter::new(f)))
             }
         };
-        Ok(AccessLog { sink })
+        Ok(AccessLog {
+            sink,
+            failing: AtomicBool::new(false),
+        })
     }
 
-    /// Writes one line. A failing log never fails a request; it is reported once per
-    /// failure in the process log.
+    /// Writes one line. A failing log never fails a request; it is reported once in
+    /// the process log when writes start failing, and again when they recover.
     pub fn write(&self, entry: &serde_json::Value) {
         let mut line = entry.to_string();
         line.push('\n');
@@ -51,8 +58,16 @@ impl AccessLog {
                 .unwrap_or_else(PoisonError::into_inner)
                 .write_all(line.as_bytes()),
         };
-        if let Err(e) = res {
-            tracing::warn!("access log write failed: {e}");
+        match res {
+            Err(e) if !self.failing.swap(true, Relaxed) => tracing::warn!(
+                "access log write failed: {e}; lines are lost until writes succeed again \
+                 (reported once)"
+            ),
+            Err(_) => {}
+            Ok(()) if self.failing.load(Relaxed) && self.failing.swap(false, Relaxed) => {
+                tracing::warn!("access log writes succeed again");
+            }
+            Ok(()) => {}
         }
     }
 }

@@ -86,40 +86,36 @@ pub async fn handle(
     let start = Instant::now();
     conn.activity.request_started();
     conn.listener.stats.rq_active.inc();
-    // Undone by `Done` once the response exists; by the guard if the client goes
-    // away first (hyper drops this future, e.g. while a filter is paused).
-    let mut in_flight = InFlight(Some(conn.clone()));
-    let method = req.method().clone();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| "/".to_string(), |p| p.to_string());
     let version = req.version();
-    let mut out = Outcome::default();
-    let mut resp = match proxy(&conn, req.map(body::boxed), &mut out).await {
+    // Turned into `Done` once the response exists; if the client goes away
+    // first (hyper drops this future, e.g. while a filter is paused), its drop
+    // ends the request as a 499 `downstream_disconnect`, logged and counted.
+    let mut in_flight = InFlight {
+        conn: Some(conn.clone()),
+        start,
+        method: req.method().clone(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.to_string()),
+        version,
+        out: Outcome::default(),
+    };
+    let out = &mut in_flight.out;
+    let mut resp = match proxy(&conn, req.map(body::boxed), out).await {
         Ok(r) => r,
-        Err(e) => local_reply(&conn, &mut out, e, version).await,
+        Err(e) => local_reply(&conn, out, e, version).await,
     };
     if out.debug.on {
         // Here, after the response filters, so that every answer (upstream, local,
         // error) gets them the same way and no filter changes them.
-        add_debug_headers(&conn, &out, start, resp.headers_mut());
+        add_debug_headers(&conn, out, start, resp.headers_mut());
     }
-    in_flight.0 = None;
-    let route_stats = out.route.as_ref().map(|r| conn.worker.route_stats(r));
-    let status = resp.status();
-    let done = Done {
-        conn: conn.clone(),
-        start,
-        method,
-        path,
-        version,
-        status,
-        out,
-        route_stats,
-        bytes: Cell::new(0),
-    };
-    Ok(resp.map(|b| body::boxed(Watched::new(b, done))))
+    Ok(match in_flight.done(resp.status()) {
+        Some(done) => resp.map(|b| body::boxed(Watched::new(b, done))),
+        // (Not reached: the request is in flight until here.)
+        None => resp,
+    })
 }
 
 /// The host's own answer to a failed request (error.rs picks the status). Once
@@ -1508,15 +1504,44 @@ impl HttpBody for Prefixed {
     }
 }
 
-/// A request started but without a response yet: if dropped armed, the request
-/// is no longer active (the client went away).
-struct InFlight(Option<Rc<ConnCtx>>);
+/// A request started but without a response yet. Dropped so (the client went
+/// away), it ends as a 499 `downstream_disconnect`, like the 499 of a client
+/// seen resetting: counted in the 4xx class and written to the access log.
+struct InFlight {
+    /// `None` once the request became `Done`.
+    conn: Option<Rc<ConnCtx>>,
+    start: Instant,
+    method: Method,
+    path: String,
+    version: Version,
+    out: Outcome,
+}
+
+impl InFlight {
+    /// The request as it ends with a response of `status`.
+    fn done(&mut self, status: StatusCode) -> Option<Done> {
+        let conn = self.conn.take()?;
+        let out = std::mem::take(&mut self.out);
+        Some(Done {
+            route_stats: out.route.as_ref().map(|r| conn.worker.route_stats(r)),
+            conn,
+            start: self.start,
+            method: std::mem::take(&mut self.method),
+            path: std::mem::take(&mut self.path),
+            version: self.version,
+            status,
+            out,
+            bytes: Cell::new(0),
+        })
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(conn) = self.0.take() {
-            conn.listener.stats.rq_active.dec();
-            conn.activity.request_finished();
+        if self.conn.is_some() {
+            self.out.cause.get_or_insert("downstream_disconnect");
+            let status = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
+            drop(self.done(status));
         }
     }
 }
