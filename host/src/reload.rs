@@ -447,10 +447,14 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
     }
     let config = Arc::new(cfg);
     let stats = &shared.stats;
-    let mut snap = Snapshot::build_with(config.clone(), stats).map_err(|e| format!("{e:#}"))?;
 
-    // Clusters whose config is unchanged keep their entry (health, ejections,
-    // discovered endpoints, counters, balancers).
+    // Clusters whose config and TLS files are unchanged keep their entry as it is
+    // (endpoints as resolved or discovered, health, ejections, counters, balancers,
+    // pooled connections) and are not built again: resolving their host names or
+    // reading their endpoint files again could only fail a reload that does not
+    // touch them (a name server down for a moment), as Envoy keeps a cluster's
+    // last hosts when a resolution fails.
+    let mut carried = HashMap::new();
     let mut kept_clusters = Vec::new();
     let mut changed_clusters = Vec::new();
     for c in &config.clusters {
@@ -458,12 +462,14 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         let before = old.config.clusters.iter().find(|o| o.value.name == c.name);
         match (before, old.clusters.get(&c.name)) {
             (Some(b), Some(entry)) if same(&b.value, c) && entry.upstream.same_tls_files(c) => {
-                snap.clusters.insert(c.name.clone(), entry.clone());
+                carried.insert(c.name.clone(), entry.clone());
                 kept_clusters.push(c.name.to_string());
             }
             _ => changed_clusters.push(c.name.to_string()),
         }
     }
+    let snap = Snapshot::build_keeping(config.clone(), stats, &|c| carried.get(&c.name).cloned())
+        .map_err(|e| format!("{e:#}"))?;
     let removed_clusters: Vec<String> = old
         .clusters
         .keys()
@@ -535,7 +541,7 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<(ListenerSet, Valu
                     .socket
                     .try_clone()
                     .map_err(|e| format!("listener `{}`: duplicating its socket: {e}", l.name))?;
-                let ctx = ListenerCtx::adopt(l, &shared.stats, &socket)
+                let ctx = ListenerCtx::succeed(l, &shared.stats, &socket, &b.ctx)
                     .map_err(|e| format!("listener `{}`: {e:#}", l.name))?;
                 changed.push(l.name.to_string());
                 Bound {
