@@ -523,7 +523,8 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<(ListenerSet, Valu
         }
         // The same address string (a rename, or other settings): keep the socket,
         // so no connection waiting in its backlog is refused.
-        // Another name's socket only if that listener is going away, and never for
+        // Another name's socket only if no listener of that name keeps that
+        // address (it is going away, or moving to another address), and never for
         // port 0 (every `:0` is a different socket).
         let ephemeral = l.address.value.ends_with(":0");
         let reuse = by_name
@@ -532,7 +533,10 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<(ListenerSet, Valu
                 current.iter().find(|b| {
                     !ephemeral
                         && b.ctx.cfg.address.value == l.address.value
-                        && !config.listeners.iter().any(|n| n.value.name == b.ctx.name)
+                        && !config.listeners.iter().any(|n| {
+                            n.value.name == b.ctx.name
+                                && n.value.address.value == b.ctx.cfg.address.value
+                        })
                 })
             });
         let bound = match reuse {

@@ -264,6 +264,41 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// A reload that moves a listener to another address and puts another
+    /// listener on its old one hands the socket over (binding it again would fail
+    /// with `EADDRINUSE`: the socket is still open).
+    async fn a_listener_moving_away_leaves_its_socket_to_another(proto) {
+        let a = upstream().name("a").start().await;
+        let (x, y) = (closed_port_addr(), closed_port_addr());
+        let at = |yaml: String, name: &str, addr: SocketAddr| {
+            yaml.replace(
+                &format!("  - name: {name}\n    address: 127.0.0.1:0\n"),
+                &format!("  - name: {name}\n    address: {addr}\n"),
+            )
+        };
+        let lg = start(&at(yaml(a.addr, false, "", "", ""), "web", x), None, 1);
+        let mut before = client(proto, x).await;
+        assert_eq!(before.get("/x").send().await.status, 200);
+
+        lg.write(&at(at(yaml(a.addr, true, "", "", ""), "web", y), "extra", x));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(lg.addr("web"), Some(y));
+        assert_eq!(lg.addr("extra"), Some(x));
+        for (addr, listener) in [(x, "extra"), (y, "web")] {
+            let mut c = client(proto, addr).await;
+            let r = c.get("/x").send().await;
+            assert_eq!(r.status, 200, "{listener}: {}", r.text());
+            lg.assert_stat(
+                &format!(r#"legate_listener_requests_total{{listener="{listener}",class="2xx"}}"#),
+                if listener == "web" { 2.0 } else { 1.0 },
+            )
+            .await;
+        }
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_follow_the_reloaded_clusters() {
     let a = upstream().name("a").start().await;
