@@ -356,7 +356,8 @@ pub struct ProcessOptions {
     /// `None` disables the watch.
     pub watch_interval: Option<Duration>,
     /// Listening sockets inherited from the previous process (hot restart), by
-    /// listener name; used instead of binding when the address is the same.
+    /// listener name, with their addresses; used instead of binding when the
+    /// address is the same (by name, or by address for a renamed listener).
     pub inherited: HashMap<String, (String, std::net::TcpListener)>,
     /// The admin socket inherited from the previous process (hot restart).
     pub inherited_admin: Option<std::net::TcpListener>,
