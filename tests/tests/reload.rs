@@ -3,7 +3,9 @@
 //! /plugins/NAME/reload`, `GET /plugins`), and requests under steady load across
 //! all of them failing none, and replaced plugins' instances (components and
 //! proxy-wasm VMs) freed. Legate runs in-process from a real config file; the
-//! SIGHUP and hot-restart tests run the real `legate` binary.
+//! SIGHUP and hot-restart tests run the real `legate` binary, and so does the test
+//! of a host name that stops resolving, in a mount namespace with its own
+//! `/etc/hosts` ([`spawn_with_hosts`]).
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
