@@ -16,21 +16,21 @@
 //! change). One whose address is unchanged but whose settings changed keeps its
 //! socket (no connection is refused) and is served by a new listener: the old one's
 //! connections drain gracefully, counted toward the new one's `max_connections`
-//! (one count for the socket, so the limit holds across the handover). A new address is bound before anything is
-//! published (a bind failure fails the reload); a removed listener stops accepting
-//! and its connections drain.
+//! (one count for the socket, so the limit holds across the handover). A new
+//! address is bound before anything is published (a bind failure fails the
+//! reload); a removed listener stops accepting and its connections drain.
 //!
 //! **What carries over.** A cluster whose config and TLS files are unchanged is
 //! carried over as it is, not built again (its host names are not resolved again,
 //! its endpoint file not read again: a resolver or file failing for a moment fails
 //! only a reload that adds or changes a cluster). It keeps its state: endpoints,
 //! health flags, outlier ejections, discovered endpoints, counters, pooled
-//! connections and every worker's balancer. A new or changed cluster starts fresh (endpoints healthy, as
-//! at start). When the cluster set changed, the health-check / discovery thread is
-//! restarted for the new set (checks of kept clusters start again from their
-//! current flags). Stats counters are by name, so they keep counting. Not
-//! reloadable (logged, listed in the reload's `notes`, need a hot restart):
-//! `admin.address` and `access_log`.
+//! connections and every worker's balancer. A new or changed cluster starts
+//! fresh (endpoints healthy, as at start). When the cluster set changed, the
+//! health-check / discovery thread is restarted for the new set (checks of kept
+//! clusters start again from their current flags). Stats counters are by name,
+//! so they keep counting. Not reloadable (logged, listed in the reload's `notes`,
+//! need a hot restart): `admin.address` and `access_log`.
 //!
 //! **Plugins.** A plugin reload compiles and configures that plugin's module again
 //! (every route override of it too); other plugins keep their instances. An error

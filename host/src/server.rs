@@ -459,7 +459,7 @@ pub fn start_with(
     if !inherited.is_empty() {
         let names: Vec<_> = inherited.keys().cloned().collect();
         tracing::info!(
-            "inherited listeners not in the config (closed here): {}",
+            "inherited sockets no listener of this config took (closed here): {}",
             names.join(", ")
         );
     }
