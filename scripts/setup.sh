@@ -22,7 +22,9 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Package groups. Keep them minimal: every entry costs time on a fresh CI box.
 # redis-server: the Redis KV backend's tests start their own on an ephemeral
 # loopback port (tests/src/redis.rs); the packaged service is not used.
-TEST_PKGS=(iproute2 iptables nghttp2-client curl redis-server)
+# util-linux and mount: `unshare` and `mount --bind` give a test's legate a
+# private /etc/hosts (tests/tests/reload.rs); both are in every Debian install.
+TEST_PKGS=(iproute2 iptables nghttp2-client curl redis-server util-linux mount)
 BENCH_PKGS=(wrk nghttp2-client nginx haproxy hyperfine util-linux openssl valgrind curl)
 DEMO_PKGS=(curl)
 # Debian 12's clang 14 builds wasm32-wasi with lld's wasm-ld, wasi-libc and the

@@ -10,7 +10,9 @@
 //!    naming its listeners (name, address) and passes their sockets, then its admin
 //!    socket, by `SCM_RIGHTS`;
 //! 2. starts with those sockets (a listener whose address is unchanged adopts the
-//!    socket; others are bound as usual; the admin socket is adopted) — both
+//!    socket: the one of its name, or, renamed, the one at its address that no
+//!    listener of that name keeps; others are bound as usual; the admin socket is
+//!    adopted) — both
 //!    processes now accept on the same sockets, so connections queue in one backlog
 //!    whoever accepts them;
 //! 3. sends `DRAIN`: the old process stops accepting (including on the admin

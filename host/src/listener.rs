@@ -111,8 +111,10 @@ pub struct ListenerCtx {
     /// [`crate::tls::files_digest`] of the files `tls` was built from: a reload
     /// rebuilds the listener when they changed (a renewed certificate).
     pub tls_files: Option<[u8; 32]>,
-    /// Connections open across workers (for `max_connections`).
-    open: AtomicUsize,
+    /// Connections open across workers (for `max_connections`), shared with the
+    /// listeners this one replaced on the same socket ([`ListenerCtx::succeed`]):
+    /// their connections still draining count against the limit too.
+    open: Arc<AtomicUsize>,
     /// Counters.
     pub stats: ListenerStats,
     /// Turns true when this listener stops: the process drains, or a reload removed
@@ -166,12 +168,27 @@ impl ListenerCtx {
             local_addr,
             tls,
             tls_files,
-            open: AtomicUsize::new(0),
+            open: Arc::default(),
             stats: ListenerStats::new(stats, cfg.name.as_str()),
             closing: watch::channel(false).0,
             retired: ArcSwapOption::empty(),
             serving: AtomicUsize::new(0),
         })
+    }
+
+    /// A listener on `previous`'s socket that takes over from it (a reload
+    /// changed its settings, or renamed it): it counts `previous`'s connections,
+    /// which drain meanwhile, toward its own `max_connections`, so the handover
+    /// never lets more than the limit be open on the socket.
+    pub fn succeed(
+        cfg: &config::Listener,
+        stats: &Stats,
+        socket: &std::net::TcpListener,
+        previous: &ListenerCtx,
+    ) -> anyhow::Result<Self> {
+        let mut ctx = Self::adopt(cfg, stats, socket)?;
+        ctx.open = previous.open.clone();
+        Ok(ctx)
     }
 
     /// Stops this listener: accept loops end, connections close gracefully

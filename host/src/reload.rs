@@ -15,19 +15,22 @@
 //! socket and its connections (a certificate renewed at the same path counts as a
 //! change). One whose address is unchanged but whose settings changed keeps its
 //! socket (no connection is refused) and is served by a new listener: the old one's
-//! connections drain gracefully. A new address is bound before anything is
-//! published (a bind failure fails the reload); a removed listener stops accepting
-//! and its connections drain.
+//! connections drain gracefully, counted toward the new one's `max_connections`
+//! (one count for the socket, so the limit holds across the handover). A new
+//! address is bound before anything is published (a bind failure fails the
+//! reload); a removed listener stops accepting and its connections drain.
 //!
-//! **What carries over.** A cluster whose config and TLS files are unchanged keeps
-//! its state:
-//! health flags, outlier ejections, discovered endpoints, counters, and every
-//! worker's balancer. A new or changed cluster starts fresh (endpoints healthy, as
-//! at start). When the cluster set changed, the health-check / discovery thread is
-//! restarted for the new set (checks of kept clusters start again from their
-//! current flags). Stats counters are by name, so they keep counting. Not
-//! reloadable (logged, listed in the reload's `notes`, need a hot restart):
-//! `admin.address` and `access_log`.
+//! **What carries over.** A cluster whose config and TLS files are unchanged is
+//! carried over as it is, not built again (its host names are not resolved again,
+//! its endpoint file not read again: a resolver or file failing for a moment fails
+//! only a reload that adds or changes a cluster). It keeps its state: endpoints,
+//! health flags, outlier ejections, discovered endpoints, counters, pooled
+//! connections and every worker's balancer. A new or changed cluster starts
+//! fresh (endpoints healthy, as at start). When the cluster set changed, the
+//! health-check / discovery thread is restarted for the new set (checks of kept
+//! clusters start again from their current flags). Stats counters are by name,
+//! so they keep counting. Not reloadable (logged, listed in the reload's `notes`,
+//! need a hot restart): `admin.address` and `access_log`.
 //!
 //! **Plugins.** A plugin reload compiles and configures that plugin's module again
 //! (every route override of it too); other plugins keep their instances. An error
@@ -447,10 +450,14 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
     }
     let config = Arc::new(cfg);
     let stats = &shared.stats;
-    let mut snap = Snapshot::build_with(config.clone(), stats).map_err(|e| format!("{e:#}"))?;
 
-    // Clusters whose config is unchanged keep their entry (health, ejections,
-    // discovered endpoints, counters, balancers).
+    // Clusters whose config and TLS files are unchanged keep their entry as it is
+    // (endpoints as resolved or discovered, health, ejections, counters, balancers,
+    // pooled connections) and are not built again: resolving their host names or
+    // reading their endpoint files again could only fail a reload that does not
+    // touch them (a name server down for a moment), as Envoy keeps a cluster's
+    // last hosts when a resolution fails.
+    let mut carried = HashMap::new();
     let mut kept_clusters = Vec::new();
     let mut changed_clusters = Vec::new();
     for c in &config.clusters {
@@ -458,12 +465,14 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         let before = old.config.clusters.iter().find(|o| o.value.name == c.name);
         match (before, old.clusters.get(&c.name)) {
             (Some(b), Some(entry)) if same(&b.value, c) && entry.upstream.same_tls_files(c) => {
-                snap.clusters.insert(c.name.clone(), entry.clone());
+                carried.insert(c.name.clone(), entry.clone());
                 kept_clusters.push(c.name.to_string());
             }
             _ => changed_clusters.push(c.name.to_string()),
         }
     }
+    let snap = Snapshot::build_keeping(config.clone(), stats, &|c| carried.get(&c.name).cloned())
+        .map_err(|e| format!("{e:#}"))?;
     let removed_clusters: Vec<String> = old
         .clusters
         .keys()
@@ -517,7 +526,8 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<(ListenerSet, Valu
         }
         // The same address string (a rename, or other settings): keep the socket,
         // so no connection waiting in its backlog is refused.
-        // Another name's socket only if that listener is going away, and never for
+        // Another name's socket only if no listener of that name keeps that
+        // address (it is going away, or moving to another address), and never for
         // port 0 (every `:0` is a different socket).
         let ephemeral = l.address.value.ends_with(":0");
         let reuse = by_name
@@ -526,7 +536,10 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<(ListenerSet, Valu
                 current.iter().find(|b| {
                     !ephemeral
                         && b.ctx.cfg.address.value == l.address.value
-                        && !config.listeners.iter().any(|n| n.value.name == b.ctx.name)
+                        && !config.listeners.iter().any(|n| {
+                            n.value.name == b.ctx.name
+                                && n.value.address.value == b.ctx.cfg.address.value
+                        })
                 })
             });
         let bound = match reuse {
@@ -535,7 +548,7 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<(ListenerSet, Valu
                     .socket
                     .try_clone()
                     .map_err(|e| format!("listener `{}`: duplicating its socket: {e}", l.name))?;
-                let ctx = ListenerCtx::adopt(l, &shared.stats, &socket)
+                let ctx = ListenerCtx::succeed(l, &shared.stats, &socket, &b.ctx)
                     .map_err(|e| format!("listener `{}`: {e:#}", l.name))?;
                 changed.push(l.name.to_string());
                 Bound {

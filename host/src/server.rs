@@ -132,12 +132,25 @@ impl Snapshot {
 
     /// As [`Snapshot::build`], registering plugin stats in `stats`.
     pub fn build_with(config: Arc<Config>, stats: &Arc<Stats>) -> anyhow::Result<Self> {
+        Self::build_keeping(config, stats, &|_| None)
+    }
+
+    /// As [`Snapshot::build_with`], with the clusters `keep` returns an entry for
+    /// taken as they are instead of built (a reload's unchanged clusters): their
+    /// host names are not resolved again and their endpoint files not read again,
+    /// so a name server or file that fails for a moment cannot fail a reload that
+    /// does not touch them.
+    pub fn build_keeping(
+        config: Arc<Config>,
+        stats: &Arc<Stats>,
+        keep: &dyn Fn(&crate::config::Cluster) -> Option<Arc<ClusterEntry>>,
+    ) -> anyhow::Result<Self> {
         let loaded = if config.plugins.is_empty() {
             Loaded::new()
         } else {
             crate::wasm::load(&config, stats)?
         };
-        Self::assemble(config, stats, loaded)
+        Self::assemble_keeping(config, stats, loaded, keep)
     }
 
     /// Builds the runtime state around plugins already loaded.
@@ -145,6 +158,15 @@ impl Snapshot {
         config: Arc<Config>,
         stats: &Arc<Stats>,
         loaded: Loaded,
+    ) -> anyhow::Result<Self> {
+        Self::assemble_keeping(config, stats, loaded, &|_| None)
+    }
+
+    fn assemble_keeping(
+        config: Arc<Config>,
+        stats: &Arc<Stats>,
+        loaded: Loaded,
+        keep: &dyn Fn(&crate::config::Cluster) -> Option<Arc<ClusterEntry>>,
     ) -> anyhow::Result<Self> {
         let mut route_tables = FxHashMap::default();
         for t in &config.routes {
@@ -156,11 +178,15 @@ impl Snapshot {
         let mut max_pool_idle = Duration::from_secs(1);
         for c in &config.clusters {
             let c = &c.value;
-            let cluster =
-                Cluster::from_config(c).with_context(|| format!("cluster `{}`", c.name))?;
+            max_pool_idle = max_pool_idle.max(c.idle_timeout.get());
+            if let Some(entry) = keep(c) {
+                clusters.insert(c.name.clone(), entry);
+                continue;
+            }
+            // Its errors name the cluster already.
+            let cluster = Cluster::from_config(c)?;
             let upstream =
                 UpstreamSettings::new(c).with_context(|| format!("cluster `{}`", c.name))?;
-            max_pool_idle = max_pool_idle.max(c.idle_timeout.get());
             clusters.insert(
                 c.name.clone(),
                 Arc::new(ClusterEntry::new(cluster, upstream)),
@@ -330,10 +356,44 @@ pub struct ProcessOptions {
     /// `None` disables the watch.
     pub watch_interval: Option<Duration>,
     /// Listening sockets inherited from the previous process (hot restart), by
-    /// listener name; used instead of binding when the address is the same.
+    /// listener name, with their addresses; used instead of binding when the
+    /// address is the same (by name, or by address for a renamed listener).
     pub inherited: HashMap<String, (String, std::net::TcpListener)>,
     /// The admin socket inherited from the previous process (hot restart).
     pub inherited_admin: Option<std::net::TcpListener>,
+}
+
+/// The inherited socket listener `l` serves on, taken out of `inherited`: the
+/// one of the same name if its address is the same, else one on the same address
+/// that no listener of that name and address claims (the listener was renamed,
+/// or its name moved elsewhere), so the address is never bound a second time
+/// (`EADDRINUSE` while the old process holds it).
+/// Never by address alone for port 0: each `:0` is a different socket.
+fn take_inherited(
+    inherited: &mut HashMap<String, (String, std::net::TcpListener)>,
+    config: &Config,
+    l: &crate::config::Listener,
+) -> Option<std::net::TcpListener> {
+    let address = &l.address.value;
+    let by_name = inherited
+        .get(l.name.as_str())
+        .is_some_and(|(a, _)| a == address);
+    let name = if by_name {
+        l.name.to_string()
+    } else if address.ends_with(":0") {
+        return None;
+    } else {
+        inherited
+            .iter()
+            .find(|(name, (a, _))| {
+                a == address
+                    && !config.listeners.iter().any(|n| {
+                        n.value.name.as_str() == name.as_str() && &n.value.address.value == a
+                    })
+            })
+            .map(|(name, _)| name.clone())?
+    };
+    inherited.remove(&name).map(|(_, socket)| socket)
 }
 
 /// A running Legate.
@@ -375,8 +435,8 @@ pub fn start_with(
     let mut bound = Vec::new();
     for l in &config.listeners {
         let l = &l.value;
-        let b = match inherited.remove(l.name.as_str()) {
-            Some((address, socket)) if address == l.address.value => {
+        let b = match take_inherited(&mut inherited, &config, l) {
+            Some(socket) => {
                 let ctx = ListenerCtx::adopt(l, &stats, &socket).with_context(|| {
                     format!("listener `{}` on {} (inherited)", l.name, l.address.value)
                 })?;
@@ -399,7 +459,7 @@ pub fn start_with(
     if !inherited.is_empty() {
         let names: Vec<_> = inherited.keys().cloned().collect();
         tracing::info!(
-            "inherited listeners not in the config (closed here): {}",
+            "inherited sockets no listener of this config took (closed here): {}",
             names.join(", ")
         );
     }

@@ -3,7 +3,9 @@
 //! /plugins/NAME/reload`, `GET /plugins`), and requests under steady load across
 //! all of them failing none, and replaced plugins' instances (components and
 //! proxy-wasm VMs) freed. Legate runs in-process from a real config file; the
-//! SIGHUP and hot-restart tests run the real `legate` binary.
+//! SIGHUP and hot-restart tests run the real `legate` binary, and so does the test
+//! of a host name that stops resolving, in a mount namespace with its own
+//! `/etc/hosts` ([`spawn_with_hosts`]).
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -73,6 +75,17 @@ impl Proc {
     async fn stat(&self, series: &str) -> Option<f64> {
         let (_, text) = self.admin(Method::GET, "/stats").await;
         parse_prometheus(&text).get(series).copied()
+    }
+
+    /// Waits up to 2 s for `series` to be `expected` (counters move when a
+    /// connection or stream ends, just after the client saw it).
+    async fn assert_stat(&self, series: &str, expected: f64) {
+        eventually(
+            Duration::from_secs(2),
+            &format!("{series} == {expected}"),
+            || async { (self.stat(series).await == Some(expected)).then_some(()) },
+        )
+        .await;
     }
 }
 
@@ -250,6 +263,41 @@ each_proto!(
         }
         let mut c = client(proto, web).await;
         assert_eq!(c.get("/x").send().await.status, 200);
+    }
+);
+
+each_proto!(
+    /// A reload that moves a listener to another address and puts another
+    /// listener on its old one hands the socket over (binding it again would fail
+    /// with `EADDRINUSE`: the socket is still open).
+    async fn a_listener_moving_away_leaves_its_socket_to_another(proto) {
+        let a = upstream().name("a").start().await;
+        let (x, y) = (closed_port_addr(), closed_port_addr());
+        let at = |yaml: String, name: &str, addr: SocketAddr| {
+            yaml.replace(
+                &format!("  - name: {name}\n    address: 127.0.0.1:0\n"),
+                &format!("  - name: {name}\n    address: {addr}\n"),
+            )
+        };
+        let lg = start(&at(yaml(a.addr, false, "", "", ""), "web", x), None, 1);
+        let mut before = client(proto, x).await;
+        assert_eq!(before.get("/x").send().await.status, 200);
+
+        lg.write(&at(at(yaml(a.addr, true, "", "", ""), "web", y), "extra", x));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(lg.addr("web"), Some(y));
+        assert_eq!(lg.addr("extra"), Some(x));
+        for (addr, listener) in [(x, "extra"), (y, "web")] {
+            let mut c = client(proto, addr).await;
+            let r = c.get("/x").send().await;
+            assert_eq!(r.status, 200, "{listener}: {}", r.text());
+            lg.assert_stat(
+                &format!(r#"legate_listener_requests_total{{listener="{listener}",class="2xx"}}"#),
+                if listener == "web" { 2.0 } else { 1.0 },
+            )
+            .await;
+        }
     }
 );
 
@@ -555,6 +603,137 @@ async fn discovery_follows_reloads() {
     let mut cl = client(Proto::H1, web).await;
     assert_eq!(cl.get("/x").send().await.header("x-upstream"), Some("a"));
 }
+
+each_proto!(
+    /// A reload that does not change a `file` cluster does not read its endpoint
+    /// file again: the file missing for a moment (a deploy rewriting it) cannot
+    /// fail an unrelated edit, and the cluster keeps the endpoints it found.
+    async fn an_unchanged_cluster_is_not_loaded_again(proto) {
+        let a = upstream().name("a").start().await;
+        let dir = TempDir::new();
+        let eps = dir.path().join("eps.yaml");
+        write_endpoints(&eps, a.addr);
+        let lg = start(&discovered_yaml(&eps, "one"), None, 1);
+        let mut c = client(proto, lg.addr("web").unwrap()).await;
+        let r = c.get("/x").send().await;
+        assert_eq!(r.header("x-upstream"), Some("a"));
+
+        std::fs::remove_file(&eps).unwrap();
+        lg.write(&discovered_yaml(&eps, "two"));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["clusters"]["kept"], json!(["backend"]), "{body}");
+        let r = c.get("/x").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-upstream"), Some("a"));
+        assert_eq!(r.header("x-tag"), Some("two"));
+        assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
+        // The cluster's counters went on (both requests), not started again.
+        assert_eq!(
+            lg.stat(r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#).await,
+            Some(2.0)
+        );
+
+        // A changed cluster is loaded, and its missing file is an error that
+        // changes nothing.
+        let changed = discovered_yaml(&eps, "three").replace(
+            "      watch_interval: 20ms\n",
+            "      watch_interval: 30ms\n",
+        );
+        lg.write(&changed);
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body.contains("cluster `backend`") && body.contains("cannot read endpoint file"),
+            "{body}"
+        );
+        let r = c.get("/x").send().await;
+        assert_eq!(r.header("x-tag"), Some("two"));
+        assert_eq!(lg.stat(RELOAD_FAILED).await, Some(1.0));
+    }
+);
+
+each_proto!(
+    /// `max_connections` holds while a reload hands a changed listener over on
+    /// the same socket: the connections of the old listener, still finishing
+    /// their requests, count against the new one's limit (not 2× the limit).
+    async fn max_connections_holds_across_a_listener_change(proto) {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let up = upstream()
+            .route("/slow", move |_req| {
+                let mut released = released.clone();
+                async move {
+                    let _ = released.wait_for(|r| *r).await;
+                    Response::new(Full::new(Bytes::from_static(b"slow")))
+                }
+            })
+            .start()
+            .await;
+        let limited = |idle: &str| {
+            yaml(up.addr, false, "", "", "").replace(
+                "    http:\n      routes: main\n",
+                &format!(
+                    "    limits: {{ max_connections: 2, idle_timeout: {idle} }}\n    http:\n      routes: main\n"
+                ),
+            )
+        };
+        let lg = start(&limited("60s"), None, 2);
+        let web = lg.addr("web").unwrap();
+        // Two connections at the limit, each with a request in flight.
+        let mut slow = Vec::new();
+        for _ in 0..2 {
+            let mut c = client(proto, web).await;
+            slow.push(tokio::spawn(async move {
+                let r = c.get("/slow").send().await;
+                (r.status, r.text())
+            }));
+        }
+        eventually(Duration::from_secs(5), "both requests at the upstream", || async {
+            (up.in_flight.get() == 2).then_some(())
+        })
+        .await;
+
+        lg.write(&limited("30s"));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["listeners"]["changed"], json!(["web"]), "{body}");
+
+        // A third connection, to the new listener, is over the limit: closed at
+        // accept, as without a reload.
+        let third = match Client::connect(proto, web).await {
+            Ok(mut c) => c.get("/x").try_send().await.ok().map(|r| r.status),
+            Err(_) => None,
+        };
+        assert_eq!(third, None, "a third connection was served over max_connections 2");
+        lg.assert_stat(
+            r#"legate_listener_connections_overflow_total{listener="web"}"#,
+            1.0,
+        )
+        .await;
+
+        // The old connections finish their requests; once they are closed their
+        // slots are free again.
+        release.send_replace(true);
+        for t in slow {
+            let (status, text) = t.await.unwrap();
+            assert_eq!(status, 200, "{text}");
+            assert_eq!(text, "slow");
+        }
+        lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
+            .await;
+        let mut c = client(proto, web).await;
+        assert_eq!(c.get("/x").send().await.status, 200);
+        let mut d = client(proto, web).await;
+        assert_eq!(d.get("/x").send().await.status, 200);
+        assert_eq!(
+            lg.stat(r#"legate_listener_connections_overflow_total{listener="web"}"#).await,
+            Some(1.0)
+        );
+        assert_eq!(up.requests.get(), 4);
+    }
+);
 
 /// A rewrite in place (same size, same inode) within the mtime tick the watch
 /// already saw is still picked up: the watch re-hashes files whose mtime is recent.
@@ -1286,6 +1465,219 @@ async fn hot_restart_under_load_fails_no_request() {
     finish_load(&res, &stop, tasks).await;
     current.signal("TERM");
     assert!(current.exited(Duration::from_secs(30)).await.success());
+}
+
+/// Runs `legate` in a mount namespace of its own where `/etc/hosts` and
+/// `/etc/nsswitch.conf` are the given files (bind mounts: the machine's files are
+/// not touched), so a test decides what host names resolve to and when they stop
+/// resolving. With `hosts: files` alone nothing is ever asked of a name server.
+/// Needs root (CAP_SYS_ADMIN) and util-linux's `unshare`; without them the test
+/// fails saying so, unless `LEGATE_SKIP_NETNS=1`, when it is skipped (`None`).
+fn spawn_with_hosts(hosts: &Path, nsswitch: &Path, config: &Path) -> Option<Child> {
+    const SCRIPT: &str = r#"mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/nsswitch.conf && shift 2 && exec "$@""#;
+    let probe = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            SCRIPT,
+            "sh",
+        ])
+        .args([hosts, nsswitch])
+        .arg("true")
+        .output();
+    let why = match probe {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+        Err(e) => Some(format!("cannot run unshare: {e}")),
+    };
+    if let Some(why) = why {
+        if std::env::var_os("LEGATE_SKIP_NETNS").is_some_and(|v| v == "1") {
+            eprintln!("SKIPPED: no private mount namespace ({why}) (LEGATE_SKIP_NETNS=1)");
+            return None;
+        }
+        panic!(
+            "cannot bind-mount a private /etc/hosts in a mount namespace ({why}).\nThis test \
+             needs root (CAP_SYS_ADMIN) and util-linux's unshare. Set LEGATE_SKIP_NETNS=1 to \
+             skip it explicitly."
+        );
+    }
+    let child = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            SCRIPT,
+            "sh",
+        ])
+        .args([hosts, nsswitch])
+        .arg(legate_bin())
+        .args(["run", "--concurrency", "2", "--watch-interval", "0", "-c"])
+        .arg(config)
+        .env("LEGATE_LOG", "info")
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("spawn unshare … legate");
+    // `unshare` and `sh` exec: the child is the legate process itself.
+    Some(Child { child })
+}
+
+/// A cluster whose host name stops resolving keeps its addresses across a reload
+/// that does not change it (Envoy keeps a cluster's last hosts when a
+/// resolution fails); a reload that changes it needs the name to resolve, and
+/// fails naming the cluster and the host when it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresolvable_name_fails_only_a_reload_that_changes_its_cluster() {
+    let up = upstream().name("a").start().await;
+    legate_bin();
+    let (web, admin) = (closed_port_addr(), closed_port_addr());
+    let dir = TempDir::new();
+    let hosts = dir.write("hosts", "127.0.0.1 up.legate.test\n");
+    let nsswitch = dir.write("nsswitch.conf", "hosts: files\n");
+    let named = |route_extra: &str, cluster_extra: &str| {
+        fixed_yaml(web, admin, up.addr)
+            .replace(
+                "            cluster: backend\n",
+                &format!("            cluster: backend\n{route_extra}"),
+            )
+            .replace(
+                &format!("      - address: {}\n", up.addr),
+                &format!(
+                    "      - address: up.legate.test:{}\n{cluster_extra}",
+                    up.addr.port()
+                ),
+            )
+    };
+    let cfg = dir.write("legate.yaml", named("", ""));
+    let Some(_p) = spawn_with_hosts(&hosts, &nsswitch, &cfg) else {
+        return;
+    };
+    wait_ready(admin).await;
+    let get = |proto| async move {
+        let mut c = client(proto, web).await;
+        let r = c.get("/x").send().await;
+        assert_eq!(r.status, 200, "{proto:?}: {}", r.text());
+        assert_eq!(r.header("x-upstream"), Some("a"), "{proto:?}");
+        r.header("x-config").map(str::to_string)
+    };
+    for proto in [Proto::H1, Proto::H2] {
+        assert_eq!(get(proto).await, None);
+    }
+    let stat = |series: &'static str| async move {
+        let (_, text) = admin_at(admin, Method::GET, "/stats").await.unwrap();
+        parse_prometheus(&text).get(series).copied()
+    };
+
+    // The name no longer resolves (written in place: the bind mount follows the
+    // file, not its path). A reload that leaves the cluster alone applies.
+    std::fs::write(&hosts, "# up.legate.test is gone\n").unwrap();
+    let route_v2 = "            response_headers: { set: { x-config: v2 } }\n";
+    std::fs::write(&cfg, named(route_v2, "")).unwrap();
+    let (status, body) = admin_at(admin, Method::POST, "/reload").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["clusters"]["kept"], json!(["backend"]), "{body}");
+    for proto in [Proto::H1, Proto::H2] {
+        assert_eq!(get(proto).await.as_deref(), Some("v2"));
+    }
+    assert_eq!(stat(RELOAD_OK).await, Some(1.0));
+    assert_eq!(
+        stat(r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#).await,
+        Some(4.0),
+        "the cluster's counters went on"
+    );
+
+    // A reload that changes the cluster resolves it, and the failure says where.
+    let route_v3 = "            response_headers: { set: { x-config: v3 } }\n";
+    std::fs::write(&cfg, named(route_v3, "    connect_timeout: 2s\n")).unwrap();
+    let (status, body) = admin_at(admin, Method::POST, "/reload").await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("cluster `backend`: cannot resolve host `up.legate.test`"),
+        "{body}"
+    );
+    for proto in [Proto::H1, Proto::H2] {
+        assert_eq!(
+            get(proto).await.as_deref(),
+            Some("v2"),
+            "a failed reload applied"
+        );
+    }
+    assert_eq!(stat(RELOAD_FAILED).await, Some(1.0));
+
+    // Once the name resolves again, the same reload applies.
+    std::fs::write(&hosts, "127.0.0.1 up.legate.test\n").unwrap();
+    let (status, body) = admin_at(admin, Method::POST, "/reload").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["clusters"]["new_or_changed"],
+        json!(["backend"]),
+        "{body}"
+    );
+    for proto in [Proto::H1, Proto::H2] {
+        assert_eq!(get(proto).await.as_deref(), Some("v3"));
+    }
+}
+
+/// A hot restart whose config renames a listener (same address) takes the
+/// running process's socket for it instead of binding the address again, which
+/// would fail with `EADDRINUSE` while the old process holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_restart_adopts_a_renamed_listeners_socket() {
+    let up = upstream().name("a").start().await;
+    legate_bin();
+    let (web, admin) = (closed_port_addr(), closed_port_addr());
+    let dir = TempDir::new();
+    let cfg = dir.write("legate.yaml", fixed_yaml(web, admin, up.addr));
+    let mut old = Child::spawn(&cfg, &[]);
+    wait_ready(admin).await;
+    for proto in [Proto::H1, Proto::H2] {
+        let mut c = client(proto, web).await;
+        assert_eq!(c.get("/x").send().await.status, 200, "{proto:?}");
+    }
+
+    std::fs::write(
+        &cfg,
+        fixed_yaml(web, admin, up.addr).replace("  - name: web\n", "  - name: edge\n"),
+    )
+    .unwrap();
+    let mut new = Child::spawn(&cfg, &["--upgrade"]);
+    // Either the old process drains and exits (the new one took over) or the new
+    // one fails to start; whichever comes first.
+    eventually(Duration::from_secs(60), "the handover", || {
+        let new_exit = new.child.try_wait().unwrap();
+        let old_exit = old.child.try_wait().unwrap();
+        async move {
+            if let Some(s) = new_exit {
+                panic!("the new process exited with {s} (see its log above)");
+            }
+            old_exit
+        }
+    })
+    .await;
+    wait_ready(admin).await;
+    for proto in [Proto::H1, Proto::H2] {
+        let mut c = client(proto, web).await;
+        let r = c.get("/x").send().await;
+        assert_eq!(r.status, 200, "{proto:?}");
+        assert_eq!(r.header("x-upstream"), Some("a"));
+    }
+    let (_, text) = admin_at(admin, Method::GET, "/stats").await.unwrap();
+    assert_eq!(
+        parse_prometheus(&text)
+            .get(r#"legate_listener_requests_total{listener="edge",class="2xx"}"#)
+            .copied(),
+        Some(2.0),
+        "{text}"
+    );
+    new.signal("TERM");
+    assert!(new.exited(Duration::from_secs(30)).await.success());
+    drop(old);
 }
 
 fn percentiles(mut v: Vec<f64>) -> String {

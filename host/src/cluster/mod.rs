@@ -319,15 +319,21 @@ impl Cluster {
             let address = match host.parse::<IpAddr>() {
                 Ok(ip) => SocketAddr::new(ip, port),
                 Err(_) => {
-                    let addrs = resolve(host, port).with_context(|| {
-                        format!(
-                            "cluster `{cluster}`: cannot resolve host `{host}` of endpoint `{}`",
-                            ep.address
-                        )
-                    })?;
-                    preferred_address(&addrs).ok_or_else(|| {
+                    // Only a new or changed cluster gets here on a reload (an
+                    // unchanged one keeps its addresses), so the fix is in its
+                    // config or in name resolution; say both.
+                    let why = match resolve(host, port) {
+                        Ok(addrs) => preferred_address(&addrs)
+                            .ok_or_else(|| "it resolved to no address".to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    why.map_err(|why| {
                         anyhow!(
-                            "cluster `{cluster}`: host `{host}` of endpoint `{}` resolved to no address",
+                            "cluster `{cluster}`: cannot resolve host `{host}` of endpoint `{}` \
+                             ({why}); a `static` cluster's host names must resolve when it is \
+                             loaded: check the name and the system resolver, write an IP \
+                             address, or use `discovery: {{ type: dns }}` to resolve it in the \
+                             background (keeping the last addresses while it fails)",
                             ep.address
                         )
                     })?
