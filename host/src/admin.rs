@@ -17,6 +17,7 @@
 //! (see [`crate::reload`]).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -212,18 +213,37 @@ fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone,
             }
         }
     }
-    let Some(ep) = clusters.clone().find_map(|c| c.endpoints.first().cloned()) else {
+    // One series per cluster and address: endpoints listed twice, or two host
+    // names resolving to one address, are summed (Prometheus rejects a scrape
+    // with duplicate series).
+    let merged: Vec<(&str, Vec<(SocketAddr, Vec<(&'static str, u64)>)>)> = clusters
+        .map(|c| {
+            let mut eps: Vec<(SocketAddr, Vec<(&'static str, u64)>)> = Vec::new();
+            for e in &c.endpoints {
+                let snap = e.stats.snapshot();
+                match eps.iter_mut().find(|(a, _)| *a == e.address) {
+                    Some((_, sum)) => {
+                        for ((_, total), (_, v)) in sum.iter_mut().zip(snap) {
+                            *total = total.saturating_add(v);
+                        }
+                    }
+                    None => eps.push((e.address, snap)),
+                }
+            }
+            (c.name.as_str(), eps)
+        })
+        .collect();
+    let Some((_, first)) = merged.iter().flat_map(|(_, eps)| eps).next() else {
         return;
     };
-    for (i, (name, _)) in ep.stats.snapshot().into_iter().enumerate() {
+    for (i, (name, _)) in first.iter().enumerate() {
         let _ = writeln!(out, "# TYPE legate_endpoint_{name} {}", kind(name));
-        for c in clusters.clone() {
-            for e in &c.endpoints {
-                if let Some((_, v)) = e.stats.snapshot().get(i) {
+        for (cluster, eps) in &merged {
+            for (address, snap) in eps {
+                if let Some((_, v)) = snap.get(i) {
                     let _ = writeln!(
                         out,
-                        "legate_endpoint_{name}{{cluster=\"{}\",endpoint=\"{}\"}} {v}",
-                        c.name, e.address
+                        "legate_endpoint_{name}{{cluster=\"{cluster}\",endpoint=\"{address}\"}} {v}"
                     );
                 }
             }

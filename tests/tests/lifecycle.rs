@@ -238,6 +238,25 @@ async fn config_dump_hides_the_redis_password() {
     assert!(body.contains("redis://***@127.0.0.1:1/0"), "{body}");
 }
 
+each_proto!(
+    async fn an_endpoint_listed_twice_is_one_stats_series(proto) {
+        let up = upstream().start().await;
+        let lg = legate().config(&simple_config(&[up.addr, up.addr])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..4 {
+            assert_eq!(c.get("/").send().await.status, 200);
+        }
+        // Prometheus rejects a scrape with two samples of one series.
+        let stats = lg.stats().await;
+        let series = format!(
+            "legate_endpoint_rq_total{{cluster=\"backend\",endpoint=\"{}\"}}",
+            up.addr
+        );
+        let lines: Vec<_> = stats.lines().filter(|l| l.starts_with(&series)).collect();
+        assert_eq!(lines, [format!("{series} 4")], "{stats}");
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_workers_share_the_listener() {
     let up = upstream().start().await;
