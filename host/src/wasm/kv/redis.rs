@@ -88,12 +88,38 @@ pub fn check_url(url: &str) -> Result<(), String> {
 }
 
 /// The URL with any user and password replaced, for messages and the admin
-/// config dump: secrets are never logged or served.
+/// config dump: secrets are never logged or served. Both places the redis
+/// crate reads them from are masked: the userinfo (`redis://user:pass@host`)
+/// and, for `redis+unix://`, the `user`/`pass` query parameters.
 pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &base[..s], &base[at + 1..]),
+        _ => base.to_string(),
+    };
+    if let Some(q) = query {
+        out.push('?');
+        for (i, pair) in q.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match pair.split_once('=') {
+                Some((k, _))
+                    if ["user", "username", "pass", "password"]
+                        .iter()
+                        .any(|s| k.eq_ignore_ascii_case(s)) =>
+                {
+                    out.push_str(k);
+                    out.push_str("=***");
+                }
+                _ => out.push_str(pair),
+            }
+        }
     }
+    out
 }
 
 struct KvStats {
@@ -457,6 +483,23 @@ impl KvBackend for RedisKv {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redacted_urls_keep_no_credentials() {
+        assert_eq!(
+            redact("redis://app:s3cret@10.0.0.1:6379/0"),
+            "redis://***@10.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact("redis+unix:///run/redis.sock?db=0&user=app&pass=s3cret"),
+            "redis+unix:///run/redis.sock?db=0&user=***&pass=***"
+        );
+        assert_eq!(
+            redact("rediss://:pw@h:6380/1?protocol=resp3&Password=x"),
+            "rediss://***@h:6380/1?protocol=resp3&Password=***"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
 
     #[test]
     fn ttls_redis_cannot_hold_mean_no_expiry() {
