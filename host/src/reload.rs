@@ -464,7 +464,13 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         let c = &c.value;
         let before = old.config.clusters.iter().find(|o| o.value.name == c.name);
         match (before, old.clusters.get(&c.name)) {
-            (Some(b), Some(entry)) if same(&b.value, c) && entry.upstream.same_tls_files(c) => {
+            // (`local_zone` is the process's, copied into each cluster and not
+            // part of its serialized block: compared on its own.)
+            (Some(b), Some(entry))
+                if same(&b.value, c)
+                    && b.value.local_zone == c.local_zone
+                    && entry.upstream.same_tls_files(c) =>
+            {
                 carried.insert(c.name.clone(), entry.clone());
                 kept_clusters.push(c.name.to_string());
             }

@@ -1807,3 +1807,54 @@ async fn reload_bench() {
     current.signal("TERM");
     let _ = current.exited(Duration::from_secs(30)).await;
 }
+
+each_proto!(
+    /// The top-level `local_zone` is the process's, copied into every cluster:
+    /// a reload that changes it reloads the clusters that route by zone (they
+    /// are not carried over as unchanged).
+    async fn a_changed_local_zone_reaches_zone_aware_clusters(proto) {
+        let a = upstream().name("a").start().await;
+        let b = upstream().name("b").start().await;
+        let cfg = |zone: &str| {
+            format!(
+                "version: 1
+admin: {{ address: 127.0.0.1:0 }}
+local_zone: {zone}
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http: {{ routes: main }}
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    zone_aware: {{ min_cluster_size: 2 }}
+    endpoints:
+      - {{ address: \"{}\", zone: z1 }}
+      - {{ address: \"{}\", zone: z2 }}
+",
+                a.addr, b.addr
+            )
+        };
+        let lg = start(&cfg("z1"), None, 1);
+        let mut c = client(proto, lg.addr("web").unwrap()).await;
+        for _ in 0..4 {
+            assert_eq!(c.get("/").send().await.header("x-upstream"), Some("a"));
+        }
+        lg.write(&cfg("z2"));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]), "{body}");
+        for _ in 0..4 {
+            assert_eq!(c.get("/").send().await.header("x-upstream"), Some("b"));
+        }
+        assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
+    }
+);
