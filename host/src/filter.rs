@@ -1029,7 +1029,7 @@ struct SharedInner {
     /// The final status and cause, when the exchange ended while the chain was
     /// out (a route timeout while a filter held the end of the request): given
     /// to the chain when it finishes after all, so `on-log` sees them.
-    ended: std::cell::RefCell<Option<(StatusCode, Option<String>)>>,
+    ended: std::cell::RefCell<Option<(Option<StatusCode>, Option<String>)>>,
 }
 
 impl SharedInner {
@@ -1131,8 +1131,9 @@ impl SharedChain {
     }
 
     /// Ends the exchange: `finish` on the chain (if it is not out), with the
-    /// final status and cause. Streams pass data unfiltered from now on.
-    pub fn finish(&self, status: StatusCode, cause: Option<&str>) {
+    /// final status (`None`: no response was sent, the client went away first)
+    /// and cause. Streams pass data unfiltered from now on.
+    pub fn finish(&self, status: Option<StatusCode>, cause: Option<&str>) {
         self.0.finished.set(true);
         let chain = self
             .0
@@ -1142,7 +1143,7 @@ impl SharedChain {
             .and_then(|mut c| c.take());
         match chain {
             Some(mut chain) => {
-                chain.x.status = Some(status);
+                chain.x.status = status;
                 chain.x.cause = cause.map(str::to_string);
                 chain.run_finish();
             }
@@ -1975,12 +1976,15 @@ impl Drop for Chain {
         let over = ended.is_some();
         if let Some((status, cause)) = ended {
             // The exchange ended while this chain was out (see `SharedChain::finish`).
-            self.x.status = Some(status);
+            self.x.status = status;
             self.x.cause = cause;
         }
         if !self.finished {
-            if self.x.cause.is_none() && !over {
+            if !over {
+                // As the access log has it (proxy.rs `InFlight`): the client
+                // went away, whatever failed before; no response was sent.
                 self.x.cause = Some("downstream_disconnect".to_string());
+                self.x.status = None;
             }
             self.run_finish();
         }
@@ -2232,7 +2236,7 @@ mod tests {
         assert!(body.as_mut().poll_frame(&mut cx).is_pending());
         // Put back and finished normally: data then passes unfiltered.
         shared.put(out);
-        shared.finish(StatusCode::OK, None);
+        shared.finish(Some(StatusCode::OK), None);
         match body.as_mut().poll_frame(&mut cx) {
             Poll::Ready(Some(Ok(f))) => assert_eq!(f.into_data().unwrap(), "chunk"),
             other => panic!("{other:?}"),

@@ -1504,9 +1504,10 @@ impl HttpBody for Prefixed {
     }
 }
 
-/// A request started but without a response yet. Dropped so (the client went
-/// away), it ends as a 499 `downstream_disconnect`, like the 499 of a client
-/// seen resetting: counted in the 4xx class and written to the access log.
+/// A request started but without a response yet. Dropped so, the client went
+/// away: it ends as a 499 `downstream_disconnect`, like the 499 of a client
+/// seen resetting, counted in the 4xx class and written to the access log. Or
+/// the proxy cut it at the drain timeout: a 503 `drain_timeout`.
 struct InFlight {
     /// `None` once the request became `Done`.
     conn: Option<Rc<ConnCtx>>,
@@ -1538,11 +1539,22 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.conn.is_some() {
-            self.out.cause.get_or_insert("downstream_disconnect");
-            let status = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
-            drop(self.done(status));
+        let Some(conn) = &self.conn else { return };
+        let (status, cause) = if conn.worker.cut.get() {
+            (StatusCode::SERVICE_UNAVAILABLE, "drain_timeout")
+        } else {
+            let gone = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
+            (gone, "downstream_disconnect")
+        };
+        // (Whatever failed before, the request ended this way.)
+        self.out.cause = Some(cause);
+        if let Some(chain) = self.out.chain.take() {
+            // No response was sent: the filters' `on-log` sees none (as
+            // Envoy's, whose `response.code` is then absent), the same as
+            // when the client leaves while a filter holds the chain.
+            chain.finish(None, Some(cause));
         }
+        drop(self.done(status));
     }
 }
 
@@ -1563,7 +1575,7 @@ struct Done {
 impl Drop for Done {
     fn drop(&mut self) {
         if let Some(chain) = self.out.chain.take() {
-            chain.finish(self.status, self.out.cause);
+            chain.finish(Some(self.status), self.out.cause);
         }
         let elapsed = self.start.elapsed();
         let class = (self.status.as_u16() / 100).clamp(1, 5) as usize - 1;

@@ -608,6 +608,7 @@ fn run_worker(id: usize, shared: Arc<Shared>) {
                 "worker {id}: drain timeout ({timeout:?}) passed with {} connections open; closing them",
                 tracker.count()
             );
+            worker.cut.set(true);
         }
         supervisor.abort();
         housekeeping.abort();

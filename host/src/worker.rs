@@ -58,6 +58,9 @@ pub struct Worker {
     // Fx: each is looked up once per request, with keys from the config.
     balancers: RefCell<FxHashMap<usize, BalancerEntry>>,
     route_stats: RefCell<FxHashMap<Arc<str>, RouteStats>>,
+    /// The drain timeout passed: the connections still open are being cut by
+    /// the proxy (their requests are not ended by their clients).
+    pub cut: std::cell::Cell<bool>,
 }
 
 impl Worker {
@@ -69,6 +72,7 @@ impl Worker {
             pool: Pool::new(),
             balancers: RefCell::default(),
             route_stats: RefCell::default(),
+            cut: std::cell::Cell::new(false),
         })
     }
 

@@ -97,8 +97,15 @@ async fn drain_closes_idle_keepalive_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_bounds_the_shutdown() {
     let up = upstream().delay(Duration::from_secs(10)).start().await;
-    let cfg =
-        simple_config(&[up.addr]).replace("version: 1\n", "version: 1\ndrain_timeout: 300ms\n");
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let cfg = simple_config(&[up.addr]).replace(
+        "version: 1\n",
+        &format!(
+            "version: 1\ndrain_timeout: 300ms\naccess_log: {{ path: {} }}\n",
+            log.display()
+        ),
+    );
     let lg = legate().config(&cfg).start();
     let mut c = client(Proto::H1, lg.addr("web")).await;
     let req = tokio::spawn(async move { c.get("/slow").try_send().await });
@@ -117,6 +124,12 @@ async fn drain_timeout_bounds_the_shutdown() {
     // The cut request does not get a success.
     let r = req.await.unwrap();
     assert!(r.as_ref().map_or(true, |r| r.status != 200), "{r:?}");
+    // The proxy cut it, not the client: the access log says so.
+    let line = std::fs::read_to_string(&log).unwrap();
+    let v: Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["status"], 503, "{line}");
+    assert_eq!(v["cause"], "drain_timeout", "{line}");
+    assert_eq!(v["path"], "/slow", "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
