@@ -169,7 +169,7 @@ pub fn set_forwarded(
         let _ = h.try_insert(X_FORWARDED_PROTO, proto);
     }
     if !trusted || !h.contains_key(&X_FORWARDED_HOST) {
-        match HeaderValue::from_str(host) {
+        match shared_value(host.as_bytes()) {
             Ok(v) if !host.is_empty() => {
                 let _ = h.try_insert(X_FORWARDED_HOST, v);
             }
@@ -233,8 +233,38 @@ pub fn new_request_id() -> HeaderValue {
         o += 2;
     }
     // Every byte is a hex digit or `-`, all valid in a header value.
-    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&out))
+    shared_value(&out)
         .unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"))
+}
+
+/// A header value made per request that is then copied (the request id goes
+/// into the head and the exchange; a filter that reads the head later keeps a
+/// copy of it): its bytes live in one reference-counted allocation, so a copy
+/// is a count increment. (`HeaderValue::from_bytes` makes a value whose first
+/// copy allocates again to share it, ~0.1k instructions.) Short values only;
+/// longer ones are made as usual.
+fn shared_value(v: &[u8]) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    /// The value, inline in the owner the shared allocation holds.
+    struct Inline {
+        len: usize,
+        buf: [u8; 64],
+    }
+    impl AsRef<[u8]> for Inline {
+        fn as_ref(&self) -> &[u8] {
+            self.buf.get(..self.len).unwrap_or_default()
+        }
+    }
+    let mut inline = Inline {
+        len: v.len(),
+        buf: [0; 64],
+    };
+    match inline.buf.get_mut(..v.len()) {
+        Some(b) => {
+            b.copy_from_slice(v);
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(inline))
+        }
+        None => HeaderValue::from_bytes(v),
+    }
 }
 
 /// Appends `via` to the `Via` header: one value, comma-joined after the values
@@ -443,6 +473,21 @@ mod tests {
         assert!(is_uuid_v4(&a), "{a:?}");
         assert!(is_uuid_v4(&b), "{b:?}");
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn shared_values_hold_their_bytes_and_share_copies() {
+        let v = shared_value(b"example.com:8080").unwrap();
+        assert_eq!(v, "example.com:8080");
+        let copy = v.clone();
+        assert_eq!(copy.as_bytes().as_ptr(), v.as_bytes().as_ptr());
+        let long = "a".repeat(200);
+        assert_eq!(shared_value(long.as_bytes()).unwrap(), long.as_str());
+        assert_eq!(shared_value(b"").unwrap(), "");
+        assert!(shared_value(b"bad\nvalue").is_err());
+        let id = new_request_id();
+        assert_eq!(id.len(), 36);
+        assert!(is_valid_request_id(id.as_bytes()));
     }
 
     #[test]
