@@ -190,6 +190,9 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// One endpoint address's counters, by name.
+type EndpointSeries = (SocketAddr, Vec<(&'static str, u64)>);
+
 /// Cluster and endpoint counters in Prometheus format: `legate_cluster_<counter>`
 /// labelled by cluster, `legate_endpoint_<counter>` by cluster and endpoint. Names
 /// ending in `_active` (and `membership_*`) are gauges.
@@ -216,9 +219,9 @@ fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone,
     // One series per cluster and address: endpoints listed twice, or two host
     // names resolving to one address, are summed (Prometheus rejects a scrape
     // with duplicate series).
-    let merged: Vec<(&str, Vec<(SocketAddr, Vec<(&'static str, u64)>)>)> = clusters
+    let merged: Vec<(&str, Vec<EndpointSeries>)> = clusters
         .map(|c| {
-            let mut eps: Vec<(SocketAddr, Vec<(&'static str, u64)>)> = Vec::new();
+            let mut eps: Vec<EndpointSeries> = Vec::new();
             for e in &c.endpoints {
                 let snap = e.stats.snapshot();
                 match eps.iter_mut().find(|(a, _)| *a == e.address) {
