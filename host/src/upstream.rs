@@ -132,6 +132,8 @@ type Key = (u64, SocketAddr);
 struct Idle {
     sender: http1::SendRequest<Body>,
     since: Instant,
+    /// Its cluster's idle timeout (of the settings it was opened with).
+    idle_timeout: Duration,
 }
 
 /// The HTTP/2 connection of a key: open, or being opened by one attempt.
@@ -374,7 +376,11 @@ impl Pool {
                         if pending.is_none() {
                             pending = Some(target.cluster.pending_permit()?);
                         }
-                        let opened = rx.wait_for(Option::is_some).await.ok().and_then(|v| v.clone());
+                        let opened = rx
+                            .wait_for(Option::is_some)
+                            .await
+                            .ok()
+                            .and_then(|v| v.clone());
                         let connect = asked.elapsed();
                         match opened {
                             Some(Opened::H2(sr, usage)) => {
@@ -585,6 +591,7 @@ impl Pool {
                             key,
                             sender: sr,
                             max_idle: s.max_idle,
+                            idle_timeout: s.idle_timeout,
                         };
                         Ok(resp.map(|b| body::boxed(body::Watched::new(b, ret))))
                     }
@@ -597,14 +604,16 @@ impl Pool {
         }
     }
 
-    /// Drops idle HTTP/1.1 connections older than `max_age` (the longest idle
-    /// timeout of any cluster; checkout applies each cluster's own), and HTTP/2
+    /// Drops idle HTTP/1.1 connections older than their cluster's idle timeout (or
+    /// `max_age`, the longest of any current cluster), and HTTP/2
     /// connections that closed or had no stream open for their cluster's idle
     /// timeout: hyper closes a connection once the pool no longer holds it (after
     /// its streams, if any were still open). Called periodically by the worker.
     pub fn sweep(&self, max_age: Duration) {
         self.inner.idle.borrow_mut().retain(|_, list| {
-            list.retain(|c| c.since.elapsed() < max_age && !c.sender.is_closed());
+            list.retain(|c| {
+                c.since.elapsed() < c.idle_timeout.min(max_age) && !c.sender.is_closed()
+            });
             !list.is_empty()
         });
         let now = Instant::now();
@@ -717,6 +726,7 @@ struct Return {
     key: Key,
     sender: http1::SendRequest<Body>,
     max_idle: usize,
+    idle_timeout: Duration,
 }
 
 impl body::Watch for Return {
@@ -735,6 +745,7 @@ impl body::Watch for Return {
             list.push(Idle {
                 sender: self.sender,
                 since: Instant::now(),
+                idle_timeout: self.idle_timeout,
             });
         }
     }

@@ -240,9 +240,11 @@ async fn a_reload_does_not_leak_h2_connections() {
     assert_eq!(up.connections.get(), 2);
 
     // The old connection closes after its own (1 s) idle timeout; the new one stays.
-    eventually(Duration::from_secs(5), "the old connection to close", || async {
-        (up.closed.get() == 1).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the old connection to close",
+        || async { (up.closed.get() == 1).then_some(()) },
+    )
     .await;
     eventually(Duration::from_secs(2), "upstream_cx_active 1", || async {
         (stat(CX_ACTIVE).await == Some(1.0)).then_some(())
