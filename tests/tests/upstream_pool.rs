@@ -203,7 +203,7 @@ async fn a_reload_does_not_leak_h2_connections() {
         format!("admin:\n  address: 127.0.0.1:0\n{yaml}")
     };
     let dir = TempDir::new();
-    let path = dir.write("legate.yaml", &config("1s"));
+    let path = dir.write("legate.yaml", config("1s"));
     let cfg = legate_host::config::load_file(&path).unwrap();
     let process = legate_host::server::ProcessOptions {
         config_path: Some(path.clone()),
