@@ -5,6 +5,14 @@
 //! connection per (cluster, endpoint). [`UpstreamSettings`] (built once per cluster
 //! when config is applied) carry the protocol, TLS and timeouts.
 //!
+//! Attempts that find no HTTP/2 connection while one is being opened wait for it
+//! instead of opening their own (as Envoy queues them), so a burst opens one
+//! connection; if opening it fails, they all fail with its error. An HTTP/2
+//! connection with no stream open for its cluster's `idle_timeout` is dropped from
+//! the pool: hyper then closes it (streams still open would finish first). The pool
+//! is keyed by settings, which a reload renews, so connections of a changed or
+//! removed cluster are never used again and go the same way.
+//!
 //! An HTTP/1.1 connection goes back to the idle list only after its response body has
 //! been read to the end, so a reused connection is always between messages. If a
 //! pooled connection turns out closed before the request was written, hyper hands the
@@ -12,7 +20,7 @@
 //! client.
 
 use rustc_hash::FxHashMap;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +32,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::TlsStream;
 
@@ -106,6 +115,16 @@ impl UpstreamSettings {
     pub fn is_h2(&self) -> bool {
         self.protocol == UpstreamProtocol::H2
     }
+
+    /// Whether a new connection may speak HTTP/2 (`auto` only with TLS: ALPN
+    /// decides; plaintext `auto` is HTTP/1.1).
+    fn may_be_h2(&self) -> bool {
+        match self.protocol {
+            UpstreamProtocol::H2 => true,
+            UpstreamProtocol::Auto => self.tls.is_some(),
+            UpstreamProtocol::Http1 => false,
+        }
+    }
 }
 
 type Key = (u64, SocketAddr);
@@ -113,13 +132,126 @@ type Key = (u64, SocketAddr);
 struct Idle {
     sender: http1::SendRequest<Body>,
     since: Instant,
+    /// Its cluster's idle timeout (of the settings it was opened with).
+    idle_timeout: Duration,
+}
+
+/// The HTTP/2 connection of a key: open, or being opened by one attempt.
+enum H2Slot {
+    Ready(H2Conn),
+    /// Other attempts wait on it; `None` until the opening attempt is done (a
+    /// closed channel: it was abandoned).
+    Opening(watch::Receiver<Option<Opened>>),
+}
+
+/// An open HTTP/2 connection.
+struct H2Conn {
+    sender: http2::SendRequest<Body>,
+    usage: Rc<H2Usage>,
+    /// The idle timeout of the settings it was opened with (kept so that the
+    /// connections of settings a reload replaced still time out).
+    idle_timeout: Duration,
+}
+
+impl H2Conn {
+    /// No stream open for its idle timeout.
+    fn is_idle_past(&self, now: Instant) -> bool {
+        self.usage.streams.get() == 0
+            && now.saturating_duration_since(self.usage.idle_since.get()) >= self.idle_timeout
+    }
+}
+
+/// An HTTP/2 connection's streams, counted by the pool: the attempts using it,
+/// until their response bodies end or are dropped.
+struct H2Usage {
+    streams: Cell<usize>,
+    /// When the last stream ended (or the connection opened).
+    idle_since: Cell<Instant>,
+}
+
+/// One stream on an HTTP/2 connection, counted in its [`H2Usage`] until dropped.
+struct H2Stream(Rc<H2Usage>);
+
+impl H2Stream {
+    fn new(usage: Rc<H2Usage>) -> Self {
+        usage.streams.set(usage.streams.get() + 1);
+        H2Stream(usage)
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        let n = self.0.streams.get().saturating_sub(1);
+        self.0.streams.set(n);
+        if n == 0 {
+            self.0.idle_since.set(Instant::now());
+        }
+    }
+}
+
+/// Ends with the response body (at its end, on an error or when dropped).
+impl body::Watch for H2Stream {}
+
+/// What the attempts waiting for an HTTP/2 connection being opened get.
+#[derive(Clone)]
+enum Opened {
+    H2(http2::SendRequest<Body>, Rc<H2Usage>),
+    /// ALPN chose HTTP/1.1 (`protocol: auto`): each attempt opens its own.
+    Http1,
+    /// Opening failed: each waiting attempt fails with this error.
+    Failed(Kind, String),
+}
+
+/// The attempt opening a key's HTTP/2 connection. Dropped unfinished (the attempt
+/// was cancelled), it removes its [`H2Slot::Opening`] and closes the channel, so
+/// the waiting attempts look again and one of them opens the connection.
+struct Opener {
+    pool: Rc<PoolInner>,
+    key: Key,
+    tx: watch::Sender<Option<Opened>>,
+    /// Identifies this opening's map entry.
+    rx: watch::Receiver<Option<Opened>>,
+}
+
+impl Opener {
+    /// Starts opening `key`'s connection unless it is in the map already.
+    fn start(pool: &Rc<PoolInner>, key: Key) -> Option<Opener> {
+        let mut h2 = pool.h2.borrow_mut();
+        if h2.contains_key(&key) {
+            return None;
+        }
+        let (tx, rx) = watch::channel(None);
+        h2.insert(key, H2Slot::Opening(rx.clone()));
+        Some(Opener {
+            pool: pool.clone(),
+            key,
+            tx,
+            rx,
+        })
+    }
+
+    fn finish(self, opened: Opened) {
+        self.tx.send_replace(Some(opened));
+    }
+}
+
+impl Drop for Opener {
+    fn drop(&mut self) {
+        let mut h2 = self.pool.h2.borrow_mut();
+        // Ours unless the connection made it into the map.
+        if let Some(H2Slot::Opening(rx)) = h2.get(&self.key) {
+            if rx.same_channel(&self.rx) {
+                h2.remove(&self.key);
+            }
+        }
+    }
 }
 
 #[derive(Default)]
 struct PoolInner {
     // Fx: looked up several times per request with keys from the config.
     idle: RefCell<FxHashMap<Key, Vec<Idle>>>,
-    h2: RefCell<FxHashMap<Key, http2::SendRequest<Body>>>,
+    h2: RefCell<FxHashMap<Key, H2Slot>>,
 }
 
 /// A worker's upstream connections.
@@ -131,7 +263,14 @@ pub struct Pool {
 /// One established connection, ready for a request.
 enum Sender {
     H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
+    H2(http2::SendRequest<Body>, Rc<H2Usage>),
+}
+
+/// What [`Pool::lookup_h2`] found for a key.
+enum H2Found {
+    Ready(http2::SendRequest<Body>, Rc<H2Usage>),
+    Opening(watch::Receiver<Option<Opened>>),
+    None,
 }
 
 /// How a response's request got its connection, as a response extension set by
@@ -140,7 +279,8 @@ enum Sender {
 pub enum ConnectionUse {
     /// A pooled connection (HTTP/1.1 keep-alive or a shared HTTP/2 one).
     Reused,
-    /// A connection opened for this request, `connect` after the attempt asked for
+    /// A connection opened for this request (or an HTTP/2 one another request was
+    /// opening, which this one waited for), `connect` after the attempt asked for
     /// it (TCP connect, TLS and HTTP handshakes).
     New {
         /// Time to open the connection.
@@ -179,51 +319,139 @@ impl Pool {
         let key = (s.id, target.addr);
         // hyper picks the wire format from the version field; h2 wants absolute URIs
         // with scheme+authority, h1 an origin-form path (set by the caller).
-        if let Some(sender) = self.checkout(s, key).await {
-            match self.try_send(key, s, sender, req).await {
-                Ok(mut resp) => {
-                    resp.extensions_mut().insert(ConnectionUse::Reused);
-                    return Ok(resp);
-                }
-                Err(SendError::NotSent(back)) => req = *back,
-                Err(SendError::Failed(e)) => return Err(e),
+        let (sender, used) = self.acquire(s, key, &target, true).await?;
+        let (sender, used) = match self.try_send(key, s, sender, req).await {
+            Ok(mut resp) => {
+                resp.extensions_mut().insert(used);
+                return Ok(resp);
             }
-        }
-        // Measured here, where the connection is made: TCP, TLS and the HTTP
-        // handshake (what a debug response reports as `connect`).
-        let started = Instant::now();
-        let sender = self.connect(s, key, &target).await?;
-        let connect = started.elapsed();
+            Err(SendError::Failed(e)) => return Err(e),
+            // A pooled connection closed under us: once more, on a fresh one.
+            Err(SendError::NotSent(back)) if used == ConnectionUse::Reused => {
+                req = *back;
+                self.acquire(s, key, &target, false).await?
+            }
+            Err(SendError::NotSent(_)) => return Err(closed_before_sent(target.addr)),
+        };
         match self.try_send(key, s, sender, req).await {
             Ok(mut resp) => {
-                resp.extensions_mut().insert(ConnectionUse::New { connect });
+                resp.extensions_mut().insert(used);
                 Ok(resp)
             }
-            Err(SendError::NotSent(_)) => Err(ProxyError::new(
-                Kind::UpstreamReset,
-                format!(
-                    "new connection to {} closed before the request was sent",
-                    target.addr
-                ),
-            )),
+            Err(SendError::NotSent(_)) => Err(closed_before_sent(target.addr)),
             Err(SendError::Failed(e)) => Err(e),
         }
     }
 
-    async fn checkout(&self, s: &UpstreamSettings, key: Key) -> Option<Sender> {
-        if s.protocol != UpstreamProtocol::Http1 {
-            let mut h2 = self.inner.h2.borrow_mut();
-            match h2.get(&key) {
-                Some(c) if !c.is_closed() => return Some(Sender::H2(c.clone())),
-                Some(_) => {
-                    h2.remove(&key);
+    /// A connection for one attempt: the key's HTTP/2 connection (waiting for it if
+    /// another attempt is opening it), an idle HTTP/1.1 one if `idle_ok`, else a
+    /// new one.
+    async fn acquire(
+        &self,
+        s: &UpstreamSettings,
+        key: Key,
+        target: &Target<'_>,
+        mut idle_ok: bool,
+    ) -> Result<(Sender, ConnectionUse), ProxyError> {
+        let asked = Instant::now();
+        // The attempt's `max_pending_requests` slot while it waits for another's
+        // opening (one that opens its own takes one in `open_counted`).
+        let mut pending = None;
+        loop {
+            if s.protocol != UpstreamProtocol::Http1 {
+                match self.lookup_h2(key) {
+                    H2Found::Ready(sr, usage) => {
+                        let used = match pending {
+                            // Opened while this attempt waited (it was abandoned
+                            // by the attempt it waited for, then reopened).
+                            Some(_) => ConnectionUse::New {
+                                connect: asked.elapsed(),
+                            },
+                            None => ConnectionUse::Reused,
+                        };
+                        return Ok((Sender::H2(sr, usage), used));
+                    }
+                    H2Found::Opening(mut rx) => {
+                        // Counted as pending, as an attempt opening its own is.
+                        if pending.is_none() {
+                            pending = Some(target.cluster.pending_permit()?);
+                        }
+                        let opened = rx
+                            .wait_for(Option::is_some)
+                            .await
+                            .ok()
+                            .and_then(|v| v.clone());
+                        let connect = asked.elapsed();
+                        match opened {
+                            Some(Opened::H2(sr, usage)) => {
+                                return Ok((Sender::H2(sr, usage), ConnectionUse::New { connect }))
+                            }
+                            Some(Opened::Failed(kind, detail)) => {
+                                return Err(ProxyError::new(kind, detail))
+                            }
+                            // Opening it was abandoned: look again, maybe open it.
+                            None => continue,
+                            Some(Opened::Http1) => {
+                                drop(pending);
+                                let started = Instant::now();
+                                let sender = self.connect(s, key, target, None).await?;
+                                let connect = started.elapsed();
+                                return Ok((sender, ConnectionUse::New { connect }));
+                            }
+                        }
+                    }
+                    H2Found::None => {}
                 }
-                None => {}
             }
-            if s.protocol == UpstreamProtocol::H2 {
-                return None;
+            if idle_ok && s.protocol != UpstreamProtocol::H2 {
+                if let Some(sender) = self.checkout_h1(s, key).await {
+                    return Ok((Sender::H1(sender), ConnectionUse::Reused));
+                }
+                // Checking them out may have awaited: look at the map again.
+                idle_ok = false;
+                continue;
             }
+            let opener = if s.may_be_h2() {
+                match Opener::start(&self.inner, key) {
+                    Some(o) => Some(o),
+                    // Another attempt started while this one looked.
+                    None => continue,
+                }
+            } else {
+                None
+            };
+            drop(pending);
+            // Measured here, where the connection is made: TCP, TLS and the HTTP
+            // handshake (what a debug response reports as `connect`).
+            let started = Instant::now();
+            let sender = self.connect(s, key, target, opener).await?;
+            let connect = started.elapsed();
+            return Ok((sender, ConnectionUse::New { connect }));
         }
+    }
+
+    /// The key's HTTP/2 connection, or the opening of one; drops one that closed or
+    /// was idle past its timeout (the upstream may be closing it).
+    fn lookup_h2(&self, key: Key) -> H2Found {
+        let mut h2 = self.inner.h2.borrow_mut();
+        match h2.get(&key) {
+            Some(H2Slot::Ready(c)) => {
+                if !c.sender.is_closed() && !c.is_idle_past(Instant::now()) {
+                    return H2Found::Ready(c.sender.clone(), c.usage.clone());
+                }
+                h2.remove(&key);
+                H2Found::None
+            }
+            Some(H2Slot::Opening(rx)) => H2Found::Opening(rx.clone()),
+            None => H2Found::None,
+        }
+    }
+
+    async fn checkout_h1(
+        &self,
+        s: &UpstreamSettings,
+        key: Key,
+    ) -> Option<http1::SendRequest<Body>> {
         loop {
             let candidate = {
                 let mut idle = self.inner.idle.borrow_mut();
@@ -241,12 +469,32 @@ impl Pool {
             // Returned connections are between messages; ready() only waits for the
             // connection task to notice, and fails if the upstream has closed it.
             if sender.ready().await.is_ok() {
-                return Some(Sender::H1(sender));
+                return Some(sender);
             }
         }
     }
 
+    /// Opens a connection. An HTTP/2 one goes into the pool, and to the attempts
+    /// waiting on `opener` (which also learn of a failure).
     async fn connect(
+        &self,
+        s: &UpstreamSettings,
+        key: Key,
+        target: &Target<'_>,
+        opener: Option<Opener>,
+    ) -> Result<Sender, ProxyError> {
+        let result = self.open_sender(s, key, target).await;
+        if let Some(o) = opener {
+            o.finish(match &result {
+                Ok(Sender::H2(sr, usage)) => Opened::H2(sr.clone(), usage.clone()),
+                Ok(Sender::H1(_)) => Opened::Http1,
+                Err(e) => Opened::Failed(e.kind, e.detail.clone()),
+            });
+        }
+        result
+    }
+
+    async fn open_sender(
         &self,
         s: &UpstreamSettings,
         key: Key,
@@ -273,8 +521,19 @@ impl Pool {
                     tracing::debug!("upstream h2 connection ended: {e}");
                 }
             });
-            self.inner.h2.borrow_mut().insert(key, sender.clone());
-            Ok(Sender::H2(sender))
+            let usage = Rc::new(H2Usage {
+                streams: Cell::new(0),
+                idle_since: Cell::new(Instant::now()),
+            });
+            self.inner.h2.borrow_mut().insert(
+                key,
+                H2Slot::Ready(H2Conn {
+                    sender: sender.clone(),
+                    usage: usage.clone(),
+                    idle_timeout: s.idle_timeout,
+                }),
+            );
+            Ok(Sender::H2(sender, usage))
         } else {
             let (sender, conn) = http1::Builder::new()
                 .handshake(io)
@@ -298,13 +557,21 @@ impl Pool {
         mut req: Request<Body>,
     ) -> Result<Response<Body>, SendError> {
         match sender {
-            Sender::H2(mut sr) => {
+            Sender::H2(mut sr, usage) => {
                 to_h2_form(&mut req, s.tls.is_some()).map_err(SendError::Failed)?;
+                // Open from here until the response body ends or is dropped.
+                let stream = H2Stream::new(usage);
                 match sr.try_send_request(req).await {
-                    Ok(resp) => Ok(resp.map(body::boxed)),
+                    Ok(resp) => Ok(resp.map(|b| body::boxed(body::Watched::new(b, stream)))),
                     Err(mut e) => match e.take_message() {
                         Some(back) => {
-                            self.inner.h2.borrow_mut().remove(&key);
+                            let mut h2 = self.inner.h2.borrow_mut();
+                            // Unless another connection has replaced it.
+                            if let Some(H2Slot::Ready(c)) = h2.get(&key) {
+                                if Rc::ptr_eq(&c.usage, &stream.0) {
+                                    h2.remove(&key);
+                                }
+                            }
                             Err(SendError::NotSent(Box::new(back)))
                         }
                         None => Err(SendError::Failed(map_hyper_error(e.error()))),
@@ -324,6 +591,7 @@ impl Pool {
                             key,
                             sender: sr,
                             max_idle: s.max_idle,
+                            idle_timeout: s.idle_timeout,
                         };
                         Ok(resp.map(|b| body::boxed(body::Watched::new(b, ret))))
                     }
@@ -336,14 +604,23 @@ impl Pool {
         }
     }
 
-    /// Drops idle connections older than their cluster's idle timeout and closed
-    /// HTTP/2 connections. Called periodically by the worker.
+    /// Drops idle HTTP/1.1 connections older than their cluster's idle timeout (or
+    /// `max_age`, the longest of any current cluster), and HTTP/2
+    /// connections that closed or had no stream open for their cluster's idle
+    /// timeout: hyper closes a connection once the pool no longer holds it (after
+    /// its streams, if any were still open). Called periodically by the worker.
     pub fn sweep(&self, max_age: Duration) {
         self.inner.idle.borrow_mut().retain(|_, list| {
-            list.retain(|c| c.since.elapsed() < max_age && !c.sender.is_closed());
+            list.retain(|c| {
+                c.since.elapsed() < c.idle_timeout.min(max_age) && !c.sender.is_closed()
+            });
             !list.is_empty()
         });
-        self.inner.h2.borrow_mut().retain(|_, c| !c.is_closed());
+        let now = Instant::now();
+        self.inner.h2.borrow_mut().retain(|_, slot| match slot {
+            H2Slot::Ready(c) => !c.sender.is_closed() && !c.is_idle_past(now),
+            H2Slot::Opening(_) => true,
+        });
     }
 
     /// Number of idle HTTP/1.1 connections (for tests and stats).
@@ -415,6 +692,13 @@ fn to_h1_form(req: &mut Request<Body>) {
     *req.uri_mut() = Uri::from(pq);
 }
 
+fn closed_before_sent(addr: SocketAddr) -> ProxyError {
+    ProxyError::new(
+        Kind::UpstreamReset,
+        format!("new connection to {addr} closed before the request was sent"),
+    )
+}
+
 enum SendError {
     /// The request was not written; it can go on another connection.
     NotSent(Box<Request<Body>>),
@@ -442,6 +726,7 @@ struct Return {
     key: Key,
     sender: http1::SendRequest<Body>,
     max_idle: usize,
+    idle_timeout: Duration,
 }
 
 impl body::Watch for Return {
@@ -460,6 +745,7 @@ impl body::Watch for Return {
             list.push(Idle {
                 sender: self.sender,
                 since: Instant::now(),
+                idle_timeout: self.idle_timeout,
             });
         }
     }

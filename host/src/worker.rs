@@ -114,9 +114,11 @@ impl Worker {
         s
     }
 
-    /// Periodic housekeeping: idle upstream connections past their timeout.
+    /// Periodic housekeeping: idle upstream connections past their timeout. Every
+    /// second, so that an HTTP/2 connection closes soon after its idle timeout
+    /// (sweeping a worker's pool is a walk over its few entries).
     pub async fn housekeeping(self: Rc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             let max_age = self.shared.snapshot.load().max_pool_idle;

@@ -288,6 +288,7 @@ impl UpstreamBuilder {
             header: self.header,
             requests: Counter::default(),
             connections: Counter::default(),
+            closed: Counter::default(),
             in_flight: Counter::default(),
             max_in_flight: Counter::default(),
         });
@@ -295,6 +296,7 @@ impl UpstreamBuilder {
             addr,
             requests: state.requests.clone(),
             connections: state.connections.clone(),
+            closed: state.closed.clone(),
             in_flight: state.in_flight.clone(),
             max_in_flight: state.max_in_flight.clone(),
             stop: stop_tx,
@@ -316,6 +318,7 @@ struct State {
     header: Vec<(String, String)>,
     requests: Counter,
     connections: Counter,
+    closed: Counter,
     in_flight: Counter,
     max_in_flight: Counter,
 }
@@ -329,6 +332,9 @@ pub struct UpstreamHandle {
     pub requests: Counter,
     /// TCP connections accepted.
     pub connections: Counter,
+    /// Connections that ended while the upstream ran: closed by the client (Legate)
+    /// or failed; not those [`UpstreamHandle::stop`] drops.
+    pub closed: Counter,
     /// Requests being handled right now.
     pub in_flight: Counter,
     /// Most requests ever handled at once.
@@ -410,8 +416,9 @@ async fn accept_loop(
         let tls = tls.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
+            let closed = state.closed.clone();
             tokio::select! {
-                _ = serve_conn(tcp, peer, state, tls, proto) => {}
+                _ = serve_conn(tcp, peer, state, tls, proto) => { closed.inc(); }
                 _ = stop.wait_for(|s| *s) => {}
             }
         });

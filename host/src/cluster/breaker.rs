@@ -101,23 +101,27 @@ impl Cluster {
             self.stats.upstream_cx_overflow.fetch_add(1, Relaxed);
             return Err(overloaded(self, "max_connections", cb.max_connections));
         };
-        let Some(pending) = Slot::take(
+        Ok(ConnectPermit {
+            connection,
+            _pending: self.pending_permit()?,
+        })
+    }
+
+    /// Reserves a `max_pending_requests` slot for an attempt waiting for a
+    /// connection (its own, or an HTTP/2 one another attempt is opening); over the
+    /// limit, a 503 `overloaded` error and `upstream_rq_pending_overflow` counts it.
+    pub fn pending_permit(self: &Arc<Self>) -> Result<Slot, ProxyError> {
+        let cb = &self.config.circuit_breakers;
+        Slot::take(
             self,
             |c| &c.stats.upstream_rq_pending_active,
             u64::from(cb.max_pending_requests),
-        ) else {
+        )
+        .ok_or_else(|| {
             self.stats
                 .upstream_rq_pending_overflow
                 .fetch_add(1, Relaxed);
-            return Err(overloaded(
-                self,
-                "max_pending_requests",
-                cb.max_pending_requests,
-            ));
-        };
-        Ok(ConnectPermit {
-            connection,
-            _pending: pending,
+            overloaded(self, "max_pending_requests", cb.max_pending_requests)
         })
     }
 

@@ -1,0 +1,263 @@
+//! The upstream connection pool's HTTP/2 connections: a burst of requests with no
+//! connection yet opens one connection and waits for it, a connection with no
+//! stream open for the cluster's `idle_timeout` is closed, and a long stream keeps
+//! its connection open (and reusable) past that time.
+
+// Test code: a failed unwrap is a test failure with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use legate_tests::*;
+
+const CLUSTER_2XX: &str = r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#;
+const CX_TOTAL: &str = r#"legate_cluster_upstream_cx_total{cluster="backend"}"#;
+const CX_ACTIVE: &str = r#"legate_cluster_upstream_cx_active{cluster="backend"}"#;
+const CX_CONNECT_FAIL: &str = r#"legate_cluster_upstream_cx_connect_fail{cluster="backend"}"#;
+const PENDING_ACTIVE: &str = r#"legate_cluster_upstream_rq_pending_active{cluster="backend"}"#;
+
+/// Chunks of the slow response, and the time between them.
+const SLOW_CHUNKS: usize = 10;
+const SLOW_GAP: Duration = Duration::from_millis(300);
+
+/// A response whose body streams `SLOW_CHUNKS` chunks `SLOW_GAP` apart (3 s).
+async fn slow_response(_req: Request<Incoming>) -> Response<BoxBody> {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    let chunks = futures_util::stream::iter(0..SLOW_CHUNKS).then(|i| async move {
+        tokio::time::sleep(SLOW_GAP).await;
+        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(format!("chunk-{i};"))))
+    });
+    Response::new(BodyExt::boxed(http_body_util::StreamBody::new(chunks)))
+}
+
+fn slow_body() -> String {
+    (0..SLOW_CHUNKS).map(|i| format!("chunk-{i};")).collect()
+}
+
+/// `n` clients of `proto`: over HTTP/2 handles on one connection, over HTTP/1.1
+/// one connection each (all opened before any request, so the requests come as
+/// one burst).
+async fn clients(proto: Proto, addr: std::net::SocketAddr, n: usize) -> Vec<Client> {
+    match proto {
+        Proto::H2 => {
+            let c = client(proto, addr).await;
+            (0..n).map(|_| c.clone()).collect()
+        }
+        Proto::H1 => {
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                v.push(client(proto, addr).await);
+            }
+            v
+        }
+    }
+}
+
+each_proto!(
+    /// 50 concurrent requests to an HTTP/2 upstream with no connection yet open
+    /// one connection: the others wait for it instead of each opening their own
+    /// (the proxy runs one worker, so one connection in all).
+    async fn a_burst_opens_one_h2_connection(proto) {
+        let up = upstream()
+            .h2()
+            .delay(Duration::from_millis(50))
+            .start()
+            .await;
+        let lg = legate()
+            .config(&simple_config_with(&[up.addr], "", "    protocol: h2\n"))
+            .start();
+        let tasks: Vec<_> = clients(proto, lg.addr("web"), 50)
+            .await
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut c)| {
+                tokio::spawn(async move {
+                    let r = c.get(&format!("/burst/{i}")).send().await;
+                    (r.status.as_u16(), r.echo().path)
+                })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let (status, path) = t.await.unwrap();
+            assert_eq!(status, 200, "request {i}");
+            assert_eq!(path, format!("/burst/{i}"));
+        }
+        assert_eq!(
+            up.connections.get(),
+            1,
+            "the burst opened one upstream connection per request"
+        );
+        assert_eq!(up.max_in_flight.get(), 50, "the requests shared it concurrently");
+        lg.assert_stat(CLUSTER_2XX, 50.0).await;
+        lg.assert_stat(CX_TOTAL, 1.0).await;
+        lg.assert_stat(CX_ACTIVE, 1.0).await;
+        lg.assert_stat(PENDING_ACTIVE, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// A burst to an HTTP/2 endpoint that refuses connections: the requests that
+    /// waited for the failed connection get its error (502
+    /// `upstream_connect_failure`), none hangs.
+    async fn a_burst_shares_a_failed_h2_connect(proto) {
+        let addr = closed_port_addr();
+        let lg = legate()
+            .config(&simple_config_with(&[addr], "", "    protocol: h2\n"))
+            .start();
+        let tasks: Vec<_> = clients(proto, lg.addr("web"), 20)
+            .await
+            .into_iter()
+            .map(|mut c| {
+                tokio::spawn(async move {
+                    let r = c.get("/").send().await;
+                    (r.status.as_u16(), r.text())
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (status, body) = tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("a request waiting for the failed connection hung")
+                .unwrap();
+            assert_eq!(status, 502, "{body}");
+            assert!(body.contains("upstream_connect_failure"), "{body}");
+        }
+        lg.assert_stat_with(CX_CONNECT_FAIL, |v| (1.0..=20.0).contains(&v), "in 1..=20")
+            .await;
+        lg.assert_stat(CX_TOTAL, 0.0).await;
+        lg.assert_stat(PENDING_ACTIVE, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// An upstream HTTP/2 connection is closed once no stream was open on it for
+    /// the cluster's `idle_timeout`; a response streaming for longer than that
+    /// keeps it open, whole, and the connection is reused meanwhile.
+    async fn an_idle_h2_connection_is_closed(proto) {
+        let up = upstream()
+            .h2()
+            .route("/slow", slow_response)
+            .start()
+            .await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[up.addr],
+                "",
+                "    protocol: h2\n    idle_timeout: 1s\n",
+            ))
+            .start();
+        let mut cs = clients(proto, lg.addr("web"), 2).await;
+        let mut c = cs.pop().unwrap();
+        let mut slow_client = cs.pop().unwrap();
+        let slow = tokio::spawn(async move {
+            let r = slow_client.get("/slow").send().await;
+            (r.status.as_u16(), r.text())
+        });
+        // Past the idle timeout (and a sweep) while the slow response streams.
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        let r = c.get("/during").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().path, "/during");
+        assert_eq!(
+            up.connections.get(),
+            1,
+            "the connection with a stream open was dropped from the pool"
+        );
+        assert_eq!(up.closed.get(), 0, "the connection closed under a stream");
+        let (status, body) = slow.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body, slow_body(), "the long response was cut");
+        assert_eq!(up.closed.get(), 0, "closed at once, not after the idle timeout");
+        lg.assert_stat(CX_ACTIVE, 1.0).await;
+
+        // Idle now: closed within the timeout and a sweep (1 s each).
+        eventually(Duration::from_secs(5), "the idle connection to close", || async {
+            (up.closed.get() == 1).then_some(())
+        })
+        .await;
+        lg.assert_stat(CX_ACTIVE, 0.0).await;
+        lg.assert_stat(CX_TOTAL, 1.0).await;
+
+        // The next request opens a new one.
+        let r = c.get("/after").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(up.connections.get(), 2);
+        lg.assert_stat(CX_TOTAL, 2.0).await;
+        lg.assert_stat(CLUSTER_2XX, 3.0).await;
+    }
+);
+
+/// A cluster a reload changed gets new settings, so the pool never uses its old
+/// HTTP/2 connection again: that connection closes after its idle timeout instead
+/// of staying open for good, and the new one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_does_not_leak_h2_connections() {
+    let up = upstream().h2().start().await;
+    let config = |idle: &str| {
+        let yaml = simple_config_with(
+            &[up.addr],
+            "",
+            &format!("    protocol: h2\n    idle_timeout: {idle}\n"),
+        );
+        format!("admin:\n  address: 127.0.0.1:0\n{yaml}")
+    };
+    let dir = TempDir::new();
+    let path = dir.write("legate.yaml", config("1s"));
+    let cfg = legate_host::config::load_file(&path).unwrap();
+    let process = legate_host::server::ProcessOptions {
+        config_path: Some(path.clone()),
+        ..Default::default()
+    };
+    let opts = legate_host::server::Options { concurrency: 1 };
+    let handle = std::thread::spawn(move || legate_host::server::start_with(cfg, opts, process))
+        .join()
+        .unwrap()
+        .unwrap();
+    let admin = handle.admin_addr();
+    let web = handle.listener_addr("web").unwrap();
+    let stat = |series: &'static str| async move {
+        let mut c = client(Proto::H1, admin).await;
+        let text = c.get("/stats").send().await.text();
+        parse_prometheus(&text).get(series).copied()
+    };
+
+    for proto in [Proto::H1, Proto::H2] {
+        let mut c = client(proto, web).await;
+        assert_eq!(c.get("/before").send().await.status, 200);
+    }
+    assert_eq!(up.connections.get(), 1);
+
+    // The cluster changes (a longer idle timeout): new settings, a new connection.
+    std::fs::write(&path, config("60s")).unwrap();
+    let mut admin_client = client(Proto::H1, admin).await;
+    let r = admin_client.post("/reload").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for proto in [Proto::H1, Proto::H2] {
+        let mut c = client(proto, web).await;
+        assert_eq!(c.get("/after").send().await.status, 200);
+    }
+    assert_eq!(up.connections.get(), 2);
+
+    // The old connection closes after its own (1 s) idle timeout; the new one stays.
+    eventually(
+        Duration::from_secs(5),
+        "the old connection to close",
+        || async { (up.closed.get() == 1).then_some(()) },
+    )
+    .await;
+    eventually(Duration::from_secs(2), "upstream_cx_active 1", || async {
+        (stat(CX_ACTIVE).await == Some(1.0)).then_some(())
+    })
+    .await;
+    // (The reloaded cluster's counters start over: it opened one connection.)
+    assert_eq!(stat(CX_TOTAL).await, Some(1.0));
+    assert_eq!(up.requests.get(), 4);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(up.closed.get(), 1, "the new connection closed too soon");
+
+    handle.shutdown();
+    std::thread::spawn(move || {
+        let _ = handle.wait();
+    });
+}
