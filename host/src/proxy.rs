@@ -1450,9 +1450,13 @@ impl ReqBody {
     fn take(&mut self) -> Body {
         match self {
             ReqBody::Buffered { frames } => {
+                // Empty chunks (an HTTP/2 END_STREAM on an empty DATA frame)
+                // are left out: a body of none is empty, and goes upstream
+                // without a body framing.
                 let copy: VecDeque<Frame<Bytes>> = frames
                     .iter()
-                    .filter_map(|f| f.data_ref().map(|d| Frame::data(d.clone())))
+                    .filter_map(|f| f.data_ref().filter(|d| !d.is_empty()))
+                    .map(|d| Frame::data(d.clone()))
                     .collect();
                 if copy.is_empty() {
                     body::empty()
