@@ -607,21 +607,25 @@ mod tests {
         // An empty data frame ending the body (HTTP/2: END_STREAM on an empty
         // DATA frame after the HEADERS): known empty, and left empty.
         let frames = vec![Ok::<_, BoxError>(Frame::data(Bytes::new()))];
-        let mut b = boxed(http_body_util::StreamBody::new(futures_util::stream::iter(frames)));
+        let mut b = boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )));
         assert!(!b.is_end_stream());
         assert!(known_empty(&mut b));
         assert!(b.is_end_stream());
 
         // Data: not empty, and the frame read ahead is still there.
         let frames = vec![Ok::<_, BoxError>(Frame::data(Bytes::from("ab")))];
-        let mut b = boxed(http_body_util::StreamBody::new(futures_util::stream::iter(frames)));
+        let mut b = boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )));
         assert!(!known_empty(&mut b));
         assert_eq!(b.collect().await.unwrap().to_bytes(), "ab");
 
         // Nothing arrived yet: not known, nothing read.
-        let mut b = boxed(http_body_util::StreamBody::new(futures_util::stream::pending::<
-            Result<Frame<Bytes>, BoxError>,
-        >()));
+        let mut b = boxed(http_body_util::StreamBody::new(
+            futures_util::stream::pending::<Result<Frame<Bytes>, BoxError>>(),
+        ));
         assert!(!known_empty(&mut b));
     }
 

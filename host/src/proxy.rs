@@ -472,7 +472,7 @@ async fn proxy(
             // minute must not hold the request (and its buffer) forever.
             Some(limit) => {
                 let buffering = ReqBody::buffer(req_body, limit, &parts);
-                client_body_within(buffering, route_timeout).await?
+                client_body_within(buffering, route_timeout, out.chain.as_ref()).await?
             }
             None => ReqBody::Stream(Some(req_body)),
         };
@@ -761,7 +761,7 @@ async fn run_body(
     };
     // Only the read is bounded: the chain is not out yet (the phases below,
     // which may pause, have the plugin's own `pause` bound).
-    let (data, trailers) = client_body_within(collect, limit).await?;
+    let (data, trailers) = client_body_within(collect, limit, None).await?;
     // The phases may pause (the whole message is held here): taken out, as for
     // the headers phases, so no borrow is held while the chain waits.
     let Some(mut chain) = shared.take() else {
@@ -798,7 +798,15 @@ async fn request_body(
         return Ok(None);
     }
     let inner = std::mem::replace(req.body_mut(), body::empty());
-    match run_body(&shared, filter::Direction::Request, inner, req.headers(), limit).await? {
+    match run_body(
+        &shared,
+        filter::Direction::Request,
+        inner,
+        req.headers(),
+        limit,
+    )
+    .await?
+    {
         BodyRun::Passed(b) => *req.body_mut() = b,
         BodyRun::Respond(lr) => return Ok(Some(lr)),
         BodyRun::Whole(data, trailers) => {
@@ -814,17 +822,24 @@ async fn request_body(
 }
 
 /// Awaits `read`, a request body read whole before anything goes upstream,
-/// for at most `limit` (`None`: no bound); past it the client gets 408
-/// `request_timeout`.
+/// with at most `limit` spent waiting for the client (`None`: no bound); past
+/// it the client gets 408 `request_timeout`. Time a filter of `chain` holds
+/// the body does not count: a streamed body is held only at its end (a
+/// proxy-wasm filter waiting for a callout), so the client has sent it all,
+/// and the pause has its own bound (the plugin's `limits.pause`).
 async fn client_body_within<T>(
     read: impl std::future::Future<Output = Result<T, ProxyError>>,
     limit: Option<Duration>,
+    chain: Option<&filter::SharedChain>,
 ) -> Result<T, ProxyError> {
     let Some(t) = limit else {
         return read.await;
     };
-    match tokio::time::timeout(t, read).await {
+    let mut read = std::pin::pin!(read);
+    match tokio::time::timeout(t, read.as_mut()).await {
         Ok(r) => r,
+        // Checked only at expiry: out means a filter holds the end of the body.
+        Err(_) if chain.is_some_and(|c| matches!(chain_out(c), Ok(true))) => read.await,
         Err(_) => Err(ProxyError::new(
             Kind::RequestTimeout,
             format!("request body not received within the route timeout {t:?}"),
@@ -868,15 +883,22 @@ async fn response_body(
         }
     }
     let inner = std::mem::replace(resp.body_mut(), body::empty());
-    let (data, trailers) =
-        match run_body(&shared, filter::Direction::Response, inner, resp.headers(), None).await? {
-            BodyRun::Passed(b) => {
-                *resp.body_mut() = b;
-                return Ok(resp);
-            }
-            BodyRun::Respond(lr) => return Ok(local_response(lr)),
-            BodyRun::Whole(data, trailers) => (data, trailers),
-        };
+    let (data, trailers) = match run_body(
+        &shared,
+        filter::Direction::Response,
+        inner,
+        resp.headers(),
+        None,
+    )
+    .await?
+    {
+        BodyRun::Passed(b) => {
+            *resp.body_mut() = b;
+            return Ok(resp);
+        }
+        BodyRun::Respond(lr) => return Ok(local_response(lr)),
+        BodyRun::Whole(data, trailers) => (data, trailers),
+    };
     // The head was held (and writable) with the body.
     let (status, headers) = chain_step(&shared, |c| {
         (c.x.status, c.x.response_headers.clone().unwrap_or_default())
