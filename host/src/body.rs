@@ -1,7 +1,8 @@
 //! The body types on the request path, the request-body size limit, and the
 //! plumbing of body filters: [`Filtered`] runs a chain's body and trailer phases
 //! on chunks as they pass (streamed mode), [`collect_capped`] reads a whole body
-//! under a cap for buffered mode, and [`whole`] is the body that results.
+//! under a cap for buffered mode, and [`whole`] is the body that results;
+//! [`known_empty`] tells a body that turned out empty before its head goes out.
 //!
 //! Bodies are boxed once at the edge of the proxy so every stage passes one type.
 //! They are `!Send` on purpose: each worker owns its requests from accept to
@@ -215,6 +216,70 @@ pub async fn collect_capped(
         }
     }
     Ok((data.freeze(), trailers))
+}
+
+/// Whether `body` is known to be empty with what has already arrived, so its
+/// head can go out without a body framing: a body at its end, or one whose
+/// frames ready now (read without waiting) are empty data up to its end, as
+/// an HTTP/2 request whose `END_STREAM` came on an empty DATA frame after the
+/// HEADERS. Frames read are not lost: an empty body becomes [`empty`], any
+/// other first frame is given back ahead of the rest. Never waits: what has
+/// not arrived is not known (the body then goes with a framing for a body).
+pub fn known_empty(body: &mut Body) -> bool {
+    if body.is_end_stream() {
+        return true;
+    }
+    // Polled with a no-op waker: the next poll (the upstream connection's,
+    // with its own waker) registers again, so no wake-up is lost.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    loop {
+        match Pin::new(&mut *body).poll_frame(&mut cx) {
+            Poll::Pending => return false,
+            Poll::Ready(None) => {
+                *body = empty();
+                return true;
+            }
+            Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(Bytes::is_empty) => {
+                if body.is_end_stream() {
+                    *body = empty();
+                    return true;
+                }
+            }
+            Poll::Ready(Some(first)) => {
+                let rest = std::mem::replace(body, empty());
+                *body = Body(Box::pin(Peeked {
+                    first: Some(first),
+                    rest,
+                }));
+                return false;
+            }
+        }
+    }
+}
+
+/// A frame read ahead by [`known_empty`], then the rest of the body.
+struct Peeked {
+    first: Option<Result<Frame<Bytes>, BoxError>>,
+    rest: Body,
+}
+
+impl HttpBody for Peeked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(f) = self.first.take() {
+            return Poll::Ready(Some(f));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
 }
 
 /// A body of `data` then `trailers` (if any): what a buffered body phase passes on.
@@ -535,6 +600,33 @@ mod tests {
 
         let r = collect_capped(full(vec![0u8; 10]), 9).await;
         assert!(matches!(r, Err(CollectError::OverCap(10))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn known_empty_reads_only_what_is_ready() {
+        // An empty data frame ending the body (HTTP/2: END_STREAM on an empty
+        // DATA frame after the HEADERS): known empty, and left empty.
+        let frames = vec![Ok::<_, BoxError>(Frame::data(Bytes::new()))];
+        let mut b = boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )));
+        assert!(!b.is_end_stream());
+        assert!(known_empty(&mut b));
+        assert!(b.is_end_stream());
+
+        // Data: not empty, and the frame read ahead is still there.
+        let frames = vec![Ok::<_, BoxError>(Frame::data(Bytes::from("ab")))];
+        let mut b = boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )));
+        assert!(!known_empty(&mut b));
+        assert_eq!(b.collect().await.unwrap().to_bytes(), "ab");
+
+        // Nothing arrived yet: not known, nothing read.
+        let mut b = boxed(http_body_util::StreamBody::new(
+            futures_util::stream::pending::<Result<Frame<Bytes>, BoxError>>(),
+        ));
+        assert!(!known_empty(&mut b));
     }
 
     struct Ends(std::rc::Rc<std::cell::Cell<Option<bool>>>);

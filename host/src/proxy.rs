@@ -256,7 +256,25 @@ async fn proxy(
         out.debug.request_filters = Some(started.elapsed());
         let mut local = local;
         if matches!(local, Ok(None)) && !upgrade {
-            local = request_body(out, &mut req, &mut authority).await;
+            // A body a filter buffers is waited for under the timeout of the
+            // route the request matches now (a body phase may still re-route
+            // it), the default one if none does: a client that stalls
+            // mid-body must not hold the request and the buffer forever.
+            let limit = {
+                let input = RouteInput {
+                    method: req.method(),
+                    uri: req.uri(),
+                    authority: &authority,
+                    headers: req.headers(),
+                    scheme_https: https,
+                };
+                let route = table.route(&input).map_or_else(
+                    || Some(crate::config::defaults::route_timeout().get()),
+                    |m| m.route.timeout,
+                );
+                ov.timeout.unwrap_or(route)
+            };
+            local = request_body(out, &mut req, &mut authority, limit).await;
         }
         let input = RouteInput {
             method: req.method(),
@@ -450,15 +468,7 @@ async fn proxy(
             // minute must not hold the request (and its buffer) forever.
             Some(limit) => {
                 let buffering = ReqBody::buffer(req_body, limit, &parts);
-                match route_timeout {
-                    Some(t) => tokio::time::timeout(t, buffering).await.map_err(|_| {
-                        ProxyError::new(
-                            Kind::RequestTimeout,
-                            format!("request body not received within the route timeout {t:?}"),
-                        )
-                    })??,
-                    None => buffering.await?,
-                }
+                client_body_within(buffering, route_timeout, out.chain.as_ref()).await?
             }
             None => ReqBody::Stream(Some(req_body)),
         };
@@ -709,6 +719,7 @@ async fn run_body(
     d: filter::Direction,
     inner: Body,
     headers: &http::HeaderMap,
+    limit: Option<Duration>,
 ) -> Result<BodyRun, ProxyError> {
     use filter::Direction;
     let Some(plan) = chain_step(shared, |c| c.body_plan(d))? else {
@@ -733,15 +744,20 @@ async fn run_body(
     if let Some(len) = content_length(headers).filter(|&l| l > cap as u64) {
         return Err(over(len));
     }
-    let (data, trailers) = body::collect_capped(inner, cap)
-        .await
-        .map_err(|e| match (e, d) {
-            (body::CollectError::OverCap(len), _) => over(len as u64),
-            (body::CollectError::Read(e), Direction::Request) => ProxyError::request_body(&*e),
-            (body::CollectError::Read(e), Direction::Response) => {
-                ProxyError::new(Kind::UpstreamReset, format!("response body: {e}"))
-            }
-        })?;
+    let collect = async {
+        body::collect_capped(inner, cap)
+            .await
+            .map_err(|e| match (e, d) {
+                (body::CollectError::OverCap(len), _) => over(len as u64),
+                (body::CollectError::Read(e), Direction::Request) => ProxyError::request_body(&*e),
+                (body::CollectError::Read(e), Direction::Response) => {
+                    ProxyError::new(Kind::UpstreamReset, format!("response body: {e}"))
+                }
+            })
+    };
+    // Only the read is bounded: the chain is not out yet (the phases below,
+    // which may pause, have the plugin's own `pause` bound).
+    let (data, trailers) = client_body_within(collect, limit, None).await?;
     // The phases may pause (the whole message is held here): taken out, as for
     // the headers phases, so no borrow is held while the chain waits.
     let Some(mut chain) = shared.take() else {
@@ -760,11 +776,13 @@ async fn run_body(
 }
 
 /// The request side of [`run_body`]: a buffered body's head is written back and
-/// its `content-length` recomputed. `Some` is a filter's local response.
+/// its `content-length` recomputed; the client has `limit` to send a body
+/// that is buffered. `Some` is a filter's local response.
 async fn request_body(
     out: &mut Outcome,
     req: &mut Request<Body>,
     authority: &mut String,
+    limit: Option<Duration>,
 ) -> Result<Option<filter::LocalResponse>, ProxyError> {
     let Some(shared) = out.chain.clone() else {
         return Ok(None);
@@ -776,7 +794,15 @@ async fn request_body(
         return Ok(None);
     }
     let inner = std::mem::replace(req.body_mut(), body::empty());
-    match run_body(&shared, filter::Direction::Request, inner, req.headers()).await? {
+    match run_body(
+        &shared,
+        filter::Direction::Request,
+        inner,
+        req.headers(),
+        limit,
+    )
+    .await?
+    {
         BodyRun::Passed(b) => *req.body_mut() = b,
         BodyRun::Respond(lr) => return Ok(Some(lr)),
         BodyRun::Whole(data, trailers) => {
@@ -789,6 +815,32 @@ async fn request_body(
         }
     }
     Ok(None)
+}
+
+/// Awaits `read`, a request body read whole before anything goes upstream,
+/// with at most `limit` spent waiting for the client (`None`: no bound); past
+/// it the client gets 408 `request_timeout`. Time a filter of `chain` holds
+/// the body does not count: a streamed body is held only at its end (a
+/// proxy-wasm filter waiting for a callout), so the client has sent it all,
+/// and the pause has its own bound (the plugin's `limits.pause`).
+async fn client_body_within<T>(
+    read: impl std::future::Future<Output = Result<T, ProxyError>>,
+    limit: Option<Duration>,
+    chain: Option<&filter::SharedChain>,
+) -> Result<T, ProxyError> {
+    let Some(t) = limit else {
+        return read.await;
+    };
+    let mut read = std::pin::pin!(read);
+    match tokio::time::timeout(t, read.as_mut()).await {
+        Ok(r) => r,
+        // Checked only at expiry: out means a filter holds the end of the body.
+        Err(_) if chain.is_some_and(|c| matches!(chain_out(c), Ok(true))) => read.await,
+        Err(_) => Err(ProxyError::new(
+            Kind::RequestTimeout,
+            format!("request body not received within the route timeout {t:?}"),
+        )),
+    }
 }
 
 /// `content-length` of a buffered body the filters may have changed; none when
@@ -827,15 +879,22 @@ async fn response_body(
         }
     }
     let inner = std::mem::replace(resp.body_mut(), body::empty());
-    let (data, trailers) =
-        match run_body(&shared, filter::Direction::Response, inner, resp.headers()).await? {
-            BodyRun::Passed(b) => {
-                *resp.body_mut() = b;
-                return Ok(resp);
-            }
-            BodyRun::Respond(lr) => return Ok(local_response(lr)),
-            BodyRun::Whole(data, trailers) => (data, trailers),
-        };
+    let (data, trailers) = match run_body(
+        &shared,
+        filter::Direction::Response,
+        inner,
+        resp.headers(),
+        None,
+    )
+    .await?
+    {
+        BodyRun::Passed(b) => {
+            *resp.body_mut() = b;
+            return Ok(resp);
+        }
+        BodyRun::Respond(lr) => return Ok(local_response(lr)),
+        BodyRun::Whole(data, trailers) => (data, trailers),
+    };
     // The head was held (and writable) with the body.
     let (status, headers) = chain_step(&shared, |c| {
         (c.x.status, c.x.response_headers.clone().unwrap_or_default())
@@ -1446,9 +1505,13 @@ impl ReqBody {
     fn take(&mut self) -> Body {
         match self {
             ReqBody::Buffered { frames } => {
+                // Empty chunks (an HTTP/2 END_STREAM on an empty DATA frame)
+                // are left out: a body of none is empty, and goes upstream
+                // without a body framing.
                 let copy: VecDeque<Frame<Bytes>> = frames
                     .iter()
-                    .filter_map(|f| f.data_ref().map(|d| Frame::data(d.clone())))
+                    .filter_map(|f| f.data_ref().filter(|d| !d.is_empty()))
+                    .map(|d| Frame::data(d.clone()))
                     .collect();
                 if copy.is_empty() {
                     body::empty()

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
@@ -664,19 +664,33 @@ fn to_h2_form(req: &mut Request<Body>, tls: bool) -> Result<(), ProxyError> {
 fn to_h1_form(req: &mut Request<Body>) {
     *req.version_mut() = Version::HTTP_11;
     use hyper::body::Body as _;
-    // A body of unknown length goes chunked whatever the method: without a
-    // length, hyper frames GET, HEAD and CONNECT as bodiless and would drop it
-    // (a GET with a body over HTTP/2, or chunked over HTTP/1.1).
-    let body = req.body();
-    if !body.is_end_stream()
-        && body.size_hint().exact().is_none()
-        && !req.headers().contains_key(http::header::CONTENT_LENGTH)
-        && !req.headers().contains_key(http::header::TRANSFER_ENCODING)
-    {
-        req.headers_mut().insert(
-            http::header::TRANSFER_ENCODING,
-            http::HeaderValue::from_static("chunked"),
-        );
+    let framed = req.headers().contains_key(http::header::CONTENT_LENGTH)
+        || req.headers().contains_key(http::header::TRANSFER_ENCODING);
+    if !framed && req.body().size_hint().exact().is_none() {
+        if body::known_empty(req.body_mut()) {
+            // Empty (perhaps only now: an HTTP/2 END_STREAM on an empty DATA
+            // frame): no body framing, as Envoy's codec for a request that
+            // ends with its headers; `content-length: 0` only for a method
+            // whose request has a body's meaning (RFC 9110 §8.6).
+            if !matches!(
+                *req.method(),
+                Method::GET | Method::HEAD | Method::DELETE | Method::TRACE | Method::CONNECT
+            ) {
+                req.headers_mut().insert(
+                    http::header::CONTENT_LENGTH,
+                    http::HeaderValue::from_static("0"),
+                );
+            }
+        } else {
+            // A body of unknown length goes chunked whatever the method:
+            // without a length, hyper frames GET, HEAD and CONNECT as bodiless
+            // and would drop it (a GET with a body over HTTP/2, or chunked
+            // over HTTP/1.1).
+            req.headers_mut().insert(
+                http::header::TRANSFER_ENCODING,
+                http::HeaderValue::from_static("chunked"),
+            );
+        }
     }
     let Some(authority) = req.uri().authority().cloned() else {
         return;

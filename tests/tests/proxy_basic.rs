@@ -655,3 +655,104 @@ each_proto!(
         assert_eq!(e.header("via"), None, "{:?}", e.headers);
     }
 );
+
+/// An HTTP/2 request over a raw socket (h2c prior knowledge) whose HEADERS
+/// lack END_STREAM and are followed, in the same write, by an empty DATA
+/// frame with END_STREAM (some clients end every request so). Returns the
+/// first byte of the response's header block (`0x88`: `:status: 200` in
+/// HPACK's static table).
+async fn h2_headers_then_empty_data(addr: std::net::SocketAddr, method: &str, path: &str) -> u8 {
+    use std::time::Duration;
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    // HPACK: a literal without indexing, its name from the static table, no
+    // Huffman coding.
+    fn literal(index: u8, value: &str) -> Vec<u8> {
+        let mut v = vec![index, value.len() as u8];
+        v.extend_from_slice(value.as_bytes());
+        v
+    }
+    let mut block = literal(2, method); // :method
+    block.push(0x86); // :scheme: http
+    block.extend(literal(4, path)); // :path
+    block.extend(literal(1, "example.test")); // :authority
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[])); // SETTINGS
+    out.extend(frame(1, 0x4, 1, &block)); // HEADERS, END_HEADERS
+    out.extend(frame(0, 0x1, 1, &[])); // DATA, END_STREAM
+    let mut c = RawConn::connect(addr).await;
+    c.write(&out).await;
+    loop {
+        let head = c.read_exact(9, Duration::from_secs(5)).await.unwrap();
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5] & 0x7f, head[6], head[7], head[8]]);
+        let payload = c.read_exact(len, Duration::from_secs(5)).await.unwrap();
+        if kind == 4 && flags & 1 == 0 {
+            c.write(&frame(4, 1, 0, &[])).await; // SETTINGS ACK
+        }
+        if kind == 1 && stream == 1 {
+            return payload[0];
+        }
+    }
+}
+
+each_proto!(
+    /// A request whose body turns out empty before its head goes upstream
+    /// (HTTP/2: END_STREAM on an empty DATA frame after the HEADERS;
+    /// HTTP/1.1: an empty chunked body) reaches an HTTP/1.1 upstream without
+    /// a body framing, as Envoy sends a request that ends with its headers: a
+    /// GET gains no `transfer-encoding: chunked` and `0` chunk, a POST goes
+    /// with `content-length: 0`.
+    async fn a_body_known_empty_goes_upstream_without_framing(proto) {
+        use std::sync::{Arc, Mutex};
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let up = upstream()
+            .http1()
+            .handler(move |req: Request<Incoming>| {
+                let s = s.clone();
+                async move {
+                    let h = req.headers();
+                    let framing = ["transfer-encoding", "content-length"]
+                        .map(|n| h.get(n).map(|v| v.to_str().unwrap_or("?").to_string()));
+                    s.lock().unwrap().push((req.method().to_string(), framing));
+                    echo(req).await
+                }
+            })
+            .start()
+            .await;
+        let lg = legate().config(&simple_config(&[up.addr])).start();
+        for method in ["GET", "POST"] {
+            match proto {
+                Proto::H2 => {
+                    let status = h2_headers_then_empty_data(lg.addr("web"), method, "/e").await;
+                    assert_eq!(status, 0x88, "not a 200");
+                }
+                Proto::H1 => {
+                    let req = format!(
+                        "{method} /e HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\
+                         connection: close\r\n\r\n0\r\n\r\n"
+                    );
+                    let resp = raw(lg.addr("web"), req.as_bytes()).await;
+                    assert_eq!(raw_status(&resp), Some(200), "{}", String::from_utf8_lossy(&resp));
+                }
+            }
+        }
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![
+                ("GET".to_string(), [None, None]),
+                ("POST".to_string(), [None, Some("0".to_string())]),
+            ]
+        );
+        lg.assert_stat(LISTENER_2XX, 2.0).await;
+        lg.assert_stat(CLUSTER_2XX, 2.0).await;
+    }
+);

@@ -679,3 +679,43 @@ each_proto!(
         lg.assert_stat(&calls("done"), 3.0).await;
     }
 );
+
+each_proto!(
+    /// The 408 bound on a request body buffered for retries counts only the
+    /// time spent waiting for the client: the filter holding the end of the
+    /// streamed body for a call (2 s, the checker's `/slow` delay) longer
+    /// than the route timeout (1 s) is the filter's time, under its pause
+    /// bound, and the request goes on (the route timeout starts again for the
+    /// attempts) instead of getting 408.
+    async fn a_held_body_end_does_not_count_toward_the_408_bound(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let yaml = config(up.addr, az.addr, grpc.addr, "stream-callout").replace(
+            "            cluster: backend\n",
+            "            cluster: backend\n            timeout: 1s\n            \
+             retry: { retry_on: [5xx], num_retries: 1 }\n",
+        );
+        let lg = legate().config(&yaml).start();
+        let r = client(proto, lg.addr("web"))
+            .await
+            .request(Method::PUT, "/slow")
+            .boxed_body(slow_body(&["ab", "cd"]))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(checked_echo(&r.text())["body"], "checked:abcd");
+        lg.assert_stat(CALLOUTS, 2.0).await;
+        lg.assert_stat(FAILURES, 0.0).await;
+        lg.assert_stat(
+            r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
+            1.0,
+        )
+        .await;
+        lg.assert_stat(
+            r#"legate_listener_requests_total{listener="web",class="4xx"}"#,
+            0.0,
+        )
+        .await;
+    }
+);

@@ -1011,3 +1011,67 @@ each_proto!(
         lg.assert_stat(&calls("check", "callout_response"), 1.0).await;
     }
 );
+
+// ---- a buffered request body the client stalls on ----
+
+each_proto!(
+    /// A request body a filter buffers must arrive within the route timeout:
+    /// a client that sends the head and part of the body, then stalls, gets
+    /// 408 `request_timeout` instead of holding the request (and the
+    /// filter's buffer) for as long as it keeps the connection. The body
+    /// phase never runs and nothing goes upstream.
+    async fn a_stalled_body_a_filter_buffers_times_out_with_408(proto) {
+        use std::time::Duration;
+        let up = upstream().start().await;
+        let p = plugin(
+            "upper",
+            "{ mode: body-upper, phases: \"rqbody\", rqmode: buffered }",
+            "",
+        );
+        let yaml = config(up.addr, &p, &["upper"]).replace(
+            "            cluster: backend\n",
+            "            cluster: backend\n            timeout: 300ms\n",
+        );
+        let lg = legate().config(&yaml).start();
+        let answer = async {
+            match proto {
+                Proto::H1 => {
+                    let mut c = RawConn::connect(lg.addr("web")).await;
+                    c.write(b"PUT /slow HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+                        .await;
+                    let (got, _) = c.read_until_close(Duration::from_secs(5)).await;
+                    let text = String::from_utf8_lossy(&got).into_owned();
+                    (raw_status(&got), text)
+                }
+                Proto::H2 => {
+                    use futures_util::StreamExt;
+                    use http_body_util::BodyExt;
+                    // Ten bytes, then nothing, with the stream left open.
+                    let stalled = futures_util::stream::iter([Ok::<_, BoxError>(
+                        hyper::body::Frame::data(Bytes::from_static(b"0123456789")),
+                    )])
+                    .chain(futures_util::stream::pending());
+                    let r = client(proto, lg.addr("web"))
+                        .await
+                        .request(Method::PUT, "/slow")
+                        .boxed_body(BodyExt::boxed(http_body_util::StreamBody::new(stalled)))
+                        .send()
+                        .await;
+                    (Some(r.status.as_u16()), r.text())
+                }
+            }
+        };
+        let (status, text) = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("no answer while the body stalls");
+        assert_eq!(status, Some(408), "{text}");
+        assert!(text.contains("request_timeout"), "{text}");
+        assert_eq!(up.requests.get(), 0);
+        lg.assert_stat(
+            r#"legate_listener_requests_total{listener="web",class="4xx"}"#,
+            1.0,
+        )
+        .await;
+        lg.assert_stat(&calls("upper", "request_body"), 0.0).await;
+    }
+);

@@ -1166,7 +1166,7 @@ pub fn unspanned<T>(value: T) -> Spanned<T> {
 }
 
 /// Default values, one function each because serde's `default =` wants a path.
-mod defaults {
+pub(crate) mod defaults {
     use super::*;
 
     pub fn spanned<T: Default>() -> Spanned<T> {
