@@ -1883,8 +1883,8 @@ fn upgrade_type_problem(t: &str) -> Option<(String, String)> {
     if !valid {
         return Some((
             format!("`{t}` is not a valid upgrade type"),
-            "an upgrade type is an `Upgrade:` protocol such as `websocket`: a token (letters, \
-             digits and `!#$%&'*+-.^_`|~`), optionally `/version`"
+            "an upgrade type is an `Upgrade:` protocol such as `websocket` or `spdy/3.1`: a \
+             token (letters, digits and `!#$%&'*+-.^_|~`), optionally `/version`"
                 .to_string(),
         ));
     }
