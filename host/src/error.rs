@@ -15,6 +15,7 @@
 //! | `BadRequest` | 400 | no |
 //! | `HeadersTooLarge` | 431 | no |
 //! | `NotImplemented` | 501 | no |
+//! | `UpgradeRefused` | 403 (`upgrade_failed`), HTTP/1.1 connection closed | no |
 //! | `ConnectFailed` | 502 | yes (`connect-failure`) |
 //! | `UpstreamReset` | 502 | yes (`reset`) |
 //! | `UpstreamProtocol` | 502 | no |
@@ -46,6 +47,9 @@ pub enum Kind {
     HeadersTooLarge,
     /// A request feature Legate does not implement (an unknown transfer coding).
     NotImplemented,
+    /// An HTTP/1.1 `Upgrade:` to a protocol neither the listener's `http.upgrades`
+    /// nor the route allows (Envoy's 403 with details `upgrade_failed`).
+    UpgradeRefused,
     /// TCP or TLS connect to the upstream failed or timed out.
     ConnectFailed,
     /// The upstream closed or reset the connection/stream before a full response.
@@ -164,6 +168,7 @@ impl ProxyError {
             | Kind::BadRequest
             | Kind::HeadersTooLarge
             | Kind::NotImplemented
+            | Kind::UpgradeRefused
             | Kind::RequestBufferLimit
             | Kind::RequestTimeout
             | Kind::DownstreamReset => Side::Downstream,
@@ -196,6 +201,7 @@ impl ProxyError {
             Kind::BadRequest => StatusCode::BAD_REQUEST,
             Kind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Kind::NotImplemented => StatusCode::NOT_IMPLEMENTED,
+            Kind::UpgradeRefused => StatusCode::FORBIDDEN,
             Kind::ConnectFailed
             | Kind::UpstreamReset
             | Kind::UpstreamProtocol
@@ -221,6 +227,8 @@ impl ProxyError {
             Kind::BadRequest => "bad_request",
             Kind::HeadersTooLarge => "request_headers_too_large",
             Kind::NotImplemented => "not_implemented",
+            // Envoy's response code details for the same refusal.
+            Kind::UpgradeRefused => "upgrade_failed",
             Kind::ConnectFailed => "upstream_connect_failure",
             Kind::UpstreamReset => "upstream_reset",
             Kind::UpstreamProtocol => "upstream_protocol_error",
@@ -302,6 +310,12 @@ mod tests {
             (b.status(), b.cause()),
             (StatusCode::PAYLOAD_TOO_LARGE, "plugin_buffer_limit")
         );
+        let u = ProxyError::new(Kind::UpgradeRefused, "foo");
+        assert_eq!(
+            (u.status(), u.side(), u.retryable()),
+            (StatusCode::FORBIDDEN, Side::Downstream, false)
+        );
+        assert_eq!(u.to_response().body().as_ref(), b"upgrade_failed\n");
         let b = ProxyError::new(Kind::ResponseBufferLimit, "");
         assert_eq!(
             (b.status(), b.side()),

@@ -36,6 +36,9 @@ pub struct ListenerStats {
     pub rq_active: Gauge,
     /// Responses that carried the `x-legate-debug-*` headers.
     pub debug_responses: Counter,
+    /// HTTP/1.1 upgrades refused (403) because neither `http.upgrades` nor the
+    /// route allows their type (Envoy's `downstream_rq_ws_on_non_ws_route`).
+    pub upgrades_refused: Counter,
     /// Bytes received from downstream (TCP listeners).
     pub rx_bytes: Counter,
     /// Bytes sent to downstream (TCP listeners).
@@ -82,6 +85,11 @@ impl ListenerStats {
             debug_responses: stats.counter(
                 "legate_debug_responses_total",
                 "Responses carrying x-legate-debug-* headers (trusted x-legate-debug: 1).",
+                &l,
+            ),
+            upgrades_refused: stats.counter(
+                "legate_listener_upgrades_refused_total",
+                "HTTP/1.1 upgrades refused with 403: type not in http.upgrades nor enabled by the route.",
                 &l,
             ),
             rx_bytes: stats.counter(

@@ -148,8 +148,10 @@ async fn local_reply(
             }
         };
     }
-    if e.kind == Kind::BadRequest && version < Version::HTTP_2 {
-        // The rest of the byte stream cannot be trusted to frame requests.
+    if matches!(e.kind, Kind::BadRequest | Kind::UpgradeRefused) && version < Version::HTTP_2 {
+        // The rest of the byte stream cannot be trusted to frame requests (after
+        // a refused upgrade, the client may already be sending the other
+        // protocol: Envoy closes too, against smuggling in that payload).
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -210,11 +212,16 @@ async fn proxy(
     };
     let https = conn.tls.is_some();
     let trusted = http.trust_downstream;
+    // `Upgrade: h2c` is never tunnelled: its upgrade headers go and it is
+    // proxied as a plain request, as Envoy's HTTP/1 codec does (a tunnel would
+    // let the client speak HTTP/2 to the upstream past the routes and filters).
+    let h1 = req.version() < Version::HTTP_2;
+    strip_h2c(req.headers_mut(), h1);
     // A protocol upgrade (WebSocket) is read before its headers go with the
     // other hop-by-hop ones; they are set again for the upstream hop.
     let upgrade = is_upgrade(&req);
     let upgrade_token = if upgrade {
-        req.headers().get(header::UPGRADE).cloned()
+        upgrade_value(req.headers())
     } else {
         None
     };
@@ -238,6 +245,27 @@ async fn proxy(
         crate::overrides::take(h, trusted)
     };
     out.debug.on = ov.debug;
+    if let Some(token) = &upgrade_token {
+        // Decided on the route the request matches as it came in, before filters
+        // (Envoy decides when it creates the filter chain); without a route the
+        // request gets its 404 as any other.
+        let input = RouteInput {
+            method: req.method(),
+            uri: req.uri(),
+            authority: &authority,
+            headers: req.headers(),
+            scheme_https: https,
+        };
+        if let Some(m) = table.route(&input) {
+            let t = token.to_str().unwrap_or_default();
+            if !m.route.allows_upgrade(t, &http.upgrades) {
+                listener.stats.upgrades_refused.inc();
+                out.route = Some(m.route.name.clone());
+                let e = ProxyError::new(Kind::UpgradeRefused, format!("upgrade `{t}`"));
+                return Err(routed_error(e, Some(&m), http.via.as_deref()));
+            }
+        }
+    }
     let mut authority = authority;
     if let Some(chain) = snapshot.filters.start(
         &listener.name,
@@ -1404,6 +1432,42 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The `Upgrade` value an upgrade is decided on: its lines joined, so that a
+/// request with two never matches one allowed type.
+fn upgrade_value(h: &http::HeaderMap) -> Option<HeaderValue> {
+    let mut lines = h.get_all(header::UPGRADE).iter();
+    let first = lines.next()?;
+    let mut rest = lines.peekable();
+    if rest.peek().is_none() {
+        return Some(first.clone());
+    }
+    let mut joined = first.as_bytes().to_vec();
+    for v in rest {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    HeaderValue::from_bytes(&joined).ok()
+}
+
+/// `HTTP2-Settings`: the h2c upgrade's settings for the connection it arrived on.
+static HTTP2_SETTINGS: http::HeaderName = http::HeaderName::from_static("http2-settings");
+
+/// Removes an HTTP/1 `Upgrade: h2c` offer (`Upgrade`; the `Connection` tokens
+/// naming it go with `Connection` itself, a hop-by-hop header): Envoy's codec
+/// does the same, h2c is not upgraded to and the request is answered over
+/// HTTP/1.1. `HTTP2-Settings` goes from every request: it is connection-specific
+/// (RFC 7540 §3.2.1), meaningless to the upstream, whatever the version.
+fn strip_h2c(h: &mut http::HeaderMap, h1: bool) {
+    if h1
+        && h.get_all(header::UPGRADE)
+            .iter()
+            .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"h2c"))
+    {
+        h.remove(header::UPGRADE);
+    }
+    h.remove(&HTTP2_SETTINGS);
 }
 
 fn authority_of<B>(req: &Request<B>) -> Option<String> {

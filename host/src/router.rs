@@ -142,6 +142,9 @@ pub struct Route {
     pub max_request_body: Option<u64>,
     /// Request mirroring (see [`crate::mirror`]).
     pub mirror: Option<config::Mirror>,
+    /// Per-type overrides of the listener's `http.upgrades` (see
+    /// [`Route::allows_upgrade`]).
+    upgrades: Box<[(Box<str>, bool)]>,
     matcher: RouteMatcher,
     path_rewrite: PathRewrite,
     host_rewrite: Option<HeaderValue>,
@@ -884,6 +887,11 @@ impl Route {
             retry: cfg.retry.as_ref().map(RetryPolicy::new),
             max_request_body: cfg.max_request_body.map(|b| b.0),
             mirror: cfg.mirror.clone(),
+            upgrades: cfg
+                .upgrades
+                .iter()
+                .map(|(t, on)| (t.as_str().into(), *on))
+                .collect(),
             matcher,
             path_rewrite,
             host_rewrite,
@@ -895,6 +903,21 @@ impl Route {
     /// Whether every condition of the route's match holds for the request.
     pub fn matches(&self, input: &RouteInput<'_>) -> bool {
         self.matcher.matches(input)
+    }
+
+    /// Whether an `Upgrade: upgrade` request is tunnelled on this route: the
+    /// route's override for the type if it has one, else whether the listener's
+    /// `http.upgrades` lists it. Types compare case-insensitively (as Envoy's
+    /// HCM and route `upgrade_configs`).
+    pub fn allows_upgrade(&self, upgrade: &str, listener: &[String]) -> bool {
+        match self
+            .upgrades
+            .iter()
+            .find(|(t, _)| t.eq_ignore_ascii_case(upgrade))
+        {
+            Some((_, on)) => *on,
+            None => listener.iter().any(|t| t.eq_ignore_ascii_case(upgrade)),
+        }
     }
 }
 
@@ -1498,6 +1521,29 @@ mod tests {
         assert!(!rp.retries_status(StatusCode::CONFLICT));
         // backoff_max defaults to ten times backoff_base, as Envoy.
         assert_eq!(rp.backoff_max, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn upgrade_overrides() {
+        let t = table(
+            "  - name: v
+    domains: ['*']
+    routes:
+    - { match: { prefix: /plain }, cluster: a }
+    - { match: { prefix: /off }, cluster: a, upgrades: { WebSocket: false } }
+    - { match: { prefix: /on }, cluster: a, upgrades: { spdy/3: true } }
+",
+        );
+        let routes = t.virtual_hosts()[0].routes();
+        let listener = vec!["websocket".to_string()];
+        // No override: the listener's list, case-insensitively.
+        assert!(routes[0].allows_upgrade("WEBSOCKET", &listener));
+        assert!(!routes[0].allows_upgrade("foo", &listener));
+        assert!(!routes[0].allows_upgrade("websocket", &[]));
+        // `false` refuses what the listener allows; `true` allows what it does not list.
+        assert!(!routes[1].allows_upgrade("websocket", &listener));
+        assert!(routes[2].allows_upgrade("SPDY/3", &[]));
+        assert!(routes[2].allows_upgrade("websocket", &listener));
     }
 
     #[test]

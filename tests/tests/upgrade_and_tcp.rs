@@ -234,3 +234,234 @@ async fn a_route_can_match_the_upgrade_header() {
     assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
     assert_eq!(web.requests.get(), 0);
 }
+
+/// `simple_config` with `upgrades: LIST` on the listener's `http`.
+fn with_upgrades(config: &str, list: &str) -> String {
+    config.replace(
+        "    http:\n      routes: main\n",
+        &format!("    http:\n      routes: main\n      upgrades: {list}\n"),
+    )
+}
+
+/// Sends an HTTP/1.1 upgrade to `proto` and reads until the proxy closes.
+async fn upgrade_request(addr: std::net::SocketAddr, path: &str, proto: &str) -> String {
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\nUpgrade: {proto}\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    String::from_utf8_lossy(&raw(addr, req.as_bytes()).await).into_owned()
+}
+
+/// An upgrade to a type the listener does not list is refused as Envoy refuses
+/// one without an `upgrade_configs` entry: 403, details `upgrade_failed`
+/// (`downstream_rq_ws_on_non_ws_route`), and the connection is closed, so bytes
+/// the client sent after the head (the other protocol, or a smuggled request)
+/// are never read as HTTP. Nothing reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_of_an_unlisted_type_is_refused() {
+    let up = upgrade_echo_server().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    c.write(
+        b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n\
+          GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    let (out, closed) = c.read_until_close(Duration::from_secs(3)).await;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(
+        closed,
+        "connection left open after a refused upgrade: {out}"
+    );
+    assert_eq!(raw_status(out.as_bytes()), Some(403), "{out}");
+    assert!(out.ends_with("\r\n\r\nupgrade_failed\n"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
+    assert_eq!(out.matches("HTTP/1.1").count(), 1, "{out}");
+    assert!(up.heads.lock().unwrap().is_empty());
+
+    // Two `Upgrade` lines are one list (`websocket, foo`), not an allowed type.
+    let two = raw(
+        lg.addr("web"),
+        b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nUpgrade: foo\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        raw_status(&two),
+        Some(403),
+        "{}",
+        String::from_utf8_lossy(&two)
+    );
+    assert!(up.heads.lock().unwrap().is_empty());
+
+    lg.assert_stat(
+        r#"legate_listener_upgrades_refused_total{listener="web"}"#,
+        2.0,
+    )
+    .await;
+    lg.assert_stat(
+        r#"legate_listener_requests_total{listener="web",class="4xx"}"#,
+        2.0,
+    )
+    .await;
+}
+
+/// `upgrades: []` refuses WebSocket too; a listed type matches whatever its
+/// case; a route's `upgrades` overrides the listener per type, both ways (Envoy's
+/// route `upgrade_configs` with `enabled`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_list_and_route_overrides_decide() {
+    let up = upgrade_echo_server().await;
+    let routes = "        routes:\n          - match:\n              prefix: /open\n            \
+                  cluster: backend\n            upgrades: { WebSocket: true }\n";
+    let lg = legate()
+        .config(&with_upgrades(
+            &simple_config(&[up.addr]).replace("        routes:\n", routes),
+            "[]",
+        ))
+        .start();
+    let head = upgrade_request(lg.addr("web"), "/chat", "websocket").await;
+    assert_eq!(raw_status(head.as_bytes()), Some(403), "{head}");
+    assert!(up.heads.lock().unwrap().is_empty());
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    let head = c.websocket_handshake("/open/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    c.write(b"ping").await;
+    assert_eq!(
+        c.read_exact(4, Duration::from_secs(2)).await.unwrap(),
+        b"ping"
+    );
+    lg.assert_stat(
+        r#"legate_listener_upgrades_refused_total{listener="web"}"#,
+        1.0,
+    )
+    .await;
+
+    // Listed as `WEBSOCKET`, sent as `websocket`; a route turns it off.
+    let routes = "        routes:\n          - match:\n              prefix: /closed\n            \
+                  cluster: backend\n            upgrades: { websocket: false }\n";
+    let lg = legate()
+        .config(&with_upgrades(
+            &simple_config(&[up.addr]).replace("        routes:\n", routes),
+            "[WEBSOCKET, spdy/3.1]",
+        ))
+        .start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    let head = c.websocket_handshake("/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    let head = upgrade_request(lg.addr("web"), "/chat", "SPDY/3.1").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    let head = upgrade_request(lg.addr("web"), "/closed", "websocket").await;
+    assert_eq!(raw_status(head.as_bytes()), Some(403), "{head}");
+    lg.assert_stat(
+        r#"legate_listener_upgrades_refused_total{listener="web"}"#,
+        1.0,
+    )
+    .await;
+}
+
+// `Upgrade: h2c` is never a tunnel (the client would speak HTTP/2 to the
+// upstream past routes and filters): as Envoy, its upgrade headers and
+// `HTTP2-Settings` go and the request is proxied as a plain one. Under HTTP/2
+// the client drops `Connection`/`Upgrade` itself (RFC 9113 §8.2.2) and the
+// proxy drops `HTTP2-Settings`, a connection-specific header.
+each_proto!(
+    async fn h2c_is_proxied_as_a_plain_request(proto) {
+        let up = upstream().start().await;
+        let lg = legate().config(&simple_config(&[up.addr])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for connection in ["Upgrade, HTTP2-Settings", "Upgrade"] {
+            let r = c
+                .get("/h2c")
+                .header("connection", connection)
+                .header("upgrade", "H2C")
+                .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
+                .send()
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            let echo = r.echo();
+            assert_eq!(echo.path, "/h2c");
+            for h in ["upgrade", "http2-settings", "connection"] {
+                assert_eq!(echo.header(h), None, "{h} reached the upstream: {:?}", echo.headers);
+            }
+        }
+        assert_eq!(up.requests.get(), 2);
+        lg.assert_stat(
+            r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
+            2.0,
+        )
+        .await;
+        lg.assert_stat(
+            r#"legate_listener_upgrades_refused_total{listener="web"}"#,
+            0.0,
+        )
+        .await;
+    }
+);
+
+// With no upgrade allowed, requests that are not upgrades pass as before, over
+// both protocols; HTTP/2 has no `Upgrade` at all (the client drops it), so
+// nothing there is refused.
+each_proto!(
+    async fn plain_requests_pass_a_listener_without_upgrades(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&with_upgrades(&simple_config(&[up.addr]), "[]"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/plain").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        if proto == Proto::H2 {
+            let r = c.get("/plain").header("upgrade", "websocket").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.echo().header("upgrade"), None);
+        }
+        lg.assert_stat(
+            r#"legate_listener_upgrades_refused_total{listener="web"}"#,
+            0.0,
+        )
+        .await;
+    }
+);
+
+/// HTTP/2 has no `Upgrade`; its WebSocket bootstrap (RFC 8441 extended
+/// CONNECT, `:protocol`) is not offered: the listener does not send
+/// `SETTINGS_ENABLE_CONNECT_PROTOCOL`, and a stream with `:protocol` is reset
+/// without reaching the upstream; the connection goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_extended_connect_is_not_offered() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let tcp = tokio::net::TcpStream::connect(lg.addr("web"))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri("http://ws.example/chat")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let sent = send.send_request(req).await;
+    assert!(sent.is_err(), "extended CONNECT answered: {sent:?}");
+    let ok = Request::get("http://ws.example/after")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(ok).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.requests.get(), 1);
+    lg.assert_stat(
+        r#"legate_listener_upgrades_refused_total{listener="web"}"#,
+        0.0,
+    )
+    .await;
+}

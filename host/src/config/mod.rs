@@ -295,6 +295,15 @@ pub struct HttpListener {
     /// reverse order on responses.
     #[serde(default)]
     pub filters: Vec<Spanned<FilterRef>>,
+    /// Protocol upgrades (HTTP/1.1 `Upgrade:` values, compared case-insensitively)
+    /// tunnelled to the upstream; any other is refused with `403` (`upgrade_failed`),
+    /// as Envoy's `upgrade_configs`. A route's `upgrades` overrides this per type.
+    /// Default `[websocket]`: WebSocket is the upgrade browsers make, and its
+    /// handshake is checked end to end by the upstream (`Sec-WebSocket-Key` →
+    /// `Sec-WebSocket-Accept`) before either side sends frames. `h2c` is never
+    /// tunnelled (its upgrade headers are removed and the request is proxied).
+    #[serde(default = "defaults::upgrades")]
+    pub upgrades: Vec<String>,
 }
 
 /// Settings of a TCP proxy listener.
@@ -521,6 +530,12 @@ pub struct Route {
     /// Per-route overrides of the listener's filters, by plugin name.
     #[serde(default)]
     pub filters: BTreeMap<Name, RouteFilter>,
+    /// Per-route overrides of the listener's `http.upgrades`, by upgrade type:
+    /// `true` tunnels it on this route even if the listener does not list it,
+    /// `false` refuses it here (Envoy's route `upgrade_configs` with `enabled`).
+    /// Types not named follow the listener.
+    #[serde(default)]
+    pub upgrades: BTreeMap<String, bool>,
 }
 
 /// The match part of a route; all given conditions must hold.
@@ -1174,6 +1189,9 @@ pub(crate) mod defaults {
     }
     pub fn yes() -> bool {
         true
+    }
+    pub fn upgrades() -> Vec<String> {
+        vec!["websocket".into()]
     }
     pub fn admin_address_str() -> String {
         "127.0.0.1:9901".into()

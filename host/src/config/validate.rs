@@ -441,6 +441,21 @@ fn validate_listener(
                     .key("via");
                 }
             }
+            let mut seen: Vec<&str> = Vec::new();
+            for (i, t) in h.upgrades.iter().enumerate() {
+                let problem = upgrade_type_problem(t).or_else(|| {
+                    seen.iter().find(|s| s.eq_ignore_ascii_case(t)).map(|first| {
+                        (
+                            format!("listener `{}`: upgrade `{t}` is listed twice", l.name),
+                            format!("upgrade types are case-insensitive: `{first}` already allows it; remove one"),
+                        )
+                    })
+                });
+                seen.push(t);
+                if let Some((msg, help)) = problem {
+                    e.at(loc, msg, help).key("http").key("upgrades").index(i);
+                }
+            }
         }
         (None, Some(t)) => {
             clusters.check(e, &t.cluster);
@@ -806,6 +821,23 @@ fn validate_plugin(e: &mut Issues, p: &Spanned<Plugin>, clusters: &Defined<'_>) 
 fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
     let loc = &r.referenced;
     let r = &r.value;
+    let mut seen: Vec<&str> = Vec::new();
+    for t in r.upgrades.keys() {
+        let problem = upgrade_type_problem(t).or_else(|| {
+            seen.iter()
+                .find(|s| s.eq_ignore_ascii_case(t))
+                .map(|first| {
+                    (
+                        format!("upgrade `{t}` is overridden twice (`{first}` too)"),
+                        "upgrade types are case-insensitive; keep one of them".to_string(),
+                    )
+                })
+        });
+        seen.push(t);
+        if let Some((msg, help)) = problem {
+            e.at(loc, msg, help).key("upgrades").key(t);
+        }
+    }
     let present: Vec<&str> = ACTIONS
         .iter()
         .zip([
@@ -1834,6 +1866,37 @@ fn header_ops(e: &mut Issues, ops: &HeaderOps, owner: &Location, key: &str) {
             .index(i);
         }
     }
+}
+
+/// What is wrong with `t` as an upgrade type (an `Upgrade:` protocol, RFC 9110
+/// §7.8: `name[/version]`, both tokens), if anything.
+fn upgrade_type_problem(t: &str) -> Option<(String, String)> {
+    let is_token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    let valid = match t.split_once('/') {
+        Some((name, version)) => is_token(name) && is_token(version),
+        None => is_token(t),
+    };
+    if !valid {
+        return Some((
+            format!("`{t}` is not a valid upgrade type"),
+            "an upgrade type is an `Upgrade:` protocol such as `websocket` or `spdy/3.1`: a \
+             token (letters, digits and `!#$%&'*+-.^_|~`), optionally `/version`"
+                .to_string(),
+        ));
+    }
+    if t.eq_ignore_ascii_case("h2c") {
+        return Some((
+            "`h2c` cannot be tunnelled".to_string(),
+            "an `Upgrade: h2c` request is proxied as a plain request with its upgrade headers \
+             removed (HTTP/2 to the upstream is the cluster's `protocol: h2`); remove it"
+                .to_string(),
+        ));
+    }
+    None
 }
 
 /// Headers the proxy owns: connection management (RFC 9110 §7.6.1) and framing.
