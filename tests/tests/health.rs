@@ -1147,7 +1147,7 @@ each_proto!(
             format!("admin:\n  address: 127.0.0.1:0\n{yaml}")
         };
         let dir = TempDir::new();
-        let path = dir.write("legate.yaml", &config(""));
+        let path = dir.write("legate.yaml", config(""));
         let cfg = legate_host::config::load_file(&path).unwrap();
         let process = legate_host::server::ProcessOptions {
             config_path: Some(path.clone()),
