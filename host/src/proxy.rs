@@ -66,6 +66,10 @@ struct Outcome {
     /// A response entered the response path ([`response_filters`]): a later
     /// error is answered without the filters (see [`local_reply`]).
     responding: bool,
+    /// The upstream attempt in flight (see [`Attempts::run`]): counted as active
+    /// (`upstream_rq_active`, `max_requests`, `least_request`) until the response
+    /// body ends or is dropped, with `Done`, which owns this.
+    active: Option<crate::cluster::ActiveRequest>,
 }
 
 /// Timings and facts only the debug headers use ([`crate::overrides::Debug`]).
@@ -525,11 +529,19 @@ async fn proxy(
             Some(t) => match tokio::time::timeout(t, attempt.run(source, out)).await {
                 Ok(r) => r,
                 Err(_) => {
-                    entry
-                        .cluster()
-                        .stats
-                        .upstream_rq_timeout
-                        .fetch_add(1, Relaxed);
+                    // The attempt cut short counts against its endpoint, as a per-try
+                    // timeout does (outlier detection). None in flight (a backoff):
+                    // only the cluster counts it.
+                    match out.active.take() {
+                        Some(active) => active.record_timeout(),
+                        None => {
+                            entry
+                                .cluster()
+                                .stats
+                                .upstream_rq_timeout
+                                .fetch_add(1, Relaxed);
+                        }
+                    }
                     Err(ProxyError::new(
                         Kind::Timeout,
                         format!("route timeout {t:?}"),
@@ -1319,7 +1331,9 @@ impl Attempts<'_> {
             let replayable = source.replayable();
             let last = !replayable || attempt >= max_retries;
             let req = self.build_request(source.take(), last)?;
-            let active = cluster.try_start_request(index)?;
+            // In `out`, not here: a route timeout drops this future and records
+            // the attempt from there, and a response keeps it until its body ends.
+            let active = out.active.insert(cluster.try_start_request(index)?);
             let target = Target {
                 addr: target_addr,
                 host: &host,
@@ -1352,6 +1366,8 @@ impl Attempts<'_> {
                         && cluster.retry_permit(&mut retry_slot)
                     {
                         drop(resp);
+                        // This attempt is over: not in flight during the backoff.
+                        out.active = None;
                         self.backoff(attempt).await;
                         attempt += 1;
                         cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
@@ -1369,11 +1385,13 @@ impl Attempts<'_> {
                         && self.policy.is_some_and(|p| retry_on_error(p, &e))
                         && cluster.retry_permit(&mut retry_slot)
                     {
+                        out.active = None;
                         self.backoff(attempt).await;
                         attempt += 1;
                         cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
                         continue;
                     }
+                    out.active = None;
                     return Err(e);
                 }
             }

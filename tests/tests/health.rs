@@ -775,3 +775,431 @@ clusters:
         .await;
     assert_eq!(endpoint_health(&lg, dead).await["outlier"]["ejected"], true);
 }
+
+// ---------------------------------------------------------------------------------
+// Outlier-detection and in-flight bookkeeping: across discovery generations, on a
+// route timeout, for streamed responses, and across a reload.
+
+/// An upstream named `name` answering 503 while `failing` is true, else echoing.
+async fn flaky(name: &str, failing: &Arc<AtomicBool>) -> UpstreamHandle {
+    let failing = failing.clone();
+    upstream()
+        .name(name)
+        .handler(move |req| {
+            let fail = failing.load(Ordering::SeqCst);
+            async move {
+                if fail {
+                    text(503, "failing\n")
+                } else {
+                    echo(req).await
+                }
+            }
+        })
+        .start()
+        .await
+}
+
+/// Replaces the endpoint file atomically (write, then rename).
+fn write_endpoints(dir: &TempDir, eps: &[(std::net::SocketAddr, u32)]) -> std::path::PathBuf {
+    let mut body = String::from("endpoints:\n");
+    for (a, w) in eps {
+        body.push_str(&format!("  - {{ address: \"{a}\", weight: {w} }}\n"));
+    }
+    let tmp = dir.write("endpoints.yaml.tmp", &body);
+    let path = dir.path().join("endpoints.yaml");
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+/// Listener `web` → cluster `backend`, whose endpoints come from the file at `path`
+/// (read every 20ms); `cluster_extra` lines are indented by 4.
+fn file_config(path: &std::path::Path, cluster_extra: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http: {{ routes: main }}
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    discovery: {{ type: file, path: {}, watch_interval: 20ms }}
+{cluster_extra}",
+        path.display()
+    )
+}
+
+each_proto!(
+    async fn dropped_or_replaced_ejected_endpoints_free_their_ejection_slot(proto) {
+        let (b_fails, c_fails) = (
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let a = upstream().name("a").start().await;
+        let b = flaky("b", &b_fails).await;
+        let c = flaky("c", &c_fails).await;
+        let dir = TempDir::new();
+        let path = write_endpoints(&dir, &[(a.addr, 1), (b.addr, 1), (c.addr, 1)]);
+        // One ejection at a time (34% of 3 and of 2 both round to "at least one"),
+        // and no interval tick during the test: only the generations act.
+        let lg = legate()
+            .config(&file_config(
+                &path,
+                "    outlier_detection: { consecutive_gateway_failure: 2, interval: 1h, \
+                 base_ejection_time: 1h, max_ejection_percent: 34% }\n",
+            ))
+            .start();
+        let active = stat("outlier_detection_ejections_active", "backend");
+        let ejections = stat("outlier_detection_ejections_consecutive_gateway_failure", "backend");
+        let overflow = stat("outlier_detection_ejections_overflow", "backend");
+        let healthy = stat("membership_healthy", "backend");
+        let mut cl = client(proto, lg.addr("web")).await;
+        spread(&mut cl, 6).await;
+        lg.assert_stat(&ejections, 1.0).await;
+        assert_eq!(lg.stat(&active).await, Some(1.0));
+        assert_eq!(lg.stat(&healthy).await, Some(2.0));
+
+        // b's weight changes: a new endpoint that starts in. The ejected one is
+        // gone, and so is its ejection.
+        write_endpoints(&dir, &[(a.addr, 1), (b.addr, 2), (c.addr, 1)]);
+        until_stat(&lg, &stat("discovery_update_success", "backend"), 1.0).await;
+        assert_eq!(lg.stat(&active).await, Some(0.0));
+        assert_eq!(lg.stat(&healthy).await, Some(3.0));
+        assert_eq!(endpoint_health(&lg, b.addr).await["outlier"]["ejected"], false);
+        // Still failing: ejected again, not refused as an overflow.
+        spread(&mut cl, 8).await;
+        lg.assert_stat(&ejections, 2.0).await;
+        assert_eq!(lg.stat(&active).await, Some(1.0));
+        assert_eq!(lg.stat(&overflow).await, Some(0.0));
+
+        // The file drops the ejected b: its slot goes with it.
+        write_endpoints(&dir, &[(a.addr, 1), (c.addr, 1)]);
+        until_stat(&lg, &stat("membership_total", "backend"), 2.0).await;
+        assert_eq!(lg.stat(&active).await, Some(0.0));
+        assert_eq!(lg.stat(&healthy).await, Some(2.0));
+        // So c, failing now, can be ejected.
+        c_fails.store(true, Ordering::SeqCst);
+        spread(&mut cl, 4).await;
+        lg.assert_stat(&ejections, 3.0).await;
+        assert_eq!(lg.stat(&active).await, Some(1.0));
+        assert_eq!(lg.stat(&overflow).await, Some(0.0));
+        assert_eq!(endpoint_health(&lg, c.addr).await["outlier"]["ejected"], true);
+        let seen = spread(&mut cl, 4).await;
+        assert_eq!(seen.get("a"), Some(&4), "{seen:?}");
+    }
+);
+
+each_proto!(
+    async fn an_attempt_on_an_old_generation_ejects_nothing_discovery_dropped(proto) {
+        let release = Arc::new(AtomicBool::new(false));
+        let r = release.clone();
+        // b answers 503 once told to: after discovery has dropped it.
+        let b = upstream()
+            .name("b")
+            .handler(move |_req| {
+                let r = r.clone();
+                async move {
+                    while !r.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    text(503, "late\n")
+                }
+            })
+            .start()
+            .await;
+        let a = upstream().name("a").start().await;
+        let c_fails = Arc::new(AtomicBool::new(false));
+        let c = flaky("c", &c_fails).await;
+        let dir = TempDir::new();
+        let path = write_endpoints(&dir, &[(b.addr, 1)]);
+        let lg = legate()
+            .config(&file_config(
+                &path,
+                "    outlier_detection: { consecutive_gateway_failure: 1, interval: 1h, \
+                 base_ejection_time: 1h, max_ejection_percent: 34% }\n",
+            ))
+            .start();
+        let addr = lg.addr("web");
+        let slow = tokio::spawn(async move { client(proto, addr).await.get("/slow").send().await });
+        eventually(WAIT, "the request at b", || async {
+            (b.requests.get() == 1).then_some(())
+        })
+        .await;
+        write_endpoints(&dir, &[(a.addr, 1), (c.addr, 1)]);
+        until_stat(&lg, &stat("membership_total", "backend"), 2.0).await;
+        // b's 503 reaches an attempt of the old generation: b is not in the cluster
+        // any more, so nothing is ejected and no gauge moves.
+        release.store(true, Ordering::SeqCst);
+        assert_eq!(slow.await.unwrap().status, 503);
+        let active = stat("outlier_detection_ejections_active", "backend");
+        assert_eq!(lg.stat(&active).await, Some(0.0));
+        assert_eq!(lg.stat(&stat("membership_healthy", "backend")).await, Some(2.0));
+        assert_eq!(
+            lg.stat(&stat("outlier_detection_ejections_total", "backend")).await,
+            Some(0.0)
+        );
+        // The one ejection allowed is there for c when it fails.
+        c_fails.store(true, Ordering::SeqCst);
+        let mut cl = client(proto, addr).await;
+        spread(&mut cl, 2).await;
+        lg.assert_stat(
+            &stat("outlier_detection_ejections_consecutive_gateway_failure", "backend"),
+            1.0,
+        )
+        .await;
+        assert_eq!(lg.stat(&active).await, Some(1.0));
+        assert_eq!(
+            lg.stat(&stat("outlier_detection_ejections_overflow", "backend")).await,
+            Some(0.0)
+        );
+        assert_eq!(endpoint_health(&lg, c.addr).await["outlier"]["ejected"], true);
+    }
+);
+
+each_proto!(
+    async fn a_route_timeout_counts_against_the_endpoint(proto) {
+        let a = upstream().name("a").start().await;
+        let slow = upstream().name("slow").delay(Duration::from_secs(5)).start().await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[a.addr, slow.addr],
+                "            timeout: 200ms\n",
+                "    outlier_detection: { consecutive_gateway_failure: 2, base_ejection_time: 1h }\n",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let seen = spread(&mut c, 4).await;
+        assert_eq!(
+            (seen.get("a"), seen.get("status 504")),
+            (Some(&2), Some(&2)),
+            "{seen:?}"
+        );
+        lg.assert_stat(&stat("upstream_rq_timeout", "backend"), 2.0).await;
+        let errors = format!(
+            "legate_endpoint_rq_error{{cluster=\"backend\",endpoint=\"{}\"}}",
+            slow.addr
+        );
+        assert_eq!(lg.stat(&errors).await, Some(2.0));
+        // Two timeouts in a row are two gateway failures: slow is ejected.
+        lg.assert_stat(
+            &stat("outlier_detection_ejections_consecutive_gateway_failure", "backend"),
+            1.0,
+        )
+        .await;
+        assert_eq!(endpoint_health(&lg, slow.addr).await["outlier"]["ejected"], true);
+        assert_eq!(lg.stat(&stat("upstream_rq_active", "backend")).await, Some(0.0));
+        let after = spread(&mut c, 6).await;
+        assert_eq!(after.get("a"), Some(&6), "{after:?}");
+        assert_eq!(slow.requests.get(), 2);
+    }
+);
+
+/// Sends `GET path` on a new connection and returns as soon as the response head is
+/// in (the test client collects whole bodies), with what keeps the connection up.
+async fn response_head(
+    proto: Proto,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (Response<Incoming>, Box<dyn std::any::Any + Send>) {
+    use http_body_util::Empty;
+    use hyper::client::conn::{http1, http2};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let io = TokioIo::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    match proto {
+        Proto::H1 => {
+            let (mut s, conn) = http1::handshake(io).await.unwrap();
+            let task = tokio::spawn(conn);
+            let req = Request::get(path)
+                .header("host", addr.to_string())
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            (
+                s.send_request(req).await.unwrap(),
+                Box::new((s, AbortOnDrop(task))),
+            )
+        }
+        Proto::H2 => {
+            let (mut s, conn) = http2::Builder::new(TokioExecutor::new())
+                .handshake(io)
+                .await
+                .unwrap();
+            let task = tokio::spawn(conn);
+            let req = Request::get(format!("http://{addr}{path}"))
+                .version(http::Version::HTTP_2)
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            (
+                s.send_request(req).await.unwrap(),
+                Box::new((s, AbortOnDrop(task))),
+            )
+        }
+    }
+}
+
+/// Ends a connection task (closing the connection) when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+each_proto!(
+    async fn a_streamed_response_is_in_flight_until_its_body_ends(proto) {
+        use futures_util::StreamExt;
+        use http_body_util::{BodyExt, StreamBody};
+        let release = Arc::new(AtomicBool::new(false));
+        let r = release.clone();
+        // Head and a first chunk at once; the last chunk once released.
+        let up = upstream()
+            .route("/stream", move |_req| {
+                let r = r.clone();
+                async move {
+                    let first = futures_util::stream::once(async {
+                        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"first\n")))
+                    });
+                    let last = futures_util::stream::once(async move {
+                        while !r.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Ok(hyper::body::Frame::data(Bytes::from_static(b"last\n")))
+                    });
+                    Response::new(BodyExt::boxed(StreamBody::new(first.chain(last))))
+                }
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[up.addr],
+                "",
+                "    circuit_breakers: { max_requests: 1 }\n",
+            ))
+            .start();
+        let addr = lg.addr("web");
+        let active = stat("upstream_rq_active", "backend");
+        let ep_active = format!(
+            "legate_endpoint_rq_active{{cluster=\"backend\",endpoint=\"{}\"}}",
+            up.addr
+        );
+
+        let (resp, conn) = response_head(proto, addr, "/stream").await;
+        assert_eq!(resp.status(), 200);
+        // The head is through, the body is not: the attempt is still in flight.
+        assert_eq!(lg.stat(&active).await, Some(1.0));
+        assert_eq!(lg.stat(&ep_active).await, Some(1.0));
+        // ... and holds the one request max_requests allows.
+        let mut c = client(proto, addr).await;
+        let r = c.get("/other").send().await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("x-legate-overloaded"), Some("true"));
+        lg.assert_stat(&stat("upstream_rq_pending_overflow", "backend"), 1.0)
+            .await;
+        // The body ends: so does the attempt.
+        release.store(true, Ordering::SeqCst);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "first\nlast\n");
+        until_stat(&lg, &active, 0.0).await;
+        assert_eq!(lg.stat(&ep_active).await, Some(0.0));
+        assert_eq!(c.get("/other").send().await.status, 200);
+        drop(conn);
+
+        // A client that goes away mid-body ends it too.
+        release.store(false, Ordering::SeqCst);
+        let (resp, conn) = response_head(proto, addr, "/stream").await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(lg.stat(&active).await, Some(1.0));
+        drop((resp, conn));
+        until_stat(&lg, &active, 0.0).await;
+        assert_eq!(lg.stat(&ep_active).await, Some(0.0));
+        assert_eq!(c.get("/other").send().await.status, 200);
+        release.store(true, Ordering::SeqCst);
+    }
+);
+
+each_proto!(
+    async fn a_reload_keeps_the_health_check_thresholds(proto) {
+        let (a_ok, b_ok) = (
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicBool::new(true)),
+        );
+        let a = checked("a", &a_ok).await;
+        let b = checked("b", &b_ok).await;
+        // b comes back only after 1000 passed checks in a row: not within the test.
+        let config = |more: &str| {
+            let yaml = simple_config_with(
+                &[a.addr, b.addr],
+                "",
+                &format!(
+                    "{}    health_check: {{ http: {{ path: /healthz }}, interval: 50ms, \
+                     healthy_threshold: 1000 }}\n{more}",
+                    cluster_protocol(proto)
+                ),
+            );
+            format!("admin:\n  address: 127.0.0.1:0\n{yaml}")
+        };
+        let dir = TempDir::new();
+        let path = dir.write("legate.yaml", config(""));
+        let cfg = legate_host::config::load_file(&path).unwrap();
+        let process = legate_host::server::ProcessOptions {
+            config_path: Some(path.clone()),
+            ..Default::default()
+        };
+        let opts = legate_host::server::Options { concurrency: 1 };
+        let handle = std::thread::spawn(move || legate_host::server::start_with(cfg, opts, process))
+            .join()
+            .unwrap()
+            .unwrap();
+        let admin = handle.admin_addr();
+        let web = handle.listener_addr("web").unwrap();
+        let stat_of = move |series: String| async move {
+            let mut c = client(Proto::H1, admin).await;
+            parse_prometheus(&c.get("/stats").send().await.text()).get(&series).copied()
+        };
+        let healthy = stat("membership_healthy", "backend");
+        let checks = stat("health_check_success", "backend");
+
+        // b says it is unhealthy: out at once; then it passes again, but too few
+        // times to come back.
+        b_ok.store(false, Ordering::SeqCst);
+        eventually(WAIT, "b out", || async {
+            (stat_of(healthy.clone()).await == Some(1.0)).then_some(())
+        })
+        .await;
+        b_ok.store(true, Ordering::SeqCst);
+
+        // A reload that changes the cluster set restarts every cluster's checks;
+        // backend is kept, and so is b's run of passed checks and its threshold.
+        std::fs::write(
+            path.with_extension("tmp"),
+            config("  - name: other\n    endpoints: [{ address: \"127.0.0.1:9\" }]\n"),
+        )
+        .unwrap();
+        std::fs::rename(path.with_extension("tmp"), &path).unwrap();
+        let mut c = client(Proto::H1, admin).await;
+        let r = c.post("/reload").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["clusters"]["kept"], json!(["backend"]), "{}", r.text());
+        let before = stat_of(checks.clone()).await.unwrap();
+        eventually(WAIT, "checks after the reload", || async {
+            (stat_of(checks.clone()).await.unwrap() >= before + 6.0).then_some(())
+        })
+        .await;
+        assert_eq!(stat_of(healthy.clone()).await, Some(1.0));
+        let mut c = client(proto, web).await;
+        let seen = spread(&mut c, 6).await;
+        assert_eq!(seen.get("a"), Some(&6), "{seen:?}");
+        handle.shutdown();
+        std::thread::spawn(move || {
+            let _ = handle.wait();
+        });
+    }
+);

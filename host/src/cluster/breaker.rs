@@ -25,6 +25,8 @@ pub(super) struct Breakers {
     connections: AtomicU64,
     /// Retries in flight.
     retries: AtomicU64,
+    /// The id of the newest generation of the cluster (see [`super::health`]).
+    pub(super) generation: AtomicU64,
     /// The adaptive-concurrency controller, made on first use (the struct is
     /// `Default` so that every cluster generation can share one).
     pub(super) adaptive: std::sync::OnceLock<super::adaptive::Controller>,

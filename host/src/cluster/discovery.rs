@@ -23,8 +23,11 @@
 //! it passes them; the refresh after it fails them removes it
 //! (`membership_kept_by_health` counts such endpoints). Without health checks a
 //! dropped endpoint goes at once. A changed weight, zone or metadata makes a new
-//! endpoint (fresh counters and outlier state) that inherits only the "failed active
-//! health check" flag.
+//! endpoint (fresh counters and outlier state, not ejected) that inherits only its
+//! active health-check state: the "failed active health check" flag and the run of
+//! passed or failed checks, so the thresholds still apply to it. The cluster's
+//! gauges are recounted for the new generation: an ejected endpoint dropped or
+//! replaced this way no longer counts in `outlier_detection_ejections_active`.
 //!
 //! **Failures keep the old set.** A failed resolution, an unreadable file or a file
 //! with an error (reported with `file:line`) changes nothing and counts
@@ -175,9 +178,7 @@ pub fn merge(current: &Cluster, found: &[Spec]) -> (Vec<Arc<Endpoint>>, usize) {
             Some(ep) if spec.same_attributes(ep) => ep.clone(),
             Some(ep) => {
                 let fresh = spec.endpoint();
-                if ep.health.flags() & FAILED_ACTIVE_HC != 0 {
-                    fresh.health.set_raw(FAILED_ACTIVE_HC);
-                }
+                fresh.health.carry_from(&ep.health);
                 fresh
             }
             None => spec.endpoint(),

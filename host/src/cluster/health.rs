@@ -20,9 +20,19 @@
 //! phase, so starting unhealthy would fail (or, through panic mode, ignore) the first
 //! requests after every start. Starting healthy and checking immediately bounds the
 //! window in which a dead endpoint gets traffic to the first check's timeout, and
-//! retries and outlier detection cover that window.
+//! retries and outlier detection cover that window. Only an endpoint new to the
+//! cluster gets that first-check shortcut: its pass/fail run lives on the endpoint
+//! ([`EndpointHealth`]), so checks restarted by a reload, and discovery's copy of a
+//! reweighted endpoint, go on with the thresholds.
+//!
+//! **Generations.** Discovery replaces a cluster's endpoint list with a new
+//! [`Cluster`] value (a generation) while attempts on the old one finish. A flag
+//! change on an endpoint the newest generation no longer lists is ignored
+//! ([`Cluster::set_flag`]): the cluster's gauges (`membership_healthy`,
+//! `outlier_detection_ejections_active`) count the newest generation's endpoints
+//! only, and are recounted from the flags whenever a generation is built.
 
-use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +68,16 @@ pub struct EndpointHealth {
     flags: AtomicU8,
     /// Why the last failed check failed (for `/clusters`).
     last_failure: ArcSwapOption<String>,
+    /// The newest generation of its cluster that lists the endpoint (see the
+    /// module doc): an id from [`next_generation`].
+    generation: AtomicU64,
+    /// Whether a check result was applied yet: only the very first one skips the
+    /// thresholds. On the endpoint, not in the check task, so that a checker
+    /// restarted by a reload keeps the run.
+    checked: AtomicBool,
+    /// Consecutive passed and failed checks.
+    passes: AtomicU32,
+    fails: AtomicU32,
 }
 
 impl EndpointHealth {
@@ -66,10 +86,15 @@ impl EndpointHealth {
         self.flags.load(Relaxed) == 0
     }
 
-    /// Sets the flags of an endpoint no cluster uses yet (discovery's copy of a
-    /// reweighted endpoint).
-    pub(super) fn set_raw(&self, flags: u8) {
-        self.flags.store(flags, Relaxed);
+    /// Gives an endpoint no cluster uses yet (discovery's copy of a reweighted
+    /// endpoint) the active-check state of `old`: a failed check and the pass/fail
+    /// run, so its thresholds still apply. Not an ejection: the copy starts in.
+    pub(super) fn carry_from(&self, old: &EndpointHealth) {
+        self.flags.store(old.flags() & FAILED_ACTIVE_HC, Relaxed);
+        self.checked.store(old.checked.load(Relaxed), Relaxed);
+        self.passes.store(old.passes.load(Relaxed), Relaxed);
+        self.fails.store(old.fails.load(Relaxed), Relaxed);
+        self.last_failure.store(old.last_failure.load_full());
     }
 
     /// The flags ([`FAILED_ACTIVE_HC`], [`EJECTED`]).
@@ -78,13 +103,40 @@ impl EndpointHealth {
     }
 }
 
+/// A new generation id, unique in the process (so endpoints moved between two
+/// clusters' lineages can never match a stale one).
+fn next_generation() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Relaxed)
+}
+
+/// Makes `endpoints` the newest generation of the lineage whose newest id is kept
+/// in `newest`: endpoints left out of it stop being current at once.
+pub(super) fn enter_generation(endpoints: &[Arc<Endpoint>], newest: &AtomicU64) {
+    let id = next_generation();
+    for ep in endpoints {
+        ep.health.generation.store(id, Relaxed);
+    }
+    newest.store(id, Relaxed);
+}
+
 impl Cluster {
+    /// Whether `ep` is listed by the newest generation of this cluster (this value
+    /// may be an older one that an attempt still uses).
+    pub(crate) fn is_current(&self, ep: &Endpoint) -> bool {
+        ep.health.generation.load(Relaxed) == self.breakers.generation.load(Relaxed)
+    }
+
     /// Sets (`on`) or clears `flag` on endpoint `i`, keeping `membership_healthy` in
-    /// step; whether the flag changed.
+    /// step; whether the flag changed. An endpoint the newest generation no longer
+    /// lists is left alone (false): the gauges count the newest generation only.
     pub(crate) fn set_flag(&self, i: usize, flag: u8, on: bool) -> bool {
         let Some(ep) = self.endpoints.get(i) else {
             return false;
         };
+        if !self.is_current(ep) {
+            return false;
+        }
         let flags = &ep.health.flags;
         let prev = if on {
             flags.fetch_or(flag, Relaxed)
@@ -201,8 +253,7 @@ pub(super) fn start_checks(entry: &Arc<ClusterEntry>, ep: &Arc<Endpoint>) {
 /// Checks endpoint `ep` every interval (plus jitter) for as long as it belongs to the
 /// cluster's current generation (always, without discovery).
 async fn check_loop(entry: Arc<ClusterEntry>, hc: Arc<HealthCheck>, ep: Arc<Endpoint>) {
-    let (mut passes, mut fails) = (0u32, 0u32);
-    let mut first = true;
+    let h = &ep.health;
     loop {
         let Some((cluster, i)) = current(&entry, &ep) else {
             return;
@@ -222,12 +273,15 @@ async fn check_loop(entry: Arc<ClusterEntry>, hc: Arc<HealthCheck>, ep: Arc<Endp
             return;
         };
         let st = &cluster.stats;
-        let failed = ep.health.flags() & FAILED_ACTIVE_HC != 0;
+        let failed = h.flags() & FAILED_ACTIVE_HC != 0;
+        // The endpoint's first result ever is believed at once (module doc).
+        let first = !h.checked.swap(true, Relaxed);
         match result {
             Ok(()) => {
                 st.health_check_success.fetch_add(1, Relaxed);
-                fails = 0;
-                passes = passes.saturating_add(1);
+                h.fails.store(0, Relaxed);
+                let passes = h.passes.load(Relaxed).saturating_add(1);
+                h.passes.store(passes, Relaxed);
                 if failed && (first || passes >= hc.healthy_threshold) {
                     cluster.set_flag(i, FAILED_ACTIVE_HC, false);
                     // Health restored by active checks also ends an ejection, as
@@ -238,8 +292,9 @@ async fn check_loop(entry: Arc<ClusterEntry>, hc: Arc<HealthCheck>, ep: Arc<Endp
             }
             Err(f) => {
                 st.health_check_failure.fetch_add(1, Relaxed);
-                passes = 0;
-                fails = fails.saturating_add(1);
+                h.passes.store(0, Relaxed);
+                let fails = h.fails.load(Relaxed).saturating_add(1);
+                h.fails.store(fails, Relaxed);
                 let (reason, immediate) = match f {
                     Failure::Network(r) => {
                         st.health_check_network_failure.fetch_add(1, Relaxed);
@@ -251,10 +306,9 @@ async fn check_loop(entry: Arc<ClusterEntry>, hc: Arc<HealthCheck>, ep: Arc<Endp
                     cluster.set_flag(i, FAILED_ACTIVE_HC, true);
                     tracing::warn!(cluster = %cluster.name, endpoint = %ep.address, "endpoint fails its health checks: {reason}");
                 }
-                ep.health.last_failure.store(Some(Arc::new(reason)));
+                h.last_failure.store(Some(Arc::new(reason)));
             }
         }
-        first = false;
         let jitter = hc.interval_jitter.get();
         let extra = if jitter.is_zero() {
             Duration::ZERO

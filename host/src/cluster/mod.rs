@@ -368,11 +368,17 @@ impl Cluster {
             None => None,
         };
 
+        health::enter_generation(&endpoints, &breakers.generation);
         stats
             .membership_total
             .store(endpoints.len() as u64, Relaxed);
         let available = endpoints.iter().filter(|e| e.health.is_available()).count();
         stats.membership_healthy.store(available as u64, Relaxed);
+        // Recounted, not carried: ejected endpoints discovery dropped or replaced
+        // (a reweighted copy starts in) must not hold `max_ejection_percent` slots.
+        stats
+            .outlier_detection_ejections_active
+            .store(outlier::ejected(&endpoints), Relaxed);
         Ok(Arc::new(Cluster {
             name: cfg.name.clone(),
             lb: lb::Shared::new(cfg.lb_policy, &endpoints),
@@ -503,6 +509,7 @@ impl Cluster {
             cluster: Arc::clone(self),
             endpoint,
             admitted: None,
+            head_rtt: std::cell::Cell::new(None),
         }
     }
 
@@ -598,14 +605,18 @@ impl Cluster {
 }
 
 /// An upstream attempt in flight: counted in `upstream_rq_active` (and the endpoint's
-/// `rq_active`) from [`Cluster::start_request`] until dropped. Its outcome is
-/// recorded through it, so the cluster and endpoint counters stay consistent.
+/// `rq_active`) from [`Cluster::start_request`] until dropped — for a response, when
+/// its body ends or is dropped. Its outcome is recorded through it, so the cluster
+/// and endpoint counters stay consistent.
 #[derive(Debug)]
 pub struct ActiveRequest {
     cluster: Arc<Cluster>,
     endpoint: Option<usize>,
     /// When the adaptive-concurrency controller admitted the attempt.
     admitted: Option<std::time::Instant>,
+    /// Admission to response head: the latency sample, taken at the head (as
+    /// documented) though the slot is held until the body ends.
+    head_rtt: std::cell::Cell<Option<std::time::Duration>>,
 }
 
 impl ActiveRequest {
@@ -622,6 +633,7 @@ impl ActiveRequest {
     /// Records the response status: the cluster's status class, and a 5xx as an
     /// endpoint error. Feeds outlier detection.
     pub fn record_status(&self, status: u16) {
+        self.head_rtt.set(self.admitted.map(|at| at.elapsed()));
         self.cluster.stats.record_status(status);
         if status >= 500 {
             self.record_error();
@@ -664,7 +676,7 @@ impl ActiveRequest {
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
         if let (Some(at), Some(ac)) = (self.admitted, self.cluster.breakers.adaptive.get()) {
-            ac.release(at.elapsed());
+            ac.release(self.head_rtt.get().unwrap_or_else(|| at.elapsed()));
             let st = &self.cluster.stats;
             st.adaptive_concurrency_limit.store(ac.limit(), Relaxed);
             if let Some(rtt) = ac.min_rtt() {

@@ -8,15 +8,22 @@
 //! Un-ejection and the success-rate detector run every `interval` in
 //! [`Cluster::outlier_tick`], called from the health thread (one place for the
 //! process), which also lowers the ejection multiplier of endpoints that stayed in.
+//!
+//! `outlier_detection_ejections_active` is the reservation count behind
+//! `max_ejection_percent`, shared by every generation of the cluster. It counts the
+//! ejected endpoints of the newest generation only: an attempt on an older one
+//! cannot eject an endpoint discovery dropped, and the count is recounted from the
+//! endpoints' flags when a generation is built and at every tick, so a dropped or
+//! replaced ejected endpoint gives its slot back.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use super::health::EJECTED;
-use super::Cluster;
+use super::{Cluster, Endpoint};
 
 /// The default cap of one ejection (Envoy's); a longer `base_ejection_time` wins.
 const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
@@ -73,6 +80,14 @@ pub struct OutlierState {
     last_reason: AtomicU8,
 }
 
+/// How many of `endpoints` are ejected.
+pub(super) fn ejected(endpoints: &[Arc<Endpoint>]) -> u64 {
+    endpoints
+        .iter()
+        .filter(|e| e.health.flags() & EJECTED != 0)
+        .count() as u64
+}
+
 /// Milliseconds on a process-wide monotonic clock.
 pub(crate) fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -120,15 +135,20 @@ impl Cluster {
         }
     }
 
-    /// Ejects endpoint `i` unless it already is or `max_ejection_percent` is reached.
+    /// Ejects endpoint `i` unless it already is, the newest generation no longer
+    /// lists it (see the module doc), or `max_ejection_percent` is reached.
     fn eject(&self, i: usize, reason: Reason) {
         let (Some(od), Some(ep)) = (&self.config.outlier_detection, self.endpoints.get(i)) else {
             return;
         };
+        if !self.is_current(ep) {
+            return;
+        }
         let s = &ep.outlier;
         s.consecutive_5xx.store(0, Relaxed);
         s.consecutive_gateway.store(0, Relaxed);
-        let n = self.endpoints.len() as f64;
+        // The newest generation's size: this one may be older.
+        let n = self.stats.membership_total.load(Relaxed) as f64;
         let max = ((n * od.max_ejection_percent.0 / 100.0) as u64).max(1);
         let active = &self.stats.outlier_detection_ejections_active;
         if !super::breaker::reserve(active, max) {
@@ -138,8 +158,8 @@ impl Cluster {
             return;
         }
         if !self.set_flag(i, EJECTED, true) {
-            // Another worker ejected it first.
-            active.fetch_sub(1, Relaxed);
+            // Another worker ejected it first, or discovery just dropped it.
+            release(active);
             return;
         }
         let times = s.times_ejected.fetch_add(1, Relaxed) + 1;
@@ -198,6 +218,16 @@ impl Cluster {
                 }
             }
         }
+        // Recount, so a slot lost to a race with discovery (an ejection on an
+        // endpoint just dropped) comes back within one interval. Only from the
+        // newest generation: an older one's list is not what the gauge counts.
+        let newest = self.stats.membership_total.load(Relaxed) == self.endpoints.len() as u64
+            && self.endpoints.iter().all(|e| self.is_current(e));
+        if newest {
+            self.stats
+                .outlier_detection_ejections_active
+                .store(ejected(&self.endpoints), Relaxed);
+        }
         let Some(sr) = &od.success_rate else { return };
         if rates.len() < sr.minimum_hosts as usize || rates.is_empty() {
             return;
@@ -218,9 +248,7 @@ impl Cluster {
     /// `successful_active_health_check_uneject_host`).
     pub(crate) fn uneject(&self, i: usize) {
         if self.set_flag(i, EJECTED, false) {
-            self.stats
-                .outlier_detection_ejections_active
-                .fetch_sub(1, Relaxed);
+            release(&self.stats.outlier_detection_ejections_active);
             if let Some(ep) = self.endpoints.get(i) {
                 tracing::info!(cluster = %self.name, endpoint = %ep.address, "outlier detection returned an endpoint");
             }
@@ -247,6 +275,12 @@ impl Cluster {
             "consecutive_gateway_failure": s.consecutive_gateway.load(Relaxed),
         })
     }
+}
+
+/// Gives back one ejection slot; never below zero (a recount may have run between
+/// an ejection and its end), which would refuse every later ejection.
+fn release(active: &std::sync::atomic::AtomicU64) {
+    let _ = active.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
 }
 
 #[cfg(test)]
@@ -330,6 +364,47 @@ mod tests {
             [false, true, true],
             "10% of 3 still allows one"
         );
+    }
+
+    #[test]
+    fn only_the_newest_generation_holds_ejections() {
+        let c = weighted("round_robin", &[1, 1, 1, 1], OD);
+        let (st, eps) = (&c.stats, &c.endpoints);
+        let active = || st.outlier_detection_ejections_active.load(Relaxed);
+        for _ in 0..2 {
+            c.outlier_record(0, Outcome::LocalFailure);
+        }
+        assert_eq!(active(), 1);
+        // Discovery drops the ejected endpoint: its slot is free.
+        let next = c
+            .with_endpoints(vec![eps[1].clone(), eps[2].clone(), eps[3].clone()])
+            .unwrap();
+        assert_eq!((active(), st.membership_healthy.load(Relaxed)), (0, 3));
+        // An attempt still on the first generation ejects a kept endpoint...
+        for _ in 0..2 {
+            c.outlier_record(3, Outcome::LocalFailure);
+        }
+        assert_eq!((active(), st.membership_healthy.load(Relaxed)), (1, 2));
+        // ... which the next generation drops in turn.
+        let last = next
+            .with_endpoints(vec![eps[1].clone(), eps[2].clone()])
+            .unwrap();
+        assert_eq!((active(), st.membership_healthy.load(Relaxed)), (0, 2));
+        // Old attempts on dropped endpoints eject nothing and move no gauge.
+        let total = st.outlier_detection_ejections_total.load(Relaxed);
+        for _ in 0..2 {
+            c.outlier_record(0, Outcome::LocalFailure);
+            next.outlier_record(2, Outcome::LocalFailure);
+        }
+        assert_eq!((active(), st.membership_healthy.load(Relaxed)), (0, 2));
+        assert_eq!(st.outlier_detection_ejections_total.load(Relaxed), total);
+        c.uneject(3);
+        assert_eq!(active(), 0);
+        // The newest generation still ejects.
+        for _ in 0..2 {
+            last.outlier_record(0, Outcome::LocalFailure);
+        }
+        assert_eq!((active(), st.membership_healthy.load(Relaxed)), (1, 1));
     }
 
     #[test]
