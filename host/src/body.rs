@@ -8,6 +8,7 @@
 //! They are `!Send` on purpose: each worker owns its requests from accept to
 //! response (see ARCHITECTURE.md), so nothing needs to cross threads.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -247,23 +248,34 @@ pub fn known_empty(body: &mut Body) -> bool {
             }
             Poll::Ready(Some(first)) => {
                 let rest = std::mem::replace(body, empty());
-                *body = Body(Box::pin(Peeked {
-                    first: Some(first),
-                    rest,
-                }));
+                *body = Prefixed::body([first], rest);
                 return false;
             }
         }
     }
 }
 
-/// A frame read ahead by [`known_empty`], then the rest of the body.
-struct Peeked {
-    first: Option<Result<Frame<Bytes>, BoxError>>,
+/// Frames already read (read ahead by [`known_empty`], or kept for a retry),
+/// then the rest of the body.
+pub struct Prefixed {
+    head: VecDeque<Result<Frame<Bytes>, BoxError>>,
     rest: Body,
 }
 
-impl HttpBody for Peeked {
+impl Prefixed {
+    /// `head`, then `rest`.
+    pub fn body(
+        head: impl IntoIterator<Item = Result<Frame<Bytes>, BoxError>>,
+        rest: Body,
+    ) -> Body {
+        boxed(Prefixed {
+            head: head.into_iter().collect(),
+            rest,
+        })
+    }
+}
+
+impl HttpBody for Prefixed {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -271,14 +283,32 @@ impl HttpBody for Peeked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(f) = self.first.take() {
+        if let Some(f) = self.head.pop_front() {
             return Poll::Ready(Some(f));
         }
         Pin::new(&mut self.rest).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.rest.is_end_stream()
+        self.head.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let head: u64 = self
+            .head
+            .iter()
+            .filter_map(|f| f.as_ref().ok()?.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        let rest = self.rest.size_hint();
+        // A fresh hint: raising `lower` before `upper` on the old one would trip
+        // http-body's lower <= upper assertion for exact sizes.
+        let mut h = SizeHint::new();
+        h.set_lower(rest.lower() + head);
+        if let Some(u) = rest.upper() {
+            h.set_upper(u + head);
+        }
+        h
     }
 }
 

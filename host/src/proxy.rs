@@ -28,14 +28,13 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body::{Body as HttpBody, Frame};
 use hyper::body::Incoming;
 use rand::Rng;
 
@@ -1552,10 +1551,10 @@ impl ReqBody {
                     total += f.data_ref().map_or(0, |d| d.len() as u64);
                     frames.push(f);
                     if trailers || total > limit {
-                        return Ok(ReqBody::Stream(Some(body::boxed(Prefixed {
-                            head: frames.into(),
-                            rest: body,
-                        }))));
+                        return Ok(ReqBody::Stream(Some(body::Prefixed::body(
+                            frames.into_iter().map(Ok),
+                            body,
+                        ))));
                     }
                 }
             }
@@ -1590,62 +1589,19 @@ impl ReqBody {
                 // Empty chunks (an HTTP/2 END_STREAM on an empty DATA frame)
                 // are left out: a body of none is empty, and goes upstream
                 // without a body framing.
-                let copy: VecDeque<Frame<Bytes>> = frames
+                let copy: VecDeque<_> = frames
                     .iter()
                     .filter_map(|f| f.data_ref().filter(|d| !d.is_empty()))
-                    .map(|d| Frame::data(d.clone()))
+                    .map(|d| Ok(Frame::data(d.clone())))
                     .collect();
                 if copy.is_empty() {
                     body::empty()
                 } else {
-                    body::boxed(Prefixed {
-                        head: copy,
-                        rest: body::empty(),
-                    })
+                    body::Prefixed::body(copy, body::empty())
                 }
             }
             ReqBody::Stream(b) => b.take().unwrap_or_else(body::empty),
         }
-    }
-}
-
-/// Frames already read, then the rest of the body.
-struct Prefixed {
-    head: VecDeque<Frame<Bytes>>,
-    rest: Body,
-}
-
-impl HttpBody for Prefixed {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(f) = self.head.pop_front() {
-            return Poll::Ready(Some(Ok(f)));
-        }
-        Pin::new(&mut self.rest).poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.head.is_empty() && self.rest.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        let head: u64 = self
-            .head
-            .iter()
-            .filter_map(|f| f.data_ref())
-            .map(|d| d.len() as u64)
-            .sum();
-        let rest = self.rest.size_hint();
-        // A fresh hint: raising `lower` before `upper` on the old one would trip
-        // http-body's lower <= upper assertion for exact sizes.
-        let mut h = SizeHint::new();
-        h.set_lower(rest.lower() + head);
-        if let Some(u) = rest.upper() {
-            h.set_upper(u + head);
-        }
-        h
     }
 }
 
