@@ -1,5 +1,6 @@
 //! Service discovery with real sockets: `dns` clusters resolved through a tiny DNS
-//! server on loopback whose answers change between refreshes, and `file` clusters
+//! server on loopback ([`DnsServer`]) whose answers change between refreshes,
+//! `/ready` while a `dns` cluster waits for its first answer, and `file` clusters
 //! whose endpoint file is edited live under traffic.
 
 // Test code: a failed unwrap is a test failure with its location.
@@ -8,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,87 +44,6 @@ async fn spread(c: &mut Client, n: usize) -> BTreeMap<String, usize> {
 
 fn who(seen: &BTreeMap<String, usize>) -> Vec<&str> {
     seen.keys().map(String::as_str).collect()
-}
-
-// ---------------------------------------------------------------------------------
-// A minimal DNS server: answers every A query with the current address list (TTL 1),
-// every AAAA query with no record, or everything with SERVFAIL when told to.
-
-#[derive(Default)]
-struct DnsState {
-    answers: Mutex<Vec<Ipv4Addr>>,
-    servfail: AtomicBool,
-    queries: AtomicU64,
-}
-
-struct DnsServer {
-    addr: SocketAddr,
-    state: Arc<DnsState>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl DnsServer {
-    async fn start(answers: &[Ipv4Addr]) -> DnsServer {
-        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = sock.local_addr().unwrap();
-        let state = Arc::new(DnsState::default());
-        state.set(answers);
-        let st = state.clone();
-        let task = tokio::spawn(async move {
-            let mut buf = [0u8; 512];
-            loop {
-                let Ok((n, from)) = sock.recv_from(&mut buf).await else {
-                    return;
-                };
-                st.queries.fetch_add(1, Ordering::SeqCst);
-                if let Some(reply) = st.reply(&buf[..n]) {
-                    let _ = sock.send_to(&reply, from).await;
-                }
-            }
-        });
-        DnsServer { addr, state, task }
-    }
-}
-
-impl Drop for DnsServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl DnsState {
-    fn set(&self, answers: &[Ipv4Addr]) {
-        *self.answers.lock().unwrap() = answers.to_vec();
-    }
-
-    fn reply(&self, q: &[u8]) -> Option<Vec<u8>> {
-        // Header, then one question: the name's labels, a zero byte, type, class.
-        let mut end = 12;
-        while *q.get(end)? != 0 {
-            end += 1 + usize::from(q[end]);
-        }
-        let question = q.get(12..end + 5)?;
-        let qtype = u16::from_be_bytes([q[end + 1], q[end + 2]]);
-        let mut r = q.get(..2)?.to_vec();
-        let servfail = self.servfail.load(Ordering::SeqCst);
-        let answers: Vec<Ipv4Addr> = if qtype == 1 && !servfail {
-            self.answers.lock().unwrap().clone()
-        } else {
-            Vec::new()
-        };
-        // QR, RD, RA; rcode 2 (SERVFAIL) or 0.
-        r.extend_from_slice(&[0x81, if servfail { 0x82 } else { 0x80 }]);
-        r.extend_from_slice(&[0, 1]);
-        r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
-        r.extend_from_slice(&[0, 0, 0, 0]);
-        r.extend_from_slice(question);
-        for ip in answers {
-            // Name: pointer to the question's; type A, class IN, TTL 1, 4 bytes.
-            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 1, 0, 4]);
-            r.extend_from_slice(&ip.octets());
-        }
-        Some(r)
-    }
 }
 
 /// A port free on both 127.0.0.2 and 127.0.0.3, with an upstream on each: a DNS name
