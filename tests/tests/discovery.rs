@@ -418,3 +418,67 @@ async fn a_bad_endpoint_file_at_start_is_a_clear_error() {
         "{msg}"
     );
 }
+
+/// At start `/ready` answers 503 `WARMING`, naming the cluster, until a `dns`
+/// cluster has its first answer (as Envoy holds readiness until its clusters
+/// warmed), then 200 `LIVE`; a name server that never answers holds it back only
+/// for the cluster's `initial_fetch_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_for_the_first_dns_answer() {
+    let (port, _a, _b) = two_loopback_upstreams().await;
+    let dns = DnsServer::start(&[]).await;
+    dns.state.servfail.store(true, Ordering::SeqCst);
+    let with_timeout = |t: &str| {
+        dns_config(port, dns.addr, "strict").replace(
+            "      dns_timeout: 500ms\n",
+            &format!("      dns_timeout: 500ms\n      initial_fetch_timeout: {t}\n"),
+        )
+    };
+    let lg = legate().config(&with_timeout("60s")).start();
+    until_stat(
+        &lg,
+        &stat("discovery_update_failure", "backend"),
+        |v| v >= 2.0,
+        ">= 2",
+    )
+    .await;
+    let (status, body) = lg.admin_get("/ready").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("WARMING\ncluster `backend`: waiting for its first DNS answer"),
+        "{body}"
+    );
+    dns.state.set(&[V3]);
+    dns.state.servfail.store(false, Ordering::SeqCst);
+    eventually(WAIT, "/ready says LIVE", || async {
+        (lg.admin_get("/ready").await == (200, "LIVE\n".to_string())).then_some(())
+    })
+    .await;
+    for proto in [Proto::H1, Proto::H2] {
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(who(&spread(&mut c, 2).await), ["three"], "{proto:?}");
+    }
+    lg.assert_stat(&stat("upstream_rq_2xx", "backend"), 4.0)
+        .await;
+    assert!(lg.stat(&stat("discovery_update_success", "backend")).await >= Some(1.0));
+
+    // A name server that never answers: ready once initial_fetch_timeout passed.
+    let silent = DnsServer::start(&[]).await;
+    silent.state.servfail.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let lg = legate()
+        .config(&with_timeout("1s").replace(&dns.addr.to_string(), &silent.addr.to_string()))
+        .start();
+    assert_eq!(lg.admin_get("/ready").await.0, 503);
+    eventually(WAIT, "/ready says LIVE", || async {
+        (lg.admin_get("/ready").await == (200, "LIVE\n".to_string())).then_some(())
+    })
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let r = client(Proto::H1, lg.addr("web"))
+        .await
+        .get("/")
+        .send()
+        .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+}

@@ -1855,14 +1855,22 @@ async fn a_changed_dns_cluster_keeps_its_endpoints_across_reloads() {
     // The name server fails from now on: the reloads must not need it.
     dns.state.servfail.store(true, Ordering::SeqCst);
     let stop = Arc::new(AtomicBool::new(false));
-    let (res, tasks) = steady_load(lg.addr("web").unwrap(), stop.clone(), Some(("x-upstream", "a")));
+    let (res, tasks) = steady_load(
+        lg.addr("web").unwrap(),
+        stop.clone(),
+        Some(("x-upstream", "a")),
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     for i in 1..=6 {
         lg.write(&config(i));
         let (status, body) = lg.reload().await;
         assert_eq!(status, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]), "{body}");
+        assert_eq!(
+            v["clusters"]["new_or_changed"],
+            json!(["backend"]),
+            "{body}"
+        );
         assert_eq!(v["notes"], json!([]), "{body}");
         // Longer than a refresh: the new cluster's discovery fails meanwhile.
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1900,10 +1908,17 @@ async fn a_dns_cluster_with_new_names_warms_before_it_goes_live() {
         let (status, body) = lg.reload().await;
         assert_eq!(status, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]), "{body}");
+        assert_eq!(
+            v["clusters"]["new_or_changed"],
+            json!(["backend"]),
+            "{body}"
+        );
         assert_eq!(v["notes"], json!([]), "{body}");
         let took = v["duration_ms"].as_f64().unwrap();
-        assert!(took >= 250.0, "the reload did not wait for the name: {body}");
+        assert!(
+            took >= 250.0,
+            "the reload did not wait for the name: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     finish_load(&res, &stop, tasks).await;

@@ -187,7 +187,13 @@ pub(super) fn initial_endpoints(cfg: &config::Cluster) -> anyhow::Result<Vec<Arc
 ///
 /// `pairs`: the cluster replaced (if any) and the new entry, not yet published.
 pub fn warm_for_reload(pairs: &[(Option<Arc<Cluster>>, Arc<ClusterEntry>)]) -> Vec<String> {
-    let mut jobs: Vec<(&Arc<ClusterEntry>, Vec<Arc<Endpoint>>, Vec<&EndpointConfig>)> = Vec::new();
+    type Job<'a> = (
+        &'a Arc<ClusterEntry>,
+        &'a Cluster,
+        Vec<Arc<Endpoint>>,
+        Vec<&'a EndpointConfig>,
+    );
+    let mut jobs: Vec<Job<'_>> = Vec::new();
     let mut notes = Vec::new();
     let news: Vec<Arc<Cluster>> = pairs.iter().map(|(_, e)| e.cluster()).collect();
     for ((old, entry), new) in pairs.iter().zip(&news) {
@@ -199,7 +205,7 @@ pub fn warm_for_reload(pairs: &[(Option<Arc<Cluster>>, Arc<ClusterEntry>)]) -> V
         if missing.is_empty() {
             install(entry, carried, &mut notes);
         } else {
-            jobs.push((entry, carried, missing));
+            jobs.push((entry, &**new, carried, missing));
         }
     }
     if jobs.is_empty() {
@@ -212,8 +218,8 @@ pub fn warm_for_reload(pairs: &[(Option<Arc<Cluster>>, Arc<ClusterEntry>)]) -> V
                 .build()
                 .map_err(|e| anyhow!("cannot start a runtime to resolve: {e}"))?;
             Ok::<_, anyhow::Error>(rt.block_on(futures_util::future::join_all(jobs.iter().map(
-                |(entry, _, missing)| async move {
-                    let cfg = &entry.cluster().config;
+                |(_, new, _, missing)| async move {
+                    let cfg = &new.config;
                     let within = cfg.discovery.initial_fetch_timeout;
                     match tokio::time::timeout(
                         within.get(),
@@ -232,8 +238,8 @@ pub fn warm_for_reload(pairs: &[(Option<Arc<Cluster>>, Arc<ClusterEntry>)]) -> V
         work.join()
             .unwrap_or_else(|_| Err(anyhow!("the resolving thread panicked")))
     });
-    for (i, (entry, mut endpoints, _)) in jobs.into_iter().enumerate() {
-        let stats = entry.cluster().stats.clone();
+    for (i, (entry, new, mut endpoints, _)) in jobs.into_iter().enumerate() {
+        let stats = &new.stats;
         stats.discovery_update_attempt.fetch_add(1, Relaxed);
         let outcome = match &resolved {
             Ok(all) => match all.get(i) {
@@ -250,7 +256,7 @@ pub fn warm_for_reload(pairs: &[(Option<Arc<Cluster>>, Arc<ClusterEntry>)]) -> V
             }
             Err(e) => {
                 stats.discovery_update_failure.fetch_add(1, Relaxed);
-                let name = &entry.cluster().name;
+                let name = &new.name;
                 let note = format!(
                     "cluster `{name}`: {e}; it went live without the endpoints of the names \
                      not resolved (requests for them get 503 until discovery resolves them, \
