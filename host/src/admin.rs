@@ -3,7 +3,7 @@
 //!
 //! | path | method | answer |
 //! |---|---|---|
-//! | `/ready` | GET | 200 `LIVE`, or 503 `DRAINING` once a drain started |
+//! | `/ready` | GET | 200 `LIVE`; 503 `WARMING` (with the clusters) while a `dns` cluster waits for its first answer at start (up to its `initial_fetch_timeout`), 503 `DRAINING` once a drain started |
 //! | `/stats` | GET | every metric, Prometheus text format 0.0.4 |
 //! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
 //! | `/config_dump` | GET | the effective config (defaults filled in) as JSON |
@@ -129,9 +129,29 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), path) {
         (&Method::GET, "/ready") => {
             if shared.is_draining() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
-            } else {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n");
+            }
+            let snapshot = shared.snapshot.load();
+            let mut cold: Vec<String> = snapshot
+                .clusters
+                .iter()
+                .filter_map(|(name, e)| {
+                    e.warming().map(|left| {
+                        format!(
+                            "cluster `{name}`: waiting for its first DNS answer ({:.1}s more at most)\n",
+                            left.as_secs_f64()
+                        )
+                    })
+                })
+                .collect();
+            if cold.is_empty() {
                 text(StatusCode::OK, "LIVE\n")
+            } else {
+                cold.sort();
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("WARMING\n{}", cold.concat()),
+                )
             }
         }
         (&Method::GET, "/stats") => {

@@ -26,7 +26,12 @@
 //! only a reload that adds or changes a cluster). It keeps its state: endpoints,
 //! health flags, outlier ejections, discovered endpoints, counters, pooled
 //! connections and every worker's balancer. A new or changed cluster starts
-//! fresh (endpoints healthy, as at start). When the cluster set changed, the
+//! fresh (endpoints healthy, as at start). A new or changed `dns` cluster is
+//! warmed before the new config goes live, so it never serves empty: names the
+//! cluster it replaces had resolved start from those addresses, other names are
+//! resolved first, within the cluster's `initial_fetch_timeout` (past it the
+//! cluster goes live without them, as Envoy's; the outcome's `notes` say so); see
+//! [`crate::cluster::discovery::warm_for_reload`]. When the cluster set changed, the
 //! health-check / discovery thread is restarted for the new set (checks of kept
 //! clusters start again from their current flags). Stats counters are by name,
 //! so they keep counting. Not reloadable (logged, listed in the reload's `notes`,
@@ -479,6 +484,16 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
     }
     let snap = Snapshot::build_keeping(config.clone(), stats, &|c| carried.get(&c.name).cloned())
         .map_err(|e| format!("{e:#}"))?;
+    // New and changed `dns` clusters get their first endpoints (the old cluster's
+    // for names it resolved, a bounded resolution for the others) before they go
+    // live, so none of them serves its first requests empty.
+    let warming: Vec<_> = snap
+        .clusters
+        .iter()
+        .filter(|(name, _)| !carried.contains_key(*name))
+        .map(|(name, entry)| (old.clusters.get(name).map(|o| o.cluster()), entry.clone()))
+        .collect();
+    notes.extend(crate::cluster::discovery::warm_for_reload(&warming));
     let removed_clusters: Vec<String> = old
         .clusters
         .keys()

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use arc_swap::ArcSwap;
@@ -54,15 +54,39 @@ pub struct ClusterEntry {
     live: ArcSwap<Cluster>,
     /// Protocol, TLS, timeouts, pool limits.
     pub upstream: UpstreamSettings,
+    /// Whether the cluster has its first endpoints ("warm", as Envoy says): always
+    /// for `static` and `file`; for `dns` once a first resolution answered (or a
+    /// reload gave it endpoints or gave up waiting, see [`crate::reload`]).
+    warm: AtomicBool,
+    /// Until when `/ready` waits for a cold cluster (`initial_fetch_timeout`).
+    warm_by: Instant,
 }
 
 impl ClusterEntry {
     /// An entry starting with `cluster`.
     pub fn new(cluster: Arc<Cluster>, upstream: UpstreamSettings) -> ClusterEntry {
+        let d = &cluster.config.discovery;
         ClusterEntry {
+            warm: AtomicBool::new(d.kind != crate::config::DiscoveryType::Dns),
+            warm_by: Instant::now() + d.initial_fetch_timeout.get(),
             live: ArcSwap::new(cluster),
             upstream,
         }
+    }
+
+    /// Marks the cluster warm: it has (or gave up waiting for) its first endpoints.
+    pub(crate) fn set_warm(&self) {
+        self.warm.store(true, Ordering::Relaxed);
+    }
+
+    /// How much longer `/ready` waits for this cluster's first endpoints; `None`
+    /// once it is warm or its `initial_fetch_timeout` passed.
+    pub fn warming(&self) -> Option<Duration> {
+        if self.warm.load(Ordering::Relaxed) {
+            return None;
+        }
+        let left = self.warm_by.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
     }
 
     /// The cluster's current generation.

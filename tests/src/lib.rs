@@ -36,6 +36,7 @@
 pub mod bins;
 pub mod certs;
 pub mod client;
+pub mod dns;
 pub mod grpc;
 pub mod guests;
 pub mod legate;
@@ -54,6 +55,7 @@ pub use client::{
     client, raw, raw_status, tls_client, tls_raw, Client, Proto, RawConn, RequestBuilder, Resp,
     TlsOptions,
 };
+pub use dns::{DnsServer, DnsState};
 pub use guests::{abi_0_1_0_guest, network_guest, test_guest};
 pub use legate::{legate, LegateBuilder, LegateHandle};
 pub use stats::parse_prometheus;

@@ -1,5 +1,6 @@
 //! Service discovery with real sockets: `dns` clusters resolved through a tiny DNS
-//! server on loopback whose answers change between refreshes, and `file` clusters
+//! server on loopback ([`DnsServer`]) whose answers change between refreshes,
+//! `/ready` while a `dns` cluster waits for its first answer, and `file` clusters
 //! whose endpoint file is edited live under traffic.
 
 // Test code: a failed unwrap is a test failure with its location.
@@ -8,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,87 +44,6 @@ async fn spread(c: &mut Client, n: usize) -> BTreeMap<String, usize> {
 
 fn who(seen: &BTreeMap<String, usize>) -> Vec<&str> {
     seen.keys().map(String::as_str).collect()
-}
-
-// ---------------------------------------------------------------------------------
-// A minimal DNS server: answers every A query with the current address list (TTL 1),
-// every AAAA query with no record, or everything with SERVFAIL when told to.
-
-#[derive(Default)]
-struct DnsState {
-    answers: Mutex<Vec<Ipv4Addr>>,
-    servfail: AtomicBool,
-    queries: AtomicU64,
-}
-
-struct DnsServer {
-    addr: SocketAddr,
-    state: Arc<DnsState>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl DnsServer {
-    async fn start(answers: &[Ipv4Addr]) -> DnsServer {
-        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = sock.local_addr().unwrap();
-        let state = Arc::new(DnsState::default());
-        state.set(answers);
-        let st = state.clone();
-        let task = tokio::spawn(async move {
-            let mut buf = [0u8; 512];
-            loop {
-                let Ok((n, from)) = sock.recv_from(&mut buf).await else {
-                    return;
-                };
-                st.queries.fetch_add(1, Ordering::SeqCst);
-                if let Some(reply) = st.reply(&buf[..n]) {
-                    let _ = sock.send_to(&reply, from).await;
-                }
-            }
-        });
-        DnsServer { addr, state, task }
-    }
-}
-
-impl Drop for DnsServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl DnsState {
-    fn set(&self, answers: &[Ipv4Addr]) {
-        *self.answers.lock().unwrap() = answers.to_vec();
-    }
-
-    fn reply(&self, q: &[u8]) -> Option<Vec<u8>> {
-        // Header, then one question: the name's labels, a zero byte, type, class.
-        let mut end = 12;
-        while *q.get(end)? != 0 {
-            end += 1 + usize::from(q[end]);
-        }
-        let question = q.get(12..end + 5)?;
-        let qtype = u16::from_be_bytes([q[end + 1], q[end + 2]]);
-        let mut r = q.get(..2)?.to_vec();
-        let servfail = self.servfail.load(Ordering::SeqCst);
-        let answers: Vec<Ipv4Addr> = if qtype == 1 && !servfail {
-            self.answers.lock().unwrap().clone()
-        } else {
-            Vec::new()
-        };
-        // QR, RD, RA; rcode 2 (SERVFAIL) or 0.
-        r.extend_from_slice(&[0x81, if servfail { 0x82 } else { 0x80 }]);
-        r.extend_from_slice(&[0, 1]);
-        r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
-        r.extend_from_slice(&[0, 0, 0, 0]);
-        r.extend_from_slice(question);
-        for ip in answers {
-            // Name: pointer to the question's; type A, class IN, TTL 1, 4 bytes.
-            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 1, 0, 4]);
-            r.extend_from_slice(&ip.octets());
-        }
-        Some(r)
-    }
 }
 
 /// A port free on both 127.0.0.2 and 127.0.0.3, with an upstream on each: a DNS name
@@ -497,4 +417,68 @@ async fn a_bad_endpoint_file_at_start_is_a_clear_error() {
         )),
         "{msg}"
     );
+}
+
+/// At start `/ready` answers 503 `WARMING`, naming the cluster, until a `dns`
+/// cluster has its first answer (as Envoy holds readiness until its clusters
+/// warmed), then 200 `LIVE`; a name server that never answers holds it back only
+/// for the cluster's `initial_fetch_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_for_the_first_dns_answer() {
+    let (port, _a, _b) = two_loopback_upstreams().await;
+    let dns = DnsServer::start(&[]).await;
+    dns.state.servfail.store(true, Ordering::SeqCst);
+    let with_timeout = |t: &str| {
+        dns_config(port, dns.addr, "strict").replace(
+            "      dns_timeout: 500ms\n",
+            &format!("      dns_timeout: 500ms\n      initial_fetch_timeout: {t}\n"),
+        )
+    };
+    let lg = legate().config(&with_timeout("60s")).start();
+    until_stat(
+        &lg,
+        &stat("discovery_update_failure", "backend"),
+        |v| v >= 2.0,
+        ">= 2",
+    )
+    .await;
+    let (status, body) = lg.admin_get("/ready").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("WARMING\ncluster `backend`: waiting for its first DNS answer"),
+        "{body}"
+    );
+    dns.state.set(&[V3]);
+    dns.state.servfail.store(false, Ordering::SeqCst);
+    eventually(WAIT, "/ready says LIVE", || async {
+        (lg.admin_get("/ready").await == (200, "LIVE\n".to_string())).then_some(())
+    })
+    .await;
+    for proto in [Proto::H1, Proto::H2] {
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(who(&spread(&mut c, 2).await), ["three"], "{proto:?}");
+    }
+    lg.assert_stat(&stat("upstream_rq_2xx", "backend"), 4.0)
+        .await;
+    assert!(lg.stat(&stat("discovery_update_success", "backend")).await >= Some(1.0));
+
+    // A name server that never answers: ready once initial_fetch_timeout passed.
+    let silent = DnsServer::start(&[]).await;
+    silent.state.servfail.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let lg = legate()
+        .config(&with_timeout("1s").replace(&dns.addr.to_string(), &silent.addr.to_string()))
+        .start();
+    assert_eq!(lg.admin_get("/ready").await.0, 503);
+    eventually(WAIT, "/ready says LIVE", || async {
+        (lg.admin_get("/ready").await == (200, "LIVE\n".to_string())).then_some(())
+    })
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let r = client(Proto::H1, lg.addr("web"))
+        .await
+        .get("/")
+        .send()
+        .await;
+    assert_eq!(r.status, 503, "{}", r.text());
 }

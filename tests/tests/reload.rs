@@ -1858,3 +1858,149 @@ clusters:
         assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
     }
 );
+
+/// [`yaml`] with cluster `backend` a `dns` cluster on `name:port`, resolved by the
+/// test name server `dns` (every 100 ms); `cluster_extra` as in [`yaml`].
+fn dns_yaml(dns: SocketAddr, name: &str, port: u16, cluster_extra: &str) -> String {
+    let up: SocketAddr = ([127, 0, 0, 1], port).into();
+    yaml(
+        up,
+        false,
+        "",
+        &format!(
+            "    discovery:\n      type: dns\n      dns_resolvers: [\"{dns}\"]\n      \
+             dns_refresh_rate: 100ms\n      dns_timeout: 1s\n      initial_fetch_timeout: 2s\n\
+             {cluster_extra}"
+        ),
+        "",
+    )
+    .replace(
+        &format!("      - address: {up}\n"),
+        &format!("      - address: \"{name}:{port}\"\n"),
+    )
+}
+
+fn backend(series: &str) -> String {
+    format!("legate_cluster_{series}{{cluster=\"backend\"}}")
+}
+
+/// A reload that changes a `dns` cluster but not what it resolves (here its
+/// `connect_timeout`) starts the new cluster from the old one's endpoints: under
+/// steady load (HTTP/1.1 and HTTP/2) no request fails, even with the name server
+/// failing meanwhile (before, the new cluster started empty and answered 503
+/// until a resolution succeeded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_dns_cluster_keeps_its_endpoints_across_reloads() {
+    let up = upstream().name("a").start().await;
+    let dns = DnsServer::start(&[std::net::Ipv4Addr::LOCALHOST]).await;
+    let config = |i: u32| {
+        dns_yaml(
+            dns.addr,
+            "up.legate.test",
+            up.addr.port(),
+            &format!("    connect_timeout: {}s\n", 1 + i % 2),
+        )
+    };
+    let lg = start(&config(0), None, 2);
+    lg.assert_stat(&backend("membership_total"), 1.0).await;
+    // The name server fails from now on: the reloads must not need it.
+    dns.state.servfail.store(true, Ordering::SeqCst);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (res, tasks) = steady_load(
+        lg.addr("web").unwrap(),
+        stop.clone(),
+        Some(("x-upstream", "a")),
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 1..=6 {
+        lg.write(&config(i));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["clusters"]["new_or_changed"],
+            json!(["backend"]),
+            "{body}"
+        );
+        assert_eq!(v["notes"], json!([]), "{body}");
+        // Longer than a refresh: the new cluster's discovery fails meanwhile.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    finish_load(&res, &stop, tasks).await;
+    assert_eq!(lg.stat(RELOAD_OK).await, Some(6.0));
+    lg.assert_stat(&backend("membership_total"), 1.0).await;
+    assert!(lg.stat(&backend("upstream_rq_2xx")).await.unwrap() > 0.0);
+    assert_eq!(lg.stat(&backend("upstream_rq_5xx")).await, Some(0.0));
+    assert!(
+        lg.stat(&backend("discovery_update_failure")).await.unwrap() >= 1.0,
+        "the name server was failing"
+    );
+}
+
+/// A reload that changes the names of a `dns` cluster resolves them before the
+/// new config goes live (the cluster warms, as Envoy's): with a slow name server
+/// no request under steady load fails, and the reload took the resolution's time.
+/// A name that does not resolve within `initial_fetch_timeout` leaves the cluster
+/// without it (503) and says so in the reload's notes, until discovery resolves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_cluster_with_new_names_warms_before_it_goes_live() {
+    let up = upstream().name("a").start().await;
+    let dns = DnsServer::start(&[std::net::Ipv4Addr::LOCALHOST]).await;
+    dns.state.delay_ms.store(300, Ordering::SeqCst);
+    let config = |name: &str| dns_yaml(dns.addr, name, up.addr.port(), "");
+    let lg = start(&config("a.legate.test"), None, 2);
+    lg.assert_stat(&backend("membership_total"), 1.0).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let web = lg.addr("web").unwrap();
+    let (res, tasks) = steady_load(web, stop.clone(), Some(("x-upstream", "a")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for name in ["b.legate.test", "c.legate.test", "a.legate.test"] {
+        lg.write(&config(name));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["clusters"]["new_or_changed"],
+            json!(["backend"]),
+            "{body}"
+        );
+        assert_eq!(v["notes"], json!([]), "{body}");
+        let took = v["duration_ms"].as_f64().unwrap();
+        assert!(
+            took >= 250.0,
+            "the reload did not wait for the name: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    finish_load(&res, &stop, tasks).await;
+    assert_eq!(lg.stat(RELOAD_OK).await, Some(3.0));
+    lg.assert_stat(&backend("membership_total"), 1.0).await;
+    assert!(lg.stat(&backend("upstream_rq_2xx")).await.unwrap() > 0.0);
+    assert!(lg.stat(&backend("discovery_update_success")).await.unwrap() >= 1.0);
+
+    // The name server fails: the reload goes live after trying, without the name.
+    dns.state.delay_ms.store(0, Ordering::SeqCst);
+    dns.state.servfail.store(true, Ordering::SeqCst);
+    lg.write(&config("d.legate.test"));
+    let (status, body) = lg.reload().await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let notes = v["notes"].to_string();
+    assert!(
+        notes.contains("cluster `backend`: cannot resolve `d.legate.test`")
+            && notes.contains("went live without"),
+        "{body}"
+    );
+    for proto in [Proto::H1, Proto::H2] {
+        let r = client(proto, web).await.get("/x").send().await;
+        assert_eq!(r.status, 503, "{proto:?}: {}", r.text());
+    }
+    lg.assert_stat(&backend("membership_total"), 0.0).await;
+    // Discovery resolves it once the name server answers again.
+    dns.state.servfail.store(false, Ordering::SeqCst);
+    lg.assert_stat(&backend("membership_total"), 1.0).await;
+    for proto in [Proto::H1, Proto::H2] {
+        let r = client(proto, web).await.get("/x").send().await;
+        assert_eq!(r.status, 200, "{proto:?}: {}", r.text());
+    }
+}

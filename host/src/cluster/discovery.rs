@@ -29,6 +29,11 @@
 //! gauges are recounted for the new generation: an ejected endpoint dropped or
 //! replaced this way no longer counts in `outlier_detection_ejections_active`.
 //!
+//! **Warming.** A `dns` cluster has no endpoints until its first answer: at start
+//! `/ready` waits for it (up to `initial_fetch_timeout`, see
+//! [`ClusterEntry::warming`]); at a reload [`warm_for_reload`] gives a new or
+//! changed `dns` cluster its first endpoints before the config goes live.
+//!
 //! **Failures keep the old set.** A failed resolution, an unreadable file or a file
 //! with an error (reported with `file:line`) changes nothing and counts
 //! `discovery_update_failure`.
@@ -46,7 +51,7 @@ use serde_json::Value;
 use super::dns::{self, Resolver};
 use super::health::FAILED_ACTIVE_HC;
 use super::{Cluster, Endpoint};
-use crate::config::{self, DiscoveryType, DnsLookup, Spanned};
+use crate::config::{self, DiscoveryType, DnsLookup, EndpointConfig, Spanned};
 use crate::server::ClusterEntry;
 
 /// An endpoint as discovery found it.
@@ -157,7 +162,8 @@ pub fn read_file(path: &Path) -> anyhow::Result<Vec<Spec>> {
 
 /// The first generation of a cluster: `static` resolves its host names now, `file`
 /// reads its file now (an error fails the config load), `dns` starts empty and is
-/// filled by the first resolution, which [`run`] makes at once.
+/// filled by the first resolution, which [`run`] makes at once (at a reload,
+/// [`warm_for_reload`] fills it before it goes live).
 pub(super) fn initial_endpoints(cfg: &config::Cluster) -> anyhow::Result<Vec<Arc<Endpoint>>> {
     match (&cfg.discovery.kind, &cfg.discovery.path) {
         (DiscoveryType::File, Some(path)) => {
@@ -165,6 +171,161 @@ pub(super) fn initial_endpoints(cfg: &config::Cluster) -> anyhow::Result<Vec<Arc
         }
         _ => Ok(Vec::new()),
     }
+}
+
+/// A new or changed `dns` cluster's first endpoints on a reload, so it does not
+/// go live empty (Envoy swaps an updated cluster in only once it has warmed).
+///
+/// When `old` (the cluster it replaces) was `dns` with the same `dns_lookup` and
+/// `dns_resolvers`, every configured name `old` has addresses for starts from
+/// them: fresh endpoints (the new weights, zones and metadata; healthy, as a
+/// changed cluster starts) at the same addresses, so pooled connections are
+/// reused. The other names (new ones; all of them without such an `old`) are
+/// resolved now, all clusters at once on a thread of their own, each within its
+/// `initial_fetch_timeout`. A name that does not answer in time leaves the cluster
+/// without its endpoints (Envoy activates a cluster after `initial_fetch_timeout`
+/// too); discovery keeps resolving it every `dns_refresh_rate`, and what it found
+/// is returned as a note for the reload's outcome. The discovery task started
+/// after the commit refreshes every name at once, as usual.
+///
+/// `pairs`: the cluster replaced (if any) and the new entry, not yet published.
+pub fn warm_for_reload(pairs: &[(Option<Arc<Cluster>>, Arc<ClusterEntry>)]) -> Vec<String> {
+    type Job<'a> = (
+        &'a Arc<ClusterEntry>,
+        &'a Cluster,
+        Vec<Arc<Endpoint>>,
+        Vec<&'a EndpointConfig>,
+    );
+    let mut jobs: Vec<Job<'_>> = Vec::new();
+    let mut notes = Vec::new();
+    let news: Vec<Arc<Cluster>> = pairs.iter().map(|(_, e)| e.cluster()).collect();
+    for ((old, entry), new) in pairs.iter().zip(&news) {
+        let cfg = &new.config;
+        if cfg.discovery.kind != DiscoveryType::Dns {
+            continue;
+        }
+        let (carried, missing) = carried_endpoints(old.as_deref(), cfg);
+        if missing.is_empty() {
+            install(entry, carried, &mut notes);
+        } else {
+            jobs.push((entry, &**new, carried, missing));
+        }
+    }
+    if jobs.is_empty() {
+        return notes;
+    }
+    let resolved = std::thread::scope(|scope| {
+        let work = scope.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| anyhow!("cannot start a runtime to resolve: {e}"))?;
+            Ok::<_, anyhow::Error>(rt.block_on(futures_util::future::join_all(jobs.iter().map(
+                |(_, new, _, missing)| async move {
+                    let cfg = &new.config;
+                    let within = cfg.discovery.initial_fetch_timeout;
+                    match tokio::time::timeout(
+                        within.get(),
+                        resolve_all(&resolver(cfg), cfg, missing),
+                    )
+                    .await
+                    {
+                        Ok(r) => r.map(|(found, _)| found),
+                        Err(_) => Err(anyhow!(
+                            "no answer within `initial_fetch_timeout` ({within})"
+                        )),
+                    }
+                },
+            ))))
+        });
+        work.join()
+            .unwrap_or_else(|_| Err(anyhow!("the resolving thread panicked")))
+    });
+    for (i, (entry, new, mut endpoints, _)) in jobs.into_iter().enumerate() {
+        let stats = &new.stats;
+        stats.discovery_update_attempt.fetch_add(1, Relaxed);
+        let outcome = match &resolved {
+            Ok(all) => match all.get(i) {
+                Some(Ok(found)) => Ok(found),
+                Some(Err(e)) => Err(format!("{e:#}")),
+                None => Err("internal error: no resolution result".to_string()),
+            },
+            Err(e) => Err(format!("{e:#}")),
+        };
+        match outcome {
+            Ok(found) => {
+                stats.discovery_update_success.fetch_add(1, Relaxed);
+                endpoints.extend(found.iter().map(Spec::endpoint));
+            }
+            Err(e) => {
+                stats.discovery_update_failure.fetch_add(1, Relaxed);
+                let name = &new.name;
+                let note = format!(
+                    "cluster `{name}`: {e}; it went live without the endpoints of the names \
+                     not resolved (requests for them get 503 until discovery resolves them, \
+                     every `dns_refresh_rate`)"
+                );
+                tracing::warn!("reload: {note}");
+                notes.push(note);
+            }
+        }
+        install(entry, endpoints, &mut notes);
+    }
+    notes
+}
+
+/// Makes `endpoints` the first generation of a reloaded cluster, and it warm.
+fn install(entry: &Arc<ClusterEntry>, endpoints: Vec<Arc<Endpoint>>, notes: &mut Vec<String>) {
+    let current = entry.cluster();
+    match current.with_endpoints(endpoints) {
+        Ok(cluster) => entry.replace(cluster),
+        Err(e) => notes.push(format!("cluster `{}`: {e:#}", current.name)),
+    }
+    entry.set_warm();
+}
+
+/// The endpoints a changed `dns` cluster `cfg` takes over from `old` (see
+/// [`warm_for_reload`]), and the configured endpoints that got none that way.
+fn carried_endpoints<'c>(
+    old: Option<&Cluster>,
+    cfg: &'c config::Cluster,
+) -> (Vec<Arc<Endpoint>>, Vec<&'c EndpointConfig>) {
+    let (n, o) = (&cfg.discovery, old.map(|o| &o.config.discovery));
+    // Another lookup mode or other name servers may answer otherwise: ask again.
+    let same_resolution = o.is_some_and(|o| {
+        o.kind == DiscoveryType::Dns
+            && o.dns_lookup == n.dns_lookup
+            && o.dns_resolvers
+                .iter()
+                .map(|r| &r.value)
+                .eq(n.dns_resolvers.iter().map(|r| &r.value))
+    });
+    let mut carried = Vec::new();
+    let mut missing = Vec::new();
+    for ep in &cfg.endpoints {
+        let ep = &ep.value;
+        let before = old
+            .filter(|_| same_resolution)
+            .map(|o| &o.endpoints[..])
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e.authority == ep.address);
+        let start = carried.len();
+        for e in before {
+            carried.push(Endpoint::new(
+                e.address,
+                e.host.clone(),
+                e.authority.clone(),
+                ep.weight.max(1),
+                ep.zone.clone(),
+                ep.metadata.clone(),
+            ));
+        }
+        if carried.len() == start {
+            missing.push(ep);
+        }
+    }
+    (carried, missing)
 }
 
 /// The endpoint list of the next generation of `current` given what discovery found:
@@ -250,24 +411,32 @@ pub(super) async fn run(entry: Arc<ClusterEntry>) {
     }
 }
 
-async fn run_dns(entry: Arc<ClusterEntry>, cfg: &config::Cluster) {
+/// The resolver of a `dns` cluster: its `dns_resolvers`, or /etc/resolv.conf's.
+fn resolver(cfg: &config::Cluster) -> Resolver {
     let d = &cfg.discovery;
     let servers = d
         .dns_resolvers
         .iter()
         .filter_map(|r| dns::parse_server(&r.value))
         .collect();
-    let resolver = Resolver::new(servers, d.dns_timeout.get());
+    Resolver::new(servers, d.dns_timeout.get())
+}
+
+async fn run_dns(entry: Arc<ClusterEntry>, cfg: &config::Cluster) {
+    let d = &cfg.discovery;
+    let resolver = resolver(cfg);
+    let all: Vec<&EndpointConfig> = cfg.endpoints.iter().map(|e| &e.value).collect();
     loop {
         let stats = entry.cluster().stats.clone();
         stats.discovery_update_attempt.fetch_add(1, Relaxed);
         let mut wait = d.dns_refresh_rate.get();
-        match resolve_all(&resolver, cfg).await {
+        match resolve_all(&resolver, cfg, &all).await {
             Ok((found, ttl)) => {
                 if d.dns_respect_ttl {
                     wait = Duration::from_secs(u64::from(ttl.max(1)));
                 }
                 apply(&entry, &found, true);
+                entry.set_warm();
             }
             Err(e) => {
                 stats.discovery_update_failure.fetch_add(1, Relaxed);
@@ -278,15 +447,15 @@ async fn run_dns(entry: Arc<ClusterEntry>, cfg: &config::Cluster) {
     }
 }
 
-/// Resolves every configured endpoint; the endpoints and the smallest TTL.
+/// Resolves the endpoints `eps` of `cfg`; the endpoints and the smallest TTL.
 async fn resolve_all(
     resolver: &Resolver,
     cfg: &config::Cluster,
+    eps: &[&EndpointConfig],
 ) -> anyhow::Result<(Vec<Spec>, u32)> {
     let mut found = Vec::new();
     let mut ttl = u32::MAX;
-    for ep in &cfg.endpoints {
-        let ep = &ep.value;
+    for ep in eps {
         let (host, port) = config::split_host_port(&ep.address).map_err(|why| anyhow!("{why}"))?;
         let answer = resolver.resolve(&host).await?;
         ttl = ttl.min(answer.ttl);

@@ -16,8 +16,9 @@
 //!
 //! **Initial state.** Endpoints start *healthy*, and the first check's result is
 //! applied at once, ignoring the thresholds. Envoy starts them unhealthy and holds the
-//! cluster back ("warming") until the first round of checks; Legate has no warming
-//! phase, so starting unhealthy would fail (or, through panic mode, ignore) the first
+//! cluster back ("warming") until the first round of checks; Legate warms only for
+//! a `dns` cluster's first answer (see `discovery`), not for health checks, so
+//! starting unhealthy would fail (or, through panic mode, ignore) the first
 //! requests after every start. Starting healthy and checking immediately bounds the
 //! window in which a dead endpoint gets traffic to the first check's timeout, and
 //! retries and outlier detection cover that window. Only an endpoint new to the

@@ -856,6 +856,12 @@ pub struct Discovery {
     /// `dns`: how long one query waits for an answer. Default 2s.
     #[serde(default = "defaults::dns_timeout")]
     pub dns_timeout: Dur,
+    /// `dns`: how long the cluster may wait for its first answer ("warming", as
+    /// Envoy's `initial_fetch_timeout`): at start `/ready` says 503 until every
+    /// `dns` cluster has answered or this passed; a reload that changes the names
+    /// waits this long at most for them before it goes live. Default 5s.
+    #[serde(default = "defaults::initial_fetch_timeout")]
+    pub initial_fetch_timeout: Dur,
     /// `file`: the endpoint file (YAML or JSON; relative to the config file).
     #[serde(default)]
     pub path: Option<PathBuf>,
@@ -873,6 +879,7 @@ impl Default for Discovery {
             dns_respect_ttl: false,
             dns_resolvers: Vec::new(),
             dns_timeout: defaults::dns_timeout(),
+            initial_fetch_timeout: defaults::initial_fetch_timeout(),
             path: None,
             watch_interval: defaults::watch_interval(),
         }
@@ -1240,6 +1247,9 @@ pub(crate) mod defaults {
     }
     pub fn dns_timeout() -> Dur {
         Dur::secs(2)
+    }
+    pub fn initial_fetch_timeout() -> Dur {
+        Dur::secs(5)
     }
     pub fn watch_interval() -> Dur {
         Dur::secs(1)

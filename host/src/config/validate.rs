@@ -1295,6 +1295,7 @@ fn validate_discovery(e: &mut Issues, loc: &Location, c: &Cluster) {
     for (what, d) in [
         ("dns_refresh_rate", d.dns_refresh_rate),
         ("dns_timeout", d.dns_timeout),
+        ("initial_fetch_timeout", d.initial_fetch_timeout),
         ("watch_interval", d.watch_interval),
     ] {
         if d.get().is_zero() {

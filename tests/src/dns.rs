@@ -1,0 +1,115 @@
+//! A minimal DNS server on loopback for `dns` discovery tests: it answers every A
+//! query, whatever the name, with the current address list (TTL 1) and every AAAA
+//! query with no record; or everything with SERVFAIL when told to; optionally each
+//! answer after a delay (a slow name server). Point a cluster's
+//! `discovery.dns_resolvers` at [`DnsServer::addr`]: nothing of the machine's
+//! resolver configuration is used or touched.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+/// What the server answers; change it at any time.
+#[derive(Default)]
+pub struct DnsState {
+    answers: Mutex<Vec<Ipv4Addr>>,
+    /// Answer everything with SERVFAIL.
+    pub servfail: AtomicBool,
+    /// Queries received.
+    pub queries: AtomicU64,
+    /// Milliseconds to wait before each answer.
+    pub delay_ms: AtomicU64,
+}
+
+/// A running server; stops when dropped.
+pub struct DnsServer {
+    /// Where it listens (UDP).
+    pub addr: SocketAddr,
+    /// What it answers.
+    pub state: Arc<DnsState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DnsServer {
+    /// Starts a server answering A queries with `answers`.
+    pub async fn start(answers: &[Ipv4Addr]) -> DnsServer {
+        let sock = Arc::new(
+            tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("bind the test DNS server"),
+        );
+        let addr = sock.local_addr().expect("the test DNS server's address");
+        let state = Arc::new(DnsState::default());
+        state.set(answers);
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                    return;
+                };
+                st.queries.fetch_add(1, Ordering::SeqCst);
+                let Some(reply) = st.reply(&buf[..n]) else {
+                    continue;
+                };
+                let delay = st.delay_ms.load(Ordering::SeqCst);
+                if delay == 0 {
+                    let _ = sock.send_to(&reply, from).await;
+                } else {
+                    let sock = sock.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                        let _ = sock.send_to(&reply, from).await;
+                    });
+                }
+            }
+        });
+        DnsServer { addr, state, task }
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl DnsState {
+    /// The addresses every A query gets from now on.
+    pub fn set(&self, answers: &[Ipv4Addr]) {
+        *self.answers.lock().unwrap_or_else(PoisonError::into_inner) = answers.to_vec();
+    }
+
+    fn reply(&self, q: &[u8]) -> Option<Vec<u8>> {
+        // Header, then one question: the name's labels, a zero byte, type, class.
+        let mut end = 12;
+        while *q.get(end)? != 0 {
+            end += 1 + usize::from(*q.get(end)?);
+        }
+        let question = q.get(12..end + 5)?;
+        let qtype = u16::from_be_bytes([q[end + 1], q[end + 2]]);
+        let mut r = q.get(..2)?.to_vec();
+        let servfail = self.servfail.load(Ordering::SeqCst);
+        let answers: Vec<Ipv4Addr> = if qtype == 1 && !servfail {
+            self.answers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        } else {
+            Vec::new()
+        };
+        // QR, RD, RA; rcode 2 (SERVFAIL) or 0.
+        r.extend_from_slice(&[0x81, if servfail { 0x82 } else { 0x80 }]);
+        r.extend_from_slice(&[0, 1]);
+        r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
+        r.extend_from_slice(&[0, 0, 0, 0]);
+        r.extend_from_slice(question);
+        for ip in answers {
+            // Name: pointer to the question's; type A, class IN, TTL 1, 4 bytes.
+            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 1, 0, 4]);
+            r.extend_from_slice(&ip.octets());
+        }
+        Some(r)
+    }
+}
