@@ -239,9 +239,13 @@ each_proto!(
         }
 
         // A bad signature: 401 with the invalid_token challenge.
-        let mut bad = token("alice");
-        bad.pop();
-        bad.push(if bad.ends_with('A') { 'B' } else { 'A' });
+        // The last character is swapped for a different one (an ES384 signature
+        // is 128 base64url characters, each carrying 6 signature bits).
+        let good = token("alice");
+        let mut bad = good.clone();
+        let last = bad.pop();
+        bad.push(if last == Some('A') { 'B' } else { 'A' });
+        assert_ne!(bad, good);
         let r = c
             .get("/jwt/a")
             .header("authorization", &format!("Bearer {bad}"))
