@@ -1,13 +1,15 @@
 //! Running Legate in-process: config text in, a handle with listener addresses, stats
-//! helpers and shutdown out.
+//! helpers and shutdown out; optionally from a config file, so it can be reloaded.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use http::Method;
 use legate_host::config::Config;
 use legate_host::server;
 
+use crate::certs::TempDir;
 use crate::client::{client, Proto};
 use crate::stats::{family_lines, parse_prometheus};
 
@@ -16,6 +18,8 @@ pub struct LegateBuilder {
     yaml: String,
     concurrency: usize,
     base_dir: PathBuf,
+    file: bool,
+    watch: Option<Duration>,
 }
 
 /// A new Legate builder (one worker thread unless [`LegateBuilder::concurrency`]).
@@ -24,7 +28,29 @@ pub fn legate() -> LegateBuilder {
         yaml: String::new(),
         concurrency: 1,
         base_dir: std::env::temp_dir(),
+        file: false,
+        watch: None,
     }
+}
+
+/// The config text with the admin listener on `127.0.0.1:0` if it names none (the
+/// default port would collide between tests), appended so that line numbers in
+/// messages stay those of `yaml`.
+fn with_test_admin(yaml: &str) -> String {
+    if names_admin(yaml) {
+        yaml.to_string()
+    } else {
+        let sep = if yaml.is_empty() || yaml.ends_with('\n') {
+            ""
+        } else {
+            "\n"
+        };
+        format!("{yaml}{sep}admin:\n  address: 127.0.0.1:0\n")
+    }
+}
+
+fn names_admin(yaml: &str) -> bool {
+    yaml.lines().any(|l| l.starts_with("admin:"))
 }
 
 impl LegateBuilder {
@@ -45,6 +71,21 @@ impl LegateBuilder {
         self
     }
 
+    /// Starts from a config file (`legate.yaml` in a fresh temp dir, which relative
+    /// paths then resolve against), as `legate run -c FILE` does, so `POST /reload`
+    /// re-reads it and [`LegateHandle::write_config`] replaces it.
+    pub fn from_file(mut self) -> Self {
+        self.file = true;
+        self
+    }
+    /// Starts from a config file (as [`LegateBuilder::from_file`]) that Legate checks
+    /// for changes every `interval` (`--watch`).
+    pub fn watch(mut self, interval: Duration) -> Self {
+        self.file = true;
+        self.watch = Some(interval);
+        self
+    }
+
     /// Parses the config (panicking with the rendered errors if it is invalid: tests
     /// only write valid configs here) and starts the server.
     pub fn start(self) -> LegateHandle {
@@ -55,25 +96,48 @@ impl LegateBuilder {
     /// Parses the config (panicking if invalid) and starts the server, returning the
     /// start error (bind failure, unreadable certificate...) instead of panicking.
     pub fn try_start(self) -> anyhow::Result<LegateHandle> {
-        let mut config: Config =
-            legate_host::config::parse_str("test.yaml", &self.yaml, &self.base_dir).unwrap_or_else(
-                |e| panic!("invalid test config:\n{e}\n--- config ---\n{}", self.yaml),
-            );
-        if !self.yaml.lines().any(|l| l.starts_with("admin:")) {
-            config.admin.address.value = "127.0.0.1:0".to_string();
-        }
         let opts = server::Options {
             concurrency: self.concurrency,
         };
+        let yaml = &self.yaml;
+        let invalid = |e: &dyn std::fmt::Display| -> ! {
+            panic!("invalid test config:\n{e}\n--- config ---\n{yaml}")
+        };
+        let file = self.file.then(|| {
+            let dir = TempDir::new();
+            let path = dir.write("legate.yaml", with_test_admin(yaml));
+            (dir, path)
+        });
+        let (config, process) = match &file {
+            Some((_, path)) => {
+                let config = legate_host::config::load_file(path).unwrap_or_else(|e| invalid(&e));
+                let process = server::ProcessOptions {
+                    config_path: Some(path.clone()),
+                    watch_interval: self.watch,
+                    ..Default::default()
+                };
+                (config, process)
+            }
+            None => {
+                let mut config: Config =
+                    legate_host::config::parse_str("test.yaml", yaml, &self.base_dir)
+                        .unwrap_or_else(|e| invalid(&e));
+                if !names_admin(yaml) {
+                    config.admin.address.value = "127.0.0.1:0".to_string();
+                }
+                (config, server::ProcessOptions::default())
+            }
+        };
         // Started on a plain thread: `start` may build and block on runtimes of its
         // own, which tokio forbids on a thread that is already inside a runtime.
-        let handle = std::thread::spawn(move || server::start(config, opts))
+        let handle = std::thread::spawn(move || server::start_with(config, opts, process))
             .join()
             .map_err(|_| anyhow::anyhow!("server::start panicked"))??;
         let admin = handle.admin_addr();
         Ok(LegateHandle {
             inner: Some(handle),
             admin,
+            file,
         })
     }
 }
@@ -83,6 +147,8 @@ pub struct LegateHandle {
     inner: Option<server::Handle>,
     /// The admin listener.
     pub admin: SocketAddr,
+    /// The config file and its directory, when started [`LegateBuilder::from_file`].
+    file: Option<(TempDir, PathBuf)>,
 }
 
 impl LegateHandle {
@@ -97,6 +163,35 @@ impl LegateHandle {
         self.handle()
             .listener_addr(name)
             .unwrap_or_else(|| panic!("legate has no listener named `{name}`"))
+    }
+
+    /// The address listener `name` is bound to, if there is such a listener (one a
+    /// reload added or removed).
+    pub fn try_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.handle().listener_addr(name)
+    }
+
+    /// The config file; panics unless started [`LegateBuilder::from_file`].
+    pub fn config_path(&self) -> &Path {
+        &self
+            .file
+            .as_ref()
+            .expect("legate was not started from a config file")
+            .1
+    }
+
+    /// Replaces the config file atomically (write, then rename), with the admin
+    /// listener on `127.0.0.1:0` as at start if `yaml` names none.
+    pub fn write_config(&self, yaml: &str) {
+        let path = self.config_path();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, with_test_admin(yaml)).expect("write the config file");
+        std::fs::rename(&tmp, path).expect("replace the config file");
+    }
+
+    /// `POST /reload`; returns (status, body).
+    pub async fn reload(&self) -> (u16, String) {
+        self.admin_post("/reload").await
     }
 
     /// `http://<addr>` of listener `name`.
@@ -131,18 +226,21 @@ impl LegateHandle {
             .map_err(|_| anyhow::anyhow!("legate did not stop within {timeout:?}"))??
     }
 
+    /// An admin request without a body; returns (status, body).
+    pub async fn admin(&self, method: Method, path: &str) -> (u16, String) {
+        let mut c = client(Proto::H1, self.admin).await;
+        let r = c.request(method, path).send().await;
+        (r.status.as_u16(), r.text())
+    }
+
     /// `GET` an admin path; returns (status, body).
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
-        let mut c = client(Proto::H1, self.admin).await;
-        let r = c.get(path).send().await;
-        (r.status.as_u16(), r.text())
+        self.admin(Method::GET, path).await
     }
 
     /// `POST` an admin path; returns (status, body).
     pub async fn admin_post(&self, path: &str) -> (u16, String) {
-        let mut c = client(Proto::H1, self.admin).await;
-        let r = c.post(path).send().await;
-        (r.status.as_u16(), r.text())
+        self.admin(Method::POST, path).await
     }
 
     /// The ABI `GET /plugins` reports for plugin `name`.

@@ -1144,25 +1144,13 @@ each_proto!(
                     cluster_protocol(proto)
                 ),
             );
-            format!("admin:\n  address: 127.0.0.1:0\n{yaml}")
+            yaml
         };
-        let dir = TempDir::new();
-        let path = dir.write("legate.yaml", config(""));
-        let cfg = legate_host::config::load_file(&path).unwrap();
-        let process = legate_host::server::ProcessOptions {
-            config_path: Some(path.clone()),
-            ..Default::default()
-        };
-        let opts = legate_host::server::Options { concurrency: 1 };
-        let handle = std::thread::spawn(move || legate_host::server::start_with(cfg, opts, process))
-            .join()
-            .unwrap()
-            .unwrap();
-        let admin = handle.admin_addr();
-        let web = handle.listener_addr("web").unwrap();
-        let stat_of = move |series: String| async move {
-            let mut c = client(Proto::H1, admin).await;
-            parse_prometheus(&c.get("/stats").send().await.text()).get(&series).copied()
+        let lg = legate().config(&config("")).from_file().start();
+        let web = lg.addr("web");
+        let stat_of = |series: String| {
+            let lg = &lg;
+            async move { lg.stat(&series).await }
         };
         let healthy = stat("membership_healthy", "backend");
         let checks = stat("health_check_success", "backend");
@@ -1178,16 +1166,13 @@ each_proto!(
 
         // A reload that changes the cluster set restarts every cluster's checks;
         // backend is kept, and so is b's run of passed checks and its threshold.
-        std::fs::write(
-            path.with_extension("tmp"),
-            config("  - name: other\n    endpoints: [{ address: \"127.0.0.1:9\" }]\n"),
-        )
-        .unwrap();
-        std::fs::rename(path.with_extension("tmp"), &path).unwrap();
-        let mut c = client(Proto::H1, admin).await;
-        let r = c.post("/reload").send().await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.json()["clusters"]["kept"], json!(["backend"]), "{}", r.text());
+        lg.write_config(&config(
+            "  - name: other\n    endpoints: [{ address: \"127.0.0.1:9\" }]\n",
+        ));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        let r: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(r["clusters"]["kept"], json!(["backend"]), "{body}");
         let before = stat_of(checks.clone()).await.unwrap();
         eventually(WAIT, "checks after the reload", || async {
             (stat_of(checks.clone()).await.unwrap() >= before + 6.0).then_some(())
@@ -1197,9 +1182,5 @@ each_proto!(
         let mut c = client(proto, web).await;
         let seen = spread(&mut c, 6).await;
         assert_eq!(seen.get("a"), Some(&6), "{seen:?}");
-        handle.shutdown();
-        std::thread::spawn(move || {
-            let _ = handle.wait();
-        });
     }
 );

@@ -17,87 +17,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use legate_host::{config, server};
 use legate_tests::*;
 
 /// Legate started in-process from a config file, so it can reload it.
-struct Proc {
-    handle: Option<server::Handle>,
-    admin: SocketAddr,
-    path: PathBuf,
-    _dir: TempDir,
-}
-
-fn start(yaml: &str, watch: Option<Duration>, concurrency: usize) -> Proc {
-    let dir = TempDir::new();
-    let path = dir.write("legate.yaml", yaml);
-    let cfg = config::load_file(&path).unwrap_or_else(|e| panic!("invalid test config:\n{e}"));
-    let process = server::ProcessOptions {
-        config_path: Some(path.clone()),
-        watch_interval: watch,
-        ..Default::default()
-    };
-    let opts = server::Options { concurrency };
-    let handle = std::thread::spawn(move || server::start_with(cfg, opts, process))
-        .join()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("legate failed to start: {e:#}"));
-    Proc {
-        admin: handle.admin_addr(),
-        handle: Some(handle),
-        path,
-        _dir: dir,
+fn start(yaml: &str, watch: Option<Duration>, concurrency: usize) -> LegateHandle {
+    let b = legate().config(yaml).concurrency(concurrency).from_file();
+    match watch {
+        Some(interval) => b.watch(interval),
+        None => b,
     }
-}
-
-impl Proc {
-    fn addr(&self, listener: &str) -> Option<SocketAddr> {
-        self.handle.as_ref().unwrap().listener_addr(listener)
-    }
-
-    /// Replaces the config file atomically (write, then rename).
-    fn write(&self, yaml: &str) {
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(&tmp, &self.path).unwrap();
-    }
-
-    async fn admin(&self, method: Method, path: &str) -> (u16, String) {
-        let mut c = client(Proto::H1, self.admin).await;
-        let r = c.request(method, path).send().await;
-        (r.status.as_u16(), r.text())
-    }
-
-    async fn reload(&self) -> (u16, String) {
-        self.admin(Method::POST, "/reload").await
-    }
-
-    async fn stat(&self, series: &str) -> Option<f64> {
-        let (_, text) = self.admin(Method::GET, "/stats").await;
-        parse_prometheus(&text).get(series).copied()
-    }
-
-    /// Waits up to 2 s for `series` to be `expected` (counters move when a
-    /// connection or stream ends, just after the client saw it).
-    async fn assert_stat(&self, series: &str, expected: f64) {
-        eventually(
-            Duration::from_secs(2),
-            &format!("{series} == {expected}"),
-            || async { (self.stat(series).await == Some(expected)).then_some(()) },
-        )
-        .await;
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(h) = self.handle.take() {
-            h.shutdown();
-            std::thread::spawn(move || {
-                let _ = h.wait();
-            });
-        }
-    }
+    .start()
 }
 
 const RELOAD_OK: &str = r#"legate_config_reloads_total{result="success"}"#;
@@ -143,12 +72,12 @@ each_proto!(
         let a = upstream().name("a").start().await;
         let b = upstream().name("b").start().await;
         let lg = start(&yaml(a.addr, false, "", "", ""), None, 2);
-        let web = lg.addr("web").unwrap();
+        let web = lg.addr("web");
         let mut c = client(proto, web).await;
         let r = c.get("/x").send().await;
         assert_eq!(r.header("x-upstream"), Some("a"));
 
-        lg.write(&yaml(b.addr, false, "", "", ""));
+        lg.write_config(&yaml(b.addr, false, "", "", ""));
         let (status, body) = lg.reload().await;
         assert_eq!(status, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
@@ -160,7 +89,7 @@ each_proto!(
         let r = c.get("/x").send().await;
         assert_eq!(r.header("x-upstream"), Some("b"));
         assert!(!c.is_closed(), "the reload closed a connection of a kept listener");
-        assert_eq!(lg.addr("web"), Some(web), "the kept listener moved");
+        assert_eq!(lg.try_addr("web"), Some(web), "the kept listener moved");
         assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
         let (_, last) = lg.admin(Method::GET, "/reload").await;
         let last: Value = serde_json::from_str(&last).unwrap();
@@ -174,16 +103,16 @@ each_proto!(
         let a = upstream().name("a").start().await;
         let b = upstream().name("b").start().await;
         let lg = start(&yaml(a.addr, false, "", "", ""), None, 1);
-        let mut c = client(proto, lg.addr("web").unwrap()).await;
+        let mut c = client(proto, lg.addr("web")).await;
 
         // Valid YAML, invalid config: an unknown key in the cluster (line 22).
-        lg.write(&yaml(b.addr, false, "", "    lb_polizy: random\n", ""));
+        lg.write_config(&yaml(b.addr, false, "", "    lb_polizy: random\n", ""));
         let (status, body) = lg.reload().await;
         assert_eq!(status, 400, "{body}");
         assert!(body.contains("legate.yaml:22:"), "no file:line:col in: {body}");
         assert!(body.contains("lb_polizy"), "{body}");
         // Not YAML at all.
-        lg.write("version: 1\nlisteners: [\n");
+        lg.write_config("version: 1\nlisteners: [\n");
         let (status, body) = lg.reload().await;
         assert_eq!(status, 400, "{body}");
         assert!(body.contains("legate.yaml:"), "{body}");
@@ -208,7 +137,7 @@ each_proto!(
                 taken.local_addr().unwrap()
             ),
         );
-        lg.write(&bad);
+        lg.write_config(&bad);
         let (status, body) = lg.reload().await;
         assert_eq!(status, 400, "{body}");
         assert!(body.contains("listener `busy`"), "{body}");
@@ -221,27 +150,27 @@ each_proto!(
     async fn listeners_are_added_and_removed(proto) {
         let a = upstream().name("a").start().await;
         let lg = start(&yaml(a.addr, false, "", "", ""), None, 2);
-        let web = lg.addr("web").unwrap();
-        assert_eq!(lg.addr("extra"), None);
+        let web = lg.addr("web");
+        assert_eq!(lg.try_addr("extra"), None);
 
-        lg.write(&yaml(a.addr, true, "", "", ""));
+        lg.write_config(&yaml(a.addr, true, "", "", ""));
         let (status, body) = lg.reload().await;
         assert_eq!(status, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["listeners"]["added"], json!(["extra"]), "{body}");
-        let extra = lg.addr("extra").expect("the new listener is bound");
+        let extra = lg.addr("extra");
         let mut on_extra = client(proto, extra).await;
         let r = on_extra.get("/x").send().await;
         assert_eq!(r.status, 200);
-        assert_eq!(lg.addr("web"), Some(web));
+        assert_eq!(lg.try_addr("web"), Some(web));
 
         // Removing it: it stops accepting; its connection is closed gracefully.
-        lg.write(&yaml(a.addr, false, "", "", ""));
+        lg.write_config(&yaml(a.addr, false, "", "", ""));
         let (status, body) = lg.reload().await;
         assert_eq!(status, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["listeners"]["removed"], json!(["extra"]));
-        assert_eq!(lg.addr("extra"), None);
+        assert_eq!(lg.try_addr("extra"), None);
         eventually(Duration::from_secs(3), "the removed listener refuses", || async {
             tokio::net::TcpStream::connect(extra).await.is_err().then_some(())
         })
@@ -283,11 +212,11 @@ each_proto!(
         let mut before = client(proto, x).await;
         assert_eq!(before.get("/x").send().await.status, 200);
 
-        lg.write(&at(at(yaml(a.addr, true, "", "", ""), "web", y), "extra", x));
+        lg.write_config(&at(at(yaml(a.addr, true, "", "", ""), "web", y), "extra", x));
         let (status, body) = lg.reload().await;
         assert_eq!(status, 200, "{body}");
-        assert_eq!(lg.addr("web"), Some(y));
-        assert_eq!(lg.addr("extra"), Some(x));
+        assert_eq!(lg.try_addr("web"), Some(y));
+        assert_eq!(lg.try_addr("extra"), Some(x));
         for (addr, listener) in [(x, "extra"), (y, "web")] {
             let mut c = client(proto, addr).await;
             let r = c.get("/x").send().await;
@@ -320,7 +249,7 @@ async fn health_checks_follow_the_reloaded_clusters() {
 {hc}",
         b.addr
     );
-    lg.write(&yaml(a.addr, false, "", hc, &top));
+    lg.write_config(&yaml(a.addr, false, "", hc, &top));
     let (status, body) = lg.reload().await;
     assert_eq!(status, 200, "{body}");
     for cluster in ["backend", "checked"] {
@@ -335,7 +264,7 @@ async fn health_checks_follow_the_reloaded_clusters() {
         .stat(r#"legate_cluster_health_check_success{cluster="checked"}"#)
         .await
         .unwrap();
-    lg.write(&yaml(a.addr, false, "            timeout: 5s\n", hc, &top));
+    lg.write_config(&yaml(a.addr, false, "            timeout: 5s\n", hc, &top));
     let (status, body) = lg.reload().await;
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -369,15 +298,15 @@ async fn the_file_watch_reloads_on_change() {
         Some(Duration::from_millis(50)),
         1,
     );
-    let web = lg.addr("web").unwrap();
-    lg.write(&yaml(b.addr, false, "", "", ""));
+    let web = lg.addr("web");
+    lg.write_config(&yaml(b.addr, false, "", "", ""));
     eventually(Duration::from_secs(5), "the watch reloads", || async {
         let mut c = client(Proto::H1, web).await;
         (c.get("/x").send().await.header("x-upstream") == Some("b")).then_some(())
     })
     .await;
     // A broken file is tried once and counted; the config in force stays.
-    lg.write("version: 1\nlisteners: [\n");
+    lg.write_config("version: 1\nlisteners: [\n");
     eventually(Duration::from_secs(5), "the failure is counted", || async {
         lg.stat(RELOAD_FAILED).await.filter(|v| *v == 1.0)
     })
@@ -434,7 +363,7 @@ clusters:
             up.addr
         );
         let lg = start(&config, None, 1);
-        let web = lg.addr("web").unwrap();
+        let web = lg.addr("web");
         let tls = || async { tls_client(proto, web, TlsOptions::new(&first, "a.example")).await.unwrap() };
         let mut before = tls().await;
         assert_eq!(before.peer_cert.as_ref(), Some(&first.chain[0]));
@@ -457,7 +386,7 @@ clusters:
         let mut after = tls().await;
         assert_eq!(after.peer_cert.as_ref(), Some(&second.chain[0]), "the renewed certificate");
         assert_eq!(after.get("/").send().await.status, 200);
-        assert_eq!(lg.addr("web"), Some(web), "the listener moved");
+        assert_eq!(lg.try_addr("web"), Some(web), "the listener moved");
         // The connection from before the renewal drains: HTTP/1.1 gets its next
         // answer with `Connection: close`, HTTP/2 a GOAWAY.
         match proto {
@@ -492,7 +421,7 @@ each_proto!(
             ca.display()
         );
         let lg = start(&yaml(up.addr, false, "", &cluster_tls, ""), None, 1);
-        let mut c = client(proto, lg.addr("web").unwrap()).await;
+        let mut c = client(proto, lg.addr("web")).await;
         assert_eq!(c.get("/x").send().await.status, 502, "an untrusted upstream");
 
         std::fs::write(&ca, std::fs::read(&right.cert_path).unwrap()).unwrap();
@@ -563,7 +492,7 @@ async fn discovery_follows_reloads() {
     write_endpoints(&first, a.addr);
     write_endpoints(&second, b.addr);
     let lg = start(&discovered_yaml(&first, "one"), None, 1);
-    let web = lg.addr("web").unwrap();
+    let web = lg.addr("web");
     let answered_by = |want: &'static str, tag: &'static str| async move {
         eventually(
             Duration::from_secs(5),
@@ -580,7 +509,7 @@ async fn discovery_follows_reloads() {
     answered_by("a", "one").await;
 
     // The cluster now reads another file.
-    lg.write(&discovered_yaml(&second, "one"));
+    lg.write_config(&discovered_yaml(&second, "one"));
     let (status, body) = lg.reload().await;
     assert_eq!(status, 200, "{body}");
     answered_by("b", "one").await;
@@ -589,7 +518,7 @@ async fn discovery_follows_reloads() {
     answered_by("c", "one").await;
 
     // A reload that keeps the cluster keeps what it discovered and its watch.
-    lg.write(&discovered_yaml(&second, "two"));
+    lg.write_config(&discovered_yaml(&second, "two"));
     let (status, body) = lg.reload().await;
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -614,12 +543,12 @@ each_proto!(
         let eps = dir.path().join("eps.yaml");
         write_endpoints(&eps, a.addr);
         let lg = start(&discovered_yaml(&eps, "one"), None, 1);
-        let mut c = client(proto, lg.addr("web").unwrap()).await;
+        let mut c = client(proto, lg.addr("web")).await;
         let r = c.get("/x").send().await;
         assert_eq!(r.header("x-upstream"), Some("a"));
 
         std::fs::remove_file(&eps).unwrap();
-        lg.write(&discovered_yaml(&eps, "two"));
+        lg.write_config(&discovered_yaml(&eps, "two"));
         let (status, body) = lg.reload().await;
         assert_eq!(status, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
@@ -641,7 +570,7 @@ each_proto!(
             "      watch_interval: 20ms\n",
             "      watch_interval: 30ms\n",
         );
-        lg.write(&changed);
+        lg.write_config(&changed);
         let (status, body) = lg.reload().await;
         assert_eq!(status, 400, "{body}");
         assert!(
@@ -679,7 +608,7 @@ each_proto!(
             )
         };
         let lg = start(&limited("60s"), None, 2);
-        let web = lg.addr("web").unwrap();
+        let web = lg.addr("web");
         // Two connections at the limit, each with a request in flight.
         let mut slow = Vec::new();
         for _ in 0..2 {
@@ -694,7 +623,7 @@ each_proto!(
         })
         .await;
 
-        lg.write(&limited("30s"));
+        lg.write_config(&limited("30s"));
         let (status, body) = lg.reload().await;
         assert_eq!(status, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
@@ -751,19 +680,19 @@ async fn the_file_watch_sees_a_same_size_rewrite_in_place() {
         "the two configs must have the same size"
     );
     let lg = start(&ya, Some(Duration::from_millis(50)), 1);
-    let web = lg.addr("web").unwrap();
-    let before = std::fs::metadata(&lg.path).unwrap();
+    let web = lg.addr("web");
+    let before = std::fs::metadata(lg.config_path()).unwrap();
     // Let the watch poll (and stamp) the current file a few times.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    std::fs::write(&lg.path, &yb).unwrap();
+    std::fs::write(lg.config_path(), &yb).unwrap();
     // The same size, inode and mtime the watch stamped: only the contents differ.
     std::fs::File::options()
         .write(true)
-        .open(&lg.path)
+        .open(lg.config_path())
         .unwrap()
         .set_modified(before.modified().unwrap())
         .unwrap();
-    let after = std::fs::metadata(&lg.path).unwrap();
+    let after = std::fs::metadata(lg.config_path()).unwrap();
     assert_eq!(after.modified().unwrap(), before.modified().unwrap());
     eventually(Duration::from_secs(5), "the watch reloads", || async {
         let mut c = client(Proto::H1, web).await;
@@ -878,7 +807,7 @@ async fn reloads_under_load_fail_no_request() {
     let a = upstream().name("a").start().await;
     let b = upstream().name("b").start().await;
     let lg = start(&yaml(a.addr, false, "", "", ""), None, 2);
-    let web = lg.addr("web").unwrap();
+    let web = lg.addr("web");
     let stop = Arc::new(AtomicBool::new(false));
     let (res, tasks) = steady_load(web, stop.clone(), None);
     for i in 0..20 {
@@ -888,11 +817,11 @@ async fn reloads_under_load_fail_no_request() {
             (a.addr, "")
         };
         // Every third config adds (and the next removes) a listener.
-        lg.write(&yaml(up, i % 3 == 0, route, "", ""));
+        lg.write_config(&yaml(up, i % 3 == 0, route, "", ""));
         let (status, body) = lg.reload().await;
         assert_eq!(status, 200, "{body}");
         if i % 5 == 0 {
-            lg.write(&yaml(up, false, "", "    bogus: 1\n", ""));
+            lg.write_config(&yaml(up, false, "", "    bogus: 1\n", ""));
             let (status, _) = lg.reload().await;
             assert_eq!(status, 400);
         }
@@ -955,7 +884,7 @@ fn plugin_yaml(up: SocketAddr, module: &Path) -> String {
     )
 }
 
-async fn plugin_status(lg: &Proc) -> Value {
+async fn plugin_status(lg: &LegateHandle) -> Value {
     let (status, body) = lg.admin(Method::GET, "/plugins").await;
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -969,7 +898,7 @@ each_proto!(
         let module = dir.path().join("tagger.wasm");
         write_module(&module, &guest_variant(1));
         let lg = start(&plugin_yaml(up.addr, &module), None, 2);
-        let mut c = client(proto, lg.addr("web").unwrap()).await;
+        let mut c = client(proto, lg.addr("web")).await;
         assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
         let st = plugin_status(&lg).await;
         assert_eq!(st["name"], "tagger");
@@ -1015,7 +944,7 @@ async fn a_renamed_listeners_connections_keep_its_filters() {
     write_module(&module, &guest_variant(1));
     let before = plugin_yaml(up.addr, &module);
     let lg = start(&before, None, 1);
-    let mut c = client(Proto::H1, lg.addr("web").unwrap()).await;
+    let mut c = client(Proto::H1, lg.addr("web")).await;
     let r = c.get("/x").send().await;
     assert_eq!(r.header("x-filter-resp"), Some("tagger"));
 
@@ -1024,10 +953,10 @@ async fn a_renamed_listeners_connections_keep_its_filters() {
         .replace("routes: main", "routes: main2")
         .replace("  - name: main\n", "  - name: main2\n");
     assert_ne!(after, before);
-    lg.write(&after);
+    lg.write_config(&after);
     let (status, body) = lg.reload().await;
     assert_eq!(status, 200, "{body}");
-    assert!(lg.addr("public").is_some(), "{body}");
+    assert!(lg.try_addr("public").is_some(), "{body}");
 
     // The old connection's next request: still filtered, still routed.
     let r = c.get("/x").send().await;
@@ -1035,7 +964,7 @@ async fn a_renamed_listeners_connections_keep_its_filters() {
     assert_eq!(r.header("x-filter-resp"), Some("tagger"));
     assert_eq!(r.header("connection"), Some("close"));
     // New connections get the new listener, with the same filter.
-    let mut c = client(Proto::H1, lg.addr("public").unwrap()).await;
+    let mut c = client(Proto::H1, lg.addr("public")).await;
     let r = c.get("/x").send().await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-filter-resp"), Some("tagger"));
@@ -1057,13 +986,13 @@ async fn a_tcp_connection_does_not_pin_the_old_plugins() {
         "listeners:\n  - name: raw\n    address: 127.0.0.1:0\n    tcp:\n      cluster: backend\n",
     );
     let lg = start(&yaml, None, 1);
-    let mut c = client(Proto::H1, lg.addr("web").unwrap()).await;
+    let mut c = client(Proto::H1, lg.addr("web")).await;
     assert_eq!(
         c.get("/x").send().await.header("x-filter-resp"),
         Some("tagger")
     );
     // A TCP connection through `raw`, kept open.
-    let mut raw = tokio::net::TcpStream::connect(lg.addr("raw").unwrap())
+    let mut raw = tokio::net::TcpStream::connect(lg.addr("raw"))
         .await
         .unwrap();
     raw.write_all(b"GET /raw HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -1107,17 +1036,17 @@ async fn a_tunnel_on_a_replaced_listener_does_not_pin_its_config() {
     write_module(&module, &guest_variant(1));
     let before = plugin_yaml(ws.addr, &module);
     let lg = start(&before, None, 1);
-    let mut t = RawConn::connect(lg.addr("web").unwrap()).await;
+    let mut t = RawConn::connect(lg.addr("web")).await;
     let head = t.websocket_handshake("/chat").await;
     assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
     assert_eq!(plugin_status(&lg).await["instances"], 1);
 
     // The listener is replaced (renamed) and the plugin too (a new module).
     write_module(&module, &guest_variant(2));
-    lg.write(&before.replace("  - name: web\n", "  - name: public\n"));
+    lg.write_config(&before.replace("  - name: web\n", "  - name: public\n"));
     let (status, body) = lg.reload().await;
     assert_eq!(status, 200, "{body}");
-    let mut c = client(Proto::H1, lg.addr("public").unwrap()).await;
+    let mut c = client(Proto::H1, lg.addr("public")).await;
     assert_eq!(
         c.get("/x").send().await.header("x-filter-resp"),
         Some("tagger")
@@ -1143,7 +1072,7 @@ each_proto!(
         let module = dir.path().join("tagger.wasm");
         write_module(&module, &guest_variant(1));
         let lg = start(&plugin_yaml(up.addr, &module), None, 1);
-        let mut c = client(proto, lg.addr("web").unwrap()).await;
+        let mut c = client(proto, lg.addr("web")).await;
         assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
 
         write_module(&module, b"\0asm\x0d\0\x01\0 not a component");
@@ -1189,7 +1118,7 @@ async fn the_module_watch_reloads_a_plugin() {
     .await;
     let st = plugin_status(&lg).await;
     assert_eq!(st["last_reload"]["trigger"], "watch");
-    let mut c = client(Proto::H1, lg.addr("web").unwrap()).await;
+    let mut c = client(Proto::H1, lg.addr("web")).await;
     assert_eq!(
         c.get("/x").send().await.header("x-filter-resp"),
         Some("tagger")
@@ -1266,7 +1195,7 @@ each_proto!(
                 let (status, body) = lg.reload().await;
                 assert_eq!(status, 200, "{body}");
             }
-            let mut c = client(proto, lg.addr("web").unwrap()).await;
+            let mut c = client(proto, lg.addr("web")).await;
             let r = c.get("/x").send().await;
             assert_eq!(r.status, 200, "round {round}: {}", r.text());
             drop(c);
@@ -1300,7 +1229,7 @@ async fn plugin_reloads_under_load_fail_no_request() {
     let lg = start(&plugin_yaml(up.addr, &module), None, 2);
     let stop = Arc::new(AtomicBool::new(false));
     let (res, tasks) = steady_load(
-        lg.addr("web").unwrap(),
+        lg.addr("web"),
         stop.clone(),
         Some(("x-filter-resp", "tagger")),
     );
@@ -1323,7 +1252,7 @@ async fn plugin_reloads_under_load_fail_no_request() {
     finish_load(&res, &stop, tasks).await;
     assert!(failures > 0);
     // Instances of replaced versions are freed: at most one per worker remains.
-    let mut c = client(Proto::H1, lg.addr("web").unwrap()).await;
+    let mut c = client(Proto::H1, lg.addr("web")).await;
     assert_eq!(c.get("/x").send().await.status, 200);
     let st = plugin_status(&lg).await;
     assert!(st["instances"].as_i64().unwrap() <= 2, "{st}");
@@ -1386,15 +1315,19 @@ async fn admin_at(admin: SocketAddr, method: Method, path: &str) -> Option<(u16,
 
 /// A config on fixed (free) ports, since two processes must agree on them.
 fn fixed_yaml(web: SocketAddr, admin: SocketAddr, up: SocketAddr) -> String {
-    yaml(up, false, "", "", "")
-        .replace(
-            "  address: 127.0.0.1:0\nlisteners:",
-            &format!("  address: {admin}\nlisteners:"),
-        )
-        .replace(
-            "    address: 127.0.0.1:0\n    http:",
-            &format!("    address: {web}\n    http:"),
-        )
+    fixed_ports(&yaml(up, false, "", "", ""), web, admin)
+}
+
+/// `yaml` (of [`yaml`]'s shape) with listener `web` and the admin on fixed ports.
+fn fixed_ports(yaml: &str, web: SocketAddr, admin: SocketAddr) -> String {
+    yaml.replace(
+        "  address: 127.0.0.1:0\nlisteners:",
+        &format!("  address: {admin}\nlisteners:"),
+    )
+    .replace(
+        "    address: 127.0.0.1:0\n    http:",
+        &format!("    address: {web}\n    http:"),
+    )
 }
 
 async fn wait_ready(admin: SocketAddr) {
@@ -1843,11 +1776,11 @@ clusters:
             )
         };
         let lg = start(&cfg("z1"), None, 1);
-        let mut c = client(proto, lg.addr("web").unwrap()).await;
+        let mut c = client(proto, lg.addr("web")).await;
         for _ in 0..4 {
             assert_eq!(c.get("/").send().await.header("x-upstream"), Some("a"));
         }
-        lg.write(&cfg("z2"));
+        lg.write_config(&cfg("z2"));
         let (status, body) = lg.reload().await;
         assert_eq!(status, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
@@ -1906,14 +1839,10 @@ async fn a_changed_dns_cluster_keeps_its_endpoints_across_reloads() {
     // The name server fails from now on: the reloads must not need it.
     dns.state.servfail.store(true, Ordering::SeqCst);
     let stop = Arc::new(AtomicBool::new(false));
-    let (res, tasks) = steady_load(
-        lg.addr("web").unwrap(),
-        stop.clone(),
-        Some(("x-upstream", "a")),
-    );
+    let (res, tasks) = steady_load(lg.addr("web"), stop.clone(), Some(("x-upstream", "a")));
     tokio::time::sleep(Duration::from_millis(100)).await;
     for i in 1..=6 {
-        lg.write(&config(i));
+        lg.write_config(&config(i));
         let (status, body) = lg.reload().await;
         assert_eq!(status, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
@@ -1951,11 +1880,11 @@ async fn a_dns_cluster_with_new_names_warms_before_it_goes_live() {
     let lg = start(&config("a.legate.test"), None, 2);
     lg.assert_stat(&backend("membership_total"), 1.0).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let web = lg.addr("web").unwrap();
+    let web = lg.addr("web");
     let (res, tasks) = steady_load(web, stop.clone(), Some(("x-upstream", "a")));
     tokio::time::sleep(Duration::from_millis(100)).await;
     for name in ["b.legate.test", "c.legate.test", "a.legate.test"] {
-        lg.write(&config(name));
+        lg.write_config(&config(name));
         let (status, body) = lg.reload().await;
         assert_eq!(status, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
@@ -1981,7 +1910,7 @@ async fn a_dns_cluster_with_new_names_warms_before_it_goes_live() {
     // The name server fails: the reload goes live after trying, without the name.
     dns.state.delay_ms.store(0, Ordering::SeqCst);
     dns.state.servfail.store(true, Ordering::SeqCst);
-    lg.write(&config("d.legate.test"));
+    lg.write_config(&config("d.legate.test"));
     let (status, body) = lg.reload().await;
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();

@@ -88,7 +88,14 @@ each_proto!(
             1,
             "the burst opened one upstream connection per request"
         );
-        assert_eq!(up.max_in_flight.get(), 50, "the requests shared it concurrently");
+        // Concurrently, not one after another: all 50 at once is the usual case,
+        // but a loaded machine may start the last requests after the first
+        // answers (50 ms each), so only overlap is asserted.
+        assert!(
+            up.max_in_flight.get() > 1,
+            "the requests did not share it concurrently ({} at most in flight)",
+            up.max_in_flight.get()
+        );
         lg.assert_stat(CLUSTER_2XX, 50.0).await;
         lg.assert_stat(CX_TOTAL, 1.0).await;
         lg.assert_stat(CX_ACTIVE, 1.0).await;
@@ -200,26 +207,13 @@ async fn a_reload_does_not_leak_h2_connections() {
             "",
             &format!("    protocol: h2\n    idle_timeout: {idle}\n"),
         );
-        format!("admin:\n  address: 127.0.0.1:0\n{yaml}")
+        yaml
     };
-    let dir = TempDir::new();
-    let path = dir.write("legate.yaml", config("1s"));
-    let cfg = legate_host::config::load_file(&path).unwrap();
-    let process = legate_host::server::ProcessOptions {
-        config_path: Some(path.clone()),
-        ..Default::default()
-    };
-    let opts = legate_host::server::Options { concurrency: 1 };
-    let handle = std::thread::spawn(move || legate_host::server::start_with(cfg, opts, process))
-        .join()
-        .unwrap()
-        .unwrap();
-    let admin = handle.admin_addr();
-    let web = handle.listener_addr("web").unwrap();
-    let stat = |series: &'static str| async move {
-        let mut c = client(Proto::H1, admin).await;
-        let text = c.get("/stats").send().await.text();
-        parse_prometheus(&text).get(series).copied()
+    let lg = legate().config(&config("1s")).from_file().start();
+    let web = lg.addr("web");
+    let stat = |series: &'static str| {
+        let lg = &lg;
+        async move { lg.stat(series).await }
     };
 
     for proto in [Proto::H1, Proto::H2] {
@@ -229,10 +223,9 @@ async fn a_reload_does_not_leak_h2_connections() {
     assert_eq!(up.connections.get(), 1);
 
     // The cluster changes (a longer idle timeout): new settings, a new connection.
-    std::fs::write(&path, config("60s")).unwrap();
-    let mut admin_client = client(Proto::H1, admin).await;
-    let r = admin_client.post("/reload").send().await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    lg.write_config(&config("60s"));
+    let (status, body) = lg.reload().await;
+    assert_eq!(status, 200, "{body}");
     for proto in [Proto::H1, Proto::H2] {
         let mut c = client(proto, web).await;
         assert_eq!(c.get("/after").send().await.status, 200);
@@ -255,9 +248,4 @@ async fn a_reload_does_not_leak_h2_connections() {
     assert_eq!(up.requests.get(), 4);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(up.closed.get(), 1, "the new connection closed too soon");
-
-    handle.shutdown();
-    std::thread::spawn(move || {
-        let _ = handle.wait();
-    });
 }
