@@ -455,6 +455,7 @@ pub fn start_with(
         None => None,
     };
 
+    let hot_restart = !process.inherited.is_empty() || process.inherited_admin.is_some();
     let mut inherited = process.inherited;
     let mut bound = Vec::new();
     for l in &config.listeners {
@@ -528,6 +529,9 @@ pub fn start_with(
     // Active health checks, outlier-detection intervals and discovery: one thread
     // for the process, not one per worker; restarted when a reload changes clusters.
     shared.restart_health()?;
+    if hot_restart {
+        wait_warm(&shared);
+    }
 
     let mut workers = Vec::new();
     for id in 0..opts.concurrency {
@@ -599,6 +603,28 @@ pub fn start_with(
         admin_stop,
         stopped: Arc::new(AtomicBool::new(false)),
     })
+}
+
+/// Blocks until every `dns` cluster is warm (has its first answer, or its
+/// `initial_fetch_timeout` passed). A hot restart's new process calls it before it
+/// accepts anything: it shares its listening sockets with the old process, which
+/// serves meanwhile, so a connection it took before then could only get 503 from a
+/// cluster with no endpoints yet. Envoy's new process likewise initializes its
+/// clusters before its listeners.
+fn wait_warm(shared: &Shared) {
+    let snapshot = shared.snapshot.load();
+    let mut logged = false;
+    while let Some(left) = snapshot.clusters.values().filter_map(|c| c.warming()).max() {
+        if !logged {
+            tracing::info!(
+                "hot restart: waiting for the first DNS answers of this process's clusters \
+                 ({:.1}s at most) before taking connections; the old process serves meanwhile",
+                left.as_secs_f64()
+            );
+            logged = true;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(10)));
+    }
 }
 
 fn run_worker(id: usize, shared: Arc<Shared>) {

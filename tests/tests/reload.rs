@@ -1400,6 +1400,45 @@ async fn hot_restart_under_load_fails_no_request() {
     assert!(current.exited(Duration::from_secs(30)).await.success());
 }
 
+/// A hot restart's new process takes no connection before its `dns` cluster has
+/// its first answer (the old process serves meanwhile), so a slow name server
+/// fails no request across the switch. Before, the new process accepted at once
+/// and answered 503 `no_healthy_upstream` until its first answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_restart_waits_for_dns_clusters_to_warm() {
+    let up = upstream().name("a").start().await;
+    let dns = DnsServer::start(&[std::net::Ipv4Addr::LOCALHOST]).await;
+    legate_bin();
+    let (web, admin) = (closed_port_addr(), closed_port_addr());
+    let dir = TempDir::new();
+    let yaml = dns_yaml(dns.addr, "up.legate.test", up.addr.port(), "");
+    let cfg = dir.write("legate.yaml", fixed_ports(&yaml, web, admin));
+    let mut old = Child::spawn(&cfg, &[]);
+    wait_ready(admin).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (res, tasks) = steady_load(web, stop.clone(), Some(("x-upstream", "a")));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every answer now comes 700 ms late (within `dns_timeout`, 1s): the new
+    // process's first one too.
+    dns.state.delay_ms.store(700, Ordering::SeqCst);
+    let mut new = Child::spawn(&cfg, &["--upgrade"]);
+    let status = old.exited(Duration::from_secs(60)).await;
+    assert!(status.success(), "the old process exited with {status}");
+    assert!(
+        new.child.try_wait().unwrap().is_none(),
+        "the new process died"
+    );
+    wait_ready(admin).await;
+    let before = res.ok.load(Ordering::Relaxed);
+    eventually(Duration::from_secs(10), "requests continue", || async {
+        (res.ok.load(Ordering::Relaxed) > before + 20).then_some(())
+    })
+    .await;
+    finish_load(&res, &stop, tasks).await;
+    new.signal("TERM");
+    assert!(new.exited(Duration::from_secs(30)).await.success());
+}
+
 /// Runs `legate` in a mount namespace of its own where `/etc/hosts` and
 /// `/etc/nsswitch.conf` are the given files (bind mounts: the machine's files are
 /// not touched), so a test decides what host names resolve to and when they stop
