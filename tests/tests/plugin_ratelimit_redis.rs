@@ -220,6 +220,38 @@ fn backend_unreachable_is_unavailable_at_once_then_reconnects() {
     assert_eq!(stat(r#"legate_kv_up{backend="redis"}"#), Some(1.0));
 }
 
+/// A pooled connection Redis closed while it sat idle (here Redis's own `timeout`,
+/// as managed Redis services set it) is noticed before use: the next call
+/// reconnects instead of failing with `unavailable` (before, it failed once).
+#[test]
+fn backend_replaces_an_idle_connection_redis_closed() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    let kv = backend(&redis.url(), &stats);
+    kv.set("n", "k", b"v".to_vec(), Condition::Always, None)
+        .unwrap();
+    redis.command("CONFIG SET timeout 1");
+    // Redis closes clients idle for more than 1s; wait until only the test's own
+    // (new) connection is left.
+    let deadline = Instant::now() + HANG;
+    while !redis
+        .command("INFO clients")
+        .contains("connected_clients:1\r")
+    {
+        assert!(Instant::now() < deadline, "Redis kept the idle client");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        kv.get("n", "k").map(|e| e.map(|e| e.value)),
+        Ok(Some(b"v".to_vec()))
+    );
+    let errors = parse_prometheus(&stats.render())
+        .into_iter()
+        .find(|(k, _)| k == r#"legate_kv_errors_total{backend="redis"}"#)
+        .map(|(_, v)| v);
+    assert_eq!(errors, Some(0.0));
+}
+
 #[test]
 fn backend_hung_redis_times_out() {
     let redis = RedisServer::start();

@@ -17,7 +17,10 @@
 //!   so a version is never reused for a key (no ABA), as in memory.
 //! - Connections: an idle pool, one connection per concurrently calling worker.
 //!   A connection that failed or timed out mid-call is dropped (its reply may still
-//!   arrive), and the idle ones with it (they share its fate). A failed connect
+//!   arrive), and the idle ones with it (they share its fate). One that sat idle
+//!   for [`STALE_AFTER`] is checked with a `PING` before use, so one Redis closed
+//!   meanwhile (its `timeout` setting, a restart, a proxy in between) is replaced
+//!   instead of failing a call. A failed connect
 //!   starts an exponential backoff (100ms doubling to 2s) during which calls fail
 //!   at once instead of each waiting for a dead server.
 //! - Stats (label `backend="redis"`): `legate_kv_operations_total{op}`,
@@ -43,6 +46,11 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Idle connections kept; more concurrent callers than this connect anew.
 const MAX_IDLE: usize = 64;
+/// A pooled connection idle this long is checked (`PING`) before use. Redis's
+/// `timeout` is whole seconds and closes only clients idle for more than that, so
+/// one idle for less cannot have been closed by it; busy connections are never
+/// checked (no extra round trip under load).
+const STALE_AFTER: Duration = Duration::from_secs(1);
 
 /// `set`: KEYS entry, version counter; ARGV value, mode (`a` always, `n` if
 /// absent, `v` if version), expected version, TTL in ms (`0` = none).
@@ -194,7 +202,8 @@ pub struct RedisKv {
     client: ::redis::Client,
     timeout: Duration,
     prefix: String,
-    idle: Mutex<Vec<Connection>>,
+    /// Idle connections, with when each was last used.
+    idle: Mutex<Vec<(Connection, Instant)>>,
     link: Mutex<Link>,
     set: Script,
     delete: Script,
@@ -251,13 +260,33 @@ impl RedisKv {
 
     /// An idle connection, or a new one unless backing off.
     fn connection(&self) -> Result<Connection, Down> {
-        if let Some(c) = self
+        let pooled = self
             .idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-        {
-            return Ok(c);
+            .pop();
+        if let Some((mut c, since)) = pooled {
+            if since.elapsed() < STALE_AFTER {
+                return Ok(c);
+            }
+            match ::redis::cmd("PING").query::<String>(&mut c) {
+                Ok(_) => return Ok(c),
+                Err(e) if e.is_timeout() => {
+                    // Connected but silent: a hung server, which a new
+                    // connection would wait on too (counted by the caller).
+                    self.lost(&e);
+                    return Err(Down::Timeout);
+                }
+                Err(e) => {
+                    // Closed while idle; so, likely, are the other idle ones
+                    // (made to the same server): all dropped, one made anew.
+                    tracing::debug!("kv: an idle Redis connection was closed ({e}); reconnecting");
+                    self.idle
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clear();
+                }
+            }
         }
         if self.link().retry_at.is_some_and(|t| Instant::now() < t) {
             return Err(Down::Unreachable);
@@ -327,23 +356,25 @@ impl RedisKv {
                 // Up again even without a reconnect: another worker's failure
                 // may have set it down while this connection still worked.
                 self.stats.up.set(1);
-                let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-                if idle.len() < MAX_IDLE {
-                    idle.push(conn);
-                }
+                self.put_back(conn);
                 Ok(v)
             }
             Err(e) => {
                 self.failed(&e);
                 if !broken(&e) {
                     // A server error reply (OOM, LOADING...): the connection is fine.
-                    let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-                    if idle.len() < MAX_IDLE {
-                        idle.push(conn);
-                    }
+                    self.put_back(conn);
                 }
                 Err(KvError::Unavailable)
             }
+        }
+    }
+
+    /// Returns a working connection to the idle pool.
+    fn put_back(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE {
+            idle.push((conn, Instant::now()));
         }
     }
 
@@ -353,21 +384,26 @@ impl RedisKv {
             self.stats.timeouts.inc();
         }
         if broken(e) {
-            // The others were made to the same server: drop them too, so the
-            // next call reconnects (or backs off) rather than failing on each.
-            self.idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clear();
-            let mut link = self.link();
-            if !link.lost {
-                tracing::warn!("kv: lost the Redis connection ({e}); reconnecting");
-            }
-            link.lost = true;
-            self.stats.up.set(0);
+            self.lost(e);
         } else {
             tracing::warn!("kv: Redis answered an error: {e}");
         }
+    }
+
+    /// A connection broke (`e`): Redis is marked down until a call succeeds.
+    fn lost(&self, e: &RedisError) {
+        // The others were made to the same server: drop them too, so the
+        // next call reconnects (or backs off) rather than failing on each.
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        let mut link = self.link();
+        if !link.lost {
+            tracing::warn!("kv: lost the Redis connection ({e}); reconnecting");
+        }
+        link.lost = true;
+        self.stats.up.set(0);
     }
 }
 
