@@ -217,6 +217,12 @@ impl HttpFilter for AuthFilter {
         }
         identity_headers.extend(s.api_keys.iter().map(|a| a.id_header.clone()));
         identity_headers.extend(s.basic.iter().map(|b| b.user_header.clone()));
+        // What the check service vouches for must come from it alone: a client's
+        // own copy is dropped even when the check (an allow without the header,
+        // `failure_mode_allow`, a public rule) puts none in its place.
+        if let Some(e) = &s.ext_authz {
+            identity_headers.extend(e.upstream_headers.iter().cloned());
+        }
         identity_headers.sort();
         identity_headers.dedup();
         for b in &s.basic {

@@ -346,8 +346,10 @@ fn ext_authz_allow_copies_headers_and_sees_the_identity() {
     drop(x);
 
     // A public rule skips ext_authz; an unauthenticated request never reaches it.
-    let mut x = t.exchange(Request::get("/open"));
+    // A client's own x-authz-user is dropped either way: only the check sets it.
+    let mut x = t.exchange(Request::get("/open").header("x-authz-user", "admin"));
     assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_header("x-authz-user"), None);
     drop(x);
     let r = respond(t.exchange(Request::get("/x")).request_headers());
     assert_eq!(r.status, 401);
@@ -397,7 +399,11 @@ fn ext_authz_timeout_denies_by_default_and_allows_in_failure_mode_allow() {
             .configure::<AuthFilter>(&authz_cfg(allow).to_string())
             .unwrap();
         host.queue_callout_response("authz", Err(Error::Timeout));
-        let mut x = t.exchange(Request::get("/").header("x-api-key", "k-a"));
+        let mut x = t.exchange(
+            Request::get("/")
+                .header("x-api-key", "k-a")
+                .header("x-authz-user", "admin"),
+        );
         assert_eq!(x.request_headers(), Action::Pause);
         let a = x.deliver_callouts();
         match (expect, &a[..]) {
@@ -405,7 +411,11 @@ fn ext_authz_timeout_denies_by_default_and_allows_in_failure_mode_allow() {
                 assert_eq!(r.status, s);
                 assert_eq!(r.details, "auth_ext_authz_error");
             }
-            (None, [Action::Continue]) => {}
+            // Let through without the check's word: a forged identity header
+            // does not go upstream.
+            (None, [Action::Continue]) => {
+                assert_eq!(x.request_header("x-authz-user"), None);
+            }
             other => panic!("failure_mode_allow={allow}: {other:?}"),
         }
         drop(x);
