@@ -212,6 +212,9 @@ pub struct HostState {
     table: ResourceTable,
     /// The memory cap.
     pub limits: StoreLimits,
+    /// The memory cap, for the instance's linear memories together (`limits`
+    /// applies it to each alone).
+    memory_cap: usize,
     /// The plugin.
     pub plugin: Arc<PluginShared>,
     /// The worker index.
@@ -270,6 +273,7 @@ impl HostState {
                 .memory_size(memory_cap)
                 .trap_on_grow_failure(true)
                 .build(),
+            memory_cap,
             plugin,
             worker,
             phase: Phase::Configure,
@@ -387,9 +391,11 @@ impl wasmtime::ResourceLimiter for HostState {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        let delta = desired.saturating_sub(current);
+        self.memory.admit(delta, self.memory_cap)?;
         let ok = self.limits.memory_growing(current, desired, maximum)?;
         if ok {
-            self.memory.grew(desired.saturating_sub(current));
+            self.memory.grew(delta);
         }
         Ok(ok)
     }

@@ -120,6 +120,21 @@ impl MemoryUse {
         }
     }
 
+    /// Refuses (as a trap the plugin stats count as the memory cap) growing a
+    /// memory of the instance by `delta` bytes past `cap` for all its memories
+    /// together: the cap is per instance (abi/README.md §7), while wasmtime's
+    /// `StoreLimits` applies it to each memory alone, so a module with two
+    /// memories, or a component of several core modules, would get it twice.
+    pub fn admit(&self, delta: usize, cap: usize) -> wasmtime::Result<()> {
+        if self.bytes.saturating_add(delta) > cap {
+            wasmtime::bail!(
+                "forcing trap when growing memory by {delta} bytes: the instance's \
+                 memories would hold more than its cap of {cap} bytes"
+            );
+        }
+        Ok(())
+    }
+
     /// A memory of the instance grew by `delta` bytes (or was created).
     pub fn grew(&mut self, delta: usize) {
         self.bytes += delta;
@@ -198,6 +213,19 @@ pub async fn tick_interval(every: std::time::Duration) -> tokio::time::Interval 
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_memory_cap_holds_for_all_memories_together() {
+        const MIB: usize = 1 << 20;
+        let mut m = MemoryUse::default();
+        // A first memory of 6 MiB fits an 8 MiB cap; a second one of 6 MiB
+        // (alone under the cap, as `StoreLimits` sees it) does not.
+        m.admit(6 * MIB, 8 * MIB).unwrap();
+        m.grew(6 * MIB);
+        let e = m.admit(6 * MIB, 8 * MIB).unwrap_err().to_string();
+        assert!(e.contains("growing memory"), "{e}");
+        m.admit(2 * MIB, 8 * MIB).unwrap();
+    }
 
     #[test]
     fn sweep_drops_the_slots_of_removed_ids() {

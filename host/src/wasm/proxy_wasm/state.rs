@@ -163,6 +163,9 @@ pub struct PwState {
     pub clock: crate::wasm::engine::CallClock,
     /// The memory cap.
     pub limits: StoreLimits,
+    /// The memory cap, for the instance's linear memories together (`limits`
+    /// applies it to each alone).
+    memory_cap: usize,
     /// Linear memory the VM holds (in the per-worker gauge, except for the
     /// load-time check's VM).
     pub memory_use: crate::wasm::slots::MemoryUse,
@@ -269,6 +272,7 @@ impl PwState {
                 .memory_size(memory_cap)
                 .trap_on_grow_failure(true)
                 .build(),
+            memory_cap,
             memory_use: crate::wasm::slots::MemoryUse::default(),
             meta,
             memory: None,
@@ -367,9 +371,11 @@ impl wasmtime::ResourceLimiter for PwState {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        let delta = desired.saturating_sub(current);
+        self.memory_use.admit(delta, self.memory_cap)?;
         let ok = self.limits.memory_growing(current, desired, maximum)?;
         if ok {
-            self.memory_use.grew(desired.saturating_sub(current));
+            self.memory_use.grew(delta);
         }
         Ok(ok)
     }
