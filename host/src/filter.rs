@@ -924,6 +924,7 @@ impl Filters {
             called: Vec::with_capacity(n),
             skipped: Vec::new(),
             responded: None,
+            replaced_response: None,
             callouts,
             inflight: Inflight::new(),
             finished: false,
@@ -1175,6 +1176,10 @@ pub struct Chain {
     /// The filter that answered from a request phase: it and the filters after it
     /// get no response phase.
     responded: Option<usize>,
+    /// The filter that last replaced the response from its response-headers
+    /// phase: it and the filters after it (which saw the upstream's head) get no
+    /// body or trailers phase of the local response (abi/README.md §3.5).
+    replaced_response: Option<usize>,
     callouts: Rc<dyn CalloutSender>,
     /// Callouts in flight, as tasks on the worker's `LocalSet`: dropping the set
     /// (the chain) aborts them, so a gone exchange gets no deliveries.
@@ -1232,7 +1237,9 @@ impl Chain {
 
     /// Whether entered filter `i` takes part in the response path.
     fn in_response(&self, i: usize) -> bool {
-        self.live(i) && self.responded.is_none_or(|k| i < k)
+        self.live(i)
+            && self.responded.is_none_or(|k| i < k)
+            && self.replaced_response.is_none_or(|k| i < k)
     }
 
     /// Sends the callouts filter `i` queued in its last call.
@@ -1442,6 +1449,7 @@ impl Chain {
                     self.x.status = Some(lr.status);
                     self.x.response_headers = Some(lr.headers);
                     replaced = Some(lr.body);
+                    self.replaced_response = Some(i);
                 }
                 Err(why) => {
                     failure(&*f, "response_headers", &why)?;
@@ -1469,6 +1477,14 @@ impl Chain {
             after |= p.0 & later.0 != 0;
         }
         (any, after)
+    }
+
+    /// Whether a filter still taking part in the response has a response body
+    /// phase, which may change the body's size.
+    pub fn response_body_filtered(&self) -> bool {
+        self.order(Direction::Response)
+            .into_iter()
+            .any(|i| self.entered[i].phases().contains(Phases::RESPONSE_BODY))
     }
 
     /// Whether a filter that ran may still read the request head after the
@@ -1904,9 +1920,12 @@ impl Chain {
             return;
         }
         self.inflight.abort_all();
-        for (i, f) in self.entered.iter().enumerate() {
-            if self.live(i) && f.phases().contains(Phases::LOG) {
-                f.on_log(self.worker, &mut self.x);
+        for i in 0..self.entered.len() {
+            if self.live(i) && self.entered[i].phases().contains(Phases::LOG) {
+                // Through `call`: a filter whose first call this is (it declared
+                // only `on-log`, or the exchange ended before its other phases)
+                // gets its context made here.
+                self.call(i, |f, worker, x| f.on_log(worker, x));
             }
         }
         for (f, c) in self.entered.iter().zip(&self.ctl) {
@@ -2028,6 +2047,7 @@ mod tests {
             called: Vec::new(),
             skipped: Vec::new(),
             responded: None,
+            replaced_response: None,
             callouts: Rc::new(NoCallouts),
             inflight: Inflight::new(),
             finished: false,

@@ -1018,6 +1018,8 @@ async fn response_filters(
     }
     *resp.headers_mut() = headers.unwrap_or_default();
     let status = chain.x.status;
+    let body_filtered =
+        replaced.as_ref().is_ok_and(Option::is_some) && chain.response_body_filtered();
     shared.put(chain);
     let replaced = replaced?;
     if let Some(s) = status {
@@ -1027,8 +1029,14 @@ async fn response_filters(
         let len = b.len();
         *resp.body_mut() = body::full(b);
         proxy_headers::strip_hop_by_hop(resp.headers_mut());
-        resp.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        if body_filtered {
+            // A body phase before the answering filter sees the local body and
+            // may resize it (a buffered one gets its length set after it).
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+        } else {
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
     }
     response_body(shared, resp).await
 }

@@ -486,6 +486,31 @@ async fn guest_metrics_reach_stats() {
     );
 }
 
+each_proto!(
+    /// A plugin that declares only `on-log` (an access logger) gets it for every
+    /// exchange, its context made by that call; before, it was never called
+    /// (no earlier call had made the context) and each exchange logged a warning.
+    async fn a_log_only_plugin_is_called_once_per_exchange(proto) {
+        let up = upstream().start().await;
+        let p = plugin("logger", "{ mode: metrics, phases: log }", "");
+        let lg = legate().config(&simple(up.addr, &p, &["logger"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..3 {
+            assert_eq!(c.get("/a").send().await.status, 200);
+        }
+        lg.assert_stat(
+            r#"legate_plugin_requests{plugin="logger",method="log-GET"}"#,
+            3.0,
+        )
+        .await;
+        assert_eq!(
+            lg.stat(r#"legate_plugin_requests{plugin="logger",method="GET"}"#)
+                .await,
+            None
+        );
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_new_series_count_against_the_series_cap() {
     // The guest calls `with-labels` on every request: the same series again must

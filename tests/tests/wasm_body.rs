@@ -135,6 +135,57 @@ each_proto!(
 );
 
 each_proto!(
+    /// A response replaced from filter k's response-headers phase goes through the
+    /// body phases of the filters before k only (abi/README.md §3.5): a filter
+    /// after k saw the upstream's head, and never sees the local body; before, it
+    /// rewrote it (and k's own body phase ran too).
+    async fn a_response_replaced_in_response_headers_skips_the_later_filters_bodies(proto) {
+        let up = text_upstream("hello world").await;
+        let upper = plugin("upper", "{ mode: body-upper, phases: \"rs,rsbody\" }", "");
+        let responder = plugin(
+            "responder",
+            "{ mode: respond, phases: \"rq,rs,rsbody\", tag: late }",
+            "",
+        );
+        let plugins = format!("{upper}{responder}");
+        // `upper` after the responder: it does not touch the local body.
+        let lg = legate()
+            .config(&config(up.addr, &plugins, &["responder", "upper"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .get("/text")
+            .header("x-api-key", "k")
+            .header("x-respond-late", "1")
+            .send()
+            .await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("x-replaced-by"), Some("late"));
+        assert_eq!(r.text(), "replaced by plugin\n");
+        lg.assert_stat(&calls("responder", "response_body"), 0.0).await;
+        lg.assert_stat(&calls("upper", "response_body"), 0.0).await;
+        // Without the header, both see the upstream's body as usual.
+        let r = c.get("/text").header("x-api-key", "k").send().await;
+        assert_eq!(r.text(), "HELLO WORLD!");
+        drop(lg);
+
+        // `upper` before the responder: it sees the local body, as the response.
+        let lg = legate()
+            .config(&config(up.addr, &plugins, &["upper", "responder"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .get("/text")
+            .header("x-api-key", "k")
+            .header("x-respond-late", "1")
+            .send()
+            .await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.text(), "REPLACED BY PLUGIN\n!");
+    }
+);
+
+each_proto!(
     async fn a_buffered_body_phase_can_give_a_body_to_a_message_without_one(proto) {
         let up = upstream()
             .route("/empty", |_req| async { Response::new(Full::new(Bytes::new())) })

@@ -1058,8 +1058,8 @@ impl HttpFilter for WasmFilter {
 
     fn on_log(&self, worker: usize, x: &mut Exchange) {
         self.stats.calls["log"].inc();
-        let context = x.context;
-        let r = self.with_instance(worker, Phase::ReadOnly, Some(x), false, |live| {
+        let (context, first) = (x.context, x.first_call);
+        let r = self.with_instance(worker, Phase::ReadOnly, Some(x), first, |live| {
             let xr = live.store.data_mut().exchange_handle(context)?;
             let xr2 = xr;
             let xr = borrow(&xr2);

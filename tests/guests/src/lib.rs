@@ -4,7 +4,9 @@
 //! - `headers`: sets request header `x-filter: <tag or plugin name>` and response
 //!   header `x-filter-resp: <tag or plugin name>`; echoes the route and request-id
 //!   seen into `x-seen-route` / `x-seen-request-id` response headers.
-//! - `respond`: answers 401 locally unless the request has `x-api-key`.
+//! - `respond`: answers 401 locally unless the request has `x-api-key`; in the
+//!   response-headers phase, replaces the response with a local 503 (`replaced by
+//!   plugin\n`, header `x-replaced-by: <tag>`) when the request has `x-respond-late`.
 //! - `cookies`: on the response, counts `set-cookie` values (`x-cookie-count`) and
 //!   adds one more.
 //! - `rewrite`: rewrites a path starting `/old` to `/new` (the host re-routes).
@@ -13,7 +15,8 @@
 //!   waits, so no epoch check either); anything else passes.
 //! - `bad-config`: `configure` fails with a message.
 //! - Any mode: `configure_sleep_ms: "<ms>"` sleeps that long in `configure`.
-//! - `metrics`: counts requests in counter `requests{method}`.
+//! - `metrics`: counts requests in counter `requests{method}`, and in `on-log`
+//!   (with phase `log`) under `method="log-<METHOD>"`.
 //! - `kv`: opens KV namespace `ns` (default `counters`) in `configure`; a failed
 //!   open is reported on every request as `x-kv-error: <error>`. Request paths:
 //!   `/count` adds 1 to key `count` with a get + `if-version`/`if-absent` CAS retry
@@ -845,6 +848,18 @@ impl Guest for Plugin {
                 let _ = h.add("set-cookie", b"added=by-plugin");
                 Action::Continue
             }
+            "respond"
+                if x
+                    .headers(Direction::Request)
+                    .is_some_and(|r| r.has("x-respond-late")) =>
+            {
+                Action::Respond(LocalResponse {
+                    status: 503,
+                    headers: vec![("x-replaced-by".into(), tag().into_bytes())],
+                    body: b"replaced by plugin\n".to_vec(),
+                    details: "replaced_late".into(),
+                })
+            }
             _ => Action::Continue,
         }
     }
@@ -866,7 +881,17 @@ impl Guest for Plugin {
         Action::Continue
     }
 
-    fn on_log(_c: u64, _x: &Exchange) {}
+    fn on_log(_c: u64, x: &Exchange) {
+        if mode() == "metrics" {
+            REQUESTS.with(|r| {
+                if let Some(c) = r.borrow().as_ref() {
+                    if let Ok(s) = c.with_labels(&[format!("log-{}", x.method())]) {
+                        s.add(1);
+                    }
+                }
+            });
+        }
+    }
 
     fn on_callout_response(
         c: u64,
