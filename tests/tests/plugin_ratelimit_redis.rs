@@ -187,12 +187,7 @@ fn backend_unreachable_is_unavailable_at_once_then_reconnects() {
     for _ in 0..5 {
         assert_eq!(kv.get("n", "k"), Err(KvError::Unavailable));
     }
-    let stat = |name: &str| {
-        parse_prometheus(&stats.render())
-            .into_iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v)
-    };
+    let stat = |name: &str| stat(&stats.render(), name);
     assert_eq!(
         stat(r#"legate_kv_errors_total{backend="redis"}"#),
         Some(5.0)
@@ -245,11 +240,13 @@ fn backend_replaces_an_idle_connection_redis_closed() {
         kv.get("n", "k").map(|e| e.map(|e| e.value)),
         Ok(Some(b"v".to_vec()))
     );
-    let errors = parse_prometheus(&stats.render())
-        .into_iter()
-        .find(|(k, _)| k == r#"legate_kv_errors_total{backend="redis"}"#)
-        .map(|(_, v)| v);
-    assert_eq!(errors, Some(0.0));
+    assert_eq!(
+        stat(
+            &stats.render(),
+            r#"legate_kv_errors_total{backend="redis"}"#
+        ),
+        Some(0.0)
+    );
 }
 
 #[test]
@@ -266,12 +263,7 @@ fn backend_hung_redis_times_out() {
     for _ in 0..3 {
         assert_eq!(kv.get("n", "k"), Err(KvError::Unavailable));
     }
-    let stat = |name: &str| {
-        parse_prometheus(&stats.render())
-            .into_iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v)
-    };
+    let stat = |name: &str| stat(&stats.render(), name);
     assert_eq!(
         stat(r#"legate_kv_errors_total{backend="redis"}"#),
         Some(3.0)

@@ -152,13 +152,15 @@ each_proto!(
         let lg = legate()
             .config(&config(up.addr, &plugins, &["responder", "upper"]))
             .start();
+        async fn late(c: &mut Client) -> Resp {
+            c.get("/text")
+                .header("x-api-key", "k")
+                .header("x-respond-late", "1")
+                .send()
+                .await
+        }
         let mut c = client(proto, lg.addr("web")).await;
-        let r = c
-            .get("/text")
-            .header("x-api-key", "k")
-            .header("x-respond-late", "1")
-            .send()
-            .await;
+        let r = late(&mut c).await;
         assert_eq!(r.status, 503);
         assert_eq!(r.header("x-replaced-by"), Some("late"));
         assert_eq!(r.text(), "replaced by plugin\n");
@@ -174,12 +176,7 @@ each_proto!(
             .config(&config(up.addr, &plugins, &["upper", "responder"]))
             .start();
         let mut c = client(proto, lg.addr("web")).await;
-        let r = c
-            .get("/text")
-            .header("x-api-key", "k")
-            .header("x-respond-late", "1")
-            .send()
-            .await;
+        let r = late(&mut c).await;
         assert_eq!(r.status, 503);
         assert_eq!(r.text(), "REPLACED BY PLUGIN\n!");
     }
