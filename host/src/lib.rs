@@ -24,6 +24,7 @@ pub mod mirror;
 pub mod native;
 pub mod network_filter;
 pub mod overrides;
+pub mod path;
 pub mod plugin_build;
 pub mod plugin_profile;
 pub mod proxy;

@@ -39,6 +39,10 @@ pub struct ListenerStats {
     /// HTTP/1.1 upgrades refused (403) because neither `http.upgrades` nor the
     /// route allows their type (Envoy's `downstream_rq_ws_on_non_ws_route`).
     pub upgrades_refused: Counter,
+    /// Requests refused (400) for their path: a malformed escape or `%00` under
+    /// `http.normalize_path`, an escaped slash under `path_with_escaped_slashes:
+    /// reject` (Envoy's `downstream_rq_failed_path_normalization`).
+    pub paths_rejected: Counter,
     /// Bytes received from downstream (TCP listeners).
     pub rx_bytes: Counter,
     /// Bytes sent to downstream (TCP listeners).
@@ -90,6 +94,11 @@ impl ListenerStats {
             upgrades_refused: stats.counter(
                 "legate_listener_upgrades_refused_total",
                 "HTTP/1.1 upgrades refused with 403: type not in http.upgrades nor enabled by the route.",
+                &l,
+            ),
+            paths_rejected: stats.counter(
+                "legate_listener_paths_rejected_total",
+                "Requests refused with 400 for their path (bad escape, %00, or an escaped slash under reject).",
                 &l,
             ),
             rx_bytes: stats.counter(

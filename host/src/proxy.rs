@@ -193,6 +193,9 @@ async fn proxy(
         ));
     };
     check_framing(&req, listener.cfg.limits.max_request_headers as usize)?;
+    // Before anything reads the path (the upgrade decision, filters, routes), so
+    // that they and the upstream all see the same one.
+    normalize_path(&mut req, http, listener)?;
     let snapshot = listener.snapshot(&conn.worker.shared.snapshot);
     let table = snapshot
         .route_tables
@@ -1237,6 +1240,39 @@ fn check_framing<B>(req: &Request<B>, max_headers: usize) -> Result<(), ProxyErr
             format!("{} headers > {max_headers}", h.len()),
         ));
     }
+    Ok(())
+}
+
+/// Replaces the request's path by its normal form ([`crate::path`]), the query
+/// string untouched; a path that cannot be normalized is a 400, counted.
+fn normalize_path<B>(
+    req: &mut Request<B>,
+    http: &crate::config::HttpListener,
+    listener: &crate::listener::ListenerCtx,
+) -> Result<(), ProxyError> {
+    let path = match crate::path::normalize(req.uri().path(), crate::path::Options::of(http)) {
+        Ok(None) => return Ok(()),
+        Ok(Some(p)) => p,
+        Err(e) => {
+            listener.stats.paths_rejected.inc();
+            return Err(ProxyError::new(Kind::BadRequest, e.to_string()));
+        }
+    };
+    let mut pq = path;
+    if let Some(q) = req.uri().query() {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    // Scheme and authority (absolute-form, HTTP/2) are kept as they came.
+    let mut parts = req.uri().clone().into_parts();
+    let uri = http::uri::PathAndQuery::try_from(pq)
+        .map_err(|e| e.to_string())
+        .and_then(|pq| {
+            parts.path_and_query = Some(pq);
+            Uri::from_parts(parts).map_err(|e| e.to_string())
+        })
+        .map_err(|e| ProxyError::new(Kind::Internal, format!("normalized path: {e}")))?;
+    *req.uri_mut() = uri;
     Ok(())
 }
 

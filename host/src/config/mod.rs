@@ -304,6 +304,33 @@ pub struct HttpListener {
     /// tunnelled (its upgrade headers are removed and the request is proxied).
     #[serde(default = "defaults::upgrades")]
     pub upgrades: Vec<String>,
+    /// RFC 3986 path normalization before filters and routes (`crate::path`):
+    /// unreserved escapes decoded, dot segments removed. Default true, unlike
+    /// Envoy's historic false: a route or filter that matches a path the
+    /// upstream resolves differently is an authorization bypass.
+    #[serde(default = "defaults::yes")]
+    pub normalize_path: bool,
+    /// Merge runs of `/` in the path into one. Default false, as Envoy: `//` is
+    /// a distinct path to RFC 3986 and to some upstreams.
+    #[serde(default)]
+    pub merge_slashes: bool,
+    /// What `%2F` and `%5C` in the path become. Default `keep`, as Envoy.
+    #[serde(default)]
+    pub path_with_escaped_slashes: EscapedSlashes,
+}
+
+/// What to do with escaped slashes (`%2F`, `%5C`) in a request path (Envoy's
+/// `path_with_escaped_slashes_action`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashes {
+    /// Leave them escaped: they are not separators to routes or filters.
+    #[default]
+    Keep,
+    /// Refuse the request with 400.
+    Reject,
+    /// Decode them (`%2F` → `/`, `%5C` → `\`) and forward the decoded path.
+    Unescape,
 }
 
 /// Settings of a TCP proxy listener.
@@ -1452,6 +1479,8 @@ clusters:
         assert!(!http.trust_downstream);
         assert!(http.generate_request_id);
         assert!(http.via.is_none());
+        assert!(http.normalize_path && !http.merge_slashes);
+        assert_eq!(http.path_with_escaped_slashes, EscapedSlashes::Keep);
         assert!(l.tls.is_none() && l.tcp.is_none() && !l.original_destination);
         assert_eq!(l.limits.max_connections, Limits::default().max_connections);
 
@@ -1779,6 +1808,7 @@ clusters:
     fn enum_values() -> Vec<&'static str> {
         [
             variants::<TlsVersion>(),
+            variants::<EscapedSlashes>(),
             variants::<RetryOn>(),
             variants::<LbPolicy>(),
             variants::<UpstreamProtocol>(),
