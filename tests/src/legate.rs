@@ -104,6 +104,12 @@ impl LegateHandle {
         format!("http://{}", self.addr(name))
     }
 
+    /// The metrics registry itself, which outlives the server: for counters read
+    /// after [`LegateHandle::shutdown_and_wait`], when `/stats` is gone.
+    pub fn registry(&self) -> std::sync::Arc<legate_host::stats::Stats> {
+        self.handle().stats()
+    }
+
     /// Starts a graceful shutdown (as SIGTERM) without waiting for it.
     pub fn shutdown(&self) {
         self.handle().shutdown();
