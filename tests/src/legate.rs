@@ -110,6 +110,13 @@ impl LegateHandle {
         self.handle().stats()
     }
 
+    /// The process-wide state. Holding it past [`LegateHandle::shutdown_and_wait`]
+    /// is what `legate run` does (its signal loop keeps it until the process
+    /// exits), so nothing may rely on it being dropped at shutdown.
+    pub fn shared(&self) -> std::sync::Arc<server::Shared> {
+        self.handle().shared()
+    }
+
     /// Starts a graceful shutdown (as SIGTERM) without waiting for it.
     pub fn shutdown(&self) {
         self.handle().shutdown();

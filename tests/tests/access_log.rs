@@ -137,6 +137,9 @@ each_proto!(
         .await;
         drop(c);
         let registry = lg.registry();
+        // As `legate run`, which exits with the state still referenced: the
+        // lines must be written by the shutdown itself, not when it is dropped.
+        let _shared = lg.shared();
         lg.shutdown_and_wait().await.expect("clean stop");
         let lines = access_log_lines(&log);
         let got: Vec<usize> = lines.iter().map(|l| seq(l).1).collect();
