@@ -1,73 +1,444 @@
 //! The access log: one JSON object per line per request, to stdout, stderr or a file.
 //!
-//! Lines are written whole under a lock so workers never interleave them; the file
-//! is opened for append, so logrotate's `copytruncate` works.
+//! Workers never write it. [`AccessLog::write`] formats the line and appends it to
+//! a shared buffer under a short lock; one writer thread (`legate-access-log`, a
+//! plain thread, not a worker) writes the buffer out every `flush_interval`, or as
+//! soon as [`FLUSH_BYTES`] are waiting, as Envoy's file access log does. So a slow
+//! disk or a stdout pipe nobody reads holds up the log, never a request. The memory
+//! is bounded: past `buffer_limit` new lines are dropped and counted
+//! (`legate_access_log_dropped_total`). [`AccessLog::close`] writes what is left
+//! when the process stops. A file is opened for append, so logrotate's
+//! `copytruncate` works.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, LineWriter, Write};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Mutex, PoisonError};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-enum Sink {
-    Stdout,
-    Stderr,
-    File(Mutex<LineWriter<File>>),
-}
+use crate::config;
+use crate::stats::{Counter, Stats};
+
+/// Waiting lines past this size wake the writer before its interval ends (Envoy's
+/// `min_flush_size`).
+pub const FLUSH_BYTES: usize = 64 * 1024;
+
+/// What the kernel writes to a pipe in one piece (POSIX `PIPE_BUF` on Linux).
+const PIPE_BUF: usize = 4096;
+
+/// How long [`AccessLog::close`] waits for the writer to finish; a writer blocked
+/// longer (a pipe nobody reads) must not keep the process from exiting.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Where access-log lines go.
 pub struct AccessLog {
-    sink: Sink,
-    /// A write failed and none succeeded since: the failure was reported once
-    /// (a full disk would otherwise log a warning per request).
-    failing: AtomicBool,
+    shared: Arc<Buffered>,
+    /// The writer thread and the channel it closes when it ends; taken by `close`.
+    writer: Mutex<Option<(JoinHandle<()>, mpsc::Receiver<()>)>>,
+}
+
+/// What the workers and the writer share.
+struct Buffered {
+    pending: Mutex<Pending>,
+    /// Wakes the writer early: [`FLUSH_BYTES`] are waiting, or the log is closing.
+    wake: Condvar,
+    /// The most bytes `pending` may hold.
+    limit: usize,
+    /// Lines not written because `pending` was full (or the log already closed).
+    dropped: Counter,
+}
+
+#[derive(Default)]
+struct Pending {
+    lines: Vec<u8>,
+    closed: bool,
+}
+
+impl Buffered {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends one whole line, or drops and counts it. Returns whether the writer
+    /// should be woken (the buffer just passed [`FLUSH_BYTES`]), so the caller
+    /// notifies once per batch rather than once per line.
+    fn push(&self, line: &[u8]) -> bool {
+        let mut p = self.lock();
+        if p.closed || p.lines.len() + line.len() > self.limit {
+            drop(p);
+            self.dropped.inc();
+            return false;
+        }
+        let before = p.lines.len();
+        p.lines.extend_from_slice(line);
+        before < FLUSH_BYTES && p.lines.len() >= FLUSH_BYTES
+    }
+
+    /// Waits until a batch is due (`deadline`, [`FLUSH_BYTES`] waiting, or closing)
+    /// and takes it, leaving `spare` (empty, with its capacity) as the new buffer.
+    /// Returns the batch and whether it is the last one.
+    fn take(&self, deadline: Instant, spare: Vec<u8>) -> (Vec<u8>, bool) {
+        let mut p = self.lock();
+        while !p.closed && p.lines.len() < FLUSH_BYTES {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            p = self
+                .wake
+                .wait_timeout(p, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        (std::mem::replace(&mut p.lines, spare), p.closed)
+    }
+}
+
+enum Target {
+    Stdout,
+    Stderr,
+    File(File),
+}
+
+/// The writer's end: the target and how to cut batches for it.
+struct Sink {
+    target: Target,
+    /// Not a regular file (a pipe, a socket, a terminal): batches are written in
+    /// pieces of whole lines of at most [`PIPE_BUF`] bytes, which the kernel writes
+    /// unbroken, so a line of another process on the same pipe (the other side of
+    /// a hot restart) never lands inside one of ours. Writes to a regular file
+    /// opened for append are whole anyway.
+    pipe: bool,
+}
+
+impl Sink {
+    fn write(&mut self, batch: &[u8]) -> io::Result<()> {
+        let max = if self.pipe { PIPE_BUF } else { usize::MAX };
+        for piece in pieces(batch, max) {
+            // The std handles' locks are taken per piece: the process log
+            // (tracing, on stderr) is never held up by a whole batch, nor lands
+            // inside a line.
+            match &mut self.target {
+                Target::Stdout => {
+                    let mut out = io::stdout().lock();
+                    out.write_all(piece)?;
+                    out.flush()?;
+                }
+                Target::Stderr => io::stderr().lock().write_all(piece)?,
+                Target::File(f) => f.write_all(piece)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `batch` (whole lines) in pieces of whole lines of at most `max` bytes; a line
+/// longer than that is a piece of its own.
+fn pieces(batch: &[u8], max: usize) -> impl Iterator<Item = &[u8]> {
+    let mut rest = batch;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let cut = if rest.len() <= max {
+            rest.len()
+        } else {
+            match rest[..max].iter().rposition(|&b| b == b'\n') {
+                Some(i) => i + 1,
+                None => rest
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(rest.len(), |i| i + 1),
+            }
+        };
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
+}
+
+/// Whether `fd` is a regular file (`false` when unknown: cutting is always safe).
+fn is_regular(fd: BorrowedFd<'_>) -> bool {
+    fd.try_clone_to_owned()
+        .map(File::from)
+        .and_then(|f| f.metadata())
+        .is_ok_and(|m| m.is_file())
 }
 
 impl AccessLog {
-    /// Opens `stdout`, `stderr` or a file path for appending.
-    pub fn open(path: &str) -> anyhow::Result<Self> {
-        let sink = match path {
-            "stdout" => Sink::Stdout,
-            "stderr" => Sink::Stderr,
-            p => {
-                let f = OpenOptions::new()
+    /// Opens `stdout`, `stderr` or a file path for appending, and starts the writer
+    /// thread.
+    pub fn open(cfg: &config::AccessLog, stats: &Stats) -> anyhow::Result<Self> {
+        let target = match cfg.path.as_str() {
+            "stdout" => Target::Stdout,
+            "stderr" => Target::Stderr,
+            p => Target::File(
+                OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(p)
-                    .with_context(|| format!("cannot open access log `{p}`"))?;
-                Sink::File(Mutex::new(LineWriter::new(f)))
-            }
+                    .with_context(|| format!("cannot open access log `{p}`"))?,
+            ),
+        };
+        let pipe = !match &target {
+            Target::Stdout => is_regular(io::stdout().as_fd()),
+            Target::Stderr => is_regular(io::stderr().as_fd()),
+            Target::File(f) => is_regular(f.as_fd()),
+        };
+        let limit = usize::try_from(cfg.buffer_limit.0).unwrap_or(usize::MAX);
+        let dropped = stats.counter(
+            "legate_access_log_dropped_total",
+            "Access-log lines dropped because the buffer was full (writes were slower than \
+             requests, or blocked).",
+            &[],
+        );
+        Self::start(
+            Sink { target, pipe },
+            cfg.flush_interval.get(),
+            limit,
+            dropped,
+        )
+        .context("starting the access-log writer thread")
+    }
+
+    fn start(sink: Sink, interval: Duration, limit: usize, dropped: Counter) -> io::Result<Self> {
+        let shared = Arc::new(Buffered {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            limit,
+            dropped,
+        });
+        let (done_tx, done_rx) = mpsc::channel();
+        let writer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("legate-access-log".into())
+                .spawn(move || {
+                    run_writer(&shared, sink, interval);
+                    drop(done_tx);
+                })?
         };
         Ok(AccessLog {
-            sink,
-            failing: AtomicBool::new(false),
+            shared,
+            writer: Mutex::new(Some((writer, done_rx))),
         })
     }
 
-    /// Writes one line. A failing log never fails a request; it is reported once in
-    /// the process log when writes start failing, and again when they recover.
+    /// Hands one line to the writer. Never blocks on I/O and never fails a request:
+    /// a line that does not fit in the buffer is dropped and counted.
     pub fn write(&self, entry: &serde_json::Value) {
         let mut line = entry.to_string();
         line.push('\n');
-        let res = match &self.sink {
-            Sink::Stdout => io::stdout().lock().write_all(line.as_bytes()),
-            Sink::Stderr => io::stderr().lock().write_all(line.as_bytes()),
-            Sink::File(f) => f
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .write_all(line.as_bytes()),
-        };
-        match res {
-            Err(e) if !self.failing.swap(true, Relaxed) => tracing::warn!(
-                "access log write failed: {e}; lines are lost until writes succeed again \
-                 (reported once)"
-            ),
-            Err(_) => {}
-            Ok(()) if self.failing.load(Relaxed) && self.failing.swap(false, Relaxed) => {
-                tracing::warn!("access log writes succeed again");
-            }
-            Ok(()) => {}
+        if self.shared.push(line.as_bytes()) {
+            self.shared.wake.notify_one();
         }
+    }
+
+    /// Writes out every line handed over so far and stops the writer (idempotent).
+    /// Called when the workers have stopped; a line handed over after this is
+    /// dropped. Waits at most [`CLOSE_WAIT`] for a writer that is blocked.
+    pub fn close(&self) {
+        let taken = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some((writer, done)) = taken else {
+            return;
+        };
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+        match done.recv_timeout(CLOSE_WAIT) {
+            Err(mpsc::RecvTimeoutError::Timeout) => tracing::warn!(
+                "access log: the writer is still blocked after {CLOSE_WAIT:?}; exiting without \
+                 the lines it holds"
+            ),
+            // The sender is only ever dropped: the writer ended.
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = writer.join();
+            }
+        }
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The writer thread: a batch per interval (or per [`FLUSH_BYTES`]) until closed.
+/// Write failures and drops are each reported once in the process log when they
+/// start, and again when they stop (a full disk would otherwise warn per batch).
+fn run_writer(shared: &Buffered, mut sink: Sink, interval: Duration) {
+    let mut spare = Vec::new();
+    let mut failing = false;
+    let mut dropping = false;
+    let mut dropped_seen = shared.dropped.get();
+    loop {
+        let (mut batch, last) = shared.take(Instant::now() + interval, spare);
+        if !batch.is_empty() {
+            match sink.write(&batch) {
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(
+                        "access log write failed: {e}; lines are lost until writes succeed \
+                         again (reported once)"
+                    );
+                }
+                Err(_) => {}
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::warn!("access log writes succeed again");
+                }
+                Ok(()) => {}
+            }
+        }
+        let dropped = shared.dropped.get();
+        if dropped > dropped_seen && !dropping {
+            dropping = true;
+            tracing::warn!(
+                "access log: the buffer is full ({} bytes waiting for slow or blocked writes); \
+                 new lines are dropped and counted in legate_access_log_dropped_total \
+                 (reported once)",
+                shared.limit
+            );
+        } else if dropped == dropped_seen && dropping {
+            dropping = false;
+            tracing::warn!("access log: lines fit in the buffer again");
+        }
+        dropped_seen = dropped;
+        if last {
+            return;
+        }
+        batch.clear();
+        // A burst's large buffer is not kept for good.
+        if batch.capacity() > 4 * FLUSH_BYTES {
+            batch.shrink_to(FLUSH_BYTES);
+        }
+        spare = batch;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // in tests a panic is the failure report
+mod tests {
+    use super::*;
+
+    fn line(i: usize, len: usize) -> Vec<u8> {
+        let mut l = format!("{i:08}").into_bytes();
+        l.resize(len - 1, b'x');
+        l.push(b'\n');
+        l
+    }
+
+    #[test]
+    fn a_full_buffer_drops_and_counts_new_lines() {
+        let b = Buffered {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            limit: 100,
+            dropped: Counter::default(),
+        };
+        for i in 0..4 {
+            b.push(&line(i, 25));
+        }
+        assert_eq!(b.dropped.get(), 0);
+        // 100 bytes held: the fifth line does not fit, a later one neither.
+        b.push(&line(4, 25));
+        b.push(&line(5, 1));
+        assert_eq!(b.dropped.get(), 2);
+        // The writer takes the batch: there is room again, in order.
+        let (batch, last) = b.take(Instant::now(), Vec::new());
+        assert!(!last);
+        assert_eq!(
+            batch,
+            [line(0, 25), line(1, 25), line(2, 25), line(3, 25)].concat()
+        );
+        b.push(&line(6, 25));
+        assert_eq!(b.dropped.get(), 2);
+        // Once closed, the last batch goes out and later lines are dropped.
+        b.lock().closed = true;
+        let (batch, last) = b.take(Instant::now() + Duration::from_secs(60), Vec::new());
+        assert!(last);
+        assert_eq!(batch, line(6, 25));
+        b.push(&line(7, 25));
+        assert_eq!(b.dropped.get(), 3);
+    }
+
+    #[test]
+    fn the_writer_is_woken_once_per_batch() {
+        let b = Buffered {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            limit: 1 << 20,
+            dropped: Counter::default(),
+        };
+        let wakes = (0..200)
+            .filter(|&i| b.push(&line(i, 1000)))
+            .collect::<Vec<_>>();
+        // The 66th line of 1000 bytes passes 64KiB; later lines do not wake again.
+        assert_eq!(wakes, [65]);
+    }
+
+    #[test]
+    fn pipe_writes_are_cut_at_line_ends() {
+        let long = line(99, 5000);
+        let batch = [
+            line(0, 3000),
+            line(1, 1000),
+            line(2, 200),
+            long,
+            line(3, 10),
+        ]
+        .concat();
+        let got: Vec<&[u8]> = pieces(&batch, PIPE_BUF).collect();
+        assert_eq!(got.concat(), batch);
+        assert_eq!(
+            got.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [4000, 200, 5000, 10]
+        );
+        assert!(got.iter().all(|p| p.ends_with(b"\n")));
+        assert_eq!(pieces(&batch, usize::MAX).collect::<Vec<_>>(), [&batch[..]]);
+    }
+
+    #[test]
+    fn close_writes_every_line_handed_over() {
+        let dir = std::env::temp_dir().join(format!("legate-alog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("close.log");
+        let _ = std::fs::remove_file(&path);
+        let cfg = config::AccessLog {
+            path: path.display().to_string(),
+            // Longer than the test: only `close` can have written the lines.
+            flush_interval: config::Dur::secs(60),
+            buffer_limit: config::ByteSize(16 << 20),
+        };
+        let stats = Stats::new();
+        let log = AccessLog::open(&cfg, &stats).unwrap();
+        for i in 0..10 {
+            log.write(&serde_json::json!({ "i": i }));
+        }
+        log.close();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let got: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let want: Vec<serde_json::Value> = (0..10).map(|i| serde_json::json!({ "i": i })).collect();
+        assert_eq!(got, want);
+        // After close a line is dropped and counted, not written.
+        log.write(&serde_json::json!({ "i": 10 }));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        assert_eq!(
+            stats
+                .counter("legate_access_log_dropped_total", "", &[])
+                .get(),
+            1
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

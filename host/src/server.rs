@@ -451,7 +451,7 @@ pub fn start_with(
     let stats = Stats::new();
     let snapshot = Snapshot::build_with(config.clone(), &stats)?;
     let access_log = match &config.access_log {
-        Some(a) => Some(AccessLog::open(&a.path)?),
+        Some(a) => Some(AccessLog::open(a, &stats)?),
         None => None,
     };
 
@@ -718,6 +718,12 @@ impl Handle {
             if w.join().is_err() {
                 panicked += 1;
             }
+        }
+        // Workers write the last lines as their connections end (cut ones
+        // included); with them gone, the log's buffer is complete: write it out
+        // before the process exits.
+        if let Some(log) = &self.shared.access_log {
+            log.close();
         }
         self.admin_stop.notify_one();
         if let Some(a) = self.admin_thread.take() {

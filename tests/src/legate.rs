@@ -199,6 +199,19 @@ impl LegateHandle {
         format!("http://{}", self.addr(name))
     }
 
+    /// The metrics registry itself, which outlives the server: for counters read
+    /// after [`LegateHandle::shutdown_and_wait`], when `/stats` is gone.
+    pub fn registry(&self) -> std::sync::Arc<legate_host::stats::Stats> {
+        self.handle().stats()
+    }
+
+    /// The process-wide state. Holding it past [`LegateHandle::shutdown_and_wait`]
+    /// is what `legate run` does (its signal loop keeps it until the process
+    /// exits), so nothing may rely on it being dropped at shutdown.
+    pub fn shared(&self) -> std::sync::Arc<server::Shared> {
+        self.handle().shared()
+    }
+
     /// Starts a graceful shutdown (as SIGTERM) without waiting for it.
     pub fn shutdown(&self) {
         self.handle().shutdown();

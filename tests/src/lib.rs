@@ -117,6 +117,51 @@ where
     }
 }
 
+/// The lines of the access log at `path`, parsed (none if it does not exist yet).
+/// A last line without its newline (a write in progress) is left out; any other
+/// line that is not JSON fails the test.
+pub fn access_log_lines(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("access-log line is not JSON ({e}): {l:?}"))
+        })
+        .collect()
+}
+
+/// Polls the access log at `path` until `done` accepts its lines, and returns them.
+/// Lines reach the file from a writer thread, every `access_log.flush_interval`
+/// (1s by default), not when the response is sent. Panics after 10 s naming `what`
+/// and showing the lines so far.
+pub async fn access_log_until(
+    path: &std::path::Path,
+    what: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = access_log_lines(path);
+        if done(&lines) {
+            return lines;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out waiting for {what} in the access log {}; its lines:\n{}",
+                path.display(),
+                lines
+                    .iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A minimal config: one HTTP listener `web` on an ephemeral port whose every request
 /// (virtual host `all`, route `all/0`) goes to cluster `backend` with the given
 /// endpoints. [`simple_config_with`] adds keys to the route and the cluster.

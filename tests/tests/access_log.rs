@@ -1,9 +1,13 @@
 //! The access log: a request whose client goes away before the response is
-//! written as a 499 `downstream_disconnect` line and counted in the 4xx class.
+//! written as a 499 `downstream_disconnect` line and counted in the 4xx class;
+//! lines are handed to a writer thread, so they arrive whole and in order from
+//! every worker, the last ones are written at shutdown, and a log nobody reads
+//! drops lines (counted) instead of stalling requests.
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
 
+use std::path::Path;
 use std::time::Duration;
 
 use legate_tests::*;
@@ -26,13 +30,8 @@ each_proto!(
         .await;
         // The client gives up: its connection (HTTP/1.1) or stream (HTTP/2) ends.
         req.abort();
-        let line = eventually(Duration::from_secs(3), "the access-log line", || async {
-            std::fs::read_to_string(&log)
-                .ok()
-                .and_then(|s| s.lines().next().map(str::to_string))
-        })
-        .await;
-        let v: Value = serde_json::from_str(&line).unwrap();
+        let lines = access_log_until(&log, "the 499 line", |l| !l.is_empty()).await;
+        let (v, line) = (&lines[0], lines[0].to_string());
         assert_eq!(v["status"], 499, "{line}");
         assert_eq!(v["cause"], "downstream_disconnect", "{line}");
         assert_eq!(v["method"], "GET", "{line}");
@@ -49,5 +48,170 @@ each_proto!(
             1.0,
         )
         .await;
+    }
+);
+
+/// `simple_config` with an access log at `path` and the extra `access_log` keys.
+fn logged_config(up: std::net::SocketAddr, path: &Path, keys: &str) -> String {
+    simple_config(&[up]).replace(
+        "version: 1\n",
+        &format!(
+            "version: 1\naccess_log: {{ path: {}{keys} }}\n",
+            path.display()
+        ),
+    )
+}
+
+/// The number in `/c<client>/<n>` or `/blocked/<n>?...` paths.
+fn seq(line: &Value) -> (String, usize) {
+    let path = line["path"].as_str().unwrap();
+    let path = path.split('?').next().unwrap();
+    let (prefix, n) = path.rsplit_once('/').unwrap();
+    (prefix.to_string(), n.parse().unwrap())
+}
+
+each_proto!(
+    async fn lines_arrive_whole_and_in_order_from_every_worker(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let lg = legate()
+            .config(&logged_config(up.addr, &log, ""))
+            .concurrency(2)
+            .start();
+        let (clients, each) = (8, 40);
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let mut cl = client(proto, lg.addr("web")).await;
+            tasks.push(tokio::spawn(async move {
+                for n in 0..each {
+                    assert_eq!(cl.get(&format!("/c{c}/{n}")).send().await.status, 200);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let lines = access_log_until(&log, "every request's line", |l| {
+            l.len() >= clients * each
+        })
+        .await;
+        assert_eq!(lines.len(), clients * each);
+        // Each connection's requests were sequential: its lines keep their order.
+        for c in 0..clients {
+            let got: Vec<usize> = lines
+                .iter()
+                .map(seq)
+                .filter(|(p, _)| *p == format!("/c{c}"))
+                .map(|(_, n)| n)
+                .collect();
+            assert_eq!(got, (0..each).collect::<Vec<_>>(), "client {c}");
+        }
+        assert!(lines.iter().all(|l| l["status"] == 200 && l["route"] == "all/0"));
+        lg.assert_stat(
+            r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
+            (clients * each) as f64,
+        )
+        .await;
+        lg.assert_stat("legate_access_log_dropped_total", 0.0).await;
+    }
+);
+
+each_proto!(
+    async fn the_last_lines_are_written_at_shutdown(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        // No interval flush within the test: only the shutdown writes the lines.
+        let lg = legate()
+            .config(&logged_config(up.addr, &log, ", flush_interval: 1m"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for n in 0..20 {
+            assert_eq!(c.get(&format!("/last/{n}")).send().await.status, 200);
+        }
+        lg.assert_stat(
+            r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
+            20.0,
+        )
+        .await;
+        drop(c);
+        let registry = lg.registry();
+        // As `legate run`, which exits with the state still referenced: the
+        // lines must be written by the shutdown itself, not when it is dropped.
+        let _shared = lg.shared();
+        lg.shutdown_and_wait().await.expect("clean stop");
+        let lines = access_log_lines(&log);
+        let got: Vec<usize> = lines.iter().map(|l| seq(l).1).collect();
+        assert_eq!(got, (0..20).collect::<Vec<_>>(), "{lines:?}");
+        let stats = parse_prometheus(&registry.render());
+        assert_eq!(stats.get("legate_access_log_dropped_total"), Some(&0.0));
+    }
+);
+
+each_proto!(
+    /// The log is a FIFO whose reader never reads: the writer thread blocks once
+    /// the pipe is full, the buffer fills to `buffer_limit`, and from then on
+    /// lines are dropped and counted while every request is still answered. When
+    /// the reader catches up, every line that was not dropped arrives whole.
+    async fn a_log_nobody_reads_drops_lines_instead_of_stalling_requests(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let fifo = dir.path().join("access.fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success(), "mkfifo: {made}");
+        // Opening a FIFO for writing waits for a reader: open ours alongside.
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::File::open(fifo).unwrap())
+        };
+        let lg = legate()
+            .config(&logged_config(up.addr, &fifo, ", buffer_limit: 64KiB"))
+            .start();
+        let mut reader = reader.join().unwrap();
+        // ~1.1KiB lines: the pipe (64KiB), one batch held by the blocked writer
+        // and the buffer (64KiB each) hold under 200 of them.
+        let pad = "p".repeat(1000);
+        let total: u32 = 600;
+        let mut c = client(proto, lg.addr("web")).await;
+        let sent = tokio::time::timeout(Duration::from_secs(60), async {
+            for n in 0..total {
+                let r = c.get(&format!("/blocked/{n}?pad={pad}")).send().await;
+                assert_eq!(r.status, 200);
+            }
+        })
+        .await;
+        assert!(sent.is_ok(), "requests stalled behind the blocked access log");
+        lg.assert_stat(
+            r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
+            f64::from(total),
+        )
+        .await;
+        lg.assert_stat_with("legate_access_log_dropped_total", |v| v > 0.0, "> 0")
+            .await;
+        drop(c);
+        // Now read: the writer catches up, and the shutdown ends the pipe.
+        let drained = std::thread::spawn(move || {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut reader, &mut text).unwrap();
+            text
+        });
+        let registry = lg.registry();
+        lg.shutdown_and_wait().await.expect("clean stop");
+        let text = drained.join().unwrap();
+        assert!(text.ends_with('\n'));
+        let got: Vec<usize> = text
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("a broken line ({e}): {l:?}"));
+                seq(&v).1
+            })
+            .collect();
+        // In order, with gaps where lines were dropped; nothing lost uncounted.
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+        let dropped = parse_prometheus(&registry.render())["legate_access_log_dropped_total"];
+        assert!(dropped > 0.0);
+        assert_eq!(got.len() as f64 + dropped, f64::from(total), "{got:?}");
     }
 );

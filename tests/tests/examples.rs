@@ -433,20 +433,24 @@ async fn edge_end_to_end(source: Certs) {
     let r = p.get("/").host("127.0.0.1").send().await;
     assert_eq!(r.status, 404);
 
-    // The access log names the route and cluster of each request.
-    let log = std::fs::read_to_string(&access_log).unwrap();
-    let lines: Vec<Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let canary_lines = lines
-        .iter()
-        .filter(|l| l["cluster"] == "api-canary" && l["route"] == "api")
-        .count();
-    assert_eq!(canary_lines, k, "{log}");
-    assert!(lines
-        .iter()
-        .any(|l| l["route"] == "www-to-https" && l["status"] == 301));
+    // The access log names the route and cluster of each request (its writer
+    // thread writes them out within `flush_interval`).
+    let canary_lines = |lines: &[Value]| {
+        lines
+            .iter()
+            .filter(|l| l["cluster"] == "api-canary" && l["route"] == "api")
+            .count()
+    };
+    let redirect = |lines: &[Value]| {
+        lines
+            .iter()
+            .any(|l| l["route"] == "www-to-https" && l["status"] == 301)
+    };
+    let lines = access_log_until(&access_log, "every request's line", |l| {
+        canary_lines(l) >= k && redirect(l)
+    })
+    .await;
+    assert_eq!(canary_lines(&lines), k, "{lines:?}");
 }
 
 // ---- sidecar.yaml ----

@@ -113,6 +113,9 @@ async fn drain_timeout_bounds_the_shutdown() {
         (up.in_flight.get() == 1).then_some(())
     })
     .await;
+    // Held as `legate run` holds it: the cut request's line is written by the
+    // shutdown itself (the log's writer thread), not when the state drops.
+    let _shared = lg.shared();
     let t = Instant::now();
     lg.shutdown_and_wait().await.expect("stop");
     let took = t.elapsed();

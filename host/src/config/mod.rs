@@ -244,6 +244,14 @@ impl Default for Admin {
 pub struct AccessLog {
     /// `stdout`, `stderr`, or a file path (appended to; relative to the config file).
     pub path: String,
+    /// How long a line may wait in memory before the writer thread writes it out
+    /// (sooner once 64KiB are waiting). Default 1s, Envoy's `file_flush_interval_msec`.
+    #[serde(default = "defaults::access_log_flush_interval")]
+    pub flush_interval: Dur,
+    /// The most bytes of lines held in memory while the writer is behind (a slow
+    /// disk, a blocked pipe); past it new lines are dropped and counted. Default 16MiB.
+    #[serde(default = "defaults::access_log_buffer_limit")]
+    pub buffer_limit: ByteSize,
 }
 
 /// A downstream listener: HTTP (with optional TLS) or TCP.
@@ -1280,6 +1288,12 @@ pub(crate) mod defaults {
     }
     pub fn watch_interval() -> Dur {
         Dur::secs(1)
+    }
+    pub fn access_log_flush_interval() -> Dur {
+        Dur::secs(1)
+    }
+    pub fn access_log_buffer_limit() -> ByteSize {
+        ByteSize(16 << 20)
     }
     pub fn drain_timeout() -> Dur {
         Dur::secs(30)

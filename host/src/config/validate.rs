@@ -145,6 +145,32 @@ impl Config {
                 .key("access_log")
                 .key("path");
             }
+            let interval = log.flush_interval.get();
+            if !(Duration::from_millis(1)..=Duration::from_secs(60)).contains(&interval) {
+                e.top(
+                    format!(
+                        "`access_log.flush_interval` is {}, not between 1ms and 1m",
+                        log.flush_interval
+                    ),
+                    "the default is `1s`; a shorter interval makes lines visible sooner at the \
+                     cost of more writes",
+                )
+                .key("access_log")
+                .key("flush_interval");
+            }
+            let limit = log.buffer_limit.0;
+            if !((64 << 10)..=(1 << 30)).contains(&limit) {
+                e.top(
+                    format!(
+                        "`access_log.buffer_limit` is {}, not between 64KiB and 1GiB",
+                        log.buffer_limit
+                    ),
+                    "lines are written in batches of up to 64KiB, so the buffer must hold \
+                     at least that; the default is `16MiB`",
+                )
+                .key("access_log")
+                .key("buffer_limit");
+            }
         }
 
         let clusters = Defined {
