@@ -651,6 +651,31 @@ each_proto!(
 );
 
 each_proto!(
+    /// A call asking for `content-length: 5` with no body (Envoy accepts the
+    /// field; the Rust SDK would panic on an error): the host drops it and
+    /// frames the call itself. Sent as asked, the upstream (here the echo
+    /// backend, as `authz`) would wait for 5 bytes that never come.
+    async fn http_call_drops_fields_the_host_owns(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&with_authz(up.addr, up.addr, &caller("{ mode: callout }"), &["caller"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/owned/1").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The call's echo, which the guest put in `x-pw-authz`.
+        let seen = r.echo().header("x-pw-authz").unwrap_or_default().to_string();
+        let call: EchoBody = serde_json::from_str(&seen).unwrap();
+        assert_eq!(call.path, "/check/owned/1");
+        assert_eq!(call.header("content-length"), None);
+        assert_eq!(call.body_len, 0);
+        assert_eq!(up.requests.get(), 2);
+        lg.assert_stat(r#"legate_plugin_callout_failures_total{plugin="caller"}"#, 0.0)
+            .await;
+    }
+);
+
+each_proto!(
     /// A failed call (its timeout, or no endpoint) reaches the guest as zero
     /// headers; the guest answers 503.
     async fn http_call_failures_reach_the_guest(proto) {
@@ -797,6 +822,25 @@ each_proto!(
         lg.assert_stat_with(&calls("rw", "response_body"), |v| v >= 1.0, ">= 1")
             .await;
         lg.assert_stat(r#"legate_plugin_failures_total{plugin="rw"}"#, 0.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// `set_http_request_body(0, n, data)` with `0 < n < length`: Envoy drains
+    /// the first `n` bytes and prepends `data` (no error, which the SDK would
+    /// panic on).
+    async fn a_body_write_at_0_replaces_its_first_bytes(proto) {
+        let up = upstream().start().await;
+        let p = plugin("splice", "{ mode: body-splice }", "");
+        let lg = legate().config(&config(up.addr, &p, &["splice"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/up").body("hello world").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().body, "HELLO world");
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="splice"}"#, 0.0)
+            .await;
+        lg.assert_stat_with(&calls("splice", "request_body"), |v| v >= 1.0, ">= 1")
             .await;
     }
 );

@@ -412,8 +412,9 @@ impl wasmtime::ResourceLimiter for HostState {
 
 // ---- http ----
 
-/// Fields the host owns (framing, connection management): never writable by a filter.
-fn denied_field(name: &HeaderName) -> bool {
+/// Fields the host owns (framing, connection management): never writable by a
+/// filter (proxy-wasm callouts drop them from the request they are given).
+pub(crate) fn denied_field(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"

@@ -22,6 +22,7 @@
 //!   and resumes, another status is answered locally with that status and body
 //!   (`x-pw-denied: yes`), a failed call (no headers) with 503 `x-pw-call: failed`.
 //!   A dispatch error is answered 500 with `x-pw-call-error: <status>`.
+//!   Under `/owned` the call also asks for `content-length: 5` (no body).
 //! - `tick-callout`: the root context calls `authz` `/tick` on every tick
 //!   (`tick_ms`) and keeps the last body in shared data `pw_tick_body`, which each
 //!   request echoes as response header `x-pw-tick-body`.
@@ -37,6 +38,9 @@
 //!   (wait for the body); at end of stream the body callback sets header
 //!   `x-pw-body-len` on that head and upper-cases the body (content-length left
 //!   to the host).
+//! - `body-splice`: the request body is held until end of stream, then its
+//!   first 5 bytes are replaced with `HELLO` (`set_http_request_body(0, 5,
+//!   …)`, Envoy's drain-then-prepend).
 //! - `body-local`: the request body is held until end of stream; one containing
 //!   `forbidden` is answered 403 from the body callback. The response headers
 //!   callback waits for the body (`Pause`); a response body containing `secret`
@@ -1136,9 +1140,15 @@ impl HttpContext for Filter {
             }
             "callout" => {
                 let check = format!("/check{path}");
+                let mut headers = vec![(":method", "GET"), (":path", check.as_str()), (":authority", "authz")];
+                if path.starts_with("/owned") {
+                    // A field the host owns, which Envoy accepts: a length
+                    // for a call with no body.
+                    headers.push(("content-length", "5"));
+                }
                 let r = self.dispatch_http_call(
                     "authz",
-                    vec![(":method", "GET"), (":path", &check), (":authority", "authz")],
+                    headers,
                     None,
                     vec![],
                     Duration::from_millis(self.s.timeout_ms),
@@ -1475,6 +1485,15 @@ impl HttpContext for Filter {
                 }
                 let body = self.get_http_request_body(0, body_size).unwrap_or_default();
                 self.check(Held::RequestBody, "body", &body)
+            }
+            "body-splice" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                // Envoy's start 0, 0 < size < length: the first 5 bytes
+                // replaced (same length, so content-length holds).
+                self.set_http_request_body(0, 5.min(body_size), b"HELLO");
+                Action::Continue
             }
             // Never continues: at end of stream Envoy would wait for
             // proxy_continue_stream; Legate fails the filter.

@@ -1086,6 +1086,7 @@ impl ProxyWasmFilter {
             if data.outstanding.remove(&token).is_none() {
                 // Cancelled (`proxy_grpc_cancel`), or its context is gone: no
                 // callback, and nothing changes (a pause holds).
+                data.grpc_calls.remove(&token);
                 return Ok(Ok(Answer::Verdict(Verdict::Pause)));
             }
             self.stats.calls[label].inc();
@@ -1530,12 +1531,10 @@ impl ProxyWasmFilter {
                 );
             }
             if !data.props.is_empty() {
-                data.props.retain(|(c, _), _| *c != pw);
+                data.props.remove(&pw);
             }
             // Its callouts are aborted with the chain; never delivered.
-            if !data.outstanding.is_empty() {
-                data.outstanding.retain(|_, c| *c != pw);
-            }
+            data.drop_calls_of(pw);
             // Its gRPC streams are reset (as Envoy does when a context is
             // destroyed).
             if !data.streams.is_empty() {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::HeaderMap;
 use http_body::Frame;
 use tokio::sync::{mpsc, oneshot};
@@ -84,9 +84,13 @@ pub fn request_head(
     }
     let mut headers = HeaderMap::new();
     for (k, v) in metadata {
-        let name = HeaderName::from_bytes(k).map_err(|_| status::PARSE_FAILURE)?;
-        let value = HeaderValue::from_bytes(v).map_err(|_| status::PARSE_FAILURE)?;
-        headers.append(name, value);
+        // Fields the host owns are dropped, as for `proxy_http_call`.
+        match super::imports::callout_field(k, v).ok_or(status::PARSE_FAILURE)? {
+            Some((name, value)) => {
+                headers.append(name, value);
+            }
+            None => tracing::debug!(plugin = &*s.meta.name, "gRPC metadata dropped"),
+        }
     }
     headers.insert(
         http::header::CONTENT_TYPE,

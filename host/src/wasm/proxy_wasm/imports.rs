@@ -73,11 +73,14 @@ fn body_mut(s: &mut PwState, kind: i32) -> Option<&mut Vec<u8>> {
     s.exchange()?.bodies[d.idx()].as_mut()
 }
 
-/// `proxy_set_buffer_bytes` on a body, with Envoy's rules (its `Buffer::copyFrom`):
-/// `start = 0, size = 0` prepends; `start = 0, size >= len` replaces; `start >=
-/// len` appends; anything else (a splice in the middle) is `BAD_ARGUMENT`. A body
-/// the write would take over `cap` is `BAD_ARGUMENT` too, so a filter cannot grow
-/// a buffer without bound.
+/// `proxy_set_buffer_bytes` on a body, with Envoy's rules (its `Buffer::copyFrom`
+/// in source/extensions/common/wasm/context.cc): `start = 0` drains the first
+/// `size` bytes (all of them if `size` is the length or more) and prepends
+/// `data`, so `(0, 0)` prepends, `(0, n)` replaces the first `n` bytes and
+/// `(0, len)` replaces the body; `start >= len` (and `start > 0`) appends;
+/// anything else (a splice in the middle) is `BAD_ARGUMENT`. A body the write
+/// would take over `cap` is `BAD_ARGUMENT` too, so a filter cannot grow a buffer
+/// without bound.
 fn write_body(
     body: &mut Vec<u8>,
     start: usize,
@@ -86,23 +89,18 @@ fn write_body(
     cap: usize,
 ) -> Result<(), i32> {
     let len = body.len();
-    let new_len = if start == 0 && size >= len && size != 0 {
-        data.len()
-    } else {
-        len.saturating_add(data.len())
-    };
+    let drained = if start == 0 { size.min(len) } else { 0 };
+    if start != 0 && start < len {
+        return Err(status::BAD_ARGUMENT);
+    }
+    let new_len = (len - drained).saturating_add(data.len());
     if new_len > cap.max(len) {
         return Err(status::BAD_ARGUMENT);
     }
-    if start == 0 && size == 0 {
-        body.splice(0..0, data.iter().copied());
-    } else if start == 0 && size >= len {
-        body.clear();
-        body.extend_from_slice(data);
-    } else if start >= len {
-        body.extend_from_slice(data);
+    if start == 0 {
+        body.splice(0..drained, data.iter().copied());
     } else {
-        return Err(status::BAD_ARGUMENT);
+        body.extend_from_slice(data);
     }
     Ok(())
 }
@@ -113,7 +111,8 @@ fn write_body(
 /// cluster not in `capabilities.clusters` or a request without `:method`/`:path`
 /// (Envoy's answers; the Rust SDK returns them as errors),
 /// `INTERNAL_FAILURE` when no callout can be sent now (too many outstanding, or
-/// during start/configure/log).
+/// during start/configure/log). Fields the host owns are dropped
+/// ([`callout_field`]).
 fn http_call(
     s: &mut PwState,
     cluster: String,
@@ -130,9 +129,12 @@ fn http_call(
             b":authority" | b"host" => authority = std::str::from_utf8(v).ok().map(str::to_string),
             b":scheme" => {}
             _ => {
-                let name = HeaderName::from_bytes(k).map_err(|_| status::BAD_ARGUMENT)?;
-                let value = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
-                headers.append(name, value);
+                let field = callout_field(k, v).ok_or(status::BAD_ARGUMENT)?;
+                if let Some((name, value)) = field {
+                    headers.append(name, value);
+                } else {
+                    tracing::debug!(plugin = &*s.meta.name, "callout header dropped");
+                }
             }
         }
     }
@@ -142,6 +144,18 @@ fn http_call(
     queue_call(
         s, cluster, method, path, authority, headers, body, timeout_ms,
     )
+}
+
+/// A header a callout (`proxy_http_call`, gRPC metadata) asks for: `None` for
+/// an invalid name or value; `Some(None)` for a field the host owns
+/// ([`crate::wasm::host::denied_field`]: `connection`, `content-length`,
+/// `te`, …), which is dropped. Component callouts refuse those; Envoy accepts
+/// them (passing them on as given), and the Rust SDK panics on an error, so a
+/// filter written for Envoy keeps working here.
+pub(super) fn callout_field(k: &[u8], v: &[u8]) -> Option<Option<(HeaderName, HeaderValue)>> {
+    let name = HeaderName::from_bytes(k).ok()?;
+    let value = HeaderValue::from_bytes(v).ok()?;
+    Some((!crate::wasm::host::denied_field(&name)).then_some((name, value)))
 }
 
 /// `proxy_grpc_call`: a unary gRPC call, sent as an HTTP/2 callout (the
@@ -772,7 +786,7 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 let name = read(c, np, nn)?;
                 check(c, out, 4)?;
                 let vm = c.data().meta.vm_id.clone();
-                let id = shared::register_queue(&vm, &name);
+                let id = shared::register_queue(&vm, &name).map_err(Fail::Status)?;
                 c.data_mut().new_queues.push(id);
                 write_u32(c, out, id)
             })
@@ -1104,14 +1118,21 @@ mod tests {
         assert_eq!(b, b"new");
         assert_eq!(write_body(&mut b, 0, usize::MAX, b"x", cap), Ok(()));
         assert_eq!(b, b"x");
-        // A splice in the middle, or a partial replace: refused, unchanged.
+        // start 0, 0 < size < len: the first `size` bytes replaced (Envoy
+        // drains them, then prepends).
+        let mut b = b"abcdef".to_vec();
+        assert_eq!(write_body(&mut b, 0, 3, b"Z", cap), Ok(()));
+        assert_eq!(b, b"Zdef");
+        assert_eq!(write_body(&mut b, 0, 1, b"XY", cap), Ok(()));
+        assert_eq!(b, b"XYdef");
+        // An empty body: start 0 prepends whatever the size.
+        let mut e = Vec::new();
+        assert_eq!(write_body(&mut e, 0, 7, b"new", cap), Ok(()));
+        assert_eq!(e, b"new");
+        // A splice in the middle: refused, unchanged.
         let mut b = b"abcdef".to_vec();
         assert_eq!(
             write_body(&mut b, 2, 1, b"Z", cap),
-            Err(status::BAD_ARGUMENT)
-        );
-        assert_eq!(
-            write_body(&mut b, 0, 3, b"Z", cap),
             Err(status::BAD_ARGUMENT)
         );
         assert_eq!(b, b"abcdef");
@@ -1123,5 +1144,72 @@ mod tests {
         assert_eq!(b, b"abcdef");
         assert_eq!(write_body(&mut b, 0, 6, &[b'y'; 16], cap), Ok(()));
         assert_eq!(b.len(), 16);
+    }
+
+    #[test]
+    fn callouts_drop_the_fields_the_host_owns() {
+        for k in [
+            "connection",
+            "transfer-encoding",
+            "upgrade",
+            "te",
+            "keep-alive",
+            "proxy-connection",
+            "content-length",
+            "Content-Length",
+        ] {
+            assert_eq!(callout_field(k.as_bytes(), b"5"), Some(None), "{k}");
+        }
+        let kept = callout_field(b"x-ok", b"1")
+            .flatten()
+            .map(|(k, v)| (k.to_string(), v));
+        assert_eq!(
+            kept,
+            Some(("x-ok".to_string(), HeaderValue::from_static("1")))
+        );
+        assert_eq!(callout_field(b"bad name", b"1"), None);
+        assert_eq!(callout_field(b"x-ok", b"bad\nvalue"), None);
+    }
+
+    #[test]
+    fn http_and_grpc_calls_go_out_without_host_owned_fields() {
+        let mut s = PwState::new(super::super::state::tests::meta(), 1 << 20);
+        let owned = [
+            ("connection", "close"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+            ("keep-alive", "5"),
+            ("proxy-connection", "close"),
+            ("content-length", "5"),
+        ];
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = [
+            (":method", "GET"),
+            (":path", "/check"),
+            (":authority", "authz"),
+            ("x-keep", "1"),
+        ]
+        .iter()
+        .chain(&owned)
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+        http_call(&mut s, "authz".into(), &pairs, Vec::new(), 0).unwrap();
+        pairs.drain(..3);
+        grpc_call(&mut s, b"authz", "svc.S", "M", &pairs, b"m", 0).unwrap();
+        let [http, grpc] = &s.root_callouts[..] else {
+            panic!("two callouts queued")
+        };
+        for h in [&http.headers, &grpc.headers] {
+            assert_eq!(h.get("x-keep").map(|v| v.as_bytes()), Some(&b"1"[..]));
+            for (k, _) in owned.iter().filter(|(k, _)| *k != "te") {
+                assert!(h.get(*k).is_none(), "{k} dropped");
+            }
+        }
+        assert_eq!(http.headers.len(), 1, "{:?}", http.headers);
+        // gRPC: the host's own `te: trailers`, not the filter's.
+        assert_eq!(
+            grpc.headers.get_all("te").iter().collect::<Vec<_>>(),
+            ["trailers"]
+        );
     }
 }

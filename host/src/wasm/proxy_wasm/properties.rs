@@ -4,8 +4,10 @@
 //! one key, e.g. `request.headers.x-foo`).
 //!
 //! Properties the guest sets are kept per context (stream) and read back before
-//! the built-in ones, as Envoy's filter state is.
+//! the built-in ones, as Envoy's filter state is ([`Props`]: capped per
+//! context, so concurrent exchanges never crowd each other out).
 
+use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::Version;
@@ -152,10 +154,46 @@ fn exchange_property(x: &mut Exchange, path: &[&[u8]]) -> Option<Vec<u8>> {
     }
 }
 
+/// Most properties one context may set.
+pub const MAX_PROPS: usize = 64;
+/// Most bytes of paths and values one context may hold.
+pub const MAX_PROPS_BYTES: usize = 1 << 20;
+/// The longest path and value `proxy_set_property` takes.
+const MAX_PATH: usize = 1024;
+const MAX_VALUE: usize = 64 << 10;
+
+/// The properties one context set: host memory outside the plugin's cap, so
+/// bounded per context ([`MAX_PROPS`], [`MAX_PROPS_BYTES`]) and dropped with it.
+#[derive(Default)]
+pub struct Props {
+    values: HashMap<Vec<u8>, Vec<u8>>,
+    /// Bytes of the paths and values in `values`.
+    bytes: usize,
+}
+
+impl Props {
+    /// Sets `path`; replacing a value counts it once, so a context at the
+    /// caps can always update what it set (unless the new value is larger
+    /// than the room left).
+    fn set(&mut self, path: &[u8], value: &[u8], caps: (usize, usize)) -> Result<(), i32> {
+        if path.is_empty() || path.len() > MAX_PATH || value.len() > MAX_VALUE {
+            return Err(status::BAD_ARGUMENT);
+        }
+        let old = self.values.get(path).map(|v| path.len() + v.len());
+        let bytes = self.bytes - old.unwrap_or(0) + path.len() + value.len();
+        if (old.is_none() && self.values.len() >= caps.0) || bytes > caps.1 {
+            return Err(status::BAD_ARGUMENT);
+        }
+        self.bytes = bytes;
+        self.values.insert(path.to_vec(), value.to_vec());
+        Ok(())
+    }
+}
+
 /// The value of property `path` (segments joined by NUL) as seen by the effective
 /// context, or the status to return.
 pub fn get(s: &mut PwState, path: &[u8]) -> Result<Vec<u8>, i32> {
-    if let Some(v) = s.props.get(&(s.effective, path.to_vec())) {
+    if let Some(v) = s.props.get(&s.effective).and_then(|p| p.values.get(path)) {
         return Ok(v.clone());
     }
     let segs: Vec<&[u8]> = path
@@ -177,9 +215,63 @@ pub fn get(s: &mut PwState, path: &[u8]) -> Result<Vec<u8>, i32> {
 /// read-only: setting one stores a shadow the guest reads back, as in Envoy's
 /// filter state).
 pub fn set(s: &mut PwState, path: &[u8], value: &[u8]) -> Result<(), i32> {
-    if path.is_empty() || path.len() > 1024 || value.len() > (64 << 10) || s.props.len() > 1024 {
-        return Err(status::BAD_ARGUMENT);
+    s.props
+        .entry(s.effective)
+        .or_default()
+        .set(path, value, (MAX_PROPS, MAX_PROPS_BYTES))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_are_capped_per_context_and_replaceable_at_the_cap() {
+        let caps = (3, 40);
+        let mut p = Props::default();
+        for k in [&b"a"[..], b"b", b"c"] {
+            p.set(k, b"0123456789", caps).unwrap();
+        }
+        assert_eq!(p.bytes, 33);
+        assert_eq!(
+            p.set(b"d", b"", caps),
+            Err(status::BAD_ARGUMENT),
+            "over the count"
+        );
+        // Replacing at the count cap is allowed, and counted once.
+        p.set(b"a", b"xy", caps).unwrap();
+        assert_eq!(p.bytes, 25);
+        assert_eq!(p.values.get(&b"a"[..]).map(Vec::as_slice), Some(&b"xy"[..]));
+        assert_eq!(
+            p.set(b"b", &[0; 27], caps),
+            Err(status::BAD_ARGUMENT),
+            "over the bytes"
+        );
+        p.set(b"b", &[0; 25], caps).unwrap();
+        assert_eq!(p.bytes, 40);
+        assert_eq!(p.set(b"", b"x", caps), Err(status::BAD_ARGUMENT));
     }
-    s.props.insert((s.effective, path.to_vec()), value.to_vec());
-    Ok(())
+
+    #[test]
+    fn many_concurrent_contexts_each_set_their_properties() {
+        // 4 properties for each of 400 live contexts: 1600 in the VM, more
+        // than a VM-wide cap of 1024 would let through.
+        let mut s = PwState::new(super::super::state::tests::meta(), 1 << 20);
+        for ctx in 2..402 {
+            s.effective = ctx;
+            for k in [&b"a"[..], b"b", b"c", b"d"] {
+                assert_eq!(set(&mut s, k, b"v"), Ok(()), "context {ctx}");
+            }
+        }
+        s.effective = 401;
+        assert_eq!(get(&mut s, b"d"), Ok(b"v".to_vec()));
+        // At its count cap, a context may still replace what it set.
+        s.effective = 1;
+        for i in 0..MAX_PROPS {
+            set(&mut s, format!("p{i}").as_bytes(), b"1").unwrap();
+        }
+        assert_eq!(set(&mut s, b"one-more", b"1"), Err(status::BAD_ARGUMENT));
+        assert_eq!(set(&mut s, b"p0", b"2"), Ok(()));
+        assert_eq!(get(&mut s, b"p0"), Ok(b"2".to_vec()));
+    }
 }

@@ -1,6 +1,13 @@
 //! Shared data (key → value with a CAS token) and shared queues, per process and
 //! scoped by `vm_id` as in Envoy: every worker's instance of every plugin with the
 //! same `vm_id` sees the same entries.
+//!
+//! Everything here is host memory outside any plugin's `limits.memory`, so one
+//! byte budget ([`MAX_TOTAL`]) covers data keys and values, queue names and
+//! queued items together, and queues per `vm_id` are capped. Envoy
+//! (proxy-wasm-cpp-host) caps none of it and never refuses an enqueue; a full
+//! queue here answers `NOT_FOUND`, the one failure the Rust SDK's
+//! `enqueue_shared_queue` returns as an error rather than a panic.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
@@ -17,8 +24,9 @@ struct Entry {
 #[derive(Default)]
 struct Store {
     data: HashMap<(String, Vec<u8>), Entry>,
-    /// Bytes of keys and values in `data`, kept as entries change (summing
-    /// them on every set made each set cost O(entries) under the one lock).
+    /// Bytes of keys and values in `data`, of queue names and of queued items,
+    /// kept as they change (summing them on every set made each set cost
+    /// O(entries) under the one lock).
     bytes: usize,
     next_cas: u32,
     queue_ids: HashMap<(String, Vec<u8>), u32>,
@@ -28,16 +36,43 @@ struct Store {
 #[derive(Default)]
 struct Queue {
     items: VecDeque<Vec<u8>>,
+    /// Bytes of `items`.
+    bytes: usize,
+    /// An enqueue was refused since the last one that fitted (one warning
+    /// per episode).
+    full: bool,
     /// The VMs that registered the queue, woken on each enqueue (a stored permit,
     /// so an enqueue during their callback is not lost).
     subscribers: Vec<Weak<Notify>>,
 }
 
-/// Caps: one entry's value, all keys and values, entries, one queue's items.
+/// Caps: one entry's value (and one queued item), all keys, values, queue
+/// names and queued items, entries, one queue's items, queues per `vm_id`,
+/// one queue name.
 const MAX_VALUE: usize = 1 << 20;
 const MAX_TOTAL: usize = 64 << 20;
 const MAX_ENTRIES: usize = 100_000;
 const MAX_QUEUE: usize = 10_000;
+const MAX_QUEUES_PER_VM: usize = 1024;
+const MAX_QUEUE_NAME: usize = 1024;
+
+/// The caps [`Store`] enforces (smaller in tests).
+#[derive(Clone, Copy)]
+struct Caps {
+    total: usize,
+    entries: usize,
+    queue_items: usize,
+    queues_per_vm: usize,
+    queue_name: usize,
+}
+
+const CAPS: Caps = Caps {
+    total: MAX_TOTAL,
+    entries: MAX_ENTRIES,
+    queue_items: MAX_QUEUE,
+    queues_per_vm: MAX_QUEUES_PER_VM,
+    queue_name: MAX_QUEUE_NAME,
+};
 
 fn store() -> std::sync::MutexGuard<'static, Store> {
     static STORE: OnceLock<Mutex<Store>> = OnceLock::new();
@@ -60,7 +95,7 @@ pub fn set(vm: &str, key: &[u8], value: &[u8], cas: u32) -> Result<(), i32> {
     if value.len() > MAX_VALUE {
         return Err(status::BAD_ARGUMENT);
     }
-    store().set(vm, key, value, cas, (MAX_TOTAL, MAX_ENTRIES))
+    store().set(vm, key, value, cas, (CAPS.total, CAPS.entries))
 }
 
 impl Store {
@@ -98,17 +133,11 @@ impl Store {
     }
 }
 
-/// Registers (or finds) queue `name` of `vm`.
-pub fn register_queue(vm: &str, name: &[u8]) -> u32 {
-    let mut s = store();
-    let k = (vm.to_string(), name.to_vec());
-    if let Some(id) = s.queue_ids.get(&k) {
-        return *id;
-    }
-    let id = u32::try_from(s.queue_ids.len() + 1).unwrap_or(u32::MAX);
-    s.queue_ids.insert(k, id);
-    s.queues.insert(id, Queue::default());
-    id
+/// Registers (or finds) queue `name` of `vm`; `BAD_ARGUMENT` for a name over
+/// [`MAX_QUEUE_NAME`], a `vm_id` with [`MAX_QUEUES_PER_VM`] queues already, or
+/// no room left in [`MAX_TOTAL`] for the name.
+pub fn register_queue(vm: &str, name: &[u8]) -> Result<u32, i32> {
+    store().register_queue(vm, name, CAPS)
 }
 
 /// The id of an existing queue.
@@ -119,29 +148,83 @@ pub fn resolve_queue(vm: &str, name: &[u8]) -> Option<u32> {
         .copied()
 }
 
-/// Appends to a queue.
+/// Appends to a queue; `NOT_FOUND` for an unknown queue, and for an item that
+/// does not fit (see the module docs).
 pub fn enqueue(id: u32, value: &[u8]) -> Result<(), i32> {
-    let mut s = store();
-    let q = s.queues.get_mut(&id).ok_or(status::NOT_FOUND)?;
-    if q.items.len() >= MAX_QUEUE || value.len() > MAX_VALUE {
-        return Err(status::BAD_ARGUMENT);
-    }
-    q.items.push_back(value.to_vec());
-    q.subscribers.retain(|w| match w.upgrade() {
-        Some(n) => {
-            n.notify_one();
-            true
-        }
-        None => false,
-    });
-    Ok(())
+    store().enqueue(id, value, CAPS)
 }
 
 /// Takes the oldest item of a queue.
 pub fn dequeue(id: u32) -> Result<Vec<u8>, i32> {
-    let mut s = store();
-    let q = s.queues.get_mut(&id).ok_or(status::NOT_FOUND)?;
-    q.items.pop_front().ok_or(status::EMPTY)
+    store().dequeue(id)
+}
+
+impl Store {
+    /// [`register_queue`] under `caps`.
+    fn register_queue(&mut self, vm: &str, name: &[u8], caps: Caps) -> Result<u32, i32> {
+        let k = (vm.to_string(), name.to_vec());
+        if let Some(id) = self.queue_ids.get(&k) {
+            return Ok(*id);
+        }
+        let size = vm.len() + name.len();
+        // A new name is rare (a filter registers a few fixed names; finding
+        // one returned above), so counting this vm_id's queues by a scan is
+        // fine.
+        if name.len() > caps.queue_name
+            || self.queue_ids.keys().filter(|(v, _)| v == vm).count() >= caps.queues_per_vm
+            || self.bytes + size > caps.total
+        {
+            return Err(status::BAD_ARGUMENT);
+        }
+        let id = u32::try_from(self.queue_ids.len() + 1).map_err(|_| status::BAD_ARGUMENT)?;
+        self.bytes += size;
+        self.queue_ids.insert(k, id);
+        self.queues.insert(id, Queue::default());
+        Ok(id)
+    }
+
+    /// [`enqueue`] under `caps`.
+    fn enqueue(&mut self, id: u32, value: &[u8], caps: Caps) -> Result<(), i32> {
+        let total = self.bytes;
+        let q = self.queues.get_mut(&id).ok_or(status::NOT_FOUND)?;
+        if q.items.len() >= caps.queue_items
+            || value.len() > MAX_VALUE
+            || total + value.len() > caps.total
+        {
+            if !q.full {
+                q.full = true;
+                tracing::warn!(
+                    queue = id,
+                    "a proxy-wasm shared queue is full ({} items, {} bytes); items are \
+                     refused (NOT_FOUND) until it is drained",
+                    q.items.len(),
+                    q.bytes
+                );
+            }
+            return Err(status::NOT_FOUND);
+        }
+        q.full = false;
+        q.items.push_back(value.to_vec());
+        q.bytes += value.len();
+        self.bytes += value.len();
+        q.subscribers.retain(|w| match w.upgrade() {
+            Some(n) => {
+                n.notify_one();
+                true
+            }
+            None => false,
+        });
+        Ok(())
+    }
+
+    /// [`dequeue`].
+    fn dequeue(&mut self, id: u32) -> Result<Vec<u8>, i32> {
+        let q = self.queues.get_mut(&id).ok_or(status::NOT_FOUND)?;
+        let item = q.items.pop_front().ok_or(status::EMPTY)?;
+        q.bytes -= item.len();
+        self.bytes -= item.len();
+        Ok(item)
+    }
 }
 
 /// Subscribes a VM to queue `id`: the returned `Notify` is signalled on each
@@ -206,8 +289,8 @@ mod tests {
 
     #[test]
     fn queues_are_fifo_and_scoped() {
-        let id = register_queue("test-q", b"q");
-        assert_eq!(register_queue("test-q", b"q"), id);
+        let id = register_queue("test-q", b"q").unwrap();
+        assert_eq!(register_queue("test-q", b"q"), Ok(id));
         assert_eq!(resolve_queue("test-q", b"q"), Some(id));
         assert_eq!(resolve_queue("test-q2", b"q"), None);
         assert_eq!(dequeue(id), Err(status::EMPTY));
@@ -216,5 +299,66 @@ mod tests {
         assert_eq!(dequeue(id), Ok(b"a".to_vec()));
         assert_eq!(dequeue(id), Ok(b"b".to_vec()));
         assert_eq!(enqueue(999_999, b"x"), Err(status::NOT_FOUND));
+    }
+
+    #[test]
+    fn queues_count_in_the_shared_budget() {
+        let mut s = Store::default();
+        let caps = Caps {
+            total: 40,
+            entries: 10,
+            queue_items: 3,
+            queues_per_vm: 2,
+            queue_name: 4,
+        };
+        // Names count: "vm" + "q" = 3 bytes.
+        let q = s.register_queue("vm", b"q", caps).unwrap();
+        assert_eq!(s.bytes, 3);
+        assert_eq!(
+            s.register_queue("vm", b"q", caps),
+            Ok(q),
+            "found, not counted again"
+        );
+        assert_eq!(s.bytes, 3);
+        assert_eq!(
+            s.register_queue("vm", b"toolong", caps),
+            Err(status::BAD_ARGUMENT),
+            "over the name cap"
+        );
+        s.register_queue("vm", b"r", caps).unwrap();
+        assert_eq!(
+            s.register_queue("vm", b"s", caps),
+            Err(status::BAD_ARGUMENT),
+            "over the queues per vm_id"
+        );
+        s.register_queue("other", b"s", caps).unwrap();
+        assert_eq!(s.bytes, 3 + 3 + 6);
+        // Items count in the same total as data: 12 + 20 = 32 of 40.
+        s.enqueue(q, &[0; 20], caps).unwrap();
+        assert_eq!(s.bytes, 32);
+        assert_eq!(
+            s.set("vm", b"k", &[0; 10], 0, (caps.total, caps.entries)),
+            Err(status::BAD_ARGUMENT)
+        );
+        // A full queue answers NOT_FOUND (the SDK returns it as an error).
+        assert_eq!(
+            s.enqueue(q, &[0; 9], caps),
+            Err(status::NOT_FOUND),
+            "over the bytes"
+        );
+        s.enqueue(q, &[0; 4], caps).unwrap();
+        s.enqueue(q, &[], caps).unwrap();
+        assert_eq!(
+            s.enqueue(q, &[], caps),
+            Err(status::NOT_FOUND),
+            "over the items"
+        );
+        // Dequeuing frees the room.
+        assert_eq!(s.dequeue(q).map(|v| v.len()), Ok(20));
+        assert_eq!(s.bytes, 16);
+        s.set("vm", b"k", &[0; 10], 0, (caps.total, caps.entries))
+            .unwrap();
+        s.enqueue(q, &[0; 1], caps).unwrap();
+        assert_eq!(s.enqueue(999, b"x", caps), Err(status::NOT_FOUND));
     }
 }

@@ -211,8 +211,9 @@ pub struct PwState {
     pub root: u32,
     /// Tick periods, by root context (`proxy_set_tick_period_milliseconds`).
     pub ticks: FxHashMap<u32, Duration>,
-    /// Properties the guest set, by context and path.
-    pub props: HashMap<(u32, Vec<u8>), Vec<u8>>,
+    /// Properties the guest set, by context (capped per context, dropped
+    /// with it).
+    pub props: FxHashMap<u32, super::properties::Props>,
     /// Queues registered since the host last looked (for `proxy_on_queue_ready`).
     pub new_queues: Vec<u32>,
     /// The callout result being delivered (`proxy_on_http_call_response`): read
@@ -290,7 +291,7 @@ impl PwState {
             close: false,
             root: ROOT_CONTEXT,
             ticks: FxHashMap::default(),
-            props: HashMap::new(),
+            props: FxHashMap::default(),
             new_queues: Vec::new(),
             call_response: None,
             grpc_calls: FxHashSet::default(),
@@ -307,6 +308,22 @@ impl PwState {
             grpc_initial: None,
             grpc_trailing: None,
             stream_waits: FxHashMap::default(),
+        }
+    }
+
+    /// Forgets the callouts of context `pw`, which is gone: their tasks are
+    /// aborted with its exchange and nothing is delivered, so their tokens
+    /// leave `outstanding` and `grpc_calls` (a gRPC token left behind would
+    /// stay for the VM's life, and make a later HTTP callout that reuses the
+    /// token after the counter wraps look like a gRPC call).
+    pub fn drop_calls_of(&mut self, pw: u32) {
+        // (Each sweep only when there is something to sweep.)
+        if !self.outstanding.is_empty() {
+            self.outstanding.retain(|_, c| *c != pw);
+        }
+        if !self.grpc_calls.is_empty() {
+            let outstanding = &self.outstanding;
+            self.grpc_calls.retain(|t| outstanding.contains_key(t));
         }
     }
 
@@ -387,5 +404,46 @@ impl wasmtime::ResourceLimiter for PwState {
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         self.limits.table_growing(current, desired, maximum)
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A plugin's shared data for host unit tests, granted cluster `authz`.
+    pub fn meta() -> Arc<Meta> {
+        let stats = Stats::new();
+        let c = |n: &'static str| stats.counter(n, "test", &[("plugin", "t")]);
+        Arc::new(Meta {
+            name: "t".into(),
+            root_id: String::new(),
+            vm_id: String::new(),
+            vm_config: Vec::new(),
+            plugin_config: Vec::new(),
+            stats: stats.clone(),
+            metrics: Mutex::default(),
+            clusters: vec!["authz".to_string()],
+            callouts_sent: c("t_callouts"),
+            grpc_streams: c("t_streams"),
+            grpc_streams_open: stats.gauge("t_open", "test", &[("plugin", "t")]),
+            grpc_stream_messages: c("t_messages"),
+            grpc_stream_failures: c("t_failures"),
+            body_limit: 1 << 20,
+        })
+    }
+
+    #[test]
+    fn a_context_leaves_no_grpc_token_behind() {
+        let mut s = PwState::new(meta(), 1 << 20);
+        // Context 7's calls (1 gRPC, 2 HTTP) and context 8's gRPC call 3.
+        s.outstanding.extend([(1, 7), (2, 7), (3, 8)]);
+        s.grpc_calls.extend([1, 3]);
+        s.drop_calls_of(7);
+        assert_eq!(s.outstanding.keys().copied().collect::<Vec<_>>(), [3]);
+        assert_eq!(s.grpc_calls.iter().copied().collect::<Vec<_>>(), [3]);
+        s.drop_calls_of(8);
+        assert!(s.outstanding.is_empty() && s.grpc_calls.is_empty());
     }
 }
