@@ -126,7 +126,10 @@ fn http_call(
         match k.as_slice() {
             b":method" => method = http::Method::from_bytes(v).ok(),
             b":path" => path = std::str::from_utf8(v).ok().map(str::to_string),
-            b":authority" | b"host" => authority = std::str::from_utf8(v).ok().map(str::to_string),
+            // Field names are case-insensitive (`Host` as much as `host`).
+            k if k == b":authority" || k.eq_ignore_ascii_case(b"host") => {
+                authority = std::str::from_utf8(v).ok().map(str::to_string);
+            }
             b":scheme" => {}
             _ => {
                 let field = callout_field(k, v).ok_or(status::BAD_ARGUMENT)?;
