@@ -40,6 +40,7 @@ use rand::Rng;
 
 use crate::config::{Config, Name};
 use crate::error::{Kind, ProxyError};
+pub use crate::head::{BodyBuf, Head};
 use crate::router::{Action, RouteInput, RouteTable};
 use crate::stats::Stats;
 
@@ -493,12 +494,15 @@ pub struct ExchangeData {
     pub https: bool,
     /// Downstream protocol.
     pub version: Version,
-    /// Request headers (no `host`: the authority is [`ExchangeData::authority`]).
-    pub request_headers: HeaderMap,
+    /// Request headers (no `host`: the authority is [`ExchangeData::authority`]);
+    /// once the request went upstream, a snapshot of them as sent, if a filter
+    /// may still read them.
+    pub request_headers: Head,
     /// Response status, once a response head exists.
     pub status: Option<StatusCode>,
-    /// Response headers, once a response head exists.
-    pub response_headers: Option<HeaderMap>,
+    /// Response headers, once a response head exists; once it went to the
+    /// client, a snapshot of it as sent, if a filter may still read it.
+    pub response_headers: Option<Head>,
     /// The connection.
     pub conn: Arc<ConnFacts>,
     /// `x-request-id`.
@@ -524,7 +528,8 @@ pub struct ExchangeData {
     /// The body data held for the filter being called, per direction
     /// ([`Direction::idx`]): the chunk or the whole buffered body; `None` outside
     /// body phases (bodies are not kept after they are forwarded).
-    pub bodies: [Option<Vec<u8>>; 2],
+    /// A chunk is lent as it arrived until a filter writes it.
+    pub bodies: [Option<BodyBuf>; 2],
     /// The trailers per direction, once they arrived (kept for later phases).
     pub trailers: [Option<HeaderMap>; 2],
     /// The body settings of the filter being called.
@@ -573,7 +578,7 @@ impl Exchange {
             authority,
             https: conn.tls.is_some(),
             version,
-            request_headers,
+            request_headers: request_headers.into(),
             status: None,
             response_headers: None,
             conn,
@@ -607,7 +612,7 @@ impl Exchange {
             authority: String::new(),
             https: false,
             version: Version::HTTP_11,
-            request_headers: HeaderMap::new(),
+            request_headers: Head::default(),
             status: None,
             response_headers: None,
             conn: Arc::new(ConnFacts {
@@ -1447,7 +1452,7 @@ impl Chain {
                 Ok(Verdict::Respond(lr)) => {
                     eos = lr.body.is_empty();
                     self.x.status = Some(lr.status);
-                    self.x.response_headers = Some(lr.headers);
+                    self.x.response_headers = Some(lr.headers.into());
                     replaced = Some(lr.body);
                     self.replaced_response = Some(i);
                 }
@@ -1689,12 +1694,12 @@ impl Chain {
         if order.is_empty() {
             return Ok(BodyStep::Continue(data));
         }
-        self.x.bodies[d.idx()] = Some(Vec::from(data));
+        self.x.bodies[d.idx()] = Some(data.into());
         let r = now(self.run_part(d, Some(end_of_stream), &order, 0, Hold::Refuse));
         let out = self.x.bodies[d.idx()].take().unwrap_or_default();
         Ok(match r? {
             Ran::Respond(lr) => BodyStep::Respond(lr),
-            Ran::Through | Ran::Paused(_) => BodyStep::Continue(Bytes::from(out)),
+            Ran::Through | Ran::Paused(_) => BodyStep::Continue(out.into_bytes()),
         })
     }
 
@@ -1716,7 +1721,7 @@ impl Chain {
         if order.is_empty() {
             return self.after_body(d, data, folding, hold).await;
         }
-        self.x.bodies[d.idx()] = Some(Vec::from(data));
+        self.x.bodies[d.idx()] = Some(data.into());
         self.end_body(d, order, 0, folding, hold).await
     }
 
@@ -1741,7 +1746,10 @@ impl Chain {
             });
             return Ok(EndStep::Held);
         }
-        let out = Bytes::from(self.x.bodies[d.idx()].take().unwrap_or_default());
+        let out = self.x.bodies[d.idx()]
+            .take()
+            .unwrap_or_default()
+            .into_bytes();
         match r? {
             Ran::Respond(lr) => Ok(EndStep::Respond(lr)),
             Ran::Through | Ran::Paused(_) => self.after_body(d, out, folding, hold).await,
@@ -2143,7 +2151,7 @@ mod tests {
             let held = x.bodies[0].take().unwrap();
             let mut body = b"checked:".to_vec();
             body.extend_from_slice(&held);
-            x.bodies[0] = Some(body);
+            x.bodies[0] = Some(body.into());
             Ok(Verdict::Continue)
         }
         fn on_log(&self, _: usize, _: &mut Exchange) {}

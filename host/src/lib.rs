@@ -17,6 +17,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod filter;
+pub mod head;
 pub mod hot_restart;
 pub mod io;
 pub mod listener;

@@ -406,9 +406,9 @@ impl NetChain {
                 );
                 return Step::Close;
             }
-            self.x.bodies[d] = Some(data);
+            self.x.bodies[d] = Some(data.into());
             let r = f.on_data(self.worker, &mut self.x, from, eos);
-            data = self.x.bodies[d].take().unwrap_or_default();
+            data = self.x.bodies[d].take().unwrap_or_default().into_vec();
             self.dispatch(i);
             match r {
                 Ok(NetVerdict::Continue) => {}
@@ -800,7 +800,7 @@ mod tests {
             from: Peer,
             eos: bool,
         ) -> Result<NetVerdict, String> {
-            let data = c.bodies[from.idx()].as_mut().unwrap();
+            let data = c.bodies[from.idx()].as_mut().unwrap().to_mut();
             if data
                 .windows(5)
                 .any(|w| w[..4] == *b"fail" && w[4] == self.tag)

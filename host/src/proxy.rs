@@ -667,8 +667,9 @@ async fn request_filters(
 }
 
 /// Writes the request head as the filters left it back into `req`: its header
-/// map is copied if a filter may `keep` reading it, moved out otherwise (a
-/// copy is ~1k instructions, a tenth of a no-op filter's cost).
+/// map is moved out, and a snapshot of it stays if a filter may `keep` reading
+/// it (a `HeaderMap` copy was ~1k instructions, a tenth of a no-op filter's
+/// cost).
 fn write_head(
     x: &mut Exchange,
     keep: bool,
@@ -676,11 +677,11 @@ fn write_head(
     authority: &mut String,
 ) -> Result<(), ProxyError> {
     *req.method_mut() = x.method.clone();
-    let mut headers = std::mem::take(&mut x.request_headers);
+    let mut headers = x.request_headers.take();
     if keep {
-        // The original goes upstream and the copy stays: the copy's storage is
-        // exactly full, and the `host` written below would reallocate it.
-        x.request_headers = headers.clone();
+        // The original goes upstream (hyper consumes it) and a flat snapshot
+        // stays, rebuilt only if a filter reads it later (`filter::Head`).
+        x.request_headers = filter::Head::snapshot(&headers);
     }
     if x.authority != *authority || x.path != req.uri().path_and_query().map_or("/", |p| p.as_str())
     {
@@ -939,7 +940,10 @@ async fn response_body(
     };
     // The head was held (and writable) with the body.
     let (status, headers) = chain_step(&shared, |c| {
-        (c.x.status, c.x.response_headers.clone().unwrap_or_default())
+        (
+            c.x.status,
+            c.x.response_headers.as_deref().cloned().unwrap_or_default(),
+        )
     })?;
     *resp.headers_mut() = headers;
     if let Some(s) = status {
@@ -1008,16 +1012,16 @@ async fn response_filters(
         shared.put(chain);
         return Ok(resp);
     }
-    chain.x.response_headers = Some(std::mem::take(resp.headers_mut()));
+    chain.x.response_headers = Some(std::mem::take(resp.headers_mut()).into());
     let eos = resp.body().is_end_stream();
     let started = Instant::now();
     let replaced = chain.on_response_headers(eos).await;
     out.debug.response_filters = Some(started.elapsed());
-    // Copied only for a filter that reads the head later (body, trailers, log);
-    // the original (room to grow) goes to the client, the copy stays.
-    let headers = chain.x.response_headers.take();
+    // Kept only for a filter that reads the head later (body, trailers, log):
+    // the original goes to the client, a flat snapshot stays (`filter::Head`).
+    let headers = chain.x.response_headers.take().map(|mut h| h.take());
     if later {
-        chain.x.response_headers.clone_from(&headers);
+        chain.x.response_headers = headers.as_ref().map(filter::Head::snapshot);
     }
     *resp.headers_mut() = headers.unwrap_or_default();
     let status = chain.x.status;

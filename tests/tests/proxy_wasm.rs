@@ -94,6 +94,12 @@ each_proto!(
         assert_eq!(e.header("x-keep"), Some("kept"));
         assert_eq!(e.header_all("x-pw-multi"), vec!["a", "b"]);
         assert_eq!(r.header("x-pw-response"), Some("1"));
+        // The request head read again in the response callback is the one
+        // sent upstream (the host keeps a snapshot of it).
+        assert_eq!(
+            r.header("x-pw-request-later"),
+            Some("kept|bonjour|-|a,b|http")
+        );
         assert_eq!(r.header("x-pw-pseudo"), Some(":authority,:path,:method,:scheme"));
         assert_eq!(r.header("x-pw-vm-config"), Some("vm-says-hi"));
         lg.assert_stat(&calls("rewriter", "request_headers"), 1.0).await;

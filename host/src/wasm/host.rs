@@ -366,8 +366,8 @@ impl HostState {
         };
         let x = self.exchange(context)?;
         let map = match part {
-            Part::Request => Some(&mut x.request_headers),
-            Part::Response => x.response_headers.as_mut(),
+            Part::Request => Some(&mut *x.request_headers),
+            Part::Response => x.response_headers.as_deref_mut(),
             Part::RequestTrailers => x.trailers[0].as_mut(),
             Part::ResponseTrailers => x.trailers[1].as_mut(),
         };
@@ -863,7 +863,10 @@ impl HostState {
     /// The data behind a buffer handle and whether it may be written now (only in
     /// the body phase of its direction, §3.4). A handle whose data is gone (the
     /// phase returned) is dangling and traps.
-    fn buffer_of(&mut self, r: &Resource<BufferRes>) -> wasmtime::Result<(&mut Vec<u8>, bool)> {
+    fn buffer_of(
+        &mut self,
+        r: &Resource<BufferRes>,
+    ) -> wasmtime::Result<(&mut crate::filter::BodyBuf, bool)> {
         let b = self.table.get(r)?;
         let (context, d) = (b.context, b.dir);
         let writable = self.phase == Phase::NetData(d)
@@ -909,7 +912,7 @@ impl HostState {
         if buf.len() - (end - start) + data.len() > cap {
             return Ok(Err(Error::LimitExceeded));
         }
-        buf.splice(start..end, data);
+        buf.to_mut().splice(start..end, data);
         Ok(Ok(()))
     }
 }

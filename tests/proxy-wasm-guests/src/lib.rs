@@ -1579,6 +1579,13 @@ impl HttpContext for Filter {
         }
         if self.s.mode == "headers" {
             self.add_http_response_header("x-pw-response", "1");
+            // The request head as it went upstream, read after it went: the
+            // filter's own changes and the host's `x-forwarded-proto` included.
+            let later: Vec<String> = ["x-keep", "x-pw-hello", "x-pw-remove", "x-pw-multi", "x-forwarded-proto"]
+                .iter()
+                .map(|h| self.get_http_request_header(h).unwrap_or_else(|| "-".into()))
+                .collect();
+            self.add_http_response_header("x-pw-request-later", &later.join("|"));
         }
         if self.s.mode == "properties" {
             let code = prop(self, &["response", "code"]);

@@ -923,10 +923,10 @@ impl ProxyWasmFilter {
                 .filter(|s| !s.held.is_empty())
                 .and_then(|s| s.held.remove(&key))
         });
-        let body = x.bodies[d.idx()].get_or_insert_with(Vec::new);
+        let body = x.bodies[d.idx()].get_or_insert_with(Default::default);
         if let Some(mut h) = held {
-            h.append(body);
-            *body = h;
+            h.extend_from_slice(body);
+            *body = h.into();
         }
         if body.len() > cap {
             return Ok(self.over_cap(d, cap));
@@ -965,7 +965,10 @@ impl ProxyWasmFilter {
             // Hold everything (as the guest left it); forward nothing now. At
             // the end of stream a pause is the chain's (see `paused_at_end`).
             Some(Verdict::Pause) if !end_of_stream => {
-                let body = x.bodies[d.idx()].replace(Vec::new()).unwrap_or_default();
+                let body = x.bodies[d.idx()]
+                    .replace(Default::default())
+                    .unwrap_or_default()
+                    .into_vec();
                 VMS.with(|cell| {
                     cell.borrow_mut()
                         .entry(self.vm)
@@ -1880,7 +1883,7 @@ impl NetworkFilter for ProxyWasmFilter {
             ),
         };
         self.stats.calls[label].inc();
-        let len = c.bodies[d.idx()].as_ref().map_or(0, Vec::len);
+        let len = c.bodies[d.idx()].as_ref().map_or(0, |b| b.len());
         let len = i32::try_from(len).unwrap_or(i32::MAX);
         self.with_vm(worker, Phase::Data(d), Some(c), false, |live, ctx| {
             let Some(f) = live.exports.data[d.idx()].as_ref() else {

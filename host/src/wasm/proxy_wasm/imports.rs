@@ -59,7 +59,7 @@ fn call_body(s: &PwState) -> Option<Bytes> {
 /// filter has held so far plus the new data.
 /// On a TCP connection, the data buffers (`DOWNSTREAM_DATA`/`UPSTREAM_DATA`)
 /// are the same per-direction slots during that direction's data callback.
-fn body_mut(s: &mut PwState, kind: i32) -> Option<&mut Vec<u8>> {
+fn body_mut(s: &mut PwState, kind: i32) -> Option<&mut crate::filter::BodyBuf> {
     let (d, phase) = match kind {
         buffer::HTTP_REQUEST_BODY => (Direction::Request, Phase::Body(Direction::Request)),
         buffer::HTTP_RESPONSE_BODY => (Direction::Response, Phase::Body(Direction::Response)),
@@ -404,7 +404,7 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 let call_body = call_body(c.data());
                 let grpc_message = c.data().grpc_message.clone();
                 // Copied out (the guest's allocator runs before the write).
-                let body = body_mut(c.data_mut(), kind).map(|b| b.clone());
+                let body = body_mut(c.data_mut(), kind).map(|b| b.to_vec());
                 let all: &[u8] = match kind {
                     buffer::HTTP_REQUEST_BODY
                     | buffer::HTTP_RESPONSE_BODY
@@ -442,7 +442,7 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 let cap = c.data().meta.body_limit;
                 if let Some(body) = body_mut(c.data_mut(), kind) {
                     let (start, size) = (start as u32 as usize, size as u32 as usize);
-                    return st(write_body(body, start, size, &data, cap));
+                    return st(write_body(body.to_mut(), start, size, &data, cap));
                 }
                 // Other buffers are read-only, or do not exist in this phase
                 // (Envoy answers the same).

@@ -103,7 +103,7 @@ fn request(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
 /// headers and size need the response head.
 fn response(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
     if attr == b"headers" {
-        return map_value(x.response_headers.as_ref()?, rest);
+        return map_value(x.response_headers.as_deref()?, rest);
     }
     if !rest.is_empty() {
         return None;
