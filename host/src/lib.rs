@@ -18,6 +18,7 @@ pub mod connection;
 pub mod error;
 pub mod filter;
 pub mod hot_restart;
+pub mod idle;
 pub mod io;
 pub mod listener;
 pub mod mirror;

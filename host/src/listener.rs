@@ -39,6 +39,9 @@ pub struct ListenerStats {
     /// HTTP/1.1 upgrades refused (403) because neither `http.upgrades` nor the
     /// route allows their type (Envoy's `downstream_rq_ws_on_non_ws_route`).
     pub upgrades_refused: Counter,
+    /// Requests ended by the stream idle timeout (`http.stream_idle_timeout`,
+    /// a route's `idle_timeout`): a 408 or a reset stream.
+    pub stream_idle_timeouts: Counter,
     /// Bytes received from downstream (TCP listeners).
     pub rx_bytes: Counter,
     /// Bytes sent to downstream (TCP listeners).
@@ -90,6 +93,11 @@ impl ListenerStats {
             upgrades_refused: stats.counter(
                 "legate_listener_upgrades_refused_total",
                 "HTTP/1.1 upgrades refused with 403: type not in http.upgrades nor enabled by the route.",
+                &l,
+            ),
+            stream_idle_timeouts: stats.counter(
+                "legate_listener_stream_idle_timeouts_total",
+                "Requests ended by the stream idle timeout: 408 before the response head, a reset stream after it.",
                 &l,
             ),
             rx_bytes: stats.counter(

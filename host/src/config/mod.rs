@@ -304,6 +304,15 @@ pub struct HttpListener {
     /// tunnelled (its upgrade headers are removed and the request is proxied).
     #[serde(default = "defaults::upgrades")]
     pub upgrades: Vec<String>,
+    /// Longest a request may go without activity (headers, body data or
+    /// trailers of the request or the response), as Envoy's connection
+    /// manager's `stream_idle_timeout`: before the response head, the client
+    /// gets `408` (`stream_idle_timeout`); after it, the stream is reset (an
+    /// HTTP/1.1 connection is closed). A route's `idle_timeout` overrides it.
+    /// Default 5m, as Envoy: far above any live stream's silence, it only
+    /// frees what a stalled peer would hold forever; `0s` disables.
+    #[serde(default = "defaults::stream_idle_timeout")]
+    pub stream_idle_timeout: Dur,
 }
 
 /// Settings of a TCP proxy listener.
@@ -511,6 +520,11 @@ pub struct Route {
     /// Timeout of each upstream attempt; absent (or `0s`) = only the route timeout applies.
     #[serde(default)]
     pub per_try_timeout: Option<Dur>,
+    /// Stream idle timeout on this route, overriding the listener's
+    /// `http.stream_idle_timeout` (Envoy's route `idle_timeout`); absent = the
+    /// listener's, `0s` disables it here.
+    #[serde(default)]
+    pub idle_timeout: Option<Dur>,
     /// Retry policy; absent = no retries.
     #[serde(default)]
     pub retry: Option<RetryPolicy>,
@@ -1281,6 +1295,9 @@ pub(crate) mod defaults {
     pub fn route_timeout() -> Dur {
         Dur::secs(15)
     }
+    pub fn stream_idle_timeout() -> Dur {
+        Dur::secs(300)
+    }
     pub fn redirect_code() -> Spanned<u16> {
         unspanned(301)
     }
@@ -1452,6 +1469,7 @@ clusters:
         assert!(!http.trust_downstream);
         assert!(http.generate_request_id);
         assert!(http.via.is_none());
+        assert_eq!(http.stream_idle_timeout.get(), Duration::from_secs(300));
         assert!(l.tls.is_none() && l.tcp.is_none() && !l.original_destination);
         assert_eq!(l.limits.max_connections, Limits::default().max_connections);
 
@@ -1460,6 +1478,7 @@ clusters:
         let r = &vh.routes[0].value;
         assert!(r.name.is_none());
         assert_eq!(r.timeout.get(), Duration::from_secs(15));
+        assert!(r.idle_timeout.is_none());
         assert!(r.per_try_timeout.is_none() && r.retry.is_none() && r.rewrite.is_none());
         assert!(
             r.max_request_body.is_none(),
