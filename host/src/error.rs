@@ -23,6 +23,7 @@
 //! | `Overloaded` | 503 + `x-legate-overloaded: true` | no |
 //! | `Timeout` (route) | 504 | no |
 //! | `PerTryTimeout` | 504 | yes |
+//! | `StreamIdleTimeout` | 408 (`stream_idle_timeout`) before the response head; after it the stream is reset | no |
 //! | `PluginFailure` | 503, body `plugin_failure: <plugin>` | no |
 //! | `RequestBufferLimit` | 413 (`plugin_buffer_limit`) | no |
 //! | `ResponseBufferLimit` | 502 (`plugin_buffer_limit`) | no |
@@ -67,6 +68,9 @@ pub enum Kind {
     RequestTimeout,
     /// One attempt's `per_try_timeout` fired.
     PerTryTimeout,
+    /// Nothing moved on the stream (either direction) for the stream idle
+    /// timeout (Envoy's `stream_idle_timeout`, response flag `SI`).
+    StreamIdleTimeout,
     /// A filter plugin with `fail: closed` trapped, overran its deadline or memory
     /// cap, or returned an invalid result. The detail is the plugin's name.
     PluginFailure,
@@ -171,6 +175,7 @@ impl ProxyError {
             | Kind::UpgradeRefused
             | Kind::RequestBufferLimit
             | Kind::RequestTimeout
+            | Kind::StreamIdleTimeout
             | Kind::DownstreamReset => Side::Downstream,
             Kind::ConnectFailed
             | Kind::UpstreamReset
@@ -210,7 +215,8 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Kind::Timeout | Kind::PerTryTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Kind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            // Envoy's local reply for its stream idle timeout too.
+            Kind::RequestTimeout | Kind::StreamIdleTimeout => StatusCode::REQUEST_TIMEOUT,
             // The client is gone; this response is never delivered, 499 (nginx's
             // "client closed request") keeps the access log honest.
             Kind::DownstreamReset => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
@@ -237,6 +243,7 @@ impl ProxyError {
             Kind::Timeout => "upstream_timeout",
             Kind::RequestTimeout => "request_timeout",
             Kind::PerTryTimeout => "upstream_per_try_timeout",
+            Kind::StreamIdleTimeout => "stream_idle_timeout",
             Kind::PluginFailure => "plugin_failure",
             Kind::RequestBufferLimit | Kind::ResponseBufferLimit => "plugin_buffer_limit",
             Kind::DownstreamReset => "downstream_reset",
@@ -316,6 +323,11 @@ mod tests {
             (StatusCode::FORBIDDEN, Side::Downstream, false)
         );
         assert_eq!(u.to_response().body().as_ref(), b"upgrade_failed\n");
+        let i = ProxyError::new(Kind::StreamIdleTimeout, "");
+        assert_eq!(
+            (i.status(), i.cause(), i.retryable()),
+            (StatusCode::REQUEST_TIMEOUT, "stream_idle_timeout", false)
+        );
         let b = ProxyError::new(Kind::ResponseBufferLimit, "");
         assert_eq!(
             (b.status(), b.side()),

@@ -19,6 +19,7 @@ pub mod error;
 pub mod filter;
 pub mod head;
 pub mod hot_restart;
+pub mod idle;
 pub mod io;
 pub mod listener;
 pub mod mirror;

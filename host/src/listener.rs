@@ -43,6 +43,9 @@ pub struct ListenerStats {
     /// `http.normalize_path`, an escaped slash under `path_with_escaped_slashes:
     /// reject` (Envoy's `downstream_rq_failed_path_normalization`).
     pub paths_rejected: Counter,
+    /// Requests ended by the stream idle timeout (`http.stream_idle_timeout`,
+    /// a route's `idle_timeout`): a 408 or a reset stream.
+    pub stream_idle_timeouts: Counter,
     /// Bytes received from downstream (TCP listeners).
     pub rx_bytes: Counter,
     /// Bytes sent to downstream (TCP listeners).
@@ -99,6 +102,11 @@ impl ListenerStats {
             paths_rejected: stats.counter(
                 "legate_listener_paths_rejected_total",
                 "Requests refused with 400 for their path (bad escape, %00, or an escaped slash under reject).",
+                &l,
+            ),
+            stream_idle_timeouts: stats.counter(
+                "legate_listener_stream_idle_timeouts_total",
+                "Requests ended by the stream idle timeout: 408 before the response head, a reset stream after it.",
                 &l,
             ),
             rx_bytes: stats.counter(

@@ -42,6 +42,7 @@ use crate::body::{self, Body, BoxError, Limit, Watch, Watched};
 use crate::connection::ConnCtx;
 use crate::error::{Kind, ProxyError, Side};
 use crate::filter::{self, ConnFacts, Exchange, TlsFacts};
+use crate::idle;
 use crate::proxy_headers;
 use crate::router::{Action, Matched, RetryPolicy, RouteInput};
 use crate::server::ClusterEntry;
@@ -69,6 +70,9 @@ struct Outcome {
     /// (`upstream_rq_active`, `max_requests`, `least_request`) until the response
     /// body ends or is dropped, with `Done`, which owns this.
     active: Option<crate::cluster::ActiveRequest>,
+    /// The stream idle timeout's clock ([`crate::idle`]): the matched route
+    /// sets its timeout, `Done` reads whether it ended the request.
+    idle: Option<Rc<idle::Clock>>,
 }
 
 /// Timings and facts only the debug headers use ([`crate::overrides::Debug`]).
@@ -105,16 +109,56 @@ pub async fn handle(
         out: Outcome::default(),
     };
     let out = &mut in_flight.out;
-    let mut resp = match proxy(&conn, req.map(body::boxed), out).await {
-        Ok(r) => r,
-        Err(e) => local_reply(&conn, out, e, version).await,
+    // The stream idle timeout: the listener's until a route sets its own.
+    let listener_idle = conn.listener.cfg.http.as_ref().and_then(|h| {
+        let t = h.stream_idle_timeout.get();
+        (!t.is_zero()).then_some(t)
+    });
+    let clock = idle::Clock::new(tokio::time::Instant::from_std(start), listener_idle);
+    out.idle = Some(clock.clone());
+    // A request body's frames are activity (a body-less request has none).
+    let req = req.map(|b| {
+        if b.is_end_stream() {
+            body::boxed(b)
+        } else {
+            body::boxed(Watched::new(b, idle::Activity(clock.clone())))
+        }
+    });
+    let mut resp = match idle::within(proxy(&conn, req, out), &clock).await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => local_reply(&conn, out, e, version).await,
+        None => {
+            // Idle before the response head (the request future is dropped:
+            // its upstream attempt with it): 408, as Envoy. A filter that held
+            // the chain then lost it with the future: the reply goes without
+            // the filters.
+            out.active = None;
+            if out.chain.as_ref().is_some_and(|c| chain_out(c).is_err()) {
+                out.responding = true;
+            }
+            let e = ProxyError::new(
+                Kind::StreamIdleTimeout,
+                "no activity on the stream before the response head",
+            );
+            local_reply(&conn, out, e, version).await
+        }
     };
     if out.debug.on {
         // Here, after the response filters, so that every answer (upstream, local,
         // error) gets them the same way and no filter changes them.
         add_debug_headers(&conn, out, start, resp.headers_mut());
     }
+    // After the head, the response body runs the idle timer while it waits
+    // for data (an ended body or a disabled timeout needs none; an upgraded
+    // connection has its own idle bound).
+    let guard = !resp.body().is_end_stream()
+        && clock.enabled()
+        && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
     Ok(match in_flight.done(resp.status()) {
+        Some(done) if guard => {
+            clock.touch();
+            resp.map(|b| body::boxed(Watched::new(idle::Guarded::new(b, clock), done)))
+        }
         Some(done) => resp.map(|b| body::boxed(Watched::new(b, done))),
         // (Not reached: the request is in flight until here.)
         None => resp,
@@ -358,6 +402,9 @@ async fn proxy(
         ));
     };
     out.route = Some(matched.route.name.clone());
+    if let (Some(clock), Some(t)) = (&out.idle, matched.route.idle_timeout) {
+        clock.set_timeout(t);
+    }
     // Before the request moves on (the redirect reads its head).
     let redirect = match matched.route.action {
         Action::Redirect(_) => Some(matched.redirect(&input)),
@@ -1723,6 +1770,11 @@ struct Done {
 
 impl Drop for Done {
     fn drop(&mut self) {
+        if self.out.idle.as_ref().is_some_and(|c| c.expired()) {
+            // Before or after the head (then the status is the one sent).
+            self.out.cause = Some("stream_idle_timeout");
+            self.conn.listener.stats.stream_idle_timeouts.inc();
+        }
         if let Some(chain) = self.out.chain.take() {
             chain.finish(Some(self.status), self.out.cause);
         }

@@ -136,6 +136,9 @@ pub struct Route {
     pub timeout: Option<Duration>,
     /// Timeout of each upstream attempt; `None` when absent (or `0s`).
     pub per_try_timeout: Option<Duration>,
+    /// Stream idle timeout: `None` = the listener's, `Some(None)` = disabled
+    /// here (`0s`).
+    pub idle_timeout: Option<Option<Duration>>,
     /// Retry policy; `None` = no retries.
     pub retry: Option<RetryPolicy>,
     /// Largest request body accepted, in bytes; `None` = unlimited.
@@ -884,6 +887,7 @@ impl Route {
             action,
             timeout: nonzero(cfg.timeout.get()),
             per_try_timeout: cfg.per_try_timeout.and_then(|d| nonzero(d.get())),
+            idle_timeout: cfg.idle_timeout.map(|d| nonzero(d.get())),
             retry: cfg.retry.as_ref().map(RetryPolicy::new),
             max_request_body: cfg.max_request_body.map(|b| b.0),
             mirror: cfg.mirror.clone(),
@@ -1488,15 +1492,20 @@ mod tests {
       cluster: a
       timeout: 0s
       per_try_timeout: 2s
+      idle_timeout: 0s
       max_request_body: 1MiB
       retry: { retry_on: [gateway-error, retriable-status-codes], retriable_status_codes: [409], num_retries: 3 }
-    - { cluster: a, retry: { retry_on: [5xx], backoff_base: 100ms } }
+    - { cluster: a, idle_timeout: 2m, retry: { retry_on: [5xx], backoff_base: 100ms } }
 ",
         );
         let routes = t.virtual_hosts()[0].routes();
         assert_eq!(&*routes[0].name, "v/0");
         assert_eq!(routes[0].timeout, Some(Duration::from_secs(15)));
         assert_eq!(routes[0].per_try_timeout, None);
+        // Absent: the listener's; `0s`: off on that route.
+        assert_eq!(routes[0].idle_timeout, None);
+        assert_eq!(routes[1].idle_timeout, Some(None));
+        assert_eq!(routes[2].idle_timeout, Some(Some(Duration::from_secs(120))));
         assert!(routes[0].retry.is_none());
         assert_eq!(routes[0].max_request_body, None);
 

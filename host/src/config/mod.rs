@@ -325,6 +325,15 @@ pub struct HttpListener {
     /// What `%2F` and `%5C` in the path become. Default `keep`, as Envoy.
     #[serde(default)]
     pub path_with_escaped_slashes: EscapedSlashes,
+    /// Longest a request may go without activity (headers, body data or
+    /// trailers of the request or the response), as Envoy's connection
+    /// manager's `stream_idle_timeout`: before the response head, the client
+    /// gets `408` (`stream_idle_timeout`); after it, the stream is reset (an
+    /// HTTP/1.1 connection is closed). A route's `idle_timeout` overrides it.
+    /// Default 5m, as Envoy: far above any live stream's silence, it only
+    /// frees what a stalled peer would hold forever; `0s` disables.
+    #[serde(default = "defaults::stream_idle_timeout")]
+    pub stream_idle_timeout: Dur,
 }
 
 /// What to do with escaped slashes (`%2F`, `%5C`) in a request path (Envoy's
@@ -546,6 +555,11 @@ pub struct Route {
     /// Timeout of each upstream attempt; absent (or `0s`) = only the route timeout applies.
     #[serde(default)]
     pub per_try_timeout: Option<Dur>,
+    /// Stream idle timeout on this route, overriding the listener's
+    /// `http.stream_idle_timeout` (Envoy's route `idle_timeout`); absent = the
+    /// listener's, `0s` disables it here.
+    #[serde(default)]
+    pub idle_timeout: Option<Dur>,
     /// Retry policy; absent = no retries.
     #[serde(default)]
     pub retry: Option<RetryPolicy>,
@@ -1322,6 +1336,9 @@ pub(crate) mod defaults {
     pub fn route_timeout() -> Dur {
         Dur::secs(15)
     }
+    pub fn stream_idle_timeout() -> Dur {
+        Dur::secs(300)
+    }
     pub fn redirect_code() -> Spanned<u16> {
         unspanned(301)
     }
@@ -1495,6 +1512,7 @@ clusters:
         assert!(http.via.is_none());
         assert!(http.normalize_path && !http.merge_slashes);
         assert_eq!(http.path_with_escaped_slashes, EscapedSlashes::Keep);
+        assert_eq!(http.stream_idle_timeout.get(), Duration::from_secs(300));
         assert!(l.tls.is_none() && l.tcp.is_none() && !l.original_destination);
         assert_eq!(l.limits.max_connections, Limits::default().max_connections);
 
@@ -1503,6 +1521,7 @@ clusters:
         let r = &vh.routes[0].value;
         assert!(r.name.is_none());
         assert_eq!(r.timeout.get(), Duration::from_secs(15));
+        assert!(r.idle_timeout.is_none());
         assert!(r.per_try_timeout.is_none() && r.retry.is_none() && r.rewrite.is_none());
         assert!(
             r.max_request_body.is_none(),
