@@ -3,7 +3,8 @@
 # that already has rustup (the toolchain itself comes from rust-toolchain.toml).
 #
 # Usage: scripts/setup.sh [GROUP...]
-#   test    what the test suite needs, wasm targets included (default when no group is given)
+#   test    what the test suite needs, wasm targets and the C guest toolchain included
+#           (default when no group is given)
 #   bench   test + load generators and the proxies bench/run.sh compares with
 #   demo    what scripts/demo.sh needs
 #   wasm    the WebAssembly targets (see ensure_wasm_targets)
@@ -161,7 +162,10 @@ main() {
     for group in "${groups[@]}"; do
         case "${group}" in
             test)
-                pkgs+=("${TEST_PKGS[@]}")
+                # The C guest tests (tests/tests/c_guest.rs) build with the C
+                # toolchain: installed here, before tests run in parallel, so no
+                # two of them race for apt's lock installing it.
+                pkgs+=("${TEST_PKGS[@]}" "${CGUEST_PKGS[@]}")
                 # The AssemblyScript proxy-wasm fixture (tests/proxy-wasm-as) is
                 # built with npm; any Node.js with npm will do (by command, not
                 # package: a nodesource nodejs bundles npm and conflicts with it).
