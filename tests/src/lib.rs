@@ -169,6 +169,32 @@ pub fn simple_config(endpoints: &[std::net::SocketAddr]) -> String {
     simple_config_with(endpoints, "", "")
 }
 
+/// Listener `web` → cluster `backend`, whose endpoints come from the endpoint
+/// file at `path` (`discovery: { type: file }`, read every 20ms);
+/// `cluster_extra` lines go into the cluster (indented by 4).
+pub fn file_discovery_config(path: &std::path::Path, cluster_extra: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http: {{ routes: main }}
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    discovery: {{ type: file, path: {}, watch_interval: 20ms }}
+{cluster_extra}",
+        path.display()
+    )
+}
+
 /// [`simple_config`] with extra route keys (each line indented by 12 spaces, e.g.
 /// `"            timeout: 1s\n"`) and extra cluster keys (each line indented by 4
 /// spaces, e.g. `"    lb_policy: random\n"`).

@@ -211,32 +211,6 @@ fn endpoints_yaml(eps: &[(SocketAddr, u32)]) -> String {
     s
 }
 
-fn file_config(path: &Path, extra: &str) -> String {
-    format!(
-        "version: 1
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    http: {{ routes: main }}
-routes:
-  - name: main
-    virtual_hosts:
-      - name: all
-        domains: [\"*\"]
-        routes:
-          - match: {{ prefix: / }}
-            cluster: backend
-clusters:
-  - name: backend
-    discovery:
-      type: file
-      path: {}
-      watch_interval: 20ms
-{extra}",
-        path.display()
-    )
-}
-
 /// Sends requests on its own connection until stopped; counts answers that are not
 /// 200, and which upstreams answered.
 struct Traffic {
@@ -297,7 +271,7 @@ each_proto!(
         let b = upstream().name("b").start().await;
         let dir = TempDir::new();
         let path = write_endpoints(&dir, &endpoints_yaml(&[(a.addr, 1)]));
-        let lg = legate().config(&file_config(&path, "")).start();
+        let lg = legate().config(&file_discovery_config(&path, "")).start();
         let total = stat("membership_total", "backend");
         assert_eq!(lg.stat(&total).await, Some(1.0));
         let success = stat("discovery_update_success", "backend");
@@ -368,7 +342,7 @@ async fn health_has_primacy_over_the_endpoint_file() {
     let dir = TempDir::new();
     let path = write_endpoints(&dir, &endpoints_yaml(&[(a.addr, 1), (b.addr, 1)]));
     let lg = legate()
-        .config(&file_config(
+        .config(&file_discovery_config(
             &path,
             "    health_check:\n      http: { path: /healthz }\n      interval: 30ms\n",
         ))
@@ -404,7 +378,7 @@ async fn a_bad_endpoint_file_at_start_is_a_clear_error() {
         "endpoints:\n  - address: 10.0.0.1:80\n  - address: db:80\n",
     );
     let err = legate()
-        .config(&file_config(&path, ""))
+        .config(&file_discovery_config(&path, ""))
         .try_start()
         .err()
         .unwrap();

@@ -811,31 +811,6 @@ fn write_endpoints(dir: &TempDir, eps: &[(std::net::SocketAddr, u32)]) -> std::p
     path
 }
 
-/// Listener `web` → cluster `backend`, whose endpoints come from the file at `path`
-/// (read every 20ms); `cluster_extra` lines are indented by 4.
-fn file_config(path: &std::path::Path, cluster_extra: &str) -> String {
-    format!(
-        "version: 1
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    http: {{ routes: main }}
-routes:
-  - name: main
-    virtual_hosts:
-      - name: all
-        domains: [\"*\"]
-        routes:
-          - match: {{ prefix: / }}
-            cluster: backend
-clusters:
-  - name: backend
-    discovery: {{ type: file, path: {}, watch_interval: 20ms }}
-{cluster_extra}",
-        path.display()
-    )
-}
-
 each_proto!(
     async fn dropped_or_replaced_ejected_endpoints_free_their_ejection_slot(proto) {
         let (b_fails, c_fails) = (
@@ -850,7 +825,7 @@ each_proto!(
         // One ejection at a time (34% of 3 and of 2 both round to "at least one"),
         // and no interval tick during the test: only the generations act.
         let lg = legate()
-            .config(&file_config(
+            .config(&file_discovery_config(
                 &path,
                 "    outlier_detection: { consecutive_gateway_failure: 2, interval: 1h, \
                  base_ejection_time: 1h, max_ejection_percent: 34% }\n",
@@ -920,7 +895,7 @@ each_proto!(
         let dir = TempDir::new();
         let path = write_endpoints(&dir, &[(b.addr, 1)]);
         let lg = legate()
-            .config(&file_config(
+            .config(&file_discovery_config(
                 &path,
                 "    outlier_detection: { consecutive_gateway_failure: 1, interval: 1h, \
                  base_ejection_time: 1h, max_ejection_percent: 34% }\n",
