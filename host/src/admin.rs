@@ -133,15 +133,12 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             }
             let snapshot = shared.snapshot.load();
             let mut cold: Vec<String> = snapshot
-                .clusters
-                .iter()
-                .filter_map(|(name, e)| {
-                    e.warming().map(|left| {
-                        format!(
-                            "cluster `{name}`: waiting for its first DNS answer ({:.1}s more at most)\n",
-                            left.as_secs_f64()
-                        )
-                    })
+                .warming()
+                .map(|(name, left)| {
+                    format!(
+                        "cluster `{name}`: waiting for its first DNS answer ({:.1}s more at most)\n",
+                        left.as_secs_f64()
+                    )
                 })
                 .collect();
             if cold.is_empty() {

@@ -229,6 +229,15 @@ impl Snapshot {
         })
     }
 
+    /// The clusters still warming (a `dns` cluster waiting for its first answer),
+    /// each with the most time it may still wait: `GET /ready` names them, and a
+    /// hot restart's new process waits for them before it accepts.
+    pub fn warming(&self) -> impl Iterator<Item = (&Name, Duration)> {
+        self.clusters
+            .iter()
+            .filter_map(|(name, e)| e.warming().map(|left| (name, left)))
+    }
+
     /// This snapshot with other plugin instances (a plugin reload): routes and
     /// clusters are shared, the chains are assembled from `loaded`.
     pub fn with_plugins(&self, stats: &Arc<Stats>, loaded: Loaded) -> anyhow::Result<Self> {
@@ -614,7 +623,7 @@ pub fn start_with(
 fn wait_warm(shared: &Shared) {
     let snapshot = shared.snapshot.load();
     let mut logged = false;
-    while let Some(left) = snapshot.clusters.values().filter_map(|c| c.warming()).max() {
+    while let Some(left) = snapshot.warming().map(|(_, left)| left).max() {
         if !logged {
             tracing::info!(
                 "hot restart: waiting for the first DNS answers of this process's clusters \
