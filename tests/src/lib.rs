@@ -240,11 +240,23 @@ pub fn with_cluster(yaml: &str, name: &str, addr: std::net::SocketAddr) -> Strin
     )
 }
 
-/// A port on 127.0.0.1 that nothing listens on (bound, then released). Connecting to
-/// it is refused, which is what connect-failure tests need.
+/// A port on 127.0.0.1 that nothing listens on. Connecting to it is refused, which
+/// is what connect-failure tests need.
+///
+/// The port is bound without `listen()` and the socket is kept until the test
+/// process exits: a port that was merely released could be handed to another test's
+/// listener running in parallel, which then answers where a refusal was expected.
 pub fn closed_port_addr() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    let addr = l.local_addr().expect("local_addr");
-    drop(l);
+    static HELD: std::sync::Mutex<Vec<socket2::Socket>> = std::sync::Mutex::new(Vec::new());
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("create a socket");
+    s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind an ephemeral port");
+    let addr = s
+        .local_addr()
+        .expect("local_addr")
+        .as_socket()
+        .expect("an IPv4 address");
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).push(s);
     addr
 }
