@@ -240,6 +240,16 @@ pub fn with_cluster(yaml: &str, name: &str, addr: std::net::SocketAddr) -> Strin
     )
 }
 
+/// A port on 127.0.0.1 free right now (bound, then released), for a server that must
+/// be told its address before it starts (a config with a fixed address, another
+/// process). Another test may take the port in between, so use [`closed_port_addr`]
+/// for a port that must stay refused.
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+}
+
 /// A port on 127.0.0.1 that nothing listens on. Connecting to it is refused, which
 /// is what connect-failure tests need.
 ///

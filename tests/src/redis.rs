@@ -15,7 +15,7 @@
 //! the plaintext one, which tests keep using to look inside.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -27,13 +27,6 @@ pub struct RedisServer {
     /// Extra arguments (the TLS ones), kept for [`RedisServer::restart`].
     args: Vec<String>,
     child: Mutex<Option<Child>>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
 }
 
 impl RedisServer {
@@ -69,8 +62,8 @@ impl RedisServer {
         // A port is picked by binding :0 and releasing it; another process may
         // take it in between, so retry with a new one.
         for _ in 0..5 {
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let tls_port = tls.then(free_port);
+            let addr = SocketAddr::from(([127, 0, 0, 1], crate::free_addr().port()));
+            let tls_port = tls.then(|| crate::free_addr().port());
             let args = tls_port.map(&args).unwrap_or_default();
             if let Some(child) = spawn(addr, &args) {
                 return RedisServer {

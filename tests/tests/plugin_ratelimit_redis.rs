@@ -15,7 +15,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -461,12 +461,6 @@ fn legate_child_process() {
     handle.wait().unwrap();
 }
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-}
-
 /// A Legate in a process of its own ([`legate_child_process`]); killed when dropped.
 struct LegateProcess {
     child: Child,
@@ -481,7 +475,7 @@ impl LegateProcess {
     /// waits until `/ready` answers 200.
     async fn start(make: impl Fn(&str, &str) -> String) -> Self {
         let dir = TempDir::new();
-        let (web, admin) = (free_port(), free_port());
+        let (web, admin) = (free_addr(), free_addr());
         let cfg = dir.path().join("legate.yaml");
         std::fs::File::create(&cfg)
             .unwrap()

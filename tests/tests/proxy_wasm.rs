@@ -111,6 +111,20 @@ each_proto!(
         let r = c.get("/b").send().await;
         assert_eq!(r.echo().header("x-pw-hello"), Some("bonjour"));
         lg.assert_stat(&calls("rewriter", "done"), 2.0).await;
+        // Replacing the whole map is all or nothing: a bad `:path` among the pairs
+        // is BAD_ARGUMENT (2) and leaves every header as it was.
+        let r = c.get("/set-all").header("x-keep", "orig").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-set-all-bad"), Some("2|-|orig"));
+        assert_eq!(r.header("x-pw-set-all-good"), Some("0"));
+        let e = r.echo();
+        assert_eq!(e.path, "/replaced");
+        assert_eq!(e.header("x-pw-set-all"), Some("good"));
+        assert_eq!(e.header("x-keep"), Some("kept"));
+        // Every response callback wrote a request header after the head went out;
+        // none of them failed the filter.
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="rewriter"}"#, 0.0)
+            .await;
         // `/plugins` names the ABI from the module's marker export.
         assert_eq!(lg.plugin_abi("rewriter").await, "proxy-wasm@0.2.1");
     }

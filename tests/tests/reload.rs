@@ -201,7 +201,7 @@ each_proto!(
     /// with `EADDRINUSE`: the socket is still open).
     async fn a_listener_moving_away_leaves_its_socket_to_another(proto) {
         let a = upstream().name("a").start().await;
-        let (x, y) = (closed_port_addr(), closed_port_addr());
+        let (x, y) = (free_addr(), free_addr());
         let at = |yaml: String, name: &str, addr: SocketAddr| {
             yaml.replace(
                 &format!("  - name: {name}\n    address: 127.0.0.1:0\n"),
@@ -1346,7 +1346,7 @@ async fn sighup_reloads_the_config() {
     let b = upstream().name("b").start().await;
     // The binary first: ports chosen before a slow build could be taken meanwhile.
     legate_bin();
-    let (web, admin) = (closed_port_addr(), closed_port_addr());
+    let (web, admin) = (free_addr(), free_addr());
     let dir = TempDir::new();
     let cfg = dir.write("legate.yaml", fixed_yaml(web, admin, a.addr));
     let p = Child::spawn(&cfg, &[]);
@@ -1370,7 +1370,7 @@ async fn sighup_reloads_the_config() {
 async fn hot_restart_under_load_fails_no_request() {
     let up = upstream().start().await;
     legate_bin();
-    let (web, admin) = (closed_port_addr(), closed_port_addr());
+    let (web, admin) = (free_addr(), free_addr());
     let dir = TempDir::new();
     let cfg = dir.write("legate.yaml", fixed_yaml(web, admin, up.addr));
     let mut current = Child::spawn(&cfg, &[]);
@@ -1409,7 +1409,7 @@ async fn hot_restart_waits_for_dns_clusters_to_warm() {
     let up = upstream().name("a").start().await;
     let dns = DnsServer::start(&[std::net::Ipv4Addr::LOCALHOST]).await;
     legate_bin();
-    let (web, admin) = (closed_port_addr(), closed_port_addr());
+    let (web, admin) = (free_addr(), free_addr());
     let dir = TempDir::new();
     let yaml = dns_yaml(dns.addr, "up.legate.test", up.addr.port(), "");
     let cfg = dir.write("legate.yaml", fixed_ports(&yaml, web, admin));
@@ -1506,7 +1506,7 @@ fn spawn_with_hosts(hosts: &Path, nsswitch: &Path, config: &Path) -> Option<Chil
 async fn an_unresolvable_name_fails_only_a_reload_that_changes_its_cluster() {
     let up = upstream().name("a").start().await;
     legate_bin();
-    let (web, admin) = (closed_port_addr(), closed_port_addr());
+    let (web, admin) = (free_addr(), free_addr());
     let dir = TempDir::new();
     let hosts = dir.write("hosts", "127.0.0.1 up.legate.test\n");
     let nsswitch = dir.write("nsswitch.conf", "hosts: files\n");
@@ -1603,7 +1603,7 @@ async fn an_unresolvable_name_fails_only_a_reload_that_changes_its_cluster() {
 async fn hot_restart_adopts_a_renamed_listeners_socket() {
     let up = upstream().name("a").start().await;
     legate_bin();
-    let (web, admin) = (closed_port_addr(), closed_port_addr());
+    let (web, admin) = (free_addr(), free_addr());
     let dir = TempDir::new();
     let cfg = dir.write("legate.yaml", fixed_yaml(web, admin, up.addr));
     let mut old = Child::spawn(&cfg, &[]);
@@ -1686,7 +1686,7 @@ async fn reload_bench() {
         env_n("RESTARTS", 10),
     );
     let up = upstream().start().await;
-    let (web, admin) = (closed_port_addr(), closed_port_addr());
+    let (web, admin) = (free_addr(), free_addr());
     let dir = TempDir::new();
     let module = dir.path().join("tagger.wasm");
     write_module(&module, &guest_variant(0));

@@ -4,7 +4,11 @@
 //!
 //! - `headers`: request gets `x-pw-hello: <config "greeting">`, `x-pw-remove` is
 //!   removed; a request to `/deny` is answered locally with 403; the response gets
-//!   `x-pw-response: 1` and the request's header count.
+//!   `x-pw-response: 1` and the request's header count, and the response callback
+//!   sets request header `x-pw-from-response` (too late: the head is out). On
+//!   `/set-all` the request map is replaced (`proxy_set_header_map_pairs`) once
+//!   with a bad `:path` (statuses and values after it in `x-pw-set-all-bad`), then
+//!   with `:path /replaced`, `x-pw-set-all: good` and `x-keep: kept`.
 //! - `properties`: the response carries properties read in each phase as headers.
 //! - `counter`: shared data counter (CAS) and a metric, both incremented per request
 //!   and echoed as response headers; ticks every `tick_ms` log and count.
@@ -1020,6 +1024,24 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_set_header_map_pairs(map_type: u32, data: *const u8, size: usize) -> u32;
+}
+
+/// `proxy_set_header_map_pairs` on the request headers, returning the status (the
+/// SDK's `set_map` panics on anything but OK).
+fn set_request_pairs(pairs: &[(&str, &str)]) -> u32 {
+    let mut buf = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in pairs {
+        buf.extend((k.len() as u32).to_le_bytes());
+        buf.extend((v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        buf.extend(k.as_bytes());
+        buf.push(0);
+        buf.extend(v.as_bytes());
+        buf.push(0);
+    }
+    unsafe { proxy_set_header_map_pairs(0, buf.as_ptr(), buf.len()) }
 }
 
 impl HttpContext for Filter {
@@ -1049,6 +1071,17 @@ impl HttpContext for Filter {
                         vec![("x-pw-grpc", b"1")],
                     );
                     return Action::Pause;
+                }
+                if path == "/set-all" {
+                    // One bad pair (a :path without its slash) leaves the map and
+                    // the head as they were; then a good replacement takes.
+                    let bad = set_request_pairs(&[("x-pw-set-all", "bad"), (":path", "nope"), ("x-keep", "gone")]);
+                    let after = self.get_http_request_header("x-pw-set-all").unwrap_or_else(|| "-".into());
+                    let keep = self.get_http_request_header("x-keep").unwrap_or_else(|| "-".into());
+                    self.seen.push(("x-pw-set-all-bad".into(), format!("{bad}|{after}|{keep}")));
+                    let good = set_request_pairs(&[("x-pw-set-all", "good"), (":path", "/replaced"), ("x-keep", "kept")]);
+                    self.seen.push(("x-pw-set-all-good".into(), good.to_string()));
+                    return Action::Continue;
                 }
                 let g = self.s.greeting.clone();
                 self.set_http_request_header("x-pw-hello", Some(&g));
@@ -1579,6 +1612,9 @@ impl HttpContext for Filter {
         }
         if self.s.mode == "headers" {
             self.add_http_response_header("x-pw-response", "1");
+            // The request head is out: as in Envoy, the write is accepted (the SDK
+            // panics otherwise) and goes nowhere.
+            self.set_http_request_header("x-pw-from-response", Some("1"));
             // The request head as it went upstream, read after it went: the
             // filter's own changes and the host's `x-forwarded-proto` included.
             let later: Vec<String> = ["x-keep", "x-pw-hello", "x-pw-remove", "x-pw-multi", "x-forwarded-proto"]

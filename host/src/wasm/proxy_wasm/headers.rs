@@ -200,8 +200,13 @@ fn writable(s: &mut PwState, which: i32) -> Result<Option<&mut Exchange>, i32> {
         }
         _ => false,
     };
-    let late = matches!(phase, Phase::Body(_) | Phase::Trailers(_))
-        && matches!(which, map::REQUEST_HEADERS | map::RESPONSE_HEADERS);
+    // A head already sent: Envoy keeps the map and accepts the write, which goes
+    // nowhere (and SDKs panic on an error status, so refusing it kills the filter).
+    let late = (matches!(phase, Phase::Body(_) | Phase::Trailers(_))
+        && matches!(which, map::REQUEST_HEADERS | map::RESPONSE_HEADERS))
+        || (which == map::REQUEST_HEADERS
+            && (phase == Phase::ResponseHeaders
+                || (phase == Phase::CalloutResponse && at_response)));
     let name = s.meta.name.clone();
     let message_map = matches!(
         which,
@@ -225,8 +230,8 @@ fn writable(s: &mut PwState, which: i32) -> Result<Option<&mut Exchange>, i32> {
         Some(_) if late => {
             tracing::debug!(
                 plugin = &*name,
-                "a header write from a body or trailers callback to a head that is already \
-                 sent is ignored (return Pause from the headers callback to hold the head)"
+                "a header write to a head that is already sent is ignored (a head can be \
+                 changed while it is held: in its headers callback, or paused there)"
             );
             Ok(None)
         }
@@ -269,42 +274,69 @@ pub fn apply(s: &mut PwState, which: i32, op: Op<'_>) -> Result<(), i32> {
     Ok(())
 }
 
-/// A write to a pseudo-header changes the head itself; removing one is refused.
-fn pseudo(x: &mut Exchange, which: i32, key: &[u8], op: &Op<'_>) -> Result<(), i32> {
+/// A checked write to a pseudo-header, not applied yet.
+enum PseudoWrite {
+    Path(String),
+    Method(Method),
+    Authority(String),
+    Status(StatusCode),
+    /// The scheme is the connection's; Envoy ignores a rewrite too.
+    Ignored,
+}
+
+/// Checks a write to a pseudo-header of map `which`; removing one is refused.
+fn check_pseudo(which: i32, key: &[u8], op: &Op<'_>) -> Result<PseudoWrite, i32> {
     let v = match op {
         Op::Add(_, v) | Op::Replace(_, v) => *v,
         Op::Remove(_) => return Err(status::BAD_ARGUMENT),
     };
     let text = std::str::from_utf8(v).map_err(|_| status::BAD_ARGUMENT)?;
-    match (which, key) {
+    Ok(match (which, key) {
         (map::REQUEST_HEADERS, b":path") => {
             if !text.starts_with('/') || text.parse::<http::Uri>().is_err() {
                 return Err(status::BAD_ARGUMENT);
             }
-            x.path = text.to_string();
+            PseudoWrite::Path(text.to_string())
         }
         (map::REQUEST_HEADERS, b":method") => {
-            x.method = Method::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
+            PseudoWrite::Method(Method::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?)
         }
         (map::REQUEST_HEADERS, b":authority") => {
             if text.parse::<http::uri::Authority>().is_err() {
                 return Err(status::BAD_ARGUMENT);
             }
-            x.authority = text.to_string();
+            PseudoWrite::Authority(text.to_string())
         }
-        // The scheme is the connection's; Envoy ignores a rewrite too.
-        (map::REQUEST_HEADERS, b":scheme") => return Ok(()),
+        (map::REQUEST_HEADERS, b":scheme") => PseudoWrite::Ignored,
         (map::RESPONSE_HEADERS, b":status") => {
             let code: u16 = text.parse().map_err(|_| status::BAD_ARGUMENT)?;
             if !(200..=599).contains(&code) {
                 return Err(status::BAD_ARGUMENT);
             }
-            x.status = Some(StatusCode::from_u16(code).map_err(|_| status::BAD_ARGUMENT)?);
-            return Ok(());
+            PseudoWrite::Status(StatusCode::from_u16(code).map_err(|_| status::BAD_ARGUMENT)?)
         }
         _ => return Err(status::BAD_ARGUMENT),
+    })
+}
+
+/// Applies a checked pseudo-header write: it changes the head itself.
+fn apply_pseudo(x: &mut Exchange, w: PseudoWrite) {
+    match w {
+        PseudoWrite::Path(p) => x.path = p,
+        PseudoWrite::Method(m) => x.method = m,
+        PseudoWrite::Authority(a) => x.authority = a,
+        PseudoWrite::Status(s) => {
+            x.status = Some(s);
+            return;
+        }
+        PseudoWrite::Ignored => return,
     }
     x.head_changed();
+}
+
+/// A write to a pseudo-header changes the head itself; removing one is refused.
+fn pseudo(x: &mut Exchange, which: i32, key: &[u8], op: &Op<'_>) -> Result<(), i32> {
+    apply_pseudo(x, check_pseudo(which, key, op)?);
     Ok(())
 }
 
@@ -320,11 +352,14 @@ pub fn set_all(s: &mut PwState, which: i32, new: &[(Vec<u8>, Vec<u8>)]) -> Resul
         return Ok(());
     };
     let headers = fields(x, which)?;
-    // Check everything first so a bad pair leaves the map as it was.
+    // Check everything first, pseudo-headers included, so a bad pair leaves the
+    // map and the head as they were.
     let mut fresh = http::HeaderMap::new();
+    let mut pseudos = Vec::new();
     for (k, v) in new {
         let k = k.to_ascii_lowercase();
         if k.first() == Some(&b':') {
+            pseudos.push(check_pseudo(which, &k, &Op::Replace(&k, v))?);
             continue;
         }
         let name = HeaderName::from_bytes(&k).map_err(|_| status::BAD_ARGUMENT)?;
@@ -343,10 +378,8 @@ pub fn set_all(s: &mut PwState, which: i32, new: &[(Vec<u8>, Vec<u8>)]) -> Resul
         }
     }
     *headers = fresh;
-    for (k, v) in new {
-        if k.first() == Some(&b':') {
-            pseudo(x, which, &k.to_ascii_lowercase(), &Op::Replace(k, v))?;
-        }
+    for w in pseudos {
+        apply_pseudo(x, w);
     }
     if which == map::REQUEST_HEADERS {
         x.head_changed();
