@@ -73,6 +73,9 @@ struct Outcome {
     /// The stream idle timeout's clock ([`crate::idle`]): the matched route
     /// sets its timeout, `Done` reads whether it ended the request.
     idle: Option<Rc<idle::Clock>>,
+    /// The path and query in their normal form, when normalizing changed them:
+    /// what the access log shows (as Envoy's `:path`), before any route rewrite.
+    normalized_path: Option<String>,
 }
 
 /// Timings and facts only the debug headers use ([`crate::overrides::Debug`]).
@@ -239,7 +242,7 @@ async fn proxy(
     check_framing(&req, listener.cfg.limits.max_request_headers as usize)?;
     // Before anything reads the path (the upgrade decision, filters, routes), so
     // that they and the upstream all see the same one.
-    normalize_path(&mut req, http, listener)?;
+    out.normalized_path = normalize_path(&mut req, http, listener)?;
     let snapshot = listener.snapshot(&conn.worker.shared.snapshot);
     let table = snapshot
         .route_tables
@@ -1295,14 +1298,15 @@ fn check_framing<B>(req: &Request<B>, max_headers: usize) -> Result<(), ProxyErr
 }
 
 /// Replaces the request's path by its normal form ([`crate::path`]), the query
-/// string untouched; a path that cannot be normalized is a 400, counted.
+/// string untouched, and returns the new path and query if it changed; a path that
+/// cannot be normalized is a 400, counted.
 fn normalize_path<B>(
     req: &mut Request<B>,
     http: &crate::config::HttpListener,
     listener: &crate::listener::ListenerCtx,
-) -> Result<(), ProxyError> {
+) -> Result<Option<String>, ProxyError> {
     let path = match crate::path::normalize(req.uri().path(), crate::path::Options::of(http)) {
-        Ok(None) => return Ok(()),
+        Ok(None) => return Ok(None),
         Ok(Some(p)) => p,
         Err(e) => {
             listener.stats.paths_rejected.inc();
@@ -1316,7 +1320,7 @@ fn normalize_path<B>(
     }
     // Scheme and authority (absolute-form, HTTP/2) are kept as they came.
     let mut parts = req.uri().clone().into_parts();
-    let uri = http::uri::PathAndQuery::try_from(pq)
+    let uri = http::uri::PathAndQuery::try_from(pq.clone())
         .map_err(|e| e.to_string())
         .and_then(|pq| {
             parts.path_and_query = Some(pq);
@@ -1324,7 +1328,7 @@ fn normalize_path<B>(
         })
         .map_err(|e| ProxyError::new(Kind::Internal, format!("normalized path: {e}")))?;
     *req.uri_mut() = uri;
-    Ok(())
+    Ok(Some(pq))
 }
 
 /// An error answered for the route `m` (when the request matched one): the
@@ -1718,7 +1722,10 @@ impl InFlight {
     /// The request as it ends with a response of `status`.
     fn done(&mut self, status: StatusCode) -> Option<Done> {
         let conn = self.conn.take()?;
-        let out = std::mem::take(&mut self.out);
+        let mut out = std::mem::take(&mut self.out);
+        if let Some(p) = out.normalized_path.take() {
+            self.path = p;
+        }
         Some(Done {
             route_stats: out.route.as_ref().map(|r| conn.worker.route_stats(r)),
             conn,

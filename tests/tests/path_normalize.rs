@@ -59,9 +59,15 @@ async fn routed(c: &mut Client, path: &str) -> (String, String) {
 each_proto!(
     async fn dot_segments_and_unreserved_escapes_are_normalized(proto) {
         let up = upstream().start().await;
-        let lg = legate().config(&config("", up.addr)).start();
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let cfg = config("", up.addr).replace(
+            "version: 1\n",
+            &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
+        );
+        let lg = legate().config(&cfg).start();
         let mut c = client(proto, lg.addr("web")).await;
-        for (sent, route, seen) in [
+        let cases = [
             ("/public/../admin", "admin", "/admin"),
             ("/public/./../admin?x=/../y", "admin", "/admin?x=/../y"),
             ("/public/%2e%2E/admin", "admin", "/admin"),
@@ -70,9 +76,17 @@ each_proto!(
             ("/a/./b/../c", "other", "/a/c"),
             ("/public/%7euser%3f", "public", "/public/~user%3F"),
             ("/public/index.html", "public", "/public/index.html"),
-        ] {
+        ];
+        for (sent, route, seen) in cases {
             assert_eq!(routed(&mut c, sent).await, (route.into(), seen.into()), "{sent}");
         }
+        // The access log shows the path as routed (Envoy's `:path`), not as sent.
+        let lines = access_log_until(&log, "every request's line", |l| l.len() >= cases.len()).await;
+        let mut logged: Vec<&str> = lines.iter().map(|l| l["path"].as_str().unwrap()).collect();
+        let mut want: Vec<&str> = cases.iter().map(|c| c.2).collect();
+        logged.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(logged, want);
         if proto == Proto::H1 {
             // Absolute-form keeps its authority; `OPTIONS *` has no path to normalize.
             let (route, seen) = routed(&mut c, "http://example.com/public/../admin").await;
