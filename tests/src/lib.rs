@@ -257,16 +257,42 @@ pub fn free_addr() -> std::net::SocketAddr {
 /// process exits: a port that was merely released could be handed to another test's
 /// listener running in parallel, which then answers where a refusal was expected.
 pub fn closed_port_addr() -> std::net::SocketAddr {
-    static HELD: std::sync::Mutex<Vec<socket2::Socket>> = std::sync::Mutex::new(Vec::new());
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .expect("create a socket");
-    s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+    let s = unlistened(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), false)
         .expect("bind an ephemeral port");
     let addr = s
         .local_addr()
         .expect("local_addr")
         .as_socket()
         .expect("an IPv4 address");
-    HELD.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+    hold(s);
     addr
+}
+
+/// Takes `addr` back once the server that listened there has closed its listener
+/// (tried for up to 2 s), and keeps it bound without listening, as
+/// [`closed_port_addr`]: connections to a stopped server stay refused, and no
+/// other test's server lands on its port while this process still probes it.
+pub(crate) async fn hold_stopped_port(addr: std::net::SocketAddr) {
+    for _ in 0..200 {
+        // SO_REUSEADDR: the stopped server's connections may linger (TIME_WAIT).
+        if let Ok(s) = unlistened(addr, true) {
+            hold(s);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A TCP socket bound to `addr`, not listening.
+fn unlistened(addr: std::net::SocketAddr, reuse: bool) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_reuse_address(reuse)?;
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+/// Keeps `s` open until the test process exits.
+fn hold(s: socket2::Socket) {
+    static HELD: std::sync::Mutex<Vec<socket2::Socket>> = std::sync::Mutex::new(Vec::new());
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).push(s);
 }

@@ -343,15 +343,18 @@ pub struct UpstreamHandle {
 }
 
 impl UpstreamHandle {
-    /// Stops listening and drops every connection.
-    pub fn stop(&self) {
+    /// Stops listening and drops every connection. The port then stays bound (not
+    /// listening) until the test process exits: connecting is refused, and no
+    /// other test's server lands on it while this test still probes it.
+    pub async fn stop(&self) {
         let _ = self.stop.send(true);
+        crate::hold_stopped_port(self.addr).await;
     }
 }
 
 impl Drop for UpstreamHandle {
     fn drop(&mut self) {
-        self.stop();
+        let _ = self.stop.send(true);
     }
 }
 
@@ -801,15 +804,18 @@ pub struct TcpEchoHandle {
 }
 
 impl TcpEchoHandle {
-    /// Stops listening and drops every connection.
-    pub fn stop(&self) {
+    /// Stops listening and drops every connection. The port then stays bound (not
+    /// listening) until the test process exits: connecting is refused, and no
+    /// other test's server lands on it while this test still probes it.
+    pub async fn stop(&self) {
         let _ = self.stop.send(true);
+        crate::hold_stopped_port(self.addr).await;
     }
 }
 
 impl Drop for TcpEchoHandle {
     fn drop(&mut self) {
-        self.stop();
+        let _ = self.stop.send(true);
     }
 }
 

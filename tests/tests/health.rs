@@ -44,6 +44,24 @@ async fn checked(name: &str, healthy: &Arc<AtomicBool>) -> UpstreamHandle {
         .await
 }
 
+/// An upstream whose `/slow` is answered only once `release` is set (every other
+/// path is echoed): a request held there is in flight for as long as a test needs.
+async fn held(release: &Arc<AtomicBool>) -> UpstreamHandle {
+    let release = release.clone();
+    upstream()
+        .route("/slow", move |_req| {
+            let release = release.clone();
+            async move {
+                while !release.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                text(200, "slow\n")
+            }
+        })
+        .start()
+        .await
+}
+
 /// Waits until the gauge `series` equals `want`.
 async fn until_stat(lg: &LegateHandle, series: &str, want: f64) {
     eventually(WAIT, &format!("{series} == {want}"), || async {
@@ -245,7 +263,7 @@ clusters:
     );
 
     // The server goes away: connects are refused, the endpoint is out.
-    other.stop();
+    other.stop().await;
     until_stat(&lg, &stat("membership_healthy", "connect-only"), 0.0).await;
     assert_eq!(
         lg.stat(&stat("membership_healthy", "echo")).await,
@@ -279,7 +297,7 @@ each_proto!(
                 "    outlier_detection:
       consecutive_5xx: 3
       interval: 50ms
-      base_ejection_time: 300ms
+      base_ejection_time: 2s
 ",
             ))
             .start();
@@ -394,7 +412,8 @@ each_proto!(
 
 each_proto!(
     async fn max_requests_overflow_is_503_overloaded(proto) {
-        let up = upstream().delay(Duration::from_millis(400)).start().await;
+        let release = Arc::new(AtomicBool::new(false));
+        let up = held(&release).await;
         let lg = legate()
             .config(&simple_config_with(
                 &[up.addr],
@@ -413,6 +432,7 @@ each_proto!(
         assert_eq!(r.status, 503);
         assert_eq!(r.header("x-legate-overloaded"), Some("true"));
         assert_eq!(r.text(), "overloaded\n");
+        release.store(true, Ordering::SeqCst);
         assert_eq!(first.await.unwrap().status, 200);
         lg.assert_stat(&stat("upstream_rq_pending_overflow", "backend"), 1.0)
             .await;
@@ -424,7 +444,8 @@ each_proto!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_overflow_is_503_overloaded() {
-    let up = upstream().delay(Duration::from_millis(400)).start().await;
+    let release = Arc::new(AtomicBool::new(false));
+    let up = held(&release).await;
     let lg = legate()
         .config(&simple_config_with(
             &[up.addr],
@@ -444,6 +465,7 @@ async fn max_connections_overflow_is_503_overloaded() {
     let r = c.get("/second").send().await;
     assert_eq!(r.status, 503);
     assert_eq!(r.header("x-legate-overloaded"), Some("true"));
+    release.store(true, Ordering::SeqCst);
     assert_eq!(first.await.unwrap().status, 200);
     lg.assert_stat(&stat("upstream_cx_overflow", "backend"), 1.0)
         .await;
@@ -526,7 +548,7 @@ each_proto!(
         })
         .await;
         // Kill b: its listener closes and its open connections are dropped.
-        ups[1].stop();
+        ups[1].stop().await;
         for t in tasks {
             t.await.unwrap();
         }
@@ -945,7 +967,7 @@ each_proto!(
         let lg = legate()
             .config(&simple_config_with(
                 &[a.addr, slow.addr],
-                "            timeout: 200ms\n",
+                "            timeout: 1s\n",
                 "    outlier_detection: { consecutive_gateway_failure: 2, base_ejection_time: 1h }\n",
             ))
             .start();

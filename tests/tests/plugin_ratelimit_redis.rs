@@ -30,7 +30,7 @@ use legate_tests::redis::RedisServer;
 use legate_tests::*;
 
 /// Longest any one request may take before the test calls it a hang: far above
-/// `kv.timeout` (50ms), far below a stuck worker.
+/// `kv.timeout` (400ms at most), far below a stuck worker.
 const HANG: Duration = Duration::from_secs(10);
 
 fn backend(url: &str, stats: &Arc<Stats>) -> RedisKv {
@@ -139,24 +139,27 @@ fn backend_conditions_versions_increments_and_expiry() {
 
     // TTLs are Redis's own: the entry is gone after them; a counter's TTL is set
     // when it is created and kept by later increments.
+    // (The counter's TTL is 1s, not 100ms: the check must come before it ends,
+    // however slow a loaded machine is between the calls.)
     let ttl = Some(Duration::from_millis(100));
     kv.set("n", "t", b"v".to_vec(), Condition::Always, ttl)
         .unwrap();
-    kv.increment("n", "tc", 1, ttl).unwrap();
+    kv.increment("n", "tc", 1, Some(Duration::from_secs(1)))
+        .unwrap();
     kv.increment("n", "tc", 1, Some(Duration::from_secs(3600)))
         .unwrap();
     let pttl = redis.command("PTTL t:n:tc");
     let pttl: i64 = pttl.trim().trim_start_matches(':').parse().unwrap();
     assert!(
-        (0..=100).contains(&pttl),
-        "counter TTL {pttl}ms, want <= 100"
+        (1..=1000).contains(&pttl),
+        "counter TTL {pttl}ms, want the first increment's (<= 1000)"
     );
     // A plain set without TTL clears an earlier one.
     kv.set("n", "p", b"v".to_vec(), Condition::Always, ttl)
         .unwrap();
     kv.set("n", "p", b"w".to_vec(), Condition::Always, None)
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(kv.get("n", "t").unwrap(), None);
     assert_eq!(kv.increment("n", "tc", 1, None).unwrap(), 1);
     assert_eq!(kv.get("n", "p").unwrap().unwrap().value, b"w");
@@ -298,7 +301,7 @@ admin:
 kv:
   backend: redis
   url: {redis_url}
-  timeout: 50ms
+  timeout: 400ms
 listeners:
   - name: web
     address: {web}
@@ -411,15 +414,15 @@ each_proto!(
         let redis = RedisServer::start_tls(&server, Some(&server.ca));
         let up = upstream().start().await;
         let tls = format!(
-            "  timeout: 50ms\n  tls:\n    ca: {}\n    client_cert: {}\n    client_key: {}\n",
+            "  timeout: 400ms\n  tls:\n    ca: {}\n    client_cert: {}\n    client_key: {}\n",
             server.ca.display(),
             client_files.cert.display(),
             client_files.key.display()
         );
         let yaml = config(up.addr, &redis.tls_url(), "2/h", "127.0.0.1:0", "127.0.0.1:0");
-        assert!(yaml.contains("  timeout: 50ms\n"));
+        assert!(yaml.contains("  timeout: 400ms\n"));
         let lg = legate()
-            .config(&yaml.replace("  timeout: 50ms\n", &tls))
+            .config(&yaml.replace("  timeout: 400ms\n", &tls))
             .start();
         let mut codes = Vec::new();
         for _ in 0..3 {
@@ -610,15 +613,20 @@ each_proto!(
     async fn hung_redis_fails_open_without_hanging(proto) {
         let redis = RedisServer::start();
         let up = upstream().start().await;
+        // A short kv.timeout, for the hung calls below to end soon (the default
+        // config's 400ms leaves room for a loaded machine).
+        let yaml = config(up.addr, &redis.url(), "3/h", "127.0.0.1:0", "127.0.0.1:0");
+        assert!(yaml.contains("  timeout: 400ms\n"));
         let lg = legate()
-            .config(&config(up.addr, &redis.url(), "3/h", "127.0.0.1:0", "127.0.0.1:0"))
+            .config(&yaml.replace("  timeout: 400ms\n", "  timeout: 200ms\n"))
             .start();
         let web = lg.addr("web");
         let r = get(proto, web).await;
         assert_eq!(r.header("ratelimit-remaining"), Some("2"));
 
         // Redis stops answering (connections stay open): each KV call gives up
-        // after kv.timeout (50ms, well inside the plugin's 500ms deadline), the
+        // after kv.timeout (200ms; the wait is not CPU time for the plugin's
+        // deadline), the
         // plugin fails open, and the request is served.
         redis.pause();
         for i in 0..3 {
@@ -668,7 +676,7 @@ each_proto!(
         assert!(yaml.contains("limits: { cpu: 500ms }") && yaml.ends_with("rate: 3/h\n"));
         let yaml = yaml
             .replace("limits: { cpu: 500ms }", "limits: { cpu: 60ms }")
-            .replace("  timeout: 50ms\n", "  timeout: 40ms\n")
+            .replace("  timeout: 400ms\n", "  timeout: 40ms\n")
             + "        - { name: second, rate: 3/h }\n        - { name: third, rate: 3/h }\n";
         let lg = legate().config(&yaml).start();
         let web = lg.addr("web");

@@ -1418,7 +1418,7 @@ async fn hot_restart_waits_for_dns_clusters_to_warm() {
     let stop = Arc::new(AtomicBool::new(false));
     let (res, tasks) = steady_load(web, stop.clone(), Some(("x-upstream", "a")));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // Every answer now comes 700 ms late (within `dns_timeout`, 1s): the new
+    // Every answer now comes 700 ms late (within `dns_timeout`, 3s): the new
     // process's first one too.
     dns.state.delay_ms.store(700, Ordering::SeqCst);
     let mut new = Child::spawn(&cfg, &["--upgrade"]);
@@ -1841,7 +1841,7 @@ fn dns_yaml(dns: SocketAddr, name: &str, port: u16, cluster_extra: &str) -> Stri
         "",
         &format!(
             "    discovery:\n      type: dns\n      dns_resolvers: [\"{dns}\"]\n      \
-             dns_refresh_rate: 100ms\n      dns_timeout: 1s\n      initial_fetch_timeout: 2s\n\
+             dns_refresh_rate: 100ms\n      dns_timeout: 3s\n      initial_fetch_timeout: 2s\n\
              {cluster_extra}"
         ),
         "",

@@ -122,13 +122,14 @@ each_proto!(
     async fn bodies_that_trickle_within_the_timeout_complete(proto) {
         let up = upstream()
             .route("/slow", |_req| async {
-                Response::new(trickle(8, Duration::from_millis(100)))
+                Response::new(trickle(8, Duration::from_millis(150)))
             })
             .route("/sink", sink)
             .start()
             .await;
+        // A chunk every 150ms against 1s: a loaded machine's stalls stay inside.
         let lg = legate()
-            .config(&listener_idle(&simple_config(&[up.addr]), "300ms"))
+            .config(&listener_idle(&simple_config(&[up.addr]), "1s"))
             .start();
         let mut c = client(proto, lg.addr("web")).await;
         let r = tokio::time::timeout(BOUND, c.get("/slow").send())
@@ -141,7 +142,7 @@ each_proto!(
         let r = tokio::time::timeout(
             BOUND,
             c.post("/sink")
-                .boxed_body(trickle(8, Duration::from_millis(100)))
+                .boxed_body(trickle(8, Duration::from_millis(150)))
                 .send(),
         )
         .await

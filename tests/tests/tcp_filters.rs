@@ -431,14 +431,14 @@ async fn component_network_filter_closes_and_survives_a_trap() {
 }
 
 /// A network component that sleeps 5s in `on-downstream-data` (a WASI pollable,
-/// where the epoch deadline never runs) under `cpu: 5ms` is stopped at the
+/// where the epoch deadline never runs) under `cpu: 50ms` is stopped at the
 /// wall-time bound: the connection is closed (fail closed), the call counts as a
 /// timeout, and the worker serves the next connection with a new instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sleeping_network_component_is_stopped_at_the_wall_bound() {
     let echo = tcp_echo_server().await;
     let lg = legate()
-        .config(&component_config(echo.addr, "sleep", "", "").replace("cpu: 500ms", "cpu: 5ms"))
+        .config(&component_config(echo.addr, "sleep", "", "").replace("cpu: 500ms", "cpu: 50ms"))
         .concurrency(1)
         .start();
     let mut c = RawConn::connect(lg.addr("tcp")).await;
@@ -613,13 +613,17 @@ async fn component_network_filter_pauses_the_new_connection_on_a_callout() {
 async fn a_pause_whose_callout_is_cancelled_fails_by_policy_at_once() {
     let az = authz_upstream().await;
     for fail in ["closed", "open"] {
-        // An upstream that greets 300 ms after the connect, then echoes.
+        // An upstream that greets once the filter's callout reached `authz` (so
+        // the filter is paused on it by then), then echoes.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (checks, before) = (az.requests.clone(), az.requests.get());
         tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let (mut s, _) = listener.accept().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            while checks.get() == before {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             s.write_all(b"hello\n").await.unwrap();
             let mut buf = [0u8; 1024];
             while let Ok(n) = s.read(&mut buf).await {

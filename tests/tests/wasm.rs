@@ -319,7 +319,7 @@ async fn sha256_mismatch_refuses_the_load() {
 
 /// A guest that sleeps 5s in `on-request-headers` (a WASI pollable: no Wasm runs
 /// while it waits, so the epoch deadline never gets a say) under the default
-/// `cpu: 5ms`: the call is stopped at the wall-time bound (10× the budget), is
+/// `cpu: 50ms`: the call is stopped at the wall-time bound (10× the budget), is
 /// counted as a timeout, and the worker goes on serving with a new instance. The
 /// client timeout turns a hung worker into a failure instead of a hung test.
 async fn sleeping_guest(proto: Proto, fail: &str) {
@@ -328,7 +328,9 @@ async fn sleeping_guest(proto: Proto, fail: &str) {
     let p = plugin(
         "sleepy",
         "{ mode: hostile }",
-        &format!("    fail: {fail}\n    limits: {{ cpu: 5ms }}\n"),
+        // 50ms, not less: the calls that must pass (`/fine`) get the same bound,
+        // 500ms of wall time, which a loaded machine's scheduling stays under.
+        &format!("    fail: {fail}\n    limits: {{ cpu: 50ms }}\n"),
     );
     let lg = legate().config(&simple(up.addr, &p, &["sleepy"])).start();
     let mut c = client(proto, lg.addr("web")).await;
