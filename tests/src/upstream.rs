@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -127,6 +127,7 @@ pub struct UpstreamBuilder {
     default: Option<Handler>,
     status: Option<u16>,
     delay: Option<Duration>,
+    gate: Option<Arc<AtomicBool>>,
     fail_first: Option<(usize, u16)>,
     close_connection: bool,
     header: Vec<(String, String)>,
@@ -145,6 +146,7 @@ pub fn upstream() -> UpstreamBuilder {
         default: None,
         status: None,
         delay: None,
+        gate: None,
         fail_first: None,
         close_connection: false,
         header: Vec::new(),
@@ -238,6 +240,12 @@ impl UpstreamBuilder {
         self.delay = Some(d);
         self
     }
+    /// Every request waits until `release` is set before it is answered: it stays
+    /// in flight for as long as a test needs, however slow the machine.
+    pub fn hold_until(mut self, release: &Arc<AtomicBool>) -> Self {
+        self.gate = Some(release.clone());
+        self
+    }
     /// The first `n` requests (across connections) are answered with `status`.
     pub fn fail_first(mut self, n: usize, status: u16) -> Self {
         self.fail_first = Some((n, status));
@@ -284,6 +292,7 @@ impl UpstreamBuilder {
             default: self.default.unwrap_or_else(|| boxed_handler(echo)),
             status: self.status,
             delay: self.delay,
+            gate: self.gate,
             fail_first: self.fail_first,
             header: self.header,
             requests: Counter::default(),
@@ -314,6 +323,7 @@ struct State {
     default: Handler,
     status: Option<u16>,
     delay: Option<Duration>,
+    gate: Option<Arc<AtomicBool>>,
     fail_first: Option<(usize, u16)>,
     header: Vec<(String, String)>,
     requests: Counter,
@@ -539,6 +549,11 @@ async fn handle(
         *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         r.into_boxed()
     } else {
+        if let Some(release) = &state.gate {
+            while !release.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         if let Some(d) = state.delay {
             tokio::time::sleep(d).await;
         }

@@ -44,24 +44,6 @@ async fn checked(name: &str, healthy: &Arc<AtomicBool>) -> UpstreamHandle {
         .await
 }
 
-/// An upstream whose `/slow` is answered only once `release` is set (every other
-/// path is echoed): a request held there is in flight for as long as a test needs.
-async fn held(release: &Arc<AtomicBool>) -> UpstreamHandle {
-    let release = release.clone();
-    upstream()
-        .route("/slow", move |_req| {
-            let release = release.clone();
-            async move {
-                while !release.load(Ordering::SeqCst) {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                text(200, "slow\n")
-            }
-        })
-        .start()
-        .await
-}
-
 /// Waits until the gauge `series` equals `want`.
 async fn until_stat(lg: &LegateHandle, series: &str, want: f64) {
     eventually(WAIT, &format!("{series} == {want}"), || async {
@@ -413,7 +395,7 @@ each_proto!(
 each_proto!(
     async fn max_requests_overflow_is_503_overloaded(proto) {
         let release = Arc::new(AtomicBool::new(false));
-        let up = held(&release).await;
+        let up = upstream().hold_until(&release).start().await;
         let lg = legate()
             .config(&simple_config_with(
                 &[up.addr],
@@ -445,7 +427,7 @@ each_proto!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_overflow_is_503_overloaded() {
     let release = Arc::new(AtomicBool::new(false));
-    let up = held(&release).await;
+    let up = upstream().hold_until(&release).start().await;
     let lg = legate()
         .config(&simple_config_with(
             &[up.addr],

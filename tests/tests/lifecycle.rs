@@ -5,13 +5,16 @@
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use legate_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_drain_finishes_in_flight_requests() {
-    let up = upstream().delay(Duration::from_millis(400)).start().await;
+    let release = Arc::new(AtomicBool::new(false));
+    let up = upstream().hold_until(&release).start().await;
     let lg = legate()
         .config(&simple_config(&[up.addr]))
         .concurrency(2)
@@ -33,7 +36,7 @@ async fn graceful_drain_finishes_in_flight_requests() {
         }));
     }
     eventually(
-        Duration::from_secs(3),
+        Duration::from_secs(10),
         "10 requests in flight upstream",
         || async { (up.in_flight.get() == 10).then_some(()) },
     )
@@ -57,6 +60,7 @@ async fn graceful_drain_finishes_in_flight_requests() {
         "a new connection was served during the drain"
     );
 
+    release.store(true, Ordering::SeqCst);
     for t in tasks {
         let r = t
             .await
