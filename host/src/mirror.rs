@@ -8,7 +8,8 @@
 //! `api.example-shadow:8080`), so the shadow service can tell copies apart. Only a
 //! request whose body is known in full (read before the primary is sent, at most
 //! `max_body` bytes, no trailers) is mirrored; the proxy reads such a body before
-//! forwarding when the route mirrors. The shadow's answer is read and discarded.
+//! forwarding when the route mirrors. The shadow's answer is read and discarded
+//! as it comes, up to [`DRAIN_LIMIT`] (then dropped, with its connection).
 //!
 //! Counters, on the shadow cluster: `mirror_requests`, `mirror_failures` (plus its
 //! ordinary upstream counters).
@@ -28,6 +29,10 @@ use crate::config::Mirror;
 use crate::server::Snapshot;
 use crate::upstream::Target;
 use crate::worker::Worker;
+
+/// How much of a shadow's answer is read (and thrown away) to keep its
+/// connection: a big download is cut there rather than pulled in whole.
+const DRAIN_LIMIT: usize = 1 << 20;
 
 /// Whether this request is to be mirrored under `m` (the `percent` draw).
 pub fn chosen(m: &Mirror) -> bool {
@@ -113,8 +118,17 @@ async fn shadow(worker: &Worker, entry: &Arc<crate::server::ClusterEntry>, copy:
         Ok(resp) => {
             let status = resp.status().as_u16();
             active.record_status(status);
-            // Read the answer so the connection can be reused.
-            let _ = resp.into_body().collect().await;
+            // Read the answer and throw it away as it comes, so the connection
+            // can be reused; past DRAIN_LIMIT the body is dropped instead (the
+            // connection with it), not pulled in for nothing.
+            let mut body = resp.into_body();
+            let mut read = 0usize;
+            while read <= DRAIN_LIMIT {
+                match body.frame().await {
+                    Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
+                    _ => break,
+                }
+            }
             status < 500
         }
         Err(e) => {

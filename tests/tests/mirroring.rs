@@ -205,3 +205,52 @@ async fn bodies_over_the_cap_and_zero_percent_are_not_mirrored() {
     lg0.assert_stat(&stat("mirror_requests", "shadow"), 0.0)
         .await;
 }
+
+each_proto!(
+    /// A shadow answering with an endless body: Legate reads a bounded amount of
+    /// it and then drops it (closing that connection), instead of keeping it all
+    /// in memory until the mirror timeout.
+    async fn an_endless_shadow_answer_is_cut_not_kept(proto) {
+        let p = upstream().name("primary").start().await;
+        let endless = upstream()
+            .name("shadow")
+            .handler(|_req: Request<Incoming>| async {
+                let every = tokio::time::interval(Duration::from_millis(1));
+                Response::new(BodyExt::boxed(Endless(every)))
+            })
+            .start()
+            .await;
+        // The timeout is far beyond the wait below: only the cut ends the copy.
+        let lg = legate()
+            .config(&config(p.addr, endless.addr, "{ cluster: shadow, timeout: 60s }"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/big").send().await;
+        assert_eq!((r.status.as_u16(), r.header("x-upstream")), (200, Some("primary")));
+        eventually(WAIT, "the shadow's connection closed by Legate", || async {
+            (endless.closed.get() == 1).then_some(())
+        })
+        .await;
+        lg.assert_stat(&stat("mirror_requests", "shadow"), 1.0).await;
+        lg.assert_stat(&stat("mirror_failures", "shadow"), 0.0).await;
+    }
+);
+
+/// 64 KiB every millisecond, forever.
+struct Endless(tokio::time::Interval);
+
+impl hyper::body::Body for Endless {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+        std::task::ready!(self.0.poll_tick(cx));
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+            &CHUNK,
+        )))))
+    }
+}
