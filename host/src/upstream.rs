@@ -580,6 +580,13 @@ impl Pool {
             }
             Sender::H1(mut sr) => {
                 to_h1_form(&mut req);
+                let upload = Rc::new(Upload::default());
+                if http_body::Body::is_end_stream(req.body()) {
+                    upload.sent.set(true);
+                } else {
+                    let watch = UploadWatch(upload.clone());
+                    req = req.map(|b| body::boxed(body::Watched::new(b, watch)));
+                }
                 match sr.try_send_request(req).await {
                     Ok(resp) => {
                         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -589,6 +596,7 @@ impl Pool {
                         let ret = Return {
                             pool: Rc::downgrade(&self.inner),
                             key,
+                            upload,
                             sender: sr,
                             max_idle: s.max_idle,
                             idle_timeout: s.idle_timeout,
@@ -734,19 +742,53 @@ fn map_hyper_error(e: &hyper::Error) -> ProxyError {
     }
 }
 
+/// How far an HTTP/1.1 request body got: hyper goes on writing it after the
+/// response came, so a connection is between messages only once both ended.
+#[derive(Default)]
+struct Upload {
+    /// The body's last frame was handed to hyper.
+    sent: Cell<bool>,
+    /// The response ended first: the rest of the upload is cut (as Envoy resets
+    /// the upstream request), failing the connection instead of finishing it.
+    abandoned: Cell<bool>,
+}
+
+/// Watches a request body for [`Upload`].
+struct UploadWatch(Rc<Upload>);
+
+impl body::Watch for UploadWatch {
+    fn frame(&mut self, _frame: &hyper::body::Frame<bytes::Bytes>) -> Result<(), body::BoxError> {
+        if self.0.abandoned.get() {
+            return Err("the response ended before the request body was sent".into());
+        }
+        Ok(())
+    }
+
+    fn end(self, complete: bool) {
+        self.0.sent.set(complete);
+    }
+}
+
 /// A connection on its way back to the pool.
 struct Return {
     pool: Weak<PoolInner>,
     key: Key,
+    upload: Rc<Upload>,
     sender: http1::SendRequest<Body>,
     max_idle: usize,
     idle_timeout: Duration,
 }
 
 impl body::Watch for Return {
-    /// A response read to its end leaves the connection between messages: pool it.
-    /// An errored or abandoned one is dropped with its sender.
+    /// A response read to its end leaves the connection between messages (once
+    /// the request body was sent too): pool it. An errored or abandoned one is
+    /// dropped with its sender; a request still uploading, too: a request taking
+    /// the connection would wait behind that upload (the client's pace).
     fn end(self, complete: bool) {
+        if !self.upload.sent.get() {
+            self.upload.abandoned.set(true);
+            return;
+        }
         if !complete || self.sender.is_closed() {
             return;
         }

@@ -1,7 +1,8 @@
 //! The upstream connection pool's HTTP/2 connections: a burst of requests with no
 //! connection yet opens one connection and waits for it, a connection with no
 //! stream open for the cluster's `idle_timeout` is closed, and a long stream keeps
-//! its connection open (and reusable) past that time.
+//! its connection open (and reusable) past that time. HTTP/1.1: a connection
+//! whose request body is still uploading is not pooled when its response ends.
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -249,3 +250,79 @@ async fn a_reload_does_not_leak_h2_connections() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(up.closed.get(), 1, "the new connection closed too soon");
 }
+
+/// A request body: one chunk, then nothing until `release` is set, then its end.
+struct HeldUpload {
+    first: bool,
+    release: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    poll: tokio::time::Interval,
+}
+
+impl hyper::body::Body for HeldUpload {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        if self.first {
+            self.first = false;
+            return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+                b"first part of a long upload",
+            )))));
+        }
+        while !self.release.load(std::sync::atomic::Ordering::SeqCst) {
+            std::task::ready!(self.poll.poll_tick(cx));
+        }
+        Poll::Ready(None)
+    }
+}
+
+each_proto!(
+    /// An HTTP/1.1 upstream answers (401) before the client's upload is over:
+    /// that connection is still busy sending the body, so it must not go back to
+    /// the pool, where the next request would wait behind the upload (here: until
+    /// the route timeout, a 504). It is not reused; the next request opens its own.
+    async fn a_connection_still_uploading_is_not_pooled(proto) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let up = upstream()
+            .route("/upload", |req: Request<Incoming>| async {
+                // Answers at once and reads the body on (as Go and Node servers
+                // do): the connection stays open, busy with the upload.
+                tokio::spawn(async move {
+                    let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                });
+                let mut r = Response::new(Full::new(Bytes::from_static(b"no\n")));
+                *r.status_mut() = StatusCode::UNAUTHORIZED;
+                r
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .concurrency(1)
+            .config(&simple_config_with(
+                &[up.addr],
+                "            timeout: 3s\n",
+                "    protocol: http1\n",
+            ))
+            .start();
+        let release = Arc::new(AtomicBool::new(false));
+        let body = HeldUpload {
+            first: true,
+            release: release.clone(),
+            poll: tokio::time::interval(Duration::from_millis(10)),
+        };
+        let mut c1 = client(proto, lg.addr("web")).await;
+        let r = c1.post("/upload").boxed_body(http_body_util::BodyExt::boxed(body)).send().await;
+        assert_eq!(r.status, 401, "{}", r.text());
+
+        let mut c2 = client(proto, lg.addr("web")).await;
+        let r = c2.get("/after").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(up.connections.get(), 2, "the uploading connection was reused");
+        release.store(true, Ordering::SeqCst);
+    }
+);
