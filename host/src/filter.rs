@@ -244,7 +244,7 @@ thread_local! {
 }
 
 /// This worker's callout sender for plugin-level callouts (`None` before the
-/// worker's first filtered exchange).
+/// worker took its first config, see [`crate::worker::start_plugins`]).
 pub fn worker_callouts() -> Option<Rc<dyn CalloutSender>> {
     WORKER_CALLOUTS.with(|c| c.borrow().clone())
 }
@@ -258,8 +258,9 @@ pub async fn send_from_worker(req: CalloutRequest) -> CalloutResult {
     }
 }
 
-/// Makes `sender` this worker's sender for plugin-level callouts (a TCP
-/// connection with network filters does, as a filtered exchange does).
+/// Makes `sender` this worker's sender for plugin-level callouts (each config
+/// that goes live on the worker does, and so do a TCP connection with network
+/// filters and a filtered exchange).
 pub fn set_worker_callouts(sender: Rc<dyn CalloutSender>) {
     WORKER_CALLOUTS.with(|c| *c.borrow_mut() = Some(sender));
 }
@@ -794,6 +795,14 @@ pub trait HttpFilter: Send + Sync {
     /// the implementation can free per-exchange state (it calls the guest only if
     /// the `done` phase was declared and the filter did not `detached` itself).
     fn on_done(&self, worker: usize, context: u64, detached: bool);
+    /// The config holding this filter went live on `worker` (at start, after a
+    /// reload). A filter with work of its own, not driven by exchanges (a Wasm
+    /// plugin that ticks), starts its per-worker state here, as Envoy starts
+    /// each worker's VM with the config; others wait for their first exchange.
+    /// Must not fail the worker: a failure is the filter's to log and retry.
+    fn start_on_worker(&self, worker: usize) {
+        let _ = worker;
+    }
 }
 
 /// Loads filters for a config. The Wasm host registers itself here; tests and native

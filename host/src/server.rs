@@ -7,7 +7,8 @@
 //!
 //! The listener set and the config snapshot can change while running (see
 //! [`crate::reload`]): both are published through [`Shared`], and workers follow
-//! the listener set ([`crate::worker::supervise_listeners`]).
+//! the listener set ([`crate::worker::supervise_listeners`]) and start the
+//! plugins of each new snapshot that tick ([`crate::worker::start_plugins`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -272,6 +273,10 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     /// The config in force.
     pub snapshot: ArcSwap<Snapshot>,
+    /// Bumped after each new snapshot is published: workers follow it to
+    /// start the plugins of a new config that tick
+    /// ([`crate::worker::start_plugins`]).
+    pub published: watch::Sender<u64>,
     /// Flips to true when draining starts.
     pub draining: watch::Sender<bool>,
     /// The access log, if configured.
@@ -335,6 +340,7 @@ impl Shared {
         }
         let Some(next) = listeners else {
             self.snapshot.store(snapshot);
+            self.published.send_modify(|n| *n += 1);
             return Ok(());
         };
         // Listeners going away keep the config they served with, set before
@@ -349,6 +355,7 @@ impl Shared {
             b.ctx.retire(last.clone());
         }
         self.snapshot.store(snapshot);
+        self.published.send_modify(|n| *n += 1);
         self.listeners.send_replace(next);
         Ok(())
     }
@@ -525,6 +532,7 @@ pub fn start_with(
     let shared = Arc::new(Shared {
         stats: stats.clone(),
         snapshot: ArcSwap::from_pointee(snapshot),
+        published: watch::channel(0).0,
         draining,
         access_log,
         listeners,
@@ -657,6 +665,7 @@ fn run_worker(id: usize, shared: Arc<Shared>) {
             tracker.clone(),
         ));
         let housekeeping = tokio::task::spawn_local(worker.clone().housekeeping());
+        let plugins = tokio::task::spawn_local(crate::worker::start_plugins(worker.clone()));
         let mut drain = shared.drain_signal();
         let _ = drain.wait_for(|d| *d).await;
         let timeout = shared.snapshot.load().config.drain_timeout.get();
@@ -671,6 +680,7 @@ fn run_worker(id: usize, shared: Arc<Shared>) {
         }
         supervisor.abort();
         housekeeping.abort();
+        plugins.abort();
     });
 }
 

@@ -2,7 +2,8 @@
 //! single-threaded tokio runtime; it accepts connections from the shared listening
 //! sockets and owns them, their requests and its upstream pool for their whole life.
 //! Nothing on the request path is shared across workers except read-only config
-//! snapshots and atomic counters, so later each worker owns its Wasm instances too.
+//! snapshots and atomic counters; each worker owns its Wasm instances too, and
+//! starts those of plugins that tick when a config goes live ([`start_plugins`]).
 
 use rustc_hash::FxHashMap;
 use std::cell::RefCell;
@@ -123,6 +124,34 @@ impl Worker {
             tick.tick().await;
             let max_age = self.shared.snapshot.load().max_pool_idle;
             self.pool.sweep(max_age);
+        }
+    }
+}
+
+/// Follows the published config snapshots: each one that goes live (the first
+/// at start, in a hot restart's new process too, then each reload's) has every
+/// loaded filter told it is live on this worker, so a plugin that ticks gets its
+/// instance here now and ticks without traffic, as Envoy starts each worker's
+/// VM with the config. A plugin without ticks waits for its first exchange.
+/// A failed start is the filter's (logged, retried by the next exchange). The
+/// worker's sender for plugin-level callouts is set first, so ticks can call
+/// out before any exchange.
+pub async fn start_plugins(worker: Rc<Worker>) {
+    let mut rx = worker.shared.published.subscribe();
+    loop {
+        // Seen before the load: a snapshot published from here on wakes us.
+        rx.borrow_and_update();
+        let snapshot = worker.shared.snapshot.load_full();
+        // Plugin-level callouts (from `on-tick`) need the worker's sender,
+        // which exchanges set too: a plugin started here may tick before any.
+        crate::filter::set_worker_callouts(crate::proxy::callout_sender(&worker, &snapshot));
+        for f in snapshot.plugins.values() {
+            f.start_on_worker(worker.id);
+        }
+        // Not held while waiting: a reload's old config must be free to go.
+        drop(snapshot);
+        if rx.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -347,7 +347,7 @@ async fn ticks_reach_the_root_context() {
         .replace("    proxy_wasm:\n", "    proxy_wasm:\n      vm_id: ticks\n");
     let lg = legate().config(&config(up.addr, &p, &["ticker"])).start();
     let mut c = client(Proto::H1, lg.addr("web")).await;
-    // The VM (and its ticks) starts with the worker's first exchange.
+    // The VM (and its ticks) starts with the config; a request runs in it.
     let r = c.get("/").send().await;
     assert_eq!(r.status, 200);
     lg.assert_stat_with(
@@ -363,6 +363,87 @@ async fn ticks_reach_the_root_context() {
         .await;
     assert_eq!(failures.unwrap_or(0.0), 0.0);
 }
+
+each_proto!(
+    /// A plugin whose root context sets its tick period in `on_configure` gets
+    /// its VM on every worker when the config goes live (as Envoy starts each
+    /// worker's VM), so it ticks before any request; requests then run in those
+    /// VMs, not new ones; and a reload that removes the plugin ends its VMs and
+    /// ticks.
+    async fn a_ticking_plugin_starts_with_the_config_and_stops_when_removed(proto) {
+        let up = upstream().start().await;
+        let ticking = |name: &str| plugin(name, "{ mode: counter, tick_ms: 20 }", "");
+        let instances = |p: &str| format!("legate_plugin_instances{{plugin=\"{p}\"}}");
+        let lg = legate()
+            .config(&config(
+                up.addr,
+                &(ticking("ticker") + &ticking("clock")),
+                &["ticker", "clock"],
+            ))
+            .concurrency(2)
+            .from_file()
+            .start();
+        // No request yet: each worker has its VM, and its root context ticks.
+        lg.assert_stat_with(
+            r#"legate_proxywasm_pw_ticks{plugin="ticker"}"#,
+            |v| v >= 3.0,
+            ">= 3 ticks",
+        )
+        .await;
+        lg.assert_stat_with(&calls("ticker", "tick"), |v| v >= 3.0, ">= 3")
+            .await;
+        lg.assert_stat(&instances("ticker"), 2.0).await;
+        // The load's check, then one VM per worker.
+        lg.assert_stat(&calls("ticker", "configure"), 3.0).await;
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..3 {
+            let r = c.get("/").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        // The requests ran in the worker's VM: none was started for them.
+        lg.assert_stat(&calls("ticker", "request_headers"), 3.0)
+            .await;
+        assert_eq!(lg.stat(&calls("ticker", "configure")).await, Some(3.0));
+        assert_eq!(lg.stat(&instances("ticker")).await, Some(2.0));
+        drop(c);
+
+        // A reload removes `ticker` (and loads `clock` again, as every plugin).
+        lg.write_config(&config(up.addr, &ticking("clock"), &["clock"]));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        // Its VMs end on both workers, their memory freed with them.
+        let memory = |w: u32| {
+            format!("legate_plugin_memory_bytes{{plugin=\"ticker\",worker=\"{w}\"}}")
+        };
+        eventually(
+            std::time::Duration::from_secs(5),
+            "ticker's VMs gone from both workers",
+            || async {
+                let gone = lg.stat(&instances("ticker")).await == Some(0.0)
+                    && lg.stat(&memory(0)).await == Some(0.0)
+                    && lg.stat(&memory(1)).await == Some(0.0);
+                gone.then_some(())
+            },
+        )
+        .await;
+        let stopped = lg.stat(&calls("ticker", "tick")).await.unwrap();
+        // `clock`'s new VMs tick on (again with no request) while `ticker`
+        // ticks no more: `clock` is the clock, not a sleep.
+        let from = lg.stat(&calls("clock", "tick")).await.unwrap();
+        eventually(
+            std::time::Duration::from_secs(5),
+            "ten more ticks of clock",
+            || async {
+                let now = lg.stat(&calls("clock", "tick")).await.unwrap_or(0.0);
+                (now >= from + 10.0).then_some(())
+            },
+        )
+        .await;
+        assert_eq!(lg.stat(&calls("ticker", "tick")).await, Some(stopped));
+        lg.assert_stat(&instances("clock"), 2.0).await;
+        lg.assert_stat(&calls("clock", "configure"), 6.0).await;
+    }
+);
 
 /// The hostile guest on every path; `path` misbehaves and gets the failure policy,
 /// the next request is served by a fresh VM. The VM's memory is in the memory
@@ -758,7 +839,7 @@ async fn http_call_from_the_root_context_on_tick() {
             &["caller"],
         ))
         .start();
-    // The first request starts the worker's VM (and its ticks).
+    // The worker's VM (and its ticks) started with the config.
     let mut c = client(Proto::H1, lg.addr("web")).await;
     assert_eq!(c.get("/first").send().await.status, 200);
     eventually(

@@ -200,7 +200,8 @@ async fn ticks_are_per_root_context() {
         .config(&config(up.addr, &plugins, &["a", "b"]))
         .start();
     let mut c = client(Proto::H1, lg.addr("web")).await;
-    // The VM (and its ticks) starts with the worker's first exchange.
+    // The VM (and its ticks) started with the config, as `a` ticks from
+    // `on_configure`; a request runs in it.
     let r = c.get("/").send().await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-pw-count-b"), Some("2"));

@@ -731,14 +731,8 @@ async fn sdk_network_filter_ticks_per_instance() {
         ))
         .concurrency(1)
         .start();
-    // No instance before the first connection: no ticks.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(lg.stat(&calls("tick")).await.unwrap_or(0.0), 0.0);
-    let mut c = RawConn::connect(lg.addr("tcp")).await;
-    c.write(b"plain").await;
-    assert_eq!(c.read_exact(5, T).await.unwrap(), b"plain");
-    // Ticks run on the instance (its own count, read back through a
-    // connection) and are counted by the host and by the guest.
+    // The instance starts with the config, before any connection, and ticks
+    // (counted by the host and by the guest).
     lg.assert_stat_with(&calls("tick"), |v| v >= 3.0, ">= 3")
         .await;
     lg.assert_stat_with(
@@ -747,6 +741,12 @@ async fn sdk_network_filter_ticks_per_instance() {
         ">= 3",
     )
     .await;
+    lg.assert_stat(r#"legate_plugin_instances{plugin="pw"}"#, 1.0)
+        .await;
+    // The first connection runs on that instance: its own count, read back
+    // through the connection, has the ticks from before it (a new instance
+    // would have none).
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
     c.write(b"ticks?\n").await;
     let mut line = Vec::new();
     while line.last() != Some(&b'\n') {
@@ -760,6 +760,10 @@ async fn sdk_network_filter_ticks_per_instance() {
         .parse()
         .unwrap();
     assert!(n >= 3, "the instance saw {n} ticks");
+    c.write(b"plain").await;
+    assert_eq!(c.read_exact(5, T).await.unwrap(), b"plain");
+    // The load's check and the worker's one instance.
+    assert_eq!(lg.stat(&calls("configure")).await, Some(2.0));
     // The interval is about 20 ms: over 300 ms, not hundreds of ticks.
     let before = lg.stat(&calls("tick")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -828,13 +832,17 @@ async fn a_trap_in_on_tick_drops_the_instance_and_a_new_connection_replaces_it()
     let mut old = RawConn::connect(lg.addr("tcp")).await;
     old.write(b"one").await;
     assert_eq!(old.read_exact(3, T).await.unwrap(), b"one");
+    // The instance (started with the config) traps at its third tick after
+    // that data.
     lg.assert_stat(r#"legate_plugin_traps_total{plugin="pw"}"#, 1.0)
         .await;
     lg.assert_stat(r#"legate_plugin_instances{plugin="pw"}"#, 0.0)
         .await;
-    // The dead instance ticks no more.
+    // The dead instance ticks no more, and nothing replaces it before a
+    // connection asks.
+    let ticks = lg.stat(&calls("tick")).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(lg.stat(&calls("tick")).await, Some(3.0));
+    assert_eq!(lg.stat(&calls("tick")).await, ticks);
     // The connection that started on it gets the failure policy (closed).
     old.write(b"two").await;
     let (rest, closed) = old.read_until_close(T).await;
@@ -845,7 +853,8 @@ async fn a_trap_in_on_tick_drops_the_instance_and_a_new_connection_replaces_it()
     assert_eq!(new.read_exact(5, T).await.unwrap(), b"three");
     lg.assert_stat(r#"legate_plugin_instance_restarts_total{plugin="pw"}"#, 1.0)
         .await;
-    lg.assert_stat_with(&calls("tick"), |v| v >= 4.0, ">= 4")
+    let after = ticks.unwrap() + 1.0;
+    lg.assert_stat_with(&calls("tick"), |v| v >= after, "one more")
         .await;
     assert_eq!(
         echo.bytes.get(),

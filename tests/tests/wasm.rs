@@ -711,8 +711,8 @@ async fn ticks_call_on_tick() {
     );
     let lg = legate().config(&simple(up.addr, &p, &["ticker"])).start();
     let mut c = client(Proto::H1, lg.addr("web")).await;
-    // The instance (and its tick task) starts with the worker's first exchange;
-    // each tick increments KV key `ticks`.
+    // The instance (and its tick task) starts with the config; each tick
+    // increments KV key `ticks`.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let r = c.get("/ticks").send().await;
@@ -734,6 +734,122 @@ async fn ticks_call_on_tick() {
         .await;
     assert_eq!(failures.unwrap_or(0.0), 0.0);
 }
+
+/// Plugin `name` in `kv` mode over KV namespace `name-<proto>` (Legate runs in
+/// the test process: a namespace per test), ticking every 20 ms (each tick
+/// increments its key `ticks`); `extra` adds config keys.
+fn ticking(name: &str, proto: Proto, extra: &str) -> String {
+    let ns = format!("{name}-{proto:?}").to_lowercase();
+    plugin(
+        name,
+        &format!("{{ mode: kv, ns: {ns}, tick: \"20\"{extra} }}"),
+        &format!("    capabilities: {{ kv: [{ns}] }}\n"),
+    )
+}
+
+fn instances(plugin: &str) -> String {
+    format!("legate_plugin_instances{{plugin=\"{plugin}\"}}")
+}
+
+each_proto!(
+    /// A plugin that ticks gets its instance on every worker when the config
+    /// goes live (Envoy starts each worker's VM with the config), so it ticks
+    /// before any request; requests then run on those instances, not new ones;
+    /// and a reload that removes the plugin ends its instances and ticks.
+    async fn a_ticking_plugin_starts_with_the_config_and_stops_when_removed(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&simple(
+                up.addr,
+                &(ticking("ticker", proto, "") + &ticking("clock", proto, "")),
+                &["ticker", "clock"],
+            ))
+            .concurrency(2)
+            .from_file()
+            .start();
+        // No request yet: each worker has its instance, and it ticks.
+        lg.assert_stat_with(&calls("ticker", "tick"), |v| v >= 3.0, ">= 3")
+            .await;
+        lg.assert_stat(&instances("ticker"), 2.0).await;
+        // The load's check, then one per worker.
+        lg.assert_stat(&calls("ticker", "configure"), 3.0).await;
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..3 {
+            let r = c.get("/ticks").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            // The ticks before any request reached the guest (its KV key).
+            let n: u64 = r.echo().header("x-kv-count").unwrap().parse().unwrap();
+            assert!(n >= 3, "the guest counted {n} ticks");
+        }
+        // The requests ran on the worker's instance: none was made for them.
+        lg.assert_stat(&calls("ticker", "request_headers"), 3.0)
+            .await;
+        assert_eq!(lg.stat(&calls("ticker", "configure")).await, Some(3.0));
+        assert_eq!(lg.stat(&instances("ticker")).await, Some(2.0));
+        drop(c);
+
+        // A reload removes `ticker` (and loads `clock` again, as every plugin).
+        let clock = ticking("clock", proto, "");
+        lg.write_config(&simple(up.addr, &clock, &["clock"]));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        // Its instances end on both workers, their memory freed with them.
+        let memory = |w: u32| {
+            format!("legate_plugin_memory_bytes{{plugin=\"ticker\",worker=\"{w}\"}}")
+        };
+        eventually(
+            std::time::Duration::from_secs(5),
+            "ticker's instances gone from both workers",
+            || async {
+                let gone = lg.stat(&instances("ticker")).await == Some(0.0)
+                    && lg.stat(&memory(0)).await == Some(0.0)
+                    && lg.stat(&memory(1)).await == Some(0.0);
+                gone.then_some(())
+            },
+        )
+        .await;
+        let stopped = lg.stat(&calls("ticker", "tick")).await.unwrap();
+        // `clock`'s new instances tick on (again with no request) while
+        // `ticker` ticks no more: `clock` is the clock, not a sleep.
+        let from = lg.stat(&calls("clock", "tick")).await.unwrap();
+        eventually(
+            std::time::Duration::from_secs(5),
+            "ten more ticks of clock",
+            || async {
+                let now = lg.stat(&calls("clock", "tick")).await.unwrap_or(0.0);
+                (now >= from + 10.0).then_some(())
+            },
+        )
+        .await;
+        assert_eq!(lg.stat(&calls("ticker", "tick")).await, Some(stopped));
+        lg.assert_stat(&instances("clock"), 2.0).await;
+        // Twice a check and two workers' instances: one set per config.
+        lg.assert_stat(&calls("clock", "configure"), 6.0).await;
+    }
+);
+
+each_proto!(
+    /// A ticking plugin whose instance fails to start on the worker (its
+    /// `configure` fails there, after passing the load's check) leaves the
+    /// worker serving: the failure is logged, and the next request tries
+    /// again, as an instance made for a request would.
+    async fn a_failed_start_of_a_ticking_plugin_leaves_the_worker_serving(proto) {
+        let up = upstream().start().await;
+        let p = ticking("ticker", proto, ", fail_configure_after: \"1\"")
+            .replace("    limits:", "    fail: open\n    limits:");
+        let lg = legate().config(&simple(up.addr, &p, &["ticker"])).start();
+        // The load's check, then the worker's start, which failed.
+        lg.assert_stat(&calls("ticker", "configure"), 2.0).await;
+        assert_eq!(lg.stat(&instances("ticker")).await, Some(0.0));
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/ticks").send().await;
+        // Served without the filter (`fail: open`), after a new attempt.
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-kv-count"), None);
+        lg.assert_stat(&calls("ticker", "configure"), 3.0).await;
+        assert_eq!(lg.stat(&calls("ticker", "tick")).await.unwrap_or(0.0), 0.0);
+    }
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tick_interval_below_minimum_is_refused() {
@@ -1022,9 +1138,10 @@ async fn unknown_callout_cluster_is_a_load_error() {
 
 /// Plugin `ticker` in `tick-callout` mode over KV namespace `ns` (`extra`:
 /// more config keys), one worker, cluster `authz`; returns Legate, the
-/// `authz` upstream, and what the guest stored from its tick callout, read
-/// through requests (the instance, and its ticks, start with the first
-/// exchange).
+/// `authz` upstream, and what the guest stored from its tick callout. The
+/// instance, its ticks and the worker's sender for their callouts start with
+/// the config: the callout is answered before any request, which then reads
+/// what the guest stored.
 async fn tick_callout(ns: &str, extra: &str) -> (LegateHandle, UpstreamHandle, String) {
     let up = upstream().start().await;
     let az = authz_upstream().await;
@@ -1037,21 +1154,21 @@ async fn tick_callout(ns: &str, extra: &str) -> (LegateHandle, UpstreamHandle, S
         .concurrency(1)
         .config(&with_authz(up.addr, az.addr, &p, &["ticker"]))
         .start();
+    lg.assert_stat_with(
+        &calls("ticker", "tick_callout_response"),
+        |v| v >= 1.0,
+        ">= 1",
+    )
+    .await;
     let mut c = client(Proto::H1, lg.addr("web")).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let r = c.get("/t").send().await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        if let Some(v) = r.echo().header("x-tick-callout") {
-            let v = v.to_owned();
-            return (lg, az, v);
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no tick callout response in 5 s"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let r = c.get("/t").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r
+        .echo()
+        .header("x-tick-callout")
+        .unwrap_or("absent")
+        .to_owned();
+    (lg, az, v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! [`WasmNetworkFilter`]: a component of the `legate:filter/network-filter`
 //! world (abi/README.md §11) as a [`NetworkFilter`] on TCP listeners. One
-//! instance per worker, created lazily and replaced after a failure with the
-//! same backoff as HTTP plugins; each connection gets a guest
+//! instance per worker, created when the config goes live there if the filter
+//! ticks (else at the worker's first connection), and replaced after a failure
+//! with the same backoff as HTTP plugins; each connection gets a guest
 //! `network-context` resource, constructed at `on-new-connection` and dropped
 //! at `on_done`. The connection's facts and data are the [`Exchange`] the
 //! chain swaps into the store for a call (the `connection` handle names it).
@@ -202,7 +203,12 @@ impl WasmNetworkFilter {
         let mut iv = super::slots::tick_interval(every).await;
         loop {
             iv.tick().await;
-            let Some(f) = me.upgrade() else { return };
+            let Some(f) = me.upgrade() else {
+                // A reload dropped the filter: free its instance now rather than
+                // at this worker's next new slot.
+                INSTANCES.with(|cell| LIVE.sweep(&mut cell.borrow_mut()));
+                return;
+            };
             f.stats.calls["tick"].inc();
             let r = f.with_plugin_call(generation, |live| {
                 let r = run_inline(
@@ -362,6 +368,34 @@ impl WasmNetworkFilter {
         }
     }
 
+    /// Creates this worker's instance in `slot`, with its tick task if the
+    /// plugin ticks; a failure starts the slot's restart backoff.
+    fn start_instance(&self, slot: &mut Slot, worker: usize) -> Result<(), String> {
+        match self.instantiate(u32::try_from(worker).unwrap_or(u32::MAX)) {
+            Ok((live, _)) => {
+                if slot.restarts.failed_before() {
+                    self.stats.restarts.inc();
+                }
+                self.instances.started();
+                slot.live = Some(live);
+                slot.generation += 1;
+                if let (Some(every), Some(me)) = (self.tick, self.me.get()) {
+                    tokio::task::spawn_local(Self::tick_loop(
+                        me.clone(),
+                        worker,
+                        every,
+                        slot.generation,
+                    ));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                slot.restarts.failed();
+                Err(e)
+            }
+        }
+    }
+
     /// Runs `call` on this worker's instance with connection `c` swapped into
     /// the store; `new` creates the instance if needed and the connection's
     /// guest context. A trap drops the instance (as for HTTP plugins).
@@ -386,28 +420,7 @@ impl WasmNetworkFilter {
                 if slot.restarts.waiting() {
                     return Err("no instance (restarting after a failure)".to_string());
                 }
-                match self.instantiate(u32::try_from(worker).unwrap_or(u32::MAX)) {
-                    Ok((live, _)) => {
-                        if slot.restarts.failed_before() {
-                            self.stats.restarts.inc();
-                        }
-                        self.instances.started();
-                        slot.live = Some(live);
-                        slot.generation += 1;
-                        if let (Some(every), Some(me)) = (self.tick, self.me.get()) {
-                            tokio::task::spawn_local(Self::tick_loop(
-                                me.clone(),
-                                worker,
-                                every,
-                                slot.generation,
-                            ));
-                        }
-                    }
-                    Err(e) => {
-                        slot.restarts.failed();
-                        return Err(e);
-                    }
-                }
+                self.start_instance(slot, worker)?;
             }
             let Some(live) = slot.live.as_mut() else {
                 return Err("no instance".to_string());
@@ -694,4 +707,32 @@ impl HttpFilter for WasmNetworkFilter {
     fn on_log(&self, _: usize, _: &mut Exchange) {}
 
     fn on_done(&self, _: usize, _: u64, _: bool) {}
+
+    /// A filter that ticks gets its instance (and tick task) now, so it ticks
+    /// before any connection; one without ticks waits for its first connection.
+    fn start_on_worker(&self, worker: usize) {
+        if self.tick.is_none() {
+            return;
+        }
+        let r = INSTANCES.with(|cell| {
+            let mut map = cell.borrow_mut();
+            if !map.contains_key(&self.id) {
+                LIVE.sweep(&mut map);
+            }
+            let slot = map.entry(self.id).or_default();
+            // Live already (a connection came first), or backing off after a
+            // failure: the next connection retries then, as without this start.
+            if slot.live.is_some() || slot.restarts.waiting() {
+                return Ok(());
+            }
+            self.start_instance(slot, worker)
+        });
+        if let Err(why) = r {
+            tracing::warn!(
+                plugin = &*self.shared.name,
+                phase = "start",
+                "plugin failure: {why}"
+            );
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! A loaded Wasm plugin ([`WasmFilter`], an [`HttpFilter`]) and its instances:
-//! one per worker (Envoy's VM-per-worker), created lazily on the worker's thread,
-//! configured, and replaced after a failure with backoff.
+//! one per worker (Envoy's VM-per-worker), created on the worker's thread —
+//! when the config goes live there for a plugin that ticks, else at the
+//! worker's first exchange — configured, and replaced after a failure with
+//! backoff.
 //!
 //! Calls are synchronous and bounded by the epoch deadline. The store is async-capable
 //! only because WASI's host functions are async inside wasmtime-wasi and its sync
@@ -232,7 +234,7 @@ impl PluginStats {
             ),
             instances: stats.gauge(
                 "legate_plugin_instances",
-                "Live plugin instances (one per worker once used).",
+                "Live plugin instances (one per worker: from the config's start for plugins that tick, else once used).",
                 &l,
             ),
         }
@@ -528,7 +530,12 @@ impl WasmFilter {
         let mut iv = super::slots::tick_interval(every).await;
         loop {
             iv.tick().await;
-            let Some(f) = me.upgrade() else { return };
+            let Some(f) = me.upgrade() else {
+                // A reload dropped the filter: free its instance now rather than
+                // at this worker's next new slot.
+                INSTANCES.with(|cell| LIVE.sweep(&mut cell.borrow_mut()));
+                return;
+            };
             let current = INSTANCES.with(|cell| {
                 cell.borrow()
                     .get(&f.id)
@@ -652,6 +659,35 @@ impl WasmFilter {
         }
     }
 
+    /// Creates this worker's instance in `slot`, with its tick task if the plugin
+    /// ticks; a failure starts the slot's restart backoff.
+    fn start_instance(&self, slot: &mut Slot, worker: usize) -> Result<(), String> {
+        let w = u32::try_from(worker).unwrap_or(u32::MAX);
+        match self.instantiate(w, true) {
+            Ok((live, _)) => {
+                if slot.restarts.failed_before() {
+                    self.stats.restarts.inc();
+                }
+                self.instances.started();
+                slot.live = Some(live);
+                slot.generation += 1;
+                if let (Some(every), Some(me)) = (self.tick, self.me.get()) {
+                    tokio::task::spawn_local(Self::tick_loop(
+                        me.clone(),
+                        worker,
+                        every,
+                        slot.generation,
+                    ));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                slot.restarts.failed();
+                Err(e)
+            }
+        }
+    }
+
     /// Runs `call` on this worker's instance (creating it if needed) with `x` swapped
     /// into the store. A trap drops the instance.
     fn with_instance<R>(
@@ -676,29 +712,7 @@ impl WasmFilter {
                 if slot.restarts.waiting() {
                     return Err("no instance (restarting after a failure)".to_string());
                 }
-                let w = u32::try_from(worker).unwrap_or(u32::MAX);
-                match self.instantiate(w, true) {
-                    Ok((live, _)) => {
-                        if slot.restarts.failed_before() {
-                            self.stats.restarts.inc();
-                        }
-                        self.instances.started();
-                        slot.live = Some(live);
-                        slot.generation += 1;
-                        if let (Some(every), Some(me)) = (self.tick, self.me.get()) {
-                            tokio::task::spawn_local(Self::tick_loop(
-                                me.clone(),
-                                worker,
-                                every,
-                                slot.generation,
-                            ));
-                        }
-                    }
-                    Err(e) => {
-                        slot.restarts.failed();
-                        return Err(e);
-                    }
-                }
+                self.start_instance(slot, worker)?;
             }
             let Some(live) = slot.live.as_mut() else {
                 return Err("no instance".to_string());
@@ -1073,6 +1087,35 @@ impl HttpFilter for WasmFilter {
         });
         if let Err(e) = r {
             tracing::warn!(plugin = self.name(), "on-log failed: {e}");
+        }
+    }
+
+    /// A plugin that ticks gets its instance (and tick task) now, so it ticks
+    /// without traffic; one without ticks waits for its first exchange (an
+    /// instance costs ~1 MiB per worker, and nothing would run in it before).
+    fn start_on_worker(&self, worker: usize) {
+        if self.tick.is_none() {
+            return;
+        }
+        let r = INSTANCES.with(|cell| {
+            let mut map = cell.borrow_mut();
+            if !map.contains_key(&self.id) {
+                LIVE.sweep(&mut map);
+            }
+            let slot = map.entry(self.id).or_default();
+            // Live already (an exchange came first), or backing off after a
+            // failure: the next exchange retries then, as without this start.
+            if slot.live.is_some() || slot.restarts.waiting() {
+                return Ok(());
+            }
+            self.start_instance(slot, worker)
+        });
+        if let Err(why) = r {
+            tracing::warn!(
+                plugin = self.name(),
+                phase = "start",
+                "plugin failure: {why}"
+            );
         }
     }
 

@@ -25,7 +25,10 @@
 //!   TTL; `/ttl-get` reads `t` (`x-kv-value: <v or absent>`); `/big` writes a value
 //!   over the cap (`x-kv-error`); `/ticks` reads key `ticks`. The results are
 //!   request headers (the upstream echoes them). With `tick: "<ms>"` it asks for
-//!   that tick interval and each `on-tick` increments key `ticks`.
+//!   that tick interval and each `on-tick` increments key `ticks`. With
+//!   `fail_configure_after: "<n>"`, `configure` counts its calls in key
+//!   `configures` and fails from call n + 1 on (the load check is call 1, so
+//!   `"1"` loads and then fails on every worker).
 //!
 //! - `callout`: on the request, sends `GET /check<request path>` to cluster
 //!   `cluster` (default `authz`; `timeout` ms, default 0 = the host's) carrying the
@@ -583,6 +586,15 @@ impl Guest for Plugin {
         if mode == "kv" || mode == "tick-callout" {
             let ns = field(&config, "ns").unwrap_or_else(|| "counters".into());
             KV.with(|k| *k.borrow_mut() = Some(legate::filter::kv::open(&ns)));
+        }
+        if let Some(max) = field(&config, "fail_configure_after").and_then(|n| n.parse().ok()) {
+            let n = KV.with(|k| match k.borrow().as_ref() {
+                Some(Ok(ns)) => ns.increment("configures", 1, None).unwrap_or(0),
+                _ => 0,
+            });
+            if n > max {
+                return Err(format!("configure call {n} fails"));
+            }
         }
         let cluster = field(&config, "cluster").unwrap_or_else(|| "authz".into());
         let timeout = field(&config, "timeout")

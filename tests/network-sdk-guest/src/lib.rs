@@ -4,7 +4,9 @@
 //! - `tick` (with `tick_ms`): counts `on_tick` calls in `ticks_total` and
 //!   answers a downstream chunk that is exactly `ticks?\n` with
 //!   `ticks=<n>\n` (this instance's count so far) sent upstream instead.
-//!   With `tick_trap: N`, the Nth tick of an instance panics (a trap); with
+//!   With `tick_trap: N`, the Nth tick of an instance after its first
+//!   downstream data panics (a trap: the connection that sent the data is on
+//!   the instance, however early the instance started); with
 //!   `tick_callout: true`, each tick without a callout outstanding calls
 //!   cluster `authz` at `path`, and the answers are counted in
 //!   `tick_answers_total{status}`;
@@ -62,6 +64,8 @@ pub struct Fixture {
     ticks_total: Counter,
     closes: Counter,
     tick_trap: Option<u64>,
+    /// Ticks since the instance's first downstream data (`None` before it).
+    ticks_since_data: Option<u64>,
     tick_callout: bool,
     tick_outstanding: bool,
     tick_answers: Counter,
@@ -88,6 +92,7 @@ impl NetworkFilter for Fixture {
             ticks_total,
             closes,
             tick_trap: config.tick_trap,
+            ticks_since_data: None,
             tick_callout: config.tick_callout,
             tick_outstanding: false,
             tick_answers,
@@ -110,6 +115,7 @@ impl NetworkFilter for Fixture {
         data: &Body<'_>,
         _eos: bool,
     ) -> NetworkAction {
+        self.ticks_since_data.get_or_insert(0);
         let out = match self.mode {
             Mode::Tick if data.to_vec() == b"ticks?\n" => format!("ticks={}\n", self.ticks),
             Mode::Tick => return NetworkAction::Continue,
@@ -165,8 +171,11 @@ impl NetworkFilter for Fixture {
     fn on_tick(&mut self) {
         self.ticks += 1;
         self.ticks_total.inc();
-        if self.tick_trap == Some(self.ticks) {
-            panic!("tick {} traps", self.ticks);
+        if let Some(n) = self.ticks_since_data.as_mut() {
+            *n += 1;
+            if self.tick_trap == Some(*n) {
+                panic!("tick {} traps", self.ticks);
+            }
         }
         if self.tick_callout && !self.tick_outstanding {
             let req = CalloutRequest::new("authz", "GET", self.path.as_str());

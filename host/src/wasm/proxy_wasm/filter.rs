@@ -1,7 +1,9 @@
 //! [`ProxyWasmFilter`]: a proxy-wasm module as an [`HttpFilter`]. One VM
-//! (instance) per worker, created lazily on the worker's thread and started as
-//! Envoy does (`_initialize`/`_start`, root context, `proxy_on_vm_start`,
-//! `proxy_on_configure`); each exchange gets an HTTP context
+//! (instance) per worker, created on the worker's thread (when the config goes
+//! live there for a plugin that ticks from the start, else at the worker's
+//! first exchange) and started as Envoy does (`_initialize`/`_start`, root
+//! context, `proxy_on_vm_start`, `proxy_on_configure`); each exchange gets an
+//! HTTP context
 //! (`proxy_on_context_create` → request headers → request body/trailers →
 //! response headers → response body/trailers → `on_done` → `on_log` →
 //! `on_delete`). Deadlines, the memory cap, the failure policy and the per-plugin
@@ -266,6 +268,11 @@ pub struct ProxyWasmFilter {
     me: OnceLock<Weak<ProxyWasmFilter>>,
     /// This plugin's VMs on the workers (a shared VM counts for each plugin).
     instances: InstanceCount,
+    /// Its root context set a tick period in `proxy_on_vm_start` or
+    /// `proxy_on_configure` (at the load check) and the module exports
+    /// `proxy_on_tick`: each worker starts its VM when the config goes live,
+    /// as Envoy does, so it ticks without traffic.
+    ticks_at_start: bool,
 }
 
 impl Drop for ProxyWasmFilter {
@@ -339,7 +346,7 @@ impl ProxyWasmFilter {
         };
         let plugin_stats = PluginStats::new(stats, &name);
         let instances = InstanceCount::new(plugin_stats.instances.clone());
-        let f = ProxyWasmFilter {
+        let mut f = ProxyWasmFilter {
             id,
             vm,
             root,
@@ -352,11 +359,15 @@ impl ProxyWasmFilter {
             body_limit_exceeded,
             me: OnceLock::new(),
             instances,
+            ticks_at_start: false,
         };
         // Checked in a VM of its own (as the only plugin of it, on its root
         // context): a failure is this plugin's.
-        f.start_vm(&[], None)
+        let check = f
+            .start_vm(&[], None)
             .map_err(|e| anyhow::anyhow!("plugin `{name}`: {e}"))?;
+        let ticks = check.store.data().ticks.contains_key(&f.root);
+        f.ticks_at_start = ticks && check.exports.tick.is_some();
         Ok(f)
     }
 
@@ -563,7 +574,9 @@ impl ProxyWasmFilter {
     async fn tick_loop(me: Weak<ProxyWasmFilter>, worker: usize, generation: u64) {
         loop {
             let period = {
-                let Some(f) = me.upgrade() else { return };
+                let Some(f) = me.upgrade() else {
+                    return Self::plugin_gone();
+                };
                 VMS.with(|cell| {
                     let map = cell.borrow();
                     let slot = map.get(&f.vm)?;
@@ -581,7 +594,9 @@ impl ProxyWasmFilter {
                 continue;
             };
             tokio::time::sleep(period.max(MIN_TICK)).await;
-            let Some(f) = me.upgrade() else { return };
+            let Some(f) = me.upgrade() else {
+                return Self::plugin_gone();
+            };
             f.stats.calls["tick"].inc();
             let r = f.with_vm(worker, Phase::Root, None, false, |live, _| {
                 match live.exports.tick.as_ref() {
@@ -593,6 +608,13 @@ impl ProxyWasmFilter {
                 tracing::warn!(plugin = &*f.meta.name, "proxy_on_tick failed: {e}");
             }
         }
+    }
+
+    /// A tick task found its plugin dropped (a reload removed or replaced it):
+    /// this worker frees the VMs of dropped plugins now rather than at its next
+    /// new slot.
+    fn plugin_gone() {
+        VMS.with(|cell| LIVE.sweep(&mut cell.borrow_mut()));
     }
 
     /// Calls `proxy_on_queue_ready(root, queue)` on this worker's VM after each
@@ -651,6 +673,56 @@ impl ProxyWasmFilter {
         }
     }
 
+    /// Starts what the last guest call asked of the host beyond its return:
+    /// the queues it registered, the root context's callouts and gRPC streams.
+    fn start_root_work(&self, live: &mut Live, worker: usize, generation: u64) {
+        if !live.store.data().new_queues.is_empty() {
+            self.watch_queues(live, worker, generation);
+        }
+        if !live.store.data().root_callouts.is_empty() {
+            self.send_root_callouts(live, worker, generation);
+        }
+        if !live.store.data().new_streams.is_empty() {
+            self.start_streams(live, worker, generation);
+        }
+    }
+
+    /// Starts this worker's VM in `slot` (with every plugin sharing it, each
+    /// with its tick task); a failure starts the slot's restart backoff.
+    fn start_slot(&self, slot: &mut Slot, worker: usize) -> Result<(), String> {
+        let members = self.members();
+        match self.start_vm(&members, u32::try_from(worker).ok()) {
+            Ok(live) => {
+                slot.live = Some(live);
+                slot.generation += 1;
+                let me = self.me.get().and_then(Weak::upgrade);
+                let list = if members.is_empty() {
+                    me.into_iter().collect()
+                } else {
+                    members
+                };
+                // Every plugin of the VM runs in it now, and ticks on
+                // its own root context.
+                for m in &list {
+                    if slot.restarts.failed_before() {
+                        m.stats.restarts.inc();
+                    }
+                    m.instances.started();
+                    tokio::task::spawn_local(Self::tick_loop(
+                        Arc::downgrade(m),
+                        worker,
+                        slot.generation,
+                    ));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                slot.restarts.failed();
+                Err(e)
+            }
+        }
+    }
+
     /// `f` on this worker's live VM of this plugin, outside any guest call;
     /// `None` if there is none (never started, or failed).
     fn live_vm<R>(&self, f: impl FnOnce(&mut Live) -> Option<R>) -> Option<R> {
@@ -681,36 +753,7 @@ impl ProxyWasmFilter {
                 if slot.restarts.waiting() {
                     return Err("no VM (restarting after a failure)".to_string());
                 }
-                let members = self.members();
-                match self.start_vm(&members, u32::try_from(worker).ok()) {
-                    Ok(live) => {
-                        slot.live = Some(live);
-                        slot.generation += 1;
-                        let me = self.me.get().and_then(Weak::upgrade);
-                        let list = if members.is_empty() {
-                            me.into_iter().collect()
-                        } else {
-                            members
-                        };
-                        // Every plugin of the VM runs in it now, and ticks on
-                        // its own root context.
-                        for m in &list {
-                            if slot.restarts.failed_before() {
-                                m.stats.restarts.inc();
-                            }
-                            m.instances.started();
-                            tokio::task::spawn_local(Self::tick_loop(
-                                Arc::downgrade(m),
-                                worker,
-                                slot.generation,
-                            ));
-                        }
-                    }
-                    Err(e) => {
-                        slot.restarts.failed();
-                        return Err(e);
-                    }
-                }
+                self.start_slot(slot, worker)?;
             }
             let Some(live) = slot.live.as_mut() else {
                 return Err("no VM".to_string());
@@ -768,15 +811,7 @@ impl ProxyWasmFilter {
                 Err(e) => Err(e),
             };
             self.stats.duration.observe(started.elapsed());
-            if !live.store.data().new_queues.is_empty() {
-                self.watch_queues(live, worker, slot.generation);
-            }
-            if !live.store.data().root_callouts.is_empty() {
-                self.send_root_callouts(live, worker, slot.generation);
-            }
-            if !live.store.data().new_streams.is_empty() {
-                self.start_streams(live, worker, slot.generation);
-            }
+            self.start_root_work(live, worker, slot.generation);
             let data = live.store.data_mut();
             if let Some(x) = x {
                 if !data.streams.is_empty() || !data.kept_maps.is_empty() {
@@ -1790,6 +1825,44 @@ impl HttpFilter for ProxyWasmFilter {
         // stay open until the context ends, their later events reaching the
         // guest as for a context not paused.
         self.end_stream_wait(worker, x, false);
+    }
+
+    /// A plugin that ticks from the start (its period set in
+    /// `proxy_on_vm_start`/`proxy_on_configure`) gets this worker's VM now, so
+    /// it ticks without traffic; the others wait for their first exchange (a
+    /// VM costs its memory on every worker, and only a tick would run in it).
+    fn start_on_worker(&self, worker: usize) {
+        if !self.ticks_at_start {
+            return;
+        }
+        let r = VMS.with(|cell| {
+            let mut map = cell.borrow_mut();
+            if !map.contains_key(&self.vm) {
+                LIVE.sweep(&mut map);
+            }
+            let slot = map.entry(self.vm).or_default();
+            // Live already (an exchange, or a plugin sharing the VM, came
+            // first), or backing off after a failure: the next exchange
+            // retries then, as without this start.
+            if slot.live.is_some() || slot.restarts.waiting() {
+                return Ok(());
+            }
+            self.start_slot(slot, worker)?;
+            // What `proxy_on_vm_start`/`proxy_on_configure` asked for (a
+            // queue, a callout, a stream) starts now, not at the first call.
+            let generation = slot.generation;
+            if let Some(live) = slot.live.as_mut() {
+                self.start_root_work(live, worker, generation);
+            }
+            Ok::<_, String>(())
+        });
+        if let Err(why) = r {
+            tracing::warn!(
+                plugin = &*self.meta.name,
+                phase = "start",
+                "plugin failure: {why}"
+            );
+        }
     }
 
     fn on_done(&self, worker: usize, context: u64, _detached: bool) {
