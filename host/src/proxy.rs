@@ -329,20 +329,23 @@ async fn proxy(
         },
     ) {
         out.chain = Some(filter::SharedChain::new(chain));
-        let started = Instant::now();
+        // Timed only for the debug headers (two clock reads).
+        let started = out.debug.on.then(Instant::now);
         let local = request_filters(out, &mut req, &mut authority).await;
-        out.debug.request_filters = Some(started.elapsed());
+        out.debug.request_filters = started.map(|t| t.elapsed());
         let mut local = local;
         if matches!(local, Ok(None)) && !upgrade {
             // A body a filter buffers is waited for under the timeout of the
             // route the request matches now (a body phase may still re-route
             // it), the default one if none does: a client that stalls
             // mid-body must not hold the request and the buffer forever.
-            let limit = {
+            // Matched only for a buffered body (a route match is ~0.5k
+            // instructions, and the request is matched again below anyway).
+            let limit = |req: &Request<Body>, authority: &str| {
                 let input = RouteInput {
                     method: req.method(),
                     uri: req.uri(),
-                    authority: &authority,
+                    authority,
                     headers: req.headers(),
                     scheme_https: https,
                 };
@@ -613,7 +616,9 @@ async fn proxy(
             return response_filters(out, resp).await;
         }
         let mut resp = result?;
-        out.debug.first_byte = Some(Instant::now());
+        if out.debug.on {
+            out.debug.first_byte = Some(Instant::now());
+        }
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
@@ -809,7 +814,7 @@ async fn run_body(
     d: filter::Direction,
     inner: Body,
     headers: &http::HeaderMap,
-    limit: Option<Duration>,
+    limit: impl FnOnce() -> Option<Duration>,
 ) -> Result<BodyRun, ProxyError> {
     use filter::Direction;
     let Some(plan) = chain_step(shared, |c| c.body_plan(d))? else {
@@ -847,7 +852,7 @@ async fn run_body(
     };
     // Only the read is bounded: the chain is not out yet (the phases below,
     // which may pause, have the plugin's own `pause` bound).
-    let (data, trailers) = client_body_within(collect, limit, None).await?;
+    let (data, trailers) = client_body_within(collect, limit(), None).await?;
     // The phases may pause (the whole message is held here): taken out, as for
     // the headers phases, so no borrow is held while the chain waits.
     let Some(mut chain) = shared.take() else {
@@ -866,13 +871,14 @@ async fn run_body(
 }
 
 /// The request side of [`run_body`]: a buffered body's head is written back and
-/// its `content-length` recomputed; the client has `limit` to send a body
-/// that is buffered. `Some` is a filter's local response.
+/// its `content-length` recomputed; the client has `limit` (asked only for a
+/// body that is buffered, of the request as it is then) to send a body that is
+/// buffered. `Some` is a filter's local response.
 async fn request_body(
     out: &mut Outcome,
     req: &mut Request<Body>,
     authority: &mut String,
-    limit: Option<Duration>,
+    limit: impl FnOnce(&Request<Body>, &str) -> Option<Duration>,
 ) -> Result<Option<filter::LocalResponse>, ProxyError> {
     let Some(shared) = out.chain.clone() else {
         return Ok(None);
@@ -884,12 +890,13 @@ async fn request_body(
         return Ok(None);
     }
     let inner = std::mem::replace(req.body_mut(), body::empty());
+    let (head, at): (&Request<Body>, &str) = (req, authority);
     match run_body(
         &shared,
         filter::Direction::Request,
         inner,
-        req.headers(),
-        limit,
+        head.headers(),
+        || limit(head, at),
     )
     .await?
     {
@@ -974,7 +981,7 @@ async fn response_body(
         filter::Direction::Response,
         inner,
         resp.headers(),
-        None,
+        || None,
     )
     .await?
     {
@@ -1061,9 +1068,9 @@ async fn response_filters(
     }
     chain.x.response_headers = Some(std::mem::take(resp.headers_mut()).into());
     let eos = resp.body().is_end_stream();
-    let started = Instant::now();
+    let started = out.debug.on.then(Instant::now);
     let replaced = chain.on_response_headers(eos).await;
-    out.debug.response_filters = Some(started.elapsed());
+    out.debug.response_filters = started.map(|t| t.elapsed());
     // Kept only for a filter that reads the head later (body, trailers, log):
     // the original goes to the client, a flat snapshot stays (`filter::Head`).
     let headers = chain.x.response_headers.take().map(|mut h| h.take());
