@@ -321,12 +321,7 @@ async fn proxy(
         &listener.name,
         conn.worker.id,
         || exchange_of(conn, &mut req, &authority, out.request_id.as_ref(), table),
-        || {
-            Rc::new(PoolCallouts {
-                worker: conn.worker.clone(),
-                snapshot: Arc::downgrade(&snapshot),
-            })
-        },
+        || exchange_callouts(&conn.worker, &snapshot),
     ) {
         out.chain = Some(filter::SharedChain::new(chain));
         // Timed only for the debug headers (two clock reads).
@@ -662,7 +657,7 @@ fn exchange_of<B>(
 ) -> Exchange {
     // Moved, not copied: `write_head` puts the head as the filters leave it back.
     let mut headers = std::mem::take(req.headers_mut());
-    let had_host = headers.remove(header::HOST).is_some();
+    let host = headers.remove(header::HOST);
     let facts = conn.facts.get_or_init(|| {
         Arc::new(ConnFacts {
             source: conn.peer,
@@ -679,19 +674,29 @@ fn exchange_of<B>(
         req.method().clone(),
         req.uri()
             .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.to_string()),
+            .map_or_else(|| "/".to_string(), path_string),
         authority.to_string(),
         req.version(),
         headers,
         facts.clone(),
         request_id
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string(),
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from_static("")),
         Some(table.clone()),
     );
-    x.had_host = had_host;
+    x.host = host;
     x
+}
+
+/// `p` as its `Display` writes it (a leading `/` added if it has none), in
+/// one allocation of the right size rather than through the formatter.
+fn path_string(p: &http::uri::PathAndQuery) -> String {
+    let s = p.as_str();
+    if s.starts_with(['/', '*']) {
+        s.to_owned()
+    } else {
+        format!("/{s}")
+    }
 }
 
 /// Runs the request-headers phase of the chain and writes the (possibly changed)
@@ -756,9 +761,17 @@ fn write_head(
         })?;
         authority.clone_from(&x.authority);
     }
-    if req.version() < Version::HTTP_2 || x.had_host || req.headers().contains_key(header::HOST) {
-        let host = HeaderValue::from_str(authority)
-            .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?;
+    if req.version() < Version::HTTP_2
+        || x.host.is_some()
+        || req.headers().contains_key(header::HOST)
+    {
+        let host = match x.host.take() {
+            // The client's own value when it is the authority still: no
+            // parse and copy of it.
+            Some(v) if v.as_bytes() == authority.as_bytes() => v,
+            _ => HeaderValue::from_str(authority)
+                .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?,
+        };
         headers.insert(header::HOST, host);
     }
     *req.headers_mut() = headers;
@@ -1111,6 +1124,40 @@ pub fn callout_sender(
     Rc::new(PoolCallouts {
         worker: worker.clone(),
         snapshot: Arc::downgrade(snapshot),
+    })
+}
+
+thread_local! {
+    /// The callout sender of this worker thread's last filtered exchange,
+    /// reused by the next while the worker and the config snapshot are the
+    /// same (the sender keeps nothing per exchange): an allocation and a weak
+    /// count per exchange fewer.
+    static EXCHANGE_CALLOUTS: std::cell::RefCell<Option<Rc<PoolCallouts>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The callout sender of an HTTP exchange on `worker` under `snapshot`.
+fn exchange_callouts(
+    worker: &Rc<crate::worker::Worker>,
+    snapshot: &Arc<crate::server::Snapshot>,
+) -> Rc<dyn filter::CalloutSender> {
+    EXCHANGE_CALLOUTS.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some(s) = last.as_ref() {
+            // The weak reference keeps the snapshot's allocation, so an equal
+            // address is the same snapshot, not a new one in its place.
+            if Rc::ptr_eq(&s.worker, worker)
+                && std::ptr::eq(s.snapshot.as_ptr(), Arc::as_ptr(snapshot))
+            {
+                return s.clone() as Rc<dyn filter::CalloutSender>;
+            }
+        }
+        let s = Rc::new(PoolCallouts {
+            worker: worker.clone(),
+            snapshot: Arc::downgrade(snapshot),
+        });
+        *last = Some(s.clone());
+        s
     })
 }
 

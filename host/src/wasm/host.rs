@@ -914,7 +914,7 @@ impl whttp::HostExchange for HostState {
     }
 
     fn request_id(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<String> {
-        Ok(self.exchange_of(&r)?.request_id.clone())
+        Ok(self.exchange_of(&r)?.request_id_str().to_string())
     }
 
     fn start_time(&mut self, r: Resource<ExchangeRes>) -> wasmtime::Result<u64> {
