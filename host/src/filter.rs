@@ -1068,6 +1068,10 @@ struct SharedInner {
 
 impl SharedInner {
     fn wake_waiters(&self) {
+        // Nearly always none: a stream waits only while a phase is paused.
+        if self.waiters.borrow().is_empty() {
+            return;
+        }
         let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
         for w in waiters {
             w.wake();
