@@ -10,8 +10,9 @@
 #   bench_build                   # release legate + demo upstream, unless SKIP_BUILD=1
 #   bench_workdir                 # $WORK, and $pids stopped on exit
 #
-# Sets REPO_ROOT (and cds there), UPSTREAM_BIN and LEGATE_BIN (LEGATE_BIN from
-# the environment wins: another build of legate to measure).
+# Sets REPO_ROOT (and cds there), UPSTREAM_BIN and LEGATE_BIN, from cargo's
+# target directory (CARGO_TARGET_DIR if set; LEGATE_BIN from the environment
+# wins: another build of legate to measure).
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "${REPO_ROOT}"
@@ -39,8 +40,11 @@ bench_need() {
 
 lock=()
 [[ -f Cargo.lock ]] && lock=(--locked)
-UPSTREAM_BIN="${REPO_ROOT}/target/release/legate-demo-upstream"
-LEGATE_BIN="${LEGATE_BIN:-${REPO_ROOT}/target/release/legate}"
+# Cargo's target directory: CARGO_TARGET_DIR if set (where cargo builds), so a
+# worktree with its own target directory measures its own build.
+TARGET_DIR="${CARGO_TARGET_DIR:-${REPO_ROOT}/target}"
+UPSTREAM_BIN="${TARGET_DIR}/release/legate-demo-upstream"
+LEGATE_BIN="${LEGATE_BIN:-${TARGET_DIR}/release/legate}"
 
 # The release builds of legate and the demo upstream.
 bench_build() {
@@ -56,9 +60,9 @@ bench_build_pwnoop() {
     log "building bench/pw-noop-filter (wasm32-wasip1, release)"
     cargo build --release --locked --target wasm32-wasip1 \
         --manifest-path bench/pw-noop-filter/Cargo.toml \
-        --target-dir target/pw-noop-filter >"${WORK}/pw-build.log" 2>&1 ||
+        --target-dir "${TARGET_DIR}/pw-noop-filter" >"${WORK}/pw-build.log" 2>&1 ||
         die "building bench/pw-noop-filter failed: $(tail -n 20 "${WORK}/pw-build.log")"
-    cp target/pw-noop-filter/wasm32-wasip1/release/legate_bench_pw_noop_filter.wasm "${WORK}/pwnoop.wasm"
+    cp "${TARGET_DIR}/pw-noop-filter/wasm32-wasip1/release/legate_bench_pw_noop_filter.wasm" "${WORK}/pwnoop.wasm"
 }
 
 # A scratch directory, $WORK; every pid in $pids is stopped on exit, and on

@@ -107,8 +107,10 @@ if [[ -z ${SKIP_BUILD:-} ]]; then
             die "could not build legate; to bench the others alone: CONTENDERS='direct nginx haproxy' $0"
     fi
 fi
-UPSTREAM_BIN="${REPO_ROOT}/target/release/legate-demo-upstream"
-LEGATE_BIN="${REPO_ROOT}/target/release/legate"
+# Cargo's target directory (CARGO_TARGET_DIR if set), as bench/lib.sh.
+TARGET_DIR="${CARGO_TARGET_DIR:-${REPO_ROOT}/target}"
+UPSTREAM_BIN="${TARGET_DIR}/release/legate-demo-upstream"
+LEGATE_BIN="${TARGET_DIR}/release/legate"
 
 # ---- process management -----------------------------------------------------
 WORK="$(mktemp -d -t legate-bench.XXXXXX)"

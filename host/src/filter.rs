@@ -319,25 +319,29 @@ impl<K: PartialEq> Default for Aborts<K> {
 
 /// Callouts in flight, each a task on the worker's `LocalSet` that the filter
 /// which sent it can abort ([`ExchangeData::cancelled`]). Dropping the set
-/// aborts them all. Derefs to the tasks' [`JoinSet`](tokio::task::JoinSet).
+/// aborts them all. The [`JoinSet`](tokio::task::JoinSet) is made with the
+/// first task: making one allocates, and most exchanges send no callout.
 pub struct Inflight<T> {
-    tasks: tokio::task::JoinSet<T>,
+    tasks: Option<tokio::task::JoinSet<T>>,
     /// By (filter index, callout id).
     handles: Aborts<(usize, u64)>,
 }
 
 impl<T: 'static> Inflight<T> {
     /// No callouts.
-    pub fn new() -> Self {
+    pub const fn new() -> Self {
         Inflight {
-            tasks: tokio::task::JoinSet::new(),
+            tasks: None,
             handles: Aborts::new(),
         }
     }
 
     /// Runs `task`, filter `i`'s callout `id`.
     pub fn spawn(&mut self, i: usize, id: u64, task: impl Future<Output = T> + 'static) {
-        let h = self.tasks.spawn_local(task);
+        let h = self
+            .tasks
+            .get_or_insert_with(tokio::task::JoinSet::new)
+            .spawn_local(task);
         self.handles.push((i, id), h);
     }
 
@@ -351,24 +355,39 @@ impl<T: 'static> Inflight<T> {
     pub fn cancel_filter(&mut self, i: usize) {
         self.handles.abort_all(|(f, _)| *f == i);
     }
+
+    /// Whether no task is left (finished ones not yet joined count).
+    pub fn is_empty(&self) -> bool {
+        self.tasks
+            .as_ref()
+            .is_none_or(tokio::task::JoinSet::is_empty)
+    }
+
+    /// The next task to finish ([`JoinSet::join_next`](tokio::task::JoinSet::join_next));
+    /// `None` at once if there is none.
+    pub async fn join_next(&mut self) -> Option<Result<T, tokio::task::JoinError>> {
+        match &mut self.tasks {
+            Some(t) => t.join_next().await,
+            None => None,
+        }
+    }
+
+    /// A task that has finished, if any, without waiting.
+    pub fn try_join_next(&mut self) -> Option<Result<T, tokio::task::JoinError>> {
+        self.tasks.as_mut()?.try_join_next()
+    }
+
+    /// Aborts every task.
+    pub fn abort_all(&mut self) {
+        if let Some(t) = &mut self.tasks {
+            t.abort_all();
+        }
+    }
 }
 
 impl<T: 'static> Default for Inflight<T> {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-impl<T> std::ops::Deref for Inflight<T> {
-    type Target = tokio::task::JoinSet<T>;
-    fn deref(&self) -> &Self::Target {
-        &self.tasks
-    }
-}
-
-impl<T> std::ops::DerefMut for Inflight<T> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.tasks
     }
 }
 
@@ -506,8 +525,9 @@ pub struct ExchangeData {
     pub response_headers: Option<Head>,
     /// The connection.
     pub conn: Arc<ConnFacts>,
-    /// `x-request-id`.
-    pub request_id: String,
+    /// `x-request-id`: the request's header value itself (its bytes shared,
+    /// not copied); filters read it as text ([`ExchangeData::request_id_str`]).
+    pub request_id: http::HeaderValue,
     /// When the request head was received.
     pub start: SystemTime,
     /// The upstream endpoint of the last attempt.
@@ -550,11 +570,19 @@ pub struct ExchangeData {
     /// stream then waits for the call's callback ([`Chain::resume_end`]).
     /// Component filters keep refusing it (abi/README.md §3.3).
     pub hold_end: bool,
-    /// The request came with a `host` header (removed here: the authority is
-    /// [`ExchangeData::authority`]), so the request sent on carries one too.
-    pub had_host: bool,
+    /// The request's `host` header (removed from the head: the authority is
+    /// [`ExchangeData::authority`]); the request sent on carries one too, this
+    /// value if the authority is unchanged (the proxy takes it then).
+    pub host: Option<http::HeaderValue>,
     table: Option<Arc<RouteTable>>,
     routing: Routing,
+}
+
+impl ExchangeData {
+    /// The request id as filters see it (empty if it is not visible ASCII).
+    pub fn request_id_str(&self) -> &str {
+        self.request_id.to_str().unwrap_or_default()
+    }
 }
 
 static NEXT_CONTEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -569,7 +597,7 @@ impl Exchange {
         version: Version,
         request_headers: HeaderMap,
         conn: Arc<ConnFacts>,
-        request_id: String,
+        request_id: http::HeaderValue,
         table: Option<Arc<RouteTable>>,
     ) -> Self {
         Exchange(Box::new(ExchangeData {
@@ -596,7 +624,7 @@ impl Exchange {
             first_call: false,
             hold_body: false,
             hold_end: false,
-            had_host: false,
+            host: None,
             table,
             routing: Routing::default(),
         }))
@@ -621,7 +649,7 @@ impl Exchange {
                 destination: unspecified,
                 tls: None,
             }),
-            request_id: String::new(),
+            request_id: http::HeaderValue::from_static(""),
             start: SystemTime::UNIX_EPOCH,
             upstream: None,
             cause: None,
@@ -634,7 +662,7 @@ impl Exchange {
             first_call: false,
             hold_body: false,
             hold_end: false,
-            had_host: false,
+            host: None,
             table: None,
             routing: Routing::default(),
         }))
@@ -933,9 +961,9 @@ impl Filters {
             worker,
             slots,
             x: x(),
-            entered: Vec::with_capacity(n),
-            ctl: Vec::with_capacity(n),
-            called: Vec::with_capacity(n),
+            entered: PerFilter::with_capacity(n),
+            ctl: PerFilter::with_capacity(n),
+            called: PerFilter::with_capacity(n),
             skipped: Vec::new(),
             responded: None,
             replaced_response: None,
@@ -1049,6 +1077,10 @@ struct SharedInner {
 
 impl SharedInner {
     fn wake_waiters(&self) {
+        // Nearly always none: a stream waits only while a phase is paused.
+        if self.waiters.borrow().is_empty() {
+            return;
+        }
         let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
         for w in waiters {
             w.wake();
@@ -1168,6 +1200,12 @@ impl SharedChain {
     }
 }
 
+/// Chains up to this long keep their per-filter state inline ([`PerFilter`]).
+const INLINE_FILTERS: usize = 4;
+
+/// A chain's per-filter state, inline for short chains.
+type PerFilter<T> = smallvec::SmallVec<[T; INLINE_FILTERS]>;
+
 /// A callout result on its way back: the index of the filter (in `entered`) that
 /// sent it, its id, the outcome.
 type Delivery = (usize, u64, CalloutResult);
@@ -1179,12 +1217,13 @@ pub struct Chain {
     /// The exchange.
     pub x: Exchange,
     /// Filters that took part (not disabled by the route), in chain order; response
-    /// phases run over them in reverse.
-    entered: Vec<Arc<dyn HttpFilter>>,
+    /// phases run over them in reverse. These three per-filter lists are inline
+    /// up to [`INLINE_FILTERS`] filters: three allocations per exchange fewer.
+    entered: PerFilter<Arc<dyn HttpFilter>>,
     /// Each entered filter's body settings for this exchange.
-    ctl: Vec<BodyCtl>,
+    ctl: PerFilter<BodyCtl>,
     /// Whether each entered filter was called for this exchange yet.
-    called: Vec<bool>,
+    called: PerFilter<bool>,
     /// Indices into `entered` of filters bypassed after a fail-open failure.
     skipped: Vec<usize>,
     /// The filter that answered from a request phase: it and the filters after it
@@ -1497,7 +1536,6 @@ impl Chain {
     /// phase, which may change the body's size.
     pub fn response_body_filtered(&self) -> bool {
         self.order(Direction::Response)
-            .into_iter()
             .any(|i| self.entered[i].phases().contains(Phases::RESPONSE_BODY))
     }
 
@@ -1512,16 +1550,25 @@ impl Chain {
             .any(|(f, c)| !c.detached && f.phases().0 & !Phases::REQUEST_HEADERS.0 != 0)
     }
 
-    /// Entered filters in direction `d`'s order that take part in it.
-    fn order(&self, d: Direction) -> Vec<usize> {
+    /// Whether entered filter `i` takes part in direction `d`.
+    fn takes_part(&self, d: Direction, i: usize) -> bool {
         match d {
-            Direction::Request if self.responded.is_some() => Vec::new(),
-            Direction::Request => (0..self.entered.len()).filter(|&i| self.live(i)).collect(),
-            Direction::Response => (0..self.entered.len())
-                .rev()
-                .filter(|&i| self.in_response(i))
-                .collect(),
+            Direction::Request => self.responded.is_none() && self.live(i),
+            Direction::Response => self.in_response(i),
         }
+    }
+
+    /// Entered filters in direction `d`'s order that take part in it (an
+    /// iterator: the checks every exchange makes, such as [`Chain::buffers`],
+    /// allocate nothing).
+    fn order(&self, d: Direction) -> impl Iterator<Item = usize> + '_ {
+        let n = self.entered.len();
+        (0..n)
+            .map(move |k| match d {
+                Direction::Request => k,
+                Direction::Response => n - 1 - k,
+            })
+            .filter(move |&i| self.takes_part(d, i))
     }
 
     /// How the body of direction `d` must go through the chain; `None` if no
@@ -1530,7 +1577,11 @@ impl Chain {
     /// `set-body-mode` for it is too late.
     pub fn body_plan(&mut self, d: Direction) -> Option<BodyPlan> {
         let mut plan: Option<BodyPlan> = None;
-        for i in self.order(d) {
+        // In any order: the plan is the same either way.
+        for i in 0..self.entered.len() {
+            if !self.takes_part(d, i) {
+                continue;
+            }
             self.ctl[i].started[d.idx()] = true;
             let f = &self.entered[i];
             let c = self.ctl[i];
@@ -1551,7 +1602,7 @@ impl Chain {
     /// then even a body-less message of `d` gets its one body call (with an empty
     /// buffer), so such a filter can give it a body.
     pub fn buffers(&self, d: Direction) -> bool {
-        self.order(d).into_iter().any(|i| {
+        self.order(d).any(|i| {
             let c = self.ctl[i];
             c.wants(d) && c.modes[d.idx()] == BodyMode::Buffered
         })
@@ -1675,16 +1726,12 @@ impl Chain {
 
     /// Filters of direction `d` that get its body calls, in its order.
     fn body_order(&self, d: Direction) -> Vec<usize> {
-        self.order(d)
-            .into_iter()
-            .filter(|&i| self.ctl[i].wants(d))
-            .collect()
+        self.order(d).filter(|&i| self.ctl[i].wants(d)).collect()
     }
 
     /// Filters of direction `d` that declared its trailers phase, in its order.
     fn trailers_order(&self, d: Direction) -> Vec<usize> {
         self.order(d)
-            .into_iter()
             .filter(|&i| self.entered[i].phases().contains(d.trailers_phase()))
             .collect()
     }
@@ -2059,9 +2106,9 @@ mod tests {
             worker: 0,
             slots: Arc::from(Vec::<Slot>::new()),
             x: Exchange::placeholder(),
-            entered: Vec::new(),
-            ctl: Vec::new(),
-            called: Vec::new(),
+            entered: PerFilter::new(),
+            ctl: PerFilter::new(),
+            called: PerFilter::new(),
             skipped: Vec::new(),
             responded: None,
             replaced_response: None,

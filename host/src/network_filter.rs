@@ -921,7 +921,7 @@ mod tests {
             if from == Peer::Upstream || c.request_id == "asked" {
                 return Ok(NetVerdict::Continue);
             }
-            c.request_id = "asked".into();
+            c.request_id = http::HeaderValue::from_static("asked");
             c.callouts.push(crate::filter::CalloutRequest {
                 id: 7,
                 cluster: "authz".into(),

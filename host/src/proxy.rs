@@ -324,28 +324,26 @@ async fn proxy(
         &listener.name,
         conn.worker.id,
         || exchange_of(conn, &mut req, &authority, out.request_id.as_ref(), table),
-        || {
-            Rc::new(PoolCallouts {
-                worker: conn.worker.clone(),
-                snapshot: Arc::downgrade(&snapshot),
-            })
-        },
+        || exchange_callouts(&conn.worker, &snapshot),
     ) {
         out.chain = Some(filter::SharedChain::new(chain));
-        let started = Instant::now();
+        // Timed only for the debug headers (two clock reads).
+        let started = out.debug.on.then(Instant::now);
         let local = request_filters(out, &mut req, &mut authority).await;
-        out.debug.request_filters = Some(started.elapsed());
+        out.debug.request_filters = started.map(|t| t.elapsed());
         let mut local = local;
         if matches!(local, Ok(None)) && !upgrade {
             // A body a filter buffers is waited for under the timeout of the
             // route the request matches now (a body phase may still re-route
             // it), the default one if none does: a client that stalls
             // mid-body must not hold the request and the buffer forever.
-            let limit = {
+            // Matched only for a buffered body (a route match is ~0.5k
+            // instructions, and the request is matched again below anyway).
+            let limit = |req: &Request<Body>, authority: &str| {
                 let input = RouteInput {
                     method: req.method(),
                     uri: req.uri(),
-                    authority: &authority,
+                    authority,
                     headers: req.headers(),
                     scheme_https: https,
                 };
@@ -616,7 +614,9 @@ async fn proxy(
             return response_filters(out, resp).await;
         }
         let mut resp = result?;
-        out.debug.first_byte = Some(Instant::now());
+        if out.debug.on {
+            out.debug.first_byte = Some(Instant::now());
+        }
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
@@ -660,7 +660,7 @@ fn exchange_of<B>(
 ) -> Exchange {
     // Moved, not copied: `write_head` puts the head as the filters leave it back.
     let mut headers = std::mem::take(req.headers_mut());
-    let had_host = headers.remove(header::HOST).is_some();
+    let host = headers.remove(header::HOST);
     let facts = conn.facts.get_or_init(|| {
         Arc::new(ConnFacts {
             source: conn.peer,
@@ -677,19 +677,29 @@ fn exchange_of<B>(
         req.method().clone(),
         req.uri()
             .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.to_string()),
+            .map_or_else(|| "/".to_string(), path_string),
         authority.to_string(),
         req.version(),
         headers,
         facts.clone(),
         request_id
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string(),
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from_static("")),
         Some(table.clone()),
     );
-    x.had_host = had_host;
+    x.host = host;
     x
+}
+
+/// `p` as its `Display` writes it (a leading `/` added if it has none), in
+/// one allocation of the right size rather than through the formatter.
+fn path_string(p: &http::uri::PathAndQuery) -> String {
+    let s = p.as_str();
+    if s.starts_with(['/', '*']) {
+        s.to_owned()
+    } else {
+        format!("/{s}")
+    }
 }
 
 /// Runs the request-headers phase of the chain and writes the (possibly changed)
@@ -754,9 +764,17 @@ fn write_head(
         })?;
         authority.clone_from(&x.authority);
     }
-    if req.version() < Version::HTTP_2 || x.had_host || req.headers().contains_key(header::HOST) {
-        let host = HeaderValue::from_str(authority)
-            .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?;
+    if req.version() < Version::HTTP_2
+        || x.host.is_some()
+        || req.headers().contains_key(header::HOST)
+    {
+        let host = match x.host.take() {
+            // The client's own value when it is the authority still: no
+            // parse and copy of it.
+            Some(v) if v.as_bytes() == authority.as_bytes() => v,
+            _ => HeaderValue::from_str(authority)
+                .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?,
+        };
         headers.insert(header::HOST, host);
     }
     *req.headers_mut() = headers;
@@ -812,7 +830,7 @@ async fn run_body(
     d: filter::Direction,
     inner: Body,
     headers: &http::HeaderMap,
-    limit: Option<Duration>,
+    limit: impl FnOnce() -> Option<Duration>,
 ) -> Result<BodyRun, ProxyError> {
     use filter::Direction;
     let Some(plan) = chain_step(shared, |c| c.body_plan(d))? else {
@@ -850,7 +868,7 @@ async fn run_body(
     };
     // Only the read is bounded: the chain is not out yet (the phases below,
     // which may pause, have the plugin's own `pause` bound).
-    let (data, trailers) = client_body_within(collect, limit, None).await?;
+    let (data, trailers) = client_body_within(collect, limit(), None).await?;
     // The phases may pause (the whole message is held here): taken out, as for
     // the headers phases, so no borrow is held while the chain waits.
     let Some(mut chain) = shared.take() else {
@@ -869,13 +887,14 @@ async fn run_body(
 }
 
 /// The request side of [`run_body`]: a buffered body's head is written back and
-/// its `content-length` recomputed; the client has `limit` to send a body
-/// that is buffered. `Some` is a filter's local response.
+/// its `content-length` recomputed; the client has `limit` (asked only for a
+/// body that is buffered, of the request as it is then) to send a body that is
+/// buffered. `Some` is a filter's local response.
 async fn request_body(
     out: &mut Outcome,
     req: &mut Request<Body>,
     authority: &mut String,
-    limit: Option<Duration>,
+    limit: impl FnOnce(&Request<Body>, &str) -> Option<Duration>,
 ) -> Result<Option<filter::LocalResponse>, ProxyError> {
     let Some(shared) = out.chain.clone() else {
         return Ok(None);
@@ -887,12 +906,13 @@ async fn request_body(
         return Ok(None);
     }
     let inner = std::mem::replace(req.body_mut(), body::empty());
+    let (head, at): (&Request<Body>, &str) = (req, authority);
     match run_body(
         &shared,
         filter::Direction::Request,
         inner,
-        req.headers(),
-        limit,
+        head.headers(),
+        || limit(head, at),
     )
     .await?
     {
@@ -977,7 +997,7 @@ async fn response_body(
         filter::Direction::Response,
         inner,
         resp.headers(),
-        None,
+        || None,
     )
     .await?
     {
@@ -1064,9 +1084,9 @@ async fn response_filters(
     }
     chain.x.response_headers = Some(std::mem::take(resp.headers_mut()).into());
     let eos = resp.body().is_end_stream();
-    let started = Instant::now();
+    let started = out.debug.on.then(Instant::now);
     let replaced = chain.on_response_headers(eos).await;
-    out.debug.response_filters = Some(started.elapsed());
+    out.debug.response_filters = started.map(|t| t.elapsed());
     // Kept only for a filter that reads the head later (body, trailers, log):
     // the original goes to the client, a flat snapshot stays (`filter::Head`).
     let headers = chain.x.response_headers.take().map(|mut h| h.take());
@@ -1107,6 +1127,40 @@ pub fn callout_sender(
     Rc::new(PoolCallouts {
         worker: worker.clone(),
         snapshot: Arc::downgrade(snapshot),
+    })
+}
+
+thread_local! {
+    /// The callout sender of this worker thread's last filtered exchange,
+    /// reused by the next while the worker and the config snapshot are the
+    /// same (the sender keeps nothing per exchange): an allocation and a weak
+    /// count per exchange fewer.
+    static EXCHANGE_CALLOUTS: std::cell::RefCell<Option<Rc<PoolCallouts>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The callout sender of an HTTP exchange on `worker` under `snapshot`.
+fn exchange_callouts(
+    worker: &Rc<crate::worker::Worker>,
+    snapshot: &Arc<crate::server::Snapshot>,
+) -> Rc<dyn filter::CalloutSender> {
+    EXCHANGE_CALLOUTS.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some(s) = last.as_ref() {
+            // The weak reference keeps the snapshot's allocation, so an equal
+            // address is the same snapshot, not a new one in its place.
+            if Rc::ptr_eq(&s.worker, worker)
+                && std::ptr::eq(s.snapshot.as_ptr(), Arc::as_ptr(snapshot))
+            {
+                return s.clone() as Rc<dyn filter::CalloutSender>;
+            }
+        }
+        let s = Rc::new(PoolCallouts {
+            worker: worker.clone(),
+            snapshot: Arc::downgrade(snapshot),
+        });
+        *last = Some(s.clone());
+        s
     })
 }
 

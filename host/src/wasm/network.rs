@@ -26,7 +26,7 @@ use super::bindings::network::legate::filter::network as wnet;
 use super::bindings::network::{NetworkFilter as World, NetworkFilterPre};
 use super::engine;
 use super::host::{HostState, Phase, PluginShared, PLUGIN_CONTEXT};
-use super::plugin::{borrow, describe, guest_result, run_inline, PluginStats, Settings, MIN_TICK};
+use super::plugin::{describe, guest_result, run_inline, PluginStats, Settings, MIN_TICK};
 use super::slots::{InstanceCount, LiveIds, MemoryUse, Restarts};
 use crate::filter::{
     CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter, Phases, Verdict,
@@ -506,14 +506,13 @@ impl NetworkFilter for WasmNetworkFilter {
                 return Ok(Ok(NetVerdict::Continue));
             }
             let context = live.store.data().x.context;
-            let cr = live.store.data_mut().connection_handle(context)?;
+            let cr = live.store.data_mut().lend_connection(context)?;
             let h = live.bindings.legate_filter_network_handler();
             let a = run_inline(h.network_context().call_on_new_connection(
                 &mut live.store,
                 ctx,
-                borrow(&cr),
+                cr,
             ));
-            live.store.data_mut().drop_handle(cr);
             Ok(Ok(action(a?)))
         })
     }
@@ -544,29 +543,26 @@ impl NetworkFilter for WasmNetworkFilter {
         self.with_instance(worker, Phase::NetData(d), c, false, |live, ctx| {
             let context = live.store.data().x.context;
             let data = live.store.data_mut();
-            let cr = data.connection_handle(context)?;
-            let br = data.buffer_handle(context, d)?;
+            let cr = data.lend_connection(context)?;
+            let br = data.lend_buffer(context, d)?;
             let h = live.bindings.legate_filter_network_handler();
             let nc = h.network_context();
             let a = match from {
                 Peer::Downstream => run_inline(nc.call_on_downstream_data(
                     &mut live.store,
                     ctx,
-                    borrow(&cr),
-                    borrow(&br),
+                    cr,
+                    br,
                     end_of_stream,
                 )),
                 Peer::Upstream => run_inline(nc.call_on_upstream_data(
                     &mut live.store,
                     ctx,
-                    borrow(&cr),
-                    borrow(&br),
+                    cr,
+                    br,
                     end_of_stream,
                 )),
             };
-            let data = live.store.data_mut();
-            data.drop_handle(cr);
-            data.drop_handle(br);
             Ok(Ok(action(a?)))
         })
     }
@@ -591,17 +587,16 @@ impl NetworkFilter for WasmNetworkFilter {
         }
         self.stats.calls["callout_response"].inc();
         self.with_instance(worker, Phase::Net, c, false, |live, ctx| {
-            let cr = live.store.data_mut().connection_handle(context)?;
+            let cr = live.store.data_mut().lend_connection(context)?;
             let result = guest_result(result);
             let h = live.bindings.legate_filter_network_handler();
             let a = run_inline(h.network_context().call_on_callout_response(
                 &mut live.store,
                 ctx,
-                borrow(&cr),
+                cr,
                 id,
                 result.as_ref().map_err(|e| *e),
             ));
-            live.store.data_mut().drop_handle(cr);
             Ok(Ok(action(a?)))
         })
     }
@@ -622,14 +617,12 @@ impl NetworkFilter for WasmNetworkFilter {
         };
         let r = self.with_instance(worker, Phase::ReadOnly, c, false, |live, ctx| {
             let context = live.store.data().x.context;
-            let cr = live.store.data_mut().connection_handle(context)?;
+            let cr = live.store.data_mut().lend_connection(context)?;
             let h = live.bindings.legate_filter_network_handler();
-            let r =
-                run_inline(
-                    h.network_context()
-                        .call_on_close(&mut live.store, ctx, borrow(&cr), p),
-                );
-            live.store.data_mut().drop_handle(cr);
+            let r = run_inline(
+                h.network_context()
+                    .call_on_close(&mut live.store, ctx, cr, p),
+            );
             r?;
             Ok(Ok(()))
         });

@@ -412,16 +412,6 @@ pub fn set_max_component_handles_for_tests(limit: usize) {
     MAX_HANDLES.store(limit, Relaxed);
 }
 
-/// A `borrow` of the host handle `r`, to pass to a phase's `borrow<…>` parameter.
-/// An own-state `Resource` given there would be moved into wasmtime's host
-/// handle table and never released: a leak against the store's cap of 100 000
-/// live handles, which trapped an instance every few ten thousand requests.
-pub(crate) fn borrow<T: 'static>(
-    r: &wasmtime::component::Resource<T>,
-) -> wasmtime::component::Resource<T> {
-    wasmtime::component::Resource::new_borrow(r.rep())
-}
-
 fn body_mode(m: super::bindings::legate::filter::types::BodyMode) -> BodyMode {
     use super::bindings::legate::filter::types::BodyMode as B;
     match m {
@@ -776,15 +766,13 @@ impl WasmFilter {
         let first = x.first_call;
         self.with_instance(worker, phase, Some(x), first, |live| {
             let data = live.store.data_mut();
-            let xr = data.exchange_handle(context)?;
+            let xr = data.lend_exchange(context)?;
             let part = if request {
                 Part::Request
             } else {
                 Part::Response
             };
-            let hr = data.headers_handle(context, part)?;
-            let (xr2, hr2) = (xr, hr);
-            let (xr, hr) = (borrow(&xr2), borrow(&hr2));
+            let hr = data.lend_headers(context, part)?;
             let h = live.bindings.legate_filter_http_handler();
             let action = if request {
                 run_inline(h.call_on_request_headers(
@@ -803,9 +791,6 @@ impl WasmFilter {
                     end_of_stream,
                 ))
             };
-            let data = live.store.data_mut();
-            data.drop_handle(xr2);
-            data.drop_handle(hr2);
             let action = action?;
             Ok(verdict(live, context, phase, action))
         })
@@ -828,10 +813,8 @@ impl WasmFilter {
         self.with_instance(worker, phase, Some(x), first, |live| {
             let data = live.store.data_mut();
             data.body_end = end_of_stream;
-            let xr = data.exchange_handle(context)?;
-            let br = data.buffer_handle(context, d)?;
-            let (xr2, br2) = (xr, br);
-            let (xr, br) = (borrow(&xr2), borrow(&br2));
+            let xr = data.lend_exchange(context)?;
+            let br = data.lend_buffer(context, d)?;
             let h = live.bindings.legate_filter_http_handler();
             let action = match d {
                 Direction::Request => run_inline(h.call_on_request_body(
@@ -849,9 +832,6 @@ impl WasmFilter {
                     end_of_stream,
                 )),
             };
-            let data = live.store.data_mut();
-            data.drop_handle(xr2);
-            data.drop_handle(br2);
             let v = action.map(|a| verdict(live, context, phase, a));
             live.store.data_mut().body_end = false;
             v
@@ -881,10 +861,8 @@ impl WasmFilter {
         let (context, first) = (x.context, x.first_call);
         self.with_instance(worker, phase, Some(x), first, |live| {
             let data = live.store.data_mut();
-            let xr = data.exchange_handle(context)?;
-            let tr = data.headers_handle(context, part)?;
-            let (xr2, tr2) = (xr, tr);
-            let (xr, tr) = (borrow(&xr2), borrow(&tr2));
+            let xr = data.lend_exchange(context)?;
+            let tr = data.lend_headers(context, part)?;
             let h = live.bindings.legate_filter_http_handler();
             let action = match d {
                 Direction::Request => {
@@ -894,9 +872,6 @@ impl WasmFilter {
                     run_inline(h.call_on_response_trailers(&mut live.store, context, xr, tr))
                 }
             };
-            let data = live.store.data_mut();
-            data.drop_handle(xr2);
-            data.drop_handle(tr2);
             let action = action?;
             Ok(verdict(live, context, phase, action))
         })
@@ -1038,9 +1013,7 @@ impl HttpFilter for WasmFilter {
             };
             live.store.data_mut().phase = phase;
             live.store.data_mut().body_end = body_end;
-            let xr = live.store.data_mut().exchange_handle(context)?;
-            let xr2 = xr;
-            let xr = borrow(&xr2);
+            let xr = live.store.data_mut().lend_exchange(context)?;
             let result = guest_result(result);
             let action = run_inline(
                 live.bindings
@@ -1053,7 +1026,6 @@ impl HttpFilter for WasmFilter {
                         result.as_ref().map_err(|e| *e),
                     ),
             );
-            live.store.data_mut().drop_handle(xr2);
             let v = action.map(|action| {
                 if paused {
                     verdict(live, context, phase, action)
@@ -1074,15 +1046,12 @@ impl HttpFilter for WasmFilter {
         self.stats.calls["log"].inc();
         let (context, first) = (x.context, x.first_call);
         let r = self.with_instance(worker, Phase::ReadOnly, Some(x), first, |live| {
-            let xr = live.store.data_mut().exchange_handle(context)?;
-            let xr2 = xr;
-            let xr = borrow(&xr2);
+            let xr = live.store.data_mut().lend_exchange(context)?;
             let r = run_inline(live.bindings.legate_filter_http_handler().call_on_log(
                 &mut live.store,
                 context,
                 xr,
             ));
-            live.store.data_mut().drop_handle(xr2);
             r.map(Ok)
         });
         if let Err(e) = r {

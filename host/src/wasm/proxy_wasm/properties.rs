@@ -76,7 +76,7 @@ fn request(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
         b"host" => x.authority.as_bytes().to_vec(),
         b"scheme" => if x.https { "https" } else { "http" }.as_bytes().to_vec(),
         b"method" => x.method.as_str().as_bytes().to_vec(),
-        b"id" => x.request_id.as_bytes().to_vec(),
+        b"id" => x.request_id_str().as_bytes().to_vec(),
         b"protocol" => protocol(x.version).as_bytes().to_vec(),
         b"time" => int(nanos(x.start)),
         b"duration" => int(SystemTime::now()
