@@ -992,10 +992,25 @@ each_proto!(
             .await
             .post("/up")
             .streamed_body(pattern_bytes(n), 64 * 1024)
-            .send()
+            .try_send()
             .await;
-        assert_eq!(r.status, 413);
-        assert_eq!(r.text(), "plugin_buffer_limit\n");
+        match r {
+            Ok(r) => {
+                assert_eq!(r.status, 413);
+                assert_eq!(r.text(), "plugin_buffer_limit\n");
+            }
+            // HTTP/1.1: a client still writing the body when the proxy closed
+            // after its 413 may see its write fail before it reads the answer
+            // (the counter below still shows the 413's cause).
+            Err(e) => {
+                let e = format!("{e:#}").to_lowercase();
+                assert!(
+                    proto == Proto::H1
+                        && ["reset", "closed", "broken pipe"].iter().any(|w| e.contains(w)),
+                    "{e}"
+                );
+            }
+        }
         lg.assert_stat(&limit_exceeded("rw", "request"), 1.0).await;
 
         // Under the cap: through.
