@@ -27,7 +27,7 @@ use super::bindings::network::{NetworkFilter as World, NetworkFilterPre};
 use super::engine;
 use super::host::{HostState, Phase, PluginShared, PLUGIN_CONTEXT};
 use super::plugin::{describe, guest_result, run_inline, PluginStats, Settings, MIN_TICK};
-use super::slots::{InstanceCount, LiveIds, MemoryUse, Restarts};
+use super::slots::{InstanceCount, LiveIds, MemoryUse};
 use crate::filter::{
     CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter, Phases, Verdict,
 };
@@ -46,13 +46,7 @@ struct Live {
 }
 
 /// A worker's slot for one plugin.
-#[derive(Default)]
-struct Slot {
-    live: Option<Live>,
-    restarts: Restarts,
-    /// Bumped for each new instance: a tick task runs while its instance is live.
-    generation: u64,
-}
+type Slot = super::slots::Slot<Live>;
 
 thread_local! {
     /// This worker's instances, by `WasmNetworkFilter::id`.
@@ -371,29 +365,14 @@ impl WasmNetworkFilter {
     /// Creates this worker's instance in `slot`, with its tick task if the
     /// plugin ticks; a failure starts the slot's restart backoff.
     fn start_instance(&self, slot: &mut Slot, worker: usize) -> Result<(), String> {
-        match self.instantiate(u32::try_from(worker).unwrap_or(u32::MAX)) {
-            Ok((live, _)) => {
-                if slot.restarts.failed_before() {
-                    self.stats.restarts.inc();
-                }
-                self.instances.started();
-                slot.live = Some(live);
-                slot.generation += 1;
-                if let (Some(every), Some(me)) = (self.tick, self.me.get()) {
-                    tokio::task::spawn_local(Self::tick_loop(
-                        me.clone(),
-                        worker,
-                        every,
-                        slot.generation,
-                    ));
-                }
-                Ok(())
+        let made = self
+            .instantiate(u32::try_from(worker).unwrap_or(u32::MAX))
+            .map(|(live, _)| live);
+        slot.start(made, &self.stats.restarts, &self.instances, |generation| {
+            if let (Some(every), Some(me)) = (self.tick, self.me.get()) {
+                tokio::task::spawn_local(Self::tick_loop(me.clone(), worker, every, generation));
             }
-            Err(e) => {
-                slot.restarts.failed();
-                Err(e)
-            }
-        }
+        })
     }
 
     /// Runs `call` on this worker's instance with connection `c` swapped into

@@ -32,7 +32,7 @@ use super::bindings::legate::filter::http as whttp;
 use super::bindings::{HttpFilter as World, HttpFilterPre};
 use super::engine;
 use super::host::{HostState, Part, Phase, PluginShared, PLUGIN_CONTEXT};
-use super::slots::{InstanceCount, LiveIds, MemoryUse, Restarts};
+use super::slots::{InstanceCount, LiveIds, MemoryUse};
 use crate::filter::{
     BodyMode, CalloutRequest, Direction, Exchange, HttpFilter, LocalResponse, Phases, Verdict,
 };
@@ -288,13 +288,7 @@ struct Live {
 }
 
 /// A worker's slot for one plugin.
-#[derive(Default)]
-struct Slot {
-    live: Option<Live>,
-    restarts: Restarts,
-    /// Bumped for each new instance: a tick task runs while its instance is live.
-    generation: u64,
-}
+type Slot = super::slots::Slot<Live>;
 
 thread_local! {
     /// This worker's instances, by `WasmFilter::id`.
@@ -653,29 +647,12 @@ impl WasmFilter {
     /// ticks; a failure starts the slot's restart backoff.
     fn start_instance(&self, slot: &mut Slot, worker: usize) -> Result<(), String> {
         let w = u32::try_from(worker).unwrap_or(u32::MAX);
-        match self.instantiate(w, true) {
-            Ok((live, _)) => {
-                if slot.restarts.failed_before() {
-                    self.stats.restarts.inc();
-                }
-                self.instances.started();
-                slot.live = Some(live);
-                slot.generation += 1;
-                if let (Some(every), Some(me)) = (self.tick, self.me.get()) {
-                    tokio::task::spawn_local(Self::tick_loop(
-                        me.clone(),
-                        worker,
-                        every,
-                        slot.generation,
-                    ));
-                }
-                Ok(())
+        let made = self.instantiate(w, true).map(|(live, _)| live);
+        slot.start(made, &self.stats.restarts, &self.instances, |generation| {
+            if let (Some(every), Some(me)) = (self.tick, self.me.get()) {
+                tokio::task::spawn_local(Self::tick_loop(me.clone(), worker, every, generation));
             }
-            Err(e) => {
-                slot.restarts.failed();
-                Err(e)
-            }
-        }
+        })
     }
 
     /// Runs `call` on this worker's instance (creating it if needed) with `x` swapped

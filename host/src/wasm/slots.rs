@@ -4,8 +4,9 @@
 //! filters a reload replaced ([`LiveIds`]), and each filter's share of its
 //! plugin's `legate_plugin_instances` gauge ([`InstanceCount`]); each
 //! instance's share of `legate_plugin_memory_bytes` ([`MemoryUse`]); and the
-//! components' tick timer ([`tick_interval`]); and the backoff before a
-//! worker replaces an instance that failed ([`Restarts`]).
+//! components' tick timer ([`tick_interval`]); the backoff before a
+//! worker replaces an instance that failed ([`Restarts`]); and a component's
+//! per-worker slot ([`Slot`]).
 //!
 //! Workers keep instances in thread-local maps keyed by a filter's id; only the
 //! worker can free them, and a replaced filter is dropped on whatever thread
@@ -155,6 +156,56 @@ impl Drop for MemoryUse {
     fn drop(&mut self) {
         if let Some(g) = &self.gauge {
             g.set(g.get() - i64::try_from(self.bytes).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// A worker's slot for one component filter (HTTP or network).
+pub struct Slot<L> {
+    /// The instance, while one is live.
+    pub live: Option<L>,
+    /// When a failed instance may be replaced.
+    pub restarts: Restarts,
+    /// Bumped for each new instance: a tick task runs while its instance is live.
+    pub generation: u64,
+}
+
+impl<L> Default for Slot<L> {
+    fn default() -> Self {
+        Slot {
+            live: None,
+            restarts: Restarts::default(),
+            generation: 0,
+        }
+    }
+}
+
+impl<L> Slot<L> {
+    /// Puts the new instance `made` in the slot (counted in `count`, and in
+    /// `restarts` when one failed before) under a new generation, which `tick`
+    /// gets to start the instance's tick task; a failure starts the backoff.
+    pub fn start(
+        &mut self,
+        made: Result<L, String>,
+        restarts: &crate::stats::Counter,
+        count: &InstanceCount,
+        tick: impl FnOnce(u64),
+    ) -> Result<(), String> {
+        match made {
+            Ok(live) => {
+                if self.restarts.failed_before() {
+                    restarts.inc();
+                }
+                count.started();
+                self.live = Some(live);
+                self.generation += 1;
+                tick(self.generation);
+                Ok(())
+            }
+            Err(e) => {
+                self.restarts.failed();
+                Err(e)
+            }
         }
     }
 }
