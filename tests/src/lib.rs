@@ -296,3 +296,41 @@ fn hold(s: socket2::Socket) {
     static HELD: std::sync::Mutex<Vec<socket2::Socket>> = std::sync::Mutex::new(Vec::new());
     HELD.lock().unwrap_or_else(|e| e.into_inner()).push(s);
 }
+
+/// After a reload removed ticking plugin `gone` (on two workers) and kept ticking
+/// plugin `clock`: `gone`'s instances and their memory leave both workers, and
+/// `gone` ticks no more while `clock` ticks ten more times (the clock, not a sleep).
+pub async fn assert_ticks_stopped(lg: &LegateHandle, gone: &str, clock: &str) {
+    let series = |name: &str, labels: String| format!("legate_plugin_{name}{{{labels}}}");
+    let instances = series("instances", format!("plugin=\"{gone}\""));
+    let memory = |w: u32| series("memory_bytes", format!("plugin=\"{gone}\",worker=\"{w}\""));
+    let ticks = |p: &str| series("calls_total", format!("plugin=\"{p}\",phase=\"tick\""));
+    eventually(
+        Duration::from_secs(5),
+        &format!("{gone}'s instances gone from both workers"),
+        || async {
+            let gone = lg.stat(&instances).await == Some(0.0)
+                && lg.stat(&memory(0)).await == Some(0.0)
+                && lg.stat(&memory(1)).await == Some(0.0);
+            gone.then_some(())
+        },
+    )
+    .await;
+    let stopped = lg.stat(&ticks(gone)).await;
+    assert!(stopped.is_some(), "{gone} never ticked");
+    let from = lg.stat(&ticks(clock)).await.unwrap_or(0.0);
+    eventually(
+        Duration::from_secs(5),
+        &format!("ten more ticks of {clock}"),
+        || async {
+            let now = lg.stat(&ticks(clock)).await.unwrap_or(0.0);
+            (now >= from + 10.0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        lg.stat(&ticks(gone)).await,
+        stopped,
+        "{gone} ticked after its removal"
+    );
+}

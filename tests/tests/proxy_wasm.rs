@@ -411,35 +411,9 @@ each_proto!(
         lg.write_config(&config(up.addr, &ticking("clock"), &["clock"]));
         let (status, body) = lg.reload().await;
         assert_eq!(status, 200, "{body}");
-        // Its VMs end on both workers, their memory freed with them.
-        let memory = |w: u32| {
-            format!("legate_plugin_memory_bytes{{plugin=\"ticker\",worker=\"{w}\"}}")
-        };
-        eventually(
-            std::time::Duration::from_secs(5),
-            "ticker's VMs gone from both workers",
-            || async {
-                let gone = lg.stat(&instances("ticker")).await == Some(0.0)
-                    && lg.stat(&memory(0)).await == Some(0.0)
-                    && lg.stat(&memory(1)).await == Some(0.0);
-                gone.then_some(())
-            },
-        )
-        .await;
-        let stopped = lg.stat(&calls("ticker", "tick")).await.unwrap();
-        // `clock`'s new VMs tick on (again with no request) while `ticker`
-        // ticks no more: `clock` is the clock, not a sleep.
-        let from = lg.stat(&calls("clock", "tick")).await.unwrap();
-        eventually(
-            std::time::Duration::from_secs(5),
-            "ten more ticks of clock",
-            || async {
-                let now = lg.stat(&calls("clock", "tick")).await.unwrap_or(0.0);
-                (now >= from + 10.0).then_some(())
-            },
-        )
-        .await;
-        assert_eq!(lg.stat(&calls("ticker", "tick")).await, Some(stopped));
+        // Its VMs end on both workers, their memory with them, and it
+        // ticks no more while `clock` (loaded again) ticks on with no request.
+        assert_ticks_stopped(&lg, "ticker", "clock").await;
         lg.assert_stat(&instances("clock"), 2.0).await;
         lg.assert_stat(&calls("clock", "configure"), 6.0).await;
     }

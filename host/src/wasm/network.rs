@@ -686,25 +686,8 @@ impl HttpFilter for WasmNetworkFilter {
         if self.tick.is_none() {
             return;
         }
-        let r = INSTANCES.with(|cell| {
-            let mut map = cell.borrow_mut();
-            if !map.contains_key(&self.id) {
-                LIVE.sweep(&mut map);
-            }
-            let slot = map.entry(self.id).or_default();
-            // Live already (a connection came first), or backing off after a
-            // failure: the next connection retries then, as without this start.
-            if slot.live.is_some() || slot.restarts.waiting() {
-                return Ok(());
-            }
+        super::slots::start_early(&INSTANCES, &LIVE, self.id, &self.shared.name, |slot| {
             self.start_instance(slot, worker)
         });
-        if let Err(why) = r {
-            tracing::warn!(
-                plugin = &*self.shared.name,
-                phase = "start",
-                "plugin failure: {why}"
-            );
-        }
     }
 }

@@ -210,6 +210,33 @@ impl<L> Slot<L> {
     }
 }
 
+/// Starts filter `id`'s instance on this worker (in `slots`, with `start`) ahead of
+/// its first exchange, for a filter that ticks: unless one is live already (an
+/// exchange came first) or the slot backs off after a failure (the next exchange
+/// retries then). A failure is logged as a lazy start's would be.
+pub fn start_early<L: 'static>(
+    slots: &'static std::thread::LocalKey<std::cell::RefCell<FxHashMap<u64, Slot<L>>>>,
+    live: &LiveIds,
+    id: u64,
+    plugin: &str,
+    start: impl FnOnce(&mut Slot<L>) -> Result<(), String>,
+) {
+    let r = slots.with(|cell| {
+        let mut map = cell.borrow_mut();
+        if !map.contains_key(&id) {
+            live.sweep(&mut map);
+        }
+        let slot = map.entry(id).or_default();
+        if slot.live.is_some() || slot.restarts.waiting() {
+            return Ok(());
+        }
+        start(slot)
+    });
+    if let Err(why) = r {
+        tracing::warn!(plugin, phase = "start", "plugin failure: {why}");
+    }
+}
+
 /// When a worker may replace a failed instance of one filter: at once after
 /// a first failure (a one-off panic costs one request), then after a backoff
 /// doubling from 100ms to 5s while failures repeat (within a second of the
