@@ -104,10 +104,7 @@ pub async fn handle(
         conn: Some(conn.clone()),
         start,
         method: req.method().clone(),
-        path: req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.to_string()),
+        path: path_of(req.uri()),
         version,
         out: Outcome::default(),
     };
@@ -506,12 +503,9 @@ async fn proxy(
             Some(v) => v.to_str().unwrap_or(&authority).to_string(),
             None => authority.clone(),
         };
-        let path = matched.rewritten_path(&parts.uri).unwrap_or_else(|| {
-            parts
-                .uri
-                .path_and_query()
-                .map_or_else(|| "/".to_string(), |p| p.to_string())
-        });
+        let path = matched
+            .rewritten_path(&parts.uri)
+            .unwrap_or_else(|| path_of(&parts.uri));
 
         let req_body = match max_body {
             Some(max) => body::boxed(Watched::new(incoming, Limit { remaining: max })),
@@ -675,9 +669,7 @@ fn exchange_of<B>(
     });
     let mut x = Exchange::new(
         req.method().clone(),
-        req.uri()
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), path_string),
+        path_of(req.uri()),
         authority.to_string(),
         req.version(),
         headers,
@@ -691,9 +683,13 @@ fn exchange_of<B>(
     x
 }
 
-/// `p` as its `Display` writes it (a leading `/` added if it has none), in
-/// one allocation of the right size rather than through the formatter.
-fn path_string(p: &http::uri::PathAndQuery) -> String {
+/// `uri`'s path and query as `Display` writes them (`/` if it has none, a leading
+/// `/` added if missing), in one allocation of the right size rather than
+/// through the formatter.
+fn path_of(uri: &Uri) -> String {
+    let Some(p) = uri.path_and_query() else {
+        return "/".to_string();
+    };
     let s = p.as_str();
     if s.starts_with(['/', '*']) {
         s.to_owned()
