@@ -240,15 +240,66 @@ pub fn with_cluster(yaml: &str, name: &str, addr: std::net::SocketAddr) -> Strin
     )
 }
 
-/// A port on 127.0.0.1 free right now (bound, then released), for a server that must
-/// be told its address before it starts (a config with a fixed address, another
-/// process). Another test may take the port in between, so use [`closed_port_addr`]
-/// for a port that must stay refused.
+/// A port on 127.0.0.1 reserved for this test process, for a server that must be
+/// told its address before it starts (a config with a fixed address, another
+/// process, Redis).
+///
+/// A port merely bound on `:0` and released can be handed to another test's
+/// listener before our server binds it. So the port comes from below the kernel's
+/// ephemeral range, which `bind(:0)` and outgoing connections never use, and is
+/// claimed with a lock file (`flock`) that is held until this process exits, so no
+/// other test process (nextest runs each test in its own) picks it too. The lock
+/// files stay in `$TMPDIR/legate-test-ports`; a lock dies with its process.
 pub fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
+    reserve_port().unwrap_or_else(|| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind an ephemeral port")
+    })
 }
+
+/// [`free_addr`]'s reservation; `None` when no port below the ephemeral range is
+/// usable (a machine whose range starts low), and `free_addr` falls back to `:0`.
+fn reserve_port() -> Option<std::net::SocketAddr> {
+    const LOWEST: u16 = 10_000;
+    // "32768\t60999": the kernel hands out ports from this range for `:0`.
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let count = first_ephemeral.checked_sub(LOWEST).filter(|&n| n > 0)?;
+    let dir = std::env::temp_dir().join("legate-test-ports");
+    std::fs::create_dir_all(&dir).ok()?;
+    // Start where another process is unlikely to, and walk the pool once.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let start = (std::process::id().wrapping_mul(7919) ^ nanos) % u32::from(count);
+    for i in 0..u32::from(count) {
+        let port = LOWEST + ((start + i) % u32::from(count)) as u16;
+        let Ok(lock) = std::fs::File::create(dir.join(port.to_string())) else {
+            continue;
+        };
+        // Taken by a live test process (or by this one, earlier).
+        if lock.try_lock().is_err() {
+            continue;
+        }
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        // Something outside the tests may listen there.
+        if std::net::TcpListener::bind(addr).is_ok() {
+            HELD_LOCKS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(lock);
+            return Some(addr);
+        }
+    }
+    None
+}
+
+/// [`reserve_port`]'s lock files, open (so locked) until the process exits.
+static HELD_LOCKS: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
 
 /// A port on 127.0.0.1 that nothing listens on. Connecting to it is refused, which
 /// is what connect-failure tests need.

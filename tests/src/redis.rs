@@ -59,8 +59,8 @@ impl RedisServer {
     }
 
     fn start_with(args: impl Fn(u16) -> Vec<String>, tls: bool) -> Self {
-        // A port is picked by binding :0 and releasing it; another process may
-        // take it in between, so retry with a new one.
+        // The ports are reserved for this process (free_addr), but something
+        // outside the tests may still take one; retry with new ones.
         for _ in 0..5 {
             let addr = SocketAddr::from(([127, 0, 0, 1], crate::free_addr().port()));
             let tls_port = tls.then(|| crate::free_addr().port());
@@ -74,7 +74,7 @@ impl RedisServer {
                 };
             }
         }
-        panic!("redis-server did not start on any of 5 ephemeral ports");
+        panic!("redis-server did not start on any of 5 reserved ports");
     }
 
     /// `rediss://localhost:PORT/0`, the TLS port of [`RedisServer::start_tls`].

@@ -222,3 +222,29 @@ fn raw_status_parses() {
     assert_eq!(raw_status(b"HTTP/1.0 200 OK\r\n"), Some(200));
     assert_eq!(raw_status(b"garbage"), None);
 }
+
+/// `free_addr` ports are ones `bind(:0)` never hands out (below the ephemeral
+/// range), each claimed by a lock that another test process would find taken.
+#[test]
+fn free_addr_reserves_ports_no_ephemeral_bind_can_take() {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let first_ephemeral: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    let (a, b) = (free_addr(), free_addr());
+    assert_ne!(a, b);
+    for addr in [a, b] {
+        assert!(
+            addr.port() < first_ephemeral,
+            "{addr} in the ephemeral range"
+        );
+        // Bindable: nothing listens there.
+        drop(std::net::TcpListener::bind(addr).unwrap());
+        let lock = std::env::temp_dir()
+            .join("legate-test-ports")
+            .join(addr.port().to_string());
+        let other = std::fs::File::open(lock).unwrap();
+        assert!(matches!(
+            other.try_lock(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ));
+    }
+}
