@@ -50,9 +50,8 @@ fn who(seen: &BTreeMap<String, usize>) -> Vec<&str> {
 /// resolving to either reaches a different upstream on the same port.
 async fn two_loopback_upstreams() -> (u16, UpstreamHandle, UpstreamHandle) {
     for _ in 0..50 {
-        let l = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
+        // Reserved for this process, so no parallel test binds it in between.
+        let port = free_addr().port();
         let (a2, a3): (SocketAddr, SocketAddr) = (
             (Ipv4Addr::new(127, 0, 0, 2), port).into(),
             (Ipv4Addr::new(127, 0, 0, 3), port).into(),
