@@ -1,19 +1,22 @@
 //! A downstream HTTP connection: TLS handshake, HTTP/1.1 or HTTP/2 (h2c prior
-//! knowledge or ALPN), the connection limits, idle and header-read timeouts, and
-//! graceful close on drain. Each request is handed to [`crate::proxy::handle`].
+//! knowledge or ALPN), the connection limits, idle and header-read timeouts,
+//! graceful close on drain, and the lingering close of an HTTP/1.1 connection
+//! whose client may still be sending ([`Linger`]). Each request is handed to
+//! [`crate::proxy::handle`].
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::io::{Activity, Conn, Tracked, Verdict};
+use crate::io::{Activity, Conn, Reclaim, Tracked, Verdict};
 use crate::listener::ListenerCtx;
 use crate::tls::TlsInfo;
 use crate::worker::{LocalExec, Worker};
@@ -47,9 +50,18 @@ pub struct ConnCtx {
 
 /// How long a draining HTTP/1.1 connection may stay idle (waiting for one more
 /// request to answer with `Connection: close`) before it is closed.
-const H1_DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+const H1_DRAIN_IDLE: Duration = Duration::from_secs(1);
 
-/// Serves one accepted HTTP connection until it closes.
+/// How long a lingering close reads and discards what the client still sends, at
+/// most (nginx's `lingering_time`).
+const LINGER_TIME: Duration = Duration::from_secs(30);
+/// How long a lingering close waits for the client's next bytes or its close
+/// (nginx's `lingering_timeout`).
+const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves one accepted HTTP connection until it closes. Returns the connection
+/// when it should end with a lingering close ([`Linger`]), which no longer
+/// serves requests.
 pub async fn serve(
     worker: Rc<Worker>,
     ctx: Arc<ListenerCtx>,
@@ -57,7 +69,7 @@ pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     original_dst: Option<SocketAddr>,
-) {
+) -> Option<Linger> {
     let limits = ctx.cfg.limits.clone();
     let local = stream.local_addr().unwrap_or(ctx.local_addr);
     let (io, tls) = match &ctx.tls {
@@ -78,12 +90,12 @@ pub async fn serve(
                 Ok(Err(e)) => {
                     ctx.stats.cx_tls_error.inc();
                     tracing::debug!(listener = %ctx.name, %peer, "TLS handshake failed: {e}");
-                    return;
+                    return None;
                 }
                 Err(_) => {
                     ctx.stats.cx_tls_error.inc();
                     tracing::debug!(listener = %ctx.name, %peer, "TLS handshake timed out");
-                    return;
+                    return None;
                 }
             }
         }
@@ -156,12 +168,21 @@ pub async fn serve(
         activity.set_h2();
     }
     let header_timeout = limits.header_read_timeout.get();
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(Tracked::new(io, activity.clone())), service);
-    let mut conn = pin!(conn);
+    // hyper drops the stream when the connection ends; it comes back here for a
+    // lingering close.
+    let (io, reclaimed) = Reclaim::new(io);
+    // Boxed to be dropped (and the stream with it) when the lingering close
+    // takes the stream back.
+    let mut conn =
+        Box::pin(builder.serve_connection_with_upgrades(
+            TokioIo::new(Tracked::new(io, activity.clone())),
+            service,
+        ));
     let mut drain = ctx.closing_signal();
     let mut idle = limits.idle_timeout.get();
     let mut closing = false;
+    // We closed it for idleness (idle timeout, or idle while draining).
+    let mut idle_closed = false;
     loop {
         if h1_closing.get() && !closing && last_version.get() == Some(http::Version::HTTP_2) {
             conn.as_mut().graceful_shutdown();
@@ -172,12 +193,13 @@ pub async fn serve(
             Verdict::Idle if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
+                idle_closed = true;
                 continue;
             }
             Verdict::Idle => tokio::time::Instant::now().into_std() + idle,
             Verdict::HeaderTimeout => {
                 tracing::debug!(listener = %ctx.name, %peer, "request headers not received in time; closing");
-                return;
+                return None;
             }
         };
         tokio::select! {
@@ -209,7 +231,20 @@ pub async fn serve(
     // (both directions pass through this connection's byte counter). A drain
     // waits for it up to `drain_timeout`, as for a request in flight.
     let Some(mut tunnel) = conn_ctx.tunnel.take() else {
-        return;
+        // HTTP/1.1 has no way to say "stop sending" but closing, and a close
+        // with bytes unread (or still arriving) resets the connection: the
+        // client's next write fails, often before it reads the response. That
+        // is an early answer (413, a filter's 401) to a client still
+        // uploading. So unless the client closed its side already, or we
+        // closed an idle connection, the close lingers. HTTP/2 stops a stream
+        // with RST_STREAM and keeps the connection; its close follows a GOAWAY.
+        if !activity.is_h1() || activity.read_closed() || idle_closed {
+            return None;
+        }
+        drop(conn);
+        let io = Arc::into_inner(reclaimed)?.into_inner().ok()??;
+        ctx.stats.cx_lingering.inc();
+        return Some(Linger { io });
     };
     // No request follows on a tunnel.
     drop(serving);
@@ -220,12 +255,53 @@ pub async fn serve(
             Verdict::Idle | Verdict::HeaderTimeout => {
                 tracing::debug!(listener = %ctx.name, %peer, "upgraded connection idle; closing");
                 tunnel.abort();
-                return;
+                return None;
             }
         };
         tokio::select! {
-            _ = &mut tunnel => return,
+            _ = &mut tunnel => return None,
             () = tokio::time::sleep_until(deadline.into()) => {}
+        }
+    }
+}
+
+/// An HTTP/1.1 connection that ends with a lingering close, as nginx's
+/// `lingering_close on`: Legate has sent its last response and closes its
+/// side, then reads and discards what the client still sends, so that the
+/// close does not reset the connection under the client before it has read
+/// the response.
+pub struct Linger {
+    io: Conn,
+}
+
+impl Linger {
+    /// Shuts the write side down (TLS: `close_notify`, then the TCP FIN), then
+    /// discards reads until the client closes, nothing comes for
+    /// [`LINGER_TIMEOUT`], or [`LINGER_TIME`] passes; then closes.
+    pub async fn run(self) {
+        let deadline = tokio::time::Instant::now() + LINGER_TIME;
+        let mut io = self.io;
+        // hyper has shut down already unless the connection ended on an error;
+        // a second shutdown does nothing. Bounded: it writes when it is the
+        // first, and a client that does not read would block it.
+        let _ = tokio::time::timeout(LINGER_TIMEOUT, io.shutdown()).await;
+        // What follows is discarded unread: plain TCP will do under TLS too.
+        let mut tcp = match io {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => match *s {
+                tokio_rustls::TlsStream::Server(s) => s.into_inner().0,
+                tokio_rustls::TlsStream::Client(s) => s.into_inner().0,
+            },
+        };
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let until = (tokio::time::Instant::now() + LINGER_TIMEOUT).min(deadline);
+            match tokio::time::timeout_at(until, tcp.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                // The client closed (or reset), or time is up: a client still
+                // sending then may see a reset, as without lingering.
+                _ => return,
+            }
         }
     }
 }

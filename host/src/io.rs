@@ -1,10 +1,11 @@
-//! Byte streams: plain or TLS TCP ([`Conn`]), and [`Tracked`], which records when a
+//! Byte streams: plain or TLS TCP ([`Conn`]); [`Tracked`], which records when a
 //! downstream connection last moved bytes so the connection task can enforce the
-//! idle and header-read timeouts without a timer per read.
+//! idle and header-read timeouts without a timer per read; and [`Reclaim`], which
+//! gives a stream back when hyper is done with it (for a lingering close).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -90,6 +91,8 @@ pub struct Activity {
     requests: AtomicU64,
     /// 0 = protocol not known yet, 1 = HTTP/1, 2 = HTTP/2.
     proto: AtomicU8,
+    /// The client ended its side: a read saw EOF or failed.
+    read_closed: AtomicBool,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -116,6 +119,7 @@ impl Default for Activity {
             tx: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             proto: AtomicU8::new(0),
+            read_closed: AtomicBool::new(false),
         }
     }
 }
@@ -171,6 +175,16 @@ impl Activity {
     /// Bytes read and written so far.
     pub fn bytes(&self) -> (u64, u64) {
         (self.rx.load(Relaxed), self.tx.load(Relaxed))
+    }
+
+    /// Whether the client spoke HTTP/1.x.
+    pub fn is_h1(&self) -> bool {
+        self.proto.load(Relaxed) == 1
+    }
+
+    /// Whether the client ended its side (EOF or a read error): it sends no more.
+    pub fn read_closed(&self) -> bool {
+        self.read_closed.load(Relaxed)
     }
 
     /// Requests in flight.
@@ -235,13 +249,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
+        let room = buf.remaining() > 0;
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        if matches!(r, Poll::Ready(Ok(()))) && n > 0 {
-            if self.activity.proto.load(Relaxed) == 0 {
-                self.activity.sniff(&buf.filled()[before..]);
+        match r {
+            Poll::Ready(Ok(())) if n > 0 => {
+                if self.activity.proto.load(Relaxed) == 0 {
+                    self.activity.sniff(&buf.filled()[before..]);
+                }
+                self.activity.on_read(n);
             }
-            self.activity.on_read(n);
+            Poll::Ready(Ok(())) if room => self.activity.read_closed.store(true, Relaxed),
+            Poll::Ready(Err(_)) => self.activity.read_closed.store(true, Relaxed),
+            _ => {}
         }
         r
     }
@@ -282,6 +302,88 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Where a [`Reclaim`]ed stream comes back.
+pub type Reclaimed<T> = Arc<Mutex<Option<T>>>;
+
+/// A stream that goes back to its owner when dropped. hyper owns a downstream
+/// connection's stream while it serves it and drops it when the connection ends
+/// (it has no way to hand it back from an `auto` connection); the connection
+/// task takes it from [`Reclaimed`] for a lingering close instead of closing it
+/// there and then.
+pub struct Reclaim<T> {
+    /// `None` only once dropped.
+    inner: Option<T>,
+    back: Reclaimed<T>,
+}
+
+impl<T> Reclaim<T> {
+    /// Wraps `inner`; it lands in the returned slot when the wrapper drops.
+    pub fn new(inner: T) -> (Self, Reclaimed<T>) {
+        let back = Reclaimed::default();
+        (
+            Reclaim {
+                inner: Some(inner),
+                back: back.clone(),
+            },
+            back,
+        )
+    }
+
+    fn inner(&mut self) -> std::io::Result<Pin<&mut T>>
+    where
+        T: Unpin,
+    {
+        match self.inner.as_mut() {
+            Some(s) => Ok(Pin::new(s)),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+impl<T> Drop for Reclaim<T> {
+    fn drop(&mut self) {
+        if let (Some(s), Ok(mut back)) = (self.inner.take(), self.back.lock()) {
+            *back = Some(s);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Reclaim<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.inner()?.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Reclaim<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner()?.poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner()?.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(T::is_write_vectored)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.inner()?.poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.inner()?.poll_shutdown(cx)
     }
 }
 

@@ -28,6 +28,9 @@ pub struct ListenerStats {
     pub cx_active: Gauge,
     /// Connections refused by `max_connections`.
     pub cx_overflow: Counter,
+    /// HTTP/1.1 connections that ended with a lingering close
+    /// ([`crate::connection::Linger`]).
+    pub cx_lingering: Counter,
     /// TLS handshakes that failed or timed out.
     pub cx_tls_error: Counter,
     /// Downstream requests by status class (1xx..5xx).
@@ -76,6 +79,11 @@ impl ListenerStats {
             cx_overflow: stats.counter(
                 "legate_listener_connections_overflow_total",
                 "Connections closed at accept because max_connections was reached.",
+                &l,
+            ),
+            cx_lingering: stats.counter(
+                "legate_listener_lingering_closes_total",
+                "HTTP/1.1 connections closed with a lingering close (the client might still be sending).",
                 &l,
             ),
             cx_tls_error: stats.counter(
@@ -405,11 +413,20 @@ pub async fn accept_loop(
         let serving = ctx.cfg.tcp.is_none().then(|| ctx.serving());
         tokio::task::spawn_local(async move {
             let _slot = slot;
-            let _guard = guard;
             if ctx.cfg.tcp.is_some() {
                 crate::tcp_proxy::serve(worker, ctx, stream, peer, original_dst).await;
-            } else {
+                drop(guard);
+                return;
+            }
+            let linger =
                 crate::connection::serve(worker, ctx, serving, stream, peer, original_dst).await;
+            // A lingering close serves no more requests: a drain does not wait
+            // for it (if the process exits first, its client sees the close it
+            // would have seen without lingering). It keeps its slot: it is still
+            // an open socket, bounded in time, and the gauge says so.
+            drop(guard);
+            if let Some(linger) = linger {
+                linger.run().await;
             }
         });
     }
