@@ -410,6 +410,31 @@ mod tests {
         assert_eq!(a.check(zero, Some(ten)), Verdict::Idle);
     }
 
+    #[tokio::test]
+    async fn the_client_closing_is_seen_and_the_stream_comes_back() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (ours, mut client) = tokio::io::duplex(64);
+        let activity = Arc::new(Activity::default());
+        let (ours, back) = Reclaim::new(ours);
+        let mut ours = Tracked::new(ours, activity.clone());
+        client.write_all(b"GET").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(ours.read(&mut buf).await.unwrap(), 3);
+        assert!(activity.is_h1());
+        assert!(!activity.read_closed());
+        client.shutdown().await.unwrap();
+        assert_eq!(ours.read(&mut buf).await.unwrap(), 0);
+        assert!(activity.read_closed());
+        assert!(back.lock().unwrap().is_none());
+        drop(ours);
+        let mut ours = back.lock().unwrap().take().unwrap();
+        // The same stream, still open towards the client.
+        ours.write_all(b"ok").await.unwrap();
+        let mut got = [0u8; 2];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ok");
+    }
+
     #[test]
     fn h2_heads_are_timed_until_the_first_request() {
         let a = Activity::default();
