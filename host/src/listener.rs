@@ -413,13 +413,12 @@ pub async fn accept_loop(
         let serving = ctx.cfg.tcp.is_none().then(|| ctx.serving());
         tokio::task::spawn_local(async move {
             let _slot = slot;
-            if ctx.cfg.tcp.is_some() {
+            let linger = if ctx.cfg.tcp.is_some() {
                 crate::tcp_proxy::serve(worker, ctx, stream, peer, original_dst).await;
-                drop(guard);
-                return;
-            }
-            let linger =
-                crate::connection::serve(worker, ctx, serving, stream, peer, original_dst).await;
+                None
+            } else {
+                crate::connection::serve(worker, ctx, serving, stream, peer, original_dst).await
+            };
             // A lingering close serves no more requests: a drain does not wait
             // for it (if the process exits first, its client sees the close it
             // would have seen without lingering). It keeps its slot: it is still
