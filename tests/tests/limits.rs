@@ -40,6 +40,7 @@ listeners:
 }
 
 const LISTENER_4XX: &str = r#"legate_listener_requests_total{listener="web",class="4xx"}"#;
+const LINGERING_CLOSES: &str = r#"legate_listener_lingering_closes_total{listener="web"}"#;
 
 async fn raw_exchange(addr: std::net::SocketAddr, req: &[u8]) -> (Option<u16>, String) {
     let out = raw(addr, req).await;
@@ -332,6 +333,11 @@ each_proto!(
         })
         .await;
         assert!(t.elapsed() >= Duration::from_millis(250), "{:?}", t.elapsed());
+        // Closed at once: a client that has sent nothing for the idle timeout is
+        // owed no lingering close.
+        lg.assert_stat(LINGERING_CLOSES, 0.0).await;
+        lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
+            .await;
     }
 );
 
@@ -525,11 +531,7 @@ async fn an_early_413_lingers_while_the_client_still_uploads() {
     );
 
     lg.assert_stat(LISTENER_4XX, 2.0).await;
-    lg.assert_stat(
-        r#"legate_listener_lingering_closes_total{listener="web"}"#,
-        2.0,
-    )
-    .await;
+    lg.assert_stat(LINGERING_CLOSES, 2.0).await;
     // The lingering closes ended when the client closed.
     lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
         .await;
@@ -568,11 +570,7 @@ async fn an_early_413_over_tls_lingers_too() {
         "{answer}"
     );
     assert_eq!(up.requests.get(), 0);
-    lg.assert_stat(
-        r#"legate_listener_lingering_closes_total{listener="web"}"#,
-        1.0,
-    )
-    .await;
+    lg.assert_stat(LINGERING_CLOSES, 1.0).await;
     lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
         .await;
 }
