@@ -99,6 +99,51 @@ async fn drain_closes_idle_keepalive_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lingering_close_does_not_hold_the_drain() {
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&simple_config_with(
+            &[up.addr],
+            "            max_request_body: 1KiB\n",
+            "",
+        ))
+        .start();
+    // An early 413 to an HTTP/1.1 client that keeps its connection open and a
+    // byte coming every 200ms: Legate's lingering close would last its whole
+    // 30 s, as long as the default drain_timeout.
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    c.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        .await;
+    let head = c.read_head(Duration::from_secs(3)).await;
+    assert_eq!(
+        raw_status(&head),
+        Some(413),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    lg.assert_stat(
+        r#"legate_listener_lingering_closes_total{listener="web"}"#,
+        1.0,
+    )
+    .await;
+    // Still open, and counted as such.
+    lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 1.0)
+        .await;
+    let trickle = tokio::spawn(async move {
+        while c.try_write(b"a").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    // It serves no more requests: the drain does not wait for it.
+    lg.shutdown();
+    lg.wait_stopped(Duration::from_secs(10))
+        .await
+        .expect("the drain waited for the lingering close");
+    trickle.abort();
+    assert_eq!(up.requests.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_bounds_the_shutdown() {
     let up = upstream().delay(Duration::from_secs(10)).start().await;
     let dir = TempDir::new();
