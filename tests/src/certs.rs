@@ -89,6 +89,16 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// A listener's `tls:` block serving this certificate, indented to sit under
+    /// `  - name: …` in a config's `listeners:`.
+    pub fn listener_tls_yaml(&self) -> String {
+        format!(
+            "    tls:\n      certificates:\n        - cert: {}\n          key: {}\n",
+            self.cert.display(),
+            self.key.display()
+        )
+    }
+
     /// The private key, DER.
     pub fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))

@@ -543,11 +543,7 @@ async fn an_early_413_over_tls_lingers_too() {
     // after it is discarded at the TCP level.
     let ca = Ca::new("legate test CA");
     let cert = ca.server(&["a.example"]);
-    let tls = format!(
-        "    tls:\n      certificates:\n        - cert: {}\n          key: {}\n",
-        cert.cert.display(),
-        cert.key.display()
-    );
+    let tls = cert.listener_tls_yaml();
     let up = upstream().route("/sink", sink).start().await;
     let config = limits_config(up.addr, "", "            max_request_body: 1KiB\n").replace(
         "      routes: main\n",

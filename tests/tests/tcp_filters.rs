@@ -259,11 +259,7 @@ async fn fail_open_skips_a_trapping_filter() {
 async fn tls_terminating_tcp_listener_runs_the_filter() {
     let ca = Ca::new("tcp-filters");
     let cert = ca.server(&["db.example"]);
-    let tls = format!(
-        "    tls:\n      certificates:\n        - cert: {}\n          key: {}\n",
-        cert.cert.display(),
-        cert.key.display()
-    );
+    let tls = cert.listener_tls_yaml();
     let echo = tcp_echo_server().await;
     let lg = legate()
         .config(&config(echo.addr, "{ mode: tcp-rewrite }", "", &tls))
@@ -494,11 +490,7 @@ async fn component_network_filter_memory_is_in_the_gauge() {
 async fn component_network_filter_on_a_tls_listener() {
     let ca = Ca::new("tcp-filters-component");
     let cert = ca.server(&["db.example"]);
-    let tls = format!(
-        "    tls:\n      certificates:\n        - cert: {}\n          key: {}\n",
-        cert.cert.display(),
-        cert.key.display()
-    );
+    let tls = cert.listener_tls_yaml();
     let echo = tcp_echo_server().await;
     let lg = legate()
         .config(&component_config(echo.addr, "rewrite", "", &tls))
