@@ -52,13 +52,6 @@ pub struct ConnCtx {
 /// request to answer with `Connection: close`) before it is closed.
 const H1_DRAIN_IDLE: Duration = Duration::from_secs(1);
 
-/// How long a lingering close reads and discards what the client still sends, at
-/// most (nginx's `lingering_time`).
-const LINGER_TIME: Duration = Duration::from_secs(30);
-/// How long a lingering close waits for the client's next bytes or its close
-/// (nginx's `lingering_timeout`).
-const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Serves one accepted HTTP connection until it closes. Returns the connection
 /// when it should end with a lingering close ([`Linger`]), which no longer
 /// serves requests.
@@ -238,13 +231,19 @@ pub async fn serve(
         // uploading. So unless the client closed its side already, or we
         // closed an idle connection, the close lingers. HTTP/2 stops a stream
         // with RST_STREAM and keeps the connection; its close follows a GOAWAY.
-        if !activity.is_h1() || activity.read_closed() || idle_closed {
+        // `lingering_time: 0s` turns it off (nginx's `lingering_close off`).
+        let time = limits.lingering_time.get();
+        if !activity.is_h1() || activity.read_closed() || idle_closed || time.is_zero() {
             return None;
         }
         drop(conn);
         let io = Arc::into_inner(reclaimed)?.into_inner().ok()??;
         ctx.stats.cx_lingering.inc();
-        return Some(Linger { io });
+        return Some(Linger {
+            io,
+            time,
+            timeout: limits.lingering_timeout.get(),
+        });
     };
     // No request follows on a tunnel.
     drop(serving);
@@ -272,19 +271,24 @@ pub async fn serve(
 /// the response.
 pub struct Linger {
     io: Conn,
+    /// The listener's `limits.lingering_time`: the longest it lasts.
+    time: Duration,
+    /// The listener's `limits.lingering_timeout`: the longest wait for bytes.
+    timeout: Duration,
 }
 
 impl Linger {
     /// Shuts the write side down (TLS: `close_notify`, then the TCP FIN), then
-    /// discards reads until the client closes, nothing comes for
-    /// [`LINGER_TIMEOUT`], or [`LINGER_TIME`] passes; then closes.
+    /// discards reads until the client closes, nothing comes for `timeout`, or
+    /// `time` passes; then closes.
     pub async fn run(self) {
-        let deadline = tokio::time::Instant::now() + LINGER_TIME;
+        let deadline = tokio::time::Instant::now() + self.time;
+        let timeout = self.timeout;
         let mut io = self.io;
         // hyper has shut down already unless the connection ended on an error;
         // a second shutdown does nothing. Bounded: it writes when it is the
         // first, and a client that does not read would block it.
-        let _ = tokio::time::timeout(LINGER_TIMEOUT, io.shutdown()).await;
+        let _ = tokio::time::timeout(timeout.min(self.time), io.shutdown()).await;
         // What follows is discarded unread: plain TCP will do under TLS too.
         let mut tcp = match io {
             Conn::Plain(s) => s,
@@ -295,7 +299,7 @@ impl Linger {
         };
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            let until = (tokio::time::Instant::now() + LINGER_TIMEOUT).min(deadline);
+            let until = (tokio::time::Instant::now() + timeout).min(deadline);
             match tokio::time::timeout_at(until, tcp.read(&mut buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 // The client closed (or reset), or time is up: a client still

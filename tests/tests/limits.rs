@@ -446,6 +446,25 @@ async fn upload_past_an_early_answer(
     first: &[u8],
     rest: &[u8],
 ) -> String {
+    let answer = send_and_read_the_answer(&mut c, head, first).await;
+    // Legate has answered and closed its side; the client still sends its body
+    // (as one that writes the whole body before it reads would).
+    for (i, chunk) in rest.chunks(64 << 10).enumerate() {
+        if let Err(e) = c.write_all(chunk).await {
+            panic!("write {i} of the rest of the body after the answer: {e}");
+        }
+    }
+    c.shutdown().await.unwrap();
+    answer
+}
+
+/// Sends `head` and `first`, then reads the answer until Legate closes its
+/// side. Panics if the answer ends in a reset.
+async fn send_and_read_the_answer(
+    c: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    head: &[u8],
+    first: &[u8],
+) -> String {
     c.write_all(head).await.unwrap();
     c.write_all(first).await.unwrap();
     c.flush().await.unwrap();
@@ -465,14 +484,6 @@ async fn upload_past_an_early_answer(
             Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
         }
     }
-    // Legate has answered and closed its side; the client still sends its body
-    // (as one that writes the whole body before it reads would).
-    for (i, chunk) in rest.chunks(64 << 10).enumerate() {
-        if let Err(e) = c.write_all(chunk).await {
-            panic!("write {i} of the rest of the body after the answer: {e}");
-        }
-    }
-    c.shutdown().await.unwrap();
     String::from_utf8_lossy(&answer).into_owned()
 }
 
@@ -566,6 +577,112 @@ async fn an_early_413_over_tls_lingers_too() {
         "{answer}"
     );
     assert_eq!(up.requests.get(), 0);
+    lg.assert_stat(LINGERING_CLOSES, 1.0).await;
+    lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
+        .await;
+}
+
+/// A raw HTTP/1.1 upload of 16 MiB, for a route whose `max_request_body` is
+/// 1KiB: its head and its first 64 KiB.
+fn oversized_upload() -> (Vec<u8>, Vec<u8>) {
+    let head = format!(
+        "POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        16 << 20
+    );
+    (head.into_bytes(), vec![b'a'; 64 << 10])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lingering_time_zero_turns_the_lingering_close_off() {
+    // HTTP/1.1 only: an HTTP/2 connection never lingers.
+    let up = upstream().route("/sink", sink).start().await;
+    let lg = legate()
+        .config(&limits_config(
+            up.addr,
+            "      lingering_time: 0s\n",
+            "            max_request_body: 1KiB\n",
+        ))
+        .start();
+    let (head, first) = oversized_upload();
+    let mut c = RawConn::connect(lg.addr("web")).await.stream;
+    // Either write may meet the reset.
+    let _ = c.write_all(&head).await;
+    let _ = c.write_all(&first).await;
+    // Closed at once with the client's bytes unread: the client may see the
+    // 413 or a reset (that is what turning it off means), so only Legate's
+    // side is asserted.
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+    }
+    lg.assert_stat(LISTENER_4XX, 1.0).await;
+    lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
+        .await;
+    lg.assert_stat(LINGERING_CLOSES, 0.0).await;
+    assert_eq!(up.requests.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lingering_close_ends_after_lingering_time() {
+    let up = upstream().route("/sink", sink).start().await;
+    let lg = legate()
+        .config(&limits_config(
+            up.addr,
+            "      lingering_time: 300ms\n",
+            "            max_request_body: 1KiB\n",
+        ))
+        .start();
+    let (head, first) = oversized_upload();
+    let mut c = RawConn::connect(lg.addr("web")).await.stream;
+    let answer = send_and_read_the_answer(&mut c, &head, &first).await;
+    assert_eq!(raw_status(answer.as_bytes()), Some(413), "{answer}");
+    lg.assert_stat(LINGERING_CLOSES, 1.0).await;
+    // A client that uploads without end: Legate discards it for 300ms, then
+    // closes, and the client's writes fail (with the default 30s they would
+    // go on for the whole loop).
+    let chunk = vec![b'a'; 64 << 10];
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if c.write_all(&chunk).await.is_err() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the lingering close still reads after 20s"
+        );
+    }
+    lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lingering_close_ends_after_lingering_timeout_of_silence() {
+    let up = upstream().route("/sink", sink).start().await;
+    let lg = legate()
+        .config(&limits_config(
+            up.addr,
+            "      lingering_timeout: 200ms\n",
+            "            max_request_body: 1KiB\n",
+        ))
+        .start();
+    let (head, first) = oversized_upload();
+    let mut c = RawConn::connect(lg.addr("web")).await.stream;
+    let answer = send_and_read_the_answer(&mut c, &head, &first).await;
+    assert_eq!(raw_status(answer.as_bytes()), Some(413), "{answer}");
+    // A byte a second: each one would restart the default 5s wait (for up to
+    // 30s), but 200ms of silence ends the linger, so the close resets the
+    // connection under one of the next writes.
+    let mut failed = false;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if c.write_all(b"a").await.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "the lingering close still read after 10 slow bytes");
     lg.assert_stat(LINGERING_CLOSES, 1.0).await;
     lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
         .await;

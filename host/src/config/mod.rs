@@ -445,6 +445,15 @@ pub struct Limits {
     /// for edge proxies.
     #[serde(default = "defaults::max_concurrent_streams")]
     pub max_concurrent_streams: u32,
+    /// The longest an HTTP/1.1 lingering close reads and discards what the
+    /// client still sends. Default 30s, nginx's `lingering_time`; 0s turns
+    /// lingering close off.
+    #[serde(default = "defaults::lingering_time")]
+    pub lingering_time: Dur,
+    /// How long a lingering close waits for the client's next bytes (or its
+    /// close). Default 5s, nginx's `lingering_timeout`.
+    #[serde(default = "defaults::lingering_timeout")]
+    pub lingering_timeout: Dur,
 }
 
 impl Default for Limits {
@@ -456,6 +465,8 @@ impl Default for Limits {
             header_read_timeout: defaults::header_read_timeout(),
             idle_timeout: defaults::idle_timeout(),
             max_concurrent_streams: defaults::max_concurrent_streams(),
+            lingering_time: defaults::lingering_time(),
+            lingering_timeout: defaults::lingering_timeout(),
         }
     }
 }
@@ -1333,6 +1344,12 @@ pub(crate) mod defaults {
     pub fn max_concurrent_streams() -> u32 {
         100
     }
+    pub fn lingering_time() -> Dur {
+        Dur::secs(30)
+    }
+    pub fn lingering_timeout() -> Dur {
+        Dur::secs(5)
+    }
     pub fn route_timeout() -> Dur {
         Dur::secs(15)
     }
@@ -1464,6 +1481,8 @@ clusters:
         assert_eq!(l.header_read_timeout.get(), Duration::from_secs(10));
         assert_eq!(l.idle_timeout.get(), Duration::from_secs(60));
         assert_eq!(l.max_concurrent_streams, 100);
+        assert_eq!(l.lingering_time.get(), Duration::from_secs(30));
+        assert_eq!(l.lingering_timeout.get(), Duration::from_secs(5));
     }
 
     /// The `Default` impls and serde's per-field defaults are written separately;

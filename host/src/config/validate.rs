@@ -564,15 +564,22 @@ fn validate_listener(
         .key("limits")
         .key("max_request_headers_size");
     }
-    for (key, value) in [
-        ("header_read_timeout", lim.header_read_timeout),
-        ("idle_timeout", lim.idle_timeout),
+    let at_once =
+        "a zero timeout would close every connection at once; remove the key to get the default";
+    for (key, value, help) in [
+        ("header_read_timeout", lim.header_read_timeout, at_once),
+        ("idle_timeout", lim.idle_timeout, at_once),
+        (
+            "lingering_timeout",
+            lim.lingering_timeout,
+            "a lingering close would end at once; to turn lingering close off, set `lingering_time: 0s` instead",
+        ),
     ] {
         if value.0.is_zero() {
             e.at(
                 loc,
                 format!("listener `{}`: `limits.{key}` is zero", l.name),
-                "a zero timeout would close every connection at once; remove the key to get the default",
+                help,
             )
             .key("limits")
             .key(key);
