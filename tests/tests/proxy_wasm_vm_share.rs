@@ -221,6 +221,49 @@ async fn ticks_are_per_root_context() {
     assert_eq!(failures.unwrap_or(0.0), 0.0);
 }
 
+each_proto!(
+    /// A VM that ticks from its start and dies on a worker (here a trap in an
+    /// exchange) is replaced there without waiting for the next exchange, so
+    /// its plugin goes on ticking on a worker with no traffic.
+    async fn a_ticking_vm_that_traps_is_replaced_without_traffic(proto) {
+        let up = upstream().start().await;
+        let vm = format!("tick-trap-{proto:?}");
+        let plugins = plugin(
+            "a",
+            "{ mode: share, tag: a, tick_ms: 20 }",
+            &format!("      vm_id: {vm}\n"),
+            "closed",
+        ) + &share("b", &vm);
+        let lg = legate()
+            .concurrency(1)
+            .config(&config(up.addr, &plugins, &["a", "b"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/trap/b").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        lg.assert_stat(&stat("legate_plugin_traps_total", "b"), 1.0)
+            .await;
+        // No request since: a new VM, with both root contexts, ticking.
+        for p in ["a", "b"] {
+            lg.assert_stat(&stat("legate_plugin_instance_restarts_total", p), 1.0)
+                .await;
+            lg.assert_stat(&stat("legate_plugin_instances", p), 1.0).await;
+        }
+        let tick = r#"legate_plugin_calls_total{plugin="a",phase="tick"}"#;
+        let ticks = lg.stat(tick).await.unwrap_or(0.0);
+        lg.assert_stat_with(tick, |v| v >= ticks + 3.0, "3 more").await;
+        // The next request runs in that VM (its counter started over).
+        let r = c.get("/again").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-count-a"), Some("1"));
+        assert_eq!(r.header("x-pw-count-b"), Some("2"));
+        for p in ["a", "b"] {
+            lg.assert_stat(&stat("legate_plugin_instance_restarts_total", p), 1.0)
+                .await;
+        }
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_configure_false_in_a_shared_vm_rejects_that_plugin() {
     let up = upstream().start().await;

@@ -825,6 +825,42 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// A ticking plugin whose instance dies on a worker (here a trap in an
+    /// exchange) gets a new one there without waiting for the next exchange,
+    /// so it goes on ticking on a worker with no traffic.
+    async fn a_ticking_plugin_whose_instance_traps_is_replaced_without_traffic(proto) {
+        let up = upstream().start().await;
+        let p = plugin("hostile", "{ mode: hostile, tick: \"20\" }", "");
+        let lg = legate()
+            .config(&simple(up.addr, &p, &["hostile"]))
+            .concurrency(1)
+            .start();
+        lg.assert_stat(&instances("hostile"), 1.0).await;
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/panic").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        lg.assert_stat(r#"legate_plugin_traps_total{plugin="hostile"}"#, 1.0)
+            .await;
+        // No request since: replaced all the same, and ticking.
+        lg.assert_stat(
+            r#"legate_plugin_instance_restarts_total{plugin="hostile"}"#,
+            1.0,
+        )
+        .await;
+        lg.assert_stat(&instances("hostile"), 1.0).await;
+        let ticks = lg.stat(&calls("hostile", "tick")).await.unwrap_or(0.0);
+        lg.assert_stat_with(&calls("hostile", "tick"), |v| v >= ticks + 3.0, "3 more")
+            .await;
+        // The load's check, the worker's first instance, its replacement; the
+        // next request runs on the replacement.
+        assert_eq!(lg.stat(&calls("hostile", "configure")).await, Some(3.0));
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(lg.stat(&calls("hostile", "configure")).await, Some(3.0));
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tick_interval_below_minimum_is_refused() {
     let up = upstream().start().await;

@@ -218,17 +218,31 @@ impl WasmNetworkFilter {
             });
             match r {
                 Ok(()) => {}
-                // The instance is gone (replaced, or the filter's last
-                // connection on this worker ended with the filter dropped).
-                Err(None) => return,
-                // A trap dropped the instance; the next connection gets a
-                // new one (with its own tick task).
+                // The instance is gone (a trap in a connection call, a newer
+                // one replaced it, or the filter was dropped).
+                Err(None) => break,
+                // A trap dropped the instance.
                 Err(Some(e)) => {
                     tracing::warn!(plugin = &*f.shared.name, "on-tick failed: {e}");
-                    return;
+                    break;
                 }
             }
         }
+        Self::replace_dead(&me, worker).await;
+    }
+
+    /// Starts a new instance (and tick task) on this worker for the ticking
+    /// filter whose instance died, once the restart backoff allows.
+    async fn replace_dead(me: &Weak<WasmNetworkFilter>, worker: usize) {
+        let Some(id) = me.upgrade().map(|f| f.id) else {
+            return;
+        };
+        super::slots::restart_ticking(&INSTANCES, id, || {
+            if let Some(f) = me.upgrade() {
+                f.start_on_worker(worker);
+            }
+        })
+        .await;
     }
 
     /// Sends one callout queued by `on-tick` and delivers its result to

@@ -520,13 +520,8 @@ impl WasmFilter {
                 INSTANCES.with(|cell| LIVE.sweep(&mut cell.borrow_mut()));
                 return;
             };
-            let current = INSTANCES.with(|cell| {
-                cell.borrow()
-                    .get(&f.id)
-                    .is_some_and(|s| s.live.is_some() && s.generation == generation)
-            });
-            if !current {
-                return;
+            if !f.is_current(generation) {
+                break;
             }
             f.stats.calls["tick"].inc();
             let r = f.with_instance(worker, Phase::Tick, None, false, |live| {
@@ -543,11 +538,38 @@ impl WasmFilter {
                 })
             });
             if let Err(e) = r {
-                // A trap dropped the instance; the next exchange gets a new one
-                // (with its own tick task).
                 tracing::warn!(plugin = f.name(), "on-tick failed: {e}");
+                if !f.is_current(generation) {
+                    break;
+                }
             }
         }
+        // The instance died (a trap, in a tick or in an exchange).
+        Self::replace_dead(&me, worker).await;
+    }
+
+    /// Whether this worker's instance is the live one of `generation` (a task
+    /// started for an older instance must not call into its successor).
+    fn is_current(&self, generation: u64) -> bool {
+        INSTANCES.with(|cell| {
+            cell.borrow()
+                .get(&self.id)
+                .is_some_and(|s| s.live.is_some() && s.generation == generation)
+        })
+    }
+
+    /// Starts a new instance (and tick task) on this worker for the ticking
+    /// filter whose instance died, once the restart backoff allows.
+    async fn replace_dead(me: &Weak<WasmFilter>, worker: usize) {
+        let Some(id) = me.upgrade().map(|f| f.id) else {
+            return;
+        };
+        super::slots::restart_ticking(&INSTANCES, id, || {
+            if let Some(f) = me.upgrade() {
+                f.start_on_worker(worker);
+            }
+        })
+        .await;
     }
 
     /// Sends one callout queued by `on-tick` and delivers its result to

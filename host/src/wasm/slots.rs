@@ -5,8 +5,9 @@
 //! plugin's `legate_plugin_instances` gauge ([`InstanceCount`]); each
 //! instance's share of `legate_plugin_memory_bytes` ([`MemoryUse`]); and the
 //! components' tick timer ([`tick_interval`]); the backoff before a
-//! worker replaces an instance that failed ([`Restarts`]); and a component's
-//! per-worker slot ([`Slot`]).
+//! worker replaces an instance that failed ([`Restarts`]), and the replacement
+//! of a ticking filter's dead instance without waiting for traffic
+//! ([`restart_when`]); and a component's per-worker slot ([`Slot`]).
 //!
 //! Workers keep instances in thread-local maps keyed by a filter's id; only the
 //! worker can free them, and a replaced filter is dropped on whatever thread
@@ -277,6 +278,46 @@ impl Restarts {
     pub fn failed_before(&self) -> bool {
         self.failed_before
     }
+
+    /// When a new instance may start (now, if nothing failed or the backoff
+    /// is over).
+    pub fn not_before(&self) -> Instant {
+        self.not_before.unwrap_or_else(Instant::now)
+    }
+}
+
+/// Replaces a ticking filter's instance on this worker after it died (it
+/// trapped, in a tick or in an exchange), so that the plugin goes on ticking
+/// on a worker without traffic: once the restart backoff allows, `start` makes
+/// a new one (with its own tick task), as at the config's start.
+/// `down_until` says, while the worker has the filter's slot with no live
+/// instance, when a new one may start; `None` once one is live (another task
+/// or an exchange replaced it) or the slot is gone (a reload dropped it). One
+/// attempt: if it fails, the next exchange tries again, as after a failed
+/// start with the config.
+pub async fn restart_when(down_until: impl Fn() -> Option<Instant>, start: impl FnOnce()) {
+    let Some(at) = down_until() else { return };
+    tokio::time::sleep_until(at.into()).await;
+    if down_until().is_some() {
+        start();
+    }
+}
+
+/// [`restart_when`] for component filter `id`, whose slots are `slots`.
+pub async fn restart_ticking<L: 'static>(
+    slots: &'static std::thread::LocalKey<std::cell::RefCell<FxHashMap<u64, Slot<L>>>>,
+    id: u64,
+    start: impl FnOnce(),
+) {
+    let down_until = || {
+        slots.with(|cell| {
+            cell.borrow()
+                .get(&id)
+                .filter(|s| s.live.is_none())
+                .map(|s| s.restarts.not_before())
+        })
+    };
+    restart_when(down_until, start).await;
 }
 
 /// A component instance's tick timer: its first tick one period after the

@@ -587,7 +587,9 @@ impl ProxyWasmFilter {
                     Some(live.store.data().ticks.get(&f.root).copied())
                 })
             };
-            let Some(period) = period else { return };
+            // This VM died (a trap, in a tick or in an exchange), or a newer
+            // one (with its own tick task) replaced it.
+            let Some(period) = period else { break };
             let Some(period) = period else {
                 // Not ticking now; the module may ask later.
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -608,6 +610,25 @@ impl ProxyWasmFilter {
                 tracing::warn!(plugin = &*f.meta.name, "proxy_on_tick failed: {e}");
             }
         }
+        // A VM that ticked from its start is replaced, so that it goes on
+        // ticking on a worker without traffic.
+        let Some(vm) = me.upgrade().map(|f| f.vm) else {
+            return;
+        };
+        let down_until = || {
+            VMS.with(|cell| {
+                cell.borrow()
+                    .get(&vm)
+                    .filter(|s| s.live.is_none())
+                    .map(|s| s.restarts.not_before())
+            })
+        };
+        crate::wasm::slots::restart_when(down_until, || {
+            if let Some(f) = me.upgrade() {
+                f.start_on_worker(worker);
+            }
+        })
+        .await;
     }
 
     /// A tick task found its plugin dropped (a reload removed or replaced it):
