@@ -19,15 +19,23 @@
 //! declared a body or trailers phase for that direction ([`request_body`],
 //! [`response_body`]): buffered (read whole under the plugin's cap, head held) or
 //! streamed ([`body::Filtered`]); otherwise they stream straight through.
+//!
+//! The route timeout bounds the attempts together and the per-try timeout each,
+//! up to the response head, from when the request has gone upstream whole (as
+//! Envoy's): for a body streamed as the client sends it, from its end
+//! ([`BodySent`]), so a slow upload is the stream idle timeout's
+//! ([`crate::idle`]), never a 504 nor its endpoint's timeout.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -76,6 +84,10 @@ struct Outcome {
     /// The path and query in their normal form, when normalizing changed them:
     /// what the access log shows (as Envoy's `:path`), before any route rewrite.
     normalized_path: Option<String>,
+    /// A buffering filter read the request body whole: it goes upstream from
+    /// memory, so the route and per-try timeouts start with the attempts, not
+    /// at its end (see [`BodySent`]).
+    body_read: bool,
 }
 
 /// Timings and facts only the debug headers use ([`crate::overrides::Debug`]).
@@ -534,10 +546,10 @@ async fn proxy(
         let buffer_limit = match (policy, mirror) {
             (Some(p), _) => Some(p.buffer_limit),
             (None, Some(m)) => Some(m.max_body.0),
-            // Not buffered: the body streams under the route timeout below.
+            // Not buffered: the body streams to the attempt as it comes.
             (None, None) => None,
         };
-        let source = match buffer_limit {
+        let mut source = match buffer_limit {
             // A body read before anything goes upstream is bounded by the route
             // timeout too (which then starts again for the attempts, as Envoy's
             // starts once the request is in): a client sending it a byte a
@@ -547,6 +559,24 @@ async fn proxy(
                 client_body_within(buffering, route_timeout, out.chain.as_ref()).await?
             }
             None => ReqBody::Stream(Some(req_body)),
+        };
+        // A body that streams upstream as the client sends it (not one read
+        // whole before, here or by a filter; the rest of one too big to
+        // buffer, too): the timeouts wait for its end.
+        let timed = route_timeout.is_some() || route.per_try_timeout.is_some();
+        let sent = match &mut source {
+            ReqBody::Stream(slot) if timed && !out.body_read => match slot.take() {
+                Some(b) if !b.is_end_stream() => {
+                    let sent = Rc::new(BodySent::default());
+                    *slot = Some(body::boxed(Watched::new(b, SentEnd(sent.clone()))));
+                    Some(sent)
+                }
+                b => {
+                    *slot = b;
+                    None
+                }
+            },
+            _ => None,
         };
         if let (Some(m), Some(body)) = (mirror, source.whole(mirror.map_or(0, |m| m.max_body.0))) {
             let copy = crate::mirror::Copy {
@@ -568,9 +598,10 @@ async fn proxy(
             authority: &upstream_authority,
             policy,
             per_try: route.per_try_timeout,
+            sent: sent.as_deref(),
         };
         let result = match route_timeout {
-            Some(t) => match tokio::time::timeout(t, attempt.run(source, out)).await {
+            Some(t) => match after_sent(t, sent.as_deref(), attempt.run(source, out)).await {
                 Ok(r) => r,
                 Err(_) => {
                     // The attempt cut short counts against its endpoint, as a per-try
@@ -915,6 +946,7 @@ async fn request_body(
         BodyRun::Passed(b) => *req.body_mut() = b,
         BodyRun::Respond(lr) => return Ok(Some(lr)),
         BodyRun::Whole(data, trailers) => {
+            out.body_read = true;
             chain_step(&shared, |c| write_head(&mut c.x, true, req, authority))??;
             // Still empty: framed as it came (no `content-length: 0` on a GET).
             if !(empty && data.is_empty() && trailers.is_none()) {
@@ -933,7 +965,7 @@ async fn request_body(
 /// proxy-wasm filter waiting for a callout), so the client has sent it all,
 /// and the pause has its own bound (the plugin's `limits.pause`).
 async fn client_body_within<T>(
-    read: impl std::future::Future<Output = Result<T, ProxyError>>,
+    read: impl Future<Output = Result<T, ProxyError>>,
     limit: Option<Duration>,
     chain: Option<&filter::SharedChain>,
 ) -> Result<T, ProxyError> {
@@ -1436,6 +1468,8 @@ struct Attempts<'a> {
     authority: &'a str,
     policy: Option<&'a RetryPolicy>,
     per_try: Option<Duration>,
+    /// A streamed body's end, where the timeouts start (`None`: at once).
+    sent: Option<&'a BodySent>,
 }
 
 impl Attempts<'_> {
@@ -1494,7 +1528,7 @@ impl Attempts<'_> {
                 .pool
                 .send(&self.entry.upstream, target, req);
             let result = match self.per_try {
-                Some(d) => tokio::time::timeout(d, send).await.unwrap_or_else(|_| {
+                Some(d) => after_sent(d, self.sent, send).await.unwrap_or_else(|_| {
                     Err(ProxyError::new(
                         Kind::PerTryTimeout,
                         format!("per-try timeout {d:?}"),
@@ -1576,6 +1610,60 @@ impl Attempts<'_> {
         let wait = rand::rng().random_range(0..=ms);
         tokio::time::sleep(Duration::from_millis(wait)).await;
     }
+}
+
+/// The end of a request body streamed upstream as the client sends it: the
+/// route and per-try timeouts start there, as Envoy's start once the whole
+/// request is sent, so a client's slow upload is neither a 504 nor its
+/// endpoint's timeout. Set by the body's [`SentEnd`]; waited for by
+/// [`after_sent`]. A stalled upload is the stream idle timeout's
+/// ([`crate::idle`]: each frame is activity).
+#[derive(Default)]
+struct BodySent {
+    ended: Cell<bool>,
+    /// Two wait at once (the route timeout around the attempts, the per-try
+    /// one around the send): `Notify` wakes them all.
+    notify: tokio::sync::Notify,
+}
+
+/// Sets [`BodySent`] once the body's last frame went by.
+struct SentEnd(Rc<BodySent>);
+
+impl Watch for SentEnd {
+    fn end(self, complete: bool) {
+        // A failed body fails its attempt: nothing to time.
+        if complete {
+            self.0.ended.set(true);
+            self.0.notify.notify_waiters();
+        }
+    }
+}
+
+/// `fut` bounded by `limit`, which starts once `sent` has ended (`None`: at
+/// once). `fut` done first (an early response head, a failure) ends the wait.
+async fn after_sent<F: Future>(
+    limit: Duration,
+    sent: Option<&BodySent>,
+    fut: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut fut = std::pin::pin!(fut);
+    if let Some(s) = sent {
+        // Made before the check: it sees a notice that comes after it.
+        let mut ended = std::pin::pin!(s.notify.notified());
+        if !s.ended.get() {
+            let early = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                ended.as_mut().poll(cx).map(|()| None)
+            })
+            .await;
+            if let Some(r) = early {
+                return Ok(r);
+            }
+        }
+    }
+    tokio::time::timeout(limit, fut).await
 }
 
 /// Whether `e` is retried under `p` (as Envoy, `5xx` and `gateway-error` also cover

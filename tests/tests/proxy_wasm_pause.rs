@@ -624,15 +624,18 @@ each_proto!(
     /// A client that goes away while the end of its streamed body is held for
     /// a call (the checker answers `/check/body/slow…` after 2 s): the wait
     /// ends, the context is finished (`on_done`, `on_log`) and the upstream
-    /// never gets the whole body; the worker goes on serving. A route timeout
-    /// during the hold answers 504 and finishes the context the same way.
+    /// never gets the whole body; the worker goes on serving. The stream idle
+    /// timeout during the hold answers 408 and finishes the context the same
+    /// way. The route timeout (shorter) does not run during the hold: it
+    /// starts once the body has gone upstream whole, and the hold is the
+    /// filter's time, not the endpoint's.
     async fn a_held_streamed_body_ends_cleanly_on_disconnect_or_timeout(proto) {
         use std::sync::atomic::Ordering;
         let (up, whole) = counting_upstream().await;
         let az = authz_upstream().await;
         let grpc = legate_tests::grpc::grpc_upstream().start().await;
-        // `/slowtimed` goes to a route with a timeout.
-        let yaml = config(up.addr, az.addr, grpc.addr, "stream-callout").replace("          - name: rest\n", "          - name: timed\n            match: { prefix: /slowtimed }\n            cluster: backend\n            timeout: 500ms\n          - name: rest\n");
+        // `/slowtimed` goes to a route with a timeout and a longer idle timeout.
+        let yaml = config(up.addr, az.addr, grpc.addr, "stream-callout").replace("          - name: rest\n", "          - name: timed\n            match: { prefix: /slowtimed }\n            cluster: backend\n            timeout: 500ms\n            idle_timeout: 1s\n          - name: rest\n");
         let lg = legate().config(&yaml).start();
         let web = lg.addr("web");
 
@@ -663,15 +666,16 @@ each_proto!(
             .boxed_body(slow_body(&["ab", "cd"]))
             .send()
             .await;
-        assert_eq!(r.status, 504, "{}", r.text());
-        // (The filters' response callbacks do not see this 504: it does not
+        assert_eq!(r.status, 408, "{}", r.text());
+        assert_eq!(r.text(), "stream_idle_timeout\n");
+        // (The filters' response callbacks do not see this 408: it does not
         // wait for the callout; docs/proxy-wasm.md.)
         lg.assert_stat_with(&calls("done"), |v| v == 3.0, "every context finished")
             .await;
         lg.assert_stat(&calls("log"), 3.0).await;
-        // `on_log` does see how each exchange ended, the 504 too.
+        // `on_log` does see how each exchange ended, the 408 too.
         lg.assert_stat(&logged("200_via_upstream"), 1.0).await;
-        lg.assert_stat(&logged("504_upstream_timeout"), 1.0).await;
+        lg.assert_stat(&logged("408_stream_idle_timeout"), 1.0).await;
         lg.assert_stat(&logged("none_downstream_disconnect"), 1.0).await;
         // Only `/up` reached the upstream whole.
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;

@@ -351,3 +351,209 @@ async fn a_stalled_body_buffered_for_retries_times_out_with_408() {
     )
     .await;
 }
+
+const TIMEOUT_STAT: &str = r#"legate_cluster_upstream_rq_timeout{cluster="backend"}"#;
+
+/// Long enough for no test to finish by it: a request that is never answered
+/// fails the test there instead of hanging it.
+const BOUND: Duration = Duration::from_secs(20);
+
+/// Two routes to `up` (spoken to in `protocol`): `/route/` with a route
+/// `timeout` of 1s, `/try/` with a `per_try_timeout` of 1s alone (`timeout: 0s`).
+fn upload_config(up: std::net::SocketAddr, protocol: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: /route/ }}
+            cluster: backend
+            timeout: 1s
+          - match: {{ prefix: /try/ }}
+            cluster: backend
+            timeout: 0s
+            per_try_timeout: 1s
+clusters:
+  - name: backend
+    protocol: {protocol}
+    endpoints:
+      - address: {up}
+"
+    )
+}
+
+/// `n` chunks `gap` apart: an upload of `n × gap`, each gap far inside the
+/// stream idle timeout.
+fn trickle(n: usize, gap: Duration) -> BoxBody {
+    use futures_util::StreamExt;
+    let s = futures_util::stream::iter(0..n).then(move |i| async move {
+        tokio::time::sleep(gap).await;
+        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(format!("chunk-{i};"))))
+    });
+    http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(s))
+}
+
+fn trickled(n: usize) -> usize {
+    (0..n).map(|i| format!("chunk-{i};").len()).sum()
+}
+
+each_proto!(
+    /// The route and per-try timeouts start once the streamed request body
+    /// has gone upstream whole (as Envoy's): an upload that takes three times
+    /// the timeout (a chunk every 300ms) to an upstream that answers at its
+    /// end gets the answer, and no timeout is counted against the endpoint.
+    async fn a_slow_upload_is_not_timed_by_the_route_or_per_try_timeout(proto) {
+        let up = upstream().handler(sink).start().await;
+        for protocol in ["http1", "h2"] {
+            let lg = legate().config(&upload_config(up.addr, protocol)).start();
+            let web = lg.addr("web");
+            let upload = |path: &'static str| async move {
+                let mut c = client(proto, web).await;
+                let sent = c
+                    .post(path)
+                    .boxed_body(trickle(10, Duration::from_millis(300)))
+                    .send();
+                let r = tokio::time::timeout(BOUND, sent)
+                    .await
+                    .expect("the upload was never answered");
+                assert_eq!(r.status, 200, "{protocol} {path}: {}", r.text());
+                assert_eq!(r.json()["len"], trickled(10), "{protocol} {path}");
+            };
+            tokio::join!(upload("/route/up"), upload("/try/up"));
+            lg.assert_stat(TIMEOUT_STAT, 0.0).await;
+            let errors = format!(
+                "legate_endpoint_rq_error{{cluster=\"backend\",endpoint=\"{}\"}}",
+                up.addr
+            );
+            lg.assert_stat(&errors, 0.0).await;
+            lg.assert_stat(
+                r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
+                2.0,
+            )
+            .await;
+        }
+    }
+);
+
+each_proto!(
+    /// An upstream that answers before the upload ends (without reading it)
+    /// ends the wait as ever: its answer goes back, no timeout ran.
+    async fn an_early_answer_during_a_slow_upload_goes_back(proto) {
+        let up = upstream()
+            .handler(|_req: Request<Incoming>| async {
+                Response::new(Full::new(Bytes::from_static(b"early\n")))
+            })
+            .start()
+            .await;
+        let lg = legate().config(&upload_config(up.addr, "http1")).start();
+        for path in ["/route/up", "/try/up"] {
+            let mut c = client(proto, lg.addr("web")).await;
+            let sent = c
+                .post(path)
+                .boxed_body(trickle(5, Duration::from_millis(300)))
+                .send();
+            let r = tokio::time::timeout(BOUND, sent)
+                .await
+                .expect("the early answer did not come back");
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+            assert_eq!(r.text(), "early\n", "{path}");
+        }
+        lg.assert_stat(TIMEOUT_STAT, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// After a slow upload the timeouts do run: an upstream that reads the
+    /// whole body and never answers gets its 504, counted as its timeout.
+    async fn the_timeouts_run_once_the_upload_has_gone_upstream(proto) {
+        let up = upstream()
+            .handler(|req: Request<Incoming>| async move {
+                let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Response::new(Full::new(Bytes::new()))
+            })
+            .start()
+            .await;
+        let lg = legate().config(&upload_config(up.addr, "http1")).start();
+        let cases = [
+            ("/route/up", "upstream_timeout\n"),
+            ("/try/up", "upstream_per_try_timeout\n"),
+        ];
+        for (n, (path, cause)) in cases.into_iter().enumerate() {
+            let mut c = client(proto, lg.addr("web")).await;
+            let sent = c
+                .post(path)
+                .boxed_body(trickle(5, Duration::from_millis(300)))
+                .send();
+            let r = tokio::time::timeout(BOUND, sent)
+                .await
+                .expect("the timeout never ran");
+            assert_eq!(r.status, 504, "{path}: {}", r.text());
+            assert_eq!(r.text(), cause, "{path}");
+            lg.assert_stat(TIMEOUT_STAT, (n + 1) as f64).await;
+        }
+    }
+);
+
+each_proto!(
+    /// A client that stops sending its streamed body is the stream idle
+    /// timeout's (408), not the route timeout's: the endpoint waiting for the
+    /// rest is not blamed (no 504, no timeout counted).
+    async fn a_stalled_upload_is_the_idle_timeouts_not_the_endpoints(proto) {
+        let up = upstream().handler(sink).start().await;
+        let cfg = simple_config_with(&[up.addr], "            timeout: 300ms\n", "").replacen(
+            "      routes: main\n",
+            "      routes: main\n      stream_idle_timeout: 1s\n",
+            1,
+        );
+        let lg = legate().config(&cfg).start();
+        let answer = async {
+            match proto {
+                Proto::H1 => {
+                    let mut c = RawConn::connect(lg.addr("web")).await;
+                    c.write(b"PUT /up HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+                        .await;
+                    let got = c.read_head(BOUND).await;
+                    let text = String::from_utf8_lossy(&got).into_owned();
+                    (raw_status(&got), text)
+                }
+                Proto::H2 => {
+                    use futures_util::StreamExt;
+                    // Ten bytes, then nothing, with the stream left open.
+                    let stalled = futures_util::stream::iter([Ok::<_, BoxError>(
+                        hyper::body::Frame::data(Bytes::from_static(b"0123456789")),
+                    )])
+                    .chain(futures_util::stream::pending());
+                    let r = client(proto, lg.addr("web"))
+                        .await
+                        .request(Method::PUT, "/up")
+                        .boxed_body(http_body_util::BodyExt::boxed(
+                            http_body_util::StreamBody::new(stalled),
+                        ))
+                        .send()
+                        .await;
+                    (Some(r.status.as_u16()), r.text())
+                }
+            }
+        };
+        let (status, text) = tokio::time::timeout(BOUND, answer)
+            .await
+            .expect("no answer while the body stalls");
+        assert_eq!(status, Some(408), "{text}");
+        // The cause: the 408 is the idle timeout's (the head may come alone).
+        lg.assert_stat(
+            r#"legate_listener_stream_idle_timeouts_total{listener="web"}"#,
+            1.0,
+        )
+        .await;
+        lg.assert_stat(TIMEOUT_STAT, 0.0).await;
+    }
+);
