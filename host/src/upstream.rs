@@ -5,6 +5,12 @@
 //! connection per (cluster, endpoint). [`UpstreamSettings`] (built once per cluster
 //! when config is applied) carry the protocol, TLS and timeouts.
 //!
+//! An endpoint is its address, and also its host name when that is the TLS name
+//! (TLS without a fixed `tls.sni`): two endpoints naming one address under two
+//! names (virtual hosts of one server) never share a connection whose SNI and
+//! certificate check were for the other, as Envoy keys its pools by transport
+//! socket options. Plaintext and fixed-SNI clusters share by address.
+//!
 //! Attempts that find no HTTP/2 connection while one is being opened wait for it
 //! instead of opening their own (as Envoy queues them), so a burst opens one
 //! connection; if opening it fails, they all fail with its error. An HTTP/2
@@ -127,7 +133,29 @@ impl UpstreamSettings {
     }
 }
 
-type Key = (u64, SocketAddr);
+/// What a pooled connection can be reused for.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    /// [`UpstreamSettings::id`].
+    settings: u64,
+    addr: SocketAddr,
+    /// The endpoint's host when it is the connection's TLS name (TLS without a
+    /// fixed `tls.sni`): endpoints naming one address under two names (virtual
+    /// hosts of one server) must not share connections, whose SNI and certificate
+    /// check were for one of them. Shared with the endpoint, so keying costs no copy.
+    host: Option<Arc<str>>,
+}
+
+impl Key {
+    fn new(s: &UpstreamSettings, target: &Target<'_>) -> Key {
+        let by_host = s.tls.as_ref().is_some_and(|t| t.sni.is_none());
+        Key {
+            settings: s.id,
+            addr: target.addr,
+            host: by_host.then(|| target.host.clone()),
+        }
+    }
+}
 
 struct Idle {
     sender: http1::SendRequest<Body>,
@@ -215,16 +243,16 @@ struct Opener {
 
 impl Opener {
     /// Starts opening `key`'s connection unless it is in the map already.
-    fn start(pool: &Rc<PoolInner>, key: Key) -> Option<Opener> {
+    fn start(pool: &Rc<PoolInner>, key: &Key) -> Option<Opener> {
         let mut h2 = pool.h2.borrow_mut();
-        if h2.contains_key(&key) {
+        if h2.contains_key(key) {
             return None;
         }
         let (tx, rx) = watch::channel(None);
-        h2.insert(key, H2Slot::Opening(rx.clone()));
+        h2.insert(key.clone(), H2Slot::Opening(rx.clone()));
         Some(Opener {
             pool: pool.clone(),
-            key,
+            key: key.clone(),
             tx,
             rx,
         })
@@ -293,7 +321,7 @@ pub struct Target<'a> {
     /// Endpoint address.
     pub addr: SocketAddr,
     /// Endpoint host as configured (the default TLS SNI).
-    pub host: &'a str,
+    pub host: &'a Arc<str>,
     /// The cluster, whose connection counters the pool keeps.
     pub cluster: &'a Arc<Cluster>,
     /// The endpoint's index in the cluster (`None` for original-destination).
@@ -316,11 +344,11 @@ impl Pool {
         target: Target<'_>,
         mut req: Request<Body>,
     ) -> Result<Response<Body>, ProxyError> {
-        let key = (s.id, target.addr);
+        let key = Key::new(s, &target);
         // hyper picks the wire format from the version field; h2 wants absolute URIs
         // with scheme+authority, h1 an origin-form path (set by the caller).
-        let (sender, used) = self.acquire(s, key, &target, true).await?;
-        let (sender, used) = match self.try_send(key, s, sender, req).await {
+        let (sender, used) = self.acquire(s, &key, &target, true).await?;
+        let (sender, used) = match self.try_send(&key, s, sender, req).await {
             Ok(mut resp) => {
                 resp.extensions_mut().insert(used);
                 return Ok(resp);
@@ -329,11 +357,11 @@ impl Pool {
             // A pooled connection closed under us: once more, on a fresh one.
             Err(SendError::NotSent(back)) if used == ConnectionUse::Reused => {
                 req = *back;
-                self.acquire(s, key, &target, false).await?
+                self.acquire(s, &key, &target, false).await?
             }
             Err(SendError::NotSent(_)) => return Err(closed_before_sent(target.addr)),
         };
-        match self.try_send(key, s, sender, req).await {
+        match self.try_send(&key, s, sender, req).await {
             Ok(mut resp) => {
                 resp.extensions_mut().insert(used);
                 Ok(resp)
@@ -349,7 +377,7 @@ impl Pool {
     async fn acquire(
         &self,
         s: &UpstreamSettings,
-        key: Key,
+        key: &Key,
         target: &Target<'_>,
         mut idle_ok: bool,
     ) -> Result<(Sender, ConnectionUse), ProxyError> {
@@ -432,14 +460,14 @@ impl Pool {
 
     /// The key's HTTP/2 connection, or the opening of one; drops one that closed or
     /// was idle past its timeout (the upstream may be closing it).
-    fn lookup_h2(&self, key: Key) -> H2Found {
+    fn lookup_h2(&self, key: &Key) -> H2Found {
         let mut h2 = self.inner.h2.borrow_mut();
-        match h2.get(&key) {
+        match h2.get(key) {
             Some(H2Slot::Ready(c)) => {
                 if !c.sender.is_closed() && !c.is_idle_past(Instant::now()) {
                     return H2Found::Ready(c.sender.clone(), c.usage.clone());
                 }
-                h2.remove(&key);
+                h2.remove(key);
                 H2Found::None
             }
             Some(H2Slot::Opening(rx)) => H2Found::Opening(rx.clone()),
@@ -450,15 +478,15 @@ impl Pool {
     async fn checkout_h1(
         &self,
         s: &UpstreamSettings,
-        key: Key,
+        key: &Key,
     ) -> Option<http1::SendRequest<Body>> {
         loop {
             let candidate = {
                 let mut idle = self.inner.idle.borrow_mut();
-                let list = idle.get_mut(&key)?;
+                let list = idle.get_mut(key)?;
                 let c = list.pop();
                 if list.is_empty() {
-                    idle.remove(&key);
+                    idle.remove(key);
                 }
                 c?
             };
@@ -479,7 +507,7 @@ impl Pool {
     async fn connect(
         &self,
         s: &UpstreamSettings,
-        key: Key,
+        key: &Key,
         target: &Target<'_>,
         opener: Option<Opener>,
     ) -> Result<Sender, ProxyError> {
@@ -497,7 +525,7 @@ impl Pool {
     async fn open_sender(
         &self,
         s: &UpstreamSettings,
-        key: Key,
+        key: &Key,
         target: &Target<'_>,
     ) -> Result<Sender, ProxyError> {
         let (io, h2, guard) = open_counted(s, target).await?;
@@ -526,7 +554,7 @@ impl Pool {
                 idle_since: Cell::new(Instant::now()),
             });
             self.inner.h2.borrow_mut().insert(
-                key,
+                key.clone(),
                 H2Slot::Ready(H2Conn {
                     sender: sender.clone(),
                     usage: usage.clone(),
@@ -551,7 +579,7 @@ impl Pool {
 
     async fn try_send(
         &self,
-        key: Key,
+        key: &Key,
         s: &UpstreamSettings,
         sender: Sender,
         mut req: Request<Body>,
@@ -567,9 +595,9 @@ impl Pool {
                         Some(back) => {
                             let mut h2 = self.inner.h2.borrow_mut();
                             // Unless another connection has replaced it.
-                            if let Some(H2Slot::Ready(c)) = h2.get(&key) {
+                            if let Some(H2Slot::Ready(c)) = h2.get(key) {
                                 if Rc::ptr_eq(&c.usage, &stream.0) {
-                                    h2.remove(&key);
+                                    h2.remove(key);
                                 }
                             }
                             Err(SendError::NotSent(Box::new(back)))
@@ -595,7 +623,7 @@ impl Pool {
                         }
                         let ret = Return {
                             pool: Rc::downgrade(&self.inner),
-                            key,
+                            key: key.clone(),
                             upload,
                             sender: sr,
                             max_idle: s.max_idle,

@@ -3,6 +3,8 @@
 //! stream open for the cluster's `idle_timeout` is closed, and a long stream keeps
 //! its connection open (and reusable) past that time. HTTP/1.1: a connection
 //! whose request body is still uploading is not pooled when its response ends.
+//! TLS: endpoints naming one address under two host names do not share
+//! connections (each one's SNI and certificate check are its own).
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -324,5 +326,82 @@ each_proto!(
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(up.connections.get(), 2, "the uploading connection was reused");
         release.store(true, Ordering::SeqCst);
+    }
+);
+
+/// A TLS cluster with two endpoints, `a.test` and `b.test` on `port`, both resolved
+/// to 127.0.0.1 by `dns` (a `dns` cluster, round robin).
+fn two_names_one_address(port: u16, dns: std::net::SocketAddr, ca: &Ca, protocol: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http: {{ routes: main }}
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    protocol: {protocol}
+    tls: {{ ca: {ca} }}
+    discovery:
+      type: dns
+      dns_resolvers: [\"{dns}\"]
+      dns_refresh_rate: 1h
+    endpoints:
+      - address: \"a.test:{port}\"
+      - address: \"b.test:{port}\"
+",
+        ca = ca.cert_path.display()
+    )
+}
+
+each_proto!(
+    /// One TLS server behind two names (virtual hosts): a cluster's endpoints
+    /// `a.test` and `b.test` resolve to the same address. Each request goes over a
+    /// connection opened for its own endpoint, with that endpoint's name as SNI
+    /// (and its certificate checked for it), never over the other's: one
+    /// connection per name, each reused, over HTTP/1.1 and HTTP/2 upstream.
+    async fn tls_endpoints_on_one_address_keep_their_own_connections(proto) {
+        for protocol in ["http1", "h2"] {
+            let ca = Ca::new("upstream CA");
+            let up = upstream().tls(ca.server(&["a.test", "b.test"])).start().await;
+            let dns = DnsServer::start(&[std::net::Ipv4Addr::LOCALHOST]).await;
+            let lg = legate()
+                .concurrency(1)
+                .config(&two_names_one_address(up.addr.port(), dns.addr, &ca, protocol))
+                .start();
+            let members = r#"legate_cluster_membership_total{cluster="backend"}"#;
+            eventually(Duration::from_secs(10), "both endpoints resolved", || async {
+                (lg.stat(members).await == Some(2.0)).then_some(())
+            })
+            .await;
+            let mut c = client(proto, lg.addr("web")).await;
+            let mut names = Vec::new();
+            for i in 0..6 {
+                let r = c.get(&format!("/{i}")).send().await;
+                assert_eq!(r.status, 200, "{protocol}: {}", r.text());
+                let tls = r.echo().tls.expect("the upstream saw TLS");
+                names.push(tls.sni.unwrap_or_default());
+            }
+            // Round robin (one worker) alternates the endpoints: so do the names.
+            assert!(
+                names.windows(2).all(|w| w[0] != w[1]),
+                "{protocol}: SNI per request {names:?}"
+            );
+            let mut seen = names.clone();
+            seen.sort();
+            seen.dedup();
+            assert_eq!(seen, ["a.test", "b.test"], "{protocol}");
+            assert_eq!(up.connections.get(), 2, "{protocol}: one connection per name");
+            lg.assert_stat(CLUSTER_2XX, 6.0).await;
+            lg.assert_stat(CX_TOTAL, 2.0).await;
+        }
     }
 );
