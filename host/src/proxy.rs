@@ -1495,7 +1495,7 @@ impl Attempts<'_> {
                         "connection has no original destination",
                     )
                 })?;
-                (addr, addr.ip().to_string(), None)
+                (addr, Arc::<str>::from(addr.ip().to_string()), None)
             } else {
                 let idx = balancer.pick(hash, &tried).ok_or_else(|| {
                     ProxyError::new(

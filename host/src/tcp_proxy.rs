@@ -112,7 +112,7 @@ pub async fn serve(
                 tracing::warn!(listener = %ctx.name, %peer, "no original destination; closing");
                 return;
             };
-            (a, a.ip().to_string(), None)
+            (a, Arc::<str>::from(a.ip().to_string()), None)
         } else {
             let Some(i) = balancer.pick(hash, &tried) else {
                 break;

@@ -1,13 +1,30 @@
 //! The upstream connection pool: one per worker, no locks.
 //!
 //! A [`Pool`] owns every upstream connection its worker opened: idle HTTP/1.1
-//! keep-alive connections per (cluster, endpoint), and one multiplexed HTTP/2
-//! connection per (cluster, endpoint). [`UpstreamSettings`] (built once per cluster
-//! when config is applied) carry the protocol, TLS and timeouts.
+//! keep-alive connections per (cluster, endpoint), and the multiplexed HTTP/2
+//! connections per (cluster, endpoint): one, and more while every one has
+//! `max_concurrent_streams` streams open. [`UpstreamSettings`] (built once per
+//! cluster when config is applied) carry the protocol, TLS, timeouts and limits.
 //!
-//! Attempts that find no HTTP/2 connection while one is being opened wait for it
-//! instead of opening their own (as Envoy queues them), so a burst opens one
-//! connection; if opening it fails, they all fail with its error. An HTTP/2
+//! An endpoint is its address, and also its host name when that is the TLS name
+//! (TLS without a fixed `tls.sni`): two endpoints naming one address under two
+//! names (virtual hosts of one server) never share a connection whose SNI and
+//! certificate check were for the other, as Envoy keys its pools by transport
+//! socket options. Plaintext and fixed-SNI clusters share by address.
+//!
+//! An attempt takes a stream on the first HTTP/2 connection with one free (the
+//! oldest first, so that the others go idle and close when the load drops). With
+//! none free, it waits for a connection being opened that has streams left to
+//! promise (as Envoy queues attempts on a connecting connection's capacity), else
+//! opens one: a burst opens one connection per `max_concurrent_streams` attempts;
+//! if opening one fails, its waiting attempts all fail with its error. The limit
+//! is the cluster's setting: hyper reports the upstream's own
+//! SETTINGS_MAX_CONCURRENT_STREAMS only to the connection task
+//! (`Connection::current_max_send_streams`), and only once that frame arrived,
+//! after the handshake the waiting attempts were promised streams at. When
+//! `max_connections` refuses another connection (counted as an overflow), the
+//! attempt shares the least loaded one, where hyper queues the stream until one of
+//! its streams ends. An HTTP/2
 //! connection with no stream open for its cluster's `idle_timeout` is dropped from
 //! the pool: hyper then closes it (streams still open would finish first). The pool
 //! is keyed by settings, which a reload renews, so connections of a changed or
@@ -37,7 +54,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::TlsStream;
 
 use crate::body::{self, Body};
-use crate::cluster::{ActiveConnection, Cluster};
+use crate::cluster::{ActiveConnection, Cluster, ConnectPermit};
 use crate::config::{self, UpstreamProtocol};
 use crate::error::{Kind, ProxyError};
 use crate::io::Conn;
@@ -57,6 +74,8 @@ pub struct UpstreamSettings {
     connect_timeout: Duration,
     max_idle: usize,
     idle_timeout: Duration,
+    /// Streams an HTTP/2 connection takes before another one is opened.
+    max_streams: usize,
 }
 
 struct UpstreamTls {
@@ -102,6 +121,7 @@ impl UpstreamSettings {
             connect_timeout: cluster.connect_timeout.get(),
             max_idle: cluster.max_idle_per_endpoint as usize,
             idle_timeout: cluster.idle_timeout.get(),
+            max_streams: cluster.max_concurrent_streams as usize,
         })
     }
 
@@ -127,7 +147,29 @@ impl UpstreamSettings {
     }
 }
 
-type Key = (u64, SocketAddr);
+/// What a pooled connection can be reused for.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    /// [`UpstreamSettings::id`].
+    settings: u64,
+    addr: SocketAddr,
+    /// The endpoint's host when it is the connection's TLS name (TLS without a
+    /// fixed `tls.sni`): endpoints naming one address under two names (virtual
+    /// hosts of one server) must not share connections, whose SNI and certificate
+    /// check were for one of them. Shared with the endpoint, so keying costs no copy.
+    host: Option<Arc<str>>,
+}
+
+impl Key {
+    fn new(s: &UpstreamSettings, target: &Target<'_>) -> Key {
+        let by_host = s.tls.as_ref().is_some_and(|t| t.sni.is_none());
+        Key {
+            settings: s.id,
+            addr: target.addr,
+            host: by_host.then(|| target.host.clone()),
+        }
+    }
+}
 
 struct Idle {
     sender: http1::SendRequest<Body>,
@@ -136,12 +178,23 @@ struct Idle {
     idle_timeout: Duration,
 }
 
-/// The HTTP/2 connection of a key: open, or being opened by one attempt.
-enum H2Slot {
-    Ready(H2Conn),
+/// The HTTP/2 connections of a key: open ones (oldest first), and those being
+/// opened, each by one attempt.
+#[derive(Default)]
+struct H2Set {
+    ready: Vec<H2Conn>,
+    opening: Vec<Opening>,
+}
+
+/// An HTTP/2 connection being opened.
+struct Opening {
     /// Other attempts wait on it; `None` until the opening attempt is done (a
     /// closed channel: it was abandoned).
-    Opening(watch::Receiver<Option<Opened>>),
+    rx: watch::Receiver<Option<Opened>>,
+    /// Attempts counting on it: the one opening it and those waiting. Only
+    /// `max_concurrent_streams` wait; more open another connection. (A waiter
+    /// cancelled meanwhile still counts: at worst one more connection opens.)
+    claimed: usize,
 }
 
 /// An open HTTP/2 connection.
@@ -202,9 +255,10 @@ enum Opened {
     Failed(Kind, String),
 }
 
-/// The attempt opening a key's HTTP/2 connection. Dropped unfinished (the attempt
-/// was cancelled), it removes its [`H2Slot::Opening`] and closes the channel, so
-/// the waiting attempts look again and one of them opens the connection.
+/// The attempt opening an HTTP/2 connection of a key. Dropped (finished: the
+/// connection is in [`H2Set::ready`] by then, or failed), it removes its
+/// [`Opening`]; dropped unfinished (the attempt was cancelled), it also closes the
+/// channel, so the waiting attempts look again and one of them opens a connection.
 struct Opener {
     pool: Rc<PoolInner>,
     key: Key,
@@ -214,20 +268,25 @@ struct Opener {
 }
 
 impl Opener {
-    /// Starts opening `key`'s connection unless it is in the map already.
-    fn start(pool: &Rc<PoolInner>, key: Key) -> Option<Opener> {
-        let mut h2 = pool.h2.borrow_mut();
-        if h2.contains_key(&key) {
-            return None;
-        }
+    /// Starts opening a connection of `key`, which other attempts may wait for.
+    fn start(pool: &Rc<PoolInner>, key: &Key) -> Opener {
         let (tx, rx) = watch::channel(None);
-        h2.insert(key, H2Slot::Opening(rx.clone()));
-        Some(Opener {
+        let opening = Opening {
+            rx: rx.clone(),
+            claimed: 1,
+        };
+        pool.h2
+            .borrow_mut()
+            .entry(key.clone())
+            .or_default()
+            .opening
+            .push(opening);
+        Opener {
             pool: pool.clone(),
-            key,
+            key: key.clone(),
             tx,
             rx,
-        })
+        }
     }
 
     fn finish(self, opened: Opened) {
@@ -238,9 +297,9 @@ impl Opener {
 impl Drop for Opener {
     fn drop(&mut self) {
         let mut h2 = self.pool.h2.borrow_mut();
-        // Ours unless the connection made it into the map.
-        if let Some(H2Slot::Opening(rx)) = h2.get(&self.key) {
-            if rx.same_channel(&self.rx) {
+        if let Some(set) = h2.get_mut(&self.key) {
+            set.opening.retain(|o| !o.rx.same_channel(&self.rx));
+            if set.ready.is_empty() && set.opening.is_empty() {
                 h2.remove(&self.key);
             }
         }
@@ -251,7 +310,7 @@ impl Drop for Opener {
 struct PoolInner {
     // Fx: looked up several times per request with keys from the config.
     idle: RefCell<FxHashMap<Key, Vec<Idle>>>,
-    h2: RefCell<FxHashMap<Key, H2Slot>>,
+    h2: RefCell<FxHashMap<Key, H2Set>>,
 }
 
 /// A worker's upstream connections.
@@ -268,8 +327,13 @@ enum Sender {
 
 /// What [`Pool::lookup_h2`] found for a key.
 enum H2Found {
+    /// A connection with a stream free.
     Ready(http2::SendRequest<Body>, Rc<H2Usage>),
+    /// A connection being opened, with a stream promised to this attempt.
     Opening(watch::Receiver<Option<Opened>>),
+    /// Every connection is full (or promised): open another under this permit.
+    Open(ConnectPermit),
+    /// No connection, none being opened.
     None,
 }
 
@@ -293,7 +357,7 @@ pub struct Target<'a> {
     /// Endpoint address.
     pub addr: SocketAddr,
     /// Endpoint host as configured (the default TLS SNI).
-    pub host: &'a str,
+    pub host: &'a Arc<str>,
     /// The cluster, whose connection counters the pool keeps.
     pub cluster: &'a Arc<Cluster>,
     /// The endpoint's index in the cluster (`None` for original-destination).
@@ -316,11 +380,11 @@ impl Pool {
         target: Target<'_>,
         mut req: Request<Body>,
     ) -> Result<Response<Body>, ProxyError> {
-        let key = (s.id, target.addr);
+        let key = Key::new(s, &target);
         // hyper picks the wire format from the version field; h2 wants absolute URIs
         // with scheme+authority, h1 an origin-form path (set by the caller).
-        let (sender, used) = self.acquire(s, key, &target, true).await?;
-        let (sender, used) = match self.try_send(key, s, sender, req).await {
+        let (sender, used) = self.acquire(s, &key, &target, true).await?;
+        let (sender, used) = match self.try_send(&key, s, sender, req).await {
             Ok(mut resp) => {
                 resp.extensions_mut().insert(used);
                 return Ok(resp);
@@ -329,11 +393,11 @@ impl Pool {
             // A pooled connection closed under us: once more, on a fresh one.
             Err(SendError::NotSent(back)) if used == ConnectionUse::Reused => {
                 req = *back;
-                self.acquire(s, key, &target, false).await?
+                self.acquire(s, &key, &target, false).await?
             }
             Err(SendError::NotSent(_)) => return Err(closed_before_sent(target.addr)),
         };
-        match self.try_send(key, s, sender, req).await {
+        match self.try_send(&key, s, sender, req).await {
             Ok(mut resp) => {
                 resp.extensions_mut().insert(used);
                 Ok(resp)
@@ -349,33 +413,35 @@ impl Pool {
     async fn acquire(
         &self,
         s: &UpstreamSettings,
-        key: Key,
+        key: &Key,
         target: &Target<'_>,
         mut idle_ok: bool,
     ) -> Result<(Sender, ConnectionUse), ProxyError> {
         let asked = Instant::now();
         // The attempt's `max_pending_requests` slot while it waits for another's
-        // opening (one that opens its own takes one in `open_counted`).
+        // opening (one that opens its own takes one with its connect permit).
         let mut pending = None;
         loop {
+            // Taken here when every HTTP/2 connection is full (else in `open_counted`).
+            let mut permit = None;
             if s.protocol != UpstreamProtocol::Http1 {
-                match self.lookup_h2(key) {
+                // Its connect permit, if it opens one, counts it as pending from here.
+                let waited = pending.take().is_some();
+                match self.lookup_h2(key, s.max_streams, target.cluster) {
                     H2Found::Ready(sr, usage) => {
-                        let used = match pending {
+                        let used = match waited {
                             // Opened while this attempt waited (it was abandoned
                             // by the attempt it waited for, then reopened).
-                            Some(_) => ConnectionUse::New {
+                            true => ConnectionUse::New {
                                 connect: asked.elapsed(),
                             },
-                            None => ConnectionUse::Reused,
+                            false => ConnectionUse::Reused,
                         };
                         return Ok((Sender::H2(sr, usage), used));
                     }
                     H2Found::Opening(mut rx) => {
                         // Counted as pending, as an attempt opening its own is.
-                        if pending.is_none() {
-                            pending = Some(target.cluster.pending_permit()?);
-                        }
+                        pending = Some(target.cluster.pending_permit()?);
                         let opened = rx
                             .wait_for(Option::is_some)
                             .await
@@ -383,9 +449,13 @@ impl Pool {
                             .and_then(|v| v.clone());
                         let connect = asked.elapsed();
                         match opened {
-                            Some(Opened::H2(sr, usage)) => {
-                                return Ok((Sender::H2(sr, usage), ConnectionUse::New { connect }))
+                            // Unless attempts that came after it was opened
+                            // took its streams first: then look again.
+                            Some(Opened::H2(sr, usage)) if usage.streams.get() < s.max_streams => {
+                                let used = ConnectionUse::New { connect };
+                                return Ok((Sender::H2(sr, usage), used));
                             }
+                            Some(Opened::H2(..)) => continue,
                             Some(Opened::Failed(kind, detail)) => {
                                 return Err(ProxyError::new(kind, detail))
                             }
@@ -394,16 +464,17 @@ impl Pool {
                             Some(Opened::Http1) => {
                                 drop(pending);
                                 let started = Instant::now();
-                                let sender = self.connect(s, key, target, None).await?;
+                                let sender = self.connect(s, key, target, None, None).await?;
                                 let connect = started.elapsed();
                                 return Ok((sender, ConnectionUse::New { connect }));
                             }
                         }
                     }
+                    H2Found::Open(p) => permit = Some(p),
                     H2Found::None => {}
                 }
             }
-            if idle_ok && s.protocol != UpstreamProtocol::H2 {
+            if permit.is_none() && idle_ok && s.protocol != UpstreamProtocol::H2 {
                 if let Some(sender) = self.checkout_h1(s, key).await {
                     return Ok((Sender::H1(sender), ConnectionUse::Reused));
                 }
@@ -411,38 +482,54 @@ impl Pool {
                 idle_ok = false;
                 continue;
             }
-            let opener = if s.may_be_h2() {
-                match Opener::start(&self.inner, key) {
-                    Some(o) => Some(o),
-                    // Another attempt started while this one looked.
-                    None => continue,
-                }
-            } else {
-                None
-            };
+            let opener = s.may_be_h2().then(|| Opener::start(&self.inner, key));
             drop(pending);
             // Measured here, where the connection is made: TCP, TLS and the HTTP
             // handshake (what a debug response reports as `connect`).
             let started = Instant::now();
-            let sender = self.connect(s, key, target, opener).await?;
+            let sender = self.connect(s, key, target, opener, permit).await?;
             let connect = started.elapsed();
             return Ok((sender, ConnectionUse::New { connect }));
         }
     }
 
-    /// The key's HTTP/2 connection, or the opening of one; drops one that closed or
-    /// was idle past its timeout (the upstream may be closing it).
-    fn lookup_h2(&self, key: Key) -> H2Found {
+    /// A stream for an attempt on one of the key's HTTP/2 connections: the oldest
+    /// with fewer than `max` streams open, else a promise of one on a connection
+    /// being opened, else the permit to open another. When `cluster`'s circuit
+    /// breakers refuse that (counted as an overflow), a stream anyway: on the least
+    /// loaded connection, where hyper holds it back until one of its streams ends,
+    /// or the least promised opening. Drops connections that closed or were idle
+    /// past their timeout (the upstream may be closing them).
+    fn lookup_h2(&self, key: &Key, max: usize, cluster: &Arc<Cluster>) -> H2Found {
         let mut h2 = self.inner.h2.borrow_mut();
-        match h2.get(&key) {
-            Some(H2Slot::Ready(c)) => {
-                if !c.sender.is_closed() && !c.is_idle_past(Instant::now()) {
-                    return H2Found::Ready(c.sender.clone(), c.usage.clone());
-                }
-                h2.remove(&key);
-                H2Found::None
+        let Some(set) = h2.get_mut(key) else {
+            return H2Found::None;
+        };
+        let now = Instant::now();
+        set.ready
+            .retain(|c| !c.sender.is_closed() && !c.is_idle_past(now));
+        if let Some(c) = set.ready.iter().find(|c| c.usage.streams.get() < max) {
+            return H2Found::Ready(c.sender.clone(), c.usage.clone());
+        }
+        if let Some(o) = set.opening.iter_mut().find(|o| o.claimed < max) {
+            o.claimed += 1;
+            return H2Found::Opening(o.rx.clone());
+        }
+        if set.ready.is_empty() && set.opening.is_empty() {
+            h2.remove(key);
+            return H2Found::None;
+        }
+        if let Ok(p) = cluster.connect_permit() {
+            return H2Found::Open(p);
+        }
+        if let Some(c) = set.ready.iter().min_by_key(|c| c.usage.streams.get()) {
+            return H2Found::Ready(c.sender.clone(), c.usage.clone());
+        }
+        match set.opening.iter_mut().min_by_key(|o| o.claimed) {
+            Some(o) => {
+                o.claimed += 1;
+                H2Found::Opening(o.rx.clone())
             }
-            Some(H2Slot::Opening(rx)) => H2Found::Opening(rx.clone()),
             None => H2Found::None,
         }
     }
@@ -450,15 +537,15 @@ impl Pool {
     async fn checkout_h1(
         &self,
         s: &UpstreamSettings,
-        key: Key,
+        key: &Key,
     ) -> Option<http1::SendRequest<Body>> {
         loop {
             let candidate = {
                 let mut idle = self.inner.idle.borrow_mut();
-                let list = idle.get_mut(&key)?;
+                let list = idle.get_mut(key)?;
                 let c = list.pop();
                 if list.is_empty() {
-                    idle.remove(&key);
+                    idle.remove(key);
                 }
                 c?
             };
@@ -474,16 +561,18 @@ impl Pool {
         }
     }
 
-    /// Opens a connection. An HTTP/2 one goes into the pool, and to the attempts
-    /// waiting on `opener` (which also learn of a failure).
+    /// Opens a connection (under `permit` if the attempt took one already). An
+    /// HTTP/2 one goes into the pool, and to the attempts waiting on `opener`
+    /// (which also learn of a failure).
     async fn connect(
         &self,
         s: &UpstreamSettings,
-        key: Key,
+        key: &Key,
         target: &Target<'_>,
         opener: Option<Opener>,
+        permit: Option<ConnectPermit>,
     ) -> Result<Sender, ProxyError> {
-        let result = self.open_sender(s, key, target).await;
+        let result = self.open_sender(s, key, target, permit).await;
         if let Some(o) = opener {
             o.finish(match &result {
                 Ok(Sender::H2(sr, usage)) => Opened::H2(sr.clone(), usage.clone()),
@@ -497,10 +586,11 @@ impl Pool {
     async fn open_sender(
         &self,
         s: &UpstreamSettings,
-        key: Key,
+        key: &Key,
         target: &Target<'_>,
+        permit: Option<ConnectPermit>,
     ) -> Result<Sender, ProxyError> {
-        let (io, h2, guard) = open_counted(s, target).await?;
+        let (io, h2, guard) = open_counted(s, target, permit).await?;
         let io = TokioIo::new(io);
         let handshake_err = |e: hyper::Error| {
             ProxyError::new(
@@ -525,14 +615,17 @@ impl Pool {
                 streams: Cell::new(0),
                 idle_since: Cell::new(Instant::now()),
             });
-            self.inner.h2.borrow_mut().insert(
-                key,
-                H2Slot::Ready(H2Conn {
+            self.inner
+                .h2
+                .borrow_mut()
+                .entry(key.clone())
+                .or_default()
+                .ready
+                .push(H2Conn {
                     sender: sender.clone(),
                     usage: usage.clone(),
                     idle_timeout: s.idle_timeout,
-                }),
-            );
+                });
             Ok(Sender::H2(sender, usage))
         } else {
             let (sender, conn) = http1::Builder::new()
@@ -551,7 +644,7 @@ impl Pool {
 
     async fn try_send(
         &self,
-        key: Key,
+        key: &Key,
         s: &UpstreamSettings,
         sender: Sender,
         mut req: Request<Body>,
@@ -566,10 +659,10 @@ impl Pool {
                     Err(mut e) => match e.take_message() {
                         Some(back) => {
                             let mut h2 = self.inner.h2.borrow_mut();
-                            // Unless another connection has replaced it.
-                            if let Some(H2Slot::Ready(c)) = h2.get(&key) {
-                                if Rc::ptr_eq(&c.usage, &stream.0) {
-                                    h2.remove(&key);
+                            if let Some(set) = h2.get_mut(key) {
+                                set.ready.retain(|c| !Rc::ptr_eq(&c.usage, &stream.0));
+                                if set.ready.is_empty() && set.opening.is_empty() {
+                                    h2.remove(key);
                                 }
                             }
                             Err(SendError::NotSent(Box::new(back)))
@@ -595,7 +688,7 @@ impl Pool {
                         }
                         let ret = Return {
                             pool: Rc::downgrade(&self.inner),
-                            key,
+                            key: key.clone(),
                             upload,
                             sender: sr,
                             max_idle: s.max_idle,
@@ -625,9 +718,10 @@ impl Pool {
             !list.is_empty()
         });
         let now = Instant::now();
-        self.inner.h2.borrow_mut().retain(|_, slot| match slot {
-            H2Slot::Ready(c) => !c.sender.is_closed() && !c.is_idle_past(now),
-            H2Slot::Opening(_) => true,
+        self.inner.h2.borrow_mut().retain(|_, set| {
+            set.ready
+                .retain(|c| !c.sender.is_closed() && !c.is_idle_past(now));
+            !set.ready.is_empty() || !set.opening.is_empty()
         });
     }
 
@@ -814,7 +908,7 @@ pub async fn open_stream(
     s: &UpstreamSettings,
     target: &Target<'_>,
 ) -> Result<(Conn, ActiveConnection), ProxyError> {
-    open_counted(s, target).await.map(|(c, _, g)| (c, g))
+    open_counted(s, target, None).await.map(|(c, _, g)| (c, g))
 }
 
 /// Opens a connection for a health check: under the connect timeout, but not
@@ -837,13 +931,17 @@ pub async fn open_unpooled(
         })
 }
 
-/// [`open`] under the connect timeout and the cluster's circuit breakers, with the
-/// cluster's connection counters.
+/// [`open`] under the connect timeout and the cluster's circuit breakers (`permit`,
+/// if the caller took it already), with the cluster's connection counters.
 async fn open_counted(
     s: &UpstreamSettings,
     target: &Target<'_>,
+    permit: Option<ConnectPermit>,
 ) -> Result<(Conn, bool, ActiveConnection), ProxyError> {
-    let permit = target.cluster.connect_permit()?;
+    let permit = match permit {
+        Some(p) => p,
+        None => target.cluster.connect_permit()?,
+    };
     match tokio::time::timeout(s.connect_timeout, open(s, target)).await {
         Ok(Ok((c, h2))) => Ok((c, h2, permit.established(target.endpoint))),
         Ok(Err(e)) => {

@@ -3,6 +3,9 @@
 //! stream open for the cluster's `idle_timeout` is closed, and a long stream keeps
 //! its connection open (and reusable) past that time. HTTP/1.1: a connection
 //! whose request body is still uploading is not pooled when its response ends.
+//! TLS: endpoints naming one address under two host names do not share
+//! connections (each one's SNI and certificate check are its own). A full HTTP/2
+//! connection (`max_concurrent_streams`) makes the pool open another.
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -15,6 +18,7 @@ const CLUSTER_2XX: &str = r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#
 const CX_TOTAL: &str = r#"legate_cluster_upstream_cx_total{cluster="backend"}"#;
 const CX_ACTIVE: &str = r#"legate_cluster_upstream_cx_active{cluster="backend"}"#;
 const CX_CONNECT_FAIL: &str = r#"legate_cluster_upstream_cx_connect_fail{cluster="backend"}"#;
+const CX_OVERFLOW: &str = r#"legate_cluster_upstream_cx_overflow{cluster="backend"}"#;
 const PENDING_ACTIVE: &str = r#"legate_cluster_upstream_rq_pending_active{cluster="backend"}"#;
 
 /// Chunks of the slow response, and the time between them.
@@ -324,5 +328,181 @@ each_proto!(
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(up.connections.get(), 2, "the uploading connection was reused");
         release.store(true, Ordering::SeqCst);
+    }
+);
+
+/// A TLS cluster with two endpoints, `a.test` and `b.test` on `port`, both resolved
+/// to 127.0.0.1 by `dns` (a `dns` cluster, round robin).
+fn two_names_one_address(port: u16, dns: std::net::SocketAddr, ca: &Ca, protocol: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http: {{ routes: main }}
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    protocol: {protocol}
+    tls: {{ ca: {ca} }}
+    discovery:
+      type: dns
+      dns_resolvers: [\"{dns}\"]
+      dns_refresh_rate: 1h
+    endpoints:
+      - address: \"a.test:{port}\"
+      - address: \"b.test:{port}\"
+",
+        ca = ca.cert_path.display()
+    )
+}
+
+each_proto!(
+    /// One TLS server behind two names (virtual hosts): a cluster's endpoints
+    /// `a.test` and `b.test` resolve to the same address. Each request goes over a
+    /// connection opened for its own endpoint, with that endpoint's name as SNI
+    /// (and its certificate checked for it), never over the other's: one
+    /// connection per name, each reused, over HTTP/1.1 and HTTP/2 upstream.
+    async fn tls_endpoints_on_one_address_keep_their_own_connections(proto) {
+        for protocol in ["http1", "h2"] {
+            let ca = Ca::new("upstream CA");
+            let up = upstream().tls(ca.server(&["a.test", "b.test"])).start().await;
+            let dns = DnsServer::start(&[std::net::Ipv4Addr::LOCALHOST]).await;
+            let lg = legate()
+                .concurrency(1)
+                .config(&two_names_one_address(up.addr.port(), dns.addr, &ca, protocol))
+                .start();
+            let members = r#"legate_cluster_membership_total{cluster="backend"}"#;
+            eventually(Duration::from_secs(10), "both endpoints resolved", || async {
+                (lg.stat(members).await == Some(2.0)).then_some(())
+            })
+            .await;
+            let mut c = client(proto, lg.addr("web")).await;
+            let mut names = Vec::new();
+            for i in 0..6 {
+                let r = c.get(&format!("/{i}")).send().await;
+                assert_eq!(r.status, 200, "{protocol}: {}", r.text());
+                let tls = r.echo().tls.expect("the upstream saw TLS");
+                names.push(tls.sni.unwrap_or_default());
+            }
+            // Round robin (one worker) alternates the endpoints: so do the names.
+            assert!(
+                names.windows(2).all(|w| w[0] != w[1]),
+                "{protocol}: SNI per request {names:?}"
+            );
+            let mut seen = names.clone();
+            seen.sort();
+            seen.dedup();
+            assert_eq!(seen, ["a.test", "b.test"], "{protocol}");
+            assert_eq!(up.connections.get(), 2, "{protocol}: one connection per name");
+            lg.assert_stat(CLUSTER_2XX, 6.0).await;
+            lg.assert_stat(CX_TOTAL, 2.0).await;
+        }
+    }
+);
+
+each_proto!(
+    /// An HTTP/2 connection takes `max_concurrent_streams` streams; past that,
+    /// another is opened. Five requests held by the upstream at once, with a limit
+    /// of 2 and one worker: three connections (2 + 2 + 1), where one connection
+    /// would have queued them past an upstream's limit. The first connection is
+    /// reused once its streams end.
+    async fn a_full_h2_connection_opens_another(proto) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let release = Arc::new(AtomicBool::new(false));
+        let up = upstream().h2().hold_until(&release).start().await;
+        let lg = legate()
+            .concurrency(1)
+            .config(&simple_config_with(
+                &[up.addr],
+                "",
+                "    protocol: h2\n    max_concurrent_streams: 2\n",
+            ))
+            .start();
+        let tasks: Vec<_> = clients(proto, lg.addr("web"), 5)
+            .await
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut c)| {
+                tokio::spawn(async move {
+                    let r = c.get(&format!("/held/{i}")).send().await;
+                    (r.status.as_u16(), r.echo().path)
+                })
+            })
+            .collect();
+        eventually(Duration::from_secs(10), "all 5 requests at the upstream", || async {
+            (up.in_flight.get() == 5).then_some(())
+        })
+        .await;
+        assert_eq!(up.connections.get(), 3, "connections for 5 streams, 2 per connection");
+        lg.assert_stat(CX_ACTIVE, 3.0).await;
+        release.store(true, Ordering::SeqCst);
+        for (i, t) in tasks.into_iter().enumerate() {
+            let (status, path) = t.await.unwrap();
+            assert_eq!(status, 200, "request {i}");
+            assert_eq!(path, format!("/held/{i}"));
+        }
+        // Streams free again: a later request opens nothing.
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/after").send().await.status, 200);
+        assert_eq!(up.connections.get(), 3);
+        lg.assert_stat(CLUSTER_2XX, 6.0).await;
+        lg.assert_stat(CX_TOTAL, 3.0).await;
+        lg.assert_stat(PENDING_ACTIVE, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// When `circuit_breakers.max_connections` refuses another HTTP/2 connection
+    /// (counted as an overflow), a request past the streams of the open ones shares
+    /// the least loaded one instead of failing: five requests held at once, two
+    /// streams per connection, two connections at most: all five reach the
+    /// upstream, over two connections, and all are answered.
+    async fn full_h2_connections_are_shared_at_max_connections(proto) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let release = Arc::new(AtomicBool::new(false));
+        let up = upstream().h2().hold_until(&release).start().await;
+        let lg = legate()
+            .concurrency(1)
+            .config(&simple_config_with(
+                &[up.addr],
+                "",
+                "    protocol: h2\n    max_concurrent_streams: 2\n    circuit_breakers: { max_connections: 2 }\n",
+            ))
+            .start();
+        let tasks: Vec<_> = clients(proto, lg.addr("web"), 5)
+            .await
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut c)| {
+                tokio::spawn(async move {
+                    let r = c.get(&format!("/held/{i}")).send().await;
+                    (r.status.as_u16(), r.text())
+                })
+            })
+            .collect();
+        eventually(Duration::from_secs(10), "all 5 requests at the upstream", || async {
+            (up.in_flight.get() == 5).then_some(())
+        })
+        .await;
+        assert_eq!(up.connections.get(), 2);
+        release.store(true, Ordering::SeqCst);
+        for (i, t) in tasks.into_iter().enumerate() {
+            let (status, body) = t.await.unwrap();
+            assert_eq!(status, 200, "request {i}: {body}");
+        }
+        lg.assert_stat(CLUSTER_2XX, 5.0).await;
+        lg.assert_stat(CX_TOTAL, 2.0).await;
+        lg.assert_stat_with(CX_OVERFLOW, |v| v >= 1.0, ">= 1").await;
+        lg.assert_stat(PENDING_ACTIVE, 0.0).await;
     }
 );

@@ -60,7 +60,7 @@ pub struct Spec {
     /// Where connections go.
     pub address: SocketAddr,
     /// The host part as written (SNI / certificate name).
-    pub host: String,
+    pub host: Arc<str>,
     /// `host:port` as written (Host header, ring-hash identity).
     pub authority: String,
     /// Weight, at least 1.
@@ -143,7 +143,7 @@ pub fn parse_file(path: &Path, text: &str) -> anyhow::Result<Vec<Spec>> {
         }
         specs.push(Spec {
             address,
-            host: address.ip().to_string(),
+            host: address.ip().to_string().into(),
             authority: ep.address,
             weight: ep.weight,
             zone: ep.zone,
@@ -458,6 +458,7 @@ async fn resolve_all(
     for ep in eps {
         let (host, port) = config::split_host_port(&ep.address).map_err(|why| anyhow!("{why}"))?;
         let answer = resolver.resolve(&host).await?;
+        let host: Arc<str> = host.into();
         ttl = ttl.min(answer.ttl);
         let addrs: Vec<IpAddr> = match cfg.discovery.dns_lookup {
             DnsLookup::Strict => answer.addrs,
@@ -577,7 +578,7 @@ mod tests {
         assert_eq!(ok.len(), 2);
         assert_eq!(ok[0].weight, 3);
         assert_eq!(ok[0].zone.as_deref(), Some("a"));
-        assert_eq!(ok[1].host, "::1");
+        assert_eq!(&*ok[1].host, "::1");
         let json = parse_file(
             p,
             r#"{"endpoints": [{"address": "10.0.0.2:80", "weight": 2}]}"#,

@@ -217,7 +217,9 @@ pub struct Endpoint {
     pub address: SocketAddr,
     /// The host part as written in the config, without port and without the
     /// brackets of an IPv6 literal: the default TLS SNI / certificate name.
-    pub host: String,
+    /// Shared: each attempt takes it without copying (the connection pool keys TLS
+    /// connections by it).
+    pub host: Arc<str>,
     /// The address as written in the config (`host:port`, `[v6]:port`): the default
     /// Host/`:authority` towards this endpoint, and its identity on the hash ring.
     pub authority: String,
@@ -239,7 +241,7 @@ impl Endpoint {
     /// A new endpoint with fresh counters and health.
     pub fn new(
         address: SocketAddr,
-        host: String,
+        host: Arc<str>,
         authority: String,
         weight: u32,
         zone: Option<String>,
@@ -341,7 +343,7 @@ impl Cluster {
             };
             endpoints.push(Endpoint::new(
                 address,
-                host.to_string(),
+                host.into(),
                 ep.address.clone(),
                 ep.weight,
                 ep.zone.clone(),
@@ -798,7 +800,7 @@ mod tests {
         let ep = &c.endpoints[0];
         assert!(ep.address.ip().is_loopback(), "{}", ep.address);
         assert_eq!(ep.address.port(), 80);
-        assert_eq!(ep.host, "localhost");
+        assert_eq!(&*ep.host, "localhost");
         assert_eq!(ep.authority, "localhost:80");
         assert_eq!(ep.weight, 2);
     }
@@ -818,7 +820,7 @@ mod tests {
             v6.address,
             SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 8443)
         );
-        assert_eq!(v6.host, "::1");
+        assert_eq!(&*v6.host, "::1");
         assert_eq!(v6.authority, "[::1]:8443");
         assert_eq!(c.endpoints[1].address.to_string(), "10.1.2.3:80");
     }

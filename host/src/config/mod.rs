@@ -794,6 +794,12 @@ pub struct Cluster {
     /// timeout when that is shorter (Node.js and Apache close after 5s).
     #[serde(default = "defaults::pool_idle_timeout")]
     pub idle_timeout: Dur,
+    /// Streams an HTTP/2 connection carries at once before the pool opens another
+    /// connection to the endpoint (Envoy's `max_concurrent_streams`). Default 100,
+    /// the least RFC 9113 recommends a server allow, so it stays within what the
+    /// upstream accepts.
+    #[serde(default = "defaults::cluster_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
     /// Active health checking of the endpoints; absent = none.
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
@@ -1377,6 +1383,9 @@ pub(crate) mod defaults {
     pub fn pool_idle_timeout() -> Dur {
         Dur::secs(60)
     }
+    pub fn cluster_max_concurrent_streams() -> u32 {
+        100
+    }
     pub fn weight() -> u32 {
         1
     }
@@ -1554,6 +1563,7 @@ clusters:
         assert_eq!(cl.connect_timeout.get(), Duration::from_secs(5));
         assert_eq!(cl.max_idle_per_endpoint, 64);
         assert_eq!(cl.idle_timeout.get(), Duration::from_secs(60));
+        assert_eq!(cl.max_concurrent_streams, 100);
         assert!(cl.tls.is_none() && cl.hash_on.is_none() && !cl.original_dst);
         assert_eq!(cl.endpoints[0].value.weight, 1);
     }

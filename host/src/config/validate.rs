@@ -660,6 +660,10 @@ fn validate_route_table(e: &mut Issues, t: &Spanned<RouteTable>, clusters: &Defi
     }
 }
 
+/// The most `max_concurrent_streams` can be: HTTP/2 stream identifiers are 31
+/// bits.
+const MAX_STREAMS: u32 = (1 << 31) - 1;
+
 /// The action keys of a route, in the order the schema lists them.
 const ACTIONS: [&str; 4] = [
     "cluster",
@@ -1527,6 +1531,17 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
             "no connection can be made in no time; the default is 5s",
         )
         .key("connect_timeout");
+    }
+    if c.max_concurrent_streams == 0 || c.max_concurrent_streams > MAX_STREAMS {
+        e.at(
+            loc,
+            format!(
+                "cluster `{}`: `max_concurrent_streams` {} is not between 1 and {MAX_STREAMS}",
+                c.name, c.max_concurrent_streams
+            ),
+            "the streams one HTTP/2 connection carries before another is opened; the default is 100",
+        )
+        .key("max_concurrent_streams");
     }
     validate_resilience(e, loc, c);
 }
