@@ -624,13 +624,16 @@ async fn lingering_time_zero_turns_the_lingering_close_off() {
     assert_eq!(up.requests.get(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lingering_close_ends_after_lingering_time() {
+/// Legate with listener `limits` (and a 1KiB body limit), after an early 413
+/// to a client that goes on uploading (the connection, now lingering).
+async fn lingering_after_an_early_413(
+    limits: &str,
+) -> (LegateHandle, UpstreamHandle, tokio::net::TcpStream) {
     let up = upstream().route("/sink", sink).start().await;
     let lg = legate()
         .config(&limits_config(
             up.addr,
-            "      lingering_time: 300ms\n",
+            limits,
             "            max_request_body: 1KiB\n",
         ))
         .start();
@@ -639,6 +642,12 @@ async fn a_lingering_close_ends_after_lingering_time() {
     let answer = send_and_read_the_answer(&mut c, &head, &first).await;
     assert_eq!(raw_status(answer.as_bytes()), Some(413), "{answer}");
     lg.assert_stat(LINGERING_CLOSES, 1.0).await;
+    (lg, up, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lingering_close_ends_after_lingering_time() {
+    let (lg, _up, mut c) = lingering_after_an_early_413("      lingering_time: 300ms\n").await;
     // A client that uploads without end: Legate discards it for 300ms, then
     // closes, and the client's writes fail (with the default 30s they would
     // go on for the whole loop).
@@ -659,18 +668,7 @@ async fn a_lingering_close_ends_after_lingering_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lingering_close_ends_after_lingering_timeout_of_silence() {
-    let up = upstream().route("/sink", sink).start().await;
-    let lg = legate()
-        .config(&limits_config(
-            up.addr,
-            "      lingering_timeout: 200ms\n",
-            "            max_request_body: 1KiB\n",
-        ))
-        .start();
-    let (head, first) = oversized_upload();
-    let mut c = RawConn::connect(lg.addr("web")).await.stream;
-    let answer = send_and_read_the_answer(&mut c, &head, &first).await;
-    assert_eq!(raw_status(answer.as_bytes()), Some(413), "{answer}");
+    let (lg, _up, mut c) = lingering_after_an_early_413("      lingering_timeout: 200ms\n").await;
     // A byte a second: each one would restart the default 5s wait (for up to
     // 30s), but 200ms of silence ends the linger, so the close resets the
     // connection under one of the next writes.

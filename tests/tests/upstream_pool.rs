@@ -408,6 +408,45 @@ each_proto!(
     }
 );
 
+/// Five requests sent at once over `proto` to an h2 upstream that holds them
+/// until `release` is set, through one worker and a cluster with
+/// `max_concurrent_streams: 2` and `extra`; returns once all five are at the
+/// upstream, with the tasks that give each one's response.
+#[allow(clippy::type_complexity)]
+async fn five_held_h2_requests(
+    proto: Proto,
+    extra: &str,
+) -> (
+    LegateHandle,
+    UpstreamHandle,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    Vec<tokio::task::JoinHandle<Resp>>,
+) {
+    let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let up = upstream().h2().hold_until(&release).start().await;
+    let lg = legate()
+        .concurrency(1)
+        .config(&simple_config_with(
+            &[up.addr],
+            "",
+            &format!("    protocol: h2\n    max_concurrent_streams: 2\n{extra}"),
+        ))
+        .start();
+    let tasks: Vec<_> = clients(proto, lg.addr("web"), 5)
+        .await
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| tokio::spawn(async move { c.get(&format!("/held/{i}")).send().await }))
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "all 5 requests at the upstream",
+        || async { (up.in_flight.get() == 5).then_some(()) },
+    )
+    .await;
+    (lg, up, release, tasks)
+}
+
 each_proto!(
     /// An HTTP/2 connection takes `max_concurrent_streams` streams; past that,
     /// another is opened. Five requests held by the upstream at once, with a limit
@@ -415,40 +454,14 @@ each_proto!(
     /// would have queued them past an upstream's limit. The first connection is
     /// reused once its streams end.
     async fn a_full_h2_connection_opens_another(proto) {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::Arc;
-        let release = Arc::new(AtomicBool::new(false));
-        let up = upstream().h2().hold_until(&release).start().await;
-        let lg = legate()
-            .concurrency(1)
-            .config(&simple_config_with(
-                &[up.addr],
-                "",
-                "    protocol: h2\n    max_concurrent_streams: 2\n",
-            ))
-            .start();
-        let tasks: Vec<_> = clients(proto, lg.addr("web"), 5)
-            .await
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut c)| {
-                tokio::spawn(async move {
-                    let r = c.get(&format!("/held/{i}")).send().await;
-                    (r.status.as_u16(), r.echo().path)
-                })
-            })
-            .collect();
-        eventually(Duration::from_secs(10), "all 5 requests at the upstream", || async {
-            (up.in_flight.get() == 5).then_some(())
-        })
-        .await;
+        let (lg, up, release, tasks) = five_held_h2_requests(proto, "").await;
         assert_eq!(up.connections.get(), 3, "connections for 5 streams, 2 per connection");
         lg.assert_stat(CX_ACTIVE, 3.0).await;
-        release.store(true, Ordering::SeqCst);
+        release.store(true, std::sync::atomic::Ordering::SeqCst);
         for (i, t) in tasks.into_iter().enumerate() {
-            let (status, path) = t.await.unwrap();
-            assert_eq!(status, 200, "request {i}");
-            assert_eq!(path, format!("/held/{i}"));
+            let r = t.await.unwrap();
+            assert_eq!(r.status, 200, "request {i}: {}", r.text());
+            assert_eq!(r.echo().path, format!("/held/{i}"));
         }
         // Streams free again: a later request opens nothing.
         let mut c = client(proto, lg.addr("web")).await;
@@ -467,38 +480,13 @@ each_proto!(
     /// streams per connection, two connections at most: all five reach the
     /// upstream, over two connections, and all are answered.
     async fn full_h2_connections_are_shared_at_max_connections(proto) {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::Arc;
-        let release = Arc::new(AtomicBool::new(false));
-        let up = upstream().h2().hold_until(&release).start().await;
-        let lg = legate()
-            .concurrency(1)
-            .config(&simple_config_with(
-                &[up.addr],
-                "",
-                "    protocol: h2\n    max_concurrent_streams: 2\n    circuit_breakers: { max_connections: 2 }\n",
-            ))
-            .start();
-        let tasks: Vec<_> = clients(proto, lg.addr("web"), 5)
-            .await
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut c)| {
-                tokio::spawn(async move {
-                    let r = c.get(&format!("/held/{i}")).send().await;
-                    (r.status.as_u16(), r.text())
-                })
-            })
-            .collect();
-        eventually(Duration::from_secs(10), "all 5 requests at the upstream", || async {
-            (up.in_flight.get() == 5).then_some(())
-        })
-        .await;
+        let (lg, up, release, tasks) =
+            five_held_h2_requests(proto, "    circuit_breakers: { max_connections: 2 }\n").await;
         assert_eq!(up.connections.get(), 2);
-        release.store(true, Ordering::SeqCst);
+        release.store(true, std::sync::atomic::Ordering::SeqCst);
         for (i, t) in tasks.into_iter().enumerate() {
-            let (status, body) = t.await.unwrap();
-            assert_eq!(status, 200, "request {i}: {body}");
+            let r = t.await.unwrap();
+            assert_eq!(r.status, 200, "request {i}: {}", r.text());
         }
         lg.assert_stat(CLUSTER_2XX, 5.0).await;
         lg.assert_stat(CX_TOTAL, 2.0).await;
