@@ -116,17 +116,37 @@ impl Timer {
 
 /// Runs `fut` (the request up to its response head) unless the stream goes
 /// idle first: `None` then.
-pub async fn within<F: Future>(fut: F, clock: &Clock) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    let mut timer = Timer::default();
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+pub fn within<F: Future>(fut: F, clock: &Clock) -> Within<'_, F> {
+    Within {
+        fut,
+        clock,
+        timer: Timer::default(),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`within`]'s future. A struct, not an `async fn`: an `async fn` keeps
+    /// its argument apart from the pinned copy it polls, so the request's
+    /// whole state (kilobytes) would be held, and moved, twice.
+    pub struct Within<'a, F> {
+        #[pin]
+        fut: F,
+        clock: &'a Clock,
+        timer: Timer,
+    }
+}
+
+impl<F: Future> Future for Within<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(v) = this.fut.poll(cx) {
             return Poll::Ready(Some(v));
         }
         // After the poll: a route matched in it may have set its timeout.
-        timer.poll_idle(clock, cx).map(|()| None)
-    })
-    .await
+        this.timer.poll_idle(this.clock, cx).map(|()| None)
+    }
 }
 
 /// Marks a request body's frames as activity.

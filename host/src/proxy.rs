@@ -601,28 +601,34 @@ async fn proxy(
             sent: sent.as_deref(),
         };
         let result = match route_timeout {
-            Some(t) => match after_sent(t, sent.as_deref(), attempt.run(source, out)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    // The attempt cut short counts against its endpoint, as a per-try
-                    // timeout does (outlier detection). None in flight (a backoff):
-                    // only the cluster counts it.
-                    match out.active.take() {
-                        Some(active) => active.record_timeout(),
-                        None => {
-                            entry
-                                .cluster()
-                                .stats
-                                .upstream_rq_timeout
-                                .fetch_add(1, Relaxed);
+            Some(t) => {
+                let timed = {
+                    let run = std::pin::pin!(attempt.run(source, out));
+                    after_sent(t, sent.as_deref(), run).await
+                };
+                match timed {
+                    Ok(r) => r,
+                    Err(_) => {
+                        // The attempt cut short counts against its endpoint, as a per-try
+                        // timeout does (outlier detection). None in flight (a backoff):
+                        // only the cluster counts it.
+                        match out.active.take() {
+                            Some(active) => active.record_timeout(),
+                            None => {
+                                entry
+                                    .cluster()
+                                    .stats
+                                    .upstream_rq_timeout
+                                    .fetch_add(1, Relaxed);
+                            }
                         }
+                        Err(ProxyError::new(
+                            Kind::Timeout,
+                            format!("route timeout {t:?}"),
+                        ))
                     }
-                    Err(ProxyError::new(
-                        Kind::Timeout,
-                        format!("route timeout {t:?}"),
-                    ))
                 }
-            },
+            }
             None => attempt.run(source, out).await,
         };
         if let Some(lr) = out.chain.as_ref().and_then(filter::SharedChain::take_local) {
@@ -1522,11 +1528,12 @@ impl Attempts<'_> {
                 cluster,
                 endpoint: index,
             };
-            let send = self
-                .conn
-                .worker
-                .pool
-                .send(&self.entry.upstream, target, req);
+            let send =
+                std::pin::pin!(self
+                    .conn
+                    .worker
+                    .pool
+                    .send(&self.entry.upstream, target, req));
             let result = match self.per_try {
                 Some(d) => after_sent(d, self.sent, send).await.unwrap_or_else(|_| {
                     Err(ProxyError::new(
@@ -1641,12 +1648,14 @@ impl Watch for SentEnd {
 
 /// `fut` bounded by `limit`, which starts once `sent` has ended (`None`: at
 /// once). `fut` done first (an early response head, a failure) ends the wait.
+/// Pinned by the caller: an `async fn` that took it by value would hold it
+/// twice (the argument, and the pinned copy it polls), and the attempts'
+/// state is kilobytes.
 async fn after_sent<F: Future>(
     limit: Duration,
     sent: Option<&BodySent>,
-    fut: F,
+    mut fut: Pin<&mut F>,
 ) -> Result<F::Output, tokio::time::error::Elapsed> {
-    let mut fut = std::pin::pin!(fut);
     if let Some(s) = sent {
         // Made before the check: it sees a notice that comes after it.
         let mut ended = std::pin::pin!(s.notify.notified());
