@@ -555,7 +555,7 @@ async fn proxy(
             // starts once the request is in): a client sending it a byte a
             // minute must not hold the request (and its buffer) forever.
             Some(limit) => {
-                let buffering = ReqBody::buffer(req_body, limit, &parts);
+                let buffering = std::pin::pin!(ReqBody::buffer(req_body, limit, &parts));
                 client_body_within(buffering, route_timeout, out.chain.as_ref()).await?
             }
             None => ReqBody::Stream(Some(req_body)),
@@ -888,7 +888,7 @@ async fn run_body(
     if let Some(len) = content_length(headers).filter(|&l| l > cap as u64) {
         return Err(over(len));
     }
-    let collect = async {
+    let collect = std::pin::pin!(async {
         body::collect_capped(inner, cap)
             .await
             .map_err(|e| match (e, d) {
@@ -898,7 +898,7 @@ async fn run_body(
                     ProxyError::new(Kind::UpstreamReset, format!("response body: {e}"))
                 }
             })
-    };
+    });
     // Only the read is bounded: the chain is not out yet (the phases below,
     // which may pause, have the plugin's own `pause` bound).
     let (data, trailers) = client_body_within(collect, limit(), None).await?;
@@ -970,15 +970,14 @@ async fn request_body(
 /// the body does not count: a streamed body is held only at its end (a
 /// proxy-wasm filter waiting for a callout), so the client has sent it all,
 /// and the pause has its own bound (the plugin's `limits.pause`).
-async fn client_body_within<T>(
-    read: impl Future<Output = Result<T, ProxyError>>,
+async fn client_body_within<T, F: Future<Output = Result<T, ProxyError>>>(
+    mut read: Pin<&mut F>,
     limit: Option<Duration>,
     chain: Option<&filter::SharedChain>,
 ) -> Result<T, ProxyError> {
     let Some(t) = limit else {
         return read.await;
     };
-    let mut read = std::pin::pin!(read);
     match tokio::time::timeout(t, read.as_mut()).await {
         Ok(r) => r,
         // Checked only at expiry: out means a filter holds the end of the body.
