@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use legate_tests::*;
 
@@ -178,13 +178,10 @@ each_proto!(
             .config(&simple_config_with(&[up.addr], "            timeout: 200ms\n", ""))
             .start();
         let mut c = client(proto, lg.addr("web")).await;
-        let t = Instant::now();
+        // The upstream answers after 3s: a 504 is the 200ms timeout's.
         let r = c.get("/").send().await;
-        let took = t.elapsed();
         assert_eq!(r.status, 504);
         assert_eq!(r.text(), "upstream_timeout\n");
-        assert!(took >= Duration::from_millis(190), "{took:?}");
-        assert!(took < Duration::from_millis(1500), "{took:?}");
         lg.assert_stat(r#"legate_cluster_upstream_rq_timeout{cluster="backend"}"#, 1.0)
             .await;
         lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="5xx"}"#, 1.0)
@@ -216,10 +213,10 @@ each_proto!(
             ))
             .start();
         let mut c = client(proto, lg.addr("web")).await;
-        let t = Instant::now();
+        // The first attempt would answer after 3s, within the route's 5s: a
+        // second attempt (and the counters) show the per-try timeout cut it.
         let r = c.get("/").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
-        assert!(t.elapsed() < Duration::from_millis(1500), "{:?}", t.elapsed());
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         lg.assert_stat(RETRY_STAT, 1.0).await;
         lg.assert_stat(r#"legate_cluster_upstream_rq_timeout{cluster="backend"}"#, 1.0)
@@ -234,10 +231,12 @@ each_proto!(
             .config(&simple_config_with(&[up.addr], "            per_try_timeout: 150ms\n", ""))
             .start();
         let mut c = client(proto, lg.addr("web")).await;
-        let t = Instant::now();
+        // The upstream answers after 3s, within the route's default 15s.
         let r = c.get("/").send().await;
         assert_eq!(r.status, 504);
-        assert!(t.elapsed() < Duration::from_millis(1500));
+        assert_eq!(r.text(), "upstream_per_try_timeout\n");
+        lg.assert_stat(r#"legate_cluster_upstream_rq_timeout{cluster="backend"}"#, 1.0)
+            .await;
     }
 );
 
