@@ -18,10 +18,12 @@
 //! promise (as Envoy queues attempts on a connecting connection's capacity), else
 //! opens one: a burst opens one connection per `max_concurrent_streams` attempts;
 //! if opening one fails, its waiting attempts all fail with its error. The limit
-//! is the cluster's setting: hyper reports the upstream's own
-//! SETTINGS_MAX_CONCURRENT_STREAMS only to the connection task
-//! (`Connection::current_max_send_streams`), and only once that frame arrived,
-//! after the handshake the waiting attempts were promised streams at. When
+//! is the cluster's setting, or the upstream's own SETTINGS_MAX_CONCURRENT_STREAMS
+//! when lower (as Envoy): hyper reports that only on the connection's driver
+//! (`Connection::current_max_send_streams`), which the pool shares with the
+//! task polling it, and only once the frame arrived, after the handshake the
+//! waiting attempts were promised streams at; so a connection being opened
+//! promises what the key's open connections were allowed. When
 //! `max_connections` refuses another connection (counted as an overflow), the
 //! attempt shares the least loaded one, where hyper queues the stream until one of
 //! its streams ends. An HTTP/2
@@ -220,6 +222,25 @@ struct H2Usage {
     streams: Cell<usize>,
     /// When the last stream ended (or the connection opened).
     idle_since: Cell<Instant>,
+    /// The connection's driver, shared with the task that polls it: the only
+    /// place hyper reports the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    driver: Rc<RefCell<H2Driver>>,
+}
+
+/// An upstream HTTP/2 connection's hyper task.
+type H2Driver = std::pin::Pin<Box<http2::Connection<TokioIo<Conn>, Body, LocalExec>>>;
+
+impl H2Usage {
+    /// Streams the connection takes: the cluster's `max_concurrent_streams`,
+    /// or fewer if the upstream allows fewer (Envoy does the same). The
+    /// upstream's value is h2's initial 100 until its SETTINGS frame arrived.
+    fn cap(&self, max: usize) -> usize {
+        // Never borrowed across an await: only while its task polls it, which
+        // does not run while the pool looks.
+        self.driver
+            .try_borrow()
+            .map_or(max, |d| max.min(d.current_max_send_streams()))
+    }
 }
 
 /// One stream on an HTTP/2 connection, counted in its [`H2Usage`] until dropped.
@@ -451,7 +472,9 @@ impl Pool {
                         match opened {
                             // Unless attempts that came after it was opened
                             // took its streams first: then look again.
-                            Some(Opened::H2(sr, usage)) if usage.streams.get() < s.max_streams => {
+                            Some(Opened::H2(sr, usage))
+                                if usage.streams.get() < usage.cap(s.max_streams) =>
+                            {
                                 let used = ConnectionUse::New { connect };
                                 return Ok((Sender::H2(sr, usage), used));
                             }
@@ -494,7 +517,8 @@ impl Pool {
     }
 
     /// A stream for an attempt on one of the key's HTTP/2 connections: the oldest
-    /// with fewer than `max` streams open, else a promise of one on a connection
+    /// with fewer than `max` streams open (or than the upstream's own limit, if
+    /// lower: [`H2Usage::cap`]), else a promise of one on a connection
     /// being opened, else the permit to open another. When `cluster`'s circuit
     /// breakers refuse that (counted as an overflow), a stream anyway: on the least
     /// loaded connection, where hyper holds it back until one of its streams ends,
@@ -508,10 +532,15 @@ impl Pool {
         let now = Instant::now();
         set.ready
             .retain(|c| !c.sender.is_closed() && !c.is_idle_past(now));
-        if let Some(c) = set.ready.iter().find(|c| c.usage.streams.get() < max) {
+        // The least any of the key's connections was allowed, for all of them:
+        // one too new to have the upstream's SETTINGS yet reads h2's initial
+        // 100, and the same upstream most likely sends it the same limit.
+        let cap = set.ready.iter().fold(max, |m, c| c.usage.cap(m));
+        if let Some(c) = set.ready.iter().find(|c| c.usage.streams.get() < cap) {
             return H2Found::Ready(c.sender.clone(), c.usage.clone());
         }
-        if let Some(o) = set.opening.iter_mut().find(|o| o.claimed < max) {
+        // A connection being opened is promised as many.
+        if let Some(o) = set.opening.iter_mut().find(|o| o.claimed < cap) {
             o.claimed += 1;
             return H2Found::Opening(o.rx.clone());
         }
@@ -605,15 +634,21 @@ impl Pool {
                 .handshake(io)
                 .await
                 .map_err(handshake_err)?;
-            tokio::task::spawn_local(async move {
-                let _counted = guard;
-                if let Err(e) = conn.await {
-                    tracing::debug!("upstream h2 connection ended: {e}");
-                }
-            });
+            let driver: Rc<RefCell<H2Driver>> = Rc::new(RefCell::new(Box::pin(conn)));
             let usage = Rc::new(H2Usage {
                 streams: Cell::new(0),
                 idle_since: Cell::new(Instant::now()),
+                driver: driver.clone(),
+            });
+            tokio::task::spawn_local(async move {
+                let _counted = guard;
+                let ended = std::future::poll_fn(|cx| {
+                    std::future::Future::poll(driver.borrow_mut().as_mut(), cx)
+                })
+                .await;
+                if let Err(e) = ended {
+                    tracing::debug!("upstream h2 connection ended: {e}");
+                }
             });
             self.inner
                 .h2

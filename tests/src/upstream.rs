@@ -132,6 +132,7 @@ pub struct UpstreamBuilder {
     close_connection: bool,
     header: Vec<(String, String)>,
     bind: Option<SocketAddr>,
+    h2_max_streams: Option<u32>,
 }
 
 /// A new upstream builder: HTTP/1.1 + h2c (prior knowledge) on 127.0.0.1:0, answering
@@ -151,6 +152,7 @@ pub fn upstream() -> UpstreamBuilder {
         close_connection: false,
         header: Vec::new(),
         bind: None,
+        h2_max_streams: None,
     }
 }
 
@@ -170,6 +172,13 @@ impl UpstreamBuilder {
     /// HTTP/2 only (h2c prior knowledge; with TLS, ALPN offers only `h2`).
     pub fn h2(mut self) -> Self {
         self.proto = ServeProto::H2;
+        self
+    }
+    /// HTTP/2 only, advertising `SETTINGS_MAX_CONCURRENT_STREAMS` = `n` (hyper
+    /// refuses streams past it).
+    pub fn h2_max_concurrent_streams(mut self, n: u32) -> Self {
+        self.proto = ServeProto::H2;
+        self.h2_max_streams = Some(n);
         self
     }
     /// HTTP/1.1 only (with TLS, ALPN offers only `http/1.1`).
@@ -295,6 +304,7 @@ impl UpstreamBuilder {
             gate: self.gate,
             fail_first: self.fail_first,
             header: self.header,
+            h2_max_streams: self.h2_max_streams,
             requests: Counter::default(),
             connections: Counter::default(),
             closed: Counter::default(),
@@ -326,6 +336,7 @@ struct State {
     gate: Option<Arc<AtomicBool>>,
     fail_first: Option<(usize, u16)>,
     header: Vec<(String, String)>,
+    h2_max_streams: Option<u32>,
     requests: Counter,
     connections: Counter,
     closed: Counter,
@@ -491,6 +502,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let info = Arc::new(info);
+    let h2_max_streams = state.h2_max_streams;
     let svc = service_fn(move |req| {
         let state = state.clone();
         let info = info.clone();
@@ -512,10 +524,12 @@ where
                 .await;
         }
         ServeProto::H2 => {
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .serve_connection(io, svc)
-                .await;
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new());
+            if let Some(n) = h2_max_streams {
+                b.max_concurrent_streams(n);
+            }
+            let _ = b.serve_connection(io, svc).await;
         }
     }
 }

@@ -432,6 +432,18 @@ async fn five_held_h2_requests(
             &format!("    protocol: h2\n    max_concurrent_streams: 2\n{extra}"),
         ))
         .start();
+    let tasks = send_five_held(proto, &lg, &up).await;
+    (lg, up, release, tasks)
+}
+
+/// Sends five requests at once over `proto` through `lg` to `up`, which holds
+/// them; returns once all five are at the upstream, with the tasks that give
+/// each one's response.
+async fn send_five_held(
+    proto: Proto,
+    lg: &LegateHandle,
+    up: &UpstreamHandle,
+) -> Vec<tokio::task::JoinHandle<Resp>> {
     let tasks: Vec<_> = clients(proto, lg.addr("web"), 5)
         .await
         .into_iter()
@@ -444,7 +456,7 @@ async fn five_held_h2_requests(
         || async { (up.in_flight.get() == 5).then_some(()) },
     )
     .await;
-    (lg, up, release, tasks)
+    tasks
 }
 
 each_proto!(
@@ -470,6 +482,39 @@ each_proto!(
         lg.assert_stat(CLUSTER_2XX, 6.0).await;
         lg.assert_stat(CX_TOTAL, 3.0).await;
         lg.assert_stat(PENDING_ACTIVE, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// An upstream that allows fewer streams than the cluster's
+    /// `max_concurrent_streams` (its `SETTINGS_MAX_CONCURRENT_STREAMS` is 2,
+    /// the cluster's the default 100) gets no more than that per connection:
+    /// five held requests after a first one (which brought its SETTINGS) go
+    /// over three connections, where one would have left three of them queued
+    /// in hyper, never reaching the upstream.
+    async fn the_upstreams_own_stream_limit_opens_another_connection(proto) {
+        let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let up = upstream()
+            .h2_max_concurrent_streams(2)
+            .hold_until(&release)
+            .start()
+            .await;
+        let lg = legate()
+            .concurrency(1)
+            .config(&simple_config_with(&[up.addr], "", "    protocol: h2\n"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/first").send().await.status, 200);
+        release.store(false, std::sync::atomic::Ordering::SeqCst);
+        let tasks = send_five_held(proto, &lg, &up).await;
+        assert_eq!(up.connections.get(), 3, "connections for 5 streams, 2 per connection");
+        release.store(true, std::sync::atomic::Ordering::SeqCst);
+        for (i, t) in tasks.into_iter().enumerate() {
+            let r = t.await.unwrap();
+            assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        }
+        lg.assert_stat(CLUSTER_2XX, 6.0).await;
+        lg.assert_stat(CX_TOTAL, 3.0).await;
     }
 );
 
