@@ -199,10 +199,18 @@ each_proto!(
             .start();
         // The plugin ticks, so it starts with the config: its first tick fetches
         // the keys with no request waiting (the cold fetch that pauses a request
-        // is in plugins/auth/tests/flows.rs). Waited for here, so no request
-        // races it and every one below finds the keys cached.
+        // is in plugins/auth/tests/flows.rs). Waited for here until the plugin
+        // has the keys (its own `ok` count, not only the IdP's: the answer is
+        // still on its way back then), so no request races it and every one
+        // below finds the keys cached.
         eventually(Duration::from_secs(10), "the JWKS prefetch", || async {
-            (fetches.load(Ordering::SeqCst) == 1).then_some(())
+            let stats = lg.stats().await;
+            let ok = parse_prometheus(&stats).iter().any(|(k, v)| {
+                k.starts_with("legate_plugin_auth_jwks_fetches_total{")
+                    && k.contains(r#"result="ok""#)
+                    && *v == 1.0
+            });
+            (ok && fetches.load(Ordering::SeqCst) == 1).then_some(())
         })
         .await;
         let mut c = client(proto, lg.addr("web")).await;
