@@ -224,7 +224,9 @@ struct H2Usage {
     idle_since: Cell<Instant>,
     /// The connection's driver, shared with the task that polls it: the only
     /// place hyper reports the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`.
-    driver: Rc<RefCell<H2Driver>>,
+    /// `None` once it ended: it is dropped then, as the streams still open on
+    /// it (which hold this) learn of the connection's end only from its drop.
+    driver: Rc<RefCell<Option<H2Driver>>>,
 }
 
 /// An upstream HTTP/2 connection's hyper task.
@@ -237,9 +239,10 @@ impl H2Usage {
     fn cap(&self, max: usize) -> usize {
         // Never borrowed across an await: only while its task polls it, which
         // does not run while the pool looks.
-        self.driver
-            .try_borrow()
-            .map_or(max, |d| max.min(d.current_max_send_streams()))
+        match self.driver.try_borrow().as_deref() {
+            Ok(Some(d)) => max.min(d.current_max_send_streams()),
+            _ => max,
+        }
     }
 }
 
@@ -634,7 +637,7 @@ impl Pool {
                 .handshake(io)
                 .await
                 .map_err(handshake_err)?;
-            let driver: Rc<RefCell<H2Driver>> = Rc::new(RefCell::new(Box::pin(conn)));
+            let driver: Rc<RefCell<Option<H2Driver>>> = Rc::new(RefCell::new(Some(Box::pin(conn))));
             let usage = Rc::new(H2Usage {
                 streams: Cell::new(0),
                 idle_since: Cell::new(Instant::now()),
@@ -643,7 +646,15 @@ impl Pool {
             tokio::task::spawn_local(async move {
                 let _counted = guard;
                 let ended = std::future::poll_fn(|cx| {
-                    std::future::Future::poll(driver.borrow_mut().as_mut(), cx)
+                    let mut slot = driver.borrow_mut();
+                    let Some(d) = slot.as_mut() else {
+                        return std::task::Poll::Ready(Ok(()));
+                    };
+                    let r = std::future::Future::poll(d.as_mut(), cx);
+                    if r.is_ready() {
+                        *slot = None;
+                    }
+                    r
                 })
                 .await;
                 if let Err(e) = ended {
