@@ -23,8 +23,10 @@
 # Setups: none, wasm1 (bench/noop-filter: one no-op component filter), wasmhdr
 # (the same reading one header), grpc-web (builtin, plain requests), auth-key
 # (builtin auth, API key), ratelimit (builtin, in-memory KV), pwnoop (one no-op
-# proxy-wasm filter: bench/pw-noop-filter, the upstream Rust SDK), chain
-# (grpc-web + auth-key + ratelimit, in that order; not in the default set).
+# proxy-wasm filter: bench/pw-noop-filter, the upstream Rust SDK), and, not in
+# the default set: auth-jwt (builtin auth, an RS256 JWT), chain (grpc-web +
+# auth-key + ratelimit, in that order) and chain-jwt (grpc-web + auth-jwt +
+# ratelimit: issue 4's chain).
 set -euo pipefail
 
 N=${N:-10000}
@@ -33,7 +35,7 @@ BENCH_NAME=instructions
 # shellcheck source=bench/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_setup bench wasm
-bench_need valgrind callgrind_annotate h2load curl
+bench_need valgrind callgrind_annotate h2load curl openssl
 bench_build
 bench_workdir
 
@@ -42,6 +44,7 @@ log "building bench/noop-filter (legate plugin build)"
     die "building bench/noop-filter failed: $(tail -n 20 "${WORK}/plugin-build.log")"
 
 bench_build_pwnoop
+bench_jwt
 
 UPSTREAM=18481
 LISTEN=18480
@@ -60,6 +63,8 @@ chain_of() {
         ratelimit) echo ratelimit ;;
         pwnoop) echo pwnoop ;;
         chain) echo grpc-web auth-key ratelimit ;;
+        auth-jwt) echo auth-jwt ;;
+        chain-jwt) echo grpc-web auth-jwt ratelimit ;;
         *) die "unknown setup $1" ;;
     esac
 }
@@ -105,6 +110,16 @@ plugins:
         - name: keys
           keys: [{ id: bench, sha256: $(printf %s bench-key | sha256sum | cut -d' ' -f1) }]
       rules: [{ match: { prefix: / }, requires: { any: [keys] } }]
+  - name: auth-jwt
+    module: builtin:auth
+    config:
+      providers:
+        - name: corp
+          issuer: https://id.bench
+          audiences: [bench]
+          jwks: { keys: [{ kty: RSA, kid: bench, alg: RS256, use: sig, n: "${JWT_N}", e: AQAB }] }
+          claim_to_headers: [{ claim: sub, header: x-user }]
+      rules: [{ match: { prefix: / }, requires: { any: [corp] } }]
   - name: ratelimit
     module: builtin:ratelimit
     capabilities: { kv: [ratelimit] }
@@ -118,7 +133,10 @@ EOF
 
 # Total instructions of one Legate run of setup $1 serving WARMUP + $2 requests.
 instructions() {
-    local setup=$1 n=$2 out="${WORK}/cg.out" lpid i
+    local setup=$1 n=$2 out="${WORK}/cg.out" lpid i jwt=()
+    # The token only where it is checked: other setups keep the same requests
+    # as before the JWT setups existed, so their counts stay comparable.
+    [[ ${setup} == *jwt ]] && jwt=(-H "authorization: Bearer ${TOKEN}")
     config "${setup}" >"${WORK}/legate.yaml"
     rm -f "${out}"
     valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file="${out}" \
@@ -127,11 +145,11 @@ instructions() {
     pids+=("${lpid}")
     # Up to 10 minutes: the first run compiles every plugin under valgrind.
     for ((i = 0; i < 3000; i++)); do
-        curl -s -o /dev/null -H 'x-api-key: bench-key' "http://127.0.0.1:${LISTEN}/" && break
+        curl -s -o /dev/null -H 'x-api-key: bench-key' "${jwt[@]}" "http://127.0.0.1:${LISTEN}/" && break
         sleep 0.2
     done
     local total=$((WARMUP + n)) codes
-    codes=$(h2load --h1 -n "${total}" -c 16 -H 'x-api-key: bench-key' \
+    codes=$(h2load --h1 -n "${total}" -c 16 -H 'x-api-key: bench-key' "${jwt[@]}" \
         "http://127.0.0.1:${LISTEN}/" | grep '^status codes')
     [[ ${codes} == "status codes: ${total} 2xx"* ]] || die "${setup}: not all 2xx: ${codes}"
     kill -INT "${lpid}"

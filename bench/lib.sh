@@ -65,6 +65,24 @@ bench_build_pwnoop() {
     cp "${TARGET_DIR}/pw-noop-filter/wasm32-wasip1/release/legate_bench_pw_noop_filter.wasm" "${WORK}/pwnoop.wasm"
 }
 
+# An RS256 key, its JWKS modulus ($JWT_N) and a token valid for a day
+# ($TOKEN, issuer https://id.bench, audience bench, kid bench): what the JWT
+# setups verify (a 2048-bit key, the common case). Needs openssl; call after
+# bench_workdir.
+bench_jwt() {
+    local head body sig
+    b64url() { base64 -w0 | tr '+/' '-_' | tr -d '='; }
+    openssl genrsa -out "${WORK}/jwt.key" 2048 2>/dev/null
+    JWT_N=$(openssl rsa -in "${WORK}/jwt.key" -noout -modulus | cut -d= -f2 |
+        perl -ne 'chomp; print pack("H*", $_)' | b64url)
+    head=$(printf '{"alg":"RS256","typ":"JWT","kid":"bench"}' | b64url)
+    body=$(printf '{"iss":"https://id.bench","aud":"bench","sub":"user-1","exp":%d}' \
+        "$(($(date +%s) + 86400))" | b64url)
+    sig=$(printf '%s.%s' "${head}" "${body}" |
+        openssl dgst -sha256 -sign "${WORK}/jwt.key" -binary | b64url)
+    TOKEN="${head}.${body}.${sig}"
+}
+
 # A scratch directory, $WORK; every pid in $pids is stopped on exit, and on
 # failure the logs' tails are shown.
 bench_workdir() {

@@ -42,18 +42,7 @@ bench_build
 bench_workdir
 
 
-# An RS256 key, its JWKS modulus and a token valid for a day: what the JWT
-# setups verify (a 2048-bit key, the common case).
-b64url() { base64 -w0 | tr '+/' '-_' | tr -d '='; }
-openssl genrsa -out "${WORK}/jwt.key" 2048 2>/dev/null
-JWT_N=$(openssl rsa -in "${WORK}/jwt.key" -noout -modulus | cut -d= -f2 |
-    perl -ne 'chomp; print pack("H*", $_)' | b64url)
-jwt_head=$(printf '{"alg":"RS256","typ":"JWT","kid":"bench"}' | b64url)
-jwt_body=$(printf '{"iss":"https://id.bench","aud":"bench","sub":"user-1","exp":%d}' \
-    "$(($(date +%s) + 86400))" | b64url)
-jwt_sig=$(printf '%s.%s' "${jwt_head}" "${jwt_body}" |
-    openssl dgst -sha256 -sign "${WORK}/jwt.key" -binary | b64url)
-TOKEN="${jwt_head}.${jwt_body}.${jwt_sig}"
+bench_jwt
 
 # One gRPC-Web unary call (legate.demo.v1.Echo/Say, a 7-byte message) for wrk.
 printf '%s\n' \
