@@ -98,13 +98,16 @@ pub struct ProviderConfig {
     pub cache: Option<TokenCacheConfig>,
 }
 
-/// `cache: {size: N}` of a provider.
+/// `cache: {size: N, max_token_size: BYTES}` of a provider.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenCacheConfig {
     /// Verified tokens remembered per instance; 0 disables the cache.
     #[serde(default = "default_cache_size")]
     pub size: usize,
+    /// Longest token cached, in bytes (longer ones are verified every time).
+    #[serde(default = "default_cache_max_token")]
+    pub max_token_size: usize,
 }
 
 /// Default verified-token cache size, per provider per instance.
@@ -116,6 +119,15 @@ pub const MAX_CACHE_SIZE: usize = 100_000;
 
 fn default_cache_size() -> usize {
     DEFAULT_CACHE_SIZE
+}
+
+/// Default longest cached token, bytes: Envoy's `jwt_max_token_size`. Typical
+/// tokens are well under 2 KiB; this bounds an entry (token plus claims) to a
+/// few KiB, ~0.5 MiB per provider per worker at the default size.
+pub const DEFAULT_CACHE_MAX_TOKEN: usize = 4096;
+
+fn default_cache_max_token() -> usize {
+    DEFAULT_CACHE_MAX_TOKEN
 }
 
 fn default_skew() -> u64 {
@@ -382,6 +394,8 @@ pub struct Provider {
     pub forward_token: bool,
     /// Verified-token cache size (0: disabled).
     pub cache_size: usize,
+    /// Longest token the cache keeps, bytes.
+    pub cache_max_token: usize,
 }
 
 /// An API key set, validated.
@@ -671,10 +685,20 @@ impl Config {
                     header,
                 });
             }
-            let cache_size = p.cache.map_or(DEFAULT_CACHE_SIZE, |c| c.size);
+            let (cache_size, cache_max_token) = p
+                .cache
+                .map_or((DEFAULT_CACHE_SIZE, DEFAULT_CACHE_MAX_TOKEN), |c| {
+                    (c.size, c.max_token_size)
+                });
             if cache_size > MAX_CACHE_SIZE {
                 return Err(format!(
-                    "{f}.cache.size: {cache_size} is above {MAX_CACHE_SIZE} (each entry holds a token's claims, per worker; 0 disables the cache)"
+                    "{f}.cache.size: {cache_size} is above {MAX_CACHE_SIZE} (each entry holds a token and its claims, per worker; 0 disables the cache)"
+                ));
+            }
+            if cache_max_token == 0 || cache_max_token > crate::jwt::MAX_TOKEN_LEN {
+                return Err(format!(
+                    "{f}.cache.max_token_size: {cache_max_token} is not between 1 and {} (the longest token accepted at all); to turn the cache off, set cache.size: 0",
+                    crate::jwt::MAX_TOKEN_LEN
                 ));
             }
             providers.push(Provider {
@@ -690,6 +714,7 @@ impl Config {
                 claim_to_headers,
                 forward_token: p.forward_token,
                 cache_size,
+                cache_max_token,
             });
         }
 

@@ -239,7 +239,7 @@ impl HttpFilter for AuthFilter {
         let tokens = s
             .providers
             .iter()
-            .map(|p| RefCell::new(TokenCache::new(p.cache_size)))
+            .map(|p| RefCell::new(TokenCache::new(p.cache_size, p.cache_max_token)))
             .collect();
         Ok(AuthFilter {
             s,
@@ -841,11 +841,9 @@ impl AuthFilter {
             require_exp: p.require_exp,
         };
         let mut tokens = self.tokens[i].borrow_mut();
-        // A token too long to parse is refused below: not worth hashing.
-        let key = (tokens.enabled() && token.len() <= jwt::MAX_TOKEN_LEN)
-            .then(|| cache::token_key(token));
-        if let Some(key) = &key {
-            if let Some(claims) = tokens.get(key) {
+        let cached = tokens.admits(token);
+        if cached {
+            if let Some(claims) = tokens.get(token) {
                 counters.cache_hit.inc();
                 // Signature, issuer and audience are fixed per token; time
                 // moves: an expired (or, after a clock step back, not yet
@@ -853,7 +851,7 @@ impl AuthFilter {
                 return match jwt::check_claims(&claims, &rules) {
                     Ok(()) => Ok(claims),
                     Err(e) => {
-                        tokens.remove(key);
+                        tokens.remove(token);
                         Err(JwtCheck::Bad(e))
                     }
                 };
@@ -868,14 +866,14 @@ impl AuthFilter {
         // A request paused for a JWKS fetch comes back here: count its miss
         // once, when the signature is actually checked.
         let checked = self.verify_signature(i, &t, may_fetch);
-        if key.is_some() && !matches!(checked, Err(JwtCheck::Need | JwtCheck::Unavailable)) {
+        if cached && !matches!(checked, Err(JwtCheck::Need | JwtCheck::Unavailable)) {
             counters.cache_miss.inc();
         }
         checked?;
         jwt::check_claims(&t.claims, &rules).map_err(JwtCheck::Bad)?;
         let claims = Rc::new(t.claims);
-        if let Some(key) = key {
-            tokens.insert(key, Rc::clone(&claims));
+        if cached {
+            tokens.insert(token, Rc::clone(&claims));
         }
         Ok(claims)
     }

@@ -3,7 +3,8 @@
 //! never through timing: a reused token is not re-verified; time-dependent and
 //! per-route checks still run on a hit; failures are never cached; a JWKS
 //! change flushes the provider's cache (an unchanged refresh does not); size 0
-//! disables it; the least recently used token is evicted at size.
+//! disables it; tokens over max_token_size are not kept; the least recently
+//! used token is evicted at size.
 
 #![allow(clippy::unwrap_used)]
 
@@ -202,6 +203,31 @@ fn size_zero_disables_the_cache() {
     }
     assert_eq!(checks(&host), 3);
     assert_eq!((hits(&host), misses(&host)), (0, 0), "no lookups");
+}
+
+#[test]
+fn a_token_longer_than_max_token_size_is_verified_every_time() {
+    let host = host();
+    let k = Signer::new("HS256");
+    let short = k.token(Some("k1"), &claims(ISS));
+    let mut c = claims(ISS);
+    c["pad"] = json!("x".repeat(200));
+    let long = k.token(Some("k1"), &c);
+    assert!(short.len() < long.len());
+    let mut t = configure(
+        &host,
+        &json!({"providers": [provider(&k, Some(json!({"max_token_size": short.len()})))]}),
+    );
+    for _ in 0..3 {
+        assert_eq!(status(&mut t, &long), 200);
+    }
+    assert_eq!(checks(&host), 3, "the long token is not cached");
+    assert_eq!((hits(&host), misses(&host)), (0, 0), "nor looked up");
+    for _ in 0..3 {
+        assert_eq!(status(&mut t, &short), 200);
+    }
+    assert_eq!(checks(&host), 4, "a token of max_token_size bytes is");
+    assert_eq!((hits(&host), misses(&host)), (2, 1));
 }
 
 #[test]

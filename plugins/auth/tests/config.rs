@@ -50,7 +50,7 @@ fn valid_configs_load() {
             "from": [{"header": "Authorization", "prefix": "Bearer "}, {"cookie": "s"}, {"query": "t"}],
             "claim_to_headers": [{"claim": "sub", "header": "X-User"}],
             "forward_token": false,
-            "cache": {"size": 500}
+            "cache": {"size": 500, "max_token_size": 8192}
         }],
         "api_keys": [{"name": "keys", "keys": [{"id": "a", "sha256": sha256_hex("k")}],
                       "id_header": "x-key", "forward_key": true}],
@@ -241,7 +241,15 @@ fn invalid_configs_name_the_field() {
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache": {"max_entries": 5}}]}),
-            "unknown field `max_entries`, expected `size`",
+            "unknown field `max_entries`, expected `size` or `max_token_size`",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache": {"max_token_size": 0}}]}),
+            "providers[0].cache.max_token_size: 0 is not between 1 and 16384",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache": {"max_token_size": 16385}}]}),
+            "providers[0].cache.max_token_size: 16385 is not between 1 and 16384",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache_size": 5}]}),
@@ -266,6 +274,8 @@ fn token_cache_config() {
         Some(json!({})),
         Some(json!({"size": 0})),
         Some(json!({"size": 100_000})),
+        Some(json!({"max_token_size": 1})),
+        Some(json!({"size": 10, "max_token_size": 16384})),
     ] {
         let mut p = provider();
         if let Some(c) = &cache {
