@@ -189,6 +189,38 @@ async fn dns_cluster_without_an_answer_yet_is_503_then_serves() {
     assert_eq!(who(&spread(&mut c, 3).await), ["three"]);
 }
 
+each_proto!(
+    /// A failed first resolution (the name server answers SERVFAIL at start) is
+    /// retried after `dns_failure_refresh_rate`'s backoff, not `dns_refresh_rate`:
+    /// with the latter at 1h, the cluster can only get its endpoints through the
+    /// backoff. Once an answer came, the next resolution is due in 1h: none follows.
+    async fn failed_first_resolution_is_retried_with_backoff(proto) {
+        let (port, _a, _b) = two_loopback_upstreams().await;
+        let dns = DnsServer::start(&[]).await;
+        dns.state.servfail.store(true, Ordering::SeqCst);
+        let config = dns_config(port, dns.addr, "strict").replace(
+            "      dns_refresh_rate: 50ms\n",
+            "      dns_refresh_rate: 1h\n      dns_failure_refresh_rate: { base_interval: 100ms, max_interval: 200ms }\n",
+        );
+        let lg = legate().config(&config).start();
+        let failures = stat("discovery_update_failure", "backend");
+        until_stat(&lg, &failures, |v| v >= 3.0, ">= 3").await;
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/").send().await.status, 503);
+        assert_eq!(lg.stat(&stat("membership_total", "backend")).await, Some(0.0));
+
+        dns.state.set(&[V3]);
+        dns.state.servfail.store(false, Ordering::SeqCst);
+        until_stat(&lg, &stat("membership_total", "backend"), |v| v == 1.0, "== 1").await;
+        assert_eq!(who(&spread(&mut c, 4).await), ["three"]);
+        lg.assert_stat(&stat("upstream_rq_2xx", "backend"), 4.0).await;
+        lg.assert_stat(&stat("discovery_update_success", "backend"), 1.0).await;
+        let failed = lg.stat(&failures).await.unwrap();
+        lg.assert_stat(&stat("discovery_update_attempt", "backend"), failed + 1.0)
+            .await;
+    }
+);
+
 // ---------------------------------------------------------------------------------
 // File discovery.
 

@@ -3,8 +3,9 @@
 //!
 //! - `static`: the config's `endpoints`, host names resolved once at load.
 //! - `dns`: the config's `endpoints` host names, resolved with [`dns::Resolver`]
-//!   every `dns_refresh_rate` (or when the TTL runs out). `strict`: every address is
-//!   an endpoint; `logical`: the first one (IPv4 preferred) is.
+//!   every `dns_refresh_rate` (or when the TTL runs out); after a failure, with
+//!   `dns_failure_refresh_rate`, sooner, backing off ([`Schedule`]). `strict`: every
+//!   address is an endpoint; `logical`: the first one (IPv4 preferred) is.
 //! - `file`: an endpoint file (YAML or JSON: `endpoints: [{address, weight, zone,
 //!   metadata}]`), re-read every `watch_interval` and applied when its content changes.
 //!
@@ -184,7 +185,8 @@ pub(super) fn initial_endpoints(cfg: &config::Cluster) -> anyhow::Result<Vec<Arc
 /// resolved now, all clusters at once on a thread of their own, each within its
 /// `initial_fetch_timeout`. A name that does not answer in time leaves the cluster
 /// without its endpoints (Envoy activates a cluster after `initial_fetch_timeout`
-/// too); discovery keeps resolving it every `dns_refresh_rate`, and what it found
+/// too); discovery keeps resolving it (every `dns_refresh_rate`, or sooner with
+/// `dns_failure_refresh_rate`), and what it found
 /// is returned as a note for the reload's outcome. The discovery task started
 /// after the commit refreshes every name at once, as usual.
 ///
@@ -262,8 +264,9 @@ pub fn warm_for_reload(pairs: &[(Option<Arc<Cluster>>, Arc<ClusterEntry>)]) -> V
                 let name = &new.name;
                 let note = format!(
                     "cluster `{name}`: {e}; it went live without the endpoints of the names \
-                     not resolved (requests for them get 503 until discovery resolves them, \
-                     every `dns_refresh_rate`)"
+                     not resolved (requests for them get 503 until discovery resolves them; \
+                     it asks again every `dns_refresh_rate`, or as `dns_failure_refresh_rate` \
+                     says)"
                 );
                 tracing::warn!("reload: {note}");
                 notes.push(note);
@@ -422,27 +425,87 @@ fn resolver(cfg: &config::Cluster) -> Resolver {
     Resolver::new(servers, d.dns_timeout.get())
 }
 
+/// When a `dns` cluster resolves next: after a success `dns_refresh_rate` (or the
+/// TTL with `dns_respect_ttl`); after a failure, with `dns_failure_refresh_rate`,
+/// a backoff that starts at `base_interval` and doubles up to `max_interval`, each
+/// wait drawn from the upper half of the current step (so proxies that failed
+/// together do not ask again in lockstep, and none asks again at once). A success
+/// starts the backoff over. Without `dns_failure_refresh_rate` a failure waits
+/// `dns_refresh_rate`, as before and as Envoy.
+#[derive(Debug)]
+struct Schedule {
+    refresh: Duration,
+    respect_ttl: bool,
+    /// `base_interval` and `max_interval`, when set.
+    backoff: Option<(Duration, Duration)>,
+    /// The next failure's step (before jitter).
+    step: Duration,
+}
+
+impl Schedule {
+    fn new(d: &config::Discovery) -> Schedule {
+        let backoff = d
+            .dns_failure_refresh_rate
+            .map(|r| (r.base_interval.get(), r.max()));
+        Schedule {
+            refresh: d.dns_refresh_rate.get(),
+            respect_ttl: d.dns_respect_ttl,
+            backoff,
+            step: backoff.map_or(Duration::ZERO, |(base, _)| base),
+        }
+    }
+
+    /// The wait after a resolution whose answers' smallest TTL is `ttl` seconds.
+    fn after_success(&mut self, ttl: u32) -> Duration {
+        if let Some((base, _)) = self.backoff {
+            self.step = base;
+        }
+        if self.respect_ttl {
+            Duration::from_secs(u64::from(ttl.max(1)))
+        } else {
+            self.refresh
+        }
+    }
+
+    /// The wait after a failed resolution; `jitter` in [0, 1] picks it within the
+    /// step (0: half the step, 1: all of it). The TTL is unknown after a failure, so
+    /// `dns_respect_ttl` plays no part.
+    fn after_failure(&mut self, jitter: f64) -> Duration {
+        let Some((_, max)) = self.backoff else {
+            return self.refresh;
+        };
+        let step = self.step;
+        self.step = step.saturating_mul(2).min(max);
+        let half = step / 2;
+        // In whole nanoseconds, so a jitter of 0 or 1 gives the bounds exactly.
+        let extra = ((step - half).as_nanos() as f64 * jitter.clamp(0.0, 1.0)) as u64;
+        half + Duration::from_nanos(extra)
+    }
+}
+
 async fn run_dns(entry: Arc<ClusterEntry>, cfg: &config::Cluster) {
-    let d = &cfg.discovery;
     let resolver = resolver(cfg);
     let all: Vec<&EndpointConfig> = cfg.endpoints.iter().map(|e| &e.value).collect();
+    let mut schedule = Schedule::new(&cfg.discovery);
     loop {
         let stats = entry.cluster().stats.clone();
         stats.discovery_update_attempt.fetch_add(1, Relaxed);
-        let mut wait = d.dns_refresh_rate.get();
-        match resolve_all(&resolver, cfg, &all).await {
+        let wait = match resolve_all(&resolver, cfg, &all).await {
             Ok((found, ttl)) => {
-                if d.dns_respect_ttl {
-                    wait = Duration::from_secs(u64::from(ttl.max(1)));
-                }
                 apply(&entry, &found, true);
                 entry.set_warm();
+                schedule.after_success(ttl)
             }
             Err(e) => {
                 stats.discovery_update_failure.fetch_add(1, Relaxed);
-                tracing::warn!(cluster = %cfg.name, "dns discovery: {e:#}; keeping the endpoints as they were");
+                let wait = schedule.after_failure(rand::random::<f64>());
+                tracing::warn!(
+                    cluster = %cfg.name,
+                    "dns discovery: {e:#}; keeping the endpoints as they were, asking again in {wait:?}"
+                );
+                wait
             }
-        }
+        };
         tokio::time::sleep(wait).await;
     }
 }
@@ -611,6 +674,69 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("eps.yaml: ") && e.contains("wieght"), "{e}");
+    }
+
+    fn schedule(yaml: &str) -> Schedule {
+        let d: config::Discovery = serde_saphyr::from_str(yaml).unwrap();
+        Schedule::new(&d)
+    }
+
+    #[test]
+    fn failures_back_off_and_a_success_starts_over() {
+        let secs = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // Unset: a failure waits dns_refresh_rate, as before (and as Envoy).
+        let mut s = schedule("{ type: dns, dns_refresh_rate: 7s }");
+        assert_eq!(s.after_failure(0.0), secs(7));
+        assert_eq!(s.after_failure(1.0), secs(7));
+        assert_eq!(s.after_success(30), secs(7));
+
+        // Doubling from base_interval up to max_interval; the jitter picks within
+        // the upper half of each step.
+        let mut s = schedule(
+            "{ type: dns, dns_refresh_rate: 1h, \
+             dns_failure_refresh_rate: { base_interval: 1s, max_interval: 5s } }",
+        );
+        let top: Vec<Duration> = (0..5).map(|_| s.after_failure(1.0)).collect();
+        assert_eq!(top, [secs(1), secs(2), secs(4), secs(5), secs(5)]);
+        // A success starts over, and waits dns_refresh_rate.
+        assert_eq!(s.after_success(30), secs(3600));
+        let low: Vec<Duration> = (0..5).map(|_| s.after_failure(0.0)).collect();
+        assert_eq!(low, [ms(500), secs(1), secs(2), ms(2500), ms(2500)]);
+        s.after_success(30);
+        for (step, j) in [(1000, 0.3), (2000, 0.9), (4000, 0.5)] {
+            let w = s.after_failure(j).as_millis();
+            assert!(step / 2 <= w && w <= step, "{w}ms for a {step}ms step");
+        }
+        s.after_success(30);
+        for _ in 0..50 {
+            let w = s.after_failure(rand::random());
+            assert!(ms(500) <= w && w <= secs(5), "{w:?}");
+        }
+
+        // max_interval defaults to 10 × base_interval, as Envoy.
+        let mut s = schedule("{ type: dns, dns_failure_refresh_rate: { base_interval: 100ms } }");
+        let top: Vec<Duration> = (0..6).map(|_| s.after_failure(1.0)).collect();
+        assert_eq!(
+            top,
+            [ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000)]
+        );
+
+        // With dns_respect_ttl a success waits the TTL; a failure (no TTL known)
+        // follows the failure backoff.
+        let mut s = schedule(
+            "{ type: dns, dns_respect_ttl: true, \
+             dns_failure_refresh_rate: { base_interval: 2s, max_interval: 8s } }",
+        );
+        assert_eq!(s.after_success(30), secs(30));
+        assert_eq!(s.after_failure(1.0), secs(2));
+        assert_eq!(s.after_failure(1.0), secs(4));
+        assert_eq!(s.after_success(0), secs(1));
+        assert_eq!(s.after_failure(1.0), secs(2));
+        // Without dns_failure_refresh_rate a failure waits dns_refresh_rate (5s).
+        let mut s = schedule("{ type: dns, dns_respect_ttl: true }");
+        assert_eq!(s.after_success(30), secs(30));
+        assert_eq!(s.after_failure(0.5), secs(5));
     }
 
     #[test]

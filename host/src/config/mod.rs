@@ -915,6 +915,11 @@ pub struct Discovery {
     /// instead of every `dns_refresh_rate`. Default false.
     #[serde(default)]
     pub dns_respect_ttl: bool,
+    /// `dns`: when to ask again after a failed resolution: `base_interval`, then
+    /// doubling up to `max_interval` (with jitter) until one succeeds. Default
+    /// unset: a failure waits `dns_refresh_rate`, as Envoy.
+    #[serde(default)]
+    pub dns_failure_refresh_rate: Option<RefreshRate>,
     /// `dns`: name servers (`ip` or `ip:port`), tried in order. Default: the
     /// `nameserver` lines of /etc/resolv.conf.
     #[serde(default)]
@@ -943,12 +948,34 @@ impl Default for Discovery {
             dns_lookup: DnsLookup::Strict,
             dns_refresh_rate: defaults::dns_refresh_rate(),
             dns_respect_ttl: false,
+            dns_failure_refresh_rate: None,
             dns_resolvers: Vec::new(),
             dns_timeout: defaults::dns_timeout(),
             initial_fetch_timeout: defaults::initial_fetch_timeout(),
             path: None,
             watch_interval: defaults::watch_interval(),
         }
+    }
+}
+
+/// The backoff of `dns_failure_refresh_rate` (Envoy's `Cluster.RefreshRate`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRate {
+    /// The wait after the first failure; each further failure doubles it. Required.
+    pub base_interval: Dur,
+    /// The longest wait. Default 10 × `base_interval`, as Envoy.
+    #[serde(default)]
+    pub max_interval: Option<Dur>,
+}
+
+impl RefreshRate {
+    /// `max_interval`, or its default (never below `base_interval`).
+    pub fn max(&self) -> std::time::Duration {
+        let base = self.base_interval.get();
+        self.max_interval
+            .map_or_else(|| base.saturating_mul(10), Dur::get)
+            .max(base)
     }
 }
 

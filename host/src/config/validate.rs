@@ -1329,6 +1329,52 @@ fn validate_discovery(e: &mut Issues, loc: &Location, c: &Cluster) {
             );
         }
     }
+    if let Some(rr) = &d.dns_failure_refresh_rate {
+        if d.kind != DiscoveryType::Dns {
+            e.at(
+                loc,
+                format!(
+                    "cluster `{}` has `discovery.dns_failure_refresh_rate` but its discovery \
+                     type is not `dns`",
+                    c.name
+                ),
+                "set `type: dns`, or remove `dns_failure_refresh_rate`",
+            )
+            .key("discovery")
+            .key("dns_failure_refresh_rate");
+        }
+        if rr.base_interval.get().is_zero() {
+            e.at(
+                loc,
+                format!(
+                    "cluster `{}`: `discovery.dns_failure_refresh_rate.base_interval` is 0",
+                    c.name
+                ),
+                "asking again at once hammers a failing name server; use a positive \
+                 duration such as `1s`",
+            )
+            .key("discovery")
+            .key("dns_failure_refresh_rate")
+            .key("base_interval");
+        }
+        if let Some(max) = rr.max_interval {
+            if max < rr.base_interval {
+                e.at(
+                    loc,
+                    format!(
+                        "cluster `{}`: `discovery.dns_failure_refresh_rate.max_interval` {max} \
+                         is shorter than `base_interval` {}",
+                        c.name, rr.base_interval
+                    ),
+                    "max_interval caps the doubling wait; make it at least base_interval \
+                     (or leave it out: it defaults to 10 × base_interval)",
+                )
+                .key("discovery")
+                .key("dns_failure_refresh_rate")
+                .key("max_interval");
+            }
+        }
+    }
     for (what, d) in [
         ("dns_refresh_rate", d.dns_refresh_rate),
         ("dns_timeout", d.dns_timeout),
