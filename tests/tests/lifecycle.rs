@@ -159,7 +159,8 @@ async fn a_lingering_close_does_not_hold_the_drain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_bounds_the_shutdown() {
-    // Held until the end: only the drain timeout can end the request.
+    // Held until the end: only a timeout ends the request (the route's is
+    // 15s), and the access log below says which.
     let release = Arc::new(AtomicBool::new(false));
     let up = upstream().hold_until(&release).start().await;
     let dir = TempDir::new();

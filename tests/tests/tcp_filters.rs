@@ -439,8 +439,10 @@ async fn a_sleeping_network_component_is_stopped_at_the_wall_bound() {
         .start();
     let mut c = RawConn::connect(lg.addr("tcp")).await;
     c.write(b"nap").await;
-    // A call waited out would let `nap` through to the echo after 5s and leave
-    // the connection open: `rest` would hold it, and no timeout be counted.
+    // Not stopped, the call would hang (its sleep waits on the worker it
+    // blocks; seen with the wall bound raised past the guard), or, had it
+    // returned, let `nap` through to the echo: the close with nothing echoed
+    // and the timeout counted below show it was stopped at the bound.
     let (rest, closed) = c.read_until_close(HANG_GUARD).await;
     assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
     lg.assert_stat(r#"legate_plugin_timeouts_total{plugin="pw"}"#, 1.0)
