@@ -151,6 +151,21 @@ pub struct LegateHandle {
     file: Option<(TempDir, PathBuf)>,
 }
 
+/// Waits until `h` has stopped, on a thread of its own rather than the runtime's
+/// blocking pool: a test that gives up waiting (a hang guard) then fails at once,
+/// where the runtime's shutdown would wait for the blocking task, as long as the
+/// drain it waits on.
+async fn stopped(h: server::Handle) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("legate-wait".into())
+        .spawn(move || {
+            let _ = tx.send(h.wait());
+        })?;
+    rx.await
+        .map_err(|_| anyhow::anyhow!("the thread waiting for legate to stop panicked"))?
+}
+
 impl LegateHandle {
     fn handle(&self) -> &server::Handle {
         self.inner
@@ -224,7 +239,7 @@ impl LegateHandle {
             .take()
             .expect("legate handle used after shutdown");
         h.shutdown();
-        tokio::task::spawn_blocking(move || h.wait()).await?
+        stopped(h).await
     }
 
     /// Waits (without starting one) until the server has stopped, e.g. after
@@ -234,9 +249,9 @@ impl LegateHandle {
             .inner
             .take()
             .expect("legate handle used after shutdown");
-        tokio::time::timeout(timeout, tokio::task::spawn_blocking(move || h.wait()))
+        tokio::time::timeout(timeout, stopped(h))
             .await
-            .map_err(|_| anyhow::anyhow!("legate did not stop within {timeout:?}"))??
+            .map_err(|_| anyhow::anyhow!("legate did not stop within {timeout:?}"))?
     }
 
     /// An admin request without a body; returns (status, body).

@@ -98,6 +98,15 @@ macro_rules! each_proto {
     };
 }
 
+/// The longest a test waits for something that must happen at all (a close, an
+/// answer, a stop): it turns a hang into a failure with a message and bounds no
+/// speed (the project measures speed with benchmarks, never with timed
+/// assertions). A test using it makes the broken behaviour a hang, or sets the
+/// timeouts that could stand in for the one under test far beyond it. 20 s, below
+/// hyper's own 30 s HTTP/1.1 header read timeout, so that this is never what
+/// closes a connection a test waits on.
+pub const HANG_GUARD: Duration = Duration::from_secs(20);
+
 /// Polls `check` every 10ms until it returns `Some`, or panics after `timeout` naming
 /// `what`. Used instead of sleeps wherever a test waits for something to happen.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T

@@ -469,15 +469,16 @@ each_proto!(
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.echo().header("x-pw-stream-verdict"), Some("late"));
 
-        let started = Instant::now();
-        let r = tokio::time::timeout(Duration::from_secs(10), c.get("/await-cancel").send())
+        // Nothing else would end the pause before the guard: `limits.pause` is
+        // 300s by default, and the stream's replies (1 s apart) resume nothing.
+        let r = tokio::time::timeout(HANG_GUARD, c.get("/await-cancel").send())
             .await
             .expect("the pause on a cancelled stream hangs");
         assert_eq!(r.status, 503, "{}", r.text());
-        // Well before the stream's first reply (1 s) would have come.
-        assert!(started.elapsed() < Duration::from_secs(5));
         lg.assert_stat(r#"legate_plugin_failures_total{plugin="streamer"}"#, 1.0)
             .await;
+        // Failed before the cancelled stream delivered anything (the one
+        // message is `/await-late`'s): the cancel, not the stream, ended it.
         lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 1.0)
             .await;
         assert_eq!(up.requests.get(), 1);
@@ -493,10 +494,13 @@ each_proto!(
         let (up, _grpc, lg, mut c) =
             setup_with(proto, None, "    limits: { cpu: 500ms, pause: 400ms }\n").await;
 
+        // Nothing else ends it before the guard: the stream idle timeout is
+        // 5 min, and the route timeout starts only once the request has gone
+        // upstream.
         let started = Instant::now();
-        let r = tokio::time::timeout(Duration::from_secs(10), c.get("/await-silent").send())
+        let r = tokio::time::timeout(HANG_GUARD, c.get("/await-silent").send())
             .await
-            .expect("the pause on a silent stream hangs");
+            .expect("the pause on a silent stream hangs: `limits.pause` did not end it");
         let took = started.elapsed();
         assert_eq!(r.status, 503, "{}", r.text());
         assert!(r.text().contains("streamer"), "{}", r.text());

@@ -279,7 +279,7 @@ async fn a_configure_that_sleeps_loads_or_is_refused_at_the_wall_bound() {
         "",
     );
     let yaml = simple(up.addr, &p, &["sleeper"]);
-    let started = std::time::Instant::now();
+    // Without the wall bound the load would wait the 60 s out and succeed.
     let err = match legate().config(&yaml).try_start() {
         Ok(_) => panic!("a plugin sleeping 60 s in configure was loaded"),
         Err(e) => format!("{e:#}"),
@@ -287,11 +287,6 @@ async fn a_configure_that_sleeps_loads_or_is_refused_at_the_wall_bound() {
     assert!(
         err.contains("plugin `sleeper`: configure failed") && err.contains("deadline"),
         "{err}"
-    );
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(40),
-        "the load waited {:?}",
-        started.elapsed()
     );
 }
 
@@ -323,7 +318,6 @@ async fn sha256_mismatch_refuses_the_load() {
 /// counted as a timeout, and the worker goes on serving with a new instance. The
 /// client timeout turns a hung worker into a failure instead of a hung test.
 async fn sleeping_guest(proto: Proto, fail: &str) {
-    use std::time::{Duration, Instant};
     let up = upstream().start().await;
     let p = plugin(
         "sleepy",
@@ -337,16 +331,13 @@ async fn sleeping_guest(proto: Proto, fail: &str) {
     let r = c.get("/fine").send().await;
     assert_eq!(r.status, 200);
 
-    let started = Instant::now();
-    let r = tokio::time::timeout(Duration::from_secs(3), c.get("/sleep").send())
+    let r = tokio::time::timeout(HANG_GUARD, c.get("/sleep").send())
         .await
         .unwrap_or_else(|_| panic!("GET /sleep hung: the sleeping call was never stopped"));
-    // Far below the guest's 5s: the call was stopped, not waited out.
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        started.elapsed()
-    );
+    // Not stopped, the call would hang (its sleep waits on the worker it
+    // blocks; seen with the wall bound raised past the guard), or, had it
+    // returned, go on normally (200 even failing closed) with no timeout
+    // counted: the status, body and counters below show it was stopped.
     if fail == "closed" {
         assert_eq!(r.status, 503, "{}", r.text());
         assert_eq!(r.text(), "plugin_failure: sleepy\n");
@@ -363,7 +354,7 @@ async fn sleeping_guest(proto: Proto, fail: &str) {
         .await;
 
     // The same worker (same connection) serves the next request, on a new instance.
-    let r = tokio::time::timeout(Duration::from_secs(3), c.get("/fine/again").send())
+    let r = tokio::time::timeout(HANG_GUARD, c.get("/fine/again").send())
         .await
         .unwrap_or_else(|_| panic!("the worker hung after the sleeping call"));
     assert_eq!(r.status, 200);

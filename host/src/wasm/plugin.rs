@@ -1158,9 +1158,11 @@ mod tests {
         let e = r.unwrap_err();
         assert_eq!(e.downcast_ref::<Trap>(), Some(&Trap::Interrupt));
         assert_eq!(describe(&e, Duration::from_millis(2)).0, "timeout");
+        // Stopped (the future never ends by itself), and only past the wall
+        // deadline.
         let took = started.elapsed();
         assert!(
-            took >= Duration::from_millis(2) * engine::WALL_FACTOR && took < Duration::from_secs(2),
+            took >= Duration::from_millis(2) * engine::WALL_FACTOR,
             "stopped after {took:?}"
         );
     }
