@@ -6,15 +6,16 @@
 //! check), rechecks time-dependent claims on a hit, and flushes it when the
 //! provider's keys change.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::rc::Rc;
 
 use serde_json::{Map, Value};
 
 #[derive(Debug)]
 struct Entry {
-    /// The token (the map's key too; kept here for `order`).
-    token: Rc<str>,
+    token: Box<str>,
     claims: Rc<Map<String, Value>>,
     /// Position in `order` (higher: used more recently).
     used: u64,
@@ -26,16 +27,45 @@ struct Entry {
 /// entry. (A hash of the token as the key would need a cryptographic one, so
 /// that no collision authenticates the wrong token; SHA-256 of a typical
 /// 600-byte token costs more in Wasm than the rest of the plugin's work on a
-/// hit.) The map's hasher is std's keyed SipHash, and only verified tokens
-/// get in, so requests cannot lengthen its lookups.
+/// hit.) Tokens are found by std's keyed SipHash of their last
+/// [`HASHED`] bytes ([`hash`]), and only verified tokens get in, so requests
+/// cannot lengthen a lookup.
 #[derive(Debug, Default)]
 pub struct TokenCache {
     capacity: usize,
     max_token: usize,
-    entries: HashMap<Rc<str>, Entry>,
-    /// `used` → token, oldest first: eviction and touch in O(log n).
-    order: BTreeMap<u64, Rc<str>>,
+    hasher: RandomState,
+    /// Hash of the token → the entries with that hash (nearly always one).
+    entries: HashMap<u64, Vec<Entry>>,
+    len: usize,
+    /// `used` → the token's hash, oldest first: eviction and touch in O(log n).
+    order: BTreeMap<u64, u64>,
     next_use: u64,
+}
+
+/// How many of a token's last bytes pick its bucket: a JWT ends with its
+/// signature (at least 32 bytes, 43 base64url characters, for every accepted
+/// algorithm), as good as random, and hashing all of a 600-byte token cost ~3k
+/// Wasm instructions per lookup. Equality is still checked on the whole token.
+const HASHED: usize = 32;
+
+/// The bucket of `token`.
+fn hash(hasher: &RandomState, token: &str) -> u64 {
+    let b = token.as_bytes();
+    hasher.hash_one(&b[b.len().saturating_sub(HASHED)..])
+}
+
+/// Whether `a` and `b` are the same bytes, compared eight at a time. `==` on
+/// byte slices calls `memcmp`, which on wasm32 is compiler-builtins' byte
+/// loop: ~15k instructions for a 600-byte token, more than a whole cache hit.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (x, y) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = x.remainder().iter().eq(y.remainder());
+    let word = |c: &[u8]| u64::from_ne_bytes(c.try_into().unwrap_or_default());
+    tail && x.zip(y).all(|(p, q)| word(p) == word(q))
 }
 
 impl TokenCache {
@@ -57,12 +87,12 @@ impl TokenCache {
 
     /// Number of cached tokens.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     /// Whether no token is cached.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 
     fn bump(&mut self) -> u64 {
@@ -70,14 +100,26 @@ impl TokenCache {
         self.next_use
     }
 
+    /// The entry of `token` and its hash.
+    fn find(&mut self, token: &str) -> (u64, Option<&mut Entry>) {
+        let h = hash(&self.hasher, token);
+        let e = self.entries.get_mut(&h).and_then(|b| {
+            b.iter_mut()
+                .find(|e| same(e.token.as_bytes(), token.as_bytes()))
+        });
+        (h, e)
+    }
+
     /// The claims of a cached token, marking it most recently used.
     pub fn get(&mut self, token: &str) -> Option<Rc<Map<String, Value>>> {
         let used = self.bump();
-        let e = self.entries.get_mut(token)?;
-        self.order.remove(&e.used);
+        let (h, e) = self.find(token);
+        let e = e?;
+        let (old, claims) = (e.used, Rc::clone(&e.claims));
         e.used = used;
-        self.order.insert(used, Rc::clone(&e.token));
-        Some(Rc::clone(&e.claims))
+        self.order.remove(&old);
+        self.order.insert(used, h);
+        Some(claims)
     }
 
     /// Remember a verified token, evicting the least recently used at
@@ -87,29 +129,40 @@ impl TokenCache {
             return;
         }
         self.remove(token);
-        while self.entries.len() >= self.capacity {
-            let Some((_, old)) = self.order.pop_first() else {
+        while self.len >= self.capacity {
+            let Some((used, h)) = self.order.pop_first() else {
                 break;
             };
-            self.entries.remove(&old);
+            self.take(h, |e| e.used == used);
         }
         let used = self.bump();
-        let token: Rc<str> = Rc::from(token);
-        self.order.insert(used, Rc::clone(&token));
-        self.entries.insert(
-            Rc::clone(&token),
-            Entry {
-                token,
-                claims,
-                used,
-            },
-        );
+        let h = hash(&self.hasher, token);
+        self.order.insert(used, h);
+        self.entries.entry(h).or_default().push(Entry {
+            token: token.into(),
+            claims,
+            used,
+        });
+        self.len += 1;
+    }
+
+    /// Removes the entry of bucket `h` that `which` picks; its `used`.
+    fn take(&mut self, h: u64, which: impl Fn(&Entry) -> bool) -> Option<u64> {
+        let bucket = self.entries.get_mut(&h)?;
+        let i = bucket.iter().position(which)?;
+        let e = bucket.swap_remove(i);
+        if bucket.is_empty() {
+            self.entries.remove(&h);
+        }
+        self.len -= 1;
+        Some(e.used)
     }
 
     /// Forget one token (e.g. it expired).
     pub fn remove(&mut self, token: &str) {
-        if let Some(e) = self.entries.remove(token) {
-            self.order.remove(&e.used);
+        let h = hash(&self.hasher, token);
+        if let Some(used) = self.take(h, |e| same(e.token.as_bytes(), token.as_bytes())) {
+            self.order.remove(&used);
         }
     }
 
@@ -117,6 +170,7 @@ impl TokenCache {
     pub fn clear(&mut self) {
         self.entries.clear();
         self.order.clear();
+        self.len = 0;
     }
 }
 
@@ -155,6 +209,42 @@ mod tests {
         assert_eq!(c.get("a").unwrap()["n"], 2);
         c.clear();
         assert!(c.get("a").is_none());
+    }
+
+    #[test]
+    fn tokens_sharing_their_hashed_tail_keep_their_own_entries() {
+        let tail = "s".repeat(HASHED);
+        let (a, b) = (format!("a.{tail}"), format!("b.{tail}"));
+        let mut c = TokenCache::new(3, 64);
+        c.insert(&a, claims(1));
+        c.insert(&b, claims(2));
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.get(&a).unwrap()["n"], 1);
+        assert_eq!(c.get(&b).unwrap()["n"], 2);
+        assert!(c.get(&format!("c.{tail}")).is_none());
+        c.remove(&a);
+        assert!(c.get(&a).is_none());
+        assert_eq!(c.get(&b).unwrap()["n"], 2);
+        // Eviction finds the oldest within a shared bucket too.
+        c.insert(&a, claims(3));
+        c.insert("x", claims(4));
+        c.insert("y", claims(5));
+        assert_eq!(c.len(), 3);
+        assert!(c.get(&b).is_none(), "b was the least recently used");
+        assert_eq!(c.get(&a).unwrap()["n"], 3);
+    }
+
+    #[test]
+    fn same_compares_every_byte() {
+        let a: Vec<u8> = (0..37).collect();
+        assert!(same(&a, &a.clone()));
+        for i in 0..a.len() {
+            let mut b = a.clone();
+            b[i] ^= 1;
+            assert!(!same(&a, &b), "byte {i}");
+        }
+        assert!(!same(&a, &a[..36]));
+        assert!(same(b"", b""));
     }
 
     #[test]
