@@ -20,7 +20,8 @@
 # setup's cost goes, function by function, is then
 #   bench/callgrind-diff.py KEEP/pwnoop-500.out KEEP/pwnoop-10500.out 10000
 #
-# Setups: none, wasm1 (bench/noop-filter: one no-op component filter), wasmhdr
+# Setups: none, native1 (one native no-op filter, `native:noop`: what the filter
+# chain itself costs), wasm1 (bench/noop-filter: one no-op component filter), wasmhdr
 # (the same reading one header), grpc-web (builtin, plain requests), auth-key
 # (builtin auth, API key), ratelimit (builtin, in-memory KV), pwnoop (one no-op
 # proxy-wasm filter: bench/pw-noop-filter, the upstream Rust SDK), and, not in
@@ -56,6 +57,7 @@ wait_port "${UPSTREAM}"
 chain_of() {
     case "$1" in
         none) ;;
+        native1) echo native-noop ;;
         wasm1) echo noop ;;
         wasmhdr) echo noop-hdr ;;
         grpc-web) echo grpc-web ;;
@@ -94,6 +96,8 @@ clusters:
   - name: up
     endpoints: [{ address: 127.0.0.1:${UPSTREAM} }]
 plugins:
+  - name: native-noop
+    module: native:noop
   - name: noop
     module: ${WORK}/noop.wasm
   - name: noop-hdr
@@ -165,7 +169,7 @@ instructions() {
 # Every config loads every plugin, from a private module cache that a first,
 # unmeasured run fills: no measured run pays for Cranelift.
 export LEGATE_WASM_CACHE="${WORK}/cache"
-read -r -a SETUPS <<<"${SETUPS:-none wasm1 wasmhdr pwnoop grpc-web auth-key ratelimit}"
+read -r -a SETUPS <<<"${SETUPS:-none native1 wasm1 wasmhdr pwnoop grpc-web auth-key ratelimit}"
 declare -A per
 # A first run fills the cache (its count includes Cranelift's work): discarded.
 instructions none 0 >/dev/null
