@@ -107,23 +107,7 @@ plugins:
     module: ${WORK}/pwnoop.wasm
   - name: grpc-web
     module: builtin:grpc-web
-  - name: auth-key
-    module: builtin:auth
-    config:
-      api_keys:
-        - name: keys
-          keys: [{ id: bench, sha256: $(printf %s bench-key | sha256sum | cut -d' ' -f1) }]
-      rules: [{ match: { prefix: / }, requires: { any: [keys] } }]
-  - name: auth-jwt
-    module: builtin:auth
-    config:
-      providers:
-        - name: corp
-          issuer: https://id.bench
-          audiences: [bench]
-          jwks: { keys: [{ kty: RSA, kid: bench, alg: RS256, use: sig, n: "${JWT_N}", e: AQAB }] }
-          claim_to_headers: [{ claim: sub, header: x-user }]
-      rules: [{ match: { prefix: / }, requires: { any: [corp] } }]
+$(bench_auth_plugins)
   - name: ratelimit
     module: builtin:ratelimit
     capabilities: { kv: [ratelimit] }

@@ -83,6 +83,31 @@ bench_jwt() {
     TOKEN="${head}.${body}.${sig}"
 }
 
+# The plugins.yaml entries of the two auth setups (after bench_jwt): `auth-key`
+# (API key `bench-key` in `x-api-key`) and `auth-jwt` ($TOKEN as a bearer token).
+bench_auth_plugins() {
+    cat <<EOF
+  - name: auth-key
+    module: builtin:auth
+    config:
+      api_keys:
+        # sha256("bench-key")
+        - name: keys
+          keys: [{ id: bench, sha256: $(printf %s bench-key | sha256sum | cut -d' ' -f1) }]
+      rules: [{ match: { prefix: / }, requires: { any: [keys] } }]
+  - name: auth-jwt
+    module: builtin:auth
+    config:
+      providers:
+        - name: corp
+          issuer: https://id.bench
+          audiences: [bench]
+          jwks: { keys: [{ kty: RSA, kid: bench, alg: RS256, use: sig, n: "${JWT_N}", e: AQAB }] }
+          claim_to_headers: [{ claim: sub, header: x-user }]
+      rules: [{ match: { prefix: / }, requires: { any: [corp] } }]
+EOF
+}
+
 # A scratch directory, $WORK; every pid in $pids is stopped on exit, and on
 # failure the logs' tails are shown.
 bench_workdir() {

@@ -124,24 +124,7 @@ plugins:
     module: builtin:grpc-json
     files: { descriptors: ${REPO_ROOT}/examples/demo-upstream/echo.pb }
     config: { services: [legate.demo.v1.Echo] }
-  - name: auth-key
-    module: builtin:auth
-    config:
-      api_keys:
-        # sha256("bench-key")
-        - name: keys
-          keys: [{ id: bench, sha256: $(printf %s bench-key | sha256sum | cut -d' ' -f1) }]
-      rules: [{ match: { prefix: / }, requires: { any: [keys] } }]
-  - name: auth-jwt
-    module: builtin:auth
-    config:
-      providers:
-        - name: corp
-          issuer: https://id.bench
-          audiences: [bench]
-          jwks: { keys: [{ kty: RSA, kid: bench, alg: RS256, use: sig, n: "${JWT_N}", e: AQAB }] }
-          claim_to_headers: [{ claim: sub, header: x-user }]
-      rules: [{ match: { prefix: / }, requires: { any: [corp] } }]
+$(bench_auth_plugins)
   - name: ratelimit
     module: builtin:ratelimit
     limits: { cpu: 250ms }
