@@ -38,26 +38,18 @@ async fn websocket_upgrade_passthrough() {
 
     // Bytes flow both ways after the switch, including more than one buffer's worth.
     c.write(b"hello").await;
-    assert_eq!(
-        c.read_exact(5, Duration::from_secs(2)).await.unwrap(),
-        b"hello"
-    );
+    assert_eq!(c.read_exact(5, HANG_GUARD).await.unwrap(), b"hello");
     let big = pattern_bytes(256 * 1024);
     c.write(&big).await;
-    let back = c
-        .read_exact(big.len(), Duration::from_secs(5))
-        .await
-        .unwrap();
+    let back = c.read_exact(big.len(), HANG_GUARD).await.unwrap();
     assert_eq!(checksum(&back), checksum(&big));
     assert_eq!(up.bytes.get(), 5 + big.len());
 
     // Closing the client closes the upstream side.
     drop(c);
-    eventually(
-        Duration::from_secs(3),
-        "upstream side of the tunnel closed",
-        || async { (up.closed.get() == 1).then_some(()) },
-    )
+    eventually(HANG_GUARD, "upstream side of the tunnel closed", || async {
+        (up.closed.get() == 1).then_some(())
+    })
     .await;
 }
 
@@ -101,22 +93,16 @@ async fn tcp_proxy_moves_bytes_both_ways() {
     let lg = legate().config(&tcp_config(echo.addr, "1h")).start();
     let mut c = RawConn::connect(lg.addr("tcp")).await;
     c.write(b"ping").await;
-    assert_eq!(
-        c.read_exact(4, Duration::from_secs(2)).await.unwrap(),
-        b"ping"
-    );
+    assert_eq!(c.read_exact(4, HANG_GUARD).await.unwrap(), b"ping");
     let big = pattern_bytes(1 << 20);
     c.write(&big).await;
-    let back = c
-        .read_exact(big.len(), Duration::from_secs(5))
-        .await
-        .unwrap();
+    let back = c.read_exact(big.len(), HANG_GUARD).await.unwrap();
     assert_eq!(checksum(&back), checksum(&big));
     let total = (4 + big.len()) as f64;
     // Half-close from the client: the proxy passes the FIN on and closes after the
     // upstream does.
     c.stream.shutdown().await.ok();
-    let (rest, closed) = c.read_until_close(Duration::from_secs(3)).await;
+    let (rest, closed) = c.read_until_close(HANG_GUARD).await;
     assert!(rest.is_empty());
     assert!(closed, "proxy did not close after both sides finished");
     lg.assert_stat(r#"legate_listener_rx_bytes_total{listener="tcp"}"#, total)
@@ -134,25 +120,25 @@ async fn tcp_proxy_moves_bytes_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_proxy_idle_timeout_closes_both_sides() {
     let echo = tcp_echo_server().await;
-    let lg = legate().config(&tcp_config(echo.addr, "300ms")).start();
+    // A wide margin between the pause below and the timeout: a loaded machine
+    // must not stall the test past it.
+    let lg = legate().config(&tcp_config(echo.addr, "1s")).start();
     let mut c = RawConn::connect(lg.addr("tcp")).await;
     c.write(b"x").await;
-    assert_eq!(c.read_exact(1, Duration::from_secs(2)).await.unwrap(), b"x");
+    assert_eq!(c.read_exact(1, HANG_GUARD).await.unwrap(), b"x");
     // Activity resets the timer.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     c.write(b"y").await;
-    assert_eq!(c.read_exact(1, Duration::from_secs(2)).await.unwrap(), b"y");
+    assert_eq!(c.read_exact(1, HANG_GUARD).await.unwrap(), b"y");
     let t = Instant::now();
     // Nothing but the idle timeout closes it: neither side closes.
     let (_, closed) = c.read_until_close(HANG_GUARD).await;
     let idle = t.elapsed();
     assert!(closed, "idle connection not closed");
-    assert!(idle >= Duration::from_millis(250), "closed after {idle:?}");
-    eventually(
-        Duration::from_secs(2),
-        "upstream connection closed",
-        || async { (echo.closed.get() == 1).then_some(()) },
-    )
+    assert!(idle >= Duration::from_millis(900), "closed after {idle:?}");
+    eventually(HANG_GUARD, "upstream connection closed", || async {
+        (echo.closed.get() == 1).then_some(())
+    })
     .await;
     lg.assert_stat(r#"legate_listener_connections_active{listener="tcp"}"#, 0.0)
         .await;
@@ -164,7 +150,7 @@ async fn tcp_proxy_upstream_down_closes_the_client() {
     let lg = legate().config(&tcp_config(dead, "1h")).start();
     let mut c = RawConn::connect(lg.addr("tcp")).await;
     c.write(b"anyone?").await;
-    let (out, closed) = c.read_until_close(Duration::from_secs(3)).await;
+    let (out, closed) = c.read_until_close(HANG_GUARD).await;
     assert!(closed, "client left hanging");
     assert!(out.is_empty());
     lg.assert_stat(
@@ -183,31 +169,27 @@ async fn an_upgraded_connection_is_counted_and_idles_out() {
     let up = upgrade_echo_server().await;
     let config = simple_config(&[up.addr]).replace(
         "    http:\n      routes: main\n",
-        "    http:\n      routes: main\n    limits:\n      idle_timeout: 400ms\n",
+        "    http:\n      routes: main\n    limits:\n      idle_timeout: 1s\n",
     );
     let lg = legate().config(&config).start();
     let mut c = RawConn::connect(lg.addr("web")).await;
     let head = c.websocket_handshake("/chat").await;
     assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
-    // Bytes keep it alive past the idle timeout.
+    // Bytes keep it alive past the idle timeout (each pause well inside it, so
+    // a loaded machine cannot stretch one past it).
     for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         c.write(b"ping").await;
-        assert_eq!(
-            c.read_exact(4, Duration::from_secs(2)).await.unwrap(),
-            b"ping"
-        );
+        assert_eq!(c.read_exact(4, HANG_GUARD).await.unwrap(), b"ping");
     }
     lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 1.0)
         .await;
     // Quiet: closed, both sides.
-    let (_, closed) = c.read_until_close(Duration::from_secs(10)).await;
+    let (_, closed) = c.read_until_close(HANG_GUARD).await;
     assert!(closed, "an idle tunnel stayed open");
-    eventually(
-        Duration::from_secs(3),
-        "upstream side of the tunnel closed",
-        || async { (up.closed.get() == 1).then_some(()) },
-    )
+    eventually(HANG_GUARD, "upstream side of the tunnel closed", || async {
+        (up.closed.get() == 1).then_some(())
+    })
     .await;
     lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
         .await;
@@ -267,7 +249,7 @@ async fn an_upgrade_of_an_unlisted_type_is_refused() {
           GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
     )
     .await;
-    let (out, closed) = c.read_until_close(Duration::from_secs(3)).await;
+    let (out, closed) = c.read_until_close(HANG_GUARD).await;
     let out = String::from_utf8_lossy(&out).into_owned();
     assert!(
         closed,
@@ -329,10 +311,7 @@ async fn the_listener_list_and_route_overrides_decide() {
     let head = c.websocket_handshake("/open/chat").await;
     assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
     c.write(b"ping").await;
-    assert_eq!(
-        c.read_exact(4, Duration::from_secs(2)).await.unwrap(),
-        b"ping"
-    );
+    assert_eq!(c.read_exact(4, HANG_GUARD).await.unwrap(), b"ping");
     lg.assert_stat(
         r#"legate_listener_upgrades_refused_total{listener="web"}"#,
         1.0,
