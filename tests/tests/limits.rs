@@ -378,7 +378,7 @@ async fn max_connections() {
 
     let mut third = RawConn::connect(addr).await;
     third.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    let (out, closed) = third.read_until_close(Duration::from_secs(2)).await;
+    let (out, closed) = third.read_until_close(HANG_GUARD).await;
     assert!(closed, "connection over the limit was kept open");
     assert!(
         raw_status(&out).is_none_or(|s| s == 503),
