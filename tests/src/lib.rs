@@ -182,25 +182,36 @@ pub fn simple_config(endpoints: &[std::net::SocketAddr]) -> String {
 /// file at `path` (`discovery: { type: file }`, read every 20ms);
 /// `cluster_extra` lines go into the cluster (indented by 4).
 pub fn file_discovery_config(path: &std::path::Path, cluster_extra: &str) -> String {
+    web_config(
+        "          - match: { prefix: / }\n            cluster: backend\n",
+        &format!(
+            "  - name: backend\n    discovery: {{ type: file, path: {}, watch_interval: 20ms }}\n{cluster_extra}",
+            path.display()
+        ),
+    )
+}
+
+/// A config with one HTTP listener `web` on an ephemeral port, route table
+/// `main` with one virtual host `all` for every domain, whose route list is
+/// `routes` (YAML list items indented by 10 spaces), and the top-level cluster
+/// list `clusters` (items indented by 2): what every single-listener test config
+/// shares.
+pub fn web_config(routes: &str, clusters: &str) -> String {
     format!(
         "version: 1
 listeners:
   - name: web
     address: 127.0.0.1:0
-    http: {{ routes: main }}
+    http:
+      routes: main
 routes:
   - name: main
     virtual_hosts:
       - name: all
         domains: [\"*\"]
         routes:
-          - match: {{ prefix: / }}
-            cluster: backend
-clusters:
-  - name: backend
-    discovery: {{ type: file, path: {}, watch_interval: 20ms }}
-{cluster_extra}",
-        path.display()
+{routes}clusters:
+{clusters}"
     )
 }
 
@@ -216,26 +227,9 @@ pub fn simple_config_with(
     for e in endpoints {
         eps.push_str(&format!("      - address: {e}\n"));
     }
-    format!(
-        "version: 1
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    http:
-      routes: main
-routes:
-  - name: main
-    virtual_hosts:
-      - name: all
-        domains: [\"*\"]
-        routes:
-          - match:
-              prefix: /
-            cluster: backend
-{route_extra}clusters:
-  - name: backend
-    endpoints:
-{eps}{cluster_extra}"
+    web_config(
+        &format!("          - match:\n              prefix: /\n            cluster: backend\n{route_extra}"),
+        &format!("  - name: backend\n    endpoints:\n{eps}{cluster_extra}"),
     )
 }
 

@@ -353,39 +353,21 @@ async fn a_stalled_body_buffered_for_retries_times_out_with_408() {
 
 const TIMEOUT_STAT: &str = r#"legate_cluster_upstream_rq_timeout{cluster="backend"}"#;
 
-/// Long enough for no test to finish by it: a request that is never answered
-/// fails the test there instead of hanging it.
-const BOUND: Duration = Duration::from_secs(20);
-
 /// Two routes to `up` (spoken to in `protocol`): `/route/` with a route
 /// `timeout` of 1s, `/try/` with a `per_try_timeout` of 1s alone (`timeout: 0s`).
 fn upload_config(up: std::net::SocketAddr, protocol: &str) -> String {
-    format!(
-        "version: 1
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    http:
-      routes: main
-routes:
-  - name: main
-    virtual_hosts:
-      - name: all
-        domains: [\"*\"]
-        routes:
-          - match: {{ prefix: /route/ }}
+    web_config(
+        "          - match: { prefix: /route/ }
             cluster: backend
             timeout: 1s
-          - match: {{ prefix: /try/ }}
+          - match: { prefix: /try/ }
             cluster: backend
             timeout: 0s
             per_try_timeout: 1s
-clusters:
-  - name: backend
-    protocol: {protocol}
-    endpoints:
-      - address: {up}
-"
+",
+        &format!(
+            "  - name: backend\n    protocol: {protocol}\n    endpoints:\n      - address: {up}\n"
+        ),
     )
 }
 
@@ -420,7 +402,7 @@ each_proto!(
                     .post(path)
                     .boxed_body(trickle(10, Duration::from_millis(300)))
                     .send();
-                let r = tokio::time::timeout(BOUND, sent)
+                let r = tokio::time::timeout(HANG_GUARD, sent)
                     .await
                     .expect("the upload was never answered");
                 assert_eq!(r.status, 200, "{protocol} {path}: {}", r.text());
@@ -459,7 +441,7 @@ each_proto!(
                 .post(path)
                 .boxed_body(trickle(5, Duration::from_millis(300)))
                 .send();
-            let r = tokio::time::timeout(BOUND, sent)
+            let r = tokio::time::timeout(HANG_GUARD, sent)
                 .await
                 .expect("the early answer did not come back");
             assert_eq!(r.status, 200, "{path}: {}", r.text());
@@ -492,7 +474,7 @@ each_proto!(
                 .post(path)
                 .boxed_body(trickle(5, Duration::from_millis(300)))
                 .send();
-            let r = tokio::time::timeout(BOUND, sent)
+            let r = tokio::time::timeout(HANG_GUARD, sent)
                 .await
                 .expect("the timeout never ran");
             assert_eq!(r.status, 504, "{path}: {}", r.text());
@@ -520,7 +502,7 @@ each_proto!(
                     let mut c = RawConn::connect(lg.addr("web")).await;
                     c.write(b"PUT /up HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
                         .await;
-                    let got = c.read_head(BOUND).await;
+                    let got = c.read_head(HANG_GUARD).await;
                     let text = String::from_utf8_lossy(&got).into_owned();
                     (raw_status(&got), text)
                 }
@@ -543,7 +525,7 @@ each_proto!(
                 }
             }
         };
-        let (status, text) = tokio::time::timeout(BOUND, answer)
+        let (status, text) = tokio::time::timeout(HANG_GUARD, answer)
             .await
             .expect("no answer while the body stalls");
         assert_eq!(status, Some(408), "{text}");

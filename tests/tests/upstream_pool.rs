@@ -334,22 +334,10 @@ each_proto!(
 /// A TLS cluster with two endpoints, `a.test` and `b.test` on `port`, both resolved
 /// to 127.0.0.1 by `dns` (a `dns` cluster, round robin).
 fn two_names_one_address(port: u16, dns: std::net::SocketAddr, ca: &Ca, protocol: &str) -> String {
-    format!(
-        "version: 1
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    http: {{ routes: main }}
-routes:
-  - name: main
-    virtual_hosts:
-      - name: all
-        domains: [\"*\"]
-        routes:
-          - match: {{ prefix: / }}
-            cluster: backend
-clusters:
-  - name: backend
+    web_config(
+        "          - match: { prefix: / }\n            cluster: backend\n",
+        &format!(
+            "  - name: backend
     protocol: {protocol}
     tls: {{ ca: {ca} }}
     discovery:
@@ -360,7 +348,8 @@ clusters:
       - address: \"a.test:{port}\"
       - address: \"b.test:{port}\"
 ",
-        ca = ca.cert_path.display()
+            ca = ca.cert_path.display()
+        ),
     )
 }
 
@@ -459,6 +448,22 @@ async fn send_five_held(
     tasks
 }
 
+/// Lets the upstream answer the held requests; each must get 200. Their
+/// responses, in the order sent.
+async fn release_all(
+    release: &std::sync::atomic::AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<Resp>>,
+) -> Vec<Resp> {
+    release.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut out = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        out.push(r);
+    }
+    out
+}
+
 each_proto!(
     /// An HTTP/2 connection takes `max_concurrent_streams` streams; past that,
     /// another is opened. Five requests held by the upstream at once, with a limit
@@ -469,10 +474,7 @@ each_proto!(
         let (lg, up, release, tasks) = five_held_h2_requests(proto, "").await;
         assert_eq!(up.connections.get(), 3, "connections for 5 streams, 2 per connection");
         lg.assert_stat(CX_ACTIVE, 3.0).await;
-        release.store(true, std::sync::atomic::Ordering::SeqCst);
-        for (i, t) in tasks.into_iter().enumerate() {
-            let r = t.await.unwrap();
-            assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        for (i, r) in release_all(&release, tasks).await.iter().enumerate() {
             assert_eq!(r.echo().path, format!("/held/{i}"));
         }
         // Streams free again: a later request opens nothing.
@@ -508,11 +510,7 @@ each_proto!(
         release.store(false, std::sync::atomic::Ordering::SeqCst);
         let tasks = send_five_held(proto, &lg, &up).await;
         assert_eq!(up.connections.get(), 3, "connections for 5 streams, 2 per connection");
-        release.store(true, std::sync::atomic::Ordering::SeqCst);
-        for (i, t) in tasks.into_iter().enumerate() {
-            let r = t.await.unwrap();
-            assert_eq!(r.status, 200, "request {i}: {}", r.text());
-        }
+        release_all(&release, tasks).await;
         lg.assert_stat(CLUSTER_2XX, 6.0).await;
         lg.assert_stat(CX_TOTAL, 3.0).await;
     }
@@ -528,11 +526,7 @@ each_proto!(
         let (lg, up, release, tasks) =
             five_held_h2_requests(proto, "    circuit_breakers: { max_connections: 2 }\n").await;
         assert_eq!(up.connections.get(), 2);
-        release.store(true, std::sync::atomic::Ordering::SeqCst);
-        for (i, t) in tasks.into_iter().enumerate() {
-            let r = t.await.unwrap();
-            assert_eq!(r.status, 200, "request {i}: {}", r.text());
-        }
+        release_all(&release, tasks).await;
         lg.assert_stat(CLUSTER_2XX, 5.0).await;
         lg.assert_stat(CX_TOTAL, 2.0).await;
         lg.assert_stat_with(CX_OVERFLOW, |v| v >= 1.0, ">= 1").await;
