@@ -450,6 +450,29 @@ each_proto!(
     }
 );
 
+/// WASI sockets are linked (a guest using `std::net` instantiates) but deny
+/// every operation: each call returns an error to the guest, never a trap or a
+/// host panic (the binds and UDP socket creation would block in wasmtime-wasi's
+/// own synchronous code, which the host replaces).
+each_proto!(
+    async fn wasi_sockets_are_denied_without_a_trap(proto) {
+        let up = upstream().start().await;
+        let p = plugin("hostile", "{ mode: hostile }", "");
+        let lg = legate().config(&simple(up.addr, &p, &["hostile"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/sockets").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.echo().header("x-sockets"),
+            Some("tcp-bind=PermissionDenied,tcp-connect=PermissionDenied,udp-bind=PermissionDenied")
+        );
+        lg.assert_stat(r#"legate_plugin_traps_total{plugin="hostile"}"#, 0.0)
+            .await;
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="hostile"}"#, 0.0)
+            .await;
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_metrics_reach_stats() {
     let up = upstream().start().await;

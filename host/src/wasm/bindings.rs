@@ -4,15 +4,13 @@
 //! `Resource<T>` handles are typed and the same host types can serve a future 0.2
 //! binding set side by side (abi/README.md §12). Every import may trap (a dangling
 //! handle, a broken host invariant), so all imports are `trappable`. Exports are
-//! generated async only because WASI's host side is async in wasmtime-wasi (its sync
-//! wrappers start a nested tokio runtime, which panics on a worker thread);
-//! `plugin::run_inline` polls each call to completion in place.
+//! synchronous: a guest call is a plain call on the worker's stack (WASI is
+//! linked synchronously too, [`super::wasi`]).
 
 wasmtime::component::bindgen!({
     world: "http-filter",
     path: "../abi/wit",
     imports: { default: trappable },
-    exports: { default: async },
     with: {
         "legate:filter/types.buffer": super::host::BufferRes,
         "legate:filter/http.headers": super::host::HeadersRes,
@@ -32,8 +30,7 @@ pub mod network {
         world: "network-filter",
         path: "../abi/wit",
         imports: { default: trappable },
-        exports: { default: async },
-        with: {
+            with: {
             "legate:filter/types": super::legate::filter::types,
             "legate:filter/log": super::legate::filter::log,
             "legate:filter/clock": super::legate::filter::clock,

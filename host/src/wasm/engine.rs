@@ -14,7 +14,7 @@
 //! it lazily means a call that ends before the next tick, nearly every filter
 //! call, never pays for it. Epoch ticks only reach a call while Wasm runs: a
 //! call waiting in a host pollable (a guest's `sleep`, WASI `poll`) is bounded
-//! instead by [`run_inline`](super::plugin::run_inline), which reads the wall
+//! instead by [`poll_inline`](super::wasi::poll_inline), which reads the wall
 //! deadline [`arm`] leaves in a thread-local ([`wall_deadline`]). The pooling
 //! allocator keeps instance
 //! memories in pre-reserved slots reused copy-on-write from the module's image, so
@@ -190,7 +190,7 @@ pub fn wall_deadline() -> Option<Instant> {
 /// within the configure deadline's wall bound. Without it the wait could not
 /// end: at load the thread has no runtime (creating a WASI clock pollable
 /// would panic), and on a worker the worker's own timer does not advance while
-/// [`run_inline`](super::plugin::run_inline) spins. Request-path calls do not
+/// [`poll_inline`](super::wasi::poll_inline) spins. Request-path calls do not
 /// pay for entering it (a filter must not sleep, abi/README.md §7).
 pub fn with_timers<R>(f: impl FnOnce() -> R) -> R {
     static TIMERS: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();

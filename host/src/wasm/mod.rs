@@ -6,8 +6,9 @@
 //!   compiling modules and checking their SHA-256.
 //! - [`cache`]: compiled components on disk, keyed by module SHA-256 and engine.
 //! - [`bindings`]: the one `bindgen!` of the WIT world.
-//! - [`host`]: the host side of every imported interface; WASI linked with nothing
-//!   granted.
+//! - [`host`]: the host side of every imported interface.
+//! - [`wasi`]: WASI 0.2, linked synchronously (a guest call is a plain call, no
+//!   fiber) with nothing granted.
 //! - [`kv`]: the plugin KV store, a [`kv::KvBackend`]: in memory (one per process)
 //!   or in Redis (`kv:` in the config), shared by Legate processes.
 //! - [`plugin`]: [`WasmFilter`], a [`crate::filter::HttpFilter`]; per-worker
@@ -40,6 +41,7 @@ pub mod plugin;
 pub mod proxy_wasm;
 pub mod slots;
 pub mod stdio;
+pub mod wasi;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -26,7 +26,7 @@ use super::bindings::network::legate::filter::network as wnet;
 use super::bindings::network::{NetworkFilter as World, NetworkFilterPre};
 use super::engine;
 use super::host::{HostState, Phase, PluginShared, PLUGIN_CONTEXT};
-use super::plugin::{describe, guest_result, run_inline, PluginStats, Settings, MIN_TICK};
+use super::plugin::{describe, guest_result, PluginStats, Settings, MIN_TICK};
 use super::slots::{InstanceCount, LiveIds, MemoryUse};
 use crate::filter::{
     CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter, Phases, Verdict,
@@ -98,8 +98,7 @@ impl Drop for WasmNetworkFilter {
 
 fn linker() -> anyhow::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine::engine()?);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-        .map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
+    super::wasi::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
     World::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
         .map_err(|e| anyhow::anyhow!("linking the plugin ABI: {e}"))?;
     Ok(linker)
@@ -205,11 +204,10 @@ impl WasmNetworkFilter {
             };
             f.stats.calls["tick"].inc();
             let r = f.with_plugin_call(generation, |live| {
-                let r = run_inline(
-                    live.bindings
-                        .legate_filter_network_handler()
-                        .call_on_tick(&mut live.store),
-                );
+                let r = live
+                    .bindings
+                    .legate_filter_network_handler()
+                    .call_on_tick(&mut live.store);
                 r.map(|()| {
                     live.store.data_mut().start_tick_callouts(|req| {
                         Self::tick_callout(me.clone(), worker, generation, req)
@@ -270,15 +268,14 @@ impl WasmNetworkFilter {
         f.stats.calls["tick_callout_response"].inc();
         let result = guest_result(result);
         let r = f.with_plugin_call(generation, |live| {
-            let r = run_inline(
-                live.bindings
-                    .legate_filter_network_handler()
-                    .call_on_tick_callout_response(
-                        &mut live.store,
-                        id,
-                        result.as_ref().map_err(|e| *e),
-                    ),
-            );
+            let r = live
+                .bindings
+                .legate_filter_network_handler()
+                .call_on_tick_callout_response(
+                    &mut live.store,
+                    id,
+                    result.as_ref().map_err(|e| *e),
+                );
             // Callouts sent from here belong to the plugin too.
             r.map(|()| {
                 live.store.data_mut().start_tick_callouts(|req| {
@@ -348,15 +345,15 @@ impl WasmNetworkFilter {
         // Off the request path: a guest may wait in WASI here (see
         // `engine::with_timers`).
         let (bindings, r) = engine::with_timers(|| {
-            let bindings = run_inline(self.pre.instantiate_async(&mut store))
+            let bindings = self
+                .pre
+                .instantiate(&mut store)
                 .map_err(|e| format!("cannot instantiate: {e:#}"))?;
             self.stats.calls["configure"].inc();
             store.data_mut().phase = Phase::Configure;
-            let r = run_inline(
-                bindings
-                    .legate_filter_network_handler()
-                    .call_configure(&mut store, &self.settings.config_json),
-            );
+            let r = bindings
+                .legate_filter_network_handler()
+                .call_configure(&mut store, &self.settings.config_json);
             Ok::<_, String>((bindings, r))
         })?;
         match r {
@@ -428,7 +425,7 @@ impl WasmNetworkFilter {
                 Some(ctx) => call(live, ctx),
                 None if new => {
                     let h = live.bindings.legate_filter_network_handler();
-                    match run_inline(h.network_context().call_constructor(&mut live.store)) {
+                    match h.network_context().call_constructor(&mut live.store) {
                         Ok(ctx) => {
                             live.contexts.insert(context, ctx);
                             call(live, ctx)
@@ -501,11 +498,9 @@ impl NetworkFilter for WasmNetworkFilter {
             let context = live.store.data().x.context;
             let cr = live.store.data_mut().lend_connection(context)?;
             let h = live.bindings.legate_filter_network_handler();
-            let a = run_inline(h.network_context().call_on_new_connection(
-                &mut live.store,
-                ctx,
-                cr,
-            ));
+            let a = h
+                .network_context()
+                .call_on_new_connection(&mut live.store, ctx, cr);
             Ok(Ok(action(a?)))
         })
     }
@@ -541,20 +536,12 @@ impl NetworkFilter for WasmNetworkFilter {
             let h = live.bindings.legate_filter_network_handler();
             let nc = h.network_context();
             let a = match from {
-                Peer::Downstream => run_inline(nc.call_on_downstream_data(
-                    &mut live.store,
-                    ctx,
-                    cr,
-                    br,
-                    end_of_stream,
-                )),
-                Peer::Upstream => run_inline(nc.call_on_upstream_data(
-                    &mut live.store,
-                    ctx,
-                    cr,
-                    br,
-                    end_of_stream,
-                )),
+                Peer::Downstream => {
+                    nc.call_on_downstream_data(&mut live.store, ctx, cr, br, end_of_stream)
+                }
+                Peer::Upstream => {
+                    nc.call_on_upstream_data(&mut live.store, ctx, cr, br, end_of_stream)
+                }
             };
             Ok(Ok(action(a?)))
         })
@@ -583,13 +570,13 @@ impl NetworkFilter for WasmNetworkFilter {
             let cr = live.store.data_mut().lend_connection(context)?;
             let result = guest_result(result);
             let h = live.bindings.legate_filter_network_handler();
-            let a = run_inline(h.network_context().call_on_callout_response(
+            let a = h.network_context().call_on_callout_response(
                 &mut live.store,
                 ctx,
                 cr,
                 id,
                 result.as_ref().map_err(|e| *e),
-            ));
+            );
             Ok(Ok(action(a?)))
         })
     }
@@ -612,10 +599,9 @@ impl NetworkFilter for WasmNetworkFilter {
             let context = live.store.data().x.context;
             let cr = live.store.data_mut().lend_connection(context)?;
             let h = live.bindings.legate_filter_network_handler();
-            let r = run_inline(
-                h.network_context()
-                    .call_on_close(&mut live.store, ctx, cr, p),
-            );
+            let r = h
+                .network_context()
+                .call_on_close(&mut live.store, ctx, cr, p);
             r?;
             Ok(Ok(()))
         });
@@ -641,7 +627,7 @@ impl NetworkFilter for WasmNetworkFilter {
                 return Ok(());
             };
             engine::arm(&mut live.store, self.settings.cpu);
-            let r = run_inline(ctx.resource_drop_async(&mut live.store));
+            let r = ctx.resource_drop(&mut live.store);
             if let Err(e) = r {
                 let text = self.stats.count_fatal(&e, self.settings.cpu);
                 // A destructor that trapped or was stopped mid-call leaves an

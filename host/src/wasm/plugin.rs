@@ -4,18 +4,15 @@
 //! worker's first exchange — configured, and replaced after a failure with
 //! backoff.
 //!
-//! Calls are synchronous and bounded by the epoch deadline. The store is async-capable
-//! only because WASI's host functions are async inside wasmtime-wasi and its sync
-//! wrappers would start a nested tokio runtime on a worker thread; our own imports
-//! never wait, so each call is polled to completion in place ([`run_inline`]), which
-//! also stops a call that waits in a WASI pollable at its wall-time bound.
+//! Calls are synchronous (plain calls on the worker's stack, WASI included:
+//! [`super::wasi`]) and bounded by the epoch deadline; a call that waits in a
+//! WASI pollable is stopped at its wall-time bound instead
+//! ([`super::wasi::poll_inline`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -43,35 +40,6 @@ pub(crate) const MIN_TICK: Duration = Duration::from_millis(10);
 
 /// Deadline of `configure` (abi/README.md §2).
 const CONFIGURE_DEADLINE: Duration = Duration::from_secs(1);
-
-/// Polls a guest call (armed with [`engine::arm`]) to completion in place.
-///
-/// Our imports never wait, so a call is nearly always ready on its first poll.
-/// A guest can still wait in a WASI pollable (`sleep`, `poll` on a clock): no
-/// Wasm runs then, so no epoch tick can stop it, and the worker's timer does
-/// not advance while this spins, so the wait may never end. Once the call has
-/// been pending, each spin checks its wall deadline ([`engine::wall_deadline`]:
-/// budget × [`engine::WALL_FACTOR`]); past it, the call is dropped (wasmtime
-/// unwinds the guest's stack as for a trap) and reported as
-/// [`Trap::Interrupt`], a timeout like an epoch interrupt, so the caller
-/// discards the instance as after any failed call.
-pub fn run_inline<T>(f: impl Future<Output = wasmtime::Result<T>>) -> wasmtime::Result<T> {
-    let mut f = std::pin::pin!(f);
-    let mut cx = Context::from_waker(Waker::noop());
-    if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-        return v;
-    }
-    let deadline = engine::wall_deadline();
-    loop {
-        std::thread::yield_now();
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(Trap::Interrupt.into());
-        }
-    }
-}
 
 /// How a plugin is run.
 pub struct Settings {
@@ -236,7 +204,7 @@ impl PluginStats {
                 "legate_plugin_instances",
                 "Live plugin instances (one per worker: from the config's start for plugins that tick, else once used).",
                 &l,
-            ),
+            )
         }
     }
 }
@@ -300,8 +268,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// The linker: WASI (nothing granted) and the plugin ABI.
 fn linker() -> anyhow::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine::engine()?);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-        .map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
+    super::wasi::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
     World::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
         .map_err(|e| anyhow::anyhow!("linking the plugin ABI: {e}"))?;
     Ok(linker)
@@ -525,11 +492,10 @@ impl WasmFilter {
             }
             f.stats.calls["tick"].inc();
             let r = f.with_instance(worker, Phase::Tick, None, false, |live| {
-                let r = run_inline(
-                    live.bindings
-                        .legate_filter_http_handler()
-                        .call_on_tick(&mut live.store),
-                );
+                let r = live
+                    .bindings
+                    .legate_filter_http_handler()
+                    .call_on_tick(&mut live.store);
                 r.map(|()| {
                     live.store.data_mut().start_tick_callouts(|req| {
                         Self::tick_callout(me.clone(), worker, generation, req)
@@ -597,15 +563,14 @@ impl WasmFilter {
         f.stats.calls["tick_callout_response"].inc();
         let result = guest_result(result);
         let r = f.with_instance(worker, Phase::Tick, None, false, |live| {
-            let r = run_inline(
-                live.bindings
-                    .legate_filter_http_handler()
-                    .call_on_tick_callout_response(
-                        &mut live.store,
-                        id,
-                        result.as_ref().map_err(|e| *e),
-                    ),
-            );
+            let r = live
+                .bindings
+                .legate_filter_http_handler()
+                .call_on_tick_callout_response(
+                    &mut live.store,
+                    id,
+                    result.as_ref().map_err(|e| *e),
+                );
             // Callouts sent from here belong to the plugin too.
             r.map(|()| {
                 live.store.data_mut().start_tick_callouts(|req| {
@@ -636,15 +601,15 @@ impl WasmFilter {
         // Off the request path: a guest may wait in WASI here (see
         // `engine::with_timers`).
         let (bindings, r) = engine::with_timers(|| {
-            let bindings = run_inline(self.pre.instantiate_async(&mut store))
+            let bindings = self
+                .pre
+                .instantiate(&mut store)
                 .map_err(|e| format!("cannot instantiate: {e:#}"))?;
             self.stats.calls["configure"].inc();
             store.data_mut().phase = Phase::Configure;
-            let r = run_inline(
-                bindings
-                    .legate_filter_http_handler()
-                    .call_configure(&mut store, &self.settings.config_json),
-            );
+            let r = bindings
+                .legate_filter_http_handler()
+                .call_configure(&mut store, &self.settings.config_json);
             Ok::<_, String>((bindings, r))
         })?;
         match r {
@@ -774,21 +739,9 @@ impl WasmFilter {
             let hr = data.lend_headers(context, part)?;
             let h = live.bindings.legate_filter_http_handler();
             let action = if request {
-                run_inline(h.call_on_request_headers(
-                    &mut live.store,
-                    context,
-                    xr,
-                    hr,
-                    end_of_stream,
-                ))
+                h.call_on_request_headers(&mut live.store, context, xr, hr, end_of_stream)
             } else {
-                run_inline(h.call_on_response_headers(
-                    &mut live.store,
-                    context,
-                    xr,
-                    hr,
-                    end_of_stream,
-                ))
+                h.call_on_response_headers(&mut live.store, context, xr, hr, end_of_stream)
             };
             let action = action?;
             Ok(verdict(live, context, phase, action))
@@ -816,20 +769,12 @@ impl WasmFilter {
             let br = data.lend_buffer(context, d)?;
             let h = live.bindings.legate_filter_http_handler();
             let action = match d {
-                Direction::Request => run_inline(h.call_on_request_body(
-                    &mut live.store,
-                    context,
-                    xr,
-                    br,
-                    end_of_stream,
-                )),
-                Direction::Response => run_inline(h.call_on_response_body(
-                    &mut live.store,
-                    context,
-                    xr,
-                    br,
-                    end_of_stream,
-                )),
+                Direction::Request => {
+                    h.call_on_request_body(&mut live.store, context, xr, br, end_of_stream)
+                }
+                Direction::Response => {
+                    h.call_on_response_body(&mut live.store, context, xr, br, end_of_stream)
+                }
             };
             let v = action.map(|a| verdict(live, context, phase, a));
             live.store.data_mut().body_end = false;
@@ -864,11 +809,9 @@ impl WasmFilter {
             let tr = data.lend_headers(context, part)?;
             let h = live.bindings.legate_filter_http_handler();
             let action = match d {
-                Direction::Request => {
-                    run_inline(h.call_on_request_trailers(&mut live.store, context, xr, tr))
-                }
+                Direction::Request => h.call_on_request_trailers(&mut live.store, context, xr, tr),
                 Direction::Response => {
-                    run_inline(h.call_on_response_trailers(&mut live.store, context, xr, tr))
+                    h.call_on_response_trailers(&mut live.store, context, xr, tr)
                 }
             };
             let action = action?;
@@ -1014,17 +957,16 @@ impl HttpFilter for WasmFilter {
             live.store.data_mut().body_end = body_end;
             let xr = live.store.data_mut().lend_exchange(context)?;
             let result = guest_result(result);
-            let action = run_inline(
-                live.bindings
-                    .legate_filter_http_handler()
-                    .call_on_callout_response(
-                        &mut live.store,
-                        context,
-                        xr,
-                        id,
-                        result.as_ref().map_err(|e| *e),
-                    ),
-            );
+            let action = live
+                .bindings
+                .legate_filter_http_handler()
+                .call_on_callout_response(
+                    &mut live.store,
+                    context,
+                    xr,
+                    id,
+                    result.as_ref().map_err(|e| *e),
+                );
             let v = action.map(|action| {
                 if paused {
                     verdict(live, context, phase, action)
@@ -1046,11 +988,11 @@ impl HttpFilter for WasmFilter {
         let (context, first) = (x.context, x.first_call);
         let r = self.with_instance(worker, Phase::ReadOnly, Some(x), first, |live| {
             let xr = live.store.data_mut().lend_exchange(context)?;
-            let r = run_inline(live.bindings.legate_filter_http_handler().call_on_log(
+            let r = live.bindings.legate_filter_http_handler().call_on_log(
                 &mut live.store,
                 context,
                 xr,
-            ));
+            );
             r.map(Ok)
         });
         if let Err(e) = r {
@@ -1091,12 +1033,10 @@ impl HttpFilter for WasmFilter {
         // The context was just removed from the live set; `on-done` is a plugin-level
         // call that names it.
         let r = self.with_instance(worker, Phase::ReadOnly, None, false, |live| {
-            run_inline(
-                live.bindings
-                    .legate_filter_http_handler()
-                    .call_on_done(&mut live.store, context),
-            )
-            .map(Ok)
+            live.bindings
+                .legate_filter_http_handler()
+                .call_on_done(&mut live.store, context)
+                .map(Ok)
         });
         if let Err(e) = r {
             tracing::warn!(plugin = self.name(), "on-done failed: {e}");
@@ -1130,51 +1070,5 @@ impl WasmFilter {
             instantiate: start.elapsed() / n,
             memory,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct Data(engine::CallClock);
-
-    impl engine::Clocked for Data {
-        fn call_clock(&mut self) -> &mut engine::CallClock {
-            &mut self.0
-        }
-    }
-
-    #[test]
-    fn a_call_waiting_outside_wasm_is_stopped_at_its_wall_deadline() {
-        let mut store = Store::new(
-            engine::engine().unwrap(),
-            Data(engine::CallClock::default()),
-        );
-        let started = Instant::now();
-        engine::install(&mut store, Duration::from_millis(2));
-        // A guest waiting in a pollable whose timer never fires.
-        let r: wasmtime::Result<()> = run_inline(std::future::pending());
-        let e = r.unwrap_err();
-        assert_eq!(e.downcast_ref::<Trap>(), Some(&Trap::Interrupt));
-        assert_eq!(describe(&e, Duration::from_millis(2)).0, "timeout");
-        // Stopped (the future never ends by itself), and only past the wall
-        // deadline.
-        let took = started.elapsed();
-        assert!(
-            took >= Duration::from_millis(2) * engine::WALL_FACTOR,
-            "stopped after {took:?}"
-        );
-    }
-
-    #[test]
-    fn a_ready_call_is_not_stopped_even_past_the_deadline() {
-        let mut store = Store::new(
-            engine::engine().unwrap(),
-            Data(engine::CallClock::default()),
-        );
-        engine::install(&mut store, Duration::from_millis(1));
-        std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(run_inline(async { Ok(7) }).unwrap(), 7);
     }
 }

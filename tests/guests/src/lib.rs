@@ -12,7 +12,9 @@
 //! - `rewrite`: rewrites a path starting `/old` to `/new` (the host re-routes).
 //! - `hostile`: path `/panic` panics, `/loop` loops forever, `/oom` allocates
 //!   without bound, `/sleep` sleeps 5s (a WASI pollable: no Wasm runs while it
-//!   waits, so no epoch check either); anything else passes.
+//!   waits, so no epoch check either), `/sockets` tries a TCP bind, a TCP connect
+//!   and a UDP bind through WASI and sets request header `x-sockets:
+//!   tcp-bind=<io error kind or ok>,tcp-connect=…,udp-bind=…`; anything else passes.
 //! - `bad-config`: `configure` fails with a message.
 //! - Any mode: `configure_sleep_ms: "<ms>"` sleeps that long in `configure`.
 //! - `metrics`: counts requests in counter `requests{method}`, and in `on-log`
@@ -729,6 +731,21 @@ impl Guest for Plugin {
                 if p.starts_with("/sleep") {
                     // `wasi:clocks/monotonic-clock.subscribe-duration` + `poll.block`.
                     std::thread::sleep(std::time::Duration::from_secs(5));
+                }
+                if p.starts_with("/sockets") {
+                    // WASI sockets are linked but deny everything: each must
+                    // come back as an error (not a trap, not a host panic).
+                    let kind = |r: std::io::Result<()>| match r {
+                        Ok(()) => "ok".to_string(),
+                        Err(e) => format!("{:?}", e.kind()),
+                    };
+                    let v = format!(
+                        "tcp-bind={},tcp-connect={},udp-bind={}",
+                        kind(std::net::TcpListener::bind("127.0.0.1:0").map(drop)),
+                        kind(std::net::TcpStream::connect("127.0.0.1:9").map(drop)),
+                        kind(std::net::UdpSocket::bind("127.0.0.1:0").map(drop)),
+                    );
+                    let _ = h.set("x-sockets", v.as_bytes());
                 }
                 if p.starts_with("/oom") {
                     HOARD.with(|h| loop {
