@@ -1,5 +1,7 @@
 //! A downstream HTTP connection: TLS handshake, HTTP/1.1 or HTTP/2 (h2c prior
 //! knowledge or ALPN), the connection limits, idle and header-read timeouts,
+//! the stream idle timeout of a response being sent ([`crate::idle::Watching`]
+//! around the connection, and around each HTTP/2 stream's task),
 //! graceful close on drain, and the lingering close of an HTTP/1.1 connection
 //! whose client may still be sending ([`Linger`]). Each request is handed to
 //! [`crate::proxy::handle`].
@@ -19,7 +21,7 @@ use tokio::net::TcpStream;
 use crate::io::{Activity, Conn, Reclaim, Tracked, Verdict};
 use crate::listener::ListenerCtx;
 use crate::tls::TlsInfo;
-use crate::worker::{LocalExec, Worker};
+use crate::worker::Worker;
 
 /// What a request knows about the connection it came on.
 pub struct ConnCtx {
@@ -46,6 +48,27 @@ pub struct ConnCtx {
     /// which [`serve`] waits for: the connection stays counted
     /// (`max_connections`, the active gauge, drain) until the tunnel ends.
     pub tunnel: Cell<Option<tokio::task::JoinHandle<()>>>,
+    /// Where a request finds the future its response is sent from (the
+    /// HTTP/1.1 connection, an HTTP/2 stream's task), which runs its stream
+    /// idle timer after the head ([`crate::idle`]).
+    pub streams: crate::idle::Current,
+}
+
+/// The executor of a downstream connection: hyper gives it each HTTP/2 stream
+/// (the request's future, then the sending of its response) to run as a
+/// task, here under the stream idle timeout ([`crate::idle::Watching`]): a
+/// stream found idle ends its task, and dropping it resets that stream alone
+/// (h2 sends `RST_STREAM` `CANCEL` for a stream nothing holds any more).
+#[derive(Clone)]
+struct StreamExec(crate::idle::Current);
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: std::future::Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(self.0.watching(fut, None));
+    }
 }
 
 /// How long a draining HTTP/1.1 connection may stay idle (waiting for one more
@@ -97,6 +120,10 @@ pub async fn serve(
     let alpn_h2 = tls.as_ref().map(|t| t.alpn.as_deref() == Some(b"h2"));
 
     let activity = Arc::new(Activity::default());
+    activity.set_socket(match &io {
+        Conn::Plain(s) => s,
+        Conn::Tls(s) => s.get_ref().0,
+    });
     let conn_ctx = Rc::new(ConnCtx {
         worker: worker.clone(),
         listener: ctx.clone(),
@@ -108,6 +135,7 @@ pub async fn serve(
         activity: activity.clone(),
         facts: std::cell::OnceCell::new(),
         tunnel: Cell::new(None),
+        streams: crate::idle::Current::default(),
     });
     // Set when the listener closes (drain, reload, hot restart): HTTP/1.1
     // responses then carry `Connection: close`, so a keep-alive client learns of
@@ -136,7 +164,7 @@ pub async fn serve(
         })
     };
 
-    let mut builder = auto::Builder::new(LocalExec);
+    let mut builder = auto::Builder::new(StreamExec(conn_ctx.streams.clone()));
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -165,26 +193,33 @@ pub async fn serve(
     // lingering close.
     let (io, reclaimed) = Reclaim::new(io);
     // Boxed to be dropped (and the stream with it) when the lingering close
-    // takes the stream back.
-    let mut conn =
-        Box::pin(builder.serve_connection_with_upgrades(
+    // takes the stream back. HTTP/1.1 sends its responses from here: it runs
+    // the stream idle timer of the response being sent, and ends with `None`
+    // when that stream went idle (a client that stopped reading, too).
+    let mut conn = Box::pin(conn_ctx.streams.watching(
+        builder.serve_connection_with_upgrades(
             TokioIo::new(Tracked::new(io, activity.clone())),
             service,
-        ));
+        ),
+        // (Only HTTP/1.1 polls requests in the connection future: HTTP/2
+        // streams have their own, from `StreamExec`.)
+        Some(activity.clone()),
+    ));
     let mut drain = ctx.closing_signal();
     let mut idle = limits.idle_timeout.get();
     let mut closing = false;
-    // We closed it for idleness (idle timeout, or idle while draining).
+    // We closed it for idleness (idle timeout, or idle while draining, or the
+    // stream idle timeout of its response).
     let mut idle_closed = false;
     loop {
         if h1_closing.get() && !closing && last_version.get() == Some(http::Version::HTTP_2) {
-            conn.as_mut().graceful_shutdown();
+            conn.as_mut().inner().graceful_shutdown();
             closing = true;
         }
         let deadline = match activity.check(idle, Some(header_timeout)) {
             Verdict::WaitUntil(t) => t,
             Verdict::Idle if !closing => {
-                conn.as_mut().graceful_shutdown();
+                conn.as_mut().inner().graceful_shutdown();
                 closing = true;
                 idle_closed = true;
                 continue;
@@ -197,6 +232,15 @@ pub async fn serve(
         };
         tokio::select! {
             res = conn.as_mut() => {
+                let Some(res) = res else {
+                    // The response being sent went idle (an upstream that
+                    // stalls, a client that stopped reading): the connection
+                    // closes under it, the upstream request with it, without
+                    // a lingering close (the client is not sending).
+                    tracing::debug!(listener = %ctx.name, %peer, "response stream idle; closing");
+                    idle_closed = true;
+                    break;
+                };
                 if let Err(e) = res {
                     // hyper answered a malformed or oversized request head itself
                     // (400/431) without calling us: count it as a 4xx.

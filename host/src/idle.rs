@@ -7,14 +7,26 @@
 //! ([`Timer`]) waits for `last + timeout` and, when it fires, looks at `last`
 //! again: moved on, it sleeps until the new deadline; not, the stream is idle.
 //! Before the response head the timer races the request's future
-//! ([`within`]: the client gets 408); after it, it lives in the response body
-//! ([`Guarded`]), armed only once that body waits for data, and fails the
-//! body (a reset stream, a closed HTTP/1.1 connection).
+//! ([`within`]: the client gets 408). After it, the timer lives in the future
+//! hyper sends the response from ([`Watching`]: the HTTP/1.1 connection, or
+//! the HTTP/2 stream's task), not in the response body: hyper stops polling a
+//! body while the client does not read (a full socket, an exhausted HTTP/2
+//! window), and a timer there would stop with it. On expiry the body
+//! ([`Guarded`]) fails if hyper polls it (hyper resets the stream or closes
+//! the connection), and that future ends and is dropped: the HTTP/1.1
+//! connection is closed, the HTTP/2 stream reset (h2 sends `RST_STREAM`
+//! `CANCEL` for a stream nothing holds; the connection's other streams go on).
+//!
+//! The request future finds that future's [`Slot`] through [`Current`], set
+//! while the future is polled: the request is polled inside it (hyper's
+//! HTTP/1.1 dispatcher polls it in the connection; HTTP/2 runs each stream,
+//! request future included, as one task given to the connection's executor).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,6 +42,8 @@ pub struct Clock {
     /// The timeout in force: the listener's, then the matched route's.
     timeout: Cell<Option<Duration>>,
     expired: Cell<bool>,
+    /// The request is over: nothing watches the stream any more.
+    finished: Cell<bool>,
 }
 
 impl Clock {
@@ -39,6 +53,7 @@ impl Clock {
             last: Cell::new(start),
             timeout: Cell::new(timeout),
             expired: Cell::new(false),
+            finished: Cell::new(false),
         })
     }
 
@@ -62,6 +77,24 @@ impl Clock {
         self.expired.get()
     }
 
+    /// The request is over (its response body ended or was dropped): a
+    /// [`Slot`] watching it lets it go.
+    pub fn finish(&self) {
+        self.finished.set(true);
+    }
+
+    fn finished(&self) -> bool {
+        self.finished.get()
+    }
+
+    /// Activity at `at`, seen after the fact: moves the last activity
+    /// forward only.
+    fn touched_at(&self, at: Instant) {
+        if at > self.last.get() {
+            self.last.set(at);
+        }
+    }
+
     /// When the stream becomes idle (`None`: never, or too far to represent).
     fn deadline(&self) -> Option<Instant> {
         self.last.get().checked_add(self.timeout.get()?)
@@ -79,7 +112,16 @@ pub struct Timer {
 impl Timer {
     /// Ready once `clock` has seen no activity for its timeout (and marks it
     /// expired); registers `cx` to be woken then otherwise.
-    fn poll_idle(&mut self, clock: &Clock, cx: &mut Context<'_>) -> Poll<()> {
+    ///
+    /// `seen`, asked only when the timer fires, tells of activity the clock
+    /// was not told about (bytes that left for the client): it moves the
+    /// deadline as a touch would have.
+    fn poll_idle(
+        &mut self,
+        clock: &Clock,
+        seen: impl Fn() -> Option<Instant>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
         let Some(deadline) = clock.deadline() else {
             return Poll::Pending;
         };
@@ -102,6 +144,9 @@ impl Timer {
                 return Poll::Pending;
             }
             // Fired: idle unless something moved since it was armed.
+            if let Some(at) = seen() {
+                clock.touched_at(at);
+            }
             let Some(deadline) = clock.deadline() else {
                 return Poll::Pending;
             };
@@ -145,7 +190,7 @@ impl<F: Future> Future for Within<'_, F> {
             return Poll::Ready(Some(v));
         }
         // After the poll: a route matched in it may have set its timeout.
-        this.timer.poll_idle(this.clock, cx).map(|()| None)
+        this.timer.poll_idle(this.clock, || None, cx).map(|()| None)
     }
 }
 
@@ -156,6 +201,124 @@ impl Watch for Activity {
     fn frame(&mut self, _frame: &Frame<Bytes>) -> Result<(), BoxError> {
         self.0.touch();
         Ok(())
+    }
+}
+
+/// Where a stream's clock is watched once its response head is out: the
+/// future hyper sends that response from owns one ([`Watching`]).
+#[derive(Default)]
+pub struct Slot(RefCell<Option<(Rc<Clock>, Timer)>>);
+
+impl Slot {
+    /// The response head is out: the stream's timer runs here from now on,
+    /// until the clock is [`Clock::finish`]ed (or another stream's replaces it).
+    pub fn watch(&self, clock: Rc<Clock>) {
+        *self.0.borrow_mut() = Some((clock, Timer::default()));
+    }
+
+    /// Ready once the watched stream is idle. `writes`: the connection's
+    /// writes are the stream's activity too (HTTP/1.1, one stream at a time).
+    fn poll_idle(&self, writes: Option<&crate::io::Activity>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut slot = self.0.borrow_mut();
+        let Some((clock, timer)) = slot.as_mut() else {
+            return Poll::Pending;
+        };
+        if clock.finished() {
+            // The stream is over; its timer goes with it.
+            *slot = None;
+            return Poll::Pending;
+        }
+        // Asked only when the timer fires: bytes that left for the client
+        // are progress, as what the body handed over (acknowledged ones are
+        // seen only then: a client that stops reading after a slow while is
+        // cut within two timeouts).
+        let seen = || {
+            writes
+                .and_then(crate::io::Activity::last_progress)
+                .map(Instant::from_std)
+        };
+        timer.poll_idle(clock, seen, cx)
+    }
+}
+
+/// The [`Slot`] of the [`Watching`] future being polled right now, if any: a
+/// request's future, polled inside it, finds there where its stream is sent
+/// from. One per connection; all its futures run on one thread.
+#[derive(Clone, Default)]
+pub struct Current(Rc<Cell<Option<Rc<Slot>>>>);
+
+impl Current {
+    /// The slot of the future being polled.
+    pub fn slot(&self) -> Option<Rc<Slot>> {
+        let s = self.0.take();
+        self.0.set(s.clone());
+        s
+    }
+
+    /// `inner` with a slot of its own, published here while it is polled.
+    /// `writes`: the connection whose writes are its stream's activity too,
+    /// for a future that sends one stream at a time on it (HTTP/1.1).
+    pub fn watching<F>(&self, inner: F, writes: Option<Arc<crate::io::Activity>>) -> Watching<F> {
+        Watching {
+            inner,
+            slot: Rc::default(),
+            current: self.clone(),
+            writes,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future that sends responses (an HTTP/1.1 connection, an HTTP/2
+    /// stream's task), with the timer of the stream it sends: it ends with
+    /// `None` once that stream is idle, and whoever drops it then ends the
+    /// stream (hyper closes the connection, or resets the stream).
+    pub struct Watching<F> {
+        #[pin]
+        inner: F,
+        slot: Rc<Slot>,
+        current: Current,
+        writes: Option<Arc<crate::io::Activity>>,
+    }
+}
+
+impl<F> Watching<F> {
+    /// The future inside.
+    pub fn inner(self: Pin<&mut Self>) -> Pin<&mut F> {
+        self.project().inner
+    }
+}
+
+impl<F: Future> Watching<F> {
+    /// Polls the inner future with its slot published.
+    fn poll_inner(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let outer = this.current.0.replace(Some(this.slot.clone()));
+        let r = this.inner.poll(cx);
+        this.current.0.set(outer);
+        r
+    }
+}
+
+impl<F: Future> Future for Watching<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Poll::Ready(v) = self.as_mut().poll_inner(cx) {
+            return Poll::Ready(Some(v));
+        }
+        // After the poll: a response head sent in it may have started a watch
+        // (or a body's end finished one).
+        let this = self.as_mut().project();
+        if this.slot.poll_idle(this.writes.as_deref(), cx).is_pending() {
+            return Poll::Pending;
+        }
+        // Idle. A body hyper waits on fails now ([`Guarded`]): hyper ends the
+        // stream its own way (`RST_STREAM`, or the HTTP/1.1 close) in this
+        // poll. One it no longer polls (the client stopped reading) ends when
+        // this future is dropped.
+        let _ = self.poll_inner(cx);
+        Poll::Ready(None)
     }
 }
 
@@ -172,21 +335,18 @@ impl std::fmt::Display for StreamIdle {
 impl std::error::Error for StreamIdle {}
 
 /// A response body under the stream idle timeout: its frames are activity,
-/// and while it waits for one the stream's timer runs.
+/// and once the stream expired it fails when polled. (The timer is not here:
+/// hyper stops polling a body the client does not read. It is in
+/// [`Watching`].)
 pub struct Guarded<B> {
     inner: B,
     clock: Rc<Clock>,
-    timer: Timer,
 }
 
 impl<B> Guarded<B> {
     /// Guards `inner` with `clock`.
     pub fn new(inner: B, clock: Rc<Clock>) -> Self {
-        Guarded {
-            inner,
-            clock,
-            timer: Timer::default(),
-        }
+        Guarded { inner, clock }
     }
 }
 
@@ -203,17 +363,15 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.clock.expired() {
+            return Poll::Ready(Some(Err(Box::new(StreamIdle))));
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
                 this.clock.touch();
                 Poll::Ready(Some(Ok(f)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.timer.poll_idle(&this.clock, cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(StreamIdle)))),
-                Poll::Pending => Poll::Pending,
-            },
+            other => other.map_err(Into::into),
         }
     }
 
@@ -263,6 +421,43 @@ mod tests {
         // Disabled: the future decides.
         let clock = Clock::new(Instant::now(), None);
         assert_eq!(within(async { 7 }, &clock).await, Some(7));
+        assert!(!clock.expired());
+    }
+
+    #[tokio::test]
+    async fn a_watched_stream_ends_its_sending_future() {
+        let ms = Duration::from_millis;
+        let current = Current::default();
+        assert!(current.slot().is_none(), "no slot outside a watched future");
+        // A future that starts a watch (as a response head does) and then
+        // never moves (as a stalled send): the watch ends it.
+        let clock = Clock::new(Instant::now(), Some(ms(20)));
+        let (c, cur) = (clock.clone(), current.clone());
+        let sending = async move {
+            cur.slot().expect("the slot of the future polled").watch(c);
+            std::future::pending::<()>().await;
+        };
+        let r =
+            tokio::time::timeout(Duration::from_secs(30), current.watching(sending, None)).await;
+        assert!(matches!(r, Ok(None)), "not ended by its idle stream");
+        assert!(clock.expired());
+        assert!(
+            current.slot().is_none(),
+            "the slot is published only while polled"
+        );
+
+        // A finished stream is let go: the future runs to its end.
+        let clock = Clock::new(Instant::now(), Some(ms(20)));
+        let (c, cur) = (clock.clone(), current.clone());
+        let sending = async move {
+            cur.slot()
+                .expect("the slot of the future polled")
+                .watch(c.clone());
+            c.finish();
+            tokio::time::sleep(ms(100)).await;
+            7
+        };
+        assert_eq!(current.watching(sending, None).await, Some(7));
         assert!(!clock.expired());
     }
 }

@@ -1,10 +1,14 @@
 //! Byte streams: plain or TLS TCP ([`Conn`]); [`Tracked`], which records when a
 //! downstream connection last moved bytes so the connection task can enforce the
-//! idle and header-read timeouts without a timer per read; and [`Reclaim`], which
-//! gives a stream back when hyper is done with it (for a lingering close).
+//! idle and header-read timeouts without a timer per read (and an HTTP/1.1
+//! response's stream idle timeout sees its progress there:
+//! [`Activity::last_progress`]); and [`Reclaim`], which gives a stream back
+//! when hyper is done with it (for a lingering close).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed,
+};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -83,6 +87,13 @@ const NONE: u64 = u64::MAX;
 pub struct Activity {
     base: Instant,
     last_ms: AtomicU64,
+    /// The last write that moved bytes, or the client's last acknowledgement
+    /// of new bytes seen ([`Activity::last_progress`]) (`NONE`: none yet).
+    last_write_ms: AtomicU64,
+    /// The TCP socket, for its acknowledged byte count (-1: not known).
+    fd: AtomicI32,
+    /// The client's acknowledged byte count when last looked at.
+    acked: AtomicU64,
     head_start_ms: AtomicU64,
     in_flight: AtomicUsize,
     rx: AtomicU64,
@@ -113,6 +124,9 @@ impl Default for Activity {
         Activity {
             base: Instant::now(),
             last_ms: AtomicU64::new(0),
+            last_write_ms: AtomicU64::new(NONE),
+            fd: AtomicI32::new(-1),
+            acked: AtomicU64::new(0),
             head_start_ms: AtomicU64::new(NONE),
             in_flight: AtomicUsize::new(0),
             rx: AtomicU64::new(0),
@@ -156,7 +170,35 @@ impl Activity {
 
     fn on_write(&self, n: usize) {
         self.tx.fetch_add(n as u64, Relaxed);
-        self.last_ms.store(self.now_ms(), Relaxed);
+        let now = self.now_ms();
+        self.last_ms.store(now, Relaxed);
+        self.last_write_ms.store(now, Relaxed);
+    }
+
+    /// The connection's TCP socket, which [`Activity::last_progress`] asks
+    /// how much the client acknowledged. Its owner (the connection) outlives
+    /// every look.
+    pub fn set_socket(&self, s: &TcpStream) {
+        #[cfg(unix)]
+        self.fd.store(std::os::fd::AsRawFd::as_raw_fd(s), Relaxed);
+        #[cfg(not(unix))]
+        let _ = s;
+    }
+
+    /// When the response last made its way to the client (to the
+    /// millisecond), if it did: a write that moved bytes, or, seen now, the
+    /// client acknowledging bytes since the last look (it read: its window
+    /// opened). The kernel's send buffer (megabytes, autotuned) drains into a
+    /// slow reader for long without a write; its acknowledgements show it
+    /// reads. An HTTP/1.1 connection's one stream in flight.
+    pub fn last_progress(&self) -> Option<Instant> {
+        if let Some(acked) = tcp_bytes_acked(self.fd.load(Relaxed)) {
+            if self.acked.swap(acked, Relaxed) != acked {
+                self.last_write_ms.store(self.now_ms(), Relaxed);
+            }
+        }
+        let ms = self.last_write_ms.load(Relaxed);
+        (ms != NONE).then(|| self.at(ms))
     }
 
     /// A request head was parsed: the header timer stops, the request counts.
@@ -227,6 +269,42 @@ impl Activity {
         }
         Verdict::WaitUntil(self.at(wake))
     }
+}
+
+/// The bytes the peer of TCP socket `fd` acknowledged (Linux `TCP_INFO`),
+/// if the OS tells.
+#[cfg(target_os = "linux")]
+fn tcp_bytes_acked(fd: i32) -> Option<u64> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: an all-zero `tcp_info` is valid (plain integers).
+    #[allow(unsafe_code)]
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).ok()?;
+    // SAFETY: getsockopt writes at most `len` bytes through the valid,
+    // exclusively borrowed pointer, and stores the length it wrote in `len`.
+    // `fd` is the connection's socket, open while hyper serves the connection
+    // (the only time the stream idle timer asks); a stale descriptor would
+    // only fail or count another socket's bytes, never touch memory.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::addr_of_mut!(info).cast(),
+            &mut len,
+        )
+    };
+    // Kernels before 4.1 fill less, without the count.
+    let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    (rc == 0 && usize::try_from(len).ok()? >= end).then_some(info.tcpi_bytes_acked)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn tcp_bytes_acked(_fd: i32) -> Option<u64> {
+    None
 }
 
 /// A stream that reports its reads and writes to an [`Activity`].

@@ -160,15 +160,23 @@ pub async fn handle(
         // error) gets them the same way and no filter changes them.
         add_debug_headers(&conn, out, start, resp.headers_mut());
     }
-    // After the head, the response body runs the idle timer while it waits
-    // for data (an ended body or a disabled timeout needs none; an upgraded
-    // connection has its own idle bound).
+    // After the head, the idle timer runs in the future hyper sends the
+    // response from (the HTTP/1.1 connection, the HTTP/2 stream's task), which
+    // is polling this one now; the body's frames are activity. An
+    // ended body or a disabled timeout needs no timer; an upgraded connection
+    // has its own idle bound, the 408 of a stream that went idle before its
+    // head none.
     let guard = !resp.body().is_end_stream()
         && clock.enabled()
+        && !clock.expired()
         && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
     Ok(match in_flight.done(resp.status()) {
         Some(done) if guard => {
             clock.touch();
+            // (Always there: every request is polled inside one.)
+            if let Some(slot) = conn.streams.slot() {
+                slot.watch(clock.clone());
+            }
             resp.map(|b| body::boxed(Watched::new(idle::Guarded::new(b, clock), done)))
         }
         Some(done) => resp.map(|b| body::boxed(Watched::new(b, done))),
@@ -1923,10 +1931,14 @@ struct Done {
 
 impl Drop for Done {
     fn drop(&mut self) {
-        if self.out.idle.as_ref().is_some_and(|c| c.expired()) {
-            // Before or after the head (then the status is the one sent).
-            self.out.cause = Some("stream_idle_timeout");
-            self.conn.listener.stats.stream_idle_timeouts.inc();
+        if let Some(c) = &self.out.idle {
+            // (Its watch, if any, lets it go.)
+            c.finish();
+            if c.expired() {
+                // Before or after the head (then the status is the one sent).
+                self.out.cause = Some("stream_idle_timeout");
+                self.conn.listener.stats.stream_idle_timeouts.inc();
+            }
         }
         if let Some(chain) = self.out.chain.take() {
             chain.finish(Some(self.status), self.out.cause);
