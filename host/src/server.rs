@@ -33,6 +33,14 @@ use crate::stats::Stats;
 use crate::upstream::UpstreamSettings;
 use crate::worker::Worker;
 
+/// Stack of a worker thread. Plugin calls run on it (no fiber per call): a
+/// guest may use up to wasmtime's `max_wasm_stack` (512 KiB) of it and traps
+/// past that, so the thread needs that much beyond the request path's own
+/// frames and the host calls'. 8 MiB, the main thread's usual size, leaves
+/// ample room (Rust's default for spawned threads is 2 MiB); it is address
+/// space, touched only as far as it is used.
+const WORKER_STACK: usize = 8 << 20;
+
 /// How to run.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -555,6 +563,7 @@ pub fn start_with(
         let shared = shared.clone();
         let t = std::thread::Builder::new()
             .name(format!("legate-worker-{id}"))
+            .stack_size(WORKER_STACK)
             .spawn(move || run_worker(id, shared))
             .context("starting a worker thread")?;
         workers.push(t);

@@ -438,6 +438,12 @@ each_proto!(
 );
 
 each_proto!(
+    async fn unbounded_recursion_traps(proto) {
+        hostile(proto, "/recurse", "closed", "memory: 16MiB", "legate_plugin_traps_total").await;
+    }
+);
+
+each_proto!(
     async fn memory_bomb_hits_the_cap(proto) {
         hostile(
             proto,
@@ -450,10 +456,10 @@ each_proto!(
     }
 );
 
-/// WASI sockets are linked (a guest using `std::net` instantiates) but deny
-/// every operation: each call returns an error to the guest, never a trap or a
-/// host panic (the binds and UDP socket creation would block in wasmtime-wasi's
-/// own synchronous code, which the host replaces).
+// WASI sockets are linked (a guest using `std::net` instantiates) but deny
+// every operation: each call returns an error to the guest, never a trap or a
+// host panic (the binds and UDP socket creation would block in wasmtime-wasi's
+// own synchronous code, which the host replaces).
 each_proto!(
     async fn wasi_sockets_are_denied_without_a_trap(proto) {
         let up = upstream().start().await;

@@ -12,7 +12,8 @@
 //! - `rewrite`: rewrites a path starting `/old` to `/new` (the host re-routes).
 //! - `hostile`: path `/panic` panics, `/loop` loops forever, `/oom` allocates
 //!   without bound, `/sleep` sleeps 5s (a WASI pollable: no Wasm runs while it
-//!   waits, so no epoch check either), `/sockets` tries a TCP bind, a TCP connect
+//!   waits, so no epoch check either), `/recurse` recurses without bound (a
+//!   stack overflow trap), `/sockets` tries a TCP bind, a TCP connect
 //!   and a UDP bind through WASI and sets request header `x-sockets:
 //!   tcp-bind=<io error kind or ok>,tcp-connect=…,udp-bind=…`; anything else passes.
 //! - `bad-config`: `configure` fails with a message.
@@ -731,6 +732,17 @@ impl Guest for Plugin {
                 if p.starts_with("/sleep") {
                     // `wasi:clocks/monotonic-clock.subscribe-duration` + `poll.block`.
                     std::thread::sleep(std::time::Duration::from_secs(5));
+                }
+                if p.starts_with("/recurse") {
+                    // Unbounded recursion: wasmtime's stack limit traps it
+                    // (on the worker thread's own stack: calls have no fiber).
+                    fn down(n: u64) -> u64 {
+                        if n == 0 {
+                            return 0;
+                        }
+                        std::hint::black_box(down(std::hint::black_box(n - 1))) + 1
+                    }
+                    let _ = h.set("x-depth", down(u64::MAX).to_string().as_bytes());
                 }
                 if p.starts_with("/sockets") {
                     // WASI sockets are linked but deny everything: each must
