@@ -599,10 +599,8 @@ impl NetworkFilter for WasmNetworkFilter {
             let context = live.store.data().x.context;
             let cr = live.store.data_mut().lend_connection(context)?;
             let h = live.bindings.legate_filter_network_handler();
-            let r = h
-                .network_context()
-                .call_on_close(&mut live.store, ctx, cr, p);
-            r?;
+            h.network_context()
+                .call_on_close(&mut live.store, ctx, cr, p)?;
             Ok(Ok(()))
         });
         if let Err(e) = r {

@@ -742,8 +742,7 @@ impl WasmFilter {
                 h.call_on_request_headers(&mut live.store, context, xr, hr, end_of_stream)
             } else {
                 h.call_on_response_headers(&mut live.store, context, xr, hr, end_of_stream)
-            };
-            let action = action?;
+            }?;
             Ok(verdict(live, context, phase, action))
         })
     }
@@ -813,8 +812,7 @@ impl WasmFilter {
                 Direction::Response => {
                     h.call_on_response_trailers(&mut live.store, context, xr, tr)
                 }
-            };
-            let action = action?;
+            }?;
             Ok(verdict(live, context, phase, action))
         })
     }
@@ -988,12 +986,10 @@ impl HttpFilter for WasmFilter {
         let (context, first) = (x.context, x.first_call);
         let r = self.with_instance(worker, Phase::ReadOnly, Some(x), first, |live| {
             let xr = live.store.data_mut().lend_exchange(context)?;
-            let r = live.bindings.legate_filter_http_handler().call_on_log(
-                &mut live.store,
-                context,
-                xr,
-            );
-            r.map(Ok)
+            live.bindings
+                .legate_filter_http_handler()
+                .call_on_log(&mut live.store, context, xr)
+                .map(Ok)
         });
         if let Err(e) = r {
             tracing::warn!(plugin = self.name(), "on-log failed: {e}");
