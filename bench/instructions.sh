@@ -22,7 +22,8 @@
 #
 # Setups: none, native1 (one native no-op filter, `native:noop`: what the filter
 # chain itself costs), wasm1 (bench/noop-filter: one no-op component filter), wasmhdr
-# (the same reading one header), grpc-web (builtin, plain requests), auth-key
+# (the same reading one header), wasmall (the same declaring every phase pwnoop is
+# called in: request and response headers, response body, log), grpc-web (builtin, plain requests), auth-key
 # (builtin auth, API key), ratelimit (builtin, in-memory KV), pwnoop (one no-op
 # proxy-wasm filter: bench/pw-noop-filter, the upstream Rust SDK), and, not in
 # the default set: auth-jwt (builtin auth, an RS256 JWT), chain (grpc-web +
@@ -60,6 +61,7 @@ chain_of() {
         native1) echo native-noop ;;
         wasm1) echo noop ;;
         wasmhdr) echo noop-hdr ;;
+        wasmall) echo noop-all ;;
         grpc-web) echo grpc-web ;;
         auth-key) echo auth-key ;;
         ratelimit) echo ratelimit ;;
@@ -103,6 +105,9 @@ plugins:
   - name: noop-hdr
     module: ${WORK}/noop.wasm
     config: { read_header: user-agent }
+  - name: noop-all
+    module: ${WORK}/noop.wasm
+    config: { all_phases: true }
   - name: pwnoop
     module: ${WORK}/pwnoop.wasm
   - name: grpc-web
@@ -153,7 +158,7 @@ instructions() {
 # Every config loads every plugin, from a private module cache that a first,
 # unmeasured run fills: no measured run pays for Cranelift.
 export LEGATE_WASM_CACHE="${WORK}/cache"
-read -r -a SETUPS <<<"${SETUPS:-none native1 wasm1 wasmhdr pwnoop grpc-web auth-key ratelimit}"
+read -r -a SETUPS <<<"${SETUPS:-none native1 wasm1 wasmhdr wasmall pwnoop grpc-web auth-key ratelimit}"
 declare -A per
 # A first run fills the cache (its count includes Cranelift's work): discarded.
 instructions none 0 >/dev/null

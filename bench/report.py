@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 # Order of rows in the table, whatever order the files come in.
-CONTENDERS = ["direct", "legate", "nginx", "haproxy", "native1", "native5", "wasm1", "wasm5", "wasmhdr", "pwnoop"]
+CONTENDERS = ["direct", "legate", "nginx", "haproxy", "native1", "native5", "wasm1", "wasm5", "wasmhdr", "wasmall", "pwnoop"]
 # Legate with a filter chain (bench/filters.sh), compared with plain `legate`.
 FILTER_CONTENDERS = {
     "native1": "1 native no-op filter",
@@ -26,6 +26,7 @@ FILTER_CONTENDERS = {
     "wasm1": "1 no-op Wasm filter",
     "wasm5": "5 no-op Wasm filters",
     "wasmhdr": "1 Wasm filter reading a header",
+    "wasmall": "1 no-op Wasm filter in pwnoop's phases",
     "pwnoop": "1 no-op proxy-wasm filter",
 }
 PROTOCOLS = ["h1", "h2"]

@@ -10,9 +10,11 @@
 # Filter-cost contenders (bench/filters.sh runs them): Legate again, each with a
 # filter chain on its route: native1/native5 = 1 or 5 native no-op filters,
 # wasm1/wasm5 = 1 or 5 no-op Wasm filters (bench/noop-filter), wasmhdr = 1 Wasm
-# filter that reads one request header, pwnoop = 1 no-op proxy-wasm filter (the
-# upstream `proxy-wasm` Rust SDK, bench/pw-noop-filter: Envoy's
-# ABI, called for request and response headers). Compare them with `legate`.
+# filter that reads one request header, wasmall = 1 no-op Wasm filter declaring
+# every phase pwnoop is called in, pwnoop = 1 no-op proxy-wasm filter (the
+# upstream `proxy-wasm` Rust SDK, bench/pw-noop-filter: Envoy's ABI, called
+# for request and response headers, the response body and the log). Compare
+# them with `legate`.
 #
 # Environment (defaults):
 #   ROUNDS=3 DURATION=10s CONNS=64 STREAMS=1 WARMUP=2s
@@ -44,8 +46,8 @@ RESULTS_DIR="${RESULTS_DIR:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)}"
 # Fixed loopback ports (18xxx, away from the demo's 8080/8081/8082/9901).
 UPSTREAM_PORT=18081
 LEGATE_PORT=18080 LEGATE_ADMIN_PORT=19901
-# Filter-chain Legates (native1 native5 wasm1 wasm5 wasmhdr pwnoop): listeners
-# 18086-18091, admin ports 19902-19907.
+# Filter-chain Legates (native1 native5 wasm1 wasm5 wasmhdr pwnoop wasmall):
+# listeners 18086-18092, admin ports 19902-19908.
 NGINX_H1_PORT=18082 NGINX_H2_PORT=18083
 HAPROXY_H1_PORT=18084 HAPROXY_H2_PORT=18085
 EXPECTED_BODY="hello from bench-upstream"
@@ -64,8 +66,8 @@ die() {
 [[ ${DURATION} =~ ^[1-9][0-9]*[smh]?$ ]] || die "DURATION must look like 10s, 2m (got '${DURATION}')"
 [[ ${WARMUP} =~ ^[0-9]+[smh]?$ ]] || die "WARMUP must look like 2s, or 0 (got '${WARMUP}')"
 for c in ${CONTENDERS}; do
-    [[ ${c} =~ ^(direct|legate|nginx|haproxy|native1|native5|wasm1|wasm5|wasmhdr|pwnoop)$ ]] ||
-        die "unknown contender '${c}' (want: direct legate nginx haproxy native1 native5 wasm1 wasm5 wasmhdr pwnoop)"
+    [[ ${c} =~ ^(direct|legate|nginx|haproxy|native1|native5|wasm1|wasm5|wasmhdr|wasmall|pwnoop)$ ]] ||
+        die "unknown contender '${c}' (want: direct legate nginx haproxy native1 native5 wasm1 wasm5 wasmhdr wasmall pwnoop)"
 done
 for p in ${PROTOCOLS}; do
     [[ ${p} =~ ^(h1|h2)$ ]] || die "unknown protocol '${p}' (want: h1 h2)"
@@ -73,13 +75,13 @@ done
 [[ ${LOAD_CPU} != "${PROXY_CPU}" ]] || die "LOAD_CPU and PROXY_CPU must differ"
 wants() { [[ " ${CONTENDERS} " == *" $1 "* ]]; }
 # Contenders that are a Legate process: the plain one and the filter chains.
-FILTER_CONTENDERS="native1 native5 wasm1 wasm5 wasmhdr pwnoop"
+FILTER_CONTENDERS="native1 native5 wasm1 wasm5 wasmhdr wasmall pwnoop"
 wants_legate() {
     local c
     for c in legate ${FILTER_CONTENDERS}; do wants "${c}" && return 0; done
     return 1
 }
-wants_wasm() { wants wasm1 || wants wasm5 || wants wasmhdr; }
+wants_wasm() { wants wasm1 || wants wasm5 || wants wasmhdr || wants wasmall; }
 
 # ---- install and build ------------------------------------------------------
 if [[ -z ${SKIP_SETUP:-} ]]; then
@@ -202,6 +204,7 @@ port_for() { # CONTENDER PROTO
         wasm5-*) echo 18089 ;;
         wasmhdr-*) echo 18090 ;;
         pwnoop-*) echo 18091 ;;
+        wasmall-*) echo 18092 ;;
         nginx-h1) echo "${NGINX_H1_PORT}" ;;
         nginx-h2) echo "${NGINX_H2_PORT}" ;;
         haproxy-h1) echo "${HAPROXY_H1_PORT}" ;;
@@ -362,6 +365,9 @@ if wants wasm1; then start_filter_legate wasm1 18088 19904 "${WORK}/noop.wasm" 1
 if wants wasm5; then start_filter_legate wasm5 18089 19905 "${WORK}/noop.wasm" 5; fi
 if wants wasmhdr; then
     start_filter_legate wasmhdr 18090 19906 "${WORK}/noop.wasm" 1 '{ read_header: user-agent }'
+fi
+if wants wasmall; then
+    start_filter_legate wasmall 18092 19908 "${WORK}/noop.wasm" 1 '{ all_phases: true }'
 fi
 if wants pwnoop; then start_filter_legate pwnoop 18091 19907 "${WORK}/pwnoop.wasm" 1; fi
 if wants nginx; then

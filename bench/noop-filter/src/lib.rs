@@ -4,9 +4,13 @@
 //! so a request pays exactly one guest call: the fixed cost of a Wasm filter.
 //! With `{ "read_header": "NAME" }` it also reads that one request header (the
 //! "header-reading filter" of the benchmark), which adds one host call and a copy
-//! of the value into the guest.
+//! of the value into the guest. With `{ "all_phases": true }` it declares the
+//! phases a proxy-wasm filter is called in (request and response headers, the
+//! response body, the log) and continues in each: the same no-op as
+//! bench/pw-noop-filter, hook for hook, so the two ABIs' costs compare like for
+//! like (bench/README.md).
 
-use legate_sdk::{Action, Exchange, Headers, HttpFilter, Setup};
+use legate_sdk::{Action, BodyMode, Exchange, Headers, HttpFilter, Setup};
 use serde::Deserialize;
 
 /// The plugin's configuration.
@@ -16,11 +20,15 @@ pub struct Config {
     /// A request header to read on every request (its value is only measured).
     #[serde(default)]
     pub read_header: Option<String>,
+    /// Declare every phase a proxy-wasm filter gets, not just request headers.
+    #[serde(default)]
+    pub all_phases: bool,
 }
 
 /// The filter.
 pub struct NoopFilter {
     read_header: Option<String>,
+    all_phases: bool,
     /// Bytes of header values read; kept so the read cannot be optimised away.
     seen: u64,
 }
@@ -39,12 +47,21 @@ impl HttpFilter for NoopFilter {
     fn configure(config: Config) -> Result<Self, String> {
         Ok(NoopFilter {
             read_header: config.read_header,
+            all_phases: config.all_phases,
             seen: 0,
         })
     }
 
     fn setup(&self) -> Setup {
-        Setup::new().on_request_headers()
+        let setup = Setup::new().on_request_headers();
+        if !self.all_phases {
+            return setup;
+        }
+        // The trait's default for each of these is `Continue` (or nothing).
+        setup
+            .on_response_headers()
+            .on_response_body(BodyMode::Streamed)
+            .on_log()
     }
 
     fn on_request_headers(

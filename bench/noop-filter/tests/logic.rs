@@ -29,6 +29,30 @@ fn reads_the_configured_header() {
 }
 
 #[test]
+fn all_phases_declares_what_a_proxy_wasm_filter_gets() {
+    use legate_sdk::Phase;
+    let t = FilterTest::<NoopFilter>::configure("null").unwrap();
+    assert_eq!(t.setup().phases(), vec![Phase::RequestHeaders]);
+    let mut t = FilterTest::<NoopFilter>::configure(r#"{"all_phases": true}"#).unwrap();
+    assert_eq!(
+        t.setup().phases(),
+        vec![
+            Phase::RequestHeaders,
+            Phase::ResponseHeaders,
+            Phase::ResponseBody,
+            Phase::Log
+        ]
+    );
+    let mut x = t.exchange(Request::get("/").header("x-b", "1"));
+    assert_eq!(
+        x.run(Response::new(200).header("x-c", "2").body("hello")),
+        Outcome::Completed
+    );
+    assert_eq!(x.response_header("x-c").as_deref(), Some("2"));
+    assert_eq!(x.response_body_bytes(), b"hello");
+}
+
+#[test]
 fn rejects_unknown_config_keys() {
     let err = FilterTest::<NoopFilter>::configure(r#"{"read_headers": "x"}"#)
         .err()
