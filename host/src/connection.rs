@@ -2,7 +2,8 @@
 //! knowledge or ALPN), the connection limits, idle and header-read timeouts,
 //! the stream idle timeout of a response being sent ([`crate::idle::Watching`]
 //! around the connection, and around each HTTP/2 stream's task),
-//! graceful close on drain, and the lingering close of an HTTP/1.1 connection
+//! graceful close on drain (and its hard close when the client leaves a
+//! graceful close hanging), and the lingering close of an HTTP/1.1 connection
 //! whose client may still be sending ([`Linger`]). Each request is handed to
 //! [`crate::proxy::handle`].
 
@@ -207,24 +208,50 @@ pub async fn serve(
     ));
     let mut drain = ctx.closing_signal();
     let mut idle = limits.idle_timeout.get();
-    let mut closing = false;
+    // When the graceful shutdown started (idle, or a drain's GOAWAY). A peer
+    // can leave it hanging: an HTTP/2 client that never answers the GOAWAY's
+    // PING, or one that stopped reading, so that the GOAWAY or the last bytes
+    // of a response cannot be flushed. Once a further idle period has passed
+    // with no request in flight, no byte either way and no byte acknowledged
+    // by the client, the connection is closed hard (the future dropped), or
+    // it would hold its socket, buffers and `max_connections` slot forever.
+    let mut closing_since: Option<std::time::Instant> = None;
     // We closed it for idleness (idle timeout, or idle while draining, or the
     // stream idle timeout of its response).
     let mut idle_closed = false;
     loop {
-        if h1_closing.get() && !closing && last_version.get() == Some(http::Version::HTTP_2) {
+        if h1_closing.get()
+            && closing_since.is_none()
+            && last_version.get() == Some(http::Version::HTTP_2)
+        {
             conn.as_mut().inner().graceful_shutdown();
-            closing = true;
+            closing_since = Some(std::time::Instant::now());
         }
         let deadline = match activity.check(idle, Some(header_timeout)) {
             Verdict::WaitUntil(t) => t,
-            Verdict::Idle if !closing => {
-                conn.as_mut().inner().graceful_shutdown();
-                closing = true;
-                idle_closed = true;
-                continue;
-            }
-            Verdict::Idle => tokio::time::Instant::now().into_std() + idle,
+            Verdict::Idle => match closing_since {
+                None => {
+                    conn.as_mut().inner().graceful_shutdown();
+                    closing_since = Some(std::time::Instant::now());
+                    idle_closed = true;
+                    continue;
+                }
+                // Idle: no byte either way for `idle`. The shutdown must have
+                // had that long too, and a client still acknowledging what the
+                // kernel sends it (a slow reader of a response's tail) is
+                // making progress: it is let be.
+                Some(since) => {
+                    let progress = activity.last_progress().map_or(since, |t| t.max(since));
+                    if progress.elapsed() < idle {
+                        progress + idle
+                    } else {
+                        ctx.stats.cx_close_timeout.inc();
+                        tracing::debug!(listener = %ctx.name, %peer, "graceful close stalled for the idle timeout; closing");
+                        idle_closed = true;
+                        break;
+                    }
+                }
+            },
             Verdict::HeaderTimeout => {
                 tracing::debug!(listener = %ctx.name, %peer, "request headers not received in time; closing");
                 return None;
@@ -251,7 +278,7 @@ pub async fn serve(
                 }
                 break;
             }
-            _ = drain.wait_for(|d| *d), if !closing && !h1_closing.get() => {
+            _ = drain.wait_for(|d| *d), if closing_since.is_none() && !h1_closing.get() => {
                 // h2: GOAWAY (checked at the top of the loop), in-flight streams
                 // finish. h1 (or nothing received yet): the next response says
                 // `Connection: close`; a connection idle for H1_DRAIN_IDLE is closed,

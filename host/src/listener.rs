@@ -33,6 +33,10 @@ pub struct ListenerStats {
     pub cx_lingering: Counter,
     /// TLS handshakes that failed or timed out.
     pub cx_tls_error: Counter,
+    /// HTTP connections closed hard because their graceful close (after the
+    /// idle timeout, or in a drain) stalled for another idle timeout
+    /// ([`crate::connection::serve`]).
+    pub cx_close_timeout: Counter,
     /// Downstream requests by status class (1xx..5xx).
     pub rq_by_class: [Counter; 5],
     /// Requests in flight.
@@ -89,6 +93,11 @@ impl ListenerStats {
             cx_tls_error: stats.counter(
                 "legate_listener_tls_errors_total",
                 "TLS handshakes that failed or timed out.",
+                &l,
+            ),
+            cx_close_timeout: stats.counter(
+                "legate_listener_close_timeouts_total",
+                "HTTP connections closed hard: their graceful close (idle timeout, drain) stalled for another idle timeout.",
                 &l,
             ),
             rq_by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(class),

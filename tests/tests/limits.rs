@@ -41,6 +41,10 @@ listeners:
 
 const LISTENER_4XX: &str = r#"legate_listener_requests_total{listener="web",class="4xx"}"#;
 const LINGERING_CLOSES: &str = r#"legate_listener_lingering_closes_total{listener="web"}"#;
+const LISTENER_2XX: &str = r#"legate_listener_requests_total{listener="web",class="2xx"}"#;
+const STREAM_IDLE_TIMEOUTS: &str = r#"legate_listener_stream_idle_timeouts_total{listener="web"}"#;
+const CONNECTIONS_ACTIVE: &str = r#"legate_listener_connections_active{listener="web"}"#;
+const CLOSE_TIMEOUTS: &str = r#"legate_listener_close_timeouts_total{listener="web"}"#;
 
 async fn raw_exchange(addr: std::net::SocketAddr, req: &[u8]) -> (Option<u16>, String) {
     let out = raw(addr, req).await;
@@ -346,6 +350,141 @@ each_proto!(
         lg.assert_stat(LINGERING_CLOSES, 0.0).await;
         lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
             .await;
+    }
+);
+
+/// A response body that never ends: 64 KiB chunks, as fast as they are taken.
+async fn endless(_req: Request<Incoming>) -> Response<BoxBody> {
+    let chunk = Bytes::from(pattern_bytes(64 * 1024));
+    let s = futures_util::stream::repeat_with(move || {
+        Ok::<_, BoxError>(hyper::body::Frame::data(chunk.clone()))
+    });
+    Response::new(http_body_util::BodyExt::boxed(
+        http_body_util::StreamBody::new(s),
+    ))
+}
+
+/// An HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// h2c prior knowledge: the preface, SETTINGS opening every stream's send
+/// window to the maximum (and a WINDOW_UPDATE the connection's), then `GET
+/// path` on stream 1. Flow control then never stops Legate: only the socket
+/// does.
+fn h2_get_with_open_windows(path: &str) -> Vec<u8> {
+    const MAX_WINDOW: u32 = (1 << 31) - 1;
+    // HPACK: a literal without indexing, its name from the static table.
+    let literal = |index: u8, value: &str| {
+        let mut v = vec![index, value.len() as u8];
+        v.extend_from_slice(value.as_bytes());
+        v
+    };
+    let mut block = vec![0x82, 0x86]; // :method: GET, :scheme: http
+    block.extend(literal(4, path)); // :path
+    block.extend(literal(1, "example.test")); // :authority
+    let mut settings = 4u16.to_be_bytes().to_vec(); // SETTINGS_INITIAL_WINDOW_SIZE
+    settings.extend_from_slice(&MAX_WINDOW.to_be_bytes());
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(4, 0, 0, &settings)); // SETTINGS
+    out.extend(h2_frame(8, 0, 0, &(MAX_WINDOW - 65_535).to_be_bytes())); // WINDOW_UPDATE
+    out.extend(h2_frame(1, 0x5, 1, &block)); // HEADERS, END_STREAM | END_HEADERS
+    out
+}
+
+each_proto!(
+    /// A client that sends one request for an endless response and then
+    /// never reads (nor sends) anything: the stream idle timeout ends the
+    /// response, and the connection is closed in the end instead of holding
+    /// its socket, buffers and `max_connections` slot forever. HTTP/1.1: the
+    /// stream idle timeout closes it. HTTP/2 keeps the connection past a
+    /// stream's reset, and its idle timeout starts a graceful close (GOAWAY
+    /// and a PING) that can never finish: the socket is full, and the PING
+    /// is never answered; one more idle timeout without a byte either way
+    /// and the connection is closed hard, counted.
+    async fn a_client_that_never_reads_is_closed(proto) {
+        let up = upstream().route("/endless", endless).start().await;
+        let cfg = limits_config(up.addr, "      idle_timeout: 300ms\n", "").replacen(
+            "      routes: main\n",
+            "      routes: main\n      stream_idle_timeout: 300ms\n",
+            1,
+        );
+        let lg = legate().config(&cfg).start();
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        let mut c = RawConn {
+            stream: s.connect(lg.addr("web")).await.unwrap(),
+        };
+        c.write(&match proto {
+            Proto::H1 => b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            Proto::H2 => h2_get_with_open_windows("/endless"),
+        })
+        .await;
+        // Nothing read from here on.
+        eventually(HANG_GUARD, "the stream idle timeout", || async {
+            (lg.stat(STREAM_IDLE_TIMEOUTS).await == Some(1.0)).then_some(())
+        })
+        .await;
+        eventually(HANG_GUARD, "the connection of a client that never reads closed", || async {
+            (lg.stat(CONNECTIONS_ACTIVE).await == Some(0.0)).then_some(())
+        })
+        .await;
+        let hard = if proto == Proto::H2 { 1.0 } else { 0.0 };
+        lg.assert_stat(CLOSE_TIMEOUTS, hard).await;
+        lg.assert_stat(LINGERING_CLOSES, 0.0).await;
+        // The client sees it too, once it reads what was on its way.
+        let (_, closed) = c.read_until_close(HANG_GUARD).await;
+        assert!(closed, "Legate's side closed, yet the client's stayed open");
+    }
+);
+
+each_proto!(
+    /// A reload that changes the listener drains the old listener's
+    /// connections: a keep-alive connection idle for a second is closed
+    /// (HTTP/2: GOAWAY and a PING, and h2 waits for the PING's answer before
+    /// it closes). A client that never reads nor answers, its one small
+    /// response waiting unread in its socket, still has its connection
+    /// closed: hard, once the GOAWAY got no answer for that second, instead
+    /// of being kept by the retired listener forever (no `drain_timeout`
+    /// applies to a reload).
+    async fn a_client_that_ignores_a_reloads_drain_is_closed(proto) {
+        let up = upstream().start().await;
+        // The idle timeout is longer than the test waits: only the drain
+        // can close the connection.
+        let cfg = |limits: &str| limits_config(up.addr, limits, "");
+        let lg = legate()
+            .config(&cfg("      idle_timeout: 60s\n"))
+            .from_file()
+            .start();
+        let mut c = RawConn::connect(lg.addr("web")).await;
+        c.write(&match proto {
+            Proto::H1 => b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            Proto::H2 => h2_get_with_open_windows("/"),
+        })
+        .await;
+        // Nothing read from here on.
+        eventually(HANG_GUARD, "the response sent", || async {
+            (lg.stat(LISTENER_2XX).await == Some(1.0)).then_some(())
+        })
+        .await;
+        lg.write_config(&cfg("      idle_timeout: 60s\n      max_connections: 5000\n"));
+        let (status, body) = lg.reload().await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["listeners"]["changed"], json!(["web"]), "{body}");
+        eventually(HANG_GUARD, "the drained connection closed", || async {
+            (lg.stat(CONNECTIONS_ACTIVE).await == Some(0.0)).then_some(())
+        })
+        .await;
+        let hard = if proto == Proto::H2 { 1.0 } else { 0.0 };
+        lg.assert_stat(CLOSE_TIMEOUTS, hard).await;
+        let (_, closed) = c.read_until_close(HANG_GUARD).await;
+        assert!(closed, "Legate's side closed, yet the client's stayed open");
     }
 );
 
