@@ -5,6 +5,7 @@
 
 use legate_bench_noop_filter::NoopFilter;
 use legate_sdk::testing::{FilterTest, Outcome, Request, Response};
+use legate_sdk::Action;
 
 #[test]
 fn continues_without_touching_the_exchange() {
@@ -43,13 +44,18 @@ fn all_phases_declares_what_a_proxy_wasm_filter_gets() {
             Phase::Log
         ]
     );
+    // Each declared phase continues and leaves its part as it was.
     let mut x = t.exchange(Request::get("/").header("x-b", "1"));
+    assert_eq!(x.request_headers(), Action::Continue);
     assert_eq!(
-        x.run(Response::new(200).header("x-c", "2").body("hello")),
-        Outcome::Completed
+        x.response_headers(Response::new(200).header("x-c", "2").body("hello")),
+        Action::Continue
     );
+    assert_eq!(x.response_body(), Action::Continue);
     assert_eq!(x.response_header("x-c").as_deref(), Some("2"));
     assert_eq!(x.response_body_bytes(), b"hello");
+    let mut x = t.exchange(Request::get("/"));
+    assert_eq!(x.run(Response::new(200).body("hello")), Outcome::Completed);
 }
 
 #[test]
