@@ -21,11 +21,12 @@
 #   bench/callgrind-diff.py KEEP/pwnoop-500.out KEEP/pwnoop-10500.out 10000
 #
 # Setups: none, native1 (one native no-op filter, `native:noop`: what the filter
-# chain itself costs), wasm1 (bench/noop-filter: one no-op component filter), wasmhdr
-# (the same reading one header), wasmall (the same declaring every phase pwnoop is
-# called in: request and response headers, response body, log), grpc-web (builtin, plain requests), auth-key
-# (builtin auth, API key), ratelimit (builtin, in-memory KV), pwnoop (one no-op
-# proxy-wasm filter: bench/pw-noop-filter, the upstream Rust SDK), and, not in
+# chain itself costs), wasm1 (bench/noop-filter: one no-op component filter),
+# wasmhdr (the same reading one header), wasmall (the same declaring every phase
+# pwnoop is called in: request and response headers, response body, log),
+# grpc-web (builtin, plain requests), auth-key (builtin auth, API key), ratelimit
+# (builtin, in-memory KV), pwnoop (one no-op proxy-wasm filter:
+# bench/pw-noop-filter, the upstream Rust SDK), and, not in
 # the default set: auth-jwt (builtin auth, an RS256 JWT), chain (grpc-web +
 # auth-key + ratelimit, in that order) and chain-jwt (grpc-web + auth-jwt +
 # ratelimit: issue 4's chain).
