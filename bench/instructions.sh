@@ -16,7 +16,8 @@
 #   LEGATE_BIN=/tmp/legate-old SKIP_BUILD=1 bench/instructions.sh   # another build of legate
 #   KEEP=/tmp/cg SETUPS="wasm1 pwnoop" bench/instructions.sh       # keep the callgrind files
 #
-# With KEEP, each run's callgrind file stays as KEEP/SETUP-REQUESTS.out; where a
+# With KEEP, each run's callgrind file stays as KEEP/SETUP-REQUESTS.out (and
+# wasmtime's map of the guests' functions as KEEP/SETUP-REQUESTS.map); where a
 # setup's cost goes, function by function, is then
 #   bench/callgrind-diff.py KEEP/pwnoop-500.out KEEP/pwnoop-10500.out 10000
 #
@@ -152,13 +153,23 @@ instructions() {
     if [[ -n ${KEEP:-} ]]; then
         mkdir -p "${KEEP}"
         cp "${out}" "${KEEP}/${setup}-${total}.out"
+        # The guests' function names (LEGATE_WASM_PERFMAP, below), for
+        # bench/callgrind-diff.py.
+        if [[ -f /tmp/perf-${lpid}.map ]]; then
+            mv "/tmp/perf-${lpid}.map" "${KEEP}/${setup}-${total}.map"
+        fi
     fi
+    rm -f "/tmp/perf-${lpid}.map"
     callgrind_annotate "${out}" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }'
 }
 
 # Every config loads every plugin, from a private module cache that a first,
 # unmeasured run fills: no measured run pays for Cranelift.
 export LEGATE_WASM_CACHE="${WORK}/cache"
+# With KEEP, wasmtime names the guests' compiled code in a perf map per run.
+if [[ -n ${KEEP:-} ]]; then
+    export LEGATE_WASM_PERFMAP=1
+fi
 read -r -a SETUPS <<<"${SETUPS:-none native1 wasm1 wasmhdr wasmall pwnoop grpc-web auth-key ratelimit}"
 declare -A per
 # A first run fills the cache (its count includes Cranelift's work): discarded.

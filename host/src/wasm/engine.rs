@@ -60,6 +60,13 @@ fn base_config() -> Config {
     c.memory_reservation(MAX_MEMORY);
     c.memory_guard_size(64 << 10);
     c.memory_init_cow(true);
+    // A developer's aid: with `LEGATE_WASM_PERFMAP` set, wasmtime writes
+    // `/tmp/perf-PID.map` naming the guests' compiled functions, so `perf`, and
+    // callgrind through bench/callgrind-diff.py, show guest code by function
+    // (bench/README.md, "Instructions per request").
+    if std::env::var_os("LEGATE_WASM_PERFMAP").is_some_and(|v| !v.is_empty()) {
+        c.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     c
 }
 
