@@ -1,5 +1,6 @@
-//! The verified-token cache: per JWT provider and per plugin instance, the
-//! claims of tokens whose signature (and claims) that provider accepted, keyed
+//! The verified-token cache: per JWT provider and per plugin instance, what the
+//! caller keeps of tokens whose signature (and claims) that provider accepted
+//! (their claims and validity window), keyed
 //! by the exact token string (as Envoy's `jwt_cache_config`), bounded in
 //! entries and in token length, least recently used evicted first. It owns no
 //! policy: the caller decides what goes in (only tokens that passed every
@@ -8,20 +9,18 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasher;
-use std::rc::Rc;
-
-use serde_json::{Map, Value};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 #[derive(Debug)]
-struct Entry {
+struct Entry<V> {
     token: Box<str>,
-    claims: Rc<Map<String, Value>>,
+    value: V,
     /// Position in `order` (higher: used more recently).
     used: u64,
 }
 
-/// A bounded LRU map of verified tokens to their claims.
+/// A bounded LRU map of verified tokens to what the caller keeps of them (`V`,
+/// cheap to clone: handed out on every hit).
 ///
 /// Keyed by the token itself, compared whole: two tokens never share an
 /// entry. (A hash of the token as the key would need a cryptographic one, so
@@ -29,14 +28,15 @@ struct Entry {
 /// 600-byte token costs more in Wasm than the rest of the plugin's work on a
 /// hit.) Tokens are found by std's keyed SipHash of their last
 /// [`HASHED`] bytes ([`hash`]), and only verified tokens get in, so requests
-/// cannot lengthen a lookup.
+/// cannot lengthen a lookup. The map's own hasher passes that hash through
+/// ([`Prehashed`]) rather than hashing it again.
 #[derive(Debug, Default)]
-pub struct TokenCache {
+pub struct TokenCache<V> {
     capacity: usize,
     max_token: usize,
     hasher: RandomState,
     /// Hash of the token → the entries with that hash (nearly always one).
-    entries: HashMap<u64, Vec<Entry>>,
+    entries: HashMap<u64, Vec<Entry<V>>, BuildHasherDefault<Prehashed>>,
     len: usize,
     /// `used` → the token's hash, oldest first: eviction and touch in O(log n).
     order: BTreeMap<u64, u64>,
@@ -45,14 +45,42 @@ pub struct TokenCache {
 
 /// How many of a token's last bytes pick its bucket: a JWT ends with its
 /// signature (at least 32 bytes, 43 base64url characters, for every accepted
-/// algorithm), as good as random, and hashing all of a 600-byte token cost ~3k
-/// Wasm instructions per lookup. Equality is still checked on the whole token.
-const HASHED: usize = 32;
+/// algorithm), as good as random, so its last 8 characters (48 random bits)
+/// spread tokens as well as more would. Hashing all of a 600-byte token cost
+/// ~3k Wasm instructions per lookup, its last 32 bytes ~0.6k, one word ~0.1k.
+/// Equality is still checked on the whole token.
+const HASHED: usize = 8;
 
-/// The bucket of `token`.
+/// The bucket of `token`: its last [`HASHED`] bytes as one word, hashed with
+/// the cache's key.
 fn hash(hasher: &RandomState, token: &str) -> u64 {
     let b = token.as_bytes();
-    hasher.hash_one(&b[b.len().saturating_sub(HASHED)..])
+    let tail = &b[b.len().saturating_sub(HASHED)..];
+    let mut word = [0u8; HASHED];
+    word[..tail.len()].copy_from_slice(tail);
+    hasher.hash_one(u64::from_le_bytes(word))
+}
+
+/// The hasher of [`TokenCache`]'s map, whose keys are [`hash`]es already
+/// (keyed, uniform): a key is its own hash.
+#[derive(Debug, Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; any other input still hashes.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// Whether `a` and `b` are the same bytes, compared eight at a time. `==` on
@@ -68,10 +96,10 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     tail && x.zip(y).all(|(p, q)| word(p) == word(q))
 }
 
-impl TokenCache {
+impl<V: Clone + Default> TokenCache<V> {
     /// A cache of at most `capacity` tokens of at most `max_token` bytes each
     /// (longer ones are not cached); capacity 0 disables it.
-    pub fn new(capacity: usize, max_token: usize) -> TokenCache {
+    pub fn new(capacity: usize, max_token: usize) -> Self {
         TokenCache {
             capacity,
             max_token,
@@ -101,7 +129,7 @@ impl TokenCache {
     }
 
     /// The entry of `token` and its hash.
-    fn find(&mut self, token: &str) -> (u64, Option<&mut Entry>) {
+    fn find(&mut self, token: &str) -> (u64, Option<&mut Entry<V>>) {
         let h = hash(&self.hasher, token);
         let e = self.entries.get_mut(&h).and_then(|b| {
             b.iter_mut()
@@ -110,21 +138,21 @@ impl TokenCache {
         (h, e)
     }
 
-    /// The claims of a cached token, marking it most recently used.
-    pub fn get(&mut self, token: &str) -> Option<Rc<Map<String, Value>>> {
+    /// What is kept of a cached token, marking it most recently used.
+    pub fn get(&mut self, token: &str) -> Option<V> {
         let used = self.bump();
         let (h, e) = self.find(token);
         let e = e?;
-        let (old, claims) = (e.used, Rc::clone(&e.claims));
+        let (old, value) = (e.used, e.value.clone());
         e.used = used;
         self.order.remove(&old);
         self.order.insert(used, h);
-        Some(claims)
+        Some(value)
     }
 
     /// Remember a verified token, evicting the least recently used at
     /// capacity; a token the cache does not admit is not kept.
-    pub fn insert(&mut self, token: &str, claims: Rc<Map<String, Value>>) {
+    pub fn insert(&mut self, token: &str, value: V) {
         if !self.admits(token) {
             return;
         }
@@ -140,14 +168,14 @@ impl TokenCache {
         self.order.insert(used, h);
         self.entries.entry(h).or_default().push(Entry {
             token: token.into(),
-            claims,
+            value,
             used,
         });
         self.len += 1;
     }
 
     /// Removes the entry of bucket `h` that `which` picks; its `used`.
-    fn take(&mut self, h: u64, which: impl Fn(&Entry) -> bool) -> Option<u64> {
+    fn take(&mut self, h: u64, which: impl Fn(&Entry<V>) -> bool) -> Option<u64> {
         let bucket = self.entries.get_mut(&h)?;
         let i = bucket.iter().position(which)?;
         let e = bucket.swap_remove(i);
@@ -177,6 +205,10 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::rc::Rc;
+
+    use serde_json::{Map, Value};
 
     fn claims(n: u64) -> Rc<Map<String, Value>> {
         let mut m = Map::new();

@@ -465,8 +465,8 @@ fn as_seconds(v: &Value) -> Option<u64> {
     }
 }
 
-/// Check `iss`, `aud`, `exp`, `nbf`.
-pub fn check_claims(claims: &Map<String, Value>, r: &ClaimRules<'_>) -> Result<(), JwtError> {
+/// Check `iss`, `aud`, `exp`, `nbf`; the token's validity window if it passes.
+pub fn check_claims(claims: &Map<String, Value>, r: &ClaimRules<'_>) -> Result<Window, JwtError> {
     if claims.get("iss").and_then(Value::as_str) != Some(r.issuer) {
         return Err(JwtError::Issuer);
     }
@@ -483,21 +483,45 @@ pub fn check_claims(claims: &Map<String, Value>, r: &ClaimRules<'_>) -> Result<(
             return Err(JwtError::Audience);
         }
     }
-    match claims.get("exp") {
-        Some(v) => {
-            let exp = as_seconds(v).ok_or(JwtError::Malformed("`exp` is not a number"))?;
-            if r.now_s >= exp.saturating_add(r.skew_s) {
-                return Err(JwtError::Expired);
-            }
-        }
+    let exp = match claims.get("exp") {
+        Some(v) => Some(as_seconds(v).ok_or(JwtError::Malformed("`exp` is not a number"))?),
         None if r.require_exp => return Err(JwtError::MissingExp),
-        None => {}
+        None => None,
+    };
+    // Expiry is checked before `nbf` is read: an expired token is refused as
+    // expired whatever its `nbf`.
+    check_window(Window { exp, nbf: None }, r)?;
+    let nbf = match claims.get("nbf") {
+        Some(v) => Some(as_seconds(v).ok_or(JwtError::Malformed("`nbf` is not a number"))?),
+        None => None,
+    };
+    let window = Window { exp, nbf };
+    check_window(window, r)?;
+    Ok(window)
+}
+
+/// A checked token's validity window (`exp`, `nbf`, Unix seconds; `None`:
+/// absent). Kept with a cached token: on a hit only time has moved, and this
+/// is all of the claims that depends on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Window {
+    /// `exp`.
+    pub exp: Option<u64>,
+    /// `nbf`.
+    pub nbf: Option<u64>,
+}
+
+/// Whether `now` (with the skew) is inside `w`.
+pub fn check_window(w: Window, r: &ClaimRules<'_>) -> Result<(), JwtError> {
+    if w.exp
+        .is_some_and(|exp| r.now_s >= exp.saturating_add(r.skew_s))
+    {
+        return Err(JwtError::Expired);
     }
-    if let Some(v) = claims.get("nbf") {
-        let nbf = as_seconds(v).ok_or(JwtError::Malformed("`nbf` is not a number"))?;
-        if r.now_s.saturating_add(r.skew_s) < nbf {
-            return Err(JwtError::NotYetValid);
-        }
+    if w.nbf
+        .is_some_and(|nbf| r.now_s.saturating_add(r.skew_s) < nbf)
+    {
+        return Err(JwtError::NotYetValid);
     }
     Ok(())
 }

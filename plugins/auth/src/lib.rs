@@ -165,6 +165,10 @@ impl Counters {
     }
 }
 
+/// What the token cache keeps of a verified token: its claims, shared with the
+/// requests it authenticates, and its validity window, all a hit rechecks.
+type Verified = (Rc<Map<String, Value>>, jwt::Window);
+
 /// The auth filter.
 pub struct AuthFilter {
     s: Settings,
@@ -174,11 +178,11 @@ pub struct AuthFilter {
     identity_headers: Vec<String>,
     counters: Counters,
     /// Per provider (same index): tokens it verified. Clients reuse tokens,
-    /// and a signature check costs far more than the claim checks, which
-    /// still run on every hit. Flushed when that provider's remote JWKS
+    /// and a signature check costs far more than the time checks, which
+    /// still run on every hit (issuer and audience are fixed per token). Flushed when that provider's remote JWKS
     /// changes (a removed key must stop working). RefCell: verification runs
     /// under `&self` while the settings are borrowed.
-    tokens: Vec<RefCell<TokenCache>>,
+    tokens: Vec<RefCell<TokenCache<Verified>>>,
 }
 
 /// The identity to write into the request once authenticated.
@@ -722,10 +726,16 @@ impl AuthFilter {
             match *a {
                 AuthnRef::Jwt(i) => {
                     let p = &self.s.providers[i];
-                    let Some((token, carrier)) = find_credential(&p.from, headers, path) else {
+                    let Some(Credential {
+                        text,
+                        range,
+                        carrier,
+                    }) = find_credential(&p.from, headers, path)
+                    else {
                         continue;
                     };
-                    match self.verify_jwt(i, &token, may_fetch) {
+                    let token = text.get(range).unwrap_or_default();
+                    match self.verify_jwt(i, token, may_fetch) {
                         Ok(claims) => {
                             for (c, accepted) in &rule.claims {
                                 let ok = jwt::claim(&claims, c)
@@ -766,10 +776,11 @@ impl AuthFilter {
                 }
                 AuthnRef::ApiKey(i) => {
                     let k = &self.s.api_keys[i];
-                    let Some((key, carrier)) = find_credential(&k.from, headers, path) else {
+                    let Some(key) = find_credential(&k.from, headers, path) else {
                         continue;
                     };
-                    let digest: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
+                    let digest: [u8; 32] = sha2::Sha256::digest(key.value().as_bytes()).into();
+                    let carrier = key.carrier;
                     match k.keys.get(&digest) {
                         Some(id) => {
                             let mut ident = Identity::default();
@@ -843,12 +854,12 @@ impl AuthFilter {
         let mut tokens = self.tokens[i].borrow_mut();
         let cached = tokens.admits(token);
         if cached {
-            if let Some(claims) = tokens.get(token) {
+            if let Some((claims, window)) = tokens.get(token) {
                 counters.cache_hit.inc();
                 // Signature, issuer and audience are fixed per token; time
                 // moves: an expired (or, after a clock step back, not yet
                 // valid) token is evicted and refused.
-                return match jwt::check_claims(&claims, &rules) {
+                return match jwt::check_window(window, &rules) {
                     Ok(()) => Ok(claims),
                     Err(e) => {
                         tokens.remove(token);
@@ -870,10 +881,10 @@ impl AuthFilter {
             counters.cache_miss.inc();
         }
         checked?;
-        jwt::check_claims(&t.claims, &rules).map_err(JwtCheck::Bad)?;
+        let window = jwt::check_claims(&t.claims, &rules).map_err(JwtCheck::Bad)?;
         let claims = Rc::new(t.claims);
         if cached {
-            tokens.insert(token, Rc::clone(&claims));
+            tokens.insert(token, (Rc::clone(&claims), window));
         }
         Ok(claims)
     }
@@ -937,20 +948,40 @@ enum JwtCheck {
     Bad(JwtError),
 }
 
-/// The first credential found in `sources`, and the header carrying it (for
-/// removal when it must not go upstream).
-fn find_credential(
-    sources: &[Source],
-    headers: &Headers<'_>,
-    path: &str,
-) -> Option<(String, Option<String>)> {
+/// A credential found in a request: `text[range]`, and the header carrying it
+/// (for removal when it must not go upstream).
+struct Credential {
+    /// The header value (or decoded cookie or query value) holding it: a
+    /// bearer token is used in place, not copied out of its header.
+    text: String,
+    range: std::ops::Range<usize>,
+    carrier: Option<String>,
+}
+
+impl Credential {
+    /// `text`, whole, from a source without a header.
+    fn whole(text: String) -> Self {
+        Credential {
+            range: 0..text.len(),
+            text,
+            carrier: None,
+        }
+    }
+
+    fn value(&self) -> &str {
+        self.text.get(self.range.clone()).unwrap_or_default()
+    }
+}
+
+/// The first credential found in `sources`.
+fn find_credential(sources: &[Source], headers: &Headers<'_>, path: &str) -> Option<Credential> {
     for s in sources {
         match s {
             Source::Header { name, prefix } => {
                 let Some(v) = headers.get_str(name) else {
                     continue;
                 };
-                let v = match prefix {
+                let start = match prefix {
                     Some(p) => {
                         let Some(head) = v.get(..p.len()) else {
                             continue;
@@ -958,12 +989,21 @@ fn find_credential(
                         if !head.eq_ignore_ascii_case(p) {
                             continue;
                         }
-                        v[p.len()..].trim().to_owned()
+                        p.len()
                     }
-                    None => v.trim().to_owned(),
+                    None => 0,
                 };
-                if !v.is_empty() {
-                    return Some((v, Some(name.clone())));
+                // `trim`, as offsets into `v` (the prefix ends on a character
+                // boundary: it matched ASCII-case-insensitively).
+                let rest = &v[start..];
+                let start = start + (rest.len() - rest.trim_start().len());
+                let end = start + rest.trim().len();
+                if start < end {
+                    return Some(Credential {
+                        text: v,
+                        range: start..end,
+                        carrier: Some(name.clone()),
+                    });
                 }
             }
             Source::Cookie(c) => {
@@ -974,7 +1014,7 @@ fn find_credential(
                     for pair in line.split(';') {
                         if let Some((n, v)) = pair.trim().split_once('=') {
                             if n == c && !v.is_empty() {
-                                return Some((v.trim_matches('"').to_owned(), None));
+                                return Some(Credential::whole(v.trim_matches('"').to_owned()));
                             }
                         }
                     }
@@ -988,7 +1028,7 @@ fn find_credential(
                     let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
                     if percent_decode(n).as_deref() == Some(q.as_str()) {
                         if let Some(v) = percent_decode(v).filter(|v| !v.is_empty()) {
-                            return Some((v, None));
+                            return Some(Credential::whole(v));
                         }
                     }
                 }
