@@ -15,6 +15,8 @@
 #   SKIP_BUILD=1 bench/instructions.sh          # the release binaries as they are
 #   LEGATE_BIN=/tmp/legate-old SKIP_BUILD=1 bench/instructions.sh   # another build of legate
 #   KEEP=/tmp/cg SETUPS="wasm1 pwnoop" bench/instructions.sh       # keep the callgrind files
+#   BUILTINS=/tmp/named KEEP=/tmp/cg SETUPS="none auth-jwt" bench/instructions.sh
+#       # /tmp/named/auth.wasm replaces builtin:auth (e.g. built with its symbols)
 #
 # With KEEP, each run's callgrind file stays as KEEP/SETUP-REQUESTS.out (and
 # wasmtime's map of the guests' functions as KEEP/SETUP-REQUESTS.map); where a
@@ -126,13 +128,23 @@ $(bench_auth_plugins)
 EOF
 }
 
+# The config on stdin with `builtin:NAME` replaced by BUILTINS/NAME.wasm, for
+# each such file (BUILTINS unset: unchanged).
+builtins() {
+    local args=() f
+    for f in "${BUILTINS:-/nonexistent}"/*.wasm; do
+        [[ -f ${f} ]] && args+=(-e "s#module: builtin:$(basename "${f}" .wasm)\$#module: ${f}#")
+    done
+    if ((${#args[@]})); then sed "${args[@]}"; else cat; fi
+}
+
 # Total instructions of one Legate run of setup $1 serving WARMUP + $2 requests.
 instructions() {
     local setup=$1 n=$2 out="${WORK}/cg.out" lpid i jwt=()
     # The token only where it is checked: other setups keep the same requests
     # as before the JWT setups existed, so their counts stay comparable.
     [[ ${setup} == *jwt ]] && jwt=(-H "authorization: Bearer ${TOKEN}")
-    config "${setup}" >"${WORK}/legate.yaml"
+    config "${setup}" | builtins >"${WORK}/legate.yaml"
     rm -f "${out}"
     valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file="${out}" \
         "${LEGATE_BIN}" run -c "${WORK}/legate.yaml" --concurrency 1 >"${WORK}/legate.log" 2>&1 &
