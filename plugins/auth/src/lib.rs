@@ -179,9 +179,10 @@ pub struct AuthFilter {
     counters: Counters,
     /// Per provider (same index): tokens it verified. Clients reuse tokens,
     /// and a signature check costs far more than the time checks, which
-    /// still run on every hit (issuer and audience are fixed per token). Flushed when that provider's remote JWKS
-    /// changes (a removed key must stop working). RefCell: verification runs
-    /// under `&self` while the settings are borrowed.
+    /// still run on every hit (issuer and audience are fixed per token).
+    /// Flushed when that provider's remote JWKS changes (a removed key must
+    /// stop working). RefCell: verification runs under `&self` while the
+    /// settings are borrowed.
     tokens: Vec<RefCell<TokenCache<Verified>>>,
 }
 
@@ -726,16 +727,10 @@ impl AuthFilter {
             match *a {
                 AuthnRef::Jwt(i) => {
                     let p = &self.s.providers[i];
-                    let Some(Credential {
-                        text,
-                        range,
-                        carrier,
-                    }) = find_credential(&p.from, headers, path)
-                    else {
+                    let Some(token) = find_credential(&p.from, headers, path) else {
                         continue;
                     };
-                    let token = text.get(range).unwrap_or_default();
-                    match self.verify_jwt(i, token, may_fetch) {
+                    match self.verify_jwt(i, token.value(), may_fetch) {
                         Ok(claims) => {
                             for (c, accepted) in &rule.claims {
                                 let ok = jwt::claim(&claims, c)
@@ -756,7 +751,7 @@ impl AuthFilter {
                                 }
                             }
                             if !p.forward_token {
-                                if let Some(h) = carrier {
+                                if let Some(h) = token.carrier {
                                     id.remove.push(h);
                                 }
                             }
