@@ -31,8 +31,11 @@ struct Snapshot {
     /// Per field: name length and value length (`u32` little-endian; the value
     /// length's top bit is the value's sensitivity), then the name and the value.
     flat: Vec<u8>,
-    /// The map rebuilt from `flat`, once something read it.
-    map: OnceLock<HeaderMap>,
+    /// The map rebuilt from `flat`, once something read it. Boxed: most
+    /// snapshots are never read, and an inline map would make every `Head`
+    /// 88 bytes bigger (and the exchange that holds two of them too big for
+    /// the allocator's small size classes).
+    map: OnceLock<Box<HeaderMap>>,
 }
 
 const SENSITIVE: u32 = 1 << 31;
@@ -117,7 +120,7 @@ impl Deref for Head {
     type Target = HeaderMap;
     fn deref(&self) -> &HeaderMap {
         match &self.snapshot {
-            Some(s) => s.map.get_or_init(|| rebuild(&s.flat)),
+            Some(s) => s.map.get_or_init(|| Box::new(rebuild(&s.flat))),
             None => &self.map,
         }
     }
@@ -126,7 +129,7 @@ impl Deref for Head {
 impl DerefMut for Head {
     fn deref_mut(&mut self) -> &mut HeaderMap {
         if let Some(Snapshot { flat, map }) = self.snapshot.take() {
-            self.map = map.into_inner().unwrap_or_else(|| rebuild(&flat));
+            self.map = map.into_inner().map_or_else(|| rebuild(&flat), |m| *m);
         }
         &mut self.map
     }
