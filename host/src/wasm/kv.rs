@@ -20,7 +20,11 @@ mod redis;
 pub(crate) use redis::redact as redact_url;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::HashTable;
+use rustc_hash::FxHashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -187,11 +191,20 @@ impl Item {
 
 #[derive(Default)]
 struct Namespace {
-    items: HashMap<String, Item>,
-    /// (expiry, version) → key, for the sweep: one entry per item with an
-    /// expiry (removed with the item, so replacing a key with a long TTL
-    /// again and again leaves one entry, not one per write).
-    expiries: BTreeMap<(Instant, u64), String>,
+    /// The items with their keys, found by [`Namespace::hash`]: each call hashes
+    /// its key once (a `HashMap` would hash it again for every lookup, insert
+    /// and removal of a write) and a rewritten key keeps its stored `String`.
+    items: HashTable<(String, Item)>,
+    /// SipHash with a random key per namespace: keys come from requests
+    /// (client addresses, header values), so they must not be able to force
+    /// collisions (HashDoS).
+    hasher: RandomState,
+    /// (expiry, version) → the item's hash, for the sweep: one entry per item
+    /// with an expiry (removed with the item, so replacing a key with a long
+    /// TTL again and again leaves one entry, not one per write). Versions are
+    /// unique in the namespace, so hash and version find the item without a
+    /// copy of its key.
+    expiries: BTreeMap<(Instant, u64), u64>,
     bytes: usize,
     /// The last version handed out in this namespace: versions are unique across
     /// all keys of the namespace, so never reused for a key (no ABA).
@@ -204,17 +217,29 @@ impl Namespace {
         self.last_version
     }
 
-    /// The live item at `key`, removing it first if it expired.
-    fn live(&mut self, key: &str, now: Instant) -> Option<&mut Item> {
-        if self.items.get(key).is_some_and(|i| !i.live(now)) {
-            self.remove(key);
-            return None;
-        }
-        self.items.get_mut(key)
+    /// The hash `key` is found by in this namespace.
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
     }
 
-    fn remove(&mut self, key: &str) -> Option<Item> {
-        let item = self.items.remove(key)?;
+    /// The live item at `key` (hashed `h`), removing it first if it expired.
+    fn live(&mut self, h: u64, key: &str, now: Instant) -> Option<&mut Item> {
+        let entry = self.items.find_entry(h, |(k, _)| k == key).ok()?;
+        if entry.get().1.live(now) {
+            return Some(&mut entry.into_mut().1);
+        }
+        let ((key, item), _) = entry.remove();
+        self.bytes -= key.len() + item.value.len();
+        if let Some(t) = item.expires {
+            self.expiries.remove(&(t, item.version));
+        }
+        None
+    }
+
+    /// Removes the item at `key` (hashed `h`).
+    fn remove(&mut self, h: u64, key: &str) -> Option<Item> {
+        let entry = self.items.find_entry(h, |(k, _)| k == key).ok()?;
+        let ((key, item), _) = entry.remove();
         self.bytes -= key.len() + item.value.len();
         if let Some(t) = item.expires {
             self.expiries.remove(&(t, item.version));
@@ -232,54 +257,70 @@ impl Namespace {
             if at > now {
                 return;
             }
-            let key = entry.remove();
-            if self
-                .items
-                .get(&key)
-                .is_some_and(|i| i.version == version && !i.live(now))
-            {
-                self.remove(&key);
+            let h = entry.remove();
+            if let Ok(e) = self.items.find_entry(h, |(_, i)| i.version == version) {
+                if !e.get().1.live(now) {
+                    // Its expiry entry is the one just taken.
+                    let ((key, item), _) = e.remove();
+                    self.bytes -= key.len() + item.value.len();
+                }
             }
         }
     }
 
-    /// Whether `key` with `new` bytes (key + value) fits the namespace caps.
-    fn fits(&self, key: &str, new: usize) -> bool {
-        let old = self.items.get(key).map(|i| key.len() + i.value.len());
+    /// Whether `key` (hashed `h`) with `new` bytes (key + value) fits the
+    /// namespace caps.
+    fn fits(&self, h: u64, key: &str, new: usize) -> bool {
+        let old = self
+            .items
+            .find(h, |(k, _)| k == key)
+            .map(|(k, i)| k.len() + i.value.len());
         self.bytes - old.unwrap_or(0) + new <= MAX_BYTES
             && (old.is_some() || self.items.len() < MAX_ENTRIES)
     }
 
-    /// Stores `value` at `key` (replacing any item) with a new version.
+    /// Stores `value` at `key` (hashed `h`), replacing any item, with a new
+    /// version.
     fn put(
         &mut self,
+        h: u64,
         key: &str,
         value: Vec<u8>,
         expires: Option<Instant>,
         now: Instant,
     ) -> Result<u64, KvError> {
         let new = key.len() + value.len();
-        if !self.fits(key, new) {
+        if !self.fits(h, key, new) {
             // Make room from expired entries before refusing.
             self.sweep(now, usize::MAX);
-            if !self.fits(key, new) {
+            if !self.fits(h, key, new) {
                 return Err(KvError::LimitExceeded);
             }
         }
         let version = self.next_version();
         if let Some(t) = expires {
-            self.expiries.insert((t, version), key.to_string());
+            self.expiries.insert((t, version), h);
         }
-        self.remove(key);
-        self.bytes += new;
-        self.items.insert(
-            key.to_string(),
-            Item {
-                value,
-                version,
-                expires,
-            },
-        );
+        let item = Item {
+            value,
+            version,
+            expires,
+        };
+        match self.items.find_mut(h, |(k, _)| k == key) {
+            Some((_, old)) => {
+                self.bytes = self.bytes - old.value.len() + item.value.len();
+                if let Some(t) = old.expires {
+                    self.expiries.remove(&(t, old.version));
+                }
+                *old = item;
+            }
+            None => {
+                self.bytes += new;
+                let hasher = &self.hasher;
+                self.items
+                    .insert_unique(h, (key.to_string(), item), |(k, _)| hasher.hash_one(k));
+            }
+        }
         Ok(version)
     }
 }
@@ -287,7 +328,9 @@ impl Namespace {
 /// The in-process backend: namespaces created on first use, one lock each.
 #[derive(Default)]
 pub struct MemoryKv {
-    namespaces: RwLock<HashMap<String, Arc<Mutex<Namespace>>>>,
+    /// By name. FxHash: the names are the config's (a plugin opens only the
+    /// namespaces granted to it), so nothing a request sends can collide them.
+    namespaces: RwLock<FxHashMap<String, Arc<Mutex<Namespace>>>>,
 }
 
 impl MemoryKv {
@@ -335,7 +378,8 @@ impl KvBackend for MemoryKv {
         check_key(key)?;
         let now = Instant::now();
         self.with(ns, |n| {
-            Ok(n.live(key, now).map(|i| Entry {
+            let h = n.hash(key);
+            Ok(n.live(h, key, now).map(|i| Entry {
                 value: i.value.clone(),
                 version: i.version,
             }))
@@ -358,13 +402,14 @@ impl KvBackend for MemoryKv {
         let expires = expiry(now, ttl)?;
         self.with(ns, |n| {
             n.sweep(now, SWEEP);
-            let current = n.live(key, now).map(|i| i.version);
+            let h = n.hash(key);
+            let current = n.live(h, key, now).map(|i| i.version);
             match (cond, current) {
                 (Condition::Always, _) | (Condition::IfAbsent, None) => {}
                 (Condition::IfVersion(v), Some(c)) if v == c => {}
                 _ => return Err(KvError::CasMismatch),
             }
-            n.put(key, value, expires, now)
+            n.put(h, key, value, expires, now)
         })
     }
 
@@ -373,12 +418,13 @@ impl KvBackend for MemoryKv {
         let now = Instant::now();
         self.with(ns, |n| {
             n.sweep(now, SWEEP);
-            let current = n.live(key, now).map(|i| i.version);
+            let h = n.hash(key);
+            let current = n.live(h, key, now).map(|i| i.version);
             match (cond, current) {
                 (Condition::IfAbsent, _) => Err(KvError::InvalidArgument),
                 (Condition::Always, None) => Ok(false),
-                (Condition::IfVersion(v), Some(c)) if v == c => Ok(n.remove(key).is_some()),
-                (Condition::Always, Some(_)) => Ok(n.remove(key).is_some()),
+                (Condition::IfVersion(v), Some(c)) if v == c => Ok(n.remove(h, key).is_some()),
+                (Condition::Always, Some(_)) => Ok(n.remove(h, key).is_some()),
                 (Condition::IfVersion(_), _) => Err(KvError::CasMismatch),
             }
         })
@@ -396,7 +442,8 @@ impl KvBackend for MemoryKv {
         let new_expiry = expiry(now, ttl)?;
         self.with(ns, |n| {
             n.sweep(now, SWEEP);
-            let (old, expires) = match n.live(key, now) {
+            let h = n.hash(key);
+            let (old, expires) = match n.live(h, key, now) {
                 None => (0, new_expiry),
                 Some(i) => {
                     let v = std::str::from_utf8(&i.value)
@@ -407,7 +454,7 @@ impl KvBackend for MemoryKv {
                 }
             };
             let sum = old.checked_add(delta).ok_or(KvError::InvalidArgument)?;
-            n.put(key, sum.to_string().into_bytes(), expires, now)?;
+            n.put(h, key, sum.to_string().into_bytes(), expires, now)?;
             Ok(sum)
         })
     }
@@ -443,6 +490,26 @@ mod tests {
         assert_eq!(sizes(&kv), (3, 1));
         assert!(kv.delete("n", "c", Condition::Always).unwrap());
         assert_eq!(sizes(&kv), (2, 0));
+    }
+
+    #[test]
+    fn bytes_follow_rewrites_in_place() {
+        let kv = MemoryKv::default();
+        let bytes = |kv: &MemoryKv| kv.with("n", |ns| (ns.items.len(), ns.bytes));
+        let hour = Some(Duration::from_secs(3600));
+        kv.set("n", "k", vec![0; 10], Condition::Always, hour)
+            .unwrap();
+        assert_eq!(bytes(&kv), (1, 11));
+        // Rewritten: same entry, the value's new size, one expiry entry.
+        kv.set("n", "k", vec![0; 3], Condition::Always, hour)
+            .unwrap();
+        assert_eq!(bytes(&kv), (1, 4));
+        assert_eq!(kv.with("n", |ns| ns.expiries.len()), 1);
+        kv.increment("n", "c", 12, None).unwrap();
+        assert_eq!(bytes(&kv), (2, 4 + 3));
+        assert!(kv.delete("n", "k", Condition::Always).unwrap());
+        assert_eq!(bytes(&kv), (1, 3));
+        assert_eq!(kv.with("n", |ns| ns.expiries.len()), 0);
     }
 
     #[test]
@@ -571,7 +638,7 @@ mod tests {
         kv.set("n", "w", b"v".to_vec(), Condition::Always, None)
             .unwrap();
         kv.with("n", |n| {
-            assert!(!n.items.contains_key("u"));
+            assert!(n.items.find(n.hash("u"), |(k, _)| k == "u").is_none());
             assert_eq!(n.bytes, "c".len() + 1 + "w".len() + 1);
         });
     }
