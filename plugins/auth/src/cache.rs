@@ -13,7 +13,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 #[derive(Debug)]
 struct Entry<V> {
-    token: Box<str>,
+    token: Box<[u8]>,
     value: V,
     /// Position in `order` (higher: used more recently).
     used: u64,
@@ -53,8 +53,7 @@ const HASHED: usize = 8;
 
 /// The bucket of `token`: its last [`HASHED`] bytes as one word, hashed with
 /// the cache's key.
-fn hash(hasher: &RandomState, token: &str) -> u64 {
-    let b = token.as_bytes();
+fn hash(hasher: &RandomState, b: &[u8]) -> u64 {
     let tail = &b[b.len().saturating_sub(HASHED)..];
     let mut word = [0u8; HASHED];
     word[..tail.len()].copy_from_slice(tail);
@@ -109,7 +108,8 @@ impl<V: Clone + Default> TokenCache<V> {
 
     /// Whether `token` can be cached (the cache is on and the token short
     /// enough): worth looking up.
-    pub fn admits(&self, token: &str) -> bool {
+    pub fn admits(&self, token: impl AsRef<[u8]>) -> bool {
+        let token = token.as_ref();
         self.capacity > 0 && token.len() <= self.max_token
     }
 
@@ -129,17 +129,18 @@ impl<V: Clone + Default> TokenCache<V> {
     }
 
     /// The entry of `token` and its hash.
-    fn find(&mut self, token: &str) -> (u64, Option<&mut Entry<V>>) {
+    fn find(&mut self, token: &[u8]) -> (u64, Option<&mut Entry<V>>) {
         let h = hash(&self.hasher, token);
-        let e = self.entries.get_mut(&h).and_then(|b| {
-            b.iter_mut()
-                .find(|e| same(e.token.as_bytes(), token.as_bytes()))
-        });
+        let e = self
+            .entries
+            .get_mut(&h)
+            .and_then(|b| b.iter_mut().find(|e| same(&e.token, token)));
         (h, e)
     }
 
     /// What is kept of a cached token, marking it most recently used.
-    pub fn get(&mut self, token: &str) -> Option<V> {
+    pub fn get(&mut self, token: impl AsRef<[u8]>) -> Option<V> {
+        let token = token.as_ref();
         let used = self.bump();
         let (h, e) = self.find(token);
         let e = e?;
@@ -152,7 +153,8 @@ impl<V: Clone + Default> TokenCache<V> {
 
     /// Remember a verified token, evicting the least recently used at
     /// capacity; a token the cache does not admit is not kept.
-    pub fn insert(&mut self, token: &str, value: V) {
+    pub fn insert(&mut self, token: impl AsRef<[u8]>, value: V) {
+        let token = token.as_ref();
         if !self.admits(token) {
             return;
         }
@@ -187,9 +189,10 @@ impl<V: Clone + Default> TokenCache<V> {
     }
 
     /// Forget one token (e.g. it expired).
-    pub fn remove(&mut self, token: &str) {
+    pub fn remove(&mut self, token: impl AsRef<[u8]>) {
+        let token = token.as_ref();
         let h = hash(&self.hasher, token);
-        if let Some(used) = self.take(h, |e| same(e.token.as_bytes(), token.as_bytes())) {
+        if let Some(used) = self.take(h, |e| same(&e.token, token)) {
             self.order.remove(&used);
         }
     }
@@ -253,7 +256,7 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert_eq!(c.get(&a).unwrap()["n"], 1);
         assert_eq!(c.get(&b).unwrap()["n"], 2);
-        assert!(c.get(&format!("c.{tail}")).is_none());
+        assert!(c.get(format!("c.{tail}")).is_none());
         c.remove(&a);
         assert!(c.get(&a).is_none());
         assert_eq!(c.get(&b).unwrap()["n"], 2);

@@ -365,3 +365,31 @@ fn a_short_or_foreign_header_value_falls_through_to_the_next_source() {
         assert_eq!(x.request_headers(), Action::Continue, "{auth}");
     }
 }
+
+#[test]
+fn a_bearer_value_is_trimmed_and_a_non_utf8_token_is_invalid() {
+    let s = Signer::new("EdDSA");
+    let mut t = filter(json!({"providers": [provider(jwks(&[s.jwk("k1")]))]}));
+    let tok = s.token(Some("k1"), &claims(ISS));
+    // Spaces and tabs around the token are the field's, not the token's.
+    let mut x =
+        t.exchange(Request::get("/api/x").header("authorization", format!("bearer \t{tok} \t")));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
+    drop(x);
+    // The header is read as bytes (no UTF-8 check on the hot path); a token
+    // that is not UTF-8 is a bad credential, not a missing one.
+    let mut bad = b"Bearer ".to_vec();
+    bad.extend_from_slice(tok.as_bytes());
+    bad.extend_from_slice(&[0xff, 0xfe]);
+    let r = respond(
+        t.exchange(Request::get("/api/x").header("authorization", bad))
+            .request_headers(),
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(r.details, "auth_invalid_credentials");
+    assert_eq!(
+        header(&r, "www-authenticate"),
+        "Bearer realm=\"legate\", error=\"invalid_token\""
+    );
+}
