@@ -344,6 +344,48 @@ async fn a_plugin_reload_keeps_open_connections_and_filters_new_ones() {
     lg.assert_stat(&calls("new_connection"), 2.0).await;
 }
 
+/// `yaml` with the TCP listener's `idle_timeout` set to `t`.
+fn tcp_idle(yaml: &str, t: &str) -> String {
+    yaml.replacen(
+        "      cluster: echo\n",
+        &format!("      cluster: echo\n      idle_timeout: {t}\n"),
+        1,
+    )
+}
+
+/// A reload that replaces a filtered TCP listener closes its open
+/// connections `drain_timeout` later (they stayed open for as long as they
+/// moved a byte per `idle_timeout`); the filter sees a local close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_closes_a_replaced_listeners_filtered_connections() {
+    let echo = tcp_echo_server().await;
+    let cfg = |idle: &str| {
+        tcp_idle(&config(echo.addr, "{ mode: tcp-rewrite }", "", ""), idle).replacen(
+            "version: 1\n",
+            "version: 1\ndrain_timeout: 300ms\n",
+            1,
+        )
+    };
+    // Idle timeouts far beyond the test: only the reload can close.
+    let lg = legate().config(&cfg("1h")).from_file().start();
+    let mut old = RawConn::connect(lg.addr("tcp")).await;
+    old.write(b"hello\n").await;
+    let back = b"h0wdy, partner\n";
+    assert_eq!(old.read_exact(back.len(), T).await.unwrap(), back);
+    lg.write_config(&cfg("2h"));
+    let (status, body) = lg.reload().await;
+    assert_eq!(status, 200, "{body}");
+    let (_, closed) = old.read_until_close(HANG_GUARD).await;
+    assert!(closed, "a connection of the replaced listener stayed open");
+    lg.assert_stat(&metric("pw_tcp_down_close_local"), 1.0)
+        .await;
+    lg.assert_stat(&calls("done"), 1.0).await;
+    // The new listener filters as before.
+    let mut new = RawConn::connect(lg.addr("tcp")).await;
+    new.write(b"hello\n").await;
+    assert_eq!(new.read_exact(back.len(), T).await.unwrap(), back);
+}
+
 /// [`config`] with the component fixture (tests/network-guest) as `pw`.
 fn component_config(echo: SocketAddr, mode: &str, extra: &str, tls: &str) -> String {
     let proxy_wasm = config(echo, "x", extra, tls);
