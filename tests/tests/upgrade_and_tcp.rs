@@ -445,6 +445,37 @@ async fn h2_extended_connect_is_not_offered() {
     .await;
 }
 
+/// A client that stops reading while the upstream keeps sending: once the
+/// socket buffers are full every write blocks, and a blocked write is no
+/// activity: the connection is closed after `idle_timeout`, both sides,
+/// instead of being held forever by an upstream that would send if it could.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_closes_a_client_that_stops_reading() {
+    let source = endless_tcp_server().await;
+    let lg = legate().config(&tcp_config(source, "1s")).start();
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    let mut c = RawConn {
+        stream: s.connect(lg.addr("tcp")).await.unwrap(),
+    };
+    // Some of it arrives: the connection is up.
+    c.read_exact(1024, HANG_GUARD).await.unwrap();
+    // Nothing read from here on.
+    eventually(
+        HANG_GUARD,
+        "the connection of a client that stopped reading closed",
+        || async {
+            (lg.stat(r#"legate_listener_connections_active{listener="tcp"}"#)
+                .await
+                == Some(0.0))
+            .then_some(())
+        },
+    )
+    .await;
+    let (_, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed, "Legate's side closed, yet the client's stayed open");
+}
+
 /// `tcp_config` with `drain_timeout: 300ms`, from a file (for reloads).
 fn draining_tcp_config(cluster_addr: std::net::SocketAddr, idle: &str) -> String {
     tcp_config(cluster_addr, idle).replacen("version: 1\n", "version: 1\ndrain_timeout: 300ms\n", 1)
@@ -537,4 +568,37 @@ async fn a_reload_closes_a_tunnel_of_the_replaced_listener() {
         (up.closed.get() == 1).then_some(())
     })
     .await;
+}
+
+/// A drain (`POST /drain`) with a TCP connection and a WebSocket tunnel open,
+/// neither idle long enough to close: both are closed when `drain_timeout`
+/// passes, and the server stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_tcp_connections_and_tunnels_at_its_timeout() {
+    let echo = tcp_echo_server().await;
+    let ws = upgrade_echo_server().await;
+    let cfg = simple_config(&[ws.addr])
+        .replacen("version: 1\n", "version: 1\ndrain_timeout: 300ms\n", 1)
+        .replacen(
+            "listeners:\n",
+            "listeners:\n  - name: tcp\n    address: 127.0.0.1:0\n    tcp:\n      cluster: echo\n",
+            1,
+        );
+    let cfg = with_cluster(&cfg, "echo", echo.addr);
+    let lg = legate().config(&cfg).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    echoes(&mut c).await;
+    let mut t = RawConn::connect(lg.addr("web")).await;
+    let head = t.websocket_handshake("/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    echoes(&mut t).await;
+    let (status, _) = lg.admin_post("/drain").await;
+    assert_eq!(status, 200);
+    for (conn, what) in [(&mut c, "tcp connection"), (&mut t, "tunnel")] {
+        let (_, closed) = conn.read_until_close(HANG_GUARD).await;
+        assert!(closed, "the {what} stayed open through the drain");
+    }
+    lg.wait_stopped(HANG_GUARD)
+        .await
+        .expect("the server stops once the drain timeout closed its connections");
 }
