@@ -292,8 +292,9 @@ pub async fn serve(
     }
     // An upgraded connection lives on as a tunnel: it ends when either side
     // closes, or after the listener's idle timeout without a byte either way
-    // (both directions pass through this connection's byte counter). A drain
-    // waits for it up to `drain_timeout`, as for a request in flight.
+    // (both directions pass through this connection's byte counter), or
+    // `drain_timeout` after the listener stopped (a drain, a reload that
+    // replaced or removed it: [`ListenerCtx::drained`]).
     let Some(mut tunnel) = conn_ctx.tunnel.take() else {
         // HTTP/1.1 has no way to say "stop sending" but closing, and a close
         // with bytes unread (or still arriving) resets the connection: the
@@ -319,6 +320,10 @@ pub async fn serve(
     // No request follows on a tunnel.
     drop(serving);
     let idle = limits.idle_timeout.get();
+    // Nor does a response end it: once the listener stops (a drain, or a
+    // reload that replaced or removed it) it has `drain_timeout` left.
+    let drained = ctx.drained(&worker.shared.snapshot);
+    tokio::pin!(drained);
     loop {
         let deadline = match activity.check(idle, None) {
             Verdict::WaitUntil(t) => t,
@@ -330,6 +335,11 @@ pub async fn serve(
         };
         tokio::select! {
             _ = &mut tunnel => return None,
+            () = &mut drained => {
+                tracing::debug!(listener = %ctx.name, %peer, "upgraded connection's listener closed and its drain timeout passed; closing");
+                tunnel.abort();
+                return None;
+            }
             () = tokio::time::sleep_until(deadline.into()) => {}
         }
     }

@@ -286,6 +286,24 @@ impl ListenerCtx {
     pub fn closing_signal(&self) -> watch::Receiver<bool> {
         self.closing.subscribe()
     }
+
+    /// Resolves `drain_timeout` (of the config in force then) after this
+    /// listener stops: a drain, or a reload that replaced or removed it. A
+    /// connection with no request to end it (a TCP proxy connection, a
+    /// WebSocket tunnel) is closed then, as Envoy closes a draining listener's
+    /// connections at the end of its drain time: otherwise one that keeps
+    /// moving bytes outlives a reload forever, on a listener (and a cluster)
+    /// the config no longer has. A process drain cuts it at the same time
+    /// (`server::run_worker`).
+    pub async fn drained(&self, snapshot: &ArcSwap<crate::server::Snapshot>) {
+        let mut closing = self.closing_signal();
+        if closing.wait_for(|c| *c).await.is_err() {
+            // (Not before `self` goes: it holds the sender.)
+            std::future::pending::<()>().await;
+        }
+        let timeout = snapshot.load().config.drain_timeout.get();
+        tokio::time::sleep(timeout).await;
+    }
 }
 
 /// Binds and listens on a listener's address.

@@ -674,8 +674,10 @@ where
 }
 
 /// Proxies a connection through its chain after [`start`] and the upstream
-/// connect, with the idle timeout over `activity`; then the close notifications
-/// and `on_done`. Returns when the connection is over.
+/// connect, with the idle timeout over `activity`, until `cut` resolves at the
+/// latest (the listener stopped and its drain time passed); then the close
+/// notifications (local, for an idle or cut connection) and `on_done`.
+/// Returns when the connection is over.
 pub async fn serve<D, U>(
     chain: NetChain,
     mut rx: Deliveries,
@@ -683,11 +685,13 @@ pub async fn serve<D, U>(
     up: U,
     activity: &Activity,
     idle: Duration,
+    mut cut: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let mut timed_out = false;
+    let mut cut_off = false;
     let (mut chain, down_ended, up_ended, closed) = {
         let cell = RefCell::new(chain);
         let (wake, changed) = tokio::sync::watch::channel(0u64);
@@ -736,6 +740,11 @@ pub async fn serve<D, U>(
                     }
                     () = &mut deliveries => {}
                     () = &mut closed => break,
+                    () = cut.as_mut() => {
+                        tracing::debug!("tcp connection's listener closed and its drain timeout passed; closing");
+                        cut_off = true;
+                        break;
+                    }
                     () = tokio::time::sleep_until(deadline.into()) => {}
                 }
             }
@@ -748,7 +757,7 @@ pub async fn serve<D, U>(
         tracing::debug!("tcp connection idle for {idle:?}; closing");
     }
     // Remote: that peer closed (and the host did not close first).
-    let remote = |e: Ended| e.remote && !closed && !timed_out;
+    let remote = |e: Ended| e.remote && !closed && !timed_out && !cut_off;
     chain.finish(&[
         (Peer::Downstream, remote(down_ended)),
         (Peer::Upstream, remote(up_ended)),

@@ -3,7 +3,9 @@
 //! an idle timeout and byte counters. A listener with `tcp.filters` runs each
 //! connection through its network filter chain ([`crate::network_filter`]):
 //! `on_new_connection` before the connect, data and close callbacks after; one
-//! without filters keeps the plain `copy_bidirectional` path.
+//! without filters keeps the plain `copy_bidirectional` path. A connection
+//! of a listener that stopped (drain, reload) is closed `drain_timeout` later
+//! ([`ListenerCtx::drained`]).
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -167,9 +169,13 @@ pub async fn serve(
     let mut down = Tracked::new(downstream, activity.clone());
     let mut up = upstream;
     let idle = tcp.idle_timeout.get();
+    // Once the listener stops (a drain, or a reload that replaced or removed
+    // it), the connection has `drain_timeout` left.
+    let drained = ctx.drained(&worker.shared.snapshot);
+    tokio::pin!(drained);
     if let Some((mut chain, rx)) = filtered {
         chain.x.upstream = Some(addr);
-        network_filter::serve(chain, rx, down, up, &activity, idle).await;
+        network_filter::serve(chain, rx, down, up, &activity, idle, drained).await;
         let (rx, tx) = activity.bytes();
         ctx.stats.rx_bytes.add(rx);
         ctx.stats.tx_bytes.add(tx);
@@ -190,6 +196,10 @@ pub async fn serve(
                 if let Err(e) = r {
                     tracing::debug!(listener = %ctx.name, %peer, "tcp proxy ended: {e}");
                 }
+                break;
+            }
+            () = &mut drained => {
+                tracing::debug!(listener = %ctx.name, %peer, "listener closed and drain timeout passed; closing");
                 break;
             }
             () = tokio::time::sleep_until(deadline.into()) => {}

@@ -60,9 +60,9 @@ pub use guests::{abi_0_1_0_guest, network_guest, test_guest};
 pub use legate::{legate, LegateBuilder, LegateHandle};
 pub use stats::parse_prometheus;
 pub use upstream::{
-    authz_upstream, checksum, echo, grpc_echo, grpc_frame, pattern_bytes, sink, source,
-    tcp_echo_server, upgrade_echo_server, upstream, BoxBody, BoxError, ConnInfo, Counter, EchoBody,
-    TcpEchoHandle, TlsInfo, UpstreamBuilder, UpstreamHandle,
+    authz_upstream, checksum, echo, endless_tcp_server, grpc_echo, grpc_frame, pattern_bytes, sink,
+    source, tcp_echo_server, upgrade_echo_server, upstream, BoxBody, BoxError, ConnInfo, Counter,
+    EchoBody, TcpEchoHandle, TlsInfo, UpstreamBuilder, UpstreamHandle,
 };
 
 // Re-exported so tests need no direct dependency on them.

@@ -861,6 +861,30 @@ pub async fn upgrade_echo_server() -> TcpEchoHandle {
     raw_server(true).await
 }
 
+/// A TCP server on 127.0.0.1:0 that sends an endless stream of
+/// [`pattern_bytes`] to every connection, as fast as it is taken, and reads
+/// nothing: an upstream that keeps sending to a client that may stop reading.
+/// It serves until the test process exits.
+pub async fn endless_tcp_server() -> SocketAddr {
+    let rt = runtime();
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind endless listener");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let addr = std_listener.local_addr().expect("local_addr");
+    let listener = {
+        let _guard = rt.enter();
+        TcpListener::from_std(std_listener).expect("tokio listener")
+    };
+    rt.spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let chunk = pattern_bytes(64 * 1024);
+                while tcp.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
 async fn raw_server(upgrade: bool) -> TcpEchoHandle {
     let rt = runtime();
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind echo listener");

@@ -488,6 +488,166 @@ each_proto!(
     }
 );
 
+/// The slow reader of [`a_slow_reader_gets_every_byte_of_a_large_response`]:
+/// HTTP/1.1 on a raw socket (it reads what the kernel holds), HTTP/2 with
+/// hyper's client and its default windows (its connection task takes what
+/// the windows allow off the socket at once and releases window as the body
+/// is read).
+enum SlowReader {
+    H1(tokio::net::TcpStream),
+    H2(Incoming),
+}
+
+impl SlowReader {
+    /// Reads at least one byte and at most about `max` (HTTP/2: whole
+    /// frames): the bytes read, `None` at the end or on an error.
+    async fn read(
+        &mut self,
+        max: usize,
+        sum: &mut legate_tests::upstream::Checksum,
+    ) -> Option<usize> {
+        match self {
+            SlowReader::H1(s) => {
+                let mut buf = vec![0u8; max];
+                let n = s.read(&mut buf).await.ok().filter(|n| *n > 0)?;
+                sum.update(&buf[..n]);
+                Some(n)
+            }
+            SlowReader::H2(body) => {
+                let mut got = 0;
+                while got < max {
+                    let Some(Ok(frame)) = http_body_util::BodyExt::frame(body).await else {
+                        break;
+                    };
+                    if let Some(d) = frame.data_ref() {
+                        sum.update(d);
+                        got += d.len();
+                    }
+                }
+                (got > 0).then_some(got)
+            }
+        }
+    }
+}
+
+each_proto!(
+    /// The hard close of a graceful close left hanging
+    /// ([`a_client_that_never_reads_is_closed`]) leaves a slow reader alone.
+    /// A 12 MiB response, more than the socket buffers and the client's
+    /// windows hold, goes to a client that reads it in small reads with
+    /// pauses well inside `idle_timeout` (1s). Its request ends on Legate's
+    /// side once the body's end has been handed to the connection, with
+    /// megabytes still unread (in the kernel's buffers, or in the HTTP/2
+    /// client's window); the connection then has no request in flight, its
+    /// idle timeout runs and its graceful close starts while the client reads
+    /// the rest, slowly, for several idle timeouts more (checked: the test
+    /// paces it so), and the connection closes meanwhile. It gets every byte,
+    /// and no close timed out.
+    async fn a_slow_reader_gets_every_byte_of_a_large_response(proto) {
+        const LEN: usize = 12 << 20;
+        let body = Bytes::from(pattern_bytes(LEN));
+        let want = checksum(&body);
+        let up = upstream()
+            .route("/big", move |_req| {
+                let body = body.clone();
+                async move { Response::new(Full::new(body)) }
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .config(&limits_config(up.addr, "      idle_timeout: 1s\n", ""))
+            .start();
+        let addr = lg.addr("web");
+        let (mut r, mut got) = match proto {
+            Proto::H1 => {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+                // The head, byte by byte (what follows it is the body).
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut b = [0u8; 1];
+                    tokio::time::timeout(HANG_GUARD, s.read_exact(&mut b))
+                        .await
+                        .expect("no response head")
+                        .unwrap();
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                assert!(head.starts_with("http/1.1 200"), "{head}");
+                assert!(head.contains(&format!("content-length: {LEN}")), "{head}");
+                (SlowReader::H1(s), 0)
+            }
+            Proto::H2 => {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let (mut sender, conn) =
+                    hyper::client::conn::http2::handshake(
+                        hyper_util::rt::TokioExecutor::new(),
+                        hyper_util::rt::TokioIo::new(tcp),
+                    )
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                let req = Request::get(format!("http://{addr}/big"))
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .unwrap();
+                let resp = sender.send_request(req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                (SlowReader::H2(resp.into_body()), 0)
+            }
+        };
+        let mut sum = legate_tests::upstream::Checksum::default();
+        let pause = Duration::from_millis(50);
+        // Steadily, 64 KiB per pause, until the request has ended on
+        // Legate's side: what is left then waits in buffers.
+        let mut steps = 0;
+        let left = loop {
+            assert!(got < LEN, "read the whole response before the request ended");
+            got += r.read(64 * 1024, &mut sum).await.expect("the response ended early");
+            tokio::time::sleep(pause).await;
+            steps += 1;
+            if steps % 4 == 0
+                && lg.stat(r#"legate_listener_requests_active{listener="web"}"#).await == Some(0.0)
+            {
+                break LEN - got;
+            }
+        };
+        assert!(
+            left >= 1 << 20,
+            "only {left} bytes were left unread once the request ended: the tail \
+             did not wait in buffers"
+        );
+        // The rest in 120 reads 50ms apart: 6s, six idle timeouts, whatever
+        // the buffers held.
+        let step = (left / 120).max(4096);
+        // Meanwhile the connection, idle with a tail still on its way, closes
+        // gracefully (HTTP/1.1 once hyper has handed its last bytes to the
+        // kernel, HTTP/2 once its stream is sent and the GOAWAY's PING
+        // answered): what is then left to read is the client's.
+        let mut closed_with_bytes_left = false;
+        steps = 0;
+        while got < LEN {
+            match r.read(step, &mut sum).await {
+                Some(n) => got += n,
+                None => break,
+            }
+            tokio::time::sleep(pause).await;
+            steps += 1;
+            if !closed_with_bytes_left && steps % 4 == 0 && got < LEN {
+                closed_with_bytes_left = lg.stat(CONNECTIONS_ACTIVE).await == Some(0.0);
+            }
+        }
+        assert_eq!(got, LEN, "the slow reader was cut after {got} of {LEN} bytes");
+        assert_eq!(sum.0, want, "the body arrived corrupted");
+        assert!(
+            closed_with_bytes_left,
+            "the connection did not close while the client still read: its idle \
+             close was not exercised"
+        );
+        lg.assert_stat(CLOSE_TIMEOUTS, 0.0).await;
+        lg.assert_stat(STREAM_IDLE_TIMEOUTS, 0.0).await;
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_response_is_not_cut_by_the_idle_timeout() {
     // The response takes 3× the idle timeout. The timeout is not shorter: it also

@@ -344,6 +344,111 @@ async fn a_plugin_reload_keeps_open_connections_and_filters_new_ones() {
     lg.assert_stat(&calls("new_connection"), 2.0).await;
 }
 
+/// `yaml` with the TCP listener's `idle_timeout` set to `t`.
+fn tcp_idle(yaml: &str, t: &str) -> String {
+    yaml.replacen(
+        "      cluster: echo\n",
+        &format!("      cluster: echo\n      idle_timeout: {t}\n"),
+        1,
+    )
+}
+
+/// A filtered connection whose client stops reading while the upstream
+/// keeps sending: the pump writing to the client blocks, which is no
+/// activity, so the connection is closed after `idle_timeout`; the filter
+/// sees the close as local.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_connection_whose_client_stops_reading_is_closed() {
+    let source = endless_tcp_server().await;
+    let lg = legate()
+        .config(&tcp_idle(
+            &config(source, "{ mode: tcp-rewrite }", "", ""),
+            "1s",
+        ))
+        .start();
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    let mut c = RawConn {
+        stream: s.connect(lg.addr("tcp")).await.unwrap(),
+    };
+    // Some of it arrives, through the filter (its `o`s are `0`s).
+    let got = c.read_exact(1024, HANG_GUARD).await.unwrap();
+    assert!(!got.contains(&b'o'), "not filtered");
+    // Nothing read from here on.
+    eventually(
+        HANG_GUARD,
+        "the connection of a client that stopped reading closed",
+        || async {
+            (lg.stat(r#"legate_listener_connections_active{listener="tcp"}"#)
+                .await
+                == Some(0.0))
+            .then_some(())
+        },
+    )
+    .await;
+    lg.assert_stat(&metric("pw_tcp_down_close_local"), 1.0)
+        .await;
+    lg.assert_stat(&calls("done"), 1.0).await;
+    let (_, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed, "Legate's side closed, yet the client's stayed open");
+}
+
+/// A filter that holds a connection's data (`tcp-rewrite` pauses a line
+/// until its newline) while nothing else moves: the connection is closed
+/// after `idle_timeout` (a pause has no bound of its own on TCP), the held
+/// bytes never reach the upstream, and the filter sees a local close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_data_a_filter_holds_is_closed_when_idle() {
+    let echo = tcp_echo_server().await;
+    let lg = legate()
+        .config(&tcp_idle(
+            &config(echo.addr, "{ mode: tcp-rewrite }", "", ""),
+            "1s",
+        ))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"no newline yet").await;
+    let (rest, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    lg.assert_stat(&metric("pw_tcp_down_close_local"), 1.0)
+        .await;
+    lg.assert_stat(&calls("done"), 1.0).await;
+    assert_eq!(echo.bytes.get(), 0, "held data reached the upstream");
+}
+
+/// A reload that replaces a filtered TCP listener closes its open
+/// connections `drain_timeout` later (they stayed open for as long as they
+/// moved a byte per `idle_timeout`); the filter sees a local close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_closes_a_replaced_listeners_filtered_connections() {
+    let echo = tcp_echo_server().await;
+    let cfg = |idle: &str| {
+        tcp_idle(&config(echo.addr, "{ mode: tcp-rewrite }", "", ""), idle).replacen(
+            "version: 1\n",
+            "version: 1\ndrain_timeout: 300ms\n",
+            1,
+        )
+    };
+    // Idle timeouts far beyond the test: only the reload can close.
+    let lg = legate().config(&cfg("1h")).from_file().start();
+    let mut old = RawConn::connect(lg.addr("tcp")).await;
+    old.write(b"hello\n").await;
+    let back = b"h0wdy, partner\n";
+    assert_eq!(old.read_exact(back.len(), T).await.unwrap(), back);
+    lg.write_config(&cfg("2h"));
+    let (status, body) = lg.reload().await;
+    assert_eq!(status, 200, "{body}");
+    let (_, closed) = old.read_until_close(HANG_GUARD).await;
+    assert!(closed, "a connection of the replaced listener stayed open");
+    lg.assert_stat(&metric("pw_tcp_down_close_local"), 1.0)
+        .await;
+    lg.assert_stat(&calls("done"), 1.0).await;
+    // The new listener filters as before.
+    let mut new = RawConn::connect(lg.addr("tcp")).await;
+    new.write(b"hello\n").await;
+    assert_eq!(new.read_exact(back.len(), T).await.unwrap(), back);
+}
+
 /// [`config`] with the component fixture (tests/network-guest) as `pw`.
 fn component_config(echo: SocketAddr, mode: &str, extra: &str, tls: &str) -> String {
     let proxy_wasm = config(echo, "x", extra, tls);

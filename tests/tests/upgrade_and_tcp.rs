@@ -444,3 +444,161 @@ async fn h2_extended_connect_is_not_offered() {
     )
     .await;
 }
+
+/// A client that stops reading while the upstream keeps sending: once the
+/// socket buffers are full every write blocks, and a blocked write is no
+/// activity: the connection is closed after `idle_timeout`, both sides,
+/// instead of being held forever by an upstream that would send if it could.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_closes_a_client_that_stops_reading() {
+    let source = endless_tcp_server().await;
+    let lg = legate().config(&tcp_config(source, "1s")).start();
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    let mut c = RawConn {
+        stream: s.connect(lg.addr("tcp")).await.unwrap(),
+    };
+    // Some of it arrives: the connection is up.
+    c.read_exact(1024, HANG_GUARD).await.unwrap();
+    // Nothing read from here on.
+    eventually(
+        HANG_GUARD,
+        "the connection of a client that stopped reading closed",
+        || async {
+            (lg.stat(r#"legate_listener_connections_active{listener="tcp"}"#)
+                .await
+                == Some(0.0))
+            .then_some(())
+        },
+    )
+    .await;
+    let (_, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed, "Legate's side closed, yet the client's stayed open");
+}
+
+/// `tcp_config` with `drain_timeout: 300ms`, from a file (for reloads).
+fn draining_tcp_config(cluster_addr: std::net::SocketAddr, idle: &str) -> String {
+    tcp_config(cluster_addr, idle).replacen("version: 1\n", "version: 1\ndrain_timeout: 300ms\n", 1)
+}
+
+/// Writes and reads back one byte through an echoing connection: it still
+/// proxies.
+async fn echoes(c: &mut RawConn) {
+    c.write(b"e").await;
+    assert_eq!(c.read_exact(1, HANG_GUARD).await.unwrap(), b"e");
+}
+
+/// A reload that replaces a TCP listener (its settings changed) or removes
+/// one closes the old listener's open connections `drain_timeout` after it,
+/// as Envoy closes a drained listener's connections at the end of its drain
+/// time (they stayed open, on a listener the config no longer has, for as long
+/// as they moved a byte per `idle_timeout`). A listener the reload keeps
+/// keeps its connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_closes_a_replaced_or_removed_tcp_listeners_connections() {
+    let echo = tcp_echo_server().await;
+    let gone = "  - name: gone\n    address: 127.0.0.1:0\n    tcp:\n      cluster: echo\n";
+    let with_gone = |idle: &str| {
+        draining_tcp_config(echo.addr, idle).replacen(
+            "listeners:\n",
+            &format!("listeners:\n{gone}"),
+            1,
+        )
+    };
+    // Idle timeouts far beyond the test: only the reload can close.
+    let lg = legate().config(&with_gone("1h")).from_file().start();
+    let mut replaced = RawConn::connect(lg.addr("tcp")).await;
+    let mut removed = RawConn::connect(lg.addr("gone")).await;
+    echoes(&mut replaced).await;
+    echoes(&mut removed).await;
+
+    // `tcp` changes (its idle timeout), `gone` goes.
+    lg.write_config(&draining_tcp_config(echo.addr, "2h"));
+    let (status, body) = lg.reload().await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["listeners"]["changed"], json!(["tcp"]), "{body}");
+    let mut kept = RawConn::connect(lg.addr("tcp")).await;
+    echoes(&mut kept).await;
+    for (c, what) in [(&mut replaced, "replaced"), (&mut removed, "removed")] {
+        let (_, closed) = c.read_until_close(HANG_GUARD).await;
+        assert!(closed, "a connection of the {what} listener stayed open");
+    }
+    eventually(HANG_GUARD, "the upstream sides closed", || async {
+        (echo.closed.get() == 2).then_some(())
+    })
+    .await;
+    // The new listener's connection is not the old one's: it stays.
+    echoes(&mut kept).await;
+    lg.write_config(&draining_tcp_config(echo.addr, "2h"));
+    let (status, body) = lg.reload().await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    echoes(&mut kept).await;
+}
+
+/// A reload that replaces an HTTP listener closes a WebSocket tunnel of the
+/// old one `drain_timeout` later: a tunnel has no request to end and let the
+/// connection close, and stayed open for as long as it moved a byte per
+/// `idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_closes_a_tunnel_of_the_replaced_listener() {
+    let up = upgrade_echo_server().await;
+    let cfg = |max: &str| {
+        simple_config(&[up.addr])
+            .replacen("version: 1\n", "version: 1\ndrain_timeout: 300ms\n", 1)
+            .replace(
+                "    http:\n      routes: main\n",
+                &format!(
+                    "    http:\n      routes: main\n    limits:\n      max_connections: {max}\n"
+                ),
+            )
+    };
+    let lg = legate().config(&cfg("100")).from_file().start();
+    let mut t = RawConn::connect(lg.addr("web")).await;
+    let head = t.websocket_handshake("/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    echoes(&mut t).await;
+    lg.write_config(&cfg("200"));
+    let (status, body) = lg.reload().await;
+    assert_eq!(status, 200, "{body}");
+    let (_, closed) = t.read_until_close(HANG_GUARD).await;
+    assert!(closed, "a tunnel of the replaced listener stayed open");
+    eventually(HANG_GUARD, "upstream side of the tunnel closed", || async {
+        (up.closed.get() == 1).then_some(())
+    })
+    .await;
+}
+
+/// A drain (`POST /drain`) with a TCP connection and a WebSocket tunnel open,
+/// neither idle long enough to close: both are closed when `drain_timeout`
+/// passes, and the server stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_tcp_connections_and_tunnels_at_its_timeout() {
+    let echo = tcp_echo_server().await;
+    let ws = upgrade_echo_server().await;
+    let cfg = simple_config(&[ws.addr])
+        .replacen("version: 1\n", "version: 1\ndrain_timeout: 300ms\n", 1)
+        .replacen(
+            "listeners:\n",
+            "listeners:\n  - name: tcp\n    address: 127.0.0.1:0\n    tcp:\n      cluster: echo\n",
+            1,
+        );
+    let cfg = with_cluster(&cfg, "echo", echo.addr);
+    let lg = legate().config(&cfg).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    echoes(&mut c).await;
+    let mut t = RawConn::connect(lg.addr("web")).await;
+    let head = t.websocket_handshake("/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    echoes(&mut t).await;
+    let (status, _) = lg.admin_post("/drain").await;
+    assert_eq!(status, 200);
+    for (conn, what) in [(&mut c, "tcp connection"), (&mut t, "tunnel")] {
+        let (_, closed) = conn.read_until_close(HANG_GUARD).await;
+        assert!(closed, "the {what} stayed open through the drain");
+    }
+    lg.wait_stopped(HANG_GUARD)
+        .await
+        .expect("the server stops once the drain timeout closed its connections");
+}

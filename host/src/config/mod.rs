@@ -33,8 +33,10 @@ pub struct Config {
     /// Where access-log lines go; absent = no access log.
     #[serde(default)]
     pub access_log: Option<AccessLog>,
-    /// How long a graceful shutdown waits for in-flight requests. Default 30s:
-    /// long enough for ordinary requests, short enough for an orchestrator's grace period.
+    /// How long a graceful shutdown waits for in-flight requests; also how long
+    /// the TCP connections and WebSocket tunnels of a listener a reload replaced
+    /// or removed stay open. Default 30s: long enough for ordinary requests,
+    /// short enough for an orchestrator's grace period.
     #[serde(default = "defaults::drain_timeout")]
     pub drain_timeout: Dur,
     /// The zone this Legate runs in, for zone-aware routing (`--local-zone`
