@@ -535,9 +535,10 @@ each_proto!(
     /// ([`a_client_that_never_reads_is_closed`]) leaves a slow reader alone.
     /// A 12 MiB response, more than the socket buffers and the client's
     /// windows hold, goes to a client that reads it in small reads with
-    /// pauses well inside `idle_timeout` (2s: a test thread stalled
-    /// that long on a loaded machine would look like a reader that stopped). Its request ends on Legate's
-    /// side once the body's end has been handed to the connection, with
+    /// pauses well inside `idle_timeout` (2s: a test thread stalled that
+    /// long on a loaded machine would look like a reader that stopped). Its
+    /// request ends on Legate's side once the body's end has been handed to
+    /// the connection, with
     /// megabytes still unread (in the kernel's buffers, or in the HTTP/2
     /// client's window); the connection then has no request in flight, its
     /// idle timeout runs and its graceful close starts while the client reads
