@@ -347,7 +347,7 @@ impl RateLimit {
             let ttl = ceil_ms(e.decision.reset_ns);
             match self
                 .kv
-                .set(&e.key, e.decision.new_tat.to_string(), cond, Some(ttl))
+                .set(&e.key, Digits::of(e.decision.new_tat), cond, Some(ttl))
             {
                 Ok(_) => return Ok(()),
                 Err(Error::CasMismatch) => {
@@ -440,7 +440,10 @@ fn bucket_key(
     path: &str,
     route: Option<&str>,
 ) -> Option<String> {
-    let mut key = l.name.clone();
+    // Room for the usual descriptors (an IPv6 address, a short header):
+    // growing the key as it is built reallocated it two or three times.
+    let mut key = String::with_capacity(l.name.len() + 64);
+    key.push_str(&l.name);
     for d in &l.key {
         key.push('|');
         match d {
@@ -515,11 +518,48 @@ fn decode(v: &[u8]) -> Result<u64, Error> {
         .ok_or(Error::InvalidArgument)
 }
 
+/// A `u64` in decimal, on the stack: what [`decode`] reads back, without
+/// `to_string`'s formatting machinery and allocation.
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn of(mut n: u64) -> Self {
+        let mut buf = [0u8; 20];
+        let mut start = buf.len();
+        loop {
+            start -= 1;
+            buf[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        Digits { buf, start }
+    }
+}
+
+impl AsRef<[u8]> for Digits {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
 legate_sdk::export!(RateLimit);
 
 #[cfg(test)]
 mod tests {
-    use super::{decode, push_ip};
+    use super::{decode, push_ip, Digits};
+
+    #[test]
+    fn digits_write_what_to_string_writes() {
+        for n in [0, 7, 10, 99, 100, 1_733_350_000_123_456_789, u64::MAX] {
+            assert_eq!(Digits::of(n).as_ref(), n.to_string().as_bytes(), "{n}");
+            assert_eq!(decode(Digits::of(n).as_ref()).ok(), Some(n));
+        }
+    }
 
     #[test]
     fn stored_tats_decode_as_str_parse_reads_them() {
