@@ -491,6 +491,19 @@ pub struct RawConn {
 }
 
 impl RawConn {
+    /// Connects with a 4 KiB receive buffer, for a client that stops reading:
+    /// what it leaves unread fills its buffers (and the sender's) quickly.
+    pub async fn connect_small_buffer(addr: SocketAddr) -> RawConn {
+        let s = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("socket: {e}"));
+        s.set_recv_buffer_size(4096)
+            .unwrap_or_else(|e| panic!("SO_RCVBUF: {e}"));
+        let stream = s
+            .connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("raw connect {addr}: {e}"));
+        RawConn { stream }
+    }
+
     /// Connects; panics on failure.
     pub async fn connect(addr: SocketAddr) -> RawConn {
         let stream = TcpStream::connect(addr)

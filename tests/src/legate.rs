@@ -305,6 +305,16 @@ impl LegateHandle {
             .await
     }
 
+    /// Waits until `listener` has no open connection; panics, saying `what`
+    /// did not happen, after [`crate::HANG_GUARD`].
+    pub async fn wait_no_connections(&self, listener: &str, what: &str) {
+        let series = format!("legate_listener_connections_active{{listener=\"{listener}\"}}");
+        crate::eventually(crate::HANG_GUARD, what, || async {
+            (self.stat(&series).await == Some(0.0)).then_some(())
+        })
+        .await;
+    }
+
     /// Asserts that `series` satisfies `pred` within 2 s.
     pub async fn assert_stat_with(&self, series: &str, pred: impl Fn(f64) -> bool, what: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);

@@ -415,11 +415,7 @@ each_proto!(
             1,
         );
         let lg = legate().config(&cfg).start();
-        let s = tokio::net::TcpSocket::new_v4().unwrap();
-        s.set_recv_buffer_size(4096).unwrap();
-        let mut c = RawConn {
-            stream: s.connect(lg.addr("web")).await.unwrap(),
-        };
+        let mut c = RawConn::connect_small_buffer(lg.addr("web")).await;
         c.write(&match proto {
             Proto::H1 => b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
             Proto::H2 => h2_get_with_open_windows("/endless"),

@@ -366,24 +366,14 @@ async fn a_filtered_connection_whose_client_stops_reading_is_closed() {
             "1s",
         ))
         .start();
-    let s = tokio::net::TcpSocket::new_v4().unwrap();
-    s.set_recv_buffer_size(4096).unwrap();
-    let mut c = RawConn {
-        stream: s.connect(lg.addr("tcp")).await.unwrap(),
-    };
+    let mut c = RawConn::connect_small_buffer(lg.addr("tcp")).await;
     // Some of it arrives, through the filter (its `o`s are `0`s).
     let got = c.read_exact(1024, HANG_GUARD).await.unwrap();
     assert!(!got.contains(&b'o'), "not filtered");
     // Nothing read from here on.
-    eventually(
-        HANG_GUARD,
+    lg.wait_no_connections(
+        "tcp",
         "the connection of a client that stopped reading closed",
-        || async {
-            (lg.stat(r#"legate_listener_connections_active{listener="tcp"}"#)
-                .await
-                == Some(0.0))
-            .then_some(())
-        },
     )
     .await;
     lg.assert_stat(&metric("pw_tcp_down_close_local"), 1.0)

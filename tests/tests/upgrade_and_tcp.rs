@@ -453,23 +453,13 @@ async fn h2_extended_connect_is_not_offered() {
 async fn tcp_proxy_closes_a_client_that_stops_reading() {
     let source = endless_tcp_server().await;
     let lg = legate().config(&tcp_config(source, "1s")).start();
-    let s = tokio::net::TcpSocket::new_v4().unwrap();
-    s.set_recv_buffer_size(4096).unwrap();
-    let mut c = RawConn {
-        stream: s.connect(lg.addr("tcp")).await.unwrap(),
-    };
+    let mut c = RawConn::connect_small_buffer(lg.addr("tcp")).await;
     // Some of it arrives: the connection is up.
     c.read_exact(1024, HANG_GUARD).await.unwrap();
     // Nothing read from here on.
-    eventually(
-        HANG_GUARD,
+    lg.wait_no_connections(
+        "tcp",
         "the connection of a client that stopped reading closed",
-        || async {
-            (lg.stat(r#"legate_listener_connections_active{listener="tcp"}"#)
-                .await
-                == Some(0.0))
-            .then_some(())
-        },
     )
     .await;
     let (_, closed) = c.read_until_close(HANG_GUARD).await;
