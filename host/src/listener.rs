@@ -37,6 +37,10 @@ pub struct ListenerStats {
     /// idle timeout, or in a drain) stalled for another idle timeout
     /// ([`crate::connection::serve`]).
     pub cx_close_timeout: Counter,
+    /// TCP proxy connections and WebSocket tunnels closed because their
+    /// listener stopped (a drain, or a reload that replaced or removed it) and
+    /// `drain_timeout` passed ([`ListenerCtx::drained`]).
+    pub cx_drain_close: Counter,
     /// Downstream requests by status class (1xx..5xx).
     pub rq_by_class: [Counter; 5],
     /// Requests in flight.
@@ -98,6 +102,11 @@ impl ListenerStats {
             cx_close_timeout: stats.counter(
                 "legate_listener_close_timeouts_total",
                 "HTTP connections closed hard: their graceful close (idle timeout, drain) stalled for another idle timeout.",
+                &l,
+            ),
+            cx_drain_close: stats.counter(
+                "legate_listener_drain_closes_total",
+                "TCP connections and WebSocket tunnels closed drain_timeout after their listener stopped (drain, or a reload replaced or removed it).",
                 &l,
             ),
             rq_by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(class),
@@ -294,7 +303,9 @@ impl ListenerCtx {
     /// connections at the end of its drain time: otherwise one that keeps
     /// moving bytes outlives a reload forever, on a listener (and a cluster)
     /// the config no longer has. A process drain cuts it at the same time
-    /// (`server::run_worker`).
+    /// (`server::run_worker`). Counted in `legate_listener_drain_closes_total`
+    /// when it resolves: callers poll it only while the connection is open and
+    /// close the connection when it does.
     pub async fn drained(&self, snapshot: &ArcSwap<crate::server::Snapshot>) {
         let mut closing = self.closing_signal();
         if closing.wait_for(|c| *c).await.is_err() {
@@ -303,6 +314,7 @@ impl ListenerCtx {
         }
         let timeout = snapshot.load().config.drain_timeout.get();
         tokio::time::sleep(timeout).await;
+        self.stats.cx_drain_close.inc();
     }
 }
 

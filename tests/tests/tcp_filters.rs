@@ -430,6 +430,8 @@ async fn a_reload_closes_a_replaced_listeners_filtered_connections() {
     assert_eq!(status, 200, "{body}");
     let (_, closed) = old.read_until_close(HANG_GUARD).await;
     assert!(closed, "a connection of the replaced listener stayed open");
+    lg.assert_stat(r#"legate_listener_drain_closes_total{listener="tcp"}"#, 1.0)
+        .await;
     lg.assert_stat(&metric("pw_tcp_down_close_local"), 1.0)
         .await;
     lg.assert_stat(&calls("done"), 1.0).await;

@@ -518,6 +518,10 @@ async fn a_reload_closes_a_replaced_or_removed_tcp_listeners_connections() {
         (echo.closed.get() == 2).then_some(())
     })
     .await;
+    for l in ["tcp", "gone"] {
+        let series = format!("legate_listener_drain_closes_total{{listener=\"{l}\"}}");
+        lg.assert_stat(&series, 1.0).await;
+    }
     // The new listener's connection is not the old one's: it stays.
     echoes(&mut kept).await;
     lg.write_config(&draining_tcp_config(echo.addr, "2h"));
@@ -554,6 +558,8 @@ async fn a_reload_closes_a_tunnel_of_the_replaced_listener() {
     assert_eq!(status, 200, "{body}");
     let (_, closed) = t.read_until_close(HANG_GUARD).await;
     assert!(closed, "a tunnel of the replaced listener stayed open");
+    lg.assert_stat(r#"legate_listener_drain_closes_total{listener="web"}"#, 1.0)
+        .await;
     eventually(HANG_GUARD, "upstream side of the tunnel closed", || async {
         (up.closed.get() == 1).then_some(())
     })
