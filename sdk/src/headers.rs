@@ -16,6 +16,8 @@ impl Headers<'_> {
     }
 
     /// The first value of `name` as text; `None` if absent or not UTF-8.
+    /// The UTF-8 check runs in Wasm over the whole value: prefer
+    /// [`Headers::get`] for a value only compared or hashed.
     pub fn get_str(&self, name: &str) -> Option<String> {
         self.get(name).and_then(|v| String::from_utf8(v).ok())
     }

@@ -952,7 +952,7 @@ struct Credential {
     /// bearer token is used in place, not copied out of its header. Bytes:
     /// a key is compared and a token looked up in the cache as bytes, so a
     /// header value is not checked for UTF-8 (~1.8k Wasm instructions for a
-    /// 600-byte token) unless a token must be parsed.
+    /// 500-byte bearer header) unless a token must be parsed.
     text: Vec<u8>,
     range: std::ops::Range<usize>,
     carrier: Option<String>,
