@@ -19,7 +19,6 @@ sets with KEEP), guest code is named by function (`guest: NAME`) instead.
 """
 
 import bisect
-
 import os
 import re
 import subprocess

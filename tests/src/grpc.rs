@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tonic::codegen::Service;
 use tonic::{Code, Request, Response, Status};
 
-use crate::upstream::{runtime, Counter};
+use crate::upstream::{bind_on_runtime, runtime, Counter};
 
 /// The generated messages and server of `legate.test.v1` (tests/proto).
 #[allow(missing_docs, clippy::all, clippy::unwrap_used)]
@@ -113,14 +113,8 @@ impl GrpcUpstreamBuilder {
     /// knowledge, no TLS) on the harness's upstream runtime.
     pub async fn start(self) -> GrpcUpstreamHandle {
         let rt = runtime();
-        let std_listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .expect("bind gRPC upstream listener");
-        std_listener.set_nonblocking(true).expect("nonblocking");
-        let addr = std_listener.local_addr().expect("local_addr");
-        let listener = {
-            let _guard = rt.enter();
-            TcpListener::from_std(std_listener).expect("tokio listener")
-        };
+        let (listener, addr) =
+            bind_on_runtime(SocketAddr::from(([127, 0, 0, 1], 0)), "gRPC upstream");
         let (stop, stop_rx) = watch::channel(false);
         let calls = Counter::default();
         let abandoned = Counter::default();

@@ -50,6 +50,21 @@ pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// A listener bound to `addr` (port 0: an ephemeral one) and registered with
+/// [`runtime`], where the server serving it runs; its address. `what` names it
+/// in the panic if binding fails.
+pub(crate) fn bind_on_runtime(addr: SocketAddr, what: &str) -> (TcpListener, SocketAddr) {
+    let std_listener =
+        std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {what} listener: {e}"));
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let addr = std_listener.local_addr().expect("local_addr");
+    let _guard = runtime().enter();
+    (
+        TcpListener::from_std(std_listener).expect("tokio listener"),
+        addr,
+    )
+}
+
 /// A shared counter (requests seen, connections accepted, ...).
 #[derive(Clone, Debug, Default)]
 pub struct Counter(Arc<AtomicUsize>);
@@ -276,17 +291,11 @@ impl UpstreamBuilder {
     /// Binds 127.0.0.1:0 and starts serving.
     pub async fn start(self) -> UpstreamHandle {
         let rt = runtime();
-        let std_listener = std::net::TcpListener::bind(
+        let (listener, addr) = bind_on_runtime(
             self.bind
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
-        )
-        .expect("bind upstream listener");
-        std_listener.set_nonblocking(true).expect("nonblocking");
-        let addr = std_listener.local_addr().expect("local_addr");
-        let listener = {
-            let _guard = rt.enter();
-            TcpListener::from_std(std_listener).expect("tokio listener")
-        };
+            "upstream",
+        );
         let tls = self.tls.as_ref().map(|files| {
             tokio_rustls::TlsAcceptor::from(Arc::new(server_tls_config(
                 files,
@@ -867,13 +876,7 @@ pub async fn upgrade_echo_server() -> TcpEchoHandle {
 /// It serves until the test process exits.
 pub async fn endless_tcp_server() -> SocketAddr {
     let rt = runtime();
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind endless listener");
-    std_listener.set_nonblocking(true).expect("nonblocking");
-    let addr = std_listener.local_addr().expect("local_addr");
-    let listener = {
-        let _guard = rt.enter();
-        TcpListener::from_std(std_listener).expect("tokio listener")
-    };
+    let (listener, addr) = bind_on_runtime(SocketAddr::from(([127, 0, 0, 1], 0)), "endless");
     rt.spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
@@ -887,13 +890,7 @@ pub async fn endless_tcp_server() -> SocketAddr {
 
 async fn raw_server(upgrade: bool) -> TcpEchoHandle {
     let rt = runtime();
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind echo listener");
-    std_listener.set_nonblocking(true).expect("nonblocking");
-    let addr = std_listener.local_addr().expect("local_addr");
-    let listener = {
-        let _guard = rt.enter();
-        TcpListener::from_std(std_listener).expect("tokio listener")
-    };
+    let (listener, addr) = bind_on_runtime(SocketAddr::from(([127, 0, 0, 1], 0)), "echo");
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let h = TcpEchoHandle {
         addr,

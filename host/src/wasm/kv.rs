@@ -229,10 +229,7 @@ impl Namespace {
             return Some(&mut entry.into_mut().1);
         }
         let ((key, item), _) = entry.remove();
-        self.bytes -= key.len() + item.value.len();
-        if let Some(t) = item.expires {
-            self.expiries.remove(&(t, item.version));
-        }
+        forget(&mut self.bytes, &mut self.expiries, &key, &item);
         None
     }
 
@@ -240,10 +237,7 @@ impl Namespace {
     fn remove(&mut self, h: u64, key: &str) -> Option<Item> {
         let entry = self.items.find_entry(h, |(k, _)| k == key).ok()?;
         let ((key, item), _) = entry.remove();
-        self.bytes -= key.len() + item.value.len();
-        if let Some(t) = item.expires {
-            self.expiries.remove(&(t, item.version));
-        }
+        forget(&mut self.bytes, &mut self.expiries, &key, &item);
         Some(item)
     }
 
@@ -260,9 +254,8 @@ impl Namespace {
             let h = entry.remove();
             if let Ok(e) = self.items.find_entry(h, |(_, i)| i.version == version) {
                 if !e.get().1.live(now) {
-                    // Its expiry entry is the one just taken.
                     let ((key, item), _) = e.remove();
-                    self.bytes -= key.len() + item.value.len();
+                    forget(&mut self.bytes, &mut self.expiries, &key, &item);
                 }
             }
         }
@@ -306,22 +299,30 @@ impl Namespace {
             version,
             expires,
         };
+        self.bytes += new;
         match self.items.find_mut(h, |(k, _)| k == key) {
-            Some((_, old)) => {
-                self.bytes = self.bytes - old.value.len() + item.value.len();
-                if let Some(t) = old.expires {
-                    self.expiries.remove(&(t, old.version));
-                }
+            // Rewritten in place: the stored key stays.
+            Some((k, old)) => {
+                forget(&mut self.bytes, &mut self.expiries, k, old);
                 *old = item;
             }
             None => {
-                self.bytes += new;
                 let hasher = &self.hasher;
                 self.items
                     .insert_unique(h, (key.to_string(), item), |(k, _)| hasher.hash_one(k));
             }
         }
         Ok(version)
+    }
+}
+
+/// Accounts for `item` (at `key`) leaving its namespace: its bytes, and its
+/// entry in the expiry queue. A function of the two fields, not a method:
+/// callers hold a borrow of `items` while they call it.
+fn forget(bytes: &mut usize, expiries: &mut BTreeMap<(Instant, u64), u64>, key: &str, item: &Item) {
+    *bytes -= key.len() + item.value.len();
+    if let Some(t) = item.expires {
+        expiries.remove(&(t, item.version));
     }
 }
 
