@@ -514,10 +514,11 @@ pub struct ExchangeData {
     pub https: bool,
     /// Downstream protocol.
     pub version: Version,
-    /// Request headers (no `host`: the authority is [`ExchangeData::authority`]);
-    /// once the request went upstream, a snapshot of them as sent, if a filter
-    /// may still read them.
-    pub request_headers: Head,
+    /// Request headers; filters reach them through
+    /// [`ExchangeData::request_headers`], which hides `host` (the authority is
+    /// [`ExchangeData::authority`]). Once the request went upstream, a snapshot
+    /// of them as sent, if a filter may still read them.
+    request_headers: Head,
     /// Response status, once a response head exists.
     pub status: Option<StatusCode>,
     /// Response headers, once a response head exists; once it went to the
@@ -570,18 +571,82 @@ pub struct ExchangeData {
     /// stream then waits for the call's callback ([`Chain::resume_end`]).
     /// Component filters keep refusing it (abi/README.md §3.3).
     pub hold_end: bool,
-    /// The request's `host` header (removed from the head: the authority is
-    /// [`ExchangeData::authority`]); the request sent on carries one too, this
-    /// value if the authority is unchanged (the proxy takes it then).
-    pub host: Option<http::HeaderValue>,
+    /// Where the client's `host` header is. It stays in `request_headers` until
+    /// something reaches the head through [`ExchangeData::request_headers`]:
+    /// moving it out and back costs two header-map operations (~0.4k
+    /// instructions) that a filter which never looks at the head (most
+    /// request-header phases of most filters) should not pay.
+    host: ClientHost,
     table: Option<Arc<RouteTable>>,
     routing: Routing,
+}
+
+/// Where an exchange's client `host` header is (see `ExchangeData::host`).
+#[derive(Debug)]
+enum ClientHost {
+    /// Still in the request head, if the client sent one.
+    InHead,
+    /// Taken out of the head: the header, if there was one.
+    Taken(Option<http::HeaderValue>),
+}
+
+/// The request head moved out of an exchange for the request sent on
+/// ([`ExchangeData::take_request_head`]).
+#[derive(Debug)]
+pub struct RequestHead {
+    /// The fields as the filters left them.
+    pub headers: HeaderMap,
+    /// `None`: the client's `host` header (if any) is still in `headers`, no
+    /// filter having reached the head. `Some(h)`: it was taken out (`h`: the
+    /// header, if the client sent one); `headers` has no `host`.
+    pub taken_host: Option<Option<http::HeaderValue>>,
 }
 
 impl ExchangeData {
     /// The request id as filters see it (empty if it is not visible ASCII).
     pub fn request_id_str(&self) -> &str {
         self.request_id.to_str().unwrap_or_default()
+    }
+
+    /// The request headers as filters see them: without `host` (the authority
+    /// is [`ExchangeData::authority`]).
+    pub fn request_headers(&mut self) -> &mut Head {
+        if matches!(self.host, ClientHost::InHead) {
+            self.host = ClientHost::Taken(self.request_headers.remove(http::header::HOST));
+        }
+        &mut self.request_headers
+    }
+
+    /// How many request headers filters see (without `host`), without moving
+    /// the client's `host` out of the head to count them.
+    pub fn request_header_count(&self) -> usize {
+        let hidden = match self.host {
+            ClientHost::InHead => self
+                .request_headers
+                .get_all(http::header::HOST)
+                .iter()
+                .count(),
+            ClientHost::Taken(_) => 0,
+        };
+        self.request_headers.len() - hidden
+    }
+
+    /// Moves the request head out for the request sent on. If `keep`, a
+    /// snapshot of it (without `host`) stays for filters that read it later.
+    pub fn take_request_head(&mut self, keep: bool) -> RequestHead {
+        let headers = self.request_headers.take();
+        if keep {
+            // The client's `host` may be in `headers` still: skipped.
+            self.request_headers = Head::snapshot_without(&headers, Some(&http::header::HOST));
+        }
+        let taken_host = match std::mem::replace(&mut self.host, ClientHost::Taken(None)) {
+            ClientHost::InHead => None,
+            ClientHost::Taken(h) => Some(h),
+        };
+        RequestHead {
+            headers,
+            taken_host,
+        }
     }
 }
 
@@ -624,7 +689,7 @@ impl Exchange {
             first_call: false,
             hold_body: false,
             hold_end: false,
-            host: None,
+            host: ClientHost::InHead,
             table,
             routing: Routing::default(),
         }))
@@ -662,7 +727,7 @@ impl Exchange {
             first_call: false,
             hold_body: false,
             hold_end: false,
-            host: None,
+            host: ClientHost::Taken(None),
             table: None,
             routing: Routing::default(),
         }))
@@ -952,12 +1017,14 @@ impl Filters {
         worker: usize,
         x: impl FnOnce() -> Exchange,
         callouts: impl FnOnce() -> Rc<dyn CalloutSender>,
-    ) -> Option<Chain> {
+    ) -> Option<Box<Chain>> {
         let slots = self.chains.get(listener)?.clone();
         let callouts = callouts();
         WORKER_CALLOUTS.with(|c| *c.borrow_mut() = Some(callouts.clone()));
         let n = slots.len();
-        Some(Chain {
+        // Boxed where it is made: it is shared boxed (`SharedChain`), and a
+        // chain moved by value is copied at each move.
+        Some(Box::new(Chain {
             worker,
             slots,
             x: x(),
@@ -972,7 +1039,7 @@ impl Filters {
             finished: false,
             shared: std::rc::Weak::new(),
             deferred: None,
-        })
+        }))
     }
 }
 
@@ -1101,11 +1168,11 @@ pub enum SharedError {
 
 impl SharedChain {
     /// Shares `chain`.
-    pub fn new(mut chain: Chain) -> Self {
+    pub fn new(mut chain: Box<Chain>) -> Self {
         SharedChain(Rc::new_cyclic(|me| {
             chain.shared = me.clone();
             SharedInner {
-                chain: std::cell::RefCell::new(Some(Box::new(chain))),
+                chain: std::cell::RefCell::new(Some(chain)),
                 finished: std::cell::Cell::new(false),
                 local: std::cell::RefCell::new(None),
                 waiters: std::cell::RefCell::new(Vec::new()),
@@ -2256,7 +2323,7 @@ mod tests {
                 c.ctl.push(BodyCtl::of(&*f));
                 c.entered.push(f);
                 c.called.push(false);
-                let shared = SharedChain::new(c);
+                let shared = SharedChain::new(Box::new(c));
                 let mut body = std::pin::pin!(streamed(&shared));
                 let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
                 let waker = Waker::from(wakes.clone());
@@ -2281,7 +2348,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_waits_while_another_phase_holds_the_chain() {
-        let shared = SharedChain::new(chain());
+        let shared = SharedChain::new(Box::new(chain()));
         let mut body = std::pin::pin!(streamed(&shared));
         let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
         let waker = Waker::from(wakes.clone());
@@ -2304,7 +2371,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_stream_ends_when_the_exchange_is_abandoned() {
-        let shared = SharedChain::new(chain());
+        let shared = SharedChain::new(Box::new(chain()));
         let mut body = std::pin::pin!(streamed(&shared));
         let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
         let waker = Waker::from(wakes.clone());
@@ -2323,7 +2390,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_finished_exchange_wakes_waiting_streams() {
-        let shared = SharedChain::new(chain());
+        let shared = SharedChain::new(Box::new(chain()));
         let mut body = std::pin::pin!(streamed(&shared));
         let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
         let waker = Waker::from(wakes.clone());

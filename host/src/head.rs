@@ -43,9 +43,18 @@ const SENSITIVE: u32 = 1 << 31;
 impl Head {
     /// A read-only snapshot of `map` as it is now (see [`Head`]).
     pub fn snapshot(map: &HeaderMap) -> Self {
+        Self::snapshot_without(map, None)
+    }
+
+    /// A read-only snapshot of `map` as it is now, without the fields named
+    /// `hidden` (the request's `host`, which filters do not see).
+    pub fn snapshot_without(map: &HeaderMap, hidden: Option<&HeaderName>) -> Self {
         // Most fields take well under 64 bytes: usually one allocation.
         let mut flat = Vec::with_capacity(map.len() * 64);
         for (k, v) in map {
+            if hidden == Some(k) {
+                continue;
+            }
             let (k, vb) = (k.as_str().as_bytes(), v.as_bytes());
             // A field is bounded by the connection's head limits, far below 2^31.
             let mut lens = (k.len() as u64) | ((vb.len() as u64 & !u64::from(SENSITIVE)) << 32);
@@ -225,6 +234,9 @@ mod tests {
         assert!(!h.is_flat());
         assert_eq!(h.get_all("x-a").iter().count(), 2);
         assert!(Head::snapshot(&HeaderMap::new()).is_empty());
+        let without = Head::snapshot_without(&m, Some(&HeaderName::from_static("x-a")));
+        let want: Vec<_> = pairs(&m).into_iter().filter(|p| p.0 != "x-a").collect();
+        assert_eq!(pairs(&without), want);
     }
 
     #[test]

@@ -697,9 +697,9 @@ fn exchange_of<B>(
     request_id: Option<&HeaderValue>,
     table: &Arc<crate::router::RouteTable>,
 ) -> Exchange {
-    // Moved, not copied: `write_head` puts the head as the filters leave it back.
-    let mut headers = std::mem::take(req.headers_mut());
-    let host = headers.remove(header::HOST);
+    // Moved, not copied: `write_head` puts the head as the filters leave it
+    // back. The client's `host` stays in it: the exchange hides it from filters.
+    let headers = std::mem::take(req.headers_mut());
     let facts = conn.facts.get_or_init(|| {
         Arc::new(ConnFacts {
             source: conn.peer,
@@ -712,7 +712,7 @@ fn exchange_of<B>(
             }),
         })
     });
-    let mut x = Exchange::new(
+    Exchange::new(
         req.method().clone(),
         path_of(req.uri()),
         authority.to_string(),
@@ -723,9 +723,7 @@ fn exchange_of<B>(
             .cloned()
             .unwrap_or_else(|| HeaderValue::from_static("")),
         Some(table.clone()),
-    );
-    x.host = host;
-    x
+    )
 }
 
 /// `uri`'s path and query as `Display` writes them (`/` if it has none, a leading
@@ -778,14 +776,14 @@ fn write_head(
     authority: &mut String,
 ) -> Result<(), ProxyError> {
     *req.method_mut() = x.method.clone();
-    let mut headers = x.request_headers.take();
-    if keep {
-        // The original goes upstream (hyper consumes it) and a flat snapshot
-        // stays, rebuilt only if a filter reads it later (`filter::Head`).
-        x.request_headers = filter::Head::snapshot(&headers);
-    }
-    if x.authority != *authority || x.path != req.uri().path_and_query().map_or("/", |p| p.as_str())
-    {
+    // The original goes upstream (hyper consumes it) and, if `keep`, a flat
+    // snapshot stays, rebuilt only if a filter reads it later (`filter::Head`).
+    let filter::RequestHead {
+        mut headers,
+        taken_host,
+    } = x.take_request_head(keep);
+    let authority_changed = x.authority != *authority;
+    if authority_changed || x.path != req.uri().path_and_query().map_or("/", |p| p.as_str()) {
         let uri = if req.uri().authority().is_some() {
             let mut b = Uri::builder()
                 .authority(x.authority.as_str())
@@ -805,11 +803,20 @@ fn write_head(
         })?;
         authority.clone_from(&x.authority);
     }
-    if req.version() < Version::HTTP_2
-        || x.host.is_some()
-        || req.headers().contains_key(header::HOST)
-    {
-        let host = match x.host.take() {
+    let client = match taken_host {
+        // No filter reached the head and the authority is as it came: the
+        // head is the client's, `host` and all, as without filters.
+        None if !authority_changed => {
+            *req.headers_mut() = headers;
+            return Ok(());
+        }
+        None => headers.remove(header::HOST),
+        Some(h) => h,
+    };
+    // `host` is the authority: HTTP/1 requests carry one, and so does a
+    // request that came with one.
+    if req.version() < Version::HTTP_2 || client.is_some() {
+        let host = match client {
             // The client's own value when it is the authority still: no
             // parse and copy of it.
             Some(v) if v.as_bytes() == authority.as_bytes() => v,
@@ -2015,6 +2022,105 @@ impl Watch for Done {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn exchange(version: Version, host: Option<&'static str>, authority: &str) -> Exchange {
+        let mut h = http::HeaderMap::new();
+        if let Some(v) = host {
+            h.insert(header::HOST, HeaderValue::from_static(v));
+        }
+        h.insert("x-a", HeaderValue::from_static("1"));
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
+        let facts = Arc::new(filter::ConnFacts {
+            source: addr,
+            destination: addr,
+            tls: None,
+        });
+        let id = HeaderValue::from_static("");
+        Exchange::new(
+            Method::GET,
+            "/".into(),
+            authority.into(),
+            version,
+            h,
+            facts,
+            id,
+            None,
+        )
+    }
+
+    /// `write_head` for `x`, into a request as `exchange_of` leaves it, after
+    /// a filter set the authority to `set` if given.
+    fn written(x: &mut Exchange, keep: bool, set: Option<&str>) -> (Request<Body>, String) {
+        let mut req = Request::new(body::empty());
+        *req.version_mut() = x.version;
+        let mut authority = x.authority.clone();
+        if let Some(a) = set {
+            x.authority = a.into();
+        }
+        write_head(x, keep, &mut req, &mut authority).expect("written");
+        (req, authority)
+    }
+
+    fn hosts(req: &Request<Body>) -> Vec<&str> {
+        req.headers()
+            .get_all(header::HOST)
+            .iter()
+            .map(|v| v.to_str().expect("ascii"))
+            .collect()
+    }
+
+    #[test]
+    fn filters_never_see_host_and_the_request_keeps_it() {
+        // Untouched by filters: the client's head as it came, even a `host`
+        // that is not the authority (an absolute-form request: as without filters).
+        let mut x = exchange(Version::HTTP_11, Some("b.example"), "a.example");
+        let (req, _) = written(&mut x, false, None);
+        assert_eq!(hosts(&req), ["b.example"]);
+        assert_eq!(req.headers()["x-a"], "1");
+
+        // A filter reached the head: no `host` in it; the authority is sent.
+        for (client, want) in [
+            (Some("a.example"), "a.example"),
+            (Some("b.example"), "a.example"),
+        ] {
+            let mut x = exchange(Version::HTTP_11, client, "a.example");
+            assert_eq!(x.request_header_count(), 1);
+            assert!(!x.request_headers().contains_key(header::HOST));
+            assert_eq!(x.request_headers().len(), 1);
+            let (req, _) = written(&mut x, false, None);
+            assert_eq!(hosts(&req), [want]);
+        }
+
+        // A filter changed the authority without reading the head.
+        let mut x = exchange(Version::HTTP_11, Some("a.example"), "a.example");
+        let (req, authority) = written(&mut x, false, Some("c.example"));
+        assert_eq!(
+            (hosts(&req), authority.as_str()),
+            (vec!["c.example"], "c.example")
+        );
+
+        // HTTP/1 without `host` gets one; HTTP/2 without one gets none.
+        for (version, want) in [
+            (Version::HTTP_11, vec!["a.example"]),
+            (Version::HTTP_2, vec![]),
+        ] {
+            let mut x = exchange(version, None, "a.example");
+            x.request_headers();
+            let (req, _) = written(&mut x, false, None);
+            assert_eq!(hosts(&req), want, "{version:?}");
+        }
+
+        // Kept for later phases: a snapshot without `host`, the request with it,
+        // and again after a second write (a buffered body's phases).
+        let mut x = exchange(Version::HTTP_11, Some("a.example"), "a.example");
+        let (req, _) = written(&mut x, true, None);
+        assert_eq!(hosts(&req), ["a.example"]);
+        assert_eq!(x.request_header_count(), 1);
+        assert!(!x.request_headers().contains_key(header::HOST));
+        assert_eq!(x.request_headers()["x-a"], "1");
+        let (req, _) = written(&mut x, true, None);
+        assert_eq!(hosts(&req), ["a.example"]);
+    }
 
     #[test]
     fn timestamps() {

@@ -86,6 +86,9 @@ each_proto!(
         assert_eq!(r.status, 200, "{}", r.text());
         let e = r.echo();
         assert_eq!(e.header("x-filter"), Some("tagger"));
+        assert_eq!(e.header("x-seen-host"), Some("none"));
+        let authority = lg.addr("web").to_string();
+        assert_eq!(e.header("x-seen-authority"), Some(authority.as_str()));
         assert_eq!(e.path, "/a?b=1");
         assert_eq!(r.header("x-filter-resp"), Some("tagger"));
         assert_eq!(r.header("x-seen-route"), Some("rest"));

@@ -447,7 +447,7 @@ impl HostState {
         };
         let x = self.exchange(context)?;
         let map = match part {
-            Part::Request => Some(&mut *x.request_headers),
+            Part::Request => Some(&mut **x.request_headers()),
             Part::Response => x.response_headers.as_deref_mut(),
             Part::RequestTrailers => x.trailers[0].as_mut(),
             Part::ResponseTrailers => x.trailers[1].as_mut(),

@@ -683,6 +683,10 @@ impl Guest for Plugin {
         match mode().as_str() {
             "headers" => {
                 let _ = h.set("x-filter", tag().as_bytes());
+                // The host hides `host`: the authority is the exchange's.
+                let host = h.get("host").unwrap_or_else(|| b"none".to_vec());
+                let _ = h.set("x-seen-host", &host);
+                let _ = h.set("x-seen-authority", x.authority().as_bytes());
                 Action::Continue
             }
             "respond" if !h.has("x-api-key") => Action::Respond(LocalResponse {

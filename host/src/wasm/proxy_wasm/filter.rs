@@ -881,7 +881,7 @@ impl ProxyWasmFilter {
         };
         self.stats.calls[label].inc();
         let count = if request {
-            x.request_headers.len() + 4
+            x.request_header_count() + 4
         } else {
             x.response_headers.as_ref().map_or(0, |h| h.len() + 1)
         };

@@ -87,7 +87,7 @@ pub fn pairs(s: &mut PwState, which: i32) -> Result<Pairs, i32> {
             out.push((b":method".to_vec(), x.method.as_str().as_bytes().to_vec()));
             let scheme: &[u8] = if x.https { b"https" } else { b"http" };
             out.push((b":scheme".to_vec(), scheme.to_vec()));
-            for (k, v) in &*x.request_headers {
+            for (k, v) in &**x.request_headers() {
                 out.push((k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()));
             }
         }
@@ -141,7 +141,7 @@ fn trailers_direction(which: i32) -> Direction {
 /// The plain (non-pseudo) fields of map `which`, writable.
 fn fields(x: &mut Exchange, which: i32) -> Result<&mut http::HeaderMap, i32> {
     match which {
-        map::REQUEST_HEADERS => Ok(&mut *x.request_headers),
+        map::REQUEST_HEADERS => Ok(&mut **x.request_headers()),
         map::RESPONSE_HEADERS => x
             .response_headers
             .as_deref_mut()

@@ -61,7 +61,7 @@ fn map_value(h: &http::HeaderMap, rest: &[&[u8]]) -> Option<Vec<u8>> {
 
 fn request(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
     if attr == b"headers" {
-        let mut h = x.request_headers.clone();
+        let mut h = x.request_headers().clone();
         if let Ok(v) = http::HeaderValue::from_str(&x.authority) {
             h.insert(http::header::HOST, v);
         }
@@ -83,11 +83,11 @@ fn request(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
             .duration_since(x.start)
             .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
             .unwrap_or(0)),
-        b"referer" => x.request_headers.get("referer")?.as_bytes().to_vec(),
-        b"useragent" => x.request_headers.get("user-agent")?.as_bytes().to_vec(),
+        b"referer" => x.request_headers().get("referer")?.as_bytes().to_vec(),
+        b"useragent" => x.request_headers().get("user-agent")?.as_bytes().to_vec(),
         // The body size as declared (the host does not count streamed bodies).
         b"size" => int(x
-            .request_headers
+            .request_headers()
             .get("content-length")?
             .to_str()
             .ok()?
