@@ -1371,6 +1371,15 @@ async fn callout(
 fn check_framing<B>(req: &Request<B>, max_headers: usize) -> Result<(), ProxyError> {
     let h = req.headers();
     if req.version() < Version::HTTP_2 {
+        // RFC 9112 §3.2: more than one `Host` is a 400 (as nginx answers): which
+        // one names the target would be anyone's guess.
+        let mut hosts = h.get_all(header::HOST).iter();
+        if hosts.next().is_some() && hosts.next().is_some() {
+            return Err(ProxyError::new(
+                Kind::BadRequest,
+                "more than one Host header",
+            ));
+        }
         let te: Vec<&HeaderValue> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
         if !te.is_empty() {
             if h.contains_key(header::CONTENT_LENGTH) {

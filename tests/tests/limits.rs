@@ -107,6 +107,27 @@ async fn conflicting_content_lengths_are_rejected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_one_host_is_rejected() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let (status, text) = raw_exchange(
+        lg.addr("web"),
+        b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, Some(400), "{text}");
+    assert_eq!(up.requests.get(), 0);
+    lg.assert_stat(LISTENER_4XX, 1.0).await;
+    // One `Host` is fine on the same listener.
+    let (status, text) = raw_exchange(
+        lg.addr("web"),
+        b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, Some(200), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_transfer_encoding_is_rejected() {
     let up = upstream().start().await;
     let lg = legate().config(&simple_config(&[up.addr])).start();
