@@ -334,13 +334,27 @@ pub struct RequiresConfig {
 // ---------------------------------------------------------------------------
 // Validated runtime settings.
 
+/// A validated, lowercase header name the plugin writes or reads per request:
+/// shared, so that naming it in a request's identity is a count increment,
+/// not an allocation and a copy.
+pub type HeaderName = std::rc::Rc<str>;
+
+/// A claim copied to a request header, validated.
+#[derive(Debug)]
+pub struct ClaimHeader {
+    /// The claim; `a.b` reads a nested object member.
+    pub claim: String,
+    /// The request header it is written to.
+    pub header: HeaderName,
+}
+
 /// Where a credential is read from, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// A header (lowercase) with an optional prefix.
     Header {
         /// Lowercase name.
-        name: String,
+        name: HeaderName,
         /// Prefix stripped (compared case-insensitively).
         prefix: Option<String>,
     },
@@ -389,7 +403,7 @@ pub struct Provider {
     /// Token sources.
     pub from: Vec<Source>,
     /// Claim → header.
-    pub claim_to_headers: Vec<ClaimHeaderConfig>,
+    pub claim_to_headers: Vec<ClaimHeader>,
     /// Forward the token.
     pub forward_token: bool,
     /// Verified-token cache size (0: disabled).
@@ -408,7 +422,7 @@ pub struct ApiKeys {
     /// sha256(key) → id.
     pub keys: HashMap<[u8; 32], String>,
     /// Header for the id.
-    pub id_header: String,
+    pub id_header: HeaderName,
     /// Forward the key.
     pub forward_key: bool,
 }
@@ -423,7 +437,7 @@ pub struct Basic {
     /// Users.
     pub users: Htpasswd,
     /// Header for the user name.
-    pub user_header: String,
+    pub user_header: HeaderName,
     /// Forward the credentials.
     pub forward_credentials: bool,
 }
@@ -438,11 +452,11 @@ pub struct ExtAuthz {
     /// Method.
     pub method: String,
     /// Lowercase header names forwarded to the check.
-    pub forward_headers: Vec<String>,
+    pub forward_headers: Vec<HeaderName>,
     /// Lowercase header names copied upstream on allow.
-    pub upstream_headers: Vec<String>,
+    pub upstream_headers: Vec<HeaderName>,
     /// Lowercase header names copied to the client on deny.
-    pub client_headers: Vec<String>,
+    pub client_headers: Vec<HeaderName>,
     /// Timeout.
     pub timeout_ms: u32,
     /// Allow on failure.
@@ -522,13 +536,13 @@ fn valid_header_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn header_name(field: &str, name: &str) -> Result<String, String> {
+fn header_name(field: &str, name: &str) -> Result<HeaderName, String> {
     if !valid_header_name(name) {
         return Err(format!(
             "{field}: {name:?} is not a valid header name (token characters only, e.g. x-user)"
         ));
     }
-    Ok(name.to_ascii_lowercase())
+    Ok(name.to_ascii_lowercase().into())
 }
 
 fn sources(field: &str, from: &[SourceConfig], default: Source) -> Result<Vec<Source>, String> {
@@ -669,7 +683,7 @@ impl Config {
                 &format!("{f}.from"),
                 &p.from,
                 Source::Header {
-                    name: "authorization".to_owned(),
+                    name: "authorization".into(),
                     prefix: Some("Bearer ".to_owned()),
                 },
             )?;
@@ -680,7 +694,7 @@ impl Config {
                     return Err(format!("{cf}.claim: must not be empty"));
                 }
                 let header = header_name(&format!("{cf}.header"), &c.header)?;
-                claim_to_headers.push(ClaimHeaderConfig {
+                claim_to_headers.push(ClaimHeader {
                     claim: c.claim,
                     header,
                 });
@@ -726,7 +740,7 @@ impl Config {
                 &format!("{f}.from"),
                 &a.from,
                 Source::Header {
-                    name: "x-api-key".to_owned(),
+                    name: "x-api-key".into(),
                     prefix: None,
                 },
             )?;
@@ -799,7 +813,7 @@ impl Config {
                         e.status_on_error
                     ));
                 }
-                let list = |field: &str, v: &[String]| -> Result<Vec<String>, String> {
+                let list = |field: &str, v: &[String]| -> Result<Vec<HeaderName>, String> {
                     v.iter()
                         .enumerate()
                         .map(|(j, h)| header_name(&format!("ext_authz.{field}[{j}]"), h))

@@ -35,7 +35,7 @@ use serde_json::{Map, Value};
 use sha2::Digest as _;
 
 use crate::cache::TokenCache;
-use crate::config::{AuthnRef, Config, Provider, Rule, Settings, Source};
+use crate::config::{AuthnRef, Config, HeaderName, Provider, Rule, Settings, Source};
 use crate::jwt::{Jwk, JwtError};
 
 /// How often `on_tick` looks at remote JWKS ages.
@@ -175,7 +175,7 @@ pub struct AuthFilter {
     caches: Vec<KeyCache>,
     /// Every identity header this plugin writes: removed from requests first
     /// so a client cannot forge them.
-    identity_headers: Vec<String>,
+    identity_headers: Vec<HeaderName>,
     counters: Counters,
     /// Per provider (same index): tokens it verified. Clients reuse tokens,
     /// and a signature check costs far more than the time checks, which
@@ -189,8 +189,8 @@ pub struct AuthFilter {
 /// The identity to write into the request once authenticated.
 #[derive(Debug, Default)]
 struct Identity {
-    set: Vec<(String, String)>,
-    remove: Vec<String>,
+    set: Vec<(HeaderName, String)>,
+    remove: Vec<HeaderName>,
 }
 
 /// Result of trying a rule's authenticators.
@@ -216,7 +216,7 @@ impl HttpFilter for AuthFilter {
     fn configure(config: Config) -> Result<Self, String> {
         let s = config.validate()?;
         let counters = Counters::define(&s.providers)?;
-        let mut identity_headers: Vec<String> = Vec::new();
+        let mut identity_headers: Vec<HeaderName> = Vec::new();
         for p in &s.providers {
             identity_headers.extend(p.claim_to_headers.iter().map(|c| c.header.clone()));
         }
@@ -564,7 +564,7 @@ impl AuthFilter {
                 .header("x-forwarded-host", exchange.authority());
         for name in &ext.forward_headers {
             for v in headers.get_all(name) {
-                req = req.header(name.clone(), v);
+                req = req.header(&**name, v);
             }
         }
         match callout::send(&req) {
@@ -622,7 +622,7 @@ impl AuthFilter {
                 for name in &ext.client_headers {
                     for (n, v) in &r.headers {
                         if n.eq_ignore_ascii_case(name) {
-                            resp = resp.header(name.clone(), v.clone());
+                            resp = resp.header(&**name, v.clone());
                         }
                     }
                 }
@@ -806,7 +806,7 @@ impl AuthFilter {
                         let mut ident = Identity::default();
                         ident.set.push((b.user_header.clone(), user));
                         if !b.forward_credentials {
-                            ident.remove.push("authorization".to_owned());
+                            ident.remove.push("authorization".into());
                         }
                         return Authn::Ok(ident);
                     }
@@ -955,7 +955,7 @@ struct Credential {
     /// 500-byte bearer header) unless a token must be parsed.
     text: Vec<u8>,
     range: std::ops::Range<usize>,
-    carrier: Option<String>,
+    carrier: Option<HeaderName>,
 }
 
 impl Credential {
