@@ -744,7 +744,10 @@ impl AuthFilter {
                             if forbidden.is_some() {
                                 continue;
                             }
-                            let mut id = Identity::default();
+                            let mut id = Identity {
+                                set: Vec::with_capacity(p.claim_to_headers.len()),
+                                remove: Vec::new(),
+                            };
                             for m in &p.claim_to_headers {
                                 if let Some(v) = jwt::claim(&claims, &m.claim) {
                                     id.set.push((m.header.clone(), jwt::claim_header_value(v)));

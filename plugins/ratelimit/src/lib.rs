@@ -222,8 +222,9 @@ impl RateLimit {
             None
         };
 
-        // Phase 1: read and decide, no writes.
-        let mut evals = Vec::new();
+        // Phase 1: read and decide, no writes. Sized up front: a first push
+        // into an empty `Vec` takes the slower growth path.
+        let mut evals = Vec::with_capacity(self.limits.len());
         let mut failed: Option<usize> = None;
         for (idx, l) in self.limits.iter().enumerate() {
             if !matches(l, &method, path, route.as_deref()) {
