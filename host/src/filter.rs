@@ -617,6 +617,15 @@ impl ExchangeData {
         &mut self.request_headers
     }
 
+    /// The request headers as they are, and whether the client's `host` may
+    /// still be in them (`true`): for a caller that hides `host` itself, so
+    /// that reading another field, or writing one (`host` is not writable),
+    /// does not move it out.
+    pub fn request_headers_with_host(&mut self) -> (&mut Head, bool) {
+        let in_head = matches!(self.host, ClientHost::InHead);
+        (&mut self.request_headers, in_head)
+    }
+
     /// How many request headers filters see (without `host`), without moving
     /// the client's `host` out of the head to count them.
     pub fn request_header_count(&self) -> usize {

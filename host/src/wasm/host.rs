@@ -427,11 +427,14 @@ impl HostState {
         self.exchange(context)
     }
 
-    /// The map behind a headers handle and whether it may be written now.
+    /// The map behind a headers handle, whether it may be written now, and
+    /// whether it may hold a `host` the guest must not see (the request's,
+    /// left in place: see `ExchangeData::request_headers_with_host`; guests
+    /// cannot write `host`, `denied_field`).
     fn headers_of(
         &mut self,
         r: &Resource<HeadersRes>,
-    ) -> wasmtime::Result<(Option<&mut HeaderMap>, bool, Part)> {
+    ) -> wasmtime::Result<(Option<&mut HeaderMap>, bool, Part, bool)> {
         let h = self.table.get(r)?;
         let (context, part) = (h.context, h.part);
         let phase = self.phase;
@@ -446,13 +449,18 @@ impl HostState {
             }
         };
         let x = self.exchange(context)?;
+        let mut hides_host = false;
         let map = match part {
-            Part::Request => Some(&mut **x.request_headers()),
+            Part::Request => {
+                let (head, host) = x.request_headers_with_host();
+                hides_host = host;
+                Some(&mut **head)
+            }
             Part::Response => x.response_headers.as_deref_mut(),
             Part::RequestTrailers => x.trailers[0].as_mut(),
             Part::ResponseTrailers => x.trailers[1].as_mut(),
         };
-        Ok((map, writable, part))
+        Ok((map, writable, part, hides_host))
     }
 }
 
@@ -510,6 +518,11 @@ pub(crate) fn denied_field(name: &HeaderName) -> bool {
     )
 }
 
+/// Whether `name` is `host` and hidden (see `HostState::headers_of`).
+fn is_host(hides_host: bool, name: &str) -> bool {
+    hides_host && name.eq_ignore_ascii_case("host")
+}
+
 fn field_name(name: &str) -> Result<HeaderName, Error> {
     HeaderName::from_bytes(name.as_bytes()).map_err(|_| Error::InvalidArgument)
 }
@@ -518,15 +531,17 @@ impl whttp::Host for HostState {}
 
 impl whttp::HostHeaders for HostState {
     fn get(&mut self, r: Resource<HeadersRes>, name: String) -> wasmtime::Result<Option<Vec<u8>>> {
-        let (map, _, _) = self.headers_of(&r)?;
+        let (map, _, _, hides_host) = self.headers_of(&r)?;
         Ok(map
+            .filter(|_| !is_host(hides_host, &name))
             .and_then(|m| m.get(name.as_str()))
             .map(|v| v.as_bytes().to_vec()))
     }
 
     fn get_all(&mut self, r: Resource<HeadersRes>, name: String) -> wasmtime::Result<Vec<Vec<u8>>> {
-        let (map, _, _) = self.headers_of(&r)?;
+        let (map, _, _, hides_host) = self.headers_of(&r)?;
         Ok(map
+            .filter(|_| !is_host(hides_host, &name))
             .map(|m| {
                 m.get_all(name.as_str())
                     .iter()
@@ -537,13 +552,20 @@ impl whttp::HostHeaders for HostState {
     }
 
     fn has(&mut self, r: Resource<HeadersRes>, name: String) -> wasmtime::Result<bool> {
-        let (map, _, _) = self.headers_of(&r)?;
-        Ok(map.is_some_and(|m| m.contains_key(name.as_str())))
+        let (map, _, _, hides_host) = self.headers_of(&r)?;
+        Ok(!is_host(hides_host, &name) && map.is_some_and(|m| m.contains_key(name.as_str())))
     }
 
     fn len(&mut self, r: Resource<HeadersRes>) -> wasmtime::Result<u32> {
-        let (map, _, _) = self.headers_of(&r)?;
-        Ok(map.map_or(0, |m| u32::try_from(m.len()).unwrap_or(u32::MAX)))
+        let (map, _, _, hides_host) = self.headers_of(&r)?;
+        Ok(map.map_or(0, |m| {
+            let hidden = if hides_host {
+                m.get_all(header::HOST).iter().count()
+            } else {
+                0
+            };
+            u32::try_from(m.len() - hidden).unwrap_or(u32::MAX)
+        }))
     }
 
     fn set(
@@ -573,10 +595,11 @@ impl whttp::HostHeaders for HostState {
     }
 
     fn entries(&mut self, r: Resource<HeadersRes>) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
-        let (map, _, _) = self.headers_of(&r)?;
+        let (map, _, _, hides_host) = self.headers_of(&r)?;
         Ok(map
             .map(|m| {
                 m.iter()
+                    .filter(|(k, _)| !(hides_host && *k == header::HOST))
                     .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
                     .collect()
             })
@@ -615,7 +638,8 @@ impl HostState {
             Ok(v) => v,
             Err(_) => return Ok(Err(Error::InvalidArgument)),
         };
-        let (map, writable, part) = self.headers_of(&r)?;
+        // `host` was refused above (`denied_field`): a hidden one stays hidden.
+        let (map, writable, part, _) = self.headers_of(&r)?;
         let Some(map) = map else {
             return Ok(Err(Error::InvalidState));
         };

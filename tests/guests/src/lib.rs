@@ -683,9 +683,20 @@ impl Guest for Plugin {
         match mode().as_str() {
             "headers" => {
                 let _ = h.set("x-filter", tag().as_bytes());
-                // The host hides `host`: the authority is the exchange's.
+                // The host hides `host` from every read: the authority is the
+                // exchange's.
                 let host = h.get("host").unwrap_or_else(|| b"none".to_vec());
-                let _ = h.set("x-seen-host", &host);
+                let names: Vec<String> = h.entries().into_iter().map(|(n, _)| n).collect();
+                let seen = format!(
+                    "get={} has={} all={} len={} entries={}",
+                    String::from_utf8_lossy(&host),
+                    h.has("Host"),
+                    h.get_all("host").len(),
+                    h.len(),
+                    names.len(),
+                );
+                let _ = h.set("x-seen-host", seen.as_bytes());
+                let _ = h.set("x-seen-names", names.join(",").as_bytes());
                 let _ = h.set("x-seen-authority", x.authority().as_bytes());
                 Action::Continue
             }
