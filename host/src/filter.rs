@@ -583,7 +583,7 @@ pub struct ExchangeData {
 
 /// Where an exchange's client `host` header is (see `ExchangeData::host`).
 #[derive(Debug)]
-enum ClientHost {
+pub enum ClientHost {
     /// Still in the request head, if the client sent one.
     InHead,
     /// Taken out of the head: the header, if there was one.
@@ -596,10 +596,21 @@ enum ClientHost {
 pub struct RequestHead {
     /// The fields as the filters left them.
     pub headers: HeaderMap,
-    /// `None`: the client's `host` header (if any) is still in `headers`, no
-    /// filter having reached the head. `Some(h)`: it was taken out (`h`: the
-    /// header, if the client sent one); `headers` has no `host`.
-    pub taken_host: Option<Option<http::HeaderValue>>,
+    /// Where the client's `host` is: still in `headers` (no filter reached the
+    /// head), or taken out (then `headers` has none).
+    pub host: ClientHost,
+}
+
+/// How many fields of `map` a filter sees: all but `host` if `hides_host`
+/// (a request head that still holds the client's, see
+/// [`ExchangeData::request_headers_with_host`]).
+pub fn visible_len(map: &HeaderMap, hides_host: bool) -> usize {
+    let hidden = if hides_host {
+        map.get_all(http::header::HOST).iter().count()
+    } else {
+        0
+    };
+    map.len() - hidden
 }
 
 impl ExchangeData {
@@ -629,15 +640,10 @@ impl ExchangeData {
     /// How many request headers filters see (without `host`), without moving
     /// the client's `host` out of the head to count them.
     pub fn request_header_count(&self) -> usize {
-        let hidden = match self.host {
-            ClientHost::InHead => self
-                .request_headers
-                .get_all(http::header::HOST)
-                .iter()
-                .count(),
-            ClientHost::Taken(_) => 0,
-        };
-        self.request_headers.len() - hidden
+        visible_len(
+            &self.request_headers,
+            matches!(self.host, ClientHost::InHead),
+        )
     }
 
     /// Moves the request head out for the request sent on. If `keep`, a
@@ -648,13 +654,9 @@ impl ExchangeData {
             // The client's `host` may be in `headers` still: skipped.
             self.request_headers = Head::snapshot_without(&headers, Some(&http::header::HOST));
         }
-        let taken_host = match std::mem::replace(&mut self.host, ClientHost::Taken(None)) {
-            ClientHost::InHead => None,
-            ClientHost::Taken(h) => Some(h),
-        };
         RequestHead {
             headers,
-            taken_host,
+            host: std::mem::replace(&mut self.host, ClientHost::Taken(None)),
         }
     }
 }

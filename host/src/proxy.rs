@@ -778,10 +778,7 @@ fn write_head(
     *req.method_mut() = x.method.clone();
     // The original goes upstream (hyper consumes it) and, if `keep`, a flat
     // snapshot stays, rebuilt only if a filter reads it later (`filter::Head`).
-    let filter::RequestHead {
-        mut headers,
-        taken_host,
-    } = x.take_request_head(keep);
+    let filter::RequestHead { mut headers, host } = x.take_request_head(keep);
     let authority_changed = x.authority != *authority;
     if authority_changed || x.path != req.uri().path_and_query().map_or("/", |p| p.as_str()) {
         let uri = if req.uri().authority().is_some() {
@@ -803,15 +800,15 @@ fn write_head(
         })?;
         authority.clone_from(&x.authority);
     }
-    let client = match taken_host {
+    let client = match host {
         // No filter reached the head and the authority is as it came: the
         // head is the client's, `host` and all, as without filters.
-        None if !authority_changed => {
+        filter::ClientHost::InHead if !authority_changed => {
             *req.headers_mut() = headers;
             return Ok(());
         }
-        None => headers.remove(header::HOST),
-        Some(h) => h,
+        filter::ClientHost::InHead => headers.remove(header::HOST),
+        filter::ClientHost::Taken(h) => h,
     };
     // `host` is the authority: HTTP/1 requests carry one, and so does a
     // request that came with one.

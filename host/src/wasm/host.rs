@@ -449,16 +449,14 @@ impl HostState {
             }
         };
         let x = self.exchange(context)?;
-        let mut hides_host = false;
-        let map = match part {
+        let (map, hides_host) = match part {
             Part::Request => {
-                let (head, host) = x.request_headers_with_host();
-                hides_host = host;
-                Some(&mut **head)
+                let (head, hides_host) = x.request_headers_with_host();
+                (Some(&mut **head), hides_host)
             }
-            Part::Response => x.response_headers.as_deref_mut(),
-            Part::RequestTrailers => x.trailers[0].as_mut(),
-            Part::ResponseTrailers => x.trailers[1].as_mut(),
+            Part::Response => (x.response_headers.as_deref_mut(), false),
+            Part::RequestTrailers => (x.trailers[0].as_mut(), false),
+            Part::ResponseTrailers => (x.trailers[1].as_mut(), false),
         };
         Ok((map, writable, part, hides_host))
     }
@@ -559,12 +557,7 @@ impl whttp::HostHeaders for HostState {
     fn len(&mut self, r: Resource<HeadersRes>) -> wasmtime::Result<u32> {
         let (map, _, _, hides_host) = self.headers_of(&r)?;
         Ok(map.map_or(0, |m| {
-            let hidden = if hides_host {
-                m.get_all(header::HOST).iter().count()
-            } else {
-                0
-            };
-            u32::try_from(m.len() - hidden).unwrap_or(u32::MAX)
+            u32::try_from(crate::filter::visible_len(m, hides_host)).unwrap_or(u32::MAX)
         }))
     }
 
