@@ -1369,13 +1369,24 @@ fn check_framing<B>(req: &Request<B>, max_headers: usize) -> Result<(), ProxyErr
     let h = req.headers();
     if req.version() < Version::HTTP_2 {
         // RFC 9112 §3.2: more than one `Host` is a 400 (as nginx answers): which
-        // one names the target would be anyone's guess.
+        // one names the target would be anyone's guess. So is an HTTP/1.1 request
+        // with none, even in absolute form (nginx answers the same); HTTP/1.0
+        // predates `Host`, and its absolute form names the target alone.
         let mut hosts = h.get_all(header::HOST).iter();
-        if hosts.next().is_some() && hosts.next().is_some() {
-            return Err(ProxyError::new(
-                Kind::BadRequest,
-                "more than one Host header",
-            ));
+        match (hosts.next(), hosts.next()) {
+            (Some(_), Some(_)) => {
+                return Err(ProxyError::new(
+                    Kind::BadRequest,
+                    "more than one Host header",
+                ))
+            }
+            (None, _) if req.version() == Version::HTTP_11 => {
+                return Err(ProxyError::new(
+                    Kind::BadRequest,
+                    "HTTP/1.1 request without a Host header",
+                ))
+            }
+            _ => {}
         }
         let te: Vec<&HeaderValue> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
         if !te.is_empty() {

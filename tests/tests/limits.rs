@@ -97,25 +97,33 @@ async fn content_length_with_transfer_encoding_is_never_smuggled() {
 async fn ambiguous_heads_are_rejected() {
     let up = upstream().start().await;
     let lg = legate().config(&simple_config(&[up.addr])).start();
-    // Two lengths (which one frames the body?) and two hosts (RFC 9112 §3.2:
-    // which one names the target?): 400, nothing goes upstream.
-    let ambiguous: [&[u8]; 2] = [
+    // Two lengths (which one frames the body?), two hosts (RFC 9112 §3.2:
+    // which one names the target?), and an HTTP/1.1 request with no host, even
+    // one whose absolute form names a target (§3.2 again; nginx answers the
+    // same): 400, nothing goes upstream.
+    let ambiguous: [&[u8]; 4] = [
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
         b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET http://a.example/ HTTP/1.1\r\n\r\n",
     ];
     for req in ambiguous {
         let (status, text) = raw_exchange(lg.addr("web"), req).await;
         assert_eq!(status, Some(400), "{text}");
     }
     assert_eq!(up.requests.get(), 0);
-    lg.assert_stat(LISTENER_4XX, 2.0).await;
-    // One `Host` is fine on the same listener.
-    let (status, text) = raw_exchange(
-        lg.addr("web"),
+    lg.assert_stat(LISTENER_4XX, 4.0).await;
+    // One `Host` is fine on the same listener, and HTTP/1.0 (which predates
+    // `Host`) may name its target by absolute form alone.
+    let fine: [&[u8]; 2] = [
         b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(status, Some(200), "{text}");
+        b"GET http://a.example/ HTTP/1.0\r\n\r\n",
+    ];
+    for req in fine {
+        let (status, text) = raw_exchange(lg.addr("web"), req).await;
+        assert_eq!(status, Some(200), "{text}");
+    }
+    assert_eq!(up.requests.get(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
