@@ -627,7 +627,7 @@ impl HostState {
         if denied_field(&name) && !removing_length && !te_trailers {
             return Ok(Err(Error::Denied));
         }
-        let value = match value.map(|v| HeaderValue::from_bytes(&v)).transpose() {
+        let value = match value.map(field_value).transpose() {
             Ok(v) => v,
             Err(_) => return Ok(Err(Error::InvalidArgument)),
         };
@@ -659,6 +659,12 @@ impl HostState {
         }
         Ok(Ok(()))
     }
+}
+
+/// A field value the guest handed over as an owned list: checked and kept in
+/// place (`HeaderValue::from_bytes` would copy it into a new allocation).
+pub(super) fn field_value(v: Vec<u8>) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
 }
 
 /// The WIT `tls-version` of a connection (`none`: plaintext).
@@ -1542,7 +1548,7 @@ impl HostState {
             if denied_field(&n) {
                 return Err(Error::InvalidArgument);
             }
-            let v = HeaderValue::from_bytes(&value).map_err(|_| Error::InvalidArgument)?;
+            let v = field_value(value).map_err(|_| Error::InvalidArgument)?;
             headers.append(n, v);
         }
         let timeout = if r.timeout_ms == 0 {

@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderName;
 use http::{HeaderMap, StatusCode};
 // Keyed by host-made ids (plugin loads, exchange contexts): no hashing DoS to
 // defend against, and these maps are touched on every call.
@@ -833,7 +833,7 @@ fn local_response(lr: whttp::LocalResponse) -> Result<LocalResponse, String> {
     for (name, value) in lr.headers {
         let n = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("local response header name `{name}` is invalid"))?;
-        let v = HeaderValue::from_bytes(&value)
+        let v = super::host::field_value(value)
             .map_err(|_| format!("local response header `{name}` has an invalid value"))?;
         headers.append(n, v);
     }
