@@ -24,6 +24,14 @@
 //!
 //! If the new process fails before step 3 (bad config, crash), the old one keeps
 //! serving: the handover is not committed until `DRAIN`.
+//!
+//! Counters and histograms carry over, as Envoy's do across its hot restart: the
+//! answer to `FDS` holds a copy of the old process's ([`Stats::carry`]), which the
+//! new one adds to its own before it serves (so `/stats` never goes back), and the
+//! old process sends its final copy on the same connection when it has drained,
+//! of which the new one adds what was counted since the first. Gauges are per
+//! process. Counts a process makes after its successor has itself handed over are
+//! not carried further.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
@@ -31,7 +39,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -42,6 +50,7 @@ use rustix::net::{
 use serde::{Deserialize, Serialize};
 
 use crate::server::Shared;
+use crate::stats::{Carried, Stats};
 
 /// Most sockets one handover passes.
 const MAX_FDS: usize = 250;
@@ -59,6 +68,10 @@ struct Offer {
     /// In the order of the passed sockets; the admin socket comes after them.
     listeners: Vec<Passed>,
     admin: bool,
+    /// The old process's counters and histograms when it passed the sockets
+    /// (absent from a Legate that predates carrying them).
+    #[serde(default)]
+    stats: Carried,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -202,6 +215,7 @@ fn hand_over(
             })
             .collect(),
         admin: true,
+        stats: shared.stats.carry(),
     };
     let mut fds: Vec<BorrowedFd<'_>> = set.iter().map(|b| b.socket.as_fd()).collect();
     fds.push(admin.as_fd());
@@ -220,8 +234,36 @@ fn hand_over(
     shared.handed_over.send_replace(true);
     shared.start_drain();
     (&stream).write_all(b"OK\n")?;
+    // Kept for the final counts ([`send_final_stats`]).
+    *shared
+        .successor
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Some(stream);
     tracing::info!("hot restart: the new process took over; draining");
     Ok(())
+}
+
+/// The old process's last step, once drained: its final counters and histograms
+/// go to the process that took over (nothing if none did). A failure is logged:
+/// the counts made while draining are then missing from the new process.
+pub fn send_final_stats(shared: &Shared) {
+    let Some(stream) = shared
+        .successor
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+    else {
+        return;
+    };
+    let sent = serde_json::to_vec(&shared.stats.carry())
+        .map_err(io::Error::other)
+        .and_then(|mut line| {
+            line.push(b'\n');
+            (&stream).write_all(&line)
+        });
+    if let Err(e) = sent {
+        tracing::warn!("hot restart: the final counts did not reach the new process: {e}");
+    }
 }
 
 /// What the new process got from the running one.
@@ -234,6 +276,9 @@ pub struct Inherited {
     pub admin: Option<std::net::TcpListener>,
     /// The old process.
     pub pid: u32,
+    /// The old process's counters and histograms when it passed the sockets: to
+    /// start from ([`crate::server::ProcessOptions::inherited_stats`]).
+    pub stats: Carried,
 }
 
 /// Connects to the running process on `path` and receives its sockets.
@@ -273,13 +318,15 @@ pub fn take_over(path: &Path) -> anyhow::Result<Inherited> {
         listeners,
         admin,
         pid: offer.pid,
+        stats: offer.stats,
     })
 }
 
 impl Inherited {
     /// Tells the old process to stop accepting and drain (call once this process
-    /// serves); waits for its `OK`.
-    pub fn finish(mut self) -> anyhow::Result<()> {
+    /// serves); waits for its `OK`. Its final counts, sent when it has drained,
+    /// are added to `stats` as they arrive.
+    pub fn finish(mut self, stats: Arc<Stats>) -> anyhow::Result<()> {
         (&self.stream).write_all(b"DRAIN\n")?;
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
@@ -290,6 +337,32 @@ impl Inherited {
             );
         }
         tracing::info!("hot restart: process {} is draining", self.pid);
+        let Inherited {
+            mut reader,
+            stats: first,
+            pid,
+            ..
+        } = self;
+        std::thread::Builder::new()
+            .name("legate-upgrade-stats".into())
+            .spawn(move || {
+                let mut line = String::new();
+                // EOF: the old process exited (an older Legate sends nothing).
+                match reader.read_line(&mut line) {
+                    Ok(0) => {}
+                    Ok(_) => match serde_json::from_str::<Carried>(&line) {
+                        Ok(last) => {
+                            stats.absorb(&last, Some(&first));
+                            tracing::info!(
+                                "hot restart: process {pid} drained; its counts are added"
+                            );
+                        }
+                        Err(e) => tracing::warn!("hot restart: process {pid}'s final counts: {e}"),
+                    },
+                    Err(e) => tracing::warn!("hot restart: process {pid}'s final counts: {e}"),
+                }
+            })
+            .context("starting the upgrade stats thread")?;
         Ok(())
     }
 }

@@ -184,10 +184,11 @@ fn run(
     if let Some(i) = inherited.as_mut() {
         process.inherited = std::mem::take(&mut i.listeners);
         process.inherited_admin = i.admin.take();
+        process.inherited_stats = Some(i.stats.clone());
     }
     let handle = server::start_with(cfg, opts, process).context("starting legate")?;
     if let Some(i) = inherited {
-        i.finish().context("hot restart")?;
+        i.finish(handle.stats()).context("hot restart")?;
     }
     match handle.admin_socket() {
         Ok(admin) => {
@@ -225,7 +226,9 @@ fn run(
         anyhow::Ok(())
     })?;
     handle.shutdown();
-    handle.wait()?;
+    let stopped = handle.wait();
+    hot_restart::send_final_stats(&shared);
+    stopped?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -302,6 +302,9 @@ pub struct Shared {
     /// Turns true when a new process took over (hot restart): the admin listener
     /// stops accepting too, since the new process serves on the same socket.
     pub handed_over: watch::Sender<bool>,
+    /// The upgrade connection of the process that took over, for this process's
+    /// final counts ([`crate::hot_restart::send_final_stats`]).
+    pub successor: Mutex<Option<std::os::unix::net::UnixStream>>,
 }
 
 impl Shared {
@@ -409,6 +412,9 @@ pub struct ProcessOptions {
     pub inherited: HashMap<String, (String, std::net::TcpListener)>,
     /// The admin socket inherited from the previous process (hot restart).
     pub inherited_admin: Option<std::net::TcpListener>,
+    /// The previous process's counters and histograms (hot restart): this
+    /// process's start from them.
+    pub inherited_stats: Option<crate::stats::Carried>,
 }
 
 /// The inherited socket listener `l` serves on, taken out of `inherited`: the
@@ -473,6 +479,9 @@ pub fn start_with(
     }
     let config = Arc::new(config);
     let stats = Stats::new();
+    if let Some(carried) = &process.inherited_stats {
+        stats.absorb(carried, None);
+    }
     let snapshot = Snapshot::build_with(config.clone(), &stats)?;
     let access_log = match &config.access_log {
         Some(a) => Some(AccessLog::open(a, &stats)?),
@@ -548,6 +557,7 @@ pub fn start_with(
         commit: Mutex::new(()),
         health_stop: Mutex::new(watch::channel(false).0),
         handed_over: watch::channel(false).0,
+        successor: Mutex::new(None),
     });
     shared.reloader.record_initial(&shared);
 

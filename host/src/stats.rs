@@ -4,13 +4,18 @@
 //! Metrics are registered when config is applied (never on the request path); a
 //! registration returns a cheap handle (an `Arc` of atomics) that workers update
 //! without locks. Registering the same name and labels twice returns the same handle,
-//! so a config reload keeps counting where it was.
+//! so a config reload keeps counting where it was. A hot restart's new process
+//! takes the old one's counters and histograms over ([`Carried`]), as Envoy's
+//! does, so they keep counting across it too.
 
-use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 /// Upper bounds of histogram buckets, in seconds (Envoy's default buckets, 0.5ms–30min).
 pub const BUCKETS: [f64; 19] = [
@@ -127,6 +132,10 @@ impl Metric {
 struct Family {
     help: &'static str,
     series: BTreeMap<String, Metric>,
+    /// Series created by [`Stats::absorb`] that this process has not registered
+    /// yet: the first registration claims one, and replaces it if its type
+    /// differs (a metric whose type changed between versions).
+    carried: BTreeSet<String>,
 }
 
 /// The registry of all metrics of the process.
@@ -152,8 +161,18 @@ impl Stats {
         let mut fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
         let fam = fams.entry(name).or_insert_with(|| Family {
             help,
-            series: BTreeMap::new(),
+            ..Family::default()
         });
+        if fam.carried.remove(&key) {
+            let wanted = make();
+            return match fam.series.get(&key) {
+                Some(m) if m.type_name() == wanted.type_name() => m.clone(),
+                _ => {
+                    fam.series.insert(key, wanted.clone());
+                    wanted
+                }
+            };
+        }
         fam.series.entry(key).or_insert_with(make).clone()
     }
 
@@ -195,6 +214,125 @@ impl Stats {
         }
     }
 
+    /// A copy of every counter and histogram, for a hot restart's new process
+    /// ([`Stats::absorb`]). Gauges are left out: they describe this process
+    /// (its open connections, its instances), which the new one does not inherit.
+    pub fn carry(&self) -> Carried {
+        let fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut series = Vec::new();
+        for (name, fam) in fams.iter() {
+            for (labels, m) in &fam.series {
+                let value = match m {
+                    Metric::Counter(c) => CarriedValue::Counter(c.get()),
+                    Metric::Histogram(h) => CarriedValue::Histogram {
+                        buckets: h.0.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+                        count: h.0.count.load(Relaxed),
+                        sum_micros: h.0.sum_micros.load(Relaxed),
+                    },
+                    Metric::Gauge(_) => continue,
+                };
+                series.push(CarriedSeries {
+                    name: (*name).to_string(),
+                    help: fam.help.to_string(),
+                    labels: labels.clone(),
+                    value,
+                });
+            }
+        }
+        Carried { series }
+    }
+
+    /// Adds to this registry what `now` (a copy from a hot restart's old process)
+    /// counted since `before` (the previous copy from the same process, if any):
+    /// each counter and histogram goes on from the old process's value. A series
+    /// this process has not registered is created, so it is there when it is.
+    /// A series registered here with another type, or malformed, is skipped.
+    pub fn absorb(&self, now: &Carried, before: Option<&Carried>) {
+        let before: HashMap<(&str, &str), &CarriedValue> = before
+            .map(|b| {
+                b.series
+                    .iter()
+                    .map(|s| ((s.name.as_str(), s.labels.as_str()), &s.value))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        for s in &now.series {
+            let labels_ok =
+                s.labels.is_empty() || (s.labels.starts_with('{') && s.labels.ends_with('}'));
+            let buckets_ok = match &s.value {
+                CarriedValue::Histogram { buckets, .. } => buckets.len() == BUCKETS.len(),
+                CarriedValue::Counter(_) => true,
+            };
+            if !labels_ok || !buckets_ok {
+                tracing::debug!(
+                    "hot restart: skipping malformed series {}{}",
+                    s.name,
+                    s.labels
+                );
+                continue;
+            }
+            let prev = before.get(&(s.name.as_str(), s.labels.as_str()));
+            let fam = fams
+                .entry(intern(s.name.clone()))
+                .or_insert_with(|| Family {
+                    help: intern(s.help.clone()),
+                    ..Family::default()
+                });
+            let m = match fam.series.entry(s.labels.clone()) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    fam.carried.insert(s.labels.clone());
+                    e.insert(match s.value {
+                        CarriedValue::Counter(_) => Metric::Counter(Counter::default()),
+                        CarriedValue::Histogram { .. } => Metric::Histogram(Histogram::default()),
+                    })
+                }
+            };
+            match (m, &s.value) {
+                (Metric::Counter(c), CarriedValue::Counter(v)) => {
+                    let was = match prev {
+                        Some(CarriedValue::Counter(p)) => *p,
+                        _ => 0,
+                    };
+                    c.add(v.saturating_sub(was));
+                }
+                (
+                    Metric::Histogram(h),
+                    CarriedValue::Histogram {
+                        buckets,
+                        count,
+                        sum_micros,
+                    },
+                ) => {
+                    let (was_buckets, was_count, was_sum) = match prev {
+                        Some(CarriedValue::Histogram {
+                            buckets,
+                            count,
+                            sum_micros,
+                        }) if buckets.len() == BUCKETS.len() => {
+                            (buckets.as_slice(), *count, *sum_micros)
+                        }
+                        _ => (&[][..], 0, 0),
+                    };
+                    for (i, b) in buckets.iter().enumerate() {
+                        let was = was_buckets.get(i).copied().unwrap_or(0);
+                        h.0.buckets[i].fetch_add(b.saturating_sub(was), Relaxed);
+                    }
+                    h.0.count
+                        .fetch_add(count.saturating_sub(was_count), Relaxed);
+                    h.0.sum_micros
+                        .fetch_add(sum_micros.saturating_sub(was_sum), Relaxed);
+                }
+                _ => tracing::debug!(
+                    "hot restart: {}{} has another type here; not carried over",
+                    s.name,
+                    s.labels
+                ),
+            }
+        }
+    }
+
     /// All metrics in the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
         let fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
@@ -219,6 +357,52 @@ impl Stats {
         }
         out
     }
+}
+
+/// Counters and histograms passed from a hot restart's old process to the new
+/// one ([`Stats::carry`], [`Stats::absorb`]), as one JSON line.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Carried {
+    series: Vec<CarriedSeries>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CarriedSeries {
+    name: String,
+    help: String,
+    /// As rendered: `{a="x"}`, or empty.
+    labels: String,
+    value: CarriedValue,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum CarriedValue {
+    Counter(u64),
+    Histogram {
+        /// Per bucket of [`BUCKETS`], not cumulative.
+        buckets: Vec<u64>,
+        count: u64,
+        sum_micros: u64,
+    },
+}
+
+/// `s` as a `&'static str`, for a metric name or help text not known when the
+/// binary was built (a plugin's metrics, a carried series): the registry keys
+/// families by `&'static str`. Each distinct string is leaked once; their number
+/// is bounded by the metrics plugins may define and those a hot restart carries.
+pub fn intern(s: String) -> &'static str {
+    static INTERNED: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
+    let mut map = INTERNED
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(s) = map.get(&s) {
+        return s;
+    }
+    let leaked: &'static str = Box::leak(s.clone().into_boxed_str());
+    map.insert(s, leaked);
+    leaked
 }
 
 fn render_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
@@ -300,5 +484,77 @@ mod tests {
         assert!(text.contains("legate_lat_seconds_count{route=\"a\\\"b\"} 2\n"));
         drop(guard);
         assert_eq!(g.get(), 0);
+    }
+
+    /// What a hot restart does: the new registry starts from the old one's copy,
+    /// then adds what the old counted until it exited; gauges stay per process.
+    #[test]
+    fn counts_carry_over_a_hot_restart() {
+        let old = Stats::new();
+        let c = old.counter("legate_x_total", "X.", &[("listener", "web")]);
+        let h = old.histogram("legate_lat_seconds", "Latency.", &[]);
+        let only_old = old.counter("legate_gone_total", "Gone.", &[("route", "r")]);
+        old.gauge("legate_active", "Active.", &[]).set(7);
+        old.counter("legate_kind", "Kind.", &[]).add(5);
+        c.add(10);
+        h.observe(Duration::from_millis(3));
+        only_old.add(2);
+        // Through JSON, as on the upgrade socket.
+        let wire = |c: &Carried| -> Carried {
+            serde_json::from_str(&serde_json::to_string(c).unwrap()).unwrap()
+        };
+        let first = wire(&old.carry());
+
+        let new = Stats::new();
+        new.absorb(&first, None);
+        // Registered after (by the new config), the series goes on from there.
+        let c2 = new.counter("legate_x_total", "X.", &[("listener", "web")]);
+        assert_eq!(c2.get(), 10);
+        c2.inc();
+        // A metric that is a gauge in this process replaces the carried counter;
+        // the old process's later counts for it are not added to the gauge.
+        let kind = new.gauge("legate_kind", "Kind.", &[]);
+
+        // The old process drains: 4 more, one more observation; then its last copy.
+        c.add(4);
+        h.observe(Duration::from_secs(2));
+        new.absorb(&wire(&old.carry()), Some(&first));
+        assert_eq!(c2.get(), 15);
+        assert_eq!(kind.get(), 0);
+        let text = new.render();
+        assert!(
+            text.contains("legate_gone_total{route=\"r\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP legate_gone_total Gone.\n"), "{text}");
+        assert!(text.contains("legate_lat_seconds_count 2\n"), "{text}");
+        assert!(
+            text.contains("legate_lat_seconds_bucket{le=\"0.005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("legate_lat_seconds_bucket{le=\"2.5\"} 2\n"),
+            "{text}"
+        );
+        assert!(!text.contains("legate_active"), "{text}");
+        assert!(
+            text.contains("# TYPE legate_kind gauge\nlegate_kind 0\n"),
+            "{text}"
+        );
+
+        // Malformed series are skipped, the rest still absorbed.
+        let bad: Carried = serde_json::from_str(
+            r#"{"series":[
+                {"name":"legate_a_total","help":"A.","labels":"listener=\"x\"","value":{"counter":3}},
+                {"name":"legate_b_seconds","help":"B.","labels":"","value":{"histogram":{"buckets":[1],"count":1,"sum_micros":1}}},
+                {"name":"legate_c_total","help":"C.","labels":"","value":{"counter":3}}
+            ]}"#,
+        )
+        .unwrap();
+        new.absorb(&bad, None);
+        let text = new.render();
+        assert!(!text.contains("legate_a_total"), "{text}");
+        assert!(!text.contains("legate_b_seconds"), "{text}");
+        assert!(text.contains("legate_c_total 3\n"), "{text}");
     }
 }

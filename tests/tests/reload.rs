@@ -1366,7 +1366,9 @@ async fn sighup_reloads_the_config() {
 }
 
 /// Hot restarts under steady load (HTTP/1.1 and HTTP/2, keep-alive and new
-/// connections): no connection refused, no request failed.
+/// connections): no connection refused, no request failed; and, as Envoy's,
+/// counters carry over: the last process counts every request any of them
+/// answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_restart_under_load_fails_no_request() {
     let up = upstream().start().await;
@@ -1397,6 +1399,16 @@ async fn hot_restart_under_load_fails_no_request() {
         .await;
     }
     finish_load(&res, &stop, tasks).await;
+    // The last old process sends its final counts as it exits (awaited above);
+    // the new one adds them on its own thread.
+    let ok = res.ok.load(Ordering::Relaxed) as f64;
+    let series = r#"legate_listener_requests_total{listener="web",class="2xx"}"#;
+    let what = format!("{series} reaches {ok}, every request answered");
+    eventually(HANG_GUARD, &what, || async {
+        let (_, body) = admin_at(admin, Method::GET, "/stats").await?;
+        (parse_prometheus(&body).get(series) == Some(&ok)).then_some(())
+    })
+    .await;
     current.signal("TERM");
     assert!(current.exited(Duration::from_secs(30)).await.success());
 }

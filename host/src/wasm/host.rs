@@ -1137,22 +1137,6 @@ impl plugin::Host for HostState {
 
 // ---- metrics ----
 
-/// Stats names are `&'static str`; plugin metric names are made static once each
-/// (bounded: at most `MAX_METRICS` per plugin, the same name reuses its string).
-fn intern(s: String) -> &'static str {
-    static INTERNED: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
-    let mut map = INTERNED
-        .get_or_init(Mutex::default)
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    if let Some(s) = map.get(&s) {
-        return s;
-    }
-    let leaked: &'static str = Box::leak(s.clone().into_boxed_str());
-    map.insert(s, leaked);
-    leaked
-}
-
 fn metric_name_ok(s: &str) -> bool {
     let mut b = s.bytes();
     s.len() <= 64
@@ -1186,8 +1170,8 @@ impl HostState {
                 None if defs.len() >= MAX_METRICS => return Ok(Err(Error::LimitExceeded)),
                 None => {
                     let d = Arc::new(MetricDef {
-                        name: intern(format!("legate_plugin_{name}")),
-                        help: intern(help),
+                        name: crate::stats::intern(format!("legate_plugin_{name}")),
+                        help: crate::stats::intern(help),
                         kind,
                         labels,
                     });

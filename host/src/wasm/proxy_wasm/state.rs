@@ -3,11 +3,11 @@
 //! the metrics the module defined. The store also holds the VM's gRPC streams
 //! (their handles: dropping the store ends them).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 // Context ids and tokens are the host's: Fx hashing, touched on every call.
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -113,7 +113,7 @@ impl Meta {
         if defs.len() >= MAX_METRICS || name.is_empty() || name.len() > 200 {
             return None;
         }
-        let prom = intern(format!("legate_proxywasm_{}", sanitize(name)));
+        let prom = crate::stats::intern(format!("legate_proxywasm_{}", sanitize(name)));
         let labels = [("plugin", &*self.name)];
         let help = "A metric defined by a proxy-wasm plugin (proxy_define_metric).";
         let m = match kind {
@@ -139,22 +139,6 @@ pub fn sanitize(name: &str) -> String {
     name.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect()
-}
-
-/// Metric names live for the process (the stats registry keys families by
-/// `&'static str`); each distinct name is leaked once.
-fn intern(s: String) -> &'static str {
-    static INTERNED: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
-    let mut map = INTERNED
-        .get_or_init(Mutex::default)
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    if let Some(s) = map.get(&s) {
-        return s;
-    }
-    let leaked: &'static str = Box::leak(s.clone().into_boxed_str());
-    map.insert(s, leaked);
-    leaked
 }
 
 /// The data of one instance's store.
