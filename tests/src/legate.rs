@@ -209,6 +209,41 @@ impl LegateHandle {
         self.admin_post("/reload").await
     }
 
+    /// Replaces the config file with `yaml` ([`LegateHandle::write_config`]) and
+    /// reloads it ([`LegateHandle::assert_reload_ok`]); returns the reload's JSON
+    /// report.
+    pub async fn reload_ok(&self, yaml: &str) -> serde_json::Value {
+        self.write_config(yaml);
+        self.assert_reload_ok().await
+    }
+
+    /// Replaces the config file with `yaml` ([`LegateHandle::write_config`]) and
+    /// asserts that reloading it is refused ([`LegateHandle::assert_reload_rejected`]);
+    /// returns the error text.
+    pub async fn reload_rejected(&self, yaml: &str) -> String {
+        self.write_config(yaml);
+        self.assert_reload_rejected().await
+    }
+
+    /// `POST /reload` of the files as they are (the config file and what it names,
+    /// e.g. a renewed certificate); panics, with the status and body, unless it
+    /// answers 200 with JSON. Returns that JSON, the reload's report.
+    pub async fn assert_reload_ok(&self) -> serde_json::Value {
+        let (status, body) = self.reload().await;
+        assert_eq!(status, 200, "POST /reload answered {status}: {body}");
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("POST /reload answered 200 but not JSON ({e}): {body}"))
+    }
+
+    /// `POST /reload` of the files as they are; panics, with the status and body,
+    /// unless it answers 400 (the config in force stays). Returns the body, the
+    /// error text.
+    pub async fn assert_reload_rejected(&self) -> String {
+        let (status, body) = self.reload().await;
+        assert_eq!(status, 400, "POST /reload answered {status}: {body}");
+        body
+    }
+
     /// `http://<addr>` of listener `name`.
     pub fn url(&self, name: &str) -> String {
         format!("http://{}", self.addr(name))

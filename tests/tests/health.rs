@@ -1145,13 +1145,12 @@ each_proto!(
 
         // A reload that changes the cluster set restarts every cluster's checks;
         // backend is kept, and so is b's run of passed checks and its threshold.
-        lg.write_config(&config(
-            "  - name: other\n    endpoints: [{ address: \"127.0.0.1:9\" }]\n",
-        ));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
-        let r: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(r["clusters"]["kept"], json!(["backend"]), "{body}");
+        let r = lg
+            .reload_ok(&config(
+                "  - name: other\n    endpoints: [{ address: \"127.0.0.1:9\" }]\n",
+            ))
+            .await;
+        assert_eq!(r["clusters"]["kept"], json!(["backend"]), "{r}");
         let before = stat_of(checks.clone()).await.unwrap();
         eventually(WAIT, "checks after the reload", || async {
             (stat_of(checks.clone()).await.unwrap() >= before + 6.0).then_some(())

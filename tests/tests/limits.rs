@@ -488,11 +488,10 @@ each_proto!(
             (lg.stat(LISTENER_2XX).await == Some(1.0)).then_some(())
         })
         .await;
-        lg.write_config(&cfg("      idle_timeout: 60s\n      max_connections: 5000\n"));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["listeners"]["changed"], json!(["web"]), "{body}");
+        let v = lg
+            .reload_ok(&cfg("      idle_timeout: 60s\n      max_connections: 5000\n"))
+            .await;
+        assert_eq!(v["listeners"]["changed"], json!(["web"]), "{v}");
         eventually(HANG_GUARD, "the drained connection closed", || async {
             (lg.stat(CONNECTIONS_ACTIVE).await == Some(0.0)).then_some(())
         })

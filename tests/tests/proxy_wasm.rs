@@ -408,9 +408,7 @@ each_proto!(
         drop(c);
 
         // A reload removes `ticker` (and loads `clock` again, as every plugin).
-        lg.write_config(&config(up.addr, &ticking("clock"), &["clock"]));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
+        lg.reload_ok(&config(up.addr, &ticking("clock"), &["clock"])).await;
         // Its VMs end on both workers, their memory with them, and it
         // ticks no more while `clock` (loaded again) ticks on with no request.
         assert_ticks_stopped(&lg, "ticker", "clock").await;

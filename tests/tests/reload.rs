@@ -77,10 +77,7 @@ each_proto!(
         let r = c.get("/x").send().await;
         assert_eq!(r.header("x-upstream"), Some("a"));
 
-        lg.write_config(&yaml(b.addr, false, "", "", ""));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
+        let v = lg.reload_ok(&yaml(b.addr, false, "", "", "")).await;
         assert_eq!(v["result"], "ok");
         assert_eq!(v["listeners"]["kept"], json!(["web"]));
         assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]));
@@ -106,15 +103,13 @@ each_proto!(
         let mut c = client(proto, lg.addr("web")).await;
 
         // Valid YAML, invalid config: an unknown key in the cluster (line 22).
-        lg.write_config(&yaml(b.addr, false, "", "    lb_polizy: random\n", ""));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 400, "{body}");
+        let body = lg
+            .reload_rejected(&yaml(b.addr, false, "", "    lb_polizy: random\n", ""))
+            .await;
         assert!(body.contains("legate.yaml:22:"), "no file:line:col in: {body}");
         assert!(body.contains("lb_polizy"), "{body}");
         // Not YAML at all.
-        lg.write_config("version: 1\nlisteners: [\n");
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 400, "{body}");
+        let body = lg.reload_rejected("version: 1\nlisteners: [\n").await;
         assert!(body.contains("legate.yaml:"), "{body}");
 
         let r = c.get("/x").send().await;
@@ -137,9 +132,7 @@ each_proto!(
                 taken.local_addr().unwrap()
             ),
         );
-        lg.write_config(&bad);
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 400, "{body}");
+        let body = lg.reload_rejected(&bad).await;
         assert!(body.contains("listener `busy`"), "{body}");
         let r = c.get("/x").send().await;
         assert_eq!(r.header("x-upstream"), Some("a"));
@@ -153,11 +146,8 @@ each_proto!(
         let web = lg.addr("web");
         assert_eq!(lg.try_addr("extra"), None);
 
-        lg.write_config(&yaml(a.addr, true, "", "", ""));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["listeners"]["added"], json!(["extra"]), "{body}");
+        let v = lg.reload_ok(&yaml(a.addr, true, "", "", "")).await;
+        assert_eq!(v["listeners"]["added"], json!(["extra"]), "{v}");
         let extra = lg.addr("extra");
         let mut on_extra = client(proto, extra).await;
         let r = on_extra.get("/x").send().await;
@@ -165,10 +155,7 @@ each_proto!(
         assert_eq!(lg.try_addr("web"), Some(web));
 
         // Removing it: it stops accepting; its connection is closed gracefully.
-        lg.write_config(&yaml(a.addr, false, "", "", ""));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
+        let v = lg.reload_ok(&yaml(a.addr, false, "", "", "")).await;
         assert_eq!(v["listeners"]["removed"], json!(["extra"]));
         assert_eq!(lg.try_addr("extra"), None);
         eventually(Duration::from_secs(3), "the removed listener refuses", || async {
@@ -212,9 +199,7 @@ each_proto!(
         let mut before = client(proto, x).await;
         assert_eq!(before.get("/x").send().await.status, 200);
 
-        lg.write_config(&at(at(yaml(a.addr, true, "", "", ""), "web", y), "extra", x));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
+        lg.reload_ok(&at(at(yaml(a.addr, true, "", "", ""), "web", y), "extra", x)).await;
         assert_eq!(lg.try_addr("web"), Some(y));
         assert_eq!(lg.try_addr("extra"), Some(x));
         for (addr, listener) in [(x, "extra"), (y, "web")] {
@@ -249,9 +234,7 @@ async fn health_checks_follow_the_reloaded_clusters() {
 {hc}",
         b.addr
     );
-    lg.write_config(&yaml(a.addr, false, "", hc, &top));
-    let (status, body) = lg.reload().await;
-    assert_eq!(status, 200, "{body}");
+    lg.reload_ok(&yaml(a.addr, false, "", hc, &top)).await;
     for cluster in ["backend", "checked"] {
         let series = format!("legate_cluster_health_check_success{{cluster=\"{cluster}\"}}");
         eventually(Duration::from_secs(5), &series, || async {
@@ -264,10 +247,9 @@ async fn health_checks_follow_the_reloaded_clusters() {
         .stat(r#"legate_cluster_health_check_success{cluster="checked"}"#)
         .await
         .unwrap();
-    lg.write_config(&yaml(a.addr, false, "            timeout: 5s\n", hc, &top));
-    let (status, body) = lg.reload().await;
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
+    let v = lg
+        .reload_ok(&yaml(a.addr, false, "            timeout: 5s\n", hc, &top))
+        .await;
     assert_eq!(v["clusters"]["kept"], json!(["backend", "checked"]));
     let after = lg
         .stat(r#"legate_cluster_health_check_success{cluster="checked"}"#)
@@ -371,18 +353,15 @@ clusters:
 
         // A mismatched pair (the new certificate, the old key) fails the reload.
         std::fs::write(&cert, std::fs::read(&second.cert).unwrap()).unwrap();
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 400, "{body}");
+        let body = lg.assert_reload_rejected().await;
         assert!(body.contains("key"), "the error should name the key problem: {body}");
         let mut c = tls().await;
         assert_eq!(c.peer_cert.as_ref(), Some(&first.chain[0]), "a failed reload changed the certificate");
         assert_eq!(c.get("/").send().await.status, 200);
 
         std::fs::write(&key, std::fs::read(&second.key).unwrap()).unwrap();
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["listeners"]["changed"], json!(["web"]), "{body}");
+        let v = lg.assert_reload_ok().await;
+        assert_eq!(v["listeners"]["changed"], json!(["web"]), "{v}");
         let mut after = tls().await;
         assert_eq!(after.peer_cert.as_ref(), Some(&second.chain[0]), "the renewed certificate");
         assert_eq!(after.get("/").send().await.status, 200);
@@ -425,10 +404,8 @@ each_proto!(
         assert_eq!(c.get("/x").send().await.status, 502, "an untrusted upstream");
 
         std::fs::write(&ca, std::fs::read(&right.cert_path).unwrap()).unwrap();
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]), "{body}");
+        let v = lg.assert_reload_ok().await;
+        assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]), "{v}");
         let r = c.get("/x").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
@@ -509,20 +486,15 @@ async fn discovery_follows_reloads() {
     answered_by("a", "one").await;
 
     // The cluster now reads another file.
-    lg.write_config(&discovered_yaml(&second, "one"));
-    let (status, body) = lg.reload().await;
-    assert_eq!(status, 200, "{body}");
+    lg.reload_ok(&discovered_yaml(&second, "one")).await;
     answered_by("b", "one").await;
     // ... and watches it.
     write_endpoints(&second, c.addr);
     answered_by("c", "one").await;
 
     // A reload that keeps the cluster keeps what it discovered and its watch.
-    lg.write_config(&discovered_yaml(&second, "two"));
-    let (status, body) = lg.reload().await;
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["clusters"]["kept"], json!(["backend"]), "{body}");
+    let v = lg.reload_ok(&discovered_yaml(&second, "two")).await;
+    assert_eq!(v["clusters"]["kept"], json!(["backend"]), "{v}");
     answered_by("c", "two").await;
     write_endpoints(&second, a.addr);
     answered_by("a", "two").await;
@@ -548,11 +520,8 @@ each_proto!(
         assert_eq!(r.header("x-upstream"), Some("a"));
 
         std::fs::remove_file(&eps).unwrap();
-        lg.write_config(&discovered_yaml(&eps, "two"));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["clusters"]["kept"], json!(["backend"]), "{body}");
+        let v = lg.reload_ok(&discovered_yaml(&eps, "two")).await;
+        assert_eq!(v["clusters"]["kept"], json!(["backend"]), "{v}");
         let r = c.get("/x").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.header("x-upstream"), Some("a"));
@@ -570,9 +539,7 @@ each_proto!(
             "      watch_interval: 20ms\n",
             "      watch_interval: 30ms\n",
         );
-        lg.write_config(&changed);
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 400, "{body}");
+        let body = lg.reload_rejected(&changed).await;
         assert!(
             body.contains("cluster `backend`") && body.contains("cannot read endpoint file"),
             "{body}"
@@ -623,11 +590,8 @@ each_proto!(
         })
         .await;
 
-        lg.write_config(&limited("30s"));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["listeners"]["changed"], json!(["web"]), "{body}");
+        let v = lg.reload_ok(&limited("30s")).await;
+        assert_eq!(v["listeners"]["changed"], json!(["web"]), "{v}");
 
         // A third connection, to the new listener, is over the limit: closed at
         // accept, as without a reload.
@@ -818,13 +782,10 @@ async fn reloads_under_load_fail_no_request() {
             (a.addr, "")
         };
         // Every third config adds (and the next removes) a listener.
-        lg.write_config(&yaml(up, i % 3 == 0, route, "", ""));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
+        lg.reload_ok(&yaml(up, i % 3 == 0, route, "", "")).await;
         if i % 5 == 0 {
-            lg.write_config(&yaml(up, false, "", "    bogus: 1\n", ""));
-            let (status, _) = lg.reload().await;
-            assert_eq!(status, 400);
+            lg.reload_rejected(&yaml(up, false, "", "    bogus: 1\n", ""))
+                .await;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -954,10 +915,8 @@ async fn a_renamed_listeners_connections_keep_its_filters() {
         .replace("routes: main", "routes: main2")
         .replace("  - name: main\n", "  - name: main2\n");
     assert_ne!(after, before);
-    lg.write_config(&after);
-    let (status, body) = lg.reload().await;
-    assert_eq!(status, 200, "{body}");
-    assert!(lg.try_addr("public").is_some(), "{body}");
+    let v = lg.reload_ok(&after).await;
+    assert!(lg.try_addr("public").is_some(), "{v}");
 
     // The old connection's next request: still filtered, still routed.
     let r = c.get("/x").send().await;
@@ -1044,9 +1003,8 @@ async fn a_tunnel_on_a_replaced_listener_does_not_pin_its_config() {
 
     // The listener is replaced (renamed) and the plugin too (a new module).
     write_module(&module, &guest_variant(2));
-    lg.write_config(&before.replace("  - name: web\n", "  - name: public\n"));
-    let (status, body) = lg.reload().await;
-    assert_eq!(status, 200, "{body}");
+    lg.reload_ok(&before.replace("  - name: web\n", "  - name: public\n"))
+        .await;
     let mut c = client(Proto::H1, lg.addr("public")).await;
     assert_eq!(
         c.get("/x").send().await.header("x-filter-resp"),
@@ -1091,8 +1049,7 @@ each_proto!(
         );
         // A config reload reads the module too: it fails the same way, and changes
         // nothing.
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 400, "{body}");
+        lg.assert_reload_rejected().await;
         assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
     }
 );
@@ -1193,8 +1150,7 @@ each_proto!(
         let lg = start(&proxy_wasm_yaml(up.addr), None, 1);
         for round in 0..3 {
             if round > 0 {
-                let (status, body) = lg.reload().await;
-                assert_eq!(status, 200, "{body}");
+                lg.assert_reload_ok().await;
             }
             let mut c = client(proto, lg.addr("web")).await;
             let r = c.get("/x").send().await;
@@ -1832,11 +1788,8 @@ clusters:
         for _ in 0..4 {
             assert_eq!(c.get("/").send().await.header("x-upstream"), Some("a"));
         }
-        lg.write_config(&cfg("z2"));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]), "{body}");
+        let v = lg.reload_ok(&cfg("z2")).await;
+        assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]), "{v}");
         for _ in 0..4 {
             assert_eq!(c.get("/").send().await.header("x-upstream"), Some("b"));
         }
@@ -1894,16 +1847,9 @@ async fn a_changed_dns_cluster_keeps_its_endpoints_across_reloads() {
     let (res, tasks) = steady_load(lg.addr("web"), stop.clone(), Some(("x-upstream", "a")));
     tokio::time::sleep(Duration::from_millis(100)).await;
     for i in 1..=6 {
-        lg.write_config(&config(i));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(
-            v["clusters"]["new_or_changed"],
-            json!(["backend"]),
-            "{body}"
-        );
-        assert_eq!(v["notes"], json!([]), "{body}");
+        let v = lg.reload_ok(&config(i)).await;
+        assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]), "{v}");
+        assert_eq!(v["notes"], json!([]), "{v}");
         // Longer than a refresh: the new cluster's discovery fails meanwhile.
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -1936,21 +1882,11 @@ async fn a_dns_cluster_with_new_names_warms_before_it_goes_live() {
     let (res, tasks) = steady_load(web, stop.clone(), Some(("x-upstream", "a")));
     tokio::time::sleep(Duration::from_millis(100)).await;
     for name in ["b.legate.test", "c.legate.test", "a.legate.test"] {
-        lg.write_config(&config(name));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(
-            v["clusters"]["new_or_changed"],
-            json!(["backend"]),
-            "{body}"
-        );
-        assert_eq!(v["notes"], json!([]), "{body}");
+        let v = lg.reload_ok(&config(name)).await;
+        assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]), "{v}");
+        assert_eq!(v["notes"], json!([]), "{v}");
         let took = v["duration_ms"].as_f64().unwrap();
-        assert!(
-            took >= 250.0,
-            "the reload did not wait for the name: {body}"
-        );
+        assert!(took >= 250.0, "the reload did not wait for the name: {v}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     finish_load(&res, &stop, tasks).await;
@@ -1962,15 +1898,12 @@ async fn a_dns_cluster_with_new_names_warms_before_it_goes_live() {
     // The name server fails: the reload goes live after trying, without the name.
     dns.state.delay_ms.store(0, Ordering::SeqCst);
     dns.state.servfail.store(true, Ordering::SeqCst);
-    lg.write_config(&config("d.legate.test"));
-    let (status, body) = lg.reload().await;
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
+    let v = lg.reload_ok(&config("d.legate.test")).await;
     let notes = v["notes"].to_string();
     assert!(
         notes.contains("cluster `backend`: cannot resolve `d.legate.test`")
             && notes.contains("went live without"),
-        "{body}"
+        "{v}"
     );
     for proto in [Proto::H1, Proto::H2] {
         let r = client(proto, web).await.get("/x").send().await;

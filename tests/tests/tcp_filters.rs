@@ -425,9 +425,7 @@ async fn a_reload_closes_a_replaced_listeners_filtered_connections() {
     old.write(b"hello\n").await;
     let back = b"h0wdy, partner\n";
     assert_eq!(old.read_exact(back.len(), T).await.unwrap(), back);
-    lg.write_config(&cfg("2h"));
-    let (status, body) = lg.reload().await;
-    assert_eq!(status, 200, "{body}");
+    lg.reload_ok(&cfg("2h")).await;
     let (_, closed) = old.read_until_close(HANG_GUARD).await;
     assert!(closed, "a connection of the replaced listener stayed open");
     lg.assert_stat(r#"legate_listener_drain_closes_total{listener="tcp"}"#, 1.0)

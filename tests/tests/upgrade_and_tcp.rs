@@ -503,11 +503,8 @@ async fn a_reload_closes_a_replaced_or_removed_tcp_listeners_connections() {
     echoes(&mut removed).await;
 
     // `tcp` changes (its idle timeout), `gone` goes.
-    lg.write_config(&draining_tcp_config(echo.addr, "2h"));
-    let (status, body) = lg.reload().await;
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["listeners"]["changed"], json!(["tcp"]), "{body}");
+    let v = lg.reload_ok(&draining_tcp_config(echo.addr, "2h")).await;
+    assert_eq!(v["listeners"]["changed"], json!(["tcp"]), "{v}");
     let mut kept = RawConn::connect(lg.addr("tcp")).await;
     echoes(&mut kept).await;
     for (c, what) in [(&mut replaced, "replaced"), (&mut removed, "removed")] {
@@ -524,9 +521,7 @@ async fn a_reload_closes_a_replaced_or_removed_tcp_listeners_connections() {
     }
     // The new listener's connection is not the old one's: it stays.
     echoes(&mut kept).await;
-    lg.write_config(&draining_tcp_config(echo.addr, "2h"));
-    let (status, body) = lg.reload().await;
-    assert_eq!(status, 200, "{body}");
+    lg.reload_ok(&draining_tcp_config(echo.addr, "2h")).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     echoes(&mut kept).await;
 }
@@ -553,9 +548,7 @@ async fn a_reload_closes_a_tunnel_of_the_replaced_listener() {
     let head = t.websocket_handshake("/chat").await;
     assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
     echoes(&mut t).await;
-    lg.write_config(&cfg("200"));
-    let (status, body) = lg.reload().await;
-    assert_eq!(status, 200, "{body}");
+    lg.reload_ok(&cfg("200")).await;
     let (_, closed) = t.read_until_close(HANG_GUARD).await;
     assert!(closed, "a tunnel of the replaced listener stayed open");
     lg.assert_stat(r#"legate_listener_drain_closes_total{listener="web"}"#, 1.0)

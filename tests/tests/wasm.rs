@@ -821,9 +821,7 @@ each_proto!(
 
         // A reload removes `ticker` (and loads `clock` again, as every plugin).
         let clock = ticking("clock", proto, "");
-        lg.write_config(&simple(up.addr, &clock, &["clock"]));
-        let (status, body) = lg.reload().await;
-        assert_eq!(status, 200, "{body}");
+        lg.reload_ok(&simple(up.addr, &clock, &["clock"])).await;
         // Its instances end on both workers, their memory with them, and it
         // ticks no more while `clock` (loaded again) ticks on with no request.
         assert_ticks_stopped(&lg, "ticker", "clock").await;
