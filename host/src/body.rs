@@ -360,10 +360,10 @@ impl std::fmt::Display for FilterStopped {
 }
 impl std::error::Error for FilterStopped {}
 
-/// The end of a message held for a callout ([`crate::filter::EndStep::Held`]):
-/// resolves when the paused filter's callout callback resumes or answers.
-type HeldEnd =
-    Pin<Box<dyn Future<Output = Result<crate::filter::EndStep, crate::error::ProxyError>>>>;
+/// A part of a message held for a callout ([`crate::filter::BodyStep::Held`],
+/// [`crate::filter::EndStep::Held`]): resolves when the paused filter's callout
+/// callback resumes or answers.
+type Held = Pin<Box<dyn Future<Output = Result<crate::filter::Resumed, crate::error::ProxyError>>>>;
 
 /// A body whose chunks go through a chain's body phases as they arrive (streamed
 /// mode, abi/README.md §4), then its trailers phases. The end of the body is
@@ -372,11 +372,12 @@ type HeldEnd =
 /// end arrive. `content-length` is the filters' business: the size hint is
 /// unknown, so a filter that removed the header gets chunked encoding.
 ///
-/// At the end of the message a filter may hold it for a callout (proxy-wasm,
-/// Envoy's way): the chain is taken out of its [`crate::filter::SharedChain`]
-/// and the rest of the message (the held body, the trailers, the end) waits in
-/// `Filtered::held` until the callout's callback resumes or answers; the
-/// peer of the other direction, finding the chain out, is not read meanwhile.
+/// A filter may hold a chunk, or the end of the message, for a callout
+/// (abi/README.md §3.3; proxy-wasm only at the end, Envoy's way): the chain is
+/// taken out of its [`crate::filter::SharedChain`] and the held part waits in
+/// `Filtered::held` until the callout's callback resumes or answers. The inner
+/// body is not read meanwhile (backpressure on its sender), nor is the peer of
+/// the other direction, which finds the chain out.
 pub struct Filtered {
     inner: Body,
     chain: crate::filter::SharedChain,
@@ -386,8 +387,8 @@ pub struct Filtered {
     /// Trailers to send after the data of the end-of-stream call.
     trailers: Option<HeaderMap>,
     done: bool,
-    /// The end of the message, held for a callout (boxed only then).
-    held: Option<HeldEnd>,
+    /// A chunk or the end of the message, held for a callout (boxed only then).
+    held: Option<Held>,
 }
 
 impl Filtered {
@@ -429,7 +430,7 @@ impl Filtered {
 
     /// One body call over the chain, for a chunk that is not the last.
     fn step(&mut self, data: Bytes) -> Result<Bytes, BoxError> {
-        use crate::filter::{BodyStep, SharedError};
+        use crate::filter::SharedError;
         let mut slot = Some(data);
         let dir = self.dir;
         let r = self
@@ -443,10 +444,48 @@ impl Filtered {
                 Err(self.stopped("body data arrived while the filter chain was in use".into()))
             }
             Err(SharedError::Aborted) => Err(aborted()),
-            Ok(Ok(BodyStep::Continue(b))) => Ok(b),
-            Ok(Ok(BodyStep::Respond(lr))) => Err(self.respond(lr, "a body")),
-            Ok(Err(e)) => Err(Box::new(e)),
+            Ok(r) => self.stepped(r),
         }
+    }
+
+    /// What a body call over a chunk gave: data to send, a local response, or
+    /// a hold.
+    fn stepped(
+        &mut self,
+        r: Result<crate::filter::BodyStep, crate::error::ProxyError>,
+    ) -> Result<Bytes, BoxError> {
+        use crate::filter::BodyStep;
+        match r {
+            Err(e) => Err(Box::new(e)),
+            Ok(BodyStep::Continue(b)) => Ok(b),
+            Ok(BodyStep::Respond(lr)) => Err(self.respond(lr, "a body")),
+            Ok(BodyStep::Held) => self.hold(),
+        }
+    }
+
+    /// A filter paused on a streamed call with a callout in flight: the chain
+    /// goes out with the future that waits for the callout and runs the rest
+    /// of the held part; nothing is sent meanwhile.
+    fn hold(&mut self) -> Result<Bytes, BoxError> {
+        let Some(chain) = self.chain.take() else {
+            return Err(self.stopped("the filter chain was in use at a hold".into()));
+        };
+        let mut holding = Holding {
+            chain: Some(chain),
+            shared: self.chain.clone(),
+            since: std::time::Instant::now(),
+        };
+        self.held = Some(Box::pin(async move {
+            let r = match holding.chain.as_mut() {
+                Some(chain) => chain.resume().await,
+                None => Ok(crate::filter::Resumed::Chunk(
+                    crate::filter::BodyStep::Continue(Bytes::new()),
+                )),
+            };
+            holding.release();
+            r
+        }));
+        Ok(Bytes::new())
     }
 
     /// The end of the message over the chain: the end-of-stream body call over
@@ -503,21 +542,38 @@ impl Filtered {
                 Ok(data)
             }
             Ok(EndStep::Respond(lr)) => Err(self.respond(lr, "the last body or trailers")),
-            Ok(EndStep::Held) => {
-                let Some(mut chain) = self.chain.take() else {
-                    return Err(self.stopped("the filter chain was in use at a hold".into()));
-                };
-                let shared = self.chain.clone();
-                // Dropped with this body (the exchange was abandoned), the
-                // chain finishes its filters' contexts (`Chain`'s drop).
-                self.held = Some(Box::pin(async move {
-                    let r = chain.resume_end().await;
-                    shared.put(chain);
-                    r
-                }));
-                Ok(Bytes::new())
-            }
+            Ok(EndStep::Held) => self.hold(),
         }
+    }
+}
+
+/// The chain, out with a held part of a body until its filter resumes. Dropped
+/// before (hyper dropped the body: the upstream request ended under it, or
+/// the exchange is gone), the hold is abandoned and the chain goes back, so
+/// the response still goes through the filters (and a gone exchange still
+/// finishes them).
+struct Holding {
+    chain: Option<Box<crate::filter::Chain>>,
+    shared: crate::filter::SharedChain,
+    since: std::time::Instant,
+}
+
+impl Holding {
+    /// Puts the chain back; the time it was out was not the client's.
+    fn release(&mut self) {
+        if let Some(chain) = self.chain.take() {
+            self.shared.add_held(self.since.elapsed());
+            self.shared.put(chain);
+        }
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        if let Some(chain) = self.chain.as_mut() {
+            chain.abandon_hold();
+        }
+        self.release();
     }
 }
 
@@ -539,13 +595,17 @@ impl HttpBody for Filtered {
         let this = &mut *self;
         loop {
             let out = if let Some(held) = this.held.as_mut() {
-                // The end of the message waits for a callout.
+                // A chunk or the end of the message waits for a callout.
                 let r = match held.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(r) => r,
                 };
                 this.held = None;
-                this.ended_with(r)
+                match r {
+                    Ok(crate::filter::Resumed::Chunk(s)) => this.stepped(Ok(s)),
+                    Ok(crate::filter::Resumed::End(s)) => this.ended_with(Ok(s)),
+                    Err(e) => Err(Box::new(e) as BoxError),
+                }
             } else {
                 if let Some(t) = this.trailers.take() {
                     this.done = true;

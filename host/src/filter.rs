@@ -17,12 +17,15 @@
 //! other exchanges meanwhile) until the paused filter's callout response resumes or
 //! answers. That works from the headers phases and, when the host holds the whole
 //! message (buffered mode, [`Chain::on_whole_body`]), from the body and trailers
-//! phases. A streamed body runs its phases from a stream's poll: a pause on a
-//! chunk is a failure, but at the end of the message (its last body call, its
-//! trailers) a filter that can be resumed (proxy-wasm with a call outstanding,
-//! [`ExchangeData::hold_end`]) stops the run ([`EndStep::Held`]); the stream
-//! then takes the chain out and awaits [`Chain::resume_end`], the same
-//! `Chain::wait` as the other pauses, holding the rest of the message.
+//! phases. A streamed body runs its phases from a stream's poll, which cannot
+//! wait: a pause there with a callout in flight stops the run
+//! ([`BodyStep::Held`] on a chunk, [`EndStep::Held`] at the end of the message:
+//! its last body call, its trailers); the stream then takes the chain out and
+//! awaits [`Chain::resume`], the same `Chain::wait` as the other pauses, and
+//! reads nothing more of that body until it resumes (backpressure). Component
+//! filters may pause on any streamed call ([`ExchangeData::hold_stream`]);
+//! proxy-wasm filters only at the end ([`ExchangeData::hold_end`]): mid-stream
+//! they buffer paused chunks themselves, as Envoy does.
 //! Dropping a [`Chain`] (the client went away) aborts its callouts and still
 //! runs `on-log`/`on-done`.
 
@@ -561,16 +564,22 @@ pub struct ExchangeData {
     /// instance that does not know it means that instance was replaced).
     pub first_call: bool,
     /// Whether the current body or trailers call may return pause: the host holds
-    /// the whole message (buffered mode) and waits a pause out. On a streamed
-    /// chunk a filter answering pause fails ([`streamed_pause_error`]); at the
-    /// end of a streamed message see [`ExchangeData::hold_end`].
+    /// the whole message (buffered mode) and waits a pause out. For a streamed
+    /// message see [`ExchangeData::hold_stream`] and [`ExchangeData::hold_end`].
     pub hold_body: bool,
     /// Whether the current call is the end of a streamed message (its last body
     /// call, its trailers), where a filter Envoy would let hold the rest of the
     /// message (proxy-wasm, a call outstanding) may return pause: the body
-    /// stream then waits for the call's callback ([`Chain::resume_end`]).
-    /// Component filters keep refusing it (abi/README.md §3.3).
+    /// stream then waits for the call's callback ([`Chain::resume`]).
     pub hold_end: bool,
+    /// Whether the current call is a body or trailers call of a streamed
+    /// message (a chunk, or its end) that the chain can hold: a component
+    /// filter may pause there with a callout outstanding (abi/README.md §3.3),
+    /// and the body stream stops reading that body until the filter resumes
+    /// ([`Chain::resume`]). proxy-wasm filters read [`ExchangeData::hold_end`]
+    /// instead: mid-stream they hold paused chunks themselves (Envoy's
+    /// `StopIterationAndBuffer`).
+    pub hold_stream: bool,
     /// Where the client's `host` header is. It stays in `request_headers` until
     /// something reaches the head through [`ExchangeData::request_headers`]:
     /// moving it out and back costs two header-map operations (~0.4k
@@ -700,6 +709,7 @@ impl Exchange {
             first_call: false,
             hold_body: false,
             hold_end: false,
+            hold_stream: false,
             host: ClientHost::InHead,
             table,
             routing: Routing::default(),
@@ -738,6 +748,7 @@ impl Exchange {
             first_call: false,
             hold_body: false,
             hold_end: false,
+            hold_stream: false,
             host: ClientHost::Taken(None),
             table: None,
             routing: Routing::default(),
@@ -1073,27 +1084,43 @@ pub enum EndStep {
     /// A filter answered locally.
     Respond(LocalResponse),
     /// A filter of a streamed message paused with a callout in flight: the
-    /// rest of the message is held until [`Chain::resume_end`] resolves.
+    /// rest of the message is held until [`Chain::resume`] resolves.
     Held,
+}
+
+/// What [`Chain::resume`] gives once the pause a streamed run stopped on ends.
+#[derive(Debug)]
+pub enum Resumed {
+    /// The held chunk's run: never [`BodyStep::Held`] (later pauses are waited
+    /// out in place).
+    Chunk(BodyStep),
+    /// The held end's run: never [`EndStep::Held`].
+    End(EndStep),
 }
 
 /// How a body or trailers run treats a filter's pause.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Hold {
-    /// A streamed chunk before the end: the pause is a failure.
-    Refuse,
     /// The host holds the whole message (buffered): waited out in place.
     Wait,
+    /// A streamed chunk before the end, run from a body stream's poll: a pause
+    /// (accepted by component filters, [`ExchangeData::hold_stream`]) with a
+    /// callout in flight stops the run ([`Deferred`]).
+    Chunk,
+    /// The same, resumed in the stream's future ([`Chain::resume`]): waited out
+    /// in place.
+    ChunkWait,
     /// The end of a streamed message, run from a body stream's poll: a pause
-    /// (accepted only by filters that can be resumed, [`ExchangeData::hold_end`])
-    /// with a callout in flight stops the run ([`Deferred`]).
+    /// (accepted by component filters and by proxy-wasm filters that can be
+    /// resumed, [`ExchangeData::hold_end`]) with a callout in flight stops the
+    /// run ([`Deferred`]).
     Defer,
-    /// The same, resumed in the stream's future ([`Chain::resume_end`]): waited
+    /// The same, resumed in the stream's future ([`Chain::resume`]): waited
     /// out in place.
     EndWait,
 }
 
-/// Where an end-of-message run of a streamed body stopped on a pause.
+/// Where a run of a streamed body stopped on a pause.
 struct Deferred {
     d: Direction,
     /// The filters of the stage, in order, and the position of the paused one.
@@ -1104,6 +1131,8 @@ struct Deferred {
 
 /// The stage a [`Deferred`] run stopped in.
 enum Stage {
+    /// A body call over a chunk before the end (the chunk is on the exchange).
+    Chunk,
     /// The last body call (the body is on the exchange); `folding`: trailers
     /// follow (on the exchange).
     Body { folding: bool },
@@ -1119,6 +1148,9 @@ pub enum BodyStep {
     Continue(Bytes),
     /// A filter answered locally.
     Respond(LocalResponse),
+    /// A filter paused with a callout in flight: the chunk (on the exchange)
+    /// and the rest of the body are held until [`Chain::resume`] resolves.
+    Held,
 }
 
 /// A chain shared by the proxy and the body streams that run body phases as
@@ -1151,6 +1183,9 @@ struct SharedInner {
     /// out (a route timeout while a filter held the end of the request): given
     /// to the chain when it finishes after all, so `on-log` sees them.
     ended: std::cell::RefCell<Option<(Option<StatusCode>, Option<String>)>>,
+    /// How long body streams held the chain for callouts so far
+    /// ([`SharedChain::add_held`]): time that is not the client's.
+    held: std::cell::Cell<Duration>,
 }
 
 impl SharedInner {
@@ -1189,6 +1224,7 @@ impl SharedChain {
                 waiters: std::cell::RefCell::new(Vec::new()),
                 aborted: std::cell::Cell::new(false),
                 ended: std::cell::RefCell::new(None),
+                held: std::cell::Cell::new(Duration::ZERO),
             }
         }))
     }
@@ -1207,6 +1243,18 @@ impl SharedChain {
             waiters.push(cx.waker().clone());
         }
         std::task::Poll::Pending
+    }
+
+    /// Counts `d` as time a body stream held the chain for a callout (a paused
+    /// chunk or end of a streamed body).
+    pub fn add_held(&self, d: Duration) {
+        self.0.held.set(self.0.held.get() + d);
+    }
+
+    /// How long body streams held the chain for callouts so far: a bound on
+    /// the client's time (reading a request body) leaves it out.
+    pub fn held_time(&self) -> Duration {
+        self.0.held.get()
     }
 
     /// Takes the chain out for an async phase; put it back with [`Self::put`].
@@ -1320,7 +1368,7 @@ pub struct Chain {
     /// The [`SharedChain`] holding this chain, told if the chain is dropped
     /// while out in an async phase.
     shared: std::rc::Weak<SharedInner>,
-    /// A streamed end-of-message run stopped on a pause ([`EndStep::Held`]).
+    /// A streamed run stopped on a pause ([`BodyStep::Held`], [`EndStep::Held`]).
     deferred: Option<Deferred>,
 }
 
@@ -1725,7 +1773,7 @@ impl Chain {
                 return Ok(Some(lr));
             }
             // `run_calls` never passes one; treated as refused rather than a panic.
-            Ok(Verdict::Pause) => self.refused_pause(i, streamed_pause_error(d)),
+            Ok(Verdict::Pause) => self.refused_pause(i, UNHELD_PAUSE.to_string()),
             Err(why) => why,
         };
         self.skipped.push(i);
@@ -1755,9 +1803,11 @@ impl Chain {
     ) -> Result<Ran, ProxyError> {
         self.x.hold_body = hold == Hold::Wait;
         self.x.hold_end = matches!(hold, Hold::Defer | Hold::EndWait);
+        self.x.hold_stream = hold != Hold::Wait;
         let r = self.run_calls(d, body_eos, order, from, hold).await;
         self.x.hold_body = false;
         self.x.hold_end = false;
+        self.x.hold_stream = false;
         r
     }
 
@@ -1787,12 +1837,15 @@ impl Chain {
                 v = match hold {
                     // The part stays on the exchange, held and writable, for the
                     // callout responses (abi/README.md §3.3).
-                    Hold::Wait | Hold::EndWait => self.wait(i, phase).await?,
+                    Hold::Wait | Hold::ChunkWait | Hold::EndWait => self.wait(i, phase).await?,
                     // A body stream's poll cannot wait: it resumes the run as
-                    // a future (`resume_end`).
-                    Hold::Defer if !self.inflight.is_empty() => return Ok(Ran::Paused(at)),
-                    Hold::Defer => Err(self.refused_pause(i, NOTHING_IN_FLIGHT.to_string())),
-                    Hold::Refuse => Err(self.refused_pause(i, streamed_pause_error(d))),
+                    // a future (`resume`).
+                    Hold::Chunk | Hold::Defer if !self.inflight.is_empty() => {
+                        return Ok(Ran::Paused(at))
+                    }
+                    Hold::Chunk | Hold::Defer => {
+                        Err(self.refused_pause(i, NOTHING_IN_FLIGHT.to_string()))
+                    }
                 };
             }
             if let Some(lr) = self.body_verdict(i, d, phase, v)? {
@@ -1815,21 +1868,27 @@ impl Chain {
     }
 
     /// Runs the body phase of direction `d` over one chunk `data` (not the
-    /// last) in every filter that wants it (chain order for the request,
-    /// reverse for the response): the data as the filters left it, or a
-    /// filter's local response. A pause is a failure.
-    fn body_part(
+    /// last) in the filters `order[from..]` that want it (chain order for the
+    /// request, reverse for the response): the data as the filters left it, a
+    /// filter's local response, or a hold (`hold` as in [`Chain::run_part`]).
+    async fn chunk_part(
         &mut self,
         d: Direction,
-        data: Bytes,
-        end_of_stream: bool,
+        order: Vec<usize>,
+        from: usize,
+        hold: Hold,
     ) -> Result<BodyStep, ProxyError> {
-        let order = self.body_order(d);
-        if order.is_empty() {
-            return Ok(BodyStep::Continue(data));
+        let r = self.run_part(d, Some(false), &order, from, hold).await;
+        if let Ok(Ran::Paused(at)) = r {
+            // Held: the chunk stays on the exchange for the callout's callback.
+            self.deferred = Some(Deferred {
+                d,
+                order,
+                at,
+                stage: Stage::Chunk,
+            });
+            return Ok(BodyStep::Held);
         }
-        self.x.bodies[d.idx()] = Some(data.into());
-        let r = now(self.run_part(d, Some(end_of_stream), &order, 0, Hold::Refuse));
         let out = self.x.bodies[d.idx()].take().unwrap_or_default();
         Ok(match r? {
             Ran::Respond(lr) => BodyStep::Respond(lr),
@@ -1941,11 +2000,18 @@ impl Chain {
     }
 
     /// Runs the body phase of direction `d` over one streamed chunk `data` that
-    /// is not the last (see [`Chain::body_part`]); a pause there is a failure:
-    /// nothing is held for it (a filter holds chunks itself, as proxy-wasm's
-    /// `StopIterationAndBuffer`).
+    /// is not the last, in every filter that wants it. A component filter's
+    /// pause with a callout in flight is [`BodyStep::Held`]: the stream takes
+    /// the chain out and awaits [`Chain::resume`] before it reads more of the
+    /// body; any other pause is a failure (proxy-wasm filters hold chunks
+    /// themselves, as Envoy's `StopIterationAndBuffer`).
     pub fn on_body(&mut self, d: Direction, data: Bytes) -> Result<BodyStep, ProxyError> {
-        self.body_part(d, data, false)
+        let order = self.body_order(d);
+        if order.is_empty() {
+            return Ok(BodyStep::Continue(data));
+        }
+        self.x.bodies[d.idx()] = Some(data.into());
+        now(self.chunk_part(d, order, 0, Hold::Chunk))
     }
 
     /// The last body call of direction `d` for a streamed message, over `data`,
@@ -1956,7 +2022,7 @@ impl Chain {
     /// filters emptied the map: the message then ends with its body and has no
     /// trailers. A pause of a filter that can be resumed, with a callout in
     /// flight, is [`EndStep::Held`]: the stream takes the chain out and awaits
-    /// [`Chain::resume_end`]; any other pause is a failure.
+    /// [`Chain::resume`]; any other pause is a failure.
     pub fn on_body_end(
         &mut self,
         d: Direction,
@@ -1979,51 +2045,87 @@ impl Chain {
         now(self.end_trailers(d, Bytes::new(), order, 0, Hold::Defer))
     }
 
-    /// Waits out the pause an end-of-message run of a streamed body stopped on
-    /// ([`EndStep::Held`]), with `Chain::wait` as the other pauses (the
-    /// worker serves other exchanges meanwhile; the chain must be out of its
-    /// [`SharedChain`]), then runs the rest of it: the filters after the paused
-    /// one, and the trailers phases after the last body call. The held part is
-    /// on the exchange meanwhile, readable and writable from the callout's
-    /// callback.
-    pub async fn resume_end(&mut self) -> Result<EndStep, ProxyError> {
-        let Some(p) = self.deferred.take() else {
-            return Err(ProxyError::new(
-                Kind::Internal,
-                "bug: resumed a streamed body that is not held",
-            ));
+    /// Waits out the pause a run of a streamed body stopped on
+    /// ([`BodyStep::Held`], [`EndStep::Held`]), with `Chain::wait` as the other
+    /// pauses (the worker serves other exchanges meanwhile; the chain must be
+    /// out of its [`SharedChain`]), then runs the rest of it: the filters after
+    /// the paused one, and the trailers phases after the last body call. The
+    /// held part is on the exchange meanwhile, readable and writable from the
+    /// callout's callback.
+    pub async fn resume(&mut self) -> Result<Resumed, ProxyError> {
+        let bug = |what: &str| ProxyError::new(Kind::Internal, format!("bug: {what}"));
+        // Left in place during the wait, for `abandon_hold`.
+        let Some(p) = self.deferred.as_ref() else {
+            return Err(bug("resumed a streamed body that is not held"));
         };
         let d = p.d;
-        let body = matches!(p.stage, Stage::Body { .. });
+        let body = !matches!(p.stage, Stage::Trailers { .. });
+        let chunk = matches!(p.stage, Stage::Chunk);
         let phase = part_phase(d, body);
         let Some(&i) = p.order.get(p.at) else {
-            return Err(ProxyError::new(
-                Kind::Internal,
-                "bug: a held body's filter is not in its order",
-            ));
+            return Err(bug("a held body's filter is not in its order"));
         };
-        self.x.hold_end = true;
+        self.x.hold_end = !chunk;
+        self.x.hold_stream = true;
         let v = self.wait(i, phase).await;
         self.x.hold_end = false;
-        match v.and_then(|v| self.body_verdict(i, d, phase, v)) {
+        self.x.hold_stream = false;
+        let Some(p) = self.deferred.take() else {
+            return Err(bug("a held body's run went missing"));
+        };
+        let r = v.and_then(|v| self.body_verdict(i, d, phase, v));
+        if body && !matches!(r, Ok(None)) {
+            // Answered or failed: the held body is not forwarded, nor seen by
+            // later phases.
+            self.x.bodies[d.idx()] = None;
+        }
+        match r {
             Ok(None) => {}
-            r => {
-                if body {
-                    // Answered or failed: the held body is not forwarded.
-                    self.x.bodies[d.idx()] = None;
-                }
-                return r.map(|lr| lr.map_or(EndStep::Done(Bytes::new(), None), EndStep::Respond));
+            Err(e) => return Err(e),
+            Ok(Some(lr)) => {
+                return Ok(if chunk {
+                    Resumed::Chunk(BodyStep::Respond(lr))
+                } else {
+                    Resumed::End(EndStep::Respond(lr))
+                });
             }
         }
-        match p.stage {
-            Stage::Body { folding } => {
+        Ok(match p.stage {
+            Stage::Chunk => Resumed::Chunk(
+                self.chunk_part(d, p.order, p.at + 1, Hold::ChunkWait)
+                    .await?,
+            ),
+            Stage::Body { folding } => Resumed::End(
                 self.end_body(d, p.order, p.at + 1, folding, Hold::EndWait)
-                    .await
-            }
-            Stage::Trailers { data } => {
+                    .await?,
+            ),
+            Stage::Trailers { data } => Resumed::End(
                 self.end_trailers(d, data, p.order, p.at + 1, Hold::EndWait)
-                    .await
-            }
+                    .await?,
+            ),
+        })
+    }
+
+    /// The body stream holding a streamed run ([`BodyStep::Held`],
+    /// [`EndStep::Held`]) was dropped while its filter was paused: the
+    /// upstream request ended under it (the upstream answered and stopped
+    /// reading, or failed) or the exchange is gone. The pause ends without a
+    /// verdict (not a failure of the filter): its callouts are cancelled, the
+    /// held part is discarded, and the chain goes on with the response.
+    pub fn abandon_hold(&mut self) {
+        self.x.hold_body = false;
+        self.x.hold_end = false;
+        self.x.hold_stream = false;
+        let Some(p) = self.deferred.take() else {
+            return;
+        };
+        if let Some(&k) = p.order.get(p.at) {
+            self.inflight.cancel_filter(k);
+            let f = self.entered[k].clone();
+            f.pause_abandoned(self.worker, &mut self.x);
+        }
+        if !matches!(p.stage, Stage::Trailers { .. }) {
+            self.x.bodies[p.d.idx()] = None;
         }
     }
 
@@ -2076,18 +2178,11 @@ impl Chain {
     }
 }
 
-/// Why a pause from a streamed body or trailers phase of direction `d` is a
-/// failure (see [`ExchangeData::hold_body`]).
-pub fn streamed_pause_error(d: Direction) -> String {
-    format!(
-        "returned `pause` from a {} body or trailers phase in streamed mode; this host \
-         supports `pause` there only when the {} body is buffered (a filter of the chain \
-         has `buffered` mode for it): use `buffered` mode or send callouts from the \
-         headers phase",
-        d.as_str(),
-        d.as_str()
-    )
-}
+/// Why a pause the chain could not hold fails (a host bug: every body and
+/// trailers run sets one of the hold flags, [`ExchangeData::hold_body`],
+/// [`ExchangeData::hold_stream`]).
+pub const UNHELD_PAUSE: &str =
+    "returned `pause` from a body or trailers call the host could not hold";
 
 /// How far a run of body or trailers phases got.
 enum Ran {
@@ -2095,7 +2190,8 @@ enum Ran {
     Through,
     /// A filter answered locally.
     Respond(LocalResponse),
-    /// Stopped on a pause at this position of the order ([`Hold::Defer`]).
+    /// Stopped on a pause at this position of the order ([`Hold::Chunk`],
+    /// [`Hold::Defer`]).
     Paused(usize),
 }
 

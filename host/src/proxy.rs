@@ -564,7 +564,17 @@ async fn proxy(
             // minute must not hold the request (and its buffer) forever.
             Some(limit) => {
                 let buffering = std::pin::pin!(ReqBody::buffer(req_body, limit, &parts));
-                client_body_within(buffering, route_timeout, out.chain.as_ref()).await?
+                match client_body_within(buffering, route_timeout, out.chain.as_ref()).await {
+                    Ok(source) => source,
+                    // A streamed request body phase answered, which stopped
+                    // the body: its response, not a read error.
+                    Err(e) => match out.chain.as_ref().and_then(filter::SharedChain::take_local) {
+                        Some(lr) => {
+                            return answer_locally(out, lr, &matched, http.via.as_deref()).await
+                        }
+                        None => return Err(e),
+                    },
+                }
             }
             None => ReqBody::Stream(Some(req_body)),
         };
@@ -639,18 +649,17 @@ async fn proxy(
             }
             None => attempt.run(source, out).await,
         };
+        if let (Ok(_), Some(shared)) = (&result, out.chain.as_ref()) {
+            // The upstream answered while a filter may still hold a chunk or the
+            // end of the request body for a callout: its verdict comes first,
+            // since its local response replaces the upstream's (abi/README.md
+            // §3.5). The response phases would wait for the chain anyway.
+            wait_for_chain(shared).await?;
+        }
         if let Some(lr) = out.chain.as_ref().and_then(filter::SharedChain::take_local) {
             // A streamed request body phase answered: its response replaces whatever
             // the aborted upstream request produced.
-            let mut resp = local_response(lr);
-            finish_response_headers(
-                &matched,
-                http.via.as_deref(),
-                Version::HTTP_11,
-                resp.headers_mut(),
-                false,
-            );
-            return response_filters(out, resp).await;
+            return answer_locally(out, lr, &matched, http.via.as_deref()).await;
         }
         let mut resp = result?;
         if out.debug.on {
@@ -841,6 +850,29 @@ fn chain_out(shared: &filter::SharedChain) -> Result<bool, ProxyError> {
     }
 }
 
+/// Waits until the chain is not out: a filter holding part of a streamed body
+/// for a callout resumed or answered (or the exchange is over).
+async fn wait_for_chain(shared: &filter::SharedChain) -> Result<(), ProxyError> {
+    while chain_out(shared)? {
+        std::future::poll_fn(|cx| shared.poll_available(cx)).await;
+    }
+    Ok(())
+}
+
+/// Sends `lr`, a streamed request body phase's local response, instead of
+/// whatever the aborted upstream request produced; through the response phases
+/// of the filters before the one that answered.
+async fn answer_locally(
+    out: &mut Outcome,
+    lr: filter::LocalResponse,
+    matched: &Matched<'_>,
+    via: Option<&str>,
+) -> Result<Response<Body>, ProxyError> {
+    let mut resp = local_response(lr);
+    finish_response_headers(matched, via, Version::HTTP_11, resp.headers_mut(), false);
+    response_filters(out, resp).await
+}
+
 /// The chain's step `f`, run synchronously; the chain is out only while an async
 /// phase waits, which cannot be the case between phases of one direction.
 fn chain_step<R>(
@@ -915,7 +947,12 @@ async fn run_body(
     // which may pause, have the plugin's own `pause` bound).
     let (data, trailers) = client_body_within(collect, limit(), None).await?;
     // The phases may pause (the whole message is held here): taken out, as for
-    // the headers phases, so no borrow is held while the chain waits.
+    // the headers phases, so no borrow is held while the chain waits. A
+    // response read while the request body is held for a callout (full
+    // duplex) waits for it first.
+    if d == Direction::Response {
+        wait_for_chain(shared).await?;
+    }
     let Some(mut chain) = shared.take() else {
         return Err(ProxyError::new(
             Kind::Internal,
@@ -979,9 +1016,9 @@ async fn request_body(
 /// Awaits `read`, a request body read whole before anything goes upstream,
 /// with at most `limit` spent waiting for the client (`None`: no bound); past
 /// it the client gets 408 `request_timeout`. Time a filter of `chain` holds
-/// the body does not count: a streamed body is held only at its end (a
-/// proxy-wasm filter waiting for a callout), so the client has sent it all,
-/// and the pause has its own bound (the plugin's `limits.pause`).
+/// part of the body (a chunk or its end, streamed through the chain, paused
+/// for a callout) does not count: nothing is read from the client then, and
+/// the pause has its own bound (the plugin's `limits.pause`).
 async fn client_body_within<T, F: Future<Output = Result<T, ProxyError>>>(
     mut read: Pin<&mut F>,
     limit: Option<Duration>,
@@ -990,14 +1027,31 @@ async fn client_body_within<T, F: Future<Output = Result<T, ProxyError>>>(
     let Some(t) = limit else {
         return read.await;
     };
-    match tokio::time::timeout(t, read.as_mut()).await {
-        Ok(r) => r,
-        // Checked only at expiry: out means a filter holds the end of the body.
-        Err(_) if chain.is_some_and(|c| matches!(chain_out(c), Ok(true))) => read.await,
-        Err(_) => Err(ProxyError::new(
-            Kind::RequestTimeout,
-            format!("request body not received within the route timeout {t:?}"),
-        )),
+    let held = || chain.map_or(Duration::ZERO, filter::SharedChain::held_time);
+    let (start, held_before) = (Instant::now(), held());
+    loop {
+        let spent = start
+            .elapsed()
+            .saturating_sub(held().saturating_sub(held_before));
+        if let Some(left) = t.checked_sub(spent).filter(|l| !l.is_zero()) {
+            if let Ok(r) = tokio::time::timeout(left, read.as_mut()).await {
+                return r;
+            }
+        }
+        // Checked only at expiry: out means a filter holds part of the body;
+        // the time left is counted again once it lets go.
+        match chain {
+            Some(c) if matches!(chain_out(c), Ok(true)) => tokio::select! {
+                r = read.as_mut() => return r,
+                r = wait_for_chain(c) => r?,
+            },
+            _ => {
+                return Err(ProxyError::new(
+                    Kind::RequestTimeout,
+                    format!("request body not received within the route timeout {t:?}"),
+                ))
+            }
+        }
     }
 }
 

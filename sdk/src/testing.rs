@@ -433,7 +433,6 @@ impl<F: HttpFilter> FilterTest<F> {
             pending_trailers: [request.trailers, None],
             paused_window: Vec::new(),
             held_trailers: None,
-            paused_streamed: false,
         }
     }
 
@@ -628,9 +627,6 @@ pub struct TestExchange<'t, F: HttpFilter> {
     /// The direction whose trailers a paused end-of-stream body call holds (on
     /// the exchange, writable, until the pause ends).
     held_trailers: Option<Direction>,
-    /// The last `Pause` came from a body or trailers call of a direction this
-    /// filter does not buffer, which the host refuses.
-    paused_streamed: bool,
 }
 
 impl<F: HttpFilter> TestExchange<'_, F> {
@@ -726,7 +722,6 @@ impl<F: HttpFilter> TestExchange<'_, F> {
                 Direction::Response => i.response_body(c, x, &b, eos),
             }
         });
-        self.paused_streamed = action == Action::Pause && mode != BodyMode::Buffered;
         if folding {
             if action == Action::Pause {
                 // Held (and writable) with the body until the pause ends.
@@ -779,8 +774,6 @@ impl<F: HttpFilter> TestExchange<'_, F> {
                 Direction::Response => i.response_trailers(c, x, &t),
             }
         });
-        let buffered = self.ex.borrow().body_modes[idx(d)] == BodyMode::Buffered;
-        self.paused_streamed = action == Action::Pause && !buffered;
         action
     }
 
@@ -885,7 +878,6 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         let window = self.paused_window.clone();
         let action = self.call(window, |i, x| i.callout_response(c, x, id, response));
         if action != Action::Pause {
-            self.paused_streamed = false;
             if let Some(d) = self.held_trailers.take() {
                 self.settle_trailers(d);
             }
@@ -907,13 +899,12 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// Whether a `Pause` just returned is valid: this exchange has a callout
-    /// outstanding (the host treats a pause without one as a failure) and, from
-    /// a body or trailers phase, the filter buffers that direction (the host
-    /// waits only for a message it holds: a pause from a `Streamed` call fails).
-    /// The harness knows only this filter: in a chain where another filter
-    /// buffers the direction, a streamed filter's pause is valid too.
+    /// outstanding (the host treats a pause without one as a failure). A pause
+    /// is valid from every phase but `on_log`, body and trailers calls in
+    /// `Streamed` mode included (the host then stops reading that body until
+    /// the filter resumes).
     pub fn may_pause(&self) -> bool {
-        !self.paused_streamed && self.test.host.outstanding(Some(self.context)) > 0
+        self.test.host.outstanding(Some(self.context)) > 0
     }
 
     /// Drive the whole exchange as the host would: request headers, body,

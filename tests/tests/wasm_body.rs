@@ -884,23 +884,373 @@ async fn buffered_response_trailers_pause_for_a_callout() {
         .await;
 }
 
+/// A request body sent chunk by chunk: `first` now, each of `rest` once the
+/// plugin's callouts counter reached its position (1, 2, ...), the end once it
+/// passed them all (one more); nothing ends before.
+fn paced_body<'a>(
+    lg: &'a LegateHandle,
+    plugin: &str,
+    first: &'static str,
+    rest: &'static [&'static str],
+) -> (BoxBody, impl std::future::Future<Output = ()> + 'a) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    tx.send(Bytes::from(first)).unwrap();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|d| (Ok::<_, BoxError>(http_body::Frame::data(d)), rx))
+    });
+    let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(stream));
+    let name = callouts(plugin);
+    let drive = async move {
+        for (n, chunk) in rest.iter().enumerate() {
+            callouts_reach(lg, &name, n + 1).await;
+            tx.send(Bytes::from(*chunk)).unwrap();
+        }
+        callouts_reach(lg, &name, rest.len() + 1).await;
+        drop(tx);
+    };
+    (body, drive)
+}
+
+/// Waits until stat `name` is at least `n`.
+async fn callouts_reach(lg: &LegateHandle, name: &str, n: usize) {
+    eventually(HANG_GUARD, "the plugin's next callout", || async {
+        (lg.stat(name).await.unwrap_or(0.0) >= n as f64).then_some(())
+    })
+    .await;
+}
+
 each_proto!(
-    /// A streamed body runs its phases as a body stream is polled, which cannot
-    /// wait for a callout: pause there stays a failure (abi/README.md §4).
-    async fn a_pause_from_a_streamed_body_phase_is_a_failure(proto) {
+    /// A streamed request body pauses chunk by chunk: each chunk is held
+    /// (the rest of the body unread) until its callout answers, rewritten
+    /// there, then goes on through the filters after the paused one.
+    async fn a_streamed_request_body_pauses_for_a_callout_chunk_by_chunk(proto) {
+        let up = upstream().start().await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rqbody\"")
+            + &plugin("count", "{ mode: body-stream-count, phases: \"rqbody,rs\" }", "{ cpu: 500ms }");
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check", "count"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let (body, drive) = paced_body(&lg, "check", "first,", &["second"]);
+        let (r, ()) = tokio::join!(c.post("/s").boxed_body(body).send(), drive);
+        assert_eq!(r.status, 200, "{}", r.text());
+        // Each chunk checked and rewritten in turn; the end-of-stream call
+        // (empty: the end came alone) paused too and added its `!`.
+        assert_eq!(r.echo().body, "FIRST,!SECOND!!");
+        // `count`, after `check` in the chain, saw the rewritten chunks.
+        assert_eq!(r.header("x-body-calls"), Some("3"));
+        assert_eq!(r.header("x-body-bytes"), Some("15"));
+        assert_eq!(r.header("x-body-eos"), Some("1"));
+        assert_eq!(ck.requests.get(), 3);
+        lg.assert_stat(&calls("check", "request_body"), 3.0).await;
+        lg.assert_stat(&calls("check", "callout_response"), 3.0).await;
+        let failures = lg.stat(r#"legate_plugin_failures_total{plugin="check"}"#).await;
+        assert_eq!(failures.unwrap_or(0.0), 0.0);
+    }
+);
+
+each_proto!(
+    /// A streamed response body pauses as a request body does; its head went
+    /// downstream before (not writable from the callback).
+    async fn a_streamed_response_body_pauses_for_a_callout(proto) {
+        use std::sync::{Arc, Mutex};
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let rx = Arc::new(Mutex::new(Some(rx)));
+        let up = upstream()
+            .handler(move |_req: Request<Incoming>| {
+                let rx = rx.lock().unwrap().take();
+                async move {
+                    let stream = futures_util::stream::unfold(rx, |rx| async move {
+                        let mut rx = rx?;
+                        let d = rx.recv().await?;
+                        Some((Ok::<_, BoxError>(http_body::Frame::data(d)), Some(rx)))
+                    });
+                    Response::new(http_body_util::BodyExt::boxed(
+                        http_body_util::StreamBody::new(stream),
+                    ))
+                }
+            })
+            .start()
+            .await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rsbody\"");
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        tx.send(Bytes::from("po")).unwrap();
+        let name = callouts("check");
+        let drive = async {
+            callouts_reach(&lg, &name, 1).await;
+            tx.send(Bytes::from("ng")).unwrap();
+            callouts_reach(&lg, &name, 2).await;
+            drop(tx);
+        };
+        let (r, ()) = tokio::join!(c.get("/r").send(), drive);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "PO!NG!!");
+        assert_eq!(r.header("x-checked"), None);
+        assert_eq!(ck.requests.get(), 3);
+        lg.assert_stat(&calls("check", "response_body"), 3.0).await;
+        lg.assert_stat(&calls("check", "callout_response"), 3.0).await;
+    }
+);
+
+each_proto!(
+    /// A callout that denies a held chunk answers instead of the upstream,
+    /// whose request is aborted.
+    async fn a_streamed_request_chunk_denied_from_its_callout_answers_locally(proto) {
         let up = upstream().start().await;
         let ck = checker().await;
         let p = checking_plugin("check", "phases: \"rqbody\"");
         let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
         let lg = legate().config(&yaml).start();
         let mut c = client(proto, lg.addr("web")).await;
-        let r = c.post("/a").body("hello").send().await;
+        // The denial is the second chunk's; the end, sent after its callout,
+        // is never read.
+        let (body, drive) = paced_body(&lg, "check", "first,", &["a forbidden word"]);
+        let r = tokio::select! {
+            r = c.post("/d").boxed_body(body).send() => r,
+            () = async { drive.await; std::future::pending().await } => unreachable!(),
+        };
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "rejected: a forbidden word");
+        assert_eq!(r.header("x-from-callout"), Some("1"));
+        lg.assert_stat(&calls("check", "callout_response"), 2.0).await;
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="4xx"}"#, 1.0)
+            .await;
+    }
+);
+
+/// `yaml` with `route` (YAML lines at the route's indentation) added to its
+/// route.
+fn with_route(yaml: &str, route: &str) -> String {
+    yaml.replace(
+        "            cluster: backend\n",
+        &format!("            cluster: backend\n{route}"),
+    )
+}
+
+/// A request body whose chunks a test sends as it goes (`tx`), never ended
+/// unless `tx` is dropped.
+fn open_body() -> (tokio::sync::mpsc::UnboundedSender<Bytes>, BoxBody) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|d| (Ok::<_, BoxError>(http_body::Frame::data(d)), rx))
+    });
+    (
+        tx,
+        http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(stream)),
+    )
+}
+
+/// An upstream that answers `early` at once, while it reads the request body
+/// to its end (`reads`) or not at all (it then closes the connection or
+/// resets the stream: it will not read the rest).
+async fn early_upstream(reads: bool) -> UpstreamHandle {
+    upstream()
+        .handler(move |req: Request<Incoming>| async move {
+            if reads {
+                tokio::spawn(async move {
+                    let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                });
+            }
+            Response::new(Full::new(Bytes::from("early")))
+        })
+        .start()
+        .await
+}
+
+each_proto!(
+    /// The upstream answers at once, while a request chunk is held for a slow
+    /// check: the check's denial still replaces the upstream's answer, whose
+    /// head had not gone downstream (abi/README.md §3.5).
+    async fn a_held_chunk_denied_after_the_upstream_answered_replaces_its_answer(proto) {
+        let up = early_upstream(true).await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rqbody\", timeout: \"5000\"");
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let (tx, body) = open_body();
+        tx.send(Bytes::from("a forbidden word")).unwrap();
+        // `/slow`: the checker answers after 2 s, long after the upstream.
+        let r = c.post("/slow").boxed_body(body).send().await;
+        drop(tx);
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "rejected: a forbidden word");
+        assert_eq!(r.header("x-from-callout"), Some("1"));
+    }
+);
+
+each_proto!(
+    /// The upstream answers at once and stops reading the request body while
+    /// a chunk of it is held: the hold is abandoned (the chunk can go nowhere)
+    /// and the upstream's answer goes to the client, as Envoy's would.
+    async fn a_held_chunk_the_upstream_no_longer_reads_lets_its_answer_through(proto) {
+        let up = early_upstream(false).await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rqbody,rs\", timeout: \"5000\"");
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let (tx, body) = open_body();
+        tx.send(Bytes::from("a forbidden word")).unwrap();
+        let r = c.post("/slow").boxed_body(body).send().await;
+        drop(tx);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "early");
+        // Not the filter's failure; its response phase ran; the cancelled
+        // check is never delivered.
+        lg.assert_stat(&calls("check", "response_headers"), 1.0).await;
+        let failures = lg.stat(r#"legate_plugin_failures_total{plugin="check"}"#).await;
+        assert_eq!(failures.unwrap_or(0.0), 0.0);
+        let delivered = lg.stat(&calls("check", "callout_response")).await;
+        assert_eq!(delivered.unwrap_or(0.0), 0.0);
+    }
+);
+
+each_proto!(
+    /// On a route that reads the body first (retries), a streamed body
+    /// phase's denial is the filter's answer, not a body read error.
+    async fn a_streamed_denial_on_a_retry_route_is_the_filters_answer(proto) {
+        let up = upstream().start().await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rqbody\"");
+        let yaml = with_route(
+            &checked_config(up.addr, ck.addr, &p, &["check"], ""),
+            "            retry: { retry_on: [5xx], num_retries: 1, retry_non_idempotent: true }\n",
+        );
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/d").body("a forbidden word").send().await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "rejected: a forbidden word");
+        assert_eq!(up.requests.get(), 0, "the upstream got the denied request");
+    }
+);
+
+each_proto!(
+    /// A route that reads the body first bounds that read by its timeout,
+    /// counting only the client's time: a chunk held for a check longer than
+    /// the timeout is no 408, a client that stalls after it is.
+    async fn a_held_chunk_is_not_the_clients_time_but_a_stall_after_it_is(proto) {
+        let up = upstream().start().await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rqbody\", timeout: \"5000\"");
+        let yaml = with_route(
+            &checked_config(up.addr, ck.addr, &p, &["check"], ""),
+            "            timeout: 1s\n            retry: { retry_on: [5xx], num_retries: 1, retry_non_idempotent: true }\n",
+        );
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        // Held 2 s (`/slow`), then the end at once: through.
+        let (tx, body) = open_body();
+        tx.send(Bytes::from("first,")).unwrap();
+        let drive = async {
+            eventually(HANG_GUARD, "the chunk's check to answer", || async {
+                (lg.stat(&calls("check", "callout_response")).await == Some(1.0)).then_some(())
+            })
+            .await;
+            drop(tx);
+        };
+        let (r, ()) = tokio::join!(c.post("/slow").boxed_body(body).send(), drive);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().body, "FIRST,!!");
+
+        // Held 2 s, then nothing: 408 once the client used up its second.
+        let (tx, body) = open_body();
+        tx.send(Bytes::from("first,")).unwrap();
+        let r = tokio::time::timeout(HANG_GUARD, c.post("/slow").boxed_body(body).send())
+            .await
+            .expect("a client stalled after a held chunk was never timed out");
+        assert_eq!(r.status, 408, "{}", r.text());
+        // The check answered first: the 408 is the stall's, not the hold's.
+        lg.assert_stat(&calls("check", "callout_response"), 3.0).await;
+        drop(tx);
+    }
+);
+
+each_proto!(
+    /// Full duplex: the response, read whole for a buffering filter, ends while
+    /// a request chunk is held for a check: its phases wait for the check.
+    async fn a_buffered_response_waits_for_a_held_request_chunk(proto) {
+        use std::sync::{Arc, Mutex};
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel::<()>();
+        let end_rx = Arc::new(Mutex::new(Some(end_rx)));
+        let up = upstream()
+            .h2()
+            .handler(move |req: Request<Incoming>| {
+                let end_rx = end_rx.lock().unwrap().take();
+                async move {
+                    // Reads the request body to its end (a server that stops
+                    // reading once it answered resets the request stream).
+                    tokio::spawn(async move {
+                        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                    });
+                    // The head at once; the body's one chunk when told.
+                    let stream = futures_util::stream::once(async move {
+                        if let Some(rx) = end_rx {
+                            let _ = rx.await;
+                        }
+                        Ok::<_, BoxError>(http_body::Frame::data(Bytes::from("pong")))
+                    });
+                    Response::new(http_body_util::BodyExt::boxed(
+                        http_body_util::StreamBody::new(stream),
+                    ))
+                }
+            })
+            .start()
+            .await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rqbody\", timeout: \"5000\"")
+            + &checking_plugin("whole", "phases: \"rsbody\", rsmode: buffered, timeout: \"5000\"");
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check", "whole"], "    protocol: h2\n");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let (tx, body) = open_body();
+        tx.send(Bytes::from("a,")).unwrap();
+        let drive = async {
+            // The first chunk is checked (2 s), then the second is held
+            // (2 s) while the response ends.
+            eventually(HANG_GUARD, "the first chunk's check", || async {
+                (lg.stat(&calls("check", "callout_response")).await == Some(1.0)).then_some(())
+            })
+            .await;
+            tx.send(Bytes::from("b,")).unwrap();
+            callouts_reach(&lg, &callouts("check"), 2).await;
+            let _ = end_tx.send(());
+            tx
+        };
+        let (r, tx) = tokio::join!(c.post("/slow").boxed_body(body).send(), drive);
+        drop(tx);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "PONG!");
+        assert_eq!(r.header("x-checked"), Some("200"));
+    }
+);
+
+each_proto!(
+    /// A pause from a streamed body phase with no callout in flight could
+    /// never end: a failure of the plugin (abi/README.md §3.3).
+    async fn a_pause_from_a_streamed_body_phase_without_a_callout_is_a_failure(proto) {
+        let up = upstream().start().await;
+        let ck = checker().await;
+        let p = checking_plugin("check", "phases: \"rqbody\"");
+        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/nocallout").body("hello").send().await;
         // Failed closed: 503 naming the plugin, as for a failure in any phase.
         assert_eq!(r.status, 503, "{}", r.text());
         assert_eq!(r.text(), "plugin_failure: check\n");
-        // The refused pause is the plugin's failure, counted as such.
         lg.assert_stat(r#"legate_plugin_failures_total{plugin="check"}"#, 1.0)
             .await;
+        assert_eq!(ck.requests.get(), 0);
     }
 );
 

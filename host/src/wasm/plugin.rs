@@ -314,15 +314,19 @@ fn verdict(
                 live.paused.remove(&context);
                 return Err("returned `pause` with no outstanding callout".to_string());
             }
-            // A body or trailers call may pause only if the host holds the message.
-            let body_dir = match phase {
-                Phase::RequestBody | Phase::RequestTrailers => Some(Direction::Request),
-                Phase::ResponseBody | Phase::ResponseTrailers => Some(Direction::Response),
-                _ => None,
-            };
-            if let Some(d) = body_dir.filter(|_| !live.store.data().x.hold_body) {
+            // A body or trailers call may pause only where the chain can hold
+            // the message: buffered, or a streamed body it stops reading.
+            let body_phase = matches!(
+                phase,
+                Phase::RequestBody
+                    | Phase::RequestTrailers
+                    | Phase::ResponseBody
+                    | Phase::ResponseTrailers
+            );
+            let x = &live.store.data().x;
+            if body_phase && !x.hold_body && !x.hold_stream {
                 live.paused.remove(&context);
-                return Err(crate::filter::streamed_pause_error(d));
+                return Err(crate::filter::UNHELD_PAUSE.to_string());
             }
             let body_end = live.store.data().body_end;
             live.paused.insert(context, (phase, body_end));

@@ -90,14 +90,17 @@
 //!   behaves as `body-upper`, and records a late `set-body-mode` error in
 //!   `x-late-mode` on the response.
 //!
-//! - `body-callout`: the body phase (either direction; meant for `buffered`
-//!   mode) sends the body as a callout `POST /check<request path>` to cluster
+//! - `body-callout`: the body phase (either direction, any mode; in `streamed`
+//!   mode each chunk) sends the body as a callout `POST /check<request path>` to cluster
 //!   `cluster` (`timeout` as in `callout`; header `x-direction: request|response`)
 //!   and pauses; a trailers phase likewise sends `POST /check/trailers<request
 //!   path>` with the trailers as `name=value;...` and pauses. Request path
 //!   `/nocallout...` pauses without sending anything (a failure). The callout
 //!   response, still in the paused phase: a 2xx sets `x-checked: <status>` on that
-//!   direction's head and upper-cases the body plus `!` (or, from a trailers phase,
+//!   direction's head (if `buffered`; a streamed head went on before, and if
+//!   it is still writable the answer is 500 `the head of a streamed body was
+//!   writable`) and
+//!   upper-cases the body plus `!` (or, from a trailers phase,
 //!   sets trailer `x-checked: <status>`); if the direction's trailers are there in
 //!   a body pause, it sets trailer `x-body-checked: <status>` too. A write that
 //!   fails answers 500 `write failed: <what> <error>`. Any other status answers
@@ -130,6 +133,9 @@ struct Cfg {
     cluster: String,
     timeout: u32,
     file: String,
+    /// Per direction, whether its body mode is `buffered` (the head is held
+    /// with the body).
+    buffered: [bool; 2],
 }
 
 thread_local! {
@@ -139,6 +145,7 @@ thread_local! {
         cluster: String::new(),
         timeout: 0,
         file: String::new(),
+        buffered: [false; 2],
     });
     /// `callout` mode: responses still awaited per context.
     /// `tick-callout` mode: the tick callout was sent.
@@ -407,8 +414,20 @@ fn checked(c: u64, x: &Exchange, r: Result<CalloutResponse, Error>) -> Action {
     if trailers {
         return set(x.trailers(d), "x-checked", "trailers").unwrap_or(Action::Continue);
     }
-    if let Some(a) = set(x.headers(d), "x-checked", "head") {
-        return a;
+    // A streamed body's head went on before its first body call: writing it
+    // must fail (abi/README.md §3.4), else the host broke the write window.
+    let held_head = CFG.with(|c| c.borrow().buffered[usize::from(d == Direction::Response)]);
+    if held_head {
+        if let Some(a) = set(x.headers(d), "x-checked", "head") {
+            return a;
+        }
+    } else if x.headers(d).is_some_and(|h| h.set("x-checked", b"late").is_ok()) {
+        return Action::Respond(LocalResponse {
+            status: 500,
+            headers: Vec::new(),
+            body: b"the head of a streamed body was writable\n".to_vec(),
+            details: "write_window".into(),
+        });
     }
     let Some(b) = x.body(d) else {
         return write_failed("body", Error::NotFound);
@@ -603,6 +622,13 @@ impl Guest for Plugin {
         let timeout = field(&config, "timeout")
             .and_then(|t| t.parse().ok())
             .unwrap_or(0);
+        let body_mode = |key: &str| match field(&config, key).as_deref() {
+            None | Some("streamed") => Ok(BodyMode::Streamed),
+            Some("buffered") => Ok(BodyMode::Buffered),
+            Some("skipped") => Ok(BodyMode::Skipped),
+            Some(m) => Err(format!("unknown body mode `{m}`")),
+        };
+        let (request_body_mode, response_body_mode) = (body_mode("rqmode")?, body_mode("rsmode")?);
         CFG.with(|c| {
             *c.borrow_mut() = Cfg {
                 mode,
@@ -610,18 +636,16 @@ impl Guest for Plugin {
                 cluster,
                 timeout,
                 file: field(&config, "file").unwrap_or_else(|| "data".into()),
+                buffered: [
+                    request_body_mode == BodyMode::Buffered,
+                    response_body_mode == BodyMode::Buffered,
+                ],
             }
         });
-        let body_mode = |key: &str| match field(&config, key).as_deref() {
-            None | Some("streamed") => Ok(BodyMode::Streamed),
-            Some("buffered") => Ok(BodyMode::Buffered),
-            Some("skipped") => Ok(BodyMode::Skipped),
-            Some(m) => Err(format!("unknown body mode `{m}`")),
-        };
         Ok(HttpSetup {
             phases,
-            request_body_mode: body_mode("rqmode")?,
-            response_body_mode: body_mode("rsmode")?,
+            request_body_mode,
+            response_body_mode,
             tick_interval_ms: field(&config, "tick")
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(0),
