@@ -15,10 +15,11 @@
 //! (so a test can check what the proxy sent); `Count` streams `count` replies
 //! (`delay_ms` apart), then ends with `fail_code`/`fail_message` in the
 //! trailers; `Chat` echoes each message of a client stream as it arrives;
+//! `Collect` answers once with a client stream's messages joined by `,`;
 //! `Fail` answers with a chosen status, which tonic sends trailers-only
 //! (status in the headers); `Reflect` answers with the request it received.
-//! The unary and server-streaming methods carry `google.api.http` options
-//! (REST/JSON bindings for plugins/grpc-json).
+//! Every method carries `google.api.http` options (REST/JSON bindings for
+//! plugins/grpc-json).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -264,6 +265,22 @@ impl pb::echo_server::Echo for EchoService {
             })
         });
         Ok(Response::new(Box::pin(replies)))
+    }
+
+    async fn collect(
+        &self,
+        req: Request<tonic::Streaming<pb::SayRequest>>,
+    ) -> Result<Response<pb::SayReply>, Status> {
+        self.calls.inc();
+        let mut stream = req.into_inner();
+        let mut messages = Vec::new();
+        while let Some(m) = futures_util::StreamExt::next(&mut stream).await {
+            messages.push(m?.message);
+        }
+        Ok(Response::new(pb::SayReply {
+            message: messages.join(","),
+            metadata: Default::default(),
+        }))
     }
 
     async fn fail(&self, req: Request<pb::FailRequest>) -> Result<Response<pb::SayReply>, Status> {

@@ -232,6 +232,39 @@ each_proto!(
 );
 
 each_proto!(
+    /// Client and bidi streaming, as Envoy: the request messages come from a
+    /// JSON array, one frame each; a reply stream is a JSON array too.
+    async fn request_streams_come_from_a_json_array(proto) {
+        let s = setup().await;
+        let mut c = client(proto, s.lg.addr("web")).await;
+        let two = r#"[{"message": "a"}, {"message": "b"}]"#;
+        // Client streaming: one reply.
+        let r = c.post("/v1/collect").body(two).send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        is_json(&r);
+        assert_eq!(r.json(), json!({"message": "a,b"}));
+        // An empty stream; and, without a body in the rule, one from the path.
+        let r = c.post("/v1/collect").body("[]").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json(), json!({}));
+        let r = c.post("/v1/collect/solo").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json(), json!({"message": "solo"}));
+        // Bidi streaming: each request echoed, the replies an array.
+        let r = c.post("/v1/chat").body(two).send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json(), json!([{"message": "a"}, {"message": "b"}]));
+        // Not an array: 400, and the upstream sees nothing.
+        let r = c.post("/v1/collect").body(r#"{"message": "a"}"#).send().await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.json()["code"], json!(3));
+        assert_eq!(s.grpc.calls.get(), 4);
+        assert_eq!(requests(&s.lg, "ok").await, Some(4.0));
+        assert_eq!(requests(&s.lg, "bad_request").await, Some(1.0));
+    }
+);
+
+each_proto!(
     async fn bad_json_is_400_and_the_upstream_sees_nothing(proto) {
         let s = setup().await;
         let mut c = client(proto, s.lg.addr("web")).await;

@@ -1,8 +1,9 @@
 //! `grpc-json`: Legate's first-party JSON ↔ gRPC transcoder, a Wasm plugin
 //! built with `legate-sdk`, after Envoy's `grpc_json_transcoder`.
 //!
-//! A unary or server-streaming gRPC method with a `google.api.http` option is
-//! exposed as REST/JSON (a server stream's replies as a JSON array, streamed):
+//! A gRPC method with a `google.api.http` option is exposed as REST/JSON (a
+//! server stream's replies as a JSON array, streamed; a client stream's
+//! requests from a JSON array, as Envoy's):
 //!
 //! - request headers: the method and path are matched against the rules of the
 //!   configured services (most specific template wins). No match: the
@@ -11,7 +12,9 @@
 //!   `te: trailers`) and the request body is buffered;
 //! - request body (buffered, also called for a body-less `GET`): the message is
 //!   built from the JSON body, path variables and query parameters, encoded and
-//!   framed; bad input is answered `400` with `{"code": 3, "message": ...}`;
+//!   framed (for a client or bidi stream, one message per element of the body's
+//!   JSON array, each framed, the path and query bound into each); bad input is
+//!   answered `400` with `{"code": 3, "message": ...}`;
 //! - response: the response body is buffered; its message is printed as JSON,
 //!   or, for a gRPC error (in the trailers, or trailers-only in the headers),
 //!   the mapped HTTP status with `{"code": N, "message": ...}`. The trailers
@@ -223,10 +226,17 @@ impl HttpFilter for GrpcJson {
         if !end_of_stream {
             return Action::Continue;
         }
+        // One frame per message: one for a unary call, one per element of the
+        // JSON array for a client or bidi stream (none for `[]`).
         let framed = self
             .transcoder
-            .request_message(m, &body.to_vec())
-            .and_then(|msg| codec::frame(&msg));
+            .request_messages(m, &body.to_vec())
+            .and_then(|msgs| {
+                msgs.iter().try_fold(Vec::new(), |mut out, msg| {
+                    out.extend(codec::frame(msg)?);
+                    Ok(out)
+                })
+            });
         match framed {
             Ok(framed) => match body.replace(framed) {
                 Ok(()) => Action::Continue,

@@ -98,12 +98,8 @@ impl Transcoder {
                 ));
             };
             for method in service.methods() {
-                // Client and bidi streaming are not transcoded (README): their
-                // requests find no rule and pass through untouched. Server
-                // streaming is: the replies become a JSON array.
-                if method.is_client_streaming() {
-                    continue;
-                }
+                // Every kind of method: a request stream comes from a JSON
+                // array, a reply stream becomes one (README).
                 let options = method.options();
                 if !options.has_extension(http) {
                     continue;
@@ -116,7 +112,7 @@ impl Transcoder {
         }
         if rules.is_empty() {
             return Err(format!(
-                "services {} have no unary or server-streaming method with a google.api.http option: nothing to transcode",
+                "services {} have no method with a google.api.http option: nothing to transcode",
                 config.services.join(", ")
             ));
         }
@@ -173,14 +169,58 @@ impl Transcoder {
         })
     }
 
+    /// The encoded request messages for a matched request with HTTP body
+    /// `body`. A unary or server-streaming method gets one
+    /// ([`Transcoder::request_message`]). A client- or bidi-streaming one
+    /// gets one per element of the body, a JSON array (Envoy's format), each
+    /// built as a unary body would be, path variables and query parameters
+    /// included; an empty body (or `[]`) is a stream with no message. Without
+    /// a body in its rule, it gets one message, from the path and query.
+    /// `Err` is a client error (400), saying what is wrong.
+    pub fn request_messages(&self, m: &Match, body: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+        let rule = self.rule(m)?;
+        if !rule.method.is_client_streaming() || matches!(rule.body, BodyMapping::None) {
+            return Ok(vec![self.request_message(m, body)?]);
+        }
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Vec::new());
+        }
+        let input = rule.method.input();
+        let items = match serde_json::from_slice::<Json>(body) {
+            Ok(Json::Array(items)) => items,
+            Ok(_) => {
+                return Err(format!(
+                    "{} takes a stream of {}: the body must be a JSON array of them, e.g. [{{...}}, {{...}}]",
+                    rule.method.full_name(),
+                    input.full_name()
+                ))
+            }
+            Err(e) => return Err(format!("invalid JSON body: {e}")),
+        };
+        let bound = self.bound_fields(m, rule)?;
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let mut msg = body_message(rule, &input, item)
+                    .map_err(|e| format!("message {i} of the array: {e}"))?;
+                merge_bound(&mut msg, bound.as_ref())?;
+                Ok(msg.encode_to_vec())
+            })
+            .collect()
+    }
+
+    fn rule(&self, m: &Match) -> Result<&Rule, String> {
+        self.rules
+            .get(m.rule)
+            .ok_or_else(|| "internal: no such rule".to_owned())
+    }
+
     /// The encoded request message for a matched request with HTTP body
     /// `body`: the body per the rule, then the path variables, then the query
     /// parameters. `Err` is a client error (400), saying what is wrong.
     pub fn request_message(&self, m: &Match, body: &[u8]) -> Result<Vec<u8>, String> {
-        let rule = self
-            .rules
-            .get(m.rule)
-            .ok_or_else(|| "internal: no such rule".to_owned())?;
+        let rule = self.rule(m)?;
         let input = rule.method.input();
         let mut msg = match &rule.body {
             BodyMapping::None => DynamicMessage::new(input.clone()),
@@ -196,20 +236,20 @@ impl Transcoder {
                 .map_err(|e| format!("invalid JSON body for {}: {e}", input.full_name()))?;
                 msg
             }
-            BodyMapping::Field(path) => {
+            BodyMapping::Field(_) => {
                 let value: Json =
                     serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
-                let wrapped = path.iter().rev().fold(value, |v, name| {
-                    Json::Object(Map::from_iter([(name.clone(), v)]))
-                });
-                json_to_message(&input, wrapped)
-                    .map_err(|e| format!("invalid JSON body for field {}: {e}", path.join(".")))?
+                body_message(rule, &input, value)?
             }
         };
+        merge_bound(&mut msg, self.bound_fields(m, rule)?.as_ref())?;
+        Ok(msg.encode_to_vec())
+    }
 
-        // Path variables and query parameters, gathered as one JSON object
-        // and merged into the body's message with protobuf merge semantics:
-        // a scalar given again overrides the body's, repeated values append.
+    /// The path variables and query parameters of `m`, gathered as one
+    /// message to merge into each request message (`None`: there are none).
+    fn bound_fields(&self, m: &Match, rule: &Rule) -> Result<Option<DynamicMessage>, String> {
+        let input = rule.method.input();
         let mut bindings = Map::new();
         for c in &m.captures {
             let value = percent_decode(&c.raw, c.multi_segment, false)
@@ -234,12 +274,10 @@ impl Transcoder {
             bind(&input, &mut bindings, &path, &value, true)
                 .map_err(|e| format!("query parameter {key:?}: {e}"))?;
         }
-        if !bindings.is_empty() {
-            let b = json_to_message(&input, Json::Object(bindings))?;
-            msg.merge(b.encode_to_vec().as_slice())
-                .map_err(|e| format!("internal: merging the bound fields: {e}"))?;
+        if bindings.is_empty() {
+            return Ok(None);
         }
-        Ok(msg.encode_to_vec())
+        json_to_message(&input, Json::Object(bindings)).map(Some)
     }
 
     /// The JSON body for a response message `payload` of the matched rule.
@@ -287,6 +325,39 @@ impl Transcoder {
         out.push(b'\n');
         Ok(out)
     }
+}
+
+/// The request message a JSON body `value` gives under `rule`'s body mapping
+/// (`*`: the whole message; a field path: that field). Not for `BodyMapping::None`
+/// (an empty message).
+fn body_message(
+    rule: &Rule,
+    input: &MessageDescriptor,
+    value: Json,
+) -> Result<DynamicMessage, String> {
+    match &rule.body {
+        BodyMapping::None => Ok(DynamicMessage::new(input.clone())),
+        BodyMapping::All => json_to_message(input, value)
+            .map_err(|e| format!("invalid JSON body for {}: {e}", input.full_name())),
+        BodyMapping::Field(path) => {
+            let wrapped = path.iter().rev().fold(value, |v, name| {
+                Json::Object(Map::from_iter([(name.clone(), v)]))
+            });
+            json_to_message(input, wrapped)
+                .map_err(|e| format!("invalid JSON body for field {}: {e}", path.join(".")))
+        }
+    }
+}
+
+/// Merges the path variables and query parameters (`bound`) into `msg` with
+/// protobuf merge semantics: a scalar given again overrides the body's,
+/// repeated values append.
+fn merge_bound(msg: &mut DynamicMessage, bound: Option<&DynamicMessage>) -> Result<(), String> {
+    if let Some(b) = bound {
+        msg.merge(b.encode_to_vec().as_slice())
+            .map_err(|e| format!("internal: merging the bound fields: {e}"))?;
+    }
+    Ok(())
 }
 
 fn json_to_message(desc: &MessageDescriptor, value: Json) -> Result<DynamicMessage, String> {

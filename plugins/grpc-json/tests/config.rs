@@ -64,7 +64,7 @@ fn valid_config_loads_with_defaults() {
             "{result}"
         );
     }
-    assert_eq!(t.filter().transcoder().rules.len(), 9);
+    assert_eq!(t.filter().transcoder().rules.len(), 12);
 
     // Another file name, and every option spelled out.
     let host = TestHost::new().file("protos", common::echo_descriptors());

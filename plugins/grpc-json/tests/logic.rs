@@ -8,7 +8,7 @@
 
 mod common;
 
-use legate_plugin_grpc_json::GrpcJson;
+use legate_plugin_grpc_json::{codec, GrpcJson};
 use legate_sdk::testing::{FilterTest, Request, Response, TestHost};
 use legate_sdk::{Action, BodyMode, Direction};
 use prost::Message;
@@ -137,6 +137,43 @@ fn post_with_body_star() {
         json(&x.response_body_bytes()),
         serde_json::json!({"message": "hello"})
     );
+}
+
+#[test]
+fn a_client_stream_is_a_json_array_sent_as_one_frame_per_message() {
+    let mut t = filter();
+    let body = r#"[{"message": "a"}, {"message": "b"}]"#;
+    let mut x = t.exchange(Request::post("/v1/collect", body));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.path(), "/legate.test.v1.Echo/Collect");
+    assert_eq!(x.request_body(), Action::Continue);
+    let mut frames = codec::Deframer::default();
+    let sent: Vec<String> = frames
+        .push(&x.request_body_bytes())
+        .unwrap()
+        .iter()
+        .map(|m| SayRequest::decode(m.as_slice()).unwrap().message)
+        .collect();
+    assert_eq!(sent, ["a", "b"]);
+    // Its one reply prints as an object, as a unary call's.
+    let reply = SayReply {
+        message: "a,b".into(),
+    };
+    x.response_headers(grpc_ok(common::frame(&reply.encode_to_vec())));
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(
+        json(&x.response_body_bytes()),
+        serde_json::json!({"message": "a,b"})
+    );
+
+    // Not an array: 400, nothing upstream.
+    let mut x = t.exchange(Request::post("/v1/collect", r#"{"message": "a"}"#));
+    assert_eq!(x.request_headers(), Action::Continue);
+    let Action::Respond(r) = x.request_body() else {
+        panic!("not answered locally")
+    };
+    assert_eq!(r.status, 400);
+    assert_eq!(counter(&t, "bad_request"), Some(1));
 }
 
 #[test]

@@ -80,8 +80,23 @@ fn build<M: Message + Default>(
     Ok(M::decode(bytes.as_slice()).unwrap())
 }
 
+/// What `request_messages` builds for `path` with `body`: each message decoded.
+fn build_all<M: Message + Default>(
+    t: &Transcoder,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<Vec<M>, String> {
+    let (_, m) = find(t, method, path).unwrap_or_else(|| panic!("{method} {path}: no rule"));
+    let all = t.request_messages(&m, body.as_bytes())?;
+    Ok(all
+        .iter()
+        .map(|b| M::decode(b.as_slice()).unwrap())
+        .collect())
+}
+
 #[test]
-fn rules_come_from_the_http_options_of_unary_methods() {
+fn rules_come_from_the_http_options_of_every_method() {
     let t = transcoder(common::CONFIG);
     let mut bound: Vec<String> = t
         .rules
@@ -98,6 +113,9 @@ fn rules_come_from_the_http_options_of_unary_methods() {
             "GET /v1/tags/{name} -> /legate.test.v1.Echo/Reflect",
             "GET /v1/{name=shelves/*/books/*} -> /legate.test.v1.Echo/Reflect",
             "PATCH /v1/files/{name=**} -> /legate.test.v1.Echo/Reflect",
+            "POST /v1/chat -> /legate.test.v1.Echo/Chat",
+            "POST /v1/collect -> /legate.test.v1.Echo/Collect",
+            "POST /v1/collect/{message} -> /legate.test.v1.Echo/Collect",
             "POST /v1/echo -> /legate.test.v1.Echo/Say",
             "POST /v1/fail -> /legate.test.v1.Echo/Fail",
             "POST /v1/reflect/{inner.id}:run -> /legate.test.v1.Echo/Reflect",
@@ -110,6 +128,57 @@ fn rules_come_from_the_http_options_of_unary_methods() {
     assert!(find(&t, "GET", "/v1/echo").is_none());
     assert!(find(&t, "GET", "/legate.test.v1.Echo/Say").is_none());
     assert!(find(&t, "GET", "/v1/shelves/1/books").is_none());
+}
+
+#[test]
+fn a_request_stream_comes_from_a_json_array() {
+    let t = transcoder(common::CONFIG);
+    let say = |m: &str| pb::SayRequest { message: m.into() };
+    // One message per element, for client and bidi streaming alike.
+    for path in ["/v1/collect", "/v1/chat"] {
+        let all: Vec<pb::SayRequest> = build_all(
+            &t,
+            "POST",
+            path,
+            r#"[{"message": "a"}, {}, {"message": "c"}]"#,
+        )
+        .unwrap();
+        assert_eq!(all, [say("a"), say(""), say("c")], "{path}");
+    }
+    // An empty array or body: a stream with no message.
+    for body in ["[]", "", " \n"] {
+        let all: Vec<pb::SayRequest> = build_all(&t, "POST", "/v1/collect", body).unwrap();
+        assert!(all.is_empty(), "{body:?}");
+    }
+    // No body in the rule: one message, from the path.
+    let all: Vec<pb::SayRequest> = build_all(&t, "POST", "/v1/collect/solo", "").unwrap();
+    assert_eq!(all, [say("solo")]);
+    // A unary method still takes one object.
+    let all: Vec<pb::SayRequest> =
+        build_all(&t, "POST", "/v1/echo", r#"{"message": "x"}"#).unwrap();
+    assert_eq!(all, [say("x")]);
+
+    // Errors say what is wrong, and where in the array.
+    let e =
+        build_all::<pb::SayRequest>(&t, "POST", "/v1/collect", r#"{"message": "a"}"#).unwrap_err();
+    assert!(
+        e.contains("legate.test.v1.Echo.Collect takes a stream of legate.test.v1.SayRequest")
+            && e.contains("JSON array"),
+        "{e}"
+    );
+    let e = build_all::<pb::SayRequest>(
+        &t,
+        "POST",
+        "/v1/collect",
+        r#"[{"message": "a"}, {"nope": 1}]"#,
+    )
+    .unwrap_err();
+    assert!(
+        e.starts_with("message 1 of the array: invalid JSON body for legate.test.v1.SayRequest"),
+        "{e}"
+    );
+    let e = build_all::<pb::SayRequest>(&t, "POST", "/v1/collect", "[{").unwrap_err();
+    assert!(e.starts_with("invalid JSON body"), "{e}");
 }
 
 #[test]
