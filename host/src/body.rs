@@ -428,6 +428,20 @@ impl Filtered {
         self.stopped(why)
     }
 
+    /// Request data (or trailers) arriving after the exchange ended (its
+    /// response is complete and its filters finished) is not forwarded:
+    /// nothing filters it any more, and the upstream has answered (Envoy
+    /// resets such an upstream request). The error stops the upload; the
+    /// end of the body alone goes on.
+    fn unfiltered(&self, data: &Bytes, trailers: bool) -> Option<BoxError> {
+        let rest = !data.is_empty() || trailers;
+        (rest && self.dir == crate::filter::Direction::Request).then(|| {
+            self.stopped(
+                "request body data after the response ended: not forwarded unfiltered".into(),
+            )
+        })
+    }
+
     /// One body call over the chain, for a chunk that is not the last.
     fn step(&mut self, data: Bytes) -> Result<Bytes, BoxError> {
         use crate::filter::SharedError;
@@ -437,7 +451,13 @@ impl Filtered {
             .chain
             .with(|c| c.on_body(dir, slot.take().unwrap_or_default()));
         match r {
-            Err(SharedError::Finished) => Ok(slot.take().unwrap_or_default()),
+            Err(SharedError::Finished) => {
+                let data = slot.take().unwrap_or_default();
+                match self.unfiltered(&data, false) {
+                    Some(e) => Err(e),
+                    None => Ok(data),
+                }
+            }
             // `poll_frame` waits for the chain before reading (see
             // `SharedChain::poll_available`): out here means it is in use.
             Err(SharedError::Busy) => {
@@ -513,6 +533,9 @@ impl Filtered {
         match r {
             Err(SharedError::Finished) => {
                 let (data, trailers) = slot.take().unwrap_or_default();
+                if let Some(e) = self.unfiltered(&data, trailers.is_some()) {
+                    return Err(e);
+                }
                 self.done = true;
                 self.trailers = trailers;
                 Ok(data)

@@ -1168,7 +1168,8 @@ struct SharedInner {
     /// Boxed: the chain (with its exchange) moves out and back around every async
     /// phase, and a pointer moves cheaper than the whole struct.
     chain: std::cell::RefCell<Option<Box<Chain>>>,
-    /// The exchange is over (`finish` ran): streams pass data unfiltered.
+    /// The exchange is over (`finish` ran): request data still streaming is cut
+    /// (`body::Filtered`: nothing may pass a filter unseen), the end passes.
     finished: std::cell::Cell<bool>,
     /// A local response from a streamed request body phase, for the proxy to send
     /// in place of the upstream's.
@@ -1305,7 +1306,8 @@ impl SharedChain {
 
     /// Ends the exchange: `finish` on the chain (if it is not out), with the
     /// final status (`None`: no response was sent, the client went away first)
-    /// and cause. Streams pass data unfiltered from now on.
+    /// and cause. Request data still streaming is not forwarded from now on
+    /// (`body::Filtered`); the end of a body passes.
     pub fn finish(&self, status: Option<StatusCode>, cause: Option<&str>) {
         self.0.finished.set(true);
         let chain = self
@@ -2504,12 +2506,29 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         let out = shared.take().unwrap();
         assert!(body.as_mut().poll_frame(&mut cx).is_pending());
-        // Put back and finished normally: data then passes unfiltered.
+        // Put back and finished normally (the response ended): the stream is
+        // woken, and request data no filter can see any more is not
+        // forwarded (abi/README.md §4).
         shared.put(out);
         shared.finish(Some(StatusCode::OK), None);
+        assert!(wakes.0.load(Ordering::SeqCst) >= 1);
         match body.as_mut().poll_frame(&mut cx) {
-            Poll::Ready(Some(Ok(f))) => assert_eq!(f.into_data().unwrap(), "chunk"),
+            Poll::Ready(Some(Err(e))) => {
+                assert!(e.to_string().contains("after the response ended"), "{e}")
+            }
             other => panic!("{other:?}"),
         }
+        // The end alone (no data after the response ended) passes: the body ends.
+        let shared = SharedChain::new(Box::new(chain()));
+        shared.finish(Some(StatusCode::OK), None);
+        let mut empty = std::pin::pin!(crate::body::Filtered::new(
+            crate::body::empty(),
+            shared.clone(),
+            Direction::Request,
+        ));
+        assert!(matches!(
+            empty.as_mut().poll_frame(&mut cx),
+            Poll::Ready(None)
+        ));
     }
 }
