@@ -271,15 +271,7 @@ async fn proxy(
             )
         })?;
 
-    let authority = match authority_of(&req) {
-        Some(a) => a,
-        None => {
-            return Err(ProxyError::new(
-                Kind::BadRequest,
-                "request has no Host/:authority",
-            ))
-        }
-    };
+    let authority = authority_of(&req)?;
     let https = conn.tls.is_some();
     let trusted = http.trust_downstream;
     // `Upgrade: h2c` is never tunnelled: its upgrade headers go and it is
@@ -287,6 +279,9 @@ async fn proxy(
     // let the client speak HTTP/2 to the upstream past the routes and filters).
     let h1 = req.version() < Version::HTTP_2;
     strip_h2c(req.headers_mut(), h1);
+    if !h1 {
+        join_cookies(req.headers_mut());
+    }
     // A protocol upgrade (WebSocket) is read before its headers go with the
     // other hop-by-hop ones; they are set again for the upstream hop.
     let upgrade = is_upgrade(&req);
@@ -667,6 +662,14 @@ async fn proxy(
         }
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching && downstream_upgrade.is_none() {
+            // RFC 9110 §7.8: a switch the client did not ask for (and HTTP/2
+            // has no 101 at all, RFC 9113 §8.6): the upstream is broken.
+            return Err(ProxyError::new(
+                Kind::UpstreamProtocol,
+                "101 Switching Protocols to a request that did not ask to upgrade",
+            ));
+        }
         if switching {
             if let Some(down) = downstream_upgrade {
                 let up = hyper::upgrade::on(&mut resp);
@@ -1466,8 +1469,35 @@ fn check_framing<B>(req: &Request<B>, max_headers: usize) -> Result<(), ProxyErr
             Kind::HeadersTooLarge,
             format!("{} headers > {max_headers}", h.len()),
         ));
+    } else if h.get_all(header::CONTENT_LENGTH).iter().nth(1).is_some() {
+        // RFC 9110 §8.6: a proxy must not forward an invalid length; over
+        // HTTP/1.1 hyper refuses the same (nghttp2, so Envoy, too).
+        return Err(ProxyError::new(
+            Kind::BadRequest,
+            "more than one content-length",
+        ));
     }
     Ok(())
+}
+
+/// RFC 9113 §8.2.3: an HTTP/2 client may split `cookie` into several fields;
+/// they are joined with `; ` into one, which an HTTP/1.1 upstream must get
+/// (Envoy and nginx join them too). One field (or none) is left as it is.
+fn join_cookies(h: &mut http::HeaderMap) {
+    let mut all = h.get_all(header::COOKIE).iter();
+    if all.nth(1).is_none() {
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::new();
+    for v in h.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
+    }
 }
 
 /// Replaces the request's path by its normal form ([`crate::path`]), the query
@@ -1818,15 +1848,83 @@ fn strip_h2c(h: &mut http::HeaderMap, h1: bool) {
     h.remove(&HTTP2_SETTINGS);
 }
 
-fn authority_of<B>(req: &Request<B>) -> Option<String> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_string());
+/// The request's authority (absolute form or `:authority`, else `Host`),
+/// which must be RFC 9110 §7.2's `uri-host [":" port]`: anything else is a
+/// 400 (RFC 9112 §3.2), as Envoy and nginx answer. Userinfo (RFC 9113
+/// §8.3.1, RFC 9110 §4.2.4), path, query or fragment characters and spaces
+/// are refused, so routes match and the upstream gets exactly a host.
+fn authority_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
+    let raw = match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok()),
+    };
+    match raw {
+        None | Some("") => Err(ProxyError::new(
+            Kind::BadRequest,
+            "request has no Host/:authority",
+        )),
+        Some(a) if valid_authority(a) => Ok(a.to_string()),
+        Some(a) => Err(ProxyError::new(
+            Kind::BadRequest,
+            format!("invalid Host/:authority {a:?}: not a host with an optional port"),
+        )),
     }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| !h.is_empty())
-        .map(str::to_string)
+}
+
+/// Whether `a` is `uri-host [":" port]` (RFC 3986 §3.2.2: an IPv6 literal in
+/// brackets, or a reg-name / IPv4 address of unreserved, pct-encoded and
+/// sub-delim characters; the port digits only).
+fn valid_authority(a: &str) -> bool {
+    let port = match a.strip_prefix('[') {
+        Some(rest) => {
+            let Some((literal, after)) = rest.split_once(']') else {
+                return false;
+            };
+            let ipv6 = !literal.is_empty()
+                && literal
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+            if !ipv6 {
+                return false;
+            }
+            match after {
+                "" => return true,
+                p => match p.strip_prefix(':') {
+                    Some(port) => port,
+                    None => return false,
+                },
+            }
+        }
+        None => {
+            let (host, port) = a.split_once(':').unwrap_or((a, ""));
+            let b = host.as_bytes();
+            let mut i = 0;
+            while i < b.len() {
+                let ok = match b[i] {
+                    b'%' => {
+                        let hex = b
+                            .get(i + 1..i + 3)
+                            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+                        i += 2;
+                        hex
+                    }
+                    c => c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&c),
+                };
+                if !ok {
+                    return false;
+                }
+                i += 1;
+            }
+            if host.is_empty() {
+                return false;
+            }
+            port
+        }
+    };
+    port.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn content_length(h: &http::HeaderMap) -> Option<u64> {
@@ -2197,5 +2295,42 @@ mod tests {
     fn timestamps() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
         assert_eq!(humantime(t), "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn authorities_are_a_host_and_an_optional_port() {
+        for ok in [
+            "a.example",
+            "a.example:8080",
+            "a.example:",
+            "127.0.0.1:80",
+            "[::1]",
+            "[2001:db8::1]:443",
+            "xn--bcher-kva.example",
+            "a%2Db.example",
+            "under_score.example",
+        ] {
+            assert!(valid_authority(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "evil.com/.example.com",
+            "evil.com?.example.com",
+            "evil.com#.example.com",
+            "evil.com\\.example.com",
+            "a b",
+            "user:pw@b.example",
+            "u@a",
+            "a.example:80x",
+            "a.example:80:81",
+            "[::1",
+            "[::1]x",
+            "[zz::1]",
+            "a%2.example",
+            "a\"b",
+        ] {
+            assert!(!valid_authority(bad), "{bad}");
+        }
     }
 }

@@ -100,30 +100,39 @@ async fn ambiguous_heads_are_rejected() {
     // Two lengths (which one frames the body?), two hosts (RFC 9112 §3.2:
     // which one names the target?), and an HTTP/1.1 request with no host, even
     // one whose absolute form names a target (§3.2 again; nginx answers the
-    // same): 400, nothing goes upstream.
-    let ambiguous: [&[u8]; 4] = [
+    // same), or a target that is not a host and port (§3.2 too: path or
+    // query characters, spaces, userinfo, which a wildcard virtual host
+    // would otherwise match and the upstream trust): 400, nothing goes
+    // upstream.
+    let ambiguous: [&[u8]; 7] = [
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
         b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
         b"GET / HTTP/1.1\r\n\r\n",
         b"GET http://a.example/ HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: evil.example/.a.example\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+        b"GET http://user:pw@a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n",
     ];
     for req in ambiguous {
         let (status, text) = raw_exchange(lg.addr("web"), req).await;
         assert_eq!(status, Some(400), "{text}");
     }
     assert_eq!(up.requests.get(), 0);
-    lg.assert_stat(LISTENER_4XX, 4.0).await;
-    // One `Host` is fine on the same listener, and HTTP/1.0 (which predates
-    // `Host`) may name its target by absolute form alone.
-    let fine: [&[u8]; 2] = [
+    lg.assert_stat(LISTENER_4XX, 7.0).await;
+    // One `Host` is fine on the same listener (with a port, or an IPv6
+    // literal), and HTTP/1.0 (which predates `Host`) may name its target by
+    // absolute form alone.
+    let fine: [&[u8]; 4] = [
         b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.example:8080\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: [::1]:80\r\nConnection: close\r\n\r\n",
         b"GET http://a.example/ HTTP/1.0\r\n\r\n",
     ];
     for req in fine {
         let (status, text) = raw_exchange(lg.addr("web"), req).await;
         assert_eq!(status, Some(200), "{text}");
     }
-    assert_eq!(up.requests.get(), 2);
+    assert_eq!(up.requests.get(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -756,3 +756,78 @@ each_proto!(
         lg.assert_stat(CLUSTER_2XX, 2.0).await;
     }
 );
+
+/// RFC 9113 §8.2.3: the `cookie` fields an HTTP/2 client splits are joined
+/// with `; ` before the request goes on (one field for an HTTP/1.1 upstream),
+/// as Envoy and nginx do; a repeated `content-length` (RFC 9110 §8.6) and an
+/// `:authority` with userinfo (§8.3.1) are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_cookies_are_joined_and_bad_heads_refused() {
+    let up = upstream().http1().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    let r = c
+        .get("/c")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.echo().header_all("cookie"), ["a=1; b=2; c=3"]);
+    let r = c.get("/one").header("cookie", "a=1").send().await;
+    assert_eq!(r.echo().header_all("cookie"), ["a=1"]);
+    assert_eq!(up.requests.get(), 2);
+
+    let r = c
+        .post("/len")
+        .header("content-length", "5")
+        .header("content-length", "5")
+        .body("hello")
+        .send()
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = c.get("/u").host("user@a.example").send().await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(up.requests.get(), 2, "a refused request went upstream");
+}
+
+each_proto!(
+    /// An upstream `101` to a request that asked for no upgrade (RFC 9110
+    /// §7.8; HTTP/2 has no 101 at all) is a broken upstream: 502, not a
+    /// switch nobody asked for.
+    async fn an_unasked_101_is_a_bad_gateway(proto) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 101 Switching Protocols\r\n\
+                              Connection: upgrade\r\nUpgrade: foo\r\n\r\n",
+                        )
+                        .await;
+                    let mut rest = [0u8; 64];
+                    let _ = s.read(&mut rest).await;
+                });
+            }
+        });
+        let lg = legate().config(&simple_config(&[up])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/plain").send().await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        // The connection goes on serving (HTTP/1.1: no bogus switch).
+        let r = c.get("/again").send().await;
+        assert_eq!(r.status, 502, "{}", r.text());
+    }
+);
