@@ -577,36 +577,42 @@ async fn expect_100_continue_waits_for_the_go_ahead() {
     assert_eq!(up.requests.get(), 1);
 }
 
+/// A raw HTTP/1.1 upstream on 127.0.0.1:0 that reads each request head,
+/// writes `response` as it is and closes: answers hyper would not send.
+async fn canned_upstream(response: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s.write_all(response).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    up
+}
+
 each_proto!(
     /// An upstream answer with both `Transfer-Encoding: chunked` and a
     /// `Content-Length` is read as chunked (RFC 9112 §6.3), and the length,
     /// which does not describe that body, is not passed on.
     async fn a_response_with_both_framings_is_read_as_chunked(proto) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let up = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut b = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut b).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&b[..n]),
-                        }
-                    }
-                    let _ = s
-                        .write_all(
-                            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\
-                              Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
-                              5\r\nhello\r\n0\r\n\r\n",
-                        )
-                        .await;
-                    let _ = s.shutdown().await;
-                });
-            }
-        });
+        let up = canned_upstream(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\
+              Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+              5\r\nhello\r\n0\r\n\r\n",
+        )
+        .await;
         let lg = legate().config(&simple_config(&[up])).start();
         let mut c = client(proto, lg.addr("web")).await;
         let r = c.get("/").send().await;
@@ -797,31 +803,10 @@ each_proto!(
     /// §7.8; HTTP/2 has no 101 at all) is a broken upstream: 502, not a
     /// switch nobody asked for.
     async fn an_unasked_101_is_a_bad_gateway(proto) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let up = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut b = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut b).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&b[..n]),
-                        }
-                    }
-                    let _ = s
-                        .write_all(
-                            b"HTTP/1.1 101 Switching Protocols\r\n\
-                              Connection: upgrade\r\nUpgrade: foo\r\n\r\n",
-                        )
-                        .await;
-                    let mut rest = [0u8; 64];
-                    let _ = s.read(&mut rest).await;
-                });
-            }
-        });
+        let up = canned_upstream(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n",
+        )
+        .await;
         let lg = legate().config(&simple_config(&[up])).start();
         let mut c = client(proto, lg.addr("web")).await;
         let r = c.get("/plain").send().await;

@@ -1001,12 +1001,7 @@ each_proto!(
     /// A callout that denies a held chunk answers instead of the upstream,
     /// whose request is aborted.
     async fn a_streamed_request_chunk_denied_from_its_callout_answers_locally(proto) {
-        let up = upstream().start().await;
-        let ck = checker().await;
-        let p = checking_plugin("check", "phases: \"rqbody\"");
-        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
-        let lg = legate().config(&yaml).start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (_up, _ck, lg, mut c) = checked_route(proto, "phases: \"rqbody\"", "").await;
         // The denial is the second chunk's; the end, sent after its callout,
         // is never read.
         let (body, drive) = paced_body(&lg, "check", "first,", &["a forbidden word"]);
@@ -1030,6 +1025,23 @@ fn with_route(yaml: &str, route: &str) -> String {
         "            cluster: backend\n",
         &format!("            cluster: backend\n{route}"),
     )
+}
+
+/// An echo upstream, the checker, plugin `check` (`body-callout` with
+/// `extra` config) as the chain, `route` (YAML lines) on its route, the proxy
+/// and a client of it.
+async fn checked_route(
+    proto: Proto,
+    extra: &str,
+    route: &str,
+) -> (UpstreamHandle, UpstreamHandle, LegateHandle, Client) {
+    let up = upstream().start().await;
+    let ck = checker().await;
+    let p = checking_plugin("check", extra);
+    let yaml = with_route(&checked_config(up.addr, ck.addr, &p, &["check"], ""), route);
+    let lg = legate().config(&yaml).start();
+    let c = client(proto, lg.addr("web")).await;
+    (up, ck, lg, c)
 }
 
 /// A request body whose chunks a test sends as it goes (`tx`), never ended
@@ -1064,22 +1076,33 @@ async fn early_upstream(reads: bool) -> UpstreamHandle {
         .await
 }
 
+/// Posts `a forbidden word` to `/slow` (its check answers after 2 s) through
+/// plugin `check` with `phases`, to [`early_upstream`] (`reads`): the answer,
+/// and the proxy for its stats.
+async fn early_answer_to_a_held_chunk(
+    proto: Proto,
+    reads: bool,
+    phases: &str,
+) -> (Resp, LegateHandle) {
+    let up = early_upstream(reads).await;
+    let ck = checker().await;
+    let p = checking_plugin("check", &format!("phases: \"{phases}\", timeout: \"5000\""));
+    let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
+    let lg = legate().config(&yaml).start();
+    let mut c = client(proto, lg.addr("web")).await;
+    let (tx, body) = open_body();
+    tx.send(Bytes::from("a forbidden word")).unwrap();
+    let r = c.post("/slow").boxed_body(body).send().await;
+    drop(tx);
+    (r, lg)
+}
+
 each_proto!(
     /// The upstream answers at once, while a request chunk is held for a slow
     /// check: the check's denial still replaces the upstream's answer, whose
     /// head had not gone downstream (abi/README.md §3.5).
     async fn a_held_chunk_denied_after_the_upstream_answered_replaces_its_answer(proto) {
-        let up = early_upstream(true).await;
-        let ck = checker().await;
-        let p = checking_plugin("check", "phases: \"rqbody\", timeout: \"5000\"");
-        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
-        let lg = legate().config(&yaml).start();
-        let mut c = client(proto, lg.addr("web")).await;
-        let (tx, body) = open_body();
-        tx.send(Bytes::from("a forbidden word")).unwrap();
-        // `/slow`: the checker answers after 2 s, long after the upstream.
-        let r = c.post("/slow").boxed_body(body).send().await;
-        drop(tx);
+        let (r, _lg) = early_answer_to_a_held_chunk(proto, true, "rqbody").await;
         assert_eq!(r.status, 403, "{}", r.text());
         assert_eq!(r.text(), "rejected: a forbidden word");
         assert_eq!(r.header("x-from-callout"), Some("1"));
@@ -1091,16 +1114,7 @@ each_proto!(
     /// a chunk of it is held: the hold is abandoned (the chunk can go nowhere)
     /// and the upstream's answer goes to the client, as Envoy's would.
     async fn a_held_chunk_the_upstream_no_longer_reads_lets_its_answer_through(proto) {
-        let up = early_upstream(false).await;
-        let ck = checker().await;
-        let p = checking_plugin("check", "phases: \"rqbody,rs\", timeout: \"5000\"");
-        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
-        let lg = legate().config(&yaml).start();
-        let mut c = client(proto, lg.addr("web")).await;
-        let (tx, body) = open_body();
-        tx.send(Bytes::from("a forbidden word")).unwrap();
-        let r = c.post("/slow").boxed_body(body).send().await;
-        drop(tx);
+        let (r, lg) = early_answer_to_a_held_chunk(proto, false, "rqbody,rs").await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.text(), "early");
         // Not the filter's failure; its response phase ran; the cancelled
@@ -1117,15 +1131,12 @@ each_proto!(
     /// On a route that reads the body first (retries), a streamed body
     /// phase's denial is the filter's answer, not a body read error.
     async fn a_streamed_denial_on_a_retry_route_is_the_filters_answer(proto) {
-        let up = upstream().start().await;
-        let ck = checker().await;
-        let p = checking_plugin("check", "phases: \"rqbody\"");
-        let yaml = with_route(
-            &checked_config(up.addr, ck.addr, &p, &["check"], ""),
+        let (up, _ck, _lg, mut c) = checked_route(
+            proto,
+            "phases: \"rqbody\"",
             "            retry: { retry_on: [5xx], num_retries: 1, retry_non_idempotent: true }\n",
-        );
-        let lg = legate().config(&yaml).start();
-        let mut c = client(proto, lg.addr("web")).await;
+        )
+        .await;
         let r = c.post("/d").body("a forbidden word").send().await;
         assert_eq!(r.status, 403, "{}", r.text());
         assert_eq!(r.text(), "rejected: a forbidden word");
@@ -1138,15 +1149,12 @@ each_proto!(
     /// counting only the client's time: a chunk held for a check longer than
     /// the timeout is no 408, a client that stalls after it is.
     async fn a_held_chunk_is_not_the_clients_time_but_a_stall_after_it_is(proto) {
-        let up = upstream().start().await;
-        let ck = checker().await;
-        let p = checking_plugin("check", "phases: \"rqbody\", timeout: \"5000\"");
-        let yaml = with_route(
-            &checked_config(up.addr, ck.addr, &p, &["check"], ""),
+        let (_up, _ck, lg, mut c) = checked_route(
+            proto,
+            "phases: \"rqbody\", timeout: \"5000\"",
             "            timeout: 1s\n            retry: { retry_on: [5xx], num_retries: 1, retry_non_idempotent: true }\n",
-        );
-        let lg = legate().config(&yaml).start();
-        let mut c = client(proto, lg.addr("web")).await;
+        )
+        .await;
 
         // Held 2 s (`/slow`), then the end at once: through.
         let (tx, body) = open_body();
@@ -1238,12 +1246,7 @@ each_proto!(
     /// A pause from a streamed body phase with no callout in flight could
     /// never end: a failure of the plugin (abi/README.md §3.3).
     async fn a_pause_from_a_streamed_body_phase_without_a_callout_is_a_failure(proto) {
-        let up = upstream().start().await;
-        let ck = checker().await;
-        let p = checking_plugin("check", "phases: \"rqbody\"");
-        let yaml = checked_config(up.addr, ck.addr, &p, &["check"], "");
-        let lg = legate().config(&yaml).start();
-        let mut c = client(proto, lg.addr("web")).await;
+        let (_up, ck, lg, mut c) = checked_route(proto, "phases: \"rqbody\"", "").await;
         let r = c.post("/nocallout").body("hello").send().await;
         // Failed closed: 503 naming the plugin, as for a failure in any phase.
         assert_eq!(r.status, 503, "{}", r.text());
@@ -1287,37 +1290,46 @@ each_proto!(
 
 // ---- full duplex: a body chunk while another phase is paused (issue 3) ----
 
+/// An HTTP/2 upstream that answers `pong` at once, then reads the (first)
+/// request's body on: what it received, or how its read failed, comes on the
+/// receiver.
+async fn pong_reader_upstream() -> (
+    UpstreamHandle,
+    tokio::sync::oneshot::Receiver<Result<Bytes, String>>,
+) {
+    use std::sync::{Arc, Mutex};
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel::<Result<Bytes, String>>();
+    let got_tx = Arc::new(Mutex::new(Some(got_tx)));
+    let up = upstream()
+        .h2()
+        .handler(move |req: Request<Incoming>| {
+            let got_tx = got_tx.clone();
+            async move {
+                tokio::spawn(async move {
+                    let r = http_body_util::BodyExt::collect(req.into_body())
+                        .await
+                        .map(|c| c.to_bytes())
+                        .map_err(|e| e.to_string());
+                    if let Some(tx) = got_tx.lock().unwrap().take() {
+                        let _ = tx.send(r);
+                    }
+                });
+                Response::new(Full::new(Bytes::from("pong")))
+            }
+        })
+        .start()
+        .await;
+    (up, got_rx)
+}
+
 each_proto!(
     async fn a_request_chunk_while_a_response_phase_is_paused_waits_for_it(proto) {
-        use std::sync::{Arc, Mutex};
-        use tokio::sync::{mpsc, oneshot, Notify};
+        use std::sync::Arc;
+        use tokio::sync::{mpsc, Notify};
 
         // The upstream (h2) answers at once, then keeps reading the request
-        // body: what it received, or how its read failed, goes to `got`.
-        let (got_tx, got_rx) = oneshot::channel::<Result<Bytes, String>>();
-        let got_tx = Arc::new(Mutex::new(Some(got_tx)));
-        let up = upstream()
-            .h2()
-            .handler(move |req: Request<Incoming>| {
-                let got_tx = got_tx.clone();
-                async move {
-                    tokio::spawn(async move {
-                        use http_body_util::BodyExt;
-                        let r = req
-                            .into_body()
-                            .collect()
-                            .await
-                            .map(|c| c.to_bytes())
-                            .map_err(|e| e.to_string());
-                        if let Some(tx) = got_tx.lock().unwrap().take() {
-                            let _ = tx.send(r);
-                        }
-                    });
-                    Response::new(Full::new(Bytes::from("pong")))
-                }
-            })
-            .start()
-            .await;
+        // body: what it received, or how its read failed, goes to `got_rx`.
+        let (up, got_rx) = pong_reader_upstream().await;
         // The checker holds the response body phase paused until released.
         let (paused_tx, mut paused_rx) = mpsc::unbounded_channel::<()>();
         let release = Arc::new(Notify::new());
@@ -1397,28 +1409,7 @@ each_proto!(
     /// exchange's filters) is not forwarded: no filter could see it, and the
     /// upstream answered already (Envoy resets such an upstream request).
     async fn request_data_after_the_response_ended_is_not_forwarded_unfiltered(proto) {
-        use std::sync::{Arc, Mutex};
-        let (got_tx, got_rx) = tokio::sync::oneshot::channel::<Result<Bytes, String>>();
-        let got_tx = Arc::new(Mutex::new(Some(got_tx)));
-        let up = upstream()
-            .h2()
-            .handler(move |req: Request<Incoming>| {
-                let got_tx = got_tx.clone();
-                async move {
-                    tokio::spawn(async move {
-                        let r = http_body_util::BodyExt::collect(req.into_body())
-                            .await
-                            .map(|c| c.to_bytes())
-                            .map_err(|e| e.to_string());
-                        if let Some(tx) = got_tx.lock().unwrap().take() {
-                            let _ = tx.send(r);
-                        }
-                    });
-                    Response::new(Full::new(Bytes::from("pong")))
-                }
-            })
-            .start()
-            .await;
+        let (up, got_rx) = pong_reader_upstream().await;
         let p = plugin("count", "{ mode: body-stream-count, phases: \"rqbody\" }", "");
         let lg = legate()
             .config(&config_with(up.addr, &p, &["count"], "    protocol: h2\n"))
