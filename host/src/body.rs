@@ -65,8 +65,8 @@ where
 /// Sees a body's frames as they pass: the one wrapper behind the request-body
 /// limit, returning pooled connections, and end-of-request bookkeeping.
 pub trait Watch {
-    /// Sees each frame; an error fails the body with it.
-    fn frame(&mut self, _frame: &Frame<Bytes>) -> Result<(), BoxError> {
+    /// Sees each frame (and may fix it up); an error fails the body with it.
+    fn frame(&mut self, _frame: &mut Frame<Bytes>) -> Result<(), BoxError> {
         Ok(())
     }
     /// The body is over: `complete` after its last frame, not on an error. A
@@ -120,9 +120,9 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
                 if let Some(w) = &mut this.watch {
-                    if let Err(e) = w.frame(&frame) {
+                    if let Err(e) = w.frame(&mut frame) {
                         this.finish(false);
                         return Poll::Ready(Some(Err(e)));
                     }
@@ -173,7 +173,7 @@ pub struct Limit {
 }
 
 impl Watch for Limit {
-    fn frame(&mut self, frame: &Frame<Bytes>) -> Result<(), BoxError> {
+    fn frame(&mut self, frame: &mut Frame<Bytes>) -> Result<(), BoxError> {
         let n = frame.data_ref().map_or(0, |d| d.len() as u64);
         self.remaining = self.remaining.checked_sub(n).ok_or(BodyTooLarge)?;
         Ok(())

@@ -198,7 +198,7 @@ impl<F: Future> Future for Within<'_, F> {
 pub struct Activity(pub Rc<Clock>);
 
 impl Watch for Activity {
-    fn frame(&mut self, _frame: &Frame<Bytes>) -> Result<(), BoxError> {
+    fn frame(&mut self, _frame: &mut Frame<Bytes>) -> Result<(), BoxError> {
         self.0.touch();
         Ok(())
     }

@@ -2178,11 +2178,16 @@ fn humantime(t: SystemTime) -> String {
 }
 
 /// The response body on its way out counts its bytes here; when it ends (or is
-/// dropped), `Done` drops and finishes the request.
+/// dropped), `Done` drops and finishes the request. Its trailers lose their
+/// hop-by-hop fields (RFC 9110 §6.5.1 forbids them there; an HTTP/2 stream
+/// carrying `connection` or `keep-alive` is malformed, RFC 9113 §8.2.2, and
+/// would be reset), as the head did.
 impl Watch for Done {
-    fn frame(&mut self, frame: &Frame<Bytes>) -> Result<(), BoxError> {
+    fn frame(&mut self, frame: &mut Frame<Bytes>) -> Result<(), BoxError> {
         if let Some(d) = frame.data_ref() {
             self.bytes.set(self.bytes.get() + d.len() as u64);
+        } else if let Some(t) = frame.trailers_mut() {
+            crate::proxy_headers::strip_hop_by_hop(t);
         }
         Ok(())
     }

@@ -897,7 +897,10 @@ struct Upload {
 struct UploadWatch(Rc<Upload>);
 
 impl body::Watch for UploadWatch {
-    fn frame(&mut self, _frame: &hyper::body::Frame<bytes::Bytes>) -> Result<(), body::BoxError> {
+    fn frame(
+        &mut self,
+        _frame: &mut hyper::body::Frame<bytes::Bytes>,
+    ) -> Result<(), body::BoxError> {
         if self.0.abandoned.get() {
             return Err("the response ended before the request body was sent".into());
         }

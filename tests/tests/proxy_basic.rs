@@ -816,3 +816,23 @@ each_proto!(
         assert_eq!(r.status, 502, "{}", r.text());
     }
 );
+
+/// Hop-by-hop fields in an upstream's trailers are dropped as in its head
+/// (RFC 9110 §6.5.1): an HTTP/2 stream carrying them would be malformed and
+/// reset, losing a complete response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_trailers_are_dropped() {
+    let up = canned_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          5\r\nhello\r\n0\r\nx-ok: 1\r\nkeep-alive: timeout=5\r\n\r\n",
+    )
+    .await;
+    let lg = legate().config(&simple_config(&[up])).start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    let r = c.get("/t").header("te", "trailers").send().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "hello");
+    let t = r.trailers.as_ref().expect("the trailers were lost");
+    assert_eq!(t.get("x-ok").map(|v| v.as_bytes()), Some(&b"1"[..]));
+    assert!(t.get("keep-alive").is_none(), "{t:?}");
+}
