@@ -840,6 +840,7 @@ fn to_h1_form(req: &mut Request<Body>) {
             );
         }
     }
+    list_te_in_connection(req.headers_mut());
     let Some(authority) = req.uri().authority().cloned() else {
         return;
     };
@@ -852,6 +853,29 @@ fn to_h1_form(req: &mut Request<Body>) {
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     *req.uri_mut() = Uri::from(pq);
+}
+
+/// RFC 9110 §10.1.4: an HTTP/1.1 sender of `TE` (here `trailers`, the one
+/// value the proxy passes on) must name it in `Connection`, so that a further
+/// intermediary drops it rather than forward a promise it cannot keep.
+fn list_te_in_connection(h: &mut http::HeaderMap) {
+    if !h.contains_key(http::header::TE) {
+        return;
+    }
+    let value = match h.get(http::header::CONNECTION).map(|v| v.as_bytes()) {
+        None => http::HeaderValue::from_static("te"),
+        Some(v)
+            if v.split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"te")) =>
+        {
+            return
+        }
+        Some(v) => match http::HeaderValue::from_bytes(&[v, b", te"].concat()) {
+            Ok(v) => v,
+            Err(_) => return,
+        },
+    };
+    h.insert(http::header::CONNECTION, value);
 }
 
 fn closed_before_sent(addr: SocketAddr) -> ProxyError {

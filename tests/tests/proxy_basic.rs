@@ -836,3 +836,21 @@ async fn hop_by_hop_trailers_are_dropped() {
     assert_eq!(t.get("x-ok").map(|v| v.as_bytes()), Some(&b"1"[..]));
     assert!(t.get("keep-alive").is_none(), "{t:?}");
 }
+
+each_proto!(
+    /// `te: trailers` reaches an HTTP/1.1 upstream named in `Connection`
+    /// (RFC 9110 §10.1.4), so a further intermediary drops it; a request
+    /// without `te` gets no such `Connection`.
+    async fn te_reaches_an_h1_upstream_listed_in_connection(proto) {
+        let up = upstream().http1().start().await;
+        let lg = legate().config(&simple_config(&[up.addr])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/te").header("te", "trailers").send().await;
+        assert_eq!(r.status, 200);
+        let e = r.echo();
+        assert_eq!(e.header("te"), Some("trailers"));
+        assert_eq!(e.header("connection"), Some("te"));
+        let r = c.get("/plain").send().await;
+        assert_eq!(r.echo().header("connection"), None);
+    }
+);
