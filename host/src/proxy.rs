@@ -1476,8 +1476,21 @@ fn check_framing<B>(req: &Request<B>, max_headers: usize) -> Result<(), ProxyErr
             Kind::BadRequest,
             "more than one content-length",
         ));
+    } else if let Some((name, _)) = h.iter().find(|(_, v)| padded(v.as_bytes())) {
+        // RFC 9113 §8.2.1: a field value must not start or end with
+        // whitespace (HTTP/1.1 parsing trims it); such a request is
+        // malformed, as nghttp2 (so Envoy) treats it.
+        return Err(ProxyError::new(
+            Kind::BadRequest,
+            format!("the value of {name} starts or ends with whitespace"),
+        ));
     }
     Ok(())
+}
+
+/// Whether a field value starts or ends with SP or HTAB.
+fn padded(v: &[u8]) -> bool {
+    matches!(v.first(), Some(b' ' | b'\t')) || matches!(v.last(), Some(b' ' | b'\t'))
 }
 
 /// RFC 9113 §8.2.3: an HTTP/2 client may split `cookie` into several fields;

@@ -765,8 +765,9 @@ each_proto!(
 
 /// RFC 9113 §8.2.3: the `cookie` fields an HTTP/2 client splits are joined
 /// with `; ` before the request goes on (one field for an HTTP/1.1 upstream),
-/// as Envoy and nginx do; a repeated `content-length` (RFC 9110 §8.6) and an
-/// `:authority` with userinfo (§8.3.1) are refused.
+/// as Envoy and nginx do; a repeated `content-length` (RFC 9110 §8.6), an
+/// `:authority` with userinfo (§8.3.1) and a value padded with whitespace
+/// (§8.2.1) are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_cookies_are_joined_and_bad_heads_refused() {
     let up = upstream().http1().start().await;
@@ -794,6 +795,9 @@ async fn h2_cookies_are_joined_and_bad_heads_refused() {
         .await;
     assert_eq!(r.status, 400, "{}", r.text());
     let r = c.get("/u").host("user@a.example").send().await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    // RFC 9113 §8.2.1: no whitespace around a field value.
+    let r = c.get("/w").header("x-a", " padded").send().await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(up.requests.get(), 2, "a refused request went upstream");
 }
