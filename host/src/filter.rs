@@ -1794,7 +1794,7 @@ impl Chain {
     /// Calls the body (`Some(end_of_stream)`) or trailers (`None`) phase of
     /// direction `d` in the filters `order[from..]`, over the part already on
     /// the exchange; `hold` says what a pause does. `Ran::Paused` (only with
-    /// [`Hold::Defer`]) is where the run stopped.
+    /// [`Hold::Chunk`] and [`Hold::Defer`]) is where the run stopped.
     async fn run_part(
         &mut self,
         d: Direction,
@@ -1803,14 +1803,18 @@ impl Chain {
         from: usize,
         hold: Hold,
     ) -> Result<Ran, ProxyError> {
-        self.x.hold_body = hold == Hold::Wait;
-        self.x.hold_end = matches!(hold, Hold::Defer | Hold::EndWait);
-        self.x.hold_stream = hold != Hold::Wait;
+        self.set_hold(Some(hold));
         let r = self.run_calls(d, body_eos, order, from, hold).await;
-        self.x.hold_body = false;
-        self.x.hold_end = false;
-        self.x.hold_stream = false;
+        self.set_hold(None);
         r
+    }
+
+    /// Tells the filters what a pause in the coming calls does (`None`: no
+    /// body or trailers run): the exchange's hold flags, from `hold`.
+    fn set_hold(&mut self, hold: Option<Hold>) {
+        self.x.hold_body = hold == Some(Hold::Wait);
+        self.x.hold_end = matches!(hold, Some(Hold::Defer | Hold::EndWait));
+        self.x.hold_stream = hold.is_some_and(|h| h != Hold::Wait);
     }
 
     /// The calls of [`Chain::run_part`].
@@ -2067,11 +2071,13 @@ impl Chain {
         let Some(&i) = p.order.get(p.at) else {
             return Err(bug("a held body's filter is not in its order"));
         };
-        self.x.hold_end = !chunk;
-        self.x.hold_stream = true;
+        self.set_hold(Some(if chunk {
+            Hold::ChunkWait
+        } else {
+            Hold::EndWait
+        }));
         let v = self.wait(i, phase).await;
-        self.x.hold_end = false;
-        self.x.hold_stream = false;
+        self.set_hold(None);
         let Some(p) = self.deferred.take() else {
             return Err(bug("a held body's run went missing"));
         };
@@ -2115,9 +2121,7 @@ impl Chain {
     /// verdict (not a failure of the filter): its callouts are cancelled, the
     /// held part is discarded, and the chain goes on with the response.
     pub fn abandon_hold(&mut self) {
-        self.x.hold_body = false;
-        self.x.hold_end = false;
-        self.x.hold_stream = false;
+        self.set_hold(None);
         let Some(p) = self.deferred.take() else {
             return;
         };

@@ -953,9 +953,7 @@ async fn run_body(
     // the headers phases, so no borrow is held while the chain waits. A
     // response read while the request body is held for a callout (full
     // duplex) waits for it first.
-    if d == Direction::Response {
-        wait_for_chain(shared).await?;
-    }
+    wait_for_chain(shared).await?;
     let Some(mut chain) = shared.take() else {
         return Err(ProxyError::new(
             Kind::Internal,
@@ -1155,20 +1153,16 @@ async fn response_filters(
     let Some(shared) = out.chain.clone() else {
         return Ok(resp);
     };
-    let mut chain = loop {
-        if let Some(c) = shared.take() {
-            break c;
-        }
-        // The chain is out: a filter holds the end of the request for a
-        // callout (proxy-wasm, Envoy's body check) and the upstream answered
-        // meanwhile. Its response waits for the chain, since the response
-        // phases need it; a host reply (a route timeout during the hold) does
-        // not wait for the callout and passes unfiltered (docs/proxy-wasm.md
-        // "Differences"). Over (not out): nothing left to run.
-        if !chain_out(&shared)? || out.cause.is_some() {
-            return Ok(resp);
-        }
-        std::future::poll_fn(|cx| shared.poll_available(cx)).await;
+    // The chain may be out: a filter holds part of the request for a callout
+    // and the upstream answered meanwhile. Its response waits for the chain,
+    // since the response phases need it; a host reply (a route timeout during
+    // the hold) does not wait for the callout and passes unfiltered
+    // (docs/proxy-wasm.md "Differences"). Over (not out): nothing left to run.
+    if out.cause.is_none() {
+        wait_for_chain(&shared).await?;
+    }
+    let Some(mut chain) = shared.take() else {
+        return Ok(resp);
     };
     chain.x.upstream = out.upstream;
     chain.x.status = Some(resp.status());
