@@ -46,6 +46,7 @@ use crate::error::{Kind, ProxyError};
 pub use crate::head::{BodyBuf, Head};
 use crate::router::{Action, RouteInput, RouteTable};
 use crate::stats::Stats;
+use crate::wasm::kv::{KvCall, KvResult};
 
 /// The phases a filter wants (the WIT `phases` flags, same bit order).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -550,6 +551,11 @@ pub struct ExchangeData {
     /// pause waiting as an outstanding callout does. proxy-wasm filters wait
     /// on their gRPC streams with them (HTTP exchanges only).
     pub wakes: Vec<(u64, tokio::sync::oneshot::Receiver<CalloutResult>)>,
+    /// Asynchronous KV calls the calling filter started in the current call
+    /// (`kv.namespace.start-*`), by id (from its callout ids' sequence): run by
+    /// the chain after it returns, their replies delivered to
+    /// [`HttpFilter::on_kv_response`]; they keep a pause waiting as callouts do.
+    pub kv_calls: Vec<KvCall>,
     /// The body data held for the filter being called, per direction
     /// ([`Direction::idx`]): the chunk or the whole buffered body; `None` outside
     /// body phases (bodies are not kept after they are forwarded).
@@ -703,6 +709,7 @@ impl Exchange {
             callouts: Vec::new(),
             cancelled: Vec::new(),
             wakes: Vec::new(),
+            kv_calls: Vec::new(),
             bodies: [None, None],
             trailers: [None, None],
             body_ctl: BodyCtl::default(),
@@ -742,6 +749,7 @@ impl Exchange {
             callouts: Vec::new(),
             cancelled: Vec::new(),
             wakes: Vec::new(),
+            kv_calls: Vec::new(),
             bodies: [None, None],
             trailers: [None, None],
             body_ctl: BodyCtl::default(),
@@ -841,6 +849,21 @@ pub trait HttpFilter: Send + Sync {
         x: &mut Exchange,
         id: u64,
         result: CalloutResult,
+        paused: bool,
+    ) -> Result<Verdict, String> {
+        let _ = (worker, x, id, result, paused);
+        Ok(Verdict::Continue)
+    }
+    /// The reply to KV call `id` (`kv.namespace.start-*`), which this filter
+    /// started for exchange `x`; `paused` as for
+    /// [`HttpFilter::on_callout_response`]. Filters that never start one need
+    /// not implement it.
+    fn on_kv_response(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        id: u64,
+        result: KvResult,
         paused: bool,
     ) -> Result<Verdict, String> {
         let _ = (worker, x, id, result, paused);
@@ -1336,7 +1359,32 @@ type PerFilter<T> = smallvec::SmallVec<[T; INLINE_FILTERS]>;
 
 /// A callout result on its way back: the index of the filter (in `entered`) that
 /// sent it, its id, the outcome.
-type Delivery = (usize, u64, CalloutResult);
+type Delivery = (usize, u64, Reply);
+
+/// What a filter waits for: a callout's response or a KV call's reply.
+pub enum Reply {
+    /// To [`HttpFilter::on_callout_response`].
+    Callout(CalloutResult),
+    /// To [`HttpFilter::on_kv_response`].
+    Kv(KvResult),
+}
+
+impl Reply {
+    /// Hands the reply to `f`'s callback for its kind.
+    fn deliver(
+        self,
+        f: &dyn HttpFilter,
+        worker: usize,
+        x: &mut Exchange,
+        id: u64,
+        paused: bool,
+    ) -> Result<Verdict, String> {
+        match self {
+            Reply::Callout(r) => f.on_callout_response(worker, x, id, r, paused),
+            Reply::Kv(r) => f.on_kv_response(worker, x, id, r, paused),
+        }
+    }
+}
 
 /// One exchange's run through a listener's chain.
 pub struct Chain {
@@ -1427,21 +1475,30 @@ impl Chain {
     fn dispatch(&mut self, i: usize) {
         // The common call asked for nothing: three empty checks instead of
         // taking and dropping three vectors.
-        if self.x.callouts.is_empty() && self.x.wakes.is_empty() && self.x.cancelled.is_empty() {
+        if self.x.callouts.is_empty()
+            && self.x.wakes.is_empty()
+            && self.x.cancelled.is_empty()
+            && self.x.kv_calls.is_empty()
+        {
             return;
         }
         for req in std::mem::take(&mut self.x.callouts) {
             let id = req.id;
             let fut = self.callouts.send(req);
             self.inflight
-                .spawn(i, id, async move { (i, id, fut.await) });
+                .spawn(i, id, async move { (i, id, Reply::Callout(fut.await)) });
         }
         for (id, wake) in std::mem::take(&mut self.x.wakes) {
             // A dropped sender (the filter gave the wait up) still wakes: the
             // filter answers a stale id as nothing to do.
             self.inflight.spawn(i, id, async move {
-                (i, id, wake.await.unwrap_or(Err(CalloutError::Unavailable)))
+                let r = wake.await.unwrap_or(Err(CalloutError::Unavailable));
+                (i, id, Reply::Callout(r))
             });
+        }
+        for KvCall { id, future } in std::mem::take(&mut self.x.kv_calls) {
+            self.inflight
+                .spawn(i, id, async move { (i, id, Reply::Kv(future.await)) });
         }
         for id in std::mem::take(&mut self.x.cancelled) {
             self.inflight.cancel(i, id);
@@ -1493,7 +1550,7 @@ impl Chain {
             if !self.live(i) {
                 continue;
             }
-            let v = self.call(i, |f, w, x| f.on_callout_response(w, x, id, result, true));
+            let v = self.call(i, |f, w, x| result.deliver(f, w, x, id, true));
             self.dispatch(i);
             match v {
                 Ok(Verdict::Pause) => continue,
@@ -1509,7 +1566,7 @@ impl Chain {
         &mut self,
         i: usize,
         id: u64,
-        result: CalloutResult,
+        result: Reply,
         phase: &str,
     ) -> Result<(), ProxyError> {
         let Some(f) = self.entered.get(i).cloned() else {
@@ -1518,7 +1575,7 @@ impl Chain {
         if !self.live(i) {
             return Ok(());
         }
-        let v = self.call(i, |f, w, x| f.on_callout_response(w, x, id, result, false));
+        let v = self.call(i, |f, w, x| result.deliver(f, w, x, id, false));
         self.dispatch(i);
         match v {
             Ok(Verdict::Continue | Verdict::Pause) => Ok(()),

@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use crate::callout::{CalloutId, CalloutResponse};
 use crate::exchange::Exchange;
 use crate::headers::{Body, Headers};
+use crate::kv::{CallId, Reply};
 use crate::setup::{Phase, Setup};
 use crate::types::Action;
 use crate::Error;
@@ -135,6 +136,22 @@ pub trait HttpFilter: Sized + 'static {
         response: Result<CalloutResponse, Error>,
     ) -> Action {
         let _ = (ctx, exchange, id, response);
+        Action::Continue
+    }
+
+    /// The reply to KV call `id` ([`Namespace::start_get`](crate::kv::Namespace::start_get)
+    /// and the other `start_*` calls), which this exchange started. As
+    /// [`HttpFilter::on_callout_response`]: while paused, `Continue` resumes,
+    /// `Respond` answers, `Pause` keeps waiting (only with another callout or
+    /// KV call outstanding).
+    fn on_kv_response(
+        &mut self,
+        ctx: &mut Self::Context,
+        exchange: &Exchange<'_>,
+        id: CallId,
+        reply: Result<Reply, Error>,
+    ) -> Action {
+        let _ = (ctx, exchange, id, reply);
         Action::Continue
     }
 
@@ -329,6 +346,16 @@ impl<F: HttpFilter> Instance<F> {
         r: Result<CalloutResponse, Error>,
     ) -> Action {
         self.phase(c, x, |f, ctx| f.on_callout_response(ctx, x, id, r))
+    }
+    /// Dispatch `on_kv_response`.
+    pub fn kv_response(
+        &mut self,
+        c: u64,
+        x: &Exchange<'_>,
+        id: CallId,
+        r: Result<Reply, Error>,
+    ) -> Action {
+        self.phase(c, x, |f, ctx| f.on_kv_response(ctx, x, id, r))
     }
     /// Dispatch `on_done`: hand the context to the filter and drop it.
     pub fn done(&mut self, c: u64) {

@@ -1,8 +1,8 @@
 //! # legate-sdk: write Legate filters in Rust
 //!
 //! A Legate filter is a WebAssembly component implementing the WIT world
-//! `legate:filter/http-filter@0.1.1` (an HTTP filter) or
-//! `legate:filter/network-filter@0.1.1` (an L4 filter on TCP listeners; see
+//! `legate:filter/http-filter@0.1.2` (an HTTP filter) or
+//! `legate:filter/network-filter@0.1.2` (an L4 filter on TCP listeners; see
 //! [Network filters](#network-filters)). See `abi/README.md` in the Legate
 //! repository. This crate hides the generated bindings behind an idiomatic
 //! API:
@@ -405,6 +405,22 @@ macro_rules! export {
                 }
                 fn on_done(context: u64) {
                     __lg::with_instance(&__LEGATE_INSTANCE, (), |i| i.done(context))
+                }
+            }
+
+            impl __lg::bindings::exports::legate::filter::kv_handler::Guest for __LegateExport {
+                fn on_kv_response(
+                    context: u64,
+                    exchange: &__w::http::Exchange,
+                    id: u64,
+                    reply: ::std::result::Result<__w::kv::Reply, __w::types::Error>,
+                ) -> __w::http::Action {
+                    let r = __lg::kv_reply(reply);
+                    __lg::action(__lg::with_instance(
+                        &__LEGATE_INSTANCE,
+                        $crate::Action::Continue,
+                        |i| i.kv_response(context, &__lg::exchange(exchange), id, r),
+                    ))
                 }
             }
 

@@ -43,11 +43,12 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use crate::backend::{
-    idx, install, BufferHandle, Call, CalloutState, ConnectionHandle, Ex, ExchangeHandle,
-    ExchangeState, FieldList, HeadersHandle, Host, HostState, Part, SeriesValue,
+    idx, install, run_kv, BufferHandle, Call, CalloutState, ConnectionHandle, Ex, ExchangeHandle,
+    ExchangeState, FieldList, HeadersHandle, Host, HostState, Part, Sent, SeriesValue,
 };
+
 use crate::callout::{CalloutId, CalloutRequest, CalloutResponse};
-use crate::kv::Entry;
+use crate::kv::{Backend, CallId, Entry, Op};
 use crate::log::Level;
 use crate::network::{
     Connection, NetworkAction, NetworkEvent, NetworkInstance, NetworkSetup, Peer,
@@ -119,6 +120,21 @@ impl TestHost {
     /// Grant (and configure) KV namespace `name`; others are `Denied`.
     pub fn grant_kv(self, name: &str) -> Self {
         self.host.borrow_mut().granted_kv.insert(name.to_owned());
+        self
+    }
+
+    /// What [`Namespace::backend`](crate::kv::Namespace::backend) reports
+    /// (default [`Backend::Memory`]); the store stays this fake's.
+    pub fn kv_backend(self, backend: Backend) -> Self {
+        self.host.borrow_mut().kv_backend = backend;
+        self
+    }
+
+    /// From now on every KV call (synchronous, or an asynchronous one when
+    /// delivered) fails with `Unavailable`, as with the backend down; `false`
+    /// brings it back.
+    pub fn kv_unavailable(&self, down: bool) -> &Self {
+        self.host.borrow_mut().kv_down = down;
         self
     }
 
@@ -284,12 +300,15 @@ impl TestHost {
             .borrow()
             .callouts
             .iter()
-            .map(|c| SentCallout {
-                id: c.id,
-                context: c.context,
-                request: c.request.clone(),
-                outstanding: c.state == CalloutState::Outstanding,
-                cancelled: c.state == CalloutState::Cancelled,
+            .filter_map(|c| match &c.what {
+                Sent::Http(request) => Some(SentCallout {
+                    id: c.id,
+                    context: c.context,
+                    request: request.clone(),
+                    outstanding: c.state == CalloutState::Outstanding,
+                    cancelled: c.state == CalloutState::Cancelled,
+                }),
+                Sent::Kv { .. } => None,
             })
             .collect()
     }
@@ -331,7 +350,10 @@ impl TestHost {
             .callouts
             .iter()
             .filter(|c| c.context == context && c.state == CalloutState::Outstanding)
-            .map(|c| (c.id, c.request.cluster.clone()))
+            .filter_map(|c| match &c.what {
+                Sent::Http(r) => Some((c.id, r.cluster.clone())),
+                Sent::Kv { .. } => None,
+            })
             .collect();
         let mut out = Vec::new();
         for (id, cluster) in pending {
@@ -340,6 +362,23 @@ impl TestHost {
             }
         }
         out
+    }
+
+    /// The outstanding asynchronous KV calls of `context`, in start order:
+    /// (id, namespace, key, operation).
+    fn kv_outstanding(&self, context: u64) -> Vec<(CallId, String, String, Op)> {
+        self.host
+            .borrow()
+            .callouts
+            .iter()
+            .filter(|c| c.context == Some(context) && c.state == CalloutState::Outstanding)
+            .filter_map(|c| match &c.what {
+                Sent::Kv { namespace, key, op } => {
+                    Some((c.id, namespace.clone(), key.clone(), op.clone()))
+                }
+                Sent::Http(_) => None,
+            })
+            .collect()
     }
 
     fn outstanding(&self, context: Option<u64>) -> usize {
@@ -883,6 +922,42 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             }
         }
         Some(action)
+    }
+
+    /// Run this exchange's outstanding asynchronous KV calls on the test
+    /// host's store, in start order, delivering each reply to
+    /// `on_kv_response` (calls the filter starts meanwhile run too); the
+    /// actions returned. Between start and delivery, other instances' writes
+    /// (or [`TestHost::kv_put`]) may land first, as on a real host.
+    pub fn deliver_kv(&mut self) -> Vec<Action> {
+        let mut actions = Vec::new();
+        while let Some((id, ns, key, op)) = self
+            .test
+            .host
+            .kv_outstanding(self.context)
+            .into_iter()
+            .next()
+        {
+            if !self.test.host.take_outstanding(id) {
+                break;
+            }
+            let reply = run_kv(&self.test.host.host, &ns, &key, op);
+            let c = self.context;
+            let window = self.paused_window.clone();
+            let action = self.call(window, |i, x| i.kv_response(c, x, id, reply));
+            if action != Action::Pause {
+                if let Some(d) = self.held_trailers.take() {
+                    self.settle_trailers(d);
+                }
+            }
+            actions.push(action);
+        }
+        actions
+    }
+
+    /// How many asynchronous KV calls of this exchange are outstanding.
+    pub fn kv_calls_outstanding(&self) -> usize {
+        self.test.host.kv_outstanding(self.context).len()
     }
 
     /// Deliver the queued responses ([`TestHost::queue_callout_response`]) to

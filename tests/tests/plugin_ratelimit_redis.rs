@@ -663,6 +663,61 @@ each_proto!(
 );
 
 each_proto!(
+    async fn an_exchange_waiting_on_redis_holds_up_no_other(proto) {
+        // One worker; the limit's KV calls are asynchronous (the namespace is
+        // remote), so while one request waits on a hung Redis the worker
+        // serves another. With the blocking calls, the worker would sit in the
+        // first request's call until kv.timeout gave up on it, so the second
+        // could only be served after a KV timeout.
+        let redis = RedisServer::start();
+        let up = upstream().start().await;
+        let yaml = config(up.addr, &redis.url(), "3/h", "127.0.0.1:0", "127.0.0.1:0");
+        let routes = "            cluster: backend\nclusters:";
+        assert!(yaml.contains(routes) && yaml.contains("  timeout: 400ms\n"));
+        let yaml = yaml
+            .replace(
+                routes,
+                "            cluster: backend\n          - name: free\n            \
+                 match: { prefix: /free }\n            cluster: backend\nclusters:",
+            )
+            // The longest allowed: ample time for the other request.
+            .replace("  timeout: 400ms\n", "  timeout: 1s\n")
+            .replace("limits: { cpu: 500ms }", "limits: { cpu: 5s }");
+        let lg = legate().config(&yaml).concurrency(1).start();
+        let web = lg.addr("web");
+        // Connects to Redis and loads the scripts.
+        assert_eq!(get(proto, web).await.header("ratelimit-remaining"), Some("2"));
+        let gets = |s: &str| stat(s, r#"legate_kv_operations_total{backend="redis",op="get"}"#);
+        assert_eq!(gets(&lg.stats().await), Some(1.0));
+
+        redis.pause();
+        let waiting = tokio::spawn(get(proto, web));
+        // Until its read is out to Redis.
+        let deadline = Instant::now() + HANG;
+        while gets(&lg.stats().await) != Some(2.0) {
+            assert!(Instant::now() < deadline, "the limited request never read its bucket");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut c = client(proto, web).await;
+        let r = tokio::time::timeout(HANG, c.get("/free").send())
+            .await
+            .expect("a request not waiting on Redis was held up");
+        assert_eq!(r.status, 200);
+        let s = lg.stats().await;
+        assert_eq!(
+            stat(&s, r#"legate_kv_timeouts_total{backend="redis"}"#),
+            Some(0.0),
+            "served only after the waiting request's KV call timed out: {s}"
+        );
+        redis.resume();
+        let r = waiting.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        // Its reply came (not a fail-open after a timeout): it consumed a token.
+        assert_eq!(r.header("ratelimit-remaining"), Some("1"));
+    }
+);
+
+each_proto!(
     async fn waiting_on_redis_is_not_cpu_time(proto) {
         // Three limits, so three KV reads per request. With Redis hung the first
         // waits out kv.timeout (40ms) and the reconnect for the second does too

@@ -865,7 +865,7 @@ each_proto!(
         let st = plugin_status(&lg).await;
         assert_eq!(st["name"], "tagger");
         assert_eq!(st["sha256"], sha256_hex(&guest_variant(1)));
-        assert_eq!(st["abi"], "legate:filter@0.1.1");
+        assert_eq!(st["abi"], "legate:filter@0.1.2");
         assert_eq!(st["instances"], 1);
         assert!(st["loaded_at"].as_f64().unwrap() > 0.0);
 

@@ -24,7 +24,7 @@ use super::stdio::{GuestOutput, Which};
 use super::bindings::legate::filter::{
     callout, clock, http as whttp, kv, log, metrics, plugin, random, types,
 };
-use super::kv::{Condition, KvBackend, KvError};
+use super::kv::{Condition, KvBackend, KvCall, KvError, KvResult, Op, Reply as KvReply};
 use crate::filter::{BodyMode, CalloutRequest, Direction, Exchange};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
@@ -245,6 +245,9 @@ pub struct HostState {
     tick_tasks: crate::filter::Aborts<u64>,
     /// The table entries lent to the guest as a call's `borrow` parameters.
     lent: Lent,
+    /// The component exports `kv-handler`: `start-*` calls have somewhere to
+    /// deliver their replies.
+    pub kv_replies: bool,
 }
 
 /// Table entries (by rep) for the `borrow` parameters of phase calls, made on
@@ -327,6 +330,7 @@ impl HostState {
             tick_callouts: Vec::new(),
             tick_tasks: crate::filter::Aborts::new(),
             lent: Lent::default(),
+            kv_replies: false,
         }
     }
 
@@ -1380,6 +1384,60 @@ impl HostState {
     fn namespace(&self, r: &Resource<NamespaceRes>) -> wasmtime::Result<Arc<str>> {
         Ok(self.table.get(r)?.name.clone())
     }
+
+    /// `start-*`: checks the call may start `op` now, then queues it on the
+    /// exchange for the chain to run after this call returns.
+    fn start_kv(
+        &mut self,
+        r: &Resource<NamespaceRes>,
+        op: Op,
+    ) -> wasmtime::Result<Result<u64, Error>> {
+        let ns = self.namespace(r)?;
+        // An exchange's call that may pause (the reply goes to its context).
+        let may_pause = matches!(
+            self.phase,
+            Phase::RequestHeaders
+                | Phase::ResponseHeaders
+                | Phase::RequestBody
+                | Phase::ResponseBody
+                | Phase::RequestTrailers
+                | Phase::ResponseTrailers
+                | Phase::Callout
+        );
+        if !self.in_exchange || !may_pause || self.x.body_ctl.detached {
+            return Ok(Err(Error::InvalidState));
+        }
+        if !self.kv_replies {
+            return Ok(Err(Error::Unsupported));
+        }
+        if let Err(e) = op.check() {
+            return Ok(Err(kv_error(e)));
+        }
+        let id = match self.reserve_id(self.x.context) {
+            Ok(id) => id,
+            Err(e) => return Ok(Err(e)),
+        };
+        let future = self.plugin.kv.clone().start(&ns, op);
+        self.x.kv_calls.push(KvCall { id, future });
+        Ok(Ok(id))
+    }
+}
+
+fn reply(r: KvReply) -> kv::Reply {
+    match r {
+        KvReply::Get(e) => kv::Reply::Get(e.map(|e| kv::Entry {
+            value: e.value,
+            version: e.version,
+        })),
+        KvReply::Set(v) => kv::Reply::Set(v),
+        KvReply::Delete(d) => kv::Reply::Delete(d),
+        KvReply::Increment(n) => kv::Reply::Increment(n),
+    }
+}
+
+/// A KV call's outcome as the guest sees it.
+pub fn kv_result(r: KvResult) -> Result<kv::Reply, Error> {
+    r.map(reply).map_err(kv_error)
 }
 
 impl kv::Host for HostState {
@@ -1466,6 +1524,62 @@ impl kv::HostNamespace for HostState {
             .increment(&ns, &key, delta, ttl.map(Duration::from_millis))
             .map_err(kv_error))
     }
+    fn backend(&mut self, _: Resource<NamespaceRes>) -> wasmtime::Result<kv::Backend> {
+        Ok(if self.plugin.kv.remote() {
+            kv::Backend::Redis
+        } else {
+            kv::Backend::Memory
+        })
+    }
+    fn start_get(
+        &mut self,
+        r: Resource<NamespaceRes>,
+        key: String,
+    ) -> wasmtime::Result<Result<u64, Error>> {
+        self.start_kv(&r, Op::Get { key })
+    }
+    fn start_set(
+        &mut self,
+        r: Resource<NamespaceRes>,
+        key: String,
+        value: Vec<u8>,
+        cond: kv::WriteCondition,
+        ttl: Option<u64>,
+    ) -> wasmtime::Result<Result<u64, Error>> {
+        let op = Op::Set {
+            key,
+            value,
+            cond: condition(cond),
+            ttl: ttl.map(Duration::from_millis),
+        };
+        self.start_kv(&r, op)
+    }
+    fn start_delete(
+        &mut self,
+        r: Resource<NamespaceRes>,
+        key: String,
+        cond: kv::WriteCondition,
+    ) -> wasmtime::Result<Result<u64, Error>> {
+        let op = Op::Delete {
+            key,
+            cond: condition(cond),
+        };
+        self.start_kv(&r, op)
+    }
+    fn start_increment(
+        &mut self,
+        r: Resource<NamespaceRes>,
+        key: String,
+        delta: i64,
+        ttl: Option<u64>,
+    ) -> wasmtime::Result<Result<u64, Error>> {
+        let op = Op::Increment {
+            key,
+            delta,
+            ttl: ttl.map(Duration::from_millis),
+        };
+        self.start_kv(&r, op)
+    }
     fn drop(&mut self, r: Resource<NamespaceRes>) -> wasmtime::Result<()> {
         self.table.delete(r)?;
         Ok(())
@@ -1510,6 +1624,20 @@ impl HostState {
             self.outstanding.remove(&context);
         }
         was
+    }
+
+    /// A new id for a callout or KV call of `context`, counted as outstanding;
+    /// `limit-exceeded` past the per-context or per-instance limit.
+    fn reserve_id(&mut self, context: u64) -> Result<u64, Error> {
+        let total: usize = self.outstanding.values().map(HashSet::len).sum();
+        let mine = self.outstanding.get(&context).map_or(0, HashSet::len);
+        if mine >= CALLOUTS_PER_CONTEXT || total >= CALLOUTS_PER_INSTANCE {
+            return Err(Error::LimitExceeded);
+        }
+        self.next_callout += 1;
+        let id = self.next_callout;
+        self.outstanding.entry(context).or_default().insert(id);
+        Ok(id)
     }
 
     fn build_callout(&self, r: callout::CalloutRequest) -> Result<CalloutRequest, Error> {
@@ -1670,15 +1798,11 @@ impl callout::Host for HostState {
             Err(e) => return Ok(Err(e)),
         };
         let context = if tick { PLUGIN_CONTEXT } else { self.x.context };
-        let total: usize = self.outstanding.values().map(HashSet::len).sum();
-        let mine = self.outstanding.get(&context).map_or(0, HashSet::len);
-        if mine >= CALLOUTS_PER_CONTEXT || total >= CALLOUTS_PER_INSTANCE {
-            return Ok(Err(Error::LimitExceeded));
-        }
-        self.next_callout += 1;
-        let id = self.next_callout;
+        let id = match self.reserve_id(context) {
+            Ok(id) => id,
+            Err(e) => return Ok(Err(e)),
+        };
         req.id = id;
-        self.outstanding.entry(context).or_default().insert(id);
         if tick {
             self.tick_callouts.push(req);
         } else {

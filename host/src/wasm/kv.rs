@@ -76,9 +76,143 @@ pub enum KvError {
     Unavailable,
 }
 
+/// One KV call, for the asynchronous `start-*` calls (abi/README.md §5.7):
+/// what the synchronous call of the same name takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `get`.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// `set`.
+    Set {
+        /// The key.
+        key: String,
+        /// The value.
+        value: Vec<u8>,
+        /// When to write.
+        cond: Condition,
+        /// Expiry from now; `None`: never.
+        ttl: Option<Duration>,
+    },
+    /// `delete`.
+    Delete {
+        /// The key.
+        key: String,
+        /// When to delete.
+        cond: Condition,
+    },
+    /// `increment`.
+    Increment {
+        /// The key.
+        key: String,
+        /// Added to the stored integer.
+        delta: i64,
+        /// Expiry of a new counter; `None`: never.
+        ttl: Option<Duration>,
+    },
+}
+
+impl Op {
+    /// The argument checks every backend makes before touching data, so that a
+    /// `start-*` call reports them at once, as the synchronous call does.
+    pub fn check(&self) -> Result<(), KvError> {
+        let (key, ttl) = match self {
+            Op::Get { key } => (key, None),
+            Op::Set {
+                key, value, ttl, ..
+            } => {
+                if value.len() > MAX_VALUE {
+                    return Err(KvError::LimitExceeded);
+                }
+                (key, *ttl)
+            }
+            Op::Delete { key, cond } => {
+                if *cond == Condition::IfAbsent {
+                    return Err(KvError::InvalidArgument);
+                }
+                (key, None)
+            }
+            Op::Increment { key, ttl, .. } => (key, *ttl),
+        };
+        check_key(key)?;
+        if ttl.is_some_and(|d| d.is_zero()) {
+            return Err(KvError::InvalidArgument);
+        }
+        Ok(())
+    }
+}
+
+/// What an [`Op`] returned: the synchronous call's `ok` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `get`: the live entry.
+    Get(Option<Entry>),
+    /// `set`: the new version.
+    Set(u64),
+    /// `delete`: whether the key existed.
+    Delete(bool),
+    /// `increment`: the new value.
+    Increment(i64),
+}
+
+/// An [`Op`]'s outcome.
+pub type KvResult = Result<Reply, KvError>;
+
+/// An [`Op`] in flight, run by the chain on the worker's `LocalSet`. `Send`
+/// because it waits in the exchange, which a Wasm store holds.
+pub type KvFuture = std::pin::Pin<Box<dyn std::future::Future<Output = KvResult> + Send>>;
+
+/// An asynchronous KV call a filter started, queued on the exchange until the
+/// chain runs it.
+pub struct KvCall {
+    /// The call's id (from the filter's callout ids).
+    pub id: u64,
+    /// The call.
+    pub future: KvFuture,
+}
+
+impl std::fmt::Debug for KvCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCall")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs `op` with `backend`'s synchronous calls.
+pub fn run<B: KvBackend + ?Sized>(backend: &B, ns: &str, op: Op) -> KvResult {
+    match op {
+        Op::Get { key } => backend.get(ns, &key).map(Reply::Get),
+        Op::Set {
+            key,
+            value,
+            cond,
+            ttl,
+        } => backend.set(ns, &key, value, cond, ttl).map(Reply::Set),
+        Op::Delete { key, cond } => backend.delete(ns, &key, cond).map(Reply::Delete),
+        Op::Increment { key, delta, ttl } => backend
+            .increment(ns, &key, delta, ttl)
+            .map(Reply::Increment),
+    }
+}
+
 /// A KV backend. Every call is atomic per key; all instances of all plugins see
 /// one consistent store.
 pub trait KvBackend: Send + Sync {
+    /// Whether calls go over the network (`redis`): the guest's
+    /// `namespace.backend`, which tells a filter to use the `start-*` calls.
+    fn remote(&self) -> bool {
+        false
+    }
+    /// Runs `op` without blocking the calling worker: the future resolves on the
+    /// worker's runtime. The in-memory store (the default) has finished when
+    /// this returns; the future only hands over the result.
+    fn start(self: Arc<Self>, ns: &str, op: Op) -> KvFuture {
+        let r = run(&*self, ns, op);
+        Box::pin(std::future::ready(r))
+    }
     /// The live entry at `key`.
     fn get(&self, ns: &str, key: &str) -> Result<Option<Entry>, KvError>;
     /// Writes `value` if `cond` holds, expiring `ttl` from now; the new version.

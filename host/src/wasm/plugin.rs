@@ -26,7 +26,7 @@ use wasmtime::{Store, Trap};
 
 use super::bindings::exports::legate::filter::http_handler::HttpSetup;
 use super::bindings::legate::filter::http as whttp;
-use super::bindings::{HttpFilter as World, HttpFilterPre};
+use super::bindings::{Filter as Exports, FilterPre, HttpFilterKv as World};
 use super::engine;
 use super::host::{HostState, Part, Phase, PluginShared, PLUGIN_CONTEXT};
 use super::slots::{InstanceCount, LiveIds, MemoryUse};
@@ -125,7 +125,7 @@ impl PluginStats {
     }
 
     /// The phases calls are counted by, the per-request ones first.
-    const PHASES: [&'static str; 17] = [
+    const PHASES: [&'static str; 18] = [
         "request_headers",
         "response_headers",
         "request_body",
@@ -135,6 +135,7 @@ impl PluginStats {
         "log",
         "done",
         "callout_response",
+        "kv_response",
         "configure",
         "tick",
         "tick_callout_response",
@@ -218,7 +219,7 @@ pub struct WasmFilter {
     /// `legate_plugin_body_limit_exceeded_total` by direction.
     body_limit_exceeded: [Counter; 2],
     shared: Arc<PluginShared>,
-    pre: HttpFilterPre<HostState>,
+    pre: FilterPre<HostState>,
     settings: Settings,
     phases: Phases,
     stats: PluginStats,
@@ -245,7 +246,7 @@ impl Drop for WasmFilter {
 /// One live instance on a worker.
 struct Live {
     store: Store<HostState>,
-    bindings: World,
+    bindings: Exports,
     /// Contexts whose request started on this instance (a context from a replaced
     /// instance gets the failure policy without a call).
     contexts: FxHashSet<u64>,
@@ -416,7 +417,7 @@ impl WasmFilter {
         let pre = linker.instantiate_pre(component).map_err(|e| {
             anyhow::anyhow!("plugin `{name}`: the component does not fit this host: {e:#}")
         })?;
-        let pre = HttpFilterPre::new(pre).map_err(|e| {
+        let pre = FilterPre::new(pre).map_err(|e| {
             anyhow::anyhow!(
                 "plugin `{name}`: the component does not export \
                  `legate:filter/http-handler@0.1.x`: {e:#}"
@@ -588,6 +589,69 @@ impl WasmFilter {
         }
     }
 
+    /// Delivers callout or KV call `id`'s reply to the guest (`call`, counted
+    /// under `stat`) unless it was cancelled. Paused, the paused phase's write
+    /// window stays open and the action resumes, answers or keeps waiting; not
+    /// paused, only a local response means something.
+    fn reply(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        id: u64,
+        paused: bool,
+        stat: &str,
+        call: impl FnOnce(
+            &mut Live,
+            u64,
+            wasmtime::component::Resource<super::host::ExchangeRes>,
+        ) -> wasmtime::Result<whttp::Action>,
+    ) -> Result<Verdict, String> {
+        let context = x.context;
+        let idle = if paused {
+            Verdict::Pause
+        } else {
+            Verdict::Continue
+        };
+        // Cancelled (or freed with its context): not delivered, no call.
+        let live_outstanding = INSTANCES.with(|cell| {
+            cell.borrow_mut()
+                .get_mut(&self.id)
+                .and_then(|s| s.live.as_mut())
+                .is_some_and(|live| live.store.data_mut().take_outstanding(context, id))
+        });
+        if !live_outstanding {
+            return Ok(idle);
+        }
+        self.stats.calls[stat].inc();
+        self.with_instance(worker, Phase::Callout, Some(x), false, |live| {
+            let (phase, body_end) = if paused {
+                live.paused
+                    .get(&context)
+                    .copied()
+                    .unwrap_or((Phase::Callout, false))
+            } else {
+                (Phase::Callout, false)
+            };
+            live.store.data_mut().phase = phase;
+            live.store.data_mut().body_end = body_end;
+            let xr = live.store.data_mut().lend_exchange(context)?;
+            let action = call(live, context, xr);
+            let v = action.map(|action| {
+                if paused {
+                    verdict(live, context, phase, action)
+                } else {
+                    // Not paused: `continue`/`pause` mean nothing to do.
+                    match action {
+                        whttp::Action::Respond(lr) => local_response(lr).map(Verdict::Respond),
+                        _ => Ok(Verdict::Continue),
+                    }
+                }
+            });
+            live.store.data_mut().body_end = false;
+            v
+        })
+    }
+
     /// A new configured instance. `Err` carries the plugin's own message for a
     /// `configure` error.
     fn instantiate(&self, worker: u32, track: bool) -> Result<(Live, HttpSetup), String> {
@@ -609,6 +673,7 @@ impl WasmFilter {
                 .pre
                 .instantiate(&mut store)
                 .map_err(|e| format!("cannot instantiate: {e:#}"))?;
+            store.data_mut().kv_replies = bindings.legate_filter_kv_handler().is_some();
             self.stats.calls["configure"].inc();
             store.data_mut().phase = Phase::Configure;
             let r = bindings
@@ -928,60 +993,49 @@ impl HttpFilter for WasmFilter {
         paused: bool,
     ) -> Result<Verdict, String> {
         self.stats.count_callout(&result);
-        let context = x.context;
-        let idle = if paused {
-            Verdict::Pause
-        } else {
-            Verdict::Continue
-        };
-        // Cancelled (or freed with its context): not delivered, no call.
-        let live_outstanding = INSTANCES.with(|cell| {
-            cell.borrow_mut()
-                .get_mut(&self.id)
-                .and_then(|s| s.live.as_mut())
-                .is_some_and(|live| live.store.data_mut().take_outstanding(context, id))
-        });
-        if !live_outstanding {
-            return Ok(idle);
-        }
-        self.stats.calls["callout_response"].inc();
-        self.with_instance(worker, Phase::Callout, Some(x), false, |live| {
-            // While paused, the paused phase's write window stays open.
-            let (phase, body_end) = if paused {
-                live.paused
-                    .get(&context)
-                    .copied()
-                    .unwrap_or((Phase::Callout, false))
-            } else {
-                (Phase::Callout, false)
+        let result = guest_result(result);
+        self.reply(
+            worker,
+            x,
+            id,
+            paused,
+            "callout_response",
+            |live, context, xr| {
+                live.bindings
+                    .legate_filter_http_handler()
+                    .call_on_callout_response(
+                        &mut live.store,
+                        context,
+                        xr,
+                        id,
+                        result.as_ref().map_err(|e| *e),
+                    )
+            },
+        )
+    }
+
+    fn on_kv_response(
+        &self,
+        worker: usize,
+        x: &mut Exchange,
+        id: u64,
+        result: crate::wasm::kv::KvResult,
+        paused: bool,
+    ) -> Result<Verdict, String> {
+        let result = super::host::kv_result(result);
+        self.reply(worker, x, id, paused, "kv_response", |live, context, xr| {
+            // Only started by an instance that exports `kv-handler`; one that
+            // replaced it meanwhile is the same component.
+            let Some(h) = live.bindings.legate_filter_kv_handler() else {
+                wasmtime::bail!("a KV reply for a component without `kv-handler`");
             };
-            live.store.data_mut().phase = phase;
-            live.store.data_mut().body_end = body_end;
-            let xr = live.store.data_mut().lend_exchange(context)?;
-            let result = guest_result(result);
-            let action = live
-                .bindings
-                .legate_filter_http_handler()
-                .call_on_callout_response(
-                    &mut live.store,
-                    context,
-                    xr,
-                    id,
-                    result.as_ref().map_err(|e| *e),
-                );
-            let v = action.map(|action| {
-                if paused {
-                    verdict(live, context, phase, action)
-                } else {
-                    // Not paused: `continue`/`pause` mean nothing to do.
-                    match action {
-                        whttp::Action::Respond(lr) => local_response(lr).map(Verdict::Respond),
-                        _ => Ok(Verdict::Continue),
-                    }
-                }
-            });
-            live.store.data_mut().body_end = false;
-            v
+            h.call_on_kv_response(
+                &mut live.store,
+                context,
+                xr,
+                id,
+                result.as_ref().map_err(|e| *e),
+            )
         })
     }
 

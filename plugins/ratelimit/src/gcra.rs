@@ -18,7 +18,7 @@ pub struct Bucket {
 }
 
 /// The verdict for one request against one bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
     /// Whether the request fits.
     pub allowed: bool,

@@ -12,7 +12,7 @@
 pub mod config;
 pub mod gcra;
 
-use legate_sdk::kv::{Namespace, WriteCondition};
+use legate_sdk::kv::{Backend, CallId, Entry, Namespace, Reply, WriteCondition};
 use legate_sdk::metrics::Counter;
 use legate_sdk::{clock, Action, Error, Exchange, Headers, HttpFilter, LocalResponse, Setup};
 use sha2::{Digest, Sha256};
@@ -42,6 +42,9 @@ struct Series {
 /// The filter: one per plugin instance (worker).
 pub struct RateLimit {
     kv: Namespace,
+    /// The namespace is remote (Redis): checks use asynchronous KV calls and
+    /// pause the exchange, instead of holding up the worker.
+    remote: bool,
     limits: Vec<Limit>,
     series: Vec<Series>,
     emit_headers: bool,
@@ -92,14 +95,31 @@ pub struct Quota {
 #[derive(Debug, Default)]
 pub struct Context {
     quota: Option<Quota>,
+    /// A check waiting for asynchronous KV replies (a remote namespace).
+    check: Option<Box<Check>>,
 }
 
 /// One limit's evaluation for the current request.
+#[derive(Debug)]
 struct Eval {
     idx: usize,
     key: String,
+    /// The bucket's version as read (`None`: absent).
     version: Option<u64>,
+    /// The decision for the state read (before the read: a default).
     decision: Decision,
+    /// Its read failed (counted; the failure policy applied).
+    dropped: bool,
+}
+
+/// The write phase 2 makes for `e`: its new TAT if the version read still
+/// holds, expiring once the bucket would be full again (absent == full).
+fn write_need(e: &Eval) -> Need {
+    let cond = match e.version {
+        Some(v) => WriteCondition::IfVersion(v),
+        None => WriteCondition::IfAbsent,
+    };
+    Need::Write(cond, ceil_ms(e.decision.reset_ns))
 }
 
 impl HttpFilter for RateLimit {
@@ -136,6 +156,7 @@ impl HttpFilter for RateLimit {
             });
         }
         Ok(RateLimit {
+            remote: kv.backend() == Backend::Redis,
             kv,
             needs: Needs::of(&limits),
             limits,
@@ -161,13 +182,46 @@ impl HttpFilter for RateLimit {
         headers: &Headers<'_>,
         _end_of_stream: bool,
     ) -> Action {
-        let action = self.check(ctx, exchange, headers);
-        if ctx.quota.is_none() {
-            // No headers to add to the response: no more calls (it cannot
-            // fail, as this filter sends no callouts).
-            let _ = exchange.detach();
+        let (mut check, needs) = self.begin(exchange, headers);
+        if self.remote {
+            self.start_async(&mut check, needs);
+            if !check.waiting.is_empty() {
+                ctx.check = Some(Box::new(check));
+                return Action::Pause;
+            }
+        } else {
+            self.run_blocking(&mut check, needs);
         }
-        action
+        self.verdict(ctx, exchange, check)
+    }
+
+    fn on_kv_response(
+        &mut self,
+        ctx: &mut Context,
+        exchange: &Exchange<'_>,
+        id: CallId,
+        reply: Result<Reply, Error>,
+    ) -> Action {
+        let Some(mut check) = ctx.check.take() else {
+            return Action::Continue;
+        };
+        let Some(at) = check.waiting.iter().position(|(i, ..)| *i == id) else {
+            ctx.check = Some(check);
+            return Action::Pause;
+        };
+        let (_, pos, need) = check.waiting.swap_remove(at);
+        let more = match (need, reply) {
+            (Need::Read, Ok(Reply::Get(entry))) => self.on_read(&mut check, pos, Ok(entry)),
+            (Need::Read, r) => self.on_read(&mut check, pos, r.and(Err(Error::Internal))),
+            (Need::Write(..), Ok(Reply::Set(_))) => self.on_write(&mut check, pos, Ok(())),
+            (Need::Write(..), r) => self.on_write(&mut check, pos, r.and(Err(Error::Internal))),
+        };
+        self.start_async(&mut check, more);
+        if !check.waiting.is_empty() {
+            ctx.check = Some(check);
+            return Action::Pause;
+        }
+        self.verdict(ctx, exchange, *check)
     }
 
     fn on_response_headers(
@@ -199,10 +253,47 @@ fn quota_headers(q: &Quota) -> [(&'static str, String); 3] {
     ]
 }
 
+/// A KV call a [`Check`] needs next, for the evaluation at a position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Read the bucket (phase 1, or again after a lost compare-and-swap).
+    Read,
+    /// Write the admitted decision's TAT under this condition, with this TTL (ms).
+    Write(WriteCondition, u64),
+}
+
+/// One request's check in progress: phase 1 reads every matching limit's
+/// bucket and decides; unless a limit refuses, phase 2 writes the admitted
+/// decisions one limit at a time (compare-and-swap on the version read,
+/// re-reading and re-deciding on conflict). A state machine over KV replies,
+/// so the same steps run on synchronous KV calls (an in-memory namespace,
+/// [`RateLimit::run_blocking`]) and on asynchronous ones, which a remote
+/// namespace needs so that a Redis round trip does not hold up the worker
+/// (the exchange pauses instead; [`RateLimit::on_kv_response`]).
+#[derive(Debug, Default)]
+pub struct Check {
+    now: u64,
+    evals: Vec<Eval>,
+    /// Phase 1 reads not answered yet.
+    reads_left: usize,
+    /// A limit whose KV failure denies the request (`failure_mode: deny`).
+    failed: Option<usize>,
+    /// Phase 2: the position being written and its compare-and-swap attempts.
+    writing: Option<(usize, u32)>,
+    /// The most restrictive admitted limit's quota, with its reset.
+    quota: Option<(Quota, u64)>,
+    /// A limit another request emptied between our read and write.
+    raced: Option<(usize, Decision)>,
+    /// The verdict, once decided.
+    done: Option<Action>,
+    /// Outstanding asynchronous calls: (id, position, what it asked).
+    waiting: Vec<(CallId, usize, Need)>,
+}
+
 impl RateLimit {
-    /// Evaluate every matching limit; admit the request only if all
-    /// non-shadow limits allow it, and only then consume their tokens.
-    fn check(&mut self, ctx: &mut Context, x: &Exchange<'_>, headers: &Headers<'_>) -> Action {
+    /// Starts the check of a request: the matching limits with their bucket
+    /// keys; every one needs a read.
+    fn begin(&self, x: &Exchange<'_>, headers: &Headers<'_>) -> (Check, Vec<(usize, Need)>) {
         let now = clock::wall_now();
         // Unused attributes are left empty: no limit reads them.
         let method = if self.needs.method {
@@ -221,11 +312,9 @@ impl RateLimit {
         } else {
             None
         };
-
-        // Phase 1: read and decide, no writes. Sized up front: a first push
-        // into an empty `Vec` takes the slower growth path.
+        // Sized up front: a first push into an empty `Vec` takes the slower
+        // growth path.
         let mut evals = Vec::with_capacity(self.limits.len());
-        let mut failed: Option<usize> = None;
         for (idx, l) in self.limits.iter().enumerate() {
             if !matches(l, &method, path, route.as_deref()) {
                 continue;
@@ -233,138 +322,256 @@ impl RateLimit {
             let Some(key) = bucket_key(l, x, headers, &method, path, route.as_deref()) else {
                 continue; // a descriptor is missing: the limit does not apply
             };
-            match self.read(&key, l, now) {
-                Ok((version, decision)) => evals.push(Eval {
-                    idx,
-                    key,
-                    version,
-                    decision,
-                }),
-                Err(e) => failed = self.kv_error(idx, &key, e).or(failed),
-            }
+            evals.push(Eval {
+                idx,
+                key,
+                version: None,
+                decision: Decision::default(),
+                dropped: false,
+            });
         }
-        if let Some(idx) = failed {
-            return self.unavailable(idx);
-        }
-        let blocked = evals
-            .iter()
-            .filter(|e| !e.decision.allowed && !self.limits[e.idx].shadow)
-            .max_by_key(|e| e.decision.retry_after_ns)
-            .map(|e| e.idx);
-        if let Some(blocker) = blocked {
-            // Nothing is consumed: a rejected request costs no other limit a token.
-            for e in &evals {
-                self.count_verdict(e.idx, e.decision.allowed);
-            }
-            let e = evals.iter().find(|e| e.idx == blocker);
-            return match e {
-                Some(e) => self.too_many(e.idx, &e.decision),
-                None => Action::Continue,
-            };
-        }
-
-        // Phase 2: consume. A lost CAS race re-reads and re-decides.
-        let mut quota: Option<(Quota, u64)> = None;
-        let mut raced: Option<(usize, Decision)> = None;
-        for e in &mut evals {
-            let l = &self.limits[e.idx];
-            if !e.decision.allowed {
-                self.count_verdict(e.idx, false); // shadow only, see `blocked`
-                continue;
-            }
-            if raced.is_some() && !l.shadow {
-                // Refused by a race already: the rest spend no token.
-                self.count_verdict(e.idx, true);
-                continue;
-            }
-            match self.commit(e, now) {
-                Ok(()) => {}
-                Err(err) => {
-                    if let Some(idx) = self.kv_error(e.idx, &e.key, err) {
-                        return self.unavailable(idx);
-                    }
-                    continue;
-                }
-            }
-            self.count_verdict(e.idx, e.decision.allowed);
-            if l.shadow {
-                continue;
-            }
-            if !e.decision.allowed {
-                // Another worker took the last token between our read and write.
-                if raced.is_none_or(|(_, d)| d.retry_after_ns < e.decision.retry_after_ns) {
-                    raced = Some((e.idx, e.decision));
-                }
-                continue;
-            }
-            let q = Quota {
-                limit: l.bucket.burst,
-                remaining: e.decision.remaining,
-                reset_s: ceil_secs(e.decision.reset_ns),
-            };
-            let more_restrictive = match quota {
-                None => true,
-                Some((best, reset)) => {
-                    (q.remaining, std::cmp::Reverse(e.decision.reset_ns))
-                        < (best.remaining, std::cmp::Reverse(reset))
-                }
-            };
-            if more_restrictive {
-                quota = Some((q, e.decision.reset_ns));
-            }
-        }
-        if let Some((idx, d)) = raced {
-            return self.too_many(idx, &d);
-        }
-        if self.emit_headers {
-            ctx.quota = quota.map(|(q, _)| q);
-        }
-        Action::Continue
-    }
-
-    /// The stored state of `key` and the decision for one more request.
-    fn read(&self, key: &str, l: &Limit, now: u64) -> Result<(Option<u64>, Decision), Error> {
-        let entry = self.kv.get(key)?;
-        let (version, tat) = match entry {
-            None => (None, None),
-            Some(e) => (Some(e.version), Some(decode(&e.value)?)),
+        let needs = (0..evals.len()).map(|pos| (pos, Need::Read)).collect();
+        let check = Check {
+            now,
+            reads_left: evals.len(),
+            evals,
+            ..Check::default()
         };
-        Ok((version, l.bucket.decide(tat, now)))
+        (check, needs)
     }
 
-    /// Write an allowed decision with CAS, re-deciding on conflict; leaves the
-    /// final decision in `e` (which may have turned into a denial).
-    fn commit(&self, e: &mut Eval, now: u64) -> Result<(), Error> {
-        let l = &self.limits[e.idx];
-        for _ in 0..MAX_CAS_ATTEMPTS {
-            if !e.decision.allowed {
-                return Ok(());
-            }
-            let cond = match e.version {
-                Some(v) => WriteCondition::IfVersion(v),
-                None => WriteCondition::IfAbsent,
+    /// Runs `needs` (and the ones they lead to) with the synchronous KV calls.
+    fn run_blocking(&self, c: &mut Check, needs: Vec<(usize, Need)>) {
+        let mut queue = std::collections::VecDeque::from(needs);
+        while let Some((pos, need)) = queue.pop_front() {
+            let e = &c.evals[pos];
+            let more = match need {
+                Need::Read => {
+                    let r = self.kv.get(&e.key);
+                    self.on_read(c, pos, r)
+                }
+                Need::Write(cond, ttl) => {
+                    let r = self
+                        .kv
+                        .set(&e.key, Digits::of(e.decision.new_tat), cond, Some(ttl));
+                    self.on_write(c, pos, r.map(|_| ()))
+                }
             };
-            // The entry may vanish once the bucket would be full: absent == full.
-            let ttl = ceil_ms(e.decision.reset_ns);
-            match self
-                .kv
-                .set(&e.key, Digits::of(e.decision.new_tat), cond, Some(ttl))
-            {
-                Ok(_) => return Ok(()),
-                Err(Error::CasMismatch) => {
-                    let (version, decision) = self.read(&e.key, l, now)?;
+            queue.extend(more);
+        }
+    }
+
+    /// Starts `needs` (and, for those that cannot start, the ones they lead
+    /// to) as asynchronous KV calls.
+    fn start_async(&self, c: &mut Check, needs: Vec<(usize, Need)>) {
+        let mut queue = std::collections::VecDeque::from(needs);
+        while let Some((pos, need)) = queue.pop_front() {
+            let e = &c.evals[pos];
+            let started = match need {
+                Need::Read => self.kv.start_get(&e.key),
+                Need::Write(cond, ttl) => {
+                    self.kv
+                        .start_set(&e.key, Digits::of(e.decision.new_tat), cond, Some(ttl))
+                }
+            };
+            match started {
+                Ok(id) => c.waiting.push((id, pos, need)),
+                Err(err) => {
+                    let more = match need {
+                        Need::Read => self.on_read(c, pos, Err(err)),
+                        Need::Write(..) => self.on_write(c, pos, Err(err)),
+                    };
+                    queue.extend(more);
+                }
+            }
+        }
+    }
+
+    /// A bucket read (phase 1, or a re-read after a lost compare-and-swap).
+    fn on_read(
+        &self,
+        c: &mut Check,
+        pos: usize,
+        r: Result<Option<Entry>, Error>,
+    ) -> Vec<(usize, Need)> {
+        let l = &self.limits[c.evals[pos].idx];
+        let read = r.and_then(|entry| match entry {
+            None => Ok((None, l.bucket.decide(None, c.now))),
+            Some(e) => Ok((
+                Some(e.version),
+                l.bucket.decide(Some(decode(&e.value)?), c.now),
+            )),
+        });
+        if c.writing.is_some() {
+            return match read {
+                Ok((version, decision)) => {
+                    let e = &mut c.evals[pos];
                     e.version = version;
                     e.decision = decision;
+                    if decision.allowed && c.writing.is_some_and(|(_, a)| a >= MAX_CAS_ATTEMPTS) {
+                        // Out of attempts: a key hammered from many workers.
+                        self.write_failed(c, pos, Error::LimitExceeded)
+                    } else if decision.allowed {
+                        vec![(pos, write_need(e))]
+                    } else {
+                        // Another request took the last token: an answer.
+                        self.written(c, pos);
+                        self.write_next(c)
+                    }
                 }
-                Err(err) => return Err(err),
+                Err(err) => self.write_failed(c, pos, err),
+            };
+        }
+        match read {
+            Ok((version, decision)) => {
+                let e = &mut c.evals[pos];
+                e.version = version;
+                e.decision = decision;
+            }
+            Err(err) => {
+                let e = &mut c.evals[pos];
+                e.dropped = true;
+                c.failed = self.kv_error(e.idx, &e.key, err).or(c.failed);
             }
         }
-        // The last re-read may have decided: a refusal is an answer, not an
-        // error (which `failure_mode: allow` would let through).
-        if !e.decision.allowed {
-            return Ok(());
+        c.reads_left -= 1;
+        if c.reads_left > 0 {
+            return Vec::new();
         }
-        Err(Error::LimitExceeded)
+        self.after_reads(c)
+    }
+
+    /// Phase 1 is complete: refuse, or start writing.
+    fn after_reads(&self, c: &mut Check) -> Vec<(usize, Need)> {
+        if let Some(idx) = c.failed {
+            c.done = Some(self.unavailable(idx));
+            return Vec::new();
+        }
+        let live = || c.evals.iter().filter(|e| !e.dropped);
+        let blocked = live()
+            .filter(|e| !e.decision.allowed && !self.limits[e.idx].shadow)
+            .max_by_key(|e| e.decision.retry_after_ns)
+            .map(|e| (e.idx, e.decision));
+        if let Some((idx, decision)) = blocked {
+            // Nothing is consumed: a rejected request costs no other limit a token.
+            for e in live() {
+                self.count_verdict(e.idx, e.decision.allowed);
+            }
+            c.done = Some(self.too_many(idx, &decision));
+            return Vec::new();
+        }
+        c.writing = Some((0, 0));
+        self.write_next(c)
+    }
+
+    /// Phase 2: the next write, from the current position on (`writing`);
+    /// none when every admitted limit is written.
+    fn write_next(&self, c: &mut Check) -> Vec<(usize, Need)> {
+        let Some((mut pos, attempts)) = c.writing else {
+            return Vec::new();
+        };
+        while let Some(e) = c.evals.get(pos) {
+            let shadow = self.limits[e.idx].shadow;
+            if e.dropped {
+            } else if !e.decision.allowed {
+                self.count_verdict(e.idx, false); // shadow only, see `after_reads`
+            } else if c.raced.is_some() && !shadow {
+                // Refused by a race already: the rest spend no token.
+                self.count_verdict(e.idx, true);
+            } else {
+                c.writing = Some((pos, attempts));
+                return vec![(pos, write_need(e))];
+            }
+            pos += 1;
+        }
+        c.writing = None;
+        Vec::new()
+    }
+
+    /// A write's reply.
+    fn on_write(&self, c: &mut Check, pos: usize, r: Result<(), Error>) -> Vec<(usize, Need)> {
+        match r {
+            Ok(()) => {
+                self.written(c, pos);
+                self.write_next(c)
+            }
+            Err(Error::CasMismatch) => {
+                // Re-read and re-decide: the last attempt's re-read may still
+                // find a refusal, which is an answer, not an error (that
+                // `failure_mode: allow` would let through).
+                let attempts = c.writing.map_or(0, |(_, a)| a) + 1;
+                c.writing = Some((pos, attempts));
+                vec![(pos, Need::Read)]
+            }
+            Err(err) => self.write_failed(c, pos, err),
+        }
+    }
+
+    /// A write (or its re-read) failed: the failure policy decides.
+    fn write_failed(&self, c: &mut Check, pos: usize, err: Error) -> Vec<(usize, Need)> {
+        let e = &c.evals[pos];
+        if let Some(idx) = self.kv_error(e.idx, &e.key, err) {
+            c.done = Some(self.unavailable(idx));
+            c.writing = None;
+            return Vec::new();
+        }
+        c.writing = Some((pos + 1, 0));
+        self.write_next(c)
+    }
+
+    /// Limit `pos` has its final decision (written, or refused by a race):
+    /// counted, and the quota or the race kept; the next position is next.
+    fn written(&self, c: &mut Check, pos: usize) {
+        c.writing = Some((pos + 1, 0));
+        let e = &c.evals[pos];
+        let l = &self.limits[e.idx];
+        self.count_verdict(e.idx, e.decision.allowed);
+        if l.shadow {
+            return;
+        }
+        if !e.decision.allowed {
+            if c.raced
+                .is_none_or(|(_, d)| d.retry_after_ns < e.decision.retry_after_ns)
+            {
+                c.raced = Some((e.idx, e.decision));
+            }
+            return;
+        }
+        let q = Quota {
+            limit: l.bucket.burst,
+            remaining: e.decision.remaining,
+            reset_s: ceil_secs(e.decision.reset_ns),
+        };
+        let more_restrictive = match c.quota {
+            None => true,
+            Some((best, reset)) => {
+                (q.remaining, std::cmp::Reverse(e.decision.reset_ns))
+                    < (best.remaining, std::cmp::Reverse(reset))
+            }
+        };
+        if more_restrictive {
+            c.quota = Some((q, e.decision.reset_ns));
+        }
+    }
+
+    /// The verdict of a finished check. Without response headers to add,
+    /// the filter has nothing more to do for the exchange and detaches.
+    fn verdict(&self, ctx: &mut Context, x: &Exchange<'_>, c: Check) -> Action {
+        let action = if let Some(done) = c.done {
+            done
+        } else if let Some((idx, d)) = c.raced {
+            self.too_many(idx, &d)
+        } else {
+            if self.emit_headers {
+                ctx.quota = c.quota.map(|(q, _)| q);
+            }
+            Action::Continue
+        };
+        if ctx.quota.is_none() {
+            // Nothing is outstanding now, so this cannot fail.
+            let _ = x.detach();
+        }
+        action
     }
 
     fn count_verdict(&self, idx: usize, allowed: bool) {

@@ -476,3 +476,121 @@ fn limits_after_a_raced_refusal_spend_no_token() {
         None
     );
 }
+
+/// With a remote namespace (Redis), the same checks run on asynchronous KV
+/// calls: the exchange pauses instead of the worker waiting on a round trip.
+mod remote {
+    use super::*;
+    use legate_sdk::kv::Backend;
+    use legate_sdk::Action;
+
+    fn setup(config: &str) -> FilterTest<RateLimit> {
+        let host = TestHost::new()
+            .grant_kv("ratelimit")
+            .kv_backend(Backend::Redis);
+        host.set_wall_time(T0);
+        host.configure::<RateLimit>(config).unwrap()
+    }
+
+    /// Drives the request headers phase through its KV replies: the actions
+    /// returned (the first is the phase's own), and the local response if any.
+    fn send(t: &mut FilterTest<RateLimit>, req: Request) -> (Vec<Action>, Option<LocalResponse>) {
+        let mut x = t.exchange(req);
+        let mut actions = vec![x.request_headers()];
+        assert_eq!(
+            actions[0],
+            Action::Pause,
+            "a remote check waits for its reads"
+        );
+        assert!(x.may_pause());
+        actions.extend(x.deliver_kv());
+        assert_eq!(x.kv_calls_outstanding(), 0);
+        let local = match actions.last() {
+            Some(Action::Respond(r)) => Some(r.clone()),
+            _ => None,
+        };
+        (actions, local)
+    }
+
+    #[test]
+    fn a_remote_check_pauses_for_its_read_and_write_then_limits() {
+        let mut t = setup(r#"{"limits": [{"name": "ip", "key": ["client_ip"], "rate": "1/m"}]}"#);
+        let (actions, local) = send(&mut t, Request::get("/"));
+        // Read, then write: one pause per round trip, then continue.
+        assert_eq!(
+            actions,
+            vec![Action::Pause, Action::Pause, Action::Continue]
+        );
+        assert_eq!(local, None);
+        assert!(t.host().kv_get("ratelimit", "ip|192.0.2.1").is_some());
+        let (actions, local) = send(&mut t, Request::get("/"));
+        // Refused after the read: nothing written.
+        assert_eq!(actions.len(), 2);
+        let r = local.expect("a 429");
+        assert_eq!(r.status, 429);
+        assert_eq!(header(&r, "retry-after"), "60");
+        assert_eq!(t.host().counter(METRIC, &["ip", "allowed"]), Some(1));
+        assert_eq!(t.host().counter(METRIC, &["ip", "limited"]), Some(1));
+    }
+
+    #[test]
+    fn several_limits_read_together_and_write_in_order() {
+        let mut t = setup(
+            r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "2/m"},
+                          {"name": "b", "rate": "1/m"}]}"#,
+        );
+        let mut x = t.exchange(Request::get("/"));
+        assert_eq!(x.request_headers(), Action::Pause);
+        assert_eq!(x.kv_calls_outstanding(), 2, "both buckets read at once");
+        let actions = x.deliver_kv();
+        assert_eq!(actions.last(), Some(&Action::Continue));
+        drop(x);
+        assert!(t.host().kv_get("ratelimit", "a|192.0.2.1").is_some());
+        assert!(t.host().kv_get("ratelimit", "b").is_some());
+        // b is empty now: refused, and a spends no token.
+        let before = t.host().kv_get("ratelimit", "a|192.0.2.1").unwrap();
+        let (_, local) = send(&mut t, Request::get("/"));
+        assert_eq!(local.map(|r| r.status), Some(429));
+        assert_eq!(t.host().kv_get("ratelimit", "a|192.0.2.1").unwrap(), before);
+    }
+
+    #[test]
+    fn a_lost_race_rereads_asynchronously() {
+        let mut t = setup(r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "1/m"}]}"#);
+        t.host().kv_race("ratelimit", "a|192.0.2.1", &[EMPTIED]);
+        let (actions, local) = send(&mut t, Request::get("/"));
+        // Read, write (lost), re-read: refused.
+        assert_eq!(actions.len(), 4);
+        assert_eq!(local.map(|r| r.status), Some(429));
+        assert_eq!(t.host().counter(METRIC, &["a", "error"]), Some(0));
+    }
+
+    #[test]
+    fn an_unreachable_backend_applies_the_failure_mode() {
+        let mut t = setup(r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "1/m"}]}"#);
+        t.host().kv_unavailable(true);
+        let (actions, local) = send(&mut t, Request::get("/"));
+        assert_eq!(
+            actions.last(),
+            Some(&Action::Continue),
+            "fail open by default"
+        );
+        assert_eq!(local, None);
+        assert_eq!(t.host().counter(METRIC, &["a", "error"]), Some(1));
+
+        let mut t = setup(
+            r#"{"failure_mode": "deny", "limits": [{"name": "a", "key": ["client_ip"], "rate": "1/m"}]}"#,
+        );
+        t.host().kv_unavailable(true);
+        let (_, local) = send(&mut t, Request::get("/"));
+        let r = local.expect("a 503");
+        assert_eq!(r.status, 503);
+        assert_eq!(
+            body(&r),
+            serde_json::json!({"error": "rate_limit_unavailable", "limit": "a"})
+        );
+        t.host().kv_unavailable(false);
+        let (_, local) = send(&mut t, Request::get("/"));
+        assert_eq!(local, None, "back once the backend is");
+    }
+}

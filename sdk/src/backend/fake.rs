@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use crate::callout::{CalloutRequest, CalloutResponse};
-use crate::kv::{Entry, WriteCondition};
+use crate::kv::{Backend, Entry, Op, Reply, WriteCondition};
 use crate::log::Level;
 use crate::types::{BodyMode, Direction, HttpVersion, TlsVersion};
 use crate::Error;
@@ -78,11 +78,23 @@ pub(crate) enum CalloutState {
     Cancelled,
 }
 
+/// What an outstanding id stands for.
+pub(crate) enum Sent {
+    /// A callout.
+    Http(CalloutRequest),
+    /// An asynchronous KV call, run when the test delivers it.
+    Kv {
+        namespace: String,
+        key: String,
+        op: Op,
+    },
+}
+
 pub(crate) struct SentCallout {
     pub(crate) id: u64,
     /// `None`: sent from `on_tick`.
     pub(crate) context: Option<u64>,
-    pub(crate) request: CalloutRequest,
+    pub(crate) what: Sent,
     pub(crate) state: CalloutState,
 }
 
@@ -104,7 +116,14 @@ pub(crate) struct HostState {
     /// plugin's, by (namespace, key): each conditional `set` takes the next one
     /// ([`crate::testing::TestHost::kv_race`]).
     pub(crate) kv_races: HashMap<(String, String), VecDeque<Vec<u8>>>,
+    /// Callouts and asynchronous KV calls, in the order sent (ids are
+    /// positions + 1: one sequence for both, as on the host).
     pub(crate) callouts: Vec<SentCallout>,
+    /// What `Namespace::backend` reports ([`crate::testing::TestHost::kv_backend`]).
+    pub(crate) kv_backend: Backend,
+    /// Every KV call fails with `Unavailable`
+    /// ([`crate::testing::TestHost::kv_unavailable`]).
+    pub(crate) kv_down: bool,
     pub(crate) queued: HashMap<String, VecDeque<Result<CalloutResponse, Error>>>,
     pub(crate) call: Call,
     /// The running call's exchange detached (`Exchange::detach`): a callout
@@ -134,6 +153,8 @@ impl HostState {
             kv_version: 0,
             kv_races: HashMap::new(),
             callouts: Vec::new(),
+            kv_backend: Backend::Memory,
+            kv_down: false,
             queued: HashMap::new(),
             call: Call::Idle,
             detached_in_call: false,
@@ -914,8 +935,68 @@ impl NamespaceHandle {
         }
     }
 
+    fn check_up(&self) -> Result<(), Error> {
+        if self.host.borrow().kv_down {
+            return Err(Error::Unavailable);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn backend(&self) -> Backend {
+        self.host.borrow().kv_backend
+    }
+
+    /// `start_*`: checked and recorded as the host does; run on delivery
+    /// ([`run_kv`]).
+    pub(crate) fn start(&self, key: &str, op: Op) -> Result<u64, Error> {
+        Self::check_key(key)?;
+        match &op {
+            Op::Set(value, _, ttl) => {
+                if value.len() > 64 * 1024 {
+                    return Err(Error::LimitExceeded);
+                }
+                ttl_deadline(0, *ttl)?;
+            }
+            Op::Increment(_, ttl) => {
+                ttl_deadline(0, *ttl)?;
+            }
+            Op::Delete(WriteCondition::IfAbsent) => return Err(Error::InvalidArgument),
+            Op::Get | Op::Delete(_) => {}
+        }
+        let mut h = self.host.borrow_mut();
+        // As the host: only from an exchange's call that may pause.
+        let context = match h.call {
+            Call::Exchange(c) => c,
+            _ => return Err(Error::InvalidState),
+        };
+        if h.detached_in_call {
+            return Err(Error::InvalidState);
+        }
+        let outstanding = h
+            .callouts
+            .iter()
+            .filter(|c| c.context == Some(context) && c.state == CalloutState::Outstanding)
+            .count();
+        if outstanding >= MAX_CALLOUTS_PER_CONTEXT {
+            return Err(Error::LimitExceeded);
+        }
+        let id = h.callouts.len() as u64 + 1;
+        h.callouts.push(SentCallout {
+            id,
+            context: Some(context),
+            what: Sent::Kv {
+                namespace: self.name.clone(),
+                key: key.to_owned(),
+                op,
+            },
+            state: CalloutState::Outstanding,
+        });
+        Ok(id)
+    }
+
     pub(crate) fn get(&self, key: &str) -> Result<Option<Entry>, Error> {
         Self::check_key(key)?;
+        self.check_up()?;
         let mut h = self.host.borrow_mut();
         Ok(h.live_kv(&self.name, key).map(|v| Entry {
             value: v.value.clone(),
@@ -934,6 +1015,7 @@ impl NamespaceHandle {
         if value.len() > 64 * 1024 {
             return Err(Error::LimitExceeded);
         }
+        self.check_up()?;
         let mut h = self.host.borrow_mut();
         let expires_at = ttl_deadline(h.mono_ns, ttl_ms)?;
         if c != WriteCondition::Always {
@@ -974,6 +1056,7 @@ impl NamespaceHandle {
         if c == WriteCondition::IfAbsent {
             return Err(Error::InvalidArgument);
         }
+        self.check_up()?;
         let mut h = self.host.borrow_mut();
         let current = h.live_kv(&self.name, key).map(|v| v.version);
         if current.is_none() && c == WriteCondition::Always {
@@ -993,6 +1076,7 @@ impl NamespaceHandle {
         ttl_ms: Option<u64>,
     ) -> Result<i64, Error> {
         Self::check_key(key)?;
+        self.check_up()?;
         let mut h = self.host.borrow_mut();
         let now = h.mono_ns;
         let (old, expires_at) = match h.live_kv(&self.name, key) {
@@ -1015,6 +1099,21 @@ impl NamespaceHandle {
             },
         );
         Ok(new)
+    }
+}
+
+/// Runs an asynchronous KV call on `host`'s store, as the host would when its
+/// reply comes back.
+pub(crate) fn run_kv(host: &Host, namespace: &str, key: &str, op: Op) -> Result<Reply, Error> {
+    let ns = NamespaceHandle {
+        host: host.clone(),
+        name: namespace.to_owned(),
+    };
+    match op {
+        Op::Get => ns.get(key).map(Reply::Get),
+        Op::Set(value, c, ttl) => ns.set(key, &value, c, ttl).map(Reply::Set),
+        Op::Delete(c) => ns.delete(key, c).map(Reply::Delete),
+        Op::Increment(delta, ttl) => ns.increment(key, delta, ttl).map(Reply::Increment),
     }
 }
 
@@ -1074,7 +1173,7 @@ pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
     h.callouts.push(SentCallout {
         id,
         context,
-        request: r.clone(),
+        what: Sent::Http(r.clone()),
         state: CalloutState::Outstanding,
     });
     Ok(id)

@@ -1,5 +1,6 @@
 //! The guest backend: every SDK handle is a thin wrapper over the bindings that
-//! `wit-bindgen` generates from `abi/wit`: world `http-filter` ([`bindings`],
+//! `wit-bindgen` generates from `abi/wit`: world `http-filter-kv` (`http-filter`
+//! with the `kv-handler` export; [`bindings`],
 //! which also holds the interfaces both worlds import) and world
 //! `network-filter` ([`net_bindings`], which reuses those shared interfaces
 //! through `with`, so buffers, metrics, KV, callouts… have one set of types and
@@ -8,7 +9,7 @@
 #![allow(missing_docs)]
 
 use crate::callout::{CalloutRequest, CalloutResponse};
-use crate::kv::{Entry, WriteCondition};
+use crate::kv::{Backend, Entry, Op, Reply, WriteCondition};
 use crate::log::Level;
 use crate::types::{Action, BodyMode, Direction, HttpVersion, TlsVersion};
 use crate::Error;
@@ -17,7 +18,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 /// The generated bindings (public only for `legate_sdk::export!`).
 pub mod bindings {
     wit_bindgen::generate!({
-        world: "http-filter",
+        world: "http-filter-kv",
         path: "../abi/wit",
         pub_export_macro: true,
         export_macro_name: "__export_http_filter",
@@ -40,14 +41,14 @@ pub mod net_bindings {
         export_macro_name: "__export_network_filter",
         default_bindings_module: "::legate_sdk::__private::net_bindings",
         with: {
-            "legate:filter/types@0.1.1": crate::backend::wasm::bindings::legate::filter::types,
-            "legate:filter/log@0.1.1": crate::backend::wasm::bindings::legate::filter::log,
-            "legate:filter/clock@0.1.1": crate::backend::wasm::bindings::legate::filter::clock,
-            "legate:filter/random@0.1.1": crate::backend::wasm::bindings::legate::filter::random,
-            "legate:filter/metrics@0.1.1": crate::backend::wasm::bindings::legate::filter::metrics,
-            "legate:filter/kv@0.1.1": crate::backend::wasm::bindings::legate::filter::kv,
-            "legate:filter/callout@0.1.1": crate::backend::wasm::bindings::legate::filter::callout,
-            "legate:filter/plugin@0.1.1": crate::backend::wasm::bindings::legate::filter::plugin,
+            "legate:filter/types@0.1.2": crate::backend::wasm::bindings::legate::filter::types,
+            "legate:filter/log@0.1.2": crate::backend::wasm::bindings::legate::filter::log,
+            "legate:filter/clock@0.1.2": crate::backend::wasm::bindings::legate::filter::clock,
+            "legate:filter/random@0.1.2": crate::backend::wasm::bindings::legate::filter::random,
+            "legate:filter/metrics@0.1.2": crate::backend::wasm::bindings::legate::filter::metrics,
+            "legate:filter/kv@0.1.2": crate::backend::wasm::bindings::legate::filter::kv,
+            "legate:filter/callout@0.1.2": crate::backend::wasm::bindings::legate::filter::callout,
+            "legate:filter/plugin@0.1.2": crate::backend::wasm::bindings::legate::filter::plugin,
         },
         generate_all,
     });
@@ -506,6 +507,35 @@ impl NamespaceHandle {
         ttl_ms: Option<u64>,
     ) -> Result<i64, Error> {
         self.0.increment(key, delta, ttl_ms).map_err(error)
+    }
+    pub(crate) fn backend(&self) -> Backend {
+        match self.0.backend() {
+            wit::kv::Backend::Memory => Backend::Memory,
+            wit::kv::Backend::Redis => Backend::Redis,
+        }
+    }
+    pub(crate) fn start(&self, key: &str, op: Op) -> Result<u64, Error> {
+        match op {
+            Op::Get => self.0.start_get(key),
+            Op::Set(value, c, ttl) => self.0.start_set(key, &value, condition(c), ttl),
+            Op::Delete(c) => self.0.start_delete(key, condition(c)),
+            Op::Increment(delta, ttl) => self.0.start_increment(key, delta, ttl),
+        }
+        .map_err(error)
+    }
+}
+
+/// A KV reply as the SDK gives it (used by the `export!` glue).
+pub fn kv_reply(r: Result<wit::kv::Reply, wit::types::Error>) -> Result<Reply, Error> {
+    match r {
+        Ok(wit::kv::Reply::Get(e)) => Ok(Reply::Get(e.map(|e| Entry {
+            value: e.value,
+            version: e.version,
+        }))),
+        Ok(wit::kv::Reply::Set(v)) => Ok(Reply::Set(v)),
+        Ok(wit::kv::Reply::Delete(d)) => Ok(Reply::Delete(d)),
+        Ok(wit::kv::Reply::Increment(n)) => Ok(Reply::Increment(n)),
+        Err(e) => Err(error(e)),
     }
 }
 

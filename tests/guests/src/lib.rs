@@ -26,7 +26,10 @@
 //!   loop (`x-kv-count: <new>`, `x-kv-retries: <n>`); `/read` reads `count`;
 //!   `/incr` uses `increment` on key `hits`; `/ttl-set/<ms>` sets key `t` with that
 //!   TTL; `/ttl-get` reads `t` (`x-kv-value: <v or absent>`); `/big` writes a value
-//!   over the cap (`x-kv-error`); `/ticks` reads key `ticks`. The results are
+//!   over the cap (`x-kv-error`); `/ticks` reads key `ticks`; `/start` tries
+//!   an asynchronous `start-get` (this world exports no `kv-handler`, so
+//!   `x-kv-error: unsupported`) and reports `namespace.backend` in
+//!   `x-kv-backend`. The results are
 //!   request headers (the upstream echoes them). With `tick: "<ms>"` it asks for
 //!   that tick interval and each `on-tick` increments key `ticks`. With
 //!   `fail_configure_after: "<n>"`, `configure` counts its calls in key
@@ -284,6 +287,13 @@ fn kv_request(ns: &Namespace, path: &str, h: &Headers) {
         if let Err(e) = ns.set("big", &vec![0u8; 65537], WriteCondition::Always, None) {
             put("x-kv-error", error_name(e).into());
         }
+    } else if path == "/start" {
+        // This guest does not export `kv-handler`: nowhere for a reply to go.
+        match ns.start_get("count") {
+            Ok(id) => put("x-kv-started", id.to_string()),
+            Err(e) => put("x-kv-error", error_name(e).into()),
+        }
+        put("x-kv-backend", format!("{:?}", ns.backend()));
     }
 }
 

@@ -17,7 +17,7 @@ use wit_component::{ComponentEncoder, DecodedWasm, WitPrinter};
 use wit_parser::{Resolve, WorldItem, WorldKey};
 
 /// The handler interface an HTTP filter must export.
-pub const HTTP_HANDLER: &str = "legate:filter/http-handler@0.1.1";
+pub const HTTP_HANDLER: &str = "legate:filter/http-handler@0.1.2";
 
 /// Generates the C bindings of `world` (e.g. `http-filter`) of the WIT package
 /// in `wit_dir` into `out_dir`: `<world>.h`, `<world>.c` and
@@ -226,7 +226,7 @@ mod tests {
     #[test]
     fn http_filter_shape_is_accepted() {
         let ok = summary(
-            &["legate:filter/http@0.1.1", "wasi:io/streams@0.2.0"],
+            &["legate:filter/http@0.1.2", "wasi:io/streams@0.2.0"],
             &[HTTP_HANDLER],
         );
         assert!(ok.check_http_filter().is_ok());
@@ -234,12 +234,12 @@ mod tests {
 
     #[test]
     fn missing_handler_export_is_named() {
-        let err = summary(&[], &["legate:filter/network-handler@0.1.1"])
+        let err = summary(&[], &["legate:filter/network-handler@0.1.2"])
             .check_http_filter()
             .map(|()| "accepted".to_owned())
             .unwrap_or_else(|e| e.to_string());
         assert!(
-            err.contains("does not export legate:filter/http-handler@0.1.1"),
+            err.contains("does not export legate:filter/http-handler@0.1.2"),
             "{err}"
         );
         assert!(err.contains("network-handler"), "{err}");
@@ -249,7 +249,7 @@ mod tests {
     fn foreign_imports_are_named() {
         let err = summary(
             &[
-                "legate:filter/http@0.1.1",
+                "legate:filter/http@0.1.2",
                 "acme:evil/net@1.0.0",
                 "func raw",
             ],

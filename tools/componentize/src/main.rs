@@ -17,7 +17,7 @@ fn usage() -> &'static str {
   legate-componentize describe <component.wasm>
       list the component's imports and exports
   legate-componentize check-http-filter <component.wasm>
-      fail unless it exports legate:filter/http-handler@0.1.1 and imports only
+      fail unless it exports legate:filter/http-handler@0.1.2 and imports only
       legate:filter/* and wasi:* interfaces
   legate-componentize wit <component.wasm>
       print the component's WIT"

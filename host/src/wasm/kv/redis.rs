@@ -1,11 +1,16 @@
 //! [`RedisKv`]: the KV backend shared by Legate processes through one Redis
 //! (`kv: {backend: redis, url: ...}`), so N proxies enforce one rate limit.
 //!
-//! KV hostcalls are synchronous inside a guest call on a worker thread, so this
-//! backend uses the `redis` crate's blocking connections with every network step
-//! bounded: connect (handshake included), send and receive each wait at most
-//! `kv.timeout`, after which the guest gets `unavailable` and applies its own
-//! failure policy. A call never waits longer than that, whatever Redis does.
+//! Two ways in, one set of commands ([`Call`]):
+//! - The synchronous KV hostcalls run inside a guest call on a worker thread, so
+//!   they use the `redis` crate's blocking connections with every network step
+//!   bounded: connect (handshake included), send and receive each wait at most
+//!   `kv.timeout`, after which the guest gets `unavailable` and applies its own
+//!   failure policy. A call never waits longer than that, whatever Redis does,
+//!   but the worker waits with it.
+//! - The asynchronous ones (`start-*`, abi/README.md §5.7) run on the worker's
+//!   runtime over one multiplexed connection per worker thread, bounded by the
+//!   same `kv.timeout`; the worker serves other exchanges meanwhile.
 //!
 //! - Atomicity: every conditional write is one Lua script run server-side
 //!   (compare version, write, bump version, set TTL), and increments use
@@ -35,9 +40,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub use ::redis::{ClientTlsConfig, TlsCertificates};
-use ::redis::{Connection, RedisError, RedisResult, Script};
+use std::collections::HashMap;
 
-use super::{check_key, Condition, Entry, KvBackend, KvError, MAX_VALUE};
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{from_redis_value, Connection, RedisError, RedisResult, Script, Value};
+
+use super::{Condition, Entry, KvBackend, KvError, KvFuture, KvResult, Op, Reply};
 use crate::stats::{Counter, Gauge, Stats};
 
 /// First reconnect delay after a failed connect.
@@ -204,6 +212,8 @@ pub struct RedisKv {
     prefix: String,
     /// Idle connections, with when each was last used.
     idle: Mutex<Vec<(Connection, Instant)>>,
+    /// The async connections (`start-*` calls), one per worker thread.
+    async_conns: Mutex<HashMap<std::thread::ThreadId, MultiplexedConnection>>,
     link: Mutex<Link>,
     set: Script,
     delete: Script,
@@ -236,6 +246,7 @@ impl RedisKv {
             timeout,
             prefix: prefix.to_string(),
             idle: Mutex::default(),
+            async_conns: Mutex::default(),
             link: Mutex::default(),
             set: Script::new(SET),
             delete: Script::new(DELETE),
@@ -299,6 +310,12 @@ impl RedisKv {
                 c.set_write_timeout(Some(self.timeout))?;
                 Ok(c)
             });
+        self.connected(made)
+    }
+
+    /// Records the outcome of a connect (blocking or async): a failure starts
+    /// or extends the backoff.
+    fn connected<C>(&self, made: RedisResult<C>) -> Result<C, Down> {
         let mut link = self.link();
         match made {
             Ok(c) => {
@@ -343,13 +360,7 @@ impl RedisKv {
         op.inc();
         let mut conn = match self.connection() {
             Ok(c) => c,
-            Err(down) => {
-                self.stats.errors.inc();
-                if matches!(down, Down::Timeout) {
-                    self.stats.timeouts.inc();
-                }
-                return Err(KvError::Unavailable);
-            }
+            Err(down) => return Err(self.down(down)),
         };
         match f(&mut conn) {
             Ok(v) => {
@@ -368,6 +379,15 @@ impl RedisKv {
                 Err(KvError::Unavailable)
             }
         }
+    }
+
+    /// Counts a call that found no connection.
+    fn down(&self, down: Down) -> KvError {
+        self.stats.errors.inc();
+        if matches!(down, Down::Timeout) {
+            self.stats.timeouts.inc();
+        }
+        KvError::Unavailable
     }
 
     /// Returns a working connection to the idle pool.
@@ -398,6 +418,7 @@ impl RedisKv {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        self.async_conns().clear();
         let mut link = self.link();
         if !link.lost {
             tracing::warn!("kv: lost the Redis connection ({e}); reconnecting");
@@ -429,17 +450,207 @@ fn ttl_ms(ttl: Option<Duration>) -> Result<u64, KvError> {
     }
 }
 
-impl KvBackend for RedisKv {
-    fn get(&self, ns: &str, key: &str) -> Result<Option<Entry>, KvError> {
-        check_key(key)?;
-        let k = self.entry_key(ns, key);
-        let (value, version): (Option<Vec<u8>>, Option<u64>) = self.call(&self.stats.get, |c| {
-            ::redis::cmd("HMGET").arg(&k).arg("v").arg("n").query(c)
-        })?;
-        Ok(match (value, version) {
-            (Some(value), Some(version)) => Some(Entry { value, version }),
-            _ => None,
+/// A prepared Redis call: a plain command or a script invocation, sent on a
+/// blocking or an async connection alike.
+enum Call<'a> {
+    Cmd(::redis::Cmd),
+    Script(::redis::ScriptInvocation<'a>),
+}
+
+impl Call<'_> {
+    fn query(&self, c: &mut Connection) -> RedisResult<Value> {
+        match self {
+            Call::Cmd(cmd) => cmd.query(c),
+            Call::Script(s) => s.invoke(c),
+        }
+    }
+
+    async fn query_async(&self, c: &mut MultiplexedConnection) -> RedisResult<Value> {
+        match self {
+            Call::Cmd(cmd) => cmd.query_async(c).await,
+            Call::Script(s) => s.invoke_async(c).await,
+        }
+    }
+}
+
+/// Which call a reply answers, to read it.
+#[derive(Clone, Copy)]
+enum Kind {
+    Get,
+    Set,
+    Delete,
+    Increment,
+}
+
+impl Kind {
+    /// Reads Redis's reply the way the scripts and commands above shape it.
+    fn parse(self, v: Value) -> KvResult {
+        let bad = |e: ::redis::ParsingError| {
+            tracing::warn!("kv: unexpected reply from Redis: {e}");
+            KvError::Unavailable
+        };
+        match self {
+            Kind::Get => {
+                let (value, version): (Option<Vec<u8>>, Option<u64>) =
+                    from_redis_value(v).map_err(bad)?;
+                Ok(Reply::Get(match (value, version) {
+                    (Some(value), Some(version)) => Some(Entry { value, version }),
+                    _ => None,
+                }))
+            }
+            Kind::Set => {
+                let r: i64 = from_redis_value(v).map_err(bad)?;
+                u64::try_from(r)
+                    .map(Reply::Set)
+                    .map_err(|_| KvError::CasMismatch)
+            }
+            Kind::Delete => match from_redis_value::<i64>(v).map_err(bad)? {
+                -1 => Err(KvError::CasMismatch),
+                n => Ok(Reply::Delete(n > 0)),
+            },
+            Kind::Increment => match from_redis_value::<Vec<i64>>(v).map_err(bad)?.as_slice() {
+                [1, sum] => Ok(Reply::Increment(*sum)),
+                _ => Err(KvError::InvalidArgument),
+            },
+        }
+    }
+}
+
+impl RedisKv {
+    /// Checks `op` and builds its Redis call, with the counter it is counted under.
+    fn prepare(&self, ns: &str, op: Op) -> Result<(Call<'_>, Kind, &Counter), KvError> {
+        op.check()?;
+        Ok(match op {
+            Op::Get { key } => {
+                let mut cmd = ::redis::cmd("HMGET");
+                cmd.arg(self.entry_key(ns, &key)).arg("v").arg("n");
+                (Call::Cmd(cmd), Kind::Get, &self.stats.get)
+            }
+            Op::Set {
+                key,
+                value,
+                cond,
+                ttl,
+            } => {
+                let ttl = ttl_ms(ttl)?;
+                let (mode, expected) = match cond {
+                    Condition::Always => ("a", 0),
+                    Condition::IfAbsent => ("n", 0),
+                    Condition::IfVersion(v) => ("v", v),
+                };
+                let mut inv = self.set.prepare_invoke();
+                inv.key(self.entry_key(ns, &key))
+                    .key(self.version_key(ns))
+                    .arg(value)
+                    .arg(mode)
+                    .arg(expected)
+                    .arg(ttl);
+                (Call::Script(inv), Kind::Set, &self.stats.set)
+            }
+            Op::Delete { key, cond } => {
+                let (mode, expected) = match cond {
+                    Condition::IfVersion(v) => ("v", v),
+                    _ => ("a", 0),
+                };
+                let mut inv = self.delete.prepare_invoke();
+                inv.key(self.entry_key(ns, &key)).arg(mode).arg(expected);
+                (Call::Script(inv), Kind::Delete, &self.stats.delete)
+            }
+            Op::Increment { key, delta, ttl } => {
+                let ttl = ttl_ms(ttl)?;
+                let mut inv = self.increment.prepare_invoke();
+                inv.key(self.entry_key(ns, &key))
+                    .key(self.version_key(ns))
+                    .arg(delta)
+                    .arg(ttl);
+                (Call::Script(inv), Kind::Increment, &self.stats.increment)
+            }
         })
+    }
+
+    /// Runs `op` on a blocking connection.
+    fn run_blocking(&self, ns: &str, op: Op) -> KvResult {
+        let (call, kind, counter) = self.prepare(ns, op)?;
+        kind.parse(self.call(counter, |c| call.query(c))?)
+    }
+
+    /// This worker thread's async connection, made if there is none (unless
+    /// backing off). A multiplexed connection's driver runs on the runtime
+    /// that made it, so each worker has its own.
+    async fn async_connection(&self) -> Result<MultiplexedConnection, Down> {
+        let me = std::thread::current().id();
+        if let Some(c) = self.async_conns().get(&me) {
+            return Ok(c.clone());
+        }
+        if self.link().retry_at.is_some_and(|t| Instant::now() < t) {
+            return Err(Down::Unreachable);
+        }
+        let config = ::redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let made = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await;
+        let c = self.connected(made)?;
+        self.async_conns().insert(me, c.clone());
+        Ok(c)
+    }
+
+    fn async_conns(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<std::thread::ThreadId, MultiplexedConnection>> {
+        self.async_conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `op` on this worker's async connection, bounded by `kv.timeout`
+    /// (connecting included), counted as the blocking calls are.
+    async fn run_async(self: Arc<Self>, ns: Arc<str>, op: Op) -> KvResult {
+        let (call, kind, counter) = self.prepare(&ns, op)?;
+        counter.inc();
+        let mut conn = match self.async_connection().await {
+            Ok(c) => c,
+            Err(down) => return Err(self.down(down)),
+        };
+        let r = tokio::time::timeout(self.timeout, call.query_async(&mut conn)).await;
+        match r {
+            Ok(Ok(v)) => {
+                self.stats.up.set(1);
+                kind.parse(v)
+            }
+            Ok(Err(e)) => {
+                self.failed(&e);
+                Err(KvError::Unavailable)
+            }
+            Err(_) => {
+                // The connection's own response timeout normally fires first;
+                // this bounds a call whose connect hung too.
+                self.stats.errors.inc();
+                self.stats.timeouts.inc();
+                self.async_conns().remove(&std::thread::current().id());
+                Err(KvError::Unavailable)
+            }
+        }
+    }
+}
+
+impl KvBackend for RedisKv {
+    fn remote(&self) -> bool {
+        true
+    }
+
+    fn start(self: Arc<Self>, ns: &str, op: Op) -> KvFuture {
+        let ns: Arc<str> = ns.into();
+        Box::pin(self.run_async(ns, op))
+    }
+
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Entry>, KvError> {
+        match self.run_blocking(ns, Op::Get { key: key.into() })? {
+            Reply::Get(e) => Ok(e),
+            _ => Err(KvError::Unavailable),
+        }
     }
 
     fn set(
@@ -450,44 +661,26 @@ impl KvBackend for RedisKv {
         cond: Condition,
         ttl: Option<Duration>,
     ) -> Result<u64, KvError> {
-        check_key(key)?;
-        if value.len() > MAX_VALUE {
-            return Err(KvError::LimitExceeded);
-        }
-        let ttl = ttl_ms(ttl)?;
-        let (mode, expected) = match cond {
-            Condition::Always => ("a", 0),
-            Condition::IfAbsent => ("n", 0),
-            Condition::IfVersion(v) => ("v", v),
+        let op = Op::Set {
+            key: key.into(),
+            value,
+            cond,
+            ttl,
         };
-        let (k, vk) = (self.entry_key(ns, key), self.version_key(ns));
-        let r: i64 = self.call(&self.stats.set, |c| {
-            self.set
-                .key(&k)
-                .key(&vk)
-                .arg(value)
-                .arg(mode)
-                .arg(expected)
-                .arg(ttl)
-                .invoke(c)
-        })?;
-        u64::try_from(r).map_err(|_| KvError::CasMismatch)
+        match self.run_blocking(ns, op)? {
+            Reply::Set(v) => Ok(v),
+            _ => Err(KvError::Unavailable),
+        }
     }
 
     fn delete(&self, ns: &str, key: &str, cond: Condition) -> Result<bool, KvError> {
-        check_key(key)?;
-        let (mode, expected) = match cond {
-            Condition::IfAbsent => return Err(KvError::InvalidArgument),
-            Condition::Always => ("a", 0),
-            Condition::IfVersion(v) => ("v", v),
+        let op = Op::Delete {
+            key: key.into(),
+            cond,
         };
-        let k = self.entry_key(ns, key);
-        let r: i64 = self.call(&self.stats.delete, |c| {
-            self.delete.key(&k).arg(mode).arg(expected).invoke(c)
-        })?;
-        match r {
-            -1 => Err(KvError::CasMismatch),
-            n => Ok(n > 0),
+        match self.run_blocking(ns, op)? {
+            Reply::Delete(d) => Ok(d),
+            _ => Err(KvError::Unavailable),
         }
     }
 
@@ -498,20 +691,14 @@ impl KvBackend for RedisKv {
         delta: i64,
         ttl: Option<Duration>,
     ) -> Result<i64, KvError> {
-        check_key(key)?;
-        let ttl = ttl_ms(ttl)?;
-        let (k, vk) = (self.entry_key(ns, key), self.version_key(ns));
-        let r: Vec<i64> = self.call(&self.stats.increment, |c| {
-            self.increment
-                .key(&k)
-                .key(&vk)
-                .arg(delta)
-                .arg(ttl)
-                .invoke(c)
-        })?;
-        match r.as_slice() {
-            [1, sum] => Ok(*sum),
-            _ => Err(KvError::InvalidArgument),
+        let op = Op::Increment {
+            key: key.into(),
+            delta,
+            ttl,
+        };
+        match self.run_blocking(ns, op)? {
+            Reply::Increment(n) => Ok(n),
+            _ => Err(KvError::Unavailable),
         }
     }
 }
