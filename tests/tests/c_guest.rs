@@ -77,7 +77,7 @@ fn c_filter_builds_into_an_http_filter_component() {
     );
     for import in &world.imports {
         assert!(
-            import.starts_with("legate:filter/") && import.ends_with("@0.1.1"),
+            import.starts_with("legate:filter/") && import.ends_with("@0.1.2"),
             "unexpected import `{import}` (the C filter should need no WASI):\n{world}"
         );
     }
