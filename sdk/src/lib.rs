@@ -1,7 +1,8 @@
 //! # legate-sdk: write Legate filters in Rust
 //!
 //! A Legate filter is a WebAssembly component implementing the WIT world
-//! `legate:filter/http-filter@0.1.2` (an HTTP filter) or
+//! `legate:filter/http-filter-kv@0.1.2` (an HTTP filter: world `http-filter`
+//! plus the `kv-handler` export for asynchronous KV replies) or
 //! `legate:filter/network-filter@0.1.2` (an L4 filter on TCP listeners; see
 //! [Network filters](#network-filters)). See `abi/README.md` in the Legate
 //! repository. This crate hides the generated bindings behind an idiomatic

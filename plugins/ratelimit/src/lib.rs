@@ -288,6 +288,9 @@ pub struct Check {
     done: Option<Action>,
     /// Outstanding asynchronous calls: (id, position, what it asked).
     waiting: Vec<(CallId, usize, Need)>,
+    /// Calls not started yet: the host allows 8 outstanding per exchange, and
+    /// more limits than that may match a request.
+    queued: std::collections::VecDeque<(usize, Need)>,
 }
 
 impl RateLimit {
@@ -362,9 +365,11 @@ impl RateLimit {
     }
 
     /// Starts `needs` (and, for those that cannot start, the ones they lead
-    /// to) as asynchronous KV calls.
+    /// to) as asynchronous KV calls; past the host's limit of outstanding
+    /// calls they wait in `queued` for a reply to free a slot.
     fn start_async(&self, c: &mut Check, needs: Vec<(usize, Need)>) {
-        let mut queue = std::collections::VecDeque::from(needs);
+        let mut queue = std::mem::take(&mut c.queued);
+        queue.extend(needs);
         while let Some((pos, need)) = queue.pop_front() {
             let e = &c.evals[pos];
             let started = match need {
@@ -376,6 +381,11 @@ impl RateLimit {
             };
             match started {
                 Ok(id) => c.waiting.push((id, pos, need)),
+                Err(Error::LimitExceeded) if !c.waiting.is_empty() => {
+                    queue.push_front((pos, need));
+                    c.queued = queue;
+                    return;
+                }
                 Err(err) => {
                     let more = match need {
                         Need::Read => self.on_read(c, pos, Err(err)),

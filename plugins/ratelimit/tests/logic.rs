@@ -555,6 +555,27 @@ mod remote {
     }
 
     #[test]
+    fn more_limits_than_calls_allowed_at_once_wait_their_turn() {
+        // The host allows 8 outstanding calls per exchange; 10 limits match.
+        let limits: Vec<String> = (0..10)
+            .map(|i| format!(r#"{{"name": "l{i}", "rate": "5/m"}}"#))
+            .collect();
+        let mut t = setup(&format!(r#"{{"limits": [{}]}}"#, limits.join(",")));
+        let mut x = t.exchange(Request::get("/"));
+        assert_eq!(x.request_headers(), Action::Pause);
+        assert_eq!(x.kv_calls_outstanding(), 8);
+        let actions = x.deliver_kv();
+        assert_eq!(actions.last(), Some(&Action::Continue));
+        drop(x);
+        for i in 0..10 {
+            let name = format!("l{i}");
+            assert!(t.host().kv_get("ratelimit", &name).is_some(), "{name}");
+            assert_eq!(t.host().counter(METRIC, &[&name, "allowed"]), Some(1));
+            assert_eq!(t.host().counter(METRIC, &[&name, "error"]), Some(0));
+        }
+    }
+
+    #[test]
     fn a_lost_race_rereads_asynchronously() {
         let mut t = setup(r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "1/m"}]}"#);
         t.host().kv_race("ratelimit", "a|192.0.2.1", &[EMPTIED]);
