@@ -1370,6 +1370,14 @@ pub enum Reply {
 }
 
 impl Reply {
+    /// The callback's name, for logs.
+    fn phase(&self) -> &'static str {
+        match self {
+            Reply::Callout(_) => "callout_response",
+            Reply::Kv(_) => "kv_response",
+        }
+    }
+
     /// Hands the reply to `f`'s callback for its kind.
     fn deliver(
         self,
@@ -1575,6 +1583,7 @@ impl Chain {
         if !self.live(i) {
             return Ok(());
         }
+        let what = result.phase();
         let v = self.call(i, |f, w, x| result.deliver(f, w, x, id, false));
         self.dispatch(i);
         match v {
@@ -1590,7 +1599,7 @@ impl Chain {
             }
             Err(why) => {
                 self.skipped.push(i);
-                failure(&*f, "callout_response", &why)
+                failure(&*f, what, &why)
             }
         }
     }

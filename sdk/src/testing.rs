@@ -927,8 +927,10 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// Run this exchange's outstanding asynchronous KV calls on the test
     /// host's store, in start order, delivering each reply to
     /// `on_kv_response` (calls the filter starts meanwhile run too); the
-    /// actions returned. Between start and delivery, other instances' writes
-    /// (or [`TestHost::kv_put`]) may land first, as on a real host.
+    /// actions returned. Each call runs when delivered, so other instances'
+    /// writes (or [`TestHost::kv_put`]) made between start and delivery land
+    /// first, as with a remote backend (the host's in-memory store runs a call
+    /// when it starts; only the reply waits).
     pub fn deliver_kv(&mut self) -> Vec<Action> {
         let mut actions = Vec::new();
         while let Some((id, ns, key, op)) = self

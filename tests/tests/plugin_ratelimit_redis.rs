@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use legate_host::stats::Stats;
 use legate_host::wasm::kv::{
-    ClientTlsConfig, Condition, Entry, KvBackend, KvError, RedisKv, TlsCertificates,
+    ClientTlsConfig, Condition, Entry, KvBackend, KvError, KvResult, Op, RedisKv, Reply,
+    TlsCertificates,
 };
 use legate_tests::plugins::plugin_wasm;
 use legate_tests::redis::RedisServer;
@@ -249,6 +250,113 @@ fn backend_replaces_an_idle_connection_redis_closed() {
             r#"legate_kv_errors_total{backend="redis"}"#
         ),
         Some(0.0)
+    );
+}
+
+/// An asynchronous call (`start`), on the calling thread's multiplexed connection.
+async fn start(kv: &Arc<RedisKv>, op: Op) -> KvResult {
+    let kv: Arc<dyn KvBackend> = kv.clone();
+    kv.start("n", op).await
+}
+
+fn get_op(key: &str) -> Op {
+    Op::Get { key: key.into() }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn backend_async_calls_reuse_one_connection_and_replace_a_closed_idle_one() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    let kv = Arc::new(backend(&redis.url(), &stats));
+    let set = Op::Set {
+        key: "k".into(),
+        value: b"v".to_vec(),
+        cond: Condition::IfAbsent,
+        ttl: None,
+    };
+    let Ok(Reply::Set(v1)) = start(&kv, set.clone()).await else {
+        panic!("set failed")
+    };
+    assert_eq!(start(&kv, set).await, Err(KvError::CasMismatch));
+    // Several calls at once share the thread's one connection.
+    let calls: Vec<_> = (0..5).map(|_| start(&kv, get_op("k"))).collect();
+    for r in futures_util::future::join_all(calls).await {
+        assert_eq!(
+            r,
+            Ok(Reply::Get(Some(Entry {
+                value: b"v".to_vec(),
+                version: v1
+            })))
+        );
+    }
+    assert!(redis
+        .command("INFO clients")
+        .contains("connected_clients:2\r"));
+
+    // Redis closes clients idle for more than 1s; the next call checks the
+    // idle connection and makes a new one instead of failing.
+    redis.command("CONFIG SET timeout 1");
+    let deadline = Instant::now() + HANG;
+    while !redis
+        .command("INFO clients")
+        .contains("connected_clients:1\r")
+    {
+        assert!(Instant::now() < deadline, "Redis kept the idle client");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(
+        start(&kv, get_op("k")).await,
+        Ok(Reply::Get(Some(_)))
+    ));
+    let errors = stat(
+        &stats.render(),
+        r#"legate_kv_errors_total{backend="redis"}"#,
+    );
+    assert_eq!(errors, Some(0.0), "{}", stats.render());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn backend_async_calls_time_out_on_a_hung_redis() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    let kv = Arc::new(
+        RedisKv::new(&redis.url(), None, Duration::from_millis(100), "t", &stats).unwrap(),
+    );
+    assert!(matches!(
+        start(&kv, get_op("k")).await,
+        Ok(Reply::Get(None))
+    ));
+    redis.pause();
+    for _ in 0..3 {
+        assert_eq!(start(&kv, get_op("k")).await, Err(KvError::Unavailable));
+    }
+    let render = stats.render();
+    assert_eq!(
+        stat(&render, r#"legate_kv_errors_total{backend="redis"}"#),
+        Some(3.0),
+        "{render}"
+    );
+    assert!(
+        stat(&render, r#"legate_kv_timeouts_total{backend="redis"}"#).is_some_and(|n| n >= 1.0),
+        "{render}"
+    );
+    assert_eq!(
+        stat(&render, r#"legate_kv_up{backend="redis"}"#),
+        Some(0.0),
+        "{render}"
+    );
+    redis.resume();
+    let deadline = Instant::now() + HANG;
+    while start(&kv, get_op("k")).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "not usable again within {HANG:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        stat(&stats.render(), r#"legate_kv_up{backend="redis"}"#),
+        Some(1.0)
     );
 }
 

@@ -347,20 +347,25 @@ impl RateLimit {
     fn run_blocking(&self, c: &mut Check, needs: Vec<(usize, Need)>) {
         let mut queue = std::collections::VecDeque::from(needs);
         while let Some((pos, need)) = queue.pop_front() {
-            let e = &c.evals[pos];
-            let more = match need {
-                Need::Read => {
-                    let r = self.kv.get(&e.key);
-                    self.on_read(c, pos, r)
-                }
-                Need::Write(cond, ttl) => {
-                    let r = self
-                        .kv
-                        .set(&e.key, Digits::of(e.decision.new_tat), cond, Some(ttl));
-                    self.on_write(c, pos, r.map(|_| ()))
-                }
-            };
+            let more = self.step_blocking(c, pos, need);
             queue.extend(more);
+        }
+    }
+
+    /// One KV call with the synchronous API, and what it leads to.
+    fn step_blocking(&self, c: &mut Check, pos: usize, need: Need) -> Vec<(usize, Need)> {
+        let e = &c.evals[pos];
+        match need {
+            Need::Read => {
+                let r = self.kv.get(&e.key);
+                self.on_read(c, pos, r)
+            }
+            Need::Write(cond, ttl) => {
+                let r = self
+                    .kv
+                    .set(&e.key, Digits::of(e.decision.new_tat), cond, Some(ttl));
+                self.on_write(c, pos, r.map(|_| ()))
+            }
         }
     }
 
@@ -385,6 +390,13 @@ impl RateLimit {
                     queue.push_front((pos, need));
                     c.queued = queue;
                     return;
+                }
+                Err(Error::LimitExceeded) => {
+                    // The instance has as many calls out as the host allows
+                    // (other exchanges' calls) and none of ours would free a
+                    // slot: this one waits for Redis on the worker rather
+                    // than going unchecked.
+                    queue.extend(self.step_blocking(c, pos, need));
                 }
                 Err(err) => {
                     let more = match need {

@@ -949,6 +949,15 @@ impl NamespaceHandle {
     /// `start_*`: checked and recorded as the host does; run on delivery
     /// ([`run_kv`]).
     pub(crate) fn start(&self, key: &str, op: Op) -> Result<u64, Error> {
+        // As the host: the state first (only from an exchange's call that
+        // may pause), then the arguments.
+        let context = {
+            let h = self.host.borrow();
+            match h.call {
+                Call::Exchange(c) if !h.detached_in_call => c,
+                _ => return Err(Error::InvalidState),
+            }
+        };
         Self::check_key(key)?;
         match &op {
             Op::Set(value, _, ttl) => {
@@ -964,14 +973,6 @@ impl NamespaceHandle {
             Op::Get | Op::Delete(_) => {}
         }
         let mut h = self.host.borrow_mut();
-        // As the host: only from an exchange's call that may pause.
-        let context = match h.call {
-            Call::Exchange(c) => c,
-            _ => return Err(Error::InvalidState),
-        };
-        if h.detached_in_call {
-            return Err(Error::InvalidState);
-        }
         let outstanding = h
             .callouts
             .iter()

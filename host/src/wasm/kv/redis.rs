@@ -213,7 +213,7 @@ pub struct RedisKv {
     /// Idle connections, with when each was last used.
     idle: Mutex<Vec<(Connection, Instant)>>,
     /// The async connections (`start-*` calls), one per worker thread.
-    async_conns: Mutex<HashMap<std::thread::ThreadId, MultiplexedConnection>>,
+    async_conns: Mutex<HashMap<std::thread::ThreadId, AsyncSlot>>,
     link: Mutex<Link>,
     set: Script,
     delete: Script,
@@ -484,9 +484,10 @@ enum Kind {
 
 impl Kind {
     /// Reads Redis's reply the way the scripts and commands above shape it.
-    fn parse(self, v: Value) -> KvResult {
+    fn parse(self, v: Value, stats: &KvStats) -> KvResult {
         let bad = |e: ::redis::ParsingError| {
             tracing::warn!("kv: unexpected reply from Redis: {e}");
+            stats.errors.inc();
             KvError::Unavailable
         };
         match self {
@@ -571,16 +572,47 @@ impl RedisKv {
     /// Runs `op` on a blocking connection.
     fn run_blocking(&self, ns: &str, op: Op) -> KvResult {
         let (call, kind, counter) = self.prepare(ns, op)?;
-        kind.parse(self.call(counter, |c| call.query(c))?)
+        kind.parse(self.call(counter, |c| call.query(c))?, &self.stats)
     }
 
     /// This worker thread's async connection, made if there is none (unless
     /// backing off). A multiplexed connection's driver runs on the runtime
-    /// that made it, so each worker has its own.
+    /// that made it, so each worker has its own. One idle for [`STALE_AFTER`]
+    /// is checked with a `PING` first, as the blocking pool's are: Redis (or
+    /// a proxy before it) may have closed it meanwhile, and a multiplexed
+    /// connection does not reconnect by itself. The slot's lock is held while
+    /// connecting, so one worker makes one connection at a time, however many
+    /// of its exchanges ask.
     async fn async_connection(&self) -> Result<MultiplexedConnection, Down> {
-        let me = std::thread::current().id();
-        if let Some(c) = self.async_conns().get(&me) {
-            return Ok(c.clone());
+        let slot = self
+            .async_conns()
+            .entry(std::thread::current().id())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some((c, last)) = slot.as_mut() {
+            if last.elapsed() < STALE_AFTER {
+                *last = Instant::now();
+                return Ok(c.clone());
+            }
+            let ping = ::redis::cmd("PING");
+            match tokio::time::timeout(self.timeout, ping.query_async::<String>(c)).await {
+                Ok(Ok(_)) => {
+                    *last = Instant::now();
+                    return Ok(c.clone());
+                }
+                Ok(Err(e)) if !e.is_timeout() => {
+                    tracing::debug!("kv: an idle Redis connection was closed ({e}); reconnecting");
+                    *slot = None;
+                }
+                // Connected but silent: a hung server, which a new connection
+                // would wait on too.
+                _ => {
+                    *slot = None;
+                    self.lost(&timed_out());
+                    return Err(Down::Timeout);
+                }
+            }
         }
         if self.link().retry_at.is_some_and(|t| Instant::now() < t) {
             return Err(Down::Unreachable);
@@ -593,20 +625,19 @@ impl RedisKv {
             .get_multiplexed_async_connection_with_config(&config)
             .await;
         let c = self.connected(made)?;
-        self.async_conns().insert(me, c.clone());
+        *slot = Some((c.clone(), Instant::now()));
         Ok(c)
     }
 
-    fn async_conns(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<std::thread::ThreadId, MultiplexedConnection>> {
+    fn async_conns(&self) -> std::sync::MutexGuard<'_, HashMap<std::thread::ThreadId, AsyncSlot>> {
         self.async_conns
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Runs `op` on this worker's async connection, bounded by `kv.timeout`
-    /// (connecting included), counted as the blocking calls are.
+    /// Runs `op` on this worker's async connection, counted as the blocking
+    /// calls are. As there, each network step (connect, then the command's
+    /// round trip) waits at most `kv.timeout`.
     async fn run_async(self: Arc<Self>, ns: Arc<str>, op: Op) -> KvResult {
         let (call, kind, counter) = self.prepare(&ns, op)?;
         counter.inc();
@@ -614,26 +645,31 @@ impl RedisKv {
             Ok(c) => c,
             Err(down) => return Err(self.down(down)),
         };
-        let r = tokio::time::timeout(self.timeout, call.query_async(&mut conn)).await;
+        // The connection's response timeout normally ends a hung call; this
+        // is the same bound, kept in case it does not.
+        let r = tokio::time::timeout(self.timeout, call.query_async(&mut conn))
+            .await
+            .unwrap_or_else(|_| Err(timed_out()));
         match r {
-            Ok(Ok(v)) => {
+            Ok(v) => {
                 self.stats.up.set(1);
-                kind.parse(v)
+                kind.parse(v, &self.stats)
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 self.failed(&e);
-                Err(KvError::Unavailable)
-            }
-            Err(_) => {
-                // The connection's own response timeout normally fires first;
-                // this bounds a call whose connect hung too.
-                self.stats.errors.inc();
-                self.stats.timeouts.inc();
-                self.async_conns().remove(&std::thread::current().id());
                 Err(KvError::Unavailable)
             }
         }
     }
+}
+
+/// A worker thread's async connection and when it was last used; the lock
+/// makes that thread's connects one at a time.
+type AsyncSlot = Arc<tokio::sync::Mutex<Option<(MultiplexedConnection, Instant)>>>;
+
+/// The error of a call that ran out of `kv.timeout`.
+fn timed_out() -> RedisError {
+    RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
 }
 
 impl KvBackend for RedisKv {
