@@ -16,6 +16,8 @@
 #   LEGATE_BIN=/tmp/legate-old SKIP_BUILD=1 bench/instructions.sh   # another build of legate
 #   KEEP=/tmp/cg SETUPS="wasm1 pwnoop" bench/instructions.sh       # keep the callgrind files
 #   BUILTINS=/tmp/named KEEP=/tmp/cg SETUPS="none auth-jwt" bench/instructions.sh
+#   RATELIMIT_MODULE=/path/rl.wasm SETUPS="ratelimit" bench/instructions.sh  # ratelimit from a file
+#     (compiled at load: the two runs may differ by a compilation, so read req/s instead)
 #       # /tmp/named/auth.wasm replaces builtin:auth (e.g. built with its symbols)
 #
 # With KEEP, each run's callgrind file stays as KEEP/SETUP-REQUESTS.out (and
@@ -118,7 +120,7 @@ plugins:
     module: builtin:grpc-web
 $(bench_auth_plugins)
   - name: ratelimit
-    module: builtin:ratelimit
+    module: ${RATELIMIT_MODULE:-builtin:ratelimit}
     capabilities: { kv: [ratelimit] }
     config:
       limits:

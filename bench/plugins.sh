@@ -14,6 +14,7 @@
 #   REDIS=1 bench/plugins.sh                 # also ratelimit over Redis
 #   SETUPS="none chain" bench/plugins.sh     # only some setups
 #   SKIP_BUILD=1 bench/plugins.sh            # the release binaries as they are
+#   RATELIMIT_MODULE=/path/rl.wasm bench/plugins.sh  # ratelimit from a file, not builtin:
 #
 # The limit is set so high that it never refuses: what is measured is the cost
 # of checking it (two KV calls per request: get + CAS set). Prints one table:
@@ -126,7 +127,7 @@ plugins:
     config: { services: [legate.demo.v1.Echo] }
 $(bench_auth_plugins)
   - name: ratelimit
-    module: builtin:ratelimit
+    module: ${RATELIMIT_MODULE:-builtin:ratelimit}
     limits: { cpu: 250ms }
     capabilities: { kv: [ratelimit] }
     config:

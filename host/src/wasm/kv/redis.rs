@@ -233,9 +233,18 @@ impl RedisKv {
         stats: &Arc<Stats>,
     ) -> anyhow::Result<Self> {
         check_url(url).map_err(|e| anyhow::anyhow!("kv.url: {e}"))?;
-        let client = match tls {
-            Some(tls) => ::redis::Client::build_with_tls(url, tls),
-            None => ::redis::Client::open(url),
+        // TCP_NODELAY, as most Redis clients set it: the async calls pipeline
+        // small commands on one connection, which Nagle's algorithm may hold
+        // back until the previous ones are acknowledged. (On loopback it made
+        // no measurable difference: bench/README.md, "KV calls".)
+        let info = ::redis::IntoConnectionInfo::into_connection_info(url)
+            .map(|i| {
+                i.set_tcp_settings(::redis::io::tcp::TcpSettings::default().set_nodelay(true))
+            });
+        let client = match (info, tls) {
+            (Ok(info), Some(tls)) => ::redis::Client::build_with_tls(info, tls),
+            (Ok(info), None) => ::redis::Client::open(info),
+            (Err(e), _) => Err(e),
         }
         .map_err(|e| anyhow::anyhow!("kv: cannot use {}: {e}", redact(url)))?;
         let stats = KvStats::new(stats);
