@@ -171,6 +171,28 @@ impl HostState {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
+    /// Records a callout or asynchronous KV call of `context` (`None`: the
+    /// plugin's, from `on_tick`) as outstanding: its id, or `LimitExceeded`
+    /// past the per-context limit.
+    pub(crate) fn send(&mut self, context: Option<u64>, what: Sent) -> Result<u64, Error> {
+        let outstanding = self
+            .callouts
+            .iter()
+            .filter(|c| c.context == context && c.state == CalloutState::Outstanding)
+            .count();
+        if outstanding >= MAX_CALLOUTS_PER_CONTEXT {
+            return Err(Error::LimitExceeded);
+        }
+        let id = self.callouts.len() as u64 + 1;
+        self.callouts.push(SentCallout {
+            id,
+            context,
+            what,
+            state: CalloutState::Outstanding,
+        });
+        Ok(id)
+    }
+
     fn live_kv(&mut self, ns: &str, key: &str) -> Option<&mut KvValue> {
         let now = self.mono_ns;
         let map = self.kv.get_mut(ns)?;
@@ -972,27 +994,12 @@ impl NamespaceHandle {
             Op::Delete(WriteCondition::IfAbsent) => return Err(Error::InvalidArgument),
             Op::Get | Op::Delete(_) => {}
         }
-        let mut h = self.host.borrow_mut();
-        let outstanding = h
-            .callouts
-            .iter()
-            .filter(|c| c.context == Some(context) && c.state == CalloutState::Outstanding)
-            .count();
-        if outstanding >= MAX_CALLOUTS_PER_CONTEXT {
-            return Err(Error::LimitExceeded);
-        }
-        let id = h.callouts.len() as u64 + 1;
-        h.callouts.push(SentCallout {
-            id,
-            context: Some(context),
-            what: Sent::Kv {
-                namespace: self.name.clone(),
-                key: key.to_owned(),
-                op,
-            },
-            state: CalloutState::Outstanding,
-        });
-        Ok(id)
+        let what = Sent::Kv {
+            namespace: self.name.clone(),
+            key: key.to_owned(),
+            op,
+        };
+        self.host.borrow_mut().send(Some(context), what)
     }
 
     pub(crate) fn get(&self, key: &str) -> Result<Option<Entry>, Error> {
@@ -1162,22 +1169,7 @@ pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
         }
         check_value(v)?;
     }
-    let outstanding = h
-        .callouts
-        .iter()
-        .filter(|c| c.context == context && c.state == CalloutState::Outstanding)
-        .count();
-    if outstanding >= MAX_CALLOUTS_PER_CONTEXT {
-        return Err(Error::LimitExceeded);
-    }
-    let id = h.callouts.len() as u64 + 1;
-    h.callouts.push(SentCallout {
-        id,
-        context,
-        what: Sent::Http(r.clone()),
-        state: CalloutState::Outstanding,
-    });
-    Ok(id)
+    h.send(context, Sent::Http(r.clone()))
 }
 
 pub(crate) fn callout_cancel(id: u64) -> Result<(), Error> {
