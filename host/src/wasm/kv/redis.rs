@@ -237,10 +237,9 @@ impl RedisKv {
         // small commands on one connection, which Nagle's algorithm may hold
         // back until the previous ones are acknowledged. (On loopback it made
         // no measurable difference: bench/README.md, "KV calls".)
-        let info = ::redis::IntoConnectionInfo::into_connection_info(url)
-            .map(|i| {
-                i.set_tcp_settings(::redis::io::tcp::TcpSettings::default().set_nodelay(true))
-            });
+        let info = ::redis::IntoConnectionInfo::into_connection_info(url).map(|i| {
+            i.set_tcp_settings(::redis::io::tcp::TcpSettings::default().set_nodelay(true))
+        });
         let client = match (info, tls) {
             (Ok(info), Some(tls)) => ::redis::Client::build_with_tls(info, tls),
             (Ok(info), None) => ::redis::Client::open(info),
