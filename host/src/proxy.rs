@@ -133,7 +133,7 @@ pub async fn handle(
         if b.is_end_stream() {
             body::boxed(b)
         } else {
-            body::boxed(Watched::new(b, idle::Activity(clock.clone())))
+            body::boxed(Watched::new(b, ClientBody(idle::Activity(clock.clone()))))
         }
     });
     let mut resp = match idle::within(proxy(&conn, req, out), &clock).await {
@@ -2182,6 +2182,21 @@ fn humantime(t: SystemTime) -> String {
         rem % 60,
         d.subsec_millis()
     )
+}
+
+/// The client's request body as it arrives: its frames are activity for the
+/// stream idle timeout, and its trailers lose their hop-by-hop fields as the
+/// head does (RFC 9110 §6.5.1; toward an HTTP/2 upstream they would make the
+/// stream malformed, RFC 9113 §8.2.2). Filters see them stripped, as the head.
+struct ClientBody(idle::Activity);
+
+impl Watch for ClientBody {
+    fn frame(&mut self, frame: &mut Frame<Bytes>) -> Result<(), BoxError> {
+        if let Some(t) = frame.trailers_mut() {
+            crate::proxy_headers::strip_hop_by_hop(t);
+        }
+        self.0.frame(frame)
+    }
 }
 
 /// The response body on its way out counts its bytes here; when it ends (or is

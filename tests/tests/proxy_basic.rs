@@ -241,6 +241,25 @@ async fn request_trailers_and_te_reach_an_h2_upstream() {
     }
 }
 
+/// Hop-by-hop fields in a client's request trailers are dropped as in its head
+/// (RFC 9110 §6.5.1): toward an HTTP/2 upstream they would make the stream
+/// malformed (RFC 9113 §8.2.2) and fail the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_request_trailers_are_dropped() {
+    let up = upstream().h2().start().await;
+    let lg = legate()
+        .config(&simple_config_with(&[up.addr], "", "    protocol: h2\n"))
+        .start();
+    let req = b"POST /t HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nConnection: close\r\n\
+                Transfer-Encoding: chunked\r\n\r\n7\r\npayload\r\n0\r\nx-ok: 1\r\n\
+                keep-alive: timeout=5\r\n\r\n";
+    let resp = raw(lg.addr("web"), req).await;
+    let text = String::from_utf8_lossy(&resp);
+    assert_eq!(raw_status(&resp), Some(200), "{text}");
+    assert!(text.contains("x-ok"), "the trailers were lost: {text}");
+    assert!(!text.contains("keep-alive"), "{text}");
+}
+
 fn forwarding_config(up: std::net::SocketAddr, http_extra: &str) -> String {
     format!(
         "version: 1
