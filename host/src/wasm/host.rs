@@ -1423,12 +1423,17 @@ impl HostState {
     }
 }
 
+/// A stored entry as the guest sees it.
+fn entry(e: super::kv::Entry) -> kv::Entry {
+    kv::Entry {
+        value: e.value,
+        version: e.version,
+    }
+}
+
 fn reply(r: KvReply) -> kv::Reply {
     match r {
-        KvReply::Get(e) => kv::Reply::Get(e.map(|e| kv::Entry {
-            value: e.value,
-            version: e.version,
-        })),
+        KvReply::Get(e) => kv::Reply::Get(e.map(entry)),
         KvReply::Set(v) => kv::Reply::Set(v),
         KvReply::Delete(d) => kv::Reply::Delete(d),
         KvReply::Increment(n) => kv::Reply::Increment(n),
@@ -1468,12 +1473,7 @@ impl kv::HostNamespace for HostState {
             .plugin
             .kv
             .get(&ns, &key)
-            .map(|e| {
-                e.map(|e| kv::Entry {
-                    value: e.value,
-                    version: e.version,
-                })
-            })
+            .map(|e| e.map(entry))
             .map_err(kv_error))
     }
     fn set(
