@@ -933,28 +933,35 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// when it starts; only the reply waits).
     pub fn deliver_kv(&mut self) -> Vec<Action> {
         let mut actions = Vec::new();
-        while let Some((id, ns, key, op)) = self
+        while let Some(action) = self.deliver_next_kv() {
+            actions.push(action);
+        }
+        actions
+    }
+
+    /// Like [`deliver_kv`](Self::deliver_kv), for the oldest outstanding
+    /// call only (`None` if there is none): to stop an exchange between two
+    /// of its calls.
+    pub fn deliver_next_kv(&mut self) -> Option<Action> {
+        let (id, ns, key, op) = self
             .test
             .host
             .kv_outstanding(self.context)
             .into_iter()
-            .next()
-        {
-            if !self.test.host.take_outstanding(id) {
-                break;
-            }
-            let reply = run_kv(&self.test.host.host, &ns, &key, op);
-            let c = self.context;
-            let window = self.paused_window.clone();
-            let action = self.call(window, |i, x| i.kv_response(c, x, id, reply));
-            if action != Action::Pause {
-                if let Some(d) = self.held_trailers.take() {
-                    self.settle_trailers(d);
-                }
-            }
-            actions.push(action);
+            .next()?;
+        if !self.test.host.take_outstanding(id) {
+            return None;
         }
-        actions
+        let reply = run_kv(&self.test.host.host, &ns, &key, op);
+        let c = self.context;
+        let window = self.paused_window.clone();
+        let action = self.call(window, |i, x| i.kv_response(c, x, id, reply));
+        if action != Action::Pause {
+            if let Some(d) = self.held_trailers.take() {
+                self.settle_trailers(d);
+            }
+        }
+        Some(action)
     }
 
     /// How many asynchronous KV calls of this exchange are outstanding.

@@ -5,18 +5,23 @@
 //! key is built from request attributes ([`config::Descriptor`]). Buckets live
 //! in a host KV namespace, so every worker (and, when the host backs the
 //! namespace with Redis, every process) shares them. Updates are
-//! compare-and-swap on the bucket's version with bounded retries; a denied
-//! request writes nothing. Over a limit: `429` with a JSON body,
+//! compare-and-swap on the bucket's version with bounded retries (on Redis,
+//! one write at a time per bucket and instance, shared by the requests ready
+//! meanwhile: [`commit`]); a denied request writes nothing. Over a limit: `429` with a JSON body,
 //! `Retry-After` and `RateLimit-*` headers. See `README.md` for the schema.
 
+pub mod commit;
 pub mod config;
 pub mod gcra;
+
+use std::cell::{Cell, RefCell};
 
 use legate_sdk::kv::{Backend, CallId, Entry, Namespace, Reply, WriteCondition};
 use legate_sdk::metrics::Counter;
 use legate_sdk::{clock, Action, Error, Exchange, Headers, HttpFilter, LocalResponse, Setup};
 use sha2::{Digest, Sha256};
 
+use crate::commit::{Commits, Member, Next, Seen, Waiter};
 use crate::config::{Config, Descriptor, FailureMode, Limit};
 use crate::gcra::{ceil_ms, ceil_secs, Decision};
 
@@ -52,6 +57,11 @@ pub struct RateLimit {
     /// Which request attributes some limit uses: each is a host call per
     /// request, made only if needed.
     needs: Needs,
+    /// Remote namespace: the buckets being written by this instance's
+    /// requests, one write at a time per bucket ([`commit`]).
+    commits: RefCell<Commits>,
+    /// The last check's token (a check's identity in [`Commits`]).
+    tokens: Cell<u64>,
 }
 
 /// The request attributes the limits use (in a match or a key).
@@ -110,6 +120,8 @@ struct Eval {
     decision: Decision,
     /// Its read failed (counted; the failure policy applied).
     dropped: bool,
+    /// The TAT as read (`None`: absent).
+    tat: Option<u64>,
 }
 
 /// The write phase 2 makes for `e`: its new TAT if the version read still
@@ -163,6 +175,8 @@ impl HttpFilter for RateLimit {
             series,
             emit_headers: config.emit_headers,
             failure_mode: config.failure_mode,
+            commits: RefCell::default(),
+            tokens: Cell::new(0),
         })
     }
 
@@ -209,12 +223,41 @@ impl HttpFilter for RateLimit {
             ctx.check = Some(check);
             return Action::Pause;
         };
-        let (_, pos, need) = check.waiting.swap_remove(at);
-        let more = match (need, reply) {
-            (Need::Read, Ok(Reply::Get(entry))) => self.on_read(&mut check, pos, Ok(entry)),
-            (Need::Read, r) => self.on_read(&mut check, pos, r.and(Err(Error::Internal))),
-            (Need::Write(..), Ok(Reply::Set(_))) => self.on_write(&mut check, pos, Ok(())),
-            (Need::Write(..), r) => self.on_write(&mut check, pos, r.and(Err(Error::Internal))),
+        let (_, pos, call) = check.waiting.swap_remove(at);
+        let more = match call {
+            Call::Read => {
+                let r = reply.and_then(|r| match r {
+                    Reply::Get(entry) => Ok(entry),
+                    _ => Err(Error::Internal),
+                });
+                self.on_read(&mut check, pos, r)
+            }
+            Call::Flight | Call::Reread | Call::Wait => {
+                let key = check.evals[pos].key.as_str();
+                let m = Member {
+                    token: check.token,
+                    pos,
+                };
+                let now = clock::wall_now();
+                let mut commits = self.commits.borrow_mut();
+                let next = match (call, reply) {
+                    (Call::Flight, Ok(Reply::Set(v))) => commits.written(key, m, Ok(v), now),
+                    (Call::Flight, r) => commits.written(key, m, r.and(Err(Error::Internal)), now),
+                    (_, r) => {
+                        let s = r.and_then(|r| match r {
+                            Reply::Get(entry) => seen(entry.as_ref()),
+                            _ => Err(Error::Internal),
+                        });
+                        if call == Call::Reread {
+                            commits.reread(key, m, s, now)
+                        } else {
+                            commits.waited(key, m, s, now)
+                        }
+                    }
+                };
+                drop(commits);
+                self.proceed(&mut check, pos, next)
+            }
         };
         self.start_async(&mut check, more);
         if !check.waiting.is_empty() {
@@ -222,6 +265,24 @@ impl HttpFilter for RateLimit {
             return Action::Pause;
         }
         self.verdict(ctx, exchange, *check)
+    }
+
+    fn on_done(&mut self, ctx: Context) {
+        // An exchange that ends while waiting on a bucket's write (the
+        // client went away): a flight it carries must not hold up the rest.
+        let Some(check) = ctx.check else {
+            return;
+        };
+        let mut commits = self.commits.borrow_mut();
+        for &(_, pos, call) in &check.waiting {
+            if call != Call::Read {
+                let m = Member {
+                    token: check.token,
+                    pos,
+                };
+                commits.abandon(&check.evals[pos].key, m);
+            }
+        }
     }
 
     fn on_response_headers(
@@ -262,6 +323,19 @@ enum Need {
     Write(WriteCondition, u64),
 }
 
+/// An asynchronous KV call a [`Check`] has out, for the evaluation at a position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// Phase 1's read of the bucket.
+    Read,
+    /// The write of a flight this check carries ([`commit`]).
+    Flight,
+    /// The re-read of a flight this check carries (its write lost a race).
+    Reread,
+    /// A read while this check waits for a flight's outcome.
+    Wait,
+}
+
 /// One request's check in progress: phase 1 reads every matching limit's
 /// bucket and decides; unless a limit refuses, phase 2 writes the admitted
 /// decisions one limit at a time (compare-and-swap on the version read,
@@ -286,8 +360,10 @@ pub struct Check {
     raced: Option<(usize, Decision)>,
     /// The verdict, once decided.
     done: Option<Action>,
+    /// Identifies the check in the instance's [`Commits`].
+    token: u64,
     /// Outstanding asynchronous calls: (id, position, what it asked).
-    waiting: Vec<(CallId, usize, Need)>,
+    waiting: Vec<(CallId, usize, Call)>,
     /// Calls not started yet: the host allows 8 outstanding per exchange, and
     /// more limits than that may match a request.
     queued: std::collections::VecDeque<(usize, Need)>,
@@ -331,11 +407,15 @@ impl RateLimit {
                 version: None,
                 decision: Decision::default(),
                 dropped: false,
+                tat: None,
             });
         }
         let needs = (0..evals.len()).map(|pos| (pos, Need::Read)).collect();
+        let token = self.tokens.get().wrapping_add(1);
+        self.tokens.set(token);
         let check = Check {
             now,
+            token,
             reads_left: evals.len(),
             evals,
             ..Check::default()
@@ -371,41 +451,118 @@ impl RateLimit {
 
     /// Starts `needs` (and, for those that cannot start, the ones they lead
     /// to) as asynchronous KV calls; past the host's limit of outstanding
-    /// calls they wait in `queued` for a reply to free a slot.
+    /// calls they wait in `queued` for a reply to free a slot. A write joins
+    /// the bucket's group commit ([`commit`]).
     fn start_async(&self, c: &mut Check, needs: Vec<(usize, Need)>) {
         let mut queue = std::mem::take(&mut c.queued);
         queue.extend(needs);
         while let Some((pos, need)) = queue.pop_front() {
-            let e = &c.evals[pos];
-            let started = match need {
-                Need::Read => self.kv.start_get(&e.key),
-                Need::Write(cond, ttl) => {
-                    self.kv
-                        .start_set(&e.key, Digits::of(e.decision.new_tat), cond, Some(ttl))
+            let more = match need {
+                Need::Read => match self.kv.start_get(&c.evals[pos].key) {
+                    Ok(id) => {
+                        c.waiting.push((id, pos, Call::Read));
+                        Vec::new()
+                    }
+                    Err(Error::LimitExceeded) if !c.waiting.is_empty() => {
+                        queue.push_front((pos, need));
+                        c.queued = queue;
+                        return;
+                    }
+                    Err(Error::LimitExceeded) => {
+                        // The instance has as many calls out as the host
+                        // allows (other exchanges' calls) and none of ours
+                        // would free a slot: this one waits for Redis on the
+                        // worker rather than going unchecked.
+                        self.step_blocking(c, pos, need)
+                    }
+                    Err(err) => self.on_read(c, pos, Err(err)),
+                },
+                Need::Write(..) => {
+                    let e = &c.evals[pos];
+                    let w = Waiter {
+                        member: Member {
+                            token: c.token,
+                            pos,
+                        },
+                        bucket: self.limits[e.idx].bucket,
+                        now: c.now,
+                    };
+                    let s = Seen {
+                        version: e.version,
+                        tat: e.tat,
+                    };
+                    let next = self
+                        .commits
+                        .borrow_mut()
+                        .join(&e.key, w, s, clock::wall_now());
+                    self.proceed(c, pos, next)
                 }
             };
-            match started {
-                Ok(id) => c.waiting.push((id, pos, need)),
-                Err(Error::LimitExceeded) if !c.waiting.is_empty() => {
-                    queue.push_front((pos, need));
-                    c.queued = queue;
-                    return;
+            queue.extend(more);
+        }
+    }
+
+    /// Acts on what the group commit says of position `pos`: makes the call
+    /// (the needs that follow from a call that cannot be made), or takes the
+    /// outcome (the needs that follow from it).
+    fn proceed(&self, c: &mut Check, pos: usize, mut next: Next) -> Vec<(usize, Need)> {
+        loop {
+            let key = c.evals[pos].key.as_str();
+            let m = Member {
+                token: c.token,
+                pos,
+            };
+            let (call, started) = match next {
+                Next::Settled(Ok(d)) => {
+                    c.evals[pos].decision = d;
+                    self.written(c, pos);
+                    return self.write_next(c);
                 }
-                Err(Error::LimitExceeded) => {
-                    // The instance has as many calls out as the host allows
-                    // (other exchanges' calls) and none of ours would free a
-                    // slot: this one waits for Redis on the worker rather
-                    // than going unchecked.
-                    queue.extend(self.step_blocking(c, pos, need));
+                Next::Settled(Err(err)) => return self.write_failed(c, pos, err),
+                Next::Write { cond, tat, ttl_ms } => (
+                    Call::Flight,
+                    self.kv.start_set(key, Digits::of(tat), cond, Some(ttl_ms)),
+                ),
+                Next::Reread => (Call::Reread, self.kv.start_get(key)),
+                Next::Wait => (Call::Wait, self.kv.start_get(key)),
+            };
+            let err = match started {
+                Ok(id) => {
+                    c.waiting.push((id, pos, call));
+                    return Vec::new();
                 }
-                Err(err) => {
-                    let more = match need {
-                        Need::Read => self.on_read(c, pos, Err(err)),
-                        Need::Write(..) => self.on_write(c, pos, Err(err)),
+                Err(err) => err,
+            };
+            // The call cannot go out. A flight's call is made synchronously
+            // instead when the host has no slot (others wait on it), and
+            // fails the flight otherwise; a waiting check that cannot wait
+            // leaves and writes on its own, synchronously.
+            let now = clock::wall_now();
+            let mut commits = self.commits.borrow_mut();
+            next = match (call, err) {
+                (Call::Flight, Error::LimitExceeded) => {
+                    let Next::Write { cond, tat, ttl_ms } = next else {
+                        return Vec::new();
                     };
-                    queue.extend(more);
+                    let r = self.kv.set(key, Digits::of(tat), cond, Some(ttl_ms));
+                    commits.written(key, m, r, now)
                 }
-            }
+                (Call::Flight, err) => commits.written(key, m, Err(err), now),
+                (Call::Reread, Error::LimitExceeded) => {
+                    let r = self.kv.get(key);
+                    commits.reread(key, m, r.and_then(|e| seen(e.as_ref())), now)
+                }
+                (Call::Reread, err) => commits.reread(key, m, Err(err), now),
+                (Call::Wait, Error::LimitExceeded) => {
+                    // The rest of the check runs on the worker, as above.
+                    commits.leave(key, m);
+                    drop(commits);
+                    c.writing = Some((pos, 0));
+                    self.run_blocking(c, vec![(pos, Need::Read)]);
+                    return Vec::new();
+                }
+                (Call::Wait | Call::Read, err) => commits.waited(key, m, Err(err), now),
+            };
         }
     }
 
@@ -417,18 +574,15 @@ impl RateLimit {
         r: Result<Option<Entry>, Error>,
     ) -> Vec<(usize, Need)> {
         let l = &self.limits[c.evals[pos].idx];
-        let read = r.and_then(|entry| match entry {
-            None => Ok((None, l.bucket.decide(None, c.now))),
-            Some(e) => Ok((
-                Some(e.version),
-                l.bucket.decide(Some(decode(&e.value)?), c.now),
-            )),
-        });
+        let read = r
+            .and_then(|entry| seen(entry.as_ref()))
+            .map(|s| (s.version, s.tat, l.bucket.decide(s.tat, c.now)));
         if c.writing.is_some() {
             return match read {
-                Ok((version, decision)) => {
+                Ok((version, tat, decision)) => {
                     let e = &mut c.evals[pos];
                     e.version = version;
+                    e.tat = tat;
                     e.decision = decision;
                     if decision.allowed && c.writing.is_some_and(|(_, a)| a >= MAX_CAS_ATTEMPTS) {
                         // Out of attempts: a key hammered from many workers.
@@ -445,9 +599,10 @@ impl RateLimit {
             };
         }
         match read {
-            Ok((version, decision)) => {
+            Ok((version, tat, decision)) => {
                 let e = &mut c.evals[pos];
                 e.version = version;
+                e.tat = tat;
                 e.decision = decision;
             }
             Err(err) => {
@@ -730,6 +885,18 @@ fn escape_into(out: &mut String, v: &[u8]) {
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
+    }
+}
+
+/// A bucket's entry as read: its version and TAT (a value that is no TAT:
+/// `invalid-argument`, a KV error for the limit).
+fn seen(entry: Option<&Entry>) -> Result<Seen, Error> {
+    match entry {
+        None => Ok(Seen::ABSENT),
+        Some(e) => Ok(Seen {
+            version: Some(e.version),
+            tat: Some(decode(&e.value)?),
+        }),
     }
 }
 

@@ -587,6 +587,33 @@ mod remote {
     }
 
     #[test]
+    fn a_request_that_ends_while_carrying_a_write_holds_up_nobody() {
+        let mut t = setup(r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "10/m"}]}"#);
+        {
+            let mut x = t.exchange(Request::get("/"));
+            assert_eq!(x.request_headers(), Action::Pause);
+            // Its read answered: its write (the bucket's flight) is out.
+            assert_eq!(x.deliver_next_kv(), Some(Action::Pause));
+            assert_eq!(x.kv_calls_outstanding(), 1);
+            // The client goes away before the write's reply.
+            x.done();
+        }
+        // The next request on the bucket does not wait for that write (it
+        // would, by reading again and again, until the flight counted as lost).
+        let mut x = t.exchange(Request::get("/"));
+        let mut actions = vec![x.request_headers()];
+        while let Some(a) = x.deliver_next_kv() {
+            actions.push(a);
+            assert!(actions.len() <= 4, "still waiting: {actions:?}");
+        }
+        assert_eq!(
+            actions,
+            vec![Action::Pause, Action::Pause, Action::Continue]
+        );
+        assert_eq!(t.host().counter(METRIC, &["a", "allowed"]), Some(1));
+    }
+
+    #[test]
     fn an_unreachable_backend_applies_the_failure_mode() {
         let mut t = setup(r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "1/m"}]}"#);
         t.host().kv_unavailable(true);
