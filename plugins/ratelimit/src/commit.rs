@@ -15,12 +15,15 @@
 //! between instances (other workers, other processes), as before.
 //!
 //! A waiting request keeps an asynchronous read of the bucket out: the ABI
-//! resumes a paused exchange only with a reply to one of its own calls. Reads
-//! and writes of one worker go down one Redis connection in order, so the read
-//! is answered after the flight's write, and the request finds its outcome
-//! then (or, having found none, reads again). The reads also tell the
-//! instance the bucket's newest state. This module is the bookkeeping only;
-//! `lib.rs` makes the KV calls.
+//! resumes a paused exchange only with a reply to one of its own calls. Legate
+//! sends a worker's calls down one Redis connection in order, so the read is
+//! answered after the flight's write, and the request finds its outcome then
+//! (that is this host's behaviour, not an ABI promise: a request that finds no
+//! outcome reads again, and correctness rests on the compare-and-swap only).
+//! The reads also tell the instance the bucket's newest state. This module is
+//! the bookkeeping only; `lib.rs` makes the KV calls. Times here are the
+//! monotonic clock's (a wall-clock step must not make a live flight look
+//! lost); decisions use the request's wall clock, as the TAT does.
 
 use std::collections::HashMap;
 
@@ -39,9 +42,12 @@ use crate::MAX_CAS_ATTEMPTS;
 /// never looser.
 pub const LOST_FLIGHT_NS: u64 = 10_000_000_000;
 
-/// Settled outcomes nobody took (their request ended while waiting) are
-/// dropped once there are this many and they are older than [`LOST_FLIGHT_NS`].
-const SWEEP_AT: usize = 1024;
+/// Wait replies a flight may see per request it concerns while its current
+/// call is out. In order (above) each waiting request sees about one per
+/// call; a flight far past this is one whose carrier's call was cancelled
+/// without its exchange ending (its pause outlived `limits.pause`), and the
+/// waiters would otherwise read in a loop until [`LOST_FLIGHT_NS`].
+const POLLS_PER_WAITER: usize = 8;
 
 /// A request's place in a flight: its check's token and the limit's position
 /// in the check.
@@ -115,8 +121,15 @@ struct Flight {
     decisions: Vec<Decision>,
     /// Compare-and-swaps lost so far.
     lost: u32,
-    /// When its current call was made (wall clock, ns).
+    /// When its current call was made (monotonic clock, ns).
     since: u64,
+    /// Wait replies seen since its current call was made.
+    polls: usize,
+    /// Members whose request ended before the flight did: their decisions
+    /// stay (the TAT written includes them: dropping one could write a lower
+    /// TAT than a decision already taken), but they get no outcome and do not
+    /// go back in line.
+    gone: Vec<Member>,
 }
 
 /// One bucket's flight, waiting requests and newest known state.
@@ -149,6 +162,8 @@ impl Key {
 pub struct Commits {
     keys: HashMap<String, Key>,
     outcomes: HashMap<Member, (Result<Decision, Error>, u64)>,
+    /// When unclaimed outcomes were last swept.
+    swept: u64,
 }
 
 impl Commits {
@@ -182,9 +197,11 @@ impl Commits {
                     .filter(|d| d.allowed)
                     .map(|d| d.new_tat)
                     .max();
-                k.seen = Some(Seen {
+                let tat = tat.or(k.seen.and_then(|s| s.tat));
+                // A waiter may have read a newer write of another instance.
+                k.note(Seen {
                     version: Some(version),
-                    tat: tat.or(k.seen.and_then(|s| s.tat)),
+                    tat,
                 });
                 self.settle_flight(key, Ok(()), now);
                 self.take(carrier)
@@ -193,6 +210,7 @@ impl Commits {
                 // Another instance wrote: what is known is stale.
                 f.lost += 1;
                 f.since = now;
+                f.polls = 0;
                 k.seen = None;
                 Next::Reread
             }
@@ -216,7 +234,7 @@ impl Commits {
         match r {
             Ok(s) => {
                 if let Some(k) = self.keys.get_mut(key) {
-                    k.seen = Some(s);
+                    k.note(s);
                 }
                 self.decide(key, now)
             }
@@ -245,8 +263,11 @@ impl Commits {
             return Next::Settled(Err(Error::Internal));
         };
         k.note(seen);
-        if let Some(f) = &k.flight {
-            if now.saturating_sub(f.since) < LOST_FLIGHT_NS {
+        let waiters = k.queue.len();
+        if let Some(f) = &mut k.flight {
+            f.polls += 1;
+            let polled_out = f.polls > POLLS_PER_WAITER * (f.members.len() + waiters);
+            if now.saturating_sub(f.since) < LOST_FLIGHT_NS && !polled_out {
                 return Next::Wait;
             }
             self.requeue(key);
@@ -264,11 +285,10 @@ impl Commits {
     }
 
     /// Member `m`'s request ends before its outcome (its exchange is gone):
-    /// a flight it carries is given up (its members wait for the next one),
-    /// and it leaves the queue. Its place in a flight another member carries
-    /// stays: that write is already decided.
+    /// a flight it carries is given up (its members wait for the next one);
+    /// it leaves the queue, and a flight another member carries writes its
+    /// decision (already taken) but keeps no outcome for it.
     pub fn abandon(&mut self, key: &str, m: Member) {
-        self.outcomes.remove(&m);
         let carrying = self
             .keys
             .get(key)
@@ -277,10 +297,7 @@ impl Commits {
         if carrying {
             self.requeue(key);
         }
-        if let Some(k) = self.keys.get_mut(key) {
-            k.queue.retain(|w| w.member != m);
-        }
-        self.forget_if_idle(key);
+        self.leave(key, m);
     }
 
     /// Gives `key`'s flight up: its members go back to the front of the
@@ -291,6 +308,7 @@ impl Commits {
         };
         if let Some(f) = k.flight.take() {
             let mut queue = f.members;
+            queue.retain(|w| !f.gone.contains(&w.member));
             queue.append(&mut k.queue);
             k.queue = queue;
         }
@@ -298,12 +316,18 @@ impl Commits {
         k.seen = None;
     }
 
-    /// Member `m` stops waiting (it commits on its own): out of the queue. In
-    /// a flight, its decision is written anyway, which only counts it twice.
+    /// Member `m` stops waiting (it failed, or commits on its own): out of
+    /// the queue. In a flight, its decision is written anyway (which only
+    /// counts it twice if it commits on its own) and it gets no outcome.
     pub fn leave(&mut self, key: &str, m: Member) {
         self.outcomes.remove(&m);
         if let Some(k) = self.keys.get_mut(key) {
             k.queue.retain(|w| w.member != m);
+            if let Some(f) = &mut k.flight {
+                if f.members.iter().any(|w| w.member == m) {
+                    f.gone.push(m);
+                }
+            }
         }
         self.forget_if_idle(key);
     }
@@ -319,6 +343,8 @@ impl Commits {
             decisions: Vec::new(),
             lost: 0,
             since: now,
+            polls: 0,
+            gone: Vec::new(),
         });
         if k.seen.is_none() {
             return Next::Reread;
@@ -348,6 +374,7 @@ impl Commits {
             f.decisions.push(d);
         }
         f.since = now;
+        f.polls = 0;
         let admitted = f.decisions.iter().any(|d| d.allowed);
         if !admitted {
             // Refused on the newest state: answers, nothing to write.
@@ -377,22 +404,23 @@ impl Commits {
         let Some(f) = self.keys.get_mut(key).and_then(|k| k.flight.take()) else {
             return;
         };
-        if self.outcomes.len() >= SWEEP_AT {
+        if now.saturating_sub(self.swept) >= LOST_FLIGHT_NS {
+            // Outcomes a member never took (its exchange ended without
+            // `on_done`): none is waited for this long.
             self.outcomes
                 .retain(|_, (_, at)| now.saturating_sub(*at) < LOST_FLIGHT_NS);
+            self.swept = now;
         }
-        for (w, d) in f.members.iter().zip(&f.decisions) {
-            let out = match r {
-                Err(e) if d.allowed => Err(e),
-                _ => Ok(*d),
-            };
-            self.outcomes.insert(w.member, (out, now));
-        }
-        // Members never decided: the flight failed before its first write.
-        for w in f.members.iter().skip(f.decisions.len()) {
-            let out = match r {
-                Err(e) => Err(e),
-                Ok(()) => Err(Error::Internal),
+        for (i, w) in f.members.iter().enumerate() {
+            if f.gone.contains(&w.member) {
+                continue;
+            }
+            let out = match (r, f.decisions.get(i)) {
+                (Err(e), Some(d)) if d.allowed => Err(e),
+                (_, Some(d)) => Ok(*d),
+                // Never decided: the flight failed before its first write.
+                (Err(e), None) => Err(e),
+                (Ok(()), None) => Err(Error::Internal),
             };
             self.outcomes.insert(w.member, (out, now));
         }
@@ -690,6 +718,55 @@ mod tests {
         assert!(settled(c.written(KEY, m(2), Ok(2), late)).allowed);
         assert!(settled(c.waited(KEY, m(1), Ok(at(2, NOW + 2 * T)), late)).allowed);
         assert_eq!((c.busy(), c.unclaimed()), (0, 0));
+    }
+
+    #[test]
+    fn members_gone_from_a_flight_neither_come_back_nor_leave_state() {
+        let mut c = Commits::default();
+        c.join(KEY, waiter(1, 10), Seen::ABSENT, NOW);
+        c.join(KEY, waiter(2, 10), Seen::ABSENT, NOW);
+        c.join(KEY, waiter(3, 10), Seen::ABSENT, NOW);
+        settled(c.written(KEY, m(1), Ok(1), NOW));
+        assert!(matches!(
+            c.waited(KEY, m(2), Ok(at(1, NOW + T)), NOW),
+            Next::Write { .. }
+        ));
+        // Both requests of the flight end (e.g. one HTTP/2 connection reset),
+        // the one it carries for first.
+        c.abandon(KEY, m(3));
+        c.abandon(KEY, m(2));
+        assert_eq!((c.busy(), c.unclaimed()), (0, 0));
+        // Likewise when the carrier's write lands after the other left.
+        c.join(KEY, waiter(4, 10), at(1, NOW + T), NOW);
+        c.join(KEY, waiter(5, 10), at(1, NOW + T), NOW);
+        settled(c.written(KEY, m(4), Ok(2), NOW));
+        assert!(matches!(
+            c.waited(KEY, m(5), Ok(at(2, NOW + 2 * T)), NOW),
+            Next::Write { .. }
+        ));
+        c.join(KEY, waiter(6, 10), at(2, NOW + 2 * T), NOW);
+        c.abandon(KEY, m(6));
+        assert!(settled(c.written(KEY, m(5), Ok(3), NOW)).allowed);
+        assert_eq!((c.busy(), c.unclaimed()), (0, 0));
+    }
+
+    #[test]
+    fn waiters_stop_reading_a_flight_whose_call_never_ends() {
+        let mut c = Commits::default();
+        c.join(KEY, waiter(1, 10), Seen::ABSENT, NOW);
+        c.join(KEY, waiter(2, 10), Seen::ABSENT, NOW);
+        // The carrier's call was cancelled (its pause timed out) and its
+        // exchange goes on: no reply, no `on_done` yet.
+        let mut reads = 0;
+        let next = loop {
+            reads += 1;
+            match c.waited(KEY, m(2), Ok(Seen::ABSENT), NOW) {
+                Next::Wait => assert!(reads < 100, "still reading"),
+                other => break other,
+            }
+        };
+        assert!(matches!(next, Next::Reread), "{next:?}");
+        assert!(reads <= POLLS_PER_WAITER * 2 + 1, "{reads} reads");
     }
 
     #[test]

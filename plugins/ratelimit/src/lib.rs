@@ -238,7 +238,7 @@ impl HttpFilter for RateLimit {
                     token: check.token,
                     pos,
                 };
-                let now = clock::wall_now();
+                let now = clock::monotonic_now();
                 let mut commits = self.commits.borrow_mut();
                 let next = match (call, reply) {
                     (Call::Flight, Ok(Reply::Set(v))) => commits.written(key, m, Ok(v), now),
@@ -494,7 +494,7 @@ impl RateLimit {
                     let next = self
                         .commits
                         .borrow_mut()
-                        .join(&e.key, w, s, clock::wall_now());
+                        .join(&e.key, w, s, clock::monotonic_now());
                     self.proceed(c, pos, next)
                 }
             };
@@ -537,7 +537,7 @@ impl RateLimit {
             // instead when the host has no slot (others wait on it), and
             // fails the flight otherwise; a waiting check that cannot wait
             // leaves and writes on its own, synchronously.
-            let now = clock::wall_now();
+            let now = clock::monotonic_now();
             let mut commits = self.commits.borrow_mut();
             next = match (call, err) {
                 (Call::Flight, Error::LimitExceeded) => {
