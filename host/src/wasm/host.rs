@@ -235,9 +235,13 @@ pub struct HostState {
     pub memory: crate::wasm::slots::MemoryUse,
     /// The last callout id handed out.
     next_callout: u64,
-    /// Outstanding (sent, neither delivered nor cancelled) callouts by context
-    /// ([`PLUGIN_CONTEXT`] for the plugin's own, from `on-tick`).
-    pub outstanding: rustc_hash::FxHashMap<u64, HashSet<u64>>,
+    /// Outstanding (sent, neither delivered nor cancelled) callouts and KV
+    /// calls by context ([`PLUGIN_CONTEXT`] for the plugin's own, from `on-tick`).
+    outstanding: rustc_hash::FxHashMap<u64, HashSet<u64>>,
+    /// How many ids `outstanding` holds in all: the per-instance limit is
+    /// checked on every call, and summing the sets cost one step per paused
+    /// exchange.
+    outstanding_total: usize,
     /// Callouts queued by an `on-tick` call (exchange calls queue on the exchange).
     pub tick_callouts: Vec<CalloutRequest>,
     /// The tasks of plugin-level callouts in flight, by id, so that `cancel`
@@ -327,6 +331,7 @@ impl HostState {
             memory: crate::wasm::slots::MemoryUse::default(),
             next_callout: 0,
             outstanding: rustc_hash::FxHashMap::default(),
+            outstanding_total: 0,
             tick_callouts: Vec::new(),
             tick_tasks: crate::filter::Aborts::new(),
             lent: Lent::default(),
@@ -1623,20 +1628,29 @@ impl HostState {
         if set.is_empty() {
             self.outstanding.remove(&context);
         }
+        self.outstanding_total = self.outstanding_total.saturating_sub(usize::from(was));
         was
+    }
+
+    /// Forgets every outstanding call of `context` (its exchange or
+    /// connection is over: they are cancelled with it).
+    pub fn forget_outstanding(&mut self, context: u64) {
+        if let Some(set) = self.outstanding.remove(&context) {
+            self.outstanding_total = self.outstanding_total.saturating_sub(set.len());
+        }
     }
 
     /// A new id for a callout or KV call of `context`, counted as outstanding;
     /// `limit-exceeded` past the per-context or per-instance limit.
     fn reserve_id(&mut self, context: u64) -> Result<u64, Error> {
-        let total: usize = self.outstanding.values().map(HashSet::len).sum();
         let mine = self.outstanding.get(&context).map_or(0, HashSet::len);
-        if mine >= CALLOUTS_PER_CONTEXT || total >= CALLOUTS_PER_INSTANCE {
+        if mine >= CALLOUTS_PER_CONTEXT || self.outstanding_total >= CALLOUTS_PER_INSTANCE {
             return Err(Error::LimitExceeded);
         }
         self.next_callout += 1;
         let id = self.next_callout;
         self.outstanding.entry(context).or_default().insert(id);
+        self.outstanding_total += 1;
         Ok(id)
     }
 
@@ -1830,5 +1844,43 @@ impl callout::Host for HostState {
         } else {
             Ok(Err(Error::NotFound))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_instance_limit_counts_every_contexts_calls_until_they_end() {
+        let shared = Arc::new(PluginShared::new("t", Arc::default(), &[], &[]));
+        let mut h = HostState::new(shared, 0, 1 << 20);
+        let contexts = (CALLOUTS_PER_INSTANCE / CALLOUTS_PER_CONTEXT) as u64;
+        let mut first = Vec::new();
+        for c in 0..contexts {
+            for i in 0..CALLOUTS_PER_CONTEXT {
+                let id = h.reserve_id(c).expect("under both limits");
+                if i == 0 {
+                    first.push(id);
+                }
+            }
+            assert!(matches!(h.reserve_id(c), Err(Error::LimitExceeded)));
+        }
+        let other = contexts + 1;
+        assert!(matches!(h.reserve_id(other), Err(Error::LimitExceeded)));
+        // A delivered call frees its slot, once.
+        assert!(h.take_outstanding(0, first[0]));
+        assert!(!h.take_outstanding(0, first[0]));
+        assert!(h.reserve_id(other).is_ok());
+        assert!(matches!(h.reserve_id(other), Err(Error::LimitExceeded)));
+        // An exchange that ends frees all of its slots.
+        h.forget_outstanding(1);
+        for _ in 0..CALLOUTS_PER_CONTEXT - 1 {
+            assert!(h.reserve_id(other).is_ok());
+        }
+        // `other` is at its own limit; one slot of the instance is left.
+        assert!(matches!(h.reserve_id(other), Err(Error::LimitExceeded)));
+        assert!(h.reserve_id(other + 1).is_ok());
+        assert!(matches!(h.reserve_id(other + 2), Err(Error::LimitExceeded)));
     }
 }

@@ -620,7 +620,7 @@ impl NetworkFilter for WasmNetworkFilter {
             let Some(live) = slot.live.as_mut() else {
                 return Ok(());
             };
-            live.store.data_mut().outstanding.remove(&context);
+            live.store.data_mut().forget_outstanding(context);
             let Some(ctx) = live.contexts.remove(&context) else {
                 return Ok(());
             };

@@ -1074,7 +1074,7 @@ impl HttpFilter for WasmFilter {
                 .is_some_and(|live| {
                     // Outstanding callouts are cancelled with the exchange.
                     live.paused.remove(&context);
-                    live.store.data_mut().outstanding.remove(&context);
+                    live.store.data_mut().forget_outstanding(context);
                     live.contexts.remove(&context)
                 })
         });
