@@ -770,35 +770,52 @@ each_proto!(
     }
 );
 
+/// 60 requests at once on one bucket of 20, through `workers` workers: 20
+/// answered, 40 refused, no KV error.
+async fn concurrent_requests_on_one_bucket(proto: Proto, workers: usize) {
+    let redis = RedisServer::start();
+    let up = upstream().start().await;
+    let yaml = config(up.addr, &redis.url(), "20/h", "127.0.0.1:0", "127.0.0.1:0");
+    let lg = legate().config(&yaml).concurrency(workers).start();
+    let web = lg.addr("web");
+    let requests: Vec<_> = (0..60).map(|_| tokio::spawn(get(proto, web))).collect();
+    let mut statuses = Vec::new();
+    for r in requests {
+        statuses.push(r.await.unwrap().status);
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((ok, refused), (20, 40), "{statuses:?}");
+    assert_eq!(up.requests.get(), 20);
+    let s = lg.stats().await;
+    assert_eq!(outcome(&s, "allowed"), Some(20.0), "{s}");
+    assert_eq!(outcome(&s, "limited"), Some(40.0), "{s}");
+    assert_eq!(outcome(&s, "error"), Some(0.0), "{s}");
+    // Far fewer writes than requests: one per flight (and per lost race
+    // between workers), not one per attempt of each request.
+    let sets = stat(
+        &s,
+        r#"legate_kv_operations_total{backend="redis",op="set"}"#,
+    );
+    assert!(sets.is_some_and(|n| (1.0..=40.0).contains(&n)), "{s}");
+}
+
 each_proto!(
     async fn concurrent_requests_on_one_bucket_are_each_counted_once(proto) {
-        // One worker, so one plugin instance, and 60 requests at once on one
-        // bucket of 20. Each admitted request must take a token: before the
-        // instance wrote a bucket one flight at a time, the requests raced
-        // their compare-and-swaps, most ran out of attempts, and the KV
-        // error that made let them through unchecked (`failure_mode: allow`).
-        let redis = RedisServer::start();
-        let up = upstream().start().await;
-        let yaml = config(up.addr, &redis.url(), "20/h", "127.0.0.1:0", "127.0.0.1:0");
-        let lg = legate().config(&yaml).concurrency(1).start();
-        let web = lg.addr("web");
-        let requests: Vec<_> = (0..60).map(|_| tokio::spawn(get(proto, web))).collect();
-        let mut statuses = Vec::new();
-        for r in requests {
-            statuses.push(r.await.unwrap().status);
-        }
-        let ok = statuses.iter().filter(|s| **s == 200).count();
-        let refused = statuses.iter().filter(|s| **s == 429).count();
-        assert_eq!((ok, refused), (20, 40), "{statuses:?}");
-        assert_eq!(up.requests.get(), 20);
-        let s = lg.stats().await;
-        assert_eq!(outcome(&s, "allowed"), Some(20.0), "{s}");
-        assert_eq!(outcome(&s, "limited"), Some(40.0), "{s}");
-        assert_eq!(outcome(&s, "error"), Some(0.0), "{s}");
-        // Far fewer writes than requests: one per flight, not one per
-        // attempt of each request.
-        let sets = stat(&s, r#"legate_kv_operations_total{backend="redis",op="set"}"#);
-        assert!(sets.is_some_and(|n| (1.0..=20.0).contains(&n)), "{s}");
+        // One worker, so one plugin instance. Each admitted request must take
+        // a token: before the instance wrote a bucket one flight at a time,
+        // the requests raced their compare-and-swaps, most ran out of
+        // attempts, and the KV error that made let them through unchecked
+        // (`failure_mode: allow`): all 60 were served.
+        concurrent_requests_on_one_bucket(proto, 1).await;
+    }
+);
+
+each_proto!(
+    async fn concurrent_requests_on_one_bucket_across_workers_are_each_counted_once(proto) {
+        // Two instances: their flights race each other (a lost one re-reads,
+        // re-decides its requests and writes again).
+        concurrent_requests_on_one_bucket(proto, 2).await;
     }
 );
 
