@@ -914,14 +914,21 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             return None;
         }
         let c = self.context;
+        Some(self.resume(|i, x| i.callout_response(c, x, id, response)))
+    }
+
+    /// Delivers a reply to the paused exchange through `f`, in the window it
+    /// paused in; a verdict other than `pause` settles the trailers held
+    /// meanwhile.
+    fn resume(&mut self, f: impl FnOnce(&mut Instance<F>, &Exchange<'_>) -> Action) -> Action {
         let window = self.paused_window.clone();
-        let action = self.call(window, |i, x| i.callout_response(c, x, id, response));
+        let action = self.call(window, f);
         if action != Action::Pause {
             if let Some(d) = self.held_trailers.take() {
                 self.settle_trailers(d);
             }
         }
-        Some(action)
+        action
     }
 
     /// Run this exchange's outstanding asynchronous KV calls on the test
@@ -954,14 +961,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         }
         let reply = run_kv(&self.test.host.host, &ns, &key, op);
         let c = self.context;
-        let window = self.paused_window.clone();
-        let action = self.call(window, |i, x| i.kv_response(c, x, id, reply));
-        if action != Action::Pause {
-            if let Some(d) = self.held_trailers.take() {
-                self.settle_trailers(d);
-            }
-        }
-        Some(action)
+        Some(self.resume(|i, x| i.kv_response(c, x, id, reply)))
     }
 
     /// How many asynchronous KV calls of this exchange are outstanding.

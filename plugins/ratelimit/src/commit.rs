@@ -511,6 +511,21 @@ mod tests {
         }
     }
 
+    /// Request 1's flight landed (version 1); request 2 carries the next
+    /// flight, for itself and request 3.
+    fn second_flight() -> Commits {
+        let mut c = Commits::default();
+        c.join(KEY, waiter(1, 10), Seen::ABSENT, NOW);
+        c.join(KEY, waiter(2, 10), Seen::ABSENT, NOW);
+        c.join(KEY, waiter(3, 10), Seen::ABSENT, NOW);
+        settled(c.written(KEY, m(1), Ok(1), NOW));
+        assert!(matches!(
+            c.waited(KEY, m(2), Ok(at(1, NOW + T)), NOW),
+            Next::Write { .. }
+        ));
+        c
+    }
+
     #[test]
     fn requests_ready_during_a_write_share_the_next_one() {
         let mut c = Commits::default();
@@ -668,15 +683,7 @@ mod tests {
 
     #[test]
     fn a_carrier_that_goes_away_hands_its_flight_on() {
-        let mut c = Commits::default();
-        c.join(KEY, waiter(1, 10), Seen::ABSENT, NOW);
-        c.join(KEY, waiter(2, 10), Seen::ABSENT, NOW);
-        c.join(KEY, waiter(3, 10), Seen::ABSENT, NOW);
-        settled(c.written(KEY, m(1), Ok(1), NOW));
-        assert!(matches!(
-            c.waited(KEY, m(2), Ok(at(1, NOW + T)), NOW),
-            Next::Write { .. }
-        ));
+        let mut c = second_flight();
         // Its client is gone before the write's reply, which may have
         // landed or not: the next flight goes on what the next read says,
         // and its compare-and-swap finds out.
@@ -730,15 +737,7 @@ mod tests {
 
     #[test]
     fn members_gone_from_a_flight_neither_come_back_nor_leave_state() {
-        let mut c = Commits::default();
-        c.join(KEY, waiter(1, 10), Seen::ABSENT, NOW);
-        c.join(KEY, waiter(2, 10), Seen::ABSENT, NOW);
-        c.join(KEY, waiter(3, 10), Seen::ABSENT, NOW);
-        settled(c.written(KEY, m(1), Ok(1), NOW));
-        assert!(matches!(
-            c.waited(KEY, m(2), Ok(at(1, NOW + T)), NOW),
-            Next::Write { .. }
-        ));
+        let mut c = second_flight();
         // Both requests of the flight end (e.g. one HTTP/2 connection reset),
         // the one it carries for first.
         c.abandon(KEY, m(3));
