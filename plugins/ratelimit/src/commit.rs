@@ -27,6 +27,8 @@
 
 use std::collections::HashMap;
 
+use rustc_hash::FxHashMap;
+
 use legate_sdk::kv::WriteCondition;
 use legate_sdk::Error;
 
@@ -168,8 +170,10 @@ impl Key {
 /// for members that have not taken them yet.
 #[derive(Debug, Default)]
 pub struct Commits {
+    /// By bucket key (request data: the default, keyed hash).
     keys: HashMap<String, Key>,
-    outcomes: HashMap<Member, (Result<Decision, Error>, u64)>,
+    /// By member: ids this instance makes.
+    outcomes: FxHashMap<Member, (Result<Decision, Error>, u64)>,
     /// When unclaimed outcomes were last swept.
     swept: u64,
 }
@@ -178,7 +182,11 @@ impl Commits {
     /// `w` is ready to write bucket `key`, having read it as `seen`. It
     /// carries a new flight if none is out, else it waits.
     pub fn join(&mut self, key: &str, w: Waiter, seen: Seen, now: u64) -> Next {
-        let k = self.keys.entry(key.to_owned()).or_default();
+        // A bucket already waited on is found without copying its key.
+        let k = match self.keys.get_mut(key) {
+            Some(k) => k,
+            None => self.keys.entry(key.to_owned()).or_default(),
+        };
         k.note(seen);
         k.queue.push(w);
         if k.flight.is_some() {
