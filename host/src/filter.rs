@@ -1521,13 +1521,22 @@ impl Chain {
         // Callouts time out on their own; a gRPC stream may stay open and
         // silent, so the pause as a whole is bounded too.
         let limit = self.entered[k].pause_limit();
-        let deadline = limit.map(|d| tokio::time::Instant::now() + d);
+        // One timer for the whole wait, not one per delivery: a filter that
+        // pauses again after a reply loops here, and arming a timer costs a
+        // registration and a removal.
+        let mut deadline = std::pin::pin!(limit.map(|d| tokio::time::sleep(d)));
         loop {
             let next = self.inflight.join_next();
-            let done = match deadline {
-                Some(at) => match tokio::time::timeout_at(at, next).await {
+            let done = match deadline.as_mut().as_pin_mut() {
+                // The reply first, as `timeout` polls: one that is ready when
+                // the time is up still counts.
+                Some(timer) => match tokio::select! {
+                    biased;
+                    done = next => Ok(done),
+                    () = timer => Err(()),
+                } {
                     Ok(done) => done,
-                    Err(_) => {
+                    Err(()) => {
                         // Nothing may deliver to the abandoned pause later (a
                         // wake-up in flight would also keep a later filter's
                         // pause from failing as nothing-in-flight).
