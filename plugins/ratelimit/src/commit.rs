@@ -195,6 +195,19 @@ impl Commits {
         self.launch(key, w.member, now)
     }
 
+    /// `w` is ready to write `key` without having read it: it joins if this
+    /// instance is writing that bucket already (a flight decides on the
+    /// newest state the instance knows, or reads it first, and a refusal
+    /// there is an answer like one after a read); `None` if not (read first).
+    pub fn join_unread(&mut self, key: &str, w: Waiter, now: u64) -> Option<Next> {
+        let k = self.keys.get_mut(key)?;
+        k.queue.push(w);
+        if k.flight.is_some() {
+            return Some(Next::Wait);
+        }
+        Some(self.launch(key, w.member, now))
+    }
+
     /// The reply to a carrier's write (`Ok`: the new version).
     pub fn written(&mut self, key: &str, carrier: Member, r: Result<u64, Error>, now: u64) -> Next {
         let Some(k) = self.keys.get_mut(key) else {
@@ -782,6 +795,36 @@ mod tests {
         };
         assert!(matches!(next, Next::Reread), "{next:?}");
         assert!(reads <= POLLS_PER_WAITER * 2 + 1, "{reads} reads");
+    }
+
+    #[test]
+    fn a_request_joins_a_bucket_being_written_without_reading_it() {
+        let mut c = Commits::default();
+        // Nobody writes the bucket: read it first.
+        assert_eq!(c.join_unread(KEY, waiter(1, 10), NOW), None);
+        assert!(matches!(
+            c.join(KEY, waiter(1, 10), Seen::ABSENT, NOW),
+            Next::Write { .. }
+        ));
+        // While it is written, another request joins at once and waits.
+        assert_eq!(c.join_unread(KEY, waiter(2, 10), NOW), Some(Next::Wait));
+        settled(c.written(KEY, m(1), Ok(1), NOW));
+        // Between two flights, one joining unread carries the next, decided
+        // on what the last write left.
+        assert_eq!(
+            c.join_unread(KEY, waiter(3, 10), NOW),
+            Some(Next::Write {
+                cond: WriteCondition::IfVersion(1),
+                tat: NOW + 3 * T,
+                ttl_ms: 1,
+            })
+        );
+        assert!(settled(c.written(KEY, m(3), Ok(2), NOW)).allowed);
+        assert_eq!(
+            settled(c.waited(KEY, m(2), Ok(at(2, NOW + 3 * T)), NOW)).new_tat,
+            NOW + 2 * T
+        );
+        assert_eq!((c.busy(), c.unclaimed()), (0, 0));
     }
 
     #[test]

@@ -198,7 +198,7 @@ impl HttpFilter for RateLimit {
     ) -> Action {
         let (mut check, needs) = self.begin(exchange, headers);
         if self.remote {
-            self.start_async(&mut check, needs);
+            self.start_remote(&mut check, needs);
             if !check.waiting.is_empty() {
                 ctx.check = Some(Box::new(check));
                 return Action::Pause;
@@ -479,14 +479,7 @@ impl RateLimit {
                 },
                 Need::Write(..) => {
                     let e = &c.evals[pos];
-                    let w = Waiter {
-                        member: Member {
-                            token: c.token,
-                            pos,
-                        },
-                        bucket: self.limits[e.idx].bucket,
-                        now: c.now,
-                    };
+                    let w = self.waiter(c, pos);
                     let s = Seen {
                         version: e.version,
                         tat: e.tat,
@@ -499,6 +492,39 @@ impl RateLimit {
                 }
             };
             queue.extend(more);
+        }
+    }
+
+    /// Starts a check on a remote namespace. A request with one limit whose
+    /// bucket this instance is writing already joins that group at once
+    /// instead of reading first: on a hot bucket, one round trip fewer.
+    fn start_remote(&self, c: &mut Check, needs: Vec<(usize, Need)>) {
+        if let [e] = c.evals.as_slice() {
+            let w = self.waiter(c, 0);
+            let joined = self
+                .commits
+                .borrow_mut()
+                .join_unread(&e.key, w, clock::monotonic_now());
+            if let Some(next) = joined {
+                c.reads_left = 0;
+                c.writing = Some((0, 0));
+                let more = self.proceed(c, 0, next);
+                self.start_async(c, more);
+                return;
+            }
+        }
+        self.start_async(c, needs);
+    }
+
+    /// Position `pos` of check `c` as a request ready to write its bucket.
+    fn waiter(&self, c: &Check, pos: usize) -> Waiter {
+        Waiter {
+            member: Member {
+                token: c.token,
+                pos,
+            },
+            bucket: self.limits[c.evals[pos].idx].bucket,
+            now: c.now,
         }
     }
 
