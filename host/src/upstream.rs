@@ -188,6 +188,16 @@ struct H2Set {
     opening: Vec<Opening>,
 }
 
+impl H2Set {
+    /// The streams each connection takes: the least any of them was allowed
+    /// ([`H2Usage::cap`]) applies to all, since one too new to have the
+    /// upstream's SETTINGS yet reads h2's initial 100, and the same upstream
+    /// most likely sends it the same limit.
+    fn cap(&self, max: usize) -> usize {
+        self.ready.iter().fold(max, |m, c| c.usage.cap(m))
+    }
+}
+
 /// An HTTP/2 connection being opened.
 struct Opening {
     /// Other attempts wait on it; `None` until the opening attempt is done (a
@@ -474,9 +484,12 @@ impl Pool {
                         let connect = asked.elapsed();
                         match opened {
                             // Unless attempts that came after it was opened
-                            // took its streams first: then look again.
+                            // took its streams first: then look again. Its
+                            // limit is the key's, as `lookup_h2` counts it (its
+                            // own reads h2's initial 100 until the upstream's
+                            // SETTINGS arrive).
                             Some(Opened::H2(sr, usage))
-                                if usage.streams.get() < usage.cap(s.max_streams) =>
+                                if usage.streams.get() < self.key_cap(key, s.max_streams) =>
                             {
                                 let used = ConnectionUse::New { connect };
                                 return Ok((Sender::H2(sr, usage), used));
@@ -535,10 +548,7 @@ impl Pool {
         let now = Instant::now();
         set.ready
             .retain(|c| !c.sender.is_closed() && !c.is_idle_past(now));
-        // The least any of the key's connections was allowed, for all of them:
-        // one too new to have the upstream's SETTINGS yet reads h2's initial
-        // 100, and the same upstream most likely sends it the same limit.
-        let cap = set.ready.iter().fold(max, |m, c| c.usage.cap(m));
+        let cap = set.cap(max);
         if let Some(c) = set.ready.iter().find(|c| c.usage.streams.get() < cap) {
             return H2Found::Ready(c.sender.clone(), c.usage.clone());
         }
@@ -564,6 +574,15 @@ impl Pool {
             }
             None => H2Found::None,
         }
+    }
+
+    /// The streams each of `key`'s HTTP/2 connections takes ([`H2Set::cap`]).
+    fn key_cap(&self, key: &Key, max: usize) -> usize {
+        self.inner
+            .h2
+            .borrow()
+            .get(key)
+            .map_or(max, |set| set.cap(max))
     }
 
     async fn checkout_h1(
