@@ -225,29 +225,17 @@ impl HttpFilter for RateLimit {
         };
         let (_, pos, call) = check.waiting.swap_remove(at);
         let more = match call {
-            Call::Read => {
-                let r = reply.and_then(|r| match r {
-                    Reply::Get(entry) => Ok(entry),
-                    _ => Err(Error::Internal),
-                });
-                self.on_read(&mut check, pos, r)
-            }
+            Call::Read => self.on_read(&mut check, pos, got(reply)),
             Call::Flight | Call::Reread | Call::Wait => {
                 let key = check.evals[pos].key.as_str();
-                let m = Member {
-                    token: check.token,
-                    pos,
-                };
+                let m = check.member(pos);
                 let now = clock::monotonic_now();
                 let mut commits = self.commits.borrow_mut();
                 let next = match (call, reply) {
                     (Call::Flight, Ok(Reply::Set(v))) => commits.written(key, m, Ok(v), now),
                     (Call::Flight, r) => commits.written(key, m, r.and(Err(Error::Internal)), now),
                     (_, r) => {
-                        let s = r.and_then(|r| match r {
-                            Reply::Get(entry) => seen(entry.as_ref()),
-                            _ => Err(Error::Internal),
-                        });
+                        let s = got(r).and_then(|e| seen(e.as_ref()));
                         if call == Call::Reread {
                             commits.reread(key, m, s, now)
                         } else {
@@ -276,10 +264,7 @@ impl HttpFilter for RateLimit {
         let mut commits = self.commits.borrow_mut();
         for &(_, pos, call) in &check.waiting {
             if call != Call::Read {
-                let m = Member {
-                    token: check.token,
-                    pos,
-                };
+                let m = check.member(pos);
                 commits.abandon(&check.evals[pos].key, m);
             }
         }
@@ -367,6 +352,16 @@ pub struct Check {
     /// Calls not started yet: the host allows 8 outstanding per exchange, and
     /// more limits than that may match a request.
     queued: std::collections::VecDeque<(usize, Need)>,
+}
+
+impl Check {
+    /// Position `pos` of this check in the instance's [`Commits`].
+    fn member(&self, pos: usize) -> Member {
+        Member {
+            token: self.token,
+            pos,
+        }
+    }
 }
 
 impl RateLimit {
@@ -519,10 +514,7 @@ impl RateLimit {
     /// Position `pos` of check `c` as a request ready to write its bucket.
     fn waiter(&self, c: &Check, pos: usize) -> Waiter {
         Waiter {
-            member: Member {
-                token: c.token,
-                pos,
-            },
+            member: c.member(pos),
             bucket: self.limits[c.evals[pos].idx].bucket,
             now: c.now,
         }
@@ -534,10 +526,7 @@ impl RateLimit {
     fn proceed(&self, c: &mut Check, pos: usize, mut next: Next) -> Vec<(usize, Need)> {
         loop {
             let key = c.evals[pos].key.as_str();
-            let m = Member {
-                token: c.token,
-                pos,
-            };
+            let m = c.member(pos);
             let (call, started) = match next {
                 Next::Settled(Ok(d)) => {
                     c.evals[pos].decision = d;
@@ -911,6 +900,15 @@ fn escape_into(out: &mut String, v: &[u8]) {
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
+    }
+}
+
+/// A read's reply: the entry, or the error (a reply of another kind is a
+/// host bug, `internal`).
+fn got(reply: Result<Reply, Error>) -> Result<Option<Entry>, Error> {
+    match reply? {
+        Reply::Get(entry) => Ok(entry),
+        _ => Err(Error::Internal),
     }
 }
 
