@@ -1,6 +1,6 @@
 //! The gRPC-Web wire pieces this filter produces or undoes: base64 of the
-//! `-text` variants, decoded and encoded across arbitrary chunk boundaries
-//! ([`TextDecoder`], [`TextEncoder`]), and the trailer frame (flag `0x80`,
+//! `-text` variants (decoded across arbitrary chunk boundaries by
+//! [`TextDecoder`]; encoded one response chunk at a time, each padded), and the trailer frame (flag `0x80`,
 //! `name: value\r\n` lines) that carries gRPC trailers in the body.
 //!
 //! Base64 is hand-written (standard alphabet, padded): a few dozen lines, and
@@ -89,29 +89,6 @@ impl TextDecoder {
             });
         }
         Ok(out)
-    }
-}
-
-/// Streaming base64 encoder: encodes whole 3-byte groups as they arrive and
-/// pads only at the end, so the output is one valid base64 string however the
-/// body was chunked.
-#[derive(Debug, Default, Clone)]
-pub struct TextEncoder {
-    pending: Vec<u8>,
-}
-
-impl TextEncoder {
-    /// Encodes what `chunk` completes; `end`: flush with padding.
-    pub fn push(&mut self, chunk: &[u8], end: bool) -> Vec<u8> {
-        self.pending.extend_from_slice(chunk);
-        let whole = if end {
-            self.pending.len()
-        } else {
-            self.pending.len() - self.pending.len() % 3
-        };
-        let out = encode(&self.pending[..whole]);
-        self.pending.drain(..whole);
-        out
     }
 }
 

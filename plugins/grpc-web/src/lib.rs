@@ -32,7 +32,7 @@ use legate_sdk::{
     Action, Body, BodyMode, Direction, Exchange, Headers, HttpFilter, LocalResponse, Setup,
 };
 
-use crate::codec::{TextDecoder, TextEncoder};
+use crate::codec::TextDecoder;
 use crate::config::{Config, Cors};
 
 /// `grpc_web_requests_total{variant}`: requests converted, `binary` or `text`.
@@ -171,7 +171,6 @@ pub struct Context {
     /// response body phase.
     not_grpc: Option<u16>,
     decoder: TextDecoder,
-    encoder: TextEncoder,
 }
 
 impl HttpFilter for GrpcWeb {
@@ -375,7 +374,11 @@ impl HttpFilter for GrpcWeb {
             self.metrics.trailer_frame.inc();
         }
         if text {
-            data = ctx.encoder.push(&data, end_of_stream);
+            // Each chunk is padded base64 of its own, as Envoy encodes each
+            // message: holding back the 1-2 bytes that do not fill a group
+            // would keep a streamed message from the client until the next
+            // chunk (gRPC-Web clients decode padding mid-stream).
+            data = codec::encode(&data);
         }
         match body.replace(data) {
             Ok(()) => Action::Continue,
@@ -470,7 +473,7 @@ impl GrpcWeb {
             ),
         ]);
         match ctx.variant {
-            Some(Variant::Text) => ctx.encoder.push(&frame, true),
+            Some(Variant::Text) => codec::encode(&frame),
             _ => frame,
         }
     }
