@@ -170,6 +170,8 @@ pub struct Context {
     /// The HTTP status of a non-gRPC answer, converted in the (buffered)
     /// response body phase.
     not_grpc: Option<u16>,
+    /// That answer's body is content-encoded (gzip…): no text to quote.
+    page_encoded: bool,
     decoder: TextDecoder,
 }
 
@@ -313,6 +315,12 @@ impl HttpFilter for GrpcWeb {
             ctx.not_grpc = Some(status);
             let _ = headers.set("content-type", &ctx.content_type);
             let _ = headers.remove("content-length");
+            // The page is replaced by the trailer frame: its coding must go
+            // with it, or the client would try to gunzip the frame.
+            ctx.page_encoded = headers
+                .get_str("content-encoding")
+                .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
+            let _ = headers.remove("content-encoding");
             if let Err(e) = x.set_body_mode(Direction::Response, BodyMode::Buffered) {
                 legate_sdk::error!("grpc-web: buffering a non-gRPC answer failed: {e}");
             }
@@ -338,8 +346,14 @@ impl HttpFilter for GrpcWeb {
         end_of_stream: bool,
     ) -> Action {
         if let Some(status) = ctx.not_grpc {
-            // Buffered: this is the one call, with the whole page.
-            let frame = self.error_frame(ctx, status, &body.to_vec());
+            // Buffered: this is the one call, with the whole page (unless it
+            // is compressed: bytes that would only garble the message).
+            let page = if ctx.page_encoded {
+                Vec::new()
+            } else {
+                body.to_vec()
+            };
+            let frame = self.error_frame(ctx, status, &page);
             return match body.replace(frame).and_then(|()| x.set_status(200)) {
                 Ok(()) => Action::Continue,
                 Err(e) => {
@@ -428,22 +442,49 @@ impl GrpcWeb {
         Action::Respond(r)
     }
 
-    /// CORS headers of a converted response for an allowed origin.
-    fn cors_headers(&self, headers: &Headers<'_>, allow_origin: &str) {
-        let Some(cors) = &self.cors else { return };
-        let _ = headers.set("access-control-allow-origin", allow_origin);
+    /// The CORS fields of a response for an allowed origin (none without
+    /// CORS): one list for converted responses and this filter's own answers,
+    /// so a credentialed browser request can read either.
+    fn cors_fields(&self, allow_origin: &str) -> Vec<(&'static str, String)> {
+        let Some(cors) = &self.cors else {
+            return Vec::new();
+        };
+        let mut fields = vec![("access-control-allow-origin", allow_origin.to_owned())];
         if !cors.expose_headers.is_empty() {
-            let _ = headers.set(
+            fields.push((
                 "access-control-expose-headers",
                 cors.expose_headers.join(","),
-            );
+            ));
         }
         if allow_origin != "*" {
-            let _ = headers.add("vary", "origin");
+            fields.push(("vary", "origin".to_owned()));
         }
         if cors.allow_credentials {
-            let _ = headers.set("access-control-allow-credentials", "true");
+            fields.push(("access-control-allow-credentials", "true".to_owned()));
         }
+        fields
+    }
+
+    /// CORS headers of a converted response for an allowed origin.
+    fn cors_headers(&self, headers: &Headers<'_>, allow_origin: &str) {
+        for (name, value) in self.cors_fields(allow_origin) {
+            // `vary` may list the upstream's own fields: added, not replaced.
+            let _ = if name == "vary" {
+                headers.add(name, &value)
+            } else {
+                headers.set(name, &value)
+            };
+        }
+    }
+
+    /// This filter's own answer `r` with the CORS fields of the exchange.
+    fn with_cors(&self, ctx: &Context, mut r: LocalResponse) -> LocalResponse {
+        if let Some(origin) = &ctx.allow_origin {
+            for (name, value) in self.cors_fields(origin) {
+                r = r.header(name, value);
+            }
+        }
+        r
     }
 
     /// The body of a gRPC-Web response for a non-gRPC answer with HTTP
@@ -481,20 +522,11 @@ impl GrpcWeb {
     /// A non-gRPC answer converted as a whole (one without a body call):
     /// `200` with the trailer frame of [`GrpcWeb::error_frame`].
     fn converted_error(&self, ctx: &mut Context, status: u16, page: &[u8]) -> LocalResponse {
-        let mut r = LocalResponse::new(200)
+        let r = LocalResponse::new(200)
             .header("content-type", ctx.content_type.as_str())
             .body(self.error_frame(ctx, status, page))
             .details("grpc_web_not_grpc");
-        if let (Some(origin), Some(cors)) = (&ctx.allow_origin, &self.cors) {
-            r = r.header("access-control-allow-origin", origin.as_str());
-            if !cors.expose_headers.is_empty() {
-                r = r.header(
-                    "access-control-expose-headers",
-                    cors.expose_headers.join(","),
-                );
-            }
-        }
-        r
+        self.with_cors(ctx, r)
     }
 
     /// A gRPC-Web error answered by this filter: trailers-only (status in the
@@ -507,21 +539,12 @@ impl GrpcWeb {
         message: &str,
         details: &str,
     ) -> LocalResponse {
-        let mut r = LocalResponse::new(http_status)
+        let r = LocalResponse::new(http_status)
             .header("content-type", ctx.content_type.as_str())
             .header("grpc-status", grpc_status.to_string())
             .header("grpc-message", percent_encode(message))
             .details(details);
-        if let (Some(origin), Some(cors)) = (&ctx.allow_origin, &self.cors) {
-            r = r.header("access-control-allow-origin", origin.as_str());
-            if !cors.expose_headers.is_empty() {
-                r = r.header(
-                    "access-control-expose-headers",
-                    cors.expose_headers.join(","),
-                );
-            }
-        }
-        r
+        self.with_cors(ctx, r)
     }
 }
 

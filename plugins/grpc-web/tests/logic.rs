@@ -275,6 +275,67 @@ fn a_non_grpc_answer_becomes_a_status_in_the_trailer_frame() {
 }
 
 #[test]
+fn a_compressed_non_grpc_answer_loses_its_coding_with_its_page() {
+    let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+    let mut x = t.exchange(grpc_web("application/grpc-web", &frame(0, b"x")));
+    x.request_headers();
+    let resp = Response::new(502)
+        .header("content-type", "text/html")
+        .header("content-encoding", "gzip")
+        .body(vec![0x1f, 0x8b, 8, 0, 0xff, 0xfe]);
+    assert_eq!(x.response_headers(resp), Action::Continue);
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(x.response_header("content-encoding"), None);
+    assert_eq!(
+        x.response_body_bytes(),
+        frame(
+            0x80,
+            b"grpc-status: 14\r\ngrpc-message: HTTP 502: the response was not gRPC\r\n"
+        )
+    );
+}
+
+#[test]
+fn the_filters_own_answers_carry_every_cors_field() {
+    // A credentialed request (`withCredentials`) can read an answer only with
+    // `access-control-allow-credentials`; `vary` keeps caches per origin.
+    let cfg =
+        r#"{"cors": {"allowed_origins": ["https://app.example.com"], "allow_credentials": true}}"#;
+    let mut t = FilterTest::<GrpcWeb>::configure(cfg).unwrap();
+    let check = |r: &legate_sdk::LocalResponse| {
+        assert_eq!(
+            r.header_value("access-control-allow-origin"),
+            Some(&b"https://app.example.com"[..])
+        );
+        assert_eq!(
+            r.header_value("access-control-allow-credentials"),
+            Some(&b"true"[..])
+        );
+        assert_eq!(r.header_value("vary"), Some(&b"origin"[..]));
+    };
+    // Refused: not base64.
+    let mut x = t.exchange(
+        grpc_web("application/grpc-web-text", b"AAAA!!!!")
+            .header("origin", "https://app.example.com"),
+    );
+    x.request_headers();
+    let Action::Respond(r) = x.request_body_chunk(b"AAAA!!!!".to_vec(), true) else {
+        panic!("not refused")
+    };
+    check(&r);
+    // A body-less non-gRPC answer, replaced whole.
+    let mut x = t.exchange(
+        grpc_web("application/grpc-web", &frame(0, b"x"))
+            .header("origin", "https://app.example.com"),
+    );
+    x.request_headers();
+    let Action::Respond(r) = x.response_headers(Response::new(503)) else {
+        panic!("not replaced")
+    };
+    check(&r);
+}
+
+#[test]
 fn a_body_less_non_grpc_answer_is_replaced_and_text_is_base64() {
     let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
     let mut x = t.exchange(grpc_web("application/grpc-web-text", b""));
