@@ -94,6 +94,8 @@ pub struct Context {
     /// The HTTP status of a non-gRPC answer, turned into a JSON error in the
     /// (buffered) response body phase.
     not_grpc: Option<u16>,
+    /// That answer's body is content-encoded (gzip…): no text to quote.
+    page_encoded: bool,
     /// A server-streaming method's replies, printed as a JSON array as they
     /// arrive (the response body is streamed).
     stream: Option<Stream>,
@@ -289,6 +291,9 @@ impl HttpFilter for GrpcJson {
                 ));
             }
             ctx.not_grpc = Some(status);
+            ctx.page_encoded = headers
+                .get_str("content-encoding")
+                .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
             if let Err(e) = x.set_body_mode(Direction::Response, BodyMode::Buffered) {
                 legate_sdk::error!("grpc-json: buffering a non-gRPC answer failed: {e}");
             }
@@ -357,7 +362,13 @@ impl HttpFilter for GrpcJson {
     ) -> Action {
         if let (Some(status), true) = (ctx.not_grpc, end_of_stream) {
             let code = codec::grpc_status_of_http(status);
-            let message = codec::http_error_message(status, &body.to_vec());
+            // A compressed page's bytes would only garble the message.
+            let page = if ctx.page_encoded {
+                Vec::new()
+            } else {
+                body.to_vec()
+            };
+            let message = codec::http_error_message(status, &page);
             return write_json(
                 x,
                 body,
@@ -544,10 +555,11 @@ fn write_json(x: &Exchange<'_>, body: &Body<'_>, http: u16, json: Vec<u8>) -> Ac
     }
 }
 
-/// A response head turned JSON: `content-type`, and no gRPC fields (the
-/// status was read before).
+/// A response head turned JSON: `content-type`, no gRPC fields (the status
+/// was read before) and no `content-encoding` (the body was replaced).
 fn json_head(h: &Headers<'_>) -> Result<(), legate_sdk::Error> {
     h.set("content-type", "application/json")
+        .and_then(|()| h.remove("content-encoding"))
         .and_then(|()| h.remove("grpc-status"))
         .and_then(|()| h.remove("grpc-message"))
         .and_then(|()| h.remove("grpc-encoding"))

@@ -143,6 +143,7 @@ impl Transcoder {
         let (path, query) = path_and_query
             .split_once('?')
             .unwrap_or((path_and_query, ""));
+        let parts = Template::parts_of(path);
         let mut best: Option<(usize, Vec<Capture>)> = None;
         for (i, rule) in self.rules.iter().enumerate() {
             if rule.http_method != method {
@@ -155,7 +156,7 @@ impl Transcoder {
                 None => true,
                 Some((j, _)) => rule
                     .template
-                    .specificity_cmp(&self.rules[*j].template)
+                    .specificity_cmp(&self.rules[*j].template, parts)
                     .is_gt(),
             };
             if better {
@@ -204,7 +205,7 @@ impl Transcoder {
             .map(|(i, item)| {
                 let mut msg = body_message(rule, &input, item)
                     .map_err(|e| format!("message {i} of the array: {e}"))?;
-                merge_bound(&mut msg, bound.as_ref())?;
+                merge_bound(&mut msg, &bound)?;
                 Ok(msg.encode_to_vec())
             })
             .collect()
@@ -242,20 +243,22 @@ impl Transcoder {
                 body_message(rule, &input, value)?
             }
         };
-        merge_bound(&mut msg, self.bound_fields(m, rule)?.as_ref())?;
+        merge_bound(&mut msg, &self.bound_fields(m, rule)?)?;
         Ok(msg.encode_to_vec())
     }
 
-    /// The path variables and query parameters of `m`, gathered as one
-    /// message to merge into each request message (`None`: there are none).
-    fn bound_fields(&self, m: &Match, rule: &Rule) -> Result<Option<DynamicMessage>, String> {
+    /// The path variables and query parameters of `m`, in order, as the
+    /// fields they set in each request message.
+    fn bound_fields(&self, m: &Match, rule: &Rule) -> Result<Vec<Bound>, String> {
         let input = rule.method.input();
-        let mut bindings = Map::new();
+        let mut bound = Vec::new();
         for c in &m.captures {
             let value = percent_decode(&c.raw, c.multi_segment, false)
                 .map_err(|e| format!("path variable {}: {e}", c.field_path.join(".")))?;
-            bind(&input, &mut bindings, &c.field_path, &value, false)
-                .map_err(|e| format!("path variable {}: {e}", c.field_path.join(".")))?;
+            bound.push(
+                bind(&input, &c.field_path, &value, false)
+                    .map_err(|e| format!("path variable {}: {e}", c.field_path.join(".")))?,
+            );
         }
         for pair in m.query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -271,13 +274,12 @@ impl Transcoder {
             }
             let value = percent_decode(v, false, true)?;
             let path: Vec<String> = key.split('.').map(str::to_owned).collect();
-            bind(&input, &mut bindings, &path, &value, true)
-                .map_err(|e| format!("query parameter {key:?}: {e}"))?;
+            bound.push(
+                bind(&input, &path, &value, true)
+                    .map_err(|e| format!("query parameter {key:?}: {e}"))?,
+            );
         }
-        if bindings.is_empty() {
-            return Ok(None);
-        }
-        json_to_message(&input, Json::Object(bindings)).map(Some)
+        Ok(bound)
     }
 
     /// The JSON body for a response message `payload` of the matched rule.
@@ -349,13 +351,35 @@ fn body_message(
     }
 }
 
-/// Merges the path variables and query parameters (`bound`) into `msg` with
-/// protobuf merge semantics: a scalar given again overrides the body's,
+/// A field a path variable or query parameter sets: its path from the
+/// request message, and the value (for a repeated field, the items to append).
+#[derive(Debug)]
+struct Bound {
+    fields: Vec<FieldDescriptor>,
+    value: Value,
+}
+
+/// Sets the path variables and query parameters (`bound`, in order) in `msg`,
+/// field by field: a scalar given again overrides the body's (a default value
+/// such as `0` or `""` too: merging encoded messages would skip those),
 /// repeated values append.
-fn merge_bound(msg: &mut DynamicMessage, bound: Option<&DynamicMessage>) -> Result<(), String> {
-    if let Some(b) = bound {
-        msg.merge(b.encode_to_vec().as_slice())
-            .map_err(|e| format!("internal: merging the bound fields: {e}"))?;
+fn merge_bound(msg: &mut DynamicMessage, bound: &[Bound]) -> Result<(), String> {
+    for b in bound {
+        let (last, parents) = b
+            .fields
+            .split_last()
+            .ok_or_else(|| "internal: empty field path".to_owned())?;
+        let mut m = &mut *msg;
+        for f in parents {
+            m = match m.get_field_mut(f) {
+                Value::Message(inner) => inner,
+                _ => return Err(format!("internal: {} is not a message", f.full_name())),
+            };
+        }
+        match (&b.value, m.get_field_mut(last)) {
+            (Value::List(items), Value::List(list)) => list.extend(items.iter().cloned()),
+            _ => m.set_field(last, b.value.clone()),
+        }
     }
     Ok(())
 }
@@ -541,11 +565,10 @@ fn resolve(
 /// (numbers, enum names, base64 bytes, timestamps are strings in the mapping).
 fn bind(
     desc: &MessageDescriptor,
-    root: &mut Map<String, Json>,
     path: &[String],
     value: &str,
     repeated_ok: bool,
-) -> Result<(), String> {
+) -> Result<Bound, String> {
     let leaf = resolve(desc, path, repeated_ok)?;
     let fields = field_path(desc, path)?;
     let is_bool = match leaf.kind() {
@@ -567,41 +590,28 @@ fn bind(
     } else {
         Json::String(value.to_owned())
     };
-    // Checked alone first, so an error names this parameter.
+    // Parsed by the proto3 JSON mapping in a message of its own, then taken
+    // out typed (a default value too: `get_field` gives it either way).
     let alone = fields.iter().rev().fold(
         if leaf.is_list() {
-            Json::Array(vec![json.clone()])
+            Json::Array(vec![json])
         } else {
-            json.clone()
+            json
         },
         |v, f| Json::Object(Map::from_iter([(f.name().to_owned(), v)])),
     );
-    json_to_message(desc, alone)
+    let parsed = json_to_message(desc, alone)
         .map_err(|e| format!("{value:?} does not fit {}: {e}", leaf.full_name()))?;
-    let mut obj = root;
     let (last, parents) = fields
         .split_last()
         .ok_or_else(|| "empty field path".to_owned())?;
+    let mut m = parsed;
     for f in parents {
-        let slot = obj
-            .entry(f.name().to_owned())
-            .or_insert_with(|| Json::Object(Map::new()));
-        obj = match slot {
-            Json::Object(o) => o,
-            _ => return Err(format!("{} is set twice", f.full_name())),
+        m = match m.get_field(f).into_owned() {
+            Value::Message(inner) => inner,
+            _ => return Err(format!("{} is not a message", f.full_name())),
         };
     }
-    if last.is_list() {
-        match obj
-            .entry(last.name().to_owned())
-            .or_insert_with(|| Json::Array(Vec::new()))
-        {
-            Json::Array(a) => a.push(json),
-            _ => return Err(format!("{} is set twice", last.full_name())),
-        }
-    } else {
-        // Given twice (`?a=1&a=2`): the last one wins, as for a repeated JSON key.
-        obj.insert(last.name().to_owned(), json);
-    }
-    Ok(())
+    let value = m.get_field(last).into_owned();
+    Ok(Bound { fields, value })
 }

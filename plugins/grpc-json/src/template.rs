@@ -164,23 +164,35 @@ impl Template {
         Some(captures)
     }
 
-    /// Orders templates from least to most specific: segment by segment a
-    /// literal beats `*`, which beats `**`; a longer match beats its prefix;
-    /// a verb beats none (Envoy's path matcher tries literals first, too).
-    pub fn specificity_cmp(&self, other: &Template) -> Ordering {
+    /// Orders two templates that both matched a path of `parts` segments,
+    /// from least to most specific, by what consumed each segment: segment by
+    /// segment a literal beats `*`, which beats `**`. On a tie (a `**` that
+    /// matched nothing), the template without `**` wins, then one with a verb:
+    /// `/v1/files` beats `/v1/files/{path=**}` for `/v1/files`, as Envoy's
+    /// path matcher takes an exact match before a `**` one.
+    pub fn specificity_cmp(&self, other: &Template, parts: usize) -> Ordering {
         let rank = |t: &Template| {
-            t.segments
-                .iter()
-                .map(|s| match s {
-                    Segment::Literal(_) => 3u8,
-                    Segment::Any => 2,
-                    Segment::Rest => 1,
-                })
-                .collect::<Vec<_>>()
+            let mut r = Vec::with_capacity(parts);
+            for s in &t.segments {
+                match s {
+                    Segment::Literal(_) => r.push(3u8),
+                    Segment::Any => r.push(2),
+                    Segment::Rest => r.resize(parts.max(r.len()), 1),
+                }
+            }
+            r
         };
+        let rest = |t: &Template| t.segments.last() == Some(&Segment::Rest);
         rank(self)
             .cmp(&rank(other))
+            .then(rest(other).cmp(&rest(self)))
             .then(self.verb.is_some().cmp(&other.verb.is_some()))
+    }
+
+    /// How many segments `path` (the path part of a request) has, as
+    /// [`Template::matches`] splits it.
+    pub fn parts_of(path: &str) -> usize {
+        path.strip_prefix('/').unwrap_or(path).split('/').count()
     }
 }
 
@@ -379,18 +391,23 @@ mod tests {
     }
 
     #[test]
-    fn specificity_prefers_literals_then_length() {
+    fn specificity_prefers_literals_then_exact_matches() {
         let t = |s| Template::parse(s).unwrap();
-        assert!(t("/v1/echo/special")
-            .specificity_cmp(&t("/v1/echo/{m}"))
-            .is_gt());
-        assert!(t("/v1/echo/{m}").specificity_cmp(&t("/v1/{p=**}")).is_gt());
-        assert!(t("/v1/echo/{m}/x")
-            .specificity_cmp(&t("/v1/echo/{m}"))
-            .is_gt());
-        assert!(t("/v1/echo/{m}:go")
-            .specificity_cmp(&t("/v1/echo/{m}"))
-            .is_gt());
+        let cmp = |a, b, path| {
+            let (a, b) = (t(a), t(b));
+            assert!(a.matches(path).is_some() && b.matches(path).is_some());
+            a.specificity_cmp(&b, Template::parts_of(path))
+        };
+        assert!(cmp("/v1/echo/special", "/v1/echo/{m}", "/v1/echo/special").is_gt());
+        assert!(cmp("/v1/echo/{m}", "/v1/{p=**}", "/v1/echo/x").is_gt());
+        assert!(cmp("/v1/echo/{m}:go", "/v1/echo/{m}", "/v1/echo/x:go").is_gt());
+        // A `**` that matched nothing loses to the exact template...
+        assert!(cmp("/v1/files", "/v1/files/{p=**}", "/v1/files").is_gt());
+        assert!(cmp("/v1/files/{p=**}", "/v1/files", "/v1/files").is_lt());
+        assert!(cmp("/v1/i/{id}", "/v1/i/{id}/{rest=**}", "/v1/i/7").is_gt());
+        // ...and a literal still beats it where both consume segments.
+        assert!(cmp("/v1/files/a/{x}", "/v1/files/{p=**}", "/v1/files/a/b").is_gt());
+        assert!(cmp("/v1/{x}/{y=**}", "/v1/{p=**}", "/v1/a/b").is_gt());
     }
 
     #[test]

@@ -530,6 +530,22 @@ fn a_non_grpc_answer_becomes_a_json_error_with_the_mapped_status() {
     );
     assert_eq!(counter(&t, "upstream_error"), Some(1));
 
+    // A compressed page: its coding goes with it, its bytes are not quoted.
+    let mut x = t.exchange(Request::get("/v1/echo/x"));
+    x.request_headers();
+    x.request_body();
+    let resp = Response::new(502)
+        .header("content-type", "text/html")
+        .header("content-encoding", "gzip")
+        .body(vec![0x1f, 0x8b, 8, 0, 0xff, 0xfe]);
+    assert_eq!(x.response_headers(resp), Action::Continue);
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(x.response_header("content-encoding"), None);
+    assert_eq!(
+        json(&x.response_body_bytes()),
+        serde_json::json!({"code": 14, "message": "HTTP 502: the response was not gRPC"})
+    );
+
     // Without a body: answered from the headers phase.
     let mut x = t.exchange(Request::get("/v1/echo/x"));
     x.request_headers();
@@ -542,7 +558,7 @@ fn a_non_grpc_answer_becomes_a_json_error_with_the_mapped_status() {
         json(&r.body),
         serde_json::json!({"code": 12, "message": "HTTP 404: the response was not gRPC"})
     );
-    assert_eq!(counter(&t, "upstream_error"), Some(2));
+    assert_eq!(counter(&t, "upstream_error"), Some(3));
 
     // Not gRPC but not an error (a plain HTTP service): passes as it is.
     let mut x = t.exchange(Request::get("/v1/echo/x"));
@@ -554,5 +570,5 @@ fn a_non_grpc_answer_becomes_a_json_error_with_the_mapped_status() {
     assert_eq!(x.response_headers(plain), Action::Continue);
     assert_eq!(x.body_mode(Direction::Response), BodyMode::Skipped);
     assert_eq!(x.status(), Some(200));
-    assert_eq!(counter(&t, "upstream_error"), Some(3));
+    assert_eq!(counter(&t, "upstream_error"), Some(4));
 }

@@ -284,6 +284,23 @@ fn post_with_body_star_and_a_body_field() {
     );
     assert_eq!(r.tags, ["q"]);
 
+    // A bound default value (0, "", false) overrides the body's too.
+    let r: pb::ReflectRequest = build(
+        &t,
+        "POST",
+        "/v1/reflect/y:run?inner.n=0&tags=a&tags=",
+        r#"{"id": "b", "n": 3}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        r.inner,
+        Some(pb::Inner {
+            id: "y".into(),
+            n: 0
+        })
+    );
+    assert_eq!(r.tags, ["a", ""]);
+
     // PATCH with {name=**}: the rest of the path, and the body's other fields.
     let r: pb::ReflectRequest = build(
         &t,
@@ -337,6 +354,31 @@ service S {
     assert_eq!(target("/v1/items/other:peek").as_deref(), Some("/t.S/Verb"));
     assert_eq!(target("/v1/items/a/b").as_deref(), Some("/t.S/Wild"));
     assert_eq!(target("/v2/x"), None);
+}
+
+#[test]
+fn an_exact_template_beats_a_rest_that_matches_nothing() {
+    // List and Get of one collection: `GET /v1/files` is List's, although
+    // `{path=**}` may match zero segments (Envoy's matcher takes the exact one).
+    let fds = common::descriptors_of(
+        r#"syntax = "proto3";
+package t;
+import "google/api/annotations.proto";
+message R { string path = 1; string rest = 2; }
+service S {
+  rpc Get(R) returns (R) { option (google.api.http) = { get: "/v1/files/{path=**}" }; }
+  rpc List(R) returns (R) { option (google.api.http) = { get: "/v1/files" }; }
+  rpc Item(R) returns (R) { option (google.api.http) = { get: "/v1/items/{path}/{rest=**}" }; }
+  rpc One(R) returns (R) { option (google.api.http) = { get: "/v1/items/{path}" }; }
+}"#,
+    );
+    let config: Config = serde_json::from_str(r#"{"services": ["t.S"]}"#).unwrap();
+    let t = Transcoder::new(&config, &fds).unwrap();
+    let target = |p: &str| find(&t, "GET", p).map(|(g, _)| g);
+    assert_eq!(target("/v1/files").as_deref(), Some("/t.S/List"));
+    assert_eq!(target("/v1/files/a/b").as_deref(), Some("/t.S/Get"));
+    assert_eq!(target("/v1/items/7").as_deref(), Some("/t.S/One"));
+    assert_eq!(target("/v1/items/7/x").as_deref(), Some("/t.S/Item"));
 }
 
 #[test]
