@@ -253,6 +253,142 @@ fn backend_replaces_an_idle_connection_redis_closed() {
     );
 }
 
+/// `total_connections_received` from Redis's `INFO stats` (the INFO
+/// connection itself included).
+fn connections_received(redis: &RedisServer) -> u64 {
+    let info = redis.command("INFO stats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no connection count in {info:?}"))
+}
+
+#[test]
+fn backend_increments_answer_exact_sums_and_unavailable_for_refusals() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    let kv = backend(&redis.url(), &stats);
+    // Exact above 2^53 (Lua's numbers are doubles) and at i64::MAX.
+    assert_eq!(
+        kv.increment("n", "big", 9_007_199_254_740_993, None),
+        Ok(9_007_199_254_740_993)
+    );
+    assert_eq!(kv.increment("n", "top", i64::MAX, None), Ok(i64::MAX));
+    assert_eq!(
+        kv.get("n", "top").unwrap().unwrap().value,
+        i64::MAX.to_string().as_bytes()
+    );
+    // Redis refusing the write (out of memory) is `unavailable`, which the
+    // guest's failure policy handles, not "not an integer".
+    redis.command("CONFIG SET maxmemory 1");
+    assert_eq!(kv.increment("n", "c", 1, None), Err(KvError::Unavailable));
+    let render = stats.render();
+    assert_eq!(
+        stat(&render, r#"legate_kv_errors_total{backend="redis"}"#),
+        Some(1.0),
+        "{render}"
+    );
+    redis.command("CONFIG SET maxmemory 0");
+    assert_eq!(kv.increment("n", "c", 1, None), Ok(1));
+}
+
+#[test]
+fn backend_versions_stay_ahead_of_a_lost_version_counter() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    let kv = backend(&redis.url(), &stats);
+    let v1 = kv
+        .set("n", "k", b"a".to_vec(), Condition::Always, None)
+        .unwrap();
+    let c1 = kv
+        .increment("n", "c", 1, None)
+        .and_then(|_| kv.get("n", "c").map(|e| e.unwrap().version))
+        .unwrap();
+    // Evicted, or not persisted across a restart or failover.
+    redis.command("DEL t:n#version");
+    let v2 = kv
+        .set("n", "k", b"b".to_vec(), Condition::Always, None)
+        .unwrap();
+    assert!(v2 > v1, "{v2} after {v1}: an old version would match again");
+    kv.increment("n", "c", 1, None).unwrap();
+    let c2 = kv.get("n", "c").unwrap().unwrap().version;
+    assert!(c2 > c1, "{c2} after {c1}");
+    assert_eq!(
+        kv.set("n", "k", b"c".to_vec(), Condition::IfVersion(v1), None),
+        Err(KvError::CasMismatch)
+    );
+}
+
+#[test]
+fn backend_leaves_a_demoted_server_for_a_new_connection() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    let kv = backend(&redis.url(), &stats);
+    kv.set("n", "k", b"a".to_vec(), Condition::Always, None)
+        .unwrap();
+    // A failover demoted this server; it keeps its clients and still answers
+    // PING, but refuses writes.
+    redis.command("REPLICAOF 127.0.0.1 1");
+    assert_eq!(
+        kv.set("n", "k", b"b".to_vec(), Condition::Always, None),
+        Err(KvError::Unavailable)
+    );
+    redis.command("REPLICAOF NO ONE");
+    let before = connections_received(&redis);
+    // After the backoff the write goes through, on a new connection (one
+    // that a real failover's DNS or VIP would have taken to the new master).
+    let deadline = Instant::now() + HANG;
+    while kv
+        .set("n", "k", b"c".to_vec(), Condition::Always, None)
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "no write within {HANG:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = connections_received(&redis);
+    assert!(
+        after >= before + 2,
+        "the write reused the connection to the demoted server ({before} -> {after})"
+    );
+}
+
+#[test]
+fn backend_backs_off_from_a_server_whose_calls_time_out() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    let kv = RedisKv::new(&redis.url(), None, Duration::from_millis(100), "t", &stats).unwrap();
+    kv.set("n", "k", b"a".to_vec(), Condition::Always, None)
+        .unwrap();
+    // Accepts connections and PING, holds every write: an overloaded or
+    // paused server, which a new connection per call would only load more.
+    redis.command("CLIENT PAUSE 10000 WRITE");
+    let before = connections_received(&redis);
+    for _ in 0..10 {
+        assert_eq!(
+            kv.set("n", "k", b"b".to_vec(), Condition::Always, None),
+            Err(KvError::Unavailable)
+        );
+    }
+    let after = connections_received(&redis);
+    redis.command("CLIENT UNPAUSE");
+    // The INFO connection, and at most one reconnect after a backoff ended.
+    assert!(
+        after <= before + 2,
+        "a connection per timed-out call ({before} -> {after})"
+    );
+    let deadline = Instant::now() + HANG;
+    while kv
+        .set("n", "k", b"c".to_vec(), Condition::Always, None)
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not usable again within {HANG:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// An asynchronous call (`start`), on the calling thread's multiplexed connection.
 async fn start(kv: &Arc<RedisKv>, op: Op) -> KvResult {
     let kv: Arc<dyn KvBackend> = kv.clone();

@@ -9,8 +9,9 @@
 //!   failure policy. A call never waits longer than that, whatever Redis does,
 //!   but the worker waits with it.
 //! - The asynchronous ones (`start-*`, abi/README.md §5.7) run on the worker's
-//!   runtime over one multiplexed connection per worker thread, bounded by the
-//!   same `kv.timeout`; the worker serves other exchanges meanwhile.
+//!   runtime over one multiplexed connection per worker thread, each call as a
+//!   whole (connect included) bounded by the same `kv.timeout`; the worker
+//!   serves other exchanges meanwhile.
 //!
 //! - Atomicity: every conditional write is one Lua script run server-side
 //!   (compare version, write, bump version, set TTL), and increments use
@@ -19,15 +20,24 @@
 //!   reloaded after a Redis restart lost them.
 //! - Layout: an entry is a hash `PREFIX:NS:KEY` with fields `v` (value) and `n`
 //!   (version); versions come from one counter per namespace, `PREFIX:NS#version`,
-//!   so a version is never reused for a key (no ABA), as in memory.
+//!   so a version is never reused for a key (no ABA), as in memory. A write
+//!   never gives an entry a version at or below the one it has, so even a lost
+//!   counter (evicted, or not persisted across a restart or failover) cannot
+//!   reissue a live entry's version; a deleted or expired key's old versions
+//!   are safe only while the counter survives (persistence, and a
+//!   `maxmemory-policy` of `noeviction` or `volatile-*`).
 //! - Connections: an idle pool, one connection per concurrently calling worker.
 //!   A connection that failed or timed out mid-call is dropped (its reply may still
 //!   arrive), and the idle ones with it (they share its fate). One that sat idle
 //!   for [`STALE_AFTER`] is checked with a `PING` before use, so one Redis closed
 //!   meanwhile (its `timeout` setting, a restart, a proxy in between) is replaced
-//!   instead of failing a call. A failed connect
-//!   starts an exponential backoff (100ms doubling to 2s) during which calls fail
-//!   at once instead of each waiting for a dead server.
+//!   instead of failing a call. A failed connect, a call that timed out and a
+//!   read-only server (`READONLY`/`MASTERDOWN`: a demoted master keeps its
+//!   clients; its connections are dropped so the next connect finds the new
+//!   one) start an exponential backoff (100ms doubling to 2s) during which
+//!   calls fail at once instead of each waiting for (or reconnecting to) a
+//!   server that just failed; a successful call ends it. Other error replies
+//!   (OOM, NOPERM...) are logged once per episode.
 //! - Stats (label `backend="redis"`): `legate_kv_operations_total{op}`,
 //!   `legate_kv_errors_total` (calls that returned `unavailable`, timeouts
 //!   included), `legate_kv_timeouts_total`, `legate_kv_reconnects_total`
@@ -36,6 +46,7 @@
 //! Not enforced here, unlike in memory: the per-namespace entry and byte caps
 //! (Redis's own `maxmemory` governs); key and value sizes are.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -60,13 +71,28 @@ const MAX_IDLE: usize = 64;
 /// checked (no extra round trip under load).
 const STALE_AFTER: Duration = Duration::from_secs(1);
 
+/// The next version for an entry whose current version is `cur` (`false`: a
+/// new entry): the namespace's counter bumped, and never at or below `cur`,
+/// so a counter lost while its entries stayed (evicted, or a restart or
+/// failover without it) cannot hand out a version an entry already had.
+const NEXT_VERSION: &str = r"
+local function next_version(counter, cur)
+  local ver = redis.call('INCR', counter)
+  if cur and tonumber(cur) >= ver then
+    ver = tonumber(cur) + 1
+    redis.call('SET', counter, ver)
+  end
+  return ver
+end
+";
+
 /// `set`: KEYS entry, version counter; ARGV value, mode (`a` always, `n` if
 /// absent, `v` if version), expected version, TTL in ms (`0` = none).
 const SET: &str = r"
 local cur = redis.call('HGET', KEYS[1], 'n')
 if ARGV[2] == 'n' and cur then return -1 end
 if ARGV[2] == 'v' and cur ~= ARGV[3] then return -1 end
-local ver = redis.call('INCR', KEYS[2])
+local ver = next_version(KEYS[2], cur)
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'n', ver)
 if ARGV[4] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
@@ -85,15 +111,25 @@ return redis.call('DEL', KEYS[1])
 
 /// `increment`: KEYS entry, version counter; ARGV delta, TTL in ms for a new
 /// counter (`0` = none). `{1, sum}`, or `{0}` if the value is not an integer or
-/// the sum overflows (HINCRBY refuses both and changes nothing).
+/// the sum overflows (HINCRBY refuses both and changes nothing); any other
+/// error (OOM, READONLY...) is Redis's error reply, `unavailable` to the guest.
+/// The sum is read back as Redis stored it: HINCRBY's reply is a Lua number
+/// (a double), exact only below 2^53.
 const INCREMENT: &str = r"
 local existed = redis.call('EXISTS', KEYS[1])
 local sum = redis.pcall('HINCRBY', KEYS[1], 'v', ARGV[1])
-if type(sum) == 'table' and sum.err then return {0} end
+if type(sum) == 'table' and sum.err then
+  local e = sum.err
+  if string.find(e, 'not an integer', 1, true) or string.find(e, 'overflow', 1, true)
+     or string.find(e, 'WRONGTYPE', 1, true) then
+    return {0}
+  end
+  return sum
+end
 if existed == 0 and ARGV[2] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-local ver = redis.call('INCR', KEYS[2])
+local ver = next_version(KEYS[2], redis.call('HGET', KEYS[1], 'n'))
 redis.call('HSET', KEYS[1], 'n', ver)
-return {1, sum}
+return {1, redis.call('HGET', KEYS[1], 'v')}
 ";
 
 /// Checks a `kv.url` without connecting; the reason if it is unusable.
@@ -191,12 +227,27 @@ impl KvStats {
 /// Reconnect state.
 #[derive(Default)]
 struct Link {
-    /// Consecutive failed connects.
+    /// Consecutive failures (connects refused or timed out, calls timed out,
+    /// a read-only server) since the last successful call.
     failures: u32,
     /// No connect attempt before this.
     retry_at: Option<Instant>,
     /// A connection was lost or refused since the last one made.
     lost: bool,
+    /// A server error reply was logged since the last successful call (one
+    /// warning per episode, not one per call).
+    erred: bool,
+}
+
+impl Link {
+    /// Backs off after a failure: calls fail at once until `retry_at`.
+    fn back_off(&mut self) {
+        let delay = BACKOFF_MIN
+            .saturating_mul(1 << self.failures.min(8))
+            .min(BACKOFF_MAX);
+        self.failures = self.failures.saturating_add(1);
+        self.retry_at = Some(Instant::now() + delay);
+    }
 }
 
 /// Why a call did not reach Redis.
@@ -215,6 +266,9 @@ pub struct RedisKv {
     /// The async connections (`start-*` calls), one per worker thread.
     async_conns: Mutex<HashMap<std::thread::ThreadId, AsyncSlot>>,
     link: Mutex<Link>,
+    /// Nothing in `link` for a successful call to reset: read without the
+    /// lock on every call.
+    settled: AtomicBool,
     set: Script,
     delete: Script,
     increment: Script,
@@ -256,9 +310,10 @@ impl RedisKv {
             idle: Mutex::default(),
             async_conns: Mutex::default(),
             link: Mutex::default(),
-            set: Script::new(SET),
+            settled: AtomicBool::new(true),
+            set: Script::new(&format!("{NEXT_VERSION}{SET}")),
             delete: Script::new(DELETE),
-            increment: Script::new(INCREMENT),
+            increment: Script::new(&format!("{NEXT_VERSION}{INCREMENT}")),
             stats,
         })
     }
@@ -322,7 +377,10 @@ impl RedisKv {
     }
 
     /// Records the outcome of a connect (blocking or async): a failure starts
-    /// or extends the backoff.
+    /// or extends the backoff. A connect that succeeds does not end it: a
+    /// server that accepts connections but lets calls time out (overloaded,
+    /// paused) would otherwise get a new connection per call and never a
+    /// quiet period; a successful call ends it ([`RedisKv::succeeded`]).
     fn connected<C>(&self, made: RedisResult<C>) -> Result<C, Down> {
         let mut link = self.link();
         match made {
@@ -331,7 +389,8 @@ impl RedisKv {
                     self.stats.reconnects.inc();
                     tracing::info!("kv: reconnected to Redis");
                 }
-                *link = Link::default();
+                link.lost = false;
+                link.retry_at = None;
                 self.stats.up.set(1);
                 Ok(c)
             }
@@ -342,11 +401,8 @@ impl RedisKv {
                          while retrying with backoff"
                     );
                 }
-                let delay = BACKOFF_MIN
-                    .saturating_mul(1 << link.failures.min(8))
-                    .min(BACKOFF_MAX);
-                link.failures = link.failures.saturating_add(1);
-                link.retry_at = Some(Instant::now() + delay);
+                link.back_off();
+                self.settled.store(false, Ordering::Relaxed);
                 link.lost = true;
                 self.stats.up.set(0);
                 Err(if e.is_timeout() {
@@ -372,9 +428,7 @@ impl RedisKv {
         };
         match f(&mut conn) {
             Ok(v) => {
-                // Up again even without a reconnect: another worker's failure
-                // may have set it down while this connection still worked.
-                self.stats.up.set(1);
+                self.succeeded();
                 self.put_back(conn);
                 Ok(v)
             }
@@ -386,6 +440,19 @@ impl RedisKv {
                 }
                 Err(KvError::Unavailable)
             }
+        }
+    }
+
+    /// A call got its reply: Redis is up (again even without a reconnect:
+    /// another worker's failure may have set it down while this connection
+    /// still worked), and a backoff or logged error episode is over.
+    fn succeeded(&self) {
+        self.stats.up.set(1);
+        if !self.settled.load(Ordering::Relaxed) {
+            let mut link = self.link();
+            link.failures = 0;
+            link.erred = false;
+            self.settled.store(true, Ordering::Relaxed);
         }
     }
 
@@ -414,11 +481,24 @@ impl RedisKv {
         if broken(e) {
             self.lost(e);
         } else {
-            tracing::warn!("kv: Redis answered an error: {e}");
+            let mut link = self.link();
+            if !link.erred {
+                // Once per episode (until a call succeeds): an OOM or a
+                // permission error answers every call the same way.
+                tracing::warn!(
+                    "kv: Redis answered an error: {e}; KV calls fail with `unavailable`"
+                );
+                link.erred = true;
+                self.settled.store(false, Ordering::Relaxed);
+            }
         }
     }
 
     /// A connection broke (`e`): Redis is marked down until a call succeeds.
+    /// A timeout or a read-only server also starts (or extends) the backoff:
+    /// reconnecting at once would cost each call a connect to a server that
+    /// just failed to answer, or to the same replica (a new connection
+    /// resolves the name again after the backoff, finding a promoted master).
     fn lost(&self, e: &RedisError) {
         // The others were made to the same server: drop them too, so the
         // next call reconnects (or backs off) rather than failing on each.
@@ -432,13 +512,36 @@ impl RedisKv {
             tracing::warn!("kv: lost the Redis connection ({e}); reconnecting");
         }
         link.lost = true;
+        if e.is_timeout() || read_only(e) {
+            link.back_off();
+            self.settled.store(false, Ordering::Relaxed);
+        }
         self.stats.up.set(0);
     }
 }
 
-/// Whether `e` leaves the connection unusable (it may hold a late reply, or be closed).
+/// Whether `e` leaves the connection unusable (it may hold a late reply, or be
+/// closed), or its server unusable for writes: a replica (`READONLY`, after a
+/// failover that moved the address to another server but kept this
+/// connection) or a replica without its master (`MASTERDOWN`). Redis does not
+/// close clients when it is demoted, and a `PING` still answers, so the
+/// connection must be dropped for the next one to find the new master.
 fn broken(e: &RedisError) -> bool {
-    e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error()
+    e.is_timeout()
+        || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_unrecoverable_error()
+        || read_only(e)
+}
+
+/// `READONLY` or `MASTERDOWN`: this server cannot take writes.
+fn read_only(e: &RedisError) -> bool {
+    matches!(
+        e.kind(),
+        ::redis::ErrorKind::Server(
+            ::redis::ServerErrorKind::ReadOnly | ::redis::ServerErrorKind::MasterDown
+        )
+    )
 }
 
 /// TTLs from this many milliseconds (~2 230 years) on never expire, as in
@@ -644,23 +747,24 @@ impl RedisKv {
     }
 
     /// Runs `op` on this worker's async connection, counted as the blocking
-    /// calls are. As there, each network step (connect, then the command's
-    /// round trip) waits at most `kv.timeout`.
+    /// calls are. The whole call waits at most `kv.timeout` (abi/README.md
+    /// §5.7): the wait for this worker's connect, the check of an idle
+    /// connection, the connect and the round trip together.
     async fn run_async(self: Arc<Self>, ns: Arc<str>, op: Op) -> KvResult {
         let (call, kind, counter) = self.prepare(&ns, op)?;
         counter.inc();
-        let mut conn = match self.async_connection().await {
-            Ok(c) => c,
-            Err(down) => return Err(self.down(down)),
+        let attempt = async {
+            let mut conn = self.async_connection().await?;
+            Ok::<_, Down>(call.query_async(&mut conn).await)
         };
-        // The connection's response timeout normally ends a hung call; this
-        // is the same bound, kept in case it does not.
-        let r = tokio::time::timeout(self.timeout, call.query_async(&mut conn))
-            .await
-            .unwrap_or_else(|_| Err(timed_out()));
+        let r = match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(down)) => return Err(self.down(down)),
+            Err(_) => Err(timed_out()),
+        };
         match r {
             Ok(v) => {
-                self.stats.up.set(1);
+                self.succeeded();
                 kind.parse(v, &self.stats)
             }
             Err(e) => {
