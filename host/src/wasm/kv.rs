@@ -580,13 +580,10 @@ impl KvBackend for MemoryKv {
             let h = n.hash(key);
             let (old, expires) = match n.live(h, key, now) {
                 None => (0, new_expiry),
-                Some(i) => {
-                    let v = std::str::from_utf8(&i.value)
-                        .ok()
-                        .and_then(|s| s.parse::<i64>().ok())
-                        .ok_or(KvError::InvalidArgument)?;
-                    (v, i.expires)
-                }
+                Some(i) => (
+                    canonical_int(&i.value).ok_or(KvError::InvalidArgument)?,
+                    i.expires,
+                ),
             };
             let sum = old.checked_add(delta).ok_or(KvError::InvalidArgument)?;
             n.put(h, key, sum.to_string().into_bytes(), expires, now)?;
@@ -595,10 +592,46 @@ impl KvBackend for MemoryKv {
     }
 }
 
+/// A stored integer in the only form Redis's `HINCRBY` takes (its
+/// `string2ll`): ASCII decimal, no `+`, no leading zero, no `-0`, so the two
+/// backends refuse the same values.
+fn canonical_int(value: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(value).ok()?;
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if digits.starts_with('+') || (digits.starts_with('0') && s != "0") {
+        return None;
+    }
+    s.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn only_canonical_integers_are_incremented() {
+        let kv = MemoryKv::default();
+        for bad in ["+5", "05", "-0", "-05", "", " 5", "5 ", "1e3", "--1"] {
+            kv.set("n", "c", bad.into(), Condition::Always, None)
+                .unwrap();
+            assert_eq!(
+                kv.increment("n", "c", 1, None),
+                Err(KvError::InvalidArgument),
+                "{bad:?}"
+            );
+        }
+        for (good, sum) in [
+            ("0", 1),
+            ("-1", 0),
+            ("41", 42),
+            ("-9223372036854775808", i64::MIN + 1),
+        ] {
+            kv.set("n", "c", good.into(), Condition::Always, None)
+                .unwrap();
+            assert_eq!(kv.increment("n", "c", 1, None), Ok(sum), "{good:?}");
+        }
+    }
 
     #[test]
     fn expiry_entries_go_with_their_items() {
