@@ -304,9 +304,19 @@ impl Config {
             .key("kv")
             .key("timeout");
         }
-        if kv.prefix.is_empty() || kv.prefix.contains(char::is_whitespace) {
+        if kv.prefix.is_empty()
+            || kv
+                .prefix
+                .contains(|c: char| c.is_whitespace() || c == ':' || c == '#')
+        {
+            // `:` and `#` separate the prefix, namespace and key in Redis's
+            // keys: with one in the prefix, `a:b` + namespace `c` and `a` +
+            // namespace `b:c` would name the same keys.
             e.top(
-                format!("`kv.prefix` `{}` is empty or has whitespace", kv.prefix),
+                format!(
+                    "`kv.prefix` `{}` is empty or has whitespace, `:` or `#`",
+                    kv.prefix
+                ),
                 "use a short word like `legate` (the default); keys are `PREFIX:NAMESPACE:KEY`",
             )
             .key("kv")
