@@ -182,6 +182,9 @@ impl<'de> Deserialize<'de> for Descriptor {
 pub struct Limit {
     /// Its name.
     pub name: String,
+    /// What its bucket keys start with: the name, emission interval and
+    /// burst (`name@INTERVALxBURST`).
+    pub key_prefix: String,
     /// Path prefix to match, if any.
     pub prefix: Option<String>,
     /// Upper-case methods to match (empty: all).
@@ -211,7 +214,14 @@ pub fn parse_rate(s: &str) -> Result<(u32, u64), String> {
     if n == 0 {
         return Err(format!("{s:?}: the count must be at least 1"));
     }
-    Ok((n, secs * 1_000_000_000))
+    let period_ns = secs * 1_000_000_000;
+    if u64::from(n) > period_ns {
+        // The bucket counts whole nanoseconds per token.
+        return Err(format!(
+            "{s:?} is faster than one request per nanosecond; at most 1000000000/s"
+        ));
+    }
+    Ok((n, period_ns))
 }
 
 fn field_err(field: &str, msg: impl fmt::Display) -> String {
@@ -258,7 +268,7 @@ impl Config {
             if burst == 0 {
                 return Err(field_err(&f("burst"), "must be at least 1"));
             }
-            // At least 1 ns per token: a rate faster than 1e9/s is nonsense anyway.
+            // At least 1 ns per token (parse_rate refuses faster rates).
             let interval_ns = (period_ns / u64::from(count)).max(1);
             if let Some(p) = &l.matcher.prefix {
                 if !p.starts_with('/') {
@@ -279,6 +289,11 @@ impl Config {
                 methods.push(m.to_ascii_uppercase());
             }
             out.push(Limit {
+                // The rate and burst in the key: another config (a route's)
+                // with a limit of the same name but other parameters must not
+                // share its buckets (each would read the other's state with
+                // its own interval); a changed rate starts fresh buckets.
+                key_prefix: format!("{}@{interval_ns}x{burst}", l.name),
                 name: l.name.clone(),
                 prefix: l.matcher.prefix.clone(),
                 methods,

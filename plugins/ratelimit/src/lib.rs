@@ -830,8 +830,9 @@ fn matches(l: &Limit, method: &str, path: &str, route: Option<&str>) -> bool {
         && (l.routes.is_empty() || route.is_some_and(|r| l.routes.iter().any(|x| x == r)))
 }
 
-/// `name|v1|v2…` with each value escaped so values cannot forge separators;
-/// `None` if a descriptor has no value for this request.
+/// `name@INTERVALxBURST|v1|v2…` with each value escaped so values cannot forge
+/// separators (nor the `#` of a digest key); `None` if a descriptor has no
+/// value for this request.
 fn bucket_key(
     l: &Limit,
     x: &Exchange<'_>,
@@ -842,22 +843,23 @@ fn bucket_key(
 ) -> Option<String> {
     // Room for the usual descriptors (an IPv6 address, a short header):
     // growing the key as it is built reallocated it two or three times.
-    let mut key = String::with_capacity(l.name.len() + 64);
-    key.push_str(&l.name);
+    let mut key = String::with_capacity(l.key_prefix.len() + 64);
+    key.push_str(&l.key_prefix);
     for d in &l.key {
         key.push('|');
         match d {
-            Descriptor::ClientIp => push_ip(&mut key, x.source_address().ip()),
+            // An IPv4 client on a dual-stack socket is one bucket either way.
+            Descriptor::ClientIp => push_ip(&mut key, x.source_address().ip().to_canonical()),
             Descriptor::Method => escape_into(&mut key, method.as_bytes()),
             Descriptor::Path => escape_into(&mut key, path.as_bytes()),
             Descriptor::Route => escape_into(&mut key, route?.as_bytes()),
-            Descriptor::Authority => escape_into(&mut key, x.authority().as_bytes()),
+            Descriptor::Authority => push_host(&mut key, &x.authority()),
             Descriptor::Header(h) => escape_into(&mut key, &headers.get(h)?),
         }
     }
     if key.len() > MAX_KEY_LEN {
         let digest = Sha256::digest(key.as_bytes());
-        let mut short = l.name.clone();
+        let mut short = l.key_prefix.clone();
         short.push_str("|#");
         for b in digest {
             short.push_str(&format!("{b:02x}"));
@@ -892,10 +894,27 @@ fn push_ip(out: &mut String, ip: std::net::IpAddr) {
     }
 }
 
-/// Printable ASCII except `%` and `|` as is; everything else as `%XX`.
+/// The host of an authority as routing sees it (virtual hosts match without
+/// case and with or without the port), so `A.example:80` and `a.example` are
+/// one bucket, as they are one virtual host: lower case, the port dropped.
+fn push_host(out: &mut String, authority: &str) {
+    let host = match authority.strip_prefix('[') {
+        // An IPv6 literal: up to its `]`.
+        Some(rest) => rest
+            .find(']')
+            .map_or(authority, |end| &authority[..end + 2]),
+        None => authority
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(authority, |(host, _)| host),
+    };
+    escape_into(out, host.to_ascii_lowercase().as_bytes());
+}
+
+/// Printable ASCII except `%`, `|` and `#` as is; everything else as `%XX`.
 fn escape_into(out: &mut String, v: &[u8]) {
     for &b in v {
-        if (0x21..0x7f).contains(&b) && b != b'%' && b != b'|' {
+        if (0x21..0x7f).contains(&b) && b != b'%' && b != b'|' && b != b'#' {
             out.push(char::from(b));
         } else {
             out.push_str(&format!("%{b:02X}"));

@@ -90,6 +90,10 @@ fn invalid_configs_name_the_field() {
             &["`limits[0].rate`", "at least 1"],
         ),
         (
+            r#"{"limits": [{"name": "a", "rate": "2000000000/s"}]}"#,
+            &["`limits[0].rate`", "one request per nanosecond"],
+        ),
+        (
             r#"{"limits": [{"name": "a", "rate": "1/s"}, {"name": "b", "rate": "1/s", "burst": 0}]}"#,
             &["`limits[1].burst`", "at least 1"],
         ),

@@ -13,6 +13,18 @@ use legate_sdk::{LocalResponse, Phase};
 const T0: u64 = 1_800_000_000_000_000_000;
 const METRIC: &str = "ratelimit_requests_total";
 
+/// The KV key of a bucket of limit `name` at `rate` (burst: the rate's
+/// count), then `|part` for each descriptor value: `name@INTERVALxBURST|…`.
+fn bucket(name: &str, rate: &str, parts: &[&str]) -> String {
+    let (count, period_ns) = legate_plugin_ratelimit::config::parse_rate(rate).unwrap();
+    let mut key = format!("{name}@{}x{count}", period_ns / u64::from(count));
+    for p in parts {
+        key.push('|');
+        key.push_str(p);
+    }
+    key
+}
+
 fn setup(config: &str) -> FilterTest<RateLimit> {
     let host = TestHost::new().grant_kv("ratelimit");
     host.set_wall_time(T0);
@@ -190,7 +202,10 @@ fn every_limit_must_pass_and_a_rejection_consumes_nothing() {
     );
     // `wide` stores its TAT: one admitted request moves it 6 s (60 s / 10).
     let wide_tat = |t: &FilterTest<RateLimit>| -> u64 {
-        let e = t.host().kv_get("ratelimit", "wide").unwrap();
+        let e = t
+            .host()
+            .kv_get("ratelimit", &bucket("wide", "10/m", &[]))
+            .unwrap();
         String::from_utf8(e.value).unwrap().parse().unwrap()
     };
     const TOKEN: u64 = 6_000_000_000;
@@ -309,11 +324,14 @@ fn shadow_counts_but_never_blocks() {
     );
 }
 
-/// The bucket of limit `name` for client 192.0.2.1 (the harness default),
+/// The bucket of limit `name` (`1/m`) for client 192.0.2.1 (the harness default),
 /// overwritten with something that is not a bucket: the KV read fails.
 fn corrupt(t: &FilterTest<RateLimit>, name: &str) {
-    t.host()
-        .kv_put("ratelimit", &format!("{name}|192.0.2.1"), b"not a number");
+    t.host().kv_put(
+        "ratelimit",
+        &bucket(name, "1/m", &["192.0.2.1"]),
+        b"not a number",
+    );
 }
 
 #[test]
@@ -369,6 +387,90 @@ fn kv_errors_fail_closed_with_deny() {
 }
 
 #[test]
+fn a_limit_of_the_same_name_with_other_parameters_has_its_own_buckets() {
+    // A route's config (another instance, one namespace) reusing a limit's
+    // name with another rate: each keeps its own state; sharing it, the
+    // route's 5/m would read the listener's TAT and refuse everywhere.
+    let host = TestHost::new().grant_kv("ratelimit");
+    host.set_wall_time(T0);
+    let mut wide = host
+        .configure::<RateLimit>(
+            r#"{"limits": [{"name": "per-ip", "key": ["client_ip"], "rate": "100/s"}]}"#,
+        )
+        .unwrap();
+    let mut login = host
+        .configure::<RateLimit>(
+            r#"{"limits": [{"name": "per-ip", "key": ["client_ip"], "rate": "5/m"}]}"#,
+        )
+        .unwrap();
+    for _ in 0..50 {
+        assert_eq!(send(&mut wide, Request::get("/")), None);
+    }
+    assert_eq!(send(&mut login, Request::get("/login")), None);
+    assert_eq!(
+        send(&mut wide, Request::get("/")),
+        None,
+        "refused by the other limit's state"
+    );
+    for _ in 0..4 {
+        assert_eq!(send(&mut login, Request::get("/login")), None);
+    }
+    assert!(send(&mut login, Request::get("/login")).is_some());
+}
+
+#[test]
+fn the_authority_is_keyed_as_routing_sees_it() {
+    // Virtual hosts match without case and with or without the port: so do
+    // the buckets, or every spelling would be a fresh quota.
+    let mut t = setup(r#"{"limits": [{"name": "h", "key": ["authority"], "rate": "1/m"}]}"#);
+    let to = |a: &str| Request::get("/").authority(a);
+    assert_eq!(send(&mut t, to("a.example")), None);
+    for other in ["A.EXAMPLE", "a.Example:80", "a.example:8443"] {
+        assert!(send(&mut t, to(other)).is_some(), "{other}");
+    }
+    assert_eq!(send(&mut t, to("b.example")), None);
+    assert_eq!(send(&mut t, to("[2001:DB8::1]:443")), None);
+    assert!(send(&mut t, to("[2001:db8::1]")).is_some());
+}
+
+#[test]
+fn an_ipv4_client_is_one_bucket_on_a_dual_stack_socket() {
+    let mut t = setup(r#"{"limits": [{"name": "ip", "key": ["client_ip"], "rate": "1/m"}]}"#);
+    assert_eq!(
+        send(&mut t, Request::get("/").source(from([192, 0, 2, 9]))),
+        None
+    );
+    let mapped = SocketAddr::new(
+        IpAddr::V6(Ipv4Addr::new(192, 0, 2, 9).to_ipv6_mapped()),
+        40000,
+    );
+    assert!(send(&mut t, Request::get("/").source(mapped)).is_some());
+}
+
+#[test]
+fn a_value_cannot_forge_a_long_keys_digest() {
+    use sha2::{Digest, Sha256};
+    let mut t = setup(r#"{"limits": [{"name": "k", "key": ["header:x-key"], "rate": "1/m"}]}"#);
+    let long = "a".repeat(2000);
+    assert_eq!(
+        send(&mut t, Request::get("/").header("x-key", long.as_str())),
+        None
+    );
+    // The digest key of `long`, sent as a value of its own.
+    let full = bucket("k", "1/m", &[&long]);
+    let hex: String = Sha256::digest(full.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let forged = format!("#{hex}");
+    assert_eq!(
+        send(&mut t, Request::get("/").header("x-key", forged.as_str())),
+        None,
+        "the forged value landed in the long value's bucket"
+    );
+}
+
+#[test]
 fn instances_share_buckets_through_the_kv() {
     // Two workers' instances on one host: one KV store.
     let host = TestHost::new().grant_kv("ratelimit");
@@ -387,12 +489,12 @@ fn instances_share_buckets_through_the_kv() {
 fn buckets_expire_once_full_again() {
     let mut t = setup(r#"{"limits": [{"name": "a", "rate": "1/s", "burst": 2}]}"#);
     assert_eq!(send(&mut t, Request::get("/")), None);
-    assert!(t.host().kv_get("ratelimit", "a").is_some());
+    assert!(t.host().kv_get("ratelimit", "a@1000000000x2").is_some());
     t.host().advance(Duration::from_millis(999));
-    assert!(t.host().kv_get("ratelimit", "a").is_some());
+    assert!(t.host().kv_get("ratelimit", "a@1000000000x2").is_some());
     t.host().advance(Duration::from_millis(1));
     assert!(
-        t.host().kv_get("ratelimit", "a").is_none(),
+        t.host().kv_get("ratelimit", "a@1000000000x2").is_none(),
         "expired: a full bucket"
     );
     for _ in 0..2 {
@@ -436,7 +538,10 @@ fn ipv6_clients_have_their_own_buckets() {
     assert_eq!(send(&mut t, v6(1)), None);
     assert!(send(&mut t, v6(1)).is_some());
     assert_eq!(send(&mut t, v6(2)), None);
-    assert!(t.host().kv_get("ratelimit", "ip|2001:db8::2").is_some());
+    assert!(t
+        .host()
+        .kv_get("ratelimit", &bucket("ip", "1/m", &["2001:db8::2"]))
+        .is_some());
 }
 
 /// A TAT far in the future: a bucket another worker just emptied.
@@ -450,7 +555,8 @@ fn a_refusal_decided_on_the_last_cas_attempt_is_a_429() {
     let n = legate_plugin_ratelimit::MAX_CAS_ATTEMPTS as usize;
     let mut values: Vec<&[u8]> = vec![b"0"; n - 1];
     values.push(EMPTIED);
-    t.host().kv_race("ratelimit", "a|192.0.2.1", &values);
+    t.host()
+        .kv_race("ratelimit", &bucket("a", "1/m", &["192.0.2.1"]), &values);
     let r = send(&mut t, Request::get("/")).expect("a 429");
     assert_eq!(r.status, 429);
     assert_eq!(t.host().counter(METRIC, &["a", "error"]), Some(0));
@@ -463,10 +569,13 @@ fn limits_after_a_raced_refusal_spend_no_token() {
         r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "1/m"},
                       {"name": "b", "rate": "5/m"}]}"#,
     );
-    t.host().kv_race("ratelimit", "a|192.0.2.1", &[EMPTIED]);
+    t.host()
+        .kv_race("ratelimit", &bucket("a", "1/m", &["192.0.2.1"]), &[EMPTIED]);
     assert_eq!(send(&mut t, Request::get("/")).map(|r| r.status), Some(429));
     assert!(
-        t.host().kv_get("ratelimit", "b").is_none(),
+        t.host()
+            .kv_get("ratelimit", &bucket("b", "5/m", &[]))
+            .is_none(),
         "b spent a token on a refused request"
     );
     // The race is over: a's bucket is the other worker's (empty), b's full.
@@ -522,7 +631,10 @@ mod remote {
             vec![Action::Pause, Action::Pause, Action::Continue]
         );
         assert_eq!(local, None);
-        assert!(t.host().kv_get("ratelimit", "ip|192.0.2.1").is_some());
+        assert!(t
+            .host()
+            .kv_get("ratelimit", &bucket("ip", "1/m", &["192.0.2.1"]))
+            .is_some());
         let (actions, local) = send(&mut t, Request::get("/"));
         // Refused after the read: nothing written.
         assert_eq!(actions.len(), 2);
@@ -545,13 +657,27 @@ mod remote {
         let actions = x.deliver_kv();
         assert_eq!(actions.last(), Some(&Action::Continue));
         drop(x);
-        assert!(t.host().kv_get("ratelimit", "a|192.0.2.1").is_some());
-        assert!(t.host().kv_get("ratelimit", "b").is_some());
+        assert!(t
+            .host()
+            .kv_get("ratelimit", &bucket("a", "2/m", &["192.0.2.1"]))
+            .is_some());
+        assert!(t
+            .host()
+            .kv_get("ratelimit", &bucket("b", "1/m", &[]))
+            .is_some());
         // b is empty now: refused, and a spends no token.
-        let before = t.host().kv_get("ratelimit", "a|192.0.2.1").unwrap();
+        let before = t
+            .host()
+            .kv_get("ratelimit", &bucket("a", "2/m", &["192.0.2.1"]))
+            .unwrap();
         let (_, local) = send(&mut t, Request::get("/"));
         assert_eq!(local.map(|r| r.status), Some(429));
-        assert_eq!(t.host().kv_get("ratelimit", "a|192.0.2.1").unwrap(), before);
+        assert_eq!(
+            t.host()
+                .kv_get("ratelimit", &bucket("a", "2/m", &["192.0.2.1"]))
+                .unwrap(),
+            before
+        );
     }
 
     #[test]
@@ -569,7 +695,12 @@ mod remote {
         drop(x);
         for i in 0..10 {
             let name = format!("l{i}");
-            assert!(t.host().kv_get("ratelimit", &name).is_some(), "{name}");
+            assert!(
+                t.host()
+                    .kv_get("ratelimit", &bucket(&name, "5/m", &[]))
+                    .is_some(),
+                "{name}"
+            );
             assert_eq!(t.host().counter(METRIC, &[&name, "allowed"]), Some(1));
             assert_eq!(t.host().counter(METRIC, &[&name, "error"]), Some(0));
         }
@@ -578,7 +709,8 @@ mod remote {
     #[test]
     fn a_lost_race_rereads_asynchronously() {
         let mut t = setup(r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "1/m"}]}"#);
-        t.host().kv_race("ratelimit", "a|192.0.2.1", &[EMPTIED]);
+        t.host()
+            .kv_race("ratelimit", &bucket("a", "1/m", &["192.0.2.1"]), &[EMPTIED]);
         let (actions, local) = send(&mut t, Request::get("/"));
         // Read, write (lost), re-read: refused.
         assert_eq!(actions.len(), 4);
