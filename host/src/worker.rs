@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cluster::{Balancer, Cluster};
+use crate::cluster::{Balancer, Balancers, Cluster};
 use crate::listener::ConnTracker;
 use crate::server::{Bound, Shared};
 use crate::stats::{Counter, Histogram};
@@ -43,9 +43,6 @@ pub struct RouteStats {
     pub latency: Histogram,
 }
 
-/// A cluster (kept alive to detect when config dropped it) and this worker's balancer.
-type BalancerEntry = (Arc<Cluster>, Rc<Balancer>);
-
 /// What a worker owns.
 pub struct Worker {
     /// Worker index, for logs.
@@ -54,10 +51,8 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     /// Upstream connections of this worker.
     pub pool: Pool,
-    /// Per-cluster balancer state, keyed by the cluster's address (a reload makes
-    /// new clusters, so stale entries are never reused; they are pruned on reload).
-    // Fx: each is looked up once per request, with keys from the config.
-    balancers: RefCell<FxHashMap<usize, BalancerEntry>>,
+    /// Per-cluster balancer state.
+    balancers: Balancers,
     route_stats: RefCell<FxHashMap<Arc<str>, RouteStats>>,
     /// The drain timeout passed: the connections still open are being cut by
     /// the proxy (their requests are not ended by their clients).
@@ -71,7 +66,7 @@ impl Worker {
             id,
             shared,
             pool: Pool::new(),
-            balancers: RefCell::default(),
+            balancers: Balancers::default(),
             route_stats: RefCell::default(),
             cut: std::cell::Cell::new(false),
         })
@@ -79,17 +74,7 @@ impl Worker {
 
     /// This worker's balancer for `cluster`.
     pub fn balancer(&self, cluster: &Arc<Cluster>) -> Rc<Balancer> {
-        let key = Arc::as_ptr(cluster) as usize;
-        let mut map = self.balancers.borrow_mut();
-        if let Some((_, b)) = map.get(&key) {
-            return b.clone();
-        }
-        // Drop balancers of clusters no longer in any config (the map holds the
-        // only other reference).
-        map.retain(|_, (c, _)| Arc::strong_count(c) > 1);
-        let b = Rc::new(cluster.balancer());
-        map.insert(key, (cluster.clone(), b.clone()));
-        b
+        self.balancers.get(cluster)
     }
 
     /// This worker's stats handles for `route`.

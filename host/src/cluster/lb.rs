@@ -9,6 +9,7 @@
 use std::cell::{Cell, RefCell};
 use std::fmt::{self, Write as _};
 use std::sync::atomic::Ordering::Relaxed;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use rand::rngs::SmallRng;
@@ -177,6 +178,46 @@ impl Ring {
             .filter_map(|step| self.owners.get((start + step) % len))
             .map(|&owner| owner as usize)
             .find(|owner| excluded.binary_search(owner).is_err())
+    }
+}
+
+/// One worker's balancers, by cluster (generation): a reload, a discovery
+/// update or a weight change makes a new cluster, which gets a new balancer.
+#[derive(Default)]
+pub struct Balancers {
+    // Keyed by the cluster's address, which cannot be reused while the
+    // balancer here holds the cluster. Fx: looked up once per request, keys
+    // made by Legate.
+    by_cluster: RefCell<rustc_hash::FxHashMap<usize, Rc<Balancer>>>,
+}
+
+impl Balancers {
+    /// The balancer for `cluster`, made on first use.
+    pub fn get(&self, cluster: &Arc<Cluster>) -> Rc<Balancer> {
+        let key = Arc::as_ptr(cluster) as usize;
+        let mut map = self.by_cluster.borrow_mut();
+        if let Some(b) = map.get(&key) {
+            return b.clone();
+        }
+        // Balancers of clusters nothing else holds any more (no config, no
+        // request: the balancer's own reference is the last) go; a request
+        // still holding one keeps it alive without the map. Without this,
+        // every generation a worker served stayed for the process's life
+        // (its endpoints, its hash ring): a new one per DNS change.
+        map.retain(|_, b| Arc::strong_count(b.cluster()) > 1);
+        let b = Rc::new(cluster.balancer());
+        map.insert(key, b.clone());
+        b
+    }
+
+    /// How many balancers are kept.
+    pub fn len(&self) -> usize {
+        self.by_cluster.borrow().len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -422,6 +463,32 @@ fn normalize_exclusion(exclude: &[usize], n: usize) -> Vec<usize> {
 mod tests {
     use super::*;
     use crate::cluster::tests::weighted;
+
+    #[test]
+    fn balancers_of_clusters_no_longer_held_are_dropped() {
+        let cache = Balancers::default();
+        let first = weighted("round_robin", &[1, 1], "");
+        let b1 = cache.get(&first);
+        assert!(Rc::ptr_eq(&b1, &cache.get(&first)));
+        drop(b1);
+        // A new generation (a DNS change, a reload); the old one is dropped
+        // by its config and its requests.
+        let weak = Arc::downgrade(&first);
+        drop(first);
+        let second = weighted("round_robin", &[1, 1, 1], "");
+        cache.get(&second);
+        assert_eq!(cache.len(), 1);
+        assert!(weak.upgrade().is_none(), "the old cluster is still held");
+        // A cluster still held elsewhere keeps its balancer; one held only
+        // through a balancer a request has is dropped from the map, not freed.
+        let in_flight = cache.get(&second);
+        drop(second);
+        let third = weighted("round_robin", &[2, 1], "");
+        let kept = cache.get(&third);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(in_flight.cluster().endpoints.len(), 3);
+        assert!(Rc::ptr_eq(&kept, &cache.get(&third)));
+    }
 
     fn seeded(cluster: &Arc<Cluster>, seed: u64) -> Balancer {
         Balancer::with_rng(Arc::clone(cluster), SmallRng::seed_from_u64(seed))

@@ -25,7 +25,7 @@ pub mod outlier;
 mod zone;
 
 pub use breaker::{ConnectPermit, RetrySlot};
-pub use lb::Balancer;
+pub use lb::{Balancer, Balancers};
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
