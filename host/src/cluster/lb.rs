@@ -145,6 +145,13 @@ impl Ring {
             1.0
         };
 
+        // Endpoints that share a configured address (the IPs one `strict` DNS
+        // name resolves to) are told apart by their IP too: with the name
+        // alone their points would hash alike, and the first would own all.
+        let mut named: rustc_hash::FxHashMap<&str, usize> = rustc_hash::FxHashMap::default();
+        for ep in endpoints {
+            *named.entry(&*ep.authority).or_default() += 1;
+        }
         let mut points: Vec<(u64, u32)> = Vec::new();
         let mut name = String::new();
         for (index, ep) in endpoints.iter().enumerate() {
@@ -158,7 +165,11 @@ impl Ring {
                 // the ring stays the same when a host name resolves differently.
                 name.clear();
                 // Writing to a String cannot fail.
-                let _ = write!(name, "{}_{i}", ep.authority);
+                let _ = if named.get(&*ep.authority).is_some_and(|&n| n > 1) {
+                    write!(name, "{}/{}_{i}", ep.authority, ep.address)
+                } else {
+                    write!(name, "{}_{i}", ep.authority)
+                };
                 points.push((hash::xxh64(name.as_bytes()), owner));
             }
         }
@@ -718,6 +729,29 @@ mod tests {
 
         // No key: weighted random.
         assert_proportional(&counts(&seeded(&c, 8), 60_000, None, &[]), &[1, 2, 3], 0.05);
+    }
+
+    #[test]
+    fn ring_hash_splits_a_names_keys_over_its_addresses() {
+        // The IPs one `strict` DNS name resolves to: one authority each.
+        let base = weighted("ring_hash", &[1], "hash_on: { source_ip: true }\n");
+        let eps = (1..=3)
+            .map(|i| {
+                Endpoint::new(
+                    format!("10.0.1.{i}:80").parse().unwrap(),
+                    "svc".into(),
+                    "svc:80".to_string(),
+                    1,
+                    None,
+                    None,
+                )
+            })
+            .collect();
+        let c = base.with_endpoints(eps).unwrap();
+        let b = c.balancer();
+        let mut n = [0; 3];
+        keys(30_000).for_each(|k| n[b.pick(Some(k), &[]).unwrap()] += 1);
+        assert_proportional(&n, &[1, 1, 1], 0.15);
     }
 
     #[test]
