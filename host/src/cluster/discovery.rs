@@ -367,11 +367,11 @@ fn apply(entry: &Arc<ClusterEntry>, found: &[Spec], counted: bool) {
     let stats = &current.stats;
     let (next, kept) = merge(&current, found);
     stats.membership_kept_by_health.store(kept as u64, Relaxed);
-    let same = next.len() == current.endpoints.len()
-        && next
-            .iter()
-            .zip(&current.endpoints)
-            .all(|(a, b)| Arc::ptr_eq(a, b));
+    // The same endpoints in another order are the same set: round-robin DNS
+    // rotates its answer, which must not make a new generation (a new ring,
+    // every worker's rotation restarted) at each refresh.
+    let same =
+        next.len() == current.endpoints.len() && next.iter().all(|a| current.index_of(a).is_some());
     if same {
         if counted {
             stats.discovery_update_no_rebuild.fetch_add(1, Relaxed);
@@ -628,6 +628,27 @@ mod tests {
             zone: None,
             metadata: None,
         }
+    }
+
+    #[test]
+    fn a_rotated_answer_is_the_same_set() {
+        let c = cluster(
+            "name: c\nendpoints: [{ address: \"10.0.0.1:80\" }, { address: \"10.0.0.2:80\" }, { address: \"10.0.0.3:80\" }]",
+        );
+        let settings = crate::upstream::UpstreamSettings::new(&c.config).unwrap();
+        let entry = Arc::new(crate::server::ClusterEntry::new(c.clone(), settings));
+        let rotated = [
+            spec("10.0.0.2:80", 1),
+            spec("10.0.0.3:80", 1),
+            spec("10.0.0.1:80", 1),
+        ];
+        apply(&entry, &rotated, true);
+        assert!(Arc::ptr_eq(&entry.cluster(), &c), "a new generation");
+        assert_eq!(c.stats.discovery_update_no_rebuild.load(Relaxed), 1);
+        assert_eq!(c.stats.discovery_update_success.load(Relaxed), 0);
+        // A changed set still is one.
+        apply(&entry, &rotated[..2], true);
+        assert!(!Arc::ptr_eq(&entry.cluster(), &c));
     }
 
     #[test]
