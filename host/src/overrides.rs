@@ -4,7 +4,8 @@
 //!
 //! - `x-legate-upstream-rq-timeout-ms: N` replaces the route's `timeout` (`0` = none);
 //! - `x-legate-max-retries: N` replaces the route's `retry.num_retries` (only on a
-//!   route with a `retry` policy: the header tunes retries, it does not enable them);
+//!   route with a `retry` policy: the header tunes retries, it does not enable them),
+//!   capped at 10 as a route's own setting is;
 //! - `x-legate-debug: 1` makes the response carry where the request went and how
 //!   long its stages took ([`debug_headers`]), also for local answers and errors.
 //!
@@ -22,6 +23,9 @@ pub const TIMEOUT: &str = "x-legate-upstream-rq-timeout-ms";
 pub const MAX_RETRIES: &str = "x-legate-max-retries";
 /// `x-legate-debug`.
 pub const DEBUG: &str = "x-legate-debug";
+/// The most retries `x-legate-max-retries` may ask for: the bound config
+/// validation puts on a route's `retry.num_retries`.
+pub const MAX_RETRIES_ALLOWED: u64 = 10;
 
 /// What a request asked for.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +63,9 @@ pub fn take(h: &mut HeaderMap, trusted: bool) -> Overrides {
     }
     Overrides {
         timeout: timeout.map(|ms| (ms > 0).then(|| Duration::from_millis(ms))),
-        max_retries: retries.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+        // At most what a route may configure (config validation's bound):
+        // a trusted client tunes retries, it cannot make a retry storm.
+        max_retries: retries.map(|n| u32::try_from(n.min(MAX_RETRIES_ALLOWED)).unwrap_or(0)),
         debug,
     }
 }
@@ -180,6 +186,13 @@ mod tests {
         let mut h = headers(&all);
         assert_eq!(take(&mut h, false), Overrides::default());
         assert_eq!(h.len(), 1);
+
+        let mut h = headers(&[(MAX_RETRIES, "4294967295")]);
+        assert_eq!(
+            take(&mut h, true).max_retries,
+            Some(10),
+            "capped as in config"
+        );
 
         let mut h = headers(&[(TIMEOUT, "0"), (MAX_RETRIES, "-1"), (DEBUG, "yes")]);
         let o = take(&mut h, true);

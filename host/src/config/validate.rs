@@ -1256,7 +1256,7 @@ fn validate_retry(e: &mut Issues, loc: &Location, rp: &RetryPolicy) {
             .index(i);
         }
     }
-    if rp.num_retries > 10 {
+    if u64::from(rp.num_retries) > crate::overrides::MAX_RETRIES_ALLOWED {
         e.at(
             loc,
             format!("num_retries {} is more than 10", rp.num_retries),
