@@ -1650,20 +1650,25 @@ impl Attempts<'_> {
                 cluster,
                 endpoint: index,
             };
-            let send =
-                std::pin::pin!(self
-                    .conn
-                    .worker
-                    .pool
-                    .send(&self.entry.upstream, target, req));
-            let result = match self.per_try {
-                Some(d) => after_sent(d, self.sent, send).await.unwrap_or_else(|_| {
-                    Err(ProxyError::new(
-                        Kind::PerTryTimeout,
-                        format!("per-try timeout {d:?}"),
-                    ))
-                }),
-                None => send.await,
+            // In a block of its own: an attempt cut by its per-try timeout is
+            // dropped (its upstream stream reset, its pool slot freed) before
+            // the backoff, not after it.
+            let result = {
+                let send =
+                    std::pin::pin!(self
+                        .conn
+                        .worker
+                        .pool
+                        .send(&self.entry.upstream, target, req));
+                match self.per_try {
+                    Some(d) => after_sent(d, self.sent, send).await.unwrap_or_else(|_| {
+                        Err(ProxyError::new(
+                            Kind::PerTryTimeout,
+                            format!("per-try timeout {d:?}"),
+                        ))
+                    }),
+                    None => send.await,
+                }
             };
             let can_retry = replayable && attempt < max_retries;
             match result {
