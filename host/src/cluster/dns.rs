@@ -141,11 +141,18 @@ impl Resolver {
                 continue;
             };
             if id == id_a && v4.is_none() {
-                v4 = Some(parsed?);
+                v4 = Some(parsed);
             } else if id == id_aaaa && v6.is_none() {
-                v6 = Some(parsed?);
+                v6 = Some(parsed);
             }
         }
+        // One family's error (a server that fails AAAA queries: SERVFAIL,
+        // NOTIMP) does not void the other's answer, as one that does not come
+        // in time does not; both failing is the name's error.
+        let (v4, v6) = match (v4, v6) {
+            (Some(Err(e)), None | Some(Err(_))) | (None, Some(Err(e))) => return Err(e),
+            (a, b) => (a.and_then(Result::ok), b.and_then(Result::ok)),
+        };
         let mut addrs = Vec::new();
         let mut ttl = u32::MAX;
         for (a, t) in v4.into_iter().chain(v6).flatten() {
@@ -250,6 +257,42 @@ fn skip_name(p: &[u8], mut at: usize) -> Option<usize> {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
+
+    /// A name server on loopback answering A queries with 10.0.0.1 and AAAA
+    /// queries with SERVFAIL (a server that fails one family).
+    async fn servfail_for_aaaa() -> SocketAddr {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                let q = &buf[..n];
+                let mut end = 12;
+                while q[end] != 0 {
+                    end += 1 + usize::from(q[end]);
+                }
+                let qtype = u16::from_be_bytes([q[end + 1], q[end + 2]]);
+                let mut r = q[..2].to_vec();
+                let a = qtype == TYPE_A;
+                r.extend_from_slice(&[0x81, if a { 0x80 } else { 0x82 }, 0, 1, 0, u8::from(a)]);
+                r.extend_from_slice(&[0, 0, 0, 0]);
+                r.extend_from_slice(&q[12..end + 5]);
+                if a {
+                    r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 0, 0, 1]);
+                }
+                let _ = sock.send_to(&r, from).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn one_familys_failure_keeps_the_others_answer() {
+        let server = servfail_for_aaaa().await;
+        let r = Resolver::new(vec![server], Duration::from_secs(5));
+        let answer = r.resolve("api.internal").await.unwrap();
+        assert_eq!(answer.addrs, ["10.0.0.1".parse::<IpAddr>().unwrap()]);
+    }
 
     #[test]
     fn servers_from_config_and_resolv_conf() {
