@@ -113,12 +113,13 @@ fn next_generation() -> u64 {
 
 /// Makes `endpoints` the newest generation of the lineage whose newest id is kept
 /// in `newest`: endpoints left out of it stop being current at once.
-pub(super) fn enter_generation(endpoints: &[Arc<Endpoint>], newest: &AtomicU64) {
+pub(super) fn enter_generation(endpoints: &[Arc<Endpoint>], newest: &AtomicU64) -> u64 {
     let id = next_generation();
     for ep in endpoints {
         ep.health.generation.store(id, Relaxed);
     }
     newest.store(id, Relaxed);
+    id
 }
 
 impl Cluster {
@@ -126,6 +127,12 @@ impl Cluster {
     /// may be an older one that an attempt still uses).
     pub(crate) fn is_current(&self, ep: &Endpoint) -> bool {
         ep.health.generation.load(Relaxed) == self.breakers.generation.load(Relaxed)
+    }
+
+    /// Whether this value is the newest generation of its cluster (the one the
+    /// `membership_*` gauges count).
+    pub(crate) fn is_newest(&self) -> bool {
+        self.generation == self.breakers.generation.load(Relaxed)
     }
 
     /// Sets (`on`) or clears `flag` on endpoint `i`, keeping `membership_healthy` in
@@ -147,7 +154,10 @@ impl Cluster {
         let next = if on { prev | flag } else { prev & !flag };
         let members = &self.stats.membership_healthy;
         if prev == 0 && next != 0 {
-            members.fetch_sub(1, Relaxed);
+            // Saturating: a new generation recounting the gauge between the
+            // check above and this update could make it one short, and a wrap
+            // to u64::MAX would turn health off until the next generation.
+            let _ = members.fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
         } else if prev != 0 && next == 0 {
             members.fetch_add(1, Relaxed);
         }

@@ -8,8 +8,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::fmt::{self, Write as _};
-use std::sync::atomic::Ordering::Relaxed;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use rand::rngs::SmallRng;
@@ -314,8 +314,18 @@ impl Balancer {
             return None;
         }
         let mut excluded = normalize_exclusion(exclude, n);
-        let healthy = usize::try_from(self.cluster.stats.membership_healthy.load(Relaxed))
-            .unwrap_or(usize::MAX);
+        // The gauge counts the newest generation; an attempt (a retry) still
+        // on an older one counts its own endpoints (rare, so counted here).
+        let healthy = if self.cluster.is_newest() {
+            usize::try_from(self.cluster.stats.membership_healthy.load(Relaxed))
+                .unwrap_or(usize::MAX)
+        } else {
+            self.cluster
+                .endpoints
+                .iter()
+                .filter(|e| e.health.is_available())
+                .count()
+        };
         if healthy < n {
             excluded = self.health_exclusion(excluded, healthy)?;
         }
@@ -474,6 +484,35 @@ fn normalize_exclusion(exclude: &[usize], n: usize) -> Vec<usize> {
 mod tests {
     use super::*;
     use crate::cluster::tests::weighted;
+
+    #[test]
+    fn an_older_generation_still_skips_its_unhealthy_endpoints() {
+        use crate::cluster::health::FAILED_ACTIVE_HC;
+        let c1 = weighted("round_robin", &[1, 1, 1], "");
+        c1.set_flag(2, FAILED_ACTIVE_HC, true);
+        // Discovery adds two endpoints: the newest generation's gauge counts
+        // 4 healthy of 5, more than the 3 endpoints of c1.
+        let mut next: Vec<Arc<Endpoint>> = c1.endpoints.clone();
+        for i in 4..=5 {
+            next.push(Endpoint::new(
+                format!("10.0.0.{i}:80").parse().unwrap(),
+                "h".into(),
+                format!("10.0.0.{i}:80"),
+                1,
+                None,
+                None,
+            ));
+        }
+        let _c2 = c1.with_endpoints(next).unwrap();
+        let b = c1.balancer();
+        for _ in 0..20 {
+            assert_ne!(
+                b.pick(None, &[0, 1]),
+                Some(2),
+                "a retry went to a failed endpoint"
+            );
+        }
+    }
 
     #[test]
     fn balancers_of_clusters_no_longer_held_are_dropped() {

@@ -280,6 +280,8 @@ pub struct Cluster {
     hash_header: Option<HeaderName>,
     /// What the policy precomputes: cumulative weights, the hash ring.
     lb: lb::Shared,
+    /// This generation's id (see [`Cluster::is_newest`]).
+    generation: u64,
 }
 
 impl Cluster {
@@ -370,7 +372,7 @@ impl Cluster {
             None => None,
         };
 
-        health::enter_generation(&endpoints, &breakers.generation);
+        let generation = health::enter_generation(&endpoints, &breakers.generation);
         stats
             .membership_total
             .store(endpoints.len() as u64, Relaxed);
@@ -389,6 +391,7 @@ impl Cluster {
             stats,
             breakers,
             hash_header,
+            generation,
         }))
     }
 
