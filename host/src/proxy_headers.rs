@@ -178,6 +178,30 @@ pub fn set_forwarded(
             }
         }
     }
+    if !trusted {
+        strip_envoy_headers(h);
+    }
+}
+
+/// `x-forwarded-client-cert`.
+pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// Removes what an untrusted client must not say to upstreams that trust an
+/// Envoy in front of them: `x-forwarded-client-cert` (upstreams authorize on
+/// its subject or SPIFFE id; Legate does not produce it) and `x-envoy-*`
+/// (`x-envoy-internal`, `x-envoy-external-address`...), as Envoy sanitizes
+/// them from external requests.
+fn strip_envoy_headers(h: &mut HeaderMap) {
+    let envoy =
+        |k: &HeaderName| *k == X_FORWARDED_CLIENT_CERT || k.as_str().starts_with("x-envoy-");
+    // One pass over the names; removal only when there is something to remove.
+    if !h.keys().any(envoy) {
+        return;
+    }
+    let names: Vec<HeaderName> = h.keys().filter(|k| envoy(k)).cloned().collect();
+    for name in names {
+        h.remove(&name);
+    }
 }
 
 /// Ensures `x-request-id` and returns the id in effect, if any.
@@ -440,6 +464,31 @@ mod tests {
         assert_eq!(all(&fresh, "x-forwarded-for"), ["2001:db8::1"]);
         assert_eq!(all(&fresh, "x-forwarded-proto"), ["https"]);
         assert_eq!(all(&fresh, "x-forwarded-host"), ["a.com"]);
+    }
+
+    #[test]
+    fn an_untrusted_client_cannot_send_envoys_identity_headers() {
+        let sent = [
+            (
+                "x-forwarded-client-cert",
+                "By=spiffe://x;Subject=\"CN=admin\"",
+            ),
+            ("x-envoy-internal", "true"),
+            ("x-envoy-external-address", "10.0.0.9"),
+            ("x-other", "kept"),
+        ];
+        let ff = ForwardedFor::new("192.0.2.1".parse().unwrap());
+        let mut h = map(&sent);
+        set_forwarded(&mut h, &ff, true, "a", false);
+        assert!(!h.contains_key("x-forwarded-client-cert"));
+        assert!(!h.contains_key("x-envoy-internal"));
+        assert!(!h.contains_key("x-envoy-external-address"));
+        assert_eq!(all(&h, "x-other"), ["kept"]);
+        // A trusted downstream (an Envoy in front) keeps them.
+        let mut h = map(&sent);
+        set_forwarded(&mut h, &ff, true, "a", true);
+        assert!(h.contains_key("x-forwarded-client-cert"));
+        assert!(h.contains_key("x-envoy-internal"));
     }
 
     #[test]
