@@ -169,6 +169,10 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
+        // Off: Legate enforces `header_read_timeout` and `idle_timeout` itself
+        // (`io::Activity`); hyper's own 30 s default, armed whenever it waits
+        // for a head (an idle keep-alive connection too), would cut both at 30 s.
+        .header_read_timeout(None)
         // hyper answers 431 past these; its buffer floor is 8 KiB.
         .max_buf_size((limits.max_request_headers_size.0 as usize).max(8192))
         .max_headers(limits.max_request_headers as usize)

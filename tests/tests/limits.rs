@@ -329,6 +329,26 @@ async fn silent_connection_is_closed_by_the_idle_timeout() {
     );
 }
 
+/// hyper's own 30 s header read timeout, armed whenever it waits for a head
+/// (so also on an idle keep-alive connection), must not cut what Legate's
+/// `idle_timeout` allows. HTTP/1.1 only: hyper's HTTP/2 has no such timer.
+/// (Takes 31 s: the bound is hyper's, not configurable.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http1_connection_lives_as_long_as_idle_timeout_says() {
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&limits_config(up.addr, "      idle_timeout: 120s\n", ""))
+        .start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    assert_eq!(c.get("/a").send().await.status, 200);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert!(
+        !c.is_closed(),
+        "closed while idle for 31 s, under idle_timeout 120s"
+    );
+    assert_eq!(c.get("/b").send().await.status, 200);
+}
+
 each_proto!(
     async fn keepalive_connection_outlives_the_header_read_timeout(proto) {
         // Between requests a connection is idle, not "reading a head": only the idle
