@@ -903,10 +903,8 @@ impl Config {
                     } else if r.allow_missing {
                         return Err(format!("{f}.allow_missing: only valid with `requires`"));
                     }
-                    if !r.claims.is_empty() && !any.iter().any(|a| matches!(a, AuthnRef::Jwt(_))) {
-                        return Err(format!(
-                            "{f}.claims: needs a JWT provider in `requires.any` (claims come from tokens)"
-                        ));
+                    if !r.claims.is_empty() {
+                        check_claims_rule(&f, r.requires.as_ref(), r.allow_missing, &any)?;
                     }
                     let mut claims: Vec<(String, Vec<String>)> = r.claims.into_iter().collect();
                     claims.sort();
@@ -937,6 +935,42 @@ impl Config {
             rules: rules.into(),
         })
     }
+}
+
+/// A rule with `claims` (`f`: its field path; `any`: its resolved
+/// authenticators, in `requires.any` order) must admit a request only with a
+/// token whose claims were checked: an API key or Basic credential carries no
+/// claims, and `allow_missing` admits a request with no credential at all, so
+/// either would let a request through the rule without the check.
+fn check_claims_rule(
+    f: &str,
+    requires: Option<&RequiresConfig>,
+    allow_missing: bool,
+    any: &[AuthnRef],
+) -> Result<(), String> {
+    if !any.iter().any(|a| matches!(a, AuthnRef::Jwt(_))) {
+        return Err(format!(
+            "{f}.claims: needs a JWT provider in `requires.any` (claims come from tokens)"
+        ));
+    }
+    let names = requires.map_or(&[][..], |q| &q.any[..]);
+    for (j, a) in any.iter().enumerate() {
+        let kind = match a {
+            AuthnRef::Jwt(_) => continue,
+            AuthnRef::ApiKey(_) => "an api_keys entry",
+            AuthnRef::Basic(_) => "a basic entry",
+        };
+        let name = names.get(j).map_or("", String::as_str);
+        return Err(format!(
+            "{f}.requires.any[{j}]: {name:?} is {kind}, which carries no claims, so a request it admits would skip the rule's `claims`; list only JWT providers in a rule with `claims` (to let {name:?} in as well, drop `claims` from this rule)"
+        ));
+    }
+    if allow_missing {
+        return Err(format!(
+            "{f}.allow_missing: a request with no token would pass without the rule's `claims`; remove `allow_missing` or `claims`"
+        ));
+    }
+    Ok(())
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {

@@ -62,8 +62,9 @@ fn valid_configs_load() {
         "rules": [
             {"match": {"prefix": "/public"}, "public": true},
             {"match": {"path": "/login"}, "ext_authz": true},
-            {"match": {"prefix": "/"}, "requires": {"any": ["corp", "keys", "staff"]},
-             "allow_missing": false, "claims": {"role": ["admin"]}, "ext_authz": false}
+            {"match": {"prefix": "/admin"}, "requires": {"any": ["corp"]},
+             "allow_missing": false, "claims": {"role": ["admin"]}, "ext_authz": false},
+            {"match": {"prefix": "/"}, "requires": {"any": ["corp", "keys", "staff"]}}
         ]
     });
     let t = load(&full).unwrap();
@@ -296,5 +297,50 @@ fn token_cache_config() {
             h.counter("auth_jwt_signature_checks_total", &["corp"]),
             Some(0)
         );
+    }
+}
+
+#[test]
+fn claims_are_refused_on_a_rule_that_admits_requests_without_a_token() {
+    let two = || {
+        json!({
+            "providers": [provider()],
+            "api_keys": [{"name": "partners", "keys": [{"id": "a", "sha256": sha256_hex("x")}]}],
+            "basic": [{"name": "staff", "htpasswd": ["bob:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="]}]
+        })
+    };
+    let with_rules = |rules: Value| {
+        let mut c = two();
+        c["rules"] = rules;
+        c
+    };
+    // Claims with JWT providers only: fine.
+    load(&with_rules(json!([
+        {"match": {"path": "/admin"}, "requires": {"any": ["corp"]}, "claims": {"role": ["admin"]}},
+        {"match": {"prefix": "/"}, "requires": {"any": ["corp", "partners", "staff"]}}
+    ])))
+    .unwrap();
+    let cases = [
+        (
+            json!([{"match": {"path": "/admin"}, "requires": {"any": ["corp", "partners"]}, "claims": {"role": ["admin"]}}]),
+            "rules[0].requires.any[1]: \"partners\" is an api_keys entry, which carries no claims",
+        ),
+        (
+            json!([{"match": {"prefix": "/"}, "public": true},
+                   {"match": {"path": "/admin"}, "requires": {"any": ["staff", "corp"]}, "claims": {"role": ["admin"]}}]),
+            "rules[1].requires.any[0]: \"staff\" is a basic entry, which carries no claims",
+        ),
+        (
+            json!([{"match": {"path": "/admin"}, "requires": {"any": ["corp"]}, "allow_missing": true, "claims": {"role": ["admin"]}}]),
+            "rules[0].allow_missing: a request with no token would pass without the rule's `claims`",
+        ),
+    ];
+    for (rules, want) in cases {
+        let e = err(with_rules(rules.clone()));
+        assert!(
+            e.contains(want),
+            "rules {rules}\n  error: {e}\n  wanted: {want}"
+        );
+        assert!(e.contains("claims"), "{e}");
     }
 }
