@@ -523,10 +523,62 @@ pub struct Settings {
     pub basic: Vec<Basic>,
     /// Ext authz.
     pub ext_authz: Option<ExtAuthz>,
-    /// Rules.
     /// Rules, shared: a request's rule is borrowed while the filter (and its
     /// caches) are borrowed mutably.
     pub rules: std::rc::Rc<[Rule]>,
+    /// Every request header removed before anything else, so a client cannot
+    /// forge an identity: each identity header the plugin writes
+    /// ([`identity_headers`]) and, for a name with `-`, its `_` spelling
+    /// (CGI/WSGI-style upstreams fold both to one variable). Sorted, no
+    /// duplicates; each is one host call per request.
+    pub strip_headers: Vec<HeaderName>,
+}
+
+/// Every identity header the plugin writes, with the field naming it:
+/// `claim_to_headers[].header`, `id_header`, `user_header`, and
+/// `ext_authz.upstream_headers` (what the check service vouches for must come
+/// from it alone: a client's own copy is dropped even when the check, an allow
+/// without the header, `failure_mode_allow` or a public rule, puts none in its
+/// place).
+pub fn identity_headers(
+    providers: &[Provider],
+    api_keys: &[ApiKeys],
+    basic: &[Basic],
+    ext_authz: Option<&ExtAuthz>,
+) -> Vec<(HeaderName, String)> {
+    let mut out = Vec::new();
+    for (i, p) in providers.iter().enumerate() {
+        for (j, c) in p.claim_to_headers.iter().enumerate() {
+            out.push((
+                c.header.clone(),
+                format!("providers[{i}].claim_to_headers[{j}].header"),
+            ));
+        }
+    }
+    for (i, a) in api_keys.iter().enumerate() {
+        out.push((a.id_header.clone(), format!("api_keys[{i}].id_header")));
+    }
+    for (i, b) in basic.iter().enumerate() {
+        out.push((b.user_header.clone(), format!("basic[{i}].user_header")));
+    }
+    if let Some(e) = ext_authz {
+        for (j, h) in e.upstream_headers.iter().enumerate() {
+            out.push((h.clone(), format!("ext_authz.upstream_headers[{j}]")));
+        }
+    }
+    out
+}
+
+/// The names removed from a request for identity header `name`: itself and,
+/// if it has a `-`, its spelling with `_` (`x-user`: `x_user`). CGI, WSGI,
+/// PHP, Rack and the like read both as `HTTP_X_USER`, so a client's `x_user:
+/// admin` would reach them as the identity (Envoy's
+/// `headers_with_underscores_action` exists for the same reason).
+pub fn strip_names(name: &HeaderName) -> impl Iterator<Item = HeaderName> + '_ {
+    let folded = name
+        .contains('-')
+        .then(|| HeaderName::from(name.replace('-', "_")));
+    std::iter::once(name.clone()).chain(folded)
 }
 
 fn valid_header_name(name: &str) -> bool {
@@ -926,6 +978,11 @@ impl Config {
                 out
             }
         };
+        let identity = identity_headers(&providers, &api_keys, &basic, ext_authz.as_ref());
+        let mut strip_headers: Vec<HeaderName> =
+            identity.iter().flat_map(|(h, _)| strip_names(h)).collect();
+        strip_headers.sort();
+        strip_headers.dedup();
         Ok(Settings {
             realm: self.realm,
             providers,
@@ -933,6 +990,7 @@ impl Config {
             basic,
             ext_authz,
             rules: rules.into(),
+            strip_headers,
         })
     }
 }

@@ -173,9 +173,6 @@ type Verified = (Rc<Map<String, Value>>, jwt::Window);
 pub struct AuthFilter {
     s: Settings,
     caches: Vec<KeyCache>,
-    /// Every identity header this plugin writes: removed from requests first
-    /// so a client cannot forge them.
-    identity_headers: Vec<HeaderName>,
     counters: Counters,
     /// Per provider (same index): tokens it verified. Clients reuse tokens,
     /// and a signature check costs far more than the time checks, which
@@ -216,20 +213,6 @@ impl HttpFilter for AuthFilter {
     fn configure(config: Config) -> Result<Self, String> {
         let s = config.validate()?;
         let counters = Counters::define(&s.providers)?;
-        let mut identity_headers: Vec<HeaderName> = Vec::new();
-        for p in &s.providers {
-            identity_headers.extend(p.claim_to_headers.iter().map(|c| c.header.clone()));
-        }
-        identity_headers.extend(s.api_keys.iter().map(|a| a.id_header.clone()));
-        identity_headers.extend(s.basic.iter().map(|b| b.user_header.clone()));
-        // What the check service vouches for must come from it alone: a client's
-        // own copy is dropped even when the check (an allow without the header,
-        // `failure_mode_allow`, a public rule) puts none in its place.
-        if let Some(e) = &s.ext_authz {
-            identity_headers.extend(e.upstream_headers.iter().cloned());
-        }
-        identity_headers.sort();
-        identity_headers.dedup();
         for b in &s.basic {
             if b.users.max_bcrypt_cost > basic::BCRYPT_COST_WARN {
                 warn!(
@@ -249,7 +232,6 @@ impl HttpFilter for AuthFilter {
         Ok(AuthFilter {
             s,
             caches,
-            identity_headers,
             counters,
             tokens,
         })
@@ -378,7 +360,7 @@ impl AuthFilter {
         exchange: &Exchange<'_>,
         headers: &Headers<'_>,
     ) -> Action {
-        for h in &self.identity_headers {
+        for h in &self.s.strip_headers {
             // Failing to remove is only possible outside the write window,
             // which a request-headers call is not.
             let _ = headers.remove(h);

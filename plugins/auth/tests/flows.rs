@@ -245,6 +245,26 @@ fn api_keys_forward_the_id_not_the_key() {
 }
 
 #[test]
+fn an_identity_header_spelled_with_underscores_is_removed_too() {
+    // CGI/WSGI-style upstreams read x_api_key_id as HTTP_X_API_KEY_ID, the same
+    // variable as the x-api-key-id this plugin writes.
+    let mut cfg = keys_cfg();
+    cfg["rules"] = json!([
+        {"match": {"prefix": "/open"}, "public": true},
+        {"match": {"prefix": "/"}, "requires": {"any": ["keys"]}}
+    ]);
+    let mut t = host().configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    for req in [
+        Request::get("/x").header("x-api-key", "s3cret-key-a"),
+        Request::get("/open"),
+    ] {
+        let mut x = t.exchange(req.header("x_api_key_id", "forged"));
+        assert_eq!(x.request_headers(), Action::Continue);
+        assert_eq!(x.request_header("x_api_key_id"), None);
+    }
+}
+
+#[test]
 fn basic_bcrypt_and_sha() {
     let bcrypt_hash = bcrypt::hash("open sesame", 4)
         .unwrap()
