@@ -636,6 +636,57 @@ fn sources(field: &str, from: &[SourceConfig], default: Source) -> Result<Vec<So
     Ok(out)
 }
 
+/// The headers `sources` (validated from `config`, at field `field`) read a
+/// credential from, each with its field: a header source, or `cookie` for a
+/// cookie source. With no `from` written, the default source.
+fn source_carriers(
+    field: &str,
+    config: &[SourceConfig],
+    sources: &[Source],
+) -> Vec<(HeaderName, String)> {
+    sources
+        .iter()
+        .enumerate()
+        .filter_map(|(j, s)| {
+            let f = if config.is_empty() {
+                format!("{field} (default)")
+            } else {
+                format!("{field}[{j}]")
+            };
+            match s {
+                Source::Header { name, .. } => Some((name.clone(), f)),
+                Source::Cookie(_) => Some(("cookie".into(), f)),
+                Source::Query(_) => None,
+            }
+        })
+        .collect()
+}
+
+/// Identity headers are removed from every request (with their `_`
+/// spellings) before any credential is read: one that is also a credential's
+/// header would remove every credential it carries, so every request would
+/// fail. Refused, naming both fields.
+fn check_identity_not_carrier(
+    identity: &[(HeaderName, String)],
+    carriers: &[(HeaderName, String)],
+) -> Result<(), String> {
+    for (name, field) in identity {
+        for removed in strip_names(name) {
+            if let Some((_, carrier)) = carriers.iter().find(|(c, _)| *c == removed) {
+                let how = if removed == *name {
+                    String::new()
+                } else {
+                    format!(" (as {removed:?}, its `_` spelling, also removed)")
+                };
+                return Err(format!(
+                    "{field}: {name:?} is also a credential header{how}, read by {carrier}; identity headers are removed from every request before credentials are read, so every request would lose its credential: write the identity to another header (e.g. x-auth-user)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_path(field: &str, path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         return Err(format!("{field}: {path:?} must start with `/`"));
@@ -672,6 +723,8 @@ impl Config {
             Ok(())
         };
 
+        // Every header a credential is read from, with the field saying so.
+        let mut carriers: Vec<(HeaderName, String)> = Vec::new();
         let mut providers = Vec::new();
         for (i, p) in self.providers.into_iter().enumerate() {
             let f = format!("providers[{i}]");
@@ -739,6 +792,7 @@ impl Config {
                     prefix: Some("Bearer ".to_owned()),
                 },
             )?;
+            carriers.extend(source_carriers(&format!("{f}.from"), &p.from, &from));
             let mut claim_to_headers = Vec::new();
             for (j, c) in p.claim_to_headers.into_iter().enumerate() {
                 let cf = format!("{f}.claim_to_headers[{j}]");
@@ -796,6 +850,7 @@ impl Config {
                     prefix: None,
                 },
             )?;
+            carriers.extend(source_carriers(&format!("{f}.from"), &a.from, &from));
             if a.keys.is_empty() {
                 return Err(format!("{f}.keys: must list at least one key"));
             }
@@ -827,6 +882,10 @@ impl Config {
         for (i, b) in self.basic.into_iter().enumerate() {
             let f = format!("basic[{i}]");
             add_name(&format!("{f}.name"), &b.name, AuthnRef::Basic(i))?;
+            carriers.push((
+                "authorization".into(),
+                format!("{f} (Basic credentials come in `authorization`)"),
+            ));
             let users =
                 Htpasswd::parse(&b.htpasswd).map_err(|(j, e)| format!("{f}.htpasswd[{j}]: {e}"))?;
             if let Some(r) = &b.realm {
@@ -979,6 +1038,7 @@ impl Config {
             }
         };
         let identity = identity_headers(&providers, &api_keys, &basic, ext_authz.as_ref());
+        check_identity_not_carrier(&identity, &carriers)?;
         let mut strip_headers: Vec<HeaderName> =
             identity.iter().flat_map(|(h, _)| strip_names(h)).collect();
         strip_headers.sort();

@@ -344,3 +344,56 @@ fn claims_are_refused_on_a_rule_that_admits_requests_without_a_token() {
         assert!(e.contains("claims"), "{e}");
     }
 }
+
+#[test]
+fn an_identity_header_cannot_be_a_credential_header() {
+    let keys = |extra: Value| {
+        let mut k = json!({"name": "keys", "keys": [{"id": "a", "sha256": sha256_hex("x")}]});
+        for (n, v) in extra.as_object().unwrap() {
+            k[n] = v.clone();
+        }
+        k
+    };
+    // No overlap: an authz service may mint `authorization` for the upstream
+    // when no authenticator reads it.
+    load(&json!({"api_keys": [keys(json!({}))],
+                 "ext_authz": {"cluster": "authz", "upstream_headers": ["authorization"]}}))
+    .unwrap();
+    let cases = [
+        (
+            json!({"providers": [provider()],
+                   "ext_authz": {"cluster": "authz", "upstream_headers": ["x-u", "Authorization"]}}),
+            "ext_authz.upstream_headers[1]: \"authorization\" is also a credential header, read by providers[0].from (default)",
+        ),
+        (
+            json!({"api_keys": [keys(json!({"id_header": "x-api-key"}))]}),
+            "api_keys[0].id_header: \"x-api-key\" is also a credential header, read by api_keys[0].from (default)",
+        ),
+        (
+            json!({"basic": [{"name": "b", "htpasswd": ["bob:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="],
+                              "user_header": "authorization"}]}),
+            "basic[0].user_header: \"authorization\" is also a credential header, read by basic[0]",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(),
+                                  "from": [{"header": "authorization", "prefix": "Bearer "}, {"cookie": "s"}],
+                                  "claim_to_headers": [{"claim": "sub", "header": "cookie"}]}]}),
+            "providers[0].claim_to_headers[0].header: \"cookie\" is also a credential header, read by providers[0].from[1]",
+        ),
+        (
+            json!({"providers": [provider()],
+                   "api_keys": [keys(json!({"from": [{"header": "x_token"}]}))],
+                   "basic": [{"name": "b", "htpasswd": ["bob:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="],
+                              "user_header": "x-token"}]}),
+            "basic[0].user_header: \"x-token\" is also a credential header (as \"x_token\", its `_` spelling, also removed), read by api_keys[0].from[0]",
+        ),
+    ];
+    for (cfg, want) in cases {
+        let e = err(cfg.clone());
+        assert!(
+            e.contains(want),
+            "config {cfg}\n  error: {e}\n  wanted: {want}"
+        );
+        assert!(e.contains("write the identity to another header"), "{e}");
+    }
+}
