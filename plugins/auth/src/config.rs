@@ -581,6 +581,24 @@ pub fn strip_names(name: &HeaderName) -> impl Iterator<Item = HeaderName> + '_ {
     std::iter::once(name.clone()).chain(folded)
 }
 
+/// Fields the host owns (framing, connection management; host `denied_field`
+/// in host/src/wasm/host.rs): a filter cannot write or remove them, and a
+/// callout carrying one is refused.
+const HOST_OWNED: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "trailer",
+    "host",
+    "content-length",
+];
+
+/// Headers the ext_authz check request gets from the plugin itself.
+const CHECK_OWN: [&str; 3] = ["x-forwarded-method", "x-forwarded-uri", "x-forwarded-host"];
+
 fn valid_header_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -930,8 +948,22 @@ impl Config {
                         .map(|(j, h)| header_name(&format!("ext_authz.{field}[{j}]"), h))
                         .collect()
                 };
+                let forward_headers = list("forward_headers", &e.forward_headers)?;
+                for (j, h) in forward_headers.iter().enumerate() {
+                    let f = format!("ext_authz.forward_headers[{j}]");
+                    if HOST_OWNED.contains(&&**h) {
+                        return Err(format!(
+                            "{f}: {h:?} is a connection or framing field, which the host refuses in a callout: a request carrying it would fail its check (and pass unchecked with `failure_mode_allow`); remove it"
+                        ));
+                    }
+                    if CHECK_OWN.contains(&&**h) {
+                        return Err(format!(
+                            "{f}: {h:?} is sent by the plugin itself (the request's method, URI and host); forwarding the client's copy would put it beside the plugin's: remove it"
+                        ));
+                    }
+                }
                 Some(ExtAuthz {
-                    forward_headers: list("forward_headers", &e.forward_headers)?,
+                    forward_headers,
                     upstream_headers: list("upstream_headers", &e.upstream_headers)?,
                     client_headers: list("client_headers", &e.client_headers)?,
                     cluster: e.cluster,
@@ -1038,6 +1070,13 @@ impl Config {
             }
         };
         let identity = identity_headers(&providers, &api_keys, &basic, ext_authz.as_ref());
+        for (name, field) in &identity {
+            if HOST_OWNED.contains(&&**name) {
+                return Err(format!(
+                    "{field}: {name:?} is a connection or framing field, which the host owns and a filter cannot write or remove; use another header name (e.g. x-auth-user)"
+                ));
+            }
+        }
         check_identity_not_carrier(&identity, &carriers)?;
         let mut strip_headers: Vec<HeaderName> =
             identity.iter().flat_map(|(h, _)| strip_names(h)).collect();

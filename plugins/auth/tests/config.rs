@@ -397,3 +397,66 @@ fn an_identity_header_cannot_be_a_credential_header() {
         assert!(e.contains("write the identity to another header"), "{e}");
     }
 }
+
+#[test]
+fn host_owned_and_plugin_owned_header_names_are_refused() {
+    let authz = |field: &str, list: Value| {
+        let mut e = json!({"cluster": "authz"});
+        e[field] = list;
+        json!({"ext_authz": e})
+    };
+    // Other names load.
+    load(&authz(
+        "forward_headers",
+        json!(["authorization", "x-forwarded-for", "x-request-id"]),
+    ))
+    .unwrap();
+    let cases = [
+        (
+            authz("forward_headers", json!(["authorization", "upgrade"])),
+            "ext_authz.forward_headers[1]: \"upgrade\" is a connection or framing field, which the host refuses in a callout",
+        ),
+        (
+            authz("forward_headers", json!(["Content-Length"])),
+            "ext_authz.forward_headers[0]: \"content-length\" is a connection or framing field",
+        ),
+        (
+            authz("forward_headers", json!(["te"])),
+            "ext_authz.forward_headers[0]: \"te\" is a connection",
+        ),
+        (
+            authz("forward_headers", json!(["x-forwarded-uri"])),
+            "ext_authz.forward_headers[0]: \"x-forwarded-uri\" is sent by the plugin itself",
+        ),
+        (
+            authz("forward_headers", json!(["cookie", "X-Forwarded-Host"])),
+            "ext_authz.forward_headers[1]: \"x-forwarded-host\" is sent by the plugin itself",
+        ),
+        (
+            authz("upstream_headers", json!(["connection"])),
+            "ext_authz.upstream_headers[0]: \"connection\" is a connection or framing field, which the host owns",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(),
+                                  "claim_to_headers": [{"claim": "sub", "header": "transfer-encoding"}]}]}),
+            "providers[0].claim_to_headers[0].header: \"transfer-encoding\" is a connection",
+        ),
+        (
+            json!({"api_keys": [{"name": "k", "keys": [{"id": "a", "sha256": sha256_hex("x")}],
+                                 "id_header": "Host"}]}),
+            "api_keys[0].id_header: \"host\" is a connection",
+        ),
+        (
+            json!({"basic": [{"name": "b", "htpasswd": ["bob:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="],
+                              "user_header": "trailer"}]}),
+            "basic[0].user_header: \"trailer\" is a connection",
+        ),
+    ];
+    for (cfg, want) in cases {
+        let e = err(cfg.clone());
+        assert!(
+            e.contains(want),
+            "config {cfg}\n  error: {e}\n  wanted: {want}"
+        );
+    }
+}
