@@ -405,9 +405,12 @@ fn verify_with(key: &Jwk, alg: Algorithm, msg: &[u8], sig: &[u8]) -> bool {
     }
 }
 
-/// Check the signature of `t` against `keys`. With a `kid`, only keys with
-/// that `kid` are tried (none: [`JwtError::UnknownKid`]); without, every key
-/// that fits the algorithm.
+/// Check the signature of `t` against `keys`. With a `kid`, the keys with
+/// that `kid` are tried first, then the keys without one (as Envoy's
+/// jwt_verify_lib, which skips a key only when both have a `kid` and they
+/// differ); no key with that `kid` and none without one that verifies:
+/// [`JwtError::UnknownKid`] (a refetch may bring it). Without a `kid`, every
+/// key that fits the algorithm.
 pub fn verify_signature(
     t: &Parsed<'_>,
     keys: &[Jwk],
@@ -416,14 +419,17 @@ pub fn verify_signature(
     if !allowed.is_empty() && !allowed.contains(&t.alg) {
         return Err(JwtError::Algorithm);
     }
-    let mut candidates = keys.iter().filter(|k| match &t.kid {
-        Some(kid) => k.kid.as_deref() == Some(kid.as_str()),
-        None => true,
-    });
-    let mut any_kid = false;
+    let kid = t.kid.as_deref();
+    let named = keys
+        .iter()
+        .filter(|k| kid.is_some() && k.kid.as_deref() == kid);
+    let unnamed = keys.iter().filter(|k| kid.is_none() || k.kid.is_none());
+    let mut any_named = false;
     let mut any_fit = false;
-    for k in candidates.by_ref() {
-        any_kid = true;
+    for k in named.chain(unnamed) {
+        if kid.is_some() && k.kid.is_some() {
+            any_named = true;
+        }
         if !k.supports(t.alg) {
             continue;
         }
@@ -432,7 +438,7 @@ pub fn verify_signature(
             return Ok(());
         }
     }
-    if t.kid.is_some() && !any_kid {
+    if kid.is_some() && !any_named {
         return Err(JwtError::UnknownKid);
     }
     if !any_fit {

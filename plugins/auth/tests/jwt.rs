@@ -440,3 +440,33 @@ fn an_api_key_cannot_pass_a_claims_rule() {
         t.exchange(Request::get("/admin").header("authorization", format!("Bearer {good}")));
     assert_eq!(x.request_headers(), Action::Continue);
 }
+
+#[test]
+fn a_key_without_kid_verifies_a_token_with_a_kid() {
+    for alg in ["HS256", "RS256", "ES256", "EdDSA"] {
+        let s = Signer::new(alg);
+        let other = Signer::new(if alg == "RS256" { "ES256" } else { alg });
+        let mut anonymous = s.jwk("x");
+        anonymous.as_object_mut().unwrap().remove("kid");
+        // Another key holds the token's kid: it is tried first, fails, then
+        // the kid-less key verifies.
+        let mut t = filter(json!({"providers": [provider(jwks(&[other.jwk("k1"), anonymous]))]}));
+        for kid in ["k1", "k9"] {
+            let mut x = t.exchange(bearer(&s.token(Some(kid), &claims(ISS))));
+            assert_eq!(x.request_headers(), Action::Continue, "{alg} kid {kid}");
+            assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
+        }
+        // A key under another kid is still not tried.
+        let mut t = filter(json!({"providers": [provider(jwks(&[s.jwk("k1")]))]}));
+        assert_invalid(&mut t, &s.token(Some("k9"), &claims(ISS)), alg);
+        // A forged token is refused by the kid-less key too.
+        let mut anonymous = s.jwk("x");
+        anonymous.as_object_mut().unwrap().remove("kid");
+        let mut t = filter(json!({"providers": [provider(jwks(&[anonymous]))]}));
+        assert_invalid(
+            &mut t,
+            &common::corrupt(&s.token(Some("k9"), &claims(ISS))),
+            alg,
+        );
+    }
+}
