@@ -92,6 +92,8 @@ struct Counters {
     ext_denied: Counter,
     ext_error: Counter,
     jwks_ok: Counter,
+    /// Fetched and used, with malformed keys skipped.
+    jwks_partial: Counter,
     jwks_error: Counter,
     /// Per provider (same index).
     providers: Vec<ProviderCounters>,
@@ -160,6 +162,7 @@ impl Counters {
             ext_denied: l(&d, "ext_authz_denied")?,
             ext_error: l(&d, "ext_authz_error")?,
             jwks_ok: l(&f, "ok")?,
+            jwks_partial: l(&f, "partial")?,
             jwks_error: l(&f, "error")?,
         })
     }
@@ -626,13 +629,29 @@ impl AuthFilter {
         let name = &self.s.providers[i].name;
         let c = &mut self.caches[i];
         let parsed = match response {
-            Ok(r) if r.status == 200 => jwt::Jwks::from_json(&r.body)
-                .map(|j| (j.keys, sha2::Sha256::digest(&r.body).into())),
+            Ok(r) if r.status == 200 => jwt::Jwks::from_json_remote(&r.body)
+                .map(|(j, skipped)| (j.keys, skipped, sha2::Sha256::digest(&r.body).into())),
             Ok(r) => Err(format!("status {}", r.status)),
             Err(e) => Err(e.to_string()),
         };
         match parsed {
-            Ok((keys, digest)) => {
+            Ok((keys, skipped, digest)) => {
+                if skipped.is_empty() {
+                    self.counters.jwks_ok.inc();
+                } else {
+                    self.counters.jwks_partial.inc();
+                    warn!(
+                        "auth: provider {name:?}: JWKS has {} malformed key(s), skipped (the other {} are used); first: {}",
+                        skipped.len(),
+                        keys.len(),
+                        skipped
+                            .iter()
+                            .take(3)
+                            .map(String::as_str)
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    );
+                }
                 c.keys = keys;
                 if c.body_digest != Some(digest) {
                     // New keys: a token signed by a removed key must stop
@@ -642,7 +661,6 @@ impl AuthFilter {
                 }
                 c.fetched_at = Some(now);
                 c.failed_at = None;
-                self.counters.jwks_ok.inc();
                 debug!(
                     "auth: provider {name:?}: JWKS fetched, {} keys",
                     c.keys.len()

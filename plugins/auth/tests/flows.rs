@@ -183,6 +183,46 @@ fn remote_jwks_failure_is_503_then_backs_off() {
 }
 
 #[test]
+fn a_malformed_key_in_a_remote_jwks_is_skipped_not_fatal() {
+    use legate_sdk::log::Level;
+    let host = host();
+    let mut t = host
+        .configure::<AuthFilter>(&remote_cfg().to_string())
+        .unwrap();
+    let mut c = claims(ISS);
+    c["exp"] = json!(NOW + 3600);
+    let k1 = Signer::new("ES256");
+    // A supported type with a bad member: a 1-byte RSA modulus, a P-256 point
+    // of the wrong size.
+    let bad_rsa = json!({"kty": "RSA", "kid": "old", "n": "AQAB", "e": "AQAB"});
+    let bad_ec = json!({"kty": "EC", "crv": "P-256", "kid": "bad", "x": "AA", "y": "AA"});
+    host.queue_callout_response(
+        "idp",
+        jwks_response(&[bad_rsa.clone(), k1.jwk("k1"), bad_ec.clone()]),
+    );
+    let mut x = t.exchange(bearer(&k1.token(Some("k1"), &c)));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    drop(x);
+    assert_eq!(
+        host.counter("auth_jwks_fetches_total", &["partial"]),
+        Some(1)
+    );
+    assert_eq!(host.counter("auth_jwks_fetches_total", &["error"]), Some(0));
+    assert!(host.logged(Level::Warn, "2 malformed key(s), skipped"));
+
+    // Nothing usable left: a failed fetch; the keys held stay in use.
+    host.advance(Duration::from_secs(301));
+    t.tick();
+    host.queue_callout_response("idp", jwks_response(&[bad_rsa, bad_ec]));
+    assert_eq!(t.deliver_tick_callouts(), 1);
+    assert_eq!(host.counter("auth_jwks_fetches_total", &["error"]), Some(1));
+    assert!(host.logged(Level::Warn, "no usable key (2 malformed"));
+    let mut x = t.exchange(bearer(&k1.token(Some("k1"), &c)));
+    assert_eq!(x.request_headers(), Action::Continue);
+}
+
+#[test]
 fn remote_jwks_cluster_not_granted_is_503_not_a_hang() {
     let host = TestHost::new();
     host.set_wall_time(NOW * 1_000_000_000);
