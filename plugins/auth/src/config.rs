@@ -133,6 +133,10 @@ fn default_cache_max_token() -> usize {
 fn default_skew() -> u64 {
     60
 }
+
+/// Largest accepted `clock_skew_s`: 5 minutes, the usual bound in identity
+/// provider guidance (e.g. Kerberos' default, Microsoft identity's).
+pub const MAX_SKEW_S: u64 = 300;
 fn default_true() -> bool {
     true
 }
@@ -712,6 +716,90 @@ fn check_path(field: &str, path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A callout's path: origin-form (RFC 9112 3.2.1), a path and an optional
+/// query as they go on a request line: `/` first, then RFC 3986 `pchar`s,
+/// `/`, `?` and `%XX` escapes; no spaces, controls or fragment.
+fn check_origin_form(field: &str, path: &str) -> Result<(), String> {
+    check_path(field, path)?;
+    let b = path.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let why = match c {
+            b'#' => "a fragment (`#...`) is never sent: remove it",
+            b' ' => "a space must be percent-encoded (`%20`)",
+            b'%' if b
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
+            {
+                i += 3;
+                continue;
+            }
+            b'%' => "`%` must start an escape of two hex digits (`%25` for `%` itself)",
+            c if c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?".contains(&c) => {
+                i += 1;
+                continue;
+            }
+            c if c.is_ascii_control() => "control characters are not allowed",
+            _ => "this character must be percent-encoded",
+        };
+        return Err(format!(
+            "{field}: {path:?} is not a request path (origin-form `/path?query`): at byte {i}: {why}"
+        ));
+    }
+    Ok(())
+}
+
+/// A callout's `:authority`: `host[:port]`: a name or IPv4 address, or an
+/// IPv6 address in brackets, and an optional port 1..=65535; no scheme,
+/// user info or path.
+fn check_authority(field: &str, authority: &str) -> Result<(), String> {
+    let bad = || {
+        Err(format!(
+            "{field}: {authority:?} is not `host[:port]` (e.g. id.example.com or id.example.com:8443; IPv6 in brackets): no scheme, user info, path or spaces"
+        ))
+    };
+    let (host_ok, port) = match authority.strip_prefix('[') {
+        Some(rest) => {
+            let Some((v6, after)) = rest.split_once(']') else {
+                return bad();
+            };
+            let port = match after {
+                "" => None,
+                a => match a.strip_prefix(':') {
+                    Some(p) => Some(p),
+                    None => return bad(),
+                },
+            };
+            let ok = v6.contains(':')
+                && v6
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+            (ok, port)
+        }
+        None => {
+            let (h, port) = match authority.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            };
+            let ok = !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+            (ok, port)
+        }
+    };
+    let port_ok = port.is_none_or(|p| {
+        (1..=5).contains(&p.len())
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok_and(|n| n > 0)
+    });
+    if host_ok && port_ok {
+        Ok(())
+    } else {
+        bad()
+    }
+}
+
 /// A realm goes into a quoted-string of `WWW-Authenticate`.
 fn check_realm(field: &str, realm: &str) -> Result<(), String> {
     if realm.is_empty() || realm.contains(['"', '\\']) || realm.chars().any(char::is_control) {
@@ -774,10 +862,19 @@ impl Config {
                     if r.cluster.is_empty() {
                         return Err(format!("{f}.remote_jwks.cluster: must not be empty"));
                     }
-                    check_path(&format!("{f}.remote_jwks.path"), &r.path)?;
+                    check_origin_form(&format!("{f}.remote_jwks.path"), &r.path)?;
+                    if let Some(a) = &r.authority {
+                        check_authority(&format!("{f}.remote_jwks.authority"), a)?;
+                    }
                     if r.refresh_interval_s == 0 {
                         return Err(format!(
                             "{f}.remote_jwks.refresh_interval_s: must be at least 1"
+                        ));
+                    }
+                    if r.min_refetch_interval_s == 0 {
+                        return Err(format!(
+                            "{f}.remote_jwks.min_refetch_interval_s: must be at least 1: a token with an unknown `kid` triggers a fetch at most once per interval per worker, and 0 would let any client make the plugin fetch the JWKS on every request (the default is {})",
+                            default_refetch()
                         ));
                     }
                     if r.timeout_ms == 0 || r.timeout_ms > 30_000 {
@@ -837,6 +934,13 @@ impl Config {
                 return Err(format!(
                     "{f}.cache.max_token_size: {cache_max_token} is not between 1 and {} (the longest token accepted at all); to turn the cache off, set cache.size: 0",
                     crate::jwt::MAX_TOKEN_LEN
+                ));
+            }
+            if p.clock_skew_s > MAX_SKEW_S {
+                return Err(format!(
+                    "{f}.clock_skew_s: {} is above {MAX_SKEW_S} (5 minutes, the usual upper bound; every second of skew keeps an expired token valid that much longer): keep the clocks in sync (NTP) and use a smaller value (default {})",
+                    p.clock_skew_s,
+                    default_skew()
                 ));
             }
             providers.push(Provider {
@@ -923,7 +1027,7 @@ impl Config {
                 if e.cluster.is_empty() {
                     return Err("ext_authz.cluster: must not be empty".to_owned());
                 }
-                check_path("ext_authz.path", &e.path)?;
+                check_origin_form("ext_authz.path", &e.path)?;
                 if e.method.is_empty() || !e.method.bytes().all(|b| b.is_ascii_uppercase()) {
                     return Err(format!(
                         "ext_authz.method: {:?} is not an HTTP method (e.g. GET, POST)",
@@ -997,6 +1101,12 @@ impl Config {
                     claims: Vec::new(),
                     ext_authz: true,
                 }]
+            }
+            Some(rules) if rules.is_empty() => {
+                return Err(
+                    "rules: an empty list matches no request, so every request would be refused (403, no rule); list at least one rule (e.g. `{match: {prefix: /}, public: true}` last), or remove `rules` to require any configured authenticator on every path"
+                        .to_owned(),
+                );
             }
             Some(rules) => {
                 let mut out = Vec::new();

@@ -460,3 +460,83 @@ fn host_owned_and_plugin_owned_header_names_are_refused() {
         );
     }
 }
+
+#[test]
+fn remote_jwks_ext_authz_rules_and_skew_limits() {
+    let remote = |extra: Value| {
+        let mut r = json!({"cluster": "idp", "path": "/jwks"});
+        for (n, v) in extra.as_object().unwrap() {
+            r[n] = v.clone();
+        }
+        json!({"providers": [{"name": "corp", "issuer": "i", "remote_jwks": r}]})
+    };
+    let skew = |s: u64| json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "clock_skew_s": s}]});
+    let authz_path = |p: &str| json!({"ext_authz": {"cluster": "authz", "path": p}});
+    for ok in [
+        remote(json!({"authority": "id.example.com"})),
+        remote(json!({"authority": "id.example.com:8443"})),
+        remote(json!({"authority": "10.0.0.1:80"})),
+        remote(json!({"authority": "[::1]:8443"})),
+        remote(json!({"authority": "[2001:db8::1]"})),
+        remote(json!({"authority": "idp_internal"})),
+        remote(json!({"path": "/.well-known/jwks.json?tenant=a%20b&x=~1:@!$'()*+,;="})),
+        remote(json!({"min_refetch_interval_s": 1})),
+        skew(0),
+        skew(300),
+        authz_path("/v1/check?mode=strict"),
+    ] {
+        load(&ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    let not_authority = "is not `host[:port]`";
+    let cases = [
+        (remote(json!({"authority": "id.example.com/jwks"})), not_authority),
+        (remote(json!({"authority": "https://id.example.com"})), not_authority),
+        (remote(json!({"authority": "user@id.example.com"})), not_authority),
+        (remote(json!({"authority": "id example.com"})), not_authority),
+        (remote(json!({"authority": ""})), not_authority),
+        (remote(json!({"authority": "id.example.com:"})), not_authority),
+        (remote(json!({"authority": "id.example.com:99999"})), not_authority),
+        (remote(json!({"authority": "id.example.com:0"})), not_authority),
+        (remote(json!({"authority": "::1"})), not_authority),
+        (remote(json!({"authority": "[::1]x"})), not_authority),
+        (remote(json!({"authority": "[id]"})), not_authority),
+        (
+            remote(json!({"path": "/jwks json"})),
+            "providers[0].remote_jwks.path: \"/jwks json\" is not a request path (origin-form `/path?query`): at byte 5: a space must be percent-encoded",
+        ),
+        (
+            remote(json!({"path": "/jwks#keys"})),
+            "providers[0].remote_jwks.path: \"/jwks#keys\" is not a request path (origin-form `/path?query`): at byte 5: a fragment",
+        ),
+        (remote(json!({"path": "/jwks\n"})), "control characters are not allowed"),
+        (remote(json!({"path": "/a%2"})), "`%` must start an escape"),
+        (remote(json!({"path": "/a\"b"})), "must be percent-encoded"),
+        (
+            authz_path("/check?a=b c"),
+            "ext_authz.path: \"/check?a=b c\" is not a request path",
+        ),
+        (authz_path("/check#x"), "ext_authz.path: \"/check#x\" is not a request path"),
+        (
+            remote(json!({"min_refetch_interval_s": 0})),
+            "providers[0].remote_jwks.min_refetch_interval_s: must be at least 1",
+        ),
+        (
+            json!({"providers": [provider()], "rules": []}),
+            "rules: an empty list matches no request, so every request would be refused",
+        ),
+        (
+            skew(301),
+            "providers[0].clock_skew_s: 301 is above 300",
+        ),
+    ];
+    for (cfg, want) in cases {
+        let e = err(cfg.clone());
+        assert!(
+            e.contains(want),
+            "config {cfg}\n  error: {e}\n  wanted: {want}"
+        );
+        if want == not_authority {
+            assert!(e.starts_with("providers[0].remote_jwks.authority: "), "{e}");
+        }
+    }
+}
