@@ -347,6 +347,18 @@ fn jwks_request(p: &Provider) -> CalloutRequest {
     req
 }
 
+/// A state the plugin's own logic rules out: refuse the request (500) rather
+/// than let it through unchecked, and say so in the log.
+fn internal_error(what: &str) -> Action {
+    warn!("auth: internal error, request refused: {what}");
+    Action::Respond(json_response(
+        500,
+        "internal",
+        "authentication could not complete",
+        "auth_internal_error",
+    ))
+}
+
 fn json_response(status: u16, error: &str, reason: &str, details: &str) -> LocalResponse {
     let body = serde_json::json!({ "error": error, "reason": reason }).to_string() + "\n";
     LocalResponse::new(status)
@@ -404,7 +416,10 @@ impl AuthFilter {
             Waiting::Jwks { provider, id: want } if want == id => {
                 self.jwks_arrived(provider, response);
                 let Some(headers) = exchange.headers(Direction::Request) else {
-                    return Action::Continue;
+                    // Cannot happen (the request head exists while its
+                    // headers phase is paused); never let a request through
+                    // unchecked.
+                    return internal_error("request headers unavailable after a JWKS fetch");
                 };
                 self.decide(ctx, exchange, &headers, None)
             }
@@ -435,7 +450,8 @@ impl AuthFilter {
         path: Option<&str>,
     ) -> Action {
         let Some(rule_idx) = ctx.rule else {
-            return Action::Continue;
+            // Cannot happen (set before any call here): fail closed.
+            return internal_error("no rule recorded for the exchange");
         };
         let rules = std::rc::Rc::clone(&self.s.rules);
         let rule = &rules[rule_idx];
@@ -567,13 +583,15 @@ impl AuthFilter {
     fn ext_authz_failed(&mut self) -> Action {
         self.counters.ext_error.inc();
         match &self.s.ext_authz {
-            Some(e) if !e.failure_mode_allow => Action::Respond(json_response(
+            Some(e) if e.failure_mode_allow => Action::Continue,
+            Some(e) => Action::Respond(json_response(
                 e.status_on_error,
                 "forbidden",
                 "authorization service unavailable",
                 "auth_ext_authz_error",
             )),
-            _ => Action::Continue,
+            // Cannot happen (only called when configured): fail closed.
+            None => internal_error("ext_authz failure without ext_authz config"),
         }
     }
 
@@ -583,10 +601,13 @@ impl AuthFilter {
         response: Result<CalloutResponse, Error>,
     ) -> Action {
         let Some(ext) = &self.s.ext_authz else {
-            return Action::Continue;
+            // Cannot happen (only sent when configured): fail closed.
+            return internal_error("ext_authz answer without ext_authz config");
         };
         match response {
-            Ok(r) if (200..300).contains(&r.status) => {
+            // As Envoy's HTTP ext_authz: 200 OK alone allows; any other
+            // status is a denial passed back to the client.
+            Ok(r) if r.status == 200 => {
                 if let Some(h) = exchange.headers(Direction::Request) {
                     for name in &ext.upstream_headers {
                         if let Some(v) = r.header_value(name) {
@@ -599,7 +620,7 @@ impl AuthFilter {
                 self.counters.allowed.inc();
                 Action::Continue
             }
-            Ok(r) if (200..=599).contains(&r.status) => {
+            Ok(r) if (201..=599).contains(&r.status) => {
                 self.counters.ext_denied.inc();
                 let mut resp = LocalResponse::new(r.status)
                     .body(r.body.clone())

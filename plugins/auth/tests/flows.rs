@@ -452,6 +452,38 @@ fn ext_authz_deny_passes_status_and_body_back() {
 }
 
 #[test]
+fn ext_authz_allows_only_on_200() {
+    // As Envoy's HTTP ext_authz: another 2xx is a denial, its status passed back.
+    for status in [201, 204, 206, 299] {
+        let host = host();
+        let mut t = host
+            .configure::<AuthFilter>(&authz_cfg(false).to_string())
+            .unwrap();
+        host.queue_callout_response(
+            "authz",
+            Ok(CalloutResponse::new(status, "").header("x-authz-user", "alice")),
+        );
+        let mut x = t.exchange(Request::get("/").header("x-api-key", "k-a"));
+        assert_eq!(x.request_headers(), Action::Pause);
+        let a = x.deliver_callouts();
+        match &a[..] {
+            [Action::Respond(r)] => {
+                assert_eq!(r.status, status);
+                assert_eq!(r.details, "auth_ext_authz_denied");
+            }
+            other => panic!("status {status}: {other:?}"),
+        }
+        assert_eq!(x.request_header("x-authz-user"), None);
+        drop(x);
+        assert_eq!(
+            host.counter("auth_decisions_total", &["ext_authz_denied"]),
+            Some(1)
+        );
+        assert_eq!(host.counter("auth_decisions_total", &["allowed"]), Some(0));
+    }
+}
+
+#[test]
 fn ext_authz_timeout_denies_by_default_and_allows_in_failure_mode_allow() {
     for (allow, expect) in [(false, Some(403)), (true, None)] {
         let host = host();
