@@ -133,6 +133,10 @@ fn default_cache_max_token() -> usize {
 fn default_skew() -> u64 {
     60
 }
+
+/// Largest accepted `clock_skew_s`: 5 minutes, the usual bound in identity
+/// provider guidance (e.g. Kerberos' default, Microsoft identity's).
+pub const MAX_SKEW_S: u64 = 300;
 fn default_true() -> bool {
     true
 }
@@ -523,11 +527,81 @@ pub struct Settings {
     pub basic: Vec<Basic>,
     /// Ext authz.
     pub ext_authz: Option<ExtAuthz>,
-    /// Rules.
     /// Rules, shared: a request's rule is borrowed while the filter (and its
     /// caches) are borrowed mutably.
     pub rules: std::rc::Rc<[Rule]>,
+    /// Every request header removed before anything else, so a client cannot
+    /// forge an identity: each identity header the plugin writes
+    /// ([`identity_headers`]) and, for a name with `-`, its `_` spelling
+    /// (CGI/WSGI-style upstreams fold both to one variable). Sorted, no
+    /// duplicates; each is one host call per request.
+    pub strip_headers: Vec<HeaderName>,
 }
+
+/// Every identity header the plugin writes, with the field naming it:
+/// `claim_to_headers[].header`, `id_header`, `user_header`, and
+/// `ext_authz.upstream_headers` (what the check service vouches for must come
+/// from it alone: a client's own copy is dropped even when the check, an allow
+/// without the header, `failure_mode_allow` or a public rule, puts none in its
+/// place).
+pub fn identity_headers(
+    providers: &[Provider],
+    api_keys: &[ApiKeys],
+    basic: &[Basic],
+    ext_authz: Option<&ExtAuthz>,
+) -> Vec<(HeaderName, String)> {
+    let mut out = Vec::new();
+    for (i, p) in providers.iter().enumerate() {
+        for (j, c) in p.claim_to_headers.iter().enumerate() {
+            out.push((
+                c.header.clone(),
+                format!("providers[{i}].claim_to_headers[{j}].header"),
+            ));
+        }
+    }
+    for (i, a) in api_keys.iter().enumerate() {
+        out.push((a.id_header.clone(), format!("api_keys[{i}].id_header")));
+    }
+    for (i, b) in basic.iter().enumerate() {
+        out.push((b.user_header.clone(), format!("basic[{i}].user_header")));
+    }
+    if let Some(e) = ext_authz {
+        for (j, h) in e.upstream_headers.iter().enumerate() {
+            out.push((h.clone(), format!("ext_authz.upstream_headers[{j}]")));
+        }
+    }
+    out
+}
+
+/// The names removed from a request for identity header `name`: itself and,
+/// if it has a `-`, its spelling with `_` (`x-user`: `x_user`). CGI, WSGI,
+/// PHP, Rack and the like read both as `HTTP_X_USER`, so a client's `x_user:
+/// admin` would reach them as the identity (Envoy's
+/// `headers_with_underscores_action` exists for the same reason).
+pub fn strip_names(name: &HeaderName) -> impl Iterator<Item = HeaderName> + '_ {
+    let folded = name
+        .contains('-')
+        .then(|| HeaderName::from(name.replace('-', "_")));
+    std::iter::once(name.clone()).chain(folded)
+}
+
+/// Fields the host owns (framing, connection management; host `denied_field`
+/// in host/src/wasm/host.rs): a filter cannot write or remove them, and a
+/// callout carrying one is refused.
+const HOST_OWNED: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "trailer",
+    "host",
+    "content-length",
+];
+
+/// Headers the ext_authz check request gets from the plugin itself.
+const CHECK_OWN: [&str; 3] = ["x-forwarded-method", "x-forwarded-uri", "x-forwarded-host"];
 
 fn valid_header_name(name: &str) -> bool {
     !name.is_empty()
@@ -584,11 +658,146 @@ fn sources(field: &str, from: &[SourceConfig], default: Source) -> Result<Vec<So
     Ok(out)
 }
 
+/// The headers `sources` (validated from `config`, at field `field`) read a
+/// credential from, each with its field: a header source, or `cookie` for a
+/// cookie source. With no `from` written, the default source.
+fn source_carriers(
+    field: &str,
+    config: &[SourceConfig],
+    sources: &[Source],
+) -> Vec<(HeaderName, String)> {
+    sources
+        .iter()
+        .enumerate()
+        .filter_map(|(j, s)| {
+            let f = if config.is_empty() {
+                format!("{field} (default)")
+            } else {
+                format!("{field}[{j}]")
+            };
+            match s {
+                Source::Header { name, .. } => Some((name.clone(), f)),
+                Source::Cookie(_) => Some(("cookie".into(), f)),
+                Source::Query(_) => None,
+            }
+        })
+        .collect()
+}
+
+/// Identity headers are removed from every request (with their `_`
+/// spellings) before any credential is read: one that is also a credential's
+/// header would remove every credential it carries, so every request would
+/// fail. Refused, naming both fields.
+fn check_identity_not_carrier(
+    identity: &[(HeaderName, String)],
+    carriers: &[(HeaderName, String)],
+) -> Result<(), String> {
+    for (name, field) in identity {
+        for removed in strip_names(name) {
+            if let Some((_, carrier)) = carriers.iter().find(|(c, _)| *c == removed) {
+                let how = if removed == *name {
+                    String::new()
+                } else {
+                    format!(" (as {removed:?}, its `_` spelling, also removed)")
+                };
+                return Err(format!(
+                    "{field}: {name:?} is also a credential header{how}, read by {carrier}; identity headers are removed from every request before credentials are read, so every request would lose its credential: write the identity to another header (e.g. x-auth-user)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_path(field: &str, path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         return Err(format!("{field}: {path:?} must start with `/`"));
     }
     Ok(())
+}
+
+/// A callout's path: origin-form (RFC 9112 3.2.1), a path and an optional
+/// query as they go on a request line: `/` first, then RFC 3986 `pchar`s,
+/// `/`, `?` and `%XX` escapes; no spaces, controls or fragment.
+fn check_origin_form(field: &str, path: &str) -> Result<(), String> {
+    check_path(field, path)?;
+    let b = path.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let why = match c {
+            b'#' => "a fragment (`#...`) is never sent: remove it",
+            b' ' => "a space must be percent-encoded (`%20`)",
+            b'%' if b
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
+            {
+                i += 3;
+                continue;
+            }
+            b'%' => "`%` must start an escape of two hex digits (`%25` for `%` itself)",
+            c if c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?".contains(&c) => {
+                i += 1;
+                continue;
+            }
+            c if c.is_ascii_control() => "control characters are not allowed",
+            _ => "this character must be percent-encoded",
+        };
+        return Err(format!(
+            "{field}: {path:?} is not a request path (origin-form `/path?query`): at byte {i}: {why}"
+        ));
+    }
+    Ok(())
+}
+
+/// A callout's `:authority`: `host[:port]`: a name or IPv4 address, or an
+/// IPv6 address in brackets, and an optional port 1..=65535; no scheme,
+/// user info or path.
+fn check_authority(field: &str, authority: &str) -> Result<(), String> {
+    let bad = || {
+        Err(format!(
+            "{field}: {authority:?} is not `host[:port]` (e.g. id.example.com or id.example.com:8443; IPv6 in brackets): no scheme, user info, path or spaces"
+        ))
+    };
+    let (host_ok, port) = match authority.strip_prefix('[') {
+        Some(rest) => {
+            let Some((v6, after)) = rest.split_once(']') else {
+                return bad();
+            };
+            let port = match after {
+                "" => None,
+                a => match a.strip_prefix(':') {
+                    Some(p) => Some(p),
+                    None => return bad(),
+                },
+            };
+            let ok = v6.contains(':')
+                && v6
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+            (ok, port)
+        }
+        None => {
+            let (h, port) = match authority.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            };
+            let ok = !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+            (ok, port)
+        }
+    };
+    let port_ok = port.is_none_or(|p| {
+        (1..=5).contains(&p.len())
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok_and(|n| n > 0)
+    });
+    if host_ok && port_ok {
+        Ok(())
+    } else {
+        bad()
+    }
 }
 
 /// A realm goes into a quoted-string of `WWW-Authenticate`.
@@ -620,6 +829,8 @@ impl Config {
             Ok(())
         };
 
+        // Every header a credential is read from, with the field saying so.
+        let mut carriers: Vec<(HeaderName, String)> = Vec::new();
         let mut providers = Vec::new();
         for (i, p) in self.providers.into_iter().enumerate() {
             let f = format!("providers[{i}]");
@@ -651,10 +862,19 @@ impl Config {
                     if r.cluster.is_empty() {
                         return Err(format!("{f}.remote_jwks.cluster: must not be empty"));
                     }
-                    check_path(&format!("{f}.remote_jwks.path"), &r.path)?;
+                    check_origin_form(&format!("{f}.remote_jwks.path"), &r.path)?;
+                    if let Some(a) = &r.authority {
+                        check_authority(&format!("{f}.remote_jwks.authority"), a)?;
+                    }
                     if r.refresh_interval_s == 0 {
                         return Err(format!(
                             "{f}.remote_jwks.refresh_interval_s: must be at least 1"
+                        ));
+                    }
+                    if r.min_refetch_interval_s == 0 {
+                        return Err(format!(
+                            "{f}.remote_jwks.min_refetch_interval_s: must be at least 1: a token with an unknown `kid` triggers a fetch at most once per interval per worker, and 0 would let any client make the plugin fetch the JWKS on every request (the default is {})",
+                            default_refetch()
                         ));
                     }
                     if r.timeout_ms == 0 || r.timeout_ms > 30_000 {
@@ -687,6 +907,7 @@ impl Config {
                     prefix: Some("Bearer ".to_owned()),
                 },
             )?;
+            carriers.extend(source_carriers(&format!("{f}.from"), &p.from, &from));
             let mut claim_to_headers = Vec::new();
             for (j, c) in p.claim_to_headers.into_iter().enumerate() {
                 let cf = format!("{f}.claim_to_headers[{j}]");
@@ -713,6 +934,13 @@ impl Config {
                 return Err(format!(
                     "{f}.cache.max_token_size: {cache_max_token} is not between 1 and {} (the longest token accepted at all); to turn the cache off, set cache.size: 0",
                     crate::jwt::MAX_TOKEN_LEN
+                ));
+            }
+            if p.clock_skew_s > MAX_SKEW_S {
+                return Err(format!(
+                    "{f}.clock_skew_s: {} is above {MAX_SKEW_S} (5 minutes, the usual upper bound; every second of skew keeps an expired token valid that much longer): keep the clocks in sync (NTP) and use a smaller value (default {})",
+                    p.clock_skew_s,
+                    default_skew()
                 ));
             }
             providers.push(Provider {
@@ -744,6 +972,7 @@ impl Config {
                     prefix: None,
                 },
             )?;
+            carriers.extend(source_carriers(&format!("{f}.from"), &a.from, &from));
             if a.keys.is_empty() {
                 return Err(format!("{f}.keys: must list at least one key"));
             }
@@ -775,6 +1004,10 @@ impl Config {
         for (i, b) in self.basic.into_iter().enumerate() {
             let f = format!("basic[{i}]");
             add_name(&format!("{f}.name"), &b.name, AuthnRef::Basic(i))?;
+            carriers.push((
+                "authorization".into(),
+                format!("{f} (Basic credentials come in `authorization`)"),
+            ));
             let users =
                 Htpasswd::parse(&b.htpasswd).map_err(|(j, e)| format!("{f}.htpasswd[{j}]: {e}"))?;
             if let Some(r) = &b.realm {
@@ -794,7 +1027,7 @@ impl Config {
                 if e.cluster.is_empty() {
                     return Err("ext_authz.cluster: must not be empty".to_owned());
                 }
-                check_path("ext_authz.path", &e.path)?;
+                check_origin_form("ext_authz.path", &e.path)?;
                 if e.method.is_empty() || !e.method.bytes().all(|b| b.is_ascii_uppercase()) {
                     return Err(format!(
                         "ext_authz.method: {:?} is not an HTTP method (e.g. GET, POST)",
@@ -819,8 +1052,22 @@ impl Config {
                         .map(|(j, h)| header_name(&format!("ext_authz.{field}[{j}]"), h))
                         .collect()
                 };
+                let forward_headers = list("forward_headers", &e.forward_headers)?;
+                for (j, h) in forward_headers.iter().enumerate() {
+                    let f = format!("ext_authz.forward_headers[{j}]");
+                    if HOST_OWNED.contains(&&**h) {
+                        return Err(format!(
+                            "{f}: {h:?} is a connection or framing field, which the host refuses in a callout: a request carrying it would fail its check (and pass unchecked with `failure_mode_allow`); remove it"
+                        ));
+                    }
+                    if CHECK_OWN.contains(&&**h) {
+                        return Err(format!(
+                            "{f}: {h:?} is sent by the plugin itself (the request's method, URI and host); forwarding the client's copy would put it beside the plugin's: remove it"
+                        ));
+                    }
+                }
                 Some(ExtAuthz {
-                    forward_headers: list("forward_headers", &e.forward_headers)?,
+                    forward_headers,
                     upstream_headers: list("upstream_headers", &e.upstream_headers)?,
                     client_headers: list("client_headers", &e.client_headers)?,
                     cluster: e.cluster,
@@ -854,6 +1101,12 @@ impl Config {
                     claims: Vec::new(),
                     ext_authz: true,
                 }]
+            }
+            Some(rules) if rules.is_empty() => {
+                return Err(
+                    "rules: an empty list matches no request, so every request would be refused (403, no rule); list at least one rule (e.g. `{match: {prefix: /}, public: true}` last), or remove `rules` to require any configured authenticator on every path"
+                        .to_owned(),
+                );
             }
             Some(rules) => {
                 let mut out = Vec::new();
@@ -903,10 +1156,8 @@ impl Config {
                     } else if r.allow_missing {
                         return Err(format!("{f}.allow_missing: only valid with `requires`"));
                     }
-                    if !r.claims.is_empty() && !any.iter().any(|a| matches!(a, AuthnRef::Jwt(_))) {
-                        return Err(format!(
-                            "{f}.claims: needs a JWT provider in `requires.any` (claims come from tokens)"
-                        ));
+                    if !r.claims.is_empty() {
+                        check_claims_rule(&f, r.requires.as_ref(), r.allow_missing, &any)?;
                     }
                     let mut claims: Vec<(String, Vec<String>)> = r.claims.into_iter().collect();
                     claims.sort();
@@ -928,6 +1179,19 @@ impl Config {
                 out
             }
         };
+        let identity = identity_headers(&providers, &api_keys, &basic, ext_authz.as_ref());
+        for (name, field) in &identity {
+            if HOST_OWNED.contains(&&**name) {
+                return Err(format!(
+                    "{field}: {name:?} is a connection or framing field, which the host owns and a filter cannot write or remove; use another header name (e.g. x-auth-user)"
+                ));
+            }
+        }
+        check_identity_not_carrier(&identity, &carriers)?;
+        let mut strip_headers: Vec<HeaderName> =
+            identity.iter().flat_map(|(h, _)| strip_names(h)).collect();
+        strip_headers.sort();
+        strip_headers.dedup();
         Ok(Settings {
             realm: self.realm,
             providers,
@@ -935,8 +1199,45 @@ impl Config {
             basic,
             ext_authz,
             rules: rules.into(),
+            strip_headers,
         })
     }
+}
+
+/// A rule with `claims` (`f`: its field path; `any`: its resolved
+/// authenticators, in `requires.any` order) must admit a request only with a
+/// token whose claims were checked: an API key or Basic credential carries no
+/// claims, and `allow_missing` admits a request with no credential at all, so
+/// either would let a request through the rule without the check.
+fn check_claims_rule(
+    f: &str,
+    requires: Option<&RequiresConfig>,
+    allow_missing: bool,
+    any: &[AuthnRef],
+) -> Result<(), String> {
+    if !any.iter().any(|a| matches!(a, AuthnRef::Jwt(_))) {
+        return Err(format!(
+            "{f}.claims: needs a JWT provider in `requires.any` (claims come from tokens)"
+        ));
+    }
+    let names = requires.map_or(&[][..], |q| &q.any[..]);
+    for (j, a) in any.iter().enumerate() {
+        let kind = match a {
+            AuthnRef::Jwt(_) => continue,
+            AuthnRef::ApiKey(_) => "an api_keys entry",
+            AuthnRef::Basic(_) => "a basic entry",
+        };
+        let name = names.get(j).map_or("", String::as_str);
+        return Err(format!(
+            "{f}.requires.any[{j}]: {name:?} is {kind}, which carries no claims, so a request it admits would skip the rule's `claims`; list only JWT providers in a rule with `claims` (to let {name:?} in as well, drop `claims` from this rule)"
+        ));
+    }
+    if allow_missing {
+        return Err(format!(
+            "{f}.allow_missing: a request with no token would pass without the rule's `claims`; remove `allow_missing` or `claims`"
+        ));
+    }
+    Ok(())
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {

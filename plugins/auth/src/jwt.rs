@@ -127,14 +127,10 @@ fn b64(field: &str, v: &Map<String, Value>) -> Result<Vec<u8>, String> {
 impl Jwks {
     /// Parse a JWKS document (`{"keys": [...]}`). A key with an unsupported
     /// `kty`/`crv` or `use: enc` is skipped; a malformed supported key is an
-    /// error naming its index.
+    /// error naming its index (an inline `jwks` is config: strict).
     pub fn from_value(v: &Value) -> Result<Jwks, String> {
-        let keys = v
-            .get("keys")
-            .and_then(Value::as_array)
-            .ok_or("expected an object with a `keys` array (a JWKS)")?;
         let mut out = Vec::new();
-        for (i, k) in keys.iter().enumerate() {
+        for (i, k) in Self::key_array(v)?.iter().enumerate() {
             match Jwk::from_value(k) {
                 Ok(Some(k)) => out.push(k),
                 Ok(None) => {}
@@ -144,10 +140,38 @@ impl Jwks {
         Ok(Jwks { keys: out })
     }
 
-    /// Parse JWKS JSON text.
-    pub fn from_json(text: &[u8]) -> Result<Jwks, String> {
+    fn key_array(v: &Value) -> Result<&Vec<Value>, String> {
+        v.get("keys")
+            .and_then(Value::as_array)
+            .ok_or_else(|| "expected an object with a `keys` array (a JWKS)".to_owned())
+    }
+
+    /// Parse a fetched JWKS: a malformed supported key is skipped, not fatal
+    /// (one bad key an identity provider publishes must not stop the others,
+    /// new ones included, from being used), and its error (`keys[i]: ...`)
+    /// returned for the log. No usable key at all is an error, as in Envoy's
+    /// jwt_verify_lib (`JwksNoValidKeys`): the keys held before stay in use.
+    pub fn from_json_remote(text: &[u8]) -> Result<(Jwks, Vec<String>), String> {
         let v: Value = serde_json::from_slice(text).map_err(|e| format!("not JSON: {e}"))?;
-        Jwks::from_value(&v)
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        for (i, k) in Self::key_array(&v)?.iter().enumerate() {
+            match Jwk::from_value(k) {
+                Ok(Some(k)) => out.push(k),
+                Ok(None) => {}
+                Err(e) => skipped.push(format!("keys[{i}]: {e}")),
+            }
+        }
+        if out.is_empty() {
+            return Err(match skipped.first() {
+                Some(e) => format!(
+                    "no usable key ({} malformed, the first: {e})",
+                    skipped.len()
+                ),
+                None => "no usable key (none of a supported type for signatures)".to_owned(),
+            });
+        }
+        Ok((Jwks { keys: out }, skipped))
     }
 }
 
@@ -405,9 +429,12 @@ fn verify_with(key: &Jwk, alg: Algorithm, msg: &[u8], sig: &[u8]) -> bool {
     }
 }
 
-/// Check the signature of `t` against `keys`. With a `kid`, only keys with
-/// that `kid` are tried (none: [`JwtError::UnknownKid`]); without, every key
-/// that fits the algorithm.
+/// Check the signature of `t` against `keys`. With a `kid`, the keys with
+/// that `kid` are tried first, then the keys without one (as Envoy's
+/// jwt_verify_lib, which skips a key only when both have a `kid` and they
+/// differ); no key with that `kid` and none without one that verifies:
+/// [`JwtError::UnknownKid`] (a refetch may bring it). Without a `kid`, every
+/// key that fits the algorithm.
 pub fn verify_signature(
     t: &Parsed<'_>,
     keys: &[Jwk],
@@ -416,14 +443,17 @@ pub fn verify_signature(
     if !allowed.is_empty() && !allowed.contains(&t.alg) {
         return Err(JwtError::Algorithm);
     }
-    let mut candidates = keys.iter().filter(|k| match &t.kid {
-        Some(kid) => k.kid.as_deref() == Some(kid.as_str()),
-        None => true,
-    });
-    let mut any_kid = false;
+    let kid = t.kid.as_deref();
+    let named = keys
+        .iter()
+        .filter(|k| kid.is_some() && k.kid.as_deref() == kid);
+    let unnamed = keys.iter().filter(|k| kid.is_none() || k.kid.is_none());
+    let mut any_named = false;
     let mut any_fit = false;
-    for k in candidates.by_ref() {
-        any_kid = true;
+    for k in named.chain(unnamed) {
+        if kid.is_some() && k.kid.is_some() {
+            any_named = true;
+        }
         if !k.supports(t.alg) {
             continue;
         }
@@ -432,7 +462,7 @@ pub fn verify_signature(
             return Ok(());
         }
     }
-    if t.kid.is_some() && !any_kid {
+    if kid.is_some() && !any_named {
         return Err(JwtError::UnknownKid);
     }
     if !any_fit {

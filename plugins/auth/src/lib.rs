@@ -92,6 +92,8 @@ struct Counters {
     ext_denied: Counter,
     ext_error: Counter,
     jwks_ok: Counter,
+    /// Fetched and used, with malformed keys skipped.
+    jwks_partial: Counter,
     jwks_error: Counter,
     /// Per provider (same index).
     providers: Vec<ProviderCounters>,
@@ -160,6 +162,7 @@ impl Counters {
             ext_denied: l(&d, "ext_authz_denied")?,
             ext_error: l(&d, "ext_authz_error")?,
             jwks_ok: l(&f, "ok")?,
+            jwks_partial: l(&f, "partial")?,
             jwks_error: l(&f, "error")?,
         })
     }
@@ -173,9 +176,6 @@ type Verified = (Rc<Map<String, Value>>, jwt::Window);
 pub struct AuthFilter {
     s: Settings,
     caches: Vec<KeyCache>,
-    /// Every identity header this plugin writes: removed from requests first
-    /// so a client cannot forge them.
-    identity_headers: Vec<HeaderName>,
     counters: Counters,
     /// Per provider (same index): tokens it verified. Clients reuse tokens,
     /// and a signature check costs far more than the time checks, which
@@ -216,20 +216,6 @@ impl HttpFilter for AuthFilter {
     fn configure(config: Config) -> Result<Self, String> {
         let s = config.validate()?;
         let counters = Counters::define(&s.providers)?;
-        let mut identity_headers: Vec<HeaderName> = Vec::new();
-        for p in &s.providers {
-            identity_headers.extend(p.claim_to_headers.iter().map(|c| c.header.clone()));
-        }
-        identity_headers.extend(s.api_keys.iter().map(|a| a.id_header.clone()));
-        identity_headers.extend(s.basic.iter().map(|b| b.user_header.clone()));
-        // What the check service vouches for must come from it alone: a client's
-        // own copy is dropped even when the check (an allow without the header,
-        // `failure_mode_allow`, a public rule) puts none in its place.
-        if let Some(e) = &s.ext_authz {
-            identity_headers.extend(e.upstream_headers.iter().cloned());
-        }
-        identity_headers.sort();
-        identity_headers.dedup();
         for b in &s.basic {
             if b.users.max_bcrypt_cost > basic::BCRYPT_COST_WARN {
                 warn!(
@@ -249,7 +235,6 @@ impl HttpFilter for AuthFilter {
         Ok(AuthFilter {
             s,
             caches,
-            identity_headers,
             counters,
             tokens,
         })
@@ -362,6 +347,18 @@ fn jwks_request(p: &Provider) -> CalloutRequest {
     req
 }
 
+/// A state the plugin's own logic rules out: refuse the request (500) rather
+/// than let it through unchecked, and say so in the log.
+fn internal_error(what: &str) -> Action {
+    warn!("auth: internal error, request refused: {what}");
+    Action::Respond(json_response(
+        500,
+        "internal",
+        "authentication could not complete",
+        "auth_internal_error",
+    ))
+}
+
 fn json_response(status: u16, error: &str, reason: &str, details: &str) -> LocalResponse {
     let body = serde_json::json!({ "error": error, "reason": reason }).to_string() + "\n";
     LocalResponse::new(status)
@@ -378,7 +375,7 @@ impl AuthFilter {
         exchange: &Exchange<'_>,
         headers: &Headers<'_>,
     ) -> Action {
-        for h in &self.identity_headers {
+        for h in &self.s.strip_headers {
             // Failing to remove is only possible outside the write window,
             // which a request-headers call is not.
             let _ = headers.remove(h);
@@ -419,7 +416,10 @@ impl AuthFilter {
             Waiting::Jwks { provider, id: want } if want == id => {
                 self.jwks_arrived(provider, response);
                 let Some(headers) = exchange.headers(Direction::Request) else {
-                    return Action::Continue;
+                    // Cannot happen (the request head exists while its
+                    // headers phase is paused); never let a request through
+                    // unchecked.
+                    return internal_error("request headers unavailable after a JWKS fetch");
                 };
                 self.decide(ctx, exchange, &headers, None)
             }
@@ -450,7 +450,8 @@ impl AuthFilter {
         path: Option<&str>,
     ) -> Action {
         let Some(rule_idx) = ctx.rule else {
-            return Action::Continue;
+            // Cannot happen (set before any call here): fail closed.
+            return internal_error("no rule recorded for the exchange");
         };
         let rules = std::rc::Rc::clone(&self.s.rules);
         let rule = &rules[rule_idx];
@@ -582,13 +583,15 @@ impl AuthFilter {
     fn ext_authz_failed(&mut self) -> Action {
         self.counters.ext_error.inc();
         match &self.s.ext_authz {
-            Some(e) if !e.failure_mode_allow => Action::Respond(json_response(
+            Some(e) if e.failure_mode_allow => Action::Continue,
+            Some(e) => Action::Respond(json_response(
                 e.status_on_error,
                 "forbidden",
                 "authorization service unavailable",
                 "auth_ext_authz_error",
             )),
-            _ => Action::Continue,
+            // Cannot happen (only called when configured): fail closed.
+            None => internal_error("ext_authz failure without ext_authz config"),
         }
     }
 
@@ -598,10 +601,13 @@ impl AuthFilter {
         response: Result<CalloutResponse, Error>,
     ) -> Action {
         let Some(ext) = &self.s.ext_authz else {
-            return Action::Continue;
+            // Cannot happen (only sent when configured): fail closed.
+            return internal_error("ext_authz answer without ext_authz config");
         };
         match response {
-            Ok(r) if (200..300).contains(&r.status) => {
+            // As Envoy's HTTP ext_authz: 200 OK alone allows; any other
+            // status is a denial passed back to the client.
+            Ok(r) if r.status == 200 => {
                 if let Some(h) = exchange.headers(Direction::Request) {
                     for name in &ext.upstream_headers {
                         if let Some(v) = r.header_value(name) {
@@ -614,7 +620,7 @@ impl AuthFilter {
                 self.counters.allowed.inc();
                 Action::Continue
             }
-            Ok(r) if (200..=599).contains(&r.status) => {
+            Ok(r) if (201..=599).contains(&r.status) => {
                 self.counters.ext_denied.inc();
                 let mut resp = LocalResponse::new(r.status)
                     .body(r.body.clone())
@@ -644,13 +650,29 @@ impl AuthFilter {
         let name = &self.s.providers[i].name;
         let c = &mut self.caches[i];
         let parsed = match response {
-            Ok(r) if r.status == 200 => jwt::Jwks::from_json(&r.body)
-                .map(|j| (j.keys, sha2::Sha256::digest(&r.body).into())),
+            Ok(r) if r.status == 200 => jwt::Jwks::from_json_remote(&r.body)
+                .map(|(j, skipped)| (j.keys, skipped, sha2::Sha256::digest(&r.body).into())),
             Ok(r) => Err(format!("status {}", r.status)),
             Err(e) => Err(e.to_string()),
         };
         match parsed {
-            Ok((keys, digest)) => {
+            Ok((keys, skipped, digest)) => {
+                if skipped.is_empty() {
+                    self.counters.jwks_ok.inc();
+                } else {
+                    self.counters.jwks_partial.inc();
+                    warn!(
+                        "auth: provider {name:?}: JWKS has {} malformed key(s), skipped (the other {} are used); first: {}",
+                        skipped.len(),
+                        keys.len(),
+                        skipped
+                            .iter()
+                            .take(3)
+                            .map(String::as_str)
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    );
+                }
                 c.keys = keys;
                 if c.body_digest != Some(digest) {
                     // New keys: a token signed by a removed key must stop
@@ -660,7 +682,6 @@ impl AuthFilter {
                 }
                 c.fetched_at = Some(now);
                 c.failed_at = None;
-                self.counters.jwks_ok.inc();
                 debug!(
                     "auth: provider {name:?}: JWKS fetched, {} keys",
                     c.keys.len()

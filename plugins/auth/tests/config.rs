@@ -62,8 +62,9 @@ fn valid_configs_load() {
         "rules": [
             {"match": {"prefix": "/public"}, "public": true},
             {"match": {"path": "/login"}, "ext_authz": true},
-            {"match": {"prefix": "/"}, "requires": {"any": ["corp", "keys", "staff"]},
-             "allow_missing": false, "claims": {"role": ["admin"]}, "ext_authz": false}
+            {"match": {"prefix": "/admin"}, "requires": {"any": ["corp"]},
+             "allow_missing": false, "claims": {"role": ["admin"]}, "ext_authz": false},
+            {"match": {"prefix": "/"}, "requires": {"any": ["corp", "keys", "staff"]}}
         ]
     });
     let t = load(&full).unwrap();
@@ -296,5 +297,246 @@ fn token_cache_config() {
             h.counter("auth_jwt_signature_checks_total", &["corp"]),
             Some(0)
         );
+    }
+}
+
+#[test]
+fn claims_are_refused_on_a_rule_that_admits_requests_without_a_token() {
+    let two = || {
+        json!({
+            "providers": [provider()],
+            "api_keys": [{"name": "partners", "keys": [{"id": "a", "sha256": sha256_hex("x")}]}],
+            "basic": [{"name": "staff", "htpasswd": ["bob:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="]}]
+        })
+    };
+    let with_rules = |rules: Value| {
+        let mut c = two();
+        c["rules"] = rules;
+        c
+    };
+    // Claims with JWT providers only: fine.
+    load(&with_rules(json!([
+        {"match": {"path": "/admin"}, "requires": {"any": ["corp"]}, "claims": {"role": ["admin"]}},
+        {"match": {"prefix": "/"}, "requires": {"any": ["corp", "partners", "staff"]}}
+    ])))
+    .unwrap();
+    let cases = [
+        (
+            json!([{"match": {"path": "/admin"}, "requires": {"any": ["corp", "partners"]}, "claims": {"role": ["admin"]}}]),
+            "rules[0].requires.any[1]: \"partners\" is an api_keys entry, which carries no claims",
+        ),
+        (
+            json!([{"match": {"prefix": "/"}, "public": true},
+                   {"match": {"path": "/admin"}, "requires": {"any": ["staff", "corp"]}, "claims": {"role": ["admin"]}}]),
+            "rules[1].requires.any[0]: \"staff\" is a basic entry, which carries no claims",
+        ),
+        (
+            json!([{"match": {"path": "/admin"}, "requires": {"any": ["corp"]}, "allow_missing": true, "claims": {"role": ["admin"]}}]),
+            "rules[0].allow_missing: a request with no token would pass without the rule's `claims`",
+        ),
+    ];
+    for (rules, want) in cases {
+        let e = err(with_rules(rules.clone()));
+        assert!(
+            e.contains(want),
+            "rules {rules}\n  error: {e}\n  wanted: {want}"
+        );
+        assert!(e.contains("claims"), "{e}");
+    }
+}
+
+#[test]
+fn an_identity_header_cannot_be_a_credential_header() {
+    let keys = |extra: Value| {
+        let mut k = json!({"name": "keys", "keys": [{"id": "a", "sha256": sha256_hex("x")}]});
+        for (n, v) in extra.as_object().unwrap() {
+            k[n] = v.clone();
+        }
+        k
+    };
+    // No overlap: an authz service may mint `authorization` for the upstream
+    // when no authenticator reads it.
+    load(&json!({"api_keys": [keys(json!({}))],
+                 "ext_authz": {"cluster": "authz", "upstream_headers": ["authorization"]}}))
+    .unwrap();
+    let cases = [
+        (
+            json!({"providers": [provider()],
+                   "ext_authz": {"cluster": "authz", "upstream_headers": ["x-u", "Authorization"]}}),
+            "ext_authz.upstream_headers[1]: \"authorization\" is also a credential header, read by providers[0].from (default)",
+        ),
+        (
+            json!({"api_keys": [keys(json!({"id_header": "x-api-key"}))]}),
+            "api_keys[0].id_header: \"x-api-key\" is also a credential header, read by api_keys[0].from (default)",
+        ),
+        (
+            json!({"basic": [{"name": "b", "htpasswd": ["bob:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="],
+                              "user_header": "authorization"}]}),
+            "basic[0].user_header: \"authorization\" is also a credential header, read by basic[0]",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(),
+                                  "from": [{"header": "authorization", "prefix": "Bearer "}, {"cookie": "s"}],
+                                  "claim_to_headers": [{"claim": "sub", "header": "cookie"}]}]}),
+            "providers[0].claim_to_headers[0].header: \"cookie\" is also a credential header, read by providers[0].from[1]",
+        ),
+        (
+            json!({"providers": [provider()],
+                   "api_keys": [keys(json!({"from": [{"header": "x_token"}]}))],
+                   "basic": [{"name": "b", "htpasswd": ["bob:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="],
+                              "user_header": "x-token"}]}),
+            "basic[0].user_header: \"x-token\" is also a credential header (as \"x_token\", its `_` spelling, also removed), read by api_keys[0].from[0]",
+        ),
+    ];
+    for (cfg, want) in cases {
+        let e = err(cfg.clone());
+        assert!(
+            e.contains(want),
+            "config {cfg}\n  error: {e}\n  wanted: {want}"
+        );
+        assert!(e.contains("write the identity to another header"), "{e}");
+    }
+}
+
+#[test]
+fn host_owned_and_plugin_owned_header_names_are_refused() {
+    let authz = |field: &str, list: Value| {
+        let mut e = json!({"cluster": "authz"});
+        e[field] = list;
+        json!({"ext_authz": e})
+    };
+    // Other names load.
+    load(&authz(
+        "forward_headers",
+        json!(["authorization", "x-forwarded-for", "x-request-id"]),
+    ))
+    .unwrap();
+    let cases = [
+        (
+            authz("forward_headers", json!(["authorization", "upgrade"])),
+            "ext_authz.forward_headers[1]: \"upgrade\" is a connection or framing field, which the host refuses in a callout",
+        ),
+        (
+            authz("forward_headers", json!(["Content-Length"])),
+            "ext_authz.forward_headers[0]: \"content-length\" is a connection or framing field",
+        ),
+        (
+            authz("forward_headers", json!(["te"])),
+            "ext_authz.forward_headers[0]: \"te\" is a connection",
+        ),
+        (
+            authz("forward_headers", json!(["x-forwarded-uri"])),
+            "ext_authz.forward_headers[0]: \"x-forwarded-uri\" is sent by the plugin itself",
+        ),
+        (
+            authz("forward_headers", json!(["cookie", "X-Forwarded-Host"])),
+            "ext_authz.forward_headers[1]: \"x-forwarded-host\" is sent by the plugin itself",
+        ),
+        (
+            authz("upstream_headers", json!(["connection"])),
+            "ext_authz.upstream_headers[0]: \"connection\" is a connection or framing field, which the host owns",
+        ),
+        (
+            json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(),
+                                  "claim_to_headers": [{"claim": "sub", "header": "transfer-encoding"}]}]}),
+            "providers[0].claim_to_headers[0].header: \"transfer-encoding\" is a connection",
+        ),
+        (
+            json!({"api_keys": [{"name": "k", "keys": [{"id": "a", "sha256": sha256_hex("x")}],
+                                 "id_header": "Host"}]}),
+            "api_keys[0].id_header: \"host\" is a connection",
+        ),
+        (
+            json!({"basic": [{"name": "b", "htpasswd": ["bob:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="],
+                              "user_header": "trailer"}]}),
+            "basic[0].user_header: \"trailer\" is a connection",
+        ),
+    ];
+    for (cfg, want) in cases {
+        let e = err(cfg.clone());
+        assert!(
+            e.contains(want),
+            "config {cfg}\n  error: {e}\n  wanted: {want}"
+        );
+    }
+}
+
+#[test]
+fn remote_jwks_ext_authz_rules_and_skew_limits() {
+    let remote = |extra: Value| {
+        let mut r = json!({"cluster": "idp", "path": "/jwks"});
+        for (n, v) in extra.as_object().unwrap() {
+            r[n] = v.clone();
+        }
+        json!({"providers": [{"name": "corp", "issuer": "i", "remote_jwks": r}]})
+    };
+    let skew = |s: u64| json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "clock_skew_s": s}]});
+    let authz_path = |p: &str| json!({"ext_authz": {"cluster": "authz", "path": p}});
+    for ok in [
+        remote(json!({"authority": "id.example.com"})),
+        remote(json!({"authority": "id.example.com:8443"})),
+        remote(json!({"authority": "10.0.0.1:80"})),
+        remote(json!({"authority": "[::1]:8443"})),
+        remote(json!({"authority": "[2001:db8::1]"})),
+        remote(json!({"authority": "idp_internal"})),
+        remote(json!({"path": "/.well-known/jwks.json?tenant=a%20b&x=~1:@!$'()*+,;="})),
+        remote(json!({"min_refetch_interval_s": 1})),
+        skew(0),
+        skew(300),
+        authz_path("/v1/check?mode=strict"),
+    ] {
+        load(&ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    let not_authority = "is not `host[:port]`";
+    let cases = [
+        (remote(json!({"authority": "id.example.com/jwks"})), not_authority),
+        (remote(json!({"authority": "https://id.example.com"})), not_authority),
+        (remote(json!({"authority": "user@id.example.com"})), not_authority),
+        (remote(json!({"authority": "id example.com"})), not_authority),
+        (remote(json!({"authority": ""})), not_authority),
+        (remote(json!({"authority": "id.example.com:"})), not_authority),
+        (remote(json!({"authority": "id.example.com:99999"})), not_authority),
+        (remote(json!({"authority": "id.example.com:0"})), not_authority),
+        (remote(json!({"authority": "::1"})), not_authority),
+        (remote(json!({"authority": "[::1]x"})), not_authority),
+        (remote(json!({"authority": "[id]"})), not_authority),
+        (
+            remote(json!({"path": "/jwks json"})),
+            "providers[0].remote_jwks.path: \"/jwks json\" is not a request path (origin-form `/path?query`): at byte 5: a space must be percent-encoded",
+        ),
+        (
+            remote(json!({"path": "/jwks#keys"})),
+            "providers[0].remote_jwks.path: \"/jwks#keys\" is not a request path (origin-form `/path?query`): at byte 5: a fragment",
+        ),
+        (remote(json!({"path": "/jwks\n"})), "control characters are not allowed"),
+        (remote(json!({"path": "/a%2"})), "`%` must start an escape"),
+        (remote(json!({"path": "/a\"b"})), "must be percent-encoded"),
+        (
+            authz_path("/check?a=b c"),
+            "ext_authz.path: \"/check?a=b c\" is not a request path",
+        ),
+        (authz_path("/check#x"), "ext_authz.path: \"/check#x\" is not a request path"),
+        (
+            remote(json!({"min_refetch_interval_s": 0})),
+            "providers[0].remote_jwks.min_refetch_interval_s: must be at least 1",
+        ),
+        (
+            json!({"providers": [provider()], "rules": []}),
+            "rules: an empty list matches no request, so every request would be refused",
+        ),
+        (
+            skew(301),
+            "providers[0].clock_skew_s: 301 is above 300",
+        ),
+    ];
+    for (cfg, want) in cases {
+        let e = err(cfg.clone());
+        assert!(
+            e.contains(want),
+            "config {cfg}\n  error: {e}\n  wanted: {want}"
+        );
+        if want == not_authority {
+            assert!(e.starts_with("providers[0].remote_jwks.authority: "), "{e}");
+        }
     }
 }

@@ -183,6 +183,46 @@ fn remote_jwks_failure_is_503_then_backs_off() {
 }
 
 #[test]
+fn a_malformed_key_in_a_remote_jwks_is_skipped_not_fatal() {
+    use legate_sdk::log::Level;
+    let host = host();
+    let mut t = host
+        .configure::<AuthFilter>(&remote_cfg().to_string())
+        .unwrap();
+    let mut c = claims(ISS);
+    c["exp"] = json!(NOW + 3600);
+    let k1 = Signer::new("ES256");
+    // A supported type with a bad member: a 1-byte RSA modulus, a P-256 point
+    // of the wrong size.
+    let bad_rsa = json!({"kty": "RSA", "kid": "old", "n": "AQAB", "e": "AQAB"});
+    let bad_ec = json!({"kty": "EC", "crv": "P-256", "kid": "bad", "x": "AA", "y": "AA"});
+    host.queue_callout_response(
+        "idp",
+        jwks_response(&[bad_rsa.clone(), k1.jwk("k1"), bad_ec.clone()]),
+    );
+    let mut x = t.exchange(bearer(&k1.token(Some("k1"), &c)));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    drop(x);
+    assert_eq!(
+        host.counter("auth_jwks_fetches_total", &["partial"]),
+        Some(1)
+    );
+    assert_eq!(host.counter("auth_jwks_fetches_total", &["error"]), Some(0));
+    assert!(host.logged(Level::Warn, "2 malformed key(s), skipped"));
+
+    // Nothing usable left: a failed fetch; the keys held stay in use.
+    host.advance(Duration::from_secs(301));
+    t.tick();
+    host.queue_callout_response("idp", jwks_response(&[bad_rsa, bad_ec]));
+    assert_eq!(t.deliver_tick_callouts(), 1);
+    assert_eq!(host.counter("auth_jwks_fetches_total", &["error"]), Some(1));
+    assert!(host.logged(Level::Warn, "no usable key (2 malformed"));
+    let mut x = t.exchange(bearer(&k1.token(Some("k1"), &c)));
+    assert_eq!(x.request_headers(), Action::Continue);
+}
+
+#[test]
 fn remote_jwks_cluster_not_granted_is_503_not_a_hang() {
     let host = TestHost::new();
     host.set_wall_time(NOW * 1_000_000_000);
@@ -242,6 +282,26 @@ fn api_keys_forward_the_id_not_the_key() {
     );
     let r = respond(t.exchange(Request::get("/")).request_headers());
     assert_eq!(r.details, "auth_missing_credentials");
+}
+
+#[test]
+fn an_identity_header_spelled_with_underscores_is_removed_too() {
+    // CGI/WSGI-style upstreams read x_api_key_id as HTTP_X_API_KEY_ID, the same
+    // variable as the x-api-key-id this plugin writes.
+    let mut cfg = keys_cfg();
+    cfg["rules"] = json!([
+        {"match": {"prefix": "/open"}, "public": true},
+        {"match": {"prefix": "/"}, "requires": {"any": ["keys"]}}
+    ]);
+    let mut t = host().configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    for req in [
+        Request::get("/x").header("x-api-key", "s3cret-key-a"),
+        Request::get("/open"),
+    ] {
+        let mut x = t.exchange(req.header("x_api_key_id", "forged"));
+        assert_eq!(x.request_headers(), Action::Continue);
+        assert_eq!(x.request_header("x_api_key_id"), None);
+    }
 }
 
 #[test]
@@ -389,6 +449,38 @@ fn ext_authz_deny_passes_status_and_body_back() {
         host.counter("auth_decisions_total", &["ext_authz_denied"]),
         Some(1)
     );
+}
+
+#[test]
+fn ext_authz_allows_only_on_200() {
+    // As Envoy's HTTP ext_authz: another 2xx is a denial, its status passed back.
+    for status in [201, 204, 206, 299] {
+        let host = host();
+        let mut t = host
+            .configure::<AuthFilter>(&authz_cfg(false).to_string())
+            .unwrap();
+        host.queue_callout_response(
+            "authz",
+            Ok(CalloutResponse::new(status, "").header("x-authz-user", "alice")),
+        );
+        let mut x = t.exchange(Request::get("/").header("x-api-key", "k-a"));
+        assert_eq!(x.request_headers(), Action::Pause);
+        let a = x.deliver_callouts();
+        match &a[..] {
+            [Action::Respond(r)] => {
+                assert_eq!(r.status, status);
+                assert_eq!(r.details, "auth_ext_authz_denied");
+            }
+            other => panic!("status {status}: {other:?}"),
+        }
+        assert_eq!(x.request_header("x-authz-user"), None);
+        drop(x);
+        assert_eq!(
+            host.counter("auth_decisions_total", &["ext_authz_denied"]),
+            Some(1)
+        );
+        assert_eq!(host.counter("auth_decisions_total", &["allowed"]), Some(0));
+    }
 }
 
 #[test]

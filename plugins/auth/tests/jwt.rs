@@ -393,3 +393,80 @@ fn a_bearer_value_is_trimmed_and_a_non_utf8_token_is_invalid() {
         "Bearer realm=\"legate\", error=\"invalid_token\""
     );
 }
+
+#[test]
+fn an_api_key_cannot_pass_a_claims_rule() {
+    let s = Signer::new("HS256");
+    let keys = json!([{"name": "partners",
+                       "keys": [{"id": "acme", "sha256": common::sha256_hex("partner-key")}]}]);
+    // The reviewer's repro: any valid x-api-key would have passed /admin.
+    let host = TestHost::new();
+    host.set_wall_time(NOW * 1_000_000_000);
+    let repro = json!({
+        "providers": [provider(jwks(&[s.jwk("k1")]))],
+        "api_keys": keys,
+        "rules": [{"match": {"path": "/admin"}, "requires": {"any": ["corp", "partners"]},
+                   "claims": {"role": ["admin"]}}]
+    });
+    match host.configure::<AuthFilter>(&repro.to_string()) {
+        Err(e) => assert!(e.contains("rules[0].requires.any[1]"), "{e}"),
+        Ok(mut t) => {
+            let a = t
+                .exchange(Request::get("/admin").header("x-api-key", "partner-key"))
+                .request_headers();
+            panic!("accepted; an API key on /admin got {a:?}");
+        }
+    }
+
+    // The form that is accepted: claims on a JWT-only rule; keys elsewhere.
+    let mut t = filter(json!({
+        "providers": [provider(jwks(&[s.jwk("k1")]))],
+        "api_keys": keys,
+        "rules": [
+            {"match": {"path": "/admin"}, "requires": {"any": ["corp"]}, "claims": {"role": ["admin"]}},
+            {"match": {"prefix": "/"}, "requires": {"any": ["corp", "partners"]}}
+        ]
+    }));
+    let r = respond(
+        t.exchange(Request::get("/admin").header("x-api-key", "partner-key"))
+            .request_headers(),
+    );
+    assert_eq!(r.status, 401);
+    let mut x = t.exchange(Request::get("/orders").header("x-api-key", "partner-key"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    drop(x);
+    let good = s.token(Some("k1"), &claims(ISS));
+    let mut x =
+        t.exchange(Request::get("/admin").header("authorization", format!("Bearer {good}")));
+    assert_eq!(x.request_headers(), Action::Continue);
+}
+
+#[test]
+fn a_key_without_kid_verifies_a_token_with_a_kid() {
+    for alg in ["HS256", "RS256", "ES256", "EdDSA"] {
+        let s = Signer::new(alg);
+        let other = Signer::new(if alg == "RS256" { "ES256" } else { alg });
+        let mut anonymous = s.jwk("x");
+        anonymous.as_object_mut().unwrap().remove("kid");
+        // Another key holds the token's kid: it is tried first, fails, then
+        // the kid-less key verifies.
+        let mut t = filter(json!({"providers": [provider(jwks(&[other.jwk("k1"), anonymous]))]}));
+        for kid in ["k1", "k9"] {
+            let mut x = t.exchange(bearer(&s.token(Some(kid), &claims(ISS))));
+            assert_eq!(x.request_headers(), Action::Continue, "{alg} kid {kid}");
+            assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
+        }
+        // A key under another kid is still not tried.
+        let mut t = filter(json!({"providers": [provider(jwks(&[s.jwk("k1")]))]}));
+        assert_invalid(&mut t, &s.token(Some("k9"), &claims(ISS)), alg);
+        // A forged token is refused by the kid-less key too.
+        let mut anonymous = s.jwk("x");
+        anonymous.as_object_mut().unwrap().remove("kid");
+        let mut t = filter(json!({"providers": [provider(jwks(&[anonymous]))]}));
+        assert_invalid(
+            &mut t,
+            &common::corrupt(&s.token(Some("k9"), &claims(ISS))),
+            alg,
+        );
+    }
+}
