@@ -180,7 +180,9 @@ pub trait HttpFilter: Sized + 'static {
 pub fn parse_config<T: DeserializeOwned>(json: &str) -> Result<T, String> {
     match parse_json(json) {
         Ok(v) => Ok(v),
-        Err(e) if json.trim() == "null" => parse_json("{}").map_err(|_| e),
+        // No config: as `{}`, whose error names what the config must give
+        // (`missing field ...`), not "invalid type: null".
+        Err(_) if json.trim() == "null" => parse_json("{}"),
         Err(e) => Err(e),
     }
 }

@@ -518,7 +518,8 @@ pub struct Request {
 impl Request {
     /// `method path` over plain HTTP/1.1 to authority `example.com`, from
     /// 192.0.2.1:50000 to 192.0.2.2:8080, routed to route `default` and cluster
-    /// `upstream`, with a `host` header.
+    /// `upstream`, for authority `example.com`. As on the host, the client's
+    /// `host` field is the authority, not a header filters see.
     pub fn new(method: &str, path: &str) -> Self {
         Request {
             method: method.to_owned(),
@@ -526,7 +527,7 @@ impl Request {
             scheme: "http".to_owned(),
             authority: "example.com".to_owned(),
             version: HttpVersion::Http11,
-            headers: vec![("host".to_owned(), b"example.com".to_vec())],
+            headers: Vec::new(),
             body: Vec::new(),
             trailers: None,
             source: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 50000),
@@ -546,9 +547,16 @@ impl Request {
     pub fn post(path: &str, body: impl Into<Vec<u8>>) -> Self {
         Request::new("POST", path).body(body)
     }
-    /// Add a header.
+    /// Add a header. `host` sets the authority instead (the host hides the
+    /// client's `host` from filters: it is the authority).
     pub fn header(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
-        self.headers.push((name.to_ascii_lowercase(), value.into()));
+        let name = name.to_ascii_lowercase();
+        let value = value.into();
+        if name == "host" {
+            self.authority = String::from_utf8_lossy(&value).into_owned();
+            return self;
+        }
+        self.headers.push((name, value));
         self
     }
     /// Set the body.
@@ -563,12 +571,9 @@ impl Request {
             .push((name.to_ascii_lowercase(), value.into()));
         self
     }
-    /// Set the authority (and the `host` header).
+    /// Set the authority (`:authority`, or the client's `host`).
     pub fn authority(mut self, authority: &str) -> Self {
         self.authority = authority.to_owned();
-        self.headers.retain(|(n, _)| n != "host");
-        self.headers
-            .push(("host".to_owned(), authority.as_bytes().to_vec()));
         self
     }
     /// Set the HTTP version.
@@ -887,7 +892,9 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             }
         }
         if self.declared(Phase::Done) {
-            let _g = install(&self.test.host.host, Call::Exchange(self.context));
+            // As on the host: not an exchange call (no callouts, no
+            // asynchronous KV, no detach).
+            let _g = install(&self.test.host.host, Call::Done);
             self.test.instance.done(self.context);
         }
     }

@@ -1209,3 +1209,113 @@ fn random_is_bounded_and_not_constant() {
     }
     FilterTest::<R>::configure("null").unwrap();
 }
+
+// ---------------------------------------------------------------- as the host
+
+/// Records what a filter sees of the client's `host`, and what its `on_done`
+/// may do; increments a counter stored by the test.
+#[derive(Default)]
+struct HostProbe {
+    host_header: Option<Option<Vec<u8>>>,
+    has_host: bool,
+    header_count: usize,
+    set_host: Option<Result<(), Error>>,
+    authority: String,
+    increment: Option<Result<i64, Error>>,
+    in_done: Vec<(&'static str, Error)>,
+    ns: Option<Namespace>,
+}
+
+impl HttpFilter for HostProbe {
+    type Config = ();
+    // Per-exchange state: declares `done`.
+    type Context = u8;
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(HostProbe {
+            ns: Namespace::open("ns").ok(),
+            ..HostProbe::default()
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_headers()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut u8,
+        x: &Exchange<'_>,
+        h: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.host_header = Some(h.get("host"));
+        self.has_host = h.has("host");
+        self.header_count = h.len();
+        self.set_host = Some(h.set("host", "evil.example"));
+        self.authority = x.authority();
+        self.increment = self.ns.as_ref().map(|ns| ns.increment("c", 1, None));
+        Action::Continue
+    }
+    fn on_done(&mut self, _: u8) {
+        if let Err(e) = callout::send(&CalloutRequest::new("authz", "GET", "/check")) {
+            self.in_done.push(("callout", e));
+        }
+        if let Some(Err(e)) = self.ns.as_ref().map(|ns| ns.start_get("k")) {
+            self.in_done.push(("start_get", e));
+        }
+    }
+}
+
+#[test]
+fn the_harness_hides_the_client_host_and_runs_on_done_outside_the_exchange_as_the_host() {
+    let host = TestHost::new().grant_kv("ns").grant_cluster("authz");
+    // Redis's (and the host's) integer form only: no leading zero.
+    host.kv_put("ns", "c", b"007");
+    let mut t = host.configure::<HostProbe>("null").unwrap();
+    let req = Request::get("/")
+        .header("Host", "a.example")
+        .header("x-one", "1");
+    assert_eq!(t.exchange(req).run(Response::new(200)), Outcome::Completed);
+    let p = t.filter();
+    // The client's host is the authority, not a header a filter reads or writes.
+    assert_eq!(p.host_header, Some(None));
+    assert!(!p.has_host);
+    assert_eq!(p.header_count, 1);
+    assert_eq!(p.set_host, Some(Err(Error::Denied)));
+    assert_eq!(p.authority, "a.example");
+    assert_eq!(p.increment, Some(Err(Error::InvalidArgument)));
+    // on-done is no exchange call: no callout, no asynchronous KV.
+    assert_eq!(
+        p.in_done,
+        vec![
+            ("callout", Error::InvalidState),
+            ("start_get", Error::InvalidState)
+        ]
+    );
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Required {
+    #[allow(dead_code)]
+    header: String,
+}
+
+struct NeedsHeader;
+
+impl HttpFilter for NeedsHeader {
+    type Config = Required;
+    type Context = ();
+    fn configure(_: Required) -> Result<Self, String> {
+        Ok(NeedsHeader)
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+    }
+}
+
+#[test]
+fn no_config_names_the_missing_field() {
+    let Err(e) = FilterTest::<NeedsHeader>::configure("null") else {
+        panic!("a config without its required field loaded")
+    };
+    assert!(e.contains("missing field `header`"), "{e}");
+}

@@ -27,6 +27,8 @@ pub(crate) enum Call {
     Configure,
     Exchange(u64),
     Log(u64),
+    /// `on-done`: no exchange (as on the host, which runs it read-only).
+    Done,
     Tick,
 }
 
@@ -346,14 +348,27 @@ fn check_value(value: &[u8]) -> Result<(), Error> {
     }
 }
 
-const HOST_OWNED: [&str; 6] = [
+const HOST_OWNED: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "te",
     "transfer-encoding",
     "upgrade",
+    "trailer",
+    "host",
 ];
+
+/// A stored integer in the only form the host (and Redis) increments:
+/// ASCII decimal, no `+`, no leading zero, no `-0`.
+fn canonical_int(value: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(value).ok()?;
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if digits.starts_with('+') || (digits.starts_with('0') && s != "0") {
+        return None;
+    }
+    s.parse().ok()
+}
 
 // ---- headers ----
 
@@ -1089,8 +1104,7 @@ impl NamespaceHandle {
         let now = h.mono_ns;
         let (old, expires_at) = match h.live_kv(&self.name, key) {
             Some(v) => {
-                let text = std::str::from_utf8(&v.value).map_err(|_| Error::InvalidArgument)?;
-                let n: i64 = text.parse().map_err(|_| Error::InvalidArgument)?;
+                let n = canonical_int(&v.value).ok_or(Error::InvalidArgument)?;
                 (n, v.expires_at)
             }
             None => (0, ttl_deadline(now, ttl_ms)?),
@@ -1144,7 +1158,9 @@ pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
     let context = match h.call {
         Call::Exchange(c) => Some(c),
         Call::Tick => None,
-        Call::Idle | Call::Configure | Call::Log(_) => return Err(Error::InvalidState),
+        Call::Idle | Call::Configure | Call::Log(_) | Call::Done => {
+            return Err(Error::InvalidState)
+        }
     };
     if context.is_some() && h.detached_in_call {
         return Err(Error::InvalidState);
