@@ -137,7 +137,16 @@ fn header_name(name: &str) -> Result<String, String> {
     if name.is_empty() || !name.bytes().all(token) {
         return Err(format!("invalid header name {name:?}"));
     }
-    Ok(name.to_ascii_lowercase())
+    let name = name.to_ascii_lowercase();
+    if name == "host" {
+        // The host shows filters the client's host as the authority, never
+        // as a header: such a limit would never apply.
+        return Err(
+            "the client's host is not a header filters see; use the `authority` descriptor"
+                .to_owned(),
+        );
+    }
+    Ok(name)
 }
 
 impl<'de> Deserialize<'de> for Descriptor {

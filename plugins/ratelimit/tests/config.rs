@@ -94,6 +94,10 @@ fn invalid_configs_name_the_field() {
             &["`limits[0].rate`", "one request per nanosecond"],
         ),
         (
+            r#"{"limits": [{"name": "a", "rate": "1/s", "key": ["header:Host"]}]}"#,
+            &["limits[0].key", "`authority`"],
+        ),
+        (
             r#"{"limits": [{"name": "a", "rate": "1/s"}, {"name": "b", "rate": "1/s", "burst": 0}]}"#,
             &["`limits[1].burst`", "at least 1"],
         ),
