@@ -70,15 +70,29 @@ impl Exchange<'_> {
         self.0.set_status(status)
     }
     /// The header map of `direction`; `None` if that head does not exist yet.
-    pub fn headers(&self, direction: Direction) -> Option<Headers<'static>> {
+    ///
+    /// The handle lives as long as this borrow of the exchange, so within the
+    /// call: the host refuses (traps) a handle used after its call, so one
+    /// cannot be kept in a context for a later call.
+    ///
+    /// ```compile_fail
+    /// # use legate_sdk::{Direction, Exchange, Headers};
+    /// struct Kept<'a> { h: Option<Headers<'a>> }
+    /// fn keep(x: &Exchange<'_>) -> Kept<'static> {
+    ///     Kept { h: x.headers(Direction::Request) }
+    /// }
+    /// ```
+    pub fn headers(&self, direction: Direction) -> Option<Headers<'_>> {
         self.0.headers(direction).map(Headers)
     }
     /// The body data the host currently holds for `direction`; `None` if none.
-    pub fn body(&self, direction: Direction) -> Option<Body<'static>> {
+    /// Like [`Exchange::headers`], for this call only.
+    pub fn body(&self, direction: Direction) -> Option<Body<'_>> {
         self.0.body(direction).map(Body)
     }
-    /// The trailer map of `direction`; `None` if there are none (yet).
-    pub fn trailers(&self, direction: Direction) -> Option<Headers<'static>> {
+    /// The trailer map of `direction`; `None` if there are none (yet). Like
+    /// [`Exchange::headers`], for this call only.
+    pub fn trailers(&self, direction: Direction) -> Option<Headers<'_>> {
         self.0.trailers(direction).map(Headers)
     }
     /// Override the declared body mode of `direction` for this exchange, before

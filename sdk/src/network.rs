@@ -199,7 +199,7 @@ impl Connection<'_> {
     /// from downstream, `Response`: from upstream); `None` outside a data
     /// call of that direction. Writable only during that call (or while
     /// paused in it).
-    pub fn data(&self, direction: Direction) -> Option<Body<'static>> {
+    pub fn data(&self, direction: Direction) -> Option<Body<'_>> {
         self.0.data(direction).map(Body)
     }
 }
