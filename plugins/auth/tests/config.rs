@@ -22,6 +22,16 @@ fn err(cfg: Value) -> String {
     }
 }
 
+/// The error for `cfg`, which must contain `want`.
+fn refused(cfg: &Value, want: &str) -> String {
+    let e = err(cfg.clone());
+    assert!(
+        e.contains(want),
+        "config {cfg}\n  error: {e}\n  wanted: {want}"
+    );
+    e
+}
+
 fn jwk() -> Value {
     jwks(&[Signer::new("EdDSA").jwk("k1")])
 }
@@ -258,11 +268,7 @@ fn invalid_configs_name_the_field() {
         ),
     ];
     for (cfg, want) in cases {
-        let e = err(cfg.clone());
-        assert!(
-            e.contains(want),
-            "config {cfg}\n  error: {e}\n  wanted: {want}"
-        );
+        refused(&cfg, want);
     }
 }
 
@@ -336,11 +342,7 @@ fn claims_are_refused_on_a_rule_that_admits_requests_without_a_token() {
         ),
     ];
     for (rules, want) in cases {
-        let e = err(with_rules(rules.clone()));
-        assert!(
-            e.contains(want),
-            "rules {rules}\n  error: {e}\n  wanted: {want}"
-        );
+        let e = refused(&with_rules(rules.clone()), want);
         assert!(e.contains("claims"), "{e}");
     }
 }
@@ -389,11 +391,7 @@ fn an_identity_header_cannot_be_a_credential_header() {
         ),
     ];
     for (cfg, want) in cases {
-        let e = err(cfg.clone());
-        assert!(
-            e.contains(want),
-            "config {cfg}\n  error: {e}\n  wanted: {want}"
-        );
+        let e = refused(&cfg, want);
         assert!(e.contains("write the identity to another header"), "{e}");
     }
 }
@@ -453,11 +451,7 @@ fn host_owned_and_plugin_owned_header_names_are_refused() {
         ),
     ];
     for (cfg, want) in cases {
-        let e = err(cfg.clone());
-        assert!(
-            e.contains(want),
-            "config {cfg}\n  error: {e}\n  wanted: {want}"
-        );
+        refused(&cfg, want);
     }
 }
 
@@ -530,11 +524,7 @@ fn remote_jwks_ext_authz_rules_and_skew_limits() {
         ),
     ];
     for (cfg, want) in cases {
-        let e = err(cfg.clone());
-        assert!(
-            e.contains(want),
-            "config {cfg}\n  error: {e}\n  wanted: {want}"
-        );
+        let e = refused(&cfg, want);
         if want == not_authority {
             assert!(e.starts_with("providers[0].remote_jwks.authority: "), "{e}");
         }
