@@ -333,6 +333,15 @@ impl Stats {
         }
     }
 
+    /// The type (`counter`, `gauge`, `histogram`) of family `name`, if it has
+    /// a series.
+    pub fn kind_of(&self, name: &str) -> Option<&'static str> {
+        let fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        fams.get(name)
+            .and_then(|f| f.series.values().next())
+            .map(Metric::type_name)
+    }
+
     /// All metrics in the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
         let fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
@@ -341,7 +350,7 @@ impl Stats {
             let Some(first) = fam.series.values().next() else {
                 continue;
             };
-            let _ = writeln!(out, "# HELP {name} {}", fam.help);
+            let _ = writeln!(out, "# HELP {name} {}", escape_help(fam.help));
             let _ = writeln!(out, "# TYPE {name} {}", first.type_name());
             for (labels, m) in &fam.series {
                 match m {
@@ -413,11 +422,23 @@ fn render_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
         cumulative += h.0.buckets[i].load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{inner}{sep}le=\"{le}\"}} {cumulative}");
     }
-    let count = h.0.count.load(Relaxed);
+    // Read after the buckets: an observation between the reads (it bumps its
+    // bucket, then the count) could leave +Inf below the last bucket, which
+    // Prometheus rejects as non-monotonic.
+    let count = h.0.count.load(Relaxed).max(cumulative);
     let _ = writeln!(out, "{name}_bucket{{{inner}{sep}le=\"+Inf\"}} {count}");
     let sum = h.0.sum_micros.load(Relaxed) as f64 / 1e6;
     let _ = writeln!(out, "{name}_sum{labels} {sum}");
     let _ = writeln!(out, "{name}_count{labels} {count}");
+}
+
+/// HELP text as the text format wants it: `\` and newlines escaped, so a
+/// plugin's help cannot end the line and break the whole scrape.
+fn escape_help(help: &str) -> std::borrow::Cow<'_, str> {
+    if !help.contains(['\\', '\n']) {
+        return std::borrow::Cow::Borrowed(help);
+    }
+    std::borrow::Cow::Owned(help.replace('\\', "\\\\").replace('\n', "\\n"))
 }
 
 /// `{a="x",b="y"}` with Prometheus escaping; empty string for no labels.
@@ -460,6 +481,20 @@ pub fn status_class(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn help_text_cannot_break_the_format() {
+        let s = Stats::new();
+        s.counter("legate_x", "a\nb\\c", &[]).inc();
+        let text = s.render();
+        assert!(text.contains("# HELP legate_x a\\nb\\\\c\n"), "{text}");
+        for line in text.lines() {
+            assert!(
+                line.starts_with('#') || line.starts_with("legate_x"),
+                "{line:?}"
+            );
+        }
+    }
 
     #[test]
     fn render_and_reuse() {

@@ -220,6 +220,42 @@ each_proto!(
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_cannot_define_the_hosts_metrics() {
+    let up = upstream().start().await;
+    // The host's own series for the plugin (legate_plugin_failures_total
+    // {plugin}): the plugin would count into its failure count. A name a
+    // histogram's sample lines use is refused too.
+    for name in ["failures_total", "instances", "latency_count"] {
+        let p = plugin(
+            "sneaky",
+            &format!("{{ mode: metrics, metric: {name} }}"),
+            "",
+        );
+        let err = match legate()
+            .config(&simple(up.addr, &p, &["sneaky"]))
+            .try_start()
+        {
+            Ok(_) => panic!("a plugin defined `{name}`"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains(&format!("define-counter {name}: ")) && err.contains("invalid-argument"),
+            "{err}"
+        );
+    }
+    // Its own name is fine.
+    let p = plugin("honest", "{ mode: metrics, metric: honest_requests }", "");
+    let lg = legate().config(&simple(up.addr, &p, &["honest"])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    c.get("/").send().await;
+    lg.assert_stat(
+        r#"legate_plugin_honest_requests{plugin="honest",method="GET"}"#,
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configure_error_rejects_the_load() {
     let up = upstream().start().await;
     let p = plugin("picky", "{ mode: bad-config }", "");

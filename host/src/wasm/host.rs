@@ -95,6 +95,17 @@ enum MetricKind {
     Histogram,
 }
 
+impl MetricKind {
+    /// As the text format's `# TYPE` names it.
+    fn type_name(self) -> &'static str {
+        match self {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
+        }
+    }
+}
+
 /// A metric a plugin defined (shared by all its instances).
 pub struct MetricDef {
     name: &'static str,
@@ -1153,6 +1164,41 @@ fn metric_name_ok(s: &str) -> bool {
         && b.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
 }
 
+/// The host's own `legate_plugin_*` families (without the prefix): a plugin's
+/// metric of one of these names would be the host's series for that plugin
+/// (its failures, instances...), added to or overwritten by the plugin.
+/// Keep in step with the names in `plugin.rs`, `reload.rs` and `proxy_wasm`.
+pub(crate) const HOST_PLUGIN_METRICS: [&str; 19] = [
+    "body_limit_exceeded_total",
+    "call_duration_seconds",
+    "callout_failures_total",
+    "callout_timeouts_total",
+    "callouts_total",
+    "calls_total",
+    "failures_total",
+    "grpc_stream_failures_total",
+    "grpc_stream_messages_total",
+    "grpc_streams_open",
+    "grpc_streams_total",
+    "instance_restarts_total",
+    "instances",
+    "memory_bytes",
+    "memory_exceeded_total",
+    "reload_duration_seconds",
+    "reloads_total",
+    "timeouts_total",
+    "traps_total",
+];
+
+/// Whether a plugin may name a metric `name`: not a host family, and not a
+/// name a histogram's own sample lines use (`_bucket`, `_sum`, `_count`).
+fn metric_name_free(name: &str) -> bool {
+    !HOST_PLUGIN_METRICS.contains(&name)
+        && !["_bucket", "_sum", "_count"]
+            .iter()
+            .any(|s| name.ends_with(s))
+}
+
 impl HostState {
     fn define(
         &mut self,
@@ -1164,7 +1210,23 @@ impl HostState {
         if self.phase != Phase::Configure {
             return Ok(Err(Error::InvalidState));
         }
-        if !metric_name_ok(&name) || labels.iter().any(|l| !metric_name_ok(l) || l == "plugin") {
+        if !metric_name_ok(&name)
+            || !metric_name_free(&name)
+            // Interned for the process's life: bounded.
+            || help.len() > 1024
+            || labels.iter().any(|l| !metric_name_ok(l) || l == "plugin")
+        {
+            return Ok(Err(Error::InvalidArgument));
+        }
+        // Another plugin's metric of this name and another kind: one family
+        // cannot hold both (the text format gives a family one type).
+        let full = format!("legate_plugin_{name}");
+        if self
+            .plugin
+            .stats
+            .kind_of(&full)
+            .is_some_and(|k| k != kind.type_name())
+        {
             return Ok(Err(Error::InvalidArgument));
         }
         let def = {
@@ -1179,7 +1241,7 @@ impl HostState {
                 None if defs.len() >= MAX_METRICS => return Ok(Err(Error::LimitExceeded)),
                 None => {
                     let d = Arc::new(MetricDef {
-                        name: crate::stats::intern(format!("legate_plugin_{name}")),
+                        name: crate::stats::intern(full),
                         help: crate::stats::intern(help),
                         kind,
                         labels,

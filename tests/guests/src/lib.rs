@@ -18,7 +18,8 @@
 //!   tcp-bind=<io error kind or ok>,tcp-connect=…,udp-bind=…`; anything else passes.
 //! - `bad-config`: `configure` fails with a message.
 //! - Any mode: `configure_sleep_ms: "<ms>"` sleeps that long in `configure`.
-//! - `metrics`: counts requests in counter `requests{method}`, and in `on-log`
+//! - `metrics`: counts requests in counter `requests{method}` (`metric`: another
+//!   name), and in `on-log`
 //!   (with phase `log`) under `method="log-<METHOD>"`.
 //! - `kv`: opens KV namespace `ns` (default `counters`) in `configure`; a failed
 //!   open is reported on every request as `x-kv-error: <error>`. Request paths:
@@ -604,12 +605,13 @@ impl Guest for Plugin {
             let _ = std::io::stdout().flush();
         }
         if mode == "metrics" {
+            let name = field(&config, "metric").unwrap_or_else(|| "requests".into());
             let c = legate::filter::metrics::define_counter(
-                "requests",
+                &name,
                 "Requests seen by the test plugin.",
                 &["method".to_string()],
             )
-            .map_err(|e| format!("define-counter: {e:?}"))?;
+            .map_err(|e| format!("define-counter {name}: {e:?}"))?;
             REQUESTS.with(|r| *r.borrow_mut() = Some(c));
         }
         if field(&config, "tick_cancel").is_some() {
