@@ -18,9 +18,11 @@
 //! reading until the callout response resumes it (the held data then goes on to
 //! the next filter); with none, the next data of that direction is appended and
 //! the filter called again with all of it (Envoy's buffering), up to the
-//! filter's cap. Failures follow the plugin's policy as for HTTP filters: `fail:
-//! closed` closes the connection, `fail: open` skips the filter for the rest of
-//! the connection.
+//! filter's cap. Each direction and the new connection have their own callout
+//! pause, so both directions can wait at once, and a filter's `Continue` from a
+//! callout response resumes every pause of that filter. Failures follow the
+//! plugin's policy as for HTTP filters: `fail: closed` closes the connection,
+//! `fail: open` skips the filter for the rest of the connection.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -218,6 +220,9 @@ pub fn connection(facts: Arc<ConnFacts>, listener: &Name, cluster: &Name) -> Exc
 /// A callout result on its way back: the filter that sent it, its id, the result.
 type Delivery = (usize, u64, CalloutResult);
 
+/// The pause slot of the new connection (the data slots are [`Peer::idx`]).
+const NEW: usize = 2;
+
 /// Where a filter paused waiting for a callout.
 #[derive(Clone, Copy, Debug)]
 enum Stage {
@@ -252,8 +257,14 @@ pub struct NetChain {
     held: Vec<[Vec<u8>; 2]>,
     /// Callouts of each filter not delivered yet.
     outstanding: Vec<usize>,
-    /// The filter waiting for a callout, and where.
-    paused: Option<(usize, Stage)>,
+    /// The filter waiting for a callout, and where, per pause slot: data from
+    /// downstream and from upstream ([`Peer::idx`]), the new connection
+    /// ([`NEW`]). Each direction stops reading only for its own, so both can
+    /// wait at once (on one filter or two).
+    paused: [Option<(usize, Stage)>; 3],
+    /// A pause ended since the pumps last looked: they must look at `out`,
+    /// `eos_out` and `closing` again.
+    woke: bool,
     /// Data a resume released, per direction, for the pump to write.
     out: [Vec<u8>; 2],
     /// End of stream reached the end of the chain in that direction while held.
@@ -286,7 +297,8 @@ impl NetChain {
             failed: vec![false; n],
             held: vec![[Vec::new(), Vec::new()]; n],
             outstanding: vec![0; n],
-            paused: None,
+            paused: [None; 3],
+            woke: false,
             out: [Vec::new(), Vec::new()],
             eos_out: [false, false],
             closing: false,
@@ -358,7 +370,7 @@ impl NetChain {
                 Ok(NetVerdict::Continue) => {}
                 Ok(NetVerdict::Close) => return Step::Close,
                 Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
-                    self.paused = Some((i, Stage::New));
+                    self.paused[NEW] = Some((i, Stage::New));
                     return Step::Held;
                 }
                 Ok(NetVerdict::Pause) => {
@@ -415,7 +427,7 @@ impl NetChain {
                 Ok(NetVerdict::Close) => return Step::Close,
                 Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
                     self.held[i][d] = data;
-                    self.paused = Some((i, Stage::Data { from, pos, eos }));
+                    self.paused[d] = Some((i, Stage::Data { from, pos, eos }));
                     return Step::Held;
                 }
                 Ok(NetVerdict::Pause) if !eos => {
@@ -446,21 +458,17 @@ impl NetChain {
     /// Whether data from `from` must wait (a filter waits for a callout on the
     /// new connection or in that direction).
     fn blocked(&self, from: Peer) -> bool {
-        match self.paused {
-            Some((_, Stage::New)) => true,
-            Some((_, Stage::Data { from: f, .. })) => f == from,
-            None => false,
-        }
+        self.paused[NEW].is_some() || self.paused[from.idx()].is_some()
     }
 
     /// Delivers a callout result; a resume runs the rest of the chain from where
-    /// the filter paused. `Some(step)` when the paused new connection resumed.
+    /// the filter paused, for each pause of that filter. `Some(step)` when the
+    /// paused new connection resumed.
     fn deliver(&mut self, (i, id, result): Delivery) -> Option<Step> {
         self.outstanding[i] = self.outstanding[i].saturating_sub(1);
         if self.closing {
             return None;
         }
-        let here = matches!(self.paused, Some((p, _)) if p == i);
         let f = self.filters[i].clone();
         let r = if self.skipped[i] {
             Ok(NetVerdict::Continue)
@@ -469,7 +477,17 @@ impl NetChain {
         };
         self.dispatch(i);
         match r {
-            Ok(NetVerdict::Continue) if here => return self.resume(),
+            Ok(NetVerdict::Continue) => {
+                let mut step = None;
+                for slot in [NEW, 0, 1] {
+                    if matches!(self.paused[slot], Some((p, _)) if p == i) {
+                        step = step.or(self.resume(slot));
+                    }
+                }
+                if step.is_some() {
+                    return step;
+                }
+            }
             Ok(NetVerdict::Close) => {
                 self.closing = true;
                 return Some(Step::Close);
@@ -483,35 +501,51 @@ impl NetChain {
         self.settle()
     }
 
-    /// Ends a pause that nothing can end any more: its filter was skipped
-    /// after a failure (fail open), or it has no callout outstanding (it
-    /// answered a callout response with `pause`, or cancelled the last callout
-    /// it waited for while called for the other direction). The latter is a
-    /// failure: fail closed closes the connection (`Some(Step::Close)`); fail
-    /// open, like a skipped filter, lets what it held run on past it.
+    /// Ends the pauses that nothing can end any more: their filter was
+    /// skipped after a failure (fail open), or it has no callout outstanding
+    /// (it answered a callout response with `pause`, or cancelled the last
+    /// callout it waited for while called for the other direction). The
+    /// latter is a failure: fail closed closes the connection
+    /// (`Some(Step::Close)`); fail open, like a skipped filter, lets what it
+    /// held run on past it. Walks the pause slots until none changes (ending
+    /// one pause may end another: resumed data can make a filter fail).
     fn settle(&mut self) -> Option<Step> {
-        let (p, _) = self.paused?;
-        if self.closing {
-            return None;
-        }
-        if !self.skipped[p] {
-            if self.outstanding[p] > 0 {
+        loop {
+            let mut changed = false;
+            for slot in [NEW, 0, 1] {
+                let Some((p, _)) = self.paused[slot] else {
+                    continue;
+                };
+                if self.closing {
+                    return None;
+                }
+                if !self.skipped[p] {
+                    if self.outstanding[p] > 0 {
+                        continue;
+                    }
+                    let why = "paused with no callout outstanding: nothing could resume it";
+                    self.filters[p].host_failure();
+                    if !self.failure(p, "callout_response", why) {
+                        self.closing = true;
+                        return Some(Step::Close);
+                    }
+                }
+                if let Some(step) = self.resume(slot) {
+                    return Some(step);
+                }
+                changed = true;
+            }
+            if !changed {
                 return None;
             }
-            let why = "paused with no callout outstanding: nothing could resume it";
-            self.filters[p].host_failure();
-            if !self.failure(p, "callout_response", why) {
-                self.closing = true;
-                return Some(Step::Close);
-            }
         }
-        self.resume()
     }
 
-    /// Runs the rest of the chain from where the paused filter paused.
+    /// Runs the rest of the chain from where the filter paused in `slot`.
     /// `Some(step)` when the paused new connection resumed.
-    fn resume(&mut self) -> Option<Step> {
-        let (i, stage) = self.paused.take()?;
+    fn resume(&mut self, slot: usize) -> Option<Step> {
+        let (i, stage) = self.paused[slot].take()?;
+        self.woke = true;
         match stage {
             Stage::New => Some(self.run_new(i + 1)),
             Stage::Data { from, pos, eos } => {
@@ -646,9 +680,8 @@ where
             let step = c.run_data(from, buf[..n].to_vec(), eos, 0);
             // The filters called may have ended another direction's pause
             // for good (a failure, a cancelled callout).
-            let was = c.paused.is_some();
             let settled = c.settle();
-            (step, was && c.paused.is_none() || settled.is_some())
+            (step, std::mem::take(&mut c.woke) || settled.is_some())
         };
         if settled {
             wake.send_modify(|v| *v += 1);
@@ -893,16 +926,33 @@ mod tests {
     }
 
     /// Pauses the first downstream data on a callout; resumes on its response.
-    /// With `cancel`, upstream data makes it cancel that callout.
+    /// With `cancel`, upstream data makes it cancel that callout. With `up`,
+    /// it also pauses the first upstream data on a callout of its own.
     struct Waits {
         cancel: bool,
         open: bool,
+        up: bool,
     }
 
     const WAITS: Waits = Waits {
         cancel: false,
         open: false,
+        up: false,
     };
+
+    fn callout(id: u64) -> crate::filter::CalloutRequest {
+        crate::filter::CalloutRequest {
+            id,
+            cluster: "authz".into(),
+            method: http::Method::GET,
+            path: "/".into(),
+            authority: None,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::new(),
+            timeout: Duration::from_secs(1),
+            max_response_body: 1024,
+        }
+    }
 
     impl NetworkFilter for Waits {
         fn name(&self) -> &str {
@@ -927,21 +977,16 @@ mod tests {
             if from == Peer::Upstream && self.cancel {
                 c.cancelled.push(7);
             }
+            if from == Peer::Upstream && self.up && c.cause.is_none() {
+                c.cause = Some("asked".into());
+                c.callouts.push(callout(8));
+                return Ok(NetVerdict::Pause);
+            }
             if from == Peer::Upstream || c.request_id == "asked" {
                 return Ok(NetVerdict::Continue);
             }
             c.request_id = http::HeaderValue::from_static("asked");
-            c.callouts.push(crate::filter::CalloutRequest {
-                id: 7,
-                cluster: "authz".into(),
-                method: http::Method::GET,
-                path: "/".into(),
-                authority: None,
-                headers: http::HeaderMap::new(),
-                body: bytes::Bytes::new(),
-                timeout: Duration::from_secs(1),
-                max_response_body: 1024,
-            });
+            c.callouts.push(callout(7));
             Ok(NetVerdict::Pause)
         }
         fn on_callout_response(
@@ -951,7 +996,7 @@ mod tests {
             id: u64,
             result: CalloutResult,
         ) -> Result<NetVerdict, String> {
-            assert_eq!(id, 7);
+            assert!(id == 7 || id == 8, "{id}");
             assert_eq!(result.err(), Some(crate::filter::CalloutError::Unavailable));
             let _ = c;
             Ok(NetVerdict::Continue)
@@ -1005,7 +1050,11 @@ mod tests {
             local
                 .run_until(async {
                     let log = Arc::default();
-                    let waits = Waits { cancel: true, open };
+                    let waits = Waits {
+                        cancel: true,
+                        open,
+                        ..WAITS
+                    };
                     let filters: Vec<Arc<dyn NetworkFilter>> =
                         vec![Arc::new(waits), Arc::new(tag(b'b', 0, false, &log))];
                     let (mut c, mut rx) = chain_of(filters);
@@ -1035,6 +1084,51 @@ mod tests {
                 })
                 .await;
         }
+    }
+
+    /// One filter paused on callouts in both directions at once: its
+    /// `continue` from a callout response resumes both, and each direction's
+    /// held data goes on.
+    #[tokio::test(flavor = "current_thread")]
+    async fn both_directions_paused_at_once_both_resume() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let log = Arc::default();
+                let waits = Waits { up: true, ..WAITS };
+                let filters: Vec<Arc<dyn NetworkFilter>> =
+                    vec![Arc::new(waits), Arc::new(tag(b'b', 0, false, &log))];
+                let (mut c, mut rx) = chain_of(filters);
+                assert!(start(&mut c, &mut rx).await);
+                assert!(matches!(
+                    c.run_data(Peer::Downstream, b"x".to_vec(), false, 0),
+                    Step::Held
+                ));
+                assert!(matches!(
+                    c.run_data(Peer::Upstream, b"u".to_vec(), false, 0),
+                    Step::Held
+                ));
+                assert!(c.blocked(Peer::Downstream) && c.blocked(Peer::Upstream));
+                // The first callout's response resumes both directions.
+                let d = rx.recv().await.unwrap();
+                assert!(c.deliver(d).is_none());
+                assert!(!c.blocked(Peer::Downstream) && !c.blocked(Peer::Upstream));
+                assert_eq!(std::mem::take(&mut c.out[0]), b"xb");
+                assert_eq!(std::mem::take(&mut c.out[1]), b"ub");
+                // The second finds nothing paused; data flows both ways.
+                let d = rx.recv().await.unwrap();
+                assert!(c.deliver(d).is_none());
+                assert!(!c.closing);
+                assert_eq!(
+                    go(c.run_data(Peer::Downstream, b"y".to_vec(), false, 0)),
+                    b"yb"
+                );
+                assert_eq!(
+                    go(c.run_data(Peer::Upstream, b"v".to_vec(), false, 0)),
+                    b"vb"
+                );
+            })
+            .await;
     }
 
     #[test]
