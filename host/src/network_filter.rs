@@ -338,12 +338,20 @@ impl NetChain {
         tracing::warn!(plugin = f.name(), phase, "plugin failure: {why}");
         self.failed[i] = true;
         if f.fail_open() {
-            // A pause of this filter is ended by `settle` (its held data
-            // runs on past it).
+            // `settle` ends this filter's pauses and lets what it holds in
+            // either direction run on past it.
             self.skipped[i] = true;
             true
         } else {
             false
+        }
+    }
+
+    /// Filter `i`'s position in the order of data from `from`.
+    fn position(&self, i: usize, from: Peer) -> usize {
+        match from {
+            Peer::Downstream => i,
+            Peer::Upstream => self.filters.len() - 1 - i,
         }
     }
 
@@ -399,15 +407,16 @@ impl NetChain {
             Peer::Upstream => "upstream_data",
         };
         for (pos, &i) in order.iter().enumerate().skip(start) {
-            if self.skipped[i] {
-                continue;
-            }
-            let f = self.filters[i].clone();
+            // Before the skip: data a skipped filter held goes on first.
             let mut held = std::mem::take(&mut self.held[i][d]);
             if !held.is_empty() {
                 held.append(&mut data);
                 data = held;
             }
+            if self.skipped[i] {
+                continue;
+            }
+            let f = self.filters[i].clone();
             if data.len() > f.buffer_limit() {
                 f.buffer_limit_exceeded(from);
                 tracing::warn!(
@@ -535,10 +544,49 @@ impl NetChain {
                 }
                 changed = true;
             }
-            if !changed {
-                return None;
+            match self.release_skipped() {
+                Some(true) => {}
+                Some(false) if changed => {}
+                Some(false) => return None,
+                None => return Some(Step::Close),
             }
         }
+    }
+
+    /// Lets the data skipped filters hold (they buffered it before they
+    /// failed) run on past them, unless a callout pause later in that
+    /// direction's order waits (that data is older: this follows it when that
+    /// pause ends). Whether something ran; `None` if that closed the connection.
+    fn release_skipped(&mut self) -> Option<bool> {
+        let mut ran = false;
+        for i in 0..self.filters.len() {
+            if !self.skipped[i] {
+                continue;
+            }
+            for from in [Peer::Downstream, Peer::Upstream] {
+                let d = from.idx();
+                let pos = self.position(i, from);
+                let waits_later = matches!(
+                    self.paused[d],
+                    Some((_, Stage::Data { pos: p, .. })) if p > pos
+                );
+                if self.held[i][d].is_empty() || waits_later || self.closing {
+                    continue;
+                }
+                let data = std::mem::take(&mut self.held[i][d]);
+                self.woke = true;
+                ran = true;
+                match self.run_data(from, data, false, pos + 1) {
+                    Step::Go(data) => self.out[d].extend_from_slice(&data),
+                    Step::Held => {}
+                    Step::Close => {
+                        self.closing = true;
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(ran)
     }
 
     /// Runs the rest of the chain from where the filter paused in `slot`.
@@ -1129,6 +1177,41 @@ mod tests {
                 );
             })
             .await;
+    }
+
+    /// A fail-open filter buffering downstream data fails in an upstream
+    /// call: skipped from then on, what it held goes on (before later data)
+    /// instead of being lost.
+    #[test]
+    fn a_skipped_filter_releases_what_it_held() {
+        let log = Arc::default();
+        let mut c = chain(vec![tag(b'a', 4, true, &log), tag(b'b', 0, false, &log)]);
+        c.run_new(0);
+        assert!(matches!(
+            c.run_data(Peer::Downstream, b"12".to_vec(), false, 0),
+            Step::Held
+        ));
+        assert_eq!(
+            go(c.run_data(Peer::Upstream, b"faila".to_vec(), false, 0)),
+            b"failab"
+        );
+        // As the pump does after each run.
+        assert!(c.settle().is_none());
+        let mut down = std::mem::take(&mut c.out[0]);
+        down.extend(go(c.run_data(Peer::Downstream, b"34".to_vec(), false, 0)));
+        assert_eq!(down, b"12b34b");
+        // Next data reaching the skipped filter first takes what it held along.
+        let mut c = chain(vec![tag(b'a', 4, true, &log), tag(b'b', 0, false, &log)]);
+        c.run_new(0);
+        assert!(matches!(
+            c.run_data(Peer::Downstream, b"12".to_vec(), false, 0),
+            Step::Held
+        ));
+        go(c.run_data(Peer::Upstream, b"faila".to_vec(), false, 0));
+        assert_eq!(
+            go(c.run_data(Peer::Downstream, b"34".to_vec(), false, 0)),
+            b"1234b"
+        );
     }
 
     #[test]
