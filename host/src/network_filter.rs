@@ -417,16 +417,6 @@ impl NetChain {
                 continue;
             }
             let f = self.filters[i].clone();
-            if data.len() > f.buffer_limit() {
-                f.buffer_limit_exceeded(from);
-                tracing::warn!(
-                    plugin = f.name(),
-                    "the {} data this filter holds is over its cap of {} bytes; closing",
-                    from.as_str(),
-                    f.buffer_limit()
-                );
-                return Step::Close;
-            }
             self.x.bodies[d] = Some(data.into());
             let r = f.on_data(self.worker, &mut self.x, from, eos);
             data = self.x.bodies[d].take().unwrap_or_default().into_vec();
@@ -434,6 +424,11 @@ impl NetChain {
             match r {
                 Ok(NetVerdict::Continue) => {}
                 Ok(NetVerdict::Close) => return Step::Close,
+                Ok(NetVerdict::Pause)
+                    if (self.outstanding[i] > 0 || !eos) && self.over_cap(i, from, &data) =>
+                {
+                    return Step::Close;
+                }
                 Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
                     self.held[i][d] = data;
                     self.paused[d] = Some((i, Stage::Data { from, pos, eos }));
@@ -462,6 +457,23 @@ impl NetChain {
             }
         }
         Step::Go(data)
+    }
+
+    /// Whether `held`, which filter `i` holds from `from`, is over its cap
+    /// (the connection then closes). Data passing through is not capped.
+    fn over_cap(&self, i: usize, from: Peer, held: &[u8]) -> bool {
+        let f = &self.filters[i];
+        if held.len() <= f.buffer_limit() {
+            return false;
+        }
+        f.buffer_limit_exceeded(from);
+        tracing::warn!(
+            plugin = f.name(),
+            "the {} data this filter holds is over its cap of {} bytes; closing",
+            from.as_str(),
+            f.buffer_limit()
+        );
+        true
     }
 
     /// Whether data from `from` must wait (a filter waits for a callout on the
@@ -1212,6 +1224,19 @@ mod tests {
             go(c.run_data(Peer::Downstream, b"34".to_vec(), false, 0)),
             b"1234b"
         );
+    }
+
+    /// The cap is on what a filter holds: a filter that holds nothing passes
+    /// a chunk bigger than its cap.
+    #[test]
+    fn the_cap_is_on_held_data_not_data_passing_through() {
+        let log = Arc::default();
+        let mut c = chain(vec![tag(b'a', 0, false, &log)]);
+        c.run_new(0);
+        let data = vec![b'x'; 20];
+        let mut want = data.clone();
+        want.push(b'a');
+        assert_eq!(go(c.run_data(Peer::Downstream, data, false, 0)), want);
     }
 
     #[test]
