@@ -640,6 +640,23 @@ impl NetChain {
     }
 }
 
+impl Drop for NetChain {
+    /// A chain dropped before it finished (an early return, a connection task
+    /// dropped mid-way) still gives the filters that saw the connection their
+    /// close notifications (local: the host ends it) and `on_done`, which
+    /// frees their per-connection state.
+    fn drop(&mut self) {
+        if self.entered == 0 {
+            return;
+        }
+        if self.x.upstream.is_some() {
+            self.finish(&[(Peer::Downstream, false), (Peer::Upstream, false)]);
+        } else {
+            self.finish(&[(Peer::Downstream, false)]);
+        }
+    }
+}
+
 /// Callout results for a chain.
 pub type Deliveries = tokio::sync::mpsc::UnboundedReceiver<Delivery>;
 
@@ -858,7 +875,8 @@ pub async fn serve<D, U>(
 }
 
 /// Finishes a connection that never reached the upstream (rejected by a filter,
-/// or no endpoint reachable): the downstream side closes locally.
+/// no endpoint reachable, no original destination): the downstream side
+/// closes locally. (Dropping the chain unfinished does the same.)
 pub fn finish_unconnected(chain: &mut NetChain) {
     chain.finish(&[(Peer::Downstream, false)]);
 }
@@ -1237,6 +1255,20 @@ mod tests {
         let mut want = data.clone();
         want.push(b'a');
         assert_eq!(go(c.run_data(Peer::Downstream, data, false, 0)), want);
+    }
+
+    /// A chain dropped before it finished (an early return) still gives the
+    /// filters that saw the connection their close and `on_done`.
+    #[test]
+    fn a_chain_dropped_unfinished_finishes_its_filters() {
+        let log = Arc::default();
+        let mut c = chain(vec![tag(b'a', 0, false, &log)]);
+        c.run_new(0);
+        drop(c);
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["new a", "close a downstream local", "done a"]
+        );
     }
 
     #[test]

@@ -112,6 +112,9 @@ pub async fn serve(
         let (addr, host, index) = if cluster.config.original_dst {
             let Some(a) = original_dst else {
                 tracing::warn!(listener = %ctx.name, %peer, "no original destination; closing");
+                if let Some((mut chain, _)) = filtered {
+                    network_filter::finish_unconnected(&mut chain);
+                }
                 return;
             };
             (a, Arc::<str>::from(a.ip().to_string()), None)

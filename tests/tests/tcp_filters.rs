@@ -439,6 +439,38 @@ async fn a_reload_closes_a_replaced_listeners_filtered_connections() {
     assert_eq!(new.read_exact(back.len(), T).await.unwrap(), back);
 }
 
+/// A client that connects straight to a transparent listener whose cluster
+/// is `original_dst` has no original destination to go to: the connection
+/// closes before any connect, and the filter that saw it still gets its
+/// downstream close and `on_done` (its stream context is deleted, not left
+/// in the VM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_no_original_destination_finishes_its_filters() {
+    let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let cfg = config(unused, "{ mode: tcp-rewrite }", "", "")
+        .replacen(
+            "    tcp:\n      cluster: echo\n",
+            "    original_destination: true\n    tcp:\n      cluster: echo\n",
+            1,
+        )
+        .replacen(
+            &format!("    endpoints:\n      - address: {unused}\n"),
+            "    original_dst: true\n",
+            1,
+        );
+    assert!(cfg.contains("original_dst: true"), "{cfg}");
+    let lg = legate().config(&cfg).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let (rest, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    lg.assert_stat(&metric("pw_tcp_new"), 1.0).await;
+    lg.assert_stat(&metric("pw_tcp_down_close_local"), 1.0)
+        .await;
+    lg.assert_stat(&metric("pw_tcp_up_close_local"), 0.0).await;
+    lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
+    lg.assert_stat(&calls("done"), 1.0).await;
+}
+
 /// [`config`] with the component fixture (tests/network-guest) as `pw`.
 fn component_config(echo: SocketAddr, mode: &str, extra: &str, tls: &str) -> String {
     let proxy_wasm = config(echo, "x", extra, tls);
