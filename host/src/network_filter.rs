@@ -271,6 +271,9 @@ pub struct NetChain {
     eos_out: [bool; 2],
     /// A filter (or a failure) closed the connection.
     closing: bool,
+    /// A read from that side failed (a reset): the peer closed, though the
+    /// host then closes the connection ([`Peer::idx`]).
+    reset: [bool; 2],
     /// Filters that saw `on_new_connection` (they get `on_close` and `on_done`).
     entered: usize,
     callouts: Rc<dyn CalloutSender>,
@@ -302,6 +305,7 @@ impl NetChain {
             out: [Vec::new(), Vec::new()],
             eos_out: [false, false],
             closing: false,
+            reset: [false, false],
             entered: 0,
             callouts,
             deliver: tx,
@@ -684,13 +688,14 @@ pub async fn start(chain: &mut NetChain, rx: &mut Deliveries) -> bool {
 /// How a pump ended.
 #[derive(Clone, Copy, Default)]
 struct Ended {
-    /// The peer it read from closed (EOF or error): a remote close.
+    /// The peer it read from closed (EOF): a remote close.
     remote: bool,
 }
 
 /// Reads from `from`, runs the chain, writes to the other side. Ends at the end
 /// of `from`'s stream (after half-closing the other side) or when the
-/// connection closes.
+/// connection closes; a read error (the peer reset) closes it, with no
+/// end-of-stream call, as the plain path and Envoy do.
 async fn pump<R, W>(
     chain: &RefCell<NetChain>,
     from: Peer,
@@ -742,7 +747,15 @@ where
             continue;
         }
         let n = tokio::select! {
-            n = r.read(&mut buf) => n.unwrap_or(0),
+            n = r.read(&mut buf) => match n {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!("tcp {} read failed: {e}; closing", from.as_str());
+                    chain.borrow_mut().reset[d] = true;
+                    close(wake);
+                    return ended;
+                }
+            },
             c = changed.changed() => {
                 if c.is_err() {
                     return ended;
@@ -866,12 +879,15 @@ pub async fn serve<D, U>(
     if timed_out {
         tracing::debug!("tcp connection idle for {idle:?}; closing");
     }
-    // Remote: that peer closed (and the host did not close first).
-    let remote = |e: Ended| e.remote && !closed && !timed_out && !cut_off;
-    chain.finish(&[
-        (Peer::Downstream, remote(down_ended)),
-        (Peer::Upstream, remote(up_ended)),
-    ]);
+    // Remote: that peer closed (and the host did not close first), or reset.
+    let remote = |e: Ended, p: Peer| {
+        chain.reset[p.idx()] || e.remote && !closed && !timed_out && !cut_off
+    };
+    let closes = [
+        (Peer::Downstream, remote(down_ended, Peer::Downstream)),
+        (Peer::Upstream, remote(up_ended, Peer::Upstream)),
+    ];
+    chain.finish(&closes);
 }
 
 /// Finishes a connection that never reached the upstream (rejected by a filter,

@@ -471,6 +471,53 @@ async fn a_connection_with_no_original_destination_finishes_its_filters() {
     lg.assert_stat(&calls("done"), 1.0).await;
 }
 
+/// A client that resets its connection (a read error, not a half-close)
+/// ends a filtered connection as the plain path does: both sides close at
+/// once instead of the upstream getting a FIN and the connection living on
+/// until `idle_timeout`. The filter sees no end-of-stream data call, the
+/// client's close as remote and the upstream's as local.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reset_closes_both_sides() {
+    // An upstream that sends nothing and never closes.
+    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = up.local_addr().unwrap();
+    let (tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = up.accept().await {
+            let _ = tx.send(s);
+        }
+    });
+    let lg = legate()
+        .config(&config(up_addr, "{ mode: tcp-close }", "", ""))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"hi").await;
+    let mut held = tokio::time::timeout(HANG_GUARD, accepted.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut got = [0u8; 2];
+    tokio::time::timeout(HANG_GUARD, held.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"hi");
+    c.stream.set_zero_linger().unwrap();
+    drop(c);
+    lg.wait_no_connections("tcp", "a reset client's connection closed")
+        .await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(HANG_GUARD, held.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    lg.assert_stat(&calls("downstream_data"), 1.0).await;
+    lg.assert_stat(&metric("pw_tcp_down_close_remote"), 1.0)
+        .await;
+    lg.assert_stat(&metric("pw_tcp_up_close_local"), 1.0).await;
+    lg.assert_stat(&calls("done"), 1.0).await;
+}
+
 /// [`config`] with the component fixture (tests/network-guest) as `pw`.
 fn component_config(echo: SocketAddr, mode: &str, extra: &str, tls: &str) -> String {
     let proxy_wasm = config(echo, "x", extra, tls);
