@@ -74,6 +74,12 @@ pub enum NetVerdict {
     Pause,
     /// Close both connections; held data is discarded.
     Close,
+    /// From [`NetworkFilter::on_callout_response`]: resume this filter's pause
+    /// of the data from this peer (for `Downstream`, also of the new
+    /// connection), not the other direction's (proxy-wasm's
+    /// `proxy_continue_stream` names one). `Continue` resumes every pause of
+    /// the filter. From other calls, the same as `Continue`.
+    Resume(Peer),
 }
 
 /// An L4 filter: one loaded plugin, shared by every worker (per-worker state is
@@ -108,7 +114,8 @@ pub trait NetworkFilter: Send + Sync {
         end_of_stream: bool,
     ) -> Result<NetVerdict, String>;
     /// The result of callout `id`, which this filter queued for `c`. If the
-    /// filter is paused, `Continue` resumes it.
+    /// filter is paused, `Continue` resumes it (every pause of it: the new
+    /// connection's, either direction's), `Resume` one direction's.
     fn on_callout_response(
         &self,
         worker: usize,
@@ -379,7 +386,7 @@ impl NetChain {
             let r = f.on_new_connection(self.worker, &mut self.x);
             self.dispatch(i);
             match r {
-                Ok(NetVerdict::Continue) => {}
+                Ok(NetVerdict::Continue | NetVerdict::Resume(_)) => {}
                 Ok(NetVerdict::Close) => return Step::Close,
                 Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
                     self.paused[NEW] = Some((i, Stage::New));
@@ -426,7 +433,7 @@ impl NetChain {
             data = self.x.bodies[d].take().unwrap_or_default().into_vec();
             self.dispatch(i);
             match r {
-                Ok(NetVerdict::Continue) => {}
+                Ok(NetVerdict::Continue | NetVerdict::Resume(_)) => {}
                 Ok(NetVerdict::Close) => return Step::Close,
                 Ok(NetVerdict::Pause)
                     if (self.outstanding[i] > 0 || !eos) && self.over_cap(i, from, &data) =>
@@ -502,9 +509,14 @@ impl NetChain {
         };
         self.dispatch(i);
         match r {
-            Ok(NetVerdict::Continue) => {
+            Ok(v @ (NetVerdict::Continue | NetVerdict::Resume(_))) => {
+                let slots: &[usize] = match v {
+                    NetVerdict::Resume(Peer::Downstream) => &[NEW, 0],
+                    NetVerdict::Resume(Peer::Upstream) => &[1],
+                    _ => &[NEW, 0, 1],
+                };
                 let mut step = None;
-                for slot in [NEW, 0, 1] {
+                for &slot in slots {
                     if matches!(self.paused[slot], Some((p, _)) if p == i) {
                         step = step.or(self.resume(slot));
                     }
@@ -1021,17 +1033,20 @@ mod tests {
 
     /// Pauses the first downstream data on a callout; resumes on its response.
     /// With `cancel`, upstream data makes it cancel that callout. With `up`,
-    /// it also pauses the first upstream data on a callout of its own.
+    /// it also pauses the first upstream data on a callout of its own. With
+    /// `resume`, a callout response resumes that direction only.
     struct Waits {
         cancel: bool,
         open: bool,
         up: bool,
+        resume: Option<Peer>,
     }
 
     const WAITS: Waits = Waits {
         cancel: false,
         open: false,
         up: false,
+        resume: None,
     };
 
     fn callout(id: u64) -> crate::filter::CalloutRequest {
@@ -1093,7 +1108,7 @@ mod tests {
             assert!(id == 7 || id == 8, "{id}");
             assert_eq!(result.err(), Some(crate::filter::CalloutError::Unavailable));
             let _ = c;
-            Ok(NetVerdict::Continue)
+            Ok(self.resume.map_or(NetVerdict::Continue, NetVerdict::Resume))
         }
         fn on_close(&self, _: usize, _: &mut Exchange, _: Peer, _: bool) {}
         fn on_done(&self, _: usize, _: &mut Exchange) {}
@@ -1221,6 +1236,43 @@ mod tests {
                     go(c.run_data(Peer::Upstream, b"v".to_vec(), false, 0)),
                     b"vb"
                 );
+            })
+            .await;
+    }
+
+    /// A resume of one direction (proxy-wasm's `proxy_continue_stream` naming
+    /// it) ends that direction's pause only; the other's, with nothing left
+    /// to resume it, then fails by the policy.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_resume_of_one_direction_leaves_the_other_paused() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let log = Arc::default();
+                let waits = Waits {
+                    up: true,
+                    resume: Some(Peer::Upstream),
+                    ..WAITS
+                };
+                let filters: Vec<Arc<dyn NetworkFilter>> =
+                    vec![Arc::new(waits), Arc::new(tag(b'b', 0, false, &log))];
+                let (mut c, mut rx) = chain_of(filters);
+                assert!(start(&mut c, &mut rx).await);
+                assert!(matches!(
+                    c.run_data(Peer::Downstream, b"x".to_vec(), false, 0),
+                    Step::Held
+                ));
+                assert!(matches!(
+                    c.run_data(Peer::Upstream, b"u".to_vec(), false, 0),
+                    Step::Held
+                ));
+                let d = rx.recv().await.unwrap();
+                assert!(c.deliver(d).is_none());
+                assert!(c.blocked(Peer::Downstream) && !c.blocked(Peer::Upstream));
+                assert_eq!(std::mem::take(&mut c.out[1]), b"ub");
+                assert!(c.out[0].is_empty());
+                let d = rx.recv().await.unwrap();
+                assert!(matches!(c.deliver(d), Some(Step::Close)));
             })
             .await;
     }

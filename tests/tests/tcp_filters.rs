@@ -518,6 +518,82 @@ async fn a_client_reset_closes_both_sides() {
     lg.assert_stat(&calls("done"), 1.0).await;
 }
 
+/// A TCP server on 127.0.0.1:0 that sends `hello\n` first on each
+/// connection, then echoes.
+async fn greeting_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if s.write_all(b"hello\n").await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// [`config`] with mode `mode` calling `authz` at `path`.
+fn resume_config(up: SocketAddr, az: SocketAddr, mode: &str, path: &str) -> String {
+    with_cluster(
+        &config(
+            up,
+            &format!("{{ mode: {mode}, path: \"{path}\", timeout_ms: 10000 }}"),
+            "    capabilities: { clusters: [authz] }\n",
+            "",
+        ),
+        "authz",
+        az,
+    )
+}
+
+/// `proxy_continue_stream` names the direction a TCP connection resumes:
+/// both directions wait on calls at once (the upstream speaks first), and
+/// each call's callback resumes its own with `resume_downstream` /
+/// `resume_upstream`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_resumes_each_direction_by_its_stream_type() {
+    let up = greeting_server().await;
+    let az = authz_upstream().await;
+    let lg = legate()
+        .config(&resume_config(up, az.addr, "tcp-resume", "/check/slow"))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"ping").await;
+    let want = b"hello\nping";
+    assert_eq!(c.read_exact(want.len(), HANG_GUARD).await.unwrap(), want);
+    lg.assert_stat(&calls("callout_response"), 2.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
+/// A callback that resumes only the downstream direction leaves the paused
+/// upstream direction with nothing to resume it: a failure, so with `fail:
+/// closed` the connection closes and the held upstream data never reaches the
+/// client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_resume_downstream_leaves_upstream_paused() {
+    let up = greeting_server().await;
+    let az = authz_upstream().await;
+    let lg = legate()
+        .config(&resume_config(up, az.addr, "tcp-resume-down", "/check/tcp"))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let (rest, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 1.0)
+        .await;
+    lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
+}
+
 /// [`config`] with the component fixture (tests/network-guest) as `pw`.
 fn component_config(echo: SocketAddr, mode: &str, extra: &str, tls: &str) -> String {
     let proxy_wasm = config(echo, "x", extra, tls);

@@ -568,11 +568,16 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
         },
     )?;
     // ---- stream control ----
-    l.func_wrap(E, "proxy_continue_stream", |mut c: C<'_>, _stream: i32| {
+    l.func_wrap(E, "proxy_continue_stream", |mut c: C<'_>, stream: i32| {
         // Resumes the exchange held since a phase returned PAUSE, once the current
         // call (a callout response) returns; nothing to do when it is not held.
+        // A TCP connection resumes the directions named (filter.rs).
         run(&mut c, |c| {
-            c.data_mut().resume = true;
+            let data = c.data_mut();
+            data.resume = true;
+            if let Ok(t @ 0..=3) = u8::try_from(stream) {
+                data.resumed_streams |= 1 << t;
+            }
             Ok(())
         })
     })?;
