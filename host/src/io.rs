@@ -168,6 +168,12 @@ impl Activity {
         }
     }
 
+    /// Bytes moved on another socket of the connection (a TCP proxy's
+    /// upstream): activity for the idle timer, not the client's bytes.
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Relaxed);
+    }
+
     fn on_write(&self, n: usize) {
         self.tx.fetch_add(n as u64, Relaxed);
         let now = self.now_ms();
@@ -311,12 +317,31 @@ fn tcp_bytes_acked(_fd: i32) -> Option<u64> {
 pub struct Tracked<T> {
     inner: T,
     activity: Arc<Activity>,
+    /// The client's socket (bytes counted, protocol sniffed, end noticed);
+    /// another socket of the connection only marks it active.
+    client: bool,
 }
 
 impl<T> Tracked<T> {
-    /// Wraps `inner`.
+    /// Wraps `inner`, the client's socket.
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Tracked { inner, activity }
+        Tracked {
+            inner,
+            activity,
+            client: true,
+        }
+    }
+
+    /// Wraps `inner`, another socket of the connection (a TCP proxy's
+    /// upstream): the bytes it moves keep the connection from idling out,
+    /// as Envoy's TCP proxy counts upstream reads and writes, but are not
+    /// the client's bytes.
+    pub fn other(inner: T, activity: Arc<Activity>) -> Self {
+        Tracked {
+            inner,
+            activity,
+            client: false,
+        }
     }
 }
 
@@ -330,6 +355,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let room = buf.remaining() > 0;
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
+        if !self.client {
+            if n > 0 {
+                self.activity.touch();
+            }
+            return r;
+        }
         match r {
             Poll::Ready(Ok(())) if n > 0 => {
                 if self.activity.proto.load(Relaxed) == 0 {
@@ -345,6 +376,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
     }
 }
 
+impl<T> Tracked<T> {
+    fn wrote(&self, n: usize) {
+        match (n > 0, self.client) {
+            (true, true) => self.activity.on_write(n),
+            (true, false) => self.activity.touch(),
+            (false, _) => {}
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -353,9 +394,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
-            if n > 0 {
-                self.activity.on_write(n);
-            }
+            self.wrote(n);
         }
         r
     }
@@ -366,9 +405,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r {
-            if n > 0 {
-                self.activity.on_write(n);
-            }
+            self.wrote(n);
         }
         r
     }

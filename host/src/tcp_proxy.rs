@@ -170,7 +170,10 @@ pub async fn serve(
 
     let activity = Arc::new(Activity::default());
     let mut down = Tracked::new(downstream, activity.clone());
-    let mut up = upstream;
+    // Upstream bytes count as activity too (not as the client's bytes): a
+    // filter may hold what the upstream sends, or a slow upstream take an
+    // upload, with nothing moving on the client's side meanwhile.
+    let mut up = Tracked::other(upstream, activity.clone());
     let idle = tcp.idle_timeout.get();
     // Once the listener stops (a drain, or a reload that replaced or removed
     // it), the connection has `drain_timeout` left.

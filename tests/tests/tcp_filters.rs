@@ -383,6 +383,44 @@ async fn a_filtered_connection_whose_client_stops_reading_is_closed() {
     assert!(closed, "Legate's side closed, yet the client's stayed open");
 }
 
+/// Bytes from the upstream are activity for the TCP idle timeout, as Envoy's
+/// `tcp_proxy` counts upstream reads: an upstream trickling a line that the
+/// filter holds until its newline, for longer than `idle_timeout` in all,
+/// while nothing moves on the client's side, is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_bytes_a_filter_holds_keep_the_connection_open() {
+    // A byte per 100 ms for 3 s, then the newline: far more often than the
+    // 2 s idle timeout, longer than it in all.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = l.accept().await else {
+            return;
+        };
+        s.set_nodelay(true).unwrap();
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if s.write_all(b"a").await.is_err() {
+                return;
+            }
+        }
+        let _ = s.write_all(b"\n").await;
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf).await;
+    });
+    let lg = legate()
+        .config(&tcp_idle(
+            &config(up, "{ mode: tcp-lines }", "", ""),
+            "2s",
+        ))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let want = [b"a".repeat(30), b"\n".to_vec()].concat();
+    assert_eq!(c.read_exact(want.len(), HANG_GUARD).await.unwrap(), want);
+    lg.assert_stat(&metric("pw_tcp_down_close_local"), 0.0)
+        .await;
+}
+
 /// A filter that holds a connection's data (`tcp-rewrite` pauses a line
 /// until its newline) while nothing else moves: the connection is closed
 /// after `idle_timeout` (a pause has no bound of its own on TCP), the held

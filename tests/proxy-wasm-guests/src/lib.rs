@@ -151,6 +151,8 @@
 //!   `path` and pauses; each call's response resumes its own direction
 //!   (`resume_downstream` / `resume_upstream`). `tcp-resume-down`: every
 //!   response calls `resume_downstream` only.
+//! - `tcp-lines`: data of either direction is held (`Pause`) until it ends
+//!   with a newline (or the stream ends), then passes unchanged.
 //!
 //! - `share` (VM sharing, `tag` from the config): a static counter of the module
 //!   (one per VM, so only a shared VM shows another plugin's increments) is
@@ -586,6 +588,20 @@ fn replace_all(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
 }
 
 impl Tcp {
+    /// `tcp-lines`: holds direction `i`'s data until a newline ends it.
+    fn line(&self, size: usize, end_of_stream: bool, i: usize) -> Action {
+        let data = if i == 0 {
+            self.get_downstream_data(0, size)
+        } else {
+            self.get_upstream_data(0, size)
+        };
+        if end_of_stream || data.unwrap_or_default().ends_with(b"\n") {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
+    }
+
     /// `tcp-resume*`: the first data of direction `i` calls `authz` and pauses.
     fn hold_once(&mut self, i: usize) -> Action {
         if !self.s.mode.starts_with("tcp-resume") || self.calls[i].is_some() {
@@ -680,6 +696,9 @@ impl StreamContext for Tcp {
         if self.s.mode.starts_with("tcp-resume") {
             return self.hold_once(0);
         }
+        if self.s.mode == "tcp-lines" {
+            return self.line(size, end_of_stream, 0);
+        }
         let data = self.get_downstream_data(0, size).unwrap_or_default();
         match self.s.mode.as_str() {
             "tcp-rewrite" => {
@@ -721,9 +740,12 @@ impl StreamContext for Tcp {
         Action::Continue
     }
 
-    fn on_upstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
+    fn on_upstream_data(&mut self, size: usize, end_of_stream: bool) -> Action {
         if self.s.mode.starts_with("tcp-resume") {
             return self.hold_once(1);
+        }
+        if self.s.mode == "tcp-lines" {
+            return self.line(size, end_of_stream, 1);
         }
         let data = self.get_upstream_data(0, size).unwrap_or_default();
         match self.s.mode.as_str() {
