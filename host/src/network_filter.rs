@@ -892,9 +892,8 @@ pub async fn serve<D, U>(
         tracing::debug!("tcp connection idle for {idle:?}; closing");
     }
     // Remote: that peer closed (and the host did not close first), or reset.
-    let remote = |e: Ended, p: Peer| {
-        chain.reset[p.idx()] || e.remote && !closed && !timed_out && !cut_off
-    };
+    let remote =
+        |e: Ended, p: Peer| chain.reset[p.idx()] || e.remote && !closed && !timed_out && !cut_off;
     let closes = [
         (Peer::Downstream, remote(down_ended, Peer::Downstream)),
         (Peer::Upstream, remote(up_ended, Peer::Upstream)),

@@ -409,10 +409,7 @@ async fn upstream_bytes_a_filter_holds_keep_the_connection_open() {
         let _ = s.read(&mut buf).await;
     });
     let lg = legate()
-        .config(&tcp_idle(
-            &config(up, "{ mode: tcp-lines }", "", ""),
-            "2s",
-        ))
+        .config(&tcp_idle(&config(up, "{ mode: tcp-lines }", "", ""), "2s"))
         .start();
     let mut c = RawConn::connect(lg.addr("tcp")).await;
     let want = [b"a".repeat(30), b"\n".to_vec()].concat();
