@@ -8,7 +8,8 @@
 //! A connection's state as filters see it is an [`Exchange`] (its facts,
 //! `upstream`, queued callouts), so the Wasm hosts reuse their exchange plumbing:
 //! the data of a call is in `bodies[0]` (from downstream) or `bodies[1]` (from
-//! upstream), where the filter may rewrite it.
+//! upstream), where the filter may rewrite it (a proxy-wasm filter finds what it
+//! holds there in its callout responses too: `held_in_callouts`).
 //!
 //! Order: `on_new_connection` in chain order before the upstream connect;
 //! downstream data in chain order, upstream data in reverse order (as HTTP
@@ -95,6 +96,13 @@ pub trait NetworkFilter: Send + Sync {
     /// Held data went over [`Self::buffer_limit`] (for the filter's stats).
     fn buffer_limit_exceeded(&self, from: Peer) {
         let _ = from;
+    }
+    /// Whether [`Self::on_callout_response`] finds the data this filter
+    /// holds in `c.bodies` (per direction, writable: what is left there stays
+    /// held). proxy-wasm filters do (Envoy's read buffer stays available
+    /// after `StopIteration`); components do not (abi/README.md §11).
+    fn held_in_callouts(&self) -> bool {
+        false
     }
     /// The chain found this filter failed without a failing call: it paused
     /// on callouts that were all cancelled, so nothing can end the pause. For
@@ -504,6 +512,19 @@ impl NetChain {
         let f = self.filters[i].clone();
         let r = if self.skipped[i] {
             Ok(NetVerdict::Continue)
+        } else if f.held_in_callouts() {
+            for d in 0..2 {
+                if !self.held[i][d].is_empty() {
+                    self.x.bodies[d] = Some(std::mem::take(&mut self.held[i][d]).into());
+                }
+            }
+            let r = f.on_callout_response(self.worker, &mut self.x, id, result);
+            for d in 0..2 {
+                if let Some(b) = self.x.bodies[d].take() {
+                    self.held[i][d] = b.into_vec();
+                }
+            }
+            r
         } else {
             f.on_callout_response(self.worker, &mut self.x, id, result)
         };

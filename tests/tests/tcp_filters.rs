@@ -610,6 +610,25 @@ async fn proxy_wasm_resumes_each_direction_by_its_stream_type() {
         .await;
 }
 
+/// In a call's callback a proxy-wasm TCP filter reads and rewrites the data
+/// it holds (`DOWNSTREAM_DATA` / `UPSTREAM_DATA`), as Envoy keeps its read
+/// buffer after `StopIteration`: each callback prefixes its direction's held
+/// data before resuming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_rewrites_held_data_in_a_calls_callback() {
+    let up = greeting_server().await;
+    let az = authz_upstream().await;
+    let lg = legate()
+        .config(&resume_config(up, az.addr, "tcp-resume-edit", "/check/tcp"))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"ping").await;
+    let want = b"up|hello\ndown|ping";
+    assert_eq!(c.read_exact(want.len(), HANG_GUARD).await.unwrap(), want);
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
 /// A callback that resumes only the downstream direction leaves the paused
 /// upstream direction with nothing to resume it: a failure, so with `fail:
 /// closed` the connection closes and the held upstream data never reaches the

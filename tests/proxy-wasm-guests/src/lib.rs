@@ -150,7 +150,10 @@
 //! - `tcp-resume`: the first data of each direction calls cluster `authz` at
 //!   `path` and pauses; each call's response resumes its own direction
 //!   (`resume_downstream` / `resume_upstream`). `tcp-resume-down`: every
-//!   response calls `resume_downstream` only.
+//!   response calls `resume_downstream` only. `tcp-resume-edit`: as
+//!   `tcp-resume`, and each response first prefixes the data its direction
+//!   holds with `down|` or `up|` (`set_downstream_data` / `set_upstream_data`
+//!   in the callback).
 //! - `tcp-lines`: data of either direction is held (`Pause`) until it ends
 //!   with a newline (or the stream ends), then passes unchanged.
 //!
@@ -641,10 +644,17 @@ impl Context for Tcp {
             self.resume_downstream();
             return;
         }
-        if self.s.mode == "tcp-resume" {
+        if self.s.mode.starts_with("tcp-resume") {
+            let edit = self.s.mode == "tcp-resume-edit";
             if self.calls[1] == Some(token) {
+                if edit {
+                    self.set_upstream_data(0, 0, b"up|");
+                }
                 self.resume_upstream();
             } else {
+                if edit {
+                    self.set_downstream_data(0, 0, b"down|");
+                }
                 self.resume_downstream();
             }
             return;

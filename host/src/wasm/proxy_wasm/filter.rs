@@ -1946,6 +1946,10 @@ impl NetworkFilter for ProxyWasmFilter {
         self.stats.failures.inc();
     }
 
+    fn held_in_callouts(&self) -> bool {
+        true
+    }
+
     fn buffer_limit_exceeded(&self, from: Peer) {
         let d = match from {
             Peer::Downstream => Direction::Request,

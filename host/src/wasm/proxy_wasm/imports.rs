@@ -58,7 +58,9 @@ fn call_body(s: &PwState) -> Option<Bytes> {
 /// exists only during the body callback of its direction, holding everything the
 /// filter has held so far plus the new data.
 /// On a TCP connection, the data buffers (`DOWNSTREAM_DATA`/`UPSTREAM_DATA`)
-/// are the same per-direction slots during that direction's data callback.
+/// are the same per-direction slots during that direction's data callback,
+/// and in a call's callback they hold what the filter holds (the chain lends
+/// it, `NetworkFilter::held_in_callouts`).
 fn body_mut(s: &mut PwState, kind: i32) -> Option<&mut crate::filter::BodyBuf> {
     let (d, phase) = match kind {
         buffer::HTTP_REQUEST_BODY => (Direction::Request, Phase::Body(Direction::Request)),
@@ -67,7 +69,10 @@ fn body_mut(s: &mut PwState, kind: i32) -> Option<&mut crate::filter::BodyBuf> {
         buffer::UPSTREAM_DATA => (Direction::Response, Phase::Data(Direction::Response)),
         _ => return None,
     };
-    if s.phase != phase {
+    let held = matches!(phase, Phase::Data(_))
+        && s.phase == Phase::CalloutResponse
+        && s.tcp_contexts.contains(&s.x_context);
+    if s.phase != phase && !held {
         return None;
     }
     s.exchange()?.bodies[d.idx()].as_mut()
