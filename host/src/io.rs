@@ -1,5 +1,6 @@
 //! Byte streams: plain or TLS TCP ([`Conn`]); [`Tracked`], which records when a
-//! downstream connection last moved bytes so the connection task can enforce the
+//! downstream connection last moved bytes (or, for a TCP proxy, its upstream
+//! socket: [`Tracked::other`]) so the connection task can enforce the
 //! idle and header-read timeouts without a timer per read (and an HTTP/1.1
 //! response's stream idle timeout sees its progress there:
 //! [`Activity::last_progress`]); and [`Reclaim`], which gives a stream back
