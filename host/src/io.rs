@@ -1,5 +1,6 @@
 //! Byte streams: plain or TLS TCP ([`Conn`]); [`Tracked`], which records when a
-//! downstream connection last moved bytes so the connection task can enforce the
+//! downstream connection last moved bytes (or, for a TCP proxy, its upstream
+//! socket: [`Tracked::other`]) so the connection task can enforce the
 //! idle and header-read timeouts without a timer per read (and an HTTP/1.1
 //! response's stream idle timeout sees its progress there:
 //! [`Activity::last_progress`]); and [`Reclaim`], which gives a stream back
@@ -168,6 +169,12 @@ impl Activity {
         }
     }
 
+    /// Bytes moved on another socket of the connection (a TCP proxy's
+    /// upstream): activity for the idle timer, not the client's bytes.
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Relaxed);
+    }
+
     fn on_write(&self, n: usize) {
         self.tx.fetch_add(n as u64, Relaxed);
         let now = self.now_ms();
@@ -311,12 +318,31 @@ fn tcp_bytes_acked(_fd: i32) -> Option<u64> {
 pub struct Tracked<T> {
     inner: T,
     activity: Arc<Activity>,
+    /// The client's socket (bytes counted, protocol sniffed, end noticed);
+    /// another socket of the connection only marks it active.
+    client: bool,
 }
 
 impl<T> Tracked<T> {
-    /// Wraps `inner`.
+    /// Wraps `inner`, the client's socket.
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Tracked { inner, activity }
+        Tracked {
+            inner,
+            activity,
+            client: true,
+        }
+    }
+
+    /// Wraps `inner`, another socket of the connection (a TCP proxy's
+    /// upstream): the bytes it moves keep the connection from idling out,
+    /// as Envoy's TCP proxy counts upstream reads and writes, but are not
+    /// the client's bytes.
+    pub fn other(inner: T, activity: Arc<Activity>) -> Self {
+        Tracked {
+            inner,
+            activity,
+            client: false,
+        }
     }
 }
 
@@ -330,6 +356,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let room = buf.remaining() > 0;
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
+        if !self.client {
+            if n > 0 {
+                self.activity.touch();
+            }
+            return r;
+        }
         match r {
             Poll::Ready(Ok(())) if n > 0 => {
                 if self.activity.proto.load(Relaxed) == 0 {
@@ -345,6 +377,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
     }
 }
 
+impl<T> Tracked<T> {
+    fn wrote(&self, n: usize) {
+        match (n > 0, self.client) {
+            (true, true) => self.activity.on_write(n),
+            (true, false) => self.activity.touch(),
+            (false, _) => {}
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -353,9 +395,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
-            if n > 0 {
-                self.activity.on_write(n);
-            }
+            self.wrote(n);
         }
         r
     }
@@ -366,9 +406,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r {
-            if n > 0 {
-                self.activity.on_write(n);
-            }
+            self.wrote(n);
         }
         r
     }

@@ -8,7 +8,8 @@
 //! A connection's state as filters see it is an [`Exchange`] (its facts,
 //! `upstream`, queued callouts), so the Wasm hosts reuse their exchange plumbing:
 //! the data of a call is in `bodies[0]` (from downstream) or `bodies[1]` (from
-//! upstream), where the filter may rewrite it.
+//! upstream), where the filter may rewrite it (a proxy-wasm filter finds what it
+//! holds there in its callout responses too: `held_in_callouts`).
 //!
 //! Order: `on_new_connection` in chain order before the upstream connect;
 //! downstream data in chain order, upstream data in reverse order (as HTTP
@@ -18,9 +19,11 @@
 //! reading until the callout response resumes it (the held data then goes on to
 //! the next filter); with none, the next data of that direction is appended and
 //! the filter called again with all of it (Envoy's buffering), up to the
-//! filter's cap. Failures follow the plugin's policy as for HTTP filters: `fail:
-//! closed` closes the connection, `fail: open` skips the filter for the rest of
-//! the connection.
+//! filter's cap. Each direction and the new connection have their own callout
+//! pause, so both directions can wait at once, and a filter's `Continue` from a
+//! callout response resumes every pause of that filter. Failures follow the
+//! plugin's policy as for HTTP filters: `fail: closed` closes the connection,
+//! `fail: open` skips the filter for the rest of the connection.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -72,6 +75,12 @@ pub enum NetVerdict {
     Pause,
     /// Close both connections; held data is discarded.
     Close,
+    /// From [`NetworkFilter::on_callout_response`]: resume this filter's pause
+    /// of the data from this peer (for `Downstream`, also of the new
+    /// connection), not the other direction's (proxy-wasm's
+    /// `proxy_continue_stream` names one). `Continue` resumes every pause of
+    /// the filter. From other calls, the same as `Continue`.
+    Resume(Peer),
 }
 
 /// An L4 filter: one loaded plugin, shared by every worker (per-worker state is
@@ -87,6 +96,13 @@ pub trait NetworkFilter: Send + Sync {
     /// Held data went over [`Self::buffer_limit`] (for the filter's stats).
     fn buffer_limit_exceeded(&self, from: Peer) {
         let _ = from;
+    }
+    /// Whether [`Self::on_callout_response`] finds the data this filter
+    /// holds in `c.bodies` (per direction, writable: what is left there stays
+    /// held). proxy-wasm filters do (Envoy's read buffer stays available
+    /// after `StopIteration`); components do not (abi/README.md §11).
+    fn held_in_callouts(&self) -> bool {
+        false
     }
     /// The chain found this filter failed without a failing call: it paused
     /// on callouts that were all cancelled, so nothing can end the pause. For
@@ -106,7 +122,8 @@ pub trait NetworkFilter: Send + Sync {
         end_of_stream: bool,
     ) -> Result<NetVerdict, String>;
     /// The result of callout `id`, which this filter queued for `c`. If the
-    /// filter is paused, `Continue` resumes it.
+    /// filter is paused, `Continue` resumes it (every pause of it: the new
+    /// connection's, either direction's), `Resume` one direction's.
     fn on_callout_response(
         &self,
         worker: usize,
@@ -218,6 +235,9 @@ pub fn connection(facts: Arc<ConnFacts>, listener: &Name, cluster: &Name) -> Exc
 /// A callout result on its way back: the filter that sent it, its id, the result.
 type Delivery = (usize, u64, CalloutResult);
 
+/// The pause slot of the new connection (the data slots are [`Peer::idx`]).
+const NEW: usize = 2;
+
 /// Where a filter paused waiting for a callout.
 #[derive(Clone, Copy, Debug)]
 enum Stage {
@@ -252,14 +272,23 @@ pub struct NetChain {
     held: Vec<[Vec<u8>; 2]>,
     /// Callouts of each filter not delivered yet.
     outstanding: Vec<usize>,
-    /// The filter waiting for a callout, and where.
-    paused: Option<(usize, Stage)>,
+    /// The filter waiting for a callout, and where, per pause slot: data from
+    /// downstream and from upstream ([`Peer::idx`]), the new connection
+    /// ([`NEW`]). Each direction stops reading only for its own, so both can
+    /// wait at once (on one filter or two).
+    paused: [Option<(usize, Stage)>; 3],
+    /// A pause ended since the pumps last looked: they must look at `out`,
+    /// `eos_out` and `closing` again.
+    woke: bool,
     /// Data a resume released, per direction, for the pump to write.
     out: [Vec<u8>; 2],
     /// End of stream reached the end of the chain in that direction while held.
     eos_out: [bool; 2],
     /// A filter (or a failure) closed the connection.
     closing: bool,
+    /// A read from that side failed (a reset): the peer closed, though the
+    /// host then closes the connection ([`Peer::idx`]).
+    reset: [bool; 2],
     /// Filters that saw `on_new_connection` (they get `on_close` and `on_done`).
     entered: usize,
     callouts: Rc<dyn CalloutSender>,
@@ -286,10 +315,12 @@ impl NetChain {
             failed: vec![false; n],
             held: vec![[Vec::new(), Vec::new()]; n],
             outstanding: vec![0; n],
-            paused: None,
+            paused: [None; 3],
+            woke: false,
             out: [Vec::new(), Vec::new()],
             eos_out: [false, false],
             closing: false,
+            reset: [false, false],
             entered: 0,
             callouts,
             deliver: tx,
@@ -326,12 +357,20 @@ impl NetChain {
         tracing::warn!(plugin = f.name(), phase, "plugin failure: {why}");
         self.failed[i] = true;
         if f.fail_open() {
-            // A pause of this filter is ended by `settle` (its held data
-            // runs on past it).
+            // `settle` ends this filter's pauses and lets what it holds in
+            // either direction run on past it.
             self.skipped[i] = true;
             true
         } else {
             false
+        }
+    }
+
+    /// Filter `i`'s position in the order of data from `from`.
+    fn position(&self, i: usize, from: Peer) -> usize {
+        match from {
+            Peer::Downstream => i,
+            Peer::Upstream => self.filters.len() - 1 - i,
         }
     }
 
@@ -355,10 +394,10 @@ impl NetChain {
             let r = f.on_new_connection(self.worker, &mut self.x);
             self.dispatch(i);
             match r {
-                Ok(NetVerdict::Continue) => {}
+                Ok(NetVerdict::Continue | NetVerdict::Resume(_)) => {}
                 Ok(NetVerdict::Close) => return Step::Close,
                 Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
-                    self.paused = Some((i, Stage::New));
+                    self.paused[NEW] = Some((i, Stage::New));
                     return Step::Held;
                 }
                 Ok(NetVerdict::Pause) => {
@@ -387,35 +426,31 @@ impl NetChain {
             Peer::Upstream => "upstream_data",
         };
         for (pos, &i) in order.iter().enumerate().skip(start) {
-            if self.skipped[i] {
-                continue;
-            }
-            let f = self.filters[i].clone();
+            // Before the skip: data a skipped filter held goes on first.
             let mut held = std::mem::take(&mut self.held[i][d]);
             if !held.is_empty() {
                 held.append(&mut data);
                 data = held;
             }
-            if data.len() > f.buffer_limit() {
-                f.buffer_limit_exceeded(from);
-                tracing::warn!(
-                    plugin = f.name(),
-                    "the {} data this filter holds is over its cap of {} bytes; closing",
-                    from.as_str(),
-                    f.buffer_limit()
-                );
-                return Step::Close;
+            if self.skipped[i] {
+                continue;
             }
+            let f = self.filters[i].clone();
             self.x.bodies[d] = Some(data.into());
             let r = f.on_data(self.worker, &mut self.x, from, eos);
             data = self.x.bodies[d].take().unwrap_or_default().into_vec();
             self.dispatch(i);
             match r {
-                Ok(NetVerdict::Continue) => {}
+                Ok(NetVerdict::Continue | NetVerdict::Resume(_)) => {}
                 Ok(NetVerdict::Close) => return Step::Close,
+                Ok(NetVerdict::Pause)
+                    if (self.outstanding[i] > 0 || !eos) && self.over_cap(i, from, &data) =>
+                {
+                    return Step::Close;
+                }
                 Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
                     self.held[i][d] = data;
-                    self.paused = Some((i, Stage::Data { from, pos, eos }));
+                    self.paused[d] = Some((i, Stage::Data { from, pos, eos }));
                     return Step::Held;
                 }
                 Ok(NetVerdict::Pause) if !eos => {
@@ -443,33 +478,74 @@ impl NetChain {
         Step::Go(data)
     }
 
+    /// Whether `held`, which filter `i` holds from `from`, is over its cap
+    /// (the connection then closes). Data passing through is not capped.
+    fn over_cap(&self, i: usize, from: Peer, held: &[u8]) -> bool {
+        let f = &self.filters[i];
+        if held.len() <= f.buffer_limit() {
+            return false;
+        }
+        f.buffer_limit_exceeded(from);
+        tracing::warn!(
+            plugin = f.name(),
+            "the {} data this filter holds is over its cap of {} bytes; closing",
+            from.as_str(),
+            f.buffer_limit()
+        );
+        true
+    }
+
     /// Whether data from `from` must wait (a filter waits for a callout on the
     /// new connection or in that direction).
     fn blocked(&self, from: Peer) -> bool {
-        match self.paused {
-            Some((_, Stage::New)) => true,
-            Some((_, Stage::Data { from: f, .. })) => f == from,
-            None => false,
-        }
+        self.paused[NEW].is_some() || self.paused[from.idx()].is_some()
     }
 
     /// Delivers a callout result; a resume runs the rest of the chain from where
-    /// the filter paused. `Some(step)` when the paused new connection resumed.
+    /// the filter paused, for each pause of that filter. `Some(step)` when the
+    /// paused new connection resumed.
     fn deliver(&mut self, (i, id, result): Delivery) -> Option<Step> {
         self.outstanding[i] = self.outstanding[i].saturating_sub(1);
         if self.closing {
             return None;
         }
-        let here = matches!(self.paused, Some((p, _)) if p == i);
         let f = self.filters[i].clone();
         let r = if self.skipped[i] {
             Ok(NetVerdict::Continue)
+        } else if f.held_in_callouts() {
+            for d in 0..2 {
+                if !self.held[i][d].is_empty() {
+                    self.x.bodies[d] = Some(std::mem::take(&mut self.held[i][d]).into());
+                }
+            }
+            let r = f.on_callout_response(self.worker, &mut self.x, id, result);
+            for d in 0..2 {
+                if let Some(b) = self.x.bodies[d].take() {
+                    self.held[i][d] = b.into_vec();
+                }
+            }
+            r
         } else {
             f.on_callout_response(self.worker, &mut self.x, id, result)
         };
         self.dispatch(i);
         match r {
-            Ok(NetVerdict::Continue) if here => return self.resume(),
+            Ok(v @ (NetVerdict::Continue | NetVerdict::Resume(_))) => {
+                let slots: &[usize] = match v {
+                    NetVerdict::Resume(Peer::Downstream) => &[NEW, 0],
+                    NetVerdict::Resume(Peer::Upstream) => &[1],
+                    _ => &[NEW, 0, 1],
+                };
+                let mut step = None;
+                for &slot in slots {
+                    if matches!(self.paused[slot], Some((p, _)) if p == i) {
+                        step = step.or(self.resume(slot));
+                    }
+                }
+                if step.is_some() {
+                    return step;
+                }
+            }
             Ok(NetVerdict::Close) => {
                 self.closing = true;
                 return Some(Step::Close);
@@ -483,35 +559,90 @@ impl NetChain {
         self.settle()
     }
 
-    /// Ends a pause that nothing can end any more: its filter was skipped
-    /// after a failure (fail open), or it has no callout outstanding (it
-    /// answered a callout response with `pause`, or cancelled the last callout
-    /// it waited for while called for the other direction). The latter is a
-    /// failure: fail closed closes the connection (`Some(Step::Close)`); fail
-    /// open, like a skipped filter, lets what it held run on past it.
+    /// Ends the pauses that nothing can end any more: their filter was
+    /// skipped after a failure (fail open), or it has no callout outstanding
+    /// (it answered a callout response with `pause`, or cancelled the last
+    /// callout it waited for while called for the other direction). The
+    /// latter is a failure: fail closed closes the connection
+    /// (`Some(Step::Close)`); fail open, like a skipped filter, lets what it
+    /// held run on past it. Walks the pause slots until none changes (ending
+    /// one pause may end another: resumed data can make a filter fail).
     fn settle(&mut self) -> Option<Step> {
-        let (p, _) = self.paused?;
-        if self.closing {
-            return None;
-        }
-        if !self.skipped[p] {
-            if self.outstanding[p] > 0 {
-                return None;
+        loop {
+            let mut changed = false;
+            for slot in [NEW, 0, 1] {
+                let Some((p, _)) = self.paused[slot] else {
+                    continue;
+                };
+                if self.closing {
+                    return None;
+                }
+                if !self.skipped[p] {
+                    if self.outstanding[p] > 0 {
+                        continue;
+                    }
+                    let why = "paused with no callout outstanding: nothing could resume it";
+                    self.filters[p].host_failure();
+                    if !self.failure(p, "callout_response", why) {
+                        self.closing = true;
+                        return Some(Step::Close);
+                    }
+                }
+                if let Some(step) = self.resume(slot) {
+                    return Some(step);
+                }
+                changed = true;
             }
-            let why = "paused with no callout outstanding: nothing could resume it";
-            self.filters[p].host_failure();
-            if !self.failure(p, "callout_response", why) {
-                self.closing = true;
-                return Some(Step::Close);
+            match self.release_skipped() {
+                Some(true) => {}
+                Some(false) if changed => {}
+                Some(false) => return None,
+                None => return Some(Step::Close),
             }
         }
-        self.resume()
     }
 
-    /// Runs the rest of the chain from where the paused filter paused.
+    /// Lets the data skipped filters hold (they buffered it before they
+    /// failed) run on past them, unless a callout pause later in that
+    /// direction's order waits (that data is older: this follows it when that
+    /// pause ends). Whether something ran; `None` if that closed the connection.
+    fn release_skipped(&mut self) -> Option<bool> {
+        let mut ran = false;
+        for i in 0..self.filters.len() {
+            if !self.skipped[i] {
+                continue;
+            }
+            for from in [Peer::Downstream, Peer::Upstream] {
+                let d = from.idx();
+                let pos = self.position(i, from);
+                let waits_later = matches!(
+                    self.paused[d],
+                    Some((_, Stage::Data { pos: p, .. })) if p > pos
+                );
+                if self.held[i][d].is_empty() || waits_later || self.closing {
+                    continue;
+                }
+                let data = std::mem::take(&mut self.held[i][d]);
+                self.woke = true;
+                ran = true;
+                match self.run_data(from, data, false, pos + 1) {
+                    Step::Go(data) => self.out[d].extend_from_slice(&data),
+                    Step::Held => {}
+                    Step::Close => {
+                        self.closing = true;
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(ran)
+    }
+
+    /// Runs the rest of the chain from where the filter paused in `slot`.
     /// `Some(step)` when the paused new connection resumed.
-    fn resume(&mut self) -> Option<Step> {
-        let (i, stage) = self.paused.take()?;
+    fn resume(&mut self, slot: usize) -> Option<Step> {
+        let (i, stage) = self.paused[slot].take()?;
+        self.woke = true;
         match stage {
             Stage::New => Some(self.run_new(i + 1)),
             Stage::Data { from, pos, eos } => {
@@ -546,6 +677,23 @@ impl NetChain {
     }
 }
 
+impl Drop for NetChain {
+    /// A chain dropped before it finished (an early return, a connection task
+    /// dropped mid-way) still gives the filters that saw the connection their
+    /// close notifications (local: the host ends it) and `on_done`, which
+    /// frees their per-connection state.
+    fn drop(&mut self) {
+        if self.entered == 0 {
+            return;
+        }
+        if self.x.upstream.is_some() {
+            self.finish(&[(Peer::Downstream, false), (Peer::Upstream, false)]);
+        } else {
+            self.finish(&[(Peer::Downstream, false)]);
+        }
+    }
+}
+
 /// Callout results for a chain.
 pub type Deliveries = tokio::sync::mpsc::UnboundedReceiver<Delivery>;
 
@@ -573,13 +721,14 @@ pub async fn start(chain: &mut NetChain, rx: &mut Deliveries) -> bool {
 /// How a pump ended.
 #[derive(Clone, Copy, Default)]
 struct Ended {
-    /// The peer it read from closed (EOF or error): a remote close.
+    /// The peer it read from closed (EOF): a remote close.
     remote: bool,
 }
 
 /// Reads from `from`, runs the chain, writes to the other side. Ends at the end
 /// of `from`'s stream (after half-closing the other side) or when the
-/// connection closes.
+/// connection closes; a read error (the peer reset) closes it, with no
+/// end-of-stream call, as the plain path and Envoy do.
 async fn pump<R, W>(
     chain: &RefCell<NetChain>,
     from: Peer,
@@ -631,7 +780,15 @@ where
             continue;
         }
         let n = tokio::select! {
-            n = r.read(&mut buf) => n.unwrap_or(0),
+            n = r.read(&mut buf) => match n {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!("tcp {} read failed: {e}; closing", from.as_str());
+                    chain.borrow_mut().reset[d] = true;
+                    close(wake);
+                    return ended;
+                }
+            },
             c = changed.changed() => {
                 if c.is_err() {
                     return ended;
@@ -646,9 +803,8 @@ where
             let step = c.run_data(from, buf[..n].to_vec(), eos, 0);
             // The filters called may have ended another direction's pause
             // for good (a failure, a cancelled callout).
-            let was = c.paused.is_some();
             let settled = c.settle();
-            (step, was && c.paused.is_none() || settled.is_some())
+            (step, std::mem::take(&mut c.woke) || settled.is_some())
         };
         if settled {
             wake.send_modify(|v| *v += 1);
@@ -756,16 +912,19 @@ pub async fn serve<D, U>(
     if timed_out {
         tracing::debug!("tcp connection idle for {idle:?}; closing");
     }
-    // Remote: that peer closed (and the host did not close first).
-    let remote = |e: Ended| e.remote && !closed && !timed_out && !cut_off;
-    chain.finish(&[
-        (Peer::Downstream, remote(down_ended)),
-        (Peer::Upstream, remote(up_ended)),
-    ]);
+    // Remote: that peer closed (and the host did not close first), or reset.
+    let remote =
+        |e: Ended, p: Peer| chain.reset[p.idx()] || e.remote && !closed && !timed_out && !cut_off;
+    let closes = [
+        (Peer::Downstream, remote(down_ended, Peer::Downstream)),
+        (Peer::Upstream, remote(up_ended, Peer::Upstream)),
+    ];
+    chain.finish(&closes);
 }
 
 /// Finishes a connection that never reached the upstream (rejected by a filter,
-/// or no endpoint reachable): the downstream side closes locally.
+/// no endpoint reachable, no original destination): the downstream side
+/// closes locally. (Dropping the chain unfinished does the same.)
 pub fn finish_unconnected(chain: &mut NetChain) {
     chain.finish(&[(Peer::Downstream, false)]);
 }
@@ -893,16 +1052,36 @@ mod tests {
     }
 
     /// Pauses the first downstream data on a callout; resumes on its response.
-    /// With `cancel`, upstream data makes it cancel that callout.
+    /// With `cancel`, upstream data makes it cancel that callout. With `up`,
+    /// it also pauses the first upstream data on a callout of its own. With
+    /// `resume`, a callout response resumes that direction only.
     struct Waits {
         cancel: bool,
         open: bool,
+        up: bool,
+        resume: Option<Peer>,
     }
 
     const WAITS: Waits = Waits {
         cancel: false,
         open: false,
+        up: false,
+        resume: None,
     };
+
+    fn callout(id: u64) -> crate::filter::CalloutRequest {
+        crate::filter::CalloutRequest {
+            id,
+            cluster: "authz".into(),
+            method: http::Method::GET,
+            path: "/".into(),
+            authority: None,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::new(),
+            timeout: Duration::from_secs(1),
+            max_response_body: 1024,
+        }
+    }
 
     impl NetworkFilter for Waits {
         fn name(&self) -> &str {
@@ -927,21 +1106,16 @@ mod tests {
             if from == Peer::Upstream && self.cancel {
                 c.cancelled.push(7);
             }
+            if from == Peer::Upstream && self.up && c.cause.is_none() {
+                c.cause = Some("asked".into());
+                c.callouts.push(callout(8));
+                return Ok(NetVerdict::Pause);
+            }
             if from == Peer::Upstream || c.request_id == "asked" {
                 return Ok(NetVerdict::Continue);
             }
             c.request_id = http::HeaderValue::from_static("asked");
-            c.callouts.push(crate::filter::CalloutRequest {
-                id: 7,
-                cluster: "authz".into(),
-                method: http::Method::GET,
-                path: "/".into(),
-                authority: None,
-                headers: http::HeaderMap::new(),
-                body: bytes::Bytes::new(),
-                timeout: Duration::from_secs(1),
-                max_response_body: 1024,
-            });
+            c.callouts.push(callout(7));
             Ok(NetVerdict::Pause)
         }
         fn on_callout_response(
@@ -951,10 +1125,10 @@ mod tests {
             id: u64,
             result: CalloutResult,
         ) -> Result<NetVerdict, String> {
-            assert_eq!(id, 7);
+            assert!(id == 7 || id == 8, "{id}");
             assert_eq!(result.err(), Some(crate::filter::CalloutError::Unavailable));
             let _ = c;
-            Ok(NetVerdict::Continue)
+            Ok(self.resume.map_or(NetVerdict::Continue, NetVerdict::Resume))
         }
         fn on_close(&self, _: usize, _: &mut Exchange, _: Peer, _: bool) {}
         fn on_done(&self, _: usize, _: &mut Exchange) {}
@@ -1005,7 +1179,11 @@ mod tests {
             local
                 .run_until(async {
                     let log = Arc::default();
-                    let waits = Waits { cancel: true, open };
+                    let waits = Waits {
+                        cancel: true,
+                        open,
+                        ..WAITS
+                    };
                     let filters: Vec<Arc<dyn NetworkFilter>> =
                         vec![Arc::new(waits), Arc::new(tag(b'b', 0, false, &log))];
                     let (mut c, mut rx) = chain_of(filters);
@@ -1035,6 +1213,150 @@ mod tests {
                 })
                 .await;
         }
+    }
+
+    /// One filter paused on callouts in both directions at once: its
+    /// `continue` from a callout response resumes both, and each direction's
+    /// held data goes on.
+    #[tokio::test(flavor = "current_thread")]
+    async fn both_directions_paused_at_once_both_resume() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let log = Arc::default();
+                let waits = Waits { up: true, ..WAITS };
+                let filters: Vec<Arc<dyn NetworkFilter>> =
+                    vec![Arc::new(waits), Arc::new(tag(b'b', 0, false, &log))];
+                let (mut c, mut rx) = chain_of(filters);
+                assert!(start(&mut c, &mut rx).await);
+                assert!(matches!(
+                    c.run_data(Peer::Downstream, b"x".to_vec(), false, 0),
+                    Step::Held
+                ));
+                assert!(matches!(
+                    c.run_data(Peer::Upstream, b"u".to_vec(), false, 0),
+                    Step::Held
+                ));
+                assert!(c.blocked(Peer::Downstream) && c.blocked(Peer::Upstream));
+                // The first callout's response resumes both directions.
+                let d = rx.recv().await.unwrap();
+                assert!(c.deliver(d).is_none());
+                assert!(!c.blocked(Peer::Downstream) && !c.blocked(Peer::Upstream));
+                assert_eq!(std::mem::take(&mut c.out[0]), b"xb");
+                assert_eq!(std::mem::take(&mut c.out[1]), b"ub");
+                // The second finds nothing paused; data flows both ways.
+                let d = rx.recv().await.unwrap();
+                assert!(c.deliver(d).is_none());
+                assert!(!c.closing);
+                assert_eq!(
+                    go(c.run_data(Peer::Downstream, b"y".to_vec(), false, 0)),
+                    b"yb"
+                );
+                assert_eq!(
+                    go(c.run_data(Peer::Upstream, b"v".to_vec(), false, 0)),
+                    b"vb"
+                );
+            })
+            .await;
+    }
+
+    /// A resume of one direction (proxy-wasm's `proxy_continue_stream` naming
+    /// it) ends that direction's pause only; the other's, with nothing left
+    /// to resume it, then fails by the policy.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_resume_of_one_direction_leaves_the_other_paused() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let log = Arc::default();
+                let waits = Waits {
+                    up: true,
+                    resume: Some(Peer::Upstream),
+                    ..WAITS
+                };
+                let filters: Vec<Arc<dyn NetworkFilter>> =
+                    vec![Arc::new(waits), Arc::new(tag(b'b', 0, false, &log))];
+                let (mut c, mut rx) = chain_of(filters);
+                assert!(start(&mut c, &mut rx).await);
+                assert!(matches!(
+                    c.run_data(Peer::Downstream, b"x".to_vec(), false, 0),
+                    Step::Held
+                ));
+                assert!(matches!(
+                    c.run_data(Peer::Upstream, b"u".to_vec(), false, 0),
+                    Step::Held
+                ));
+                let d = rx.recv().await.unwrap();
+                assert!(c.deliver(d).is_none());
+                assert!(c.blocked(Peer::Downstream) && !c.blocked(Peer::Upstream));
+                assert_eq!(std::mem::take(&mut c.out[1]), b"ub");
+                assert!(c.out[0].is_empty());
+                let d = rx.recv().await.unwrap();
+                assert!(matches!(c.deliver(d), Some(Step::Close)));
+            })
+            .await;
+    }
+
+    /// A fail-open filter buffering downstream data fails in an upstream
+    /// call: skipped from then on, what it held goes on (before later data)
+    /// instead of being lost.
+    #[test]
+    fn a_skipped_filter_releases_what_it_held() {
+        let log = Arc::default();
+        let mut c = chain(vec![tag(b'a', 4, true, &log), tag(b'b', 0, false, &log)]);
+        c.run_new(0);
+        assert!(matches!(
+            c.run_data(Peer::Downstream, b"12".to_vec(), false, 0),
+            Step::Held
+        ));
+        assert_eq!(
+            go(c.run_data(Peer::Upstream, b"faila".to_vec(), false, 0)),
+            b"failab"
+        );
+        // As the pump does after each run.
+        assert!(c.settle().is_none());
+        let mut down = std::mem::take(&mut c.out[0]);
+        down.extend(go(c.run_data(Peer::Downstream, b"34".to_vec(), false, 0)));
+        assert_eq!(down, b"12b34b");
+        // Next data reaching the skipped filter first takes what it held along.
+        let mut c = chain(vec![tag(b'a', 4, true, &log), tag(b'b', 0, false, &log)]);
+        c.run_new(0);
+        assert!(matches!(
+            c.run_data(Peer::Downstream, b"12".to_vec(), false, 0),
+            Step::Held
+        ));
+        go(c.run_data(Peer::Upstream, b"faila".to_vec(), false, 0));
+        assert_eq!(
+            go(c.run_data(Peer::Downstream, b"34".to_vec(), false, 0)),
+            b"1234b"
+        );
+    }
+
+    /// The cap is on what a filter holds: a filter that holds nothing passes
+    /// a chunk bigger than its cap.
+    #[test]
+    fn the_cap_is_on_held_data_not_data_passing_through() {
+        let log = Arc::default();
+        let mut c = chain(vec![tag(b'a', 0, false, &log)]);
+        c.run_new(0);
+        let data = vec![b'x'; 20];
+        let mut want = data.clone();
+        want.push(b'a');
+        assert_eq!(go(c.run_data(Peer::Downstream, data, false, 0)), want);
+    }
+
+    /// A chain dropped before it finished (an early return) still gives the
+    /// filters that saw the connection their close and `on_done`.
+    #[test]
+    fn a_chain_dropped_unfinished_finishes_its_filters() {
+        let log = Arc::default();
+        let mut c = chain(vec![tag(b'a', 0, false, &log)]);
+        c.run_new(0);
+        drop(c);
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["new a", "close a downstream local", "done a"]
+        );
     }
 
     #[test]

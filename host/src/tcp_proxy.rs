@@ -112,6 +112,9 @@ pub async fn serve(
         let (addr, host, index) = if cluster.config.original_dst {
             let Some(a) = original_dst else {
                 tracing::warn!(listener = %ctx.name, %peer, "no original destination; closing");
+                if let Some((mut chain, _)) = filtered {
+                    network_filter::finish_unconnected(&mut chain);
+                }
                 return;
             };
             (a, Arc::<str>::from(a.ip().to_string()), None)
@@ -167,7 +170,10 @@ pub async fn serve(
 
     let activity = Arc::new(Activity::default());
     let mut down = Tracked::new(downstream, activity.clone());
-    let mut up = upstream;
+    // Upstream bytes count as activity too (not as the client's bytes): a
+    // filter may hold what the upstream sends, or a slow upstream take an
+    // upload, with nothing moving on the client's side meanwhile.
+    let mut up = Tracked::other(upstream, activity.clone());
     let idle = tcp.idle_timeout.get();
     // Once the listener stops (a drain, or a reload that replaced or removed
     // it), the connection has `drain_timeout` left.

@@ -383,6 +383,41 @@ async fn a_filtered_connection_whose_client_stops_reading_is_closed() {
     assert!(closed, "Legate's side closed, yet the client's stayed open");
 }
 
+/// Bytes from the upstream are activity for the TCP idle timeout, as Envoy's
+/// `tcp_proxy` counts upstream reads: an upstream trickling a line that the
+/// filter holds until its newline, for longer than `idle_timeout` in all,
+/// while nothing moves on the client's side, is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_bytes_a_filter_holds_keep_the_connection_open() {
+    // A byte per 100 ms for 3 s, then the newline: far more often than the
+    // 2 s idle timeout, longer than it in all.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = l.accept().await else {
+            return;
+        };
+        s.set_nodelay(true).unwrap();
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if s.write_all(b"a").await.is_err() {
+                return;
+            }
+        }
+        let _ = s.write_all(b"\n").await;
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf).await;
+    });
+    let lg = legate()
+        .config(&tcp_idle(&config(up, "{ mode: tcp-lines }", "", ""), "2s"))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let want = [b"a".repeat(30), b"\n".to_vec()].concat();
+    assert_eq!(c.read_exact(want.len(), HANG_GUARD).await.unwrap(), want);
+    lg.assert_stat(&metric("pw_tcp_down_close_local"), 0.0)
+        .await;
+}
+
 /// A filter that holds a connection's data (`tcp-rewrite` pauses a line
 /// until its newline) while nothing else moves: the connection is closed
 /// after `idle_timeout` (a pause has no bound of its own on TCP), the held
@@ -437,6 +472,180 @@ async fn a_reload_closes_a_replaced_listeners_filtered_connections() {
     let mut new = RawConn::connect(lg.addr("tcp")).await;
     new.write(b"hello\n").await;
     assert_eq!(new.read_exact(back.len(), T).await.unwrap(), back);
+}
+
+/// A client that connects straight to a transparent listener whose cluster
+/// is `original_dst` has no original destination to go to: the connection
+/// closes before any connect, and the filter that saw it still gets its
+/// downstream close and `on_done` (its stream context is deleted, not left
+/// in the VM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_no_original_destination_finishes_its_filters() {
+    let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let cfg = config(unused, "{ mode: tcp-rewrite }", "", "")
+        .replacen(
+            "    tcp:\n      cluster: echo\n",
+            "    original_destination: true\n    tcp:\n      cluster: echo\n",
+            1,
+        )
+        .replacen(
+            &format!("    endpoints:\n      - address: {unused}\n"),
+            "    original_dst: true\n",
+            1,
+        );
+    assert!(cfg.contains("original_dst: true"), "{cfg}");
+    let lg = legate().config(&cfg).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let (rest, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    lg.assert_stat(&metric("pw_tcp_new"), 1.0).await;
+    lg.assert_stat(&metric("pw_tcp_down_close_local"), 1.0)
+        .await;
+    lg.assert_stat(&metric("pw_tcp_up_close_local"), 0.0).await;
+    lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
+    lg.assert_stat(&calls("done"), 1.0).await;
+}
+
+/// A client that resets its connection (a read error, not a half-close)
+/// ends a filtered connection as the plain path does: both sides close at
+/// once instead of the upstream getting a FIN and the connection living on
+/// until `idle_timeout`. The filter sees no end-of-stream data call, the
+/// client's close as remote and the upstream's as local.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reset_closes_both_sides() {
+    // An upstream that sends nothing and never closes.
+    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = up.local_addr().unwrap();
+    let (tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = up.accept().await {
+            let _ = tx.send(s);
+        }
+    });
+    let lg = legate()
+        .config(&config(up_addr, "{ mode: tcp-close }", "", ""))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"hi").await;
+    let mut held = tokio::time::timeout(HANG_GUARD, accepted.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut got = [0u8; 2];
+    tokio::time::timeout(HANG_GUARD, held.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"hi");
+    c.stream.set_zero_linger().unwrap();
+    drop(c);
+    lg.wait_no_connections("tcp", "a reset client's connection closed")
+        .await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(HANG_GUARD, held.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    lg.assert_stat(&calls("downstream_data"), 1.0).await;
+    lg.assert_stat(&metric("pw_tcp_down_close_remote"), 1.0)
+        .await;
+    lg.assert_stat(&metric("pw_tcp_up_close_local"), 1.0).await;
+    lg.assert_stat(&calls("done"), 1.0).await;
+}
+
+/// A TCP server on 127.0.0.1:0 that sends `hello\n` first on each
+/// connection, then echoes.
+async fn greeting_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if s.write_all(b"hello\n").await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// [`config`] with mode `mode` calling `authz` at `path`.
+fn resume_config(up: SocketAddr, az: SocketAddr, mode: &str, path: &str) -> String {
+    with_cluster(
+        &config(
+            up,
+            &format!("{{ mode: {mode}, path: \"{path}\", timeout_ms: 10000 }}"),
+            "    capabilities: { clusters: [authz] }\n",
+            "",
+        ),
+        "authz",
+        az,
+    )
+}
+
+/// `proxy_continue_stream` names the direction a TCP connection resumes:
+/// both directions wait on calls at once (the upstream speaks first), and
+/// each call's callback resumes its own with `resume_downstream` /
+/// `resume_upstream`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_resumes_each_direction_by_its_stream_type() {
+    let up = greeting_server().await;
+    let az = authz_upstream().await;
+    let lg = legate()
+        .config(&resume_config(up, az.addr, "tcp-resume", "/check/slow"))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"ping").await;
+    let want = b"hello\nping";
+    assert_eq!(c.read_exact(want.len(), HANG_GUARD).await.unwrap(), want);
+    lg.assert_stat(&calls("callout_response"), 2.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
+/// In a call's callback a proxy-wasm TCP filter reads and rewrites the data
+/// it holds (`DOWNSTREAM_DATA` / `UPSTREAM_DATA`), as Envoy keeps its read
+/// buffer after `StopIteration`: each callback prefixes its direction's held
+/// data before resuming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_rewrites_held_data_in_a_calls_callback() {
+    let up = greeting_server().await;
+    let az = authz_upstream().await;
+    let lg = legate()
+        .config(&resume_config(up, az.addr, "tcp-resume-edit", "/check/tcp"))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"ping").await;
+    let want = b"up|hello\ndown|ping";
+    assert_eq!(c.read_exact(want.len(), HANG_GUARD).await.unwrap(), want);
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
+/// A callback that resumes only the downstream direction leaves the paused
+/// upstream direction with nothing to resume it: a failure, so with `fail:
+/// closed` the connection closes and the held upstream data never reaches the
+/// client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_resume_downstream_leaves_upstream_paused() {
+    let up = greeting_server().await;
+    let az = authz_upstream().await;
+    let lg = legate()
+        .config(&resume_config(up, az.addr, "tcp-resume-down", "/check/tcp"))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let (rest, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 1.0)
+        .await;
+    lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
 }
 
 /// [`config`] with the component fixture (tests/network-guest) as `pw`.

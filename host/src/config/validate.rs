@@ -225,6 +225,25 @@ impl Config {
                 }
             }
             if let Some(t) = &l.value.tcp {
+                let original_dst = self
+                    .clusters
+                    .iter()
+                    .any(|c| c.value.name == t.cluster.value && c.value.original_dst);
+                if original_dst && !l.value.original_destination {
+                    // Only an `original_destination` listener learns a
+                    // connection's original destination: every connection
+                    // would be closed.
+                    e.at(
+                        &t.cluster.referenced,
+                        format!(
+                            "listener `{}`: cluster `{}` is `original_dst`, but the listener \
+                             does not read original destinations",
+                            l.value.name, t.cluster.value
+                        ),
+                        "add `original_destination: true` to the listener (connections \
+                         redirected to it by iptables), or use a cluster with endpoints",
+                    );
+                }
                 for f in &t.filters {
                     plugins.check(&mut e, &f.value.plugin);
                     http_only_on_tcp(&mut e, &l.value.name, f, &self.plugins);

@@ -147,6 +147,15 @@
 //!   `path` and pauses; a 200 resumes (`resume_downstream`) and prefixes the
 //!   first downstream data with the answer's body and `|`, anything else closes.
 //! - `tcp-trap`: downstream data containing `boom` panics.
+//! - `tcp-resume`: the first data of each direction calls cluster `authz` at
+//!   `path` and pauses; each call's response resumes its own direction
+//!   (`resume_downstream` / `resume_upstream`). `tcp-resume-down`: every
+//!   response calls `resume_downstream` only. `tcp-resume-edit`: as
+//!   `tcp-resume`, and each response first prefixes the data its direction
+//!   holds with `down|` or `up|` (`set_downstream_data` / `set_upstream_data`
+//!   in the callback).
+//! - `tcp-lines`: data of either direction is held (`Pause`) until it ends
+//!   with a newline (or the stream ends), then passes unchanged.
 //!
 //! - `share` (VM sharing, `tag` from the config): a static counter of the module
 //!   (one per VM, so only a shared VM shows another plugin's increments) is
@@ -531,6 +540,7 @@ impl RootContext for Root {
         Some(Box::new(Tcp {
             s: self.s.clone(),
             prefix: None,
+            calls: [None, None],
         }))
     }
 
@@ -548,6 +558,8 @@ struct Tcp {
     s: Settings,
     /// `tcp-callout`: the authorization answer, prefixed to the next downstream data.
     prefix: Option<Vec<u8>>,
+    /// `tcp-resume*`: the call each direction made (downstream, upstream), if any.
+    calls: [Option<u32>; 2],
 }
 
 impl Tcp {
@@ -578,14 +590,75 @@ fn replace_all(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     out
 }
 
+impl Tcp {
+    /// `tcp-lines`: holds direction `i`'s data until a newline ends it.
+    fn line(&self, size: usize, end_of_stream: bool, i: usize) -> Action {
+        let data = if i == 0 {
+            self.get_downstream_data(0, size)
+        } else {
+            self.get_upstream_data(0, size)
+        };
+        if end_of_stream || data.unwrap_or_default().ends_with(b"\n") {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
+    }
+
+    /// `tcp-resume*`: the first data of direction `i` calls `authz` and pauses.
+    fn hold_once(&mut self, i: usize) -> Action {
+        if !self.s.mode.starts_with("tcp-resume") || self.calls[i].is_some() {
+            return Action::Continue;
+        }
+        let path = self.s.path.clone();
+        let call = self.dispatch_http_call(
+            "authz",
+            vec![
+                (":method", "GET"),
+                (":path", &path),
+                (":authority", "authz"),
+            ],
+            None,
+            vec![],
+            Duration::from_millis(self.s.timeout_ms),
+        );
+        match call {
+            Ok(token) => {
+                self.calls[i] = Some(token);
+                Action::Pause
+            }
+            Err(_) => Action::Continue,
+        }
+    }
+}
+
 impl Context for Tcp {
     fn on_http_call_response(
         &mut self,
-        _token: u32,
+        token: u32,
         headers: usize,
         body: usize,
         _trailers: usize,
     ) {
+        if self.s.mode == "tcp-resume-down" {
+            self.resume_downstream();
+            return;
+        }
+        if self.s.mode.starts_with("tcp-resume") {
+            let edit = self.s.mode == "tcp-resume-edit";
+            if self.calls[1] == Some(token) {
+                if edit {
+                    self.set_upstream_data(0, 0, b"up|");
+                }
+                self.resume_upstream();
+            } else {
+                if edit {
+                    self.set_downstream_data(0, 0, b"down|");
+                }
+                self.resume_downstream();
+            }
+            return;
+        }
         let status = self.get_http_call_response_header(":status");
         if headers > 0 && status.as_deref() == Some("200") {
             self.prefix = Some(
@@ -630,6 +703,12 @@ impl StreamContext for Tcp {
     }
 
     fn on_downstream_data(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.s.mode.starts_with("tcp-resume") {
+            return self.hold_once(0);
+        }
+        if self.s.mode == "tcp-lines" {
+            return self.line(size, end_of_stream, 0);
+        }
         let data = self.get_downstream_data(0, size).unwrap_or_default();
         match self.s.mode.as_str() {
             "tcp-rewrite" => {
@@ -671,7 +750,13 @@ impl StreamContext for Tcp {
         Action::Continue
     }
 
-    fn on_upstream_data(&mut self, size: usize, _end_of_stream: bool) -> Action {
+    fn on_upstream_data(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.s.mode.starts_with("tcp-resume") {
+            return self.hold_once(1);
+        }
+        if self.s.mode == "tcp-lines" {
+            return self.line(size, end_of_stream, 1);
+        }
         let data = self.get_upstream_data(0, size).unwrap_or_default();
         match self.s.mode.as_str() {
             "tcp-rewrite" => {

@@ -102,6 +102,14 @@ pub mod peer {
     pub const REMOTE: i32 = 2;
 }
 
+/// `proxy_stream_type_t` (`proxy_continue_stream`, `proxy_close_stream`).
+pub mod stream {
+    /// The client connection of a TCP context.
+    pub const DOWNSTREAM: i32 = 2;
+    /// The upstream connection of a TCP context.
+    pub const UPSTREAM: i32 = 3;
+}
+
 /// `proxy_action_t`.
 pub mod action {
     /// Continue the stream.

@@ -47,7 +47,7 @@ use std::time::Duration;
 
 use wasmtime::{Extern, InstancePre, Linker, Module, Store, TypedFunc};
 
-use super::abi::{action, peer};
+use super::abi::{action, peer, stream};
 use super::imports;
 use super::state::{Meta, Phase, PwState, ROOT_CONTEXT};
 use crate::filter::{
@@ -137,6 +137,9 @@ enum Answer {
     Verdict(Verdict),
     /// `proxy_close_stream`: close (a TCP connection) or reset (an exchange).
     Close,
+    /// `proxy_continue_stream` from a TCP connection's callout response: the
+    /// stream types it named (bit `1 << type`).
+    Streams(u8),
 }
 
 /// The failure text of `proxy_close_stream` on an HTTP exchange.
@@ -1135,6 +1138,9 @@ impl ProxyWasmFilter {
         } else {
             "tick_callout_response"
         };
+        let tcp = x
+            .as_ref()
+            .is_some_and(|x| crate::network_filter::is_connection(x.context));
         let phase = match (&x, held_in) {
             (Some(_), Some(held)) => held,
             (Some(_), None) => Phase::CalloutResponse,
@@ -1151,6 +1157,7 @@ impl ProxyWasmFilter {
             self.stats.calls[label].inc();
             let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
             data.resume = false;
+            data.resumed_streams = 0;
             data.effective = self.root;
             if data.grpc_calls.remove(&token) {
                 // Envoy's unary gRPC callbacks: the message on success, else the
@@ -1212,6 +1219,9 @@ impl ProxyWasmFilter {
             }
             if data.close {
                 return Ok(Ok(Answer::Close));
+            }
+            if data.resume && tcp {
+                return Ok(Ok(Answer::Streams(data.resumed_streams)));
             }
             if data.resume {
                 return Ok(Ok(Answer::Verdict(Verdict::Continue)));
@@ -1809,6 +1819,8 @@ impl HttpFilter for ProxyWasmFilter {
         };
         let v = match answer {
             Ok(Answer::Verdict(v)) => v,
+            // Only for a TCP connection's context.
+            Ok(Answer::Streams(_)) => Verdict::Continue,
             Ok(Answer::Close) => {
                 self.end_stream_wait(worker, x, false);
                 self.stats.failures.inc();
@@ -1934,6 +1946,10 @@ impl NetworkFilter for ProxyWasmFilter {
         self.stats.failures.inc();
     }
 
+    fn held_in_callouts(&self) -> bool {
+        true
+    }
+
     fn buffer_limit_exceeded(&self, from: Peer) {
         let d = match from {
             Peer::Downstream => Direction::Request,
@@ -1998,6 +2014,20 @@ impl NetworkFilter for ProxyWasmFilter {
         let token = u32::try_from(id).map_err(|_| format!("callout id {id} is not a token"))?;
         match self.call_response(worker, Some(c), token, result, None, false)? {
             Answer::Close => Ok(NetVerdict::Close),
+            Answer::Streams(named) => {
+                // As Envoy's TCP context: DOWNSTREAM continues reading (the
+                // new connection, downstream data) and the HTTP types do
+                // nothing. UPSTREAM, which Envoy leaves unimplemented (it
+                // cannot hold upstream data on a call), resumes upstream data.
+                let down = named & (1 << stream::DOWNSTREAM) != 0;
+                let up = named & (1 << stream::UPSTREAM) != 0;
+                Ok(match (down, up) {
+                    (true, true) => NetVerdict::Continue,
+                    (true, false) => NetVerdict::Resume(Peer::Downstream),
+                    (false, true) => NetVerdict::Resume(Peer::Upstream),
+                    (false, false) => NetVerdict::Pause,
+                })
+            }
             Answer::Verdict(Verdict::Continue) => Ok(NetVerdict::Continue),
             Answer::Verdict(Verdict::Pause) => Ok(NetVerdict::Pause),
             Answer::Verdict(Verdict::Respond(_)) => Err(

@@ -58,7 +58,9 @@ fn call_body(s: &PwState) -> Option<Bytes> {
 /// exists only during the body callback of its direction, holding everything the
 /// filter has held so far plus the new data.
 /// On a TCP connection, the data buffers (`DOWNSTREAM_DATA`/`UPSTREAM_DATA`)
-/// are the same per-direction slots during that direction's data callback.
+/// are the same per-direction slots during that direction's data callback,
+/// and in a call's callback they hold what the filter holds (the chain lends
+/// it, `NetworkFilter::held_in_callouts`).
 fn body_mut(s: &mut PwState, kind: i32) -> Option<&mut crate::filter::BodyBuf> {
     let (d, phase) = match kind {
         buffer::HTTP_REQUEST_BODY => (Direction::Request, Phase::Body(Direction::Request)),
@@ -67,7 +69,10 @@ fn body_mut(s: &mut PwState, kind: i32) -> Option<&mut crate::filter::BodyBuf> {
         buffer::UPSTREAM_DATA => (Direction::Response, Phase::Data(Direction::Response)),
         _ => return None,
     };
-    if s.phase != phase {
+    let held = matches!(phase, Phase::Data(_))
+        && s.phase == Phase::CalloutResponse
+        && s.tcp_contexts.contains(&s.x_context);
+    if s.phase != phase && !held {
         return None;
     }
     s.exchange()?.bodies[d.idx()].as_mut()
@@ -568,11 +573,16 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
         },
     )?;
     // ---- stream control ----
-    l.func_wrap(E, "proxy_continue_stream", |mut c: C<'_>, _stream: i32| {
+    l.func_wrap(E, "proxy_continue_stream", |mut c: C<'_>, stream: i32| {
         // Resumes the exchange held since a phase returned PAUSE, once the current
         // call (a callout response) returns; nothing to do when it is not held.
+        // A TCP connection resumes the directions named (filter.rs).
         run(&mut c, |c| {
-            c.data_mut().resume = true;
+            let data = c.data_mut();
+            data.resume = true;
+            if let Ok(t @ 0..=3) = u8::try_from(stream) {
+                data.resumed_streams |= 1 << t;
+            }
             Ok(())
         })
     })?;

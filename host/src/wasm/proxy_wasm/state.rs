@@ -205,6 +205,9 @@ pub struct PwState {
     pub call_response: Option<CalloutResult>,
     /// `proxy_continue_stream` was called during the current call.
     pub resume: bool,
+    /// The stream types it named (bit `1 << type`, types 0–3): a TCP
+    /// connection resumes only the directions named.
+    pub resumed_streams: u8,
     /// The last callout token handed out.
     pub next_token: u32,
     /// Callouts sent and not yet delivered: token → the context that sent it.
@@ -282,6 +285,7 @@ impl PwState {
             grpc_message: None,
             grpc_status: None,
             resume: false,
+            resumed_streams: 0,
             next_token: 0,
             outstanding: FxHashMap::default(),
             root_callouts: Vec::new(),
