@@ -12,7 +12,8 @@
 //! 2. starts with those sockets (a listener whose address is unchanged adopts the
 //!    socket: the one of its name, or, renamed, the one at its address that no
 //!    listener of that name keeps; others are bound as usual; the admin socket is
-//!    adopted), waits until its `dns` clusters have their first answers (each at
+//!    adopted if it is bound at the new config's `admin.address`, else that
+//!    address is bound, and a failure to bind it fails the upgrade), waits until its `dns` clusters have their first answers (each at
 //!    most its `initial_fetch_timeout`: a connection it took before could only get
 //!    503), and accepts — both processes now accept on the same sockets, so
 //!    connections queue in one backlog whoever accepts them;
