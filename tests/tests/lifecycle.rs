@@ -373,3 +373,48 @@ async fn several_workers_share_the_listener() {
     )
     .await;
 }
+
+/// `legate run` raises its soft open-file limit to the hard limit: started with
+/// 256 of 4096 (systemd starts services with a soft limit of 1024), it would
+/// run out of descriptors at a few hundred connections, far below
+/// `max_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legate_run_raises_its_open_file_limit() {
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let up = upstream().start().await;
+    let bin = workspace_bin("legate");
+    let admin = free_addr();
+    let dir = TempDir::new();
+    let cfg = dir.write(
+        "legate.yaml",
+        format!("{}admin:\n  address: {admin}\n", simple_config(&[up.addr])),
+    );
+    // util-linux's prlimit sets the limits, then runs legate in its place.
+    let child = std::process::Command::new("prlimit")
+        .arg("--nofile=256:4096")
+        .arg(&bin)
+        .args(["run", "--watch-interval", "0", "-c"])
+        .arg(&cfg)
+        .spawn()
+        .expect("run legate under util-linux's prlimit");
+    let child = Killed(child);
+    eventually(Duration::from_secs(60), "legate is ready", || async {
+        let mut c = Client::connect(Proto::H1, admin).await.ok()?;
+        let r = c.get("/ready").try_send().await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("no open-file limit in\n{limits}"));
+    let values: Vec<&str> = line["Max open files".len()..].split_whitespace().collect();
+    assert_eq!(values[..2], ["4096", "4096"], "{line}");
+}
