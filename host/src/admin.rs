@@ -6,7 +6,7 @@
 //! | `/ready` | GET | 200 `LIVE`; 503 `WARMING` (with the clusters) while a `dns` cluster waits for its first answer at start (up to its `initial_fetch_timeout`), 503 `DRAINING` once a drain started |
 //! | `/stats` | GET | every metric, Prometheus text format 0.0.4 |
 //! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
-//! | `/config_dump` | GET | the effective config (defaults filled in) as JSON |
+//! | `/config_dump` | GET | the effective config (defaults filled in) as JSON, secrets redacted ([`config_dump`]) |
 //! | `/drain` | POST | starts a graceful drain, as SIGTERM does |
 //! | `/reload` | POST | reloads the config file (as SIGHUP): 200 JSON of what changed, 400 with the error (file:line:col) and nothing changed |
 //! | `/reload` | GET | the config file, generation and the last reload's outcome as JSON |
@@ -29,6 +29,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::cluster::Cluster;
+use crate::config::{Config, HeaderOps};
 use crate::server::Shared;
 
 /// Serves the admin API until the task is dropped.
@@ -177,17 +178,8 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         (&Method::GET, "/config_dump") => {
             let snapshot = shared.snapshot.load();
-            match serde_json::to_value(&*snapshot.config) {
-                Ok(mut v) => {
-                    // The Redis URL may carry a password (Envoy redacts its
-                    // sensitive fields in config dumps too).
-                    if let Some(url) = v.pointer_mut("/kv/url") {
-                        if let Some(s) = url.as_str() {
-                            *url = crate::wasm::kv::redact_url(s).into();
-                        }
-                    }
-                    json(&v)
-                }
+            match config_dump(&snapshot.config) {
+                Ok(v) => json(&v),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot serialize config: {e}\n")),
             }
         }
@@ -204,6 +196,70 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "Legate admin\n  GET  /ready\n  GET  /stats\n  GET  /clusters\n  GET  /config_dump\n  POST /drain\n  GET  /reload\n  POST /reload\n  GET  /plugins\n  POST /plugins/NAME/reload\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the admin endpoints\n"),
+    }
+}
+
+/// The config as `GET /config_dump` shows it. Secrets are left out, as Envoy
+/// redacts the sensitive fields of its config dump: the Redis URL's user and
+/// password always; plugin configs (which hold JWT keys, API credentials) and
+/// the values of header operations (an `authorization` a route adds) unless
+/// `admin.config_dump_secrets`. A redacted config shows its sha256, so two
+/// processes' configs can be compared.
+fn config_dump(config: &Config) -> serde_json::Result<serde_json::Value> {
+    let mut v = if config.admin.config_dump_secrets {
+        serde_json::to_value(config)?
+    } else {
+        let mut shown = config.clone();
+        redact_secrets(&mut shown);
+        serde_json::to_value(&shown)?
+    };
+    if let Some(url) = v.pointer_mut("/kv/url") {
+        if let Some(s) = url.as_str() {
+            *url = crate::wasm::kv::redact_url(s).into();
+        }
+    }
+    Ok(v)
+}
+
+/// Replaces every plugin config (a plugin's, a proxy-wasm module's, a route's
+/// override) by a marker with its sha256, and every header operation's value by
+/// a marker.
+fn redact_secrets(config: &mut Config) {
+    for p in &mut config.plugins {
+        let p = &mut p.value;
+        redact_config(&mut p.config);
+        if let Some(pw) = &mut p.proxy_wasm {
+            redact_config(&mut pw.vm_config);
+            redact_config(&mut pw.plugin_config);
+        }
+    }
+    for table in &mut config.routes {
+        for vh in &mut table.value.virtual_hosts {
+            let vh = &mut vh.value;
+            redact_headers(&mut vh.request_headers);
+            redact_headers(&mut vh.response_headers);
+            for r in &mut vh.routes {
+                let r = &mut r.value;
+                redact_headers(&mut r.request_headers);
+                redact_headers(&mut r.response_headers);
+                for f in r.filters.values_mut() {
+                    redact_config(&mut f.config);
+                }
+            }
+        }
+    }
+}
+
+fn redact_config(config: &mut Option<serde_json::Value>) {
+    if let Some(v) = config {
+        let hash = crate::reload::sha256_hex(v.to_string().as_bytes());
+        *v = format!("[redacted] sha256:{hash}").into();
+    }
+}
+
+fn redact_headers(ops: &mut HeaderOps) {
+    for value in ops.add.value.values_mut().chain(ops.set.value.values_mut()) {
+        *value = "[redacted]".to_string();
     }
 }
 

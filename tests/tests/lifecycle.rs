@@ -324,6 +324,109 @@ async fn config_dump_hides_the_redis_password() {
     assert!(body.contains("redis://***@127.0.0.1:1/0"), "{body}");
 }
 
+/// An auth config with an inline HS256 key (JWKS `oct`, base64url `k`).
+fn auth_config(k: &str) -> String {
+    format!(
+        "{{ providers: [{{ name: demo, issuer: https://demo.legate.local, audiences: [demo-api], \
+         jwks: {{ keys: [{{ kty: oct, kid: demo, alg: HS256, k: {k} }}] }} }}], \
+         rules: [{{ match: {{ prefix: / }}, requires: {{ any: [demo] }} }}] }}"
+    )
+}
+
+/// A config whose plugin config, route override of it and route header
+/// operation hold secrets; `admin` is the admin section.
+fn config_with_secrets(up: std::net::SocketAddr, admin: &str) -> String {
+    format!(
+        "version: 1
+{admin}listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: auth }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        request_headers:
+          add: {{ x-api-key: vhost-api-key-secret }}
+        routes:
+          - match: {{ prefix: /other }}
+            cluster: backend
+            filters:
+              auth: {{ config: {override} }}
+          - match: {{ prefix: / }}
+            cluster: backend
+            request_headers:
+              set: {{ authorization: Bearer upstream-token-secret }}
+clusters:
+  - name: backend
+    endpoints: [{{ address: {up} }}]
+plugins:
+  - name: auth
+    module: builtin:auth
+    limits: {{ cpu: 500ms }}
+    config: {top}
+",
+        top = auth_config("bGVnYXRlLWRlbW8tc2VjcmV0LW5vdC1mb3ItcHJvZHVjdGlvbiEh"),
+        override = auth_config("cm91dGUtb3ZlcnJpZGUtc2VjcmV0LWtleS1mb3ItdGVzdHM"),
+    )
+}
+
+const DUMPED_SECRETS: [&str; 4] = [
+    "bGVnYXRlLWRlbW8tc2VjcmV0LW5vdC1mb3ItcHJvZHVjdGlvbiEh",
+    "cm91dGUtb3ZlcnJpZGUtc2VjcmV0LWtleS1mb3ItdGVzdHM",
+    "upstream-token-secret",
+    "vhost-api-key-secret",
+];
+
+/// `/config_dump` shows no plugin config (an auth plugin's inline HS256 key, a
+/// route's override of it) and no header operation's value (an
+/// `authorization` a route sets), only that they are there and the configs'
+/// sha256; `admin.config_dump_secrets: true` shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_dump_hides_plugin_configs_and_header_values() {
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&config_with_secrets(
+            up.addr,
+            "admin:\n  address: 127.0.0.1:0\n",
+        ))
+        .start();
+    let (status, body) = lg.admin_get("/config_dump").await;
+    assert_eq!(status, 200);
+    for secret in DUMPED_SECRETS {
+        assert!(!body.contains(secret), "{secret} in {body}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let marker = v["plugins"][0]["config"].as_str().unwrap();
+    assert!(marker.starts_with("[redacted] sha256:"), "{marker}");
+    assert_eq!(marker.len(), "[redacted] sha256:".len() + 64, "{marker}");
+    let vhost = &v["routes"][0]["virtual_hosts"][0];
+    assert_eq!(vhost["request_headers"]["add"]["x-api-key"], "[redacted]");
+    let routes = &vhost["routes"];
+    let over = routes[0]["filters"]["auth"]["config"].as_str().unwrap();
+    assert!(over.starts_with("[redacted] sha256:"), "{over}");
+    assert_ne!(over, marker, "two configs, one hash");
+    assert_eq!(
+        routes[1]["request_headers"]["set"]["authorization"],
+        "[redacted]"
+    );
+
+    let lg = legate()
+        .config(&config_with_secrets(
+            up.addr,
+            "admin:\n  address: 127.0.0.1:0\n  config_dump_secrets: true\n",
+        ))
+        .start();
+    let (status, body) = lg.admin_get("/config_dump").await;
+    assert_eq!(status, 200);
+    for secret in DUMPED_SECRETS {
+        assert!(body.contains(secret), "{secret} not in {body}");
+    }
+}
+
 each_proto!(
     async fn an_endpoint_listed_twice_is_one_stats_series(proto) {
         let up = upstream().start().await;
