@@ -15,39 +15,69 @@
 //!
 //! Reloads run on a blocking thread, so the admin API keeps answering meanwhile
 //! (see [`crate::reload`]).
+//!
+//! Web pages are kept out ([`refused`]): a browser on the host can send requests
+//! to `127.0.0.1:9901`, and a page on a name its owner re-points at 127.0.0.1
+//! (DNS rebinding) can also read the answers. So a request whose `Host` is not
+//! an IP address or `localhost` is refused with 403, and so is a request other
+//! than GET or HEAD that carries `Origin` or a cross-site `Sec-Fetch-Site`
+//! (what browsers add, `mode: "no-cors"` included). Clients such as curl and
+//! Prometheus send neither. A client has [`HEADER_READ_TIMEOUT`] to send each
+//! request head (idle keep-alive connections are closed after as long), and at
+//! most [`MAX_CONNECTIONS`] connections are served at once: more are closed at
+//! accept.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::cluster::Cluster;
 use crate::config::{Config, HeaderOps};
 use crate::server::Shared;
 
+/// How long a client has to send a request head, and the longest an idle
+/// keep-alive connection stays open (slowloris).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most admin connections served at once; more are closed at accept. Probes
+/// and scrapers need a handful.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Serves the admin API until the task is dropped.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!("admin accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("admin: {MAX_CONNECTIONS} connections open; closing a new one");
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 async move {
+                    if let Some(r) = refused(&req) {
+                        return Ok::<_, Infallible>(r);
+                    }
                     if let Some(r) = reload_answer(&shared, &req).await {
                         return Ok::<_, Infallible>(r);
                     }
@@ -55,10 +85,62 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
     }
+}
+
+/// A 403 for what a web page may have sent (see the module docs): a `Host` (or
+/// absolute URI) that is not an IP address or `localhost`, or a request other
+/// than GET or HEAD that carries `Origin` or a cross-site `Sec-Fetch-Site`.
+fn refused<B>(req: &Request<B>) -> Option<Response<Full<Bytes>>> {
+    let host = req.headers().get(header::HOST);
+    let hosts = host
+        .map(|h| h.to_str().unwrap_or(""))
+        .into_iter()
+        .chain(req.uri().authority().map(|a| a.as_str()));
+    for h in hosts {
+        if !is_local_authority(h) {
+            return Some(text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the admin API answers only requests to an IP address or localhost, not {h:?} \
+                     (a guard against DNS rebinding)\n"
+                ),
+            ));
+        }
+    }
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return None;
+    }
+    let cross_site = req
+        .headers()
+        .get("sec-fetch-site")
+        .is_some_and(|v| !matches!(v.as_bytes(), b"none" | b"same-origin"));
+    if req.headers().contains_key(header::ORIGIN) || cross_site {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "the admin API refuses changes from web pages (the request has Origin or \
+             Sec-Fetch-Site)\n",
+        ));
+    }
+    None
+}
+
+/// Whether `authority` (`host[:port]`) names an IP address or `localhost`.
+fn is_local_authority(authority: &str) -> bool {
+    let Ok(a) = authority.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    let host = a.host();
+    let ip = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost") || ip.parse::<IpAddr>().is_ok()
 }
 
 /// A reload, run on a blocking thread.

@@ -521,3 +521,86 @@ async fn legate_run_raises_its_open_file_limit() {
     let values: Vec<&str> = line["Max open files".len()..].split_whitespace().collect();
     assert_eq!(values[..2], ["4096", "4096"], "{line}");
 }
+
+/// The admin API keeps web pages out: a cross-site `POST /drain` (what
+/// `fetch(..., {method: "POST", mode: "no-cors"})` sends) is refused and
+/// drains nothing; a request to a name other than an IP address or
+/// `localhost` (DNS rebinding, which would let a page read `/config_dump`) is
+/// refused; curl-like requests still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_refuses_web_pages() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let mut admin = client(Proto::H1, lg.admin).await;
+
+    for (name, value) in [
+        ("origin", "https://evil.example"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let r = admin.post("/drain").header(name, value).send().await;
+        assert_eq!(r.status, 403, "{name}: {}", r.text());
+    }
+    assert_eq!(lg.admin_get("/ready").await, (200, "LIVE\n".to_string()));
+
+    for host in [
+        "rebind.evil.example",
+        "rebind.evil.example:9901",
+        "localhost.evil.example",
+    ] {
+        let r = admin.get("/config_dump").host(host).send().await;
+        assert_eq!(r.status, 403, "{host}: {}", r.text());
+    }
+
+    for host in ["localhost:9901", "LOCALHOST", "127.0.0.1", "[::1]:9901"] {
+        let r = admin.get("/ready").host(host).send().await;
+        assert_eq!(r.status, 200, "{host}: {}", r.text());
+    }
+    // A page's GET (no side effect, and the answer cannot be read cross-origin)
+    // is answered.
+    let r = admin
+        .get("/ready")
+        .header("origin", "https://evil.example")
+        .send()
+        .await;
+    assert_eq!(r.status, 200);
+    // What curl sends.
+    let r = admin.post("/drain").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(lg.admin_get("/ready").await.0, 503);
+}
+
+/// A client that never finishes its request head is cut off (slowloris); so is
+/// a connection beyond the admin API's cap, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_bounds_slow_and_excess_connections() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let mut slow = RawConn::connect(lg.admin).await;
+    slow.write(b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await;
+    let (_, closed) = slow.read_until_close(HANG_GUARD).await;
+    assert!(closed, "a request head never finished holds its connection");
+
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(RawConn::connect(lg.admin).await);
+    }
+    let mut excess = RawConn::connect(lg.admin).await;
+    excess
+        .write(b"GET /ready HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await;
+    let (answer, closed) = excess.read_until_close(HANG_GUARD).await;
+    assert!(
+        closed && answer.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(held);
+    // Closed connections free their slots.
+    eventually(HANG_GUARD, "the admin API answers again", || async {
+        let mut c = Client::connect(Proto::H1, lg.admin).await.ok()?;
+        let r = c.get("/ready").try_send().await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await;
+}
