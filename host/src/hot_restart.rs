@@ -13,9 +13,10 @@
 //!    socket: the one of its name, or, renamed, the one at its address that no
 //!    listener of that name keeps; others are bound as usual; the admin socket is
 //!    adopted if it is bound at the new config's `admin.address`, else that
-//!    address is bound, and a failure to bind it fails the upgrade), waits until its `dns` clusters have their first answers (each at
-//!    most its `initial_fetch_timeout`: a connection it took before could only get
-//!    503), and accepts — both processes now accept on the same sockets, so
+//!    address is bound, and a failure to bind it fails the upgrade), waits until
+//!    its `dns` clusters have their first answers (each at most its
+//!    `initial_fetch_timeout`: a connection it took before could only get 503),
+//!    and accepts — both processes now accept on the same sockets, so
 //!    connections queue in one backlog whoever accepts them;
 //! 3. sends `DRAIN`: the old process stops accepting (including on the admin
 //!    socket) and drains as on SIGTERM (in-flight requests finish; HTTP/1.1
