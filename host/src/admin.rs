@@ -6,7 +6,7 @@
 //! | `/ready` | GET | 200 `LIVE`; 503 `WARMING` (with the clusters) while a `dns` cluster waits for its first answer at start (up to its `initial_fetch_timeout`), 503 `DRAINING` once a drain started |
 //! | `/stats` | GET | every metric, Prometheus text format 0.0.4 |
 //! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
-//! | `/config_dump` | GET | the effective config (defaults filled in) as JSON, secrets redacted ([`config_dump`]) |
+//! | `/config_dump` | GET | the effective config (defaults filled in) as JSON, secrets redacted (`config_dump`) |
 //! | `/drain` | POST | starts a graceful drain, as SIGTERM does |
 //! | `/reload` | POST | reloads the config file (as SIGHUP): 200 JSON of what changed, 400 with the error (file:line:col) and nothing changed |
 //! | `/reload` | GET | the config file, generation and the last reload's outcome as JSON |
@@ -16,7 +16,7 @@
 //! Reloads run on a blocking thread, so the admin API keeps answering meanwhile
 //! (see [`crate::reload`]).
 //!
-//! Web pages are kept out ([`refused`]): a browser on the host can send requests
+//! Web pages are kept out (`refused`): a browser on the host can send requests
 //! to `127.0.0.1:9901`, and a page on a name its owner re-points at 127.0.0.1
 //! (DNS rebinding) can also read the answers. So a request whose `Host` is not
 //! an IP address or `localhost` is refused with 403, and so is a request other

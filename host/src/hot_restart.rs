@@ -29,8 +29,8 @@
 //!
 //! Whoever can connect to the upgrade socket can take the listening sockets and
 //! drain the proxy, so the socket is made with mode 0600 whatever the umask
-//! ([`bind_private`]), and a peer whose `SO_PEERCRED` uid is neither this
-//! process's effective uid nor root is refused ([`check_peer`]).
+//! (`bind_private`), and a peer whose `SO_PEERCRED` uid is neither this
+//! process's effective uid nor root is refused (`check_peer`).
 //!
 //! Counters and histograms carry over, as Envoy's do across its hot restart: the
 //! answer to `FDS` holds a copy of the old process's ([`Stats::carry`]), which the
