@@ -6,7 +6,7 @@
 //! | `/ready` | GET | 200 `LIVE`; 503 `WARMING` (with the clusters) while a `dns` cluster waits for its first answer at start (up to its `initial_fetch_timeout`), 503 `DRAINING` once a drain started |
 //! | `/stats` | GET | every metric, Prometheus text format 0.0.4 |
 //! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
-//! | `/config_dump` | GET | the effective config (defaults filled in) as JSON |
+//! | `/config_dump` | GET | the effective config (defaults filled in) as JSON, secrets redacted (`config_dump`) |
 //! | `/drain` | POST | starts a graceful drain, as SIGTERM does |
 //! | `/reload` | POST | reloads the config file (as SIGHUP): 200 JSON of what changed, 400 with the error (file:line:col) and nothing changed |
 //! | `/reload` | GET | the config file, generation and the last reload's outcome as JSON |
@@ -15,38 +15,69 @@
 //!
 //! Reloads run on a blocking thread, so the admin API keeps answering meanwhile
 //! (see [`crate::reload`]).
+//!
+//! Web pages are kept out (`refused`): a browser on the host can send requests
+//! to `127.0.0.1:9901`, and a page on a name its owner re-points at 127.0.0.1
+//! (DNS rebinding) can also read the answers. So a request whose `Host` is not
+//! an IP address or `localhost` is refused with 403, and so is a request other
+//! than GET or HEAD that carries `Origin` or a cross-site `Sec-Fetch-Site`
+//! (what browsers add, `mode: "no-cors"` included). Clients such as curl and
+//! Prometheus send neither. A client has [`HEADER_READ_TIMEOUT`] to send each
+//! request head (idle keep-alive connections are closed after as long), and at
+//! most [`MAX_CONNECTIONS`] connections are served at once: more are closed at
+//! accept.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::cluster::Cluster;
+use crate::config::{Config, HeaderOps};
 use crate::server::Shared;
+
+/// How long a client has to send a request head, and the longest an idle
+/// keep-alive connection stays open (slowloris).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most admin connections served at once; more are closed at accept. Probes
+/// and scrapers need a handful.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// Serves the admin API until the task is dropped.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!("admin accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("admin: {MAX_CONNECTIONS} connections open; closing a new one");
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 async move {
+                    if let Some(r) = refused(&req) {
+                        return Ok::<_, Infallible>(r);
+                    }
                     if let Some(r) = reload_answer(&shared, &req).await {
                         return Ok::<_, Infallible>(r);
                     }
@@ -54,10 +85,62 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
     }
+}
+
+/// A 403 for what a web page may have sent (see the module docs): a `Host` (or
+/// absolute URI) that is not an IP address or `localhost`, or a request other
+/// than GET or HEAD that carries `Origin` or a cross-site `Sec-Fetch-Site`.
+fn refused<B>(req: &Request<B>) -> Option<Response<Full<Bytes>>> {
+    let host = req.headers().get(header::HOST);
+    let hosts = host
+        .map(|h| h.to_str().unwrap_or(""))
+        .into_iter()
+        .chain(req.uri().authority().map(|a| a.as_str()));
+    for h in hosts {
+        if !is_local_authority(h) {
+            return Some(text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the admin API answers only requests to an IP address or localhost, not {h:?} \
+                     (a guard against DNS rebinding)\n"
+                ),
+            ));
+        }
+    }
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return None;
+    }
+    let cross_site = req
+        .headers()
+        .get("sec-fetch-site")
+        .is_some_and(|v| !matches!(v.as_bytes(), b"none" | b"same-origin"));
+    if req.headers().contains_key(header::ORIGIN) || cross_site {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "the admin API refuses changes from web pages (the request has Origin or \
+             Sec-Fetch-Site)\n",
+        ));
+    }
+    None
+}
+
+/// Whether `authority` (`host[:port]`) names an IP address or `localhost`.
+fn is_local_authority(authority: &str) -> bool {
+    let Ok(a) = authority.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    let host = a.host();
+    let ip = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost") || ip.parse::<IpAddr>().is_ok()
 }
 
 /// A reload, run on a blocking thread.
@@ -177,17 +260,8 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         (&Method::GET, "/config_dump") => {
             let snapshot = shared.snapshot.load();
-            match serde_json::to_value(&*snapshot.config) {
-                Ok(mut v) => {
-                    // The Redis URL may carry a password (Envoy redacts its
-                    // sensitive fields in config dumps too).
-                    if let Some(url) = v.pointer_mut("/kv/url") {
-                        if let Some(s) = url.as_str() {
-                            *url = crate::wasm::kv::redact_url(s).into();
-                        }
-                    }
-                    json(&v)
-                }
+            match config_dump(&snapshot.config) {
+                Ok(v) => json(&v),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot serialize config: {e}\n")),
             }
         }
@@ -204,6 +278,70 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "Legate admin\n  GET  /ready\n  GET  /stats\n  GET  /clusters\n  GET  /config_dump\n  POST /drain\n  GET  /reload\n  POST /reload\n  GET  /plugins\n  POST /plugins/NAME/reload\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the admin endpoints\n"),
+    }
+}
+
+/// The config as `GET /config_dump` shows it. Secrets are left out, as Envoy
+/// redacts the sensitive fields of its config dump: the Redis URL's user and
+/// password always; plugin configs (which hold JWT keys, API credentials) and
+/// the values of header operations (an `authorization` a route adds) unless
+/// `admin.config_dump_secrets`. A redacted config shows its sha256, so two
+/// processes' configs can be compared.
+fn config_dump(config: &Config) -> serde_json::Result<serde_json::Value> {
+    let mut v = if config.admin.config_dump_secrets {
+        serde_json::to_value(config)?
+    } else {
+        let mut shown = config.clone();
+        redact_secrets(&mut shown);
+        serde_json::to_value(&shown)?
+    };
+    if let Some(url) = v.pointer_mut("/kv/url") {
+        if let Some(s) = url.as_str() {
+            *url = crate::wasm::kv::redact_url(s).into();
+        }
+    }
+    Ok(v)
+}
+
+/// Replaces every plugin config (a plugin's, a proxy-wasm module's, a route's
+/// override) by a marker with its sha256, and every header operation's value by
+/// a marker.
+fn redact_secrets(config: &mut Config) {
+    for p in &mut config.plugins {
+        let p = &mut p.value;
+        redact_config(&mut p.config);
+        if let Some(pw) = &mut p.proxy_wasm {
+            redact_config(&mut pw.vm_config);
+            redact_config(&mut pw.plugin_config);
+        }
+    }
+    for table in &mut config.routes {
+        for vh in &mut table.value.virtual_hosts {
+            let vh = &mut vh.value;
+            redact_headers(&mut vh.request_headers);
+            redact_headers(&mut vh.response_headers);
+            for r in &mut vh.routes {
+                let r = &mut r.value;
+                redact_headers(&mut r.request_headers);
+                redact_headers(&mut r.response_headers);
+                for f in r.filters.values_mut() {
+                    redact_config(&mut f.config);
+                }
+            }
+        }
+    }
+}
+
+fn redact_config(config: &mut Option<serde_json::Value>) {
+    if let Some(v) = config {
+        let hash = crate::reload::sha256_hex(v.to_string().as_bytes());
+        *v = format!("[redacted] sha256:{hash}").into();
+    }
+}
+
+fn redact_headers(ops: &mut HeaderOps) {
+    for value in ops.add.value.values_mut().chain(ops.set.value.values_mut()) {
+        *value = "[redacted]".to_string();
     }
 }
 

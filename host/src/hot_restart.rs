@@ -12,9 +12,11 @@
 //! 2. starts with those sockets (a listener whose address is unchanged adopts the
 //!    socket: the one of its name, or, renamed, the one at its address that no
 //!    listener of that name keeps; others are bound as usual; the admin socket is
-//!    adopted), waits until its `dns` clusters have their first answers (each at
-//!    most its `initial_fetch_timeout`: a connection it took before could only get
-//!    503), and accepts — both processes now accept on the same sockets, so
+//!    adopted if it is bound at the new config's `admin.address`, else that
+//!    address is bound, and a failure to bind it fails the upgrade), waits until
+//!    its `dns` clusters have their first answers (each at most its
+//!    `initial_fetch_timeout`: a connection it took before could only get 503),
+//!    and accepts — both processes now accept on the same sockets, so
 //!    connections queue in one backlog whoever accepts them;
 //! 3. sends `DRAIN`: the old process stops accepting (including on the admin
 //!    socket) and drains as on SIGTERM (in-flight requests finish; HTTP/1.1
@@ -24,6 +26,11 @@
 //!
 //! If the new process fails before step 3 (bad config, crash), the old one keeps
 //! serving: the handover is not committed until `DRAIN`.
+//!
+//! Whoever can connect to the upgrade socket can take the listening sockets and
+//! drain the proxy, so the socket is made with mode 0600 whatever the umask
+//! (`bind_private`), and a peer whose `SO_PEERCRED` uid is neither this
+//! process's effective uid nor root is refused (`check_peer`).
 //!
 //! Counters and histograms carry over, as Envoy's do across its hot restart: the
 //! answer to `FDS` holds a copy of the old process's ([`Stats::carry`]), which the
@@ -149,7 +156,7 @@ pub fn serve(
         // A stale socket file from a process that is gone.
         let _ = std::fs::remove_file(path);
     }
-    let listener = UnixListener::bind(path)
+    let listener = bind_private(path)
         .with_context(|| format!("binding the upgrade socket {}", path.display()))?;
     listener.set_nonblocking(true)?;
     // Receivers outlive `Shared`, so the exit decision works even after it is gone.
@@ -170,7 +177,9 @@ pub fn serve(
             let Some(s) = s else { return };
             match listener.accept() {
                 Ok((stream, _)) => {
-                    if let Err(e) = hand_over(&s, &admin, stream) {
+                    if let Err(e) = check_peer(&stream) {
+                        tracing::warn!("hot restart: refused a connection: {e:#}");
+                    } else if let Err(e) = hand_over(&s, &admin, stream) {
                         tracing::error!("hot restart: {e:#}; still serving");
                     }
                 }
@@ -187,6 +196,55 @@ pub fn serve(
         })
         .context("starting the upgrade thread")?;
     Ok(())
+}
+
+/// Binds a Unix socket at `path` (replacing what is there) that only this
+/// user can connect to: mode 0600 whatever the umask, with no moment at another
+/// mode. It is bound in a fresh directory of mode 0700 next to `path`, where no
+/// one else can reach it, made 0600, then renamed into place. (A socket's mode
+/// cannot be set before `bind` creates it, and `fchmod` on it does not change
+/// the file; setting the umask around `bind` would change it for every thread.)
+fn bind_private(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let mut private = name.to_owned();
+    private.push(format!(".{}.tmp", std::process::id()));
+    let dir = path.with_file_name(private);
+    // Left by a process of this pid that died here.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let bound = (|| {
+        // The umask may have taken the owner's bits too.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let socket = dir.join("socket");
+        let listener = UnixListener::bind(&socket)?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&socket, path)?;
+        io::Result::Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(bound?)
+}
+
+/// Refuses a peer that is neither this process's user nor root (by the
+/// credentials the kernel recorded when it connected).
+fn check_peer(stream: &UnixStream) -> anyhow::Result<()> {
+    let peer = rustix::net::sockopt::socket_peercred(stream).context("SO_PEERCRED")?;
+    let me = rustix::process::geteuid();
+    if peer.uid == me || peer.uid.is_root() {
+        return Ok(());
+    }
+    bail!(
+        "process {} runs as uid {}, neither this process's uid {} nor root",
+        peer.pid.as_raw_nonzero(),
+        peer.uid.as_raw(),
+        me.as_raw()
+    )
 }
 
 /// The old process's side of one upgrade.
@@ -364,5 +422,39 @@ impl Inherited {
             })
             .context("starting the upgrade stats thread")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The upgrade socket gives nobody but its owner access, even under umask 0
+    /// (with which `bind` makes it 0777), and it replaces a stale file.
+    #[test]
+    fn the_upgrade_socket_is_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("legate-upgrade-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("legate.yaml.upgrade.sock");
+        std::fs::write(&path, "stale").unwrap();
+        let old = rustix::process::umask(rustix::fs::Mode::empty());
+        let bound = bind_private(&path);
+        rustix::process::umask(old);
+        let listener = bound.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+        // The socket at `path` is the one listening, and nothing is left behind.
+        let _client = UnixStream::connect(&path).unwrap();
+        listener.accept().unwrap();
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_peer_of_this_user_is_accepted() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        check_peer(&a).unwrap();
     }
 }

@@ -133,6 +133,63 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("`{s}`: give a duration like `1s` or `500ms`"))
 }
 
+/// Descriptors kept for what is not a connection: plugins' files, the access
+/// log, health checks, DNS, the runtimes' own.
+const FD_MARGIN: u64 = 256;
+
+/// Raises the soft limit of open files (`RLIMIT_NOFILE`) to the hard limit, as
+/// Go programs do at start: the soft limit is often 1024 (systemd's default),
+/// which ~1000 idle connections exhaust long before `max_connections` engages,
+/// while the hard limit (systemd's default 524288, `LimitNOFILE=`) is what the
+/// operator allows. Logs the limit it runs with, and warns when the listeners'
+/// `max_connections` could exceed it (each proxied connection may hold an
+/// upstream one too), since accepts then fail with `EMFILE` instead.
+fn raise_fd_limit(cfg: &config::Config) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let soft = match (limit.current, limit.maximum) {
+        (Some(soft), Some(hard)) if soft < hard => {
+            let raised = Rlimit {
+                current: Some(hard),
+                maximum: Some(hard),
+            };
+            match setrlimit(Resource::Nofile, raised) {
+                Ok(()) => {
+                    tracing::info!("open-file limit: {hard} (raised from {soft})");
+                    Some(hard)
+                }
+                Err(e) => {
+                    tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+                    Some(soft)
+                }
+            }
+        }
+        (soft, _) => {
+            if let Some(soft) = soft {
+                tracing::info!("open-file limit: {soft}");
+            }
+            soft
+        }
+    };
+    let Some(soft) = soft else {
+        return;
+    };
+    let connections: u64 = cfg
+        .listeners
+        .iter()
+        .map(|l| u64::from(l.value.limits.max_connections))
+        .sum();
+    let needed = connections.saturating_mul(2).saturating_add(FD_MARGIN);
+    if needed > soft {
+        tracing::warn!(
+            "open-file limit {soft} is below what the listeners' max_connections \
+             ({connections} in all) may need, about {needed} with their upstream \
+             connections: raise the hard limit (systemd `LimitNOFILE=`, `ulimit -Hn`) or \
+             lower max_connections"
+        );
+    }
+}
+
 fn run(
     path: &std::path::Path,
     concurrency: Option<usize>,
@@ -149,6 +206,7 @@ fn run(
     if local_zone.is_some() {
         cfg.set_local_zone(local_zone.clone());
     }
+    raise_fd_limit(&cfg);
     let mut opts = server::Options::default();
     if let Some(n) = concurrency {
         opts.concurrency = n;

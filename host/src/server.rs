@@ -410,7 +410,8 @@ pub struct ProcessOptions {
     /// listener name, with their addresses; used instead of binding when the
     /// address is the same (by name, or by address for a renamed listener).
     pub inherited: HashMap<String, (String, std::net::TcpListener)>,
-    /// The admin socket inherited from the previous process (hot restart).
+    /// The admin socket inherited from the previous process (hot restart); used
+    /// only if it is bound where `admin.address` says, else that is bound.
     pub inherited_admin: Option<std::net::TcpListener>,
     /// The previous process's counters and histograms (hot restart): this
     /// process's start from them.
@@ -448,6 +449,16 @@ fn take_inherited(
             .map(|(name, _)| name.clone())?
     };
     inherited.remove(&name).map(|(_, socket)| socket)
+}
+
+/// Whether the inherited admin socket `s` is bound where `admin.address` says:
+/// the same address, or the same IP for port 0 (any port). A hot restart adopts
+/// it only then, so a changed `admin.address` (moving the admin API off a
+/// public address, say) takes effect.
+fn serves_admin_address(s: &std::net::TcpListener, configured: SocketAddr) -> bool {
+    s.local_addr().is_ok_and(|bound| {
+        bound == configured || (configured.port() == 0 && bound.ip() == configured.ip())
+    })
 }
 
 /// A running Legate.
@@ -529,7 +540,25 @@ pub fn start_with(
         .parse()
         .context("admin address")?;
     let admin_socket = match process.inherited_admin {
-        Some(s) => s,
+        Some(s) if serves_admin_address(&s, admin_addr) => s,
+        Some(old) => {
+            // `admin.address` changed: the old socket is closed here (the old
+            // process keeps its own until it drains) and the new address bound.
+            let was = old
+                .local_addr()
+                .map_or_else(|_| "?".to_string(), |a| a.to_string());
+            drop(old);
+            let s = std::net::TcpListener::bind(admin_addr).with_context(|| {
+                format!(
+                    "admin listener on {admin_addr} (admin.address changed from {was}; the \
+                     running Legate keeps serving. A port the old process still holds, as \
+                     from 0.0.0.0:9901 to 127.0.0.1:9901, cannot be bound meanwhile: change \
+                     the port too, or stop and start)"
+                )
+            })?;
+            tracing::info!("hot restart: the admin listener moves from {was} to {admin_addr}");
+            s
+        }
         None => std::net::TcpListener::bind(admin_addr)
             .with_context(|| format!("admin listener on {admin_addr}"))?,
     };

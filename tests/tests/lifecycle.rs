@@ -324,6 +324,109 @@ async fn config_dump_hides_the_redis_password() {
     assert!(body.contains("redis://***@127.0.0.1:1/0"), "{body}");
 }
 
+/// An auth config with an inline HS256 key (JWKS `oct`, base64url `k`).
+fn auth_config(k: &str) -> String {
+    format!(
+        "{{ providers: [{{ name: demo, issuer: https://demo.legate.local, audiences: [demo-api], \
+         jwks: {{ keys: [{{ kty: oct, kid: demo, alg: HS256, k: {k} }}] }} }}], \
+         rules: [{{ match: {{ prefix: / }}, requires: {{ any: [demo] }} }}] }}"
+    )
+}
+
+/// A config whose plugin config, route override of it and route header
+/// operation hold secrets; `admin` is the admin section.
+fn config_with_secrets(up: std::net::SocketAddr, admin: &str) -> String {
+    format!(
+        "version: 1
+{admin}listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: auth }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        request_headers:
+          add: {{ x-api-key: vhost-api-key-secret }}
+        routes:
+          - match: {{ prefix: /other }}
+            cluster: backend
+            filters:
+              auth: {{ config: {override} }}
+          - match: {{ prefix: / }}
+            cluster: backend
+            request_headers:
+              set: {{ authorization: Bearer upstream-token-secret }}
+clusters:
+  - name: backend
+    endpoints: [{{ address: {up} }}]
+plugins:
+  - name: auth
+    module: builtin:auth
+    limits: {{ cpu: 500ms }}
+    config: {top}
+",
+        top = auth_config("bGVnYXRlLWRlbW8tc2VjcmV0LW5vdC1mb3ItcHJvZHVjdGlvbiEh"),
+        override = auth_config("cm91dGUtb3ZlcnJpZGUtc2VjcmV0LWtleS1mb3ItdGVzdHM"),
+    )
+}
+
+const DUMPED_SECRETS: [&str; 4] = [
+    "bGVnYXRlLWRlbW8tc2VjcmV0LW5vdC1mb3ItcHJvZHVjdGlvbiEh",
+    "cm91dGUtb3ZlcnJpZGUtc2VjcmV0LWtleS1mb3ItdGVzdHM",
+    "upstream-token-secret",
+    "vhost-api-key-secret",
+];
+
+/// `/config_dump` shows no plugin config (an auth plugin's inline HS256 key, a
+/// route's override of it) and no header operation's value (an
+/// `authorization` a route sets), only that they are there and the configs'
+/// sha256; `admin.config_dump_secrets: true` shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_dump_hides_plugin_configs_and_header_values() {
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&config_with_secrets(
+            up.addr,
+            "admin:\n  address: 127.0.0.1:0\n",
+        ))
+        .start();
+    let (status, body) = lg.admin_get("/config_dump").await;
+    assert_eq!(status, 200);
+    for secret in DUMPED_SECRETS {
+        assert!(!body.contains(secret), "{secret} in {body}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let marker = v["plugins"][0]["config"].as_str().unwrap();
+    assert!(marker.starts_with("[redacted] sha256:"), "{marker}");
+    assert_eq!(marker.len(), "[redacted] sha256:".len() + 64, "{marker}");
+    let vhost = &v["routes"][0]["virtual_hosts"][0];
+    assert_eq!(vhost["request_headers"]["add"]["x-api-key"], "[redacted]");
+    let routes = &vhost["routes"];
+    let over = routes[0]["filters"]["auth"]["config"].as_str().unwrap();
+    assert!(over.starts_with("[redacted] sha256:"), "{over}");
+    assert_ne!(over, marker, "two configs, one hash");
+    assert_eq!(
+        routes[1]["request_headers"]["set"]["authorization"],
+        "[redacted]"
+    );
+
+    let lg = legate()
+        .config(&config_with_secrets(
+            up.addr,
+            "admin:\n  address: 127.0.0.1:0\n  config_dump_secrets: true\n",
+        ))
+        .start();
+    let (status, body) = lg.admin_get("/config_dump").await;
+    assert_eq!(status, 200);
+    for secret in DUMPED_SECRETS {
+        assert!(body.contains(secret), "{secret} not in {body}");
+    }
+}
+
 each_proto!(
     async fn an_endpoint_listed_twice_is_one_stats_series(proto) {
         let up = upstream().start().await;
@@ -371,5 +474,133 @@ async fn several_workers_share_the_listener() {
         r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
         50.0,
     )
+    .await;
+}
+
+/// `legate run` raises its soft open-file limit to the hard limit: started with
+/// 256 of 4096 (systemd starts services with a soft limit of 1024), it would
+/// run out of descriptors at a few hundred connections, far below
+/// `max_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legate_run_raises_its_open_file_limit() {
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let up = upstream().start().await;
+    let bin = workspace_bin("legate");
+    let admin = free_addr();
+    let dir = TempDir::new();
+    let cfg = dir.write(
+        "legate.yaml",
+        format!("{}admin:\n  address: {admin}\n", simple_config(&[up.addr])),
+    );
+    // util-linux's prlimit sets the limits, then runs legate in its place.
+    let child = std::process::Command::new("prlimit")
+        .arg("--nofile=256:4096")
+        .arg(&bin)
+        .args(["run", "--watch-interval", "0", "-c"])
+        .arg(&cfg)
+        .spawn()
+        .expect("run legate under util-linux's prlimit");
+    let child = Killed(child);
+    eventually(Duration::from_secs(60), "legate is ready", || async {
+        let mut c = Client::connect(Proto::H1, admin).await.ok()?;
+        let r = c.get("/ready").try_send().await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("no open-file limit in\n{limits}"));
+    let values: Vec<&str> = line["Max open files".len()..].split_whitespace().collect();
+    assert_eq!(values[..2], ["4096", "4096"], "{line}");
+}
+
+/// The admin API keeps web pages out: a cross-site `POST /drain` (what
+/// `fetch(..., {method: "POST", mode: "no-cors"})` sends) is refused and
+/// drains nothing; a request to a name other than an IP address or
+/// `localhost` (DNS rebinding, which would let a page read `/config_dump`) is
+/// refused; curl-like requests still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_refuses_web_pages() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let mut admin = client(Proto::H1, lg.admin).await;
+
+    for (name, value) in [
+        ("origin", "https://evil.example"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let r = admin.post("/drain").header(name, value).send().await;
+        assert_eq!(r.status, 403, "{name}: {}", r.text());
+    }
+    assert_eq!(lg.admin_get("/ready").await, (200, "LIVE\n".to_string()));
+
+    for host in [
+        "rebind.evil.example",
+        "rebind.evil.example:9901",
+        "localhost.evil.example",
+    ] {
+        let r = admin.get("/config_dump").host(host).send().await;
+        assert_eq!(r.status, 403, "{host}: {}", r.text());
+    }
+
+    for host in ["localhost:9901", "LOCALHOST", "127.0.0.1", "[::1]:9901"] {
+        let r = admin.get("/ready").host(host).send().await;
+        assert_eq!(r.status, 200, "{host}: {}", r.text());
+    }
+    // A page's GET (no side effect, and the answer cannot be read cross-origin)
+    // is answered.
+    let r = admin
+        .get("/ready")
+        .header("origin", "https://evil.example")
+        .send()
+        .await;
+    assert_eq!(r.status, 200);
+    // What curl sends.
+    let r = admin.post("/drain").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(lg.admin_get("/ready").await.0, 503);
+}
+
+/// A client that never finishes its request head is cut off (slowloris); so is
+/// a connection beyond the admin API's cap, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_bounds_slow_and_excess_connections() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let mut slow = RawConn::connect(lg.admin).await;
+    slow.write(b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await;
+    let (_, closed) = slow.read_until_close(HANG_GUARD).await;
+    assert!(closed, "a request head never finished holds its connection");
+
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(RawConn::connect(lg.admin).await);
+    }
+    let mut excess = RawConn::connect(lg.admin).await;
+    excess
+        .write(b"GET /ready HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await;
+    let (answer, closed) = excess.read_until_close(HANG_GUARD).await;
+    assert!(
+        closed && answer.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(held);
+    // Closed connections free their slots.
+    eventually(HANG_GUARD, "the admin API answers again", || async {
+        let mut c = Client::connect(Proto::H1, lg.admin).await.ok()?;
+        let r = c.get("/ready").try_send().await.ok()?;
+        (r.status == 200).then_some(())
+    })
     .await;
 }

@@ -1621,6 +1621,131 @@ async fn hot_restart_adopts_a_renamed_listeners_socket() {
     drop(old);
 }
 
+/// A hot restart applies a changed `admin.address`: the new process binds it
+/// and the old address closes with the old process. Before, the new process
+/// adopted the old admin socket whatever its config said, so moving the admin
+/// API off an exposed address and upgrading left it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_restart_moves_the_admin_listener() {
+    let up = upstream().start().await;
+    legate_bin();
+    let (web, old_admin, new_admin) = (free_addr(), free_addr(), free_addr());
+    let dir = TempDir::new();
+    let cfg = dir.write("legate.yaml", fixed_yaml(web, old_admin, up.addr));
+    let mut old = Child::spawn(&cfg, &[]);
+    wait_ready(old_admin).await;
+
+    std::fs::write(&cfg, fixed_yaml(web, new_admin, up.addr)).unwrap();
+    let mut new = Child::spawn(&cfg, &["--upgrade"]);
+    let status = old.exited(Duration::from_secs(60)).await;
+    assert!(status.success(), "the old process exited with {status}");
+    assert!(
+        new.child.try_wait().unwrap().is_none(),
+        "the new process died"
+    );
+    wait_ready(new_admin).await;
+    assert!(
+        admin_at(old_admin, Method::GET, "/ready").await.is_none(),
+        "the old admin address {old_admin} still answers"
+    );
+    let mut c = client(Proto::H1, web).await;
+    assert_eq!(c.get("/x").send().await.status, 200);
+    new.signal("TERM");
+    assert!(new.exited(Duration::from_secs(30)).await.success());
+}
+
+/// A hot restart to an `admin.address` that cannot be bound fails, saying so,
+/// and the running process goes on serving (it drains only when told to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_restart_to_a_busy_admin_address_keeps_the_old_process() {
+    let up = upstream().start().await;
+    legate_bin();
+    let (web, old_admin) = (free_addr(), free_addr());
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap();
+    let dir = TempDir::new();
+    let cfg = dir.write("legate.yaml", fixed_yaml(web, old_admin, up.addr));
+    let mut old = Child::spawn(&cfg, &[]);
+    wait_ready(old_admin).await;
+
+    std::fs::write(&cfg, fixed_yaml(web, busy_addr, up.addr)).unwrap();
+    let mut new = Child::spawn(&cfg, &["--upgrade"]);
+    let status = new.exited(Duration::from_secs(60)).await;
+    assert!(
+        !status.success(),
+        "the new process started on a busy admin address"
+    );
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old process stopped"
+    );
+    let (status, body) = admin_at(old_admin, Method::GET, "/ready").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "LIVE\n"));
+    let mut c = client(Proto::H1, web).await;
+    assert_eq!(c.get("/x").send().await.status, 200);
+    old.signal("TERM");
+    assert!(old.exited(Duration::from_secs(30)).await.success());
+}
+
+/// Another user's process cannot take the listening sockets, even where the
+/// upgrade socket's mode would let it connect (loosened here by hand; Legate
+/// makes it 0600): the running Legate refuses it by its `SO_PEERCRED` uid and
+/// goes on serving. Runs the other process as `nobody`, which needs root; as
+/// another user the test only says it was skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_restart_refuses_another_users_process() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    use std::os::unix::process::CommandExt as _;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        eprintln!("skipped: running a process as another user needs root");
+        return;
+    }
+    let up = upstream().start().await;
+    legate_bin();
+    let (web, admin) = (free_addr(), free_addr());
+    let dir = TempDir::new();
+    let cfg = dir.write("legate.yaml", fixed_yaml(web, admin, up.addr));
+    let public = |path: &Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    public(dir.path(), 0o755);
+    public(&cfg, 0o644);
+    let mut old = Child::spawn(&cfg, &[]);
+    wait_ready(admin).await;
+    let socket = dir.path().join("legate.yaml.upgrade.sock");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "upgrade socket mode {mode:o}");
+    public(&socket, 0o666);
+
+    let child = Command::new(legate_bin())
+        .args([
+            "run",
+            "--concurrency",
+            "1",
+            "--watch-interval",
+            "0",
+            "--upgrade",
+            "-c",
+        ])
+        .arg(&cfg)
+        .uid(65534)
+        .gid(65534)
+        .env("LEGATE_LOG", "info")
+        .spawn()
+        .expect("spawn legate as nobody");
+    let mut intruder = Child { child };
+    let status = intruder.exited(Duration::from_secs(60)).await;
+    assert!(!status.success(), "another user's process took over");
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old process stopped"
+    );
+    let (status, body) = admin_at(admin, Method::GET, "/ready").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "LIVE\n"));
+    old.signal("TERM");
+    assert!(old.exited(Duration::from_secs(30)).await.success());
+}
+
 fn percentiles(mut v: Vec<f64>) -> String {
     if v.is_empty() {
         return "n/a".into();

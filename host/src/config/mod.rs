@@ -229,6 +229,12 @@ pub struct Admin {
     /// Must be `true` to bind the admin listener to a non-loopback address.
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// Show plugin configs and header values in `GET /config_dump` as they are.
+    /// Default false: they are replaced by a marker (with the config's sha256),
+    /// since they hold secrets (JWT keys, credentials a route adds) that whoever
+    /// can reach the admin port would otherwise read.
+    #[serde(default)]
+    pub config_dump_secrets: bool,
 }
 
 impl Default for Admin {
@@ -236,6 +242,7 @@ impl Default for Admin {
         Admin {
             address: unspanned(defaults::admin_address_str()),
             allow_non_loopback: false,
+            config_dump_secrets: false,
         }
     }
 }
@@ -1558,6 +1565,7 @@ clusters:
         let c = parse(MINIMAL);
         assert_eq!(c.admin.address.value, "127.0.0.1:9901");
         assert!(!c.admin.allow_non_loopback);
+        assert!(!c.admin.config_dump_secrets);
         assert!(c.access_log.is_none());
         assert_eq!(c.drain_timeout.get(), Duration::from_secs(30));
         assert!(c.plugins.is_empty());
