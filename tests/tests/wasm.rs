@@ -503,6 +503,34 @@ each_proto!(
     }
 );
 
+// A guest growing a header map: `HeaderMap` panics past 24 576 names, which
+// took the connection down with the host's state for the exchange half moved.
+// The host caps a map at 1024 fields: an add past it is `limit-exceeded`, a
+// local response with more is a failed call (the failure policy).
+each_proto!(
+    async fn a_guest_cannot_grow_a_header_map_without_bound(proto) {
+        let up = upstream().start().await;
+        let p = plugin("hostile", "{ mode: hostile }", "");
+        let lg = legate().config(&simple(up.addr, &p, &["hostile"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/flood-add").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let refused = r.text();
+        assert!(refused.starts_with("limit-exceeded at "), "{refused}");
+        let at: usize = refused["limit-exceeded at ".len()..].parse().unwrap();
+        assert!((1000..=1024).contains(&at), "{refused}");
+
+        let r = c.get("/flood-respond").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.text(), "plugin_failure: hostile\n");
+        // The connection and the proxy keep serving.
+        let r = c.get("/fine").send().await;
+        assert_eq!(r.status, 200);
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="hostile"}"#, 1.0)
+            .await;
+    }
+);
+
 // WASI sockets are linked (a guest using `std::net` instantiates) but deny
 // every operation: each call returns an error to the guest, never a trap or a
 // host panic (the binds and UDP socket creation would block in wasmtime-wasi's

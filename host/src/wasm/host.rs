@@ -541,6 +541,33 @@ fn is_host(hides_host: bool, name: &str) -> bool {
     hides_host && name.eq_ignore_ascii_case("host")
 }
 
+/// The most fields a filter may put in one header map (a head, trailers, a
+/// local response, a callout request): `HeaderMap` panics past 24 576 names,
+/// and a guest must not grow host memory without bound.
+pub(crate) const MAX_FILTER_FIELDS: usize = 1024;
+/// The longest field value a filter may write.
+pub(crate) const MAX_FILTER_FIELD_VALUE: usize = 64 * 1024;
+
+/// Adds `name: value` to `map` within the caps above (`limit-exceeded`
+/// otherwise), replacing the field's values when `replace`.
+pub(crate) fn put_field(
+    map: &mut HeaderMap,
+    name: HeaderName,
+    value: HeaderValue,
+    replace: bool,
+) -> Result<(), Error> {
+    let grows = !replace || !map.contains_key(&name);
+    if value.len() > MAX_FILTER_FIELD_VALUE || (grows && map.len() >= MAX_FILTER_FIELDS) {
+        return Err(Error::LimitExceeded);
+    }
+    let stored = if replace {
+        map.try_insert(name, value).map(drop)
+    } else {
+        map.try_append(name, value).map(drop)
+    };
+    stored.map_err(|_| Error::LimitExceeded)
+}
+
 fn field_name(name: &str) -> Result<HeaderName, Error> {
     HeaderName::from_bytes(name.as_bytes()).map_err(|_| Error::InvalidArgument)
 }
@@ -666,11 +693,10 @@ impl HostState {
             None => {
                 map.remove(&name);
             }
-            Some(v) if replace => {
-                map.insert(name, v);
-            }
             Some(v) => {
-                map.append(name, v);
+                if let Err(e) = put_field(map, name, v, replace) {
+                    return Ok(Err(e));
+                }
             }
         }
         if part == Part::Request {
@@ -1737,7 +1763,7 @@ impl HostState {
                 return Err(Error::InvalidArgument);
             }
             let v = field_value(value).map_err(|_| Error::InvalidArgument)?;
-            headers.append(n, v);
+            put_field(&mut headers, n, v, false)?;
         }
         let timeout = if r.timeout_ms == 0 {
             CALLOUT_DEFAULT_TIMEOUT

@@ -904,7 +904,13 @@ fn local_response(lr: whttp::LocalResponse) -> Result<LocalResponse, String> {
             .map_err(|_| format!("local response header name `{name}` is invalid"))?;
         let v = super::host::field_value(value)
             .map_err(|_| format!("local response header `{name}` has an invalid value"))?;
-        headers.append(n, v);
+        super::host::put_field(&mut headers, n, v, false).map_err(|_| {
+            format!(
+                "local response headers over the host's caps ({} fields, {} KiB a value)",
+                super::host::MAX_FILTER_FIELDS,
+                super::host::MAX_FILTER_FIELD_VALUE / 1024
+            )
+        })?;
     }
     Ok(LocalResponse {
         status,

@@ -10,7 +10,8 @@
 //! - `cookies`: on the response, counts `set-cookie` values (`x-cookie-count`) and
 //!   adds one more.
 //! - `rewrite`: rewrites a path starting `/old` to `/new` (the host re-routes).
-//! - `hostile`: path `/panic` panics, `/loop` loops forever, `/oom` allocates
+//! - `hostile`: path `/flood-add` adds request fields until refused (answers
+//!   where), `/flood-respond` answers with 30 000 fields; path `/panic` panics, `/loop` loops forever, `/oom` allocates
 //!   without bound, `/sleep` sleeps 5s (a WASI pollable: no Wasm runs while it
 //!   waits, so no epoch check either), `/recurse` recurses without bound (a
 //!   stack overflow trap), `/sockets` tries a TCP bind, a TCP connect
@@ -813,6 +814,34 @@ impl Guest for Plugin {
                 if p.starts_with("/oom") {
                     HOARD.with(|h| loop {
                         h.borrow_mut().push(vec![1u8; 1 << 20]);
+                    });
+                }
+                if p.starts_with("/flood-add") {
+                    // Adds fields until the host refuses one: answers where.
+                    let mut refused = String::from("never refused");
+                    for i in 0..30_000 {
+                        if let Err(e) = h.add(&format!("x-f-{i}"), b"v") {
+                            refused = format!("{} at {i}", error_name(e));
+                            break;
+                        }
+                    }
+                    return Action::Respond(LocalResponse {
+                        status: 200,
+                        headers: Vec::new(),
+                        body: refused.into_bytes(),
+                        details: String::new(),
+                    });
+                }
+                if p.starts_with("/flood-respond") {
+                    // More fields than a header map can hold (24 576 names).
+                    let headers = (0..30_000)
+                        .map(|i| (format!("x-f-{i}"), b"v".to_vec()))
+                        .collect();
+                    return Action::Respond(LocalResponse {
+                        status: 200,
+                        headers,
+                        body: Vec::new(),
+                        details: String::new(),
                     });
                 }
                 Action::Continue

@@ -87,7 +87,8 @@ pub fn request_head(
         // Fields the host owns are dropped, as for `proxy_http_call`.
         match super::imports::callout_field(k, v).ok_or(status::PARSE_FAILURE)? {
             Some((name, value)) => {
-                headers.append(name, value);
+                crate::wasm::host::put_field(&mut headers, name, value, false)
+                    .map_err(|_| status::PARSE_FAILURE)?;
             }
             None => tracing::debug!(plugin = &*s.meta.name, "gRPC metadata dropped"),
         }

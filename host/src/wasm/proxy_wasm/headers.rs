@@ -10,6 +10,7 @@
 //! `content-length` may be removed from a head (as in Envoy, a filter that
 //! changes a body's size removes it in the headers callback).
 
+use crate::wasm::host::put_field;
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
@@ -258,11 +259,11 @@ pub fn apply(s: &mut PwState, which: i32, op: Op<'_>) -> Result<(), i32> {
     match op {
         Op::Add(_, v) => {
             let v = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
-            headers.append(name, v);
+            put_field(headers, name, v, false).map_err(|_| status::BAD_ARGUMENT)?;
         }
         Op::Replace(_, v) => {
             let v = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
-            headers.insert(name, v);
+            put_field(headers, name, v, true).map_err(|_| status::BAD_ARGUMENT)?;
         }
         Op::Remove(_) => {
             headers.remove(name);
@@ -367,7 +368,7 @@ pub fn set_all(s: &mut PwState, which: i32, new: &[(Vec<u8>, Vec<u8>)]) -> Resul
             continue;
         }
         let v = HeaderValue::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?;
-        fresh.append(name, v);
+        put_field(&mut fresh, name, v, false).map_err(|_| status::BAD_ARGUMENT)?;
     }
     // Host-owned fields keep their values; `content-length` only if the new map
     // still names it (replacing the map without it removes it, as in Envoy).

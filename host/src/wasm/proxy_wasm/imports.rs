@@ -139,7 +139,8 @@ fn http_call(
             _ => {
                 let field = callout_field(k, v).ok_or(status::BAD_ARGUMENT)?;
                 if let Some((name, value)) = field {
-                    headers.append(name, value);
+                    crate::wasm::host::put_field(&mut headers, name, value, false)
+                        .map_err(|_| status::BAD_ARGUMENT)?;
                 } else {
                     tracing::debug!(plugin = &*s.meta.name, "callout header dropped");
                 }
@@ -304,7 +305,8 @@ fn local_response(
     for (k, v) in pairs {
         let n = HeaderName::from_bytes(&k).map_err(|_| status::BAD_ARGUMENT)?;
         let v = HeaderValue::from_bytes(&v).map_err(|_| status::BAD_ARGUMENT)?;
-        headers.append(n, v);
+        crate::wasm::host::put_field(&mut headers, n, v, false)
+            .map_err(|_| status::BAD_ARGUMENT)?;
     }
     let details = String::from_utf8_lossy(&details).into_owned();
     if grpc_status >= 0 {
