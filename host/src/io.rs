@@ -101,6 +101,9 @@ pub struct Activity {
     tx: AtomicU64,
     /// Requests started on this connection.
     requests: AtomicU64,
+    /// When a request last started or finished: an HTTP/2 connection's
+    /// idleness counts from it, not from its frames (a client's pings).
+    last_request_ms: AtomicU64,
     /// 0 = protocol not known yet, 1 = HTTP/1, 2 = HTTP/2.
     proto: AtomicU8,
     /// The client ended its side: a read saw EOF or failed.
@@ -133,6 +136,7 @@ impl Default for Activity {
             rx: AtomicU64::new(0),
             tx: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            last_request_ms: AtomicU64::new(0),
             proto: AtomicU8::new(0),
             read_closed: AtomicBool::new(false),
         }
@@ -213,12 +217,15 @@ impl Activity {
         self.requests.fetch_add(1, Relaxed);
         self.in_flight.fetch_add(1, Relaxed);
         self.head_start_ms.store(NONE, Relaxed);
+        self.last_request_ms.store(self.now_ms(), Relaxed);
     }
 
     /// A response finished (or was abandoned).
     pub fn request_finished(&self) {
         self.in_flight.fetch_sub(1, Relaxed);
-        self.last_ms.store(self.now_ms(), Relaxed);
+        let now = self.now_ms();
+        self.last_ms.store(now, Relaxed);
+        self.last_request_ms.store(now, Relaxed);
     }
 
     /// Bytes read and written so far.
@@ -250,7 +257,18 @@ impl Activity {
     pub fn check(&self, idle: Duration, header_timeout: Option<Duration>) -> Verdict {
         let now = self.now_ms();
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(NONE - 1);
-        let idle_end = self.last_ms.load(Relaxed).saturating_add(ms(idle));
+        // An HTTP/2 connection that has served a request is idle while it
+        // carries none, whatever frames it exchanges: a client pinging more
+        // often than the idle timeout (h2 answers each ping, which moves bytes
+        // too) would otherwise hold its connection slot for ever, as Envoy's
+        // idle timeout does not allow either. HTTP/1.x and TCP count bytes: a
+        // byte there is a new head (under the header timer) or stream data.
+        let since = if self.proto.load(Relaxed) == 2 && self.requests.load(Relaxed) > 0 {
+            self.last_request_ms.load(Relaxed)
+        } else {
+            self.last_ms.load(Relaxed)
+        };
+        let idle_end = since.saturating_add(ms(idle));
         if self.in_flight.load(Relaxed) > 0 {
             return Verdict::WaitUntil(self.at(now.saturating_add(ms(idle))));
         }
@@ -564,6 +582,37 @@ mod tests {
         a.on_read(17);
         assert!(matches!(
             a.check(ten, Some(Duration::ZERO)),
+            Verdict::WaitUntil(_)
+        ));
+    }
+
+    #[test]
+    fn pings_do_not_keep_an_http2_connection_from_idling() {
+        let a = Activity::default();
+        a.sniff(H2_PREFACE);
+        a.on_read(24);
+        a.request_started();
+        a.request_finished();
+        // Pings (and their answers) keep coming, no request does.
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(30));
+            a.on_read(17);
+            a.on_write(17);
+        }
+        assert_eq!(
+            a.check(Duration::from_millis(60), Some(Duration::from_secs(10))),
+            Verdict::Idle
+        );
+        // HTTP/1.1: a byte is a new head (the header timer's), so bytes count.
+        let b = Activity::default();
+        b.sniff(b"GET / HTTP/1.1\r\n");
+        b.on_read(16);
+        b.request_started();
+        b.request_finished();
+        std::thread::sleep(Duration::from_millis(70));
+        b.on_read(3);
+        assert!(matches!(
+            b.check(Duration::from_millis(60), Some(Duration::from_secs(10))),
             Verdict::WaitUntil(_)
         ));
     }
