@@ -405,9 +405,22 @@ impl DomainIndex {
     }
 
     fn lookup(&self, authority: &str) -> Option<usize> {
-        let full = ascii_lowercase(authority);
-        let full: &str = &full;
-        let (host, port) = split_port(full);
+        let lower = ascii_lowercase(authority);
+        let (host, port) = split_port(&lower);
+        // A fully qualified name's trailing dot (`admin.example.com.`) names
+        // the same host: without stripping it, it would miss that exact
+        // virtual host and fall through to a wildcard (nginx strips it too).
+        let undotted: String;
+        let (host, full): (&str, &str) = match host.strip_suffix('.') {
+            Some(h) if !h.is_empty() && !h.ends_with('.') => {
+                undotted = match port {
+                    Some(p) => format!("{h}:{p}"),
+                    None => h.to_owned(),
+                };
+                (&undotted[..h.len()], &undotted)
+            }
+            _ => (host, &lower),
+        };
         // Patterns with a port are tried against the full authority, the others
         // against the bare host. A suffix key with a port (`.example.com:8443`) can
         // only equal a suffix of an authority with a port, and a key without one
@@ -1201,6 +1214,32 @@ mod tests {
         assert_eq!(vhost_of(&t, "api.example.com").as_deref(), Some("exact"));
         assert_eq!(vhost_of(&t, "API.Example.COM").as_deref(), Some("exact"));
         assert_eq!(vhost_of(&t, "mixed.example.com").as_deref(), Some("exact"));
+    }
+
+    #[test]
+    fn a_trailing_dot_names_the_same_host() {
+        let t = table(HOSTS);
+        assert_eq!(vhost_of(&t, "api.example.com.").as_deref(), Some("exact"));
+        assert_eq!(
+            vhost_of(&t, "API.example.com.:80").as_deref(),
+            Some("exact")
+        );
+        assert_eq!(
+            vhost_of(&t, "api.example.com.:8443").as_deref(),
+            Some("exact-port")
+        );
+        assert_eq!(
+            vhost_of(&t, "x.eu.example.com.").as_deref(),
+            Some("long-suffix")
+        );
+        assert_eq!(
+            vhost_of(&t, "api.internal.x.").as_deref(),
+            Some("long-prefix")
+        );
+        assert_eq!(
+            vhost_of(&t, "www.example.com..").as_deref(),
+            Some("default")
+        );
     }
 
     #[test]
