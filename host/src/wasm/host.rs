@@ -1115,6 +1115,11 @@ impl log::Host for HostState {
             msg.truncate(cut);
             msg.push_str("…[truncated]");
         }
+        // One message is one log line: a guest's newlines (or other control
+        // characters) must not make lines that read as the host's own.
+        if msg.contains(|c: char| c.is_control()) {
+            msg = msg.escape_default().to_string();
+        }
         let plugin = &*self.plugin.name;
         match level {
             log::Level::Trace => tracing::trace!(plugin, "{msg}"),

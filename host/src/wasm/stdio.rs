@@ -41,6 +41,9 @@ struct Shared {
     plugin: Arc<str>,
     which: Which,
     partial: Mutex<Vec<u8>>,
+    /// The length of each line logged, for the tests.
+    #[cfg(test)]
+    emitted: Mutex<Vec<usize>>,
 }
 
 impl GuestOutput {
@@ -50,6 +53,8 @@ impl GuestOutput {
             plugin,
             which,
             partial: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            emitted: Mutex::default(),
         }))
     }
 
@@ -79,13 +84,20 @@ impl Shared {
         let mut partial = self.partial.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(nl) = data.iter().position(|&b| b == b'\n') {
             partial.extend_from_slice(&data[..nl]);
+            self.emit_long(&mut partial);
             self.emit(&mut partial);
             data = &data[nl + 1..];
         }
         partial.extend_from_slice(data);
+        self.emit_long(&mut partial);
+    }
+
+    /// Logs `MAX_LINE`-byte pieces of `partial` while it is longer, keeping
+    /// the rest: no logged line is longer (a write ending in a newline too).
+    fn emit_long(&self, partial: &mut Vec<u8>) {
         while partial.len() > MAX_LINE {
             let rest = partial.split_off(MAX_LINE);
-            self.emit(&mut partial);
+            self.emit(partial);
             *partial = rest;
         }
     }
@@ -100,6 +112,11 @@ impl Shared {
         if partial.is_empty() {
             return;
         }
+        #[cfg(test)]
+        self.emitted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(partial.len());
         let text = String::from_utf8_lossy(partial);
         let text = text.trim_end_matches('\r');
         let plugin = &*self.plugin;
@@ -181,5 +198,14 @@ mod tests {
         assert_eq!(partial(&out), 3);
         out.0.flush();
         assert_eq!(partial(&out), 0);
+        // One write of a long line ending in a newline: cut at the cap too.
+        out.lines()
+            .0
+            .push(&[vec![b'y'; MAX_LINE * 3], b"\n".to_vec()].concat());
+        let lines = out.0.emitted.lock().unwrap().clone();
+        assert_eq!(
+            lines,
+            [3, 3, MAX_LINE, MAX_LINE, 3, MAX_LINE, MAX_LINE, MAX_LINE]
+        );
     }
 }
