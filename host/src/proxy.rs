@@ -2078,6 +2078,7 @@ impl InFlight {
             status,
             out,
             bytes: Cell::new(0),
+            failed: false,
         })
     }
 }
@@ -2115,6 +2116,9 @@ struct Done {
     out: Outcome,
     route_stats: Option<RouteStats>,
     bytes: Cell<u64>,
+    /// The response body failed after its head was sent (an upstream reset
+    /// or a body error mid-stream): the client got a truncated response.
+    failed: bool,
 }
 
 impl Drop for Done {
@@ -2127,6 +2131,11 @@ impl Drop for Done {
                 self.out.cause = Some("stream_idle_timeout");
                 self.conn.listener.stats.stream_idle_timeouts.inc();
             }
+        }
+        if self.failed && self.out.cause.is_none() {
+            // The status sent is logged, but the response was cut short: say
+            // so, as Envoy's UR/UPE flags do, instead of a clean 200.
+            self.out.cause = Some("response_body_failed");
         }
         if let Some(chain) = self.out.chain.take() {
             chain.finish(Some(self.status), self.out.cause);
@@ -2217,6 +2226,11 @@ impl Watch for Done {
             crate::proxy_headers::strip_hop_by_hop(t);
         }
         Ok(())
+    }
+
+    fn end(mut self, complete: bool) {
+        // Logged by the drop that follows.
+        self.failed = !complete;
     }
 }
 

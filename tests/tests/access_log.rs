@@ -51,6 +51,43 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// An upstream that fails its response body after the head was sent: the
+    /// client gets a truncated response, and the line says so (it was a clean
+    /// 200 with no cause).
+    async fn a_response_cut_short_is_logged_as_failed(proto) {
+        use futures_util::StreamExt;
+        let up = upstream()
+            .route("/cut", |_req| async {
+                let first = futures_util::stream::once(async {
+                    Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"0123456789")))
+                });
+                let broken = futures_util::stream::once(async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Err::<hyper::body::Frame<Bytes>, BoxError>("upstream gave up".into())
+                });
+                Response::new(http_body_util::BodyExt::boxed(
+                    http_body_util::StreamBody::new(first.chain(broken)),
+                ))
+            })
+            .start()
+            .await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let lg = legate().config(&logged_config(up.addr, &log, "")).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let _ = c.get("/cut").try_send().await;
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/whole").send().await.status, 200);
+        let lines = access_log_until(&log, "two lines", |l| l.len() >= 2).await;
+        let cut = lines.iter().find(|l| l["path"] == "/cut").unwrap();
+        assert_eq!(cut["status"], 200, "{cut}");
+        assert_eq!(cut["cause"], "response_body_failed", "{cut}");
+        let whole = lines.iter().find(|l| l["path"] == "/whole").unwrap();
+        assert_eq!(whole["cause"], Value::Null, "{whole}");
+    }
+);
+
 /// `simple_config` with an access log at `path` and the extra `access_log` keys.
 fn logged_config(up: std::net::SocketAddr, path: &Path, keys: &str) -> String {
     simple_config(&[up]).replace(
