@@ -555,7 +555,8 @@ impl ValueTest {
 
 /// Wraps a pattern so it must match the whole input. `\A`/`\z` rather than `^`/`$`
 /// so a `(?m)` flag inside the pattern cannot turn them into line anchors.
-fn anchored(pattern: &str) -> String {
+/// Config validation compiles the same form.
+pub(crate) fn anchored(pattern: &str) -> String {
     format!(r"\A(?:{pattern})\z")
 }
 

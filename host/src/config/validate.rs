@@ -1020,7 +1020,7 @@ fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
             .key("regex");
         }
         if let Some(rr) = &rw.regex {
-            regex_check(e, &rr.pattern);
+            regex_check(e, &rr.pattern, false);
         }
         if let Some(h) = &rw.host {
             if h.is_empty() || http::uri::Authority::try_from(h.as_str()).is_err() {
@@ -1158,7 +1158,7 @@ fn validate_match(e: &mut Issues, loc: &Location, m: &RouteMatch) {
         }
     }
     if let Some(re) = &m.regex {
-        regex_check(e, re);
+        regex_check(e, re, true);
     }
     for (i, meth) in m.methods.iter().enumerate() {
         if meth.is_empty() || http::Method::from_bytes(meth.as_bytes()).is_err() {
@@ -1216,10 +1216,10 @@ fn validate_match(e: &mut Issues, loc: &Location, m: &RouteMatch) {
             .key("name");
         }
         if let Some(re) = &v.regex {
-            if let Err(x) = regex::Regex::new(re) {
+            if let Some(why) = regex_problem(re, true) {
                 e.at(
                     at,
-                    format!("invalid regex `{re}`: {}", regex_error(&x)),
+                    format!("invalid regex `{re}`: {why}"),
                     "fix the regular expression (Rust regex syntax)",
                 )
                 .key("regex");
@@ -1907,14 +1907,32 @@ fn check_server_name(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn regex_check(e: &mut Issues, re: &Spanned<String>) {
-    if let Err(x) = regex::Regex::new(&re.value) {
+/// Checks a regex as the router compiles it: `anchored` for the ones that
+/// must match a whole value, so a pattern that only breaks anchored (a `(?x)`
+/// comment running to its end swallows the closing anchor) is refused here,
+/// with its place, not when the route table is built.
+fn regex_check(e: &mut Issues, re: &Spanned<String>, anchored: bool) {
+    if let Some(why) = regex_problem(&re.value, anchored) {
         e.at(
             &re.referenced,
-            format!("invalid regex `{}`: {}", re.value, regex_error(&x)),
+            format!("invalid regex `{}`: {why}", re.value),
             "fix the regular expression (Rust regex syntax, see https://docs.rs/regex)",
         );
     }
+}
+
+/// What is wrong with pattern `re`, if anything. The pattern alone first (so
+/// an error's position is the user's), then, for one the router anchors, the
+/// anchored form.
+fn regex_problem(re: &str, anchored: bool) -> Option<String> {
+    if let Err(x) = regex::Regex::new(re) {
+        return Some(regex_error(&x));
+    }
+    (anchored && regex::Regex::new(&crate::router::anchored(re)).is_err()).then(|| {
+        "it must match a whole value, and it cannot be wrapped as `\\A(?:PATTERN)\\z`: \
+         a `(?x)` comment runs to the end of its line; end it with a newline (`\\n`)"
+            .to_string()
+    })
 }
 
 /// The regex crate explains a syntax error over several lines (the pattern, a caret
