@@ -26,7 +26,8 @@
 //! only a reload that adds or changes a cluster). It keeps its state: endpoints,
 //! health flags, outlier ejections, discovered endpoints, counters, pooled
 //! connections and every worker's balancer. A new or changed cluster starts
-//! fresh (endpoints healthy, as at start). A new or changed `dns` cluster is
+//! fresh (endpoints healthy, as at start), a changed one's counters going on
+//! from the old ones ([`crate::cluster::ClusterStats::continuing`]). A new or changed `dns` cluster is
 //! warmed before the new config goes live, so it never serves empty: names the
 //! cluster it replaces had resolved start from those addresses, other names are
 //! resolved first, within the cluster's `initial_fetch_timeout` (past it the
@@ -482,8 +483,22 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             _ => changed_clusters.push(c.name.to_string()),
         }
     }
-    let snap = Snapshot::build_keeping(config.clone(), stats, &|c| carried.get(&c.name).cloned())
-        .map_err(|e| format!("{e:#}"))?;
+    // A changed cluster's counters go on from the old ones (Envoy keeps a
+    // cluster's stats by name; only its endpoints' start again). Copied, not
+    // shared: the old generation's gauges (in flight, health) must not count
+    // into the new one's. What its requests still count after the copy is lost.
+    let counters = |c: &crate::config::Cluster| {
+        old.clusters
+            .get(&c.name)
+            .map(|e| Arc::new(crate::cluster::ClusterStats::continuing(&e.cluster().stats)))
+    };
+    let snap = Snapshot::build_keeping_counters(
+        config.clone(),
+        stats,
+        &|c| carried.get(&c.name).cloned(),
+        &counters,
+    )
+    .map_err(|e| format!("{e:#}"))?;
     // New and changed `dns` clusters get their first endpoints (the old cluster's
     // for names it resolved, a bounded resolution for the others) before they go
     // live, so none of them serves its first requests empty.

@@ -178,12 +178,24 @@ impl Snapshot {
         stats: &Arc<Stats>,
         keep: &dyn Fn(&crate::config::Cluster) -> Option<Arc<ClusterEntry>>,
     ) -> anyhow::Result<Self> {
+        Self::build_keeping_counters(config, stats, keep, &|_| None)
+    }
+
+    /// [`Snapshot::build_keeping`], and a new or changed cluster counts into
+    /// `counters(cluster)` when that gives the counters of the cluster it
+    /// replaces.
+    pub fn build_keeping_counters(
+        config: Arc<Config>,
+        stats: &Arc<Stats>,
+        keep: &dyn Fn(&crate::config::Cluster) -> Option<Arc<ClusterEntry>>,
+        counters: &dyn Fn(&crate::config::Cluster) -> Option<Arc<crate::cluster::ClusterStats>>,
+    ) -> anyhow::Result<Self> {
         let loaded = if config.plugins.is_empty() {
             Loaded::new()
         } else {
             crate::wasm::load(&config, stats)?
         };
-        Self::assemble_keeping(config, stats, loaded, keep)
+        Self::assemble_keeping(config, stats, loaded, keep, counters)
     }
 
     /// Builds the runtime state around plugins already loaded.
@@ -192,7 +204,7 @@ impl Snapshot {
         stats: &Arc<Stats>,
         loaded: Loaded,
     ) -> anyhow::Result<Self> {
-        Self::assemble_keeping(config, stats, loaded, &|_| None)
+        Self::assemble_keeping(config, stats, loaded, &|_| None, &|_| None)
     }
 
     fn assemble_keeping(
@@ -200,6 +212,7 @@ impl Snapshot {
         stats: &Arc<Stats>,
         loaded: Loaded,
         keep: &dyn Fn(&crate::config::Cluster) -> Option<Arc<ClusterEntry>>,
+        counters: &dyn Fn(&crate::config::Cluster) -> Option<Arc<crate::cluster::ClusterStats>>,
     ) -> anyhow::Result<Self> {
         let mut route_tables = FxHashMap::default();
         for t in &config.routes {
@@ -217,7 +230,7 @@ impl Snapshot {
                 continue;
             }
             // Its errors name the cluster already.
-            let cluster = Cluster::from_config(c)?;
+            let cluster = Cluster::from_config_counting(c, counters(c).unwrap_or_default())?;
             let upstream =
                 UpstreamSettings::new(c).with_context(|| format!("cluster `{}`", c.name))?;
             clusters.insert(

@@ -96,6 +96,33 @@ each_proto!(
 );
 
 each_proto!(
+    /// A cluster a reload changes keeps counting where it was (as Envoy keeps
+    /// a cluster's stats by name): `/stats` never goes back.
+    async fn a_changed_clusters_counters_go_on(proto) {
+        let a = upstream().name("a").start().await;
+        let lg = start(&yaml(a.addr, false, "", "", ""), None, 2);
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..3 {
+            assert_eq!(c.get("/x").send().await.status, 200);
+        }
+        let total = r#"legate_cluster_upstream_rq_total{cluster="backend"}"#;
+        lg.assert_stat(total, 3.0).await;
+        let v = lg
+            .reload_ok(&yaml(a.addr, false, "", "    connect_timeout: 2s\n", ""))
+            .await;
+        assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]));
+        assert_eq!(c.get("/x").send().await.status, 200);
+        lg.assert_stat(total, 4.0).await;
+        // Gauges describe the new cluster.
+        lg.assert_stat(
+            r#"legate_cluster_upstream_rq_active{cluster="backend"}"#,
+            0.0,
+        )
+        .await;
+    }
+);
+
+each_proto!(
     async fn a_broken_config_changes_nothing(proto) {
         let a = upstream().name("a").start().await;
         let b = upstream().name("b").start().await;

@@ -60,6 +60,19 @@ macro_rules! counters {
                 vec![$( (stringify!($field), self.$field.load(Relaxed)), )*]
             }
 
+            /// Fresh values whose counters go on from `old`'s (gauges start
+            /// at zero: they describe the new owner), for what replaces the
+            /// owner of `old` (a cluster changed by a reload).
+            pub fn continuing(old: &Self) -> Self {
+                let fresh = Self::default();
+                $(
+                    if !is_gauge(stringify!($field)) {
+                        fresh.$field.store(old.$field.load(Relaxed), Relaxed);
+                    }
+                )*
+                fresh
+            }
+
             fn to_json(&self) -> Value {
                 Value::Object(
                     self.snapshot()
@@ -291,21 +304,42 @@ impl Cluster {
     /// A `dns` cluster starts with no endpoints and a `file` one with the file's (see
     /// [`discovery`]).
     pub fn from_config(cfg: &config::Cluster) -> anyhow::Result<Arc<Cluster>> {
+        Self::from_config_counting(cfg, Arc::default())
+    }
+
+    /// [`Cluster::from_config`] counting into `stats`: for a cluster a reload
+    /// changed, [`ClusterStats::continuing`] its old counters (as Envoy keeps
+    /// a cluster's stats by name), so `/stats` never goes back.
+    pub fn from_config_counting(
+        cfg: &config::Cluster,
+        stats: Arc<ClusterStats>,
+    ) -> anyhow::Result<Arc<Cluster>> {
         if cfg.discovery.kind != config::DiscoveryType::Static {
             let endpoints = discovery::initial_endpoints(cfg)
                 .with_context(|| format!("cluster `{}`", cfg.name))?;
-            return Self::assemble(cfg, endpoints, Arc::default(), Arc::default());
+            return Self::assemble(cfg, endpoints, stats, Arc::default());
         }
-        Self::build(cfg, &|host, port| {
-            (host, port).to_socket_addrs().map(Iterator::collect)
-        })
+        Self::build_counting(
+            cfg,
+            &|host, port| (host, port).to_socket_addrs().map(Iterator::collect),
+            stats,
+        )
     }
 
     /// [`Cluster::from_config`] with the name resolver given, so tests need no DNS.
     /// IP literals never reach the resolver.
+    #[cfg(test)]
     fn build(
         cfg: &config::Cluster,
         resolve: &dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>>,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        Self::build_counting(cfg, resolve, Arc::default())
+    }
+
+    fn build_counting(
+        cfg: &config::Cluster,
+        resolve: &dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>>,
+        stats: Arc<ClusterStats>,
     ) -> anyhow::Result<Arc<Cluster>> {
         let cluster = &cfg.name;
         let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
@@ -352,7 +386,7 @@ impl Cluster {
                 ep.metadata.clone(),
             ));
         }
-        Self::assemble(cfg, endpoints, Arc::default(), Arc::default())
+        Self::assemble(cfg, endpoints, stats, Arc::default())
     }
 
     /// A cluster of `endpoints` with the given (possibly inherited) counters and
