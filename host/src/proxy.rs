@@ -88,6 +88,9 @@ struct Outcome {
     /// memory, so the route and per-try timeouts start with the attempts, not
     /// at its end (see [`BodySent`]).
     body_read: bool,
+    /// A filter answered the request locally: `plugin:<details>`, the access
+    /// log's cause (abi/README.md §3.5) when the host gave none.
+    local: Option<String>,
 }
 
 /// Timings and facts only the debug headers use ([`crate::overrides::Debug`]).
@@ -387,6 +390,7 @@ async fn proxy(
             }
         };
         if let Some(local) = local {
+            out.local = Some(format!("plugin:{}", local.details));
             let mut resp = local_response(local);
             if let Some(m) = table.route(&input) {
                 out.route = Some(m.route.name.clone());
@@ -871,6 +875,7 @@ async fn answer_locally(
     matched: &Matched<'_>,
     via: Option<&str>,
 ) -> Result<Response<Body>, ProxyError> {
+    out.local = Some(format!("plugin:{}", lr.details));
     let mut resp = local_response(lr);
     finish_response_headers(matched, via, Version::HTTP_11, resp.headers_mut(), false);
     response_filters(out, resp).await
@@ -2166,7 +2171,7 @@ impl Drop for Done {
                 "cluster": o.cluster,
                 "upstream": o.upstream.map(|a| a.to_string()),
                 "attempts": o.attempts,
-                "cause": o.cause,
+                "cause": o.cause.or(o.local.as_deref()),
                 "request_id": o.request_id.as_ref().and_then(|v| v.to_str().ok()),
             });
             log.write(&line);

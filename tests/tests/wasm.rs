@@ -135,6 +135,29 @@ each_proto!(
 );
 
 each_proto!(
+    /// A filter's local response is logged with `cause: plugin:<details>`
+    /// (abi/README.md §3.5); it had no cause.
+    async fn a_local_response_is_logged_with_its_details(proto) {
+        let up = upstream().start().await;
+        let p = plugin("auth", "{ mode: respond }", "");
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let cfg = simple(up.addr, &p, &["auth"]).replacen(
+            "version: 1\n",
+            &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
+            1,
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/private").send().await.status, 401);
+        let lines = access_log_until(&log, "the 401 line", |l| !l.is_empty()).await;
+        assert_eq!(lines[0]["status"], 401, "{}", lines[0]);
+        assert_eq!(lines[0]["cause"], "plugin:missing_api_key", "{}", lines[0]);
+        drop(lg);
+    }
+);
+
+each_proto!(
     async fn set_cookie_values_stay_separate(proto) {
         let up = upstream()
             .route("/cookies", |_req| async {
