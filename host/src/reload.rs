@@ -752,7 +752,11 @@ fn watch_once(
     // Returns the content hash when `path` changed since the last poll. The first
     // poll of a file hashes it too: it may have changed between the load and the
     // watch's start, and the callers compare with the hash actually applied.
-    let mut changed = |path: &Path| -> Option<String> {
+    fn changed(
+        path: &Path,
+        stamps: &mut HashMap<PathBuf, Stamp>,
+        tried: &mut HashMap<PathBuf, String>,
+    ) -> Option<String> {
         let now = stamp(path)?;
         let racy = SystemTime::now()
             .duration_since(now.1)
@@ -771,9 +775,9 @@ fn watch_once(
         }
         tried.insert(path.to_path_buf(), hash.clone());
         Some(hash)
-    };
+    }
     if let Some(path) = r.path.clone() {
-        if let Some(hash) = changed(&path) {
+        if let Some(hash) = changed(&path, stamps, tried) {
             if r.applied_hash().as_deref() != Some(hash.as_str()) {
                 // Errors are logged and counted by the reload itself.
                 let _ = reload_config(shared, Trigger::Watch);
@@ -790,9 +794,26 @@ fn watch_once(
             continue; // compiled in: nothing to watch
         };
         let p = &p.value;
-        let hash = files.entry(file).or_insert_with(|| changed(file));
+        let hash = files
+            .entry(file)
+            .or_insert_with(|| changed(file, stamps, tried));
         if let Some(hash) = hash {
             if r.plugin_hash(p.name.as_str()).as_deref() != Some(hash.as_str()) {
+                // A config change that failed and is still not in force (its
+                // module was being copied, say) is tried again now, with the
+                // module: reloading the plugin alone would run it under the
+                // old config and leave the new one waiting for its file to be
+                // touched.
+                if let Some(path) = r.path.as_ref() {
+                    let pending = tried
+                        .get(path)
+                        .is_some_and(|t| r.applied_hash().as_deref() != Some(t.as_str()));
+                    if pending {
+                        tried.remove(path);
+                        let _ = reload_config(shared, Trigger::Watch);
+                        return;
+                    }
+                }
                 let _ = reload_plugin(shared, p.name.as_str(), Trigger::Watch);
             }
         }

@@ -331,6 +331,46 @@ async fn the_file_watch_reloads_on_change() {
     assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
 }
 
+/// A new config and a new plugin module written one after the other: the
+/// config reload fails while the module is half copied; once the module is
+/// whole, the watch tries the config again (with it), instead of reloading
+/// only the plugin under the old config and leaving the new one waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_retries_a_config_that_failed_on_its_module() {
+    let a = upstream().name("a").start().await;
+    let b = upstream().name("b").start().await;
+    let dir = TempDir::new();
+    let module = dir.path().join("filter.wasm");
+    let good = std::fs::read(legate_tests::plugins::plugin_wasm("plugins/grpc-web")).unwrap();
+    std::fs::write(&module, &good).unwrap();
+    let with_plugin = |up| {
+        yaml(up, false, "", "", "")
+            + &format!("plugins:\n  - name: gw\n    module: {}\n", module.display())
+    };
+    let lg = start(&with_plugin(a.addr), Some(Duration::from_millis(50)), 1);
+    let web = lg.addr("web");
+    // The module half copied, then the new config.
+    std::fs::write(&module, &good[..good.len() / 2]).unwrap();
+    lg.write_config(&with_plugin(b.addr));
+    eventually(Duration::from_secs(10), "the failed reload", || async {
+        lg.stat(RELOAD_FAILED).await.filter(|v| *v >= 1.0)
+    })
+    .await;
+    // The copy completes: a new build of the module (a custom section more).
+    let mut newer = good.clone();
+    newer.extend_from_slice(b"\x00\x04\x03new");
+    std::fs::write(&module, &newer).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the new config in force",
+        || async {
+            let mut c = client(Proto::H1, web).await;
+            (c.get("/x").send().await.header("x-upstream") == Some("b")).then_some(())
+        },
+    )
+    .await;
+}
+
 each_proto!(
     /// A certificate renewed at the same paths (the config unchanged) is served
     /// after a reload; connections made before keep working until they drain; a
