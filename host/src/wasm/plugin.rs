@@ -1072,6 +1072,24 @@ impl HttpFilter for WasmFilter {
         });
     }
 
+    fn pause_abandoned(&self, _worker: usize, x: &mut Exchange) {
+        // The chain aborted this exchange's calls: none will be delivered, so
+        // none is outstanding any more (a later `pause` with nothing in flight
+        // fails at once, `cancel` of an old id is `not-found`, `detach` works,
+        // and the ids stop counting against the limits), and it is not paused.
+        let context = x.context;
+        INSTANCES.with(|cell| {
+            if let Some(live) = cell
+                .borrow_mut()
+                .get_mut(&self.id)
+                .and_then(|s| s.live.as_mut())
+            {
+                live.paused.remove(&context);
+                live.store.data_mut().forget_outstanding(context);
+            }
+        });
+    }
+
     fn on_done(&self, worker: usize, context: u64, detached: bool) {
         let was_live = INSTANCES.with(|cell| {
             cell.borrow_mut()
