@@ -896,7 +896,8 @@ fn push_ip(out: &mut String, ip: std::net::IpAddr) {
 
 /// The host of an authority as routing sees it (virtual hosts match without
 /// case and with or without the port), so `A.example:80` and `a.example` are
-/// one bucket, as they are one virtual host: lower case, the port dropped.
+/// one bucket, as they are one virtual host: lower case, the port and one
+/// trailing dot dropped.
 fn push_host(out: &mut String, authority: &str) {
     let host = match authority.strip_prefix('[') {
         // An IPv6 literal: up to its `]`.
@@ -907,6 +908,12 @@ fn push_host(out: &mut String, authority: &str) {
             .rsplit_once(':')
             .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
             .map_or(authority, |(host, _)| host),
+    };
+    // One trailing dot (a fully qualified name) is the same host, as routing
+    // treats it.
+    let host = match host.strip_suffix('.') {
+        Some(h) if !h.is_empty() && !h.ends_with('.') => h,
+        _ => host,
     };
     escape_into(out, host.to_ascii_lowercase().as_bytes());
 }

@@ -425,7 +425,13 @@ fn the_authority_is_keyed_as_routing_sees_it() {
     let mut t = setup(r#"{"limits": [{"name": "h", "key": ["authority"], "rate": "1/m"}]}"#);
     let to = |a: &str| Request::get("/").authority(a);
     assert_eq!(send(&mut t, to("a.example")), None);
-    for other in ["A.EXAMPLE", "a.Example:80", "a.example:8443"] {
+    for other in [
+        "A.EXAMPLE",
+        "a.Example:80",
+        "a.example:8443",
+        "a.example.",
+        "a.example.:80",
+    ] {
         assert!(send(&mut t, to(other)).is_some(), "{other}");
     }
     assert_eq!(send(&mut t, to("b.example")), None);
