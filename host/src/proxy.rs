@@ -551,7 +551,12 @@ async fn proxy(
             .filter(|m| !upgrade && crate::mirror::chosen(m));
         let route_timeout = ov.timeout.unwrap_or(route.timeout);
         let buffer_limit = match (policy, mirror) {
-            (Some(p), _) => Some(p.buffer_limit),
+            // Read up to the larger of the two: a body under the mirror's
+            // `max_body` is mirrored even when the retry's `buffer_limit` is
+            // smaller (it was streamed, and not mirrored); one read whole is
+            // also replayed by a retry.
+            (Some(p), Some(m)) => Some(p.buffer_limit.max(m.max_body.0)),
+            (Some(p), None) => Some(p.buffer_limit),
             (None, Some(m)) => Some(m.max_body.0),
             // Not buffered: the body streams to the attempt as it comes.
             (None, None) => None,

@@ -172,6 +172,37 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// A route that retries with a smaller `buffer_limit` than its mirror's
+    /// `max_body`: a body between the two is mirrored (it streamed past the
+    /// retry's limit and was not).
+    async fn a_body_under_max_body_is_mirrored_whatever_the_retry_limit(proto) {
+        let p = upstream().name("primary").start().await;
+        let seen = Seen::default();
+        let s = shadow(&seen, None, 200).await;
+        let cfg = config(p.addr, s.addr, "{ cluster: shadow, max_body: 1MiB }").replace(
+            "            mirror:",
+            "            retry: { retry_on: [connect-failure], buffer_limit: 16KiB }\n            mirror:",
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let body = "y".repeat(100 * 1024);
+        let r = c
+            .request(Method::PUT, "/upload")
+            .body(body.clone())
+            .send()
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.echo().body.len(), body.len());
+        eventually(WAIT, "the copy", || async {
+            (!seen.lock().unwrap().is_empty()).then_some(())
+        })
+        .await;
+        assert_eq!(seen.lock().unwrap()[0].2.len(), body.len());
+        lg.assert_stat(&stat("mirror_requests", "shadow"), 1.0).await;
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_the_cap_and_zero_percent_are_not_mirrored() {
     let p = upstream().name("primary").start().await;
