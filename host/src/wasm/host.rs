@@ -556,8 +556,11 @@ pub(crate) fn put_field(
     value: HeaderValue,
     replace: bool,
 ) -> Result<(), Error> {
-    let grows = !replace || !map.contains_key(&name);
-    if value.len() > MAX_FILTER_FIELD_VALUE || (grows && map.len() >= MAX_FILTER_FIELDS) {
+    // The name's lookup only when the map is full (a replace of a field it
+    // holds does not grow it): a header write costs no extra hash otherwise.
+    if value.len() > MAX_FILTER_FIELD_VALUE
+        || (map.len() >= MAX_FILTER_FIELDS && (!replace || !map.contains_key(&name)))
+    {
         return Err(Error::LimitExceeded);
     }
     let stored = if replace {
