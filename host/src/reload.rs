@@ -165,7 +165,7 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 /// still runs); a core module's is `proxy-wasm@0.2.x` from its ABI marker.
 /// Anything else is named for what it is (`component`, `core-module`,
 /// `unknown`), which a load would have refused.
-fn abi_of(bytes: &[u8]) -> String {
+pub(crate) fn abi_of(bytes: &[u8]) -> String {
     use wasmparser::{Encoding, Parser, Payload};
     let mut kind = None;
     // Nested modules' sections come before the component's own exports; only
@@ -252,7 +252,7 @@ impl Reloader {
     /// Records the plugins of the config Legate started with.
     pub(crate) fn record_initial(&self, shared: &Shared) {
         let snap = shared.snapshot.load_full();
-        self.record_plugins(&snap.config, None, Duration::ZERO, None);
+        self.record_plugins(&snap.config, &snap.modules, None, Duration::ZERO, None);
     }
 
     fn plugin_counter(&self, plugin: &str, result: &str) -> Counter {
@@ -267,10 +267,12 @@ impl Reloader {
     /// Records the plugins of `config` as loaded (only plugin `only`, if given)
     /// and, with `outcome`, that plugin's reload outcome (with its new
     /// sha256): in one critical section, so `/plugins` never shows a new module
-    /// with the previous reload's outcome.
+    /// with the previous reload's outcome. `modules` describes the modules as
+    /// loaded (not read again: the file may have changed since).
     fn record_plugins(
         &self,
         config: &Config,
+        modules: &crate::wasm::Modules,
         only: Option<&str>,
         took: Duration,
         mut outcome: Option<&mut Value>,
@@ -284,11 +286,11 @@ impl Reloader {
             if only.is_some_and(|o| o != p.name.as_str()) {
                 continue;
             }
-            let bytes = crate::wasm::module_bytes(p).unwrap_or_default();
+            let info = modules.get(p.name.as_str()).cloned().unwrap_or_default();
             let st = map.entry(p.name.to_string()).or_default();
             st.module = p.module.clone();
-            st.sha256 = sha256_hex(&bytes);
-            st.abi = abi_of(&bytes);
+            st.sha256 = info.sha256;
+            st.abi = info.abi;
             st.loaded_at = now_unix();
             st.load_ms = ms(took);
             st.last_error = None;
@@ -433,10 +435,14 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             "this Legate was not started from a config file, so there is nothing to reload".into(),
         );
     };
-    let text = std::fs::read(path)
+    // Read once: the text hashed (what the watch compares the file with) is the
+    // text applied, even if the file is replaced meanwhile.
+    let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read the config file: {e}", path.display()))?;
-    let hash = sha256_hex(&text);
-    let mut cfg = config::load_file(path).map_err(|e| e.to_string())?;
+    let hash = sha256_hex(text.as_bytes());
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut cfg =
+        config::parse_str(&path.display().to_string(), &text, &base).map_err(|e| e.to_string())?;
     if r.local_zone.is_some() {
         cfg.set_local_zone(r.local_zone.clone());
     }
@@ -518,6 +524,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
 
     let (listeners, lchanges) = plan_listeners(shared, &config)?;
     let clusters_changed = !changed_clusters.is_empty() || !removed_clusters.is_empty();
+    let snap_modules = snap.modules.clone();
     shared.commit(Arc::new(snap), Some(listeners))?;
     *r.applied.lock().unwrap_or_else(PoisonError::into_inner) = Some(hash);
     if clusters_changed {
@@ -528,7 +535,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             notes.push(format!("health checks not restarted: {e:#}"));
         }
     }
-    r.record_plugins(&config, None, Duration::ZERO, None);
+    r.record_plugins(&config, &snap_modules, None, Duration::ZERO, None);
     Ok(json!({
         "listeners": lchanges,
         "clusters": {
@@ -634,13 +641,14 @@ pub fn reload_plugin(
         return Err(ReloadError::UnknownPlugin(name.to_string()));
     }
     let started = Instant::now();
-    let result = (|| -> Result<(), String> {
+    let result = (|| -> Result<Arc<crate::wasm::Modules>, String> {
         if shared.is_draining() {
             return Err("Legate is draining; not reloading".into());
         }
         let mut only = (*old.config).clone();
         only.plugins.retain(|p| p.value.name.as_str() == name);
-        let fresh = crate::wasm::load(&only, &shared.stats).map_err(|e| format!("{e:#}"))?;
+        let (fresh, fresh_modules) =
+            crate::wasm::load(&only, &shared.stats).map_err(|e| format!("{e:#}"))?;
         let mut loaded: HashMap<_, _> = old
             .plugins
             .iter()
@@ -648,10 +656,14 @@ pub fn reload_plugin(
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         loaded.extend(fresh);
+        let mut modules = (*old.modules).clone();
+        modules.extend(fresh_modules);
         let snap = old
-            .with_plugins(&shared.stats, loaded)
+            .with_plugins(&shared.stats, loaded, modules)
             .map_err(|e| format!("{e:#}"))?;
-        shared.commit(Arc::new(snap), None)
+        let modules = snap.modules.clone();
+        shared.commit(Arc::new(snap), None)?;
+        Ok(modules)
     })();
     let took = started.elapsed();
     shared
@@ -669,10 +681,10 @@ pub fn reload_plugin(
         "at": now_unix(),
     });
     match result {
-        Ok(()) => {
+        Ok(modules) => {
             r.plugin_counter(name, "success").inc();
             outcome["result"] = json!("ok");
-            r.record_plugins(&old.config, Some(name), took, Some(&mut outcome));
+            r.record_plugins(&old.config, &modules, Some(name), took, Some(&mut outcome));
             tracing::info!(
                 plugin = name,
                 trigger = trigger.as_str(),

@@ -131,6 +131,8 @@ pub struct Snapshot {
     /// The loaded filters the chains were assembled from, so one plugin can be
     /// reloaded without loading the others again.
     pub plugins: Loaded,
+    /// Each plugin's module as loaded (digest, ABI).
+    pub modules: Arc<crate::wasm::Modules>,
 }
 
 thread_local! {
@@ -190,27 +192,18 @@ impl Snapshot {
         keep: &dyn Fn(&crate::config::Cluster) -> Option<Arc<ClusterEntry>>,
         counters: &dyn Fn(&crate::config::Cluster) -> Option<Arc<crate::cluster::ClusterStats>>,
     ) -> anyhow::Result<Self> {
-        let loaded = if config.plugins.is_empty() {
-            Loaded::new()
+        let (loaded, modules) = if config.plugins.is_empty() {
+            (Loaded::new(), crate::wasm::Modules::new())
         } else {
             crate::wasm::load(&config, stats)?
         };
-        Self::assemble_keeping(config, stats, loaded, keep, counters)
-    }
-
-    /// Builds the runtime state around plugins already loaded.
-    pub fn assemble(
-        config: Arc<Config>,
-        stats: &Arc<Stats>,
-        loaded: Loaded,
-    ) -> anyhow::Result<Self> {
-        Self::assemble_keeping(config, stats, loaded, &|_| None, &|_| None)
+        Self::assemble_keeping(config, stats, (loaded, modules), keep, counters)
     }
 
     fn assemble_keeping(
         config: Arc<Config>,
         stats: &Arc<Stats>,
-        loaded: Loaded,
+        (loaded, modules): (Loaded, crate::wasm::Modules),
         keep: &dyn Fn(&crate::config::Cluster) -> Option<Arc<ClusterEntry>>,
         counters: &dyn Fn(&crate::config::Cluster) -> Option<Arc<crate::cluster::ClusterStats>>,
     ) -> anyhow::Result<Self> {
@@ -248,6 +241,7 @@ impl Snapshot {
             filters,
             network,
             plugins: loaded,
+            modules: Arc::new(modules),
         })
     }
 
@@ -262,7 +256,12 @@ impl Snapshot {
 
     /// This snapshot with other plugin instances (a plugin reload): routes and
     /// clusters are shared, the chains are assembled from `loaded`.
-    pub fn with_plugins(&self, stats: &Arc<Stats>, loaded: Loaded) -> anyhow::Result<Self> {
+    pub fn with_plugins(
+        &self,
+        stats: &Arc<Stats>,
+        loaded: Loaded,
+        modules: crate::wasm::Modules,
+    ) -> anyhow::Result<Self> {
         Ok(Snapshot {
             config: self.config.clone(),
             route_tables: self.route_tables.clone(),
@@ -271,6 +270,7 @@ impl Snapshot {
             filters: assemble_filters(&self.config, stats, &loaded)?,
             network: crate::network_filter::NetworkFilters::build(&self.config, &loaded)?,
             plugins: loaded,
+            modules: Arc::new(modules),
         })
     }
 }

@@ -1092,6 +1092,59 @@ async fn a_tunnel_on_a_replaced_listener_does_not_pin_its_config() {
 }
 
 each_proto!(
+    async fn the_watch_reloads_a_module_replaced_while_it_was_loading(proto) {
+        // The status the watch compares a module file with must describe the
+        // module loaded, not the file as it is after the load: read again, a
+        // module replaced mid-load would look loaded and never be.
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let module = dir.path().join("tagger.wasm");
+        let data = dir.path().join("data.txt");
+        std::fs::write(&data, b"v1").unwrap();
+        write_module(&module, &guest_variant(1));
+        let yaml = plugin_yaml(up.addr, &module).replace(
+            "    limits: { cpu: 500ms }\n",
+            &format!(
+                "    limits: {{ cpu: 500ms }}\n    files: {{ data: {} }}\n",
+                data.display()
+            ),
+        );
+        let lg = start(&yaml, Some(Duration::from_millis(50)), 1);
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
+
+        // The data file becomes a FIFO: a load reads the module, then blocks
+        // opening the data file until the writer below opens it.
+        std::fs::remove_file(&data).unwrap();
+        assert!(Command::new("mkfifo").arg(&data).status().unwrap().success());
+        let writer = {
+            let (data, module) = (data.clone(), module.clone());
+            tokio::task::spawn_blocking(move || {
+                use std::io::Write as _;
+                let mut fifo = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+                // The watch's reload has read module 2 by now: replace it.
+                write_module(&module, &guest_variant(3));
+                // Later loads read a plain file (the open FIFO stays readable).
+                std::fs::remove_file(&data).unwrap();
+                std::fs::write(&data, b"v3").unwrap();
+                fifo.write_all(b"v2").unwrap();
+            })
+        };
+        write_module(&module, &guest_variant(2));
+        writer.await.unwrap();
+        // Two reloads: module 2, then module 3 (the watch sees the file differ
+        // from the module loaded).
+        let reloads = r#"legate_plugin_reloads_total{plugin="tagger",result="success"}"#;
+        eventually(Duration::from_secs(20), "module 3 reloaded", || async {
+            (lg.stat(reloads).await == Some(2.0)).then_some(())
+        })
+        .await;
+        assert_eq!(plugin_status(&lg).await["sha256"], sha256_hex(&guest_variant(3)));
+        assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
+    }
+);
+
+each_proto!(
     async fn a_broken_plugin_keeps_the_old_version(proto) {
         let up = upstream().start().await;
         let dir = TempDir::new();

@@ -25,7 +25,6 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -259,26 +258,16 @@ pub fn ticks(budget: Duration) -> u64 {
     u64::try_from(budget.as_millis()).unwrap_or(u64::MAX).max(1) + 1
 }
 
-/// Checks and compiles the component `bytes` of module `path` (a file or
+/// Checks and compiles the component `module` of file `path` (a file or
 /// `builtin:NAME`; through the disk cache, when one is configured: see
-/// [`super::cache`]).
+/// [`super::cache`], keyed by the module's digest).
 pub fn compile(
     plugin: &str,
     path: &Path,
-    bytes: &[u8],
-    sha256: Option<&str>,
+    module: &super::ModuleBytes<'_>,
     stats: &crate::stats::Stats,
 ) -> anyhow::Result<Component> {
-    let digest = hex(&Sha256::digest(bytes));
-    if let Some(want) = sha256 {
-        if !want.eq_ignore_ascii_case(&digest) {
-            anyhow::bail!(
-                "plugin `{plugin}`: module {} has sha256 {digest}, but the config says {want}; \
-                 rebuild the plugin or update `sha256`",
-                path.display()
-            );
-        }
-    }
+    let (bytes, digest) = (module.bytes, &module.info.sha256);
     if wasmparser_is_core_module(bytes) {
         anyhow::bail!(
             "plugin `{plugin}`: {} is a core Wasm module, not a component; build it for \
@@ -289,7 +278,7 @@ pub fn compile(
     let engine = engine()?;
     let cache = super::cache::Cache::from_env(engine);
     if let Some(c) = &cache {
-        if let Some(component) = c.load(engine, &digest, stats) {
+        if let Some(component) = c.load(engine, digest, stats) {
             return Ok(component);
         }
     }
@@ -300,7 +289,7 @@ pub fn compile(
         )
     })?;
     if let Some(c) = &cache {
-        c.store(&digest, &component);
+        c.store(digest, &component);
     }
     Ok(component)
 }
@@ -308,15 +297,6 @@ pub fn compile(
 /// A core module's header is `\0asm` version 1; a component's has layer 1.
 fn wasmparser_is_core_module(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && &bytes[0..4] == b"\0asm" && bytes[4..8] == [1, 0, 0, 0]
-}
-
-fn hex(b: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        let _ = write!(s, "{x:02x}");
-    }
-    s
 }
 
 #[cfg(test)]

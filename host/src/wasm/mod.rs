@@ -54,11 +54,17 @@ use crate::stats::Stats;
 
 /// Loads every plugin of `config` (and every route `config` override of one), each
 /// compiled once and configured once on this thread to check it.
+///
+/// Also returns each plugin's [`ModuleInfo`], taken from the bytes compiled: the
+/// reload watch compares a module file with it, so it must describe what runs
+/// (a second read could see a file replaced meanwhile, which would then never
+/// be reloaded).
 pub fn load(
     config: &Config,
     stats: &Arc<Stats>,
-) -> anyhow::Result<HashMap<FilterKey, Arc<dyn HttpFilter>>> {
+) -> anyhow::Result<(crate::server::Loaded, Modules)> {
     let mut out: HashMap<FilterKey, Arc<dyn HttpFilter>> = HashMap::new();
+    let mut modules = Modules::new();
     let _kv = kv::enter(kv::backend(&config.kv, stats)?);
     // This set's shared proxy-wasm VMs (a reloaded set gets new ones).
     let mut shares = proxy_wasm::Shares::default();
@@ -81,6 +87,7 @@ pub fn load(
             .and_then(|m| m.strip_prefix(crate::native::PREFIX))
         {
             // A native filter: same chain, no sandbox; one per config, like components.
+            modules.insert(p.name.to_string(), ModuleInfo::of(&[]));
             let mut configs: Vec<Option<String>> = vec![None];
             configs.extend(route_overrides(config, &p.name).into_iter().map(Some));
             for over in configs {
@@ -100,12 +107,13 @@ pub fn load(
             continue;
         }
         let bytes = module_bytes(p)?;
-        if load_proxy_wasm(config, p, &bytes, stats, &mut out, &mut shares)? {
+        let module = ModuleBytes::checked(p, &bytes)?;
+        modules.insert(p.name.to_string(), module.info.clone());
+        if load_proxy_wasm(config, p, &module, stats, &mut out, &mut shares)? {
             continue;
         }
         let files = read_files(p)?;
-        let sha256 = p.sha256.as_ref().map(|s| s.value.as_str());
-        let component = engine::compile(name, &p.module, &bytes, sha256, stats)?;
+        let component = engine::compile(name, &p.module, &module, stats)?;
         if network::is_network_filter(&component) {
             // An L4 filter: TCP listeners only, so no route overrides.
             let json = p
@@ -148,7 +156,60 @@ pub fn load(
             );
         }
     }
-    Ok(out)
+    Ok((out, modules))
+}
+
+/// What a plugin's module was when it was loaded, for `GET /plugins` and the
+/// reload watch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModuleInfo {
+    /// SHA-256 of the bytes compiled (of nothing for a native filter).
+    pub sha256: String,
+    /// The ABI they are built for (see [`crate::reload`]'s `abi_of`).
+    pub abi: String,
+}
+
+impl ModuleInfo {
+    /// The info of a module whose bytes are `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        ModuleInfo {
+            sha256: crate::reload::sha256_hex(bytes),
+            abi: crate::reload::abi_of(bytes),
+        }
+    }
+}
+
+/// [`ModuleInfo`] by plugin name.
+pub type Modules = HashMap<String, ModuleInfo>;
+
+/// A plugin's module bytes, read once, with their info: what is compiled, what
+/// `sha256:` is checked against and what `/plugins` shows are the same bytes.
+pub struct ModuleBytes<'a> {
+    /// The module.
+    pub bytes: &'a [u8],
+    /// Its digest and ABI.
+    pub info: ModuleInfo,
+}
+
+impl<'a> ModuleBytes<'a> {
+    /// `bytes`, the module of plugin `p`, checked against the `sha256` its
+    /// config pins, if any.
+    pub fn checked(p: &crate::config::Plugin, bytes: &'a [u8]) -> anyhow::Result<Self> {
+        let info = ModuleInfo::of(bytes);
+        if let Some(want) = &p.sha256 {
+            if !want.value.eq_ignore_ascii_case(&info.sha256) {
+                anyhow::bail!(
+                    "plugin `{}`: module {} has sha256 {}, but the config says {}; rebuild \
+                     the plugin or update `sha256`",
+                    p.name,
+                    p.module.display(),
+                    info.sha256,
+                    want.value
+                );
+            }
+        }
+        Ok(ModuleBytes { bytes, info })
+    }
 }
 
 /// `limits.pause` of plugin `p`; `None` for `0s` (no bound).
@@ -205,8 +266,8 @@ pub fn measure_instances(
         .config
         .as_ref()
         .map_or("null".to_string(), |v| v.to_string());
-    let sha256 = p.sha256.as_ref().map(|s| s.value.as_str());
-    let component = engine::compile(name, &p.module, &bytes, sha256, &stats)?;
+    let module = ModuleBytes::checked(p, &bytes)?;
+    let component = engine::compile(name, &p.module, &module, &stats)?;
     let f = WasmFilter::load(name, &component, settings(p, json, read_files(p)?), &stats)?;
     f.measure_instances(n)
         .map_err(|e| anyhow::anyhow!("plugin `{name}`: {e}"))
@@ -297,13 +358,13 @@ fn route_overrides(config: &Config, name: &crate::config::Name) -> Vec<String> {
 fn load_proxy_wasm(
     config: &Config,
     p: &crate::config::Plugin,
-    bytes: &[u8],
+    module: &ModuleBytes<'_>,
     stats: &Arc<Stats>,
     out: &mut HashMap<FilterKey, Arc<dyn HttpFilter>>,
     shares: &mut proxy_wasm::Shares,
 ) -> anyhow::Result<bool> {
     let name = p.name.as_str();
-    if !proxy_wasm::is_core_module(bytes) {
+    if !proxy_wasm::is_core_module(module.bytes) {
         if p.proxy_wasm.is_some() {
             anyhow::bail!(
                 "plugin `{name}`: `proxy_wasm` settings are given, but {} is not a core Wasm \
@@ -320,7 +381,7 @@ fn load_proxy_wasm(
             p.module.display()
         );
     }
-    let module = proxy_wasm::compile(name, &p.module, p.sha256.as_ref().map(|s| s.value.as_str()))?;
+    let compiled = proxy_wasm::compile(name, &p.module, module.bytes)?;
     let pw = p.proxy_wasm.clone().unwrap_or_default();
     let base = pw.plugin_config.as_ref().or(p.config.as_ref());
     let mut configs: Vec<(Option<String>, Vec<u8>)> = vec![(None, proxy_wasm::config_bytes(base))];
@@ -328,10 +389,9 @@ fn load_proxy_wasm(
         let v: Option<serde_json::Value> = serde_json::from_str(&json).ok();
         configs.push((Some(json), proxy_wasm::config_bytes(v.as_ref())));
     }
-    let module_sha256 = proxy_wasm::sha256_hex(bytes);
     for (over, plugin_config) in configs {
         let f = proxy_wasm::load(
-            &module,
+            &compiled,
             proxy_wasm::Load {
                 name,
                 root_id: &pw.root_id,
@@ -344,7 +404,7 @@ fn load_proxy_wasm(
                     .iter()
                     .map(|c| c.value.to_string())
                     .collect(),
-                module_sha256: &module_sha256,
+                module_sha256: &module.info.sha256,
             },
             proxy_wasm::Settings {
                 cpu: p.limits.cpu.value.get(),

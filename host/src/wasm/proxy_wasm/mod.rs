@@ -25,7 +25,6 @@ pub mod state;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use sha2::{Digest, Sha256};
 use wasmtime::Module;
 
 pub use filter::{ProxyWasmFilter, Settings, Shares};
@@ -43,28 +42,10 @@ pub fn is_core_module(header: &[u8]) -> bool {
     header.len() >= 8 && &header[0..4] == b"\0asm" && header[4..8] == [1, 0, 0, 0]
 }
 
-/// Reads, checks and compiles a core module, and checks it is a proxy-wasm module.
-pub fn compile(plugin: &str, path: &Path, sha256: Option<&str>) -> anyhow::Result<Module> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        anyhow::anyhow!(
-            "plugin `{plugin}`: cannot read module {}: {e}",
-            path.display()
-        )
-    })?;
-    let digest: String = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    if let Some(want) = sha256 {
-        if !want.eq_ignore_ascii_case(&digest) {
-            anyhow::bail!(
-                "plugin `{plugin}`: module {} has sha256 {digest}, but the config says {want}; \
-                 rebuild the plugin or update `sha256`",
-                path.display()
-            );
-        }
-    }
-    let module = Module::new(crate::wasm::engine::engine()?, &bytes).map_err(|e| {
+/// Compiles core module `bytes` (of file `path`) and checks it is a proxy-wasm
+/// module.
+pub fn compile(plugin: &str, path: &Path, bytes: &[u8]) -> anyhow::Result<Module> {
+    let module = Module::new(crate::wasm::engine::engine()?, bytes).map_err(|e| {
         anyhow::anyhow!(
             "plugin `{plugin}`: cannot compile {}: {e:#}",
             path.display()
@@ -109,14 +90,6 @@ pub struct Load<'a> {
     /// The module's sha256 (hex): with `vm_id` and `vm_config`, which plugins
     /// share a VM.
     pub module_sha256: &'a str,
-}
-
-/// The sha256 of module bytes, in hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Loads one proxy-wasm plugin (one configuration of it): starts a VM here to
