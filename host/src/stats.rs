@@ -344,15 +344,28 @@ impl Stats {
 
     /// All metrics in the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
-        let fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        // The series are copied (handles, not values) under the lock and
+        // formatted after it: a worker registering a series (a plugin's first
+        // use of a label set) waits for the copy, not for the whole scrape.
+        type Series = Vec<(String, Metric)>;
+        let fams: Vec<(&'static str, &'static str, Series)> = {
+            let fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+            fams.iter()
+                .filter(|(_, f)| !f.series.is_empty())
+                .map(|(name, f)| {
+                    let series = f.series.iter().map(|(l, m)| (l.clone(), m.clone()));
+                    (*name, f.help, series.collect())
+                })
+                .collect()
+        };
         let mut out = String::with_capacity(4096);
-        for (name, fam) in fams.iter() {
-            let Some(first) = fam.series.values().next() else {
+        for (name, help, series) in &fams {
+            let Some((_, first)) = series.first() else {
                 continue;
             };
-            let _ = writeln!(out, "# HELP {name} {}", escape_help(fam.help));
+            let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
             let _ = writeln!(out, "# TYPE {name} {}", first.type_name());
-            for (labels, m) in &fam.series {
+            for (labels, m) in series {
                 match m {
                     Metric::Counter(c) => {
                         let _ = writeln!(out, "{name}{labels} {}", c.get());
