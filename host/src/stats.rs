@@ -9,7 +9,7 @@
 //! does, so they keep counting across it too.
 
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -138,10 +138,17 @@ struct Family {
     carried: BTreeSet<String>,
 }
 
+/// The series (family, label values) made on an owner's behalf, for a cap.
+pub type SeriesClaims = Mutex<HashSet<(&'static str, Vec<String>)>>;
+
 /// The registry of all metrics of the process.
 #[derive(Debug, Default)]
 pub struct Stats {
     families: Mutex<BTreeMap<&'static str, Family>>,
+    /// The series each plugin made, by plugin name: kept for the process's
+    /// life, as the series are, so a plugin loaded again (a reload) counts
+    /// against the same cap instead of getting a fresh one per load.
+    claims: Mutex<HashMap<String, Arc<SeriesClaims>>>,
 }
 
 impl Stats {
@@ -174,6 +181,12 @@ impl Stats {
             };
         }
         fam.series.entry(key).or_insert_with(make).clone()
+    }
+
+    /// The series plugin `owner` has made (see [`SeriesClaims`]), for its cap.
+    pub fn claims(&self, owner: &str) -> Arc<SeriesClaims> {
+        let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
+        claims.entry(owner.to_string()).or_default().clone()
     }
 
     /// The counter `name{labels}`, created on first use.

@@ -638,7 +638,10 @@ async fn only_new_series_count_against_the_series_cap() {
     // requests, and an instance re-created 1000 times could not configure).
     let up = upstream().start().await;
     let p = plugin("counting", "{ mode: metrics }", "");
-    let lg = legate().config(&simple(up.addr, &p, &["counting"])).start();
+    let lg = legate()
+        .config(&simple(up.addr, &p, &["counting"]))
+        .from_file()
+        .start();
     let mut c = client(Proto::H1, lg.addr("web")).await;
     for _ in 0..1100 {
         assert_eq!(c.get("/a").send().await.status, 200);
@@ -658,6 +661,20 @@ async fn only_new_series_count_against_the_series_cap() {
     assert!(
         !stats.contains(r#"method="M999""#),
         "a series over the cap was made"
+    );
+    // The plugin loaded again gets no new allowance: its old series are still
+    // on /stats (a reload made up to 1000 more, without bound).
+    let (status, body) = lg.admin(Method::POST, "/plugins/counting/reload").await;
+    assert_eq!(status, 200, "{body}");
+    for m in ["M998", "M999"] {
+        let m = Method::from_bytes(m.as_bytes()).unwrap();
+        assert_eq!(c.request(m, "/m").send().await.status, 200);
+    }
+    let stats = lg.stats().await;
+    assert!(stats.contains(r#"legate_plugin_requests{plugin="counting",method="M998"} 2"#));
+    assert!(
+        !stats.contains(r#"method="M999""#),
+        "a series over the cap was made after a reload"
     );
 }
 

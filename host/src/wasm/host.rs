@@ -137,8 +137,9 @@ pub struct PluginShared {
     metrics: Mutex<HashMap<String, Arc<MetricDef>>>,
     /// The series made so far (metric, label values): only a new one counts
     /// against the cap, so instances re-defining their metrics and per-request
-    /// `with-labels` calls do not use it up.
-    series: Mutex<HashSet<(&'static str, Vec<String>)>>,
+    /// `with-labels` calls do not use it up. The plugin name's, kept over
+    /// reloads (as `/stats` keeps the series).
+    series: Arc<crate::stats::SeriesClaims>,
 }
 
 impl PluginShared {
@@ -147,7 +148,6 @@ impl PluginShared {
         let callouts_sent = callouts_counter(&stats, name);
         PluginShared {
             name: name.into(),
-            stats,
             kv_granted: kv_granted.iter().map(|n| Arc::from(n.as_str())).collect(),
             kv: super::kv::store(),
             clusters: clusters.iter().map(|n| Arc::from(n.as_str())).collect(),
@@ -155,7 +155,8 @@ impl PluginShared {
             body_limit: crate::filter::DEFAULT_BODY_LIMIT,
             files: Arc::default(),
             metrics: Mutex::default(),
-            series: Mutex::default(),
+            series: stats.claims(name),
+            stats,
         }
     }
 }

@@ -113,7 +113,19 @@ impl Meta {
         if defs.len() >= MAX_METRICS || name.is_empty() || name.len() > 200 {
             return None;
         }
-        let prom = crate::stats::intern(format!("legate_proxywasm_{}", sanitize(name)));
+        let prom = format!("legate_proxywasm_{}", sanitize(name));
+        {
+            // The cap holds over reloads too: the series stay on `/stats`.
+            let claims = self.stats.claims(&format!("proxy-wasm/{}", self.name));
+            let mut made = claims.lock().unwrap_or_else(PoisonError::into_inner);
+            if !made.iter().any(|(n, _)| *n == prom) {
+                if made.len() >= MAX_METRICS {
+                    return None;
+                }
+                made.insert((crate::stats::intern(prom.clone()), Vec::new()));
+            }
+        }
+        let prom = crate::stats::intern(prom);
         let labels = [("plugin", &*self.name)];
         let help = "A metric defined by a proxy-wasm plugin (proxy_define_metric).";
         let m = match kind {
@@ -402,7 +414,11 @@ pub(super) mod tests {
 
     /// A plugin's shared data for host unit tests, granted cluster `authz`.
     pub fn meta() -> Arc<Meta> {
-        let stats = Stats::new();
+        meta_in(Stats::new())
+    }
+
+    /// [`meta`] registering its metrics in `stats`.
+    fn meta_in(stats: Arc<Stats>) -> Arc<Meta> {
         let c = |n: &'static str| stats.counter(n, "test", &[("plugin", "t")]);
         Arc::new(Meta {
             name: "t".into(),
@@ -420,6 +436,21 @@ pub(super) mod tests {
             grpc_stream_failures: c("t_failures"),
             body_limit: 1 << 20,
         })
+    }
+
+    #[test]
+    fn the_metric_cap_holds_over_reloads() {
+        let stats = Stats::new();
+        let first = meta_in(stats.clone());
+        for i in 0..MAX_METRICS {
+            assert!(first.define_metric(0, &format!("m{i}")).is_some());
+        }
+        assert_eq!(first.define_metric(0, "new"), None);
+        // The plugin loaded again: its metrics again, but nothing new (the
+        // old series are still on /stats).
+        let again = meta_in(stats);
+        assert!(again.define_metric(0, "m7").is_some());
+        assert_eq!(again.define_metric(0, "new"), None);
     }
 
     #[test]
