@@ -310,8 +310,8 @@ pub struct Shared {
     /// Held while a reload publishes its listeners and while a drain starts, so a
     /// reload never publishes a listener after the drain closed the others.
     commit: Mutex<()>,
-    /// Stops the health-check thread of the current cluster set.
-    health_stop: Mutex<watch::Sender<bool>>,
+    /// Stops the health-check thread of the current cluster set; the thread.
+    health_stop: Mutex<(watch::Sender<bool>, Option<std::thread::JoinHandle<()>>)>,
     /// Turns true when a new process took over (hot restart): the admin listener
     /// stops accepting too, since the new process serves on the same socket.
     pub handed_over: watch::Sender<bool>,
@@ -337,6 +337,7 @@ impl Shared {
         self.health_stop
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .0
             .send_replace(true);
     }
 
@@ -395,12 +396,15 @@ impl Shared {
             return Ok(());
         }
         let (tx, rx) = watch::channel(false);
-        crate::cluster::health::spawn(
+        // The new thread waits for the old one, told to stop once the new one
+        // exists (if it cannot be made, the old one goes on checking).
+        let thread = crate::cluster::health::spawn(
             self.snapshot.load().clusters.values().cloned().collect(),
             rx,
+            stop.1.take(),
         )
         .context("starting the health-check thread")?;
-        let old = std::mem::replace(&mut *stop, tx);
+        let (old, _) = std::mem::replace(&mut *stop, (tx, thread));
         old.send_replace(true);
         Ok(())
     }
@@ -597,7 +601,7 @@ pub fn start_with(
         listeners,
         reloader,
         commit: Mutex::new(()),
-        health_stop: Mutex::new(watch::channel(false).0),
+        health_stop: Mutex::new((watch::channel(false).0, None)),
         handed_over: watch::channel(false).0,
         successor: Mutex::new(None),
     });

@@ -183,12 +183,17 @@ impl Cluster {
     }
 }
 
-/// Starts the `legate-health` thread if any cluster has health checks or outlier
-/// detection; it stops when `drain` turns true.
+/// Starts the `legate-health` thread if any cluster has health checks, outlier
+/// detection or discovery; it stops when `drain` turns true. It first waits for
+/// `previous` (the thread of the cluster set it replaces, told to stop) to end:
+/// that thread's discovery may add an endpoint to a cluster both share until it
+/// stops, and the checks it would start there die with it, so the new thread
+/// lists the endpoints only after it.
 pub fn spawn(
     clusters: Vec<Arc<ClusterEntry>>,
     mut drain: watch::Receiver<bool>,
-) -> std::io::Result<()> {
+    previous: Option<std::thread::JoinHandle<()>>,
+) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
     let wanted: Vec<Arc<ClusterEntry>> = clusters
         .into_iter()
         .filter(|e| {
@@ -199,11 +204,16 @@ pub fn spawn(
         })
         .collect();
     if wanted.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     std::thread::Builder::new()
         .name("legate-health".into())
         .spawn(move || {
+            if let Some(previous) = previous {
+                // It was told to stop when this thread was made; a panic
+                // there is its own (logged by the panic hook).
+                let _ = previous.join();
+            }
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -240,7 +250,7 @@ pub fn spawn(
                 let _ = drain.wait_for(|d| *d).await;
             });
         })
-        .map(|_| ())
+        .map(Some)
 }
 
 /// Why a check failed.
