@@ -39,7 +39,8 @@
 //! need a hot restart): `admin.address` and `access_log`.
 //!
 //! **Plugins.** A plugin reload compiles and configures that plugin's module again
-//! (every route override of it too); other plugins keep their instances. An error
+//! (every route override of it too, and the plugins it shares a proxy-wasm VM
+//! with); other plugins keep their instances. An error
 //! leaves the old version serving and is shown in `/plugins`. A config reload
 //! reloads every plugin (modules are read again). With `sha256:` pinned in the
 //! config a changed module fails its reload until the config is updated.
@@ -273,7 +274,7 @@ impl Reloader {
         &self,
         config: &Config,
         modules: &crate::wasm::Modules,
-        only: Option<&str>,
+        only: Option<&[&str]>,
         took: Duration,
         mut outcome: Option<&mut Value>,
     ) {
@@ -283,7 +284,7 @@ impl Reloader {
         }
         for p in &config.plugins {
             let p = &p.value;
-            if only.is_some_and(|o| o != p.name.as_str()) {
+            if only.is_some_and(|o| !o.contains(&p.name.as_str())) {
                 continue;
             }
             let info = modules.get(p.name.as_str()).cloned().unwrap_or_default();
@@ -640,19 +641,25 @@ pub fn reload_plugin(
     {
         return Err(ReloadError::UnknownPlugin(name.to_string()));
     }
+    // A proxy-wasm plugin sharing a VM (`vm_id`) is reloaded with the plugins
+    // it shares it with: loaded alone, it would get a VM of its own and the
+    // others keep the old one, splitting the shared data, queues and globals
+    // they share (the watch reloads each plugin of a changed module in turn).
+    let group = vm_group(&old.config, name);
     let started = Instant::now();
     let result = (|| -> Result<Arc<crate::wasm::Modules>, String> {
         if shared.is_draining() {
             return Err("Legate is draining; not reloading".into());
         }
         let mut only = (*old.config).clone();
-        only.plugins.retain(|p| p.value.name.as_str() == name);
+        only.plugins
+            .retain(|p| group.iter().any(|g| *g == p.value.name.as_str()));
         let (fresh, fresh_modules) =
             crate::wasm::load(&only, &shared.stats).map_err(|e| format!("{e:#}"))?;
         let mut loaded: HashMap<_, _> = old
             .plugins
             .iter()
-            .filter(|(k, _)| k.plugin.as_str() != name)
+            .filter(|(k, _)| !group.iter().any(|g| *g == k.plugin.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         loaded.extend(fresh);
@@ -676,15 +683,24 @@ pub fn reload_plugin(
         .observe(took);
     let mut outcome = json!({
         "plugin": name,
+        "with": group.iter().filter(|g| **g != name).collect::<Vec<_>>(),
         "trigger": trigger.as_str(),
         "duration_ms": ms(took),
         "at": now_unix(),
     });
     match result {
         Ok(modules) => {
-            r.plugin_counter(name, "success").inc();
+            for g in &group {
+                r.plugin_counter(g, "success").inc();
+            }
             outcome["result"] = json!("ok");
-            r.record_plugins(&old.config, &modules, Some(name), took, Some(&mut outcome));
+            r.record_plugins(
+                &old.config,
+                &modules,
+                Some(&group),
+                took,
+                Some(&mut outcome),
+            );
             tracing::info!(
                 plugin = name,
                 trigger = trigger.as_str(),
@@ -694,7 +710,9 @@ pub fn reload_plugin(
             Ok(outcome)
         }
         Err(e) => {
-            r.plugin_counter(name, "failure").inc();
+            for g in &group {
+                r.plugin_counter(g, "failure").inc();
+            }
             tracing::error!(
                 plugin = name,
                 trigger = trigger.as_str(),
@@ -714,6 +732,35 @@ pub fn reload_plugin(
             Err(ReloadError::Failed(e))
         }
     }
+}
+
+/// Plugin `name` and the plugins of `config` it shares a proxy-wasm VM with
+/// (the same non-empty `vm_id`; docs/proxy-wasm.md "VM sharing"), in config
+/// order.
+fn vm_group<'a>(config: &'a Config, name: &'a str) -> Vec<&'a str> {
+    fn vm_id(p: &crate::config::Plugin) -> Option<&str> {
+        p.proxy_wasm
+            .as_ref()
+            .map(|pw| pw.vm_id.as_str())
+            .filter(|v| !v.is_empty())
+    }
+    let target = config
+        .plugins
+        .iter()
+        .find(|p| p.value.name.as_str() == name)
+        .and_then(|p| vm_id(&p.value));
+    let mut group: Vec<&str> = config
+        .plugins
+        .iter()
+        .filter(|p| {
+            p.value.name.as_str() == name || (target.is_some() && vm_id(&p.value) == target)
+        })
+        .map(|p| p.value.name.as_str())
+        .collect();
+    if group.is_empty() {
+        group.push(name);
+    }
+    group
 }
 
 /// What the watch compares between polls: size, mtime and inode (an atomic

@@ -100,6 +100,42 @@ each_proto!(
 );
 
 each_proto!(
+    async fn a_plugin_reload_keeps_its_vm_shared(proto) {
+        // Reloading one plugin of a shared VM reloads the VM's other plugins
+        // with it: alone it got a VM of its own while the others kept the old
+        // one, so they no longer shared data, queues or globals.
+        let up = upstream().start().await;
+        let vm = format!("reload-{proto:?}");
+        let plugins = share("a", &vm) + &share("b", &vm);
+        let lg = legate()
+            .concurrency(1)
+            .config(&config(up.addr, &plugins, &["a", "b"]))
+            .from_file()
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/before").send().await;
+        assert_eq!(r.header("x-pw-count-a"), Some("1"));
+        assert_eq!(r.header("x-pw-count-b"), Some("2"));
+        let (status, body) = lg.admin(Method::POST, "/plugins/a/reload").await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["with"], serde_json::json!(["b"]), "{body}");
+        // One new VM for both: its counter starts again and counts both.
+        let r = c.get("/after").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-count-a"), Some("1"));
+        assert_eq!(r.header("x-pw-count-b"), Some("2"), "b kept the old VM");
+        for p in ["a", "b"] {
+            lg.assert_stat(
+                &format!(r#"legate_plugin_reloads_total{{plugin="{p}",result="success"}}"#),
+                1.0,
+            )
+            .await;
+        }
+    }
+);
+
+each_proto!(
     async fn different_vm_id_vm_config_or_none_keep_separate_vms(proto) {
         let up = upstream().start().await;
         let vm = format!("sep-{proto:?}");
