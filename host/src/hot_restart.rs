@@ -32,7 +32,8 @@
 //! (`bind_private`), and a peer whose `SO_PEERCRED` uid is neither this
 //! process's effective uid nor root is refused (`check_peer`).
 //!
-//! Counters and histograms carry over, as Envoy's do across its hot restart: the
+//! Counters and histograms (the registry's, and each cluster's by cluster name:
+//! [`absorb_clusters`]) carry over, as Envoy's do across its hot restart: the
 //! answer to `FDS` holds a copy of the old process's ([`Stats::carry`]), which the
 //! new one adds to its own before it serves (so `/stats` never goes back), and the
 //! old process sends its final copy on the same connection when it has drained,
@@ -57,7 +58,7 @@ use rustix::net::{
 use serde::{Deserialize, Serialize};
 
 use crate::server::Shared;
-use crate::stats::{Carried, Stats};
+use crate::stats::Carried;
 
 /// Most sockets one handover passes.
 const MAX_FDS: usize = 250;
@@ -273,7 +274,7 @@ fn hand_over(
             })
             .collect(),
         admin: true,
-        stats: shared.stats.carry(),
+        stats: carry(shared),
     };
     let mut fds: Vec<BorrowedFd<'_>> = set.iter().map(|b| b.socket.as_fd()).collect();
     fds.push(admin.as_fd());
@@ -313,7 +314,7 @@ pub fn send_final_stats(shared: &Shared) {
     else {
         return;
     };
-    let sent = serde_json::to_vec(&shared.stats.carry())
+    let sent = serde_json::to_vec(&carry(shared))
         .map_err(io::Error::other)
         .and_then(|mut line| {
             line.push(b'\n');
@@ -321,6 +322,55 @@ pub fn send_final_stats(shared: &Shared) {
         });
     if let Err(e) = sent {
         tracing::warn!("hot restart: the final counts did not reach the new process: {e}");
+    }
+}
+
+/// This process's counts to hand over: the registry's counters and histograms,
+/// and each cluster's counters.
+fn carry(shared: &Shared) -> Carried {
+    let mut carried = shared.stats.carry();
+    let snap = shared.snapshot.load();
+    carried.clusters = snap
+        .clusters
+        .iter()
+        .map(|(name, entry)| {
+            let counters = entry.cluster().stats.snapshot().into_iter();
+            let counters = counters.filter(|(n, _)| !crate::cluster::is_gauge(n));
+            let counters = counters.map(|(n, v)| (n.to_string(), v)).collect();
+            (name.to_string(), counters)
+        })
+        .collect();
+    carried
+}
+
+/// Adds to the clusters of `snapshot` what the old process's clusters of the
+/// same names counted in `now` since `before` (its previous copy, if any): a
+/// cluster's counters go on across a hot restart as the registry's do. A
+/// cluster the new config no longer has is dropped.
+pub fn absorb_clusters(
+    snapshot: &crate::server::Snapshot,
+    now: &Carried,
+    before: Option<&Carried>,
+) {
+    for (name, counters) in &now.clusters {
+        let Some(entry) = crate::config::Name::new(name)
+            .ok()
+            .and_then(|n| snapshot.clusters.get(&n))
+        else {
+            continue;
+        };
+        let was = before
+            .and_then(|b| b.clusters.iter().find(|(n, _)| n == name))
+            .map(|(_, c)| c.as_slice())
+            .unwrap_or_default();
+        let cluster = entry.cluster();
+        for (counter, v) in counters {
+            let prev = was
+                .iter()
+                .find(|(n, _)| n == counter)
+                .map_or(0, |(_, p)| *p);
+            cluster.stats.add_to(counter, v.saturating_sub(prev));
+        }
     }
 }
 
@@ -384,7 +434,7 @@ impl Inherited {
     /// Tells the old process to stop accepting and drain (call once this process
     /// serves); waits for its `OK`. Its final counts, sent when it has drained,
     /// are added to `stats` as they arrive.
-    pub fn finish(mut self, stats: Arc<Stats>) -> anyhow::Result<()> {
+    pub fn finish(mut self, shared: Arc<Shared>) -> anyhow::Result<()> {
         (&self.stream).write_all(b"DRAIN\n")?;
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
@@ -410,7 +460,8 @@ impl Inherited {
                     Ok(0) => {}
                     Ok(_) => match serde_json::from_str::<Carried>(&line) {
                         Ok(last) => {
-                            stats.absorb(&last, Some(&first));
+                            shared.stats.absorb(&last, Some(&first));
+                            absorb_clusters(&shared.snapshot.load(), &last, Some(&first));
                             tracing::info!(
                                 "hot restart: process {pid} drained; its counts are added"
                             );

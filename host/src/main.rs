@@ -246,7 +246,7 @@ fn run(
     }
     let handle = server::start_with(cfg, opts, process).context("starting legate")?;
     if let Some(i) = inherited {
-        i.finish(handle.stats()).context("hot restart")?;
+        i.finish(handle.shared()).context("hot restart")?;
     }
     match handle.admin_socket() {
         Ok(admin) => {

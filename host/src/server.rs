@@ -511,6 +511,9 @@ pub fn start_with(
         stats.absorb(carried, None);
     }
     let snapshot = Snapshot::build_with(config.clone(), &stats)?;
+    if let Some(carried) = &process.inherited_stats {
+        crate::hot_restart::absorb_clusters(&snapshot, carried, None);
+    }
     let access_log = match &config.access_log {
         Some(a) => Some(AccessLog::open(a, &stats)?),
         None => None,

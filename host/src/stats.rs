@@ -252,7 +252,10 @@ impl Stats {
                 });
             }
         }
-        Carried { series }
+        Carried {
+            series,
+            clusters: Vec::new(),
+        }
     }
 
     /// Adds to this registry what `now` (a copy from a hot restart's old process)
@@ -399,6 +402,11 @@ impl Stats {
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Carried {
     series: Vec<CarriedSeries>,
+    /// Each cluster's counters (`legate_cluster_*`, kept by the clusters, not
+    /// this registry), by cluster name; absent from a Legate that predates
+    /// carrying them.
+    #[serde(default)]
+    pub clusters: Vec<(String, Vec<(String, u64)>)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1478,13 +1478,19 @@ async fn hot_restart_under_load_fails_no_request() {
     // The last old process sends its final counts as it exits (awaited above);
     // the new one adds them on its own thread.
     let ok = res.ok.load(Ordering::Relaxed) as f64;
-    let series = r#"legate_listener_requests_total{listener="web",class="2xx"}"#;
-    let what = format!("{series} reaches {ok}, every request answered");
-    eventually(HANG_GUARD, &what, || async {
-        let (_, body) = admin_at(admin, Method::GET, "/stats").await?;
-        (parse_prometheus(&body).get(series) == Some(&ok)).then_some(())
-    })
-    .await;
+    // The cluster's counters too (they were not carried: they started from
+    // zero in each new process).
+    for series in [
+        r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
+        r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#,
+    ] {
+        let what = format!("{series} reaches {ok}, every request answered");
+        eventually(HANG_GUARD, &what, || async {
+            let (_, body) = admin_at(admin, Method::GET, "/stats").await?;
+            (parse_prometheus(&body).get(series) == Some(&ok)).then_some(())
+        })
+        .await;
+    }
     current.signal("TERM");
     assert!(current.exited(Duration::from_secs(30)).await.success());
 }

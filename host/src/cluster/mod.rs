@@ -60,6 +60,21 @@ macro_rules! counters {
                 vec![$( (stringify!($field), self.$field.load(Relaxed)), )*]
             }
 
+            /// Adds `v` to counter `name` (a carried count); false for a gauge
+            /// or an unknown name.
+            pub fn add_to(&self, name: &str, v: u64) -> bool {
+                $(
+                    if name == stringify!($field) {
+                        if is_gauge(name) {
+                            return false;
+                        }
+                        self.$field.fetch_add(v, Relaxed);
+                        return true;
+                    }
+                )*
+                false
+            }
+
             /// Fresh values whose counters go on from `old`'s (gauges start
             /// at zero: they describe the new owner), for what replaces the
             /// owner of `old` (a cluster changed by a reload).
