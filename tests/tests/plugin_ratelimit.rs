@@ -106,3 +106,75 @@ each_proto!(
         assert_eq!(outcome("allowed"), Some(4.0), "{stats}");
     }
 );
+
+/// A listener behind one trusted load balancer (`xff_num_trusted_hops: 1`) with a
+/// `client_ip` limit of one request per hour.
+fn behind_balancer(up: SocketAddr, namespace: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      trust_downstream: true
+      xff_num_trusted_hops: 1
+      filters: [{{ plugin: ratelimit }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+plugins:
+  - name: ratelimit
+    module: {wasm}
+    limits: {{ cpu: 500ms }}
+    capabilities: {{ kv: [{namespace}] }}
+    config:
+      namespace: {namespace}
+      limits:
+        - name: per-ip
+          key: [client_ip]
+          rate: 1/h
+",
+        wasm = plugin_wasm("plugins/ratelimit").display(),
+    )
+}
+
+each_proto!(
+    async fn client_ip_is_the_address_the_trusted_balancer_appended(proto) {
+        let up = upstream().start().await;
+        let ns = format!("rl-xff-{proto:?}").to_lowercase();
+        let lg = legate().config(&behind_balancer(up.addr, &ns)).start();
+        // Every request comes from one peer (the "balancer"), which appended each
+        // client's address.
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/x").header("x-forwarded-for", "192.0.2.1").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The upstream gets the whole list, the peer appended.
+        assert_eq!(r.echo().header("x-forwarded-for"), Some("192.0.2.1, 127.0.0.1"));
+        // Another client behind the same balancer has a bucket of its own.
+        let r = c.get("/x").header("x-forwarded-for", "192.0.2.2").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The first client again, with an entry of its own to the left (the
+        // balancer appends to what the client sent): the same bucket.
+        let r = c
+            .get("/x")
+            .header("x-forwarded-for", "203.0.113.9, 192.0.2.1")
+            .send()
+            .await;
+        assert_eq!(r.status, 429, "{}", r.text());
+        // Without an entry the client is the peer: a bucket of its own.
+        let r = c.get("/x").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = c.get("/x").send().await;
+        assert_eq!(r.status, 429, "{}", r.text());
+    }
+);

@@ -301,6 +301,14 @@ pub struct HttpListener {
     /// client must not be able to forge them.
     #[serde(default)]
     pub trust_downstream: bool,
+    /// How many proxies in front of this listener append to `x-forwarded-for`
+    /// (Envoy's `xff_num_trusted_hops`): the client address filters see is the
+    /// `x-forwarded-for` entry this many places from the right, the peer when
+    /// there are fewer entries or that one is no IP address. Needs
+    /// `trust_downstream`. Default 0: the peer, as every entry is the client's
+    /// to write unless a proxy you run added it.
+    #[serde(default)]
+    pub xff_num_trusted_hops: u32,
     /// Generate `x-request-id` when the request has none (or is untrusted).
     /// Default true: request ids cost little and make logs joinable.
     #[serde(default = "defaults::yes")]

@@ -471,6 +471,10 @@ impl Config {
     }
 }
 
+/// Most proxies `listeners[].http.xff_num_trusted_hops` may count: more is a
+/// typo, and would make every request's client the peer without a word.
+const MAX_XFF_TRUSTED_HOPS: u32 = 16;
+
 fn validate_listener(
     e: &mut Issues,
     l: &Spanned<Listener>,
@@ -495,6 +499,32 @@ fn validate_listener(
                     .key("http")
                     .key("via");
                 }
+            }
+            if h.xff_num_trusted_hops > 0 && !h.trust_downstream {
+                e.at(
+                    loc,
+                    format!(
+                        "listener `{}`: `xff_num_trusted_hops` is {} but `trust_downstream` is false",
+                        l.name, h.xff_num_trusted_hops
+                    ),
+                    "an untrusted downstream's `x-forwarded-for` is replaced, not read; set \
+                     `trust_downstream: true` when proxies you run are in front, or remove \
+                     `xff_num_trusted_hops`",
+                )
+                .key("http")
+                .key("xff_num_trusted_hops");
+            } else if h.xff_num_trusted_hops > MAX_XFF_TRUSTED_HOPS {
+                e.at(
+                    loc,
+                    format!(
+                        "listener `{}`: `xff_num_trusted_hops` is {}, more than {MAX_XFF_TRUSTED_HOPS}",
+                        l.name, h.xff_num_trusted_hops
+                    ),
+                    "count the proxies you run in front of this listener that append to \
+                     `x-forwarded-for` (a load balancer is 1)",
+                )
+                .key("http")
+                .key("xff_num_trusted_hops");
             }
             let mut seen: Vec<&str> = Vec::new();
             for (i, t) in h.upgrades.iter().enumerate() {
