@@ -235,6 +235,13 @@ pub struct Admin {
     /// can reach the admin port would otherwise read.
     #[serde(default)]
     pub config_dump_secrets: bool,
+    /// DNS names (compared without case, any port) the admin API answers
+    /// besides IP addresses and `localhost`. Default empty: a request to any
+    /// other name is refused, so a web page on a name its owner re-points at
+    /// the admin address (DNS rebinding) cannot read the answers; a name listed
+    /// here is one you control, not the page's.
+    #[serde(default)]
+    pub allowed_hosts: Vec<Spanned<String>>,
 }
 
 impl Default for Admin {
@@ -243,6 +250,7 @@ impl Default for Admin {
             address: unspanned(defaults::admin_address_str()),
             allow_non_loopback: false,
             config_dump_secrets: false,
+            allowed_hosts: Vec::new(),
         }
     }
 }

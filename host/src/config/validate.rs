@@ -303,6 +303,39 @@ impl Config {
                 );
             }
         }
+        let mut seen: Vec<&str> = Vec::new();
+        for h in &self.admin.allowed_hosts {
+            let name = h.value.as_str();
+            let problem = if name.parse::<std::net::IpAddr>().is_ok()
+                || name.eq_ignore_ascii_case("localhost")
+            {
+                Some((
+                    format!("`admin.allowed_hosts` lists `{name}`, which is always allowed"),
+                    "IP addresses and `localhost` are always answered; list DNS names only"
+                        .to_string(),
+                ))
+            } else if !is_dns_name(name) {
+                Some((
+                    format!("`admin.allowed_hosts` entry `{name}` is not a DNS name"),
+                    "write a host name as clients send it in `Host`, without port, scheme, \
+                     path or wildcard: `legate-0.legate.prod.svc`"
+                        .to_string(),
+                ))
+            } else if let Some(first) = seen.iter().find(|s| s.eq_ignore_ascii_case(name)) {
+                Some((
+                    format!("`admin.allowed_hosts` lists `{name}` twice"),
+                    format!(
+                        "names are compared without case: `{first}` already allows it; remove one"
+                    ),
+                ))
+            } else {
+                None
+            };
+            seen.push(name);
+            if let Some((msg, help)) = problem {
+                e.at(&h.referenced, msg, help);
+            }
+        }
     }
 
     /// The `kv:` section: a Redis backend needs a usable URL and a timeout that
@@ -469,6 +502,23 @@ impl Config {
             seen.push((addr, &l.name));
         }
     }
+}
+
+/// Whether `name` is a DNS host name as a `Host` header carries it: dot-separated
+/// labels of 1 to 63 letters, digits, `-` and `_` (internal names use it), not
+/// starting or ending with `-`, at most 253 bytes, and a trailing dot allowed.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// Most proxies `listeners[].http.xff_num_trusted_hops` may count: more is a
