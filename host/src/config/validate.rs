@@ -321,15 +321,18 @@ impl Config {
                      path or wildcard: `legate-0.legate.prod.svc`"
                         .to_string(),
                 ))
-            } else if let Some(first) = seen.iter().find(|s| s.eq_ignore_ascii_case(name)) {
-                Some((
-                    format!("`admin.allowed_hosts` lists `{name}` twice"),
-                    format!(
-                        "names are compared without case: `{first}` already allows it; remove one"
-                    ),
-                ))
             } else {
-                None
+                seen.iter()
+                    .find(|s| s.eq_ignore_ascii_case(name))
+                    .map(|first| {
+                        (
+                            format!("`admin.allowed_hosts` lists `{name}` twice"),
+                            format!(
+                                "names are compared without case: `{first}` already allows it; \
+                                 remove one"
+                            ),
+                        )
+                    })
             };
             seen.push(name);
             if let Some((msg, help)) = problem {
