@@ -314,7 +314,7 @@ impl Config {
                     "IP addresses and `localhost` are always answered; list DNS names only"
                         .to_string(),
                 ))
-            } else if !is_dns_name(name) {
+            } else if name.contains('*') || rustls_pki_types::DnsName::try_from(name).is_err() {
                 Some((
                     format!("`admin.allowed_hosts` entry `{name}` is not a DNS name"),
                     "write a host name as clients send it in `Host`, without port, scheme, \
@@ -505,23 +505,6 @@ impl Config {
             seen.push((addr, &l.name));
         }
     }
-}
-
-/// Whether `name` is a DNS host name as a `Host` header carries it: dot-separated
-/// labels of 1 to 63 letters, digits, `-` and `_` (internal names use it), not
-/// starting or ending with `-`, at most 253 bytes, and a trailing dot allowed.
-fn is_dns_name(name: &str) -> bool {
-    let name = name.strip_suffix('.').unwrap_or(name);
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            (1..=63).contains(&label.len())
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
 }
 
 /// Most proxies `listeners[].http.xff_num_trusted_hops` may count: more is a
