@@ -189,7 +189,8 @@ pub fn set_forwarded(
 /// before this hop appends the peer (each of those proxies appended the address
 /// it was reached from, so that entry is the one the outermost wrote; entries to
 /// its left are the client's to write). `None`, meaning the peer, when `hops` is
-/// 0, when there are fewer entries, or when that entry is no IP address.
+/// 0, when there are fewer entries, or when that entry is no IP address (an
+/// `ip:port` one counts as its IP).
 /// Several `x-forwarded-for` lines count as one list, in order; empty entries
 /// are skipped, as [`set_forwarded`] drops them.
 pub fn trusted_client(h: &HeaderMap, hops: u32) -> Option<IpAddr> {
@@ -202,7 +203,12 @@ pub fn trusted_client(h: &HeaderMap, hops: u32) -> Option<IpAddr> {
         .map(trim_ows)
         .filter(|e| !e.is_empty())
         .nth(hops)?;
-    let ip: IpAddr = std::str::from_utf8(entry).ok()?.parse().ok()?;
+    let entry = std::str::from_utf8(entry).ok()?;
+    // Some balancers (Azure Application Gateway) write `ip:port`.
+    let ip = entry
+        .parse::<IpAddr>()
+        .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+        .ok()?;
     Some(ip.to_canonical())
 }
 
@@ -451,8 +457,15 @@ mod tests {
         assert_eq!(trusted_client(&h, 4), ip("6.6.6.6"));
         assert_eq!(trusted_client(&h, 5), None);
         assert_eq!(trusted_client(&HeaderMap::new(), 1), None);
-        // Not an address (a port, a name, `unknown`): the peer.
-        for v in ["1.2.3.4:80", "client.example", "unknown"] {
+        // An address with a port (Azure Application Gateway writes them): its IP.
+        for (v, want) in [
+            ("192.0.2.1:5678", "192.0.2.1"),
+            ("[2001:db8::2]:443", "2001:db8::2"),
+        ] {
+            assert_eq!(trusted_client(&map(&[("x-forwarded-for", v)]), 1), ip(want));
+        }
+        // Not an address (a name, `unknown`, a bracketed IPv6 without port): the peer.
+        for v in ["client.example", "unknown", "[2001:db8::2]", "1.2.3.4:x"] {
             assert_eq!(
                 trusted_client(&map(&[("x-forwarded-for", v)]), 1),
                 None,
