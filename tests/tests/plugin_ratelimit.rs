@@ -9,7 +9,23 @@ use std::net::SocketAddr;
 use legate_tests::plugins::plugin_wasm;
 use legate_tests::*;
 
+/// One limit: three requests an hour per `x-key` on route `api`.
 fn config(up: SocketAddr, namespace: &str) -> String {
+    config_with(
+        up,
+        namespace,
+        "",
+        "        - name: api-per-key
+          match: { routes: [api] }
+          key: [{ header: x-key }]
+          rate: 3/h
+",
+    )
+}
+
+/// Listener `web` with `http_extra` (indented `http` keys) running the plugin
+/// with the `limits` entries `limits` (indented YAML).
+fn config_with(up: SocketAddr, namespace: &str, http_extra: &str, limits: &str) -> String {
     format!(
         "version: 1
 listeners:
@@ -17,7 +33,7 @@ listeners:
     address: 127.0.0.1:0
     http:
       routes: main
-      filters: [{{ plugin: ratelimit }}]
+{http_extra}      filters: [{{ plugin: ratelimit }}]
 routes:
   - name: main
     virtual_hosts:
@@ -43,11 +59,7 @@ plugins:
       namespace: {namespace}
       emit_headers: true
       limits:
-        - name: api-per-key
-          match: {{ routes: [api] }}
-          key: [{{ header: x-key }}]
-          rate: 3/h
-",
+{limits}",
         wasm = plugin_wasm("plugins/ratelimit").display(),
     )
 }
@@ -110,41 +122,11 @@ each_proto!(
 /// A listener behind one trusted load balancer (`xff_num_trusted_hops: 1`) with a
 /// `client_ip` limit of one request per hour.
 fn behind_balancer(up: SocketAddr, namespace: &str) -> String {
-    format!(
-        "version: 1
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    http:
-      routes: main
-      trust_downstream: true
-      xff_num_trusted_hops: 1
-      filters: [{{ plugin: ratelimit }}]
-routes:
-  - name: main
-    virtual_hosts:
-      - name: all
-        domains: [\"*\"]
-        routes:
-          - match: {{ prefix: / }}
-            cluster: backend
-clusters:
-  - name: backend
-    endpoints:
-      - address: {up}
-plugins:
-  - name: ratelimit
-    module: {wasm}
-    limits: {{ cpu: 500ms }}
-    capabilities: {{ kv: [{namespace}] }}
-    config:
-      namespace: {namespace}
-      limits:
-        - name: per-ip
-          key: [client_ip]
-          rate: 1/h
-",
-        wasm = plugin_wasm("plugins/ratelimit").display(),
+    config_with(
+        up,
+        namespace,
+        "      trust_downstream: true\n      xff_num_trusted_hops: 1\n",
+        "        - name: per-ip\n          key: [client_ip]\n          rate: 1/h\n",
     )
 }
 
