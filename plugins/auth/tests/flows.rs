@@ -304,29 +304,34 @@ fn an_identity_header_spelled_with_underscores_is_removed_too() {
     }
 }
 
+/// An htpasswd `{SHA}` hash of `password` (without the prefix).
+fn sha_hash(password: &str) -> String {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(password.as_bytes()))
+}
+
+/// An `authorization: Basic` value.
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
 #[test]
 fn basic_bcrypt_and_sha() {
     let bcrypt_hash = bcrypt::hash("open sesame", 4)
         .unwrap()
         .replacen("$2b$", "$2y$", 1);
-    let sha = {
-        use base64::Engine as _;
-        use sha1::Digest as _;
-        base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(b"hunter2"))
-    };
+    let sha = sha_hash("hunter2");
     let cfg = json!({"basic": [{
         "name": "staff",
         "realm": "staff area",
         "htpasswd": [format!("alice:{bcrypt_hash}"), format!("bob:{{SHA}}{sha}")]
     }]});
     let mut t = host().configure::<AuthFilter>(&cfg.to_string()).unwrap();
-    let basic = |u: &str, p: &str| {
-        use base64::Engine as _;
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
-        )
-    };
     for (u, p) in [
         ("alice", "open sesame"),
         ("bob", "hunter2"),
@@ -357,18 +362,7 @@ fn basic_bcrypt_and_sha() {
 fn basic_unknown_users_cost_a_password_check() {
     let cheap = bcrypt::hash("open sesame", 4).unwrap();
     let costly = bcrypt::hash("swordfish", 5).unwrap();
-    let sha = {
-        use base64::Engine as _;
-        use sha1::Digest as _;
-        base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(b"hunter2"))
-    };
-    let basic = |u: &str, p: &str| {
-        use base64::Engine as _;
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
-        )
-    };
+    let sha = sha_hash("hunter2");
     let cfg = json!({"basic": [{"name": "staff", "htpasswd": [
         format!("alice:{cheap}"), format!("bob:{{SHA}}{sha}"), format!("dave:{costly}")
     ]}]});
