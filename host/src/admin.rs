@@ -19,7 +19,8 @@
 //! Web pages are kept out (`refused`): a browser on the host can send requests
 //! to `127.0.0.1:9901`, and a page on a name its owner re-points at 127.0.0.1
 //! (DNS rebinding) can also read the answers. So a request whose `Host` is not
-//! an IP address or `localhost` is refused with 403, and so is a request other
+//! an IP address, `localhost` or a name of `admin.allowed_hosts` (names the
+//! operator controls, not a page's) is refused with 403, and so is a request other
 //! than GET or HEAD that carries `Origin` or a cross-site `Sec-Fetch-Site`
 //! (what browsers add, `mode: "no-cors"` included). Clients such as curl and
 //! Prometheus send neither. A client has [`HEADER_READ_TIMEOUT`] to send each
@@ -42,7 +43,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::cluster::Cluster;
-use crate::config::{Config, HeaderOps};
+use crate::config::{Config, HeaderOps, Spanned};
 use crate::server::Shared;
 
 /// How long a client has to send a request head, and the longest an idle
@@ -75,7 +76,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 async move {
-                    if let Some(r) = refused(&req) {
+                    let refusal = {
+                        let snapshot = shared.snapshot.load();
+                        refused(&req, &snapshot.config.admin.allowed_hosts)
+                    };
+                    if let Some(r) = refusal {
                         return Ok::<_, Infallible>(r);
                     }
                     if let Some(r) = reload_answer(&shared, &req).await {
@@ -94,21 +99,22 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// A 403 for what a web page may have sent (see the module docs): a `Host` (or
-/// absolute URI) that is not an IP address or `localhost`, or a request other
-/// than GET or HEAD that carries `Origin` or a cross-site `Sec-Fetch-Site`.
-fn refused<B>(req: &Request<B>) -> Option<Response<Full<Bytes>>> {
+/// absolute URI) that is not an IP address, `localhost` or one of `allowed`
+/// (`admin.allowed_hosts`), or a request other than GET or HEAD that carries
+/// `Origin` or a cross-site `Sec-Fetch-Site`.
+fn refused<B>(req: &Request<B>, allowed: &[Spanned<String>]) -> Option<Response<Full<Bytes>>> {
     let host = req.headers().get(header::HOST);
     let hosts = host
         .map(|h| h.to_str().unwrap_or(""))
         .into_iter()
         .chain(req.uri().authority().map(|a| a.as_str()));
     for h in hosts {
-        if !is_local_authority(h) {
+        if !is_allowed_authority(h, allowed) {
             return Some(text(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "the admin API answers only requests to an IP address or localhost, not {h:?} \
-                     (a guard against DNS rebinding)\n"
+                    "the admin API answers only requests to an IP address, localhost or a name \
+                     in `admin.allowed_hosts`, not {h:?} (a guard against DNS rebinding)\n"
                 ),
             ));
         }
@@ -130,8 +136,9 @@ fn refused<B>(req: &Request<B>) -> Option<Response<Full<Bytes>>> {
     None
 }
 
-/// Whether `authority` (`host[:port]`) names an IP address or `localhost`.
-fn is_local_authority(authority: &str) -> bool {
+/// Whether `authority` (`host[:port]`) names an IP address, `localhost` or a
+/// name of `allowed` (without case; a trailing dot on either side ignored).
+fn is_allowed_authority(authority: &str, allowed: &[Spanned<String>]) -> bool {
     let Ok(a) = authority.parse::<http::uri::Authority>() else {
         return false;
     };
@@ -140,7 +147,14 @@ fn is_local_authority(authority: &str) -> bool {
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
-    host.eq_ignore_ascii_case("localhost") || ip.parse::<IpAddr>().is_ok()
+    fn bare(n: &str) -> &str {
+        n.strip_suffix('.').unwrap_or(n)
+    }
+    host.eq_ignore_ascii_case("localhost")
+        || ip.parse::<IpAddr>().is_ok()
+        || allowed
+            .iter()
+            .any(|n| bare(&n.value).eq_ignore_ascii_case(bare(host)))
 }
 
 /// A reload, run on a blocking thread.

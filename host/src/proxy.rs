@@ -293,6 +293,9 @@ async fn proxy(
     } else {
         None
     };
+    // The client a trusted chain of proxies reported, read before this hop
+    // appends the peer (validation ties the hops to `trust_downstream`).
+    let client = proxy_headers::trusted_client(req.headers(), http.xff_num_trusted_hops);
     let ov = {
         // Sanitised before filters and routes see the request (as Envoy's
         // connection manager does): hop-by-hop headers out first, so that a
@@ -338,7 +341,16 @@ async fn proxy(
     if let Some(chain) = snapshot.filters.start(
         &listener.name,
         conn.worker.id,
-        || exchange_of(conn, &mut req, &authority, out.request_id.as_ref(), table),
+        || {
+            exchange_of(
+                conn,
+                &mut req,
+                &authority,
+                client,
+                out.request_id.as_ref(),
+                table,
+            )
+        },
         || exchange_callouts(&conn.worker, &snapshot),
     ) {
         out.chain = Some(filter::SharedChain::new(chain));
@@ -710,18 +722,22 @@ async fn proxy(
 }
 
 /// The exchange filters see, from the request head (without `host`: the authority is
-/// its own property).
+/// its own property). `client`: the client address trusted proxies reported
+/// ([`proxy_headers::trusted_client`]), which filters see as the source address,
+/// port 0 (as Envoy's downstream address from `x-forwarded-for`); `None` for the
+/// peer.
 fn exchange_of<B>(
     conn: &ConnCtx,
     req: &mut Request<B>,
     authority: &str,
+    client: Option<std::net::IpAddr>,
     request_id: Option<&HeaderValue>,
     table: &Arc<crate::router::RouteTable>,
 ) -> Exchange {
     // Moved, not copied: `write_head` puts the head as the filters leave it
     // back. The client's `host` stays in it: the exchange hides it from filters.
     let headers = std::mem::take(req.headers_mut());
-    let facts = conn.facts.get_or_init(|| {
+    let conn_facts = conn.facts.get_or_init(|| {
         Arc::new(ConnFacts {
             source: conn.peer,
             destination: conn.local,
@@ -733,13 +749,20 @@ fn exchange_of<B>(
             }),
         })
     });
+    let facts = match client {
+        Some(ip) => Arc::new(ConnFacts {
+            source: SocketAddr::new(ip, 0),
+            ..ConnFacts::clone(conn_facts)
+        }),
+        None => conn_facts.clone(),
+    };
     Exchange::new(
         req.method().clone(),
         path_of(req.uri()),
         authority.to_string(),
         req.version(),
         headers,
-        facts.clone(),
+        facts,
         request_id
             .cloned()
             .unwrap_or_else(|| HeaderValue::from_static("")),

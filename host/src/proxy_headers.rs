@@ -183,6 +183,35 @@ pub fn set_forwarded(
     }
 }
 
+/// The client address a trusted chain of `hops` proxies reported, as Envoy's
+/// connection manager reads it with `xff_num_trusted_hops` (and
+/// `use_remote_address`): the `hops`-th `x-forwarded-for` entry from the right,
+/// before this hop appends the peer (each of those proxies appended the address
+/// it was reached from, so that entry is the one the outermost wrote; entries to
+/// its left are the client's to write). `None`, meaning the peer, when `hops` is
+/// 0, when there are fewer entries, or when that entry is no IP address (an
+/// `ip:port` one counts as its IP).
+/// Several `x-forwarded-for` lines count as one list, in order; empty entries
+/// are skipped, as [`set_forwarded`] drops them.
+pub fn trusted_client(h: &HeaderMap, hops: u32) -> Option<IpAddr> {
+    let hops = usize::try_from(hops).ok()?.checked_sub(1)?;
+    let entry = h
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .rev()
+        .flat_map(|v| v.as_bytes().rsplit(|&b| b == b','))
+        .map(trim_ows)
+        .filter(|e| !e.is_empty())
+        .nth(hops)?;
+    let entry = std::str::from_utf8(entry).ok()?;
+    // Some balancers (Azure Application Gateway) write `ip:port`.
+    let ip = entry
+        .parse::<IpAddr>()
+        .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+        .ok()?;
+    Some(ip.to_canonical())
+}
+
 /// `x-forwarded-client-cert`.
 pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
@@ -412,6 +441,41 @@ mod tests {
         assert_eq!(te_after(&["gzip, trailers"]), ["trailers"]);
         assert_eq!(te_after(&["deflate", " trailers "]), ["trailers"]);
         assert!(te_after(&["trailersx"]).is_empty());
+    }
+
+    #[test]
+    fn trusted_client_counts_hops_from_the_right() {
+        let h = map(&[
+            ("x-forwarded-for", "6.6.6.6, 1.2.3.4"),
+            ("x-forwarded-for", " 10.0.0.9 ,, 10.0.0.8"),
+        ]);
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(trusted_client(&h, 0), None);
+        assert_eq!(trusted_client(&h, 1), ip("10.0.0.8"));
+        assert_eq!(trusted_client(&h, 2), ip("10.0.0.9"));
+        assert_eq!(trusted_client(&h, 3), ip("1.2.3.4"));
+        assert_eq!(trusted_client(&h, 4), ip("6.6.6.6"));
+        assert_eq!(trusted_client(&h, 5), None);
+        assert_eq!(trusted_client(&HeaderMap::new(), 1), None);
+        // An address with a port (Azure Application Gateway writes them): its IP.
+        for (v, want) in [
+            ("192.0.2.1:5678", "192.0.2.1"),
+            ("[2001:db8::2]:443", "2001:db8::2"),
+        ] {
+            assert_eq!(trusted_client(&map(&[("x-forwarded-for", v)]), 1), ip(want));
+        }
+        // Not an address (a name, `unknown`, a bracketed IPv6 without port): the peer.
+        for v in ["client.example", "unknown", "[2001:db8::2]", "1.2.3.4:x"] {
+            assert_eq!(
+                trusted_client(&map(&[("x-forwarded-for", v)]), 1),
+                None,
+                "{v}"
+            );
+        }
+        // IPv6 as written, IPv4-mapped as IPv4.
+        let h = map(&[("x-forwarded-for", "2001:db8::1, ::ffff:192.0.2.7")]);
+        assert_eq!(trusted_client(&h, 1), ip("192.0.2.7"));
+        assert_eq!(trusted_client(&h, 2), ip("2001:db8::1"));
     }
 
     #[test]

@@ -116,7 +116,9 @@ impl Exchange<'_> {
         self.1.set(true);
         Ok(())
     }
-    /// The downstream peer.
+    /// The client: the downstream peer or, on a listener with
+    /// `http.xff_num_trusted_hops`, the address its trusted proxies reported in
+    /// `x-forwarded-for` (port 0), as Envoy's downstream remote address.
     pub fn source_address(&self) -> SocketAddr {
         self.0.source_address()
     }

@@ -569,6 +569,36 @@ async fn the_admin_api_refuses_web_pages() {
     assert_eq!(lg.admin_get("/ready").await.0, 503);
 }
 
+/// `admin.allowed_hosts` lets a scraper reach the admin API by name (any port,
+/// any case, a trailing dot); other names are still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_answers_the_names_it_is_told_to() {
+    let up = upstream().start().await;
+    let config = format!(
+        "{}admin:\n  address: 127.0.0.1:0\n  allowed_hosts: [legate-0.Admin.internal]\n",
+        simple_config(&[up.addr])
+    );
+    let lg = legate().config(&config).start();
+    let mut admin = client(Proto::H1, lg.admin).await;
+    for host in [
+        "legate-0.admin.internal",
+        "LEGATE-0.admin.internal:9901",
+        "legate-0.admin.internal.",
+        "127.0.0.1",
+    ] {
+        let r = admin.get("/stats").host(host).send().await;
+        assert_eq!(r.status, 200, "{host}: {}", r.text());
+    }
+    for host in [
+        "rebind.evil.example",
+        "legate-1.admin.internal",
+        "legate-0.admin.internal.evil.example",
+    ] {
+        let r = admin.get("/stats").host(host).send().await;
+        assert_eq!(r.status, 403, "{host}: {}", r.text());
+    }
+}
+
 /// A client that never finishes its request head is cut off (slowloris); so is
 /// a connection beyond the admin API's cap, at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

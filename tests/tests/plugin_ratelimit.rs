@@ -9,7 +9,23 @@ use std::net::SocketAddr;
 use legate_tests::plugins::plugin_wasm;
 use legate_tests::*;
 
+/// One limit: three requests an hour per `x-key` on route `api`.
 fn config(up: SocketAddr, namespace: &str) -> String {
+    config_with(
+        up,
+        namespace,
+        "",
+        "        - name: api-per-key
+          match: { routes: [api] }
+          key: [{ header: x-key }]
+          rate: 3/h
+",
+    )
+}
+
+/// Listener `web` with `http_extra` (indented `http` keys) running the plugin
+/// with the `limits` entries `limits` (indented YAML).
+fn config_with(up: SocketAddr, namespace: &str, http_extra: &str, limits: &str) -> String {
     format!(
         "version: 1
 listeners:
@@ -17,7 +33,7 @@ listeners:
     address: 127.0.0.1:0
     http:
       routes: main
-      filters: [{{ plugin: ratelimit }}]
+{http_extra}      filters: [{{ plugin: ratelimit }}]
 routes:
   - name: main
     virtual_hosts:
@@ -43,11 +59,7 @@ plugins:
       namespace: {namespace}
       emit_headers: true
       limits:
-        - name: api-per-key
-          match: {{ routes: [api] }}
-          key: [{{ header: x-key }}]
-          rate: 3/h
-",
+{limits}",
         wasm = plugin_wasm("plugins/ratelimit").display(),
     )
 }
@@ -104,5 +116,47 @@ each_proto!(
         };
         assert_eq!(outcome("limited"), Some(1.0), "{stats}");
         assert_eq!(outcome("allowed"), Some(4.0), "{stats}");
+    }
+);
+
+/// A listener behind one trusted load balancer (`xff_num_trusted_hops: 1`) with a
+/// `client_ip` limit of one request per hour.
+fn behind_balancer(up: SocketAddr, namespace: &str) -> String {
+    config_with(
+        up,
+        namespace,
+        "      trust_downstream: true\n      xff_num_trusted_hops: 1\n",
+        "        - name: per-ip\n          key: [client_ip]\n          rate: 1/h\n",
+    )
+}
+
+each_proto!(
+    async fn client_ip_is_the_address_the_trusted_balancer_appended(proto) {
+        let up = upstream().start().await;
+        let ns = format!("rl-xff-{proto:?}").to_lowercase();
+        let lg = legate().config(&behind_balancer(up.addr, &ns)).start();
+        // Every request comes from one peer (the "balancer"), which appended each
+        // client's address.
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/x").header("x-forwarded-for", "192.0.2.1").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The upstream gets the whole list, the peer appended.
+        assert_eq!(r.echo().header("x-forwarded-for"), Some("192.0.2.1, 127.0.0.1"));
+        // Another client behind the same balancer has a bucket of its own.
+        let r = c.get("/x").header("x-forwarded-for", "192.0.2.2").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The first client again, with an entry of its own to the left (the
+        // balancer appends to what the client sent): the same bucket.
+        let r = c
+            .get("/x")
+            .header("x-forwarded-for", "203.0.113.9, 192.0.2.1")
+            .send()
+            .await;
+        assert_eq!(r.status, 429, "{}", r.text());
+        // Without an entry the client is the peer: a bucket of its own.
+        let r = c.get("/x").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = c.get("/x").send().await;
+        assert_eq!(r.status, 429, "{}", r.text());
     }
 );

@@ -202,6 +202,33 @@ each_proto!(
     }
 );
 
+each_proto!(
+    async fn source_address_is_the_client_trusted_proxies_reported(proto) {
+        // As Envoy's `source.address` with `xff_num_trusted_hops`: the
+        // downstream address its connection manager computed, port 0.
+        let up = upstream().start().await;
+        let p = plugin("props", "{ mode: properties }", "");
+        let cfg = config(up.addr, &p, &["props"]).replace(
+            "      routes: main\n",
+            "      routes: main\n      trust_downstream: true\n      xff_num_trusted_hops: 1\n",
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .get("/")
+            .header("x-forwarded-for", "203.0.113.9, 192.0.2.7")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-p-source"), Some("192.0.2.7:0"));
+        assert_eq!(r.header("x-p-source-port"), Some("0"));
+        // Without an entry: the peer.
+        let r = c.get("/").send().await;
+        let source = r.header("x-p-source").unwrap_or_default();
+        assert!(source.starts_with("127.0.0.1:"), "{source}");
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_config_as_text_or_plugin_config_key() {
     let up = upstream().start().await;

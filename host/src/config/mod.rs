@@ -235,6 +235,13 @@ pub struct Admin {
     /// can reach the admin port would otherwise read.
     #[serde(default)]
     pub config_dump_secrets: bool,
+    /// DNS names (compared without case, any port) the admin API answers
+    /// besides IP addresses and `localhost`. Default empty: a request to any
+    /// other name is refused, so a web page on a name its owner re-points at
+    /// the admin address (DNS rebinding) cannot read the answers; a name listed
+    /// here is one you control, not the page's.
+    #[serde(default)]
+    pub allowed_hosts: Vec<Spanned<String>>,
 }
 
 impl Default for Admin {
@@ -243,6 +250,7 @@ impl Default for Admin {
             address: unspanned(defaults::admin_address_str()),
             allow_non_loopback: false,
             config_dump_secrets: false,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -301,6 +309,14 @@ pub struct HttpListener {
     /// client must not be able to forge them.
     #[serde(default)]
     pub trust_downstream: bool,
+    /// How many proxies in front of this listener append to `x-forwarded-for`
+    /// (Envoy's `xff_num_trusted_hops`): the client address filters see is the
+    /// `x-forwarded-for` entry this many places from the right, the peer when
+    /// there are fewer entries or that one is no IP address. Needs
+    /// `trust_downstream`. Default 0: the peer, as every entry is the client's
+    /// to write unless a proxy you run added it.
+    #[serde(default)]
+    pub xff_num_trusted_hops: u32,
     /// Generate `x-request-id` when the request has none (or is untrusted).
     /// Default true: request ids cost little and make logs joinable.
     #[serde(default = "defaults::yes")]

@@ -303,6 +303,42 @@ impl Config {
                 );
             }
         }
+        let mut seen: Vec<&str> = Vec::new();
+        for h in &self.admin.allowed_hosts {
+            let name = h.value.as_str();
+            let problem = if name.parse::<std::net::IpAddr>().is_ok()
+                || name.eq_ignore_ascii_case("localhost")
+            {
+                Some((
+                    format!("`admin.allowed_hosts` lists `{name}`, which is always allowed"),
+                    "IP addresses and `localhost` are always answered; list DNS names only"
+                        .to_string(),
+                ))
+            } else if name.contains('*') || rustls_pki_types::DnsName::try_from(name).is_err() {
+                Some((
+                    format!("`admin.allowed_hosts` entry `{name}` is not a DNS name"),
+                    "write a host name as clients send it in `Host`, without port, scheme, \
+                     path or wildcard: `legate-0.legate.prod.svc`"
+                        .to_string(),
+                ))
+            } else {
+                seen.iter()
+                    .find(|s| s.eq_ignore_ascii_case(name))
+                    .map(|first| {
+                        (
+                            format!("`admin.allowed_hosts` lists `{name}` twice"),
+                            format!(
+                                "names are compared without case: `{first}` already allows it; \
+                                 remove one"
+                            ),
+                        )
+                    })
+            };
+            seen.push(name);
+            if let Some((msg, help)) = problem {
+                e.at(&h.referenced, msg, help);
+            }
+        }
     }
 
     /// The `kv:` section: a Redis backend needs a usable URL and a timeout that
@@ -471,6 +507,10 @@ impl Config {
     }
 }
 
+/// Most proxies `listeners[].http.xff_num_trusted_hops` may count: more is a
+/// typo, and would make every request's client the peer without a word.
+const MAX_XFF_TRUSTED_HOPS: u32 = 16;
+
 fn validate_listener(
     e: &mut Issues,
     l: &Spanned<Listener>,
@@ -495,6 +535,32 @@ fn validate_listener(
                     .key("http")
                     .key("via");
                 }
+            }
+            if h.xff_num_trusted_hops > 0 && !h.trust_downstream {
+                e.at(
+                    loc,
+                    format!(
+                        "listener `{}`: `xff_num_trusted_hops` is {} but `trust_downstream` is false",
+                        l.name, h.xff_num_trusted_hops
+                    ),
+                    "an untrusted downstream's `x-forwarded-for` is replaced, not read; set \
+                     `trust_downstream: true` when proxies you run are in front, or remove \
+                     `xff_num_trusted_hops`",
+                )
+                .key("http")
+                .key("xff_num_trusted_hops");
+            } else if h.xff_num_trusted_hops > MAX_XFF_TRUSTED_HOPS {
+                e.at(
+                    loc,
+                    format!(
+                        "listener `{}`: `xff_num_trusted_hops` is {}, more than {MAX_XFF_TRUSTED_HOPS}",
+                        l.name, h.xff_num_trusted_hops
+                    ),
+                    "count the proxies you run in front of this listener that append to \
+                     `x-forwarded-for` (a load balancer is 1)",
+                )
+                .key("http")
+                .key("xff_num_trusted_hops");
             }
             let mut seen: Vec<&str> = Vec::new();
             for (i, t) in h.upgrades.iter().enumerate() {

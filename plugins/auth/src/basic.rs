@@ -42,6 +42,13 @@ pub struct Htpasswd {
     /// The highest bcrypt cost seen (0: none).
     pub max_bcrypt_cost: u32,
     verified: HashSet<[u8; 32]>,
+    /// What an unknown user's password is checked against, so that the answer
+    /// takes as long as a known user's wrong password (no user enumeration by
+    /// timing): a listed bcrypt hash of the highest cost, else a listed
+    /// `{SHA}` digest. `None` only for an empty set, which `parse` refuses.
+    dummy: Option<Hash>,
+    /// Password hashes computed so far (bcrypt or SHA-1, the dummy's included).
+    hashes: u64,
 }
 
 impl Htpasswd {
@@ -84,7 +91,10 @@ impl Htpasswd {
                         "malformed bcrypt hash (expected 60 characters)".to_owned(),
                     ));
                 }
-                out.max_bcrypt_cost = out.max_bcrypt_cost.max(cost);
+                if cost > out.max_bcrypt_cost {
+                    out.max_bcrypt_cost = cost;
+                    out.dummy = Some(Hash::Bcrypt(hash.to_owned()));
+                }
                 Hash::Bcrypt(hash.to_owned())
             } else {
                 return Err((
@@ -93,6 +103,9 @@ impl Htpasswd {
                         .to_owned(),
                 ));
             };
+            if out.dummy.is_none() {
+                out.dummy = Some(h.clone());
+            }
             if out.users.insert(user.to_owned(), h).is_some() {
                 return Err((i, format!("user {user:?} is listed twice")));
             }
@@ -100,37 +113,58 @@ impl Htpasswd {
         Ok(out)
     }
 
-    /// Whether `user`/`password` match.
+    /// Whether `user`/`password` match. An unknown user's password is hashed
+    /// too, against the dummy hash (the costliest listed one), so that the
+    /// answer does not come sooner than for a known user with a wrong password.
     pub fn check(&mut self, user: &str, password: &str) -> bool {
         let Some(hash) = self.users.get(user) else {
+            if let Some(dummy) = &self.dummy {
+                // Computed for its time only: a password that happens to
+                // match the dummy's user is still refused.
+                let _ = verify(&mut self.hashes, dummy, password);
+            }
             return false;
         };
-        match hash {
-            Hash::Sha1(expected) => {
-                let got: [u8; 20] = sha1::Sha1::digest(password.as_bytes()).into();
-                constant_eq(&got, expected)
-            }
-            Hash::Bcrypt(h) => {
-                let mut d = sha2::Sha256::new();
-                d.update(user.as_bytes());
-                d.update([0]);
-                d.update(password.as_bytes());
-                d.update([0]);
-                d.update(h.as_bytes());
-                let key: [u8; 32] = d.finalize().into();
-                if self.verified.contains(&key) {
-                    return true;
-                }
-                let ok = bcrypt::verify(password, h).unwrap_or(false);
-                if ok {
-                    if self.verified.len() >= BCRYPT_CACHE_MAX {
-                        self.verified.clear();
-                    }
-                    self.verified.insert(key);
-                }
-                ok
-            }
+        let Hash::Bcrypt(h) = hash else {
+            return verify(&mut self.hashes, hash, password);
+        };
+        let mut d = sha2::Sha256::new();
+        d.update(user.as_bytes());
+        d.update([0]);
+        d.update(password.as_bytes());
+        d.update([0]);
+        d.update(h.as_bytes());
+        let key: [u8; 32] = d.finalize().into();
+        if self.verified.contains(&key) {
+            return true;
         }
+        let ok = verify(&mut self.hashes, hash, password);
+        if ok {
+            if self.verified.len() >= BCRYPT_CACHE_MAX {
+                self.verified.clear();
+            }
+            self.verified.insert(key);
+        }
+        ok
+    }
+
+    /// Password hashes computed so far by [`Htpasswd::check`]: one per check,
+    /// an unknown user's included, none for a remembered bcrypt success.
+    pub fn hashes(&self) -> u64 {
+        self.hashes
+    }
+}
+
+/// Whether `password` matches `hash`: the full computation, never remembered;
+/// counted in `hashes`.
+fn verify(hashes: &mut u64, hash: &Hash, password: &str) -> bool {
+    *hashes += 1;
+    match hash {
+        Hash::Sha1(expected) => {
+            let got: [u8; 20] = sha1::Sha1::digest(password.as_bytes()).into();
+            constant_eq(&got, expected)
+        }
+        Hash::Bcrypt(h) => bcrypt::verify(password, h).unwrap_or(false),
     }
 }
 
@@ -148,4 +182,31 @@ pub fn decode_basic(value: &str) -> Option<(String, String)> {
     let text = String::from_utf8(bytes).ok()?;
     let (u, p) = text.split_once(':')?;
     Some((u.to_owned(), p.to_owned()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dummy_is_the_costliest_listed_hash() {
+        let sha = "{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=";
+        let sha_hash = Hash::Sha1(STANDARD.decode(&sha[5..]).unwrap().try_into().unwrap());
+        let b4 = format!("$2y$04${}", "a".repeat(53));
+        let b6 = format!("$2y$06${}", "b".repeat(53));
+        for (set, dummy) in [
+            (vec![format!("a:{sha}")], sha_hash),
+            (
+                vec![format!("a:{b4}"), format!("b:{sha}"), format!("c:{b6}")],
+                Hash::Bcrypt(b6.clone()),
+            ),
+            (
+                vec![format!("a:{b6}"), format!("b:{b4}")],
+                Hash::Bcrypt(b6.clone()),
+            ),
+        ] {
+            assert_eq!(Htpasswd::parse(&set).unwrap().dummy, Some(dummy), "{set:?}");
+        }
+    }
 }

@@ -716,6 +716,83 @@ fn check_path(field: &str, path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A rule's `match.prefix` or `match.path`: a path as filters see it, so that
+/// the rule can match at all. Filters get the path without its query, after the
+/// host's normalization (docs/config.md, `normalize_path`, on by default): dot
+/// segments resolved, escapes of unreserved characters decoded and the others'
+/// hex in upper case. A rule written otherwise would never match, and the
+/// request would fall through to a later, perhaps public, rule. `*` is no
+/// wildcard: a prefix already matches everything under it.
+fn check_rule_path(field: &str, path: &str) -> Result<(), String> {
+    check_path(field, path)?;
+    let never = |why: String| Err(format!("{field}: {path:?} would never match: {why}"));
+    if let Some(q) = path.find('?') {
+        return never(format!(
+            "rules match the path without its query; remove {:?} (a rule cannot match on the query)",
+            &path[q..]
+        ));
+    }
+    if path.contains('#') {
+        return never("a fragment (`#...`) is never sent; remove it".to_owned());
+    }
+    if path.contains('*') {
+        return never(
+            "`*` is not a wildcard: `prefix` matches every path that starts with it (`prefix: /api/` for `/api/*`); `path` is one exact path"
+                .to_owned(),
+        );
+    }
+    if path.split('/').any(|s| s == "." || s == "..") {
+        return never(
+            "the host resolves `.` and `..` segments before filters run (`normalize_path`); write the resolved path"
+                .to_owned(),
+        );
+    }
+    let b = path.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'%' => {
+                let Some(hex) = b
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                else {
+                    return never(format!(
+                        "at byte {i}: `%` must start an escape of two hex digits (`%25` for `%` itself)"
+                    ));
+                };
+                // Two ASCII hex digits: always valid UTF-8 and a u8.
+                let text = std::str::from_utf8(hex).unwrap_or("00");
+                let decoded = u8::from_str_radix(text, 16).unwrap_or(0);
+                if decoded.is_ascii_alphanumeric() || b"-._~".contains(&decoded) {
+                    return never(format!(
+                        "at byte {i}: the host decodes `%{text}` to `{}` before filters run; write `{}`",
+                        decoded as char, decoded as char
+                    ));
+                }
+                if hex.iter().any(u8::is_ascii_lowercase) {
+                    return never(format!(
+                        "at byte {i}: the host writes escapes in upper case before filters run; write `%{}`",
+                        text.to_ascii_uppercase()
+                    ));
+                }
+                i += 3;
+            }
+            c if c.is_ascii_alphanumeric() || b"-._~!$&'()+,;=:@/".contains(&c) => i += 1,
+            b' ' => return never(format!("at byte {i}: a space arrives percent-encoded; write `%20`")),
+            c if c.is_ascii_control() => {
+                return never(format!("at byte {i}: control characters are not allowed"))
+            }
+            _ => {
+                return never(format!(
+                    "at byte {i}: this character arrives percent-encoded (UTF-8 bytes as `%XX`, upper case)"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A callout's path: origin-form (RFC 9112 3.2.1), a path and an optional
 /// query as they go on a request line: `/` first, then RFC 3986 `pchar`s,
 /// `/`, `?` and `%XX` escapes; no spaces, controls or fragment.
@@ -1047,10 +1124,18 @@ impl Config {
                     ));
                 }
                 let list = |field: &str, v: &[String]| -> Result<Vec<HeaderName>, String> {
-                    v.iter()
-                        .enumerate()
-                        .map(|(j, h)| header_name(&format!("ext_authz.{field}[{j}]"), h))
-                        .collect()
+                    let mut out: Vec<HeaderName> = Vec::new();
+                    for (j, h) in v.iter().enumerate() {
+                        let f = format!("ext_authz.{field}[{j}]");
+                        let name = header_name(&f, h)?;
+                        if out.contains(&name) {
+                            return Err(format!(
+                                "{f}: {name:?} is listed twice (names are compared without case); its values would be copied twice: remove one"
+                            ));
+                        }
+                        out.push(name);
+                    }
+                    Ok(out)
                 };
                 let forward_headers = list("forward_headers", &e.forward_headers)?;
                 for (j, h) in forward_headers.iter().enumerate() {
@@ -1066,10 +1151,18 @@ impl Config {
                         ));
                     }
                 }
+                let client_headers = list("client_headers", &e.client_headers)?;
+                for (j, h) in client_headers.iter().enumerate() {
+                    if HOST_OWNED.contains(&&**h) {
+                        return Err(format!(
+                            "ext_authz.client_headers[{j}]: {h:?} is a connection or framing field: in the plugin's answer the host drops it or sets its own (`content-length`), so the check service's value would never reach the client; remove it"
+                        ));
+                    }
+                }
                 Some(ExtAuthz {
                     forward_headers,
                     upstream_headers: list("upstream_headers", &e.upstream_headers)?,
-                    client_headers: list("client_headers", &e.client_headers)?,
+                    client_headers,
                     cluster: e.cluster,
                     path: e.path,
                     method: e.method,
@@ -1114,11 +1207,11 @@ impl Config {
                     let f = format!("rules[{i}]");
                     let matcher = match (r.matcher.prefix, r.matcher.path) {
                         (Some(p), None) => {
-                            check_path(&format!("{f}.match.prefix"), &p)?;
+                            check_rule_path(&format!("{f}.match.prefix"), &p)?;
                             Match::Prefix(p)
                         }
                         (None, Some(p)) => {
-                            check_path(&format!("{f}.match.path"), &p)?;
+                            check_rule_path(&format!("{f}.match.path"), &p)?;
                             Match::Path(p)
                         }
                         _ => return Err(format!("{f}.match: set exactly one of `prefix`, `path`")),

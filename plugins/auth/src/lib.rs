@@ -35,7 +35,7 @@ use serde_json::{Map, Value};
 use sha2::Digest as _;
 
 use crate::cache::TokenCache;
-use crate::config::{AuthnRef, Config, HeaderName, Provider, Rule, Settings, Source};
+use crate::config::{AuthnRef, Basic, Config, HeaderName, Provider, Rule, Settings, Source};
 use crate::jwt::{Jwk, JwtError};
 
 /// How often `on_tick` looks at remote JWKS ages.
@@ -97,6 +97,9 @@ struct Counters {
     jwks_error: Counter,
     /// Per provider (same index).
     providers: Vec<ProviderCounters>,
+    /// Per `basic` entry (same index): password hashes computed, an unknown
+    /// user's included (remembered successes compute none).
+    basic_checks: Vec<Counter>,
 }
 
 /// Per-provider token cache and signature-check counters.
@@ -110,7 +113,7 @@ struct ProviderCounters {
 }
 
 impl Counters {
-    fn define(providers: &[Provider]) -> Result<Counters, String> {
+    fn define(providers: &[Provider], basic: &[Basic]) -> Result<Counters, String> {
         let d = Counter::define(
             "auth_decisions_total",
             "Requests by authentication/authorization outcome",
@@ -149,8 +152,23 @@ impl Counters {
                 signature_checks: checks.with_labels(&[n]).map_err(err)?,
             });
         }
+        let hashes = Counter::define(
+            "auth_basic_password_checks_total",
+            "Basic password hashes computed, by basic entry (unknown users included)",
+            &["basic"],
+        )
+        .map_err(|e| format!("defining auth_basic_password_checks_total: {e}"))?;
+        let basic_checks = basic
+            .iter()
+            .map(|b| {
+                hashes
+                    .with_labels(&[b.name.as_str()])
+                    .map_err(|e| format!("defining auth metric labels for basic {:?}: {e}", b.name))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Counters {
             providers: per_provider,
+            basic_checks,
             allowed: l(&d, "allowed")?,
             anonymous: l(&d, "anonymous")?,
             public: l(&d, "public")?,
@@ -215,7 +233,7 @@ impl HttpFilter for AuthFilter {
 
     fn configure(config: Config) -> Result<Self, String> {
         let s = config.validate()?;
-        let counters = Counters::define(&s.providers)?;
+        let counters = Counters::define(&s.providers, &s.basic)?;
         for b in &s.basic {
             if b.users.max_bcrypt_cost > basic::BCRYPT_COST_WARN {
                 warn!(
@@ -826,7 +844,10 @@ impl AuthFilter {
                         continue;
                     };
                     let b = &mut self.s.basic[i];
-                    if b.users.check(&user, &password) {
+                    let hashes = b.users.hashes();
+                    let ok = b.users.check(&user, &password);
+                    self.counters.basic_checks[i].add(b.users.hashes() - hashes);
+                    if ok {
                         let mut ident = Identity::default();
                         ident.set.push((b.user_header.clone(), user));
                         if !b.forward_credentials {

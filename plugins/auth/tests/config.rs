@@ -409,6 +409,11 @@ fn host_owned_and_plugin_owned_header_names_are_refused() {
         json!(["authorization", "x-forwarded-for", "x-request-id"]),
     ))
     .unwrap();
+    load(&authz(
+        "client_headers",
+        json!(["www-authenticate", "set-cookie", "location", "content-type"]),
+    ))
+    .unwrap();
     let cases = [
         (
             authz("forward_headers", json!(["authorization", "upgrade"])),
@@ -435,6 +440,22 @@ fn host_owned_and_plugin_owned_header_names_are_refused() {
             "ext_authz.upstream_headers[0]: \"connection\" is a connection or framing field, which the host owns",
         ),
         (
+            authz("client_headers", json!(["www-authenticate", "Content-Length"])),
+            "ext_authz.client_headers[1]: \"content-length\" is a connection or framing field: in the plugin's answer the host drops it or sets its own",
+        ),
+        (
+            authz("client_headers", json!(["transfer-encoding"])),
+            "ext_authz.client_headers[0]: \"transfer-encoding\" is a connection",
+        ),
+        (
+            authz("client_headers", json!(["set-cookie", "Set-Cookie"])),
+            "ext_authz.client_headers[1]: \"set-cookie\" is listed twice",
+        ),
+        (
+            authz("forward_headers", json!(["cookie", "COOKIE"])),
+            "ext_authz.forward_headers[1]: \"cookie\" is listed twice",
+        ),
+        (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(),
                                   "claim_to_headers": [{"claim": "sub", "header": "transfer-encoding"}]}]}),
             "providers[0].claim_to_headers[0].header: \"transfer-encoding\" is a connection",
@@ -452,6 +473,79 @@ fn host_owned_and_plugin_owned_header_names_are_refused() {
     ];
     for (cfg, want) in cases {
         refused(&cfg, want);
+    }
+}
+
+/// A rule path that no request path (as filters see it: no query, normalized
+/// by the host) can have is refused: the rule would never match, and requests
+/// would fall through to a later rule.
+#[test]
+fn rule_paths_that_could_never_match_are_refused() {
+    let rule = |kind: &str, p: &str| {
+        json!({"providers": [provider()],
+               "rules": [{"match": {kind: p}, "public": true},
+                         {"match": {"prefix": "/"}, "requires": {"any": ["corp"]}}]})
+    };
+    for p in [
+        "/",
+        "/api/",
+        "/~user",
+        "/a%2Fb",
+        "/caf%C3%A9",
+        "/v1/items:batchGet",
+        "/a//b",
+        "/.well-known/x",
+    ] {
+        for kind in ["prefix", "path"] {
+            load(&rule(kind, p)).unwrap_or_else(|e| panic!("{kind} {p}: {e}"));
+        }
+    }
+    let never = "would never match: ";
+    for (p, why) in [
+        (
+            "/api?x=1",
+            "rules match the path without its query; remove \"?x=1\"",
+        ),
+        ("/api/*", "`*` is not a wildcard"),
+        ("/api*", "`*` is not a wildcard"),
+        ("/docs#top", "a fragment"),
+        (
+            "/public/../admin",
+            "the host resolves `.` and `..` segments",
+        ),
+        ("/a/./b", "the host resolves `.` and `..` segments"),
+        ("/..", "the host resolves `.` and `..` segments"),
+        (
+            "/%7euser",
+            "at byte 1: the host decodes `%7e` to `~` before filters run; write `~`",
+        ),
+        ("/%41dmin", "at byte 1: the host decodes `%41` to `A`"),
+        (
+            "/a%2fb",
+            "at byte 2: the host writes escapes in upper case before filters run; write `%2F`",
+        ),
+        (
+            "/a%2",
+            "at byte 2: `%` must start an escape of two hex digits",
+        ),
+        (
+            "/a%zz",
+            "at byte 2: `%` must start an escape of two hex digits",
+        ),
+        (
+            "/a b",
+            "at byte 2: a space arrives percent-encoded; write `%20`",
+        ),
+        (
+            "/caf\u{e9}",
+            "at byte 4: this character arrives percent-encoded",
+        ),
+        ("/a\tb", "at byte 2: control characters"),
+    ] {
+        for kind in ["prefix", "path"] {
+            let want = format!("rules[0].match.{kind}: {p:?} {never}{why}");
+            refused(&rule(kind, p), &want);
+        }
     }
 }
 

@@ -304,29 +304,34 @@ fn an_identity_header_spelled_with_underscores_is_removed_too() {
     }
 }
 
+/// An htpasswd `{SHA}` hash of `password` (without the prefix).
+fn sha_hash(password: &str) -> String {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(password.as_bytes()))
+}
+
+/// An `authorization: Basic` value.
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
 #[test]
 fn basic_bcrypt_and_sha() {
     let bcrypt_hash = bcrypt::hash("open sesame", 4)
         .unwrap()
         .replacen("$2b$", "$2y$", 1);
-    let sha = {
-        use base64::Engine as _;
-        use sha1::Digest as _;
-        base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(b"hunter2"))
-    };
+    let sha = sha_hash("hunter2");
     let cfg = json!({"basic": [{
         "name": "staff",
         "realm": "staff area",
         "htpasswd": [format!("alice:{bcrypt_hash}"), format!("bob:{{SHA}}{sha}")]
     }]});
     let mut t = host().configure::<AuthFilter>(&cfg.to_string()).unwrap();
-    let basic = |u: &str, p: &str| {
-        use base64::Engine as _;
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
-        )
-    };
     for (u, p) in [
         ("alice", "open sesame"),
         ("bob", "hunter2"),
@@ -347,6 +352,41 @@ fn basic_bcrypt_and_sha() {
             r.header_value("www-authenticate"),
             Some(&b"Basic realm=\"staff area\""[..])
         );
+    }
+}
+
+/// An unknown user's password is hashed as a known user's wrong one is (against
+/// the costliest listed hash), so the 401 does not come sooner and tell which
+/// users exist; a remembered success hashes nothing.
+#[test]
+fn basic_unknown_users_cost_a_password_check() {
+    let cheap = bcrypt::hash("open sesame", 4).unwrap();
+    let costly = bcrypt::hash("swordfish", 5).unwrap();
+    let sha = sha_hash("hunter2");
+    let cfg = json!({"basic": [{"name": "staff", "htpasswd": [
+        format!("alice:{cheap}"), format!("bob:{{SHA}}{sha}"), format!("dave:{costly}")
+    ]}]});
+    let h = host();
+    let mut t = h.configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    let count = || h.counter("auth_basic_password_checks_total", &["staff"]);
+    assert_eq!(count(), Some(0));
+    for (u, p, ok, checks) in [
+        ("alice", "open sesame", true, 1),
+        // Remembered: no hash.
+        ("alice", "open sesame", true, 1),
+        ("alice", "wrong", false, 2),
+        ("bob", "wrong", false, 3),
+        // Unknown: hashed all the same.
+        ("carol", "x", false, 4),
+        // The dummy is a listed user's hash: its password still admits no one
+        // else.
+        ("carol", "swordfish", false, 5),
+    ] {
+        let a = t
+            .exchange(Request::get("/").header("authorization", basic(u, p)))
+            .request_headers();
+        assert_eq!(a == Action::Continue, ok, "{u}:{p}: {a:?}");
+        assert_eq!(count(), Some(checks), "after {u}:{p}");
     }
 }
 
