@@ -118,19 +118,11 @@ fn main() -> ExitCode {
 
 /// `1s`, `250ms`, `0`.
 fn parse_interval(s: &str) -> Result<Duration, String> {
-    if s == "0" {
+    // The config's duration syntax (`500ms`, `1.5s`, `1m`), and `0` for off.
+    if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    let (n, unit) = match s.strip_suffix("ms") {
-        Some(n) => (n, 1),
-        None => match s.strip_suffix('s') {
-            Some(n) => (n, 1000),
-            None => return Err(format!("`{s}`: give a duration like `1s` or `500ms`")),
-        },
-    };
-    n.parse::<u64>()
-        .map(|n| Duration::from_millis(n * unit))
-        .map_err(|_| format!("`{s}`: give a duration like `1s` or `500ms`"))
+    legate_host::config::Dur::parse(s).map(|d| d.get())
 }
 
 /// Descriptors kept for what is not a connection: plugins' files, the access
@@ -289,4 +281,18 @@ fn run(
     stopped?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watch_interval_is_written_as_config_durations() {
+        assert_eq!(parse_interval("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_interval("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_interval("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_interval("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_interval("5").is_err_and(|e| e.contains("no unit")));
+    }
 }

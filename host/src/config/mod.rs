@@ -262,7 +262,7 @@ pub struct AccessLog {
     /// `stdout`, `stderr`, or a file path (appended to; relative to the config file).
     pub path: String,
     /// How long a line may wait in memory before the writer thread writes it out
-    /// (sooner once 64KiB are waiting). Default 1s, Envoy's `file_flush_interval_msec`.
+    /// (sooner once 64KiB are waiting). Default 1s (Envoy's `--file-flush-interval-msec` is 10s): `tail -f` keeps up.
     #[serde(default = "defaults::access_log_flush_interval")]
     pub flush_interval: Dur,
     /// The most bytes of lines held in memory while the writer is behind (a slow

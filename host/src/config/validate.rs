@@ -445,9 +445,10 @@ impl Config {
                         p.value.name, cpu.value, kv.timeout.value
                     ),
                     format!(
-                        "time waiting on Redis counts against the CPU deadline; give the plugin \
-                         `limits: {{ cpu: {} }}` or more (4 KV calls), so a slow Redis gets it an \
-                         `unavailable` error it handles rather than a deadline trap",
+                        "a call may wait at most 10× `limits.cpu` in all, Redis round trips \
+                         included; give the plugin `limits: {{ cpu: {} }}` or more (4 KV calls), \
+                         so a slow Redis gets it an `unavailable` error it handles rather than a \
+                         deadline trap",
                         Dur(timeout.saturating_mul(4).saturating_add(Duration::from_millis(5)))
                     ),
                 )
