@@ -173,7 +173,11 @@ pub async fn handle(
         && clock.enabled()
         && !clock.expired()
         && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
-    Ok(match in_flight.done(resp.status()) {
+    // What tells a body the client took whole from one it left mid-way
+    // (`Done::cut_short`): the framing the head promises.
+    let framing = Framing::of(&in_flight.method, &resp);
+    let done = in_flight.done(resp.status()).map(|d| d.framed(framing));
+    Ok(match done {
         Some(done) if guard => {
             clock.touch();
             // (Always there: every request is polled inside one.)
@@ -2089,6 +2093,8 @@ impl InFlight {
             out,
             bytes: Cell::new(0),
             failed: false,
+            ended: false,
+            framing: Framing::Bodiless,
         })
     }
 }
@@ -2129,6 +2135,63 @@ struct Done {
     /// The response body failed after its head was sent (an upstream reset
     /// or a body error mid-stream): the client got a truncated response.
     failed: bool,
+    /// The response body came to its end ([`Watch::end`], complete or not),
+    /// or its trailers (always the last frame) passed.
+    ended: bool,
+    /// What the response head promised of its body.
+    framing: Framing,
+}
+
+/// What a response head promises of its body, so that a body hyper drops
+/// before its end can be told from one it had no more use for. hyper stops
+/// polling a body without waiting for its end when it may send none (`HEAD`,
+/// 1xx, 204, 304) and, over HTTP/1.1, once `content-length` bytes went out;
+/// any other body dropped before its end was dropped because the stream or
+/// the connection went away under it.
+#[derive(Clone, Copy)]
+enum Framing {
+    /// The client gets no body, whatever the response carries.
+    Bodiless,
+    /// `content-length` bytes.
+    Length(u64),
+    /// Up to the body's end.
+    Open,
+}
+
+impl Framing {
+    fn of(method: &Method, resp: &Response<Body>) -> Framing {
+        let s = resp.status();
+        if *method == Method::HEAD
+            || s.is_informational()
+            || matches!(s, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+        {
+            return Framing::Bodiless;
+        }
+        match content_length(resp.headers()) {
+            Some(n) => Framing::Length(n),
+            None => Framing::Open,
+        }
+    }
+}
+
+impl Done {
+    fn framed(mut self, framing: Framing) -> Done {
+        self.framing = framing;
+        self
+    }
+
+    /// The response body was dropped before its end while the client still
+    /// expected more of it: the stream (HTTP/2) or the connection went away
+    /// under it, a client that left mid-body (Envoy's response flag `DC`) or
+    /// the proxy cutting its connections at the drain timeout.
+    fn cut_short(&self) -> bool {
+        !self.ended
+            && match self.framing {
+                Framing::Bodiless => false,
+                Framing::Length(n) => self.bytes.get() < n,
+                Framing::Open => true,
+            }
+    }
 }
 
 impl Drop for Done {
@@ -2142,10 +2205,21 @@ impl Drop for Done {
                 self.conn.listener.stats.stream_idle_timeouts.inc();
             }
         }
-        if self.failed && self.out.cause.is_none() {
-            // The status sent is logged, but the response was cut short: say
-            // so, as Envoy's UR/UPE flags do, instead of a clean 200.
-            self.out.cause = Some("response_body_failed");
+        if self.out.cause.is_none() {
+            if self.cut_short() {
+                // The status sent is logged, with fewer bytes than the head
+                // promised: the client went away mid-body (or the drain cut
+                // its connection), not a response sent whole.
+                self.out.cause = Some(if self.conn.worker.cut.get() {
+                    "drain_timeout"
+                } else {
+                    "downstream_disconnect"
+                });
+            } else if self.failed {
+                // The status sent is logged, but the response was cut short: say
+                // so, as Envoy's UR/UPE flags do, instead of a clean 200.
+                self.out.cause = Some("response_body_failed");
+            }
         }
         if let Some(chain) = self.out.chain.take() {
             chain.finish(Some(self.status), self.out.cause);
@@ -2234,6 +2308,8 @@ impl Watch for Done {
             self.bytes.set(self.bytes.get() + d.len() as u64);
         } else if let Some(t) = frame.trailers_mut() {
             crate::proxy_headers::strip_hop_by_hop(t);
+            // The last frame: hyper may drop the body without polling its end.
+            self.ended = true;
         }
         Ok(())
     }
@@ -2241,6 +2317,7 @@ impl Watch for Done {
     fn end(mut self, complete: bool) {
         // Logged by the drop that follows.
         self.failed = !complete;
+        self.ended = true;
     }
 }
 
