@@ -414,8 +414,9 @@ impl Filtered {
     }
 
     /// A local response from a body or trailers phase: the request's replaces
-    /// the upstream's answer (the proxy sends it); either way this stream ends
-    /// with an error (the upstream request is aborted, the response reset).
+    /// the upstream's answer (the proxy sends it), the response's details are
+    /// kept for the access log; either way this stream ends with an error (the
+    /// upstream request is aborted, the response reset).
     fn respond(&self, lr: crate::filter::LocalResponse, what: &str) -> BoxError {
         let why = format!(
             "local response {} from {what} {} phase",
@@ -424,6 +425,8 @@ impl Filtered {
         );
         if self.dir == crate::filter::Direction::Request {
             self.chain.set_local(lr);
+        } else {
+            self.chain.set_answered(&lr.details);
         }
         self.stopped(why)
     }

@@ -1119,7 +1119,10 @@ async fn response_body(
             *resp.body_mut() = b;
             return Ok(resp);
         }
-        BodyRun::Respond(lr) => return Ok(local_response(lr)),
+        BodyRun::Respond(lr) => {
+            shared.set_answered(&lr.details);
+            return Ok(local_response(lr));
+        }
         BodyRun::Whole(data, trailers) => (data, trailers),
     };
     // The head was held (and writable) with the body.
@@ -2205,6 +2208,16 @@ impl Drop for Done {
                 self.conn.listener.stats.stream_idle_timeouts.inc();
             }
         }
+        // A filter's local response from a response phase (abi/README.md
+        // §3.5): logged as `plugin:<details>` as one to the request is.
+        let answered = self
+            .out
+            .chain
+            .as_ref()
+            .and_then(filter::SharedChain::take_answered);
+        if let Some(details) = &answered {
+            self.out.local = Some(format!("plugin:{details}"));
+        }
         if self.out.cause.is_none() {
             if self.cut_short() {
                 // The status sent is logged, with fewer bytes than the head
@@ -2215,9 +2228,11 @@ impl Drop for Done {
                 } else {
                     "downstream_disconnect"
                 });
-            } else if self.failed {
+            } else if self.failed && answered.is_none() {
                 // The status sent is logged, but the response was cut short: say
-                // so, as Envoy's UR/UPE flags do, instead of a clean 200.
+                // so, as Envoy's UR/UPE flags do, instead of a clean 200. (A
+                // streamed response body phase that answered resets the
+                // exchange too: that is its `plugin:` cause.)
                 self.out.cause = Some("response_body_failed");
             }
         }

@@ -395,6 +395,69 @@ each_proto!(
 );
 
 each_proto!(
+    /// A filter's local response from a response phase is logged with cause
+    /// `plugin:<details>`, as one to the request is (abi/README.md §3.5): one
+    /// that replaced the response (headers phase, buffered body) with its
+    /// own status, one from a streamed body phase (the head was out: the
+    /// exchange is reset) with the status sent. They had no cause (or
+    /// `response_body_failed`, for the reset).
+    async fn a_response_phase_local_response_is_logged_with_its_details(proto) {
+        let up = text_upstream("this text is forbidden").await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let logged = |yaml: String| {
+            yaml.replacen(
+                "version: 1\n",
+                &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
+                1,
+            )
+        };
+        let p = plugin("deny", "{ mode: body-deny, phases: \"rsbody\", rsmode: buffered }", "")
+            + &plugin("late", "{ mode: respond }", "")
+            + &plugin("deny_streamed", "{ mode: body-deny, phases: \"rsbody\" }", "");
+        let lg = legate()
+            .config(&logged(config(up.addr, &p, &["deny", "late"])))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/text").header("x-api-key", "k").send().await;
+        assert_eq!(r.status, 451, "{}", r.text());
+        let r = c
+            .get("/a")
+            .header("x-api-key", "k")
+            .header("x-respond-late", "1")
+            .send()
+            .await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        access_log_until(&log, "two lines", |l| l.len() >= 2).await;
+        drop(lg);
+        let lg = legate()
+            .config(&logged(config(up.addr, &p, &["deny_streamed"])))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        // Streamed: the head went out before the body phase answered.
+        assert_eq!(c.get("/fine").send().await.status, 200);
+        let mut c = client(proto, lg.addr("web")).await;
+        let _ = c.get("/text").try_send().await;
+        let lines = access_log_until(&log, "four lines", |l| l.len() >= 4).await;
+        let line = |path: &str, status: u16| {
+            lines
+                .iter()
+                .find(|l| l["path"] == path && l["status"] == status)
+                .unwrap_or_else(|| panic!("no {path} {status} in {lines:?}"))
+                .clone()
+        };
+        let (buffered, late, reset) = (line("/text", 451), line("/a", 503), line("/text", 200));
+        assert_eq!(buffered["status"], 451, "{buffered}");
+        assert_eq!(buffered["cause"], "plugin:body_denied", "{buffered}");
+        assert_eq!(late["status"], 503, "{late}");
+        assert_eq!(late["cause"], "plugin:replaced_late", "{late}");
+        assert_eq!(reset["cause"], "plugin:body_denied", "{reset}");
+        // An exchange no filter answered has no cause.
+        assert_eq!(line("/fine", 200)["cause"], Value::Null);
+    }
+);
+
+each_proto!(
     async fn a_streamed_request_body_phase_answers_locally(proto) {
         let up = upstream().start().await;
         let p = plugin("deny", "{ mode: body-deny, phases: \"rqbody\" }", "");
