@@ -173,6 +173,15 @@ pub async fn handle(
         && clock.enabled()
         && !clock.expired()
         && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
+    if version < Version::HTTP_2
+        && resp.status() == StatusCode::NOT_MODIFIED
+        && resp.body().is_end_stream()
+        && one_valid_length(resp.headers())
+    {
+        // A 304 keeps its `content-length` (RFC 9110 §8.6, as Envoy and
+        // nginx pass it): hyper's HTTP/1.1 server would drop it.
+        *resp.body_mut() = body::unannounced_empty();
+    }
     // What tells a body the client took whole from one it left mid-way
     // (`Done::cut_short`): the framing the head promises.
     let framing = Framing::of(&in_flight.method, &resp);
@@ -1954,6 +1963,19 @@ fn valid_authority(a: &str) -> bool {
         }
     };
     port.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether `h` has exactly one `content-length`, all digits: one hyper's
+/// HTTP/1.1 encoder writes as it is (it fails the response on any other).
+fn one_valid_length(h: &http::HeaderMap) -> bool {
+    let mut values = h.get_all(header::CONTENT_LENGTH).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => {
+            let b = v.as_bytes();
+            !b.is_empty() && b.len() <= 19 && b.iter().all(u8::is_ascii_digit)
+        }
+        _ => false,
+    }
 }
 
 fn content_length(h: &http::HeaderMap) -> Option<u64> {
