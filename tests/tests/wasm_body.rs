@@ -447,11 +447,15 @@ each_proto!(
                 .clone()
         };
         let (buffered, late, reset) = (line("/text", 451), line("/a", 503), line("/text", 200));
-        assert_eq!(buffered["status"], 451, "{buffered}");
-        assert_eq!(buffered["cause"], "plugin:body_denied", "{buffered}");
-        assert_eq!(late["status"], 503, "{late}");
-        assert_eq!(late["cause"], "plugin:replaced_late", "{late}");
-        assert_eq!(reset["cause"], "plugin:body_denied", "{reset}");
+        assert_eq!(
+            (&buffered["cause"], &late["cause"], &reset["cause"]),
+            (
+                &json!("plugin:body_denied"),
+                &json!("plugin:replaced_late"),
+                &json!("plugin:body_denied")
+            ),
+            "{lines:?}"
+        );
         // An exchange no filter answered has no cause.
         assert_eq!(line("/fine", 200)["cause"], Value::Null);
     }
