@@ -2231,12 +2231,13 @@ impl Drop for Done {
             }
         }
         // A filter's local response from a response phase (abi/README.md
-        // §3.5): logged as `plugin:<details>` as one to the request is.
-        let answered = self
-            .out
-            .chain
-            .as_ref()
-            .and_then(filter::SharedChain::take_answered);
+        // §3.5): logged as `plugin:<details>` as one to the request is. So is
+        // one from a streamed request body phase still unsent here: the
+        // response head had gone out (full duplex), so it reset the exchange.
+        let answered = self.out.chain.as_ref().and_then(|c| {
+            c.take_answered()
+                .or_else(|| c.take_local().map(|lr| lr.details))
+        });
         if let Some(details) = &answered {
             self.out.local = Some(format!("plugin:{details}"));
         }
