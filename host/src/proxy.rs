@@ -169,6 +169,21 @@ pub async fn handle(
     // ended body or a disabled timeout needs no timer; an upgraded connection
     // has its own idle bound, the 408 of a stream that went idle before its
     // head none.
+    if in_flight.method == Method::HEAD && !resp.body().is_end_stream() {
+        // A response to HEAD has no content (RFC 9110 §9.3.2), but the
+        // host's own answers (a direct response, an error, a filter's) come
+        // with the body a GET gets: hyper's HTTP/1.1 server leaves it out,
+        // its HTTP/2 server would send it (and the client reset the stream).
+        // The length stays the one a GET gets.
+        let h = resp.headers();
+        if !h.contains_key(header::CONTENT_LENGTH) && !h.contains_key(header::TRANSFER_ENCODING) {
+            if let Some(n) = resp.body().size_hint().exact() {
+                resp.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
+        *resp.body_mut() = body::empty();
+    }
     let guard = !resp.body().is_end_stream()
         && clock.enabled()
         && !clock.expired()

@@ -922,3 +922,37 @@ each_proto!(
         assert_eq!(r.text(), "ok");
     }
 );
+
+each_proto!(
+    /// A response to `HEAD` that Legate makes itself (a direct response, a
+    /// host error) carries no body (RFC 9110 §9.3.2), over HTTP/2 too, where
+    /// its DATA made the client reset the stream; its `content-length` is the
+    /// body's a `GET` gets.
+    async fn a_local_answer_to_head_has_no_body(proto) {
+        let yaml = web_config(
+            "          - match: { prefix: /direct }\n            direct_response: { status: 200, body: hello }\n\
+             \x20         - match: { prefix: / }\n            cluster: backend\n",
+            &format!("  - name: backend\n    endpoints:\n      - address: {}\n", closed_port_addr()),
+        );
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let get = c.get("/direct").send().await;
+        assert_eq!(get.text(), "hello");
+        for path in ["/direct", "/dead"] {
+            let r = c
+                .request(Method::HEAD, path)
+                .try_send()
+                .await
+                .unwrap_or_else(|e| panic!("HEAD {path}: {e:#}"));
+            assert!(r.body.is_empty(), "HEAD {path}: {:?}", r.body);
+            if path == "/direct" {
+                assert_eq!(r.status, 200);
+                assert_eq!(r.header("content-length"), Some("5"), "{:?}", r.headers);
+            } else {
+                assert_eq!(r.status, 502, "{:?}", r.headers);
+            }
+        }
+        let r = c.get("/direct").send().await;
+        assert_eq!(r.text(), "hello", "the connection went on");
+    }
+);
