@@ -163,12 +163,6 @@ pub async fn handle(
         // error) gets them the same way and no filter changes them.
         add_debug_headers(&conn, out, start, resp.headers_mut());
     }
-    // After the head, the idle timer runs in the future hyper sends the
-    // response from (the HTTP/1.1 connection, the HTTP/2 stream's task), which
-    // is polling this one now; the body's frames are activity. An
-    // ended body or a disabled timeout needs no timer; an upgraded connection
-    // has its own idle bound, the 408 of a stream that went idle before its
-    // head none.
     if in_flight.method == Method::HEAD && !resp.body().is_end_stream() {
         // A response to HEAD has no content (RFC 9110 §9.3.2), but the
         // host's own answers (a direct response, an error, a filter's) come
@@ -184,6 +178,12 @@ pub async fn handle(
         }
         *resp.body_mut() = body::empty();
     }
+    // After the head, the idle timer runs in the future hyper sends the
+    // response from (the HTTP/1.1 connection, the HTTP/2 stream's task), which
+    // is polling this one now; the body's frames are activity. An
+    // ended body or a disabled timeout needs no timer; an upgraded connection
+    // has its own idle bound, the 408 of a stream that went idle before its
+    // head none.
     let guard = !resp.body().is_end_stream()
         && clock.enabled()
         && !clock.expired()
