@@ -53,6 +53,28 @@ pub fn empty() -> Body {
     boxed(Empty::<Bytes>::new())
 }
 
+/// An empty body that does not say so up front (`is_end_stream` is false,
+/// its length unknown): the body of an HTTP/1.1 `304` that keeps the
+/// `content-length` it came with. hyper's HTTP/1.1 server drops that field
+/// from a response whose body it knows is empty (unless the request was a
+/// `HEAD`), though RFC 9110 §8.6 lets a 304 carry it (the length of the
+/// representation it stands for); with a body of unknown length it writes the
+/// field as it is, sends no body (a 304 has none) and drops this one unpolled.
+pub fn unannounced_empty() -> Body {
+    struct Unannounced;
+    impl HttpBody for Unannounced {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(None)
+        }
+    }
+    Body(Box::pin(Unannounced))
+}
+
 /// Boxes any body whose error converts to [`BoxError`].
 pub fn boxed<B>(b: B) -> Body
 where
@@ -414,8 +436,9 @@ impl Filtered {
     }
 
     /// A local response from a body or trailers phase: the request's replaces
-    /// the upstream's answer (the proxy sends it); either way this stream ends
-    /// with an error (the upstream request is aborted, the response reset).
+    /// the upstream's answer (the proxy sends it), the response's details are
+    /// kept for the access log; either way this stream ends with an error (the
+    /// upstream request is aborted, the response reset).
     fn respond(&self, lr: crate::filter::LocalResponse, what: &str) -> BoxError {
         let why = format!(
             "local response {} from {what} {} phase",
@@ -424,6 +447,8 @@ impl Filtered {
         );
         if self.dir == crate::filter::Direction::Request {
             self.chain.set_local(lr);
+        } else {
+            self.chain.set_answered(&lr.details);
         }
         self.stopped(why)
     }

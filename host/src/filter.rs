@@ -1197,6 +1197,9 @@ struct SharedInner {
     /// A local response from a streamed request body phase, for the proxy to send
     /// in place of the upstream's.
     local: std::cell::RefCell<Option<LocalResponse>>,
+    /// The details of the last local response from a response phase (it
+    /// replaced the response, or reset the exchange), for the access log.
+    answered: std::cell::RefCell<Option<String>>,
     /// Body streams waiting for the chain to come back from an async phase.
     waiters: std::cell::RefCell<Vec<std::task::Waker>>,
     /// The chain was dropped while out (the exchange was abandoned mid-phase,
@@ -1245,6 +1248,7 @@ impl SharedChain {
                 chain: std::cell::RefCell::new(Some(chain)),
                 finished: std::cell::Cell::new(false),
                 local: std::cell::RefCell::new(None),
+                answered: std::cell::RefCell::new(None),
                 waiters: std::cell::RefCell::new(Vec::new()),
                 aborted: std::cell::Cell::new(false),
                 ended: std::cell::RefCell::new(None),
@@ -1325,6 +1329,18 @@ impl SharedChain {
     /// The local response a streamed request body phase answered with, if any.
     pub fn take_local(&self) -> Option<LocalResponse> {
         self.0.local.borrow_mut().take()
+    }
+
+    /// Records the `details` of a local response from a response phase (it
+    /// replaced the response, or reset the exchange whose head was out).
+    pub fn set_answered(&self, details: &str) {
+        self.0.answered.replace(Some(details.to_string()));
+    }
+
+    /// The details of the last local response from a response phase, if any:
+    /// the access log's `plugin:<details>` (abi/README.md §3.5).
+    pub fn take_answered(&self) -> Option<String> {
+        self.0.answered.borrow_mut().take()
     }
 
     /// Ends the exchange: `finish` on the chain (if it is not out), with the
@@ -1701,6 +1717,9 @@ impl Chain {
                 Ok(Verdict::Continue) => {}
                 Ok(Verdict::Pause) => unreachable_pause(),
                 Ok(Verdict::Respond(lr)) => {
+                    if let Some(shared) = self.shared.upgrade() {
+                        shared.answered.replace(Some(lr.details.clone()));
+                    }
                     eos = lr.body.is_empty();
                     self.x.status = Some(lr.status);
                     self.x.response_headers = Some(lr.headers.into());

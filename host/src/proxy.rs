@@ -163,6 +163,21 @@ pub async fn handle(
         // error) gets them the same way and no filter changes them.
         add_debug_headers(&conn, out, start, resp.headers_mut());
     }
+    if in_flight.method == Method::HEAD && !resp.body().is_end_stream() {
+        // A response to HEAD has no content (RFC 9110 §9.3.2), but the
+        // host's own answers (a direct response, an error, a filter's) come
+        // with the body a GET gets: hyper's HTTP/1.1 server leaves it out,
+        // its HTTP/2 server would send it (and the client reset the stream).
+        // The length stays the one a GET gets.
+        let h = resp.headers();
+        if !h.contains_key(header::CONTENT_LENGTH) && !h.contains_key(header::TRANSFER_ENCODING) {
+            if let Some(n) = resp.body().size_hint().exact() {
+                resp.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
+        *resp.body_mut() = body::empty();
+    }
     // After the head, the idle timer runs in the future hyper sends the
     // response from (the HTTP/1.1 connection, the HTTP/2 stream's task), which
     // is polling this one now; the body's frames are activity. An
@@ -173,7 +188,20 @@ pub async fn handle(
         && clock.enabled()
         && !clock.expired()
         && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
-    Ok(match in_flight.done(resp.status()) {
+    if version < Version::HTTP_2
+        && resp.status() == StatusCode::NOT_MODIFIED
+        && resp.body().is_end_stream()
+        && one_valid_length(resp.headers())
+    {
+        // A 304 keeps its `content-length` (RFC 9110 §8.6, as Envoy and
+        // nginx pass it): hyper's HTTP/1.1 server would drop it.
+        *resp.body_mut() = body::unannounced_empty();
+    }
+    // What tells a body the client took whole from one it left mid-way
+    // (`Done::cut_short`): the framing the head promises.
+    let framing = Framing::of(&in_flight.method, &resp);
+    let done = in_flight.done(resp.status()).map(|d| d.framed(framing));
+    Ok(match done {
         Some(done) if guard => {
             clock.touch();
             // (Always there: every request is polled inside one.)
@@ -1138,7 +1166,10 @@ async fn response_body(
             *resp.body_mut() = b;
             return Ok(resp);
         }
-        BodyRun::Respond(lr) => return Ok(local_response(lr)),
+        BodyRun::Respond(lr) => {
+            shared.set_answered(&lr.details);
+            return Ok(local_response(lr));
+        }
         BodyRun::Whole(data, trailers) => (data, trailers),
     };
     // The head was held (and writable) with the body.
@@ -1972,6 +2003,19 @@ fn valid_authority(a: &str) -> bool {
     port.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// Whether `h` has exactly one `content-length`, all digits: one hyper's
+/// HTTP/1.1 encoder writes as it is (it fails the response on any other).
+fn one_valid_length(h: &http::HeaderMap) -> bool {
+    let mut values = h.get_all(header::CONTENT_LENGTH).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => {
+            let b = v.as_bytes();
+            !b.is_empty() && b.len() <= 19 && b.iter().all(u8::is_ascii_digit)
+        }
+        _ => false,
+    }
+}
+
 fn content_length(h: &http::HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?
         .to_str()
@@ -2112,6 +2156,8 @@ impl InFlight {
             out,
             bytes: Cell::new(0),
             failed: false,
+            ended: false,
+            framing: Framing::Bodiless,
         })
     }
 }
@@ -2152,6 +2198,63 @@ struct Done {
     /// The response body failed after its head was sent (an upstream reset
     /// or a body error mid-stream): the client got a truncated response.
     failed: bool,
+    /// The response body came to its end ([`Watch::end`], complete or not),
+    /// or its trailers (always the last frame) passed.
+    ended: bool,
+    /// What the response head promised of its body.
+    framing: Framing,
+}
+
+/// What a response head promises of its body, so that a body hyper drops
+/// before its end can be told from one it had no more use for. hyper stops
+/// polling a body without waiting for its end when it may send none (`HEAD`,
+/// 1xx, 204, 304) and, over HTTP/1.1, once `content-length` bytes went out;
+/// any other body dropped before its end was dropped because the stream or
+/// the connection went away under it.
+#[derive(Clone, Copy)]
+enum Framing {
+    /// The client gets no body, whatever the response carries.
+    Bodiless,
+    /// `content-length` bytes.
+    Length(u64),
+    /// Up to the body's end.
+    Open,
+}
+
+impl Framing {
+    fn of(method: &Method, resp: &Response<Body>) -> Framing {
+        let s = resp.status();
+        if *method == Method::HEAD
+            || s.is_informational()
+            || matches!(s, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+        {
+            return Framing::Bodiless;
+        }
+        match content_length(resp.headers()) {
+            Some(n) => Framing::Length(n),
+            None => Framing::Open,
+        }
+    }
+}
+
+impl Done {
+    fn framed(mut self, framing: Framing) -> Done {
+        self.framing = framing;
+        self
+    }
+
+    /// The response body was dropped before its end while the client still
+    /// expected more of it: the stream (HTTP/2) or the connection went away
+    /// under it, a client that left mid-body (Envoy's response flag `DC`) or
+    /// the proxy cutting its connections at the drain timeout.
+    fn cut_short(&self) -> bool {
+        !self.ended
+            && match self.framing {
+                Framing::Bodiless => false,
+                Framing::Length(n) => self.bytes.get() < n,
+                Framing::Open => true,
+            }
+    }
 }
 
 impl Drop for Done {
@@ -2165,10 +2268,34 @@ impl Drop for Done {
                 self.conn.listener.stats.stream_idle_timeouts.inc();
             }
         }
-        if self.failed && self.out.cause.is_none() {
-            // The status sent is logged, but the response was cut short: say
-            // so, as Envoy's UR/UPE flags do, instead of a clean 200.
-            self.out.cause = Some("response_body_failed");
+        // A filter's local response from a response phase (abi/README.md
+        // §3.5): logged as `plugin:<details>` as one to the request is. So is
+        // one from a streamed request body phase still unsent here: the
+        // response head had gone out (full duplex), so it reset the exchange.
+        let answered = self.out.chain.as_ref().and_then(|c| {
+            c.take_answered()
+                .or_else(|| c.take_local().map(|lr| lr.details))
+        });
+        if let Some(details) = &answered {
+            self.out.local = Some(format!("plugin:{details}"));
+        }
+        if self.out.cause.is_none() {
+            if self.cut_short() {
+                // The status sent is logged, with fewer bytes than the head
+                // promised: the client went away mid-body (or the drain cut
+                // its connection), not a response sent whole.
+                self.out.cause = Some(if self.conn.worker.cut.get() {
+                    "drain_timeout"
+                } else {
+                    "downstream_disconnect"
+                });
+            } else if self.failed && answered.is_none() {
+                // The status sent is logged, but the response was cut short: say
+                // so, as Envoy's UR/UPE flags do, instead of a clean 200. (A
+                // streamed response body phase that answered resets the
+                // exchange too: that is its `plugin:` cause.)
+                self.out.cause = Some("response_body_failed");
+            }
         }
         if let Some(chain) = self.out.chain.take() {
             chain.finish(Some(self.status), self.out.cause);
@@ -2257,6 +2384,8 @@ impl Watch for Done {
             self.bytes.set(self.bytes.get() + d.len() as u64);
         } else if let Some(t) = frame.trailers_mut() {
             crate::proxy_headers::strip_hop_by_hop(t);
+            // The last frame: hyper may drop the body without polling its end.
+            self.ended = true;
         }
         Ok(())
     }
@@ -2264,6 +2393,7 @@ impl Watch for Done {
     fn end(mut self, complete: bool) {
         // Logged by the drop that follows.
         self.failed = !complete;
+        self.ended = true;
     }
 }
 

@@ -88,6 +88,136 @@ each_proto!(
     }
 );
 
+/// A response body that never ends: a chunk every 20ms, until the reader
+/// goes away.
+fn endless_trickle() -> BoxBody {
+    use futures_util::StreamExt;
+    let s = futures_util::stream::repeat(()).then(|()| async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"0123456789")))
+    });
+    http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(s))
+}
+
+/// Sends `GET path`, reads the response head and at least `n` body bytes,
+/// then goes away: HTTP/1.1 closes its connection, HTTP/2 resets the stream
+/// (`RST_STREAM` `CANCEL`) and keeps the connection, which it returns.
+async fn leave_mid_body(
+    proto: Proto,
+    addr: std::net::SocketAddr,
+    path: &str,
+    n: usize,
+) -> Option<hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>> {
+    use http_body_util::BodyExt;
+    match proto {
+        Proto::H1 => {
+            let mut c = RawConn::connect(addr).await;
+            c.write(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await;
+            let mut got = c.read_head(HANG_GUARD).await;
+            let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            assert_eq!(
+                raw_status(&got),
+                Some(200),
+                "{}",
+                String::from_utf8_lossy(&got)
+            );
+            while got.len() - head_end < n {
+                got.extend(c.read_exact(1, HANG_GUARD).await.unwrap());
+            }
+            drop(c);
+            None
+        }
+        Proto::H2 => {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let req = Request::get(format!("http://{addr}{path}"))
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let r = sender.send_request(req).await.unwrap();
+            assert_eq!(r.status(), 200);
+            let mut body = r.into_body();
+            let mut got = 0;
+            while got < n {
+                let f = body.frame().await.unwrap().unwrap();
+                got += f.data_ref().map_or(0, Bytes::len);
+            }
+            drop(body);
+            Some(sender)
+        }
+    }
+}
+
+each_proto!(
+    /// A client that goes away mid-body (closes its connection, resets its
+    /// stream) is logged with the status sent, the bytes it got and cause
+    /// `downstream_disconnect` (Envoy's response flag `DC`): it was logged
+    /// as a response sent whole, with no cause. Responses that were sent
+    /// whole, with or without a length, and those without a body (`HEAD`,
+    /// 204, 304) still have none.
+    async fn a_client_gone_mid_body_is_logged_as_such(proto) {
+        let up = upstream()
+            .route("/endless", |_req| async { Response::new(endless_trickle()) })
+            .route("/chunked", |_req| async {
+                let s = futures_util::stream::iter(["one ", "two"]).map(|d| {
+                    Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(d.as_bytes())))
+                });
+                Response::new(http_body_util::BodyExt::boxed(
+                    http_body_util::StreamBody::new(s),
+                ))
+            })
+            .route("/204", |_req| async {
+                let mut r = Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = StatusCode::NO_CONTENT;
+                r
+            })
+            .route("/304", |_req| async {
+                let mut r = Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = StatusCode::NOT_MODIFIED;
+                r
+            })
+            .start()
+            .await;
+        use futures_util::StreamExt;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let lg = legate().config(&logged_config(up.addr, &log, "")).start();
+        let kept = leave_mid_body(proto, lg.addr("web"), "/endless", 30).await;
+        let gone = access_log_until(&log, "the line of the client gone", |l| !l.is_empty()).await;
+        let gone = &gone[0];
+        assert_eq!(gone["path"], "/endless", "{gone}");
+        assert_eq!(gone["status"], 200, "{gone}");
+        assert_eq!(gone["cause"], "downstream_disconnect", "{gone}");
+        assert!(gone["bytes_sent"].as_u64().unwrap() >= 10, "{gone}");
+        if let Some(mut sender) = kept {
+            // Only the stream was reset: the connection serves the next one.
+            let req = Request::get(format!("http://{}/next", lg.addr("web")))
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+        }
+        let mut c = client(proto, lg.addr("web")).await;
+        let whole = c.get("/whole").send().await;
+        assert_eq!(whole.status, 200);
+        assert_eq!(c.get("/chunked").send().await.text(), "one two");
+        assert_eq!(c.request(Method::HEAD, "/head").send().await.status, 200);
+        assert_eq!(c.get("/204").send().await.status, 204);
+        assert_eq!(c.get("/304").send().await.status, 304);
+        let n = if proto == Proto::H2 { 7 } else { 6 };
+        let lines = access_log_until(&log, "every line", |l| l.len() >= n).await;
+        for l in &lines[1..] {
+            assert_eq!(l["cause"], Value::Null, "{l}");
+        }
+        let whole_line = lines.iter().find(|l| l["path"] == "/whole").unwrap();
+        assert_eq!(whole_line["bytes_sent"], whole.body.len(), "{whole_line}");
+    }
+);
+
 /// `simple_config` with an access log at `path` and the extra `access_log` keys.
 fn logged_config(up: std::net::SocketAddr, path: &Path, keys: &str) -> String {
     simple_config(&[up]).replace(

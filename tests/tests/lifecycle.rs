@@ -202,6 +202,57 @@ async fn drain_timeout_bounds_the_shutdown() {
     assert_eq!(v["path"], "/slow", "{line}");
 }
 
+/// A response still streaming when the drain timeout passes is cut by the
+/// proxy: its line keeps the status sent and says `drain_timeout` (it was
+/// logged as a response sent whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_mid_body_by_the_drain_timeout_is_logged_as_such() {
+    let up = upstream()
+        .route("/endless", |_req| async {
+            use futures_util::StreamExt;
+            let s = futures_util::stream::repeat(()).then(|()| async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"more")))
+            });
+            Response::new(http_body_util::BodyExt::boxed(
+                http_body_util::StreamBody::new(s),
+            ))
+        })
+        .start()
+        .await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let cfg = simple_config(&[up.addr]).replace(
+        "version: 1\n",
+        &format!(
+            "version: 1\ndrain_timeout: 300ms\naccess_log: {{ path: {} }}\n",
+            log.display()
+        ),
+    );
+    let lg = legate().config(&cfg).start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    c.write(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let head = c.read_head(HANG_GUARD).await;
+    assert_eq!(
+        raw_status(&head),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // The client reads on while the drain runs out.
+    let reader = tokio::spawn(async move { c.read_until_close(HANG_GUARD).await.1 });
+    let _shared = lg.shared();
+    tokio::time::timeout(HANG_GUARD, lg.shutdown_and_wait())
+        .await
+        .expect("drain_timeout not enforced")
+        .expect("stop");
+    assert!(reader.await.unwrap(), "the cut connection stayed open");
+    let line = std::fs::read_to_string(&log).unwrap();
+    let v: Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["status"], 200, "{line}");
+    assert_eq!(v["cause"], "drain_timeout", "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_drain_stops_the_server() {
     let up = upstream().start().await;

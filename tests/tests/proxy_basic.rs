@@ -877,3 +877,82 @@ each_proto!(
         assert_eq!(r.echo().header("connection"), None);
     }
 );
+
+each_proto!(
+    /// A `304` keeps the `content-length` its upstream sent (RFC 9110 §8.6:
+    /// the length of the representation it stands for; Envoy and nginx pass
+    /// it), and the connection goes on. HTTP/1.1 lost it (hyper's server drops
+    /// the field from a response it knows has an empty body).
+    async fn a_304_keeps_its_content_length(proto) {
+        let up = canned_upstream(
+            b"HTTP/1.1 304 Not Modified\r\ncontent-length: 1234\r\n\
+              etag: \"v1\"\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        let lg = legate().config(&simple_config(&[up])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..2 {
+            let r = c.get("/cached").header("if-none-match", "\"v1\"").send().await;
+            assert_eq!(r.status, 304);
+            assert_eq!(r.header("content-length"), Some("1234"), "{:?}", r.headers);
+            assert_eq!(r.header("etag"), Some("\"v1\""));
+            assert!(r.body.is_empty());
+        }
+    }
+);
+
+each_proto!(
+    /// A `103 Early Hints` (or any 1xx but 100 and 101) from the upstream is
+    /// not passed on: hyper's server has no way to send an interim response
+    /// (docs/config.md, "Interim responses"). The final response still
+    /// arrives whole after it.
+    async fn an_early_hints_response_is_dropped_and_the_final_one_passes(proto) {
+        let up = canned_upstream(
+            b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n\
+              HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-final: yes\r\n\
+              connection: close\r\n\r\nok",
+        )
+        .await;
+        let lg = legate().config(&simple_config(&[up])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/page").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-final"), Some("yes"));
+        assert_eq!(r.header("link"), None, "the 103's fields reached the final response");
+        assert_eq!(r.text(), "ok");
+    }
+);
+
+each_proto!(
+    /// A response to `HEAD` that Legate makes itself (a direct response, a
+    /// host error) carries no body (RFC 9110 §9.3.2), over HTTP/2 too, where
+    /// its DATA made the client reset the stream; its `content-length` is the
+    /// body's a `GET` gets.
+    async fn a_local_answer_to_head_has_no_body(proto) {
+        let yaml = web_config(
+            "          - match: { prefix: /direct }\n            direct_response: { status: 200, body: hello }\n\
+             \x20         - match: { prefix: / }\n            cluster: backend\n",
+            &format!("  - name: backend\n    endpoints:\n      - address: {}\n", closed_port_addr()),
+        );
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let get = c.get("/direct").send().await;
+        assert_eq!(get.text(), "hello");
+        for path in ["/direct", "/dead"] {
+            let r = c
+                .request(Method::HEAD, path)
+                .try_send()
+                .await
+                .unwrap_or_else(|e| panic!("HEAD {path}: {e:#}"));
+            assert!(r.body.is_empty(), "HEAD {path}: {:?}", r.body);
+            if path == "/direct" {
+                assert_eq!(r.status, 200);
+                assert_eq!(r.header("content-length"), Some("5"), "{:?}", r.headers);
+            } else {
+                assert_eq!(r.status, 502, "{:?}", r.headers);
+            }
+        }
+        let r = c.get("/direct").send().await;
+        assert_eq!(r.text(), "hello", "the connection went on");
+    }
+);

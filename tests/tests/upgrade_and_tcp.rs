@@ -195,6 +195,54 @@ async fn an_upgraded_connection_is_counted_and_idles_out() {
         .await;
 }
 
+/// A tunnel where only the upstream talks (server push over a WebSocket) is
+/// not idle: the bytes it sends the client are activity, however long the
+/// client stays silent. (A review suspected the idle timer counted only what
+/// the client sends; it counts bytes both ways on the client's socket.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_only_the_upstream_talks_on_stays_open() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pushes = 8;
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the request head did not arrive");
+            head.extend_from_slice(&buf[..n]);
+        }
+        tcp.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n")
+            .await
+            .unwrap();
+        // A push every 300ms against a 1s idle timeout: 2.4s in all.
+        for _ in 0..pushes {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if tcp.write_all(b"push").await.is_err() {
+                return;
+            }
+        }
+        let _ = tcp.read(&mut buf).await;
+    });
+    let config = simple_config(&[addr]).replace(
+        "    http:\n      routes: main\n",
+        "    http:\n      routes: main\n    limits:\n      idle_timeout: 1s\n",
+    );
+    let lg = legate().config(&config).start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    let head = c.websocket_handshake("/feed").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    for i in 0..pushes {
+        let got = c.read_exact(4, HANG_GUARD).await;
+        assert!(
+            got.as_ref().is_ok_and(|g| g == b"push"),
+            "push {i} did not arrive: {got:?}"
+        );
+    }
+}
+
 /// Routes (and filters) see an upgrade request's `Upgrade` and
 /// `Connection: upgrade`: a WebSocket route chosen by them gets the handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -395,6 +395,146 @@ each_proto!(
 );
 
 each_proto!(
+    /// A filter's local response from a response phase is logged with cause
+    /// `plugin:<details>`, as one to the request is (abi/README.md §3.5): one
+    /// that replaced the response (headers phase, buffered body) with its
+    /// own status, one from a streamed body phase (the head was out: the
+    /// exchange is reset) with the status sent. They had no cause (or
+    /// `response_body_failed`, for the reset).
+    async fn a_response_phase_local_response_is_logged_with_its_details(proto) {
+        let up = text_upstream("this text is forbidden").await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let logged = |yaml: String| {
+            yaml.replacen(
+                "version: 1\n",
+                &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
+                1,
+            )
+        };
+        let p = plugin("deny", "{ mode: body-deny, phases: \"rsbody\", rsmode: buffered }", "")
+            + &plugin("late", "{ mode: respond }", "")
+            + &plugin("deny_streamed", "{ mode: body-deny, phases: \"rsbody\" }", "");
+        let lg = legate()
+            .config(&logged(config(up.addr, &p, &["deny", "late"])))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/text").header("x-api-key", "k").send().await;
+        assert_eq!(r.status, 451, "{}", r.text());
+        let r = c
+            .get("/a")
+            .header("x-api-key", "k")
+            .header("x-respond-late", "1")
+            .send()
+            .await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        access_log_until(&log, "two lines", |l| l.len() >= 2).await;
+        drop(lg);
+        let lg = legate()
+            .config(&logged(config(up.addr, &p, &["deny_streamed"])))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        // Streamed: the head went out before the body phase answered.
+        assert_eq!(c.get("/fine").send().await.status, 200);
+        let mut c = client(proto, lg.addr("web")).await;
+        let _ = c.get("/text").try_send().await;
+        let lines = access_log_until(&log, "four lines", |l| l.len() >= 4).await;
+        let line = |path: &str, status: u16| {
+            lines
+                .iter()
+                .find(|l| l["path"] == path && l["status"] == status)
+                .unwrap_or_else(|| panic!("no {path} {status} in {lines:?}"))
+                .clone()
+        };
+        let (buffered, late, reset) = (line("/text", 451), line("/a", 503), line("/text", 200));
+        assert_eq!(
+            (&buffered["cause"], &late["cause"], &reset["cause"]),
+            (
+                &json!("plugin:body_denied"),
+                &json!("plugin:replaced_late"),
+                &json!("plugin:body_denied")
+            ),
+            "{lines:?}"
+        );
+        // An exchange no filter answered has no cause.
+        assert_eq!(line("/fine", 200)["cause"], Value::Null);
+    }
+);
+
+each_proto!(
+    /// Full duplex: a streamed request body phase that answers once the
+    /// response head went out resets the exchange, logged with the status
+    /// sent and cause `plugin:<details>` (abi/README.md §3.5); it was
+    /// `response_body_failed`, as if the upstream had failed.
+    async fn a_request_body_answer_after_the_response_head_is_logged(proto) {
+        // Echoes the request body as it arrives: the head goes out at once.
+        let up = upstream()
+            .h2()
+            .handler(|req: Request<Incoming>| async move {
+                let body = http_body_util::BodyExt::map_err(req.into_body(), BoxError::from);
+                Response::new(http_body_util::BodyExt::boxed(body))
+            })
+            .start()
+            .await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let p = plugin("deny", "{ mode: body-deny, phases: \"rqbody\" }", "");
+        let yaml = config_with(up.addr, &p, &["deny"], "    protocol: h2\n").replacen(
+            "version: 1\n",
+            &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
+            1,
+        );
+        let lg = legate().config(&yaml).start();
+        let addr = lg.addr("web");
+        match proto {
+            Proto::H1 => {
+                let mut c = RawConn::connect(addr).await;
+                c.write(b"POST /duplex HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\n\r\n6\r\nhello,\r\n")
+                    .await;
+                let head = c.read_head(HANG_GUARD).await;
+                assert_eq!(raw_status(&head), Some(200), "{}", String::from_utf8_lossy(&head));
+                c.write(b"9\r\nforbidden\r\n").await;
+                let (_, closed) = c.read_until_close(HANG_GUARD).await;
+                assert!(closed, "the exchange was not reset");
+            }
+            Proto::H2 => {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let (mut sender, conn) =
+                    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .handshake(hyper_util::rt::TokioIo::new(tcp))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+                let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv()
+                        .await
+                        .map(|d| (Ok::<_, BoxError>(http_body::Frame::data(d)), rx))
+                });
+                let req = Request::post(format!("http://{addr}/duplex"))
+                    .body(http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(stream)))
+                    .unwrap();
+                tx.send(Bytes::from("hello,")).unwrap();
+                let r = sender.send_request(req).await.unwrap();
+                assert_eq!(r.status(), 200);
+                tx.send(Bytes::from("forbidden")).unwrap();
+                let cut = tokio::time::timeout(
+                    HANG_GUARD,
+                    http_body_util::BodyExt::collect(r.into_body()),
+                )
+                .await
+                .expect("the exchange was not reset");
+                assert!(cut.is_err(), "the response ended cleanly");
+                drop(tx);
+            }
+        }
+        let lines = access_log_until(&log, "the line", |l| !l.is_empty()).await;
+        assert_eq!(lines[0]["status"], 200, "{}", lines[0]);
+        assert_eq!(lines[0]["cause"], "plugin:body_denied", "{}", lines[0]);
+    }
+);
+
+each_proto!(
     async fn a_streamed_request_body_phase_answers_locally(proto) {
         let up = upstream().start().await;
         let p = plugin("deny", "{ mode: body-deny, phases: \"rqbody\" }", "");
