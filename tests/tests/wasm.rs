@@ -1214,6 +1214,79 @@ each_proto!(
     }
 );
 
+/// An exchange paused on a callout in an instance that another exchange's
+/// call makes trap gets the failure policy at once (abi/README.md §9), not
+/// when its callout comes back: here the callout is held until the end, past
+/// [`HANG_GUARD`] (its timeout is 30 s).
+async fn paused_in_a_trapping_instance(proto: Proto, fail: &str) {
+    let up = upstream().start().await;
+    let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let az = upstream().name("authz").hold_until(&release).start().await;
+    let p = plugin(
+        "caller",
+        "{ mode: callout, timeout: \"30000\" }",
+        &format!("    fail: {fail}\n    capabilities: {{ clusters: [authz] }}\n"),
+    );
+    // One worker: both exchanges run in the same instance.
+    let lg = legate()
+        .concurrency(1)
+        .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
+        .start();
+    let mut held = client(proto, lg.addr("web")).await;
+    let held = tokio::spawn(async move { held.get("/held").send().await });
+    eventually(HANG_GUARD, "the held callout to reach authz", || async {
+        (az.requests.get() == 1).then_some(())
+    })
+    .await;
+
+    let mut c = client(proto, lg.addr("web")).await;
+    let r = c.get("/panic").send().await;
+    let r_held = tokio::time::timeout(HANG_GUARD, held)
+        .await
+        .expect("the paused exchange waited for its callout")
+        .unwrap();
+    if fail == "closed" {
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r_held.status, 503, "{}", r_held.text());
+        assert_eq!(r_held.text(), "plugin_failure: caller\n");
+        assert_eq!(up.requests.get(), 0);
+    } else {
+        // Bypassed: the held request goes on as it was.
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r_held.status, 200, "{}", r_held.text());
+        assert_eq!(r_held.echo().path, "/held");
+        assert_eq!(r_held.echo().header("x-callout-status"), None);
+        assert_eq!(up.requests.get(), 2);
+    }
+    // The callout was still held when the exchange was answered.
+    assert!(!release.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(
+        lg.stat(&calls("caller", "callout_response"))
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="caller"}"#, 1.0)
+        .await;
+    release.store(true, std::sync::atomic::Ordering::SeqCst);
+    // A new instance serves the next exchange.
+    let r = c.get("/after").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.echo().header("x-callout-status"), Some("200"));
+}
+
+each_proto!(
+    async fn a_trap_fails_the_exchanges_paused_in_that_instance_at_once_fail_closed(proto) {
+        paused_in_a_trapping_instance(proto, "closed").await;
+    }
+);
+
+each_proto!(
+    async fn a_trap_fails_the_exchanges_paused_in_that_instance_at_once_fail_open(proto) {
+        paused_in_a_trapping_instance(proto, "open").await;
+    }
+);
+
 each_proto!(
     async fn client_disconnect_while_paused_frees_the_exchange(proto) {
         let (_up, _az, lg) = caller("{ mode: callout, phases: \"rq,done\", timeout: \"5000\" }").await;

@@ -31,7 +31,8 @@ use super::engine;
 use super::host::{HostState, Part, Phase, PluginShared, PLUGIN_CONTEXT};
 use super::slots::{InstanceCount, LiveIds, MemoryUse};
 use crate::filter::{
-    BodyMode, CalloutRequest, Direction, Exchange, HttpFilter, LocalResponse, Phases, Verdict,
+    BodyMode, CalloutRequest, Direction, Exchange, HttpFilter, InstanceAlive, InstanceGone,
+    LocalResponse, Phases, Verdict,
 };
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
@@ -254,6 +255,9 @@ struct Live {
     /// end-of-stream body call (its write window, trailers included, stays open
     /// for their `on-callout-response`).
     paused: FxHashMap<u64, (Phase, bool)>,
+    /// Dropped with the instance: wakes the exchanges paused in it
+    /// ([`HttpFilter::instance_gone`]).
+    alive: InstanceAlive,
 }
 
 /// A worker's slot for one plugin.
@@ -688,6 +692,7 @@ impl WasmFilter {
                     bindings,
                     contexts: FxHashSet::default(),
                     paused: FxHashMap::default(),
+                    alive: InstanceAlive::new(),
                 },
                 setup,
             )),
@@ -1070,6 +1075,18 @@ impl HttpFilter for WasmFilter {
         super::slots::start_early(&INSTANCES, &LIVE, self.id, self.name(), |slot| {
             self.start_instance(slot, worker)
         });
+    }
+
+    fn instance_gone(&self, _worker: usize, context: u64) -> Option<InstanceGone> {
+        INSTANCES.with(|cell| {
+            let live = cell
+                .borrow()
+                .get(&self.id)
+                .and_then(|s| s.live.as_ref())
+                .filter(|live| live.contexts.contains(&context))
+                .map(|live| live.alive.watch());
+            Some(live.unwrap_or_else(InstanceGone::now))
+        })
     }
 
     fn pause_abandoned(&self, _worker: usize, x: &mut Exchange) {

@@ -49,6 +49,7 @@
 //!   Path `/two` sends two callouts and resumes after both (`x-callout-count: 2`).
 //!   Path `/cancel` cancels its callout at once, twice (`x-callout-cancel:
 //!   <first>,<second>`), and continues.
+//!   Path `/panic` panics (the instance traps).
 //!
 //! - `detach`: with request header `x-detach-me`, calls `exchange.detach` in
 //!   the request headers; with `x-with-callout` too, first sends a callout to
@@ -329,6 +330,9 @@ fn callout_request(c: u64, x: &Exchange, h: &Headers) -> Action {
         body: Vec::new(),
         timeout_ms: timeout,
     };
+    if path.starts_with("/panic") {
+        panic!("callout guest panics on purpose");
+    }
     let n = if path.starts_with("/two") { 2 } else { 1 };
     for _ in 0..n {
         match legate::filter::callout::send(&req) {
