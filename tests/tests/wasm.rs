@@ -526,6 +526,32 @@ each_proto!(
     }
 );
 
+// `memory.grow` past `limits.memory` fails (returns -1) rather than trap
+// (abi/README.md §7): the guest sees it and the instance lives on.
+each_proto!(
+    async fn memory_grow_past_the_cap_fails_without_a_trap(proto) {
+        let up = upstream().start().await;
+        let p = plugin(
+            "hostile",
+            "{ mode: hostile }",
+            "    limits: { cpu: 500ms, memory: 16MiB }\n",
+        );
+        let lg = legate().config(&simple(up.addr, &p, &["hostile"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..2 {
+            let r = c.get("/grow").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.echo().header("x-grow"), Some("-1,ok"));
+        }
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="hostile"}"#, 0.0)
+            .await;
+        lg.assert_stat(r#"legate_plugin_memory_exceeded_total{plugin="hostile"}"#, 0.0)
+            .await;
+        lg.assert_stat(r#"legate_plugin_instance_restarts_total{plugin="hostile"}"#, 0.0)
+            .await;
+    }
+);
+
 // A guest growing a header map: `HeaderMap` panics past 24 576 names, which
 // took the connection down with the host's state for the exchange half moved.
 // The host caps a map at 1024 fields: an add past it is `limit-exceeded`, a

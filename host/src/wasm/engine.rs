@@ -182,6 +182,22 @@ thread_local! {
     /// The wall-time bound of the call last armed on this thread (calls on a
     /// thread never overlap).
     static WALL_DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Whether the call last armed on this thread was refused a memory growth
+    /// at the memory cap ([`memory_refused`]).
+    static MEMORY_REFUSED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Records that the running call was refused a memory growth at its
+/// instance's memory cap: `memory.grow` returned -1 to the guest (abi/README.md
+/// §7), and a trap that follows in the same call (the guest's allocator
+/// giving up) counts as the memory cap.
+pub fn memory_refused() {
+    MEMORY_REFUSED.with(|r| r.set(true));
+}
+
+/// Whether the call last armed on this thread was refused a memory growth.
+pub fn was_memory_refused() -> bool {
+    MEMORY_REFUSED.with(Cell::get)
 }
 
 /// When the call last armed on this thread ([`arm`]) must be stopped even if no
@@ -231,6 +247,7 @@ pub fn arm<T: Clocked + 'static>(store: &mut wasmtime::Store<T>, budget: Duratio
         budget,
     };
     WALL_DEADLINE.with(|d| d.set(now.checked_add(budget.saturating_mul(WALL_FACTOR))));
+    MEMORY_REFUSED.with(|r| r.set(false));
     // The next tick marks the CPU clock (see the module docs).
     store.set_epoch_deadline(1);
     now

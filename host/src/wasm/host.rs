@@ -330,7 +330,7 @@ impl HostState {
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(memory_cap)
-                .trap_on_grow_failure(true)
+                .trap_on_grow_failure(false)
                 .build(),
             memory_cap,
             plugin,
@@ -499,8 +499,9 @@ impl wasmtime::ResourceLimiter for HostState {
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let delta = desired.saturating_sub(current);
-        self.memory.admit(delta, self.memory_cap)?;
-        let ok = self.limits.memory_growing(current, desired, maximum)?;
+        // Past the cap, `memory.grow` fails (-1); it does not trap (abi §7).
+        let ok = self.memory.admit(delta, self.memory_cap)
+            && self.limits.memory_growing(current, desired, maximum)?;
         if ok {
             self.memory.grew(delta);
         }

@@ -401,7 +401,13 @@ pub(crate) fn describe(e: &wasmtime::Error, cpu: Duration) -> (&'static str, Str
         }
     }
     let text = format!("{e:#}");
-    if text.contains("growing memory") || text.contains("memory") && text.contains("limit") {
+    if super::engine::was_memory_refused() {
+        return (
+            "memory",
+            format!("memory cap exceeded (a memory growth was refused, then): {text}"),
+        );
+    }
+    if text.contains("memory") && text.contains("limit") {
         return ("memory", format!("memory cap exceeded: {text}"));
     }
     ("trap", format!("trap: {text}"))

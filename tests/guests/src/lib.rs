@@ -12,7 +12,8 @@
 //! - `rewrite`: rewrites a path starting `/old` to `/new` (the host re-routes).
 //! - `hostile`: path `/flood-add` adds request fields until refused (answers
 //!   where), `/flood-respond` answers with 30 000 fields; path `/panic` panics, `/loop` loops forever, `/oom` allocates
-//!   without bound, `/sleep` sleeps 5s (a WASI pollable: no Wasm runs while it
+//!   without bound, `/grow` grows memory past the cap with `memory.grow` and
+//!   reports `x-grow: <its result>,<ok|refused: a page more>`, `/sleep` sleeps 5s (a WASI pollable: no Wasm runs while it
 //!   waits, so no epoch check either), `/recurse` recurses without bound (a
 //!   stack overflow trap), `/sockets` tries a TCP bind, a TCP connect
 //!   and a UDP bind through WASI and sets request header `x-sockets:
@@ -814,6 +815,15 @@ impl Guest for Plugin {
                         kind(std::net::UdpSocket::bind("127.0.0.1:0").map(drop)),
                     );
                     let _ = h.set("x-sockets", v.as_bytes());
+                }
+                if p.starts_with("/grow") {
+                    // Past the memory cap (64 MiB, over the 16 MiB a test
+                    // sets): `memory.grow` fails with -1, it does not trap;
+                    // a page more still fits.
+                    let big = core::arch::wasm32::memory_grow(0, 1024) as isize;
+                    let small = core::arch::wasm32::memory_grow(0, 1) as isize;
+                    let small = if small < 0 { "refused" } else { "ok" };
+                    let _ = h.set("x-grow", format!("{big},{small}").as_bytes());
                 }
                 if p.starts_with("/oom") {
                     HOARD.with(|h| loop {
