@@ -1015,12 +1015,14 @@ fn dir(d: types::Direction) -> Direction {
 
 impl HostState {
     /// The data behind a buffer handle and whether it may be written now (only in
-    /// the body phase of its direction, §3.4). A handle whose data is gone (the
-    /// phase returned) is dangling and traps.
+    /// the body phase of its direction, §3.4); `None` once that data went on
+    /// (forwarded): the handle is still valid, with nothing behind it
+    /// (abi/README.md §3.1). A handle of an exchange not in this call is
+    /// dangling and traps.
     fn buffer_of(
         &mut self,
         r: &Resource<BufferRes>,
-    ) -> wasmtime::Result<(&mut crate::filter::BodyBuf, bool)> {
+    ) -> wasmtime::Result<Option<(&mut crate::filter::BodyBuf, bool)>> {
         let b = self.table.get(r)?;
         let (context, d) = (b.context, b.dir);
         let writable = self.phase == Phase::NetData(d)
@@ -1029,13 +1031,7 @@ impl HostState {
                 Direction::Response => self.phase == Phase::ResponseBody,
             };
         let x = self.exchange(context)?;
-        match x.bodies[d.idx()].as_mut() {
-            Some(data) => Ok((data, writable)),
-            None => Err(wasmtime::format_err!(
-                "dangling handle: the {} body data of exchange {context} was already forwarded",
-                d.as_str()
-            )),
-        }
+        Ok(x.bodies[d.idx()].as_mut().map(|data| (data, writable)))
     }
 
     /// Replaces `remove` bytes at `offset` with `data`, under the plugin's cap.
@@ -1047,10 +1043,10 @@ impl HostState {
         data: Vec<u8>,
     ) -> wasmtime::Result<Result<(), Error>> {
         let cap = self.plugin.body_limit;
-        let (buf, writable) = self.buffer_of(r)?;
-        if !writable {
+        let Some((buf, true)) = self.buffer_of(r)? else {
+            // Outside the write window, or the data already went on.
             return Ok(Err(Error::InvalidState));
-        }
+        };
         let (start, end) = match offset {
             None => (0, buf.len()),
             Some(o) => {
@@ -1075,10 +1071,12 @@ impl types::Host for HostState {}
 
 impl types::HostBuffer for HostState {
     fn len(&mut self, r: Resource<BufferRes>) -> wasmtime::Result<u64> {
-        Ok(self.buffer_of(&r)?.0.len() as u64)
+        Ok(self.buffer_of(&r)?.map_or(0, |(buf, _)| buf.len() as u64))
     }
     fn read(&mut self, r: Resource<BufferRes>, offset: u64, max: u64) -> wasmtime::Result<Vec<u8>> {
-        let (buf, _) = self.buffer_of(&r)?;
+        let Some((buf, _)) = self.buffer_of(&r)? else {
+            return Ok(Vec::new());
+        };
         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(buf.len());
         let len = usize::try_from(max).unwrap_or(usize::MAX);
         let end = start.saturating_add(len).min(buf.len());

@@ -113,6 +113,10 @@
 //!   fails answers 500 `write failed: <what> <error>`. Any other status answers
 //!   locally with that status and body (`x-from-callout: 1`); an error answers 502
 //!   with `x-callout-error: <error>`.
+//! - `body-stale`: the request body phase keeps an owned `exchange.body`
+//!   handle; the response headers phase uses it (the body was forwarded by
+//!   then) and reports `len=<n>,read=<bytes>,replace=<ok or error>` in
+//!   response header `x-stale`.
 //! - `file`: answers every request locally with data file `file` (default
 //!   `data`, `plugin.file`): 200 and its contents, or 404 and the error name.
 //!
@@ -170,6 +174,8 @@ thread_local! {
     /// `body-callout` mode: per paused context, the direction and whether it
     /// paused in a trailers phase.
     static HELD: RefCell<std::collections::HashMap<u64, (Direction, bool)>> = RefCell::default();
+    /// `body-stale` mode: the request body handle taken in the body phase, per context.
+    static STALE: RefCell<std::collections::HashMap<u64, Buffer>> = RefCell::default();
 }
 
 fn error_name(e: Error) -> &'static str {
@@ -526,6 +532,14 @@ fn body_phase(c: u64, x: &Exchange, b: &Buffer, eos: bool, d: Direction) -> Acti
             if let Err(e) = b.splice(b.len(), 0, &folded) {
                 folded = format!("splice failed: {}", error_name(e)).into_bytes();
                 let _ = b.replace(&folded);
+            }
+            Action::Continue
+        }
+        "body-stale" => {
+            if let Some(owned) = x.body(d) {
+                STALE.with(|s| {
+                    s.borrow_mut().entry(c).or_insert(owned);
+                });
             }
             Action::Continue
         }
@@ -964,6 +978,20 @@ impl Guest for Plugin {
                 let _ = h.set("x-body-calls", calls.to_string().as_bytes());
                 let _ = h.set("x-body-bytes", bytes.to_string().as_bytes());
                 let _ = h.set("x-body-eos", if eos { b"1" } else { b"0" });
+                Action::Continue
+            }
+            "body-stale" => {
+                // The request body went upstream: the handle is still valid,
+                // with no data behind it.
+                if let Some(b) = STALE.with(|s| s.borrow_mut().remove(&c)) {
+                    let replace = b.replace(b"late").map_or_else(error_name, |()| "ok");
+                    let v = format!(
+                        "len={},read={},replace={replace}",
+                        b.len(),
+                        b.read(0, 1 << 20).len()
+                    );
+                    let _ = h.set("x-stale", v.as_bytes());
+                }
                 Action::Continue
             }
             "body-mode-switch" => {
