@@ -682,7 +682,7 @@ impl WasmFilter {
             let bindings = self
                 .pre
                 .instantiate(&mut store)
-                .map_err(|e| format!("cannot instantiate: {e:#}"))?;
+                .map_err(|e| engine::instantiate_error(&e))?;
             store.data_mut().kv_replies = bindings.legate_filter_kv_handler().is_some();
             self.stats.calls["configure"].inc();
             store.data_mut().phase = Phase::Configure;

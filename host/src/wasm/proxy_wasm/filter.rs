@@ -436,7 +436,7 @@ impl ProxyWasmFilter {
         let instance = first
             .pre
             .instantiate(&mut store)
-            .map_err(|e| format!("cannot instantiate: {e:#}"))?;
+            .map_err(|e| engine::instantiate_error(&e))?;
         // A reactor's `_initialize` (then `main` if exported, as Envoy does), or a
         // command's `_start`.
         if let Some(init) = typed::<(), ()>(&mut store, &instance, "_initialize")? {
