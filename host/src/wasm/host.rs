@@ -1946,6 +1946,46 @@ impl callout::Host for HostState {
 mod tests {
     use super::*;
 
+    /// Plugin `name`'s store data, in `configure`, counting into `stats`.
+    fn configuring(name: &str, stats: &Arc<Stats>) -> HostState {
+        HostState::new(
+            Arc::new(PluginShared::new(name, stats.clone(), &[], &[])),
+            0,
+            1 << 20,
+        )
+    }
+
+    #[test]
+    fn a_metric_of_another_plugins_name_must_be_of_its_kind() {
+        let stats = Stats::new();
+        let mut a = configuring("a", &stats);
+        let mut b = configuring("b", &stats);
+        let define = |h: &mut HostState, kind| {
+            h.define(kind, "hits".into(), "Hits.".into(), Vec::new())
+                .unwrap()
+                .map(|_| ())
+        };
+        assert!(define(&mut a, MetricKind::Counter).is_ok());
+        // One family cannot hold a counter and a gauge (or histogram): refused,
+        // and the family keeps its type.
+        assert!(matches!(
+            define(&mut b, MetricKind::Gauge),
+            Err(Error::InvalidArgument)
+        ));
+        assert!(matches!(
+            define(&mut b, MetricKind::Histogram),
+            Err(Error::InvalidArgument)
+        ));
+        assert_eq!(stats.kind_of("legate_plugin_hits"), Some("counter"));
+        assert!(stats.render().contains("# TYPE legate_plugin_hits counter"));
+        assert!(!stats.render().contains("legate_plugin_hits{plugin=\"b\"}"));
+        // The same kind is one family with a series per plugin.
+        assert!(define(&mut b, MetricKind::Counter).is_ok());
+        assert!(stats
+            .render()
+            .contains("legate_plugin_hits{plugin=\"b\"} 0"));
+    }
+
     #[test]
     fn the_instance_limit_counts_every_contexts_calls_until_they_end() {
         let shared = Arc::new(PluginShared::new("t", Arc::default(), &[], &[]));
