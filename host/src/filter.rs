@@ -1489,6 +1489,16 @@ fn failure(f: &dyn HttpFilter, phase: &str, why: &str) -> Result<(), ProxyError>
     }
 }
 
+/// What ended a wait in [`Chain::wait`].
+enum Woke<T> {
+    /// A callout or KV reply (`None`: nothing is in flight).
+    Reply(T),
+    /// The pause outlived the filter's `limits.pause`.
+    PauseLimit,
+    /// The paused filter's instance died.
+    InstanceGone,
+}
+
 /// Why a pause fails when no callout can end it.
 const NOTHING_IN_FLIGHT: &str = "paused with no callout in flight";
 
@@ -1595,13 +1605,13 @@ impl Chain {
             // time is up still counts.
             let woke = tokio::select! {
                 biased;
-                done = next => Ok(done),
-                () = timer => Err(true),
-                () = &mut gone => Err(false),
+                done = next => Woke::Reply(done),
+                () = timer => Woke::PauseLimit,
+                () = &mut gone => Woke::InstanceGone,
             };
             let done = match woke {
-                Ok(done) => done,
-                Err(true) => {
+                Woke::Reply(done) => done,
+                Woke::PauseLimit => {
                     // Nothing may deliver to the abandoned pause later (a
                     // wake-up in flight would also keep a later filter's
                     // pause from failing as nothing-in-flight).
@@ -1616,7 +1626,7 @@ impl Chain {
                     );
                     return Ok(Err(self.refused_pause(k, why)));
                 }
-                Err(false) => {
+                Woke::InstanceGone => {
                     // Its callouts would be delivered to no one.
                     self.inflight.cancel_filter(k);
                     return Ok(Err(format!(
