@@ -179,7 +179,7 @@ impl PluginStats {
             ),
             memory_exceeded: stats.counter(
                 "legate_plugin_memory_exceeded_total",
-                "Plugin calls stopped for growing memory past the cap.",
+                "Plugin calls that failed at the memory cap (a trap after a refused memory growth).",
                 &l,
             ),
             restarts: stats.counter(
