@@ -41,6 +41,11 @@ pub const MAX_MEMORY: u64 = 256 << 20;
 /// size [`size_pool`] computes).
 pub const MIN_POOL_INSTANCES: u32 = 256;
 
+/// The most pooled instance slots: each reserves address space for two
+/// memories of [`MAX_MEMORY`] (1 TiB in all at this bound), so that a config
+/// sized far beyond any machine cannot make the pool unreservable.
+const MAX_POOL_INSTANCES: u32 = 2048;
+
 /// Pooled component instance slots, shared by every plugin instance of the
 /// process; set by [`size_pool`] before the engine is built.
 static POOL_INSTANCES: AtomicU32 = AtomicU32::new(MIN_POOL_INSTANCES);
@@ -54,12 +59,10 @@ static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
 /// instances loading makes to check a plugin; at least
 /// [`MIN_POOL_INSTANCES`]. The pool is reserved when the engine is built (the
 /// first plugin load), so this must come before; later calls change nothing.
-/// Returns the size.
-pub fn size_pool(workers: usize, filters: usize) -> u32 {
+pub fn size_pool(workers: usize, filters: usize) {
     if ENGINE.get().is_none() {
         POOL_INSTANCES.store(pool_size(workers, filters), Relaxed);
     }
-    POOL_INSTANCES.load(Relaxed)
 }
 
 /// The pool [`size_pool`] reserves for `workers` × `filters`.
@@ -73,11 +76,6 @@ fn pool_size(workers: usize, filters: usize) -> u32 {
         .unwrap_or(u32::MAX)
         .clamp(MIN_POOL_INSTANCES, MAX_POOL_INSTANCES)
 }
-
-/// The most pooled instances: each reserves address space for two memories of
-/// [`MAX_MEMORY`] (1 TiB in all at this bound), so that a config sized far
-/// beyond any machine cannot make the pool unreservable.
-const MAX_POOL_INSTANCES: u32 = 2048;
 
 /// A failed instantiation, explained: the pool being full names its size and
 /// what fixes it.

@@ -277,7 +277,7 @@ pub fn module_bytes(p: &crate::config::Plugin) -> anyhow::Result<std::borrow::Co
 /// Sizes the process's Wasm instance pool for `workers` workers running
 /// `config` ([`engine::size_pool`]): one instance per worker for each plugin
 /// and each route `config` override of one. Call before the first load.
-pub fn size_pool(config: &Config, workers: usize) -> u32 {
+pub fn size_pool(config: &Config, workers: usize) {
     let filters = config
         .plugins
         .iter()
