@@ -950,6 +950,31 @@ each_proto!(
     }
 );
 
+/// The instance pool is sized for the config's workers and plugins: 130
+/// workers × 2 ticking plugins start 260 instances with the config, past the
+/// 256 the pool had whatever the config (the last ones failed to start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_instance_pool_holds_every_workers_instances() {
+    const WORKERS: usize = 130;
+    let up = upstream().start().await;
+    let p = plugin("a", "{ mode: headers, tick: \"1000\" }", "")
+        + &plugin("b", "{ mode: headers, tick: \"1000\" }", "");
+    let lg = legate()
+        .config(&simple(up.addr, &p, &["a", "b"]))
+        .concurrency(WORKERS)
+        .start();
+    let n = WORKERS as f64;
+    lg.assert_stat(&instances("a"), n).await;
+    lg.assert_stat(&instances("b"), n).await;
+    // Each worker's instance once, and the load's check: no start failed.
+    lg.assert_stat(&calls("a", "configure"), n + 1.0).await;
+    lg.assert_stat(&calls("b", "configure"), n + 1.0).await;
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let r = c.get("/").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-filter-resp"), Some("a"));
+}
+
 each_proto!(
     /// A ticking plugin whose instance fails to start on the worker (its
     /// `configure` fails there, after passing the load's check) leaves the
