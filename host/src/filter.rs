@@ -269,6 +269,46 @@ pub fn set_worker_callouts(sender: Rc<dyn CalloutSender>) {
     WORKER_CALLOUTS.with(|c| *c.borrow_mut() = Some(sender));
 }
 
+/// The instance side of [`InstanceGone`]: kept with a plugin instance, and
+/// dropped with it (a trap, abi/README.md §9), which wakes every waiter.
+pub struct InstanceAlive(tokio::sync::watch::Sender<()>);
+
+impl InstanceAlive {
+    /// A live instance's token.
+    pub fn new() -> Self {
+        InstanceAlive(tokio::sync::watch::channel(()).0)
+    }
+
+    /// A waiter for this instance's end.
+    pub fn watch(&self) -> InstanceGone {
+        InstanceGone(self.0.subscribe())
+    }
+}
+
+impl Default for InstanceAlive {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Resolves once a plugin instance is gone ([`HttpFilter::instance_gone`]):
+/// a pause waiting in that instance then fails at once, instead of when its
+/// callouts come back to a dead instance.
+pub struct InstanceGone(tokio::sync::watch::Receiver<()>);
+
+impl InstanceGone {
+    /// Already gone (the exchange's context is not live in any instance).
+    pub fn now() -> Self {
+        InstanceGone(tokio::sync::watch::channel(()).1)
+    }
+
+    /// Waits until the instance is dropped.
+    pub async fn wait(mut self) {
+        // Nothing is ever sent: `changed` ends only with the sender.
+        while self.0.changed().await.is_ok() {}
+    }
+}
+
 /// A callout in flight.
 pub type CalloutFuture = Pin<Box<dyn Future<Output = CalloutResult>>>;
 
@@ -879,6 +919,14 @@ pub trait HttpFilter: Send + Sync {
     fn pause_abandoned(&self, worker: usize, x: &mut Exchange) {
         let _ = (worker, x);
     }
+    /// For a pause of this filter: resolves once the instance holding the
+    /// context of exchange `context` on `worker` is gone (it trapped in
+    /// another call, abi/README.md §9), so that the pause fails at once;
+    /// `None` for a filter whose pauses cannot lose their instance.
+    fn instance_gone(&self, worker: usize, context: u64) -> Option<InstanceGone> {
+        let _ = (worker, context);
+        None
+    }
     /// The default body mode of direction `d` (meaningful only if that body phase
     /// is declared).
     fn body_mode(&self, d: Direction) -> BodyMode {
@@ -1457,6 +1505,16 @@ fn failure(f: &dyn HttpFilter, phase: &str, why: &str) -> Result<(), ProxyError>
     }
 }
 
+/// What ended a wait in [`Chain::wait`].
+enum Woke<T> {
+    /// A callout or KV reply (`None`: nothing is in flight).
+    Reply(T),
+    /// The pause outlived the filter's `limits.pause`.
+    PauseLimit,
+    /// The paused filter's instance died.
+    InstanceGone,
+}
+
 /// Why a pause fails when no callout can end it.
 const NOTHING_IN_FLIGHT: &str = "paused with no callout in flight";
 
@@ -1541,34 +1599,57 @@ impl Chain {
         // pauses again after a reply loops here, and arming a timer costs a
         // registration and a removal.
         let mut deadline = std::pin::pin!(limit.map(|d| tokio::time::sleep(d)));
+        // The instance the pause waits in may die meanwhile (a trap in another
+        // exchange's call or a tick): then nothing can resume the pause, and
+        // the exchange gets the failure policy at once (abi/README.md §9).
+        let gone = self.entered[k].instance_gone(self.worker, self.x.context);
+        let mut gone = std::pin::pin!(async move {
+            match gone {
+                Some(g) => g.wait().await,
+                None => std::future::pending().await,
+            }
+        });
         loop {
             let next = self.inflight.join_next();
-            let done = match deadline.as_mut().as_pin_mut() {
-                // The reply first, as `timeout` polls: one that is ready when
-                // the time is up still counts.
-                Some(timer) => match tokio::select! {
-                    biased;
-                    done = next => Ok(done),
-                    () = timer => Err(()),
-                } {
-                    Ok(done) => done,
-                    Err(()) => {
-                        // Nothing may deliver to the abandoned pause later (a
-                        // wake-up in flight would also keep a later filter's
-                        // pause from failing as nothing-in-flight).
-                        self.inflight.cancel_filter(k);
-                        let f = self.entered[k].clone();
-                        f.pause_abandoned(self.worker, &mut self.x);
-                        self.dispatch(k);
-                        let why = format!(
-                            "paused in {phase} for longer than its `limits.pause` ({:?}) without \
-                             being resumed",
-                            limit.unwrap_or_default()
-                        );
-                        return Ok(Err(self.refused_pause(k, why)));
-                    }
-                },
-                None => next.await,
+            let timer = async {
+                match deadline.as_mut().as_pin_mut() {
+                    Some(timer) => timer.await,
+                    None => std::future::pending().await,
+                }
+            };
+            // The reply first, as `timeout` polls: one that is ready when the
+            // time is up still counts.
+            let woke = tokio::select! {
+                biased;
+                done = next => Woke::Reply(done),
+                () = timer => Woke::PauseLimit,
+                () = &mut gone => Woke::InstanceGone,
+            };
+            let done = match woke {
+                Woke::Reply(done) => done,
+                Woke::PauseLimit => {
+                    // Nothing may deliver to the abandoned pause later (a
+                    // wake-up in flight would also keep a later filter's
+                    // pause from failing as nothing-in-flight).
+                    self.inflight.cancel_filter(k);
+                    let f = self.entered[k].clone();
+                    f.pause_abandoned(self.worker, &mut self.x);
+                    self.dispatch(k);
+                    let why = format!(
+                        "paused in {phase} for longer than its `limits.pause` ({:?}) without \
+                         being resumed",
+                        limit.unwrap_or_default()
+                    );
+                    return Ok(Err(self.refused_pause(k, why)));
+                }
+                Woke::InstanceGone => {
+                    // Its callouts would be delivered to no one.
+                    self.inflight.cancel_filter(k);
+                    return Ok(Err(format!(
+                        "the instance this exchange was paused in (in {phase}) failed in \
+                         another call"
+                    )));
+                }
             };
             let Some(done) = done else {
                 return Ok(Err(self.refused_pause(k, NOTHING_IN_FLIGHT.to_string())));

@@ -506,6 +506,8 @@ pub fn start_with(
         bail!("--concurrency must be at least 1");
     }
     let config = Arc::new(config);
+    // Before the first plugin load reserves the pool.
+    crate::wasm::size_pool(&config, opts.concurrency);
     let stats = Stats::new();
     if let Some(carried) = &process.inherited_stats {
         stats.absorb(carried, None);

@@ -751,6 +751,45 @@ each_proto!(
 );
 
 each_proto!(
+    /// An exchange paused on a call in a VM that another exchange's callback
+    /// makes trap fails at once (as for components, abi/README.md §9), not
+    /// when its call comes back: the call is held past [`HANG_GUARD`].
+    async fn a_trap_fails_the_exchanges_paused_in_that_vm_at_once(proto) {
+        let up = upstream().start().await;
+        let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let az = upstream().name("authz").hold_until(&release).start().await;
+        // One worker: both exchanges run in the same VM.
+        let lg = legate()
+            .concurrency(1)
+            .config(&with_authz(
+                up.addr,
+                az.addr,
+                &caller("{ mode: callout, timeout_ms: 30000 }"),
+                &["caller"],
+            ))
+            .start();
+        let mut held = client(proto, lg.addr("web")).await;
+        let held = tokio::spawn(async move { held.get("/held").send().await });
+        eventually(HANG_GUARD, "the held call to reach authz", || async {
+            (az.requests.get() == 1).then_some(())
+        })
+        .await;
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/panic").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        let r = tokio::time::timeout(HANG_GUARD, held)
+            .await
+            .expect("the paused exchange waited for its call")
+            .unwrap();
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.text(), "plugin_failure: caller\n");
+        assert!(!release.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(up.requests.get(), 0);
+        release.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+);
+
+each_proto!(
     /// A call asking for `content-length: 5` with no body (Envoy accepts the
     /// field; the Rust SDK would panic on an error): the host drops it and
     /// frames the call itself. Sent as asked, the upstream (here the echo

@@ -526,6 +526,32 @@ each_proto!(
     }
 );
 
+// `memory.grow` past `limits.memory` fails (returns -1) rather than trap
+// (abi/README.md §7): the guest sees it and the instance lives on.
+each_proto!(
+    async fn memory_grow_past_the_cap_fails_without_a_trap(proto) {
+        let up = upstream().start().await;
+        let p = plugin(
+            "hostile",
+            "{ mode: hostile }",
+            "    limits: { cpu: 500ms, memory: 16MiB }\n",
+        );
+        let lg = legate().config(&simple(up.addr, &p, &["hostile"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..2 {
+            let r = c.get("/grow").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.echo().header("x-grow"), Some("-1,ok"));
+        }
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="hostile"}"#, 0.0)
+            .await;
+        lg.assert_stat(r#"legate_plugin_memory_exceeded_total{plugin="hostile"}"#, 0.0)
+            .await;
+        lg.assert_stat(r#"legate_plugin_instance_restarts_total{plugin="hostile"}"#, 0.0)
+            .await;
+    }
+);
+
 // A guest growing a header map: `HeaderMap` panics past 24 576 names, which
 // took the connection down with the host's state for the exchange half moved.
 // The host caps a map at 1024 fields: an add past it is `limit-exceeded`, a
@@ -941,6 +967,31 @@ each_proto!(
     }
 );
 
+/// The instance pool is sized for the config's workers and plugins: 130
+/// workers × 2 ticking plugins start 260 instances with the config, past the
+/// 256 the pool had whatever the config (the last ones failed to start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_instance_pool_holds_every_workers_instances() {
+    const WORKERS: usize = 130;
+    let up = upstream().start().await;
+    let p = plugin("a", "{ mode: headers, tick: \"1000\" }", "")
+        + &plugin("b", "{ mode: headers, tick: \"1000\" }", "");
+    let lg = legate()
+        .config(&simple(up.addr, &p, &["a", "b"]))
+        .concurrency(WORKERS)
+        .start();
+    let n = WORKERS as f64;
+    lg.assert_stat(&instances("a"), n).await;
+    lg.assert_stat(&instances("b"), n).await;
+    // Each worker's instance once, and the load's check: no start failed.
+    lg.assert_stat(&calls("a", "configure"), n + 1.0).await;
+    lg.assert_stat(&calls("b", "configure"), n + 1.0).await;
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let r = c.get("/").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-filter-resp"), Some("a"));
+}
+
 each_proto!(
     /// A ticking plugin whose instance fails to start on the worker (its
     /// `configure` fails there, after passing the load's check) leaves the
@@ -1228,6 +1279,79 @@ each_proto!(
         assert!(!slow.is_finished(), "the slow exchange finished first");
         let r = slow.await.unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
+    }
+);
+
+/// An exchange paused on a callout in an instance that another exchange's
+/// call makes trap gets the failure policy at once (abi/README.md §9), not
+/// when its callout comes back: here the callout is held until the end, past
+/// [`HANG_GUARD`] (its timeout is 30 s).
+async fn paused_in_a_trapping_instance(proto: Proto, fail: &str) {
+    let up = upstream().start().await;
+    let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let az = upstream().name("authz").hold_until(&release).start().await;
+    let p = plugin(
+        "caller",
+        "{ mode: callout, timeout: \"30000\" }",
+        &format!("    fail: {fail}\n    capabilities: {{ clusters: [authz] }}\n"),
+    );
+    // One worker: both exchanges run in the same instance.
+    let lg = legate()
+        .concurrency(1)
+        .config(&with_authz(up.addr, az.addr, &p, &["caller"]))
+        .start();
+    let mut held = client(proto, lg.addr("web")).await;
+    let held = tokio::spawn(async move { held.get("/held").send().await });
+    eventually(HANG_GUARD, "the held callout to reach authz", || async {
+        (az.requests.get() == 1).then_some(())
+    })
+    .await;
+
+    let mut c = client(proto, lg.addr("web")).await;
+    let r = c.get("/panic").send().await;
+    let r_held = tokio::time::timeout(HANG_GUARD, held)
+        .await
+        .expect("the paused exchange waited for its callout")
+        .unwrap();
+    if fail == "closed" {
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r_held.status, 503, "{}", r_held.text());
+        assert_eq!(r_held.text(), "plugin_failure: caller\n");
+        assert_eq!(up.requests.get(), 0);
+    } else {
+        // Bypassed: the held request goes on as it was.
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r_held.status, 200, "{}", r_held.text());
+        assert_eq!(r_held.echo().path, "/held");
+        assert_eq!(r_held.echo().header("x-callout-status"), None);
+        assert_eq!(up.requests.get(), 2);
+    }
+    // The callout was still held when the exchange was answered.
+    assert!(!release.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(
+        lg.stat(&calls("caller", "callout_response"))
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="caller"}"#, 1.0)
+        .await;
+    release.store(true, std::sync::atomic::Ordering::SeqCst);
+    // A new instance serves the next exchange.
+    let r = c.get("/after").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.echo().header("x-callout-status"), Some("200"));
+}
+
+each_proto!(
+    async fn a_trap_fails_the_exchanges_paused_in_that_instance_at_once_fail_closed(proto) {
+        paused_in_a_trapping_instance(proto, "closed").await;
+    }
+);
+
+each_proto!(
+    async fn a_trap_fails_the_exchanges_paused_in_that_instance_at_once_fail_open(proto) {
+        paused_in_a_trapping_instance(proto, "open").await;
     }
 );
 

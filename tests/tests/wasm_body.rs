@@ -346,6 +346,28 @@ each_proto!(
     }
 );
 
+// An owned `exchange.body` handle stays valid until the exchange is over
+// (abi/README.md §3.1): used after its data was forwarded, it has no data
+// behind it (`len` 0, `read` empty, writes `invalid-state`), not a trap.
+each_proto!(
+    async fn a_body_handle_used_after_its_data_was_forwarded_is_empty(proto) {
+        let up = upstream().start().await;
+        let p = plugin("stale", "{ mode: body-stale, phases: \"rq,rs,rqbody\" }", "");
+        let lg = legate().config(&config(up.addr, &p, &["stale"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..2 {
+            let r = c.post("/echo").body("some request body").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.echo().body, "some request body");
+            assert_eq!(r.header("x-stale"), Some("len=0,read=0,replace=invalid-state"));
+        }
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="stale"}"#, 0.0)
+            .await;
+        lg.assert_stat(r#"legate_plugin_instance_restarts_total{plugin="stale"}"#, 0.0)
+            .await;
+    }
+);
+
 each_proto!(
     async fn filters_without_body_phases_leave_bodies_alone(proto) {
         let up = upstream().start().await;

@@ -22,6 +22,7 @@
 
 use std::cell::Cell;
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -35,11 +36,59 @@ pub const TICK: Duration = Duration::from_millis(1);
 /// against it); also the size of each pooled memory slot.
 pub const MAX_MEMORY: u64 = 256 << 20;
 
-/// Pooled instance slots, shared by every plugin instance of the process (plugins ×
-/// workers, plus the short-lived instances `legate check` and loading make).
-const POOL_INSTANCES: u32 = 256;
+/// The fewest pooled instance slots (`legate check`, and the floor of the
+/// size [`size_pool`] computes).
+pub const MIN_POOL_INSTANCES: u32 = 256;
+
+/// The most pooled instance slots: each reserves address space for two
+/// memories of [`MAX_MEMORY`] (1 TiB in all at this bound), so that a config
+/// sized far beyond any machine cannot make the pool unreservable.
+const MAX_POOL_INSTANCES: u32 = 2048;
+
+/// Pooled component instance slots, shared by every plugin instance of the
+/// process; set by [`size_pool`] before the engine is built.
+static POOL_INSTANCES: AtomicU32 = AtomicU32::new(MIN_POOL_INSTANCES);
 
 static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
+
+/// Sizes the instance pool for `workers` workers running `filters` plugin
+/// configurations each (every plugin, and every route `config` override of
+/// one, is an instance per worker): twice that, for a reload that replaces
+/// them all while exchanges finish on the old instances, plus room for the
+/// instances loading makes to check a plugin; at least
+/// [`MIN_POOL_INSTANCES`]. The pool is reserved when the engine is built (the
+/// first plugin load), so this must come before; later calls change nothing.
+pub fn size_pool(workers: usize, filters: usize) {
+    if ENGINE.get().is_none() {
+        POOL_INSTANCES.store(pool_size(workers, filters), Relaxed);
+    }
+}
+
+/// The pool [`size_pool`] reserves for `workers` × `filters`.
+fn pool_size(workers: usize, filters: usize) -> u32 {
+    let needed = workers
+        .saturating_mul(filters)
+        .saturating_mul(2)
+        .saturating_add(filters)
+        .saturating_add(16);
+    u32::try_from(needed)
+        .unwrap_or(u32::MAX)
+        .clamp(MIN_POOL_INSTANCES, MAX_POOL_INSTANCES)
+}
+
+/// A failed instantiation, explained: the pool being full names its size and
+/// what fixes it.
+pub fn instantiate_error(e: &wasmtime::Error) -> String {
+    if e.is::<wasmtime::PoolConcurrencyLimitError>() {
+        return format!(
+            "cannot instantiate: the Wasm instance pool is full ({} instances, sized at start \
+             for the workers × plugin configurations of the config then, twice over for \
+             reloads); a hot restart sizes it for the current config: {e:#}",
+            POOL_INSTANCES.load(Relaxed)
+        );
+    }
+    format!("cannot instantiate: {e:#}")
+}
 
 /// The engine (built on first use, with its ticker thread).
 pub fn engine() -> anyhow::Result<&'static Engine> {
@@ -72,10 +121,11 @@ fn base_config() -> Config {
 fn build() -> Result<Engine, String> {
     let mut pooled = base_config();
     let mut pool = PoolingAllocationConfig::default();
-    pool.total_component_instances(POOL_INSTANCES)
-        .total_core_instances(POOL_INSTANCES * 4)
-        .total_memories(POOL_INSTANCES * 2)
-        .total_tables(POOL_INSTANCES * 4)
+    let instances = POOL_INSTANCES.load(Relaxed);
+    pool.total_component_instances(instances)
+        .total_core_instances(instances * 4)
+        .total_memories(instances * 2)
+        .total_tables(instances * 4)
         .max_memory_size(MAX_MEMORY as usize)
         .max_memories_per_module(2)
         .max_core_instance_size(4 << 20)
@@ -181,6 +231,22 @@ thread_local! {
     /// The wall-time bound of the call last armed on this thread (calls on a
     /// thread never overlap).
     static WALL_DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Whether the call last armed on this thread was refused a memory growth
+    /// at the memory cap ([`memory_refused`]).
+    static MEMORY_REFUSED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Records that the running call was refused a memory growth at its
+/// instance's memory cap: `memory.grow` returned -1 to the guest (abi/README.md
+/// §7), and a trap that follows in the same call (the guest's allocator
+/// giving up) counts as the memory cap.
+pub fn memory_refused() {
+    MEMORY_REFUSED.with(|r| r.set(true));
+}
+
+/// Whether the call last armed on this thread was refused a memory growth.
+pub fn was_memory_refused() -> bool {
+    MEMORY_REFUSED.with(Cell::get)
 }
 
 /// When the call last armed on this thread ([`arm`]) must be stopped even if no
@@ -230,6 +296,7 @@ pub fn arm<T: Clocked + 'static>(store: &mut wasmtime::Store<T>, budget: Duratio
         budget,
     };
     WALL_DEADLINE.with(|d| d.set(now.checked_add(budget.saturating_mul(WALL_FACTOR))));
+    MEMORY_REFUSED.with(|r| r.set(false));
     // The next tick marks the CPU clock (see the module docs).
     store.set_epoch_deadline(1);
     now
@@ -312,6 +379,18 @@ mod tests {
     }
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_pool_fits_every_worker_s_plugins_twice_over() {
+        // A small config keeps the floor.
+        assert_eq!(pool_size(2, 3), MIN_POOL_INSTANCES);
+        // 64 cores × 4 plugins filled the old fixed pool of 256 on their own,
+        // and a reload's new instances failed: room for both generations,
+        // and for the load's check instances.
+        assert_eq!(pool_size(64, 4), 64 * 4 * 2 + 4 + 16);
+        // The address space each slot reserves bounds it.
+        assert_eq!(pool_size(4096, 100), MAX_POOL_INSTANCES);
+    }
 
     #[test]
     fn the_first_tick_marks_the_cpu_clock_and_charges_no_waiting() {

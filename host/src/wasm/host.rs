@@ -331,7 +331,7 @@ impl HostState {
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(memory_cap)
-                .trap_on_grow_failure(true)
+                .trap_on_grow_failure(false)
                 .build(),
             memory_cap,
             plugin,
@@ -500,8 +500,9 @@ impl wasmtime::ResourceLimiter for HostState {
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let delta = desired.saturating_sub(current);
-        self.memory.admit(delta, self.memory_cap)?;
-        let ok = self.limits.memory_growing(current, desired, maximum)?;
+        // Past the cap, `memory.grow` fails (-1); it does not trap (abi §7).
+        let ok = self.memory.admit(delta, self.memory_cap)
+            && self.limits.memory_growing(current, desired, maximum)?;
         if ok {
             self.memory.grew(delta);
         }
@@ -1015,12 +1016,14 @@ fn dir(d: types::Direction) -> Direction {
 
 impl HostState {
     /// The data behind a buffer handle and whether it may be written now (only in
-    /// the body phase of its direction, §3.4). A handle whose data is gone (the
-    /// phase returned) is dangling and traps.
+    /// the body phase of its direction, §3.4); `None` once that data went on
+    /// (forwarded): the handle is still valid, with nothing behind it
+    /// (abi/README.md §3.1). A handle of an exchange not in this call is
+    /// dangling and traps.
     fn buffer_of(
         &mut self,
         r: &Resource<BufferRes>,
-    ) -> wasmtime::Result<(&mut crate::filter::BodyBuf, bool)> {
+    ) -> wasmtime::Result<Option<(&mut crate::filter::BodyBuf, bool)>> {
         let b = self.table.get(r)?;
         let (context, d) = (b.context, b.dir);
         let writable = self.phase == Phase::NetData(d)
@@ -1029,13 +1032,7 @@ impl HostState {
                 Direction::Response => self.phase == Phase::ResponseBody,
             };
         let x = self.exchange(context)?;
-        match x.bodies[d.idx()].as_mut() {
-            Some(data) => Ok((data, writable)),
-            None => Err(wasmtime::format_err!(
-                "dangling handle: the {} body data of exchange {context} was already forwarded",
-                d.as_str()
-            )),
-        }
+        Ok(x.bodies[d.idx()].as_mut().map(|data| (data, writable)))
     }
 
     /// Replaces `remove` bytes at `offset` with `data`, under the plugin's cap.
@@ -1047,10 +1044,10 @@ impl HostState {
         data: Vec<u8>,
     ) -> wasmtime::Result<Result<(), Error>> {
         let cap = self.plugin.body_limit;
-        let (buf, writable) = self.buffer_of(r)?;
-        if !writable {
+        let Some((buf, true)) = self.buffer_of(r)? else {
+            // Outside the write window, or the data already went on.
             return Ok(Err(Error::InvalidState));
-        }
+        };
         let (start, end) = match offset {
             None => (0, buf.len()),
             Some(o) => {
@@ -1075,10 +1072,12 @@ impl types::Host for HostState {}
 
 impl types::HostBuffer for HostState {
     fn len(&mut self, r: Resource<BufferRes>) -> wasmtime::Result<u64> {
-        Ok(self.buffer_of(&r)?.0.len() as u64)
+        Ok(self.buffer_of(&r)?.map_or(0, |(buf, _)| buf.len() as u64))
     }
     fn read(&mut self, r: Resource<BufferRes>, offset: u64, max: u64) -> wasmtime::Result<Vec<u8>> {
-        let (buf, _) = self.buffer_of(&r)?;
+        let Some((buf, _)) = self.buffer_of(&r)? else {
+            return Ok(Vec::new());
+        };
         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(buf.len());
         let len = usize::try_from(max).unwrap_or(usize::MAX);
         let end = start.saturating_add(len).min(buf.len());
@@ -1947,6 +1946,46 @@ impl callout::Host for HostState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Plugin `name`'s store data, in `configure`, counting into `stats`.
+    fn configuring(name: &str, stats: &Arc<Stats>) -> HostState {
+        HostState::new(
+            Arc::new(PluginShared::new(name, stats.clone(), &[], &[])),
+            0,
+            1 << 20,
+        )
+    }
+
+    #[test]
+    fn a_metric_of_another_plugins_name_must_be_of_its_kind() {
+        let stats = Stats::new();
+        let mut a = configuring("a", &stats);
+        let mut b = configuring("b", &stats);
+        let define = |h: &mut HostState, kind| {
+            h.define(kind, "hits".into(), "Hits.".into(), Vec::new())
+                .unwrap()
+                .map(|_| ())
+        };
+        assert!(define(&mut a, MetricKind::Counter).is_ok());
+        // One family cannot hold a counter and a gauge (or histogram): refused,
+        // and the family keeps its type.
+        assert!(matches!(
+            define(&mut b, MetricKind::Gauge),
+            Err(Error::InvalidArgument)
+        ));
+        assert!(matches!(
+            define(&mut b, MetricKind::Histogram),
+            Err(Error::InvalidArgument)
+        ));
+        assert_eq!(stats.kind_of("legate_plugin_hits"), Some("counter"));
+        assert!(stats.render().contains("# TYPE legate_plugin_hits counter"));
+        assert!(!stats.render().contains("legate_plugin_hits{plugin=\"b\"}"));
+        // The same kind is one family with a series per plugin.
+        assert!(define(&mut b, MetricKind::Counter).is_ok());
+        assert!(stats
+            .render()
+            .contains("legate_plugin_hits{plugin=\"b\"} 0"));
+    }
 
     #[test]
     fn the_instance_limit_counts_every_contexts_calls_until_they_end() {

@@ -335,6 +335,18 @@ pub fn module_bytes(p: &crate::config::Plugin) -> anyhow::Result<std::borrow::Co
 }
 
 /// Route `config` overrides of plugin `name`, as JSON text, each once.
+/// Sizes the process's Wasm instance pool for `workers` workers running
+/// `config` ([`engine::size_pool`]): one instance per worker for each plugin
+/// and each route `config` override of one. Call before the first load.
+pub fn size_pool(config: &Config, workers: usize) {
+    let filters = config
+        .plugins
+        .iter()
+        .map(|p| 1 + route_overrides(config, &p.value.name).len())
+        .sum();
+    engine::size_pool(workers, filters)
+}
+
 fn route_overrides(config: &Config, name: &crate::config::Name) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for t in &config.routes {

@@ -348,7 +348,7 @@ impl WasmNetworkFilter {
             let bindings = self
                 .pre
                 .instantiate(&mut store)
-                .map_err(|e| format!("cannot instantiate: {e:#}"))?;
+                .map_err(|e| engine::instantiate_error(&e))?;
             self.stats.calls["configure"].inc();
             store.data_mut().phase = Phase::Configure;
             let r = bindings

@@ -31,7 +31,8 @@ use super::engine;
 use super::host::{HostState, Part, Phase, PluginShared, PLUGIN_CONTEXT};
 use super::slots::{InstanceCount, LiveIds, MemoryUse};
 use crate::filter::{
-    BodyMode, CalloutRequest, Direction, Exchange, HttpFilter, LocalResponse, Phases, Verdict,
+    BodyMode, CalloutRequest, Direction, Exchange, HttpFilter, InstanceAlive, InstanceGone,
+    LocalResponse, Phases, Verdict,
 };
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
@@ -178,7 +179,7 @@ impl PluginStats {
             ),
             memory_exceeded: stats.counter(
                 "legate_plugin_memory_exceeded_total",
-                "Plugin calls stopped for growing memory past the cap.",
+                "Plugin calls that failed at the memory cap (a trap after a refused memory growth).",
                 &l,
             ),
             restarts: stats.counter(
@@ -254,6 +255,9 @@ struct Live {
     /// end-of-stream body call (its write window, trailers included, stays open
     /// for their `on-callout-response`).
     paused: FxHashMap<u64, (Phase, bool)>,
+    /// Dropped with the instance: wakes the exchanges paused in it
+    /// ([`HttpFilter::instance_gone`]).
+    alive: InstanceAlive,
 }
 
 /// A worker's slot for one plugin.
@@ -397,7 +401,13 @@ pub(crate) fn describe(e: &wasmtime::Error, cpu: Duration) -> (&'static str, Str
         }
     }
     let text = format!("{e:#}");
-    if text.contains("growing memory") || text.contains("memory") && text.contains("limit") {
+    if super::engine::was_memory_refused() {
+        return (
+            "memory",
+            format!("memory cap exceeded (a memory growth was refused, then): {text}"),
+        );
+    }
+    if text.contains("memory") && text.contains("limit") {
         return ("memory", format!("memory cap exceeded: {text}"));
     }
     ("trap", format!("trap: {text}"))
@@ -672,7 +682,7 @@ impl WasmFilter {
             let bindings = self
                 .pre
                 .instantiate(&mut store)
-                .map_err(|e| format!("cannot instantiate: {e:#}"))?;
+                .map_err(|e| engine::instantiate_error(&e))?;
             store.data_mut().kv_replies = bindings.legate_filter_kv_handler().is_some();
             self.stats.calls["configure"].inc();
             store.data_mut().phase = Phase::Configure;
@@ -688,6 +698,7 @@ impl WasmFilter {
                     bindings,
                     contexts: FxHashSet::default(),
                     paused: FxHashMap::default(),
+                    alive: InstanceAlive::new(),
                 },
                 setup,
             )),
@@ -1070,6 +1081,18 @@ impl HttpFilter for WasmFilter {
         super::slots::start_early(&INSTANCES, &LIVE, self.id, self.name(), |slot| {
             self.start_instance(slot, worker)
         });
+    }
+
+    fn instance_gone(&self, _worker: usize, context: u64) -> Option<InstanceGone> {
+        INSTANCES.with(|cell| {
+            let live = cell
+                .borrow()
+                .get(&self.id)
+                .and_then(|s| s.live.as_ref())
+                .filter(|live| live.contexts.contains(&context))
+                .map(|live| live.alive.watch());
+            Some(live.unwrap_or_else(InstanceGone::now))
+        })
     }
 
     fn pause_abandoned(&self, _worker: usize, x: &mut Exchange) {

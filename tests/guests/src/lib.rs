@@ -12,7 +12,8 @@
 //! - `rewrite`: rewrites a path starting `/old` to `/new` (the host re-routes).
 //! - `hostile`: path `/flood-add` adds request fields until refused (answers
 //!   where), `/flood-respond` answers with 30 000 fields; path `/panic` panics, `/loop` loops forever, `/oom` allocates
-//!   without bound, `/sleep` sleeps 5s (a WASI pollable: no Wasm runs while it
+//!   without bound, `/grow` grows memory past the cap with `memory.grow` and
+//!   reports `x-grow: <its result>,<ok|refused: a page more>`, `/sleep` sleeps 5s (a WASI pollable: no Wasm runs while it
 //!   waits, so no epoch check either), `/recurse` recurses without bound (a
 //!   stack overflow trap), `/sockets` tries a TCP bind, a TCP connect
 //!   and a UDP bind through WASI and sets request header `x-sockets:
@@ -49,6 +50,7 @@
 //!   Path `/two` sends two callouts and resumes after both (`x-callout-count: 2`).
 //!   Path `/cancel` cancels its callout at once, twice (`x-callout-cancel:
 //!   <first>,<second>`), and continues.
+//!   Path `/panic` panics (the instance traps).
 //!
 //! - `detach`: with request header `x-detach-me`, calls `exchange.detach` in
 //!   the request headers; with `x-with-callout` too, first sends a callout to
@@ -111,6 +113,10 @@
 //!   fails answers 500 `write failed: <what> <error>`. Any other status answers
 //!   locally with that status and body (`x-from-callout: 1`); an error answers 502
 //!   with `x-callout-error: <error>`.
+//! - `body-stale`: the request body phase keeps an owned `exchange.body`
+//!   handle; the response headers phase uses it (the body was forwarded by
+//!   then) and reports `len=<n>,read=<bytes>,replace=<ok or error>` in
+//!   response header `x-stale`.
 //! - `file`: answers every request locally with data file `file` (default
 //!   `data`, `plugin.file`): 200 and its contents, or 404 and the error name.
 //!
@@ -168,6 +174,8 @@ thread_local! {
     /// `body-callout` mode: per paused context, the direction and whether it
     /// paused in a trailers phase.
     static HELD: RefCell<std::collections::HashMap<u64, (Direction, bool)>> = RefCell::default();
+    /// `body-stale` mode: the request body handle taken in the body phase, per context.
+    static STALE: RefCell<std::collections::HashMap<u64, Buffer>> = RefCell::default();
 }
 
 fn error_name(e: Error) -> &'static str {
@@ -329,6 +337,9 @@ fn callout_request(c: u64, x: &Exchange, h: &Headers) -> Action {
         body: Vec::new(),
         timeout_ms: timeout,
     };
+    if path.starts_with("/panic") {
+        panic!("callout guest panics on purpose");
+    }
     let n = if path.starts_with("/two") { 2 } else { 1 };
     for _ in 0..n {
         match legate::filter::callout::send(&req) {
@@ -521,6 +532,14 @@ fn body_phase(c: u64, x: &Exchange, b: &Buffer, eos: bool, d: Direction) -> Acti
             if let Err(e) = b.splice(b.len(), 0, &folded) {
                 folded = format!("splice failed: {}", error_name(e)).into_bytes();
                 let _ = b.replace(&folded);
+            }
+            Action::Continue
+        }
+        "body-stale" => {
+            if let Some(owned) = x.body(d) {
+                STALE.with(|s| {
+                    s.borrow_mut().entry(c).or_insert(owned);
+                });
             }
             Action::Continue
         }
@@ -811,6 +830,15 @@ impl Guest for Plugin {
                     );
                     let _ = h.set("x-sockets", v.as_bytes());
                 }
+                if p.starts_with("/grow") {
+                    // Past the memory cap (64 MiB, over the 16 MiB a test
+                    // sets): `memory.grow` fails with -1, it does not trap;
+                    // a page more still fits.
+                    let big = core::arch::wasm32::memory_grow(0, 1024) as isize;
+                    let small = core::arch::wasm32::memory_grow(0, 1) as isize;
+                    let small = if small < 0 { "refused" } else { "ok" };
+                    let _ = h.set("x-grow", format!("{big},{small}").as_bytes());
+                }
                 if p.starts_with("/oom") {
                     HOARD.with(|h| loop {
                         h.borrow_mut().push(vec![1u8; 1 << 20]);
@@ -950,6 +978,20 @@ impl Guest for Plugin {
                 let _ = h.set("x-body-calls", calls.to_string().as_bytes());
                 let _ = h.set("x-body-bytes", bytes.to_string().as_bytes());
                 let _ = h.set("x-body-eos", if eos { b"1" } else { b"0" });
+                Action::Continue
+            }
+            "body-stale" => {
+                // The request body went upstream: the handle is still valid,
+                // with no data behind it.
+                if let Some(b) = STALE.with(|s| s.borrow_mut().remove(&c)) {
+                    let replace = b.replace(b"late").map_or_else(error_name, |()| "ok");
+                    let v = format!(
+                        "len={},read={},replace={replace}",
+                        b.len(),
+                        b.read(0, 1 << 20).len()
+                    );
+                    let _ = h.set("x-stale", v.as_bytes());
+                }
                 Action::Continue
             }
             "body-mode-switch" => {

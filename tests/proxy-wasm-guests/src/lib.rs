@@ -27,6 +27,7 @@
 //!   (`x-pw-denied: yes`), a failed call (no headers) with 503 `x-pw-call: failed`.
 //!   A dispatch error is answered 500 with `x-pw-call-error: <status>`.
 //!   Under `/owned` the call also asks for `content-length: 5` (no body).
+//!   `/panic` panics (the VM traps).
 //! - `tick-callout`: the root context calls `authz` `/tick` on every tick
 //!   (`tick_ms`) and keeps the last body in shared data `pw_tick_body`, which each
 //!   request echoes as response header `x-pw-tick-body`.
@@ -1257,6 +1258,9 @@ impl HttpContext for Filter {
                 self.seen.push(("x-pw-resolved".into(), same.to_string()));
             }
             "callout" => {
+                if path.starts_with("/panic") {
+                    panic!("callout guest panics on purpose");
+                }
                 let check = format!("/check{path}");
                 let mut headers = vec![(":method", "GET"), (":path", check.as_str()), (":authority", "authz")];
                 if path.starts_with("/owned") {

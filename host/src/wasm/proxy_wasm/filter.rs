@@ -51,8 +51,8 @@ use super::abi::{action, peer, stream};
 use super::imports;
 use super::state::{Meta, Phase, PwState, ROOT_CONTEXT};
 use crate::filter::{
-    BodyMode, CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter, LocalResponse,
-    Phases, Verdict,
+    BodyMode, CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter, InstanceAlive,
+    InstanceGone, LocalResponse, Phases, Verdict,
 };
 use crate::network_filter::{NetVerdict, NetworkFilter, Peer};
 use crate::stats::Counter;
@@ -156,6 +156,9 @@ struct Live {
     next_context: u32,
     /// Queues this VM registered, with their wake-ups (dropping one unsubscribes).
     queues: HashMap<u32, Arc<tokio::sync::Notify>>,
+    /// Dropped with the VM: wakes the exchanges paused in it
+    /// ([`HttpFilter::instance_gone`]).
+    alive: InstanceAlive,
 }
 
 /// A worker's slot for one plugin.
@@ -436,7 +439,7 @@ impl ProxyWasmFilter {
         let instance = first
             .pre
             .instantiate(&mut store)
-            .map_err(|e| format!("cannot instantiate: {e:#}"))?;
+            .map_err(|e| engine::instantiate_error(&e))?;
         // A reactor's `_initialize` (then `main` if exported, as Envoy does), or a
         // command's `_start`.
         if let Some(init) = typed::<(), ()>(&mut store, &instance, "_initialize")? {
@@ -567,6 +570,7 @@ impl ProxyWasmFilter {
             contexts: FxHashMap::default(),
             next_context,
             queues: HashMap::new(),
+            alive: InstanceAlive::new(),
         })
     }
 
@@ -1850,6 +1854,18 @@ impl HttpFilter for ProxyWasmFilter {
     fn on_log(&self, worker: usize, x: &mut Exchange) {
         let context = x.context;
         self.finish(worker, context, Some(x));
+    }
+
+    fn instance_gone(&self, _worker: usize, context: u64) -> Option<InstanceGone> {
+        VMS.with(|cell| {
+            let live = cell
+                .borrow()
+                .get(&self.vm)
+                .and_then(|s| s.live.as_ref())
+                .filter(|live| live.contexts.contains_key(&(context, self.root)))
+                .map(|live| live.alive.watch());
+            Some(live.unwrap_or_else(InstanceGone::now))
+        })
     }
 
     fn pause_abandoned(&self, worker: usize, x: &mut Exchange) {

@@ -270,7 +270,7 @@ impl PwState {
             clock: crate::wasm::engine::CallClock::default(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(memory_cap)
-                .trap_on_grow_failure(true)
+                .trap_on_grow_failure(false)
                 .build(),
             memory_cap,
             memory_use: crate::wasm::slots::MemoryUse::default(),
@@ -389,8 +389,9 @@ impl wasmtime::ResourceLimiter for PwState {
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let delta = desired.saturating_sub(current);
-        self.memory_use.admit(delta, self.memory_cap)?;
-        let ok = self.limits.memory_growing(current, desired, maximum)?;
+        // Past the cap, `memory.grow` fails (-1); it does not trap (abi §7).
+        let ok = self.memory_use.admit(delta, self.memory_cap)
+            && self.limits.memory_growing(current, desired, maximum)?;
         if ok {
             self.memory_use.grew(delta);
         }
