@@ -204,7 +204,7 @@ async fn a_tunnel_only_the_upstream_talks_on_stays_open() {
     use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let pushes = 8;
+    let pushes = 10;
     tokio::spawn(async move {
         let (mut tcp, _) = listener.accept().await.unwrap();
         let mut head = Vec::new();
@@ -217,9 +217,10 @@ async fn a_tunnel_only_the_upstream_talks_on_stays_open() {
         tcp.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n")
             .await
             .unwrap();
-        // A push every 300ms against a 1s idle timeout: 2.4s in all.
+        // A push every 250ms against a 1.5s idle timeout (a wide margin for a
+        // loaded machine): 2.5s in all.
         for _ in 0..pushes {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
             if tcp.write_all(b"push").await.is_err() {
                 return;
             }
@@ -228,7 +229,7 @@ async fn a_tunnel_only_the_upstream_talks_on_stays_open() {
     });
     let config = simple_config(&[addr]).replace(
         "    http:\n      routes: main\n",
-        "    http:\n      routes: main\n    limits:\n      idle_timeout: 1s\n",
+        "    http:\n      routes: main\n    limits:\n      idle_timeout: 1500ms\n",
     );
     let lg = legate().config(&config).start();
     let mut c = RawConn::connect(lg.addr("web")).await;
