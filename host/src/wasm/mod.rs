@@ -28,7 +28,7 @@
 //! Body and trailer phases: [`crate::filter::Chain`] runs them when a filter
 //! declared them (buffered or streamed, abi/README.md §4); the `buffer` resource
 //! and trailer maps point at the data the proxy moved into the exchange for the
-//! call. Not supported: `pause` from a body or trailers phase (a plugin failure).
+//! call; a filter may `pause` there too (abi/README.md §4).
 
 pub mod bindings;
 pub mod builtin;
