@@ -597,3 +597,23 @@ pub fn raw_status(resp: &[u8]) -> Option<u16> {
     let s = std::str::from_utf8(resp.get(..12)?).ok()?;
     s.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()
 }
+
+/// A bare HTTP/2 connection (prior knowledge) to `addr`, driven on a task: for
+/// a test that sends its own request bodies (streamed, dropped mid-way) where
+/// [`Client`] would complete them.
+pub async fn raw_h2<B>(addr: SocketAddr) -> http2::SendRequest<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap_or_else(|e| panic!("HTTP/2 handshake with {addr}: {e}"));
+    tokio::spawn(conn);
+    sender
+}

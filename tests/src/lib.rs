@@ -52,8 +52,8 @@ use std::time::{Duration, Instant};
 pub use bins::workspace_bin;
 pub use certs::{Ca, TempDir, TlsFiles};
 pub use client::{
-    client, raw, raw_status, tls_client, tls_raw, Client, Proto, RawConn, RequestBuilder, Resp,
-    TlsOptions,
+    client, raw, raw_h2, raw_status, tls_client, tls_raw, Client, Proto, RawConn, RequestBuilder,
+    Resp, TlsOptions,
 };
 pub use dns::{DnsServer, DnsState};
 pub use guests::{abi_0_1_0_guest, network_guest, test_guest};

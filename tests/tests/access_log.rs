@@ -129,13 +129,7 @@ async fn leave_mid_body(
             None
         }
         Proto::H2 => {
-            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let (mut sender, conn) =
-                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .handshake(hyper_util::rt::TokioIo::new(tcp))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
+            let mut sender = raw_h2(addr).await;
             let req = Request::get(format!("http://{addr}{path}"))
                 .body(http_body_util::Empty::new())
                 .unwrap();

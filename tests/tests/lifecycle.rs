@@ -157,6 +157,17 @@ async fn a_lingering_close_does_not_hold_the_drain() {
     assert_eq!(up.requests.get(), 0);
 }
 
+/// One upstream, `drain_timeout: 300ms`, the access log written to `log`.
+fn drain_config(up: std::net::SocketAddr, log: &std::path::Path) -> String {
+    simple_config(&[up]).replace(
+        "version: 1\n",
+        &format!(
+            "version: 1\ndrain_timeout: 300ms\naccess_log: {{ path: {} }}\n",
+            log.display()
+        ),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_bounds_the_shutdown() {
     // Held until the end: only a timeout ends the request (the route's is
@@ -165,13 +176,7 @@ async fn drain_timeout_bounds_the_shutdown() {
     let up = upstream().hold_until(&release).start().await;
     let dir = TempDir::new();
     let log = dir.path().join("access.log");
-    let cfg = simple_config(&[up.addr]).replace(
-        "version: 1\n",
-        &format!(
-            "version: 1\ndrain_timeout: 300ms\naccess_log: {{ path: {} }}\n",
-            log.display()
-        ),
-    );
+    let cfg = drain_config(up.addr, &log);
     let lg = legate().config(&cfg).start();
     let mut c = client(Proto::H1, lg.addr("web")).await;
     let req = tokio::spawn(async move { c.get("/slow").try_send().await });
@@ -222,13 +227,7 @@ async fn a_response_cut_mid_body_by_the_drain_timeout_is_logged_as_such() {
         .await;
     let dir = TempDir::new();
     let log = dir.path().join("access.log");
-    let cfg = simple_config(&[up.addr]).replace(
-        "version: 1\n",
-        &format!(
-            "version: 1\ndrain_timeout: 300ms\naccess_log: {{ path: {} }}\n",
-            log.display()
-        ),
-    );
+    let cfg = drain_config(up.addr, &log);
     let lg = legate().config(&cfg).start();
     let mut c = RawConn::connect(lg.addr("web")).await;
     c.write(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n").await;

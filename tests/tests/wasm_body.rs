@@ -520,13 +520,7 @@ each_proto!(
                 assert!(closed, "the exchange was not reset");
             }
             Proto::H2 => {
-                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-                let (mut sender, conn) =
-                    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .handshake(hyper_util::rt::TokioIo::new(tcp))
-                        .await
-                        .unwrap();
-                tokio::spawn(conn);
+                let mut sender = raw_h2(addr).await;
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
                 let stream = futures_util::stream::unfold(rx, |mut rx| async move {
                     rx.recv()
