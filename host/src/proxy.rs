@@ -91,6 +91,10 @@ struct Outcome {
     /// A filter answered the request locally: `plugin:<details>`, the access
     /// log's cause (abi/README.md §3.5) when the host gave none.
     local: Option<String>,
+    /// The client trusted proxies reported (`xff_num_trusted_hops`), if not
+    /// the peer: as Envoy's downstream remote address, what `hash_on:
+    /// {source_ip}` hashes and the access log's `client`, as filters see it.
+    client: Option<std::net::IpAddr>,
 }
 
 /// Timings and facts only the debug headers use ([`crate::overrides::Debug`]).
@@ -324,6 +328,7 @@ async fn proxy(
     // The client a trusted chain of proxies reported, read before this hop
     // appends the peer (validation ties the hops to `trust_downstream`).
     let client = proxy_headers::trusted_client(req.headers(), http.xff_num_trusted_hops);
+    out.client = client;
     let ov = {
         // Sanitised before filters and routes see the request (as Envoy's
         // connection manager does): hop-by-hop headers out first, so that a
@@ -1672,7 +1677,8 @@ impl Attempts<'_> {
     ) -> Result<Response<Body>, ProxyError> {
         let cluster = &self.entry.cluster();
         let balancer = self.conn.worker.balancer(cluster);
-        let hash = cluster.hash_key(&self.headers.borrow(), self.conn.peer.ip());
+        let client = out.client.unwrap_or_else(|| self.conn.peer.ip());
+        let hash = cluster.hash_key(&self.headers.borrow(), client);
         let max_retries = self.policy.map_or(0, |p| p.num_retries);
         let mut tried: Vec<usize> = Vec::new();
         let mut attempt: u32 = 0;
@@ -2312,10 +2318,13 @@ impl Drop for Done {
         self.conn.activity.request_finished();
         if let Some(log) = &self.conn.worker.shared.access_log {
             let o = &self.out;
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "time": humantime(SystemTime::now()),
                 "listener": self.conn.listener.name.as_str(),
-                "client": self.conn.peer.to_string(),
+                "client": match o.client {
+                    Some(ip) => SocketAddr::new(ip, 0).to_string(),
+                    None => self.conn.peer.to_string(),
+                },
                 "method": self.method.as_str(),
                 "path": self.path,
                 "protocol": format!("{:?}", self.version),
@@ -2329,6 +2338,10 @@ impl Drop for Done {
                 "cause": o.cause.or(o.local.as_deref()),
                 "request_id": o.request_id.as_ref().and_then(|v| v.to_str().ok()),
             });
+            if o.client.is_some() {
+                // The proxy it came through (Envoy's direct remote address).
+                line["peer"] = serde_json::Value::from(self.conn.peer.to_string());
+            }
             log.write(&line);
         }
     }

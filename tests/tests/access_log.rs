@@ -376,3 +376,56 @@ each_proto!(
         assert_eq!(got.len() as f64 + dropped, f64::from(total), "{got:?}");
     }
 );
+
+each_proto!(
+    /// Behind trusted proxies (`xff_num_trusted_hops`) the client the proxies
+    /// reported is the request's client everywhere, as Envoy's downstream
+    /// remote address: the access log's `client` (the proxy in `peer`) and what
+    /// `hash_on: { source_ip }` hashes. Both used the peer: one bucket per
+    /// balancer, every client behind it logged as the balancer.
+    async fn the_trusted_client_is_logged_and_hashed(proto) {
+        let a = upstream().name("a").start().await;
+        let b = upstream().name("b").start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let yaml = simple_config_with(
+            &[a.addr, b.addr],
+            "",
+            "    lb_policy: ring_hash\n    hash_on: { source_ip: true }\n",
+        )
+        .replace(
+            "      routes: main\n",
+            "      routes: main\n      trust_downstream: true\n      xff_num_trusted_hops: 1\n",
+        )
+        .replace(
+            "version: 1\n",
+            &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
+        );
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        // Twenty clients behind one balancer (this connection): spread over
+        // both endpoints by their own address, each always to the same one.
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..20 {
+            let xff = format!("198.51.100.{i}");
+            let first = c.get("/h").header("x-forwarded-for", &xff).send().await;
+            let again = c.get("/h").header("x-forwarded-for", &xff).send().await;
+            assert_eq!(first.header("x-upstream"), again.header("x-upstream"), "{xff}");
+            seen.insert(first.header("x-upstream").unwrap().to_string());
+        }
+        assert_eq!(seen.len(), 2, "every client went to one endpoint: {seen:?}");
+
+        let r = c.get("/logged").header("x-forwarded-for", "192.0.2.7").send().await;
+        assert_eq!(r.status, 200);
+        let lines = access_log_until(&log, "the line of /logged", |l| {
+            l.iter().any(|l| l["path"] == "/logged")
+        })
+        .await;
+        let line = lines.iter().find(|l| l["path"] == "/logged").unwrap();
+        assert_eq!(line["client"], "192.0.2.7:0", "{line}");
+        assert!(
+            line["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")),
+            "{line}"
+        );
+    }
+);
