@@ -58,7 +58,7 @@ pub use client::{
 pub use dns::{DnsServer, DnsState};
 pub use guests::{abi_0_1_0_guest, network_guest, test_guest};
 pub use legate::{legate, LegateBuilder, LegateHandle};
-pub use stats::parse_prometheus;
+pub use stats::{assert_families_documented, parse_prometheus};
 pub use upstream::{
     authz_upstream, checksum, echo, endless_tcp_server, grpc_echo, grpc_frame, pattern_bytes, sink,
     source, tcp_echo_server, upgrade_echo_server, upstream, BoxBody, BoxError, ConnInfo, Counter,

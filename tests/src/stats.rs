@@ -70,3 +70,49 @@ mod tests {
         assert_eq!(family_lines(text, "a{x=\"9\"}"), "a{x=\"1 2\",y=\"z\"} 3");
     }
 }
+
+/// Asserts that every metric family on a `/stats` page is documented: in
+/// docs/metrics.md (a cluster's and an endpoint's by counter name, without the
+/// `legate_cluster_` / `legate_endpoint_` prefix), or, for a first-party plugin's
+/// own `legate_plugin_*` metric, in that plugin's README. Tests whose
+/// configurations register families the default config does not (Redis KV, the
+/// compile cache, proxy-wasm gRPC streams) call it too, so a family added
+/// without its documentation fails a test.
+pub fn assert_families_documented(stats: &str) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let read = |p: &str| {
+        std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("reading {p}: {e}"))
+    };
+    let docs = read("docs/metrics.md");
+    let readmes: String = ["auth", "ratelimit", "grpc-web", "grpc-json"]
+        .iter()
+        .map(|p| read(&format!("plugins/{p}/README.md")))
+        .collect();
+    let mut missing = Vec::new();
+    for line in stats.lines() {
+        let Some(family) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|t| t.split(' ').next())
+        else {
+            continue;
+        };
+        let found = if let Some(c) = family
+            .strip_prefix("legate_cluster_")
+            .or_else(|| family.strip_prefix("legate_endpoint_"))
+        {
+            docs.contains(&format!("`{c}`"))
+        } else {
+            docs.contains(&format!("`{family}`"))
+                || family
+                    .strip_prefix("legate_plugin_")
+                    .is_some_and(|own| readmes.contains(own))
+        };
+        if !found {
+            missing.push(family);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "metric families on /stats not in docs/metrics.md: {missing:?}"
+    );
+}

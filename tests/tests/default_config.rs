@@ -173,47 +173,9 @@ each_proto!(
         assert_eq!(body["error"], "rate_limited");
         assert_eq!(body["limit"], "api-per-ip");
 
-        every_family_is_documented(&lg.stats().await);
+        assert_families_documented(&lg.stats().await);
     }
 );
-
-/// Every metric family on `/stats` is in docs/metrics.md (a cluster's and an
-/// endpoint's by counter name), or, for a plugin's own, in its README.
-fn every_family_is_documented(stats: &str) {
-    let read = |p: &str| std::fs::read_to_string(root().join(p)).unwrap();
-    let docs = read("docs/metrics.md");
-    let readmes: String = ["auth", "ratelimit", "grpc-web", "grpc-json"]
-        .iter()
-        .map(|p| read(&format!("plugins/{p}/README.md")))
-        .collect();
-    let mut missing = Vec::new();
-    for line in stats.lines() {
-        let Some(family) = line
-            .strip_prefix("# TYPE ")
-            .and_then(|t| t.split(' ').next())
-        else {
-            continue;
-        };
-        let found = if let Some(c) = family
-            .strip_prefix("legate_cluster_")
-            .or_else(|| family.strip_prefix("legate_endpoint_"))
-        {
-            docs.contains(&format!("`{c}`"))
-        } else {
-            docs.contains(&format!("`{family}`"))
-                || family
-                    .strip_prefix("legate_plugin_")
-                    .is_some_and(|own| readmes.contains(own))
-        };
-        if !found {
-            missing.push(family);
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "metric families on /stats not in docs/metrics.md: {missing:?}"
-    );
-}
 
 /// examples/demo-upstream/echo.pb, the descriptor set plugins.yaml gives the
 /// grpc-json plugin, is the compiled examples/demo-upstream/proto. After

@@ -1109,5 +1109,6 @@ each_proto!(
             "{s}"
         );
         assert_eq!(stat(&s, r#"legate_kv_up{backend="redis"}"#), Some(1.0), "{s}");
+        assert_families_documented(&s);
     }
 );

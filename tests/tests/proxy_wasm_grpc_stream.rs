@@ -191,6 +191,7 @@ each_proto!(
             .await;
         lg.assert_stat(&stat("legate_plugin_grpc_streams_open"), 0.0)
             .await;
+        assert_families_documented(&lg.stats().await);
     }
 );
 

@@ -743,6 +743,7 @@ async fn compiled_components_are_cached_on_disk() {
     std::fs::write(&entries[0], b"not a compiled component").unwrap();
     let third = legate().config(&yaml).start();
     third.assert_stat(invalid, 1.0).await;
+    assert_families_documented(&third.stats().await);
     let mut c = client(Proto::H1, third.addr("web")).await;
     assert_eq!(
         c.get("/x").send().await.header("x-filter-resp"),
