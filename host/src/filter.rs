@@ -1759,6 +1759,7 @@ impl Chain {
                     // `f` itself never sees its own local response; it still gets
                     // log/done.
                     self.responded = Some(k);
+                    self.x.cause = Some(plugin_cause(&lr.details));
                     return Ok(Some(lr));
                 }
                 Err(why) => {
@@ -1801,6 +1802,7 @@ impl Chain {
                     if let Some(shared) = self.shared.upgrade() {
                         shared.answered.replace(Some(lr.details.clone()));
                     }
+                    self.x.cause = Some(plugin_cause(&lr.details));
                     eos = lr.body.is_empty();
                     self.x.status = Some(lr.status);
                     self.x.response_headers = Some(lr.headers.into());
@@ -1947,6 +1949,7 @@ impl Chain {
                 if d == Direction::Request {
                     self.responded = Some(i);
                 }
+                self.x.cause = Some(plugin_cause(&lr.details));
                 return Ok(Some(lr));
             }
             // `run_calls` never passes one; treated as refused rather than a panic.
@@ -2398,6 +2401,12 @@ fn now<T>(f: impl Future<Output = Result<T, ProxyError>>) -> Result<T, ProxyErro
             "bug: a streamed body phase run waited on a pause",
         )),
     }
+}
+
+/// The access-log cause of a filter's local response, which the filters'
+/// later phases see as `exchange.cause()` (abi/README.md §3.5).
+pub(crate) fn plugin_cause(details: &str) -> String {
+    format!("plugin:{details}")
 }
 
 /// `wait` never returns `Pause`; kept as a no-op rather than a panic.

@@ -435,7 +435,7 @@ async fn proxy(
             }
         };
         if let Some(local) = local {
-            out.local = Some(format!("plugin:{}", local.details));
+            out.local = Some(filter::plugin_cause(&local.details));
             let mut resp = local_response(local);
             if let Some(m) = table.route(&input) {
                 out.route = Some(m.route.name.clone());
@@ -936,7 +936,7 @@ async fn answer_locally(
     matched: &Matched<'_>,
     via: Option<&str>,
 ) -> Result<Response<Body>, ProxyError> {
-    out.local = Some(format!("plugin:{}", lr.details));
+    out.local = Some(filter::plugin_cause(&lr.details));
     let mut resp = local_response(lr);
     finish_response_headers(matched, via, Version::HTTP_11, resp.headers_mut(), false);
     response_filters(out, resp).await
@@ -2283,7 +2283,7 @@ impl Drop for Done {
                 .or_else(|| c.take_local().map(|lr| lr.details))
         });
         if let Some(details) = &answered {
-            self.out.local = Some(format!("plugin:{details}"));
+            self.out.local = Some(filter::plugin_cause(details));
         }
         if self.out.cause.is_none() {
             if self.cut_short() {
@@ -2304,7 +2304,11 @@ impl Drop for Done {
             }
         }
         if let Some(chain) = self.out.chain.take() {
-            chain.finish(Some(self.status), self.out.cause);
+            // `on-log` sees the cause the access log writes (abi/README.md §3.5).
+            chain.finish(
+                Some(self.status),
+                self.out.cause.or(self.out.local.as_deref()),
+            );
         }
         let elapsed = self.start.elapsed();
         let class = (self.status.as_u16() / 100).clamp(1, 5) as usize - 1;

@@ -162,7 +162,9 @@ impl Exchange<'_> {
     pub fn start_time(&self) -> u64 {
         self.0.start_time()
     }
-    /// The access-log cause once the exchange failed.
+    /// The access-log cause once the exchange failed (e.g.
+    /// `upstream_connect_failure`) or a filter answered it locally
+    /// (`plugin:<details>`); `None` for an upstream's response.
     pub fn cause(&self) -> Option<String> {
         self.0.cause()
     }

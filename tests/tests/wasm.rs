@@ -704,6 +704,43 @@ async fn only_new_series_count_against_the_series_cap() {
     );
 }
 
+each_proto!(
+    /// `on-log` sees a filter's local response as the access log has it:
+    /// `exchange.cause()` is `plugin:<details>` for the filters before the one
+    /// that answered (it was `none`, as for an upstream's answer); an
+    /// upstream's answer has no cause.
+    async fn on_log_sees_a_local_response_as_its_cause(proto) {
+        let up = upstream().start().await;
+        let p = plugin("logger", "{ mode: metrics, phases: log }", "")
+            + &plugin("gate", "{ mode: respond }", "");
+        let lg = legate()
+            .config(&simple(up.addr, &p, &["logger", "gate"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/a").send().await.status, 401);
+        let ok = c.get("/a").header("x-api-key", "k").send().await;
+        assert_eq!(ok.status, 200, "{}", ok.text());
+        lg.assert_stat(
+            r#"legate_plugin_requests{plugin="logger",method="log-GET"}"#,
+            2.0,
+        )
+        .await;
+        let stats = lg.stats().await;
+        let caused = |m: &str| {
+            parse_prometheus(&stats)
+                .iter()
+                .filter(|(k, _)| k.contains(m))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            caused("log-cause-"),
+            [r#"legate_plugin_requests{plugin="logger",method="log-cause-plugin:missing_api_key"}=1"#],
+            "{stats}"
+        );
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_components_are_cached_on_disk() {
     let dir = TempDir::new();

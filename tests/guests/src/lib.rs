@@ -22,7 +22,8 @@
 //! - Any mode: `configure_sleep_ms: "<ms>"` sleeps that long in `configure`.
 //! - `metrics`: counts requests in counter `requests{method}` (`metric`: another
 //!   name), and in `on-log`
-//!   (with phase `log`) under `method="log-<METHOD>"`.
+//!   (with phase `log`) under `method="log-<METHOD>"`, and, if the exchange
+//!   has a cause there, `method="log-cause-<cause>"`.
 //! - `kv`: opens KV namespace `ns` (default `counters`) in `configure`; a failed
 //!   open is reported on every request as `x-kv-error: <error>`. Request paths:
 //!   `/count` adds 1 to key `count` with a get + `if-version`/`if-absent` CAS retry
@@ -1050,6 +1051,12 @@ impl Guest for Plugin {
                 if let Some(c) = r.borrow().as_ref() {
                     if let Ok(s) = c.with_labels(&[format!("log-{}", x.method())]) {
                         s.add(1);
+                    }
+                    // What `on-log` sees of why the answer is not the upstream's.
+                    if let Some(cause) = x.cause() {
+                        if let Ok(s) = c.with_labels(&[format!("log-cause-{cause}")]) {
+                            s.add(1);
+                        }
                     }
                 }
             });
