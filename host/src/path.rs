@@ -10,7 +10,10 @@
 //! `normalize_path`, RFC 3986 §6.2.2 normalization: escapes of unreserved
 //! characters are decoded (`%7e` → `~`, `%2E` → `.`), the others kept with
 //! upper-case hex (`%3f` → `%3F`), a malformed escape (`%zz`) or `%00` refused;
-//! then with `merge_slashes`, runs of `/` become one; with `normalize_path`, dot
+//! a `\` (as sent, or decoded from `%5C` under `unescape`) is a `/`, as Envoy's
+//! normalization (Chromium's URL canonicalizer) and many upstreams (IIS, WHATWG
+//! URL parsers) take it: `/public\..\admin` is `/admin` to routes too; then
+//! with `merge_slashes`, runs of `/` become one; with `normalize_path`, dot
 //! segments are removed (§5.2.4), never climbing above `/`. The query string is
 //! not the path's and is left alone.
 //!
@@ -82,13 +85,14 @@ pub fn normalize(path: &str, o: Options) -> Result<Option<String>, PathError> {
     Ok((out != path).then_some(out))
 }
 
-/// Whether the path may change: it has an escape, a segment that starts with
-/// `.` (normalizing) or a `//` (merging). One pass, no allocation.
+/// Whether the path may change: it has an escape, a `\` or a segment that
+/// starts with `.` (normalizing) or a `//` (merging). One pass, no allocation.
 fn needs_work(p: &[u8], o: Options) -> bool {
     let mut prev = 0u8;
     for &b in p {
         match b {
             b'%' => return true,
+            b'\\' if o.normalize => return true,
             b'.' if prev == b'/' && o.normalize => return true,
             b'/' if prev == b'/' && o.merge_slashes => return true,
             _ => {}
@@ -130,6 +134,11 @@ fn rewrite(p: &[u8], o: Options) -> Result<Vec<u8>, PathError> {
             _ => keep_escape(&mut s, escape, v, o.normalize),
         }
         i += 3;
+    }
+    if o.normalize {
+        for b in s.iter_mut().filter(|b| **b == b'\\') {
+            *b = b'/';
+        }
     }
     if o.merge_slashes {
         s.dedup_by(|a, b| *a == b'/' && *b == b'/');
@@ -243,6 +252,9 @@ mod tests {
             ("//..", "/"),
             ("/a//../b", "/a/b"),
             ("*", "*"),
+            ("/public\\..\\admin", "/admin"),
+            ("/a\\b", "/a/b"),
+            ("/a%5Cb", "/a%5Cb"),
         ];
         for (input, want) in table {
             assert_eq!(norm(input, NORMALIZE).unwrap(), want, "{input}");
@@ -282,7 +294,15 @@ mod tests {
         }
         assert_eq!(norm("/a%2Fb", with(Unescape, true)).unwrap(), "/a/b");
         assert_eq!(norm("/a%2fb", with(Unescape, false)).unwrap(), "/a/b");
-        assert_eq!(norm("/a%5Cb", with(Unescape, true)).unwrap(), "/a\\b");
+        // A decoded `\` is a separator when normalizing (Envoy's order:
+        // unescape, then canonicalize), kept as it is when not.
+        assert_eq!(norm("/a%5Cb", with(Unescape, true)).unwrap(), "/a/b");
+        assert_eq!(norm("/a%5Cb", with(Unescape, false)).unwrap(), "/a\\b");
+        assert_eq!(norm("/a\\b", with(Keep, false)).unwrap(), "/a\\b");
+        assert_eq!(
+            norm("/public%5C..%5Cadmin", with(Unescape, true)).unwrap(),
+            "/admin"
+        );
         // Decoded slashes take part in dot-segment removal.
         assert_eq!(
             norm("/public%2F..%2Fadmin", with(Unescape, true)).unwrap(),

@@ -76,6 +76,9 @@ each_proto!(
             ("/a/./b/../c", "other", "/a/c"),
             ("/public/%7euser%3f", "public", "/public/~user%3F"),
             ("/public/index.html", "public", "/public/index.html"),
+            // A backslash is a separator (Envoy's, IIS's, WHATWG URL parsers').
+            ("/public\\..\\admin", "admin", "/admin"),
+            ("/api\\x", "api", "/api/x"),
         ];
         for (sent, route, seen) in cases {
             assert_eq!(routed(&mut c, sent).await, (route.into(), seen.into()), "{sent}");
@@ -109,6 +112,8 @@ each_proto!(
         assert_eq!((route.as_str(), seen.as_str()), ("public", "/public/../admin"));
         let (route, seen) = routed(&mut c, "/%zz/%61").await;
         assert_eq!((route.as_str(), seen.as_str()), ("other", "/%zz/%61"));
+        let (route, seen) = routed(&mut c, "/public\\..\\admin").await;
+        assert_eq!((route.as_str(), seen.as_str()), ("public", "/public\\..\\admin"));
         // Merging slashes alone still applies.
         let (route, seen) = routed(&mut c, "//public//../x").await;
         assert_eq!((route.as_str(), seen.as_str()), ("public", "/public/../x"));
@@ -175,6 +180,8 @@ each_proto!(
         assert_eq!((route.as_str(), seen.as_str()), ("admin", "/admin"));
         let (route, seen) = routed(&mut c, "/api%2fx").await;
         assert_eq!((route.as_str(), seen.as_str()), ("api", "/api/x"));
+        let (route, seen) = routed(&mut c, "/public%5C..%5cadmin").await;
+        assert_eq!((route.as_str(), seen.as_str()), ("admin", "/admin"));
         lg.assert_stat(REJECTED, 0.0).await;
     }
 );
