@@ -351,8 +351,9 @@ async fn proxy(
     out.debug.on = ov.debug;
     if let Some(token) = &upgrade_token {
         // Decided on the route the request matches as it came in, before filters
-        // (Envoy decides when it creates the filter chain); without a route the
-        // request gets its 404 as any other.
+        // (Envoy decides when it creates the filter chain); without a route, by
+        // the listener's list (a filter may still route it). The route it is
+        // forwarded on is checked again below, in case a filter moved it.
         let input = RouteInput {
             method: req.method(),
             uri: req.uri(),
@@ -360,14 +361,17 @@ async fn proxy(
             headers: req.headers(),
             scheme_https: https,
         };
-        if let Some(m) = table.route(&input) {
-            let t = token.to_str().unwrap_or_default();
-            if !m.route.allows_upgrade(t, &http.upgrades) {
-                listener.stats.upgrades_refused.inc();
-                out.route = Some(m.route.name.clone());
-                let e = ProxyError::new(Kind::UpgradeRefused, format!("upgrade `{t}`"));
-                return Err(routed_error(e, Some(&m), http.via.as_deref()));
-            }
+        let t = token.to_str().unwrap_or_default();
+        let m = table.route(&input);
+        let allowed = match &m {
+            Some(m) => m.route.allows_upgrade(t, &http.upgrades),
+            None => http.upgrades.iter().any(|l| l.eq_ignore_ascii_case(t)),
+        };
+        if !allowed {
+            listener.stats.upgrades_refused.inc();
+            out.route = m.as_ref().map(|m| m.route.name.clone());
+            let e = ProxyError::new(Kind::UpgradeRefused, format!("upgrade `{t}`"));
+            return Err(routed_error(e, m.as_ref(), http.via.as_deref()));
         }
     }
     let mut authority = authority;
@@ -518,6 +522,18 @@ async fn proxy(
             Action::Cluster(name) => name.clone(),
             Action::Weighted(w) => w.pick(rand::rng().random()).clone(),
         };
+        if let Some(token) = &upgrade_token {
+            // A filter that rewrote the path or authority may have moved the
+            // request to a route that does not tunnel this upgrade.
+            let t = token.to_str().unwrap_or_default();
+            if !matched.route.allows_upgrade(t, &http.upgrades) {
+                listener.stats.upgrades_refused.inc();
+                return Err(ProxyError::new(
+                    Kind::UpgradeRefused,
+                    format!("upgrade `{t}`"),
+                ));
+            }
+        }
         out.cluster = Some(cluster_name.to_string());
         let entry = snapshot
             .clusters

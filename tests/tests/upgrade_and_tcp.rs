@@ -390,6 +390,59 @@ async fn the_listener_list_and_route_overrides_decide() {
     .await;
 }
 
+/// The upgrade is checked on the route the request is forwarded on too: a
+/// filter that rewrites the path (`/old/…` → `/new/…`) cannot move an upgrade
+/// that matched no route on arrival onto a route that turns it off. Without a
+/// route on arrival the listener's list decides, as Envoy's connection manager
+/// does. (HTTP/1.1 only: HTTP/2 offers no upgrades.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_cannot_route_an_upgrade_around_its_refusal() {
+    let up = upgrade_echo_server().await;
+    let config = |list: &str, new_route_ws: bool| {
+        with_upgrades(
+            &web_config(
+                &format!(
+                    "          - match: {{ prefix: /new }}\n            cluster: backend\n            \
+                     upgrades: {{ websocket: {new_route_ws} }}\n"
+                ),
+                &format!("  - name: backend\n    endpoints: [{{ address: {} }}]\n", up.addr),
+            )
+            .replace(
+                "      routes: main\n",
+                "      routes: main\n      filters: [{ plugin: rewriter }]\n",
+            ),
+            list,
+        ) + &format!(
+            "plugins:\n  - name: rewriter\n    module: {}\n    config: {{ mode: rewrite }}\n",
+            test_guest().display()
+        )
+    };
+    let refused = r#"legate_listener_upgrades_refused_total{listener="web"}"#;
+
+    // Allowed by the listener, refused by the route the filter moved it to.
+    let lg = legate().config(&config("[websocket]", false)).start();
+    let head = upgrade_request(lg.addr("web"), "/old/chat", "websocket").await;
+    assert_eq!(raw_status(head.as_bytes()), Some(403), "{head}");
+    lg.assert_stat(refused, 1.0).await;
+    // The route that allows it still does.
+    let lg = legate().config(&config("[websocket]", true)).start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    let head = c.websocket_handshake("/old/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    drop(c);
+
+    // No route on arrival and the listener tunnels nothing: refused there.
+    let lg = legate().config(&config("[]", true)).start();
+    let head = upgrade_request(lg.addr("web"), "/old/chat", "websocket").await;
+    assert_eq!(raw_status(head.as_bytes()), Some(403), "{head}");
+    lg.assert_stat(refused, 1.0).await;
+    assert_eq!(
+        up.heads.lock().unwrap().len(),
+        1,
+        "only the allowed one went up"
+    );
+}
+
 // `Upgrade: h2c` is never a tunnel (the client would speak HTTP/2 to the
 // upstream past routes and filters): as Envoy, its upgrade headers and
 // `HTTP2-Settings` go and the request is proxied as a plain one. Under HTTP/2
