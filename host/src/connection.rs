@@ -154,7 +154,12 @@ pub async fn serve(
             let h1_closing = h1_closing.clone();
             async move {
                 let mut resp = fut.await?;
-                if h1_closing.get() && version < http::Version::HTTP_2 {
+                // Not on a `101`: its `Connection: upgrade` must stay (the
+                // tunnel is closed at the drain timeout instead).
+                if h1_closing.get()
+                    && version < http::Version::HTTP_2
+                    && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                {
                     resp.headers_mut().insert(
                         http::header::CONNECTION,
                         http::HeaderValue::from_static("close"),

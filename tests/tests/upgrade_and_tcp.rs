@@ -664,6 +664,58 @@ async fn a_reload_closes_a_tunnel_of_the_replaced_listener() {
 /// A drain (`POST /drain`) with a TCP connection and a WebSocket tunnel open,
 /// neither idle long enough to close: both are closed when `drain_timeout`
 /// passes, and the server stops.
+/// A `101` that goes out while the listener drains keeps its `Connection:
+/// upgrade`: the drain's `Connection: close` is for keep-alive responses, and
+/// on a `101` it replaced the upgrade token, so clients failed the handshake
+/// (RFC 6455 §4.1) of a tunnel the proxy had opened. The tunnel itself is then
+/// closed at the drain timeout, as any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_sent_during_a_drain_keeps_its_upgrade() {
+    use tokio::io::AsyncReadExt;
+    // An upstream that answers the upgrade only when told, then echoes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go, wait) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "upstream: the request head did not arrive");
+            head.extend_from_slice(&buf[..n]);
+        }
+        let _ = wait.await;
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    });
+    let cfg = simple_config(&[addr]).replacen("version: 1\n", "version: 1\ndrain_timeout: 2s\n", 1);
+    let lg = legate().config(&cfg).start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    c.write(
+        b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    lg.assert_stat(r#"legate_listener_requests_active{listener="web"}"#, 1.0)
+        .await;
+    let (status, _) = lg.admin_post("/drain").await;
+    assert_eq!(status, 200);
+    go.send(()).unwrap();
+    let head = String::from_utf8_lossy(&c.read_head(HANG_GUARD).await).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "no 101: {head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+    assert!(!head.contains("close"), "{head}");
+    echoes(&mut c).await;
+    let (_, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed, "the tunnel stayed open through the drain");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_closes_tcp_connections_and_tunnels_at_its_timeout() {
     let echo = tcp_echo_server().await;
