@@ -1952,6 +1952,17 @@ fn strip_h2c(h: &mut http::HeaderMap, h1: bool) {
 /// §8.3.1, RFC 9110 §4.2.4), path, query or fragment characters and spaces
 /// are refused, so routes match and the upstream gets exactly a host.
 fn authority_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
+    if req.uri().scheme().is_none()
+        && req.uri().authority().is_some()
+        && req.method() != Method::CONNECT
+    {
+        // `GET host:port HTTP/1.1` (RFC 9112 §3.2.3: the authority form is
+        // CONNECT's): it would choose the virtual host over `Host`.
+        return Err(ProxyError::new(
+            Kind::BadRequest,
+            "an authority-form request target (host:port) is only for CONNECT",
+        ));
+    }
     let raw = match req.uri().authority() {
         Some(a) => Some(a.as_str()),
         None => req

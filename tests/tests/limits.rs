@@ -102,9 +102,10 @@ async fn ambiguous_heads_are_rejected() {
     // one whose absolute form names a target (§3.2 again; nginx answers the
     // same), or a target that is not a host and port (§3.2 too: path or
     // query characters, spaces, userinfo, which a wildcard virtual host
-    // would otherwise match and the upstream trust): 400, nothing goes
-    // upstream.
-    let ambiguous: [&[u8]; 7] = [
+    // would otherwise match and the upstream trust), or an authority-form
+    // target (a bare `host:port`, §3.2.3: for CONNECT only) that would name
+    // the virtual host over `Host`: 400, nothing goes upstream.
+    let ambiguous: [&[u8]; 8] = [
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
         b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
         b"GET / HTTP/1.1\r\n\r\n",
@@ -112,13 +113,14 @@ async fn ambiguous_heads_are_rejected() {
         b"GET / HTTP/1.1\r\nHost: evil.example/.a.example\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
         b"GET http://user:pw@a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        b"GET victim.internal:8080 HTTP/1.1\r\nHost: a.example\r\n\r\n",
     ];
     for req in ambiguous {
         let (status, text) = raw_exchange(lg.addr("web"), req).await;
         assert_eq!(status, Some(400), "{text}");
     }
     assert_eq!(up.requests.get(), 0);
-    lg.assert_stat(LISTENER_4XX, 7.0).await;
+    lg.assert_stat(LISTENER_4XX, 8.0).await;
     // One `Host` is fine on the same listener (with a port, or an IPv6
     // literal), and HTTP/1.0 (which predates `Host`) may name its target by
     // absolute form alone.
