@@ -251,19 +251,23 @@ impl Activity {
     /// Decides whether a timeout has passed.
     ///
     /// The header timer runs from the first byte of a request head until the
-    /// request starts. HTTP/2 connections are held to it only until their first
-    /// request: afterwards their frames (pings, window updates) are not heads.
+    /// request starts. HTTP/2 connections are held to it only until the client's
+    /// connection preface is in: afterwards their frames (settings, pings,
+    /// window updates) are not heads, and a connection made ahead of its first
+    /// request (a gRPC channel, a browser's preconnect) is idle, not slow.
     /// `header_timeout` is `None` for streams that carry no HTTP (the TCP proxy).
     pub fn check(&self, idle: Duration, header_timeout: Option<Duration>) -> Verdict {
         let now = self.now_ms();
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(NONE - 1);
-        // An HTTP/2 connection that has served a request is idle while it
-        // carries none, whatever frames it exchanges: a client pinging more
-        // often than the idle timeout (h2 answers each ping, which moves bytes
-        // too) would otherwise hold its connection slot for ever, as Envoy's
-        // idle timeout does not allow either. HTTP/1.x and TCP count bytes: a
-        // byte there is a new head (under the header timer) or stream data.
-        let since = if self.proto.load(Relaxed) == 2 && self.requests.load(Relaxed) > 0 {
+        // An HTTP/2 connection is idle while it carries no request (since the
+        // last one ended, or since it was accepted), whatever frames it
+        // exchanges: a client pinging more often than the idle timeout (h2
+        // answers each ping, which moves bytes too) would otherwise hold its
+        // connection slot for ever, as Envoy's idle timeout does not allow
+        // either. HTTP/1.x and TCP count bytes: a byte there is a new head
+        // (under the header timer) or stream data.
+        let h2 = self.proto.load(Relaxed) == 2;
+        let since = if h2 {
             self.last_request_ms.load(Relaxed)
         } else {
             self.last_ms.load(Relaxed)
@@ -272,8 +276,10 @@ impl Activity {
         if self.in_flight.load(Relaxed) > 0 {
             return Verdict::WaitUntil(self.at(now.saturating_add(ms(idle))));
         }
-        let header_timeout = header_timeout
-            .filter(|_| self.proto.load(Relaxed) != 2 || self.requests.load(Relaxed) == 0);
+        let header_timeout = header_timeout.filter(|_| {
+            !h2 || (self.requests.load(Relaxed) == 0
+                && self.rx.load(Relaxed) < H2_PREFACE.len() as u64)
+        });
         let mut wake = idle_end;
         if let Some(ht) = header_timeout {
             let start = self.head_start_ms.load(Relaxed);
@@ -570,12 +576,19 @@ mod tests {
     }
 
     #[test]
-    fn h2_heads_are_timed_until_the_first_request() {
+    fn h2_is_timed_until_its_preface_is_in() {
         let a = Activity::default();
         let ten = Duration::from_secs(10);
-        a.sniff(H2_PREFACE);
-        a.on_read(24);
+        a.sniff(&H2_PREFACE[..10]);
+        a.on_read(10);
         assert_eq!(a.check(ten, Some(Duration::ZERO)), Verdict::HeaderTimeout);
+        // The preface is in: waiting for a first request is being idle.
+        a.on_read(14);
+        assert!(matches!(
+            a.check(ten, Some(Duration::ZERO)),
+            Verdict::WaitUntil(_)
+        ));
+        assert_eq!(a.check(Duration::ZERO, Some(ten)), Verdict::Idle);
         a.request_started();
         a.request_finished();
         // A ping after the first request is not a slow head.

@@ -372,8 +372,49 @@ each_proto!(
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn h2_preface_without_a_request_is_closed_by_the_header_read_timeout() {
-    assert_closed_by_header_timeout(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+async fn a_partial_h2_preface_is_closed_by_the_header_read_timeout() {
+    assert_closed_by_header_timeout(b"PRI * HTTP/2.0\r\n").await;
+}
+
+/// An HTTP/2 connection made ahead of its first request (a gRPC channel, a
+/// browser's preconnect) is idle, not a slow head: it outlives the header read
+/// timeout and is closed by the idle timeout, gracefully, with a GOAWAY (it was
+/// dropped at the header timeout, without one, so a request sent then was
+/// lost without the client knowing whether it was processed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_connection_without_a_request_idles_out_with_a_goaway() {
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&limits_config(
+            up.addr,
+            "      header_read_timeout: 100ms\n      idle_timeout: 800ms\n",
+            "",
+        ))
+        .start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    let t = Instant::now();
+    // The preface and an empty SETTINGS frame; the server's SETTINGS come back.
+    c.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await;
+    let (got, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed, "the idle HTTP/2 connection was never closed");
+    // Not by the header timeout: by the idle timeout.
+    assert!(
+        t.elapsed() >= Duration::from_millis(700),
+        "{:?}",
+        t.elapsed()
+    );
+    let mut types = Vec::new();
+    let mut rest = &got[..];
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        types.push(rest[3]);
+        rest = &rest[(9 + len).min(rest.len())..];
+    }
+    assert!(
+        types.contains(&0x7),
+        "no GOAWAY before the close: frame types {types:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
