@@ -178,8 +178,17 @@ pub async fn serve(
         // (`io::Activity`); hyper's own 30 s default, armed whenever it waits
         // for a head (an idle keep-alive connection too), would cut both at 30 s.
         .header_read_timeout(None)
-        // hyper answers 431 past these; its buffer floor is 8 KiB.
-        .max_buf_size((limits.max_request_headers_size.0 as usize).max(8192))
+        // hyper answers 431 past these; its buffer floor is 8 KiB (a smaller
+        // cap is checked in `proxy::check_framing`).
+        .max_buf_size(
+            usize::try_from(
+                limits
+                    .max_request_headers_size
+                    .0
+                    .max(crate::proxy::H1_HEAD_BUFFER_FLOOR),
+            )
+            .unwrap_or(usize::MAX),
+        )
         .max_headers(limits.max_request_headers as usize)
         .half_close(false)
         .keep_alive(true);

@@ -291,7 +291,7 @@ async fn proxy(
             "HTTP request on a non-HTTP listener",
         ));
     };
-    check_framing(&req, listener.cfg.limits.max_request_headers as usize)?;
+    check_framing(&req, &listener.cfg.limits)?;
     // Before anything reads the path (the upgrade decision, filters, routes), so
     // that they and the upstream all see the same one.
     out.normalized_path = normalize_path(&mut req, http, listener)?;
@@ -1501,9 +1501,26 @@ async fn callout(
 /// Rejects requests whose framing a proxy must not guess at (RFC 9112 §6.1, the
 /// request-smuggling shapes) and enforces the header count on HTTP/2 (hyper
 /// enforces it on HTTP/1.1 while parsing).
-fn check_framing<B>(req: &Request<B>, max_headers: usize) -> Result<(), ProxyError> {
+fn check_framing<B>(req: &Request<B>, limits: &crate::config::Limits) -> Result<(), ProxyError> {
     let h = req.headers();
+    let max_headers = limits.max_request_headers as usize;
     if req.version() < Version::HTTP_2 {
+        // hyper reads an HTTP/1 head into a buffer of at least 8 KiB and
+        // answers 431 past that; a smaller `max_request_headers_size` is
+        // checked here (names and values, as HTTP/2's header list is counted).
+        let max_size = limits.max_request_headers_size.0;
+        if max_size < H1_HEAD_BUFFER_FLOOR {
+            let size: u64 = h
+                .iter()
+                .map(|(n, v)| (n.as_str().len() + v.len()) as u64)
+                .sum();
+            if size > max_size {
+                return Err(ProxyError::new(
+                    Kind::HeadersTooLarge,
+                    format!("{size} bytes of headers > {max_size}"),
+                ));
+            }
+        }
         // RFC 9112 §3.2: more than one `Host` is a 400 (as nginx answers): which
         // one names the target would be anyone's guess. So is an HTTP/1.1 request
         // with none, even in absolute form (nginx answers the same); HTTP/1.0
@@ -1982,6 +1999,10 @@ fn authority_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
         )),
     }
 }
+
+/// The smallest head buffer hyper's HTTP/1 server accepts (`max_buf_size`):
+/// it enforces `max_request_headers_size` itself from there up.
+pub(crate) const H1_HEAD_BUFFER_FLOOR: u64 = 8192;
 
 /// Whether `a` is `uri-host [":" port]` (RFC 3986 §3.2.2: an IPv6 literal in
 /// brackets, or a reg-name / IPv4 address of unreserved, pct-encoded and
