@@ -54,23 +54,6 @@ pub fn family_lines(text: &str, series: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_series() {
-        let text = "# HELP a A.\n# TYPE a counter\na{x=\"1 2\",y=\"z\"} 3\nb 4.5\nc{le=\"+Inf\"} +Inf\n\nd 7 1700000000\n";
-        let m = parse_prometheus(text);
-        assert_eq!(m["a{x=\"1 2\",y=\"z\"}"], 3.0);
-        assert_eq!(m["b"], 4.5);
-        assert!(m["c{le=\"+Inf\"}"].is_infinite());
-        assert_eq!(m["d"], 7.0);
-        assert_eq!(m.len(), 4);
-        assert_eq!(family_lines(text, "a{x=\"9\"}"), "a{x=\"1 2\",y=\"z\"} 3");
-    }
-}
-
 /// Asserts that every metric family on a `/stats` page is documented: in
 /// docs/metrics.md (a cluster's and an endpoint's by counter name, without the
 /// `legate_cluster_` / `legate_endpoint_` prefix), or, for a first-party plugin's
@@ -115,4 +98,21 @@ pub fn assert_families_documented(stats: &str) {
         missing.is_empty(),
         "metric families on /stats not in docs/metrics.md: {missing:?}"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_series() {
+        let text = "# HELP a A.\n# TYPE a counter\na{x=\"1 2\",y=\"z\"} 3\nb 4.5\nc{le=\"+Inf\"} +Inf\n\nd 7 1700000000\n";
+        let m = parse_prometheus(text);
+        assert_eq!(m["a{x=\"1 2\",y=\"z\"}"], 3.0);
+        assert_eq!(m["b"], 4.5);
+        assert!(m["c{le=\"+Inf\"}"].is_infinite());
+        assert_eq!(m["d"], 7.0);
+        assert_eq!(m.len(), 4);
+        assert_eq!(family_lines(text, "a{x=\"9\"}"), "a{x=\"1 2\",y=\"z\"} 3");
+    }
 }
