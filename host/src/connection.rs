@@ -76,6 +76,14 @@ where
 /// request to answer with `Connection: close`) before it is closed.
 const H1_DRAIN_IDLE: Duration = Duration::from_secs(1);
 
+/// Sleeps until `t`, or for ever without one.
+async fn until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Serves one accepted HTTP connection until it closes. Returns the connection
 /// when it should end with a lingering close ([`Linger`]), which no longer
 /// serves requests.
@@ -144,12 +152,27 @@ pub async fn serve(
     let h1_closing = Rc::new(Cell::new(false));
     // The protocol of the last request: HTTP/2 connections get a GOAWAY instead.
     let last_version = Rc::new(Cell::new(None::<http::Version>));
+    // `limits.max_requests_per_connection`: the request that reaches it starts
+    // the graceful close, as a drain does (its HTTP/1.1 response says
+    // `Connection: close`; HTTP/2 gets a GOAWAY, so it takes no further
+    // streams and the ones open finish). Wakes the loop below for the GOAWAY.
+    let limit_reached = Rc::new(tokio::sync::Notify::new());
     let service = {
         let (h1_closing, last_version) = (h1_closing.clone(), last_version.clone());
         let conn_ctx = conn_ctx.clone();
+        let (max_requests, served) = (limits.max_requests_per_connection, Cell::new(0u32));
+        let limit_reached = limit_reached.clone();
         service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let version = req.version();
             last_version.set(Some(version));
+            if let Some(max) = max_requests {
+                served.set(served.get().saturating_add(1));
+                if served.get() == max && !h1_closing.get() {
+                    h1_closing.set(true);
+                    conn_ctx.listener.stats.cx_max_requests.inc();
+                    limit_reached.notify_one();
+                }
+            }
             let fut = crate::proxy::handle(conn_ctx.clone(), req);
             let h1_closing = h1_closing.clone();
             async move {
@@ -226,6 +249,11 @@ pub async fn serve(
     ));
     let mut drain = ctx.closing_signal();
     let mut idle = limits.idle_timeout.get();
+    // `limits.max_connection_duration`: closed gracefully from then on, as a
+    // drain closes it.
+    let lifetime_end = limits
+        .max_connection_duration
+        .map(|d| tokio::time::Instant::now() + d.get());
     // When the graceful shutdown started (idle, or a drain's GOAWAY). A peer
     // can leave it hanging: an HTTP/2 client that never answers the GOAWAY's
     // PING, or one that stopped reading, so that the GOAWAY or the last bytes
@@ -303,6 +331,15 @@ pub async fn serve(
                 // so a client sending on it right then is the only one that can
                 // race the close.
                 h1_closing.set(true);
+                idle = idle.min(H1_DRAIN_IDLE);
+            }
+            () = until(lifetime_end), if closing_since.is_none() && !h1_closing.get() => {
+                ctx.stats.cx_max_duration.inc();
+                h1_closing.set(true);
+                idle = idle.min(H1_DRAIN_IDLE);
+            }
+            () = limit_reached.notified() => {
+                // (`h1_closing` is set: the GOAWAY goes at the top of the loop.)
                 idle = idle.min(H1_DRAIN_IDLE);
             }
             () = tokio::time::sleep_until(deadline.into()) => {}

@@ -41,6 +41,12 @@ pub struct ListenerStats {
     /// listener stopped (a drain, or a reload that replaced or removed it) and
     /// `drain_timeout` passed ([`ListenerCtx::drained`]).
     pub cx_drain_close: Counter,
+    /// HTTP connections closed gracefully for `limits.max_requests_per_connection`
+    /// (Envoy's `downstream_cx_max_requests_reached`).
+    pub cx_max_requests: Counter,
+    /// HTTP connections closed gracefully for `limits.max_connection_duration`
+    /// (Envoy's `downstream_cx_max_duration_reached`).
+    pub cx_max_duration: Counter,
     /// Downstream requests by status class (1xx..5xx).
     pub rq_by_class: [Counter; 5],
     /// Requests in flight.
@@ -107,6 +113,16 @@ impl ListenerStats {
             cx_drain_close: stats.counter(
                 "legate_listener_drain_closes_total",
                 "TCP connections and WebSocket tunnels closed drain_timeout after their listener stopped (drain, or a reload replaced or removed it).",
+                &l,
+            ),
+            cx_max_requests: stats.counter(
+                "legate_listener_max_requests_reached_total",
+                "HTTP connections closed gracefully after limits.max_requests_per_connection requests.",
+                &l,
+            ),
+            cx_max_duration: stats.counter(
+                "legate_listener_max_duration_reached_total",
+                "HTTP connections closed gracefully at limits.max_connection_duration.",
                 &l,
             ),
             rq_by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(class),

@@ -452,6 +452,82 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// `limits.max_requests_per_connection`: the request that reaches it is
+    /// answered, and the connection is closed gracefully after it (HTTP/1.1:
+    /// `Connection: close` on that response; HTTP/2: a GOAWAY), so a client
+    /// behind a balancer reconnects and is spread again. Counted per listener.
+    async fn a_connection_is_closed_after_max_requests(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&limits_config(
+                up.addr,
+                "      max_requests_per_connection: 3\n",
+                "",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for i in 1..=3 {
+            let r = c.get("/").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            let close = r.header("connection") == Some("close");
+            assert_eq!(close, proto == Proto::H1 && i == 3, "request {i}");
+        }
+        eventually(HANG_GUARD, "connection closed after its third request", || {
+            let closed = c.is_closed();
+            async move { closed.then_some(()) }
+        })
+        .await;
+        // A new connection serves as many again.
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/").send().await.status, 200);
+        assert!(!c.is_closed());
+        lg.assert_stat(
+            r#"legate_listener_max_requests_reached_total{listener="web"}"#,
+            1.0,
+        )
+        .await;
+        assert_eq!(up.requests.get(), 4);
+    }
+);
+
+each_proto!(
+    /// `limits.max_connection_duration`: a connection older than it is closed
+    /// gracefully, though it is busy enough never to idle out.
+    async fn a_connection_is_closed_at_max_duration(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&limits_config(
+                up.addr,
+                "      max_connection_duration: 300ms\n",
+                "",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let mut served = 0;
+        let deadline = Instant::now() + HANG_GUARD;
+        while !c.is_closed() {
+            assert!(Instant::now() < deadline, "still open after {served} requests");
+            match c.get("/").try_send().await {
+                Ok(r) => {
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    served += 1;
+                }
+                // Sent as the close raced it (HTTP/1.1), or after the GOAWAY:
+                // not processed, the client retries elsewhere.
+                Err(_) => break,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(served > 0);
+        lg.assert_stat(
+            r#"legate_listener_max_duration_reached_total{listener="web"}"#,
+            1.0,
+        )
+        .await;
+    }
+);
+
 /// A response body that never ends: 64 KiB chunks, as fast as they are taken.
 async fn endless(_req: Request<Incoming>) -> Response<BoxBody> {
     let chunk = Bytes::from(pattern_bytes(64 * 1024));

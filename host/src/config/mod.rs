@@ -479,6 +479,16 @@ pub struct Limits {
     /// close). Default 5s, nginx's `lingering_timeout`.
     #[serde(default = "defaults::lingering_timeout")]
     pub lingering_timeout: Dur,
+    /// Requests one HTTP connection serves before it is closed gracefully
+    /// (Envoy's `max_requests_per_connection`, nginx's `keepalive_requests`).
+    /// Absent = no limit, as Envoy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    /// How long one HTTP connection lives before it is closed gracefully
+    /// (Envoy's `max_connection_duration`, nginx's `keepalive_time`). Absent =
+    /// no limit, as Envoy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connection_duration: Option<Dur>,
 }
 
 impl Default for Limits {
@@ -492,6 +502,8 @@ impl Default for Limits {
             max_concurrent_streams: defaults::max_concurrent_streams(),
             lingering_time: defaults::lingering_time(),
             lingering_timeout: defaults::lingering_timeout(),
+            max_requests_per_connection: None,
+            max_connection_duration: None,
         }
     }
 }

@@ -637,6 +637,10 @@ fn validate_listener(
         ("max_connections", lim.max_connections),
         ("max_request_headers", lim.max_request_headers),
         ("max_concurrent_streams", lim.max_concurrent_streams),
+        (
+            "max_requests_per_connection",
+            lim.max_requests_per_connection.unwrap_or(1),
+        ),
     ] {
         if value == 0 {
             e.at(
@@ -665,6 +669,11 @@ fn validate_listener(
     for (key, value, help) in [
         ("header_read_timeout", lim.header_read_timeout, at_once),
         ("idle_timeout", lim.idle_timeout, at_once),
+        (
+            "max_connection_duration",
+            lim.max_connection_duration.unwrap_or(Dur::secs(1)),
+            "a connection could serve nothing; remove the key for no limit",
+        ),
         (
             "lingering_timeout",
             lim.lingering_timeout,
