@@ -97,7 +97,7 @@ pub async fn serve(
 ) -> Option<Linger> {
     let limits = ctx.cfg.limits.clone();
     let local = stream.local_addr().unwrap_or(ctx.local_addr);
-    let (io, tls) = match &ctx.tls {
+    let (io, tls) = match ctx.tls.load_full() {
         None => (Conn::Plain(stream), None),
         Some(acceptor) => {
             // The handshake counts against the header timeout: a client that opens

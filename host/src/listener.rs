@@ -165,6 +165,13 @@ impl ListenerStats {
     }
 }
 
+/// A listener's TLS material as read from its files, with their digest
+/// ([`ListenerCtx::load_tls`]).
+pub struct RenewedTls {
+    acceptor: Option<TlsAcceptor>,
+    files: Option<[u8; 32]>,
+}
+
 /// A bound listener, shared read-only by all workers.
 pub struct ListenerCtx {
     /// Listener name.
@@ -173,11 +180,13 @@ pub struct ListenerCtx {
     pub cfg: config::Listener,
     /// The bound address.
     pub local_addr: SocketAddr,
-    /// TLS termination, if configured.
-    pub tls: Option<TlsAcceptor>,
+    /// TLS termination, if configured. Swapped in place when a reload finds
+    /// only the certificate files changed ([`ListenerCtx::renew_tls`]): new
+    /// connections get the new certificate, open ones go on.
+    pub tls: ArcSwapOption<TlsAcceptor>,
     /// [`crate::tls::files_digest`] of the files `tls` was built from: a reload
-    /// rebuilds the listener when they changed (a renewed certificate).
-    pub tls_files: Option<[u8; 32]>,
+    /// renews `tls` when they changed (a renewed certificate).
+    tls_files: std::sync::Mutex<Option<[u8; 32]>>,
     /// Connections open across workers (for `max_connections`), shared with the
     /// listeners this one replaced on the same socket ([`ListenerCtx::succeed`]):
     /// their connections still draining count against the limit too.
@@ -215,10 +224,27 @@ impl ListenerCtx {
     ) -> anyhow::Result<Self> {
         socket.set_nonblocking(true)?;
         let local_addr = socket.local_addr()?;
+        let RenewedTls { acceptor, files } = Self::load_tls(cfg)?;
+        Ok(ListenerCtx {
+            name: cfg.name.clone(),
+            cfg: cfg.clone(),
+            local_addr,
+            tls: ArcSwapOption::new(acceptor.map(Arc::new)),
+            tls_files: std::sync::Mutex::new(files),
+            open: Arc::default(),
+            stats: ListenerStats::new(stats, cfg.name.as_str()),
+            closing: watch::channel(false).0,
+            retired: ArcSwapOption::empty(),
+            serving: AtomicUsize::new(0),
+        })
+    }
+
+    /// Reads and checks the TLS material of `cfg` (none without `tls`).
+    pub fn load_tls(cfg: &config::Listener) -> anyhow::Result<RenewedTls> {
         // Digested before reading: a file replaced meanwhile makes the next reload
-        // rebuild again rather than keep a stale certificate.
-        let tls_files = cfg.tls.as_ref().map(crate::tls::files_digest);
-        let tls = match &cfg.tls {
+        // renew again rather than keep a stale certificate.
+        let files = cfg.tls.as_ref().map(crate::tls::files_digest);
+        let acceptor = match &cfg.tls {
             Some(t) => {
                 let alpn: &[&[u8]] = if cfg.http.is_some() {
                     &[b"h2", b"http/1.1"]
@@ -229,18 +255,25 @@ impl ListenerCtx {
             }
             None => None,
         };
-        Ok(ListenerCtx {
-            name: cfg.name.clone(),
-            cfg: cfg.clone(),
-            local_addr,
-            tls,
-            tls_files,
-            open: Arc::default(),
-            stats: ListenerStats::new(stats, cfg.name.as_str()),
-            closing: watch::channel(false).0,
-            retired: ArcSwapOption::empty(),
-            serving: AtomicUsize::new(0),
-        })
+        Ok(RenewedTls { acceptor, files })
+    }
+
+    /// The digest of the TLS files the listener's certificate came from.
+    pub fn tls_files(&self) -> Option<[u8; 32]> {
+        *self
+            .tls_files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Puts renewed TLS material in place (Envoy's SDS rotation): connections
+    /// accepted from now on get it; open ones keep theirs and are not drained.
+    pub fn renew_tls(&self, renewed: RenewedTls) {
+        self.tls.store(renewed.acceptor.map(Arc::new));
+        *self
+            .tls_files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = renewed.files;
     }
 
     /// A listener on `previous`'s socket that takes over from it (a reload

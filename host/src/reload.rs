@@ -11,9 +11,10 @@
 //! listener set are published together ([`Shared::commit`]); a request in flight
 //! keeps the snapshot it started with.
 //!
-//! **Listeners.** A listener whose config and TLS files are unchanged keeps its
-//! socket and its connections (a certificate renewed at the same path counts as a
-//! change). One whose address is unchanged but whose settings changed keeps its
+//! **Listeners.** A listener whose config is unchanged keeps its socket and its
+//! connections; if its TLS files changed (a certificate renewed at the same
+//! path), the new ones are checked and, once the reload commits, served to new
+//! connections, as Envoy's SDS rotates a certificate. One whose address is unchanged but whose settings changed keeps its
 //! socket (no connection is refused) and is served by a new listener: the old one's
 //! connections drain gracefully, counted toward the new one's `max_connections`
 //! (one count for the socket, so the limit holds across the handover). A new
@@ -48,7 +49,9 @@
 //! **Watch.** With `--watch-interval` (default 1s; `0` disables) a thread polls the
 //! config file and every plugin module: when a file's size, mtime or inode changes
 //! (or its mtime is under 2 s old, so a same-size rewrite within one mtime tick is
-//! not missed) its contents are hashed, and a content change triggers a reload. A content that
+//! not missed) its contents are hashed, and a content change triggers a reload;
+//! so do the TLS files of listeners and clusters when their contents differ from
+//! those in force (a renewed certificate). A content that
 //! failed is not retried until it changes again. Write files atomically (write
 //! then rename) so a half-written file is never picked up.
 
@@ -523,10 +526,17 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         .map(|n| n.to_string())
         .collect();
 
-    let (listeners, lchanges) = plan_listeners(shared, &config)?;
+    let PlannedListeners {
+        set: listeners,
+        renewed,
+        outcome: lchanges,
+    } = plan_listeners(shared, &config)?;
     let clusters_changed = !changed_clusters.is_empty() || !removed_clusters.is_empty();
     let snap_modules = snap.modules.clone();
     shared.commit(Arc::new(snap), Some(listeners))?;
+    for (bound, tls) in renewed {
+        bound.ctx.renew_tls(tls);
+    }
     *r.applied.lock().unwrap_or_else(PoisonError::into_inner) = Some(hash);
     if clusters_changed {
         if let Err(e) = shared.restart_health() {
@@ -551,19 +561,25 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
 
 /// The listener set for `config`: unchanged listeners kept, changed ones on their
 /// old socket when the address is the same, new addresses bound.
-fn plan_listeners(shared: &Shared, config: &Config) -> Result<(ListenerSet, Value), String> {
+fn plan_listeners(shared: &Shared, config: &Config) -> Result<PlannedListeners, String> {
     let current = shared.listener_set();
     let mut next: Vec<Arc<Bound>> = Vec::new();
     let (mut kept, mut changed, mut added) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut renewed, mut certificates) = (Vec::new(), Vec::new());
     for l in &config.listeners {
         let l = &l.value;
         let by_name = current.iter().find(|b| b.ctx.name == l.name);
-        // Unchanged: the same config and the same TLS files (a renewed certificate
-        // at the same path rebuilds the listener; its connections drain).
-        let unchanged = |b: &&Arc<Bound>| {
-            same(&b.ctx.cfg, l) && b.ctx.tls_files == l.tls.as_ref().map(crate::tls::files_digest)
-        };
-        if let Some(b) = by_name.filter(unchanged) {
+        // Unchanged: the same config. Its TLS files may have changed (a renewed
+        // certificate at the same path): the new ones are read and checked now
+        // and put in place once the reload commits, as Envoy's SDS rotates a
+        // certificate: new connections get it, open ones are not drained.
+        if let Some(b) = by_name.filter(|b| same(&b.ctx.cfg, l)) {
+            if b.ctx.tls_files() != l.tls.as_ref().map(crate::tls::files_digest) {
+                let tls = ListenerCtx::load_tls(l)
+                    .map_err(|e| format!("listener `{}`: {e:#}", l.name))?;
+                renewed.push((b.clone(), tls));
+                certificates.push(l.name.to_string());
+            }
             next.push(b.clone());
             kept.push(l.name.to_string());
             continue;
@@ -617,10 +633,28 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<(ListenerSet, Valu
         .filter(|b| !config.listeners.iter().any(|l| l.value.name == b.ctx.name))
         .map(|b| b.ctx.name.to_string())
         .collect();
-    Ok((
-        next.into(),
-        json!({ "kept": kept, "changed": changed, "added": added, "removed": removed }),
-    ))
+    Ok(PlannedListeners {
+        set: next.into(),
+        renewed,
+        outcome: json!({
+            "kept": kept,
+            "changed": changed,
+            "added": added,
+            "removed": removed,
+            "certificates_renewed": certificates,
+        }),
+    })
+}
+
+/// What a reload does to the listeners ([`plan_listeners`]).
+struct PlannedListeners {
+    /// The listener set to serve.
+    set: ListenerSet,
+    /// Kept listeners whose TLS files changed, with the material read from
+    /// them: put in place after the commit.
+    renewed: Vec<(Arc<Bound>, crate::listener::RenewedTls)>,
+    /// The reload result's `listeners`.
+    outcome: Value,
 }
 
 /// Reloads one plugin: compiles its module again and configures it (with every
@@ -845,6 +879,34 @@ fn watch_once(
         }
     }
     let snap = shared.snapshot.load_full();
+    // Certificates renewed in place (cert, key, CA files replaced at the same
+    // paths): a config reload puts them in place, keeping the listener and its
+    // connections (a cluster is rebuilt). Each file changed is compared with
+    // what is in force, so a renewal not complete yet (a new certificate
+    // before its key: the reload fails, naming the mismatch) is tried again
+    // when the next file lands.
+    let mut renewed = false;
+    for b in shared.listener_set().iter() {
+        if let Some(tls) = &b.ctx.cfg.tls {
+            let touched = crate::tls::files(tls)
+                .filter(|f| changed(f, stamps, tried).is_some())
+                .count();
+            renewed |= touched > 0 && b.ctx.tls_files() != Some(crate::tls::files_digest(tls));
+        }
+    }
+    for c in &snap.config.clusters {
+        let (Some(tls), Some(entry)) = (&c.value.tls, snap.clusters.get(&c.value.name)) else {
+            continue;
+        };
+        let touched = crate::tls::upstream_files(tls)
+            .filter(|f| changed(f, stamps, tried).is_some())
+            .count();
+        renewed |= touched > 0 && !entry.upstream.same_tls_files(&c.value);
+    }
+    if renewed {
+        let _ = reload_config(shared, Trigger::Watch);
+        return;
+    }
     // Each file looked at once per poll, then every plugin loaded from it
     // (two plugins may share a module: VM sharing needs one) is compared.
     let mut files: HashMap<&Path, Option<String>> = HashMap::new();

@@ -44,7 +44,7 @@ pub async fn serve(
         None => peer,
     };
     let mut tls_info = None;
-    let downstream = match &ctx.tls {
+    let downstream = match ctx.tls.load_full() {
         None => Conn::Plain(stream),
         Some(acceptor) => {
             let hs = tokio::time::timeout(

@@ -81,25 +81,32 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// A digest of the files a listener's TLS section names (certificates, keys,
-/// client CA), in order. A reload compares it to tell a renewed certificate behind
-/// an unchanged config: the listener is then rebuilt with the new files.
-pub fn files_digest(cfg: &config::ListenerTls) -> [u8; 32] {
-    digest_files(
-        cfg.certificates
-            .iter()
-            .flat_map(|c| [&c.value.cert, &c.value.key])
-            .chain(cfg.client_auth.iter().map(|a| &a.ca)),
-    )
+/// The files a listener's TLS section names (certificates, keys, client CA),
+/// in order.
+pub fn files(cfg: &config::ListenerTls) -> impl Iterator<Item = &std::path::PathBuf> {
+    cfg.certificates
+        .iter()
+        .flat_map(|c| [&c.value.cert, &c.value.key])
+        .chain(cfg.client_auth.iter().map(|a| &a.ca))
 }
 
-/// As [`files_digest`], for a cluster's `tls` (CA, client certificate and key).
+/// The files a cluster's `tls` names (CA, client certificate and key).
+pub fn upstream_files(cfg: &config::UpstreamTls) -> impl Iterator<Item = &std::path::PathBuf> {
+    [&cfg.ca, &cfg.client_cert, &cfg.client_key]
+        .into_iter()
+        .flatten()
+}
+
+/// A digest of [`files`]. A reload compares it to tell a renewed certificate
+/// behind an unchanged config: the listener then takes the new files
+/// ([`crate::listener::ListenerCtx::renew_tls`]).
+pub fn files_digest(cfg: &config::ListenerTls) -> [u8; 32] {
+    digest_files(files(cfg))
+}
+
+/// As [`files_digest`], for a cluster's `tls` (the cluster is rebuilt).
 pub fn upstream_files_digest(cfg: &config::UpstreamTls) -> [u8; 32] {
-    digest_files(
-        [&cfg.ca, &cfg.client_cert, &cfg.client_key]
-            .into_iter()
-            .flatten(),
-    )
+    digest_files(upstream_files(cfg))
 }
 
 /// A file that cannot be read digests as its error, so the rebuild that follows
