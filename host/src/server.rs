@@ -330,10 +330,21 @@ impl Shared {
     /// connections close gracefully, health checks stop.
     pub fn start_drain(&self) {
         let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
-        self.draining.send_replace(true);
+        let handed_over = *self.handed_over.borrow();
         for b in self.listeners.borrow().iter() {
             b.ctx.close();
+            if !handed_over {
+                // Stop listening too (Linux: a listening socket shut down for
+                // reading leaves the listening state): the kernel would go on
+                // completing handshakes into a backlog nobody accepts from, and
+                // clients would connect, then hang until the process exits.
+                // Refused, they fail over at once, as when nginx's graceful
+                // stop closes its listening sockets. After a hot restart's
+                // handover the successor serves on these same sockets: kept.
+                let _ = socket2::SockRef::from(&b.socket).shutdown(std::net::Shutdown::Read);
+            }
         }
+        self.draining.send_replace(true);
         self.health_stop
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
