@@ -131,11 +131,22 @@ impl Metric {
 #[derive(Debug, Default)]
 struct Family {
     help: &'static str,
+    /// The type a plugin declared the family with ([`Stats::declare`]), before
+    /// (or without) a series: a labelled metric makes its series on first use.
+    declared: Option<&'static str>,
     series: BTreeMap<String, Metric>,
     /// Series created by [`Stats::absorb`] that this process has not registered
     /// yet: the first registration claims one, and replaces it if its type
     /// differs (a metric whose type changed between versions).
     carried: BTreeSet<String>,
+}
+
+impl Family {
+    /// The family's type: declared, or its series'.
+    fn kind(&self) -> Option<&'static str> {
+        self.declared
+            .or_else(|| self.series.values().next().map(Metric::type_name))
+    }
 }
 
 /// The series (family, label values) made on an owner's behalf, for a cap.
@@ -350,12 +361,43 @@ impl Stats {
     }
 
     /// The type (`counter`, `gauge`, `histogram`) of family `name`, if it has
-    /// a series.
+    /// a series or was declared ([`Stats::declare`]).
     pub fn kind_of(&self, name: &str) -> Option<&'static str> {
         let fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
-        fams.get(name)
-            .and_then(|f| f.series.values().next())
-            .map(Metric::type_name)
+        fams.get(name).and_then(Family::kind)
+    }
+
+    /// Declares family `name` (a plugin's metric) to be of type `kind`
+    /// (`counter`, `gauge`, `histogram`), whether or not it has a series yet.
+    /// False, declaring nothing, if that would put two types in one family (the
+    /// text format gives a family one type) or make two families write the same
+    /// sample name: a histogram `x` writes `x_bucket`, `x_sum` and `x_count`.
+    pub fn declare(&self, name: &'static str, help: &'static str, kind: &'static str) -> bool {
+        const PARTS: [&str; 3] = ["_bucket", "_sum", "_count"];
+        let mut fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        let kind_of = |n: &str| fams.get(n).and_then(Family::kind);
+        if kind_of(name).is_some_and(|k| k != kind) {
+            return false;
+        }
+        // This name is a part of a histogram's, or that histogram's parts are
+        // families of their own.
+        let part_of_histogram = PARTS.iter().any(|p| {
+            name.strip_suffix(p)
+                .is_some_and(|base| kind_of(base) == Some("histogram"))
+        });
+        let parts_taken = kind == "histogram"
+            && PARTS
+                .iter()
+                .any(|p| kind_of(&format!("{name}{p}")).is_some());
+        if part_of_histogram || parts_taken {
+            return false;
+        }
+        let fam = fams.entry(name).or_insert_with(|| Family {
+            help,
+            ..Family::default()
+        });
+        fam.declared = Some(kind);
+        true
     }
 
     /// All metrics in the Prometheus text exposition format (version 0.0.4).

@@ -1249,18 +1249,19 @@ impl HostState {
             // Interned for the process's life: bounded.
             || help.len() > 1024
             || labels.iter().any(|l| !metric_name_ok(l) || l == "plugin")
+            // A label twice, or a histogram's own `le`, is a series Prometheus
+            // refuses, and it fails the whole scrape.
+            || labels.iter().enumerate().any(|(i, l)| labels[..i].contains(l))
+            || (kind == MetricKind::Histogram && labels.iter().any(|l| l == "le"))
         {
             return Ok(Err(Error::InvalidArgument));
         }
-        // Another plugin's metric of this name and another kind: one family
-        // cannot hold both (the text format gives a family one type).
-        let full = format!("legate_plugin_{name}");
-        if self
-            .plugin
-            .stats
-            .kind_of(&full)
-            .is_some_and(|k| k != kind.type_name())
-        {
+        // Another plugin's metric of this name and another kind (declared,
+        // with or without a series yet): one family cannot hold both (the text
+        // format gives a family one type).
+        let full = crate::stats::intern(format!("legate_plugin_{name}"));
+        let help = crate::stats::intern(help);
+        if !self.plugin.stats.declare(full, help, kind.type_name()) {
             return Ok(Err(Error::InvalidArgument));
         }
         let def = {
@@ -1275,8 +1276,8 @@ impl HostState {
                 None if defs.len() >= MAX_METRICS => return Ok(Err(Error::LimitExceeded)),
                 None => {
                     let d = Arc::new(MetricDef {
-                        name: crate::stats::intern(full),
-                        help: crate::stats::intern(help),
+                        name: full,
+                        help,
                         kind,
                         labels,
                     });
@@ -1985,6 +1986,54 @@ mod tests {
         assert!(stats
             .render()
             .contains("legate_plugin_hits{plugin=\"b\"} 0"));
+    }
+
+    #[test]
+    fn labels_that_would_break_a_scrape_are_refused() {
+        let stats = Stats::new();
+        let mut a = configuring("a", &stats);
+        let mut define = |kind, name: &str, labels: &[&str]| {
+            a.define(
+                kind,
+                name.into(),
+                String::new(),
+                labels.iter().map(|l| l.to_string()).collect(),
+            )
+            .unwrap()
+            .map(|_| ())
+        };
+        // `x{r="1",r="2"}` and `lat_bucket{le="a",le="0.5"}` are series
+        // Prometheus refuses, failing the whole scrape.
+        for (kind, name, labels) in [
+            (MetricKind::Counter, "x", &["r", "r"][..]),
+            (MetricKind::Histogram, "lat", &["le"][..]),
+        ] {
+            assert!(
+                matches!(define(kind, name, labels), Err(Error::InvalidArgument)),
+                "{name} {labels:?}"
+            );
+        }
+        assert!(define(MetricKind::Counter, "le_total", &["le"]).is_ok());
+        assert!(define(MetricKind::Histogram, "lat", &["route"]).is_ok());
+    }
+
+    #[test]
+    fn a_labelled_metric_holds_its_kind_before_its_first_series() {
+        let stats = Stats::new();
+        let mut a = configuring("a", &stats);
+        let mut b = configuring("b", &stats);
+        let labels = || vec!["route".to_string()];
+        assert!(a
+            .define(MetricKind::Histogram, "lat".into(), String::new(), labels())
+            .unwrap()
+            .is_ok());
+        // No series yet (labelled): the kind was still declared.
+        assert_eq!(stats.kind_of("legate_plugin_lat"), Some("histogram"));
+        assert!(matches!(
+            b.define(MetricKind::Counter, "lat".into(), String::new(), labels())
+                .unwrap(),
+            Err(Error::InvalidArgument)
+        ));
     }
 
     #[test]

@@ -128,6 +128,17 @@ impl Meta {
         let prom = crate::stats::intern(prom);
         let labels = [("plugin", &*self.name)];
         let help = "A metric defined by a proxy-wasm plugin (proxy_define_metric).";
+        // One type per family, across plugins and across names that sanitize
+        // to the same one; and no family writing a histogram's sample names.
+        let type_name = match kind {
+            0 => "counter",
+            1 => "gauge",
+            2 => "histogram",
+            _ => return None,
+        };
+        if !self.stats.declare(prom, help, type_name) {
+            return None;
+        }
         let m = match kind {
             0 => Metric::Counter(self.stats.counter(prom, help, &labels)),
             1 => Metric::Gauge(self.stats.gauge(prom, help, &labels)),
@@ -452,6 +463,27 @@ pub(super) mod tests {
         let again = meta_in(stats);
         assert!(again.define_metric(0, "m7").is_some());
         assert_eq!(again.define_metric(0, "new"), None);
+    }
+
+    #[test]
+    fn a_metric_family_keeps_one_type_and_its_own_sample_names() {
+        let stats = Stats::new();
+        let (a, b) = (meta_in(stats.clone()), meta_in(stats.clone()));
+        assert!(a.define_metric(2, "lat").is_some());
+        // Another type under the same family, also through a name that
+        // sanitizes to it: refused (it was a metric detached from /stats).
+        assert_eq!(b.define_metric(0, "lat"), None);
+        assert!(a.define_metric(0, "x_y").is_some());
+        assert_eq!(b.define_metric(1, "x.y"), None);
+        // A family writing the histogram's own sample names: refused (its
+        // series were duplicates of `legate_proxywasm_lat_count`).
+        assert_eq!(b.define_metric(0, "lat_count"), None);
+        assert_eq!(b.define_metric(0, "lat.sum"), None);
+        // Other `_count` names are fine: Envoy filters use them.
+        assert!(b.define_metric(0, "requests_count").is_some());
+        let text = stats.render();
+        assert_eq!(text.matches("# TYPE legate_proxywasm_lat ").count(), 1, "{text}");
+        assert!(!text.contains("# TYPE legate_proxywasm_lat_count"), "{text}");
     }
 
     #[test]
