@@ -482,8 +482,15 @@ pub(super) mod tests {
         // Other `_count` names are fine: Envoy filters use them.
         assert!(b.define_metric(0, "requests_count").is_some());
         let text = stats.render();
-        assert_eq!(text.matches("# TYPE legate_proxywasm_lat ").count(), 1, "{text}");
-        assert!(!text.contains("# TYPE legate_proxywasm_lat_count"), "{text}");
+        assert_eq!(
+            text.matches("# TYPE legate_proxywasm_lat ").count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            !text.contains("# TYPE legate_proxywasm_lat_count"),
+            "{text}"
+        );
     }
 
     #[test]
