@@ -169,6 +169,35 @@ fn is_regular(fd: BorrowedFd<'_>) -> bool {
 }
 
 impl AccessLog {
+    /// Whether [`AccessLog::open`] would open `cfg`'s file, without creating
+    /// it (`legate check`): an existing file must open for appending, a new
+    /// one needs its directory.
+    pub fn check(cfg: &config::AccessLog) -> anyhow::Result<()> {
+        let p = std::path::Path::new(cfg.path.as_str());
+        if matches!(cfg.path.as_str(), "stdout" | "stderr") {
+            return Ok(());
+        }
+        if p.exists() {
+            OpenOptions::new()
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open access log `{}`", p.display()))?;
+            return Ok(());
+        }
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "cannot open access log `{}`: directory `{}` does not exist",
+                p.display(),
+                dir.display()
+            );
+        }
+        Ok(())
+    }
+
     /// Opens `stdout`, `stderr` or a file path for appending, and starts the writer
     /// thread.
     pub fn open(cfg: &config::AccessLog, stats: &Stats) -> anyhow::Result<Self> {

@@ -76,7 +76,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Plugin { command } => legate_host::plugin_build::run(command),
         Command::Check { config } => match config::load_file(&config) {
-            Ok(cfg) => match legate_host::wasm::check_plugins(&cfg) {
+            Ok(cfg) => match legate_host::server::check(std::sync::Arc::new(cfg)) {
                 Ok(()) => {
                     println!("{}: ok", config.display());
                     ExitCode::SUCCESS

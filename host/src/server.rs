@@ -501,6 +501,23 @@ pub struct Handle {
     stopped: Arc<AtomicBool>,
 }
 
+/// What `legate check` runs: everything `legate run` builds from `config`
+/// before it binds and serves — plugins loaded and configured, route tables,
+/// clusters (static host names resolved, endpoint files read, TLS material
+/// loaded), every listener's certificates and keys, the access log's file — so
+/// a config that passes would not fail at start for its contents. Binding
+/// (addresses in use, permissions for low ports) is not tried.
+pub fn check(config: Arc<Config>) -> anyhow::Result<()> {
+    for l in &config.listeners {
+        let l = &l.value;
+        ListenerCtx::load_tls(l).with_context(|| format!("listener `{}`", l.name))?;
+    }
+    if let Some(a) = &config.access_log {
+        AccessLog::check(a)?;
+    }
+    Snapshot::build(config).map(|_| ())
+}
+
 /// Starts Legate: every listener is bound before this returns (so port conflicts
 /// are reported here), then workers begin accepting.
 pub fn start(config: Config, opts: Options) -> anyhow::Result<Handle> {

@@ -680,3 +680,63 @@ async fn the_admin_api_bounds_slow_and_excess_connections() {
     })
     .await;
 }
+
+/// `legate check` fails what `legate run` would fail at start for the config's
+/// contents — a listener's certificate missing or not matching its key, a
+/// cluster's CA missing, an access log in a directory that does not exist —
+/// each named; it passed them ("ok") and only the start failed.
+#[test]
+fn legate_check_fails_what_legate_run_would() {
+    let ca = Ca::new("check CA");
+    let (one, two) = (ca.server(&["a.example"]), ca.server(&["a.example"]));
+    let dir = TempDir::new();
+    let check = |name: &str, yaml: String| {
+        let file = dir.write(name, yaml);
+        let out = std::process::Command::new(workspace_bin("legate"))
+            .args(["check", "-c"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), stderr)
+    };
+    let up: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let tls = |cert: &std::path::Path, key: &std::path::Path| {
+        simple_config(&[up]).replace(
+            "    http:\n",
+            &format!(
+                "    tls:\n      certificates:\n        - cert: {}\n          key: {}\n    http:\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+    };
+    assert_eq!(check("good.yaml", tls(&one.cert, &one.key)).0, true);
+    let missing = dir.path().join("gone.pem");
+    for (name, yaml, want) in [
+        ("missing.yaml", tls(&missing, &one.key), "listener `web`"),
+        ("mismatch.yaml", tls(&one.cert, &two.key), "listener `web`"),
+        (
+            "ca.yaml",
+            simple_config_with(
+                &[up],
+                "",
+                &format!("    tls:\n      ca: {}\n", missing.display()),
+            ),
+            "cluster `backend`",
+        ),
+        (
+            "log.yaml",
+            format!(
+                "{}access_log:\n  path: {}\n",
+                simple_config(&[up]),
+                dir.path().join("no/such/dir/access.log").display()
+            ),
+            "access log",
+        ),
+    ] {
+        let (ok, stderr) = check(name, yaml);
+        assert!(!ok, "{name}: legate check passed it");
+        assert!(stderr.contains(want), "{name}: {stderr}");
+    }
+}
