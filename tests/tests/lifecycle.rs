@@ -711,7 +711,8 @@ fn legate_check_fails_what_legate_run_would() {
             ),
         )
     };
-    assert_eq!(check("good.yaml", tls(&one.cert, &one.key)).0, true);
+    let (ok, stderr) = check("good.yaml", tls(&one.cert, &one.key));
+    assert!(ok, "{stderr}");
     let missing = dir.path().join("gone.pem");
     for (name, yaml, want) in [
         ("missing.yaml", tls(&missing, &one.key), "listener `web`"),
