@@ -76,7 +76,8 @@ struct Outcome {
     responding: bool,
     /// The upstream attempt in flight (see [`Attempts::run`]): counted as active
     /// (`upstream_rq_active`, `max_requests`, `least_request`) until the response
-    /// body ends or is dropped, with `Done`, which owns this.
+    /// body ends or is dropped, with `Done`, which owns this; after a `101`,
+    /// until the tunnel closes (its task takes it).
     active: Option<crate::cluster::ActiveRequest>,
     /// The stream idle timeout's clock ([`crate::idle`]): the matched route
     /// sets its timeout, `Done` reads whether it ended the request.
@@ -743,8 +744,12 @@ async fn proxy(
         if switching {
             if let Some(down) = downstream_upgrade {
                 let up = hyper::upgrade::on(&mut resp);
+                // The attempt stays in flight (`upstream_rq_active`,
+                // `max_requests`, `least_request`) until the tunnel closes,
+                // as Envoy's: the 101's empty body would end it at once.
+                let active = out.active.take();
                 conn.tunnel
-                    .set(Some(tokio::task::spawn_local(tunnel(down, up))));
+                    .set(Some(tokio::task::spawn_local(tunnel(down, up, active))));
             }
         }
         let received = resp.version();
@@ -2079,8 +2084,14 @@ fn content_length(h: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Bytes both ways between an upgraded client and upstream connection.
-async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+/// Bytes both ways between an upgraded client and upstream connection; the
+/// attempt's `active` slot is held until they stop.
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    active: Option<crate::cluster::ActiveRequest>,
+) {
+    let _active = active;
     let (down, up) = match tokio::try_join!(down, up) {
         Ok(x) => x,
         Err(e) => {
