@@ -1911,11 +1911,12 @@ async fn after_sent<F: Future>(
 }
 
 /// Whether `e` is retried under `p` (as Envoy, `5xx` and `gateway-error` also cover
-/// "no response at all": connect failure, reset, per-try timeout).
+/// "no response at all": connect failure, reset, per-try timeout, and a response
+/// head that does not parse, which Envoy's codec turns into a reset of the stream).
 fn retry_on_error(p: &RetryPolicy, e: &ProxyError) -> bool {
     match e.kind {
         Kind::ConnectFailed => p.retries_connect_failure(),
-        Kind::UpstreamReset | Kind::PerTryTimeout => p.retries_reset(),
+        Kind::UpstreamReset | Kind::UpstreamProtocol | Kind::PerTryTimeout => p.retries_reset(),
         _ => false,
     }
 }

@@ -317,6 +317,71 @@ each_proto!(
     }
 );
 
+/// An upstream that answers every request with a response head that does not
+/// parse (`garbage`), then closes; counts the connections it took.
+async fn malformed_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = tcp.write_all(b"HTTP/1.1 2OO Not A Status\r\n\r\n").await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+each_proto!(
+    /// A response head that does not parse (502 `upstream_protocol_error`)
+    /// is retried under `reset` and `5xx`, as Envoy retries the stream reset
+    /// its codec makes of a protocol error: the retry goes to the other
+    /// endpoint. (It was never retried.)
+    async fn a_malformed_response_is_retried(proto) {
+        let (bad, bad_conns) = malformed_upstream().await;
+        let good = upstream().name("good").start().await;
+        for retry_on in ["reset", "5xx"] {
+            let lg = legate()
+                .config(&simple_config_with(
+                    &[bad, good.addr],
+                    &retry(&format!(
+                        "              retry_on: [{retry_on}]\n              backoff_base: 1ms\n"
+                    )),
+                    "    protocol: http1\n",
+                ))
+                .start();
+            let mut c = client(proto, lg.addr("web")).await;
+            let before = bad_conns.load(Ordering::SeqCst);
+            for i in 0..4 {
+                let r = c.get("/").send().await;
+                assert_eq!(r.status, 200, "{retry_on}, request {i}: {}", r.text());
+                assert_eq!(r.header("x-upstream"), Some("good"));
+            }
+            let tried = bad_conns.load(Ordering::SeqCst) - before;
+            assert!(tried >= 1, "{retry_on}: the malformed endpoint was never tried");
+            lg.assert_stat(RETRY_STAT, tried as f64).await;
+        }
+        // Without a retry, the client gets the 502.
+        let lg = legate().config(&simple_config(&[bad])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 502);
+        assert_eq!(r.text(), "upstream_protocol_error\n");
+    }
+);
+
 /// A request body buffered for retries is bounded by the route timeout: a
 /// client that stops sending it gets 408 (it was held, with its buffer, for as
 /// long as the client kept the connection open), and nothing goes upstream.
