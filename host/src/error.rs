@@ -18,7 +18,7 @@
 //! | `UpgradeRefused` | 403 (`upgrade_failed`), HTTP/1.1 connection closed | no |
 //! | `ConnectFailed` | 502 | yes (`connect-failure`) |
 //! | `UpstreamReset` | 502 | yes (`reset`) |
-//! | `UpstreamProtocol` | 502 | no |
+//! | `UpstreamProtocol` | 502 | yes (`reset`: a malformed response head) |
 //! | `NoHealthyUpstream` | 503 | no |
 //! | `Overloaded` | 503 + `x-legate-overloaded: true` | no |
 //! | `Timeout` (route) | 504 | no |
@@ -194,7 +194,10 @@ impl ProxyError {
     pub fn retryable(&self) -> bool {
         matches!(
             self.kind,
-            Kind::ConnectFailed | Kind::UpstreamReset | Kind::PerTryTimeout
+            Kind::ConnectFailed
+                | Kind::UpstreamReset
+                | Kind::UpstreamProtocol
+                | Kind::PerTryTimeout
         )
     }
 

@@ -133,7 +133,12 @@ async fn shadow(worker: &Worker, entry: &Arc<crate::server::ClusterEntry>, copy:
         }
         Err(e) => {
             tracing::debug!(cluster = %cluster.name, "mirror: {}", e.detail);
-            active.record_failure();
+            // As the main path: the endpoint's failure only when it is the
+            // upstream's, not this cluster's own circuit breaker refusing the
+            // connection (`max_connections`, `max_pending_requests`).
+            if e.side() == crate::error::Side::Upstream {
+                active.record_failure();
+            }
             false
         }
     }

@@ -76,7 +76,8 @@ struct Outcome {
     responding: bool,
     /// The upstream attempt in flight (see [`Attempts::run`]): counted as active
     /// (`upstream_rq_active`, `max_requests`, `least_request`) until the response
-    /// body ends or is dropped, with `Done`, which owns this.
+    /// body ends or is dropped, with `Done`, which owns this; after a `101`,
+    /// until the tunnel closes (its task takes it).
     active: Option<crate::cluster::ActiveRequest>,
     /// The stream idle timeout's clock ([`crate::idle`]): the matched route
     /// sets its timeout, `Done` reads whether it ended the request.
@@ -743,8 +744,12 @@ async fn proxy(
         if switching {
             if let Some(down) = downstream_upgrade {
                 let up = hyper::upgrade::on(&mut resp);
+                // The attempt stays in flight (`upstream_rq_active`,
+                // `max_requests`, `least_request`) until the tunnel closes,
+                // as Envoy's: the 101's empty body would end it at once.
+                let active = out.active.take();
                 conn.tunnel
-                    .set(Some(tokio::task::spawn_local(tunnel(down, up))));
+                    .set(Some(tokio::task::spawn_local(tunnel(down, up, active))));
             }
         }
         let received = resp.version();
@@ -1687,6 +1692,15 @@ fn via_value(version: Version, name: &str) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("1.1 legate"))
 }
 
+/// An attempt admitted by the circuit breakers, not yet sent
+/// ([`Attempts::admit`]).
+struct Admitted {
+    addr: SocketAddr,
+    host: Arc<str>,
+    index: Option<usize>,
+    active: crate::cluster::ActiveRequest,
+}
+
 /// One request's attempts against a cluster.
 struct Attempts<'a> {
     conn: &'a ConnCtx,
@@ -1717,26 +1731,17 @@ impl Attempts<'_> {
         let mut attempt: u32 = 0;
         // The circuit breakers' count of this request's retry in flight.
         let mut retry_slot = None;
+        // The next attempt, admitted before its backoff (a retry's).
+        let mut next: Option<Admitted> = None;
         loop {
-            // Original-destination clusters send to where the client was going.
-            let (target_addr, host, index) = if cluster.config.original_dst {
-                let addr = self.conn.original_dst.ok_or_else(|| {
-                    ProxyError::new(
-                        Kind::NoHealthyUpstream,
-                        "connection has no original destination",
-                    )
-                })?;
-                (addr, Arc::<str>::from(addr.ip().to_string()), None)
-            } else {
-                let idx = balancer.pick(hash, &tried).ok_or_else(|| {
-                    ProxyError::new(
-                        Kind::NoHealthyUpstream,
-                        format!("cluster `{}` has no available endpoint", cluster.name),
-                    )
-                })?;
-                tried.push(idx);
-                let ep = &cluster.endpoints[idx];
-                (ep.address, ep.host.clone(), Some(idx))
+            let Admitted {
+                addr: target_addr,
+                host,
+                index,
+                active: admitted,
+            } = match next.take() {
+                Some(n) => n,
+                None => self.admit(cluster, &balancer, hash, &mut tried)?,
             };
             out.upstream = Some(target_addr);
             out.attempts = attempt + 1;
@@ -1746,7 +1751,7 @@ impl Attempts<'_> {
             let req = self.build_request(source.take(), last)?;
             // In `out`, not here: a route timeout drops this future and records
             // the attempt from there, and a response keeps it until its body ends.
-            let active = out.active.insert(cluster.try_start_request(index)?);
+            let active = out.active.insert(admitted);
             let target = Target {
                 addr: target_addr,
                 host: &host,
@@ -1774,25 +1779,10 @@ impl Attempts<'_> {
                 }
             };
             let can_retry = replayable && attempt < max_retries;
-            match result {
-                Ok(mut resp) => {
-                    out.debug.connection = resp
-                        .extensions_mut()
-                        .remove::<crate::upstream::ConnectionUse>();
+            let retry = match &result {
+                Ok(resp) => {
                     active.record_status(resp.status().as_u16());
-                    if can_retry
-                        && self.policy.is_some_and(|p| p.retries_status(resp.status()))
-                        && cluster.retry_permit(&mut retry_slot)
-                    {
-                        drop(resp);
-                        // This attempt is over: not in flight during the backoff.
-                        out.active = None;
-                        self.backoff(attempt).await;
-                        attempt += 1;
-                        cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
-                        continue;
-                    }
-                    return Ok(resp);
+                    self.policy.is_some_and(|p| p.retries_status(resp.status()))
                 }
                 Err(e) => {
                     if e.kind == Kind::PerTryTimeout {
@@ -1800,21 +1790,84 @@ impl Attempts<'_> {
                     } else if e.side() == Side::Upstream {
                         active.record_failure();
                     }
-                    if can_retry
-                        && self.policy.is_some_and(|p| retry_on_error(p, &e))
-                        && cluster.retry_permit(&mut retry_slot)
-                    {
-                        out.active = None;
-                        self.backoff(attempt).await;
-                        attempt += 1;
-                        cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
-                        continue;
+                    self.policy.is_some_and(|p| retry_on_error(p, e))
+                }
+            };
+            if can_retry && retry && cluster.retry_permit(&mut retry_slot) {
+                // This attempt is over: its slot goes back before the retry
+                // takes one (one request retries under `max_requests: 1`).
+                out.active = None;
+                // The retry is admitted (an endpoint, `max_requests`, adaptive
+                // concurrency) before this answer is dropped: refused, this is
+                // the answer the client gets, not the refusal's 503. Admitted,
+                // it holds its slot through the backoff.
+                if let Ok(n) = self.admit(cluster, &balancer, hash, &mut tried) {
+                    drop(result);
+                    next = Some(n);
+                    self.backoff(attempt).await;
+                    if let Some(n) = &mut next {
+                        // Its latency sample starts now, not before the wait.
+                        n.active.restart_clock();
                     }
-                    out.active = None;
-                    return Err(e);
+                    attempt += 1;
+                    // Counted as it is sent (a refused one was not made).
+                    cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
+                    continue;
                 }
             }
+            return match result {
+                Ok(mut resp) => {
+                    out.debug.connection = resp
+                        .extensions_mut()
+                        .remove::<crate::upstream::ConnectionUse>();
+                    Ok(resp)
+                }
+                Err(e) => {
+                    out.active = None;
+                    Err(e)
+                }
+            };
         }
+    }
+
+    /// The next attempt's endpoint, admitted by the cluster's circuit breakers
+    /// (`max_requests`, adaptive concurrency): from the balancer (skipping
+    /// those `tried`, to which it is added), or where the client was going
+    /// (`original_dst`).
+    fn admit(
+        &self,
+        cluster: &Arc<crate::cluster::Cluster>,
+        balancer: &crate::cluster::Balancer,
+        hash: Option<u64>,
+        tried: &mut Vec<usize>,
+    ) -> Result<Admitted, ProxyError> {
+        // Original-destination clusters send to where the client was going.
+        let (addr, host, index) = if cluster.config.original_dst {
+            let addr = self.conn.original_dst.ok_or_else(|| {
+                ProxyError::new(
+                    Kind::NoHealthyUpstream,
+                    "connection has no original destination",
+                )
+            })?;
+            (addr, Arc::<str>::from(addr.ip().to_string()), None)
+        } else {
+            let idx = balancer.pick(hash, tried).ok_or_else(|| {
+                ProxyError::new(
+                    Kind::NoHealthyUpstream,
+                    format!("cluster `{}` has no available endpoint", cluster.name),
+                )
+            })?;
+            tried.push(idx);
+            let ep = &cluster.endpoints[idx];
+            (ep.address, ep.host.clone(), Some(idx))
+        };
+        let active = cluster.try_start_request(index)?;
+        Ok(Admitted {
+            addr,
+            host,
+            index,
+            active,
+        })
     }
 
     /// The attempt's request in HTTP/1.1 form (origin-form URI + Host); the pool
@@ -1906,11 +1959,12 @@ async fn after_sent<F: Future>(
 }
 
 /// Whether `e` is retried under `p` (as Envoy, `5xx` and `gateway-error` also cover
-/// "no response at all": connect failure, reset, per-try timeout).
+/// "no response at all": connect failure, reset, per-try timeout, and a response
+/// head that does not parse, which Envoy's codec turns into a reset of the stream).
 fn retry_on_error(p: &RetryPolicy, e: &ProxyError) -> bool {
     match e.kind {
         Kind::ConnectFailed => p.retries_connect_failure(),
-        Kind::UpstreamReset | Kind::PerTryTimeout => p.retries_reset(),
+        Kind::UpstreamReset | Kind::UpstreamProtocol | Kind::PerTryTimeout => p.retries_reset(),
         _ => false,
     }
 }
@@ -2079,8 +2133,14 @@ fn content_length(h: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Bytes both ways between an upgraded client and upstream connection.
-async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+/// Bytes both ways between an upgraded client and upstream connection; the
+/// attempt's `active` slot is held until they stop.
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    active: Option<crate::cluster::ActiveRequest>,
+) {
+    let _active = active;
     let (down, up) = match tokio::try_join!(down, up) {
         Ok(x) => x,
         Err(e) => {

@@ -642,7 +642,6 @@ impl Pool {
         permit: Option<ConnectPermit>,
     ) -> Result<Sender, ProxyError> {
         let (io, h2, guard) = open_counted(s, target, permit).await?;
-        let io = TokioIo::new(io);
         let handshake_err = |e: hyper::Error| {
             ProxyError::new(
                 Kind::ConnectFailed,
@@ -653,7 +652,7 @@ impl Pool {
             let (sender, conn) = http2::Builder::new(LocalExec)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(30))
-                .handshake(io)
+                .handshake(TokioIo::new(io))
                 .await
                 .map_err(handshake_err)?;
             let driver: Rc<RefCell<Option<H2Driver>>> = Rc::new(RefCell::new(Some(Box::pin(conn))));
@@ -693,12 +692,18 @@ impl Pool {
                 });
             Ok(Sender::H2(sender, usage))
         } else {
+            // The counter guard goes with the socket: dropped with the
+            // connection task, or, after a 101, with the upgraded stream when
+            // the tunnel ends (hyper hands the socket over and ends the task).
+            let io = TokioIo::new(Counted {
+                io,
+                _counted: guard,
+            });
             let (sender, conn) = http1::Builder::new()
                 .handshake(io)
                 .await
                 .map_err(handshake_err)?;
             tokio::task::spawn_local(async move {
-                let _counted = guard;
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!("upstream h1 connection ended: {e}");
                 }
@@ -990,6 +995,58 @@ impl body::Watch for Return {
                 idle_timeout: self.idle_timeout,
             });
         }
+    }
+}
+
+/// An HTTP/1.1 upstream socket with its [`ActiveConnection`]: counted open
+/// (`upstream_cx_active`, the endpoint's `cx_active`, its `max_connections`
+/// slot) for as long as the socket lives, also once a `101 Switching Protocols`
+/// moved it into an upgraded stream (a WebSocket tunnel), as Envoy counts an
+/// upgraded connection until the tunnel closes.
+struct Counted {
+    io: Conn,
+    _counted: ActiveConnection,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 

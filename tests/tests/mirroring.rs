@@ -285,3 +285,58 @@ impl hyper::body::Body for Endless {
         )))))
     }
 }
+
+each_proto!(
+    /// Copies the shadow cluster's own circuit breaker refuses (here
+    /// `max_connections: 1` over HTTP/1.1, its one connection held by a copy
+    /// the shadow has not answered) are mirror failures, not failures of the
+    /// shadow endpoint: no `rq_error`, nothing for outlier detection, as on
+    /// the primary path. (They were recorded as the endpoint's: two such
+    /// refusals ejected it.)
+    async fn copies_the_shadow_breaker_refuses_do_not_eject_its_endpoint(proto) {
+        let p = upstream().name("primary").start().await;
+        let seen = Seen::default();
+        let release = Arc::new(Notify::new());
+        let held = shadow(&seen, Some(release.clone()), 200).await;
+        let yaml = config(p.addr, held.addr, "{ cluster: shadow, timeout: 10s }").replace(
+            &format!("    endpoints: [{{ address: \"{}\" }}]\n", held.addr),
+            &format!(
+                "    endpoints: [{{ address: \"{}\" }}]\n    protocol: http1\n    \
+                 circuit_breakers: {{ max_connections: 1 }}\n    \
+                 outlier_detection: {{ consecutive_gateway_failure: 2, consecutive_5xx: 2 }}\n",
+                held.addr
+            ),
+        );
+        assert!(yaml.contains("max_connections: 1"), "{yaml}");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/held").send().await;
+        assert_eq!(r.status, 200);
+        eventually(WAIT, "the held copy", || async {
+            (seen.lock().unwrap().len() == 1).then_some(())
+        })
+        .await;
+        for _ in 0..3 {
+            let r = c.get("/refused").send().await;
+            assert_eq!(r.status, 200);
+        }
+        eventually(WAIT, "three refused copies", || async {
+            (lg.stat(&stat("mirror_failures", "shadow")).await == Some(3.0)).then_some(())
+        })
+        .await;
+        lg.assert_stat(&stat("upstream_cx_overflow", "shadow"), 3.0).await;
+        lg.assert_stat(&stat("outlier_detection_ejections_total", "shadow"), 0.0)
+            .await;
+        lg.assert_stat(
+            &format!(r#"legate_endpoint_rq_error{{cluster="shadow",endpoint="{}"}}"#, held.addr),
+            0.0,
+        )
+        .await;
+        release.notify_waiters();
+        eventually(WAIT, "the held copy answered", || async {
+            (lg.stat(&stat("upstream_rq_2xx", "shadow")).await == Some(1.0)).then_some(())
+        })
+        .await;
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+);

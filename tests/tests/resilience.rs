@@ -317,6 +317,164 @@ each_proto!(
     }
 );
 
+/// An upstream that answers every request with a response head that does not
+/// parse (`garbage`), then closes; counts the connections it took.
+async fn malformed_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = tcp.write_all(b"HTTP/1.1 2OO Not A Status\r\n\r\n").await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+each_proto!(
+    /// A response head that does not parse (502 `upstream_protocol_error`)
+    /// is retried under `reset` and `5xx`, as Envoy retries the stream reset
+    /// its codec makes of a protocol error: the retry goes to the other
+    /// endpoint. (It was never retried.)
+    async fn a_malformed_response_is_retried(proto) {
+        let (bad, bad_conns) = malformed_upstream().await;
+        let good = upstream().name("good").start().await;
+        for retry_on in ["reset", "5xx"] {
+            let lg = legate()
+                .config(&simple_config_with(
+                    &[bad, good.addr],
+                    &retry(&format!(
+                        "              retry_on: [{retry_on}]\n              backoff_base: 1ms\n"
+                    )),
+                    "    protocol: http1\n",
+                ))
+                .start();
+            let mut c = client(proto, lg.addr("web")).await;
+            let before = bad_conns.load(Ordering::SeqCst);
+            for i in 0..4 {
+                let r = c.get("/").send().await;
+                assert_eq!(r.status, 200, "{retry_on}, request {i}: {}", r.text());
+                assert_eq!(r.header("x-upstream"), Some("good"));
+            }
+            let tried = bad_conns.load(Ordering::SeqCst) - before;
+            assert!(tried >= 1, "{retry_on}: the malformed endpoint was never tried");
+            lg.assert_stat(RETRY_STAT, tried as f64).await;
+        }
+        // Without a retry, the client gets the 502.
+        let lg = legate().config(&simple_config(&[bad])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 502);
+        assert_eq!(r.text(), "upstream_protocol_error\n");
+    }
+);
+
+each_proto!(
+    /// A retry that cannot be made when its turn comes gives the client the
+    /// upstream's answer, as one over the retry limit does, not Legate's 503:
+    /// here no endpoint is left to take it (the only one was ejected by the
+    /// 503 itself, panic mode off). It is not counted as a retry. (The client
+    /// got 503 `no_healthy_upstream`, and `upstream_rq_retry` counted it.)
+    async fn a_retry_no_endpoint_can_take_sends_back_the_previous_answer(proto) {
+        let up = upstream().status(503).response_header("retry-after", "7").start().await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[up.addr],
+                &retry("              retry_on: [5xx]\n              num_retries: 2\n              backoff_base: 1ms\n"),
+                "    panic_threshold: 0%\n    outlier_detection: { consecutive_gateway_failure: 1 }\n",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/once").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.header("retry-after"), Some("7"), "not the upstream's answer: {}", r.text());
+        assert_eq!(up.requests.get(), 1);
+        lg.assert_stat(
+            r#"legate_cluster_outlier_detection_ejections_total{cluster="backend"}"#,
+            1.0,
+        )
+        .await;
+        lg.assert_stat(RETRY_STAT, 0.0).await;
+        lg.assert_stat(r#"legate_cluster_upstream_rq_total{cluster="backend"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// With `max_requests: 1` and two clients, a request whose attempt
+    /// reached the upstream always gets the upstream's answer: its retry is
+    /// admitted before that answer is dropped (before the backoff), and one
+    /// refused sends the answer back. Only requests refused at their first
+    /// attempt get Legate's 503. (The retry took its slot after the backoff:
+    /// the other client's request took it meanwhile and the client whose
+    /// request the upstream had answered got `x-legate-overloaded`.)
+    async fn a_retry_refused_by_max_requests_sends_back_the_previous_answer(proto) {
+        let seen: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
+        let recorded = seen.clone();
+        let up = upstream()
+            .handler(move |req: Request<Incoming>| {
+                let recorded = recorded.clone();
+                async move {
+                    if let Some(id) = req.headers().get("x-id") {
+                        recorded.lock().unwrap().insert(id.to_str().unwrap().to_string());
+                    }
+                    let mut resp = Response::new(Full::new(Bytes::from_static(b"busy\n")));
+                    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    resp.headers_mut().insert("retry-after", HeaderValue::from_static("7"));
+                    resp
+                }
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[up.addr],
+                &retry("              retry_on: [5xx]\n              num_retries: 1\n              backoff_base: 50ms\n"),
+                "    circuit_breakers: { max_requests: 1 }\n",
+            ))
+            .start();
+        let addr = lg.addr("web");
+        let run = |who: &'static str| {
+            let seen = seen.clone();
+            async move {
+                let mut c = client(proto, addr).await;
+                let mut answered = 0;
+                for i in 0..20 {
+                    let id = format!("{who}-{i}");
+                    let r = c.get("/").header("x-id", &id).send().await;
+                    assert_eq!(r.status, 503, "{}", r.text());
+                    if r.header("retry-after") == Some("7") {
+                        answered += 1;
+                        continue;
+                    }
+                    assert_eq!(r.header("x-legate-overloaded"), Some("true"), "{}", r.text());
+                    assert!(
+                        !seen.lock().unwrap().contains(&id),
+                        "request {id} reached the upstream, yet its client got Legate's 503"
+                    );
+                }
+                answered
+            }
+        };
+        let (a, b) = tokio::join!(run("a"), run("b"));
+        assert!(a + b > 0, "no request reached the upstream");
+        assert_eq!(seen.lock().unwrap().len(), a + b);
+    }
+);
+
 /// A request body buffered for retries is bounded by the route timeout: a
 /// client that stops sending it gets 408 (it was held, with its buffer, for as
 /// long as the client kept the connection open), and nothing goes upstream.

@@ -195,6 +195,113 @@ async fn an_upgraded_connection_is_counted_and_idles_out() {
         .await;
 }
 
+/// The upstream side of a WebSocket tunnel stays counted until the tunnel
+/// closes, as Envoy's: the connection (`upstream_cx_active`, the endpoint's
+/// `cx_active`) and the attempt (`upstream_rq_active`, the endpoint's
+/// `rq_active`, what `least_request` reads). Both were dropped at the 101 (the
+/// connection task ended when hyper handed its socket over; the 101's empty
+/// body ended the attempt). HTTP/1.1 only: upgrades are HTTP/1.1's (HTTP/2
+/// extended CONNECT is not offered, see `h2_extended_connect_is_not_offered`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_counts_as_an_upstream_connection_and_request_until_it_closes() {
+    let up = upgrade_echo_server().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let gauges = [
+        r#"legate_cluster_upstream_cx_active{cluster="backend"}"#.to_string(),
+        r#"legate_cluster_upstream_rq_active{cluster="backend"}"#.to_string(),
+        format!(
+            r#"legate_endpoint_cx_active{{cluster="backend",endpoint="{}"}}"#,
+            up.addr
+        ),
+        format!(
+            r#"legate_endpoint_rq_active{{cluster="backend",endpoint="{}"}}"#,
+            up.addr
+        ),
+    ];
+    let mut tunnels = Vec::new();
+    for _ in 0..2 {
+        let mut c = RawConn::connect(lg.addr("web")).await;
+        let head = c.websocket_handshake("/chat").await;
+        assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+        c.write(b"ping").await;
+        assert_eq!(c.read_exact(4, HANG_GUARD).await.unwrap(), b"ping");
+        tunnels.push(c);
+    }
+    for g in &gauges {
+        lg.assert_stat(g, 2.0).await;
+    }
+    drop(tunnels);
+    eventually(
+        HANG_GUARD,
+        "upstream sides of the tunnels closed",
+        || async { (up.closed.get() == 2).then_some(()) },
+    )
+    .await;
+    for g in &gauges {
+        lg.assert_stat(g, 0.0).await;
+    }
+}
+
+/// A cluster's `max_connections` and `max_requests` limit WebSocket tunnels:
+/// with a limit of 1, a second WebSocket while one is open is refused with
+/// 503 (it was let through: the first stopped counting at its 101), and one
+/// after the first closed gets through. HTTP/1.1 only (upgrades are).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breakers_limit_open_tunnels() {
+    for (limit, overflow) in [
+        ("max_connections", "upstream_cx_overflow"),
+        ("max_requests", "upstream_rq_pending_overflow"),
+    ] {
+        let up = upgrade_echo_server().await;
+        let config = simple_config_with(
+            &[up.addr],
+            "",
+            &format!("    circuit_breakers: {{ {limit}: 1 }}\n"),
+        );
+        let lg = legate().config(&config).start();
+        let mut first = RawConn::connect(lg.addr("web")).await;
+        let head = first.websocket_handshake("/chat").await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{limit}: no 101: {head}");
+        first.write(b"ping").await;
+        assert_eq!(first.read_exact(4, HANG_GUARD).await.unwrap(), b"ping");
+
+        let mut second = RawConn::connect(lg.addr("web")).await;
+        let head = second.websocket_handshake("/chat").await;
+        assert!(
+            head.starts_with("HTTP/1.1 503"),
+            "{limit}: a second tunnel was let through: {head}"
+        );
+        lg.assert_stat(
+            &format!(r#"legate_cluster_{overflow}{{cluster="backend"}}"#),
+            1.0,
+        )
+        .await;
+        assert_eq!(up.connections.get(), 1, "{limit}");
+
+        drop(first);
+        eventually(HANG_GUARD, "upstream side of the tunnel closed", || async {
+            (up.closed.get() == 1).then_some(())
+        })
+        .await;
+        lg.assert_stat(
+            r#"legate_cluster_upstream_rq_active{cluster="backend"}"#,
+            0.0,
+        )
+        .await;
+        lg.assert_stat(
+            r#"legate_cluster_upstream_cx_active{cluster="backend"}"#,
+            0.0,
+        )
+        .await;
+        let mut third = RawConn::connect(lg.addr("web")).await;
+        let head = third.websocket_handshake("/chat").await;
+        assert!(
+            head.starts_with("HTTP/1.1 101"),
+            "{limit}: no 101 after the close: {head}"
+        );
+    }
+}
+
 /// A tunnel where only the upstream talks (server push over a WebSocket) is
 /// not idle: the bytes it sends the client are activity, however long the
 /// client stays silent. (A review suspected the idle timer counted only what

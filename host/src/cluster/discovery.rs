@@ -180,9 +180,11 @@ pub(super) fn initial_endpoints(cfg: &config::Cluster) -> anyhow::Result<Vec<Arc
 /// When `old` (the cluster it replaces) was `dns` with the same `dns_lookup` and
 /// `dns_resolvers`, every configured name `old` has addresses for starts from
 /// them: fresh endpoints (the new weights, zones and metadata; healthy, as a
-/// changed cluster starts) at the same addresses, so pooled connections are
-/// reused. The other names (new ones; all of them without such an `old`) are
-/// resolved now, all clusters at once on a thread of their own, each within its
+/// changed cluster starts) at the same addresses. (Not the old cluster's pooled
+/// connections: a changed cluster has new `UpstreamSettings`, whose id keys
+/// the pool, so requests open connections of their own.) The other names (new
+/// ones; all of them without such an `old`) are resolved now, all clusters at
+/// once on a thread of their own, each within its
 /// `initial_fetch_timeout`. A name that does not answer in time leaves the cluster
 /// without its endpoints (Envoy activates a cluster after `initial_fetch_timeout`
 /// too); discovery keeps resolving it (every `dns_refresh_rate`, or sooner with

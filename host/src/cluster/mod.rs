@@ -684,6 +684,15 @@ impl ActiveRequest {
         self.endpoint
     }
 
+    /// Starts the adaptive-concurrency latency sample again, now: for an
+    /// attempt admitted before the retry backoff it waits out (the wait is no
+    /// upstream latency).
+    pub fn restart_clock(&mut self) {
+        if self.admitted.is_some() {
+            self.admitted = Some(std::time::Instant::now());
+        }
+    }
+
     /// Records the response status: the cluster's status class, and a 5xx as an
     /// endpoint error. Feeds outlier detection.
     pub fn record_status(&self, status: u16) {

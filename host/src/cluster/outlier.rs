@@ -141,7 +141,9 @@ impl Cluster {
         let (Some(od), Some(ep)) = (&self.config.outlier_detection, self.endpoints.get(i)) else {
             return;
         };
-        if !self.is_current(ep) {
+        // Already ejected (attempts still in flight on it fail too): nothing
+        // to reserve, and no overflow to count, as Envoy checks the flag first.
+        if !self.is_current(ep) || ep.health.flags() & EJECTED != 0 {
             return;
         }
         let s = &ep.outlier;
@@ -364,6 +366,31 @@ mod tests {
             [false, true, true],
             "10% of 3 still allows one"
         );
+    }
+
+    /// Failures on an endpoint already ejected (attempts that were in flight)
+    /// are no ejection refused by `max_ejection_percent`: the overflow counted
+    /// them when the cap was reached.
+    #[test]
+    fn failures_on_an_ejected_endpoint_are_no_overflow() {
+        let c = weighted("round_robin", &[1, 1], OD);
+        for _ in 0..2 {
+            c.outlier_record(0, Outcome::LocalFailure);
+        }
+        assert_eq!(available(&c), [false, true]);
+        for _ in 0..4 {
+            c.outlier_record(0, Outcome::LocalFailure);
+        }
+        let st = &c.stats;
+        assert_eq!(st.outlier_detection_ejections_overflow.load(Relaxed), 0);
+        assert_eq!(st.outlier_detection_ejections_active.load(Relaxed), 1);
+        assert_eq!(st.outlier_detection_ejections_total.load(Relaxed), 1);
+        // The cap still refuses the other endpoint (50% of 2 is one).
+        for _ in 0..2 {
+            c.outlier_record(1, Outcome::LocalFailure);
+        }
+        assert_eq!(available(&c), [false, true]);
+        assert_eq!(st.outlier_detection_ejections_overflow.load(Relaxed), 1);
     }
 
     #[test]
