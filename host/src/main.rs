@@ -238,7 +238,15 @@ fn run(
     }
     let handle = server::start_with(cfg, opts, process).context("starting legate")?;
     if let Some(i) = inherited {
-        i.finish(handle.shared()).context("hot restart")?;
+        // This process serves on every socket already: a handover the old
+        // process did not confirm (it exited, or drained meanwhile) must not
+        // stop it too, which would leave nothing serving.
+        if let Err(e) = i.finish(handle.shared()) {
+            tracing::error!(
+                "hot restart: {e:#}; serving anyway (if the old process still runs, \
+                 stop it: both accept on the same sockets)"
+            );
+        }
     }
     match handle.admin_socket() {
         Ok(admin) => {
@@ -250,10 +258,15 @@ fn run(
     }
     let shared = handle.shared();
     let mut drain = handle.drain_signal();
-    rt.block_on(async {
+    let (mut term, mut int) = {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
+        let _in = rt.enter();
+        (
+            signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        )
+    };
+    rt.block_on(async {
         loop {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: draining"),
@@ -261,22 +274,36 @@ fn run(
                 _ = drain.wait_for(|d| *d) => tracing::info!("drain requested"),
                 _ = hup.recv() => {
                     // Config and every plugin module are read again; the result is
-                    // logged, counted and shown by `GET /reload`.
+                    // logged, counted and shown by `GET /reload`. Not awaited: a
+                    // SIGTERM during a long reload (a plugin compiling) drains at
+                    // once (reloads take one lock, so they run one at a time).
                     tracing::info!("SIGHUP: reloading {}", path.display());
                     let shared = shared.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
+                    drop(tokio::task::spawn_blocking(move || {
                         legate_host::reload::reload_config(&shared, legate_host::reload::Trigger::Signal)
-                    })
-                    .await;
+                    }));
                     continue;
                 }
             }
             break;
         }
-        anyhow::Ok(())
-    })?;
+    });
     handle.shutdown();
-    let stopped = handle.wait();
+    // A second SIGTERM or SIGINT during the drain stops at once (as a second
+    // Ctrl-C is expected to), cutting the connections still open.
+    let stopped = rt.block_on(async {
+        let mut wait = tokio::task::spawn_blocking(move || handle.wait());
+        loop {
+            tokio::select! {
+                r = &mut wait => break r.unwrap_or_else(|e| Err(anyhow::anyhow!("drain: {e}"))),
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = hup.recv() => continue,
+            }
+            tracing::warn!("second signal: stopping now, without waiting for the drain");
+            std::process::exit(1);
+        }
+    });
     hot_restart::send_final_stats(&shared);
     stopped?;
     tracing::info!("stopped");

@@ -1490,6 +1490,51 @@ async fn sighup_reloads_the_config() {
     assert_eq!(c.get("/x").send().await.header("x-upstream"), Some("b"));
 }
 
+/// SIGTERM drains; a second SIGTERM (or SIGINT) during the drain stops at
+/// once, cutting what is still open, instead of waiting out `drain_timeout`
+/// (an hour here): the second Ctrl-C an operator reaches for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_the_drain_at_once() {
+    let release = Arc::new(AtomicBool::new(false));
+    let up = upstream().hold_until(&release).start().await;
+    legate_bin();
+    let (web, admin) = (free_addr(), free_addr());
+    let dir = TempDir::new();
+    let yaml = fixed_yaml(web, admin, up.addr).replacen(
+        "version: 1\n",
+        "version: 1\ndrain_timeout: 1h\n",
+        1,
+    );
+    let cfg = dir.write("legate.yaml", yaml);
+    let mut p = Child::spawn(&cfg, &[]);
+    wait_ready(admin).await;
+    // A request the upstream holds: the drain waits for it.
+    let held = tokio::spawn(async move {
+        let mut c = client(Proto::H1, web).await;
+        c.get("/held").try_send().await.map(|r| r.status)
+    });
+    eventually(HANG_GUARD, "the request is in flight", || async {
+        let (_, body) = admin_at(admin, Method::GET, "/stats").await?;
+        body.contains(r#"legate_listener_requests_active{listener="web"} 1"#)
+            .then_some(())
+    })
+    .await;
+    p.signal("TERM");
+    eventually(HANG_GUARD, "draining", || async {
+        let (status, _) = admin_at(admin, Method::GET, "/ready").await?;
+        (status == 503).then_some(())
+    })
+    .await;
+    p.signal("TERM");
+    let status = p.exited(HANG_GUARD).await;
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    release.store(true, Ordering::SeqCst);
+    assert!(
+        held.await.unwrap().is_err(),
+        "the held request was answered"
+    );
+}
+
 /// Hot restarts under steady load (HTTP/1.1 and HTTP/2, keep-alive and new
 /// connections): no connection refused, no request failed; and, as Envoy's,
 /// counters carry over: the last process counts every request any of them
