@@ -80,30 +80,69 @@ impl Drop for GaugeGuard {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct HistogramInner {
-    buckets: [AtomicU64; BUCKETS.len()],
+    /// Upper bounds of the buckets ([`BUCKETS`], or a plugin's own).
+    bounds: &'static [f64],
+    /// Per bound, not cumulative.
+    buckets: Box<[AtomicU64]>,
     count: AtomicU64,
+    /// The sum of the values, in millionths (of a second, for durations).
     sum_micros: AtomicU64,
 }
 
-/// A latency distribution with fixed buckets.
+impl HistogramInner {
+    fn new(bounds: &'static [f64]) -> Self {
+        HistogramInner {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Default for HistogramInner {
+    fn default() -> Self {
+        HistogramInner::new(&BUCKETS)
+    }
+}
+
+/// A distribution over fixed buckets: [`BUCKETS`] (seconds), or the bounds a
+/// plugin defined its histogram with ([`Histogram::with_bounds`]).
 #[derive(Clone, Debug, Default)]
 pub struct Histogram(Arc<HistogramInner>);
 
 impl Histogram {
-    /// Records one observation.
+    /// A histogram over `bounds` (strictly increasing, finite).
+    pub fn with_bounds(bounds: &'static [f64]) -> Self {
+        Histogram(Arc::new(HistogramInner::new(bounds)))
+    }
+
+    /// Records one duration (in seconds, against the bounds).
     pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
+        self.record(
+            d.as_secs_f64(),
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+        );
+    }
+
+    /// Records one value (a plugin's, in its own unit): finite, not negative.
+    pub fn observe_value(&self, v: f64) {
+        if v.is_finite() && v >= 0.0 {
+            // `as` saturates: a value past u64's millionths counts as the most.
+            self.record(v, (v * 1e6) as u64);
+        }
+    }
+
+    fn record(&self, v: f64, micros: u64) {
         // Non-cumulative storage: only the first bucket that fits is incremented;
         // rendering accumulates.
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+        if let Some(i) = self.0.bounds.iter().position(|b| v <= *b) {
             self.0.buckets[i].fetch_add(1, Relaxed);
         }
         self.0.count.fetch_add(1, Relaxed);
-        self.0
-            .sum_micros
-            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
+        self.0.sum_micros.fetch_add(micros, Relaxed);
     }
     /// Number of observations.
     pub fn count(&self) -> u64 {
@@ -124,6 +163,14 @@ impl Metric {
             Metric::Counter(_) => "counter",
             Metric::Gauge(_) => "gauge",
             Metric::Histogram(_) => "histogram",
+        }
+    }
+
+    /// The same type (and, for histograms, the same buckets).
+    fn same_shape(&self, other: &Metric) -> bool {
+        match (self, other) {
+            (Metric::Histogram(a), Metric::Histogram(b)) => a.0.bounds == b.0.bounds,
+            _ => self.type_name() == other.type_name(),
         }
     }
 }
@@ -184,7 +231,7 @@ impl Stats {
         if fam.carried.remove(&key) {
             let wanted = make();
             return match fam.series.get(&key) {
-                Some(m) if m.type_name() == wanted.type_name() => m.clone(),
+                Some(m) if m.same_shape(&wanted) => m.clone(),
                 _ => {
                     fam.series.insert(key, wanted.clone());
                     wanted
@@ -230,11 +277,23 @@ impl Stats {
         help: &'static str,
         labels: &[(&str, &str)],
     ) -> Histogram {
+        self.histogram_over(name, help, labels, &BUCKETS)
+    }
+
+    /// The histogram `name{labels}` over `bounds` (a plugin's buckets), created
+    /// on first use.
+    pub fn histogram_over(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&str, &str)],
+        bounds: &'static [f64],
+    ) -> Histogram {
         match self.register(name, help, labels, || {
-            Metric::Histogram(Histogram::default())
+            Metric::Histogram(Histogram::with_bounds(bounds))
         }) {
             Metric::Histogram(h) => h,
-            _ => Histogram::default(),
+            _ => Histogram::with_bounds(bounds),
         }
     }
 
@@ -249,6 +308,7 @@ impl Stats {
                 let value = match m {
                     Metric::Counter(c) => CarriedValue::Counter(c.get()),
                     Metric::Histogram(h) => CarriedValue::Histogram {
+                        bounds: h.0.bounds.to_vec(),
                         buckets: h.0.buckets.iter().map(|b| b.load(Relaxed)).collect(),
                         count: h.0.count.load(Relaxed),
                         sum_micros: h.0.sum_micros.load(Relaxed),
@@ -288,7 +348,9 @@ impl Stats {
             let labels_ok =
                 s.labels.is_empty() || (s.labels.starts_with('{') && s.labels.ends_with('}'));
             let buckets_ok = match &s.value {
-                CarriedValue::Histogram { buckets, .. } => buckets.len() == BUCKETS.len(),
+                CarriedValue::Histogram {
+                    bounds, buckets, ..
+                } => buckets.len() == carried_bounds(bounds).len(),
                 CarriedValue::Counter(_) => true,
             };
             if !labels_ok || !buckets_ok {
@@ -310,9 +372,11 @@ impl Stats {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => {
                     fam.carried.insert(s.labels.clone());
-                    e.insert(match s.value {
+                    e.insert(match &s.value {
                         CarriedValue::Counter(_) => Metric::Counter(Counter::default()),
-                        CarriedValue::Histogram { .. } => Metric::Histogram(Histogram::default()),
+                        CarriedValue::Histogram { bounds, .. } => {
+                            Metric::Histogram(Histogram::with_bounds(carried_bounds(bounds)))
+                        }
                     })
                 }
             };
@@ -327,17 +391,19 @@ impl Stats {
                 (
                     Metric::Histogram(h),
                     CarriedValue::Histogram {
+                        bounds,
                         buckets,
                         count,
                         sum_micros,
                     },
-                ) => {
+                ) if h.0.bounds == carried_bounds(bounds) => {
                     let (was_buckets, was_count, was_sum) = match prev {
                         Some(CarriedValue::Histogram {
                             buckets,
                             count,
                             sum_micros,
-                        }) if buckets.len() == BUCKETS.len() => {
+                            ..
+                        }) if buckets.len() == h.0.bounds.len() => {
                             (buckets.as_slice(), *count, *sum_micros)
                         }
                         _ => (&[][..], 0, 0),
@@ -465,11 +531,42 @@ struct CarriedSeries {
 enum CarriedValue {
     Counter(u64),
     Histogram {
-        /// Per bucket of [`BUCKETS`], not cumulative.
+        /// The buckets' upper bounds; empty: [`BUCKETS`] (as an older
+        /// process, which sends none, has them).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        bounds: Vec<f64>,
+        /// Per bucket, not cumulative.
         buckets: Vec<u64>,
         count: u64,
         sum_micros: u64,
     },
+}
+
+/// A carried histogram's bounds, as the `&'static` slice a [`Histogram`]
+/// keeps ([`intern_bounds`]); none sent: [`BUCKETS`].
+fn carried_bounds(bounds: &[f64]) -> &'static [f64] {
+    if bounds.is_empty() || bounds == BUCKETS {
+        &BUCKETS
+    } else {
+        intern_bounds(bounds)
+    }
+}
+
+/// `bounds` as a `&'static` slice (a plugin's histogram buckets), leaked once
+/// per distinct layout: their number is bounded by the metrics plugins may
+/// define.
+pub fn intern_bounds(bounds: &[f64]) -> &'static [f64] {
+    static INTERNED: OnceLock<Mutex<Vec<&'static [f64]>>> = OnceLock::new();
+    let mut all = INTERNED
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(b) = all.iter().find(|b| **b == bounds) {
+        return b;
+    }
+    let leaked: &'static [f64] = Box::leak(bounds.to_vec().into_boxed_slice());
+    all.push(leaked);
+    leaked
 }
 
 /// `s` as a `&'static str`, for a metric name or help text not known when the
@@ -494,7 +591,7 @@ fn render_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
     let inner = labels.trim_start_matches('{').trim_end_matches('}');
     let sep = if inner.is_empty() { "" } else { "," };
     let mut cumulative = 0;
-    for (i, le) in BUCKETS.iter().enumerate() {
+    for (i, le) in h.0.bounds.iter().enumerate() {
         cumulative += h.0.buckets[i].load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{inner}{sep}le=\"{le}\"}} {cumulative}");
     }
@@ -557,6 +654,37 @@ pub fn status_class(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histogram_over_its_own_bounds_renders_and_carries_them() {
+        let s = Stats::new();
+        let bounds = intern_bounds(&[1.0, 10.0, 100.0]);
+        let h = s.histogram_over("legate_sizes", "Sizes.", &[], bounds);
+        for v in [0.5, 50.0, 50.0, 5000.0] {
+            h.observe_value(v);
+        }
+        h.observe_value(f64::NAN);
+        let text = s.render();
+        for line in [
+            "legate_sizes_bucket{le=\"1\"} 1",
+            "legate_sizes_bucket{le=\"10\"} 1",
+            "legate_sizes_bucket{le=\"100\"} 3",
+            "legate_sizes_bucket{le=\"+Inf\"} 4",
+            "legate_sizes_sum 5100.5",
+            "legate_sizes_count 4",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+        assert!(!text.contains("le=\"0.0005\""), "{text}");
+        // Over a hot restart: the new process gets the same buckets.
+        let next = Stats::new();
+        next.absorb(&s.carry(), None);
+        let h = next.histogram_over("legate_sizes", "Sizes.", &[], bounds);
+        h.observe_value(5.0);
+        let text = next.render();
+        assert!(text.contains("legate_sizes_bucket{le=\"10\"} 2"), "{text}");
+        assert!(text.contains("legate_sizes_count 5"), "{text}");
+    }
 
     #[test]
     fn help_text_cannot_break_the_format() {

@@ -58,8 +58,9 @@ impl Gauge {
 pub struct Histogram(backend::HistogramHandle);
 
 impl Histogram {
-    /// Define a histogram with upper bucket bounds (strictly increasing; empty:
-    /// the host's defaults). Otherwise as [`Counter::define`].
+    /// Define a histogram with upper bucket bounds, in the unit you observe
+    /// (finite, strictly increasing, at most 64; empty: the host's defaults,
+    /// seconds from 0.0005 to 1800). Otherwise as [`Counter::define`].
     pub fn define(
         name: &str,
         help: &str,

@@ -112,6 +112,8 @@ pub struct MetricDef {
     help: &'static str,
     kind: MetricKind,
     labels: Vec<String>,
+    /// A histogram's bucket bounds (the host's when it gave none).
+    bounds: &'static [f64],
 }
 
 /// What every instance of one plugin shares: its name, stats, metrics and
@@ -1224,6 +1226,10 @@ pub(crate) const HOST_PLUGIN_METRICS: [&str; 19] = [
     "traps_total",
 ];
 
+/// Most bucket bounds a plugin's histogram may have (each is a series line
+/// per label set on every scrape).
+pub const MAX_BUCKETS: usize = 64;
+
 /// Whether a plugin may name a metric `name`: not a host family, and not a
 /// name a histogram's own sample lines use (`_bucket`, `_sum`, `_count`).
 fn metric_name_free(name: &str) -> bool {
@@ -1241,9 +1247,33 @@ impl HostState {
         help: String,
         labels: Vec<String>,
     ) -> wasmtime::Result<Result<Resource<MetricRes>, Error>> {
+        self.define_over(kind, name, help, labels, &[])
+    }
+
+    /// [`HostState::define`], a histogram over `buckets` (none: the host's).
+    fn define_over(
+        &mut self,
+        kind: MetricKind,
+        name: String,
+        help: String,
+        labels: Vec<String>,
+        buckets: &[f64],
+    ) -> wasmtime::Result<Result<Resource<MetricRes>, Error>> {
         if self.phase != Phase::Configure {
             return Ok(Err(Error::InvalidState));
         }
+        // Strictly increasing finite bounds, at most MAX_BUCKETS of them.
+        let bounds_ok = buckets.len() <= MAX_BUCKETS
+            && buckets.iter().all(|b| b.is_finite())
+            && buckets.windows(2).all(|w| w[0] < w[1]);
+        if !bounds_ok {
+            return Ok(Err(Error::InvalidArgument));
+        }
+        let bounds = if buckets.is_empty() {
+            &crate::stats::BUCKETS[..]
+        } else {
+            crate::stats::intern_bounds(buckets)
+        };
         if !metric_name_ok(&name)
             || !metric_name_free(&name)
             // Interned for the process's life: bounded.
@@ -1271,7 +1301,7 @@ impl HostState {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             match defs.get(&name) {
-                Some(d) if d.kind == kind && d.labels == labels => d.clone(),
+                Some(d) if d.kind == kind && d.labels == labels && d.bounds == bounds => d.clone(),
                 Some(_) => return Ok(Err(Error::InvalidArgument)),
                 None if defs.len() >= MAX_METRICS => return Ok(Err(Error::LimitExceeded)),
                 None => {
@@ -1280,6 +1310,7 @@ impl HostState {
                         help,
                         kind,
                         labels,
+                        bounds,
                     });
                     defs.insert(name, d.clone());
                     d
@@ -1327,7 +1358,7 @@ impl HostState {
             MetricKind::Counter => Series::Counter(stats.counter(def.name, def.help, &labels)),
             MetricKind::Gauge => Series::Gauge(stats.gauge(def.name, def.help, &labels)),
             MetricKind::Histogram => {
-                Series::Histogram(stats.histogram(def.name, def.help, &labels))
+                Series::Histogram(stats.histogram_over(def.name, def.help, &labels, def.bounds))
             }
         })
     }
@@ -1387,11 +1418,9 @@ impl metrics::Host for HostState {
         name: String,
         help: String,
         labels: Vec<String>,
-        _buckets: Vec<f64>,
+        buckets: Vec<f64>,
     ) -> wasmtime::Result<Result<Resource<MetricRes>, Error>> {
-        // The stats module has one fixed bucket layout (seconds, 0.5ms..1800s); guest
-        // buckets are accepted and the host's are used.
-        self.define(MetricKind::Histogram, name, help, labels)
+        self.define_over(MetricKind::Histogram, name, help, labels, &buckets)
     }
 }
 
@@ -1444,9 +1473,7 @@ impl metrics::HostGauge for HostState {
 impl metrics::HostHistogram for HostState {
     fn observe(&mut self, r: Resource<MetricRes>, value: f64) -> wasmtime::Result<()> {
         if let Some(Series::Histogram(h)) = self.metric(&r)? {
-            if value.is_finite() && value >= 0.0 {
-                h.observe(Duration::from_secs_f64(value.min(1e9)));
-            }
+            h.observe_value(value);
         }
         Ok(())
     }
@@ -2015,6 +2042,47 @@ mod tests {
         }
         assert!(define(MetricKind::Counter, "le_total", &["le"]).is_ok());
         assert!(define(MetricKind::Histogram, "lat", &["route"]).is_ok());
+    }
+
+    #[test]
+    fn a_histogram_gets_the_buckets_it_defines() {
+        let stats = Stats::new();
+        let mut a = configuring("a", &stats);
+        let mut define = |name: &str, buckets: &[f64]| {
+            a.define_over(
+                MetricKind::Histogram,
+                name.into(),
+                String::new(),
+                Vec::new(),
+                buckets,
+            )
+            .unwrap()
+            .map(|_| ())
+        };
+        for bad in [
+            &[10.0, 1.0][..],
+            &[1.0, 1.0],
+            &[f64::NAN],
+            &[1.0, f64::INFINITY],
+            &[0.5; 65],
+        ] {
+            assert!(
+                matches!(define("bad", bad), Err(Error::InvalidArgument)),
+                "{bad:?}"
+            );
+        }
+        assert!(define("sizes", &[100.0, 1000.0]).is_ok());
+        // The same name over other buckets is another definition.
+        assert!(matches!(
+            define("sizes", &[100.0]),
+            Err(Error::InvalidArgument)
+        ));
+        let text = stats.render();
+        assert!(
+            text.contains("legate_plugin_sizes_bucket{plugin=\"a\",le=\"1000\"} 0"),
+            "{text}"
+        );
+        assert!(!text.contains("le=\"0.0005\""), "{text}");
     }
 
     #[test]

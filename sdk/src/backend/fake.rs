@@ -831,10 +831,19 @@ fn define(
     if h.call != Call::Configure {
         return Err(Error::InvalidState);
     }
+    // As the host (abi/README.md §5.6): a label twice, `le` on a histogram,
+    // or bounds not finite and strictly increasing (at most 64) are refused.
     if !valid_metric_name(name)
         || labels
             .iter()
             .any(|l| !valid_metric_name(l) || *l == "plugin")
+        || labels
+            .iter()
+            .enumerate()
+            .any(|(i, l)| labels[..i].contains(l))
+        || (kind == MetricKind::Histogram && labels.contains(&"le"))
+        || buckets.len() > 64
+        || buckets.iter().any(|b| !b.is_finite())
         || buckets.windows(2).any(|w| w[0] >= w[1])
     {
         return Err(Error::InvalidArgument);
