@@ -173,7 +173,7 @@ async fn reload_answer(
         .and_then(|p| p.strip_suffix("/reload"))
         .filter(|p| !p.is_empty() && !p.contains('/'))
         .map(str::to_string);
-    let work: Box<ReloadWork> = match (req.method(), path, plugin) {
+    let work: Box<ReloadWork> = match (get_or_head(req), path, plugin) {
         (&Method::POST, "/reload", _) => {
             Box::new(|s: &Arc<Shared>| reload::reload_config(s, Trigger::Admin))
         }
@@ -208,6 +208,13 @@ async fn reload_answer(
         }
         _ => return None,
     };
+    if shared.is_draining() {
+        // Not the request's fault: the process is stopping (try the next one).
+        return Some(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Legate is draining; not reloading\n",
+        ));
+    }
     let shared = shared.clone();
     let done = tokio::task::spawn_blocking(move || work(&shared)).await;
     Some(match done {
@@ -221,9 +228,19 @@ async fn reload_answer(
     })
 }
 
+/// The request's method, `HEAD` answered as `GET` (a load balancer's health
+/// check of `/ready` often uses it; hyper sends the head without the body).
+fn get_or_head<B>(req: &Request<B>) -> &Method {
+    if req.method() == Method::HEAD {
+        &Method::GET
+    } else {
+        req.method()
+    }
+}
+
 fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    match (req.method(), path) {
+    match (get_or_head(req), path) {
         (&Method::GET, "/ready") => {
             if shared.is_draining() {
                 return text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n");

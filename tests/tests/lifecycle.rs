@@ -263,6 +263,8 @@ async fn post_drain_stops_the_server() {
     let (status, _) = lg.admin_post("/drain").await;
     assert_eq!(status, 200);
     assert_eq!(lg.admin_get("/ready").await.0, 503);
+    // A reload asked for meanwhile: 503 (the process is stopping), not 400.
+    assert_eq!(lg.admin_post("/reload").await.0, 503);
     // With its idle keep-alive connection closed, not at the drain timeout.
     lg.wait_stopped(HANG_GUARD)
         .await
@@ -283,6 +285,12 @@ async fn admin_endpoints() {
     assert_eq!(lg.admin_get("/ready").await, (200, "LIVE\n".to_string()));
 
     let mut admin = client(Proto::H1, lg.admin).await;
+    // HEAD (a balancer's health check) is answered as GET, without the body.
+    for path in ["/ready", "/stats", "/reload"] {
+        let r = admin.request(Method::HEAD, path).send().await;
+        assert_eq!(r.status, 200, "HEAD {path}");
+        assert!(r.text().is_empty(), "HEAD {path}: {}", r.text());
+    }
     let r = admin.get("/stats").send().await;
     assert_eq!(r.status, 200);
     assert!(
