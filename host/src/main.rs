@@ -301,6 +301,10 @@ fn run(
                 _ = hup.recv() => continue,
             }
             tracing::warn!("second signal: stopping now, without waiting for the drain");
+            // The lines of the requests that ended are written out first.
+            if let Some(log) = &shared.access_log {
+                log.close();
+            }
             std::process::exit(1);
         }
     });

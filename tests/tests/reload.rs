@@ -1500,14 +1500,26 @@ async fn a_second_signal_stops_the_drain_at_once() {
     legate_bin();
     let (web, admin) = (free_addr(), free_addr());
     let dir = TempDir::new();
-    let yaml = fixed_yaml(web, admin, up.addr).replacen(
+    let log = dir.path().join("access.log");
+    // Lines stay in the writer's buffer until it is closed (flushed each minute).
+    let top = format!(
+        "access_log:\n  path: {}\n  flush_interval: 1m\n",
+        log.display()
+    );
+    let text = fixed_ports(&yaml(up.addr, false, "", "", &top), web, admin).replacen(
         "version: 1\n",
         "version: 1\ndrain_timeout: 1h\n",
         1,
     );
-    let cfg = dir.write("legate.yaml", yaml);
+    let cfg = dir.write("legate.yaml", text);
     let mut p = Child::spawn(&cfg, &[]);
     wait_ready(admin).await;
+    // A request that ends before the signals: its line must not be lost.
+    release.store(true, Ordering::SeqCst);
+    let mut c = client(Proto::H1, web).await;
+    assert_eq!(c.get("/done").send().await.status, 200);
+    drop(c);
+    release.store(false, Ordering::SeqCst);
     // A request the upstream holds: the drain waits for it.
     let held = tokio::spawn(async move {
         let mut c = client(Proto::H1, web).await;
@@ -1533,6 +1545,9 @@ async fn a_second_signal_stops_the_drain_at_once() {
         held.await.unwrap().is_err(),
         "the held request was answered"
     );
+    // The access log was written out before the exit.
+    let written = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(written.contains("\"/done\""), "{written:?}");
 }
 
 /// Hot restarts under steady load (HTTP/1.1 and HTTP/2, keep-alive and new
