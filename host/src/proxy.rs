@@ -362,16 +362,9 @@ async fn proxy(
             headers: req.headers(),
             scheme_https: https,
         };
-        let t = token.to_str().unwrap_or_default();
         let m = table.route(&input);
-        let allowed = match &m {
-            Some(m) => m.route.allows_upgrade(t, &http.upgrades),
-            None => http.upgrades.iter().any(|l| l.eq_ignore_ascii_case(t)),
-        };
-        if !allowed {
-            listener.stats.upgrades_refused.inc();
+        if let Err(e) = check_upgrade(token, m.as_ref().map(|m| m.route), http, &listener.stats) {
             out.route = m.as_ref().map(|m| m.route.name.clone());
-            let e = ProxyError::new(Kind::UpgradeRefused, format!("upgrade `{t}`"));
             return Err(routed_error(e, m.as_ref(), http.via.as_deref()));
         }
     }
@@ -526,14 +519,7 @@ async fn proxy(
         if let Some(token) = &upgrade_token {
             // A filter that rewrote the path or authority may have moved the
             // request to a route that does not tunnel this upgrade.
-            let t = token.to_str().unwrap_or_default();
-            if !matched.route.allows_upgrade(t, &http.upgrades) {
-                listener.stats.upgrades_refused.inc();
-                return Err(ProxyError::new(
-                    Kind::UpgradeRefused,
-                    format!("upgrade `{t}`"),
-                ));
-            }
+            check_upgrade(token, Some(matched.route), http, &listener.stats)?;
         }
         out.cluster = Some(cluster_name.to_string());
         let entry = snapshot
@@ -2052,6 +2038,29 @@ fn authority_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
             format!("invalid Host/:authority {a:?}: not a host with an optional port"),
         )),
     }
+}
+
+/// Whether upgrade `token` is tunnelled: by `route`'s `upgrades`, else (or
+/// without a route) by the listener's list. A refusal is counted.
+fn check_upgrade(
+    token: &HeaderValue,
+    route: Option<&crate::router::Route>,
+    http: &crate::config::HttpListener,
+    stats: &crate::listener::ListenerStats,
+) -> Result<(), ProxyError> {
+    let t = token.to_str().unwrap_or_default();
+    let allowed = match route {
+        Some(r) => r.allows_upgrade(t, &http.upgrades),
+        None => crate::router::listener_allows_upgrade(&http.upgrades, t),
+    };
+    if allowed {
+        return Ok(());
+    }
+    stats.upgrades_refused.inc();
+    Err(ProxyError::new(
+        Kind::UpgradeRefused,
+        format!("upgrade `{t}`"),
+    ))
 }
 
 /// The smallest head buffer hyper's HTTP/1 server accepts (`max_buf_size`):

@@ -934,9 +934,15 @@ impl Route {
             .find(|(t, _)| t.eq_ignore_ascii_case(upgrade))
         {
             Some((_, on)) => *on,
-            None => listener.iter().any(|t| t.eq_ignore_ascii_case(upgrade)),
+            None => listener_allows_upgrade(listener, upgrade),
         }
     }
+}
+
+/// Whether a listener's `http.upgrades` lists `upgrade` (case-insensitively):
+/// what decides where no route says otherwise.
+pub fn listener_allows_upgrade(listener: &[String], upgrade: &str) -> bool {
+    listener.iter().any(|t| t.eq_ignore_ascii_case(upgrade))
 }
 
 fn compile_redirect(r: &config::Redirect, m: &config::RouteMatch) -> anyhow::Result<Redirect> {
