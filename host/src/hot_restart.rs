@@ -8,7 +8,8 @@
 //!
 //! 1. connects to it and sends `FDS`; the running process answers with a JSON line
 //!    naming its listeners (name, address) and passes their sockets, then its admin
-//!    socket, by `SCM_RIGHTS`;
+//!    socket, by `SCM_RIGHTS` (in batches of 250: Linux passes at most 253 in one
+//!    message);
 //! 2. starts with those sockets (a listener whose address is unchanged adopts the
 //!    socket: the one of its name, or, renamed, the one at its address that no
 //!    listener of that name keeps; others are bound as usual; the admin socket is
@@ -42,7 +43,7 @@
 //! not carried further.
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, BufRead, BufReader, IoSlice, IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -52,16 +53,20 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use rustix::net::{
-    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags,
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::server::Shared;
 use crate::stats::Carried;
 
-/// Most sockets one handover passes.
-const MAX_FDS: usize = 250;
+/// Most sockets one message passes: Linux refuses more than 253 (`SCM_MAX_FD`)
+/// in one `SCM_RIGHTS`, so a handover of more goes in several messages.
+const CHUNK_FDS: usize = 250;
+
+/// Room for the sockets one message can carry (an older Legate sent up to 250).
+const SCM_MAX_FD: usize = 253;
 
 /// The default upgrade socket of a config file: next to it.
 pub fn default_socket(config: &Path) -> PathBuf {
@@ -88,11 +93,26 @@ struct Passed {
     address: String,
 }
 
+/// Sends the line `data` with the sockets `fds`, in order. Sockets beyond one
+/// message's worth go first, each batch with one space (leading whitespace the
+/// JSON line allows); the last batch goes with the line. Up to [`CHUNK_FDS`]
+/// sockets this is the single message older Legates send and expect.
 fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let batches: Vec<&[BorrowedFd<'_>]> = fds.chunks(CHUNK_FDS).collect();
+    let Some((last, first)) = batches.split_last() else {
+        return (&*stream).write_all(data);
+    };
+    for batch in first {
+        send_batch(stream, b" ", batch)?;
+    }
+    send_batch(stream, data, last)
+}
+
+fn send_batch(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::other("too many sockets to pass"));
+        return Err(io::Error::other("too many sockets for one message"));
     }
     let sent = sendmsg(
         stream,
@@ -104,33 +124,40 @@ fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io
     (&*stream).write_all(&data[sent..])
 }
 
+/// Receives one line and every socket sent with it ([`send_with_fds`]). Each
+/// read is a `recvmsg`: a plain read of a message that carries sockets would
+/// close them. The kernel ends a read at each message with sockets, so one
+/// read takes at most one batch.
 fn recv_with_fds(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
-    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let mut buf = vec![0u8; 64 * 1024];
-    let got = recvmsg(
-        stream,
-        &mut [IoSliceMut::new(&mut buf)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    )?;
-    buf.truncate(got.bytes);
+    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
+    let mut buf = Vec::new();
     let mut fds = Vec::new();
-    for msg in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(passed) = msg {
-            fds.extend(passed);
-        }
-    }
+    let mut chunk = vec![0u8; 64 * 1024];
     while !buf.ends_with(b"\n") {
-        let mut more = [0u8; 4096];
-        let n = (&*stream).read(&mut more)?;
-        if n == 0 {
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let got = recvmsg(
+            stream,
+            &mut [IoSliceMut::new(&mut chunk)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )?;
+        for msg in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(passed) = msg {
+                fds.extend(passed);
+            }
+        }
+        if got.flags.contains(ReturnFlags::CTRUNC) {
+            return Err(io::Error::other(
+                "the running Legate passed more sockets in one message than fit",
+            ));
+        }
+        if got.bytes == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the running Legate closed the upgrade connection mid-message",
             ));
         }
-        buf.extend_from_slice(&more[..n]);
+        buf.extend_from_slice(&chunk[..got.bytes]);
     }
     Ok((buf, fds))
 }

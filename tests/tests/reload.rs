@@ -1889,6 +1889,54 @@ async fn hot_restart_moves_the_admin_listener() {
     assert!(new.exited(Duration::from_secs(30)).await.success());
 }
 
+/// A hot restart passes every listening socket however many there are: Linux
+/// passes at most 253 in one `SCM_RIGHTS` message, so they go in batches.
+/// Before, 250 or more listeners failed the upgrade (the old process kept
+/// serving and the new one exited).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_restart_passes_hundreds_of_listeners() {
+    let up = upstream().start().await;
+    legate_bin();
+    let (web, admin) = (free_addr(), free_addr());
+    let extras: Vec<SocketAddr> = (0..300).map(|_| free_addr()).collect();
+    let listeners: String = extras
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            format!("  - name: extra-{i}\n    address: {a}\n    http:\n      routes: main\n")
+        })
+        .collect();
+    let text = fixed_yaml(web, admin, up.addr).replacen(
+        "routes:\n  - name: main",
+        &format!("{listeners}routes:\n  - name: main"),
+        1,
+    );
+    let dir = TempDir::new();
+    let cfg = dir.write("legate.yaml", text);
+    let mut old = Child::spawn(&cfg, &[]);
+    wait_ready(admin).await;
+    let mut new = Child::spawn(&cfg, &["--upgrade"]);
+    let status = old.exited(Duration::from_secs(60)).await;
+    assert!(status.success(), "the old process exited with {status}");
+    assert!(
+        new.child.try_wait().unwrap().is_none(),
+        "the new process died"
+    );
+    wait_ready(admin).await;
+    // The new process serves on every address: each socket was adopted (binding
+    // the address again would have failed while the old process held it).
+    for (proto, addr) in [
+        (Proto::H1, web),
+        (Proto::H2, extras[0]),
+        (Proto::H1, extras[299]),
+    ] {
+        let mut c = client(proto, addr).await;
+        assert_eq!(c.get("/x").send().await.status, 200, "{proto:?} {addr}");
+    }
+    new.signal("TERM");
+    assert!(new.exited(Duration::from_secs(30)).await.success());
+}
+
 /// A hot restart to an `admin.address` that cannot be bound fails, saying so,
 /// and the running process goes on serving (it drains only when told to).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
