@@ -1785,34 +1785,47 @@ impl Attempts<'_> {
                 out.active = None;
                 // The retry is admitted (an endpoint, `max_requests`, adaptive
                 // concurrency) before this answer is dropped: refused, this is
-                // the answer the client gets, not the refusal's 503. Admitted,
-                // it holds its slot through the backoff.
-                if let Ok(n) = self.admit(cluster, &balancer, hash, &mut tried) {
-                    drop(result);
-                    next = Some(n);
-                    self.backoff(attempt).await;
-                    if let Some(n) = &mut next {
-                        // Its latency sample starts now, not before the wait.
-                        n.active.restart_clock();
+                // the answer the client gets, not the refusal's 503, and it
+                // counts as active again while its body streams. Admitted, the
+                // retry holds its slot through the backoff.
+                let Ok(n) = self.admit(cluster, &balancer, hash, &mut tried) else {
+                    if result.is_ok() {
+                        out.active = Some(cluster.resume_request(index));
                     }
-                    attempt += 1;
-                    // Counted as it is sent (a refused one was not made).
-                    cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
-                    continue;
+                    return Self::answer(result, out);
+                };
+                drop(result);
+                next = Some(n);
+                self.backoff(attempt).await;
+                if let Some(n) = &mut next {
+                    // Its latency sample starts now, not before the wait.
+                    n.active.restart_clock();
                 }
+                attempt += 1;
+                // Counted as it is sent (a refused one was not made).
+                cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
+                continue;
             }
-            return match result {
-                Ok(mut resp) => {
-                    out.debug.connection = resp
-                        .extensions_mut()
-                        .remove::<crate::upstream::ConnectionUse>();
-                    Ok(resp)
-                }
-                Err(e) => {
-                    out.active = None;
-                    Err(e)
-                }
-            };
+            return Self::answer(result, out);
+        }
+    }
+
+    /// What the client gets of the last attempt's `result`.
+    fn answer(
+        result: Result<Response<Body>, ProxyError>,
+        out: &mut Outcome,
+    ) -> Result<Response<Body>, ProxyError> {
+        match result {
+            Ok(mut resp) => {
+                out.debug.connection = resp
+                    .extensions_mut()
+                    .remove::<crate::upstream::ConnectionUse>();
+                Ok(resp)
+            }
+            Err(e) => {
+                out.active = None;
+                Err(e)
+            }
         }
     }
 

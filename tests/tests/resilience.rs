@@ -414,6 +414,67 @@ each_proto!(
 );
 
 each_proto!(
+    /// The answer sent back after a refused retry counts as active
+    /// (`upstream_rq_active`, the endpoint's `rq_active`) while its body
+    /// streams, as any answer's does: `max_requests` and `least_request` see
+    /// it. (Its count was given back for the retry and not taken again, so the
+    /// gauges showed 0 while the upstream was still sending.)
+    async fn the_answer_after_a_refused_retry_stays_active_while_its_body_streams(proto) {
+        use futures_util::StreamExt;
+        use http_body_util::BodyExt;
+        let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let held = release.clone();
+        let up = upstream()
+            .handler(move |_req: Request<Incoming>| {
+                let held = held.clone();
+                async move {
+                    let rest = async move {
+                        while !held.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"rest\n")))
+                    };
+                    let first = futures_util::stream::once(async {
+                        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"busy, ")))
+                    });
+                    let body = first.chain(futures_util::stream::once(rest));
+                    let mut resp = Response::new(BodyExt::boxed(http_body_util::StreamBody::new(body)));
+                    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    resp
+                }
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[up.addr],
+                &retry("              retry_on: [5xx]\n              num_retries: 2\n              backoff_base: 1ms\n"),
+                "    panic_threshold: 0%\n    outlier_detection: { consecutive_gateway_failure: 1 }\n",
+            ))
+            .start();
+        let addr = lg.addr("web");
+        let request = tokio::spawn(async move {
+            let mut c = client(proto, addr).await;
+            c.get("/").send().await
+        });
+        lg.assert_stat(
+            r#"legate_cluster_outlier_detection_ejections_total{cluster="backend"}"#,
+            1.0,
+        )
+        .await;
+        lg.assert_stat(r#"legate_cluster_upstream_rq_active{cluster="backend"}"#, 1.0)
+            .await;
+        release.store(true, Ordering::SeqCst);
+        let r = request.await.unwrap();
+        assert_eq!(r.status, 503);
+        assert_eq!(r.text(), "busy, rest\n", "not the upstream's answer");
+        lg.assert_stat(r#"legate_cluster_upstream_rq_active{cluster="backend"}"#, 0.0)
+            .await;
+        lg.assert_stat(RETRY_STAT, 0.0).await;
+    }
+);
+
+each_proto!(
     /// With `max_requests: 1` and two clients, a request whose attempt
     /// reached the upstream always gets the upstream's answer: its retry is
     /// admitted before that answer is dropped (before the backoff), and one

@@ -551,12 +551,30 @@ impl Cluster {
         Ok(active)
     }
 
+    /// Counts as active again an attempt whose count was given back for a
+    /// retry that was then refused: its answer goes to the client after all,
+    /// its body still streaming from the upstream. Not a new attempt (no
+    /// `upstream_rq_total`), nor under the breakers: the slot was its own a
+    /// moment ago, and the answer is already here.
+    pub fn resume_request(self: &Arc<Self>, endpoint: Option<usize>) -> ActiveRequest {
+        self.stats.upstream_rq_active.fetch_add(1, Relaxed);
+        self.active_request(endpoint, false)
+    }
+
     /// The rest of starting a request, once `upstream_rq_active` counts it.
     fn counted_request(self: &Arc<Self>, endpoint: Option<usize>) -> ActiveRequest {
         self.stats.upstream_rq_total.fetch_add(1, Relaxed);
+        self.active_request(endpoint, true)
+    }
+
+    /// The guard of an attempt `upstream_rq_active` counts: the endpoint's
+    /// `rq_active` counts it too, and its `rq_total` if it is `new`.
+    fn active_request(self: &Arc<Self>, endpoint: Option<usize>, new: bool) -> ActiveRequest {
         let endpoint = endpoint.filter(|&i| i < self.endpoints.len());
         if let Some(ep) = endpoint.and_then(|i| self.endpoints.get(i)) {
-            ep.stats.rq_total.fetch_add(1, Relaxed);
+            if new {
+                ep.stats.rq_total.fetch_add(1, Relaxed);
+            }
             ep.stats.rq_active.fetch_add(1, Relaxed);
         }
         ActiveRequest {
