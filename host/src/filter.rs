@@ -465,6 +465,10 @@ pub struct LocalResponse {
     pub body: Bytes,
     /// A short token for logs.
     pub details: String,
+    /// The gRPC status a filter asked for (proxy-wasm's `grpc_status`): the
+    /// answer's `grpc-status` if the request is gRPC ([`crate::local_reply`]),
+    /// ignored otherwise. `None`: mapped from `status`.
+    pub grpc_status: Option<u32>,
 }
 
 /// Facts about the downstream connection, shared by its requests.
@@ -1132,6 +1136,7 @@ impl Filters {
             finished: false,
             shared: std::rc::Weak::new(),
             deferred: None,
+            grpc: false,
         }))
     }
 }
@@ -1492,6 +1497,9 @@ pub struct Chain {
     shared: std::rc::Weak<SharedInner>,
     /// A streamed run stopped on a pause ([`BodyStep::Held`], [`EndStep::Held`]).
     deferred: Option<Deferred>,
+    /// The request is gRPC: a local response from a response phase takes
+    /// gRPC's form ([`crate::local_reply`]) before the filters before it see it.
+    pub grpc: bool,
 }
 
 /// The failure policy applied to a failed call: `Ok(())` if the filter is skipped
@@ -1803,6 +1811,7 @@ impl Chain {
                         shared.answered.replace(Some(lr.details.clone()));
                     }
                     self.x.cause = Some(plugin_cause(&lr.details));
+                    let lr = if self.grpc { lr.into_grpc() } else { lr };
                     eos = lr.body.is_empty();
                     self.x.status = Some(lr.status);
                     self.x.response_headers = Some(lr.headers.into());
@@ -2493,6 +2502,7 @@ mod tests {
             finished: false,
             shared: std::rc::Weak::new(),
             deferred: None,
+            grpc: false,
         }
     }
 

@@ -22,6 +22,7 @@ pub mod hot_restart;
 pub mod idle;
 pub mod io;
 pub mod listener;
+pub mod local_reply;
 pub mod mirror;
 pub mod native;
 pub mod network_filter;

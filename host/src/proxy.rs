@@ -51,6 +51,7 @@ use crate::connection::ConnCtx;
 use crate::error::{Kind, ProxyError, Side};
 use crate::filter::{self, ConnFacts, Exchange, TlsFacts};
 use crate::idle;
+use crate::local_reply;
 use crate::proxy_headers;
 use crate::router::{Action, Matched, RetryPolicy, RouteInput};
 use crate::server::ClusterEntry;
@@ -96,6 +97,9 @@ struct Outcome {
     /// the peer: as Envoy's downstream remote address, what `hash_on:
     /// {source_ip}` hashes and the access log's `client`, as filters see it.
     client: Option<std::net::IpAddr>,
+    /// The request is gRPC, as it arrived: local replies take gRPC's form
+    /// ([`crate::local_reply`]).
+    grpc: bool,
 }
 
 /// Timings and facts only the debug headers use ([`crate::overrides::Debug`]).
@@ -239,7 +243,11 @@ async fn local_reply(
         tracing::debug!(listener = %conn.listener.name, "request failed: {e}");
     }
     out.cause = Some(e.cause());
-    let mut r = e.to_response().map(body::full);
+    let mut r = e.to_response();
+    if out.grpc && e.kind != Kind::DownstreamReset {
+        r = local_reply::into_grpc(r, None);
+    }
+    let mut r = r.map(body::full);
     // The client is gone: nobody reads this answer, it only names the cause.
     if out.chain.is_some() && !out.responding && e.kind != Kind::DownstreamReset {
         r = match response_filters(out, r).await {
@@ -247,7 +255,12 @@ async fn local_reply(
             Err(e) => {
                 tracing::debug!(listener = %conn.listener.name, "local reply failed: {e}");
                 out.cause = Some(e.cause());
-                e.to_response().map(body::full)
+                let r = e.to_response();
+                if out.grpc {
+                    local_reply::into_grpc(r, None).map(body::full)
+                } else {
+                    r.map(body::full)
+                }
             }
         };
     }
@@ -292,6 +305,7 @@ async fn proxy(
             "HTTP request on a non-HTTP listener",
         ));
     };
+    out.grpc = local_reply::is_grpc(req.headers());
     check_framing(&req, &listener.cfg.limits)?;
     // Before anything reads the path (the upgrade decision, filters, routes), so
     // that they and the upstream all see the same one.
@@ -369,7 +383,7 @@ async fn proxy(
         }
     }
     let mut authority = authority;
-    if let Some(chain) = snapshot.filters.start(
+    if let Some(mut chain) = snapshot.filters.start(
         &listener.name,
         conn.worker.id,
         || {
@@ -384,6 +398,7 @@ async fn proxy(
         },
         || exchange_callouts(&conn.worker, &snapshot),
     ) {
+        chain.grpc = out.grpc;
         out.chain = Some(filter::SharedChain::new(chain));
         // Timed only for the debug headers (two clock reads).
         let started = out.debug.on.then(Instant::now);
@@ -434,7 +449,7 @@ async fn proxy(
         };
         if let Some(local) = local {
             out.local = Some(filter::plugin_cause(&local.details));
-            let mut resp = local_response(local);
+            let mut resp = local_response(local, out.grpc);
             if let Some(m) = table.route(&input) {
                 out.route = Some(m.route.name.clone());
                 finish_response_headers(
@@ -480,12 +495,16 @@ async fn proxy(
                 body,
                 content_type,
             } => {
-                let mut resp = Response::new(body::full(body.clone()));
+                let mut resp = Response::new(body.clone());
                 *resp.status_mut() = *status;
                 resp.headers_mut()
                     .insert(header::CONTENT_TYPE, content_type.clone());
                 resp.headers_mut()
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                if out.grpc {
+                    resp = local_reply::into_grpc(resp, None);
+                }
+                let mut resp = resp.map(body::full);
                 finish_response_headers(
                     &matched,
                     http.via.as_deref(),
@@ -499,11 +518,15 @@ async fn proxy(
                 let (status, location) = redirect.flatten().ok_or_else(|| {
                     ProxyError::new(Kind::Internal, "redirect route without a redirect")
                 })?;
-                let mut resp = Response::new(body::empty());
+                let mut resp = Response::new(Bytes::new());
                 *resp.status_mut() = status;
                 resp.headers_mut().insert(header::LOCATION, location);
                 resp.headers_mut()
                     .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+                if out.grpc {
+                    resp = local_reply::into_grpc(resp, None);
+                }
+                let mut resp = resp.map(body::full);
                 finish_response_headers(
                     &matched,
                     http.via.as_deref(),
@@ -944,7 +967,7 @@ async fn answer_locally(
     via: Option<&str>,
 ) -> Result<Response<Body>, ProxyError> {
     out.local = Some(filter::plugin_cause(&lr.details));
-    let mut resp = local_response(lr);
+    let mut resp = local_response(lr, out.grpc);
     finish_response_headers(matched, via, Version::HTTP_11, resp.headers_mut(), false);
     response_filters(out, resp).await
 }
@@ -1147,6 +1170,7 @@ fn set_length(h: &mut http::HeaderMap, len: usize, trailers: bool) {
 async fn response_body(
     shared: filter::SharedChain,
     mut resp: Response<Body>,
+    grpc: bool,
 ) -> Result<Response<Body>, ProxyError> {
     // As for requests: a body-less response goes through the body phases only
     // for a filter that buffers it, and only if it may have a body.
@@ -1180,7 +1204,7 @@ async fn response_body(
         }
         BodyRun::Respond(lr) => {
             shared.set_answered(&lr.details);
-            return Ok(local_response(lr));
+            return Ok(local_response(lr, grpc));
         }
         BodyRun::Whole(data, trailers) => (data, trailers),
     };
@@ -1208,15 +1232,19 @@ async fn response_body(
 }
 
 /// A filter's local response as an HTTP response: hop-by-hop fields dropped,
-/// `content-length` set to the body's length.
-fn local_response(lr: filter::LocalResponse) -> Response<Body> {
+/// `content-length` set to the body's length; to a `grpc` request, in gRPC's
+/// form.
+fn local_response(lr: filter::LocalResponse, grpc: bool) -> Response<Body> {
+    let lr = if grpc { lr.into_grpc() } else { lr };
     let len = lr.body.len();
     let mut resp = Response::new(body::full(lr.body));
     *resp.status_mut() = lr.status;
     *resp.headers_mut() = lr.headers;
     proxy_headers::strip_hop_by_hop(resp.headers_mut());
-    resp.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if !grpc {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
     resp
 }
 
@@ -1278,16 +1306,17 @@ async fn response_filters(
         let len = b.len();
         *resp.body_mut() = body::full(b);
         proxy_headers::strip_hop_by_hop(resp.headers_mut());
-        if body_filtered {
+        if body_filtered || out.grpc {
             // A body phase before the answering filter sees the local body and
-            // may resize it (a buffered one gets its length set after it).
+            // may resize it (a buffered one gets its length set after it); a
+            // gRPC answer has none.
             resp.headers_mut().remove(header::CONTENT_LENGTH);
         } else {
             resp.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
     }
-    response_body(shared, resp).await
+    response_body(shared, resp, out.grpc).await
 }
 
 /// The callout sender of a TCP connection's network filters: the same as an

@@ -117,6 +117,50 @@ each_proto!(
 );
 
 each_proto!(
+    /// The host's answers to a gRPC request are gRPC's trailers-only form, as
+    /// Envoy's local replies are: 200, `grpc-status` (502, 504 →
+    /// `UNAVAILABLE`), the cause as `grpc-message`, no body; the filters'
+    /// response phases see that form. A gRPC-Web request (not gRPC until a
+    /// filter converts it) gets the HTTP answer. (A gRPC client got an HTTP 502
+    /// with a text body: a protocol error to it, the cause lost.)
+    async fn a_grpc_requests_local_replies_are_grpc(proto) {
+        let up = upstream().start().await;
+        let slow = upstream().delay(Duration::from_secs(30)).start().await;
+        let lg = legate()
+            .config(&config(up.addr, closed_port_addr(), slow.addr))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for (path, message) in [("/dead/x", "upstream_connect_failure"), ("/slow/x", "upstream_timeout")] {
+            let r = c
+                .post(path)
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(grpc_frame(b"hello"))
+                .send()
+                .await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+            assert_eq!(r.header("content-type"), Some("application/grpc"), "{path}");
+            assert_eq!(r.header("grpc-status"), Some("14"), "{path}");
+            assert_eq!(r.header("grpc-message"), Some(message), "{path}");
+            assert_eq!(r.text(), "", "{path}");
+            // Through the response phases, in this form.
+            assert_eq!(r.header("x-filter-resp"), Some("tagger"), "{path}");
+            assert_eq!(r.header("x-p-code"), Some("200"), "{path}");
+            assert_eq!(r.header("x-p-code-details"), Some(message), "{path}");
+        }
+        let r = c
+            .post("/dead/x")
+            .header("content-type", "application/grpc-web+proto")
+            .body(grpc_frame(b"hello"))
+            .send()
+            .await;
+        assert_eq!(r.status, 502);
+        assert_eq!(r.header("grpc-status"), None);
+        assert_eq!(r.text(), "upstream_connect_failure\n");
+    }
+);
+
+each_proto!(
     async fn a_route_timeouts_504_goes_through_the_response_phases(proto) {
         let up = upstream().start().await;
         let slow = upstream().delay(Duration::from_secs(30)).start().await;

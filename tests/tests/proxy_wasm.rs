@@ -141,12 +141,21 @@ each_proto!(
         assert_eq!(r.text(), "denied by proxy-wasm\n");
         assert_eq!(r.header("x-pw-denied"), Some("yes"));
         assert_eq!(up.requests.get(), 0);
-        // A gRPC local response is trailers-only: 200, grpc-status in the head.
-        let r = c.get("/grpc-deny").send().await;
+        // A gRPC local response to a gRPC request is trailers-only: 200,
+        // grpc-status in the head, the text as grpc-message.
+        let r = c.get("/grpc-deny").header("content-type", "application/grpc").send().await;
         assert_eq!(r.status, 200);
         assert_eq!(r.header("grpc-status"), Some("7"));
         assert_eq!(r.header("grpc-message"), Some("nope"));
         assert_eq!(r.header("content-type"), Some("application/grpc"));
+        assert_eq!(r.header("x-pw-grpc"), Some("1"));
+        assert_eq!(r.text(), "");
+        // To a request that is not gRPC, as Envoy: the status code the filter
+        // gave (the SDK's 200) with the text as the body, no grpc-status.
+        let r = c.get("/grpc-deny").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("grpc-status"), None);
+        assert_eq!(r.text(), "nope");
         assert_eq!(r.header("x-pw-grpc"), Some("1"));
         assert_eq!(up.requests.get(), 0);
         let r = c.get("/fine").send().await;
@@ -673,7 +682,7 @@ each_proto!(
         assert_eq!(e.header("x-pw-md-seen"), Some("yes"));
 
         // NOT_FOUND from the server (trailers-only): a gRPC local response.
-        let r = c.get("/fail/5").send().await;
+        let r = c.get("/fail/5").header("content-type", "application/grpc+proto").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.header("content-type"), Some("application/grpc"));
         assert_eq!(r.header("grpc-status"), Some("5"));
@@ -699,7 +708,11 @@ async fn a_grpc_call_to_a_dead_cluster_closes_with_unavailable() {
     let yaml = with_grpc_cluster(&config(up.addr, &p, &["caller"]), closed_port_addr());
     let lg = legate().config(&yaml).start();
     let mut c = client(Proto::H1, lg.addr("web")).await;
-    let r = c.get("/say/hello").send().await;
+    let r = c
+        .get("/say/hello")
+        .header("content-type", "application/grpc")
+        .send()
+        .await;
     assert_eq!(r.header("grpc-status"), Some("14"), "{}", r.text());
     assert_eq!(up.requests.get(), 0);
 }

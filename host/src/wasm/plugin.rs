@@ -928,6 +928,7 @@ fn local_response(lr: whttp::LocalResponse) -> Result<LocalResponse, String> {
         headers,
         body: Bytes::from(lr.body),
         details: lr.details,
+        grpc_status: None,
     })
 }
 

@@ -1069,6 +1069,7 @@ impl ProxyWasmFilter {
             headers,
             body: bytes::Bytes::from_static(b"plugin_buffer_limit\n"),
             details: "plugin_buffer_limit".to_string(),
+            grpc_status: None,
         })
     }
 

@@ -309,36 +309,6 @@ fn local_response(
             .map_err(|_| status::BAD_ARGUMENT)?;
     }
     let details = String::from_utf8_lossy(&details).into_owned();
-    if grpc_status >= 0 {
-        // A gRPC answer is "trailers-only": HTTP 200 with the status in the head
-        // and the message (the body text) as `grpc-message`.
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert("grpc-status", HeaderValue::from(grpc_status));
-        if !body.is_empty() {
-            let msg: String = String::from_utf8_lossy(&body)
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_graphic() || c == ' ' {
-                        c
-                    } else {
-                        '?'
-                    }
-                })
-                .collect();
-            if let Ok(v) = HeaderValue::from_str(&msg) {
-                headers.insert("grpc-message", v);
-            }
-        }
-        return Ok(LocalResponse {
-            status: StatusCode::OK,
-            headers,
-            body: Bytes::new(),
-            details,
-        });
-    }
     let code = u16::try_from(code).map_err(|_| status::BAD_ARGUMENT)?;
     if !(200..=599).contains(&code) {
         return Err(status::BAD_ARGUMENT);
@@ -348,6 +318,10 @@ fn local_response(
         headers,
         body: Bytes::from(body),
         details,
+        // As Envoy: a known gRPC status is used if the request is gRPC (the
+        // answer then takes gRPC's form, `crate::local_reply`); otherwise, or
+        // for -1, the status `code` maps to.
+        grpc_status: u32::try_from(grpc_status).ok().filter(|&g| g <= 16),
     })
 }
 
