@@ -1,6 +1,7 @@
 //! A minimal DNS server on loopback for `dns` discovery tests: it answers every A
 //! query, whatever the name, with the current address list (TTL 1) and every AAAA
-//! query with no record; or everything with SERVFAIL when told to; optionally each
+//! query with no record; or everything with SERVFAIL when told to, or the names
+//! it is told to with NXDOMAIN; optionally each
 //! answer after a delay (a slow name server). Point a cluster's
 //! `discovery.dns_resolvers` at [`DnsServer::addr`]: nothing of the machine's
 //! resolver configuration is used or touched.
@@ -20,6 +21,8 @@ pub struct DnsState {
     pub queries: AtomicU64,
     /// Milliseconds to wait before each answer.
     pub delay_ms: AtomicU64,
+    /// Names (`a.test`) answered with NXDOMAIN.
+    missing: Mutex<Vec<String>>,
 }
 
 /// A running server; stops when dropped.
@@ -81,17 +84,35 @@ impl DnsState {
         *self.answers.lock().unwrap_or_else(PoisonError::into_inner) = answers.to_vec();
     }
 
+    /// Queries for `name` (`gone.test`) get NXDOMAIN from now on.
+    pub fn remove_name(&self, name: &str) {
+        self.missing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(name.to_string());
+    }
+
     fn reply(&self, q: &[u8]) -> Option<Vec<u8>> {
         // Header, then one question: the name's labels, a zero byte, type, class.
         let mut end = 12;
+        let mut labels: Vec<String> = Vec::new();
         while *q.get(end)? != 0 {
-            end += 1 + usize::from(*q.get(end)?);
+            let len = usize::from(*q.get(end)?);
+            labels.push(String::from_utf8_lossy(q.get(end + 1..end + 1 + len)?).into_owned());
+            end += 1 + len;
         }
+        let name = labels.join(".");
         let question = q.get(12..end + 5)?;
         let qtype = u16::from_be_bytes([q[end + 1], q[end + 2]]);
         let mut r = q.get(..2)?.to_vec();
         let servfail = self.servfail.load(Ordering::SeqCst);
-        let answers: Vec<Ipv4Addr> = if qtype == 1 && !servfail {
+        let nxdomain = self
+            .missing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(&name));
+        let answers: Vec<Ipv4Addr> = if qtype == 1 && !servfail && !nxdomain {
             self.answers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -99,8 +120,15 @@ impl DnsState {
         } else {
             Vec::new()
         };
-        // QR, RD, RA; rcode 2 (SERVFAIL) or 0.
-        r.extend_from_slice(&[0x81, if servfail { 0x82 } else { 0x80 }]);
+        // QR, RD, RA; rcode 2 (SERVFAIL), 3 (NXDOMAIN) or 0.
+        let rcode = if servfail {
+            0x82
+        } else if nxdomain {
+            0x83
+        } else {
+            0x80
+        };
+        r.extend_from_slice(&[0x81, rcode]);
         r.extend_from_slice(&[0, 1]);
         r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
         r.extend_from_slice(&[0, 0, 0, 0]);

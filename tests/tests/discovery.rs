@@ -164,6 +164,38 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// A name that does not resolve costs only its own endpoints: the
+    /// cluster's other names serve, as Envoy resolves each name on its own.
+    /// (The first failing name failed the whole refresh: the cluster never
+    /// got an endpoint, and every request was 503.)
+    async fn one_unresolvable_name_leaves_the_others_serving(proto) {
+        let (port, _a, _b) = two_loopback_upstreams().await;
+        let dns = DnsServer::start(&[V2]).await;
+        dns.state.remove_name("gone.test");
+        let yaml = dns_config(port, dns.addr, "strict").replace(
+            "        zone: z1\n",
+            &format!("        zone: z1\n      - address: \"gone.test:{port}\"\n"),
+        );
+        let lg = legate().config(&yaml).start();
+        until_stat(&lg, &stat("discovery_update_failure", "backend"), |v| v >= 2.0, ">= 2").await;
+        assert_eq!(lg.stat(&stat("membership_total", "backend")).await, Some(1.0));
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(who(&spread(&mut c, 4).await), ["two"]);
+        // The answers of the name that resolves are still followed.
+        dns.state.set(&[V3]);
+        eventually(WAIT, "the move to .3", || {
+            let lg = &lg;
+            async move {
+                let (_, body) = lg.admin_get("/clusters").await;
+                body.contains(&format!("127.0.0.3:{port}")).then_some(())
+            }
+        })
+        .await;
+        assert_eq!(who(&spread(&mut c, 4).await), ["three"]);
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_cluster_without_an_answer_yet_is_503_then_serves() {
     let (port, _a, _b) = two_loopback_upstreams().await;

@@ -81,6 +81,18 @@ impl Spec {
         self.weight == ep.weight && self.zone == ep.zone && self.metadata == ep.metadata
     }
 
+    /// The spec of `ep`, as discovery found it.
+    fn of(ep: &Endpoint) -> Spec {
+        Spec {
+            address: ep.address,
+            host: ep.host.clone(),
+            authority: ep.authority.clone(),
+            weight: ep.weight,
+            zone: ep.zone.clone(),
+            metadata: ep.metadata.clone(),
+        }
+    }
+
     fn endpoint(&self) -> Arc<Endpoint> {
         Endpoint::new(
             self.address,
@@ -228,17 +240,23 @@ pub fn warm_for_reload(pairs: &[(Option<Arc<Cluster>>, Arc<ClusterEntry>)]) -> V
                 |(_, new, _, missing)| async move {
                     let cfg = &new.config;
                     let within = cfg.discovery.initial_fetch_timeout;
-                    match tokio::time::timeout(
-                        within.get(),
-                        resolve_all(&resolver(cfg), cfg, missing),
-                    )
+                    let resolver = resolver(cfg);
+                    // Each name on its own: one that fails costs only its endpoints.
+                    futures_util::future::join_all(missing.iter().map(|ep| {
+                        let resolver = &resolver;
+                        async move {
+                            match tokio::time::timeout(within.get(), resolve_one(resolver, cfg, ep))
+                                .await
+                            {
+                                Ok(r) => r.map(|(found, _)| found),
+                                Err(_) => Err(anyhow!(
+                                    "no answer for `{}` within `initial_fetch_timeout` ({within})",
+                                    ep.address
+                                )),
+                            }
+                        }
+                    }))
                     .await
-                    {
-                        Ok(r) => r.map(|(found, _)| found),
-                        Err(_) => Err(anyhow!(
-                            "no answer within `initial_fetch_timeout` ({within})"
-                        )),
-                    }
                 },
             ))))
         });
@@ -248,31 +266,33 @@ pub fn warm_for_reload(pairs: &[(Option<Arc<Cluster>>, Arc<ClusterEntry>)]) -> V
     for (i, (entry, new, mut endpoints, _)) in jobs.into_iter().enumerate() {
         let stats = &new.stats;
         stats.discovery_update_attempt.fetch_add(1, Relaxed);
-        let outcome = match &resolved {
-            Ok(all) => match all.get(i) {
-                Some(Ok(found)) => Ok(found),
-                Some(Err(e)) => Err(format!("{e:#}")),
-                None => Err("internal error: no resolution result".to_string()),
-            },
-            Err(e) => Err(format!("{e:#}")),
-        };
-        match outcome {
-            Ok(found) => {
-                stats.discovery_update_success.fetch_add(1, Relaxed);
-                endpoints.extend(found.iter().map(Spec::endpoint));
+        let mut failed = Vec::new();
+        match resolved.as_ref().map(|all| all.get(i)) {
+            Ok(Some(answers)) => {
+                for answer in answers {
+                    match answer {
+                        Ok(found) => endpoints.extend(found.iter().map(Spec::endpoint)),
+                        Err(e) => failed.push(format!("{e:#}")),
+                    }
+                }
             }
-            Err(e) => {
-                stats.discovery_update_failure.fetch_add(1, Relaxed);
-                let name = &new.name;
-                let note = format!(
-                    "cluster `{name}`: {e}; it went live without the endpoints of the names \
-                     not resolved (requests for them get 503 until discovery resolves them; \
-                     it asks again every `dns_refresh_rate`, or as `dns_failure_refresh_rate` \
-                     says)"
-                );
-                tracing::warn!("reload: {note}");
-                notes.push(note);
-            }
+            Ok(None) => failed.push("internal error: no resolution result".to_string()),
+            Err(e) => failed.push(format!("{e:#}")),
+        }
+        if failed.is_empty() {
+            stats.discovery_update_success.fetch_add(1, Relaxed);
+        } else {
+            stats.discovery_update_failure.fetch_add(1, Relaxed);
+            let name = &new.name;
+            let note = format!(
+                "cluster `{name}`: {}; it went live without the endpoints of the names \
+                 not resolved (requests for them get 503 until discovery resolves them; \
+                 it asks again every `dns_refresh_rate`, or as `dns_failure_refresh_rate` \
+                 says)",
+                failed.join("; ")
+            );
+            tracing::warn!("reload: {note}");
+            notes.push(note);
         }
         install(entry, endpoints, &mut notes);
     }
@@ -462,8 +482,15 @@ impl Schedule {
         if let Some((base, _)) = self.backoff {
             self.step = base;
         }
-        if self.respect_ttl {
-            Duration::from_secs(u64::from(ttl.max(1)))
+        self.success_wait(ttl)
+    }
+
+    /// `dns_refresh_rate`, or with `dns_respect_ttl` the TTL `ttl` (seconds),
+    /// unless it is 0: then `dns_refresh_rate` too, as Envoy (a TTL of 0, as
+    /// Consul gives by default, would mean asking again at once).
+    fn success_wait(&self, ttl: u32) -> Duration {
+        if self.respect_ttl && ttl > 0 {
+            Duration::from_secs(u64::from(ttl))
         } else {
             self.refresh
         }
@@ -489,72 +516,130 @@ async fn run_dns(entry: Arc<ClusterEntry>, cfg: &config::Cluster) {
     let resolver = resolver(cfg);
     let all: Vec<&EndpointConfig> = cfg.endpoints.iter().map(|e| &e.value).collect();
     let mut schedule = Schedule::new(&cfg.discovery);
+    // Each name's last answer: a name that fails keeps its endpoints, and costs
+    // the others nothing (Envoy resolves each name on its own). At first, the
+    // endpoints a reload carried over for it.
+    let current = entry.cluster();
+    let mut last: Vec<Option<Vec<Spec>>> = all
+        .iter()
+        .map(|ep| {
+            let carried: Vec<Spec> = current
+                .endpoints
+                .iter()
+                .filter(|e| e.authority == ep.address)
+                .map(|e| Spec::of(e))
+                .collect();
+            (!carried.is_empty()).then_some(carried)
+        })
+        .collect();
+    drop(current);
     loop {
         let stats = entry.cluster().stats.clone();
         stats.discovery_update_attempt.fetch_add(1, Relaxed);
-        let wait = match resolve_all(&resolver, cfg, &all).await {
-            Ok((found, ttl)) => {
-                apply(&entry, &found, true);
+        let mut ttl = u32::MAX;
+        let mut failed = Vec::new();
+        for (i, result) in resolve_each(&resolver, cfg, &all)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            match result {
+                Ok((specs, t)) => {
+                    ttl = ttl.min(t);
+                    last[i] = Some(specs);
+                }
+                Err(e) => failed.push(format!("{e:#}")),
+            }
+        }
+        if failed.len() < all.len() {
+            let found = joined(&last);
+            apply(&entry, &found, true);
+            if !found.is_empty() {
                 entry.set_warm();
-                schedule.after_success(ttl)
             }
-            Err(e) => {
-                stats.discovery_update_failure.fetch_add(1, Relaxed);
-                let wait = schedule.after_failure(rand::random::<f64>());
-                tracing::warn!(
-                    cluster = %cfg.name,
-                    "dns discovery: {e:#}; keeping the endpoints as they were, asking again in {wait:?}"
-                );
+        }
+        let wait = if failed.is_empty() {
+            schedule.after_success(ttl)
+        } else {
+            stats.discovery_update_failure.fetch_add(1, Relaxed);
+            let wait = schedule.after_failure(rand::random::<f64>());
+            // The names that answered are due no later than they would be.
+            let wait = if failed.len() < all.len() {
+                wait.min(schedule.success_wait(ttl))
+            } else {
                 wait
-            }
+            };
+            tracing::warn!(
+                cluster = %cfg.name,
+                "dns discovery: {}; keeping their endpoints as they were, asking again in {wait:?}",
+                failed.join("; ")
+            );
+            wait
         };
         tokio::time::sleep(wait).await;
     }
 }
 
-/// Resolves the endpoints `eps` of `cfg`; the endpoints and the smallest TTL.
-async fn resolve_all(
+/// The endpoints of every name's last answer, each once.
+fn joined(answers: &[Option<Vec<Spec>>]) -> Vec<Spec> {
+    let mut found: Vec<Spec> = Vec::new();
+    for spec in answers.iter().flatten().flatten() {
+        if !found
+            .iter()
+            .any(|s| s.address == spec.address && s.authority == spec.authority)
+        {
+            found.push(spec.clone());
+        }
+    }
+    found
+}
+
+/// Resolves each of the endpoints `eps` of `cfg` on its own, all at once: its
+/// endpoints and its answer's TTL, or why it failed.
+async fn resolve_each(
     resolver: &Resolver,
     cfg: &config::Cluster,
     eps: &[&EndpointConfig],
+) -> Vec<anyhow::Result<(Vec<Spec>, u32)>> {
+    futures_util::future::join_all(eps.iter().map(|ep| resolve_one(resolver, cfg, ep))).await
+}
+
+/// Resolves the endpoint `ep` of `cfg`: its endpoints and the answer's TTL.
+async fn resolve_one(
+    resolver: &Resolver,
+    cfg: &config::Cluster,
+    ep: &EndpointConfig,
 ) -> anyhow::Result<(Vec<Spec>, u32)> {
-    let mut found = Vec::new();
-    let mut ttl = u32::MAX;
-    for ep in eps {
-        let (host, port) = config::split_host_port(&ep.address).map_err(|why| anyhow!("{why}"))?;
-        let answer = resolver.resolve(&host).await?;
-        let host: Arc<str> = host.into();
-        ttl = ttl.min(answer.ttl);
-        let addrs: Vec<IpAddr> = match cfg.discovery.dns_lookup {
-            DnsLookup::Strict => answer.addrs,
-            DnsLookup::Logical => answer
-                .addrs
-                .iter()
-                .find(|a| a.is_ipv4())
-                .or_else(|| answer.addrs.first())
-                .copied()
-                .into_iter()
-                .collect(),
-        };
-        for ip in addrs {
-            let address = SocketAddr::new(ip, port);
-            if found
-                .iter()
-                .any(|s: &Spec| s.address == address && s.authority == ep.address)
-            {
-                continue;
-            }
-            found.push(Spec {
-                address,
-                host: host.clone(),
-                authority: ep.address.clone(),
-                weight: ep.weight.max(1),
-                zone: ep.zone.clone(),
-                metadata: ep.metadata.clone(),
-            });
+    let (host, port) = config::split_host_port(&ep.address).map_err(|why| anyhow!("{why}"))?;
+    let answer = resolver.resolve(&host).await?;
+    let host: Arc<str> = host.into();
+    let addrs: Vec<IpAddr> = match cfg.discovery.dns_lookup {
+        DnsLookup::Strict => answer.addrs,
+        DnsLookup::Logical => answer
+            .addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| answer.addrs.first())
+            .copied()
+            .into_iter()
+            .collect(),
+    };
+    let mut found: Vec<Spec> = Vec::new();
+    for ip in addrs {
+        let address = SocketAddr::new(ip, port);
+        if found.iter().any(|s| s.address == address) {
+            continue;
         }
+        found.push(Spec {
+            address,
+            host: host.clone(),
+            authority: ep.address.clone(),
+            weight: ep.weight.max(1),
+            zone: ep.zone.clone(),
+            metadata: ep.metadata.clone(),
+        });
     }
-    Ok((found, ttl))
+    Ok((found, answer.ttl))
 }
 
 async fn run_file(entry: Arc<ClusterEntry>, cfg: &config::Cluster) {
@@ -754,7 +839,8 @@ mod tests {
         assert_eq!(s.after_success(30), secs(30));
         assert_eq!(s.after_failure(1.0), secs(2));
         assert_eq!(s.after_failure(1.0), secs(4));
-        assert_eq!(s.after_success(0), secs(1));
+        // A TTL of 0 waits dns_refresh_rate (5s), as Envoy: not at once.
+        assert_eq!(s.after_success(0), secs(5));
         assert_eq!(s.after_failure(1.0), secs(2));
         // Without dns_failure_refresh_rate a failure waits dns_refresh_rate (5s).
         let mut s = schedule("{ type: dns, dns_respect_ttl: true }");
