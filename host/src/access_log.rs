@@ -8,11 +8,14 @@
 //! is bounded: past `buffer_limit` new lines are dropped and counted
 //! (`legate_access_log_dropped_total`). [`AccessLog::close`] writes what is left
 //! when the process stops. A file is opened for append, so logrotate's
-//! `copytruncate` works.
+//! `copytruncate` works; [`AccessLog::reopen`] (SIGUSR1, `POST /reopen_logs`,
+//! as Envoy and nginx) opens the path again after the lines waiting are
+//! written, for logrotate's default `create` (move, then signal).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -55,6 +58,8 @@ struct Buffered {
 struct Pending {
     lines: Vec<u8>,
     closed: bool,
+    /// The file is to be opened again once the lines waiting are written.
+    reopen: bool,
 }
 
 impl Buffered {
@@ -77,12 +82,13 @@ impl Buffered {
         before < FLUSH_BYTES && p.lines.len() >= FLUSH_BYTES
     }
 
-    /// Waits until a batch is due (`deadline`, [`FLUSH_BYTES`] waiting, or closing)
-    /// and takes it, leaving `spare` (empty, with its capacity) as the new buffer.
-    /// Returns the batch and whether it is the last one.
-    fn take(&self, deadline: Instant, spare: Vec<u8>) -> (Vec<u8>, bool) {
+    /// Waits until a batch is due (`deadline`, [`FLUSH_BYTES`] waiting, closing, or
+    /// a reopen asked for) and takes it, leaving `spare` (empty, with its capacity)
+    /// as the new buffer. Returns the batch, whether it is the last one, and
+    /// whether the file is to be opened again after it.
+    fn take(&self, deadline: Instant, spare: Vec<u8>) -> (Vec<u8>, bool, bool) {
         let mut p = self.lock();
-        while !p.closed && p.lines.len() < FLUSH_BYTES {
+        while !p.closed && !p.reopen && p.lines.len() < FLUSH_BYTES {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -93,14 +99,15 @@ impl Buffered {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        (std::mem::replace(&mut p.lines, spare), p.closed)
+        let reopen = std::mem::take(&mut p.reopen);
+        (std::mem::replace(&mut p.lines, spare), p.closed, reopen)
     }
 }
 
 enum Target {
     Stdout,
     Stderr,
-    File(File),
+    File(File, PathBuf),
 }
 
 /// The writer's end: the target and how to cut batches for it.
@@ -112,6 +119,9 @@ struct Sink {
     /// a hot restart) never lands inside one of ours. Writes to a regular file
     /// opened for append are whole anyway.
     pipe: bool,
+    /// A write failed part-way through a line: the next write starts with a
+    /// newline, so the lines after the fragment stay whole.
+    mid_line: bool,
 }
 
 impl Sink {
@@ -121,18 +131,62 @@ impl Sink {
             // The std handles' locks are taken per piece: the process log
             // (tracing, on stderr) is never held up by a whole batch, nor lands
             // inside a line.
+            let mid = &mut self.mid_line;
             match &mut self.target {
                 Target::Stdout => {
                     let mut out = io::stdout().lock();
-                    out.write_all(piece)?;
+                    write_whole(&mut out, piece, mid)?;
                     out.flush()?;
                 }
-                Target::Stderr => io::stderr().lock().write_all(piece)?,
-                Target::File(f) => f.write_all(piece)?,
+                Target::Stderr => write_whole(&mut io::stderr().lock(), piece, mid)?,
+                Target::File(f, _) => write_whole(f, piece, mid)?,
             }
         }
         Ok(())
     }
+
+    /// Opens a file target's path again (it was moved away: logrotate's
+    /// `create`); on failure the old file stays in use.
+    fn reopen(&mut self) {
+        let Target::File(_, path) = &self.target else {
+            return;
+        };
+        match OpenOptions::new().create(true).append(true).open(path) {
+            Ok(f) => {
+                tracing::info!("access log: reopened {}", path.display());
+                self.pipe = !is_regular(f.as_fd());
+                let path = path.clone();
+                self.target = Target::File(f, path);
+                self.mid_line = false;
+            }
+            Err(e) => tracing::warn!(
+                "access log: cannot reopen {}: {e}; still writing to the file it had open",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// Writes `piece` (whole lines) to `w`, after a newline if the last write stopped
+/// mid-line (`mid`), which it sets if this one does.
+fn write_whole(w: &mut impl Write, piece: &[u8], mid: &mut bool) -> io::Result<()> {
+    if *mid {
+        w.write_all(b"\n")?;
+        *mid = false;
+    }
+    let mut rest = piece;
+    while !rest.is_empty() {
+        match w.write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                rest = rest.get(n..).unwrap_or_default();
+                *mid = !rest.is_empty();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// `batch` (whole lines) in pieces of whole lines of at most `max` bytes; a line
@@ -210,12 +264,13 @@ impl AccessLog {
                     .append(true)
                     .open(p)
                     .with_context(|| format!("cannot open access log `{p}`"))?,
+                PathBuf::from(p),
             ),
         };
         let pipe = !match &target {
             Target::Stdout => is_regular(io::stdout().as_fd()),
             Target::Stderr => is_regular(io::stderr().as_fd()),
-            Target::File(f) => is_regular(f.as_fd()),
+            Target::File(f, _) => is_regular(f.as_fd()),
         };
         let limit = usize::try_from(cfg.buffer_limit.0).unwrap_or(usize::MAX);
         let dropped = stats.counter(
@@ -225,7 +280,11 @@ impl AccessLog {
             &[],
         );
         Self::start(
-            Sink { target, pipe },
+            Sink {
+                target,
+                pipe,
+                mid_line: false,
+            },
             cfg.flush_interval.get(),
             limit,
             dropped,
@@ -264,6 +323,14 @@ impl AccessLog {
         if self.shared.push(line.as_bytes()) {
             self.shared.wake.notify_one();
         }
+    }
+
+    /// Has the writer open the file's path again once the lines handed over so
+    /// far are written (SIGUSR1, `POST /reopen_logs`); nothing for stdout or
+    /// stderr.
+    pub fn reopen(&self) {
+        self.shared.lock().reopen = true;
+        self.shared.wake.notify_one();
     }
 
     /// Writes out every line handed over so far and stops the writer (idempotent).
@@ -308,7 +375,7 @@ fn run_writer(shared: &Buffered, mut sink: Sink, interval: Duration) {
     let mut dropping = false;
     let mut dropped_seen = shared.dropped.get();
     loop {
-        let (mut batch, last) = shared.take(Instant::now() + interval, spare);
+        let (mut batch, last, reopen) = shared.take(Instant::now() + interval, spare);
         if !batch.is_empty() {
             match sink.write(&batch) {
                 Err(e) if !failing => {
@@ -342,6 +409,9 @@ fn run_writer(shared: &Buffered, mut sink: Sink, interval: Duration) {
         dropped_seen = dropped;
         if last {
             return;
+        }
+        if reopen {
+            sink.reopen();
         }
         batch.clear();
         // A burst's large buffer is not kept for good.
@@ -381,7 +451,7 @@ mod tests {
         b.push(&line(5, 1));
         assert_eq!(b.dropped.get(), 2);
         // The writer takes the batch: there is room again, in order.
-        let (batch, last) = b.take(Instant::now(), Vec::new());
+        let (batch, last, _) = b.take(Instant::now(), Vec::new());
         assert!(!last);
         assert_eq!(
             batch,
@@ -391,7 +461,7 @@ mod tests {
         assert_eq!(b.dropped.get(), 2);
         // Once closed, the last batch goes out and later lines are dropped.
         b.lock().closed = true;
-        let (batch, last) = b.take(Instant::now() + Duration::from_secs(60), Vec::new());
+        let (batch, last, _) = b.take(Instant::now() + Duration::from_secs(60), Vec::new());
         assert!(last);
         assert_eq!(batch, line(6, 25));
         b.push(&line(7, 25));
@@ -469,5 +539,75 @@ mod tests {
             1
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reopen_writes_the_waiting_lines_then_opens_the_path_again() {
+        let dir = std::env::temp_dir().join(format!("legate-alog-reopen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.log");
+        let moved = dir.join("a.log.1");
+        let _ = std::fs::remove_file(&path);
+        let cfg = config::AccessLog {
+            path: path.display().to_string(),
+            // Longer than the test: only `reopen` and `close` write.
+            flush_interval: config::Dur::secs(60),
+            buffer_limit: config::ByteSize(16 << 20),
+        };
+        let log = AccessLog::open(&cfg, &Stats::new()).unwrap();
+        log.write(&serde_json::json!({ "i": 0 }));
+        // logrotate's `create`: the file is moved, then the signal comes.
+        std::fs::rename(&path, &moved).unwrap();
+        log.reopen();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !path.exists() {
+            assert!(Instant::now() < deadline, "the path was not opened again");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        log.write(&serde_json::json!({ "i": 1 }));
+        log.close();
+        assert_eq!(std::fs::read_to_string(&moved).unwrap(), "{\"i\":0}\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"i\":1}\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Takes `room` bytes, then fails until given more room.
+    struct Full {
+        out: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Full {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::Error::other("no space left"));
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.out.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_cut_mid_line_leaves_the_next_lines_whole() {
+        let mut w = Full {
+            out: Vec::new(),
+            room: 5,
+        };
+        let mut mid = false;
+        assert!(write_whole(&mut w, b"{\"i\":0}\n", &mut mid).is_err());
+        assert!(mid);
+        w.room = 100;
+        write_whole(&mut w, b"{\"i\":1}\n", &mut mid).unwrap();
+        assert!(!mid);
+        assert_eq!(w.out, b"{\"i\":\n{\"i\":1}\n");
+        // A write that failed before any byte leaves no empty line.
+        w.room = 0;
+        assert!(write_whole(&mut w, b"{\"i\":2}\n", &mut mid).is_err());
+        assert!(!mid);
     }
 }

@@ -301,12 +301,27 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             text(StatusCode::OK, "draining\n")
         }
         (_, "/drain") => with_allow(text(StatusCode::METHOD_NOT_ALLOWED, "use POST /drain\n"), "POST"),
+        (&Method::POST, "/reopen_logs") => {
+            // As Envoy's endpoint of that name (and SIGUSR1): after logrotate
+            // moved the access log away.
+            match &shared.access_log {
+                Some(log) => {
+                    log.reopen();
+                    text(StatusCode::OK, "reopening the access log\n")
+                }
+                None => text(StatusCode::OK, "no access log\n"),
+            }
+        }
+        (_, "/reopen_logs") => with_allow(
+            text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reopen_logs\n"),
+            "POST",
+        ),
         (_, "/ready" | "/stats" | "/clusters" | "/config_dump") => {
             with_allow(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"), "GET")
         }
         (&Method::GET, "/") => text(
             StatusCode::OK,
-            "Legate admin\n  GET  /ready\n  GET  /stats\n  GET  /clusters\n  GET  /config_dump\n  POST /drain\n  GET  /reload\n  POST /reload\n  GET  /plugins\n  POST /plugins/NAME/reload\n",
+            "Legate admin\n  GET  /ready\n  GET  /stats\n  GET  /clusters\n  GET  /config_dump\n  POST /drain\n  POST /reopen_logs\n  GET  /reload\n  POST /reload\n  GET  /plugins\n  POST /plugins/NAME/reload\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the admin endpoints\n"),
     }

@@ -213,16 +213,21 @@ fn run(
     // SIGHUP's is installed before anything starts: its default action is to
     // exit, and one sent while this process starts (`kill -HUP $(pidof
     // legate)` during a hot restart reaches both processes) must not kill it;
-    // it reloads once the process serves. SIGTERM and SIGINT keep their
-    // default until then, so Ctrl-C stops a slow start at once.
+    // it reloads once the process serves. SIGUSR1's too (its default action
+    // also exits): logrotate sends it to have the access log reopened, as
+    // nginx and Envoy do. SIGTERM and SIGINT keep their default until then, so
+    // Ctrl-C stops a slow start at once.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("signal runtime")?;
-    let mut hup = {
+    let (mut hup, mut usr1) = {
+        use tokio::signal::unix::{signal, SignalKind};
         let _in = rt.enter();
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .context("SIGHUP handler")?
+        (
+            signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?,
+        )
     };
     // If starting fails after this, the old process keeps serving: it drains only
     // when told to below.
@@ -272,6 +277,15 @@ fn run(
                 _ = term.recv() => tracing::info!("SIGTERM: draining"),
                 _ = int.recv() => tracing::info!("SIGINT: draining"),
                 _ = drain.wait_for(|d| *d) => tracing::info!("drain requested"),
+                _ = usr1.recv() => {
+                    // The lines waiting go to the old file first (moved away
+                    // by logrotate), then the path is opened again.
+                    if let Some(log) = &shared.access_log {
+                        tracing::info!("SIGUSR1: reopening the access log");
+                        log.reopen();
+                    }
+                    continue;
+                }
                 _ = hup.recv() => {
                     // Config and every plugin module are read again; the result is
                     // logged, counted and shown by `GET /reload`. Not awaited: a

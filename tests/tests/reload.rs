@@ -1550,6 +1550,68 @@ async fn a_second_signal_stops_the_drain_at_once() {
     assert!(written.contains("\"/done\""), "{written:?}");
 }
 
+/// Log rotation as logrotate's default `create` does it: the file is moved,
+/// then SIGUSR1 (or `POST /reopen_logs`) has Legate write what it holds to the
+/// moved file and open the path again, as nginx and Envoy do. (SIGUSR1 killed
+/// the process, losing the lines it held, and the file was never reopened.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_the_access_log() {
+    let up = upstream().start().await;
+    legate_bin();
+    let (web, admin) = (free_addr(), free_addr());
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let top = format!(
+        "access_log:\n  path: {}\n  flush_interval: 1m\n",
+        log.display()
+    );
+    let text = fixed_ports(&yaml(up.addr, false, "", "", &top), web, admin);
+    let cfg = dir.write("legate.yaml", text);
+    let mut p = Child::spawn(&cfg, &[]);
+    wait_ready(admin).await;
+    let rotations = [
+        ("SIGUSR1", dir.path().join("access.log.1")),
+        ("admin", dir.path().join("access.log.2")),
+    ];
+    for (i, (how, moved)) in rotations.iter().enumerate() {
+        for proto in [Proto::H1, Proto::H2] {
+            let mut c = client(proto, web).await;
+            assert_eq!(c.get(&format!("/before-{i}")).send().await.status, 200);
+        }
+        std::fs::rename(&log, moved).unwrap();
+        if *how == "SIGUSR1" {
+            p.signal("USR1");
+        } else {
+            let (status, _) = admin_at(admin, Method::POST, "/reopen_logs").await.unwrap();
+            assert_eq!(status, 200);
+        }
+        eventually(HANG_GUARD, "the path is opened again", || async {
+            log.exists().then_some(())
+        })
+        .await;
+        assert!(
+            p.child.try_wait().unwrap().is_none(),
+            "{how} stopped the process"
+        );
+        let mut c = client(Proto::H1, web).await;
+        assert_eq!(c.get(&format!("/after-{i}")).send().await.status, 200);
+        let old = std::fs::read_to_string(moved).unwrap();
+        assert_eq!(
+            old.matches(&format!("\"/before-{i}\"")).count(),
+            2,
+            "{how}: {old}"
+        );
+        assert!(!old.contains(&format!("/after-{i}")), "{how}: {old}");
+    }
+    p.signal("TERM");
+    assert!(p.exited(Duration::from_secs(30)).await.success());
+    let new = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        new.contains("\"/after-1\"") && !new.contains("/before"),
+        "{new}"
+    );
+}
+
 /// Hot restarts under steady load (HTTP/1.1 and HTTP/2, keep-alive and new
 /// connections): no connection refused, no request failed; and, as Envoy's,
 /// counters carry over: the last process counts every request any of them
