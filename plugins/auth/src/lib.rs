@@ -623,7 +623,9 @@ impl AuthFilter {
             return internal_error("ext_authz answer without ext_authz config");
         };
         match response {
-            // As Envoy's HTTP ext_authz: 200 OK alone allows; any other
+            // As Envoy's HTTP ext_authz (RawHttpClientImpl::toResponse):
+            // 200 OK alone allows; a 5xx is an error of the service (so
+            // `failure_mode_allow` or `status_on_error` applies); any other
             // status is a denial passed back to the client.
             Ok(r) if r.status == 200 => {
                 if let Some(h) = exchange.headers(Direction::Request) {
@@ -638,7 +640,7 @@ impl AuthFilter {
                 self.counters.allowed.inc();
                 Action::Continue
             }
-            Ok(r) if (201..=599).contains(&r.status) => {
+            Ok(r) if (201..=499).contains(&r.status) => {
                 self.counters.ext_denied.inc();
                 let mut resp = LocalResponse::new(r.status)
                     .body(r.body.clone())

@@ -1,8 +1,8 @@
 //! Callout flows and the other authenticators on the SDK harness: remote JWKS
 //! (cold fetch, caching, kid rotation with rate-limited refetch, failures,
 //! tick refresh), API keys, HTTP Basic (bcrypt and {SHA}), external
-//! authorization (allow, deny, timeout, failure_mode_allow), and that no
-//! secret reaches the logs.
+//! authorization (allow, deny, timeout and 5xx errors, failure_mode_allow),
+//! and that no secret reaches the logs.
 
 #![allow(clippy::unwrap_used)]
 
@@ -555,6 +555,56 @@ fn ext_authz_timeout_denies_by_default_and_allows_in_failure_mode_allow() {
             host.counter("auth_decisions_total", &["ext_authz_error"]),
             Some(1)
         );
+    }
+}
+
+#[test]
+fn ext_authz_5xx_is_an_error_not_a_denial() {
+    // As Envoy's HTTP ext_authz (RawHttpClientImpl::toResponse): a 5xx from
+    // the service is an error, so `failure_mode_allow` lets the request
+    // through, else `status_on_error` answers; the service's own status and
+    // body never reach the client.
+    for status in [500, 502, 503, 504, 599] {
+        for (allow, expect) in [(false, Some(403)), (true, None)] {
+            let host = host();
+            let mut t = host
+                .configure::<AuthFilter>(&authz_cfg(allow).to_string())
+                .unwrap();
+            host.queue_callout_response(
+                "authz",
+                Ok(CalloutResponse::new(status, "upstream overloaded")
+                    .header("x-authz-user", "alice")),
+            );
+            let mut x = t.exchange(
+                Request::get("/")
+                    .header("x-api-key", "k-a")
+                    .header("x-authz-user", "admin"),
+            );
+            assert_eq!(x.request_headers(), Action::Pause);
+            let a = x.deliver_callouts();
+            match (expect, &a[..]) {
+                (Some(s), [Action::Respond(r)]) => {
+                    assert_eq!(r.status, s, "status {status}");
+                    assert_eq!(r.details, "auth_ext_authz_error");
+                    assert_ne!(r.body, b"upstream overloaded");
+                }
+                // Let through without the check's word: neither the
+                // service's header nor the client's forged one goes upstream.
+                (None, [Action::Continue]) => {
+                    assert_eq!(x.request_header("x-authz-user"), None);
+                }
+                other => panic!("status {status}, failure_mode_allow={allow}: {other:?}"),
+            }
+            drop(x);
+            assert_eq!(
+                host.counter("auth_decisions_total", &["ext_authz_error"]),
+                Some(1)
+            );
+            assert_eq!(
+                host.counter("auth_decisions_total", &["ext_authz_denied"]),
+                Some(0)
+            );
+        }
     }
 }
 
