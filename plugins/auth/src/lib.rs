@@ -773,16 +773,17 @@ impl AuthFilter {
                     };
                     match self.verify_jwt(i, token.value(), may_fetch) {
                         Ok(claims) => {
-                            for (c, accepted) in &rule.claims {
-                                let ok = jwt::claim(&claims, c)
-                                    .is_some_and(|v| jwt::claim_accepts(v, accepted));
-                                if !ok {
-                                    forbidden.get_or_insert_with(|| {
-                                        format!("claim `{c}` does not allow this route")
-                                    });
-                                }
-                            }
-                            if forbidden.is_some() {
+                            // This provider's token alone: a token of an
+                            // earlier provider that failed the claims must
+                            // not stop a later one that meets them.
+                            let unmet = rule.claims.iter().find(|(c, accepted)| {
+                                !jwt::claim(&claims, c)
+                                    .is_some_and(|v| jwt::claim_accepts(v, accepted))
+                            });
+                            if let Some((c, _)) = unmet {
+                                forbidden.get_or_insert_with(|| {
+                                    format!("claim `{c}` does not allow this route")
+                                });
                                 continue;
                             }
                             let mut id = Identity {

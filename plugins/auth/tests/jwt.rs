@@ -350,6 +350,50 @@ fn two_providers_on_one_header_pick_by_issuer() {
 }
 
 #[test]
+fn a_claims_failure_on_one_provider_does_not_block_a_later_one() {
+    // Each provider's token is checked against the rule's claims on its own:
+    // `corp`'s valid token lacks the role, `partner`'s has it, so the request
+    // passes as `partner` (and only `partner`'s identity goes upstream).
+    let a = Signer::new("ES256");
+    let b = Signer::new("EdDSA");
+    let pa = provider(jwks(&[a.jwk("a")]));
+    let mut pb = provider(jwks(&[b.jwk("b")]));
+    pb["name"] = json!("partner");
+    pb["issuer"] = json!("https://partner.example");
+    pb["from"] = json!([{"header": "x-partner-token"}]);
+    pb["claim_to_headers"] = json!([{"claim": "sub", "header": "x-partner-user"}]);
+    let mut t = filter(json!({
+        "providers": [pa, pb],
+        "rules": [{"match": {"prefix": "/"}, "requires": {"any": ["corp", "partner"]},
+                   "claims": {"role": ["admin"]}}]
+    }));
+    let mut user = claims(ISS);
+    user["role"] = json!("user");
+    let corp_user = a.token(Some("a"), &user);
+    let mut admin = claims("https://partner.example");
+    admin["sub"] = json!("bob");
+    let partner_admin = b.token(Some("b"), &admin);
+
+    let mut x = t.exchange(
+        Request::get("/api/x")
+            .header("authorization", format!("Bearer {corp_user}"))
+            .header("x-partner-token", partner_admin.as_str()),
+    );
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_header("x-partner-user").as_deref(), Some("bob"));
+    assert_eq!(x.request_header("x-user"), None);
+    drop(x);
+
+    // corp's token alone still fails the claims: 403.
+    let r = respond(t.exchange(bearer(&corp_user)).request_headers());
+    assert_eq!(r.status, 403);
+    assert_eq!(r.details, "auth_forbidden");
+    let h = t.host();
+    assert_eq!(h.counter("auth_decisions_total", &["allowed"]), Some(1));
+    assert_eq!(h.counter("auth_decisions_total", &["forbidden"]), Some(1));
+}
+
+#[test]
 fn a_short_or_foreign_header_value_falls_through_to_the_next_source() {
     let s = Signer::new("ES256");
     let mut p = provider(jwks(&[s.jwk("k1")]));
