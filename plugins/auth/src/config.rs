@@ -89,9 +89,12 @@ pub struct ProviderConfig {
     /// Claims copied into request headers for the upstream.
     #[serde(default)]
     pub claim_to_headers: Vec<ClaimHeaderConfig>,
-    /// Whether the token itself is passed upstream (else its header/cookie
-    /// carrier header is removed).
-    #[serde(default = "default_true")]
+    /// Whether the token itself is passed upstream (else the header it came
+    /// in is removed; a cookie or query parameter is left). Default false,
+    /// as Envoy's `JwtProvider.forward`: the upstream gets the verified
+    /// claims through `claim_to_headers`, not a bearer credential it could
+    /// replay elsewhere.
+    #[serde(default)]
     pub forward_token: bool,
     /// The verified-token cache (absent: the default size).
     #[serde(default)]

@@ -80,8 +80,8 @@ fn every_algorithm_accepts_valid_and_rejects_bad_tokens() {
         );
         assert_eq!(x.request_header("x-org").as_deref(), Some("42"), "{alg}");
         assert!(
-            x.request_header("authorization").is_some(),
-            "{alg}: forwarded by default"
+            x.request_header("authorization").is_none(),
+            "{alg}: removed by default (forward_token: false)"
         );
         drop(x);
 
@@ -216,6 +216,33 @@ fn missing_token_gets_a_bearer_challenge_without_error() {
             .request_headers(),
     );
     assert_eq!(r.details, "auth_missing_credentials");
+}
+
+#[test]
+fn the_token_header_is_removed_by_default_and_kept_with_forward_token() {
+    // As Envoy's JwtProvider.forward (default false): the verified token's
+    // header does not reach the upstream unless asked for.
+    let s = Signer::new("ES256");
+    let tok = s.token(Some("k1"), &claims(ISS));
+    for (forward, expect) in [
+        (None, None),
+        (Some(false), None),
+        (Some(true), Some(format!("Bearer {tok}"))),
+    ] {
+        let mut p = provider(jwks(&[s.jwk("k1")]));
+        if let Some(f) = forward {
+            p["forward_token"] = json!(f);
+        }
+        let mut t = filter(json!({"providers": [p]}));
+        let mut x = t.exchange(bearer(&tok));
+        assert_eq!(x.request_headers(), Action::Continue);
+        assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
+        assert_eq!(
+            x.request_header("authorization"),
+            expect,
+            "forward_token: {forward:?}"
+        );
+    }
 }
 
 #[test]
