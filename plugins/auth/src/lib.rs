@@ -645,11 +645,20 @@ impl AuthFilter {
                 let mut resp = LocalResponse::new(r.status)
                     .body(r.body.clone())
                     .details("auth_ext_authz_denied");
-                for name in &ext.client_headers {
-                    for (n, v) in &r.headers {
-                        if n.eq_ignore_ascii_case(name) {
-                            resp = resp.header(&**name, v.clone());
+                // As Envoy's `allowed_client_headers`: unset, every field
+                // of the answer (a login redirect's `location`, a
+                // `set-cookie`) but the connection and framing ones, which
+                // the host owns; set, those listed.
+                for (n, v) in &r.headers {
+                    let name = n.to_ascii_lowercase();
+                    let pass = match &ext.client_headers {
+                        Some(list) => list.iter().any(|h| **h == *name),
+                        None => {
+                            !name.starts_with(':') && !config::HOST_OWNED.contains(&name.as_str())
                         }
+                    };
+                    if pass {
+                        resp = resp.header(name, v.clone());
                     }
                 }
                 Action::Respond(resp)

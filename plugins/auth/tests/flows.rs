@@ -479,7 +479,8 @@ fn ext_authz_deny_passes_status_and_body_back() {
                 r.header_value("content-type"),
                 Some(&b"application/json"[..])
             );
-            assert_eq!(r.header_value("x-internal"), None);
+            // `client_headers` unset: every header of the answer.
+            assert_eq!(r.header_value("x-internal"), Some(&b"no"[..]));
             assert_eq!(r.details, "auth_ext_authz_denied");
         }
         other => panic!("{other:?}"),
@@ -489,6 +490,83 @@ fn ext_authz_deny_passes_status_and_body_back() {
         host.counter("auth_decisions_total", &["ext_authz_denied"]),
         Some(1)
     );
+}
+
+/// The check service's answer for a login redirect.
+fn login_redirect() -> Result<CalloutResponse, Error> {
+    Ok(CalloutResponse::new(302, "")
+        .header("Location", "https://login.example.com/?next=%2Forders")
+        .header("set-cookie", "state=abc; Secure; HttpOnly")
+        .header("set-cookie", "nonce=xyz; Secure; HttpOnly")
+        .header("cache-control", "no-store")
+        .header("connection", "close")
+        .header("transfer-encoding", "chunked")
+        .header("content-length", "0")
+        .header("keep-alive", "timeout=5"))
+}
+
+fn fields(r: &LocalResponse) -> Vec<(String, String)> {
+    r.headers
+        .iter()
+        .map(|(n, v)| (n.clone(), String::from_utf8(v.clone()).unwrap()))
+        .collect()
+}
+
+#[test]
+fn ext_authz_denial_passes_every_header_unless_client_headers_is_set() {
+    // As Envoy's `allowed_client_headers` unset: a login redirect's
+    // `location` and `set-cookie`s reach the client; the connection and
+    // framing fields, which the host owns, do not.
+    let host = host();
+    let mut t = host
+        .configure::<AuthFilter>(&authz_cfg(false).to_string())
+        .unwrap();
+    host.queue_callout_response("authz", login_redirect());
+    let mut x = t.exchange(Request::get("/orders").header("x-api-key", "k-a"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let r = respond(x.deliver_callouts().remove(0));
+    assert_eq!(r.status, 302);
+    assert_eq!(
+        fields(&r),
+        [
+            ("location", "https://login.example.com/?next=%2Forders"),
+            ("set-cookie", "state=abc; Secure; HttpOnly"),
+            ("set-cookie", "nonce=xyz; Secure; HttpOnly"),
+            ("cache-control", "no-store"),
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+    );
+    drop(x);
+
+    // A list filters: only what it names (in any case the service writes).
+    let mut cfg = authz_cfg(false);
+    cfg["ext_authz"]["client_headers"] = json!(["location"]);
+    let host2 = self::host();
+    let mut t = host2.configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    host2.queue_callout_response("authz", login_redirect());
+    let mut x = t.exchange(Request::get("/orders").header("x-api-key", "k-a"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let r = respond(x.deliver_callouts().remove(0));
+    assert_eq!(r.status, 302);
+    assert_eq!(
+        fields(&r),
+        [(
+            "location".to_owned(),
+            "https://login.example.com/?next=%2Forders".to_owned()
+        )]
+    );
+    drop(x);
+
+    // An empty list passes none.
+    cfg["ext_authz"]["client_headers"] = json!([]);
+    let host3 = self::host();
+    let mut t = host3.configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    host3.queue_callout_response("authz", login_redirect());
+    let mut x = t.exchange(Request::get("/orders").header("x-api-key", "k-a"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let r = respond(x.deliver_callouts().remove(0));
+    assert_eq!(r.status, 302);
+    assert!(r.headers.is_empty(), "{:?}", fields(&r));
 }
 
 #[test]
