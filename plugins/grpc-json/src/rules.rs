@@ -252,6 +252,13 @@ impl Transcoder {
     fn bound_fields(&self, m: &Match, rule: &Rule) -> Result<Vec<Bound>, String> {
         let input = rule.method.input();
         let mut bound = Vec::new();
+        // The fields the path binds (by descriptor: a query key may use the
+        // JSON name).
+        let path_bound: Vec<Vec<FieldDescriptor>> = m
+            .captures
+            .iter()
+            .filter_map(|c| field_path(&input, &c.field_path).ok())
+            .collect();
         for c in &m.captures {
             let value = percent_decode(&c.raw, c.multi_segment, false)
                 .map_err(|e| format!("path variable {}: {e}", c.field_path.join(".")))?;
@@ -272,8 +279,20 @@ impl Transcoder {
                     input.full_name()
                 ));
             }
-            let value = percent_decode(v, false, true)?;
             let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+            // A field the path binds (or one inside it) is the path's: query
+            // parameters are for the fields the path does not bind
+            // (google.api.http), so `GET /v1/users/alice?name=bob` stays
+            // alice, as the route, the logs and the filters before this one
+            // saw it. Ignored, as grpc-gateway does (Envoy's transcoder adds
+            // the query's bindings after the path's without leaving these
+            // out).
+            if let Ok(fields) = field_path(&input, &path) {
+                if path_bound.iter().any(|p| fields.starts_with(p)) {
+                    continue;
+                }
+            }
+            let value = percent_decode(v, false, true)?;
             bound.push(
                 bind(&input, &path, &value, true)
                     .map_err(|e| format!("query parameter {key:?}: {e}"))?,

@@ -231,6 +231,38 @@ fn get_with_path_variable_and_query() {
 }
 
 #[test]
+fn a_query_parameter_cannot_override_a_path_bound_field() {
+    // Query parameters are for the fields the path does not bind
+    // (google.api.http): the path's value stays, as the route and every
+    // filter before this one saw it; the others still apply.
+    let t = transcoder(common::CONFIG);
+    let r: pb::ReflectRequest = build(&t, "GET", "/v1/tags/alice?name=bob&flag=true", "").unwrap();
+    assert_eq!(r.name, "alice");
+    assert!(r.flag);
+    let r: pb::SayRequest = build(&t, "GET", "/v1/echo/hi?message=evil", "").unwrap();
+    assert_eq!(r.message, "hi");
+    // A nested path-bound field, by its proto or its JSON name alike; its
+    // sibling is not bound by the path, so the query sets it.
+    for q in ["inner.id=evil", "inner.id=evil&inner.id=worse"] {
+        let r: pb::ReflectRequest = build(
+            &t,
+            "POST",
+            &format!("/v1/reflect/x1:run?{q}&inner.n=3"),
+            r#"{"id": "body", "n": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.inner,
+            Some(pb::Inner {
+                id: "x1".into(),
+                n: 3
+            }),
+            "{q}"
+        );
+    }
+}
+
+#[test]
 fn bad_query_parameters_are_client_errors() {
     let t = transcoder(common::CONFIG);
     for (path, why) in [
