@@ -60,6 +60,7 @@ pub struct Transcoder {
     pub rules: Vec<Rule>,
     print: PrintOptions,
     ignored_query_parameters: Vec<String>,
+    query_param_unescape_plus: bool,
 }
 
 impl Transcoder {
@@ -135,6 +136,7 @@ impl Transcoder {
             rules,
             print: config.print_options.clone(),
             ignored_query_parameters: config.ignored_query_parameters.clone(),
+            query_param_unescape_plus: config.query_param_unescape_plus,
         })
     }
 
@@ -269,7 +271,8 @@ impl Transcoder {
         }
         for pair in m.query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let key = percent_decode(k, false, true)?;
+            let plus = self.query_param_unescape_plus;
+            let key = percent_decode(k, false, plus)?;
             if self.ignored_query_parameters.contains(&key) {
                 continue;
             }
@@ -292,7 +295,7 @@ impl Transcoder {
                     continue;
                 }
             }
-            let value = percent_decode(v, false, true)?;
+            let value = percent_decode(v, false, plus)?;
             bound.push(
                 bind(&input, &path, &value, true)
                     .map_err(|e| format!("query parameter {key:?}: {e}"))?,
