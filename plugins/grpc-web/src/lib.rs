@@ -9,8 +9,10 @@
 //! - request: `content-type: application/grpc-web[-text][+proto]` becomes
 //!   `application/grpc[+proto]`, `te: trailers` is added, and a `-text` body is
 //!   base64-decoded as it streams (any chunking);
-//! - response: `content-type` goes back to the client's variant, the body passes
-//!   through (base64-encoded for `-text`), and the upstream's trailers become
+//! - response: `content-type` goes back to gRPC-Web, text when the client's
+//!   `accept` asks for `application/grpc-web-text` (as Envoy), binary when it
+//!   names `application/grpc-web`, else the request's variant; the body passes
+//!   through (base64-encoded for text), and the upstream's trailers become
 //!   the final body frame (flag `0x80`) in the last body call, so the HTTP
 //!   response itself has no trailers (abi/README.md §4, folding trailers).
 //!   A trailers-only response (status in the headers) passes as headers. A
@@ -55,6 +57,17 @@ pub enum Variant {
     Binary,
     /// `application/grpc-web-text[+…]`: the frames base64-encoded.
     Text,
+}
+
+/// The response encoding a gRPC-Web client asks for in its `accept` header:
+/// the first gRPC-Web media type listed (`application/grpc-web-text[+…]`:
+/// text; `application/grpc-web[+…]`: binary), parameters ignored. `None` when
+/// it names neither (absent, `*/*`): the response then follows the request's
+/// variant.
+pub fn accept_variant(accept: &str) -> Option<Variant> {
+    accept
+        .split(',')
+        .find_map(|item| convert_content_type(item).map(|(variant, _, _)| variant))
 }
 
 /// A gRPC-Web `content-type` → (variant, the client's media type, the gRPC
@@ -161,8 +174,11 @@ pub struct GrpcWeb {
 pub struct Context {
     /// `Some` once the request was converted.
     variant: Option<Variant>,
-    /// The client's media type, for the response.
+    /// The response's media type: the client's, in the encoding it accepts.
     content_type: String,
+    /// The response is base64 (`-text`): what `accept` asks for, else the
+    /// request's variant.
+    text_response: bool,
     /// `access-control-allow-origin` for this exchange (CORS on, origin allowed).
     allow_origin: Option<String>,
     /// The upstream answered gRPC: its body and trailers are converted.
@@ -240,8 +256,20 @@ impl HttpFilter for GrpcWeb {
                 let _ = headers.remove("content-length");
             }
         }
+        // As Envoy's grpc_web filter, the response is text when `accept`
+        // asks for it (grpc-web's JS client sends `accept:
+        // application/grpc-web-text` in text mode) and binary when it names
+        // the binary type; an `accept` naming neither (absent, `*/*`) keeps
+        // the request's variant, where Envoy would answer binary, so a `-text`
+        // client that does not say what it accepts still reads its answer.
+        let text_response = headers
+            .get_str("accept")
+            .and_then(|a| accept_variant(&a))
+            .unwrap_or(variant)
+            == Variant::Text;
         ctx.variant = Some(variant);
-        ctx.content_type = client_type;
+        ctx.text_response = text_response;
+        ctx.content_type = response_content_type(&client_type, text_response);
         ctx.allow_origin = self
             .cors
             .as_ref()
@@ -365,7 +393,7 @@ impl HttpFilter for GrpcWeb {
         if !ctx.grpc_response {
             return Action::Continue;
         }
-        let text = ctx.variant == Some(Variant::Text);
+        let text = ctx.text_response;
         let trailers = if end_of_stream {
             x.trailers(Direction::Response)
         } else {
@@ -402,6 +430,22 @@ impl HttpFilter for GrpcWeb {
             }
         }
     }
+}
+
+/// The response media type for a request of media type `client_type`
+/// (`application/grpc-web[-text][+codec]`): the same codec, in the text or
+/// binary encoding.
+fn response_content_type(client_type: &str, text: bool) -> String {
+    let codec = client_type
+        .strip_prefix("application/grpc-web-text")
+        .or_else(|| client_type.strip_prefix("application/grpc-web"))
+        .unwrap_or_default();
+    let base = if text {
+        "application/grpc-web-text"
+    } else {
+        "application/grpc-web"
+    };
+    format!("{base}{codec}")
 }
 
 /// Not a gRPC-Web exchange: no more calls for it (one guest call per plain
@@ -513,9 +557,10 @@ impl GrpcWeb {
                 percent_encode(&message).into_bytes(),
             ),
         ]);
-        match ctx.variant {
-            Some(Variant::Text) => codec::encode(&frame),
-            _ => frame,
+        if ctx.text_response {
+            codec::encode(&frame)
+        } else {
+            frame
         }
     }
 
