@@ -20,7 +20,8 @@
 //!   upstream) becomes a gRPC-Web response: `200`, the status mapped from the
 //!   HTTP status (gRPC's HTTP mapping: `502`/`503`/`504` are `UNAVAILABLE`)
 //!   and its body as `grpc-message`, in the trailer frame;
-//! - CORS (optional): preflights are answered locally, converted responses get
+//! - CORS (optional): preflights from allowed origins are answered locally
+//!   (others pass on untouched, as Envoy's cors filter), converted responses get
 //!   `access-control-allow-origin` and `access-control-expose-headers`.
 //!
 //! Anything that is not a gRPC-Web request passes untouched, its bodies skipped.
@@ -44,8 +45,8 @@ pub const REQUESTS: &str = "grpc_web_requests_total";
 /// or the host did not answer gRPC; converted to a trailer frame with the
 /// status mapped from the HTTP status).
 pub const RESPONSES: &str = "grpc_web_responses_total";
-/// `grpc_web_preflights_total{outcome}`: CORS preflights answered, `allowed`
-/// or `denied`.
+/// `grpc_web_preflights_total{outcome}`: CORS preflights, `allowed`
+/// (answered) or `denied` (an origin not allowed: passed on untouched).
 pub const PREFLIGHTS: &str = "grpc_web_preflights_total";
 /// `grpc_web_rejected_total{reason}`: requests refused, `invalid_base64`.
 pub const REJECTED: &str = "grpc_web_rejected_total";
@@ -134,7 +135,7 @@ impl Metrics {
         .into_iter();
         let mut pre = def(
             PREFLIGHTS,
-            "CORS preflights answered, by outcome",
+            "CORS preflights: answered (allowed) or passed on (denied: origin not allowed)",
             "outcome",
             &["allowed", "denied"],
         )?
@@ -227,7 +228,15 @@ impl HttpFilter for GrpcWeb {
             let m = x.method();
             if m == "OPTIONS" && headers.has("access-control-request-method") {
                 if let Some(origin) = headers.get_str("origin") {
-                    return self.preflight(cors, &origin);
+                    if let Some(answer) = self.preflight(cors, &origin) {
+                        return answer;
+                    }
+                    // An origin not allowed: as Envoy's cors filter, the
+                    // preflight goes on untouched (the next filter or the
+                    // upstream may answer it; without CORS headers from
+                    // here, the browser refuses the call either way).
+                    pass_through(x);
+                    return Action::Continue;
                 }
             }
             method = Some(m);
@@ -456,16 +465,12 @@ fn pass_through(x: &Exchange<'_>) {
 }
 
 impl GrpcWeb {
-    /// Answers a CORS preflight from `origin`.
-    fn preflight(&self, cors: &Cors, origin: &str) -> Action {
+    /// The answer to a CORS preflight from `origin`; `None` for an origin
+    /// not allowed (the preflight is not this filter's to answer).
+    fn preflight(&self, cors: &Cors, origin: &str) -> Option<Action> {
         let Some(allow) = cors.allow_origin(origin) else {
             self.metrics.preflight_denied.inc();
-            return Action::Respond(
-                LocalResponse::new(403)
-                    .header("content-type", "text/plain")
-                    .body(format!("grpc-web: origin {origin} is not allowed\n"))
-                    .details("grpc_web_cors_denied"),
-            );
+            return None;
         };
         self.metrics.preflight_allowed.inc();
         let mut r = LocalResponse::new(204)
@@ -483,7 +488,7 @@ impl GrpcWeb {
         if cors.allow_credentials {
             r = r.header("access-control-allow-credentials", "true");
         }
-        Action::Respond(r)
+        Some(Action::Respond(r))
     }
 
     /// The CORS fields of a response for an allowed origin (none without
