@@ -255,12 +255,15 @@ impl Transcoder {
         let input = rule.method.input();
         let mut bound = Vec::new();
         // The fields the path binds (by descriptor: a query key may use the
-        // JSON name).
-        let path_bound: Vec<Vec<FieldDescriptor>> = m
-            .captures
-            .iter()
-            .filter_map(|c| field_path(&input, &c.field_path).ok())
-            .collect();
+        // JSON name); looked up only when there is a query.
+        let path_bound: Vec<Vec<FieldDescriptor>> = if m.query.is_empty() {
+            Vec::new()
+        } else {
+            m.captures
+                .iter()
+                .filter_map(|c| field_path(&input, &c.field_path).ok())
+                .collect()
+        };
         for c in &m.captures {
             let value = percent_decode(&c.raw, c.multi_segment, false)
                 .map_err(|e| format!("path variable {}: {e}", c.field_path.join(".")))?;
