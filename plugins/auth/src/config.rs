@@ -89,9 +89,12 @@ pub struct ProviderConfig {
     /// Claims copied into request headers for the upstream.
     #[serde(default)]
     pub claim_to_headers: Vec<ClaimHeaderConfig>,
-    /// Whether the token itself is passed upstream (else its header/cookie
-    /// carrier header is removed).
-    #[serde(default = "default_true")]
+    /// Whether the token itself is passed upstream (else the header it came
+    /// in is removed; a cookie or query parameter is left). Default false,
+    /// as Envoy's `JwtProvider.forward`: the upstream gets the verified
+    /// claims through `claim_to_headers`, not a bearer credential it could
+    /// replay elsewhere.
+    #[serde(default)]
     pub forward_token: bool,
     /// The verified-token cache (absent: the default size).
     #[serde(default)]
@@ -257,9 +260,11 @@ pub struct ExtAuthzConfig {
     /// Check-response headers copied to the upstream request on allow.
     #[serde(default)]
     pub upstream_headers: Vec<String>,
-    /// Check-response headers copied to the client on deny.
-    #[serde(default = "default_client_headers")]
-    pub client_headers: Vec<String>,
+    /// Check-response headers copied to the client on deny (absent: all of
+    /// them but the connection and framing fields, as Envoy's
+    /// `allowed_client_headers` unset).
+    #[serde(default)]
+    pub client_headers: Option<Vec<String>>,
     /// Check timeout.
     #[serde(default = "default_authz_timeout")]
     pub timeout_ms: u32,
@@ -279,9 +284,6 @@ fn default_authz_method() -> String {
 }
 fn default_forward_headers() -> Vec<String> {
     vec!["authorization".to_owned(), "cookie".to_owned()]
-}
-fn default_client_headers() -> Vec<String> {
-    vec!["www-authenticate".to_owned(), "content-type".to_owned()]
 }
 fn default_authz_timeout() -> u32 {
     1000
@@ -459,8 +461,9 @@ pub struct ExtAuthz {
     pub forward_headers: Vec<HeaderName>,
     /// Lowercase header names copied upstream on allow.
     pub upstream_headers: Vec<HeaderName>,
-    /// Lowercase header names copied to the client on deny.
-    pub client_headers: Vec<HeaderName>,
+    /// Lowercase header names copied to the client on deny; `None`: every
+    /// field of the check's answer but the host-owned (`HOST_OWNED`) ones.
+    pub client_headers: Option<Vec<HeaderName>>,
     /// Timeout.
     pub timeout_ms: u32,
     /// Allow on failure.
@@ -588,7 +591,7 @@ pub fn strip_names(name: &HeaderName) -> impl Iterator<Item = HeaderName> + '_ {
 /// Fields the host owns (framing, connection management; host `denied_field`
 /// in host/src/wasm/host.rs): a filter cannot write or remove them, and a
 /// callout carrying one is refused.
-const HOST_OWNED: [&str; 9] = [
+pub(crate) const HOST_OWNED: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -1151,8 +1154,11 @@ impl Config {
                         ));
                     }
                 }
-                let client_headers = list("client_headers", &e.client_headers)?;
-                for (j, h) in client_headers.iter().enumerate() {
+                let client_headers = match &e.client_headers {
+                    Some(v) => Some(list("client_headers", v)?),
+                    None => None,
+                };
+                for (j, h) in client_headers.iter().flatten().enumerate() {
                     if HOST_OWNED.contains(&&**h) {
                         return Err(format!(
                             "ext_authz.client_headers[{j}]: {h:?} is a connection or framing field: in the plugin's answer the host drops it or sets its own (`content-length`), so the check service's value would never reach the client; remove it"

@@ -623,7 +623,9 @@ impl AuthFilter {
             return internal_error("ext_authz answer without ext_authz config");
         };
         match response {
-            // As Envoy's HTTP ext_authz: 200 OK alone allows; any other
+            // As Envoy's HTTP ext_authz (RawHttpClientImpl::toResponse):
+            // 200 OK alone allows; a 5xx is an error of the service (so
+            // `failure_mode_allow` or `status_on_error` applies); any other
             // status is a denial passed back to the client.
             Ok(r) if r.status == 200 => {
                 if let Some(h) = exchange.headers(Direction::Request) {
@@ -638,16 +640,25 @@ impl AuthFilter {
                 self.counters.allowed.inc();
                 Action::Continue
             }
-            Ok(r) if (201..=599).contains(&r.status) => {
+            Ok(r) if (201..=499).contains(&r.status) => {
                 self.counters.ext_denied.inc();
                 let mut resp = LocalResponse::new(r.status)
                     .body(r.body.clone())
                     .details("auth_ext_authz_denied");
-                for name in &ext.client_headers {
-                    for (n, v) in &r.headers {
-                        if n.eq_ignore_ascii_case(name) {
-                            resp = resp.header(&**name, v.clone());
+                // As Envoy's `allowed_client_headers`: unset, every field
+                // of the answer (a login redirect's `location`, a
+                // `set-cookie`) but the connection and framing ones, which
+                // the host owns; set, those listed.
+                for (n, v) in &r.headers {
+                    let name = n.to_ascii_lowercase();
+                    let pass = match &ext.client_headers {
+                        Some(list) => list.iter().any(|h| **h == *name),
+                        None => {
+                            !name.starts_with(':') && !config::HOST_OWNED.contains(&name.as_str())
                         }
+                    };
+                    if pass {
+                        resp = resp.header(name, v.clone());
                     }
                 }
                 Action::Respond(resp)
@@ -771,16 +782,17 @@ impl AuthFilter {
                     };
                     match self.verify_jwt(i, token.value(), may_fetch) {
                         Ok(claims) => {
-                            for (c, accepted) in &rule.claims {
-                                let ok = jwt::claim(&claims, c)
-                                    .is_some_and(|v| jwt::claim_accepts(v, accepted));
-                                if !ok {
-                                    forbidden.get_or_insert_with(|| {
-                                        format!("claim `{c}` does not allow this route")
-                                    });
-                                }
-                            }
-                            if forbidden.is_some() {
+                            // This provider's token alone: a token of an
+                            // earlier provider that failed the claims must
+                            // not stop a later one that meets them.
+                            let unmet = rule.claims.iter().find(|(c, accepted)| {
+                                !jwt::claim(&claims, c)
+                                    .is_some_and(|v| jwt::claim_accepts(v, accepted))
+                            });
+                            if let Some((c, _)) = unmet {
+                                forbidden.get_or_insert_with(|| {
+                                    format!("claim `{c}` does not allow this route")
+                                });
                                 continue;
                             }
                             let mut id = Identity {

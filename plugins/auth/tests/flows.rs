@@ -1,8 +1,8 @@
 //! Callout flows and the other authenticators on the SDK harness: remote JWKS
 //! (cold fetch, caching, kid rotation with rate-limited refetch, failures,
 //! tick refresh), API keys, HTTP Basic (bcrypt and {SHA}), external
-//! authorization (allow, deny, timeout, failure_mode_allow), and that no
-//! secret reaches the logs.
+//! authorization (allow, deny, timeout and 5xx errors, failure_mode_allow),
+//! and that no secret reaches the logs.
 
 #![allow(clippy::unwrap_used)]
 
@@ -479,7 +479,8 @@ fn ext_authz_deny_passes_status_and_body_back() {
                 r.header_value("content-type"),
                 Some(&b"application/json"[..])
             );
-            assert_eq!(r.header_value("x-internal"), None);
+            // `client_headers` unset: every header of the answer.
+            assert_eq!(r.header_value("x-internal"), Some(&b"no"[..]));
             assert_eq!(r.details, "auth_ext_authz_denied");
         }
         other => panic!("{other:?}"),
@@ -489,6 +490,83 @@ fn ext_authz_deny_passes_status_and_body_back() {
         host.counter("auth_decisions_total", &["ext_authz_denied"]),
         Some(1)
     );
+}
+
+/// The check service's answer for a login redirect.
+fn login_redirect() -> Result<CalloutResponse, Error> {
+    Ok(CalloutResponse::new(302, "")
+        .header("Location", "https://login.example.com/?next=%2Forders")
+        .header("set-cookie", "state=abc; Secure; HttpOnly")
+        .header("set-cookie", "nonce=xyz; Secure; HttpOnly")
+        .header("cache-control", "no-store")
+        .header("connection", "close")
+        .header("transfer-encoding", "chunked")
+        .header("content-length", "0")
+        .header("keep-alive", "timeout=5"))
+}
+
+fn fields(r: &LocalResponse) -> Vec<(String, String)> {
+    r.headers
+        .iter()
+        .map(|(n, v)| (n.clone(), String::from_utf8(v.clone()).unwrap()))
+        .collect()
+}
+
+#[test]
+fn ext_authz_denial_passes_every_header_unless_client_headers_is_set() {
+    // As Envoy's `allowed_client_headers` unset: a login redirect's
+    // `location` and `set-cookie`s reach the client; the connection and
+    // framing fields, which the host owns, do not.
+    let host = host();
+    let mut t = host
+        .configure::<AuthFilter>(&authz_cfg(false).to_string())
+        .unwrap();
+    host.queue_callout_response("authz", login_redirect());
+    let mut x = t.exchange(Request::get("/orders").header("x-api-key", "k-a"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let r = respond(x.deliver_callouts().remove(0));
+    assert_eq!(r.status, 302);
+    assert_eq!(
+        fields(&r),
+        [
+            ("location", "https://login.example.com/?next=%2Forders"),
+            ("set-cookie", "state=abc; Secure; HttpOnly"),
+            ("set-cookie", "nonce=xyz; Secure; HttpOnly"),
+            ("cache-control", "no-store"),
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+    );
+    drop(x);
+
+    // A list filters: only what it names (in any case the service writes).
+    let mut cfg = authz_cfg(false);
+    cfg["ext_authz"]["client_headers"] = json!(["location"]);
+    let host2 = self::host();
+    let mut t = host2.configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    host2.queue_callout_response("authz", login_redirect());
+    let mut x = t.exchange(Request::get("/orders").header("x-api-key", "k-a"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let r = respond(x.deliver_callouts().remove(0));
+    assert_eq!(r.status, 302);
+    assert_eq!(
+        fields(&r),
+        [(
+            "location".to_owned(),
+            "https://login.example.com/?next=%2Forders".to_owned()
+        )]
+    );
+    drop(x);
+
+    // An empty list passes none.
+    cfg["ext_authz"]["client_headers"] = json!([]);
+    let host3 = self::host();
+    let mut t = host3.configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    host3.queue_callout_response("authz", login_redirect());
+    let mut x = t.exchange(Request::get("/orders").header("x-api-key", "k-a"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let r = respond(x.deliver_callouts().remove(0));
+    assert_eq!(r.status, 302);
+    assert!(r.headers.is_empty(), "{:?}", fields(&r));
 }
 
 #[test]
@@ -555,6 +633,56 @@ fn ext_authz_timeout_denies_by_default_and_allows_in_failure_mode_allow() {
             host.counter("auth_decisions_total", &["ext_authz_error"]),
             Some(1)
         );
+    }
+}
+
+#[test]
+fn ext_authz_5xx_is_an_error_not_a_denial() {
+    // As Envoy's HTTP ext_authz (RawHttpClientImpl::toResponse): a 5xx from
+    // the service is an error, so `failure_mode_allow` lets the request
+    // through, else `status_on_error` answers; the service's own status and
+    // body never reach the client.
+    for status in [500, 502, 503, 504, 599] {
+        for (allow, expect) in [(false, Some(403)), (true, None)] {
+            let host = host();
+            let mut t = host
+                .configure::<AuthFilter>(&authz_cfg(allow).to_string())
+                .unwrap();
+            host.queue_callout_response(
+                "authz",
+                Ok(CalloutResponse::new(status, "upstream overloaded")
+                    .header("x-authz-user", "alice")),
+            );
+            let mut x = t.exchange(
+                Request::get("/")
+                    .header("x-api-key", "k-a")
+                    .header("x-authz-user", "admin"),
+            );
+            assert_eq!(x.request_headers(), Action::Pause);
+            let a = x.deliver_callouts();
+            match (expect, &a[..]) {
+                (Some(s), [Action::Respond(r)]) => {
+                    assert_eq!(r.status, s, "status {status}");
+                    assert_eq!(r.details, "auth_ext_authz_error");
+                    assert_ne!(r.body, b"upstream overloaded");
+                }
+                // Let through without the check's word: neither the
+                // service's header nor the client's forged one goes upstream.
+                (None, [Action::Continue]) => {
+                    assert_eq!(x.request_header("x-authz-user"), None);
+                }
+                other => panic!("status {status}, failure_mode_allow={allow}: {other:?}"),
+            }
+            drop(x);
+            assert_eq!(
+                host.counter("auth_decisions_total", &["ext_authz_error"]),
+                Some(1)
+            );
+            assert_eq!(
+                host.counter("auth_decisions_total", &["ext_authz_denied"]),
+                Some(0)
+            );
+        }
     }
 }
 

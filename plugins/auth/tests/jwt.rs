@@ -80,8 +80,8 @@ fn every_algorithm_accepts_valid_and_rejects_bad_tokens() {
         );
         assert_eq!(x.request_header("x-org").as_deref(), Some("42"), "{alg}");
         assert!(
-            x.request_header("authorization").is_some(),
-            "{alg}: forwarded by default"
+            x.request_header("authorization").is_none(),
+            "{alg}: removed by default (forward_token: false)"
         );
         drop(x);
 
@@ -219,6 +219,33 @@ fn missing_token_gets_a_bearer_challenge_without_error() {
 }
 
 #[test]
+fn the_token_header_is_removed_by_default_and_kept_with_forward_token() {
+    // As Envoy's JwtProvider.forward (default false): the verified token's
+    // header does not reach the upstream unless asked for.
+    let s = Signer::new("ES256");
+    let tok = s.token(Some("k1"), &claims(ISS));
+    for (forward, expect) in [
+        (None, None),
+        (Some(false), None),
+        (Some(true), Some(format!("Bearer {tok}"))),
+    ] {
+        let mut p = provider(jwks(&[s.jwk("k1")]));
+        if let Some(f) = forward {
+            p["forward_token"] = json!(f);
+        }
+        let mut t = filter(json!({"providers": [p]}));
+        let mut x = t.exchange(bearer(&tok));
+        assert_eq!(x.request_headers(), Action::Continue);
+        assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
+        assert_eq!(
+            x.request_header("authorization"),
+            expect,
+            "forward_token: {forward:?}"
+        );
+    }
+}
+
+#[test]
 fn tokens_from_cookie_and_query_and_forward_token_off() {
     let s = Signer::new("ES384");
     let mut p = provider(jwks(&[s.jwk("k1")]));
@@ -347,6 +374,50 @@ fn two_providers_on_one_header_pick_by_issuer() {
     let mut x = t.exchange(bearer(&a.token(Some("a"), &claims(ISS))));
     assert_eq!(x.request_headers(), Action::Continue);
     assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
+}
+
+#[test]
+fn a_claims_failure_on_one_provider_does_not_block_a_later_one() {
+    // Each provider's token is checked against the rule's claims on its own:
+    // `corp`'s valid token lacks the role, `partner`'s has it, so the request
+    // passes as `partner` (and only `partner`'s identity goes upstream).
+    let a = Signer::new("ES256");
+    let b = Signer::new("EdDSA");
+    let pa = provider(jwks(&[a.jwk("a")]));
+    let mut pb = provider(jwks(&[b.jwk("b")]));
+    pb["name"] = json!("partner");
+    pb["issuer"] = json!("https://partner.example");
+    pb["from"] = json!([{"header": "x-partner-token"}]);
+    pb["claim_to_headers"] = json!([{"claim": "sub", "header": "x-partner-user"}]);
+    let mut t = filter(json!({
+        "providers": [pa, pb],
+        "rules": [{"match": {"prefix": "/"}, "requires": {"any": ["corp", "partner"]},
+                   "claims": {"role": ["admin"]}}]
+    }));
+    let mut user = claims(ISS);
+    user["role"] = json!("user");
+    let corp_user = a.token(Some("a"), &user);
+    let mut admin = claims("https://partner.example");
+    admin["sub"] = json!("bob");
+    let partner_admin = b.token(Some("b"), &admin);
+
+    let mut x = t.exchange(
+        Request::get("/api/x")
+            .header("authorization", format!("Bearer {corp_user}"))
+            .header("x-partner-token", partner_admin.as_str()),
+    );
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_header("x-partner-user").as_deref(), Some("bob"));
+    assert_eq!(x.request_header("x-user"), None);
+    drop(x);
+
+    // corp's token alone still fails the claims: 403.
+    let r = respond(t.exchange(bearer(&corp_user)).request_headers());
+    assert_eq!(r.status, 403);
+    assert_eq!(r.details, "auth_forbidden");
+    let h = t.host();
+    assert_eq!(h.counter("auth_decisions_total", &["allowed"]), Some(1));
+    assert_eq!(h.counter("auth_decisions_total", &["forbidden"]), Some(1));
 }
 
 #[test]

@@ -25,6 +25,12 @@ pub struct Config {
     /// e.g. an `access_token` an auth filter consumes.
     #[serde(default)]
     pub ignored_query_parameters: Vec<String>,
+    /// Decode `+` in query parameters as a space (HTML form encoding). Off by
+    /// default, as Envoy's `query_param_unescape_plus`: RFC 3986 gives `+` no
+    /// meaning in a query, so `?q=a+b` is the string `a+b` (a space is
+    /// `%20`).
+    #[serde(default)]
+    pub query_param_unescape_plus: bool,
 }
 
 fn default_descriptor_file() -> String {

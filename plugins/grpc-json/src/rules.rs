@@ -60,6 +60,7 @@ pub struct Transcoder {
     pub rules: Vec<Rule>,
     print: PrintOptions,
     ignored_query_parameters: Vec<String>,
+    query_param_unescape_plus: bool,
 }
 
 impl Transcoder {
@@ -135,6 +136,7 @@ impl Transcoder {
             rules,
             print: config.print_options.clone(),
             ignored_query_parameters: config.ignored_query_parameters.clone(),
+            query_param_unescape_plus: config.query_param_unescape_plus,
         })
     }
 
@@ -252,6 +254,16 @@ impl Transcoder {
     fn bound_fields(&self, m: &Match, rule: &Rule) -> Result<Vec<Bound>, String> {
         let input = rule.method.input();
         let mut bound = Vec::new();
+        // The fields the path binds (by descriptor: a query key may use the
+        // JSON name); looked up only when there is a query.
+        let path_bound: Vec<Vec<FieldDescriptor>> = if m.query.is_empty() {
+            Vec::new()
+        } else {
+            m.captures
+                .iter()
+                .filter_map(|c| field_path(&input, &c.field_path).ok())
+                .collect()
+        };
         for c in &m.captures {
             let value = percent_decode(&c.raw, c.multi_segment, false)
                 .map_err(|e| format!("path variable {}: {e}", c.field_path.join(".")))?;
@@ -262,7 +274,8 @@ impl Transcoder {
         }
         for pair in m.query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let key = percent_decode(k, false, true)?;
+            let plus = self.query_param_unescape_plus;
+            let key = percent_decode(k, false, plus)?;
             if self.ignored_query_parameters.contains(&key) {
                 continue;
             }
@@ -272,8 +285,20 @@ impl Transcoder {
                     input.full_name()
                 ));
             }
-            let value = percent_decode(v, false, true)?;
             let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+            // A field the path binds (or one inside it) is the path's: query
+            // parameters are for the fields the path does not bind
+            // (google.api.http), so `GET /v1/users/alice?name=bob` stays
+            // alice, as the route, the logs and the filters before this one
+            // saw it. Ignored, as grpc-gateway does (Envoy's transcoder adds
+            // the query's bindings after the path's without leaving these
+            // out).
+            if let Ok(fields) = field_path(&input, &path) {
+                if path_bound.iter().any(|p| fields.starts_with(p)) {
+                    continue;
+                }
+            }
+            let value = percent_decode(v, false, plus)?;
             bound.push(
                 bind(&input, &path, &value, true)
                     .map_err(|e| format!("query parameter {key:?}: {e}"))?,

@@ -72,7 +72,7 @@ fn valid_config_loads_with_defaults() {
         r#"{"descriptor_file": "protos", "services": ["legate.test.v1.Echo"],
             "print_options": {"add_whitespace": true, "always_print_primitive_fields": true,
                               "always_print_enums_as_ints": true, "preserve_proto_field_names": true},
-            "ignored_query_parameters": ["key"]}"#,
+            "ignored_query_parameters": ["key"], "query_param_unescape_plus": true}"#,
     )
     .unwrap();
 }
@@ -87,6 +87,9 @@ fn schema_errors_name_the_field() {
     assert!(e.contains("unknown field `services_typo`"), "{e}");
     let e = err(r#"{"services": ["legate.test.v1.Echo"], "print_options": {"indent": true}}"#);
     assert!(e.contains("unknown field `indent`"), "{e}");
+    let e = err(r#"{"services": ["legate.test.v1.Echo"], "query_param_unescape_plus": "yes"}"#);
+    assert!(e.contains("query_param_unescape_plus"), "{e}");
+    assert!(e.contains("expected a boolean"), "{e}");
     let e = err(r#"{"services": []}"#);
     assert!(e.contains("`services` is empty"), "{e}");
 }

@@ -190,7 +190,7 @@ fn get_with_path_variable_and_query() {
     let r: pb::ReflectRequest = build(
         &t,
         "GET",
-        "/v1/shelves/s1/books/b%2F2?tags=a&tags=b+c&big=-9007199254740993&flag=true&kind=KIND_BOOK&inner.id=x&inner.n=7&data=AAE%3D&displayName=D",
+        "/v1/shelves/s1/books/b%2F2?tags=a&tags=b%20c&big=-9007199254740993&flag=true&kind=KIND_BOOK&inner.id=x&inner.n=7&data=AAE%3D&displayName=D",
         "",
     )
     .unwrap();
@@ -228,6 +228,57 @@ fn get_with_path_variable_and_query() {
     // Enum by number.
     let r: pb::ReflectRequest = build(&t, "GET", "/v1/tags/n?kind=1", "").unwrap();
     assert_eq!(r.kind, 1);
+}
+
+#[test]
+fn a_query_parameter_cannot_override_a_path_bound_field() {
+    // Query parameters are for the fields the path does not bind
+    // (google.api.http): the path's value stays, as the route and every
+    // filter before this one saw it; the others still apply.
+    let t = transcoder(common::CONFIG);
+    let r: pb::ReflectRequest = build(&t, "GET", "/v1/tags/alice?name=bob&flag=true", "").unwrap();
+    assert_eq!(r.name, "alice");
+    assert!(r.flag);
+    let r: pb::SayRequest = build(&t, "GET", "/v1/echo/hi?message=evil", "").unwrap();
+    assert_eq!(r.message, "hi");
+    // A nested path-bound field, by its proto or its JSON name alike; its
+    // sibling is not bound by the path, so the query sets it.
+    for q in ["inner.id=evil", "inner.id=evil&inner.id=worse"] {
+        let r: pb::ReflectRequest = build(
+            &t,
+            "POST",
+            &format!("/v1/reflect/x1:run?{q}&inner.n=3"),
+            r#"{"id": "body", "n": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.inner,
+            Some(pb::Inner {
+                id: "x1".into(),
+                n: 3
+            }),
+            "{q}"
+        );
+    }
+}
+
+#[test]
+fn plus_in_a_query_is_a_plus_unless_query_param_unescape_plus() {
+    // As Envoy's `query_param_unescape_plus` (default false): RFC 3986 gives
+    // `+` no meaning in a query, so it stays (a base64 value keeps its `+`);
+    // a space is `%20`. The option decodes `+` as a space (form encoding).
+    let path = "/v1/tags/n?tags=a+b&tags=c%20d&tags=e%2Bf&data=%2B%2F8%3D";
+    let t = transcoder(common::CONFIG);
+    let r: pb::ReflectRequest = build(&t, "GET", path, "").unwrap();
+    assert_eq!(r.tags, ["a+b", "c d", "e+f"]);
+    assert_eq!(r.data, [0xfb, 0xff]);
+    let r: pb::ReflectRequest = build(&t, "GET", "/v1/tags/n?data=+/8=", "").unwrap();
+    assert_eq!(r.data, [0xfb, 0xff], "a raw + of base64");
+
+    let t =
+        transcoder(r#"{"services": ["legate.test.v1.Echo"], "query_param_unescape_plus": true}"#);
+    let r: pb::ReflectRequest = build(&t, "GET", path, "").unwrap();
+    assert_eq!(r.tags, ["a b", "c d", "e+f"]);
 }
 
 #[test]

@@ -9,8 +9,10 @@
 //! - request: `content-type: application/grpc-web[-text][+proto]` becomes
 //!   `application/grpc[+proto]`, `te: trailers` is added, and a `-text` body is
 //!   base64-decoded as it streams (any chunking);
-//! - response: `content-type` goes back to the client's variant, the body passes
-//!   through (base64-encoded for `-text`), and the upstream's trailers become
+//! - response: `content-type` goes back to gRPC-Web, text when the client's
+//!   `accept` asks for `application/grpc-web-text` (as Envoy), binary when it
+//!   names `application/grpc-web`, else the request's variant; the body passes
+//!   through (base64-encoded for text), and the upstream's trailers become
 //!   the final body frame (flag `0x80`) in the last body call, so the HTTP
 //!   response itself has no trailers (abi/README.md §4, folding trailers).
 //!   A trailers-only response (status in the headers) passes as headers. A
@@ -18,7 +20,8 @@
 //!   upstream) becomes a gRPC-Web response: `200`, the status mapped from the
 //!   HTTP status (gRPC's HTTP mapping: `502`/`503`/`504` are `UNAVAILABLE`)
 //!   and its body as `grpc-message`, in the trailer frame;
-//! - CORS (optional): preflights are answered locally, converted responses get
+//! - CORS (optional): preflights from allowed origins are answered locally
+//!   (others pass on untouched, as Envoy's cors filter), converted responses get
 //!   `access-control-allow-origin` and `access-control-expose-headers`.
 //!
 //! Anything that is not a gRPC-Web request passes untouched, its bodies skipped.
@@ -42,8 +45,8 @@ pub const REQUESTS: &str = "grpc_web_requests_total";
 /// or the host did not answer gRPC; converted to a trailer frame with the
 /// status mapped from the HTTP status).
 pub const RESPONSES: &str = "grpc_web_responses_total";
-/// `grpc_web_preflights_total{outcome}`: CORS preflights answered, `allowed`
-/// or `denied`.
+/// `grpc_web_preflights_total{outcome}`: CORS preflights, `allowed`
+/// (answered) or `denied` (an origin not allowed: passed on untouched).
 pub const PREFLIGHTS: &str = "grpc_web_preflights_total";
 /// `grpc_web_rejected_total{reason}`: requests refused, `invalid_base64`.
 pub const REJECTED: &str = "grpc_web_rejected_total";
@@ -55,6 +58,17 @@ pub enum Variant {
     Binary,
     /// `application/grpc-web-text[+…]`: the frames base64-encoded.
     Text,
+}
+
+/// The response encoding a gRPC-Web client asks for in its `accept` header:
+/// the first gRPC-Web media type listed (`application/grpc-web-text[+…]`:
+/// text; `application/grpc-web[+…]`: binary), parameters ignored. `None` when
+/// it names neither (absent, `*/*`): the response then follows the request's
+/// variant.
+pub fn accept_variant(accept: &str) -> Option<Variant> {
+    accept
+        .split(',')
+        .find_map(|item| convert_content_type(item).map(|(variant, _, _)| variant))
 }
 
 /// A gRPC-Web `content-type` → (variant, the client's media type, the gRPC
@@ -121,7 +135,7 @@ impl Metrics {
         .into_iter();
         let mut pre = def(
             PREFLIGHTS,
-            "CORS preflights answered, by outcome",
+            "CORS preflights: answered (allowed) or passed on (denied: origin not allowed)",
             "outcome",
             &["allowed", "denied"],
         )?
@@ -161,8 +175,11 @@ pub struct GrpcWeb {
 pub struct Context {
     /// `Some` once the request was converted.
     variant: Option<Variant>,
-    /// The client's media type, for the response.
+    /// The response's media type: the client's, in the encoding it accepts.
     content_type: String,
+    /// The response is base64 (`-text`): what `accept` asks for, else the
+    /// request's variant.
+    text_response: bool,
     /// `access-control-allow-origin` for this exchange (CORS on, origin allowed).
     allow_origin: Option<String>,
     /// The upstream answered gRPC: its body and trailers are converted.
@@ -211,7 +228,15 @@ impl HttpFilter for GrpcWeb {
             let m = x.method();
             if m == "OPTIONS" && headers.has("access-control-request-method") {
                 if let Some(origin) = headers.get_str("origin") {
-                    return self.preflight(cors, &origin);
+                    if let Some(answer) = self.preflight(cors, &origin) {
+                        return answer;
+                    }
+                    // An origin not allowed: as Envoy's cors filter, the
+                    // preflight goes on untouched (the next filter or the
+                    // upstream may answer it; without CORS headers from
+                    // here, the browser refuses the call either way).
+                    pass_through(x);
+                    return Action::Continue;
                 }
             }
             method = Some(m);
@@ -240,8 +265,20 @@ impl HttpFilter for GrpcWeb {
                 let _ = headers.remove("content-length");
             }
         }
+        // As Envoy's grpc_web filter, the response is text when `accept`
+        // asks for it (grpc-web's JS client sends `accept:
+        // application/grpc-web-text` in text mode) and binary when it names
+        // the binary type; an `accept` naming neither (absent, `*/*`) keeps
+        // the request's variant, where Envoy would answer binary, so a `-text`
+        // client that does not say what it accepts still reads its answer.
+        let text_response = headers
+            .get_str("accept")
+            .and_then(|a| accept_variant(&a))
+            .unwrap_or(variant)
+            == Variant::Text;
         ctx.variant = Some(variant);
-        ctx.content_type = client_type;
+        ctx.text_response = text_response;
+        ctx.content_type = response_content_type(&client_type, text_response);
         ctx.allow_origin = self
             .cors
             .as_ref()
@@ -365,7 +402,7 @@ impl HttpFilter for GrpcWeb {
         if !ctx.grpc_response {
             return Action::Continue;
         }
-        let text = ctx.variant == Some(Variant::Text);
+        let text = ctx.text_response;
         let trailers = if end_of_stream {
             x.trailers(Direction::Response)
         } else {
@@ -404,6 +441,22 @@ impl HttpFilter for GrpcWeb {
     }
 }
 
+/// The response media type for a request of media type `client_type`
+/// (`application/grpc-web[-text][+codec]`): the same codec, in the text or
+/// binary encoding.
+fn response_content_type(client_type: &str, text: bool) -> String {
+    let codec = client_type
+        .strip_prefix("application/grpc-web-text")
+        .or_else(|| client_type.strip_prefix("application/grpc-web"))
+        .unwrap_or_default();
+    let base = if text {
+        "application/grpc-web-text"
+    } else {
+        "application/grpc-web"
+    };
+    format!("{base}{codec}")
+}
+
 /// Not a gRPC-Web exchange: no more calls for it (one guest call per plain
 /// request instead of three).
 fn pass_through(x: &Exchange<'_>) {
@@ -412,16 +465,12 @@ fn pass_through(x: &Exchange<'_>) {
 }
 
 impl GrpcWeb {
-    /// Answers a CORS preflight from `origin`.
-    fn preflight(&self, cors: &Cors, origin: &str) -> Action {
+    /// The answer to a CORS preflight from `origin`; `None` for an origin
+    /// not allowed (the preflight is not this filter's to answer).
+    fn preflight(&self, cors: &Cors, origin: &str) -> Option<Action> {
         let Some(allow) = cors.allow_origin(origin) else {
             self.metrics.preflight_denied.inc();
-            return Action::Respond(
-                LocalResponse::new(403)
-                    .header("content-type", "text/plain")
-                    .body(format!("grpc-web: origin {origin} is not allowed\n"))
-                    .details("grpc_web_cors_denied"),
-            );
+            return None;
         };
         self.metrics.preflight_allowed.inc();
         let mut r = LocalResponse::new(204)
@@ -439,7 +488,7 @@ impl GrpcWeb {
         if cors.allow_credentials {
             r = r.header("access-control-allow-credentials", "true");
         }
-        Action::Respond(r)
+        Some(Action::Respond(r))
     }
 
     /// The CORS fields of a response for an allowed origin (none without
@@ -513,9 +562,10 @@ impl GrpcWeb {
                 percent_encode(&message).into_bytes(),
             ),
         ]);
-        match ctx.variant {
-            Some(Variant::Text) => codec::encode(&frame),
-            _ => frame,
+        if ctx.text_response {
+            codec::encode(&frame)
+        } else {
+            frame
         }
     }
 

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use legate_plugin_grpc_web::codec::{self, TextDecoder};
-use legate_plugin_grpc_web::{convert_content_type, GrpcWeb, Variant};
+use legate_plugin_grpc_web::{accept_variant, convert_content_type, GrpcWeb, Variant};
 use legate_sdk::testing::{FilterTest, Request, Response};
 use legate_sdk::{Action, BodyMode, Direction};
 
@@ -166,6 +166,106 @@ fn text_bodies_are_decoded_and_encoded_whatever_the_chunking() {
     assert_eq!(out.len() % 4, 0);
     assert_eq!(TextDecoder::default().push(&out, true).unwrap(), want);
     assert_eq!(counter(&t, "grpc_web_requests_total", "text"), Some(1));
+}
+
+#[test]
+fn the_response_encoding_follows_accept() {
+    // As Envoy's grpc_web filter: `accept: application/grpc-web-text` asks for
+    // a base64 response, whatever the request's encoding; `accept:
+    // application/grpc-web` for a binary one; an `accept` naming neither
+    // keeps the request's variant.
+    let trailer = frame(0x80, b"grpc-status: 0\r\ngrpc-message: \r\n");
+    let reply = frame(0, b"reply");
+    for (request_type, accept, want_type, text) in [
+        (
+            "application/grpc-web+proto",
+            Some("application/grpc-web-text"),
+            "application/grpc-web-text+proto",
+            true,
+        ),
+        (
+            "application/grpc-web",
+            Some("application/grpc-web-text+proto, */*;q=0.1"),
+            "application/grpc-web-text",
+            true,
+        ),
+        (
+            "application/grpc-web-text",
+            Some("application/grpc-web"),
+            "application/grpc-web",
+            false,
+        ),
+        (
+            "application/grpc-web-text+proto",
+            Some("Application/GRPC-Web+proto; q=1"),
+            "application/grpc-web+proto",
+            false,
+        ),
+        // Fallbacks: the request's variant.
+        (
+            "application/grpc-web-text",
+            None,
+            "application/grpc-web-text",
+            true,
+        ),
+        (
+            "application/grpc-web-text",
+            Some("*/*"),
+            "application/grpc-web-text",
+            true,
+        ),
+        (
+            "application/grpc-web+proto",
+            None,
+            "application/grpc-web+proto",
+            false,
+        ),
+    ] {
+        let why = format!("{request_type} accept {accept:?}");
+        let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+        let msg = frame(0, b"request");
+        let body = if request_type.contains("-text") {
+            codec::encode(&msg)
+        } else {
+            msg.clone()
+        };
+        let mut req = grpc_web(request_type, &body);
+        if let Some(a) = accept {
+            req = req.header("accept", a);
+        }
+        let mut x = t.exchange(req);
+        assert_eq!(x.request_headers(), Action::Continue, "{why}");
+        if request_type.contains("-text") {
+            x.request_body_chunk(body, true);
+            assert_eq!(x.request_body_bytes(), msg, "{why}: request decoded");
+        }
+        assert_eq!(x.response_headers(grpc_response()), Action::Continue);
+        assert_eq!(
+            x.response_header("content-type").as_deref(),
+            Some(want_type),
+            "{why}"
+        );
+        x.response_body_chunk(reply.clone(), false);
+        let mut out = x.response_body_bytes();
+        x.response_body_chunk(Vec::new(), true);
+        out.extend(x.response_body_bytes());
+        let mut want = reply.clone();
+        want.extend_from_slice(&trailer);
+        if text {
+            assert_eq!(
+                TextDecoder::default().push(&out, true).unwrap(),
+                want,
+                "{why}"
+            );
+        } else {
+            assert_eq!(out, want, "{why}");
+        }
+    }
+    assert_eq!(
+        accept_variant("text/html, application/grpc-web-text"),
+        Some(Variant::Text)
+    );
+    assert_eq!(accept_variant("application/json, */*"), None);
 }
 
 #[test]
@@ -413,7 +513,7 @@ fn other_requests_untouched(config: &str) {
 }
 
 #[test]
-fn cors_preflights_are_answered_locally() {
+fn cors_preflights_from_allowed_origins_are_answered_locally() {
     let mut t = FilterTest::<GrpcWeb>::configure(CORS).unwrap();
     let preflight = |origin: &str| {
         Request::new("OPTIONS", "/pkg.Svc/M")
@@ -445,12 +545,18 @@ fn cors_preflights_are_answered_locally() {
         "{allowed}"
     );
 
+    // Another origin: as Envoy's cors filter, the preflight passes on
+    // untouched (to the next filter or the upstream), and nothing this
+    // filter adds lets the browser make the call.
     let mut x = t.exchange(preflight("https://evil.example"));
-    let Action::Respond(r) = x.request_headers() else {
-        panic!("preflight not answered")
-    };
-    assert_eq!(r.status, 403);
-    assert_eq!(r.header_value("access-control-allow-origin"), None);
+    let headers = x.request_headers_list();
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_headers_list(), headers);
+    assert!(x.detached());
+    x.response_headers(Response::new(204).header("allow", "OPTIONS, POST"));
+    assert_eq!(x.response_header("access-control-allow-origin"), None);
+    assert_eq!(x.response_header("allow").as_deref(), Some("OPTIONS, POST"));
+    drop(x);
     assert_eq!(counter(&t, "grpc_web_preflights_total", "allowed"), Some(1));
     assert_eq!(counter(&t, "grpc_web_preflights_total", "denied"), Some(1));
 

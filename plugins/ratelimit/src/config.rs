@@ -33,6 +33,10 @@ pub struct Config {
     /// Add `RateLimit-*` headers to allowed responses too (429s always have them).
     #[serde(default)]
     pub emit_headers: bool,
+    /// The names of the quota headers (on 429s, and with `emit_headers` on
+    /// allowed responses): `ratelimit` (default) or `x-ratelimit`.
+    #[serde(default)]
+    pub header_names: HeaderNames,
     /// What a KV error does: `allow` (default) or `deny` (503).
     #[serde(default)]
     pub failure_mode: FailureMode,
@@ -40,6 +44,35 @@ pub struct Config {
 
 fn default_namespace() -> String {
     "ratelimit".to_owned()
+}
+
+/// The quota headers' names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum HeaderNames {
+    /// `ratelimit-limit`, `ratelimit-remaining`, `ratelimit-reset`: the IETF
+    /// draft's names (draft-ietf-httpapi-ratelimit-headers, up to -06).
+    #[default]
+    #[serde(rename = "ratelimit")]
+    RateLimit,
+    /// `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset`: the
+    /// names Envoy's `local_ratelimit` emits with `enable_x_ratelimit_headers:
+    /// DRAFT_VERSION_03`.
+    #[serde(rename = "x-ratelimit")]
+    XRateLimit,
+}
+
+impl HeaderNames {
+    /// The limit, remaining and reset header names.
+    pub fn names(self) -> [&'static str; 3] {
+        match self {
+            HeaderNames::RateLimit => ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"],
+            HeaderNames::XRateLimit => [
+                "x-ratelimit-limit",
+                "x-ratelimit-remaining",
+                "x-ratelimit-reset",
+            ],
+        }
+    }
 }
 
 /// The policy when the KV store fails.

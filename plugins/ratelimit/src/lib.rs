@@ -22,7 +22,7 @@ use legate_sdk::{clock, Action, Error, Exchange, Headers, HttpFilter, LocalRespo
 use sha2::{Digest, Sha256};
 
 use crate::commit::{Commits, Member, Next, Seen, Waiter};
-use crate::config::{Config, Descriptor, FailureMode, Limit};
+use crate::config::{Config, Descriptor, FailureMode, HeaderNames, Limit};
 use crate::gcra::{ceil_ms, ceil_secs, Decision};
 
 /// Attempts at a compare-and-swap before the limit counts as a KV error. Each
@@ -53,6 +53,7 @@ pub struct RateLimit {
     limits: Vec<Limit>,
     series: Vec<Series>,
     emit_headers: bool,
+    header_names: HeaderNames,
     failure_mode: FailureMode,
     /// Which request attributes some limit uses: each is a host call per
     /// request, made only if needed.
@@ -174,6 +175,7 @@ impl HttpFilter for RateLimit {
             limits,
             series,
             emit_headers: config.emit_headers,
+            header_names: config.header_names,
             failure_mode: config.failure_mode,
             commits: RefCell::default(),
             tokens: Cell::new(0),
@@ -278,7 +280,7 @@ impl HttpFilter for RateLimit {
         _end_of_stream: bool,
     ) -> Action {
         if let Some(q) = ctx.quota.take() {
-            for (name, value) in quota_headers(&q) {
+            for (name, value) in quota_headers(&q, self.header_names) {
                 if let Err(e) = headers.set(name, value) {
                     legate_sdk::debug!("cannot set {name}: {e}");
                 }
@@ -291,11 +293,12 @@ impl HttpFilter for RateLimit {
     }
 }
 
-fn quota_headers(q: &Quota) -> [(&'static str, String); 3] {
+fn quota_headers(q: &Quota, names: HeaderNames) -> [(&'static str, String); 3] {
+    let [limit, remaining, reset] = names.names();
     [
-        ("ratelimit-limit", q.limit.to_string()),
-        ("ratelimit-remaining", q.remaining.to_string()),
-        ("ratelimit-reset", q.reset_s.to_string()),
+        (limit, q.limit.to_string()),
+        (remaining, q.remaining.to_string()),
+        (reset, q.reset_s.to_string()),
     ]
 }
 
@@ -817,7 +820,7 @@ impl RateLimit {
         let mut r = LocalResponse::new(429)
             .header("content-type", "application/json")
             .header("retry-after", retry.to_string());
-        for (name, value) in quota_headers(&q) {
+        for (name, value) in quota_headers(&q, self.header_names) {
             r = r.header(name, value);
         }
         Action::Respond(r.body(format!("{body}\n")).details("rate_limited"))

@@ -27,6 +27,7 @@ fn a_full_config_loads() {
             r#"{
               "namespace": "rl-global",
               "emit_headers": true,
+              "header_names": "x-ratelimit",
               "failure_mode": "deny",
               "limits": [
                 {"name": "per-ip", "key": ["client_ip"], "rate": "100/s", "burst": 200},
@@ -136,6 +137,14 @@ fn invalid_configs_name_the_field() {
         (
             r#"{"failure_mode": "maybe", "limits": [{"name": "a", "rate": "1/s"}]}"#,
             &["failure_mode", "maybe"],
+        ),
+        (
+            r#"{"header_names": "X-RateLimit", "limits": [{"name": "a", "rate": "1/s"}]}"#,
+            &[
+                "`header_names`",
+                "X-RateLimit",
+                "expected `ratelimit` or `x-ratelimit`",
+            ],
         ),
         (
             r#"{"namespace": "", "limits": [{"name": "a", "rate": "1/s"}]}"#,

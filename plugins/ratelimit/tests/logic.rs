@@ -292,6 +292,46 @@ fn allowed_responses_carry_headers_only_with_emit_headers() {
 }
 
 #[test]
+fn header_names_x_ratelimit_uses_envoys_names() {
+    // As Envoy's local_ratelimit with `enable_x_ratelimit_headers:
+    // DRAFT_VERSION_03`: the same values under `x-ratelimit-*`, on the 429
+    // and (with `emit_headers`) on allowed responses; `ratelimit-*` is gone.
+    let mut t = setup(
+        r#"{"emit_headers": true, "header_names": "x-ratelimit",
+            "limits": [{"name": "a", "rate": "10/s", "burst": 2}]}"#,
+    );
+    let mut x = t.exchange(Request::get("/"));
+    assert_eq!(x.run(Response::new(200)), Outcome::Completed);
+    assert_eq!(x.response_header("x-ratelimit-limit").as_deref(), Some("2"));
+    assert_eq!(
+        x.response_header("x-ratelimit-remaining").as_deref(),
+        Some("1")
+    );
+    assert_eq!(x.response_header("x-ratelimit-reset").as_deref(), Some("1"));
+    assert_eq!(x.response_header("ratelimit-limit"), None);
+    drop(x);
+    assert_eq!(send(&mut t, Request::get("/")), None);
+    let r = send(&mut t, Request::get("/")).unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(header(&r, "x-ratelimit-limit"), "2");
+    assert_eq!(header(&r, "x-ratelimit-remaining"), "0");
+    assert_eq!(header(&r, "x-ratelimit-reset"), "1");
+    assert_eq!(r.header_value("ratelimit-limit"), None);
+
+    // The default and `ratelimit` spelled out: the IETF draft's names.
+    for cfg in [
+        r#"{"limits": [{"name": "a", "rate": "1/s"}]}"#,
+        r#"{"header_names": "ratelimit", "limits": [{"name": "a", "rate": "1/s"}]}"#,
+    ] {
+        let mut t = setup(cfg);
+        assert_eq!(send(&mut t, Request::get("/")), None);
+        let r = send(&mut t, Request::get("/")).unwrap();
+        assert_eq!(header(&r, "ratelimit-limit"), "1", "{cfg}");
+        assert_eq!(r.header_value("x-ratelimit-limit"), None, "{cfg}");
+    }
+}
+
+#[test]
 fn shadow_counts_but_never_blocks() {
     let mut t = setup(
         r#"{"limits": [
