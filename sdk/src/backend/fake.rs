@@ -112,6 +112,11 @@ pub(crate) struct HostState {
     pub(crate) log_level: Level,
     pub(crate) logs: Vec<(Level, String)>,
     pub(crate) metrics: BTreeMap<String, Metric>,
+    /// The series made so far, (metric, label values), against the plugin's
+    /// series cap: as on the host, an unlabelled metric's at `define`, a
+    /// labelled one's with `with_labels` (or its empty-labels series on the
+    /// first record through the `define` handle).
+    pub(crate) series_claims: HashSet<(String, Vec<String>)>,
     pub(crate) kv: HashMap<String, HashMap<String, KvValue>>,
     pub(crate) kv_version: u64,
     /// Writes another worker makes just before a conditional write of the
@@ -151,6 +156,7 @@ impl HostState {
             log_level: Level::Trace,
             logs: Vec::new(),
             metrics: BTreeMap::new(),
+            series_claims: HashSet::new(),
             kv: HashMap::new(),
             kv_version: 0,
             kv_races: HashMap::new(),
@@ -787,6 +793,62 @@ fn valid_metric_name(n: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
 }
 
+/// The host's own per-plugin families (host/src/wasm/host.rs
+/// `HOST_PLUGIN_METRICS`, abi/README.md §5.6): a plugin's metric of one of
+/// these names is `InvalidArgument`.
+const HOST_PLUGIN_METRICS: [&str; 19] = [
+    "body_limit_exceeded_total",
+    "call_duration_seconds",
+    "callout_failures_total",
+    "callout_timeouts_total",
+    "callouts_total",
+    "calls_total",
+    "failures_total",
+    "grpc_stream_failures_total",
+    "grpc_stream_messages_total",
+    "grpc_streams_open",
+    "grpc_streams_total",
+    "instance_restarts_total",
+    "instances",
+    "memory_bytes",
+    "memory_exceeded_total",
+    "reload_duration_seconds",
+    "reloads_total",
+    "timeouts_total",
+    "traps_total",
+];
+
+/// Metrics and series per plugin, and the longest help text (abi/README.md
+/// §5.6, §7).
+pub(crate) const MAX_METRICS: usize = 100;
+pub(crate) const MAX_SERIES: usize = 1000;
+pub(crate) const MAX_HELP: usize = 1024;
+
+/// Whether a plugin may name a metric `name`, as on the host: not a host
+/// family, and not a name a histogram's sample lines use.
+fn metric_name_free(name: &str) -> bool {
+    !HOST_PLUGIN_METRICS.contains(&name)
+        && !["_bucket", "_sum", "_count"]
+            .iter()
+            .any(|s| name.ends_with(s))
+}
+
+impl HostState {
+    /// Counts series (`name`, `labels`) against the series cap; `false` if it
+    /// is new and the cap is reached.
+    fn claim_series(&mut self, name: &str, labels: &[String]) -> bool {
+        let key = (name.to_owned(), labels.to_vec());
+        if self.series_claims.contains(&key) {
+            return true;
+        }
+        if self.series_claims.len() >= MAX_SERIES {
+            return false;
+        }
+        self.series_claims.insert(key);
+        true
+    }
+}
+
 pub(crate) struct SeriesHandle {
     host: Option<Host>,
     name: String,
@@ -797,6 +859,10 @@ impl SeriesHandle {
     fn record(&self, f: impl FnOnce(&mut SeriesValue)) {
         let Some(host) = &self.host else { return };
         let mut h = host.borrow_mut();
+        // Over the series cap the value is dropped, as on the host.
+        if !h.claim_series(&self.name, &self.labels) {
+            return;
+        }
         let Some(metric) = h.metrics.get_mut(&self.name) else {
             return;
         };
@@ -806,11 +872,20 @@ impl SeriesHandle {
     fn with_labels(&self, values: &[&str]) -> Result<Self, Error> {
         let host = self.host.as_ref().ok_or(Error::Unsupported)?;
         let mut h = host.borrow_mut();
-        let metric = h.metrics.get_mut(&self.name).ok_or(Error::Internal)?;
-        if values.len() != metric.label_names.len() || values.iter().any(|v| v.len() > 128) {
+        let wanted = h
+            .metrics
+            .get(&self.name)
+            .ok_or(Error::Internal)?
+            .label_names
+            .len();
+        if values.len() != wanted || values.iter().any(|v| v.len() > 128) {
             return Err(Error::InvalidArgument);
         }
         let labels: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
+        if !h.claim_series(&self.name, &labels) {
+            return Err(Error::LimitExceeded);
+        }
+        let metric = h.metrics.get_mut(&self.name).ok_or(Error::Internal)?;
         metric.series_mut(&labels);
         Ok(SeriesHandle {
             host: Some(host.clone()),
@@ -822,6 +897,7 @@ impl SeriesHandle {
 
 fn define(
     name: &str,
+    help: &str,
     labels: &[&str],
     kind: MetricKind,
     buckets: &[f64],
@@ -831,9 +907,12 @@ fn define(
     if h.call != Call::Configure {
         return Err(Error::InvalidState);
     }
-    // As the host (abi/README.md §5.6): a label twice, `le` on a histogram,
-    // or bounds not finite and strictly increasing (at most 64) are refused.
+    // As the host (abi/README.md §5.6): a reserved name, help over 1 KiB, a
+    // label twice, `le` on a histogram, or bounds not finite and strictly
+    // increasing (at most 64) are refused.
     if !valid_metric_name(name)
+        || !metric_name_free(name)
+        || help.len() > MAX_HELP
         || labels
             .iter()
             .any(|l| !valid_metric_name(l) || *l == "plugin")
@@ -854,6 +933,7 @@ fn define(
             return Err(Error::InvalidArgument)
         }
         Some(_) => {}
+        None if h.metrics.len() >= MAX_METRICS => return Err(Error::LimitExceeded),
         None => {
             h.metrics.insert(
                 name.to_owned(),
@@ -869,6 +949,11 @@ fn define(
     // The `define-*` handle's series (all label values empty) exists from
     // the start, as the host exports it.
     let empty = vec![String::new(); labels.len()];
+    // As on the host, an unlabelled metric's series counts against the
+    // series cap at once; a labelled one's when first recorded into.
+    if labels.is_empty() && !h.claim_series(name, &empty) {
+        return Err(Error::LimitExceeded);
+    }
     if let Some(m) = h.metrics.get_mut(name) {
         m.series_mut(&empty);
     }
@@ -931,21 +1016,21 @@ impl HistogramHandle {
 
 pub(crate) fn define_counter(
     name: &str,
-    _help: &str,
+    help: &str,
     labels: &[&str],
 ) -> Result<CounterHandle, Error> {
-    define(name, labels, MetricKind::Counter, &[]).map(CounterHandle)
+    define(name, help, labels, MetricKind::Counter, &[]).map(CounterHandle)
 }
-pub(crate) fn define_gauge(name: &str, _help: &str, labels: &[&str]) -> Result<GaugeHandle, Error> {
-    define(name, labels, MetricKind::Gauge, &[]).map(GaugeHandle)
+pub(crate) fn define_gauge(name: &str, help: &str, labels: &[&str]) -> Result<GaugeHandle, Error> {
+    define(name, help, labels, MetricKind::Gauge, &[]).map(GaugeHandle)
 }
 pub(crate) fn define_histogram(
     name: &str,
-    _help: &str,
+    help: &str,
     labels: &[&str],
     buckets: &[f64],
 ) -> Result<HistogramHandle, Error> {
-    define(name, labels, MetricKind::Histogram, buckets).map(HistogramHandle)
+    define(name, help, labels, MetricKind::Histogram, buckets).map(HistogramHandle)
 }
 
 // ---- kv ----
