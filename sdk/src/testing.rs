@@ -998,10 +998,35 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.test.host.outstanding(Some(self.context)) > 0
     }
 
+    /// Whether the host makes body calls for direction `d` (in [`run`](Self::run)):
+    /// for a message with a body (or trailers); for one without, one buffered
+    /// call with an empty body if the filter buffers that direction and the
+    /// message may have a body (not a response to `HEAD`, nor `1xx`, `204` or
+    /// `304`), as host/src/proxy.rs does (abi/README.md §4).
+    fn body_call(&self, d: Direction) -> bool {
+        if self.has_body(d) {
+            return true;
+        }
+        let phase = match d {
+            Direction::Request => Phase::RequestBody,
+            Direction::Response => Phase::ResponseBody,
+        };
+        let ex = self.ex.borrow();
+        let may_have_body = match d {
+            Direction::Request => true,
+            Direction::Response => {
+                ex.method != "HEAD" && ex.status.is_some_and(|s| s >= 200 && s != 204 && s != 304)
+            }
+        };
+        may_have_body && ex.body_modes[idx(d)] == BodyMode::Buffered && self.declared(phase)
+    }
+
     /// Drive the whole exchange as the host would: request headers, body,
     /// trailers, then `response` through headers, body, trailers, then log
     /// and done. Stops at the first `Respond` (then logs and ends the
-    /// exchange) or `Pause`.
+    /// exchange) or `Pause`. A filter that buffers a direction gets its body
+    /// call even for a message without a body (an empty buffer), as from the
+    /// host (abi/README.md §4).
     pub fn run(&mut self, response: Response) -> Outcome {
         let mut response = Some(response);
         for phase in [
@@ -1014,13 +1039,13 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         ] {
             let action = match phase {
                 Phase::RequestHeaders => self.request_headers(),
-                Phase::RequestBody if self.has_body(Direction::Request) => self.request_body(),
+                Phase::RequestBody if self.body_call(Direction::Request) => self.request_body(),
                 Phase::RequestTrailers => self.request_trailers(),
                 Phase::ResponseHeaders => match response.take() {
                     Some(r) => self.response_headers(r),
                     None => Action::Continue,
                 },
-                Phase::ResponseBody if self.has_body(Direction::Response) => self.response_body(),
+                Phase::ResponseBody if self.body_call(Direction::Response) => self.response_body(),
                 Phase::ResponseTrailers => self.response_trailers(),
                 _ => Action::Continue,
             };

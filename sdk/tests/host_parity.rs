@@ -6,8 +6,8 @@
 #![allow(clippy::unwrap_used)]
 
 use legate_sdk::metrics::{Counter, Gauge, Histogram};
-use legate_sdk::testing::FilterTest;
-use legate_sdk::{Error, HttpFilter, Setup};
+use legate_sdk::testing::{FilterTest, Outcome, Request, Response};
+use legate_sdk::{Action, Body, BodyMode, Direction, Error, Exchange, HttpFilter, Setup};
 use serde::Deserialize;
 
 // ---------------------------------------------------------------- metrics
@@ -109,4 +109,103 @@ fn a_plugin_defines_at_most_100_metrics() {
 #[test]
 fn a_plugin_makes_at_most_1000_series() {
     metric_case("series").unwrap();
+}
+
+// ---------------------------------------------------------------- body-less messages
+
+/// Records its body calls (direction, length, end of stream); in `streamed`
+/// mode with config `{"streamed": true}`.
+#[derive(Default)]
+struct BodyCalls {
+    streamed: bool,
+    calls: Vec<(Direction, u64, bool)>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BodyCallsConfig {
+    #[serde(default)]
+    streamed: bool,
+}
+
+impl HttpFilter for BodyCalls {
+    type Config = BodyCallsConfig;
+    type Context = ();
+    fn configure(c: BodyCallsConfig) -> Result<Self, String> {
+        Ok(BodyCalls {
+            streamed: c.streamed,
+            calls: Vec::new(),
+        })
+    }
+    fn setup(&self) -> Setup {
+        let mode = if self.streamed {
+            BodyMode::Streamed
+        } else {
+            BodyMode::Buffered
+        };
+        Setup::new().on_request_body(mode).on_response_body(mode)
+    }
+    fn on_request_body(&mut self, _: &mut (), _: &Exchange<'_>, b: &Body<'_>, eos: bool) -> Action {
+        self.calls.push((Direction::Request, b.len(), eos));
+        // A transcoder may give a `GET` a body there.
+        if b.is_empty() {
+            assert_eq!(b.replace(b"made"), Ok(()));
+        }
+        Action::Continue
+    }
+    fn on_response_body(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        b: &Body<'_>,
+        eos: bool,
+    ) -> Action {
+        self.calls.push((Direction::Response, b.len(), eos));
+        Action::Continue
+    }
+}
+
+fn body_calls(config: &str, req: Request, resp: Response) -> Vec<(Direction, u64, bool)> {
+    let mut t = FilterTest::<BodyCalls>::configure(config).unwrap();
+    assert_eq!(t.exchange(req).run(resp), Outcome::Completed);
+    t.filter().calls.clone()
+}
+
+#[test]
+fn a_buffering_filter_gets_one_empty_body_call_for_a_message_without_body() {
+    use Direction::{Request as Rq, Response as Rs};
+    let mut t = FilterTest::<BodyCalls>::configure("null").unwrap();
+    let mut x = t.exchange(Request::get("/items/7"));
+    assert_eq!(x.run(Response::new(200)), Outcome::Completed);
+    assert_eq!(t.filter().calls, vec![(Rq, 0, true), (Rs, 0, true)]);
+    // With a body, one call with all of it, as before.
+    assert_eq!(
+        body_calls(
+            "null",
+            Request::post("/", "abc"),
+            Response::new(200).body("xy")
+        ),
+        vec![(Rq, 3, true), (Rs, 2, true)]
+    );
+    // Responses that cannot have a body get no call.
+    for status in [204, 304] {
+        assert_eq!(
+            body_calls("null", Request::get("/"), Response::new(status)),
+            vec![(Rq, 0, true)],
+            "{status}"
+        );
+    }
+    assert_eq!(
+        body_calls("null", Request::new("HEAD", "/"), Response::new(200)),
+        vec![(Rq, 0, true)]
+    );
+    // In streamed mode a body-less message gets no body call.
+    assert_eq!(
+        body_calls(
+            r#"{"streamed": true}"#,
+            Request::get("/"),
+            Response::new(200)
+        ),
+        vec![]
+    );
 }
