@@ -7,7 +7,7 @@
 
 use legate_sdk::metrics::{Counter, Gauge, Histogram};
 use legate_sdk::testing::{FilterTest, Outcome, Request, Response};
-use legate_sdk::{Action, Body, BodyMode, Direction, Error, Exchange, HttpFilter, Setup};
+use legate_sdk::{Action, Body, BodyMode, Direction, Error, Exchange, Headers, HttpFilter, Setup};
 use serde::Deserialize;
 
 // ---------------------------------------------------------------- metrics
@@ -208,4 +208,77 @@ fn a_buffering_filter_gets_one_empty_body_call_for_a_message_without_body() {
         ),
         vec![]
     );
+}
+
+// ---------------------------------------------------------------- header values
+
+/// Writes fields in `on_request_headers` and keeps the first mismatch with
+/// what the host answers.
+struct HeaderRules {
+    result: Result<(), String>,
+}
+
+impl HeaderRules {
+    fn check(h: &Headers<'_>) -> Result<(), String> {
+        let bad = Err(Error::InvalidArgument);
+        let over = Err(Error::LimitExceeded);
+        for b in [0x01u8, 0x08, 0x0B, 0x1F, 0x7F, b'\r', b'\n', 0] {
+            expect(&format!("byte {b:#x}"), h.set("x-v", [b'a', b, b'b']), bad)?;
+            expect(&format!("add {b:#x}"), h.add("x-v", [b]), bad)?;
+        }
+        for v in [&b"a\tb"[..], b"caf\xc3\xa9", b"\x80\xff", b" ~ "] {
+            expect(&format!("{v:?}"), h.set("x-v", v), Ok(()))?;
+        }
+        // The host checks the fields it owns before the value.
+        expect("connection", h.set("connection", "\r"), Err(Error::Denied))?;
+        expect("long name", h.set(&"n".repeat(65_536), "v"), bad)?;
+        expect("65535 name", h.set(&"n".repeat(65_535), "v"), Ok(()))?;
+        h.remove(&"n".repeat(65_535)).map_err(|e| e.to_string())?;
+        // Caps: 64 KiB a value, 1024 fields a map.
+        expect("64 KiB", h.set("x-big", vec![b'a'; 64 * 1024]), Ok(()))?;
+        expect(
+            "64 KiB + 1",
+            h.set("x-big", vec![b'a'; 64 * 1024 + 1]),
+            over,
+        )?;
+        h.remove("x-big").map_err(|e| e.to_string())?;
+        while h.len() < 1024 {
+            h.add("x-many", "1").map_err(|e| e.to_string())?;
+        }
+        expect("1025th", h.add("x-many", "1"), over)?;
+        expect("new field", h.set("x-new", "1"), over)?;
+        // Replacing a field the full map holds does not grow it.
+        expect("replace", h.set("x-v", "2"), Ok(()))?;
+        Ok(())
+    }
+}
+
+impl HttpFilter for HeaderRules {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(HeaderRules {
+            result: Err("not called".to_owned()),
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_headers()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        h: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.result = Self::check(h);
+        Action::Continue
+    }
+}
+
+#[test]
+fn header_values_and_caps_are_checked_as_the_hosts_http_crate_does() {
+    let mut t = FilterTest::<HeaderRules>::configure("null").unwrap();
+    t.exchange(Request::get("/")).request_headers();
+    t.filter().result.clone().unwrap();
 }

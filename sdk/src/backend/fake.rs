@@ -339,19 +339,54 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-fn check_name(name: &str) -> Result<String, Error> {
-    if name.is_empty() || !name.bytes().all(is_tchar) {
+/// A field name as the host's `http::HeaderName` takes it: a token of at
+/// most 65 535 bytes, handed back in lower case.
+pub(crate) fn check_name(name: &str) -> Result<String, Error> {
+    if name.is_empty() || name.len() > 0xFFFF || !name.bytes().all(is_tchar) {
         return Err(Error::InvalidArgument);
     }
     Ok(name.to_ascii_lowercase())
 }
 
-fn check_value(value: &[u8]) -> Result<(), Error> {
-    if value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
-        Err(Error::InvalidArgument)
-    } else {
+/// A field value as the host's `http::HeaderValue` takes it: no control byte
+/// but HTAB (so no CR, LF or NUL), no DEL; obs-text (0x80-0xFF) is fine.
+pub(crate) fn check_value(value: &[u8]) -> Result<(), Error> {
+    if value
+        .iter()
+        .all(|&b| (b >= 0x20 && b != 0x7F) || b == b'\t')
+    {
         Ok(())
+    } else {
+        Err(Error::InvalidArgument)
     }
+}
+
+/// The host's caps on what a filter writes into one header map (a head,
+/// trailers, a local response, a callout request): fields (values) in the
+/// map and bytes in one value (abi/README.md §5.1; host/src/wasm/host.rs
+/// `MAX_FILTER_FIELDS`, `MAX_FILTER_FIELD_VALUE`).
+pub(crate) const MAX_FILTER_FIELDS: usize = 1024;
+pub(crate) const MAX_FILTER_FIELD_VALUE: usize = 64 * 1024;
+
+/// Adds `name: value` to `map` within the caps above (`LimitExceeded`
+/// otherwise), replacing the field's values when `replace`, as the host's
+/// `put_field`: a replace of a field the map holds may go past a full map.
+pub(crate) fn put_field(
+    map: &mut FieldList,
+    name: String,
+    value: &[u8],
+    replace: bool,
+) -> Result<(), Error> {
+    if value.len() > MAX_FILTER_FIELD_VALUE
+        || (map.len() >= MAX_FILTER_FIELDS && (!replace || !map.iter().any(|(n, _)| *n == name)))
+    {
+        return Err(Error::LimitExceeded);
+    }
+    if replace {
+        map.retain(|(n, _)| *n != name);
+    }
+    map.push((name, value.to_vec()));
+    Ok(())
 }
 
 const HOST_OWNED: [&str; 8] = [
@@ -425,32 +460,37 @@ impl HeadersHandle<'_> {
         self.read(Vec::new(), Clone::clone)
     }
 
+    /// In the host's order (host/src/wasm/host.rs `write_field`): the name,
+    /// the fields the host owns, the value, the write window, the caps.
     fn write(&self, name: &str, value: Option<&[u8]>, append: bool) -> Result<(), Error> {
         let name = check_name(name)?;
-        if let Some(v) = value {
-            check_value(v)?;
-        }
         // As on the host: `te: trailers` (only) may be set on, or removed from,
         // the request head, for filters converting requests to gRPC.
-        let te_trailers = name == "te"
-            && self.part == Part::Head(Direction::Request)
-            && !append
-            && value.is_none_or(|v| v == b"trailers");
+        let te_trailers = name == "te" && !append && value.is_none_or(|v| v == b"trailers");
         if (HOST_OWNED.contains(&name.as_str()) && !te_trailers)
             || (name == "content-length" && value.is_some())
         {
             return Err(Error::Denied);
         }
-        let mut ex = self.ex.borrow_mut();
-        ex.writable(self.part)?;
-        let map = ex.map_mut(self.part).ok_or(Error::InvalidState)?;
-        if !append {
-            map.retain(|(n, _)| *n != name);
-        }
         if let Some(v) = value {
-            map.push((name, v.to_vec()));
+            check_value(v)?;
         }
-        Ok(())
+        let mut ex = self.ex.borrow_mut();
+        if ex.map(self.part).is_none() {
+            return Err(Error::InvalidState);
+        }
+        ex.writable(self.part)?;
+        if te_trailers && self.part != Part::Head(Direction::Request) {
+            return Err(Error::Denied);
+        }
+        let map = ex.map_mut(self.part).ok_or(Error::InvalidState)?;
+        match value {
+            Some(v) => put_field(map, name, v, !append),
+            None => {
+                map.retain(|(n, _)| *n != name);
+                Ok(())
+            }
+        }
     }
 
     pub(crate) fn set(&self, name: &str, value: &[u8]) -> Result<(), Error> {
