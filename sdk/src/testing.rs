@@ -43,8 +43,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use crate::backend::{
-    idx, install, run_kv, BufferHandle, Call, CalloutState, ConnectionHandle, Ex, ExchangeHandle,
-    ExchangeState, FieldList, HeadersHandle, Host, HostState, Part, Sent, SeriesValue,
+    check_local_response, idx, install, run_kv, BufferHandle, Call, CalloutState, ConnectionHandle,
+    Ex, ExchangeHandle, ExchangeState, FieldList, HeadersHandle, Host, HostState, Part, Sent,
+    SeriesValue,
 };
 
 use crate::callout::{CalloutId, CalloutRequest, CalloutResponse};
@@ -472,6 +473,7 @@ impl<F: HttpFilter> FilterTest<F> {
             pending_trailers: [request.trailers, None],
             paused_window: Vec::new(),
             held_trailers: None,
+            failure: None,
         }
     }
 
@@ -658,6 +660,14 @@ pub enum Outcome {
     Responded(Phase, crate::LocalResponse),
     /// A phase paused (deliver callouts, then drive the rest by hand).
     Paused(Phase),
+    /// A phase's call failed as the host would fail it (abi/README.md §8, §9):
+    /// it returned a local response the host refuses (a status outside
+    /// 200..=599, a header name that is not a token, a value with a control
+    /// byte other than HTAB or DEL, over 1024 fields or a value over 64 KiB).
+    /// The host applies the plugin's failure policy (`fail: closed`: a `503`)
+    /// and makes no more calls into the filter for the exchange but `on_done`;
+    /// so does the harness. The `String` is the host's reason.
+    Failed(Phase, String),
 }
 
 /// One exchange of a [`FilterTest`], driven phase by phase.
@@ -671,6 +681,8 @@ pub struct TestExchange<'t, F: HttpFilter> {
     /// The direction whose trailers a paused end-of-stream body call holds (on
     /// the exchange, writable, until the pause ends).
     held_trailers: Option<Direction>,
+    /// Why the host would have failed a call of this exchange.
+    failure: Option<String>,
 }
 
 impl<F: HttpFilter> TestExchange<'_, F> {
@@ -682,7 +694,17 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// Whether the host would make a call of `phase`: it is declared and the
     /// filter did not detach from this exchange.
     fn declared(&self, phase: Phase) -> bool {
-        self.test.instance.setup().declares(phase) && !self.detached()
+        self.test.instance.setup().declares(phase) && !self.detached() && self.failure.is_none()
+    }
+
+    /// Why the host would have failed one of this exchange's calls, if it
+    /// would have: a local response it refuses (see [`Outcome::Failed`]). The
+    /// phase method still returns the action the filter gave; from then on the
+    /// harness makes no more calls for the exchange but `on_done`, as the host
+    /// (its failure policy applies: fail closed ends the exchange with `503`,
+    /// fail open skips the filter).
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
     }
 
     /// Whether the filter detached from this exchange ([`Exchange::detach`]):
@@ -705,6 +727,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             f(&mut self.test.instance, &x)
         };
         self.ex.borrow_mut().window.clear();
+        if let Action::Respond(lr) = &action {
+            if let Err(why) = check_local_response(lr) {
+                self.failure.get_or_insert(why);
+            }
+        }
         if action == Action::Pause {
             self.paused_window = window;
         } else {
@@ -891,7 +918,8 @@ impl<F: HttpFilter> TestExchange<'_, F> {
                 }
             }
         }
-        if self.declared(Phase::Done) {
+        // The host calls `on-done` for a filter whose call failed, too.
+        if self.test.instance.setup().declares(Phase::Done) && !self.detached() {
             // As on the host: not an exchange call (no callouts, no
             // asynchronous KV, no detach).
             let _g = install(&self.test.host.host, Call::Done);
@@ -1049,6 +1077,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
                 Phase::ResponseTrailers => self.response_trailers(),
                 _ => Action::Continue,
             };
+            if let Some(why) = self.failure.clone() {
+                // No `on_log` for the failed filter: `done` only.
+                self.done();
+                return Outcome::Failed(phase, why);
+            }
             match action {
                 Action::Continue => {}
                 Action::Pause => return Outcome::Paused(phase),

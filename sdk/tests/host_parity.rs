@@ -7,7 +7,10 @@
 
 use legate_sdk::metrics::{Counter, Gauge, Histogram};
 use legate_sdk::testing::{FilterTest, Outcome, Request, Response};
-use legate_sdk::{Action, Body, BodyMode, Direction, Error, Exchange, Headers, HttpFilter, Setup};
+use legate_sdk::{
+    Action, Body, BodyMode, Direction, Error, Exchange, Headers, HttpFilter, LocalResponse, Phase,
+    Setup,
+};
 use serde::Deserialize;
 
 // ---------------------------------------------------------------- metrics
@@ -281,4 +284,134 @@ fn header_values_and_caps_are_checked_as_the_hosts_http_crate_does() {
     let mut t = FilterTest::<HeaderRules>::configure("null").unwrap();
     t.exchange(Request::get("/")).request_headers();
     t.filter().result.clone().unwrap();
+}
+
+// ---------------------------------------------------------------- local responses
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnswerConfig {
+    status: u16,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    value: String,
+    /// How many `name: value` fields.
+    #[serde(default)]
+    count: usize,
+    /// Bytes added to the value.
+    #[serde(default)]
+    pad: usize,
+}
+
+/// Answers every request locally as configured; counts `on_log` and `on_done`.
+struct Answer {
+    response: LocalResponse,
+    logs: u32,
+    dones: u32,
+}
+
+#[derive(Default)]
+struct Seen(#[allow(dead_code)] u8);
+
+impl HttpFilter for Answer {
+    type Config = AnswerConfig;
+    type Context = Seen;
+    fn configure(c: AnswerConfig) -> Result<Self, String> {
+        let value = format!("{}{}", c.value, "a".repeat(c.pad));
+        let mut response = LocalResponse::new(c.status).body("no\n");
+        response.headers = vec![(c.name, value.into_bytes()); c.count];
+        Ok(Answer {
+            response,
+            logs: 0,
+            dones: 0,
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_headers().on_log()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut Seen,
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        Action::Respond(self.response.clone())
+    }
+    fn on_log(&mut self, _: &mut Seen, _: &Exchange<'_>) {
+        self.logs += 1;
+    }
+    fn on_done(&mut self, _: Seen) {
+        self.dones += 1;
+    }
+}
+
+/// What `run` ends with for an `Answer` configured with `config`, and
+/// whether it was logged.
+fn answer(config: &str) -> (Outcome, u32, u32) {
+    let mut t = FilterTest::<Answer>::configure(config).unwrap();
+    let outcome = t.exchange(Request::get("/")).run(Response::new(200));
+    (outcome, t.filter().logs, t.filter().dones)
+}
+
+fn failed(config: &str, why: &str) {
+    match answer(config) {
+        (Outcome::Failed(Phase::RequestHeaders, reason), 0, 1) => {
+            assert!(reason.contains(why), "{config}: {reason}")
+        }
+        other => panic!("{config}: {other:?}"),
+    }
+}
+
+fn responded(config: &str) {
+    match answer(config) {
+        (Outcome::Responded(Phase::RequestHeaders, _), 1, 1) => {}
+        other => panic!("{config}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_local_response_the_host_refuses_is_a_failure_of_the_call() {
+    for status in [0, 100, 199, 600, 999] {
+        failed(&format!(r#"{{"status": {status}}}"#), "outside 200..=599");
+    }
+    responded(r#"{"status": 200}"#);
+    responded(r#"{"status": 599}"#);
+    let field = |name: &str, value: &str, count: usize, pad: usize| {
+        format!(
+            r#"{{"status": 403, "name": "{name}", "value": "{value}", "count": {count}, "pad": {pad}}}"#
+        )
+    };
+    failed(&field("bad name", "v", 1, 0), "header name `bad name`");
+    failed(&field("", "v", 1, 0), "header name");
+    failed(&field("x-a", "\\u0001", 1, 0), "invalid value");
+    failed(&field("x-a", "a\\rb", 1, 0), "invalid value");
+    failed(&field("x-a", "\\u007f", 1, 0), "invalid value");
+    failed(&field("x-a", "v", 1025, 0), "caps");
+    failed(&field("x-a", "", 1, 64 * 1024 + 1), "caps");
+    responded(&field("x-a", "", 1, 64 * 1024));
+    responded(&field("x-a", "v", 1024, 0));
+    responded(&field("x-a", "a\\tb", 1, 0));
+    // Hop-by-hop fields are dropped by the host, not refused.
+    responded(&field("connection", "close", 1, 0));
+    // An upper-case name is a token; the host sends it in lower case.
+    responded(&field("X-Why", "v", 1, 0));
+}
+
+#[test]
+fn a_refused_local_response_is_reported_by_the_phase_call_too() {
+    let mut t = FilterTest::<Answer>::configure(r#"{"status": 700}"#).unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    assert!(matches!(x.request_headers(), Action::Respond(_)));
+    assert!(x.failure().unwrap().contains("700"));
+    // No more calls but `on_done`.
+    x.log();
+    x.done();
+    assert_eq!((t.filter().logs, t.filter().dones), (0, 1));
+
+    let mut t = FilterTest::<Answer>::configure(r#"{"status": 401}"#).unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    x.request_headers();
+    assert_eq!(x.failure(), None);
 }

@@ -411,6 +411,31 @@ fn canonical_int(value: &[u8]) -> Option<i64> {
     s.parse().ok()
 }
 
+/// Checks a filter's local response as the host does (host/src/wasm/plugin.rs
+/// `local_response`): `Err` is the reason the host fails the call.
+pub(crate) fn check_local_response(lr: &crate::LocalResponse) -> Result<(), String> {
+    if !(200..=599).contains(&lr.status) {
+        return Err(format!(
+            "local response status {} is outside 200..=599",
+            lr.status
+        ));
+    }
+    let mut map = FieldList::new();
+    for (name, value) in &lr.headers {
+        let n = check_name(name)
+            .map_err(|_| format!("local response header name `{name}` is invalid"))?;
+        check_value(value)
+            .map_err(|_| format!("local response header `{name}` has an invalid value"))?;
+        put_field(&mut map, n, value, false).map_err(|_| {
+            format!(
+                "local response headers over the host's caps ({MAX_FILTER_FIELDS} fields, {} KiB a value)",
+                MAX_FILTER_FIELD_VALUE / 1024
+            )
+        })?;
+    }
+    Ok(())
+}
+
 // ---- headers ----
 
 pub(crate) struct HeadersHandle<'a> {
