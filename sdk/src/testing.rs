@@ -157,13 +157,15 @@ impl TestHost {
     /// Configure filter `F` on this host with the JSON `config` (`"null"`: no
     /// config). `Err` is the message `configure` would return to the host.
     pub fn configure<F: HttpFilter>(&self, config: &str) -> Result<FilterTest<F>, String> {
+        let id = self.new_instance();
         let instance = {
-            let _g = install(&self.host, Call::Configure);
+            let _g = install(&self.host, id, Call::Configure);
             Instance::<F>::configure(config)?
         };
         Ok(FilterTest {
             host: self.clone(),
             instance,
+            id,
             next_context: 1,
         })
     }
@@ -174,17 +176,26 @@ impl TestHost {
         &self,
         config: &str,
     ) -> Result<NetworkFilterTest<F>, String> {
+        let id = self.new_instance();
         let instance = {
-            let _g = install(&self.host, Call::Configure);
+            let _g = install(&self.host, id, Call::Configure);
             NetworkInstance::<F>::configure(config)?
         };
         Ok(NetworkFilterTest {
             host: self.clone(),
             instance,
+            id,
             // Apart from exchange ids, so HTTP and network filters can share
             // one host.
             next_context: 1 << 32,
         })
+    }
+
+    /// A new instance id (each configured filter is one instance).
+    fn new_instance(&self) -> u64 {
+        let mut h = self.host.borrow_mut();
+        h.instances += 1;
+        h.instances
     }
 
     /// Set the wall clock (Unix nanoseconds).
@@ -396,6 +407,8 @@ impl TestHost {
 pub struct FilterTest<F: HttpFilter> {
     host: TestHost,
     instance: Instance<F>,
+    /// This instance's id on the host.
+    id: u64,
     next_context: u64,
 }
 
@@ -479,7 +492,7 @@ impl<F: HttpFilter> FilterTest<F> {
 
     /// Call `on_tick` (whether or not a tick interval was declared).
     pub fn tick(&mut self) {
-        let _g = install(&self.host.host, Call::Tick);
+        let _g = install(&self.host.host, self.id, Call::Tick);
         self.instance.tick();
     }
 
@@ -490,7 +503,7 @@ impl<F: HttpFilter> FilterTest<F> {
         let n = ready.len();
         for (id, r) in ready {
             self.host.take_outstanding(id);
-            let _g = install(&self.host.host, Call::Tick);
+            let _g = install(&self.host.host, self.id, Call::Tick);
             self.instance.tick_callout_response(id, r);
         }
         n
@@ -722,7 +735,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     ) -> Action {
         self.ex.borrow_mut().window = window.clone();
         let action = {
-            let _g = install(&self.test.host.host, Call::Exchange(self.context));
+            let _g = install(
+                &self.test.host.host,
+                self.test.id,
+                Call::Exchange(self.context),
+            );
             let x = Exchange::new(ExchangeHandle::new(self.ex.clone()));
             f(&mut self.test.instance, &x)
         };
@@ -902,7 +919,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             return;
         }
         let c = self.context;
-        let _g = install(&self.test.host.host, Call::Log(c));
+        let _g = install(&self.test.host.host, self.test.id, Call::Log(c));
         let x = Exchange::new(ExchangeHandle::new(self.ex.clone()));
         self.test.instance.log(c, &x);
     }
@@ -913,7 +930,10 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         {
             let mut h = self.test.host.host.borrow_mut();
             for c in h.callouts.iter_mut() {
-                if c.context == Some(self.context) && c.state == CalloutState::Outstanding {
+                if c.instance == self.test.id
+                    && c.context == Some(self.context)
+                    && c.state == CalloutState::Outstanding
+                {
                     c.state = CalloutState::Cancelled;
                 }
             }
@@ -922,7 +942,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         if self.test.instance.setup().declares(Phase::Done) && !self.detached() {
             // As on the host: not an exchange call (no callouts, no
             // asynchronous KV, no detach).
-            let _g = install(&self.test.host.host, Call::Done);
+            let _g = install(&self.test.host.host, self.test.id, Call::Done);
             self.test.instance.done(self.context);
         }
     }
@@ -1177,6 +1197,8 @@ impl<F: HttpFilter> TestExchange<'_, F> {
 pub struct NetworkFilterTest<F: NetworkFilter> {
     host: TestHost,
     instance: NetworkInstance<F>,
+    /// This instance's id on the host.
+    id: u64,
     next_context: u64,
 }
 
@@ -1256,7 +1278,7 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
 
     /// Call `on_tick` (whether or not a tick interval was declared).
     pub fn tick(&mut self) {
-        let _g = install(&self.host.host, Call::Tick);
+        let _g = install(&self.host.host, self.id, Call::Tick);
         self.instance.tick();
     }
 
@@ -1267,7 +1289,7 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
         let n = ready.len();
         for (id, r) in ready {
             self.host.take_outstanding(id);
-            let _g = install(&self.host.host, Call::Tick);
+            let _g = install(&self.host.host, self.id, Call::Tick);
             self.instance.tick_callout_response(id, r);
         }
         n
@@ -1419,7 +1441,7 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
             Call::Exchange(self.context)
         };
         let action = {
-            let _g = install(&self.test.host.host, kind);
+            let _g = install(&self.test.host.host, self.test.id, kind);
             let c = Connection(ConnectionHandle::new(
                 self.ex.clone(),
                 self.context,
@@ -1560,7 +1582,10 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         self.paused = [false; 2];
         let mut h = self.test.host.host.borrow_mut();
         for c in h.callouts.iter_mut() {
-            if c.context == Some(self.context) && c.state == CalloutState::Outstanding {
+            if c.instance == self.test.id
+                && c.context == Some(self.context)
+                && c.state == CalloutState::Outstanding
+            {
                 c.state = CalloutState::Cancelled;
             }
         }

@@ -5,8 +5,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+use legate_sdk::callout::{self, CalloutId, CalloutRequest};
 use legate_sdk::metrics::{Counter, Gauge, Histogram};
-use legate_sdk::testing::{FilterTest, Outcome, Request, Response};
+use legate_sdk::testing::{FilterTest, Outcome, Request, Response, TestHost};
 use legate_sdk::{
     Action, Body, BodyMode, Direction, Error, Exchange, Headers, HttpFilter, LocalResponse, Phase,
     Setup,
@@ -414,4 +415,241 @@ fn a_refused_local_response_is_reported_by_the_phase_call_too() {
     let mut x = t.exchange(Request::get("/"));
     x.request_headers();
     assert_eq!(x.failure(), None);
+}
+
+// ---------------------------------------------------------------- callouts
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CallerConfig {
+    #[serde(default)]
+    requests: Vec<ProbeRequest>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct ProbeRequest {
+    #[serde(default = "slash")]
+    path: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    header: Option<(String, String)>,
+    /// How many copies of `header`.
+    #[serde(default = "one")]
+    count: usize,
+    /// Bytes added to the header's value.
+    #[serde(default)]
+    pad: usize,
+}
+
+fn slash() -> String {
+    "/".to_owned()
+}
+fn one() -> usize {
+    1
+}
+
+/// Sends callouts and cancels them as its request's `x-op` says:
+/// `probe` (the configured requests), `send N`, `cancel ID`; `on_tick` sends
+/// one and tries to cancel every callout an exchange sent.
+#[derive(Default)]
+struct Caller {
+    requests: Vec<ProbeRequest>,
+    sent: Vec<Result<CalloutId, Error>>,
+    cancels: Vec<Result<(), Error>>,
+    tick_ids: Vec<CalloutId>,
+    tick_cancels: Vec<Result<(), Error>>,
+}
+
+impl Caller {
+    fn probe(r: &ProbeRequest) -> CalloutRequest {
+        let mut c = CalloutRequest::new("authz", "GET", &r.path);
+        c.authority = r.authority.clone();
+        if let Some((n, v)) = &r.header {
+            let v = format!("{v}{}", "a".repeat(r.pad));
+            c.headers = vec![(n.clone(), v.into_bytes()); r.count];
+        }
+        c
+    }
+}
+
+impl HttpFilter for Caller {
+    type Config = CallerConfig;
+    type Context = ();
+    fn configure(c: CallerConfig) -> Result<Self, String> {
+        Ok(Caller {
+            requests: c.requests,
+            ..Caller::default()
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_headers()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        h: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        let op = h.get_str("x-op").unwrap_or_default();
+        let mut words = op.split(' ');
+        match (
+            words.next(),
+            words.next().map(|n| n.parse::<u64>().unwrap()),
+        ) {
+            (Some("probe"), _) => {
+                for r in &self.requests {
+                    self.sent.push(callout::send(&Caller::probe(r)));
+                }
+            }
+            (Some("send"), Some(n)) => {
+                for _ in 0..n {
+                    let r = CalloutRequest::new("authz", "GET", "/check");
+                    self.sent.push(callout::send(&r));
+                }
+            }
+            (Some("cancel"), Some(id)) => self.cancels.push(callout::cancel(id)),
+            _ => {}
+        }
+        Action::Continue
+    }
+    fn on_tick(&mut self) {
+        for id in self.sent.iter().flatten() {
+            self.tick_cancels.push(callout::cancel(*id));
+        }
+        let r = CalloutRequest::new("authz", "GET", "/tick");
+        self.tick_ids.push(callout::send(&r).unwrap());
+    }
+}
+
+fn caller(config: &str) -> FilterTest<Caller> {
+    TestHost::new()
+        .grant_cluster("authz")
+        .configure(config)
+        .unwrap()
+}
+
+fn op(t: &mut FilterTest<Caller>, op: &str) {
+    let mut x = t.exchange(Request::get("/").header("x-op", op));
+    assert_eq!(x.request_headers(), Action::Continue);
+}
+
+/// What `send` answers for each of `requests` (JSON `ProbeRequest`s).
+fn probe(requests: &[&str]) -> Vec<Result<(), Error>> {
+    let mut t = caller(&format!(r#"{{"requests": [{}]}}"#, requests.join(",")));
+    op(&mut t, "probe");
+    t.filter().sent.iter().map(|r| r.map(drop)).collect()
+}
+
+#[test]
+fn a_callout_path_must_parse_as_a_uri() {
+    let bad = Err(Error::InvalidArgument);
+    let cases: &[(&str, Result<(), Error>)] = &[
+        (r#"{"path": "/"}"#, Ok(())),
+        (r#"{"path": "/a/b?x=1&y=%20"}"#, Ok(())),
+        (r#"{"path": "/caf\u00e9"}"#, Ok(())),
+        (r#"{"path": "/a?x=`|{}"}"#, Ok(())),
+        (r#"{"path": "/a{\"b\"}"}"#, Ok(())),
+        // Nothing after a fragment's `#` is looked at (the host drops it).
+        (r#"{"path": "/a#b c"}"#, Ok(())),
+        (r#"{"path": "a"}"#, bad),
+        (r#"{"path": "/a b"}"#, bad),
+        (r#"{"path": "/a\tb"}"#, bad),
+        (r#"{"path": "/a\u007f"}"#, bad),
+        (r#"{"path": "/a<b"}"#, bad),
+        (r#"{"path": "/a`"}"#, bad),
+        // The `http` crate takes a backslash in a path.
+        (r#"{"path": "/a\\b"}"#, Ok(())),
+        (r#"{"path": "/a?x=\"y\""}"#, bad),
+        (r#"{"path": "/a?x=<"}"#, bad),
+    ];
+    let got = probe(&cases.iter().map(|c| c.0).collect::<Vec<_>>());
+    for ((case, want), got) in cases.iter().zip(got) {
+        assert_eq!(got, *want, "{case}");
+    }
+    let long = format!(r#"{{"path": "/{}"}}"#, "a".repeat(65_533));
+    assert_eq!(probe(&[&long]), vec![Ok(())]);
+    let long = format!(r#"{{"path": "/{}"}}"#, "a".repeat(65_534));
+    assert_eq!(probe(&[&long]), vec![bad]);
+}
+
+#[test]
+fn a_callout_authority_must_parse_as_one() {
+    let bad = Err(Error::InvalidArgument);
+    let cases: &[(&str, Result<(), Error>)] = &[
+        (r#"{"authority": "authz"}"#, Ok(())),
+        (r#"{"authority": "authz.internal:8443"}"#, Ok(())),
+        (r#"{"authority": "[::1]:80"}"#, Ok(())),
+        (r#"{"authority": "[fe80::1%25eth0]"}"#, Ok(())),
+        (r#"{"authority": "user:pw@authz"}"#, Ok(())),
+        (r#"{"authority": "us%20er@authz"}"#, Ok(())),
+        (r#"{"authority": ""}"#, bad),
+        (r#"{"authority": "a b"}"#, bad),
+        (r#"{"authority": "a:1:2"}"#, bad),
+        (r#"{"authority": "a/b"}"#, bad),
+        (r#"{"authority": "a?"}"#, bad),
+        (r#"{"authority": "user@"}"#, bad),
+        (r#"{"authority": "a%20b"}"#, bad),
+        (r#"{"authority": "[::1"}"#, bad),
+        (r#"{"authority": "::1]"}"#, bad),
+        (r#"{"authority": "a\"b"}"#, bad),
+    ];
+    let got = probe(&cases.iter().map(|c| c.0).collect::<Vec<_>>());
+    for ((case, want), got) in cases.iter().zip(got) {
+        assert_eq!(got, *want, "{case}");
+    }
+}
+
+#[test]
+fn callout_headers_have_the_hosts_caps() {
+    let over = Err(Error::LimitExceeded);
+    assert_eq!(
+        probe(&[
+            r#"{"header": ["x-a", "v"], "count": 1024}"#,
+            r#"{"header": ["x-a", "v"], "count": 1025}"#,
+            r#"{"header": ["x-a", ""], "pad": 65536}"#,
+            r#"{"header": ["x-a", ""], "pad": 65537}"#,
+            r#"{"header": ["x-a", "\u0001"]}"#,
+        ]),
+        vec![Ok(()), over, Ok(()), over, Err(Error::InvalidArgument)]
+    );
+}
+
+#[test]
+fn an_instance_has_at_most_1024_callouts_outstanding() {
+    let host = TestHost::new().grant_cluster("authz");
+    let mut t = host.configure::<Caller>("null").unwrap();
+    for _ in 0..127 {
+        op(&mut t, "send 8");
+    }
+    // On-tick's count too.
+    t.tick();
+    op(&mut t, "send 8");
+    let sent = &t.filter().sent;
+    assert_eq!(sent.len(), 128 * 8);
+    assert!(sent[..127 * 8 + 7].iter().all(Result::is_ok));
+    assert_eq!(sent[127 * 8 + 7], Err(Error::LimitExceeded));
+    // Another instance of the plugin has its own.
+    let mut other = host.configure::<Caller>("null").unwrap();
+    op(&mut other, "send 8");
+    assert!(other.filter().sent.iter().all(Result::is_ok));
+}
+
+#[test]
+fn only_the_context_that_sent_a_callout_cancels_it() {
+    let mut t = caller("null");
+    op(&mut t, "send 1");
+    let id = *t.filter().sent[0].as_ref().unwrap();
+    // Another exchange, and on_tick, do not find it.
+    op(&mut t, &format!("cancel {id}"));
+    assert_eq!(t.filter().cancels, vec![Err(Error::NotFound)]);
+    t.tick();
+    assert_eq!(t.filter().tick_cancels, vec![Err(Error::NotFound)]);
+    // Nor an exchange the tick's.
+    let tick = t.filter().tick_ids[0];
+    op(&mut t, &format!("cancel {tick}"));
+    assert_eq!(t.filter().cancels[1], Err(Error::NotFound));
+    assert!(t.host().callouts().iter().all(|c| c.outstanding));
 }

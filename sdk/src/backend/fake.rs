@@ -94,6 +94,9 @@ pub(crate) enum Sent {
 
 pub(crate) struct SentCallout {
     pub(crate) id: u64,
+    /// The instance (`FilterTest`) that sent it: limits and `cancel` are per
+    /// instance, as on the host.
+    pub(crate) instance: u64,
     /// `None`: sent from `on_tick`.
     pub(crate) context: Option<u64>,
     pub(crate) what: Sent,
@@ -133,12 +136,20 @@ pub(crate) struct HostState {
     pub(crate) kv_down: bool,
     pub(crate) queued: HashMap<String, VecDeque<Result<CalloutResponse, Error>>>,
     pub(crate) call: Call,
+    /// The instance the running call is in (0: none); each `FilterTest` on
+    /// this host is one instance of the plugin.
+    pub(crate) instance: u64,
+    /// The last instance id given out.
+    pub(crate) instances: u64,
     /// The running call's exchange detached (`Exchange::detach`): a callout
     /// sent after it is refused. Reset for every call.
     pub(crate) detached_in_call: bool,
 }
 
 pub(crate) const MAX_CALLOUTS_PER_CONTEXT: usize = 8;
+/// Callouts and asynchronous KV calls outstanding in one instance (all its
+/// contexts and `on_tick`'s), as host/src/wasm/host.rs `CALLOUTS_PER_INSTANCE`.
+pub(crate) const MAX_CALLOUTS_PER_INSTANCE: usize = 1024;
 pub(crate) const MAX_CALLOUT_TIMEOUT_MS: u32 = 30_000;
 
 impl HostState {
@@ -165,6 +176,8 @@ impl HostState {
             kv_down: false,
             queued: HashMap::new(),
             call: Call::Idle,
+            instance: 0,
+            instances: 0,
             detached_in_call: false,
         }
     }
@@ -180,20 +193,24 @@ impl HostState {
     }
 
     /// Records a callout or asynchronous KV call of `context` (`None`: the
-    /// plugin's, from `on_tick`) as outstanding: its id, or `LimitExceeded`
-    /// past the per-context limit.
+    /// plugin's, from `on_tick`) in the running instance as outstanding: its
+    /// id, or `LimitExceeded` past the per-context or per-instance limit.
     pub(crate) fn send(&mut self, context: Option<u64>, what: Sent) -> Result<u64, Error> {
-        let outstanding = self
-            .callouts
-            .iter()
-            .filter(|c| c.context == context && c.state == CalloutState::Outstanding)
-            .count();
-        if outstanding >= MAX_CALLOUTS_PER_CONTEXT {
+        let instance = self.instance;
+        let (mut mine, mut all) = (0, 0);
+        for c in &self.callouts {
+            if c.instance == instance && c.state == CalloutState::Outstanding {
+                all += 1;
+                mine += usize::from(c.context == context);
+            }
+        }
+        if mine >= MAX_CALLOUTS_PER_CONTEXT || all >= MAX_CALLOUTS_PER_INSTANCE {
             return Err(Error::LimitExceeded);
         }
         let id = self.callouts.len() as u64 + 1;
         self.callouts.push(SentCallout {
             id,
+            instance,
             context,
             what,
             state: CalloutState::Outstanding,
@@ -225,23 +242,32 @@ thread_local! {
 pub(crate) struct Installed {
     previous: Option<Host>,
     previous_call: Call,
+    previous_instance: u64,
     host: Host,
 }
 
-pub(crate) fn install(host: &Host, call: Call) -> Installed {
+/// Installs `host` for a call `call` into instance `instance`.
+pub(crate) fn install(host: &Host, instance: u64, call: Call) -> Installed {
     let previous = CURRENT.with(|c| c.replace(Some(host.clone())));
-    let previous_call = std::mem::replace(&mut host.borrow_mut().call, call);
-    host.borrow_mut().detached_in_call = false;
+    let mut h = host.borrow_mut();
+    let previous_call = std::mem::replace(&mut h.call, call);
+    let previous_instance = std::mem::replace(&mut h.instance, instance);
+    h.detached_in_call = false;
+    drop(h);
     Installed {
         previous,
         previous_call,
+        previous_instance,
         host: host.clone(),
     }
 }
 
 impl Drop for Installed {
     fn drop(&mut self) {
-        self.host.borrow_mut().call = self.previous_call;
+        let mut h = self.host.borrow_mut();
+        h.call = self.previous_call;
+        h.instance = self.previous_instance;
+        drop(h);
         let previous = self.previous.take();
         CURRENT.with(|c| *c.borrow_mut() = previous);
     }
@@ -1327,13 +1353,17 @@ pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
     if !h.granted_clusters.contains(&r.cluster) {
         return Err(Error::Denied);
     }
+    // As host/src/wasm/host.rs `build_callout`: the method a token, the path
+    // an `http::Uri` starting with `/`, the authority an `http::uri::Authority`.
     if r.method.is_empty()
         || !r.method.bytes().all(is_tchar)
-        || !r.path.starts_with('/')
+        || !callout_path_ok(&r.path)
         || r.timeout_ms > MAX_CALLOUT_TIMEOUT_MS
+        || r.authority.as_deref().is_some_and(|a| !authority_ok(a))
     {
         return Err(Error::InvalidArgument);
     }
+    let mut map = FieldList::new();
     for (n, v) in &r.headers {
         let n = check_name(n)?;
         // Framing and the authority are the host's, as on the real host.
@@ -1343,17 +1373,120 @@ pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
             return Err(Error::InvalidArgument);
         }
         check_value(v)?;
+        put_field(&mut map, n, v, false)?;
     }
     h.send(context, Sent::Http(r.clone()))
 }
 
+/// Whether `path` parses as the host parses a callout's path (an `http::Uri`
+/// that starts with `/`, so its path-and-query): at most 65 534 bytes, path
+/// bytes from the URL path set (plus `"`, `{`, `}`), query bytes from the URL
+/// query set; nothing after a `#` is looked at (the `http` crate drops the
+/// fragment).
+fn callout_path_ok(path: &str) -> bool {
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') || b.len() > 65_534 {
+        return false;
+    }
+    let mut query = false;
+    for &c in b {
+        let ok = match c {
+            b'#' => return true,
+            b'?' if !query => {
+                query = true;
+                true
+            }
+            0x80..=0xFF | 0x21 | 0x24..=0x3B | 0x3D => true,
+            _ if query => matches!(c, 0x3F..=0x7E),
+            _ => matches!(
+                c,
+                0x40..=0x5F | 0x61..=0x7A | 0x7C | 0x7E | b'"' | b'{' | b'}'
+            ),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether `a` parses as an `http::uri::Authority`, as the host requires of
+/// a callout's authority: not empty, URI characters only (`%` only in the
+/// userinfo or an IPv6 zone), brackets paired once, at most one port colon
+/// (eight inside brackets), something after an `@`.
+fn authority_ok(a: &str) -> bool {
+    fn uri_char(b: u8) -> bool {
+        matches!(b, b'!' | b'#' | b'$' | b'&'..=b';' | b'=' | b'?'..=b'[' | b']' | b'_' | b'a'..=b'z' | b'~')
+    }
+    let s = a.as_bytes();
+    if s.is_empty() {
+        return false;
+    }
+    let (mut colons, mut open, mut close, mut percent) = (0u32, false, false, false);
+    let mut at = s.len();
+    let mut end = s.len();
+    for (i, &b) in s.iter().enumerate() {
+        if matches!(b, b'/' | b'?' | b'#') {
+            end = i;
+            break;
+        }
+        if !uri_char(b) {
+            if b == b'%' {
+                percent = true;
+                continue;
+            }
+            return false;
+        }
+        match b {
+            b':' => {
+                if colons >= 8 {
+                    return false;
+                }
+                colons += 1;
+            }
+            b'[' => {
+                if percent || open {
+                    return false;
+                }
+                open = true;
+            }
+            b']' => {
+                if !open || close {
+                    return false;
+                }
+                close = true;
+                colons = 0;
+                percent = false;
+            }
+            b'@' => {
+                at = i;
+                colons = 0;
+                percent = false;
+            }
+            _ => {}
+        }
+    }
+    // The whole string must be the authority: a `/`, `?` or `#` ends it early.
+    open == close && colons <= 1 && !(end > 0 && at == end - 1) && !percent && end == s.len()
+}
+
+/// `cancel(id)`: only an outstanding call of the running call's own context
+/// (or, from `on_tick`, a plugin-level one) in this instance; anything else
+/// is `NotFound`, as on the host (host/src/wasm/host.rs `cancel`).
 pub(crate) fn callout_cancel(id: u64) -> Result<(), Error> {
     with_host(Err(Error::Unsupported), |h| {
-        match h
-            .callouts
-            .iter_mut()
-            .find(|c| c.id == id && c.state == CalloutState::Outstanding)
-        {
+        let context = match h.call {
+            Call::Exchange(c) | Call::Log(c) => Some(c),
+            Call::Tick => None,
+            Call::Idle | Call::Configure | Call::Done => return Err(Error::NotFound),
+        };
+        let instance = h.instance;
+        match h.callouts.iter_mut().find(|c| {
+            c.id == id
+                && c.instance == instance
+                && c.context == context
+                && c.state == CalloutState::Outstanding
+        }) {
             Some(c) => {
                 c.state = CalloutState::Cancelled;
                 Ok(())
