@@ -58,6 +58,9 @@ use crate::types::{Action, BodyMode, Direction, HttpVersion, TlsVersion};
 use crate::NetworkFilter;
 use crate::{Body, Error, Exchange, Headers, HttpFilter, Instance, Phase, Setup};
 
+/// The smallest tick interval the host takes (its default `MIN_TICK`).
+const MIN_TICK_MS: u32 = 10;
+
 /// The fake host: capabilities, clock, logs, metrics, KV and callouts. Cheap to
 /// clone (shared); several [`FilterTest`]s made from one `TestHost` share KV
 /// and metrics like instances of one plugin do.
@@ -155,13 +158,15 @@ impl TestHost {
     }
 
     /// Configure filter `F` on this host with the JSON `config` (`"null"`: no
-    /// config). `Err` is the message `configure` would return to the host.
+    /// config). `Err` is the message `configure` would return to the host, or
+    /// the host's own refusal of the setup (a tick interval of 1 to 9 ms).
     pub fn configure<F: HttpFilter>(&self, config: &str) -> Result<FilterTest<F>, String> {
         let id = self.new_instance();
         let instance = {
             let _g = install(&self.host, id, Call::Configure);
             Instance::<F>::configure(config)?
         };
+        self.check_tick(instance.setup().tick_interval_ms())?;
         Ok(FilterTest {
             host: self.clone(),
             instance,
@@ -171,7 +176,8 @@ impl TestHost {
     }
 
     /// Configure network filter `F` on this host with the JSON `config`.
-    /// `Err` is the message `configure` would return to the host.
+    /// `Err` is the message `configure` would return to the host, or the
+    /// host's own refusal of the setup (a tick interval of 1 to 9 ms).
     pub fn configure_network<F: NetworkFilter>(
         &self,
         config: &str,
@@ -181,6 +187,7 @@ impl TestHost {
             let _g = install(&self.host, id, Call::Configure);
             NetworkInstance::<F>::configure(config)?
         };
+        self.check_tick(instance.setup().tick_interval_ms())?;
         Ok(NetworkFilterTest {
             host: self.clone(),
             instance,
@@ -189,6 +196,19 @@ impl TestHost {
             // one host.
             next_context: 1 << 32,
         })
+    }
+
+    /// The host's check of the setup's tick interval (host/src/wasm/plugin.rs,
+    /// abi/README.md §2): 1..=9 ms rejects the load.
+    fn check_tick(&self, ms: u32) -> Result<(), String> {
+        if ms == 0 || ms >= MIN_TICK_MS {
+            return Ok(());
+        }
+        Err(format!(
+            "plugin `{}`: tick-interval-ms {ms} is below the minimum of {MIN_TICK_MS} ms; \
+             ask for 0 (no ticks) or at least {MIN_TICK_MS}",
+            self.host.borrow().plugin_name
+        ))
     }
 
     /// A new instance id (each configured filter is one instance).

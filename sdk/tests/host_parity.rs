@@ -6,11 +6,12 @@
 #![allow(clippy::unwrap_used)]
 
 use legate_sdk::callout::{self, CalloutId, CalloutRequest};
+use legate_sdk::kv::{Namespace, WriteCondition};
 use legate_sdk::metrics::{Counter, Gauge, Histogram};
-use legate_sdk::testing::{FilterTest, Outcome, Request, Response, TestHost};
+use legate_sdk::testing::{FilterTest, NetworkFilterTest, Outcome, Request, Response, TestHost};
 use legate_sdk::{
-    Action, Body, BodyMode, Direction, Error, Exchange, Headers, HttpFilter, LocalResponse, Phase,
-    Setup,
+    Action, Body, BodyMode, Direction, Error, Exchange, Headers, HttpFilter, LocalResponse,
+    NetworkFilter, NetworkSetup, Phase, Setup,
 };
 use serde::Deserialize;
 
@@ -652,4 +653,91 @@ fn only_the_context_that_sent_a_callout_cancels_it() {
     op(&mut t, &format!("cancel {tick}"));
     assert_eq!(t.filter().cancels[1], Err(Error::NotFound));
     assert!(t.host().callouts().iter().all(|c| c.outstanding));
+}
+
+// ---------------------------------------------------------------- ticks and KV TTLs
+
+struct Ticker(u32);
+
+impl HttpFilter for Ticker {
+    type Config = u32;
+    type Context = ();
+    fn configure(ms: u32) -> Result<Self, String> {
+        Ok(Ticker(ms))
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().tick_every_ms(self.0)
+    }
+}
+
+struct NetTicker(u32);
+
+impl NetworkFilter for NetTicker {
+    type Config = u32;
+    type Context = ();
+    fn configure(ms: u32) -> Result<Self, String> {
+        Ok(NetTicker(ms))
+    }
+    fn setup(&self) -> NetworkSetup {
+        NetworkSetup::new().tick_every_ms(self.0)
+    }
+}
+
+#[test]
+fn a_tick_interval_below_10_ms_rejects_the_load() {
+    for ms in [1, 9] {
+        let err = FilterTest::<Ticker>::configure(&ms.to_string())
+            .err()
+            .unwrap();
+        assert!(err.contains("below the minimum of 10 ms"), "{err}");
+        let err = NetworkFilterTest::<NetTicker>::configure(&ms.to_string())
+            .err()
+            .unwrap();
+        assert!(err.contains("below the minimum of 10 ms"), "{err}");
+    }
+    for ms in [0, 10, 60_000] {
+        FilterTest::<Ticker>::configure(&ms.to_string()).unwrap();
+        NetworkFilterTest::<NetTicker>::configure(&ms.to_string()).unwrap();
+    }
+}
+
+/// Runs KV calls with a TTL of 0 in `configure` (config: whether the store
+/// is down).
+struct ZeroTtl;
+
+impl HttpFilter for ZeroTtl {
+    type Config = bool;
+    type Context = ();
+    fn configure(down: bool) -> Result<Self, String> {
+        let ns = Namespace::open("ns").map_err(|e| e.to_string())?;
+        let bad = Err(Error::InvalidArgument);
+        expect("absent", ns.increment("absent", 1, Some(0)), bad)?;
+        expect(
+            "set",
+            ns.set("k", b"1", WriteCondition::Always, Some(0)),
+            bad,
+        )?;
+        if down {
+            // Checked before the store is asked, as on the host.
+            let down = Err(Error::Unavailable);
+            expect("down", ns.increment("k", 1, Some(60_000)), down)?;
+        } else {
+            expect("create", ns.increment("k", 1, Some(60_000)), Ok(()))?;
+            // The host refuses it for an existing key too.
+            expect("existing", ns.increment("k", 1, Some(0)), bad)?;
+        }
+        Ok(ZeroTtl)
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+    }
+}
+
+#[test]
+fn a_kv_ttl_of_0_is_refused_whether_or_not_the_key_exists() {
+    let host = TestHost::new().grant_kv("ns");
+    host.configure::<ZeroTtl>("false").map(drop).unwrap();
+    assert_eq!(host.kv_get("ns", "k").unwrap().value, b"1");
+    host.kv_unavailable(true);
+    host.configure::<ZeroTtl>("true").map(drop).unwrap();
 }

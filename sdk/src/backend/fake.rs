@@ -1223,6 +1223,8 @@ impl NamespaceHandle {
         if value.len() > 64 * 1024 {
             return Err(Error::LimitExceeded);
         }
+        // As the host's stores: a TTL of 0 is refused before the backend is asked.
+        ttl_deadline(0, ttl_ms)?;
         self.check_up()?;
         let mut h = self.host.borrow_mut();
         let expires_at = ttl_deadline(h.mono_ns, ttl_ms)?;
@@ -1284,6 +1286,9 @@ impl NamespaceHandle {
         ttl_ms: Option<u64>,
     ) -> Result<i64, Error> {
         Self::check_key(key)?;
+        // As host/src/wasm/kv.rs (both stores): a TTL of 0 is refused whether
+        // or not the key exists (an existing key keeps its expiry).
+        ttl_deadline(0, ttl_ms)?;
         self.check_up()?;
         let mut h = self.host.borrow_mut();
         let now = h.mono_ns;
