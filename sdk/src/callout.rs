@@ -106,16 +106,21 @@ impl CalloutResponse {
 
 /// Send a callout; the response is delivered after the current call returns.
 /// Errors: `Denied` (cluster not granted), `NotFound` (no such cluster),
-/// `InvalidArgument` (bad method, path or header — `host`, `content-length`
-/// and hop-by-hop fields are the host's —, or a timeout over 30 s),
-/// `InvalidState` (from `configure` or `on_log`),
-/// `LimitExceeded` (too many outstanding).
+/// `InvalidArgument` (a method that is not a token, a path that does not start
+/// with `/` or is not a valid URI path and query, an authority that is not a
+/// valid URI authority, a bad header — `host`, `content-length` and
+/// hop-by-hop fields are the host's —, or a timeout over 30 s),
+/// `InvalidState` (from `configure` or `on_log`), `LimitExceeded` (more than
+/// 8 outstanding for the context or 1024 for the instance, counting
+/// asynchronous KV calls; over 1024 headers or a value over 64 KiB).
 pub fn send(request: &CalloutRequest) -> Result<CalloutId, Error> {
     backend::callout_send(request)
 }
 
-/// Cancel an outstanding callout. Errors: `NotFound` (unknown, delivered or
-/// already cancelled).
+/// Cancel an outstanding callout (or asynchronous KV call) of the running
+/// call's own context: an exchange's call cancels only that exchange's, `on_tick`
+/// only the plugin-level ones. Errors: `NotFound` (unknown, delivered, already
+/// cancelled, another context's, or from `configure` or `on_done`).
 pub fn cancel(id: CalloutId) -> Result<(), Error> {
     backend::callout_cancel(id)
 }

@@ -44,9 +44,10 @@ impl Headers<'_> {
 
     /// Replace every value of `name` with `value`.
     ///
-    /// Errors: `InvalidArgument` (bad name or value, pseudo-header), `Denied`
-    /// (hop-by-hop fields and `content-length`), `InvalidState` (outside the
-    /// write window), `LimitExceeded` (header limits).
+    /// Errors: `InvalidArgument` (bad name, pseudo-header, or a value with a
+    /// control byte other than HTAB, or DEL), `Denied` (hop-by-hop fields and
+    /// `content-length`), `InvalidState` (outside the write window),
+    /// `LimitExceeded` (over 1024 fields in the map or 64 KiB in the value).
     pub fn set(&self, name: &str, value: impl AsRef<[u8]>) -> Result<(), Error> {
         self.0.set(name, value.as_ref())
     }

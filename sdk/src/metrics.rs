@@ -11,8 +11,11 @@ pub struct Counter(backend::CounterHandle);
 
 impl Counter {
     /// Define a counter. `name` and label names match `[a-z][a-z0-9_]*` (at
-    /// most 64 bytes; `plugin` is reserved). Errors: `InvalidArgument`,
-    /// `InvalidState` (outside `configure`), `LimitExceeded`.
+    /// most 64 bytes; `plugin` is reserved as a label). Errors:
+    /// `InvalidArgument` (also for the host's own per-plugin names such as
+    /// `calls_total`, names ending in `_bucket`, `_sum` or `_count`, and help
+    /// over 1 KiB: abi/README.md §5.6), `InvalidState` (outside `configure`),
+    /// `LimitExceeded` (over 100 metrics or 1000 series per plugin).
     pub fn define(name: &str, help: &str, label_names: &[&str]) -> Result<Self, Error> {
         backend::define_counter(name, help, label_names).map(Counter)
     }

@@ -43,8 +43,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use crate::backend::{
-    idx, install, run_kv, BufferHandle, Call, CalloutState, ConnectionHandle, Ex, ExchangeHandle,
-    ExchangeState, FieldList, HeadersHandle, Host, HostState, Part, Sent, SeriesValue,
+    check_local_response, idx, install, run_kv, BufferHandle, Call, CalloutState, ConnectionHandle,
+    Ex, ExchangeHandle, ExchangeState, FieldList, HeadersHandle, Host, HostState, Part, Sent,
+    SeriesValue,
 };
 
 use crate::callout::{CalloutId, CalloutRequest, CalloutResponse};
@@ -56,6 +57,9 @@ use crate::network::{
 use crate::types::{Action, BodyMode, Direction, HttpVersion, TlsVersion};
 use crate::NetworkFilter;
 use crate::{Body, Error, Exchange, Headers, HttpFilter, Instance, Phase, Setup};
+
+/// The smallest tick interval the host takes (its default `MIN_TICK`).
+const MIN_TICK_MS: u32 = 10;
 
 /// The fake host: capabilities, clock, logs, metrics, KV and callouts. Cheap to
 /// clone (shared); several [`FilterTest`]s made from one `TestHost` share KV
@@ -154,36 +158,64 @@ impl TestHost {
     }
 
     /// Configure filter `F` on this host with the JSON `config` (`"null"`: no
-    /// config). `Err` is the message `configure` would return to the host.
+    /// config). `Err` is the message `configure` would return to the host, or
+    /// the host's own refusal of the setup (a tick interval of 1 to 9 ms).
     pub fn configure<F: HttpFilter>(&self, config: &str) -> Result<FilterTest<F>, String> {
+        let id = self.new_instance();
         let instance = {
-            let _g = install(&self.host, Call::Configure);
+            let _g = install(&self.host, id, Call::Configure);
             Instance::<F>::configure(config)?
         };
+        self.check_tick(instance.setup().tick_interval_ms())?;
         Ok(FilterTest {
             host: self.clone(),
             instance,
+            id,
             next_context: 1,
         })
     }
 
     /// Configure network filter `F` on this host with the JSON `config`.
-    /// `Err` is the message `configure` would return to the host.
+    /// `Err` is the message `configure` would return to the host, or the
+    /// host's own refusal of the setup (a tick interval of 1 to 9 ms).
     pub fn configure_network<F: NetworkFilter>(
         &self,
         config: &str,
     ) -> Result<NetworkFilterTest<F>, String> {
+        let id = self.new_instance();
         let instance = {
-            let _g = install(&self.host, Call::Configure);
+            let _g = install(&self.host, id, Call::Configure);
             NetworkInstance::<F>::configure(config)?
         };
+        self.check_tick(instance.setup().tick_interval_ms())?;
         Ok(NetworkFilterTest {
             host: self.clone(),
             instance,
+            id,
             // Apart from exchange ids, so HTTP and network filters can share
             // one host.
             next_context: 1 << 32,
         })
+    }
+
+    /// The host's check of the setup's tick interval (host/src/wasm/plugin.rs,
+    /// abi/README.md §2): 1..=9 ms rejects the load.
+    fn check_tick(&self, ms: u32) -> Result<(), String> {
+        if ms == 0 || ms >= MIN_TICK_MS {
+            return Ok(());
+        }
+        Err(format!(
+            "plugin `{}`: tick-interval-ms {ms} is below the minimum of {MIN_TICK_MS} ms; \
+             ask for 0 (no ticks) or at least {MIN_TICK_MS}",
+            self.host.borrow().plugin_name
+        ))
+    }
+
+    /// A new instance id (each configured filter is one instance).
+    fn new_instance(&self) -> u64 {
+        let mut h = self.host.borrow_mut();
+        h.instances += 1;
+        h.instances
     }
 
     /// Set the wall clock (Unix nanoseconds).
@@ -395,6 +427,8 @@ impl TestHost {
 pub struct FilterTest<F: HttpFilter> {
     host: TestHost,
     instance: Instance<F>,
+    /// This instance's id on the host.
+    id: u64,
     next_context: u64,
 }
 
@@ -472,12 +506,13 @@ impl<F: HttpFilter> FilterTest<F> {
             pending_trailers: [request.trailers, None],
             paused_window: Vec::new(),
             held_trailers: None,
+            failure: None,
         }
     }
 
     /// Call `on_tick` (whether or not a tick interval was declared).
     pub fn tick(&mut self) {
-        let _g = install(&self.host.host, Call::Tick);
+        let _g = install(&self.host.host, self.id, Call::Tick);
         self.instance.tick();
     }
 
@@ -488,7 +523,7 @@ impl<F: HttpFilter> FilterTest<F> {
         let n = ready.len();
         for (id, r) in ready {
             self.host.take_outstanding(id);
-            let _g = install(&self.host.host, Call::Tick);
+            let _g = install(&self.host.host, self.id, Call::Tick);
             self.instance.tick_callout_response(id, r);
         }
         n
@@ -658,6 +693,14 @@ pub enum Outcome {
     Responded(Phase, crate::LocalResponse),
     /// A phase paused (deliver callouts, then drive the rest by hand).
     Paused(Phase),
+    /// A phase's call failed as the host would fail it (abi/README.md §8, §9):
+    /// it returned a local response the host refuses (a status outside
+    /// 200..=599, a header name that is not a token, a value with a control
+    /// byte other than HTAB or DEL, over 1024 fields or a value over 64 KiB).
+    /// The host applies the plugin's failure policy (`fail: closed`: a `503`)
+    /// and makes no more calls into the filter for the exchange but `on_done`;
+    /// so does the harness. The `String` is the host's reason.
+    Failed(Phase, String),
 }
 
 /// One exchange of a [`FilterTest`], driven phase by phase.
@@ -671,6 +714,8 @@ pub struct TestExchange<'t, F: HttpFilter> {
     /// The direction whose trailers a paused end-of-stream body call holds (on
     /// the exchange, writable, until the pause ends).
     held_trailers: Option<Direction>,
+    /// Why the host would have failed a call of this exchange.
+    failure: Option<String>,
 }
 
 impl<F: HttpFilter> TestExchange<'_, F> {
@@ -682,7 +727,17 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// Whether the host would make a call of `phase`: it is declared and the
     /// filter did not detach from this exchange.
     fn declared(&self, phase: Phase) -> bool {
-        self.test.instance.setup().declares(phase) && !self.detached()
+        self.test.instance.setup().declares(phase) && !self.detached() && self.failure.is_none()
+    }
+
+    /// Why the host would have failed one of this exchange's calls, if it
+    /// would have: a local response it refuses (see [`Outcome::Failed`]). The
+    /// phase method still returns the action the filter gave; from then on the
+    /// harness makes no more calls for the exchange but `on_done`, as the host
+    /// (its failure policy applies: fail closed ends the exchange with `503`,
+    /// fail open skips the filter).
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
     }
 
     /// Whether the filter detached from this exchange ([`Exchange::detach`]):
@@ -700,11 +755,20 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     ) -> Action {
         self.ex.borrow_mut().window = window.clone();
         let action = {
-            let _g = install(&self.test.host.host, Call::Exchange(self.context));
+            let _g = install(
+                &self.test.host.host,
+                self.test.id,
+                Call::Exchange(self.context),
+            );
             let x = Exchange::new(ExchangeHandle::new(self.ex.clone()));
             f(&mut self.test.instance, &x)
         };
         self.ex.borrow_mut().window.clear();
+        if let Action::Respond(lr) = &action {
+            if let Err(why) = check_local_response(lr) {
+                self.failure.get_or_insert(why);
+            }
+        }
         if action == Action::Pause {
             self.paused_window = window;
         } else {
@@ -875,7 +939,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             return;
         }
         let c = self.context;
-        let _g = install(&self.test.host.host, Call::Log(c));
+        let _g = install(&self.test.host.host, self.test.id, Call::Log(c));
         let x = Exchange::new(ExchangeHandle::new(self.ex.clone()));
         self.test.instance.log(c, &x);
     }
@@ -886,15 +950,19 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         {
             let mut h = self.test.host.host.borrow_mut();
             for c in h.callouts.iter_mut() {
-                if c.context == Some(self.context) && c.state == CalloutState::Outstanding {
+                if c.instance == self.test.id
+                    && c.context == Some(self.context)
+                    && c.state == CalloutState::Outstanding
+                {
                     c.state = CalloutState::Cancelled;
                 }
             }
         }
-        if self.declared(Phase::Done) {
+        // The host calls `on-done` for a filter whose call failed, too.
+        if self.test.instance.setup().declares(Phase::Done) && !self.detached() {
             // As on the host: not an exchange call (no callouts, no
             // asynchronous KV, no detach).
-            let _g = install(&self.test.host.host, Call::Done);
+            let _g = install(&self.test.host.host, self.test.id, Call::Done);
             self.test.instance.done(self.context);
         }
     }
@@ -998,10 +1066,35 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.test.host.outstanding(Some(self.context)) > 0
     }
 
+    /// Whether the host makes body calls for direction `d` (in [`run`](Self::run)):
+    /// for a message with a body (or trailers); for one without, one buffered
+    /// call with an empty body if the filter buffers that direction and the
+    /// message may have a body (not a response to `HEAD`, nor `1xx`, `204` or
+    /// `304`), as host/src/proxy.rs does (abi/README.md §4).
+    fn body_call(&self, d: Direction) -> bool {
+        if self.has_body(d) {
+            return true;
+        }
+        let phase = match d {
+            Direction::Request => Phase::RequestBody,
+            Direction::Response => Phase::ResponseBody,
+        };
+        let ex = self.ex.borrow();
+        let may_have_body = match d {
+            Direction::Request => true,
+            Direction::Response => {
+                ex.method != "HEAD" && ex.status.is_some_and(|s| s >= 200 && s != 204 && s != 304)
+            }
+        };
+        may_have_body && ex.body_modes[idx(d)] == BodyMode::Buffered && self.declared(phase)
+    }
+
     /// Drive the whole exchange as the host would: request headers, body,
     /// trailers, then `response` through headers, body, trailers, then log
     /// and done. Stops at the first `Respond` (then logs and ends the
-    /// exchange) or `Pause`.
+    /// exchange) or `Pause`. A filter that buffers a direction gets its body
+    /// call even for a message without a body (an empty buffer), as from the
+    /// host (abi/README.md §4).
     pub fn run(&mut self, response: Response) -> Outcome {
         let mut response = Some(response);
         for phase in [
@@ -1014,16 +1107,21 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         ] {
             let action = match phase {
                 Phase::RequestHeaders => self.request_headers(),
-                Phase::RequestBody if self.has_body(Direction::Request) => self.request_body(),
+                Phase::RequestBody if self.body_call(Direction::Request) => self.request_body(),
                 Phase::RequestTrailers => self.request_trailers(),
                 Phase::ResponseHeaders => match response.take() {
                     Some(r) => self.response_headers(r),
                     None => Action::Continue,
                 },
-                Phase::ResponseBody if self.has_body(Direction::Response) => self.response_body(),
+                Phase::ResponseBody if self.body_call(Direction::Response) => self.response_body(),
                 Phase::ResponseTrailers => self.response_trailers(),
                 _ => Action::Continue,
             };
+            if let Some(why) = self.failure.clone() {
+                // No `on_log` for the failed filter: `done` only.
+                self.done();
+                return Outcome::Failed(phase, why);
+            }
             match action {
                 Action::Continue => {}
                 Action::Pause => return Outcome::Paused(phase),
@@ -1119,6 +1217,8 @@ impl<F: HttpFilter> TestExchange<'_, F> {
 pub struct NetworkFilterTest<F: NetworkFilter> {
     host: TestHost,
     instance: NetworkInstance<F>,
+    /// This instance's id on the host.
+    id: u64,
     next_context: u64,
 }
 
@@ -1198,7 +1298,7 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
 
     /// Call `on_tick` (whether or not a tick interval was declared).
     pub fn tick(&mut self) {
-        let _g = install(&self.host.host, Call::Tick);
+        let _g = install(&self.host.host, self.id, Call::Tick);
         self.instance.tick();
     }
 
@@ -1209,7 +1309,7 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
         let n = ready.len();
         for (id, r) in ready {
             self.host.take_outstanding(id);
-            let _g = install(&self.host.host, Call::Tick);
+            let _g = install(&self.host.host, self.id, Call::Tick);
             self.instance.tick_callout_response(id, r);
         }
         n
@@ -1361,7 +1461,7 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
             Call::Exchange(self.context)
         };
         let action = {
-            let _g = install(&self.test.host.host, kind);
+            let _g = install(&self.test.host.host, self.test.id, kind);
             let c = Connection(ConnectionHandle::new(
                 self.ex.clone(),
                 self.context,
@@ -1502,7 +1602,10 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         self.paused = [false; 2];
         let mut h = self.test.host.host.borrow_mut();
         for c in h.callouts.iter_mut() {
-            if c.context == Some(self.context) && c.state == CalloutState::Outstanding {
+            if c.instance == self.test.id
+                && c.context == Some(self.context)
+                && c.state == CalloutState::Outstanding
+            {
                 c.state = CalloutState::Cancelled;
             }
         }

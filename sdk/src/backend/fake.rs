@@ -94,6 +94,9 @@ pub(crate) enum Sent {
 
 pub(crate) struct SentCallout {
     pub(crate) id: u64,
+    /// The instance (`FilterTest`) that sent it: limits and `cancel` are per
+    /// instance, as on the host.
+    pub(crate) instance: u64,
     /// `None`: sent from `on_tick`.
     pub(crate) context: Option<u64>,
     pub(crate) what: Sent,
@@ -112,6 +115,11 @@ pub(crate) struct HostState {
     pub(crate) log_level: Level,
     pub(crate) logs: Vec<(Level, String)>,
     pub(crate) metrics: BTreeMap<String, Metric>,
+    /// The series made so far, (metric, label values), against the plugin's
+    /// series cap: as on the host, an unlabelled metric's at `define`, a
+    /// labelled one's with `with_labels` (or its empty-labels series on the
+    /// first record through the `define` handle).
+    pub(crate) series_claims: HashSet<(String, Vec<String>)>,
     pub(crate) kv: HashMap<String, HashMap<String, KvValue>>,
     pub(crate) kv_version: u64,
     /// Writes another worker makes just before a conditional write of the
@@ -128,12 +136,20 @@ pub(crate) struct HostState {
     pub(crate) kv_down: bool,
     pub(crate) queued: HashMap<String, VecDeque<Result<CalloutResponse, Error>>>,
     pub(crate) call: Call,
+    /// The instance the running call is in (0: none); each `FilterTest` on
+    /// this host is one instance of the plugin.
+    pub(crate) instance: u64,
+    /// The last instance id given out.
+    pub(crate) instances: u64,
     /// The running call's exchange detached (`Exchange::detach`): a callout
     /// sent after it is refused. Reset for every call.
     pub(crate) detached_in_call: bool,
 }
 
 pub(crate) const MAX_CALLOUTS_PER_CONTEXT: usize = 8;
+/// Callouts and asynchronous KV calls outstanding in one instance (all its
+/// contexts and `on_tick`'s), as host/src/wasm/host.rs `CALLOUTS_PER_INSTANCE`.
+pub(crate) const MAX_CALLOUTS_PER_INSTANCE: usize = 1024;
 pub(crate) const MAX_CALLOUT_TIMEOUT_MS: u32 = 30_000;
 
 impl HostState {
@@ -151,6 +167,7 @@ impl HostState {
             log_level: Level::Trace,
             logs: Vec::new(),
             metrics: BTreeMap::new(),
+            series_claims: HashSet::new(),
             kv: HashMap::new(),
             kv_version: 0,
             kv_races: HashMap::new(),
@@ -159,6 +176,8 @@ impl HostState {
             kv_down: false,
             queued: HashMap::new(),
             call: Call::Idle,
+            instance: 0,
+            instances: 0,
             detached_in_call: false,
         }
     }
@@ -174,20 +193,24 @@ impl HostState {
     }
 
     /// Records a callout or asynchronous KV call of `context` (`None`: the
-    /// plugin's, from `on_tick`) as outstanding: its id, or `LimitExceeded`
-    /// past the per-context limit.
+    /// plugin's, from `on_tick`) in the running instance as outstanding: its
+    /// id, or `LimitExceeded` past the per-context or per-instance limit.
     pub(crate) fn send(&mut self, context: Option<u64>, what: Sent) -> Result<u64, Error> {
-        let outstanding = self
-            .callouts
-            .iter()
-            .filter(|c| c.context == context && c.state == CalloutState::Outstanding)
-            .count();
-        if outstanding >= MAX_CALLOUTS_PER_CONTEXT {
+        let instance = self.instance;
+        let (mut mine, mut all) = (0, 0);
+        for c in &self.callouts {
+            if c.instance == instance && c.state == CalloutState::Outstanding {
+                all += 1;
+                mine += usize::from(c.context == context);
+            }
+        }
+        if mine >= MAX_CALLOUTS_PER_CONTEXT || all >= MAX_CALLOUTS_PER_INSTANCE {
             return Err(Error::LimitExceeded);
         }
         let id = self.callouts.len() as u64 + 1;
         self.callouts.push(SentCallout {
             id,
+            instance,
             context,
             what,
             state: CalloutState::Outstanding,
@@ -219,23 +242,32 @@ thread_local! {
 pub(crate) struct Installed {
     previous: Option<Host>,
     previous_call: Call,
+    previous_instance: u64,
     host: Host,
 }
 
-pub(crate) fn install(host: &Host, call: Call) -> Installed {
+/// Installs `host` for a call `call` into instance `instance`.
+pub(crate) fn install(host: &Host, instance: u64, call: Call) -> Installed {
     let previous = CURRENT.with(|c| c.replace(Some(host.clone())));
-    let previous_call = std::mem::replace(&mut host.borrow_mut().call, call);
-    host.borrow_mut().detached_in_call = false;
+    let mut h = host.borrow_mut();
+    let previous_call = std::mem::replace(&mut h.call, call);
+    let previous_instance = std::mem::replace(&mut h.instance, instance);
+    h.detached_in_call = false;
+    drop(h);
     Installed {
         previous,
         previous_call,
+        previous_instance,
         host: host.clone(),
     }
 }
 
 impl Drop for Installed {
     fn drop(&mut self) {
-        self.host.borrow_mut().call = self.previous_call;
+        let mut h = self.host.borrow_mut();
+        h.call = self.previous_call;
+        h.instance = self.previous_instance;
+        drop(h);
         let previous = self.previous.take();
         CURRENT.with(|c| *c.borrow_mut() = previous);
     }
@@ -333,19 +365,54 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-fn check_name(name: &str) -> Result<String, Error> {
-    if name.is_empty() || !name.bytes().all(is_tchar) {
+/// A field name as the host's `http::HeaderName` takes it: a token of at
+/// most 65 535 bytes, handed back in lower case.
+pub(crate) fn check_name(name: &str) -> Result<String, Error> {
+    if name.is_empty() || name.len() > 0xFFFF || !name.bytes().all(is_tchar) {
         return Err(Error::InvalidArgument);
     }
     Ok(name.to_ascii_lowercase())
 }
 
-fn check_value(value: &[u8]) -> Result<(), Error> {
-    if value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
-        Err(Error::InvalidArgument)
-    } else {
+/// A field value as the host's `http::HeaderValue` takes it: no control byte
+/// but HTAB (so no CR, LF or NUL), no DEL; obs-text (0x80-0xFF) is fine.
+pub(crate) fn check_value(value: &[u8]) -> Result<(), Error> {
+    if value
+        .iter()
+        .all(|&b| (b >= 0x20 && b != 0x7F) || b == b'\t')
+    {
         Ok(())
+    } else {
+        Err(Error::InvalidArgument)
     }
+}
+
+/// The host's caps on what a filter writes into one header map (a head,
+/// trailers, a local response, a callout request): fields (values) in the
+/// map and bytes in one value (abi/README.md §5.1; host/src/wasm/host.rs
+/// `MAX_FILTER_FIELDS`, `MAX_FILTER_FIELD_VALUE`).
+pub(crate) const MAX_FILTER_FIELDS: usize = 1024;
+pub(crate) const MAX_FILTER_FIELD_VALUE: usize = 64 * 1024;
+
+/// Adds `name: value` to `map` within the caps above (`LimitExceeded`
+/// otherwise), replacing the field's values when `replace`, as the host's
+/// `put_field`: a replace of a field the map holds may go past a full map.
+pub(crate) fn put_field(
+    map: &mut FieldList,
+    name: String,
+    value: &[u8],
+    replace: bool,
+) -> Result<(), Error> {
+    if value.len() > MAX_FILTER_FIELD_VALUE
+        || (map.len() >= MAX_FILTER_FIELDS && (!replace || !map.iter().any(|(n, _)| *n == name)))
+    {
+        return Err(Error::LimitExceeded);
+    }
+    if replace {
+        map.retain(|(n, _)| *n != name);
+    }
+    map.push((name, value.to_vec()));
+    Ok(())
 }
 
 const HOST_OWNED: [&str; 8] = [
@@ -368,6 +435,31 @@ fn canonical_int(value: &[u8]) -> Option<i64> {
         return None;
     }
     s.parse().ok()
+}
+
+/// Checks a filter's local response as the host does (host/src/wasm/plugin.rs
+/// `local_response`): `Err` is the reason the host fails the call.
+pub(crate) fn check_local_response(lr: &crate::LocalResponse) -> Result<(), String> {
+    if !(200..=599).contains(&lr.status) {
+        return Err(format!(
+            "local response status {} is outside 200..=599",
+            lr.status
+        ));
+    }
+    let mut map = FieldList::new();
+    for (name, value) in &lr.headers {
+        let n = check_name(name)
+            .map_err(|_| format!("local response header name `{name}` is invalid"))?;
+        check_value(value)
+            .map_err(|_| format!("local response header `{name}` has an invalid value"))?;
+        put_field(&mut map, n, value, false).map_err(|_| {
+            format!(
+                "local response headers over the host's caps ({MAX_FILTER_FIELDS} fields, {} KiB a value)",
+                MAX_FILTER_FIELD_VALUE / 1024
+            )
+        })?;
+    }
+    Ok(())
 }
 
 // ---- headers ----
@@ -419,32 +511,37 @@ impl HeadersHandle<'_> {
         self.read(Vec::new(), Clone::clone)
     }
 
+    /// In the host's order (host/src/wasm/host.rs `write_field`): the name,
+    /// the fields the host owns, the value, the write window, the caps.
     fn write(&self, name: &str, value: Option<&[u8]>, append: bool) -> Result<(), Error> {
         let name = check_name(name)?;
-        if let Some(v) = value {
-            check_value(v)?;
-        }
         // As on the host: `te: trailers` (only) may be set on, or removed from,
         // the request head, for filters converting requests to gRPC.
-        let te_trailers = name == "te"
-            && self.part == Part::Head(Direction::Request)
-            && !append
-            && value.is_none_or(|v| v == b"trailers");
+        let te_trailers = name == "te" && !append && value.is_none_or(|v| v == b"trailers");
         if (HOST_OWNED.contains(&name.as_str()) && !te_trailers)
             || (name == "content-length" && value.is_some())
         {
             return Err(Error::Denied);
         }
-        let mut ex = self.ex.borrow_mut();
-        ex.writable(self.part)?;
-        let map = ex.map_mut(self.part).ok_or(Error::InvalidState)?;
-        if !append {
-            map.retain(|(n, _)| *n != name);
-        }
         if let Some(v) = value {
-            map.push((name, v.to_vec()));
+            check_value(v)?;
         }
-        Ok(())
+        let mut ex = self.ex.borrow_mut();
+        if ex.map(self.part).is_none() {
+            return Err(Error::InvalidState);
+        }
+        ex.writable(self.part)?;
+        if te_trailers && self.part != Part::Head(Direction::Request) {
+            return Err(Error::Denied);
+        }
+        let map = ex.map_mut(self.part).ok_or(Error::InvalidState)?;
+        match value {
+            Some(v) => put_field(map, name, v, !append),
+            None => {
+                map.retain(|(n, _)| *n != name);
+                Ok(())
+            }
+        }
     }
 
     pub(crate) fn set(&self, name: &str, value: &[u8]) -> Result<(), Error> {
@@ -787,6 +884,62 @@ fn valid_metric_name(n: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
 }
 
+/// The host's own per-plugin families (host/src/wasm/host.rs
+/// `HOST_PLUGIN_METRICS`, abi/README.md §5.6): a plugin's metric of one of
+/// these names is `InvalidArgument`.
+const HOST_PLUGIN_METRICS: [&str; 19] = [
+    "body_limit_exceeded_total",
+    "call_duration_seconds",
+    "callout_failures_total",
+    "callout_timeouts_total",
+    "callouts_total",
+    "calls_total",
+    "failures_total",
+    "grpc_stream_failures_total",
+    "grpc_stream_messages_total",
+    "grpc_streams_open",
+    "grpc_streams_total",
+    "instance_restarts_total",
+    "instances",
+    "memory_bytes",
+    "memory_exceeded_total",
+    "reload_duration_seconds",
+    "reloads_total",
+    "timeouts_total",
+    "traps_total",
+];
+
+/// Metrics and series per plugin, and the longest help text (abi/README.md
+/// §5.6, §7).
+pub(crate) const MAX_METRICS: usize = 100;
+pub(crate) const MAX_SERIES: usize = 1000;
+pub(crate) const MAX_HELP: usize = 1024;
+
+/// Whether a plugin may name a metric `name`, as on the host: not a host
+/// family, and not a name a histogram's sample lines use.
+fn metric_name_free(name: &str) -> bool {
+    !HOST_PLUGIN_METRICS.contains(&name)
+        && !["_bucket", "_sum", "_count"]
+            .iter()
+            .any(|s| name.ends_with(s))
+}
+
+impl HostState {
+    /// Counts series (`name`, `labels`) against the series cap; `false` if it
+    /// is new and the cap is reached.
+    fn claim_series(&mut self, name: &str, labels: &[String]) -> bool {
+        let key = (name.to_owned(), labels.to_vec());
+        if self.series_claims.contains(&key) {
+            return true;
+        }
+        if self.series_claims.len() >= MAX_SERIES {
+            return false;
+        }
+        self.series_claims.insert(key);
+        true
+    }
+}
+
 pub(crate) struct SeriesHandle {
     host: Option<Host>,
     name: String,
@@ -797,6 +950,10 @@ impl SeriesHandle {
     fn record(&self, f: impl FnOnce(&mut SeriesValue)) {
         let Some(host) = &self.host else { return };
         let mut h = host.borrow_mut();
+        // Over the series cap the value is dropped, as on the host.
+        if !h.claim_series(&self.name, &self.labels) {
+            return;
+        }
         let Some(metric) = h.metrics.get_mut(&self.name) else {
             return;
         };
@@ -806,11 +963,20 @@ impl SeriesHandle {
     fn with_labels(&self, values: &[&str]) -> Result<Self, Error> {
         let host = self.host.as_ref().ok_or(Error::Unsupported)?;
         let mut h = host.borrow_mut();
-        let metric = h.metrics.get_mut(&self.name).ok_or(Error::Internal)?;
-        if values.len() != metric.label_names.len() || values.iter().any(|v| v.len() > 128) {
+        let wanted = h
+            .metrics
+            .get(&self.name)
+            .ok_or(Error::Internal)?
+            .label_names
+            .len();
+        if values.len() != wanted || values.iter().any(|v| v.len() > 128) {
             return Err(Error::InvalidArgument);
         }
         let labels: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
+        if !h.claim_series(&self.name, &labels) {
+            return Err(Error::LimitExceeded);
+        }
+        let metric = h.metrics.get_mut(&self.name).ok_or(Error::Internal)?;
         metric.series_mut(&labels);
         Ok(SeriesHandle {
             host: Some(host.clone()),
@@ -822,6 +988,7 @@ impl SeriesHandle {
 
 fn define(
     name: &str,
+    help: &str,
     labels: &[&str],
     kind: MetricKind,
     buckets: &[f64],
@@ -831,9 +998,12 @@ fn define(
     if h.call != Call::Configure {
         return Err(Error::InvalidState);
     }
-    // As the host (abi/README.md §5.6): a label twice, `le` on a histogram,
-    // or bounds not finite and strictly increasing (at most 64) are refused.
+    // As the host (abi/README.md §5.6): a reserved name, help over 1 KiB, a
+    // label twice, `le` on a histogram, or bounds not finite and strictly
+    // increasing (at most 64) are refused.
     if !valid_metric_name(name)
+        || !metric_name_free(name)
+        || help.len() > MAX_HELP
         || labels
             .iter()
             .any(|l| !valid_metric_name(l) || *l == "plugin")
@@ -854,6 +1024,7 @@ fn define(
             return Err(Error::InvalidArgument)
         }
         Some(_) => {}
+        None if h.metrics.len() >= MAX_METRICS => return Err(Error::LimitExceeded),
         None => {
             h.metrics.insert(
                 name.to_owned(),
@@ -869,6 +1040,11 @@ fn define(
     // The `define-*` handle's series (all label values empty) exists from
     // the start, as the host exports it.
     let empty = vec![String::new(); labels.len()];
+    // As on the host, an unlabelled metric's series counts against the
+    // series cap at once; a labelled one's when first recorded into.
+    if labels.is_empty() && !h.claim_series(name, &empty) {
+        return Err(Error::LimitExceeded);
+    }
     if let Some(m) = h.metrics.get_mut(name) {
         m.series_mut(&empty);
     }
@@ -931,21 +1107,21 @@ impl HistogramHandle {
 
 pub(crate) fn define_counter(
     name: &str,
-    _help: &str,
+    help: &str,
     labels: &[&str],
 ) -> Result<CounterHandle, Error> {
-    define(name, labels, MetricKind::Counter, &[]).map(CounterHandle)
+    define(name, help, labels, MetricKind::Counter, &[]).map(CounterHandle)
 }
-pub(crate) fn define_gauge(name: &str, _help: &str, labels: &[&str]) -> Result<GaugeHandle, Error> {
-    define(name, labels, MetricKind::Gauge, &[]).map(GaugeHandle)
+pub(crate) fn define_gauge(name: &str, help: &str, labels: &[&str]) -> Result<GaugeHandle, Error> {
+    define(name, help, labels, MetricKind::Gauge, &[]).map(GaugeHandle)
 }
 pub(crate) fn define_histogram(
     name: &str,
-    _help: &str,
+    help: &str,
     labels: &[&str],
     buckets: &[f64],
 ) -> Result<HistogramHandle, Error> {
-    define(name, labels, MetricKind::Histogram, buckets).map(HistogramHandle)
+    define(name, help, labels, MetricKind::Histogram, buckets).map(HistogramHandle)
 }
 
 // ---- kv ----
@@ -1047,6 +1223,8 @@ impl NamespaceHandle {
         if value.len() > 64 * 1024 {
             return Err(Error::LimitExceeded);
         }
+        // As the host's stores: a TTL of 0 is refused before the backend is asked.
+        ttl_deadline(0, ttl_ms)?;
         self.check_up()?;
         let mut h = self.host.borrow_mut();
         let expires_at = ttl_deadline(h.mono_ns, ttl_ms)?;
@@ -1108,6 +1286,9 @@ impl NamespaceHandle {
         ttl_ms: Option<u64>,
     ) -> Result<i64, Error> {
         Self::check_key(key)?;
+        // As host/src/wasm/kv.rs (both stores): a TTL of 0 is refused whether
+        // or not the key exists (an existing key keeps its expiry).
+        ttl_deadline(0, ttl_ms)?;
         self.check_up()?;
         let mut h = self.host.borrow_mut();
         let now = h.mono_ns;
@@ -1177,13 +1358,17 @@ pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
     if !h.granted_clusters.contains(&r.cluster) {
         return Err(Error::Denied);
     }
+    // As host/src/wasm/host.rs `build_callout`: the method a token, the path
+    // an `http::Uri` starting with `/`, the authority an `http::uri::Authority`.
     if r.method.is_empty()
         || !r.method.bytes().all(is_tchar)
-        || !r.path.starts_with('/')
+        || !callout_path_ok(&r.path)
         || r.timeout_ms > MAX_CALLOUT_TIMEOUT_MS
+        || r.authority.as_deref().is_some_and(|a| !authority_ok(a))
     {
         return Err(Error::InvalidArgument);
     }
+    let mut map = FieldList::new();
     for (n, v) in &r.headers {
         let n = check_name(n)?;
         // Framing and the authority are the host's, as on the real host.
@@ -1193,17 +1378,120 @@ pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
             return Err(Error::InvalidArgument);
         }
         check_value(v)?;
+        put_field(&mut map, n, v, false)?;
     }
     h.send(context, Sent::Http(r.clone()))
 }
 
+/// Whether `path` parses as the host parses a callout's path (an `http::Uri`
+/// that starts with `/`, so its path-and-query): at most 65 534 bytes, path
+/// bytes from the URL path set (plus `"`, `{`, `}`), query bytes from the URL
+/// query set; nothing after a `#` is looked at (the `http` crate drops the
+/// fragment).
+fn callout_path_ok(path: &str) -> bool {
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') || b.len() > 65_534 {
+        return false;
+    }
+    let mut query = false;
+    for &c in b {
+        let ok = match c {
+            b'#' => return true,
+            b'?' if !query => {
+                query = true;
+                true
+            }
+            0x80..=0xFF | 0x21 | 0x24..=0x3B | 0x3D => true,
+            _ if query => matches!(c, 0x3F..=0x7E),
+            _ => matches!(
+                c,
+                0x40..=0x5F | 0x61..=0x7A | 0x7C | 0x7E | b'"' | b'{' | b'}'
+            ),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether `a` parses as an `http::uri::Authority`, as the host requires of
+/// a callout's authority: not empty, URI characters only (`%` only in the
+/// userinfo or an IPv6 zone), brackets paired once, at most one port colon
+/// (eight inside brackets), something after an `@`.
+fn authority_ok(a: &str) -> bool {
+    fn uri_char(b: u8) -> bool {
+        matches!(b, b'!' | b'#' | b'$' | b'&'..=b';' | b'=' | b'?'..=b'[' | b']' | b'_' | b'a'..=b'z' | b'~')
+    }
+    let s = a.as_bytes();
+    if s.is_empty() {
+        return false;
+    }
+    let (mut colons, mut open, mut close, mut percent) = (0u32, false, false, false);
+    let mut at = s.len();
+    let mut end = s.len();
+    for (i, &b) in s.iter().enumerate() {
+        if matches!(b, b'/' | b'?' | b'#') {
+            end = i;
+            break;
+        }
+        if !uri_char(b) {
+            if b == b'%' {
+                percent = true;
+                continue;
+            }
+            return false;
+        }
+        match b {
+            b':' => {
+                if colons >= 8 {
+                    return false;
+                }
+                colons += 1;
+            }
+            b'[' => {
+                if percent || open {
+                    return false;
+                }
+                open = true;
+            }
+            b']' => {
+                if !open || close {
+                    return false;
+                }
+                close = true;
+                colons = 0;
+                percent = false;
+            }
+            b'@' => {
+                at = i;
+                colons = 0;
+                percent = false;
+            }
+            _ => {}
+        }
+    }
+    // The whole string must be the authority: a `/`, `?` or `#` ends it early.
+    open == close && colons <= 1 && !(end > 0 && at == end - 1) && !percent && end == s.len()
+}
+
+/// `cancel(id)`: only an outstanding call of the running call's own context
+/// (or, from `on_tick`, a plugin-level one) in this instance; anything else
+/// is `NotFound`, as on the host (host/src/wasm/host.rs `cancel`).
 pub(crate) fn callout_cancel(id: u64) -> Result<(), Error> {
     with_host(Err(Error::Unsupported), |h| {
-        match h
-            .callouts
-            .iter_mut()
-            .find(|c| c.id == id && c.state == CalloutState::Outstanding)
-        {
+        let context = match h.call {
+            Call::Exchange(c) | Call::Log(c) => Some(c),
+            Call::Tick => None,
+            Call::Idle | Call::Configure | Call::Done => return Err(Error::NotFound),
+        };
+        let instance = h.instance;
+        match h.callouts.iter_mut().find(|c| {
+            c.id == id
+                && c.instance == instance
+                && c.context == context
+                && c.state == CalloutState::Outstanding
+        }) {
             Some(c) => {
                 c.state = CalloutState::Cancelled;
                 Ok(())

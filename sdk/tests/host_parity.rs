@@ -1,0 +1,743 @@
+//! The native harness refuses what the real host refuses (host/src/wasm), so a
+//! plugin that passes its native tests does not fail in the host: metric
+//! definitions and caps, the buffered body call of a body-less message, local
+//! response validation, header values, callouts, the tick interval and KV TTLs.
+
+#![allow(clippy::unwrap_used)]
+
+use legate_sdk::callout::{self, CalloutId, CalloutRequest};
+use legate_sdk::kv::{Namespace, WriteCondition};
+use legate_sdk::metrics::{Counter, Gauge, Histogram};
+use legate_sdk::testing::{FilterTest, NetworkFilterTest, Outcome, Request, Response, TestHost};
+use legate_sdk::{
+    Action, Body, BodyMode, Direction, Error, Exchange, Headers, HttpFilter, LocalResponse,
+    NetworkFilter, NetworkSetup, Phase, Setup,
+};
+use serde::Deserialize;
+
+// ---------------------------------------------------------------- metrics
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricCase {
+    case: String,
+}
+
+/// Runs one metrics case in `configure`; `Err` names the first check that did
+/// not get what the host answers.
+struct Metrics;
+
+fn expect<T>(what: &str, got: Result<T, Error>, want: Result<(), Error>) -> Result<(), String> {
+    let got = got.map(drop);
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("{what}: got {got:?}, want {want:?}"))
+    }
+}
+
+impl HttpFilter for Metrics {
+    type Config = MetricCase;
+    type Context = ();
+    fn configure(c: MetricCase) -> Result<Self, String> {
+        let bad = Err(Error::InvalidArgument);
+        let over = Err(Error::LimitExceeded);
+        match c.case.as_str() {
+            "reserved" => {
+                for name in ["calls_total", "failures_total", "instances", "memory_bytes"] {
+                    expect(name, Counter::define(name, "", &[]), bad)?;
+                }
+                for name in ["lat_bucket", "lat_sum", "req_count"] {
+                    expect(name, Counter::define(name, "", &[]), bad)?;
+                    expect(name, Gauge::define(name, "", &[]), bad)?;
+                    expect(name, Histogram::define(name, "", &[], &[]), bad)?;
+                }
+                expect("counts", Counter::define("req_counts", "", &[]), Ok(()))?;
+                expect(
+                    "my_calls",
+                    Counter::define("my_calls_total", "", &[]),
+                    Ok(()),
+                )?;
+            }
+            "help" => {
+                let long = "h".repeat(1025);
+                expect("1025", Counter::define("a", &long, &[]), bad)?;
+                expect("1024", Counter::define("a", &long[..1024], &[]), Ok(()))?;
+            }
+            "metrics" => {
+                for i in 0..100 {
+                    expect("100", Counter::define(&format!("m{i}"), "", &["k"]), Ok(()))?;
+                }
+                expect("101st", Gauge::define("one_more", "", &[]), over)?;
+                // Defining one it has again is not a new metric.
+                expect("again", Counter::define("m7", "", &["k"]), Ok(()))?;
+            }
+            "series" => {
+                let c = Counter::define("c", "", &["k"]).map_err(|e| e.to_string())?;
+                // An unlabelled metric's series counts at once.
+                expect("unlabelled", Gauge::define("g", "", &[]), Ok(()))?;
+                for i in 0..999 {
+                    expect("999", c.with_labels(&[&i.to_string()]), Ok(()))?;
+                }
+                expect("1001st", c.with_labels(&["new"]), over)?;
+                expect("known", c.with_labels(&["7"]), Ok(()))?;
+                expect("another", Gauge::define("g2", "", &[]), over)?;
+            }
+            other => return Err(format!("no case {other}")),
+        }
+        Ok(Metrics)
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+    }
+}
+
+fn metric_case(case: &str) -> Result<(), String> {
+    FilterTest::<Metrics>::configure(&format!(r#"{{"case": "{case}"}}"#)).map(drop)
+}
+
+#[test]
+fn host_reserved_and_histogram_sample_names_are_refused() {
+    metric_case("reserved").unwrap();
+}
+
+#[test]
+fn metric_help_is_at_most_1_kib() {
+    metric_case("help").unwrap();
+}
+
+#[test]
+fn a_plugin_defines_at_most_100_metrics() {
+    metric_case("metrics").unwrap();
+}
+
+#[test]
+fn a_plugin_makes_at_most_1000_series() {
+    metric_case("series").unwrap();
+}
+
+// ---------------------------------------------------------------- body-less messages
+
+/// Records its body calls (direction, length, end of stream); in `streamed`
+/// mode with config `{"streamed": true}`.
+#[derive(Default)]
+struct BodyCalls {
+    streamed: bool,
+    calls: Vec<(Direction, u64, bool)>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BodyCallsConfig {
+    #[serde(default)]
+    streamed: bool,
+}
+
+impl HttpFilter for BodyCalls {
+    type Config = BodyCallsConfig;
+    type Context = ();
+    fn configure(c: BodyCallsConfig) -> Result<Self, String> {
+        Ok(BodyCalls {
+            streamed: c.streamed,
+            calls: Vec::new(),
+        })
+    }
+    fn setup(&self) -> Setup {
+        let mode = if self.streamed {
+            BodyMode::Streamed
+        } else {
+            BodyMode::Buffered
+        };
+        Setup::new().on_request_body(mode).on_response_body(mode)
+    }
+    fn on_request_body(&mut self, _: &mut (), _: &Exchange<'_>, b: &Body<'_>, eos: bool) -> Action {
+        self.calls.push((Direction::Request, b.len(), eos));
+        // A transcoder may give a `GET` a body there.
+        if b.is_empty() {
+            assert_eq!(b.replace(b"made"), Ok(()));
+        }
+        Action::Continue
+    }
+    fn on_response_body(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        b: &Body<'_>,
+        eos: bool,
+    ) -> Action {
+        self.calls.push((Direction::Response, b.len(), eos));
+        Action::Continue
+    }
+}
+
+fn body_calls(config: &str, req: Request, resp: Response) -> Vec<(Direction, u64, bool)> {
+    let mut t = FilterTest::<BodyCalls>::configure(config).unwrap();
+    assert_eq!(t.exchange(req).run(resp), Outcome::Completed);
+    t.filter().calls.clone()
+}
+
+#[test]
+fn a_buffering_filter_gets_one_empty_body_call_for_a_message_without_body() {
+    use Direction::{Request as Rq, Response as Rs};
+    let mut t = FilterTest::<BodyCalls>::configure("null").unwrap();
+    let mut x = t.exchange(Request::get("/items/7"));
+    assert_eq!(x.run(Response::new(200)), Outcome::Completed);
+    assert_eq!(t.filter().calls, vec![(Rq, 0, true), (Rs, 0, true)]);
+    // With a body, one call with all of it, as before.
+    assert_eq!(
+        body_calls(
+            "null",
+            Request::post("/", "abc"),
+            Response::new(200).body("xy")
+        ),
+        vec![(Rq, 3, true), (Rs, 2, true)]
+    );
+    // Responses that cannot have a body get no call.
+    for status in [204, 304] {
+        assert_eq!(
+            body_calls("null", Request::get("/"), Response::new(status)),
+            vec![(Rq, 0, true)],
+            "{status}"
+        );
+    }
+    assert_eq!(
+        body_calls("null", Request::new("HEAD", "/"), Response::new(200)),
+        vec![(Rq, 0, true)]
+    );
+    // In streamed mode a body-less message gets no body call.
+    assert_eq!(
+        body_calls(
+            r#"{"streamed": true}"#,
+            Request::get("/"),
+            Response::new(200)
+        ),
+        vec![]
+    );
+}
+
+// ---------------------------------------------------------------- header values
+
+/// Writes fields in `on_request_headers` and keeps the first mismatch with
+/// what the host answers.
+struct HeaderRules {
+    result: Result<(), String>,
+}
+
+impl HeaderRules {
+    fn check(h: &Headers<'_>) -> Result<(), String> {
+        let bad = Err(Error::InvalidArgument);
+        let over = Err(Error::LimitExceeded);
+        for b in [0x01u8, 0x08, 0x0B, 0x1F, 0x7F, b'\r', b'\n', 0] {
+            expect(&format!("byte {b:#x}"), h.set("x-v", [b'a', b, b'b']), bad)?;
+            expect(&format!("add {b:#x}"), h.add("x-v", [b]), bad)?;
+        }
+        for v in [&b"a\tb"[..], b"caf\xc3\xa9", b"\x80\xff", b" ~ "] {
+            expect(&format!("{v:?}"), h.set("x-v", v), Ok(()))?;
+        }
+        // The host checks the fields it owns before the value.
+        expect("connection", h.set("connection", "\r"), Err(Error::Denied))?;
+        expect("long name", h.set(&"n".repeat(65_536), "v"), bad)?;
+        expect("65535 name", h.set(&"n".repeat(65_535), "v"), Ok(()))?;
+        h.remove(&"n".repeat(65_535)).map_err(|e| e.to_string())?;
+        // Caps: 64 KiB a value, 1024 fields a map.
+        expect("64 KiB", h.set("x-big", vec![b'a'; 64 * 1024]), Ok(()))?;
+        expect(
+            "64 KiB + 1",
+            h.set("x-big", vec![b'a'; 64 * 1024 + 1]),
+            over,
+        )?;
+        h.remove("x-big").map_err(|e| e.to_string())?;
+        while h.len() < 1024 {
+            h.add("x-many", "1").map_err(|e| e.to_string())?;
+        }
+        expect("1025th", h.add("x-many", "1"), over)?;
+        expect("new field", h.set("x-new", "1"), over)?;
+        // Replacing a field the full map holds does not grow it.
+        expect("replace", h.set("x-v", "2"), Ok(()))?;
+        Ok(())
+    }
+}
+
+impl HttpFilter for HeaderRules {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(HeaderRules {
+            result: Err("not called".to_owned()),
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_headers()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        h: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.result = Self::check(h);
+        Action::Continue
+    }
+}
+
+#[test]
+fn header_values_and_caps_are_checked_as_the_hosts_http_crate_does() {
+    let mut t = FilterTest::<HeaderRules>::configure("null").unwrap();
+    t.exchange(Request::get("/")).request_headers();
+    t.filter().result.clone().unwrap();
+}
+
+// ---------------------------------------------------------------- local responses
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnswerConfig {
+    status: u16,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    value: String,
+    /// How many `name: value` fields.
+    #[serde(default)]
+    count: usize,
+    /// Bytes added to the value.
+    #[serde(default)]
+    pad: usize,
+}
+
+/// Answers every request locally as configured; counts `on_log` and `on_done`.
+struct Answer {
+    response: LocalResponse,
+    logs: u32,
+    dones: u32,
+}
+
+#[derive(Default)]
+struct Seen(#[allow(dead_code)] u8);
+
+impl HttpFilter for Answer {
+    type Config = AnswerConfig;
+    type Context = Seen;
+    fn configure(c: AnswerConfig) -> Result<Self, String> {
+        let value = format!("{}{}", c.value, "a".repeat(c.pad));
+        let mut response = LocalResponse::new(c.status).body("no\n");
+        response.headers = vec![(c.name, value.into_bytes()); c.count];
+        Ok(Answer {
+            response,
+            logs: 0,
+            dones: 0,
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_headers().on_log()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut Seen,
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        Action::Respond(self.response.clone())
+    }
+    fn on_log(&mut self, _: &mut Seen, _: &Exchange<'_>) {
+        self.logs += 1;
+    }
+    fn on_done(&mut self, _: Seen) {
+        self.dones += 1;
+    }
+}
+
+/// What `run` ends with for an `Answer` configured with `config`, and
+/// whether it was logged.
+fn answer(config: &str) -> (Outcome, u32, u32) {
+    let mut t = FilterTest::<Answer>::configure(config).unwrap();
+    let outcome = t.exchange(Request::get("/")).run(Response::new(200));
+    (outcome, t.filter().logs, t.filter().dones)
+}
+
+fn failed(config: &str, why: &str) {
+    match answer(config) {
+        (Outcome::Failed(Phase::RequestHeaders, reason), 0, 1) => {
+            assert!(reason.contains(why), "{config}: {reason}")
+        }
+        other => panic!("{config}: {other:?}"),
+    }
+}
+
+fn responded(config: &str) {
+    match answer(config) {
+        (Outcome::Responded(Phase::RequestHeaders, _), 1, 1) => {}
+        other => panic!("{config}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_local_response_the_host_refuses_is_a_failure_of_the_call() {
+    for status in [0, 100, 199, 600, 999] {
+        failed(&format!(r#"{{"status": {status}}}"#), "outside 200..=599");
+    }
+    responded(r#"{"status": 200}"#);
+    responded(r#"{"status": 599}"#);
+    let field = |name: &str, value: &str, count: usize, pad: usize| {
+        format!(
+            r#"{{"status": 403, "name": "{name}", "value": "{value}", "count": {count}, "pad": {pad}}}"#
+        )
+    };
+    failed(&field("bad name", "v", 1, 0), "header name `bad name`");
+    failed(&field("", "v", 1, 0), "header name");
+    failed(&field("x-a", "\\u0001", 1, 0), "invalid value");
+    failed(&field("x-a", "a\\rb", 1, 0), "invalid value");
+    failed(&field("x-a", "\\u007f", 1, 0), "invalid value");
+    failed(&field("x-a", "v", 1025, 0), "caps");
+    failed(&field("x-a", "", 1, 64 * 1024 + 1), "caps");
+    responded(&field("x-a", "", 1, 64 * 1024));
+    responded(&field("x-a", "v", 1024, 0));
+    responded(&field("x-a", "a\\tb", 1, 0));
+    // Hop-by-hop fields are dropped by the host, not refused.
+    responded(&field("connection", "close", 1, 0));
+    // An upper-case name is a token; the host sends it in lower case.
+    responded(&field("X-Why", "v", 1, 0));
+}
+
+#[test]
+fn a_refused_local_response_is_reported_by_the_phase_call_too() {
+    let mut t = FilterTest::<Answer>::configure(r#"{"status": 700}"#).unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    assert!(matches!(x.request_headers(), Action::Respond(_)));
+    assert!(x.failure().unwrap().contains("700"));
+    // No more calls but `on_done`.
+    x.log();
+    x.done();
+    assert_eq!((t.filter().logs, t.filter().dones), (0, 1));
+
+    let mut t = FilterTest::<Answer>::configure(r#"{"status": 401}"#).unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    x.request_headers();
+    assert_eq!(x.failure(), None);
+}
+
+// ---------------------------------------------------------------- callouts
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CallerConfig {
+    #[serde(default)]
+    requests: Vec<ProbeRequest>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct ProbeRequest {
+    #[serde(default = "slash")]
+    path: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    header: Option<(String, String)>,
+    /// How many copies of `header`.
+    #[serde(default = "one")]
+    count: usize,
+    /// Bytes added to the header's value.
+    #[serde(default)]
+    pad: usize,
+}
+
+fn slash() -> String {
+    "/".to_owned()
+}
+fn one() -> usize {
+    1
+}
+
+/// Sends callouts and cancels them as its request's `x-op` says:
+/// `probe` (the configured requests), `send N`, `cancel ID`; `on_tick` sends
+/// one and tries to cancel every callout an exchange sent.
+#[derive(Default)]
+struct Caller {
+    requests: Vec<ProbeRequest>,
+    sent: Vec<Result<CalloutId, Error>>,
+    cancels: Vec<Result<(), Error>>,
+    tick_ids: Vec<CalloutId>,
+    tick_cancels: Vec<Result<(), Error>>,
+}
+
+impl Caller {
+    fn probe(r: &ProbeRequest) -> CalloutRequest {
+        let mut c = CalloutRequest::new("authz", "GET", &r.path);
+        c.authority = r.authority.clone();
+        if let Some((n, v)) = &r.header {
+            let v = format!("{v}{}", "a".repeat(r.pad));
+            c.headers = vec![(n.clone(), v.into_bytes()); r.count];
+        }
+        c
+    }
+}
+
+impl HttpFilter for Caller {
+    type Config = CallerConfig;
+    type Context = ();
+    fn configure(c: CallerConfig) -> Result<Self, String> {
+        Ok(Caller {
+            requests: c.requests,
+            ..Caller::default()
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_headers()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        h: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        let op = h.get_str("x-op").unwrap_or_default();
+        let mut words = op.split(' ');
+        match (
+            words.next(),
+            words.next().map(|n| n.parse::<u64>().unwrap()),
+        ) {
+            (Some("probe"), _) => {
+                for r in &self.requests {
+                    self.sent.push(callout::send(&Caller::probe(r)));
+                }
+            }
+            (Some("send"), Some(n)) => {
+                for _ in 0..n {
+                    let r = CalloutRequest::new("authz", "GET", "/check");
+                    self.sent.push(callout::send(&r));
+                }
+            }
+            (Some("cancel"), Some(id)) => self.cancels.push(callout::cancel(id)),
+            _ => {}
+        }
+        Action::Continue
+    }
+    fn on_tick(&mut self) {
+        for id in self.sent.iter().flatten() {
+            self.tick_cancels.push(callout::cancel(*id));
+        }
+        let r = CalloutRequest::new("authz", "GET", "/tick");
+        self.tick_ids.push(callout::send(&r).unwrap());
+    }
+}
+
+fn caller(config: &str) -> FilterTest<Caller> {
+    TestHost::new()
+        .grant_cluster("authz")
+        .configure(config)
+        .unwrap()
+}
+
+fn op(t: &mut FilterTest<Caller>, op: &str) {
+    let mut x = t.exchange(Request::get("/").header("x-op", op));
+    assert_eq!(x.request_headers(), Action::Continue);
+}
+
+/// What `send` answers for each of `requests` (JSON `ProbeRequest`s).
+fn probe(requests: &[&str]) -> Vec<Result<(), Error>> {
+    let mut t = caller(&format!(r#"{{"requests": [{}]}}"#, requests.join(",")));
+    op(&mut t, "probe");
+    t.filter().sent.iter().map(|r| r.map(drop)).collect()
+}
+
+#[test]
+fn a_callout_path_must_parse_as_a_uri() {
+    let bad = Err(Error::InvalidArgument);
+    let cases: &[(&str, Result<(), Error>)] = &[
+        (r#"{"path": "/"}"#, Ok(())),
+        (r#"{"path": "/a/b?x=1&y=%20"}"#, Ok(())),
+        (r#"{"path": "/caf\u00e9"}"#, Ok(())),
+        (r#"{"path": "/a?x=`|{}"}"#, Ok(())),
+        (r#"{"path": "/a{\"b\"}"}"#, Ok(())),
+        // Nothing after a fragment's `#` is looked at (the host drops it).
+        (r#"{"path": "/a#b c"}"#, Ok(())),
+        (r#"{"path": "a"}"#, bad),
+        (r#"{"path": "/a b"}"#, bad),
+        (r#"{"path": "/a\tb"}"#, bad),
+        (r#"{"path": "/a\u007f"}"#, bad),
+        (r#"{"path": "/a<b"}"#, bad),
+        (r#"{"path": "/a`"}"#, bad),
+        // The `http` crate takes a backslash in a path.
+        (r#"{"path": "/a\\b"}"#, Ok(())),
+        (r#"{"path": "/a?x=\"y\""}"#, bad),
+        (r#"{"path": "/a?x=<"}"#, bad),
+    ];
+    let got = probe(&cases.iter().map(|c| c.0).collect::<Vec<_>>());
+    for ((case, want), got) in cases.iter().zip(got) {
+        assert_eq!(got, *want, "{case}");
+    }
+    let long = format!(r#"{{"path": "/{}"}}"#, "a".repeat(65_533));
+    assert_eq!(probe(&[&long]), vec![Ok(())]);
+    let long = format!(r#"{{"path": "/{}"}}"#, "a".repeat(65_534));
+    assert_eq!(probe(&[&long]), vec![bad]);
+}
+
+#[test]
+fn a_callout_authority_must_parse_as_one() {
+    let bad = Err(Error::InvalidArgument);
+    let cases: &[(&str, Result<(), Error>)] = &[
+        (r#"{"authority": "authz"}"#, Ok(())),
+        (r#"{"authority": "authz.internal:8443"}"#, Ok(())),
+        (r#"{"authority": "[::1]:80"}"#, Ok(())),
+        (r#"{"authority": "[fe80::1%25eth0]"}"#, Ok(())),
+        (r#"{"authority": "user:pw@authz"}"#, Ok(())),
+        (r#"{"authority": "us%20er@authz"}"#, Ok(())),
+        (r#"{"authority": ""}"#, bad),
+        (r#"{"authority": "a b"}"#, bad),
+        (r#"{"authority": "a:1:2"}"#, bad),
+        (r#"{"authority": "a/b"}"#, bad),
+        (r#"{"authority": "a?"}"#, bad),
+        (r#"{"authority": "user@"}"#, bad),
+        (r#"{"authority": "a%20b"}"#, bad),
+        (r#"{"authority": "[::1"}"#, bad),
+        (r#"{"authority": "::1]"}"#, bad),
+        (r#"{"authority": "a\"b"}"#, bad),
+    ];
+    let got = probe(&cases.iter().map(|c| c.0).collect::<Vec<_>>());
+    for ((case, want), got) in cases.iter().zip(got) {
+        assert_eq!(got, *want, "{case}");
+    }
+}
+
+#[test]
+fn callout_headers_have_the_hosts_caps() {
+    let over = Err(Error::LimitExceeded);
+    assert_eq!(
+        probe(&[
+            r#"{"header": ["x-a", "v"], "count": 1024}"#,
+            r#"{"header": ["x-a", "v"], "count": 1025}"#,
+            r#"{"header": ["x-a", ""], "pad": 65536}"#,
+            r#"{"header": ["x-a", ""], "pad": 65537}"#,
+            r#"{"header": ["x-a", "\u0001"]}"#,
+        ]),
+        vec![Ok(()), over, Ok(()), over, Err(Error::InvalidArgument)]
+    );
+}
+
+#[test]
+fn an_instance_has_at_most_1024_callouts_outstanding() {
+    let host = TestHost::new().grant_cluster("authz");
+    let mut t = host.configure::<Caller>("null").unwrap();
+    for _ in 0..127 {
+        op(&mut t, "send 8");
+    }
+    // On-tick's count too.
+    t.tick();
+    op(&mut t, "send 8");
+    let sent = &t.filter().sent;
+    assert_eq!(sent.len(), 128 * 8);
+    assert!(sent[..127 * 8 + 7].iter().all(Result::is_ok));
+    assert_eq!(sent[127 * 8 + 7], Err(Error::LimitExceeded));
+    // Another instance of the plugin has its own.
+    let mut other = host.configure::<Caller>("null").unwrap();
+    op(&mut other, "send 8");
+    assert!(other.filter().sent.iter().all(Result::is_ok));
+}
+
+#[test]
+fn only_the_context_that_sent_a_callout_cancels_it() {
+    let mut t = caller("null");
+    op(&mut t, "send 1");
+    let id = *t.filter().sent[0].as_ref().unwrap();
+    // Another exchange, and on_tick, do not find it.
+    op(&mut t, &format!("cancel {id}"));
+    assert_eq!(t.filter().cancels, vec![Err(Error::NotFound)]);
+    t.tick();
+    assert_eq!(t.filter().tick_cancels, vec![Err(Error::NotFound)]);
+    // Nor an exchange the tick's.
+    let tick = t.filter().tick_ids[0];
+    op(&mut t, &format!("cancel {tick}"));
+    assert_eq!(t.filter().cancels[1], Err(Error::NotFound));
+    assert!(t.host().callouts().iter().all(|c| c.outstanding));
+}
+
+// ---------------------------------------------------------------- ticks and KV TTLs
+
+struct Ticker(u32);
+
+impl HttpFilter for Ticker {
+    type Config = u32;
+    type Context = ();
+    fn configure(ms: u32) -> Result<Self, String> {
+        Ok(Ticker(ms))
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().tick_every_ms(self.0)
+    }
+}
+
+struct NetTicker(u32);
+
+impl NetworkFilter for NetTicker {
+    type Config = u32;
+    type Context = ();
+    fn configure(ms: u32) -> Result<Self, String> {
+        Ok(NetTicker(ms))
+    }
+    fn setup(&self) -> NetworkSetup {
+        NetworkSetup::new().tick_every_ms(self.0)
+    }
+}
+
+#[test]
+fn a_tick_interval_below_10_ms_rejects_the_load() {
+    for ms in [1, 9] {
+        let err = FilterTest::<Ticker>::configure(&ms.to_string())
+            .err()
+            .unwrap();
+        assert!(err.contains("below the minimum of 10 ms"), "{err}");
+        let err = NetworkFilterTest::<NetTicker>::configure(&ms.to_string())
+            .err()
+            .unwrap();
+        assert!(err.contains("below the minimum of 10 ms"), "{err}");
+    }
+    for ms in [0, 10, 60_000] {
+        FilterTest::<Ticker>::configure(&ms.to_string()).unwrap();
+        NetworkFilterTest::<NetTicker>::configure(&ms.to_string()).unwrap();
+    }
+}
+
+/// Runs KV calls with a TTL of 0 in `configure` (config: whether the store
+/// is down).
+struct ZeroTtl;
+
+impl HttpFilter for ZeroTtl {
+    type Config = bool;
+    type Context = ();
+    fn configure(down: bool) -> Result<Self, String> {
+        let ns = Namespace::open("ns").map_err(|e| e.to_string())?;
+        let bad = Err(Error::InvalidArgument);
+        expect("absent", ns.increment("absent", 1, Some(0)), bad)?;
+        expect(
+            "set",
+            ns.set("k", b"1", WriteCondition::Always, Some(0)),
+            bad,
+        )?;
+        if down {
+            // Checked before the store is asked, as on the host.
+            let down = Err(Error::Unavailable);
+            expect("down", ns.increment("k", 1, Some(60_000)), down)?;
+        } else {
+            expect("create", ns.increment("k", 1, Some(60_000)), Ok(()))?;
+            // The host refuses it for an existing key too.
+            expect("existing", ns.increment("k", 1, Some(0)), bad)?;
+        }
+        Ok(ZeroTtl)
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+    }
+}
+
+#[test]
+fn a_kv_ttl_of_0_is_refused_whether_or_not_the_key_exists() {
+    let host = TestHost::new().grant_kv("ns");
+    host.configure::<ZeroTtl>("false").map(drop).unwrap();
+    assert_eq!(host.kv_get("ns", "k").unwrap().value, b"1");
+    host.kv_unavailable(true);
+    host.configure::<ZeroTtl>("true").map(drop).unwrap();
+}
