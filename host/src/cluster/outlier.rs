@@ -342,6 +342,29 @@ mod tests {
     }
 
     #[test]
+    fn gateway_failures_eject_only_when_asked() {
+        // As Envoy (enforcing_consecutive_gateway_failure 0% by default): a
+        // raised consecutive_5xx is not undercut by the gateway detector.
+        let c = weighted(
+            "round_robin",
+            &[1, 1],
+            "outlier_detection: { consecutive_5xx: 8, base_ejection_time: 1h }\n",
+        );
+        for _ in 0..7 {
+            c.outlier_record(0, Outcome::GatewayError);
+        }
+        assert_eq!(available(&c), [true, true]);
+        c.outlier_record(0, Outcome::LocalFailure);
+        assert_eq!(available(&c), [false, true]);
+        assert_eq!(
+            c.stats
+                .outlier_detection_ejections_consecutive_5xx
+                .load(Relaxed),
+            1
+        );
+    }
+
+    #[test]
     fn max_ejection_percent_but_at_least_one() {
         let c = weighted("round_robin", &[1, 1, 1, 1], OD);
         for i in 0..3 {

@@ -1146,8 +1146,9 @@ pub struct OutlierDetection {
     #[serde(default = "defaults::five")]
     pub consecutive_5xx: u32,
     /// Consecutive 502/503/504 answers (or connect failures, resets, timeouts) that
-    /// eject an endpoint. Default 5; 0 turns this detector off.
-    #[serde(default = "defaults::five")]
+    /// eject an endpoint. Default 0 (off), as Envoy's, which detects them but
+    /// enforces 0% by default; they count toward `consecutive_5xx` anyway.
+    #[serde(default)]
     pub consecutive_gateway_failure: u32,
     /// How often ejections are reviewed (un-ejection, success rate). Default 10s.
     #[serde(default = "defaults::od_interval")]
