@@ -149,8 +149,10 @@ impl Controller {
         let min_rtt = min_rtt.as_micros() as f64;
         let buffered = min_rtt * (1.0 + self.cfg.buffer.0 / 100.0);
         let gradient = (buffered / (sample.max(1) as f64)).clamp(0.5, 2.0);
-        let limit = self.limit.load(Relaxed) as f64;
-        let next = limit * gradient + limit.sqrt();
+        // Envoy's calculateNewLimit: the headroom is the root of the new limit
+        // (limit × gradient), not of the old one.
+        let scaled = self.limit.load(Relaxed) as f64 * gradient;
+        let next = scaled + scaled.sqrt();
         // Float to int saturates.
         self.limit.store((next as u64).clamp(min, max), Relaxed);
     }
@@ -202,7 +204,11 @@ mod tests {
         c.release(Duration::from_millis(10));
         assert_eq!(c.min_rtt(), Some(Duration::from_millis(10)));
         assert_eq!(c.limit(), 50);
-        // Latency at 4× minRTT: the gradient bottoms out at 0.5, the limit shrinks.
+        // Latency at 4× minRTT: the gradient bottoms out at 0.5, the limit shrinks:
+        // 50 × 0.5 = 25, plus √25 of headroom (Envoy's; √50 before).
+        assert!(c.try_acquire());
+        c.release(Duration::from_millis(40));
+        assert_eq!(c.limit(), 30);
         let mut last = c.limit();
         for _ in 0..10 {
             assert!(c.try_acquire());
