@@ -229,6 +229,18 @@ impl Cluster {
             self.stats
                 .outlier_detection_ejections_active
                 .store(ejected(&self.endpoints), Relaxed);
+            // `membership_healthy` too: an ejection (a worker's `set_flag`)
+            // between a new generation's count and its store leaves the gauge
+            // one high, which turns health off in `pick` (`healthy < n` never
+            // holds) until the next generation.
+            let available = self
+                .endpoints
+                .iter()
+                .filter(|e| e.health.is_available())
+                .count();
+            self.stats
+                .membership_healthy
+                .store(available as u64, Relaxed);
         }
         let Some(sr) = &od.success_rate else { return };
         if rates.len() < sr.minimum_hosts as usize || rates.is_empty() {
@@ -362,6 +374,19 @@ mod tests {
                 .load(Relaxed),
             1
         );
+    }
+
+    #[test]
+    fn the_tick_recounts_membership_healthy() {
+        let c = weighted("round_robin", &[1, 1, 1, 1], OD);
+        for _ in 0..2 {
+            c.outlier_record(0, Outcome::GatewayError);
+        }
+        assert_eq!(c.stats.membership_healthy.load(Relaxed), 3);
+        // A new generation's count that raced the ejection.
+        c.stats.membership_healthy.store(4, Relaxed);
+        c.outlier_tick();
+        assert_eq!(c.stats.membership_healthy.load(Relaxed), 3);
     }
 
     #[test]
