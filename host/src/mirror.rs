@@ -75,18 +75,23 @@ pub fn send(worker: &Rc<Worker>, snapshot: &Snapshot, m: &Mirror, copy: Copy) {
     tokio::task::spawn_local(async move {
         let cluster = entry.cluster();
         cluster.stats.mirror_requests.fetch_add(1, Relaxed);
-        // A timeout is a failure.
-        let ok = tokio::time::timeout(timeout, shadow(&worker, &entry, copy))
-            .await
-            .unwrap_or(false);
-        if !ok {
+        if !shadow(&worker, &entry, copy, timeout).await {
             cluster.stats.mirror_failures.fetch_add(1, Relaxed);
         }
     });
 }
 
-/// Sends the copy; whether it got a non-5xx answer.
-async fn shadow(worker: &Worker, entry: &Arc<crate::server::ClusterEntry>, copy: Copy) -> bool {
+/// Sends the copy; whether it got a non-5xx answer within `timeout` (a timeout
+/// is a failure, the endpoint's too: `upstream_rq_timeout`, outlier detection,
+/// as Envoy's shadow timeouts). The answer's body is then read and thrown away
+/// within another `timeout`, which decides nothing: a slow body after a good
+/// head is no failure.
+async fn shadow(
+    worker: &Worker,
+    entry: &Arc<crate::server::ClusterEntry>,
+    copy: Copy,
+    timeout: std::time::Duration,
+) -> bool {
     let cluster = entry.cluster();
     let Some(i) = worker.balancer(&cluster).pick(None, &[]) else {
         return false;
@@ -114,24 +119,33 @@ async fn shadow(worker: &Worker, entry: &Arc<crate::server::ClusterEntry>, copy:
         cluster: &cluster,
         endpoint: Some(i),
     };
-    match worker.pool.send(&entry.upstream, target, req).await {
-        Ok(resp) => {
+    let sent = tokio::time::timeout(timeout, worker.pool.send(&entry.upstream, target, req)).await;
+    match sent {
+        Err(_) => {
+            active.record_timeout();
+            false
+        }
+        Ok(Ok(resp)) => {
             let status = resp.status().as_u16();
             active.record_status(status);
             // Read the answer and throw it away as it comes, so the connection
-            // can be reused; past DRAIN_LIMIT the body is dropped instead (the
-            // connection with it), not pulled in for nothing.
+            // can be reused; past DRAIN_LIMIT or the time allowed the body is
+            // dropped instead (the connection with it), not pulled in for
+            // nothing. The copy stays active (`upstream_rq_active`) meanwhile.
             let mut body = resp.into_body();
-            let mut read = 0usize;
-            while read <= DRAIN_LIMIT {
-                match body.frame().await {
-                    Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
-                    _ => break,
+            let drain = async {
+                let mut read = 0usize;
+                while read <= DRAIN_LIMIT {
+                    match body.frame().await {
+                        Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
+                        _ => break,
+                    }
                 }
-            }
+            };
+            let _ = tokio::time::timeout(timeout, drain).await;
             status < 500
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::debug!(cluster = %cluster.name, "mirror: {}", e.detail);
             // As the main path: the endpoint's failure only when it is the
             // upstream's, not this cluster's own circuit breaker refusing the

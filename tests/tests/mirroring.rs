@@ -267,6 +267,62 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// The mirror `timeout` bounds the wait for the shadow's answer: a copy
+    /// with no answer by then is a failure of the copy and of the endpoint
+    /// (`upstream_rq_timeout`, as Envoy's shadow timeouts feed outlier
+    /// detection). A good answer whose body is slow is no failure. (The
+    /// timeout covered reading the body, so that copy counted as failed, and
+    /// a copy timed out was never recorded on the endpoint.)
+    async fn the_mirror_timeout_is_for_the_answer_not_its_body(proto) {
+        use futures_util::StreamExt;
+        let p = upstream().name("primary").start().await;
+        let release = Arc::new(Notify::new());
+        let held = release.clone();
+        let slow_body = upstream()
+            .name("shadow")
+            .handler(move |_req: Request<Incoming>| {
+                let held = held.clone();
+                async move {
+                    let first = futures_util::stream::once(async {
+                        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"head ")))
+                    });
+                    let rest = futures_util::stream::once(async move {
+                        held.notified().await;
+                        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"rest")))
+                    });
+                    Response::new(BodyExt::boxed(http_body_util::StreamBody::new(first.chain(rest))))
+                }
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .config(&config(p.addr, slow_body.addr, "{ cluster: shadow, timeout: 200ms }"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/slow-body").send().await.status, 200);
+        lg.assert_stat(&stat("upstream_rq_2xx", "shadow"), 1.0).await;
+        // Past the timeout, with the body still coming.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        release.notify_waiters();
+        lg.assert_stat(&stat("mirror_requests", "shadow"), 1.0).await;
+        lg.assert_stat(&stat("mirror_failures", "shadow"), 0.0).await;
+        lg.assert_stat(&stat("upstream_rq_timeout", "shadow"), 0.0).await;
+
+        // A shadow that does not answer: the copy fails at the timeout, and the
+        // endpoint's counters know it.
+        let seen = Seen::default();
+        let hanging = shadow(&seen, Some(Arc::new(Notify::new())), 200).await;
+        let lg = legate()
+            .config(&config(p.addr, hanging.addr, "{ cluster: shadow, timeout: 200ms }"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/hang").send().await.status, 200);
+        lg.assert_stat(&stat("mirror_failures", "shadow"), 1.0).await;
+        lg.assert_stat(&stat("upstream_rq_timeout", "shadow"), 1.0).await;
+    }
+);
+
 /// 64 KiB every millisecond, forever.
 struct Endless(tokio::time::Interval);
 
