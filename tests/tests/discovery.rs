@@ -196,6 +196,39 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// `logical` is one endpoint per name, as Envoy's logical host, even with
+    /// health checks: when the answer leads with another address, the endpoint
+    /// moves there. (The old address passed its checks, so it was kept beside
+    /// the new one: the cluster grew to every address the rotation showed, as
+    /// `strict` does.)
+    async fn logical_dns_stays_one_endpoint_with_health_checks(proto) {
+        let (port, _a, _b) = two_loopback_upstreams().await;
+        let dns = DnsServer::start(&[V2, V3]).await;
+        let yaml = dns_config(port, dns.addr, "logical").replace(
+            "    endpoints:\n",
+            "    health_check: { tcp: {}, interval: 50ms }\n    endpoints:\n",
+        );
+        let lg = legate().config(&yaml).start();
+        let total = stat("membership_total", "backend");
+        until_stat(&lg, &total, |v| v == 1.0, "== 1").await;
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(who(&spread(&mut c, 4).await), ["two"]);
+        let success = stat("discovery_update_success", "backend");
+        let before = lg.stat(&success).await.unwrap_or(0.0);
+        dns.state.set(&[V3, V2]);
+        until_stat(&lg, &success, |v| v > before, "a new generation").await;
+        assert_eq!(lg.stat(&total).await, Some(1.0));
+        assert_eq!(who(&spread(&mut c, 4).await), ["three"]);
+        // And back: still one.
+        let before = lg.stat(&success).await.unwrap_or(0.0);
+        dns.state.set(&[V2, V3]);
+        until_stat(&lg, &success, |v| v > before, "a new generation").await;
+        assert_eq!(lg.stat(&total).await, Some(1.0));
+        assert_eq!(who(&spread(&mut c, 4).await), ["two"]);
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_cluster_without_an_answer_yet_is_503_then_serves() {
     let (port, _a, _b) = two_loopback_upstreams().await;

@@ -357,11 +357,23 @@ fn carried_endpoints<'c>(
 /// surviving endpoints keep their `Arc`, dropped ones stay while they pass health
 /// checks (see the module doc). Also returns how many were kept that way.
 pub fn merge(current: &Cluster, found: &[Spec]) -> (Vec<Arc<Endpoint>>, usize) {
+    // `dns_lookup: logical` is one endpoint per name, as Envoy's logical host:
+    // a new first address replaces it (its health-check state carried), and an
+    // address the answer no longer leads with is never kept for its health.
+    let d = &current.config.discovery;
+    let logical = d.kind == DiscoveryType::Dns && d.dns_lookup == DnsLookup::Logical;
+    let same = |spec: &Spec, ep: &Endpoint| {
+        if logical {
+            spec.authority == ep.authority
+        } else {
+            spec.same_endpoint(ep)
+        }
+    };
     let mut next: Vec<Arc<Endpoint>> = Vec::with_capacity(found.len());
     for spec in found {
-        let old = current.endpoints.iter().find(|e| spec.same_endpoint(e));
+        let old = current.endpoints.iter().find(|e| same(spec, e));
         next.push(match old {
-            Some(ep) if spec.same_attributes(ep) => ep.clone(),
+            Some(ep) if spec.same_attributes(ep) && spec.address == ep.address => ep.clone(),
             Some(ep) => {
                 let fresh = spec.endpoint();
                 fresh.health.carry_from(&ep.health);
@@ -370,10 +382,10 @@ pub fn merge(current: &Cluster, found: &[Spec]) -> (Vec<Arc<Endpoint>>, usize) {
             None => spec.endpoint(),
         });
     }
-    let checked = current.config.health_check.is_some();
+    let checked = current.config.health_check.is_some() && !logical;
     let mut kept = 0;
     for ep in &current.endpoints {
-        let listed = found.iter().any(|s| s.same_endpoint(ep));
+        let listed = found.iter().any(|s| same(s, ep));
         if !listed && checked && ep.health.flags() & FAILED_ACTIVE_HC == 0 {
             next.push(ep.clone());
             kept += 1;
