@@ -344,6 +344,28 @@ each_proto!(
 );
 
 each_proto!(
+    /// `proxy_record_metric` on a counter adds the value, as Envoy's (and
+    /// proxy-wasm-cpp-host's) `recordMetric` does: it does not set it.
+    async fn record_metric_adds_to_a_counter(proto) {
+        let up = upstream().start().await;
+        let p = plugin("recorder", "{ mode: counter }", "");
+        let lg = legate().config(&config(up.addr, &p, &["recorder"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..3 {
+            let r = c.get("/count").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        // Each request records 2.
+        lg.assert_stat(&calls("recorder", "done"), 3.0).await;
+        assert_eq!(
+            lg.stat(r#"legate_proxywasm_pw_recorded{plugin="recorder"}"#)
+                .await,
+            Some(6.0)
+        );
+    }
+);
+
+each_proto!(
     async fn queue_ready_drains_a_shared_queue(proto) {
         let up = upstream().start().await;
         let vm = format!("queue-{proto:?}");

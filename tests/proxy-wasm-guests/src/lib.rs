@@ -11,7 +11,8 @@
 //!   with `:path /replaced`, `x-pw-set-all: good` and `x-keep: kept`.
 //! - `properties`: the response carries properties read in each phase as headers.
 //! - `counter`: shared data counter (CAS) and a metric, both incremented per request
-//!   and echoed as response headers; ticks every `tick_ms` log and count.
+//!   and echoed as response headers; ticks every `tick_ms` log and count. Each
+//!   request also records 2 on counter `pw_recorded` (`record_metric`).
 //! - `hostile`: by path: `/panic` panics, `/badptr` passes wild pointers to raw
 //!   hostcalls, `/badctx` switches to an unknown context, `/loop` spins forever,
 //!   `/grow` allocates 64 MiB, `/print` writes to stdout and stderr,
@@ -193,6 +194,8 @@ struct Settings {
     vm_config: String,
     requests_metric: u32,
     ticks_metric: u32,
+    /// `counter` mode: a counter each request adds 2 to with `record_metric`.
+    recorded_metric: u32,
     queue: u32,
     timeout_ms: u64,
     /// `path` (the TCP callout's).
@@ -479,6 +482,8 @@ impl RootContext for Root {
                 hostcalls::define_metric(MetricType::Counter, "pw_ticks").unwrap_or(0);
             let g = hostcalls::define_metric(MetricType::Gauge, "pw_gauge").unwrap_or(0);
             hostcalls::record_metric(g, 42).ok();
+            self.s.recorded_metric =
+                hostcalls::define_metric(MetricType::Counter, "pw_recorded").unwrap_or(0);
             if let Some(ms) = v["tick_ms"].as_u64() {
                 self.set_tick_period(Duration::from_millis(ms));
             }
@@ -1241,6 +1246,7 @@ impl HttpContext for Filter {
                 }
                 hostcalls::increment_metric(self.s.requests_metric, 1).ok();
                 let m = hostcalls::get_metric(self.s.requests_metric).unwrap_or(0);
+                hostcalls::record_metric(self.s.recorded_metric, 2).ok();
                 self.seen.push(("x-pw-counter".into(), n.to_string()));
                 self.seen.push(("x-pw-metric".into(), m.to_string()));
                 let q = self.register_shared_queue("pw_queue");

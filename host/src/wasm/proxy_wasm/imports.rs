@@ -871,12 +871,9 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                     .ok_or(Fail::Status(status::NOT_FOUND))?;
                 let v = value as u64;
                 match m {
-                    Metric::Counter(k) => {
-                        let cur = k.get();
-                        if v >= cur {
-                            k.add(v - cur);
-                        }
-                    }
+                    // Envoy's (and proxy-wasm-cpp-host's) `recordMetric`
+                    // adds the value to a counter.
+                    Metric::Counter(k) => k.add(v),
                     Metric::Gauge(g) => g.set(i64::try_from(v).unwrap_or(i64::MAX)),
                     Metric::Histogram(h) => h.observe(Duration::from_millis(v.min(1 << 40))),
                 }
