@@ -626,6 +626,11 @@ pub struct ExchangeData {
     /// instead: mid-stream they hold paused chunks themselves (Envoy's
     /// `StopIterationAndBuffer`).
     pub hold_stream: bool,
+    /// A filter reset the stream (proxy-wasm's `proxy_close_stream`, Envoy's
+    /// `resetStream`): its own outcome, not a failure. The chain ends the
+    /// exchange with a reset whatever the filter's failure policy
+    /// ([`Chain::fail`]); the filter's call returns an error that says so.
+    pub reset: bool,
     /// Where the client's `host` header is. It stays in `request_headers` until
     /// something reaches the head through [`ExchangeData::request_headers`]:
     /// moving it out and back costs two header-map operations (~0.4k
@@ -757,6 +762,7 @@ impl Exchange {
             hold_body: false,
             hold_end: false,
             hold_stream: false,
+            reset: false,
             host: ClientHost::InHead,
             table,
             routing: Routing::default(),
@@ -797,6 +803,7 @@ impl Exchange {
             hold_body: false,
             hold_end: false,
             hold_stream: false,
+            reset: false,
             host: ClientHost::Taken(None),
             table: None,
             routing: Routing::default(),
@@ -1261,6 +1268,9 @@ struct SharedInner {
     /// How long body streams held the chain for callouts so far
     /// ([`SharedChain::add_held`]): time that is not the client's.
     held: std::cell::Cell<Duration>,
+    /// A filter reset the stream ([`ExchangeData::reset`]): the proxy resets
+    /// the downstream stream instead of answering ([`StreamReset`]).
+    reset: std::cell::Cell<bool>,
 }
 
 impl SharedInner {
@@ -1301,8 +1311,15 @@ impl SharedChain {
                 aborted: std::cell::Cell::new(false),
                 ended: std::cell::RefCell::new(None),
                 held: std::cell::Cell::new(Duration::ZERO),
+                reset: std::cell::Cell::new(false),
             }
         }))
+    }
+
+    /// Whether a filter reset the stream ([`ExchangeData::reset`]): the
+    /// answer must not be sent, the downstream stream is reset instead.
+    pub fn was_reset(&self) -> bool {
+        self.0.reset.get()
     }
 
     /// Whether a body stream can run its phases now: `Pending` while the chain
@@ -1494,6 +1511,20 @@ pub struct Chain {
     deferred: Option<Deferred>,
 }
 
+/// Marks a response the downstream must not get: a filter reset the stream
+/// ([`ExchangeData::reset`]). The connection's service turns it into a
+/// reset (an HTTP/2 `RST_STREAM`, an HTTP/1.1 connection closed without an
+/// answer), as Envoy's `resetStream` before the response head.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamReset;
+
+impl std::fmt::Display for StreamReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a filter reset the stream")
+    }
+}
+impl std::error::Error for StreamReset {}
+
 /// The failure policy applied to a failed call: `Ok(())` if the filter is skipped
 /// (fail open), the request's error otherwise.
 fn failure(f: &dyn HttpFilter, phase: &str, why: &str) -> Result<(), ProxyError> {
@@ -1519,6 +1550,26 @@ enum Woke<T> {
 const NOTHING_IN_FLIGHT: &str = "paused with no callout in flight";
 
 impl Chain {
+    /// A call of `f` returned an error (`why`): if the filter reset the stream
+    /// ([`ExchangeData::reset`]), the exchange ends with a reset whatever its
+    /// failure policy (not a failure: Envoy resets the stream); else the
+    /// failure policy.
+    fn fail(&self, f: &dyn HttpFilter, phase: &str, why: &str) -> Result<(), ProxyError> {
+        if !self.x.reset {
+            return failure(f, phase, why);
+        }
+        tracing::debug!(plugin = f.name(), phase, "the filter reset the stream");
+        if let Some(shared) = self.shared.upgrade() {
+            shared.reset.set(true);
+        }
+        // No answer goes out (the proxy resets the stream), so no response
+        // filter sees one either.
+        Err(ProxyError::new(
+            Kind::DownstreamReset,
+            format!("plugin `{}` reset the stream", f.name()),
+        ))
+    }
+
     /// A pause of entered filter `i` the chain refuses (`why`): counted as the
     /// filter's failure, as failures of its own calls are.
     fn refused_pause(&self, i: usize, why: String) -> String {
@@ -1705,7 +1756,7 @@ impl Chain {
             }
             Err(why) => {
                 self.skipped.push(i);
-                failure(&*f, what, &why)
+                self.fail(&*f, what, &why)
             }
         }
     }
@@ -1764,7 +1815,7 @@ impl Chain {
                 }
                 Err(why) => {
                     self.skipped.push(k);
-                    failure(&*f, "request_headers", &why)?;
+                    self.fail(&*f, "request_headers", &why)?;
                 }
             }
         }
@@ -1810,7 +1861,7 @@ impl Chain {
                     self.replaced_response = Some(i);
                 }
                 Err(why) => {
-                    failure(&*f, "response_headers", &why)?;
+                    self.fail(&*f, "response_headers", &why)?;
                     self.skipped.push(i);
                 }
             }
@@ -1958,7 +2009,7 @@ impl Chain {
         };
         self.skipped.push(i);
         let f = self.entered[i].clone();
-        if let Err(e) = failure(&*f, phase, &why) {
+        if let Err(e) = self.fail(&*f, phase, &why) {
             if d == Direction::Request {
                 // Failed closed while it held the request: the `503` enters
                 // the response path right after it (abi/README.md §3.2).

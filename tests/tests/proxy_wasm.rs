@@ -366,6 +366,40 @@ each_proto!(
 );
 
 each_proto!(
+    /// `proxy_close_stream` resets the stream, as Envoy's `resetStream`, under
+    /// either failure policy: from a request or response headers callback
+    /// nothing is answered (HTTP/2 `RST_STREAM`, HTTP/1.1 connection closed)
+    /// and a reset request never reaches the upstream; from a response body
+    /// callback the response is cut. It is not a plugin failure.
+    async fn close_stream_resets_the_exchange_whatever_the_policy(proto) {
+        let up = upstream().start().await;
+        for fail in ["open", "closed"] {
+            let p = plugin("closer", "{ mode: close }", &format!("    fail: {fail}\n"));
+            let lg = legate().config(&config(up.addr, &p, &["closer"])).start();
+            let addr = lg.addr("web");
+            let before = up.requests.get();
+            for path in ["/close-request", "/close-response", "/close-body"] {
+                let r = client(proto, addr).await.get(path).try_send().await;
+                assert!(
+                    r.is_err(),
+                    "fail {fail}, {path}: answered {:?}",
+                    r.map(|r| (r.status, r.text()))
+                );
+            }
+            // The reset request never went upstream; the other two did.
+            assert_eq!(up.requests.get(), before + 2, "fail {fail}");
+            let r = client(proto, addr).await.get("/fine").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            lg.assert_stat(&calls("closer", "done"), 4.0).await;
+            let failures = lg
+                .stat(r#"legate_plugin_failures_total{plugin="closer"}"#)
+                .await;
+            assert_eq!(failures.unwrap_or(0.0), 0.0, "fail {fail}");
+        }
+    }
+);
+
+each_proto!(
     async fn queue_ready_drains_a_shared_queue(proto) {
         let up = upstream().start().await;
         let vm = format!("queue-{proto:?}");

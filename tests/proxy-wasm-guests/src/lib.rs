@@ -20,6 +20,9 @@
 //! - `queue`: each request enqueues its path to queue `pw_events`, which the root
 //!   context registered; `on_queue_ready` drains it, counting in `pw_dequeued`.
 //! - `reject`: `on_configure` returns false.
+//! - `close`: resets the stream (`proxy_close_stream`) from the request headers
+//!   callback under `/close-request`, the response headers callback under
+//!   `/close-response`, the response body callback under `/close-body`.
 //! - `noop`: every callback returns at once.
 //! - `callout`: each request pauses on an HTTP call to cluster `authz` (path
 //!   `/check<request path>`, timeout `timeout_ms`, default 1000); in
@@ -1146,6 +1149,11 @@ impl HttpContext for Filter {
         let path = self.get_http_request_header(":path").unwrap_or_default();
         self.path = path.clone();
         match self.s.mode.as_str() {
+            "close" => {
+                if path.starts_with("/close-request") {
+                    self.reset_http_request();
+                }
+            }
             "headers" => {
                 if path == "/deny" {
                     self.send_http_response(
@@ -1644,6 +1652,10 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.s.mode == "close" && self.path.starts_with("/close-body") {
+            self.reset_http_response();
+            return Action::Continue;
+        }
         let mode = self.callout_mode().to_string();
         match mode.as_str() {
             "body-rewrite" => {
@@ -1697,6 +1709,10 @@ impl HttpContext for Filter {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if self.s.mode == "noop" {
+            return Action::Continue;
+        }
+        if self.s.mode == "close" && self.path.starts_with("/close-response") {
+            self.reset_http_response();
             return Action::Continue;
         }
         if matches!(self.s.mode.as_str(), "body-rewrite" | "stream-callout" | "stream-trailers") {

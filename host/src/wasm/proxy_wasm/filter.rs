@@ -841,16 +841,20 @@ impl ProxyWasmFilter {
             self.stats.duration.observe(started.elapsed());
             self.start_root_work(live, worker, slot.generation);
             let data = live.store.data_mut();
+            let mut reset = false;
             if let Some(x) = x {
                 if !data.streams.is_empty() || !data.kept_maps.is_empty() {
                     data.keep_maps();
                 }
                 std::mem::swap(x, &mut data.x);
+                reset = x.reset;
             }
             data.x_context = 0;
             data.effective = root;
             match result {
                 Ok(Ok(r)) => Ok(r),
+                // `proxy_close_stream`: the exchange is reset, not failed.
+                Ok(Err(e)) if reset => Err(e),
                 Ok(Err(invalid)) => {
                     self.stats.failures.inc();
                     Err(invalid)
@@ -911,9 +915,9 @@ impl ProxyWasmFilter {
                 return Ok(Ok(Verdict::Respond(lr)));
             }
             if data.close {
-                return Ok(Err(
-                    "the plugin reset the stream (proxy_close_stream)".into()
-                ));
+                // Envoy's `resetStream`: not a failure (see `Chain::fail`).
+                data.x.reset = true;
+                return Ok(Err(RESET.into()));
             }
             let calls = data.outstanding.values().any(|c| *c == ctx);
             let d = if request {
@@ -1008,9 +1012,9 @@ impl ProxyWasmFilter {
                 return Ok(Ok(Some(Verdict::Respond(lr))));
             }
             if data.close {
-                return Ok(Err(
-                    "the plugin reset the stream (proxy_close_stream)".into()
-                ));
+                // Envoy's `resetStream`: not a failure (see `Chain::fail`).
+                data.x.reset = true;
+                return Ok(Err(RESET.into()));
             }
             Ok(match a {
                 action::CONTINUE => Ok(None),
@@ -1101,9 +1105,9 @@ impl ProxyWasmFilter {
                 return Ok(Ok(Verdict::Respond(lr)));
             }
             if data.close {
-                return Ok(Err(
-                    "the plugin reset the stream (proxy_close_stream)".into()
-                ));
+                // Envoy's `resetStream`: not a failure (see `Chain::fail`).
+                data.x.reset = true;
+                return Ok(Err(RESET.into()));
             }
             Ok(match a {
                 action::CONTINUE => Ok(Verdict::Continue),
@@ -1826,8 +1830,10 @@ impl HttpFilter for ProxyWasmFilter {
             // Only for a TCP connection's context.
             Ok(Answer::Streams(_)) => Verdict::Continue,
             Ok(Answer::Close) => {
+                // Envoy's `resetStream`, whatever the failure policy: not a
+                // failure (see `Chain::fail`).
                 self.end_stream_wait(worker, x, false);
-                self.stats.failures.inc();
+                x.reset = true;
                 return Err(RESET.into());
             }
             Err(e) => {
