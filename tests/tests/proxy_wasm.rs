@@ -423,6 +423,28 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// `proxy_on_queue_ready` is called once per enqueue, as
+    /// proxy-wasm-cpp-host posts one call per enqueue: three enqueues in one
+    /// callback are three calls, not one (the guest dequeues one item per call).
+    async fn queue_ready_once_per_enqueue(proto) {
+        let up = upstream().start().await;
+        let vm = format!("queue-burst-{proto:?}");
+        let p = plugin("burst", "{ mode: queue, burst: 3 }", "").replace(
+            "    proxy_wasm:\n",
+            &format!("    proxy_wasm:\n      vm_id: {vm}\n"),
+        );
+        let lg = legate().config(&config(up.addr, &p, &["burst"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for i in 0..2 {
+            let r = c.get(&format!("/event/{i}")).send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        lg.assert_stat(r#"legate_proxywasm_pw_dequeued{plugin="burst"}"#, 6.0)
+            .await;
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ticks_reach_the_root_context() {
     let up = upstream().start().await;

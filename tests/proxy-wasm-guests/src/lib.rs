@@ -19,6 +19,8 @@
 //!   `/unimpl` calls http_call to `backend` (not granted) and reports the status.
 //! - `queue`: each request enqueues its path to queue `pw_events`, which the root
 //!   context registered; `on_queue_ready` drains it, counting in `pw_dequeued`.
+//!   With `burst: n`, each request enqueues it `n` times in one callback and
+//!   `on_queue_ready` dequeues one item per call (each enqueue owes a call).
 //! - `reject`: `on_configure` returns false.
 //! - `close`: resets the stream (`proxy_close_stream`) from the request headers
 //!   callback under `/close-request`, the response headers callback under
@@ -199,6 +201,9 @@ struct Settings {
     ticks_metric: u32,
     /// `counter` mode: a counter each request adds 2 to with `record_metric`.
     recorded_metric: u32,
+    /// `queue` mode: items each request enqueues (`burst`); if set,
+    /// `on_queue_ready` dequeues one item per call.
+    burst: u64,
     queue: u32,
     timeout_ms: u64,
     /// `path` (the TCP callout's).
@@ -450,6 +455,7 @@ impl RootContext for Root {
                 hostcalls::define_metric(MetricType::Counter, "pw_dequeued").unwrap_or(0);
         }
         self.s.timeout_ms = v["timeout_ms"].as_u64().unwrap_or(1000);
+        self.s.burst = v["burst"].as_u64().unwrap_or(0);
         self.s.path = v["path"].as_str().unwrap_or("/check").to_string();
         if self.s.mode.starts_with("tcp-") {
             let names = [
@@ -524,6 +530,13 @@ impl RootContext for Root {
             return;
         }
         if self.s.mode != "queue" {
+            return;
+        }
+        if self.s.burst > 0 {
+            // One item per call: each enqueue owes a call.
+            if let Ok(Some(_item)) = self.dequeue_shared_queue(queue_id) {
+                hostcalls::increment_metric(self.s.requests_metric, 1).ok();
+            }
             return;
         }
         while let Ok(Some(_item)) = self.dequeue_shared_queue(queue_id) {
@@ -1267,7 +1280,9 @@ impl HttpContext for Filter {
                 let q = self.resolve_shared_queue(&vm, "pw_events");
                 let same = q == Some(self.s.queue);
                 if let Some(q) = q {
-                    self.enqueue_shared_queue(q, Some(path.as_bytes())).ok();
+                    for _ in 0..self.s.burst.max(1) {
+                        self.enqueue_shared_queue(q, Some(path.as_bytes())).ok();
+                    }
                 }
                 self.seen.push(("x-pw-resolved".into(), same.to_string()));
             }

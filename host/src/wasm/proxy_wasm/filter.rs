@@ -155,7 +155,7 @@ struct Live {
     contexts: FxHashMap<(u64, u32), u32>,
     next_context: u32,
     /// Queues this VM registered, with their wake-ups (dropping one unsubscribes).
-    queues: HashMap<u32, Arc<tokio::sync::Notify>>,
+    queues: HashMap<u32, Arc<super::shared::QueueWake>>,
     /// Dropped with the VM: wakes the exchanges paused in it
     /// ([`HttpFilter::instance_gone`]).
     alive: InstanceAlive,
@@ -645,18 +645,20 @@ impl ProxyWasmFilter {
         VMS.with(|cell| LIVE.sweep(&mut cell.borrow_mut()));
     }
 
-    /// Calls `proxy_on_queue_ready(root, queue)` on this worker's VM after each
-    /// enqueue, while that VM (generation `generation`) lives.
+    /// Calls `proxy_on_queue_ready(root, queue)` on this worker's VM once per
+    /// enqueue (as proxy-wasm-cpp-host posts one call per enqueue; see
+    /// [`super::shared::QueueWake`] for the bound), while that VM (generation
+    /// `generation`) lives.
     async fn queue_loop(
         me: Weak<ProxyWasmFilter>,
         worker: usize,
         generation: u64,
         queue: u32,
-        ready: Weak<tokio::sync::Notify>,
+        ready: Weak<super::shared::QueueWake>,
     ) {
         loop {
             let Some(n) = ready.upgrade() else { return };
-            n.notified().await;
+            n.next().await;
             drop(n);
             let Some(f) = me.upgrade() else { return };
             if !f.is_current(generation) {
