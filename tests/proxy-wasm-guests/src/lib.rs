@@ -170,16 +170,23 @@
 //!   carries `x-pw-cfg-<tag>` (the tag read in `on_configure`), `x-pw-root-<tag>`
 //!   (`plugin_root_id` read in `on_configure`) and `x-pw-root-now-<tag>` (read in
 //!   the HTTP context). `/trap/<tag>` panics in that plugin's context. Ticks
-//!   (`tick_ms`) count in metric `pw_share_ticks` of the ticking plugin.
+//!   (`tick_ms`) count in metric `pw_share_ticks` of the ticking plugin. With
+//!   `vm_config: vm-metric`, `on_vm_start` defines counter `pw_vm_requests`
+//!   (once per VM) and each request increments it, the result as
+//!   `x-pw-vm-metric-<tag>`.
 //!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// `share` mode's counter: one per VM (module instance).
 static SHARED_COUNT: AtomicU64 = AtomicU64::new(0);
+
+/// With `vm_config: vm-metric`: counter `pw_vm_requests`, defined in
+/// `on_vm_start` (once per VM, on its first root context).
+static VM_METRIC: AtomicU32 = AtomicU32::new(0);
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::*;
@@ -425,6 +432,11 @@ impl RootContext for Root {
     fn on_vm_start(&mut self, _size: usize) -> bool {
         if let Some(b) = self.get_vm_configuration() {
             self.s.vm_config = String::from_utf8_lossy(&b).into_owned();
+        }
+        if self.s.vm_config == "vm-metric" {
+            // Defined once per VM, used by every plugin's contexts in it.
+            let id = hostcalls::define_metric(MetricType::Counter, "pw_vm_requests").unwrap_or(0);
+            VM_METRIC.store(id, Ordering::Relaxed);
         }
         true
     }
@@ -1249,6 +1261,13 @@ impl HttpContext for Filter {
                 self.seen.push((format!("x-pw-root-{tag}"), self.s.root_id.clone()));
                 let now = prop(self, &["plugin_root_id"]);
                 self.seen.push((format!("x-pw-root-now-{tag}"), now));
+                // (Only the first root context ran `on_vm_start`: the id is
+                // the VM's.)
+                let id = VM_METRIC.load(Ordering::Relaxed);
+                if id != 0 {
+                    let r = hostcalls::increment_metric(id, 1);
+                    self.seen.push((format!("x-pw-vm-metric-{tag}"), format!("{r:?}")));
+                }
             }
             "counter" => {
                 let mut n = 0u64;

@@ -192,6 +192,9 @@ pub struct VmShare {
     vm: u64,
     /// The plugins, in load order; plugin `i` has root context `i + 1`.
     members: std::sync::Mutex<Vec<Weak<ProxyWasmFilter>>>,
+    /// The VM's metrics (Envoy keeps them per VM), labelled with its first
+    /// plugin.
+    metrics: Arc<super::state::Metrics>,
 }
 
 impl Drop for VmShare {
@@ -209,6 +212,11 @@ impl VmShare {
             .filter_map(Weak::upgrade)
             .collect()
     }
+
+    /// The VM's metrics table, which every plugin of it uses.
+    pub fn metrics(&self) -> Arc<super::state::Metrics> {
+        self.metrics.clone()
+    }
 }
 
 /// The shared VMs of one plugin set being loaded, by (`vm_id`, module sha256,
@@ -218,8 +226,15 @@ pub struct Shares(HashMap<(String, String, Vec<u8>), Arc<VmShare>>);
 
 impl Shares {
     /// The shared VM for this key and the root context id of the plugin about
-    /// to join it (which [`Shares::join`] then registers).
-    pub fn reserve(&mut self, vm_id: &str, sha256: &str, vm_config: &[u8]) -> (Arc<VmShare>, u32) {
+    /// to join it (which [`Shares::join`] then registers); `plugin` names the
+    /// VM's metrics if it is the first.
+    pub fn reserve(
+        &mut self,
+        vm_id: &str,
+        sha256: &str,
+        vm_config: &[u8],
+        plugin: &str,
+    ) -> (Arc<VmShare>, u32) {
         let share = self
             .0
             .entry((vm_id.to_string(), sha256.to_string(), vm_config.to_vec()))
@@ -229,6 +244,7 @@ impl Shares {
                 Arc::new(VmShare {
                     vm,
                     members: std::sync::Mutex::default(),
+                    metrics: super::state::Metrics::new(plugin),
                 })
             })
             .clone();
