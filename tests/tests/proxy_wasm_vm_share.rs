@@ -419,3 +419,34 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// A queue the second plugin of a shared VM registers in its
+    /// `proxy_on_configure` (run when the first plugin's exchange starts the
+    /// VM) wakes that plugin's root context, not the first one's: each
+    /// enqueue is drained by the plugin that registered the queue.
+    async fn a_queue_registered_by_the_second_plugin_wakes_its_root(proto) {
+        let up = upstream().start().await;
+        let vm = format!("queue-owner-{proto:?}");
+        let plugins = share("a", &vm)
+            + &plugin(
+                "q",
+                "{ mode: queue }",
+                &format!("      vm_id: {vm}\n"),
+                "closed",
+            );
+        let lg = legate()
+            .concurrency(1)
+            .config(&config(up.addr, &plugins, &["a", "q"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for i in 0..3 {
+            let r = c.get(&format!("/event/{i}")).send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.header("x-pw-resolved"), Some("true"));
+        }
+        // Counted by `q`'s root context (the VM's metrics carry its first
+        // plugin, `a`).
+        lg.assert_stat(&stat("legate_proxywasm_pw_dequeued", "a"), 3.0)
+            .await;
+    }
+);

@@ -702,7 +702,7 @@ impl ProxyWasmFilter {
         if live.exports.queue_ready.is_none() {
             return;
         }
-        for q in new {
+        for (_, q) in new {
             if live.queues.contains_key(&q) {
                 continue;
             }
@@ -720,8 +720,41 @@ impl ProxyWasmFilter {
     }
 
     /// Starts what the last guest call asked of the host beyond its return:
-    /// the queues it registered, the root context's callouts and gRPC streams.
+    /// the queues it registered, the root context's callouts and gRPC streams,
+    /// each with the plugin whose root context asked (so its callbacks go to
+    /// that root, under that plugin's grants): in a shared VM, the start runs
+    /// every plugin's `proxy_on_configure` under the plugin that started it.
     fn start_root_work(&self, live: &mut Live, worker: usize, generation: u64) {
+        let data = live.store.data();
+        let root = self.root;
+        let foreign = data.new_queues.iter().any(|(r, _)| *r != root)
+            || data.root_callouts.iter().any(|(r, _)| *r != root)
+            || data.new_streams.iter().any(|p| p.root != root);
+        if !foreign {
+            return self.start_own_root_work(live, worker, generation);
+        }
+        let data = live.store.data_mut();
+        let mut queues = std::mem::take(&mut data.new_queues);
+        let mut callouts = std::mem::take(&mut data.root_callouts);
+        let mut streams = std::mem::take(&mut data.new_streams);
+        for m in self.members() {
+            let data = live.store.data_mut();
+            let r = m.root;
+            (data.new_queues, queues) = queues.into_iter().partition(|(o, _)| *o == r);
+            (data.root_callouts, callouts) = callouts.into_iter().partition(|(c, _)| *c == r);
+            (data.new_streams, streams) = streams.into_iter().partition(|p| p.root == r);
+            m.start_own_root_work(live, worker, generation);
+        }
+        // A root of no live plugin (not expected): this plugin's.
+        let data = live.store.data_mut();
+        data.new_queues = queues;
+        data.root_callouts = callouts;
+        data.new_streams = streams;
+        self.start_own_root_work(live, worker, generation);
+    }
+
+    /// [`Self::start_root_work`] for what this plugin's root context asked.
+    fn start_own_root_work(&self, live: &mut Live, worker: usize, generation: u64) {
         if !live.store.data().new_queues.is_empty() {
             self.watch_queues(live, worker, generation);
         }
@@ -1266,7 +1299,7 @@ impl ProxyWasmFilter {
         let data = live.store.data_mut();
         let queued = std::mem::take(&mut data.root_callouts);
         let Some(me) = self.me.get() else { return };
-        for req in queued {
+        for (_, req) in queued {
             let token = u32::try_from(req.id).unwrap_or(0);
             let task =
                 tokio::task::spawn_local(Self::root_callout(me.clone(), worker, generation, req));

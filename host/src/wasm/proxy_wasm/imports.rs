@@ -259,7 +259,7 @@ fn queue_call(
     };
     s.outstanding.insert(token, context);
     if context == s.root {
-        s.root_callouts.push(req);
+        s.root_callouts.push((s.root, req));
     } else {
         s.x.callouts.push(req);
     }
@@ -802,7 +802,8 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 check(c, out, 4)?;
                 let vm = c.data().meta.vm_id.clone();
                 let id = shared::register_queue(&vm, &name).map_err(Fail::Status)?;
-                c.data_mut().new_queues.push(id);
+                let root = c.data().root;
+                c.data_mut().new_queues.push((root, id));
                 write_u32(c, out, id)
             })
         },
@@ -1208,7 +1209,7 @@ mod tests {
         http_call(&mut s, "authz".into(), &pairs, Vec::new(), 0).unwrap();
         pairs.drain(..3);
         grpc_call(&mut s, b"authz", "svc.S", "M", &pairs, b"m", 0).unwrap();
-        let [http, grpc] = &s.root_callouts[..] else {
+        let [(_, http), (_, grpc)] = &s.root_callouts[..] else {
             panic!("two callouts queued")
         };
         for h in [&http.headers, &grpc.headers] {

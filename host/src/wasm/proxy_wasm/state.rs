@@ -254,8 +254,11 @@ pub struct PwState {
     /// Properties the guest set, by context (capped per context, dropped
     /// with it).
     pub props: FxHashMap<u32, super::properties::Props>,
-    /// Queues registered since the host last looked (for `proxy_on_queue_ready`).
-    pub new_queues: Vec<u32>,
+    /// Queues registered since the host last looked (for `proxy_on_queue_ready`),
+    /// with the root context of the plugin that registered each (in a shared
+    /// VM started by one plugin, each plugin's `proxy_on_configure` registers
+    /// its own).
+    pub new_queues: Vec<(u32, u32)>,
     /// The callout result being delivered (`proxy_on_http_call_response`): read
     /// through map 6 and buffer 4.
     pub call_response: Option<CalloutResult>,
@@ -276,9 +279,9 @@ pub struct PwState {
     /// The gRPC status being delivered (`proxy_on_grpc_close`), read with
     /// `proxy_get_status`: code and message.
     pub grpc_status: Option<(u32, String)>,
-    /// Callouts sent from the root context (ticks, queue events), sent by the
-    /// filter after the call.
-    pub root_callouts: Vec<CalloutRequest>,
+    /// Callouts sent from a root context (ticks, queue events, configure),
+    /// sent by that root's plugin after the call: (root context, request).
+    pub root_callouts: Vec<(u32, CalloutRequest)>,
     /// The tasks of root-context callouts in flight, by token, so that
     /// `proxy_grpc_cancel` can abort them (pruned of finished ones as new
     /// ones start).
