@@ -608,6 +608,11 @@ each_proto!(
         // An unknown context id is refused (BAD_ARGUMENT), its own is accepted.
         let r = c.get("/badctx").send().await;
         assert_eq!(r.header("x-pw-badctx"), Some("2,0"));
+        // An unknown stream type to continue or close: BAD_ARGUMENT, as in
+        // Envoy (the close resets nothing).
+        let r = c.get("/badstream").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-badstream"), Some("2,2"));
         // http_call to a cluster the plugin is not granted: the SDK sees
         // BAD_ARGUMENT (as Envoy answers for an unknown cluster).
         let r = c.get("/unimpl").send().await;
@@ -625,7 +630,7 @@ each_proto!(
         assert_eq!(failures.unwrap_or(0.0), 0.0);
         lg.assert_stat(r#"legate_plugin_instances{plugin="hostile"}"#, 1.0)
             .await;
-        lg.assert_stat(&calls("hostile", "request_headers"), 5.0).await;
+        lg.assert_stat(&calls("hostile", "request_headers"), 6.0).await;
     }
 );
 

@@ -16,7 +16,8 @@
 //! - `hostile`: by path: `/panic` panics, `/badptr` passes wild pointers to raw
 //!   hostcalls, `/badctx` switches to an unknown context, `/loop` spins forever,
 //!   `/grow` allocates 64 MiB, `/print` writes to stdout and stderr,
-//!   `/unimpl` calls http_call to `backend` (not granted) and reports the status.
+//!   `/unimpl` calls http_call to `backend` (not granted) and reports the status,
+//!   `/badstream` continues and closes stream type 9 (`x-pw-badstream`).
 //! - `queue`: each request enqueues its path to queue `pw_events`, which the root
 //!   context registered; `on_queue_ready` drains it, counting in `pw_dequeued`.
 //!   With `burst: n`, each request enqueues it `n` times in one callback and
@@ -1143,6 +1144,8 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_close_stream(stream_type: u32) -> u32;
     fn proxy_set_header_map_pairs(map_type: u32, data: *const u8, size: usize) -> u32;
 }
 
@@ -1589,6 +1592,11 @@ impl HttpContext for Filter {
                     let s = unsafe { proxy_set_effective_context(987_654) };
                     let back = unsafe { proxy_set_effective_context(self.id) };
                     self.seen.push(("x-pw-badctx".into(), format!("{s},{back}")));
+                }
+                "/badstream" => {
+                    let a = unsafe { proxy_continue_stream(9) };
+                    let b = unsafe { proxy_close_stream(9) };
+                    self.seen.push(("x-pw-badstream".into(), format!("{a},{b}")));
                 }
                 "/unimpl" => {
                     let r = self.dispatch_http_call("backend", vec![(":method", "GET"), (":path", "/"), (":authority", "x")], None, vec![], Duration::from_secs(1));

@@ -579,17 +579,23 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
         // Resumes the exchange held since a phase returned PAUSE, once the current
         // call (a callout response) returns; nothing to do when it is not held.
         // A TCP connection resumes the directions named (filter.rs).
+        // An unknown stream type is `BAD_ARGUMENT`, as in Envoy.
         run(&mut c, |c| {
+            let Ok(t @ 0..=3) = u8::try_from(stream) else {
+                return fail(status::BAD_ARGUMENT);
+            };
             let data = c.data_mut();
             data.resume = true;
-            if let Ok(t @ 0..=3) = u8::try_from(stream) {
-                data.resumed_streams |= 1 << t;
-            }
+            data.resumed_streams |= 1 << t;
             Ok(())
         })
     })?;
-    l.func_wrap(E, "proxy_close_stream", |mut c: C<'_>, _stream: i32| {
+    l.func_wrap(E, "proxy_close_stream", |mut c: C<'_>, stream: i32| {
         run(&mut c, |c| {
+            // An unknown stream type is `BAD_ARGUMENT`, as in Envoy.
+            if !(0..=3).contains(&stream) {
+                return fail(status::BAD_ARGUMENT);
+            }
             c.data_mut().close = true;
             Ok(())
         })
