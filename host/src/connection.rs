@@ -176,7 +176,17 @@ pub async fn serve(
             let fut = crate::proxy::handle(conn_ctx.clone(), req);
             let h1_closing = h1_closing.clone();
             async move {
-                let mut resp = fut.await?;
+                let Ok(mut resp) = fut.await;
+                // A filter reset the stream: hyper resets an HTTP/2 stream
+                // whose service fails (`RST_STREAM`) and closes an HTTP/1.1
+                // connection without an answer.
+                if resp
+                    .extensions()
+                    .get::<crate::filter::StreamReset>()
+                    .is_some()
+                {
+                    return Err(crate::filter::StreamReset);
+                }
                 // Not on a `101`: its `Connection: upgrade` must stay (the
                 // tunnel is closed at the drain timeout instead).
                 if h1_closing.get()
@@ -188,7 +198,7 @@ pub async fn serve(
                         http::HeaderValue::from_static("close"),
                     );
                 }
-                Ok::<_, std::convert::Infallible>(resp)
+                Ok::<_, crate::filter::StreamReset>(resp)
             }
         })
     };

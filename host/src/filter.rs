@@ -630,6 +630,11 @@ pub struct ExchangeData {
     /// instead: mid-stream they hold paused chunks themselves (Envoy's
     /// `StopIterationAndBuffer`).
     pub hold_stream: bool,
+    /// A filter reset the stream (proxy-wasm's `proxy_close_stream`, Envoy's
+    /// `resetStream`): its own outcome, not a failure. The chain ends the
+    /// exchange with a reset whatever the filter's failure policy
+    /// ([`Chain::fail`]); the filter's call returns an error that says so.
+    pub reset: bool,
     /// Where the client's `host` header is. It stays in `request_headers` until
     /// something reaches the head through [`ExchangeData::request_headers`]:
     /// moving it out and back costs two header-map operations (~0.4k
@@ -761,6 +766,7 @@ impl Exchange {
             hold_body: false,
             hold_end: false,
             hold_stream: false,
+            reset: false,
             host: ClientHost::InHead,
             table,
             routing: Routing::default(),
@@ -801,6 +807,7 @@ impl Exchange {
             hold_body: false,
             hold_end: false,
             hold_stream: false,
+            reset: false,
             host: ClientHost::Taken(None),
             table: None,
             routing: Routing::default(),
@@ -1266,6 +1273,9 @@ struct SharedInner {
     /// How long body streams held the chain for callouts so far
     /// ([`SharedChain::add_held`]): time that is not the client's.
     held: std::cell::Cell<Duration>,
+    /// A filter reset the stream ([`ExchangeData::reset`]): the proxy resets
+    /// the downstream stream instead of answering ([`StreamReset`]).
+    reset: std::cell::Cell<bool>,
 }
 
 impl SharedInner {
@@ -1306,8 +1316,15 @@ impl SharedChain {
                 aborted: std::cell::Cell::new(false),
                 ended: std::cell::RefCell::new(None),
                 held: std::cell::Cell::new(Duration::ZERO),
+                reset: std::cell::Cell::new(false),
             }
         }))
+    }
+
+    /// Whether a filter reset the stream ([`ExchangeData::reset`]): the
+    /// answer must not be sent, the downstream stream is reset instead.
+    pub fn was_reset(&self) -> bool {
+        self.0.reset.get()
     }
 
     /// Whether a body stream can run its phases now: `Pending` while the chain
@@ -1502,6 +1519,20 @@ pub struct Chain {
     pub grpc: bool,
 }
 
+/// Marks a response the downstream must not get: a filter reset the stream
+/// ([`ExchangeData::reset`]). The connection's service turns it into a
+/// reset (an HTTP/2 `RST_STREAM`, an HTTP/1.1 connection closed without an
+/// answer), as Envoy's `resetStream` before the response head.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamReset;
+
+impl std::fmt::Display for StreamReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a filter reset the stream")
+    }
+}
+impl std::error::Error for StreamReset {}
+
 /// The failure policy applied to a failed call: `Ok(())` if the filter is skipped
 /// (fail open), the request's error otherwise.
 fn failure(f: &dyn HttpFilter, phase: &str, why: &str) -> Result<(), ProxyError> {
@@ -1527,6 +1558,26 @@ enum Woke<T> {
 const NOTHING_IN_FLIGHT: &str = "paused with no callout in flight";
 
 impl Chain {
+    /// A call of `f` returned an error (`why`): if the filter reset the stream
+    /// ([`ExchangeData::reset`]), the exchange ends with a reset whatever its
+    /// failure policy (not a failure: Envoy resets the stream); else the
+    /// failure policy.
+    fn fail(&self, f: &dyn HttpFilter, phase: &str, why: &str) -> Result<(), ProxyError> {
+        if !self.x.reset {
+            return failure(f, phase, why);
+        }
+        tracing::debug!(plugin = f.name(), phase, "the filter reset the stream");
+        if let Some(shared) = self.shared.upgrade() {
+            shared.reset.set(true);
+        }
+        // No answer goes out (the proxy resets the stream), so no response
+        // filter sees one either.
+        Err(ProxyError::new(
+            Kind::DownstreamReset,
+            format!("plugin `{}` reset the stream", f.name()),
+        ))
+    }
+
     /// A pause of entered filter `i` the chain refuses (`why`): counted as the
     /// filter's failure, as failures of its own calls are.
     fn refused_pause(&self, i: usize, why: String) -> String {
@@ -1713,7 +1764,7 @@ impl Chain {
             }
             Err(why) => {
                 self.skipped.push(i);
-                failure(&*f, what, &why)
+                self.fail(&*f, what, &why)
             }
         }
     }
@@ -1772,7 +1823,7 @@ impl Chain {
                 }
                 Err(why) => {
                     self.skipped.push(k);
-                    failure(&*f, "request_headers", &why)?;
+                    self.fail(&*f, "request_headers", &why)?;
                 }
             }
         }
@@ -1819,7 +1870,7 @@ impl Chain {
                     self.replaced_response = Some(i);
                 }
                 Err(why) => {
-                    failure(&*f, "response_headers", &why)?;
+                    self.fail(&*f, "response_headers", &why)?;
                     self.skipped.push(i);
                 }
             }
@@ -1967,7 +2018,7 @@ impl Chain {
         };
         self.skipped.push(i);
         let f = self.entered[i].clone();
-        if let Err(e) = failure(&*f, phase, &why) {
+        if let Err(e) = self.fail(&*f, phase, &why) {
             if d == Direction::Request {
                 // Failed closed while it held the request: the `503` enters
                 // the response path right after it (abi/README.md §3.2).

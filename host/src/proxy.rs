@@ -167,6 +167,15 @@ pub async fn handle(
             local_reply(&conn, out, e, version).await
         }
     };
+    // A filter reset the stream (proxy-wasm's `proxy_close_stream`): the
+    // connection resets it instead of sending this answer.
+    if out
+        .chain
+        .as_ref()
+        .is_some_and(filter::SharedChain::was_reset)
+    {
+        resp.extensions_mut().insert(filter::StreamReset);
+    }
     if out.debug.on {
         // Here, after the response filters, so that every answer (upstream, local,
         // error) gets them the same way and no filter changes them.

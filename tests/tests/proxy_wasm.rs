@@ -353,6 +353,62 @@ each_proto!(
 );
 
 each_proto!(
+    /// `proxy_record_metric` on a counter adds the value, as Envoy's (and
+    /// proxy-wasm-cpp-host's) `recordMetric` does: it does not set it.
+    async fn record_metric_adds_to_a_counter(proto) {
+        let up = upstream().start().await;
+        let p = plugin("recorder", "{ mode: counter }", "");
+        let lg = legate().config(&config(up.addr, &p, &["recorder"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..3 {
+            let r = c.get("/count").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        // Each request records 2.
+        lg.assert_stat(&calls("recorder", "done"), 3.0).await;
+        assert_eq!(
+            lg.stat(r#"legate_proxywasm_pw_recorded{plugin="recorder"}"#)
+                .await,
+            Some(6.0)
+        );
+    }
+);
+
+each_proto!(
+    /// `proxy_close_stream` resets the stream, as Envoy's `resetStream`, under
+    /// either failure policy: from a request or response headers callback
+    /// nothing is answered (HTTP/2 `RST_STREAM`, HTTP/1.1 connection closed)
+    /// and a reset request never reaches the upstream; from a response body
+    /// callback the response is cut. It is not a plugin failure.
+    async fn close_stream_resets_the_exchange_whatever_the_policy(proto) {
+        let up = upstream().start().await;
+        for fail in ["open", "closed"] {
+            let p = plugin("closer", "{ mode: close }", &format!("    fail: {fail}\n"));
+            let lg = legate().config(&config(up.addr, &p, &["closer"])).start();
+            let addr = lg.addr("web");
+            let before = up.requests.get();
+            for path in ["/close-request", "/close-response", "/close-body"] {
+                let r = client(proto, addr).await.get(path).try_send().await;
+                assert!(
+                    r.is_err(),
+                    "fail {fail}, {path}: answered {:?}",
+                    r.map(|r| (r.status, r.text()))
+                );
+            }
+            // The reset request never went upstream; the other two did.
+            assert_eq!(up.requests.get(), before + 2, "fail {fail}");
+            let r = client(proto, addr).await.get("/fine").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            lg.assert_stat(&calls("closer", "done"), 4.0).await;
+            let failures = lg
+                .stat(r#"legate_plugin_failures_total{plugin="closer"}"#)
+                .await;
+            assert_eq!(failures.unwrap_or(0.0), 0.0, "fail {fail}");
+        }
+    }
+);
+
+each_proto!(
     async fn queue_ready_drains_a_shared_queue(proto) {
         let up = upstream().start().await;
         let vm = format!("queue-{proto:?}");
@@ -372,6 +428,28 @@ each_proto!(
         }
         // Each enqueue wakes the registering root context, which dequeues.
         lg.assert_stat(r#"legate_proxywasm_pw_dequeued{plugin="queue"}"#, 5.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// `proxy_on_queue_ready` is called once per enqueue, as
+    /// proxy-wasm-cpp-host posts one call per enqueue: three enqueues in one
+    /// callback are three calls, not one (the guest dequeues one item per call).
+    async fn queue_ready_once_per_enqueue(proto) {
+        let up = upstream().start().await;
+        let vm = format!("queue-burst-{proto:?}");
+        let p = plugin("burst", "{ mode: queue, burst: 3 }", "").replace(
+            "    proxy_wasm:\n",
+            &format!("    proxy_wasm:\n      vm_id: {vm}\n"),
+        );
+        let lg = legate().config(&config(up.addr, &p, &["burst"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for i in 0..2 {
+            let r = c.get(&format!("/event/{i}")).send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        lg.assert_stat(r#"legate_proxywasm_pw_dequeued{plugin="burst"}"#, 6.0)
             .await;
     }
 );
@@ -539,6 +617,11 @@ each_proto!(
         // An unknown context id is refused (BAD_ARGUMENT), its own is accepted.
         let r = c.get("/badctx").send().await;
         assert_eq!(r.header("x-pw-badctx"), Some("2,0"));
+        // An unknown stream type to continue or close: BAD_ARGUMENT, as in
+        // Envoy (the close resets nothing).
+        let r = c.get("/badstream").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-badstream"), Some("2,2"));
         // http_call to a cluster the plugin is not granted: the SDK sees
         // BAD_ARGUMENT (as Envoy answers for an unknown cluster).
         let r = c.get("/unimpl").send().await;
@@ -556,7 +639,7 @@ each_proto!(
         assert_eq!(failures.unwrap_or(0.0), 0.0);
         lg.assert_stat(r#"legate_plugin_instances{plugin="hostile"}"#, 1.0)
             .await;
-        lg.assert_stat(&calls("hostile", "request_headers"), 5.0).await;
+        lg.assert_stat(&calls("hostile", "request_headers"), 6.0).await;
     }
 );
 

@@ -379,3 +379,74 @@ async fn a_tick_callout_of_the_second_root_context_is_answered_to_it() {
         assert_eq!(f.unwrap_or(0.0), 0.0, "{p}");
     }
 }
+
+each_proto!(
+    /// Metrics are the VM's, as in Envoy: a counter that the shared VM's
+    /// `proxy_on_vm_start` (on the first plugin's root context) defined is
+    /// found by the second plugin's contexts under the same id, and one
+    /// plugin's ids never land on another plugin's metric (ids per plugin both
+    /// started at 1). The series carry the VM's first plugin.
+    async fn a_shared_vm_has_one_metric_table(proto) {
+        let up = upstream().start().await;
+        let vm = format!("metric-{proto:?}");
+        let with_vm_config =
+            |p: String| p.replace("      vm_id:", "      vm_config: vm-metric\n      vm_id:");
+        let plugins = with_vm_config(share("a", &vm)) + &with_vm_config(share("b", &vm));
+        let lg = legate()
+            .concurrency(1)
+            .config(&config(up.addr, &plugins, &["a", "b"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for i in 0..3 {
+            let r = c.get(&format!("/req/{i}")).send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.header("x-pw-vm-metric-a"), Some("Ok(())"));
+            assert_eq!(r.header("x-pw-vm-metric-b"), Some("Ok(())"));
+        }
+        assert_eq!(
+            lg.stat(&stat("legate_proxywasm_pw_vm_requests", "a")).await,
+            Some(6.0)
+        );
+        assert_eq!(
+            lg.stat(&stat("legate_proxywasm_pw_vm_requests", "b")).await,
+            None
+        );
+        // Nothing ticks: no increment went to another metric.
+        for p in ["a", "b"] {
+            let t = lg.stat(&stat("legate_proxywasm_pw_share_ticks", p)).await;
+            assert_eq!(t.unwrap_or(0.0), 0.0, "{p}");
+        }
+    }
+);
+
+each_proto!(
+    /// A queue the second plugin of a shared VM registers in its
+    /// `proxy_on_configure` (run when the first plugin's exchange starts the
+    /// VM) wakes that plugin's root context, not the first one's: each
+    /// enqueue is drained by the plugin that registered the queue.
+    async fn a_queue_registered_by_the_second_plugin_wakes_its_root(proto) {
+        let up = upstream().start().await;
+        let vm = format!("queue-owner-{proto:?}");
+        let plugins = share("a", &vm)
+            + &plugin(
+                "q",
+                "{ mode: queue }",
+                &format!("      vm_id: {vm}\n"),
+                "closed",
+            );
+        let lg = legate()
+            .concurrency(1)
+            .config(&config(up.addr, &plugins, &["a", "q"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for i in 0..3 {
+            let r = c.get(&format!("/event/{i}")).send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.header("x-pw-resolved"), Some("true"));
+        }
+        // Counted by `q`'s root context (the VM's metrics carry its first
+        // plugin, `a`).
+        lg.assert_stat(&stat("legate_proxywasm_pw_dequeued", "a"), 3.0)
+            .await;
+    }
+);

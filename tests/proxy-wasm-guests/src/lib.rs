@@ -11,14 +11,21 @@
 //!   with `:path /replaced`, `x-pw-set-all: good` and `x-keep: kept`.
 //! - `properties`: the response carries properties read in each phase as headers.
 //! - `counter`: shared data counter (CAS) and a metric, both incremented per request
-//!   and echoed as response headers; ticks every `tick_ms` log and count.
+//!   and echoed as response headers; ticks every `tick_ms` log and count. Each
+//!   request also records 2 on counter `pw_recorded` (`record_metric`).
 //! - `hostile`: by path: `/panic` panics, `/badptr` passes wild pointers to raw
 //!   hostcalls, `/badctx` switches to an unknown context, `/loop` spins forever,
 //!   `/grow` allocates 64 MiB, `/print` writes to stdout and stderr,
-//!   `/unimpl` calls http_call to `backend` (not granted) and reports the status.
+//!   `/unimpl` calls http_call to `backend` (not granted) and reports the status,
+//!   `/badstream` continues and closes stream type 9 (`x-pw-badstream`).
 //! - `queue`: each request enqueues its path to queue `pw_events`, which the root
 //!   context registered; `on_queue_ready` drains it, counting in `pw_dequeued`.
+//!   With `burst: n`, each request enqueues it `n` times in one callback and
+//!   `on_queue_ready` dequeues one item per call (each enqueue owes a call).
 //! - `reject`: `on_configure` returns false.
+//! - `close`: resets the stream (`proxy_close_stream`) from the request headers
+//!   callback under `/close-request`, the response headers callback under
+//!   `/close-response`, the response body callback under `/close-body`.
 //! - `noop`: every callback returns at once.
 //! - `callout`: each request pauses on an HTTP call to cluster `authz` (path
 //!   `/check<request path>`, timeout `timeout_ms`, default 1000); in
@@ -164,16 +171,23 @@
 //!   carries `x-pw-cfg-<tag>` (the tag read in `on_configure`), `x-pw-root-<tag>`
 //!   (`plugin_root_id` read in `on_configure`) and `x-pw-root-now-<tag>` (read in
 //!   the HTTP context). `/trap/<tag>` panics in that plugin's context. Ticks
-//!   (`tick_ms`) count in metric `pw_share_ticks` of the ticking plugin.
+//!   (`tick_ms`) count in metric `pw_share_ticks` of the ticking plugin. With
+//!   `vm_config: vm-metric`, `on_vm_start` defines counter `pw_vm_requests`
+//!   (once per VM) and each request increments it, the result as
+//!   `x-pw-vm-metric-<tag>`.
 //!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// `share` mode's counter: one per VM (module instance).
 static SHARED_COUNT: AtomicU64 = AtomicU64::new(0);
+
+/// With `vm_config: vm-metric`: counter `pw_vm_requests`, defined in
+/// `on_vm_start` (once per VM, on its first root context).
+static VM_METRIC: AtomicU32 = AtomicU32::new(0);
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::*;
@@ -193,6 +207,11 @@ struct Settings {
     vm_config: String,
     requests_metric: u32,
     ticks_metric: u32,
+    /// `counter` mode: a counter each request adds 2 to with `record_metric`.
+    recorded_metric: u32,
+    /// `queue` mode: items each request enqueues (`burst`); if set,
+    /// `on_queue_ready` dequeues one item per call.
+    burst: u64,
     queue: u32,
     timeout_ms: u64,
     /// `path` (the TCP callout's).
@@ -415,6 +434,11 @@ impl RootContext for Root {
         if let Some(b) = self.get_vm_configuration() {
             self.s.vm_config = String::from_utf8_lossy(&b).into_owned();
         }
+        if self.s.vm_config == "vm-metric" {
+            // Defined once per VM, used by every plugin's contexts in it.
+            let id = hostcalls::define_metric(MetricType::Counter, "pw_vm_requests").unwrap_or(0);
+            VM_METRIC.store(id, Ordering::Relaxed);
+        }
         true
     }
 
@@ -444,6 +468,7 @@ impl RootContext for Root {
                 hostcalls::define_metric(MetricType::Counter, "pw_dequeued").unwrap_or(0);
         }
         self.s.timeout_ms = v["timeout_ms"].as_u64().unwrap_or(1000);
+        self.s.burst = v["burst"].as_u64().unwrap_or(0);
         self.s.path = v["path"].as_str().unwrap_or("/check").to_string();
         if self.s.mode.starts_with("tcp-") {
             let names = [
@@ -479,6 +504,8 @@ impl RootContext for Root {
                 hostcalls::define_metric(MetricType::Counter, "pw_ticks").unwrap_or(0);
             let g = hostcalls::define_metric(MetricType::Gauge, "pw_gauge").unwrap_or(0);
             hostcalls::record_metric(g, 42).ok();
+            self.s.recorded_metric =
+                hostcalls::define_metric(MetricType::Counter, "pw_recorded").unwrap_or(0);
             if let Some(ms) = v["tick_ms"].as_u64() {
                 self.set_tick_period(Duration::from_millis(ms));
             }
@@ -516,6 +543,13 @@ impl RootContext for Root {
             return;
         }
         if self.s.mode != "queue" {
+            return;
+        }
+        if self.s.burst > 0 {
+            // One item per call: each enqueue owes a call.
+            if let Ok(Some(_item)) = self.dequeue_shared_queue(queue_id) {
+                hostcalls::increment_metric(self.s.requests_metric, 1).ok();
+            }
             return;
         }
         while let Ok(Some(_item)) = self.dequeue_shared_queue(queue_id) {
@@ -1110,6 +1144,8 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_close_stream(stream_type: u32) -> u32;
     fn proxy_set_header_map_pairs(map_type: u32, data: *const u8, size: usize) -> u32;
 }
 
@@ -1141,6 +1177,11 @@ impl HttpContext for Filter {
         let path = self.get_http_request_header(":path").unwrap_or_default();
         self.path = path.clone();
         match self.s.mode.as_str() {
+            "close" => {
+                if path.starts_with("/close-request") {
+                    self.reset_http_request();
+                }
+            }
             "headers" => {
                 if path == "/deny" {
                     self.send_http_response(
@@ -1223,6 +1264,13 @@ impl HttpContext for Filter {
                 self.seen.push((format!("x-pw-root-{tag}"), self.s.root_id.clone()));
                 let now = prop(self, &["plugin_root_id"]);
                 self.seen.push((format!("x-pw-root-now-{tag}"), now));
+                // (Only the first root context ran `on_vm_start`: the id is
+                // the VM's.)
+                let id = VM_METRIC.load(Ordering::Relaxed);
+                if id != 0 {
+                    let r = hostcalls::increment_metric(id, 1);
+                    self.seen.push((format!("x-pw-vm-metric-{tag}"), format!("{r:?}")));
+                }
             }
             "counter" => {
                 let mut n = 0u64;
@@ -1241,6 +1289,7 @@ impl HttpContext for Filter {
                 }
                 hostcalls::increment_metric(self.s.requests_metric, 1).ok();
                 let m = hostcalls::get_metric(self.s.requests_metric).unwrap_or(0);
+                hostcalls::record_metric(self.s.recorded_metric, 2).ok();
                 self.seen.push(("x-pw-counter".into(), n.to_string()));
                 self.seen.push(("x-pw-metric".into(), m.to_string()));
                 let q = self.register_shared_queue("pw_queue");
@@ -1253,7 +1302,9 @@ impl HttpContext for Filter {
                 let q = self.resolve_shared_queue(&vm, "pw_events");
                 let same = q == Some(self.s.queue);
                 if let Some(q) = q {
-                    self.enqueue_shared_queue(q, Some(path.as_bytes())).ok();
+                    for _ in 0..self.s.burst.max(1) {
+                        self.enqueue_shared_queue(q, Some(path.as_bytes())).ok();
+                    }
                 }
                 self.seen.push(("x-pw-resolved".into(), same.to_string()));
             }
@@ -1542,6 +1593,11 @@ impl HttpContext for Filter {
                     let back = unsafe { proxy_set_effective_context(self.id) };
                     self.seen.push(("x-pw-badctx".into(), format!("{s},{back}")));
                 }
+                "/badstream" => {
+                    let a = unsafe { proxy_continue_stream(9) };
+                    let b = unsafe { proxy_close_stream(9) };
+                    self.seen.push(("x-pw-badstream".into(), format!("{a},{b}")));
+                }
                 "/unimpl" => {
                     let r = self.dispatch_http_call("backend", vec![(":method", "GET"), (":path", "/"), (":authority", "x")], None, vec![], Duration::from_secs(1));
                     self.seen.push(("x-pw-http-call".into(), format!("{r:?}")));
@@ -1638,6 +1694,10 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.s.mode == "close" && self.path.starts_with("/close-body") {
+            self.reset_http_response();
+            return Action::Continue;
+        }
         let mode = self.callout_mode().to_string();
         match mode.as_str() {
             "body-rewrite" => {
@@ -1691,6 +1751,10 @@ impl HttpContext for Filter {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if self.s.mode == "noop" {
+            return Action::Continue;
+        }
+        if self.s.mode == "close" && self.path.starts_with("/close-response") {
+            self.reset_http_response();
             return Action::Continue;
         }
         if matches!(self.s.mode.as_str(), "body-rewrite" | "stream-callout" | "stream-trailers") {

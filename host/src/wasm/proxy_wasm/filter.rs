@@ -155,7 +155,7 @@ struct Live {
     contexts: FxHashMap<(u64, u32), u32>,
     next_context: u32,
     /// Queues this VM registered, with their wake-ups (dropping one unsubscribes).
-    queues: HashMap<u32, Arc<tokio::sync::Notify>>,
+    queues: HashMap<u32, Arc<super::shared::QueueWake>>,
     /// Dropped with the VM: wakes the exchanges paused in it
     /// ([`HttpFilter::instance_gone`]).
     alive: InstanceAlive,
@@ -192,6 +192,9 @@ pub struct VmShare {
     vm: u64,
     /// The plugins, in load order; plugin `i` has root context `i + 1`.
     members: std::sync::Mutex<Vec<Weak<ProxyWasmFilter>>>,
+    /// The VM's metrics (Envoy keeps them per VM), labelled with its first
+    /// plugin.
+    metrics: Arc<super::state::Metrics>,
 }
 
 impl Drop for VmShare {
@@ -209,6 +212,11 @@ impl VmShare {
             .filter_map(Weak::upgrade)
             .collect()
     }
+
+    /// The VM's metrics table, which every plugin of it uses.
+    pub fn metrics(&self) -> Arc<super::state::Metrics> {
+        self.metrics.clone()
+    }
 }
 
 /// The shared VMs of one plugin set being loaded, by (`vm_id`, module sha256,
@@ -218,8 +226,15 @@ pub struct Shares(HashMap<(String, String, Vec<u8>), Arc<VmShare>>);
 
 impl Shares {
     /// The shared VM for this key and the root context id of the plugin about
-    /// to join it (which [`Shares::join`] then registers).
-    pub fn reserve(&mut self, vm_id: &str, sha256: &str, vm_config: &[u8]) -> (Arc<VmShare>, u32) {
+    /// to join it (which [`Shares::join`] then registers); `plugin` names the
+    /// VM's metrics if it is the first.
+    pub fn reserve(
+        &mut self,
+        vm_id: &str,
+        sha256: &str,
+        vm_config: &[u8],
+        plugin: &str,
+    ) -> (Arc<VmShare>, u32) {
         let share = self
             .0
             .entry((vm_id.to_string(), sha256.to_string(), vm_config.to_vec()))
@@ -229,6 +244,7 @@ impl Shares {
                 Arc::new(VmShare {
                     vm,
                     members: std::sync::Mutex::default(),
+                    metrics: super::state::Metrics::new(plugin),
                 })
             })
             .clone();
@@ -645,18 +661,20 @@ impl ProxyWasmFilter {
         VMS.with(|cell| LIVE.sweep(&mut cell.borrow_mut()));
     }
 
-    /// Calls `proxy_on_queue_ready(root, queue)` on this worker's VM after each
-    /// enqueue, while that VM (generation `generation`) lives.
+    /// Calls `proxy_on_queue_ready(root, queue)` on this worker's VM once per
+    /// enqueue (as proxy-wasm-cpp-host posts one call per enqueue; see
+    /// [`super::shared::QueueWake`] for the bound), while that VM (generation
+    /// `generation`) lives.
     async fn queue_loop(
         me: Weak<ProxyWasmFilter>,
         worker: usize,
         generation: u64,
         queue: u32,
-        ready: Weak<tokio::sync::Notify>,
+        ready: Weak<super::shared::QueueWake>,
     ) {
         loop {
             let Some(n) = ready.upgrade() else { return };
-            n.notified().await;
+            n.next().await;
             drop(n);
             let Some(f) = me.upgrade() else { return };
             if !f.is_current(generation) {
@@ -684,7 +702,7 @@ impl ProxyWasmFilter {
         if live.exports.queue_ready.is_none() {
             return;
         }
-        for q in new {
+        for (_, q) in new {
             if live.queues.contains_key(&q) {
                 continue;
             }
@@ -702,8 +720,41 @@ impl ProxyWasmFilter {
     }
 
     /// Starts what the last guest call asked of the host beyond its return:
-    /// the queues it registered, the root context's callouts and gRPC streams.
+    /// the queues it registered, the root context's callouts and gRPC streams,
+    /// each with the plugin whose root context asked (so its callbacks go to
+    /// that root, under that plugin's grants): in a shared VM, the start runs
+    /// every plugin's `proxy_on_configure` under the plugin that started it.
     fn start_root_work(&self, live: &mut Live, worker: usize, generation: u64) {
+        let data = live.store.data();
+        let root = self.root;
+        let foreign = data.new_queues.iter().any(|(r, _)| *r != root)
+            || data.root_callouts.iter().any(|(r, _)| *r != root)
+            || data.new_streams.iter().any(|p| p.root != root);
+        if !foreign {
+            return self.start_own_root_work(live, worker, generation);
+        }
+        let data = live.store.data_mut();
+        let mut queues = std::mem::take(&mut data.new_queues);
+        let mut callouts = std::mem::take(&mut data.root_callouts);
+        let mut streams = std::mem::take(&mut data.new_streams);
+        for m in self.members() {
+            let data = live.store.data_mut();
+            let r = m.root;
+            (data.new_queues, queues) = queues.into_iter().partition(|(o, _)| *o == r);
+            (data.root_callouts, callouts) = callouts.into_iter().partition(|(c, _)| *c == r);
+            (data.new_streams, streams) = streams.into_iter().partition(|p| p.root == r);
+            m.start_own_root_work(live, worker, generation);
+        }
+        // A root of no live plugin (not expected): this plugin's.
+        let data = live.store.data_mut();
+        data.new_queues = queues;
+        data.root_callouts = callouts;
+        data.new_streams = streams;
+        self.start_own_root_work(live, worker, generation);
+    }
+
+    /// [`Self::start_root_work`] for what this plugin's root context asked.
+    fn start_own_root_work(&self, live: &mut Live, worker: usize, generation: u64) {
         if !live.store.data().new_queues.is_empty() {
             self.watch_queues(live, worker, generation);
         }
@@ -841,16 +892,20 @@ impl ProxyWasmFilter {
             self.stats.duration.observe(started.elapsed());
             self.start_root_work(live, worker, slot.generation);
             let data = live.store.data_mut();
+            let mut reset = false;
             if let Some(x) = x {
                 if !data.streams.is_empty() || !data.kept_maps.is_empty() {
                     data.keep_maps();
                 }
                 std::mem::swap(x, &mut data.x);
+                reset = x.reset;
             }
             data.x_context = 0;
             data.effective = root;
             match result {
                 Ok(Ok(r)) => Ok(r),
+                // `proxy_close_stream`: the exchange is reset, not failed.
+                Ok(Err(e)) if reset => Err(e),
                 Ok(Err(invalid)) => {
                     self.stats.failures.inc();
                     Err(invalid)
@@ -911,9 +966,9 @@ impl ProxyWasmFilter {
                 return Ok(Ok(Verdict::Respond(lr)));
             }
             if data.close {
-                return Ok(Err(
-                    "the plugin reset the stream (proxy_close_stream)".into()
-                ));
+                // Envoy's `resetStream`: not a failure (see `Chain::fail`).
+                data.x.reset = true;
+                return Ok(Err(RESET.into()));
             }
             let calls = data.outstanding.values().any(|c| *c == ctx);
             let d = if request {
@@ -1008,9 +1063,9 @@ impl ProxyWasmFilter {
                 return Ok(Ok(Some(Verdict::Respond(lr))));
             }
             if data.close {
-                return Ok(Err(
-                    "the plugin reset the stream (proxy_close_stream)".into()
-                ));
+                // Envoy's `resetStream`: not a failure (see `Chain::fail`).
+                data.x.reset = true;
+                return Ok(Err(RESET.into()));
             }
             Ok(match a {
                 action::CONTINUE => Ok(None),
@@ -1102,9 +1157,9 @@ impl ProxyWasmFilter {
                 return Ok(Ok(Verdict::Respond(lr)));
             }
             if data.close {
-                return Ok(Err(
-                    "the plugin reset the stream (proxy_close_stream)".into()
-                ));
+                // Envoy's `resetStream`: not a failure (see `Chain::fail`).
+                data.x.reset = true;
+                return Ok(Err(RESET.into()));
             }
             Ok(match a {
                 action::CONTINUE => Ok(Verdict::Continue),
@@ -1245,7 +1300,7 @@ impl ProxyWasmFilter {
         let data = live.store.data_mut();
         let queued = std::mem::take(&mut data.root_callouts);
         let Some(me) = self.me.get() else { return };
-        for req in queued {
+        for (_, req) in queued {
             let token = u32::try_from(req.id).unwrap_or(0);
             let task =
                 tokio::task::spawn_local(Self::root_callout(me.clone(), worker, generation, req));
@@ -1827,8 +1882,10 @@ impl HttpFilter for ProxyWasmFilter {
             // Only for a TCP connection's context.
             Ok(Answer::Streams(_)) => Verdict::Continue,
             Ok(Answer::Close) => {
+                // Envoy's `resetStream`, whatever the failure policy: not a
+                // failure (see `Chain::fail`).
                 self.end_stream_wait(worker, x, false);
-                self.stats.failures.inc();
+                x.reset = true;
                 return Err(RESET.into());
             }
             Err(e) => {

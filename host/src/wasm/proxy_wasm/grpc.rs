@@ -275,6 +275,9 @@ impl Drop for Stream {
 pub struct Pending {
     /// Its token.
     pub token: u32,
+    /// The root context of the plugin that opened it (whose filter starts it
+    /// and gets its events).
+    pub root: u32,
     /// The request head (its body is `body`).
     pub req: CalloutRequest,
     /// The request body.
@@ -331,6 +334,7 @@ pub fn open(
     );
     s.new_streams.push(Pending {
         token,
+        root: s.root,
         req,
         body: ChannelBody { rx, queued },
     });
@@ -429,9 +433,12 @@ pub fn cancel(s: &mut PwState, token: u32) -> Result<(), i32> {
     if s.grpc_calls.remove(&token) {
         let context = s.outstanding.remove(&token);
         if s.root_tasks.abort(&token).is_none() {
-            if s.root_callouts.iter().any(|r| r.id == u64::from(token)) {
+            if s.root_callouts
+                .iter()
+                .any(|(_, r)| r.id == u64::from(token))
+            {
                 // Queued in this call, not started yet.
-                s.root_callouts.retain(|r| r.id != u64::from(token));
+                s.root_callouts.retain(|(_, r)| r.id != u64::from(token));
             } else if s.x_context != 0 && context == Some(s.x_context) {
                 s.x.cancelled.push(u64::from(token));
             }

@@ -259,7 +259,7 @@ fn queue_call(
     };
     s.outstanding.insert(token, context);
     if context == s.root {
-        s.root_callouts.push(req);
+        s.root_callouts.push((s.root, req));
     } else {
         s.x.callouts.push(req);
     }
@@ -553,17 +553,23 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
         // Resumes the exchange held since a phase returned PAUSE, once the current
         // call (a callout response) returns; nothing to do when it is not held.
         // A TCP connection resumes the directions named (filter.rs).
+        // An unknown stream type is `BAD_ARGUMENT`, as in Envoy.
         run(&mut c, |c| {
+            let Ok(t @ 0..=3) = u8::try_from(stream) else {
+                return fail(status::BAD_ARGUMENT);
+            };
             let data = c.data_mut();
             data.resume = true;
-            if let Ok(t @ 0..=3) = u8::try_from(stream) {
-                data.resumed_streams |= 1 << t;
-            }
+            data.resumed_streams |= 1 << t;
             Ok(())
         })
     })?;
-    l.func_wrap(E, "proxy_close_stream", |mut c: C<'_>, _stream: i32| {
+    l.func_wrap(E, "proxy_close_stream", |mut c: C<'_>, stream: i32| {
         run(&mut c, |c| {
+            // An unknown stream type is `BAD_ARGUMENT`, as in Envoy.
+            if !(0..=3).contains(&stream) {
+                return fail(status::BAD_ARGUMENT);
+            }
             c.data_mut().close = true;
             Ok(())
         })
@@ -776,7 +782,8 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 check(c, out, 4)?;
                 let vm = c.data().meta.vm_id.clone();
                 let id = shared::register_queue(&vm, &name).map_err(Fail::Status)?;
-                c.data_mut().new_queues.push(id);
+                let root = c.data().root;
+                c.data_mut().new_queues.push((root, id));
                 write_u32(c, out, id)
             })
         },
@@ -845,12 +852,9 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                     .ok_or(Fail::Status(status::NOT_FOUND))?;
                 let v = value as u64;
                 match m {
-                    Metric::Counter(k) => {
-                        let cur = k.get();
-                        if v >= cur {
-                            k.add(v - cur);
-                        }
-                    }
+                    // Envoy's (and proxy-wasm-cpp-host's) `recordMetric`
+                    // adds the value to a counter.
+                    Metric::Counter(k) => k.add(v),
                     Metric::Gauge(g) => g.set(i64::try_from(v).unwrap_or(i64::MAX)),
                     Metric::Histogram(h) => h.observe(Duration::from_millis(v.min(1 << 40))),
                 }
@@ -1185,7 +1189,7 @@ mod tests {
         http_call(&mut s, "authz".into(), &pairs, Vec::new(), 0).unwrap();
         pairs.drain(..3);
         grpc_call(&mut s, b"authz", "svc.S", "M", &pairs, b"m", 0).unwrap();
-        let [http, grpc] = &s.root_callouts[..] else {
+        let [(_, http), (_, grpc)] = &s.root_callouts[..] else {
             panic!("two callouts queued")
         };
         for h in [&http.headers, &grpc.headers] {

@@ -23,12 +23,12 @@ pub mod shared;
 pub mod state;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use wasmtime::Module;
 
 pub use filter::{ProxyWasmFilter, Settings, Shares};
-use state::Meta;
+use state::{Meta, Metrics};
 
 use crate::stats::Stats;
 
@@ -104,7 +104,12 @@ pub fn load(
     shares: &mut Shares,
 ) -> anyhow::Result<Arc<ProxyWasmFilter>> {
     let share = (!what.vm_id.is_empty())
-        .then(|| shares.reserve(what.vm_id, what.module_sha256, &what.vm_config));
+        .then(|| shares.reserve(what.vm_id, what.module_sha256, &what.vm_config, what.name));
+    // Metrics are the VM's (as Envoy's): a shared VM's plugins use one table.
+    let metrics = match &share {
+        Some((s, _)) => s.metrics(),
+        None => Metrics::new(what.name),
+    };
     let meta = Meta {
         name: what.name.into(),
         root_id: what.root_id.to_string(),
@@ -112,7 +117,7 @@ pub fn load(
         vm_config: what.vm_config,
         plugin_config: what.plugin_config,
         stats: stats.clone(),
-        metrics: Mutex::default(),
+        metrics,
         callouts_sent: crate::wasm::host::callouts_counter(stats, what.name),
         grpc_streams: stats.counter(
             "legate_plugin_grpc_streams_total",

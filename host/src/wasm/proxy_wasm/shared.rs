@@ -10,6 +10,7 @@
 //! `enqueue_shared_queue` returns as an error rather than a panic.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use tokio::sync::Notify;
@@ -41,9 +42,55 @@ struct Queue {
     /// An enqueue was refused since the last one that fitted (one warning
     /// per episode).
     full: bool,
-    /// The VMs that registered the queue, woken on each enqueue (a stored permit,
-    /// so an enqueue during their callback is not lost).
-    subscribers: Vec<Weak<Notify>>,
+    /// The VMs that registered the queue, woken once per enqueue (counted, so
+    /// an enqueue during their callback is not lost, nor merged with others).
+    subscribers: Vec<Weak<QueueWake>>,
+}
+
+/// A VM's wake-ups for one queue it registered: one `proxy_on_queue_ready` is
+/// owed per enqueue (as proxy-wasm-cpp-host posts one per enqueue), counted
+/// here and taken one at a time by the VM's queue task.
+#[derive(Default)]
+pub struct QueueWake {
+    notify: Notify,
+    /// Wake-ups not yet taken, at most the queue's length when the last was
+    /// added: a call beyond the items queued would only find the queue empty,
+    /// so a flood of enqueues cannot grow this past the queue's own cap.
+    pending: AtomicUsize,
+}
+
+impl QueueWake {
+    /// One more wake-up, bounded by `queued` (the queue's items now).
+    fn add(&self, queued: usize) {
+        let _ = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some((n + 1).min(queued.max(1)))
+            });
+        self.notify.notify_one();
+    }
+
+    /// Waits for a wake-up and takes it.
+    pub async fn next(&self) {
+        loop {
+            let taken = self
+                .pending
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok();
+            if taken {
+                return;
+            }
+            // A stored permit (from an `add` after the check above) wakes
+            // this at once; a spurious one finds nothing and waits again.
+            self.notify.notified().await;
+        }
+    }
+
+    /// Wake-ups not yet taken.
+    #[cfg(test)]
+    fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
 }
 
 /// Caps: one entry's value (and one queued item), all keys, values, queue
@@ -207,9 +254,10 @@ impl Store {
         q.items.push_back(value.to_vec());
         q.bytes += value.len();
         self.bytes += value.len();
+        let queued = q.items.len();
         q.subscribers.retain(|w| match w.upgrade() {
             Some(n) => {
-                n.notify_one();
+                n.add(queued);
                 true
             }
             None => false,
@@ -227,17 +275,18 @@ impl Store {
     }
 }
 
-/// Subscribes a VM to queue `id`: the returned `Notify` is signalled on each
-/// enqueue while the caller holds it.
-pub fn subscribe(id: u32) -> Option<Arc<Notify>> {
+/// Subscribes a VM to queue `id`: the returned [`QueueWake`] gets one
+/// wake-up per enqueue while the caller holds it.
+pub fn subscribe(id: u32) -> Option<Arc<QueueWake>> {
     let mut s = store();
     let q = s.queues.get_mut(&id)?;
-    let n = Arc::new(Notify::new());
+    let n = Arc::new(QueueWake::default());
     q.subscribers.push(Arc::downgrade(&n));
     // Items enqueued before the subscription (e.g. by the very call that
-    // registered the queue, as the VM subscribes after it) wake it at once.
-    if !q.items.is_empty() {
-        n.notify_one();
+    // registered the queue, as the VM subscribes after it) wake it at once,
+    // once per item.
+    for _ in 0..q.items.len() {
+        n.add(q.items.len());
     }
     Some(n)
 }
@@ -360,5 +409,39 @@ mod tests {
             .unwrap();
         s.enqueue(q, &[0; 1], caps).unwrap();
         assert_eq!(s.enqueue(999, b"x", caps), Err(status::NOT_FOUND));
+    }
+
+    #[test]
+    fn one_wake_up_per_enqueue_bounded_by_the_queue() {
+        let mut s = Store::default();
+        let caps = Caps {
+            queue_items: 3,
+            ..CAPS
+        };
+        let q = s.register_queue("vm", b"w", caps).unwrap();
+        let wake = Arc::new(QueueWake::default());
+        s.queues
+            .get_mut(&q)
+            .unwrap()
+            .subscribers
+            .push(Arc::downgrade(&wake));
+        s.enqueue(q, b"a", caps).unwrap();
+        s.enqueue(q, b"b", caps).unwrap();
+        assert_eq!(wake.pending(), 2, "one per enqueue, not merged");
+        // Taken one at a time.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(wake.next());
+        assert_eq!(wake.pending(), 1);
+        // Never more than the items queued: the queue holds 3 at most, and
+        // refused enqueues wake nobody.
+        s.enqueue(q, b"c", caps).unwrap();
+        s.enqueue(q, b"d", caps).unwrap_err();
+        assert_eq!(wake.pending(), 2);
+        s.dequeue(q).unwrap();
+        s.dequeue(q).unwrap();
+        s.enqueue(q, b"e", caps).unwrap();
+        assert_eq!(wake.pending(), 2, "bounded by the 2 items queued");
     }
 }

@@ -75,8 +75,9 @@ pub struct Meta {
     pub plugin_config: Vec<u8>,
     /// The process's metrics registry.
     pub stats: Arc<Stats>,
-    /// Metrics by id (index + 1), shared so every worker's ids agree.
-    pub metrics: Mutex<Vec<(String, Metric)>>,
+    /// The metrics of the plugin's VM (its own, or the shared VM's), shared
+    /// by every worker's instance so that ids agree.
+    pub metrics: Arc<Metrics>,
     /// Clusters granted for `proxy_http_call` (`capabilities.clusters`).
     pub clusters: Vec<String>,
     /// `legate_plugin_callouts_total`.
@@ -95,14 +96,42 @@ pub struct Meta {
     pub body_limit: usize,
 }
 
-/// Most metrics one plugin may define (as for component plugins).
+/// Most metrics one VM may define (as for component plugins).
 pub const MAX_METRICS: usize = 100;
 
+/// The metrics one VM defined, by id, as Envoy keeps them per VM (its
+/// `Wasm`): in a VM shared by several plugins (`vm_id`), a metric one
+/// plugin's root context defined (say in `proxy_on_vm_start`) has the same id
+/// for the others, and their ids never collide. A VM of one plugin has its
+/// own table. The series are labelled `plugin` with the VM's first plugin
+/// (`owner`), the one its memory counts for too.
+pub struct Metrics {
+    /// The `plugin` label of the series.
+    owner: Arc<str>,
+    /// Metrics by id (index + 1).
+    defs: Mutex<Vec<(String, Metric)>>,
+}
+
+impl Metrics {
+    /// An empty table whose series are labelled `plugin="<owner>"`.
+    pub fn new(owner: &str) -> Arc<Self> {
+        Arc::new(Metrics {
+            owner: owner.into(),
+            defs: Mutex::default(),
+        })
+    }
+}
+
 impl Meta {
-    /// Defines (or finds) metric `name` of `kind` (0 counter, 1 gauge, 2 histogram);
-    /// `None` for a bad kind, a kind clash or too many metrics.
+    /// Defines (or finds) metric `name` of `kind` (0 counter, 1 gauge, 2 histogram)
+    /// in the VM's table; `None` for a bad kind, a kind clash or too many metrics.
     pub fn define_metric(&self, kind: i32, name: &str) -> Option<u32> {
-        let mut defs = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
+        let owner = &*self.metrics.owner;
+        let mut defs = self
+            .metrics
+            .defs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(i) = defs.iter().position(|(n, _)| n == name) {
             let same = matches!(
                 (kind, &defs[i].1),
@@ -116,7 +145,7 @@ impl Meta {
         let prom = format!("legate_proxywasm_{}", sanitize(name));
         {
             // The cap holds over reloads too: the series stay on `/stats`.
-            let claims = self.stats.claims(&format!("proxy-wasm/{}", self.name));
+            let claims = self.stats.claims(&format!("proxy-wasm/{owner}"));
             let mut made = claims.lock().unwrap_or_else(PoisonError::into_inner);
             if !made.iter().any(|(n, _)| *n == prom) {
                 if made.len() >= MAX_METRICS {
@@ -126,7 +155,7 @@ impl Meta {
             }
         }
         let prom = crate::stats::intern(prom);
-        let labels = [("plugin", &*self.name)];
+        let labels = [("plugin", owner)];
         let help = "A metric defined by a proxy-wasm plugin (proxy_define_metric).";
         // One type per family, across plugins and across names that sanitize
         // to the same one; and no family writing a histogram's sample names.
@@ -151,7 +180,11 @@ impl Meta {
 
     /// The metric with id `id`.
     pub fn metric(&self, id: u32) -> Option<Metric> {
-        let defs = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
+        let defs = self
+            .metrics
+            .defs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let i = usize::try_from(id).ok()?.checked_sub(1)?;
         defs.get(i).map(|(_, m)| m.clone())
     }
@@ -221,8 +254,11 @@ pub struct PwState {
     /// Properties the guest set, by context (capped per context, dropped
     /// with it).
     pub props: FxHashMap<u32, super::properties::Props>,
-    /// Queues registered since the host last looked (for `proxy_on_queue_ready`).
-    pub new_queues: Vec<u32>,
+    /// Queues registered since the host last looked (for `proxy_on_queue_ready`),
+    /// with the root context of the plugin that registered each (in a shared
+    /// VM started by one plugin, each plugin's `proxy_on_configure` registers
+    /// its own).
+    pub new_queues: Vec<(u32, u32)>,
     /// The callout result being delivered (`proxy_on_http_call_response`): read
     /// through map 6 and buffer 4.
     pub call_response: Option<CalloutResult>,
@@ -243,9 +279,9 @@ pub struct PwState {
     /// The gRPC status being delivered (`proxy_on_grpc_close`), read with
     /// `proxy_get_status`: code and message.
     pub grpc_status: Option<(u32, String)>,
-    /// Callouts sent from the root context (ticks, queue events), sent by the
-    /// filter after the call.
-    pub root_callouts: Vec<CalloutRequest>,
+    /// Callouts sent from a root context (ticks, queue events, configure),
+    /// sent by that root's plugin after the call: (root context, request).
+    pub root_callouts: Vec<(u32, CalloutRequest)>,
     /// The tasks of root-context callouts in flight, by token, so that
     /// `proxy_grpc_cancel` can abort them (pruned of finished ones as new
     /// ones start).
@@ -439,7 +475,7 @@ pub(super) mod tests {
             vm_config: Vec::new(),
             plugin_config: Vec::new(),
             stats: stats.clone(),
-            metrics: Mutex::default(),
+            metrics: Metrics::new("t"),
             clusters: vec!["authz".to_string()],
             callouts_sent: c("t_callouts"),
             grpc_streams: c("t_streams"),
