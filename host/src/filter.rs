@@ -1144,6 +1144,7 @@ impl Filters {
             shared: std::rc::Weak::new(),
             deferred: None,
             grpc: false,
+            bodyless: [false; 2],
         }))
     }
 }
@@ -1517,6 +1518,8 @@ pub struct Chain {
     /// The request is gRPC: a local response from a response phase takes
     /// gRPC's form ([`crate::local_reply`]) before the filters before it see it.
     pub grpc: bool,
+    /// Per direction: the message has no body ([`Chain::set_bodyless`]).
+    bodyless: [bool; 2],
 }
 
 /// Marks a response the downstream must not get: a filter reset the stream
@@ -1963,6 +1966,15 @@ impl Chain {
         plan
     }
 
+    /// The message of direction `d` has no body: it goes through the body
+    /// phases only for the filters that buffer it (abi/README.md §4), and a
+    /// `streamed` filter, whose headers phase had `end-of-stream`, gets no
+    /// body call unless a filter before it gave the message a body (as
+    /// Envoy's filters see data a filter adds to a headers-only stream).
+    pub fn set_bodyless(&mut self, d: Direction) {
+        self.bodyless[d.idx()] = true;
+    }
+
     /// Whether a filter takes part in direction `d` with a `buffered` body phase:
     /// then even a body-less message of `d` gets its one body call (with an empty
     /// buffer), so such a filter can give it a body.
@@ -2070,6 +2082,15 @@ impl Chain {
             // paused, this one may have detached or failed open in a callout
             // delivery, and then gets no more calls.
             if !self.live(i) {
+                continue;
+            }
+            if body_eos.is_some()
+                && self.bodyless[d.idx()]
+                && self.ctl[i].modes[d.idx()] != BodyMode::Buffered
+                && self.x.bodies[d.idx()]
+                    .as_deref()
+                    .is_none_or(<[u8]>::is_empty)
+            {
                 continue;
             }
             let mut v = match body_eos {
@@ -2554,6 +2575,7 @@ mod tests {
             shared: std::rc::Weak::new(),
             deferred: None,
             grpc: false,
+            bodyless: [false; 2],
         }
     }
 

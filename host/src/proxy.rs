@@ -1090,7 +1090,12 @@ async fn request_body(
     // A body-less request goes through the body phases only for a filter that
     // buffers it: that filter may give it a body (abi/README.md §4).
     let empty = req.body().is_end_stream();
-    if empty && !chain_step(&shared, |c| c.buffers(filter::Direction::Request))? {
+    if empty
+        && !chain_step(&shared, |c| {
+            c.set_bodyless(filter::Direction::Request);
+            c.buffers(filter::Direction::Request)
+        })?
+    {
         return Ok(None);
     }
     let inner = std::mem::replace(req.body_mut(), body::empty());
@@ -1191,6 +1196,7 @@ async fn response_body(
                 StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
             ));
         let buffered = chain_step(&shared, |c| {
+            c.set_bodyless(filter::Direction::Response);
             c.x.method != Method::HEAD && c.buffers(filter::Direction::Response)
         })?;
         if !(may_have_body && buffered) {

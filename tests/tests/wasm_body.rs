@@ -388,6 +388,44 @@ each_proto!(
 );
 
 each_proto!(
+    /// A body-less request goes through the body phases for a filter that
+    /// buffers it (its one call, empty), but a `streamed` filter after it,
+    /// whose headers phase had end-of-stream, gets no body call (abi §4) —
+    /// unless the buffering filter gave the request a body, which it then
+    /// sees, as Envoy's filters see data added to a headers-only stream. (It
+    /// got an empty end-of-stream call: a GET could come out with the body a
+    /// streamed signer or footer appends at the end.)
+    async fn a_bodyless_message_skips_streamed_body_phases(proto) {
+        let up = upstream().start().await;
+        let p = plugin(
+            "deny",
+            "{ mode: body-deny, phases: \"rqbody\", rqmode: buffered }",
+            "",
+        ) + &plugin(
+            "upper",
+            "{ mode: body-upper, phases: \"rqbody\", rqmode: buffered }",
+            "",
+        ) + &plugin("count", "{ mode: body-stream-count, phases: \"rs,rqbody\" }", "");
+        let lg = legate().config(&config(up.addr, &p, &["deny", "count"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/none").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-body-calls"), Some("0"));
+        assert_eq!(r.echo().body, "");
+        lg.assert_stat(&calls("deny", "request_body"), 1.0).await;
+        let r = c.post("/some").body("abc").send().await;
+        assert_eq!(r.header("x-body-bytes"), Some("3"));
+        // A buffering filter that gives the body-less request a body (`!`).
+        let lg = legate().config(&config(up.addr, &p, &["upper", "count"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/none").send().await;
+        assert_eq!(r.header("x-body-calls"), Some("1"));
+        assert_eq!(r.header("x-body-bytes"), Some("1"));
+        assert_eq!(r.echo().body, "!");
+    }
+);
+
+each_proto!(
     async fn a_body_phase_answers_locally(proto) {
         let up = text_upstream("this text is forbidden").await;
         let p = plugin(
