@@ -124,6 +124,14 @@ pub async fn handle(
     // Turned into `Done` once the response exists; if the client goes away
     // first (hyper drops this future, e.g. while a filter is paused), its drop
     // ends the request as a 499 `downstream_disconnect`, logged and counted.
+    // What only the access log needs, taken only when there is one.
+    let logged = conn
+        .worker
+        .shared
+        .access_log
+        .is_some()
+        .then(|| Box::new(Logged::of(&req)));
+    let received = logged.as_ref().map(|l| l.received.clone());
     let mut in_flight = InFlight {
         conn: Some(conn.clone()),
         start,
@@ -131,6 +139,7 @@ pub async fn handle(
         path: path_of(req.uri()),
         version,
         out: Outcome::default(),
+        logged,
     };
     let out = &mut in_flight.out;
     // The stream idle timeout: the listener's until a route sets its own.
@@ -145,7 +154,10 @@ pub async fn handle(
         if b.is_end_stream() {
             body::boxed(b)
         } else {
-            body::boxed(Watched::new(b, ClientBody(idle::Activity(clock.clone()))))
+            body::boxed(Watched::new(
+                b,
+                ClientBody(idle::Activity(clock.clone()), received),
+            ))
         }
     });
     let mut resp = match idle::within(proxy(&conn, req, out), &clock).await {
@@ -2315,6 +2327,34 @@ struct InFlight {
     path: String,
     version: Version,
     out: Outcome,
+    logged: Option<Box<Logged>>,
+}
+
+/// The request facts only the access log uses ([`Done`]'s line).
+struct Logged {
+    /// `:authority` or `Host` as the client sent it.
+    authority: Option<String>,
+    user_agent: Option<String>,
+    /// Request body bytes read from the client.
+    received: Rc<Cell<u64>>,
+    /// When the request head arrived (the line's `start_time`).
+    started: SystemTime,
+}
+
+impl Logged {
+    fn of(req: &Request<Incoming>) -> Logged {
+        let text = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+        Logged {
+            authority: req
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .or_else(|| req.headers().get(header::HOST).map(text)),
+            user_agent: req.headers().get(header::USER_AGENT).map(text),
+            received: Rc::default(),
+            started: SystemTime::now(),
+        }
+    }
 }
 
 impl InFlight {
@@ -2334,6 +2374,7 @@ impl InFlight {
             version: self.version,
             status,
             out,
+            logged: self.logged.take(),
             bytes: Cell::new(0),
             failed: false,
             ended: false,
@@ -2374,6 +2415,7 @@ struct Done {
     status: StatusCode,
     out: Outcome,
     route_stats: Option<RouteStats>,
+    logged: Option<Box<Logged>>,
     bytes: Cell<u64>,
     /// The response body failed after its head was sent (an upstream reset
     /// or a body error mid-stream): the client got a truncated response.
@@ -2520,6 +2562,12 @@ impl Drop for Done {
                 // The proxy it came through (Envoy's direct remote address).
                 line["peer"] = serde_json::Value::from(self.conn.peer.to_string());
             }
+            if let Some(l) = &self.logged {
+                line["start_time"] = serde_json::Value::from(humantime(l.started));
+                line["authority"] = serde_json::Value::from(l.authority.as_deref());
+                line["user_agent"] = serde_json::Value::from(l.user_agent.as_deref());
+                line["bytes_received"] = serde_json::Value::from(l.received.get());
+            }
             log.write(&line);
         }
     }
@@ -2553,12 +2601,16 @@ fn humantime(t: SystemTime) -> String {
 /// stream idle timeout, and its trailers lose their hop-by-hop fields as the
 /// head does (RFC 9110 §6.5.1; toward an HTTP/2 upstream they would make the
 /// stream malformed, RFC 9113 §8.2.2). Filters see them stripped, as the head.
-struct ClientBody(idle::Activity);
+/// With an access log, its data bytes are counted (`bytes_received`).
+struct ClientBody(idle::Activity, Option<Rc<Cell<u64>>>);
 
 impl Watch for ClientBody {
     fn frame(&mut self, frame: &mut Frame<Bytes>) -> Result<(), BoxError> {
         if let Some(t) = frame.trailers_mut() {
             crate::proxy_headers::strip_hop_by_hop(t);
+        }
+        if let (Some(n), Some(d)) = (&self.1, frame.data_ref()) {
+            n.set(n.get().saturating_add(d.len() as u64));
         }
         self.0.frame(frame)
     }

@@ -212,6 +212,48 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// A line names the request's authority and user agent, the body bytes
+    /// received, and when the request started (Envoy's `%REQ(:AUTHORITY)%`,
+    /// `%REQ(USER-AGENT)%`, `%BYTES_RECEIVED%`, `%START_TIME%`): virtual
+    /// hosts' traffic can be told apart.
+    async fn lines_name_the_authority_agent_and_bytes_received(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let lg = legate()
+            .config(&logged_config(up.addr, &log, ", flush_interval: 10ms"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .post("/upload")
+            .header("host", "api.example:8080")
+            .header("user-agent", "legate-test/1.0")
+            .body("hello")
+            .send()
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(c.get("/plain").send().await.status, 200);
+        let lines = access_log_until(&log, "two lines", |l| l.len() >= 2).await;
+        let upload = lines.iter().find(|l| l["path"] == "/upload").unwrap();
+        // Over HTTP/2 the request's `:authority` (the test client's is the
+        // address it connects to) is the authority, not a `host` field.
+        let authority = match proto {
+            Proto::H1 => "api.example:8080".to_string(),
+            Proto::H2 => lg.addr("web").to_string(),
+        };
+        assert_eq!(upload["authority"], authority.as_str(), "{upload}");
+        assert_eq!(upload["user_agent"], "legate-test/1.0", "{upload}");
+        assert_eq!(upload["bytes_received"], 5, "{upload}");
+        let (start, end) = (upload["start_time"].as_str().unwrap(), upload["time"].as_str().unwrap());
+        assert!(start.len() == end.len() && start <= end, "{upload}");
+        let plain = lines.iter().find(|l| l["path"] == "/plain").unwrap();
+        assert_eq!(plain["bytes_received"], 0, "{plain}");
+        assert_eq!(plain["user_agent"], Value::Null, "{plain}");
+        assert!(plain["authority"].is_string(), "{plain}");
+    }
+);
+
 /// `simple_config` with an access log at `path` and the extra `access_log` keys.
 fn logged_config(up: std::net::SocketAddr, path: &Path, keys: &str) -> String {
     simple_config(&[up]).replace(
