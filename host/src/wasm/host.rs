@@ -1111,27 +1111,22 @@ impl types::HostBuffer for HostState {
 
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
-        let mut msg = message;
-        if msg.len() > MAX_LOG {
-            let mut cut = MAX_LOG;
-            while !msg.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            msg.truncate(cut);
-            msg.push_str("…[truncated]");
-        }
         // One message is one log line: a guest's newlines (or other control
         // characters) must not make lines that read as the host's own.
-        if msg.contains(|c: char| c.is_control()) {
-            msg = msg.escape_default().to_string();
-        }
+        let msg = crate::wasm::stdio::one_line(&message, MAX_LOG);
         let plugin = &*self.plugin.name;
+        // Inside an exchange, its request id ties the line to the access log's.
+        let request_id = if self.in_exchange {
+            self.x.request_id_str()
+        } else {
+            ""
+        };
         match level {
-            log::Level::Trace => tracing::trace!(plugin, "{msg}"),
-            log::Level::Debug => tracing::debug!(plugin, "{msg}"),
-            log::Level::Info => tracing::info!(plugin, "{msg}"),
-            log::Level::Warn => tracing::warn!(plugin, "{msg}"),
-            log::Level::Error => tracing::error!(plugin, "{msg}"),
+            log::Level::Trace => tracing::trace!(plugin, request_id, "{msg}"),
+            log::Level::Debug => tracing::debug!(plugin, request_id, "{msg}"),
+            log::Level::Info => tracing::info!(plugin, request_id, "{msg}"),
+            log::Level::Warn => tracing::warn!(plugin, request_id, "{msg}"),
+            log::Level::Error => tracing::error!(plugin, request_id, "{msg}"),
         }
         Ok(())
     }
