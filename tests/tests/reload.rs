@@ -1456,6 +1456,19 @@ fn fixed_ports(yaml: &str, web: SocketAddr, admin: SocketAddr) -> String {
     )
 }
 
+/// `legate run --upgrade` on `cfg`: waits for `old` to hand over and exit
+/// cleanly, and checks the new process still runs; the new process.
+async fn hot_restart(cfg: &Path, old: &mut Child) -> Child {
+    let mut new = Child::spawn(cfg, &["--upgrade"]);
+    let status = old.exited(Duration::from_secs(60)).await;
+    assert!(status.success(), "the old process exited with {status}");
+    assert!(
+        new.child.try_wait().unwrap().is_none(),
+        "the new process died"
+    );
+    new
+}
+
 async fn wait_ready(admin: SocketAddr) {
     eventually(Duration::from_secs(60), "legate is ready", || async {
         admin_at(admin, Method::GET, "/ready")
@@ -1630,15 +1643,8 @@ async fn hot_restart_under_load_fails_no_request() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     for _ in 0..3 {
         let before = res.ok.load(Ordering::Relaxed);
-        let mut next = Child::spawn(&cfg, &["--upgrade"]);
         // The old process hands over and exits once drained.
-        let status = current.exited(Duration::from_secs(60)).await;
-        assert!(status.success(), "the old process exited with {status}");
-        assert!(
-            next.child.try_wait().unwrap().is_none(),
-            "the new process died"
-        );
-        std::mem::swap(&mut current, &mut next);
+        current = hot_restart(&cfg, &mut current).await;
         wait_ready(admin).await;
         eventually(Duration::from_secs(10), "requests continue", || async {
             (res.ok.load(Ordering::Relaxed) > before + 20).then_some(())
@@ -1687,13 +1693,7 @@ async fn hot_restart_waits_for_dns_clusters_to_warm() {
     // Every answer now comes 700 ms late (within `dns_timeout`, 3s): the new
     // process's first one too.
     dns.state.delay_ms.store(700, Ordering::SeqCst);
-    let mut new = Child::spawn(&cfg, &["--upgrade"]);
-    let status = old.exited(Duration::from_secs(60)).await;
-    assert!(status.success(), "the old process exited with {status}");
-    assert!(
-        new.child.try_wait().unwrap().is_none(),
-        "the new process died"
-    );
+    let mut new = hot_restart(&cfg, &mut old).await;
     wait_ready(admin).await;
     let before = res.ok.load(Ordering::Relaxed);
     eventually(Duration::from_secs(10), "requests continue", || async {
@@ -1933,13 +1933,7 @@ async fn hot_restart_moves_the_admin_listener() {
     wait_ready(old_admin).await;
 
     std::fs::write(&cfg, fixed_yaml(web, new_admin, up.addr)).unwrap();
-    let mut new = Child::spawn(&cfg, &["--upgrade"]);
-    let status = old.exited(Duration::from_secs(60)).await;
-    assert!(status.success(), "the old process exited with {status}");
-    assert!(
-        new.child.try_wait().unwrap().is_none(),
-        "the new process died"
-    );
+    let mut new = hot_restart(&cfg, &mut old).await;
     wait_ready(new_admin).await;
     assert!(
         admin_at(old_admin, Method::GET, "/ready").await.is_none(),
@@ -1977,13 +1971,7 @@ async fn hot_restart_passes_hundreds_of_listeners() {
     let cfg = dir.write("legate.yaml", text);
     let mut old = Child::spawn(&cfg, &[]);
     wait_ready(admin).await;
-    let mut new = Child::spawn(&cfg, &["--upgrade"]);
-    let status = old.exited(Duration::from_secs(60)).await;
-    assert!(status.success(), "the old process exited with {status}");
-    assert!(
-        new.child.try_wait().unwrap().is_none(),
-        "the new process died"
-    );
+    let mut new = hot_restart(&cfg, &mut old).await;
     wait_ready(admin).await;
     // The new process serves on every address: each socket was adopted (binding
     // the address again would have failed while the old process held it).
