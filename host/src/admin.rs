@@ -410,6 +410,8 @@ fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone,
         return;
     };
     for (i, (name, _)) in first.stats.snapshot().into_iter().enumerate() {
+        let help = crate::cluster::ClusterStats::help(name);
+        let _ = writeln!(out, "# HELP legate_cluster_{name} {help}");
         let _ = writeln!(out, "# TYPE legate_cluster_{name} {}", kind(name));
         for c in clusters.clone() {
             if let Some((_, v)) = c.stats.snapshot().get(i) {
@@ -441,6 +443,8 @@ fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone,
         return;
     };
     for (i, (name, _)) in first.iter().enumerate() {
+        let help = crate::cluster::EndpointStats::help(name);
+        let _ = writeln!(out, "# HELP legate_endpoint_{name} {help}");
         let _ = writeln!(out, "# TYPE legate_endpoint_{name} {}", kind(name));
         for (cluster, eps) in &merged {
             for (address, snap) in eps {

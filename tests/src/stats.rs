@@ -57,7 +57,9 @@ pub fn family_lines(text: &str, series: &str) -> String {
 /// Asserts that every metric family on a `/stats` page is documented: in
 /// docs/metrics.md (a cluster's and an endpoint's by counter name, without the
 /// `legate_cluster_` / `legate_endpoint_` prefix), or, for a first-party plugin's
-/// own `legate_plugin_*` metric, in that plugin's README. Tests whose
+/// own `legate_plugin_*` metric, in that plugin's README; and that each has a
+/// `# HELP` line on the page (the cluster and endpoint families with text).
+/// Tests whose
 /// configurations register families the default config does not (Redis KV, the
 /// compile cache, proxy-wasm gRPC streams) call it too, so a family added
 /// without its documentation fails a test.
@@ -72,6 +74,7 @@ pub fn assert_families_documented(stats: &str) {
         .map(|p| read(&format!("plugins/{p}/README.md")))
         .collect();
     let mut missing = Vec::new();
+    let mut no_help = Vec::new();
     for line in stats.lines() {
         let Some(family) = line
             .strip_prefix("# TYPE ")
@@ -93,10 +96,24 @@ pub fn assert_families_documented(stats: &str) {
         if !found {
             missing.push(family);
         }
+        // And on the page itself: a `# HELP` line (with text for the host's
+        // cluster and endpoint families, whose help is their doc comment).
+        let help = stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("# HELP {family} ")));
+        let needs_text =
+            family.starts_with("legate_cluster_") || family.starts_with("legate_endpoint_");
+        if help.is_none() || (needs_text && help.is_some_and(|h| h.trim().is_empty())) {
+            no_help.push(family);
+        }
     }
     assert!(
         missing.is_empty(),
         "metric families on /stats not in docs/metrics.md: {missing:?}"
+    );
+    assert!(
+        no_help.is_empty(),
+        "metric families on /stats without a # HELP line: {no_help:?}"
     );
 }
 

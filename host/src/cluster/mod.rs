@@ -44,16 +44,29 @@ macro_rules! counters {
     (
         $(#[$meta:meta])*
         pub struct $name:ident {
-            $( $(#[$fmeta:meta])* $field:ident, )*
+            $( $(#[doc = $doc:literal])* $field:ident, )*
         }
     ) => {
         $(#[$meta])*
         #[derive(Debug, Default)]
         pub struct $name {
-            $( $(#[$fmeta])* pub $field: AtomicU64, )*
+            $( $(#[doc = $doc])* pub $field: AtomicU64, )*
         }
 
         impl $name {
+            /// Each value's name and its doc comment, the `# HELP` text of
+            /// its series in `/stats`.
+            pub const HELP: &'static [(&'static str, &'static str)] =
+                &[$( (stringify!($field), concat!($($doc, " ",)*)), )*];
+
+            /// The `# HELP` text of value `name` (empty for an unknown one).
+            pub fn help(name: &str) -> &'static str {
+                Self::HELP
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or("", |(_, h)| h.trim())
+            }
+
             /// Every value with its name, in declaration order. Names ending in
             /// `_active` are gauges; the others are counters that only grow.
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
