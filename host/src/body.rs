@@ -411,6 +411,10 @@ pub struct Filtered {
     done: bool,
     /// A chunk or the end of the message, held for a callout (boxed only then).
     held: Option<Held>,
+    /// A filter holds the head of this direction (see
+    /// `crate::filter::BodyCtl::holds_head`): a local response replaces the
+    /// message instead of resetting it.
+    head_held: bool,
 }
 
 impl Filtered {
@@ -428,7 +432,26 @@ impl Filtered {
             trailers: None,
             done: false,
             held: None,
+            head_held: false,
         }
+    }
+
+    /// The same, read first by the proxy while a filter holds the head
+    /// ([`Filtered::head_out`] once it goes out).
+    pub fn holding_head(mut self) -> Self {
+        self.head_held = true;
+        self
+    }
+
+    /// The head went out: a local response can no longer replace the message.
+    pub fn head_out(&mut self) {
+        self.head_held = false;
+    }
+
+    /// Whether the end of the message reached the chain: what is left comes
+    /// from it (held data, trailers), not from the peer.
+    pub fn ended(&self) -> bool {
+        self.ended
     }
 
     fn stopped(&self, why: String) -> BoxError {
@@ -436,16 +459,17 @@ impl Filtered {
     }
 
     /// A local response from a body or trailers phase: the request's replaces
-    /// the upstream's answer (the proxy sends it), the response's details are
-    /// kept for the access log; either way this stream ends with an error (the
-    /// upstream request is aborted, the response reset).
+    /// the upstream's answer (the proxy sends it), as does the response's
+    /// while its head is held; else the response's details are kept for the
+    /// access log. Either way this stream ends with an error (the upstream
+    /// request is aborted; a response whose head is out is reset).
     fn respond(&self, lr: crate::filter::LocalResponse, what: &str) -> BoxError {
         let why = format!(
             "local response {} from {what} {} phase",
             lr.status,
             self.dir.as_str()
         );
-        if self.dir == crate::filter::Direction::Request {
+        if self.dir == crate::filter::Direction::Request || self.head_held {
             self.chain.set_local(lr);
         } else {
             self.chain.set_answered(&lr.details);

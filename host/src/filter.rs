@@ -147,6 +147,11 @@ pub struct BodyCtl {
     /// The filter detached from the exchange: no more calls into it, not even
     /// `on-log` or its guest's `on-done` (abi/README.md §3.2).
     pub detached: bool,
+    /// The filter holds the head of that direction while its body streams
+    /// through it, chunk by chunk (proxy-wasm's `StopIteration` from a headers
+    /// callback, as Envoy: the head goes on with the first chunk the filter
+    /// continues, or the end of the body). Writable meanwhile.
+    pub holds_head: [bool; 2],
 }
 
 impl BodyCtl {
@@ -1156,6 +1161,10 @@ pub struct BodyPlan {
     /// `cap` bytes, the smallest cap of the buffering filters) and calls the body
     /// phases once; `None`: chunks go through as they arrive.
     pub buffer_cap: Option<usize>,
+    /// Chunks go through as they arrive but a filter holds the head
+    /// ([`BodyCtl::holds_head`]): it waits for them, written back when the
+    /// filter lets it go.
+    pub holds_head: bool,
 }
 
 /// The outcome of the end of a message run over the chain (its last body call
@@ -1957,13 +1966,26 @@ impl Chain {
             if !c.wants(d) && !trailers {
                 continue;
             }
-            let p = plan.get_or_insert(BodyPlan { buffer_cap: None });
+            let p = plan.get_or_insert(BodyPlan {
+                buffer_cap: None,
+                holds_head: false,
+            });
+            p.holds_head |= c.wants(d) && c.holds_head[d.idx()];
             if c.wants(d) && c.modes[d.idx()] == BodyMode::Buffered {
                 let cap = f.body_limit();
                 p.buffer_cap = Some(p.buffer_cap.map_or(cap, |m| m.min(cap)));
             }
         }
         plan
+    }
+
+    /// Whether a filter taking part in direction `d` still holds its head
+    /// ([`BodyCtl::holds_head`]).
+    pub fn holds_head(&self, d: Direction) -> bool {
+        self.order(d).any(|i| {
+            let c = self.ctl[i];
+            c.wants(d) && c.holds_head[d.idx()]
+        })
     }
 
     /// The message of direction `d` has no body: it goes through the body

@@ -1012,6 +1012,11 @@ enum BodyRun {
     /// Buffered and run through the phases: the new body and trailers (the head,
     /// writable meanwhile, must be written back).
     Whole(Bytes, Option<http::HeaderMap>),
+    /// A filter held the head while the body began to stream through the
+    /// chain, and let it go before the end: the body to send on (what passed
+    /// so far, then the rest); the head, writable meanwhile, must be written
+    /// back.
+    Released(Body),
     /// A filter answered from a body or trailers phase.
     Respond(filter::LocalResponse),
 }
@@ -1035,6 +1040,9 @@ async fn run_body(
     };
     let Some(cap) = plan.buffer_cap else {
         let streamed = body::Filtered::new(inner, shared.clone(), d);
+        if plan.holds_head {
+            return hold_head(shared, d, streamed, limit()).await;
+        }
         return Ok(BodyRun::Passed(body::boxed(streamed)));
     };
     let (kind, what) = match d {
@@ -1086,6 +1094,83 @@ async fn run_body(
     }
 }
 
+/// A filter holds the head of direction `d` while its body streams through
+/// the chain (proxy-wasm's `StopIteration` from a headers callback, Envoy's
+/// way: the body callback gets each chunk, and the head goes on with the first
+/// one it continues). Reads `body` (the chain's phases over the body) until no
+/// filter holds the head, or to its end: ended, it is as if buffered
+/// ([`BodyRun::Whole`]); let go before, what passed so far goes ahead of the
+/// rest ([`BodyRun::Released`]). What this holds is bounded by the holding
+/// filter's body cap (the data it keeps back). A request's client has `limit`
+/// to send what is read here, as for a buffered body.
+async fn hold_head(
+    shared: &filter::SharedChain,
+    d: filter::Direction,
+    body: body::Filtered,
+    limit: Option<Duration>,
+) -> Result<BodyRun, ProxyError> {
+    let mut body = body.holding_head();
+    let mut frames: Vec<Frame<Bytes>> = Vec::new();
+    // Asked when the stream has nothing more ready, and after each frame: a
+    // filter may let the head go on a chunk it empties. A chain out for a
+    // callout still holds it. Once the end reached the chain, the rest is
+    // read too: the body is then whole.
+    let released = |body: &body::Filtered| {
+        !body.ended() && matches!(shared.with(|c| c.holds_head(d)), Ok(false))
+    };
+    let read = {
+        let read = std::pin::pin!(async {
+            loop {
+                let next = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+                    Poll::Pending if released(&body) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(f) => Poll::Ready(Some(f)),
+                })
+                .await;
+                match next {
+                    None => return Ok(Ok(false)),
+                    Some(None) => return Ok(Ok(true)),
+                    Some(Some(Err(e))) => return Ok(Err(e)),
+                    Some(Some(Ok(f))) => {
+                        frames.push(f);
+                        if released(&body) {
+                            return Ok(Ok(false));
+                        }
+                    }
+                }
+            }
+        });
+        client_body_within(read, limit, Some(shared)).await?
+    };
+    match read {
+        Ok(true) => {
+            let mut data = bytes::BytesMut::new();
+            let mut trailers = None;
+            for f in frames {
+                match f.into_data() {
+                    Ok(b) => data.extend_from_slice(&b),
+                    Err(f) => trailers = f.into_trailers().ok(),
+                }
+            }
+            Ok(BodyRun::Whole(data.freeze(), trailers))
+        }
+        Ok(false) => {
+            body.head_out();
+            Ok(BodyRun::Released(body::Prefixed::body(
+                frames.into_iter().map(Ok),
+                body::boxed(body),
+            )))
+        }
+        // A filter's local response replaces the message (its head is held).
+        Err(_) if let Some(lr) = shared.take_local() => Ok(BodyRun::Respond(lr)),
+        Err(e) => Err(match e.downcast::<ProxyError>() {
+            Ok(e) => *e,
+            Err(e) if d == filter::Direction::Request => ProxyError::request_body(&*e),
+            Err(e) => ProxyError::new(Kind::UpstreamReset, format!("response body: {e}")),
+        }),
+    }
+}
+
 /// The request side of [`run_body`]: a buffered body's head is written back and
 /// its `content-length` recomputed; the client has `limit` (asked only for a
 /// body that is buffered, of the request as it is then) to send a body that is
@@ -1122,6 +1207,10 @@ async fn request_body(
     .await?
     {
         BodyRun::Passed(b) => *req.body_mut() = b,
+        BodyRun::Released(b) => {
+            chain_step(&shared, |c| write_head(&mut c.x, true, req, authority))??;
+            *req.body_mut() = b;
+        }
         BodyRun::Respond(lr) => return Ok(Some(lr)),
         BodyRun::Whole(data, trailers) => {
             out.body_read = true;
@@ -1216,6 +1305,20 @@ async fn response_body(
         }
     }
     let inner = std::mem::replace(resp.body_mut(), body::empty());
+    // The head was held (and writable) with the body.
+    let write_head = |resp: &mut Response<Body>| -> Result<(), ProxyError> {
+        let (status, headers) = chain_step(&shared, |c| {
+            (
+                c.x.status,
+                c.x.response_headers.as_deref().cloned().unwrap_or_default(),
+            )
+        })?;
+        *resp.headers_mut() = headers;
+        if let Some(s) = status {
+            *resp.status_mut() = s;
+        }
+        Ok(())
+    };
     let (data, trailers) = match run_body(
         &shared,
         filter::Direction::Response,
@@ -1229,23 +1332,18 @@ async fn response_body(
             *resp.body_mut() = b;
             return Ok(resp);
         }
+        BodyRun::Released(b) => {
+            write_head(&mut resp)?;
+            *resp.body_mut() = b;
+            return Ok(resp);
+        }
         BodyRun::Respond(lr) => {
             shared.set_answered(&lr.details);
             return Ok(local_response(lr, grpc));
         }
         BodyRun::Whole(data, trailers) => (data, trailers),
     };
-    // The head was held (and writable) with the body.
-    let (status, headers) = chain_step(&shared, |c| {
-        (
-            c.x.status,
-            c.x.response_headers.as_deref().cloned().unwrap_or_default(),
-        )
-    })?;
-    *resp.headers_mut() = headers;
-    if let Some(s) = status {
-        *resp.status_mut() = s;
-    }
+    write_head(&mut resp)?;
     if matches!(
         resp.status(),
         StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED

@@ -244,17 +244,7 @@ impl Client {
     }
 
     async fn send_request(&mut self, req: Request<BoxBody>) -> anyhow::Result<Resp> {
-        let resp = match &mut self.sender {
-            Sender::H1(s) => {
-                s.ready().await.context("connection not ready")?;
-                s.send_request(req).await?
-            }
-            Sender::H2(s) => {
-                s.ready().await.context("connection not ready")?;
-                s.send_request(req).await?
-            }
-        };
-        let (parts, body) = resp.into_parts();
+        let (parts, body) = self.send_for_head(req).await?.into_parts();
         let collected = body.collect().await.context("response body")?;
         let trailers = collected.trailers().cloned();
         Ok(Resp {
@@ -263,6 +253,22 @@ impl Client {
             headers: parts.headers,
             body: collected.to_bytes(),
             trailers,
+        })
+    }
+
+    async fn send_for_head(
+        &mut self,
+        req: Request<BoxBody>,
+    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+        Ok(match &mut self.sender {
+            Sender::H1(s) => {
+                s.ready().await.context("connection not ready")?;
+                s.send_request(req).await?
+            }
+            Sender::H2(s) => {
+                s.ready().await.context("connection not ready")?;
+                s.send_request(req).await?
+            }
         })
     }
 }
@@ -412,6 +418,18 @@ impl<'a> RequestBuilder<'a> {
     pub async fn try_send(self) -> anyhow::Result<Resp> {
         let (req, client) = self.build()?;
         client.send_request(req).await
+    }
+
+    /// Sends the request and returns the response as soon as its head
+    /// arrives, its body still streaming (a test of what reaches the client
+    /// before the upstream ends); panics on a transport error.
+    pub async fn send_for_head(self) -> hyper::Response<hyper::body::Incoming> {
+        let what = format!("{} {}", self.method, self.path);
+        let (req, client) = self.build().unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        client
+            .send_for_head(req)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"))
     }
 }
 

@@ -153,8 +153,11 @@ each_proto!(
         assert_eq!(r.text(), "denied:16");
         assert_eq!(up.requests.get(), 1);
 
-        lg.assert_stat(&calls("request_body"), 2.0).await;
-        lg.assert_stat(&calls("response_body"), 1.0).await;
+        // A body call per chunk as it came (Envoy's way).
+        lg.assert_stat_with(&calls("request_body"), |v| v >= 2.0, ">= 2")
+            .await;
+        lg.assert_stat_with(&calls("response_body"), |v| v >= 1.0, ">= 1")
+            .await;
         lg.assert_stat(&calls("callout_response"), 3.0).await;
         lg.assert_stat(CALLOUTS, 3.0).await;
         lg.assert_stat(AUTHZ_REQUESTS, 3.0).await;

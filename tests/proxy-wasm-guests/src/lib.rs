@@ -50,6 +50,11 @@
 //!   (wait for the body); at end of stream the body callback sets header
 //!   `x-pw-body-len` on that head and upper-cases the body (content-length left
 //!   to the host).
+//! - `peek`: the headers callbacks return `Pause` with no call outstanding
+//!   (Envoy's StopIteration) and the body callbacks `Continue` every chunk:
+//!   the first one sets header `x-pw-first-chunk: <its length>` on the head
+//!   still held, later ones `x-pw-late` (too late: the head went on with the
+//!   first chunk).
 //! - `body-splice`: the request body is held until end of stream, then its
 //!   first 5 bytes are replaced with `HELLO` (`set_http_request_body(0, 5,
 //!   …)`, Envoy's drain-then-prepend).
@@ -78,7 +83,8 @@
 //!   stream, where the body (or trailer) goes to `authz` as above and the
 //!   callback returns `Pause`; the host holds the rest of the message until
 //!   the call's callback resumes or answers.
-//! - `trailers-callout`: both headers callbacks wait for the body; the
+//! - `trailers-callout`: both headers and body callbacks return `Pause`
+//!   until the trailers (the whole message waits for them); the
 //!   request trailers callback sends trailer `x-client-trailer` (the response
 //!   trailers callback: `x-echo-trailer`) to `authz`
 //!   (`/check/trailer<path>`) and returns `Pause`; a 200 adds trailer
@@ -1537,7 +1543,7 @@ impl HttpContext for Filter {
                 // The body changes size: the length must go (as in Envoy).
                 self.set_http_request_header("content-length", None);
             }
-            "body-wait" if !_end_of_stream => return Action::Pause,
+            "body-wait" | "peek" if !_end_of_stream => return Action::Pause,
             // Streamed: the head goes on now; the checked body changes size.
             "stream-callout" | "stream-trailers" => {
                 self.set_http_request_header("content-length", None);
@@ -1611,6 +1617,10 @@ impl HttpContext for Filter {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.body_calls += 1;
+        if self.s.mode == "trailers-callout" && !end_of_stream {
+            // The whole message waits for the trailers' check (the head with it).
+            return Action::Pause;
+        }
         let mode = self.callout_mode().to_string();
         match mode.as_str() {
             "grpc-stream" if self.path == "/await-body" => {
@@ -1664,6 +1674,14 @@ impl HttpContext for Filter {
                 let body = self.get_http_request_body(0, body_size).unwrap_or_default();
                 self.check(Held::RequestBody, "body", &body)
             }
+            "peek" => {
+                if self.body_calls == 1 {
+                    self.set_http_request_header("x-pw-first-chunk", Some(&body_size.to_string()));
+                } else {
+                    self.set_http_request_header("x-pw-late", Some("1"));
+                }
+                Action::Continue
+            }
             "body-splice" => {
                 if !end_of_stream {
                     return Action::Pause;
@@ -1694,6 +1712,9 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.s.mode == "trailers-callout" && !end_of_stream {
+            return Action::Pause;
+        }
         if self.s.mode == "close" && self.path.starts_with("/close-body") {
             self.reset_http_response();
             return Action::Continue;
@@ -1723,6 +1744,14 @@ impl HttpContext for Filter {
                 }
                 let body = self.get_http_response_body(0, body_size).unwrap_or_default();
                 self.check(Held::ResponseBody, "resp", &body)
+            }
+            "peek" => {
+                if self.get_http_response_header("x-pw-first-chunk").is_none() {
+                    self.set_http_response_header("x-pw-first-chunk", Some(&body_size.to_string()));
+                } else {
+                    self.set_http_response_header("x-pw-late", Some("1"));
+                }
+                Action::Continue
             }
             "body-wait" => {
                 if !end_of_stream {
@@ -1760,7 +1789,7 @@ impl HttpContext for Filter {
         if matches!(self.s.mode.as_str(), "body-rewrite" | "stream-callout" | "stream-trailers") {
             self.set_http_response_header("content-length", None);
         }
-        if matches!(self.s.mode.as_str(), "body-wait" | "body-local" | "body-callout" | "trailers-callout") && !end_of_stream {
+        if matches!(self.s.mode.as_str(), "body-wait" | "body-local" | "body-callout" | "trailers-callout" | "peek") && !end_of_stream {
             return Action::Pause;
         }
         if self.s.mode == "headers" {

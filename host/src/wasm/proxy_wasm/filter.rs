@@ -20,13 +20,16 @@
 //! callback) is done here: the data is held in the context (forwarding nothing)
 //! and the next call sees everything held plus the new chunk, under the plugin's
 //! body cap (request over it: 413; response: the exchange is reset, its head
-//! being out). `Continue` forwards what is held. `Pause` at the end of the
-//! stream or from a trailers callback, with a call outstanding, is the chain's
-//! pause: the host holds the rest of the message, whether it holds the whole
-//! message (buffered: the headers callback waited for the body) or the head
-//! went out before the body (streamed: the body stream waits, see
-//! `crate::body::Filtered`); the call's callback then runs in that body or
-//! trailers phase ([`held_phase`]), so it can rewrite what is held.
+//! being out). `Continue` forwards what is held. Envoy's `StopIteration` (`Pause`
+//! from a headers callback with no call out, a body to come) holds the head
+//! while the body callback gets each chunk (`BodyCtl::holds_head`): the head
+//! goes on with the first chunk it continues, writable until then. `Pause` at
+//! the end of the stream or from a trailers callback, with a call outstanding,
+//! is the chain's pause: the host holds the rest of the message, with its head
+//! (still held, or another filter buffers the whole message) or after it
+//! (streamed: the body stream waits, see `crate::body::Filtered`); the call's
+//! callback then runs in that body or trailers phase ([`held_phase`]), so it
+//! can rewrite what is held.
 //!
 //! Callouts: HTTP and unary gRPC calls go through the chain (or, from the root
 //! context, are sent here with the worker's sender) and come back to
@@ -976,10 +979,11 @@ impl ProxyWasmFilter {
             } else {
                 Direction::Response
             };
-            // Envoy's StopIteration to wait for the body: the host's buffered mode
-            // holds the head (writable) until the body callback has the whole body.
+            // Envoy's StopIteration with a body to come: the head is held
+            // (writable) while the body callback gets each chunk, until it
+            // continues one (or the body ends).
             let ctl = &data.x.body_ctl;
-            let can_buffer = !end_of_stream
+            let can_hold = !end_of_stream
                 && live.exports.body[d.idx()].is_some()
                 && ctl.declared[d.idx()]
                 && !ctl.started[d.idx()];
@@ -993,8 +997,8 @@ impl ProxyWasmFilter {
                     super::grpc::arm_wait(data, ctx);
                     Ok(Verdict::Pause)
                 }
-                action::PAUSE if can_buffer => {
-                    data.x.body_ctl.modes[d.idx()] = BodyMode::Buffered;
+                action::PAUSE if can_hold => {
+                    data.x.body_ctl.holds_head[d.idx()] = true;
                     Ok(Verdict::Continue)
                 }
                 action::PAUSE if super::grpc::arm_wait(data, ctx) => Ok(Verdict::Pause),
@@ -1068,7 +1072,12 @@ impl ProxyWasmFilter {
                 return Ok(Err(RESET.into()));
             }
             Ok(match a {
-                action::CONTINUE => Ok(None),
+                action::CONTINUE => {
+                    // Envoy's continue after StopIteration: the head goes on
+                    // with this data.
+                    data.x.body_ctl.holds_head[d.idx()] = false;
+                    Ok(None)
+                }
                 action::PAUSE if !end_of_stream => Ok(Some(Verdict::Pause)),
                 action::PAUSE => paused_at_end(data, ctx, d, "body").map(Some),
                 other => Err(format!(
@@ -1698,8 +1707,8 @@ fn take_pending_local(data: &mut PwState, ctx: u32) -> Option<LocalResponse> {
 /// `Pause` from the end-of-stream body callback or a trailers callback of
 /// direction `d` (`what`): Envoy holds the message until
 /// `proxy_continue_stream`. The chain can wait at the end of a message
-/// (buffered: the headers callback returned `Pause` to wait for the body, or
-/// another filter buffers; streamed: the body stream holds the rest) when a
+/// (another filter buffers the whole message: it waits in place; streamed,
+/// the head held or out: the body stream holds the rest) when a
 /// callout or gRPC stream of this context can resume it; else, as for component filters
 /// (abi/README.md §3.3, §4), a failure, since nothing could resume it (Envoy
 /// would hang until the route timeout).

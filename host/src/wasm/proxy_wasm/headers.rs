@@ -181,10 +181,13 @@ fn writable(s: &mut PwState, which: i32) -> Result<Option<&mut Exchange>, i32> {
     // During a callout response the exchange is held at its request head until
     // a response exists, at its response head after.
     let at_response = s.x.status.is_some();
-    // A head paused for its body (buffered mode) is held, and writable, until
-    // the body callback returns.
-    let held =
-        |d: Direction| phase == Phase::Body(d) && s.x.body_ctl.modes[d.idx()] == BodyMode::Buffered;
+    // A head held with its body (buffered mode, or paused by the headers
+    // callback until the body callback continues) is writable there.
+    let held = |d: Direction| {
+        phase == Phase::Body(d)
+            && (s.x.body_ctl.modes[d.idx()] == BodyMode::Buffered
+                || s.x.body_ctl.holds_head[d.idx()])
+    };
     let ok = match which {
         map::REQUEST_HEADERS => {
             phase == Phase::RequestHeaders
