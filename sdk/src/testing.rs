@@ -258,8 +258,10 @@ impl TestHost {
 
     /// The value of counter `name` for label values `labels` (in definition
     /// order; `&[]` for an unlabelled counter); `None` if that series does not
-    /// exist. A series exists once a handle for it does: `define` makes the one
-    /// with every label value empty, `with_labels` the one it names.
+    /// exist. A series exists when the host makes it: an unlabelled metric's
+    /// at `define`, a labelled one's at `with_labels` (the one it names), and
+    /// a labelled metric's all-empty one (what the `define` handle records
+    /// into) only once recorded into, as the host shows it in `/stats`.
     pub fn counter(&self, name: &str, labels: &[&str]) -> Option<u64> {
         match self.series(name, labels)? {
             SeriesValue::Counter(v) => Some(v),

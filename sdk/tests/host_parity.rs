@@ -1,7 +1,9 @@
 //! The native harness refuses what the real host refuses (host/src/wasm), so a
 //! plugin that passes its native tests does not fail in the host: metric
 //! definitions and caps, the buffered body call of a body-less message, local
-//! response validation, header values, callouts, the tick interval and KV TTLs.
+//! response validation, header values, callouts, the tick interval and KV TTLs;
+//! and it calls the filter when the host would: a labelled metric's empty
+//! series.
 
 #![allow(clippy::unwrap_used)]
 
@@ -740,4 +742,64 @@ fn a_kv_ttl_of_0_is_refused_whether_or_not_the_key_exists() {
     assert_eq!(host.kv_get("ns", "k").unwrap().value, b"1");
     host.kv_unavailable(true);
     host.configure::<ZeroTtl>("true").map(drop).unwrap();
+}
+
+// ---------------------------------------------------------------- labelled metrics' empty series
+
+/// Defines a labelled counter, gauge and histogram and an unlabelled counter
+/// in `configure` (and one labelled series by `with_labels`); each request
+/// records once through every `define` handle.
+struct Labelled {
+    hits: Counter,
+    level: Gauge,
+    sizes: Histogram,
+}
+
+impl HttpFilter for Labelled {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        let hits = Counter::define("hits_total", "", &["route"]).map_err(|e| e.to_string())?;
+        hits.with_labels(&["a"]).map_err(|e| e.to_string())?;
+        Counter::define("plain_total", "", &[]).map_err(|e| e.to_string())?;
+        Ok(Labelled {
+            hits,
+            level: Gauge::define("level", "", &["k"]).map_err(|e| e.to_string())?,
+            sizes: Histogram::define("sizes", "", &["k"], &[]).map_err(|e| e.to_string())?,
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_headers()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.hits.inc();
+        self.level.set(3);
+        self.sizes.observe(1.5);
+        Action::Continue
+    }
+}
+
+#[test]
+fn a_labelled_metrics_empty_series_exists_once_recorded_into() {
+    let host = TestHost::new();
+    let mut t = host.configure::<Labelled>("null").unwrap();
+    assert!(host.metric_defined("hits_total"));
+    // As the host's /stats: no `{route=""}` series for a `define` handle
+    // nothing was recorded through.
+    assert_eq!(host.counter("hits_total", &[""]), None);
+    assert_eq!(host.gauge("level", &[""]), None);
+    assert_eq!(host.histogram("sizes", &[""]), None);
+    // An unlabelled metric's series and a `with_labels` one exist at once.
+    assert_eq!(host.counter("plain_total", &[]), Some(0));
+    assert_eq!(host.counter("hits_total", &["a"]), Some(0));
+    t.exchange(Request::get("/")).request_headers();
+    assert_eq!(host.counter("hits_total", &[""]), Some(1));
+    assert_eq!(host.gauge("level", &[""]), Some(3));
+    assert_eq!(host.histogram("sizes", &[""]), Some(vec![1.5]));
 }

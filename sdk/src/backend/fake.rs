@@ -55,7 +55,9 @@ pub(crate) struct Metric {
 
 impl Metric {
     /// The series for `labels`, created at zero: a series exists (and is
-    /// exported) from the moment its handle exists.
+    /// exported) from the moment the host makes it (an unlabelled metric's at
+    /// `define`, a labelled one's at `with_labels`, or its all-empty one on
+    /// the first record through the `define` handle).
     fn series_mut(&mut self, labels: &[String]) -> &mut SeriesValue {
         let initial = match self.kind {
             MetricKind::Counter => SeriesValue::Counter(0),
@@ -1037,16 +1039,20 @@ fn define(
             );
         }
     }
-    // The `define-*` handle's series (all label values empty) exists from
-    // the start, as the host exports it.
+    // As on the host (host/src/wasm/host.rs `define_over`, `metric`): an
+    // unlabelled metric's one series is made, shown and counted against the
+    // series cap at once; a labelled one's all-empty series, which the
+    // `define-*` handle records into, only when first recorded into
+    // (`SeriesHandle::record`), so a plugin that records only through
+    // `with_labels` never has it.
     let empty = vec![String::new(); labels.len()];
-    // As on the host, an unlabelled metric's series counts against the
-    // series cap at once; a labelled one's when first recorded into.
-    if labels.is_empty() && !h.claim_series(name, &empty) {
-        return Err(Error::LimitExceeded);
-    }
-    if let Some(m) = h.metrics.get_mut(name) {
-        m.series_mut(&empty);
+    if labels.is_empty() {
+        if !h.claim_series(name, &empty) {
+            return Err(Error::LimitExceeded);
+        }
+        if let Some(m) = h.metrics.get_mut(name) {
+            m.series_mut(&empty);
+        }
     }
     drop(h);
     Ok(SeriesHandle {
