@@ -63,7 +63,9 @@ const MIN_TICK_MS: u32 = 10;
 
 /// The fake host: capabilities, clock, logs, metrics, KV and callouts. Cheap to
 /// clone (shared); several [`FilterTest`]s made from one `TestHost` share KV
-/// and metrics like instances of one plugin do.
+/// and metrics like instances of one plugin do, and, like them, each has its
+/// own outstanding callouts and KV calls (their context ids may be the same:
+/// a reply goes only to the instance and exchange that made the call).
 #[derive(Clone)]
 pub struct TestHost {
     host: Host,
@@ -358,14 +360,22 @@ impl TestHost {
             .push_back(response);
     }
 
-    /// Mark callout `id` delivered if it is outstanding; whether it was.
-    fn take_outstanding(&self, id: CalloutId) -> bool {
+    /// Mark `id` delivered if it is an outstanding call of `context` in
+    /// `instance`, an asynchronous KV call if `kv`, else a callout; whether it
+    /// was.
+    fn take_outstanding(
+        &self,
+        instance: u64,
+        context: Option<u64>,
+        id: CalloutId,
+        kv: bool,
+    ) -> bool {
         let mut h = self.host.borrow_mut();
-        match h
-            .callouts
-            .iter_mut()
-            .find(|c| c.id == id && c.state == CalloutState::Outstanding)
-        {
+        match h.callouts.iter_mut().find(|c| {
+            c.id == id
+                && c.outstanding_in(instance, context)
+                && matches!(c.what, Sent::Kv { .. }) == kv
+        }) {
             Some(c) => {
                 c.state = CalloutState::Delivered;
                 true
@@ -374,16 +384,18 @@ impl TestHost {
         }
     }
 
-    /// Outstanding callouts of `context` that have a queued response, popped.
+    /// Outstanding callouts of `context` in `instance` that have a queued
+    /// response, popped.
     fn ready_callouts(
         &self,
+        instance: u64,
         context: Option<u64>,
     ) -> Vec<(CalloutId, Result<CalloutResponse, Error>)> {
         let mut h = self.host.borrow_mut();
         let pending: Vec<(CalloutId, String)> = h
             .callouts
             .iter()
-            .filter(|c| c.context == context && c.state == CalloutState::Outstanding)
+            .filter(|c| c.outstanding_in(instance, context))
             .filter_map(|c| match &c.what {
                 Sent::Http(r) => Some((c.id, r.cluster.clone())),
                 Sent::Kv { .. } => None,
@@ -398,14 +410,14 @@ impl TestHost {
         out
     }
 
-    /// The outstanding asynchronous KV calls of `context`, in start order:
-    /// (id, namespace, key, operation).
-    fn kv_outstanding(&self, context: u64) -> Vec<(CallId, String, String, Op)> {
+    /// The outstanding asynchronous KV calls of `context` in `instance`, in
+    /// start order: (id, namespace, key, operation).
+    fn kv_outstanding(&self, instance: u64, context: u64) -> Vec<(CallId, String, String, Op)> {
         self.host
             .borrow()
             .callouts
             .iter()
-            .filter(|c| c.context == Some(context) && c.state == CalloutState::Outstanding)
+            .filter(|c| c.outstanding_in(instance, Some(context)))
             .filter_map(|c| match &c.what {
                 Sent::Kv { namespace, key, op } => {
                     Some((c.id, namespace.clone(), key.clone(), op.clone()))
@@ -415,12 +427,13 @@ impl TestHost {
             .collect()
     }
 
-    fn outstanding(&self, context: Option<u64>) -> usize {
+    /// How many callouts and KV calls of `context` in `instance` are outstanding.
+    fn outstanding(&self, instance: u64, context: Option<u64>) -> usize {
         self.host
             .borrow()
             .callouts
             .iter()
-            .filter(|c| c.context == context && c.state == CalloutState::Outstanding)
+            .filter(|c| c.outstanding_in(instance, context))
             .count()
     }
 }
@@ -521,10 +534,10 @@ impl<F: HttpFilter> FilterTest<F> {
     /// Deliver queued responses to outstanding callouts sent from `on_tick`;
     /// returns how many were delivered.
     pub fn deliver_tick_callouts(&mut self) -> usize {
-        let ready = self.host.ready_callouts(None);
+        let ready = self.host.ready_callouts(self.id, None);
         let n = ready.len();
         for (id, r) in ready {
-            self.host.take_outstanding(id);
+            self.host.take_outstanding(self.id, None, id, false);
             let _g = install(&self.host.host, self.id, Call::Tick);
             self.instance.tick_callout_response(id, r);
         }
@@ -975,19 +988,20 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// Deliver callout `id`'s response to `on_callout_response`. `None` if `id`
-    /// is not an outstanding callout of this exchange (the host would not call).
+    /// is not an outstanding callout of this exchange (sent by this
+    /// exchange's context in this [`FilterTest`]: another `FilterTest` on the
+    /// same host is another instance, whose context ids may be the same): the
+    /// host would not call.
     pub fn deliver_callout(
         &mut self,
         id: CalloutId,
         response: Result<CalloutResponse, Error>,
     ) -> Option<Action> {
-        let mine = self
+        if !self
             .test
             .host
-            .callouts()
-            .iter()
-            .any(|c| c.id == id && c.context == Some(self.context) && c.outstanding);
-        if !mine || !self.test.host.take_outstanding(id) {
+            .take_outstanding(self.test.id, Some(self.context), id, false)
+        {
             return None;
         }
         let c = self.context;
@@ -1030,10 +1044,14 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         let (id, ns, key, op) = self
             .test
             .host
-            .kv_outstanding(self.context)
+            .kv_outstanding(self.test.id, self.context)
             .into_iter()
             .next()?;
-        if !self.test.host.take_outstanding(id) {
+        if !self
+            .test
+            .host
+            .take_outstanding(self.test.id, Some(self.context), id, true)
+        {
             return None;
         }
         let reply = run_kv(&self.test.host.host, &ns, &key, op);
@@ -1043,13 +1061,19 @@ impl<F: HttpFilter> TestExchange<'_, F> {
 
     /// How many asynchronous KV calls of this exchange are outstanding.
     pub fn kv_calls_outstanding(&self) -> usize {
-        self.test.host.kv_outstanding(self.context).len()
+        self.test
+            .host
+            .kv_outstanding(self.test.id, self.context)
+            .len()
     }
 
     /// Deliver the queued responses ([`TestHost::queue_callout_response`]) to
     /// this exchange's outstanding callouts, in send order; the actions returned.
     pub fn deliver_callouts(&mut self) -> Vec<Action> {
-        let ready = self.test.host.ready_callouts(Some(self.context));
+        let ready = self
+            .test
+            .host
+            .ready_callouts(self.test.id, Some(self.context));
         let mut actions = Vec::new();
         for (id, r) in ready {
             if let Some(a) = self.deliver_callout(id, r) {
@@ -1065,7 +1089,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// `Streamed` mode included (the host then stops reading that body until
     /// the filter resumes).
     pub fn may_pause(&self) -> bool {
-        self.test.host.outstanding(Some(self.context)) > 0
+        self.test.host.outstanding(self.test.id, Some(self.context)) > 0
     }
 
     /// Whether the host makes body calls for direction `d` (in [`run`](Self::run)):
@@ -1307,10 +1331,10 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
     /// Deliver queued responses to outstanding callouts sent from `on_tick`;
     /// returns how many were delivered.
     pub fn deliver_tick_callouts(&mut self) -> usize {
-        let ready = self.host.ready_callouts(None);
+        let ready = self.host.ready_callouts(self.id, None);
         let n = ready.len();
         for (id, r) in ready {
-            self.host.take_outstanding(id);
+            self.host.take_outstanding(self.id, None, id, false);
             let _g = install(&self.host.host, self.id, Call::Tick);
             self.instance.tick_callout_response(id, r);
         }
@@ -1514,7 +1538,7 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
     }
 
     fn blocked(&self, d: Direction) -> bool {
-        self.paused[idx(d)] && self.test.host.outstanding(Some(self.context)) > 0
+        self.paused[idx(d)] && self.test.host.outstanding(self.test.id, Some(self.context)) > 0
     }
 
     fn data(&mut self, from: Peer, bytes: Vec<u8>, eos: bool) -> NetworkAction {
@@ -1623,13 +1647,12 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         id: CalloutId,
         response: Result<CalloutResponse, Error>,
     ) -> Option<NetworkAction> {
-        let mine = self
-            .test
-            .host
-            .callouts()
-            .iter()
-            .any(|c| c.id == id && c.context == Some(self.context) && c.outstanding);
-        if self.closed || !mine || !self.test.host.take_outstanding(id) {
+        if self.closed
+            || !self
+                .test
+                .host
+                .take_outstanding(self.test.id, Some(self.context), id, false)
+        {
             return None;
         }
         let action = self.call(None, |i, ctx, c| i.callout_response(ctx, c, id, response));
@@ -1662,7 +1685,10 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
     /// Deliver the queued responses ([`TestHost::queue_callout_response`]) to
     /// this connection's outstanding callouts, in send order; the actions.
     pub fn deliver_callouts(&mut self) -> Vec<NetworkAction> {
-        let ready = self.test.host.ready_callouts(Some(self.context));
+        let ready = self
+            .test
+            .host
+            .ready_callouts(self.test.id, Some(self.context));
         let mut actions = Vec::new();
         for (id, r) in ready {
             if let Some(a) = self.deliver_callout(id, r) {
@@ -1676,7 +1702,7 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
     /// connection has a callout outstanding (a pause from
     /// `on_new_connection` or at end of stream without one is a failure).
     pub fn may_pause(&self) -> bool {
-        self.test.host.outstanding(Some(self.context)) > 0
+        self.test.host.outstanding(self.test.id, Some(self.context)) > 0
     }
 
     // ---- inspection ----

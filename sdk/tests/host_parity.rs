@@ -3,12 +3,12 @@
 //! definitions and caps, the buffered body call of a body-less message, local
 //! response validation, header values, callouts, the tick interval and KV TTLs;
 //! and it calls the filter when the host would: a labelled metric's empty
-//! series.
+//! series, replies to the instance that made the call only.
 
 #![allow(clippy::unwrap_used)]
 
-use legate_sdk::callout::{self, CalloutId, CalloutRequest};
-use legate_sdk::kv::{Namespace, WriteCondition};
+use legate_sdk::callout::{self, CalloutId, CalloutRequest, CalloutResponse};
+use legate_sdk::kv::{CallId, Namespace, Reply, WriteCondition};
 use legate_sdk::metrics::{Counter, Gauge, Histogram};
 use legate_sdk::testing::{FilterTest, NetworkFilterTest, Outcome, Request, Response, TestHost};
 use legate_sdk::{
@@ -802,4 +802,185 @@ fn a_labelled_metrics_empty_series_exists_once_recorded_into() {
     assert_eq!(host.counter("hits_total", &[""]), Some(1));
     assert_eq!(host.gauge("level", &[""]), Some(3));
     assert_eq!(host.histogram("sizes", &[""]), Some(vec![1.5]));
+}
+
+// ---------------------------------------------------------------- pauses, instances, failures
+
+/// The steps left for an exchange of a [`Waiter`].
+#[derive(Default)]
+struct Steps(Vec<String>);
+
+/// Takes its steps from the request's `x-steps` (comma-separated), one per
+/// call: the request headers phase, then each callout or KV reply (then
+/// `continue`). A step does something, then returns: `pause` (nothing sent),
+/// `call` (a callout to `authz`, then `pause`), `call2` (two), `callkv` (a
+/// callout and an asynchronous KV get), `kv` (a KV get), `send` (a callout,
+/// then `continue`), `detach` (tries to, then `continue`), `bad` (a local
+/// response the host refuses), `continue`. `on_tick` sends a callout.
+#[derive(Default)]
+struct Waiter {
+    sent: Vec<CalloutId>,
+    replies: Vec<CalloutId>,
+    detaches: Vec<Result<(), Error>>,
+    logs: u32,
+    dones: u32,
+    tick_replies: Vec<CalloutId>,
+}
+
+fn check() -> CalloutRequest {
+    CalloutRequest::new("authz", "GET", "/check")
+}
+
+impl Waiter {
+    fn step(&mut self, steps: &mut Steps, x: &Exchange<'_>) -> Action {
+        let step = if steps.0.is_empty() {
+            "continue".to_owned()
+        } else {
+            steps.0.remove(0)
+        };
+        let kv = || Namespace::open("ns").unwrap().start_get("k").unwrap();
+        match step.as_str() {
+            "pause" => Action::Pause,
+            "call" | "call2" | "callkv" | "send" => {
+                self.sent.push(callout::send(&check()).unwrap());
+                match step.as_str() {
+                    "call2" => self.sent.push(callout::send(&check()).unwrap()),
+                    "callkv" => self.sent.push(kv()),
+                    _ => {}
+                }
+                if step == "send" {
+                    Action::Continue
+                } else {
+                    Action::Pause
+                }
+            }
+            "kv" => {
+                self.sent.push(kv());
+                Action::Pause
+            }
+            "detach" => {
+                self.detaches.push(x.detach());
+                Action::Continue
+            }
+            "bad" => Action::Respond(LocalResponse::new(700)),
+            _ => Action::Continue,
+        }
+    }
+}
+
+impl HttpFilter for Waiter {
+    type Config = ();
+    type Context = Steps;
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(Waiter::default())
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_headers().on_log()
+    }
+    fn on_request_headers(
+        &mut self,
+        steps: &mut Steps,
+        x: &Exchange<'_>,
+        h: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        let all = h.get_str("x-steps").unwrap_or_default();
+        steps.0 = all.split(',').map(str::to_owned).collect();
+        self.step(steps, x)
+    }
+    fn on_callout_response(
+        &mut self,
+        steps: &mut Steps,
+        x: &Exchange<'_>,
+        id: CalloutId,
+        _: Result<CalloutResponse, Error>,
+    ) -> Action {
+        self.replies.push(id);
+        self.step(steps, x)
+    }
+    fn on_kv_response(
+        &mut self,
+        steps: &mut Steps,
+        x: &Exchange<'_>,
+        id: CallId,
+        _: Result<Reply, Error>,
+    ) -> Action {
+        self.replies.push(id);
+        self.step(steps, x)
+    }
+    fn on_log(&mut self, _: &mut Steps, _: &Exchange<'_>) {
+        self.logs += 1;
+    }
+    fn on_done(&mut self, _: Steps) {
+        self.dones += 1;
+    }
+    fn on_tick(&mut self) {
+        self.sent.push(callout::send(&check()).unwrap());
+    }
+    fn on_tick_callout_response(&mut self, id: CalloutId, _: Result<CalloutResponse, Error>) {
+        self.tick_replies.push(id);
+    }
+}
+
+fn waiters() -> TestHost {
+    TestHost::new().grant_cluster("authz").grant_kv("ns")
+}
+
+fn steps(steps: &str) -> Request {
+    Request::get("/").header("x-steps", steps)
+}
+
+fn ok() -> Result<CalloutResponse, Error> {
+    Ok(CalloutResponse::new(200, "ok"))
+}
+
+#[test]
+fn calls_belong_to_the_instance_that_made_them() {
+    let host = waiters();
+    let mut a = host.configure::<Waiter>("null").unwrap();
+    let mut b = host.configure::<Waiter>("null").unwrap();
+    let mut xa = a.exchange(steps("callkv,pause,continue"));
+    let mut xb = b.exchange(steps("callkv,pause,continue"));
+    // Two instances: the same context id, two exchanges.
+    assert_eq!(xa.context(), xb.context());
+    assert_eq!(xa.request_headers(), Action::Pause);
+    assert_eq!(xb.request_headers(), Action::Pause);
+    // One id sequence for callouts and KV calls: A's 1 and 2, B's 3 and 4.
+    let (call_a, kv_a) = (host.callouts()[0].id, 2);
+    let (call_b, kv_b) = (host.callouts()[1].id, 4);
+
+    // B's deliveries are B's own calls.
+    host.queue_callout_response("authz", ok());
+    assert_eq!(xb.deliver_callout(call_a, ok()), None);
+    assert_eq!(xb.deliver_callouts(), vec![Action::Pause]);
+    assert_eq!(xb.deliver_kv(), vec![Action::Continue]);
+    assert!(host.callouts()[0].outstanding);
+    assert!(!host.callouts()[1].outstanding);
+    assert_eq!(xa.kv_calls_outstanding(), 1);
+    assert!(xa.may_pause());
+
+    // A's are still there for A.
+    host.queue_callout_response("authz", ok());
+    assert_eq!(xa.deliver_callouts(), vec![Action::Pause]);
+    assert_eq!(xa.deliver_kv(), vec![Action::Continue]);
+    drop((xa, xb));
+    assert_eq!(a.filter().replies, vec![call_a, kv_a]);
+    assert_eq!(b.filter().replies, vec![call_b, kv_b]);
+
+    // Detach is refused only for the instance's own context with a call out.
+    let mut xa = a.exchange(steps("call"));
+    assert_eq!(xa.request_headers(), Action::Pause);
+    let mut xb = b.exchange(steps("detach"));
+    assert_eq!(xa.context(), xb.context());
+    assert_eq!(xb.request_headers(), Action::Continue);
+    drop((xa, xb));
+    assert_eq!(b.filter().detaches, vec![Ok(())]);
+
+    // And `on_tick`'s callouts are the instance's.
+    a.tick();
+    host.queue_callout_response("authz", ok());
+    assert_eq!(b.deliver_tick_callouts(), 0);
+    assert_eq!(a.deliver_tick_callouts(), 1);
+    assert_eq!(a.filter().tick_replies.len(), 1);
+    assert!(b.filter().tick_replies.is_empty());
 }

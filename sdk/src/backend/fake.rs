@@ -105,6 +105,18 @@ pub(crate) struct SentCallout {
     pub(crate) state: CalloutState,
 }
 
+impl SentCallout {
+    /// Whether this is an outstanding call of `context` (`None`: sent from
+    /// `on_tick`) in instance `instance`. On the host each instance keeps its
+    /// own outstanding calls by context id, so an exchange of one instance
+    /// never sees (is never paused by, never delivered) another's.
+    pub(crate) fn outstanding_in(&self, instance: u64, context: Option<u64>) -> bool {
+        self.instance == instance
+            && self.context == context
+            && self.state == CalloutState::Outstanding
+    }
+}
+
 pub(crate) struct HostState {
     pub(crate) plugin_name: String,
     pub(crate) instance_index: u32,
@@ -779,10 +791,11 @@ impl ExchangeHandle<'_> {
         let Call::Exchange(c) = h.call else {
             return Err(Error::InvalidState);
         };
+        let instance = h.instance;
         let outstanding = h
             .callouts
             .iter()
-            .any(|x| x.context == Some(c) && x.state == CalloutState::Outstanding);
+            .any(|x| x.outstanding_in(instance, Some(c)));
         if outstanding {
             return Err(Error::InvalidState);
         }
@@ -1492,12 +1505,11 @@ pub(crate) fn callout_cancel(id: u64) -> Result<(), Error> {
             Call::Idle | Call::Configure | Call::Done => return Err(Error::NotFound),
         };
         let instance = h.instance;
-        match h.callouts.iter_mut().find(|c| {
-            c.id == id
-                && c.instance == instance
-                && c.context == context
-                && c.state == CalloutState::Outstanding
-        }) {
+        match h
+            .callouts
+            .iter_mut()
+            .find(|c| c.id == id && c.outstanding_in(instance, context))
+        {
             Some(c) => {
                 c.state = CalloutState::Cancelled;
                 Ok(())
