@@ -61,6 +61,10 @@ use crate::{Body, Error, Exchange, Headers, HttpFilter, Instance, Phase, Setup};
 /// The smallest tick interval the host takes (its default `MIN_TICK`).
 const MIN_TICK_MS: u32 = 10;
 
+/// Why the host fails a call that returned `pause` with no callout or KV call
+/// of its exchange outstanding (host/src/wasm/plugin.rs `verdict`).
+const PAUSE_WITHOUT_CALL: &str = "returned `pause` with no outstanding callout";
+
 /// The fake host: capabilities, clock, logs, metrics, KV and callouts. Cheap to
 /// clone (shared); several [`FilterTest`]s made from one `TestHost` share KV
 /// and metrics like instances of one plugin do, and, like them, each has its
@@ -520,6 +524,7 @@ impl<F: HttpFilter> FilterTest<F> {
             pending_body: [request.body, Vec::new()],
             pending_trailers: [request.trailers, None],
             paused_window: Vec::new(),
+            paused: false,
             held_trailers: None,
             failure: None,
         }
@@ -706,12 +711,15 @@ pub enum Outcome {
     Completed,
     /// A phase answered locally.
     Responded(Phase, crate::LocalResponse),
-    /// A phase paused (deliver callouts, then drive the rest by hand).
+    /// A phase paused with a callout or KV call of the exchange outstanding
+    /// (deliver them, then drive the rest by hand).
     Paused(Phase),
-    /// A phase's call failed as the host would fail it (abi/README.md §8, §9):
-    /// it returned a local response the host refuses (a status outside
-    /// 200..=599, a header name that is not a token, a value with a control
-    /// byte other than HTAB or DEL, over 1024 fields or a value over 64 KiB).
+    /// A phase's call failed as the host would fail it (abi/README.md §3.3,
+    /// §8, §9): it returned a local response the host refuses (a status
+    /// outside 200..=599, a header name that is not a token, a value with a
+    /// control byte other than HTAB or DEL, over 1024 fields or a value over
+    /// 64 KiB), or `Pause` with no callout or KV call of the exchange
+    /// outstanding (nothing could resume it).
     /// The host applies the plugin's failure policy (`fail: closed`: a `503`)
     /// and makes no more calls into the filter for the exchange but `on_done`;
     /// so does the harness. The `String` is the host's reason.
@@ -725,7 +733,12 @@ pub struct TestExchange<'t, F: HttpFilter> {
     ex: Ex,
     pending_body: [Vec<u8>; 2],
     pending_trailers: [Option<FieldList>; 2],
+    /// The write window of the call the exchange is paused in (empty when
+    /// not paused).
     paused_window: Vec<Part>,
+    /// The filter paused the exchange (a `Pause` the host takes: a callout
+    /// or KV call of the exchange outstanding) and no reply ended it yet.
+    paused: bool,
     /// The direction whose trailers a paused end-of-stream body call holds (on
     /// the exchange, writable, until the pause ends).
     held_trailers: Option<Direction>,
@@ -746,11 +759,12 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// Why the host would have failed one of this exchange's calls, if it
-    /// would have: a local response it refuses (see [`Outcome::Failed`]). The
-    /// phase method still returns the action the filter gave; from then on the
-    /// harness makes no more calls for the exchange but `on_done`, as the host
-    /// (its failure policy applies: fail closed ends the exchange with `503`,
-    /// fail open skips the filter).
+    /// would have: a local response it refuses, or a `Pause` with no callout
+    /// or KV call of the exchange outstanding (see [`Outcome::Failed`]). The
+    /// phase (or delivery) method still returns the action the filter gave;
+    /// from then on the harness makes no more calls for the exchange but
+    /// `on_done`, as the host (its failure policy applies: fail closed ends
+    /// the exchange with `503`, fail open skips the filter).
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
     }
@@ -762,10 +776,15 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.ex.borrow().detached
     }
 
-    /// Run one phase call with `window` writable; keep the window if it paused.
+    /// Run one call with `window` writable; keep the window if it paused.
+    /// `verdict`: the action is the exchange's verdict (a phase call, or a
+    /// reply delivered while paused), so a `Pause` needs a call of the
+    /// exchange outstanding; otherwise (a reply while not paused) `Pause`
+    /// means nothing, as on the host.
     fn call(
         &mut self,
         window: Vec<Part>,
+        verdict: bool,
         f: impl FnOnce(&mut Instance<F>, &Exchange<'_>) -> Action,
     ) -> Action {
         self.ex.borrow_mut().window = window.clone();
@@ -784,7 +803,15 @@ impl<F: HttpFilter> TestExchange<'_, F> {
                 self.failure.get_or_insert(why);
             }
         }
-        if action == Action::Pause {
+        let pause = verdict && action == Action::Pause;
+        if pause && self.test.host.outstanding(self.test.id, Some(self.context)) == 0 {
+            // As the host (host/src/wasm/plugin.rs `verdict`): nothing could
+            // resume the pause, so the call failed.
+            self.failure
+                .get_or_insert_with(|| PAUSE_WITHOUT_CALL.to_owned());
+        }
+        self.paused = pause && self.failure.is_none();
+        if self.paused {
             self.paused_window = window;
         } else {
             self.paused_window.clear();
@@ -805,7 +832,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         let eos = !self.has_body(Direction::Request);
         let c = self.context;
         let ex = self.ex.clone();
-        self.call(vec![Part::Head(Direction::Request)], |i, x| {
+        self.call(vec![Part::Head(Direction::Request)], true, |i, x| {
             let h = Headers(HeadersHandle::new(ex, Part::Head(Direction::Request)));
             i.request_headers(c, x, &h, eos)
         })
@@ -838,7 +865,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         }
         let c = self.context;
         let ex = self.ex.clone();
-        let action = self.call(window, |i, x| {
+        let action = self.call(window, true, |i, x| {
             let b = Body(BufferHandle::new(ex, d));
             match d {
                 Direction::Request => i.request_body(c, x, &b, eos),
@@ -846,7 +873,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             }
         });
         if folding {
-            if action == Action::Pause {
+            if self.paused {
                 // Held (and writable) with the body until the pause ends.
                 self.held_trailers = Some(d);
             } else {
@@ -890,7 +917,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         }
         let c = self.context;
         let ex = self.ex.clone();
-        let action = self.call(vec![Part::Trailers(d)], |i, x| {
+        let action = self.call(vec![Part::Trailers(d)], true, |i, x| {
             let t = Headers(HeadersHandle::new(ex, Part::Trailers(d)));
             match d {
                 Direction::Request => i.request_trailers(c, x, &t),
@@ -922,7 +949,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         let eos = !self.has_body(Direction::Response);
         let c = self.context;
         let ex = self.ex.clone();
-        self.call(vec![Part::Head(Direction::Response)], |i, x| {
+        self.call(vec![Part::Head(Direction::Response)], true, |i, x| {
             let h = Headers(HeadersHandle::new(ex, Part::Head(Direction::Response)));
             i.response_headers(c, x, &h, eos)
         })
@@ -992,6 +1019,12 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// exchange's context in this [`FilterTest`]: another `FilterTest` on the
     /// same host is another instance, whose context ids may be the same): the
     /// host would not call.
+    ///
+    /// While the exchange is paused, the action is its verdict, in the write
+    /// window it paused in: `Continue` resumes, `Respond` answers, `Pause`
+    /// keeps waiting, which with nothing else of the exchange outstanding is
+    /// a failure ([`failure`](Self::failure)), as from a phase. Not paused,
+    /// `Continue` and `Pause` mean nothing.
     pub fn deliver_callout(
         &mut self,
         id: CalloutId,
@@ -1008,13 +1041,14 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         Some(self.resume(|i, x| i.callout_response(c, x, id, response)))
     }
 
-    /// Delivers a reply to the paused exchange through `f`, in the window it
-    /// paused in; a verdict other than `pause` settles the trailers held
-    /// meanwhile.
+    /// Delivers a reply through `f`: to a paused exchange in the window it
+    /// paused in, where a verdict other than `pause` settles the trailers held
+    /// meanwhile; to one not paused with nothing writable.
     fn resume(&mut self, f: impl FnOnce(&mut Instance<F>, &Exchange<'_>) -> Action) -> Action {
         let window = self.paused_window.clone();
-        let action = self.call(window, f);
-        if action != Action::Pause {
+        let paused = self.paused;
+        let action = self.call(window, paused, f);
+        if !self.paused {
             if let Some(d) = self.held_trailers.take() {
                 self.settle_trailers(d);
             }
@@ -1028,7 +1062,8 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// actions returned. Each call runs when delivered, so other instances'
     /// writes (or [`TestHost::kv_put`]) made between start and delivery land
     /// first, as with a remote backend (the host's in-memory store runs a call
-    /// when it starts; only the reply waits).
+    /// when it starts; only the reply waits). The actions mean what they mean
+    /// from [`deliver_callout`](Self::deliver_callout).
     pub fn deliver_kv(&mut self) -> Vec<Action> {
         let mut actions = Vec::new();
         while let Some(action) = self.deliver_next_kv() {
@@ -1084,7 +1119,8 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// Whether a `Pause` just returned is valid: this exchange has a callout
-    /// outstanding (the host treats a pause without one as a failure). A pause
+    /// or KV call outstanding (the host treats a pause without one as a
+    /// failure, and so does the harness: see [`failure`](Self::failure)). A pause
     /// is valid from every phase but `on_log`, body and trailers calls in
     /// `Streamed` mode included (the host then stops reading that body until
     /// the filter resumes).
@@ -1118,7 +1154,10 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// Drive the whole exchange as the host would: request headers, body,
     /// trailers, then `response` through headers, body, trailers, then log
     /// and done. Stops at the first `Respond` (then logs and ends the
-    /// exchange) or `Pause`. A filter that buffers a direction gets its body
+    /// exchange), `Pause` ([`Outcome::Paused`]) or failure
+    /// ([`Outcome::Failed`], then ends the exchange: `on_done` only). A
+    /// `Pause` with nothing of the exchange outstanding is a failure, as on
+    /// the host. A filter that buffers a direction gets its body
     /// call even for a message without a body (an empty buffer), as from the
     /// host (abi/README.md §4).
     pub fn run(&mut self, response: Response) -> Outcome {

@@ -3,7 +3,8 @@
 //! definitions and caps, the buffered body call of a body-less message, local
 //! response validation, header values, callouts, the tick interval and KV TTLs;
 //! and it calls the filter when the host would: a labelled metric's empty
-//! series, replies to the instance that made the call only.
+//! series, a pause with nothing outstanding (a failure), replies to the
+//! instance that made the call only.
 
 #![allow(clippy::unwrap_used)]
 
@@ -932,6 +933,57 @@ fn steps(steps: &str) -> Request {
 
 fn ok() -> Result<CalloutResponse, Error> {
     Ok(CalloutResponse::new(200, "ok"))
+}
+
+/// The host's reason (host/src/wasm/plugin.rs `verdict`).
+const NO_CALL: &str = "returned `pause` with no outstanding callout";
+
+#[test]
+fn a_pause_with_nothing_outstanding_is_a_failure() {
+    let host = waiters();
+    let mut t = host.configure::<Waiter>("null").unwrap();
+    assert_eq!(
+        t.exchange(steps("pause")).run(Response::new(200)),
+        Outcome::Failed(Phase::RequestHeaders, NO_CALL.to_owned())
+    );
+    // No `on_log`, but `on_done`, as after any failure.
+    assert_eq!((t.filter().logs, t.filter().dones), (0, 1));
+
+    // The phase method returns the action, and the failure is there.
+    let mut x = t.exchange(steps("pause"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert!(!x.may_pause());
+    assert_eq!(x.failure(), Some(NO_CALL));
+
+    // With a callout, or an asynchronous KV call, out: a pause.
+    for with in ["call", "kv"] {
+        let mut x = t.exchange(steps(with));
+        assert_eq!(
+            x.run(Response::new(200)),
+            Outcome::Paused(Phase::RequestHeaders)
+        );
+        assert_eq!(x.failure(), None);
+    }
+
+    // Pausing again from a reply: only with another call still out.
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(steps("call,pause"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert_eq!(x.deliver_callouts(), vec![Action::Pause]);
+    assert_eq!(x.failure(), Some(NO_CALL));
+    host.queue_callout_response("authz", ok());
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(steps("call2,pause,continue"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert_eq!(x.deliver_callouts(), vec![Action::Pause, Action::Continue]);
+    assert_eq!(x.failure(), None);
+
+    // A reply while not paused: `pause` means nothing.
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(steps("send,pause"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.deliver_callouts(), vec![Action::Pause]);
+    assert_eq!(x.failure(), None);
 }
 
 #[test]
