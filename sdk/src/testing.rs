@@ -388,15 +388,11 @@ impl TestHost {
         }
     }
 
-    /// Outstanding callouts of `context` in `instance` that have a queued
-    /// response, popped.
-    fn ready_callouts(
-        &self,
-        instance: u64,
-        context: Option<u64>,
-    ) -> Vec<(CalloutId, Result<CalloutResponse, Error>)> {
-        let mut h = self.host.borrow_mut();
-        let pending: Vec<(CalloutId, String)> = h
+    /// The outstanding callouts of `context` in `instance`, in send order:
+    /// (id, cluster).
+    fn pending_callouts(&self, instance: u64, context: Option<u64>) -> Vec<(CalloutId, String)> {
+        self.host
+            .borrow()
             .callouts
             .iter()
             .filter(|c| c.outstanding_in(instance, context))
@@ -404,14 +400,29 @@ impl TestHost {
                 Sent::Http(r) => Some((c.id, r.cluster.clone())),
                 Sent::Kv { .. } => None,
             })
-            .collect();
-        let mut out = Vec::new();
-        for (id, cluster) in pending {
-            if let Some(r) = h.queued.get_mut(&cluster).and_then(VecDeque::pop_front) {
-                out.push((id, r));
-            }
-        }
-        out
+            .collect()
+    }
+
+    /// The next queued response for `cluster`, popped.
+    fn pop_queued(&self, cluster: &str) -> Option<Result<CalloutResponse, Error>> {
+        self.host
+            .borrow_mut()
+            .queued
+            .get_mut(cluster)
+            .and_then(VecDeque::pop_front)
+    }
+
+    /// Outstanding callouts of `context` in `instance` that have a queued
+    /// response, popped.
+    fn ready_callouts(
+        &self,
+        instance: u64,
+        context: Option<u64>,
+    ) -> Vec<(CalloutId, Result<CalloutResponse, Error>)> {
+        self.pending_callouts(instance, context)
+            .into_iter()
+            .filter_map(|(id, cluster)| Some((id, self.pop_queued(&cluster)?)))
+            .collect()
     }
 
     /// The outstanding asynchronous KV calls of `context` in `instance`, in
@@ -752,10 +763,16 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.context
     }
 
+    /// Whether the host still calls into this exchange's context: the filter
+    /// neither detached nor failed (after a failure only `on_done` is called).
+    fn live(&self) -> bool {
+        !self.detached() && self.failure.is_none()
+    }
+
     /// Whether the host would make a call of `phase`: it is declared and the
-    /// filter did not detach from this exchange.
+    /// exchange is [`live`](Self::live).
     fn declared(&self, phase: Phase) -> bool {
-        self.test.instance.setup().declares(phase) && !self.detached() && self.failure.is_none()
+        self.test.instance.setup().declares(phase) && self.live()
     }
 
     /// Why the host would have failed one of this exchange's calls, if it
@@ -764,7 +781,9 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// phase (or delivery) method still returns the action the filter gave;
     /// from then on the harness makes no more calls for the exchange but
     /// `on_done`, as the host (its failure policy applies: fail closed ends
-    /// the exchange with `503`, fail open skips the filter).
+    /// the exchange with `503`, fail open skips the filter): no later phase,
+    /// no `on_log`, and no callout or KV reply is delivered
+    /// ([`deliver_callout`](Self::deliver_callout) gives `None`).
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
     }
@@ -1017,8 +1036,8 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// Deliver callout `id`'s response to `on_callout_response`. `None` if `id`
     /// is not an outstanding callout of this exchange (sent by this
     /// exchange's context in this [`FilterTest`]: another `FilterTest` on the
-    /// same host is another instance, whose context ids may be the same): the
-    /// host would not call.
+    /// same host is another instance, whose context ids may be the same), or
+    /// if the exchange failed or detached: the host would not call.
     ///
     /// While the exchange is paused, the action is its verdict, in the write
     /// window it paused in: `Continue` resumes, `Respond` answers, `Pause`
@@ -1030,10 +1049,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         id: CalloutId,
         response: Result<CalloutResponse, Error>,
     ) -> Option<Action> {
-        if !self
-            .test
-            .host
-            .take_outstanding(self.test.id, Some(self.context), id, false)
+        if !self.live()
+            || !self
+                .test
+                .host
+                .take_outstanding(self.test.id, Some(self.context), id, false)
         {
             return None;
         }
@@ -1062,7 +1082,8 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// actions returned. Each call runs when delivered, so other instances'
     /// writes (or [`TestHost::kv_put`]) made between start and delivery land
     /// first, as with a remote backend (the host's in-memory store runs a call
-    /// when it starts; only the reply waits). The actions mean what they mean
+    /// when it starts; only the reply waits). Nothing is delivered (or run)
+    /// once the exchange failed or detached. The actions mean what they mean
     /// from [`deliver_callout`](Self::deliver_callout).
     pub fn deliver_kv(&mut self) -> Vec<Action> {
         let mut actions = Vec::new();
@@ -1076,6 +1097,9 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// call only (`None` if there is none): to stop an exchange between two
     /// of its calls.
     pub fn deliver_next_kv(&mut self) -> Option<Action> {
+        if !self.live() {
+            return None;
+        }
         let (id, ns, key, op) = self
             .test
             .host
@@ -1103,14 +1127,24 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// Deliver the queued responses ([`TestHost::queue_callout_response`]) to
-    /// this exchange's outstanding callouts, in send order; the actions returned.
+    /// this exchange's outstanding callouts, in send order; the actions
+    /// returned. Stops once the exchange failed: the rest stay outstanding and
+    /// their responses stay queued.
     pub fn deliver_callouts(&mut self) -> Vec<Action> {
-        let ready = self
+        let pending = self
             .test
             .host
-            .ready_callouts(self.test.id, Some(self.context));
+            .pending_callouts(self.test.id, Some(self.context));
         let mut actions = Vec::new();
-        for (id, r) in ready {
+        for (id, cluster) in pending {
+            // Once the exchange failed nothing more is delivered; the queued
+            // responses are left for other exchanges.
+            if !self.live() {
+                break;
+            }
+            let Some(r) = self.test.host.pop_queued(&cluster) else {
+                continue;
+            };
             if let Some(a) = self.deliver_callout(id, r) {
                 actions.push(a);
             }

@@ -4,7 +4,7 @@
 //! response validation, header values, callouts, the tick interval and KV TTLs;
 //! and it calls the filter when the host would: a labelled metric's empty
 //! series, a pause with nothing outstanding (a failure), replies to the
-//! instance that made the call only.
+//! instance that made the call only, none after a failure.
 
 #![allow(clippy::unwrap_used)]
 
@@ -1035,4 +1035,42 @@ fn calls_belong_to_the_instance_that_made_them() {
     assert_eq!(a.deliver_tick_callouts(), 1);
     assert_eq!(a.filter().tick_replies.len(), 1);
     assert!(b.filter().tick_replies.is_empty());
+}
+
+#[test]
+fn a_failed_exchange_gets_no_more_deliveries() {
+    let host = waiters();
+    let mut t = host.configure::<Waiter>("null").unwrap();
+    // The first reply answers with a local response the host refuses.
+    host.queue_callout_response("authz", ok());
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(steps("call2,bad"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let first = x.deliver_callouts();
+    assert!(matches!(first[..], [Action::Respond(_)]), "{first:?}");
+    assert!(x.failure().unwrap().contains("700"));
+    // The second is not delivered (its response stays queued), not even by id.
+    let second = host.callouts()[1].id;
+    assert!(host.callouts()[1].outstanding);
+    assert_eq!(x.deliver_callout(second, ok()), None);
+    assert_eq!(x.deliver_callouts(), vec![]);
+    x.log();
+    x.done();
+    assert!(host.callouts()[1].cancelled);
+    drop(x);
+    assert_eq!(t.filter().replies.len(), 1);
+    assert_eq!((t.filter().logs, t.filter().dones), (0, 1));
+    // The response left is the next exchange's.
+    let mut y = t.exchange(steps("call"));
+    assert_eq!(y.request_headers(), Action::Pause);
+    assert_eq!(y.deliver_callouts(), vec![Action::Continue]);
+
+    // A KV reply is not delivered either.
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(steps("callkv,bad"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert_eq!(x.deliver_callouts().len(), 1);
+    assert!(x.failure().is_some());
+    assert_eq!(x.deliver_kv(), vec![]);
+    assert_eq!(x.kv_calls_outstanding(), 1);
 }
