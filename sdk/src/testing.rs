@@ -61,9 +61,15 @@ use crate::{Body, Error, Exchange, Headers, HttpFilter, Instance, Phase, Setup};
 /// The smallest tick interval the host takes (its default `MIN_TICK`).
 const MIN_TICK_MS: u32 = 10;
 
+/// Why the host fails a call that returned `pause` with no callout or KV call
+/// of its exchange outstanding (host/src/wasm/plugin.rs `verdict`).
+const PAUSE_WITHOUT_CALL: &str = "returned `pause` with no outstanding callout";
+
 /// The fake host: capabilities, clock, logs, metrics, KV and callouts. Cheap to
 /// clone (shared); several [`FilterTest`]s made from one `TestHost` share KV
-/// and metrics like instances of one plugin do.
+/// and metrics like instances of one plugin do, and, like them, each has its
+/// own outstanding callouts and KV calls (their context ids may be the same:
+/// a reply goes only to the instance and exchange that made the call).
 #[derive(Clone)]
 pub struct TestHost {
     host: Host,
@@ -258,8 +264,10 @@ impl TestHost {
 
     /// The value of counter `name` for label values `labels` (in definition
     /// order; `&[]` for an unlabelled counter); `None` if that series does not
-    /// exist. A series exists once a handle for it does: `define` makes the one
-    /// with every label value empty, `with_labels` the one it names.
+    /// exist. A series exists when the host makes it: an unlabelled metric's
+    /// at `define`, a labelled one's at `with_labels` (the one it names), and
+    /// a labelled metric's all-empty one (what the `define` handle records
+    /// into) only once recorded into, as the host shows it in `/stats`.
     pub fn counter(&self, name: &str, labels: &[&str]) -> Option<u64> {
         match self.series(name, labels)? {
             SeriesValue::Counter(v) => Some(v),
@@ -356,14 +364,22 @@ impl TestHost {
             .push_back(response);
     }
 
-    /// Mark callout `id` delivered if it is outstanding; whether it was.
-    fn take_outstanding(&self, id: CalloutId) -> bool {
+    /// Mark `id` delivered if it is an outstanding call of `context` in
+    /// `instance`, an asynchronous KV call if `kv`, else a callout; whether it
+    /// was.
+    fn take_outstanding(
+        &self,
+        instance: u64,
+        context: Option<u64>,
+        id: CalloutId,
+        kv: bool,
+    ) -> bool {
         let mut h = self.host.borrow_mut();
-        match h
-            .callouts
-            .iter_mut()
-            .find(|c| c.id == id && c.state == CalloutState::Outstanding)
-        {
+        match h.callouts.iter_mut().find(|c| {
+            c.id == id
+                && c.outstanding_in(instance, context)
+                && matches!(c.what, Sent::Kv { .. }) == kv
+        }) {
             Some(c) => {
                 c.state = CalloutState::Delivered;
                 true
@@ -372,38 +388,51 @@ impl TestHost {
         }
     }
 
-    /// Outstanding callouts of `context` that have a queued response, popped.
-    fn ready_callouts(
-        &self,
-        context: Option<u64>,
-    ) -> Vec<(CalloutId, Result<CalloutResponse, Error>)> {
-        let mut h = self.host.borrow_mut();
-        let pending: Vec<(CalloutId, String)> = h
-            .callouts
-            .iter()
-            .filter(|c| c.context == context && c.state == CalloutState::Outstanding)
-            .filter_map(|c| match &c.what {
-                Sent::Http(r) => Some((c.id, r.cluster.clone())),
-                Sent::Kv { .. } => None,
-            })
-            .collect();
-        let mut out = Vec::new();
-        for (id, cluster) in pending {
-            if let Some(r) = h.queued.get_mut(&cluster).and_then(VecDeque::pop_front) {
-                out.push((id, r));
-            }
-        }
-        out
-    }
-
-    /// The outstanding asynchronous KV calls of `context`, in start order:
-    /// (id, namespace, key, operation).
-    fn kv_outstanding(&self, context: u64) -> Vec<(CallId, String, String, Op)> {
+    /// The outstanding callouts of `context` in `instance`, in send order:
+    /// (id, cluster).
+    fn pending_callouts(&self, instance: u64, context: Option<u64>) -> Vec<(CalloutId, String)> {
         self.host
             .borrow()
             .callouts
             .iter()
-            .filter(|c| c.context == Some(context) && c.state == CalloutState::Outstanding)
+            .filter(|c| c.outstanding_in(instance, context))
+            .filter_map(|c| match &c.what {
+                Sent::Http(r) => Some((c.id, r.cluster.clone())),
+                Sent::Kv { .. } => None,
+            })
+            .collect()
+    }
+
+    /// The next queued response for `cluster`, popped.
+    fn pop_queued(&self, cluster: &str) -> Option<Result<CalloutResponse, Error>> {
+        self.host
+            .borrow_mut()
+            .queued
+            .get_mut(cluster)
+            .and_then(VecDeque::pop_front)
+    }
+
+    /// Outstanding callouts of `context` in `instance` that have a queued
+    /// response, popped.
+    fn ready_callouts(
+        &self,
+        instance: u64,
+        context: Option<u64>,
+    ) -> Vec<(CalloutId, Result<CalloutResponse, Error>)> {
+        self.pending_callouts(instance, context)
+            .into_iter()
+            .filter_map(|(id, cluster)| Some((id, self.pop_queued(&cluster)?)))
+            .collect()
+    }
+
+    /// The outstanding asynchronous KV calls of `context` in `instance`, in
+    /// start order: (id, namespace, key, operation).
+    fn kv_outstanding(&self, instance: u64, context: u64) -> Vec<(CallId, String, String, Op)> {
+        self.host
+            .borrow()
+            .callouts
+            .iter()
+            .filter(|c| c.outstanding_in(instance, Some(context)))
             .filter_map(|c| match &c.what {
                 Sent::Kv { namespace, key, op } => {
                     Some((c.id, namespace.clone(), key.clone(), op.clone()))
@@ -413,12 +442,13 @@ impl TestHost {
             .collect()
     }
 
-    fn outstanding(&self, context: Option<u64>) -> usize {
+    /// How many callouts and KV calls of `context` in `instance` are outstanding.
+    fn outstanding(&self, instance: u64, context: Option<u64>) -> usize {
         self.host
             .borrow()
             .callouts
             .iter()
-            .filter(|c| c.context == context && c.state == CalloutState::Outstanding)
+            .filter(|c| c.outstanding_in(instance, context))
             .count()
     }
 }
@@ -505,6 +535,7 @@ impl<F: HttpFilter> FilterTest<F> {
             pending_body: [request.body, Vec::new()],
             pending_trailers: [request.trailers, None],
             paused_window: Vec::new(),
+            paused: false,
             held_trailers: None,
             failure: None,
         }
@@ -519,10 +550,10 @@ impl<F: HttpFilter> FilterTest<F> {
     /// Deliver queued responses to outstanding callouts sent from `on_tick`;
     /// returns how many were delivered.
     pub fn deliver_tick_callouts(&mut self) -> usize {
-        let ready = self.host.ready_callouts(None);
+        let ready = self.host.ready_callouts(self.id, None);
         let n = ready.len();
         for (id, r) in ready {
-            self.host.take_outstanding(id);
+            self.host.take_outstanding(self.id, None, id, false);
             let _g = install(&self.host.host, self.id, Call::Tick);
             self.instance.tick_callout_response(id, r);
         }
@@ -691,12 +722,15 @@ pub enum Outcome {
     Completed,
     /// A phase answered locally.
     Responded(Phase, crate::LocalResponse),
-    /// A phase paused (deliver callouts, then drive the rest by hand).
+    /// A phase paused with a callout or KV call of the exchange outstanding
+    /// (deliver them, then drive the rest by hand).
     Paused(Phase),
-    /// A phase's call failed as the host would fail it (abi/README.md §8, §9):
-    /// it returned a local response the host refuses (a status outside
-    /// 200..=599, a header name that is not a token, a value with a control
-    /// byte other than HTAB or DEL, over 1024 fields or a value over 64 KiB).
+    /// A phase's call failed as the host would fail it (abi/README.md §3.3,
+    /// §8, §9): it returned a local response the host refuses (a status
+    /// outside 200..=599, a header name that is not a token, a value with a
+    /// control byte other than HTAB or DEL, over 1024 fields or a value over
+    /// 64 KiB), or `Pause` with no callout or KV call of the exchange
+    /// outstanding (nothing could resume it).
     /// The host applies the plugin's failure policy (`fail: closed`: a `503`)
     /// and makes no more calls into the filter for the exchange but `on_done`;
     /// so does the harness. The `String` is the host's reason.
@@ -710,7 +744,12 @@ pub struct TestExchange<'t, F: HttpFilter> {
     ex: Ex,
     pending_body: [Vec<u8>; 2],
     pending_trailers: [Option<FieldList>; 2],
+    /// The write window of the call the exchange is paused in (empty when
+    /// not paused).
     paused_window: Vec<Part>,
+    /// The filter paused the exchange (a `Pause` the host takes: a callout
+    /// or KV call of the exchange outstanding) and no reply ended it yet.
+    paused: bool,
     /// The direction whose trailers a paused end-of-stream body call holds (on
     /// the exchange, writable, until the pause ends).
     held_trailers: Option<Direction>,
@@ -724,18 +763,27 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.context
     }
 
+    /// Whether the host still calls into this exchange's context: the filter
+    /// neither detached nor failed (after a failure only `on_done` is called).
+    fn live(&self) -> bool {
+        !self.detached() && self.failure.is_none()
+    }
+
     /// Whether the host would make a call of `phase`: it is declared and the
-    /// filter did not detach from this exchange.
+    /// exchange is [`live`](Self::live).
     fn declared(&self, phase: Phase) -> bool {
-        self.test.instance.setup().declares(phase) && !self.detached() && self.failure.is_none()
+        self.test.instance.setup().declares(phase) && self.live()
     }
 
     /// Why the host would have failed one of this exchange's calls, if it
-    /// would have: a local response it refuses (see [`Outcome::Failed`]). The
-    /// phase method still returns the action the filter gave; from then on the
-    /// harness makes no more calls for the exchange but `on_done`, as the host
-    /// (its failure policy applies: fail closed ends the exchange with `503`,
-    /// fail open skips the filter).
+    /// would have: a local response it refuses, or a `Pause` with no callout
+    /// or KV call of the exchange outstanding (see [`Outcome::Failed`]). The
+    /// phase (or delivery) method still returns the action the filter gave;
+    /// from then on the harness makes no more calls for the exchange but
+    /// `on_done`, as the host (its failure policy applies: fail closed ends
+    /// the exchange with `503`, fail open skips the filter): no later phase,
+    /// no `on_log`, and no callout or KV reply is delivered
+    /// ([`deliver_callout`](Self::deliver_callout) gives `None`).
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
     }
@@ -747,10 +795,15 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.ex.borrow().detached
     }
 
-    /// Run one phase call with `window` writable; keep the window if it paused.
+    /// Run one call with `window` writable; keep the window if it paused.
+    /// `verdict`: the action is the exchange's verdict (a phase call, or a
+    /// reply delivered while paused), so a `Pause` needs a call of the
+    /// exchange outstanding; otherwise (a reply while not paused) `Pause`
+    /// means nothing, as on the host.
     fn call(
         &mut self,
         window: Vec<Part>,
+        verdict: bool,
         f: impl FnOnce(&mut Instance<F>, &Exchange<'_>) -> Action,
     ) -> Action {
         self.ex.borrow_mut().window = window.clone();
@@ -769,7 +822,15 @@ impl<F: HttpFilter> TestExchange<'_, F> {
                 self.failure.get_or_insert(why);
             }
         }
-        if action == Action::Pause {
+        let pause = verdict && action == Action::Pause;
+        if pause && self.test.host.outstanding(self.test.id, Some(self.context)) == 0 {
+            // As the host (host/src/wasm/plugin.rs `verdict`): nothing could
+            // resume the pause, so the call failed.
+            self.failure
+                .get_or_insert_with(|| PAUSE_WITHOUT_CALL.to_owned());
+        }
+        self.paused = pause && self.failure.is_none();
+        if self.paused {
             self.paused_window = window;
         } else {
             self.paused_window.clear();
@@ -790,7 +851,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         let eos = !self.has_body(Direction::Request);
         let c = self.context;
         let ex = self.ex.clone();
-        self.call(vec![Part::Head(Direction::Request)], |i, x| {
+        self.call(vec![Part::Head(Direction::Request)], true, |i, x| {
             let h = Headers(HeadersHandle::new(ex, Part::Head(Direction::Request)));
             i.request_headers(c, x, &h, eos)
         })
@@ -823,7 +884,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         }
         let c = self.context;
         let ex = self.ex.clone();
-        let action = self.call(window, |i, x| {
+        let action = self.call(window, true, |i, x| {
             let b = Body(BufferHandle::new(ex, d));
             match d {
                 Direction::Request => i.request_body(c, x, &b, eos),
@@ -831,7 +892,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             }
         });
         if folding {
-            if action == Action::Pause {
+            if self.paused {
                 // Held (and writable) with the body until the pause ends.
                 self.held_trailers = Some(d);
             } else {
@@ -875,7 +936,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         }
         let c = self.context;
         let ex = self.ex.clone();
-        let action = self.call(vec![Part::Trailers(d)], |i, x| {
+        let action = self.call(vec![Part::Trailers(d)], true, |i, x| {
             let t = Headers(HeadersHandle::new(ex, Part::Trailers(d)));
             match d {
                 Direction::Request => i.request_trailers(c, x, &t),
@@ -907,7 +968,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         let eos = !self.has_body(Direction::Response);
         let c = self.context;
         let ex = self.ex.clone();
-        self.call(vec![Part::Head(Direction::Response)], |i, x| {
+        self.call(vec![Part::Head(Direction::Response)], true, |i, x| {
             let h = Headers(HeadersHandle::new(ex, Part::Head(Direction::Response)));
             i.response_headers(c, x, &h, eos)
         })
@@ -973,32 +1034,41 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// Deliver callout `id`'s response to `on_callout_response`. `None` if `id`
-    /// is not an outstanding callout of this exchange (the host would not call).
+    /// is not an outstanding callout of this exchange (sent by this
+    /// exchange's context in this [`FilterTest`]: another `FilterTest` on the
+    /// same host is another instance, whose context ids may be the same), or
+    /// if the exchange failed or detached: the host would not call.
+    ///
+    /// While the exchange is paused, the action is its verdict, in the write
+    /// window it paused in: `Continue` resumes, `Respond` answers, `Pause`
+    /// keeps waiting, which with nothing else of the exchange outstanding is
+    /// a failure ([`failure`](Self::failure)), as from a phase. Not paused,
+    /// `Continue` and `Pause` mean nothing.
     pub fn deliver_callout(
         &mut self,
         id: CalloutId,
         response: Result<CalloutResponse, Error>,
     ) -> Option<Action> {
-        let mine = self
-            .test
-            .host
-            .callouts()
-            .iter()
-            .any(|c| c.id == id && c.context == Some(self.context) && c.outstanding);
-        if !mine || !self.test.host.take_outstanding(id) {
+        if !self.live()
+            || !self
+                .test
+                .host
+                .take_outstanding(self.test.id, Some(self.context), id, false)
+        {
             return None;
         }
         let c = self.context;
         Some(self.resume(|i, x| i.callout_response(c, x, id, response)))
     }
 
-    /// Delivers a reply to the paused exchange through `f`, in the window it
-    /// paused in; a verdict other than `pause` settles the trailers held
-    /// meanwhile.
+    /// Delivers a reply through `f`: to a paused exchange in the window it
+    /// paused in, where a verdict other than `pause` settles the trailers held
+    /// meanwhile; to one not paused with nothing writable.
     fn resume(&mut self, f: impl FnOnce(&mut Instance<F>, &Exchange<'_>) -> Action) -> Action {
         let window = self.paused_window.clone();
-        let action = self.call(window, f);
-        if action != Action::Pause {
+        let paused = self.paused;
+        let action = self.call(window, paused, f);
+        if !self.paused {
             if let Some(d) = self.held_trailers.take() {
                 self.settle_trailers(d);
             }
@@ -1012,7 +1082,9 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// actions returned. Each call runs when delivered, so other instances'
     /// writes (or [`TestHost::kv_put`]) made between start and delivery land
     /// first, as with a remote backend (the host's in-memory store runs a call
-    /// when it starts; only the reply waits).
+    /// when it starts; only the reply waits). Nothing is delivered (or run)
+    /// once the exchange failed or detached. The actions mean what they mean
+    /// from [`deliver_callout`](Self::deliver_callout).
     pub fn deliver_kv(&mut self) -> Vec<Action> {
         let mut actions = Vec::new();
         while let Some(action) = self.deliver_next_kv() {
@@ -1025,13 +1097,20 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// call only (`None` if there is none): to stop an exchange between two
     /// of its calls.
     pub fn deliver_next_kv(&mut self) -> Option<Action> {
+        if !self.live() {
+            return None;
+        }
         let (id, ns, key, op) = self
             .test
             .host
-            .kv_outstanding(self.context)
+            .kv_outstanding(self.test.id, self.context)
             .into_iter()
             .next()?;
-        if !self.test.host.take_outstanding(id) {
+        if !self
+            .test
+            .host
+            .take_outstanding(self.test.id, Some(self.context), id, true)
+        {
             return None;
         }
         let reply = run_kv(&self.test.host.host, &ns, &key, op);
@@ -1041,15 +1120,31 @@ impl<F: HttpFilter> TestExchange<'_, F> {
 
     /// How many asynchronous KV calls of this exchange are outstanding.
     pub fn kv_calls_outstanding(&self) -> usize {
-        self.test.host.kv_outstanding(self.context).len()
+        self.test
+            .host
+            .kv_outstanding(self.test.id, self.context)
+            .len()
     }
 
     /// Deliver the queued responses ([`TestHost::queue_callout_response`]) to
-    /// this exchange's outstanding callouts, in send order; the actions returned.
+    /// this exchange's outstanding callouts, in send order; the actions
+    /// returned. Stops once the exchange failed: the rest stay outstanding and
+    /// their responses stay queued.
     pub fn deliver_callouts(&mut self) -> Vec<Action> {
-        let ready = self.test.host.ready_callouts(Some(self.context));
+        let pending = self
+            .test
+            .host
+            .pending_callouts(self.test.id, Some(self.context));
         let mut actions = Vec::new();
-        for (id, r) in ready {
+        for (id, cluster) in pending {
+            // Once the exchange failed nothing more is delivered; the queued
+            // responses are left for other exchanges.
+            if !self.live() {
+                break;
+            }
+            let Some(r) = self.test.host.pop_queued(&cluster) else {
+                continue;
+            };
             if let Some(a) = self.deliver_callout(id, r) {
                 actions.push(a);
             }
@@ -1058,12 +1153,13 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// Whether a `Pause` just returned is valid: this exchange has a callout
-    /// outstanding (the host treats a pause without one as a failure). A pause
+    /// or KV call outstanding (the host treats a pause without one as a
+    /// failure, and so does the harness: see [`failure`](Self::failure)). A pause
     /// is valid from every phase but `on_log`, body and trailers calls in
     /// `Streamed` mode included (the host then stops reading that body until
     /// the filter resumes).
     pub fn may_pause(&self) -> bool {
-        self.test.host.outstanding(Some(self.context)) > 0
+        self.test.host.outstanding(self.test.id, Some(self.context)) > 0
     }
 
     /// Whether the host makes body calls for direction `d` (in [`run`](Self::run)):
@@ -1092,7 +1188,10 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// Drive the whole exchange as the host would: request headers, body,
     /// trailers, then `response` through headers, body, trailers, then log
     /// and done. Stops at the first `Respond` (then logs and ends the
-    /// exchange) or `Pause`. A filter that buffers a direction gets its body
+    /// exchange), `Pause` ([`Outcome::Paused`]) or failure
+    /// ([`Outcome::Failed`], then ends the exchange: `on_done` only). A
+    /// `Pause` with nothing of the exchange outstanding is a failure, as on
+    /// the host. A filter that buffers a direction gets its body
     /// call even for a message without a body (an empty buffer), as from the
     /// host (abi/README.md §4).
     pub fn run(&mut self, response: Response) -> Outcome {
@@ -1305,10 +1404,10 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
     /// Deliver queued responses to outstanding callouts sent from `on_tick`;
     /// returns how many were delivered.
     pub fn deliver_tick_callouts(&mut self) -> usize {
-        let ready = self.host.ready_callouts(None);
+        let ready = self.host.ready_callouts(self.id, None);
         let n = ready.len();
         for (id, r) in ready {
-            self.host.take_outstanding(id);
+            self.host.take_outstanding(self.id, None, id, false);
             let _g = install(&self.host.host, self.id, Call::Tick);
             self.instance.tick_callout_response(id, r);
         }
@@ -1512,7 +1611,7 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
     }
 
     fn blocked(&self, d: Direction) -> bool {
-        self.paused[idx(d)] && self.test.host.outstanding(Some(self.context)) > 0
+        self.paused[idx(d)] && self.test.host.outstanding(self.test.id, Some(self.context)) > 0
     }
 
     fn data(&mut self, from: Peer, bytes: Vec<u8>, eos: bool) -> NetworkAction {
@@ -1621,13 +1720,12 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         id: CalloutId,
         response: Result<CalloutResponse, Error>,
     ) -> Option<NetworkAction> {
-        let mine = self
-            .test
-            .host
-            .callouts()
-            .iter()
-            .any(|c| c.id == id && c.context == Some(self.context) && c.outstanding);
-        if self.closed || !mine || !self.test.host.take_outstanding(id) {
+        if self.closed
+            || !self
+                .test
+                .host
+                .take_outstanding(self.test.id, Some(self.context), id, false)
+        {
             return None;
         }
         let action = self.call(None, |i, ctx, c| i.callout_response(ctx, c, id, response));
@@ -1660,7 +1758,10 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
     /// Deliver the queued responses ([`TestHost::queue_callout_response`]) to
     /// this connection's outstanding callouts, in send order; the actions.
     pub fn deliver_callouts(&mut self) -> Vec<NetworkAction> {
-        let ready = self.test.host.ready_callouts(Some(self.context));
+        let ready = self
+            .test
+            .host
+            .ready_callouts(self.test.id, Some(self.context));
         let mut actions = Vec::new();
         for (id, r) in ready {
             if let Some(a) = self.deliver_callout(id, r) {
@@ -1674,7 +1775,7 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
     /// connection has a callout outstanding (a pause from
     /// `on_new_connection` or at end of stream without one is a failure).
     pub fn may_pause(&self) -> bool {
-        self.test.host.outstanding(Some(self.context)) > 0
+        self.test.host.outstanding(self.test.id, Some(self.context)) > 0
     }
 
     // ---- inspection ----

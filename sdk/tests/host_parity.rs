@@ -1,12 +1,15 @@
 //! The native harness refuses what the real host refuses (host/src/wasm), so a
 //! plugin that passes its native tests does not fail in the host: metric
 //! definitions and caps, the buffered body call of a body-less message, local
-//! response validation, header values, callouts, the tick interval and KV TTLs.
+//! response validation, header values, callouts, the tick interval and KV TTLs;
+//! and it calls the filter when the host would: a labelled metric's empty
+//! series, a pause with nothing outstanding (a failure), replies to the
+//! instance that made the call only, none after a failure.
 
 #![allow(clippy::unwrap_used)]
 
-use legate_sdk::callout::{self, CalloutId, CalloutRequest};
-use legate_sdk::kv::{Namespace, WriteCondition};
+use legate_sdk::callout::{self, CalloutId, CalloutRequest, CalloutResponse};
+use legate_sdk::kv::{CallId, Namespace, Reply, WriteCondition};
 use legate_sdk::metrics::{Counter, Gauge, Histogram};
 use legate_sdk::testing::{FilterTest, NetworkFilterTest, Outcome, Request, Response, TestHost};
 use legate_sdk::{
@@ -740,4 +743,334 @@ fn a_kv_ttl_of_0_is_refused_whether_or_not_the_key_exists() {
     assert_eq!(host.kv_get("ns", "k").unwrap().value, b"1");
     host.kv_unavailable(true);
     host.configure::<ZeroTtl>("true").map(drop).unwrap();
+}
+
+// ---------------------------------------------------------------- labelled metrics' empty series
+
+/// Defines a labelled counter, gauge and histogram and an unlabelled counter
+/// in `configure` (and one labelled series by `with_labels`); each request
+/// records once through every `define` handle.
+struct Labelled {
+    hits: Counter,
+    level: Gauge,
+    sizes: Histogram,
+}
+
+impl HttpFilter for Labelled {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        let hits = Counter::define("hits_total", "", &["route"]).map_err(|e| e.to_string())?;
+        hits.with_labels(&["a"]).map_err(|e| e.to_string())?;
+        Counter::define("plain_total", "", &[]).map_err(|e| e.to_string())?;
+        Ok(Labelled {
+            hits,
+            level: Gauge::define("level", "", &["k"]).map_err(|e| e.to_string())?,
+            sizes: Histogram::define("sizes", "", &["k"], &[]).map_err(|e| e.to_string())?,
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_headers()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.hits.inc();
+        self.level.set(3);
+        self.sizes.observe(1.5);
+        Action::Continue
+    }
+}
+
+#[test]
+fn a_labelled_metrics_empty_series_exists_once_recorded_into() {
+    let host = TestHost::new();
+    let mut t = host.configure::<Labelled>("null").unwrap();
+    assert!(host.metric_defined("hits_total"));
+    // As the host's /stats: no `{route=""}` series for a `define` handle
+    // nothing was recorded through.
+    assert_eq!(host.counter("hits_total", &[""]), None);
+    assert_eq!(host.gauge("level", &[""]), None);
+    assert_eq!(host.histogram("sizes", &[""]), None);
+    // An unlabelled metric's series and a `with_labels` one exist at once.
+    assert_eq!(host.counter("plain_total", &[]), Some(0));
+    assert_eq!(host.counter("hits_total", &["a"]), Some(0));
+    t.exchange(Request::get("/")).request_headers();
+    assert_eq!(host.counter("hits_total", &[""]), Some(1));
+    assert_eq!(host.gauge("level", &[""]), Some(3));
+    assert_eq!(host.histogram("sizes", &[""]), Some(vec![1.5]));
+}
+
+// ---------------------------------------------------------------- pauses, instances, failures
+
+/// The steps left for an exchange of a [`Waiter`].
+#[derive(Default)]
+struct Steps(Vec<String>);
+
+/// Takes its steps from the request's `x-steps` (comma-separated), one per
+/// call: the request headers phase, then each callout or KV reply (then
+/// `continue`). A step does something, then returns: `pause` (nothing sent),
+/// `call` (a callout to `authz`, then `pause`), `call2` (two), `callkv` (a
+/// callout and an asynchronous KV get), `kv` (a KV get), `send` (a callout,
+/// then `continue`), `detach` (tries to, then `continue`), `bad` (a local
+/// response the host refuses), `continue`. `on_tick` sends a callout.
+#[derive(Default)]
+struct Waiter {
+    sent: Vec<CalloutId>,
+    replies: Vec<CalloutId>,
+    detaches: Vec<Result<(), Error>>,
+    logs: u32,
+    dones: u32,
+    tick_replies: Vec<CalloutId>,
+}
+
+fn check() -> CalloutRequest {
+    CalloutRequest::new("authz", "GET", "/check")
+}
+
+impl Waiter {
+    fn step(&mut self, steps: &mut Steps, x: &Exchange<'_>) -> Action {
+        let step = if steps.0.is_empty() {
+            "continue".to_owned()
+        } else {
+            steps.0.remove(0)
+        };
+        let kv = || Namespace::open("ns").unwrap().start_get("k").unwrap();
+        match step.as_str() {
+            "pause" => Action::Pause,
+            "call" | "call2" | "callkv" | "send" => {
+                self.sent.push(callout::send(&check()).unwrap());
+                match step.as_str() {
+                    "call2" => self.sent.push(callout::send(&check()).unwrap()),
+                    "callkv" => self.sent.push(kv()),
+                    _ => {}
+                }
+                if step == "send" {
+                    Action::Continue
+                } else {
+                    Action::Pause
+                }
+            }
+            "kv" => {
+                self.sent.push(kv());
+                Action::Pause
+            }
+            "detach" => {
+                self.detaches.push(x.detach());
+                Action::Continue
+            }
+            "bad" => Action::Respond(LocalResponse::new(700)),
+            _ => Action::Continue,
+        }
+    }
+}
+
+impl HttpFilter for Waiter {
+    type Config = ();
+    type Context = Steps;
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(Waiter::default())
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_headers().on_log()
+    }
+    fn on_request_headers(
+        &mut self,
+        steps: &mut Steps,
+        x: &Exchange<'_>,
+        h: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        let all = h.get_str("x-steps").unwrap_or_default();
+        steps.0 = all.split(',').map(str::to_owned).collect();
+        self.step(steps, x)
+    }
+    fn on_callout_response(
+        &mut self,
+        steps: &mut Steps,
+        x: &Exchange<'_>,
+        id: CalloutId,
+        _: Result<CalloutResponse, Error>,
+    ) -> Action {
+        self.replies.push(id);
+        self.step(steps, x)
+    }
+    fn on_kv_response(
+        &mut self,
+        steps: &mut Steps,
+        x: &Exchange<'_>,
+        id: CallId,
+        _: Result<Reply, Error>,
+    ) -> Action {
+        self.replies.push(id);
+        self.step(steps, x)
+    }
+    fn on_log(&mut self, _: &mut Steps, _: &Exchange<'_>) {
+        self.logs += 1;
+    }
+    fn on_done(&mut self, _: Steps) {
+        self.dones += 1;
+    }
+    fn on_tick(&mut self) {
+        self.sent.push(callout::send(&check()).unwrap());
+    }
+    fn on_tick_callout_response(&mut self, id: CalloutId, _: Result<CalloutResponse, Error>) {
+        self.tick_replies.push(id);
+    }
+}
+
+fn waiters() -> TestHost {
+    TestHost::new().grant_cluster("authz").grant_kv("ns")
+}
+
+fn steps(steps: &str) -> Request {
+    Request::get("/").header("x-steps", steps)
+}
+
+fn ok() -> Result<CalloutResponse, Error> {
+    Ok(CalloutResponse::new(200, "ok"))
+}
+
+/// The host's reason (host/src/wasm/plugin.rs `verdict`).
+const NO_CALL: &str = "returned `pause` with no outstanding callout";
+
+#[test]
+fn a_pause_with_nothing_outstanding_is_a_failure() {
+    let host = waiters();
+    let mut t = host.configure::<Waiter>("null").unwrap();
+    assert_eq!(
+        t.exchange(steps("pause")).run(Response::new(200)),
+        Outcome::Failed(Phase::RequestHeaders, NO_CALL.to_owned())
+    );
+    // No `on_log`, but `on_done`, as after any failure.
+    assert_eq!((t.filter().logs, t.filter().dones), (0, 1));
+
+    // The phase method returns the action, and the failure is there.
+    let mut x = t.exchange(steps("pause"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert!(!x.may_pause());
+    assert_eq!(x.failure(), Some(NO_CALL));
+
+    // With a callout, or an asynchronous KV call, out: a pause.
+    for with in ["call", "kv"] {
+        let mut x = t.exchange(steps(with));
+        assert_eq!(
+            x.run(Response::new(200)),
+            Outcome::Paused(Phase::RequestHeaders)
+        );
+        assert_eq!(x.failure(), None);
+    }
+
+    // Pausing again from a reply: only with another call still out.
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(steps("call,pause"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert_eq!(x.deliver_callouts(), vec![Action::Pause]);
+    assert_eq!(x.failure(), Some(NO_CALL));
+    host.queue_callout_response("authz", ok());
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(steps("call2,pause,continue"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert_eq!(x.deliver_callouts(), vec![Action::Pause, Action::Continue]);
+    assert_eq!(x.failure(), None);
+
+    // A reply while not paused: `pause` means nothing.
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(steps("send,pause"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.deliver_callouts(), vec![Action::Pause]);
+    assert_eq!(x.failure(), None);
+}
+
+#[test]
+fn calls_belong_to_the_instance_that_made_them() {
+    let host = waiters();
+    let mut a = host.configure::<Waiter>("null").unwrap();
+    let mut b = host.configure::<Waiter>("null").unwrap();
+    let mut xa = a.exchange(steps("callkv,pause,continue"));
+    let mut xb = b.exchange(steps("callkv,pause,continue"));
+    // Two instances: the same context id, two exchanges.
+    assert_eq!(xa.context(), xb.context());
+    assert_eq!(xa.request_headers(), Action::Pause);
+    assert_eq!(xb.request_headers(), Action::Pause);
+    // One id sequence for callouts and KV calls: A's 1 and 2, B's 3 and 4.
+    let (call_a, kv_a) = (host.callouts()[0].id, 2);
+    let (call_b, kv_b) = (host.callouts()[1].id, 4);
+
+    // B's deliveries are B's own calls.
+    host.queue_callout_response("authz", ok());
+    assert_eq!(xb.deliver_callout(call_a, ok()), None);
+    assert_eq!(xb.deliver_callouts(), vec![Action::Pause]);
+    assert_eq!(xb.deliver_kv(), vec![Action::Continue]);
+    assert!(host.callouts()[0].outstanding);
+    assert!(!host.callouts()[1].outstanding);
+    assert_eq!(xa.kv_calls_outstanding(), 1);
+    assert!(xa.may_pause());
+
+    // A's are still there for A.
+    host.queue_callout_response("authz", ok());
+    assert_eq!(xa.deliver_callouts(), vec![Action::Pause]);
+    assert_eq!(xa.deliver_kv(), vec![Action::Continue]);
+    drop((xa, xb));
+    assert_eq!(a.filter().replies, vec![call_a, kv_a]);
+    assert_eq!(b.filter().replies, vec![call_b, kv_b]);
+
+    // Detach is refused only for the instance's own context with a call out.
+    let mut xa = a.exchange(steps("call"));
+    assert_eq!(xa.request_headers(), Action::Pause);
+    let mut xb = b.exchange(steps("detach"));
+    assert_eq!(xa.context(), xb.context());
+    assert_eq!(xb.request_headers(), Action::Continue);
+    drop((xa, xb));
+    assert_eq!(b.filter().detaches, vec![Ok(())]);
+
+    // And `on_tick`'s callouts are the instance's.
+    a.tick();
+    host.queue_callout_response("authz", ok());
+    assert_eq!(b.deliver_tick_callouts(), 0);
+    assert_eq!(a.deliver_tick_callouts(), 1);
+    assert_eq!(a.filter().tick_replies.len(), 1);
+    assert!(b.filter().tick_replies.is_empty());
+}
+
+#[test]
+fn a_failed_exchange_gets_no_more_deliveries() {
+    let host = waiters();
+    let mut t = host.configure::<Waiter>("null").unwrap();
+    // The first reply answers with a local response the host refuses.
+    host.queue_callout_response("authz", ok());
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(steps("call2,bad"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let first = x.deliver_callouts();
+    assert!(matches!(first[..], [Action::Respond(_)]), "{first:?}");
+    assert!(x.failure().unwrap().contains("700"));
+    // The second is not delivered (its response stays queued), not even by id.
+    let second = host.callouts()[1].id;
+    assert!(host.callouts()[1].outstanding);
+    assert_eq!(x.deliver_callout(second, ok()), None);
+    assert_eq!(x.deliver_callouts(), vec![]);
+    x.log();
+    x.done();
+    assert!(host.callouts()[1].cancelled);
+    drop(x);
+    assert_eq!(t.filter().replies.len(), 1);
+    assert_eq!((t.filter().logs, t.filter().dones), (0, 1));
+    // The response left is the next exchange's.
+    let mut y = t.exchange(steps("call"));
+    assert_eq!(y.request_headers(), Action::Pause);
+    assert_eq!(y.deliver_callouts(), vec![Action::Continue]);
+
+    // A KV reply is not delivered either.
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(steps("callkv,bad"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert_eq!(x.deliver_callouts().len(), 1);
+    assert!(x.failure().is_some());
+    assert_eq!(x.deliver_kv(), vec![]);
+    assert_eq!(x.kv_calls_outstanding(), 1);
 }

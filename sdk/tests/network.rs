@@ -1,8 +1,8 @@
 //! Network (L4) filters on the SDK's runtime and native harness, written the
 //! way users write them: events only when declared, data rewriting, close,
 //! pause (buffering without a callout, blocking with one), callouts from
-//! connections and ticks, the connection's facts, config errors and host
-//! errors as `Result`s.
+//! connections and ticks (each instance its own), the connection's facts,
+//! config errors and host errors as `Result`s.
 
 #![allow(clippy::unwrap_used)]
 
@@ -383,6 +383,40 @@ fn ticks_and_their_callouts() {
     host.queue_callout_response("authz", Ok(CalloutResponse::new(204, "")));
     assert_eq!(t.deliver_tick_callouts(), 1);
     assert_eq!(t.filter().tick_answers, vec![204]);
+}
+
+#[test]
+fn callouts_belong_to_the_instance_that_sent_them() {
+    let host = TestHost::new().grant_cluster("authz");
+    let mut a = host.configure_network::<Gate>("null").unwrap();
+    let mut b = host.configure_network::<Gate>("null").unwrap();
+    let mut ca = a.connect(Conn::new());
+    let mut cb = b.connect(Conn::new());
+    // Two instances: the same context id, two connections.
+    assert_eq!(ca.context(), cb.context());
+    assert_eq!(ca.new_connection(), NetworkAction::Pause);
+    assert_eq!(cb.new_connection(), NetworkAction::Pause);
+    let (id_a, id_b) = (host.callouts()[0].id, host.callouts()[1].id);
+    host.queue_callout_response("authz", ok());
+    assert_eq!(cb.deliver_callout(id_a, ok()), None);
+    assert_eq!(cb.deliver_callouts(), vec![NetworkAction::Continue]);
+    assert!(cb.is_connected() && !ca.is_connected());
+    assert!(host.callouts()[0].outstanding && !host.callouts()[1].outstanding);
+    assert!(ca.may_pause() && !cb.may_pause());
+    assert_eq!(ca.deliver_callout(id_b, ok()), None);
+    assert_eq!(
+        ca.deliver_callout(id_a, ok()),
+        Some(NetworkAction::Continue)
+    );
+    drop((ca, cb));
+
+    // `on_tick`'s callouts too.
+    for _ in 0..3 {
+        a.tick();
+    }
+    host.queue_callout_response("authz", ok());
+    assert_eq!(b.deliver_tick_callouts(), 0);
+    assert_eq!(a.deliver_tick_callouts(), 1);
 }
 
 // ------------------------------------------------------------- facts

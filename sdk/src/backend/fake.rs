@@ -55,7 +55,9 @@ pub(crate) struct Metric {
 
 impl Metric {
     /// The series for `labels`, created at zero: a series exists (and is
-    /// exported) from the moment its handle exists.
+    /// exported) from the moment the host makes it (an unlabelled metric's at
+    /// `define`, a labelled one's at `with_labels`, or its all-empty one on
+    /// the first record through the `define` handle).
     fn series_mut(&mut self, labels: &[String]) -> &mut SeriesValue {
         let initial = match self.kind {
             MetricKind::Counter => SeriesValue::Counter(0),
@@ -101,6 +103,18 @@ pub(crate) struct SentCallout {
     pub(crate) context: Option<u64>,
     pub(crate) what: Sent,
     pub(crate) state: CalloutState,
+}
+
+impl SentCallout {
+    /// Whether this is an outstanding call of `context` (`None`: sent from
+    /// `on_tick`) in instance `instance`. On the host each instance keeps its
+    /// own outstanding calls by context id, so an exchange of one instance
+    /// never sees (is never paused by, never delivered) another's.
+    pub(crate) fn outstanding_in(&self, instance: u64, context: Option<u64>) -> bool {
+        self.instance == instance
+            && self.context == context
+            && self.state == CalloutState::Outstanding
+    }
 }
 
 pub(crate) struct HostState {
@@ -777,10 +791,11 @@ impl ExchangeHandle<'_> {
         let Call::Exchange(c) = h.call else {
             return Err(Error::InvalidState);
         };
+        let instance = h.instance;
         let outstanding = h
             .callouts
             .iter()
-            .any(|x| x.context == Some(c) && x.state == CalloutState::Outstanding);
+            .any(|x| x.outstanding_in(instance, Some(c)));
         if outstanding {
             return Err(Error::InvalidState);
         }
@@ -1037,16 +1052,20 @@ fn define(
             );
         }
     }
-    // The `define-*` handle's series (all label values empty) exists from
-    // the start, as the host exports it.
+    // As on the host (host/src/wasm/host.rs `define_over`, `metric`): an
+    // unlabelled metric's one series is made, shown and counted against the
+    // series cap at once; a labelled one's all-empty series, which the
+    // `define-*` handle records into, only when first recorded into
+    // (`SeriesHandle::record`), so a plugin that records only through
+    // `with_labels` never has it.
     let empty = vec![String::new(); labels.len()];
-    // As on the host, an unlabelled metric's series counts against the
-    // series cap at once; a labelled one's when first recorded into.
-    if labels.is_empty() && !h.claim_series(name, &empty) {
-        return Err(Error::LimitExceeded);
-    }
-    if let Some(m) = h.metrics.get_mut(name) {
-        m.series_mut(&empty);
+    if labels.is_empty() {
+        if !h.claim_series(name, &empty) {
+            return Err(Error::LimitExceeded);
+        }
+        if let Some(m) = h.metrics.get_mut(name) {
+            m.series_mut(&empty);
+        }
     }
     drop(h);
     Ok(SeriesHandle {
@@ -1486,12 +1505,11 @@ pub(crate) fn callout_cancel(id: u64) -> Result<(), Error> {
             Call::Idle | Call::Configure | Call::Done => return Err(Error::NotFound),
         };
         let instance = h.instance;
-        match h.callouts.iter_mut().find(|c| {
-            c.id == id
-                && c.instance == instance
-                && c.context == context
-                && c.state == CalloutState::Outstanding
-        }) {
+        match h
+            .callouts
+            .iter_mut()
+            .find(|c| c.id == id && c.outstanding_in(instance, context))
+        {
             Some(c) => {
                 c.state = CalloutState::Cancelled;
                 Ok(())
