@@ -1,7 +1,8 @@
 //! plugins/auth in the real host: the component built with `legate plugin build`,
 //! JWTs (ES384) verified against a JWKS fetched by callout from a real upstream,
 //! and external authorization through a real auth upstream, over HTTP/1.1 and
-//! HTTP/2; a reused token is served from the verified-token cache (/stats).
+//! HTTP/2; a reused token is served from the verified-token cache (/stats); a
+//! denial over the host's caps on a local response still reaches the client.
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -324,5 +325,89 @@ each_proto!(
         assert_eq!(stat("auth_jwt_cache_total", Some("hit")), Some(1.0), "{stats}");
         assert_eq!(stat("auth_jwt_cache_total", Some("miss")), Some(6.0), "{stats}");
         assert_eq!(stat("auth_jwt_signature_checks_total", None), Some(6.0), "{stats}");
+    }
+);
+
+/// An ext_authz service that denies with more than the host takes in a local
+/// response: one header value over 64 KiB (abi/README.md §5.1), beside a
+/// challenge and 90 more fields (the host's HTTP/1.1 client reads at most 100
+/// header fields of a callout's answer, so a denial with more than the 1024
+/// fields a local response may hold cannot reach the plugin: that cap is
+/// covered on the SDK harness, plugins/auth/tests/flows.rs).
+async fn oversized_denial() -> UpstreamHandle {
+    upstream()
+        .name("authz")
+        .handler(|_req: Request<Incoming>| async move {
+            let mut r = Response::builder()
+                .status(403)
+                .header("www-authenticate", "Custom realm=\"authz\"")
+                .header("x-debug", "d".repeat(64 * 1024 + 1));
+            for i in 0..90 {
+                r = r.header(format!("x-group-{i}"), "member");
+            }
+            r.body(Full::new(Bytes::from("denied by authz\n"))).unwrap()
+        })
+        .start()
+        .await
+}
+
+each_proto!(
+    async fn an_ext_authz_denial_over_the_hosts_caps_reaches_the_client(proto) {
+        // Before, the plugin copied every header of the denial into its local
+        // response, the host refused it (a value over 64 KiB) and failed the
+        // call: the client got the failure policy's 503, not the denial.
+        let up = upstream().start().await;
+        let az = oversized_denial().await;
+        let cfg = json!({"ext_authz": {"cluster": "authz", "path": "/check"}});
+        let lg = legate()
+            .concurrency(1)
+            .config(&format!(
+                "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: auth }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints: [{{ address: {} }}]
+  - name: authz
+    endpoints: [{{ address: {} }}]
+plugins:
+  - name: auth
+    module: {}
+    limits: {{ cpu: 500ms }}
+    capabilities: {{ clusters: [authz] }}
+    config: {cfg}
+",
+                up.addr,
+                az.addr,
+                plugin_wasm("plugins/auth").display()
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/api").send().await;
+        assert_eq!(r.status, 403, "{} {}", r.text(), why(&lg).await);
+        assert_eq!(r.text(), "denied by authz\n");
+        assert_eq!(r.header("www-authenticate"), Some("Custom realm=\"authz\""));
+        assert_eq!(r.header("x-group-89"), Some("member"));
+        assert_eq!(r.header("x-debug"), None);
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="auth"}"#, 0.0)
+            .await;
+        lg.assert_stat(
+            r#"legate_plugin_auth_ext_authz_denial_headers_dropped_total{plugin="auth"}"#,
+            1.0,
+        )
+        .await;
+        assert_eq!(up.requests.get(), 0, "the denied request reached the upstream");
     }
 );

@@ -401,6 +401,7 @@ each_proto!(
         let r = c
             .post("/legate.test.v1.Echo/Count")
             .header("content-type", "application/grpc-web-text+proto")
+            .header("accept", "application/grpc-web-text")
             .body(b64(&count(1, 3, 0, "")))
             .send()
             .await;
@@ -430,6 +431,53 @@ each_proto!(
     }
 );
 
+each_proto!(
+    async fn a_text_request_that_does_not_accept_text_gets_a_binary_response(proto) {
+        // As Envoy's grpc_web filter: only `accept` asks for a `-text`
+        // response (grpc-web's JavaScript client sends `accept:
+        // application/grpc-web-text` in text mode); an `accept` naming
+        // neither gRPC-Web type, or none, gets binary, whatever the
+        // request's encoding. Before, such a `-text` request got `-text`.
+        let s = setup().await;
+        let mut c = client(proto, s.lg.addr("web")).await;
+        for (accept, request_type, want_type) in [
+            (None, "application/grpc-web-text", "application/grpc-web"),
+            (
+                Some("*/*"),
+                "application/grpc-web-text+proto",
+                "application/grpc-web+proto",
+            ),
+            (
+                Some("application/json"),
+                "application/grpc-web-text",
+                "application/grpc-web",
+            ),
+        ] {
+            let mut req = c
+                .post("/legate.test.v1.Echo/Say")
+                .header("content-type", request_type)
+                .header("x-grpc-web", "1")
+                .body(b64(&say("text in, binary out")));
+            if let Some(a) = accept {
+                req = req.header("accept", a);
+            }
+            let r = req.send().await;
+            assert_eq!(r.status, 200, "{accept:?}: {}", r.text());
+            assert_eq!(r.header("content-type"), Some(want_type), "{accept:?}");
+            no_http_trailers(&r);
+            let (data, trailers) = split(&r.body);
+            let reply = pb::SayReply::decode(&data[0][..]).unwrap();
+            assert_eq!(reply.message, "text in, binary out", "{accept:?}");
+            assert_eq!(trailer(&trailers, "grpc-status"), Some("0"), "{accept:?}");
+        }
+        assert_eq!(s.grpc.calls.get(), 3);
+        assert_eq!(
+            plugin_counter(&s.lg, "grpc_web_requests_total", "variant=\"text\"").await,
+            Some(3.0)
+        );
+    }
+);
+
 /// A `-text` server stream's message reaches the client whole when the
 /// upstream sends it, not with the next one: base64 bytes held back to fill a
 /// group would keep it from the browser until then (here 1.5 s; forever on an
@@ -451,7 +499,7 @@ async fn a_text_stream_message_is_sent_whole_when_it_arrives() {
         format!(
             "POST /legate.test.v1.Echo/Count HTTP/1.1\r\nHost: web\r\n\
              content-type: application/grpc-web-text\r\nx-grpc-web: 1\r\n\
-             content-length: {}\r\n\r\n",
+             accept: application/grpc-web-text\r\ncontent-length: {}\r\n\r\n",
             req.len()
         )
         .as_bytes(),
@@ -632,7 +680,13 @@ each_proto!(
         );
 
         // -text: the same frame, base64.
-        let r = call(&mut c, "/legate.test.v1.Echo/Say", "application/grpc-web-text", b64(&say("hi"))).await;
+        let r = c
+            .post("/legate.test.v1.Echo/Say")
+            .header("content-type", "application/grpc-web-text")
+            .header("accept", "application/grpc-web-text")
+            .body(b64(&say("hi")))
+            .send()
+            .await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.header("content-type"), Some("application/grpc-web-text"));
         let (_, t) = split(&unb64(&r.body));

@@ -41,6 +41,14 @@ use crate::jwt::{Jwk, JwtError};
 /// How often `on_tick` looks at remote JWKS ages.
 const TICK_MS: u32 = 1000;
 
+/// The most fields the host takes in a local response (abi/README.md §5.1):
+/// one more and it refuses the response, failing the call, so the client
+/// would get the failure policy's `503` instead of an ext_authz denial.
+pub const MAX_LOCAL_FIELDS: usize = 1024;
+/// The longest field value the host takes in a local response (abi/README.md
+/// §5.1), in bytes: a longer one fails the call the same way.
+pub const MAX_LOCAL_VALUE: usize = 64 * 1024;
+
 /// Per provider, per instance: the keys fetched from `remote_jwks`.
 #[derive(Debug, Default)]
 struct KeyCache {
@@ -91,6 +99,10 @@ struct Counters {
     jwks_unavailable: Counter,
     ext_denied: Counter,
     ext_error: Counter,
+    /// Headers of ext_authz denials not passed to the client: over the
+    /// host's caps on a local response ([`MAX_LOCAL_FIELDS`],
+    /// [`MAX_LOCAL_VALUE`]).
+    ext_headers_dropped: Counter,
     jwks_ok: Counter,
     /// Fetched and used, with malformed keys skipped.
     jwks_partial: Counter,
@@ -152,6 +164,12 @@ impl Counters {
                 signature_checks: checks.with_labels(&[n]).map_err(err)?,
             });
         }
+        let ext_headers_dropped = Counter::define(
+            "auth_ext_authz_denial_headers_dropped_total",
+            "Headers of ext_authz denials not passed to the client (over the host's caps on a local response)",
+            &[],
+        )
+        .map_err(|e| format!("defining auth_ext_authz_denial_headers_dropped_total: {e}"))?;
         let hashes = Counter::define(
             "auth_basic_password_checks_total",
             "Basic password hashes computed, by basic entry (unknown users included)",
@@ -179,6 +197,7 @@ impl Counters {
             jwks_unavailable: l(&d, "jwks_unavailable")?,
             ext_denied: l(&d, "ext_authz_denied")?,
             ext_error: l(&d, "ext_authz_error")?,
+            ext_headers_dropped,
             jwks_ok: l(&f, "ok")?,
             jwks_partial: l(&f, "partial")?,
             jwks_error: l(&f, "error")?,
@@ -649,6 +668,7 @@ impl AuthFilter {
                 // of the answer (a login redirect's `location`, a
                 // `set-cookie`) but the connection and framing ones, which
                 // the host owns; set, those listed.
+                let (mut kept, mut dropped) = (0usize, 0u64);
                 for (n, v) in &r.headers {
                     let name = n.to_ascii_lowercase();
                     let pass = match &ext.client_headers {
@@ -657,9 +677,30 @@ impl AuthFilter {
                             !name.starts_with(':') && !config::HOST_OWNED.contains(&name.as_str())
                         }
                     };
-                    if pass {
-                        resp = resp.header(name, v.clone());
+                    if !pass {
+                        continue;
                     }
+                    // Within the host's caps on a local response, or the
+                    // host refuses the whole answer: the first fields in
+                    // the service's order are kept, a value too long for
+                    // the host is left out; the denial's status and body
+                    // always reach the client.
+                    if kept == MAX_LOCAL_FIELDS || v.len() > MAX_LOCAL_VALUE {
+                        dropped += 1;
+                        continue;
+                    }
+                    kept += 1;
+                    resp = resp.header(name, v.clone());
+                }
+                if dropped > 0 {
+                    self.counters.ext_headers_dropped.add(dropped);
+                    warn!(
+                        "auth: ext_authz denial {}: {dropped} header(s) not passed to the client \
+                         (the host takes at most {MAX_LOCAL_FIELDS} fields and {} KiB a value \
+                         in a local response)",
+                        r.status,
+                        MAX_LOCAL_VALUE / 1024
+                    );
                 }
                 Action::Respond(resp)
             }

@@ -1,7 +1,8 @@
 //! Callout flows and the other authenticators on the SDK harness: remote JWKS
 //! (cold fetch, caching, kid rotation with rate-limited refetch, failures,
 //! tick refresh), API keys, HTTP Basic (bcrypt and {SHA}), external
-//! authorization (allow, deny, timeout and 5xx errors, failure_mode_allow),
+//! authorization (allow, deny, a denial over the host's caps on a local
+//! response, timeout and 5xx errors, failure_mode_allow),
 //! and that no secret reaches the logs.
 
 #![allow(clippy::unwrap_used)]
@@ -567,6 +568,59 @@ fn ext_authz_denial_passes_every_header_unless_client_headers_is_set() {
     let r = respond(x.deliver_callouts().remove(0));
     assert_eq!(r.status, 302);
     assert!(r.headers.is_empty(), "{:?}", fields(&r));
+}
+
+#[test]
+fn an_ext_authz_denial_over_the_hosts_caps_keeps_its_status_and_body() {
+    // The host refuses a local response with more than 1024 fields or a value
+    // over 64 KiB (abi/README.md §5.1), failing the call: the client would get
+    // the failure policy's 503, not the denial. The plugin keeps the first
+    // 1024 fields in the service's order and leaves out values too long, and
+    // counts what it left out.
+    use legate_sdk::log::Level;
+    let host = host();
+    let mut t = host
+        .configure::<AuthFilter>(&authz_cfg(false).to_string())
+        .unwrap();
+    let mut denial = CalloutResponse::new(403, "denied: too many groups")
+        .header("x-big", "b".repeat(64 * 1024 + 1))
+        .header("x-fits", "f".repeat(64 * 1024));
+    for i in 0..1100 {
+        denial = denial.header(format!("x-group-{i}"), "1");
+    }
+    host.queue_callout_response("authz", Ok(denial));
+    let mut x = t.exchange(Request::get("/").header("x-api-key", "k-a"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let r = respond(x.deliver_callouts().remove(0));
+    assert_eq!(
+        x.failure(),
+        None,
+        "the host would refuse the local response"
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(r.body, b"denied: too many groups");
+    assert_eq!(r.details, "auth_ext_authz_denied");
+    assert_eq!(r.headers.len(), 1024);
+    assert_eq!(r.headers[0].0, "x-fits", "a value at the cap is kept");
+    assert_eq!(r.header_value("x-big"), None);
+    assert_eq!(r.headers[1].0, "x-group-0");
+    assert_eq!(r.headers[1023].0, "x-group-1022");
+    assert_eq!(r.header_value("x-group-1023"), None);
+    drop(x);
+    // x-big, and x-group-1023 to x-group-1099.
+    assert_eq!(
+        host.counter("auth_ext_authz_denial_headers_dropped_total", &[]),
+        Some(78)
+    );
+    assert_eq!(
+        host.counter("auth_decisions_total", &["ext_authz_denied"]),
+        Some(1)
+    );
+    assert!(
+        host.logged(Level::Warn, "78 header(s) not passed to the client"),
+        "{:?}",
+        host.logs()
+    );
 }
 
 #[test]

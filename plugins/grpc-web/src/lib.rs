@@ -10,8 +10,8 @@
 //!   `application/grpc[+proto]`, `te: trailers` is added, and a `-text` body is
 //!   base64-decoded as it streams (any chunking);
 //! - response: `content-type` goes back to gRPC-Web, text when the client's
-//!   `accept` asks for `application/grpc-web-text` (as Envoy), binary when it
-//!   names `application/grpc-web`, else the request's variant; the body passes
+//!   `accept` asks for `application/grpc-web-text`, else binary (as Envoy,
+//!   whatever the request's variant); the body passes
 //!   through (base64-encoded for text), and the upstream's trailers become
 //!   the final body frame (flag `0x80`) in the last body call, so the HTTP
 //!   response itself has no trailers (abi/README.md §4, folding trailers).
@@ -63,8 +63,8 @@ pub enum Variant {
 /// The response encoding a gRPC-Web client asks for in its `accept` header:
 /// the first gRPC-Web media type listed (`application/grpc-web-text[+…]`:
 /// text; `application/grpc-web[+…]`: binary), parameters ignored. `None` when
-/// it names neither (absent, `*/*`): the response then follows the request's
-/// variant.
+/// it names neither (`*/*`): the response is then binary, as without
+/// `accept`.
 pub fn accept_variant(accept: &str) -> Option<Variant> {
     accept
         .split(',')
@@ -177,8 +177,8 @@ pub struct Context {
     variant: Option<Variant>,
     /// The response's media type: the client's, in the encoding it accepts.
     content_type: String,
-    /// The response is base64 (`-text`): what `accept` asks for, else the
-    /// request's variant.
+    /// The response is base64 (`-text`): `accept` asks for it (else binary,
+    /// whatever the request's variant).
     text_response: bool,
     /// `access-control-allow-origin` for this exchange (CORS on, origin allowed).
     allow_origin: Option<String>,
@@ -265,17 +265,14 @@ impl HttpFilter for GrpcWeb {
                 let _ = headers.remove("content-length");
             }
         }
-        // As Envoy's grpc_web filter, the response is text when `accept`
-        // asks for it (grpc-web's JS client sends `accept:
-        // application/grpc-web-text` in text mode) and binary when it names
-        // the binary type; an `accept` naming neither (absent, `*/*`) keeps
-        // the request's variant, where Envoy would answer binary, so a `-text`
-        // client that does not say what it accepts still reads its answer.
-        let text_response = headers
-            .get_str("accept")
-            .and_then(|a| accept_variant(&a))
-            .unwrap_or(variant)
-            == Variant::Text;
+        // As Envoy's grpc_web filter (`is_text_response_`), the response is
+        // text only when `accept` asks for it (grpc-web's JS client sends
+        // `accept: application/grpc-web-text` in text mode, as PROTOCOL-WEB
+        // says a client wanting text must), and binary otherwise: an
+        // `accept` naming the binary type, naming neither (`*/*`) or absent,
+        // whatever the request's variant.
+        let text_response =
+            headers.get_str("accept").and_then(|a| accept_variant(&a)) == Some(Variant::Text);
         ctx.variant = Some(variant);
         ctx.text_response = text_response;
         ctx.content_type = response_content_type(&client_type, text_response);

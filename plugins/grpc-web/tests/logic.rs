@@ -18,7 +18,20 @@ fn frame(flag: u8, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A gRPC-Web request as grpc-web's JavaScript client sends it: a `-text`
+/// one asks for a `-text` response in `accept` (without, the response is
+/// binary: `the_response_encoding_follows_accept`).
 fn grpc_web(content_type: &str, body: &[u8]) -> Request {
+    let r = grpc_web_no_accept(content_type, body);
+    if content_type.starts_with("application/grpc-web-text") {
+        r.header("accept", "application/grpc-web-text")
+    } else {
+        r
+    }
+}
+
+/// A gRPC-Web request without `accept`.
+fn grpc_web_no_accept(content_type: &str, body: &[u8]) -> Request {
     Request::post("/pkg.Svc/Method", body.to_vec())
         .header("content-type", content_type)
         .header("x-grpc-web", "1")
@@ -172,8 +185,9 @@ fn text_bodies_are_decoded_and_encoded_whatever_the_chunking() {
 fn the_response_encoding_follows_accept() {
     // As Envoy's grpc_web filter: `accept: application/grpc-web-text` asks for
     // a base64 response, whatever the request's encoding; `accept:
-    // application/grpc-web` for a binary one; an `accept` naming neither
-    // keeps the request's variant.
+    // application/grpc-web` for a binary one; an `accept` naming neither, or
+    // none, gets binary, whatever the request's encoding (Envoy's
+    // `is_text_response_` is set by `accept` alone).
     let trailer = frame(0x80, b"grpc-status: 0\r\ngrpc-message: \r\n");
     let reply = frame(0, b"reply");
     for (request_type, accept, want_type, text) in [
@@ -201,23 +215,35 @@ fn the_response_encoding_follows_accept() {
             "application/grpc-web+proto",
             false,
         ),
-        // Fallbacks: the request's variant.
+        // Fallbacks: binary, whatever the request's encoding.
         (
             "application/grpc-web-text",
             None,
-            "application/grpc-web-text",
-            true,
+            "application/grpc-web",
+            false,
         ),
         (
-            "application/grpc-web-text",
+            "application/grpc-web-text+proto",
             Some("*/*"),
+            "application/grpc-web+proto",
+            false,
+        ),
+        (
             "application/grpc-web-text",
-            true,
+            Some("application/json, text/plain"),
+            "application/grpc-web",
+            false,
         ),
         (
             "application/grpc-web+proto",
             None,
             "application/grpc-web+proto",
+            false,
+        ),
+        (
+            "application/grpc-web",
+            Some("*/*"),
+            "application/grpc-web",
             false,
         ),
     ] {
@@ -229,7 +255,7 @@ fn the_response_encoding_follows_accept() {
         } else {
             msg.clone()
         };
-        let mut req = grpc_web(request_type, &body);
+        let mut req = grpc_web_no_accept(request_type, &body);
         if let Some(a) = accept {
             req = req.header("accept", a);
         }
