@@ -1882,8 +1882,10 @@ impl Chain {
                     self.replaced_response = Some(i);
                 }
                 Err(why) => {
-                    self.fail(&*f, "response_headers", &why)?;
+                    // Skipped first: failed closed, it gets no `on-log` either
+                    // (abi/README.md §9), as in the other phases.
                     self.skipped.push(i);
+                    self.fail(&*f, "response_headers", &why)?;
                 }
             }
         }

@@ -490,6 +490,35 @@ async fn hostile(proto: Proto, path: &str, fail: &str, limits: &str, counter: &s
 }
 
 each_proto!(
+    /// A filter that fails in its response headers phase gets no more calls,
+    /// not even `on-log` (abi/README.md §9), as a failure in any other phase:
+    /// it used to get `on-log` when it failed closed there.
+    async fn a_response_headers_failure_gets_no_on_log(proto) {
+        for fail in ["closed", "open"] {
+            let up = upstream().start().await;
+            let p = plugin(
+                "hostile",
+                "{ mode: hostile, phases: \"rq,rs,log,done\" }",
+                &format!("    fail: {fail}\n"),
+            );
+            let lg = legate().config(&simple(up.addr, &p, &["hostile"])).start();
+            let mut c = client(proto, lg.addr("web")).await;
+            let r = c.get("/pause-response").send().await;
+            let want = if fail == "closed" { 503 } else { 200 };
+            assert_eq!(r.status, want, "{fail}: {}", r.text());
+            lg.assert_stat(r#"legate_plugin_failures_total{plugin="hostile"}"#, 1.0)
+                .await;
+            // One on-log, for the request that did not fail (both exchanges
+            // are over once both had on-done, which comes after on-log).
+            let r = c.get("/fine").send().await;
+            assert_eq!(r.status, 200);
+            lg.assert_stat(&calls("hostile", "done"), 2.0).await;
+            assert_eq!(lg.stat(&calls("hostile", "log")).await, Some(1.0));
+        }
+    }
+);
+
+each_proto!(
     async fn guest_panic_fails_closed(proto) {
         hostile(proto, "/panic", "closed", "memory: 16MiB", "legate_plugin_traps_total").await;
     }

@@ -17,7 +17,9 @@
 //!   waits, so no epoch check either), `/recurse` recurses without bound (a
 //!   stack overflow trap), `/sockets` tries a TCP bind, a TCP connect
 //!   and a UDP bind through WASI and sets request header `x-sockets:
-//!   tcp-bind=<io error kind or ok>,tcp-connect=…,udp-bind=…`; anything else passes.
+//!   tcp-bind=<io error kind or ok>,tcp-connect=…,udp-bind=…`; the response
+//!   headers phase of `/pause-response` returns `pause` with no callout (a
+//!   failure, not a trap); anything else passes.
 //! - `bad-config`: `configure` fails with a message.
 //! - Any mode: `configure_sleep_ms: "<ms>"` sleeps that long in `configure`.
 //! - `metrics`: counts requests in counter `requests{method}` (`metric`: another
@@ -956,6 +958,8 @@ impl Guest for Plugin {
 
     fn on_response_headers(c: u64, x: &Exchange, h: &Headers, _eos: bool) -> Action {
         match mode().as_str() {
+            // A failure that is not a trap: a pause with nothing to resume it.
+            "hostile" if x.path().starts_with("/pause-response") => Action::Pause,
             "headers" => {
                 let _ = h.set("x-filter-resp", tag().as_bytes());
                 let route = x.route_name().unwrap_or_default();
