@@ -47,6 +47,13 @@ pub fn into_grpc(resp: Response<Bytes>, explicit: Option<u32>) -> Response<Bytes
     Response::from_parts(parts, body)
 }
 
+/// A host reply (`resp`, whole) as it goes out: in gRPC's trailers-only form
+/// if `grpc` (a gRPC request the client can still read an answer to).
+pub fn reply(resp: Response<Bytes>, grpc: bool) -> Response<crate::body::Body> {
+    let resp = if grpc { into_grpc(resp, None) } else { resp };
+    resp.map(crate::body::full)
+}
+
 impl LocalResponse {
     /// This filter's answer in gRPC's trailers-only form (see [`grpc_form`]).
     pub fn into_grpc(mut self) -> Self {

@@ -264,11 +264,7 @@ async fn local_reply(
         tracing::debug!(listener = %conn.listener.name, "request failed: {e}");
     }
     out.cause = Some(e.cause());
-    let mut r = e.to_response();
-    if out.grpc && e.kind != Kind::DownstreamReset {
-        r = local_reply::into_grpc(r, None);
-    }
-    let mut r = r.map(body::full);
+    let mut r = local_reply::reply(e.to_response(), out.grpc && e.kind != Kind::DownstreamReset);
     // The client is gone: nobody reads this answer, it only names the cause.
     if out.chain.is_some() && !out.responding && e.kind != Kind::DownstreamReset {
         r = match response_filters(out, r).await {
@@ -276,12 +272,7 @@ async fn local_reply(
             Err(e) => {
                 tracing::debug!(listener = %conn.listener.name, "local reply failed: {e}");
                 out.cause = Some(e.cause());
-                let r = e.to_response();
-                if out.grpc {
-                    local_reply::into_grpc(r, None).map(body::full)
-                } else {
-                    r.map(body::full)
-                }
+                local_reply::reply(e.to_response(), out.grpc)
             }
         };
     }
@@ -522,18 +513,7 @@ async fn proxy(
                     .insert(header::CONTENT_TYPE, content_type.clone());
                 resp.headers_mut()
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-                if out.grpc {
-                    resp = local_reply::into_grpc(resp, None);
-                }
-                let mut resp = resp.map(body::full);
-                finish_response_headers(
-                    &matched,
-                    http.via.as_deref(),
-                    Version::HTTP_11,
-                    resp.headers_mut(),
-                    false,
-                );
-                return response_filters(out, resp).await;
+                return route_reply(out, &matched, http.via.as_deref(), resp).await;
             }
             Action::Redirect(_) => {
                 let (status, location) = redirect.flatten().ok_or_else(|| {
@@ -544,18 +524,7 @@ async fn proxy(
                 resp.headers_mut().insert(header::LOCATION, location);
                 resp.headers_mut()
                     .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-                if out.grpc {
-                    resp = local_reply::into_grpc(resp, None);
-                }
-                let mut resp = resp.map(body::full);
-                finish_response_headers(
-                    &matched,
-                    http.via.as_deref(),
-                    Version::HTTP_11,
-                    resp.headers_mut(),
-                    false,
-                );
-                return response_filters(out, resp).await;
+                return route_reply(out, &matched, http.via.as_deref(), resp).await;
             }
             Action::Cluster(name) => name.clone(),
             Action::Weighted(w) => w.pick(rand::rng().random()).clone(),
@@ -976,6 +945,20 @@ async fn wait_for_chain(shared: &filter::SharedChain) -> Result<(), ProxyError> 
         std::future::poll_fn(|cx| shared.poll_available(cx)).await;
     }
     Ok(())
+}
+
+/// A reply the route makes itself (a direct response, a redirect): in gRPC's
+/// form to a gRPC request, finished as the route finishes an upstream's
+/// response, then through the response phases.
+async fn route_reply(
+    out: &mut Outcome,
+    matched: &Matched<'_>,
+    via: Option<&str>,
+    resp: Response<Bytes>,
+) -> Result<Response<Body>, ProxyError> {
+    let mut resp = local_reply::reply(resp, out.grpc);
+    finish_response_headers(matched, via, Version::HTTP_11, resp.headers_mut(), false);
+    response_filters(out, resp).await
 }
 
 /// Sends `lr`, a streamed request body phase's local response, instead of
