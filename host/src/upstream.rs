@@ -64,6 +64,12 @@ use crate::worker::LocalExec;
 
 static NEXT_SETTINGS_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The largest HTTP/2 response head (HPACK-decoded) an upstream may send: 60
+/// KiB, Envoy's default for upstream responses (`max_response_headers_kb`)
+/// and Legate's for requests (`max_request_headers_size`). hyper's client
+/// default, 16 KiB, failed responses Envoy passes (a few large cookies).
+const MAX_RESPONSE_HEADERS_SIZE: u32 = 60 * 1024;
+
 /// How to talk to one cluster's endpoints; built when config is applied.
 pub struct UpstreamSettings {
     /// Distinguishes pools of clusters with the same endpoint but other settings
@@ -652,6 +658,7 @@ impl Pool {
             let (sender, conn) = http2::Builder::new(LocalExec)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(30))
+                .max_header_list_size(MAX_RESPONSE_HEADERS_SIZE)
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(handshake_err)?;

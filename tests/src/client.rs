@@ -289,6 +289,9 @@ where
         Proto::H2 => {
             let (s, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                // Large response heads are Legate's to refuse, not the client's
+                // (hyper's default is 16 KiB).
+                .max_header_list_size(1 << 20)
                 .handshake(io)
                 .await?;
             tokio::spawn(async move {

@@ -222,6 +222,33 @@ each_proto!(
 );
 
 each_proto!(
+    /// An HTTP/2 upstream's response head of up to 60 KiB passes, as in Envoy
+    /// (its default for upstream responses); hyper's client default of 16 KiB
+    /// made it a 502. A larger one is a 502.
+    async fn http2_upstream_response_heads_pass_up_to_60_kib(proto) {
+        let up = upstream()
+            .h2()
+            .route("/big/*", |req: Request<Incoming>| async move {
+                let n: usize = req.uri().path()["/big/".len()..].parse().unwrap();
+                let mut r = Response::new(Full::new(Bytes::from("ok")));
+                let v = HeaderValue::from_str(&"c".repeat(n)).unwrap();
+                r.headers_mut().insert("x-big", v);
+                r
+            })
+            .start()
+            .await;
+        let yaml = limits_config(up.addr, "", "") + "    protocol: h2\n";
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/big/30000").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-big").map(str::len), Some(30000));
+        let r = c.get("/big/70000").send().await;
+        assert_eq!(r.status, 502, "{}", r.text());
+    }
+);
+
+each_proto!(
     async fn too_many_headers_are_431(proto) {
         let up = upstream().start().await;
         let lg = legate()
