@@ -34,7 +34,10 @@
 //! [`NetworkFilterTest::connect`], feed bytes from either side and read what
 //! would be forwarded ([`TestConnection::sent_upstream`] /
 //! [`TestConnection::sent_downstream`]), held (pause) or whether the
-//! connection was closed; the same fake host serves both kinds of filter.
+//! connection was closed, and whether the host would have failed the filter
+//! ([`TestConnection::failure`]: a pause nothing could end, with the failure
+//! policy of [`NetworkFilterTest::fail_open`] applied); the same fake host
+//! serves both kinds of filter.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -201,6 +204,7 @@ impl TestHost {
             // Apart from exchange ids, so HTTP and network filters can share
             // one host.
             next_context: 1 << 32,
+            fail_open: false,
         })
     }
 
@@ -1319,6 +1323,8 @@ pub struct NetworkFilterTest<F: NetworkFilter> {
     /// This instance's id on the host.
     id: u64,
     next_context: u64,
+    /// The plugin's failure policy is `fail: open`.
+    fail_open: bool,
 }
 
 impl<F: NetworkFilter> NetworkFilterTest<F> {
@@ -1331,6 +1337,16 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
     /// The host this filter runs on.
     pub fn host(&self) -> &TestHost {
         &self.host
+    }
+
+    /// Set the plugin's failure policy, as `fail:` in the host configuration:
+    /// `false` (the default, `fail: closed`) closes a connection whose
+    /// filter failed; `true` (`fail: open`) skips the filter for the rest of
+    /// the connection and lets what it held go on (see
+    /// [`TestConnection::failure`]).
+    pub fn fail_open(mut self, open: bool) -> Self {
+        self.fail_open = open;
+        self
     }
 
     /// The setup `configure` returned.
@@ -1386,12 +1402,14 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
             ex: Rc::new(RefCell::new(state)),
             sent: [Vec::new(), Vec::new()],
             paused: [false; 2],
+            waiting: [false; 2],
             paused_new: false,
             pending: [Vec::new(), Vec::new()],
             pending_eos: [false; 2],
             open: [true, false],
             closed: false,
             closing: false,
+            failure: None,
         }
     }
 
@@ -1496,17 +1514,29 @@ fn direction_of(from: Peer) -> Direction {
 }
 
 /// One connection of a [`NetworkFilterTest`], driven event by event as the
-/// host would (abi/README.md §11): only declared events call the filter;
-/// `Continue` forwards the (possibly rewritten) data to the other side,
-/// `Pause` holds it in the filter, `Close` closes both sides (and calls
-/// `on_close` for each side that was open, downstream first).
+/// host would (abi/README.md §11, host/src/network_filter.rs): only declared
+/// events call the filter; `Continue` forwards the (possibly rewritten) data
+/// to the other side, `Pause` holds it in the filter, `Close` closes both
+/// sides (and calls `on_close` for each side that was open, downstream
+/// first).
 ///
 /// A `Pause` from a data call with a callout of the connection outstanding
-/// blocks that direction: later data of it is queued, not delivered, until
-/// a callout response returns `Continue` (the held data is then forwarded
-/// and the queued data delivered). With nothing outstanding, the next data of
-/// that direction is appended to the held data and the filter is called
-/// again with all of it.
+/// is a callout pause that blocks that direction: later data of it is
+/// queued, not delivered, until a callout response returns `Continue` (the
+/// held data is then forwarded and the queued data delivered). With nothing
+/// outstanding (and not at end of stream), the filter buffers: the next data
+/// of that direction is appended to the held data and the filter is called
+/// again with all of it; a callout response does not release it.
+///
+/// As on the host, a pause nothing could end is a failure of the filter
+/// ([`failure`](Self::failure)): a `Pause` from `on_new_connection` or at
+/// the end of a stream with no callout outstanding, and a callout pause left
+/// with none (the last reply returned `Pause`, or the filter cancelled the
+/// callout it waited for). The plugin's failure policy then applies
+/// ([`NetworkFilterTest::fail_open`]): fail closed closes the connection, fail
+/// open skips the filter for the rest of the connection (what it held goes
+/// on, later data passes untouched, no reply is delivered); either way the
+/// failed filter gets no `on_close`.
 pub struct TestConnection<'t, F: NetworkFilter> {
     test: &'t mut NetworkFilterTest<F>,
     context: u64,
@@ -1518,7 +1548,10 @@ pub struct TestConnection<'t, F: NetworkFilter> {
     sent: [Vec<u8>; 2],
     /// Whether the direction's data is held in the filter (in `ex.bodies`).
     paused: [bool; 2],
-    /// `on_new_connection` paused: not connected yet.
+    /// Whether that hold is a callout pause (the host's pause slot: the
+    /// direction is blocked until a reply resumes it), not buffering.
+    waiting: [bool; 2],
+    /// `on_new_connection` paused on a callout: not connected yet.
     paused_new: bool,
     /// Data read while the direction was blocked on a callout.
     pending: [Vec<u8>; 2],
@@ -1528,6 +1561,8 @@ pub struct TestConnection<'t, F: NetworkFilter> {
     closed: bool,
     /// An `on_close` call is running.
     closing: bool,
+    /// Why the host would have failed the filter on this connection.
+    failure: Option<String>,
 }
 
 impl<F: NetworkFilter> TestConnection<'_, F> {
@@ -1541,8 +1576,22 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         &self.ctx
     }
 
+    /// Why the host would have failed the filter on this connection, if it
+    /// would have: a pause nothing could end (see [`TestConnection`]), with
+    /// the host's reason. The call that failed still returns the action the
+    /// filter gave. From then on the harness, as the host, makes no call
+    /// into the filter for the connection: fail closed (the default) closed
+    /// it ([`is_closed`](Self::is_closed)); fail open
+    /// ([`NetworkFilterTest::fail_open`]) forwarded what the filter held and
+    /// passes later data through untouched (the data methods return
+    /// `Continue`); [`deliver_callout`](Self::deliver_callout) gives `None`.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    /// Whether the host calls `event`: declared, and the filter did not fail.
     fn declared(&self, event: NetworkEvent) -> bool {
-        self.test.instance.setup().declares(event)
+        self.test.instance.setup().declares(event) && self.failure.is_none()
     }
 
     /// Run one call with the data of `current` visible and writable. As on
@@ -1578,9 +1627,15 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         self.ex.borrow_mut().upstream_address = Some(self.upstream);
     }
 
+    /// How many callouts of this connection are outstanding.
+    fn outstanding(&self) -> usize {
+        self.test.host.outstanding(self.test.id, Some(self.context))
+    }
+
     /// Call `on_new_connection` (if declared). `Continue` connects upstream
     /// (from then on [`Connection::upstream_address`] is set), `Pause` waits
-    /// for a callout response, `Close` closes.
+    /// for a callout response (with none outstanding: a failure), `Close`
+    /// closes.
     pub fn new_connection(&mut self) -> NetworkAction {
         if self.closed {
             return NetworkAction::Close;
@@ -1592,15 +1647,28 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         };
         match action {
             NetworkAction::Continue => self.connected(),
-            NetworkAction::Pause => self.paused_new = true,
+            NetworkAction::Pause if self.outstanding() > 0 => self.paused_new = true,
+            NetworkAction::Pause => {
+                // As the host (network_filter.rs `run_new`); fail open
+                // connects past the skipped filter.
+                if self.fail(
+                    "paused the new connection with no callout outstanding: nothing could \
+                     resume it"
+                        .to_owned(),
+                ) {
+                    self.connected();
+                }
+            }
             NetworkAction::Close => self.close_all(),
         }
+        self.settle();
         action
     }
 
     /// Bytes from the client; returns the action (`Continue` if
-    /// `on_downstream_data` is not declared, `Pause` if the direction is
-    /// blocked on a callout, `Close` once closed).
+    /// `on_downstream_data` is not declared or the filter failed open,
+    /// `Pause` if the direction is blocked on a callout, `Close` once
+    /// closed).
     pub fn downstream(&mut self, data: impl Into<Vec<u8>>, end_of_stream: bool) -> NetworkAction {
         self.data(Peer::Downstream, data.into(), end_of_stream)
     }
@@ -1610,8 +1678,10 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         self.data(Peer::Upstream, data.into(), end_of_stream)
     }
 
+    /// Whether data of `d` must wait: the filter waits for a callout on the
+    /// new connection or in that direction (the host does not read it).
     fn blocked(&self, d: Direction) -> bool {
-        self.paused[idx(d)] && self.test.host.outstanding(self.test.id, Some(self.context)) > 0
+        self.paused_new || self.waiting[idx(d)]
     }
 
     fn data(&mut self, from: Peer, bytes: Vec<u8>, eos: bool) -> NetworkAction {
@@ -1645,9 +1715,32 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         });
         match action {
             NetworkAction::Continue => self.forward(d),
-            NetworkAction::Pause => self.paused[i] = true,
+            NetworkAction::Pause if self.outstanding() > 0 => {
+                self.paused[i] = true;
+                self.waiting[i] = true;
+            }
+            NetworkAction::Pause if !eos => self.paused[i] = true,
+            NetworkAction::Pause => {
+                // As the host (network_filter.rs `run_data`): no later data
+                // could come to end the hold. Fail open lets the data (as
+                // the filter left it) go on.
+                let side = match from {
+                    Peer::Downstream => "downstream",
+                    Peer::Upstream => "upstream",
+                };
+                if self.fail(format!(
+                    "paused at the end of the {side} stream with no callout outstanding: \
+                     nothing could resume it"
+                )) {
+                    self.forward(d);
+                }
+            }
             NetworkAction::Close => self.close_all(),
         }
+        // The call may have ended the other direction's pause for good (it
+        // cancelled the callout that pause waits for), as the host's pump
+        // settles after each run.
+        self.settle();
         action
     }
 
@@ -1656,10 +1749,70 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         let out = self.ex.borrow_mut().bodies[i].take().unwrap_or_default();
         self.sent[i].extend_from_slice(&out);
         self.paused[i] = false;
+        self.waiting[i] = false;
     }
 
-    /// `peer`'s connection closed: `on_close(peer)` if that side was open
-    /// and the event is declared.
+    /// The filter failed (`why`: the host's reason): its policy applies.
+    /// Fail closed closes the connection (no `on_close` for the failed
+    /// filter); fail open skips it: what it held in either direction goes
+    /// on, and a pause of the new connection connects. `true` if skipped
+    /// (the caller then lets the data of the failed call go on).
+    fn fail(&mut self, why: String) -> bool {
+        self.failure.get_or_insert(why);
+        if !self.test.fail_open {
+            self.close_all();
+            return false;
+        }
+        if self.paused_new {
+            self.connected();
+        }
+        for d in [Direction::Request, Direction::Response] {
+            if self.paused[idx(d)] {
+                self.forward(d);
+            }
+        }
+        true
+    }
+
+    /// Ends the callout pauses nothing can end any more (no callout of the
+    /// connection outstanding), as the host's `settle`: a failure of the
+    /// filter. Fail open then delivers the data queued meanwhile (it passes
+    /// the skipped filter).
+    fn settle(&mut self) {
+        if self.closed || self.failure.is_some() {
+            return;
+        }
+        let paused = self.paused_new || self.waiting.contains(&true);
+        if !paused || self.outstanding() > 0 {
+            return;
+        }
+        if self.fail("paused with no callout outstanding: nothing could resume it".to_owned()) {
+            self.deliver_pending();
+        }
+    }
+
+    /// Delivers the data queued while a direction was blocked (the host's
+    /// pumps read again once a pause ended), for the directions no longer
+    /// blocked.
+    fn deliver_pending(&mut self) {
+        for (d, from) in [
+            (Direction::Request, Peer::Downstream),
+            (Direction::Response, Peer::Upstream),
+        ] {
+            let i = idx(d);
+            if self.closed || self.blocked(d) {
+                continue;
+            }
+            let queued = std::mem::take(&mut self.pending[i]);
+            let eos = std::mem::take(&mut self.pending_eos[i]);
+            if !queued.is_empty() || eos {
+                self.data(from, queued, eos);
+            }
+        }
+    }
+
+    /// `peer`'s connection closed: `on_close(peer)` if that side was open,
+    /// the event is declared and the filter did not fail.
     pub fn close(&mut self, peer: Peer) {
         let i = match peer {
             Peer::Downstream => 0,
@@ -1699,6 +1852,8 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
             ex.bodies = [None, None];
         }
         self.paused = [false; 2];
+        self.waiting = [false; 2];
+        self.paused_new = false;
         let mut h = self.test.host.host.borrow_mut();
         for c in h.callouts.iter_mut() {
             if c.instance == self.test.id
@@ -1711,16 +1866,21 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
     }
 
     /// Deliver callout `id`'s response to `on_callout_response`. `None` if
-    /// `id` is not an outstanding callout of this connection (the host would
-    /// not call). `Continue` resumes: connects (after a paused
-    /// `on_new_connection`), forwards held data, then delivers data queued
-    /// meanwhile.
+    /// `id` is not an outstanding callout of this connection, or the
+    /// connection is closed or its filter failed (the host would not call).
+    /// `Continue` resumes every callout pause of the filter: connects (after
+    /// a paused `on_new_connection`), forwards the data held by a callout
+    /// pause, then delivers data queued meanwhile (data the filter buffers
+    /// with nothing outstanding stays held). `Pause` keeps waiting, which
+    /// with no other callout outstanding is a failure
+    /// ([`failure`](Self::failure)); not paused, it means nothing.
     pub fn deliver_callout(
         &mut self,
         id: CalloutId,
         response: Result<CalloutResponse, Error>,
     ) -> Option<NetworkAction> {
         if self.closed
+            || self.failure.is_some()
             || !self
                 .test
                 .host
@@ -1734,36 +1894,37 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
                 if self.paused_new {
                     self.connected();
                 }
-                for (d, from) in [
-                    (Direction::Request, Peer::Downstream),
-                    (Direction::Response, Peer::Upstream),
-                ] {
-                    let i = idx(d);
-                    if self.paused[i] {
+                for d in [Direction::Request, Direction::Response] {
+                    if self.waiting[idx(d)] {
                         self.forward(d);
                     }
-                    let queued = std::mem::take(&mut self.pending[i]);
-                    let eos = std::mem::take(&mut self.pending_eos[i]);
-                    if (!queued.is_empty() || eos) && !self.closed {
-                        self.data(from, queued, eos);
-                    }
                 }
+                self.deliver_pending();
             }
             NetworkAction::Pause => {}
             NetworkAction::Close => self.close_all(),
         }
+        self.settle();
         Some(action)
     }
 
     /// Deliver the queued responses ([`TestHost::queue_callout_response`]) to
     /// this connection's outstanding callouts, in send order; the actions.
+    /// Stops once the connection closed or its filter failed: the rest stay
+    /// queued.
     pub fn deliver_callouts(&mut self) -> Vec<NetworkAction> {
-        let ready = self
+        let pending = self
             .test
             .host
-            .ready_callouts(self.test.id, Some(self.context));
+            .pending_callouts(self.test.id, Some(self.context));
         let mut actions = Vec::new();
-        for (id, r) in ready {
+        for (id, cluster) in pending {
+            if self.closed || self.failure.is_some() {
+                break;
+            }
+            let Some(r) = self.test.host.pop_queued(&cluster) else {
+                continue;
+            };
             if let Some(a) = self.deliver_callout(id, r) {
                 actions.push(a);
             }
@@ -1773,9 +1934,10 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
 
     /// Whether a `Pause` just returned is valid as the host sees it: the
     /// connection has a callout outstanding (a pause from
-    /// `on_new_connection` or at end of stream without one is a failure).
+    /// `on_new_connection` or at end of stream without one is a failure:
+    /// see [`failure`](Self::failure)).
     pub fn may_pause(&self) -> bool {
-        self.test.host.outstanding(self.test.id, Some(self.context)) > 0
+        self.outstanding() > 0
     }
 
     // ---- inspection ----

@@ -2,7 +2,8 @@
 //! way users write them: events only when declared, data rewriting, close,
 //! pause (buffering without a callout, blocking with one), callouts from
 //! connections and ticks (each instance its own), the connection's facts,
-//! config errors and host errors as `Result`s.
+//! config errors and host errors as `Result`s, and the host's failures (a
+//! pause nothing could end) under either failure policy.
 
 #![allow(clippy::unwrap_used)]
 
@@ -488,4 +489,347 @@ fn the_connection_shows_its_facts() {
         ]
     );
     assert!(!t.host().metric_defined("late_total"));
+}
+
+// ------------------------------------------------------------- failures
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StallConfig {
+    /// What `on_new_connection` does: `pause` (nothing sent), `ask` (a
+    /// callout, then pause); anything else continues.
+    #[serde(default)]
+    new: String,
+    /// What each callout response returns, in order (`pause`, `close`;
+    /// `continue` once the list is used up).
+    #[serde(default)]
+    replies: Vec<String>,
+}
+
+/// Pauses as its data tells it: `ask` sends a callout and pauses, `ask2`
+/// two; `cancel` cancels the connection's callouts and continues; data
+/// ending in `+` is held (buffering, no callout); the rest continues.
+/// Records every call it gets.
+struct Stalls {
+    config: StallConfig,
+    calls: Vec<String>,
+}
+
+#[derive(Default)]
+struct StallCtx {
+    sent: Vec<CalloutId>,
+    replies: usize,
+}
+
+impl NetworkFilter for Stalls {
+    type Config = StallConfig;
+    type Context = StallCtx;
+
+    fn configure(config: StallConfig) -> Result<Self, String> {
+        Ok(Stalls {
+            config,
+            calls: Vec::new(),
+        })
+    }
+
+    fn setup(&self) -> NetworkSetup {
+        NetworkSetup::new()
+            .on_new_connection()
+            .on_downstream_data()
+            .on_upstream_data()
+            .on_close()
+    }
+
+    fn on_new_connection(&mut self, ctx: &mut StallCtx, _: &Connection<'_>) -> NetworkAction {
+        self.calls.push("new".to_owned());
+        match self.config.new.as_str() {
+            "pause" => NetworkAction::Pause,
+            "ask" => {
+                ctx.sent.push(ask("/new").unwrap());
+                NetworkAction::Pause
+            }
+            _ => NetworkAction::Continue,
+        }
+    }
+
+    fn on_downstream_data(
+        &mut self,
+        ctx: &mut StallCtx,
+        _: &Connection<'_>,
+        data: &Body<'_>,
+        eos: bool,
+    ) -> NetworkAction {
+        self.stall(ctx, "downstream", data, eos)
+    }
+
+    fn on_upstream_data(
+        &mut self,
+        ctx: &mut StallCtx,
+        _: &Connection<'_>,
+        data: &Body<'_>,
+        eos: bool,
+    ) -> NetworkAction {
+        self.stall(ctx, "upstream", data, eos)
+    }
+
+    fn on_close(&mut self, _: &mut StallCtx, _: &Connection<'_>, peer: Peer) {
+        self.calls.push(format!("close {peer:?}"));
+    }
+
+    fn on_callout_response(
+        &mut self,
+        ctx: &mut StallCtx,
+        _: &Connection<'_>,
+        _: CalloutId,
+        _: Result<CalloutResponse, Error>,
+    ) -> NetworkAction {
+        self.calls.push("reply".to_owned());
+        let r = self.config.replies.get(ctx.replies).cloned();
+        ctx.replies += 1;
+        match r.as_deref() {
+            Some("pause") => NetworkAction::Pause,
+            Some("close") => NetworkAction::Close,
+            _ => NetworkAction::Continue,
+        }
+    }
+}
+
+impl Stalls {
+    fn stall(
+        &mut self,
+        ctx: &mut StallCtx,
+        from: &str,
+        data: &Body<'_>,
+        eos: bool,
+    ) -> NetworkAction {
+        let bytes = String::from_utf8(data.to_vec()).unwrap();
+        self.calls.push(format!("{from} {bytes} {eos}"));
+        if bytes.contains("cancel") {
+            for id in ctx.sent.drain(..) {
+                let _ = callout::cancel(id);
+            }
+            return NetworkAction::Continue;
+        }
+        if bytes.contains("ask") {
+            let n = if bytes.contains("ask2") { 2 } else { 1 };
+            for _ in 0..n {
+                ctx.sent.push(ask("/data").unwrap());
+            }
+            return NetworkAction::Pause;
+        }
+        if bytes.ends_with('+') {
+            return NetworkAction::Pause;
+        }
+        NetworkAction::Continue
+    }
+}
+
+fn stalls(config: &str, open: bool) -> NetworkFilterTest<Stalls> {
+    TestHost::new()
+        .grant_cluster("authz")
+        .configure_network::<Stalls>(config)
+        .unwrap()
+        .fail_open(open)
+}
+
+/// The host's reasons (host/src/network_filter.rs `run_new`, `run_data`,
+/// `settle`).
+const NEW_PAUSE: &str =
+    "paused the new connection with no callout outstanding: nothing could resume it";
+const LEFT_PAUSED: &str = "paused with no callout outstanding: nothing could resume it";
+
+fn end_pause(side: &str) -> String {
+    format!(
+        "paused at the end of the {side} stream with no callout outstanding: nothing could \
+         resume it"
+    )
+}
+
+#[test]
+fn a_pause_at_the_end_of_a_stream_with_nothing_outstanding_fails() {
+    // Fail closed: the connection closes, what the filter held is lost, and
+    // the failed filter gets no `on_close`.
+    let mut t = stalls("null", false);
+    let mut c = t.connect(Conn::new());
+    assert_eq!(c.new_connection(), NetworkAction::Continue);
+    assert_eq!(c.upstream("u+", false), NetworkAction::Pause);
+    assert_eq!(c.failure(), None, "buffering: more data may come");
+    assert_eq!(c.downstream("a+", true), NetworkAction::Pause);
+    assert_eq!(c.failure(), Some(end_pause("downstream").as_str()));
+    assert!(c.is_closed());
+    assert_eq!(c.held(Peer::Downstream), None);
+    assert_eq!(c.downstream("more", false), NetworkAction::Close);
+    assert_eq!((c.sent_upstream(), c.sent_downstream()), (vec![], vec![]));
+    drop(c);
+    assert_eq!(
+        t.filter().calls,
+        ["new", "upstream u+ false", "downstream a+ true"]
+    );
+
+    // Fail open: the filter is skipped for the rest of the connection; what
+    // it held (both directions) goes on, later data passes untouched.
+    let mut t = stalls("null", true);
+    let mut c = t.connect(Conn::new());
+    c.new_connection();
+    assert_eq!(c.downstream("d+", false), NetworkAction::Pause);
+    assert_eq!(c.upstream("u+", true), NetworkAction::Pause);
+    assert_eq!(c.failure(), Some(end_pause("upstream").as_str()));
+    assert!(!c.is_closed());
+    assert_eq!(c.sent_upstream(), b"d+");
+    assert_eq!(c.sent_downstream(), b"u+");
+    assert_eq!(c.held(Peer::Downstream), None);
+    assert_eq!(c.downstream("ask+", false), NetworkAction::Continue);
+    assert_eq!(c.sent_upstream(), b"d+ask+");
+    c.close_all();
+    assert!(c.is_closed());
+    drop(c);
+    assert_eq!(
+        t.filter().calls,
+        ["new", "downstream d+ false", "upstream u+ true"]
+    );
+    assert!(t.host().callouts().is_empty());
+}
+
+#[test]
+fn a_pause_of_the_new_connection_with_nothing_outstanding_fails() {
+    let mut t = stalls(r#"{"new": "pause"}"#, false);
+    let mut c = t.connect(Conn::new());
+    assert_eq!(c.new_connection(), NetworkAction::Pause);
+    assert_eq!(c.failure(), Some(NEW_PAUSE));
+    assert!(c.is_closed() && !c.is_connected());
+    drop(c);
+    assert_eq!(t.filter().calls, ["new"]);
+
+    // Fail open: connects past the skipped filter.
+    let mut t = stalls(r#"{"new": "pause"}"#, true);
+    let mut c = t.connect(Conn::new());
+    assert_eq!(c.new_connection(), NetworkAction::Pause);
+    assert_eq!(c.failure(), Some(NEW_PAUSE));
+    assert!(c.is_connected() && !c.is_closed());
+    assert_eq!(c.downstream("x+", true), NetworkAction::Continue);
+    assert_eq!(c.sent_upstream(), b"x+");
+    drop(c);
+    assert_eq!(t.filter().calls, ["new"]);
+
+    // With a callout out, a pause.
+    let mut t = stalls(r#"{"new": "ask"}"#, false);
+    let mut c = t.connect(Conn::new());
+    assert_eq!(c.new_connection(), NetworkAction::Pause);
+    assert_eq!(c.failure(), None);
+    assert!(!c.is_closed() && !c.is_connected());
+}
+
+#[test]
+fn a_callout_pause_left_with_nothing_outstanding_fails() {
+    // The only reply returns `pause`: nothing could resume the connection.
+    let mut t = stalls(r#"{"new": "ask", "replies": ["pause"]}"#, false);
+    let host = t.host().clone();
+    let mut c = t.connect(Conn::new());
+    assert_eq!(c.new_connection(), NetworkAction::Pause);
+    host.queue_callout_response("authz", ok());
+    assert_eq!(c.deliver_callouts(), vec![NetworkAction::Pause]);
+    assert_eq!(c.failure(), Some(LEFT_PAUSED));
+    assert!(c.is_closed() && !c.is_connected());
+    drop(c);
+    assert_eq!(t.filter().calls, ["new", "reply"]);
+
+    // Fail open: the data held by the pause and the data queued meanwhile
+    // go on; no more replies are delivered.
+    let mut t = stalls(r#"{"replies": ["pause"]}"#, true);
+    let host = t.host().clone();
+    let mut c = t.connect(Conn::new());
+    c.new_connection();
+    assert_eq!(c.downstream("ask2", false), NetworkAction::Pause);
+    assert_eq!(c.downstream("queued", false), NetworkAction::Pause);
+    host.queue_callout_response("authz", ok());
+    assert_eq!(c.deliver_callouts(), vec![NetworkAction::Pause]);
+    assert_eq!(c.failure(), None, "the second callout is still out");
+    assert_eq!(c.sent_upstream(), b"");
+    let second = host.callouts()[1].id;
+    assert_eq!(
+        c.deliver_callout(second, ok()),
+        Some(NetworkAction::Continue)
+    );
+    assert_eq!(c.sent_upstream(), b"ask2queued");
+
+    let mut c = t.connect(Conn::new());
+    c.new_connection();
+    assert_eq!(c.downstream("ask", false), NetworkAction::Pause);
+    assert_eq!(c.downstream("queued+", false), NetworkAction::Pause);
+    host.queue_callout_response("authz", ok());
+    assert_eq!(c.deliver_callouts(), vec![NetworkAction::Pause]);
+    assert_eq!(c.failure(), Some(LEFT_PAUSED));
+    assert!(!c.is_closed());
+    assert_eq!(c.sent_upstream(), b"askqueued+");
+    drop(c);
+    // The data queued behind the failed pause passed untouched.
+    assert_eq!(
+        t.filter().calls,
+        [
+            "new",
+            "downstream ask2 false",
+            "reply",
+            "reply",
+            "downstream queued false",
+            "new",
+            "downstream ask false",
+            "reply"
+        ]
+    );
+}
+
+#[test]
+fn cancelling_the_callout_a_pause_waits_for_fails() {
+    // The downstream pause waits for a callout the upstream call cancels.
+    for open in [false, true] {
+        let mut t = stalls("null", open);
+        let mut c = t.connect(Conn::new());
+        c.new_connection();
+        assert_eq!(c.downstream("ask", false), NetworkAction::Pause);
+        assert_eq!(c.upstream("cancel", false), NetworkAction::Continue);
+        assert_eq!(c.failure(), Some(LEFT_PAUSED));
+        assert_eq!(c.sent_downstream(), b"cancel");
+        assert_eq!(c.is_closed(), !open);
+        if open {
+            assert_eq!(c.sent_upstream(), b"ask");
+        } else {
+            assert_eq!(c.sent_upstream(), b"");
+        }
+        drop(c);
+        assert!(t.host().callouts()[0].cancelled);
+    }
+}
+
+/// A hold with nothing outstanding is buffering, not a callout pause (the
+/// host's pause slots): a callout the other direction sends later does not
+/// block this direction, and a reply's `continue` does not release it.
+#[test]
+fn a_buffering_hold_is_not_a_callout_pause() {
+    let mut t = stalls("null", false);
+    let host = t.host().clone();
+    let mut c = t.connect(Conn::new());
+    c.new_connection();
+    assert_eq!(c.downstream("a+", false), NetworkAction::Pause);
+    assert_eq!(c.upstream("ask", false), NetworkAction::Pause);
+    host.queue_callout_response("authz", ok());
+    assert_eq!(c.deliver_callouts(), vec![NetworkAction::Continue]);
+    // The reply resumed the upstream pause only.
+    assert_eq!(c.sent_downstream(), b"ask");
+    assert_eq!(c.sent_upstream(), b"");
+    assert_eq!(c.held(Peer::Downstream).as_deref(), Some(&b"a+"[..]));
+    assert_eq!(c.downstream("b", false), NetworkAction::Continue);
+    assert_eq!(c.sent_upstream(), b"a+b");
+
+    // Downstream is not blocked by the upstream's callout: the filter gets
+    // what it holds and the new bytes (its pause then, with a callout out,
+    // is a callout pause, which the reply resumes).
+    assert_eq!(c.downstream("c+", false), NetworkAction::Pause);
+    assert_eq!(c.upstream("ask", false), NetworkAction::Pause);
+    assert_eq!(c.downstream("d+", false), NetworkAction::Pause);
+    assert_eq!(c.held(Peer::Downstream).as_deref(), Some(&b"c+d+"[..]));
+    host.queue_callout_response("authz", ok());
+    assert_eq!(c.deliver_callouts(), vec![NetworkAction::Continue]);
+    assert_eq!(c.sent_upstream(), b"a+bc+d+");
+    assert_eq!(c.sent_downstream(), b"askask");
+    assert_eq!(c.failure(), None);
 }
