@@ -782,7 +782,8 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// Why the host would have failed one of this exchange's calls, if it
     /// would have: a local response it refuses, or a `Pause` with no callout
     /// or KV call of the exchange outstanding (see [`Outcome::Failed`]). The
-    /// phase (or delivery) method still returns the action the filter gave;
+    /// phase method (or the delivery to a paused exchange) still returns the
+    /// action the filter gave;
     /// from then on the harness makes no more calls for the exchange but
     /// `on_done`, as the host (its failure policy applies: fail closed ends
     /// the exchange with `503`, fail open skips the filter): no later phase,
@@ -1047,7 +1048,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// window it paused in: `Continue` resumes, `Respond` answers, `Pause`
     /// keeps waiting, which with nothing else of the exchange outstanding is
     /// a failure ([`failure`](Self::failure)), as from a phase. Not paused,
-    /// `Continue` and `Pause` mean nothing.
+    /// the result is always `Continue`, as the host takes it: the filter's
+    /// `Continue` and `Pause` mean nothing, and its `Respond` is ignored by
+    /// the host (host/src/filter.rs `deliver_unpaused`, abi/README.md §5.8;
+    /// the general rule of §3.3 would apply it), though one the host refuses
+    /// (see [`Outcome::Failed`]) still fails the call.
     pub fn deliver_callout(
         &mut self,
         id: CalloutId,
@@ -1067,11 +1072,18 @@ impl<F: HttpFilter> TestExchange<'_, F> {
 
     /// Delivers a reply through `f`: to a paused exchange in the window it
     /// paused in, where a verdict other than `pause` settles the trailers held
-    /// meanwhile; to one not paused with nothing writable.
+    /// meanwhile; to one not paused with nothing writable, where the host
+    /// takes `Continue` whatever the filter returned (host/src/wasm/plugin.rs
+    /// `reply`, host/src/filter.rs `deliver_unpaused`: `continue` and `pause`
+    /// mean nothing, a local response is ignored; one it refuses still fails
+    /// the call, in [`call`](Self::call)).
     fn resume(&mut self, f: impl FnOnce(&mut Instance<F>, &Exchange<'_>) -> Action) -> Action {
         let window = self.paused_window.clone();
         let paused = self.paused;
         let action = self.call(window, paused, f);
+        if !paused {
+            return Action::Continue;
+        }
         if !self.paused {
             if let Some(d) = self.held_trailers.take() {
                 self.settle_trailers(d);

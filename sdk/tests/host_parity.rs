@@ -816,7 +816,8 @@ struct Steps(Vec<String>);
 /// `continue`). A step does something, then returns: `pause` (nothing sent),
 /// `call` (a callout to `authz`, then `pause`), `call2` (two), `callkv` (a
 /// callout and an asynchronous KV get), `kv` (a KV get), `send` (a callout,
-/// then `continue`), `detach` (tries to, then `continue`), `bad` (a local
+/// then `continue`), `sendkv` (a KV get, then `continue`), `detach` (tries
+/// to, then `continue`), `respond` (a local response, 403), `bad` (a local
 /// response the host refuses), `continue`. `on_tick` sends a callout.
 #[derive(Default)]
 struct Waiter {
@@ -855,14 +856,19 @@ impl Waiter {
                     Action::Pause
                 }
             }
-            "kv" => {
+            "kv" | "sendkv" => {
                 self.sent.push(kv());
-                Action::Pause
+                if step == "sendkv" {
+                    Action::Continue
+                } else {
+                    Action::Pause
+                }
             }
             "detach" => {
                 self.detaches.push(x.detach());
                 Action::Continue
             }
+            "respond" => Action::Respond(LocalResponse::new(403)),
             "bad" => Action::Respond(LocalResponse::new(700)),
             _ => Action::Continue,
         }
@@ -978,12 +984,48 @@ fn a_pause_with_nothing_outstanding_is_a_failure() {
     assert_eq!(x.deliver_callouts(), vec![Action::Pause, Action::Continue]);
     assert_eq!(x.failure(), None);
 
-    // A reply while not paused: `pause` means nothing.
+    // A reply while not paused: `pause` means nothing (the host takes it
+    // as `continue`).
     host.queue_callout_response("authz", ok());
     let mut x = t.exchange(steps("send,pause"));
     assert_eq!(x.request_headers(), Action::Continue);
-    assert_eq!(x.deliver_callouts(), vec![Action::Pause]);
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
     assert_eq!(x.failure(), None);
+}
+
+/// A local response from a reply while the exchange is not paused is
+/// ignored by the host (host/src/filter.rs `deliver_unpaused`, abi/README.md
+/// §5.8): the delivery gives `Continue` and the exchange goes on. One the
+/// host refuses still fails the call.
+#[test]
+fn a_local_response_from_a_reply_while_not_paused_is_ignored() {
+    let host = waiters();
+    let mut t = host.configure::<Waiter>("null").unwrap();
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(steps("send,respond"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    assert_eq!(x.failure(), None);
+    assert_eq!(x.response_headers(Response::new(200)), Action::Continue);
+    x.log();
+    x.done();
+    drop(x);
+    assert_eq!(t.filter().replies.len(), 1);
+    // Not answered: `on_log` as for any exchange.
+    assert_eq!((t.filter().logs, t.filter().dones), (1, 1));
+
+    // A KV reply's, too.
+    let mut x = t.exchange(steps("sendkv,respond"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.deliver_kv(), vec![Action::Continue]);
+    assert_eq!(x.failure(), None);
+
+    // A local response the host refuses is a failure, paused or not.
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(steps("send,bad"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    assert!(x.failure().unwrap().contains("700"));
 }
 
 #[test]
