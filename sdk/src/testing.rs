@@ -542,6 +542,9 @@ impl<F: HttpFilter> FilterTest<F> {
             paused: false,
             held_trailers: None,
             failure: None,
+            started: false,
+            logged: false,
+            ended: false,
         }
     }
 
@@ -759,6 +762,12 @@ pub struct TestExchange<'t, F: HttpFilter> {
     held_trailers: Option<Direction>,
     /// Why the host would have failed a call of this exchange.
     failure: Option<String>,
+    /// A phase method (or `run`) was called.
+    started: bool,
+    /// `log` was called: the exchange is over but for `on_done`.
+    logged: bool,
+    /// `done` was called: the exchange is over.
+    ended: bool,
 }
 
 impl<F: HttpFilter> TestExchange<'_, F> {
@@ -768,9 +777,30 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// Whether the host still calls into this exchange's context: the filter
-    /// neither detached nor failed (after a failure only `on_done` is called).
+    /// neither detached nor failed (after a failure only `on_done` is called)
+    /// and the exchange is not over (logged or done).
     fn live(&self) -> bool {
-        !self.detached() && self.failure.is_none()
+        !self.detached() && self.failure.is_none() && !self.logged && !self.ended
+    }
+
+    /// Before a phase call (`what`): the host never calls a phase of an
+    /// exchange it logged or ended, so neither does the harness (that would
+    /// repeat `on_log` or `on_done`, or start a new context): a test bug,
+    /// reported by a panic at the caller.
+    #[track_caller]
+    fn enter(&mut self, what: &str) {
+        let after = if self.ended {
+            "done"
+        } else if self.logged {
+            "log"
+        } else {
+            self.started = true;
+            return;
+        };
+        panic!(
+            "TestExchange::{what} called after `{after}`: the host makes no call into an \
+             exchange it logged or ended; start another with FilterTest::exchange"
+        );
     }
 
     /// Whether the host would make a call of `phase`: it is declared and the
@@ -849,7 +879,9 @@ impl<F: HttpFilter> TestExchange<'_, F> {
 
     /// Call `on_request_headers` (end of stream when the request has no body
     /// and no trailers).
+    #[track_caller]
     pub fn request_headers(&mut self) -> Action {
+        self.enter("request_headers");
         if !self.declared(Phase::RequestHeaders) {
             return Action::Continue;
         }
@@ -917,13 +949,17 @@ impl<F: HttpFilter> TestExchange<'_, F> {
 
     /// Call `on_request_body` once with the whole request body and end of
     /// stream (as in `buffered` mode; not called in `skipped` mode).
+    #[track_caller]
     pub fn request_body(&mut self) -> Action {
+        self.enter("request_body");
         let data = std::mem::take(&mut self.pending_body[0]);
         self.body_phase(Direction::Request, data, true)
     }
 
     /// Call `on_request_body` with one chunk (for `streamed` filters).
+    #[track_caller]
     pub fn request_body_chunk(&mut self, data: impl Into<Vec<u8>>, end_of_stream: bool) -> Action {
+        self.enter("request_body_chunk");
         self.body_phase(Direction::Request, data.into(), end_of_stream)
     }
 
@@ -952,12 +988,16 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// Call `on_request_trailers` if the request has trailers.
+    #[track_caller]
     pub fn request_trailers(&mut self) -> Action {
+        self.enter("request_trailers");
         self.trailers_phase(Direction::Request)
     }
 
     /// Receive `response` from upstream and call `on_response_headers`.
+    #[track_caller]
     pub fn response_headers(&mut self, response: Response) -> Action {
+        self.enter("response_headers");
         {
             let mut ex = self.ex.borrow_mut();
             ex.status = Some(response.status);
@@ -980,28 +1020,44 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// Call `on_response_body` once with the whole response body.
+    #[track_caller]
     pub fn response_body(&mut self) -> Action {
+        self.enter("response_body");
         let data = std::mem::take(&mut self.pending_body[1]);
         self.body_phase(Direction::Response, data, true)
     }
 
     /// Call `on_response_body` with one chunk.
+    #[track_caller]
     pub fn response_body_chunk(&mut self, data: impl Into<Vec<u8>>, end_of_stream: bool) -> Action {
+        self.enter("response_body_chunk");
         self.body_phase(Direction::Response, data.into(), end_of_stream)
     }
 
     /// Call `on_response_trailers` if the response has trailers.
+    #[track_caller]
     pub fn response_trailers(&mut self) -> Action {
+        self.enter("response_trailers");
         self.trailers_phase(Direction::Response)
     }
 
-    /// Call `on_log` (if declared); everything is read-only and bodies are gone.
+    /// Call `on_log` (if declared); everything is read-only and bodies are
+    /// gone. The exchange is then over but for [`done`](Self::done): a second
+    /// `log` does nothing, a phase method panics, no reply is delivered.
+    /// Panics after `done`.
+    #[track_caller]
     pub fn log(&mut self) {
+        if self.logged && !self.ended {
+            return;
+        }
+        self.enter("log");
         {
             let mut ex = self.ex.borrow_mut();
             ex.bodies = [None, None];
         }
-        if !self.declared(Phase::Log) {
+        let declared = self.declared(Phase::Log);
+        self.logged = true;
+        if !declared {
             return;
         }
         let c = self.context;
@@ -1011,8 +1067,17 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// End the exchange: cancel its outstanding callouts and call `on_done`
-    /// (if declared), which drops the SDK-kept context.
+    /// (if declared), which drops the SDK-kept context. Only the first call
+    /// does anything (as the host ends an exchange once; [`run`](Self::run)
+    /// calls it): a later `done` is harmless. After it, a phase method,
+    /// [`log`](Self::log) or `run` panics (the host makes no call into an
+    /// ended exchange, and the SDK would start a new context), and nothing
+    /// is delivered.
     pub fn done(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
         {
             let mut h = self.test.host.host.borrow_mut();
             for c in h.callouts.iter_mut() {
@@ -1042,7 +1107,8 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// is not an outstanding callout of this exchange (sent by this
     /// exchange's context in this [`FilterTest`]: another `FilterTest` on the
     /// same host is another instance, whose context ids may be the same), or
-    /// if the exchange failed or detached: the host would not call.
+    /// if the exchange failed, detached or is over (`log` or `done` was
+    /// called): the host would not call.
     ///
     /// While the exchange is paused, the action is its verdict, in the write
     /// window it paused in: `Continue` resumes, `Respond` answers, `Pause`
@@ -1099,7 +1165,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// writes (or [`TestHost::kv_put`]) made between start and delivery land
     /// first, as with a remote backend (the host's in-memory store runs a call
     /// when it starts; only the reply waits). Nothing is delivered (or run)
-    /// once the exchange failed or detached. The actions mean what they mean
+    /// once the exchange failed, detached or is over. The actions mean what they mean
     /// from [`deliver_callout`](Self::deliver_callout).
     pub fn deliver_kv(&mut self) -> Vec<Action> {
         let mut actions = Vec::new();
@@ -1144,8 +1210,8 @@ impl<F: HttpFilter> TestExchange<'_, F> {
 
     /// Deliver the queued responses ([`TestHost::queue_callout_response`]) to
     /// this exchange's outstanding callouts, in send order; the actions
-    /// returned. Stops once the exchange failed: the rest stay outstanding and
-    /// their responses stay queued.
+    /// returned. Stops once the exchange failed (or is over): the rest stay
+    /// outstanding and their responses stay queued.
     pub fn deliver_callouts(&mut self) -> Vec<Action> {
         let pending = self
             .test
@@ -1210,7 +1276,21 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// the host. A filter that buffers a direction gets its body
     /// call even for a message without a body (an empty buffer), as from the
     /// host (abi/README.md §4).
+    ///
+    /// `run` drives a fresh exchange: it panics on one logged or done, and on
+    /// one already driven by a phase method while the filter still gets calls
+    /// (it would call those phases again; a detached or failed exchange gets
+    /// none, so `run` only walks it to its end).
+    #[track_caller]
     pub fn run(&mut self, response: Response) -> Outcome {
+        if self.started && self.live() {
+            panic!(
+                "TestExchange::run called on an exchange already driven by phase methods: it \
+                 would call them again; run a fresh one (FilterTest::exchange), or go on phase \
+                 by phase"
+            );
+        }
+        self.enter("run");
         let mut response = Some(response);
         for phase in [
             Phase::RequestHeaders,

@@ -11,7 +11,7 @@ use legate_sdk::callout::{self, CalloutId, CalloutRequest, CalloutResponse};
 use legate_sdk::kv::{Namespace, WriteCondition};
 use legate_sdk::log::Level;
 use legate_sdk::metrics::{Counter, Gauge, Histogram};
-use legate_sdk::testing::{FilterTest, Outcome, Request, Response, TestHost};
+use legate_sdk::testing::{FilterTest, Outcome, Request, Response, TestExchange, TestHost};
 use legate_sdk::{
     clock, plugin, random, Action, Body, BodyMode, Direction, Error, Exchange, Headers, HttpFilter,
     LocalResponse, Phase, Setup,
@@ -205,6 +205,88 @@ fn only_declared_phases_run_and_a_stateful_context_declares_done() {
     // on_done got the context that lived through both calls, and dropped it.
     assert_eq!(t.filter().done_with, vec![2]);
     assert_eq!(t.live_contexts(), 0);
+}
+
+/// The panic message of `f`, which must panic.
+fn panic_message(f: impl FnOnce()) -> String {
+    let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_err();
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_default()
+}
+
+/// The host ends an exchange once and never calls into it after: `done`
+/// again (as after `run`) does nothing, and a phase after `done` (or after
+/// `log`) is refused with a panic naming the mistake, instead of calling
+/// `on_done` twice or starting a new context.
+#[test]
+fn an_exchange_is_ended_once_and_never_restarted() {
+    let mut t = FilterTest::<Tracker>::configure("null").unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    assert_eq!(x.run(Response::new(200)), Outcome::Completed);
+    x.done();
+    x.done();
+    for (what, call) in [
+        (
+            "request_headers",
+            Box::new(|x: &mut TestExchange<'_, Tracker>| {
+                x.request_headers();
+            }) as Box<dyn Fn(&mut TestExchange<'_, Tracker>)>,
+        ),
+        (
+            "response_headers",
+            Box::new(|x: &mut TestExchange<'_, Tracker>| {
+                x.response_headers(Response::new(200));
+            }),
+        ),
+        ("log", Box::new(|x: &mut TestExchange<'_, Tracker>| x.log())),
+        (
+            "run",
+            Box::new(|x: &mut TestExchange<'_, Tracker>| {
+                x.run(Response::new(200));
+            }),
+        ),
+    ] {
+        let m = panic_message(|| call(&mut x));
+        assert!(
+            m.contains(&format!("TestExchange::{what} called after `done`")),
+            "{m}"
+        );
+    }
+    assert_eq!(x.deliver_callouts(), vec![]);
+    drop(x);
+    assert_eq!(t.filter().seen, vec!["request_headers", "log"]);
+    assert_eq!(t.filter().done_with, vec![2]);
+    assert_eq!(t.live_contexts(), 0);
+
+    // After `log`: the exchange is over but for `done`; `log` again does
+    // nothing.
+    let mut x = t.exchange(Request::get("/"));
+    x.request_headers();
+    x.log();
+    x.log();
+    let m = panic_message(|| {
+        x.request_headers();
+    });
+    assert!(m.contains("request_headers called after `log`"), "{m}");
+    x.done();
+    drop(x);
+    assert_eq!(
+        t.filter().seen,
+        vec!["request_headers", "log", "request_headers", "log"]
+    );
+    assert_eq!(t.filter().done_with, vec![2, 2]);
+
+    // `run` drives a fresh exchange only: it would repeat the phases called.
+    let mut x = t.exchange(Request::get("/"));
+    x.request_headers();
+    let m = panic_message(|| {
+        x.run(Response::new(200));
+    });
+    assert!(m.contains("already driven by phase methods"), "{m}");
+    drop(x);
+    assert_eq!(t.filter().seen.len(), 5);
 }
 
 #[test]
