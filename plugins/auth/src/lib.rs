@@ -651,7 +651,9 @@ impl AuthFilter {
                     for name in &ext.upstream_headers {
                         if let Some(v) = r.header_value(name) {
                             if let Err(e) = h.set(name, v) {
-                                debug!("auth: ext_authz header {name} not set: {e}");
+                                // The service asked for it and the upstream
+                                // goes without: the operator must see it.
+                                warn!("auth: ext_authz header {name} not set on the request: {e}");
                             }
                         }
                     }
