@@ -61,7 +61,7 @@ use crate::worker::RouteStats;
 /// What the access log and stats learn about a request as it goes.
 #[derive(Default)]
 struct Outcome {
-    route: Option<Arc<str>>,
+    route: Option<Arc<crate::router::RouteId>>,
     cluster: Option<String>,
     upstream: Option<SocketAddr>,
     attempts: u32,
@@ -291,7 +291,7 @@ fn add_debug_headers(conn: &ConnCtx, out: &Outcome, start: Instant, h: &mut http
     conn.listener.stats.debug_responses.inc();
     let d = &out.debug;
     let debug = crate::overrides::Debug {
-        route: out.route.as_deref(),
+        route: out.route.as_ref().map(|r| &*r.name),
         cluster: out.cluster.as_deref(),
         endpoint: out.upstream,
         attempts: out.attempts,
@@ -390,7 +390,7 @@ async fn proxy(
         };
         let m = table.route(&input);
         if let Err(e) = check_upgrade(token, m.as_ref().map(|m| m.route), http, &listener.stats) {
-            out.route = m.as_ref().map(|m| m.route.name.clone());
+            out.route = m.as_ref().map(|m| m.route.id.clone());
             return Err(routed_error(e, m.as_ref(), http.via.as_deref()));
         }
     }
@@ -463,7 +463,7 @@ async fn proxy(
             out.local = Some(filter::plugin_cause(&local.details));
             let mut resp = local_response(local, out.grpc);
             if let Some(m) = table.route(&input) {
-                out.route = Some(m.route.name.clone());
+                out.route = Some(m.route.id.clone());
                 finish_response_headers(
                     &m,
                     http.via.as_deref(),
@@ -488,7 +488,7 @@ async fn proxy(
             format!("no route for {authority}{}", req.uri().path()),
         ));
     };
-    out.route = Some(matched.route.name.clone());
+    out.route = Some(matched.route.id.clone());
     if let (Some(clock), Some(t)) = (&out.idle, matched.route.idle_timeout) {
         clock.set_timeout(t);
     }
@@ -2632,7 +2632,9 @@ impl Drop for Done {
                 "status": self.status.as_u16(),
                 "bytes_sent": self.bytes.get(),
                 "duration_ms": (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
-                "route": o.route.as_deref(),
+                "route": o.route.as_ref().map(|r| &*r.name),
+                "route_table": o.route.as_ref().map(|r| &*r.table),
+                "virtual_host": o.route.as_ref().map(|r| &*r.virtual_host),
                 "cluster": o.cluster,
                 "upstream": o.upstream.map(|a| a.to_string()),
                 "attempts": o.attempts,

@@ -9,7 +9,12 @@
 //! returned (the admin endpoint answers 400 with it) and counted in
 //! `legate_config_reloads_total{result="failure"}`. Otherwise the snapshot and the
 //! listener set are published together ([`Shared::commit`]); a request in flight
-//! keeps the snapshot it started with.
+//! keeps the snapshot it started with. Nothing includes `/stats`: the series
+//! the new config registered while it was built (a plugin's metrics defined by
+//! the instance configured to check it, a new listener's series)
+//! are taken back when it is refused ([`crate::stats::Stats::stage`]), and no
+//! longer count against the plugin's series cap; the live config's series of
+//! the same names keep their values.
 //!
 //! **Listeners.** A listener whose config is unchanged keeps its socket and its
 //! connections; if its TLS files changed (a certificate renewed at the same
@@ -42,7 +47,8 @@
 //! **Plugins.** A plugin reload compiles and configures that plugin's module again
 //! (every route override of it too, and the plugins it shares a proxy-wasm VM
 //! with); other plugins keep their instances. An error
-//! leaves the old version serving and is shown in `/plugins`. A config reload
+//! leaves the old version serving and is shown in `/plugins`; the metrics the
+//! refused version defined are taken back, as for a config reload. A config reload
 //! reloads every plugin (modules are read again). With `sha256:` pinned in the
 //! config a changed module fails its reload until the config is updated.
 //!
@@ -390,7 +396,15 @@ pub fn reload_config(shared: &Arc<Shared>, trigger: Trigger) -> Result<Value, Re
     let r = &shared.reloader;
     let _one = r.lock.lock().unwrap_or_else(PoisonError::into_inner);
     let started = Instant::now();
+    // What the new config registers (its plugins' metrics, its listeners' and
+    // routes' series) stays only if it goes live.
+    let stage = shared.stats.stage();
     let result = apply_config(shared);
+    if result.is_ok() {
+        stage.commit();
+    } else {
+        drop(stage);
+    }
     let took = started.elapsed();
     r.duration.observe(took);
     match result {
@@ -681,6 +695,9 @@ pub fn reload_plugin(
     // they share (the watch reloads each plugin of a changed module in turn).
     let group = vm_group(&old.config, name);
     let started = Instant::now();
+    // The metrics the new version defines stay only if it goes live (see
+    // `reload_config`).
+    let stage = shared.stats.stage();
     let result = (|| -> Result<Arc<crate::wasm::Modules>, String> {
         if shared.is_draining() {
             return Err("Legate is draining; not reloading".into());
@@ -706,6 +723,11 @@ pub fn reload_plugin(
         shared.commit(Arc::new(snap), None)?;
         Ok(modules)
     })();
+    if result.is_ok() {
+        stage.commit();
+    } else {
+        drop(stage);
+    }
     let took = started.elapsed();
     shared
         .stats

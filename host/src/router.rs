@@ -124,12 +124,31 @@ pub struct VirtualHost {
     response_headers: HeaderOps,
 }
 
+/// Where a route is: its route table, virtual host and name. Together they
+/// name it, as Envoy scopes a route's stats by its virtual host
+/// (`vhost.<name>.route.<name>`): a route name is unique only within its
+/// virtual host, a virtual host's within its table, and every table may have
+/// a virtual host `default` with a route `default/0`. The route's series
+/// (`legate_route_*`) and access log lines carry all three.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct RouteId {
+    /// The route table's name.
+    pub table: Arc<str>,
+    /// The virtual host's name.
+    pub virtual_host: Arc<str>,
+    /// The route's name ([`Route::name`]).
+    pub name: Arc<str>,
+}
+
 /// A compiled route.
 #[derive(Debug)]
 pub struct Route {
     /// The config name, or `<vhost>/<index>` (0-based) when it has none; used in
-    /// stats labels and the access log.
+    /// stats labels and the access log, with its table's and virtual host's
+    /// ([`Route::id`]).
     pub name: Arc<str>,
+    /// The route's table, virtual host and name, for stats and the access log.
+    pub id: Arc<RouteId>,
     /// What to do with a matching request.
     pub action: Action,
     /// Whole-request timeout, retries included; `None` when configured as `0s`.
@@ -762,7 +781,7 @@ impl RouteTable {
             .virtual_hosts
             .iter()
             .map(|vh| {
-                VirtualHost::new(&vh.value).with_context(|| {
+                VirtualHost::new(&cfg.name, &vh.value).with_context(|| {
                     format!(
                         "route table `{}`, virtual host `{}`",
                         cfg.name, vh.value.name
@@ -803,7 +822,9 @@ impl RouteTable {
 }
 
 impl VirtualHost {
-    fn new(cfg: &config::VirtualHost) -> anyhow::Result<Self> {
+    fn new(table: &Name, cfg: &config::VirtualHost) -> anyhow::Result<Self> {
+        let (table, virtual_host): (Arc<str>, Arc<str>) =
+            (table.as_str().into(), cfg.name.as_str().into());
         let routes = cfg
             .routes
             .iter()
@@ -813,7 +834,12 @@ impl VirtualHost {
                     Some(n) => n.as_str().into(),
                     None => format!("{}/{i}", cfg.name).into(),
                 };
-                Route::new(&r.value, name.clone()).with_context(|| format!("route `{name}`"))
+                let id = Arc::new(RouteId {
+                    table: table.clone(),
+                    virtual_host: virtual_host.clone(),
+                    name: name.clone(),
+                });
+                Route::new(&r.value, id).with_context(|| format!("route `{name}`"))
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(VirtualHost {
@@ -836,7 +862,8 @@ impl VirtualHost {
 }
 
 impl Route {
-    fn new(cfg: &config::Route, name: Arc<str>) -> anyhow::Result<Self> {
+    fn new(cfg: &config::Route, id: Arc<RouteId>) -> anyhow::Result<Self> {
+        let name = id.name.clone();
         let matcher = RouteMatcher::new(&cfg.matcher)?;
         let action = match (
             &cfg.cluster,
@@ -898,6 +925,7 @@ impl Route {
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Ok(Route {
             name,
+            id,
             action,
             timeout: nonzero(cfg.timeout.get()),
             per_try_timeout: cfg.per_try_timeout.and_then(|d| nonzero(d.get())),

@@ -166,6 +166,15 @@ impl Metric {
         }
     }
 
+    /// Whether a handle to it is held outside the registry.
+    fn in_use(&self) -> bool {
+        match self {
+            Metric::Counter(c) => Arc::strong_count(&c.0) > 1,
+            Metric::Gauge(g) => Arc::strong_count(&g.0) > 1,
+            Metric::Histogram(h) => Arc::strong_count(&h.0) > 1,
+        }
+    }
+
     /// The same type (and, for histograms, the same buckets).
     fn same_shape(&self, other: &Metric) -> bool {
         match (self, other) {
@@ -196,8 +205,11 @@ impl Family {
     }
 }
 
-/// The series (family, label values) made on an owner's behalf, for a cap.
-pub type SeriesClaims = Mutex<HashSet<(&'static str, Vec<String>)>>;
+/// One series made on an owner's behalf: its family and label values.
+pub type SeriesClaim = (&'static str, Vec<String>);
+
+/// The series made on an owner's behalf, for a cap.
+pub type SeriesClaims = Mutex<HashSet<SeriesClaim>>;
 
 /// The registry of all metrics of the process.
 #[derive(Debug, Default)]
@@ -224,11 +236,18 @@ impl Stats {
     ) -> Metric {
         let key = render_labels(labels);
         let mut fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
-        let fam = fams.entry(name).or_insert_with(|| Family {
-            help,
-            ..Family::default()
-        });
+        let fam = match fams.entry(name) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                self.staged(|log| log.families.push(name));
+                e.insert(Family {
+                    help,
+                    ..Family::default()
+                })
+            }
+        };
         if fam.carried.remove(&key) {
+            self.staged(|log| log.uncarried.push((name, key.clone())));
             let wanted = make();
             return match fam.series.get(&key) {
                 Some(m) if m.same_shape(&wanted) => m.clone(),
@@ -238,13 +257,118 @@ impl Stats {
                 }
             };
         }
-        fam.series.entry(key).or_insert_with(make).clone()
+        match fam.series.entry(key) {
+            Entry::Occupied(e) => e.get().clone(),
+            Entry::Vacant(e) => {
+                self.staged(|log| log.series.push((name, e.key().clone())));
+                e.insert(make()).clone()
+            }
+        }
     }
 
     /// The series plugin `owner` has made (see [`SeriesClaims`]), for its cap.
     pub fn claims(&self, owner: &str) -> Arc<SeriesClaims> {
-        let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
-        claims.entry(owner.to_string()).or_default().clone()
+        let set = {
+            let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
+            claims.entry(owner.to_string()).or_default().clone()
+        };
+        self.staged(|log| {
+            if !log.claims.iter().any(|(c, _)| Arc::ptr_eq(c, &set)) {
+                let before = set.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                log.claims.push((set.clone(), before));
+            }
+        });
+        set
+    }
+
+    /// Starts recording what this thread adds to the registry (series,
+    /// families, declarations, claims against a plugin's cap) until the
+    /// returned [`Stage`] is committed or dropped. Dropped uncommitted (a
+    /// rejected reload), it takes those additions back, so a config that
+    /// never went live leaves `/stats` and the caps as they were, as Envoy
+    /// leaves no trace of a rejected config. Only this thread's additions are
+    /// recorded: a reload builds everything on its caller's thread, and
+    /// workers keep registering the live config's series meanwhile. A stage
+    /// started while one is open on this thread is part of the outer one.
+    pub fn stage(&self) -> Stage<'_> {
+        let id = self.id();
+        let open = STAGE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.is_some() {
+                return false;
+            }
+            *s = Some(StageLog {
+                registry: id,
+                ..StageLog::default()
+            });
+            true
+        });
+        Stage { stats: self, open }
+    }
+
+    fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    /// Runs `f` on this thread's open stage of this registry, if any.
+    fn staged(&self, f: impl FnOnce(&mut StageLog)) {
+        let id = self.id();
+        STAGE.with(|s| {
+            if let Some(log) = s.borrow_mut().as_mut().filter(|l| l.registry == id) {
+                f(log);
+            }
+        });
+    }
+
+    /// Takes back what a stage recorded ([`Stats::stage`]). A series is
+    /// removed only if nothing but the registry holds it: one that a live
+    /// worker started using meanwhile (the same name and labels, made first
+    /// by the stage) stays, and so does its family's type and its claim.
+    fn roll_back(&self, log: StageLog) {
+        let mut kept: HashSet<&'static str> = HashSet::new();
+        {
+            let mut fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+            for (name, key) in &log.series {
+                let Some(fam) = fams.get_mut(name) else {
+                    continue;
+                };
+                if fam.series.get(key).is_some_and(|m| !m.in_use()) {
+                    fam.series.remove(key);
+                } else {
+                    kept.insert(name);
+                }
+            }
+            for (name, key) in log.uncarried {
+                // A carried series the stage claimed goes back to waiting for
+                // its first registration, unless something uses it now.
+                if let Some(fam) = fams.get_mut(name) {
+                    if fam.series.get(&key).is_some_and(|m| !m.in_use()) {
+                        fam.carried.insert(key);
+                    }
+                }
+            }
+            for name in &log.declared {
+                if let Some(fam) = fams.get_mut(name) {
+                    if fam.series.is_empty() {
+                        fam.declared = None;
+                    } else {
+                        kept.insert(name);
+                    }
+                }
+            }
+            for name in &log.families {
+                let empty = fams.get(name).is_some_and(|f| {
+                    f.series.is_empty() && f.declared.is_none() && f.carried.is_empty()
+                });
+                if empty {
+                    fams.remove(name);
+                }
+            }
+        }
+        for (set, before) in log.claims {
+            let mut set = set.lock().unwrap_or_else(PoisonError::into_inner);
+            set.retain(|claim| before.contains(claim) || kept.contains(claim.0));
+        }
     }
 
     /// The counter `name{labels}`, created on first use.
@@ -458,10 +582,19 @@ impl Stats {
         if part_of_histogram || parts_taken {
             return false;
         }
-        let fam = fams.entry(name).or_insert_with(|| Family {
-            help,
-            ..Family::default()
-        });
+        let fam = match fams.entry(name) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                self.staged(|log| log.families.push(name));
+                e.insert(Family {
+                    help,
+                    ..Family::default()
+                })
+            }
+        };
+        if fam.declared.is_none() {
+            self.staged(|log| log.declared.push(name));
+        }
         fam.declared = Some(kind);
         true
     }
@@ -502,6 +635,56 @@ impl Stats {
             }
         }
         out
+    }
+}
+
+/// What one thread added to a registry while a [`Stage`] was open.
+#[derive(Debug, Default)]
+struct StageLog {
+    /// The registry staged ([`Stats::id`]).
+    registry: usize,
+    /// Series made: (family, labels as rendered).
+    series: Vec<(&'static str, String)>,
+    /// Families made.
+    families: Vec<&'static str>,
+    /// Families declared ([`Stats::declare`]) that were not before.
+    declared: Vec<&'static str>,
+    /// Series carried over a hot restart that the stage claimed.
+    uncarried: Vec<(&'static str, String)>,
+    /// The claim sets touched ([`Stats::claims`]), with their contents before.
+    claims: Vec<(Arc<SeriesClaims>, HashSet<SeriesClaim>)>,
+}
+
+thread_local! {
+    /// This thread's open stage ([`Stats::stage`]), if any.
+    static STAGE: std::cell::RefCell<Option<StageLog>> = const { std::cell::RefCell::new(None) };
+}
+
+/// What a reload adds to the registry, kept only if it commits
+/// ([`Stats::stage`]).
+#[must_use = "dropped, a stage takes back what it recorded"]
+pub struct Stage<'a> {
+    stats: &'a Stats,
+    /// This guard opened the thread's stage (not part of an outer one).
+    open: bool,
+}
+
+impl Stage<'_> {
+    /// Keeps what was recorded: the config it was made for went live.
+    pub fn commit(mut self) {
+        if std::mem::take(&mut self.open) {
+            STAGE.with(|s| s.borrow_mut().take());
+        }
+    }
+}
+
+impl Drop for Stage<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            if let Some(log) = STAGE.with(|s| s.borrow_mut().take()) {
+                self.stats.roll_back(log);
+            }
+        }
     }
 }
 
@@ -684,6 +867,70 @@ mod tests {
         let text = next.render();
         assert!(text.contains("legate_sizes_bucket{le=\"10\"} 2"), "{text}");
         assert!(text.contains("legate_sizes_count 5"), "{text}");
+    }
+
+    /// A stage dropped uncommitted takes back what its thread added (series,
+    /// families, declarations, claims), not what was there before nor what is
+    /// in use; a committed one keeps it all.
+    #[test]
+    fn a_stage_dropped_takes_back_its_additions() {
+        let s = Stats::new();
+        let live = s.counter("legate_plugin_hits", "Hits.", &[("plugin", "p")]);
+        live.add(5);
+        let claims = s.claims("p");
+        claims
+            .lock()
+            .unwrap()
+            .insert(("legate_plugin_hits", Vec::new()));
+        let before = s.render();
+        {
+            let _stage = s.stage();
+            // The live series again, a new one in its family, a new family,
+            // a declared one, their claims, and a nested stage's additions.
+            s.counter("legate_plugin_hits", "Hits.", &[("plugin", "p")])
+                .inc();
+            s.counter("legate_plugin_hits", "Hits.", &[("plugin", "q")]);
+            s.gauge("legate_plugin_fresh", "Fresh.", &[("plugin", "p")]);
+            assert!(s.declare("legate_plugin_typed", "Typed.", "gauge"));
+            s.claims("p")
+                .lock()
+                .unwrap()
+                .insert(("legate_plugin_fresh", Vec::new()));
+            s.stage().commit();
+            s.counter("legate_nested_total", "Nested.", &[]);
+            // Made by the stage, but used by someone else meanwhile: kept.
+            let used = s.counter("legate_plugin_used", "Used.", &[]);
+            std::mem::forget(used);
+        }
+        let after = s.render();
+        assert_eq!(
+            after,
+            format!(
+                "{}# HELP legate_plugin_used Used.\n# TYPE legate_plugin_used counter\n\
+                 legate_plugin_used 0\n",
+                before.replace("hits{plugin=\"p\"} 5", "hits{plugin=\"p\"} 6")
+            )
+        );
+        assert_eq!(s.kind_of("legate_plugin_typed"), None);
+        assert!(s.declare("legate_plugin_typed", "Typed.", "counter"));
+        assert_eq!(
+            *s.claims("p").lock().unwrap(),
+            HashSet::from([("legate_plugin_hits", Vec::new())])
+        );
+        {
+            let stage = s.stage();
+            s.counter("legate_kept_total", "Kept.", &[]);
+            stage.commit();
+        }
+        assert!(s.render().contains("legate_kept_total 0\n"));
+        // Another thread's registrations are not the stage's.
+        let stage = s.stage();
+        let t = s.clone();
+        std::thread::spawn(move || t.counter("legate_other_total", "Other.", &[]))
+            .join()
+            .unwrap();
+        drop(stage);
+        assert!(s.render().contains("legate_other_total 0\n"));
     }
 
     #[test]

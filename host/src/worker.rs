@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use crate::cluster::{Balancer, Balancers, Cluster};
 use crate::listener::ConnTracker;
+use crate::router::RouteId;
 use crate::server::{Bound, Shared};
 use crate::stats::{Counter, Histogram};
 use crate::upstream::Pool;
@@ -53,7 +54,7 @@ pub struct Worker {
     pub pool: Pool,
     /// Per-cluster balancer state.
     balancers: Balancers,
-    route_stats: RefCell<FxHashMap<Arc<str>, RouteStats>>,
+    route_stats: RefCell<FxHashMap<Arc<RouteId>, RouteStats>>,
     /// The drain timeout passed: the connections still open are being cut by
     /// the proxy (their requests are not ended by their clients).
     pub cut: std::cell::Cell<bool>,
@@ -78,12 +79,17 @@ impl Worker {
     }
 
     /// This worker's stats handles for `route`.
-    pub fn route_stats(&self, route: &Arc<str>) -> RouteStats {
+    pub fn route_stats(&self, route: &Arc<RouteId>) -> RouteStats {
         if let Some(s) = self.route_stats.borrow().get(route) {
             return s.clone();
         }
         let stats = &self.shared.stats;
-        let labels = |class| [("route", &**route), ("class", class)];
+        let id = [
+            ("route_table", &*route.table),
+            ("virtual_host", &*route.virtual_host),
+            ("route", &*route.name),
+        ];
+        let labels = |class| [id[0], id[1], id[2], ("class", class)];
         let help = "Downstream requests per route, by response status class.";
         let s = RouteStats {
             by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"]
@@ -91,7 +97,7 @@ impl Worker {
             latency: stats.histogram(
                 "legate_route_request_duration_seconds",
                 "Time from request headers to the end of the response, per route.",
-                &[("route", route)],
+                &id,
             ),
         };
         self.route_stats

@@ -37,6 +37,8 @@ each_proto!(
         assert_eq!(v["method"], "GET", "{line}");
         assert_eq!(v["path"], "/gone?x=1", "{line}");
         assert_eq!(v["route"], "all/0", "{line}");
+        assert_eq!(v["route_table"], "main", "{line}");
+        assert_eq!(v["virtual_host"], "all", "{line}");
         assert_eq!(v["cluster"], "backend", "{line}");
         assert_eq!(v["bytes_sent"], 0, "{line}");
         lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="4xx"}"#, 1.0)
@@ -44,7 +46,7 @@ each_proto!(
         lg.assert_stat(r#"legate_listener_requests_active{listener="web"}"#, 0.0)
             .await;
         lg.assert_stat(
-            r#"legate_route_requests_total{route="all/0",class="4xx"}"#,
+            r#"legate_route_requests_total{route_table="main",virtual_host="all",route="all/0",class="4xx"}"#,
             1.0,
         )
         .await;

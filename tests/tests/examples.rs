@@ -401,7 +401,7 @@ async fn edge_end_to_end(source: Certs) {
     // Binomial(400, 0.05): mean 20, sd 4.4; outside 4..=45 has probability < 1e-6.
     assert!((4..=45).contains(&k), "canary got {k} of {n}");
     lg.assert_stat(
-        r#"legate_route_requests_total{route="api",class="2xx"}"#,
+        r#"legate_route_requests_total{route_table="edge",virtual_host="api",route="api",class="2xx"}"#,
         n as f64,
     )
     .await;

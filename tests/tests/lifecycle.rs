@@ -310,7 +310,7 @@ async fn admin_endpoints() {
         Some(&3.0)
     );
     assert_eq!(
-        m.get(r#"legate_route_request_duration_seconds_count{route="all/0"}"#),
+        m.get(r#"legate_route_request_duration_seconds_count{route_table="main",virtual_host="all",route="all/0"}"#),
         Some(&3.0)
     );
     assert_eq!(

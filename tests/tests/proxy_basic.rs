@@ -9,7 +9,7 @@
 use legate_tests::*;
 
 const LISTENER_2XX: &str = r#"legate_listener_requests_total{listener="web",class="2xx"}"#;
-const ROUTE_2XX: &str = r#"legate_route_requests_total{route="all/0",class="2xx"}"#;
+const ROUTE_2XX: &str = r#"legate_route_requests_total{route_table="main",virtual_host="all",route="all/0",class="2xx"}"#;
 const CLUSTER_RQ: &str = r#"legate_cluster_upstream_rq_total{cluster="backend"}"#;
 const CLUSTER_2XX: &str = r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#;
 

@@ -10,6 +10,7 @@
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -1343,6 +1344,111 @@ each_proto!(
         assert_eq!(lg.stat(RELOAD_OK).await, Some(2.0));
     }
 );
+
+/// [`yaml`] with the test guest as plugin `counting` (config `counting`) on
+/// listener `web`, after proxy-wasm plugin `pw` (mode `counter`, which defines
+/// its metrics in `on_configure`) if `with_pw`.
+fn metrics_yaml(up: SocketAddr, counting: &str, with_pw: bool) -> String {
+    let (filters, pw) = if with_pw {
+        (
+            "[{ plugin: pw }, { plugin: counting }]",
+            format!(
+                "  - name: pw\n    module: {}\n    proxy_wasm:\n      root_id: root_pw\n      \
+                 plugin_config: {{ mode: counter }}\n",
+                legate_tests::proxy_wasm::proxy_wasm_guest().display()
+            ),
+        )
+    } else {
+        ("[{ plugin: counting }]", String::new())
+    };
+    yaml(up, false, "", "", "").replace(
+        "    http:\n      routes: main\n",
+        &format!("    http:\n      routes: main\n      filters: {filters}\n"),
+    ) + &format!(
+        "plugins:\n{pw}  - name: counting\n    module: {}\n    config: {counting}\n",
+        test_guest().display()
+    )
+}
+
+/// Every series on `/stats` (`name{labels}`), by its value.
+async fn all_series(lg: &LegateHandle) -> BTreeMap<String, String> {
+    lg.stats()
+        .await
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A refused reload leaves `/stats` as it was (Envoy leaves no trace of a
+/// rejected config): the metrics the refused config's plugins defined while
+/// they were configured to check them (a component's `define-counter`, a
+/// proxy-wasm plugin's `proxy_define_metric`, the host's series of a new
+/// plugin) are taken back, and the live plugin's series of the same names
+/// keep their values. They stayed, at 0, counting against the plugin's cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_leaves_no_series_behind() {
+    let up = upstream().start().await;
+    let live = "{ mode: metrics, define_counter: live_defined }";
+    let lg = start(&metrics_yaml(up.addr, live, false), None, 1);
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    for _ in 0..2 {
+        assert_eq!(c.get("/x").send().await.status, 200);
+    }
+    let requests = r#"legate_plugin_requests{plugin="counting",method="GET"}"#;
+    lg.assert_stat(requests, 2.0).await;
+    let before = all_series(&lg).await;
+    assert!(before.contains_key(r#"legate_plugin_live_defined{plugin="counting"}"#));
+
+    // The same plugin defines its live metrics and a new one, then refuses its
+    // config; a new proxy-wasm plugin before it was configured fine.
+    let refused = "{ mode: metrics, define_counter: fresh, fail_configure: refused }";
+    let err = lg
+        .reload_rejected(&metrics_yaml(up.addr, refused, true))
+        .await;
+    assert!(err.contains("fail_configure"), "{err}");
+    let after = all_series(&lg).await;
+    let new: Vec<_> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+    assert!(new.is_empty(), "series the refused config left: {new:?}");
+    let gone: Vec<_> = before.keys().filter(|k| !after.contains_key(*k)).collect();
+    assert!(gone.is_empty(), "series the refused config took: {gone:?}");
+    // Values stay too, but for the counts of the work the refused reload did:
+    // the reload itself, the check's `configure` call, its module cache lookup.
+    let work = [
+        "legate_config_reload",
+        "legate_plugin_calls_total",
+        "legate_plugin_call_duration_seconds",
+        "legate_plugin_memory_bytes",
+        "legate_wasm_cache_",
+    ];
+    let changed: Vec<_> = before
+        .keys()
+        .filter(|k| !work.iter().any(|w| k.starts_with(w)) && after[*k] != before[*k])
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "series the refused config changed: {changed:?}"
+    );
+    assert_eq!(lg.stat(RELOAD_FAILED).await, Some(1.0));
+
+    // The live plugin counts on, into the same series.
+    assert_eq!(c.get("/x").send().await.status, 200);
+    lg.assert_stat(requests, 3.0).await;
+
+    // The refused names are free: the config, fixed, goes live with them.
+    lg.reload_ok(&metrics_yaml(
+        up.addr,
+        "{ mode: metrics, define_counter: fresh }",
+        true,
+    ))
+    .await;
+    lg.assert_stat(r#"legate_plugin_fresh{plugin="counting"}"#, 0.0)
+        .await;
+    lg.assert_stat(r#"legate_proxywasm_pw_gauge{plugin="pw"}"#, 42.0)
+        .await;
+    lg.assert_stat(requests, 3.0).await;
+}
 
 /// Plugin and config reloads, good and broken, under load: no request fails and
 /// every answer went through the plugin.

@@ -70,9 +70,9 @@ each_proto!(
         }
         lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="2xx"}"#, 12.0)
             .await;
-        lg.assert_stat(r#"legate_route_requests_total{route="exact/0",class="2xx"}"#, 4.0)
+        lg.assert_stat(r#"legate_route_requests_total{route_table="main",virtual_host="exact",route="exact/0",class="2xx"}"#, 4.0)
             .await;
-        lg.assert_stat(r#"legate_route_requests_total{route="default/0",class="2xx"}"#, 2.0)
+        lg.assert_stat(r#"legate_route_requests_total{route_table="main",virtual_host="default",route="default/0",class="2xx"}"#, 2.0)
             .await;
     }
 );
@@ -195,9 +195,9 @@ each_proto!(
             assert_eq!(r.status, 200);
             assert_eq!(r.text(), *expected, "{method} {path} {headers:?}");
         }
-        lg.assert_stat(r#"legate_route_requests_total{route="fallback",class="2xx"}"#, 9.0)
+        lg.assert_stat(r#"legate_route_requests_total{route_table="main",virtual_host="all",route="fallback",class="2xx"}"#, 9.0)
             .await;
-        lg.assert_stat(r#"legate_route_requests_total{route="header-exact",class="2xx"}"#, 2.0)
+        lg.assert_stat(r#"legate_route_requests_total{route_table="main",virtual_host="all",route="header-exact",class="2xx"}"#, 2.0)
             .await;
     }
 );
@@ -411,5 +411,71 @@ each_proto!(
         assert_eq!(e.header_all("host"), vec!["internal.svc:8080"]);
         assert_eq!(e.header("x-forwarded-host"), Some("front.example"));
         assert_eq!(up.requests.get(), 6);
+    }
+);
+
+each_proto!(
+    /// Two route tables with the same virtual host and route names count
+    /// apart: a route's series name its table and virtual host too (Envoy
+    /// scopes route stats by virtual host). They were one series, counting
+    /// both listeners' requests.
+    async fn same_named_routes_of_two_tables_count_apart(proto) {
+        let table = |name: &str, body: &str| {
+            format!(
+                "  - name: {name}
+    virtual_hosts:
+      - name: default
+        domains: [\"*\"]
+        routes:
+          - name: api
+            match: {{ prefix: /api }}
+            direct_response: {{ status: 200, body: {body} }}
+          - direct_response: {{ status: 200, body: {body} }}
+"
+            )
+        };
+        let cfg = format!(
+            "version: 1
+listeners:
+  - name: one
+    address: 127.0.0.1:0
+    http:
+      routes: first
+  - name: two
+    address: 127.0.0.1:0
+    http:
+      routes: second
+routes:
+{}{}",
+            table("first", "one"),
+            table("second", "two")
+        );
+        let lg = legate().config(&cfg).start();
+        for (listener, api, other) in [("one", 1, 2), ("two", 3, 4)] {
+            let mut c = client(proto, lg.addr(listener)).await;
+            for (path, n) in [("/api", api), ("/x", other)] {
+                for _ in 0..n {
+                    let r = c.get(path).send().await;
+                    assert_eq!(r.status, 200);
+                    assert_eq!(r.text(), listener);
+                }
+            }
+        }
+        for (table, api, other) in [("first", 1.0, 2.0), ("second", 3.0, 4.0)] {
+            let series = |route: &str| {
+                format!(
+                    "legate_route_requests_total{{route_table=\"{table}\",\
+                     virtual_host=\"default\",route=\"{route}\",class=\"2xx\"}}"
+                )
+            };
+            lg.assert_stat(&series("api"), api).await;
+            lg.assert_stat(&series("default/1"), other).await;
+            let count = format!(
+                "legate_route_request_duration_seconds_count{{route_table=\"{table}\",\
+                 virtual_host=\"default\",route=\"api\"}}"
+            );
+            lg.assert_stat(&count, api).await;
+        }
+        assert_families_documented(&lg.stats().await);
     }
 );

@@ -25,7 +25,9 @@
 //! - `metrics`: counts requests in counter `requests{method}` (`metric`: another
 //!   name), and in `on-log`
 //!   (with phase `log`) under `method="log-<METHOD>"`, and, if the exchange
-//!   has a cause there, `method="log-cause-<cause>"`.
+//!   has a cause there, `method="log-cause-<cause>"`. In any mode,
+//!   `define_counter: <name>` defines an unlabelled counter in `configure`, and
+//!   `fail_configure: <why>` then fails `configure`.
 //! - `kv`: opens KV namespace `ns` (default `counters`) in `configure`; a failed
 //!   open is reported on every request as `x-kv-error: <error>`. Request paths:
 //!   `/count` adds 1 to key `count` with a get + `if-version`/`if-absent` CAS retry
@@ -636,6 +638,15 @@ impl Guest for Plugin {
             )
             .map_err(|e| format!("define-counter {name}: {e:?}"))?;
             REQUESTS.with(|r| *r.borrow_mut() = Some(c));
+        }
+        if let Some(name) = field(&config, "define_counter") {
+            // An unlabelled counter: its series is on /stats once defined.
+            legate::filter::metrics::define_counter(&name, "Defined by the test plugin.", &[])
+                .map_err(|e| format!("define-counter {name}: {e:?}"))?;
+        }
+        if let Some(why) = field(&config, "fail_configure") {
+            // After everything above was defined.
+            return Err(format!("fail_configure: {why}"));
         }
         if field(&config, "tick_cancel").is_some() {
             TICK_CANCEL.with(|c| *c.borrow_mut() = Some(String::new()));
