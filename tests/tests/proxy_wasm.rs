@@ -375,6 +375,38 @@ each_proto!(
 );
 
 each_proto!(
+    /// `proxy_record_metric` on a histogram records the value as given, as
+    /// Envoy's `recordValue` (it defines a plugin's histogram with an
+    /// unspecified unit), over Envoy's default buckets: 7 and 2000 land under
+    /// `le="10"` and `le="2500"`. (The value used to be taken as
+    /// milliseconds, against buckets in seconds.)
+    async fn record_metric_on_a_histogram_takes_the_value_as_given(proto) {
+        let up = upstream().start().await;
+        let p = plugin("recorder", "{ mode: counter }", "");
+        let lg = legate().config(&config(up.addr, &p, &["recorder"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..3 {
+            let r = c.get("/count").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        lg.assert_stat(&calls("recorder", "done"), 3.0).await;
+        let h = "legate_proxywasm_pw_histogram";
+        let text = lg.stats().await;
+        let m = parse_prometheus(&text);
+        let get = |s: String| m.get(&s).copied();
+        assert_eq!(get(format!(r#"{h}_count{{plugin="recorder"}}"#)), Some(6.0), "{text}");
+        assert_eq!(get(format!(r#"{h}_sum{{plugin="recorder"}}"#)), Some(6021.0), "{text}");
+        for (le, n) in [("0.5", 0.0), ("5", 0.0), ("10", 3.0), ("1000", 3.0), ("2500", 6.0), ("3600000", 6.0), ("+Inf", 6.0)] {
+            assert_eq!(
+                get(format!(r#"{h}_bucket{{plugin="recorder",le="{le}"}}"#)),
+                Some(n),
+                "le {le}: {text}"
+            );
+        }
+    }
+);
+
+each_proto!(
     /// `proxy_close_stream` resets the stream, as Envoy's `resetStream`, under
     /// either failure policy: from a request or response headers callback
     /// nothing is answered (HTTP/2 `RST_STREAM`, HTTP/1.1 connection closed)

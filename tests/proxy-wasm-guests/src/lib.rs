@@ -12,7 +12,8 @@
 //! - `properties`: the response carries properties read in each phase as headers.
 //! - `counter`: shared data counter (CAS) and a metric, both incremented per request
 //!   and echoed as response headers; ticks every `tick_ms` log and count. Each
-//!   request also records 2 on counter `pw_recorded` (`record_metric`).
+//!   request also records 2 on counter `pw_recorded` and 7 and 2000 on
+//!   histogram `pw_histogram` (`record_metric`).
 //! - `hostile`: by path: `/panic` panics, `/badptr` passes wild pointers to raw
 //!   hostcalls, `/badctx` switches to an unknown context, `/loop` spins forever,
 //!   `/grow` allocates 64 MiB, `/print` writes to stdout and stderr,
@@ -215,6 +216,10 @@ struct Settings {
     ticks_metric: u32,
     /// `counter` mode: a counter each request adds 2 to with `record_metric`.
     recorded_metric: u32,
+    /// `counter` mode: a histogram each request records 7 and 2000 on.
+    histogram_metric: u32,
+    /// `late-call` mode: `pw_late_calls` and `pw_late_logged`.
+    late_metrics: [u32; 2],
     /// `queue` mode: items each request enqueues (`burst`); if set,
     /// `on_queue_ready` dequeues one item per call.
     burst: u64,
@@ -512,6 +517,8 @@ impl RootContext for Root {
             hostcalls::record_metric(g, 42).ok();
             self.s.recorded_metric =
                 hostcalls::define_metric(MetricType::Counter, "pw_recorded").unwrap_or(0);
+            self.s.histogram_metric =
+                hostcalls::define_metric(MetricType::Histogram, "pw_histogram").unwrap_or(0);
             if let Some(ms) = v["tick_ms"].as_u64() {
                 self.set_tick_period(Duration::from_millis(ms));
             }
@@ -1296,6 +1303,8 @@ impl HttpContext for Filter {
                 hostcalls::increment_metric(self.s.requests_metric, 1).ok();
                 let m = hostcalls::get_metric(self.s.requests_metric).unwrap_or(0);
                 hostcalls::record_metric(self.s.recorded_metric, 2).ok();
+                hostcalls::record_metric(self.s.histogram_metric, 7).ok();
+                hostcalls::record_metric(self.s.histogram_metric, 2000).ok();
                 self.seen.push(("x-pw-counter".into(), n.to_string()));
                 self.seen.push(("x-pw-metric".into(), m.to_string()));
                 let q = self.register_shared_queue("pw_queue");
