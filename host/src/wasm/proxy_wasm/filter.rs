@@ -1878,6 +1878,11 @@ impl HttpFilter for ProxyWasmFilter {
         self.headers_phase(worker, x, false, end_of_stream)
     }
 
+    fn delivers_on_arrival(&self) -> bool {
+        // Envoy runs the callbacks when the response arrives.
+        true
+    }
+
     fn on_callout_response(
         &self,
         worker: usize,
