@@ -1653,6 +1653,11 @@ impl std::fmt::Display for StreamReset {
 }
 impl std::error::Error for StreamReset {}
 
+/// The cause an exchange a filter reset before its response head
+/// ([`StreamReset`]) is logged with, in the access log and for `on-log`:
+/// Envoy's response code details for proxy-wasm's `proxy_close_stream`.
+pub const RESET_CAUSE: &str = "wasm_close_stream";
+
 /// The failure policy applied to a failed call: `Ok(())` if the filter is skipped
 /// (fail open), the request's error otherwise.
 fn failure(f: &dyn HttpFilter, phase: &str, why: &str) -> Result<(), ProxyError> {

@@ -441,6 +441,33 @@ each_proto!(
 );
 
 each_proto!(
+    /// An exchange `proxy_close_stream` reset before its response head is
+    /// logged with Envoy's response code details for it, `wasm_close_stream`
+    /// (status 499: nothing was sent). It used to be a client's
+    /// `downstream_reset`.
+    async fn close_stream_is_logged_as_wasm_close_stream(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let p = plugin("closer", "{ mode: close }", "");
+        let yaml = config(up.addr, &p, &["closer"]).replace(
+            "version: 1\n",
+            &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
+        );
+        let lg = legate().config(&yaml).start();
+        for path in ["/close-request", "/close-response"] {
+            let r = client(proto, lg.addr("web")).await.get(path).try_send().await;
+            assert!(r.is_err(), "{path}: answered {:?}", r.map(|r| r.status));
+        }
+        let lines = access_log_until(&log, "both lines", |l| l.len() >= 2).await;
+        for v in &lines {
+            assert_eq!(v["status"], 499, "{v}");
+            assert_eq!(v["cause"], "wasm_close_stream", "{v}");
+        }
+    }
+);
+
+each_proto!(
     async fn queue_ready_drains_a_shared_queue(proto) {
         let up = upstream().start().await;
         let vm = format!("queue-{proto:?}");
