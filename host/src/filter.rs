@@ -372,6 +372,10 @@ impl<K: PartialEq> Default for Aborts<K> {
 /// first task: making one allocates, and most exchanges send no callout.
 pub struct Inflight<T> {
     tasks: Option<tokio::task::JoinSet<T>>,
+    /// Tasks whose results are delivered as they arrive
+    /// ([`HttpFilter::delivers_on_arrival`]), apart so that they can be
+    /// joined without the others ([`Inflight::try_join_eager`]).
+    eager: Option<tokio::task::JoinSet<T>>,
     /// By (filter index, callout id).
     handles: Aborts<(usize, u64)>,
 }
@@ -381,6 +385,7 @@ impl<T: 'static> Inflight<T> {
     pub const fn new() -> Self {
         Inflight {
             tasks: None,
+            eager: None,
             handles: Aborts::new(),
         }
     }
@@ -392,6 +397,22 @@ impl<T: 'static> Inflight<T> {
             .get_or_insert_with(tokio::task::JoinSet::new)
             .spawn_local(task);
         self.handles.push((i, id), h);
+    }
+
+    /// Runs `task` as [`Inflight::spawn`], among the tasks whose results are
+    /// delivered as they arrive ([`Inflight::try_join_eager`]).
+    pub fn spawn_eager(&mut self, i: usize, id: u64, task: impl Future<Output = T> + 'static) {
+        let h = self
+            .eager
+            .get_or_insert_with(tokio::task::JoinSet::new)
+            .spawn_local(task);
+        self.handles.push((i, id), h);
+    }
+
+    /// A task of [`Inflight::spawn_eager`] that has finished, if any, without
+    /// waiting.
+    pub fn try_join_eager(&mut self) -> Option<Result<T, tokio::task::JoinError>> {
+        self.eager.as_mut()?.try_join_next()
     }
 
     /// Aborts filter `i`'s callout `id`: `true` if its task had not finished
@@ -407,28 +428,48 @@ impl<T: 'static> Inflight<T> {
 
     /// Whether no task is left (finished ones not yet joined count).
     pub fn is_empty(&self) -> bool {
-        self.tasks
-            .as_ref()
-            .is_none_or(tokio::task::JoinSet::is_empty)
+        let empty = |t: &Option<tokio::task::JoinSet<T>>| {
+            t.as_ref().is_none_or(tokio::task::JoinSet::is_empty)
+        };
+        empty(&self.tasks) && empty(&self.eager)
     }
 
-    /// The next task to finish ([`JoinSet::join_next`](tokio::task::JoinSet::join_next));
-    /// `None` at once if there is none.
+    /// The next task to finish, of either kind
+    /// ([`JoinSet::join_next`](tokio::task::JoinSet::join_next)); `None` at
+    /// once if there is none.
     pub async fn join_next(&mut self) -> Option<Result<T, tokio::task::JoinError>> {
-        match &mut self.tasks {
-            Some(t) => t.join_next().await,
-            None => None,
+        // An empty set answers `None` at once: it must not win the race.
+        fn live<T>(
+            t: &mut Option<tokio::task::JoinSet<T>>,
+        ) -> Option<&mut tokio::task::JoinSet<T>> {
+            t.as_mut().filter(|t| !t.is_empty())
+        }
+        match (live(&mut self.tasks), live(&mut self.eager)) {
+            (None, None) => None,
+            (Some(t), None) | (None, Some(t)) => t.join_next().await,
+            // (`join_next` is cancel safe: the loser keeps its result.)
+            (Some(t), Some(e)) => tokio::select! {
+                r = t.join_next() => r,
+                r = e.join_next() => r,
+            },
         }
     }
 
-    /// A task that has finished, if any, without waiting.
+    /// A task that has finished, if any, of either kind, without waiting.
     pub fn try_join_next(&mut self) -> Option<Result<T, tokio::task::JoinError>> {
-        self.tasks.as_mut()?.try_join_next()
+        match self
+            .tasks
+            .as_mut()
+            .and_then(tokio::task::JoinSet::try_join_next)
+        {
+            Some(r) => Some(r),
+            None => self.try_join_eager(),
+        }
     }
 
     /// Aborts every task.
     pub fn abort_all(&mut self) {
-        if let Some(t) = &mut self.tasks {
+        for t in [&mut self.tasks, &mut self.eager].into_iter().flatten() {
             t.abort_all();
         }
     }
@@ -640,6 +681,11 @@ pub struct ExchangeData {
     /// exchange with a reset whatever the filter's failure policy
     /// ([`Chain::fail`]); the filter's call returns an error that says so.
     pub reset: bool,
+    /// The current call is a callout's result delivered between the
+    /// exchange's phases, as it arrived ([`HttpFilter::delivers_on_arrival`]):
+    /// no part of the exchange is held for it, the heads went on as the
+    /// filters left them, and writes to them go nowhere.
+    pub idle: bool,
     /// Where the client's `host` header is. It stays in `request_headers` until
     /// something reaches the head through [`ExchangeData::request_headers`]:
     /// moving it out and back costs two header-map operations (~0.4k
@@ -772,6 +818,7 @@ impl Exchange {
             hold_end: false,
             hold_stream: false,
             reset: false,
+            idle: false,
             host: ClientHost::InHead,
             table,
             routing: Routing::default(),
@@ -813,6 +860,7 @@ impl Exchange {
             hold_end: false,
             hold_stream: false,
             reset: false,
+            idle: false,
             host: ClientHost::Taken(None),
             table: None,
             routing: Routing::default(),
@@ -942,6 +990,18 @@ pub trait HttpFilter: Send + Sync {
     fn instance_gone(&self, worker: usize, context: u64) -> Option<InstanceGone> {
         let _ = (worker, context);
         None
+    }
+    /// Whether the results of this filter's callouts and wake-ups are
+    /// delivered as they arrive, also while it is not paused: between the
+    /// exchange's phases (with [`ExchangeData::idle`] set), as Envoy runs a
+    /// proxy-wasm filter's callbacks when the response arrives, whatever the
+    /// stream's state; one that arrived but was not delivered yet when the
+    /// exchange ends is delivered before `on-log`. Otherwise (the component
+    /// ABI, abi/README.md §5.8) a result for a filter that is not paused waits
+    /// until the exchange next waits on a pause or reaches its response
+    /// phase, and is dropped if the exchange ends first.
+    fn delivers_on_arrival(&self) -> bool {
+        false
     }
     /// The default body mode of direction `d` (meaningful only if that body phase
     /// is declared).
@@ -1150,6 +1210,8 @@ impl Filters {
             deferred: None,
             grpc: false,
             bodyless: [false; 2],
+            pump: None,
+            failed: None,
         }))
     }
 }
@@ -1380,7 +1442,13 @@ impl SharedChain {
             drop(chain);
             return;
         }
+        // What arrived while the chain was out, after its wait ended, is
+        // delivered now.
+        let ready = chain.pump.as_ref().map(|p| p.ready.clone());
         *self.0.chain.borrow_mut() = Some(chain);
+        if let Some(ready) = ready {
+            ready.notify_one();
+        }
         self.0.wake_waiters();
     }
 
@@ -1529,6 +1597,46 @@ pub struct Chain {
     pub grpc: bool,
     /// Per direction: the message has no body ([`Chain::set_bodyless`]).
     bodyless: [bool; 2],
+    /// Delivers the results of filters that take them as they arrive
+    /// ([`HttpFilter::delivers_on_arrival`]) between phases: made with the
+    /// first such callout.
+    pump: Option<Pump>,
+    /// A failure (failed closed, or a reset) in a delivery between phases,
+    /// where nothing could return it: the chain's next step returns it.
+    failed: Option<ProxyError>,
+}
+
+/// The task that delivers callout results as they arrive while the chain is
+/// in its [`SharedChain`] (between phases); while the chain is out in an
+/// async phase, that phase's `Chain::wait` delivers them instead. Each
+/// result's task wakes it; putting the chain back does too (what arrived
+/// while it was out but after the wait ended). Aborted with the chain.
+struct Pump {
+    ready: Rc<tokio::sync::Notify>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The [`Pump`]'s task: on each wake-up, the results that arrived are
+/// delivered if the chain is in its slot; it ends with the exchange.
+async fn pump(shared: std::rc::Weak<SharedInner>, ready: Rc<tokio::sync::Notify>) {
+    loop {
+        ready.notified().await;
+        let Some(inner) = shared.upgrade() else {
+            return;
+        };
+        match SharedChain(inner).with(Chain::deliver_arrived) {
+            // Busy: out in an async phase, whose wait delivers them (and
+            // the chain wakes this task again when it is put back).
+            Ok(()) | Err(SharedError::Busy) => {}
+            Err(SharedError::Finished | SharedError::Aborted) => return,
+        }
+    }
 }
 
 /// Marks a response the downstream must not get: a filter reset the stream
@@ -1544,6 +1652,11 @@ impl std::fmt::Display for StreamReset {
     }
 }
 impl std::error::Error for StreamReset {}
+
+/// The cause an exchange a filter reset before its response head
+/// ([`StreamReset`]) is logged with, in the access log and for `on-log`:
+/// Envoy's response code details for proxy-wasm's `proxy_close_stream`.
+pub const RESET_CAUSE: &str = "wasm_close_stream";
 
 /// The failure policy applied to a failed call: `Ok(())` if the filter is skipped
 /// (fail open), the request's error otherwise.
@@ -1635,26 +1748,83 @@ impl Chain {
         {
             return;
         }
+        let ready = self.on_arrival(i);
         for req in std::mem::take(&mut self.x.callouts) {
             let id = req.id;
             let fut = self.callouts.send(req);
-            self.inflight
-                .spawn(i, id, async move { (i, id, Reply::Callout(fut.await)) });
+            self.spawn_reply(
+                i,
+                id,
+                ready.as_ref(),
+                async move { Reply::Callout(fut.await) },
+            );
         }
         for (id, wake) in std::mem::take(&mut self.x.wakes) {
             // A dropped sender (the filter gave the wait up) still wakes: the
             // filter answers a stale id as nothing to do.
-            self.inflight.spawn(i, id, async move {
-                let r = wake.await.unwrap_or(Err(CalloutError::Unavailable));
-                (i, id, Reply::Callout(r))
+            self.spawn_reply(i, id, ready.as_ref(), async move {
+                Reply::Callout(wake.await.unwrap_or(Err(CalloutError::Unavailable)))
             });
         }
         for KvCall { id, future } in std::mem::take(&mut self.x.kv_calls) {
-            self.inflight
-                .spawn(i, id, async move { (i, id, Reply::Kv(future.await)) });
+            self.spawn_reply(
+                i,
+                id,
+                ready.as_ref(),
+                async move { Reply::Kv(future.await) },
+            );
         }
         for id in std::mem::take(&mut self.x.cancelled) {
             self.inflight.cancel(i, id);
+        }
+    }
+
+    /// For entered filter `i` whose results are delivered as they arrive
+    /// ([`HttpFilter::delivers_on_arrival`]): what wakes the [`Pump`] (made
+    /// now if need be). `None` for other filters, and for a chain that is
+    /// not shared (its results are delivered by its waits only).
+    fn on_arrival(&mut self, i: usize) -> Option<Rc<tokio::sync::Notify>> {
+        if !self.entered[i].delivers_on_arrival() {
+            return None;
+        }
+        if let Some(p) = &self.pump {
+            return Some(p.ready.clone());
+        }
+        if self.shared.strong_count() == 0 {
+            return None;
+        }
+        let ready = Rc::new(tokio::sync::Notify::new());
+        let task = tokio::task::spawn_local(pump(self.shared.clone(), ready.clone()));
+        self.pump = Some(Pump {
+            ready: ready.clone(),
+            task: task.abort_handle(),
+        });
+        Some(ready)
+    }
+
+    /// Runs `reply`, filter `i`'s call `id`; with `ready`, among the results
+    /// delivered as they arrive, waking the [`Pump`] when it is in.
+    fn spawn_reply(
+        &mut self,
+        i: usize,
+        id: u64,
+        ready: Option<&Rc<tokio::sync::Notify>>,
+        reply: impl Future<Output = Reply> + 'static,
+    ) {
+        match ready {
+            None => self
+                .inflight
+                .spawn(i, id, async move { (i, id, reply.await) }),
+            Some(ready) => {
+                let ready = ready.clone();
+                self.inflight.spawn_eager(i, id, async move {
+                    let r = reply.await;
+                    // The task is finished (its result joinable) before the
+                    // pump runs: it is woken now, runs later.
+                    ready.notify_one();
+                    (i, id, r)
+                });
+            }
         }
     }
 
@@ -1783,12 +1953,50 @@ impl Chain {
 
     /// Delivers the callout results that arrived while no filter was paused.
     fn deliver_ready(&mut self, phase: &str) -> Result<(), ProxyError> {
+        self.take_failed()?;
         while let Some(done) = self.inflight.try_join_next() {
             if let Ok((i, id, result)) = done {
                 self.deliver_unpaused(i, id, result, phase)?;
             }
         }
         Ok(())
+    }
+
+    /// Delivers, between phases, the results that arrived for filters that
+    /// take them as they arrive ([`HttpFilter::delivers_on_arrival`]), with
+    /// [`ExchangeData::idle`] set. A failure that ends the exchange is kept
+    /// for the chain's next step ([`Chain::take_failed`]).
+    fn deliver_arrived(&mut self) {
+        while let Some(done) = self.inflight.try_join_eager() {
+            // (Aborted: cancelled by its filter, which expects nothing.)
+            let Ok((i, id, result)) = done else { continue };
+            self.x.idle = true;
+            let r = self.deliver_unpaused(i, id, result, "callout_response");
+            self.x.idle = false;
+            if let Err(e) = r {
+                // The first stands: it ended the exchange.
+                if self.failed.is_none() {
+                    self.failed = Some(e);
+                }
+            }
+        }
+    }
+
+    /// Before a step of the chain between phases (a streamed body's chunk,
+    /// its end, a buffered body): the results that arrived are delivered,
+    /// and a failure kept from a delivery is the step's error.
+    fn between_steps(&mut self) -> Result<(), ProxyError> {
+        self.deliver_arrived();
+        self.take_failed()
+    }
+
+    /// The failure a delivery between phases kept ([`Chain::deliver_arrived`]),
+    /// as the error of the step that finds it.
+    fn take_failed(&mut self) -> Result<(), ProxyError> {
+        match self.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Runs the request-headers phase of every filter in chain order, waiting out
@@ -1852,6 +2060,9 @@ impl Chain {
     ) -> Result<Option<Bytes>, ProxyError> {
         let mut replaced = None;
         let mut eos = end_of_stream;
+        // Those delivered as they arrive first, as between phases (the pump
+        // may not have run yet); then the others'.
+        self.deliver_arrived();
         self.deliver_ready("response_headers")?;
         for i in (0..self.entered.len()).rev() {
             if !self.in_response(i) {
@@ -2295,6 +2506,7 @@ impl Chain {
     /// body; any other pause is a failure (proxy-wasm filters hold chunks
     /// themselves, as Envoy's `StopIterationAndBuffer`).
     pub fn on_body(&mut self, d: Direction, data: Bytes) -> Result<BodyStep, ProxyError> {
+        self.between_steps()?;
         let order = self.body_order(d);
         if order.is_empty() {
             return Ok(BodyStep::Continue(data));
@@ -2318,6 +2530,7 @@ impl Chain {
         data: Bytes,
         trailers: Option<HeaderMap>,
     ) -> Result<EndStep, ProxyError> {
+        self.between_steps()?;
         now(self.end_part(d, data, trailers, Hold::Defer))
     }
 
@@ -2329,6 +2542,7 @@ impl Chain {
         d: Direction,
         trailers: HeaderMap,
     ) -> Result<EndStep, ProxyError> {
+        self.between_steps()?;
         self.x.trailers[d.idx()] = Some(trailers);
         let order = self.trailers_order(d);
         now(self.end_trailers(d, Bytes::new(), order, 0, Hold::Defer))
@@ -2430,6 +2644,7 @@ impl Chain {
         data: Bytes,
         trailers: Option<HeaderMap>,
     ) -> Result<Result<(Bytes, Option<HeaderMap>), LocalResponse>, ProxyError> {
+        self.between_steps()?;
         match self.end_part(d, data, trailers, Hold::Wait).await? {
             EndStep::Done(data, trailers) => Ok(Ok((data, trailers))),
             EndStep::Respond(lr) => Ok(Err(lr)),
@@ -2452,6 +2667,14 @@ impl Chain {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
+        // Results that arrived for filters that take them as they arrive,
+        // but were not delivered yet: before `on-log`, as Envoy ran their
+        // callbacks when they came. What fails now ends nothing more.
+        self.deliver_arrived();
+        if let Some(e) = self.failed.take() {
+            tracing::debug!("a callout delivery as the exchange ended failed: {e}");
+        }
+        self.pump = None;
         self.inflight.abort_all();
         for i in 0..self.entered.len() {
             if self.live(i) && self.entered[i].phases().contains(Phases::LOG) {
@@ -2600,6 +2823,8 @@ mod tests {
             deferred: None,
             grpc: false,
             bodyless: [false; 2],
+            pump: None,
+            failed: None,
         }
     }
 
@@ -2746,6 +2971,143 @@ mod tests {
                 assert_eq!(data, "checked:chunk");
                 assert!(body.as_mut().poll_frame(&mut cx).is_ready());
                 assert!(shared.with(|_| ()).is_ok());
+            })
+            .await;
+    }
+
+    /// Takes its callouts' results as they arrive
+    /// ([`HttpFilter::delivers_on_arrival`]): counts them (each must come
+    /// between phases, not paused) and, in `on-log`, records how many came
+    /// before it.
+    struct OnArrival {
+        delivered: Arc<AtomicUsize>,
+        before_log: Arc<AtomicUsize>,
+    }
+    impl HttpFilter for OnArrival {
+        fn name(&self) -> &str {
+            "on-arrival"
+        }
+        fn phases(&self) -> Phases {
+            Phases(Phases::REQUEST_HEADERS.0 | Phases::LOG.0)
+        }
+        fn fail_open(&self) -> bool {
+            false
+        }
+        fn on_request_headers(
+            &self,
+            _: usize,
+            _: &mut Exchange,
+            _: bool,
+        ) -> Result<Verdict, String> {
+            Ok(Verdict::Continue)
+        }
+        fn on_response_headers(
+            &self,
+            _: usize,
+            _: &mut Exchange,
+            _: bool,
+        ) -> Result<Verdict, String> {
+            Ok(Verdict::Continue)
+        }
+        fn delivers_on_arrival(&self) -> bool {
+            true
+        }
+        fn on_callout_response(
+            &self,
+            _: usize,
+            x: &mut Exchange,
+            _: u64,
+            _: CalloutResult,
+            paused: bool,
+        ) -> Result<Verdict, String> {
+            if !paused && x.idle {
+                self.delivered.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(Verdict::Continue)
+        }
+        fn on_log(&self, _: usize, _: &mut Exchange) {
+            let n = self.delivered.load(Ordering::SeqCst);
+            self.before_log.store(n, Ordering::SeqCst);
+        }
+        fn on_done(&self, _: usize, _: u64, _: bool) {}
+    }
+
+    /// A chain of one [`OnArrival`] filter, shared, whose callouts wait for
+    /// `gate`; its counters.
+    fn on_arrival_chain(
+        gate: tokio::sync::oneshot::Receiver<()>,
+    ) -> (SharedChain, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let delivered = Arc::new(AtomicUsize::new(0));
+        let before_log = Arc::new(AtomicUsize::new(usize::MAX));
+        let mut c = chain();
+        c.callouts = Rc::new(Gated(std::cell::RefCell::new(Some(gate))));
+        let f: Arc<dyn HttpFilter> = Arc::new(OnArrival {
+            delivered: delivered.clone(),
+            before_log: before_log.clone(),
+        });
+        c.ctl.push(BodyCtl::of(&*f));
+        c.entered.push(f);
+        c.called.push(true);
+        let shared = SharedChain::new(Box::new(c));
+        shared
+            .with(|c| {
+                c.x.callouts.push(CalloutRequest {
+                    id: 1,
+                    cluster: "authz".into(),
+                    method: Method::GET,
+                    path: "/check".into(),
+                    authority: None,
+                    headers: HeaderMap::new(),
+                    body: Bytes::new(),
+                    timeout: Duration::from_secs(1),
+                    max_response_body: 1024,
+                });
+                c.dispatch(0);
+            })
+            .unwrap();
+        (shared, delivered, before_log)
+    }
+
+    #[tokio::test]
+    async fn a_result_is_delivered_as_it_arrives_between_phases() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let (open, gate) = tokio::sync::oneshot::channel();
+                let (shared, delivered, _) = on_arrival_chain(gate);
+                // Nothing came yet; then, with no step of the chain, it is
+                // delivered as it arrives (the chain sits in its slot).
+                tokio::task::yield_now().await;
+                assert_eq!(delivered.load(Ordering::SeqCst), 0);
+                open.send(()).unwrap();
+                for _ in 0..100 {
+                    if delivered.load(Ordering::SeqCst) == 1 {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                assert_eq!(delivered.load(Ordering::SeqCst), 1);
+                shared.finish(Some(StatusCode::OK), None);
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_result_that_arrived_is_delivered_before_on_log() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let (open, gate) = tokio::sync::oneshot::channel();
+                let (shared, delivered, before_log) = on_arrival_chain(gate);
+                // The chain is out (an async phase) when the result arrives:
+                // not delivered then; the exchange ends before it is back.
+                let c = shared.take().unwrap();
+                open.send(()).unwrap();
+                for _ in 0..100 {
+                    tokio::task::yield_now().await;
+                }
+                assert_eq!(delivered.load(Ordering::SeqCst), 0);
+                shared.finish(Some(StatusCode::OK), None);
+                drop(c);
+                assert_eq!(before_log.load(Ordering::SeqCst), 1);
             })
             .await;
     }

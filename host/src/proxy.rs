@@ -263,7 +263,18 @@ async fn local_reply(
     if e.kind != Kind::NoRoute {
         tracing::debug!(listener = %conn.listener.name, "request failed: {e}");
     }
-    out.cause = Some(e.cause());
+    // A filter's reset (proxy-wasm `proxy_close_stream`) is logged with
+    // Envoy's details for it, not as a client's.
+    let reset = e.kind == Kind::DownstreamReset
+        && out
+            .chain
+            .as_ref()
+            .is_some_and(filter::SharedChain::was_reset);
+    out.cause = Some(if reset {
+        filter::RESET_CAUSE
+    } else {
+        e.cause()
+    });
     let mut r = local_reply::reply(e.to_response(), out.grpc && e.kind != Kind::DownstreamReset);
     // The client is gone: nobody reads this answer, it only names the cause.
     if out.chain.is_some() && !out.responding && e.kind != Kind::DownstreamReset {

@@ -375,6 +375,38 @@ each_proto!(
 );
 
 each_proto!(
+    /// `proxy_record_metric` on a histogram records the value as given, as
+    /// Envoy's `recordValue` (it defines a plugin's histogram with an
+    /// unspecified unit), over Envoy's default buckets: 7 and 2000 land under
+    /// `le="10"` and `le="2500"`. (The value used to be taken as
+    /// milliseconds, against buckets in seconds.)
+    async fn record_metric_on_a_histogram_takes_the_value_as_given(proto) {
+        let up = upstream().start().await;
+        let p = plugin("recorder", "{ mode: counter }", "");
+        let lg = legate().config(&config(up.addr, &p, &["recorder"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..3 {
+            let r = c.get("/count").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        lg.assert_stat(&calls("recorder", "done"), 3.0).await;
+        let h = "legate_proxywasm_pw_histogram";
+        let text = lg.stats().await;
+        let m = parse_prometheus(&text);
+        let get = |s: String| m.get(&s).copied();
+        assert_eq!(get(format!(r#"{h}_count{{plugin="recorder"}}"#)), Some(6.0), "{text}");
+        assert_eq!(get(format!(r#"{h}_sum{{plugin="recorder"}}"#)), Some(6021.0), "{text}");
+        for (le, n) in [("0.5", 0.0), ("5", 0.0), ("10", 3.0), ("1000", 3.0), ("2500", 6.0), ("3600000", 6.0), ("+Inf", 6.0)] {
+            assert_eq!(
+                get(format!(r#"{h}_bucket{{plugin="recorder",le="{le}"}}"#)),
+                Some(n),
+                "le {le}: {text}"
+            );
+        }
+    }
+);
+
+each_proto!(
     /// `proxy_close_stream` resets the stream, as Envoy's `resetStream`, under
     /// either failure policy: from a request or response headers callback
     /// nothing is answered (HTTP/2 `RST_STREAM`, HTTP/1.1 connection closed)
@@ -404,6 +436,33 @@ each_proto!(
                 .stat(r#"legate_plugin_failures_total{plugin="closer"}"#)
                 .await;
             assert_eq!(failures.unwrap_or(0.0), 0.0, "fail {fail}");
+        }
+    }
+);
+
+each_proto!(
+    /// An exchange `proxy_close_stream` reset before its response head is
+    /// logged with Envoy's response code details for it, `wasm_close_stream`
+    /// (status 499: nothing was sent). It used to be a client's
+    /// `downstream_reset`.
+    async fn close_stream_is_logged_as_wasm_close_stream(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let p = plugin("closer", "{ mode: close }", "");
+        let yaml = config(up.addr, &p, &["closer"]).replace(
+            "version: 1\n",
+            &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
+        );
+        let lg = legate().config(&yaml).start();
+        for path in ["/close-request", "/close-response"] {
+            let r = client(proto, lg.addr("web")).await.get(path).try_send().await;
+            assert!(r.is_err(), "{path}: answered {:?}", r.map(|r| r.status));
+        }
+        let lines = access_log_until(&log, "both lines", |l| l.len() >= 2).await;
+        for v in &lines {
+            assert_eq!(v["status"], 499, "{v}");
+            assert_eq!(v["cause"], "wasm_close_stream", "{v}");
         }
     }
 );
@@ -843,6 +902,146 @@ each_proto!(
         lg.assert_stat(r#"legate_cluster_upstream_rq_total{cluster="authz"}"#, 2.0)
             .await;
         assert_eq!(up.requests.get(), 1, "only the allowed request reached the backend");
+    }
+);
+
+each_proto!(
+    /// A call's callback runs when its answer arrives, whatever the state of
+    /// the exchange, as Envoy runs it: here while the request, which went on
+    /// (`Continue`), waits for an upstream that holds its response (an HTTP
+    /// call, then a unary gRPC call). The host used to deliver it only at the
+    /// response headers. Its write to the request head, which went on, is
+    /// accepted and goes nowhere; `on_log` comes after it.
+    async fn a_call_answer_reaches_its_callback_while_the_request_waits(proto) {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        use std::sync::Arc;
+        let release = Arc::new(AtomicBool::new(false));
+        let up = upstream().hold_until(&release).start().await;
+        let az = authz_upstream().await;
+        let grpc = legate_tests::grpc::grpc_upstream().start().await;
+        let p = plugin(
+            "late",
+            "{ mode: late-call }",
+            "    capabilities: { clusters: [authz, grpc] }\n",
+        );
+        // No route timeout: the upstream holds its answer as long as the
+        // test needs (it would answer 504 first, and a callback delivered
+        // with that response could pass for one delivered on arrival).
+        let yaml = with_grpc_cluster(&with_authz(up.addr, az.addr, &p, &["late"]), grpc.addr)
+            .replace(
+                "            cluster: backend\n",
+                "            cluster: backend\n            timeout: 0s\n",
+            );
+        let lg = legate().config(&yaml).start();
+        let addr = lg.addr("web");
+        let delivered = r#"legate_proxywasm_pw_late_calls{plugin="late"}"#;
+        for (n, path) in [(1.0, "/late/http"), (2.0, "/late/grpc")] {
+            release.store(false, SeqCst);
+            let mut c = client(proto, addr).await;
+            let sent = tokio::spawn(async move { c.get(path).send().await });
+            let lg = &lg;
+            eventually(HANG_GUARD, &format!("{path}: the callback while the upstream holds the response"), || async move {
+                lg.stat(delivered).await.filter(|v| *v >= n)
+            })
+            .await;
+            release.store(true, SeqCst);
+            let r = sent.await.unwrap();
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+            assert_eq!(r.echo().header("x-pw-late"), None, "{path}");
+        }
+        lg.assert_stat(r#"legate_proxywasm_pw_late_logged{plugin="late"}"#, 2.0)
+            .await;
+        lg.assert_stat(&calls("late", "callout_response"), 2.0).await;
+    }
+);
+
+each_proto!(
+    /// The same for a call sent from the response headers callback while the
+    /// response body streams (the upstream holds its end until the callback
+    /// ran): the host used to drop such an answer, since no response headers
+    /// phase came after it.
+    async fn a_call_answer_reaches_its_callback_while_the_response_streams(proto) {
+        use futures_util::StreamExt;
+        use http_body_util::BodyExt;
+        use std::sync::{Arc, Mutex};
+        let (more_tx, more_rx) = tokio::sync::oneshot::channel::<()>();
+        let more_rx = Arc::new(Mutex::new(Some(more_rx)));
+        let up = upstream()
+            .route("/late/response", move |_req| {
+                let more = more_rx.lock().unwrap().take();
+                async move {
+                    let first = futures_util::stream::once(async {
+                        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from("part1;")))
+                    });
+                    let rest = futures_util::stream::once(async move {
+                        if let Some(more) = more {
+                            let _ = more.await;
+                        }
+                        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from("part2")))
+                    });
+                    Response::new(BodyExt::boxed(http_body_util::StreamBody::new(first.chain(rest))))
+                }
+            })
+            .start()
+            .await;
+        let az = authz_upstream().await;
+        let p = plugin(
+            "late",
+            "{ mode: late-call }",
+            "    capabilities: { clusters: [authz] }\n",
+        );
+        let lg = legate()
+            .config(&with_authz(up.addr, az.addr, &p, &["late"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let resp = tokio::time::timeout(HANG_GUARD, c.get("/late/response").send_for_head())
+            .await
+            .expect("the response head");
+        assert_eq!(resp.status(), 200);
+        let lg = &lg;
+        eventually(HANG_GUARD, "the callback while the response body streams", || async move {
+            lg.stat(r#"legate_proxywasm_pw_late_calls{plugin="late"}"#)
+                .await
+                .filter(|v| *v >= 1.0)
+        })
+        .await;
+        more_tx.send(()).unwrap();
+        let body = tokio::time::timeout(HANG_GUARD, resp.into_body().collect())
+            .await
+            .expect("the rest of the body")
+            .unwrap();
+        assert_eq!(body.to_bytes(), "part1;part2");
+        lg.assert_stat(r#"legate_proxywasm_pw_late_logged{plugin="late"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// `proxy_continue_stream` resumes the direction it names, as Envoy's
+    /// `continueStream` (`HTTP_REQUEST`: `continueDecoding`, `HTTP_RESPONSE`:
+    /// `continueEncoding`): a callback that continues the direction that is
+    /// not paused resumes nothing, and the exchange waits for its second
+    /// call, whose callback continues the right one. (Any type used to resume
+    /// whichever direction was paused.)
+    async fn continue_stream_resumes_only_the_direction_it_names(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let p = plugin(
+            "resumer",
+            "{ mode: wrong-resume }",
+            "    capabilities: { clusters: [authz] }\n",
+        );
+        let lg = legate()
+            .config(&with_authz(up.addr, az.addr, &p, &["resumer"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/req").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-pw-resumed-by"), Some("second"));
+        let r = c.get("/resp").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-resumed-by"), Some("second"));
+        lg.assert_stat(&calls("resumer", "callout_response"), 4.0).await;
     }
 );
 

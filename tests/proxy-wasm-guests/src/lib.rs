@@ -12,7 +12,8 @@
 //! - `properties`: the response carries properties read in each phase as headers.
 //! - `counter`: shared data counter (CAS) and a metric, both incremented per request
 //!   and echoed as response headers; ticks every `tick_ms` log and count. Each
-//!   request also records 2 on counter `pw_recorded` (`record_metric`).
+//!   request also records 2 on counter `pw_recorded` and 7 and 2000 on
+//!   histogram `pw_histogram` (`record_metric`).
 //! - `hostile`: by path: `/panic` panics, `/badptr` passes wild pointers to raw
 //!   hostcalls, `/badctx` switches to an unknown context, `/loop` spins forever,
 //!   `/grow` allocates 64 MiB, `/print` writes to stdout and stderr,
@@ -182,6 +183,21 @@
 //!   (once per VM) and each request increments it, the result as
 //!   `x-pw-vm-metric-<tag>`.
 //!
+//! - `late-call`: a call whose result comes while the exchange is not
+//!   paused. `/late/http` sends an HTTP call to `authz` and `/late/grpc` a
+//!   unary `Echo/Say` call on cluster `grpc` from the request headers
+//!   callback, `/late/response` an HTTP call to `authz` from the response
+//!   headers callback; each callback returns `Continue`. The call's callback
+//!   counts in metric `pw_late_calls` and sets request header `x-pw-late`
+//!   (the head went on: the write must be accepted and go nowhere), and
+//!   `on_log` counts in `pw_late_logged` if the callback ran before it.
+//! - `wrong-resume`: `/req…` pauses the request headers callback,
+//!   `/resp…` the response headers callback, on an HTTP call to `authz`. The
+//!   call's callback continues the other direction (`resume_http_response`
+//!   for `/req`, `resume_http_request` for `/resp`: nothing to resume there)
+//!   and sends a second call, whose callback sets header `x-pw-resumed-by:
+//!   second` on the held head and continues the right direction.
+//!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
 
 use std::collections::HashMap;
@@ -215,6 +231,10 @@ struct Settings {
     ticks_metric: u32,
     /// `counter` mode: a counter each request adds 2 to with `record_metric`.
     recorded_metric: u32,
+    /// `counter` mode: a histogram each request records 7 and 2000 on.
+    histogram_metric: u32,
+    /// `late-call` mode: `pw_late_calls` and `pw_late_logged`.
+    late_metrics: [u32; 2],
     /// `queue` mode: items each request enqueues (`burst`); if set,
     /// `on_queue_ready` dequeues one item per call.
     burst: u64,
@@ -489,6 +509,11 @@ impl RootContext for Root {
                 self.s.tcp[i] = hostcalls::define_metric(MetricType::Counter, n).unwrap_or(0);
             }
         }
+        if self.s.mode == "late-call" {
+            for (i, n) in ["pw_late_calls", "pw_late_logged"].iter().enumerate() {
+                self.s.late_metrics[i] = hostcalls::define_metric(MetricType::Counter, n).unwrap_or(0);
+            }
+        }
         if self.s.mode == "tick-callout" {
             if let Some(ms) = v["tick_ms"].as_u64() {
                 self.set_tick_period(Duration::from_millis(ms));
@@ -512,6 +537,8 @@ impl RootContext for Root {
             hostcalls::record_metric(g, 42).ok();
             self.s.recorded_metric =
                 hostcalls::define_metric(MetricType::Counter, "pw_recorded").unwrap_or(0);
+            self.s.histogram_metric =
+                hostcalls::define_metric(MetricType::Histogram, "pw_histogram").unwrap_or(0);
             if let Some(ms) = v["tick_ms"].as_u64() {
                 self.set_tick_period(Duration::from_millis(ms));
             }
@@ -574,6 +601,7 @@ impl RootContext for Root {
             held_len: 0,
             grpc_token: None,
             stream_seen: Vec::new(),
+            calls: 0,
         }))
     }
 
@@ -856,9 +884,31 @@ struct Filter {
     grpc_token: Option<u32>,
     /// The replies an `/await-count/` request's stream delivered so far.
     stream_seen: Vec<String>,
+    /// `late-call`, `wrong-resume`: call callbacks so far.
+    calls: u32,
 }
 
 impl Filter {
+    /// `late-call`, `wrong-resume`: an HTTP call to `authz` at `/check/<what>`.
+    fn call_authz(&self, what: &str) -> Result<u32, Status> {
+        let path = format!("/check/{what}");
+        self.dispatch_http_call(
+            "authz",
+            vec![(":method", "GET"), (":path", &path), (":authority", "authz")],
+            None,
+            vec![],
+            Duration::from_secs(5),
+        )
+    }
+
+    /// `late-call`: a call's callback, while the exchange is not paused.
+    fn late_callback(&mut self) {
+        self.calls += 1;
+        hostcalls::increment_metric(self.s.late_metrics[0], 1).ok();
+        // The SDK panics unless this is accepted.
+        self.set_http_request_header("x-pw-late", Some("1"));
+    }
+
     /// Half-closes stream `token`, logging a refusal (the SDK's own helper
     /// panics on one).
     fn close_grpc_stream_or_log(&self, token: u32) {
@@ -1029,6 +1079,10 @@ impl Context for Filter {
     }
 
     fn on_grpc_call_response(&mut self, _token: u32, status: u32, size: usize) {
+        if self.s.mode == "late-call" {
+            self.late_callback();
+            return;
+        }
         if self.path == "/await-late" {
             match hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![]) {
                 Ok(t) => {
@@ -1089,6 +1143,33 @@ impl Context for Filter {
     }
 
     fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        if self.s.mode == "late-call" {
+            self.late_callback();
+            return;
+        }
+        if self.s.mode == "wrong-resume" {
+            self.calls += 1;
+            let request = self.path.starts_with("/req");
+            if self.calls == 1 {
+                // Nothing of that direction is paused: Envoy's continue
+                // does nothing (and answers OK).
+                if request {
+                    self.resume_http_response();
+                } else {
+                    self.resume_http_request();
+                }
+                if let Err(e) = self.call_authz("second") {
+                    self.send_http_response(500, vec![("x-pw-call-error", &format!("{e:?}"))], None);
+                }
+            } else if request {
+                self.set_http_request_header("x-pw-resumed-by", Some("second"));
+                self.resume_http_request();
+            } else {
+                self.set_http_response_header("x-pw-resumed-by", Some("second"));
+                self.resume_http_response();
+            }
+            return;
+        }
         if matches!(self.callout_mode(), "body-callout" | "trailers-callout") {
             let status = self.get_http_call_response_header(":status").unwrap_or_default();
             let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
@@ -1296,6 +1377,8 @@ impl HttpContext for Filter {
                 hostcalls::increment_metric(self.s.requests_metric, 1).ok();
                 let m = hostcalls::get_metric(self.s.requests_metric).unwrap_or(0);
                 hostcalls::record_metric(self.s.recorded_metric, 2).ok();
+                hostcalls::record_metric(self.s.histogram_metric, 7).ok();
+                hostcalls::record_metric(self.s.histogram_metric, 2000).ok();
                 self.seen.push(("x-pw-counter".into(), n.to_string()));
                 self.seen.push(("x-pw-metric".into(), m.to_string()));
                 let q = self.register_shared_queue("pw_queue");
@@ -1552,6 +1635,25 @@ impl HttpContext for Filter {
             "body-callout" | "trailers-callout" | "body-stuck-held" if !_end_of_stream => {
                 return Action::Pause
             }
+            "late-call" => {
+                let r = match path.as_str() {
+                    "/late/http" => self.call_authz("late").map(|_| ()),
+                    "/late/grpc" => self
+                        .dispatch_grpc_call("grpc", "legate.test.v1.Echo", "Say", vec![], Some(say_request("late").as_slice()), Duration::from_secs(5))
+                        .map(|_| ()),
+                    _ => Ok(()),
+                };
+                if let Err(e) = r {
+                    self.send_http_response(500, vec![("x-pw-call-error", &format!("{e:?}"))], None);
+                    return Action::Pause;
+                }
+            }
+            "wrong-resume" if path.starts_with("/req") => {
+                if let Err(e) = self.call_authz("first") {
+                    self.send_http_response(500, vec![("x-pw-call-error", &format!("{e:?}"))], None);
+                }
+                return Action::Pause;
+            }
             "tick-callout" => {
                 let (v, _) = self.get_shared_data("pw_tick_body");
                 let v = v.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
@@ -1786,6 +1888,18 @@ impl HttpContext for Filter {
             self.reset_http_response();
             return Action::Continue;
         }
+        if self.s.mode == "late-call" && self.path == "/late/response" {
+            if let Err(e) = self.call_authz("late") {
+                self.send_http_response(500, vec![("x-pw-call-error", &format!("{e:?}"))], None);
+                return Action::Pause;
+            }
+        }
+        if self.s.mode == "wrong-resume" && self.path.starts_with("/resp") {
+            if let Err(e) = self.call_authz("first") {
+                self.send_http_response(500, vec![("x-pw-call-error", &format!("{e:?}"))], None);
+            }
+            return Action::Pause;
+        }
         if matches!(self.s.mode.as_str(), "body-rewrite" | "stream-callout" | "stream-trailers") {
             self.set_http_response_header("content-length", None);
         }
@@ -1822,6 +1936,9 @@ impl HttpContext for Filter {
             return;
         }
         proxy_wasm::hostcalls::log(LogLevel::Info, &format!("on_log {}", self.id)).ok();
+        if self.s.mode == "late-call" && self.calls > 0 {
+            hostcalls::increment_metric(self.s.late_metrics[1], 1).ok();
+        }
         if self.s.mode.starts_with("stream-") {
             // What `on_log` sees of the end of the exchange, as a counter
             // `pw_logged_<response.code>_<response.code_details>`.

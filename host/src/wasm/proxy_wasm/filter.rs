@@ -1215,6 +1215,7 @@ impl ProxyWasmFilter {
             (Some(_), None) => Phase::CalloutResponse,
             (None, _) => Phase::Root,
         };
+        let paused_in = x.as_deref().map(|x| paused_direction(x, held_in));
         self.with_vm(worker, phase, x, false, |live, ctx| {
             let data = live.store.data_mut();
             if data.outstanding.remove(&token).is_none() {
@@ -1292,7 +1293,7 @@ impl ProxyWasmFilter {
             if data.resume && tcp {
                 return Ok(Ok(Answer::Streams(data.resumed_streams)));
             }
-            if data.resume {
+            if paused_in.is_some_and(|d| resumed(data, d)) {
                 return Ok(Ok(Answer::Verdict(Verdict::Continue)));
             }
             // Still paused: streams the callback opened can resume it too.
@@ -1542,6 +1543,7 @@ impl ProxyWasmFilter {
         paused: bool,
     ) -> Result<Answer, String> {
         let phase = held_in.unwrap_or(Phase::CalloutResponse);
+        let paused_in = paused_direction(x, held_in);
         self.with_vm(worker, phase, Some(x), false, |live, ctx| {
             let data = live.store.data_mut();
             let wait = match data.stream_waits.entry(ctx) {
@@ -1550,6 +1552,7 @@ impl ProxyWasmFilter {
                 _ => return Ok(Ok(Answer::Verdict(Verdict::Pause))),
             };
             data.resume = false;
+            data.resumed_streams = 0;
             for (token, event) in wait.held {
                 // Each callback to the root context id, as on the root path
                 // (the SDKs switch to the opening context themselves).
@@ -1574,7 +1577,7 @@ impl ProxyWasmFilter {
                 );
             }
             let data = live.store.data_mut();
-            if data.resume {
+            if resumed(data, paused_in) {
                 return Ok(Ok(Answer::Verdict(Verdict::Continue)));
             }
             if paused {
@@ -1739,6 +1742,26 @@ fn paused_at_end(
     ))
 }
 
+/// The direction an HTTP exchange is paused in: that of `held_in` (a body or
+/// trailers phase it is held in), else that of its headers phase (the
+/// response's once a response head exists).
+fn paused_direction(x: &Exchange, held_in: Option<Phase>) -> Direction {
+    match held_in {
+        Some(Phase::Body(d) | Phase::Trailers(d)) => d,
+        _ if x.status.is_some() => Direction::Response,
+        _ => Direction::Request,
+    }
+}
+
+/// Whether the current call resumed direction `d` of an HTTP exchange:
+/// `proxy_continue_stream` named it (`HTTP_REQUEST` 0 for the request,
+/// `HTTP_RESPONSE` 1 for the response), as Envoy's `continueStream` calls
+/// `continueDecoding` or `continueEncoding`. A continue of the other
+/// direction, or of a TCP stream type, resumes nothing here.
+fn resumed(data: &PwState, d: Direction) -> bool {
+    data.resume && data.resumed_streams & (1 << d.idx()) != 0
+}
+
 /// The body or trailers phase an exchange held by the host (buffered, or the
 /// end of a streamed message) is paused in, from what the chain keeps on it during the pause: the body of
 /// a paused body phase (bodies are on the exchange only during their phase),
@@ -1853,6 +1876,11 @@ impl HttpFilter for ProxyWasmFilter {
         end_of_stream: bool,
     ) -> Result<Verdict, String> {
         self.headers_phase(worker, x, false, end_of_stream)
+    }
+
+    fn delivers_on_arrival(&self) -> bool {
+        // Envoy runs the callbacks when the response arrives.
+        true
     }
 
     fn on_callout_response(

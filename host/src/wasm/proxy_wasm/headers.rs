@@ -206,8 +206,12 @@ fn writable(s: &mut PwState, which: i32) -> Result<Option<&mut Exchange>, i32> {
     };
     // A head already sent: Envoy keeps the map and accepts the write, which goes
     // nowhere (and SDKs panic on an error status, so refusing it kills the filter).
-    let late = (matches!(phase, Phase::Body(_) | Phase::Trailers(_))
-        && matches!(which, map::REQUEST_HEADERS | map::RESPONSE_HEADERS))
+    let head = matches!(which, map::REQUEST_HEADERS | map::RESPONSE_HEADERS);
+    // A callout's result delivered between phases, as it arrived: every head
+    // that exists went on (or waits for the upstream) as the filters left it.
+    let idle = phase == Phase::CalloutResponse && s.x.idle;
+    let ok = ok && !idle;
+    let late = ((matches!(phase, Phase::Body(_) | Phase::Trailers(_)) || idle) && head)
         || (which == map::REQUEST_HEADERS
             && (phase == Phase::ResponseHeaders
                 || (phase == Phase::CalloutResponse && at_response)));

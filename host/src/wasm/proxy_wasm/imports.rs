@@ -856,7 +856,9 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                     // adds the value to a counter.
                     Metric::Counter(k) => k.add(v),
                     Metric::Gauge(g) => g.set(i64::try_from(v).unwrap_or(i64::MAX)),
-                    Metric::Histogram(h) => h.observe(Duration::from_millis(v.min(1 << 40))),
+                    // Envoy's `recordValue` of the value as given (its
+                    // histogram's unit is `Unspecified`).
+                    Metric::Histogram(h) => h.observe_value(v as f64),
                 }
                 Ok(())
             })

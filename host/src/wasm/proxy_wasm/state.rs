@@ -50,6 +50,16 @@ pub enum Phase {
     Connection,
 }
 
+/// The bucket bounds of a proxy-wasm histogram: Envoy's default buckets
+/// (`HistogramSettingsImpl::defaultBuckets`) in the unit the plugin records
+/// in. Envoy defines a plugin's histogram with `Unit::Unspecified` and
+/// records the value as given, so its Prometheus buckets are these numbers
+/// as they are (for a plugin recording milliseconds, 0.5 ms to 1 h).
+pub const BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
 /// A metric the module defined: its kind and series.
 #[derive(Clone)]
 pub enum Metric {
@@ -57,7 +67,7 @@ pub enum Metric {
     Counter(Counter),
     /// `GAUGE`.
     Gauge(Gauge),
-    /// `HISTOGRAM` (values recorded as milliseconds).
+    /// `HISTOGRAM`: values recorded as given, over [`BUCKETS`].
     Histogram(Histogram),
 }
 
@@ -171,7 +181,7 @@ impl Meta {
         let m = match kind {
             0 => Metric::Counter(self.stats.counter(prom, help, &labels)),
             1 => Metric::Gauge(self.stats.gauge(prom, help, &labels)),
-            2 => Metric::Histogram(self.stats.histogram(prom, help, &labels)),
+            2 => Metric::Histogram(self.stats.histogram_over(prom, help, &labels, &BUCKETS)),
             _ => return None,
         };
         defs.push((name.to_string(), m));
