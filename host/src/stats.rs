@@ -236,16 +236,7 @@ impl Stats {
     ) -> Metric {
         let key = render_labels(labels);
         let mut fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
-        let fam = match fams.entry(name) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => {
-                self.staged(|log| log.families.push(name));
-                e.insert(Family {
-                    help,
-                    ..Family::default()
-                })
-            }
-        };
+        let fam = self.family(&mut fams, name, help);
         if fam.carried.remove(&key) {
             self.staged(|log| log.uncarried.push((name, key.clone())));
             let wanted = make();
@@ -262,6 +253,25 @@ impl Stats {
             Entry::Vacant(e) => {
                 self.staged(|log| log.series.push((name, e.key().clone())));
                 e.insert(make()).clone()
+            }
+        }
+    }
+
+    /// Family `name` of `fams`, made (with `help`, and staged) if new.
+    fn family<'f>(
+        &self,
+        fams: &'f mut BTreeMap<&'static str, Family>,
+        name: &'static str,
+        help: &'static str,
+    ) -> &'f mut Family {
+        match fams.entry(name) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                self.staged(|log| log.families.push(name));
+                e.insert(Family {
+                    help,
+                    ..Family::default()
+                })
             }
         }
     }
@@ -582,16 +592,7 @@ impl Stats {
         if part_of_histogram || parts_taken {
             return false;
         }
-        let fam = match fams.entry(name) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => {
-                self.staged(|log| log.families.push(name));
-                e.insert(Family {
-                    help,
-                    ..Family::default()
-                })
-            }
-        };
+        let fam = self.family(&mut fams, name, help);
         if fam.declared.is_none() {
             self.staged(|log| log.declared.push(name));
         }

@@ -961,27 +961,10 @@ each_proto!(
     /// ran): the host used to drop such an answer, since no response headers
     /// phase came after it.
     async fn a_call_answer_reaches_its_callback_while_the_response_streams(proto) {
-        use futures_util::StreamExt;
         use http_body_util::BodyExt;
-        use std::sync::{Arc, Mutex};
-        let (more_tx, more_rx) = tokio::sync::oneshot::channel::<()>();
-        let more_rx = Arc::new(Mutex::new(Some(more_rx)));
+        let (more_tx, stream) = gated_stream("part1;", "part2");
         let up = upstream()
-            .route("/late/response", move |_req| {
-                let more = more_rx.lock().unwrap().take();
-                async move {
-                    let first = futures_util::stream::once(async {
-                        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from("part1;")))
-                    });
-                    let rest = futures_util::stream::once(async move {
-                        if let Some(more) = more {
-                            let _ = more.await;
-                        }
-                        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from("part2")))
-                    });
-                    Response::new(BodyExt::boxed(http_body_util::StreamBody::new(first.chain(rest))))
-                }
-            })
+            .route("/late/response", stream)
             .start()
             .await;
         let az = authz_upstream().await;
@@ -1309,6 +1292,44 @@ each_proto!(
     }
 );
 
+/// An upstream handler streaming a response (`text/event-stream`, no length):
+/// `first` at once, `rest` only once the returned sender fires, so a test sees
+/// what reaches the client while the upstream still holds the stream open.
+/// Answers one request.
+fn gated_stream(
+    first: &'static str,
+    rest: &'static str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    impl Fn(Request<Incoming>) -> std::future::Ready<Response<BoxBody>> + Send + Sync + 'static,
+) {
+    use futures_util::StreamExt;
+    use std::sync::{Arc, Mutex};
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let handler = move |_req| {
+        let more = rx.lock().unwrap().take();
+        let first = futures_util::stream::once(async move {
+            Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(first)))
+        });
+        let rest = futures_util::stream::once(async move {
+            if let Some(more) = more {
+                let _ = more.await;
+            }
+            Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(rest)))
+        });
+        let body =
+            http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(first.chain(rest)));
+        let mut r = Response::new(body);
+        r.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        std::future::ready(r)
+    };
+    (tx, handler)
+}
+
 /// The upstream's view of a request: the body's length and checksum (read as
 /// it streams, [`sink`]) and the headers `x-pw-first-chunk` and `x-pw-late`.
 async fn sink_with_marks(req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -1363,33 +1384,11 @@ each_proto!(
     /// while the upstream is still sending (the host used to wait for the end
     /// of the body, which never comes).
     async fn pause_from_response_headers_lets_a_stream_through(proto) {
-        use futures_util::StreamExt;
         use http_body_util::BodyExt;
-        use std::sync::{Arc, Mutex};
-        let (more_tx, more_rx) = tokio::sync::oneshot::channel::<()>();
-        let more_rx = Arc::new(Mutex::new(Some(more_rx)));
+        // The second event only once the client has the first.
+        let (more_tx, stream) = gated_stream("data: 1\n\n", "data: 2\n\n");
         let up = upstream()
-            .route("/events", move |_req| {
-                let more = more_rx.lock().unwrap().take();
-                async move {
-                    let first = futures_util::stream::once(async {
-                        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from("data: 1\n\n")))
-                    });
-                    // The second event only once the client has the first.
-                    let rest = futures_util::stream::once(async move {
-                        if let Some(more) = more {
-                            let _ = more.await;
-                        }
-                        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from("data: 2\n\n")))
-                    });
-                    let mut r = Response::new(BodyExt::boxed(http_body_util::StreamBody::new(first.chain(rest))));
-                    r.headers_mut().insert(
-                        "content-type",
-                        http::HeaderValue::from_static("text/event-stream"),
-                    );
-                    r
-                }
-            })
+            .route("/events", stream)
             .start()
             .await;
         let p = plugin("peek", "{ mode: peek }", "");
