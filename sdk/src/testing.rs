@@ -64,6 +64,14 @@ use crate::{Body, Error, Exchange, Headers, HttpFilter, Instance, Phase, Setup};
 /// The smallest tick interval the host takes (its default `MIN_TICK`).
 const MIN_TICK_MS: u32 = 10;
 
+/// The host's default `limits.body` (host/src/filter.rs `DEFAULT_BODY_LIMIT`):
+/// the most a network filter may hold per direction.
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+
+/// The range the host's configuration takes for `limits.body`
+/// (host/src/config/validate.rs): 1 KiB to 64 MiB.
+const BODY_LIMIT_RANGE: std::ops::RangeInclusive<usize> = (1 << 10)..=(64 << 20);
+
 /// Why the host fails a call that returned `pause` with no callout or KV call
 /// of its exchange outstanding (host/src/wasm/plugin.rs `verdict`).
 const PAUSE_WITHOUT_CALL: &str = "returned `pause` with no outstanding callout";
@@ -205,6 +213,7 @@ impl TestHost {
             // one host.
             next_context: 1 << 32,
             fail_open: false,
+            body_limit: DEFAULT_BODY_LIMIT,
         })
     }
 
@@ -1417,6 +1426,8 @@ pub struct NetworkFilterTest<F: NetworkFilter> {
     next_context: u64,
     /// The plugin's failure policy is `fail: open`.
     fail_open: bool,
+    /// The plugin's `limits.body`: the most the filter may hold per direction.
+    body_limit: usize,
 }
 
 impl<F: NetworkFilter> NetworkFilterTest<F> {
@@ -1438,6 +1449,28 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
     /// [`TestConnection::failure`]).
     pub fn fail_open(mut self, open: bool) -> Self {
         self.fail_open = open;
+        self
+    }
+
+    /// Set the plugin's `limits.body` (default [`DEFAULT_BODY_LIMIT`], 1 MiB):
+    /// the most bytes the filter may hold (`Pause`) per direction. As on the
+    /// host (host/src/network_filter.rs `over_cap`), a data call that leaves
+    /// the filter holding more than this (a pause with a callout outstanding,
+    /// or a buffering pause before the end of the stream) closes the
+    /// connection (see [`TestConnection::limit_exceeded`]); data passing
+    /// through is not capped.
+    ///
+    /// # Panics
+    ///
+    /// Outside 1 KiB..=64 MiB, which the host's configuration refuses.
+    #[track_caller]
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        assert!(
+            BODY_LIMIT_RANGE.contains(&bytes),
+            "NetworkFilterTest::body_limit({bytes}): the host takes `limits.body` between \
+             `1KiB` and `64MiB` only"
+        );
+        self.body_limit = bytes;
         self
     }
 
@@ -1502,6 +1535,7 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
             closed: false,
             closing: false,
             failure: None,
+            limit_exceeded: None,
         }
     }
 
@@ -1629,6 +1663,11 @@ fn direction_of(from: Peer) -> Direction {
 /// open skips the filter for the rest of the connection (what it held goes
 /// on, later data passes untouched, no reply is delivered); either way the
 /// failed filter gets no `on_close`.
+///
+/// What the filter holds is capped per direction at the plugin's
+/// `limits.body` ([`NetworkFilterTest::body_limit`], 1 MiB by default): as on
+/// the host, a hold over it closes the connection
+/// ([`limit_exceeded`](Self::limit_exceeded)).
 pub struct TestConnection<'t, F: NetworkFilter> {
     test: &'t mut NetworkFilterTest<F>,
     context: u64,
@@ -1655,6 +1694,9 @@ pub struct TestConnection<'t, F: NetworkFilter> {
     closing: bool,
     /// Why the host would have failed the filter on this connection.
     failure: Option<String>,
+    /// The side whose data the filter held over its `limits.body` (the host
+    /// then closed the connection).
+    limit_exceeded: Option<Peer>,
 }
 
 impl<F: NetworkFilter> TestConnection<'_, F> {
@@ -1807,6 +1849,13 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         });
         match action {
             NetworkAction::Continue => self.forward(d),
+            NetworkAction::Pause if (self.outstanding() > 0 || !eos) && self.over_limit(d) => {
+                // As the host (network_filter.rs `run_data`, `over_cap`): the
+                // connection closes, what the filter held is discarded; not a
+                // failure of the filter (it still gets `on_close`).
+                self.limit_exceeded = Some(from);
+                self.close_all();
+            }
             NetworkAction::Pause if self.outstanding() > 0 => {
                 self.paused[i] = true;
                 self.waiting[i] = true;
@@ -1834,6 +1883,14 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         // settles after each run.
         self.settle();
         action
+    }
+
+    /// Whether the data of `d` the filter just paused on (as it left it) is
+    /// over the plugin's `limits.body`.
+    fn over_limit(&self, d: Direction) -> bool {
+        self.ex.borrow().bodies[idx(d)]
+            .as_ref()
+            .is_some_and(|b| b.len() > self.test.body_limit)
     }
 
     fn forward(&mut self, d: Direction) {
@@ -2053,6 +2110,16 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         } else {
             None
         }
+    }
+
+    /// The side whose data the filter held over the plugin's `limits.body`
+    /// ([`NetworkFilterTest::body_limit`]), if it did: the host closed the
+    /// connection then ([`is_closed`](Self::is_closed); the held data was
+    /// discarded, `on_close` ran for each open side, as for a `Close`), and
+    /// counts it in `legate_plugin_body_limit_exceeded_total`. The data call
+    /// still returns the filter's `Pause`.
+    pub fn limit_exceeded(&self) -> Option<Peer> {
+        self.limit_exceeded
     }
 
     /// Whether the upstream connection was opened.

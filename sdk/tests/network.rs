@@ -833,3 +833,71 @@ fn a_buffering_hold_is_not_a_callout_pause() {
     assert_eq!(c.sent_downstream(), b"askask");
     assert_eq!(c.failure(), None);
 }
+
+#[test]
+fn holding_more_than_limits_body_closes_the_connection() {
+    // The host (network_filter.rs `over_cap`) closes a connection whose
+    // filter holds more than its `limits.body` in one direction.
+    let mut t = NetworkFilterTest::<Lines>::configure(r#"{"upper": false}"#)
+        .unwrap()
+        .body_limit(1024);
+    let mut c = t.connect(Conn::new());
+    c.new_connection();
+    // Data passing through is not capped.
+    let line = [vec![b'a'; 4000], b"\n".to_vec()].concat();
+    assert_eq!(c.downstream(line.clone(), false), NetworkAction::Continue);
+    assert_eq!(c.sent_upstream(), line);
+    // Holding exactly the cap is fine.
+    assert_eq!(c.downstream(vec![b'b'; 1024], false), NetworkAction::Pause);
+    assert_eq!(c.held(Peer::Downstream).map(|h| h.len()), Some(1024));
+    assert!(!c.is_closed());
+    // One byte more is over it: closed, the held data is discarded, and
+    // the filter (which did not fail) hears of both sides closing.
+    assert_eq!(c.downstream("b", false), NetworkAction::Pause);
+    assert!(c.is_closed());
+    assert_eq!(c.limit_exceeded(), Some(Peer::Downstream));
+    assert_eq!(c.failure(), None);
+    assert_eq!(c.held(Peer::Downstream), None);
+    assert_eq!(c.sent_upstream(), line);
+    assert_eq!(c.downstream("more\n", false), NetworkAction::Close);
+    drop(c);
+    let host = t.host();
+    assert_eq!(host.counter("closes_total", &["downstream"]), Some(1));
+    assert_eq!(host.counter("closes_total", &["upstream"]), Some(1));
+
+    // The default cap is the host's, 1 MiB.
+    let mut t = NetworkFilterTest::<Lines>::configure(r#"{"upper": false}"#).unwrap();
+    let mut c = t.connect(Conn::new());
+    c.new_connection();
+    assert_eq!(
+        c.downstream(vec![b'x'; 1 << 20], false),
+        NetworkAction::Pause
+    );
+    assert!(!c.is_closed());
+    assert_eq!(c.downstream("x", false), NetworkAction::Pause);
+    assert!(c.is_closed());
+    assert_eq!(c.limit_exceeded(), Some(Peer::Downstream));
+}
+
+#[test]
+fn a_pause_at_the_end_of_a_stream_over_the_cap_is_a_failure_not_the_cap() {
+    // As on the host: the cap applies to a hold something could end; a
+    // pause at the end of the stream with nothing outstanding fails first.
+    let mut t = NetworkFilterTest::<Lines>::configure(r#"{"upper": false}"#)
+        .unwrap()
+        .body_limit(1024);
+    let mut c = t.connect(Conn::new());
+    c.new_connection();
+    assert_eq!(c.downstream(vec![b'b'; 2000], true), NetworkAction::Pause);
+    assert!(c.is_closed());
+    assert_eq!(c.limit_exceeded(), None);
+    assert!(c.failure().is_some());
+}
+
+#[test]
+#[should_panic(expected = "between `1KiB` and `64MiB`")]
+fn a_body_limit_the_host_refuses_is_refused() {
+    let _ = NetworkFilterTest::<Lines>::configure(r#"{"upper": false}"#)
+        .unwrap()
+        .body_limit(100);
+}
