@@ -189,6 +189,7 @@ impl TestHost {
             instance,
             id,
             next_context: 1,
+            fail_open: false,
         })
     }
 
@@ -473,6 +474,8 @@ pub struct FilterTest<F: HttpFilter> {
     /// This instance's id on the host.
     id: u64,
     next_context: u64,
+    /// The plugin's failure policy is `fail: open`.
+    fail_open: bool,
 }
 
 impl<F: HttpFilter> FilterTest<F> {
@@ -485,6 +488,18 @@ impl<F: HttpFilter> FilterTest<F> {
     /// The host this filter runs on.
     pub fn host(&self) -> &TestHost {
         &self.host
+    }
+
+    /// Set the plugin's failure policy, as `fail:` in the host configuration
+    /// (host/src/filter.rs `failure`): `false` (the default, `fail: closed`)
+    /// ends an exchange whose filter failed with the host's `503`
+    /// ([`Outcome::Failed`]); `true` (`fail: open`) skips the filter for the
+    /// rest of the exchange, which goes on without it: [`TestExchange::run`]
+    /// carries on to the upstream's response and returns what the rest of
+    /// the exchange ends with (see [`TestExchange::failure`]).
+    pub fn fail_open(mut self, open: bool) -> Self {
+        self.fail_open = open;
+        self
     }
 
     /// The effective setup (including `done` for a stateful context).
@@ -749,7 +764,10 @@ pub enum Outcome {
     /// outstanding (nothing could resume it).
     /// The host applies the plugin's failure policy (`fail: closed`: a `503`)
     /// and makes no more calls into the filter for the exchange but `on_done`;
-    /// so does the harness. The `String` is the host's reason.
+    /// so does the harness. The `String` is the host's reason. Only with
+    /// `fail: closed` (the default): with [`FilterTest::fail_open`] the host
+    /// skips the filter and the exchange goes on, so `run` does too (and
+    /// [`TestExchange::failure`] gives the reason).
     Failed(Phase, String),
 }
 
@@ -827,7 +845,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// `on_done`, as the host (its failure policy applies: fail closed ends
     /// the exchange with `503`, fail open skips the filter): no later phase,
     /// no `on_log`, and no callout or KV reply is delivered
-    /// ([`deliver_callout`](Self::deliver_callout) gives `None`).
+    /// ([`deliver_callout`](Self::deliver_callout) gives `None`). Fail open
+    /// ([`FilterTest::fail_open`]), the exchange itself goes on past the
+    /// skipped filter: the phase methods take the rest of the request and
+    /// the upstream's response (returning `Continue`), and
+    /// [`run`](Self::run) drives it to its end.
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
     }
@@ -1282,7 +1304,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// exchange), `Pause` ([`Outcome::Paused`]) or failure
     /// ([`Outcome::Failed`], then ends the exchange: `on_done` only). A
     /// `Pause` with nothing of the exchange outstanding is a failure, as on
-    /// the host. A filter that buffers a direction gets its body
+    /// the host. With [`FilterTest::fail_open`], a failure does not stop
+    /// the run: as the host, it skips the filter and the exchange goes on to
+    /// its end (the upstream's `response`, no `on_log` for the failed
+    /// filter, `on_done`), usually [`Outcome::Completed`];
+    /// [`failure`](Self::failure) gives the reason. A filter that buffers a direction gets its body
     /// call even for a message without a body (an empty buffer), as from the
     /// host (abi/README.md §4).
     ///
@@ -1322,6 +1348,12 @@ impl<F: HttpFilter> TestExchange<'_, F> {
                 _ => Action::Continue,
             };
             if let Some(why) = self.failure.clone() {
+                if self.test.fail_open {
+                    // As the host (filter.rs `failure`): the filter is
+                    // skipped (no more calls: `declared` is false from now
+                    // on) and the exchange goes on; its action means nothing.
+                    continue;
+                }
                 // No `on_log` for the failed filter: `done` only.
                 self.done();
                 return Outcome::Failed(phase, why);

@@ -4,7 +4,8 @@
 //! response validation, header values, callouts, the tick interval and KV TTLs;
 //! and it calls the filter when the host would: a labelled metric's empty
 //! series, a pause with nothing outstanding (a failure), replies to the
-//! instance that made the call only, none after a failure.
+//! instance that made the call only, none after a failure, and the failure
+//! policy (fail open: the exchange goes on without the filter).
 
 #![allow(clippy::unwrap_used)]
 
@@ -1115,4 +1116,145 @@ fn a_failed_exchange_gets_no_more_deliveries() {
     assert!(x.failure().is_some());
     assert_eq!(x.deliver_kv(), vec![]);
     assert_eq!(x.kv_calls_outstanding(), 1);
+}
+
+// ---------------------------------------------------------------- failure policy
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlakyConfig {
+    /// What `on_request_headers` does: `bad` (a local response the host
+    /// refuses), `pause` (with nothing outstanding), anything else continues.
+    fail: String,
+}
+
+/// Fails in its request headers phase as configured; marks the response
+/// and counts its response, `on_log` and `on_done` calls.
+struct Flaky {
+    fail: String,
+    response_calls: u32,
+    logs: u32,
+    dones: u32,
+}
+
+impl HttpFilter for Flaky {
+    type Config = FlakyConfig;
+    type Context = Seen;
+    fn configure(c: FlakyConfig) -> Result<Self, String> {
+        Ok(Flaky {
+            fail: c.fail,
+            response_calls: 0,
+            logs: 0,
+            dones: 0,
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_request_headers()
+            .on_response_headers()
+            .on_response_body(BodyMode::Buffered)
+            .on_log()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut Seen,
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        match self.fail.as_str() {
+            "bad" => Action::Respond(LocalResponse::new(700)),
+            "pause" => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+    fn on_response_headers(
+        &mut self,
+        _: &mut Seen,
+        _: &Exchange<'_>,
+        h: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.response_calls += 1;
+        h.set("x-filtered", "1").unwrap();
+        Action::Continue
+    }
+    fn on_response_body(
+        &mut self,
+        _: &mut Seen,
+        _: &Exchange<'_>,
+        b: &Body<'_>,
+        _: bool,
+    ) -> Action {
+        self.response_calls += 1;
+        b.replace("filtered").unwrap();
+        Action::Continue
+    }
+    fn on_log(&mut self, _: &mut Seen, _: &Exchange<'_>) {
+        self.logs += 1;
+    }
+    fn on_done(&mut self, _: Seen) {
+        self.dones += 1;
+    }
+}
+
+/// Fail open, the host skips a failed filter and the exchange goes on
+/// (host/src/filter.rs `failure`): the upstream's response comes back
+/// untouched by it, without `on_log` for it, with `on_done`.
+#[test]
+fn a_filter_failing_open_is_skipped_and_the_exchange_goes_on() {
+    for (fail, why) in [("bad", "700"), ("pause", NO_CALL)] {
+        let config = format!(r#"{{"fail": "{fail}"}}"#);
+        let upstream = || Response::new(200).header("x-up", "1").body("hi");
+
+        // Fail closed (the default): the exchange ends with the failure.
+        let mut t = FilterTest::<Flaky>::configure(&config).unwrap();
+        let mut x = t.exchange(Request::get("/"));
+        match x.run(upstream()) {
+            Outcome::Failed(Phase::RequestHeaders, reason) => assert!(reason.contains(why)),
+            other => panic!("{fail}: {other:?}"),
+        }
+        assert_eq!(x.status(), None);
+
+        // Fail open: the exchange goes on to the upstream and back.
+        let mut t = FilterTest::<Flaky>::configure(&config)
+            .unwrap()
+            .fail_open(true);
+        let mut x = t.exchange(Request::get("/"));
+        assert_eq!(x.run(upstream()), Outcome::Completed, "{fail}");
+        assert!(x.failure().unwrap().contains(why), "{fail}");
+        assert_eq!(x.status(), Some(200));
+        assert_eq!(x.response_header("x-up").as_deref(), Some("1"));
+        assert_eq!(x.response_header("x-filtered"), None);
+        drop(x);
+        let f = t.filter();
+        assert_eq!((f.response_calls, f.logs, f.dones), (0, 0, 1), "{fail}");
+    }
+
+    // A filter that does not fail is unaffected by the policy.
+    let mut t = FilterTest::<Flaky>::configure(r#"{"fail": "no"}"#)
+        .unwrap()
+        .fail_open(true);
+    let mut x = t.exchange(Request::get("/"));
+    assert_eq!(x.run(Response::new(200).body("hi")), Outcome::Completed);
+    assert_eq!(x.failure(), None);
+    assert_eq!(x.response_header("x-filtered").as_deref(), Some("1"));
+    drop(x);
+    let f = t.filter();
+    assert_eq!((f.response_calls, f.logs, f.dones), (2, 1, 1));
+
+    // Failing in a reply while paused: the exchange goes on past it too.
+    let host = waiters();
+    let mut t = host.configure::<Waiter>("null").unwrap().fail_open(true);
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(steps("call,bad"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    assert!(matches!(x.deliver_callouts()[..], [Action::Respond(_)]));
+    assert!(x.failure().unwrap().contains("700"));
+    assert_eq!(x.response_headers(Response::new(204)), Action::Continue);
+    assert_eq!(x.status(), Some(204));
+    x.log();
+    x.done();
+    drop(x);
+    assert_eq!((t.filter().logs, t.filter().dones), (0, 1));
 }
