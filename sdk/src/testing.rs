@@ -29,6 +29,9 @@
 //!
 //! Every phase method calls the filter only if the phase is declared (as the
 //! host does) and returns the [`Action`] (`Continue` for an undeclared phase).
+//! As the host, the harness makes each phase call of an exchange once, in
+//! order, and none while the exchange is paused: a phase method asked for
+//! again, or for a phase the exchange is past, panics naming the mistake.
 //!
 //! Network (L4) filters run on [`NetworkFilterTest`]: open a connection with
 //! [`NetworkFilterTest::connect`], feed bytes from either side and read what
@@ -569,6 +572,7 @@ impl<F: HttpFilter> FilterTest<F> {
             started: false,
             logged: false,
             ended: false,
+            stages: [Stage::Start; 2],
         }
     }
 
@@ -795,6 +799,46 @@ pub struct TestExchange<'t, F: HttpFilter> {
     logged: bool,
     /// `done` was called: the exchange is over.
     ended: bool,
+    /// How far each direction's phases got (`[request, response]`): the
+    /// host calls them once each, in order.
+    stages: [Stage; 2],
+}
+
+/// How far a direction of a [`TestExchange`] got, by the phase methods
+/// called for it (whether or not the phase is declared).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Nothing yet.
+    Start,
+    /// The headers phase.
+    Headers,
+    /// Body chunks, not the last (`end_of_stream = false`).
+    Body,
+    /// The last body call (`end_of_stream = true`, or the whole body).
+    BodyEnd,
+    /// The trailers phase.
+    Trailers,
+}
+
+impl Stage {
+    /// The order of the stages.
+    fn rank(self) -> u8 {
+        match self {
+            Stage::Start => 0,
+            Stage::Headers => 1,
+            Stage::Body => 2,
+            Stage::BodyEnd => 3,
+            Stage::Trailers => 4,
+        }
+    }
+}
+
+/// A phase method of a [`TestExchange`], for [`TestExchange::step`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Headers,
+    Body { eos: bool },
+    Trailers,
 }
 
 impl<F: HttpFilter> TestExchange<'_, F> {
@@ -828,6 +872,84 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             "TestExchange::{what} called after `{after}`: the host makes no call into an \
              exchange it logged or ended; start another with FilterTest::exchange"
         );
+    }
+
+    /// Before phase method `what` (`step` of direction `d`): the host calls
+    /// each phase of an exchange once, in order (abi/README.md §3): request
+    /// headers first; then, per direction, headers, body (chunks up to the
+    /// one with `end_of_stream`), trailers (request body and trailers calls
+    /// may interleave with the response's on full-duplex exchanges); and
+    /// none while the exchange is paused (the host reads nothing of it until
+    /// the pause ends). A test that asks for a phase again, or for one the
+    /// exchange is already past, would see the filter called in a way the
+    /// host never calls it: a test bug, reported by a panic at the caller.
+    /// A test may leave phases out (those of its filter's undeclared phases,
+    /// typically): the exchange is then past them.
+    #[track_caller]
+    fn step(&mut self, what: &str, d: Direction, step: Step) {
+        let dir = match d {
+            Direction::Request => "request",
+            Direction::Response => "response",
+        };
+        let stage = self.stages[idx(d)];
+        let refused = if self.paused {
+            Some(
+                "while the exchange is paused: the host calls no phase until the pause ends \
+                 (deliver the replies it waits for first)"
+                    .to_owned(),
+            )
+        } else if step == Step::Headers && d == Direction::Request && self.stages[1] != Stage::Start
+        {
+            Some(
+                "after a response phase: the request headers phase precedes every other phase"
+                    .to_owned(),
+            )
+        } else {
+            match (step, stage) {
+                (Step::Headers, Stage::Start) => None,
+                (Step::Headers, Stage::Headers) => Some(format!(
+                    "twice: the host calls the {dir} headers phase once per exchange"
+                )),
+                (Step::Headers, _) => Some(format!("after the {dir} body or trailers")),
+                (Step::Body { .. }, Stage::Start | Stage::Headers | Stage::Body) => None,
+                (Step::Body { .. }, Stage::BodyEnd) => Some(format!(
+                    "after the {dir} body ended (a body call with end of stream, or \
+                     {dir}_body): the host makes no body call after the last one"
+                )),
+                (Step::Body { .. }, Stage::Trailers) => Some(format!("after {dir}_trailers")),
+                (Step::Trailers, Stage::Trailers) => Some(format!(
+                    "twice: the host calls the {dir} trailers phase once per exchange"
+                )),
+                (Step::Trailers, _) => None,
+            }
+        };
+        if let Some(why) = refused {
+            panic!(
+                "TestExchange::{what} called {why}; the host calls each phase of an exchange \
+                 once, in order"
+            );
+        }
+        self.stages[idx(d)] = match step {
+            Step::Headers => Stage::Headers,
+            Step::Body { eos: false } => Stage::Body,
+            Step::Body { eos: true } => Stage::BodyEnd,
+            Step::Trailers => Stage::Trailers,
+        };
+    }
+
+    /// Whether the exchange is past `phase` (a request or response phase):
+    /// it was called, or a later one of its direction.
+    fn past(&self, phase: Phase) -> bool {
+        let (d, at) = match phase {
+            Phase::RequestHeaders => (0, Stage::Headers),
+            Phase::RequestBody => (0, Stage::BodyEnd),
+            Phase::RequestTrailers => (0, Stage::Trailers),
+            Phase::ResponseHeaders => (1, Stage::Headers),
+            Phase::ResponseBody => (1, Stage::BodyEnd),
+            Phase::ResponseTrailers => (1, Stage::Trailers),
+            _ => return false,
+        };
+        self.stages[d].rank() >= at.rank()
     }
 
     /// Whether the host would make a call of `phase`: it is declared and the
@@ -913,6 +1035,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     #[track_caller]
     pub fn request_headers(&mut self) -> Action {
         self.enter("request_headers");
+        self.step("request_headers", Direction::Request, Step::Headers);
         if !self.declared(Phase::RequestHeaders) {
             return Action::Continue;
         }
@@ -983,6 +1106,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     #[track_caller]
     pub fn request_body(&mut self) -> Action {
         self.enter("request_body");
+        self.step("request_body", Direction::Request, Step::Body { eos: true });
         let data = std::mem::take(&mut self.pending_body[0]);
         self.body_phase(Direction::Request, data, true)
     }
@@ -991,6 +1115,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     #[track_caller]
     pub fn request_body_chunk(&mut self, data: impl Into<Vec<u8>>, end_of_stream: bool) -> Action {
         self.enter("request_body_chunk");
+        self.step(
+            "request_body_chunk",
+            Direction::Request,
+            Step::Body { eos: end_of_stream },
+        );
         self.body_phase(Direction::Request, data.into(), end_of_stream)
     }
 
@@ -1022,6 +1151,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     #[track_caller]
     pub fn request_trailers(&mut self) -> Action {
         self.enter("request_trailers");
+        self.step("request_trailers", Direction::Request, Step::Trailers);
         self.trailers_phase(Direction::Request)
     }
 
@@ -1029,6 +1159,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     #[track_caller]
     pub fn response_headers(&mut self, response: Response) -> Action {
         self.enter("response_headers");
+        self.step("response_headers", Direction::Response, Step::Headers);
         {
             let mut ex = self.ex.borrow_mut();
             ex.status = Some(response.status);
@@ -1054,6 +1185,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     #[track_caller]
     pub fn response_body(&mut self) -> Action {
         self.enter("response_body");
+        self.step(
+            "response_body",
+            Direction::Response,
+            Step::Body { eos: true },
+        );
         let data = std::mem::take(&mut self.pending_body[1]);
         self.body_phase(Direction::Response, data, true)
     }
@@ -1062,6 +1198,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     #[track_caller]
     pub fn response_body_chunk(&mut self, data: impl Into<Vec<u8>>, end_of_stream: bool) -> Action {
         self.enter("response_body_chunk");
+        self.step(
+            "response_body_chunk",
+            Direction::Response,
+            Step::Body { eos: end_of_stream },
+        );
         self.body_phase(Direction::Response, data.into(), end_of_stream)
     }
 
@@ -1069,6 +1210,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     #[track_caller]
     pub fn response_trailers(&mut self) -> Action {
         self.enter("response_trailers");
+        self.step("response_trailers", Direction::Response, Step::Trailers);
         self.trailers_phase(Direction::Response)
     }
 
@@ -1315,7 +1457,9 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// `run` drives a fresh exchange: it panics on one logged or done, and on
     /// one already driven by a phase method while the filter still gets calls
     /// (it would call those phases again; a detached or failed exchange gets
-    /// none, so `run` only walks it to its end).
+    /// none, so `run` only walks it to its end, from the phases it is not
+    /// past yet: `response` is the upstream's unless the response headers
+    /// were given already).
     #[track_caller]
     pub fn run(&mut self, response: Response) -> Outcome {
         if self.started && self.live() {
@@ -1335,6 +1479,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             Phase::ResponseBody,
             Phase::ResponseTrailers,
         ] {
+            if self.past(phase) {
+                // Driven by a phase method before (a detached or failed
+                // exchange `run` walks to its end): not again.
+                continue;
+            }
             let action = match phase {
                 Phase::RequestHeaders => self.request_headers(),
                 Phase::RequestBody if self.body_call(Direction::Request) => self.request_body(),

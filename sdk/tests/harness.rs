@@ -289,6 +289,235 @@ fn an_exchange_is_ended_once_and_never_restarted() {
     assert_eq!(t.filter().seen.len(), 5);
 }
 
+/// Records (and logs) every phase call; pauses the request headers on a callout when
+/// the request has `x-call`.
+#[derive(Default)]
+struct Every {
+    seen: Vec<String>,
+}
+
+impl Every {
+    fn record(&mut self, call: String) {
+        legate_sdk::info!("{call}");
+        self.seen.push(call);
+    }
+}
+
+impl HttpFilter for Every {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(Every::default())
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_request_headers()
+            .on_request_body(BodyMode::Streamed)
+            .on_request_trailers()
+            .on_response_headers()
+            .on_response_body(BodyMode::Streamed)
+            .on_response_trailers()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        h: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.record("request_headers".into());
+        if h.has("x-call") {
+            callout::send(&CalloutRequest::new("authz", "GET", "/")).unwrap();
+            return Action::Pause;
+        }
+        Action::Continue
+    }
+    fn on_request_body(&mut self, _: &mut (), _: &Exchange<'_>, b: &Body<'_>, eos: bool) -> Action {
+        self.record(format!("request_body {} {eos}", b.len()));
+        Action::Continue
+    }
+    fn on_request_trailers(&mut self, _: &mut (), _: &Exchange<'_>, _: &Headers<'_>) -> Action {
+        self.record("request_trailers".into());
+        Action::Continue
+    }
+    fn on_response_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.record("response_headers".into());
+        Action::Continue
+    }
+    fn on_response_body(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        b: &Body<'_>,
+        eos: bool,
+    ) -> Action {
+        self.record(format!("response_body {} {eos}", b.len()));
+        Action::Continue
+    }
+    fn on_response_trailers(&mut self, _: &mut (), _: &Exchange<'_>, _: &Headers<'_>) -> Action {
+        self.record("response_trailers".into());
+        Action::Continue
+    }
+}
+
+/// The host calls each phase of an exchange once, in order, and none while
+/// it is paused: the harness refuses a test that asks for a phase again, or
+/// for one the exchange is past, with a panic naming it, instead of calling
+/// the filter a second time.
+#[test]
+fn a_phase_is_called_once_in_order_and_not_while_paused() {
+    type Call = fn(&mut TestExchange<'_, Every>);
+    let trailers = || Request::post("/", "ab").trailer("x-t", "1");
+    let refused: [(&str, Call, Call, &str); 8] = [
+        (
+            "headers twice",
+            |x| {
+                x.request_headers();
+            },
+            |x| {
+                x.request_headers();
+            },
+            "request_headers called twice",
+        ),
+        (
+            "a body call after the last",
+            |x| {
+                x.request_body_chunk("a", true);
+            },
+            |x| {
+                x.request_body_chunk("b", false);
+            },
+            "request_body_chunk called after the request body ended",
+        ),
+        (
+            "the whole body twice",
+            |x| {
+                x.request_body();
+            },
+            |x| {
+                x.request_body();
+            },
+            "request_body called after the request body ended",
+        ),
+        (
+            "a body call after the trailers",
+            |x| {
+                x.request_trailers();
+            },
+            |x| {
+                x.request_body_chunk("b", true);
+            },
+            "request_body_chunk called after request_trailers",
+        ),
+        (
+            "trailers twice",
+            |x| {
+                x.response_headers(Response::new(200).trailer("x-t", "1"));
+                x.response_trailers();
+            },
+            |x| {
+                x.response_trailers();
+            },
+            "response_trailers called twice",
+        ),
+        (
+            "response headers twice",
+            |x| {
+                x.response_headers(Response::new(200));
+            },
+            |x| {
+                x.response_headers(Response::new(200));
+            },
+            "response_headers called twice",
+        ),
+        (
+            "request headers after the response",
+            |x| {
+                x.response_headers(Response::new(200));
+            },
+            |x| {
+                x.request_headers();
+            },
+            "request_headers called after a response phase",
+        ),
+        (
+            "the headers after the body",
+            |x| {
+                x.response_headers(Response::new(200).body("x"));
+                x.response_body_chunk("x", false);
+            },
+            |x| {
+                x.response_headers(Response::new(200));
+            },
+            "response_headers called after the response body or trailers",
+        ),
+    ];
+    for (case, first, again, want) in refused {
+        let host = TestHost::new();
+        let mut t = host.configure::<Every>("null").unwrap();
+        let mut x = t.exchange(trailers());
+        first(&mut x);
+        let calls = host.logs().len();
+        let m = panic_message(|| again(&mut x));
+        assert!(m.contains(&format!("TestExchange::{want}")), "{case}: {m}");
+        assert!(m.contains("once, in order"), "{case}: {m}");
+        // The filter was not called again.
+        assert_eq!(host.logs().len(), calls, "{case}");
+    }
+
+    // Paused: no phase until the pause ends.
+    let host = TestHost::new().grant_cluster("authz");
+    let mut t = host.configure::<Every>("null").unwrap();
+    let mut x = t.exchange(Request::get("/").header("x-call", "1"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let m = panic_message(|| {
+        x.response_headers(Response::new(200));
+    });
+    assert!(
+        m.contains("response_headers called while the exchange is paused"),
+        "{m}"
+    );
+    host.queue_callout_response("authz", Ok(CalloutResponse::new(200, "")));
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    assert_eq!(x.response_headers(Response::new(200)), Action::Continue);
+    drop(x);
+    assert_eq!(t.filter().seen, vec!["request_headers", "response_headers"]);
+
+    // What the host does: each phase once, in order; streamed request body
+    // calls interleave with the response's (full duplex); phases may be
+    // left out.
+    let mut t = FilterTest::<Every>::configure("null").unwrap();
+    let mut x = t.exchange(trailers());
+    x.request_headers();
+    x.request_body_chunk("a", false);
+    x.request_body_chunk("b", false);
+    x.response_headers(Response::new(200).body("cd"));
+    x.request_body_chunk("", true);
+    x.response_body_chunk("cd", true);
+    x.request_trailers();
+    x.log();
+    x.done();
+    drop(x);
+    assert_eq!(
+        t.filter().seen,
+        vec![
+            "request_headers",
+            "request_body 1 false",
+            "request_body 1 false",
+            "response_headers",
+            "request_body 0 true",
+            "response_body 2 true",
+            "request_trailers",
+        ]
+    );
+}
+
 #[test]
 fn contexts_are_per_exchange() {
     let mut t = FilterTest::<Tracker>::configure("null").unwrap();
