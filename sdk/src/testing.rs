@@ -573,6 +573,7 @@ impl<F: HttpFilter> FilterTest<F> {
             logged: false,
             ended: false,
             stages: [Stage::Start; 2],
+            arrived: VecDeque::new(),
         }
     }
 
@@ -802,6 +803,11 @@ pub struct TestExchange<'t, F: HttpFilter> {
     /// How far each direction's phases got (`[request, response]`): the
     /// host calls them once each, in order.
     stages: [Stage; 2],
+    /// Callout replies that came while the exchange was not paused, in
+    /// arrival order: the host delivers them when the exchange next waits on
+    /// a pause or reaches its response phase (abi/README.md §5.8). Their
+    /// callouts stay outstanding until then.
+    arrived: VecDeque<(CalloutId, Result<CalloutResponse, Error>)>,
 }
 
 /// How far a direction of a [`TestExchange`] got, by the phase methods
@@ -1042,10 +1048,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         let eos = !self.has_body(Direction::Request);
         let c = self.context;
         let ex = self.ex.clone();
-        self.call(vec![Part::Head(Direction::Request)], true, |i, x| {
+        let action = self.call(vec![Part::Head(Direction::Request)], true, |i, x| {
             let h = Headers(HeadersHandle::new(ex, Part::Head(Direction::Request)));
             i.request_headers(c, x, &h, eos)
-        })
+        });
+        self.wait(action)
     }
 
     fn body_phase(&mut self, d: Direction, data: Vec<u8>, eos: bool) -> Action {
@@ -1090,7 +1097,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
                 self.settle_trailers(d);
             }
         }
-        action
+        self.wait(action)
     }
 
     /// After the end-of-stream body call of `d`: what the filter left of the
@@ -1144,7 +1151,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
                 Direction::Response => i.response_trailers(c, x, &t),
             }
         });
-        action
+        self.wait(action)
     }
 
     /// Call `on_request_trailers` if the request has trailers.
@@ -1169,16 +1176,33 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         }
         self.pending_body[1] = response.body;
         self.pending_trailers[1] = response.trailers;
+        // The replies that came while the exchange was not paused, before
+        // the phase, if the filter takes part in the response (host/src/
+        // filter.rs `on_response_headers`, `deliver_ready`; proxy.rs skips
+        // the response path when no filter has a response phase or `on_log`).
+        let setup = self.test.instance.setup();
+        let response_path = [
+            Phase::ResponseHeaders,
+            Phase::ResponseBody,
+            Phase::ResponseTrailers,
+            Phase::Log,
+        ]
+        .into_iter()
+        .any(|p| setup.declares(p));
+        if response_path {
+            self.deliver_arrived();
+        }
         if !self.declared(Phase::ResponseHeaders) {
             return Action::Continue;
         }
         let eos = !self.has_body(Direction::Response);
         let c = self.context;
         let ex = self.ex.clone();
-        self.call(vec![Part::Head(Direction::Response)], true, |i, x| {
+        let action = self.call(vec![Part::Head(Direction::Response)], true, |i, x| {
             let h = Headers(HeadersHandle::new(ex, Part::Head(Direction::Response)));
             i.response_headers(c, x, &h, eos)
-        })
+        });
+        self.wait(action)
     }
 
     /// Call `on_response_body` once with the whole response body.
@@ -1228,6 +1252,8 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             let mut ex = self.ex.borrow_mut();
             ex.bodies = [None, None];
         }
+        // The host drops the replies still waiting as the exchange ends.
+        self.arrived.clear();
         let declared = self.declared(Phase::Log);
         self.logged = true;
         if !declared {
@@ -1251,6 +1277,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             return;
         }
         self.ended = true;
+        self.arrived.clear();
         {
             let mut h = self.test.host.host.borrow_mut();
             for c in h.callouts.iter_mut() {
@@ -1276,37 +1303,115 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.ex.borrow_mut().cause = Some(cause.to_owned());
     }
 
-    /// Deliver callout `id`'s response to `on_callout_response`. `None` if `id`
-    /// is not an outstanding callout of this exchange (sent by this
+    /// Deliver callout `id`'s response to `on_callout_response` (at once if
+    /// the exchange is paused, else when the host would: see below). `None`
+    /// if `id` is not an outstanding callout of this exchange (sent by this
     /// exchange's context in this [`FilterTest`]: another `FilterTest` on the
-    /// same host is another instance, whose context ids may be the same), or
-    /// if the exchange failed, detached or is over (`log` or `done` was
-    /// called): the host would not call.
+    /// same host is another instance, whose context ids may be the same) or
+    /// its reply came already, or if the exchange failed, detached or is
+    /// over (`log` or `done` was called): the host would not call.
     ///
     /// While the exchange is paused, the action is its verdict, in the write
     /// window it paused in: `Continue` resumes, `Respond` answers, `Pause`
     /// keeps waiting, which with nothing else of the exchange outstanding is
-    /// a failure ([`failure`](Self::failure)), as from a phase. Not paused,
-    /// the result is always `Continue`, as the host takes it: the filter's
-    /// `Continue` and `Pause` mean nothing, and its `Respond` is ignored by
-    /// the host (host/src/filter.rs `deliver_unpaused`, abi/README.md §5.8;
-    /// the general rule of §3.3 would apply it), though one the host refuses
-    /// (see [`Outcome::Failed`]) still fails the call.
+    /// a failure ([`failure`](Self::failure)), as from a phase.
+    ///
+    /// Not paused, the reply waits, as on the host (abi/README.md §5.8: the
+    /// result of a callout whose context is not paused is delivered when the
+    /// exchange next waits on a pause or reaches its response phase, and is
+    /// dropped if the exchange ends first), and the result is `Continue`:
+    /// the exchange goes on. It waits ([`replies_waiting`](Self::replies_waiting);
+    /// its callout stays outstanding, so it counts for a pause and can still
+    /// be cancelled) and the filter gets it:
+    /// - when a phase pauses: the waiting replies are delivered in arrival
+    ///   order as verdicts of that pause, before any other, so the phase
+    ///   method returns the verdict the pause ended with (`Continue`,
+    ///   `Respond`), or `Pause` if it still waits;
+    /// - else in [`response_headers`](Self::response_headers), before the
+    ///   filter's call, if the filter has a response phase or `on_log` (else
+    ///   the host makes no response call for it): the host then takes
+    ///   `Continue` whatever the filter returned (`Continue` and `Pause` mean
+    ///   nothing, a `Respond` is ignored: host/src/filter.rs
+    ///   `deliver_unpaused`), though a local response the host refuses (see
+    ///   [`Outcome::Failed`]) still fails the call;
+    /// - never if the exchange is logged or done first.
     pub fn deliver_callout(
         &mut self,
         id: CalloutId,
         response: Result<CalloutResponse, Error>,
     ) -> Option<Action> {
         if !self.live()
+            || self.arrived.iter().any(|(a, _)| *a == id)
             || !self
                 .test
                 .host
-                .take_outstanding(self.test.id, Some(self.context), id, false)
+                .pending_callouts(self.test.id, Some(self.context))
+                .iter()
+                .any(|(c, _)| *c == id)
         {
             return None;
         }
+        if !self.paused {
+            self.arrived.push_back((id, response));
+            return Some(Action::Continue);
+        }
+        self.test
+            .host
+            .take_outstanding(self.test.id, Some(self.context), id, false);
         let c = self.context;
         Some(self.resume(|i, x| i.callout_response(c, x, id, response)))
+    }
+
+    /// How many callout replies wait for the exchange: they came (by
+    /// [`deliver_callout`](Self::deliver_callout) or
+    /// [`deliver_callouts`](Self::deliver_callouts)) while it was not
+    /// paused, and the host delivers them only when the exchange next
+    /// pauses or reaches its response phase.
+    pub fn replies_waiting(&self) -> usize {
+        self.arrived.len()
+    }
+
+    /// After a phase call whose action was `action`: if the exchange paused,
+    /// the replies that came while it was not are delivered first, as the
+    /// host's wait finds them ready (host/src/filter.rs `wait`), until one
+    /// ends the pause. The action the phase ends with.
+    fn wait(&mut self, action: Action) -> Action {
+        let mut action = action;
+        while self.paused && self.live() {
+            let Some((id, response)) = self.arrived.pop_front() else {
+                break;
+            };
+            // Cancelled by the filter meanwhile: never delivered.
+            if !self
+                .test
+                .host
+                .take_outstanding(self.test.id, Some(self.context), id, false)
+            {
+                continue;
+            }
+            let c = self.context;
+            action = self.resume(|i, x| i.callout_response(c, x, id, response));
+        }
+        action
+    }
+
+    /// Delivers the replies that came while the exchange was not paused, as
+    /// not paused (the host's `deliver_ready`, before the response phase).
+    fn deliver_arrived(&mut self) {
+        while self.live() {
+            let Some((id, response)) = self.arrived.pop_front() else {
+                break;
+            };
+            if !self
+                .test
+                .host
+                .take_outstanding(self.test.id, Some(self.context), id, false)
+            {
+                continue;
+            }
+            let c = self.context;
+            self.resume(|i, x| i.callout_response(c, x, id, response));
+        }
     }
 
     /// Delivers a reply through `f`: to a paused exchange in the window it
@@ -1392,6 +1497,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             .pending_callouts(self.test.id, Some(self.context));
         let mut actions = Vec::new();
         for (id, cluster) in pending {
+            // Its reply came already (it waits for the exchange to pause or
+            // reach its response phase).
+            if self.arrived.iter().any(|(a, _)| *a == id) {
+                continue;
+            }
             // Once the exchange failed nothing more is delivered; the queued
             // responses are left for other exchanges.
             if !self.live() {

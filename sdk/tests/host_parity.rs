@@ -1021,11 +1021,14 @@ fn a_local_response_from_a_reply_while_not_paused_is_ignored() {
     assert_eq!(x.deliver_kv(), vec![Action::Continue]);
     assert_eq!(x.failure(), None);
 
-    // A local response the host refuses is a failure, paused or not.
+    // A local response the host refuses is a failure, paused or not (not
+    // paused: when delivered, at the response phase).
     host.queue_callout_response("authz", ok());
     let mut x = t.exchange(steps("send,bad"));
     assert_eq!(x.request_headers(), Action::Continue);
     assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    assert_eq!(x.failure(), None);
+    assert_eq!(x.response_headers(Response::new(200)), Action::Continue);
     assert!(x.failure().unwrap().contains("700"));
 }
 
@@ -1257,4 +1260,169 @@ fn a_filter_failing_open_is_skipped_and_the_exchange_goes_on() {
     x.done();
     drop(x);
     assert_eq!((t.filter().logs, t.filter().dones), (0, 1));
+}
+
+// ---------------------------------------------------------------- replies while not paused
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LaterConfig {
+    /// What the reply to the first callout returns: `pause`, `respond`,
+    /// `continue`.
+    first: String,
+    /// Declare `on_log` (a response path).
+    log: bool,
+}
+
+/// Sends callout `first` from the request headers (and continues), and
+/// `second` from the end of the (streamed) request body, where it pauses.
+/// Its reply to `second` continues.
+struct Later {
+    config: LaterConfig,
+    first: Option<CalloutId>,
+    replies: Vec<CalloutId>,
+}
+
+impl HttpFilter for Later {
+    type Config = LaterConfig;
+    type Context = ();
+    fn configure(config: LaterConfig) -> Result<Self, String> {
+        Ok(Later {
+            config,
+            first: None,
+            replies: Vec::new(),
+        })
+    }
+    fn setup(&self) -> Setup {
+        let s = Setup::new()
+            .on_request_headers()
+            .on_request_body(BodyMode::Streamed);
+        if self.config.log {
+            s.on_log()
+        } else {
+            s
+        }
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.first = Some(callout::send(&check()).unwrap());
+        Action::Continue
+    }
+    fn on_request_body(&mut self, _: &mut (), _: &Exchange<'_>, _: &Body<'_>, eos: bool) -> Action {
+        if !eos {
+            return Action::Continue;
+        }
+        callout::send(&check()).unwrap();
+        Action::Pause
+    }
+    fn on_callout_response(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        id: CalloutId,
+        _: Result<CalloutResponse, Error>,
+    ) -> Action {
+        self.replies.push(id);
+        if Some(id) != self.first {
+            return Action::Continue;
+        }
+        match self.config.first.as_str() {
+            "pause" => Action::Pause,
+            "respond" => Action::Respond(LocalResponse::new(403)),
+            _ => Action::Continue,
+        }
+    }
+}
+
+/// A [`Later`] and its host.
+fn later(first: &str, log: bool) -> (FilterTest<Later>, TestHost) {
+    let host = waiters();
+    let t = host
+        .configure(&format!(r#"{{"first": "{first}", "log": {log}}}"#))
+        .unwrap();
+    (t, host)
+}
+
+/// The host delivers the reply to a callout of an exchange that is not
+/// paused when the exchange next waits on a pause or reaches its response
+/// phase, and drops it if the exchange ends first (abi/README.md §5.8,
+/// host/src/filter.rs `wait`, `deliver_ready`); so does the harness.
+#[test]
+fn a_reply_while_not_paused_waits_for_the_next_pause_or_the_response() {
+    // At the next pause: delivered first, as a verdict of that pause.
+    let (mut t, host) = later("pause", false);
+    let mut x = t.exchange(Request::post("/", "body"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    let first = host.callouts()[0].id;
+    assert_eq!(x.deliver_callout(first, ok()), Some(Action::Continue));
+    assert_eq!(x.replies_waiting(), 1);
+    // Not twice.
+    assert_eq!(x.deliver_callout(first, ok()), None);
+    assert!(x.may_pause(), "its callout is still outstanding");
+    assert_eq!(x.request_body_chunk("bo", false), Action::Continue);
+    assert_eq!(x.replies_waiting(), 1);
+    // The body's end pauses on the second callout; the first reply is
+    // delivered then, and keeps the pause (`pause`, the second is out).
+    assert_eq!(x.request_body_chunk("dy", true), Action::Pause);
+    assert_eq!(x.replies_waiting(), 0);
+    let second = host.callouts()[1].id;
+    assert_eq!(x.deliver_callout(second, ok()), Some(Action::Continue));
+    x.done();
+    drop(x);
+    assert_eq!(t.filter().replies, vec![first, second]);
+
+    // The first reply ends the pause: the phase ends with its verdict.
+    for (verdict, want) in [
+        ("continue", Action::Continue),
+        ("respond", Action::Respond(LocalResponse::new(403))),
+    ] {
+        let (mut t, host) = later(verdict, false);
+        let mut x = t.exchange(Request::post("/", "body"));
+        x.request_headers();
+        let first = host.callouts()[0].id;
+        x.deliver_callout(first, ok());
+        assert_eq!(x.request_body_chunk("body", true), want, "{verdict}");
+        // The second callout's reply now comes while not paused.
+        let second = host.callouts()[1].id;
+        assert_eq!(x.deliver_callout(second, ok()), Some(Action::Continue));
+        assert_eq!(x.replies_waiting(), 1);
+        drop(x);
+        assert_eq!(t.filter().replies, vec![first], "{verdict}");
+    }
+
+    // At the response phase, with a response path (`on_log` here).
+    let (mut t, host) = later("respond", true);
+    host.queue_callout_response("authz", ok());
+    let mut x = t.exchange(Request::get("/"));
+    x.request_headers();
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    assert_eq!(x.replies_waiting(), 1);
+    // Its `Respond` is ignored: not paused.
+    assert_eq!(x.response_headers(Response::new(200)), Action::Continue);
+    assert_eq!(x.replies_waiting(), 0);
+    assert_eq!(x.status(), Some(200));
+    x.done();
+    drop(x);
+    assert_eq!(t.filter().replies.len(), 1);
+
+    // Without one, the host makes no response call for the filter: the
+    // reply is dropped with the exchange.
+    let (mut t, host) = later("continue", false);
+    let mut x = t.exchange(Request::get("/"));
+    x.request_headers();
+    let first = host.callouts()[0].id;
+    x.deliver_callout(first, ok());
+    x.response_headers(Response::new(200));
+    assert_eq!(x.replies_waiting(), 1);
+    x.log();
+    x.done();
+    assert_eq!(x.replies_waiting(), 0);
+    drop(x);
+    assert!(t.filter().replies.is_empty());
+    assert!(host.callouts()[0].cancelled);
 }
