@@ -574,6 +574,7 @@ impl<F: HttpFilter> FilterTest<F> {
             ended: false,
             stages: [Stage::Start; 2],
             arrived: VecDeque::new(),
+            request_cut: false,
         }
     }
 
@@ -808,6 +809,9 @@ pub struct TestExchange<'t, F: HttpFilter> {
     /// a pause or reaches its response phase (abi/README.md §5.8). Their
     /// callouts stay outstanding until then.
     arrived: VecDeque<(CalloutId, Result<CalloutResponse, Error>)>,
+    /// The upstream answered while a streamed request part was held by a
+    /// pause: the host abandoned the hold and reads no more of the request.
+    request_cut: bool,
 }
 
 /// How far a direction of a [`TestExchange`] got, by the phase methods
@@ -898,7 +902,13 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             Direction::Response => "response",
         };
         let stage = self.stages[idx(d)];
-        let refused = if self.paused {
+        let refused = if d == Direction::Request && self.request_cut {
+            Some(
+                "after the upstream answered while the request was held by a pause: the host \
+                 abandoned the hold and reads no more of the request"
+                    .to_owned(),
+            )
+        } else if self.paused {
             Some(
                 "while the exchange is paused: the host calls no phase until the pause ends \
                  (deliver the replies it waits for first)"
@@ -1163,9 +1173,20 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// Receive `response` from upstream and call `on_response_headers`.
+    /// While the exchange is paused this panics (the host calls no phase
+    /// then), but for a pause holding a part of a streamed request (a body
+    /// chunk, or the trailers, after the head went upstream): the upstream
+    /// may answer under it, and the host then abandons the hold (the pause
+    /// ends without a verdict, not a failure: the exchange's outstanding
+    /// calls are cancelled and never delivered, the held part is discarded,
+    /// no more of the request is read: a later request phase method panics)
+    /// and goes on with the response.
     #[track_caller]
     pub fn response_headers(&mut self, response: Response) -> Action {
         self.enter("response_headers");
+        if self.paused && self.holds_streamed_request() {
+            self.abandon_hold();
+        }
         self.step("response_headers", Direction::Response, Step::Headers);
         {
             let mut ex = self.ex.borrow_mut();
@@ -1203,6 +1224,54 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             i.response_headers(c, x, &h, eos)
         });
         self.wait(action)
+    }
+
+    /// Whether the pause holds a part of a streamed request (a body chunk or
+    /// the trailers after the head went upstream, so the upstream may answer
+    /// meanwhile), not the head (request headers, a buffered body).
+    fn holds_streamed_request(&self) -> bool {
+        let w = &self.paused_window;
+        let ex = self.ex.borrow();
+        let buffered = ex.body_declared[0] && ex.body_modes[0] == BodyMode::Buffered;
+        !buffered
+            && !w.contains(&Part::Head(Direction::Request))
+            && (w.contains(&Part::Body(Direction::Request))
+                || w.contains(&Part::Trailers(Direction::Request)))
+    }
+
+    /// The upstream answered while the filter held a part of a streamed
+    /// request: as the host (host/src/filter.rs `abandon_hold`), the pause
+    /// ends without a verdict (not a failure): the exchange's outstanding
+    /// calls are cancelled (never delivered), the held part is discarded,
+    /// the rest of the request is not read, and the response goes through
+    /// the response phases.
+    fn abandon_hold(&mut self) {
+        self.cancel_outstanding();
+        self.arrived.clear();
+        if self.paused_window.contains(&Part::Body(Direction::Request)) {
+            self.ex.borrow_mut().bodies[0] = None;
+        }
+        if self.held_trailers.take().is_some() {
+            self.ex.borrow_mut().trailers[0] = None;
+        }
+        self.pending_body[0].clear();
+        self.pending_trailers[0] = None;
+        self.paused = false;
+        self.paused_window.clear();
+        self.request_cut = true;
+    }
+
+    /// Cancels the exchange's outstanding callouts and KV calls.
+    fn cancel_outstanding(&mut self) {
+        let mut h = self.test.host.host.borrow_mut();
+        for c in h.callouts.iter_mut() {
+            if c.instance == self.test.id
+                && c.context == Some(self.context)
+                && c.state == CalloutState::Outstanding
+            {
+                c.state = CalloutState::Cancelled;
+            }
+        }
     }
 
     /// Call `on_response_body` once with the whole response body.
@@ -1278,17 +1347,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         }
         self.ended = true;
         self.arrived.clear();
-        {
-            let mut h = self.test.host.host.borrow_mut();
-            for c in h.callouts.iter_mut() {
-                if c.instance == self.test.id
-                    && c.context == Some(self.context)
-                    && c.state == CalloutState::Outstanding
-                {
-                    c.state = CalloutState::Cancelled;
-                }
-            }
-        }
+        self.cancel_outstanding();
         // The host calls `on-done` for a filter whose call failed, too.
         if self.test.instance.setup().declares(Phase::Done) && !self.detached() {
             // As on the host: not an exchange call (no callouts, no

@@ -289,8 +289,9 @@ fn an_exchange_is_ended_once_and_never_restarted() {
     assert_eq!(t.filter().seen.len(), 5);
 }
 
-/// Records (and logs) every phase call; pauses the request headers on a callout when
-/// the request has `x-call`.
+/// Records (and logs) every phase call; pauses the request headers on a
+/// callout when the request has `x-call`, the end of the request body when
+/// it has `x-hold`.
 #[derive(Default)]
 struct Every {
     seen: Vec<String>,
@@ -332,8 +333,15 @@ impl HttpFilter for Every {
         }
         Action::Continue
     }
-    fn on_request_body(&mut self, _: &mut (), _: &Exchange<'_>, b: &Body<'_>, eos: bool) -> Action {
+    fn on_request_body(&mut self, _: &mut (), x: &Exchange<'_>, b: &Body<'_>, eos: bool) -> Action {
         self.record(format!("request_body {} {eos}", b.len()));
+        if eos
+            && x.headers(Direction::Request)
+                .is_some_and(|h| h.has("x-hold"))
+        {
+            callout::send(&CalloutRequest::new("authz", "GET", "/")).unwrap();
+            return Action::Pause;
+        }
         Action::Continue
     }
     fn on_request_trailers(&mut self, _: &mut (), _: &Exchange<'_>, _: &Headers<'_>) -> Action {
@@ -488,6 +496,29 @@ fn a_phase_is_called_once_in_order_and_not_while_paused() {
     assert_eq!(x.response_headers(Response::new(200)), Action::Continue);
     drop(x);
     assert_eq!(t.filter().seen, vec!["request_headers", "response_headers"]);
+
+    // Paused holding the end of a streamed request body, the upstream may
+    // answer: the host abandons the hold (no verdict, not a failure), cancels
+    // the callout, drops the held chunk and reads no more of the request.
+    let mut t = host.configure::<Every>("null").unwrap();
+    let mut x = t.exchange(Request::post("/", "ab").header("x-hold", "1"));
+    x.request_headers();
+    assert_eq!(x.request_body_chunk("ab", true), Action::Pause);
+    assert_eq!(x.response_headers(Response::new(200)), Action::Continue);
+    assert_eq!(x.failure(), None);
+    assert_eq!(x.request_body_bytes(), b"");
+    assert!(host.callouts().last().unwrap().cancelled);
+    host.queue_callout_response("authz", Ok(CalloutResponse::new(200, "")));
+    assert_eq!(x.deliver_callouts(), vec![]);
+    let m = panic_message(|| {
+        x.request_trailers();
+    });
+    assert!(m.contains("reads no more of the request"), "{m}");
+    drop(x);
+    assert_eq!(
+        t.filter().seen,
+        vec!["request_headers", "request_body 2 true", "response_headers"]
+    );
 
     // What the host does: each phase once, in order; streamed request body
     // calls interleave with the response's (full duplex); phases may be
