@@ -55,7 +55,7 @@ use crate::backend::{
 };
 
 use crate::callout::{CalloutId, CalloutRequest, CalloutResponse};
-use crate::kv::{Backend, CallId, Entry, Op};
+use crate::kv::{Backend, CallId, Entry, Op, Reply as KvReply};
 use crate::log::Level;
 use crate::network::{
     Connection, NetworkAction, NetworkEvent, NetworkInstance, NetworkSetup, Peer,
@@ -804,14 +804,22 @@ pub struct TestExchange<'t, F: HttpFilter> {
     /// How far each direction's phases got (`[request, response]`): the
     /// host calls them once each, in order.
     stages: [Stage; 2],
-    /// Callout replies that came while the exchange was not paused, in
-    /// arrival order: the host delivers them when the exchange next waits on
-    /// a pause or reaches its response phase (abi/README.md §5.8). Their
-    /// callouts stay outstanding until then.
-    arrived: VecDeque<(CalloutId, Result<CalloutResponse, Error>)>,
+    /// Callout and asynchronous KV replies that came while the exchange was
+    /// not paused, by call id, in arrival order: the host delivers them when
+    /// the exchange next waits on a pause or reaches its response phase
+    /// (abi/README.md §5.8, §5.7). Their calls stay outstanding until then.
+    arrived: VecDeque<(u64, Arrived)>,
     /// The upstream answered while a streamed request part was held by a
     /// pause: the host abandoned the hold and reads no more of the request.
     request_cut: bool,
+}
+
+/// A reply that came for a call of a [`TestExchange`], not delivered yet.
+enum Arrived {
+    /// To `on_callout_response`.
+    Callout(Result<CalloutResponse, Error>),
+    /// To `on_kv_response`.
+    Kv(Result<KvReply, Error>),
 }
 
 /// How far a direction of a [`TestExchange`] got, by the phase methods
@@ -1410,20 +1418,44 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         {
             return None;
         }
-        if !self.paused {
-            self.arrived.push_back((id, response));
-            return Some(Action::Continue);
-        }
-        self.test
-            .host
-            .take_outstanding(self.test.id, Some(self.context), id, false);
-        let c = self.context;
-        Some(self.resume(|i, x| i.callout_response(c, x, id, response)))
+        Some(self.arrive(id, Arrived::Callout(response)))
     }
 
-    /// How many callout replies wait for the exchange: they came (by
-    /// [`deliver_callout`](Self::deliver_callout) or
-    /// [`deliver_callouts`](Self::deliver_callouts)) while it was not
+    /// The reply to call `id` (outstanding, its reply not come yet) comes:
+    /// delivered at once to a paused exchange (its verdict returned); to one
+    /// not paused it waits, as on the host, and the result is `Continue`.
+    fn arrive(&mut self, id: u64, reply: Arrived) -> Action {
+        if !self.paused {
+            self.arrived.push_back((id, reply));
+            return Action::Continue;
+        }
+        self.deliver_reply(id, reply).unwrap_or(Action::Continue)
+    }
+
+    /// Delivers the reply to call `id` through [`resume`](Self::resume);
+    /// `None` (nothing delivered) if the call is no longer outstanding (the
+    /// filter cancelled it meanwhile).
+    fn deliver_reply(&mut self, id: u64, reply: Arrived) -> Option<Action> {
+        let kv = matches!(reply, Arrived::Kv(_));
+        if !self
+            .test
+            .host
+            .take_outstanding(self.test.id, Some(self.context), id, kv)
+        {
+            return None;
+        }
+        let c = self.context;
+        Some(match reply {
+            Arrived::Callout(r) => self.resume(|i, x| i.callout_response(c, x, id, r)),
+            Arrived::Kv(r) => self.resume(|i, x| i.kv_response(c, x, id, r)),
+        })
+    }
+
+    /// How many callout and KV replies wait for the exchange: they came (by
+    /// [`deliver_callout`](Self::deliver_callout),
+    /// [`deliver_callouts`](Self::deliver_callouts),
+    /// [`deliver_kv`](Self::deliver_kv) or
+    /// [`deliver_next_kv`](Self::deliver_next_kv)) while it was not
     /// paused, and the host delivers them only when the exchange next
     /// pauses or reaches its response phase.
     pub fn replies_waiting(&self) -> usize {
@@ -1437,19 +1469,13 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     fn wait(&mut self, action: Action) -> Action {
         let mut action = action;
         while self.paused && self.live() {
-            let Some((id, response)) = self.arrived.pop_front() else {
+            let Some((id, reply)) = self.arrived.pop_front() else {
                 break;
             };
             // Cancelled by the filter meanwhile: never delivered.
-            if !self
-                .test
-                .host
-                .take_outstanding(self.test.id, Some(self.context), id, false)
-            {
-                continue;
+            if let Some(a) = self.deliver_reply(id, reply) {
+                action = a;
             }
-            let c = self.context;
-            action = self.resume(|i, x| i.callout_response(c, x, id, response));
         }
         action
     }
@@ -1458,18 +1484,10 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// not paused (the host's `deliver_ready`, before the response phase).
     fn deliver_arrived(&mut self) {
         while self.live() {
-            let Some((id, response)) = self.arrived.pop_front() else {
+            let Some((id, reply)) = self.arrived.pop_front() else {
                 break;
             };
-            if !self
-                .test
-                .host
-                .take_outstanding(self.test.id, Some(self.context), id, false)
-            {
-                continue;
-            }
-            let c = self.context;
-            self.resume(|i, x| i.callout_response(c, x, id, response));
+            self.deliver_reply(id, reply);
         }
     }
 
@@ -1498,12 +1516,18 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     /// Run this exchange's outstanding asynchronous KV calls on the test
     /// host's store, in start order, delivering each reply to
     /// `on_kv_response` (calls the filter starts meanwhile run too); the
-    /// actions returned. Each call runs when delivered, so other instances'
-    /// writes (or [`TestHost::kv_put`]) made between start and delivery land
+    /// actions returned. Each call runs when its reply comes, so other instances'
+    /// writes (or [`TestHost::kv_put`]) made between start and reply land
     /// first, as with a remote backend (the host's in-memory store runs a call
     /// when it starts; only the reply waits). Nothing is delivered (or run)
-    /// once the exchange failed, detached or is over. The actions mean what they mean
-    /// from [`deliver_callout`](Self::deliver_callout).
+    /// once the exchange failed, detached or is over. A reply is delivered as
+    /// a callout's response by [`deliver_callout`](Self::deliver_callout),
+    /// and the actions mean the same: to a paused exchange at once (its
+    /// verdict); to one not paused it waits, as on the host (abi/README.md
+    /// §5.7, §5.8: KV replies go the callouts' way), until the exchange next
+    /// pauses or reaches its response phase
+    /// ([`replies_waiting`](Self::replies_waiting); the call ran, its
+    /// reply is kept), and the action is `Continue`.
     pub fn deliver_kv(&mut self) -> Vec<Action> {
         let mut actions = Vec::new();
         while let Some(action) = self.deliver_next_kv() {
@@ -1519,30 +1543,26 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         if !self.live() {
             return None;
         }
-        let (id, ns, key, op) = self
-            .test
-            .host
-            .kv_outstanding(self.test.id, self.context)
-            .into_iter()
-            .next()?;
-        if !self
-            .test
-            .host
-            .take_outstanding(self.test.id, Some(self.context), id, true)
-        {
-            return None;
-        }
+        let (id, ns, key, op) = self.kv_unanswered().into_iter().next()?;
         let reply = run_kv(&self.test.host.host, &ns, &key, op);
-        let c = self.context;
-        Some(self.resume(|i, x| i.kv_response(c, x, id, reply)))
+        Some(self.arrive(id, Arrived::Kv(reply)))
     }
 
-    /// How many asynchronous KV calls of this exchange are outstanding.
+    /// How many asynchronous KV calls of this exchange are outstanding and
+    /// have no reply yet (a reply waiting for the exchange to pause or reach
+    /// its response phase is counted by
+    /// [`replies_waiting`](Self::replies_waiting) instead, though its call
+    /// still counts for a pause).
     pub fn kv_calls_outstanding(&self) -> usize {
-        self.test
-            .host
-            .kv_outstanding(self.test.id, self.context)
-            .len()
+        self.kv_unanswered().len()
+    }
+
+    /// The exchange's outstanding KV calls whose reply has not come, in
+    /// start order.
+    fn kv_unanswered(&self) -> Vec<(CallId, String, String, Op)> {
+        let mut calls = self.test.host.kv_outstanding(self.test.id, self.context);
+        calls.retain(|(id, ..)| !self.arrived.iter().any(|(a, _)| a == id));
+        calls
     }
 
     /// Deliver the queued responses ([`TestHost::queue_callout_response`]) to

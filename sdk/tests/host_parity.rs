@@ -1015,10 +1015,13 @@ fn a_local_response_from_a_reply_while_not_paused_is_ignored() {
     // Not answered: `on_log` as for any exchange.
     assert_eq!((t.filter().logs, t.filter().dones), (1, 1));
 
-    // A KV reply's, too.
+    // A KV reply's, too (delivered at the response phase).
     let mut x = t.exchange(steps("sendkv,respond"));
     assert_eq!(x.request_headers(), Action::Continue);
     assert_eq!(x.deliver_kv(), vec![Action::Continue]);
+    assert_eq!(x.response_headers(Response::new(200)), Action::Continue);
+    assert_eq!(x.replies_waiting(), 0);
+    assert_eq!(x.status(), Some(200));
     assert_eq!(x.failure(), None);
 
     // A local response the host refuses is a failure, paused or not (not
@@ -1272,6 +1275,9 @@ struct LaterConfig {
     first: String,
     /// Declare `on_log` (a response path).
     log: bool,
+    /// The first call is an asynchronous KV get, not a callout.
+    #[serde(default)]
+    kv: bool,
 }
 
 /// Sends callout `first` from the request headers (and continues), and
@@ -1310,7 +1316,11 @@ impl HttpFilter for Later {
         _: &Headers<'_>,
         _: bool,
     ) -> Action {
-        self.first = Some(callout::send(&check()).unwrap());
+        self.first = Some(if self.config.kv {
+            Namespace::open("ns").unwrap().start_get("k").unwrap()
+        } else {
+            callout::send(&check()).unwrap()
+        });
         Action::Continue
     }
     fn on_request_body(&mut self, _: &mut (), _: &Exchange<'_>, _: &Body<'_>, eos: bool) -> Action {
@@ -1327,6 +1337,21 @@ impl HttpFilter for Later {
         id: CalloutId,
         _: Result<CalloutResponse, Error>,
     ) -> Action {
+        self.reply(id)
+    }
+    fn on_kv_response(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        id: CallId,
+        _: Result<Reply, Error>,
+    ) -> Action {
+        self.reply(id)
+    }
+}
+
+impl Later {
+    fn reply(&mut self, id: u64) -> Action {
         self.replies.push(id);
         if Some(id) != self.first {
             return Action::Continue;
@@ -1341,9 +1366,16 @@ impl HttpFilter for Later {
 
 /// A [`Later`] and its host.
 fn later(first: &str, log: bool) -> (FilterTest<Later>, TestHost) {
+    later_kv(first, log, false)
+}
+
+/// A [`Later`] whose first call is a KV get (`kv`) and its host.
+fn later_kv(first: &str, log: bool, kv: bool) -> (FilterTest<Later>, TestHost) {
     let host = waiters();
     let t = host
-        .configure(&format!(r#"{{"first": "{first}", "log": {log}}}"#))
+        .configure(&format!(
+            r#"{{"first": "{first}", "log": {log}, "kv": {kv}}}"#
+        ))
         .unwrap();
     (t, host)
 }
@@ -1425,4 +1457,74 @@ fn a_reply_while_not_paused_waits_for_the_next_pause_or_the_response() {
     drop(x);
     assert!(t.filter().replies.is_empty());
     assert!(host.callouts()[0].cancelled);
+}
+
+/// The host delivers an asynchronous KV call's reply as a callout's
+/// (host/src/filter.rs: both are `Reply`s of the chain's in-flight set;
+/// abi/README.md §5.7): to an exchange that is not paused, when it next
+/// waits on a pause or reaches its response phase, dropped if it ends
+/// first. So does the harness.
+#[test]
+fn a_kv_reply_while_not_paused_waits_as_a_callouts() {
+    // At the next pause: delivered first, as a verdict of that pause.
+    let (mut t, host) = later_kv("pause", false, true);
+    host.kv_put("ns", "k", b"v");
+    let mut x = t.exchange(Request::post("/", "body"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.kv_calls_outstanding(), 1);
+    // The call runs when its reply comes; the reply waits.
+    assert_eq!(x.deliver_kv(), vec![Action::Continue]);
+    assert_eq!(x.replies_waiting(), 1);
+    assert_eq!(x.kv_calls_outstanding(), 0);
+    assert_eq!(x.deliver_next_kv(), None, "not twice");
+    assert!(x.may_pause(), "its call is still outstanding");
+    assert_eq!(x.request_body_chunk("bo", false), Action::Continue);
+    // The body's end pauses on a callout; the KV reply is delivered then,
+    // and keeps the pause (`pause`, the callout is out).
+    assert_eq!(x.request_body_chunk("dy", true), Action::Pause);
+    assert_eq!(x.replies_waiting(), 0);
+    // (KV calls are not in `callouts()`.)
+    let second = host.callouts()[0].id;
+    assert_eq!(x.deliver_callout(second, ok()), Some(Action::Continue));
+    x.done();
+    drop(x);
+    let first = t.filter().first.unwrap();
+    assert_eq!(t.filter().replies, vec![first, second]);
+
+    // The KV reply ends the pause: the phase ends with its verdict.
+    let (mut t, _host) = later_kv("respond", false, true);
+    let mut x = t.exchange(Request::post("/", "body"));
+    x.request_headers();
+    x.deliver_kv();
+    assert_eq!(
+        x.request_body_chunk("body", true),
+        Action::Respond(LocalResponse::new(403))
+    );
+    drop(x);
+
+    // At the response phase, with a response path (`on_log`); its
+    // `Respond` is ignored there.
+    let (mut t, _host) = later_kv("respond", true, true);
+    let mut x = t.exchange(Request::get("/"));
+    x.request_headers();
+    assert_eq!(x.deliver_kv(), vec![Action::Continue]);
+    assert_eq!(x.replies_waiting(), 1);
+    assert_eq!(x.response_headers(Response::new(200)), Action::Continue);
+    assert_eq!(x.replies_waiting(), 0);
+    assert_eq!(x.status(), Some(200));
+    x.done();
+    drop(x);
+    assert_eq!(t.filter().replies.len(), 1);
+
+    // Without one, dropped with the exchange.
+    let (mut t, _host) = later_kv("continue", false, true);
+    let mut x = t.exchange(Request::get("/"));
+    x.request_headers();
+    x.deliver_kv();
+    x.response_headers(Response::new(200));
+    assert_eq!(x.replies_waiting(), 1);
+    x.log();
+    x.done();
+    drop(x);
+    assert!(t.filter().replies.is_empty());
 }
