@@ -29,6 +29,11 @@
 //!
 //! Every phase method calls the filter only if the phase is declared (as the
 //! host does) and returns the [`Action`] (`Continue` for an undeclared phase).
+//! Once the filter answered with a local response (`Respond` from a phase, or
+//! from a reply while paused), it gets no more phase calls for the exchange,
+//! as from the host (the response enters the response path right after it:
+//! it never sees it), only `on_log` and `on_done`: later phase methods return
+//! `Continue` without calling it.
 //! As the host, the harness makes each phase call of an exchange once, in
 //! order, and none while the exchange is paused: a phase method asked for
 //! again, or for a phase the exchange is past, panics naming the mistake.
@@ -575,6 +580,7 @@ impl<F: HttpFilter> FilterTest<F> {
             stages: [Stage::Start; 2],
             arrived: VecDeque::new(),
             request_cut: false,
+            responded: false,
         }
     }
 
@@ -812,6 +818,13 @@ pub struct TestExchange<'t, F: HttpFilter> {
     /// The upstream answered while a streamed request part was held by a
     /// pause: the host abandoned the hold and reads no more of the request.
     request_cut: bool,
+    /// The filter answered with a local response the host applied (the
+    /// verdict of a phase, or of a reply while paused): the response enters
+    /// the response path right after it, so it never sees it, and the rest
+    /// of the message it answered is not read (abi/README.md §3.2, §3.5;
+    /// host/src/filter.rs `responded`, `replaced_response`, `in_response`):
+    /// no more phase calls, only `on_log` and `on_done`.
+    responded: bool,
 }
 
 /// A reply that came for a call of a [`TestExchange`], not delivered yet.
@@ -976,10 +989,15 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.stages[d].rank() >= at.rank()
     }
 
-    /// Whether the host would make a call of `phase`: it is declared and the
-    /// exchange is [`live`](Self::live).
+    /// Whether the host would make a call of `phase`: it is declared, the
+    /// exchange is [`live`](Self::live), and for a phase other than `on_log`
+    /// the filter has not answered with a local response (the host makes no
+    /// request or response phase call into a filter after its local
+    /// response: abi/README.md §3.5).
     fn declared(&self, phase: Phase) -> bool {
-        self.test.instance.setup().declares(phase) && self.live()
+        self.test.instance.setup().declares(phase)
+            && self.live()
+            && (phase == Phase::Log || !self.responded)
     }
 
     /// Why the host would have failed one of this exchange's calls, if it
@@ -1032,6 +1050,9 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         if let Action::Respond(lr) = &action {
             if let Err(why) = check_local_response(lr) {
                 self.failure.get_or_insert(why);
+            } else if verdict && self.failure.is_none() {
+                // Applied: no more phase calls into the filter.
+                self.responded = true;
             }
         }
         let pause = verdict && action == Action::Pause;
@@ -1208,16 +1229,18 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         // The replies that came while the exchange was not paused, before
         // the phase, if the filter takes part in the response (host/src/
         // filter.rs `on_response_headers`, `deliver_ready`; proxy.rs skips
-        // the response path when no filter has a response phase or `on_log`).
+        // the response path when no filter has a response phase or `on_log`,
+        // and a filter that answered from a request phase has no part in it).
         let setup = self.test.instance.setup();
-        let response_path = [
-            Phase::ResponseHeaders,
-            Phase::ResponseBody,
-            Phase::ResponseTrailers,
-            Phase::Log,
-        ]
-        .into_iter()
-        .any(|p| setup.declares(p));
+        let response_path = !self.responded
+            && [
+                Phase::ResponseHeaders,
+                Phase::ResponseBody,
+                Phase::ResponseTrailers,
+                Phase::Log,
+            ]
+            .into_iter()
+            .any(|p| setup.declares(p));
         if response_path {
             self.deliver_arrived();
         }

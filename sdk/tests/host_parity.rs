@@ -1528,3 +1528,165 @@ fn a_kv_reply_while_not_paused_waits_as_a_callouts() {
     drop(x);
     assert!(t.filter().replies.is_empty());
 }
+
+// ---------------------------------------------------------------- after a local response
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnsweredConfig {
+    /// Where the filter answers (403): `request_headers`, `reply` (from the
+    /// reply to a callout `request_headers` paused on), `response_headers`.
+    at: String,
+}
+
+/// Answers locally where configured; counts the calls of every other phase.
+struct Answered {
+    config: AnsweredConfig,
+    /// The phases called, in order.
+    calls: Vec<&'static str>,
+    logs: u32,
+}
+
+impl Answered {
+    fn at(&mut self, phase: &'static str) -> Action {
+        self.calls.push(phase);
+        if self.config.at == phase {
+            Action::Respond(LocalResponse::new(403))
+        } else {
+            Action::Continue
+        }
+    }
+}
+
+impl HttpFilter for Answered {
+    type Config = AnsweredConfig;
+    type Context = ();
+    fn configure(config: AnsweredConfig) -> Result<Self, String> {
+        Ok(Answered {
+            config,
+            calls: Vec::new(),
+            logs: 0,
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_request_headers()
+            .on_request_body(BodyMode::Streamed)
+            .on_request_trailers()
+            .on_response_headers()
+            .on_response_body(BodyMode::Streamed)
+            .on_response_trailers()
+            .on_log()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        if self.config.at == "reply" {
+            self.calls.push("request_headers");
+            callout::send(&check()).unwrap();
+            return Action::Pause;
+        }
+        self.at("request_headers")
+    }
+    fn on_request_body(&mut self, _: &mut (), _: &Exchange<'_>, _: &Body<'_>, _: bool) -> Action {
+        self.at("request_body")
+    }
+    fn on_request_trailers(&mut self, _: &mut (), _: &Exchange<'_>, _: &Headers<'_>) -> Action {
+        self.at("request_trailers")
+    }
+    fn on_response_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.at("response_headers")
+    }
+    fn on_response_body(&mut self, _: &mut (), _: &Exchange<'_>, _: &Body<'_>, _: bool) -> Action {
+        self.at("response_body")
+    }
+    fn on_response_trailers(&mut self, _: &mut (), _: &Exchange<'_>, _: &Headers<'_>) -> Action {
+        self.at("response_trailers")
+    }
+    fn on_callout_response(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        _: CalloutId,
+        _: Result<CalloutResponse, Error>,
+    ) -> Action {
+        self.at("reply")
+    }
+    fn on_log(&mut self, _: &mut (), _: &Exchange<'_>) {
+        self.logs += 1;
+    }
+}
+
+/// The host calls no phase of a filter after its local response: one from a
+/// request phase enters the response path right after the filter, which
+/// never sees it (and the rest of the request is not read); one from the
+/// response headers replaces the response for the filters after it
+/// (abi/README.md §3.5; host/src/filter.rs `responded`,
+/// `replaced_response`, `in_response`). It still gets `on_log` and
+/// `on_done`. So does the harness.
+#[test]
+fn a_filter_that_answered_gets_no_more_phases_but_on_log() {
+    let request = || Request::post("/", "body").trailer("x-t", "1");
+    let response = || Response::new(200).body("resp").trailer("x-r", "1");
+    for (at, answered) in [
+        ("request_headers", vec!["request_headers"]),
+        ("reply", vec!["request_headers", "reply"]),
+    ] {
+        let host = waiters();
+        let mut t = host
+            .configure::<Answered>(&format!(r#"{{"at": "{at}"}}"#))
+            .unwrap();
+        let mut x = t.exchange(request());
+        let first = x.request_headers();
+        let action = if at == "reply" {
+            assert_eq!(first, Action::Pause);
+            x.deliver_callout(host.callouts()[0].id, ok()).unwrap()
+        } else {
+            first
+        };
+        assert_eq!(action, Action::Respond(LocalResponse::new(403)), "{at}");
+        // The rest of the exchange, phase by phase: nothing reaches the filter.
+        assert_eq!(x.request_body(), Action::Continue, "{at}");
+        assert_eq!(x.request_trailers(), Action::Continue, "{at}");
+        assert_eq!(x.response_headers(response()), Action::Continue, "{at}");
+        assert_eq!(x.response_body(), Action::Continue, "{at}");
+        assert_eq!(x.response_trailers(), Action::Continue, "{at}");
+        x.log();
+        x.done();
+        assert_eq!(x.failure(), None);
+        drop(x);
+        assert_eq!(t.filter().calls, answered, "{at}");
+        assert_eq!(t.filter().logs, 1, "{at}: on_log still");
+    }
+
+    // From the response headers: no body or trailers call of the response.
+    let host = waiters();
+    let mut t = host
+        .configure::<Answered>(r#"{"at": "response_headers"}"#)
+        .unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(
+        x.response_headers(response()),
+        Action::Respond(LocalResponse::new(403))
+    );
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(x.response_trailers(), Action::Continue);
+    x.log();
+    drop(x);
+    assert_eq!(
+        t.filter().calls,
+        vec!["request_headers", "response_headers"]
+    );
+    assert_eq!(t.filter().logs, 1);
+}
