@@ -1193,12 +1193,35 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.wait(action)
     }
 
-    /// Call `on_request_trailers` if the request has trailers.
+    /// Call `on_request_trailers` if the request has trailers. After a body
+    /// chunk that did not end the stream (`request_body_chunk(_, false)`),
+    /// first the last body call, as the host makes it when the trailers (or
+    /// the end of the stream) arrive: an empty chunk with end of stream,
+    /// during which the trailers are readable and writable (abi/README.md
+    /// §3.2, §4; host/src/body.rs `end`). If that call does not continue
+    /// (`Pause`, `Respond`, a failure), its action is returned and the
+    /// trailers phase is not called: after the pause ends, call this again.
     #[track_caller]
     pub fn request_trailers(&mut self) -> Action {
-        self.enter("request_trailers");
-        self.step("request_trailers", Direction::Request, Step::Trailers);
-        self.trailers_phase(Direction::Request)
+        self.trailers_method("request_trailers", Direction::Request)
+    }
+
+    /// The trailers phase method `what` of direction `d`: the last body
+    /// call first if the body has not ended (see
+    /// [`request_trailers`](Self::request_trailers)).
+    #[track_caller]
+    fn trailers_method(&mut self, what: &str, d: Direction) -> Action {
+        self.enter(what);
+        if self.stages[idx(d)] == Stage::Body {
+            self.step(what, d, Step::Body { eos: true });
+            let action = self.body_phase(d, Vec::new(), true);
+            // (A pause, or a failure: both come with another action.)
+            if action != Action::Continue {
+                return action;
+            }
+        }
+        self.step(what, d, Step::Trailers);
+        self.trailers_phase(d)
     }
 
     /// Receive `response` from upstream and call `on_response_headers`.
@@ -1330,12 +1353,12 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.body_phase(Direction::Response, data.into(), end_of_stream)
     }
 
-    /// Call `on_response_trailers` if the response has trailers.
+    /// Call `on_response_trailers` if the response has trailers; after a
+    /// body chunk that did not end the stream, the last body call first, as
+    /// for [`request_trailers`](Self::request_trailers).
     #[track_caller]
     pub fn response_trailers(&mut self) -> Action {
-        self.enter("response_trailers");
-        self.step("response_trailers", Direction::Response, Step::Trailers);
-        self.trailers_phase(Direction::Response)
+        self.trailers_method("response_trailers", Direction::Response)
     }
 
     /// Call `on_log` (if declared); everything is read-only and bodies are

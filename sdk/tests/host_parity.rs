@@ -1690,3 +1690,129 @@ fn a_filter_that_answered_gets_no_more_phases_but_on_log() {
     );
     assert_eq!(t.filter().logs, 1);
 }
+
+// ---------------------------------------------------------------- the end of a streamed body
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnderConfig {
+    /// The end-of-stream body call sends a callout and pauses.
+    pause_at_end: bool,
+}
+
+/// A streamed request body filter with a trailers phase: records its body
+/// calls (data, end of stream, the trailer `x-t` as the call sees it) and
+/// its trailers calls.
+struct Ender {
+    config: EnderConfig,
+    bodies: Vec<(String, bool, Option<String>)>,
+    trailers: u32,
+}
+
+impl HttpFilter for Ender {
+    type Config = EnderConfig;
+    type Context = ();
+    fn configure(config: EnderConfig) -> Result<Self, String> {
+        Ok(Ender {
+            config,
+            bodies: Vec::new(),
+            trailers: 0,
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_request_body(BodyMode::Streamed)
+            .on_request_trailers()
+    }
+    fn on_request_body(&mut self, _: &mut (), x: &Exchange<'_>, b: &Body<'_>, eos: bool) -> Action {
+        let t = x
+            .trailers(Direction::Request)
+            .and_then(|t| t.get_str("x-t"));
+        self.bodies
+            .push((String::from_utf8(b.to_vec()).unwrap(), eos, t));
+        if eos && self.config.pause_at_end {
+            callout::send(&check()).unwrap();
+            return Action::Pause;
+        }
+        Action::Continue
+    }
+    fn on_request_trailers(&mut self, _: &mut (), _: &Exchange<'_>, _: &Headers<'_>) -> Action {
+        self.trailers += 1;
+        Action::Continue
+    }
+}
+
+/// A streamed body whose last chunk did not end it ends when the trailers
+/// (or the end of the stream) arrive: the host then makes the last body call
+/// with an empty buffer and end of stream, the trailers readable there, then
+/// calls the trailers phase (abi/README.md §3.2; host/src/body.rs `end`).
+/// So does the harness for a trailers call right after such a chunk.
+#[test]
+fn trailers_after_a_chunk_that_did_not_end_the_body_end_it_first() {
+    let ender = |pause: bool| {
+        waiters()
+            .configure::<Ender>(&format!(r#"{{"pause_at_end": {pause}}}"#))
+            .unwrap()
+    };
+    let mut t = ender(false);
+    let mut x = t.exchange(Request::post("/", "body").trailer("x-t", "1"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_body_chunk("body", false), Action::Continue);
+    assert_eq!(x.request_trailers(), Action::Continue);
+    drop(x);
+    assert_eq!(
+        t.filter().bodies,
+        vec![
+            ("body".to_owned(), false, None),
+            (String::new(), true, Some("1".to_owned())),
+        ]
+    );
+    assert_eq!(t.filter().trailers, 1);
+
+    // The end of the stream without trailers: the last body call only.
+    let mut t = ender(false);
+    let mut x = t.exchange(Request::post("/", "body"));
+    x.request_headers();
+    x.request_body_chunk("body", false);
+    assert_eq!(x.request_trailers(), Action::Continue);
+    drop(x);
+    assert_eq!(t.filter().bodies.len(), 2);
+    assert_eq!(t.filter().bodies[1], (String::new(), true, None));
+    assert_eq!(t.filter().trailers, 0);
+
+    // The last body call pauses: its action; the trailers phase comes when
+    // asked for again, after the pause.
+    let mut t = ender(true);
+    let host = t.host().clone();
+    let mut x = t.exchange(Request::post("/", "body").trailer("x-t", "1"));
+    x.request_headers();
+    x.request_body_chunk("body", false);
+    assert_eq!(x.request_trailers(), Action::Pause);
+    assert_eq!(
+        x.deliver_callout(host.callouts()[0].id, ok()),
+        Some(Action::Continue)
+    );
+    assert_eq!(x.request_trailers(), Action::Continue);
+    drop(x);
+    assert_eq!(t.filter().bodies.len(), 2);
+    assert_eq!(t.filter().trailers, 1);
+
+    // After a chunk that ended the body: the trailers phase only.
+    let mut t = ender(false);
+    let mut x = t.exchange(Request::post("/", "body").trailer("x-t", "1"));
+    x.request_headers();
+    x.request_body_chunk("body", true);
+    assert_eq!(x.request_trailers(), Action::Continue);
+    drop(x);
+    assert_eq!(t.filter().bodies.len(), 1);
+    assert_eq!(t.filter().trailers, 1);
+
+    // Whole phases may still be left out: trailers without a body call.
+    let mut t = ender(false);
+    let mut x = t.exchange(Request::post("/", "body").trailer("x-t", "1"));
+    x.request_headers();
+    assert_eq!(x.request_trailers(), Action::Continue);
+    drop(x);
+    assert!(t.filter().bodies.is_empty());
+    assert_eq!(t.filter().trailers, 1);
+}
