@@ -33,7 +33,9 @@
 //! from a reply while paused), it gets no more phase calls for the exchange,
 //! as from the host (the response enters the response path right after it:
 //! it never sees it), only `on_log` and `on_done`: later phase methods return
-//! `Continue` without calling it.
+//! `Continue` without calling it. As on the host, the exchange records the
+//! answer (`Exchange::cause` is `plugin:<details>`, `Exchange::status` the
+//! status that went out), so `on_log` sees it.
 //! As the host, the harness makes each phase call of an exchange once, in
 //! order, and none while the exchange is paused: a phase method asked for
 //! again, or for a phase the exchange is past, panics naming the mistake.
@@ -1053,6 +1055,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             } else if verdict && self.failure.is_none() {
                 // Applied: no more phase calls into the filter.
                 self.responded = true;
+                self.answered(lr, &window);
             }
         }
         let pause = verdict && action == Action::Pause;
@@ -1069,6 +1072,41 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             self.paused_window.clear();
         }
         action
+    }
+
+    /// The filter's local response `lr`, from a call with `window` writable,
+    /// was applied: as the host, the exchange records it, so `on_log` (and
+    /// `Exchange::cause`, `Exchange::status` in it) sees it (abi/README.md
+    /// §3.5; host/src/filter.rs `plugin_cause`, proxy.rs `response_filters`,
+    /// `SharedChain::finish`): the cause becomes `plugin:<details>`, and the
+    /// status the one that went out: the local response's, unless the
+    /// response head had already gone downstream (a streamed response body
+    /// or trailers call, a request body call after the response head: the
+    /// host resets the exchange and logs the status that was sent). From the
+    /// response headers phase it replaces the response head too.
+    fn answered(&mut self, lr: &crate::LocalResponse, window: &[Part]) {
+        let head_out = self.stages[1] != Stage::Start && !self.holds_response_head(window);
+        let mut ex = self.ex.borrow_mut();
+        ex.cause = Some(format!("plugin:{}", lr.details));
+        if head_out {
+            return;
+        }
+        ex.status = Some(lr.status);
+        if window == [Part::Head(Direction::Response)] {
+            ex.heads[1] = Some(lr.headers.clone());
+        }
+    }
+
+    /// Whether the response head has not gone downstream yet during a call
+    /// with `window` writable: the call holds it (the response headers
+    /// phase, a buffered response body call) or a buffered response body
+    /// phase still will.
+    fn holds_response_head(&self, window: &[Part]) -> bool {
+        let ex = self.ex.borrow();
+        window.contains(&Part::Head(Direction::Response))
+            || (ex.body_declared[1]
+                && ex.body_modes[1] == BodyMode::Buffered
+                && self.stages[1].rank() < Stage::BodyEnd.rank())
     }
 
     fn has_body(&self, d: Direction) -> bool {
@@ -1240,6 +1278,12 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             self.abandon_hold();
         }
         self.step("response_headers", Direction::Response, Step::Headers);
+        if self.responded {
+            // The filter answered from a request phase: the host aborted the
+            // upstream request, so its response never comes; the exchange
+            // keeps the local response (see `answered`).
+            return Action::Continue;
+        }
         {
             let mut ex = self.ex.borrow_mut();
             ex.status = Some(response.status);

@@ -1816,3 +1816,118 @@ fn trailers_after_a_chunk_that_did_not_end_the_body_end_it_first() {
     assert!(t.filter().bodies.is_empty());
     assert_eq!(t.filter().trailers, 1);
 }
+
+// ---------------------------------------------------------------- what on_log sees of a local response
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoggedConfig {
+    /// The phase that answers: `request_headers`, `response_headers`,
+    /// `response_body` (streamed: the head went out before).
+    at: String,
+}
+
+/// Answers `403` with `x-local: 1` and details `nope` where configured;
+/// records what `on_log` sees: status, cause, the response's `x-local`.
+struct Logged {
+    config: LoggedConfig,
+    logged: Option<(Option<u16>, Option<String>, Option<String>)>,
+}
+
+impl Logged {
+    fn at(&self, phase: &str) -> Action {
+        if self.config.at == phase {
+            Action::Respond(
+                LocalResponse::new(403)
+                    .header("x-local", "1")
+                    .details("nope"),
+            )
+        } else {
+            Action::Continue
+        }
+    }
+}
+
+impl HttpFilter for Logged {
+    type Config = LoggedConfig;
+    type Context = ();
+    fn configure(config: LoggedConfig) -> Result<Self, String> {
+        Ok(Logged {
+            config,
+            logged: None,
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_request_headers()
+            .on_response_headers()
+            .on_response_body(BodyMode::Streamed)
+            .on_log()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.at("request_headers")
+    }
+    fn on_response_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.at("response_headers")
+    }
+    fn on_response_body(&mut self, _: &mut (), _: &Exchange<'_>, _: &Body<'_>, _: bool) -> Action {
+        self.at("response_body")
+    }
+    fn on_log(&mut self, _: &mut (), x: &Exchange<'_>) {
+        let local = x
+            .headers(Direction::Response)
+            .and_then(|h| h.get_str("x-local"));
+        self.logged = Some((x.status(), x.cause(), local));
+    }
+}
+
+/// The host records a filter's local response on the exchange: its cause,
+/// `plugin:<details>`, and the status that went out (the local response's,
+/// or the upstream's when the response head had already gone downstream: the
+/// exchange is reset), so `on_log` sees them (abi/README.md §3.5;
+/// host/src/filter.rs `plugin_cause`, proxy.rs `response_filters`). One
+/// from the response headers phase replaces the response head too. So does
+/// the harness.
+#[test]
+fn on_log_sees_the_status_and_cause_of_a_local_response() {
+    let cause = Some("plugin:nope".to_owned());
+    let one = Some("1".to_owned());
+    for (at, want) in [
+        ("request_headers", (Some(403), cause.clone(), None)),
+        ("response_headers", (Some(403), cause.clone(), one)),
+        ("response_body", (Some(200), cause.clone(), None)),
+    ] {
+        let mut t = FilterTest::<Logged>::configure(&format!(r#"{{"at": "{at}"}}"#)).unwrap();
+        let outcome = t
+            .exchange(Request::get("/"))
+            .run(Response::new(200).body("up"));
+        assert!(
+            matches!(outcome, Outcome::Responded(..)),
+            "{at}: {outcome:?}"
+        );
+        assert_eq!(t.filter().logged, Some(want), "{at}");
+    }
+
+    // Phase by phase: the upstream's response after a request phase's
+    // answer never comes (the host aborted the upstream request).
+    let mut t = FilterTest::<Logged>::configure(r#"{"at": "request_headers"}"#).unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    assert!(matches!(x.request_headers(), Action::Respond(_)));
+    assert_eq!(x.response_headers(Response::new(200)), Action::Continue);
+    assert_eq!(x.status(), Some(403));
+    x.log();
+    drop(x);
+    assert_eq!(t.filter().logged, Some((Some(403), cause, None)));
+}
