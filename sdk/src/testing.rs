@@ -583,6 +583,7 @@ impl<F: HttpFilter> FilterTest<F> {
             arrived: VecDeque::new(),
             request_cut: false,
             responded: false,
+            passed: [None, None],
         }
     }
 
@@ -827,6 +828,12 @@ pub struct TestExchange<'t, F: HttpFilter> {
     /// host/src/filter.rs `responded`, `replaced_response`, `in_response`):
     /// no more phase calls, only `on_log` and `on_done`.
     responded: bool,
+    /// Each direction's body data as its last body call left it, once it
+    /// went on: the host takes it off the exchange then (host/src/filter.rs
+    /// `chunk_part`, `end_body`), so `Exchange::body` no longer reaches it;
+    /// kept here for [`request_body_bytes`](Self::request_body_bytes) and
+    /// [`response_body_bytes`](Self::response_body_bytes).
+    passed: [Option<Vec<u8>>; 2],
 }
 
 /// A reply that came for a call of a [`TestExchange`], not delivered yet.
@@ -1070,8 +1077,21 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             self.paused_window = window;
         } else {
             self.paused_window.clear();
+            self.pass_bodies();
         }
         action
+    }
+
+    /// Body data not held by a pause goes on once its call returns: as the
+    /// host, the exchange no longer holds it (`Exchange::body` gives `None`
+    /// until the next body call of that direction, abi/README.md §3.1).
+    fn pass_bodies(&mut self) {
+        let mut ex = self.ex.borrow_mut();
+        for (i, passed) in self.passed.iter_mut().enumerate() {
+            if let Some(b) = ex.bodies[i].take() {
+                *passed = Some(b);
+            }
+        }
     }
 
     /// The filter's local response `lr`, from a call with `window` writable,
@@ -1144,6 +1164,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             ex.bodies[idx(d)] = Some(data);
         }
         if !self.declared(phase) || mode == BodyMode::Skipped {
+            self.pass_bodies();
             return Action::Continue;
         }
         let mut window = vec![Part::Body(d)];
@@ -1348,6 +1369,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.arrived.clear();
         if self.paused_window.contains(&Part::Body(Direction::Request)) {
             self.ex.borrow_mut().bodies[0] = None;
+            self.passed[0] = None;
         }
         if self.held_trailers.take().is_some() {
             self.ex.borrow_mut().trailers[0] = None;
@@ -1419,6 +1441,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             let mut ex = self.ex.borrow_mut();
             ex.bodies = [None, None];
         }
+        self.passed = [None, None];
         // The host drops the replies still waiting as the exchange ends.
         self.arrived.clear();
         let declared = self.declared(Phase::Log);
@@ -1839,14 +1862,26 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         HeadersHandle::new(self.ex.clone(), Part::Head(Direction::Response)).entries()
     }
 
-    /// The request body as last delivered (and possibly rewritten).
+    /// The request body as last delivered (and possibly rewritten): the
+    /// data of the last body call (held by a pause, or gone on); empty once
+    /// the exchange is logged.
     pub fn request_body_bytes(&self) -> Vec<u8> {
-        self.ex.borrow().bodies[0].clone().unwrap_or_default()
+        self.body_bytes(0)
     }
 
-    /// The response body as last delivered (and possibly rewritten).
+    /// The response body as last delivered (and possibly rewritten), as
+    /// [`request_body_bytes`](Self::request_body_bytes).
     pub fn response_body_bytes(&self) -> Vec<u8> {
-        self.ex.borrow().bodies[1].clone().unwrap_or_default()
+        self.body_bytes(1)
+    }
+
+    fn body_bytes(&self, i: usize) -> Vec<u8> {
+        let ex = self.ex.borrow();
+        ex.bodies[i]
+            .as_ref()
+            .or(self.passed[i].as_ref())
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The request method (possibly rewritten).

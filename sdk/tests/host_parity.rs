@@ -1931,3 +1931,103 @@ fn on_log_sees_the_status_and_cause_of_a_local_response() {
     drop(x);
     assert_eq!(t.filter().logged, Some((Some(403), cause, None)));
 }
+
+// ---------------------------------------------------------------- body data that went on
+
+/// A buffered request body filter that also looks for the request body from
+/// its trailers and response headers phases, and from a callout reply while
+/// not paused: records what `Exchange::body(Request)` reaches each time.
+#[derive(Default)]
+struct BodyLater {
+    seen: Vec<(&'static str, Option<Vec<u8>>)>,
+}
+
+impl BodyLater {
+    fn look(&mut self, at: &'static str, x: &Exchange<'_>) {
+        let body = x.body(Direction::Request).map(|b| b.to_vec());
+        self.seen.push((at, body));
+    }
+}
+
+impl HttpFilter for BodyLater {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(BodyLater::default())
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_request_body(BodyMode::Streamed)
+            .on_request_trailers()
+            .on_response_headers()
+    }
+    fn on_request_body(&mut self, _: &mut (), x: &Exchange<'_>, _: &Body<'_>, eos: bool) -> Action {
+        self.look("request_body", x);
+        if !eos {
+            callout::send(&check()).unwrap();
+        }
+        Action::Continue
+    }
+    fn on_request_trailers(&mut self, _: &mut (), x: &Exchange<'_>, _: &Headers<'_>) -> Action {
+        self.look("request_trailers", x);
+        Action::Continue
+    }
+    fn on_response_headers(
+        &mut self,
+        _: &mut (),
+        x: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.look("response_headers", x);
+        Action::Continue
+    }
+    fn on_callout_response(
+        &mut self,
+        _: &mut (),
+        x: &Exchange<'_>,
+        _: CalloutId,
+        _: Result<CalloutResponse, Error>,
+    ) -> Action {
+        self.look("reply", x);
+        Action::Continue
+    }
+}
+
+/// Body data that went on (its body call returned without a pause holding
+/// it) is no longer on the exchange: the host takes it off
+/// (host/src/filter.rs `chunk_part`, `end_body`), so `Exchange::body` gives
+/// `None` in later calls until the next body call of that direction
+/// (abi/README.md §3.1). So does the harness; its inspection still gives
+/// the last body.
+#[test]
+fn body_data_that_went_on_is_gone_from_the_exchange() {
+    let mut t = waiters().configure::<BodyLater>("null").unwrap();
+    let host = t.host().clone();
+    queue_ok(&host);
+    let mut x = t.exchange(Request::post("/", "ab").trailer("x-t", "1"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_body_chunk("a", false), Action::Continue);
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    assert_eq!(x.request_body_chunk("b", true), Action::Continue);
+    assert_eq!(x.request_trailers(), Action::Continue);
+    assert_eq!(x.request_body_bytes(), b"b");
+    assert_eq!(x.response_headers(Response::new(200)), Action::Continue);
+    drop(x);
+    let some = |b: &str| Some(b.as_bytes().to_vec());
+    assert_eq!(
+        t.filter().seen,
+        vec![
+            ("request_body", some("a")),
+            ("request_body", some("b")),
+            ("request_trailers", None),
+            // The reply came while not paused: delivered at the response.
+            ("reply", None),
+            ("response_headers", None),
+        ]
+    );
+}
+
+fn queue_ok(host: &TestHost) {
+    host.queue_callout_response("authz", ok());
+}
