@@ -200,6 +200,7 @@ impl TestHost {
             id,
             next_context: 1,
             fail_open: false,
+            body_limit: DEFAULT_BODY_LIMIT,
         })
     }
 
@@ -486,6 +487,8 @@ pub struct FilterTest<F: HttpFilter> {
     next_context: u64,
     /// The plugin's failure policy is `fail: open`.
     fail_open: bool,
+    /// The plugin's `limits.body`: the most a body buffer may hold.
+    body_limit: usize,
 }
 
 impl<F: HttpFilter> FilterTest<F> {
@@ -509,6 +512,26 @@ impl<F: HttpFilter> FilterTest<F> {
     /// the exchange ends with (see [`TestExchange::failure`]).
     pub fn fail_open(mut self, open: bool) -> Self {
         self.fail_open = open;
+        self
+    }
+
+    /// Set the plugin's `limits.body` (default [`DEFAULT_BODY_LIMIT`], 1 MiB):
+    /// as on the host (host/src/wasm/host.rs `splice_buffer`, abi/README.md
+    /// §4, §5.2), a `Body::replace`, `splice` or `append` that would leave a
+    /// body buffer longer than this fails with `Error::LimitExceeded` (the
+    /// buffer is left as it was).
+    ///
+    /// # Panics
+    ///
+    /// Outside 1 KiB..=64 MiB, which the host's configuration refuses.
+    #[track_caller]
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        assert!(
+            BODY_LIMIT_RANGE.contains(&bytes),
+            "FilterTest::body_limit({bytes}): the host takes `limits.body` between \
+             `1KiB` and `64MiB` only"
+        );
+        self.body_limit = bytes;
         self
     }
 
@@ -565,6 +588,7 @@ impl<F: HttpFilter> FilterTest<F> {
             ],
             body_started: [false, false],
             detached: false,
+            body_limit: self.body_limit,
         };
         TestExchange {
             test: self,
@@ -2012,6 +2036,7 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
             body_declared: [false; 2],
             body_started: [false; 2],
             detached: false,
+            body_limit: self.body_limit,
         };
         TestConnection {
             test: self,

@@ -2031,3 +2031,60 @@ fn body_data_that_went_on_is_gone_from_the_exchange() {
 fn queue_ok(host: &TestHost) {
     host.queue_callout_response("authz", ok());
 }
+
+// ---------------------------------------------------------------- the body cap on writes
+
+/// Grows the buffered request body: records what each write returns.
+#[derive(Default)]
+struct Grower {
+    results: Vec<Result<(), Error>>,
+}
+
+impl HttpFilter for Grower {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(Grower::default())
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_body(BodyMode::Buffered)
+    }
+    fn on_request_body(&mut self, _: &mut (), _: &Exchange<'_>, b: &Body<'_>, _: bool) -> Action {
+        self.results.push(b.append(vec![b'y'; 100]));
+        self.results.push(b.replace(vec![b'z'; 1025]));
+        self.results.push(b.splice(0, 10, vec![b'w'; 34]));
+        self.results.push(b.append(b"!"));
+        Action::Continue
+    }
+}
+
+/// A buffer write that would make the body longer than the plugin's
+/// `limits.body` fails with `limit-exceeded` and writes nothing
+/// (host/src/wasm/host.rs `splice_buffer`; abi/README.md §4, §5.2). So it
+/// does in the harness (`FilterTest::body_limit`, 1 MiB by default).
+#[test]
+fn a_body_write_over_the_cap_is_limit_exceeded() {
+    let mut t = FilterTest::<Grower>::configure("null")
+        .unwrap()
+        .body_limit(1024);
+    let mut x = t.exchange(Request::post("/", vec![b'x'; 1000]));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_body(), Action::Continue);
+    let body = x.request_body_bytes();
+    drop(x);
+    let over = Err(Error::LimitExceeded);
+    assert_eq!(t.filter().results, vec![over, over, Ok(()), over]);
+    // 1000 - 10 + 34 = 1024: at the cap, not over it.
+    assert_eq!(body.len(), 1024);
+    assert_eq!(&body[..34], &[b'w'; 34][..]);
+
+    // The default cap is 1 MiB.
+    for (len, first) in [((1 << 20) - 100, Ok(())), ((1 << 20) - 99, over)] {
+        let mut t = FilterTest::<Grower>::configure("null").unwrap();
+        let mut x = t.exchange(Request::post("/", vec![b'x'; len]));
+        x.request_headers();
+        x.request_body();
+        drop(x);
+        assert_eq!(t.filter().results[0], first, "{len}");
+    }
+}

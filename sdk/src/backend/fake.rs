@@ -345,6 +345,9 @@ pub(crate) struct ExchangeState {
     pub(crate) body_started: [bool; 2],
     /// The filter detached from the exchange: the host makes no more calls.
     pub(crate) detached: bool,
+    /// The plugin's `limits.body`: a buffer write may not make a body
+    /// longer (host/src/wasm/host.rs `splice_buffer`).
+    pub(crate) body_limit: usize,
 }
 
 pub(crate) type Ex = Rc<RefCell<ExchangeState>>;
@@ -605,18 +608,26 @@ impl BufferHandle<'_> {
     pub(crate) fn replace(&self, data: &[u8]) -> Result<(), Error> {
         let mut ex = self.ex.borrow_mut();
         ex.writable(Part::Body(self.dir))?;
+        if data.len() > ex.body_limit {
+            return Err(Error::LimitExceeded);
+        }
         ex.bodies[idx(self.dir)] = Some(data.to_vec());
         Ok(())
     }
     pub(crate) fn splice(&self, offset: u64, remove_len: u64, data: &[u8]) -> Result<(), Error> {
         let mut ex = self.ex.borrow_mut();
         ex.writable(Part::Body(self.dir))?;
+        let cap = ex.body_limit;
         let body = ex.bodies[idx(self.dir)].get_or_insert_with(Vec::new);
         let start = usize::try_from(offset).map_err(|_| Error::InvalidArgument)?;
         let len = usize::try_from(remove_len).map_err(|_| Error::InvalidArgument)?;
         let end = start.checked_add(len).ok_or(Error::InvalidArgument)?;
         if end > body.len() {
             return Err(Error::InvalidArgument);
+        }
+        // As the host: over the plugin's cap, nothing is written.
+        if body.len() - len + data.len() > cap {
+            return Err(Error::LimitExceeded);
         }
         body.splice(start..end, data.iter().copied());
         Ok(())
