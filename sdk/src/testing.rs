@@ -555,6 +555,14 @@ impl<F: HttpFilter> FilterTest<F> {
         let context = self.next_context;
         self.next_context += 1;
         let setup = self.instance.setup();
+        // As the host (host/src/local_reply.rs `is_grpc`): by the request's
+        // content type as it arrived, before any filter.
+        let grpc = request
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+            .and_then(|(_, v)| v.strip_prefix(b"application/grpc"))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"+"));
         let start_time = self.host.host.borrow().wall_ns;
         let state = ExchangeState {
             method: request.method,
@@ -593,6 +601,7 @@ impl<F: HttpFilter> FilterTest<F> {
         TestExchange {
             test: self,
             context,
+            grpc,
             ex: Rc::new(RefCell::new(state)),
             pending_body: [request.body, Vec::new()],
             pending_trailers: [request.trailers, None],
@@ -858,6 +867,56 @@ pub struct TestExchange<'t, F: HttpFilter> {
     /// kept here for [`request_body_bytes`](Self::request_body_bytes) and
     /// [`response_body_bytes`](Self::response_body_bytes).
     passed: [Option<Vec<u8>>; 2],
+    /// A gRPC request (`content-type` `application/grpc` or
+    /// `application/grpc+…` as it arrived): the host answers it locally in
+    /// gRPC's trailers-only form (abi/README.md §3.5).
+    grpc: bool,
+}
+
+/// A local response to a gRPC request as the host sends it, in gRPC's
+/// trailers-only form (host/src/local_reply.rs `grpc_form`, abi/README.md
+/// §3.5): status `200`, `content-type: application/grpc`, a `grpc-status`
+/// (the response's own, else mapped from its status), the body less a final
+/// newline as a percent-encoded `grpc-message`, no body and no
+/// `content-length`.
+fn grpc_form(lr: &crate::LocalResponse) -> (u16, FieldList) {
+    let mut h: FieldList = lr
+        .headers
+        .iter()
+        .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+        .filter(|(n, _)| {
+            !matches!(
+                n.as_str(),
+                "content-length" | "transfer-encoding" | "content-type"
+            )
+        })
+        .collect();
+    if !h.iter().any(|(n, _)| n == "grpc-status") {
+        let code: u32 = match lr.status {
+            400 => 13,
+            401 => 16,
+            403 => 7,
+            404 => 12,
+            429 | 502..=504 => 14,
+            _ => 2,
+        };
+        h.push(("grpc-status".to_owned(), code.to_string().into_bytes()));
+    }
+    let text = lr.body.strip_suffix(b"\n").unwrap_or(&lr.body);
+    if !text.is_empty() {
+        let mut m = String::with_capacity(text.len());
+        for &b in text {
+            if (0x20..0x7f).contains(&b) && b != b'%' {
+                m.push(char::from(b));
+            } else {
+                m.push_str(&format!("%{b:02X}"));
+            }
+        }
+        h.retain(|(n, _)| n != "grpc-message");
+        h.push(("grpc-message".to_owned(), m.into_bytes()));
+    }
+    h.push(("content-type".to_owned(), b"application/grpc".to_vec()));
+    (200, h)
 }
 
 /// A reply that came for a call of a [`TestExchange`], not delivered yet.
@@ -1135,9 +1194,14 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         if head_out {
             return;
         }
-        ex.status = Some(lr.status);
+        let (status, headers) = if self.grpc {
+            grpc_form(lr)
+        } else {
+            (lr.status, lr.headers.clone())
+        };
+        ex.status = Some(status);
         if window == [Part::Head(Direction::Response)] {
-            ex.heads[1] = Some(lr.headers.clone());
+            ex.heads[1] = Some(headers);
         }
     }
 

@@ -1832,6 +1832,8 @@ struct LoggedConfig {
 struct Logged {
     config: LoggedConfig,
     logged: Option<(Option<u16>, Option<String>, Option<String>)>,
+    /// The response head `on_log` sees.
+    head: Option<Vec<(String, Vec<u8>)>>,
 }
 
 impl Logged {
@@ -1840,6 +1842,7 @@ impl Logged {
             Action::Respond(
                 LocalResponse::new(403)
                     .header("x-local", "1")
+                    .body("no way\n")
                     .details("nope"),
             )
         } else {
@@ -1855,6 +1858,7 @@ impl HttpFilter for Logged {
         Ok(Logged {
             config,
             logged: None,
+            head: None,
         })
     }
     fn setup(&self) -> Setup {
@@ -1890,6 +1894,7 @@ impl HttpFilter for Logged {
             .headers(Direction::Response)
             .and_then(|h| h.get_str("x-local"));
         self.logged = Some((x.status(), x.cause(), local));
+        self.head = x.headers(Direction::Response).map(|h| h.entries());
     }
 }
 
@@ -2087,4 +2092,49 @@ fn a_body_write_over_the_cap_is_limit_exceeded() {
         drop(x);
         assert_eq!(t.filter().results[0], first, "{len}");
     }
+}
+
+/// To a gRPC request (its `content-type` as it arrived) the host answers in
+/// gRPC's trailers-only form (abi/README.md §3.5; host/src/local_reply.rs
+/// `grpc_form`): status `200`, the status mapped to a `grpc-status`, the
+/// body as `grpc-message`. So `on_log` sees `200`, and an answer from the
+/// response headers phase leaves that head. So does the harness.
+#[test]
+fn a_local_response_to_a_grpc_request_is_in_grpc_form() {
+    let grpc = || Request::post("/pkg.Svc/M", "").header("content-type", "application/grpc+proto");
+    let cause = Some("plugin:nope".to_owned());
+    for (at, local) in [
+        ("request_headers", None),
+        ("response_headers", Some("1".to_owned())),
+    ] {
+        let mut t = FilterTest::<Logged>::configure(&format!(r#"{{"at": "{at}"}}"#)).unwrap();
+        let outcome = t.exchange(grpc()).run(Response::new(200));
+        assert!(
+            matches!(outcome, Outcome::Responded(..)),
+            "{at}: {outcome:?}"
+        );
+        assert_eq!(
+            t.filter().logged,
+            Some((Some(200), cause.clone(), local)),
+            "{at}"
+        );
+    }
+    let mut t = FilterTest::<Logged>::configure(r#"{"at": "response_headers"}"#).unwrap();
+    t.exchange(grpc())
+        .run(Response::new(200).header("content-type", "application/grpc"));
+    let head = t.filter().head.clone().unwrap();
+    let get = |n: &str| {
+        head.iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+    };
+    assert_eq!(get("grpc-status").as_deref(), Some("7"));
+    assert_eq!(get("grpc-message").as_deref(), Some("no way"));
+    assert_eq!(get("content-type").as_deref(), Some("application/grpc"));
+
+    // Not gRPC: `application/grpc-web` (the gRPC-Web plugin answers those).
+    let mut t = FilterTest::<Logged>::configure(r#"{"at": "request_headers"}"#).unwrap();
+    t.exchange(Request::post("/", "").header("content-type", "application/grpc-web"))
+        .run(Response::new(200));
+    assert_eq!(t.filter().logged.as_ref().unwrap().0, Some(403));
 }
