@@ -5,7 +5,10 @@
 //! and it calls the filter when the host would: a labelled metric's empty
 //! series, a pause with nothing outstanding (a failure), replies to the
 //! instance that made the call only, none after a failure, and the failure
-//! policy (fail open: the exchange goes on without the filter).
+//! policy (fail open: the exchange goes on without the filter); and the
+//! exchange is what the host shows: a local response's status and cause
+//! (in gRPC's form to a gRPC request) in `on_log`, no body data once it went
+//! on, and body writes capped at `limits.body`.
 
 #![allow(clippy::unwrap_used)]
 
