@@ -262,12 +262,16 @@ impl TestHost {
         h.mono_ns = h.mono_ns.saturating_add(ns);
     }
 
-    /// Every message logged so far, in order.
+    /// Every message logged so far, in order, as the host writes it
+    /// (host/src/wasm/stdio.rs `one_line`): one line, control characters but
+    /// tabs escaped (`\n`, `\r`, `\u{1b}`), cut after escaping at 4 KiB (at a
+    /// character boundary) with `…[truncated]`.
     pub fn logs(&self) -> Vec<(Level, String)> {
         self.host.borrow().logs.clone()
     }
 
-    /// Whether some logged message at `level` contains `needle`.
+    /// Whether some logged message at `level` contains `needle` (as written:
+    /// see [`TestHost::logs`]).
     pub fn logged(&self, level: Level, needle: &str) -> bool {
         self.host
             .borrow()

@@ -2141,3 +2141,68 @@ fn a_local_response_to_a_grpc_request_is_in_grpc_form() {
         .run(Response::new(200));
     assert_eq!(t.filter().logged.as_ref().unwrap().0, Some(403));
 }
+
+// ---------------------------------------------------------------- log lines
+
+/// Logs the message its config gives from `configure`.
+struct Says;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaysConfig {
+    say: String,
+}
+
+impl HttpFilter for Says {
+    type Config = SaysConfig;
+    type Context = ();
+    fn configure(c: SaysConfig) -> Result<Self, String> {
+        legate_sdk::log::log(legate_sdk::log::Level::Info, &c.say);
+        Ok(Says)
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+    }
+}
+
+/// The host writes a guest's message as one line of at most 4 KiB
+/// (host/src/wasm/host.rs `log`, stdio.rs `one_line`): control characters
+/// but tabs escaped, cut after escaping with `…[truncated]`. The harness's
+/// `logs()` and `logged()` see what the host writes.
+#[test]
+fn log_messages_are_one_line_and_cut_as_the_host_writes_them() {
+    use legate_sdk::log::Level;
+    let says = |msg: &str| {
+        let host = TestHost::new();
+        let config = serde_json::json!({ "say": msg }).to_string();
+        host.configure::<Says>(&config).map(drop).unwrap();
+        host
+    };
+    let host = says("x\r[host] fake\n\u{1b}[2J\tok é");
+    assert_eq!(
+        host.logs(),
+        vec![(Level::Info, "x\\r[host] fake\\n\\u{1b}[2J\tok é".to_owned())]
+    );
+    assert!(host.logged(Level::Info, "fake\\n"));
+    assert!(!host.logged(Level::Info, "fake\n"));
+
+    // 4096 bytes are kept; one more is cut (after escaping: 2 bytes each).
+    let host = says(&"a".repeat(4096));
+    assert_eq!(host.logs()[0].1.len(), 4096);
+    let host = says(&"a".repeat(4097));
+    assert_eq!(
+        host.logs()[0].1,
+        format!("{}…[truncated]", "a".repeat(4096))
+    );
+    let host = says(&"\n".repeat(2049));
+    assert_eq!(
+        host.logs()[0].1,
+        format!("{}…[truncated]", "\\n".repeat(2048))
+    );
+    // At a character boundary: `é` is 2 bytes.
+    let host = says(&format!("a{}", "é".repeat(2048)));
+    assert_eq!(
+        host.logs()[0].1,
+        format!("a{}…[truncated]", "é".repeat(2047))
+    );
+}

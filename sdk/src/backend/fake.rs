@@ -855,12 +855,40 @@ impl ExchangeHandle<'_> {
 
 // ---- log, clock, random, plugin ----
 
+/// The most of a message the host writes (host/src/wasm/host.rs `MAX_LOG`).
+const MAX_LOG: usize = 4096;
+
 pub(crate) fn log(level: Level, message: &str) {
     with_host((), |h| {
         if level >= h.log_level {
-            h.logs.push((level, message.to_owned()));
+            h.logs.push((level, one_line(message, MAX_LOG)));
         }
     })
+}
+
+/// A message as the host writes it (host/src/wasm/stdio.rs `one_line`): one
+/// line, control characters but tabs escaped (`\n`, `\r`, `\u{1b}`), cut after
+/// escaping at `max` bytes (at a character boundary) with `…[truncated]`.
+fn one_line(text: &str, max: usize) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            let _ = write!(out, "{}", c.escape_default());
+        } else {
+            out.push(c);
+        }
+        if out.len() > max {
+            let mut cut = max;
+            while !out.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            out.truncate(cut);
+            out.push_str("…[truncated]");
+            break;
+        }
+    }
+    out
 }
 pub(crate) fn log_enabled(level: Level) -> bool {
     with_host(false, |h| level >= h.log_level)
