@@ -606,6 +606,7 @@ impl<F: HttpFilter> FilterTest<F> {
             test: self,
             context,
             grpc,
+            over_body_limit: None,
             ex: Rc::new(RefCell::new(state)),
             pending_body: [request.body, Vec::new()],
             pending_trailers: [request.trailers, None],
@@ -821,6 +822,13 @@ pub enum Outcome {
     /// skips the filter and the exchange goes on, so `run` does too (and
     /// [`TestExchange::failure`] gives the reason).
     Failed(Phase, String),
+    /// The body of the phase's direction, buffered for the filter, was over
+    /// its `limits.body` ([`FilterTest::body_limit`]): the host answered
+    /// with this status (`413` to a request body, `502` to a response
+    /// body; cause `plugin_buffer_limit`) without calling the body phase
+    /// (abi/README.md §4; host/src/proxy.rs `run_body`), then `on_log` and
+    /// `on_done`. See [`TestExchange::over_body_limit`].
+    OverBodyLimit(Phase, u16),
 }
 
 /// One exchange of a [`FilterTest`], driven phase by phase.
@@ -875,6 +883,10 @@ pub struct TestExchange<'t, F: HttpFilter> {
     /// `application/grpc+…` as it arrived): the host answers it locally in
     /// gRPC's trailers-only form (abi/README.md §3.5).
     grpc: bool,
+    /// The host ended the exchange because a buffered body of this
+    /// direction was over `limits.body` (see
+    /// [`over_body_limit`](Self::over_body_limit)).
+    over_body_limit: Option<Direction>,
 }
 
 /// A local response to a gRPC request as the host sends it, in gRPC's
@@ -1259,6 +1271,12 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             self.pass_bodies();
             return Action::Continue;
         }
+        if mode == BodyMode::Buffered
+            && self.ex.borrow().bodies[idx(d)].as_ref().map_or(0, Vec::len) > self.test.body_limit
+        {
+            self.refuse_body(d);
+            return Action::Continue;
+        }
         let mut window = vec![Part::Body(d)];
         if mode == BodyMode::Buffered {
             window.push(Part::Head(d));
@@ -1288,6 +1306,41 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             }
         }
         self.wait(action)
+    }
+
+    /// The body of `d`, buffered for the filter, is over its `limits.body`:
+    /// as the host (host/src/proxy.rs `run_body`, filter.rs
+    /// `body_limit_exceeded`; abi/README.md §4), the body phase is not
+    /// called and the exchange ends with `413` (request) or `502`
+    /// (response), cause `plugin_buffer_limit`: no more phase calls (the
+    /// upstream is not asked, or its response not sent), `on_log` sees that
+    /// status and cause.
+    fn refuse_body(&mut self, d: Direction) {
+        {
+            let mut ex = self.ex.borrow_mut();
+            ex.bodies[idx(d)] = None;
+            ex.status = Some(match d {
+                Direction::Request => 413,
+                Direction::Response => 502,
+            });
+            ex.cause = Some("plugin_buffer_limit".to_owned());
+        }
+        self.passed[idx(d)] = None;
+        self.pending_trailers[idx(d)] = None;
+        self.over_body_limit = Some(d);
+        // No more phase calls into the filter, as after a local response.
+        self.responded = true;
+    }
+
+    /// The direction whose body, buffered for the filter, was over its
+    /// `limits.body` ([`FilterTest::body_limit`], 1 MiB by default): the
+    /// harness, as the host, did not call the body phase (its method
+    /// returned `Continue`) and ended the exchange with `413` (request) or
+    /// `502` (response), cause `plugin_buffer_limit`, which `on_log` sees;
+    /// later phase methods call nothing ([`run`](Self::run) gives
+    /// [`Outcome::OverBodyLimit`]).
+    pub fn over_body_limit(&self) -> Option<Direction> {
+        self.over_body_limit
     }
 
     /// After the end-of-stream body call of `d`: what the filter left of the
@@ -1900,6 +1953,15 @@ impl<F: HttpFilter> TestExchange<'_, F> {
                 // No `on_log` for the failed filter: `done` only.
                 self.done();
                 return Outcome::Failed(phase, why);
+            }
+            if let Some(d) = self.over_body_limit {
+                self.log();
+                self.done();
+                let status = match d {
+                    Direction::Request => 413,
+                    Direction::Response => 502,
+                };
+                return Outcome::OverBodyLimit(phase, status);
             }
             match action {
                 Action::Continue => {}

@@ -2206,3 +2206,101 @@ fn log_messages_are_one_line_and_cut_as_the_host_writes_them() {
         format!("a{}…[truncated]", "é".repeat(2047))
     );
 }
+
+// ---------------------------------------------------------------- the body cap on buffering
+
+/// Buffers both bodies; records its calls and what `on_log` sees.
+#[derive(Default)]
+struct Buffers {
+    calls: Vec<&'static str>,
+    logged: Option<(Option<u16>, Option<String>)>,
+}
+
+impl HttpFilter for Buffers {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(Buffers::default())
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_request_body(BodyMode::Buffered)
+            .on_response_headers()
+            .on_response_body(BodyMode::Buffered)
+            .on_log()
+    }
+    fn on_request_body(&mut self, _: &mut (), _: &Exchange<'_>, _: &Body<'_>, _: bool) -> Action {
+        self.calls.push("request_body");
+        Action::Continue
+    }
+    fn on_response_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.calls.push("response_headers");
+        Action::Continue
+    }
+    fn on_response_body(&mut self, _: &mut (), _: &Exchange<'_>, _: &Body<'_>, _: bool) -> Action {
+        self.calls.push("response_body");
+        Action::Continue
+    }
+    fn on_log(&mut self, _: &mut (), x: &Exchange<'_>) {
+        self.calls.push("log");
+        self.logged = Some((x.status(), x.cause()));
+    }
+}
+
+/// A body to buffer over the plugin's `limits.body` is not given to the
+/// filter: the host answers `413` (a request body) or `502` (a response
+/// body), cause `plugin_buffer_limit` (abi/README.md §4; host/src/proxy.rs
+/// `run_body`), and the filter gets `on_log` (and `on_done`) only. So does
+/// the harness.
+#[test]
+fn a_buffered_body_over_the_cap_is_answered_by_the_host() {
+    let cause = Some("plugin_buffer_limit".to_owned());
+    // Request body: 413, no upstream, no response phases.
+    let mut t = FilterTest::<Buffers>::configure("null")
+        .unwrap()
+        .body_limit(1024);
+    let mut x = t.exchange(Request::post("/", vec![b'x'; 1025]));
+    assert_eq!(
+        x.run(Response::new(200).body("ok")),
+        Outcome::OverBodyLimit(Phase::RequestBody, 413)
+    );
+    assert_eq!(x.over_body_limit(), Some(Direction::Request));
+    drop(x);
+    assert_eq!(t.filter().calls, vec!["log"]);
+    assert_eq!(t.filter().logged, Some((Some(413), cause.clone())));
+
+    // Response body: 502 after the response headers phase.
+    let mut t = FilterTest::<Buffers>::configure("null")
+        .unwrap()
+        .body_limit(1024);
+    let mut x = t.exchange(Request::post("/", vec![b'x'; 1024]));
+    assert_eq!(
+        x.run(Response::new(200).body(vec![b'y'; 1025])),
+        Outcome::OverBodyLimit(Phase::ResponseBody, 502)
+    );
+    drop(x);
+    assert_eq!(
+        t.filter().calls,
+        vec!["request_body", "response_headers", "log"]
+    );
+    assert_eq!(t.filter().logged, Some((Some(502), cause)));
+
+    // Phase by phase: the body method returns `Continue` without the call,
+    // and later phase methods call nothing.
+    let mut t = FilterTest::<Buffers>::configure("null").unwrap();
+    let mut x = t.exchange(Request::post("/", vec![b'x'; (1 << 20) + 1]));
+    x.request_headers();
+    assert_eq!(x.request_body(), Action::Continue);
+    assert_eq!(x.over_body_limit(), Some(Direction::Request));
+    assert_eq!(x.response_headers(Response::new(200)), Action::Continue);
+    x.log();
+    x.done();
+    drop(x);
+    assert_eq!(t.filter().calls, vec!["log"]);
+}
