@@ -78,6 +78,21 @@ const MIN_TICK_MS: u32 = 10;
 /// the most a network filter may hold per direction.
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 
+/// The largest callout response body the host reads (host/src/wasm/host.rs
+/// `CALLOUT_MAX_RESPONSE`; abi/README.md §7): a larger one is delivered as
+/// `Err(Error::LimitExceeded)`.
+pub const CALLOUT_MAX_RESPONSE: usize = 1 << 20;
+
+/// A callout result as the host delivers it: a response whose body is over
+/// [`CALLOUT_MAX_RESPONSE`] is `Err(LimitExceeded)` (host/src/proxy.rs
+/// `callout` reads the body under that cap).
+fn as_received(r: Result<CalloutResponse, Error>) -> Result<CalloutResponse, Error> {
+    match r {
+        Ok(resp) if resp.body.len() > CALLOUT_MAX_RESPONSE => Err(Error::LimitExceeded),
+        r => r,
+    }
+}
+
 /// The range the host's configuration takes for `limits.body`
 /// (host/src/config/validate.rs): 1 KiB to 64 MiB.
 const BODY_LIMIT_RANGE: std::ops::RangeInclusive<usize> = (1 << 10)..=(64 << 20);
@@ -384,6 +399,9 @@ impl TestHost {
 
     /// Queue the response the next callout to `cluster` gets when delivered
     /// ([`TestExchange::deliver_callouts`], [`FilterTest::deliver_tick_callouts`]).
+    /// As from the host, a response whose body is over
+    /// [`CALLOUT_MAX_RESPONSE`] reaches the filter as `Err(LimitExceeded)`
+    /// (so does one given to a `deliver_callout`).
     pub fn queue_callout_response(&self, cluster: &str, response: Result<CalloutResponse, Error>) {
         self.host
             .borrow_mut()
@@ -639,7 +657,7 @@ impl<F: HttpFilter> FilterTest<F> {
         for (id, r) in ready {
             self.host.take_outstanding(self.id, None, id, false);
             let _g = install(&self.host.host, self.id, Call::Tick);
-            self.instance.tick_callout_response(id, r);
+            self.instance.tick_callout_response(id, as_received(r));
         }
         n
     }
@@ -1704,7 +1722,10 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         }
         let c = self.context;
         Some(match reply {
-            Arrived::Callout(r) => self.resume(|i, x| i.callout_response(c, x, id, r)),
+            Arrived::Callout(r) => {
+                let r = as_received(r);
+                self.resume(|i, x| i.callout_response(c, x, id, r))
+            }
             Arrived::Kv(r) => self.resume(|i, x| i.kv_response(c, x, id, r)),
         })
     }
@@ -2203,7 +2224,7 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
         for (id, r) in ready {
             self.host.take_outstanding(self.id, None, id, false);
             let _g = install(&self.host.host, self.id, Call::Tick);
-            self.instance.tick_callout_response(id, r);
+            self.instance.tick_callout_response(id, as_received(r));
         }
         n
     }
@@ -2687,6 +2708,7 @@ impl<F: NetworkFilter> TestConnection<'_, F> {
         {
             return None;
         }
+        let response = as_received(response);
         let action = self.call(None, |i, ctx, c| i.callout_response(ctx, c, id, response));
         match action {
             NetworkAction::Continue => {

@@ -2304,3 +2304,81 @@ fn a_buffered_body_over_the_cap_is_answered_by_the_host() {
     drop(x);
     assert_eq!(t.filter().calls, vec!["log"]);
 }
+
+// ---------------------------------------------------------------- the callout response cap
+
+/// Sends a callout to `authz` from the request headers and pauses; records
+/// the result of each reply (the status, or the error).
+#[derive(Default)]
+struct Fetch {
+    results: Vec<Result<u16, Error>>,
+}
+
+impl HttpFilter for Fetch {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(Fetch::default())
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_headers()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        callout::send(&check()).unwrap();
+        Action::Pause
+    }
+    fn on_callout_response(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        _: CalloutId,
+        r: Result<CalloutResponse, Error>,
+    ) -> Action {
+        self.results.push(r.map(|r| r.status));
+        Action::Continue
+    }
+    fn on_tick(&mut self) {
+        callout::send(&check()).unwrap();
+    }
+    fn on_tick_callout_response(&mut self, _: CalloutId, r: Result<CalloutResponse, Error>) {
+        self.results.push(r.map(|r| r.status));
+    }
+}
+
+/// The host reads a callout response's body under a 1 MiB cap
+/// (host/src/wasm/host.rs `CALLOUT_MAX_RESPONSE`, proxy.rs `callout`;
+/// abi/README.md §7) and delivers a larger one as `Err(LimitExceeded)`.
+/// So does the harness, however the response comes (queued, given to
+/// `deliver_callout`, to a tick's callout).
+#[test]
+fn a_callout_response_over_1_mib_is_limit_exceeded() {
+    let big = |len: usize| Ok(CalloutResponse::new(200, vec![b'x'; len]));
+    let host = TestHost::new().grant_cluster("authz");
+    let mut t = host.configure::<Fetch>("null").unwrap();
+    for (len, queued) in [
+        (1 << 20, true),
+        ((1 << 20) + 1, true),
+        ((1 << 20) + 1, false),
+    ] {
+        let mut x = t.exchange(Request::get("/"));
+        assert_eq!(x.request_headers(), Action::Pause);
+        if queued {
+            host.queue_callout_response("authz", big(len));
+            assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+        } else {
+            let id = host.callouts().last().unwrap().id;
+            assert_eq!(x.deliver_callout(id, big(len)), Some(Action::Continue));
+        }
+    }
+    t.tick();
+    host.queue_callout_response("authz", big((1 << 20) + 1));
+    assert_eq!(t.deliver_tick_callouts(), 1);
+    let over = Err(Error::LimitExceeded);
+    assert_eq!(t.filter().results, vec![Ok(200), over, over, over]);
+}

@@ -901,3 +901,30 @@ fn a_body_limit_the_host_refuses_is_refused() {
         .unwrap()
         .body_limit(100);
 }
+
+/// The host reads a callout response's body under a 1 MiB cap and delivers
+/// a larger one as `Err(LimitExceeded)` (host/src/proxy.rs `callout`,
+/// abi/README.md §7), to a connection's callout and a tick's alike.
+#[test]
+fn a_callout_response_over_1_mib_is_limit_exceeded() {
+    let big = |len: usize| Ok(CalloutResponse::new(200, vec![b'x'; len]));
+    let host = TestHost::new().grant_cluster("authz");
+    let mut t = host.configure_network::<Gate>("null").unwrap();
+    let mut c = t.connect(Conn::new());
+    assert_eq!(c.new_connection(), NetworkAction::Pause);
+    host.queue_callout_response("authz", big(1 << 20));
+    assert_eq!(c.deliver_callouts(), vec![NetworkAction::Continue]);
+    assert_eq!(c.downstream("a", false), NetworkAction::Pause);
+    host.queue_callout_response("authz", big((1 << 20) + 1));
+    // Gate closes on anything but a 200.
+    assert_eq!(c.deliver_callouts(), vec![NetworkAction::Close]);
+    drop(c);
+
+    for _ in 0..6 {
+        t.tick();
+    }
+    host.queue_callout_response("authz", big((1 << 20) + 1));
+    host.queue_callout_response("authz", big(1 << 20));
+    assert_eq!(t.deliver_tick_callouts(), 2);
+    assert_eq!(t.filter().tick_answers, vec![0, 200]);
+}
