@@ -1618,8 +1618,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.test.instance.log(c, &x);
     }
 
-    /// End the exchange: cancel its outstanding callouts and call `on_done`
-    /// (if declared), which drops the SDK-kept context. Only the first call
+    /// End the exchange: [`log`](Self::log) first if it was not called (the
+    /// host calls `on_log` before `on_done` for every filter that neither
+    /// failed nor detached: host/src/filter.rs `run_finish`), then cancel its
+    /// outstanding callouts and call `on_done` (if declared), which drops
+    /// the SDK-kept context. Only the first call
     /// does anything (as the host ends an exchange once; [`run`](Self::run)
     /// calls it): a later `done` is harmless. After it, a phase method,
     /// [`log`](Self::log) or `run` panics (the host makes no call into an
@@ -1628,6 +1631,9 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     pub fn done(&mut self) {
         if self.ended {
             return;
+        }
+        if !self.logged {
+            self.log();
         }
         self.ended = true;
         self.arrived.clear();

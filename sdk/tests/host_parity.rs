@@ -2382,3 +2382,29 @@ fn a_callout_response_over_1_mib_is_limit_exceeded() {
     let over = Err(Error::LimitExceeded);
     assert_eq!(t.filter().results, vec![Ok(200), over, over, over]);
 }
+
+// ---------------------------------------------------------------- on_log before on_done
+
+/// The host calls `on_log` before `on_done` for every filter of the
+/// exchange that neither failed nor detached, however the exchange ended
+/// (host/src/filter.rs `run_finish`). So `done` without `log` calls
+/// `on_log` first, once.
+#[test]
+fn done_without_log_calls_on_log_first() {
+    let mut t = FilterTest::<Buffers>::configure("null").unwrap();
+    let mut x = t.exchange(Request::post("/", "a"));
+    x.request_body();
+    x.done();
+    x.done();
+    drop(x);
+    assert_eq!(t.filter().calls, vec!["request_body", "log"]);
+
+    // After `log`, not again.
+    let mut t = FilterTest::<Buffers>::configure("null").unwrap();
+    let mut x = t.exchange(Request::post("/", "a"));
+    x.request_body();
+    x.log();
+    x.done();
+    drop(x);
+    assert_eq!(t.filter().calls, vec!["request_body", "log"]);
+}
