@@ -1363,10 +1363,16 @@ impl<F: HttpFilter> TestExchange<'_, F> {
 
     /// After the end-of-stream body call of `d`: what the filter left of the
     /// trailers goes to the trailers phase; an emptied map means no trailers at
-    /// all (and no trailers phase).
+    /// all (and no trailers phase). As on the host, where the trailers phase
+    /// follows in the same step (host/src/filter.rs `after_body`,
+    /// `end_trailers`) and the trailers stay on the exchange for later reads,
+    /// they stay readable (`Exchange::trailers`) from a phase of the other
+    /// direction a test runs in between (full duplex).
     fn settle_trailers(&mut self, d: Direction) {
-        let left = self.ex.borrow_mut().trailers[idx(d)].take();
-        self.pending_trailers[idx(d)] = left.filter(|t| !t.is_empty());
+        let mut ex = self.ex.borrow_mut();
+        let left = ex.trailers[idx(d)].take().filter(|t| !t.is_empty());
+        ex.trailers[idx(d)] = left.clone();
+        self.pending_trailers[idx(d)] = left;
     }
 
     /// Call `on_request_body` once with the whole request body and end of

@@ -2408,3 +2408,82 @@ fn done_without_log_calls_on_log_first() {
     drop(x);
     assert_eq!(t.filter().calls, vec!["request_body", "log"]);
 }
+
+// ---------------------------------------------------------------- trailers stay on the exchange
+
+/// Streams the request body; records the request trailer `x-t` each call
+/// sees on the exchange (`-` for none).
+#[derive(Default)]
+struct SeesTrailers {
+    seen: Vec<String>,
+}
+
+impl SeesTrailers {
+    fn see(&mut self, what: &str, x: &Exchange<'_>) {
+        let t = x
+            .trailers(Direction::Request)
+            .and_then(|t| t.get("x-t"))
+            .map_or("-".to_owned(), |v| String::from_utf8(v).unwrap());
+        self.seen.push(format!("{what} {t}"));
+    }
+}
+
+impl HttpFilter for SeesTrailers {
+    type Config = ();
+    type Context = ();
+    fn configure(_: ()) -> Result<Self, String> {
+        Ok(SeesTrailers::default())
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+            .on_request_body(BodyMode::Streamed)
+            .on_request_trailers()
+            .on_response_headers()
+            .on_log()
+    }
+    fn on_request_body(&mut self, _: &mut (), x: &Exchange<'_>, _: &Body<'_>, _: bool) -> Action {
+        self.see("request_body", x);
+        Action::Continue
+    }
+    fn on_request_trailers(&mut self, _: &mut (), x: &Exchange<'_>, _: &Headers<'_>) -> Action {
+        self.see("request_trailers", x);
+        Action::Continue
+    }
+    fn on_response_headers(
+        &mut self,
+        _: &mut (),
+        x: &Exchange<'_>,
+        _: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.see("response_headers", x);
+        Action::Continue
+    }
+    fn on_log(&mut self, _: &mut (), x: &Exchange<'_>) {
+        self.see("log", x);
+    }
+}
+
+/// The host runs the trailers phase right after the last body call that
+/// saw them, and keeps the trailers on the exchange for later reads
+/// (host/src/filter.rs `after_body`, `end_trailers`): a response phase
+/// between the two in the harness (full duplex) sees them too.
+#[test]
+fn trailers_stay_on_the_exchange_between_the_last_body_call_and_their_phase() {
+    let mut t = FilterTest::<SeesTrailers>::configure("null").unwrap();
+    let mut x = t.exchange(Request::post("/", "ab").trailer("x-t", "1"));
+    x.request_body_chunk("ab", true);
+    x.response_headers(Response::new(200));
+    x.request_trailers();
+    x.log();
+    drop(x);
+    assert_eq!(
+        t.filter().seen,
+        vec![
+            "request_body 1",
+            "response_headers 1",
+            "request_trailers 1",
+            "log 1"
+        ]
+    );
+}
