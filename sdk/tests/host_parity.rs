@@ -5,10 +5,14 @@
 //! and it calls the filter when the host would: a labelled metric's empty
 //! series, a pause with nothing outstanding (a failure), replies to the
 //! instance that made the call only, none after a failure, and the failure
-//! policy (fail open: the exchange goes on without the filter); and the
-//! exchange is what the host shows: a local response's status and cause
-//! (in gRPC's form to a gRPC request) in `on_log`, no body data once it went
-//! on, and body writes capped at `limits.body`.
+//! policy (fail open: the exchange goes on without the filter), a buffered
+//! body over `limits.body` answered by the host without the body call,
+//! callout responses over 1 MiB as `limit-exceeded`, `on_log` before
+//! `on_done` always; and the exchange is what the host shows: a local
+//! response's status and cause (in gRPC's form to a gRPC request) in
+//! `on_log`, no body data once it went on, body writes capped at
+//! `limits.body`, trailers kept once their body call saw them, and log
+//! messages as the host writes them (one line, at most 4 KiB).
 
 #![allow(clippy::unwrap_used)]
 
