@@ -11,7 +11,8 @@
 //!   base64-decoded as it streams (any chunking);
 //! - response: `content-type` goes back to gRPC-Web, text when the client's
 //!   `accept` asks for `application/grpc-web-text`, else binary (as Envoy,
-//!   whatever the request's variant); the body passes
+//!   whatever the request's variant), with `+proto` as Envoy answers (a
+//!   codec Envoy does not convert, `+json`, keeps its name); the body passes
 //!   through (base64-encoded for text), and the upstream's trailers become
 //!   the final body frame (flag `0x80`) in the last body call, so the HTTP
 //!   response itself has no trailers (abi/README.md §4, folding trailers).
@@ -439,13 +440,21 @@ impl HttpFilter for GrpcWeb {
 }
 
 /// The response media type for a request of media type `client_type`
-/// (`application/grpc-web[-text][+codec]`): the same codec, in the text or
-/// binary encoding.
+/// (`application/grpc-web[-text][+codec]`), in the text or binary encoding.
+///
+/// As Envoy's grpc_web filter (`encodeHeaders`), a request with no codec or
+/// `+proto` is answered `application/grpc-web[-text]+proto`. Envoy converts
+/// no other codec; a request with one (`+json`, `+thrift`) keeps it here, as
+/// answering `+proto` would mislabel the body.
 fn response_content_type(client_type: &str, text: bool) -> String {
-    let codec = client_type
+    let codec = match client_type
         .strip_prefix("application/grpc-web-text")
         .or_else(|| client_type.strip_prefix("application/grpc-web"))
-        .unwrap_or_default();
+        .unwrap_or_default()
+    {
+        "" => "+proto",
+        other => other,
+    };
     let base = if text {
         "application/grpc-web-text"
     } else {

@@ -163,7 +163,7 @@ fn text_bodies_are_decoded_and_encoded_whatever_the_chunking() {
     assert_eq!(x.response_headers(grpc_response()), Action::Continue);
     assert_eq!(
         x.response_header("content-type").as_deref(),
-        Some("application/grpc-web-text")
+        Some("application/grpc-web-text+proto")
     );
     let reply = frame(0, b"a reply of some length");
     let mut out = Vec::new();
@@ -200,13 +200,13 @@ fn the_response_encoding_follows_accept() {
         (
             "application/grpc-web",
             Some("application/grpc-web-text+proto, */*;q=0.1"),
-            "application/grpc-web-text",
+            "application/grpc-web-text+proto",
             true,
         ),
         (
             "application/grpc-web-text",
             Some("application/grpc-web"),
-            "application/grpc-web",
+            "application/grpc-web+proto",
             false,
         ),
         (
@@ -219,7 +219,7 @@ fn the_response_encoding_follows_accept() {
         (
             "application/grpc-web-text",
             None,
-            "application/grpc-web",
+            "application/grpc-web+proto",
             false,
         ),
         (
@@ -231,7 +231,7 @@ fn the_response_encoding_follows_accept() {
         (
             "application/grpc-web-text",
             Some("application/json, text/plain"),
-            "application/grpc-web",
+            "application/grpc-web+proto",
             false,
         ),
         (
@@ -243,7 +243,7 @@ fn the_response_encoding_follows_accept() {
         (
             "application/grpc-web",
             Some("*/*"),
-            "application/grpc-web",
+            "application/grpc-web+proto",
             false,
         ),
     ] {
@@ -295,6 +295,69 @@ fn the_response_encoding_follows_accept() {
 }
 
 #[test]
+fn the_response_content_type_says_proto_as_envoy() {
+    // Envoy's grpc_web filter (encodeHeaders) answers every request it
+    // converts (no codec, or `+proto`) `application/grpc-web[-text]+proto`;
+    // so does the plugin, for converted responses and its own answers. A
+    // codec Envoy does not convert keeps its name (the body is in it).
+    const TEXT: &str = "application/grpc-web-text";
+    for (request_type, accept, want) in [
+        ("application/grpc-web", None, "application/grpc-web+proto"),
+        (
+            "application/grpc-web+proto",
+            None,
+            "application/grpc-web+proto",
+        ),
+        (TEXT, Some(TEXT), "application/grpc-web-text+proto"),
+        (
+            "application/grpc-web-text+proto",
+            Some(TEXT),
+            "application/grpc-web-text+proto",
+        ),
+        (
+            "application/grpc-web+json",
+            None,
+            "application/grpc-web+json",
+        ),
+        (
+            "application/grpc-web-text+thrift",
+            Some(TEXT),
+            "application/grpc-web-text+thrift",
+        ),
+    ] {
+        let why = format!("{request_type} accept {accept:?}");
+        let request = || {
+            let r = grpc_web_no_accept(request_type, b"");
+            match accept {
+                Some(a) => r.header("accept", a),
+                None => r,
+            }
+        };
+        let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+        // A gRPC response, converted.
+        let mut x = t.exchange(request());
+        assert_eq!(x.request_headers(), Action::Continue, "{why}");
+        assert_eq!(x.response_headers(grpc_response()), Action::Continue);
+        assert_eq!(
+            x.response_header("content-type").as_deref(),
+            Some(want),
+            "{why}"
+        );
+        // The plugin's own answer to a body-less non-gRPC one.
+        let mut x = t.exchange(request());
+        x.request_headers();
+        let Action::Respond(r) = x.response_headers(Response::new(503)) else {
+            panic!("{why}: not replaced")
+        };
+        assert_eq!(
+            r.header_value("content-type"),
+            Some(want.as_bytes()),
+            "{why}"
+        );
+    }
+}
+
+#[test]
 fn a_text_response_chunk_reaches_the_client_whole() {
     // A server stream's message must be decodable when its chunk is sent, not
     // when the next message (maybe much later) arrives: no byte is held back.
@@ -327,7 +390,7 @@ fn invalid_base64_is_refused_with_a_grpc_status() {
     assert_eq!(r.header_value("grpc-status"), Some(&b"3"[..]));
     assert_eq!(
         r.header_value("content-type"),
-        Some(&b"application/grpc-web-text"[..])
+        Some(&b"application/grpc-web-text+proto"[..])
     );
     assert_eq!(
         r.header_value("access-control-allow-origin"),
@@ -352,7 +415,7 @@ fn a_trailers_only_response_passes_as_headers() {
     assert_eq!(x.response_header("grpc-status").as_deref(), Some("5"));
     assert_eq!(
         x.response_header("content-type").as_deref(),
-        Some("application/grpc-web")
+        Some("application/grpc-web+proto")
     );
     assert_eq!(
         counter(&t, "grpc_web_responses_total", "trailers_only"),
@@ -477,7 +540,7 @@ fn a_body_less_non_grpc_answer_is_replaced_and_text_is_base64() {
         .filter(|(n, _)| n == "content-type")
         .map(|(_, v)| v.as_slice())
         .collect();
-    assert_eq!(ct, [b"application/grpc-web-text".as_slice()]);
+    assert_eq!(ct, [b"application/grpc-web-text+proto".as_slice()]);
     let want = frame(
         0x80,
         b"grpc-status: 12\r\ngrpc-message: HTTP 404: the response was not gRPC\r\n",
