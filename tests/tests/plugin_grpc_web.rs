@@ -436,9 +436,9 @@ each_proto!(
     async fn a_text_request_that_does_not_accept_text_gets_a_binary_response(proto) {
         // As Envoy's grpc_web filter: only `accept` asks for a `-text`
         // response (grpc-web's JavaScript client sends `accept:
-        // application/grpc-web-text` in text mode); an `accept` naming
-        // neither gRPC-Web type, or none, gets binary, whatever the
-        // request's encoding. Before, such a `-text` request got `-text`.
+        // application/grpc-web-text` in text mode), read as one exact value;
+        // any other `accept` (a list naming the text type too), or none,
+        // gets binary, whatever the request's encoding.
         let s = setup().await;
         let mut c = client(proto, s.lg.addr("web")).await;
         for (accept, request_type, want_type) in [
@@ -450,6 +450,11 @@ each_proto!(
             ),
             (
                 Some("application/json"),
+                "application/grpc-web-text",
+                "application/grpc-web+proto",
+            ),
+            (
+                Some("application/grpc-web-text, */*"),
                 "application/grpc-web-text",
                 "application/grpc-web+proto",
             ),
@@ -471,10 +476,10 @@ each_proto!(
             assert_eq!(reply.message, "text in, binary out", "{accept:?}");
             assert_eq!(trailer(&trailers, "grpc-status"), Some("0"), "{accept:?}");
         }
-        assert_eq!(s.grpc.calls.get(), 3);
+        assert_eq!(s.grpc.calls.get(), 4);
         assert_eq!(
             plugin_counter(&s.lg, "grpc_web_requests_total", "variant=\"text\"").await,
-            Some(3.0)
+            Some(4.0)
         );
     }
 );

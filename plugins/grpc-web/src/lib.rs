@@ -61,15 +61,16 @@ pub enum Variant {
     Text,
 }
 
-/// The response encoding a gRPC-Web client asks for in its `accept` header:
-/// the first gRPC-Web media type listed (`application/grpc-web-text[+…]`:
-/// text; `application/grpc-web[+…]`: binary), parameters ignored. `None` when
-/// it names neither (`*/*`): the response is then binary, as without
-/// `accept`.
-pub fn accept_variant(accept: &str) -> Option<Variant> {
-    accept
-        .split(',')
-        .find_map(|item| convert_content_type(item).map(|(variant, _, _)| variant))
+/// Whether a gRPC-Web client's `accept` asks for a text (base64) response,
+/// read as Envoy's grpc_web filter reads it (`decodeHeaders`): the whole
+/// value is exactly `application/grpc-web-text` or `text_type`, the text form
+/// of the response's media type (`application/grpc-web-text+proto` for a
+/// proto request, as Envoy; another codec keeps its name). No list, no
+/// parameters, case-sensitive: anything else (`*/*`, a list, none) gets
+/// binary. grpc-web's JavaScript client sends exactly
+/// `application/grpc-web-text` in text mode, and no `accept` in binary mode.
+pub fn accepts_text(accept: &str, text_type: &str) -> bool {
+    accept == "application/grpc-web-text" || accept == text_type
 }
 
 /// A gRPC-Web `content-type` → (variant, the client's media type, the gRPC
@@ -267,16 +268,22 @@ impl HttpFilter for GrpcWeb {
             }
         }
         // As Envoy's grpc_web filter (`is_text_response_`), the response is
-        // text only when `accept` asks for it (grpc-web's JS client sends
-        // `accept: application/grpc-web-text` in text mode, as PROTOCOL-WEB
-        // says a client wanting text must), and binary otherwise: an
-        // `accept` naming the binary type, naming neither (`*/*`) or absent,
-        // whatever the request's variant.
-        let text_response =
-            headers.get_str("accept").and_then(|a| accept_variant(&a)) == Some(Variant::Text);
+        // text only when `accept` is exactly a text type (grpc-web's JS
+        // client sends `accept: application/grpc-web-text` in text mode, as
+        // PROTOCOL-WEB says a client wanting text must), and binary
+        // otherwise: `*/*`, a list, or no `accept`, whatever the request's
+        // variant.
+        let text_type = response_content_type(&client_type, true);
+        let text_response = headers
+            .get_str("accept")
+            .is_some_and(|a| accepts_text(&a, &text_type));
         ctx.variant = Some(variant);
         ctx.text_response = text_response;
-        ctx.content_type = response_content_type(&client_type, text_response);
+        ctx.content_type = if text_response {
+            text_type
+        } else {
+            response_content_type(&client_type, false)
+        };
         ctx.allow_origin = self
             .cors
             .as_ref()

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use legate_plugin_grpc_web::codec::{self, TextDecoder};
-use legate_plugin_grpc_web::{accept_variant, convert_content_type, GrpcWeb, Variant};
+use legate_plugin_grpc_web::{accepts_text, convert_content_type, GrpcWeb, Variant};
 use legate_sdk::testing::{FilterTest, Request, Response};
 use legate_sdk::{Action, BodyMode, Direction};
 
@@ -185,9 +185,10 @@ fn text_bodies_are_decoded_and_encoded_whatever_the_chunking() {
 fn the_response_encoding_follows_accept() {
     // As Envoy's grpc_web filter: `accept: application/grpc-web-text` asks for
     // a base64 response, whatever the request's encoding; `accept:
-    // application/grpc-web` for a binary one; an `accept` naming neither, or
-    // none, gets binary, whatever the request's encoding (Envoy's
-    // `is_text_response_` is set by `accept` alone).
+    // application/grpc-web` for a binary one; any other `accept` (a list
+    // too: see `accept_is_one_exact_value_as_envoy_reads_it`), or none, gets
+    // binary, whatever the request's encoding (Envoy's `is_text_response_`
+    // is set by `accept` alone).
     let trailer = frame(0x80, b"grpc-status: 0\r\ngrpc-message: \r\n");
     let reply = frame(0, b"reply");
     for (request_type, accept, want_type, text) in [
@@ -199,7 +200,7 @@ fn the_response_encoding_follows_accept() {
         ),
         (
             "application/grpc-web",
-            Some("application/grpc-web-text+proto, */*;q=0.1"),
+            Some("application/grpc-web-text+proto"),
             "application/grpc-web-text+proto",
             true,
         ),
@@ -287,11 +288,59 @@ fn the_response_encoding_follows_accept() {
             assert_eq!(out, want, "{why}");
         }
     }
-    assert_eq!(
-        accept_variant("text/html, application/grpc-web-text"),
-        Some(Variant::Text)
-    );
-    assert_eq!(accept_variant("application/json, */*"), None);
+}
+
+#[test]
+fn accept_is_one_exact_value_as_envoy_reads_it() {
+    // Envoy's grpc_web filter compares the whole `accept` with
+    // `application/grpc-web-text` and `application/grpc-web-text+proto`:
+    // a list or parameters get binary. grpc-web's JavaScript client sends
+    // exactly `application/grpc-web-text` (text mode) or no `accept`.
+    const PROTO_TEXT: &str = "application/grpc-web-text+proto";
+    for (accept, text) in [
+        ("application/grpc-web-text", true),
+        ("application/grpc-web-text+proto", true),
+        ("application/grpc-web-text, */*", false),
+        ("text/html, application/grpc-web-text", false),
+        ("application/grpc-web-text+proto;q=1", false),
+        ("Application/GRPC-Web-Text", false),
+        ("application/grpc-web-text+json", false),
+        ("application/grpc-web", false),
+        ("*/*", false),
+    ] {
+        assert_eq!(accepts_text(accept, PROTO_TEXT), text, "{accept}");
+        let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+        let body = codec::encode(&frame(0, b"request"));
+        let mut x = t.exchange(
+            grpc_web_no_accept("application/grpc-web-text", &body).header("accept", accept),
+        );
+        assert_eq!(x.request_headers(), Action::Continue, "{accept}");
+        x.request_body_chunk(body, true);
+        assert_eq!(x.response_headers(grpc_response()), Action::Continue);
+        let want = if text {
+            "application/grpc-web-text+proto"
+        } else {
+            "application/grpc-web+proto"
+        };
+        assert_eq!(
+            x.response_header("content-type").as_deref(),
+            Some(want),
+            "{accept}"
+        );
+        x.response_body_chunk(Vec::new(), true);
+        let out = x.response_body_bytes();
+        let trailer = frame(0x80, b"grpc-status: 0\r\ngrpc-message: \r\n");
+        if text {
+            assert_eq!(TextDecoder::default().push(&out, true).unwrap(), trailer);
+        } else {
+            assert_eq!(out, trailer, "{accept}");
+        }
+    }
+    // A codec Envoy does not convert: its own text type asks for text too.
+    assert!(accepts_text(
+        "application/grpc-web-text+thrift",
+        "application/grpc-web-text+thrift"
+    ));
 }
 
 #[test]
