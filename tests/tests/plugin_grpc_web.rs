@@ -247,7 +247,8 @@ each_proto!(
         assert_eq!(trailer(&trailers, "grpc-status"), Some("0"));
         assert_eq!(s.grpc.calls.get(), 1);
 
-        // `application/grpc-web` (no codec suffix) maps to `application/grpc`.
+        // `application/grpc-web` (no codec suffix) maps to `application/grpc`,
+        // and is answered `+proto`, as Envoy's grpc_web filter answers.
         let r = call(
             &mut c,
             "/legate.test.v1.Echo/Say",
@@ -255,7 +256,7 @@ each_proto!(
             say("plain"),
         )
         .await;
-        assert_eq!(r.header("content-type"), Some("application/grpc-web"));
+        assert_eq!(r.header("content-type"), Some("application/grpc-web+proto"));
         let (data, trailers) = split(&r.body);
         let reply = pb::SayReply::decode(&data[0][..]).unwrap();
         assert_eq!(reply.message, "plain");
@@ -386,7 +387,7 @@ each_proto!(
             .send()
             .await;
         assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.header("content-type"), Some("application/grpc-web-text"));
+        assert_eq!(r.header("content-type"), Some("application/grpc-web-text+proto"));
         no_http_trailers(&r);
         let (data, trailers) = split(&unb64(&r.body));
         let reply = pb::SayReply::decode(&data[0][..]).unwrap();
@@ -435,13 +436,13 @@ each_proto!(
     async fn a_text_request_that_does_not_accept_text_gets_a_binary_response(proto) {
         // As Envoy's grpc_web filter: only `accept` asks for a `-text`
         // response (grpc-web's JavaScript client sends `accept:
-        // application/grpc-web-text` in text mode); an `accept` naming
-        // neither gRPC-Web type, or none, gets binary, whatever the
-        // request's encoding. Before, such a `-text` request got `-text`.
+        // application/grpc-web-text` in text mode), read as one exact value;
+        // any other `accept` (a list naming the text type too), or none,
+        // gets binary, whatever the request's encoding.
         let s = setup().await;
         let mut c = client(proto, s.lg.addr("web")).await;
         for (accept, request_type, want_type) in [
-            (None, "application/grpc-web-text", "application/grpc-web"),
+            (None, "application/grpc-web-text", "application/grpc-web+proto"),
             (
                 Some("*/*"),
                 "application/grpc-web-text+proto",
@@ -450,7 +451,12 @@ each_proto!(
             (
                 Some("application/json"),
                 "application/grpc-web-text",
-                "application/grpc-web",
+                "application/grpc-web+proto",
+            ),
+            (
+                Some("application/grpc-web-text, */*"),
+                "application/grpc-web-text",
+                "application/grpc-web+proto",
             ),
         ] {
             let mut req = c
@@ -470,10 +476,10 @@ each_proto!(
             assert_eq!(reply.message, "text in, binary out", "{accept:?}");
             assert_eq!(trailer(&trailers, "grpc-status"), Some("0"), "{accept:?}");
         }
-        assert_eq!(s.grpc.calls.get(), 3);
+        assert_eq!(s.grpc.calls.get(), 4);
         assert_eq!(
             plugin_counter(&s.lg, "grpc_web_requests_total", "variant=\"text\"").await,
-            Some(3.0)
+            Some(4.0)
         );
     }
 );
@@ -688,7 +694,7 @@ each_proto!(
             .send()
             .await;
         assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.header("content-type"), Some("application/grpc-web-text"));
+        assert_eq!(r.header("content-type"), Some("application/grpc-web-text+proto"));
         let (_, t) = split(&unb64(&r.body));
         assert_eq!(trailer(&t, "grpc-status"), Some("14"));
 

@@ -51,8 +51,9 @@ pub struct CorsConfig {
     #[serde(default)]
     pub max_age_s: Option<u32>,
     /// Allow credentials (cookies, HTTP auth): sends
-    /// `access-control-allow-credentials: true` and echoes the origin even
-    /// when `"*"` is configured (browsers refuse `*` with credentials).
+    /// `access-control-allow-credentials: true`. Refused with `"*"` in
+    /// `allowed_origins` (any site could act with the user's session):
+    /// the origins must be listed.
     #[serde(default)]
     pub allow_credentials: bool,
 }
@@ -60,7 +61,8 @@ pub struct CorsConfig {
 /// Validated CORS settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cors {
-    /// `None`: any origin.
+    /// `None`: any origin (answered `*`; never with credentials, which
+    /// validation refuses with `"*"`).
     pub origins: Option<Vec<String>>,
     /// Lower-case header names.
     pub allowed_headers: Vec<String>,
@@ -77,8 +79,7 @@ impl Cors {
     /// `None` if that origin is not allowed.
     pub fn allow_origin(&self, origin: &str) -> Option<String> {
         match &self.origins {
-            None if !self.allow_credentials => Some("*".to_owned()),
-            None => Some(origin.to_owned()),
+            None => Some("*".to_owned()),
             Some(list) => list
                 .iter()
                 .any(|o| o.eq_ignore_ascii_case(origin))
@@ -113,6 +114,21 @@ impl Config {
                     "invalid config: field `cors.allowed_origins[{i}]`: {o:?} is not an origin: \
                      write scheme://host[:port] with no path or trailing slash \
                      (e.g. \"https://app.example.com\"), or \"*\" for any"
+                ));
+            }
+        }
+        if c.allow_credentials {
+            if let Some(i) = c.allowed_origins.iter().position(|o| o == "*") {
+                // Browsers refuse `*` with credentials, so honouring it would
+                // mean echoing every origin: any site could then call with
+                // the user's cookies. Envoy's cors filter does echo; Legate
+                // asks for the list instead.
+                return Err(format!(
+                    "invalid config: field `cors.allowed_origins[{i}]`: \"*\" cannot be used \
+                     with `cors.allow_credentials: true` (it would let any site make calls \
+                     with the user's cookies and HTTP authentication): list the origins \
+                     allowed instead (e.g. \"https://app.example.com\"), or set \
+                     `allow_credentials: false`"
                 ));
             }
         }

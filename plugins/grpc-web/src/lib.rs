@@ -11,7 +11,8 @@
 //!   base64-decoded as it streams (any chunking);
 //! - response: `content-type` goes back to gRPC-Web, text when the client's
 //!   `accept` asks for `application/grpc-web-text`, else binary (as Envoy,
-//!   whatever the request's variant); the body passes
+//!   whatever the request's variant), with `+proto` as Envoy answers (a
+//!   codec Envoy does not convert, `+json`, keeps its name); the body passes
 //!   through (base64-encoded for text), and the upstream's trailers become
 //!   the final body frame (flag `0x80`) in the last body call, so the HTTP
 //!   response itself has no trailers (abi/README.md §4, folding trailers).
@@ -60,15 +61,16 @@ pub enum Variant {
     Text,
 }
 
-/// The response encoding a gRPC-Web client asks for in its `accept` header:
-/// the first gRPC-Web media type listed (`application/grpc-web-text[+…]`:
-/// text; `application/grpc-web[+…]`: binary), parameters ignored. `None` when
-/// it names neither (`*/*`): the response is then binary, as without
-/// `accept`.
-pub fn accept_variant(accept: &str) -> Option<Variant> {
-    accept
-        .split(',')
-        .find_map(|item| convert_content_type(item).map(|(variant, _, _)| variant))
+/// Whether a gRPC-Web client's `accept` asks for a text (base64) response,
+/// read as Envoy's grpc_web filter reads it (`decodeHeaders`): the whole
+/// value is exactly `application/grpc-web-text` or `text_type`, the text form
+/// of the response's media type (`application/grpc-web-text+proto` for a
+/// proto request, as Envoy; another codec keeps its name). No list, no
+/// parameters, case-sensitive: anything else (`*/*`, a list, none) gets
+/// binary. grpc-web's JavaScript client sends exactly
+/// `application/grpc-web-text` in text mode, and no `accept` in binary mode.
+pub fn accepts_text(accept: &str, text_type: &str) -> bool {
+    accept == "application/grpc-web-text" || accept == text_type
 }
 
 /// A gRPC-Web `content-type` → (variant, the client's media type, the gRPC
@@ -266,16 +268,22 @@ impl HttpFilter for GrpcWeb {
             }
         }
         // As Envoy's grpc_web filter (`is_text_response_`), the response is
-        // text only when `accept` asks for it (grpc-web's JS client sends
-        // `accept: application/grpc-web-text` in text mode, as PROTOCOL-WEB
-        // says a client wanting text must), and binary otherwise: an
-        // `accept` naming the binary type, naming neither (`*/*`) or absent,
-        // whatever the request's variant.
-        let text_response =
-            headers.get_str("accept").and_then(|a| accept_variant(&a)) == Some(Variant::Text);
+        // text only when `accept` is exactly a text type (grpc-web's JS
+        // client sends `accept: application/grpc-web-text` in text mode, as
+        // PROTOCOL-WEB says a client wanting text must), and binary
+        // otherwise: `*/*`, a list, or no `accept`, whatever the request's
+        // variant.
+        let text_type = response_content_type(&client_type, true);
+        let text_response = headers
+            .get_str("accept")
+            .is_some_and(|a| accepts_text(&a, &text_type));
         ctx.variant = Some(variant);
         ctx.text_response = text_response;
-        ctx.content_type = response_content_type(&client_type, text_response);
+        ctx.content_type = if text_response {
+            text_type
+        } else {
+            response_content_type(&client_type, false)
+        };
         ctx.allow_origin = self
             .cors
             .as_ref()
@@ -439,13 +447,21 @@ impl HttpFilter for GrpcWeb {
 }
 
 /// The response media type for a request of media type `client_type`
-/// (`application/grpc-web[-text][+codec]`): the same codec, in the text or
-/// binary encoding.
+/// (`application/grpc-web[-text][+codec]`), in the text or binary encoding.
+///
+/// As Envoy's grpc_web filter (`encodeHeaders`), a request with no codec or
+/// `+proto` is answered `application/grpc-web[-text]+proto`. Envoy converts
+/// no other codec; a request with one (`+json`, `+thrift`) keeps it here, as
+/// answering `+proto` would mislabel the body.
 fn response_content_type(client_type: &str, text: bool) -> String {
-    let codec = client_type
+    let codec = match client_type
         .strip_prefix("application/grpc-web-text")
         .or_else(|| client_type.strip_prefix("application/grpc-web"))
-        .unwrap_or_default();
+        .unwrap_or_default()
+    {
+        "" => "+proto",
+        other => other,
+    };
     let base = if text {
         "application/grpc-web-text"
     } else {

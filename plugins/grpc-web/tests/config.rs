@@ -94,12 +94,45 @@ fn cors_defaults_and_overrides() {
     assert_eq!(c.max_age_s, 60);
     assert_eq!(c.allow_origin("https://any.example").as_deref(), Some("*"));
 
-    // With credentials, `*` cannot be sent: the origin is echoed.
-    let c = cors(r#"{"cors": {"allowed_origins": ["*"], "allow_credentials": true}}"#).unwrap();
+    // Credentials with listed origins: each allowed origin is echoed.
+    let c = cors(
+        r#"{"cors": {"allowed_origins": ["https://app.example.com"], "allow_credentials": true}}"#,
+    )
+    .unwrap();
+    assert!(c.allow_credentials);
     assert_eq!(
-        c.allow_origin("https://any.example").as_deref(),
-        Some("https://any.example")
+        c.allow_origin("https://app.example.com").as_deref(),
+        Some("https://app.example.com")
     );
+    assert_eq!(c.allow_origin("https://any.example"), None);
+}
+
+#[test]
+fn any_origin_with_credentials_is_refused() {
+    // `*` with credentials would have to echo every origin (browsers refuse
+    // `*` itself with credentials): any site could call with the user's
+    // cookies. The config must list the origins instead.
+    for (config, index) in [
+        (
+            r#"{"cors": {"allowed_origins": ["*"], "allow_credentials": true}}"#,
+            0,
+        ),
+        (
+            r#"{"cors": {"allowed_origins": ["https://a.example", "*"], "allow_credentials": true}}"#,
+            1,
+        ),
+    ] {
+        let e = err(config);
+        assert!(
+            e.contains(&format!("`cors.allowed_origins[{index}]`"))
+                && e.contains("`cors.allow_credentials: true`")
+                && e.contains("list the origins"),
+            "{e}"
+        );
+    }
+    // Without credentials `*` stays allowed.
+    let c = cors(r#"{"cors": {"allowed_origins": ["*"], "allow_credentials": false}}"#).unwrap();
+    assert_eq!(c.origins, None);
 }
 
 #[test]

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use legate_plugin_grpc_web::codec::{self, TextDecoder};
-use legate_plugin_grpc_web::{accept_variant, convert_content_type, GrpcWeb, Variant};
+use legate_plugin_grpc_web::{accepts_text, convert_content_type, GrpcWeb, Variant};
 use legate_sdk::testing::{FilterTest, Request, Response};
 use legate_sdk::{Action, BodyMode, Direction};
 
@@ -163,7 +163,7 @@ fn text_bodies_are_decoded_and_encoded_whatever_the_chunking() {
     assert_eq!(x.response_headers(grpc_response()), Action::Continue);
     assert_eq!(
         x.response_header("content-type").as_deref(),
-        Some("application/grpc-web-text")
+        Some("application/grpc-web-text+proto")
     );
     let reply = frame(0, b"a reply of some length");
     let mut out = Vec::new();
@@ -185,9 +185,10 @@ fn text_bodies_are_decoded_and_encoded_whatever_the_chunking() {
 fn the_response_encoding_follows_accept() {
     // As Envoy's grpc_web filter: `accept: application/grpc-web-text` asks for
     // a base64 response, whatever the request's encoding; `accept:
-    // application/grpc-web` for a binary one; an `accept` naming neither, or
-    // none, gets binary, whatever the request's encoding (Envoy's
-    // `is_text_response_` is set by `accept` alone).
+    // application/grpc-web` for a binary one; any other `accept` (a list
+    // too: see `accept_is_one_exact_value_as_envoy_reads_it`), or none, gets
+    // binary, whatever the request's encoding (Envoy's `is_text_response_`
+    // is set by `accept` alone).
     let trailer = frame(0x80, b"grpc-status: 0\r\ngrpc-message: \r\n");
     let reply = frame(0, b"reply");
     for (request_type, accept, want_type, text) in [
@@ -199,14 +200,14 @@ fn the_response_encoding_follows_accept() {
         ),
         (
             "application/grpc-web",
-            Some("application/grpc-web-text+proto, */*;q=0.1"),
-            "application/grpc-web-text",
+            Some("application/grpc-web-text+proto"),
+            "application/grpc-web-text+proto",
             true,
         ),
         (
             "application/grpc-web-text",
             Some("application/grpc-web"),
-            "application/grpc-web",
+            "application/grpc-web+proto",
             false,
         ),
         (
@@ -219,7 +220,7 @@ fn the_response_encoding_follows_accept() {
         (
             "application/grpc-web-text",
             None,
-            "application/grpc-web",
+            "application/grpc-web+proto",
             false,
         ),
         (
@@ -231,7 +232,7 @@ fn the_response_encoding_follows_accept() {
         (
             "application/grpc-web-text",
             Some("application/json, text/plain"),
-            "application/grpc-web",
+            "application/grpc-web+proto",
             false,
         ),
         (
@@ -243,7 +244,7 @@ fn the_response_encoding_follows_accept() {
         (
             "application/grpc-web",
             Some("*/*"),
-            "application/grpc-web",
+            "application/grpc-web+proto",
             false,
         ),
     ] {
@@ -287,11 +288,122 @@ fn the_response_encoding_follows_accept() {
             assert_eq!(out, want, "{why}");
         }
     }
-    assert_eq!(
-        accept_variant("text/html, application/grpc-web-text"),
-        Some(Variant::Text)
-    );
-    assert_eq!(accept_variant("application/json, */*"), None);
+}
+
+#[test]
+fn accept_is_one_exact_value_as_envoy_reads_it() {
+    // Envoy's grpc_web filter compares the whole `accept` with
+    // `application/grpc-web-text` and `application/grpc-web-text+proto`:
+    // a list or parameters get binary. grpc-web's JavaScript client sends
+    // exactly `application/grpc-web-text` (text mode) or no `accept`.
+    const PROTO_TEXT: &str = "application/grpc-web-text+proto";
+    for (accept, text) in [
+        ("application/grpc-web-text", true),
+        ("application/grpc-web-text+proto", true),
+        ("application/grpc-web-text, */*", false),
+        ("text/html, application/grpc-web-text", false),
+        ("application/grpc-web-text+proto;q=1", false),
+        ("Application/GRPC-Web-Text", false),
+        ("application/grpc-web-text+json", false),
+        ("application/grpc-web", false),
+        ("*/*", false),
+    ] {
+        assert_eq!(accepts_text(accept, PROTO_TEXT), text, "{accept}");
+        let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+        let body = codec::encode(&frame(0, b"request"));
+        let mut x = t.exchange(
+            grpc_web_no_accept("application/grpc-web-text", &body).header("accept", accept),
+        );
+        assert_eq!(x.request_headers(), Action::Continue, "{accept}");
+        x.request_body_chunk(body, true);
+        assert_eq!(x.response_headers(grpc_response()), Action::Continue);
+        let want = if text {
+            "application/grpc-web-text+proto"
+        } else {
+            "application/grpc-web+proto"
+        };
+        assert_eq!(
+            x.response_header("content-type").as_deref(),
+            Some(want),
+            "{accept}"
+        );
+        x.response_body_chunk(Vec::new(), true);
+        let out = x.response_body_bytes();
+        let trailer = frame(0x80, b"grpc-status: 0\r\ngrpc-message: \r\n");
+        if text {
+            assert_eq!(TextDecoder::default().push(&out, true).unwrap(), trailer);
+        } else {
+            assert_eq!(out, trailer, "{accept}");
+        }
+    }
+    // A codec Envoy does not convert: its own text type asks for text too.
+    assert!(accepts_text(
+        "application/grpc-web-text+thrift",
+        "application/grpc-web-text+thrift"
+    ));
+}
+
+#[test]
+fn the_response_content_type_says_proto_as_envoy() {
+    // Envoy's grpc_web filter (encodeHeaders) answers every request it
+    // converts (no codec, or `+proto`) `application/grpc-web[-text]+proto`;
+    // so does the plugin, for converted responses and its own answers. A
+    // codec Envoy does not convert keeps its name (the body is in it).
+    const TEXT: &str = "application/grpc-web-text";
+    for (request_type, accept, want) in [
+        ("application/grpc-web", None, "application/grpc-web+proto"),
+        (
+            "application/grpc-web+proto",
+            None,
+            "application/grpc-web+proto",
+        ),
+        (TEXT, Some(TEXT), "application/grpc-web-text+proto"),
+        (
+            "application/grpc-web-text+proto",
+            Some(TEXT),
+            "application/grpc-web-text+proto",
+        ),
+        (
+            "application/grpc-web+json",
+            None,
+            "application/grpc-web+json",
+        ),
+        (
+            "application/grpc-web-text+thrift",
+            Some(TEXT),
+            "application/grpc-web-text+thrift",
+        ),
+    ] {
+        let why = format!("{request_type} accept {accept:?}");
+        let request = || {
+            let r = grpc_web_no_accept(request_type, b"");
+            match accept {
+                Some(a) => r.header("accept", a),
+                None => r,
+            }
+        };
+        let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+        // A gRPC response, converted.
+        let mut x = t.exchange(request());
+        assert_eq!(x.request_headers(), Action::Continue, "{why}");
+        assert_eq!(x.response_headers(grpc_response()), Action::Continue);
+        assert_eq!(
+            x.response_header("content-type").as_deref(),
+            Some(want),
+            "{why}"
+        );
+        // The plugin's own answer to a body-less non-gRPC one.
+        let mut x = t.exchange(request());
+        x.request_headers();
+        let Action::Respond(r) = x.response_headers(Response::new(503)) else {
+            panic!("{why}: not replaced")
+        };
+        assert_eq!(
+            r.header_value("content-type"),
+            Some(want.as_bytes()),
+            "{why}"
+        );
+    }
 }
 
 #[test]
@@ -327,7 +439,7 @@ fn invalid_base64_is_refused_with_a_grpc_status() {
     assert_eq!(r.header_value("grpc-status"), Some(&b"3"[..]));
     assert_eq!(
         r.header_value("content-type"),
-        Some(&b"application/grpc-web-text"[..])
+        Some(&b"application/grpc-web-text+proto"[..])
     );
     assert_eq!(
         r.header_value("access-control-allow-origin"),
@@ -352,7 +464,7 @@ fn a_trailers_only_response_passes_as_headers() {
     assert_eq!(x.response_header("grpc-status").as_deref(), Some("5"));
     assert_eq!(
         x.response_header("content-type").as_deref(),
-        Some("application/grpc-web")
+        Some("application/grpc-web+proto")
     );
     assert_eq!(
         counter(&t, "grpc_web_responses_total", "trailers_only"),
@@ -477,7 +589,7 @@ fn a_body_less_non_grpc_answer_is_replaced_and_text_is_base64() {
         .filter(|(n, _)| n == "content-type")
         .map(|(_, v)| v.as_slice())
         .collect();
-    assert_eq!(ct, [b"application/grpc-web-text".as_slice()]);
+    assert_eq!(ct, [b"application/grpc-web-text+proto".as_slice()]);
     let want = frame(
         0x80,
         b"grpc-status: 12\r\ngrpc-message: HTTP 404: the response was not gRPC\r\n",
