@@ -431,6 +431,32 @@ impl Stats {
         }
     }
 
+    /// The value of counter `name{labels}`, if it exists; unlike
+    /// [`Stats::counter`] it never makes the series (or its family), so a
+    /// reader (the admin `/plugins` page) leaves `/stats` as it was.
+    pub fn counter_value(&self, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+        match self.existing(name, labels)? {
+            Metric::Counter(c) => Some(c.get()),
+            _ => None,
+        }
+    }
+
+    /// The value of gauge `name{labels}`, if it exists; see
+    /// [`Stats::counter_value`].
+    pub fn gauge_value(&self, name: &str, labels: &[(&str, &str)]) -> Option<i64> {
+        match self.existing(name, labels)? {
+            Metric::Gauge(g) => Some(g.get()),
+            _ => None,
+        }
+    }
+
+    /// The series `name{labels}`, if registered.
+    fn existing(&self, name: &str, labels: &[(&str, &str)]) -> Option<Metric> {
+        let key = render_labels(labels);
+        let fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        fams.get(name)?.series.get(&key).cloned()
+    }
+
     /// A copy of every counter and histogram, for a hot restart's new process
     /// ([`Stats::absorb`]). Gauges are left out: they describe this process
     /// (its open connections, its instances), which the new one does not inherit.
