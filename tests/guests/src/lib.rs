@@ -751,6 +751,14 @@ impl Guest for Plugin {
 
     fn on_request_headers(c: u64, x: &Exchange, h: &Headers, _eos: bool) -> Action {
         match mode().as_str() {
+            "log" => {
+                // A log line inside an exchange: the host adds its request id.
+                legate::filter::log::log(
+                    legate::filter::log::Level::Info,
+                    &format!("request log line from {}", tag()),
+                );
+                Action::Continue
+            }
             "headers" => {
                 let _ = h.set("x-filter", tag().as_bytes());
                 // The host hides `host` from every read: the authority is the
