@@ -632,6 +632,43 @@ each_proto!(
     }
 );
 
+/// Two plugins defining one histogram family must give it the same buckets:
+/// the second definition over others is `invalid-argument`, as one of another
+/// kind is. (It was accepted, and `/stats` showed one family with two bucket
+/// layouts.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_sharing_a_histogram_must_share_its_buckets() {
+    let up = upstream().start().await;
+    let two = |a: &str, b: &str| {
+        plugin("ha", &format!("{{ define_histogram: \"lat:{a}\" }}"), "")
+            + &plugin("hb", &format!("{{ define_histogram: \"lat:{b}\" }}"), "")
+    };
+    // Other bounds, or the host's (none given) against a plugin's own.
+    for (a, b) in [("1|10", "1|100"), ("1|10", "")] {
+        let err = match legate()
+            .config(&simple(up.addr, &two(a, b), &["ha", "hb"]))
+            .try_start()
+        {
+            Ok(_) => panic!("buckets {a} and {b} for one family were both accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains("plugin `hb`")
+                && err.contains("define-histogram lat: ")
+                && err.contains("invalid-argument"),
+            "{err}"
+        );
+    }
+    let lg = legate()
+        .config(&simple(up.addr, &two("1|10", "1|10"), &["ha", "hb"]))
+        .start();
+    let stats = lg.stats().await;
+    for p in ["ha", "hb"] {
+        let line = format!("legate_plugin_lat_bucket{{plugin=\"{p}\",le=\"10\"}} 0");
+        assert!(stats.contains(&line), "{line}: {stats}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_metrics_reach_stats() {
     let up = upstream().start().await;
