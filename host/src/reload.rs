@@ -339,12 +339,14 @@ impl Reloader {
             let p = &p.value;
             let name = p.name.as_str();
             let st = map.get(name).cloned().unwrap_or_default();
-            let counter =
-                |family: &'static str| self.stats.counter(family, "", &[("plugin", name)]).get();
+            // Read, never made: a plugin without them (a `native:` one) would
+            // get series with no help on `/stats`. Absent, they are 0.
+            let labels = [("plugin", name)];
+            let counter = |family: &str| self.stats.counter_value(family, &labels).unwrap_or(0);
             let instances = self
                 .stats
-                .gauge("legate_plugin_instances", "", &[("plugin", name)])
-                .get();
+                .gauge_value("legate_plugin_instances", &labels)
+                .unwrap_or(0);
             let config_sets = snap
                 .plugins
                 .keys()

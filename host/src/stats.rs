@@ -190,6 +190,9 @@ struct Family {
     /// The type a plugin declared the family with ([`Stats::declare`]), before
     /// (or without) a series: a labelled metric makes its series on first use.
     declared: Option<&'static str>,
+    /// The buckets of a declared histogram family: every plugin defining it
+    /// must define these ([`Stats::declare_histogram`]).
+    bounds: Option<&'static [f64]>,
     series: BTreeMap<String, Metric>,
     /// Series created by [`Stats::absorb`] that this process has not registered
     /// yet: the first registration claims one, and replaces it if its type
@@ -361,6 +364,7 @@ impl Stats {
                 if let Some(fam) = fams.get_mut(name) {
                     if fam.series.is_empty() {
                         fam.declared = None;
+                        fam.bounds = None;
                     } else {
                         kept.insert(name);
                     }
@@ -429,6 +433,32 @@ impl Stats {
             Metric::Histogram(h) => h,
             _ => Histogram::with_bounds(bounds),
         }
+    }
+
+    /// The value of counter `name{labels}`, if it exists; unlike
+    /// [`Stats::counter`] it never makes the series (or its family), so a
+    /// reader (the admin `/plugins` page) leaves `/stats` as it was.
+    pub fn counter_value(&self, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+        match self.existing(name, labels)? {
+            Metric::Counter(c) => Some(c.get()),
+            _ => None,
+        }
+    }
+
+    /// The value of gauge `name{labels}`, if it exists; see
+    /// [`Stats::counter_value`].
+    pub fn gauge_value(&self, name: &str, labels: &[(&str, &str)]) -> Option<i64> {
+        match self.existing(name, labels)? {
+            Metric::Gauge(g) => Some(g.get()),
+            _ => None,
+        }
+    }
+
+    /// The series `name{labels}`, if registered.
+    fn existing(&self, name: &str, labels: &[(&str, &str)]) -> Option<Metric> {
+        let key = render_labels(labels);
+        let fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        fams.get(name)?.series.get(&key).cloned()
     }
 
     /// A copy of every counter and histogram, for a hot restart's new process
@@ -572,7 +602,34 @@ impl Stats {
     /// False, declaring nothing, if that would put two types in one family (the
     /// text format gives a family one type) or make two families write the same
     /// sample name: a histogram `x` writes `x_bucket`, `x_sum` and `x_count`.
+    /// A histogram declared so has the host's buckets ([`BUCKETS`]).
     pub fn declare(&self, name: &'static str, help: &'static str, kind: &'static str) -> bool {
+        let bounds = (kind == "histogram").then_some(&BUCKETS[..]);
+        self.declare_shape(name, help, kind, bounds)
+    }
+
+    /// [`Stats::declare`] for a histogram over `bounds`. False, declaring
+    /// nothing, also if the family was declared over other bounds, or has a
+    /// series over others (a family's series share one layout, else `/stats`
+    /// shows one family with two): one plugin's `define-histogram` must not
+    /// give a family that another plugin (or an earlier version of itself)
+    /// defined other buckets.
+    pub fn declare_histogram(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        bounds: &'static [f64],
+    ) -> bool {
+        self.declare_shape(name, help, "histogram", Some(bounds))
+    }
+
+    fn declare_shape(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        kind: &'static str,
+        bounds: Option<&'static [f64]>,
+    ) -> bool {
         const PARTS: [&str; 3] = ["_bucket", "_sum", "_count"];
         let mut fams = self.families.lock().unwrap_or_else(PoisonError::into_inner);
         let kind_of = |n: &str| fams.get(n).and_then(Family::kind);
@@ -592,11 +649,31 @@ impl Stats {
         if part_of_histogram || parts_taken {
             return false;
         }
+        // The family's buckets: declared, or those of a series this process
+        // registered (a series carried over a hot restart may have a previous
+        // version's, and is replaced on first use).
+        let have = fams.get(name).and_then(|f| {
+            f.bounds.or_else(|| {
+                f.series
+                    .iter()
+                    .filter(|(key, _)| !f.carried.contains(*key))
+                    .find_map(|(_, m)| match m {
+                        Metric::Histogram(h) => Some(h.0.bounds),
+                        _ => None,
+                    })
+            })
+        });
+        if let (Some(have), Some(want)) = (have, bounds) {
+            if have != want {
+                return false;
+            }
+        }
         let fam = self.family(&mut fams, name, help);
         if fam.declared.is_none() {
             self.staged(|log| log.declared.push(name));
         }
         fam.declared = Some(kind);
+        fam.bounds = bounds.or(fam.bounds);
         true
     }
 

@@ -64,10 +64,15 @@ use crate::worker::LocalExec;
 
 static NEXT_SETTINGS_ID: AtomicU64 = AtomicU64::new(1);
 
-/// The largest HTTP/2 response head (HPACK-decoded) an upstream may send: 60
-/// KiB, Envoy's default for upstream responses (`max_response_headers_kb`)
-/// and Legate's for requests (`max_request_headers_size`). hyper's client
-/// default, 16 KiB, failed responses Envoy passes (a few large cookies).
+/// The largest response head an upstream may send: 60 KiB, Envoy's default
+/// for upstream responses (`max_response_headers_kb`) and Legate's for
+/// requests (`max_request_headers_size`). On HTTP/2 the HPACK-decoded header
+/// list (hyper's client default, 16 KiB, failed responses Envoy passes: a few
+/// large cookies); on HTTP/1.1 the head as sent, status line included (hyper
+/// bounds it otherwise only by its read buffer, ~400 KiB). Its trailers have
+/// the same limit. The field count is hyper's HTTP/1.1 default, 100, which is
+/// Envoy's `max_headers_count` default too (setting it would move hyper's
+/// header array from the stack to the heap on every response).
 const MAX_RESPONSE_HEADERS_SIZE: u32 = 60 * 1024;
 
 /// How to talk to one cluster's endpoints; built when config is applied.
@@ -707,6 +712,7 @@ impl Pool {
                 _counted: guard,
             });
             let (sender, conn) = http1::Builder::new()
+                .max_header_size(MAX_RESPONSE_HEADERS_SIZE as usize)
                 .handshake(io)
                 .await
                 .map_err(handshake_err)?;
@@ -930,7 +936,11 @@ fn map_hyper_error(e: &hyper::Error) -> ProxyError {
             return ProxyError::request_body(cause);
         }
     }
-    if e.is_parse() {
+    // A head over the limits (size or field count) is a reset, as on HTTP/2,
+    // where h2 refuses the stream (REFUSED_STREAM) whose head is too large.
+    if e.is_parse_too_large() {
+        ProxyError::new(Kind::UpstreamReset, e.to_string())
+    } else if e.is_parse() {
         ProxyError::new(Kind::UpstreamProtocol, e.to_string())
     } else {
         ProxyError::new(Kind::UpstreamReset, e.to_string())

@@ -245,6 +245,71 @@ each_proto!(
         assert_eq!(r.header("x-big").map(str::len), Some(30000));
         let r = c.get("/big/70000").send().await;
         assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(r.text(), "upstream_reset\n");
+    }
+);
+
+/// A raw HTTP/1.1 upstream: `GET /big/N` gets a response head with an
+/// `x-big` field of N bytes, `GET /fields/N` one with N fields in all (N - 1
+/// `x-fN` and its `content-length`). One response per connection (it closes).
+async fn raw_head_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let line = String::from_utf8_lossy(&head);
+                let path = line.split(' ').nth(1).unwrap_or("/").to_string();
+                let mut out = String::from("HTTP/1.1 200 OK\r\nconnection: close\r\n");
+                if let Some(n) = path.strip_prefix("/big/") {
+                    let n: usize = n.parse().unwrap();
+                    out += &format!("x-big: {}\r\n", "c".repeat(n));
+                } else if let Some(n) = path.strip_prefix("/fields/") {
+                    // `connection` and `content-length` are two of them.
+                    let n: usize = n.parse().unwrap();
+                    for i in 0..n - 2 {
+                        out += &format!("x-f{i}: v\r\n");
+                    }
+                }
+                out += "content-length: 2\r\n\r\nok";
+                // Legate may close before reading a head it refuses.
+                let _ = tcp.write_all(out.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+each_proto!(
+    /// An HTTP/1.1 upstream's response head has HTTP/2's limit, 60 KiB (it was
+    /// bounded only by hyper's read buffer, ~400 KiB), and Envoy's 100 fields;
+    /// over either it is a 502 `upstream_reset`, as on HTTP/2 (too many fields
+    /// was an `upstream_protocol_error`).
+    async fn http1_upstream_response_heads_are_limited_to_60_kib(proto) {
+        let up = raw_head_upstream().await;
+        let yaml = limits_config(up, "", "") + "    protocol: http1\n";
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/big/51200").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-big").map(str::len), Some(51200));
+        let r = c.get("/big/71680").send().await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(r.text(), "upstream_reset\n");
+        let r = c.get("/fields/100").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = c.get("/fields/101").send().await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(r.text(), "upstream_reset\n");
     }
 );
 

@@ -77,3 +77,35 @@ fn a_route_config_for_noop_is_refused_at_load() {
         "{msg}"
     );
 }
+
+/// `GET /plugins` reads a plugin's failure counters and instance gauge without
+/// making them: a native plugin has none, and the page made them with an empty
+/// `# HELP` on `/stats`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugins_page_makes_no_series() {
+    let up = upstream().start().await;
+    let lg = legate().config(&config(up.addr, "")).start();
+    let before = lg.stats().await;
+    let (status, body) = lg.admin_get("/plugins").await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["plugins"][0]["name"], "n1");
+    assert_eq!(v["plugins"][0]["instances"], 0);
+    assert_eq!(v["plugins"][0]["errors"]["failures"], 0);
+    let after = lg.stats().await;
+    assert!(
+        !after
+            .lines()
+            .any(|l| l.starts_with("# HELP ") && l.trim_end().split(' ').count() < 4),
+        "{after}"
+    );
+    assert!(!after.contains("legate_plugin_"), "{after}");
+    // Nothing new at all (the page itself is not counted on `/stats`).
+    let families = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| l.starts_with("# TYPE "))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(families(&before), families(&after));
+}

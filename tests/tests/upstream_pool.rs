@@ -532,3 +532,35 @@ each_proto!(
         lg.assert_stat(PENDING_ACTIVE, 0.0).await;
     }
 );
+
+each_proto!(
+    /// An upstream whose `SETTINGS_MAX_CONCURRENT_STREAMS` is 0 takes no stream
+    /// on its connections until it raises the limit, as in Envoy (its pool
+    /// marks such a connection busy): each request looks for a connection with
+    /// a stream free, so it opens another, and `circuit_breakers.max_connections`
+    /// bounds them (`upstream_cx_overflow`). Past it a request waits on the
+    /// least loaded connection, here until its route timeout. The first
+    /// request, sent before the upstream's SETTINGS came, is refused.
+    async fn an_upstream_allowing_no_streams_gets_max_connections(proto) {
+        let up = upstream().h2_max_concurrent_streams(0).start().await;
+        let lg = legate()
+            .concurrency(1)
+            .config(&simple_config_with(
+                &[up.addr],
+                "            timeout: 500ms\n",
+                "    protocol: h2\n    circuit_breakers: { max_connections: 2 }\n",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for i in 0..4 {
+            let r = c.get(&format!("/r{i}")).send().await;
+            let got = (r.status.as_u16(), r.text());
+            let ok = [(502, "upstream_reset\n"), (504, "upstream_timeout\n")];
+            assert!(ok.iter().any(|(s, t)| (*s, t.to_string()) == got), "{i}: {got:?}");
+        }
+        assert_eq!(up.connections.get(), 2);
+        assert_eq!(up.requests.get(), 0);
+        lg.assert_stat(CX_TOTAL, 2.0).await;
+        lg.assert_stat_with(CX_OVERFLOW, |v| v >= 1.0, ">= 1").await;
+    }
+);

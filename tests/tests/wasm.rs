@@ -632,6 +632,43 @@ each_proto!(
     }
 );
 
+/// Two plugins defining one histogram family must give it the same buckets:
+/// the second definition over others is `invalid-argument`, as one of another
+/// kind is. (It was accepted, and `/stats` showed one family with two bucket
+/// layouts.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_sharing_a_histogram_must_share_its_buckets() {
+    let up = upstream().start().await;
+    let two = |a: &str, b: &str| {
+        plugin("ha", &format!("{{ define_histogram: \"lat:{a}\" }}"), "")
+            + &plugin("hb", &format!("{{ define_histogram: \"lat:{b}\" }}"), "")
+    };
+    // Other bounds, or the host's (none given) against a plugin's own.
+    for (a, b) in [("1|10", "1|100"), ("1|10", "")] {
+        let err = match legate()
+            .config(&simple(up.addr, &two(a, b), &["ha", "hb"]))
+            .try_start()
+        {
+            Ok(_) => panic!("buckets {a} and {b} for one family were both accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains("plugin `hb`")
+                && err.contains("define-histogram lat: ")
+                && err.contains("invalid-argument"),
+            "{err}"
+        );
+    }
+    let lg = legate()
+        .config(&simple(up.addr, &two("1|10", "1|10"), &["ha", "hb"]))
+        .start();
+    let stats = lg.stats().await;
+    for p in ["ha", "hb"] {
+        let line = format!("legate_plugin_lat_bucket{{plugin=\"{p}\",le=\"10\"}} 0");
+        assert!(stats.contains(&line), "{line}: {stats}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_metrics_reach_stats() {
     let up = upstream().start().await;
@@ -1601,6 +1638,60 @@ async fn a_missing_data_file_refuses_the_load() {
         "{err}"
     );
 }
+
+/// The log lines of this test process, as the host's `fmt` subscriber
+/// writes them (installed on first use, for every test of the process).
+fn captured_log() -> String {
+    use std::sync::{Arc, Mutex, OnceLock};
+    #[derive(Clone)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOG: OnceLock<Sink> = OnceLock::new();
+    let sink = LOG.get_or_init(|| {
+        let sink = Sink(Arc::default());
+        let writer = sink.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+            .with_writer(move || writer.clone())
+            .init();
+        sink
+    });
+    String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned()
+}
+
+each_proto!(
+    /// A plugin's log line from inside an exchange carries the exchange's
+    /// request id (abi §5.4), the `x-request-id` the upstream got.
+    async fn a_plugin_log_line_carries_the_request_id(proto) {
+        captured_log();
+        let up = upstream().start().await;
+        // Its own tag: the h1 and h2 tests may share the process's log.
+        let tag = format!("logger-{proto:?}");
+        let p = plugin("logger", &format!("{{ mode: log, tag: {tag} }}"), "");
+        let lg = legate().config(&simple(up.addr, &p, &["logger"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        let id = e.header("x-request-id").expect("x-request-id generated");
+        let log = captured_log();
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("request log line from {tag}")))
+            .unwrap_or_else(|| panic!("no log line from the plugin: {log}"));
+        assert!(line.contains("plugin=\"logger\""), "{line}");
+        assert!(line.contains(&format!("request_id=\"{id}\"")), "{id}: {line}");
+    }
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_stdout_and_stderr_become_log_lines() {

@@ -1283,10 +1283,15 @@ impl HostState {
         }
         // Another plugin's metric of this name and another kind (declared,
         // with or without a series yet): one family cannot hold both (the text
-        // format gives a family one type).
+        // format gives a family one type). Nor, for a histogram, other buckets:
+        // its series would show two layouts under one family.
         let full = crate::stats::intern(format!("legate_plugin_{name}"));
         let help = crate::stats::intern(help);
-        if !self.plugin.stats.declare(full, help, kind.type_name()) {
+        let declared = match kind {
+            MetricKind::Histogram => self.plugin.stats.declare_histogram(full, help, bounds),
+            _ => self.plugin.stats.declare(full, help, kind.type_name()),
+        };
+        if !declared {
             return Ok(Err(Error::InvalidArgument));
         }
         let def = {

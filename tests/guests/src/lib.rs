@@ -644,6 +644,18 @@ impl Guest for Plugin {
             legate::filter::metrics::define_counter(&name, "Defined by the test plugin.", &[])
                 .map_err(|e| format!("define-counter {name}: {e:?}"))?;
         }
+        if let Some(def) = field(&config, "define_histogram") {
+            // `NAME:B1|B2|…`: an unlabelled histogram over those buckets.
+            let (name, bounds) = def.split_once(':').unwrap_or((&def, ""));
+            let buckets: Vec<f64> = bounds.split('|').filter_map(|b| b.parse().ok()).collect();
+            legate::filter::metrics::define_histogram(
+                name,
+                "Defined by the test plugin.",
+                &[],
+                &buckets,
+            )
+            .map_err(|e| format!("define-histogram {name}: {e:?}"))?;
+        }
         if let Some(why) = field(&config, "fail_configure") {
             // After everything above was defined.
             return Err(format!("fail_configure: {why}"));
@@ -751,6 +763,14 @@ impl Guest for Plugin {
 
     fn on_request_headers(c: u64, x: &Exchange, h: &Headers, _eos: bool) -> Action {
         match mode().as_str() {
+            "log" => {
+                // A log line inside an exchange: the host adds its request id.
+                legate::filter::log::log(
+                    legate::filter::log::Level::Info,
+                    &format!("request log line from {}", tag()),
+                );
+                Action::Continue
+            }
             "headers" => {
                 let _ = h.set("x-filter", tag().as_bytes());
                 // The host hides `host` from every read: the authority is the
