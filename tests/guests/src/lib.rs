@@ -375,7 +375,11 @@ fn check_part(c: u64, x: &Exchange, d: Direction, trailers: bool, body: Vec<u8>)
     let path = x.path();
     if !path.starts_with("/nocallout") {
         let (cluster, timeout) = CFG.with(|c| (c.borrow().cluster.clone(), c.borrow().timeout));
-        let direction = if d == Direction::Request { "request" } else { "response" };
+        let direction = if d == Direction::Request {
+            "request"
+        } else {
+            "response"
+        };
         let req = legate::filter::callout::CalloutRequest {
             cluster,
             method: "POST".into(),
@@ -436,7 +440,10 @@ fn checked(c: u64, x: &Exchange, r: Result<CalloutResponse, Error>) -> Action {
     }
     let status = resp.status.to_string();
     let set = |h: Option<Headers>, name: &str, what: &str| match h {
-        Some(h) => h.set(name, status.as_bytes()).err().map(|e| write_failed(what, e)),
+        Some(h) => h
+            .set(name, status.as_bytes())
+            .err()
+            .map(|e| write_failed(what, e)),
         None => Some(write_failed(what, Error::NotFound)),
     };
     if trailers {
@@ -449,7 +456,10 @@ fn checked(c: u64, x: &Exchange, r: Result<CalloutResponse, Error>) -> Action {
         if let Some(a) = set(x.headers(d), "x-checked", "head") {
             return a;
         }
-    } else if x.headers(d).is_some_and(|h| h.set("x-checked", b"late").is_ok()) {
+    } else if x
+        .headers(d)
+        .is_some_and(|h| h.set("x-checked", b"late").is_ok())
+    {
         return Action::Respond(LocalResponse {
             status: 500,
             headers: Vec::new(),
@@ -531,7 +541,8 @@ fn body_phase(c: u64, x: &Exchange, b: &Buffer, eos: bool, d: Direction) -> Acti
                 folded.extend_from_slice(format!(" {name}=").as_bytes());
                 folded.extend_from_slice(&value);
                 if let Err(e) = t.remove(&name) {
-                    folded.extend_from_slice(format!(" remove-failed:{}", error_name(e)).as_bytes());
+                    folded
+                        .extend_from_slice(format!(" remove-failed:{}", error_name(e)).as_bytes());
                 }
             }
             if let Err(e) = b.splice(b.len(), 0, &folded) {
@@ -1048,8 +1059,7 @@ impl Guest for Plugin {
                 Action::Continue
             }
             "respond"
-                if x
-                    .headers(Direction::Request)
+                if x.headers(Direction::Request)
                     .is_some_and(|r| r.has("x-respond-late")) =>
             {
                 Action::Respond(LocalResponse {

@@ -24,9 +24,7 @@ use std::cell::RefCell;
 use exports::legate::filter::network_handler::{Guest, GuestNetworkContext};
 use legate::filter::callout::{CalloutId, CalloutResponse};
 use legate::filter::metrics::Counter;
-use legate::filter::network::{
-    Connection, NetworkAction, NetworkEvents, NetworkSetup, Peer,
-};
+use legate::filter::network::{Connection, NetworkAction, NetworkEvents, NetworkSetup, Peer};
 use legate::filter::types::{Buffer, Error, IpAddress, TlsVersion};
 
 thread_local! {
@@ -122,7 +120,12 @@ impl GuestNetworkContext for Ctx {
         NetworkAction::Continue
     }
 
-    fn on_downstream_data(&self, connection: &Connection, data: &Buffer, _eos: bool) -> NetworkAction {
+    fn on_downstream_data(
+        &self,
+        connection: &Connection,
+        data: &Buffer,
+        _eos: bool,
+    ) -> NetworkAction {
         let bytes = all(data);
         match MODE.with(|m| m.borrow().clone()).as_str() {
             "rewrite" => {
@@ -151,7 +154,9 @@ impl GuestNetworkContext for Ctx {
                 NetworkAction::Continue
             }
             "close" if bytes.windows(4).any(|w| w == b"QUIT") => NetworkAction::Close,
-            "trap" if bytes.windows(4).any(|w| w == b"boom") => panic!("boom in on-downstream-data"),
+            "trap" if bytes.windows(4).any(|w| w == b"boom") => {
+                panic!("boom in on-downstream-data")
+            }
             "cancel" if bytes.windows(3).any(|w| w == b"ask") => {
                 match legate::filter::callout::send(&check()) {
                     Ok(id) => {
@@ -169,7 +174,12 @@ impl GuestNetworkContext for Ctx {
         }
     }
 
-    fn on_upstream_data(&self, _connection: &Connection, data: &Buffer, _eos: bool) -> NetworkAction {
+    fn on_upstream_data(
+        &self,
+        _connection: &Connection,
+        data: &Buffer,
+        _eos: bool,
+    ) -> NetworkAction {
         if let Some(id) = PENDING.with(|p| p.borrow_mut().take()) {
             if legate::filter::callout::cancel(id).is_err() {
                 return NetworkAction::Close;
