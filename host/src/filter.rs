@@ -2192,6 +2192,15 @@ impl Chain {
         plan
     }
 
+    /// The head of direction `d` went on (a filter held it while its body
+    /// streamed, and let it go or the body ended): no filter holds it any
+    /// more, so a callout result delivered later finds it out of reach.
+    pub fn head_out(&mut self, d: Direction) {
+        for c in self.ctl.iter_mut() {
+            c.holds_head[d.idx()] = false;
+        }
+    }
+
     /// Whether a filter taking part in direction `d` still holds its head
     /// ([`BodyCtl::holds_head`]).
     pub fn holds_head(&self, d: Direction) -> bool {

@@ -1136,6 +1136,11 @@ async fn hold_head(
         });
         client_body_within(read, limit, Some(shared)).await?
     };
+    if matches!(read, Ok(_)) {
+        // The head goes on now (whole, or with what passed so far): a
+        // callout result delivered later can no longer change it.
+        let _ = shared.with(|c| c.head_out(d));
+    }
     match read {
         Ok(true) => {
             let mut data = bytes::BytesMut::new();

@@ -999,6 +999,84 @@ each_proto!(
     }
 );
 
+/// A request body that sends `first`, then `rest` once the sender fires.
+fn gated_body(
+    first: &'static str,
+    rest: &'static str,
+) -> (tokio::sync::oneshot::Sender<()>, BoxBody) {
+    use futures_util::StreamExt;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let first = futures_util::stream::once(async move {
+        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(first)))
+    });
+    let rest = futures_util::stream::once(async move {
+        let _ = rx.await;
+        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(rest)))
+    });
+    let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(first.chain(rest)));
+    (tx, body)
+}
+
+/// Waits until the `late-call` guest's call callbacks reached `n`.
+async fn late_calls(lg: &LegateHandle, n: f64, what: &str) {
+    eventually(HANG_GUARD, what, || async move {
+        lg.stat(r#"legate_proxywasm_pw_late_calls{plugin="late"}"#)
+            .await
+            .filter(|v| *v >= n)
+    })
+    .await;
+}
+
+each_proto!(
+    /// While the request headers callback's `Pause` holds the head (Envoy's
+    /// StopIteration: the body streams through the body callback), a call's
+    /// callback that runs between two chunks writes that head, and the
+    /// write reaches the upstream with it, as in Envoy. (It was accepted
+    /// and went nowhere.)
+    async fn a_call_answer_between_chunks_writes_the_held_request_head(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
+        let lg = legate().config(&with_authz(up.addr, az.addr, &p, &["late"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let (more, body) = gated_body("part1;", "part2");
+        let sent = tokio::spawn(async move { c.post("/late/held").boxed_body(body).send().await });
+        late_calls(&lg, 1.0, "the callback between the chunks").await;
+        more.send(()).unwrap();
+        let r = tokio::time::timeout(HANG_GUARD, sent).await.expect("the answer").unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.body, "part1;part2");
+        assert_eq!(e.header("x-pw-held-write"), Some("call"));
+    }
+);
+
+each_proto!(
+    /// The same on the response: the response headers callback's `Pause`
+    /// holds the head while the body streams, and a call's callback between
+    /// two chunks writes it; the client gets the header.
+    async fn a_call_answer_between_chunks_writes_the_held_response_head(proto) {
+        use http_body_util::BodyExt;
+        let (more, stream) = gated_stream("part1;", "part2");
+        let up = upstream().route("/late/held-resp", stream).start().await;
+        let az = authz_upstream().await;
+        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
+        let lg = legate().config(&with_authz(up.addr, az.addr, &p, &["late"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let head = tokio::spawn(async move { c.get("/late/held-resp").send_for_head().await });
+        late_calls(&lg, 1.0, "the callback between the chunks").await;
+        more.send(()).unwrap();
+        let resp = tokio::time::timeout(HANG_GUARD, head).await.expect("the head").unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers().get("x-pw-held-write").map(|v| v.to_str().unwrap()), Some("call"));
+        let body = tokio::time::timeout(HANG_GUARD, resp.into_body().collect())
+            .await
+            .expect("the body")
+            .unwrap();
+        assert_eq!(body.to_bytes(), "part1;part2");
+    }
+);
+
 each_proto!(
     /// `proxy_continue_stream` resumes the direction it names, as Envoy's
     /// `continueStream` (`HTTP_REQUEST`: `continueDecoding`, `HTTP_RESPONSE`:
