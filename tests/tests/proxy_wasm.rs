@@ -1078,6 +1078,64 @@ each_proto!(
 );
 
 each_proto!(
+    /// A local response from a call's callback while the exchange is not
+    /// paused (the request went on, `Continue`, and waits for an upstream
+    /// that holds its answer) answers the client at once, as Envoy's
+    /// `sendLocalReply`: the upstream request is aborted. (It was ignored,
+    /// and the client got the upstream's answer.)
+    async fn a_call_answer_while_the_request_waits_can_answer_at_once(proto) {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let release = Arc::new(AtomicBool::new(false));
+        let up = upstream().hold_until(&release).start().await;
+        let az = authz_upstream().await;
+        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
+        // No route timeout: only the filter's answer can end the wait.
+        let yaml = with_authz(up.addr, az.addr, &p, &["late"]).replace(
+            "            cluster: backend\n",
+            "            cluster: backend\n            timeout: 0s\n",
+        );
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = tokio::time::timeout(HANG_GUARD, c.get("/late/deny").send())
+            .await
+            .expect("the filter's answer, while the upstream holds its own");
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "denied late");
+        assert_eq!(r.header("x-pw-late-denied"), Some("yes"));
+        assert!(r.header("x-upstream").is_none(), "the backend answered");
+        lg.assert_stat(r#"legate_proxywasm_pw_late_logged{plugin="late"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// The same while the request headers callback's `Pause` holds the head
+    /// and the body streams through the body callback: the answer replaces
+    /// the request, which never reaches the upstream (the client has not
+    /// even sent the whole body).
+    async fn a_call_answer_between_chunks_can_answer_the_held_request(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
+        let lg = legate().config(&with_authz(up.addr, az.addr, &p, &["late"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let (more, body) = gated_body("part1;", "part2");
+        let r = tokio::time::timeout(
+            HANG_GUARD,
+            c.post("/late/held-deny").boxed_body(body).send(),
+        )
+        .await
+        .expect("the filter's answer before the end of the body");
+        drop(more);
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "denied late");
+        assert_eq!(r.header("x-pw-late-denied"), Some("yes"));
+        assert_eq!(up.requests.get(), 0, "the held request reached the backend");
+    }
+);
+
+each_proto!(
     /// `proxy_continue_stream` resumes the direction it names, as Envoy's
     /// `continueStream` (`HTTP_REQUEST`: `continueDecoding`, `HTTP_RESPONSE`:
     /// `continueEncoding`): a callback that continues the direction that is
