@@ -1187,7 +1187,7 @@ async fn hold_head(
         });
         client_body_within(read, limit, Some(shared)).await?
     };
-    if matches!(read, Ok(_)) {
+    if read.is_ok() {
         // The head goes on now (whole, or with what passed so far): a
         // callout result delivered later can no longer change it.
         let _ = shared.with(|c| c.head_out(d));
