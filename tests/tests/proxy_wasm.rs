@@ -1136,6 +1136,26 @@ each_proto!(
 );
 
 each_proto!(
+    /// And on the response: while the response headers callback's `Pause`
+    /// holds the head and the body streams, the answer replaces the
+    /// response (the upstream has not even sent all of it).
+    async fn a_call_answer_between_chunks_can_replace_the_held_response(proto) {
+        let (_more, stream) = gated_stream("part1;", "part2");
+        let up = upstream().route("/late/held-resp-deny", stream).start().await;
+        let az = authz_upstream().await;
+        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
+        let lg = legate().config(&with_authz(up.addr, az.addr, &p, &["late"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = tokio::time::timeout(HANG_GUARD, c.get("/late/held-resp-deny").send())
+            .await
+            .expect("the filter's answer before the end of the upstream's body");
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "denied late");
+        assert_eq!(r.header("x-pw-late-denied"), Some("yes"));
+    }
+);
+
+each_proto!(
     /// `proxy_continue_stream` resumes the direction it names, as Envoy's
     /// `continueStream` (`HTTP_REQUEST`: `continueDecoding`, `HTTP_RESPONSE`:
     /// `continueEncoding`): a callback that continues the direction that is

@@ -199,8 +199,9 @@
 //!   the response (the request goes on). The call's callback, run between
 //!   chunks, sets header `x-pw-held-write: call` on that held head
 //!   (`/late/held`, `/late/held-resp`) or answers 403 `x-pw-late-denied:
-//!   yes` (`/late/held-deny`; `/late/deny` does so for a call sent from the
-//!   request headers callback, which returns `Continue`).
+//!   yes` (`/late/held-deny`, `/late/held-resp-deny`; `/late/deny` does so
+//!   for a call sent from the request headers callback, which returns
+//!   `Continue`).
 //! - `wrong-resume`: `/req…` pauses the request headers callback,
 //!   `/resp…` the response headers callback, on an HTTP call to `authz`. The
 //!   call's callback continues the other direction (`resume_http_response`
@@ -923,7 +924,7 @@ impl Filter {
             // it goes on with the body (Envoy).
             "/late/held" => self.set_http_request_header("x-pw-held-write", Some("call")),
             "/late/held-resp" => self.set_http_response_header("x-pw-held-write", Some("call")),
-            "/late/deny" | "/late/held-deny" => {
+            "/late/deny" | "/late/held-deny" | "/late/held-resp-deny" => {
                 self.send_http_response(403, vec![("x-pw-late-denied", "yes")], Some(b"denied late"))
             }
             _ => self.set_http_request_header("x-pw-late", Some("1")),
@@ -1675,7 +1676,7 @@ impl HttpContext for Filter {
             "body-callout" | "trailers-callout" | "body-stuck-held" if !_end_of_stream => {
                 return Action::Pause
             }
-            "late-call" if path.starts_with("/late/held") && path != "/late/held-resp" && !_end_of_stream => {
+            "late-call" if path.starts_with("/late/held") && !path.starts_with("/late/held-resp") && !_end_of_stream => {
                 return Action::Pause;
             }
             "late-call" => {
@@ -1768,7 +1769,7 @@ impl HttpContext for Filter {
         }
         let mode = self.callout_mode().to_string();
         match mode.as_str() {
-            "late-call" if self.path.starts_with("/late/held") && self.path != "/late/held-resp" => {
+            "late-call" if self.path.starts_with("/late/held") && !self.path.starts_with("/late/held-resp") => {
                 let first = self.body_calls == 1;
                 self.late_held_body(first, end_of_stream)
             }
@@ -1870,7 +1871,7 @@ impl HttpContext for Filter {
         }
         let mode = self.callout_mode().to_string();
         match mode.as_str() {
-            "late-call" if self.path == "/late/held-resp" => {
+            "late-call" if self.path.starts_with("/late/held-resp") => {
                 self.resp_body_calls += 1;
                 let first = self.resp_body_calls == 1;
                 self.late_held_body(first, end_of_stream)
@@ -1946,7 +1947,7 @@ impl HttpContext for Filter {
                 return Action::Pause;
             }
         }
-        if self.s.mode == "late-call" && self.path == "/late/held-resp" && !end_of_stream {
+        if self.s.mode == "late-call" && self.path.starts_with("/late/held-resp") && !end_of_stream {
             return Action::Pause;
         }
         if self.s.mode == "wrong-resume" && self.path.starts_with("/resp") {
