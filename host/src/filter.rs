@@ -1348,6 +1348,12 @@ struct SharedInner {
     /// A filter reset the stream ([`ExchangeData::reset`]): the proxy resets
     /// the downstream stream instead of answering ([`StreamReset`]).
     reset: std::cell::Cell<bool>,
+    /// The proxy waiting for a local response a filter may send between
+    /// phases ([`SharedChain::poll_answered`]): woken when one comes.
+    answer_waker: std::cell::RefCell<Option<std::task::Waker>>,
+    /// The response head went to the client ([`SharedChain::head_sent`]): a
+    /// local response between phases comes too late.
+    head_sent: std::cell::Cell<bool>,
 }
 
 impl SharedInner {
@@ -1389,6 +1395,8 @@ impl SharedChain {
                 ended: std::cell::RefCell::new(None),
                 held: std::cell::Cell::new(Duration::ZERO),
                 reset: std::cell::Cell::new(false),
+                answer_waker: std::cell::RefCell::new(None),
+                head_sent: std::cell::Cell::new(false),
             }
         }))
     }
@@ -1477,6 +1485,50 @@ impl SharedChain {
     /// The local response a streamed request body phase answered with, if any.
     pub fn take_local(&self) -> Option<LocalResponse> {
         self.0.local.borrow_mut().take()
+    }
+
+    /// `Ready` once a local response waits for the proxy ([`Self::take_local`])
+    /// and the chain is in (not out in an async phase, whose future must not
+    /// be dropped): a filter answered between phases (a callout's result
+    /// delivered as it arrived, [`HttpFilter::delivers_on_arrival`]), or from
+    /// a streamed request body phase. What the proxy waits on meanwhile (the
+    /// upstream, a held head's body) is then dropped for the answer, as
+    /// Envoy's `sendLocalReply` answers at once.
+    pub fn poll_answered(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.0.local.borrow().is_none() {
+            let mut w = self.0.answer_waker.borrow_mut();
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
+            }
+            return std::task::Poll::Pending;
+        }
+        // Out: woken with the body streams when it is back.
+        self.poll_available(cx)
+    }
+
+    /// [`Self::poll_answered`] as a future.
+    pub fn answered(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| self.poll_answered(cx))
+    }
+
+    /// The response head went to the client: a local response a filter sends
+    /// between phases from now on is too late (ignored, logged).
+    pub fn head_sent(&self) {
+        self.0.head_sent.set(true);
+    }
+
+    /// A local response from a callout's result delivered between phases:
+    /// kept for the proxy, which is woken. `false` if it comes too late (the
+    /// response head went to the client) or after another one.
+    fn answer_between_phases(&self, lr: LocalResponse) -> bool {
+        if self.0.head_sent.get() || self.0.finished.get() || self.0.local.borrow().is_some() {
+            return false;
+        }
+        *self.0.local.borrow_mut() = Some(lr);
+        if let Some(w) = self.0.answer_waker.borrow_mut().take() {
+            w.wake();
+        }
+        true
     }
 
     /// Records the `details` of a local response from a response phase (it
@@ -1915,8 +1967,11 @@ impl Chain {
     }
 
     /// Delivers a callout result to filter `i`, which is not paused: `continue` and
-    /// `pause` mean nothing; a local response is ignored by this host (logged); a
-    /// failure applies the filter's failure policy.
+    /// `pause` mean nothing; a local response answers the exchange if the
+    /// result came between phases ([`ExchangeData::idle`]) before the response
+    /// head went to the client ([`Chain::answer_between_phases`]), else it is
+    /// ignored by this host (logged); a failure applies the filter's failure
+    /// policy.
     fn deliver_unpaused(
         &mut self,
         i: usize,
@@ -1935,12 +1990,17 @@ impl Chain {
         self.dispatch(i);
         match v {
             Ok(Verdict::Continue | Verdict::Pause) => Ok(()),
-            Ok(Verdict::Respond(_)) => {
+            Ok(Verdict::Respond(lr)) => {
+                if self.x.idle && self.answer_between_phases(i, lr) {
+                    return Ok(());
+                }
                 tracing::debug!(
                     plugin = f.name(),
                     phase,
                     "a local response from a callout response of a filter that is not \
-                     paused is ignored by this host"
+                     paused is ignored by this host: the response head went to the client \
+                     already, another answer came first, or the exchange is paused in \
+                     another filter"
                 );
                 Ok(())
             }
@@ -1949,6 +2009,32 @@ impl Chain {
                 self.fail(&*f, what, &why)
             }
         }
+    }
+
+    /// Filter `i` answered with `lr` from a callout result delivered between
+    /// phases, as Envoy's `sendLocalReply` from a filter that is not paused:
+    /// before the response exists, as from its request headers phase (the
+    /// filters before it see the answer in their response phases; the
+    /// upstream request, if any, is aborted); once it exists but before its
+    /// head went to the client (its response headers phase, a head held
+    /// while its body streams, a buffered body), the answer replaces it.
+    /// The proxy takes it ([`SharedChain::poll_answered`]). `false`: too late
+    /// (the head is out) or a second answer; ignored.
+    fn answer_between_phases(&mut self, i: usize, lr: LocalResponse) -> bool {
+        let Some(shared) = self.shared.upgrade() else {
+            return false;
+        };
+        let details = lr.details.clone();
+        if !SharedChain(shared).answer_between_phases(lr) {
+            return false;
+        }
+        if self.x.status.is_none() {
+            self.responded.get_or_insert(i);
+        } else {
+            self.replaced_response.get_or_insert(i);
+        }
+        self.x.cause = Some(plugin_cause(&details));
+        true
     }
 
     /// Delivers the callout results that arrived while no filter was paused.
@@ -2064,6 +2150,23 @@ impl Chain {
         // may not have run yet); then the others'.
         self.deliver_arrived();
         self.deliver_ready("response_headers")?;
+        // A filter answered between phases (before or in what came just
+        // now): its answer replaces the response, and the filters before it
+        // see it here ([`Chain::answer_between_phases`]).
+        if let Some(lr) = self
+            .shared
+            .upgrade()
+            .and_then(|s| SharedChain(s).take_local())
+        {
+            if let Some(shared) = self.shared.upgrade() {
+                shared.answered.replace(Some(lr.details.clone()));
+            }
+            let lr = if self.grpc { lr.into_grpc() } else { lr };
+            eos = lr.body.is_empty();
+            self.x.status = Some(lr.status);
+            self.x.response_headers = Some(lr.headers.into());
+            replaced = Some(lr.body);
+        }
         for i in (0..self.entered.len()).rev() {
             if !self.in_response(i) {
                 continue;
@@ -2190,6 +2293,15 @@ impl Chain {
             }
         }
         plan
+    }
+
+    /// The head of direction `d` went on (a filter held it while its body
+    /// streamed, and let it go or the body ended): no filter holds it any
+    /// more, so a callout result delivered later finds it out of reach.
+    pub fn head_out(&mut self, d: Direction) {
+        for c in self.ctl.iter_mut() {
+            c.holds_head[d.idx()] = false;
+        }
     }
 
     /// Whether a filter taking part in direction `d` still holds its head

@@ -179,6 +179,11 @@ pub async fn handle(
             local_reply(&conn, out, e, version).await
         }
     };
+    if let Some(chain) = &out.chain {
+        // The head goes to the client now: a filter's local response between
+        // phases comes too late from here on.
+        chain.head_sent();
+    }
     // A filter reset the stream (proxy-wasm's `proxy_close_stream`): the
     // connection resets it instead of sending this answer.
     if out
@@ -694,36 +699,62 @@ async fn proxy(
             per_try: route.per_try_timeout,
             sent: sent.as_deref(),
         };
-        let result = match route_timeout {
-            Some(t) => {
-                let timed = {
-                    let run = std::pin::pin!(attempt.run(source, out));
-                    after_sent(t, sent.as_deref(), run).await
-                };
-                match timed {
-                    Ok(r) => r,
-                    Err(_) => {
-                        // The attempt cut short counts against its endpoint, as a per-try
-                        // timeout does (outlier detection). None in flight (a backoff):
-                        // only the cluster counts it.
-                        match out.active.take() {
-                            Some(active) => active.record_timeout(),
-                            None => {
-                                entry
-                                    .cluster()
-                                    .stats
-                                    .upstream_rq_timeout
-                                    .fetch_add(1, Relaxed);
+        // A filter may answer between phases meanwhile (a callout's result
+        // delivered as it arrived): its answer replaces the upstream's, which
+        // is not waited for (the upstream request is aborted), as Envoy's
+        // `sendLocalReply`.
+        let answers = out.chain.clone();
+        let attempts = async {
+            match route_timeout {
+                Some(t) => {
+                    let timed = {
+                        let run = std::pin::pin!(attempt.run(source, out));
+                        after_sent(t, sent.as_deref(), run).await
+                    };
+                    match timed {
+                        Ok(r) => r,
+                        Err(_) => {
+                            // The attempt cut short counts against its endpoint, as a per-try
+                            // timeout does (outlier detection). None in flight (a backoff):
+                            // only the cluster counts it.
+                            match out.active.take() {
+                                Some(active) => active.record_timeout(),
+                                None => {
+                                    entry
+                                        .cluster()
+                                        .stats
+                                        .upstream_rq_timeout
+                                        .fetch_add(1, Relaxed);
+                                }
                             }
+                            Err(ProxyError::new(
+                                Kind::Timeout,
+                                format!("route timeout {t:?}"),
+                            ))
                         }
-                        Err(ProxyError::new(
-                            Kind::Timeout,
-                            format!("route timeout {t:?}"),
-                        ))
                     }
                 }
+                None => attempt.run(source, out).await,
             }
-            None => attempt.run(source, out).await,
+        };
+        let result = match &answers {
+            Some(shared) => tokio::select! {
+                biased;
+                () = shared.answered() => None,
+                r = attempts => Some(r),
+            },
+            None => Some(attempts.await),
+        };
+        let Some(result) = result else {
+            // The attempt in flight is dropped with its future.
+            out.active = None;
+            let Some(lr) = answers.as_ref().and_then(filter::SharedChain::take_local) else {
+                return Err(ProxyError::new(
+                    Kind::Internal,
+                    "a filter's answer went missing",
+                ));
+            };
+            return answer_locally(out, lr, &matched, http.via.as_deref()).await;
         };
         if let (Ok(_), Some(shared)) = (&result, out.chain.as_ref()) {
             // The upstream answered while a filter may still hold a chunk or the
@@ -1066,8 +1097,17 @@ async fn run_body(
             })
     });
     // Only the read is bounded: the chain is not out yet (the phases below,
-    // which may pause, have the plugin's own `pause` bound).
-    let (data, trailers) = client_body_within(collect, limit(), None).await?;
+    // which may pause, have the plugin's own `pause` bound). A filter may
+    // answer between phases meanwhile: the answer replaces the message,
+    // whose head is held.
+    let (data, trailers) = tokio::select! {
+        biased;
+        () = shared.answered() => match shared.take_local() {
+            Some(lr) => return Ok(BodyRun::Respond(lr)),
+            None => return Err(ProxyError::new(Kind::Internal, "a filter's answer went missing")),
+        },
+        r = client_body_within(collect, limit(), None) => r?,
+    };
     // The phases may pause (the whole message is held here): taken out, as for
     // the headers phases, so no borrow is held while the chain waits. A
     // response read while the request body is held for a callout (full
@@ -1112,16 +1152,27 @@ async fn hold_head(
     let released = |body: &body::Filtered| {
         !body.ended() && matches!(shared.with(|c| c.holds_head(d)), Ok(false))
     };
+    // A filter may answer between phases meanwhile (a callout's result
+    // delivered between chunks): the answer replaces the message, whose head
+    // is held.
+    let mut answered = false;
     let read = {
         let read = std::pin::pin!(async {
             loop {
-                let next = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
-                    Poll::Pending if released(&body) => Poll::Ready(None),
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(f) => Poll::Ready(Some(f)),
+                let next = std::future::poll_fn(|cx| {
+                    if shared.poll_answered(cx).is_ready() {
+                        answered = true;
+                        return Poll::Ready(None);
+                    }
+                    match Pin::new(&mut body).poll_frame(cx) {
+                        Poll::Pending if released(&body) => Poll::Ready(None),
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(f) => Poll::Ready(Some(f)),
+                    }
                 })
                 .await;
                 match next {
+                    None if answered => return Ok(Err(BoxError::from("answered by a filter"))),
                     None => return Ok(Ok(false)),
                     Some(None) => return Ok(Ok(true)),
                     Some(Some(Err(e))) => return Ok(Err(e)),
@@ -1136,6 +1187,11 @@ async fn hold_head(
         });
         client_body_within(read, limit, Some(shared)).await?
     };
+    if read.is_ok() {
+        // The head goes on now (whole, or with what passed so far): a
+        // callout result delivered later can no longer change it.
+        let _ = shared.with(|c| c.head_out(d));
+    }
     match read {
         Ok(true) => {
             let mut data = bytes::BytesMut::new();

@@ -999,6 +999,162 @@ each_proto!(
     }
 );
 
+/// A request body that sends `first`, then `rest` once the sender fires.
+fn gated_body(
+    first: &'static str,
+    rest: &'static str,
+) -> (tokio::sync::oneshot::Sender<()>, BoxBody) {
+    use futures_util::StreamExt;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let first = futures_util::stream::once(async move {
+        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(first)))
+    });
+    let rest = futures_util::stream::once(async move {
+        let _ = rx.await;
+        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(rest)))
+    });
+    let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(first.chain(rest)));
+    (tx, body)
+}
+
+/// Waits until the `late-call` guest's call callbacks reached `n`.
+async fn late_calls(lg: &LegateHandle, n: f64, what: &str) {
+    eventually(HANG_GUARD, what, || async move {
+        lg.stat(r#"legate_proxywasm_pw_late_calls{plugin="late"}"#)
+            .await
+            .filter(|v| *v >= n)
+    })
+    .await;
+}
+
+each_proto!(
+    /// While the request headers callback's `Pause` holds the head (Envoy's
+    /// StopIteration: the body streams through the body callback), a call's
+    /// callback that runs between two chunks writes that head, and the
+    /// write reaches the upstream with it, as in Envoy. (It was accepted
+    /// and went nowhere.)
+    async fn a_call_answer_between_chunks_writes_the_held_request_head(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
+        let lg = legate().config(&with_authz(up.addr, az.addr, &p, &["late"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let (more, body) = gated_body("part1;", "part2");
+        let sent = tokio::spawn(async move { c.post("/late/held").boxed_body(body).send().await });
+        late_calls(&lg, 1.0, "the callback between the chunks").await;
+        more.send(()).unwrap();
+        let r = tokio::time::timeout(HANG_GUARD, sent).await.expect("the answer").unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.body, "part1;part2");
+        assert_eq!(e.header("x-pw-held-write"), Some("call"));
+    }
+);
+
+each_proto!(
+    /// The same on the response: the response headers callback's `Pause`
+    /// holds the head while the body streams, and a call's callback between
+    /// two chunks writes it; the client gets the header.
+    async fn a_call_answer_between_chunks_writes_the_held_response_head(proto) {
+        use http_body_util::BodyExt;
+        let (more, stream) = gated_stream("part1;", "part2");
+        let up = upstream().route("/late/held-resp", stream).start().await;
+        let az = authz_upstream().await;
+        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
+        let lg = legate().config(&with_authz(up.addr, az.addr, &p, &["late"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let head = tokio::spawn(async move { c.get("/late/held-resp").send_for_head().await });
+        late_calls(&lg, 1.0, "the callback between the chunks").await;
+        more.send(()).unwrap();
+        let resp = tokio::time::timeout(HANG_GUARD, head).await.expect("the head").unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers().get("x-pw-held-write").map(|v| v.to_str().unwrap()), Some("call"));
+        let body = tokio::time::timeout(HANG_GUARD, resp.into_body().collect())
+            .await
+            .expect("the body")
+            .unwrap();
+        assert_eq!(body.to_bytes(), "part1;part2");
+    }
+);
+
+each_proto!(
+    /// A local response from a call's callback while the exchange is not
+    /// paused (the request went on, `Continue`, and waits for an upstream
+    /// that holds its answer) answers the client at once, as Envoy's
+    /// `sendLocalReply`: the upstream request is aborted. (It was ignored,
+    /// and the client got the upstream's answer.)
+    async fn a_call_answer_while_the_request_waits_can_answer_at_once(proto) {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let release = Arc::new(AtomicBool::new(false));
+        let up = upstream().hold_until(&release).start().await;
+        let az = authz_upstream().await;
+        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
+        // No route timeout: only the filter's answer can end the wait.
+        let yaml = with_authz(up.addr, az.addr, &p, &["late"]).replace(
+            "            cluster: backend\n",
+            "            cluster: backend\n            timeout: 0s\n",
+        );
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = tokio::time::timeout(HANG_GUARD, c.get("/late/deny").send())
+            .await
+            .expect("the filter's answer, while the upstream holds its own");
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "denied late");
+        assert_eq!(r.header("x-pw-late-denied"), Some("yes"));
+        assert!(r.header("x-upstream").is_none(), "the backend answered");
+        lg.assert_stat(r#"legate_proxywasm_pw_late_logged{plugin="late"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// The same while the request headers callback's `Pause` holds the head
+    /// and the body streams through the body callback: the answer replaces
+    /// the request, which never reaches the upstream (the client has not
+    /// even sent the whole body).
+    async fn a_call_answer_between_chunks_can_answer_the_held_request(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
+        let lg = legate().config(&with_authz(up.addr, az.addr, &p, &["late"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let (more, body) = gated_body("part1;", "part2");
+        let r = tokio::time::timeout(
+            HANG_GUARD,
+            c.post("/late/held-deny").boxed_body(body).send(),
+        )
+        .await
+        .expect("the filter's answer before the end of the body");
+        drop(more);
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "denied late");
+        assert_eq!(r.header("x-pw-late-denied"), Some("yes"));
+        assert_eq!(up.requests.get(), 0, "the held request reached the backend");
+    }
+);
+
+each_proto!(
+    /// And on the response: while the response headers callback's `Pause`
+    /// holds the head and the body streams, the answer replaces the
+    /// response (the upstream has not even sent all of it).
+    async fn a_call_answer_between_chunks_can_replace_the_held_response(proto) {
+        let (_more, stream) = gated_stream("part1;", "part2");
+        let up = upstream().route("/late/held-resp-deny", stream).start().await;
+        let az = authz_upstream().await;
+        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
+        let lg = legate().config(&with_authz(up.addr, az.addr, &p, &["late"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = tokio::time::timeout(HANG_GUARD, c.get("/late/held-resp-deny").send())
+            .await
+            .expect("the filter's answer before the end of the upstream's body");
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "denied late");
+        assert_eq!(r.header("x-pw-late-denied"), Some("yes"));
+    }
+);
+
 each_proto!(
     /// `proxy_continue_stream` resumes the direction it names, as Envoy's
     /// `continueStream` (`HTTP_REQUEST`: `continueDecoding`, `HTTP_RESPONSE`:

@@ -191,6 +191,17 @@
 //!   counts in metric `pw_late_calls` and sets request header `x-pw-late`
 //!   (the head went on: the write must be accepted and go nowhere), and
 //!   `on_log` counts in `pw_late_logged` if the callback ran before it.
+//!   Held heads (Envoy's StopIteration): `/late/held…` returns `Pause` from
+//!   the request headers callback with no call out (the head is held while
+//!   the body streams through the body callback), and the first request body
+//!   call sends the HTTP call and returns `Pause`, as do later ones until
+//!   the end of stream, which continues; `/late/held-resp` does the same on
+//!   the response (the request goes on). The call's callback, run between
+//!   chunks, sets header `x-pw-held-write: call` on that held head
+//!   (`/late/held`, `/late/held-resp`) or answers 403 `x-pw-late-denied:
+//!   yes` (`/late/held-deny`, `/late/held-resp-deny`; `/late/deny` does so
+//!   for a call sent from the request headers callback, which returns
+//!   `Continue`).
 //! - `wrong-resume`: `/req…` pauses the request headers callback,
 //!   `/resp…` the response headers callback, on an HTTP call to `authz`. The
 //!   call's callback continues the other direction (`resume_http_response`
@@ -602,6 +613,7 @@ impl RootContext for Root {
             grpc_token: None,
             stream_seen: Vec::new(),
             calls: 0,
+            resp_body_calls: 0,
         }))
     }
 
@@ -886,6 +898,8 @@ struct Filter {
     stream_seen: Vec<String>,
     /// `late-call`, `wrong-resume`: call callbacks so far.
     calls: u32,
+    /// `late-call`: response body callbacks so far.
+    resp_body_calls: u32,
 }
 
 impl Filter {
@@ -904,9 +918,36 @@ impl Filter {
     /// `late-call`: a call's callback, while the exchange is not paused.
     fn late_callback(&mut self) {
         self.calls += 1;
+        // The SDK panics unless these are accepted.
+        match self.path.as_str() {
+            // The head the headers callback's Pause holds: written there,
+            // it goes on with the body (Envoy).
+            "/late/held" => self.set_http_request_header("x-pw-held-write", Some("call")),
+            "/late/held-resp" => self.set_http_response_header("x-pw-held-write", Some("call")),
+            "/late/deny" | "/late/held-deny" | "/late/held-resp-deny" => {
+                self.send_http_response(403, vec![("x-pw-late-denied", "yes")], Some(b"denied late"))
+            }
+            _ => self.set_http_request_header("x-pw-late", Some("1")),
+        }
+        // Last: a test that sees it knows the callback ran.
         hostcalls::increment_metric(self.s.late_metrics[0], 1).ok();
-        // The SDK panics unless this is accepted.
-        self.set_http_request_header("x-pw-late", Some("1"));
+    }
+
+    /// `late-call`, `/late/held…`: a body call while the headers callback's
+    /// Pause holds the head: the first sends the call, every one but the
+    /// end of stream holds its data.
+    fn late_held_body(&mut self, first: bool, end_of_stream: bool) -> Action {
+        if first {
+            if let Err(e) = self.call_authz("late") {
+                self.send_http_response(500, vec![("x-pw-call-error", &format!("{e:?}"))], None);
+                return Action::Pause;
+            }
+        }
+        if end_of_stream {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
     }
 
     /// Half-closes stream `token`, logging a refusal (the SDK's own helper
@@ -1635,9 +1676,12 @@ impl HttpContext for Filter {
             "body-callout" | "trailers-callout" | "body-stuck-held" if !_end_of_stream => {
                 return Action::Pause
             }
+            "late-call" if path.starts_with("/late/held") && !path.starts_with("/late/held-resp") && !_end_of_stream => {
+                return Action::Pause;
+            }
             "late-call" => {
                 let r = match path.as_str() {
-                    "/late/http" => self.call_authz("late").map(|_| ()),
+                    "/late/http" | "/late/deny" => self.call_authz("late").map(|_| ()),
                     "/late/grpc" => self
                         .dispatch_grpc_call("grpc", "legate.test.v1.Echo", "Say", vec![], Some(say_request("late").as_slice()), Duration::from_secs(5))
                         .map(|_| ()),
@@ -1725,6 +1769,10 @@ impl HttpContext for Filter {
         }
         let mode = self.callout_mode().to_string();
         match mode.as_str() {
+            "late-call" if self.path.starts_with("/late/held") && !self.path.starts_with("/late/held-resp") => {
+                let first = self.body_calls == 1;
+                self.late_held_body(first, end_of_stream)
+            }
             "grpc-stream" if self.path == "/await-body" => {
                 if !end_of_stream {
                     return Action::Pause;
@@ -1823,6 +1871,11 @@ impl HttpContext for Filter {
         }
         let mode = self.callout_mode().to_string();
         match mode.as_str() {
+            "late-call" if self.path.starts_with("/late/held-resp") => {
+                self.resp_body_calls += 1;
+                let first = self.resp_body_calls == 1;
+                self.late_held_body(first, end_of_stream)
+            }
             "body-rewrite" => {
                 if !end_of_stream {
                     return Action::Pause;
@@ -1893,6 +1946,9 @@ impl HttpContext for Filter {
                 self.send_http_response(500, vec![("x-pw-call-error", &format!("{e:?}"))], None);
                 return Action::Pause;
             }
+        }
+        if self.s.mode == "late-call" && self.path.starts_with("/late/held-resp") && !end_of_stream {
+            return Action::Pause;
         }
         if self.s.mode == "wrong-resume" && self.path.starts_with("/resp") {
             if let Err(e) = self.call_authz("first") {

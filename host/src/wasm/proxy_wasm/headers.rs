@@ -208,9 +208,22 @@ fn writable(s: &mut PwState, which: i32) -> Result<Option<&mut Exchange>, i32> {
     // nowhere (and SDKs panic on an error status, so refusing it kills the filter).
     let head = matches!(which, map::REQUEST_HEADERS | map::RESPONSE_HEADERS);
     // A callout's result delivered between phases, as it arrived: every head
-    // that exists went on (or waits for the upstream) as the filters left it.
+    // that exists went on (or waits for the upstream) as the filters left it,
+    // except one this filter's headers callback holds (`Pause`, Envoy's
+    // StopIteration) while its body streams: written there, it goes on with
+    // the first chunk the body callback continues, as in Envoy.
     let idle = phase == Phase::CalloutResponse && s.x.idle;
-    let ok = ok && !idle;
+    let held_now = idle
+        && match which {
+            map::REQUEST_HEADERS => {
+                !at_response && s.x.body_ctl.holds_head[Direction::Request.idx()]
+            }
+            map::RESPONSE_HEADERS => {
+                at_response && s.x.body_ctl.holds_head[Direction::Response.idx()]
+            }
+            _ => false,
+        };
+    let ok = (ok && !idle) || held_now;
     let late = ((matches!(phase, Phase::Body(_) | Phase::Trailers(_)) || idle) && head)
         || (which == map::REQUEST_HEADERS
             && (phase == Phase::ResponseHeaders
