@@ -315,7 +315,9 @@ impl Root {
         };
         let key = format!("pw_stream_{key}");
         let (cur, _) = self.get_shared_data(&key);
-        let mut v = cur.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        let mut v = cur
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
         if !v.is_empty() {
             v.push(';');
         }
@@ -346,7 +348,12 @@ impl Root {
             return;
         }
         let parts: Vec<&str> = scenario.split('/').collect();
-        let num = |i: usize, d: u64| parts.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(d);
+        let num = |i: usize, d: u64| {
+            parts
+                .get(i)
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(d)
+        };
         let cluster = if parts[0] == "dead" { "dead" } else { "grpc" };
         let method = if parts[0] == "chat" { "Chat" } else { "Count" };
         let r = hostcalls::open_grpc_stream(
@@ -359,15 +366,20 @@ impl Root {
             Ok(t) => t,
             Err(e) => {
                 let k = format!("pw_stream_{key}");
-                self.set_shared_data(&k, Some(format!("open-error:{e:?}").as_bytes()), None).ok();
+                self.set_shared_data(&k, Some(format!("open-error:{e:?}").as_bytes()), None)
+                    .ok();
                 return;
             }
         };
-        self.streams.insert(token, (key.to_string(), scenario.to_string()));
+        self.streams
+            .insert(token, (key.to_string(), scenario.to_string()));
         self.record(token, "open");
         let (message, end) = match parts[0] {
             "count" => (count_request(num(1, 3), 0, "", num(2, 0)), true),
-            "fail" => (count_request(2, num(1, 2), "stream failed on purpose", 0), true),
+            "fail" => (
+                count_request(2, num(1, 2), "stream failed on purpose", 0),
+                true,
+            ),
             "close" => (count_request(num(1, 2), 0, "", 0), false),
             "cancel" => (count_request(5, 0, "", 200), true),
             "trap" => (count_request(5, 0, "", 200), true),
@@ -402,11 +414,17 @@ impl Context for Root {
 
     fn on_grpc_stream_message(&mut self, token: u32, size: usize) {
         let m = self.get_grpc_stream_message(0, size).unwrap_or_default();
-        let chat = self.streams.get(&token).and_then(|(_, s)| s.strip_prefix("chat/")).and_then(|n| n.parse::<u32>().ok());
+        let chat = self
+            .streams
+            .get(&token)
+            .and_then(|(_, s)| s.strip_prefix("chat/"))
+            .and_then(|n| n.parse::<u32>().ok());
         if let Some(last) = chat {
             // SayReply: field 1 (message) first.
             let text = match m.as_slice() {
-                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned(),
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => {
+                    String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned()
+                }
                 _ => "<undecodable>".to_string(),
             };
             self.record(token, &format!("msg:{text}"));
@@ -460,8 +478,16 @@ impl Context for Root {
         self.streams.remove(&token);
     }
 
-    fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
-        let body = self.get_http_call_response_body(0, usize::MAX).unwrap_or_default();
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
+        let body = self
+            .get_http_call_response_body(0, usize::MAX)
+            .unwrap_or_default();
         self.set_shared_data("pw_tick_body", Some(&body), None).ok();
     }
 }
@@ -522,7 +548,8 @@ impl RootContext for Root {
         }
         if self.s.mode == "late-call" {
             for (i, n) in ["pw_late_calls", "pw_late_logged"].iter().enumerate() {
-                self.s.late_metrics[i] = hostcalls::define_metric(MetricType::Counter, n).unwrap_or(0);
+                self.s.late_metrics[i] =
+                    hostcalls::define_metric(MetricType::Counter, n).unwrap_or(0);
             }
         }
         if self.s.mode == "tick-callout" {
@@ -561,7 +588,11 @@ impl RootContext for Root {
         if self.s.mode == "tick-callout" {
             let r = self.dispatch_http_call(
                 "authz",
-                vec![(":method", "GET"), (":path", "/tick"), (":authority", "authz")],
+                vec![
+                    (":method", "GET"),
+                    (":path", "/tick"),
+                    (":authority", "authz"),
+                ],
                 None,
                 vec![],
                 Duration::from_millis(self.s.timeout_ms),
@@ -714,13 +745,7 @@ impl Tcp {
 }
 
 impl Context for Tcp {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        headers: usize,
-        body: usize,
-        _trailers: usize,
-    ) {
+    fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _trailers: usize) {
         if self.s.mode == "tcp-resume-down" {
             self.resume_downstream();
             return;
@@ -908,7 +933,11 @@ impl Filter {
         let path = format!("/check/{what}");
         self.dispatch_http_call(
             "authz",
-            vec![(":method", "GET"), (":path", &path), (":authority", "authz")],
+            vec![
+                (":method", "GET"),
+                (":path", &path),
+                (":authority", "authz"),
+            ],
             None,
             vec![],
             Duration::from_secs(5),
@@ -924,9 +953,11 @@ impl Filter {
             // it goes on with the body (Envoy).
             "/late/held" => self.set_http_request_header("x-pw-held-write", Some("call")),
             "/late/held-resp" => self.set_http_response_header("x-pw-held-write", Some("call")),
-            "/late/deny" | "/late/held-deny" | "/late/held-resp-deny" => {
-                self.send_http_response(403, vec![("x-pw-late-denied", "yes")], Some(b"denied late"))
-            }
+            "/late/deny" | "/late/held-deny" | "/late/held-resp-deny" => self.send_http_response(
+                403,
+                vec![("x-pw-late-denied", "yes")],
+                Some(b"denied late"),
+            ),
             _ => self.set_http_request_header("x-pw-late", Some("1")),
         }
         // Last: a test that sees it knows the callback ran.
@@ -990,12 +1021,23 @@ impl Filter {
         let r = if self.path.starts_with("/grpc/") && held == Held::RequestBody {
             let mut m = vec![0x0a, payload.len() as u8];
             m.extend_from_slice(payload);
-            self.dispatch_grpc_call("grpc", "legate.test.v1.Echo", "Say", vec![], Some(&m), Duration::from_secs(5))
+            self.dispatch_grpc_call(
+                "grpc",
+                "legate.test.v1.Echo",
+                "Say",
+                vec![],
+                Some(&m),
+                Duration::from_secs(5),
+            )
         } else {
             let path = format!("/check/{what}{}", self.path);
             self.dispatch_http_call(
                 "authz",
-                vec![(":method", "POST"), (":path", &path), (":authority", "authz")],
+                vec![
+                    (":method", "POST"),
+                    (":path", &path),
+                    (":authority", "authz"),
+                ],
                 Some(payload),
                 vec![],
                 Duration::from_secs(5),
@@ -1016,13 +1058,17 @@ impl Filter {
         match (self.held, ok) {
             (Held::RequestBody, true) => {
                 // The held body is still readable here, and writable.
-                let body = self.get_http_request_body(0, self.held_len).unwrap_or_default();
+                let body = self
+                    .get_http_request_body(0, self.held_len)
+                    .unwrap_or_default();
                 self.set_http_request_header("x-pw-held-len", Some(&body.len().to_string()));
                 self.set_http_request_body(0, self.held_len, answer);
                 self.resume_http_request();
             }
             (Held::ResponseBody, true) => {
-                let body = self.get_http_response_body(0, self.held_len).unwrap_or_default();
+                let body = self
+                    .get_http_response_body(0, self.held_len)
+                    .unwrap_or_default();
                 self.set_http_response_header("x-pw-held-len", Some(&body.len().to_string()));
                 self.set_http_response_body(0, self.held_len, answer);
                 self.resume_http_response();
@@ -1052,31 +1098,45 @@ impl Context for Filter {
         let m = self.get_grpc_stream_message(0, size).unwrap_or_default();
         if self.path.starts_with("/unpaused/") {
             let text = match m.as_slice() {
-                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned(),
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => {
+                    String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned()
+                }
                 _ => "<undecodable>".to_string(),
             };
             // The request head went out already: Envoy answers OK (the
             // change goes nowhere), and so must this host, or the SDK's
             // helpers panic.
             let w = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-pw-late", Some(&text));
-            self.seen.push(("x-pw-unpaused-write".into(), format!("{w:?}")));
+            self.seen
+                .push(("x-pw-unpaused-write".into(), format!("{w:?}")));
             // Reads see the head as the context's last callback left it.
             let read = |name: &str| {
                 hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
                     .map(|v| v.unwrap_or_else(|| "<none>".into()))
                     .unwrap_or_else(|e| format!("{e:?}"))
             };
-            let pairs = hostcalls::get_map(MapType::HttpRequestHeaders).map(|p| p.len()).unwrap_or(0);
-            self.seen.push(("x-pw-unpaused-read".into(), format!("{}|{}|{}", read(":path"), read("x-probe"), pairs > 4)));
+            let pairs = hostcalls::get_map(MapType::HttpRequestHeaders)
+                .map(|p| p.len())
+                .unwrap_or(0);
+            self.seen.push((
+                "x-pw-unpaused-read".into(),
+                format!("{}|{}|{}", read(":path"), read("x-probe"), pairs > 4),
+            ));
             if text == "deny" {
-                self.send_http_response(403, vec![("x-pw-stream-verdict", "deny")], Some(b"denied by the stream"));
+                self.send_http_response(
+                    403,
+                    vec![("x-pw-stream-verdict", "deny")],
+                    Some(b"denied by the stream"),
+                );
             }
             self.close_grpc_stream_or_log(token);
             return;
         }
         if self.path == "/await-body" {
             let text = match m.as_slice() {
-                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned(),
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => {
+                    String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned()
+                }
                 _ => "<undecodable>".to_string(),
             };
             self.set_http_request_body(0, self.held_len, format!("stream:{text}").as_bytes());
@@ -1085,11 +1145,17 @@ impl Context for Filter {
         } else if self.path.starts_with("/await/") || self.path == "/await-late" {
             // SayReply: field 1 (message) first.
             let text = match m.as_slice() {
-                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned(),
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => {
+                    String::from_utf8_lossy(&rest[..usize::from(*n)]).into_owned()
+                }
                 _ => "<undecodable>".to_string(),
             };
             if text == "deny" {
-                self.send_http_response(403, vec![("x-pw-stream-verdict", "deny")], Some(b"denied by the stream"));
+                self.send_http_response(
+                    403,
+                    vec![("x-pw-stream-verdict", "deny")],
+                    Some(b"denied by the stream"),
+                );
                 return;
             }
             self.set_http_request_header("x-pw-stream-verdict", Some(&text));
@@ -1103,7 +1169,11 @@ impl Context for Filter {
                 _ => "?".to_string(),
             };
             self.stream_seen.push(n);
-            let want = rest.split('/').next().and_then(|n| n.parse::<usize>().ok()).unwrap_or(1);
+            let want = rest
+                .split('/')
+                .next()
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(1);
             if self.stream_seen.len() == want && !rest.contains("/never") {
                 let seen = self.stream_seen.join(",");
                 self.set_http_request_header("x-pw-stream-seen", Some(&seen));
@@ -1129,7 +1199,9 @@ impl Context for Filter {
                 Ok(t) => {
                     hostcalls::send_grpc_stream_message(t, Some(&say_request("late")), false).ok();
                 }
-                Err(e) => self.send_http_response(500, vec![("x-pw-open", &format!("{e:?}"))], None),
+                Err(e) => {
+                    self.send_http_response(500, vec![("x-pw-open", &format!("{e:?}"))], None)
+                }
             }
             return;
         }
@@ -1140,9 +1212,13 @@ impl Context for Filter {
             return;
         }
         if self.callout_mode() == "body-callout" {
-            let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
+            let body = self
+                .get_grpc_call_response_body(0, size)
+                .unwrap_or_default();
             let reply = match body.as_slice() {
-                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => rest[..usize::from(*n)].to_vec(),
+                [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => {
+                    rest[..usize::from(*n)].to_vec()
+                }
                 _ => b"<undecodable>".to_vec(),
             };
             let mut answer = b"grpc:".to_vec();
@@ -1151,7 +1227,9 @@ impl Context for Filter {
             return;
         }
         if status == 0 {
-            let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
+            let body = self
+                .get_grpc_call_response_body(0, size)
+                .unwrap_or_default();
             // SayReply: field 1 (message) is first; the metadata map follows.
             let reply = match body.as_slice() {
                 [0x0a, n, rest @ ..] if usize::from(*n) <= rest.len() => {
@@ -1183,7 +1261,13 @@ impl Context for Filter {
         self.send_grpc_response(code, message.as_deref(), vec![("x-pw-grpc", b"failed")]);
     }
 
-    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        num_headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
         if self.s.mode == "late-call" {
             self.late_callback();
             return;
@@ -1200,7 +1284,11 @@ impl Context for Filter {
                     self.resume_http_request();
                 }
                 if let Err(e) = self.call_authz("second") {
-                    self.send_http_response(500, vec![("x-pw-call-error", &format!("{e:?}"))], None);
+                    self.send_http_response(
+                        500,
+                        vec![("x-pw-call-error", &format!("{e:?}"))],
+                        None,
+                    );
                 }
             } else if request {
                 self.set_http_request_header("x-pw-resumed-by", Some("second"));
@@ -1212,17 +1300,29 @@ impl Context for Filter {
             return;
         }
         if matches!(self.callout_mode(), "body-callout" | "trailers-callout") {
-            let status = self.get_http_call_response_header(":status").unwrap_or_default();
-            let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+            let status = self
+                .get_http_call_response_header(":status")
+                .unwrap_or_default();
+            let body = self
+                .get_http_call_response_body(0, body_size)
+                .unwrap_or_default();
             self.checked(num_headers > 0 && status == "200", &body);
             return;
         }
         if num_headers == 0 {
-            self.send_http_response(503, vec![("x-pw-call", "failed")], Some(b"authz unavailable\n"));
+            self.send_http_response(
+                503,
+                vec![("x-pw-call", "failed")],
+                Some(b"authz unavailable\n"),
+            );
             return;
         }
-        let status = self.get_http_call_response_header(":status").unwrap_or_default();
-        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_default();
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
         if status == "200" {
             if let Some(t) = self.grpc_token.take() {
                 let r = format!("{:?}", hostcalls::cancel_grpc_call(t));
@@ -1231,7 +1331,10 @@ impl Context for Filter {
             let v = String::from_utf8_lossy(&body).into_owned();
             self.set_http_request_header("x-pw-authz", Some(&v));
             let trailers = self.get_http_call_response_trailers();
-            self.set_http_request_header("x-pw-call-trailers", Some(&format!("{}:{}", _trailers, trailers.len())));
+            self.set_http_request_header(
+                "x-pw-call-trailers",
+                Some(&format!("{}:{}", _trailers, trailers.len())),
+            );
             self.resume_http_request();
         } else {
             let code = status.parse::<u32>().unwrap_or(500);
@@ -1243,7 +1346,16 @@ impl Context for Filter {
 fn prop(c: &dyn Context, path: &[&str]) -> String {
     match c.get_property(path.to_vec()) {
         Some(b) => {
-            if b.len() == 8 && matches!(path, ["response", "code"] | ["source", "port"] | ["request", "size"] | ["destination", "port"] | ["request", "time"]) {
+            if b.len() == 8
+                && matches!(
+                    path,
+                    ["response", "code"]
+                        | ["source", "port"]
+                        | ["request", "size"]
+                        | ["destination", "port"]
+                        | ["request", "time"]
+                )
+            {
                 let mut a = [0u8; 8];
                 a.copy_from_slice(&b);
                 i64::from_le_bytes(a).to_string()
@@ -1300,7 +1412,8 @@ impl HttpContext for Filter {
             return Action::Continue;
         }
         if !self.s.vm_config.is_empty() {
-            self.seen.push(("x-pw-vm-config".into(), self.s.vm_config.clone()));
+            self.seen
+                .push(("x-pw-vm-config".into(), self.s.vm_config.clone()));
         }
         let path = self.get_http_request_header(":path").unwrap_or_default();
         self.path = path.clone();
@@ -1330,12 +1443,26 @@ impl HttpContext for Filter {
                 if path == "/set-all" {
                     // One bad pair (a :path without its slash) leaves the map and
                     // the head as they were; then a good replacement takes.
-                    let bad = set_request_pairs(&[("x-pw-set-all", "bad"), (":path", "nope"), ("x-keep", "gone")]);
-                    let after = self.get_http_request_header("x-pw-set-all").unwrap_or_else(|| "-".into());
-                    let keep = self.get_http_request_header("x-keep").unwrap_or_else(|| "-".into());
-                    self.seen.push(("x-pw-set-all-bad".into(), format!("{bad}|{after}|{keep}")));
-                    let good = set_request_pairs(&[("x-pw-set-all", "good"), (":path", "/replaced"), ("x-keep", "kept")]);
-                    self.seen.push(("x-pw-set-all-good".into(), good.to_string()));
+                    let bad = set_request_pairs(&[
+                        ("x-pw-set-all", "bad"),
+                        (":path", "nope"),
+                        ("x-keep", "gone"),
+                    ]);
+                    let after = self
+                        .get_http_request_header("x-pw-set-all")
+                        .unwrap_or_else(|| "-".into());
+                    let keep = self
+                        .get_http_request_header("x-keep")
+                        .unwrap_or_else(|| "-".into());
+                    self.seen
+                        .push(("x-pw-set-all-bad".into(), format!("{bad}|{after}|{keep}")));
+                    let good = set_request_pairs(&[
+                        ("x-pw-set-all", "good"),
+                        (":path", "/replaced"),
+                        ("x-keep", "kept"),
+                    ]);
+                    self.seen
+                        .push(("x-pw-set-all-good".into(), good.to_string()));
                     return Action::Continue;
                 }
                 let g = self.s.greeting.clone();
@@ -1343,9 +1470,14 @@ impl HttpContext for Filter {
                 self.set_http_request_header("x-pw-remove", None);
                 self.add_http_request_header("x-pw-multi", "a");
                 self.add_http_request_header("x-pw-multi", "b");
-                self.seen.push(("x-pw-request-count".into(), num_headers.to_string()));
+                self.seen
+                    .push(("x-pw-request-count".into(), num_headers.to_string()));
                 let all = self.get_http_request_headers();
-                let names: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with(':')).collect();
+                let names: Vec<&str> = all
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .filter(|k| k.starts_with(':'))
+                    .collect();
                 self.seen.push(("x-pw-pseudo".into(), names.join(",")));
             }
             "properties" => {
@@ -1372,7 +1504,10 @@ impl HttpContext for Filter {
                 }
                 let hdr = prop(self, &["request", "headers", "x-probe"]);
                 self.seen.push(("x-p-header".into(), hdr));
-                let t = self.get_property(vec!["request", "time"]).map(|b| b.len()).unwrap_or(0);
+                let t = self
+                    .get_property(vec!["request", "time"])
+                    .map(|b| b.len())
+                    .unwrap_or(0);
                 self.seen.push(("x-p-time-len".into(), t.to_string()));
                 let now = self.get_current_time();
                 let ok = now > std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
@@ -1389,7 +1524,8 @@ impl HttpContext for Filter {
                 let n = SHARED_COUNT.fetch_add(1, Ordering::Relaxed) + 1;
                 self.seen.push((format!("x-pw-count-{tag}"), n.to_string()));
                 self.seen.push((format!("x-pw-cfg-{tag}"), tag.clone()));
-                self.seen.push((format!("x-pw-root-{tag}"), self.s.root_id.clone()));
+                self.seen
+                    .push((format!("x-pw-root-{tag}"), self.s.root_id.clone()));
                 let now = prop(self, &["plugin_root_id"]);
                 self.seen.push((format!("x-pw-root-now-{tag}"), now));
                 // (Only the first root context ran `on_vm_start`: the id is
@@ -1397,7 +1533,8 @@ impl HttpContext for Filter {
                 let id = VM_METRIC.load(Ordering::Relaxed);
                 if id != 0 {
                     let r = hostcalls::increment_metric(id, 1);
-                    self.seen.push((format!("x-pw-vm-metric-{tag}"), format!("{r:?}")));
+                    self.seen
+                        .push((format!("x-pw-vm-metric-{tag}"), format!("{r:?}")));
                 }
             }
             "counter" => {
@@ -1425,7 +1562,11 @@ impl HttpContext for Filter {
                 let q = self.register_shared_queue("pw_queue");
                 self.enqueue_shared_queue(q, Some(b"item")).ok();
                 let item = hostcalls::dequeue_shared_queue(q).ok().flatten();
-                self.seen.push(("x-pw-queue".into(), item.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()));
+                self.seen.push((
+                    "x-pw-queue".into(),
+                    item.map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default(),
+                ));
             }
             "queue" => {
                 let vm = prop(self, &["plugin_vm_id"]);
@@ -1443,7 +1584,11 @@ impl HttpContext for Filter {
                     panic!("callout guest panics on purpose");
                 }
                 let check = format!("/check{path}");
-                let mut headers = vec![(":method", "GET"), (":path", check.as_str()), (":authority", "authz")];
+                let mut headers = vec![
+                    (":method", "GET"),
+                    (":path", check.as_str()),
+                    (":authority", "authz"),
+                ];
                 if path.starts_with("/owned") {
                     // A field the host owns, which Envoy accepts: a length
                     // for a call with no body.
@@ -1473,7 +1618,12 @@ impl HttpContext for Filter {
                     ("Say", m)
                 } else if let Some(code) = path.strip_prefix("/fail/") {
                     let text = b"failed on purpose";
-                    let mut m = vec![0x08, code.parse::<u8>().unwrap_or(2), 0x12, text.len() as u8];
+                    let mut m = vec![
+                        0x08,
+                        code.parse::<u8>().unwrap_or(2),
+                        0x12,
+                        text.len() as u8,
+                    ];
                     m.extend_from_slice(text);
                     ("Fail", m)
                 } else {
@@ -1521,14 +1671,22 @@ impl HttpContext for Filter {
                         self.grpc_token = Some(t);
                         "later".to_string()
                     }
-                    Ok(t) => format!("{:?},{:?}", hostcalls::cancel_grpc_call(t), hostcalls::cancel_grpc_call(t)),
+                    Ok(t) => format!(
+                        "{:?},{:?}",
+                        hostcalls::cancel_grpc_call(t),
+                        hostcalls::cancel_grpc_call(t)
+                    ),
                     Err(e) => format!("dispatch:{e:?}"),
                 };
                 self.set_http_request_header("x-pw-cancel", Some(&cancels));
                 let check = format!("/check{path}");
                 let r = self.dispatch_http_call(
                     "authz",
-                    vec![(":method", "GET"), (":path", &check), (":authority", "authz")],
+                    vec![
+                        (":method", "GET"),
+                        (":path", &check),
+                        (":authority", "authz"),
+                    ],
                     None,
                     vec![],
                     Duration::from_secs(5),
@@ -1545,7 +1703,10 @@ impl HttpContext for Filter {
                     let vm = prop(self, &["plugin_vm_id"]);
                     let q = self.resolve_shared_queue(&vm, "pw_streams");
                     let r = match q {
-                        Some(q) => self.enqueue_shared_queue(q, Some(format!("{key} {scenario}").as_bytes())).map(|_| "ok".to_string()).unwrap_or_else(|e| format!("{e:?}")),
+                        Some(q) => self
+                            .enqueue_shared_queue(q, Some(format!("{key} {scenario}").as_bytes()))
+                            .map(|_| "ok".to_string())
+                            .unwrap_or_else(|e| format!("{e:?}")),
                         None => "no queue".to_string(),
                     };
                     self.send_http_response(200, vec![("x-pw-queued", &r)], None);
@@ -1553,7 +1714,9 @@ impl HttpContext for Filter {
                 }
                 if let Some(key) = path.strip_prefix("/result/") {
                     let (v, _) = self.get_shared_data(&format!("pw_stream_{key}"));
-                    let v = v.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+                    let v = v
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default();
                     self.send_http_response(200, vec![("x-pw-stream", &v)], None);
                     return Action::Pause;
                 }
@@ -1561,21 +1724,31 @@ impl HttpContext for Filter {
                     let a = hostcalls::send_grpc_stream_message(999_999, Some(b"x"), false);
                     let b = hostcalls::close_grpc_stream(999_999);
                     let c = hostcalls::cancel_grpc_stream(999_999);
-                    self.send_http_response(200, vec![("x-pw-unknown", &format!("{a:?},{b:?},{c:?}"))], None);
+                    self.send_http_response(
+                        200,
+                        vec![("x-pw-unknown", &format!("{a:?},{b:?},{c:?}"))],
+                        None,
+                    );
                     return Action::Pause;
                 }
                 if let Some(word) = path.strip_prefix("/await/") {
                     // Envoy's ext_proc shape: the request waits (Pause) for
                     // the answer on a stream this context opened.
-                    let r = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![]);
+                    let r =
+                        hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![]);
                     return match r {
                         Ok(t) => {
                             self.grpc_token = Some(t);
-                            hostcalls::send_grpc_stream_message(t, Some(&say_request(word)), false).ok();
+                            hostcalls::send_grpc_stream_message(t, Some(&say_request(word)), false)
+                                .ok();
                             Action::Pause
                         }
                         Err(e) => {
-                            self.send_http_response(500, vec![("x-pw-open", &format!("{e:?}"))], None);
+                            self.send_http_response(
+                                500,
+                                vec![("x-pw-open", &format!("{e:?}"))],
+                                None,
+                            );
                             Action::Pause
                         }
                     };
@@ -1584,9 +1757,12 @@ impl HttpContext for Filter {
                     // A stream whose reply comes while the request is not
                     // paused (it goes on at once): its callback runs outside
                     // the exchange, writes a header and may answer.
-                    if let Ok(t) = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![]) {
+                    if let Ok(t) =
+                        hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![])
+                    {
                         self.grpc_token = Some(t);
-                        hostcalls::send_grpc_stream_message(t, Some(&say_request(word)), false).ok();
+                        hostcalls::send_grpc_stream_message(t, Some(&say_request(word)), false)
+                            .ok();
                     }
                     return Action::Continue;
                 }
@@ -1594,7 +1770,9 @@ impl HttpContext for Filter {
                     // A bidi stream the server answers only when spoken to,
                     // and nothing is sent: open, silent, and nothing else
                     // could resume the pause (bounded by `limits.pause`).
-                    if let Ok(t) = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![]) {
+                    if let Ok(t) =
+                        hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![])
+                    {
                         self.grpc_token = Some(t);
                     }
                     return Action::Pause;
@@ -1604,7 +1782,9 @@ impl HttpContext for Filter {
                     // the host buffers the body (as without a stream); the
                     // body callback sends it on the stream and pauses until
                     // the reply, which becomes the body.
-                    if let Ok(t) = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![]) {
+                    if let Ok(t) =
+                        hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Chat", vec![])
+                    {
                         self.grpc_token = Some(t);
                     }
                     self.set_http_request_header("content-length", None);
@@ -1616,9 +1796,19 @@ impl HttpContext for Filter {
                     // the slow stream opened here (`cancel`: nothing is left
                     // that could resume).
                     if path == "/await-cancel" {
-                        if let Ok(t) = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]) {
+                        if let Ok(t) = hostcalls::open_grpc_stream(
+                            "grpc",
+                            "legate.test.v1.Echo",
+                            "Count",
+                            vec![],
+                        ) {
                             self.grpc_token = Some(t);
-                            hostcalls::send_grpc_stream_message(t, Some(&count_request(3, 0, "", 1000)), true).ok();
+                            hostcalls::send_grpc_stream_message(
+                                t,
+                                Some(&count_request(3, 0, "", 1000)),
+                                true,
+                            )
+                            .ok();
                         }
                     }
                     let r = self.dispatch_grpc_call(
@@ -1639,26 +1829,47 @@ impl HttpContext for Filter {
                     // resumes after the last (one wake-up per reply), or on
                     // the close (`/resume-on-close`), or never (the pause
                     // fails once the stream is over).
-                    let n = rest.split('/').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(1);
-                    let r = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]);
+                    let n = rest
+                        .split('/')
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or(1);
+                    let r =
+                        hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]);
                     if let Ok(t) = r {
                         self.grpc_token = Some(t);
-                        hostcalls::send_grpc_stream_message(t, Some(&count_request(n, 0, "", 50)), true).ok();
+                        hostcalls::send_grpc_stream_message(
+                            t,
+                            Some(&count_request(n, 0, "", 50)),
+                            true,
+                        )
+                        .ok();
                     }
                     return Action::Pause;
                 }
                 if path == "/direct/leave" {
                     // A slow stream opened by this HTTP context, which ends
                     // right away: the host resets the stream with it.
-                    let r = hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]);
+                    let r =
+                        hostcalls::open_grpc_stream("grpc", "legate.test.v1.Echo", "Count", vec![]);
                     if let Ok(t) = r {
-                        hostcalls::send_grpc_stream_message(t, Some(&count_request(5, 0, "", 1000)), true).ok();
+                        hostcalls::send_grpc_stream_message(
+                            t,
+                            Some(&count_request(5, 0, "", 1000)),
+                            true,
+                        )
+                        .ok();
                     }
                     self.send_http_response(200, vec![("x-pw-open", &format!("{r:?}"))], None);
                     return Action::Pause;
                 }
                 if path == "/direct/ungranted" {
-                    let r = hostcalls::open_grpc_stream("backend", "legate.test.v1.Echo", "Count", vec![]);
+                    let r = hostcalls::open_grpc_stream(
+                        "backend",
+                        "legate.test.v1.Echo",
+                        "Count",
+                        vec![],
+                    );
                     self.send_http_response(200, vec![("x-pw-open", &format!("{r:?}"))], None);
                     return Action::Pause;
                 }
@@ -1676,31 +1887,52 @@ impl HttpContext for Filter {
             "body-callout" | "trailers-callout" | "body-stuck-held" if !_end_of_stream => {
                 return Action::Pause
             }
-            "late-call" if path.starts_with("/late/held") && !path.starts_with("/late/held-resp") && !_end_of_stream => {
+            "late-call"
+                if path.starts_with("/late/held")
+                    && !path.starts_with("/late/held-resp")
+                    && !_end_of_stream =>
+            {
                 return Action::Pause;
             }
             "late-call" => {
                 let r = match path.as_str() {
                     "/late/http" | "/late/deny" => self.call_authz("late").map(|_| ()),
                     "/late/grpc" => self
-                        .dispatch_grpc_call("grpc", "legate.test.v1.Echo", "Say", vec![], Some(say_request("late").as_slice()), Duration::from_secs(5))
+                        .dispatch_grpc_call(
+                            "grpc",
+                            "legate.test.v1.Echo",
+                            "Say",
+                            vec![],
+                            Some(say_request("late").as_slice()),
+                            Duration::from_secs(5),
+                        )
                         .map(|_| ()),
                     _ => Ok(()),
                 };
                 if let Err(e) = r {
-                    self.send_http_response(500, vec![("x-pw-call-error", &format!("{e:?}"))], None);
+                    self.send_http_response(
+                        500,
+                        vec![("x-pw-call-error", &format!("{e:?}"))],
+                        None,
+                    );
                     return Action::Pause;
                 }
             }
             "wrong-resume" if path.starts_with("/req") => {
                 if let Err(e) = self.call_authz("first") {
-                    self.send_http_response(500, vec![("x-pw-call-error", &format!("{e:?}"))], None);
+                    self.send_http_response(
+                        500,
+                        vec![("x-pw-call-error", &format!("{e:?}"))],
+                        None,
+                    );
                 }
                 return Action::Pause;
             }
             "tick-callout" => {
                 let (v, _) = self.get_shared_data("pw_tick_body");
-                let v = v.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+                let v = v
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
                 self.seen.push(("x-pw-tick-body".into(), v));
             }
             "hostile" => match path.as_str() {
@@ -1716,7 +1948,10 @@ impl HttpContext for Filter {
                 }
                 "/grow" => {
                     let v = vec![7u8; 64 << 20];
-                    self.seen.push(("x-pw-grew".into(), std::hint::black_box(&v).len().to_string()));
+                    self.seen.push((
+                        "x-pw-grew".into(),
+                        std::hint::black_box(&v).len().to_string(),
+                    ));
                 }
                 "/print" => {
                     println!("hello from stdout");
@@ -1729,29 +1964,52 @@ impl HttpContext for Filter {
                     let mut out: *mut u8 = std::ptr::null_mut();
                     let mut len: usize = 0;
                     let s1 = unsafe {
-                        proxy_get_header_map_value(0, 0xFFFF_FFF0usize as *const u8, 64, &mut out, &mut len)
+                        proxy_get_header_map_value(
+                            0,
+                            0xFFFF_FFF0usize as *const u8,
+                            64,
+                            &mut out,
+                            &mut len,
+                        )
                     };
                     let s2 = unsafe {
-                        proxy_get_header_map_value(0, key.as_ptr(), key.len(), 0xFFFF_FFFCusize as *mut *mut u8, 0xFFFF_FFF8usize as *mut usize)
+                        proxy_get_header_map_value(
+                            0,
+                            key.as_ptr(),
+                            key.len(),
+                            0xFFFF_FFFCusize as *mut *mut u8,
+                            0xFFFF_FFF8usize as *mut usize,
+                        )
                     };
                     let s3 = unsafe {
                         proxy_add_header_map_value(0, key.as_ptr(), usize::MAX, key.as_ptr(), 1)
                     };
-                    let s4 = unsafe { proxy_add_header_map_value(99, key.as_ptr(), key.len(), key.as_ptr(), 1) };
-                    self.seen.push(("x-pw-bad".into(), format!("{s1},{s2},{s3},{s4}")));
+                    let s4 = unsafe {
+                        proxy_add_header_map_value(99, key.as_ptr(), key.len(), key.as_ptr(), 1)
+                    };
+                    self.seen
+                        .push(("x-pw-bad".into(), format!("{s1},{s2},{s3},{s4}")));
                 }
                 "/badctx" => {
                     let s = unsafe { proxy_set_effective_context(987_654) };
                     let back = unsafe { proxy_set_effective_context(self.id) };
-                    self.seen.push(("x-pw-badctx".into(), format!("{s},{back}")));
+                    self.seen
+                        .push(("x-pw-badctx".into(), format!("{s},{back}")));
                 }
                 "/badstream" => {
                     let a = unsafe { proxy_continue_stream(9) };
                     let b = unsafe { proxy_close_stream(9) };
-                    self.seen.push(("x-pw-badstream".into(), format!("{a},{b}")));
+                    self.seen
+                        .push(("x-pw-badstream".into(), format!("{a},{b}")));
                 }
                 "/unimpl" => {
-                    let r = self.dispatch_http_call("backend", vec![(":method", "GET"), (":path", "/"), (":authority", "x")], None, vec![], Duration::from_secs(1));
+                    let r = self.dispatch_http_call(
+                        "backend",
+                        vec![(":method", "GET"), (":path", "/"), (":authority", "x")],
+                        None,
+                        vec![],
+                        Duration::from_secs(1),
+                    );
                     self.seen.push(("x-pw-http-call".into(), format!("{r:?}")));
                 }
                 _ => {}
@@ -1769,7 +2027,10 @@ impl HttpContext for Filter {
         }
         let mode = self.callout_mode().to_string();
         match mode.as_str() {
-            "late-call" if self.path.starts_with("/late/held") && !self.path.starts_with("/late/held-resp") => {
+            "late-call"
+                if self.path.starts_with("/late/held")
+                    && !self.path.starts_with("/late/held-resp") =>
+            {
                 let first = self.body_calls == 1;
                 self.late_held_body(first, end_of_stream)
             }
@@ -1790,7 +2051,10 @@ impl HttpContext for Filter {
                     return Action::Pause;
                 }
                 let body = self.get_http_request_body(0, body_size).unwrap_or_default();
-                self.seen.push(("x-pw-rq-body".into(), format!("{}:{}", self.body_calls, body.len())));
+                self.seen.push((
+                    "x-pw-rq-body".into(),
+                    format!("{}:{}", self.body_calls, body.len()),
+                ));
                 // The head is out: as in Envoy, this is accepted and goes nowhere.
                 self.set_http_request_header("x-pw-late", Some("1"));
                 let new = String::from_utf8_lossy(&body).replace("hello", "HELLO-WORLD");
@@ -1812,7 +2076,11 @@ impl HttpContext for Filter {
                 }
                 let body = self.get_http_request_body(0, body_size).unwrap_or_default();
                 if String::from_utf8_lossy(&body).contains("forbidden") {
-                    self.send_http_response(403, vec![("x-pw-body-denied", "yes")], Some(b"no forbidden words\n"));
+                    self.send_http_response(
+                        403,
+                        vec![("x-pw-body-denied", "yes")],
+                        Some(b"no forbidden words\n"),
+                    );
                     return Action::Pause;
                 }
                 Action::Continue
@@ -1850,11 +2118,15 @@ impl HttpContext for Filter {
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         if self.callout_mode() == "trailers-callout" {
-            let v = self.get_http_request_trailer("x-client-trailer").unwrap_or_default();
+            let v = self
+                .get_http_request_trailer("x-client-trailer")
+                .unwrap_or_default();
             return self.check(Held::RequestTrailers, "trailer", v.as_bytes());
         }
         if self.s.mode == "trailers" {
-            let v = self.get_http_request_trailer("x-client-trailer").unwrap_or_default();
+            let v = self
+                .get_http_request_trailer("x-client-trailer")
+                .unwrap_or_default();
             self.add_http_request_trailer("x-pw-trailer-seen", &v);
             self.set_http_request_trailer("x-client-trailer", Some("changed"));
         }
@@ -1886,9 +2158,15 @@ impl HttpContext for Filter {
                 Action::Continue
             }
             "body-local" => {
-                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+                let body = self
+                    .get_http_response_body(0, body_size)
+                    .unwrap_or_default();
                 if String::from_utf8_lossy(&body).contains("secret") {
-                    self.send_http_response(451, vec![("x-pw-resp-denied", "yes")], Some(b"redacted\n"));
+                    self.send_http_response(
+                        451,
+                        vec![("x-pw-resp-denied", "yes")],
+                        Some(b"redacted\n"),
+                    );
                     return Action::Pause;
                 }
                 Action::Continue
@@ -1897,7 +2175,9 @@ impl HttpContext for Filter {
                 if !end_of_stream {
                     return Action::Pause;
                 }
-                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+                let body = self
+                    .get_http_response_body(0, body_size)
+                    .unwrap_or_default();
                 self.check(Held::ResponseBody, "resp", &body)
             }
             "peek" => {
@@ -1912,7 +2192,9 @@ impl HttpContext for Filter {
                 if !end_of_stream {
                     return Action::Pause;
                 }
-                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+                let body = self
+                    .get_http_response_body(0, body_size)
+                    .unwrap_or_default();
                 self.set_http_response_header("x-pw-body-len", Some(&body.len().to_string()));
                 self.set_http_response_body(0, body_size, &body.to_ascii_uppercase());
                 Action::Continue
@@ -1923,7 +2205,9 @@ impl HttpContext for Filter {
 
     fn on_http_response_trailers(&mut self, num_trailers: usize) -> Action {
         if self.callout_mode() == "trailers-callout" {
-            let v = self.get_http_response_trailer("x-echo-trailer").unwrap_or_default();
+            let v = self
+                .get_http_response_trailer("x-echo-trailer")
+                .unwrap_or_default();
             return self.check(Held::ResponseTrailers, "trailer", v.as_bytes());
         }
         if self.s.mode == "trailers" {
@@ -1947,7 +2231,8 @@ impl HttpContext for Filter {
                 return Action::Pause;
             }
         }
-        if self.s.mode == "late-call" && self.path.starts_with("/late/held-resp") && !end_of_stream {
+        if self.s.mode == "late-call" && self.path.starts_with("/late/held-resp") && !end_of_stream
+        {
             return Action::Pause;
         }
         if self.s.mode == "wrong-resume" && self.path.starts_with("/resp") {
@@ -1956,10 +2241,17 @@ impl HttpContext for Filter {
             }
             return Action::Pause;
         }
-        if matches!(self.s.mode.as_str(), "body-rewrite" | "stream-callout" | "stream-trailers") {
+        if matches!(
+            self.s.mode.as_str(),
+            "body-rewrite" | "stream-callout" | "stream-trailers"
+        ) {
             self.set_http_response_header("content-length", None);
         }
-        if matches!(self.s.mode.as_str(), "body-wait" | "body-local" | "body-callout" | "trailers-callout" | "peek") && !end_of_stream {
+        if matches!(
+            self.s.mode.as_str(),
+            "body-wait" | "body-local" | "body-callout" | "trailers-callout" | "peek"
+        ) && !end_of_stream
+        {
             return Action::Pause;
         }
         if self.s.mode == "headers" {
@@ -1969,10 +2261,19 @@ impl HttpContext for Filter {
             self.set_http_request_header("x-pw-from-response", Some("1"));
             // The request head as it went upstream, read after it went: the
             // filter's own changes and the host's `x-forwarded-proto` included.
-            let later: Vec<String> = ["x-keep", "x-pw-hello", "x-pw-remove", "x-pw-multi", "x-forwarded-proto"]
-                .iter()
-                .map(|h| self.get_http_request_header(h).unwrap_or_else(|| "-".into()))
-                .collect();
+            let later: Vec<String> = [
+                "x-keep",
+                "x-pw-hello",
+                "x-pw-remove",
+                "x-pw-multi",
+                "x-forwarded-proto",
+            ]
+            .iter()
+            .map(|h| {
+                self.get_http_request_header(h)
+                    .unwrap_or_else(|| "-".into())
+            })
+            .collect();
             self.add_http_response_header("x-pw-request-later", &later.join("|"));
         }
         if self.s.mode == "properties" {
@@ -2004,7 +2305,9 @@ impl HttpContext for Filter {
                 .map_or("none".to_string(), |b| u64::from_le_bytes(b).to_string());
             let details = self
                 .get_property(vec!["response", "code_details"])
-                .map_or("none".to_string(), |b| String::from_utf8_lossy(&b).into_owned());
+                .map_or("none".to_string(), |b| {
+                    String::from_utf8_lossy(&b).into_owned()
+                });
             let name = format!("pw_logged_{code}_{details}");
             if let Ok(m) = hostcalls::define_metric(MetricType::Counter, &name) {
                 hostcalls::increment_metric(m, 1).ok();
