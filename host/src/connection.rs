@@ -173,10 +173,15 @@ pub async fn serve(
                     limit_reached.notify_one();
                 }
             }
-            let fut = crate::proxy::handle(conn_ctx.clone(), req);
+            let conn_ctx = conn_ctx.clone();
             let h1_closing = h1_closing.clone();
             async move {
-                let Ok(mut resp) = fut.await;
+                // Boxed: the request's future is several KiB, and hyper moves
+                // the future it gets from the service (into its in-flight
+                // slot, or into the HTTP/2 stream's task): a move copies it
+                // whole. Made here, on the first poll, it is copied once,
+                // into the box.
+                let Ok(mut resp) = Box::pin(crate::proxy::handle(conn_ctx, req)).await;
                 // A filter reset the stream: hyper resets an HTTP/2 stream
                 // whose service fails (`RST_STREAM`) and closes an HTTP/1.1
                 // connection without an answer.
