@@ -78,6 +78,10 @@ const MIN_TICK_MS: u32 = 10;
 /// the most a network filter may hold per direction.
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 
+/// The host's histogram buckets (host/src/stats.rs `BUCKETS`): those of a
+/// histogram defined with none.
+pub const HOST_BUCKETS: [f64; 19] = crate::backend::HOST_BUCKETS;
+
 /// The largest callout response body the host reads (host/src/wasm/host.rs
 /// `CALLOUT_MAX_RESPONSE`; abi/README.md §7): a larger one is delivered as
 /// `Err(Error::LimitExceeded)`.
@@ -147,6 +151,21 @@ impl TestHost {
         self
     }
 
+    /// A host for another plugin, `name`, on the same proxy as this one: it
+    /// shares only the proxy's metric families (each `legate_plugin_<name>`
+    /// has one kind and, for a histogram, one bucket layout), nothing else.
+    /// A metric this plugin defined with another kind or other buckets (no
+    /// buckets: [`HOST_BUCKETS`]) is `Err(Error::InvalidArgument)` there, as
+    /// on the host (abi/README.md §5.6). `name` the same as this plugin's is
+    /// the plugin loaded again: its previous version's definitions hold the
+    /// families the same way.
+    pub fn another_plugin(&self, name: &str) -> TestHost {
+        let families = self.host.borrow().families.clone();
+        let other = TestHost::new().plugin_name(name);
+        other.host.borrow_mut().families = families;
+        other
+    }
+
     /// Set the instance index `plugin::instance_index()` returns.
     pub fn instance_index(self, index: u32) -> Self {
         self.host.borrow_mut().instance_index = index;
@@ -204,11 +223,14 @@ impl TestHost {
     /// the host's own refusal of the setup (a tick interval of 1 to 9 ms).
     pub fn configure<F: HttpFilter>(&self, config: &str) -> Result<FilterTest<F>, String> {
         let id = self.new_instance();
-        let instance = {
-            let _g = install(&self.host, id, Call::Configure);
-            Instance::<F>::configure(config)?
-        };
-        self.check_tick(instance.setup().tick_interval_ms())?;
+        let instance = self.loading(|| {
+            let instance = {
+                let _g = install(&self.host, id, Call::Configure);
+                Instance::<F>::configure(config)?
+            };
+            self.check_tick(instance.setup().tick_interval_ms())?;
+            Ok(instance)
+        })?;
         Ok(FilterTest {
             host: self.clone(),
             instance,
@@ -227,11 +249,14 @@ impl TestHost {
         config: &str,
     ) -> Result<NetworkFilterTest<F>, String> {
         let id = self.new_instance();
-        let instance = {
-            let _g = install(&self.host, id, Call::Configure);
-            NetworkInstance::<F>::configure(config)?
-        };
-        self.check_tick(instance.setup().tick_interval_ms())?;
+        let instance = self.loading(|| {
+            let instance = {
+                let _g = install(&self.host, id, Call::Configure);
+                NetworkInstance::<F>::configure(config)?
+            };
+            self.check_tick(instance.setup().tick_interval_ms())?;
+            Ok(instance)
+        })?;
         Ok(NetworkFilterTest {
             host: self.clone(),
             instance,
@@ -242,6 +267,22 @@ impl TestHost {
             fail_open: false,
             body_limit: DEFAULT_BODY_LIMIT,
         })
+    }
+
+    /// Runs `load` (a `configure` and the host's checks of its setup); if it
+    /// fails, the proxy's metric families it made are taken back, as the host
+    /// rolls back a load that fails (host/src/stats.rs `roll_back`), so
+    /// another plugin may define those names its own way.
+    fn loading<T>(&self, load: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+        let families = self.host.borrow().families.clone();
+        let before: Vec<String> = families.borrow().keys().cloned().collect();
+        let loaded = load();
+        if loaded.is_err() {
+            families
+                .borrow_mut()
+                .retain(|name, _| before.contains(name));
+        }
+        loaded
     }
 
     /// The host's check of the setup's tick interval (host/src/wasm/plugin.rs,

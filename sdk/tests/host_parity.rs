@@ -1,6 +1,7 @@
 //! The native harness refuses what the real host refuses (host/src/wasm), so a
 //! plugin that passes its native tests does not fail in the host: metric
-//! definitions and caps, the buffered body call of a body-less message, local
+//! definitions and caps, a metric family's kind and buckets shared by the
+//! plugins on one proxy, the buffered body call of a body-less message, local
 //! response validation, header values, callouts, the tick interval and KV TTLs;
 //! and it calls the filter when the host would: a labelled metric's empty
 //! series, a pause with nothing outstanding (a failure), replies to the
@@ -125,6 +126,96 @@ fn a_plugin_defines_at_most_100_metrics() {
 #[test]
 fn a_plugin_makes_at_most_1000_series() {
     metric_case("series").unwrap();
+}
+
+/// Defines, in `configure`, an unlabelled histogram `histogram` over
+/// `buckets` (and again over `again`, if given), or a counter `counter`.
+struct Family;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FamilyConfig {
+    #[serde(default)]
+    histogram: Option<String>,
+    #[serde(default)]
+    buckets: Vec<f64>,
+    #[serde(default)]
+    again: Option<Vec<f64>>,
+    #[serde(default)]
+    counter: Option<String>,
+}
+
+impl HttpFilter for Family {
+    type Config = FamilyConfig;
+    type Context = ();
+    fn configure(c: FamilyConfig) -> Result<Self, String> {
+        if let Some(name) = &c.histogram {
+            Histogram::define(name, "", &[], &c.buckets).map_err(|e| format!("{e:?}"))?;
+            if let Some(again) = &c.again {
+                Histogram::define(name, "", &[], again).map_err(|e| format!("again {e:?}"))?;
+            }
+        }
+        if let Some(name) = &c.counter {
+            Counter::define(name, "", &[]).map_err(|e| format!("{e:?}"))?;
+        }
+        Ok(Family)
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+    }
+}
+
+/// Plugins on one proxy share a metric family, so the host refuses a second
+/// definition with other buckets (host/src/stats.rs `declare_histogram`, abi
+/// §5.6): another plugin's, or the plugin's own loaded again, and the host's
+/// buckets (none given) against a plugin's own. Those bounds written out are
+/// the same layout as none. Another kind is refused too.
+#[test]
+fn plugins_sharing_a_histogram_family_must_share_its_buckets() {
+    let lat = |buckets: &str| format!(r#"{{"histogram": "lat", "buckets": {buckets}}}"#);
+    let refused = |host: &TestHost, config: &str| match host.configure::<Family>(config) {
+        Ok(_) => panic!("{config} was accepted"),
+        Err(e) => assert_eq!(e, "InvalidArgument", "{config}"),
+    };
+    let a = TestHost::new().plugin_name("a");
+    a.configure::<Family>(&lat("[1, 10]")).unwrap();
+    let b = a.another_plugin("b");
+    refused(&b, &lat("[1, 100]"));
+    refused(&b, &lat("[]"));
+    b.configure::<Family>(&lat("[1, 10]")).unwrap();
+    // The plugin loaded again meets its previous version's definition.
+    refused(&a.another_plugin("a"), &lat("[1, 100]"));
+    // A plugin's own buckets against the host's.
+    let a = TestHost::new().plugin_name("a");
+    a.configure::<Family>(&lat("[]")).unwrap();
+    refused(&a.another_plugin("b"), &lat("[1, 10]"));
+    let host_buckets = format!("{:?}", legate_sdk::testing::HOST_BUCKETS);
+    a.another_plugin("b")
+        .configure::<Family>(&lat(&host_buckets))
+        .unwrap();
+    // In one plugin, too: none and the host's written out are one layout.
+    TestHost::new()
+        .configure::<Family>(&format!(
+            r#"{{"histogram": "lat", "buckets": [], "again": {host_buckets}}}"#
+        ))
+        .unwrap();
+    // A failed load takes its families back.
+    let a = TestHost::new().plugin_name("a");
+    let failed = r#"{"histogram": "lat", "buckets": [1, 10], "again": [2]}"#;
+    assert_eq!(
+        a.configure::<Family>(failed).err().as_deref(),
+        Some("again InvalidArgument")
+    );
+    a.another_plugin("b")
+        .configure::<Family>(&lat("[2]"))
+        .unwrap();
+    // Another kind.
+    let a = TestHost::new().plugin_name("a");
+    a.configure::<Family>(r#"{"counter": "n"}"#).unwrap();
+    refused(&a.another_plugin("b"), r#"{"histogram": "n"}"#);
+    a.another_plugin("b")
+        .configure::<Family>(r#"{"counter": "n"}"#)
+        .unwrap();
 }
 
 // ---------------------------------------------------------------- body-less messages

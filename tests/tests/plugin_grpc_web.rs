@@ -233,13 +233,19 @@ each_proto!(
         assert_eq!(data.len(), 1);
         let reply = pb::SayReply::decode(&data[0][..]).unwrap();
         assert_eq!(reply.message, "hello");
-        // What the gRPC server saw: a gRPC request.
+        // What the gRPC server saw: a gRPC request, as Envoy's grpc_web
+        // filter sends it (`+proto` is gRPC's default codec: plain
+        // `application/grpc`; no encodings named by the client: `identity`).
         let md = &reply.metadata;
         assert_eq!(
             md.get("content-type").map(String::as_str),
-            Some("application/grpc+proto")
+            Some("application/grpc")
         );
         assert_eq!(md.get("te").map(String::as_str), Some("trailers"));
+        assert_eq!(
+            md.get("grpc-accept-encoding").map(String::as_str),
+            Some("identity")
+        );
         assert_eq!(
             md.get("x-user-agent").map(String::as_str),
             Some("grpc-web-javascript/0.1")

@@ -7,7 +7,9 @@
 //! at the proxy, as Envoy's `grpc_web` filter does:
 //!
 //! - request: `content-type: application/grpc-web[-text][+proto]` becomes
-//!   `application/grpc[+proto]`, `te: trailers` is added, and a `-text` body is
+//!   `application/grpc` (another codec keeps its suffix), `te: trailers` is
+//!   added, `grpc-accept-encoding: identity` if the client named no
+//!   encodings, and a `-text` body is
 //!   base64-decoded as it streams (any chunking);
 //! - response: `content-type` goes back to gRPC-Web, text when the client's
 //!   `accept` asks for `application/grpc-web-text`, else binary (as Envoy,
@@ -93,7 +95,14 @@ pub fn convert_content_type(content_type: &str) -> Option<(Variant, String, Stri
     if !(suffix.is_empty() || suffix.starts_with('+') && suffix.len() > 1) {
         return None;
     }
-    let grpc = format!("application/grpc{suffix}");
+    // No codec and `+proto` are both protobuf, sent as Envoy's grpc_web
+    // filter sends them (`decodeHeaders`): plain `application/grpc`, gRPC's
+    // protobuf default. Another codec, which Envoy does not convert, keeps
+    // its name: the server needs it.
+    let grpc = match suffix {
+        "" | "+proto" => "application/grpc".to_owned(),
+        _ => format!("application/grpc{suffix}"),
+    };
     Some((variant, base, grpc))
 }
 
@@ -256,6 +265,14 @@ impl HttpFilter for GrpcWeb {
         // surface as the upstream rejecting the request.
         let _ = headers.set("content-type", &grpc_type);
         let _ = headers.set("te", "trailers");
+        // As Envoy's grpc_web filter (since envoyproxy/envoy#13647): a
+        // client that names no message encodings gets `identity`, so the
+        // server sends its messages uncompressed (grpc-web's JavaScript
+        // client names none and cannot decompress one, and the filter passes
+        // messages as they are); a client that names its own keeps them.
+        if !headers.has("grpc-accept-encoding") {
+            let _ = headers.set("grpc-accept-encoding", "identity");
+        }
         match variant {
             Variant::Binary => {
                 self.metrics.binary.inc();

@@ -66,7 +66,7 @@ fn content_types_map_to_grpc() {
         Some((
             Variant::Binary,
             "application/grpc-web+proto".into(),
-            "application/grpc+proto".into()
+            "application/grpc".into()
         ))
     );
     assert_eq!(
@@ -74,7 +74,17 @@ fn content_types_map_to_grpc() {
         Some((
             Variant::Text,
             "application/grpc-web-text+proto".into(),
-            "application/grpc+proto".into()
+            "application/grpc".into()
+        ))
+    );
+    // A codec other than protobuf, which Envoy does not convert, keeps its
+    // name upstream.
+    assert_eq!(
+        c("application/grpc-web-text+json"),
+        Some((
+            Variant::Text,
+            "application/grpc-web-text+json".into(),
+            "application/grpc+json".into()
         ))
     );
     for other in [
@@ -93,11 +103,17 @@ fn binary_unary_is_converted_and_trailers_become_the_last_frame() {
     let msg = frame(0, b"request");
     let mut x = t.exchange(grpc_web("application/grpc-web+proto", &msg));
     assert_eq!(x.request_headers(), Action::Continue);
+    // As Envoy's grpc_web filter sends it: `+proto` is gRPC's default codec.
     assert_eq!(
         x.request_header("content-type").as_deref(),
-        Some("application/grpc+proto")
+        Some("application/grpc")
     );
     assert_eq!(x.request_header("te").as_deref(), Some("trailers"));
+    // The client named no message encodings: `identity`, as Envoy adds.
+    assert_eq!(
+        x.request_header("grpc-accept-encoding").as_deref(),
+        Some("identity")
+    );
     // Binary: same size, the length stays and the body is not touched.
     assert_eq!(x.request_header("content-length").as_deref(), Some("12"));
     assert_eq!(x.body_mode(Direction::Request), BodyMode::Skipped);
@@ -130,6 +146,22 @@ fn binary_unary_is_converted_and_trailers_become_the_last_frame() {
     assert_eq!(
         counter(&t, "grpc_web_responses_total", "trailer_frame"),
         Some(1)
+    );
+}
+
+#[test]
+fn a_clients_own_grpc_accept_encoding_is_kept() {
+    // As Envoy's grpc_web filter: `identity` only when the client named no
+    // encodings; one that can decode gzip says so and is believed.
+    let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+    let msg = frame(0, b"request");
+    let mut x = t.exchange(
+        grpc_web("application/grpc-web", &msg).header("grpc-accept-encoding", "gzip,identity"),
+    );
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(
+        x.request_header("grpc-accept-encoding").as_deref(),
+        Some("gzip,identity")
     );
 }
 

@@ -46,6 +46,26 @@ pub(crate) enum SeriesValue {
     Histogram(Vec<f64>),
 }
 
+/// A metric family on the proxy's `/stats` (host/src/stats.rs `Family`):
+/// every plugin that defines `legate_plugin_<name>` shares it, so it has one
+/// kind and, for a histogram, one bucket layout.
+pub(crate) struct Family {
+    pub(crate) kind: MetricKind,
+    /// A histogram's bounds, the host's ([`HOST_BUCKETS`]) if defined with none.
+    pub(crate) bounds: Vec<f64>,
+}
+
+/// The proxy's metric families by metric name, shared by the [`HostState`]s
+/// of the plugins on one proxy ([`crate::testing::TestHost::another_plugin`]).
+pub(crate) type Families = Rc<RefCell<BTreeMap<String, Family>>>;
+
+/// The host's default histogram buckets (host/src/stats.rs `BUCKETS`): what a
+/// histogram defined with no buckets has.
+pub(crate) const HOST_BUCKETS: [f64; 19] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0, 600.0, 1800.0,
+];
+
 pub(crate) struct Metric {
     pub(crate) kind: MetricKind,
     pub(crate) label_names: Vec<String>,
@@ -129,6 +149,8 @@ pub(crate) struct HostState {
     pub(crate) log_level: Level,
     pub(crate) logs: Vec<(Level, String)>,
     pub(crate) metrics: BTreeMap<String, Metric>,
+    /// The proxy's metric families, shared with the other plugins on it.
+    pub(crate) families: Families,
     /// The series made so far, (metric, label values), against the plugin's
     /// series cap: as on the host, an unlabelled metric's at `define`, a
     /// labelled one's with `with_labels` (or its empty-labels series on the
@@ -181,6 +203,7 @@ impl HostState {
             log_level: Level::Trace,
             logs: Vec::new(),
             metrics: BTreeMap::new(),
+            families: Rc::new(RefCell::new(BTreeMap::new())),
             series_claims: HashSet::new(),
             kv: HashMap::new(),
             kv_version: 0,
@@ -1071,6 +1094,32 @@ fn define(
         || buckets.windows(2).any(|w| w[0] >= w[1])
     {
         return Err(Error::InvalidArgument);
+    }
+    // A histogram defined with no buckets has the host's (host.rs
+    // `define_over`): the same layout as one naming them.
+    let buckets = match kind {
+        MetricKind::Histogram if buckets.is_empty() => &HOST_BUCKETS[..],
+        MetricKind::Histogram => buckets,
+        _ => &[],
+    };
+    // The proxy's family first, as the host's `Stats::declare_histogram`:
+    // another plugin (or an earlier version of this one) that defined the
+    // name with another kind or, for a histogram, other buckets holds it.
+    {
+        let mut families = h.families.borrow_mut();
+        match families.get(name) {
+            Some(f) if f.kind != kind || f.bounds != buckets => return Err(Error::InvalidArgument),
+            Some(_) => {}
+            None => {
+                families.insert(
+                    name.to_owned(),
+                    Family {
+                        kind,
+                        bounds: buckets.to_vec(),
+                    },
+                );
+            }
+        }
     }
     let label_names: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
     match h.metrics.get(name) {
