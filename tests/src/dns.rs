@@ -1,11 +1,13 @@
 //! A minimal DNS server on loopback for `dns` discovery tests: it answers every A
-//! query, whatever the name, with the current address list (TTL 1) and every AAAA
+//! query, whatever the name, with the current address list (TTL 1, or the
+//! name's own TTL when told one; A queries are counted per name) and every AAAA
 //! query with no record; or everything with SERVFAIL when told to, or the names
 //! it is told to with NXDOMAIN; optionally each
 //! answer after a delay (a slow name server). Point a cluster's
 //! `discovery.dns_resolvers` at [`DnsServer::addr`]: nothing of the machine's
 //! resolver configuration is used or touched.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,6 +25,10 @@ pub struct DnsState {
     pub delay_ms: AtomicU64,
     /// Names (`a.test`) answered with NXDOMAIN.
     missing: Mutex<Vec<String>>,
+    /// Names (`a.test`) whose A records get another TTL than 1.
+    ttls: Mutex<Vec<(String, u32)>>,
+    /// A queries received per name (lowercase).
+    a_queries: Mutex<BTreeMap<String, u64>>,
 }
 
 /// A running server; stops when dropped.
@@ -92,6 +98,24 @@ impl DnsState {
             .push(name.to_string());
     }
 
+    /// The A records of `name` (`a.test`) get TTL `ttl` (seconds) from now on.
+    pub fn set_ttl(&self, name: &str, ttl: u32) {
+        self.ttls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((name.to_ascii_lowercase(), ttl));
+    }
+
+    /// A queries received so far for `name` (`a.test`).
+    pub fn a_queries(&self, name: &str) -> u64 {
+        self.a_queries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&name.to_ascii_lowercase())
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn reply(&self, q: &[u8]) -> Option<Vec<u8>> {
         // Header, then one question: the name's labels, a zero byte, type, class.
         let mut end = 12;
@@ -104,6 +128,23 @@ impl DnsState {
         let name = labels.join(".");
         let question = q.get(12..end + 5)?;
         let qtype = u16::from_be_bytes([q[end + 1], q[end + 2]]);
+        let name = name.to_ascii_lowercase();
+        if qtype == 1 {
+            *self
+                .a_queries
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(name.clone())
+                .or_insert(0) += 1;
+        }
+        let ttl = self
+            .ttls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == name)
+            .map_or(1, |(_, t)| *t);
         let mut r = q.get(..2)?.to_vec();
         let servfail = self.servfail.load(Ordering::SeqCst);
         let nxdomain = self
@@ -134,8 +175,10 @@ impl DnsState {
         r.extend_from_slice(&[0, 0, 0, 0]);
         r.extend_from_slice(question);
         for ip in answers {
-            // Name: pointer to the question's; type A, class IN, TTL 1, 4 bytes.
-            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 1, 0, 4]);
+            // Name: pointer to the question's; type A, class IN, TTL, 4 bytes.
+            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+            r.extend_from_slice(&ttl.to_be_bytes());
+            r.extend_from_slice(&[0, 4]);
             r.extend_from_slice(&ip.octets());
         }
         Some(r)

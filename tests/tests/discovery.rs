@@ -286,6 +286,44 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// With `dns_respect_ttl` each name is asked again when its own TTL runs out,
+    /// as Envoy refreshes each resolve target on its own: a name with a 1 s TTL
+    /// is asked every second, one with a 1 h TTL (and `dns_refresh_rate` 1h) once.
+    /// (The smallest TTL of all answers drove every name: `slow.test` was asked
+    /// every second too.)
+    async fn each_name_is_refreshed_on_its_own_ttl(proto) {
+        let (port, _a, _b) = two_loopback_upstreams().await;
+        let dns = DnsServer::start(&[V2]).await;
+        dns.state.set_ttl("fast.test", 1);
+        dns.state.set_ttl("slow.test", 3600);
+        let yaml = dns_config(port, dns.addr, "strict")
+            .replace(
+                "      dns_refresh_rate: 50ms\n",
+                "      dns_refresh_rate: 1h\n      dns_respect_ttl: true\n",
+            )
+            .replace(
+                "      - address: \"backend.test:{port}\"\n        zone: z1\n"
+                    .replace("{port}", &port.to_string())
+                    .as_str(),
+                &format!(
+                    "      - address: \"fast.test:{port}\"\n      - address: \"slow.test:{port}\"\n"
+                ),
+            );
+        assert!(yaml.contains("slow.test"), "{yaml}");
+        let lg = legate().config(&yaml).start();
+        eventually(WAIT, "fast.test asked three times", || async {
+            (dns.state.a_queries("fast.test") >= 3).then_some(())
+        })
+        .await;
+        assert_eq!(dns.state.a_queries("slow.test"), 1);
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(who(&spread(&mut c, 2).await), ["two"]);
+        // One endpoint per name (both at .2).
+        assert_eq!(lg.stat(&stat("membership_total", "backend")).await, Some(2.0));
+    }
+);
+
 // ---------------------------------------------------------------------------------
 // File discovery.
 

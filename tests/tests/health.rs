@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use legate_tests::*;
@@ -145,6 +145,64 @@ each_proto!(
         assert_eq!((again.get("a"), again.get("b")), (Some(&5), Some(&5)), "{again:?}");
         assert_eq!(endpoint_health(&lg, b.addr).await["status"], "healthy");
         assert_eq!(lg.stat(&stat("lb_healthy_panic", "backend")).await, Some(0.0));
+    }
+);
+
+/// An upstream whose `/healthz` answers 200 and records the Host (`:authority`
+/// under HTTP/2) of every check it gets.
+async fn host_recording(seen: &Arc<Mutex<Vec<String>>>) -> UpstreamHandle {
+    let seen = seen.clone();
+    upstream()
+        .route("/healthz", move |req| {
+            let host = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+                .or_else(|| req.uri().authority().map(|a| a.to_string()))
+                .unwrap_or_default();
+            seen.lock().unwrap().push(host);
+            async move { text(200, "ok\n") }
+        })
+        .start()
+        .await
+}
+
+each_proto!(
+    /// An HTTP check without `host` sends the cluster's name as Host, as Envoy;
+    /// `host` overrides it. (It sent the endpoint's address.)
+    async fn http_check_host_is_the_cluster_name_unless_set(proto) {
+        let (by_name, pinned) = (Arc::default(), Arc::default());
+        let a = host_recording(&by_name).await;
+        let b = host_recording(&pinned).await;
+        let protocol = cluster_protocol(proto);
+        let cfg = format!(
+            "version: 1
+clusters:
+  - name: users.v2
+{protocol}    endpoints: [{{ address: \"{a}\" }}]
+    health_check: {{ http: {{ path: /healthz }}, interval: 50ms }}
+  - name: pinned
+{protocol}    endpoints: [{{ address: \"{b}\" }}]
+    health_check: {{ http: {{ path: /healthz, host: health.internal }}, interval: 50ms }}
+",
+            a = a.addr,
+            b = b.addr
+        );
+        let lg = legate().config(&cfg).start();
+        for c in ["users.v2", "pinned"] {
+            let series = stat("health_check_success", c);
+            eventually(WAIT, &format!("{series} >= 2"), || async {
+                (lg.stat(&series).await >= Some(2.0)).then_some(())
+            })
+            .await;
+        }
+        let by_name = by_name.lock().unwrap().clone();
+        assert!(!by_name.is_empty());
+        assert!(by_name.iter().all(|h| h == "users.v2"), "{by_name:?}");
+        let pinned = pinned.lock().unwrap().clone();
+        assert!(!pinned.is_empty());
+        assert!(pinned.iter().all(|h| h == "health.internal"), "{pinned:?}");
     }
 );
 

@@ -3,8 +3,9 @@
 //!
 //! - `static`: the config's `endpoints`, host names resolved once at load.
 //! - `dns`: the config's `endpoints` host names, resolved with [`dns::Resolver`]
-//!   every `dns_refresh_rate` (or when the TTL runs out); after a failure, with
-//!   `dns_failure_refresh_rate`, sooner, backing off ([`Schedule`]). `strict`: every
+//!   every `dns_refresh_rate` (or when its TTL runs out); after a failure, with
+//!   `dns_failure_refresh_rate`, sooner, backing off ([`Schedule`]). Each name has
+//!   its own schedule, as each of Envoy's resolve targets. `strict`: every
 //!   address is an endpoint; `logical`: the first one (IPv4 preferred) is.
 //! - `file`: an endpoint file (YAML or JSON: `endpoints: [{address, weight, zone,
 //!   metadata}]`), re-read every `watch_interval` and applied when its content changes.
@@ -48,6 +49,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use serde::Deserialize;
 use serde_json::Value;
+use tokio::time::Instant;
 
 use super::dns::{self, Resolver};
 use super::health::FAILED_ACTIVE_HC;
@@ -459,8 +461,9 @@ fn resolver(cfg: &config::Cluster) -> Resolver {
     Resolver::new(servers, d.dns_timeout.get())
 }
 
-/// When a `dns` cluster resolves next: after a success `dns_refresh_rate` (or the
-/// TTL with `dns_respect_ttl`); after a failure, with `dns_failure_refresh_rate`,
+/// When one name of a `dns` cluster is resolved next (each name has its own):
+/// after a success `dns_refresh_rate` (or the name's TTL with `dns_respect_ttl`);
+/// after a failure, with `dns_failure_refresh_rate`,
 /// a backoff that starts at `base_interval` and doubles up to `max_interval`, each
 /// wait drawn from the upper half of the current step (so proxies that failed
 /// together do not ask again in lockstep, and none asks again at once). A success
@@ -489,7 +492,8 @@ impl Schedule {
         }
     }
 
-    /// The wait after a resolution whose answers' smallest TTL is `ttl` seconds.
+    /// The wait after a resolution of this name whose answers' smallest TTL is
+    /// `ttl` seconds.
     fn after_success(&mut self, ttl: u32) -> Duration {
         if let Some((base, _)) = self.backoff {
             self.step = base;
@@ -527,7 +531,16 @@ impl Schedule {
 async fn run_dns(entry: Arc<ClusterEntry>, cfg: &config::Cluster) {
     let resolver = resolver(cfg);
     let all: Vec<&EndpointConfig> = cfg.endpoints.iter().map(|e| &e.value).collect();
-    let mut schedule = Schedule::new(&cfg.discovery);
+    if all.is_empty() {
+        return;
+    }
+    // Each name has its own schedule, as each of Envoy's resolve targets: with
+    // `dns_respect_ttl` a name is asked again when *its* TTL runs out (a short TTL
+    // on one name does not make the others asked as often), and after a failure
+    // only the failed name backs off. Names due together (all of them, without
+    // `dns_respect_ttl`, while all answer) are resolved together, in one round.
+    let mut schedules: Vec<Schedule> = all.iter().map(|_| Schedule::new(&cfg.discovery)).collect();
+    let mut due: Vec<Instant> = vec![Instant::now(); all.len()];
     // Each name's last answer: a name that fails keeps its endpoints, and costs
     // the others nothing (Envoy resolves each name on its own). At first, the
     // endpoints a reload carried over for it.
@@ -546,50 +559,54 @@ async fn run_dns(entry: Arc<ClusterEntry>, cfg: &config::Cluster) {
         .collect();
     drop(current);
     loop {
+        let now = Instant::now();
+        let ready: Vec<usize> = (0..all.len()).filter(|&i| due[i] <= now).collect();
         let stats = entry.cluster().stats.clone();
         stats.discovery_update_attempt.fetch_add(1, Relaxed);
-        let mut ttl = u32::MAX;
+        let names: Vec<&EndpointConfig> = ready.iter().map(|&i| all[i]).collect();
+        let results = resolve_each(&resolver, cfg, &names).await;
+        // Each name's next resolution counts from the end of this one.
+        let done = Instant::now();
         let mut failed = Vec::new();
-        for (i, result) in resolve_each(&resolver, cfg, &all)
-            .await
-            .into_iter()
-            .enumerate()
-        {
+        for (&i, result) in ready.iter().zip(results) {
             match result {
-                Ok((specs, t)) => {
-                    ttl = ttl.min(t);
+                Ok((specs, ttl)) => {
                     last[i] = Some(specs);
+                    due[i] = later(done, schedules[i].after_success(ttl));
                 }
-                Err(e) => failed.push(format!("{e:#}")),
+                Err(e) => {
+                    let wait = schedules[i].after_failure(rand::random::<f64>());
+                    due[i] = later(done, wait);
+                    failed.push(format!("{e:#} (asking again in {wait:?})"));
+                }
             }
         }
-        if failed.len() < all.len() {
+        if failed.len() < ready.len() {
             let found = joined(&last);
             apply(&entry, &found, true);
             if !found.is_empty() {
                 entry.set_warm();
             }
         }
-        let wait = if failed.is_empty() {
-            schedule.after_success(ttl)
-        } else {
+        if !failed.is_empty() {
             stats.discovery_update_failure.fetch_add(1, Relaxed);
-            let wait = schedule.after_failure(rand::random::<f64>());
-            // The names that answered are due no later than they would be.
-            let wait = if failed.len() < all.len() {
-                wait.min(schedule.success_wait(ttl))
-            } else {
-                wait
-            };
             tracing::warn!(
                 cluster = %cfg.name,
-                "dns discovery: {}; keeping their endpoints as they were, asking again in {wait:?}",
+                "dns discovery: {}; keeping their endpoints as they were",
                 failed.join("; ")
             );
-            wait
-        };
-        tokio::time::sleep(wait).await;
+        }
+        let next = due.iter().min().copied().unwrap_or(done);
+        tokio::time::sleep_until(next).await;
     }
+}
+
+/// `at` + `wait`, or (a wait too long to add, such as an IP literal's TTL of
+/// `u32::MAX` seconds on some platforms) a year from `at`: never, in effect.
+fn later(at: Instant, wait: Duration) -> Instant {
+    at.checked_add(wait)
+        .or_else(|| at.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(at)
 }
 
 /// The endpoints of every name's last answer, each once.

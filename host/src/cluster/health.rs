@@ -371,7 +371,7 @@ async fn check_once(
     match (&hc.http, &hc.tcp) {
         (Some(http), _) => {
             let tls = cluster.config.tls.is_some();
-            http_check(conn, h2, tls, ep, http).await
+            http_check(conn, h2, tls, cluster.config.name.as_str(), http).await
         }
         (None, Some(tcp)) => tcp_check(conn, tcp).await,
         (None, None) => Ok(()),
@@ -382,10 +382,13 @@ async fn http_check(
     conn: Conn,
     h2: bool,
     tls: bool,
-    ep: &Endpoint,
+    cluster_name: &str,
     cfg: &HttpHealthCheck,
 ) -> Result<(), Failure> {
-    let authority = cfg.host.as_deref().unwrap_or(&ep.authority);
+    // Envoy's default: the cluster's name, so that a virtual-host-routed upstream
+    // (or one behind another proxy) gets a stable name rather than one address of
+    // many; `host` overrides it.
+    let authority = cfg.host.as_deref().unwrap_or(cluster_name);
     let io = TokioIo::new(conn);
     let net = |e: hyper::Error| Failure::Network(e.to_string());
     let bad = |e: http::Error| Failure::Network(format!("cannot build the request: {e}"));

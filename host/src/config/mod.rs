@@ -1076,7 +1076,7 @@ pub struct HealthCheck {
 pub struct HttpHealthCheck {
     /// Path (and query) requested.
     pub path: String,
-    /// Host/`:authority` sent. Default: the endpoint's configured address.
+    /// Host/`:authority` sent. Default: the cluster's name, as Envoy.
     #[serde(default)]
     pub host: Option<String>,
     /// Statuses that mean healthy: numbers or `"lo-hi"` ranges. Default `[200]`, as
