@@ -101,6 +101,23 @@ fn as_received(r: Result<CalloutResponse, Error>) -> Result<CalloutResponse, Err
 /// (host/src/config/validate.rs): 1 KiB to 64 MiB.
 const BODY_LIMIT_RANGE: std::ops::RangeInclusive<usize> = (1 << 10)..=(64 << 20);
 
+/// `bytes` if it is a `limits.body` the host's configuration takes
+/// ([`BODY_LIMIT_RANGE`]); shared by the `body_limit` setters of
+/// [`FilterTest`] and [`NetworkFilterTest`] (`who`).
+///
+/// # Panics
+///
+/// Outside 1 KiB..=64 MiB.
+#[track_caller]
+fn checked_body_limit(who: &str, bytes: usize) -> usize {
+    assert!(
+        BODY_LIMIT_RANGE.contains(&bytes),
+        "{who}::body_limit({bytes}): the host takes `limits.body` between \
+         `1KiB` and `64MiB` only"
+    );
+    bytes
+}
+
 /// Why the host fails a call that returned `pause` with no callout or KV call
 /// of its exchange outstanding (host/src/wasm/plugin.rs `verdict`).
 const PAUSE_WITHOUT_CALL: &str = "returned `pause` with no outstanding callout";
@@ -589,12 +606,7 @@ impl<F: HttpFilter> FilterTest<F> {
     /// Outside 1 KiB..=64 MiB, which the host's configuration refuses.
     #[track_caller]
     pub fn body_limit(mut self, bytes: usize) -> Self {
-        assert!(
-            BODY_LIMIT_RANGE.contains(&bytes),
-            "FilterTest::body_limit({bytes}): the host takes `limits.body` between \
-             `1KiB` and `64MiB` only"
-        );
-        self.body_limit = bytes;
+        self.body_limit = checked_body_limit("FilterTest", bytes);
         self
     }
 
@@ -2188,12 +2200,7 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
     /// Outside 1 KiB..=64 MiB, which the host's configuration refuses.
     #[track_caller]
     pub fn body_limit(mut self, bytes: usize) -> Self {
-        assert!(
-            BODY_LIMIT_RANGE.contains(&bytes),
-            "NetworkFilterTest::body_limit({bytes}): the host takes `limits.body` between \
-             `1KiB` and `64MiB` only"
-        );
-        self.body_limit = bytes;
+        self.body_limit = checked_body_limit("NetworkFilterTest", bytes);
         self
     }
 
