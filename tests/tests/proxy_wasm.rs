@@ -968,26 +968,13 @@ each_proto!(
             .start()
             .await;
         let az = authz_upstream().await;
-        let p = plugin(
-            "late",
-            "{ mode: late-call }",
-            "    capabilities: { clusters: [authz] }\n",
-        );
-        let lg = legate()
-            .config(&with_authz(up.addr, az.addr, &p, &["late"]))
-            .start();
+        let lg = legate().config(&late_call_config(up.addr, az.addr)).start();
         let mut c = client(proto, lg.addr("web")).await;
         let resp = tokio::time::timeout(HANG_GUARD, c.get("/late/response").send_for_head())
             .await
             .expect("the response head");
         assert_eq!(resp.status(), 200);
-        let lg = &lg;
-        eventually(HANG_GUARD, "the callback while the response body streams", || async move {
-            lg.stat(r#"legate_proxywasm_pw_late_calls{plugin="late"}"#)
-                .await
-                .filter(|v| *v >= 1.0)
-        })
-        .await;
+        late_calls(&lg, 1.0, "the callback while the response body streams").await;
         more_tx.send(()).unwrap();
         let body = tokio::time::timeout(HANG_GUARD, resp.into_body().collect())
             .await
@@ -1017,6 +1004,17 @@ fn gated_body(
     (tx, body)
 }
 
+/// The config of the `late-call` guest (plugin `late`, which may call
+/// cluster `authz`) in front of `up`, with `authz` at `az`.
+fn late_call_config(up: SocketAddr, az: SocketAddr) -> String {
+    let p = plugin(
+        "late",
+        "{ mode: late-call }",
+        "    capabilities: { clusters: [authz] }\n",
+    );
+    with_authz(up, az, &p, &["late"])
+}
+
 /// Waits until the `late-call` guest's call callbacks reached `n`.
 async fn late_calls(lg: &LegateHandle, n: f64, what: &str) {
     eventually(HANG_GUARD, what, || async move {
@@ -1036,8 +1034,7 @@ each_proto!(
     async fn a_call_answer_between_chunks_writes_the_held_request_head(proto) {
         let up = upstream().start().await;
         let az = authz_upstream().await;
-        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
-        let lg = legate().config(&with_authz(up.addr, az.addr, &p, &["late"])).start();
+        let lg = legate().config(&late_call_config(up.addr, az.addr)).start();
         let mut c = client(proto, lg.addr("web")).await;
         let (more, body) = gated_body("part1;", "part2");
         let sent = tokio::spawn(async move { c.post("/late/held").boxed_body(body).send().await });
@@ -1060,8 +1057,7 @@ each_proto!(
         let (more, stream) = gated_stream("part1;", "part2");
         let up = upstream().route("/late/held-resp", stream).start().await;
         let az = authz_upstream().await;
-        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
-        let lg = legate().config(&with_authz(up.addr, az.addr, &p, &["late"])).start();
+        let lg = legate().config(&late_call_config(up.addr, az.addr)).start();
         let mut c = client(proto, lg.addr("web")).await;
         let head = tokio::spawn(async move { c.get("/late/held-resp").send_for_head().await });
         late_calls(&lg, 1.0, "the callback between the chunks").await;
@@ -1089,9 +1085,8 @@ each_proto!(
         let release = Arc::new(AtomicBool::new(false));
         let up = upstream().hold_until(&release).start().await;
         let az = authz_upstream().await;
-        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
         // No route timeout: only the filter's answer can end the wait.
-        let yaml = with_authz(up.addr, az.addr, &p, &["late"]).replace(
+        let yaml = late_call_config(up.addr, az.addr).replace(
             "            cluster: backend\n",
             "            cluster: backend\n            timeout: 0s\n",
         );
@@ -1117,8 +1112,7 @@ each_proto!(
     async fn a_call_answer_between_chunks_can_answer_the_held_request(proto) {
         let up = upstream().start().await;
         let az = authz_upstream().await;
-        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
-        let lg = legate().config(&with_authz(up.addr, az.addr, &p, &["late"])).start();
+        let lg = legate().config(&late_call_config(up.addr, az.addr)).start();
         let mut c = client(proto, lg.addr("web")).await;
         let (more, body) = gated_body("part1;", "part2");
         let r = tokio::time::timeout(
@@ -1143,8 +1137,7 @@ each_proto!(
         let (_more, stream) = gated_stream("part1;", "part2");
         let up = upstream().route("/late/held-resp-deny", stream).start().await;
         let az = authz_upstream().await;
-        let p = plugin("late", "{ mode: late-call }", "    capabilities: { clusters: [authz] }\n");
-        let lg = legate().config(&with_authz(up.addr, az.addr, &p, &["late"])).start();
+        let lg = legate().config(&late_call_config(up.addr, az.addr)).start();
         let mut c = client(proto, lg.addr("web")).await;
         let r = tokio::time::timeout(HANG_GUARD, c.get("/late/held-resp-deny").send())
             .await
