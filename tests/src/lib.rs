@@ -47,6 +47,7 @@ pub mod stats;
 pub mod upstream;
 
 use std::future::Future;
+use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 pub use bins::workspace_bin;
@@ -123,6 +124,77 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A watchdog for a test that hangs rarely at a step not yet known: the test
+/// names each step with [`Watchdog::step`], and if one step lasts longer than
+/// the limit the watchdog writes the test's name and that step to stderr and
+/// aborts the process (a hang inside synchronous code or a `block_on` cannot
+/// be cut by a timeout around an await, and a panic on another thread would
+/// not end the test). Dropping it stops the watch.
+pub struct Watchdog {
+    state: std::sync::Arc<std::sync::Mutex<WatchState>>,
+}
+
+struct WatchState {
+    step: &'static str,
+    since: Instant,
+    done: bool,
+}
+
+impl Watchdog {
+    /// Starts watching `test`: a step that lasts longer than `limit` aborts.
+    pub fn new(test: &'static str, limit: Duration) -> Self {
+        let state = std::sync::Arc::new(std::sync::Mutex::new(WatchState {
+            step: "start",
+            since: Instant::now(),
+            done: false,
+        }));
+        let watched = std::sync::Arc::downgrade(&state);
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(200));
+                let Some(state) = watched.upgrade() else {
+                    return;
+                };
+                let s = state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if s.done {
+                    return;
+                }
+                if s.since.elapsed() > limit {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "WATCHDOG: {test} hung at step `{}` for over {limit:?}; aborting",
+                        s.step
+                    );
+                    std::process::abort();
+                }
+            })
+            .expect("spawning the watchdog thread");
+        Watchdog { state }
+    }
+
+    /// The test is now at `step`; its time starts now.
+    pub fn step(&self, step: &'static str) {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.step = step;
+        s.since = Instant::now();
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .done = true;
     }
 }
 

@@ -455,14 +455,31 @@ async fn edge_end_to_end(source: Certs) {
 
 // ---- sidecar.yaml ----
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sidecar_end_to_end_with_gen_sh_certs() {
-    sidecar_end_to_end(Certs::GenSh).await;
+#[test]
+fn sidecar_end_to_end_with_gen_sh_certs() {
+    watched_sidecar_end_to_end("sidecar_end_to_end_with_gen_sh_certs", Certs::GenSh);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sidecar_end_to_end_with_rcgen_certs() {
-    sidecar_end_to_end(Certs::Rcgen).await;
+#[test]
+fn sidecar_end_to_end_with_rcgen_certs() {
+    watched_sidecar_end_to_end("sidecar_end_to_end_with_rcgen_certs", Certs::Rcgen);
+}
+
+/// The sidecar test under a [`Watchdog`] from before its runtime starts until
+/// after it has shut down: it hung once in CI (no socket open, its thread in
+/// `block_on`) and a hang there must name the step it is stuck at. The limit
+/// is below the nextest cut-off for this test (.config/nextest.toml).
+fn watched_sidecar_end_to_end(name: &'static str, source: Certs) {
+    let dog = Watchdog::new(name, std::time::Duration::from_secs(40));
+    dog.step("building the runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(sidecar_end_to_end(source, &dog));
+    dog.step("runtime shutdown");
+    drop(rt);
 }
 
 /// The config of one sidecar: every listener on an ephemeral port, the local app
@@ -487,15 +504,18 @@ fn sidecar_yaml(app: SocketAddr, orders_peer: &str, access_log: &Path) -> String
 
 /// Two sidecars from the same file: the orders pod's (inbound → its app) and a
 /// caller's (outbound → the orders sidecar over mTLS).
-async fn sidecar_end_to_end(source: Certs) {
+async fn sidecar_end_to_end(source: Certs, dog: &Watchdog) {
+    dog.step("demo certificates");
     let Some(dir) = demo_certs(source) else {
         return;
     };
     let out = dir.path().join("certs/out");
     let mesh_ca = out.join("mesh-ca.pem");
+    dog.step("upstreams start");
     let app = upstream().name("orders-app").start().await;
     let caller_app = upstream().name("caller-app").start().await;
 
+    dog.step("orders sidecar start");
     let orders = legate()
         .config(&sidecar_yaml(
             app.addr,
@@ -505,6 +525,7 @@ async fn sidecar_end_to_end(source: Certs) {
         .base_dir(dir.path())
         .start();
     let inbound = orders.addr("inbound");
+    dog.step("caller sidecar start");
     let caller = legate()
         .config(&sidecar_yaml(
             caller_app.addr,
@@ -516,6 +537,7 @@ async fn sidecar_end_to_end(source: Certs) {
 
     // The app calls `orders` through its sidecar in plaintext; the sidecars talk
     // mTLS (HTTP/2) to each other; the request id survives both hops.
+    dog.step("outbound request through both sidecars");
     let mut c = client(Proto::H1, caller.addr("outbound")).await;
     let r = c
         .get("/orders/42")
@@ -529,6 +551,7 @@ async fn sidecar_end_to_end(source: Certs) {
     assert_eq!(e.path, "/orders/42");
     assert_eq!(e.header("x-request-id"), Some("trace-42"));
     assert_eq!(caller_app.requests.get(), 0);
+    dog.step("stats after the outbound request");
     caller
         .assert_stat(r#"legate_cluster_upstream_rq_2xx{cluster="orders"}"#, 1.0)
         .await;
@@ -540,6 +563,7 @@ async fn sidecar_end_to_end(source: Certs) {
         .await;
 
     // Services the mesh does not know are refused by the caller's sidecar.
+    dog.step("unknown service");
     let r = c.get("/").host("payments.mesh.test").send().await;
     assert_eq!(
         (r.status.as_u16(), r.text().as_str()),
@@ -547,6 +571,7 @@ async fn sidecar_end_to_end(source: Certs) {
     );
 
     // Another workload's identity (client-auth-only certificate) is accepted inbound.
+    dog.step("mTLS with the frontend identity");
     let frontend = Some((out.join("frontend.pem"), out.join("frontend-key.pem")));
     let (status, body) = mtls_get(inbound, &mesh_ca, frontend, "orders.mesh.test", "/x")
         .await
@@ -555,16 +580,19 @@ async fn sidecar_end_to_end(source: Certs) {
     assert_eq!(app.requests.get(), 2);
 
     // No client certificate, or one from the edge CA: no request reaches the app.
+    dog.step("mTLS without a client certificate");
     let (status, body) = mtls_get(inbound, &mesh_ca, None, "orders.mesh.test", "/")
         .await
         .map_or((0, String::new()), |r| r);
     assert_eq!(status, 0, "accepted without a client certificate: {body}");
+    dog.step("mTLS with an edge-CA certificate");
     let www = Some((out.join("www.pem"), out.join("www-key.pem")));
     let (status, body) = mtls_get(inbound, &mesh_ca, www, "orders.mesh.test", "/")
         .await
         .map_or((0, String::new()), |r| r);
     assert_eq!(status, 0, "accepted a certificate of the edge CA: {body}");
     // The same through the harness client (rustls, no certificate).
+    dog.step("harness TLS client without a certificate");
     let rejected = match tls_client(
         Proto::H1,
         inbound,
@@ -577,6 +605,7 @@ async fn sidecar_end_to_end(source: Certs) {
     };
     assert!(rejected, "inbound accepted a client without a certificate");
     assert_eq!(app.requests.get(), 2);
+    dog.step("TLS error stats");
     orders
         .assert_stat_with(
             r#"legate_listener_tls_errors_total{listener="inbound"}"#,
@@ -584,4 +613,5 @@ async fn sidecar_end_to_end(source: Certs) {
             ">= 3",
         )
         .await;
+    dog.step("dropping the sidecars and upstreams");
 }
