@@ -514,7 +514,8 @@ impl Pool {
                             Some(Opened::Http1) => {
                                 drop(pending);
                                 let started = Instant::now();
-                                let sender = self.connect(s, key, target, None, None).await?;
+                                let sender =
+                                    Box::pin(self.connect(s, key, target, None, None)).await?;
                                 let connect = started.elapsed();
                                 return Ok((sender, ConnectionUse::New { connect }));
                             }
@@ -537,7 +538,11 @@ impl Pool {
             // Measured here, where the connection is made: TCP, TLS and the HTTP
             // handshake (what a debug response reports as `connect`).
             let started = Instant::now();
-            let sender = self.connect(s, key, target, opener, permit).await?;
+            // Boxed (here and above): connecting (TCP, TLS, the handshake) is
+            // the largest future under a request's and runs once per
+            // connection; inline, every request's future would carry its
+            // size, and that future is moved whole into its box per request.
+            let sender = Box::pin(self.connect(s, key, target, opener, permit)).await?;
             let connect = started.elapsed();
             return Ok((sender, ConnectionUse::New { connect }));
         }
