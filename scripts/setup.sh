@@ -165,7 +165,9 @@ EOF
 # The virtualenv componentize-py is installed in: one per version, outside the
 # repository so every worktree and clean clone shares it.
 componentize_py_venv() {
-    printf '%s\n' "${LEGATE_PY_VENV:-${XDG_CACHE_HOME:-${HOME}/.cache}/legate/componentize-py-${COMPONENTIZE_PY_VERSION}}"
+    local cache="${XDG_CACHE_HOME:-${HOME:+${HOME}/.cache}}"
+    cache="${cache:-${REPO_ROOT}/target/cache}"
+    printf '%s\n' "${LEGATE_PY_VENV:-${cache}/legate/componentize-py-${COMPONENTIZE_PY_VERSION}}"
 }
 
 componentize_py_bin() {
@@ -180,12 +182,15 @@ ensure_componentize_py() {
     if [[ -x ${bin} && "$("${bin}" --version 2>/dev/null)" == "componentize-py ${COMPONENTIZE_PY_VERSION}" ]]; then
         return 0
     fi
-    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
-        apt_install python3 python3-venv
-    fi
+    command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
     log "installing componentize-py ${COMPONENTIZE_PY_VERSION} into ${venv}"
     rm -rf "${venv}"
-    python3 -m venv "${venv}" || die "python3 -m venv ${venv} failed"
+    # Debian's python3 makes virtualenvs only with python3-venv (ensurepip).
+    if ! python3 -m venv "${venv}" >/dev/null 2>&1; then
+        rm -rf "${venv}"
+        apt_install python3-venv
+        python3 -m venv "${venv}" || die "python3 -m venv ${venv} failed"
+    fi
     "${venv}/bin/pip" install --quiet --disable-pip-version-check \
         "componentize-py==${COMPONENTIZE_PY_VERSION}" ||
         die "pip install componentize-py==${COMPONENTIZE_PY_VERSION} failed"
