@@ -9,6 +9,7 @@
 #   demo    what scripts/demo.sh needs
 #   wasm    the WebAssembly targets (see ensure_wasm_targets)
 #   cguest  the C toolchain for wasm32-wasi guests (scripts/build-c-filter.sh)
+#   pyguest componentize-py, pinned, in a virtualenv (scripts/build-python-filter.sh)
 #
 # Idempotent: packages already installed are skipped, and `apt-get update` only
 # runs when something is missing. Daemons that Debian packages start on install
@@ -31,6 +32,11 @@ DEMO_PKGS=(curl)
 # Debian 12's clang 14 builds wasm32-wasi with lld's wasm-ld, wasi-libc and the
 # wasm32 compiler-rt builtins.
 CGUEST_PKGS=(clang lld wasi-libc libclang-rt-14-dev-wasm32)
+# componentize-py builds Python filters (examples/python-filter). Pinned: its
+# output embeds CPython and its own runtime, so a new version changes what the
+# tests load. From PyPI, into a virtualenv of its own (Debian 12's python3 is
+# "externally managed": no system-wide pip installs).
+COMPONENTIZE_PY_VERSION=0.25.1
 # Packages that ship a daemon Debian starts on install.
 SERVICE_PKGS=(nginx haproxy redis-server)
 
@@ -156,6 +162,40 @@ setup:     -Zbuild-std=std,panic_abort --target wasm32-unknown-unknown
 EOF
 }
 
+# The virtualenv componentize-py is installed in: one per version, outside the
+# repository so every worktree and clean clone shares it.
+componentize_py_venv() {
+    local cache="${XDG_CACHE_HOME:-${HOME:+${HOME}/.cache}}"
+    cache="${cache:-${REPO_ROOT}/target/cache}"
+    printf '%s\n' "${LEGATE_PY_VENV:-${cache}/legate/componentize-py-${COMPONENTIZE_PY_VERSION}}"
+}
+
+componentize_py_bin() {
+    printf '%s/bin/componentize-py\n' "$(componentize_py_venv)"
+}
+
+# Install componentize-py ${COMPONENTIZE_PY_VERSION} unless that version is there.
+ensure_componentize_py() {
+    local venv bin
+    venv="$(componentize_py_venv)"
+    bin="$(componentize_py_bin)"
+    if [[ -x ${bin} && "$("${bin}" --version 2>/dev/null)" == "componentize-py ${COMPONENTIZE_PY_VERSION}" ]]; then
+        return 0
+    fi
+    command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+    log "installing componentize-py ${COMPONENTIZE_PY_VERSION} into ${venv}"
+    rm -rf "${venv}"
+    # Debian's python3 makes virtualenvs only with python3-venv (ensurepip).
+    if ! python3 -m venv "${venv}" >/dev/null 2>&1; then
+        rm -rf "${venv}"
+        apt_install python3-venv
+        python3 -m venv "${venv}" || die "python3 -m venv ${venv} failed"
+    fi
+    "${venv}/bin/pip" install --quiet --disable-pip-version-check \
+        "componentize-py==${COMPONENTIZE_PY_VERSION}" ||
+        die "pip install componentize-py==${COMPONENTIZE_PY_VERSION} failed"
+}
+
 main() {
     local groups=("$@") group pkgs=()
     [[ ${#groups[@]} -gt 0 ]] || groups=(test)
@@ -178,12 +218,13 @@ main() {
                 ;;
             demo) pkgs+=("${DEMO_PKGS[@]}") ;;
             cguest) pkgs+=("${CGUEST_PKGS[@]}") ;;
+            pyguest) ;;
             wasm) ;;
             -h | --help)
-                sed -n '2,17s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+                sed -n '2,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
                 return 0
                 ;;
-            *) die "unknown group '${group}' (want: test, bench, demo, wasm, cguest)" ;;
+            *) die "unknown group '${group}' (want: test, bench, demo, wasm, cguest, pyguest)" ;;
         esac
     done
 
@@ -208,6 +249,14 @@ main() {
     if [[ ${want_wasm} -eq 1 ]]; then
         ensure_wasm_targets
     fi
+    # The Python example's test (tests/tests/plugin_examples.rs) builds it with
+    # componentize-py: installed here, before tests run in parallel.
+    for group in "${groups[@]}"; do
+        if [[ ${group} == pyguest || ${group} == test || ${group} == bench ]]; then
+            ensure_componentize_py
+            break
+        fi
+    done
     log "ok (${groups[*]})"
 }
 

@@ -1,6 +1,7 @@
 //! Plugin components built from source for tests that run them in the real host:
 //! Rust plugin crates through `legate plugin build` (the command users run), the C
-//! example through its build script. Each is built once per test process.
+//! and Python examples through their build scripts. Each is built once per test
+//! process (the Python one once in all: its script caches it by content).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,28 @@ pub fn c_filter_wasm() -> &'static Path {
         assert!(
             run.status.success(),
             "scripts/build-c-filter.sh failed:\n{}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        out
+    })
+}
+
+/// examples/python-filter's component, built by `scripts/build-python-filter.sh`
+/// (componentize-py, installed by `scripts/setup.sh pyguest` if missing).
+pub fn python_filter_wasm() -> &'static Path {
+    static WASM: OnceLock<PathBuf> = OnceLock::new();
+    WASM.get_or_init(|| {
+        let out =
+            std::env::temp_dir().join(format!("legate-python-filter-{}.wasm", std::process::id()));
+        let run = Command::new("bash")
+            .arg(repo_root().join("scripts/build-python-filter.sh"))
+            .arg(&out)
+            .output()
+            .unwrap_or_else(|e| panic!("running scripts/build-python-filter.sh: {e}"));
+        assert!(
+            run.status.success(),
+            "scripts/build-python-filter.sh failed:\n{}{}",
             String::from_utf8_lossy(&run.stdout),
             String::from_utf8_lossy(&run.stderr)
         );

@@ -118,19 +118,57 @@ fn base_config() -> Config {
     c
 }
 
-fn build() -> Result<Engine, String> {
-    let mut pooled = base_config();
+/// The most core module instances one component instance may make. A
+/// component made by `cargo component` or the SDK makes a handful (its module,
+/// the WASI adapter, a few shims); one made by componentize-py makes one per
+/// shared library it links (CPython, libc, its runtime: 14 for a minimal
+/// filter), and more with native extension modules. A component with more is
+/// refused when it is compiled, with wasmtime's message naming the count and
+/// this limit. The pool reserves nothing per core instance (wasmtime only
+/// counts them; each one's context is allocated when it is instantiated, up to
+/// `max_core_instance_size`), so a generous bound costs nothing until used.
+pub const CORE_INSTANCES_PER_COMPONENT: u32 = 64;
+
+/// The most tables one component instance may define. Each pooled table slot
+/// reserves address space for [`TABLE_ELEMENTS`] (8 bytes each, committed only
+/// as used); components seen so far define one or two
+/// (componentize-py: 2, of 5 748 and 142 elements; componentize-js: 2).
+pub const TABLES_PER_COMPONENT: u32 = 4;
+
+/// The most elements a table may start with (wasmtime's default, set here so
+/// it is stated): each pooled table slot reserves `8 ×` this of address space.
+pub const TABLE_ELEMENTS: usize = 20_000;
+
+/// The most linear memories one component instance may define (each pooled
+/// memory slot reserves [`MAX_MEMORY`] of address space).
+pub const MEMORIES_PER_COMPONENT: u32 = 2;
+
+/// The pooling allocator's limits for `instances` component instances. Every
+/// sub-pool (core instances, tables, memories) is sized at the per-component
+/// bound times `instances`, so it cannot run out before the component pool
+/// does: only one pool can be full, and [`instantiate_error`] names it.
+fn pool_config(instances: u32) -> PoolingAllocationConfig {
     let mut pool = PoolingAllocationConfig::default();
-    let instances = POOL_INSTANCES.load(Relaxed);
     pool.total_component_instances(instances)
-        .total_core_instances(instances * 4)
-        .total_memories(instances * 2)
-        .total_tables(instances * 4)
+        .total_core_instances(instances.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(instances.saturating_mul(MEMORIES_PER_COMPONENT))
+        .max_memories_per_component(MEMORIES_PER_COMPONENT)
+        .max_memories_per_module(MEMORIES_PER_COMPONENT)
+        .total_tables(instances.saturating_mul(TABLES_PER_COMPONENT))
+        .max_tables_per_component(TABLES_PER_COMPONENT)
+        .table_elements(TABLE_ELEMENTS)
         .max_memory_size(MAX_MEMORY as usize)
-        .max_memories_per_module(2)
         .max_core_instance_size(4 << 20)
         .max_component_instance_size(4 << 20);
-    pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    pool
+}
+
+fn build() -> Result<Engine, String> {
+    let mut pooled = base_config();
+    pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
+        POOL_INSTANCES.load(Relaxed),
+    )));
     let engine = match Engine::new(&pooled) {
         Ok(e) => e,
         Err(e) => {
@@ -325,6 +363,28 @@ pub fn ticks(budget: Duration) -> u64 {
     u64::try_from(budget.as_millis()).unwrap_or(u64::MAX).max(1) + 1
 }
 
+/// A failed compile, explained: a component over one of the pool's
+/// per-instance bounds (wasmtime's message names the count and the bound) is
+/// told that the bounds are fixed and what they are.
+fn compile_error(plugin: &str, path: &Path, e: &wasmtime::Error) -> anyhow::Error {
+    let e = format!("{e:#}");
+    let hint = if e.contains("pooling allocator") {
+        format!(
+            " (Legate's fixed bounds on one plugin instance: {CORE_INSTANCES_PER_COMPONENT} \
+             core module instances, {TABLES_PER_COMPONENT} tables of at most {TABLE_ELEMENTS} elements, \
+             {MEMORIES_PER_COMPONENT} linear memories of at most {} MiB; no setting raises \
+             them: the component must need less, see docs/config.md, Wasm filters, Instances)",
+            MAX_MEMORY >> 20
+        )
+    } else {
+        String::new()
+    };
+    anyhow::anyhow!(
+        "plugin `{plugin}`: cannot compile {}: {e}{hint}",
+        path.display()
+    )
+}
+
 /// Checks and compiles the component `module` of file `path` (a file or
 /// `builtin:NAME`; through the disk cache, when one is configured: see
 /// [`super::cache`], keyed by the module's digest).
@@ -349,12 +409,7 @@ pub fn compile(
             return Ok(component);
         }
     }
-    let component = Component::new(engine, bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "plugin `{plugin}`: cannot compile {}: {e:#}",
-            path.display()
-        )
-    })?;
+    let component = Component::new(engine, bytes).map_err(|e| compile_error(plugin, path, &e))?;
     if let Some(c) = &cache {
         c.store(digest, &component);
     }
@@ -390,6 +445,92 @@ mod tests {
         assert_eq!(pool_size(64, 4), 64 * 4 * 2 + 4 + 16);
         // The address space each slot reserves bounds it.
         assert_eq!(pool_size(4096, 100), MAX_POOL_INSTANCES);
+    }
+
+    /// A component that instantiates an empty core module `n` times (as
+    /// componentize-py's output instantiates one module per linked library).
+    fn component_with_core_instances(n: u32) -> Vec<u8> {
+        fn leb(out: &mut Vec<u8>, mut v: u32) {
+            loop {
+                let byte = (v & 0x7f) as u8;
+                v >>= 7;
+                if v == 0 {
+                    out.push(byte);
+                    return;
+                }
+                out.push(byte | 0x80);
+            }
+        }
+        let empty_module = b"\0asm\x01\0\0\0";
+        let mut c = b"\0asm\x0d\0\x01\0".to_vec();
+        // Core module section: the empty module.
+        c.push(0x01);
+        leb(&mut c, empty_module.len() as u32);
+        c.extend(empty_module);
+        // Core instance section: `n` × (instantiate module 0, no arguments).
+        let mut body = Vec::new();
+        leb(&mut body, n);
+        for _ in 0..n {
+            body.extend([0x00, 0x00, 0x00]);
+        }
+        c.push(0x02);
+        leb(&mut c, body.len() as u32);
+        c.extend(body);
+        c
+    }
+
+    #[test]
+    fn every_pooled_instance_fits_a_component_with_many_core_instances() {
+        // componentize-py's minimal filter makes 14 core instances per
+        // component instance. The pool once allowed 4 per slot on average, so
+        // 80 Python instances (8 plugins on 10 of 16 workers) filled a pool of
+        // 280 slots and further requests failed with "pool is full".
+        let engine = Engine::new(&{
+            let mut c = base_config();
+            c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(3)));
+            c
+        })
+        .unwrap();
+        let component = Component::new(&engine, component_with_core_instances(14)).unwrap();
+        let pre = wasmtime::component::Linker::<()>::new(&engine)
+            .instantiate_pre(&component)
+            .unwrap();
+        let mut stores = Vec::new();
+        for _ in 0..3 {
+            let mut store = wasmtime::Store::new(&engine, ());
+            pre.instantiate(&mut store).unwrap();
+            stores.push(store);
+        }
+        // Only the component pool itself can be full, which is what
+        // `instantiate_error` says.
+        let mut store = wasmtime::Store::new(&engine, ());
+        let e = pre.instantiate(&mut store).unwrap_err();
+        assert!(e.is::<wasmtime::PoolConcurrencyLimitError>(), "{e:#}");
+        assert!(format!("{e:#}").contains("component instances"), "{e:#}");
+    }
+
+    #[test]
+    fn a_component_over_the_core_instance_bound_is_refused_at_compile_naming_it() {
+        let engine = Engine::new(&{
+            let mut c = base_config();
+            c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(3)));
+            c
+        })
+        .unwrap();
+        Component::new(&engine, component_with_core_instances(32)).unwrap();
+        let e = Component::new(
+            &engine,
+            component_with_core_instances(CORE_INSTANCES_PER_COMPONENT + 1),
+        )
+        .unwrap_err();
+        let e = compile_error("big", Path::new("big.wasm"), &e).to_string();
+        assert!(
+            e.starts_with("plugin `big`: cannot compile big.wasm: ")
+                && e.contains("65 core module instances")
+                && e.contains("maximum of 64")
+                && e.contains("fixed bounds on one plugin instance: 64 core module instances"),
+            "{e}"
+        );
     }
 
     #[test]
