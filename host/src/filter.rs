@@ -2153,19 +2153,15 @@ impl Chain {
         // A filter answered between phases (before or in what came just
         // now): its answer replaces the response, and the filters before it
         // see it here ([`Chain::answer_between_phases`]).
-        if let Some(lr) = self
-            .shared
-            .upgrade()
-            .and_then(|s| SharedChain(s).take_local())
-        {
-            if let Some(shared) = self.shared.upgrade() {
-                shared.answered.replace(Some(lr.details.clone()));
+        if let Some(shared) = self.shared.upgrade().map(SharedChain) {
+            if let Some(lr) = shared.take_local() {
+                shared.set_answered(&lr.details);
+                let lr = if self.grpc { lr.into_grpc() } else { lr };
+                eos = lr.body.is_empty();
+                self.x.status = Some(lr.status);
+                self.x.response_headers = Some(lr.headers.into());
+                replaced = Some(lr.body);
             }
-            let lr = if self.grpc { lr.into_grpc() } else { lr };
-            eos = lr.body.is_empty();
-            self.x.status = Some(lr.status);
-            self.x.response_headers = Some(lr.headers.into());
-            replaced = Some(lr.body);
         }
         for i in (0..self.entered.len()).rev() {
             if !self.in_response(i) {
