@@ -2153,19 +2153,15 @@ impl Chain {
         // A filter answered between phases (before or in what came just
         // now): its answer replaces the response, and the filters before it
         // see it here ([`Chain::answer_between_phases`]).
-        if let Some(lr) = self
-            .shared
-            .upgrade()
-            .and_then(|s| SharedChain(s).take_local())
-        {
-            if let Some(shared) = self.shared.upgrade() {
-                shared.answered.replace(Some(lr.details.clone()));
+        if let Some(shared) = self.shared.upgrade().map(SharedChain) {
+            if let Some(lr) = shared.take_local() {
+                shared.set_answered(&lr.details);
+                let lr = if self.grpc { lr.into_grpc() } else { lr };
+                eos = lr.body.is_empty();
+                self.x.status = Some(lr.status);
+                self.x.response_headers = Some(lr.headers.into());
+                replaced = Some(lr.body);
             }
-            let lr = if self.grpc { lr.into_grpc() } else { lr };
-            eos = lr.body.is_empty();
-            self.x.status = Some(lr.status);
-            self.x.response_headers = Some(lr.headers.into());
-            replaced = Some(lr.body);
         }
         for i in (0..self.entered.len()).rev() {
             if !self.in_response(i) {
@@ -2211,9 +2207,25 @@ impl Chain {
     /// or `on-log`, and whether any reads the response head after its headers
     /// phase (in a body, trailers or log call). Lets the proxy skip the response
     /// path, or move the head instead of copying it, when no filter needs it.
-    pub fn response_interest(&self) -> (bool, bool) {
+    ///
+    /// A failure or a local response from a callback delivered between phases
+    /// (delivered here if it just arrived) is the response headers phase's to
+    /// return even when no filter is left to call there: the failed filter is
+    /// skipped, and it may have been the only one with a response phase (its
+    /// failure then went nowhere, the response passed).
+    pub fn response_interest(&mut self) -> (bool, bool) {
+        // Only a filter that takes its results on arrival has a pump, and
+        // only its deliveries can fail or answer between phases.
+        let mut answered = false;
+        if self.pump.is_some() {
+            self.deliver_arrived();
+            answered = self
+                .shared
+                .upgrade()
+                .is_some_and(|s| s.local.borrow().is_some());
+        }
         let later = Phases(Phases::RESPONSE_BODY.0 | Phases::RESPONSE_TRAILERS.0 | Phases::LOG.0);
-        let (mut any, mut after) = (false, false);
+        let (mut any, mut after) = (self.failed.is_some() || answered, false);
         for (i, f) in self.entered.iter().enumerate() {
             if !self.in_response(i) {
                 continue;

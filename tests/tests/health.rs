@@ -207,6 +207,53 @@ clusters:
 );
 
 each_proto!(
+    /// An endpoint's own `health_check` (Envoy's `endpoint.health_check_config`):
+    /// its `host` comes before the cluster's for its checks, and its `port` takes
+    /// them to another port of the same address. (Every endpoint got the cluster's
+    /// Host at its own port.)
+    async fn an_endpoint_health_check_sets_its_own_host_and_port(proto) {
+        let (plain, named, traffic, admin) =
+            (Arc::default(), Arc::default(), Arc::default(), Arc::default());
+        let a = host_recording(&plain).await;
+        let b = host_recording(&named).await;
+        let c = host_recording(&traffic).await;
+        let c_admin = host_recording(&admin).await;
+        let protocol = cluster_protocol(proto);
+        let cfg = format!(
+            "version: 1
+clusters:
+  - name: backend
+{protocol}    endpoints:
+      - {{ address: \"{a}\" }}
+      - {{ address: \"{b}\", health_check: {{ host: b.health.internal }} }}
+      - {{ address: \"{c}\", health_check: {{ port: {port} }} }}
+    health_check: {{ http: {{ path: /healthz, host: health.internal }}, interval: 50ms }}
+",
+            a = a.addr,
+            b = b.addr,
+            c = c.addr,
+            port = c_admin.addr.port(),
+        );
+        let lg = legate().config(&cfg).start();
+        for (what, seen) in [("a", &plain), ("b", &named), ("c's admin port", &admin)] {
+            eventually(WAIT, &format!("two checks on {what}"), || async {
+                (seen.lock().unwrap().len() >= 2).then_some(())
+            })
+            .await;
+        }
+        let plain = plain.lock().unwrap().clone();
+        assert!(plain.iter().all(|h| h == "health.internal"), "{plain:?}");
+        let named = named.lock().unwrap().clone();
+        assert!(named.iter().all(|h| h == "b.health.internal"), "{named:?}");
+        let admin = admin.lock().unwrap().clone();
+        assert!(admin.iter().all(|h| h == "health.internal"), "{admin:?}");
+        let traffic = traffic.lock().unwrap().clone();
+        assert!(traffic.is_empty(), "c's own port got checks: {traffic:?}");
+        assert_eq!(lg.stat(&stat("membership_healthy", "backend")).await, Some(3.0));
+    }
+);
+
+each_proto!(
     async fn unreachable_endpoint_fails_after_the_threshold(proto) {
         let a = upstream().name("a").start().await;
         let dead = closed_port_addr();

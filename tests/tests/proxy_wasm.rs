@@ -1105,6 +1105,50 @@ each_proto!(
 );
 
 each_proto!(
+    /// A trap in a call's callback while the exchange is not paused (the
+    /// request went on and waits for an upstream that holds its answer) is
+    /// counted in the plugin's stats when it happens, and its failure policy
+    /// (closed) answers at the response head, as Envoy fails the stream at
+    /// its next callback (docs/proxy-wasm.md, "Callbacks while not paused"),
+    /// also when the failed filter was the only one with a response phase.
+    /// (The upstream's 200 passed: the failed filter was skipped, so no
+    /// filter had a response phase and the failure went nowhere.)
+    async fn a_trap_in_a_callback_between_phases_fails_the_exchange(proto) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let release = Arc::new(AtomicBool::new(false));
+        let up = upstream().hold_until(&release).start().await;
+        let az = authz_upstream().await;
+        let yaml = late_call_config(up.addr, az.addr).replace(
+            "            cluster: backend\n",
+            "            cluster: backend\n            timeout: 0s\n",
+        );
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let sent = tokio::spawn(async move { c.get("/late/trap").send().await });
+        // The upstream still holds its answer: no later step has come.
+        eventually(HANG_GUARD, "the trap counted", || async {
+            lg.stat(r#"legate_plugin_traps_total{plugin="late"}"#)
+                .await
+                .filter(|v| *v >= 1.0)
+        })
+        .await;
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="late"}"#, 1.0)
+            .await;
+        assert!(!sent.is_finished(), "answered before the upstream");
+        release.store(true, Ordering::SeqCst);
+        let r = tokio::time::timeout(HANG_GUARD, sent)
+            .await
+            .expect("the answer")
+            .unwrap();
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.text(), "plugin_failure: late\n");
+        lg.assert_stat(r#"legate_plugin_traps_total{plugin="late"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
     /// The same while the request headers callback's `Pause` holds the head
     /// and the body streams through the body callback: the answer replaces
     /// the request, which never reaches the upstream (the client has not

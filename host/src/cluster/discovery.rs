@@ -54,7 +54,7 @@ use tokio::time::Instant;
 use super::dns::{self, Resolver};
 use super::health::FAILED_ACTIVE_HC;
 use super::{Cluster, Endpoint};
-use crate::config::{self, DiscoveryType, DnsLookup, EndpointConfig, Spanned};
+use crate::config::{self, DiscoveryType, DnsLookup, EndpointConfig, EndpointHealthCheck, Spanned};
 use crate::server::ClusterEntry;
 
 /// An endpoint as discovery found it.
@@ -72,6 +72,8 @@ pub struct Spec {
     pub zone: Option<String>,
     /// Metadata.
     pub metadata: Option<Value>,
+    /// The endpoint's own health-check settings (configured endpoints only).
+    pub health_check: Option<EndpointHealthCheck>,
 }
 
 impl Spec {
@@ -80,7 +82,10 @@ impl Spec {
     }
 
     fn same_attributes(&self, ep: &Endpoint) -> bool {
-        self.weight == ep.weight && self.zone == ep.zone && self.metadata == ep.metadata
+        self.weight == ep.weight
+            && self.zone == ep.zone
+            && self.metadata == ep.metadata
+            && self.health_check == ep.health_check
     }
 
     /// The spec of `ep`, as discovery found it.
@@ -92,6 +97,7 @@ impl Spec {
             weight: ep.weight,
             zone: ep.zone.clone(),
             metadata: ep.metadata.clone(),
+            health_check: ep.health_check.clone(),
         }
     }
 
@@ -103,6 +109,7 @@ impl Spec {
             self.weight,
             self.zone.clone(),
             self.metadata.clone(),
+            self.health_check.clone(),
         )
     }
 }
@@ -163,6 +170,7 @@ pub fn parse_file(path: &Path, text: &str) -> anyhow::Result<Vec<Spec>> {
             weight: ep.weight,
             zone: ep.zone,
             metadata: ep.metadata,
+            health_check: None,
         });
     }
     Ok(specs)
@@ -346,6 +354,7 @@ fn carried_endpoints<'c>(
                 ep.weight.max(1),
                 ep.zone.clone(),
                 ep.metadata.clone(),
+                ep.health_check.clone(),
             ));
         }
         if carried.len() == start {
@@ -666,6 +675,7 @@ async fn resolve_one(
             weight: ep.weight.max(1),
             zone: ep.zone.clone(),
             metadata: ep.metadata.clone(),
+            health_check: ep.health_check.clone(),
         });
     }
     Ok((found, answer.ttl))
@@ -743,6 +753,7 @@ mod tests {
             weight,
             zone: None,
             metadata: None,
+            health_check: None,
         }
     }
 

@@ -359,8 +359,14 @@ async fn check_once(
         .endpoints
         .get(i)
         .ok_or_else(|| Failure::Network("no such endpoint".into()))?;
+    let own = ep.health_check.as_ref();
+    // Envoy's `port_value`: the same address, another port (the same TLS name).
+    let mut addr = ep.address;
+    if let Some(port) = own.and_then(|o| o.port) {
+        addr.set_port(port);
+    }
     let target = Target {
-        addr: ep.address,
+        addr,
         host: &ep.host,
         cluster,
         endpoint: Some(i),
@@ -371,7 +377,14 @@ async fn check_once(
     match (&hc.http, &hc.tcp) {
         (Some(http), _) => {
             let tls = cluster.config.tls.is_some();
-            http_check(conn, h2, tls, cluster.config.name.as_str(), http).await
+            // Envoy's order: the endpoint's own host, the check's `host`, the
+            // cluster's name (a virtual-host-routed upstream, or one behind another
+            // proxy, gets one stable name rather than one address of many).
+            let authority = own
+                .and_then(|o| o.host.as_deref())
+                .or(http.host.as_deref())
+                .unwrap_or(cluster.config.name.as_str());
+            http_check(conn, h2, tls, authority, http).await
         }
         (None, Some(tcp)) => tcp_check(conn, tcp).await,
         (None, None) => Ok(()),
@@ -382,13 +395,9 @@ async fn http_check(
     conn: Conn,
     h2: bool,
     tls: bool,
-    cluster_name: &str,
+    authority: &str,
     cfg: &HttpHealthCheck,
 ) -> Result<(), Failure> {
-    // Envoy's default: the cluster's name, so that a virtual-host-routed upstream
-    // (or one behind another proxy) gets a stable name rather than one address of
-    // many; `host` overrides it.
-    let authority = cfg.host.as_deref().unwrap_or(cluster_name);
     let io = TokioIo::new(conn);
     let net = |e: hyper::Error| Failure::Network(e.to_string());
     let bad = |e: http::Error| Failure::Network(format!("cannot build the request: {e}"));

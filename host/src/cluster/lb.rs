@@ -501,6 +501,7 @@ mod tests {
                 1,
                 None,
                 None,
+                None,
             ));
         }
         let _c2 = c1.with_endpoints(next).unwrap();
@@ -781,6 +782,7 @@ mod tests {
                     "svc".into(),
                     "svc:80".to_string(),
                     1,
+                    None,
                     None,
                     None,
                 )

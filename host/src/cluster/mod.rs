@@ -270,6 +270,9 @@ pub struct Endpoint {
     pub zone: Option<String>,
     /// Free-form metadata from the config or the endpoint file.
     pub metadata: Option<Value>,
+    /// How the cluster's active health checks reach this endpoint, if the config
+    /// says (its own Host and port).
+    pub health_check: Option<config::EndpointHealthCheck>,
     /// Counters.
     pub stats: EndpointStats,
     /// Health flags and the last health-check failure.
@@ -287,6 +290,7 @@ impl Endpoint {
         weight: u32,
         zone: Option<String>,
         metadata: Option<Value>,
+        health_check: Option<config::EndpointHealthCheck>,
     ) -> Arc<Endpoint> {
         Arc::new(Endpoint {
             address,
@@ -295,6 +299,7 @@ impl Endpoint {
             weight,
             zone,
             metadata,
+            health_check,
             stats: EndpointStats::default(),
             health: health::EndpointHealth::default(),
             outlier: outlier::OutlierState::default(),
@@ -412,6 +417,7 @@ impl Cluster {
                 ep.weight,
                 ep.zone.clone(),
                 ep.metadata.clone(),
+                ep.health_check.clone(),
             ));
         }
         Self::assemble(cfg, endpoints, stats, Arc::default())

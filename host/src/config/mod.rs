@@ -1246,6 +1246,25 @@ pub struct EndpointConfig {
     /// Free-form metadata, shown in `/clusters`.
     #[serde(default)]
     pub metadata: Option<serde_json::Value>,
+    /// This endpoint's own health-check settings (Envoy's
+    /// `endpoint.health_check_config`); absent = the cluster's.
+    #[serde(default)]
+    pub health_check: Option<EndpointHealthCheck>,
+}
+
+/// How the cluster's active health checks reach one endpoint, over the cluster's
+/// `health_check` (Envoy's `endpoint.health_check_config`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointHealthCheck {
+    /// Host/`:authority` of this endpoint's HTTP checks, over the cluster's
+    /// `health_check.http.host` (Envoy's `hostname`); absent = that one.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The port checked instead of the endpoint's (Envoy's `port_value`), at the
+    /// endpoint's address; absent = the endpoint's port.
+    #[serde(default)]
+    pub port: Option<u16>,
 }
 
 /// Load-balancing policy.
@@ -1856,6 +1875,11 @@ clusters:
                 "`clusters[].endpoints[]`",
                 at(&["clusters.endpoints"]),
                 fields::<EndpointConfig>(),
+            ),
+            (
+                "`clusters[].endpoints[].health_check`",
+                at(&["clusters.endpoints.health_check"]),
+                fields::<EndpointHealthCheck>(),
             ),
             (
                 "`routes[].virtual_hosts[].routes[].mirror`",

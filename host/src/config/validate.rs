@@ -1565,6 +1565,9 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
             )
             .key("weight");
         }
+        if let Some(own) = &ep.value.health_check {
+            validate_endpoint_health_check(e, &ep.referenced, c, &ep.value.address, own);
+        }
     }
     validate_discovery(e, loc, c);
     match (c.lb_policy, &c.hash_on) {
@@ -1695,6 +1698,67 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
         .key("max_concurrent_streams");
     }
     validate_resilience(e, loc, c);
+}
+
+/// An endpoint's own `health_check` (at `loc`, the endpoint): it adjusts the
+/// cluster's checks, so it needs them, and its `host` needs an HTTP check.
+fn validate_endpoint_health_check(
+    e: &mut Issues,
+    loc: &Location,
+    c: &Cluster,
+    address: &str,
+    own: &EndpointHealthCheck,
+) {
+    let name = &c.name;
+    let Some(hc) = &c.health_check else {
+        e.at(
+            loc,
+            format!(
+                "endpoint `{address}` of cluster `{name}` has `health_check`, but the cluster \
+                 has no `health_check`"
+            ),
+            "an endpoint's `health_check` only changes how the cluster's checks reach it; \
+             add `health_check` to the cluster, or remove it from the endpoint",
+        )
+        .key("health_check");
+        return;
+    };
+    if let Some(host) = &own.host {
+        if hc.http.is_none() {
+            e.at(
+                loc,
+                format!(
+                    "endpoint `{address}` of cluster `{name}`: `health_check.host` without an \
+                     HTTP check"
+                ),
+                "the cluster's checks send no Host; remove `host`, or check with \
+                 `http: { path: /healthz }`",
+            )
+            .key("health_check")
+            .key("host");
+        } else if http::uri::Authority::try_from(host.as_str()).is_err() {
+            e.at(
+                loc,
+                format!(
+                    "endpoint `{address}` of cluster `{name}`: health check host `{host}` is not \
+                     a valid authority"
+                ),
+                "write a host name, optionally with a port: `api.internal`",
+            )
+            .key("health_check")
+            .key("host");
+        }
+    }
+    if own.port == Some(0) {
+        e.at(
+            loc,
+            format!("endpoint `{address}` of cluster `{name}`: health check port 0"),
+            "write the port the endpoint answers its checks on, from 1 to 65535, or remove \
+             `port` to check the endpoint's own",
+        )
+        .key("health_check")
+        .key("port");
+    }
 }
 
 /// `health_check`, `outlier_detection`, `panic_threshold`, `circuit_breakers`.

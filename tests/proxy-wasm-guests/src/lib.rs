@@ -201,7 +201,8 @@
 //!   (`/late/held`, `/late/held-resp`) or answers 403 `x-pw-late-denied:
 //!   yes` (`/late/held-deny`, `/late/held-resp-deny`; `/late/deny` does so
 //!   for a call sent from the request headers callback, which returns
-//!   `Continue`).
+//!   `Continue`). `/late/trap`: as `/late/http`, but the call's callback
+//!   panics (the VM traps between phases).
 //! - `wrong-resume`: `/req…` pauses the request headers callback,
 //!   `/resp…` the response headers callback, on an HTTP call to `authz`. The
 //!   call's callback continues the other direction (`resume_http_response`
@@ -958,6 +959,7 @@ impl Filter {
                 vec![("x-pw-late-denied", "yes")],
                 Some(b"denied late"),
             ),
+            "/late/trap" => panic!("late-call guest panics between phases, on purpose"),
             _ => self.set_http_request_header("x-pw-late", Some("1")),
         }
         // Last: a test that sees it knows the callback ran.
@@ -1896,7 +1898,9 @@ impl HttpContext for Filter {
             }
             "late-call" => {
                 let r = match path.as_str() {
-                    "/late/http" | "/late/deny" => self.call_authz("late").map(|_| ()),
+                    "/late/http" | "/late/deny" | "/late/trap" => {
+                        self.call_authz("late").map(|_| ())
+                    }
                     "/late/grpc" => self
                         .dispatch_grpc_call(
                             "grpc",
