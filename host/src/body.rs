@@ -472,7 +472,7 @@ impl Filtered {
         if self.dir == crate::filter::Direction::Request || self.head_held {
             self.chain.set_local(lr);
         } else {
-            self.chain.set_answered(&lr.details);
+            self.chain.cut(&lr.details);
         }
         self.stopped(why)
     }
@@ -646,6 +646,60 @@ impl Drop for Holding {
             chain.abandon_hold();
         }
         self.release();
+    }
+}
+
+/// A response body whose exchange has a filter that may answer after the
+/// head went to the client ([`crate::filter::SharedChain::may_answer_late`]):
+/// such an answer cuts it ([`crate::filter::SharedChain::cut`]). The body then
+/// fails, at once if it waits for its upstream, so hyper resets the stream
+/// (HTTP/2 `RST_STREAM`) or closes the connection before the body's end
+/// (HTTP/1.1: short of its `content-length`, or with no last chunk), and the
+/// client can tell the response is incomplete.
+pub struct Cuttable {
+    inner: Body,
+    chain: crate::filter::SharedChain,
+}
+
+impl Cuttable {
+    /// Wraps `inner`, the response body of the exchange `chain` runs.
+    pub fn new(inner: Body, chain: crate::filter::SharedChain) -> Self {
+        Cuttable { inner, chain }
+    }
+
+    fn cut() -> BoxError {
+        Box::new(FilterStopped(
+            "a filter answered after the response head was sent: the stream is reset".into(),
+        ))
+    }
+}
+
+impl HttpBody for Cuttable {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.chain.poll_cut(cx).is_ready() {
+            return Poll::Ready(Some(Err(Self::cut())));
+        }
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        // The answer may come with this frame (a result delivered before its
+        // body call): the frame is not sent after it.
+        if matches!(frame, Poll::Ready(Some(Ok(_)))) && self.chain.was_cut() {
+            return Poll::Ready(Some(Err(Self::cut())));
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

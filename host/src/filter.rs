@@ -1212,6 +1212,7 @@ impl Filters {
             bodyless: [false; 2],
             pump: None,
             failed: None,
+            answer_from: None,
         }))
     }
 }
@@ -1352,8 +1353,15 @@ struct SharedInner {
     /// phases ([`SharedChain::poll_answered`]): woken when one comes.
     answer_waker: std::cell::RefCell<Option<std::task::Waker>>,
     /// The response head went to the client ([`SharedChain::head_sent`]): a
-    /// local response between phases comes too late.
+    /// local response between phases can no longer be sent; it resets the
+    /// stream instead ([`SharedChain::poll_cut`]).
     head_sent: std::cell::Cell<bool>,
+    /// A filter answered after the response head went to the client: the
+    /// response is cut (its stream reset), as Envoy's `sendLocalReply` once
+    /// headers are sent.
+    cut: std::cell::Cell<bool>,
+    /// The response body waiting for a cut ([`SharedChain::poll_cut`]).
+    cut_waker: std::cell::RefCell<Option<std::task::Waker>>,
 }
 
 impl SharedInner {
@@ -1367,6 +1375,16 @@ impl SharedInner {
             w.wake();
         }
     }
+}
+
+/// What a local response between phases did
+/// ([`SharedChain::answer_between_phases`]).
+enum Between {
+    /// It answers the exchange (the proxy takes it).
+    Answers,
+    /// It came after the response head went to the client: the response is
+    /// cut instead.
+    Resets,
 }
 
 /// Why a body stream could not run its phases.
@@ -1397,6 +1415,8 @@ impl SharedChain {
                 reset: std::cell::Cell::new(false),
                 answer_waker: std::cell::RefCell::new(None),
                 head_sent: std::cell::Cell::new(false),
+                cut: std::cell::Cell::new(false),
+                cut_waker: std::cell::RefCell::new(None),
             }
         }))
     }
@@ -1512,23 +1532,78 @@ impl SharedChain {
     }
 
     /// The response head went to the client: a local response a filter sends
-    /// between phases from now on is too late (ignored, logged).
+    /// between phases from now on can only reset the stream
+    /// ([`Self::poll_cut`]).
     pub fn head_sent(&self) {
         self.0.head_sent.set(true);
     }
 
     /// A local response from a callout's result delivered between phases:
-    /// kept for the proxy, which is woken. `false` if it comes too late (the
-    /// response head went to the client) or after another one.
-    fn answer_between_phases(&self, lr: LocalResponse) -> bool {
-        if self.0.head_sent.get() || self.0.finished.get() || self.0.local.borrow().is_some() {
-            return false;
+    /// before the response head went to the client, kept for the proxy,
+    /// which is woken ([`Between::Answers`]); after it, the response is cut
+    /// ([`Between::Resets`], [`Self::cut`]). `None` if the exchange is over
+    /// or another answer came first (it stands, as Envoy sends the first).
+    fn answer_between_phases(&self, lr: LocalResponse) -> Option<Between> {
+        if self.0.finished.get() || self.0.local.borrow().is_some() || self.0.cut.get() {
+            return None;
+        }
+        if self.0.head_sent.get() {
+            self.cut(&lr.details);
+            return Some(Between::Resets);
         }
         *self.0.local.borrow_mut() = Some(lr);
         if let Some(w) = self.0.answer_waker.borrow_mut().take() {
             w.wake();
         }
-        true
+        Some(Between::Answers)
+    }
+
+    /// A filter answered (with `details`) after the response head went to
+    /// the client: nothing can be answered any more, so the response is cut
+    /// (the body fails: an HTTP/2 `RST_STREAM`, an HTTP/1.1 connection closed
+    /// before the body's end), as Envoy resets the stream when
+    /// `sendLocalReply` comes after the response headers. The details stay
+    /// for the access log and `on-log` ([`Self::take_answered`]).
+    pub fn cut(&self, details: &str) {
+        self.set_answered(details);
+        self.0.cut.set(true);
+        if let Some(w) = self.0.cut_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Whether a filter's answer cut the response ([`Self::cut`]).
+    pub fn was_cut(&self) -> bool {
+        self.0.cut.get()
+    }
+
+    /// `Ready` once a filter's answer cut the response ([`Self::cut`]);
+    /// else `cx` is woken when one does. The response body polls this
+    /// (`body::Cuttable`), so a cut from a callout's callback between two
+    /// chunks reaches the client while the body waits for its upstream.
+    pub fn poll_cut(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.0.cut.get() {
+            return std::task::Poll::Ready(());
+        }
+        let mut w = self.0.cut_waker.borrow_mut();
+        if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *w = Some(cx.waker().clone());
+        }
+        std::task::Poll::Pending
+    }
+
+    /// Whether a filter of the exchange may answer after the response head
+    /// went to the client, from a callout's result delivered as it arrives
+    /// ([`HttpFilter::delivers_on_arrival`]): the response body must then
+    /// watch for a cut ([`Self::poll_cut`]). Out in an async phase: maybe.
+    pub fn may_answer_late(&self) -> bool {
+        match self
+            .with(|c| (0..c.entered.len()).any(|i| c.live(i) && c.entered[i].delivers_on_arrival()))
+        {
+            Ok(may) => may,
+            Err(SharedError::Busy) => true,
+            Err(SharedError::Finished | SharedError::Aborted) => false,
+        }
     }
 
     /// Records the `details` of a local response from a response phase (it
@@ -1656,6 +1731,9 @@ pub struct Chain {
     /// A failure (failed closed, or a reset) in a delivery between phases,
     /// where nothing could return it: the chain's next step returns it.
     failed: Option<ProxyError>,
+    /// The filter whose local response a pause of another filter returned
+    /// ([`Chain::wait`]): the answer is its own ([`Chain::answerer`]).
+    answer_from: Option<usize>,
 }
 
 /// The task that delivers callout results as they arrive while the chain is
@@ -1951,7 +2029,19 @@ impl Chain {
             // cancelled by its filter (which expects no delivery).
             let Ok((i, id, result)) = done else { continue };
             if i != k {
-                self.deliver_unpaused(i, id, result, phase)?;
+                if let Some(lr) = self.deliver_unpaused(i, id, result, phase)? {
+                    // Filter `i` answered while `k`'s pause holds the
+                    // exchange: as Envoy's `sendLocalReply`, whatever other
+                    // filters' pause state, the answer stands and `k`'s
+                    // pending work is abandoned (its callouts cancelled:
+                    // Envoy cancels them with the stream).
+                    self.inflight.cancel_filter(k);
+                    let f = self.entered[k].clone();
+                    f.pause_abandoned(self.worker, &mut self.x);
+                    self.dispatch(k);
+                    self.answer_from = Some(i);
+                    return Ok(Ok(Verdict::Respond(lr)));
+                }
                 continue;
             }
             if !self.live(i) {
@@ -1967,48 +2057,64 @@ impl Chain {
     }
 
     /// Delivers a callout result to filter `i`, which is not paused: `continue` and
-    /// `pause` mean nothing; a local response answers the exchange if the
-    /// result came between phases ([`ExchangeData::idle`]) before the response
-    /// head went to the client ([`Chain::answer_between_phases`]), else it is
-    /// ignored by this host (logged); a failure applies the filter's failure
-    /// policy.
+    /// `pause` mean nothing; a local response between phases
+    /// ([`ExchangeData::idle`]) answers the exchange, or cuts the response
+    /// if its head went to the client ([`Chain::answer_between_phases`]);
+    /// one while another filter's pause holds the exchange is returned, for
+    /// that pause to end with it ([`Chain::wait`]); a failure applies the
+    /// filter's failure policy.
     fn deliver_unpaused(
         &mut self,
         i: usize,
         id: u64,
         result: Reply,
         phase: &str,
-    ) -> Result<(), ProxyError> {
+    ) -> Result<Option<LocalResponse>, ProxyError> {
         let Some(f) = self.entered.get(i).cloned() else {
-            return Ok(());
+            return Ok(None);
         };
         if !self.live(i) {
-            return Ok(());
+            return Ok(None);
         }
         let what = result.phase();
         let v = self.call(i, |f, w, x| result.deliver(f, w, x, id, false));
         self.dispatch(i);
         match v {
-            Ok(Verdict::Continue | Verdict::Pause) => Ok(()),
+            Ok(Verdict::Continue | Verdict::Pause) => Ok(None),
+            Ok(Verdict::Respond(lr)) if !self.x.idle => Ok(Some(lr)),
             Ok(Verdict::Respond(lr)) => {
-                if self.x.idle && self.answer_between_phases(i, lr) {
-                    return Ok(());
+                if !self.answer_between_phases(i, lr) {
+                    tracing::debug!(
+                        plugin = f.name(),
+                        phase,
+                        "a local response from a callout response of a filter that is not \
+                         paused is ignored: another answer came first, or the exchange is over"
+                    );
                 }
-                tracing::debug!(
-                    plugin = f.name(),
-                    phase,
-                    "a local response from a callout response of a filter that is not \
-                     paused is ignored by this host: the response head went to the client \
-                     already, another answer came first, or the exchange is paused in \
-                     another filter"
-                );
-                Ok(())
+                Ok(None)
             }
-            Err(why) => {
-                self.skipped.push(i);
-                self.fail(&*f, what, &why)
-            }
+            Err(why) => self.failed_call(i, what, &why).map(|()| None),
         }
+    }
+
+    /// A call of entered filter `i` failed (`why`): it gets no more calls
+    /// ([`Chain::fail`] for the outcome), except a filter that reset the
+    /// stream ([`ExchangeData::reset`]): that is its own outcome, not a
+    /// failure, and it still gets `on-log` (with the details of the reset),
+    /// as Envoy logs every filter of a reset stream.
+    fn failed_call(&mut self, i: usize, phase: &str, why: &str) -> Result<(), ProxyError> {
+        if !self.x.reset {
+            self.skipped.push(i);
+        }
+        let f = self.entered[i].clone();
+        self.fail(&*f, phase, why)
+    }
+
+    /// The filter a local response returned by a phase of entered filter
+    /// `k` comes from: `k`, or the filter that answered while `k`'s pause
+    /// held the exchange ([`Chain::wait`]).
+    fn answerer(&mut self, k: usize) -> usize {
+        self.answer_from.take().unwrap_or(k)
     }
 
     /// Filter `i` answered with `lr` from a callout result delivered between
@@ -2018,20 +2124,30 @@ impl Chain {
     /// upstream request, if any, is aborted); once it exists but before its
     /// head went to the client (its response headers phase, a head held
     /// while its body streams, a buffered body), the answer replaces it.
-    /// The proxy takes it ([`SharedChain::poll_answered`]). `false`: too late
-    /// (the head is out) or a second answer; ignored.
+    /// The proxy takes it ([`SharedChain::poll_answered`]). Once the head
+    /// went to the client, the answer cuts the response instead (its stream
+    /// is reset, [`SharedChain::cut`]), as Envoy's. `false`: a second answer,
+    /// or the exchange is over; ignored.
     fn answer_between_phases(&mut self, i: usize, lr: LocalResponse) -> bool {
         let Some(shared) = self.shared.upgrade() else {
             return false;
         };
         let details = lr.details.clone();
-        if !SharedChain(shared).answer_between_phases(lr) {
-            return false;
-        }
-        if self.x.status.is_none() {
-            self.responded.get_or_insert(i);
-        } else {
-            self.replaced_response.get_or_insert(i);
+        match SharedChain(shared).answer_between_phases(lr) {
+            None => return false,
+            Some(Between::Resets) => {
+                tracing::debug!(
+                    plugin = self.entered[i].name(),
+                    "a local response after the response head went to the client: the \
+                     stream is reset"
+                );
+            }
+            Some(Between::Answers) if self.x.status.is_none() => {
+                self.responded.get_or_insert(i);
+            }
+            Some(Between::Answers) => {
+                self.replaced_response.get_or_insert(i);
+            }
         }
         self.x.cause = Some(plugin_cause(&details));
         true
@@ -2042,7 +2158,14 @@ impl Chain {
         self.take_failed()?;
         while let Some(done) = self.inflight.try_join_next() {
             if let Ok((i, id, result)) = done {
-                self.deliver_unpaused(i, id, result, phase)?;
+                if self.deliver_unpaused(i, id, result, phase)?.is_some() {
+                    tracing::debug!(
+                        plugin = self.entered[i].name(),
+                        phase,
+                        "a local response from a callout response delivered with the next \
+                         phase is ignored"
+                    );
+                }
             }
         }
         Ok(())
@@ -2121,16 +2244,13 @@ impl Chain {
                 Ok(Verdict::Continue) => {}
                 Ok(Verdict::Pause) => unreachable_pause(),
                 Ok(Verdict::Respond(lr)) => {
-                    // `f` itself never sees its own local response; it still gets
-                    // log/done.
-                    self.responded = Some(k);
+                    // The filter that answered never sees its own local
+                    // response; it still gets log/done.
+                    self.responded = Some(self.answerer(k));
                     self.x.cause = Some(plugin_cause(&lr.details));
                     return Ok(Some(lr));
                 }
-                Err(why) => {
-                    self.skipped.push(k);
-                    self.fail(&*f, "request_headers", &why)?;
-                }
+                Err(why) => self.failed_call(k, "request_headers", &why)?,
             }
         }
         Ok(None)
@@ -2189,14 +2309,11 @@ impl Chain {
                     self.x.status = Some(lr.status);
                     self.x.response_headers = Some(lr.headers.into());
                     replaced = Some(lr.body);
-                    self.replaced_response = Some(i);
+                    self.replaced_response = Some(self.answerer(i));
                 }
-                Err(why) => {
-                    // Skipped first: failed closed, it gets no `on-log` either
-                    // (abi/README.md §9), as in the other phases.
-                    self.skipped.push(i);
-                    self.fail(&*f, "response_headers", &why)?;
-                }
+                // Skipped first: failed closed, it gets no `on-log` either
+                // (abi/README.md §9), as in the other phases.
+                Err(why) => self.failed_call(i, "response_headers", &why)?,
             }
         }
         Ok(replaced)
@@ -2377,8 +2494,9 @@ impl Chain {
         let why = match v {
             Ok(Verdict::Continue) => return Ok(None),
             Ok(Verdict::Respond(lr)) => {
+                let by = self.answerer(i);
                 if d == Direction::Request {
-                    self.responded = Some(i);
+                    self.responded = Some(by);
                 }
                 self.x.cause = Some(plugin_cause(&lr.details));
                 return Ok(Some(lr));
@@ -2387,9 +2505,7 @@ impl Chain {
             Ok(Verdict::Pause) => self.refused_pause(i, UNHELD_PAUSE.to_string()),
             Err(why) => why,
         };
-        self.skipped.push(i);
-        let f = self.entered[i].clone();
-        if let Err(e) = self.fail(&*f, phase, &why) {
+        if let Err(e) = self.failed_call(i, phase, &why) {
             if d == Direction::Request {
                 // Failed closed while it held the request: the `503` enters
                 // the response path right after it (abi/README.md §3.2).
@@ -2949,6 +3065,7 @@ mod tests {
             bodyless: [false; 2],
             pump: None,
             failed: None,
+            answer_from: None,
         }
     }
 

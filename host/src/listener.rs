@@ -63,6 +63,10 @@ pub struct ListenerStats {
     /// Requests ended by the stream idle timeout (`http.stream_idle_timeout`,
     /// a route's `idle_timeout`): a 408 or a reset stream.
     pub stream_idle_timeouts: Counter,
+    /// Requests whose response a filter answered after its head had gone to
+    /// the client: the stream was reset instead (Envoy's `sendLocalReply`
+    /// once headers are sent).
+    pub late_local_replies: Counter,
     /// Bytes received from downstream (TCP listeners).
     pub rx_bytes: Counter,
     /// Bytes sent to downstream (TCP listeners).
@@ -149,6 +153,11 @@ impl ListenerStats {
             stream_idle_timeouts: stats.counter(
                 "legate_listener_stream_idle_timeouts_total",
                 "Requests ended by the stream idle timeout: 408 before the response head, a reset stream after it.",
+                &l,
+            ),
+            late_local_replies: stats.counter(
+                "legate_listener_late_local_replies_total",
+                "Local responses a filter sent after the response head had gone to the client: the stream was reset instead.",
                 &l,
             ),
             rx_bytes: stats.counter(

@@ -181,8 +181,13 @@ pub async fn handle(
     };
     if let Some(chain) = &out.chain {
         // The head goes to the client now: a filter's local response between
-        // phases comes too late from here on.
+        // phases can only reset the stream from here on, so the body watches
+        // for one (when a filter may send one).
         chain.head_sent();
+        if !resp.body().is_end_stream() && chain.may_answer_late() {
+            let chain = chain.clone();
+            resp = resp.map(|b| body::boxed(body::Cuttable::new(b, chain)));
+        }
     }
     // A filter reset the stream (proxy-wasm's `proxy_close_stream`): the
     // connection resets it instead of sending this answer.
@@ -2648,6 +2653,29 @@ impl Drop for Done {
         });
         if let Some(details) = &answered {
             self.out.local = Some(filter::plugin_cause(details));
+        }
+        if self
+            .out
+            .chain
+            .as_ref()
+            .is_some_and(filter::SharedChain::was_cut)
+        {
+            // A filter answered after the head went out: the stream was reset
+            // (Envoy's `sendLocalReply` once headers are sent).
+            self.conn.listener.stats.late_local_replies.inc();
+        }
+        if self.out.cause.is_none()
+            && answered.is_none()
+            && self
+                .out
+                .chain
+                .as_ref()
+                .is_some_and(filter::SharedChain::was_reset)
+        {
+            // A filter reset the stream after the head (proxy-wasm's
+            // `proxy_close_stream` from a response body callback): named as
+            // before the head, not as a body that failed.
+            self.out.cause = Some(filter::RESET_CAUSE);
         }
         if self.out.cause.is_none() {
             if self.cut_short() {

@@ -468,6 +468,45 @@ each_proto!(
 );
 
 each_proto!(
+    /// The filter that reset the stream (`proxy_close_stream`) still gets
+    /// `on_log` with the exchange, as Envoy logs every filter, and reads
+    /// there why it ended: `response.code_details` is `wasm_close_stream`,
+    /// before the response head (status 499: nothing was sent) and after it
+    /// (the body cut; the access log names it too, not as a failed body).
+    /// It used to be skipped as a failed filter: its `on_log` ran without
+    /// the exchange and read nothing.
+    async fn a_filter_that_reset_the_stream_reads_why_in_on_log(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let p = plugin("closer", "{ mode: close }", "");
+        let yaml = config(up.addr, &p, &["closer"]).replace(
+            "version: 1\n",
+            &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
+        );
+        let lg = legate().config(&yaml).start();
+        for path in ["/close-request", "/close-response", "/close-body"] {
+            let r = client(proto, lg.addr("web")).await.get(path).try_send().await;
+            assert!(r.is_err(), "{path}: answered {:?}", r.map(|r| r.status));
+        }
+        lg.assert_stat(
+            r#"legate_proxywasm_pw_logged_499_wasm_close_stream{plugin="closer"}"#,
+            2.0,
+        )
+        .await;
+        lg.assert_stat(
+            r#"legate_proxywasm_pw_logged_200_wasm_close_stream{plugin="closer"}"#,
+            1.0,
+        )
+        .await;
+        let lines = access_log_until(&log, "three lines", |l| l.len() >= 3).await;
+        for v in &lines {
+            assert_eq!(v["cause"], "wasm_close_stream", "{v}");
+        }
+    }
+);
+
+each_proto!(
     async fn queue_ready_drains_a_shared_queue(proto) {
         let up = upstream().start().await;
         let vm = format!("queue-{proto:?}");
@@ -1496,10 +1535,24 @@ fn gated_stream(
     tokio::sync::oneshot::Sender<()>,
     impl Fn(Request<Incoming>) -> std::future::Ready<Response<BoxBody>> + Send + Sync + 'static,
 ) {
+    gated_stream_sized(first, rest, false)
+}
+
+/// [`gated_stream`], with a `content-length` (of `first` and `rest`) if
+/// `sized`.
+fn gated_stream_sized(
+    first: &'static str,
+    rest: &'static str,
+    sized: bool,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    impl Fn(Request<Incoming>) -> std::future::Ready<Response<BoxBody>> + Send + Sync + 'static,
+) {
     use futures_util::StreamExt;
     use std::sync::{Arc, Mutex};
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let rx = Arc::new(Mutex::new(Some(rx)));
+    let len = first.len() + rest.len();
     let handler = move |_req| {
         let more = rx.lock().unwrap().take();
         let first = futures_util::stream::once(async move {
@@ -1518,6 +1571,10 @@ fn gated_stream(
             "content-type",
             http::HeaderValue::from_static("text/event-stream"),
         );
+        if sized {
+            r.headers_mut()
+                .insert("content-length", http::HeaderValue::from(len));
+        }
         std::future::ready(r)
     };
     (tx, handler)
@@ -1538,6 +1595,107 @@ async fn sink_with_marks(req: Request<Incoming>) -> Response<Full<Bytes>> {
     v["late"] = late.into();
     Response::new(Full::new(Bytes::from(v.to_string())))
 }
+
+each_proto!(
+    /// A local response from a call's callback after the response head went
+    /// to the client (the call sent from the response headers callback, its
+    /// answer arriving while the upstream holds the rest of the body) resets
+    /// the stream, as Envoy's `sendLocalReply` once headers are sent: the
+    /// client can tell the response is incomplete (HTTP/2 `RST_STREAM`;
+    /// HTTP/1.1 the connection closed with the chunked body unterminated, or
+    /// short of its `content-length`). The access log and `on_log` name the
+    /// filter's answer (`plugin:<details>`), and the reset is counted. (It
+    /// was ignored, and the body went on.)
+    async fn a_call_answer_after_the_response_head_resets_the_stream(proto) {
+        use http_body_util::BodyExt;
+        for sized in [false, true] {
+            let (more, stream) = gated_stream_sized("part1;", "part2", sized);
+            let up = upstream().route("/late/response-deny", stream).start().await;
+            let az = authz_upstream().await;
+            let dir = TempDir::new();
+            let log = dir.path().join("access.log");
+            let yaml = late_call_config(up.addr, az.addr).replace(
+                "version: 1\n",
+                &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
+            );
+            let lg = legate().config(&yaml).start();
+            let mut c = client(proto, lg.addr("web")).await;
+            let resp = tokio::time::timeout(HANG_GUARD, c.get("/late/response-deny").send_for_head())
+                .await
+                .expect("the response head");
+            assert_eq!(resp.status(), 200);
+            // The upstream holds the rest of its body until `more` fires,
+            // which it does not: only the reset can end the body.
+            let body = tokio::time::timeout(HANG_GUARD, resp.into_body().collect())
+                .await
+                .expect("the body cut by the filter's answer, not held open");
+            assert!(
+                body.is_err(),
+                "sized {sized}: the body ended cleanly: {:?}",
+                body.map(|b| b.to_bytes())
+            );
+            drop(more);
+            let lines = access_log_until(&log, "the line", |l| !l.is_empty()).await;
+            assert_eq!(lines[0]["status"], 200, "{}", lines[0]);
+            assert_eq!(lines[0]["cause"], "plugin:late_denied", "{}", lines[0]);
+            lg.assert_stat(r#"legate_listener_late_local_replies_total{listener="web"}"#, 1.0)
+                .await;
+            // `on_log` of the filter that answered reads why.
+            lg.assert_stat(
+                r#"legate_proxywasm_pw_logged_200_plugin_late_denied{plugin="late"}"#,
+                1.0,
+            )
+            .await;
+        }
+    }
+);
+
+each_proto!(
+    /// A local response from a call's callback while another filter's pause
+    /// holds the exchange answers it, as Envoy's `sendLocalReply` does
+    /// whatever other filters' pause state: the first filter's call (sent
+    /// from its request headers callback, which continued) is answered
+    /// while the second filter waits for a call its upstream holds; the
+    /// second filter's call is abandoned (its callback never comes) and the
+    /// request never reaches the upstream. (The answer was ignored, and the
+    /// exchange waited for the paused filter.)
+    async fn a_call_answer_while_another_filter_is_paused_answers(proto) {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        use std::sync::Arc;
+        let release = Arc::new(AtomicBool::new(false));
+        let up = upstream().start().await;
+        let held = upstream().hold_until(&release).start().await;
+        let az = authz_upstream().await;
+        let late = plugin(
+            "late",
+            "{ mode: late-call }",
+            "    capabilities: { clusters: [authz] }\n",
+        );
+        let waiter = plugin(
+            "waiter",
+            "{ mode: callout, cluster: held, timeout_ms: 30000 }",
+            "    capabilities: { clusters: [held] }\n",
+        );
+        let yaml = with_cluster(
+            &with_authz(up.addr, az.addr, &format!("{late}{waiter}"), &["late", "waiter"]),
+            "held",
+            held.addr,
+        );
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = tokio::time::timeout(HANG_GUARD, c.get("/late/deny").send())
+            .await
+            .expect("the first filter's answer while the second one is paused");
+        release.store(true, SeqCst);
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.text(), "denied late");
+        assert_eq!(r.header("x-pw-late-denied"), Some("yes"));
+        assert_eq!(up.requests.get(), 0, "the request reached the backend");
+        lg.assert_stat(&calls("waiter", "done"), 1.0).await;
+        let answered = lg.stat(&calls("waiter", "callout_response")).await;
+        assert_eq!(answered.unwrap_or(0.0), 0.0, "the abandoned call was delivered");
+    }
+);
 
 each_proto!(
     /// Envoy's StopIteration from the request headers callback, with a body

@@ -27,9 +27,12 @@
 //! - `close`: resets the stream (`proxy_close_stream`) from the request headers
 //!   callback under `/close-request`, the response headers callback under
 //!   `/close-response`, the response body callback under `/close-body`.
+//!   `on_log` counts in metric `pw_logged_<response.code>_<response.code_details>`
+//!   (`none` for a property not found), as the `stream-` modes do.
 //! - `noop`: every callback returns at once.
-//! - `callout`: each request pauses on an HTTP call to cluster `authz` (path
-//!   `/check<request path>`, timeout `timeout_ms`, default 1000); in
+//! - `callout`: each request pauses on an HTTP call to cluster `authz` (or the
+//!   config's `cluster`; path `/check<request path>`, timeout `timeout_ms`,
+//!   default 1000); in
 //!   `on_http_call_response` a 200 adds its body as request header `x-pw-authz`
 //!   and resumes, another status is answered locally with that status and body
 //!   (`x-pw-denied: yes`), a failed call (no headers) with 503 `x-pw-call: failed`.
@@ -202,7 +205,10 @@
 //!   yes` (`/late/held-deny`, `/late/held-resp-deny`; `/late/deny` does so
 //!   for a call sent from the request headers callback, which returns
 //!   `Continue`). `/late/trap`: as `/late/http`, but the call's callback
-//!   panics (the VM traps between phases).
+//!   panics (the VM traps between phases). `/late/response-deny` sends its
+//!   call as `/late/response` does and answers 403 from the callback, with
+//!   details `late_denied` (after the response head went out: the stream
+//!   must be reset). `on_log` records what it sees as `close` mode does.
 //! - `wrong-resume`: `/req…` pauses the request headers callback,
 //!   `/resp…` the response headers callback, on an HTTP call to `authz`. The
 //!   call's callback continues the other direction (`resume_http_response`
@@ -252,6 +258,8 @@ struct Settings {
     burst: u64,
     queue: u32,
     timeout_ms: u64,
+    /// `callout` mode: the cluster called (`cluster`, default `authz`).
+    cluster: String,
     /// `path` (the TCP callout's).
     path: String,
     /// `share` mode: the config's `tag` and `plugin_root_id` as `on_configure` saw it.
@@ -532,6 +540,7 @@ impl RootContext for Root {
                 hostcalls::define_metric(MetricType::Counter, "pw_dequeued").unwrap_or(0);
         }
         self.s.timeout_ms = v["timeout_ms"].as_u64().unwrap_or(1000);
+        self.s.cluster = v["cluster"].as_str().unwrap_or("authz").to_string();
         self.s.burst = v["burst"].as_u64().unwrap_or(0);
         self.s.path = v["path"].as_str().unwrap_or("/check").to_string();
         if self.s.mode.starts_with("tcp-") {
@@ -960,6 +969,11 @@ impl Filter {
                 Some(b"denied late"),
             ),
             "/late/trap" => panic!("late-call guest panics between phases, on purpose"),
+            // After the response head went to the client: with details, for
+            // the access log and `on_log`.
+            "/late/response-deny" => {
+                send_local_response_with_details(403, "late_denied", b"denied late");
+            }
             _ => self.set_http_request_header("x-pw-late", Some("1")),
         }
         // Last: a test that sees it knows the callback ran.
@@ -1389,6 +1403,34 @@ extern "C" {
     fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_close_stream(stream_type: u32) -> u32;
     fn proxy_set_header_map_pairs(map_type: u32, data: *const u8, size: usize) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        details_data: *const u8,
+        details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+}
+
+/// `proxy_send_local_response` with `details` (the SDK's
+/// `send_http_response` sends none), no headers.
+fn send_local_response_with_details(status: u32, details: &str, body: &[u8]) {
+    let headers = 0u32.to_le_bytes();
+    unsafe {
+        proxy_send_local_response(
+            status,
+            details.as_ptr(),
+            details.len(),
+            body.as_ptr(),
+            body.len(),
+            headers.as_ptr(),
+            headers.len(),
+            -1,
+        );
+    }
 }
 
 /// `proxy_set_header_map_pairs` on the request headers, returning the status (the
@@ -1597,7 +1639,7 @@ impl HttpContext for Filter {
                     headers.push(("content-length", "5"));
                 }
                 let r = self.dispatch_http_call(
-                    "authz",
+                    &self.s.cluster,
                     headers,
                     None,
                     vec![],
@@ -2229,7 +2271,7 @@ impl HttpContext for Filter {
             self.reset_http_response();
             return Action::Continue;
         }
-        if self.s.mode == "late-call" && self.path == "/late/response" {
+        if self.s.mode == "late-call" && self.path.starts_with("/late/response") {
             if let Err(e) = self.call_authz("late") {
                 self.send_http_response(500, vec![("x-pw-call-error", &format!("{e:?}"))], None);
                 return Action::Pause;
@@ -2300,7 +2342,8 @@ impl HttpContext for Filter {
         if self.s.mode == "late-call" && self.calls > 0 {
             hostcalls::increment_metric(self.s.late_metrics[1], 1).ok();
         }
-        if self.s.mode.starts_with("stream-") {
+        if self.s.mode.starts_with("stream-") || matches!(self.s.mode.as_str(), "close" | "late-call")
+        {
             // What `on_log` sees of the end of the exchange, as a counter
             // `pw_logged_<response.code>_<response.code_details>`.
             let code = self
