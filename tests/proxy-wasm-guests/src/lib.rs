@@ -2342,7 +2342,8 @@ impl HttpContext for Filter {
         if self.s.mode == "late-call" && self.calls > 0 {
             hostcalls::increment_metric(self.s.late_metrics[1], 1).ok();
         }
-        if self.s.mode.starts_with("stream-") || matches!(self.s.mode.as_str(), "close" | "late-call")
+        if self.s.mode.starts_with("stream-")
+            || matches!(self.s.mode.as_str(), "close" | "late-call")
         {
             // What `on_log` sees of the end of the exchange, as a counter
             // `pw_logged_<response.code>_<response.code_details>`.
