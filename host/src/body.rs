@@ -75,6 +75,31 @@ pub fn unannounced_empty() -> Body {
     Body(Box::pin(Unannounced))
 }
 
+/// `b` with its length unknown (its size hint cleared, its frames as they
+/// are): a request body whose head lost its `content-length` to a filter (the
+/// grpc-web plugin removes it, as Envoy's grpc_web filter does). hyper's
+/// client writes a length for a body of exact size when the head has none,
+/// which would put back what the filter removed; without one it frames the
+/// body as Envoy's codec does: chunked on HTTP/1.1, no `content-length` on
+/// HTTP/2.
+pub fn without_length(b: Body) -> Body {
+    struct Unsized(Body);
+    impl HttpBody for Unsized {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Pin::new(&mut self.0).poll_frame(cx)
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.is_end_stream()
+        }
+    }
+    Body(Box::pin(Unsized(b)))
+}
+
 /// Boxes any body whose error converts to [`BoxError`].
 pub fn boxed<B>(b: B) -> Body
 where

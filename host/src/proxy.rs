@@ -1261,10 +1261,10 @@ async fn request_body(
     )
     .await?
     {
-        BodyRun::Passed(b) => *req.body_mut() = b,
+        BodyRun::Passed(b) => *req.body_mut() = unframed_if_length_removed(req.headers(), b),
         BodyRun::Released(b) => {
             chain_step(&shared, |c| write_head(&mut c.x, true, req, authority))??;
-            *req.body_mut() = b;
+            *req.body_mut() = unframed_if_length_removed(req.headers(), b);
         }
         BodyRun::Respond(lr) => return Ok(Some(lr)),
         BodyRun::Whole(data, trailers) => {
@@ -1319,6 +1319,23 @@ async fn client_body_within<T, F: Future<Output = Result<T, ProxyError>>>(
                 ))
             }
         }
+    }
+}
+
+/// `body` as it goes upstream under head `h`: a body of a known, non-zero
+/// length whose head has no `content-length` (nor `transfer-encoding`) lost
+/// it to a filter (hop-by-hop fields went before the filters, so a chunked
+/// request's body has no known length), and goes without one, as Envoy sends
+/// a request whose filter removed it ([`body::without_length`]).
+fn unframed_if_length_removed(h: &http::HeaderMap, body: Body) -> Body {
+    let known = body.size_hint().exact().is_some_and(|n| n > 0);
+    if known
+        && !h.contains_key(header::CONTENT_LENGTH)
+        && !h.contains_key(header::TRANSFER_ENCODING)
+    {
+        body::without_length(body)
+    } else {
+        body
     }
 }
 

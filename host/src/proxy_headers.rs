@@ -38,8 +38,11 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Headers always removed: connection-specific (RFC 9110 §7.6.1, RFC 9112) or, for
 /// `proxy-authorization`, credentials meant for this proxy and not the origin. `te`
-/// is handled on its own (see [`strip_hop_by_hop`]).
-const HOP_BY_HOP: [HeaderName; 6] = [
+/// is handled on its own (see [`strip_hop_by_hop`]). Public for the SDK's test
+/// harness, which strips callout responses as the host does with a copy of this
+/// list (`legate_sdk::testing::HOP_BY_HOP`): tests/tests/sdk_parity.rs keeps the
+/// two equal.
+pub const HOP_BY_HOP: [HeaderName; 6] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,

@@ -87,14 +87,107 @@ pub const HOST_BUCKETS: [f64; 19] = crate::backend::HOST_BUCKETS;
 /// `Err(Error::LimitExceeded)`.
 pub const CALLOUT_MAX_RESPONSE: usize = 1 << 20;
 
+/// The fields the host always drops from a callout response's head before
+/// the filter gets it, as from every message it proxies
+/// (host/src/proxy_headers.rs `HOP_BY_HOP`; the same list, checked by
+/// tests/tests/sdk_parity.rs): the connection-specific ones (RFC 9110
+/// §7.6.1, RFC 9112) and `proxy-authorization`. The harness drops them too,
+/// and, as the host, the fields a `connection` value names (but `host`,
+/// `content-length` and `te`) and `te` unless it offers `trailers` (then
+/// kept as exactly `te: trailers`).
+pub const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+/// Fields a `connection` option cannot remove (host/src/proxy_headers.rs
+/// `NOT_NOMINATABLE`): `host` and `content-length` carry the message's
+/// target and framing; `te` has its own rule.
+const NOT_NOMINATABLE: [&str; 3] = ["host", "content-length", "te"];
+
 /// A callout result as the host delivers it: a response whose body is over
 /// [`CALLOUT_MAX_RESPONSE`] is `Err(LimitExceeded)` (host/src/proxy.rs
-/// `callout` reads the body under that cap).
+/// `callout` reads the body under that cap), and the head of one delivered
+/// loses its hop-by-hop fields ([`strip_hop_by_hop`]), as the host strips them
+/// (`callout`, `proxy_headers::strip_hop_by_hop`).
 fn as_received(r: Result<CalloutResponse, Error>) -> Result<CalloutResponse, Error> {
     match r {
         Ok(resp) if resp.body.len() > CALLOUT_MAX_RESPONSE => Err(Error::LimitExceeded),
+        Ok(mut resp) => {
+            strip_hop_by_hop(&mut resp.headers);
+            Ok(resp)
+        }
         r => r,
     }
+}
+
+/// Removes hop-by-hop fields as the host does (host/src/proxy_headers.rs
+/// `strip_hop_by_hop`): every field [`HOP_BY_HOP`] lists and every field a
+/// `connection` value names (but `host`, `content-length` and `te`); `te` is
+/// kept as exactly `te: trailers` (one field, where the first was) if one of
+/// its values offers `trailers`, else removed. Names compare
+/// case-insensitively.
+fn strip_hop_by_hop(headers: &mut Vec<(String, Vec<u8>)>) {
+    let nominated: Vec<String> = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| list_items(v))
+        .filter_map(|t| std::str::from_utf8(t).ok())
+        .filter(|t| !t.is_empty() && t.bytes().all(is_tchar))
+        .map(str::to_ascii_lowercase)
+        .filter(|t| !NOT_NOMINATABLE.contains(&t.as_str()))
+        .collect();
+    let offers_trailers = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("te"))
+        .flat_map(|(_, v)| list_items(v))
+        .any(|item| {
+            let coding = item.split(|&b| b == b';').next().unwrap_or(item);
+            trim_ows(coding).eq_ignore_ascii_case(b"trailers")
+        });
+    let mut te_kept = false;
+    headers.retain_mut(|(n, v)| {
+        let name = n.to_ascii_lowercase();
+        if HOP_BY_HOP.contains(&name.as_str()) || nominated.contains(&name) {
+            return false;
+        }
+        if name != "te" {
+            return true;
+        }
+        if !offers_trailers || te_kept {
+            return false;
+        }
+        te_kept = true;
+        *v = b"trailers".to_vec();
+        true
+    });
+}
+
+/// The items of a comma-separated field value, trimmed, empty ones skipped.
+fn list_items(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',')
+        .map(trim_ows)
+        .filter(|s| !s.is_empty())
+}
+
+/// Trims optional whitespace (space and tab, RFC 9110 §5.6.3).
+fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// A token character (RFC 9110 §5.6.2): what a field name is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// The range the host's configuration takes for `limits.body`
@@ -696,8 +789,22 @@ impl<F: HttpFilter> FilterTest<F> {
         }
     }
 
-    /// Call `on_tick` (whether or not a tick interval was declared).
+    /// Call `on_tick`, as the host does every declared tick interval.
+    ///
+    /// # Panics
+    ///
+    /// If the filter declared no tick interval (`Setup::tick_every_ms`,
+    /// or 0): the host never calls `on_tick` then, so a test that ticks it
+    /// would test a call that cannot happen.
+    #[track_caller]
     pub fn tick(&mut self) {
+        if self.instance.setup().tick_interval_ms() == 0 {
+            panic!(
+                "FilterTest::tick called, but the filter declared no tick interval \
+                 (Setup::tick_every_ms): the host never calls `on_tick` then; declare \
+                 one in `setup`, or do not tick"
+            );
+        }
         let _g = install(&self.host.host, self.id, Call::Tick);
         self.instance.tick();
     }
@@ -2270,8 +2377,22 @@ impl<F: NetworkFilter> NetworkFilterTest<F> {
         }
     }
 
-    /// Call `on_tick` (whether or not a tick interval was declared).
+    /// Call `on_tick`, as the host does every declared tick interval.
+    ///
+    /// # Panics
+    ///
+    /// If the filter declared no tick interval (`NetworkSetup::tick_every_ms`,
+    /// or 0): the host never calls `on_tick` then, so a test that ticks it
+    /// would test a call that cannot happen.
+    #[track_caller]
     pub fn tick(&mut self) {
+        if self.instance.setup().tick_interval_ms() == 0 {
+            panic!(
+                "NetworkFilterTest::tick called, but the filter declared no tick interval \
+                 (NetworkSetup::tick_every_ms): the host never calls `on_tick` then; declare \
+                 one in `setup`, or do not tick"
+            );
+        }
         let _g = install(&self.host.host, self.id, Call::Tick);
         self.instance.tick();
     }

@@ -587,7 +587,9 @@ impl HttpFilter for Caller {
         })
     }
     fn setup(&self) -> Setup {
-        Setup::new().on_request_headers()
+        // Ticks: callouts from `on_tick` (the host ticks only a filter
+        // that declares an interval).
+        Setup::new().on_request_headers().tick_every_ms(1000)
     }
     fn on_request_headers(
         &mut self,
@@ -981,7 +983,10 @@ impl HttpFilter for Waiter {
         Ok(Waiter::default())
     }
     fn setup(&self) -> Setup {
-        Setup::new().on_request_headers().on_log()
+        Setup::new()
+            .on_request_headers()
+            .on_log()
+            .tick_every_ms(1000)
     }
     fn on_request_headers(
         &mut self,
@@ -2407,6 +2412,17 @@ fn a_buffered_body_over_the_cap_is_answered_by_the_host() {
 #[derive(Default)]
 struct Fetch {
     results: Vec<Result<u16, Error>>,
+    /// The head of each response delivered.
+    heads: Vec<Vec<(String, Vec<u8>)>>,
+}
+
+impl Fetch {
+    fn record(&mut self, r: Result<CalloutResponse, Error>) {
+        if let Ok(r) = &r {
+            self.heads.push(r.headers.clone());
+        }
+        self.results.push(r.map(|r| r.status));
+    }
 }
 
 impl HttpFilter for Fetch {
@@ -2416,7 +2432,7 @@ impl HttpFilter for Fetch {
         Ok(Fetch::default())
     }
     fn setup(&self) -> Setup {
-        Setup::new().on_request_headers()
+        Setup::new().on_request_headers().tick_every_ms(1000)
     }
     fn on_request_headers(
         &mut self,
@@ -2435,14 +2451,14 @@ impl HttpFilter for Fetch {
         _: CalloutId,
         r: Result<CalloutResponse, Error>,
     ) -> Action {
-        self.results.push(r.map(|r| r.status));
+        self.record(r);
         Action::Continue
     }
     fn on_tick(&mut self) {
         callout::send(&check()).unwrap();
     }
     fn on_tick_callout_response(&mut self, _: CalloutId, r: Result<CalloutResponse, Error>) {
-        self.results.push(r.map(|r| r.status));
+        self.record(r);
     }
 }
 
@@ -2476,6 +2492,88 @@ fn a_callout_response_over_1_mib_is_limit_exceeded() {
     assert_eq!(t.deliver_tick_callouts(), 1);
     let over = Err(Error::LimitExceeded);
     assert_eq!(t.filter().results, vec![Ok(200), over, over, over]);
+}
+
+/// The host drops a callout response's hop-by-hop fields before the filter
+/// gets it (host/src/proxy.rs `callout`, `proxy_headers::strip_hop_by_hop`;
+/// the two lists are compared in tests/tests/sdk_parity.rs): the fixed
+/// list, the fields `connection` names (but `content-length`), and `te`
+/// unless it offers `trailers` (then exactly `te: trailers`). So does the
+/// harness, however the response comes.
+#[test]
+fn a_callout_responses_hop_by_hop_fields_are_dropped() {
+    let resp = |te: &str| {
+        Ok(CalloutResponse::new(200, "ok")
+            .header("Connection", "x-hop, Content-Length")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header("transfer-encoding", "chunked")
+            .header("upgrade", "h2c")
+            .header("proxy-authorization", "Basic eDp5")
+            .header("x-hop", "1")
+            .header("te", te)
+            .header("content-length", "2")
+            .header("x-user", "alice"))
+    };
+    let host = TestHost::new().grant_cluster("authz");
+    let mut t = host.configure::<Fetch>("null").unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    host.queue_callout_response("authz", resp("gzip, trailers;q=1"));
+    assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+    drop(x);
+    let mut x = t.exchange(Request::get("/"));
+    assert_eq!(x.request_headers(), Action::Pause);
+    let id = host.callouts().last().unwrap().id;
+    assert_eq!(x.deliver_callout(id, resp("gzip")), Some(Action::Continue));
+    drop(x);
+    t.tick();
+    host.queue_callout_response("authz", resp("trailers"));
+    assert_eq!(t.deliver_tick_callouts(), 1);
+
+    let kept = |te: bool| {
+        let mut h = vec![
+            ("content-length".to_owned(), b"2".to_vec()),
+            ("x-user".to_owned(), b"alice".to_vec()),
+        ];
+        if te {
+            h.insert(0, ("te".to_owned(), b"trailers".to_vec()));
+        }
+        h
+    };
+    assert_eq!(t.filter().heads, vec![kept(true), kept(false), kept(true)]);
+}
+
+// ---------------------------------------------------------------- ticks only when declared
+
+/// The host ticks an instance only if its setup declares a tick interval
+/// (host/src/wasm/plugin.rs: no interval, no tick task). A test that ticks a
+/// filter that declared none would test a call that never happens: the
+/// harness panics, naming the mistake, as for phase-order misuse.
+#[test]
+#[should_panic(expected = "FilterTest::tick called, but the filter declared no tick interval")]
+fn ticking_a_filter_without_a_tick_interval_panics() {
+    let mut t = FilterTest::<Ticker>::configure("0").unwrap();
+    t.tick();
+}
+
+#[test]
+#[should_panic(
+    expected = "NetworkFilterTest::tick called, but the filter declared no tick interval"
+)]
+fn ticking_a_network_filter_without_a_tick_interval_panics() {
+    let mut t = TestHost::new().configure_network::<NetTicker>("0").unwrap();
+    t.tick();
+}
+
+#[test]
+fn a_filter_with_a_tick_interval_is_ticked() {
+    let mut t = FilterTest::<Ticker>::configure("1000").unwrap();
+    t.tick();
+    let mut n = TestHost::new()
+        .configure_network::<NetTicker>("10")
+        .unwrap();
+    n.tick();
 }
 
 // ---------------------------------------------------------------- on_log before on_done

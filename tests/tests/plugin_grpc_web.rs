@@ -250,6 +250,9 @@ each_proto!(
             md.get("x-user-agent").map(String::as_str),
             Some("grpc-web-javascript/0.1")
         );
+        // The client's length is removed, binary as text, as Envoy's
+        // grpc_web filter removes it (`decodeHeaders`).
+        assert_eq!(md.get("content-length"), None, "{md:?}");
         assert_eq!(trailer(&trailers, "grpc-status"), Some("0"));
         assert_eq!(s.grpc.calls.get(), 1);
 
@@ -742,6 +745,52 @@ each_proto!(
         assert_eq!(e.header("te"), None);
         assert_eq!(e.body, "{\"a\":1}");
         assert_eq!(r.header("access-control-allow-origin"), None);
+        assert_eq!(
+            plugin_counter(&s.lg, "grpc_web_requests_total", "variant=\"binary\"").await,
+            Some(0.0)
+        );
+    }
+);
+
+each_proto!(
+    async fn a_content_type_in_another_case_is_not_grpc_web(proto) {
+        // Envoy's grpc_web filter matches the four lower-case types exactly:
+        // `Application/grpc-web+proto` is not gRPC-Web and passes untouched
+        // (as the client sent it, its length kept), its answer unconverted.
+        let s = setup().await;
+        let mut c = client(proto, s.lg.addr("web")).await;
+        let body = say("hello");
+        let len = body.len().to_string();
+        let r = call(&mut c, "/echo/Say", "Application/grpc-web+proto", body).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.header("content-type"), Some("Application/grpc-web+proto"));
+        assert_eq!(e.header("te"), None);
+        assert_eq!(e.header("grpc-accept-encoding"), None);
+        assert_eq!(e.header("content-length"), Some(len.as_str()));
+        assert_eq!(r.header("content-type"), Some("application/json"));
+
+        // To the gRPC server: unconverted both ways. tonic does not check
+        // the content type and answers gRPC, which the client gets as it is
+        // (its status in HTTP trailers, which a browser cannot read).
+        let r = call(
+            &mut c,
+            "/legate.test.v1.Echo/Say",
+            "application/GRPC-WEB",
+            say("hello"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/grpc"));
+        let frames = unframe(&r.body).unwrap();
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert_eq!(frames[0].0, 0, "a plain gRPC message, no trailer frame");
+        let reply = pb::SayReply::decode(&frames[0].1[..]).unwrap();
+        assert_eq!(
+            reply.metadata.get("content-type").map(String::as_str),
+            Some("application/GRPC-WEB")
+        );
+        assert_eq!(reply.metadata.get("te"), None);
         assert_eq!(
             plugin_counter(&s.lg, "grpc_web_requests_total", "variant=\"binary\"").await,
             Some(0.0)

@@ -6,10 +6,11 @@
 //! any HTTP version with the trailers moved into the body. This filter converts
 //! at the proxy, as Envoy's `grpc_web` filter does:
 //!
-//! - request: `content-type: application/grpc-web[-text][+proto]` becomes
-//!   `application/grpc` (another codec keeps its suffix), `te: trailers` is
-//!   added, `grpc-accept-encoding: identity` if the client named no
-//!   encodings, and a `-text` body is
+//! - request: `content-type: application/grpc-web[-text][+proto]` (lower
+//!   case, as Envoy matches it) becomes `application/grpc` (another codec
+//!   keeps its suffix), `te: trailers` is added, `grpc-accept-encoding:
+//!   identity` if the client named no encodings, `content-length` is
+//!   removed (binary and text, as Envoy), and a `-text` body is
 //!   base64-decoded as it streams (any chunking);
 //! - response: `content-type` goes back to gRPC-Web, text when the client's
 //!   `accept` asks for `application/grpc-web-text`, else binary (as Envoy,
@@ -77,13 +78,18 @@ pub fn accepts_text(accept: &str, text_type: &str) -> bool {
 
 /// A gRPC-Web `content-type` → (variant, the client's media type, the gRPC
 /// media type to send upstream). `None` for anything else.
+///
+/// Case-sensitive, as Envoy's grpc_web filter (`isGrpcWebRequest` looks the
+/// whole value up in its set of the four lower-case gRPC-Web types): a type
+/// with an upper-case letter (`Application/grpc-web`) is not gRPC-Web and
+/// passes untouched. Parameters are ignored (Envoy would not convert a type
+/// with them), and a codec other than `+proto` is converted too (Envoy
+/// converts none).
 pub fn convert_content_type(content_type: &str) -> Option<(Variant, String, String)> {
-    let base = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let base = content_type.split(';').next().unwrap_or_default().trim();
+    if base.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
     let (variant, suffix) = if let Some(s) = base.strip_prefix("application/grpc-web-text") {
         (Variant::Text, s)
     } else if let Some(s) = base.strip_prefix("application/grpc-web") {
@@ -103,7 +109,29 @@ pub fn convert_content_type(content_type: &str) -> Option<(Variant, String, Stri
         "" | "+proto" => "application/grpc".to_owned(),
         _ => format!("application/grpc{suffix}"),
     };
-    Some((variant, base, grpc))
+    Some((variant, base.to_owned(), grpc))
+}
+
+/// Whether an upstream response's `content-type` is gRPC, as Envoy's
+/// grpc_web filter decides whether to convert it: `application/grpc` or
+/// `application/grpc+codec`, case-sensitive (`Grpc::Common::hasGrpcContentType`:
+/// `application/grpc-web` and `Application/grpc` are not gRPC), or an answer
+/// that is gRPC-Web already, `application/grpc-web` or
+/// `application/grpc-web+proto` in any case, parameters ignored
+/// (`hasProtoEncodedGrpcWebContentType`). Anything else is a non-gRPC answer.
+pub fn is_grpc_response_type(content_type: &str) -> bool {
+    if let Some(rest) = content_type.strip_prefix("application/grpc") {
+        if rest.is_empty() || rest.starts_with('+') {
+            return true;
+        }
+    }
+    let base = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim_end();
+    base.eq_ignore_ascii_case("application/grpc-web")
+        || base.eq_ignore_ascii_case("application/grpc-web+proto")
 }
 
 struct Metrics {
@@ -273,16 +301,18 @@ impl HttpFilter for GrpcWeb {
         if !headers.has("grpc-accept-encoding") {
             let _ = headers.set("grpc-accept-encoding", "identity");
         }
+        // As Envoy's grpc_web filter (`decodeHeaders`), for binary and text
+        // alike: the upstream request goes without a length (chunked on
+        // HTTP/1.1, DATA frames to the end of the stream on HTTP/2). Decoding
+        // a `-text` body shrinks it, and a binary one is framed as Envoy
+        // frames it, so an upstream sees the same request behind either.
+        let _ = headers.remove("content-length");
         match variant {
             Variant::Binary => {
                 self.metrics.binary.inc();
                 let _ = x.set_body_mode(Direction::Request, BodyMode::Skipped);
             }
-            Variant::Text => {
-                self.metrics.text.inc();
-                // Decoding shrinks the body.
-                let _ = headers.remove("content-length");
-            }
+            Variant::Text => self.metrics.text.inc(),
         }
         // As Envoy's grpc_web filter (`is_text_response_`), the response is
         // text only when `accept` is exactly a text type (grpc-web's JS
@@ -355,11 +385,13 @@ impl HttpFilter for GrpcWeb {
         if let Some(origin) = &ctx.allow_origin {
             self.cors_headers(headers, origin);
         }
-        let grpc = headers.get_str("content-type").is_some_and(|ct| {
-            ct.trim()
-                .to_ascii_lowercase()
-                .starts_with("application/grpc")
-        });
+        // As Envoy's grpc_web filter (`isGrpcResponseHeaders`): a head that
+        // ends the response with a `grpc-status` is a trailers-only gRPC
+        // answer whatever its content type; otherwise the content type says.
+        let grpc = (end_of_stream && headers.has("grpc-status"))
+            || headers
+                .get_str("content-type")
+                .is_some_and(|ct| is_grpc_response_type(&ct));
         if !grpc {
             // An error page from the upstream, a proxy or the host (a dead
             // upstream's 502): a gRPC-Web client could only report the HTTP

@@ -5,7 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 use legate_plugin_grpc_web::codec::{self, TextDecoder};
-use legate_plugin_grpc_web::{accepts_text, convert_content_type, GrpcWeb, Variant};
+use legate_plugin_grpc_web::{
+    accepts_text, convert_content_type, is_grpc_response_type, GrpcWeb, Variant,
+};
 use legate_sdk::testing::{FilterTest, Request, Response};
 use legate_sdk::{Action, BodyMode, Direction};
 
@@ -61,8 +63,9 @@ fn content_types_map_to_grpc() {
             "application/grpc".into()
         ))
     );
+    // Parameters are ignored.
     assert_eq!(
-        c("Application/GRPC-Web+proto; charset=utf-8"),
+        c("application/grpc-web+proto; charset=utf-8"),
         Some((
             Variant::Binary,
             "application/grpc-web+proto".into(),
@@ -98,6 +101,92 @@ fn content_types_map_to_grpc() {
 }
 
 #[test]
+fn content_types_are_case_sensitive_as_envoy_matches_them() {
+    // Envoy's grpc_web filter looks the whole value up in its set of the
+    // four lower-case types (`isGrpcWebRequest`): another case is not
+    // gRPC-Web, and passes untouched.
+    for other in [
+        "Application/grpc-web",
+        "application/GRPC-Web+proto",
+        "application/grpc-web-TEXT",
+        "application/grpc-web-text+Proto",
+        "APPLICATION/GRPC-WEB; charset=utf-8",
+    ] {
+        assert_eq!(convert_content_type(other), None, "{other}");
+        let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+        let mut x = t.exchange(grpc_web_no_accept(other, &frame(0, b"x")));
+        let headers = x.request_headers_list();
+        assert_eq!(x.request_headers(), Action::Continue, "{other}");
+        assert_eq!(x.request_headers_list(), headers, "{other}");
+        assert!(x.detached(), "{other}");
+        assert_eq!(counter(&t, "grpc_web_requests_total", "binary"), Some(0));
+        assert_eq!(counter(&t, "grpc_web_requests_total", "text"), Some(0));
+    }
+}
+
+#[test]
+fn the_upstreams_content_type_is_read_as_envoy_reads_it() {
+    // gRPC: `application/grpc` or `application/grpc+codec`, case-sensitive
+    // (Envoy's `hasGrpcContentType`); gRPC-Web already (binary, proto): any
+    // case, parameters ignored (`hasProtoEncodedGrpcWebContentType`).
+    for grpc in [
+        "application/grpc",
+        "application/grpc+proto",
+        "application/grpc+json",
+        "application/grpc-web",
+        "application/grpc-web+proto",
+        "Application/GRPC-Web+Proto; charset=utf-8",
+    ] {
+        assert!(is_grpc_response_type(grpc), "{grpc}");
+    }
+    for not in [
+        "Application/grpc",
+        "APPLICATION/GRPC+PROTO",
+        "application/grpcx",
+        "application/grpc; charset=utf-8",
+        "application/grpc-web-text",
+        "text/html",
+    ] {
+        assert!(!is_grpc_response_type(not), "{not}");
+    }
+    // An upstream answering `Application/grpc` is answered as a non-gRPC
+    // answer: a status in the trailer frame (UNKNOWN for a 200).
+    let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+    let mut x = t.exchange(grpc_web("application/grpc-web", &frame(0, b"x")));
+    x.request_headers();
+    let resp = Response::new(200)
+        .header("content-type", "Application/grpc")
+        .body(frame(0, b"reply"))
+        .trailer("grpc-status", "0");
+    assert_eq!(x.response_headers(resp), Action::Continue);
+    assert_eq!(x.body_mode(Direction::Response), BodyMode::Buffered);
+    assert_eq!(counter(&t, "grpc_web_responses_total", "not_grpc"), Some(1));
+
+    // A head that ends the response with a `grpc-status` is trailers-only
+    // gRPC whatever its content type (Envoy's `isGrpcResponseHeaders`): the
+    // upstream's status passes, not one mapped from the HTTP status.
+    for ct in ["Application/grpc", "text/plain"] {
+        let mut x = t.exchange(grpc_web("application/grpc-web", &frame(0, b"x")));
+        x.request_headers();
+        let resp = Response::new(200)
+            .header("content-type", ct)
+            .header("grpc-status", "5")
+            .header("grpc-message", "not found");
+        assert_eq!(x.response_headers(resp), Action::Continue, "{ct}");
+        assert_eq!(x.response_header("grpc-status").as_deref(), Some("5"));
+        assert_eq!(
+            x.response_header("content-type").as_deref(),
+            Some("application/grpc-web+proto")
+        );
+    }
+    assert_eq!(
+        counter(&t, "grpc_web_responses_total", "trailers_only"),
+        Some(2)
+    );
+    assert_eq!(counter(&t, "grpc_web_responses_total", "not_grpc"), Some(1));
+}
+
+#[test]
 fn binary_unary_is_converted_and_trailers_become_the_last_frame() {
     let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
     let msg = frame(0, b"request");
@@ -114,8 +203,9 @@ fn binary_unary_is_converted_and_trailers_become_the_last_frame() {
         x.request_header("grpc-accept-encoding").as_deref(),
         Some("identity")
     );
-    // Binary: same size, the length stays and the body is not touched.
-    assert_eq!(x.request_header("content-length").as_deref(), Some("12"));
+    // As Envoy's grpc_web filter, binary too: no `content-length` upstream
+    // (the body itself passes untouched).
+    assert_eq!(x.request_header("content-length"), None);
     assert_eq!(x.body_mode(Direction::Request), BodyMode::Skipped);
     assert!(
         !x.detached(),
@@ -490,10 +580,14 @@ fn a_trailers_only_response_passes_as_headers() {
     x.request_headers();
     let resp = Response::new(200)
         .header("content-type", "application/grpc")
+        .header("content-length", "0")
         .header("grpc-status", "5")
         .header("grpc-message", "not found");
     assert_eq!(x.response_headers(resp), Action::Continue);
     assert_eq!(x.response_header("grpc-status").as_deref(), Some("5"));
+    // Removed from every response to a converted request, as Envoy's
+    // `encodeHeaders` does.
+    assert_eq!(x.response_header("content-length"), None);
     assert_eq!(
         x.response_header("content-type").as_deref(),
         Some("application/grpc-web+proto")
