@@ -963,14 +963,10 @@ each_proto!(
             "{ mode: late-call }",
             "    capabilities: { clusters: [authz, grpc] }\n",
         );
-        // No route timeout: the upstream holds its answer as long as the
-        // test needs (it would answer 504 first, and a callback delivered
-        // with that response could pass for one delivered on arrival).
-        let yaml = with_grpc_cluster(&with_authz(up.addr, az.addr, &p, &["late"]), grpc.addr)
-            .replace(
-                "            cluster: backend\n",
-                "            cluster: backend\n            timeout: 0s\n",
-            );
+        let yaml = no_route_timeout(&with_grpc_cluster(
+            &with_authz(up.addr, az.addr, &p, &["late"]),
+            grpc.addr,
+        ));
         let lg = legate().config(&yaml).start();
         let addr = lg.addr("web");
         let delivered = r#"legate_proxywasm_pw_late_calls{plugin="late"}"#;
@@ -1054,6 +1050,17 @@ fn late_call_config(up: SocketAddr, az: SocketAddr) -> String {
     with_authz(up, az, &p, &["late"])
 }
 
+/// `yaml` with no route timeout on the backend route: an upstream that holds
+/// its answer then waits as long as the test needs (a 504 would end the
+/// exchange first, and a result delivered with it could pass for one
+/// delivered on arrival).
+fn no_route_timeout(yaml: &str) -> String {
+    yaml.replace(
+        "            cluster: backend\n",
+        "            cluster: backend\n            timeout: 0s\n",
+    )
+}
+
 /// Waits until the `late-call` guest's call callbacks reached `n`.
 async fn late_calls(lg: &LegateHandle, n: f64, what: &str) {
     eventually(HANG_GUARD, what, || async move {
@@ -1125,10 +1132,7 @@ each_proto!(
         let up = upstream().hold_until(&release).start().await;
         let az = authz_upstream().await;
         // No route timeout: only the filter's answer can end the wait.
-        let yaml = late_call_config(up.addr, az.addr).replace(
-            "            cluster: backend\n",
-            "            cluster: backend\n            timeout: 0s\n",
-        );
+        let yaml = no_route_timeout(&late_call_config(up.addr, az.addr));
         let lg = legate().config(&yaml).start();
         let mut c = client(proto, lg.addr("web")).await;
         let r = tokio::time::timeout(HANG_GUARD, c.get("/late/deny").send())
@@ -1158,10 +1162,7 @@ each_proto!(
         let release = Arc::new(AtomicBool::new(false));
         let up = upstream().hold_until(&release).start().await;
         let az = authz_upstream().await;
-        let yaml = late_call_config(up.addr, az.addr).replace(
-            "            cluster: backend\n",
-            "            cluster: backend\n            timeout: 0s\n",
-        );
+        let yaml = no_route_timeout(&late_call_config(up.addr, az.addr));
         let lg = legate().config(&yaml).start();
         let mut c = client(proto, lg.addr("web")).await;
         let sent = tokio::spawn(async move { c.get("/late/trap").send().await });
