@@ -1391,13 +1391,16 @@ async fn response_body(
         }
         Ok(())
     };
-    let (data, trailers) = match run_body(
+    // Boxed: only a filter with a response body phase gets here, and inline
+    // the body run's future would size every request's future (which is
+    // moved whole into its box per request), as connecting does upstream.
+    let (data, trailers) = match Box::pin(run_body(
         &shared,
         filter::Direction::Response,
         inner,
         resp.headers(),
         || None,
-    )
+    ))
     .await?
     {
         BodyRun::Passed(b) => {
