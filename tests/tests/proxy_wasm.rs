@@ -447,13 +447,11 @@ each_proto!(
     /// `downstream_reset`.
     async fn close_stream_is_logged_as_wasm_close_stream(proto) {
         let up = upstream().start().await;
-        let dir = TempDir::new();
-        let log = dir.path().join("access.log");
-        let p = plugin("closer", "{ mode: close }", "");
-        let yaml = config(up.addr, &p, &["closer"]).replace(
-            "version: 1\n",
-            &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
-        );
+        let (_dir, log, yaml) = with_access_log(&config(
+            up.addr,
+            &plugin("closer", "{ mode: close }", ""),
+            &["closer"],
+        ));
         let lg = legate().config(&yaml).start();
         for path in ["/close-request", "/close-response"] {
             let r = client(proto, lg.addr("web")).await.get(path).try_send().await;
@@ -477,13 +475,11 @@ each_proto!(
     /// the exchange and read nothing.
     async fn a_filter_that_reset_the_stream_reads_why_in_on_log(proto) {
         let up = upstream().start().await;
-        let dir = TempDir::new();
-        let log = dir.path().join("access.log");
-        let p = plugin("closer", "{ mode: close }", "");
-        let yaml = config(up.addr, &p, &["closer"]).replace(
-            "version: 1\n",
-            &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
-        );
+        let (_dir, log, yaml) = with_access_log(&config(
+            up.addr,
+            &plugin("closer", "{ mode: close }", ""),
+            &["closer"],
+        ));
         let lg = legate().config(&yaml).start();
         for path in ["/close-request", "/close-response", "/close-body"] {
             let r = client(proto, lg.addr("web")).await.get(path).try_send().await;
@@ -1050,6 +1046,19 @@ fn late_call_config(up: SocketAddr, az: SocketAddr) -> String {
     with_authz(up, az, &p, &["late"])
 }
 
+/// `yaml` with an access log to a file in a new temporary directory (kept
+/// while the returned `TempDir` lives): the directory, the log's path and the
+/// config.
+fn with_access_log(yaml: &str) -> (TempDir, std::path::PathBuf, String) {
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let yaml = yaml.replace(
+        "version: 1\n",
+        &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
+    );
+    (dir, log, yaml)
+}
+
 /// `yaml` with no route timeout on the backend route: an upstream that holds
 /// its answer then waits as long as the test needs (a 504 would end the
 /// exchange first, and a result delivered with it could pass for one
@@ -1613,12 +1622,7 @@ each_proto!(
             let (more, stream) = gated_stream_sized("part1;", "part2", sized);
             let up = upstream().route("/late/response-deny", stream).start().await;
             let az = authz_upstream().await;
-            let dir = TempDir::new();
-            let log = dir.path().join("access.log");
-            let yaml = late_call_config(up.addr, az.addr).replace(
-                "version: 1\n",
-                &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
-            );
+            let (_dir, log, yaml) = with_access_log(&late_call_config(up.addr, az.addr));
             let lg = legate().config(&yaml).start();
             let mut c = client(proto, lg.addr("web")).await;
             let resp = tokio::time::timeout(HANG_GUARD, c.get("/late/response-deny").send_for_head())
