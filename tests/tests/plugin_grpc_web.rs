@@ -816,3 +816,72 @@ async fn native_grpc_passes_untouched_with_its_trailers() {
     assert!(frames.iter().all(|(flag, _)| *flag == 0));
     assert_eq!(r.trailer("grpc-status"), Some("0"));
 }
+
+/// An upstream (standing in for a proxy between Legate and the gRPC server)
+/// whose errors carry a gRPC content type: `/echo/overloaded` is a `503`
+/// `application/grpc` with a page and a `grpc-status` in its head,
+/// `/echo/trailers-only` a body-less `503` with `grpc-status: 8`.
+async fn grpc_labelled_errors() -> UpstreamHandle {
+    upstream()
+        .http1()
+        .handler(|req: Request<Incoming>| async move {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            let h = r.headers_mut();
+            h.insert("content-type", HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-status", HeaderValue::from_static("8"));
+            if req.uri().path() == "/echo/overloaded" {
+                h.insert(
+                    "grpc-message",
+                    HeaderValue::from_static("from%20the%20head"),
+                );
+                *r.body_mut() = Full::new(Bytes::from_static(b"overloaded"));
+            } else {
+                h.insert("grpc-message", HeaderValue::from_static("too%20many"));
+            }
+            r
+        })
+        .start()
+        .await
+}
+
+each_proto!(
+    async fn a_non_200_answer_with_a_grpc_content_type_is_converted_as_envoy(proto) {
+        // Envoy's grpc_web filter reads an answer as gRPC only with status 200
+        // (`isGrpcResponseHeaders`): a 503 labelled `application/grpc` with a
+        // body is converted like any error page, its status mapped from the
+        // HTTP status (not the `grpc-status` it carried, which Envoy
+        // overwrites); one that ends with its head and carries a
+        // `grpc-status` is trailers-only whatever its status, and passes.
+        let grpc = grpc_upstream().start().await;
+        let errors = grpc_labelled_errors().await;
+        let lg = legate().config(&config(grpc.addr, errors.addr)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = call(&mut c, "/echo/overloaded", "application/grpc-web+proto", say("x")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/grpc-web+proto"));
+        assert_eq!(r.header("grpc-status"), None, "{:?}", r.headers);
+        assert_eq!(r.header("grpc-message"), None, "{:?}", r.headers);
+        no_http_trailers(&r);
+        let (data, t) = split(&r.body);
+        assert!(data.is_empty(), "{data:?}");
+        assert_eq!(trailer(&t, "grpc-status"), Some("14"));
+        assert_eq!(trailer(&t, "grpc-message"), Some("HTTP 503: overloaded"));
+
+        let r = call(&mut c, "/echo/trailers-only", "application/grpc-web+proto", say("x")).await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.header("grpc-status"), Some("8"));
+        assert_eq!(r.header("grpc-message"), Some("too%20many"));
+        assert_eq!(r.header("content-type"), Some("application/grpc-web+proto"));
+        assert!(r.body.is_empty(), "{:?}", r.body);
+
+        assert_eq!(
+            plugin_counter(&lg, "grpc_web_responses_total", "kind=\"not_grpc\"").await,
+            Some(1.0)
+        );
+        assert_eq!(
+            plugin_counter(&lg, "grpc_web_responses_total", "kind=\"trailers_only\"").await,
+            Some(1.0)
+        );
+    }
+);

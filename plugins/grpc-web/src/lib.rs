@@ -19,11 +19,13 @@
 //!   through (base64-encoded for text), and the upstream's trailers become
 //!   the final body frame (flag `0x80`) in the last body call, so the HTTP
 //!   response itself has no trailers (abi/README.md §4, folding trailers).
-//!   A trailers-only response (status in the headers) passes as headers. A
-//!   non-gRPC answer (an error of the host or of a proxy: `502` for a dead
-//!   upstream) becomes a gRPC-Web response: `200`, the status mapped from the
-//!   HTTP status (gRPC's HTTP mapping: `502`/`503`/`504` are `UNAVAILABLE`)
-//!   and its body as `grpc-message`, in the trailer frame;
+//!   A trailers-only response (status in the headers) passes as headers,
+//!   whatever its HTTP status. A non-gRPC answer (an error of the host or of
+//!   a proxy: `502` for a dead upstream; as Envoy, any non-200 answer with a
+//!   body, gRPC content type or not) becomes a gRPC-Web response: `200`, the
+//!   status mapped from the HTTP status (gRPC's HTTP mapping:
+//!   `502`/`503`/`504` are `UNAVAILABLE`) and its body as `grpc-message`, in
+//!   the trailer frame;
 //! - CORS (optional): preflights from allowed origins are answered locally
 //!   (others pass on untouched, as Envoy's cors filter), converted responses get
 //!   `access-control-allow-origin` and `access-control-expose-headers`.
@@ -385,13 +387,18 @@ impl HttpFilter for GrpcWeb {
         if let Some(origin) = &ctx.allow_origin {
             self.cors_headers(headers, origin);
         }
-        // As Envoy's grpc_web filter (`isGrpcResponseHeaders`): a head that
-        // ends the response with a `grpc-status` is a trailers-only gRPC
-        // answer whatever its content type; otherwise the content type says.
+        // As Envoy's grpc_web filter (`isGrpcResponseHeaders`,
+        // `isProtoEncodedGrpcWebResponseHeaders`): a head that ends the
+        // response with a `grpc-status` is a trailers-only gRPC answer
+        // whatever its status and content type; any other answer is gRPC
+        // only with status 200 (the one status of a gRPC answer,
+        // PROTOCOL-HTTP2) and a gRPC content type. A `503` labelled
+        // `application/grpc` is some proxy's error, converted as any other.
         let grpc = (end_of_stream && headers.has("grpc-status"))
-            || headers
+            || (headers
                 .get_str("content-type")
-                .is_some_and(|ct| is_grpc_response_type(&ct));
+                .is_some_and(|ct| is_grpc_response_type(&ct))
+                && x.status() == Some(200));
         if !grpc {
             // An error page from the upstream, a proxy or the host (a dead
             // upstream's 502): a gRPC-Web client could only report the HTTP
@@ -406,6 +413,11 @@ impl HttpFilter for GrpcWeb {
             ctx.not_grpc = Some(status);
             let _ = headers.set("content-type", &ctx.content_type);
             let _ = headers.remove("content-length");
+            // The status is the trailer frame's, mapped from the HTTP status
+            // (Envoy overwrites these two with it): a `grpc-status` the
+            // answer carried in its head would contradict it.
+            let _ = headers.remove("grpc-status");
+            let _ = headers.remove("grpc-message");
             // The page is replaced by the trailer frame: its coding must go
             // with it, or the client would try to gunzip the frame.
             ctx.page_encoded = headers
@@ -445,6 +457,16 @@ impl HttpFilter for GrpcWeb {
                 body.to_vec()
             };
             let frame = self.error_frame(ctx, status, &page);
+            // Trailers of the answer (a `grpc-status` of a non-200 gRPC
+            // answer) go too: the trailer frame is the whole answer, and
+            // the HTTP response has no trailers, as converted ones.
+            if let Some(t) = x.trailers(Direction::Response) {
+                for (name, _) in t.entries() {
+                    if let Err(e) = t.remove(&name) {
+                        legate_sdk::warn!("grpc-web: removing trailer {name} failed: {e}");
+                    }
+                }
+            }
             return match body.replace(frame).and_then(|()| x.set_status(200)) {
                 Ok(()) => Action::Continue,
                 Err(e) => {

@@ -639,6 +639,88 @@ fn a_non_grpc_answer_becomes_a_status_in_the_trailer_frame() {
 }
 
 #[test]
+fn a_non_200_answer_with_a_grpc_content_type_is_converted_as_envoy() {
+    // Envoy's grpc_web filter reads an answer as gRPC only with status 200
+    // (`isGrpcResponseHeaders`, `isProtoEncodedGrpcWebResponseHeaders`): a
+    // `503` labelled `application/grpc` (some proxy's error page) is
+    // converted like any non-gRPC answer, its status mapped from the HTTP
+    // status (Envoy overwrites the `grpc-status` it carried).
+    for content_type in [
+        "application/grpc",
+        "application/grpc+proto",
+        "application/grpc-web+proto",
+    ] {
+        let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+        let mut x = t.exchange(grpc_web("application/grpc-web", &frame(0, b"x")));
+        x.request_headers();
+        let resp = Response::new(503)
+            .header("content-type", content_type)
+            .header("grpc-status", "8")
+            .header("grpc-message", "from the head")
+            .body("overloaded")
+            .trailer("grpc-status", "4")
+            .trailer("grpc-message", "from the trailers");
+        assert_eq!(x.response_headers(resp), Action::Continue, "{content_type}");
+        assert_eq!(
+            x.body_mode(Direction::Response),
+            BodyMode::Buffered,
+            "{content_type}"
+        );
+        assert_eq!(x.response_body(), Action::Continue, "{content_type}");
+        assert_eq!(x.status(), Some(200), "{content_type}");
+        assert_eq!(
+            x.response_header("content-type").as_deref(),
+            Some("application/grpc-web+proto")
+        );
+        // One status, the trailer frame's: none left in the head or in
+        // HTTP trailers to contradict it.
+        assert_eq!(x.response_header("grpc-status"), None, "{content_type}");
+        assert_eq!(x.response_header("grpc-message"), None, "{content_type}");
+        assert_eq!(x.response_trailer("grpc-status"), None, "{content_type}");
+        assert_eq!(
+            x.response_body_bytes(),
+            frame(
+                0x80,
+                b"grpc-status: 14\r\ngrpc-message: HTTP 503: overloaded\r\n"
+            ),
+            "{content_type}"
+        );
+        assert_eq!(counter(&t, "grpc_web_responses_total", "not_grpc"), Some(1));
+        assert_eq!(
+            counter(&t, "grpc_web_responses_total", "trailer_frame"),
+            Some(0)
+        );
+    }
+
+    // A head that ends the answer with a `grpc-status` is trailers-only
+    // whatever its HTTP status (`isGrpcResponseHeaders` with `end_stream`):
+    // it passes as gRPC, its status the upstream's, not one mapped from 503.
+    let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+    let mut x = t.exchange(grpc_web("application/grpc-web", &frame(0, b"x")));
+    x.request_headers();
+    let resp = Response::new(503)
+        .header("content-type", "application/grpc")
+        .header("grpc-status", "8")
+        .header("grpc-message", "too many");
+    assert_eq!(x.response_headers(resp), Action::Continue);
+    assert_eq!(x.status(), Some(503));
+    assert_eq!(x.response_header("grpc-status").as_deref(), Some("8"));
+    assert_eq!(
+        x.response_header("grpc-message").as_deref(),
+        Some("too many")
+    );
+    assert_eq!(
+        x.response_header("content-type").as_deref(),
+        Some("application/grpc-web+proto")
+    );
+    assert_eq!(
+        counter(&t, "grpc_web_responses_total", "trailers_only"),
+        Some(1)
+    );
+    assert_eq!(counter(&t, "grpc_web_responses_total", "not_grpc"), Some(0));
+}
+
+#[test]
 fn a_compressed_non_grpc_answer_loses_its_coding_with_its_page() {
     let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
     let mut x = t.exchange(grpc_web("application/grpc-web", &frame(0, b"x")));
