@@ -885,3 +885,52 @@ each_proto!(
         );
     }
 );
+
+each_proto!(
+    async fn the_content_type_decides_whatever_the_method(proto) {
+        // Envoy's grpc_web filter converts by content type alone
+        // (`isGrpcWebRequest`): a gRPC-Web GET or PUT is converted as a POST.
+        let s = setup().await;
+        let mut c = client(proto, s.lg.addr("web")).await;
+        for method in [Method::GET, Method::PUT] {
+            let r = c
+                .request(method.clone(), "/legate.test.v1.Echo/Say")
+                .header("content-type", "application/grpc-web-text")
+                .header("accept", "application/grpc-web-text")
+                .body(b64(&say("not a post")))
+                .send()
+                .await;
+            assert_eq!(r.status, 200, "{method}: {}", r.text());
+            assert_eq!(
+                r.header("content-type"),
+                Some("application/grpc-web-text+proto"),
+                "{method}"
+            );
+            let (data, trailers) = split(&unb64(&r.body));
+            let reply = pb::SayReply::decode(&data[0][..]).unwrap();
+            assert_eq!(reply.message, "not a post", "{method}");
+            let md = &reply.metadata;
+            assert_eq!(
+                md.get("content-type").map(String::as_str),
+                Some("application/grpc"),
+                "{method}"
+            );
+            assert_eq!(md.get("te").map(String::as_str), Some("trailers"));
+            assert_eq!(trailer(&trailers, "grpc-status"), Some("0"), "{method}");
+        }
+        assert_eq!(s.grpc.calls.get(), 2);
+        // A preflight is still answered, not converted.
+        let r = c
+            .request(Method::OPTIONS, "/legate.test.v1.Echo/Say")
+            .header("origin", ORIGIN)
+            .header("access-control-request-method", "POST")
+            .send()
+            .await;
+        assert_eq!(r.status, 204, "{}", r.text());
+        assert_eq!(s.grpc.calls.get(), 2);
+        assert_eq!(
+            plugin_counter(&s.lg, "grpc_web_requests_total", "variant=\"text\"").await,
+            Some(2.0)
+        );
+    }
+);

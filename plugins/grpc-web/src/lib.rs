@@ -7,7 +7,8 @@
 //! at the proxy, as Envoy's `grpc_web` filter does:
 //!
 //! - request: `content-type: application/grpc-web[-text][+proto]` (lower
-//!   case, as Envoy matches it) becomes `application/grpc` (another codec
+//!   case, as Envoy matches it; any method but `CONNECT`, as Envoy does not
+//!   look at the method) becomes `application/grpc` (another codec
 //!   keeps its suffix), `te: trailers` is added, `grpc-accept-encoding:
 //!   identity` if the client named no encodings, `content-length` is
 //!   removed (binary and text, as Envoy), and a `-text` body is
@@ -263,7 +264,8 @@ impl HttpFilter for GrpcWeb {
         _end_of_stream: bool,
     ) -> Action {
         // The method is a host call: asked for only when it decides something
-        // (a preflight, or a gRPC-Web content type), not for plain requests.
+        // (a preflight, or the one request a gRPC-Web content type does not
+        // make gRPC-Web), not for plain requests.
         let mut method = None;
         if let Some(cors) = &self.cors {
             let m = x.method();
@@ -282,10 +284,14 @@ impl HttpFilter for GrpcWeb {
             }
             method = Some(m);
         }
+        // As Envoy's grpc_web filter (`isGrpcWebRequest`): the content type
+        // decides, whatever the method (gRPC-Web clients send POST; Envoy
+        // converts a GET or PUT with the type too). Envoy also requires a
+        // `:path`, which only a CONNECT lacks: a CONNECT is left alone.
         let converted = headers
             .get_str("content-type")
             .and_then(|ct| convert_content_type(&ct))
-            .filter(|_| method.unwrap_or_else(|| x.method()) == "POST");
+            .filter(|_| method.unwrap_or_else(|| x.method()) != "CONNECT");
         let Some((variant, client_type, grpc_type)) = converted else {
             pass_through(x);
             return Action::Continue;

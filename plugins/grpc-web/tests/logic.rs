@@ -838,8 +838,8 @@ fn other_requests_untouched(config: &str) {
     for req in [
         Request::post("/api", "{}").header("content-type", "application/json"),
         Request::post("/pkg.Svc/M", "x").header("content-type", "application/grpc"),
-        // gRPC-Web is POST only.
-        Request::get("/pkg.Svc/M").header("content-type", "application/grpc-web"),
+        // The one request without a path, which Envoy does not convert.
+        Request::new("CONNECT", "").header("content-type", "application/grpc-web"),
         // A plain OPTIONS (no preflight headers).
         Request::new("OPTIONS", "/").header("origin", "https://app.example.com"),
     ] {
@@ -855,6 +855,58 @@ fn other_requests_untouched(config: &str) {
         assert_eq!(x.response_header("access-control-allow-origin"), None);
     }
     assert_eq!(t.live_contexts(), 0);
+    assert_eq!(counter(&t, "grpc_web_requests_total", "binary"), Some(0));
+}
+
+#[test]
+fn the_content_type_decides_whatever_the_method() {
+    // As Envoy's grpc_web filter (`isGrpcWebRequest` reads the content type,
+    // and the method not at all): a gRPC-Web request that is not a POST is
+    // converted too, with CORS on or off.
+    for config in [CORS, "{}"] {
+        let mut t = FilterTest::<GrpcWeb>::configure(config).unwrap();
+        for method in ["GET", "PUT", "OPTIONS"] {
+            let body = codec::encode(&frame(0, b"x"));
+            let mut x = t.exchange(
+                Request::new(method, "/pkg.Svc/M")
+                    .header("content-type", "application/grpc-web-text")
+                    .header("origin", "https://app.example.com")
+                    .header("content-length", body.len().to_string())
+                    .body(body.clone()),
+            );
+            assert_eq!(x.request_headers(), Action::Continue, "{method}");
+            assert!(!x.detached(), "{method}");
+            assert_eq!(
+                x.request_header("content-type").as_deref(),
+                Some("application/grpc"),
+                "{method}"
+            );
+            assert_eq!(x.request_header("te").as_deref(), Some("trailers"));
+            assert_eq!(x.request_header("content-length"), None, "{method}");
+            assert_eq!(x.request_body(), Action::Continue, "{method}");
+            assert_eq!(x.request_body_bytes(), frame(0, b"x"), "{method}");
+            x.response_headers(grpc_response());
+            assert_eq!(
+                x.response_header("content-type").as_deref(),
+                Some("application/grpc-web+proto"),
+                "{method}"
+            );
+        }
+        assert_eq!(counter(&t, "grpc_web_requests_total", "text"), Some(3));
+    }
+    // A preflight is still a preflight: answered, not converted, even with
+    // a gRPC-Web content type.
+    let mut t = FilterTest::<GrpcWeb>::configure(CORS).unwrap();
+    let mut x = t.exchange(
+        Request::new("OPTIONS", "/pkg.Svc/M")
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", "POST")
+            .header("content-type", "application/grpc-web"),
+    );
+    let Action::Respond(r) = x.request_headers() else {
+        panic!("preflight not answered")
+    };
+    assert_eq!(r.status, 204);
     assert_eq!(counter(&t, "grpc_web_requests_total", "binary"), Some(0));
 }
 
