@@ -100,6 +100,28 @@ pub fn without_length(b: Body) -> Body {
     Body(Box::pin(Unsized(b)))
 }
 
+/// `body` as a request goes upstream under head `h`: a body of a known,
+/// non-zero length whose head has no `content-length` (nor
+/// `transfer-encoding`) goes without one ([`without_length`]), as Envoy sends
+/// a request whose head has none. Such a head lost its length to a filter (the
+/// grpc-web plugin removes it), or never had one (a chunked HTTP/1.1 request:
+/// hop-by-hop fields went before the filters; HTTP/2 DATA frames without
+/// `content-length`), and a body read whole (a filter's stream, the retry
+/// buffer, a mirror's copy) would otherwise get from hyper the length the head
+/// does not give: the request goes framed as its head says, whether it streams
+/// or is replayed.
+pub fn framed_by_head(h: &HeaderMap, body: Body) -> Body {
+    let known = body.size_hint().exact().is_some_and(|n| n > 0);
+    if known
+        && !h.contains_key(http::header::CONTENT_LENGTH)
+        && !h.contains_key(http::header::TRANSFER_ENCODING)
+    {
+        without_length(body)
+    } else {
+        body
+    }
+}
+
 /// Boxes any body whose error converts to [`BoxError`].
 pub fn boxed<B>(b: B) -> Body
 where

@@ -108,7 +108,10 @@ async fn shadow(
     ) else {
         return false;
     };
-    let mut req = Request::new(body::full(copy.body));
+    // Framed by the head, as the primary's: a copy whose `content-length` a
+    // filter removed goes without one (hyper would write the length of a
+    // body it knows whole).
+    let mut req = Request::new(body::framed_by_head(&copy.headers, body::full(copy.body)));
     *req.method_mut() = copy.method;
     *req.uri_mut() = uri;
     *req.headers_mut() = copy.headers;

@@ -1261,10 +1261,10 @@ async fn request_body(
     )
     .await?
     {
-        BodyRun::Passed(b) => *req.body_mut() = unframed_if_length_removed(req.headers(), b),
+        BodyRun::Passed(b) => *req.body_mut() = body::framed_by_head(req.headers(), b),
         BodyRun::Released(b) => {
             chain_step(&shared, |c| write_head(&mut c.x, true, req, authority))??;
-            *req.body_mut() = unframed_if_length_removed(req.headers(), b);
+            *req.body_mut() = body::framed_by_head(req.headers(), b);
         }
         BodyRun::Respond(lr) => return Ok(Some(lr)),
         BodyRun::Whole(data, trailers) => {
@@ -1319,23 +1319,6 @@ async fn client_body_within<T, F: Future<Output = Result<T, ProxyError>>>(
                 ))
             }
         }
-    }
-}
-
-/// `body` as it goes upstream under head `h`: a body of a known, non-zero
-/// length whose head has no `content-length` (nor `transfer-encoding`) lost
-/// it to a filter (hop-by-hop fields went before the filters, so a chunked
-/// request's body has no known length), and goes without one, as Envoy sends
-/// a request whose filter removed it ([`body::without_length`]).
-fn unframed_if_length_removed(h: &http::HeaderMap, body: Body) -> Body {
-    let known = body.size_hint().exact().is_some_and(|n| n > 0);
-    if known
-        && !h.contains_key(header::CONTENT_LENGTH)
-        && !h.contains_key(header::TRANSFER_ENCODING)
-    {
-        body::without_length(body)
-    } else {
-        body
     }
 }
 
@@ -2104,14 +2087,18 @@ impl Attempts<'_> {
         let uri: Uri = self.path.parse().map_err(|e| {
             ProxyError::new(Kind::BadRequest, format!("cannot build upstream URI: {e}"))
         })?;
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = uri;
-        *req.headers_mut() = if last {
+        let headers = if last {
             std::mem::take(&mut *self.headers.borrow_mut())
         } else {
             self.headers.borrow().clone()
         };
+        // A body replayed from the retry buffer has a known length, which
+        // hyper would write when the head has none: framed by the head, as
+        // the body streamed on a route without retries.
+        let mut req = Request::new(body::framed_by_head(&headers, body));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
         let host = HeaderValue::from_str(self.authority)
             .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?;
         req.headers_mut().insert(header::HOST, host);

@@ -7,7 +7,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
+use http_body_util::BodyExt;
 use legate_tests::grpc::{frame, grpc_upstream, pb, unframe, GrpcUpstreamHandle, Message};
 use legate_tests::plugins::plugin_wasm;
 use legate_tests::*;
@@ -932,5 +934,120 @@ each_proto!(
             plugin_counter(&s.lg, "grpc_web_requests_total", "variant=\"text\"").await,
             Some(2.0)
         );
+    }
+);
+
+/// What an upstream saw of a request: method, `content-length`,
+/// `transfer-encoding`, body.
+type Head = (String, Option<String>, Option<String>, Vec<u8>);
+
+/// An upstream that records each request's [`Head`] and answers `status`
+/// for the first `fail` requests, then `200` `application/grpc` with the
+/// request's body (a gRPC message, echoed).
+async fn recording(seen: &Arc<Mutex<Vec<Head>>>, fail: usize, h2: bool) -> UpstreamHandle {
+    let seen = seen.clone();
+    let b = upstream().handler(move |req: Request<Incoming>| {
+        let seen = seen.clone();
+        async move {
+            let field = |n: &str| req.headers().get(n).map(|v| v.to_str().unwrap().to_owned());
+            let (cl, te) = (field("content-length"), field("transfer-encoding"));
+            let method = req.method().to_string();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let n = {
+                let mut s = seen.lock().unwrap();
+                s.push((method, cl, te, body.to_vec()));
+                s.len()
+            };
+            let mut r = Response::new(Full::new(body));
+            if n <= fail {
+                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            } else {
+                r.headers_mut()
+                    .insert("content-type", HeaderValue::from_static("application/grpc"));
+            }
+            r
+        }
+    });
+    if h2 { b.h2() } else { b.http1() }.start().await
+}
+
+each_proto!(
+    async fn a_replayed_request_goes_without_the_length_the_plugin_removed(proto) {
+        // A `-text` request shrinks as it is decoded, and the plugin removes
+        // its `content-length`. A route that retries or mirrors reads the
+        // (decoded) body whole to replay it: the first attempt, the retry and
+        // the mirror's copy go as the head says, without a length (chunked
+        // to the HTTP/1.1 primary, DATA frames to the HTTP/2 shadow), as
+        // Envoy sends them, never with the client's base64 length.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let shadow_seen = Arc::new(Mutex::new(Vec::new()));
+        let primary = recording(&seen, 1, false).await;
+        let shadow = recording(&shadow_seen, 0, true).await;
+        let cfg = format!(
+            "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: grpc-web }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: primary
+            retry: {{ retry_on: [5xx], num_retries: 1, retry_non_idempotent: true }}
+            mirror: {{ cluster: shadow }}
+clusters:
+  - name: primary
+    endpoints: [{{ address: \"{primary}\" }}]
+  - name: shadow
+    protocol: h2
+    endpoints: [{{ address: \"{shadow}\" }}]
+plugins:
+  - name: grpc-web
+    module: {wasm}
+",
+            primary = primary.addr,
+            shadow = shadow.addr,
+            wasm = plugin_wasm("plugins/grpc-web").display(),
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let message = say("replayed");
+        let text = b64(&message);
+        assert_ne!(text.len(), message.len());
+        let r = c
+            .post("/legate.test.v1.Echo/Say")
+            .header("content-type", "application/grpc-web-text")
+            .header("content-length", &text.len().to_string())
+            .body(text)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/grpc-web+proto"));
+        let frames = unframe(&r.body).unwrap();
+        assert_eq!(frames, [(0, message[5..].to_vec())]);
+        eventually(HANG_GUARD, "the shadow to see the copy", || async {
+            (!shadow_seen.lock().unwrap().is_empty()).then_some(())
+        })
+        .await;
+        let unframed = |te: Option<&str>| (
+            "POST".to_owned(),
+            None,
+            te.map(str::to_owned),
+            message.clone(),
+        );
+        let chunked = unframed(Some("chunked"));
+        assert_eq!(*seen.lock().unwrap(), [chunked.clone(), chunked]);
+        assert_eq!(*shadow_seen.lock().unwrap(), [unframed(None)]);
+        lg.assert_stat(
+            r#"legate_cluster_upstream_rq_retry{cluster="primary"}"#,
+            1.0,
+        )
+        .await;
     }
 );
