@@ -17,7 +17,8 @@ use crate::kv::{Backend, Entry, Op, Reply, WriteCondition};
 use crate::log::Level;
 use crate::types::{BodyMode, Direction, HttpVersion, TlsVersion};
 use crate::Error;
-// What the host refuses (metric names, labels, caps), the same rules.
+// What the host refuses (writes to its own fields; metric names, labels, caps),
+// by the same rules.
 use legate_abi_rules::headers::host_owned;
 use legate_abi_rules::metrics::{self, MAX_HELP, MAX_METRICS, MAX_SERIES};
 
