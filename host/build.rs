@@ -22,7 +22,7 @@ fn main() {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
     let root = manifest_dir.join("..");
     let out_dir = PathBuf::from(env("OUT_DIR"));
-    for dir in ["plugins", "sdk", "abi/wit"] {
+    for dir in ["plugins", "sdk", "abi/rules", "abi/wit"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!(

@@ -27,16 +27,10 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// The gRPC status for a local reply's HTTP status (Envoy's `httpToGrpcStatus`,
-/// after gRPC's `doc/http-grpc-status-mapping.md`).
+/// after gRPC's `doc/http-grpc-status-mapping.md`):
+/// `legate_abi_rules::grpc::status_of_http`, the SDK harness's too.
 pub fn grpc_status_of(status: StatusCode) -> u32 {
-    match status.as_u16() {
-        400 => 13,             // INTERNAL
-        401 => 16,             // UNAUTHENTICATED
-        403 => 7,              // PERMISSION_DENIED
-        404 => 12,             // UNIMPLEMENTED
-        429 | 502..=504 => 14, // UNAVAILABLE
-        _ => 2,                // UNKNOWN
-    }
+    legate_abi_rules::grpc::status_of_http(status.as_u16())
 }
 
 /// `resp`, a local reply with its whole body, in gRPC's trailers-only form (see
@@ -78,7 +72,7 @@ fn grpc_form(status: &mut StatusCode, h: &mut HeaderMap, body: &mut Bytes, expli
     }
     let text = body.strip_suffix(b"\n").unwrap_or(body);
     if !text.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&percent_encode(text)) {
+        if let Ok(v) = HeaderValue::from_str(&legate_abi_rules::grpc::percent_encode(text)) {
             h.insert("grpc-message", v);
         }
     }
@@ -90,21 +84,6 @@ fn grpc_form(status: &mut StatusCode, h: &mut HeaderMap, body: &mut Bytes, expli
     );
     h.remove(header::CONTENT_LENGTH);
     h.remove(header::TRANSFER_ENCODING);
-}
-
-/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, as
-/// `%XX`.
-fn percent_encode(text: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(text.len());
-    for &b in text {
-        if (0x20..0x7f).contains(&b) && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -155,25 +134,5 @@ mod tests {
         r.headers_mut()
             .insert("grpc-status", HeaderValue::from_static("5"));
         assert_eq!(into_grpc(r, Some(8)).headers()["grpc-status"], "5");
-    }
-
-    #[test]
-    fn mapping() {
-        for (http, grpc) in [
-            (400, 13),
-            (401, 16),
-            (403, 7),
-            (404, 12),
-            (429, 14),
-            (502, 14),
-            (503, 14),
-            (504, 14),
-            (408, 2),
-            (500, 2),
-            (301, 2),
-        ] {
-            let s = StatusCode::from_u16(http).unwrap();
-            assert_eq!(grpc_status_of(s), grpc, "{http}");
-        }
     }
 }

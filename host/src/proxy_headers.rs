@@ -15,10 +15,8 @@
 
 use std::net::IpAddr;
 
-use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, PROXY_AUTHORIZATION, TE,
-    TRANSFER_ENCODING, UPGRADE, VIA,
-};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, VIA};
+use legate_abi_rules::headers as rules;
 
 /// `keep-alive` (RFC 9112 appendix C.2.2; no constant in `http`).
 pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -38,24 +36,27 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Headers always removed: connection-specific (RFC 9110 §7.6.1, RFC 9112) or, for
 /// `proxy-authorization`, credentials meant for this proxy and not the origin. `te`
-/// is handled on its own (see [`strip_hop_by_hop`]). Public for the SDK's test
-/// harness, which strips callout responses as the host does with a copy of this
-/// list (`legate_sdk::testing::HOP_BY_HOP`): tests/tests/sdk_parity.rs keeps the
-/// two equal.
-pub const HOP_BY_HOP: [HeaderName; 6] = [
-    CONNECTION,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
-    TRANSFER_ENCODING,
-    UPGRADE,
-    PROXY_AUTHORIZATION,
+/// is handled on its own (see [`strip_hop_by_hop`]). The list is
+/// `legate_abi_rules::headers::HOP_BY_HOP`, which the SDK's test harness strips
+/// callout responses with too; here as `HeaderName`s (standard ones compare by
+/// their tag).
+pub const HOP_BY_HOP: [HeaderName; rules::HOP_BY_HOP.len()] = [
+    HeaderName::from_static(rules::HOP_BY_HOP[0]),
+    HeaderName::from_static(rules::HOP_BY_HOP[1]),
+    HeaderName::from_static(rules::HOP_BY_HOP[2]),
+    HeaderName::from_static(rules::HOP_BY_HOP[3]),
+    HeaderName::from_static(rules::HOP_BY_HOP[4]),
+    HeaderName::from_static(rules::HOP_BY_HOP[5]),
 ];
 
-/// Headers a `Connection` option cannot remove: `host` and `content-length` carry
-/// the message's target and framing, which a client must not be able to strip from
-/// under the proxy; `te` follows its own rule (`TE: trailers` is announced with
-/// `Connection: TE` per RFC 9110 §10.1.4, and must survive for gRPC).
-const NOT_NOMINATABLE: [HeaderName; 3] = [HOST, CONTENT_LENGTH, TE];
+/// Headers a `Connection` option cannot remove
+/// (`legate_abi_rules::headers::NOT_NOMINATABLE`): `host` and `content-length`
+/// carry the message's target and framing; `te` follows its own rule.
+const NOT_NOMINATABLE: [HeaderName; rules::NOT_NOMINATABLE.len()] = [
+    HeaderName::from_static(rules::NOT_NOMINATABLE[0]),
+    HeaderName::from_static(rules::NOT_NOMINATABLE[1]),
+    HeaderName::from_static(rules::NOT_NOMINATABLE[2]),
+];
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it
 /// lists, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`,

@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Upper bounds of histogram buckets, in seconds (Envoy's default buckets, 0.5ms–30min).
-pub const BUCKETS: [f64; 19] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 300.0, 600.0, 1800.0,
-];
+/// Upper bounds of histogram buckets, in seconds (Envoy's default buckets, 0.5ms–30min):
+/// `legate_abi_rules::metrics::DEFAULT_BUCKETS`, what a plugin's histogram defined
+/// with none has too (on the host and in the SDK's harness).
+pub const BUCKETS: [f64; legate_abi_rules::metrics::DEFAULT_BUCKETS.len()] =
+    legate_abi_rules::metrics::DEFAULT_BUCKETS;
 
 /// A monotonically increasing count.
 #[derive(Clone, Debug, Default)]

@@ -226,6 +226,14 @@ pub use network::{
 pub use setup::{Phase, Setup};
 pub use types::{Action, BodyMode, Direction, HttpVersion, LocalResponse, TlsVersion};
 
+/// The rules the host and this SDK share (crate `legate-abi-rules`, in the
+/// Legate repository's `abi/rules`): what the host applies to a plugin, and
+/// [`testing`] the same way. For filters too: gRPC's mapping of a non-gRPC
+/// answer's HTTP status ([`rules::grpc::status_of_http`]) and the
+/// `grpc-message` encoding ([`rules::grpc::percent_encode`]), as the host's
+/// own gRPC local replies use them.
+pub use legate_abi_rules as rules;
+
 /// Re-exported for [`export!`]; not a stable API.
 #[doc(hidden)]
 pub mod __private {

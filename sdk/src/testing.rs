@@ -88,26 +88,14 @@ pub const HOST_BUCKETS: [f64; 19] = crate::backend::HOST_BUCKETS;
 pub const CALLOUT_MAX_RESPONSE: usize = 1 << 20;
 
 /// The fields the host always drops from a callout response's head before
-/// the filter gets it, as from every message it proxies
-/// (host/src/proxy_headers.rs `HOP_BY_HOP`; the same list, checked by
-/// tests/tests/sdk_parity.rs): the connection-specific ones (RFC 9110
-/// §7.6.1, RFC 9112) and `proxy-authorization`. The harness drops them too,
-/// and, as the host, the fields a `connection` value names (but `host`,
-/// `content-length` and `te`) and `te` unless it offers `trailers` (then
-/// kept as exactly `te: trailers`).
-pub const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-];
-
-/// Fields a `connection` option cannot remove (host/src/proxy_headers.rs
-/// `NOT_NOMINATABLE`): `host` and `content-length` carry the message's
-/// target and framing; `te` has its own rule.
-const NOT_NOMINATABLE: [&str; 3] = ["host", "content-length", "te"];
+/// the filter gets it, as from every message it proxies: the
+/// connection-specific ones (RFC 9110 §7.6.1, RFC 9112) and
+/// `proxy-authorization`; the host's list (`legate_abi_rules`, which the host
+/// strips with). The harness drops them too, and, as the host, the fields a
+/// `connection` value names (but `host`, `content-length` and `te`) and `te`
+/// unless it offers `trailers` (then kept as exactly `te: trailers`).
+pub use legate_abi_rules::headers::HOP_BY_HOP;
+use legate_abi_rules::headers::NOT_NOMINATABLE;
 
 /// A callout result as the host delivers it: a response whose body is over
 /// [`CALLOUT_MAX_RESPONSE`] is `Err(LimitExceeded)` (host/src/proxy.rs
@@ -1086,26 +1074,12 @@ fn grpc_form(lr: &crate::LocalResponse) -> (u16, FieldList) {
         })
         .collect();
     if !h.iter().any(|(n, _)| n == "grpc-status") {
-        let code: u32 = match lr.status {
-            400 => 13,
-            401 => 16,
-            403 => 7,
-            404 => 12,
-            429 | 502..=504 => 14,
-            _ => 2,
-        };
+        let code = legate_abi_rules::grpc::status_of_http(lr.status);
         h.push(("grpc-status".to_owned(), code.to_string().into_bytes()));
     }
     let text = lr.body.strip_suffix(b"\n").unwrap_or(&lr.body);
     if !text.is_empty() {
-        let mut m = String::with_capacity(text.len());
-        for &b in text {
-            if (0x20..0x7f).contains(&b) && b != b'%' {
-                m.push(char::from(b));
-            } else {
-                m.push_str(&format!("%{b:02X}"));
-            }
-        }
+        let m = legate_abi_rules::grpc::percent_encode(text);
         h.retain(|(n, _)| n != "grpc-message");
         h.push(("grpc-message".to_owned(), m.into_bytes()));
     }

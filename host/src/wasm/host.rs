@@ -14,6 +14,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::HeaderMap;
+// The rules the SDK's harness applies too: log lines, metric names, labels and
+// caps (abi/README.md §5.1, §5.6, §7).
+use legate_abi_rules::log::{one_line, MAX_LOG};
+use legate_abi_rules::metrics::{
+    label_ok, name_free, name_ok, MAX_BUCKETS, MAX_HELP, MAX_METRICS, MAX_SERIES,
+};
 use rand::RngCore;
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
@@ -171,11 +177,6 @@ pub(crate) fn callouts_counter(stats: &Stats, name: &str) -> Counter {
         &[("plugin", name)],
     )
 }
-
-/// Metrics and series caps (abi/README.md §7).
-const MAX_METRICS: usize = 100;
-const MAX_SERIES: usize = 1000;
-const MAX_LOG: usize = 4096;
 
 /// Callout limits (abi/README.md §7).
 pub const CALLOUT_DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -523,21 +524,11 @@ impl wasmtime::ResourceLimiter for HostState {
 
 // ---- http ----
 
-/// Fields the host owns (framing, connection management): never writable by a
-/// filter (proxy-wasm callouts drop them from the request they are given).
+/// Fields the host owns (framing, connection management:
+/// `legate_abi_rules::headers::host_owned`): never writable by a filter
+/// (proxy-wasm callouts drop them from the request they are given).
 pub(crate) fn denied_field(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "te"
-            | "upgrade"
-            | "trailer"
-            | "host"
-            | "content-length"
-    )
+    legate_abi_rules::headers::host_owned(name.as_str())
 }
 
 /// Whether `name` is `host` and hidden (see `HostState::headers_of`).
@@ -1113,7 +1104,7 @@ impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
         // One message is one log line: a guest's newlines (or other control
         // characters) must not make lines that read as the host's own.
-        let msg = crate::wasm::stdio::one_line(&message, MAX_LOG);
+        let msg = one_line(&message, MAX_LOG);
         let plugin = &*self.plugin.name;
         // Inside an exchange, its request id ties the line to the access log's.
         let request_id = if self.in_exchange {
@@ -1188,52 +1179,6 @@ impl plugin::Host for HostState {
 
 // ---- metrics ----
 
-fn metric_name_ok(s: &str) -> bool {
-    let mut b = s.bytes();
-    s.len() <= 64
-        && b.next().is_some_and(|c| c.is_ascii_lowercase())
-        && b.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
-}
-
-/// The host's own `legate_plugin_*` families (without the prefix): a plugin's
-/// metric of one of these names would be the host's series for that plugin
-/// (its failures, instances...), added to or overwritten by the plugin.
-/// Keep in step with the names in `plugin.rs`, `reload.rs` and `proxy_wasm`.
-pub(crate) const HOST_PLUGIN_METRICS: [&str; 19] = [
-    "body_limit_exceeded_total",
-    "call_duration_seconds",
-    "callout_failures_total",
-    "callout_timeouts_total",
-    "callouts_total",
-    "calls_total",
-    "failures_total",
-    "grpc_stream_failures_total",
-    "grpc_stream_messages_total",
-    "grpc_streams_open",
-    "grpc_streams_total",
-    "instance_restarts_total",
-    "instances",
-    "memory_bytes",
-    "memory_exceeded_total",
-    "reload_duration_seconds",
-    "reloads_total",
-    "timeouts_total",
-    "traps_total",
-];
-
-/// Most bucket bounds a plugin's histogram may have (each is a series line
-/// per label set on every scrape).
-pub const MAX_BUCKETS: usize = 64;
-
-/// Whether a plugin may name a metric `name`: not a host family, and not a
-/// name a histogram's own sample lines use (`_bucket`, `_sum`, `_count`).
-fn metric_name_free(name: &str) -> bool {
-    !HOST_PLUGIN_METRICS.contains(&name)
-        && !["_bucket", "_sum", "_count"]
-            .iter()
-            .any(|s| name.ends_with(s))
-}
-
 impl HostState {
     fn define(
         &mut self,
@@ -1269,11 +1214,11 @@ impl HostState {
         } else {
             crate::stats::intern_bounds(buckets)
         };
-        if !metric_name_ok(&name)
-            || !metric_name_free(&name)
+        if !name_ok(&name)
+            || !name_free(&name)
             // Interned for the process's life: bounded.
-            || help.len() > 1024
-            || labels.iter().any(|l| !metric_name_ok(l) || l == "plugin")
+            || help.len() > MAX_HELP
+            || labels.iter().any(|l| !label_ok(l))
             // A label twice, or a histogram's own `le`, is a series Prometheus
             // refuses, and it fails the whole scrape.
             || labels.iter().enumerate().any(|(i, l)| labels[..i].contains(l))

@@ -580,8 +580,11 @@ impl KvBackend for MemoryKv {
             let h = n.hash(key);
             let (old, expires) = match n.live(h, key, now) {
                 None => (0, new_expiry),
+                // Only the form Redis's `HINCRBY` takes, so the two backends
+                // refuse the same values.
                 Some(i) => (
-                    canonical_int(&i.value).ok_or(KvError::InvalidArgument)?,
+                    legate_abi_rules::kv::canonical_int(&i.value)
+                        .ok_or(KvError::InvalidArgument)?,
                     i.expires,
                 ),
             };
@@ -590,18 +593,6 @@ impl KvBackend for MemoryKv {
             Ok(sum)
         })
     }
-}
-
-/// A stored integer in the only form Redis's `HINCRBY` takes (its
-/// `string2ll`): ASCII decimal, no `+`, no leading zero, no `-0`, so the two
-/// backends refuse the same values.
-fn canonical_int(value: &[u8]) -> Option<i64> {
-    let s = std::str::from_utf8(value).ok()?;
-    let digits = s.strip_prefix('-').unwrap_or(s);
-    if digits.starts_with('+') || (digits.starts_with('0') && s != "0") {
-        return None;
-    }
-    s.parse().ok()
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use legate_abi_rules::log::one_line;
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
@@ -181,33 +182,6 @@ impl AsyncWrite for Lines {
     }
 }
 
-/// A guest's log text as one line of at most `max` bytes (plus the marker):
-/// control characters but tabs escaped (`\n`, `\r`, `\u{1b}`), so nothing a
-/// guest writes can end the line or move the terminal's cursor and pass for
-/// the host's own lines; other text, UTF-8 included, is kept as it is. Cut
-/// after escaping, at a character boundary, with `…[truncated]`.
-pub fn one_line(text: &str, max: usize) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(text.len().min(max));
-    for c in text.chars() {
-        if c.is_control() && c != '\t' {
-            let _ = write!(out, "{}", c.escape_default());
-        } else {
-            out.push(c);
-        }
-        if out.len() > max {
-            let mut cut = max;
-            while !out.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            out.truncate(cut);
-            out.push_str("…[truncated]");
-            break;
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,17 +208,5 @@ mod tests {
             lines,
             [3, 3, MAX_LINE, MAX_LINE, 3, MAX_LINE, MAX_LINE, MAX_LINE]
         );
-    }
-
-    #[test]
-    fn one_line_escapes_controls_only_and_cuts_after() {
-        assert_eq!(one_line("a\tb é \"q\" \\", 100), "a\tb é \"q\" \\");
-        assert_eq!(
-            one_line("x\r[host] fake\n\u{1b}[2J", 100),
-            "x\\r[host] fake\\n\\u{1b}[2J"
-        );
-        let long = one_line(&"\n".repeat(10), 8);
-        assert_eq!(long, "\\n\\n\\n\\n…[truncated]");
-        assert_eq!(one_line("éé", 3), "é…[truncated]");
     }
 }

@@ -121,20 +121,6 @@ pub fn http_status(grpc_status: u32) -> u16 {
     }
 }
 
-/// The gRPC status for a non-gRPC answer's HTTP status (grpc/grpc
-/// `doc/http-grpc-status-mapping.md`, as gRPC clients and Envoy map it): a
-/// dead upstream's `502`, `503` and `504` are all `UNAVAILABLE`.
-pub fn grpc_status_of_http(http: u16) -> u32 {
-    match http {
-        400 => 13,
-        401 => 16,
-        403 => 7,
-        404 => 12,
-        429 | 502 | 503 | 504 => 14,
-        _ => 2,
-    }
-}
-
 /// The most of a non-gRPC answer's body kept as the JSON error's message.
 pub const MAX_MESSAGE: usize = 1024;
 
@@ -233,21 +219,7 @@ mod tests {
     }
 
     #[test]
-    fn http_statuses_map_to_grpc_codes_and_messages() {
-        for (h, g) in [
-            (400, 13),
-            (401, 16),
-            (403, 7),
-            (404, 12),
-            (429, 14),
-            (502, 14),
-            (503, 14),
-            (504, 14),
-            (500, 2),
-            (200, 2),
-        ] {
-            assert_eq!(grpc_status_of_http(h), g, "http {h}");
-        }
+    fn http_error_messages() {
         assert_eq!(
             http_error_message(502, b"upstream_connect_failure\n"),
             "HTTP 502: upstream_connect_failure"

@@ -282,7 +282,7 @@ impl HttpFilter for GrpcJson {
             // the way: the JSON client gets the same error shape as for a
             // gRPC status, with the page as the message.
             if end_of_stream {
-                let code = codec::grpc_status_of_http(status);
+                let code = legate_sdk::rules::grpc::status_of_http(status);
                 return Action::Respond(json_response(
                     codec::http_status(code),
                     code,
@@ -361,7 +361,7 @@ impl HttpFilter for GrpcJson {
         end_of_stream: bool,
     ) -> Action {
         if let (Some(status), true) = (ctx.not_grpc, end_of_stream) {
-            let code = codec::grpc_status_of_http(status);
+            let code = legate_sdk::rules::grpc::status_of_http(status);
             // A compressed page's bytes would only garble the message.
             let page = if ctx.page_encoded {
                 Vec::new()

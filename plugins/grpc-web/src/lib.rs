@@ -39,7 +39,7 @@ pub mod config;
 
 use legate_sdk::metrics::Counter;
 use legate_sdk::{
-    Action, Body, BodyMode, Direction, Exchange, Headers, HttpFilter, LocalResponse, Setup,
+    rules, Action, Body, BodyMode, Direction, Exchange, Headers, HttpFilter, LocalResponse, Setup,
 };
 
 use crate::codec::TextDecoder;
@@ -645,11 +645,11 @@ impl GrpcWeb {
         let frame = codec::trailer_frame(&[
             (
                 "grpc-status".to_owned(),
-                grpc_status_of(status).to_string().into_bytes(),
+                rules::grpc::status_of_http(status).to_string().into_bytes(),
             ),
             (
                 "grpc-message".to_owned(),
-                percent_encode(&message).into_bytes(),
+                rules::grpc::percent_encode(message.as_bytes()).into_bytes(),
             ),
         ]);
         if ctx.text_response {
@@ -682,7 +682,10 @@ impl GrpcWeb {
         let r = LocalResponse::new(http_status)
             .header("content-type", ctx.content_type.as_str())
             .header("grpc-status", grpc_status.to_string())
-            .header("grpc-message", percent_encode(message))
+            .header(
+                "grpc-message",
+                rules::grpc::percent_encode(message.as_bytes()),
+            )
             .details(details);
         self.with_cors(ctx, r)
     }
@@ -690,31 +693,5 @@ impl GrpcWeb {
 
 /// The most of a non-gRPC answer's body kept as its `grpc-message`, in bytes.
 pub const MAX_MESSAGE: usize = 1024;
-
-/// The gRPC status for a non-gRPC answer's HTTP status (grpc/grpc
-/// `doc/http-grpc-status-mapping.md`, as gRPC clients and Envoy map it).
-pub fn grpc_status_of(http: u16) -> u32 {
-    match http {
-        400 => 13,                   // INTERNAL
-        401 => 16,                   // UNAUTHENTICATED
-        403 => 7,                    // PERMISSION_DENIED
-        404 => 12,                   // UNIMPLEMENTED
-        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
-        _ => 2,                      // UNKNOWN
-    }
-}
-
-/// `grpc-message` is percent-encoded (gRPC over HTTP/2, "Responses").
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
 
 legate_sdk::export!(GrpcWeb);

@@ -806,25 +806,6 @@ fn a_body_less_non_grpc_answer_is_replaced_and_text_is_base64() {
 }
 
 #[test]
-fn http_statuses_map_to_grpc_statuses() {
-    use legate_plugin_grpc_web::grpc_status_of;
-    for (http, grpc) in [
-        (400, 13),
-        (401, 16),
-        (403, 7),
-        (404, 12),
-        (429, 14),
-        (502, 14),
-        (503, 14),
-        (504, 14),
-        (500, 2),
-        (200, 2),
-    ] {
-        assert_eq!(grpc_status_of(http), grpc, "{http}");
-    }
-}
-
-#[test]
 fn other_requests_are_untouched_and_the_filter_detaches() {
     // With CORS the method is read first (for preflights); without, only for
     // a gRPC-Web content type: both must leave the same requests alone.

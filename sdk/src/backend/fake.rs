@@ -17,6 +17,10 @@ use crate::kv::{Backend, Entry, Op, Reply, WriteCondition};
 use crate::log::Level;
 use crate::types::{BodyMode, Direction, HttpVersion, TlsVersion};
 use crate::Error;
+// What the host refuses (writes to its own fields; metric names, labels, caps),
+// by the same rules.
+use legate_abi_rules::headers::host_owned;
+use legate_abi_rules::metrics::{self, MAX_HELP, MAX_METRICS, MAX_SERIES};
 
 pub(crate) type FieldList = Vec<(String, Vec<u8>)>;
 
@@ -61,10 +65,7 @@ pub(crate) type Families = Rc<RefCell<BTreeMap<String, Family>>>;
 
 /// The host's default histogram buckets (host/src/stats.rs `BUCKETS`): what a
 /// histogram defined with no buckets has.
-pub(crate) const HOST_BUCKETS: [f64; 19] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 300.0, 600.0, 1800.0,
-];
+pub(crate) use legate_abi_rules::metrics::DEFAULT_BUCKETS as HOST_BUCKETS;
 
 pub(crate) struct Metric {
     pub(crate) kind: MetricKind,
@@ -455,28 +456,6 @@ pub(crate) fn put_field(
     Ok(())
 }
 
-const HOST_OWNED: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "trailer",
-    "host",
-];
-
-/// A stored integer in the only form the host (and Redis) increments:
-/// ASCII decimal, no `+`, no leading zero, no `-0`.
-fn canonical_int(value: &[u8]) -> Option<i64> {
-    let s = std::str::from_utf8(value).ok()?;
-    let digits = s.strip_prefix('-').unwrap_or(s);
-    if digits.starts_with('+') || (digits.starts_with('0') && s != "0") {
-        return None;
-    }
-    s.parse().ok()
-}
-
 /// Checks a filter's local response as the host does (host/src/wasm/plugin.rs
 /// `local_response`): `Err` is the reason the host fails the call.
 pub(crate) fn check_local_response(lr: &crate::LocalResponse) -> Result<(), String> {
@@ -558,9 +537,9 @@ impl HeadersHandle<'_> {
         // As on the host: `te: trailers` (only) may be set on, or removed from,
         // the request head, for filters converting requests to gRPC.
         let te_trailers = name == "te" && !append && value.is_none_or(|v| v == b"trailers");
-        if (HOST_OWNED.contains(&name.as_str()) && !te_trailers)
-            || (name == "content-length" && value.is_some())
-        {
+        // `content-length` may be removed, never set.
+        let removing_length = name == "content-length" && value.is_none();
+        if host_owned(&name) && !te_trailers && !removing_length {
             return Err(Error::Denied);
         }
         if let Some(v) = value {
@@ -878,40 +857,14 @@ impl ExchangeHandle<'_> {
 
 // ---- log, clock, random, plugin ----
 
-/// The most of a message the host writes (host/src/wasm/host.rs `MAX_LOG`).
-const MAX_LOG: usize = 4096;
-
 pub(crate) fn log(level: Level, message: &str) {
+    use legate_abi_rules::log::{one_line, MAX_LOG};
     with_host((), |h| {
         if level >= h.log_level {
+            // As the host writes it: one line, at most MAX_LOG bytes.
             h.logs.push((level, one_line(message, MAX_LOG)));
         }
     })
-}
-
-/// A message as the host writes it (host/src/wasm/stdio.rs `one_line`): one
-/// line, control characters but tabs escaped (`\n`, `\r`, `\u{1b}`), cut after
-/// escaping at `max` bytes (at a character boundary) with `…[truncated]`.
-fn one_line(text: &str, max: usize) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(text.len().min(max));
-    for c in text.chars() {
-        if c.is_control() && c != '\t' {
-            let _ = write!(out, "{}", c.escape_default());
-        } else {
-            out.push(c);
-        }
-        if out.len() > max {
-            let mut cut = max;
-            while !out.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            out.truncate(cut);
-            out.push_str("…[truncated]");
-            break;
-        }
-    }
-    out
 }
 pub(crate) fn log_enabled(level: Level) -> bool {
     with_host(false, |h| level >= h.log_level)
@@ -951,55 +904,6 @@ pub(crate) fn plugin_file(name: &str) -> Result<Vec<u8>, Error> {
 }
 
 // ---- metrics ----
-
-fn valid_metric_name(n: &str) -> bool {
-    let b = n.as_bytes();
-    !b.is_empty()
-        && b.len() <= 64
-        && b[0].is_ascii_lowercase()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
-}
-
-/// The host's own per-plugin families (host/src/wasm/host.rs
-/// `HOST_PLUGIN_METRICS`, abi/README.md §5.6): a plugin's metric of one of
-/// these names is `InvalidArgument`.
-const HOST_PLUGIN_METRICS: [&str; 19] = [
-    "body_limit_exceeded_total",
-    "call_duration_seconds",
-    "callout_failures_total",
-    "callout_timeouts_total",
-    "callouts_total",
-    "calls_total",
-    "failures_total",
-    "grpc_stream_failures_total",
-    "grpc_stream_messages_total",
-    "grpc_streams_open",
-    "grpc_streams_total",
-    "instance_restarts_total",
-    "instances",
-    "memory_bytes",
-    "memory_exceeded_total",
-    "reload_duration_seconds",
-    "reloads_total",
-    "timeouts_total",
-    "traps_total",
-];
-
-/// Metrics and series per plugin, and the longest help text (abi/README.md
-/// §5.6, §7).
-pub(crate) const MAX_METRICS: usize = 100;
-pub(crate) const MAX_SERIES: usize = 1000;
-pub(crate) const MAX_HELP: usize = 1024;
-
-/// Whether a plugin may name a metric `name`, as on the host: not a host
-/// family, and not a name a histogram's sample lines use.
-fn metric_name_free(name: &str) -> bool {
-    !HOST_PLUGIN_METRICS.contains(&name)
-        && !["_bucket", "_sum", "_count"]
-            .iter()
-            .any(|s| name.ends_with(s))
-}
 
 impl HostState {
     /// Counts series (`name`, `labels`) against the series cap; `false` if it
@@ -1078,18 +982,16 @@ fn define(
     // As the host (abi/README.md §5.6): a reserved name, help over 1 KiB, a
     // label twice, `le` on a histogram, or bounds not finite and strictly
     // increasing (at most 64) are refused.
-    if !valid_metric_name(name)
-        || !metric_name_free(name)
+    if !metrics::name_ok(name)
+        || !metrics::name_free(name)
         || help.len() > MAX_HELP
-        || labels
-            .iter()
-            .any(|l| !valid_metric_name(l) || *l == "plugin")
+        || labels.iter().any(|l| !metrics::label_ok(l))
         || labels
             .iter()
             .enumerate()
             .any(|(i, l)| labels[..i].contains(l))
         || (kind == MetricKind::Histogram && labels.contains(&"le"))
-        || buckets.len() > 64
+        || buckets.len() > metrics::MAX_BUCKETS
         || buckets.iter().any(|b| !b.is_finite())
         || buckets.windows(2).any(|w| w[0] >= w[1])
     {
@@ -1401,7 +1303,9 @@ impl NamespaceHandle {
         let now = h.mono_ns;
         let (old, expires_at) = match h.live_kv(&self.name, key) {
             Some(v) => {
-                let n = canonical_int(&v.value).ok_or(Error::InvalidArgument)?;
+                // Only the form the host (and Redis) increments.
+                let n =
+                    legate_abi_rules::kv::canonical_int(&v.value).ok_or(Error::InvalidArgument)?;
                 (n, v.expires_at)
             }
             None => (0, ttl_deadline(now, ttl_ms)?),
@@ -1479,9 +1383,7 @@ pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
     for (n, v) in &r.headers {
         let n = check_name(n)?;
         // Framing and the authority are the host's, as on the real host.
-        if HOST_OWNED.contains(&n.as_str())
-            || matches!(n.as_str(), "content-length" | "host" | "trailer")
-        {
+        if host_owned(&n) {
             return Err(Error::InvalidArgument);
         }
         check_value(v)?;

@@ -133,14 +133,7 @@ pub fn frame(message: &[u8]) -> Option<Bytes> {
 /// gRPC's HTTP-to-status mapping (doc/http-grpc-status-mapping.md), for an
 /// answer that is not `200`.
 pub fn http_status(code: http::StatusCode) -> (u32, String) {
-    let c = match code.as_u16() {
-        400 => INTERNAL,
-        401 => 16,
-        403 => 7,
-        404 => 12,
-        429 | 502..=504 => UNAVAILABLE,
-        _ => UNKNOWN,
-    };
+    let c = legate_abi_rules::grpc::status_of_http(code.as_u16());
     (c, format!("HTTP status {}", code.as_u16()))
 }
 

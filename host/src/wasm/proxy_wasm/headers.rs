@@ -18,21 +18,9 @@ use super::abi::{map, status, Pairs};
 use super::state::{Phase, PwState};
 use crate::filter::{BodyMode, Direction, Exchange};
 
-/// Fields the host owns: never writable by a filter (as for component plugins).
-fn denied(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "te"
-            | "upgrade"
-            | "trailer"
-            | "host"
-            | "content-length"
-    )
-}
+// `denied`: fields the host owns, never writable by a filter (as for
+// component plugins).
+use legate_abi_rules::headers::host_owned as denied;
 
 /// The pairs of map `which` as the guest sees them (`Err` status for a map type
 /// that does not exist; an absent map, such as trailers, is empty).
