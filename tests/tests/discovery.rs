@@ -520,7 +520,7 @@ async fn a_bad_endpoint_file_at_start_is_a_clear_error() {
     assert!(msg.contains("cluster `backend`"), "{msg}");
     assert!(
         msg.contains(&format!(
-            "{}:3: endpoint address `db:80` is not `ip:port`",
+            "{}:3:5: endpoint address `db:80` is not `ip:port`",
             path.display()
         )),
         "{msg}"

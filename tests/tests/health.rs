@@ -254,6 +254,64 @@ clusters:
 );
 
 each_proto!(
+    /// An endpoint file's entry takes its own `health_check` too: its `port` takes
+    /// the checks to the endpoint's health port (which fails them while its traffic
+    /// port would pass them), and a changed one in the file moves them (a new port
+    /// and Host). (The file refused `health_check`; checks went to the traffic port.)
+    async fn an_endpoint_file_entry_has_its_own_health_check(proto) {
+        let (traffic_checks, admin_checks) = (Arc::default(), Arc::default());
+        // The traffic port passes any check it gets; the health port fails them.
+        let traffic = host_recording(&traffic_checks).await;
+        let sick = checked("sick-admin", &Arc::new(AtomicBool::new(false))).await;
+        let admin = host_recording(&admin_checks).await;
+        let dir = TempDir::new();
+        let path = dir.path().join("endpoints.yaml");
+        let write = |own: String| {
+            let body = format!(
+                "endpoints:\n  - address: \"{}\"\n    health_check: {own}\n",
+                traffic.addr
+            );
+            std::fs::rename(dir.write("endpoints.yaml.tmp", &body), &path).unwrap();
+        };
+        write(format!("{{ port: {} }}", sick.addr.port()));
+        let lg = legate()
+            .config(&file_discovery_config(
+                &path,
+                &format!(
+                    "{}    health_check: {{ http: {{ path: /healthz }}, interval: 30ms }}\n    \
+                     panic_threshold: 0%\n",
+                    cluster_protocol(proto)
+                ),
+            ))
+            .start();
+        let healthy = stat("membership_healthy", "backend");
+        until_stat(&lg, &healthy, 0.0).await;
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/work").send().await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.text(), "no_healthy_upstream\n");
+
+        // The file moves its checks to a health port that passes them, under a
+        // Host of its own: back in.
+        write(format!(
+            "{{ host: traffic.health.internal, port: {} }}",
+            admin.addr.port()
+        ));
+        until_stat(&lg, &stat("discovery_update_success", "backend"), 1.0).await;
+        until_stat(&lg, &healthy, 1.0).await;
+        assert_eq!(c.get("/work").send().await.status, 200);
+        let admin_checks = admin_checks.lock().unwrap().clone();
+        assert!(!admin_checks.is_empty());
+        assert!(
+            admin_checks.iter().all(|h| h == "traffic.health.internal"),
+            "{admin_checks:?}"
+        );
+        let traffic_checks = traffic_checks.lock().unwrap().clone();
+        assert!(traffic_checks.is_empty(), "the traffic port got checks: {traffic_checks:?}");
+    }
+);
+
+each_proto!(
     async fn unreachable_endpoint_fails_after_the_threshold(proto) {
         let a = upstream().name("a").start().await;
         let dead = closed_port_addr();

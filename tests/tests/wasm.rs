@@ -1096,6 +1096,93 @@ async fn the_instance_pool_holds_every_workers_instances() {
     assert_eq!(r.header("x-filter-resp"), Some("a"));
 }
 
+/// [`simple`] with `n` more routes, `/r0/` to `/r{n-1}/`, each with its own
+/// `config` for plugin `name`: a plugin configuration each, so an instance each
+/// on a worker, made at the route's first request there.
+fn with_overrides(up: SocketAddr, plugins: &str, name: &str, n: usize) -> String {
+    let routes: String = (0..n)
+        .map(|i| {
+            format!(
+                "          - match: {{ path: /r{i}/ }}\n            cluster: backend\n            \
+                 filters: {{ {name}: {{ config: {{ mode: headers, tag: r{i} }} }} }}\n"
+            )
+        })
+        .collect();
+    let cfg = simple(up, plugins, &[name]);
+    let rest = "          - name: rest\n";
+    assert!(cfg.contains(rest));
+    cfg.replacen(rest, &format!("{routes}{rest}"), 1)
+}
+
+each_proto!(
+    /// The instance pool fills for real: sized at start for the config then (one
+    /// worker, one plugin configuration: the floor of 256 slots), it cannot hold a
+    /// reload's 300 route overrides once each has its instance. The request that
+    /// finds no free slot gets the failure policy, with every slot held by the
+    /// plugin's instances; a reload adding one more configuration is refused,
+    /// the error naming the full pool, its size and the hot restart that fixes it.
+    async fn a_full_instance_pool_fails_requests_and_names_the_fix(proto) {
+        const OVERRIDES: usize = 300;
+        let up = upstream().start().await;
+        let p = plugin("tagger", "{ mode: headers }", "");
+        let lg = legate()
+            .config(&simple(up.addr, &p, &["tagger"]))
+            .concurrency(1)
+            .from_file()
+            .start();
+        lg.reload_ok(&with_overrides(up.addr, &p, "tagger", OVERRIDES))
+            .await;
+        let mut c = client(proto, lg.addr("web")).await;
+        let mut served = 0;
+        let refused = loop {
+            assert!(served < OVERRIDES, "{OVERRIDES} instances fit in the pool");
+            let r = c.get(&format!("/r{served}/")).send().await;
+            if r.status != 200 {
+                break r;
+            }
+            // Each route's own configuration, so its own instance.
+            let tag = format!("r{served}");
+            assert_eq!(r.header("x-filter-resp"), Some(tag.as_str()));
+            served += 1;
+        };
+        assert_eq!(refused.status, 503, "{}", refused.text());
+        assert_eq!(refused.text(), "plugin_failure: tagger\n");
+        // Every slot holds one of the worker's instances (the first config's is
+        // gone with it): the pool itself is full, not a sub-pool.
+        assert_eq!(served, 256);
+        lg.assert_stat(&instances("tagger"), 256.0).await;
+        // The next request of that route tries again, and fails again (counted
+        // as the listener's 5xx answers; no plugin counter counts a start that
+        // found no slot).
+        let r = c.get(&format!("/r{served}/")).send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        lg.assert_stat(
+            r#"legate_listener_requests_total{listener="web",class="5xx"}"#,
+            2.0,
+        )
+        .await;
+        // A route whose instance is there is served.
+        let r = c.get("/r0/").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+
+        // A reload with one more configuration: its check instance does not fit.
+        let e = lg
+            .reload_rejected(&with_overrides(up.addr, &p, "tagger", OVERRIDES + 1))
+            .await;
+        assert!(
+            e.contains(
+                "cannot instantiate: the Wasm instance pool is full (256 instances, sized at \
+                 start for the workers × plugin configurations of the config then, twice \
+                 over for reloads); a hot restart sizes it for the current config"
+            ),
+            "{e}"
+        );
+        // The config in force still serves.
+        let r = c.get("/r1/").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+);
+
 each_proto!(
     /// A ticking plugin whose instance fails to start on the worker (its
     /// `configure` fails there, after passing the load's check) leaves the

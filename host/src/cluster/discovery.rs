@@ -8,7 +8,8 @@
 //!   its own schedule, as each of Envoy's resolve targets. `strict`: every
 //!   address is an endpoint; `logical`: the first one (IPv4 preferred) is.
 //! - `file`: an endpoint file (YAML or JSON: `endpoints: [{address, weight, zone,
-//!   metadata}]`), re-read every `watch_interval` and applied when its content changes.
+//!   metadata, health_check}]`, an entry's `health_check` validated as a configured
+//!   endpoint's), re-read every `watch_interval` and applied when its content changes.
 //!
 //! **Generations.** A [`Cluster`] never changes its endpoint list. Discovery builds
 //! the next generation with [`Cluster::with_endpoints`] — same counters and breakers,
@@ -24,7 +25,8 @@
 //! discovery drops stays in the set while the cluster has active health checks and
 //! it passes them; the refresh after it fails them removes it
 //! (`membership_kept_by_health` counts such endpoints). Without health checks a
-//! dropped endpoint goes at once. A changed weight, zone or metadata makes a new
+//! dropped endpoint goes at once. A changed weight, zone, metadata or own
+//! `health_check` makes a new
 //! endpoint (fresh counters and outlier state, not ejected) that inherits only its
 //! active health-check state: the "failed active health check" flag and the run of
 //! passed or failed checks, so the thresholds still apply to it. The cluster's
@@ -37,7 +39,7 @@
 //! changed `dns` cluster its first endpoints before the config goes live.
 //!
 //! **Failures keep the old set.** A failed resolution, an unreadable file or a file
-//! with an error (reported with `file:line`) changes nothing and counts
+//! with an error (reported with `file:line:col`) changes nothing and counts
 //! `discovery_update_failure`.
 
 use std::net::{IpAddr, SocketAddr};
@@ -72,7 +74,7 @@ pub struct Spec {
     pub zone: Option<String>,
     /// Metadata.
     pub metadata: Option<Value>,
-    /// The endpoint's own health-check settings (configured endpoints only).
+    /// The endpoint's own health-check settings (configured, or from the file).
     pub health_check: Option<EndpointHealthCheck>,
 }
 
@@ -132,36 +134,62 @@ struct FileEndpoint {
     zone: Option<String>,
     #[serde(default)]
     metadata: Option<Value>,
+    #[serde(default)]
+    health_check: Option<EndpointHealthCheck>,
 }
 
 fn one() -> u32 {
     1
 }
 
-/// Parses an endpoint file's text; errors name `path:line`.
-pub fn parse_file(path: &Path, text: &str) -> anyhow::Result<Vec<Spec>> {
+/// Parses the text of `cluster`'s endpoint file; errors name `path:line:col`.
+///
+/// An entry's own `health_check` is checked as a configured endpoint's is, against
+/// the cluster's `health_check`, with the same messages.
+pub fn parse_file(path: &Path, text: &str, cluster: &config::Cluster) -> anyhow::Result<Vec<Spec>> {
     let shown = path.display();
     let file: EndpointFile = serde_saphyr::from_str(text).map_err(|e| anyhow!("{shown}: {e}"))?;
     let mut specs: Vec<Spec> = Vec::with_capacity(file.endpoints.len());
     for ep in file.endpoints {
-        let line = ep.referenced.line();
+        let at = ep.referenced;
+        let place = |key: &str| {
+            let (line, col) = config::key_position(text, &at, &[key]);
+            format!("{shown}:{line}:{col}")
+        };
         let ep = ep.value;
         let address: SocketAddr = ep.address.parse().map_err(|_| {
             anyhow!(
-                "{shown}:{line}: endpoint address `{}` is not `ip:port` (write it like \
+                "{}: endpoint address `{}` is not `ip:port` (write it like \
                  `10.0.0.5:8080` or `[2001:db8::5]:8080`; the file takes no host names)",
+                place("address"),
                 ep.address
             )
         })?;
         if ep.weight == 0 {
             bail!(
-                "{shown}:{line}: endpoint `{}` has weight 0 (weights are at least 1; remove \
+                "{}: endpoint `{}` has weight 0 (weights are at least 1; remove \
                  the endpoint to send it nothing)",
+                place("weight"),
                 ep.address
             );
         }
         if specs.iter().any(|s| s.address == address) {
-            bail!("{shown}:{line}: endpoint `{}` is listed twice", ep.address);
+            bail!(
+                "{}: endpoint `{}` is listed twice",
+                place("address"),
+                ep.address
+            );
+        }
+        if let Some(own) = &ep.health_check {
+            let errors = config::endpoint_health_check_errors(text, &at, cluster, &ep.address, own);
+            if let Some(e) = errors.first() {
+                let help = e
+                    .help
+                    .as_deref()
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default();
+                bail!("{shown}:{}:{}: {}{help}", e.line, e.col, e.message);
+            }
         }
         specs.push(Spec {
             address,
@@ -170,17 +198,17 @@ pub fn parse_file(path: &Path, text: &str) -> anyhow::Result<Vec<Spec>> {
             weight: ep.weight,
             zone: ep.zone,
             metadata: ep.metadata,
-            health_check: None,
+            health_check: ep.health_check,
         });
     }
     Ok(specs)
 }
 
-/// Reads and parses an endpoint file.
-pub fn read_file(path: &Path) -> anyhow::Result<Vec<Spec>> {
+/// Reads and parses `cluster`'s endpoint file.
+pub fn read_file(path: &Path, cluster: &config::Cluster) -> anyhow::Result<Vec<Spec>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow!("cannot read endpoint file {}: {e}", path.display()))?;
-    parse_file(path, &text)
+    parse_file(path, &text, cluster)
 }
 
 /// The first generation of a cluster: `static` resolves its host names now, `file`
@@ -190,7 +218,7 @@ pub fn read_file(path: &Path) -> anyhow::Result<Vec<Spec>> {
 pub(super) fn initial_endpoints(cfg: &config::Cluster) -> anyhow::Result<Vec<Arc<Endpoint>>> {
     match (&cfg.discovery.kind, &cfg.discovery.path) {
         (DiscoveryType::File, Some(path)) => {
-            Ok(read_file(path)?.iter().map(Spec::endpoint).collect())
+            Ok(read_file(path, cfg)?.iter().map(Spec::endpoint).collect())
         }
         _ => Ok(Vec::new()),
     }
@@ -721,7 +749,7 @@ async fn run_file(entry: Arc<ClusterEntry>, cfg: &config::Cluster) {
         let first = last.is_none();
         last = Some(bytes.clone());
         let text = String::from_utf8_lossy(&bytes);
-        match parse_file(path, &text) {
+        match parse_file(path, &text, cfg) {
             Ok(found) => {
                 // The first read repeats the one made at load: not an update.
                 if !first {
@@ -778,12 +806,19 @@ mod tests {
         assert!(!Arc::ptr_eq(&entry.cluster(), &c));
     }
 
+    /// A cluster's config, for [`parse_file`].
+    fn cfg(yaml: &str) -> config::Cluster {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
     #[test]
-    fn file_errors_name_the_line() {
+    fn file_errors_name_the_line_and_column() {
         let p = Path::new("eps.yaml");
+        let c = cfg("name: c");
         let ok = parse_file(
             p,
             "endpoints:\n  - address: 10.0.0.1:80\n    weight: 3\n    zone: a\n    metadata: {canary: true}\n  - { address: \"[::1]:81\" }\n",
+            &c,
         )
         .unwrap();
         assert_eq!(ok.len(), 2);
@@ -793,6 +828,7 @@ mod tests {
         let json = parse_file(
             p,
             r#"{"endpoints": [{"address": "10.0.0.2:80", "weight": 2}]}"#,
+            &c,
         )
         .unwrap();
         assert_eq!(json[0].weight, 2);
@@ -800,28 +836,121 @@ mod tests {
         let e = parse_file(
             p,
             "endpoints:\n  - address: 10.0.0.1:80\n  - address: db.internal:80\n",
+            &c,
         )
         .unwrap_err()
         .to_string();
         assert!(
-            e.starts_with("eps.yaml:3: endpoint address `db.internal:80`"),
+            e.starts_with("eps.yaml:3:5: endpoint address `db.internal:80`"),
             "{e}"
         );
-        let e = parse_file(p, "endpoints:\n  - address: 10.0.0.1:80\n    weight: 0\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.starts_with("eps.yaml:2:"), "{e}");
         let e = parse_file(
             p,
-            "endpoints:\n  - address: 10.0.0.1:80\n  - address: 10.0.0.1:80\n",
+            "endpoints:\n  - address: 10.0.0.1:80\n    weight: 0\n",
+            &c,
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("listed twice"), "{e}");
-        let e = parse_file(p, "endpoints:\n  - address: 10.0.0.1:80\n    wieght: 2\n")
-            .unwrap_err()
-            .to_string();
+        assert!(
+            e.starts_with("eps.yaml:3:5: endpoint `10.0.0.1:80` has weight 0"),
+            "{e}"
+        );
+        let e = parse_file(
+            p,
+            "endpoints:\n  - address: 10.0.0.1:80\n  - { weight: 2, address: 10.0.0.1:80 }\n",
+            &c,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("eps.yaml:3:18: endpoint `10.0.0.1:80` is listed twice"),
+            "{e}"
+        );
+        let e = parse_file(
+            p,
+            "endpoints:\n  - address: 10.0.0.1:80\n    wieght: 2\n",
+            &c,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("eps.yaml: ") && e.contains("wieght"), "{e}");
+    }
+
+    #[test]
+    fn an_entry_takes_its_own_health_check_validated_as_in_the_config() {
+        let p = Path::new("eps.yaml");
+        let http = cfg("name: app\nhealth_check: { http: { path: /healthz } }");
+        let tcp = cfg("name: db\nhealth_check: { tcp: {} }");
+        let unchecked = cfg("name: bare");
+
+        // YAML and JSON alike; absent, the cluster's settings.
+        let ok = parse_file(
+            p,
+            "endpoints:\n  - address: 10.0.0.1:80\n    health_check: { host: a.internal, port: 8081 }\n  - { address: 10.0.0.2:80 }\n",
+            &http,
+        )
+        .unwrap();
+        let own = ok[0].health_check.as_ref().unwrap();
+        assert_eq!(
+            (own.host.as_deref(), own.port),
+            (Some("a.internal"), Some(8081))
+        );
+        assert_eq!(ok[1].health_check, None);
+        let json = parse_file(
+            p,
+            r#"{"endpoints": [{"address": "10.0.0.2:80", "health_check": {"port": 9000}}]}"#,
+            &tcp,
+        )
+        .unwrap();
+        assert_eq!(json[0].health_check.as_ref().unwrap().port, Some(9000));
+
+        // The config's checks and messages, at the offending key.
+        let err = |text: &str, c: &config::Cluster| parse_file(p, text, c).unwrap_err().to_string();
+        let e = err(
+            "endpoints:\n  - address: 10.0.0.1:80\n    health_check:\n      host: \"bad host\"\n",
+            &http,
+        );
+        assert_eq!(
+            e,
+            "eps.yaml:4:7: endpoint `10.0.0.1:80` of cluster `app`: health check host \
+             `bad host` is not a valid authority (write a host name, optionally with a port: \
+             `api.internal`)"
+        );
+        let e = err(
+            "endpoints:\n  - { address: 10.0.0.1:80, health_check: { port: 0 } }\n",
+            &http,
+        );
+        assert!(
+            e.starts_with("eps.yaml:2:45: endpoint `10.0.0.1:80` of cluster `app`: health check port 0 (write the port"),
+            "{e}"
+        );
+        let e = err(
+            "endpoints:\n  - { address: 10.0.0.1:5432, health_check: { host: db.internal } }\n",
+            &tcp,
+        );
+        assert!(
+            e.starts_with("eps.yaml:2:47: endpoint `10.0.0.1:5432` of cluster `db`: `health_check.host` without an HTTP check"),
+            "{e}"
+        );
+        let e = err(
+            r#"{"endpoints": [{"address": "10.0.0.1:80", "health_check": {"port": 81}}]}"#,
+            &unchecked,
+        );
+        assert!(
+            e.starts_with("eps.yaml:1:43: endpoint `10.0.0.1:80` of cluster `bare` has `health_check`, but the cluster has no `health_check`"),
+            "{e}"
+        );
+        // A port out of range is the parser's error, as in the config.
+        let e = err(
+            "endpoints:\n  - { address: 10.0.0.1:80, health_check: { port: 70000 } }\n",
+            &http,
+        );
+        assert!(e.starts_with("eps.yaml: "), "{e}");
+        let e = err(
+            "endpoints:\n  - { address: 10.0.0.1:80, health_check: { prot: 1 } }\n",
+            &http,
+        );
+        assert!(e.starts_with("eps.yaml: ") && e.contains("prot"), "{e}");
     }
 
     fn schedule(yaml: &str) -> Schedule {

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde_saphyr::{Error as YamlError, Location};
 
-use super::source::{shorten, Kind, Outline, Path as KeyPath, Pos};
-use super::validate::{did_you_mean, Issue};
-use super::Config;
+use super::source::{shorten, Kind, Outline, Path as KeyPath, Pos, Seg};
+use super::validate::{did_you_mean, endpoint_health_check_issues, Issue};
+use super::{Cluster, Config, EndpointHealthCheck};
 
 /// One config error, with its place in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +149,37 @@ pub fn parse_str(file: &str, source: &str, base: &Path) -> Result<Config, Config
     let zone = config.local_zone.clone();
     config.set_local_zone(zone);
     Ok(config)
+}
+
+/// Where in `source` (YAML or JSON text read with the config's parser, such as an
+/// endpoint file) key path `keys` of the item at `anchor` is, as far as the text has
+/// it: `(line, col)`, 1-based; the item's own place when the text cannot be outlined.
+pub(crate) fn key_position(source: &str, anchor: &Location, keys: &[&str]) -> (u64, u64) {
+    let focus: Vec<Seg> = keys.iter().map(|k| Seg::Key((*k).to_string())).collect();
+    Pos::of(anchor)
+        .and_then(|a| Outline::parse(source).and_then(|o| o.descend(a, &focus)))
+        .map_or((anchor.line(), anchor.column()), |p| (p.line, p.col))
+}
+
+/// The errors of an endpoint file's entry (at `anchor` in `source`, the file's text)
+/// with its own `health_check`, for `cluster`: the checks and messages of a
+/// configured endpoint's, each placed at the key it is about.
+pub(crate) fn endpoint_health_check_errors(
+    source: &str,
+    anchor: &Location,
+    cluster: &Cluster,
+    address: &str,
+    own: &EndpointHealthCheck,
+) -> Vec<ConfigError> {
+    let issues = endpoint_health_check_issues(anchor, cluster, address, own);
+    if issues.is_empty() {
+        return Vec::new();
+    }
+    let outline = Outline::parse(source);
+    issues
+        .into_iter()
+        .map(|i| place(i, outline.as_ref()))
+        .collect()
 }
 
 /// Moves a validation error from its item to the key it is about.

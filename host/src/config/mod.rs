@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 pub use serde_saphyr::Spanned;
 
+pub(crate) use load::{endpoint_health_check_errors, key_position};
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors};
 pub use types::{ByteSize, Dur, KvBackendKind, KvConfig, KvTls, Name, Percent, StatusRange};
 pub(crate) use validate::split_host_port;

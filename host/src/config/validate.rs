@@ -1700,6 +1700,19 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
     validate_resilience(e, loc, c);
 }
 
+/// The problems of an endpoint file's entry (at `loc`) with its own `health_check`,
+/// for cluster `c`: the same checks and messages as for a configured endpoint.
+pub(super) fn endpoint_health_check_issues(
+    loc: &Location,
+    c: &Cluster,
+    address: &str,
+    own: &EndpointHealthCheck,
+) -> Vec<Issue> {
+    let mut e = Issues::default();
+    validate_endpoint_health_check(&mut e, loc, c, address, own);
+    e.0
+}
+
 /// An endpoint's own `health_check` (at `loc`, the endpoint): it adjusts the
 /// cluster's checks, so it needs them, and its `host` needs an HTTP check.
 fn validate_endpoint_health_check(

@@ -155,14 +155,16 @@ struct Cfg {
 }
 
 thread_local! {
-    static CFG: RefCell<Cfg> = RefCell::new(Cfg {
-        mode: String::new(),
-        tag: String::new(),
-        cluster: String::new(),
-        timeout: 0,
-        file: String::new(),
-        buffered: [false; 2],
-    });
+    static CFG: RefCell<Cfg> = const {
+        RefCell::new(Cfg {
+            mode: String::new(),
+            tag: String::new(),
+            cluster: String::new(),
+            timeout: 0,
+            file: String::new(),
+            buffered: [false; 2],
+        })
+    };
     /// `callout` mode: responses still awaited per context.
     /// `tick-callout` mode: the tick callout was sent.
     static TICK_SENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };

@@ -845,10 +845,8 @@ impl StreamContext for Tcp {
                 }
                 self.set_downstream_data(0, size, &out);
             }
-            "tcp-close" => {
-                if data.windows(4).any(|w| w == b"QUIT") {
-                    self.close_downstream();
-                }
+            "tcp-close" if data.windows(4).any(|w| w == b"QUIT") => {
+                self.close_downstream();
             }
             "tcp-callout" => {
                 if let Some(mut p) = self.prefix.take() {
@@ -856,10 +854,8 @@ impl StreamContext for Tcp {
                     self.set_downstream_data(0, 0, &p);
                 }
             }
-            "tcp-trap" => {
-                if data.windows(4).any(|w| w == b"boom") {
-                    panic!("boom in on_downstream_data");
-                }
+            "tcp-trap" if data.windows(4).any(|w| w == b"boom") => {
+                panic!("boom in on_downstream_data");
             }
             _ => {}
         }
@@ -882,10 +878,8 @@ impl StreamContext for Tcp {
                     .collect();
                 self.set_upstream_data(0, size, &out);
             }
-            "tcp-close" => {
-                if data.windows(3).any(|w| w == b"BYE") {
-                    self.close_upstream();
-                }
+            "tcp-close" if data.windows(3).any(|w| w == b"BYE") => {
+                self.close_upstream();
             }
             _ => {}
         }
@@ -1462,10 +1456,8 @@ impl HttpContext for Filter {
         let path = self.get_http_request_header(":path").unwrap_or_default();
         self.path = path.clone();
         match self.s.mode.as_str() {
-            "close" => {
-                if path.starts_with("/close-request") {
-                    self.reset_http_request();
-                }
+            "close" if path.starts_with("/close-request") => {
+                self.reset_http_request();
             }
             "headers" => {
                 if path == "/deny" {
