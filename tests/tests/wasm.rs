@@ -1151,11 +1151,14 @@ each_proto!(
         // gone with it): the pool itself is full, not a sub-pool.
         assert_eq!(served, 256);
         lg.assert_stat(&instances("tagger"), 256.0).await;
-        // The next request of that route tries again, and fails again (counted
-        // as the listener's 5xx answers; no plugin counter counts a start that
-        // found no slot).
+        // A call that got no instance is the plugin's failure, as a trapped one.
+        let failures = r#"legate_plugin_failures_total{plugin="tagger"}"#;
+        lg.assert_stat(failures, 1.0).await;
+        // The next request of that route fails again (the slot backs off
+        // after the failed start), counted again.
         let r = c.get(&format!("/r{served}/")).send().await;
         assert_eq!(r.status, 503, "{}", r.text());
+        lg.assert_stat(failures, 2.0).await;
         lg.assert_stat(
             r#"legate_listener_requests_total{listener="web",class="5xx"}"#,
             2.0,
@@ -1203,6 +1206,10 @@ each_proto!(
         assert_eq!(r.echo().header("x-kv-count"), None);
         lg.assert_stat(&calls("ticker", "configure"), 3.0).await;
         assert_eq!(lg.stat(&calls("ticker", "tick")).await.unwrap_or(0.0), 0.0);
+        // The request's failed start is the plugin's failure (the early one,
+        // which no call waited for, is only logged).
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="ticker"}"#, 1.0)
+            .await;
     }
 );
 

@@ -407,10 +407,16 @@ impl WasmNetworkFilter {
                 if !new {
                     return Err("the instance this connection started on failed".to_string());
                 }
+                // No instance for it: the call fails (the policy applies), as
+                // a trapped one does, and counts as one.
                 if slot.restarts.waiting() {
+                    self.stats.failures.inc();
                     return Err("no instance (restarting after a failure)".to_string());
                 }
-                self.start_instance(slot, worker)?;
+                if let Err(e) = self.start_instance(slot, worker) {
+                    self.stats.failures.inc();
+                    return Err(e);
+                }
             }
             let Some(live) = slot.live.as_mut() else {
                 return Err("no instance".to_string());

@@ -164,7 +164,7 @@ impl PluginStats {
             calls: PhaseCounters(calls),
             failures: stats.counter(
                 "legate_plugin_failures_total",
-                "Failed plugin calls (traps, deadlines, memory cap, invalid results).",
+                "Failed plugin calls (traps, deadlines, memory cap, invalid results, no instance to run on).",
                 &l,
             ),
             traps: stats.counter(
@@ -743,10 +743,16 @@ impl WasmFilter {
                 if !new_context {
                     return Err("the instance this exchange started on failed".to_string());
                 }
+                // No instance for it: the call fails (the policy applies), as
+                // a trapped one does, and counts as one.
                 if slot.restarts.waiting() {
+                    self.stats.failures.inc();
                     return Err("no instance (restarting after a failure)".to_string());
                 }
-                self.start_instance(slot, worker)?;
+                if let Err(e) = self.start_instance(slot, worker) {
+                    self.stats.failures.inc();
+                    return Err(e);
+                }
             }
             let Some(live) = slot.live.as_mut() else {
                 return Err("no instance".to_string());

@@ -832,10 +832,16 @@ impl ProxyWasmFilter {
                 if !new_context {
                     return Err("the VM this exchange started on failed".to_string());
                 }
+                // No VM for it: the call fails (the policy applies), as a
+                // trapped one does, and counts as one.
                 if slot.restarts.waiting() {
+                    self.stats.failures.inc();
                     return Err("no VM (restarting after a failure)".to_string());
                 }
-                self.start_slot(slot, worker)?;
+                if let Err(e) = self.start_slot(slot, worker) {
+                    self.stats.failures.inc();
+                    return Err(e);
+                }
             }
             let Some(live) = slot.live.as_mut() else {
                 return Err("no VM".to_string());
