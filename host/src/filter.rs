@@ -25,7 +25,11 @@
 //! reads nothing more of that body until it resumes (backpressure). Component
 //! filters may pause on any streamed call ([`ExchangeData::hold_stream`]);
 //! proxy-wasm filters only at the end ([`ExchangeData::hold_end`]): mid-stream
-//! they buffer paused chunks themselves, as Envoy does.
+//! they buffer paused chunks themselves, as Envoy does. A proxy-wasm filter
+//! that holds the head while its body streams (Envoy's `StopIteration`)
+//! stops the run of its direction there ([`Stop`]): the filters after it
+//! get the head, then the body, only once it lets go
+//! ([`Chain::run_stopped`]).
 //! Dropping a [`Chain`] (the client went away) aborts its callouts and still
 //! runs `on-log`/`on-done`.
 
