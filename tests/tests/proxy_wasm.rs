@@ -2186,3 +2186,58 @@ each_proto!(
         no_failures(&lg).await;
     }
 );
+
+each_proto!(
+    /// A component filter after `a` that buffers the request body
+    /// (`buffered` mode): `a` lets the head go on the first chunk (`/mid`),
+    /// and still sees the body chunk by chunk; the component gets the head
+    /// then, and the whole body once it ended (the head held meanwhile, its
+    /// `content-length` set for the final body).
+    async fn a_buffering_component_after_a_held_head_gets_the_whole_body(proto) {
+        let up = upstream().start().await;
+        let upper = format!(
+            "  - name: upper\n    module: {}\n    config: {{ mode: body-upper, phases: \"rq,rqbody\", rqmode: buffered }}\n    limits: {{ cpu: 500ms }}\n",
+            test_guest().display()
+        );
+        let plugins = plugin("a", "{ mode: stop-a }", "") + &upper;
+        let lg = legate()
+            .config(&config(up.addr, &plugins, &["a", "upper"]))
+            .start();
+        let (more, body) = gated_body("part1;", "part2");
+        let sent = {
+            let web = lg.addr("web");
+            tokio::spawn(async move {
+                client(proto, web)
+                    .await
+                    .post("/mid")
+                    .boxed_body(body)
+                    .send()
+                    .await
+            })
+        };
+        let seen = &lg;
+        eventually(HANG_GUARD, "the component had the head", || async move {
+            seen.stat(&calls("upper", "request_headers"))
+                .await
+                .filter(|v| *v >= 1.0)
+        })
+        .await;
+        let b = lg.stat(&calls("upper", "request_body")).await;
+        assert_eq!(b.unwrap_or(0.0), 0.0, "the component buffers: one call, at the end");
+        more.send(()).unwrap();
+        let r = tokio::time::timeout(HANG_GUARD, sent)
+            .await
+            .expect("the request")
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.header("x-a"), Some("mid"));
+        assert_eq!(e.body, "PART1;PART2!");
+        assert_eq!(e.header("content-length"), Some("12"));
+        assert_eq!(e.header("x-body-len"), Some("11"));
+        lg.assert_stat(&calls("upper", "request_body"), 1.0).await;
+        // `a` held the head itself, and saw the body as it came.
+        lg.assert_stat_with(&calls("a", "request_body"), |v| v >= 2.0, ">= 2")
+            .await;
+    }
+);
