@@ -2028,9 +2028,9 @@ each_proto!(
     /// once `a` held the first.
     async fn the_filters_after_a_held_request_head_get_it_when_it_is_let_go(proto) {
         let up = upstream().start().await;
-        let lg = legate()
-            .config(&config(up.addr, &stop_plugins(), &["a", "b"]))
-            .start();
+        let (_dir, log, yaml) =
+            with_access_log(&config(up.addr, &stop_plugins(), &["a", "b"]));
+        let lg = legate().config(&yaml).start();
         let (more, body) = gated_body("part1;", "part2");
         let sent = {
             let web = lg.addr("web");
@@ -2071,6 +2071,18 @@ each_proto!(
         lg.assert_stat(&calls("b", "request_headers"), 1.0).await;
         lg.assert_stat(&calls("b", "request_body"), 1.0).await;
         no_failures(&lg).await;
+        // The exchange is logged as any other.
+        let lines = access_log_until(&log, "the line", |l| !l.is_empty()).await;
+        let (v, line) = (&lines[0], lines[0].to_string());
+        assert_eq!(v["status"], 200, "{line}");
+        assert_eq!(v["cause"], Value::Null, "{line}");
+        assert_eq!(v["bytes_received"], 11, "{line}");
+        assert_eq!(v["bytes_sent"], r.body.len(), "{line}");
+        lg.assert_stat(
+            r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
+            1.0,
+        )
+        .await;
     }
 );
 
