@@ -25,7 +25,11 @@
 //! reads nothing more of that body until it resumes (backpressure). Component
 //! filters may pause on any streamed call ([`ExchangeData::hold_stream`]);
 //! proxy-wasm filters only at the end ([`ExchangeData::hold_end`]): mid-stream
-//! they buffer paused chunks themselves, as Envoy does.
+//! they buffer paused chunks themselves, as Envoy does. A proxy-wasm filter
+//! that holds the head while its body streams (Envoy's `StopIteration`)
+//! stops the run of its direction there ([`Stop`]): the filters after it
+//! get the head, then the body, only once it lets go
+//! ([`Chain::run_stopped`]).
 //! Dropping a [`Chain`] (the client went away) aborts its callouts and still
 //! runs `on-log`/`on-done`.
 
@@ -1213,6 +1217,7 @@ impl Filters {
             pump: None,
             failed: None,
             answer_from: None,
+            stopped: [None; 2],
         }))
     }
 }
@@ -1242,6 +1247,20 @@ pub enum EndStep {
     /// A filter of a streamed message paused with a callout in flight: the
     /// rest of the message is held until [`Chain::resume`] resolves.
     Held,
+}
+
+/// What [`Chain::run_stopped`] gives.
+#[derive(Debug)]
+pub enum StoppedRun {
+    /// What passed the filters that had their part of the message now, and
+    /// the trailers it ended with: to send on once no filter holds the head.
+    Passed(Bytes, Option<HeaderMap>),
+    /// A filter that buffers this body (at most this many bytes) had its
+    /// headers phase: nothing ran over the data, which waits with the rest of
+    /// the body, read to its end with the head held.
+    Whole(usize),
+    /// A filter answered.
+    Respond(LocalResponse),
 }
 
 /// What [`Chain::resume`] gives once the pause a streamed run stopped on ends.
@@ -1734,6 +1753,30 @@ pub struct Chain {
     /// The filter whose local response a pause of another filter returned
     /// ([`Chain::wait`]): the answer is its own ([`Chain::answerer`]).
     answer_from: Option<usize>,
+    /// Per direction: a filter holds the head while its body streams
+    /// ([`BodyCtl::holds_head`]), so the filters after it have not had their
+    /// part of the message yet ([`Stop`]).
+    stopped: [Option<Stop>; 2],
+}
+
+/// Where a direction's run stopped at a filter that holds the head while its
+/// body streams through it (proxy-wasm's `StopIteration`, as Envoy): the
+/// filters after it get their headers phase only once it lets the head go,
+/// with the head as it left it, then what passed it of the body
+/// ([`Chain::run_stopped`]). Meanwhile they take no part in the body runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stop {
+    /// The first position in the direction's order ([`Chain::pos`]) of a
+    /// filter that has not had this message's body: it and those after it
+    /// are out of the streamed runs.
+    body_at: usize,
+    /// The headers phases still to run: for the request, from this slot on
+    /// (those filters are not entered yet); for the response, of the entered
+    /// filters below this index.
+    headers: Option<usize>,
+    /// A filter that had its headers phase buffers this body: the head is
+    /// held to the end, when the body goes to it whole.
+    whole: bool,
 }
 
 /// The task that delivers callout results as they arrive while the chain is
@@ -2211,12 +2254,26 @@ impl Chain {
     /// Runs the request-headers phase of every filter in chain order, waiting out
     /// pauses. `Some` is a local response that replaces the upstream (the filters
     /// before the one that answered will see it in their response phases).
+    ///
+    /// A filter that holds the head while the body streams through it
+    /// ([`BodyCtl::holds_head`]) stops the run, as Envoy's `StopIteration`:
+    /// the filters after it get their headers phase once it lets the head go
+    /// ([`Chain::run_stopped`]).
     pub async fn on_request_headers(
         &mut self,
         end_of_stream: bool,
     ) -> Result<Option<LocalResponse>, ProxyError> {
+        self.request_headers_from(0, end_of_stream).await
+    }
+
+    /// The request-headers phases of the filters of the slots from `from` on.
+    async fn request_headers_from(
+        &mut self,
+        from: usize,
+        end_of_stream: bool,
+    ) -> Result<Option<LocalResponse>, ProxyError> {
         let slots = self.slots.clone();
-        for slot in slots.iter() {
+        for (s, slot) in slots.iter().enumerate().skip(from) {
             // The route is selected only for a filter that has route overrides.
             let f = if slot.routes.is_empty() {
                 Some(slot.filter.clone())
@@ -2241,6 +2298,16 @@ impl Chain {
                 v = self.wait(k, "request_headers").await?;
             }
             match v {
+                Ok(Verdict::Continue) if self.ctl[k].holds_head[Direction::Request.idx()] => {
+                    if s + 1 < slots.len() {
+                        self.stopped[Direction::Request.idx()] = Some(Stop {
+                            body_at: k + 1,
+                            headers: Some(s + 1),
+                            whole: false,
+                        });
+                        return Ok(None);
+                    }
+                }
                 Ok(Verdict::Continue) => {}
                 Ok(Verdict::Pause) => unreachable_pause(),
                 Ok(Verdict::Respond(lr)) => {
@@ -2283,7 +2350,27 @@ impl Chain {
                 replaced = Some(lr.body);
             }
         }
-        for i in (0..self.entered.len()).rev() {
+        let n = self.entered.len();
+        let mut answer = replaced.map(|b| (b, String::new()));
+        self.response_headers_below(n, &mut eos, &mut answer)
+            .await?;
+        Ok(answer.map(|(b, _)| b))
+    }
+
+    /// The response-headers phases of the entered filters below `below`, in
+    /// reverse chain order, over the head in `x` (`eos`: it ends the
+    /// message). A local response replaces the head there, and its body is
+    /// put in `replaced` with its details (`eos` as it). A filter that holds the head while the
+    /// body streams through it stops the run, as in
+    /// [`Chain::on_request_headers`].
+    async fn response_headers_below(
+        &mut self,
+        below: usize,
+        eos: &mut bool,
+        replaced: &mut Option<(Bytes, String)>,
+    ) -> Result<(), ProxyError> {
+        let n = self.entered.len();
+        for i in (0..below).rev() {
             if !self.in_response(i) {
                 continue;
             }
@@ -2291,12 +2378,23 @@ impl Chain {
             if !f.phases().contains(Phases::RESPONSE_HEADERS) {
                 continue;
             }
-            let mut v = self.call(i, |f, w, x| f.on_response_headers(w, x, eos));
+            let end = *eos;
+            let mut v = self.call(i, |f, w, x| f.on_response_headers(w, x, end));
             self.dispatch(i);
             if let Ok(Verdict::Pause) = v {
                 v = self.wait(i, "response_headers").await?;
             }
             match v {
+                Ok(Verdict::Continue) if self.ctl[i].holds_head[Direction::Response.idx()] => {
+                    if i > 0 {
+                        self.stopped[Direction::Response.idx()] = Some(Stop {
+                            body_at: n - i,
+                            headers: Some(i),
+                            whole: false,
+                        });
+                        return Ok(());
+                    }
+                }
                 Ok(Verdict::Continue) => {}
                 Ok(Verdict::Pause) => unreachable_pause(),
                 Ok(Verdict::Respond(lr)) => {
@@ -2305,10 +2403,10 @@ impl Chain {
                     }
                     self.x.cause = Some(plugin_cause(&lr.details));
                     let lr = if self.grpc { lr.into_grpc() } else { lr };
-                    eos = lr.body.is_empty();
+                    *eos = lr.body.is_empty();
                     self.x.status = Some(lr.status);
                     self.x.response_headers = Some(lr.headers.into());
-                    replaced = Some(lr.body);
+                    *replaced = Some((lr.body, lr.details));
                     self.replaced_response = Some(self.answerer(i));
                 }
                 // Skipped first: failed closed, it gets no `on-log` either
@@ -2316,7 +2414,7 @@ impl Chain {
                 Err(why) => self.failed_call(i, "response_headers", &why)?,
             }
         }
-        Ok(replaced)
+        Ok(())
     }
 
     /// The response-side work of this exchange's filters: whether any filter
@@ -2374,9 +2472,19 @@ impl Chain {
 
     /// Whether entered filter `i` takes part in direction `d`.
     fn takes_part(&self, d: Direction, i: usize) -> bool {
-        match d {
+        let part = match d {
             Direction::Request => self.responded.is_none() && self.live(i),
             Direction::Response => self.in_response(i),
+        };
+        // Not yet, past a filter that holds the head ([`Stop`]).
+        part && self.stopped[d.idx()].is_none_or(|s| self.pos(d, i) < s.body_at)
+    }
+
+    /// The position of entered filter `i` in direction `d`'s order.
+    fn pos(&self, d: Direction, i: usize) -> usize {
+        match d {
+            Direction::Request => i,
+            Direction::Response => self.entered.len() - 1 - i,
         }
     }
 
@@ -2436,10 +2544,11 @@ impl Chain {
     /// Whether a filter taking part in direction `d` still holds its head
     /// ([`BodyCtl::holds_head`]).
     pub fn holds_head(&self, d: Direction) -> bool {
-        self.order(d).any(|i| {
-            let c = self.ctl[i];
-            c.wants(d) && c.holds_head[d.idx()]
-        })
+        self.stopped[d.idx()].is_some_and(|s| s.whole)
+            || self.order(d).any(|i| {
+                let c = self.ctl[i];
+                c.wants(d) && c.holds_head[d.idx()]
+            })
     }
 
     /// The message of direction `d` has no body: it goes through the body
@@ -2468,7 +2577,15 @@ impl Chain {
     /// not see it.
     pub fn body_limit_exceeded(&mut self, d: Direction, len: usize) {
         let mut first = None;
-        for i in self.order(d) {
+        // Those past a filter that held the head too, once they wait for the
+        // whole body ([`Stop::whole`]): it is what went over.
+        let stop = self.stopped[d.idx()];
+        if stop.is_some_and(|s| s.whole) {
+            self.stopped[d.idx()] = None;
+        }
+        let order: Vec<usize> = self.order(d).collect();
+        self.stopped[d.idx()] = stop;
+        for i in order {
             let f = &self.entered[i];
             let c = self.ctl[i];
             if c.wants(d) && c.modes[d.idx()] == BodyMode::Buffered && len > f.body_limit() {
@@ -2896,6 +3013,140 @@ impl Chain {
         }
     }
 
+    /// Whether a filter of direction `d` stopped the run there ([`Stop`]):
+    /// the filters after it still wait for the head (and the body that
+    /// passed it), which [`Chain::run_stopped`] gives them.
+    pub fn stopped(&self, d: Direction) -> bool {
+        self.stopped[d.idx()].is_some()
+    }
+
+    /// The filter that stopped direction `d` ([`Stop`]) let its head go (or
+    /// the message ended, `ended`), having passed `data` (and the
+    /// `trailers` the message ended with): as Envoy's `continueDecoding` /
+    /// `continueEncoding`, the filters after it get their headers phase, with
+    /// the head as it is now (`end-of-stream` if nothing more comes), then
+    /// `data` in one body call (`end-of-stream` if `ended`; the trailers
+    /// folded there, then the trailers phases). A filter among them that
+    /// holds the head in turn stops the run again, until its own body call
+    /// lets it go (or the end); one that buffers this body makes the rest of
+    /// it be read first, the head held ([`StoppedRun::Whole`]). The host holds
+    /// all of it here, so pauses are waited out in place (the chain must be
+    /// out of its [`SharedChain`]).
+    pub async fn run_stopped(
+        &mut self,
+        d: Direction,
+        mut data: Bytes,
+        mut trailers: Option<HeaderMap>,
+        ended: bool,
+    ) -> Result<StoppedRun, ProxyError> {
+        self.between_steps()?;
+        while let Some(stop) = self.stopped[d.idx()] {
+            if !ended && self.holds_head(d) {
+                // The filter the run stopped at holds the head still.
+                break;
+            }
+            self.stopped[d.idx()] = None;
+            let eos = ended && data.is_empty() && trailers.is_none();
+            match (d, stop.headers) {
+                (_, None) => {}
+                (Direction::Request, Some(slot)) => {
+                    if let Some(lr) = self.request_headers_from(slot, eos).await? {
+                        return Ok(StoppedRun::Respond(lr));
+                    }
+                }
+                (Direction::Response, Some(below)) => {
+                    let mut end = eos;
+                    let mut answer = None;
+                    self.response_headers_below(below, &mut end, &mut answer)
+                        .await?;
+                    if let Some((body, details)) = answer {
+                        // The head is still held: the answer replaces the
+                        // response, as from a body phase.
+                        return Ok(StoppedRun::Respond(LocalResponse {
+                            status: self.x.status.unwrap_or(StatusCode::OK),
+                            headers: self
+                                .x
+                                .response_headers
+                                .as_deref()
+                                .cloned()
+                                .unwrap_or_default(),
+                            body,
+                            details,
+                            grpc_status: None,
+                        }));
+                    }
+                }
+            }
+            // The filters that got the head now (up to one that stopped the
+            // run again, which is in: it gets what passed so far).
+            let new: Vec<usize> = self
+                .order(d)
+                .filter(|&i| self.pos(d, i) >= stop.body_at)
+                .collect();
+            for &i in &new {
+                self.ctl[i].started[d.idx()] = true;
+            }
+            let body_order: Vec<usize> = new
+                .iter()
+                .copied()
+                .filter(|&i| self.ctl[i].wants(d))
+                .collect();
+            let buffering = body_order
+                .iter()
+                .filter(|&&i| self.ctl[i].modes[d.idx()] == BodyMode::Buffered)
+                .map(|&i| self.entered[i].body_limit())
+                .min();
+            if let (false, Some(cap)) = (ended, buffering) {
+                // One of them buffers this body: the rest is read first.
+                let next = self.stopped[d.idx()];
+                self.stopped[d.idx()] = Some(Stop {
+                    body_at: stop.body_at,
+                    headers: next.and_then(|s| s.headers),
+                    whole: true,
+                });
+                return Ok(StoppedRun::Whole(cap));
+            }
+            let trailers_order: Vec<usize> = new
+                .iter()
+                .copied()
+                .filter(|&i| self.entered[i].phases().contains(d.trailers_phase()))
+                .collect();
+            if !eos && (ended || !data.is_empty()) && !body_order.is_empty() {
+                let folding = ended && trailers.is_some();
+                if folding {
+                    self.x.trailers[d.idx()] = trailers.take();
+                }
+                self.x.bodies[d.idx()] = Some(data.into());
+                let hold = if ended { Hold::Wait } else { Hold::ChunkWait };
+                let r = self.run_part(d, Some(ended), &body_order, 0, hold).await;
+                data = self.x.bodies[d.idx()]
+                    .take()
+                    .unwrap_or_default()
+                    .into_bytes();
+                if folding {
+                    trailers = self.x.trailers[d.idx()].take();
+                }
+                match r? {
+                    Ran::Respond(lr) => return Ok(StoppedRun::Respond(lr)),
+                    Ran::Through | Ran::Paused(_) => {}
+                }
+            }
+            // Emptied by the body calls: the body ends with its data.
+            if let Some(t) = trailers.take().filter(|t| !t.is_empty()) {
+                self.x.trailers[d.idx()] = Some(t);
+                if let Ran::Respond(lr) = self
+                    .run_part(d, None, &trailers_order, 0, Hold::Wait)
+                    .await?
+                {
+                    return Ok(StoppedRun::Respond(lr));
+                }
+                // Kept on the exchange for later reads.
+                trailers = self.x.trailers[d.idx()].clone();
+            }
+        }
+        Ok(StoppedRun::Passed(data, trailers))
+    }
+
     /// The exchange is over: `on-log` then `on-done` for every filter that took part
     /// (in chain order, as Envoy's access loggers run). Callouts still in flight are
     /// aborted and never delivered.
@@ -3066,6 +3317,7 @@ mod tests {
             pump: None,
             failed: None,
             answer_from: None,
+            stopped: [None; 2],
         }
     }
 

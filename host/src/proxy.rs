@@ -1065,12 +1065,21 @@ async fn run_body(
     limit: impl FnOnce() -> Option<Duration>,
 ) -> Result<BodyRun, ProxyError> {
     use filter::Direction;
-    let Some(plan) = chain_step(shared, |c| c.body_plan(d))? else {
-        return Ok(BodyRun::Passed(inner));
+    // Filters after one that held the head in its headers phase still wait
+    // for it ([`filter::Chain::run_stopped`]), even if that one no longer
+    // takes part (it failed open, or detached).
+    let (plan, stopped) = chain_step(shared, |c| (c.body_plan(d), c.stopped(d)))?;
+    let plan = match plan {
+        Some(p) => p,
+        None if stopped => filter::BodyPlan {
+            buffer_cap: None,
+            holds_head: true,
+        },
+        None => return Ok(BodyRun::Passed(inner)),
     };
     let Some(cap) = plan.buffer_cap else {
         let streamed = body::Filtered::new(inner, shared.clone(), d);
-        if plan.holds_head {
+        if plan.holds_head || stopped {
             return hold_head(shared, d, streamed, limit()).await;
         }
         return Ok(BodyRun::Passed(body::boxed(streamed)));
@@ -1125,7 +1134,22 @@ async fn run_body(
         ));
     };
     // The trailers are writable in the body call; emptied, there are none.
-    let r = chain.on_whole_body(d, data, trailers).await;
+    // Then the filters after one that held the head, if any, get it and the
+    // whole body.
+    let r = match chain.on_whole_body(d, data, trailers).await {
+        Ok(Ok((data, trailers))) if chain.stopped(d) => {
+            match chain.run_stopped(d, data, trailers, true).await {
+                Ok(filter::StoppedRun::Passed(data, trailers)) => Ok(Ok((data, trailers))),
+                Ok(filter::StoppedRun::Respond(lr)) => Ok(Err(lr)),
+                Ok(filter::StoppedRun::Whole(_)) => Err(ProxyError::new(
+                    Kind::Internal,
+                    "bug: a whole body was asked for again",
+                )),
+                Err(e) => Err(e),
+            }
+        }
+        r => r,
+    };
     shared.put(chain);
     match r? {
         Ok((data, trailers)) => Ok(BodyRun::Whole(data, trailers)),
@@ -1142,6 +1166,11 @@ async fn run_body(
 /// rest ([`BodyRun::Released`]). What this holds is bounded by the holding
 /// filter's body cap (the data it keeps back). A request's client has `limit`
 /// to send what is read here, as for a buffered body.
+///
+/// The filters after the holding one have not had their headers phase yet
+/// (Envoy's iteration stopped there): once it lets the head go, they get it,
+/// then what passed so far ([`filter::Chain::run_stopped`]); one of them may
+/// hold the head in turn, and the reading goes on.
 async fn hold_head(
     shared: &filter::SharedChain,
     d: filter::Direction,
@@ -1150,6 +1179,9 @@ async fn hold_head(
 ) -> Result<BodyRun, ProxyError> {
     let mut body = body.holding_head();
     let mut frames: Vec<Frame<Bytes>> = Vec::new();
+    // A filter after the holding one buffers the body: what is read to its
+    // end is bounded by its cap.
+    let mut whole_cap: Option<usize> = None;
     // Asked when the stream has nothing more ready, and after each frame: a
     // filter may let the head go on a chunk it empties. A chain out for a
     // callout still holds it. Once the end reached the chain, the rest is
@@ -1157,73 +1189,150 @@ async fn hold_head(
     let released = |body: &body::Filtered| {
         !body.ended() && matches!(shared.with(|c| c.holds_head(d)), Ok(false))
     };
-    // A filter may answer between phases meanwhile (a callout's result
-    // delivered between chunks): the answer replaces the message, whose head
-    // is held.
-    let mut answered = false;
-    let read = {
-        let read = std::pin::pin!(async {
-            loop {
-                let next = std::future::poll_fn(|cx| {
-                    if shared.poll_answered(cx).is_ready() {
-                        answered = true;
-                        return Poll::Ready(None);
-                    }
-                    match Pin::new(&mut body).poll_frame(cx) {
-                        Poll::Pending if released(&body) => Poll::Ready(None),
-                        Poll::Pending => Poll::Pending,
-                        Poll::Ready(f) => Poll::Ready(Some(f)),
-                    }
-                })
-                .await;
-                match next {
-                    None if answered => return Ok(Err(BoxError::from("answered by a filter"))),
-                    None => return Ok(Ok(false)),
-                    Some(None) => return Ok(Ok(true)),
-                    Some(Some(Err(e))) => return Ok(Err(e)),
-                    Some(Some(Ok(f))) => {
-                        frames.push(f);
-                        if released(&body) {
-                            return Ok(Ok(false));
+    let ended = loop {
+        // A filter may answer between phases meanwhile (a callout's result
+        // delivered between chunks): the answer replaces the message, whose
+        // head is held.
+        let mut answered = false;
+        let read = {
+            let read = std::pin::pin!(async {
+                loop {
+                    let next = std::future::poll_fn(|cx| {
+                        if shared.poll_answered(cx).is_ready() {
+                            answered = true;
+                            return Poll::Ready(None);
+                        }
+                        match Pin::new(&mut body).poll_frame(cx) {
+                            Poll::Pending if released(&body) => Poll::Ready(None),
+                            Poll::Pending => Poll::Pending,
+                            Poll::Ready(f) => Poll::Ready(Some(f)),
+                        }
+                    })
+                    .await;
+                    match next {
+                        None if answered => return Ok(Err(BoxError::from("answered by a filter"))),
+                        None => return Ok(Ok(false)),
+                        Some(None) => return Ok(Ok(true)),
+                        Some(Some(Err(e))) => return Ok(Err(e)),
+                        Some(Some(Ok(f))) => {
+                            frames.push(f);
+                            let over = whole_cap.is_some_and(|cap| {
+                                frames
+                                    .iter()
+                                    .filter_map(Frame::data_ref)
+                                    .map(Bytes::len)
+                                    .sum::<usize>()
+                                    > cap
+                            });
+                            if over {
+                                return Ok(Err(BoxError::from(over_cap(shared, d, &frames))));
+                            }
+                            if released(&body) {
+                                return Ok(Ok(false));
+                            }
                         }
                     }
                 }
+            });
+            client_body_within(read, limit, Some(shared)).await?
+        };
+        let ended = match read {
+            Ok(ended) => ended,
+            // A filter's local response replaces the message (its head is held).
+            Err(_) if let Some(lr) = shared.take_local() => return Ok(BodyRun::Respond(lr)),
+            Err(e) => {
+                return Err(match e.downcast::<ProxyError>() {
+                    Ok(e) => *e,
+                    Err(e) if d == filter::Direction::Request => ProxyError::request_body(&*e),
+                    Err(e) => ProxyError::new(Kind::UpstreamReset, format!("response body: {e}")),
+                })
             }
-        });
-        client_body_within(read, limit, Some(shared)).await?
+        };
+        // The filters the holding one kept the head from get it now, then
+        // what passed it (the chain's pauses are waited out here).
+        wait_for_chain(shared).await?;
+        if !chain_step(shared, |c| c.stopped(d))? {
+            break ended;
+        }
+        let Some(mut chain) = shared.take() else {
+            return Err(ProxyError::new(
+                Kind::Internal,
+                "filter chain unavailable for the filters after one that held the head",
+            ));
+        };
+        let (data, trailers) = joined(std::mem::take(&mut frames));
+        let r = chain
+            .run_stopped(d, data.clone(), trailers.clone(), ended)
+            .await;
+        shared.put(chain);
+        match r? {
+            filter::StoppedRun::Respond(lr) => return Ok(BodyRun::Respond(lr)),
+            filter::StoppedRun::Whole(cap) => {
+                // Kept as read; all of it goes to them at the end.
+                whole_cap = Some(whole_cap.map_or(cap, |c| c.min(cap)));
+                frames.push(Frame::data(data));
+                frames.extend(trailers.map(Frame::trailers));
+            }
+            filter::StoppedRun::Passed(data, trailers) => {
+                frames.push(Frame::data(data));
+                frames.extend(trailers.map(Frame::trailers));
+            }
+        }
+        if ended || !matches!(shared.with(|c| c.holds_head(d)), Ok(true)) {
+            break ended;
+        }
     };
-    if read.is_ok() {
-        // The head goes on now (whole, or with what passed so far): a
-        // callout result delivered later can no longer change it.
-        let _ = shared.with(|c| c.head_out(d));
+    // The head goes on now (whole, or with what passed so far): a callout
+    // result delivered later can no longer change it.
+    let _ = shared.with(|c| c.head_out(d));
+    if ended {
+        let (data, trailers) = joined(frames);
+        return Ok(BodyRun::Whole(data, trailers));
     }
-    match read {
-        Ok(true) => {
-            let mut data = bytes::BytesMut::new();
-            let mut trailers = None;
-            for f in frames {
-                match f.into_data() {
-                    Ok(b) => data.extend_from_slice(&b),
-                    Err(f) => trailers = f.into_trailers().ok(),
-                }
-            }
-            Ok(BodyRun::Whole(data.freeze(), trailers))
+    body.head_out();
+    Ok(BodyRun::Released(body::Prefixed::body(
+        frames
+            .into_iter()
+            .filter(|f| f.data_ref().is_none_or(|b| !b.is_empty()))
+            .map(Ok),
+        body::boxed(body),
+    )))
+}
+
+/// The data of `frames` in one piece, and their trailers.
+fn joined(frames: Vec<Frame<Bytes>>) -> (Bytes, Option<http::HeaderMap>) {
+    let mut data = bytes::BytesMut::new();
+    let mut trailers = None;
+    for f in frames {
+        match f.into_data() {
+            Ok(b) => data.extend_from_slice(&b),
+            Err(f) => trailers = f.into_trailers().ok(),
         }
-        Ok(false) => {
-            body.head_out();
-            Ok(BodyRun::Released(body::Prefixed::body(
-                frames.into_iter().map(Ok),
-                body::boxed(body),
-            )))
-        }
-        // A filter's local response replaces the message (its head is held).
-        Err(_) if let Some(lr) = shared.take_local() => Ok(BodyRun::Respond(lr)),
-        Err(e) => Err(match e.downcast::<ProxyError>() {
-            Ok(e) => *e,
-            Err(e) if d == filter::Direction::Request => ProxyError::request_body(&*e),
-            Err(e) => ProxyError::new(Kind::UpstreamReset, format!("response body: {e}")),
-        }),
     }
+    (data.freeze(), trailers)
+}
+
+/// A body read whole for a filter that buffers it, after one that held the
+/// head, went over that filter's cap: counted, and the error that answers it.
+fn over_cap(
+    shared: &filter::SharedChain,
+    d: filter::Direction,
+    frames: &[Frame<Bytes>],
+) -> ProxyError {
+    let len: usize = frames
+        .iter()
+        .filter_map(Frame::data_ref)
+        .map(Bytes::len)
+        .sum();
+    let _ = shared.with(|c| c.body_limit_exceeded(d, len));
+    let (kind, what) = match d {
+        filter::Direction::Request => (Kind::RequestBufferLimit, "request"),
+        filter::Direction::Response => (Kind::ResponseBufferLimit, "response"),
+    };
+    ProxyError::new(
+        kind,
+        format!("{what} body of {len} bytes is over a filter's buffer cap"),
+    )
 }
 
 /// The request side of [`run_body`]: a buffered body's head is written back and

@@ -2011,3 +2011,245 @@ each_proto!(
             .await;
     }
 );
+
+/// Plugins `a` (mode `stop-a`: Envoy's `StopIteration` from the headers
+/// callbacks, the body held to its end) and `b` (mode `stop-b`: records what
+/// it sees, and when).
+fn stop_plugins() -> String {
+    plugin("a", "{ mode: stop-a }", "") + &plugin("b", "{ mode: stop-b }", "")
+}
+
+each_proto!(
+    /// Envoy's `StopIteration` from the request headers callback of `a`,
+    /// then `b`: `b`'s headers callback runs only once `a` lets the head go
+    /// (its end-of-stream body callback continues), and sees the header `a`
+    /// set there; then `b`'s body callback gets the body `a` held, whole,
+    /// with the end of stream. The body comes in two chunks, the second only
+    /// once `a` held the first.
+    async fn the_filters_after_a_held_request_head_get_it_when_it_is_let_go(proto) {
+        let up = upstream().start().await;
+        let (_dir, log, yaml) =
+            with_access_log(&config(up.addr, &stop_plugins(), &["a", "b"]));
+        let lg = legate().config(&yaml).start();
+        let (more, body) = gated_body("part1;", "part2");
+        let sent = {
+            let web = lg.addr("web");
+            tokio::spawn(async move {
+                client(proto, web)
+                    .await
+                    .post("/up")
+                    .boxed_body(body)
+                    .send()
+                    .await
+            })
+        };
+        let held = &lg;
+        eventually(HANG_GUARD, "a held the first chunk", || async move {
+            held.stat(&calls("a", "request_body"))
+                .await
+                .filter(|v| *v >= 1.0)
+        })
+        .await;
+        // `b` has not seen the request yet.
+        let b = lg.stat(&calls("b", "request_headers")).await;
+        assert_eq!(b.unwrap_or(0.0), 0.0, "`b` had the head while `a` held it");
+        more.send(()).unwrap();
+        let r = tokio::time::timeout(HANG_GUARD, sent)
+            .await
+            .expect("the request went on once `a` let its head go")
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        let a = e.header("x-a").unwrap();
+        assert!(a.starts_with("11:"), "`a` held the whole body: {a}");
+        assert_ne!(a, "11:1", "the body came in one chunk");
+        assert_eq!(e.header("x-b-saw-a"), Some(a), "`b` saw the head as `a` left it");
+        assert_eq!(e.header("x-b-eos"), Some("false"));
+        // `b`'s body callback, after its headers callback: once, whole.
+        assert_eq!(e.body, "part1;part2|b:hb:11");
+        lg.assert_stat(&calls("a", "request_headers"), 1.0).await;
+        lg.assert_stat(&calls("b", "request_headers"), 1.0).await;
+        lg.assert_stat(&calls("b", "request_body"), 1.0).await;
+        no_failures(&lg).await;
+        // The exchange is logged as any other.
+        let lines = access_log_until(&log, "the line", |l| !l.is_empty()).await;
+        let (v, line) = (&lines[0], lines[0].to_string());
+        assert_eq!(v["status"], 200, "{line}");
+        assert_eq!(v["cause"], Value::Null, "{line}");
+        assert_eq!(v["bytes_received"], 11, "{line}");
+        assert_eq!(v["bytes_sent"], r.body.len(), "{line}");
+        lg.assert_stat(
+            r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
+            1.0,
+        )
+        .await;
+    }
+);
+
+/// Failures of plugin `a` and `b`, asserted none.
+async fn no_failures(lg: &LegateHandle) {
+    for p in ["a", "b"] {
+        lg.assert_stat(
+            &format!("legate_plugin_failures_total{{plugin=\"{p}\"}}"),
+            0.0,
+        )
+        .await;
+    }
+}
+
+each_proto!(
+    /// The same when `a` lets the head go on the first chunk (`/mid`): `b`
+    /// gets the head then, with `x-a`, then that chunk and the rest as they
+    /// come.
+    async fn a_head_let_go_mid_body_reaches_the_filters_after_it_then(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, &stop_plugins(), &["a", "b"]))
+            .start();
+        let (more, body) = gated_body("part1;", "part2");
+        let sent = {
+            let web = lg.addr("web");
+            tokio::spawn(async move {
+                client(proto, web)
+                    .await
+                    .post("/mid")
+                    .boxed_body(body)
+                    .send()
+                    .await
+            })
+        };
+        // `b` had the head and the first chunk before the rest was sent.
+        let seen = &lg;
+        eventually(HANG_GUARD, "b had the first chunk", || async move {
+            seen.stat(&calls("b", "request_body"))
+                .await
+                .filter(|v| *v >= 1.0)
+        })
+        .await;
+        more.send(()).unwrap();
+        let r = tokio::time::timeout(HANG_GUARD, sent)
+            .await
+            .expect("the request")
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.header("x-a"), Some("mid"));
+        assert_eq!(e.header("x-b-saw-a"), Some("mid"));
+        assert_eq!(e.header("x-b-eos"), Some("false"));
+        assert!(e.body.starts_with("part1;part2|b:hbb"), "{}", e.body);
+        assert!(e.body.ends_with(":11"), "{}", e.body);
+        lg.assert_stat(&calls("b", "request_headers"), 1.0).await;
+        no_failures(&lg).await;
+    }
+);
+
+each_proto!(
+    /// With trailers: `a` lets the head go in its end-of-stream body call,
+    /// then its trailers callback adds a trailer; `b` gets the head (with
+    /// `x-a`), the body, then the trailers as `a` left them.
+    async fn the_filters_after_a_held_head_get_the_trailers_after_it(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, &stop_plugins(), &["a", "b"]))
+            .start();
+        let mut t = HeaderMap::new();
+        t.insert("x-client-trailer", HeaderValue::from_static("t1"));
+        let r = client(proto, lg.addr("web"))
+            .await
+            .post("/up")
+            .header("te", "trailers")
+            // hyper's HTTP/1.1 encoder sends only the trailers `Trailer` names.
+            .header("trailer", "x-client-trailer, x-a-trailer, x-b-saw-trailer")
+            .body_with_trailers("payload", t)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        let a = e.header("x-a").unwrap();
+        assert!(a.starts_with("7:"), "`a` held the whole body: {a}");
+        assert_eq!(e.header("x-b-saw-a"), Some(a));
+        assert_eq!(e.body, "payload|b:hb:7");
+        assert_eq!(e.trailers.get("x-a-trailer"), Some(&vec!["t1".to_string()]));
+        assert_eq!(e.trailers.get("x-b-saw-trailer"), Some(&vec!["t1".to_string()]));
+        no_failures(&lg).await;
+    }
+);
+
+each_proto!(
+    /// The response side (`encodeHeaders` `StopIteration`): with the chain
+    /// `b`, `a`, the response reaches `a` first; `b`'s response headers
+    /// callback runs once `a` lets the head go at the end of the body, and
+    /// sees the header `a` set there, then `b`'s body callback gets the body.
+    async fn the_filters_after_a_held_response_head_get_it_when_it_is_let_go(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&config(up.addr, &stop_plugins(), &["b", "a"]))
+            .start();
+        let r = client(proto, lg.addr("web")).await.get("/down").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let text = r.text();
+        let (echo, mark) = text.rsplit_once('|').unwrap();
+        assert_eq!(mark, "B:HB", "`b`'s response callbacks, in order");
+        let len = echo.len().to_string();
+        assert_eq!(r.header("x-a-resp"), Some(len.as_str()));
+        assert_eq!(r.header("x-b-saw-a-resp"), Some(len.as_str()));
+        lg.assert_stat(&calls("b", "response_headers"), 1.0).await;
+        lg.assert_stat(&calls("b", "response_body"), 1.0).await;
+        no_failures(&lg).await;
+    }
+);
+
+each_proto!(
+    /// A component filter after `a` that buffers the request body
+    /// (`buffered` mode): `a` lets the head go on the first chunk (`/mid`),
+    /// and still sees the body chunk by chunk; the component gets the head
+    /// then, and the whole body once it ended (the head held meanwhile, its
+    /// `content-length` set for the final body).
+    async fn a_buffering_component_after_a_held_head_gets_the_whole_body(proto) {
+        let up = upstream().start().await;
+        let upper = format!(
+            "  - name: upper\n    module: {}\n    config: {{ mode: body-upper, phases: \"rq,rqbody\", rqmode: buffered }}\n    limits: {{ cpu: 500ms }}\n",
+            test_guest().display()
+        );
+        let plugins = plugin("a", "{ mode: stop-a }", "") + &upper;
+        let lg = legate()
+            .config(&config(up.addr, &plugins, &["a", "upper"]))
+            .start();
+        let (more, body) = gated_body("part1;", "part2");
+        let sent = {
+            let web = lg.addr("web");
+            tokio::spawn(async move {
+                client(proto, web)
+                    .await
+                    .post("/mid")
+                    .boxed_body(body)
+                    .send()
+                    .await
+            })
+        };
+        let seen = &lg;
+        eventually(HANG_GUARD, "the component had the head", || async move {
+            seen.stat(&calls("upper", "request_headers"))
+                .await
+                .filter(|v| *v >= 1.0)
+        })
+        .await;
+        let b = lg.stat(&calls("upper", "request_body")).await;
+        assert_eq!(b.unwrap_or(0.0), 0.0, "the component buffers: one call, at the end");
+        more.send(()).unwrap();
+        let r = tokio::time::timeout(HANG_GUARD, sent)
+            .await
+            .expect("the request")
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.header("x-a"), Some("mid"));
+        assert_eq!(e.body, "PART1;PART2!");
+        assert_eq!(e.header("content-length"), Some("12"));
+        assert_eq!(e.header("x-body-len"), Some("11"));
+        lg.assert_stat(&calls("upper", "request_body"), 1.0).await;
+        // `a` held the head itself, and saw the body as it came.
+        lg.assert_stat_with(&calls("a", "request_body"), |v| v >= 2.0, ">= 2")
+            .await;
+    }
+);

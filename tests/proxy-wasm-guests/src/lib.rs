@@ -59,6 +59,24 @@
 //!   the first one sets header `x-pw-first-chunk: <its length>` on the head
 //!   still held, later ones `x-pw-late` (too late: the head went on with the
 //!   first chunk).
+//! - `stop-a`, `stop-b` (Envoy's `StopIteration`, then the filters after):
+//!   `stop-a`'s headers callbacks return `Pause` with no call out when a body
+//!   follows, its body callbacks `Pause` until end of stream, which sets
+//!   header `x-a: <body length>:<body calls>` on the held request head
+//!   (`x-a-resp: <body length>` on the response's) and continues; under
+//!   `/mid` the first request body call sets `x-a: mid` and continues (the
+//!   head goes on mid-body), as do the later ones. Its request trailers
+//!   callback adds trailer `x-a-trailer: <x-client-trailer>`. `stop-b`
+//!   records what it sees: its request headers callback sets `x-b-saw-a:
+//!   <x-a or ->` and `x-b-eos: <end_of_stream>` and removes
+//!   `content-length`; its request body callback continues every chunk and
+//!   at end of stream appends `|b:<trace>:<bytes it saw>` to the body
+//!   (trace: its callbacks so far, `h` headers, `b` body); its request
+//!   trailers callback adds `x-b-saw-trailer: <x-a-trailer or ->`. On the
+//!   response the same: `x-b-saw-a-resp: <x-a-resp or ->` (and
+//!   `content-length` removed) in the headers callback, and under `/down`
+//!   `|B:<trace>` (its response callbacks, `H`, `B`) appended at the end of
+//!   the body.
 //! - `body-splice`: the request body is held until end of stream, then its
 //!   first 5 bytes are replaced with `HELLO` (`set_http_request_body(0, 5,
 //!   …)`, Envoy's drain-then-prepend).
@@ -655,6 +673,7 @@ impl RootContext for Root {
             stream_seen: Vec::new(),
             calls: 0,
             resp_body_calls: 0,
+            trace: String::new(),
         }))
     }
 
@@ -929,6 +948,9 @@ struct Filter {
     calls: u32,
     /// `late-call`: response body callbacks so far.
     resp_body_calls: u32,
+    /// `stop-b`: the callbacks so far, in order (`h` request headers, `b`
+    /// request body, `H` response headers, `B` response body).
+    trace: String,
 }
 
 impl Filter {
@@ -1914,7 +1936,16 @@ impl HttpContext for Filter {
                 // The body changes size: the length must go (as in Envoy).
                 self.set_http_request_header("content-length", None);
             }
-            "body-wait" | "peek" if !_end_of_stream => return Action::Pause,
+            "body-wait" | "peek" | "stop-a" if !_end_of_stream => return Action::Pause,
+            "stop-b" => {
+                self.trace.push('h');
+                let a = self
+                    .get_http_request_header("x-a")
+                    .unwrap_or_else(|| "-".into());
+                self.set_http_request_header("x-b-saw-a", Some(&a));
+                self.set_http_request_header("x-b-eos", Some(&_end_of_stream.to_string()));
+                self.set_http_request_header("content-length", None);
+            }
             // Streamed: the head goes on now; the checked body changes size.
             "stream-callout" | "stream-trailers" => {
                 self.set_http_request_header("content-length", None);
@@ -2138,6 +2169,29 @@ impl HttpContext for Filter {
                 }
                 Action::Continue
             }
+            "stop-a" if self.path.starts_with("/mid") => {
+                if self.body_calls == 1 {
+                    self.set_http_request_header("x-a", Some("mid"));
+                }
+                Action::Continue
+            }
+            "stop-a" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let v = format!("{body_size}:{}", self.body_calls);
+                self.set_http_request_header("x-a", Some(&v));
+                Action::Continue
+            }
+            "stop-b" => {
+                self.trace.push('b');
+                self.held_len += body_size;
+                if end_of_stream {
+                    let mark = format!("|b:{}:{}", self.trace, self.held_len);
+                    self.set_http_request_body(body_size, 0, mark.as_bytes());
+                }
+                Action::Continue
+            }
             "body-splice" => {
                 if !end_of_stream {
                     return Action::Pause;
@@ -2160,6 +2214,18 @@ impl HttpContext for Filter {
                 .get_http_request_trailer("x-client-trailer")
                 .unwrap_or_default();
             return self.check(Held::RequestTrailers, "trailer", v.as_bytes());
+        }
+        if self.s.mode == "stop-a" {
+            let v = self
+                .get_http_request_trailer("x-client-trailer")
+                .unwrap_or_default();
+            self.add_http_request_trailer("x-a-trailer", &v);
+        }
+        if self.s.mode == "stop-b" {
+            let v = self
+                .get_http_request_trailer("x-a-trailer")
+                .unwrap_or_else(|| "-".into());
+            self.add_http_request_trailer("x-b-saw-trailer", &v);
         }
         if self.s.mode == "trailers" {
             let v = self
@@ -2217,6 +2283,26 @@ impl HttpContext for Filter {
                     .get_http_response_body(0, body_size)
                     .unwrap_or_default();
                 self.check(Held::ResponseBody, "resp", &body)
+            }
+            "stop-a" => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                self.set_http_response_header("x-a-resp", Some(&body_size.to_string()));
+                Action::Continue
+            }
+            "stop-b" => {
+                self.trace.push('B');
+                if end_of_stream && self.path.starts_with("/down") {
+                    let seen: String = self
+                        .trace
+                        .chars()
+                        .filter(char::is_ascii_uppercase)
+                        .collect();
+                    let mark = format!("|B:{seen}");
+                    self.set_http_response_body(body_size, 0, mark.as_bytes());
+                }
+                Action::Continue
             }
             "peek" => {
                 if self.get_http_response_header("x-pw-first-chunk").is_none() {
@@ -2285,9 +2371,17 @@ impl HttpContext for Filter {
         ) {
             self.set_http_response_header("content-length", None);
         }
+        if self.s.mode == "stop-b" {
+            self.trace.push('H');
+            let a = self
+                .get_http_response_header("x-a-resp")
+                .unwrap_or_else(|| "-".into());
+            self.set_http_response_header("x-b-saw-a-resp", Some(&a));
+            self.set_http_response_header("content-length", None);
+        }
         if matches!(
             self.s.mode.as_str(),
-            "body-wait" | "body-local" | "body-callout" | "trailers-callout" | "peek"
+            "body-wait" | "body-local" | "body-callout" | "trailers-callout" | "peek" | "stop-a"
         ) && !end_of_stream
         {
             return Action::Pause;

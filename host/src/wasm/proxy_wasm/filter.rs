@@ -23,7 +23,9 @@
 //! being out). `Continue` forwards what is held. Envoy's `StopIteration` (`Pause`
 //! from a headers callback with no call out, a body to come) holds the head
 //! while the body callback gets each chunk (`BodyCtl::holds_head`): the head
-//! goes on with the first chunk it continues, writable until then. `Pause` at
+//! goes on with the first chunk it continues, writable until then, and the
+//! chain stops there (`Chain::run_stopped` gives the filters after it the
+//! head, then the body, once it lets go). `Pause` at
 //! the end of the stream or from a trailers callback, with a call outstanding,
 //! is the chain's pause: the host holds the rest of the message, with its head
 //! (still held, or another filter buffers the whole message) or after it
