@@ -1218,6 +1218,7 @@ impl Filters {
             failed: None,
             answer_from: None,
             stopped: [None; 2],
+            reached: 0,
         }))
     }
 }
@@ -1757,6 +1758,10 @@ pub struct Chain {
     /// ([`BodyCtl::holds_head`]), so the filters after it have not had their
     /// part of the message yet ([`Stop`]).
     stopped: [Option<Stop>; 2],
+    /// The slots the request-headers run reached (entered, or skipped on
+    /// this route): the filters of those after it never had a call, and get
+    /// only `on-log` ([`Chain::enter_unreached_loggers`]).
+    reached: usize,
 }
 
 /// Where a direction's run stopped at a filter that holds the head while its
@@ -2274,21 +2279,12 @@ impl Chain {
     ) -> Result<Option<LocalResponse>, ProxyError> {
         let slots = self.slots.clone();
         for (s, slot) in slots.iter().enumerate().skip(from) {
-            // The route is selected only for a filter that has route overrides.
-            let f = if slot.routes.is_empty() {
-                Some(slot.filter.clone())
-            } else {
-                let route = self.x.route_name();
-                slot.resolve(route.as_ref())
-            };
-            let Some(f) = f else {
+            self.reached = s + 1;
+            let Some(f) = self.slot_filter(slot) else {
                 continue;
             };
             // Entered whatever happens, so `finish` frees its context.
-            self.entered.push(f.clone());
-            self.ctl.push(BodyCtl::of(&*f));
-            self.called.push(false);
-            let k = self.entered.len() - 1;
+            let k = self.enter(&f);
             if !f.phases().contains(Phases::REQUEST_HEADERS) {
                 continue;
             }
@@ -2321,6 +2317,43 @@ impl Chain {
             }
         }
         Ok(None)
+    }
+
+    /// The filter of `slot` on this exchange's route (`None`: disabled there).
+    fn slot_filter(&mut self, slot: &Slot) -> Option<Arc<dyn HttpFilter>> {
+        // The route is selected only for a filter that has route overrides.
+        if slot.routes.is_empty() {
+            Some(slot.filter.clone())
+        } else {
+            let route = self.x.route_name();
+            slot.resolve(route.as_ref())
+        }
+    }
+
+    /// Adds `f` to the entered filters; returns its index.
+    fn enter(&mut self, f: &Arc<dyn HttpFilter>) -> usize {
+        self.entered.push(f.clone());
+        self.ctl.push(BodyCtl::of(&**f));
+        self.called.push(false);
+        self.entered.len() - 1
+    }
+
+    /// Enters the filters the request never reached (one before them
+    /// answered, failed closed or held the head to the end, or the exchange
+    /// ended before the filters ran) that declare `on-log`: they get it, as
+    /// every filter of Envoy's chain is logged (proxy-wasm's `onLog`, its
+    /// context made for it) and as abi/README.md §3 promises (`on-log`
+    /// exactly once if declared); `on-done` then frees the context.
+    fn enter_unreached_loggers(&mut self) {
+        let slots = self.slots.clone();
+        for slot in slots.iter().skip(self.reached) {
+            if let Some(f) = self.slot_filter(slot) {
+                if f.phases().contains(Phases::LOG) {
+                    self.enter(&f);
+                }
+            }
+        }
+        self.reached = slots.len();
     }
 
     /// Runs the response-headers phase in reverse chain order over the response head
@@ -2448,6 +2481,15 @@ impl Chain {
             let p = f.phases();
             any |= p.0 & (Phases::RESPONSE_HEADERS.0 | later.0) != 0;
             after |= p.0 & later.0 != 0;
+        }
+        // Filters the request never reached get `on-log`
+        // ([`Chain::enter_unreached_loggers`]), which reads the response
+        // head: kept for them (one with route overrides may be one).
+        if self.slots[self.reached.min(self.slots.len())..]
+            .iter()
+            .any(|s| !s.routes.is_empty() || s.filter.phases().contains(Phases::LOG))
+        {
+            (any, after) = (true, true);
         }
         (any, after)
     }
@@ -3167,6 +3209,7 @@ impl Chain {
         }
         self.pump = None;
         self.inflight.abort_all();
+        self.enter_unreached_loggers();
         for i in 0..self.entered.len() {
             if self.live(i) && self.entered[i].phases().contains(Phases::LOG) {
                 // Through `call`: a filter whose first call this is (it declared
@@ -3318,6 +3361,7 @@ mod tests {
             failed: None,
             answer_from: None,
             stopped: [None; 2],
+            reached: 0,
         }
     }
 

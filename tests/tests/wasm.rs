@@ -135,6 +135,59 @@ each_proto!(
 );
 
 each_proto!(
+    /// The filters after one that answered from its request headers never
+    /// had a call; those that declare `on-log` still get it, once, as every
+    /// filter of Envoy's chain is logged (abi/README.md §3): a component and
+    /// a proxy-wasm filter (its context made for it); one without `on-log`
+    /// gets nothing. The next request, let through, is logged once as well.
+    async fn the_filters_an_answer_never_reached_still_get_on_log(proto) {
+        let up = upstream().start().await;
+        let p = plugin("auth", "{ mode: respond }", "")
+            + &plugin("logger", "{ mode: headers, phases: \"rq,log\" }", "")
+            + &plugin("reqonly", "{ mode: headers, phases: rq }", "")
+            + &format!(
+                "  - name: pw\n    module: {}\n    limits: {{ cpu: 500ms }}\n    \
+                 proxy_wasm:\n      plugin_config: {{ mode: logger }}\n",
+                legate_tests::proxy_wasm::proxy_wasm_guest().display()
+            );
+        let lg = legate()
+            .config(&simple(up.addr, &p, &["auth", "logger", "reqonly", "pw"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/private").send().await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        lg.assert_stat(&calls("logger", "log"), 1.0).await;
+        lg.assert_stat(&calls("pw", "log"), 1.0).await;
+        // What its `on_log` read: the answer's status and details.
+        lg.assert_stat(
+            r#"legate_proxywasm_pw_logged_401_plugin_missing_api_key{plugin="pw"}"#,
+            1.0,
+        )
+        .await;
+        for (f, phase) in [
+            ("logger", "request_headers"),
+            ("pw", "request_headers"),
+            ("reqonly", "request_headers"),
+            ("reqonly", "log"),
+        ] {
+            let n = lg.stat(&calls(f, phase)).await.unwrap_or(0.0);
+            assert_eq!(n, 0.0, "{f} {phase}");
+        }
+        // No call failed.
+        for f in ["auth", "logger", "pw"] {
+            let failures = format!("legate_plugin_failures_total{{plugin=\"{f}\"}}");
+            assert_eq!(lg.stat(&failures).await.unwrap_or(0.0), 0.0, "{f}");
+        }
+
+        let r = c.get("/private").header("x-api-key", "k").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        lg.assert_stat(&calls("logger", "request_headers"), 1.0).await;
+        lg.assert_stat(&calls("logger", "log"), 2.0).await;
+        lg.assert_stat(&calls("pw", "log"), 2.0).await;
+    }
+);
+
+each_proto!(
     /// A filter's local response is logged with `cause: plugin:<details>`
     /// (abi/README.md §3.5); it had no cause.
     async fn a_local_response_is_logged_with_its_details(proto) {

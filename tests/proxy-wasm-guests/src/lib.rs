@@ -204,6 +204,10 @@
 //!   (once per VM) and each request increments it, the result as
 //!   `x-pw-vm-metric-<tag>`.
 //!
+//! - `logger`: only logs: `on_log` counts metric
+//!   `pw_logged_<response.code>_<response.code_details>` (as `close` and
+//!   `late-call` do), whether or not the exchange reached its other callbacks.
+//!
 //! - `late-call`: a call whose result comes while the exchange is not
 //!   paused. `/late/http` sends an HTTP call to `authz` and `/late/grpc` a
 //!   unary `Echo/Say` call on cluster `grpc` from the request headers
@@ -2429,7 +2433,7 @@ impl HttpContext for Filter {
             hostcalls::increment_metric(self.s.late_metrics[1], 1).ok();
         }
         if self.s.mode.starts_with("stream-")
-            || matches!(self.s.mode.as_str(), "close" | "late-call")
+            || matches!(self.s.mode.as_str(), "close" | "late-call" | "logger")
         {
             // What `on_log` sees of the end of the exchange, as a counter
             // `pw_logged_<response.code>_<response.code_details>`.

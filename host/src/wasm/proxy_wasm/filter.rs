@@ -1956,6 +1956,13 @@ impl HttpFilter for ProxyWasmFilter {
 
     fn on_log(&self, worker: usize, x: &mut Exchange) {
         let context = x.context;
+        if x.first_call {
+            // The exchange never reached this filter (one before it answered
+            // from its request headers): its context is made now, as Envoy's
+            // `Context::log` runs `onCreate` for a context whose headers never
+            // came, then logs it. A failure there leaves no context to log.
+            let _ = self.with_vm(worker, Phase::ReadOnly, Some(x), true, |_, _| Ok(Ok(())));
+        }
         self.finish(worker, context, Some(x));
     }
 
