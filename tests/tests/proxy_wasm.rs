@@ -1035,6 +1035,39 @@ fn gated_body(
     (tx, body)
 }
 
+/// POSTs `path` from a task (its own connection), with a body of `part1;`,
+/// then `part2` once the returned sender fires ([`gated_body`]).
+fn gated_post(
+    lg: &LegateHandle,
+    proto: Proto,
+    path: &'static str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Resp>,
+) {
+    let (more, body) = gated_body("part1;", "part2");
+    let web = lg.addr("web");
+    let sent = tokio::spawn(async move {
+        client(proto, web)
+            .await
+            .post(path)
+            .boxed_body(body)
+            .send()
+            .await
+    });
+    (more, sent)
+}
+
+/// Waits until `plugin`'s `phase` callbacks have run at least once.
+async fn until_called(lg: &LegateHandle, plugin: &str, phase: &str, what: &str) {
+    let stat = calls(plugin, phase);
+    eventually(HANG_GUARD, what, || {
+        let stat = &stat;
+        async move { lg.stat(stat).await.filter(|v| *v >= 1.0) }
+    })
+    .await;
+}
+
 /// The config of the `late-call` guest (plugin `late`, which may call
 /// cluster `authz`) in front of `up`, with `authz` at `az`.
 fn late_call_config(up: SocketAddr, az: SocketAddr) -> String {
@@ -2031,25 +2064,8 @@ each_proto!(
         let (_dir, log, yaml) =
             with_access_log(&config(up.addr, &stop_plugins(), &["a", "b"]));
         let lg = legate().config(&yaml).start();
-        let (more, body) = gated_body("part1;", "part2");
-        let sent = {
-            let web = lg.addr("web");
-            tokio::spawn(async move {
-                client(proto, web)
-                    .await
-                    .post("/up")
-                    .boxed_body(body)
-                    .send()
-                    .await
-            })
-        };
-        let held = &lg;
-        eventually(HANG_GUARD, "a held the first chunk", || async move {
-            held.stat(&calls("a", "request_body"))
-                .await
-                .filter(|v| *v >= 1.0)
-        })
-        .await;
+        let (more, sent) = gated_post(&lg, proto, "/up");
+        until_called(&lg, "a", "request_body", "a held the first chunk").await;
         // `b` has not seen the request yet.
         let b = lg.stat(&calls("b", "request_headers")).await;
         assert_eq!(b.unwrap_or(0.0), 0.0, "`b` had the head while `a` held it");
@@ -2106,26 +2122,9 @@ each_proto!(
         let lg = legate()
             .config(&config(up.addr, &stop_plugins(), &["a", "b"]))
             .start();
-        let (more, body) = gated_body("part1;", "part2");
-        let sent = {
-            let web = lg.addr("web");
-            tokio::spawn(async move {
-                client(proto, web)
-                    .await
-                    .post("/mid")
-                    .boxed_body(body)
-                    .send()
-                    .await
-            })
-        };
+        let (more, sent) = gated_post(&lg, proto, "/mid");
         // `b` had the head and the first chunk before the rest was sent.
-        let seen = &lg;
-        eventually(HANG_GUARD, "b had the first chunk", || async move {
-            seen.stat(&calls("b", "request_body"))
-                .await
-                .filter(|v| *v >= 1.0)
-        })
-        .await;
+        until_called(&lg, "b", "request_body", "b had the first chunk").await;
         more.send(()).unwrap();
         let r = tokio::time::timeout(HANG_GUARD, sent)
             .await
@@ -2215,25 +2214,8 @@ each_proto!(
         let lg = legate()
             .config(&config(up.addr, &plugins, &["a", "upper"]))
             .start();
-        let (more, body) = gated_body("part1;", "part2");
-        let sent = {
-            let web = lg.addr("web");
-            tokio::spawn(async move {
-                client(proto, web)
-                    .await
-                    .post("/mid")
-                    .boxed_body(body)
-                    .send()
-                    .await
-            })
-        };
-        let seen = &lg;
-        eventually(HANG_GUARD, "the component had the head", || async move {
-            seen.stat(&calls("upper", "request_headers"))
-                .await
-                .filter(|v| *v >= 1.0)
-        })
-        .await;
+        let (more, sent) = gated_post(&lg, proto, "/mid");
+        until_called(&lg, "upper", "request_headers", "the component had the head").await;
         let b = lg.stat(&calls("upper", "request_body")).await;
         assert_eq!(b.unwrap_or(0.0), 0.0, "the component buffers: one call, at the end");
         more.send(()).unwrap();
