@@ -180,8 +180,9 @@ impl BodyCtl {
     }
 }
 
-/// The default per-plugin cap of a buffered body (`limits.body`).
-pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+/// The default per-plugin cap of a buffered body (`limits.body`), which the
+/// SDK's harness applies too.
+pub use legate_abi_rules::limits::DEFAULT_BODY_LIMIT;
 
 /// The default bound of one pause (`limits.pause`): Envoy's
 /// `stream_idle_timeout`.

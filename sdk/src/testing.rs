@@ -71,21 +71,18 @@ use crate::types::{Action, BodyMode, Direction, HttpVersion, TlsVersion};
 use crate::NetworkFilter;
 use crate::{Body, Error, Exchange, Headers, HttpFilter, Instance, Phase, Setup};
 
-/// The smallest tick interval the host takes (its default `MIN_TICK`).
-const MIN_TICK_MS: u32 = 10;
-
-/// The host's default `limits.body` (host/src/filter.rs `DEFAULT_BODY_LIMIT`):
-/// the most a network filter may hold per direction.
-pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+/// The host's default `limits.body` (`legate_abi_rules::limits`, which the
+/// host's is): the most a network filter may hold per direction.
+pub use legate_abi_rules::limits::DEFAULT_BODY_LIMIT;
 
 /// The host's histogram buckets (host/src/stats.rs `BUCKETS`): those of a
 /// histogram defined with none.
 pub const HOST_BUCKETS: [f64; 19] = crate::backend::HOST_BUCKETS;
 
-/// The largest callout response body the host reads (host/src/wasm/host.rs
-/// `CALLOUT_MAX_RESPONSE`; abi/README.md §7): a larger one is delivered as
-/// `Err(Error::LimitExceeded)`.
-pub const CALLOUT_MAX_RESPONSE: usize = 1 << 20;
+/// The largest callout response body the host reads (abi/README.md §7;
+/// `legate_abi_rules::limits`, which the host's is): a larger one is
+/// delivered as `Err(Error::LimitExceeded)`.
+pub use legate_abi_rules::limits::CALLOUT_MAX_RESPONSE;
 
 /// The fields the host always drops from a callout response's head before
 /// the filter gets it, as from every message it proxies: the
@@ -95,7 +92,8 @@ pub const CALLOUT_MAX_RESPONSE: usize = 1 << 20;
 /// `connection` value names (but `host`, `content-length` and `te`) and `te`
 /// unless it offers `trailers` (then kept as exactly `te: trailers`).
 pub use legate_abi_rules::headers::HOP_BY_HOP;
-use legate_abi_rules::headers::NOT_NOMINATABLE;
+use legate_abi_rules::headers::{is_tchar, NOT_NOMINATABLE};
+use legate_abi_rules::limits::MIN_TICK_MS;
 
 /// A callout result as the host delivers it: a response whose body is over
 /// [`CALLOUT_MAX_RESPONSE`] is `Err(LimitExceeded)` (host/src/proxy.rs
@@ -171,11 +169,6 @@ fn trim_ows(mut s: &[u8]) -> &[u8] {
         s = rest;
     }
     s
-}
-
-/// A token character (RFC 9110 §5.6.2): what a field name is made of.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// The range the host's configuration takes for `limits.body`

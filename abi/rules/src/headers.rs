@@ -2,7 +2,8 @@
 //! §7.6.1): what the host strips from every message it proxies, a callout
 //! response included (abi/README.md §5.8), and so what a filter never sees
 //! in one. Host-owned fields ([`host_owned`]): what a filter may not write.
-//! Names are lowercase.
+//! Names are lowercase. Which names and values a filter may write at all
+//! ([`name_ok`], [`value_ok`]): the host's `http` crate's rule.
 
 /// Fields always removed: connection-specific (RFC 9110 §7.6.1, RFC 9112)
 /// or, for `proxy-authorization`, credentials meant for this proxy and not
@@ -47,9 +48,46 @@ pub fn host_owned(name: &str) -> bool {
     )
 }
 
+/// Whether `b` is a token character (RFC 9110 §5.6.2): what a field name,
+/// a method and a `te` value are made of.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Whether `name` is a field name a filter may write: a token of 1 to
+/// 65 535 bytes, in any case (the host's `http::HeaderName::from_bytes`
+/// takes exactly these, lowercased). Another is `invalid-argument`.
+pub fn name_ok(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 0xFFFF && name.bytes().all(is_tchar)
+}
+
+/// Whether `value` is a field value a filter may write: no control byte but
+/// HTAB (so no CR, LF or NUL), no DEL; obs-text (0x80-0xFF) is fine (the
+/// host's `http::HeaderValue::from_bytes` takes exactly these). Another is
+/// `invalid-argument`.
+pub fn value_ok(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| (b >= 0x20 && b != 0x7F) || b == b'\t')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_and_values() {
+        assert!(name_ok("x-custom") && name_ok("X-Custom") && name_ok("!#$%&'*+-.^_`|~"));
+        assert!(name_ok(&"a".repeat(0xFFFF)));
+        for bad in ["", "a b", "a:b", "a\tb", "é", "(x)", "a/b"] {
+            assert!(!name_ok(bad), "{bad:?}");
+        }
+        assert!(!name_ok(&"a".repeat(0x10000)));
+        assert!(value_ok(b"") && value_ok(b"a\tb \x80\xff ~"));
+        for bad in [&b"a\rb"[..], b"a\nb", b"\0", b"\x7f", b"\x1f"] {
+            assert!(!value_ok(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn names_are_lowercase_and_distinct() {

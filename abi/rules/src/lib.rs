@@ -6,9 +6,11 @@
 //!
 //! Each module is one area of the ABI: [`kv`] (what `increment` counts),
 //! [`log`] (how a guest's log line is written), [`headers`] (the hop-by-hop
-//! fields stripped from a callout response), [`metrics`] (which names and
-//! labels a plugin may define) and [`grpc`] (a non-gRPC answer's status as
-//! gRPC's, and `grpc-message` encoding).
+//! fields stripped from a callout response, the fields a filter may not
+//! write, and which names and values it may), [`limits`] (the caps on header
+//! maps, callouts, ticks and bodies, and the statuses a filter may give a response),
+//! [`metrics`] (which names and labels a plugin may define) and [`grpc`] (a
+//! non-gRPC answer's status as gRPC's, and `grpc-message` encoding).
 //!
 //! The crate has no dependencies and works on plain `&str` and bytes; a
 //! caller converts to its own types (such as `http::HeaderName`) where it
@@ -20,5 +22,6 @@
 pub mod grpc;
 pub mod headers;
 pub mod kv;
+pub mod limits;
 pub mod log;
 pub mod metrics;

@@ -178,12 +178,12 @@ pub(crate) fn callouts_counter(stats: &Stats, name: &str) -> Counter {
     )
 }
 
-/// Callout limits (abi/README.md §7).
+/// Callout limits (abi/README.md §7); but the default timeout, the
+/// guest's side applies them too (`legate_abi_rules::limits`).
 pub const CALLOUT_DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
-pub(crate) const CALLOUT_MAX_TIMEOUT_MS: u32 = 30_000;
-pub(crate) const CALLOUT_MAX_RESPONSE: usize = 1 << 20;
-pub(crate) const CALLOUTS_PER_CONTEXT: usize = 8;
-pub(crate) const CALLOUTS_PER_INSTANCE: usize = 1024;
+pub(crate) use legate_abi_rules::limits::{
+    CALLOUTS_PER_CONTEXT, CALLOUTS_PER_INSTANCE, CALLOUT_MAX_RESPONSE, CALLOUT_MAX_TIMEOUT_MS,
+};
 
 /// What a call is allowed to do now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -538,10 +538,9 @@ fn is_host(hides_host: bool, name: &str) -> bool {
 
 /// The most fields a filter may put in one header map (a head, trailers, a
 /// local response, a callout request): `HeaderMap` panics past 24 576 names,
-/// and a guest must not grow host memory without bound.
-pub(crate) const MAX_FILTER_FIELDS: usize = 1024;
-/// The longest field value a filter may write.
-pub(crate) const MAX_FILTER_FIELD_VALUE: usize = 64 * 1024;
+/// and a guest must not grow host memory without bound; and the longest field
+/// value a filter may write (`legate_abi_rules::limits`).
+pub(crate) use legate_abi_rules::limits::{MAX_FILTER_FIELDS, MAX_FILTER_FIELD_VALUE};
 
 /// Adds `name: value` to `map` within the caps above (`limit-exceeded`
 /// otherwise), replacing the field's values when `replace`.
@@ -841,7 +840,7 @@ impl whttp::HostExchange for HostState {
     ) -> wasmtime::Result<Result<(), Error>> {
         let writable = self.head_writable(Direction::Response);
         let x = self.exchange_of(&r)?;
-        if !(200..=599).contains(&status) {
+        if !legate_abi_rules::limits::RESPONSE_STATUS.contains(&status) {
             return Ok(Err(Error::InvalidArgument));
         }
         if !writable || x.status.is_none() {
@@ -1919,6 +1918,44 @@ impl callout::Host for HostState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The host takes a filter's field names and values through the `http`
+    /// crate; the SDK's harness checks them with `legate_abi_rules::headers`
+    /// (`name_ok`, `value_ok`): the two must agree, byte for byte.
+    #[test]
+    fn http_takes_the_fields_the_rules_take() {
+        for b in 0..=u8::MAX {
+            let one = [b];
+            if let Ok(name) = std::str::from_utf8(&one) {
+                assert_eq!(
+                    field_name(name).is_ok(),
+                    legate_abi_rules::headers::name_ok(name),
+                    "name {b:#04x}"
+                );
+            }
+            let value = vec![b'a', b, b'z'];
+            assert_eq!(
+                field_value(value.clone()).is_ok(),
+                legate_abi_rules::headers::value_ok(&value),
+                "value {b:#04x}"
+            );
+        }
+        for name in [
+            "",
+            "é",
+            "X-Mixed-Case",
+            &"a".repeat(0xFFFF),
+            &"a".repeat(0x10000),
+        ] {
+            assert_eq!(
+                field_name(name).is_ok(),
+                legate_abi_rules::headers::name_ok(name),
+                "name of {} bytes",
+                name.len()
+            );
+        }
+        assert!(field_value(Vec::new()).is_ok() && legate_abi_rules::headers::value_ok(b""));
+    }
 
     /// Plugin `name`'s store data, in `configure`, counting into `stats`.
     fn configuring(name: &str, stats: &Arc<Stats>) -> HostState {

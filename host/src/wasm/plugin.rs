@@ -36,8 +36,10 @@ use crate::filter::{
 };
 use crate::stats::{Counter, Gauge, Histogram, Stats};
 
-/// The shortest tick interval a plugin may ask for (abi/README.md §7).
-pub(crate) const MIN_TICK: Duration = Duration::from_millis(10);
+/// The shortest tick interval a plugin may ask for (abi/README.md §7,
+/// `legate_abi_rules::limits::MIN_TICK_MS`).
+pub(crate) const MIN_TICK: Duration =
+    Duration::from_millis(legate_abi_rules::limits::MIN_TICK_MS as u64);
 
 /// Deadline of `configure` (abi/README.md §2).
 const CONFIGURE_DEADLINE: Duration = Duration::from_secs(1);
@@ -907,9 +909,10 @@ impl WasmFilter {
 /// Checks and converts a guest's local response (an invalid one is a failure of
 /// the call, abi/README.md §3.5).
 fn local_response(lr: whttp::LocalResponse) -> Result<LocalResponse, String> {
-    if !(200..=599).contains(&lr.status) {
+    let range = legate_abi_rules::limits::RESPONSE_STATUS;
+    if !range.contains(&lr.status) {
         return Err(format!(
-            "local response status {} is outside 200..=599",
+            "local response status {} is outside {range:?}",
             lr.status
         ));
     }

@@ -19,7 +19,11 @@ use crate::types::{BodyMode, Direction, HttpVersion, TlsVersion};
 use crate::Error;
 // What the host refuses (writes to its own fields; metric names, labels, caps),
 // by the same rules.
-use legate_abi_rules::headers::host_owned;
+use legate_abi_rules::headers::{host_owned, is_tchar};
+use legate_abi_rules::limits::{
+    CALLOUTS_PER_CONTEXT, CALLOUTS_PER_INSTANCE, CALLOUT_MAX_TIMEOUT_MS, MAX_FILTER_FIELDS,
+    MAX_FILTER_FIELD_VALUE, RESPONSE_STATUS,
+};
 use legate_abi_rules::metrics::{self, MAX_HELP, MAX_METRICS, MAX_SERIES};
 
 pub(crate) type FieldList = Vec<(String, Vec<u8>)>;
@@ -183,12 +187,6 @@ pub(crate) struct HostState {
     pub(crate) detached_in_call: bool,
 }
 
-pub(crate) const MAX_CALLOUTS_PER_CONTEXT: usize = 8;
-/// Callouts and asynchronous KV calls outstanding in one instance (all its
-/// contexts and `on_tick`'s), as host/src/wasm/host.rs `CALLOUTS_PER_INSTANCE`.
-pub(crate) const MAX_CALLOUTS_PER_INSTANCE: usize = 1024;
-pub(crate) const MAX_CALLOUT_TIMEOUT_MS: u32 = 30_000;
-
 impl HostState {
     pub(crate) fn new() -> Self {
         HostState {
@@ -242,7 +240,7 @@ impl HostState {
                 mine += usize::from(c.context == context);
             }
         }
-        if mine >= MAX_CALLOUTS_PER_CONTEXT || all >= MAX_CALLOUTS_PER_INSTANCE {
+        if mine >= CALLOUTS_PER_CONTEXT || all >= CALLOUTS_PER_INSTANCE {
             return Err(Error::LimitExceeded);
         }
         let id = self.callouts.len() as u64 + 1;
@@ -402,40 +400,28 @@ impl ExchangeState {
     }
 }
 
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-/// A field name as the host's `http::HeaderName` takes it: a token of at
-/// most 65 535 bytes, handed back in lower case.
+/// A field name as the host's `http::HeaderName` takes it
+/// (`legate_abi_rules::headers::name_ok`), handed back in lower case.
 pub(crate) fn check_name(name: &str) -> Result<String, Error> {
-    if name.is_empty() || name.len() > 0xFFFF || !name.bytes().all(is_tchar) {
+    if !legate_abi_rules::headers::name_ok(name) {
         return Err(Error::InvalidArgument);
     }
     Ok(name.to_ascii_lowercase())
 }
 
-/// A field value as the host's `http::HeaderValue` takes it: no control byte
-/// but HTAB (so no CR, LF or NUL), no DEL; obs-text (0x80-0xFF) is fine.
+/// A field value as the host's `http::HeaderValue` takes it
+/// (`legate_abi_rules::headers::value_ok`).
 pub(crate) fn check_value(value: &[u8]) -> Result<(), Error> {
-    if value
-        .iter()
-        .all(|&b| (b >= 0x20 && b != 0x7F) || b == b'\t')
-    {
+    if legate_abi_rules::headers::value_ok(value) {
         Ok(())
     } else {
         Err(Error::InvalidArgument)
     }
 }
 
-/// The host's caps on what a filter writes into one header map (a head,
-/// trailers, a local response, a callout request): fields (values) in the
-/// map and bytes in one value (abi/README.md §5.1; host/src/wasm/host.rs
-/// `MAX_FILTER_FIELDS`, `MAX_FILTER_FIELD_VALUE`).
-pub(crate) const MAX_FILTER_FIELDS: usize = 1024;
-pub(crate) const MAX_FILTER_FIELD_VALUE: usize = 64 * 1024;
-
-/// Adds `name: value` to `map` within the caps above (`LimitExceeded`
+/// Adds `name: value` to `map` within the host's caps on what a filter
+/// writes into one header map (`legate_abi_rules::limits`:
+/// `MAX_FILTER_FIELDS` fields, `MAX_FILTER_FIELD_VALUE` bytes a value) (`LimitExceeded`
 /// otherwise), replacing the field's values when `replace`, as the host's
 /// `put_field`: a replace of a field the map holds may go past a full map.
 pub(crate) fn put_field(
@@ -459,9 +445,9 @@ pub(crate) fn put_field(
 /// Checks a filter's local response as the host does (host/src/wasm/plugin.rs
 /// `local_response`): `Err` is the reason the host fails the call.
 pub(crate) fn check_local_response(lr: &crate::LocalResponse) -> Result<(), String> {
-    if !(200..=599).contains(&lr.status) {
+    if !RESPONSE_STATUS.contains(&lr.status) {
         return Err(format!(
-            "local response status {} is outside 200..=599",
+            "local response status {} is outside {RESPONSE_STATUS:?}",
             lr.status
         ));
     }
@@ -769,7 +755,7 @@ impl ExchangeHandle<'_> {
         self.get(|x| x.status)
     }
     pub(crate) fn set_status(&self, v: u16) -> Result<(), Error> {
-        if !(200..=599).contains(&v) {
+        if !RESPONSE_STATUS.contains(&v) {
             return Err(Error::InvalidArgument);
         }
         if self.status().is_none() {
@@ -1374,7 +1360,7 @@ pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
     if r.method.is_empty()
         || !r.method.bytes().all(is_tchar)
         || !callout_path_ok(&r.path)
-        || r.timeout_ms > MAX_CALLOUT_TIMEOUT_MS
+        || r.timeout_ms > CALLOUT_MAX_TIMEOUT_MS
         || r.authority.as_deref().is_some_and(|a| !authority_ok(a))
     {
         return Err(Error::InvalidArgument);
