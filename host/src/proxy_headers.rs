@@ -39,8 +39,9 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 /// is handled on its own (see [`strip_hop_by_hop`]). The list is
 /// `legate_abi_rules::headers::HOP_BY_HOP`, which the SDK's test harness strips
 /// callout responses with too; here as `HeaderName`s (standard ones compare by
-/// their tag).
-pub const HOP_BY_HOP: [HeaderName; rules::HOP_BY_HOP.len()] = [
+/// their tag), in a `static`: a `const` array is built and dropped at each use
+/// (~250 instructions per request).
+pub static HOP_BY_HOP: [HeaderName; rules::HOP_BY_HOP.len()] = [
     HeaderName::from_static(rules::HOP_BY_HOP[0]),
     HeaderName::from_static(rules::HOP_BY_HOP[1]),
     HeaderName::from_static(rules::HOP_BY_HOP[2]),
@@ -52,7 +53,7 @@ pub const HOP_BY_HOP: [HeaderName; rules::HOP_BY_HOP.len()] = [
 /// Headers a `Connection` option cannot remove
 /// (`legate_abi_rules::headers::NOT_NOMINATABLE`): `host` and `content-length`
 /// carry the message's target and framing; `te` follows its own rule.
-const NOT_NOMINATABLE: [HeaderName; rules::NOT_NOMINATABLE.len()] = [
+static NOT_NOMINATABLE: [HeaderName; rules::NOT_NOMINATABLE.len()] = [
     HeaderName::from_static(rules::NOT_NOMINATABLE[0]),
     HeaderName::from_static(rules::NOT_NOMINATABLE[1]),
     HeaderName::from_static(rules::NOT_NOMINATABLE[2]),
