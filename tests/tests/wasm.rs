@@ -188,6 +188,33 @@ each_proto!(
 );
 
 each_proto!(
+    /// The response head stays readable for the `on-log` of a filter the
+    /// answer never reached (`Chain::response_interest` keeps it for them):
+    /// the status and the fields of the earlier filter's local response.
+    async fn a_filter_never_reached_reads_the_response_head_in_on_log(proto) {
+        let up = upstream().start().await;
+        let p = plugin("auth", "{ mode: respond }", "")
+            + &plugin(
+                "logger",
+                "{ mode: metrics, phases: \"rq,log\", log_header: www-authenticate }",
+                "",
+            );
+        let lg = legate()
+            .config(&simple(up.addr, &p, &["auth", "logger"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/private").send().await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        let series = |label: &str| format!(r#"legate_plugin_requests{{plugin="logger",method="{label}"}}"#);
+        lg.assert_stat(&series("log-GET"), 1.0).await;
+        lg.assert_stat(&series("log-status-401"), 1.0).await;
+        lg.assert_stat(&series("log-www-authenticate-ApiKey"), 1.0).await;
+        // Its request phase was never called.
+        assert_eq!(lg.stat(&series("GET")).await, None);
+    }
+);
+
+each_proto!(
     /// A filter's local response is logged with `cause: plugin:<details>`
     /// (abi/README.md §3.5); it had no cause.
     async fn a_local_response_is_logged_with_its_details(proto) {

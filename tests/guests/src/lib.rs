@@ -172,6 +172,8 @@ thread_local! {
     static TICK_CANCEL: RefCell<Option<String>> = const { RefCell::new(None) };
     static WAITING: RefCell<std::collections::HashMap<u64, u32>> = RefCell::default();
     static REQUESTS: RefCell<Option<Counter>> = const { RefCell::new(None) };
+    /// `metrics` mode with `log_header`: the response field `on-log` records.
+    static LOG_HEADER: RefCell<Option<String>> = const { RefCell::new(None) };
     static HOARD: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     static KV: RefCell<Option<Result<Namespace, Error>>> = const { RefCell::new(None) };
     /// `body-stream-count` mode: (calls, bytes, end-of-stream seen) per context.
@@ -651,6 +653,7 @@ impl Guest for Plugin {
             )
             .map_err(|e| format!("define-counter {name}: {e:?}"))?;
             REQUESTS.with(|r| *r.borrow_mut() = Some(c));
+            LOG_HEADER.with(|h| *h.borrow_mut() = field(&config, "log_header"));
         }
         if let Some(name) = field(&config, "define_counter") {
             // An unlabelled counter: its series is on /stats once defined.
@@ -1103,6 +1106,23 @@ impl Guest for Plugin {
                     if let Some(cause) = x.cause() {
                         if let Ok(s) = c.with_labels(&[format!("log-cause-{cause}")]) {
                             s.add(1);
+                        }
+                    }
+                    // What `on-log` reads of the response head: its status and
+                    // one field (`none` where the head or the field is missing).
+                    if let Some(name) = LOG_HEADER.with(|h| h.borrow().clone()) {
+                        let status = x.status().map_or("none".into(), |s| s.to_string());
+                        let value = x
+                            .headers(Direction::Response)
+                            .and_then(|h| h.get(&name))
+                            .map_or("none".into(), |v| String::from_utf8_lossy(&v).into_owned());
+                        for l in [
+                            format!("log-status-{status}"),
+                            format!("log-{name}-{value}"),
+                        ] {
+                            if let Ok(s) = c.with_labels(&[l]) {
+                                s.add(1);
+                            }
                         }
                     }
                 }
