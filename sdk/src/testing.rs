@@ -171,12 +171,8 @@ fn trim_ows(mut s: &[u8]) -> &[u8] {
     s
 }
 
-/// The range the host's configuration takes for `limits.body`
-/// (host/src/config/validate.rs): 1 KiB to 64 MiB.
-const BODY_LIMIT_RANGE: std::ops::RangeInclusive<usize> = (1 << 10)..=(64 << 20);
-
 /// `bytes` if it is a `limits.body` the host's configuration takes
-/// ([`BODY_LIMIT_RANGE`]); shared by the `body_limit` setters of
+/// ([`crate::rules::limits::BODY_LIMIT`]); shared by the `body_limit` setters of
 /// [`FilterTest`] and [`NetworkFilterTest`] (`who`).
 ///
 /// # Panics
@@ -185,7 +181,7 @@ const BODY_LIMIT_RANGE: std::ops::RangeInclusive<usize> = (1 << 10)..=(64 << 20)
 #[track_caller]
 fn checked_body_limit(who: &str, bytes: usize) -> usize {
     assert!(
-        BODY_LIMIT_RANGE.contains(&bytes),
+        crate::rules::limits::BODY_LIMIT.contains(&bytes),
         "{who}::body_limit({bytes}): the host takes `limits.body` between \
          `1KiB` and `64MiB` only"
     );

@@ -47,6 +47,10 @@ pub const MIN_TICK_MS: u32 = 10;
 /// filter may hold per direction (the configuration's `limits.body`).
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 
+/// The values the configuration's `limits.body` may take, in bytes: 1 KiB to
+/// 64 MiB (a buffered body is held in host memory per exchange).
+pub const BODY_LIMIT: RangeInclusive<usize> = (1 << 10)..=(64 << 20);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +64,14 @@ mod tests {
             assert!(!RESPONSE_STATUS.contains(&bad), "{bad}");
         }
         assert_eq!(format!("{RESPONSE_STATUS:?}"), "200..=599");
+    }
+
+    #[test]
+    fn body_limits() {
+        assert!(BODY_LIMIT.contains(&DEFAULT_BODY_LIMIT));
+        assert_eq!(
+            (*BODY_LIMIT.start(), *BODY_LIMIT.end()),
+            (1024, 64 * 1024 * 1024)
+        );
     }
 }

@@ -882,7 +882,7 @@ fn validate_plugin(e: &mut Issues, p: &Spanned<Plugin>, clusters: &Defined<'_>) 
             "use between `1MiB` and `256MiB`",
         ),
         (
-            ((1 << 10)..=(64 << 20)).contains(&body),
+            usize::try_from(body).is_ok_and(|b| legate_abi_rules::limits::BODY_LIMIT.contains(&b)),
             "body",
             &l.body.referenced,
             l.body.value.to_string(),
