@@ -17,6 +17,7 @@ use std::net::IpAddr;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, VIA};
 use legate_abi_rules::headers as rules;
+use legate_abi_rules::headers::{list_items, offers_trailers, trim_ows};
 
 /// `keep-alive` (RFC 9112 appendix C.2.2; no constant in `http`).
 pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -94,14 +95,7 @@ pub fn strip_hop_by_hop_but(h: &mut HeaderMap, keep: Option<&HeaderName>) {
         }
     }
 
-    let offers_trailers = h.get_all(TE).iter().any(|v| {
-        list_items(v.as_bytes()).any(|item| {
-            // A t-codings item may carry parameters (`trailers;q=1` is not valid,
-            // but be lenient about what precedes the `;`).
-            let coding = item.split(|&b| b == b';').next().unwrap_or(item);
-            trim_ows(coding).eq_ignore_ascii_case(b"trailers")
-        })
-    });
+    let offers_trailers = h.get_all(TE).iter().any(|v| offers_trailers(v.as_bytes()));
     if offers_trailers {
         // `insert` replaces every TE line with the one value that may pass.
         let _ = h.try_insert(TE, HeaderValue::from_static("trailers"));
@@ -350,24 +344,6 @@ pub fn add_via(h: &mut HeaderMap, via: &HeaderValue) {
             let _ = h.try_append(VIA, via.clone());
         }
     }
-}
-
-/// The non-empty items of a comma-separated list header, whitespace-trimmed.
-fn list_items(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|&b| b == b',')
-        .map(trim_ows)
-        .filter(|s| !s.is_empty())
-}
-
-/// Trims optional whitespace (space and tab, RFC 9110 §5.6.3).
-fn trim_ows(mut s: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = s {
-        s = rest;
-    }
-    while let [rest @ .., b' ' | b'\t'] = s {
-        s = rest;
-    }
-    s
 }
 
 #[cfg(test)]
@@ -663,13 +639,5 @@ mod tests {
         let mut h = map(&[("via", "1.0 fred"), ("via", "1.1 p.example.net ")]);
         add_via(&mut h, &ours);
         assert_eq!(all(&h, "via"), ["1.0 fred, 1.1 p.example.net, 1.1 legate"]);
-    }
-
-    #[test]
-    fn trims_ows() {
-        assert_eq!(trim_ows(b" \ta b\t "), b"a b");
-        assert_eq!(trim_ows(b"   "), b"");
-        let items: Vec<&[u8]> = list_items(b" a, ,b ,").collect();
-        assert_eq!(items, [b"a".as_slice(), b"b".as_slice()]);
     }
 }

@@ -92,7 +92,7 @@ pub use legate_abi_rules::limits::CALLOUT_MAX_RESPONSE;
 /// `connection` value names (but `host`, `content-length` and `te`) and `te`
 /// unless it offers `trailers` (then kept as exactly `te: trailers`).
 pub use legate_abi_rules::headers::HOP_BY_HOP;
-use legate_abi_rules::headers::{is_tchar, NOT_NOMINATABLE};
+use legate_abi_rules::headers::{is_tchar, list_items, offers_trailers, NOT_NOMINATABLE};
 use legate_abi_rules::limits::MIN_TICK_MS;
 
 /// A callout result as the host delivers it: a response whose body is over
@@ -130,11 +130,7 @@ fn strip_hop_by_hop(headers: &mut Vec<(String, Vec<u8>)>) {
     let offers_trailers = headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case("te"))
-        .flat_map(|(_, v)| list_items(v))
-        .any(|item| {
-            let coding = item.split(|&b| b == b';').next().unwrap_or(item);
-            trim_ows(coding).eq_ignore_ascii_case(b"trailers")
-        });
+        .any(|(_, v)| offers_trailers(v));
     let mut te_kept = false;
     headers.retain_mut(|(n, v)| {
         let name = n.to_ascii_lowercase();
@@ -151,24 +147,6 @@ fn strip_hop_by_hop(headers: &mut Vec<(String, Vec<u8>)>) {
         *v = b"trailers".to_vec();
         true
     });
-}
-
-/// The items of a comma-separated field value, trimmed, empty ones skipped.
-fn list_items(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|&b| b == b',')
-        .map(trim_ows)
-        .filter(|s| !s.is_empty())
-}
-
-/// Trims optional whitespace (space and tab, RFC 9110 §5.6.3).
-fn trim_ows(mut s: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = s {
-        s = rest;
-    }
-    while let [rest @ .., b' ' | b'\t'] = s {
-        s = rest;
-    }
-    s
 }
 
 /// `bytes` if it is a `limits.body` the host's configuration takes

@@ -48,6 +48,39 @@ pub fn host_owned(name: &str) -> bool {
     )
 }
 
+/// The non-empty items of a comma-separated field value (a `connection` or
+/// `te` line), trimmed of optional whitespace: the names a `connection` value
+/// nominates for removal.
+#[inline]
+pub fn list_items(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',')
+        .map(trim_ows)
+        .filter(|s| !s.is_empty())
+}
+
+/// Whether a `te` value offers `trailers`, the one coding that passes the
+/// hop (as exactly `te: trailers`). An item's parameters are ignored
+/// (`trailers;q=1` is not valid, but what precedes the `;` decides).
+#[inline]
+pub fn offers_trailers(te: &[u8]) -> bool {
+    list_items(te).any(|item| {
+        let coding = item.split(|&b| b == b';').next().unwrap_or(item);
+        trim_ows(coding).eq_ignore_ascii_case(b"trailers")
+    })
+}
+
+/// Trims optional whitespace (space and tab, RFC 9110 §5.6.3).
+#[inline]
+pub fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
 /// Whether `b` is a token character (RFC 9110 §5.6.2): what a field name,
 /// a method and a `te` value are made of.
 pub fn is_tchar(b: u8) -> bool {
@@ -74,6 +107,31 @@ pub fn value_ok(value: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_items_and_te() {
+        assert_eq!(trim_ows(b" \ta b\t "), b"a b");
+        assert_eq!(trim_ows(b"   "), b"");
+        let items: Vec<&[u8]> = list_items(b" a, ,b ,").collect();
+        assert_eq!(items, [b"a".as_slice(), b"b".as_slice()]);
+        for yes in [
+            &b"trailers"[..],
+            b"gzip, Trailers",
+            b" trailers ;q=1 ",
+            b",trailers,",
+        ] {
+            assert!(offers_trailers(yes), "{yes:?}");
+        }
+        for no in [
+            &b""[..],
+            b"gzip",
+            b"trailer",
+            b"x-trailers",
+            b"gzip;trailers",
+        ] {
+            assert!(!offers_trailers(no), "{no:?}");
+        }
+    }
 
     #[test]
     fn names_and_values() {
