@@ -162,6 +162,25 @@ fn recv_with_fds(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     Ok((buf, fds))
 }
 
+/// The upgrade socket a process serves ([`serve`]): its file is removed when
+/// the process stops, unless a successor took the path over.
+pub struct UpgradeSocket {
+    path: PathBuf,
+    handed_over: tokio::sync::watch::Receiver<bool>,
+}
+
+impl UpgradeSocket {
+    /// Removes the socket file, unless it now belongs to the process this one
+    /// handed over to. Called once the drain began: the serving thread removes
+    /// it too, but only at its next poll, which a quick exit does not wait
+    /// for (the file was left behind).
+    pub fn remove(&self) {
+        if !*self.handed_over.borrow() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Serves upgrade requests on `path` for the running process, whose admin socket
 /// is `admin` (a duplicate). Fails if another live process serves on `path`,
 /// unless `replace` (this process just took over from it).
@@ -170,7 +189,7 @@ pub fn serve(
     path: &Path,
     admin: std::net::TcpListener,
     replace: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<UpgradeSocket> {
     if replace {
         let _ = std::fs::remove_file(path);
     } else if path.exists() {
@@ -189,6 +208,10 @@ pub fn serve(
     listener.set_nonblocking(true)?;
     // Receivers outlive `Shared`, so the exit decision works even after it is gone.
     let (draining, handed_over) = (shared.drain_signal(), shared.handed_over.subscribe());
+    let socket = UpgradeSocket {
+        path: path.to_path_buf(),
+        handed_over: shared.handed_over.subscribe(),
+    };
     let shared = Arc::downgrade(shared);
     let path = path.to_path_buf();
     std::thread::Builder::new()
@@ -223,7 +246,7 @@ pub fn serve(
             }
         })
         .context("starting the upgrade thread")?;
-    Ok(())
+    Ok(socket)
 }
 
 /// Binds a Unix socket at `path` (replacing what is there) that only this

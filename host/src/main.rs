@@ -1,6 +1,7 @@
 //! The `legate` command: `legate run -c plugins.yaml`, `legate check -c plugins.yaml`,
 //! `legate plugin build PATH`.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -64,13 +65,61 @@ enum Command {
     },
 }
 
+/// The log filter from `LEGATE_LOG` (`info` if unset). A value that does not
+/// parse is said on stderr, not taken silently: logging goes on at `info`.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    let Some(v) = std::env::var_os("LEGATE_LOG") else {
+        return EnvFilter::new("info");
+    };
+    let v = v.to_string_lossy();
+    match EnvFilter::builder().parse(&*v) {
+        Ok(f) => {
+            for (d, lv) in misspelt_levels(&v) {
+                eprintln!(
+                    "legate: LEGATE_LOG: `{d}` is not a level, so it is taken as a target \
+                     name (events of targets starting with it); did you mean `{lv}`?"
+                );
+            }
+            f
+        }
+        Err(e) => {
+            eprintln!(
+                "legate: LEGATE_LOG={v:?} is not a log filter ({e}); logging at `info`. \
+                 Use a level (error, warn, info, debug, trace) or directives such as \
+                 `info,legate_host::proxy=debug`."
+            );
+            EnvFilter::new("info")
+        }
+    }
+}
+
+/// The bare directives of a log filter that look like a misspelt level, with
+/// the level: a bare word that is not a level is a target name, so `debugg`
+/// would log nothing at all, silently.
+fn misspelt_levels(filter: &str) -> Vec<(&str, &'static str)> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.contains(['=', ':', '[']))
+        .filter_map(|d| {
+            let l = d.to_ascii_lowercase();
+            LEVELS
+                .into_iter()
+                .find(|lv| l != *lv && l.len() >= 3 && (l.starts_with(lv) || lv.starts_with(&*l)))
+                .map(|lv| (d, lv))
+        })
+        .collect()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Colours only on a terminal: a file, journald or `docker logs` would
+    // get the escape codes as text.
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LEGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(log_filter())
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
@@ -253,14 +302,25 @@ fn run(
             );
         }
     }
-    match handle.admin_socket() {
-        Ok(admin) => {
-            if let Err(e) = hot_restart::serve(&handle.shared(), &upgrade_path, admin, take_over) {
-                tracing::error!("hot restart will not be available: {e:#}");
+    // Not serving the upgrade socket costs only hot restarts (a container
+    // with a read-only root file system cannot make one next to its config):
+    // a warning with the fix, not an error.
+    let upgrade = match handle.admin_socket() {
+        Ok(admin) => match hot_restart::serve(&handle.shared(), &upgrade_path, admin, take_over) {
+            Ok(socket) => Some(socket),
+            Err(e) => {
+                tracing::warn!(
+                    "hot restart will not be available: {e:#} (give --upgrade-socket a \
+                     path in a writable directory to have it)"
+                );
+                None
             }
+        },
+        Err(e) => {
+            tracing::warn!("hot restart will not be available: {e}");
+            None
         }
-        Err(e) => tracing::error!("hot restart will not be available: {e}"),
-    }
+    };
     let shared = handle.shared();
     let mut drain = handle.drain_signal();
     let (mut term, mut int) = {
@@ -303,6 +363,11 @@ fn run(
         }
     });
     handle.shutdown();
+    // Draining: no upgrade can take over any more, and the file must not
+    // outlive the process.
+    if let Some(u) = &upgrade {
+        u.remove();
+    }
     // A second SIGTERM or SIGINT during the drain stops at once (as a second
     // Ctrl-C is expected to), cutting the connections still open.
     let stopped = rt.block_on(async {
@@ -331,6 +396,25 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_misspelt_level_is_named() {
+        assert_eq!(misspelt_levels("debugg"), [("debugg", "debug")]);
+        assert_eq!(
+            misspelt_levels("inf, hyper=debug,warning"),
+            [("inf", "info"), ("warning", "warn")]
+        );
+        for fine in [
+            "info",
+            "DEBUG",
+            "hyper",
+            "legate_host::proxy=trace",
+            "h2,off",
+            "",
+        ] {
+            assert!(misspelt_levels(fine).is_empty(), "{fine}");
+        }
+    }
 
     #[test]
     fn the_watch_interval_is_written_as_config_durations() {

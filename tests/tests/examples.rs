@@ -144,6 +144,45 @@ fn kubernetes_configmap_config_is_valid() {
     );
 }
 
+/// The flags the Kubernetes Deployment gives `legate run` are ones it takes,
+/// and the writable paths it names (the upgrade socket and the compile cache,
+/// the root file system being read-only) are under a mounted volume.
+#[test]
+fn kubernetes_deployment_runs_legate_with_flags_it_takes() {
+    let deployment = read("examples/kubernetes/deployment.yaml");
+    let help = Command::new(workspace_bin("legate"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    // The legate container's part (the app container has flags of its own).
+    let legate = deployment
+        .split("\n        - name: legate\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n        - name: ").next())
+        .expect("no legate container");
+    let flags: Vec<&str> = legate
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- --"))
+        .map(|f| f.split('=').next().unwrap())
+        .collect();
+    assert!(flags.contains(&"upgrade-socket"), "{flags:?}");
+    for f in &flags {
+        assert!(
+            help.contains(&format!("--{f}")),
+            "`legate run` takes no --{f}:\n{help}"
+        );
+    }
+    let mounts: Vec<&str> = deployment
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("mountPath: "))
+        .collect();
+    for writable in ["--upgrade-socket=/run/legate/", "value: /run/legate/"] {
+        assert!(deployment.contains(writable), "{writable}");
+    }
+    assert!(mounts.contains(&"/run/legate"), "{mounts:?}");
+}
+
 // ---- Certificates ----
 
 /// Where the demo certificates come from.

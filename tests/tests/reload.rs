@@ -2185,6 +2185,77 @@ async fn hot_restart_refuses_another_users_process() {
     assert!(old.exited(Duration::from_secs(30)).await.success());
 }
 
+/// The upgrade socket goes with the process that serves it: after a hot
+/// restart it is the new process's (the old one, exiting, leaves it alone),
+/// and a process that stops removes it. It was left behind when the drain
+/// ended before the serving thread's next poll (every demo run left one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_socket_goes_with_the_process_that_serves_it() {
+    let up = upstream().start().await;
+    legate_bin();
+    let (web, admin) = (free_addr(), free_addr());
+    let dir = TempDir::new();
+    let cfg = dir.write("legate.yaml", fixed_yaml(web, admin, up.addr));
+    let socket = dir.path().join("legate.yaml.upgrade.sock");
+    let mut old = Child::spawn(&cfg, &[]);
+    wait_ready(admin).await;
+    assert!(socket.exists(), "no upgrade socket");
+    let mut new = hot_restart(&cfg, &mut old).await;
+    wait_ready(admin).await;
+    eventually(
+        HANG_GUARD,
+        "the new process serves the upgrade socket",
+        || async {
+            std::os::unix::net::UnixStream::connect(&socket)
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    new.signal("INT");
+    assert!(new.exited(Duration::from_secs(30)).await.success());
+    assert!(
+        !socket.exists(),
+        "the stopped process left its upgrade socket"
+    );
+}
+
+/// An upgrade socket that cannot be made (a read-only root file system in a
+/// container) costs only hot restarts: the process serves, and says how to
+/// have them, as a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_socket_that_cannot_be_made_is_a_warning() {
+    let up = upstream().start().await;
+    legate_bin();
+    let (web, admin) = (free_addr(), free_addr());
+    let dir = TempDir::new();
+    let cfg = dir.write("legate.yaml", fixed_yaml(web, admin, up.addr));
+    let log = dir.path().join("stderr.log");
+    let child = Command::new(legate_bin())
+        .args(["run", "--concurrency", "1", "--watch-interval", "0", "-c"])
+        .arg(&cfg)
+        .args(["--upgrade-socket", "/proc/legate-cannot-be-here.sock"])
+        .env("LEGATE_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn legate");
+    let mut p = Child { child };
+    wait_ready(admin).await;
+    let mut c = client(Proto::H1, web).await;
+    assert_eq!(c.get("/x").send().await.status, 200);
+    p.signal("TERM");
+    assert!(p.exited(Duration::from_secs(30)).await.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("hot restart will not be available"))
+        .unwrap_or_else(|| panic!("no hot restart line in:\n{text}"));
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(line.contains("give --upgrade-socket a path"), "{line}");
+    // Not a terminal: no colour codes.
+    assert!(!text.contains('\u{1b}'), "escape codes in:\n{text}");
+}
+
 fn percentiles(mut v: Vec<f64>) -> String {
     if v.is_empty() {
         return "n/a".into();
