@@ -665,9 +665,11 @@ each_proto!(
 );
 
 each_proto!(
-    async fn a_dead_upstream_becomes_unavailable_in_the_trailer_frame(proto) {
+    async fn a_dead_upstream_is_unavailable_in_the_head_of_its_502(proto) {
         // No gRPC server: the host's own 502 goes through the plugin's
-        // response phases, which turn it into a gRPC-Web answer.
+        // response phases, which give it Envoy's shape: the 502 stays, the
+        // gRPC status mapped from it and the cause go in the head, the body
+        // goes.
         let echo = upstream().start().await;
         let lg = legate()
             .config(&config(closed_port_addr(), echo.addr))
@@ -681,22 +683,18 @@ each_proto!(
             .body(say("hi"))
             .send()
             .await;
-        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.status, 502, "{}", r.text());
         assert_eq!(
             r.header("content-type"),
             Some("application/grpc-web+proto")
         );
+        assert_eq!(r.header("grpc-status"), Some("14"));
+        assert_eq!(r.header("grpc-message"), Some("upstream_connect_failure"));
         assert_eq!(r.header("access-control-allow-origin"), Some(ORIGIN));
+        assert!(r.body.is_empty(), "{:?}", r.body);
         no_http_trailers(&r);
-        let (data, t) = split(&r.body);
-        assert!(data.is_empty(), "{data:?}");
-        assert_eq!(trailer(&t, "grpc-status"), Some("14"));
-        assert_eq!(
-            trailer(&t, "grpc-message"),
-            Some("HTTP 502: upstream_connect_failure")
-        );
 
-        // -text: the same frame, base64.
+        // -text: the same head, no body to encode.
         let r = c
             .post("/legate.test.v1.Echo/Say")
             .header("content-type", "application/grpc-web-text")
@@ -704,30 +702,157 @@ each_proto!(
             .body(b64(&say("hi")))
             .send()
             .await;
-        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.status, 502, "{}", r.text());
         assert_eq!(r.header("content-type"), Some("application/grpc-web-text+proto"));
-        let (_, t) = split(&unb64(&r.body));
-        assert_eq!(trailer(&t, "grpc-status"), Some("14"));
+        assert_eq!(r.header("grpc-status"), Some("14"));
+        assert_eq!(r.header("grpc-message"), Some("upstream_connect_failure"));
+        assert!(r.body.is_empty(), "{:?}", r.body);
+
+        // A real gRPC-Web client (tonic-web's) reads the status from the head.
+        let mut web = legate_tests::grpc::grpc_web_client(proto, lg.addr("web")).await;
+        let err = web
+            .say(pb::SayRequest {
+                message: "hi".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (tonic::Code::Unavailable, "upstream_connect_failure")
+        );
 
         assert_eq!(
             plugin_counter(&lg, "grpc_web_responses_total", "kind=\"not_grpc\"").await,
-            Some(2.0)
+            Some(3.0)
         );
         lg.assert_stat(
             r#"legate_plugin_calls_total{plugin="grpc-web",phase="response_headers"}"#,
-            2.0,
+            3.0,
         )
         .await;
         lg.assert_stat(
             r#"legate_plugin_calls_total{plugin="grpc-web",phase="response_body"}"#,
-            2.0,
+            3.0,
         )
         .await;
         lg.assert_stat(
-            r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
-            2.0,
+            r#"legate_listener_requests_total{listener="web",class="5xx"}"#,
+            3.0,
         )
         .await;
+    }
+);
+
+/// An upstream standing in for an HTTP server or proxy that does not answer
+/// gRPC: `/echo/page` a `503` HTML page, `/echo/big` a `503` page of 20 000
+/// bytes, `/echo/empty` a body-less `404`.
+async fn error_pages() -> UpstreamHandle {
+    upstream()
+        .http1()
+        .handler(|req: Request<Incoming>| async move {
+            let (status, body) = match req.uri().path() {
+                "/echo/page" => (503, Bytes::from_static(b"<h1>Service  Unavailable</h1>\n")),
+                "/echo/big" => (503, Bytes::from(vec![b'x'; 20_000])),
+                _ => (404, Bytes::new()),
+            };
+            let mut r = Response::new(Full::new(body));
+            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("text/html"));
+            r
+        })
+        .start()
+        .await
+}
+
+each_proto!(
+    async fn a_non_grpc_answer_keeps_its_status_with_the_grpc_status_in_its_head(proto) {
+        // As Envoy's grpc_web filter: the HTTP status stays, `grpc-status`
+        // (mapped from it) and `grpc-message` (the body, up to 16 KiB) go in
+        // the head, the body goes; an answer that ends with its head and has
+        // no `grpc-status` passes without one. Also for the host's own
+        // answers: a route timeout's 504.
+        let grpc = grpc_upstream().start().await;
+        let pages = error_pages().await;
+        let slow = upstream().delay(std::time::Duration::from_secs(30)).start().await;
+        let yaml = config(grpc.addr, pages.addr)
+            .replace(
+                "          - match: { prefix: / }\n",
+                "          - match: { prefix: /slow/ }\n            cluster: slow\n            \
+                 timeout: 200ms\n          - match: { prefix: / }\n",
+            )
+            .replace(
+                "  - name: echo\n",
+                &format!(
+                    "  - name: slow\n    endpoints:\n      - address: {}\n  - name: echo\n",
+                    slow.addr
+                ),
+            );
+        assert!(yaml.contains("/slow/"), "{yaml}");
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        let r = c
+            .post("/echo/page")
+            .header("content-type", "application/grpc-web+proto")
+            .header("origin", ORIGIN)
+            .body(say("x"))
+            .send()
+            .await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/grpc-web+proto"));
+        assert_eq!(r.header("grpc-status"), Some("14"));
+        assert_eq!(
+            r.header("grpc-message"),
+            Some("<h1>Service  Unavailable</h1>")
+        );
+        assert_eq!(r.header("access-control-allow-origin"), Some(ORIGIN));
+        assert!(r.body.is_empty(), "{:?}", r.body);
+        no_http_trailers(&r);
+
+        // -text: the same head.
+        let r = c
+            .post("/echo/page")
+            .header("content-type", "application/grpc-web-text")
+            .header("accept", "application/grpc-web-text")
+            .body(b64(&say("x")))
+            .send()
+            .await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/grpc-web-text+proto"));
+        assert_eq!(r.header("grpc-status"), Some("14"));
+        assert!(r.body.is_empty(), "{:?}", r.body);
+
+        // The message is the page's first 16 KiB.
+        let r = call(&mut c, "/echo/big", "application/grpc-web+proto", say("x")).await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.header("grpc-message"), Some("x".repeat(16384).as_str()));
+        assert!(r.body.is_empty(), "{:?}", r.body.len());
+
+        // A body-less 404: passed, no status added.
+        let r = call(&mut c, "/echo/empty", "application/grpc-web+proto", say("x")).await;
+        assert_eq!(r.status, 404, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/grpc-web+proto"));
+        assert_eq!(r.header("grpc-status"), None, "{:?}", r.headers);
+        assert_eq!(r.header("grpc-message"), None, "{:?}", r.headers);
+        assert!(r.body.is_empty(), "{:?}", r.body);
+
+        // The host's 504: its cause as the message.
+        let r = call(&mut c, "/slow/x", "application/grpc-web+proto", say("x")).await;
+        assert_eq!(r.status, 504, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/grpc-web+proto"));
+        assert_eq!(r.header("grpc-status"), Some("14"));
+        assert_eq!(r.header("grpc-message"), Some("upstream_timeout"));
+        assert!(r.body.is_empty(), "{:?}", r.body);
+
+        assert_eq!(
+            plugin_counter(&lg, "grpc_web_responses_total", "kind=\"not_grpc\"").await,
+            Some(4.0)
+        );
+        assert_eq!(
+            plugin_counter(&lg, "grpc_web_responses_total", "kind=\"no_status\"").await,
+            Some(1.0)
+        );
     }
 );
 
@@ -860,15 +985,12 @@ each_proto!(
         let lg = legate().config(&config(grpc.addr, errors.addr)).start();
         let mut c = client(proto, lg.addr("web")).await;
         let r = call(&mut c, "/echo/overloaded", "application/grpc-web+proto", say("x")).await;
-        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.status, 503, "{}", r.text());
         assert_eq!(r.header("content-type"), Some("application/grpc-web+proto"));
-        assert_eq!(r.header("grpc-status"), None, "{:?}", r.headers);
-        assert_eq!(r.header("grpc-message"), None, "{:?}", r.headers);
+        assert_eq!(r.header("grpc-status"), Some("14"), "{:?}", r.headers);
+        assert_eq!(r.header("grpc-message"), Some("overloaded"), "{:?}", r.headers);
+        assert!(r.body.is_empty(), "{:?}", r.body);
         no_http_trailers(&r);
-        let (data, t) = split(&r.body);
-        assert!(data.is_empty(), "{data:?}");
-        assert_eq!(trailer(&t, "grpc-status"), Some("14"));
-        assert_eq!(trailer(&t, "grpc-message"), Some("HTTP 503: overloaded"));
 
         let r = call(&mut c, "/echo/trailers-only", "application/grpc-web+proto", say("x")).await;
         assert_eq!(r.status, 503, "{}", r.text());

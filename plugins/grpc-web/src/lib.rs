@@ -21,12 +21,14 @@
 //!   the final body frame (flag `0x80`) in the last body call, so the HTTP
 //!   response itself has no trailers (abi/README.md §4, folding trailers).
 //!   A trailers-only response (status in the headers) passes as headers,
-//!   whatever its HTTP status. A non-gRPC answer (an error of the host or of
-//!   a proxy: `502` for a dead upstream; as Envoy, any non-200 answer with a
-//!   body, gRPC content type or not) becomes a gRPC-Web response: `200`, the
-//!   status mapped from the HTTP status (gRPC's HTTP mapping:
-//!   `502`/`503`/`504` are `UNAVAILABLE`) and its body as `grpc-message`, in
-//!   the trailer frame;
+//!   whatever its HTTP status, and so does any other answer that ends with
+//!   its head (as Envoy: no `grpc-status` is added). A non-gRPC answer with
+//!   a body (an error of the host or of a proxy: `502` for a dead upstream;
+//!   as Envoy, any non-200 answer with a body, gRPC content type or not)
+//!   becomes one in Envoy's shape: its HTTP status kept, `grpc-status`
+//!   mapped from it (gRPC's HTTP mapping: `502`/`503`/`504` are
+//!   `UNAVAILABLE`) and the body's first 16 KiB as `grpc-message`, in the
+//!   headers, and an empty body;
 //! - CORS (optional): preflights from allowed origins are answered locally
 //!   (others pass on untouched, as Envoy's cors filter), converted responses get
 //!   `access-control-allow-origin` and `access-control-expose-headers`.
@@ -47,10 +49,12 @@ use crate::config::{Config, Cors};
 
 /// `grpc_web_requests_total{variant}`: requests converted, `binary` or `text`.
 pub const REQUESTS: &str = "grpc_web_requests_total";
-/// `grpc_web_responses_total{kind}`: converted responses by how the status
-/// travelled: `trailer_frame`, `trailers_only`, or `not_grpc` (the upstream
-/// or the host did not answer gRPC; converted to a trailer frame with the
-/// status mapped from the HTTP status).
+/// `grpc_web_responses_total{kind}`: responses to converted requests by how
+/// the status travelled: `trailer_frame`, `trailers_only`, `not_grpc` (the
+/// upstream or the host did not answer gRPC: its HTTP status kept, the
+/// status mapped from it and its body as the message put in the headers), or
+/// `no_status` (an answer that ended with its head without a `grpc-status`:
+/// passed without one, as Envoy passes it).
 pub const RESPONSES: &str = "grpc_web_responses_total";
 /// `grpc_web_preflights_total{outcome}`: CORS preflights, `allowed`
 /// (answered) or `denied` (an origin not allowed: passed on untouched).
@@ -143,6 +147,7 @@ struct Metrics {
     trailer_frame: Counter,
     trailers_only: Counter,
     not_grpc: Counter,
+    no_status: Counter,
     preflight_allowed: Counter,
     preflight_denied: Counter,
     invalid_base64: Counter,
@@ -172,7 +177,7 @@ impl Metrics {
             RESPONSES,
             "Responses to converted requests, by how the gRPC status travelled",
             "kind",
-            &["trailer_frame", "trailers_only", "not_grpc"],
+            &["trailer_frame", "trailers_only", "not_grpc", "no_status"],
         )?
         .into_iter();
         let mut pre = def(
@@ -199,6 +204,7 @@ impl Metrics {
             trailer_frame: next(&mut resp)?,
             trailers_only: next(&mut resp)?,
             not_grpc: next(&mut resp)?,
+            no_status: next(&mut resp)?,
             preflight_allowed: next(&mut pre)?,
             preflight_denied: next(&mut pre)?,
             invalid_base64: next(&mut rej)?,
@@ -405,44 +411,43 @@ impl HttpFilter for GrpcWeb {
                 .get_str("content-type")
                 .is_some_and(|ct| is_grpc_response_type(&ct))
                 && x.status() == Some(200));
-        if !grpc {
-            // An error page from the upstream, a proxy or the host (a dead
-            // upstream's 502): a gRPC-Web client could only report the HTTP
-            // status, so it becomes a gRPC status in a trailer frame, with
-            // the page (whole, buffered) as the message.
-            self.metrics.not_grpc.inc();
-            let status = x.status().unwrap_or(500);
+        // As Envoy's `encodeHeaders`, for every answer to a converted
+        // request: the client's gRPC-Web type, and no length (the body
+        // changes: a trailer frame, base64, or none).
+        let _ = headers.set("content-type", &ctx.content_type);
+        let _ = headers.remove("content-length");
+        if grpc {
+            ctx.grpc_response = true;
             if end_of_stream {
-                // No body call follows: the converted answer replaces it here.
-                return Action::Respond(self.converted_error(ctx, status, b""));
-            }
-            ctx.not_grpc = Some(status);
-            let _ = headers.set("content-type", &ctx.content_type);
-            let _ = headers.remove("content-length");
-            // The status is the trailer frame's, mapped from the HTTP status
-            // (Envoy overwrites these two with it): a `grpc-status` the
-            // answer carried in its head would contradict it.
-            let _ = headers.remove("grpc-status");
-            let _ = headers.remove("grpc-message");
-            // The page is replaced by the trailer frame: its coding must go
-            // with it, or the client would try to gunzip the frame.
-            ctx.page_encoded = headers
-                .get_str("content-encoding")
-                .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
-            let _ = headers.remove("content-encoding");
-            if let Err(e) = x.set_body_mode(Direction::Response, BodyMode::Buffered) {
-                legate_sdk::error!("grpc-web: buffering a non-gRPC answer failed: {e}");
+                // Trailers-only: the status is in the headers, which gRPC-Web
+                // clients read as they are.
+                self.metrics.trailers_only.inc();
             }
             return Action::Continue;
         }
-        ctx.grpc_response = true;
-        let _ = headers.set("content-type", &ctx.content_type);
-        // The body grows by the trailer frame (and by base64 for -text).
-        let _ = headers.remove("content-length");
         if end_of_stream {
-            // Trailers-only: the status is in the headers, which gRPC-Web
-            // clients read as they are.
-            self.metrics.trailers_only.inc();
+            // An answer that ends with its head and has no `grpc-status`
+            // (a body-less 404, a 200 with nothing): passed as it is, as
+            // Envoy passes it (`encodeHeaders` continues on `end_stream`),
+            // with no status added. A gRPC-Web client reads its HTTP status.
+            self.metrics.no_status.inc();
+            return Action::Continue;
+        }
+        // An error page from the upstream, a proxy or the host (a dead
+        // upstream's 502): as Envoy's filter, its HTTP status stays and the
+        // gRPC status mapped from it goes in the head with the page as its
+        // message, the body emptied. The head is held with the (buffered)
+        // body, where both are rewritten.
+        self.metrics.not_grpc.inc();
+        ctx.not_grpc = Some(x.status().unwrap_or(500));
+        // The page is dropped: its coding must go with it (a body-less
+        // answer is not gzip), and its bytes are no message.
+        ctx.page_encoded = headers
+            .get_str("content-encoding")
+            .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
+        let _ = headers.remove("content-encoding");
+        if let Err(e) = x.set_body_mode(Direction::Response, BodyMode::Buffered) {
+            legate_sdk::error!("grpc-web: buffering a non-gRPC answer failed: {e}");
         }
         Action::Continue
     }
@@ -462,10 +467,10 @@ impl HttpFilter for GrpcWeb {
             } else {
                 body.to_vec()
             };
-            let frame = self.error_frame(ctx, status, &page);
+            let (grpc_status, grpc_message) = status_fields(status, &page);
             // Trailers of the answer (a `grpc-status` of a non-200 gRPC
-            // answer) go too: the trailer frame is the whole answer, and
-            // the HTTP response has no trailers, as converted ones.
+            // answer) go: the head's status is the answer's, and a browser
+            // could not read them anyway.
             if let Some(t) = x.trailers(Direction::Response) {
                 for (name, _) in t.entries() {
                     if let Err(e) = t.remove(&name) {
@@ -473,11 +478,18 @@ impl HttpFilter for GrpcWeb {
                     }
                 }
             }
-            return match body.replace(frame).and_then(|()| x.set_status(200)) {
+            let written = match x.headers(Direction::Response) {
+                Some(h) => h
+                    .set("grpc-status", &grpc_status)
+                    .and_then(|()| h.set("grpc-message", &grpc_message))
+                    .and_then(|()| body.replace(b"")),
+                None => Err(legate_sdk::Error::InvalidState),
+            };
+            return match written {
                 Ok(()) => Action::Continue,
                 Err(e) => {
                     legate_sdk::error!("grpc-web: converting a non-gRPC answer failed: {e}");
-                    Action::Respond(self.converted_error(ctx, status, b""))
+                    Action::Respond(self.status_answer(ctx, status, &page))
                 }
             };
         }
@@ -626,45 +638,15 @@ impl GrpcWeb {
         r
     }
 
-    /// The body of a gRPC-Web response for a non-gRPC answer with HTTP
-    /// `status` and body `page`: the trailer frame with the mapped
-    /// `grpc-status` and the page's text as `grpc-message` (base64 for
-    /// `-text`).
-    fn error_frame(&self, ctx: &mut Context, status: u16, page: &[u8]) -> Vec<u8> {
-        let text = String::from_utf8_lossy(page);
-        let mut message = text.trim();
-        if message.is_empty() {
-            message = "the response was not gRPC";
-        }
-        // A whole HTML page is no message: its start is enough to tell.
-        let mut end = message.len().min(MAX_MESSAGE);
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        let message = format!("HTTP {status}: {}", &message[..end]);
-        let frame = codec::trailer_frame(&[
-            (
-                "grpc-status".to_owned(),
-                rules::grpc::status_of_http(status).to_string().into_bytes(),
-            ),
-            (
-                "grpc-message".to_owned(),
-                rules::grpc::percent_encode(message.as_bytes()).into_bytes(),
-            ),
-        ]);
-        if ctx.text_response {
-            codec::encode(&frame)
-        } else {
-            frame
-        }
-    }
-
-    /// A non-gRPC answer converted as a whole (one without a body call):
-    /// `200` with the trailer frame of [`GrpcWeb::error_frame`].
-    fn converted_error(&self, ctx: &mut Context, status: u16, page: &[u8]) -> LocalResponse {
-        let r = LocalResponse::new(200)
+    /// A non-gRPC answer in Envoy's shape, answered whole (when rewriting it
+    /// in place failed): its HTTP `status`, the client's content type,
+    /// `grpc-status` and `grpc-message` of [`status_fields`], no body.
+    fn status_answer(&self, ctx: &Context, status: u16, page: &[u8]) -> LocalResponse {
+        let (grpc_status, grpc_message) = status_fields(status, page);
+        let r = LocalResponse::new(status)
             .header("content-type", ctx.content_type.as_str())
-            .body(self.error_frame(ctx, status, page))
+            .header("grpc-status", grpc_status)
+            .header("grpc-message", grpc_message)
             .details("grpc_web_not_grpc");
         self.with_cors(ctx, r)
     }
@@ -691,7 +673,25 @@ impl GrpcWeb {
     }
 }
 
-/// The most of a non-gRPC answer's body kept as its `grpc-message`, in bytes.
-pub const MAX_MESSAGE: usize = 1024;
+/// The most of a non-gRPC answer's body kept as its `grpc-message`, in bytes
+/// (before percent-encoding): Envoy's `MAX_BUFFERED_PLAINTEXT_LENGTH`.
+pub const MAX_MESSAGE: usize = 16 * 1024;
+
+/// `grpc-status` and `grpc-message` for a non-gRPC answer with HTTP `status`
+/// and body `page`, as Envoy's grpc_web filter builds them
+/// (`setTransformedNonProtoEncodedResponseHeaders`): the status mapped from
+/// the HTTP status (`httpToGrpcStatus`), the body's first [`MAX_MESSAGE`]
+/// bytes as they are, percent-encoded (empty for an empty body). One final
+/// newline is left out, as the host leaves it out of its local replies'
+/// gRPC form: the host's own answers end with one (`no_healthy_upstream\n`),
+/// Envoy's do not.
+pub fn status_fields(status: u16, page: &[u8]) -> (String, String) {
+    let page = page.strip_suffix(b"\n").unwrap_or(page);
+    let message = &page[..page.len().min(MAX_MESSAGE)];
+    (
+        rules::grpc::status_of_http(status).to_string(),
+        rules::grpc::percent_encode(message),
+    )
+}
 
 legate_sdk::export!(GrpcWeb);

@@ -6,7 +6,8 @@
 
 use legate_plugin_grpc_web::codec::{self, TextDecoder};
 use legate_plugin_grpc_web::{
-    accepts_text, convert_content_type, is_grpc_response_type, GrpcWeb, Variant,
+    accepts_text, convert_content_type, is_grpc_response_type, status_fields, GrpcWeb, Variant,
+    MAX_MESSAGE,
 };
 use legate_sdk::testing::{FilterTest, Request, Response};
 use legate_sdk::{Action, BodyMode, Direction};
@@ -150,7 +151,7 @@ fn the_upstreams_content_type_is_read_as_envoy_reads_it() {
         assert!(!is_grpc_response_type(not), "{not}");
     }
     // An upstream answering `Application/grpc` is answered as a non-gRPC
-    // answer: a status in the trailer frame (UNKNOWN for a 200).
+    // answer: its status 200 kept, UNKNOWN in the head, the body dropped.
     let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
     let mut x = t.exchange(grpc_web("application/grpc-web", &frame(0, b"x")));
     x.request_headers();
@@ -160,6 +161,10 @@ fn the_upstreams_content_type_is_read_as_envoy_reads_it() {
         .trailer("grpc-status", "0");
     assert_eq!(x.response_headers(resp), Action::Continue);
     assert_eq!(x.body_mode(Direction::Response), BodyMode::Buffered);
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(x.status(), Some(200));
+    assert_eq!(x.response_header("grpc-status").as_deref(), Some("2"));
+    assert_eq!(x.response_body_bytes(), b"");
     assert_eq!(counter(&t, "grpc_web_responses_total", "not_grpc"), Some(1));
 
     // A head that ends the response with a `grpc-status` is trailers-only
@@ -514,17 +519,17 @@ fn the_response_content_type_says_proto_as_envoy() {
             Some(want),
             "{why}"
         );
-        // The plugin's own answer to a body-less non-gRPC one.
-        let mut x = t.exchange(request());
-        x.request_headers();
-        let Action::Respond(r) = x.response_headers(Response::new(503)) else {
-            panic!("{why}: not replaced")
-        };
-        assert_eq!(
-            r.header_value("content-type"),
-            Some(want.as_bytes()),
-            "{why}"
-        );
+        // A non-gRPC answer, and one that ends with its head.
+        for resp in [Response::new(503).body("down"), Response::new(503)] {
+            let mut x = t.exchange(request());
+            x.request_headers();
+            assert_eq!(x.response_headers(resp), Action::Continue, "{why}");
+            assert_eq!(
+                x.response_header("content-type").as_deref(),
+                Some(want),
+                "{why}"
+            );
+        }
     }
 }
 
@@ -603,7 +608,10 @@ fn a_trailers_only_response_passes_as_headers() {
 }
 
 #[test]
-fn a_non_grpc_answer_becomes_a_status_in_the_trailer_frame() {
+fn a_non_grpc_answer_keeps_its_status_and_gets_a_grpc_status_in_its_head() {
+    // Envoy's shape (`setTransformedNonProtoEncodedResponseHeaders`): the
+    // HTTP status stays, `grpc-status` mapped from it and the body as
+    // `grpc-message` go in the head, and the body is emptied.
     let mut t = FilterTest::<GrpcWeb>::configure(CORS).unwrap();
     let mut x = t.exchange(
         grpc_web("application/grpc-web+proto", &frame(0, b"x"))
@@ -622,20 +630,78 @@ fn a_non_grpc_answer_becomes_a_status_in_the_trailer_frame() {
         Some("https://app.example.com")
     );
     assert_eq!(x.response_body(), Action::Continue);
-    assert_eq!(x.status(), Some(200));
+    assert_eq!(x.status(), Some(502));
     assert_eq!(
         x.response_header("content-type").as_deref(),
         Some("application/grpc-web+proto")
     );
-    assert_eq!(x.response_header("content-length"), None);
+    assert_eq!(x.response_header("grpc-status").as_deref(), Some("14"));
+    // The body as it is, less its final newline (the host's local replies
+    // end with one), percent-encoded: no prefix, nothing trimmed.
     assert_eq!(
-        x.response_body_bytes(),
-        frame(
-            0x80,
-            b"grpc-status: 14\r\ngrpc-message: HTTP 502: upstream_connect_failure\r\n"
-        )
+        x.response_header("grpc-message").as_deref(),
+        Some("upstream_connect_failure")
     );
+    assert_eq!(x.response_header("content-length"), None);
+    assert_eq!(x.response_body_bytes(), b"");
     assert_eq!(counter(&t, "grpc_web_responses_total", "not_grpc"), Some(1));
+    assert_eq!(
+        counter(&t, "grpc_web_responses_total", "trailer_frame"),
+        Some(0)
+    );
+
+    // -text: the same head (no body to encode).
+    let mut x = t.exchange(grpc_web("application/grpc-web-text", b"AAAA"));
+    x.request_headers();
+    let resp = Response::new(504)
+        .header("content-type", "text/plain")
+        .body("upstream_timeout\n");
+    assert_eq!(x.response_headers(resp), Action::Continue);
+    assert_eq!(x.response_body(), Action::Continue);
+    assert_eq!(x.status(), Some(504));
+    assert_eq!(
+        x.response_header("content-type").as_deref(),
+        Some("application/grpc-web-text+proto")
+    );
+    assert_eq!(x.response_header("grpc-status").as_deref(), Some("14"));
+    assert_eq!(
+        x.response_header("grpc-message").as_deref(),
+        Some("upstream_timeout")
+    );
+    assert_eq!(x.response_body_bytes(), b"");
+}
+
+#[test]
+fn the_message_is_the_body_as_envoy_builds_it_up_to_16_kib() {
+    // As it is: spaces and inner newlines kept, bytes outside printable
+    // ASCII and `%` percent-encoded; one final newline left out.
+    assert_eq!(
+        status_fields(503, b"  100% down\r\n\n"),
+        ("14".to_owned(), "  100%25 down%0D%0A".to_owned())
+    );
+    assert_eq!(
+        status_fields(404, "dé".as_bytes()),
+        ("12".to_owned(), "d%C3%A9".to_owned())
+    );
+    // An empty body: an empty message, as Envoy sets it.
+    assert_eq!(status_fields(500, b""), ("2".to_owned(), String::new()));
+    // Envoy's `MAX_BUFFERED_PLAINTEXT_LENGTH`: the first 16 KiB.
+    assert_eq!(MAX_MESSAGE, 16384);
+
+    let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
+    let mut x = t.exchange(grpc_web("application/grpc-web", &frame(0, b"x")));
+    x.request_headers();
+    let mut page = vec![b'a'; MAX_MESSAGE - 1];
+    page.extend_from_slice(b"bcdef");
+    let resp = Response::new(503)
+        .header("content-type", "text/html")
+        .body(page.clone());
+    assert_eq!(x.response_headers(resp), Action::Continue);
+    assert_eq!(x.response_body(), Action::Continue);
+    let message = x.response_header("grpc-message").unwrap();
+    assert_eq!(message.len(), MAX_MESSAGE);
+    assert_eq!(message.as_bytes(), &page[..MAX_MESSAGE]);
+    assert!(message.ends_with("ab"), "{}", &message[MAX_MESSAGE - 4..]);
 }
 
 #[test]
@@ -667,24 +733,25 @@ fn a_non_200_answer_with_a_grpc_content_type_is_converted_as_envoy() {
             "{content_type}"
         );
         assert_eq!(x.response_body(), Action::Continue, "{content_type}");
-        assert_eq!(x.status(), Some(200), "{content_type}");
+        assert_eq!(x.status(), Some(503), "{content_type}");
         assert_eq!(
             x.response_header("content-type").as_deref(),
             Some("application/grpc-web+proto")
         );
-        // One status, the trailer frame's: none left in the head or in
-        // HTTP trailers to contradict it.
-        assert_eq!(x.response_header("grpc-status"), None, "{content_type}");
-        assert_eq!(x.response_header("grpc-message"), None, "{content_type}");
-        assert_eq!(x.response_trailer("grpc-status"), None, "{content_type}");
+        // One status, mapped from the HTTP status, in the head (Envoy
+        // overwrites the head's); none left in HTTP trailers.
         assert_eq!(
-            x.response_body_bytes(),
-            frame(
-                0x80,
-                b"grpc-status: 14\r\ngrpc-message: HTTP 503: overloaded\r\n"
-            ),
+            x.response_header("grpc-status").as_deref(),
+            Some("14"),
             "{content_type}"
         );
+        assert_eq!(
+            x.response_header("grpc-message").as_deref(),
+            Some("overloaded"),
+            "{content_type}"
+        );
+        assert_eq!(x.response_trailer("grpc-status"), None, "{content_type}");
+        assert_eq!(x.response_body_bytes(), b"", "{content_type}");
         assert_eq!(counter(&t, "grpc_web_responses_total", "not_grpc"), Some(1));
         assert_eq!(
             counter(&t, "grpc_web_responses_total", "trailer_frame"),
@@ -732,13 +799,9 @@ fn a_compressed_non_grpc_answer_loses_its_coding_with_its_page() {
     assert_eq!(x.response_headers(resp), Action::Continue);
     assert_eq!(x.response_body(), Action::Continue);
     assert_eq!(x.response_header("content-encoding"), None);
-    assert_eq!(
-        x.response_body_bytes(),
-        frame(
-            0x80,
-            b"grpc-status: 14\r\ngrpc-message: HTTP 502: the response was not gRPC\r\n"
-        )
-    );
+    assert_eq!(x.response_header("grpc-status").as_deref(), Some("14"));
+    assert_eq!(x.response_header("grpc-message").as_deref(), Some(""));
+    assert_eq!(x.response_body_bytes(), b"");
 }
 
 #[test]
@@ -769,40 +832,42 @@ fn the_filters_own_answers_carry_every_cors_field() {
         panic!("not refused")
     };
     check(&r);
-    // A body-less non-gRPC answer, replaced whole.
-    let mut x = t.exchange(
-        grpc_web("application/grpc-web", &frame(0, b"x"))
-            .header("origin", "https://app.example.com"),
-    );
-    x.request_headers();
-    let Action::Respond(r) = x.response_headers(Response::new(503)) else {
-        panic!("not replaced")
-    };
-    check(&r);
 }
 
 #[test]
-fn a_body_less_non_grpc_answer_is_replaced_and_text_is_base64() {
-    let mut t = FilterTest::<GrpcWeb>::configure("{}").unwrap();
-    let mut x = t.exchange(grpc_web("application/grpc-web-text", b""));
-    x.request_headers();
-    let answer = x.response_headers(Response::new(404));
-    let Action::Respond(r) = answer else {
-        panic!("not answered: {answer:?}");
-    };
-    assert_eq!(r.status, 200);
-    let ct: Vec<&[u8]> = r
-        .headers
-        .iter()
-        .filter(|(n, _)| n == "content-type")
-        .map(|(_, v)| v.as_slice())
-        .collect();
-    assert_eq!(ct, [b"application/grpc-web-text+proto".as_slice()]);
-    let want = frame(
-        0x80,
-        b"grpc-status: 12\r\ngrpc-message: HTTP 404: the response was not gRPC\r\n",
+fn an_answer_ending_with_its_head_without_a_status_passes_as_envoy() {
+    // Envoy's `encodeHeaders` continues on `end_stream`: a body-less answer
+    // with no `grpc-status` keeps its status and gets none; only its content
+    // type (the client's) and length change, as for every answer.
+    let mut t = FilterTest::<GrpcWeb>::configure(CORS).unwrap();
+    for (status, req) in [
+        (404, grpc_web("application/grpc-web-text", b"")),
+        (503, grpc_web("application/grpc-web", &frame(0, b"x"))),
+        (200, grpc_web("application/grpc-web", &frame(0, b"x"))),
+    ] {
+        let mut x = t.exchange(req.header("origin", "https://app.example.com"));
+        x.request_headers();
+        let resp = Response::new(status)
+            .header("content-type", "text/plain")
+            .header("content-length", "0");
+        assert_eq!(x.response_headers(resp), Action::Continue, "{status}");
+        assert_eq!(x.status(), Some(status));
+        assert_eq!(x.response_header("grpc-status"), None, "{status}");
+        assert_eq!(x.response_header("grpc-message"), None, "{status}");
+        assert_eq!(x.response_header("content-length"), None, "{status}");
+        assert!(x
+            .response_header("content-type")
+            .is_some_and(|ct| ct.starts_with("application/grpc-web")));
+        assert_eq!(
+            x.response_header("access-control-allow-origin").as_deref(),
+            Some("https://app.example.com")
+        );
+    }
+    assert_eq!(
+        counter(&t, "grpc_web_responses_total", "no_status"),
+        Some(3)
     );
-    assert_eq!(r.body, codec::encode(&want));
+    assert_eq!(counter(&t, "grpc_web_responses_total", "not_grpc"), Some(0));
 }
 
 #[test]
