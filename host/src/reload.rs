@@ -847,12 +847,13 @@ pub fn spawn_watch(shared: &Arc<Shared>, every: Duration) -> std::io::Result<()>
             let mut stamps: HashMap<PathBuf, Stamp> = HashMap::new();
             // Content last tried per file: a broken version is tried once.
             let mut tried: HashMap<PathBuf, String> = HashMap::new();
+            let mut generation = 0;
             loop {
                 let Some(shared) = weak.upgrade() else { return };
                 if shared.is_draining() {
                     return;
                 }
-                watch_once(&shared, &mut stamps, &mut tried);
+                watch_once(&shared, &mut stamps, &mut tried, &mut generation);
                 drop(shared);
                 std::thread::sleep(every);
             }
@@ -864,8 +865,20 @@ fn watch_once(
     shared: &Arc<Shared>,
     stamps: &mut HashMap<PathBuf, Stamp>,
     tried: &mut HashMap<PathBuf, String>,
+    generation: &mut u64,
 ) {
     let r = &shared.reloader;
+    // A config put in force since the last poll (by SIGHUP or the admin API
+    // too) makes the watch's memory of the config file stale: a content it
+    // tried before may not be the one in force any more (edited, reloaded by
+    // hand, reverted within one poll), so it is compared with what is in force
+    // again, not skipped as tried.
+    let now = r.generation.load(Relaxed);
+    if std::mem::replace(generation, now) != now {
+        if let Some(path) = &r.path {
+            tried.remove(path);
+        }
+    }
     // Returns the content hash when `path` changed since the last poll. The first
     // poll of a file hashes it too: it may have changed between the load and the
     // watch's start, and the callers compare with the hash actually applied.

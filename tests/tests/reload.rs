@@ -332,6 +332,38 @@ async fn the_file_watch_reloads_on_change() {
     assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
 }
 
+/// A file edited, reloaded by hand (`POST /reload`) and reverted within one
+/// poll of the watch is put back in force: the watch had tried the reverted
+/// content before and skipped it as tried, leaving the hand-reloaded edit in
+/// force while the file said otherwise, with nothing in the counters to tell.
+/// (A poll between the edit and the revert would hide the bug: the interval
+/// is long, so that almost never happens; it cannot make the test fail.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_puts_back_a_file_reverted_after_a_reload_by_hand() {
+    let a = upstream().name("a").start().await;
+    let b = upstream().name("b").start().await;
+    let good = yaml(a.addr, false, "", "", "");
+    let lg = start(&good, Some(Duration::from_secs(3)), 1);
+    let web = lg.addr("web");
+    // The watch's first poll (at its start) has read the file.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lg.write_config(&yaml(b.addr, false, "", "", ""));
+    let (status, body) = lg.admin(Method::POST, "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let mut c = client(Proto::H1, web).await;
+    assert_eq!(c.get("/x").send().await.header("x-upstream"), Some("b"));
+    lg.write_config(&good);
+    eventually(
+        HANG_GUARD,
+        "the watch puts the reverted file in force",
+        || async {
+            let mut c = client(Proto::H1, web).await;
+            (c.get("/x").send().await.header("x-upstream") == Some("a")).then_some(())
+        },
+    )
+    .await;
+}
+
 /// A new config and a new plugin module written one after the other: the
 /// config reload fails while the module is half copied; once the module is
 /// whole, the watch tries the config again (with it), instead of reloading
