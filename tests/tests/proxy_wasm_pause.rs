@@ -802,8 +802,9 @@ each_proto!(
     /// `proxy_continue_stream`): the request reaches the upstream. Several
     /// requests waiting at once are all let through (a filter that queues
     /// requests). The same for a `Pause` at the end of a held body: the body,
-    /// as the body callback left it, goes on when the tick resumes it. No
-    /// failure is counted. It used to be refused at once (503, nothing could
+    /// as the body callback left it, goes on when the tick resumes it; and
+    /// for a response paused at the end of its held body, which the tick
+    /// resumes with `HTTP_RESPONSE`. No failure is counted. It used to be refused at once (503, nothing could
     /// resume it).
     async fn a_pause_with_nothing_outstanding_is_resumed_by_a_tick(proto) {
         let up = upstream().start().await;
@@ -842,8 +843,20 @@ each_proto!(
         assert_eq!(e.path, "/wait/body");
         assert_eq!(e.body, "HELLO TICK");
 
-        assert_eq!(up.requests.get(), 6);
-        lg.assert_stat(TICK_ACTED, 6.0).await;
+        // A response paused at the end of its held body, resumed by a tick's
+        // `proxy_continue_stream(HTTP_RESPONSE)`.
+        let r = tokio::time::timeout(
+            HANG_GUARD,
+            client(proto, web).await.get("/wait/response").send(),
+        )
+        .await
+        .expect("the tick did not resume the response");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-waited"), Some("response"));
+        assert_eq!(r.echo().path, "/wait/response");
+
+        assert_eq!(up.requests.get(), 7);
+        lg.assert_stat(TICK_ACTED, 7.0).await;
         lg.assert_stat(TICK_ERRORS, 0.0).await;
         lg.assert_stat(WAITER_FAILURES, 0.0).await;
     }

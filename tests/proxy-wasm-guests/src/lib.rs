@@ -248,7 +248,12 @@
 //!   resumes it (`resume_http_request`); `/wait/local…` is answered 429 by
 //!   the tick (`x-pw-tick: local`, body `answered by the tick`);
 //!   `/wait/close…` is reset by the tick (`reset_http_request`);
-//!   `/wait/never…` is never resumed. `/wait/body…` (with a body) holds the
+//!   `/wait/never…` is never resumed. `/wait/response…` goes upstream, and
+//!   its response headers callback sets `x-pw-waited: response` and pauses
+//!   (waiting for the body), the body callback holds every chunk and pauses
+//!   at the end with nothing outstanding; the tick resumes the response
+//!   (`resume_http_response`). `/wait/body…`
+//!   (with a body) holds the
 //!   head for the body (`Pause` from the headers callback), holds every
 //!   chunk, and at the end of the body upper-cases it and pauses with
 //!   nothing outstanding; the tick resumes it. A hostcall the tick makes
@@ -659,6 +664,7 @@ impl RootContext for Root {
                         Some(b"answered by the tick"),
                     ),
                     "close" => hostcalls::reset_http_request(),
+                    "response" => hostcalls::resume_http_response(),
                     _ => hostcalls::resume_http_request(),
                 });
                 if r.is_err() {
@@ -2019,7 +2025,7 @@ impl HttpContext for Filter {
                     let id = self.id;
                     WAITING.with(|w| w.borrow_mut().push((id, what)));
                 }
-                if path.starts_with("/wait/") {
+                if path.starts_with("/wait/") && !path.starts_with("/wait/response") {
                     return Action::Pause;
                 }
             }
@@ -2365,6 +2371,13 @@ impl HttpContext for Filter {
                     .unwrap_or_default();
                 self.check(Held::ResponseBody, "resp", &body)
             }
+            "tick-resume" if self.path.starts_with("/wait/response") => {
+                if end_of_stream {
+                    let id = self.id;
+                    WAITING.with(|w| w.borrow_mut().push((id, "response")));
+                }
+                Action::Pause
+            }
             "stop-a" => {
                 if !end_of_stream {
                     return Action::Pause;
@@ -2438,6 +2451,15 @@ impl HttpContext for Filter {
         }
         if self.s.mode == "late-call" && self.path.starts_with("/late/held-resp") && !end_of_stream
         {
+            return Action::Pause;
+        }
+        if self.s.mode == "tick-resume" && self.path.starts_with("/wait/response") {
+            // The head waits for the body, whose end waits for the tick.
+            self.set_http_response_header("x-pw-waited", Some("response"));
+            if end_of_stream {
+                let id = self.id;
+                WAITING.with(|w| w.borrow_mut().push((id, "response")));
+            }
             return Action::Pause;
         }
         if self.s.mode == "wrong-resume" && self.path.starts_with("/resp") {
