@@ -2011,11 +2011,16 @@ each_proto!(
 );
 
 each_proto!(
+    /// A `Pause` at the end of a streamed body that nothing resumes holds the
+    /// exchange, as Envoy does (any callback of the VM could resume it), until
+    /// the plugin's `limits.pause`; then the failure policy applies.
     async fn pause_at_end_of_stream_fails_by_policy_without_losing_data(proto) {
         let up = upstream().start().await;
-        let p = plugin("closed", "{ mode: body-stuck }", "");
+        let limits = "    limits: { cpu: 500ms, pause: 300ms }\n";
+        let p = plugin("closed", "{ mode: body-stuck }", limits);
         let yaml = config(up.addr, &p, &["closed"]);
         let lg = legate().config(&yaml).start();
+        let started = std::time::Instant::now();
         let r = client(proto, lg.addr("web"))
             .await
             .post("/up")
@@ -2025,12 +2030,16 @@ each_proto!(
         // Failed closed: 503 naming the plugin, as for a failure in any phase.
         assert_eq!(r.status, 503, "{}", r.text());
         assert_eq!(r.text(), "plugin_failure: closed\n");
+        assert!(
+            started.elapsed() >= std::time::Duration::from_millis(300),
+            "failed before `limits.pause`"
+        );
         lg.assert_stat(r#"legate_plugin_failures_total{plugin="closed"}"#, 1.0)
             .await;
         drop(lg);
 
         // Failing open, the filter is skipped and everything it held goes on.
-        let p = plugin("open", "{ mode: body-stuck }", "    fail: open\n");
+        let p = plugin("open", "{ mode: body-stuck }", &format!("    fail: open\n{limits}"));
         let lg = legate().config(&config(up.addr, &p, &["open"])).start();
         let r = client(proto, lg.addr("web"))
             .await

@@ -417,15 +417,21 @@ each_proto!(
 );
 
 each_proto!(
-    /// A pause whose streams all end without a resume fails (the plugin's
-    /// failure policy, closed here: 503) as soon as nothing is left that
-    /// could resume it, instead of hanging until the route timeout; the
-    /// proxy keeps serving.
-    async fn a_pause_on_a_stream_that_ends_without_a_resume_fails(proto) {
-        let (up, _grpc, lg, mut c) = setup(proto).await;
+    /// A pause whose streams all end without a resume still holds the
+    /// exchange, as in Envoy (another callback of the VM, such as a tick,
+    /// could resume it), until the plugin's `limits.pause`: then it fails by
+    /// the failure policy (closed here: 503); the proxy keeps serving.
+    async fn a_pause_on_a_stream_that_ends_without_a_resume_fails_at_the_pause_limit(proto) {
+        let (up, _grpc, lg, mut c) =
+            setup_with(proto, None, "    limits: { cpu: 500ms, pause: 500ms }\n").await;
 
-        let r = c.get("/await-count/2/never").send().await;
+        let started = Instant::now();
+        let r = tokio::time::timeout(HANG_GUARD, c.get("/await-count/2/never").send())
+            .await
+            .expect("the pause outlived `limits.pause`");
         assert_eq!(r.status, 503, "{}", r.text());
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(500), "failed after {took:?}");
         assert_eq!(up.requests.get(), 0);
         lg.assert_stat(r#"legate_plugin_failures_total{plugin="streamer"}"#, 1.0)
             .await;
@@ -460,26 +466,28 @@ each_proto!(
 each_proto!(
     /// A stream opened in a call's callback, which keeps the pause, can
     /// resume the exchange: the pause waits on it. A stream cancelled while
-    /// the exchange waits on it (here by a call's callback) leaves nothing
-    /// that could resume it: the pause fails at once (503, fail closed)
-    /// instead of hanging.
-    async fn a_pause_waits_on_streams_opened_later_and_fails_when_they_are_cancelled(proto) {
-        let (up, _grpc, lg, mut c) = setup(proto).await;
+    /// the exchange waits on it (here by a call's callback) leaves the pause
+    /// holding, as in Envoy (another callback of the VM could resume it),
+    /// until the plugin's `limits.pause` fails it (503, fail closed).
+    async fn a_pause_waits_on_streams_opened_later_and_holds_when_they_are_cancelled(proto) {
+        let (up, _grpc, lg, mut c) =
+            setup_with(proto, None, "    limits: { cpu: 500ms, pause: 1s }\n").await;
 
         let r = c.get("/await-late").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.echo().header("x-pw-stream-verdict"), Some("late"));
 
-        // Nothing else would end the pause before the guard: `limits.pause` is
-        // 300s by default, and the stream's replies (1 s apart) resume nothing.
+        let started = Instant::now();
         let r = tokio::time::timeout(HANG_GUARD, c.get("/await-cancel").send())
             .await
-            .expect("the pause on a cancelled stream hangs");
+            .expect("the pause on a cancelled stream outlived `limits.pause`");
         assert_eq!(r.status, 503, "{}", r.text());
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(1), "failed after {took:?}");
         lg.assert_stat(r#"legate_plugin_failures_total{plugin="streamer"}"#, 1.0)
             .await;
-        // Failed before the cancelled stream delivered anything (the one
-        // message is `/await-late`'s): the cancel, not the stream, ended it.
+        // The cancelled stream delivered nothing (the one message is
+        // `/await-late`'s).
         lg.assert_stat(&stat("legate_plugin_grpc_stream_messages_total"), 1.0)
             .await;
         assert_eq!(up.requests.get(), 1);

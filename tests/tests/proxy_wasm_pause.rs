@@ -11,13 +11,16 @@
 //! headers callbacks continue, the end of the body or the trailers are held
 //! for the call), including a client going away and a route timeout during
 //! the hold. Also
-//! `proxy_grpc_cancel` of a unary call during a pause (mode `grpc-cancel`).
+//! `proxy_grpc_cancel` of a unary call during a pause (mode `grpc-cancel`),
+//! and pauses with nothing outstanding that the root context's tick resumes,
+//! answers or resets after `proxy_set_effective_context`, or that nothing
+//! resumes within `limits.pause` (mode `tick-resume`).
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use legate_tests::proxy_wasm::proxy_wasm_guest;
 use legate_tests::*;
@@ -26,6 +29,18 @@ use legate_tests::*;
 /// `authz` and `grpc`) in front of `up`, with cluster `authz` at `authz` and
 /// the HTTP/2 cluster `grpc` at `grpc`.
 fn config(up: SocketAddr, authz: SocketAddr, grpc: SocketAddr, mode: &str) -> String {
+    config_with(up, authz, grpc, mode, "{ cpu: 500ms }")
+}
+
+/// [`config`] with the plugin's `limits` (a flow map) and, if not empty,
+/// `fail` policy.
+fn config_with(
+    up: SocketAddr,
+    authz: SocketAddr,
+    grpc: SocketAddr,
+    mode: &str,
+    limits: &str,
+) -> String {
     format!(
         "version: 1
 listeners:
@@ -57,7 +72,7 @@ clusters:
 plugins:
   - name: checker
     module: {}
-    limits: {{ cpu: 500ms }}
+    limits: {limits}
     capabilities: {{ clusters: [authz, grpc] }}
     proxy_wasm:
       plugin_config: {{ mode: {mode} }}
@@ -163,11 +178,19 @@ each_proto!(
         lg.assert_stat(AUTHZ_REQUESTS, 3.0).await;
         lg.assert_stat(FAILURES, 0.0).await;
 
-        // A pause at the end with no call outstanding cannot be resumed: a
-        // failure of the filter (Envoy would wait for the route timeout).
+        // A pause at the end with nothing outstanding that nothing resumes
+        // holds the exchange, as Envoy does, until the plugin's
+        // `limits.pause`: then a failure of the filter.
         let lg = legate()
-            .config(&config(up.addr, az.addr, grpc.addr, "body-stuck-held"))
+            .config(&config_with(
+                up.addr,
+                az.addr,
+                grpc.addr,
+                "body-stuck-held",
+                "{ cpu: 500ms, pause: 300ms }",
+            ))
             .start();
+        let started = Instant::now();
         let r = client(proto, lg.addr("web"))
             .await
             .post("/up")
@@ -175,6 +198,7 @@ each_proto!(
             .send()
             .await;
         assert_eq!(r.status, 503, "{}", r.text());
+        assert!(started.elapsed() >= Duration::from_millis(300));
         lg.assert_stat(FAILURES, 1.0).await;
         assert_eq!(up.requests.get(), 1);
     }
@@ -724,5 +748,194 @@ each_proto!(
             0.0,
         )
         .await;
+    }
+);
+
+/// Listener `web` running plugin `waiter` (mode `tick-resume`: its root
+/// context ticks every 20 ms and resumes, answers or resets the contexts
+/// waiting for it) in front of `up`, with the plugin's `limits` (a flow map)
+/// and `extra` lines (e.g. `fail: open`).
+fn tick_config(up: SocketAddr, limits: &str, extra: &str) -> String {
+    format!(
+        "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: waiter }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - name: rest
+            match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+plugins:
+  - name: waiter
+    module: {}
+    limits: {limits}
+{extra}    proxy_wasm:
+      plugin_config: {{ mode: tick-resume, tick_ms: 20 }}
+",
+        proxy_wasm_guest().display()
+    )
+}
+
+const WAITER_FAILURES: &str = r#"legate_plugin_failures_total{plugin="waiter"}"#;
+/// Hostcalls of the guest's ticks that failed (`set_effective_context`,
+/// `resume_http_request`, …).
+const TICK_ERRORS: &str = r#"legate_proxywasm_pw_tick_errors{plugin="waiter"}"#;
+/// Contexts the guest's ticks acted on.
+const TICK_ACTED: &str = r#"legate_proxywasm_pw_tick_acted{plugin="waiter"}"#;
+
+each_proto!(
+    /// Envoy's deferred resume: the request headers callback (a GET: end of
+    /// stream) returns `Pause` with nothing outstanding, and the root
+    /// context's tick resumes it (`proxy_set_effective_context` +
+    /// `proxy_continue_stream`): the request reaches the upstream. Several
+    /// requests waiting at once are all let through (a filter that queues
+    /// requests). The same for a `Pause` at the end of a held body: the body,
+    /// as the body callback left it, goes on when the tick resumes it; and
+    /// for a response paused at the end of its held body, which the tick
+    /// resumes with `HTTP_RESPONSE`. No failure is counted. It used to be refused at once (503, nothing could
+    /// resume it).
+    async fn a_pause_with_nothing_outstanding_is_resumed_by_a_tick(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&tick_config(up.addr, "{ cpu: 500ms }", ""))
+            .start();
+        let web = lg.addr("web");
+
+        let r = client(proto, web).await.get("/wait/resume").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().path, "/wait/resume");
+
+        // Four waiting at once, each on its own connection.
+        let rs = futures_util::future::join_all((0..4).map(|i| async move {
+            client(proto, web)
+                .await
+                .get(&format!("/wait/resume/{i}"))
+                .send()
+                .await
+        }))
+        .await;
+        for (i, r) in rs.iter().enumerate() {
+            assert_eq!(r.status, 200, "{i}: {}", r.text());
+            assert_eq!(r.echo().path, format!("/wait/resume/{i}"));
+        }
+
+        // The end of a held body, paused with nothing outstanding.
+        let r = client(proto, web)
+            .await
+            .post("/wait/body")
+            .streamed_body("hello tick", 3)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let e = r.echo();
+        assert_eq!(e.path, "/wait/body");
+        assert_eq!(e.body, "HELLO TICK");
+
+        // A response paused at the end of its held body, resumed by a tick's
+        // `proxy_continue_stream(HTTP_RESPONSE)`.
+        let r = tokio::time::timeout(
+            HANG_GUARD,
+            client(proto, web).await.get("/wait/response").send(),
+        )
+        .await
+        .expect("the tick did not resume the response");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-waited"), Some("response"));
+        assert_eq!(r.echo().path, "/wait/response");
+
+        assert_eq!(up.requests.get(), 7);
+        lg.assert_stat(TICK_ACTED, 7.0).await;
+        lg.assert_stat(TICK_ERRORS, 0.0).await;
+        lg.assert_stat(WAITER_FAILURES, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// A tick may also answer a paused request (`proxy_send_local_response`
+    /// after `proxy_set_effective_context`): the client gets the answer, the
+    /// upstream never sees the request. Or reset it (`proxy_close_stream`):
+    /// the client sees the stream reset, as Envoy's `resetStream`. Neither
+    /// is a failure.
+    async fn a_tick_answers_or_resets_a_paused_request(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&tick_config(up.addr, "{ cpu: 500ms }", ""))
+            .start();
+        let web = lg.addr("web");
+
+        let r = client(proto, web).await.get("/wait/local").send().await;
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(r.header("x-pw-tick"), Some("local"));
+        assert_eq!(r.text(), "answered by the tick");
+
+        let r = tokio::time::timeout(
+            HANG_GUARD,
+            client(proto, web).await.get("/wait/close").try_send(),
+        )
+        .await
+        .expect("the reset from the tick did not reach the exchange");
+        assert!(r.is_err(), "answered {:?}", r.map(|r| (r.status, r.text())));
+
+        assert_eq!(up.requests.get(), 0);
+        lg.assert_stat(TICK_ACTED, 2.0).await;
+        lg.assert_stat(TICK_ERRORS, 0.0).await;
+        lg.assert_stat(WAITER_FAILURES, 0.0).await;
+
+        // The VM serves on.
+        let r = client(proto, web).await.get("/wait/resume").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+);
+
+each_proto!(
+    /// A pause with nothing outstanding that nothing resumes holds the
+    /// exchange until the plugin's `limits.pause`, then fails by its failure
+    /// policy, as any pause that outlives it: fail closed, 503 naming the
+    /// plugin (the upstream never sees the request); fail open, the request
+    /// goes on without the filter. Either way one failure is counted.
+    async fn a_pause_nothing_resumes_ends_at_the_pause_limit(proto) {
+        let up = upstream().start().await;
+        let limits = "{ cpu: 500ms, pause: 300ms }";
+        let lg = legate().config(&tick_config(up.addr, limits, "")).start();
+        let started = Instant::now();
+        let r = tokio::time::timeout(
+            HANG_GUARD,
+            client(proto, lg.addr("web")).await.get("/wait/never").send(),
+        )
+        .await
+        .expect("the pause was not ended by `limits.pause`");
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.text(), "plugin_failure: waiter\n");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300), "failed after {took:?}");
+        assert_eq!(up.requests.get(), 0);
+        lg.assert_stat(WAITER_FAILURES, 1.0).await;
+        // The VM serves on.
+        let r = client(proto, lg.addr("web")).await.get("/wait/resume").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        drop(lg);
+
+        let lg = legate()
+            .config(&tick_config(up.addr, limits, "    fail: open\n"))
+            .start();
+        let started = Instant::now();
+        let r = client(proto, lg.addr("web")).await.get("/wait/never").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().path, "/wait/never");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300), "went on after {took:?}");
+        lg.assert_stat(WAITER_FAILURES, 1.0).await;
     }
 );

@@ -155,7 +155,8 @@ pub struct PluginLimits {
     #[serde(default = "defaults::plugin_body")]
     pub body: Spanned<ByteSize>,
     /// The longest one pause of this plugin may hold an exchange (waiting for
-    /// its callouts or gRPC streams to resume it); past it the pause fails by
+    /// its callouts or gRPC streams, or, for a proxy-wasm filter, any callback
+    /// of its VM, to resume it); past it the pause fails by
     /// the failure policy. Default 300s, Envoy's `stream_idle_timeout`, which
     /// ends a stream a filter keeps paused; `0s` = no bound. Callouts have
     /// their own timeouts; this bounds what nothing else does: a pause on a gRPC

@@ -238,6 +238,28 @@
 //!   and sends a second call, whose callback sets header `x-pw-resumed-by:
 //!   second` on the held head and continues the right direction.
 //!
+//! - `tick-resume` (a pause another callback of the VM resumes, as Envoy
+//!   allows: a filter that lets waiting requests through at a rate, or waits
+//!   for configuration the root context fetches): the root context ticks
+//!   every `tick_ms` (default 20) and, on each tick, takes every waiting
+//!   context (kept in the VM: each worker's VM has its own), makes it
+//!   effective (`set_effective_context`) and acts on it. `/wait/resume…`
+//!   pauses the request headers callback (nothing outstanding) and the tick
+//!   resumes it (`resume_http_request`); `/wait/local…` is answered 429 by
+//!   the tick (`x-pw-tick: local`, body `answered by the tick`);
+//!   `/wait/close…` is reset by the tick (`reset_http_request`);
+//!   `/wait/never…` is never resumed. `/wait/response…` goes upstream, and
+//!   its response headers callback sets `x-pw-waited: response` and pauses
+//!   (waiting for the body), the body callback holds every chunk and pauses
+//!   at the end with nothing outstanding; the tick resumes the response
+//!   (`resume_http_response`). `/wait/body…`
+//!   (with a body) holds the
+//!   head for the body (`Pause` from the headers callback), holds every
+//!   chunk, and at the end of the body upper-cases it and pauses with
+//!   nothing outstanding; the tick resumes it. A hostcall the tick makes
+//!   that fails counts in metric `pw_tick_errors`; each context a tick
+//!   acted on, in `pw_tick_acted`.
+//!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
 
 use std::collections::HashMap;
@@ -250,6 +272,13 @@ static SHARED_COUNT: AtomicU64 = AtomicU64::new(0);
 /// With `vm_config: vm-metric`: counter `pw_vm_requests`, defined in
 /// `on_vm_start` (once per VM, on its first root context).
 static VM_METRIC: AtomicU32 = AtomicU32::new(0);
+
+std::thread_local! {
+    /// `tick-resume`: the HTTP contexts of this VM waiting for a tick, with
+    /// what the tick does to each (`resume`, `local`, `close`).
+    static WAITING: std::cell::RefCell<Vec<(u32, &'static str)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::*;
@@ -589,6 +618,14 @@ impl RootContext for Root {
                 self.set_tick_period(Duration::from_millis(ms));
             }
         }
+        if self.s.mode == "tick-resume" {
+            self.s.ticks_metric =
+                hostcalls::define_metric(MetricType::Counter, "pw_tick_errors").unwrap_or(0);
+            self.s.requests_metric =
+                hostcalls::define_metric(MetricType::Counter, "pw_tick_acted").unwrap_or(0);
+            let ms = v["tick_ms"].as_u64().unwrap_or(20);
+            self.set_tick_period(Duration::from_millis(ms));
+        }
         if self.s.mode == "share" {
             self.s.tag = v["tag"].as_str().unwrap_or("none").to_string();
             self.s.root_id = prop(self, &["plugin_root_id"]);
@@ -617,6 +654,26 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if self.s.mode == "tick-resume" {
+            let waiting = WAITING.with(|w| std::mem::take(&mut *w.borrow_mut()));
+            for (id, what) in waiting {
+                let r = hostcalls::set_effective_context(id).and_then(|()| match what {
+                    "local" => hostcalls::send_http_response(
+                        429,
+                        vec![("x-pw-tick", "local"), ("content-type", "text/plain")],
+                        Some(b"answered by the tick"),
+                    ),
+                    "close" => hostcalls::reset_http_request(),
+                    "response" => hostcalls::resume_http_response(),
+                    _ => hostcalls::resume_http_request(),
+                });
+                if r.is_err() {
+                    hostcalls::increment_metric(self.s.ticks_metric, 1).ok();
+                }
+                hostcalls::increment_metric(self.s.requests_metric, 1).ok();
+            }
+            return;
+        }
         if self.s.mode == "tick-callout" {
             let r = self.dispatch_http_call(
                 "authz",
@@ -1958,6 +2015,20 @@ impl HttpContext for Filter {
             "body-callout" | "trailers-callout" | "body-stuck-held" if !_end_of_stream => {
                 return Action::Pause
             }
+            // Nothing outstanding: a tick resumes or answers it (or, for
+            // `never`, nothing does).
+            "tick-resume" => {
+                let what = ["resume", "local", "close"]
+                    .into_iter()
+                    .find(|w| path.starts_with(&format!("/wait/{w}")));
+                if let Some(what) = what {
+                    let id = self.id;
+                    WAITING.with(|w| w.borrow_mut().push((id, what)));
+                }
+                if path.starts_with("/wait/") && !path.starts_with("/wait/response") {
+                    return Action::Pause;
+                }
+            }
             "late-call"
                 if path.starts_with("/late/held")
                     && !path.starts_with("/late/held-resp")
@@ -2205,9 +2276,21 @@ impl HttpContext for Filter {
                 self.set_http_request_body(0, 5.min(body_size), b"HELLO");
                 Action::Continue
             }
-            // Never continues: at end of stream Envoy would wait for
-            // proxy_continue_stream; Legate fails the filter.
+            // Never continues: at end of stream Envoy waits for
+            // proxy_continue_stream, and so does Legate, until the plugin's
+            // `limits.pause`.
             "body-stuck" | "body-stuck-held" => Action::Pause,
+            "tick-resume" if self.path.starts_with("/wait/body") => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+                let upper = String::from_utf8_lossy(&body).to_uppercase();
+                self.set_http_request_body(0, body_size, upper.as_bytes());
+                let id = self.id;
+                WAITING.with(|w| w.borrow_mut().push((id, "resume")));
+                Action::Pause
+            }
             _ => Action::Continue,
         }
     }
@@ -2288,6 +2371,13 @@ impl HttpContext for Filter {
                     .unwrap_or_default();
                 self.check(Held::ResponseBody, "resp", &body)
             }
+            "tick-resume" if self.path.starts_with("/wait/response") => {
+                if end_of_stream {
+                    let id = self.id;
+                    WAITING.with(|w| w.borrow_mut().push((id, "response")));
+                }
+                Action::Pause
+            }
             "stop-a" => {
                 if !end_of_stream {
                     return Action::Pause;
@@ -2361,6 +2451,15 @@ impl HttpContext for Filter {
         }
         if self.s.mode == "late-call" && self.path.starts_with("/late/held-resp") && !end_of_stream
         {
+            return Action::Pause;
+        }
+        if self.s.mode == "tick-resume" && self.path.starts_with("/wait/response") {
+            // The head waits for the body, whose end waits for the tick.
+            self.set_http_response_header("x-pw-waited", Some("response"));
+            if end_of_stream {
+                let id = self.id;
+                WAITING.with(|w| w.borrow_mut().push((id, "response")));
+            }
             return Action::Pause;
         }
         if self.s.mode == "wrong-resume" && self.path.starts_with("/resp") {

@@ -26,12 +26,19 @@
 //! goes on with the first chunk it continues, writable until then, and the
 //! chain stops there (`Chain::run_stopped` gives the filters after it the
 //! head, then the body, once it lets go). `Pause` at
-//! the end of the stream or from a trailers callback, with a call outstanding,
+//! the end of the stream or from a trailers callback (or from a headers
+//! callback with no body to wait for), with or without a call outstanding,
 //! is the chain's pause: the host holds the rest of the message, with its head
 //! (still held, or another filter buffers the whole message) or after it
 //! (streamed: the body stream waits, see `crate::body::Filtered`); the call's
 //! callback then runs in that body or trailers phase ([`held_phase`]), so it
 //! can rewrite what is held.
+//!
+//! A chain's pause ends when a callback resumes, answers or resets it: a
+//! callout's, a gRPC stream's of the context, or any other callback of the VM
+//! after `proxy_set_effective_context` to the paused context (a tick's, as
+//! Envoy allows): every such pause arms a wake-up ([`super::grpc::arm_wait`])
+//! that those callbacks fire, and `limits.pause` bounds it.
 //!
 //! Callouts: HTTP and unary gRPC calls go through the chain (or, from the root
 //! context, are sent here with the worker's sender) and come back to
@@ -960,8 +967,8 @@ impl ProxyWasmFilter {
         };
         let count = i32::try_from(count).unwrap_or(i32::MAX);
         self.with_vm(worker, phase, Some(x), request, |live, ctx| {
-            if let Some(lr) = take_pending_local(live.store.data_mut(), ctx) {
-                return Ok(Ok(Verdict::Respond(lr)));
+            if let Some(v) = take_pending(live.store.data_mut(), ctx) {
+                return Ok(v);
             }
             let f = if request {
                 live.exports.request_headers.as_ref()
@@ -995,25 +1002,26 @@ impl ProxyWasmFilter {
                 && live.exports.body[d.idx()].is_some()
                 && ctl.declared[d.idx()]
                 && !ctl.started[d.idx()];
-            // A pause waits for the context's calls (and then its streams'
-            // events too); with no call out, for the body if there is one to
-            // buffer (a stream may resume it at the end of the body); else
-            // for its streams' events.
+            // A pause with a call out is the chain's: the exchange waits
+            // for the call's callback, its streams' events or another
+            // callback's `proxy_continue_stream` (a tick's, after
+            // `proxy_set_effective_context`). With no call out, the body is
+            // waited for if there is one to buffer (a stream may resume it at
+            // the end of the body); else the chain holds the exchange the
+            // same way, as Envoy does, within the plugin's `limits.pause`.
             Ok(match a {
                 action::CONTINUE => Ok(Verdict::Continue),
-                action::PAUSE if calls => {
+                action::PAUSE if calls || !can_hold => {
                     super::grpc::arm_wait(data, ctx);
                     Ok(Verdict::Pause)
                 }
-                action::PAUSE if can_hold => {
+                action::PAUSE => {
                     data.x.body_ctl.holds_head[d.idx()] = true;
                     Ok(Verdict::Continue)
                 }
-                action::PAUSE if super::grpc::arm_wait(data, ctx) => Ok(Verdict::Pause),
                 _ => Err(format!(
-                    "returned action {a} (pause) from proxy_on_{}_headers with no HTTP or \
-                     gRPC call or gRPC stream outstanding and no body to wait for: nothing \
-                     could resume it",
+                    "returned action {a} from proxy_on_{}_headers; this host supports \
+                     Continue (0) and Pause (1, StopIteration)",
                     d.as_str()
                 )),
             })
@@ -1063,8 +1071,8 @@ impl ProxyWasmFilter {
         }
         let len = i32::try_from(body.len()).unwrap_or(i32::MAX);
         let hold = self.with_vm(worker, Phase::Body(d), Some(&mut *x), false, |live, ctx| {
-            if let Some(lr) = take_pending_local(live.store.data_mut(), ctx) {
-                return Ok(Ok(Some(Verdict::Respond(lr))));
+            if let Some(v) = take_pending(live.store.data_mut(), ctx) {
+                return Ok(v.map(Some));
             }
             let Some(f) = live.exports.body[d.idx()].as_ref() else {
                 return Ok(Ok(None));
@@ -1162,8 +1170,8 @@ impl ProxyWasmFilter {
         let count = x.trailers[d.idx()].as_ref().map_or(0, http::HeaderMap::len);
         let count = i32::try_from(count).unwrap_or(i32::MAX);
         self.with_vm(worker, Phase::Trailers(d), Some(x), false, |live, ctx| {
-            if let Some(lr) = take_pending_local(live.store.data_mut(), ctx) {
-                return Ok(Ok(Verdict::Respond(lr)));
+            if let Some(v) = take_pending(live.store.data_mut(), ctx) {
+                return Ok(v);
             }
             let Some(f) = live.exports.trailers[d.idx()].as_ref() else {
                 return Ok(Ok(Verdict::Continue));
@@ -1304,7 +1312,8 @@ impl ProxyWasmFilter {
             if paused_in.is_some_and(|d| resumed(data, d)) {
                 return Ok(Ok(Answer::Verdict(Verdict::Continue)));
             }
-            // Still paused: streams the callback opened can resume it too.
+            // Still paused: it waits on (for its other calls, its streams,
+            // or another callback's resume).
             if paused && !data.stream_waits.contains_key(&ctx) {
                 super::grpc::arm_wait(data, ctx);
             }
@@ -1535,13 +1544,16 @@ impl ProxyWasmFilter {
         Ok(!last && open)
     }
 
-    /// Wake-up `wake` of `x`'s context, paused on its streams, fired: the held
-    /// events are delivered in order with the exchange, readable and writable
-    /// as in a callout's callback (`held_in`: the body or trailers phase the
-    /// exchange is paused in), until one resumes it
-    /// (`proxy_continue_stream`), answers it or resets it. Still paused, it
-    /// waits on again while it has streams open. Not paused (the pause ended
-    /// otherwise before the wake-up was delivered), the verdict means nothing.
+    /// Wake-up `wake` of `x`'s paused context fired: the held events of its
+    /// streams are delivered in order with the exchange, readable and
+    /// writable as in a callout's callback (`held_in`: the body or trailers
+    /// phase the exchange is paused in), until one resumes it
+    /// (`proxy_continue_stream`), answers it or resets it; then what other
+    /// callbacks asked of the context outside its exchange (a tick's
+    /// `proxy_continue_stream`, `proxy_send_local_response` or
+    /// `proxy_close_stream` after `proxy_set_effective_context`) is done.
+    /// Still paused, it waits on. Not paused (the pause ended otherwise
+    /// before the wake-up was delivered), the verdict means nothing.
     fn stream_wake(
         &self,
         worker: usize,
@@ -1588,7 +1600,25 @@ impl ProxyWasmFilter {
             if resumed(data, paused_in) {
                 return Ok(Ok(Answer::Verdict(Verdict::Continue)));
             }
+            // Asked from outside the exchange: a continue of the paused
+            // direction resumes it (of the other one, nothing: Envoy's
+            // `continueDecoding` of a filter that is not stopped); an answer
+            // or a reset ends it.
+            let elsewhere = if data.pending_resume.is_empty() {
+                0
+            } else {
+                data.pending_resume.remove(&ctx).unwrap_or(0)
+            };
             if paused {
+                if let Some(v) = take_pending(data, ctx) {
+                    return Ok(Ok(match v {
+                        Ok(v) => Answer::Verdict(v),
+                        Err(_) => Answer::Close,
+                    }));
+                }
+                if elsewhere & (1 << paused_in.idx()) != 0 {
+                    return Ok(Ok(Answer::Verdict(Verdict::Continue)));
+                }
                 super::grpc::arm_wait(data, ctx);
             }
             Ok(Ok(Answer::Verdict(Verdict::Pause)))
@@ -1604,6 +1634,10 @@ impl ProxyWasmFilter {
         let wait = self.live_vm(|live| {
             let ctx = *live.contexts.get(&(x.context, self.root))?;
             let data = live.store.data_mut();
+            // A resume asked for the pause that ended resumes nothing later.
+            if !data.pending_resume.is_empty() {
+                data.pending_resume.remove(&ctx);
+            }
             let w = data.stream_waits.get(&ctx)?;
             let id = w.id;
             if deliver && !w.held.is_empty() {
@@ -1679,6 +1713,12 @@ impl ProxyWasmFilter {
                      dropped"
                 );
             }
+            if !data.pending_close.is_empty() {
+                data.pending_close.remove(&pw);
+            }
+            if !data.pending_resume.is_empty() {
+                data.pending_resume.remove(&pw);
+            }
             if !data.props.is_empty() {
                 data.props.remove(&pw);
             }
@@ -1715,14 +1755,32 @@ fn take_pending_local(data: &mut PwState, ctx: u32) -> Option<LocalResponse> {
     data.pending_local.remove(&ctx)
 }
 
+/// What a callback outside context `ctx`'s exchange asked of it, now that
+/// the exchange is here (at its next phase call): a local response
+/// ([`PwState::pending_local`]; it wins over a reset also asked) or a reset
+/// ([`PwState::pending_close`]).
+fn take_pending(data: &mut PwState, ctx: u32) -> Option<Result<Verdict, String>> {
+    if let Some(lr) = take_pending_local(data, ctx) {
+        data.pending_close.remove(&ctx);
+        return Some(Ok(Verdict::Respond(lr)));
+    }
+    if !data.pending_close.is_empty() && data.pending_close.remove(&ctx) {
+        // Envoy's `resetStream`: not a failure (see `Chain::fail`).
+        data.x.reset = true;
+        return Some(Err(RESET.into()));
+    }
+    None
+}
+
 /// `Pause` from the end-of-stream body callback or a trailers callback of
 /// direction `d` (`what`): Envoy holds the message until
-/// `proxy_continue_stream`. The chain can wait at the end of a message
+/// `proxy_continue_stream`. The chain waits at the end of a message
 /// (another filter buffers the whole message: it waits in place; streamed,
-/// the head held or out: the body stream holds the rest) when a
-/// callout or gRPC stream of this context can resume it; else, as for component filters
-/// (abi/README.md §3.3, §4), a failure, since nothing could resume it (Envoy
-/// would hang until the route timeout).
+/// the head held or out: the body stream holds the rest) for a callout or
+/// gRPC stream of this context, or another callback of the VM (a tick's,
+/// after `proxy_set_effective_context`), to resume it; with nothing
+/// outstanding too, as Envoy does (which waits until a timeout ends the
+/// stream): the plugin's `limits.pause` bounds the wait.
 fn paused_at_end(
     data: &mut PwState,
     ctx: u32,
@@ -1739,15 +1797,8 @@ fn paused_at_end(
             d.as_str()
         ));
     }
-    // `|`: the streams' wait is armed even with a call out.
-    if super::grpc::arm_wait(data, ctx) | data.outstanding.values().any(|c| *c == ctx) {
-        return Ok(Verdict::Pause);
-    }
-    Err(format!(
-        "returned Pause from proxy_on_{}_{what} with no HTTP or gRPC call or gRPC stream \
-         outstanding: nothing could resume it",
-        d.as_str()
-    ))
+    super::grpc::arm_wait(data, ctx);
+    Ok(Verdict::Pause)
 }
 
 /// The direction an HTTP exchange is paused in: that of `held_in` (a body or

@@ -393,26 +393,15 @@ pub fn close(s: &mut PwState, token: u32) -> Result<(), i32> {
 }
 
 /// Drops stream `token` (resetting it if it is still open). A context paused
-/// on its streams whose last open one this was is woken: no event will come
-/// (the stream's task ends), and the delivery finds nothing left to wait on,
-/// so the pause fails instead of hanging.
+/// with no stream left still waits: as in Envoy, another callback (a tick, a
+/// queue event, a call's callback) may resume it, and its `limits.pause`
+/// bounds the wait.
 fn forget(s: &mut PwState, token: u32) -> Option<Stream> {
     let st = s.streams.remove(&token)?;
     if st.remote_closed {
         s.remote_closed.retain(|t| *t != token);
-    } else if !has_open(s, st.context) {
-        if let Some(wait) = s.stream_waits.get_mut(&st.context) {
-            wait.fire();
-        }
     }
     Some(st)
-}
-
-/// Whether context `ctx` has a stream the server has not closed.
-fn has_open(s: &PwState, ctx: u32) -> bool {
-    s.streams
-        .values()
-        .any(|st| st.context == ctx && !st.remote_closed)
 }
 
 /// `proxy_grpc_cancel`: resets a stream, or cancels a unary call as Envoy
@@ -473,15 +462,22 @@ pub fn drop_context(streams: &mut rustc_hash::FxHashMap<u32, Stream>, context: u
 }
 
 /// An HTTP context paused (`Pause` from a headers callback, or at the end of
-/// a message) while it has gRPC streams open. As in Envoy, a stream callback
-/// may then resume the exchange (`proxy_continue_stream`), answer it or edit
-/// its head: the events of the context's streams are held here and the chain
-/// is woken to deliver them with the exchange
-/// (`ProxyWasmFilter::stream_wake`), instead of going to the VM on their own.
+/// a message, the chain holding the exchange). As in Envoy, a callback of the
+/// VM may then resume the exchange (`proxy_continue_stream`), answer it or
+/// reset it: a callback of one of the context's gRPC streams (which may also
+/// edit the head), or any other callback after
+/// `proxy_set_effective_context` to this context (a root context's tick,
+/// queue event or callout response; typically a filter that lets waiting
+/// requests through at a rate). The events of the context's streams are
+/// held here, and what other callbacks asked is kept in `PwState::pending_*`;
+/// either wakes the chain to deliver them with the exchange
+/// (`ProxyWasmFilter::stream_wake`). The wait is armed at every such pause,
+/// so the chain holds the exchange (up to the plugin's `limits.pause`) even
+/// with no call or stream outstanding, as Envoy does.
 pub struct StreamWait {
     /// The wake-up's id in the chain (a token: unique among the VM's calls).
     pub id: u32,
-    /// Fires the wake-up at the first held event.
+    /// Fires the wake-up at the first held event or request.
     pub wake: Option<oneshot::Sender<CalloutResult>>,
     /// Events held for delivery, in arrival order, with their stream's token.
     pub held: VecDeque<(u32, Event)>,
@@ -491,13 +487,10 @@ pub struct StreamWait {
 /// delivery tells the two apart without a lookup.
 pub const WAKE: u64 = 1 << 32;
 
-/// Makes context `ctx`, which is pausing, wait on its open streams (if it has
-/// any): a wake-up for the chain (on the exchange in the store) and a
-/// [`StreamWait`] that holds their events. Whether it has open streams.
-pub fn arm_wait(s: &mut PwState, ctx: u32) -> bool {
-    if !has_open(s, ctx) {
-        return false;
-    }
+/// Makes context `ctx`, which is pausing (or stays paused), wait: a wake-up
+/// for the chain (on the exchange in the store) and a [`StreamWait`] that
+/// holds its streams' events. Fired at once if events are held already.
+pub fn arm_wait(s: &mut PwState, ctx: u32) {
     let id = s.new_token();
     let (tx, rx) = oneshot::channel();
     s.x.wakes.push((WAKE | u64::from(id), rx));
@@ -512,15 +505,18 @@ pub fn arm_wait(s: &mut PwState, ctx: u32) -> bool {
         wake: Some(tx),
         held,
     };
-    if !wait.held.is_empty() {
+    let asked = (!s.pending_local.is_empty() && s.pending_local.contains_key(&ctx))
+        || (!s.pending_close.is_empty() && s.pending_close.contains(&ctx))
+        || (!s.pending_resume.is_empty() && s.pending_resume.contains_key(&ctx));
+    if !wait.held.is_empty() || asked {
         wait.fire();
     }
     s.stream_waits.insert(ctx, wait);
-    true
 }
 
 impl StreamWait {
-    /// Wakes the chain (once): the held events are ready.
+    /// Wakes the chain (once): held events, or what another callback asked
+    /// of the context, are ready.
     pub fn fire(&mut self) {
         if let Some(tx) = self.wake.take() {
             // The result is not read (the id says it is a wake-up); the chain

@@ -559,6 +559,18 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 return fail(status::BAD_ARGUMENT);
             };
             let data = c.data_mut();
+            if let Some(ctx) = data.detached_http() {
+                // Another HTTP context, made effective (from a tick, a queue
+                // event, a root or other context's callback): as Envoy's
+                // `continueStream` on that context, it resumes the context's
+                // pause (its wake-up delivers the resume with the exchange);
+                // for a context that is not paused it does nothing.
+                if let Some(wait) = data.stream_waits.get_mut(&ctx) {
+                    *data.pending_resume.entry(ctx).or_default() |= 1 << t;
+                    wait.fire();
+                }
+                return Ok(());
+            }
             data.resume = true;
             data.resumed_streams |= 1 << t;
             Ok(())
@@ -570,7 +582,18 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
             if !(0..=3).contains(&stream) {
                 return fail(status::BAD_ARGUMENT);
             }
-            c.data_mut().close = true;
+            let data = c.data_mut();
+            if let Some(ctx) = data.detached_http() {
+                // Another HTTP context, made effective: its exchange is reset
+                // when its pause wakes, or at its next phase call (Envoy
+                // resets it at once).
+                data.pending_close.insert(ctx);
+                if let Some(wait) = data.stream_waits.get_mut(&ctx) {
+                    wait.fire();
+                }
+                return Ok(());
+            }
+            data.close = true;
             Ok(())
         })
     })?;
@@ -606,8 +629,10 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 let pairs = parse_pairs(&hdrs).ok_or(Fail::Status(status::BAD_ARGUMENT))?;
                 let s = c.data_mut();
                 // An HTTP context outside its exchange (a gRPC stream event
-                // while it is not paused): Envoy answers at once; the answer
-                // waits for the exchange's next phase call here.
+                // while it is not paused, a tick after
+                // `proxy_set_effective_context`): Envoy answers at once; the
+                // answer goes with the exchange when its pause wakes, else at
+                // its next phase call here.
                 let detached = if s.exchange().is_some() {
                     None
                 } else {
@@ -623,6 +648,10 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                     Some(ctx) => {
                         // The first answer stands, as Envoy sends the first.
                         s.pending_local.entry(ctx).or_insert(lr);
+                        // A paused context is answered now, with its exchange.
+                        if let Some(wait) = s.stream_waits.get_mut(&ctx) {
+                            wait.fire();
+                        }
                     }
                 }
                 Ok(())

@@ -243,9 +243,21 @@ pub struct PwState {
     /// The live TCP contexts among `contexts`.
     pub tcp_contexts: FxHashSet<u32>,
     /// Local responses sent by HTTP contexts from a callback outside their
-    /// exchange (a gRPC stream event while not paused): answered at the
-    /// exchange's next phase call, as Envoy answers at once.
+    /// exchange (a gRPC stream event while not paused, a root context's tick
+    /// or callout response after `proxy_set_effective_context`): answered
+    /// when their pause wakes, else at the exchange's next phase call, as
+    /// Envoy answers at once.
     pub pending_local: FxHashMap<u32, LocalResponse>,
+    /// HTTP contexts reset (`proxy_close_stream`) from a callback outside
+    /// their exchange (a root context's tick or callout response, a stream
+    /// event, another context's callback, after `proxy_set_effective_context`):
+    /// reset when their pause wakes, else at the exchange's next phase call.
+    pub pending_close: FxHashSet<u32>,
+    /// Paused HTTP contexts resumed (`proxy_continue_stream`) from a callback
+    /// outside their exchange, with the stream types named (bit `1 << type`):
+    /// taken when their pause wakes ([`Self::stream_waits`]). A continue for
+    /// a context that is not paused is not kept (as in Envoy, it does nothing).
+    pub pending_resume: FxHashMap<u32, u8>,
     /// The message maps (request and response heads and trailers, map types
     /// 0–3) of HTTP contexts with a gRPC stream open, as their last callback
     /// left them: what their stream callbacks outside the exchange read
@@ -309,8 +321,11 @@ pub struct PwState {
     /// The stream's trailing metadata being delivered (map 5,
     /// `proxy_on_grpc_receive_trailing_metadata`).
     pub grpc_trailing: Option<HeaderMap>,
-    /// HTTP contexts paused on their gRPC streams, by context: the events
-    /// held for the chain to deliver with the exchange.
+    /// HTTP contexts paused (any `Pause` the chain holds the exchange for),
+    /// by context: the wake-up that delivers, with the exchange, the events
+    /// of their gRPC streams held meanwhile and what callbacks outside the
+    /// exchange asked of them (`pending_*`). Present exactly while the
+    /// context is paused.
     pub stream_waits: FxHashMap<u32, StreamWait>,
 }
 
@@ -342,6 +357,8 @@ impl PwState {
             first_context: ROOT_CONTEXT + 1,
             tcp_contexts: FxHashSet::default(),
             pending_local: FxHashMap::default(),
+            pending_close: FxHashSet::default(),
+            pending_resume: FxHashMap::default(),
             kept_maps: FxHashMap::default(),
             local: None,
             close: false,
