@@ -216,8 +216,10 @@ pub async fn serve(
         // (`io::Activity`); hyper's own 30 s default, armed whenever it waits
         // for a head (an idle keep-alive connection too), would cut both at 30 s.
         .header_read_timeout(None)
-        // hyper answers 431 past these; its buffer floor is 8 KiB (a smaller
-        // cap is checked in `proxy::check_framing`).
+        // hyper answers 431 past these. `max_request_headers_size` is checked
+        // exactly in `proxy::check_framing` (hyper's buffer grows in doubling
+        // steps, so this cap only catches a head arriving in pieces; its
+        // floor is 8 KiB): a head within the limit is never more bytes.
         .max_buf_size(
             usize::try_from(
                 limits
@@ -234,7 +236,11 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_request_headers_size.0).unwrap_or(u32::MAX))
+        // h2 refuses a header list that reaches its setting: one more, so that
+        // a list of exactly `max_request_headers_size` passes, as over HTTP/1.1.
+        .max_header_list_size(
+            u32::try_from(limits.max_request_headers_size.0.saturating_add(1)).unwrap_or(u32::MAX),
+        )
         .max_pending_accept_reset_streams(100)
         .keep_alive_interval(None);
     let builder = match alpn_h2 {

@@ -1817,21 +1817,17 @@ fn check_framing<B>(req: &Request<B>, limits: &crate::config::Limits) -> Result<
     let h = req.headers();
     let max_headers = limits.max_request_headers as usize;
     if req.version() < Version::HTTP_2 {
-        // hyper reads an HTTP/1 head into a buffer of at least 8 KiB and
-        // answers 431 past that; a smaller `max_request_headers_size` is
-        // checked here (names and values, as HTTP/2's header list is counted).
+        // `max_request_headers_size`, counted as HTTP/2 counts its header list
+        // (h2 enforces it there), whatever the head's segmentation: hyper's own
+        // cap (`max_buf_size`) only sees a head that arrives in pieces, as its
+        // read buffer grows in doubling steps.
         let max_size = limits.max_request_headers_size.0;
-        if max_size < H1_HEAD_BUFFER_FLOOR {
-            let size: u64 = h
-                .iter()
-                .map(|(n, v)| (n.as_str().len() + v.len()) as u64)
-                .sum();
-            if size > max_size {
-                return Err(ProxyError::new(
-                    Kind::HeadersTooLarge,
-                    format!("{size} bytes of headers > {max_size}"),
-                ));
-            }
+        let size = header_list_size(req);
+        if size > max_size {
+            return Err(ProxyError::new(
+                Kind::HeadersTooLarge,
+                format!("{size} bytes of headers > {max_size}"),
+            ));
         }
         // RFC 9112 §3.2: more than one `Host` is a 400 (as nginx answers): which
         // one names the target would be anyone's guess. So is an HTTP/1.1 request
@@ -2401,9 +2397,40 @@ fn check_upgrade(
     ))
 }
 
-/// The smallest head buffer hyper's HTTP/1 server accepts (`max_buf_size`):
-/// it enforces `max_request_headers_size` itself from there up.
+/// The smallest head buffer hyper's HTTP/1 server accepts (`max_buf_size`).
 pub(crate) const H1_HEAD_BUFFER_FLOOR: u64 = 8192;
+
+/// What RFC 9113 §6.5.2 adds to each field's name and value in the size of a
+/// header list (`SETTINGS_MAX_HEADER_LIST_SIZE`, which h2 enforces).
+const FIELD_OVERHEAD: u64 = 32;
+
+/// The size of an HTTP/1 request's head as HTTP/2 counts a header list
+/// (RFC 9113 §6.5.2, as h2 enforces `max_request_headers_size`): each field's
+/// name and value plus 32 bytes, the request line counted as the
+/// pseudo-headers HTTP/2 would carry (`:method`, `:path`; `:scheme` and
+/// `:authority` for an absolute-form target). One pass over the header map,
+/// no allocation. Never less than the head's bytes on the wire (each field
+/// line's `: ` and CRLF are 4 bytes of the 32), unless a client pads values
+/// with whitespace: hyper's `max_buf_size` (the limit) then refuses it.
+fn header_list_size<B>(req: &Request<B>) -> u64 {
+    let field = |name: usize, value: usize| (name + value) as u64 + FIELD_OVERHEAD;
+    let uri = req.uri();
+    let mut size = field(":method".len(), req.method().as_str().len());
+    if let Some(p) = uri.path_and_query() {
+        size += field(":path".len(), p.as_str().len());
+    }
+    if let Some(s) = uri.scheme_str() {
+        size += field(":scheme".len(), s.len());
+    }
+    if let Some(a) = uri.authority() {
+        size += field(":authority".len(), a.as_str().len());
+    }
+    size + req
+        .headers()
+        .iter()
+        .map(|(n, v)| field(n.as_str().len(), v.len()))
+        .sum::<u64>()
+}
 
 /// Whether `a` is `uri-host [":" port]` (RFC 3986 §3.2.2: an IPv6 literal in
 /// brackets, or a reg-name / IPv4 address of unreserved, pct-encoded and
