@@ -354,7 +354,7 @@ async fn proxy(
             )
         })?;
 
-    let authority = authority_of(&req)?;
+    let authority = authority_of(&req, conn.original_dst.unwrap_or(conn.local))?;
     let https = conn.tls.is_some();
     let trusted = http.trust_downstream;
     // `Upgrade: h2c` is never tunnelled: its upgrade headers go and it is
@@ -2342,7 +2342,15 @@ fn strip_h2c(h: &mut http::HeaderMap, h1: bool) {
 /// 400 (RFC 9112 §3.2), as Envoy and nginx answer. Userinfo (RFC 9113
 /// §8.3.1, RFC 9110 §4.2.4), path, query or fragment characters and spaces
 /// are refused, so routes match and the upstream gets exactly a host.
-fn authority_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
+///
+/// An HTTP/1.0 request may have none (`Host` came with HTTP/1.1: HAProxy's
+/// default `option httpchk` sends `OPTIONS / HTTP/1.0` without one): its
+/// authority is `local`, the address the client reached (`ip:port`), as nginx
+/// serves such a request from the server of the address it came to. Routes
+/// match it (a `*` virtual host, or one naming the address), and the
+/// upstream gets it as its `Host`. An HTTP/1.1 request without `Host` is a 400
+/// before this (`check_framing`), an HTTP/2 one without `:authority` here.
+fn authority_of<B>(req: &Request<B>, local: SocketAddr) -> Result<String, ProxyError> {
     if req.uri().scheme().is_none()
         && req.uri().authority().is_some()
         && req.method() != Method::CONNECT
@@ -2362,6 +2370,11 @@ fn authority_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
             .and_then(|h| h.to_str().ok()),
     };
     match raw {
+        None if req.version() < Version::HTTP_11 => Ok(match local {
+            // (Without an IPv6 zone: it is no part of an authority.)
+            SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+            SocketAddr::V4(a) => a.to_string(),
+        }),
         None | Some("") => Err(ProxyError::new(
             Kind::BadRequest,
             "request has no Host/:authority",
