@@ -72,6 +72,14 @@ where
     }
 }
 
+/// Whether a response's `Connection` names `close`.
+fn says_close(h: &http::HeaderMap) -> bool {
+    h.get_all(http::header::CONNECTION).iter().any(|v| {
+        legate_abi_rules::headers::list_items(v.as_bytes())
+            .any(|t| t.eq_ignore_ascii_case(b"close"))
+    })
+}
+
 /// How long a draining HTTP/1.1 connection may stay idle (waiting for one more
 /// request to answer with `Connection: close`) before it is closed.
 const H1_DRAIN_IDLE: Duration = Duration::from_secs(1);
@@ -194,14 +202,23 @@ pub async fn serve(
                 }
                 // Not on a `101`: its `Connection: upgrade` must stay (the
                 // tunnel is closed at the drain timeout instead).
-                if h1_closing.get()
-                    && version < http::Version::HTTP_2
+                if version < http::Version::HTTP_2
                     && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
                 {
-                    resp.headers_mut().insert(
-                        http::header::CONNECTION,
-                        http::HeaderValue::from_static("close"),
-                    );
+                    if h1_closing.get() {
+                        resp.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
+                    // hyper appends `keep-alive` to an HTTP/1.1 response to an
+                    // HTTP/1.0 keep-alive request (`connection: close,
+                    // keep-alive`), unless the response is HTTP/1.0 too: then
+                    // it keeps the `close` alone and closes (`fix_keep_alive`).
+                    // (This close, or the one of a bad request's answer.)
+                    if version == http::Version::HTTP_10 && says_close(resp.headers()) {
+                        *resp.version_mut() = http::Version::HTTP_10;
+                    }
                 }
                 Ok::<_, crate::filter::StreamReset>(resp)
             }

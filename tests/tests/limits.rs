@@ -643,6 +643,95 @@ each_proto!(
     }
 );
 
+/// The `connection` header lines of a raw HTTP/1 response.
+fn connection_lines(out: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(out);
+    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .map(|(_, v)| v.trim().to_string())
+        .collect()
+}
+
+/// An HTTP/1.0 keep-alive client whose connection Legate closes (the last
+/// request under `max_requests_per_connection`, a 400 after which the byte
+/// stream cannot be trusted) is told `connection: close` alone: it got
+/// `connection: close, keep-alive` (hyper appended `keep-alive` to the
+/// HTTP/1.1 response of an HTTP/1.0 keep-alive request), which contradicts
+/// itself. A connection that stays open still says `keep-alive`. HTTP/1 only:
+/// HTTP/2 has no `Connection` header (it closes with a GOAWAY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_keepalive_client_is_told_close_alone() {
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&limits_config(
+            up.addr,
+            "      max_requests_per_connection: 2\n",
+            "",
+        ))
+        .start();
+    let addr = lg.addr("web");
+    const KEEP: &[u8] = b"GET / HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n";
+    let mut c = RawConn::connect(addr).await;
+    c.write(KEEP).await;
+    let head = c.read_head(HANG_GUARD).await;
+    assert_eq!(
+        raw_status(&head),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert_eq!(connection_lines(&head), ["keep-alive"]);
+    // The body (the upstream's echo) is framed by its length: read it all.
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let len: usize = text
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap();
+    let have = head.len() - text.find("\r\n\r\n").unwrap() - 4;
+    c.read_exact(len - have, HANG_GUARD).await.unwrap();
+    // The second request reaches `max_requests_per_connection`.
+    c.write(KEEP).await;
+    let (out, closed) = c.read_until_close(HANG_GUARD).await;
+    assert_eq!(
+        raw_status(&out),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(
+        connection_lines(&out),
+        ["close"],
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(closed);
+    // A bad request's answer closes too.
+    let out = raw(
+        addr,
+        b"GET /%zz HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        raw_status(&out),
+        Some(400),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(
+        connection_lines(&out),
+        ["close"],
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(up.requests.get(), 2);
+}
+
 each_proto!(
     /// `limits.max_connection_duration`: a connection older than it is closed
     /// gracefully, though it is busy enough never to idle out.
