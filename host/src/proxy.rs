@@ -2627,7 +2627,9 @@ impl ReqBody {
 /// A request started but without a response yet. Dropped so, the client went
 /// away: it ends as a 499 `downstream_disconnect`, like the 499 of a client
 /// seen resetting, counted in the 4xx class and written to the access log. Or
-/// the proxy cut it at the drain timeout: a 503 `drain_timeout`.
+/// the proxy cut it at the drain timeout: its connection closes without a
+/// response (as Envoy's drain ends it), logged as every exchange that ended
+/// with nothing sent, 499, with cause `drain_timeout`.
 struct InFlight {
     /// `None` once the request became `Done`.
     conn: Option<Rc<ConnCtx>>,
@@ -2695,11 +2697,14 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let Some(conn) = &self.conn else { return };
-        let (status, cause) = if conn.worker.cut.get() {
-            (StatusCode::SERVICE_UNAVAILABLE, "drain_timeout")
+        // Nothing was sent either way: the client left, or the drain timeout
+        // closed its connection under the request (no 503 goes out: the
+        // connection's future is dropped).
+        let status = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
+        let cause = if conn.worker.cut.get() {
+            "drain_timeout"
         } else {
-            let gone = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
-            (gone, "downstream_disconnect")
+            "downstream_disconnect"
         };
         // (Whatever failed before, the request ended this way.)
         self.out.cause = Some(cause);
