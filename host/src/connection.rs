@@ -72,6 +72,14 @@ where
     }
 }
 
+/// Whether a response's `Connection` names `close`.
+fn says_close(h: &http::HeaderMap) -> bool {
+    h.get_all(http::header::CONNECTION).iter().any(|v| {
+        legate_abi_rules::headers::list_items(v.as_bytes())
+            .any(|t| t.eq_ignore_ascii_case(b"close"))
+    })
+}
+
 /// How long a draining HTTP/1.1 connection may stay idle (waiting for one more
 /// request to answer with `Connection: close`) before it is closed.
 const H1_DRAIN_IDLE: Duration = Duration::from_secs(1);
@@ -194,14 +202,23 @@ pub async fn serve(
                 }
                 // Not on a `101`: its `Connection: upgrade` must stay (the
                 // tunnel is closed at the drain timeout instead).
-                if h1_closing.get()
-                    && version < http::Version::HTTP_2
+                if version < http::Version::HTTP_2
                     && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
                 {
-                    resp.headers_mut().insert(
-                        http::header::CONNECTION,
-                        http::HeaderValue::from_static("close"),
-                    );
+                    if h1_closing.get() {
+                        resp.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
+                    // hyper appends `keep-alive` to an HTTP/1.1 response to an
+                    // HTTP/1.0 keep-alive request (`connection: close,
+                    // keep-alive`), unless the response is HTTP/1.0 too: then
+                    // it keeps the `close` alone and closes (`fix_keep_alive`).
+                    // (This close, or the one of a bad request's answer.)
+                    if version == http::Version::HTTP_10 && says_close(resp.headers()) {
+                        *resp.version_mut() = http::Version::HTTP_10;
+                    }
                 }
                 Ok::<_, crate::filter::StreamReset>(resp)
             }
@@ -216,8 +233,10 @@ pub async fn serve(
         // (`io::Activity`); hyper's own 30 s default, armed whenever it waits
         // for a head (an idle keep-alive connection too), would cut both at 30 s.
         .header_read_timeout(None)
-        // hyper answers 431 past these; its buffer floor is 8 KiB (a smaller
-        // cap is checked in `proxy::check_framing`).
+        // hyper answers 431 past these. `max_request_headers_size` is checked
+        // exactly in `proxy::check_framing` (hyper's buffer grows in doubling
+        // steps, so this cap only catches a head arriving in pieces; its
+        // floor is 8 KiB): a head within the limit is never more bytes.
         .max_buf_size(
             usize::try_from(
                 limits
@@ -234,7 +253,11 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_request_headers_size.0).unwrap_or(u32::MAX))
+        // h2 refuses a header list that reaches its setting: one more, so that
+        // a list of exactly `max_request_headers_size` passes, as over HTTP/1.1.
+        .max_header_list_size(
+            u32::try_from(limits.max_request_headers_size.0.saturating_add(1)).unwrap_or(u32::MAX),
+        )
         .max_pending_accept_reset_streams(100)
         .keep_alive_interval(None);
     let builder = match alpn_h2 {

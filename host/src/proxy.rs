@@ -354,7 +354,7 @@ async fn proxy(
             )
         })?;
 
-    let authority = authority_of(&req)?;
+    let authority = authority_of(&req, conn.original_dst.unwrap_or(conn.local))?;
     let https = conn.tls.is_some();
     let trusted = http.trust_downstream;
     // `Upgrade: h2c` is never tunnelled: its upgrade headers go and it is
@@ -1817,21 +1817,17 @@ fn check_framing<B>(req: &Request<B>, limits: &crate::config::Limits) -> Result<
     let h = req.headers();
     let max_headers = limits.max_request_headers as usize;
     if req.version() < Version::HTTP_2 {
-        // hyper reads an HTTP/1 head into a buffer of at least 8 KiB and
-        // answers 431 past that; a smaller `max_request_headers_size` is
-        // checked here (names and values, as HTTP/2's header list is counted).
+        // `max_request_headers_size`, counted as HTTP/2 counts its header list
+        // (h2 enforces it there), whatever the head's segmentation: hyper's own
+        // cap (`max_buf_size`) only sees a head that arrives in pieces, as its
+        // read buffer grows in doubling steps.
         let max_size = limits.max_request_headers_size.0;
-        if max_size < H1_HEAD_BUFFER_FLOOR {
-            let size: u64 = h
-                .iter()
-                .map(|(n, v)| (n.as_str().len() + v.len()) as u64)
-                .sum();
-            if size > max_size {
-                return Err(ProxyError::new(
-                    Kind::HeadersTooLarge,
-                    format!("{size} bytes of headers > {max_size}"),
-                ));
-            }
+        let size = header_list_size(req);
+        if size > max_size {
+            return Err(ProxyError::new(
+                Kind::HeadersTooLarge,
+                format!("{size} bytes of headers > {max_size}"),
+            ));
         }
         // RFC 9112 §3.2: more than one `Host` is a 400 (as nginx answers): which
         // one names the target would be anyone's guess. So is an HTTP/1.1 request
@@ -2346,7 +2342,15 @@ fn strip_h2c(h: &mut http::HeaderMap, h1: bool) {
 /// 400 (RFC 9112 §3.2), as Envoy and nginx answer. Userinfo (RFC 9113
 /// §8.3.1, RFC 9110 §4.2.4), path, query or fragment characters and spaces
 /// are refused, so routes match and the upstream gets exactly a host.
-fn authority_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
+///
+/// An HTTP/1.0 request may have none (`Host` came with HTTP/1.1: HAProxy's
+/// default `option httpchk` sends `OPTIONS / HTTP/1.0` without one): its
+/// authority is `local`, the address the client reached (`ip:port`), as nginx
+/// serves such a request from the server of the address it came to. Routes
+/// match it (a `*` virtual host, or one naming the address), and the
+/// upstream gets it as its `Host`. An HTTP/1.1 request without `Host` is a 400
+/// before this (`check_framing`), an HTTP/2 one without `:authority` here.
+fn authority_of<B>(req: &Request<B>, local: SocketAddr) -> Result<String, ProxyError> {
     if req.uri().scheme().is_none()
         && req.uri().authority().is_some()
         && req.method() != Method::CONNECT
@@ -2366,6 +2370,11 @@ fn authority_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
             .and_then(|h| h.to_str().ok()),
     };
     match raw {
+        None if req.version() < Version::HTTP_11 => Ok(match local {
+            // (Without an IPv6 zone: it is no part of an authority.)
+            SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+            SocketAddr::V4(a) => a.to_string(),
+        }),
         None | Some("") => Err(ProxyError::new(
             Kind::BadRequest,
             "request has no Host/:authority",
@@ -2401,9 +2410,40 @@ fn check_upgrade(
     ))
 }
 
-/// The smallest head buffer hyper's HTTP/1 server accepts (`max_buf_size`):
-/// it enforces `max_request_headers_size` itself from there up.
+/// The smallest head buffer hyper's HTTP/1 server accepts (`max_buf_size`).
 pub(crate) const H1_HEAD_BUFFER_FLOOR: u64 = 8192;
+
+/// What RFC 9113 §6.5.2 adds to each field's name and value in the size of a
+/// header list (`SETTINGS_MAX_HEADER_LIST_SIZE`, which h2 enforces).
+const FIELD_OVERHEAD: u64 = 32;
+
+/// The size of an HTTP/1 request's head as HTTP/2 counts a header list
+/// (RFC 9113 §6.5.2, as h2 enforces `max_request_headers_size`): each field's
+/// name and value plus 32 bytes, the request line counted as the
+/// pseudo-headers HTTP/2 would carry (`:method`, `:path`; `:scheme` and
+/// `:authority` for an absolute-form target). One pass over the header map,
+/// no allocation. Never less than the head's bytes on the wire (each field
+/// line's `: ` and CRLF are 4 bytes of the 32), unless a client pads values
+/// with whitespace: hyper's `max_buf_size` (the limit) then refuses it.
+fn header_list_size<B>(req: &Request<B>) -> u64 {
+    let field = |name: usize, value: usize| (name + value) as u64 + FIELD_OVERHEAD;
+    let uri = req.uri();
+    let mut size = field(":method".len(), req.method().as_str().len());
+    if let Some(p) = uri.path_and_query() {
+        size += field(":path".len(), p.as_str().len());
+    }
+    if let Some(s) = uri.scheme_str() {
+        size += field(":scheme".len(), s.len());
+    }
+    if let Some(a) = uri.authority() {
+        size += field(":authority".len(), a.as_str().len());
+    }
+    size + req
+        .headers()
+        .iter()
+        .map(|(n, v)| field(n.as_str().len(), v.len()))
+        .sum::<u64>()
+}
 
 /// Whether `a` is `uri-host [":" port]` (RFC 3986 §3.2.2: an IPv6 literal in
 /// brackets, or a reg-name / IPv4 address of unreserved, pct-encoded and
@@ -2587,7 +2627,9 @@ impl ReqBody {
 /// A request started but without a response yet. Dropped so, the client went
 /// away: it ends as a 499 `downstream_disconnect`, like the 499 of a client
 /// seen resetting, counted in the 4xx class and written to the access log. Or
-/// the proxy cut it at the drain timeout: a 503 `drain_timeout`.
+/// the proxy cut it at the drain timeout: its connection closes without a
+/// response (as Envoy's drain ends it), logged as every exchange that ended
+/// with nothing sent, 499, with cause `drain_timeout`.
 struct InFlight {
     /// `None` once the request became `Done`.
     conn: Option<Rc<ConnCtx>>,
@@ -2655,11 +2697,14 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let Some(conn) = &self.conn else { return };
-        let (status, cause) = if conn.worker.cut.get() {
-            (StatusCode::SERVICE_UNAVAILABLE, "drain_timeout")
+        // Nothing was sent either way: the client left, or the drain timeout
+        // closed its connection under the request (no 503 goes out: the
+        // connection's future is dropped).
+        let status = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
+        let cause = if conn.worker.cut.get() {
+            "drain_timeout"
         } else {
-            let gone = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
-            (gone, "downstream_disconnect")
+            "downstream_disconnect"
         };
         // (Whatever failed before, the request ended this way.)
         self.out.cause = Some(cause);

@@ -221,6 +221,66 @@ each_proto!(
     }
 );
 
+/// `max_request_headers_size` is exact, counted as HTTP/2 counts a header
+/// list (RFC 9113 §6.5.2: name + value + 32 per field, pseudo-headers too;
+/// an HTTP/1.1 request line as `:method` and `:path`), whatever the
+/// segmentation: a head of exactly the limit passes, one byte more is 431.
+/// HTTP/1.1 let up to the next power of two through (hyper's read buffer
+/// grows in doubling steps) when the head came in one read. Written raw, on
+/// both protocols in this one test (not `each_proto!`), so that every byte
+/// counted is known: the harness client adds headers of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_size_limit_is_exact() {
+    const LIMIT: usize = 20 * 1024;
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&limits_config(
+            up.addr,
+            "      max_request_headers_size: 20KiB\n",
+            "",
+        ))
+        .start();
+    let addr = lg.addr("web");
+    // :method GET (7+3+32), :path / (5+1+32), host x (4+1+32), connection
+    // close (10+5+32), x-big (5+32 + its value).
+    let h1_fixed = 42 + 38 + 37 + 47 + 37;
+    for (extra, want) in [(0, 200), (1, 431)] {
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nx-big: {}\r\n\r\n",
+            "a".repeat(LIMIT - h1_fixed + extra)
+        );
+        // In one write, then in pieces.
+        let (status, out) = raw_exchange(addr, req.as_bytes()).await;
+        assert_eq!(status, Some(want), "extra {extra}, one write: {out}");
+        let mut c = RawConn::connect(addr).await;
+        for piece in req.as_bytes().chunks(1024) {
+            c.write(piece).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let out = c.read_until_close(HANG_GUARD).await.0;
+        assert_eq!(raw_status(&out), Some(want), "extra {extra}, in pieces");
+    }
+    // :method GET, :scheme http (7+4+32), :authority (10+32 + the address),
+    // :path /, x-big.
+    let authority = addr.to_string();
+    let h2_fixed = 42 + 43 + (42 + authority.len()) + 38 + 37;
+    for (extra, want) in [(0, 200), (1, 431)] {
+        let mut sender = raw_h2(addr).await;
+        let req = Request::get(format!("http://{authority}/"))
+            .header("x-big", "a".repeat(LIMIT - h2_fixed + extra))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        match sender.send_request(req).await {
+            Ok(r) => assert_eq!(r.status(), want, "extra {extra}"),
+            // A client may refuse to send past the advertised
+            // SETTINGS_MAX_HEADER_LIST_SIZE.
+            Err(e) => assert_eq!(want, 431, "{e:#}"),
+        }
+    }
+    // The heads of exactly the limit: two over HTTP/1.1, one over HTTP/2.
+    assert_eq!(up.requests.get(), 3);
+}
+
 each_proto!(
     /// An HTTP/2 upstream's response head of up to 60 KiB passes, as in Envoy
     /// (its default for upstream responses); hyper's client default of 16 KiB
@@ -582,6 +642,95 @@ each_proto!(
         assert_eq!(up.requests.get(), 4);
     }
 );
+
+/// The `connection` header lines of a raw HTTP/1 response.
+fn connection_lines(out: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(out);
+    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .map(|(_, v)| v.trim().to_string())
+        .collect()
+}
+
+/// An HTTP/1.0 keep-alive client whose connection Legate closes (the last
+/// request under `max_requests_per_connection`, a 400 after which the byte
+/// stream cannot be trusted) is told `connection: close` alone: it got
+/// `connection: close, keep-alive` (hyper appended `keep-alive` to the
+/// HTTP/1.1 response of an HTTP/1.0 keep-alive request), which contradicts
+/// itself. A connection that stays open still says `keep-alive`. HTTP/1 only:
+/// HTTP/2 has no `Connection` header (it closes with a GOAWAY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_keepalive_client_is_told_close_alone() {
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&limits_config(
+            up.addr,
+            "      max_requests_per_connection: 2\n",
+            "",
+        ))
+        .start();
+    let addr = lg.addr("web");
+    const KEEP: &[u8] = b"GET / HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n";
+    let mut c = RawConn::connect(addr).await;
+    c.write(KEEP).await;
+    let head = c.read_head(HANG_GUARD).await;
+    assert_eq!(
+        raw_status(&head),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert_eq!(connection_lines(&head), ["keep-alive"]);
+    // The body (the upstream's echo) is framed by its length: read it all.
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let len: usize = text
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap();
+    let have = head.len() - text.find("\r\n\r\n").unwrap() - 4;
+    c.read_exact(len - have, HANG_GUARD).await.unwrap();
+    // The second request reaches `max_requests_per_connection`.
+    c.write(KEEP).await;
+    let (out, closed) = c.read_until_close(HANG_GUARD).await;
+    assert_eq!(
+        raw_status(&out),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(
+        connection_lines(&out),
+        ["close"],
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(closed);
+    // A bad request's answer closes too.
+    let out = raw(
+        addr,
+        b"GET /%zz HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        raw_status(&out),
+        Some(400),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(
+        connection_lines(&out),
+        ["close"],
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(up.requests.get(), 2);
+}
 
 each_proto!(
     /// `limits.max_connection_duration`: a connection older than it is closed

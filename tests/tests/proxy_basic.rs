@@ -956,3 +956,46 @@ each_proto!(
         assert_eq!(r.text(), "hello", "the connection went on");
     }
 );
+
+/// An HTTP/1.0 request without `Host` (HAProxy's default `option httpchk`,
+/// `OPTIONS / HTTP/1.0`; keepalived and `nc` checks) is routed by the address
+/// the client reached, `ip:port`, as nginx serves it from that address's
+/// server: a direct response answers it, and a proxied one reaches the
+/// upstream with that address as its `Host`. It was a 400, which made a
+/// balancer in front mark Legate down. HTTP/1.1 without `Host` stays a 400
+/// (RFC 9112 §3.2). HTTP/1 only: HTTP/1.0 and `Host` have no HTTP/2 form
+/// (an HTTP/2 request without `:authority` is refused as before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_request_without_host_is_routed_by_the_local_address() {
+    let up = upstream().start().await;
+    let yaml = web_config(
+        "          - match: { prefix: /healthz }\n            direct_response: { status: 200, body: ok }\n\
+         \x20         - match: { prefix: / }\n            cluster: backend\n",
+        &format!("  - name: backend\n    endpoints:\n      - address: {}\n", up.addr),
+    );
+    let lg = legate().config(&yaml).start();
+    let addr = lg.addr("web");
+    let out = raw(addr, b"OPTIONS /healthz HTTP/1.0\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(raw_status(&out), Some(200), "{text}");
+    assert!(text.ends_with("\r\n\r\nok"), "{text}");
+    let out = raw(addr, b"GET /x HTTP/1.0\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(raw_status(&out), Some(200), "{text}");
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let echo: EchoBody = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        echo.header("host"),
+        Some(addr.to_string().as_str()),
+        "{body}"
+    );
+    assert_eq!(up.requests.get(), 1);
+    let out = raw(addr, b"GET /x HTTP/1.1\r\n\r\n").await;
+    assert_eq!(
+        raw_status(&out),
+        Some(400),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(up.requests.get(), 1);
+}
