@@ -20,7 +20,7 @@ pub use serde_saphyr::Spanned;
 pub(crate) use load::{endpoint_health_check_errors, key_position};
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors};
 pub use types::{ByteSize, Dur, KvBackendKind, KvConfig, KvTls, Name, Percent, StatusRange};
-pub(crate) use validate::split_host_port;
+pub(crate) use validate::{normalize_domain, split_host_port};
 
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
