@@ -1206,6 +1206,12 @@ fn validate_redirect(e: &mut Issues, loc: &Location, rd: &Redirect, m: &RouteMat
     }
 }
 
+/// The methods of RFC 9110 §9 and RFC 5789 (`PATCH`), as requests spell them. A
+/// `match.methods` entry equal to one of them but for case is refused.
+const STANDARD_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
 fn validate_match(e: &mut Issues, loc: &Location, m: &RouteMatch) {
     let kinds: Vec<&str> = [
         ("prefix", m.prefix.is_some()),
@@ -1246,6 +1252,21 @@ fn validate_match(e: &mut Issues, loc: &Location, m: &RouteMatch) {
                 loc,
                 format!("`{meth}` is not an HTTP method"),
                 "use a method token such as GET, POST or PUT",
+            )
+            .key("match")
+            .key("methods")
+            .index(i);
+        } else if let Some(std) = STANDARD_METHODS
+            .iter()
+            .find(|s| s.eq_ignore_ascii_case(meth) && **s != meth.as_str())
+        {
+            // A valid token, but requests spell standard methods in upper case
+            // and methods are compared case-sensitively (RFC 9110 §9.1): `get`
+            // would never match a normal GET.
+            e.at(
+                loc,
+                format!("method `{meth}` never matches a `{std}` request"),
+                format!("methods are case-sensitive: use `{std}`"),
             )
             .key("match")
             .key("methods")
