@@ -28,12 +28,13 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    /// An error at `loc` (unknown locations render without line:col).
+    /// An error at `loc` (unknown locations render without line:col). Control
+    /// characters in `message` are escaped ([`one_line`]).
     pub fn at(loc: &Location, message: impl Into<String>) -> Self {
         ConfigError {
             line: loc.line(),
             col: loc.column(),
-            message: message.into(),
+            message: one_line(message.into()),
             help: None,
         }
     }
@@ -48,6 +49,26 @@ impl ConfigError {
         self.line = pos.line;
         self.col = pos.col;
     }
+}
+
+/// `message` with its control characters escaped as Rust writes them (`\n`,
+/// `\t`, `\u{1b}`). Messages quote values from the file in backticks, and a
+/// quoted YAML string may hold a newline (`content_type: "text/plain\n"`): printed
+/// raw it would split the error line in two, or move the terminal's cursor.
+pub(crate) fn one_line(message: String) -> String {
+    if !message.contains(char::is_control) {
+        return message;
+    }
+    message
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// All errors found in one file, with the file's name and text for rendering.
@@ -395,6 +416,7 @@ fn yaml_error(e: &YamlError, source: &str, outline: Option<&Outline>) -> ConfigE
             out.message = format!("YAML syntax: {msg}");
         }
     }
+    out.message = one_line(out.message);
     out
 }
 
@@ -615,6 +637,18 @@ impl Config {
 #[allow(clippy::unwrap_used)] // in tests a panic is the failure report
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_escape_control_characters() {
+        assert_eq!(
+            one_line("content_type `text/plain\nx`".into()),
+            "content_type `text/plain\\nx`"
+        );
+        assert_eq!(one_line("a\tb\u{1b}[31m".into()), "a\\tb\\u{1b}[31m");
+        assert_eq!(one_line("plain `é`".into()), "plain `é`");
+        let e = ConfigError::at(&Location::UNKNOWN, "bad `x\ny`");
+        assert_eq!(e.message, "bad `x\\ny`");
+    }
 
     const WITH_PATHS: &str = "\
 version: 1
