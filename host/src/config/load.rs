@@ -143,6 +143,10 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Parses and validates config text. `file` is only used in messages; `base` is the
 /// directory relative paths are resolved against.
+///
+/// A schema error (YAML syntax, an unknown key, a wrong type or enum value) stops
+/// the parse at the first, in file order: serde_saphyr deserializes in one pass
+/// and returns one error. Validation errors of a file that parses are all returned.
 pub fn parse_str(file: &str, source: &str, base: &Path) -> Result<Config, ConfigErrors> {
     let fail = |errors| ConfigErrors {
         file: file.to_string(),
