@@ -28,7 +28,7 @@ pub(crate) struct Issue {
 
 impl Issue {
     /// Narrows the place to key `k` of the current one.
-    fn key(&mut self, k: &str) -> &mut Self {
+    pub(super) fn key(&mut self, k: &str) -> &mut Self {
         self.focus.push(Seg::Key(k.to_string()));
         self
     }
@@ -41,11 +41,11 @@ impl Issue {
 }
 
 #[derive(Default)]
-struct Issues(Vec<Issue>);
+pub(super) struct Issues(pub(super) Vec<Issue>);
 
 impl Issues {
     /// Records a problem at `loc` (refine it with [`Issue::key`]).
-    fn at(
+    pub(super) fn at(
         &mut self,
         loc: &Location,
         msg: impl Into<String>,
@@ -55,7 +55,7 @@ impl Issues {
     }
 
     /// Records a problem at a top-level key path (refine it with [`Issue::key`]).
-    fn top(&mut self, msg: impl Into<String>, help: impl Into<String>) -> &mut Issue {
+    pub(super) fn top(&mut self, msg: impl Into<String>, help: impl Into<String>) -> &mut Issue {
         self.push(None, msg, help)
     }
 
