@@ -124,7 +124,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Plugin { command } => legate_host::plugin_build::run(command),
-        Command::Check { config } => match config::load_file(&config) {
+        Command::Check { config } => match config::check_file(&config) {
             Ok(cfg) => match legate_host::server::check(std::sync::Arc::new(cfg)) {
                 Ok(()) => {
                     println!("{}: ok", config.display());
@@ -240,7 +240,7 @@ fn run(
     take_over: bool,
 ) -> anyhow::Result<()> {
     let upgrade_path = upgrade_socket.unwrap_or_else(|| hot_restart::default_socket(path));
-    let mut cfg = match config::load_file(path) {
+    let mut cfg = match config::check_file(path) {
         Ok(c) => c,
         Err(e) => anyhow::bail!("invalid config\n{e}"),
     };

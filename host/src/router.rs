@@ -395,7 +395,9 @@ impl DomainIndex {
         // first vhost in config order keeps it.
         for (i, vh) in vhosts.iter().enumerate() {
             for d in &vh.value.domains {
-                let d = d.value.to_ascii_lowercase();
+                // Keyed as the request's host is looked up: lower-cased, one
+                // trailing dot dropped (`api.example.com.` is `api.example.com`).
+                let d = config::normalize_domain(&d.value);
                 if d == "*" {
                     any.get_or_insert(i);
                 } else if let Some(rest) = d.strip_prefix('*') {
@@ -1275,6 +1277,25 @@ mod tests {
             vhost_of(&t, "www.example.com..").as_deref(),
             Some("default")
         );
+    }
+
+    #[test]
+    fn a_pattern_with_a_trailing_dot_names_the_same_host() {
+        let t = table(
+            "
+  - { name: fqdn, domains: ['API.test.'], routes: [{ cluster: a }] }
+  - { name: fqdn-port, domains: ['api.test.:8443'], routes: [{ cluster: a }] }
+  - { name: suffix, domains: ['*.wild.test.'], routes: [{ cluster: a }] }
+  - { name: default, domains: ['*'], routes: [{ cluster: a }] }
+",
+        );
+        assert_eq!(vhost_of(&t, "api.test").as_deref(), Some("fqdn"));
+        assert_eq!(vhost_of(&t, "api.test.").as_deref(), Some("fqdn"));
+        assert_eq!(vhost_of(&t, "api.test:80").as_deref(), Some("fqdn"));
+        assert_eq!(vhost_of(&t, "api.test:8443").as_deref(), Some("fqdn-port"));
+        assert_eq!(vhost_of(&t, "api.test.:8443").as_deref(), Some("fqdn-port"));
+        assert_eq!(vhost_of(&t, "x.wild.test").as_deref(), Some("suffix"));
+        assert_eq!(vhost_of(&t, "x.wild.test.").as_deref(), Some("suffix"));
     }
 
     #[test]

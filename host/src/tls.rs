@@ -81,6 +81,18 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// Loads a certificate chain and its key as [`server_config`] and
+/// [`client_config`] do, and checks that they belong together (`legate check`).
+pub fn check_certified_key(cert: &Path, key: &Path) -> anyhow::Result<()> {
+    load_certified_key(cert, key, &provider()).map(|_| ())
+}
+
+/// Loads a CA file as [`server_config`] (`what`: `client CA file`) and
+/// [`client_config`] (`upstream CA file`) do (`legate check`).
+pub fn check_roots(path: &Path, what: &str) -> anyhow::Result<()> {
+    load_roots(path, what).map(|_| ())
+}
+
 /// The files a listener's TLS section names (certificates, keys, client CA),
 /// in order.
 pub fn files(cfg: &config::ListenerTls) -> impl Iterator<Item = &std::path::PathBuf> {

@@ -1,9 +1,11 @@
 //! Golden tests of config error messages, in the spirit of rustc's UI tests.
 //!
-//! - `tests/ui/invalid/NAME.yaml` must fail to load, and the rendered errors must equal
+//! - `tests/ui/invalid/NAME.yaml` must fail to load (parse, validation, or the files it
+//!   names, read as `legate check` reads them), and the rendered errors must equal
 //!   `tests/ui/invalid/NAME.err` byte for byte. Files are named relative to the
 //!   workspace root, so the output does not depend on where the checkout lives.
-//! - `tests/ui/valid/NAME.yaml` must load.
+//! - `tests/ui/valid/NAME.yaml` must load (parse and validation; the certificates and
+//!   other files they name are not there).
 //!
 //! `BLESS=1 cargo test -p legate-tests --test config_ui` rewrites the `.err` files from
 //! the current output (and removes those whose `.yaml` is gone); review the diff before
@@ -13,7 +15,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use legate_host::config::parse_str;
+use legate_host::config::{check_files, parse_str};
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -47,16 +49,26 @@ fn bless() -> bool {
 }
 
 /// Loads a config file the way `legate` does, but named by its root-relative path.
-fn load(rel: &str, abs: &Path) -> Result<(), String> {
+/// With `files`, the files it names are read too, as `legate check` reads them
+/// (`check_files`); the valid cases name files that are not there.
+fn load(rel: &str, abs: &Path, files: bool) -> Result<(), String> {
     let text = fs::read_to_string(abs).unwrap_or_else(|e| panic!("cannot read {rel}: {e}"));
     let base = abs.parent().expect("file has a directory");
-    parse_str(rel, &text, base).map(|_| ()).map_err(|e| {
-        let mut rendered = e.to_string();
-        if !rendered.ends_with('\n') {
-            rendered.push('\n');
-        }
-        rendered
-    })
+    parse_str(rel, &text, base)
+        .and_then(|cfg| {
+            if files {
+                check_files(rel, &text, base, &cfg)
+            } else {
+                Ok(())
+            }
+        })
+        .map_err(|e| {
+            let mut rendered = e.to_string();
+            if !rendered.ends_with('\n') {
+                rendered.push('\n');
+            }
+            rendered
+        })
 }
 
 #[test]
@@ -67,7 +79,7 @@ fn invalid_configs_fail_with_the_expected_errors() {
     for (rel, abs) in &cases {
         let err_path = abs.with_extension("err");
         let rel_err = rel.replace(".yaml", ".err");
-        let actual = match load(rel, abs) {
+        let actual = match load(rel, abs, true) {
             Ok(()) => {
                 let _ = writeln!(
                     failures,
@@ -121,7 +133,7 @@ fn valid_configs_load() {
     assert!(!cases.is_empty(), "no valid cases found");
     let mut failures = String::new();
     for (rel, abs) in &cases {
-        if let Err(rendered) = load(rel, abs) {
+        if let Err(rendered) = load(rel, abs, false) {
             let _ = writeln!(failures, "{rel}: should load, but:\n{rendered}");
         }
     }

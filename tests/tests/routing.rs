@@ -93,6 +93,49 @@ each_proto!(
     }
 );
 
+each_proto!(
+    async fn a_domain_with_a_trailing_dot_matches_its_host(proto) {
+        // `api.test.` is a fully qualified name: the same host as `api.test`, as a
+        // request's trailing dot is ignored, so it must win over the wildcard.
+        let lg = legate()
+            .config(
+                "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: fqdn
+        domains: [\"API.test.\", \"admin.test.:8443\"]
+        routes:
+          - direct_response: { status: 200, body: fqdn }
+      - name: default
+        domains: [\"*\"]
+        routes:
+          - direct_response: { status: 200, body: default }
+",
+            )
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for (host, expected) in [
+            ("api.test", "fqdn"),
+            ("api.test.", "fqdn"),
+            ("api.test:8080", "fqdn"),
+            ("admin.test:8443", "fqdn"),
+            ("admin.test.:8443", "fqdn"),
+            ("admin.test", "default"),
+            ("www.test", "default"),
+        ] {
+            let r = c.get("/").host(host).send().await;
+            assert_eq!(r.status, 200, "{host}");
+            assert_eq!(r.text(), expected, "host {host}");
+        }
+    }
+);
+
 /// Method, path, headers, expected route answer.
 type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
 

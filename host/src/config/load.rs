@@ -28,12 +28,13 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    /// An error at `loc` (unknown locations render without line:col).
+    /// An error at `loc` (unknown locations render without line:col). Control
+    /// characters in `message` are escaped ([`one_line`]).
     pub fn at(loc: &Location, message: impl Into<String>) -> Self {
         ConfigError {
             line: loc.line(),
             col: loc.column(),
-            message: message.into(),
+            message: one_line(message.into()),
             help: None,
         }
     }
@@ -48,6 +49,26 @@ impl ConfigError {
         self.line = pos.line;
         self.col = pos.col;
     }
+}
+
+/// `message` with its control characters escaped as Rust writes them (`\n`,
+/// `\t`, `\u{1b}`). Messages quote values from the file in backticks, and a
+/// quoted YAML string may hold a newline (`content_type: "text/plain\n"`): printed
+/// raw it would split the error line in two, or move the terminal's cursor.
+pub(crate) fn one_line(message: String) -> String {
+    if !message.contains(char::is_control) {
+        return message;
+    }
+    message
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// All errors found in one file, with the file's name and text for rendering.
@@ -105,6 +126,50 @@ impl fmt::Display for ConfigErrors {
 /// Reads, parses and validates a config file. Relative paths in the config (certs,
 /// log files) are resolved against the file's directory.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let (file, source, base) = read(path)?;
+    parse_str(&file, &source, &base)
+}
+
+/// As [`load_file`], then reads the files the config names (certificates, keys,
+/// CAs, endpoint files, plugin modules, the access log's directory) with
+/// [`check_files`]: what `legate check` and `legate run` load.
+pub fn check_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let (file, source, base) = read(path)?;
+    let config = parse_str(&file, &source, &base)?;
+    check_files(&file, &source, &base, &config)?;
+    Ok(config)
+}
+
+/// The problems of the files `config` (from [`parse_str`] of `source`, with the
+/// same `file` and `base`) names, all of them, each at the key that names the
+/// file: a certificate, key or CA that cannot be read, does not parse or (a key)
+/// does not match its certificate; an endpoint file, plugin module or data file
+/// that cannot be read; an access log whose directory does not exist.
+pub fn check_files(
+    file: &str,
+    source: &str,
+    base: &Path,
+    config: &Config,
+) -> Result<(), ConfigErrors> {
+    let issues = config.file_issues(base);
+    if issues.is_empty() {
+        return Ok(());
+    }
+    let outline = Outline::parse(source);
+    let mut errors: Vec<ConfigError> = issues
+        .into_iter()
+        .map(|i| place(i, outline.as_ref()))
+        .collect();
+    errors.sort_by_key(|e| (e.line, e.col));
+    Err(ConfigErrors {
+        file: file.to_string(),
+        source: source.to_string(),
+        errors,
+    })
+}
+
+/// The config file's name as given, its text and its directory.
+fn read(path: &Path) -> Result<(String, String, PathBuf), ConfigErrors> {
     let file = path.display().to_string();
     let source = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
         file: file.clone(),
@@ -117,11 +182,16 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
         }],
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    parse_str(&file, &source, &base)
+    Ok((file, source, base))
 }
 
 /// Parses and validates config text. `file` is only used in messages; `base` is the
-/// directory relative paths are resolved against.
+/// directory relative paths are resolved against. The files the config names are
+/// not read here ([`check_files`]).
+///
+/// A schema error (YAML syntax, an unknown key, a wrong type or enum value) stops
+/// the parse at the first, in file order: serde_saphyr deserializes in one pass
+/// and returns one error. Validation errors of a file that parses are all returned.
 pub fn parse_str(file: &str, source: &str, base: &Path) -> Result<Config, ConfigErrors> {
     let fail = |errors| ConfigErrors {
         file: file.to_string(),
@@ -395,6 +465,7 @@ fn yaml_error(e: &YamlError, source: &str, outline: Option<&Outline>) -> ConfigE
             out.message = format!("YAML syntax: {msg}");
         }
     }
+    out.message = one_line(out.message);
     out
 }
 
@@ -615,6 +686,18 @@ impl Config {
 #[allow(clippy::unwrap_used)] // in tests a panic is the failure report
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_escape_control_characters() {
+        assert_eq!(
+            one_line("content_type `text/plain\nx`".into()),
+            "content_type `text/plain\\nx`"
+        );
+        assert_eq!(one_line("a\tb\u{1b}[31m".into()), "a\\tb\\u{1b}[31m");
+        assert_eq!(one_line("plain `é`".into()), "plain `é`");
+        let e = ConfigError::at(&Location::UNKNOWN, "bad `x\ny`");
+        assert_eq!(e.message, "bad `x\\ny`");
+    }
 
     const WITH_PATHS: &str = "\
 version: 1

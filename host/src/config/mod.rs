@@ -6,6 +6,7 @@
 //! [`Spanned`] so the error names the exact place. Defaults are documented next to
 //! each field and in `docs/config.md`, with the reason they are safe.
 
+mod files;
 mod load;
 mod source;
 mod types;
@@ -17,10 +18,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 pub use serde_saphyr::Spanned;
 
+pub use load::{check_file, check_files, load_file, parse_str, ConfigError, ConfigErrors};
 pub(crate) use load::{endpoint_health_check_errors, key_position};
-pub use load::{load_file, parse_str, ConfigError, ConfigErrors};
 pub use types::{ByteSize, Dur, KvBackendKind, KvConfig, KvTls, Name, Percent, StatusRange};
-pub(crate) use validate::split_host_port;
+pub(crate) use validate::{normalize_domain, split_host_port};
 
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -94,6 +94,15 @@ impl Dur {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
+            _ if unit.starts_with(char::is_whitespace)
+                && matches!(unit.trim_start(), "ms" | "s" | "m" | "h") =>
+            {
+                return Err(format!(
+                    "duration `{s}` has a space between the number and its unit; write it \
+                     without spaces: `{num}{}`",
+                    unit.trim_start()
+                ))
+            }
             _ => {
                 return Err(format!(
                     "duration `{s}` has unknown unit `{}`; use `ms`, `s`, `m` or `h` right after \
@@ -354,6 +363,18 @@ mod tests {
         assert!(Dur::parse("30 seconds")
             .unwrap_err()
             .contains("unknown unit `seconds`"));
+        for (spaced, fixed) in [
+            ("5 s", "`5s`"),
+            ("250  ms", "`250ms`"),
+            ("1.5\th", "`1.5h`"),
+        ] {
+            let err = Dur::parse(spaced).unwrap_err();
+            assert!(
+                err.contains("has a space between the number and its unit")
+                    && err.ends_with(&format!("write it without spaces: {fixed}")),
+                "{spaced}: {err}"
+            );
+        }
         assert!(Dur::parse("-5s")
             .unwrap_err()
             .contains("start with a number"));

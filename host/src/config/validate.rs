@@ -28,7 +28,7 @@ pub(crate) struct Issue {
 
 impl Issue {
     /// Narrows the place to key `k` of the current one.
-    fn key(&mut self, k: &str) -> &mut Self {
+    pub(super) fn key(&mut self, k: &str) -> &mut Self {
         self.focus.push(Seg::Key(k.to_string()));
         self
     }
@@ -41,11 +41,11 @@ impl Issue {
 }
 
 #[derive(Default)]
-struct Issues(Vec<Issue>);
+pub(super) struct Issues(pub(super) Vec<Issue>);
 
 impl Issues {
     /// Records a problem at `loc` (refine it with [`Issue::key`]).
-    fn at(
+    pub(super) fn at(
         &mut self,
         loc: &Location,
         msg: impl Into<String>,
@@ -55,7 +55,7 @@ impl Issues {
     }
 
     /// Records a problem at a top-level key path (refine it with [`Issue::key`]).
-    fn top(&mut self, msg: impl Into<String>, help: impl Into<String>) -> &mut Issue {
+    pub(super) fn top(&mut self, msg: impl Into<String>, help: impl Into<String>) -> &mut Issue {
         self.push(None, msg, help)
     }
 
@@ -710,7 +710,8 @@ fn validate_route_table(e: &mut Issues, t: &Spanned<RouteTable>, clusters: &Defi
             .iter()
             .map(|v| (&v.value.name, &v.referenced)),
     );
-    let mut domains: HashMap<String, &Name> = HashMap::new();
+    // Each domain's key (as the router matches it) → its virtual host and spelling.
+    let mut domains: HashMap<String, (&Name, &str)> = HashMap::new();
     for vh in &table.virtual_hosts {
         let vh_loc = &vh.referenced;
         let vh = &vh.value;
@@ -723,21 +724,24 @@ fn validate_route_table(e: &mut Issues, t: &Spanned<RouteTable>, clusters: &Defi
             .key("domains");
         }
         for d in &vh.domains {
-            if let Err(why) = check_domain(&d.value) {
-                e.at(
-                    &d.referenced,
-                    why,
-                    "use an exact host (`api.example.com`), `*.suffix`, `prefix.*` or `*`",
-                );
+            if let Err((why, help)) = check_domain(&d.value) {
+                e.at(&d.referenced, why, help);
             }
-            let key = d.value.to_ascii_lowercase();
-            if let Some(other) = domains.insert(key, &vh.name) {
+            let key = normalize_domain(&d.value);
+            if let Some((other, spelling)) = domains.insert(key, (&vh.name, &d.value)) {
+                let what = if spelling == d.value {
+                    format!("domain `{spelling}`")
+                } else {
+                    // `api.test.` and `api.test`, or `API.test`: one host.
+                    format!(
+                        "domain `{}` (the same host as `{spelling}`: case and a trailing \
+                         dot are ignored)",
+                        d.value
+                    )
+                };
                 e.at(
                     &d.referenced,
-                    format!(
-                        "domain `{}` is in virtual hosts `{other}` and `{}`",
-                        d.value, vh.name
-                    ),
+                    format!("{what} is in virtual hosts `{other}` and `{}`", vh.name),
                     "a domain may belong to one virtual host per route table; remove one",
                 );
             }
@@ -1202,6 +1206,12 @@ fn validate_redirect(e: &mut Issues, loc: &Location, rd: &Redirect, m: &RouteMat
     }
 }
 
+/// The methods of RFC 9110 §9 and RFC 5789 (`PATCH`), as requests spell them. A
+/// `match.methods` entry equal to one of them but for case is refused.
+const STANDARD_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
 fn validate_match(e: &mut Issues, loc: &Location, m: &RouteMatch) {
     let kinds: Vec<&str> = [
         ("prefix", m.prefix.is_some()),
@@ -1242,6 +1252,21 @@ fn validate_match(e: &mut Issues, loc: &Location, m: &RouteMatch) {
                 loc,
                 format!("`{meth}` is not an HTTP method"),
                 "use a method token such as GET, POST or PUT",
+            )
+            .key("match")
+            .key("methods")
+            .index(i);
+        } else if let Some(std) = STANDARD_METHODS
+            .iter()
+            .find(|s| s.eq_ignore_ascii_case(meth) && **s != meth.as_str())
+        {
+            // A valid token, but requests spell standard methods in upper case
+            // and methods are compared case-sensitively (RFC 9110 §9.1): `get`
+            // would never match a normal GET.
+            e.at(
+                loc,
+                format!("method `{meth}` never matches a `{std}` request"),
+                format!("methods are case-sensitive: use `{std}`"),
             )
             .key("match")
             .key("methods")
@@ -2026,18 +2051,81 @@ pub(crate) fn split_host_port(s: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+/// A domain pattern as the router keys it: lower-cased, and one trailing dot of
+/// its host (`api.example.com.`, `api.example.com.:8443`) dropped, as the router
+/// drops it from a request's host. Two patterns with the same key are the same
+/// domain.
+pub(crate) fn normalize_domain(d: &str) -> String {
+    let lower = d.to_ascii_lowercase();
+    let (host, port) = crate::router::split_port(&lower);
+    match host.strip_suffix('.') {
+        Some(h) if !h.is_empty() && !h.ends_with('.') => match port {
+            Some(p) => format!("{h}:{p}"),
+            None => h.to_owned(),
+        },
+        _ => lower,
+    }
+}
+
 /// A virtual host's domain pattern: `*`, `host`, `*.suffix` or `prefix.*`, optionally
-/// with `:port`.
-fn check_domain(d: &str) -> Result<(), String> {
+/// with `:port`; an IPv6 address in brackets (`[::1]`, `[::1]:8443`).
+/// The error is the message and its help.
+fn check_domain(d: &str) -> Result<(), (String, &'static str)> {
     if d == "*" {
         return Ok(());
     }
-    let bad = |why: &str| Err(format!("domain `{d}` is not a valid host pattern: {why}"));
+    let msg = |why: &str| format!("domain `{d}` is not a valid host pattern: {why}");
+    let bad = |why: &str| {
+        Err((
+            msg(why),
+            "use an exact host (`api.example.com`), `*.suffix`, `prefix.*` or `*`",
+        ))
+    };
+    let bad_port = |why: &str| {
+        Err((
+            msg(why),
+            "write the port as a number from 1 to 65535 (`api.example.com:8443`), or leave it \
+             out to match the host on any port",
+        ))
+    };
     if d.is_empty() {
         return bad("it is empty");
     }
-    if d.contains(|c: char| c.is_whitespace() || c == '/') {
+    if d.contains(|c: char| c.is_whitespace() || c.is_control() || c == '/') {
         return bad("it contains a space or `/`; write only the host, without scheme or path");
+    }
+    // The port, if any: after the `]` of an IPv6 literal, else after the only `:`.
+    let port = if let Some(rest) = d.strip_prefix('[') {
+        match rest.split_once(']') {
+            None => return bad("the `[` of an IPv6 address has no `]`"),
+            Some((_, "")) => None,
+            Some((_, tail)) => match tail.strip_prefix(':') {
+                Some(p) => Some(p),
+                None => return bad("only `:port` may follow the `]` of an IPv6 address"),
+            },
+        }
+    } else {
+        match d.matches(':').count() {
+            0 => None,
+            1 => d.rsplit_once(':').map(|(_, p)| p),
+            _ => {
+                return Err((
+                    msg("an IPv6 address must be in brackets, as in a `Host` header"),
+                    "write `[2001:db8::1]`, or `[2001:db8::1]:8443` with a port",
+                ))
+            }
+        }
+    };
+    if let Some(p) = port {
+        if p.is_empty() {
+            return bad_port("the port after `:` is missing");
+        }
+        if !p.bytes().all(|b| b.is_ascii_digit()) {
+            return bad_port(&format!("port `{p}` is not a number"));
+        }
+        if !matches!(p.parse::<u32>(), Ok(1..=65535)) {
+            return bad_port(&format!("port `{p}` is out of range (1-65535)"));
+        }
     }
     match d.matches('*').count() {
         0 => Ok(()),
@@ -2341,12 +2429,40 @@ mod tests {
             "*.example.com",
             "api.*",
             "example.com:8080",
+            "example.com.",
+            "example.com.:65535",
+            "*.example.com:1",
+            "[::1]",
+            "[::1]:8443",
         ] {
             assert!(check_domain(ok).is_ok(), "{ok}");
         }
         for bad in ["", "*.", "a.*.b", "*example.com", "**", "http://x", "a b"] {
             assert!(check_domain(bad).is_err(), "{bad}");
         }
+        for (bad, why) in [
+            ("foo:99999", "port `99999` is out of range (1-65535)"),
+            ("foo:0", "port `0` is out of range"),
+            ("bar:abc", "port `abc` is not a number"),
+            ("bar:", "the port after `:` is missing"),
+            ("[::1]:x", "port `x` is not a number"),
+            ("[::1", "has no `]`"),
+            ("[::1]x", "only `:port` may follow"),
+            ("::1", "must be in brackets"),
+        ] {
+            let (err, _) = check_domain(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn domain_keys_drop_case_and_one_trailing_dot() {
+        assert_eq!(normalize_domain("API.test."), "api.test");
+        assert_eq!(normalize_domain("api.test.:8443"), "api.test:8443");
+        assert_eq!(normalize_domain("*.test."), "*.test");
+        assert_eq!(normalize_domain("api.test"), "api.test");
+        assert_eq!(normalize_domain("a.."), "a..");
+        assert_eq!(normalize_domain("*"), "*");
     }
 
     #[test]
