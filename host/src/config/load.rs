@@ -155,17 +155,23 @@ pub fn check_files(
     if issues.is_empty() {
         return Ok(());
     }
+    Err(ConfigErrors {
+        file: file.to_string(),
+        source: source.to_string(),
+        errors: placed(issues, source),
+    })
+}
+
+/// `issues` placed in `source` (line and column of the key each names), in
+/// file order.
+fn placed(issues: Vec<Issue>, source: &str) -> Vec<ConfigError> {
     let outline = Outline::parse(source);
     let mut errors: Vec<ConfigError> = issues
         .into_iter()
         .map(|i| place(i, outline.as_ref()))
         .collect();
     errors.sort_by_key(|e| (e.line, e.col));
-    Err(ConfigErrors {
-        file: file.to_string(),
-        source: source.to_string(),
-        errors,
-    })
+    errors
 }
 
 /// The config file's name as given, its text and its directory.
@@ -207,13 +213,7 @@ pub fn parse_str(file: &str, source: &str, base: &Path) -> Result<Config, Config
     })?;
     let issues = config.issues();
     if !issues.is_empty() {
-        let outline = Outline::parse(source);
-        let mut errors: Vec<ConfigError> = issues
-            .into_iter()
-            .map(|i| place(i, outline.as_ref()))
-            .collect();
-        errors.sort_by_key(|e| (e.line, e.col));
-        return Err(fail(errors));
+        return Err(fail(placed(issues, source)));
     }
     config.resolve_paths(base);
     let zone = config.local_zone.clone();
