@@ -385,6 +385,24 @@ struct DomainIndex {
     any: Option<usize>,
 }
 
+/// `host` (lower-case, split from `port`) without a fully qualified name's
+/// one trailing dot (`api.example.com.` names `api.example.com`), joined
+/// with `port` again, and the host's length in it; `None` if it has none.
+/// Request hosts are looked up so and domain patterns keyed so
+/// ([`crate::config::normalize_domain`]).
+pub(crate) fn undotted(host: &str, port: Option<&str>) -> Option<(String, usize)> {
+    let h = host
+        .strip_suffix('.')
+        .filter(|h| !h.is_empty() && !h.ends_with('.'))?;
+    Some((
+        match port {
+            Some(p) => format!("{h}:{p}"),
+            None => h.to_owned(),
+        },
+        h.len(),
+    ))
+}
+
 impl DomainIndex {
     fn build(vhosts: &[config::Spanned<config::VirtualHost>]) -> Self {
         let mut exact = HashMap::new();
@@ -431,16 +449,10 @@ impl DomainIndex {
         // A fully qualified name's trailing dot (`admin.example.com.`) names
         // the same host: without stripping it, it would miss that exact
         // virtual host and fall through to a wildcard (nginx strips it too).
-        let undotted: String;
-        let (host, full): (&str, &str) = match host.strip_suffix('.') {
-            Some(h) if !h.is_empty() && !h.ends_with('.') => {
-                undotted = match port {
-                    Some(p) => format!("{h}:{p}"),
-                    None => h.to_owned(),
-                };
-                (&undotted[..h.len()], &undotted)
-            }
-            _ => (host, &lower),
+        let undotted = undotted(host, port);
+        let (host, full): (&str, &str) = match &undotted {
+            Some((full, host_len)) => (&full[..*host_len], full),
+            None => (host, &lower),
         };
         // Patterns with a port are tried against the full authority, the others
         // against the bare host. A suffix key with a port (`.example.com:8443`) can

@@ -41,6 +41,37 @@ fn unreadable(path: &Path, what: &str, shown: &dyn Fn(&anyhow::Error) -> String)
     })
 }
 
+/// The problems of a certificate and its key, as loading them would find
+/// them: each with whether it is the key's (else the certificate's), its
+/// message and its help.
+fn cert_key_problems(
+    cert: &Path,
+    key: &Path,
+    shown: &dyn Fn(&anyhow::Error) -> String,
+) -> Vec<(bool, String, String)> {
+    let Err(err) = crate::tls::check_certified_key(cert, key) else {
+        return Vec::new();
+    };
+    let msg = shown(&err);
+    // Problems of the key file start with its name; a mismatch is the key's
+    // too (the certificate is the one the names come from).
+    let on_key = msg.starts_with("private key file");
+    let what = if on_key {
+        "private key file"
+    } else {
+        "certificate file"
+    };
+    let mut out = vec![(on_key, msg.clone(), help_for(&msg, what))];
+    // The certificate stopped the load: a missing key is reported too.
+    if !on_key {
+        if let Some(msg) = unreadable(key, "private key file", shown) {
+            let help = help_for(&msg, "private key file");
+            out.push((true, msg, help));
+        }
+    }
+    out
+}
+
 impl Config {
     /// The problems of the files this (resolved) config names. `base` is the
     /// directory relative paths were resolved against: messages show a path
@@ -61,26 +92,9 @@ impl Config {
             let l = &l.value;
             let Some(tls) = &l.tls else { continue };
             for c in &tls.certificates {
-                if let Err(err) = crate::tls::check_certified_key(&c.value.cert, &c.value.key) {
-                    let msg = shown(&err);
-                    // Problems of the key file start with its name; a mismatch is
-                    // the key's too (the certificate is the one the names come from).
-                    let (key, what) = if msg.starts_with("private key file") {
-                        ("key", "private key file")
-                    } else {
-                        ("cert", "certificate file")
-                    };
-                    let help = help_for(&msg, what);
+                for (on_key, msg, help) in cert_key_problems(&c.value.cert, &c.value.key, &shown) {
                     e.at(&c.referenced, format!("listener `{}`: {msg}", l.name), help)
-                        .key(key);
-                    // The certificate stopped the load: a missing key is reported too.
-                    if key == "cert" {
-                        if let Some(msg) = unreadable(&c.value.key, "private key file", &shown) {
-                            let help = help_for(&msg, "private key file");
-                            e.at(&c.referenced, format!("listener `{}`: {msg}", l.name), help)
-                                .key("key");
-                        }
-                    }
+                        .key(if on_key { "key" } else { "cert" });
                 }
             }
             if let Some(auth) = &tls.client_auth {
@@ -108,25 +122,10 @@ impl Config {
                     }
                 }
                 if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
-                    if let Err(err) = crate::tls::check_certified_key(cert, key) {
-                        let msg = shown(&err);
-                        let (field, what) = if msg.starts_with("private key file") {
-                            ("client_key", "private key file")
-                        } else {
-                            ("client_cert", "certificate file")
-                        };
-                        let help = help_for(&msg, what);
+                    for (on_key, msg, help) in cert_key_problems(cert, key, &shown) {
                         e.at(loc, format!("cluster `{}`: {msg}", c.name), help)
                             .key("tls")
-                            .key(field);
-                        if field == "client_cert" {
-                            if let Some(msg) = unreadable(key, "private key file", &shown) {
-                                let help = help_for(&msg, "private key file");
-                                e.at(loc, format!("cluster `{}`: {msg}", c.name), help)
-                                    .key("tls")
-                                    .key("client_key");
-                            }
-                        }
+                            .key(if on_key { "client_key" } else { "client_cert" });
                     }
                 }
             }

@@ -2058,13 +2058,7 @@ pub(crate) fn split_host_port(s: &str) -> Result<(String, u16), String> {
 pub(crate) fn normalize_domain(d: &str) -> String {
     let lower = d.to_ascii_lowercase();
     let (host, port) = crate::router::split_port(&lower);
-    match host.strip_suffix('.') {
-        Some(h) if !h.is_empty() && !h.ends_with('.') => match port {
-            Some(p) => format!("{h}:{p}"),
-            None => h.to_owned(),
-        },
-        _ => lower,
-    }
+    crate::router::undotted(host, port).map_or(lower, |(d, _)| d)
 }
 
 /// A virtual host's domain pattern: `*`, `host`, `*.suffix` or `prefix.*`, optionally
