@@ -100,6 +100,10 @@ struct Outcome {
     /// The request is gRPC, as it arrived: local replies take gRPC's form
     /// ([`crate::local_reply`]).
     grpc: bool,
+    /// The request named no authority (an HTTP/1.0 request without `Host`)
+    /// and was routed by the address it reached ([`authority_of`]): the
+    /// access log's `authority` is that address.
+    local_authority: bool,
 }
 
 /// Timings and facts only the debug headers use ([`crate::overrides::Debug`]).
@@ -354,7 +358,8 @@ async fn proxy(
             )
         })?;
 
-    let authority = authority_of(&req, conn.original_dst.unwrap_or(conn.local))?;
+    let (authority, local_authority) = authority_of(&req, conn.original_dst.unwrap_or(conn.local))?;
+    out.local_authority = local_authority;
     let https = conn.tls.is_some();
     let trusted = http.trust_downstream;
     // `Upgrade: h2c` is never tunnelled: its upgrade headers go and it is
@@ -2350,7 +2355,8 @@ fn strip_h2c(h: &mut http::HeaderMap, h1: bool) {
 /// match it (a `*` virtual host, or one naming the address), and the
 /// upstream gets it as its `Host`. An HTTP/1.1 request without `Host` is a 400
 /// before this (`check_framing`), an HTTP/2 one without `:authority` here.
-fn authority_of<B>(req: &Request<B>, local: SocketAddr) -> Result<String, ProxyError> {
+/// With the authority, whether it is `local`'s.
+fn authority_of<B>(req: &Request<B>, local: SocketAddr) -> Result<(String, bool), ProxyError> {
     if req.uri().scheme().is_none()
         && req.uri().authority().is_some()
         && req.method() != Method::CONNECT
@@ -2370,20 +2376,25 @@ fn authority_of<B>(req: &Request<B>, local: SocketAddr) -> Result<String, ProxyE
             .and_then(|h| h.to_str().ok()),
     };
     match raw {
-        None if req.version() < Version::HTTP_11 => Ok(match local {
-            // (Without an IPv6 zone: it is no part of an authority.)
-            SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-            SocketAddr::V4(a) => a.to_string(),
-        }),
+        None if req.version() < Version::HTTP_11 => Ok((local_authority(local), true)),
         None | Some("") => Err(ProxyError::new(
             Kind::BadRequest,
             "request has no Host/:authority",
         )),
-        Some(a) if valid_authority(a) => Ok(a.to_string()),
+        Some(a) if valid_authority(a) => Ok((a.to_string(), false)),
         Some(a) => Err(ProxyError::new(
             Kind::BadRequest,
             format!("invalid Host/:authority {a:?}: not a host with an optional port"),
         )),
+    }
+}
+
+/// `local` as an authority, `ip:port` (an IPv6 address in brackets, without
+/// its zone: it is no part of an authority).
+fn local_authority(local: SocketAddr) -> String {
+    match local {
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+        SocketAddr::V4(a) => a.to_string(),
     }
 }
 
@@ -2643,7 +2654,9 @@ struct InFlight {
 
 /// The request facts only the access log uses ([`Done`]'s line).
 struct Logged {
-    /// `:authority` or `Host` as the client sent it.
+    /// `:authority` or `Host` as the client sent it (the line shows the
+    /// address the request was routed by instead when it had none:
+    /// [`Outcome::local_authority`]).
     authority: Option<String>,
     user_agent: Option<String>,
     /// Request body bytes read from the client.
@@ -2903,7 +2916,13 @@ impl Drop for Done {
             }
             if let Some(l) = &self.logged {
                 line["start_time"] = serde_json::Value::from(humantime(l.started));
-                line["authority"] = serde_json::Value::from(l.authority.as_deref());
+                line["authority"] = if o.local_authority {
+                    // (Formatted again: only a request without one pays.)
+                    let local = self.conn.original_dst.unwrap_or(self.conn.local);
+                    serde_json::Value::from(local_authority(local))
+                } else {
+                    serde_json::Value::from(l.authority.as_deref())
+                };
                 line["user_agent"] = serde_json::Value::from(l.user_agent.as_deref());
                 line["bytes_received"] = serde_json::Value::from(l.received.get());
             }

@@ -473,3 +473,26 @@ each_proto!(
         );
     }
 );
+
+/// An HTTP/1.0 request without `Host` is routed by the address it reached:
+/// its line names that address as the authority, not `null`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_request_without_host_logs_the_address_it_was_routed_by() {
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let lg = legate()
+        .config(&logged_config(up.addr, &log, ", flush_interval: 10ms"))
+        .start();
+    let addr = lg.addr("web");
+    let out = raw(addr, b"GET /x HTTP/1.0\r\n\r\n").await;
+    assert_eq!(
+        raw_status(&out),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let lines = access_log_until(&log, "one line", |l| !l.is_empty()).await;
+    assert_eq!(lines[0]["authority"], addr.to_string(), "{}", lines[0]);
+    assert_eq!(lines[0]["protocol"], "HTTP/1.0", "{}", lines[0]);
+}
