@@ -354,9 +354,12 @@ pub async fn serve(
                 };
                 if let Err(e) = res {
                     // hyper answered a malformed or oversized request head itself
-                    // (400/431) without calling us: count it as a 4xx.
-                    if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse) {
+                    // (400/414/431) without calling us: counted as a 4xx and
+                    // logged as every answer is.
+                    let reply = e.downcast_ref::<hyper::Error>().and_then(crate::proxy::hyper_reply);
+                    if let Some((status, cause)) = reply {
                         ctx.stats.rq_by_class[3].inc();
+                        crate::proxy::log_hyper_reply(&conn_ctx, status, cause);
                     }
                     tracing::debug!(listener = %ctx.name, %peer, "connection error: {e}");
                 }

@@ -212,6 +212,13 @@ impl Activity {
         (ms != NONE).then(|| self.at(ms))
     }
 
+    /// When the first byte of the request head being read arrived, if one is
+    /// (for the access-log line of a head hyper refused).
+    pub fn head_started(&self) -> Option<Instant> {
+        let ms = self.head_start_ms.load(Relaxed);
+        (ms != NONE).then(|| self.at(ms))
+    }
+
     /// A request head was parsed: the header timer stops, the request counts.
     pub fn request_started(&self) {
         self.requests.fetch_add(1, Relaxed);

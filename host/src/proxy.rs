@@ -2931,6 +2931,76 @@ impl Drop for Done {
     }
 }
 
+/// The answer hyper's HTTP/1 server sent by itself for the error that ended
+/// its connection, if it sent one: its status and the access log's cause.
+/// hyper answers a request head it cannot parse without calling the service,
+/// as its `Server::on_error` maps the error (hyper 1.x, `proto/h1/role.rs`):
+/// a malformed request line or header field 400, a head that outgrew the read
+/// buffer (`max_buf_size`: one arriving in pieces past Legate's exact check)
+/// 431, a request target over 65534 bytes 414. Other errors (an HTTP/2
+/// preface on an HTTP/1-only connection, an I/O error, a client that closed
+/// mid-head, hyper's internal error) close the connection without an answer.
+/// hyper's predicates do not tell 414 from 431 nor its internal error from a
+/// malformed head: its message does (read only on this error path).
+pub(crate) fn hyper_reply(e: &hyper::Error) -> Option<(StatusCode, &'static str)> {
+    if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
+        return None;
+    }
+    let text = e.to_string();
+    if text.starts_with("internal error") {
+        return None;
+    }
+    Some(if !e.is_parse_too_large() {
+        (StatusCode::BAD_REQUEST, "bad_request")
+    } else if text == "URI too long" {
+        (StatusCode::URI_TOO_LONG, "uri_too_long")
+    } else {
+        (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request_headers_too_large",
+        )
+    })
+}
+
+/// Writes the access-log line of an answer hyper sent by itself
+/// ([`hyper_reply`]), as nginx logs its 400 and 494 and Envoy its codec's
+/// 431: the fields of every line, with what is known of a request whose head
+/// was never parsed (no method, path, protocol, authority or agent; no body
+/// either way: hyper's answer is a head).
+pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'static str) {
+    let Some(log) = &conn.worker.shared.access_log else {
+        return;
+    };
+    let now = SystemTime::now();
+    let elapsed = conn
+        .activity
+        .head_started()
+        .map_or(Duration::ZERO, |t| t.elapsed());
+    log.write(&serde_json::json!({
+        "time": humantime(now),
+        "start_time": humantime(now.checked_sub(elapsed).unwrap_or(now)),
+        "listener": conn.listener.name.as_str(),
+        "client": conn.peer.to_string(),
+        "method": null,
+        "path": null,
+        "protocol": null,
+        "authority": null,
+        "user_agent": null,
+        "status": status.as_u16(),
+        "bytes_sent": 0,
+        "bytes_received": 0,
+        "duration_ms": (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+        "route": null,
+        "route_table": null,
+        "virtual_host": null,
+        "cluster": null,
+        "upstream": null,
+        "attempts": 0,
+        "cause": cause,
+        "request_id": null,
+    }));
+}
+
 /// RFC 3339 UTC timestamp with milliseconds, without a date crate.
 fn humantime(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
