@@ -108,6 +108,19 @@ pub trait NetworkFilter: Send + Sync {
     /// on callouts that were all cancelled, so nothing can end the pause. For
     /// the filter's stats, as its own failures.
     fn host_failure(&self) {}
+    /// How long one pause of this filter may hold the connection or its
+    /// data (`limits.pause`), from its first `Pause` until what it holds
+    /// goes on; past it the pause fails by the failure policy. `None`: no
+    /// bound (component filters: their pauses end with a callout, which has
+    /// its own timeout, or with more data).
+    fn pause_limit(&self) -> Option<Duration> {
+        None
+    }
+    /// The chain gave up this filter's pause (past its `limits.pause`): the
+    /// filter drops what it kept for it (a wake-up it armed).
+    fn pause_abandoned(&self, worker: usize, c: &mut Exchange) {
+        let _ = (worker, c);
+    }
     /// A downstream connection was accepted (after TLS), before connecting
     /// upstream. The first call for `c`: the implementation creates its
     /// per-connection state here.
@@ -232,8 +245,16 @@ pub fn connection(facts: Arc<ConnFacts>, listener: &Name, cluster: &Name) -> Exc
     x
 }
 
-/// A callout result on its way back: the filter that sent it, its id, the result.
-type Delivery = (usize, u64, CalloutResult);
+/// A callout result or a wake-up on its way back.
+pub struct Delivery {
+    /// The filter that sent the callout or armed the wake-up.
+    filter: usize,
+    /// The callout's (or wake-up's) id.
+    id: u64,
+    result: CalloutResult,
+    /// A wake-up ([`Exchange::wakes`]), not a callout.
+    wake: bool,
+}
 
 /// The pause slot of the new connection (the data slots are [`Peer::idx`]).
 const NEW: usize = 2;
@@ -272,6 +293,21 @@ pub struct NetChain {
     held: Vec<[Vec<u8>; 2]>,
     /// Callouts of each filter not delivered yet.
     outstanding: Vec<usize>,
+    /// Wake-ups of each filter not delivered yet ([`Exchange::wakes`]: a
+    /// proxy-wasm filter's pause that another callback of its VM may end).
+    /// A filter with one holds its pauses for it, as for a callout.
+    wakes: Vec<usize>,
+    /// When each filter's pause in each slot (data from downstream, from
+    /// upstream ([`Peer::idx`]), the new connection ([`NEW`])) outlives its
+    /// `limits.pause` ([`NetworkFilter::pause_limit`]); set when the pause
+    /// starts (a callout pause, or data held), cleared when it ends.
+    deadlines: Vec<[Option<tokio::time::Instant>; 3]>,
+    /// A deadline was set: whoever sleeps until the earliest must look again.
+    deadline_set: std::rc::Rc<tokio::sync::Notify>,
+    /// Data a filter holds that a resume released while a pause later in
+    /// that direction's order waited (that data is older): it goes on when
+    /// that pause ends ([`Self::release_held`]), per direction.
+    go_on: Vec<[bool; 2]>,
     /// The filter waiting for a callout, and where, per pause slot: data from
     /// downstream and from upstream ([`Peer::idx`]), the new connection
     /// ([`NEW`]). Each direction stops reading only for its own, so both can
@@ -315,6 +351,10 @@ impl NetChain {
             failed: vec![false; n],
             held: vec![[Vec::new(), Vec::new()]; n],
             outstanding: vec![0; n],
+            wakes: vec![0; n],
+            deadlines: vec![[None; 3]; n],
+            deadline_set: Rc::default(),
+            go_on: vec![[false; 2]; n],
             paused: [None; 3],
             woke: false,
             out: [Vec::new(), Vec::new()],
@@ -340,7 +380,29 @@ impl NetChain {
             let tx = self.deliver.clone();
             self.outstanding[i] += 1;
             self.inflight.spawn(i, id, async move {
-                let _ = tx.send((i, id, fut.await));
+                let _ = tx.send(Delivery {
+                    filter: i,
+                    id,
+                    result: fut.await,
+                    wake: false,
+                });
+            });
+        }
+        for (id, rx) in std::mem::take(&mut self.x.wakes) {
+            // Fired, or dropped (the filter gave the wait up, its VM died):
+            // either way the filter is told.
+            let tx = self.deliver.clone();
+            self.wakes[i] += 1;
+            self.inflight.spawn(i, id, async move {
+                let result = rx
+                    .await
+                    .unwrap_or(Err(crate::filter::CalloutError::Unavailable));
+                let _ = tx.send(Delivery {
+                    filter: i,
+                    id,
+                    result,
+                    wake: true,
+                });
             });
         }
         for id in std::mem::take(&mut self.x.cancelled) {
@@ -356,6 +418,7 @@ impl NetChain {
         let f = &self.filters[i];
         tracing::warn!(plugin = f.name(), phase, "plugin failure: {why}");
         self.failed[i] = true;
+        self.deadlines[i] = [None; 3];
         if f.fail_open() {
             // `settle` ends this filter's pauses and lets what it holds in
             // either direction run on past it.
@@ -396,8 +459,9 @@ impl NetChain {
             match r {
                 Ok(NetVerdict::Continue | NetVerdict::Resume(_)) => {}
                 Ok(NetVerdict::Close) => return Step::Close,
-                Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
+                Ok(NetVerdict::Pause) if self.resumable(i) => {
                     self.paused[NEW] = Some((i, Stage::New));
+                    self.start_deadline(i, NEW);
                     return Step::Held;
                 }
                 Ok(NetVerdict::Pause) => {
@@ -432,6 +496,9 @@ impl NetChain {
                 held.append(&mut data);
                 data = held;
             }
+            // What it held goes with this data: a resume asked for it
+            // meanwhile is moot, the filter decides again.
+            self.go_on[i][d] = false;
             if self.skipped[i] {
                 continue;
             }
@@ -440,22 +507,32 @@ impl NetChain {
             let r = f.on_data(self.worker, &mut self.x, from, eos);
             data = self.x.bodies[d].take().unwrap_or_default().into_vec();
             self.dispatch(i);
+            if !matches!(r, Ok(NetVerdict::Pause)) {
+                // Whatever it held went on with this call (or is dropped).
+                self.deadlines[i][d] = None;
+            }
             match r {
                 Ok(NetVerdict::Continue | NetVerdict::Resume(_)) => {}
                 Ok(NetVerdict::Close) => return Step::Close,
                 Ok(NetVerdict::Pause)
-                    if (self.outstanding[i] > 0 || !eos) && self.over_cap(i, from, &data) =>
+                    if (self.resumable(i) || !eos) && self.over_cap(i, from, &data) =>
                 {
                     return Step::Close;
                 }
-                Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
+                Ok(NetVerdict::Pause) if self.outstanding[i] > 0 || eos && self.resumable(i) => {
+                    // Waits for a callout, or (at the end of the stream) for
+                    // a resume from another callback: that direction stops.
                     self.held[i][d] = data;
                     self.paused[d] = Some((i, Stage::Data { from, pos, eos }));
+                    self.start_deadline(i, d);
                     return Step::Held;
                 }
                 Ok(NetVerdict::Pause) if !eos => {
-                    // Envoy's buffering: called again with this and the next data.
+                    // Envoy's buffering: called again with this and the next
+                    // data, until it continues or a resume from another
+                    // callback lets the data go on.
                     self.held[i][d] = data;
+                    self.start_deadline(i, d);
                     return Step::Held;
                 }
                 Ok(NetVerdict::Pause) => {
@@ -504,8 +581,18 @@ impl NetChain {
     /// Delivers a callout result; a resume runs the rest of the chain from where
     /// the filter paused, for each pause of that filter. `Some(step)` when the
     /// paused new connection resumed.
-    fn deliver(&mut self, (i, id, result): Delivery) -> Option<Step> {
-        self.outstanding[i] = self.outstanding[i].saturating_sub(1);
+    fn deliver(&mut self, d: Delivery) -> Option<Step> {
+        let Delivery {
+            filter: i,
+            id,
+            result,
+            wake,
+        } = d;
+        if wake {
+            self.wakes[i] = self.wakes[i].saturating_sub(1);
+        } else {
+            self.outstanding[i] = self.outstanding[i].saturating_sub(1);
+        }
         if self.closing {
             return None;
         }
@@ -545,6 +632,14 @@ impl NetChain {
                 if step.is_some() {
                     return step;
                 }
+                // Data it holds without waiting on a callout (Envoy's read
+                // buffer after `StopIteration`) goes on too, as Envoy's
+                // `continueReading`.
+                for from in [Peer::Downstream, Peer::Upstream] {
+                    if slots.contains(&from.idx()) {
+                        self.release_held(i, from);
+                    }
+                }
             }
             Ok(NetVerdict::Close) => {
                 self.closing = true;
@@ -578,7 +673,7 @@ impl NetChain {
                     return None;
                 }
                 if !self.skipped[p] {
-                    if self.outstanding[p] > 0 {
+                    if self.resumable(p) {
                         continue;
                     }
                     let why = "paused with no callout outstanding: nothing could resume it";
@@ -609,11 +704,14 @@ impl NetChain {
     fn release_skipped(&mut self) -> Option<bool> {
         let mut ran = false;
         for i in 0..self.filters.len() {
-            if !self.skipped[i] {
+            if !self.skipped[i] && !self.go_on[i].contains(&true) {
                 continue;
             }
             for from in [Peer::Downstream, Peer::Upstream] {
                 let d = from.idx();
+                if !self.skipped[i] && !self.go_on[i][d] {
+                    continue;
+                }
                 let pos = self.position(i, from);
                 let waits_later = matches!(
                     self.paused[d],
@@ -623,6 +721,8 @@ impl NetChain {
                     continue;
                 }
                 let data = std::mem::take(&mut self.held[i][d]);
+                self.go_on[i][d] = false;
+                self.deadlines[i][d] = None;
                 self.woke = true;
                 ran = true;
                 match self.run_data(from, data, false, pos + 1) {
@@ -642,6 +742,7 @@ impl NetChain {
     /// `Some(step)` when the paused new connection resumed.
     fn resume(&mut self, slot: usize) -> Option<Step> {
         let (i, stage) = self.paused[slot].take()?;
+        self.deadlines[i][slot] = None;
         self.woke = true;
         match stage {
             Stage::New => Some(self.run_new(i + 1)),
@@ -659,6 +760,99 @@ impl NetChain {
                 None
             }
         }
+    }
+
+    /// Whether something other than new data can end a pause of filter `i`:
+    /// a callout of it, or a wake-up it armed (another callback of its VM).
+    fn resumable(&self, i: usize) -> bool {
+        self.outstanding[i] > 0 || self.wakes[i] > 0
+    }
+
+    /// Filter `i`'s pause in `slot` starts (or goes on): its `limits.pause`
+    /// runs from the first `Pause`, not from each.
+    fn start_deadline(&mut self, i: usize, slot: usize) {
+        if self.deadlines[i][slot].is_some() {
+            return;
+        }
+        if let Some(limit) = self.filters[i].pause_limit() {
+            self.deadlines[i][slot] = Some(tokio::time::Instant::now() + limit);
+            self.deadline_set.notify_one();
+        }
+    }
+
+    /// When the first pause outlives its `limits.pause` ([`Self::expire`]);
+    /// `None` while nothing is paused (or nothing paused has a bound).
+    fn next_deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadlines.iter().flatten().flatten().min().copied()
+    }
+
+    /// Whether filter `i` still pauses in `slot`: a callout pause, or data
+    /// it holds.
+    fn pauses(&self, i: usize, slot: usize) -> bool {
+        matches!(self.paused[slot], Some((p, _)) if p == i)
+            || slot < NEW && !self.held[i][slot].is_empty()
+    }
+
+    /// Fails the pauses that outlived their filter's `limits.pause` by
+    /// `now`, as HTTP pauses: counted as the filter's failure, then its
+    /// policy (fail closed: `Some(Step::Close)`; fail open: the filter is
+    /// skipped and what it held goes on, see [`Self::settle`]).
+    fn expire(&mut self, now: tokio::time::Instant) -> Option<Step> {
+        let mut skipped = false;
+        for i in 0..self.filters.len() {
+            for slot in [NEW, 0, 1] {
+                let Some(t) = self.deadlines[i][slot] else {
+                    continue;
+                };
+                if t > now {
+                    continue;
+                }
+                self.deadlines[i][slot] = None;
+                if self.closing || self.skipped[i] || !self.pauses(i, slot) {
+                    continue;
+                }
+                let f = self.filters[i].clone();
+                f.host_failure();
+                f.pause_abandoned(self.worker, &mut self.x);
+                self.dispatch(i);
+                let phase = match slot {
+                    NEW => "new_connection",
+                    0 => "downstream_data",
+                    _ => "upstream_data",
+                };
+                let why = format!(
+                    "paused for longer than its `limits.pause` ({:?}) without being resumed",
+                    f.pause_limit().unwrap_or_default()
+                );
+                if !self.failure(i, phase, &why) {
+                    self.closing = true;
+                    return Some(Step::Close);
+                }
+                skipped = true;
+            }
+        }
+        if skipped {
+            self.woke = true;
+            return self.settle();
+        }
+        None
+    }
+
+    /// A resume of filter `i` for data from `from` it holds without a
+    /// callout pause (buffered): the data goes on from the next filter, now,
+    /// or (a callout pause later in that direction's order waits: its data
+    /// is older) once that pause ended ([`Self::release_skipped`]).
+    fn release_held(&mut self, i: usize, from: Peer) {
+        let d = from.idx();
+        if self.held[i][d].is_empty() || self.closing {
+            return;
+        }
+        if matches!(self.paused[d], Some((p, _)) if p == i) {
+            // A callout pause: `resume` decides.
+            return;
+        }
+        self.go_on[i][d] = true;
+        let _ = self.release_skipped();
     }
 
     /// Close notifications for the sides that were open (not to filters that
@@ -697,8 +891,16 @@ impl Drop for NetChain {
 /// Callout results for a chain.
 pub type Deliveries = tokio::sync::mpsc::UnboundedReceiver<Delivery>;
 
-/// Runs `on_new_connection` over the chain, waiting out pauses: whether to
-/// connect upstream.
+/// Sleeps until `t`; never without one.
+async fn sleep_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs `on_new_connection` over the chain, waiting out pauses (up to their
+/// `limits.pause`): whether to connect upstream.
 pub async fn start(chain: &mut NetChain, rx: &mut Deliveries) -> bool {
     let mut step = chain.run_new(0);
     loop {
@@ -709,10 +911,18 @@ pub async fn start(chain: &mut NetChain, rx: &mut Deliveries) -> bool {
                 return false;
             }
             Step::Held => {
-                let Some(d) = rx.recv().await else {
-                    return false;
+                let deadline = chain.next_deadline();
+                step = tokio::select! {
+                    d = rx.recv() => {
+                        let Some(d) = d else {
+                            return false;
+                        };
+                        chain.deliver(d).unwrap_or(Step::Held)
+                    }
+                    () = sleep_until(deadline) => {
+                        chain.expire(tokio::time::Instant::now()).unwrap_or(Step::Held)
+                    }
                 };
-                step = chain.deliver(d).unwrap_or(Step::Held);
             }
         }
     }
@@ -867,6 +1077,21 @@ pub async fn serve<D, U>(
                 }
                 std::future::pending::<()>().await;
             };
+            // Pauses past their `limits.pause` fail (a timer only while one
+            // has a bound; re-armed when a new one starts).
+            let deadline_set = cell.borrow().deadline_set.clone();
+            let pause_limits = async {
+                loop {
+                    let next = cell.borrow().next_deadline();
+                    tokio::select! {
+                        () = sleep_until(next) => {
+                            let _ = cell.borrow_mut().expire(tokio::time::Instant::now());
+                            wake.send_modify(|v| *v += 1);
+                        }
+                        () = deadline_set.notified() => {}
+                    }
+                }
+            };
             // A close ends the connection even if a pump is stuck writing to a
             // peer that does not read.
             let mut on_change = changed.clone();
@@ -880,6 +1105,7 @@ pub async fn serve<D, U>(
             tokio::pin!(pumps);
             tokio::pin!(deliveries);
             tokio::pin!(closed);
+            tokio::pin!(pause_limits);
             let mut result = None;
             loop {
                 let deadline = match activity.check(idle, None) {
@@ -895,6 +1121,7 @@ pub async fn serve<D, U>(
                         break;
                     }
                     () = &mut deliveries => {}
+                    () = &mut pause_limits => {}
                     () = &mut closed => break,
                     () = cut.as_mut() => {
                         tracing::debug!("tcp connection's listener closed and its drain timeout passed; closing");
