@@ -279,6 +279,24 @@ enum Step {
     Close,
 }
 
+/// One filter's pause bookkeeping in a [`NetChain`].
+#[derive(Clone, Copy, Default)]
+struct Pauses {
+    /// Wake-ups not delivered yet ([`Exchange::wakes`]: a proxy-wasm
+    /// filter's pause that another callback of its VM may end). A filter
+    /// with one holds its pauses for it, as for a callout.
+    wakes: usize,
+    /// When its pause in each slot (data from downstream, from upstream
+    /// ([`Peer::idx`]), the new connection ([`NEW`])) outlives its
+    /// `limits.pause` ([`NetworkFilter::pause_limit`]); set when the pause
+    /// starts (a callout pause, or data held), cleared when it ends.
+    deadlines: [Option<tokio::time::Instant>; 3],
+    /// Data it holds that a resume released while a pause later in that
+    /// direction's order waited (that data is older): it goes on when that
+    /// pause ends ([`NetChain::release_held`]), per direction.
+    go_on: [bool; 2],
+}
+
 /// One connection's run through a listener's network chain.
 pub struct NetChain {
     worker: usize,
@@ -293,21 +311,11 @@ pub struct NetChain {
     held: Vec<[Vec<u8>; 2]>,
     /// Callouts of each filter not delivered yet.
     outstanding: Vec<usize>,
-    /// Wake-ups of each filter not delivered yet ([`Exchange::wakes`]: a
-    /// proxy-wasm filter's pause that another callback of its VM may end).
-    /// A filter with one holds its pauses for it, as for a callout.
-    wakes: Vec<usize>,
-    /// When each filter's pause in each slot (data from downstream, from
-    /// upstream ([`Peer::idx`]), the new connection ([`NEW`])) outlives its
-    /// `limits.pause` ([`NetworkFilter::pause_limit`]); set when the pause
-    /// starts (a callout pause, or data held), cleared when it ends.
-    deadlines: Vec<[Option<tokio::time::Instant>; 3]>,
-    /// A deadline was set: whoever sleeps until the earliest must look again.
-    deadline_set: std::rc::Rc<tokio::sync::Notify>,
-    /// Data a filter holds that a resume released while a pause later in
-    /// that direction's order waited (that data is older): it goes on when
-    /// that pause ends ([`Self::release_held`]), per direction.
-    go_on: Vec<[bool; 2]>,
+    /// Each filter's wake-ups, pause deadlines and released data (one
+    /// allocation for the three).
+    pauses: Vec<Pauses>,
+    /// A deadline was set since the timer last looked ([`serve`]).
+    deadline_set: bool,
     /// The filter waiting for a callout, and where, per pause slot: data from
     /// downstream and from upstream ([`Peer::idx`]), the new connection
     /// ([`NEW`]). Each direction stops reading only for its own, so both can
@@ -351,10 +359,8 @@ impl NetChain {
             failed: vec![false; n],
             held: vec![[Vec::new(), Vec::new()]; n],
             outstanding: vec![0; n],
-            wakes: vec![0; n],
-            deadlines: vec![[None; 3]; n],
-            deadline_set: Rc::default(),
-            go_on: vec![[false; 2]; n],
+            pauses: vec![Pauses::default(); n],
+            deadline_set: false,
             paused: [None; 3],
             woke: false,
             out: [Vec::new(), Vec::new()],
@@ -392,7 +398,7 @@ impl NetChain {
             // Fired, or dropped (the filter gave the wait up, its VM died):
             // either way the filter is told.
             let tx = self.deliver.clone();
-            self.wakes[i] += 1;
+            self.pauses[i].wakes += 1;
             self.inflight.spawn(i, id, async move {
                 let result = rx
                     .await
@@ -418,7 +424,7 @@ impl NetChain {
         let f = &self.filters[i];
         tracing::warn!(plugin = f.name(), phase, "plugin failure: {why}");
         self.failed[i] = true;
-        self.deadlines[i] = [None; 3];
+        self.pauses[i].deadlines = [None; 3];
         if f.fail_open() {
             // `settle` ends this filter's pauses and lets what it holds in
             // either direction run on past it.
@@ -498,7 +504,7 @@ impl NetChain {
             }
             // What it held goes with this data: a resume asked for it
             // meanwhile is moot, the filter decides again.
-            self.go_on[i][d] = false;
+            self.pauses[i].go_on[d] = false;
             if self.skipped[i] {
                 continue;
             }
@@ -509,7 +515,7 @@ impl NetChain {
             self.dispatch(i);
             if !matches!(r, Ok(NetVerdict::Pause)) {
                 // Whatever it held went on with this call (or is dropped).
-                self.deadlines[i][d] = None;
+                self.pauses[i].deadlines[d] = None;
             }
             match r {
                 Ok(NetVerdict::Continue | NetVerdict::Resume(_)) => {}
@@ -589,7 +595,7 @@ impl NetChain {
             wake,
         } = d;
         if wake {
-            self.wakes[i] = self.wakes[i].saturating_sub(1);
+            self.pauses[i].wakes = self.pauses[i].wakes.saturating_sub(1);
         } else {
             self.outstanding[i] = self.outstanding[i].saturating_sub(1);
         }
@@ -704,12 +710,12 @@ impl NetChain {
     fn release_skipped(&mut self) -> Option<bool> {
         let mut ran = false;
         for i in 0..self.filters.len() {
-            if !self.skipped[i] && !self.go_on[i].contains(&true) {
+            if !self.skipped[i] && !self.pauses[i].go_on.contains(&true) {
                 continue;
             }
             for from in [Peer::Downstream, Peer::Upstream] {
                 let d = from.idx();
-                if !self.skipped[i] && !self.go_on[i][d] {
+                if !self.skipped[i] && !self.pauses[i].go_on[d] {
                     continue;
                 }
                 let pos = self.position(i, from);
@@ -721,8 +727,8 @@ impl NetChain {
                     continue;
                 }
                 let data = std::mem::take(&mut self.held[i][d]);
-                self.go_on[i][d] = false;
-                self.deadlines[i][d] = None;
+                self.pauses[i].go_on[d] = false;
+                self.pauses[i].deadlines[d] = None;
                 self.woke = true;
                 ran = true;
                 match self.run_data(from, data, false, pos + 1) {
@@ -742,7 +748,7 @@ impl NetChain {
     /// `Some(step)` when the paused new connection resumed.
     fn resume(&mut self, slot: usize) -> Option<Step> {
         let (i, stage) = self.paused[slot].take()?;
-        self.deadlines[i][slot] = None;
+        self.pauses[i].deadlines[slot] = None;
         self.woke = true;
         match stage {
             Stage::New => Some(self.run_new(i + 1)),
@@ -765,25 +771,25 @@ impl NetChain {
     /// Whether something other than new data can end a pause of filter `i`:
     /// a callout of it, or a wake-up it armed (another callback of its VM).
     fn resumable(&self, i: usize) -> bool {
-        self.outstanding[i] > 0 || self.wakes[i] > 0
+        self.outstanding[i] > 0 || self.pauses[i].wakes > 0
     }
 
     /// Filter `i`'s pause in `slot` starts (or goes on): its `limits.pause`
     /// runs from the first `Pause`, not from each.
     fn start_deadline(&mut self, i: usize, slot: usize) {
-        if self.deadlines[i][slot].is_some() {
+        if self.pauses[i].deadlines[slot].is_some() {
             return;
         }
         if let Some(limit) = self.filters[i].pause_limit() {
-            self.deadlines[i][slot] = Some(tokio::time::Instant::now() + limit);
-            self.deadline_set.notify_one();
+            self.pauses[i].deadlines[slot] = Some(tokio::time::Instant::now() + limit);
+            self.deadline_set = true;
         }
     }
 
     /// When the first pause outlives its `limits.pause` ([`Self::expire`]);
     /// `None` while nothing is paused (or nothing paused has a bound).
     fn next_deadline(&self) -> Option<tokio::time::Instant> {
-        self.deadlines.iter().flatten().flatten().min().copied()
+        self.pauses.iter().flat_map(|p| p.deadlines).flatten().min()
     }
 
     /// Whether filter `i` still pauses in `slot`: a callout pause, or data
@@ -801,13 +807,13 @@ impl NetChain {
         let mut skipped = false;
         for i in 0..self.filters.len() {
             for slot in [NEW, 0, 1] {
-                let Some(t) = self.deadlines[i][slot] else {
+                let Some(t) = self.pauses[i].deadlines[slot] else {
                     continue;
                 };
                 if t > now {
                     continue;
                 }
-                self.deadlines[i][slot] = None;
+                self.pauses[i].deadlines[slot] = None;
                 if self.closing || self.skipped[i] || !self.pauses(i, slot) {
                     continue;
                 }
@@ -851,7 +857,7 @@ impl NetChain {
             // A callout pause: `resume` decides.
             return;
         }
-        self.go_on[i][d] = true;
+        self.pauses[i].go_on[d] = true;
         let _ = self.release_skipped();
     }
 
@@ -1014,7 +1020,9 @@ where
             // The filters called may have ended another direction's pause
             // for good (a failure, a cancelled callout).
             let settled = c.settle();
-            (step, std::mem::take(&mut c.woke) || settled.is_some())
+            // (A pause that started has a deadline for the timer.)
+            let woke = std::mem::take(&mut c.woke) | std::mem::take(&mut c.deadline_set);
+            (step, woke || settled.is_some())
         };
         if settled {
             wake.send_modify(|v| *v += 1);
@@ -1078,17 +1086,27 @@ pub async fn serve<D, U>(
                 std::future::pending::<()>().await;
             };
             // Pauses past their `limits.pause` fail (a timer only while one
-            // has a bound; re-armed when a new one starts).
-            let deadline_set = cell.borrow().deadline_set.clone();
+            // has a bound; re-armed when a new one starts, which wakes).
+            let mut on_deadline = changed.clone();
             let pause_limits = async {
                 loop {
-                    let next = cell.borrow().next_deadline();
+                    let next = {
+                        let mut c = cell.borrow_mut();
+                        c.deadline_set = false;
+                        c.next_deadline()
+                    };
+                    // (Every other change wakes it too: a delivery, a
+                    // resume, a pump that saw a pause start.)
                     tokio::select! {
                         () = sleep_until(next) => {
                             let _ = cell.borrow_mut().expire(tokio::time::Instant::now());
                             wake.send_modify(|v| *v += 1);
                         }
-                        () = deadline_set.notified() => {}
+                        r = on_deadline.changed() => {
+                            if r.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        }
                     }
                 }
             };
@@ -1522,6 +1540,141 @@ mod tests {
                 assert!(matches!(c.deliver(d), Some(Step::Close)));
             })
             .await;
+    }
+
+    /// Holds downstream data until it ends with a newline, then waits for a
+    /// wake-up (as a proxy-wasm filter waits for a tick): every `Pause`
+    /// arms one (the sender kept in `fire`); a delivered wake-up resumes
+    /// downstream data. `limit` is its `limits.pause`.
+    struct Ticked {
+        fire: Mutex<Vec<tokio::sync::oneshot::Sender<CalloutResult>>>,
+        limit: Option<Duration>,
+        open: bool,
+    }
+
+    impl NetworkFilter for Ticked {
+        fn name(&self) -> &str {
+            "ticked"
+        }
+        fn fail_open(&self) -> bool {
+            self.open
+        }
+        fn buffer_limit(&self) -> usize {
+            1024
+        }
+        fn pause_limit(&self) -> Option<Duration> {
+            self.limit
+        }
+        fn on_new_connection(&self, _: usize, _: &mut Exchange) -> Result<NetVerdict, String> {
+            Ok(NetVerdict::Continue)
+        }
+        fn on_data(
+            &self,
+            _: usize,
+            c: &mut Exchange,
+            _: Peer,
+            _: bool,
+        ) -> Result<NetVerdict, String> {
+            let mut fire = self.fire.lock().unwrap();
+            if fire.is_empty() {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                c.wakes.push((1 << 32, rx));
+                fire.push(tx);
+            }
+            Ok(NetVerdict::Pause)
+        }
+        fn on_callout_response(
+            &self,
+            _: usize,
+            _: &mut Exchange,
+            id: u64,
+            _: CalloutResult,
+        ) -> Result<NetVerdict, String> {
+            assert_eq!(id, 1 << 32);
+            Ok(NetVerdict::Resume(Peer::Downstream))
+        }
+        fn on_close(&self, _: usize, _: &mut Exchange, _: Peer, _: bool) {}
+        fn on_done(&self, _: usize, _: &mut Exchange) {}
+    }
+
+    fn ticked(limit: Option<Duration>, open: bool) -> Ticked {
+        Ticked {
+            fire: Mutex::new(Vec::new()),
+            limit,
+            open,
+        }
+    }
+
+    /// A pause a wake-up can end keeps Envoy's buffering (the filter is
+    /// called again with all it holds; reading goes on) and the wake-up's
+    /// resume lets what it holds go on, in order, to the next filter.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_wake_up_resumes_data_held_with_nothing_outstanding() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let log = Arc::default();
+                let t = Arc::new(ticked(None, false));
+                let filters: Vec<Arc<dyn NetworkFilter>> =
+                    vec![t.clone(), Arc::new(tag(b'b', 0, false, &log))];
+                let (mut c, mut rx) = chain_of(filters);
+                assert!(start(&mut c, &mut rx).await);
+                for part in [&b"he"[..], b"llo\n"] {
+                    assert!(matches!(
+                        c.run_data(Peer::Downstream, part.to_vec(), false, 0),
+                        Step::Held
+                    ));
+                    assert!(!c.blocked(Peer::Downstream));
+                    assert!(c.settle().is_none());
+                }
+                assert!(c.next_deadline().is_none(), "no limits.pause, no timer");
+                let tx = t.fire.lock().unwrap().pop().unwrap();
+                tx.send(Err(crate::filter::CalloutError::Unavailable))
+                    .unwrap();
+                let d = rx.recv().await.unwrap();
+                assert!(d.wake);
+                assert!(c.deliver(d).is_none());
+                assert_eq!(std::mem::take(&mut c.out[0]), b"hello\nb");
+                assert!(!c.closing);
+            })
+            .await;
+    }
+
+    /// A pause nothing ends fails at its filter's `limits.pause`: fail
+    /// closed closes, fail open skips the filter and lets what it held go
+    /// on. An end-of-stream `Pause` with only a wake-up waits (a slot).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_pause_past_its_limit_fails_by_policy() {
+        for open in [false, true] {
+            let local = tokio::task::LocalSet::new();
+            local
+                .run_until(async {
+                    let log = Arc::default();
+                    let t = Arc::new(ticked(Some(Duration::from_secs(60)), open));
+                    let filters: Vec<Arc<dyn NetworkFilter>> =
+                        vec![t.clone(), Arc::new(tag(b'b', 0, false, &log))];
+                    let (mut c, mut rx) = chain_of(filters);
+                    assert!(start(&mut c, &mut rx).await);
+                    assert!(matches!(
+                        c.run_data(Peer::Downstream, b"x".to_vec(), true, 0),
+                        Step::Held
+                    ));
+                    assert!(c.blocked(Peer::Downstream));
+                    let at = c.next_deadline().unwrap();
+                    assert!(c.expire(at - Duration::from_secs(1)).is_none());
+                    let step = c.expire(at);
+                    if open {
+                        assert!(step.is_none() && !c.closing);
+                        assert_eq!(std::mem::take(&mut c.out[0]), b"xb");
+                        assert!(c.eos_out[0]);
+                    } else {
+                        assert!(matches!(step, Some(Step::Close)));
+                        assert!(c.closing);
+                    }
+                    assert!(c.next_deadline().is_none());
+                })
+                .await;
+        }
     }
 
     /// A fail-open filter buffering downstream data fails in an upstream
