@@ -21,7 +21,13 @@
 //! the filter called again with all of it (Envoy's buffering), up to the
 //! filter's cap. Each direction and the new connection have their own callout
 //! pause, so both directions can wait at once, and a filter's `Continue` from a
-//! callout response resumes every pause of that filter. Failures follow the
+//! callout response resumes every pause of that filter (and lets data it
+//! buffers go on). A wake-up a filter arms ([`Exchange::wakes`]: a proxy-wasm
+//! filter's pause, which another callback of its VM may end) counts as
+//! something that can end its pauses, as a callout does, except that data
+//! paused before its end keeps being buffered; its delivery resumes as a
+//! callout response does. A filter with a [`NetworkFilter::pause_limit`]
+//! fails a pause that outlives it. Failures follow the
 //! plugin's policy as for HTTP filters: `fail: closed` closes the connection,
 //! `fail: open` skips the filter for the rest of the connection.
 

@@ -2206,6 +2206,9 @@ impl ProxyWasmFilter {
 
 /// On TCP proxy listeners (docs/proxy-wasm.md, "TCP"): a stream context per
 /// connection, created at `proxy_on_new_connection`; data in buffers 2 and 3.
+/// Every `Pause` arms the connection's wake-up ([`net_pause`]), so another
+/// callback of the VM may end it ([`ProxyWasmFilter::net_wake`]); the chain
+/// bounds each pause by `limits.pause`.
 impl NetworkFilter for ProxyWasmFilter {
     fn name(&self) -> &str {
         &self.meta.name
