@@ -21,7 +21,13 @@
 //! the filter called again with all of it (Envoy's buffering), up to the
 //! filter's cap. Each direction and the new connection have their own callout
 //! pause, so both directions can wait at once, and a filter's `Continue` from a
-//! callout response resumes every pause of that filter. Failures follow the
+//! callout response resumes every pause of that filter (and lets data it
+//! buffers go on). A wake-up a filter arms ([`Exchange::wakes`]: a proxy-wasm
+//! filter's pause, which another callback of its VM may end) counts as
+//! something that can end its pauses, as a callout does, except that data
+//! paused before its end keeps being buffered; its delivery resumes as a
+//! callout response does. A filter with a [`NetworkFilter::pause_limit`]
+//! fails a pause that outlives it. Failures follow the
 //! plugin's policy as for HTTP filters: `fail: closed` closes the connection,
 //! `fail: open` skips the filter for the rest of the connection.
 
@@ -108,6 +114,19 @@ pub trait NetworkFilter: Send + Sync {
     /// on callouts that were all cancelled, so nothing can end the pause. For
     /// the filter's stats, as its own failures.
     fn host_failure(&self) {}
+    /// How long one pause of this filter may hold the connection or its
+    /// data (`limits.pause`), from its first `Pause` until what it holds
+    /// goes on; past it the pause fails by the failure policy. `None`: no
+    /// bound (component filters: their pauses end with a callout, which has
+    /// its own timeout, or with more data).
+    fn pause_limit(&self) -> Option<Duration> {
+        None
+    }
+    /// The chain gave up this filter's pause (past its `limits.pause`): the
+    /// filter drops what it kept for it (a wake-up it armed).
+    fn pause_abandoned(&self, worker: usize, c: &mut Exchange) {
+        let _ = (worker, c);
+    }
     /// A downstream connection was accepted (after TLS), before connecting
     /// upstream. The first call for `c`: the implementation creates its
     /// per-connection state here.
@@ -232,8 +251,16 @@ pub fn connection(facts: Arc<ConnFacts>, listener: &Name, cluster: &Name) -> Exc
     x
 }
 
-/// A callout result on its way back: the filter that sent it, its id, the result.
-type Delivery = (usize, u64, CalloutResult);
+/// A callout result or a wake-up on its way back.
+pub struct Delivery {
+    /// The filter that sent the callout or armed the wake-up.
+    filter: usize,
+    /// The callout's (or wake-up's) id.
+    id: u64,
+    result: CalloutResult,
+    /// A wake-up ([`Exchange::wakes`]), not a callout.
+    wake: bool,
+}
 
 /// The pause slot of the new connection (the data slots are [`Peer::idx`]).
 const NEW: usize = 2;
@@ -258,6 +285,24 @@ enum Step {
     Close,
 }
 
+/// One filter's pause bookkeeping in a [`NetChain`].
+#[derive(Clone, Copy, Default)]
+struct Pauses {
+    /// Wake-ups not delivered yet ([`Exchange::wakes`]: a proxy-wasm
+    /// filter's pause that another callback of its VM may end). A filter
+    /// with one holds its pauses for it, as for a callout.
+    wakes: usize,
+    /// When its pause in each slot (data from downstream, from upstream
+    /// ([`Peer::idx`]), the new connection ([`NEW`])) outlives its
+    /// `limits.pause` ([`NetworkFilter::pause_limit`]); set when the pause
+    /// starts (a callout pause, or data held), cleared when it ends.
+    deadlines: [Option<tokio::time::Instant>; 3],
+    /// Data it holds that a resume released while a pause later in that
+    /// direction's order waited (that data is older): it goes on when that
+    /// pause ends ([`NetChain::release_held`]), per direction.
+    go_on: [bool; 2],
+}
+
 /// One connection's run through a listener's network chain.
 pub struct NetChain {
     worker: usize,
@@ -272,6 +317,11 @@ pub struct NetChain {
     held: Vec<[Vec<u8>; 2]>,
     /// Callouts of each filter not delivered yet.
     outstanding: Vec<usize>,
+    /// Each filter's wake-ups, pause deadlines and released data (one
+    /// allocation for the three).
+    pauses: Vec<Pauses>,
+    /// A deadline was set since the timer last looked ([`serve`]).
+    deadline_set: bool,
     /// The filter waiting for a callout, and where, per pause slot: data from
     /// downstream and from upstream ([`Peer::idx`]), the new connection
     /// ([`NEW`]). Each direction stops reading only for its own, so both can
@@ -315,6 +365,8 @@ impl NetChain {
             failed: vec![false; n],
             held: vec![[Vec::new(), Vec::new()]; n],
             outstanding: vec![0; n],
+            pauses: vec![Pauses::default(); n],
+            deadline_set: false,
             paused: [None; 3],
             woke: false,
             out: [Vec::new(), Vec::new()],
@@ -340,7 +392,29 @@ impl NetChain {
             let tx = self.deliver.clone();
             self.outstanding[i] += 1;
             self.inflight.spawn(i, id, async move {
-                let _ = tx.send((i, id, fut.await));
+                let _ = tx.send(Delivery {
+                    filter: i,
+                    id,
+                    result: fut.await,
+                    wake: false,
+                });
+            });
+        }
+        for (id, rx) in std::mem::take(&mut self.x.wakes) {
+            // Fired, or dropped (the filter gave the wait up, its VM died):
+            // either way the filter is told.
+            let tx = self.deliver.clone();
+            self.pauses[i].wakes += 1;
+            self.inflight.spawn(i, id, async move {
+                let result = rx
+                    .await
+                    .unwrap_or(Err(crate::filter::CalloutError::Unavailable));
+                let _ = tx.send(Delivery {
+                    filter: i,
+                    id,
+                    result,
+                    wake: true,
+                });
             });
         }
         for id in std::mem::take(&mut self.x.cancelled) {
@@ -356,6 +430,7 @@ impl NetChain {
         let f = &self.filters[i];
         tracing::warn!(plugin = f.name(), phase, "plugin failure: {why}");
         self.failed[i] = true;
+        self.pauses[i].deadlines = [None; 3];
         if f.fail_open() {
             // `settle` ends this filter's pauses and lets what it holds in
             // either direction run on past it.
@@ -396,8 +471,9 @@ impl NetChain {
             match r {
                 Ok(NetVerdict::Continue | NetVerdict::Resume(_)) => {}
                 Ok(NetVerdict::Close) => return Step::Close,
-                Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
+                Ok(NetVerdict::Pause) if self.resumable(i) => {
                     self.paused[NEW] = Some((i, Stage::New));
+                    self.start_deadline(i, NEW);
                     return Step::Held;
                 }
                 Ok(NetVerdict::Pause) => {
@@ -432,6 +508,9 @@ impl NetChain {
                 held.append(&mut data);
                 data = held;
             }
+            // What it held goes with this data: a resume asked for it
+            // meanwhile is moot, the filter decides again.
+            self.pauses[i].go_on[d] = false;
             if self.skipped[i] {
                 continue;
             }
@@ -440,22 +519,32 @@ impl NetChain {
             let r = f.on_data(self.worker, &mut self.x, from, eos);
             data = self.x.bodies[d].take().unwrap_or_default().into_vec();
             self.dispatch(i);
+            if !matches!(r, Ok(NetVerdict::Pause)) {
+                // Whatever it held went on with this call (or is dropped).
+                self.pauses[i].deadlines[d] = None;
+            }
             match r {
                 Ok(NetVerdict::Continue | NetVerdict::Resume(_)) => {}
                 Ok(NetVerdict::Close) => return Step::Close,
                 Ok(NetVerdict::Pause)
-                    if (self.outstanding[i] > 0 || !eos) && self.over_cap(i, from, &data) =>
+                    if (self.resumable(i) || !eos) && self.over_cap(i, from, &data) =>
                 {
                     return Step::Close;
                 }
-                Ok(NetVerdict::Pause) if self.outstanding[i] > 0 => {
+                Ok(NetVerdict::Pause) if self.outstanding[i] > 0 || eos && self.resumable(i) => {
+                    // Waits for a callout, or (at the end of the stream) for
+                    // a resume from another callback: that direction stops.
                     self.held[i][d] = data;
                     self.paused[d] = Some((i, Stage::Data { from, pos, eos }));
+                    self.start_deadline(i, d);
                     return Step::Held;
                 }
                 Ok(NetVerdict::Pause) if !eos => {
-                    // Envoy's buffering: called again with this and the next data.
+                    // Envoy's buffering: called again with this and the next
+                    // data, until it continues or a resume from another
+                    // callback lets the data go on.
                     self.held[i][d] = data;
+                    self.start_deadline(i, d);
                     return Step::Held;
                 }
                 Ok(NetVerdict::Pause) => {
@@ -504,8 +593,18 @@ impl NetChain {
     /// Delivers a callout result; a resume runs the rest of the chain from where
     /// the filter paused, for each pause of that filter. `Some(step)` when the
     /// paused new connection resumed.
-    fn deliver(&mut self, (i, id, result): Delivery) -> Option<Step> {
-        self.outstanding[i] = self.outstanding[i].saturating_sub(1);
+    fn deliver(&mut self, d: Delivery) -> Option<Step> {
+        let Delivery {
+            filter: i,
+            id,
+            result,
+            wake,
+        } = d;
+        if wake {
+            self.pauses[i].wakes = self.pauses[i].wakes.saturating_sub(1);
+        } else {
+            self.outstanding[i] = self.outstanding[i].saturating_sub(1);
+        }
         if self.closing {
             return None;
         }
@@ -545,6 +644,14 @@ impl NetChain {
                 if step.is_some() {
                     return step;
                 }
+                // Data it holds without waiting on a callout (Envoy's read
+                // buffer after `StopIteration`) goes on too, as Envoy's
+                // `continueReading`.
+                for from in [Peer::Downstream, Peer::Upstream] {
+                    if slots.contains(&from.idx()) {
+                        self.release_held(i, from);
+                    }
+                }
             }
             Ok(NetVerdict::Close) => {
                 self.closing = true;
@@ -578,7 +685,7 @@ impl NetChain {
                     return None;
                 }
                 if !self.skipped[p] {
-                    if self.outstanding[p] > 0 {
+                    if self.resumable(p) {
                         continue;
                     }
                     let why = "paused with no callout outstanding: nothing could resume it";
@@ -609,11 +716,14 @@ impl NetChain {
     fn release_skipped(&mut self) -> Option<bool> {
         let mut ran = false;
         for i in 0..self.filters.len() {
-            if !self.skipped[i] {
+            if !self.skipped[i] && !self.pauses[i].go_on.contains(&true) {
                 continue;
             }
             for from in [Peer::Downstream, Peer::Upstream] {
                 let d = from.idx();
+                if !self.skipped[i] && !self.pauses[i].go_on[d] {
+                    continue;
+                }
                 let pos = self.position(i, from);
                 let waits_later = matches!(
                     self.paused[d],
@@ -623,6 +733,8 @@ impl NetChain {
                     continue;
                 }
                 let data = std::mem::take(&mut self.held[i][d]);
+                self.pauses[i].go_on[d] = false;
+                self.pauses[i].deadlines[d] = None;
                 self.woke = true;
                 ran = true;
                 match self.run_data(from, data, false, pos + 1) {
@@ -642,6 +754,7 @@ impl NetChain {
     /// `Some(step)` when the paused new connection resumed.
     fn resume(&mut self, slot: usize) -> Option<Step> {
         let (i, stage) = self.paused[slot].take()?;
+        self.pauses[i].deadlines[slot] = None;
         self.woke = true;
         match stage {
             Stage::New => Some(self.run_new(i + 1)),
@@ -659,6 +772,99 @@ impl NetChain {
                 None
             }
         }
+    }
+
+    /// Whether something other than new data can end a pause of filter `i`:
+    /// a callout of it, or a wake-up it armed (another callback of its VM).
+    fn resumable(&self, i: usize) -> bool {
+        self.outstanding[i] > 0 || self.pauses[i].wakes > 0
+    }
+
+    /// Filter `i`'s pause in `slot` starts (or goes on): its `limits.pause`
+    /// runs from the first `Pause`, not from each.
+    fn start_deadline(&mut self, i: usize, slot: usize) {
+        if self.pauses[i].deadlines[slot].is_some() {
+            return;
+        }
+        if let Some(limit) = self.filters[i].pause_limit() {
+            self.pauses[i].deadlines[slot] = Some(tokio::time::Instant::now() + limit);
+            self.deadline_set = true;
+        }
+    }
+
+    /// When the first pause outlives its `limits.pause` ([`Self::expire`]);
+    /// `None` while nothing is paused (or nothing paused has a bound).
+    fn next_deadline(&self) -> Option<tokio::time::Instant> {
+        self.pauses.iter().flat_map(|p| p.deadlines).flatten().min()
+    }
+
+    /// Whether filter `i` still pauses in `slot`: a callout pause, or data
+    /// it holds.
+    fn pauses(&self, i: usize, slot: usize) -> bool {
+        matches!(self.paused[slot], Some((p, _)) if p == i)
+            || slot < NEW && !self.held[i][slot].is_empty()
+    }
+
+    /// Fails the pauses that outlived their filter's `limits.pause` by
+    /// `now`, as HTTP pauses: counted as the filter's failure, then its
+    /// policy (fail closed: `Some(Step::Close)`; fail open: the filter is
+    /// skipped and what it held goes on, see [`Self::settle`]).
+    fn expire(&mut self, now: tokio::time::Instant) -> Option<Step> {
+        let mut skipped = false;
+        for i in 0..self.filters.len() {
+            for slot in [NEW, 0, 1] {
+                let Some(t) = self.pauses[i].deadlines[slot] else {
+                    continue;
+                };
+                if t > now {
+                    continue;
+                }
+                self.pauses[i].deadlines[slot] = None;
+                if self.closing || self.skipped[i] || !self.pauses(i, slot) {
+                    continue;
+                }
+                let f = self.filters[i].clone();
+                f.host_failure();
+                f.pause_abandoned(self.worker, &mut self.x);
+                self.dispatch(i);
+                let phase = match slot {
+                    NEW => "new_connection",
+                    0 => "downstream_data",
+                    _ => "upstream_data",
+                };
+                let why = format!(
+                    "paused for longer than its `limits.pause` ({:?}) without being resumed",
+                    f.pause_limit().unwrap_or_default()
+                );
+                if !self.failure(i, phase, &why) {
+                    self.closing = true;
+                    return Some(Step::Close);
+                }
+                skipped = true;
+            }
+        }
+        if skipped {
+            self.woke = true;
+            return self.settle();
+        }
+        None
+    }
+
+    /// A resume of filter `i` for data from `from` it holds without a
+    /// callout pause (buffered): the data goes on from the next filter, now,
+    /// or (a callout pause later in that direction's order waits: its data
+    /// is older) once that pause ended ([`Self::release_skipped`]).
+    fn release_held(&mut self, i: usize, from: Peer) {
+        let d = from.idx();
+        if self.held[i][d].is_empty() || self.closing {
+            return;
+        }
+        if matches!(self.paused[d], Some((p, _)) if p == i) {
+            // A callout pause: `resume` decides.
+            return;
+        }
+        self.pauses[i].go_on[d] = true;
+        let _ = self.release_skipped();
     }
 
     /// Close notifications for the sides that were open (not to filters that
@@ -697,8 +903,16 @@ impl Drop for NetChain {
 /// Callout results for a chain.
 pub type Deliveries = tokio::sync::mpsc::UnboundedReceiver<Delivery>;
 
-/// Runs `on_new_connection` over the chain, waiting out pauses: whether to
-/// connect upstream.
+/// Sleeps until `t`; never without one.
+async fn sleep_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs `on_new_connection` over the chain, waiting out pauses (up to their
+/// `limits.pause`): whether to connect upstream.
 pub async fn start(chain: &mut NetChain, rx: &mut Deliveries) -> bool {
     let mut step = chain.run_new(0);
     loop {
@@ -709,10 +923,18 @@ pub async fn start(chain: &mut NetChain, rx: &mut Deliveries) -> bool {
                 return false;
             }
             Step::Held => {
-                let Some(d) = rx.recv().await else {
-                    return false;
+                let deadline = chain.next_deadline();
+                step = tokio::select! {
+                    d = rx.recv() => {
+                        let Some(d) = d else {
+                            return false;
+                        };
+                        chain.deliver(d).unwrap_or(Step::Held)
+                    }
+                    () = sleep_until(deadline) => {
+                        chain.expire(tokio::time::Instant::now()).unwrap_or(Step::Held)
+                    }
                 };
-                step = chain.deliver(d).unwrap_or(Step::Held);
             }
         }
     }
@@ -804,7 +1026,9 @@ where
             // The filters called may have ended another direction's pause
             // for good (a failure, a cancelled callout).
             let settled = c.settle();
-            (step, std::mem::take(&mut c.woke) || settled.is_some())
+            // (A pause that started has a deadline for the timer.)
+            let woke = std::mem::take(&mut c.woke) | std::mem::take(&mut c.deadline_set);
+            (step, woke || settled.is_some())
         };
         if settled {
             wake.send_modify(|v| *v += 1);
@@ -867,6 +1091,31 @@ pub async fn serve<D, U>(
                 }
                 std::future::pending::<()>().await;
             };
+            // Pauses past their `limits.pause` fail (a timer only while one
+            // has a bound; re-armed when a new one starts, which wakes).
+            let mut on_deadline = changed.clone();
+            let pause_limits = async {
+                loop {
+                    let next = {
+                        let mut c = cell.borrow_mut();
+                        c.deadline_set = false;
+                        c.next_deadline()
+                    };
+                    // (Every other change wakes it too: a delivery, a
+                    // resume, a pump that saw a pause start.)
+                    tokio::select! {
+                        () = sleep_until(next) => {
+                            let _ = cell.borrow_mut().expire(tokio::time::Instant::now());
+                            wake.send_modify(|v| *v += 1);
+                        }
+                        r = on_deadline.changed() => {
+                            if r.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                    }
+                }
+            };
             // A close ends the connection even if a pump is stuck writing to a
             // peer that does not read.
             let mut on_change = changed.clone();
@@ -880,6 +1129,7 @@ pub async fn serve<D, U>(
             tokio::pin!(pumps);
             tokio::pin!(deliveries);
             tokio::pin!(closed);
+            tokio::pin!(pause_limits);
             let mut result = None;
             loop {
                 let deadline = match activity.check(idle, None) {
@@ -895,6 +1145,7 @@ pub async fn serve<D, U>(
                         break;
                     }
                     () = &mut deliveries => {}
+                    () = &mut pause_limits => {}
                     () = &mut closed => break,
                     () = cut.as_mut() => {
                         tracing::debug!("tcp connection's listener closed and its drain timeout passed; closing");
@@ -1295,6 +1546,141 @@ mod tests {
                 assert!(matches!(c.deliver(d), Some(Step::Close)));
             })
             .await;
+    }
+
+    /// Holds downstream data until it ends with a newline, then waits for a
+    /// wake-up (as a proxy-wasm filter waits for a tick): every `Pause`
+    /// arms one (the sender kept in `fire`); a delivered wake-up resumes
+    /// downstream data. `limit` is its `limits.pause`.
+    struct Ticked {
+        fire: Mutex<Vec<tokio::sync::oneshot::Sender<CalloutResult>>>,
+        limit: Option<Duration>,
+        open: bool,
+    }
+
+    impl NetworkFilter for Ticked {
+        fn name(&self) -> &str {
+            "ticked"
+        }
+        fn fail_open(&self) -> bool {
+            self.open
+        }
+        fn buffer_limit(&self) -> usize {
+            1024
+        }
+        fn pause_limit(&self) -> Option<Duration> {
+            self.limit
+        }
+        fn on_new_connection(&self, _: usize, _: &mut Exchange) -> Result<NetVerdict, String> {
+            Ok(NetVerdict::Continue)
+        }
+        fn on_data(
+            &self,
+            _: usize,
+            c: &mut Exchange,
+            _: Peer,
+            _: bool,
+        ) -> Result<NetVerdict, String> {
+            let mut fire = self.fire.lock().unwrap();
+            if fire.is_empty() {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                c.wakes.push((1 << 32, rx));
+                fire.push(tx);
+            }
+            Ok(NetVerdict::Pause)
+        }
+        fn on_callout_response(
+            &self,
+            _: usize,
+            _: &mut Exchange,
+            id: u64,
+            _: CalloutResult,
+        ) -> Result<NetVerdict, String> {
+            assert_eq!(id, 1 << 32);
+            Ok(NetVerdict::Resume(Peer::Downstream))
+        }
+        fn on_close(&self, _: usize, _: &mut Exchange, _: Peer, _: bool) {}
+        fn on_done(&self, _: usize, _: &mut Exchange) {}
+    }
+
+    fn ticked(limit: Option<Duration>, open: bool) -> Ticked {
+        Ticked {
+            fire: Mutex::new(Vec::new()),
+            limit,
+            open,
+        }
+    }
+
+    /// A pause a wake-up can end keeps Envoy's buffering (the filter is
+    /// called again with all it holds; reading goes on) and the wake-up's
+    /// resume lets what it holds go on, in order, to the next filter.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_wake_up_resumes_data_held_with_nothing_outstanding() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let log = Arc::default();
+                let t = Arc::new(ticked(None, false));
+                let filters: Vec<Arc<dyn NetworkFilter>> =
+                    vec![t.clone(), Arc::new(tag(b'b', 0, false, &log))];
+                let (mut c, mut rx) = chain_of(filters);
+                assert!(start(&mut c, &mut rx).await);
+                for part in [&b"he"[..], b"llo\n"] {
+                    assert!(matches!(
+                        c.run_data(Peer::Downstream, part.to_vec(), false, 0),
+                        Step::Held
+                    ));
+                    assert!(!c.blocked(Peer::Downstream));
+                    assert!(c.settle().is_none());
+                }
+                assert!(c.next_deadline().is_none(), "no limits.pause, no timer");
+                let tx = t.fire.lock().unwrap().pop().unwrap();
+                tx.send(Err(crate::filter::CalloutError::Unavailable))
+                    .unwrap();
+                let d = rx.recv().await.unwrap();
+                assert!(d.wake);
+                assert!(c.deliver(d).is_none());
+                assert_eq!(std::mem::take(&mut c.out[0]), b"hello\nb");
+                assert!(!c.closing);
+            })
+            .await;
+    }
+
+    /// A pause nothing ends fails at its filter's `limits.pause`: fail
+    /// closed closes, fail open skips the filter and lets what it held go
+    /// on. An end-of-stream `Pause` with only a wake-up waits (a slot).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_pause_past_its_limit_fails_by_policy() {
+        for open in [false, true] {
+            let local = tokio::task::LocalSet::new();
+            local
+                .run_until(async {
+                    let log = Arc::default();
+                    let t = Arc::new(ticked(Some(Duration::from_secs(60)), open));
+                    let filters: Vec<Arc<dyn NetworkFilter>> =
+                        vec![t.clone(), Arc::new(tag(b'b', 0, false, &log))];
+                    let (mut c, mut rx) = chain_of(filters);
+                    assert!(start(&mut c, &mut rx).await);
+                    assert!(matches!(
+                        c.run_data(Peer::Downstream, b"x".to_vec(), true, 0),
+                        Step::Held
+                    ));
+                    assert!(c.blocked(Peer::Downstream));
+                    let at = c.next_deadline().unwrap();
+                    assert!(c.expire(at - Duration::from_secs(1)).is_none());
+                    let step = c.expire(at);
+                    if open {
+                        assert!(step.is_none() && !c.closing);
+                        assert_eq!(std::mem::take(&mut c.out[0]), b"xb");
+                        assert!(c.eos_out[0]);
+                    } else {
+                        assert!(matches!(step, Some(Step::Close)));
+                        assert!(c.closing);
+                    }
+                    assert!(c.next_deadline().is_none());
+                })
+                .await;
+        }
     }
 
     /// A fail-open filter buffering downstream data fails in an upstream

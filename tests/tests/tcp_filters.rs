@@ -420,8 +420,9 @@ async fn upstream_bytes_a_filter_holds_keep_the_connection_open() {
 
 /// A filter that holds a connection's data (`tcp-rewrite` pauses a line
 /// until its newline) while nothing else moves: the connection is closed
-/// after `idle_timeout` (a pause has no bound of its own on TCP), the held
-/// bytes never reach the upstream, and the filter sees a local close.
+/// after `idle_timeout` (here before the pause's own bound, `limits.pause`,
+/// 300 s by default), the held bytes never reach the upstream, and the
+/// filter sees a local close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_whose_data_a_filter_holds_is_closed_when_idle() {
     let echo = tcp_echo_server().await;
@@ -630,15 +631,21 @@ async fn proxy_wasm_rewrites_held_data_in_a_calls_callback() {
 }
 
 /// A callback that resumes only the downstream direction leaves the paused
-/// upstream direction with nothing to resume it: a failure, so with `fail:
-/// closed` the connection closes and the held upstream data never reaches the
-/// client.
+/// upstream direction paused: with no call left, only another callback of
+/// the VM could resume it, and nothing does, so at the plugin's
+/// `limits.pause` it fails, and with `fail: closed` the connection closes
+/// and the held upstream data never reaches the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_wasm_resume_downstream_leaves_upstream_paused() {
     let up = greeting_server().await;
     let az = authz_upstream().await;
     let lg = legate()
-        .config(&resume_config(up, az.addr, "tcp-resume-down", "/check/tcp"))
+        .config(&with_pause_limit(&resume_config(
+            up,
+            az.addr,
+            "tcp-resume-down",
+            "/check/tcp",
+        )))
         .start();
     let mut c = RawConn::connect(lg.addr("tcp")).await;
     let (rest, closed) = c.read_until_close(HANG_GUARD).await;
@@ -646,6 +653,194 @@ async fn proxy_wasm_resume_downstream_leaves_upstream_paused() {
     lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 1.0)
         .await;
     lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
+}
+
+/// `yaml` with plugin `pw`'s `limits.pause` at 300 ms.
+fn with_pause_limit(yaml: &str) -> String {
+    let out = yaml.replacen(
+        "limits: { cpu: 500ms }",
+        "limits: { cpu: 500ms, pause: 300ms }",
+        1,
+    );
+    assert_ne!(out, yaml);
+    out
+}
+
+/// [`config`] in mode `tcp-tick` (the root context's tick resumes or
+/// closes the connections waiting for it) with `opts` added to the plugin
+/// configuration (`, new: true`).
+fn tick_config(up: SocketAddr, opts: &str) -> String {
+    config(
+        up,
+        &format!("{{ mode: tcp-tick, tick_ms: 20{opts} }}"),
+        "",
+        "",
+    )
+}
+
+/// Contexts the guest's ticks acted on, and tick hostcalls that failed.
+fn tick_acted() -> String {
+    metric("pw_tick_acted")
+}
+fn tick_errors() -> String {
+    metric("pw_tick_errors")
+}
+
+/// Envoy's `continueReading` from another callback: downstream data a
+/// proxy-wasm filter holds (`Pause` with nothing outstanding: it is called
+/// again with all of it as more arrives) goes on when the root context's
+/// tick makes the connection effective and calls `resume_downstream`. The
+/// line comes in many reads (over 100 KiB), data written while the
+/// connection waits for the tick is held behind it, and later data passes:
+/// all of it reaches the upstream, in order, nothing lost. No failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_tick_resumes_held_downstream_data() {
+    let echo = tcp_echo_server().await;
+    let lg = legate().config(&tick_config(echo.addr, "")).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let line = [b"hel".to_vec(), vec![b'x'; 100 * 1024], b"lo\n".to_vec()].concat();
+    c.write(&line[..3]).await;
+    c.write(&line[3..]).await;
+    c.write(b"more\n").await;
+    let want = [line.clone(), b"more\n".to_vec()].concat();
+    let got = c.read_exact(want.len(), HANG_GUARD).await.unwrap();
+    assert!(got == want, "the echo differs from what was sent");
+    // Resumed: data passes without waiting.
+    c.write(b"later\n").await;
+    assert_eq!(c.read_exact(6, HANG_GUARD).await.unwrap(), b"later\n");
+    assert_eq!(echo.bytes.get(), want.len() + 6);
+    lg.assert_stat(&tick_acted(), 1.0).await;
+    lg.assert_stat(&tick_errors(), 0.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
+/// A tick's `close_downstream` (`proxy_close_stream` after
+/// `proxy_set_effective_context`) closes a paused connection at once, as
+/// Envoy closes it: the held line never reaches the upstream, the filter
+/// sees a local close, and it is not a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_tick_closes_a_paused_connection() {
+    let echo = tcp_echo_server().await;
+    let lg = legate().config(&tick_config(echo.addr, "")).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"close me\n").await;
+    let (rest, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+    assert_eq!(echo.bytes.get(), 0, "held data reached the upstream");
+    lg.assert_stat(&tick_acted(), 1.0).await;
+    lg.assert_stat(&tick_errors(), 0.0).await;
+    lg.assert_stat(&metric("pw_tcp_down_close_local"), 1.0)
+        .await;
+    lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
+/// Connections waiting for the tick at once (a filter that lets
+/// connections through at a rate) are each resumed, each with its own data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_tick_resumes_concurrent_connections() {
+    let echo = tcp_echo_server().await;
+    let lg = legate().config(&tick_config(echo.addr, "")).start();
+    let addr = lg.addr("tcp");
+    let got = futures_util::future::join_all((0..8).map(|i| async move {
+        let mut c = RawConn::connect(addr).await;
+        let line = format!("connection {i}\n");
+        c.write(line.as_bytes()).await;
+        let got = c.read_exact(line.len(), HANG_GUARD).await.unwrap();
+        (line, got)
+    }))
+    .await;
+    for (line, got) in got {
+        assert_eq!(String::from_utf8_lossy(&got), line);
+    }
+    lg.assert_stat(&tick_acted(), 8.0).await;
+    lg.assert_stat(&tick_errors(), 0.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
+/// `Pause` from `proxy_on_new_connection` with nothing outstanding holds the
+/// connection (no upstream connect, the client's bytes wait) until the tick
+/// resumes it (`resume_downstream`); upstream data held the same way is
+/// resumed by the tick's `resume_upstream` (Envoy answers `UNIMPLEMENTED`
+/// there). The upstream greets first: the greeting reaches the client after
+/// the tick, then the client's bytes are echoed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_tick_resumes_the_new_connection_and_upstream_data() {
+    let up = greeting_server().await;
+    let lg = legate()
+        .config(&tick_config(up, ", new: true, up: true"))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"ping\n").await;
+    let want = b"hello\nping\n";
+    assert_eq!(c.read_exact(want.len(), HANG_GUARD).await.unwrap(), want);
+    lg.assert_stat(&tick_acted(), 2.0).await;
+    lg.assert_stat(&tick_errors(), 0.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+}
+
+/// A pause that nothing resumes (a line starting `never`) holds the data
+/// until the plugin's `limits.pause`, then fails by the failure policy, as
+/// for HTTP: fail closed, the connection closes and the data never reaches
+/// the upstream; fail open, the filter is skipped and the data goes on.
+/// Either way one failure is counted. The same for a new connection paused
+/// with nothing outstanding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_tcp_pause_nothing_resumes_ends_at_the_pause_limit() {
+    let echo = tcp_echo_server().await;
+    for fail in ["closed", "open"] {
+        let yaml = with_pause_limit(&tick_config(echo.addr, "")).replacen(
+            "    proxy_wasm:\n",
+            &format!("    fail: {fail}\n    proxy_wasm:\n"),
+            1,
+        );
+        let lg = legate().config(&yaml).start();
+        let before = echo.bytes.get();
+        let mut c = RawConn::connect(lg.addr("tcp")).await;
+        c.write(b"never\n").await;
+        if fail == "closed" {
+            let (rest, closed) = c.read_until_close(HANG_GUARD).await;
+            assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+            assert_eq!(echo.bytes.get(), before, "held data reached the upstream");
+        } else {
+            assert_eq!(c.read_exact(6, HANG_GUARD).await.unwrap(), b"never\n");
+            // Skipped for the rest of the connection.
+            c.write(b"never again\n").await;
+            assert_eq!(
+                c.read_exact(12, HANG_GUARD).await.unwrap(),
+                b"never again\n"
+            );
+        }
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 1.0)
+            .await;
+        lg.assert_stat(&tick_acted(), 0.0).await;
+        drop(lg);
+
+        // The new connection paused, never resumed.
+        let yaml = with_pause_limit(&tick_config(echo.addr, ", new: true, never: true")).replacen(
+            "    proxy_wasm:\n",
+            &format!("    fail: {fail}\n    proxy_wasm:\n"),
+            1,
+        );
+        let lg = legate().config(&yaml).start();
+        let (before, connections) = (echo.bytes.get(), echo.connections.get());
+        let mut c = RawConn::connect(lg.addr("tcp")).await;
+        c.write(b"hi\n").await;
+        if fail == "closed" {
+            let (rest, closed) = c.read_until_close(HANG_GUARD).await;
+            assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+            assert_eq!(echo.bytes.get(), before);
+            assert_eq!(echo.connections.get(), connections, "connected upstream");
+        } else {
+            assert_eq!(c.read_exact(3, HANG_GUARD).await.unwrap(), b"hi\n");
+        }
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 1.0)
+            .await;
+    }
 }
 
 /// [`config`] with the component fixture (tests/network-guest) as `pw`.

@@ -161,7 +161,8 @@ pub struct PluginLimits {
     /// the failure policy. Default 300s, Envoy's `stream_idle_timeout`, which
     /// ends a stream a filter keeps paused; `0s` = no bound. Callouts have
     /// their own timeouts; this bounds what nothing else does: a pause on a gRPC
-    /// stream that goes silent.
+    /// stream that goes silent. On TCP listeners, a proxy-wasm network
+    /// filter's pauses (of the new connection or of data it holds) too.
     #[serde(default = "defaults::plugin_pause")]
     pub pause: Spanned<Dur>,
 }

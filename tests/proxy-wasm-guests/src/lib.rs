@@ -192,6 +192,20 @@
 //!   in the callback).
 //! - `tcp-lines`: data of either direction is held (`Pause`) until it ends
 //!   with a newline (or the stream ends), then passes unchanged.
+//! - `tcp-tick`: pauses with nothing outstanding that the root context's tick
+//!   (every `tick_ms`, default 20) ends, as `tick-resume` does for HTTP:
+//!   downstream data is held (`Pause`, called again with all of it) until it
+//!   ends with a newline (or the stream ends); then the connection waits for
+//!   the tick (still `Pause` for data that arrives meanwhile), which makes
+//!   it effective and resumes it (`resume_downstream`), or closes it
+//!   (`close_downstream`) if the line starts with `close`; a line starting
+//!   with `never` is never resumed. Once resumed, data passes. With `new:
+//!   true`, `on_new_connection` pauses instead and the tick resumes it
+//!   (downstream data then passes; with `never: true` too, nothing resumes
+//!   it); with `up: true`, the first upstream line
+//!   waits the same way and the tick resumes it (`resume_upstream`). Tick
+//!   hostcalls that fail count in `pw_tick_errors`, contexts acted on in
+//!   `pw_tick_acted`.
 //!
 //! - `share` (VM sharing, `tag` from the config): a static counter of the module
 //!   (one per VM, so only a shared VM shows another plugin's increments) is
@@ -275,7 +289,8 @@ static VM_METRIC: AtomicU32 = AtomicU32::new(0);
 
 std::thread_local! {
     /// `tick-resume`: the HTTP contexts of this VM waiting for a tick, with
-    /// what the tick does to each (`resume`, `local`, `close`).
+    /// what the tick does to each (`resume`, `local`, `close`); `tcp-tick`:
+    /// its TCP contexts (`tcp-resume`, `tcp-close`, `tcp-up`).
     static WAITING: std::cell::RefCell<Vec<(u32, &'static str)>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -318,6 +333,13 @@ struct Settings {
     root_id: String,
     /// The TCP metrics: new, down close remote/local, up close remote/local, log.
     tcp: [u32; 6],
+    /// `tcp-tick`: the new connection waits for the tick (`new`), instead of
+    /// the first downstream line; the first upstream line waits too (`up`).
+    tick_new: bool,
+    tick_up: bool,
+    /// `tcp-tick` with `new: true, never: true`: the new connection's pause
+    /// is never resumed.
+    tick_never: bool,
 }
 
 #[derive(Default)]
@@ -618,7 +640,12 @@ impl RootContext for Root {
                 self.set_tick_period(Duration::from_millis(ms));
             }
         }
-        if self.s.mode == "tick-resume" {
+        if self.s.mode == "tcp-tick" {
+            self.s.tick_new = v["new"].as_bool().unwrap_or(false);
+            self.s.tick_up = v["up"].as_bool().unwrap_or(false);
+            self.s.tick_never = v["never"].as_bool().unwrap_or(false);
+        }
+        if self.s.mode == "tick-resume" || self.s.mode == "tcp-tick" {
             self.s.ticks_metric =
                 hostcalls::define_metric(MetricType::Counter, "pw_tick_errors").unwrap_or(0);
             self.s.requests_metric =
@@ -654,10 +681,13 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        if self.s.mode == "tick-resume" {
+        if self.s.mode == "tick-resume" || self.s.mode == "tcp-tick" {
             let waiting = WAITING.with(|w| std::mem::take(&mut *w.borrow_mut()));
             for (id, what) in waiting {
                 let r = hostcalls::set_effective_context(id).and_then(|()| match what {
+                    "tcp-resume" => hostcalls::resume_downstream(),
+                    "tcp-close" => hostcalls::close_downstream(),
+                    "tcp-up" => hostcalls::resume_upstream(),
                     "local" => hostcalls::send_http_response(
                         429,
                         vec![("x-pw-tick", "local"), ("content-type", "text/plain")],
@@ -738,11 +768,13 @@ impl RootContext for Root {
         }))
     }
 
-    fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
+    fn create_stream_context(&self, context_id: u32) -> Option<Box<dyn StreamContext>> {
         Some(Box::new(Tcp {
+            id: context_id,
             s: self.s.clone(),
             prefix: None,
             calls: [None, None],
+            ticked: [Tick::No, Tick::No],
         }))
     }
 
@@ -755,9 +787,23 @@ impl RootContext for Root {
     }
 }
 
+/// Where a `tcp-tick` direction is.
+#[derive(Clone, Copy, PartialEq)]
+enum Tick {
+    /// Not waiting for the tick yet (holding a partial line).
+    No,
+    /// Waiting for the tick (or, once it acted, resumed).
+    Waits,
+    /// Waiting for nothing (`never`).
+    Never,
+}
+
 /// A TCP connection's context (the `tcp-*` modes).
 struct Tcp {
+    id: u32,
     s: Settings,
+    /// `tcp-tick`: each direction's wait (downstream, upstream).
+    ticked: [Tick; 2],
     /// `tcp-callout`: the authorization answer, prefixed to the next downstream data.
     prefix: Option<Vec<u8>>,
     /// `tcp-resume*`: the call each direction made (downstream, upstream), if any.
@@ -793,6 +839,56 @@ fn replace_all(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
 }
 
 impl Tcp {
+    /// `tcp-tick`: direction `i`'s data waits for the tick (see the module
+    /// docs).
+    fn tick_hold(&mut self, size: usize, end_of_stream: bool, i: usize) -> Action {
+        if (i == 0 && self.s.tick_new) || (i == 1 && !self.s.tick_up) {
+            return Action::Continue;
+        }
+        let up = i == 1;
+        match self.ticked[i] {
+            Tick::Never => return Action::Pause,
+            Tick::Waits => {
+                // Still in the tick's list: still waiting.
+                let id = self.id;
+                let waits = WAITING.with(|w| {
+                    w.borrow()
+                        .iter()
+                        .any(|(c, what)| *c == id && (*what == "tcp-up") == up)
+                });
+                return if waits {
+                    Action::Pause
+                } else {
+                    Action::Continue
+                };
+            }
+            Tick::No => {}
+        }
+        let data = if up {
+            self.get_upstream_data(0, size)
+        } else {
+            self.get_downstream_data(0, size)
+        }
+        .unwrap_or_default();
+        if !end_of_stream && !data.ends_with(b"\n") {
+            return Action::Pause;
+        }
+        let what = if up {
+            "tcp-up"
+        } else if data.starts_with(b"close") {
+            "tcp-close"
+        } else if data.starts_with(b"never") {
+            self.ticked[i] = Tick::Never;
+            return Action::Pause;
+        } else {
+            "tcp-resume"
+        };
+        self.ticked[i] = Tick::Waits;
+        let id = self.id;
+        WAITING.with(|w| w.borrow_mut().push((id, what)));
+        Action::Pause
+    }
+
     /// `tcp-lines`: holds direction `i`'s data until a newline ends it.
     fn line(&self, size: usize, end_of_stream: bool, i: usize) -> Action {
         let data = if i == 0 {
@@ -875,6 +971,13 @@ impl Context for Tcp {
 impl StreamContext for Tcp {
     fn on_new_connection(&mut self) -> Action {
         self.count(0);
+        if self.s.mode == "tcp-tick" && self.s.tick_new {
+            if !self.s.tick_never {
+                let id = self.id;
+                WAITING.with(|w| w.borrow_mut().push((id, "tcp-resume")));
+            }
+            return Action::Pause;
+        }
         if self.s.mode != "tcp-callout" {
             return Action::Continue;
         }
@@ -901,6 +1004,9 @@ impl StreamContext for Tcp {
     fn on_downstream_data(&mut self, size: usize, end_of_stream: bool) -> Action {
         if self.s.mode.starts_with("tcp-resume") {
             return self.hold_once(0);
+        }
+        if self.s.mode == "tcp-tick" {
+            return self.tick_hold(size, end_of_stream, 0);
         }
         if self.s.mode == "tcp-lines" {
             return self.line(size, end_of_stream, 0);
@@ -945,6 +1051,9 @@ impl StreamContext for Tcp {
     fn on_upstream_data(&mut self, size: usize, end_of_stream: bool) -> Action {
         if self.s.mode.starts_with("tcp-resume") {
             return self.hold_once(1);
+        }
+        if self.s.mode == "tcp-tick" {
+            return self.tick_hold(size, end_of_stream, 1);
         }
         if self.s.mode == "tcp-lines" {
             return self.line(size, end_of_stream, 1);

@@ -1719,6 +1719,9 @@ impl ProxyWasmFilter {
             if !data.pending_resume.is_empty() {
                 data.pending_resume.remove(&pw);
             }
+            if !data.net_waits.is_empty() {
+                data.net_waits.remove(&pw);
+            }
             if !data.props.is_empty() {
                 data.props.remove(&pw);
             }
@@ -2104,8 +2107,108 @@ fn net_action(data: &mut PwState, a: i32, callback: &str) -> Result<NetVerdict, 
     }
 }
 
+/// A TCP context `ctx` pauses (`Pause` from a connection or data callback,
+/// or a call's callback that resumes nothing): as Envoy, another callback of
+/// the VM may resume or close its connection (`proxy_continue_stream`,
+/// `proxy_close_stream` after `proxy_set_effective_context`), so the chain
+/// gets a wake-up for it ([`PwState::net_waits`]), to give to the chain
+/// (`Exchange::wakes`). One serves every pause of the connection until it
+/// fires: `None` if one is armed already.
+fn net_pause(
+    data: &mut PwState,
+    ctx: u32,
+) -> Option<(u64, tokio::sync::oneshot::Receiver<CalloutResult>)> {
+    if data.net_waits.contains_key(&ctx) {
+        return None;
+    }
+    let id = data.new_token();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    data.net_waits.insert(
+        ctx,
+        super::grpc::StreamWait {
+            id,
+            wake: Some(tx),
+            held: std::collections::VecDeque::new(),
+        },
+    );
+    Some((super::grpc::WAKE | u64::from(id), rx))
+}
+
+/// Whether a callback outside TCP context `ctx`'s connection closed it
+/// (`proxy_close_stream` after `proxy_set_effective_context`) while it was
+/// not paused: its connection closes at its next callback.
+fn take_net_close(data: &mut PwState, ctx: u32) -> bool {
+    !data.pending_close.is_empty() && data.pending_close.remove(&ctx)
+}
+
+/// The action of a TCP context's callback (`a`, from `callback`), with its
+/// wake-up armed on a pause ([`net_pause`]).
+fn net_called(data: &mut PwState, ctx: u32, a: i32, callback: &str) -> Result<NetVerdict, String> {
+    let v = net_action(data, a, callback);
+    if matches!(v, Ok(NetVerdict::Pause)) {
+        if let Some(w) = net_pause(data, ctx) {
+            data.x.wakes.push(w);
+        }
+    }
+    v
+}
+
+impl ProxyWasmFilter {
+    /// Wake-up `id` of connection `c`'s TCP context fired: what another
+    /// callback asked of it outside its connection. `proxy_close_stream`
+    /// closes; `proxy_continue_stream` resumes the directions it named
+    /// (`DOWNSTREAM`: the new connection and downstream data; `UPSTREAM`:
+    /// upstream data), the wake-up re-armed for the other one. No guest call:
+    /// the asking callback has run. A wake-up given up (a later one replaced
+    /// it) resumes nothing; one whose VM or context is gone fails the pause.
+    fn net_wake(&self, c: &mut Exchange, id: u64) -> Result<NetVerdict, String> {
+        let wake = u32::try_from(id & !super::grpc::WAKE)
+            .map_err(|_| format!("callout id {id} is not a wake-up"))?;
+        let got = self.live_vm(|live| {
+            let ctx = *live.contexts.get(&(c.context, self.root))?;
+            let data = live.store.data_mut();
+            if data.net_waits.get(&ctx).is_none_or(|w| w.id != wake) {
+                return Some(None);
+            }
+            data.net_waits.remove(&ctx);
+            let close = take_net_close(data, ctx);
+            let named = if data.pending_resume.is_empty() {
+                0
+            } else {
+                data.pending_resume.remove(&ctx).unwrap_or(0)
+            };
+            let down = named & (1 << stream::DOWNSTREAM) != 0;
+            let up = named & (1 << stream::UPSTREAM) != 0;
+            let v = match (close, down, up) {
+                (true, _, _) => NetVerdict::Close,
+                (false, true, true) => NetVerdict::Continue,
+                (false, true, false) => NetVerdict::Resume(Peer::Downstream),
+                (false, false, true) => NetVerdict::Resume(Peer::Upstream),
+                (false, false, false) => NetVerdict::Pause,
+            };
+            // The other direction may still be paused.
+            let again = match v {
+                NetVerdict::Pause | NetVerdict::Resume(_) => net_pause(data, ctx),
+                _ => None,
+            };
+            Some(Some((v, again)))
+        });
+        match got {
+            None => Err("the VM this connection's context was in failed".to_string()),
+            Some(None) => Ok(NetVerdict::Pause),
+            Some(Some((v, again))) => {
+                c.wakes.extend(again);
+                Ok(v)
+            }
+        }
+    }
+}
+
 /// On TCP proxy listeners (docs/proxy-wasm.md, "TCP"): a stream context per
 /// connection, created at `proxy_on_new_connection`; data in buffers 2 and 3.
+/// Every `Pause` arms the connection's wake-up ([`net_pause`]), so another
+/// callback of the VM may end it ([`ProxyWasmFilter::net_wake`]); the chain
+/// bounds each pause by `limits.pause`.
 impl NetworkFilter for ProxyWasmFilter {
     fn name(&self) -> &str {
         &self.meta.name
@@ -2142,8 +2245,9 @@ impl NetworkFilter for ProxyWasmFilter {
                 return Ok(Ok(NetVerdict::Continue));
             };
             let a = f.call(&mut live.store, ctx as i32)?;
-            Ok(net_action(
+            Ok(net_called(
                 live.store.data_mut(),
+                ctx,
                 a,
                 "proxy_on_new_connection",
             ))
@@ -2173,11 +2277,14 @@ impl NetworkFilter for ProxyWasmFilter {
         let len = c.bodies[d.idx()].as_ref().map_or(0, |b| b.len());
         let len = i32::try_from(len).unwrap_or(i32::MAX);
         self.with_vm(worker, Phase::Data(d), Some(c), false, |live, ctx| {
+            if take_net_close(live.store.data_mut(), ctx) {
+                return Ok(Ok(NetVerdict::Close));
+            }
             let Some(f) = live.exports.data[d.idx()].as_ref() else {
                 return Ok(Ok(NetVerdict::Continue));
             };
             let a = f.call(&mut live.store, (ctx as i32, len, b(end_of_stream)))?;
-            Ok(net_action(live.store.data_mut(), a, callback))
+            Ok(net_called(live.store.data_mut(), ctx, a, callback))
         })
     }
 
@@ -2188,31 +2295,43 @@ impl NetworkFilter for ProxyWasmFilter {
         id: u64,
         result: CalloutResult,
     ) -> Result<NetVerdict, String> {
-        let token = u32::try_from(id).map_err(|_| format!("callout id {id} is not a token"))?;
-        match self.call_response(worker, Some(c), token, result, None, false)? {
-            Answer::Close => Ok(NetVerdict::Close),
-            Answer::Streams(named) => {
-                // As Envoy's TCP context: DOWNSTREAM continues reading (the
-                // new connection, downstream data) and the HTTP types do
-                // nothing. UPSTREAM, which Envoy leaves unimplemented (it
-                // cannot hold upstream data on a call), resumes upstream data.
-                let down = named & (1 << stream::DOWNSTREAM) != 0;
-                let up = named & (1 << stream::UPSTREAM) != 0;
-                Ok(match (down, up) {
-                    (true, true) => NetVerdict::Continue,
-                    (true, false) => NetVerdict::Resume(Peer::Downstream),
-                    (false, true) => NetVerdict::Resume(Peer::Upstream),
-                    (false, false) => NetVerdict::Pause,
-                })
-            }
-            Answer::Verdict(Verdict::Continue) => Ok(NetVerdict::Continue),
-            Answer::Verdict(Verdict::Pause) => Ok(NetVerdict::Pause),
-            Answer::Verdict(Verdict::Respond(_)) => Err(
-                "called proxy_send_local_response from proxy_on_http_call_response: a TCP \
-                 connection has no HTTP response to send"
-                    .into(),
-            ),
+        if id & super::grpc::WAKE != 0 {
+            return self.net_wake(c, id);
         }
+        let token = u32::try_from(id).map_err(|_| format!("callout id {id} is not a token"))?;
+        let closed = self.live_vm(|live| {
+            let ctx = *live.contexts.get(&(c.context, self.root))?;
+            take_net_close(live.store.data_mut(), ctx).then_some(())
+        });
+        if closed.is_some() {
+            return Ok(NetVerdict::Close);
+        }
+        let v = self.net_call_response(worker, c, token, result)?;
+        if v == NetVerdict::Pause {
+            // Still paused: another callback may resume it.
+            let armed = self.live_vm(|live| {
+                let ctx = *live.contexts.get(&(c.context, self.root))?;
+                net_pause(live.store.data_mut(), ctx)
+            });
+            c.wakes.extend(armed);
+        }
+        Ok(v)
+    }
+
+    fn pause_limit(&self) -> Option<Duration> {
+        self.settings.pause_limit
+    }
+
+    fn pause_abandoned(&self, _worker: usize, c: &mut Exchange) {
+        self.live_vm(|live| {
+            let ctx = *live.contexts.get(&(c.context, self.root))?;
+            let data = live.store.data_mut();
+            data.net_waits.remove(&ctx);
+            if !data.pending_resume.is_empty() {
+                data.pending_resume.remove(&ctx);
+            }
+            Some(())
+        });
     }
 
     fn on_close(&self, worker: usize, c: &mut Exchange, peer: Peer, remote: bool) {
@@ -2239,6 +2358,43 @@ impl NetworkFilter for ProxyWasmFilter {
     fn on_done(&self, worker: usize, c: &mut Exchange) {
         let context = c.context;
         self.finish(worker, context, Some(c));
+    }
+}
+
+impl ProxyWasmFilter {
+    /// A call's callback for connection `c` (`proxy_on_http_call_response`,
+    /// the gRPC callbacks) and what it resumes.
+    fn net_call_response(
+        &self,
+        worker: usize,
+        c: &mut Exchange,
+        token: u32,
+        result: CalloutResult,
+    ) -> Result<NetVerdict, String> {
+        match self.call_response(worker, Some(c), token, result, None, false)? {
+            Answer::Close => Ok(NetVerdict::Close),
+            Answer::Streams(named) => {
+                // As Envoy's TCP context: DOWNSTREAM continues reading (the
+                // new connection, downstream data) and the HTTP types do
+                // nothing. UPSTREAM, which Envoy leaves unimplemented (it
+                // cannot hold upstream data on a call), resumes upstream data.
+                let down = named & (1 << stream::DOWNSTREAM) != 0;
+                let up = named & (1 << stream::UPSTREAM) != 0;
+                Ok(match (down, up) {
+                    (true, true) => NetVerdict::Continue,
+                    (true, false) => NetVerdict::Resume(Peer::Downstream),
+                    (false, true) => NetVerdict::Resume(Peer::Upstream),
+                    (false, false) => NetVerdict::Pause,
+                })
+            }
+            Answer::Verdict(Verdict::Continue) => Ok(NetVerdict::Continue),
+            Answer::Verdict(Verdict::Pause) => Ok(NetVerdict::Pause),
+            Answer::Verdict(Verdict::Respond(_)) => Err(
+                "called proxy_send_local_response from proxy_on_http_call_response: a TCP \
+                 connection has no HTTP response to send"
+                    .into(),
+            ),
+        }
     }
 }
 

@@ -571,6 +571,20 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 }
                 return Ok(());
             }
+            if let Some(ctx) = data.detached_tcp() {
+                // Another TCP context, made effective: as Envoy's
+                // `continueReading` on that connection, `DOWNSTREAM` resumes
+                // its new connection or downstream data, `UPSTREAM` its
+                // upstream data (see `ProxyWasmFilter::net_wake`), when it
+                // is paused; the HTTP types do nothing, as in Envoy.
+                if i32::from(t) >= super::abi::stream::DOWNSTREAM {
+                    if let Some(wait) = data.net_waits.get_mut(&ctx) {
+                        *data.pending_resume.entry(ctx).or_default() |= 1 << t;
+                        wait.fire();
+                    }
+                }
+                return Ok(());
+            }
             data.resume = true;
             data.resumed_streams |= 1 << t;
             Ok(())
@@ -590,6 +604,19 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 data.pending_close.insert(ctx);
                 if let Some(wait) = data.stream_waits.get_mut(&ctx) {
                     wait.fire();
+                }
+                return Ok(());
+            }
+            if let Some(ctx) = data.detached_tcp() {
+                // Another TCP context, made effective: `DOWNSTREAM` or
+                // `UPSTREAM` closes its connection when its pause wakes (at
+                // once), or at its next callback (Envoy closes it at once);
+                // the HTTP types do nothing, as in Envoy.
+                if stream >= super::abi::stream::DOWNSTREAM {
+                    data.pending_close.insert(ctx);
+                    if let Some(wait) = data.net_waits.get_mut(&ctx) {
+                        wait.fire();
+                    }
                 }
                 return Ok(());
             }

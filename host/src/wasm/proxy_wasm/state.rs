@@ -252,12 +252,23 @@ pub struct PwState {
     /// their exchange (a root context's tick or callout response, a stream
     /// event, another context's callback, after `proxy_set_effective_context`):
     /// reset when their pause wakes, else at the exchange's next phase call.
+    /// TCP contexts closed so: closed when their pause wakes, else at their
+    /// connection's next callback.
     pub pending_close: FxHashSet<u32>,
-    /// Paused HTTP contexts resumed (`proxy_continue_stream`) from a callback
-    /// outside their exchange, with the stream types named (bit `1 << type`):
-    /// taken when their pause wakes ([`Self::stream_waits`]). A continue for
-    /// a context that is not paused is not kept (as in Envoy, it does nothing).
+    /// Paused HTTP and TCP contexts resumed (`proxy_continue_stream`) from a
+    /// callback outside their exchange or connection, with the stream types
+    /// named (bit `1 << type`): taken when their pause wakes
+    /// ([`Self::stream_waits`], [`Self::net_waits`]). A continue for a
+    /// context that is not paused is not kept (as in Envoy, it does nothing).
     pub pending_resume: FxHashMap<u32, u8>,
+    /// TCP contexts with a pause the chain holds (`Pause` from a connection
+    /// or data callback, or from a call's callback that leaves one): the
+    /// wake-up that another callback's `proxy_continue_stream` or
+    /// `proxy_close_stream` after `proxy_set_effective_context` fires
+    /// (`ProxyWasmFilter::net_wake` takes what it asked). Armed at the first
+    /// such pause and kept until it fires; its `held` is always empty (a TCP
+    /// context's gRPC stream events are not held).
+    pub net_waits: FxHashMap<u32, super::grpc::StreamWait>,
     /// The message maps (request and response heads and trailers, map types
     /// 0–3) of HTTP contexts with a gRPC stream open, as their last callback
     /// left them: what their stream callbacks outside the exchange read
@@ -359,6 +370,7 @@ impl PwState {
             pending_local: FxHashMap::default(),
             pending_close: FxHashSet::default(),
             pending_resume: FxHashMap::default(),
+            net_waits: FxHashMap::default(),
             kept_maps: FxHashMap::default(),
             local: None,
             close: false,
@@ -423,6 +435,18 @@ impl PwState {
             && !(self.x_context != 0 && c == self.x_context)
             && self.contexts.contains(&c)
             && !self.tcp_contexts.contains(&c))
+        .then_some(c)
+    }
+
+    /// The effective context if it is a TCP context called outside its
+    /// connection's callbacks (made effective by a tick, a queue event, a
+    /// root or other context's callback, or a gRPC stream callback).
+    pub fn detached_tcp(&self) -> Option<u32> {
+        let c = self.effective;
+        (!matches!(self.phase, Phase::ReadOnly)
+            && c >= self.first_context
+            && !(self.x_context != 0 && c == self.x_context)
+            && self.tcp_contexts.contains(&c))
         .then_some(c)
     }
 
