@@ -897,6 +897,39 @@ fn the_rewritten_body_is_what_goes_on() {
     assert_eq!(x.response_body_bytes(), b"HELLO world!");
 }
 
+#[test]
+fn the_rewritten_bodies_can_be_asserted_after_run_and_log() {
+    // `run` logs and ends the exchange; `on_log` reaches no body (the
+    // Rewriter's "log body" read is `NotFound`), but the data of the last
+    // body calls stays readable for the test.
+    let mut t = FilterTest::<Rewriter>::configure("null").unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    assert_eq!(
+        x.run(Response::new(200).body("hello world")),
+        Outcome::Completed
+    );
+    assert_eq!(x.response_body_bytes(), b"HELLO world!");
+    drop(x);
+    assert_eq!(result_of(&t, "log body"), Err(Error::NotFound));
+
+    let mut t = FilterTest::<Redactor>::configure("null").unwrap();
+    let mut x = t.exchange(Request::post("/", "a secret"));
+    assert_eq!(x.run(Response::new(204)), Outcome::Completed);
+    assert_eq!(x.request_body_bytes(), b"a ******");
+    // A second `done` leaves them too.
+    x.done();
+    assert_eq!(x.request_body_bytes(), b"a ******");
+
+    // Phase by phase: `log` keeps what went on.
+    let mut t = FilterTest::<Rewriter>::configure("null").unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    x.request_headers();
+    x.response_headers(Response::new(200).body("hello there"));
+    assert_eq!(x.response_body(), Action::Continue);
+    x.log();
+    assert_eq!(x.response_body_bytes(), b"HELLO there!");
+}
+
 /// Redacts `secret` in request bodies chunk by chunk (streamed) and records in a
 /// request trailer how many it redacted.
 #[derive(Default)]
