@@ -85,6 +85,61 @@ fn config_errors_name_the_field() {
 }
 
 #[test]
+fn config_errors_give_no_position_in_the_json_the_host_made() {
+    // The host hands the plugin JSON it made from the YAML: a line and
+    // column in it point at nothing the operator wrote.
+    let err = FilterTest::<NeedsHeader>::configure(r#"{"header": 1}"#)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        "invalid config: field `header`: invalid type: integer `1`, expected a string"
+    );
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"limits": [{"max": 1}, {"max": "x"}]}"#)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        r#"invalid config: field `limits[1].max`: invalid type: string "x", expected u32"#
+    );
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"limits": [{}]}"#)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        "invalid config: field `limits[0]`: missing field `max`"
+    );
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"nmae": "a"}"#)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        "invalid config: field `nmae`: unknown field `nmae`, expected `name` or `limits`"
+    );
+    let err = FilterTest::<ConfigOnly>::configure(r#""x""#).err().unwrap();
+    assert_eq!(
+        err,
+        r#"invalid config: invalid type: string "x", expected struct NestedConfig"#
+    );
+    // No config: the `{}` the SDK tried instead is not what the operator
+    // wrote either.
+    let err = FilterTest::<NeedsHeader>::configure("null").err().unwrap();
+    assert_eq!(
+        err,
+        "invalid config: missing field `header` (the plugin has no `config`)"
+    );
+    // JSON that does not parse (only a test gives it): the position is in
+    // the test's own text, so it stays.
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"name": "a"} x"#)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        "invalid config: trailing characters at line 1 column 15"
+    );
+}
+
+#[test]
 fn configure_err_is_passed_through_and_null_means_defaults() {
     let err = FilterTest::<ConfigOnly>::configure(r#"{"name": "reject"}"#)
         .err()
