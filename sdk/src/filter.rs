@@ -177,12 +177,23 @@ pub trait HttpFilter: Sized + 'static {
 }
 
 /// Parse the JSON config text into `T`, naming the offending field on error.
+///
+/// The message is one line, `invalid config: field `PATH`: WHAT` (or
+/// `invalid config: WHAT` for the config as a whole), e.g.
+/// ``invalid config: field `limits[1].max`: invalid type: string "x", expected u32``.
+/// It gives no line and column: the host hands the plugin JSON it made from
+/// the YAML config, so a position in that text would point at nothing the
+/// operator wrote (JSON that does not parse, only possible in tests, keeps
+/// its position). With no config (`null`) that `T` cannot take, the error is
+/// that of `{}` (``missing field `mode` ``) and says no config was given.
 pub fn parse_config<T: DeserializeOwned>(json: &str) -> Result<T, String> {
     match parse_json(json) {
         Ok(v) => Ok(v),
         // No config: as `{}`, whose error names what the config must give
         // (`missing field ...`), not "invalid type: null".
-        Err(_) if json.trim() == "null" => parse_json("{}"),
+        Err(_) if json.trim() == "null" => {
+            parse_json("{}").map_err(|e| format!("{e} (the plugin has no `config`)"))
+        }
         Err(e) => Err(e),
     }
 }
@@ -191,15 +202,33 @@ fn parse_json<T: DeserializeOwned>(json: &str) -> Result<T, String> {
     let mut de = serde_json::Deserializer::from_str(json);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
+        let inner = unplaced(&e.into_inner());
         if path.is_empty() || path == "." {
             format!("invalid config: {inner}")
         } else {
             format!("invalid config: field `{path}`: {inner}")
         }
     })?;
-    de.end().map_err(|e| format!("invalid config: {e}"))?;
+    de.end()
+        .map_err(|e| format!("invalid config: {}", unplaced(&e)))?;
     Ok(value)
+}
+
+/// `e`'s message without serde_json's ` at line L column C` for an error in
+/// the data (a wrong type or value, a missing or unknown field): that
+/// position is in the JSON the host generated, not in the operator's file.
+/// A syntax error keeps it (only a test hands the SDK JSON that does not
+/// parse, and there the position is in text its author wrote).
+fn unplaced(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    if e.classify() != serde_json::error::Category::Data || e.line() == 0 {
+        return text;
+    }
+    let at = format!(" at line {} column {}", e.line(), e.column());
+    match text.strip_suffix(&at) {
+        Some(message) => message.to_owned(),
+        None => text,
+    }
 }
 
 /// Exchange contexts by the host's context id. The ids are the host's, handed

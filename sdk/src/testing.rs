@@ -1007,9 +1007,9 @@ pub struct TestExchange<'t, F: HttpFilter> {
     /// no more phase calls, only `on_log` and `on_done`.
     responded: bool,
     /// Each direction's body data as its last body call left it, once it
-    /// went on: the host takes it off the exchange then (host/src/filter.rs
-    /// `chunk_part`, `end_body`), so `Exchange::body` no longer reaches it;
-    /// kept here for [`request_body_bytes`](Self::request_body_bytes) and
+    /// went on or the exchange was logged: the host takes it off the
+    /// exchange then (host/src/filter.rs `chunk_part`, `end_body`), so
+    /// `Exchange::body` no longer reaches it; kept here for [`request_body_bytes`](Self::request_body_bytes) and
     /// [`response_body_bytes`](Self::response_body_bytes).
     passed: [Option<Vec<u8>>; 2],
     /// A gRPC request (`content-type` `application/grpc` or
@@ -1698,7 +1698,10 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// Call `on_log` (if declared); everything is read-only and bodies are
-    /// gone. The exchange is then over but for [`done`](Self::done): a second
+    /// gone from the exchange (`Exchange::body` is `None`), though
+    /// [`request_body_bytes`](Self::request_body_bytes) and
+    /// [`response_body_bytes`](Self::response_body_bytes) still give the
+    /// data of the last body calls. The exchange is then over but for [`done`](Self::done): a second
     /// `log` does nothing, a phase method panics, no reply is delivered.
     /// Panics after `done`.
     #[track_caller]
@@ -1708,10 +1711,17 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         }
         self.enter("log");
         {
+            // As the host, `on_log` reaches no body; the data of each
+            // direction's last body call stays readable through
+            // `request_body_bytes` / `response_body_bytes` (a test asserts
+            // what the filter wrote after `run`, which logs).
             let mut ex = self.ex.borrow_mut();
-            ex.bodies = [None, None];
+            for (i, passed) in self.passed.iter_mut().enumerate() {
+                if let Some(b) = ex.bodies[i].take() {
+                    *passed = Some(b);
+                }
+            }
         }
-        self.passed = [None, None];
         // The host drops the replies still waiting as the exchange ends.
         self.arrived.clear();
         let declared = self.declared(Phase::Log);
@@ -2151,8 +2161,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
     }
 
     /// The request body as last delivered (and possibly rewritten): the
-    /// data of the last body call (held by a pause, or gone on); empty once
-    /// the exchange is logged.
+    /// data of the last request body call (held by a pause, or gone on), also
+    /// once the exchange is logged or done, so it can be asserted after
+    /// [`run`](Self::run); empty if there was no body call, or the host
+    /// dropped the data (a held streamed request part abandoned when the
+    /// upstream answered).
     pub fn request_body_bytes(&self) -> Vec<u8> {
         self.body_bytes(0)
     }

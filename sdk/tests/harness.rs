@@ -85,6 +85,61 @@ fn config_errors_name_the_field() {
 }
 
 #[test]
+fn config_errors_give_no_position_in_the_json_the_host_made() {
+    // The host hands the plugin JSON it made from the YAML: a line and
+    // column in it point at nothing the operator wrote.
+    let err = FilterTest::<NeedsHeader>::configure(r#"{"header": 1}"#)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        "invalid config: field `header`: invalid type: integer `1`, expected a string"
+    );
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"limits": [{"max": 1}, {"max": "x"}]}"#)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        r#"invalid config: field `limits[1].max`: invalid type: string "x", expected u32"#
+    );
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"limits": [{}]}"#)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        "invalid config: field `limits[0]`: missing field `max`"
+    );
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"nmae": "a"}"#)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        "invalid config: field `nmae`: unknown field `nmae`, expected `name` or `limits`"
+    );
+    let err = FilterTest::<ConfigOnly>::configure(r#""x""#).err().unwrap();
+    assert_eq!(
+        err,
+        r#"invalid config: invalid type: string "x", expected struct NestedConfig"#
+    );
+    // No config: the `{}` the SDK tried instead is not what the operator
+    // wrote either.
+    let err = FilterTest::<NeedsHeader>::configure("null").err().unwrap();
+    assert_eq!(
+        err,
+        "invalid config: missing field `header` (the plugin has no `config`)"
+    );
+    // JSON that does not parse (only a test gives it): the position is in
+    // the test's own text, so it stays.
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"name": "a"} x"#)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        "invalid config: trailing characters at line 1 column 15"
+    );
+}
+
+#[test]
 fn configure_err_is_passed_through_and_null_means_defaults() {
     let err = FilterTest::<ConfigOnly>::configure(r#"{"name": "reject"}"#)
         .err()
@@ -895,6 +950,39 @@ fn the_rewritten_body_is_what_goes_on() {
     x.response_headers(Response::new(200).body("hello world"));
     assert_eq!(x.response_body(), Action::Continue);
     assert_eq!(x.response_body_bytes(), b"HELLO world!");
+}
+
+#[test]
+fn the_rewritten_bodies_can_be_asserted_after_run_and_log() {
+    // `run` logs and ends the exchange; `on_log` reaches no body (the
+    // Rewriter's "log body" read is `NotFound`), but the data of the last
+    // body calls stays readable for the test.
+    let mut t = FilterTest::<Rewriter>::configure("null").unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    assert_eq!(
+        x.run(Response::new(200).body("hello world")),
+        Outcome::Completed
+    );
+    assert_eq!(x.response_body_bytes(), b"HELLO world!");
+    drop(x);
+    assert_eq!(result_of(&t, "log body"), Err(Error::NotFound));
+
+    let mut t = FilterTest::<Redactor>::configure("null").unwrap();
+    let mut x = t.exchange(Request::post("/", "a secret"));
+    assert_eq!(x.run(Response::new(204)), Outcome::Completed);
+    assert_eq!(x.request_body_bytes(), b"a ******");
+    // A second `done` leaves them too.
+    x.done();
+    assert_eq!(x.request_body_bytes(), b"a ******");
+
+    // Phase by phase: `log` keeps what went on.
+    let mut t = FilterTest::<Rewriter>::configure("null").unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    x.request_headers();
+    x.response_headers(Response::new(200).body("hello there"));
+    assert_eq!(x.response_body(), Action::Continue);
+    x.log();
+    assert_eq!(x.response_body_bytes(), b"HELLO there!");
 }
 
 /// Redacts `secret` in request bodies chunk by chunk (streamed) and records in a

@@ -187,13 +187,21 @@ fn config_errors_name_the_field() {
     let e = NetworkFilterTest::<Lines>::configure(r#"{"upper": "yes"}"#)
         .err()
         .unwrap();
-    assert!(e.contains("field `upper`"), "{e}");
+    assert_eq!(
+        e,
+        "invalid config: field `upper`: invalid type: string \"yes\", expected a boolean"
+    );
     let e = NetworkFilterTest::<Lines>::configure(r#"{"upper": true, "extra": 1}"#)
         .err()
         .unwrap();
     assert!(e.contains("extra"), "{e}");
     // `null` does not make a `LineConfig` (`upper` is required).
-    assert!(NetworkFilterTest::<Lines>::configure("null").is_err());
+    assert_eq!(
+        NetworkFilterTest::<Lines>::configure("null")
+            .err()
+            .as_deref(),
+        Some("invalid config: missing field `upper` (the plugin has no `config`)")
+    );
 }
 
 // ----------------------------------------------------- callouts and ticks
