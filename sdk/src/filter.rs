@@ -201,8 +201,13 @@ pub fn parse_config<T: DeserializeOwned>(json: &str) -> Result<T, String> {
 fn parse_json<T: DeserializeOwned>(json: &str) -> Result<T, String> {
     let mut de = serde_json::Deserializer::from_str(json);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
+        let mut path = e.path().to_string();
         let inner = unplaced(&e.into_inner());
+        // The path of an unknown field ends with that field, which the
+        // message names already: the field it is in is the place.
+        if inner.starts_with("unknown field") {
+            path.truncate(path.rfind('.').unwrap_or(0));
+        }
         if path.is_empty() || path == "." {
             format!("invalid config: {inner}")
         } else {

@@ -114,7 +114,14 @@ fn config_errors_give_no_position_in_the_json_the_host_made() {
         .unwrap();
     assert_eq!(
         err,
-        "invalid config: field `nmae`: unknown field `nmae`, expected `name` or `limits`"
+        "invalid config: unknown field `nmae`, expected `name` or `limits`"
+    );
+    let err = FilterTest::<ConfigOnly>::configure(r#"{"limits": [{"max": 1, "mx": 2}]}"#)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        "invalid config: field `limits[0]`: unknown field `mx`, expected `max`"
     );
     let err = FilterTest::<ConfigOnly>::configure(r#""x""#).err().unwrap();
     assert_eq!(
