@@ -1,9 +1,9 @@
 //! The files a valid config names — listener certificates, keys and client CAs,
-//! upstream CAs and client certificates, endpoint files, plugin modules and data
-//! files, the access log's directory — read as loading them would, each problem
-//! placed at the key that names the file, with a help line chosen by the kind of
-//! problem the loader reports ([`crate::tls::FileProblem`]), never by its
-//! message's wording.
+//! upstream CAs and client certificates, the KV store's Redis CA and client
+//! certificate, endpoint files, plugin modules and data files, the access log's
+//! directory — read as loading them would, each problem placed at the key that
+//! names the file, with a help line chosen by the kind of problem the loader
+//! reports ([`crate::tls::FileProblem`]), never by its message's wording.
 //!
 //! [`parse_str`](super::parse_str) does not read them (a config can be checked
 //! for its form without its certificates at hand); `legate check` and `legate run`
@@ -167,6 +167,32 @@ impl Config {
                     )
                     .key("discovery")
                     .key("path");
+                }
+            }
+        }
+        if let Some(tls) = &self.kv.tls {
+            let tls = &tls.value;
+            if let Some(ca) = &tls.ca {
+                if let Err(err) = crate::tls::check_roots(ca, "Redis CA file") {
+                    e.top(
+                        format!("`kv.tls`: {}", shown(&err.to_string())),
+                        ca_help(err.problem, "Redis CA file"),
+                    )
+                    .key("kv")
+                    .key("tls")
+                    .key("ca");
+                }
+            }
+            if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+                for p in cert_key_problems(cert, key, "client_cert", &shown) {
+                    e.top(format!("`kv.tls`: {}", p.message), p.help)
+                        .key("kv")
+                        .key("tls")
+                        .key(if p.in_key {
+                            "client_key"
+                        } else {
+                            "client_cert"
+                        });
                 }
             }
         }
