@@ -7,8 +7,9 @@
 //!
 //! [`parse_str`](super::parse_str) does not read them (a config can be checked
 //! for its form without its certificates at hand); `legate check` and `legate run`
-//! do, through [`check_file`](super::check_file), and report every such problem of
-//! the file at once.
+//! do, through [`check_file`](super::check_file), and a reload through
+//! [`check_files_carrying`](super::check_files_carrying), and report every such
+//! problem of the file at once.
 
 use std::path::Path;
 
@@ -93,8 +94,9 @@ fn cert_key_problems(
 impl Config {
     /// The problems of the files this (resolved) config names. `base` is the
     /// directory relative paths were resolved against: messages show a path
-    /// under it as the file wrote it.
-    pub(crate) fn file_issues(&self, base: &Path) -> Vec<Issue> {
+    /// under it as the file wrote it. The endpoint files of the clusters
+    /// `carried` names (a reload keeps them without reading them) are skipped.
+    pub(crate) fn file_issues(&self, base: &Path, carried: &dyn Fn(&str) -> bool) -> Vec<Issue> {
         let mut e = Issues::default();
         let prefix = base.to_string_lossy().into_owned();
         let shown = |msg: &str| -> String {
@@ -154,7 +156,12 @@ impl Config {
                     }
                 }
             }
-            if let Some(path) = &c.discovery.path {
+            if let Some(path) = c
+                .discovery
+                .path
+                .as_ref()
+                .filter(|_| !carried(c.name.as_str()))
+            {
                 if let Err(err) = std::fs::metadata(path) {
                     let msg = format!("cannot read endpoint file `{}`: {err}", path.display());
                     e.at(
