@@ -222,11 +222,28 @@ fn is_regular(fd: BorrowedFd<'_>) -> bool {
         .is_ok_and(|m| m.is_file())
 }
 
+/// Why [`AccessLog::check`] finds that the access log could not be opened.
+#[derive(Debug)]
+pub struct CheckError {
+    /// The file does not exist and neither does its directory (else the file
+    /// exists and cannot be opened for appending).
+    pub no_directory: bool,
+    message: String,
+}
+
+impl std::fmt::Display for CheckError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CheckError {}
+
 impl AccessLog {
     /// Whether [`AccessLog::open`] would open `cfg`'s file, without creating
     /// it (`legate check`): an existing file must open for appending, a new
     /// one needs its directory.
-    pub fn check(cfg: &config::AccessLog) -> anyhow::Result<()> {
+    pub fn check(cfg: &config::AccessLog) -> Result<(), CheckError> {
         let p = std::path::Path::new(cfg.path.as_str());
         if matches!(cfg.path.as_str(), "stdout" | "stderr") {
             return Ok(());
@@ -235,7 +252,10 @@ impl AccessLog {
             OpenOptions::new()
                 .append(true)
                 .open(p)
-                .with_context(|| format!("cannot open access log `{}`", p.display()))?;
+                .map_err(|e| CheckError {
+                    no_directory: false,
+                    message: format!("cannot open access log `{}`: {e}", p.display()),
+                })?;
             return Ok(());
         }
         let dir = p
@@ -243,11 +263,14 @@ impl AccessLog {
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(std::path::Path::new("."));
         if !dir.is_dir() {
-            anyhow::bail!(
-                "cannot open access log `{}`: directory `{}` does not exist",
-                p.display(),
-                dir.display()
-            );
+            return Err(CheckError {
+                no_directory: true,
+                message: format!(
+                    "cannot open access log `{}`: directory `{}` does not exist",
+                    p.display(),
+                    dir.display()
+                ),
+            });
         }
         Ok(())
     }

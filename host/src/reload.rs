@@ -2,8 +2,11 @@
 //! plugins (`POST /plugins/NAME/reload`, the module file watch), with zero failed
 //! requests.
 //!
-//! **Config.** The file is read, parsed and validated, and a whole new
-//! [`Snapshot`] is built — route tables, clusters, TLS, every plugin compiled (from
+//! **Config.** The file is read, parsed and validated, the files it names are
+//! checked as `legate check` and `legate run` check them
+//! ([`config::check_files_carrying`]: every problem at its `file:line:col`,
+//! except the endpoint files of the clusters carried over, not read again),
+//! and a whole new [`Snapshot`] is built — route tables, clusters, TLS, every plugin compiled (from
 //! the disk cache when warm) and configured — on the caller's thread, never on a
 //! worker. Any error changes nothing: it is logged with its `file:line:col`,
 //! returned (the admin endpoint answers 400 with it) and counted in
@@ -461,27 +464,12 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         .map_err(|e| format!("{}: cannot read the config file: {e}", path.display()))?;
     let hash = sha256_hex(text.as_bytes());
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut cfg =
-        config::parse_str(&path.display().to_string(), &text, &base).map_err(|e| e.to_string())?;
+    let file = path.display().to_string();
+    let mut cfg = config::parse_str(&file, &text, &base).map_err(|e| e.to_string())?;
     if r.local_zone.is_some() {
         cfg.set_local_zone(r.local_zone.clone());
     }
     let old = shared.snapshot.load_full();
-    let mut notes = Vec::new();
-    if cfg.admin.address.value != old.config.admin.address.value {
-        notes.push(format!(
-            "admin.address changed to {}; the admin listener stays on {} until a restart",
-            cfg.admin.address.value, old.config.admin.address.value
-        ));
-    }
-    if !same(&cfg.access_log, &old.config.access_log) {
-        notes.push("access_log changed; it takes effect at the next (hot) restart".to_string());
-    }
-    for n in &notes {
-        tracing::warn!("reload: {n}");
-    }
-    let config = Arc::new(cfg);
-    let stats = &shared.stats;
 
     // Clusters whose config and TLS files are unchanged keep their entry as it is
     // (endpoints as resolved or discovered, health, ejections, counters, balancers,
@@ -492,7 +480,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
     let mut carried = HashMap::new();
     let mut kept_clusters = Vec::new();
     let mut changed_clusters = Vec::new();
-    for c in &config.clusters {
+    for c in &cfg.clusters {
         let c = &c.value;
         let before = old.config.clusters.iter().find(|o| o.value.name == c.name);
         match (before, old.clusters.get(&c.name)) {
@@ -509,6 +497,28 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             _ => changed_clusters.push(c.name.to_string()),
         }
     }
+    // The files the config names, read as `legate run` reads them (every
+    // problem at once, each at its `file:line:col`), before anything is built:
+    // except the endpoint files of the clusters carried over, not read again.
+    config::check_files_carrying(&file, &text, &base, &cfg, &|name| {
+        carried.keys().any(|k| k.as_str() == name)
+    })
+    .map_err(|e| e.to_string())?;
+    let mut notes = Vec::new();
+    if cfg.admin.address.value != old.config.admin.address.value {
+        notes.push(format!(
+            "admin.address changed to {}; the admin listener stays on {} until a restart",
+            cfg.admin.address.value, old.config.admin.address.value
+        ));
+    }
+    if !same(&cfg.access_log, &old.config.access_log) {
+        notes.push("access_log changed; it takes effect at the next (hot) restart".to_string());
+    }
+    for n in &notes {
+        tracing::warn!("reload: {n}");
+    }
+    let config = Arc::new(cfg);
+    let stats = &shared.stats;
     // A changed cluster's counters go on from the old ones (Envoy keeps a
     // cluster's stats by name; only its endpoints' start again). Copied, not
     // shared: the old generation's gauges (in flight, health) must not count

@@ -83,15 +83,64 @@ pub fn server_config(
 
 /// Loads a certificate chain and its key as [`server_config`] and
 /// [`client_config`] do, and checks that they belong together (`legate check`).
-pub fn check_certified_key(cert: &Path, key: &Path) -> anyhow::Result<()> {
+pub fn check_certified_key(cert: &Path, key: &Path) -> Result<(), FileError> {
     load_certified_key(cert, key, &provider()).map(|_| ())
 }
 
 /// Loads a CA file as [`server_config`] (`what`: `client CA file`) and
 /// [`client_config`] (`upstream CA file`) do (`legate check`).
-pub fn check_roots(path: &Path, what: &str) -> anyhow::Result<()> {
+pub fn check_roots(path: &Path, what: &str) -> Result<(), FileError> {
     load_roots(path, what).map(|_| ())
 }
+
+/// What is wrong with a PEM file a TLS setting names: what `legate check`
+/// chooses its help by, rather than by the message's wording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileProblem {
+    /// The file cannot be read (missing, not permitted, a directory).
+    Unreadable,
+    /// The file is read but does not hold what its key takes: no PEM block of
+    /// the kind, malformed PEM, an unusable key or certificate.
+    Content,
+    /// The private key is not the key of the certificate it goes with.
+    KeyMismatch,
+}
+
+/// A certificate, key or CA file that cannot be loaded: the message (which
+/// names the file and says what is wrong), what kind of problem it is, and
+/// whether it is the private key's (else the certificate's or CA's). A
+/// mismatch is the key's: the certificate is the one the names come from.
+#[derive(Debug)]
+pub struct FileError {
+    /// What kind of problem it is.
+    pub problem: FileProblem,
+    /// The problem is in the private key file.
+    pub in_key: bool,
+    message: String,
+}
+
+impl FileError {
+    fn new(problem: FileProblem, in_key: bool, message: String) -> Self {
+        FileError {
+            problem,
+            in_key,
+            message,
+        }
+    }
+
+    /// The file of a certificate or CA does not hold what it should.
+    fn content(message: String) -> Self {
+        Self::new(FileProblem::Content, false, message)
+    }
+}
+
+impl std::fmt::Display for FileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for FileError {}
 
 /// The files a listener's TLS section names (certificates, keys, client CA),
 /// in order.
@@ -404,14 +453,18 @@ fn load_certified_key(
     cert_path: &Path,
     key_path: &Path,
     provider: &CryptoProvider,
-) -> anyhow::Result<CertifiedKey> {
+) -> Result<CertifiedKey, FileError> {
     let chain = load_certs(cert_path, "certificate file")?;
     let key = load_key(key_path)?;
     let signing_key = provider.key_provider.load_private_key(key).map_err(|e| {
-        anyhow!(
-            "private key file `{}`: unusable key (supported: RSA, ECDSA P-256/P-384, \
-             Ed25519): {e}",
-            key_path.display()
+        FileError::new(
+            FileProblem::Content,
+            true,
+            format!(
+                "private key file `{}`: unusable key (supported: RSA, ECDSA P-256/P-384, \
+                 Ed25519): {e}",
+                key_path.display()
+            ),
         )
     })?;
     let certified = CertifiedKey::new(chain, signing_key);
@@ -419,16 +472,24 @@ fn load_certified_key(
         // ring keys always know their public key; `Unknown` would mean a provider that
         // cannot tell, which rustls itself treats as acceptable.
         Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {}
-        Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => bail!(
-            "private key file `{}` does not match the certificate in `{}` (the first \
-             certificate in the file must be the one the key belongs to)",
-            key_path.display(),
-            cert_path.display()
-        ),
-        Err(e) => bail!(
-            "certificate file `{}`: first certificate is not usable: {e}",
-            cert_path.display()
-        ),
+        Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
+            return Err(FileError::new(
+                FileProblem::KeyMismatch,
+                true,
+                format!(
+                    "private key file `{}` does not match the certificate in `{}` (the first \
+                     certificate in the file must be the one the key belongs to)",
+                    key_path.display(),
+                    cert_path.display()
+                ),
+            ))
+        }
+        Err(e) => {
+            return Err(FileError::content(format!(
+                "certificate file `{}`: first certificate is not usable: {e}",
+                cert_path.display()
+            )))
+        }
     }
     if let Some(leaf) = certified.cert.first() {
         warn_if_outside_validity(leaf, cert_path);
@@ -451,51 +512,63 @@ fn warn_if_outside_validity(cert: &CertificateDer<'_>, path: &Path) {
     }
 }
 
-fn read_file(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| anyhow!("cannot read {what} `{}`: {e}", path.display()))
+/// The bytes of `path`, a `what` (`private key file`: `in_key`).
+fn read_file(path: &Path, what: &str, in_key: bool) -> Result<Vec<u8>, FileError> {
+    std::fs::read(path).map_err(|e| {
+        FileError::new(
+            FileProblem::Unreadable,
+            in_key,
+            format!("cannot read {what} `{}`: {e}", path.display()),
+        )
+    })
 }
 
 /// All certificates in a PEM file, in order; other PEM sections (such as a key) are
 /// skipped. Fails if there is none.
-fn load_certs(path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = read_file(path, what)?;
+fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, FileError> {
+    let pem = read_file(path, what, false)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow!("{what} `{}`: malformed PEM: {e}", path.display()))?;
+        .map_err(|e| {
+            FileError::content(format!("{what} `{}`: malformed PEM: {e}", path.display()))
+        })?;
     if certs.is_empty() {
-        bail!(
+        return Err(FileError::content(format!(
             "{what} `{}` contains no certificate (expected a PEM `BEGIN CERTIFICATE` block)",
             path.display()
-        );
+        )));
     }
     Ok(certs)
 }
 
 /// The first private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
-fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let pem = read_file(path, "private key file")?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
-        pem::Error::NoItemsFound => anyhow!(
-            "private key file `{}` contains no private key (expected a PEM `BEGIN PRIVATE KEY`, \
-             `BEGIN RSA PRIVATE KEY` or `BEGIN EC PRIVATE KEY` block; encrypted keys are not \
-             supported)",
-            path.display()
-        ),
-        e => anyhow!("private key file `{}`: malformed PEM: {e}", path.display()),
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, FileError> {
+    let pem = read_file(path, "private key file", true)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        let message = match e {
+            pem::Error::NoItemsFound => format!(
+                "private key file `{}` contains no private key (expected a PEM `BEGIN PRIVATE \
+                 KEY`, `BEGIN RSA PRIVATE KEY` or `BEGIN EC PRIVATE KEY` block; encrypted keys \
+                 are not supported)",
+                path.display()
+            ),
+            e => format!("private key file `{}`: malformed PEM: {e}", path.display()),
+        };
+        FileError::new(FileProblem::Content, true, message)
     })
 }
 
 /// A trust store holding every certificate of a PEM file; any unusable one is an error
 /// rather than silently skipped, so a broken CA bundle is noticed at load.
-fn load_roots(path: &Path, what: &str) -> anyhow::Result<RootCertStore> {
+fn load_roots(path: &Path, what: &str) -> Result<RootCertStore, FileError> {
     let mut roots = RootCertStore::empty();
     for (i, cert) in load_certs(path, what)?.into_iter().enumerate() {
         roots.add(cert).map_err(|e| {
-            anyhow!(
+            FileError::content(format!(
                 "{what} `{}`: certificate #{} is not a usable trust anchor: {e}",
                 path.display(),
                 i + 1
-            )
+            ))
         })?;
     }
     Ok(roots)
@@ -1270,6 +1343,43 @@ mod tests {
         mismatched.client_key = Some(b.key.clone());
         let err = error_text(client_config(&mismatched, &[]));
         assert!(err.contains("does not match"), "{err}");
+    }
+
+    /// `legate check` chooses its help by the kind of problem and the file it
+    /// is in, not by the message: each is what the loader found.
+    #[test]
+    fn file_errors_say_what_is_wrong_and_where() {
+        let pki = Pki::new();
+        let (a, b) = (pki.server("a", &["a.test"]), pki.server("b", &["b.test"]));
+        let missing = pki.dir.0.join("missing.pem");
+        let kind = |r: Result<(), FileError>| {
+            let e = r.unwrap_err();
+            (e.problem, e.in_key)
+        };
+        use FileProblem::{Content, KeyMismatch, Unreadable};
+        assert_eq!(
+            kind(check_certified_key(&missing, &a.key)),
+            (Unreadable, false)
+        );
+        assert_eq!(
+            kind(check_certified_key(&a.cert, &missing)),
+            (Unreadable, true)
+        );
+        assert_eq!(kind(check_certified_key(&a.key, &a.key)), (Content, false));
+        assert_eq!(kind(check_certified_key(&a.cert, &a.cert)), (Content, true));
+        assert_eq!(
+            kind(check_certified_key(&a.cert, &b.key)),
+            (KeyMismatch, true)
+        );
+        assert_eq!(kind(check_roots(&missing, "CA file")), (Unreadable, false));
+        assert_eq!(kind(check_roots(&a.key, "CA file")), (Content, false));
+        assert!(check_certified_key(&a.cert, &a.key).is_ok());
+        assert!(check_roots(&pki.ca, "CA file").is_ok());
+        // The messages are the loader's, naming the file.
+        let e = check_certified_key(&a.cert, &missing)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("cannot read private key file `"), "{e}");
     }
 
     #[test]

@@ -537,6 +537,68 @@ each_proto!(
 );
 
 each_proto!(
+    /// A reload reads the files the config names as `legate check` and `legate
+    /// run` do: a certificate that is not there, then a key that is not its
+    /// certificate's, refuse it with the problem at its `file:line:col` and a
+    /// help line (not only naming the listener, as building it would); the
+    /// listener in force keeps serving, and once the files are fixed the same
+    /// config reloads.
+    async fn a_reload_checks_the_files_the_config_names(proto) {
+        let up = upstream().start().await;
+        let ca = Ca::new("files CA");
+        let (first, second) = (ca.server(&["a.example"]), ca.server(&["a.example"]));
+        let dir = TempDir::new();
+        let cert = dir.write("cert.pem", std::fs::read(&first.cert).unwrap());
+        let key = dir.write("key.pem", std::fs::read(&first.key).unwrap());
+        let lg = start(&tls_yaml(&cert, &key, up.addr), None, 1);
+        let web = lg.addr("web");
+        let tls = || async { tls_client(proto, web, TlsOptions::new(&first, "a.example")).await.unwrap() };
+        let mut before = tls().await;
+        assert_eq!(before.get("/").send().await.status, 200);
+        let still_first = || async {
+            let mut c = tls().await;
+            assert_eq!(c.peer_cert.as_ref(), Some(&first.chain[0]), "a refused reload changed the certificate");
+            assert_eq!(c.get("/").send().await.status, 200);
+        };
+
+        // The new certificate is not there yet (`cert` is on line 11).
+        let renewed = dir.path().join("renewed.pem");
+        let body = lg.reload_rejected(&tls_yaml(&renewed, &key, up.addr)).await;
+        assert!(
+            body.contains("legate.yaml:11:11: error: listener `web`: cannot read certificate file `"),
+            "{body}"
+        );
+        assert!(body.contains("help: check the path of the certificate file"), "{body}");
+        let (_, last) = lg.admin(Method::GET, "/reload").await;
+        let last: Value = serde_json::from_str(&last).unwrap();
+        assert!(last["last"]["error"].as_str().unwrap().contains("legate.yaml:11:11: error:"), "{last}");
+        assert_eq!(before.get("/").send().await.status, 200);
+        still_first().await;
+
+        // It is, but the key (line 12) is still the old certificate's.
+        std::fs::write(&renewed, std::fs::read(&second.cert).unwrap()).unwrap();
+        let body = lg.assert_reload_rejected().await;
+        assert!(
+            body.contains("legate.yaml:12:11: error: listener `web`: private key file `"),
+            "{body}"
+        );
+        assert!(body.contains("does not match the certificate"), "{body}");
+        assert!(body.contains("help: give the private key that belongs to the certificate"), "{body}");
+        assert_eq!(before.get("/").send().await.status, 200);
+        still_first().await;
+        assert_eq!(lg.stat(RELOAD_FAILED).await, Some(2.0));
+
+        // The key renewed too: the same config goes live.
+        std::fs::write(&key, std::fs::read(&second.key).unwrap()).unwrap();
+        lg.assert_reload_ok().await;
+        let mut after = tls().await;
+        assert_eq!(after.peer_cert.as_ref(), Some(&second.chain[0]), "the renewed certificate");
+        assert_eq!(after.get("/").send().await.status, 200);
+        assert_eq!(lg.stat(RELOAD_OK).await, Some(1.0));
+    }
+);
+
+each_proto!(
     /// A cluster's CA file replaced at the same path (the config unchanged) is
     /// used after a reload: the cluster is rebuilt, not kept.
     async fn reload_picks_up_a_replaced_upstream_ca(proto) {
@@ -1640,6 +1702,79 @@ async fn sighup_reloads_the_config() {
     .await;
     assert_eq!(c.get("/x").send().await.header("x-upstream"), Some("b"));
 }
+
+each_proto!(
+    /// SIGHUP runs the file checks of `legate check` too, and the log says
+    /// what `GET /reload` says: a key that is not its certificate's, at its
+    /// `file:line:col`. The listener in force keeps serving; the fixed files
+    /// reload at the next signal.
+    async fn sighup_reports_a_file_problem_at_its_line(proto) {
+        let up = upstream().start().await;
+        // The binary first: ports chosen before a slow build could be taken meanwhile.
+        legate_bin();
+        let (web, admin) = (free_addr(), free_addr());
+        let ca = Ca::new("sighup CA");
+        let (first, second) = (ca.server(&["a.example"]), ca.server(&["a.example"]));
+        let dir = TempDir::new();
+        let cert = dir.write("cert.pem", std::fs::read(&first.cert).unwrap());
+        let key = dir.write("key.pem", std::fs::read(&first.key).unwrap());
+        let cfg = dir.write("legate.yaml", fixed_ports(&tls_yaml(&cert, &key, up.addr), web, admin));
+        let log = dir.path().join("stderr.log");
+        let child = Command::new(legate_bin())
+            .args(["run", "--concurrency", "1", "--watch-interval", "0", "-c"])
+            .arg(&cfg)
+            .env("LEGATE_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn legate");
+        let p = Child { child };
+        wait_ready(admin).await;
+        let tls = || async { tls_client(proto, web, TlsOptions::new(&first, "a.example")).await.unwrap() };
+        let mut before = tls().await;
+        assert_eq!(before.get("/").send().await.status, 200);
+        let last_reload = |result: &'static str, generation: u64| async move {
+            eventually(HANG_GUARD, &format!("a reload by SIGHUP: {result}"), || async {
+                let (_, body) = admin_at(admin, Method::GET, "/reload").await?;
+                let v: Value = serde_json::from_str(&body).ok()?;
+                (v["last"]["trigger"] == "signal"
+                    && v["last"]["result"] == result
+                    && v["generation"] == generation)
+                    .then_some(v)
+            })
+            .await
+        };
+
+        // The new key (line 12) is not the certificate's.
+        let new_key = dir.write("new.key", std::fs::read(&second.key).unwrap());
+        std::fs::write(&cfg, fixed_ports(&tls_yaml(&cert, &new_key, up.addr), web, admin)).unwrap();
+        p.signal("HUP");
+        let v = last_reload("error", 1).await;
+        let want = "legate.yaml:12:11: error: listener `web`: private key file `new.key` does not match";
+        let error = v["last"]["error"].as_str().unwrap();
+        assert!(error.contains(want), "{error}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        let line = text
+            .lines()
+            .position(|l| l.contains("config reload failed"))
+            .unwrap_or_else(|| panic!("no failed reload in the log:\n{text}"));
+        assert!(
+            text.lines().skip(line).any(|l| l.contains(want)),
+            "no `{want}` in the log:\n{text}"
+        );
+        assert_eq!(before.get("/").send().await.status, 200);
+        let mut c = tls().await;
+        assert_eq!(c.peer_cert.as_ref(), Some(&first.chain[0]), "a refused reload changed the certificate");
+        assert_eq!(c.get("/").send().await.status, 200);
+
+        // The certificate renewed too: the next signal puts both in place.
+        std::fs::write(&cert, std::fs::read(&second.cert).unwrap()).unwrap();
+        p.signal("HUP");
+        last_reload("ok", 2).await;
+        let mut after = tls().await;
+        assert_eq!(after.peer_cert.as_ref(), Some(&second.chain[0]), "the renewed certificate");
+        assert_eq!(after.get("/").send().await.status, 200);
+    }
+);
 
 /// SIGTERM drains; a second SIGTERM (or SIGINT) during the drain stops at
 /// once, cutting what is still open, instead of waiting out `drain_timeout`

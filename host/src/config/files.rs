@@ -1,72 +1,91 @@
 //! The files a valid config names — listener certificates, keys and client CAs,
-//! upstream CAs and client certificates, endpoint files, plugin modules and data
-//! files, the access log's directory — read as loading them would, each problem
-//! placed at the key that names the file, with a help line.
+//! upstream CAs and client certificates, the KV store's Redis CA and client
+//! certificate, endpoint files, plugin modules and data files, the access log's
+//! directory — read as loading them would, each problem placed at the key that
+//! names the file, with a help line chosen by the kind of problem the loader
+//! reports ([`crate::tls::FileProblem`]), never by its message's wording.
 //!
 //! [`parse_str`](super::parse_str) does not read them (a config can be checked
 //! for its form without its certificates at hand); `legate check` and `legate run`
-//! do, through [`check_file`](super::check_file), and report every such problem of
-//! the file at once.
+//! do, through [`check_file`](super::check_file), and a reload through
+//! [`check_files_carrying`](super::check_files_carrying), and report every such
+//! problem of the file at once.
 
 use std::path::Path;
 
 use super::validate::{Issue, Issues};
 use super::Config;
+use crate::tls::FileProblem;
 
 /// The end of every help line of a file that cannot be read.
 const RELATIVE: &str = "a relative path is resolved against the directory of the config file, \
                         not the working directory";
 
-/// Help for a file that cannot be read or is not what its key takes.
-fn help_for(message: &str, what: &str) -> String {
-    if message.contains("cannot read") || message.contains("does not exist") {
-        format!("check the path of the {what} and that Legate may read it; {RELATIVE}")
-    } else if message.contains("does not match") {
-        "give the private key that belongs to the certificate: the first certificate of \
-         `cert` must be the key's (compare `openssl x509 -noout -pubkey -in CERT` with \
-         `openssl pkey -pubout -in KEY`)"
-            .to_string()
-    } else {
-        format!("check that the file is the {what} this key takes (PEM)")
+/// Help for a certificate, key or CA file (`what`) with `problem`; `cert` is
+/// the key that names the certificate of a key that does not match it.
+fn help_for(problem: FileProblem, what: &str, cert: &str) -> String {
+    match problem {
+        FileProblem::Unreadable => {
+            format!("check the path of the {what} and that Legate may read it; {RELATIVE}")
+        }
+        FileProblem::KeyMismatch => format!(
+            "give the private key that belongs to the certificate: the first certificate of \
+             `{cert}` must be the key's (compare `openssl x509 -noout -pubkey -in CERT` with \
+             `openssl pkey -pubout -in KEY`)"
+        ),
+        FileProblem::Content => format!("check that the file is the {what} this key takes (PEM)"),
     }
 }
 
-/// The error of a file that cannot be read, worded as the TLS loader words it.
-fn unreadable(path: &Path, what: &str, shown: &dyn Fn(&anyhow::Error) -> String) -> Option<String> {
-    std::fs::metadata(path).err().map(|e| {
-        shown(&anyhow::anyhow!(
-            "cannot read {what} `{}`: {e}",
-            path.display()
-        ))
-    })
+/// Help for a CA file (`what`) with `problem`.
+fn ca_help(problem: FileProblem, what: &str) -> String {
+    help_for(problem, what, "")
+}
+
+/// A certificate or key problem, as [`cert_key_problems`] reports it.
+struct PairProblem {
+    /// It is the key's (else the certificate's).
+    in_key: bool,
+    message: String,
+    help: String,
 }
 
 /// The problems of a certificate and its key, as loading them would find
-/// them: each with whether it is the key's (else the certificate's), its
-/// message and its help.
+/// them, each with its message (through `shown`) and help. `cert_key` is the
+/// key that names the certificate (`cert`, `client_cert`).
 fn cert_key_problems(
     cert: &Path,
     key: &Path,
-    shown: &dyn Fn(&anyhow::Error) -> String,
-) -> Vec<(bool, String, String)> {
+    cert_key: &str,
+    shown: &dyn Fn(&str) -> String,
+) -> Vec<PairProblem> {
     let Err(err) = crate::tls::check_certified_key(cert, key) else {
         return Vec::new();
     };
-    let msg = shown(&err);
-    // Problems of the key file start with its name; a mismatch is the key's
-    // too (the certificate is the one the names come from).
-    let on_key = msg.starts_with("private key file");
-    let what = if on_key {
-        "private key file"
-    } else {
-        "certificate file"
+    let what = |in_key| {
+        if in_key {
+            "private key file"
+        } else {
+            "certificate file"
+        }
     };
-    let mut out = vec![(on_key, msg.clone(), help_for(&msg, what))];
-    // The certificate stopped the load: a missing key is reported too.
-    if !on_key {
-        if let Some(msg) = unreadable(key, "private key file", shown) {
-            let help = help_for(&msg, "private key file");
-            out.push((true, msg, help));
+    let mut out = vec![PairProblem {
+        in_key: err.in_key,
+        message: shown(&err.to_string()),
+        help: help_for(err.problem, what(err.in_key), cert_key),
+    }];
+    // The certificate stopped the load: a key that cannot be read is reported
+    // too (worded as the loader words it).
+    if !err.in_key {
+        if let Err(e) = std::fs::metadata(key) {
+            out.push(PairProblem {
+                in_key: true,
+                message: shown(&format!(
+                    "cannot read private key file `{}`: {e}",
+                    key.display()
+                )),
+                help: help_for(FileProblem::Unreadable, what(true), cert_key),
+            });
         }
     }
     out
@@ -75,14 +94,14 @@ fn cert_key_problems(
 impl Config {
     /// The problems of the files this (resolved) config names. `base` is the
     /// directory relative paths were resolved against: messages show a path
-    /// under it as the file wrote it.
-    pub(crate) fn file_issues(&self, base: &Path) -> Vec<Issue> {
+    /// under it as the file wrote it. The endpoint files of the clusters
+    /// `carried` names (a reload keeps them without reading them) are skipped.
+    pub(crate) fn file_issues(&self, base: &Path, carried: &dyn Fn(&str) -> bool) -> Vec<Issue> {
         let mut e = Issues::default();
         let prefix = base.to_string_lossy().into_owned();
-        let shown = |err: &anyhow::Error| -> String {
-            let msg = format!("{err:#}");
+        let shown = |msg: &str| -> String {
             if prefix.is_empty() {
-                msg
+                msg.to_string()
             } else {
                 msg.replace(&format!("{}/", prefix.trim_end_matches('/')), "")
             }
@@ -92,15 +111,19 @@ impl Config {
             let l = &l.value;
             let Some(tls) = &l.tls else { continue };
             for c in &tls.certificates {
-                for (on_key, msg, help) in cert_key_problems(&c.value.cert, &c.value.key, &shown) {
-                    e.at(&c.referenced, format!("listener `{}`: {msg}", l.name), help)
-                        .key(if on_key { "key" } else { "cert" });
+                for p in cert_key_problems(&c.value.cert, &c.value.key, "cert", &shown) {
+                    e.at(
+                        &c.referenced,
+                        format!("listener `{}`: {}", l.name, p.message),
+                        p.help,
+                    )
+                    .key(if p.in_key { "key" } else { "cert" });
                 }
             }
             if let Some(auth) = &tls.client_auth {
                 if let Err(err) = crate::tls::check_roots(&auth.ca, "client CA file") {
-                    let msg = shown(&err);
-                    let help = help_for(&msg, "client CA file");
+                    let msg = shown(&err.to_string());
+                    let help = ca_help(err.problem, "client CA file");
                     e.at(loc, format!("listener `{}`: {msg}", l.name), help)
                         .key("tls")
                         .key("client_auth")
@@ -114,28 +137,36 @@ impl Config {
             if let Some(tls) = &c.tls {
                 if let Some(ca) = &tls.ca {
                     if let Err(err) = crate::tls::check_roots(ca, "upstream CA file") {
-                        let msg = shown(&err);
-                        let help = help_for(&msg, "upstream CA file");
+                        let msg = shown(&err.to_string());
+                        let help = ca_help(err.problem, "upstream CA file");
                         e.at(loc, format!("cluster `{}`: {msg}", c.name), help)
                             .key("tls")
                             .key("ca");
                     }
                 }
                 if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
-                    for (on_key, msg, help) in cert_key_problems(cert, key, &shown) {
-                        e.at(loc, format!("cluster `{}`: {msg}", c.name), help)
+                    for p in cert_key_problems(cert, key, "client_cert", &shown) {
+                        e.at(loc, format!("cluster `{}`: {}", c.name, p.message), p.help)
                             .key("tls")
-                            .key(if on_key { "client_key" } else { "client_cert" });
+                            .key(if p.in_key {
+                                "client_key"
+                            } else {
+                                "client_cert"
+                            });
                     }
                 }
             }
-            if let Some(path) = &c.discovery.path {
+            if let Some(path) = c
+                .discovery
+                .path
+                .as_ref()
+                .filter(|_| !carried(c.name.as_str()))
+            {
                 if let Err(err) = std::fs::metadata(path) {
-                    let err =
-                        anyhow::anyhow!("cannot read endpoint file `{}`: {err}", path.display());
+                    let msg = format!("cannot read endpoint file `{}`: {err}", path.display());
                     e.at(
                         loc,
-                        format!("cluster `{}`: {}", c.name, shown(&err)),
+                        format!("cluster `{}`: {}", c.name, shown(&msg)),
                         format!(
                             "check the path and that Legate may read it (the file must exist \
                              when the config is loaded); {RELATIVE}"
@@ -146,15 +177,41 @@ impl Config {
                 }
             }
         }
+        if let Some(tls) = &self.kv.tls {
+            let tls = &tls.value;
+            if let Some(ca) = &tls.ca {
+                if let Err(err) = crate::tls::check_roots(ca, "Redis CA file") {
+                    e.top(
+                        format!("`kv.tls`: {}", shown(&err.to_string())),
+                        ca_help(err.problem, "Redis CA file"),
+                    )
+                    .key("kv")
+                    .key("tls")
+                    .key("ca");
+                }
+            }
+            if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+                for p in cert_key_problems(cert, key, "client_cert", &shown) {
+                    e.top(format!("`kv.tls`: {}", p.message), p.help)
+                        .key("kv")
+                        .key("tls")
+                        .key(if p.in_key {
+                            "client_key"
+                        } else {
+                            "client_cert"
+                        });
+                }
+            }
+        }
         for p in &self.plugins {
             let loc = &p.referenced;
             let p = &p.value;
             if let Some(module) = p.module_file() {
                 if let Err(err) = std::fs::metadata(module) {
-                    let err = anyhow::anyhow!("cannot read module `{}`: {err}", module.display());
+                    let msg = format!("cannot read module `{}`: {err}", module.display());
                     e.at(
                         loc,
-                        format!("plugin `{}`: {}", p.name, shown(&err)),
+                        format!("plugin `{}`: {}", p.name, shown(&msg)),
                         format!(
                             "check the path of the `.wasm` file, or build it first (`legate \
                              plugin build DIR`); {RELATIVE}"
@@ -165,10 +222,10 @@ impl Config {
             }
             for (name, path) in &p.files {
                 if let Err(err) = std::fs::metadata(path) {
-                    let err = anyhow::anyhow!("cannot read file `{}`: {err}", path.display());
+                    let msg = format!("cannot read file `{}`: {err}", path.display());
                     e.at(
                         loc,
-                        format!("plugin `{}`: `files.{name}`: {}", p.name, shown(&err)),
+                        format!("plugin `{}`: `files.{name}`: {}", p.name, shown(&msg)),
                         format!("check the path of the data file; {RELATIVE}"),
                     )
                     .key("files")
@@ -178,8 +235,8 @@ impl Config {
         }
         if let Some(log) = &self.access_log {
             if let Err(err) = crate::access_log::AccessLog::check(log) {
-                let msg = shown(&err);
-                let help = if msg.contains("does not exist") {
+                let msg = shown(&err.to_string());
+                let help = if err.no_directory {
                     format!(
                         "create the directory, or give a path in one that exists (or `stdout`, \
                          `stderr`); {RELATIVE}"

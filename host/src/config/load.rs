@@ -151,7 +151,20 @@ pub fn check_files(
     base: &Path,
     config: &Config,
 ) -> Result<(), ConfigErrors> {
-    let issues = config.file_issues(base);
+    check_files_carrying(file, source, base, config, &|_| false)
+}
+
+/// As [`check_files`], for a reload: the endpoint files of the clusters
+/// `carried` names (kept as they are, their files not read again) are not
+/// checked.
+pub fn check_files_carrying(
+    file: &str,
+    source: &str,
+    base: &Path,
+    config: &Config,
+    carried: &dyn Fn(&str) -> bool,
+) -> Result<(), ConfigErrors> {
+    let issues = config.file_issues(base, carried);
     if issues.is_empty() {
         return Ok(());
     }

@@ -18,7 +18,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 pub use serde_saphyr::Spanned;
 
-pub use load::{check_file, check_files, load_file, parse_str, ConfigError, ConfigErrors};
+pub use load::{
+    check_file, check_files, check_files_carrying, load_file, parse_str, ConfigError, ConfigErrors,
+};
 pub(crate) use load::{endpoint_health_check_errors, key_position};
 pub use types::{ByteSize, Dur, KvBackendKind, KvConfig, KvTls, Name, Percent, StatusRange};
 pub(crate) use validate::{normalize_domain, split_host_port};
