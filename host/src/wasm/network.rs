@@ -120,9 +120,8 @@ impl WasmNetworkFilter {
         settings: Settings,
         stats: &Arc<Stats>,
     ) -> anyhow::Result<Self> {
-        let pre = linker()?.instantiate_pre(component).map_err(|e| {
-            anyhow::anyhow!("plugin `{name}`: the component does not fit this host: {e:#}")
-        })?;
+        let linker = linker()?;
+        let pre = super::plugin::link(name, component, |c| linker.instantiate_pre(c))?;
         let pre = NetworkFilterPre::new(pre).map_err(|e| {
             anyhow::anyhow!(
                 "plugin `{name}`: the component does not export \
