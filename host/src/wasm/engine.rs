@@ -335,6 +335,7 @@ pub fn arm<T: Clocked + 'static>(store: &mut wasmtime::Store<T>, budget: Duratio
     };
     WALL_DEADLINE.with(|d| d.set(now.checked_add(budget.saturating_mul(WALL_FACTOR))));
     MEMORY_REFUSED.with(|r| r.set(false));
+    super::stdio::call_started();
     // The next tick marks the CPU clock (see the module docs).
     store.set_epoch_deadline(1);
     now

@@ -402,7 +402,17 @@ pub(crate) fn describe(e: &wasmtime::Error, cpu: Duration) -> (&'static str, Str
             );
         }
     }
-    let text = format!("{e:#}");
+    // The backtrace (a line per frame, mostly `<unknown>!<wasm function N>`
+    // for a release guest) is for debugging, not for the one line of the
+    // failure.
+    if let Some(bt) = e.downcast_ref::<wasmtime::WasmBacktrace>() {
+        tracing::debug!("the failed call's {bt}");
+    }
+    let mut text = error_text(e);
+    // What the guest said before it trapped (a Rust panic's message).
+    if let Some(reason) = super::stdio::call_failure_reason() {
+        text = format!("{reason} ({text})");
+    }
     if super::engine::was_memory_refused() {
         return (
             "memory",
@@ -484,6 +494,24 @@ pub(crate) fn link<T>(
         };
         anyhow::anyhow!("plugin `{name}`: the component does not fit this host: {e:#}{newer}")
     })
+}
+
+/// A failed call's error as one line, without the wasm backtrace wasmtime
+/// adds as its context: the trap's kind (`wasm \`unreachable\` instruction
+/// executed`), or a host error's own chain.
+fn error_text(e: &wasmtime::Error) -> String {
+    let text = if let Some(t) = e.downcast_ref::<Trap>() {
+        let t = t.to_string();
+        t.strip_prefix("wasm trap: ").unwrap_or(&t).to_string()
+    } else {
+        let chain: Vec<String> = e
+            .chain()
+            .map(ToString::to_string)
+            .filter(|c| !c.starts_with("error while executing at wasm backtrace"))
+            .collect();
+        chain.join(": ")
+    };
+    legate_abi_rules::log::one_line(&text, 4096)
 }
 
 impl WasmFilter {
@@ -1303,6 +1331,53 @@ mod tests {
                      with a legate-sdk for 0.1.2)"
                 ),
             "{e}"
+        );
+    }
+
+    /// The error of calling a core function that executes `unreachable`
+    /// (what a Rust guest's panic ends in), after `stderr` was written.
+    fn trap_after(stderr: &[&str]) -> wasmtime::Error {
+        let m = b"\0asm\x01\0\0\0\
+                  \x01\x04\x01\x60\0\0\
+                  \x03\x02\x01\0\
+                  \x07\x05\x01\x01f\0\0\
+                  \x0a\x05\x01\x03\0\0\x0b";
+        let engine = engine::engine().unwrap();
+        let module = wasmtime::Module::new(engine, m).unwrap();
+        let mut store = Store::new(engine, ());
+        store.set_epoch_deadline(u64::MAX / 2);
+        super::super::stdio::call_started();
+        for line in stderr {
+            super::super::stdio::record(line);
+        }
+        let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        let f = instance.get_typed_func::<(), ()>(&mut store, "f").unwrap();
+        f.call(&mut store, ()).unwrap_err()
+    }
+
+    #[test]
+    fn a_trap_is_one_line_with_the_guest_s_panic_and_the_trap_kind() {
+        // Was "trap: error while executing at wasm backtrace:" and a line per
+        // frame, the panic only in separate stderr log lines.
+        let e = trap_after(&[
+            "thread '<unnamed>' panicked at src/lib.rs:51:13:",
+            "boom in configure",
+            "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace",
+        ]);
+        assert_eq!(
+            describe(&e, Duration::from_millis(5)),
+            (
+                "trap",
+                "trap: panicked at src/lib.rs:51:13: boom in configure (wasm \
+                 `unreachable` instruction executed)"
+                    .to_string()
+            )
+        );
+        // No error output: the trap's kind alone, still one line.
+        let e = trap_after(&[]);
+        assert_eq!(
+            describe(&e, Duration::from_millis(5)).1,
+            "trap: wasm `unreachable` instruction executed"
         );
     }
 
