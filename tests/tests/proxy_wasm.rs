@@ -273,6 +273,34 @@ async fn on_configure_false_rejects_the_load() {
     );
 }
 
+/// A module for proxy-wasm ABI 0.1.0 is refused naming that ABI and the fix
+/// (it was "not a proxy-wasm module (it exports neither …0_2_1 nor …0_2_0)").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_wasm_0_1_0_module_is_refused_naming_the_abi() {
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    // A core module exporting `proxy_abi_version_0_1_0`, a `() -> ()` function.
+    let name = b"proxy_abi_version_0_1_0";
+    let mut m = b"\0asm\x01\0\0\0\x01\x04\x01\x60\0\0\x03\x02\x01\0".to_vec();
+    m.extend([7, name.len() as u8 + 4, 1, name.len() as u8]);
+    m.extend(name);
+    m.extend([0, 0]);
+    m.extend(b"\x0a\x04\x01\x02\0\x0b");
+    let path = dir.path().join("old.wasm");
+    std::fs::write(&path, &m).unwrap();
+    let p = format!("  - name: old\n    module: {}\n", path.display());
+    let err = load_error(&config(up.addr, &p, &["old"]));
+    assert!(
+        err.contains(&format!(
+            "plugin `old`: {} is built for proxy-wasm ABI 0.1.0, which is not supported \
+             (this host implements 0.2.1 and 0.2.0); rebuild it with a proxy-wasm SDK \
+             targeting 0.2.x",
+            path.display()
+        )),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_module_that_is_not_proxy_wasm_is_refused() {
     let up = upstream().start().await;

@@ -26,7 +26,7 @@ use super::bindings::network::legate::filter::network as wnet;
 use super::bindings::network::{NetworkFilter as World, NetworkFilterPre};
 use super::engine;
 use super::host::{HostState, Phase, PluginShared, PLUGIN_CONTEXT};
-use super::plugin::{describe, guest_result, PluginStats, Settings, MIN_TICK};
+use super::plugin::{denial_hint, describe, guest_result, PluginStats, Settings, MIN_TICK};
 use super::slots::{InstanceCount, LiveIds, MemoryUse};
 use crate::filter::{
     CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter, Phases, Verdict,
@@ -364,10 +364,14 @@ impl WasmNetworkFilter {
                 },
                 setup,
             )),
-            Ok(Err(msg)) => Err(format!("configure failed: {msg}")),
+            Ok(Err(msg)) => Err(format!(
+                "configure failed: {msg}{}",
+                denial_hint(store.data_mut().denial.take())
+            )),
             Err(e) => Err(format!(
-                "configure failed: {}",
-                describe(&e, CONFIGURE_DEADLINE).1
+                "configure failed: {}{}",
+                describe(&e, CONFIGURE_DEADLINE).1,
+                denial_hint(store.data_mut().denial.take())
             )),
         }
     }

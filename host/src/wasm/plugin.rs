@@ -496,6 +496,13 @@ pub(crate) fn link<T>(
     })
 }
 
+/// ` (KV namespace `x` is not granted …: add it to …)` after a failed
+/// `configure` that was denied a KV namespace or cluster: the guest's error
+/// may only say `denied`.
+pub(crate) fn denial_hint(hint: Option<String>) -> String {
+    hint.map(|h| format!(" ({h})")).unwrap_or_default()
+}
+
 /// A failed call's error as one line, without the wasm backtrace wasmtime
 /// adds as its context: the trap's kind (`wasm \`unreachable\` instruction
 /// executed`), or a host error's own chain.
@@ -801,10 +808,14 @@ impl WasmFilter {
                 },
                 setup,
             )),
-            Ok(Err(msg)) => Err(format!("configure failed: {msg}")),
+            Ok(Err(msg)) => Err(format!(
+                "configure failed: {msg}{}",
+                denial_hint(store.data_mut().denial.take())
+            )),
             Err(e) => Err(format!(
-                "configure failed: {}",
-                describe(&e, CONFIGURE_DEADLINE).1
+                "configure failed: {}{}",
+                describe(&e, CONFIGURE_DEADLINE).1,
+                denial_hint(store.data_mut().denial.take())
             )),
         }
     }
