@@ -432,7 +432,10 @@ async fn a_panic_in_configure_is_one_line_naming_the_panic() {
             && line.ends_with(": boom in configure (wasm `unreachable` instruction executed)"),
         "{err}"
     );
-    assert!(!err.contains("wasm backtrace") && !err.contains("<wasm function"), "{err}");
+    assert!(
+        !err.contains("wasm backtrace") && !err.contains("<wasm function"),
+        "{err}"
+    );
 
     let dir = TempDir::new();
     let file = dir.write("plugins.yaml", &yaml);
@@ -441,7 +444,10 @@ async fn a_panic_in_configure_is_one_line_naming_the_panic() {
         .arg(&file)
         .output()
         .unwrap();
-    assert!(!out.status.success(), "legate check accepted a panicking plugin");
+    assert!(
+        !out.status.success(),
+        "legate check accepted a panicking plugin"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert!(
@@ -512,16 +518,24 @@ async fn a_component_of_another_abi_version_is_refused_naming_both_versions() {
         "  - name: future\n    module: {}\n    config: {{ mode: headers }}\n",
         module.display()
     );
-    let err = match legate().config(&simple(up.addr, &p, &["future"])).try_start() {
+    let err = match legate()
+        .config(&simple(up.addr, &p, &["future"]))
+        .try_start()
+    {
         Ok(_) => panic!("a component built against legate:filter 0.2 was loaded"),
         Err(e) => format!("{e:#}"),
     };
     assert!(
         err.contains("plugin `future`: the component is built against legate:filter@0.2.")
-            && err.contains("; this host implements 0.1.x (0.1.0–0.1.2): rebuild it with a legate-sdk for 0.1"),
+            && err.contains(
+                "; this host implements 0.1.x (0.1.0–0.1.2): rebuild it with a legate-sdk for 0.1"
+            ),
         "{err}"
     );
-    assert!(!err.contains("matching implementation was not found"), "{err}");
+    assert!(
+        !err.contains("matching implementation was not found"),
+        "{err}"
+    );
 }
 
 /// A file that is not Wasm at all is refused in one line saying so (it was
@@ -548,7 +562,10 @@ async fn a_module_that_is_not_wasm_is_refused_in_one_line() {
         )),
         "{err}"
     );
-    assert!(!err.contains("magic header") && !err.contains("0x0,"), "{err}");
+    assert!(
+        !err.contains("magic header") && !err.contains("0x0,"),
+        "{err}"
+    );
 }
 
 /// `configure` runs at load, on a thread with no runtime: a guest that waits in a

@@ -1562,7 +1562,7 @@ impl kv::Host for HostState {
             .cloned()
         else {
             let hint = self.plugin.denied("kv", &name);
-            self.denial.get_or_insert(hint);
+            self.denial = self.denial.take().or(Some(hint));
             return Ok(Err(Error::Denied));
         };
         Ok(Ok(self.table.push(NamespaceRes { name })?))
@@ -1908,7 +1908,7 @@ impl callout::Host for HostState {
         }
         if !self.plugin.clusters.iter().any(|c| **c == *request.cluster) {
             let hint = self.plugin.denied("clusters", &request.cluster);
-            self.denial.get_or_insert(hint);
+            self.denial = self.denial.take().or(Some(hint));
             return Ok(Err(Error::Denied));
         }
         let mut req = match self.build_callout(request) {

@@ -405,9 +405,7 @@ pub(crate) fn describe(e: &wasmtime::Error, cpu: Duration) -> (&'static str, Str
     // The backtrace (a line per frame, mostly `<unknown>!<wasm function N>`
     // for a release guest) is for debugging, not for the one line of the
     // failure.
-    if let Some(bt) = e.downcast_ref::<wasmtime::WasmBacktrace>() {
-        tracing::debug!("the failed call's {bt}");
-    }
+    tracing::debug!("a plugin call failed, in full: {e:#}");
     let mut text = error_text(e);
     // What the guest said before it trapped (a Rust panic's message).
     if let Some(reason) = super::stdio::call_failure_reason() {
@@ -434,7 +432,11 @@ pub(crate) const ABI_VERSION: [u64; 3] = [0, 1, 2];
 fn abi_version_of(item: &str) -> Option<[u64; 3]> {
     let (_, version) = item.strip_prefix("legate:filter/")?.split_once('@')?;
     let mut parts = version.split(['.', '-', '+']).map(str::parse::<u64>);
-    Some([parts.next()?.ok()?, parts.next()?.ok()?, parts.next()?.ok()?])
+    Some([
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+    ])
 }
 
 /// The `legate:filter` interfaces `component` imports and exports, each with
@@ -1402,7 +1404,10 @@ mod tests {
             wit.lines().next().unwrap_or("")
         );
         assert_eq!(abi_version_of("legate:filter/types@0.2.0"), Some([0, 2, 0]));
-        assert_eq!(abi_version_of("legate:filter/http@0.1.0-rc.1"), Some([0, 1, 0]));
+        assert_eq!(
+            abi_version_of("legate:filter/http@0.1.0-rc.1"),
+            Some([0, 1, 0])
+        );
         assert_eq!(abi_version_of("wasi:io/streams@0.2.0"), None);
         assert_eq!(abi_version_of("legate:filter/types"), None);
     }

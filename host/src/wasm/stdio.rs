@@ -99,7 +99,10 @@ pub fn reason_in(stderr: &str) -> Option<String> {
         return Some(one_line(alloc, MAX));
     }
     let last = lines.next_back()?;
-    Some(format!("the guest's last stderr line: {}", one_line(last, MAX)))
+    Some(format!(
+        "the guest's last stderr line: {}",
+        one_line(last, MAX)
+    ))
 }
 
 /// Which standard stream.
@@ -306,7 +309,9 @@ mod tests {
         assert_eq!(call_failure_reason(), None);
         // A component's stderr is recorded as it is logged.
         let err = GuestOutput::new("p".into(), Which::Stderr);
-        err.lines().0.push(b"thread '<unnamed>' panicked at src/lib.rs:2:3:\nnew\n");
+        err.lines()
+            .0
+            .push(b"thread '<unnamed>' panicked at src/lib.rs:2:3:\nnew\n");
         assert_eq!(
             call_failure_reason().as_deref(),
             Some("panicked at src/lib.rs:2:3: new")

@@ -2378,7 +2378,10 @@ mod tests {
         let e = crate::wasm::proxy_wasm::compile("x", std::path::Path::new("x.wasm"), &m)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("is a core Wasm module but not a proxy-wasm module"), "{e}");
+        assert!(
+            e.contains("is a core Wasm module but not a proxy-wasm module"),
+            "{e}"
+        );
     }
 
     #[test]
