@@ -71,7 +71,8 @@ pub fn call_failure_reason() -> Option<String> {
 /// from std's `thread '…' panicked at LOCATION:` + message lines, or the
 /// proxy-wasm SDK's `panicked at LOCATION:` + message, or the old
 /// `panicked at 'MESSAGE', LOCATION`); else an allocation failure (`memory
-/// allocation of N bytes failed`); else the last line written, labelled so.
+/// allocation of N bytes failed`); else the last line written, labelled so
+/// (`the guest's last error line: …`).
 pub fn reason_in(stderr: &str) -> Option<String> {
     const MAX: usize = 1024;
     if let Some(at) = stderr.rfind("panicked at ") {
@@ -100,7 +101,7 @@ pub fn reason_in(stderr: &str) -> Option<String> {
     }
     let last = lines.next_back()?;
     Some(format!(
-        "the guest's last stderr line: {}",
+        "the guest's last error line: {}",
         one_line(last, MAX)
     ))
 }
@@ -297,7 +298,7 @@ mod tests {
         );
         assert_eq!(
             reason_in("one\nAssertion failed: x > 0\n\n").as_deref(),
-            Some("the guest's last stderr line: Assertion failed: x > 0")
+            Some("the guest's last error line: Assertion failed: x > 0")
         );
         assert_eq!(reason_in(""), None);
     }
