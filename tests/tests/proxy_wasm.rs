@@ -713,6 +713,73 @@ each_proto!(
     }
 );
 
+/// The log lines of this test process, as the host's `fmt` subscriber
+/// writes them (installed on first use, for every test of the process).
+fn captured_log() -> String {
+    use std::sync::{Arc, Mutex, OnceLock};
+    #[derive(Clone)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOG: OnceLock<Sink> = OnceLock::new();
+    let sink = LOG.get_or_init(|| {
+        let sink = Sink(Arc::default());
+        let writer = sink.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+            .with_writer(move || writer.clone())
+            .init();
+        sink
+    });
+    String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned()
+}
+
+each_proto!(
+    /// A guest panic is one `plugin failure` line naming the panic (which the
+    /// SDK's hook logs at critical) and the trap's kind, and the hook's log
+    /// message is one line too: it was the wasm backtrace, a line per frame,
+    /// and the panic over two log lines.
+    async fn a_guest_panic_is_one_failure_line_naming_it(proto) {
+        captured_log();
+        let up = upstream().start().await;
+        let p = plugin("panicky", "{ mode: hostile }", "");
+        let lg = legate()
+            .config(&config(up.addr, &p, &["panicky"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/panic").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="panicky"}"#, 1.0)
+            .await;
+        let log = captured_log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("plugin failure") && l.contains("panicky"))
+            .unwrap_or_else(|| panic!("no failure line: {log}"));
+        assert!(
+            line.contains("plugin failure: trap: panicked at src/lib.rs:")
+                && line.ends_with(": guest panic on purpose (wasm `unreachable` instruction executed)"),
+            "{line}"
+        );
+        assert!(!log.contains("<wasm function"), "{log}");
+        // The hook's message: `panicked at LOCATION:` and the message, on one line.
+        assert!(
+            log.lines().any(|l| l.contains("panicked at src/lib.rs:")
+                && l.contains("\\nguest panic on purpose")
+                && !l.contains("plugin failure")),
+            "{log}"
+        );
+    }
+);
+
 each_proto!(
     async fn endless_loop_stops_at_the_deadline(proto) {
         hostile(proto, "/loop", "closed", "legate_plugin_timeouts_total").await;
