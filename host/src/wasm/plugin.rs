@@ -1298,11 +1298,16 @@ impl WasmFilter {
 mod tests {
     use super::*;
 
-    /// A component importing one empty instance named `name`.
+    /// A component importing one instance named `name`, which exports a
+    /// function `f: func()`.
     fn component_importing(name: &str) -> Component {
         let mut c = b"\0asm\x0d\0\x01\0".to_vec();
-        // Type section: one instance type with no declarations.
-        c.extend([7, 3, 1, 0x42, 0]);
+        // Type section: one instance type declaring `type 0 = func()` and
+        // `export f: func(type 0)`.
+        let ty = [1, 0x42, 2, 0x01, 0x40, 0, 0x01, 0, 0x04, 0, 1, b'f', 0x01, 0];
+        c.push(7);
+        c.push(u8::try_from(ty.len()).unwrap());
+        c.extend(ty);
         // Import section: `name` as an instance of type 0.
         let mut body = vec![1, 0, u8::try_from(name.len()).unwrap()];
         body.extend(name.as_bytes());
