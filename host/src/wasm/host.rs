@@ -1955,6 +1955,21 @@ impl callout::Host for HostState {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_denial_names_the_capability_to_add_and_is_warned_once_per_name() {
+        let p = PluginShared::new("p", Stats::new(), &[], &[]);
+        let hint = "KV namespace `myns` is not granted to plugin `p`: add it to the plugin's \
+                    `capabilities.kv`";
+        assert_eq!(p.denied("kv", "myns"), hint);
+        assert_eq!(p.denied("kv", "myns"), hint);
+        assert_eq!(
+            p.denied("clusters", "authz"),
+            "cluster `authz` is not granted to plugin `p`: add it to the plugin's \
+             `capabilities.clusters`"
+        );
+        assert_eq!(p.warned.lock().unwrap().len(), 2);
+    }
+
     /// The host takes a filter's field names and values through the `http`
     /// crate; the SDK's harness checks them with `legate_abi_rules::headers`
     /// (`name_ok`, `value_ok`): the two must agree, byte for byte.
