@@ -1304,7 +1304,9 @@ mod tests {
         let mut c = b"\0asm\x0d\0\x01\0".to_vec();
         // Type section: one instance type declaring `type 0 = func()` and
         // `export f: func(type 0)`.
-        let ty = [1, 0x42, 2, 0x01, 0x40, 0, 0x01, 0, 0x04, 0, 1, b'f', 0x01, 0];
+        let ty = [
+            1, 0x42, 2, 0x01, 0x40, 0, 0x01, 0, 0x04, 0, 1, b'f', 0x01, 0,
+        ];
         c.push(7);
         c.push(u8::try_from(ty.len()).unwrap());
         c.extend(ty);
