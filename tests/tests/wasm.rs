@@ -1189,7 +1189,8 @@ each_proto!(
     /// as a warning once per plugin and namespace, and in a failed
     /// `configure`'s error (it was `configure failed: open myns: denied`).
     async fn a_kv_namespace_not_granted_names_the_capability_to_add(proto) {
-        captured_log();
+        // This test's part of the process's log.
+        let before = captured_log().len();
         let up = upstream().start().await;
         let p = plugin(
             "needy",
@@ -1216,7 +1217,7 @@ each_proto!(
             let r = c.get("/incr").send().await;
             assert_eq!(r.echo().header("x-kv-error"), Some("denied"));
         }
-        let log = captured_log();
+        let log = captured_log().split_off(before);
         let hint = "KV namespace `secret` is not granted to plugin `nosy`: add it to the \
                     plugin's `capabilities.kv`";
         let warned: Vec<&str> = log.lines().filter(|l| l.contains(hint)).collect();
@@ -1721,14 +1722,15 @@ each_proto!(
     /// `capabilities.clusters`, once per plugin and cluster (as for proxy-wasm
     /// modules); the guest only gets `denied`.
     async fn a_callout_to_an_ungranted_cluster_names_the_capability_to_add(proto) {
-        captured_log();
+        // This test's part of the process's log.
+        let before = captured_log().len();
         let (_up, _az, lg) = caller("{ mode: callout, cluster: backend }").await;
         let mut c = client(proto, lg.addr("web")).await;
         for _ in 0..2 {
             let r = c.get("/hello").send().await;
             assert_eq!(r.echo().header("x-callout-error"), Some("denied"));
         }
-        let log = captured_log();
+        let log = captured_log().split_off(before);
         let hint = "cluster `backend` is not granted to plugin `caller`: add it to the \
                     plugin's `capabilities.clusters`";
         let warned: Vec<&str> = log.lines().filter(|l| l.contains(hint)).collect();
