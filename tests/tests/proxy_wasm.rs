@@ -273,6 +273,34 @@ async fn on_configure_false_rejects_the_load() {
     );
 }
 
+/// A module for proxy-wasm ABI 0.1.0 is refused naming that ABI and the fix
+/// (it was "not a proxy-wasm module (it exports neither …0_2_1 nor …0_2_0)").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_wasm_0_1_0_module_is_refused_naming_the_abi() {
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    // A core module exporting `proxy_abi_version_0_1_0`, a `() -> ()` function.
+    let name = b"proxy_abi_version_0_1_0";
+    let mut m = b"\0asm\x01\0\0\0\x01\x04\x01\x60\0\0\x03\x02\x01\0".to_vec();
+    m.extend([7, name.len() as u8 + 4, 1, name.len() as u8]);
+    m.extend(name);
+    m.extend([0, 0]);
+    m.extend(b"\x0a\x04\x01\x02\0\x0b");
+    let path = dir.path().join("old.wasm");
+    std::fs::write(&path, &m).unwrap();
+    let p = format!("  - name: old\n    module: {}\n", path.display());
+    let err = load_error(&config(up.addr, &p, &["old"]));
+    assert!(
+        err.contains(&format!(
+            "plugin `old`: {} is built for proxy-wasm ABI 0.1.0, which is not supported \
+             (this host implements 0.2.1 and 0.2.0); rebuild it with a proxy-wasm SDK \
+             targeting 0.2.x",
+            path.display()
+        )),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_module_that_is_not_proxy_wasm_is_refused() {
     let up = upstream().start().await;
@@ -682,6 +710,73 @@ each_proto!(
 each_proto!(
     async fn guest_panic_fails_open(proto) {
         hostile(proto, "/panic", "open", "legate_plugin_traps_total").await;
+    }
+);
+
+/// The log lines of this test process, as the host's `fmt` subscriber
+/// writes them (installed on first use, for every test of the process).
+fn captured_log() -> String {
+    use std::sync::{Arc, Mutex, OnceLock};
+    #[derive(Clone)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOG: OnceLock<Sink> = OnceLock::new();
+    let sink = LOG.get_or_init(|| {
+        let sink = Sink(Arc::default());
+        let writer = sink.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+            .with_writer(move || writer.clone())
+            .init();
+        sink
+    });
+    String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned()
+}
+
+each_proto!(
+    /// A guest panic is one `plugin failure` line naming the panic (which the
+    /// SDK's hook logs at critical) and the trap's kind, and the hook's log
+    /// message is one line too: it was the wasm backtrace, a line per frame,
+    /// and the panic over two log lines.
+    async fn a_guest_panic_is_one_failure_line_naming_it(proto) {
+        captured_log();
+        let up = upstream().start().await;
+        let p = plugin("panicky", "{ mode: hostile }", "");
+        let lg = legate()
+            .config(&config(up.addr, &p, &["panicky"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/panic").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="panicky"}"#, 1.0)
+            .await;
+        let log = captured_log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("plugin failure") && l.contains("panicky"))
+            .unwrap_or_else(|| panic!("no failure line: {log}"));
+        assert!(
+            line.contains("plugin failure: trap: panicked at src/lib.rs:")
+                && line.contains(": guest panic on purpose (wasm `unreachable` instruction executed)"),
+            "{line}"
+        );
+        assert!(!log.contains("<wasm function"), "{log}");
+        // The hook's message: `panicked at LOCATION:` and the message, on one line.
+        assert!(
+            log.lines().any(|l| l.contains("panicked at src/lib.rs:")
+                && l.contains("\\nguest panic on purpose")
+                && !l.contains("plugin failure")),
+            "{log}"
+        );
     }
 );
 

@@ -1318,6 +1318,35 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// A module file replaced by something that is not Wasm: the reload's
+    /// answer and `/plugins`' `last_load_error` say so in one line (they were
+    /// wasmparser's `bad magic number - expected=[` over ten lines).
+    async fn a_module_that_is_not_wasm_is_one_line_in_the_reload_and_plugins(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let module = dir.path().join("tagger.wasm");
+        write_module(&module, &guest_variant(1));
+        let lg = start(&plugin_yaml(up.addr, &module), None, 1);
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
+
+        write_module(&module, b"<html>not found</html>\n");
+        let (status, body) = lg.admin(Method::POST, "/plugins/tagger/reload").await;
+        assert_eq!(status, 400, "{body}");
+        let want = format!(
+            "plugin `tagger`: {} is not a Wasm file (it does not start with the `\\0asm` \
+             magic bytes): point `module` at a .wasm built with `legate plugin build`",
+            module.display()
+        );
+        assert!(body.contains(&want) && !body.contains("magic header"), "{body}");
+        let st = plugin_status(&lg).await;
+        let last = st["errors"]["last_load_error"].as_str().unwrap();
+        assert!(last.contains(&want) && !last.contains('\n'), "{st}");
+        assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_module_watch_reloads_a_plugin() {
     let up = upstream().start().await;

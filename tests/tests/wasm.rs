@@ -405,6 +405,169 @@ async fn configure_error_rejects_the_load() {
     );
 }
 
+/// A guest that panics in `configure` is refused in one line naming its panic
+/// (message and location, from its stderr) and the trap's kind, at load and in
+/// `legate check`; the wasm backtrace (a line per frame) is not in it. It was
+/// `trap: error while executing at wasm backtrace:` and 14 frame lines, the
+/// panic only in separate stderr log lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_configure_is_one_line_naming_the_panic() {
+    let up = upstream().start().await;
+    let p = plugin(
+        "boomer",
+        "{ mode: headers, panic_configure: boom in configure }",
+        "",
+    );
+    let yaml = simple(up.addr, &p, &["boomer"]);
+    let err = match legate().config(&yaml).try_start() {
+        Ok(_) => panic!("a plugin whose configure panics was loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    let line = err
+        .lines()
+        .find(|l| l.contains("plugin `boomer`: configure failed"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        line.contains("configure failed: trap: panicked at src/lib.rs:")
+            && line.contains(": boom in configure (wasm `unreachable` instruction executed)"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("wasm backtrace") && !err.contains("<wasm function"),
+        "{err}"
+    );
+
+    let dir = TempDir::new();
+    let file = dir.write("plugins.yaml", &yaml);
+    let out = Command::new(legate_bin())
+        .args(["check", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "legate check accepted a panicking plugin"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains(": error: ")).collect();
+    assert!(
+        errors.len() == 1
+            && errors[0].contains("configure failed: trap: panicked at src/lib.rs:")
+            && errors[0].contains("boom in configure (wasm `unreachable`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("<wasm function"), "{stderr}");
+}
+
+each_proto!(
+    /// A panic while serving is logged as one `plugin failure` line naming the
+    /// panic and the trap's kind.
+    async fn a_panic_in_a_phase_is_one_failure_line_naming_the_panic(proto) {
+        captured_log();
+        let up = upstream().start().await;
+        let p = plugin("panicky", "{ mode: hostile }", "");
+        let lg = legate().config(&simple(up.addr, &p, &["panicky"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/panic").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="panicky"}"#, 1.0)
+            .await;
+        let log = captured_log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("plugin failure") && l.contains("panicky"))
+            .unwrap_or_else(|| panic!("no failure line: {log}"));
+        assert!(
+            line.contains("plugin failure: trap: panicked at src/lib.rs:")
+                && line.contains(
+                    ": hostile guest panics on purpose (wasm `unreachable` instruction executed)"
+                ),
+            "{line}"
+        );
+        assert!(!log.contains("<wasm function"), "{log}");
+    }
+);
+
+/// A component built against another `legate:filter` version (here the test
+/// guest with its interfaces renamed to `@0.2.x`) is refused in one line
+/// naming that version, the host's and the fix; it was the linker's
+/// "component imports instance `legate:filter/…@0.2.0`, but a matching
+/// implementation was not found in the linker".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_of_another_abi_version_is_refused_naming_both_versions() {
+    let up = upstream().start().await;
+    let mut bytes = std::fs::read(test_guest()).unwrap();
+    // Same length: the names stay valid; only `legate:filter/…@0.1.` ones.
+    let (from, to) = (b"@0.1.".as_slice(), b"@0.2.".as_slice());
+    let mut i = 0;
+    let mut renamed = 0;
+    while let Some(at) = bytes[i..].windows(from.len()).position(|w| w == from) {
+        let at = i + at;
+        let start = at.saturating_sub(40);
+        if bytes[start..at].windows(14).any(|w| w == b"legate:filter/") {
+            bytes[at..at + from.len()].copy_from_slice(to);
+            renamed += 1;
+        }
+        i = at + from.len();
+    }
+    assert!(renamed > 0, "no legate:filter interface found in the guest");
+    let dir = TempDir::new();
+    let module = dir.path().join("future.wasm");
+    std::fs::write(&module, &bytes).unwrap();
+    let p = format!(
+        "  - name: future\n    module: {}\n    config: {{ mode: headers }}\n",
+        module.display()
+    );
+    let err = match legate()
+        .config(&simple(up.addr, &p, &["future"]))
+        .try_start()
+    {
+        Ok(_) => panic!("a component built against legate:filter 0.2 was loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("plugin `future`: the component is built against legate:filter@0.2.")
+            && err.contains(
+                "; this host implements 0.1.x (0.1.0–0.1.2): rebuild it with a legate-sdk for 0.1"
+            ),
+        "{err}"
+    );
+    assert!(
+        !err.contains("matching implementation was not found"),
+        "{err}"
+    );
+}
+
+/// A file that is not Wasm at all is refused in one line saying so (it was
+/// wasmparser's `bad magic number - expected=[` and both byte arrays over
+/// ten lines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_is_not_wasm_is_refused_in_one_line() {
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    let module = dir.write("filter.wat", "(component)\n");
+    let p = format!(
+        "  - name: text\n    module: {}\n    config: {{ mode: headers }}\n",
+        module.display()
+    );
+    let err = match legate().config(&simple(up.addr, &p, &["text"])).try_start() {
+        Ok(_) => panic!("a text file was loaded as a plugin"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains(&format!(
+            "plugin `text`: {} is not a Wasm file (it does not start with the `\\0asm` magic \
+             bytes): point `module` at a .wasm built with `legate plugin build`",
+            module.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("magic header") && !err.contains("0x0,"),
+        "{err}"
+    );
+}
+
 /// `configure` runs at load, on a thread with no runtime: a guest that waits in a
 /// WASI pollable there loads after its wait, or is refused at the wall bound of
 /// the configure deadline (10 × 1 s), naming the plugin; it never hangs the load.
@@ -1021,6 +1184,47 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// The guest only learns `denied`: the host says which grant is missing,
+    /// as a warning once per plugin and namespace, and in a failed
+    /// `configure`'s error (it was `configure failed: open myns: denied`).
+    async fn a_kv_namespace_not_granted_names_the_capability_to_add(proto) {
+        // This test's part of the process's log.
+        let before = captured_log().len();
+        let up = upstream().start().await;
+        let p = plugin(
+            "needy",
+            "{ mode: headers, kv_required: myns }",
+            "    capabilities: { kv: [other] }\n",
+        );
+        let err = match legate().config(&simple(up.addr, &p, &["needy"])).try_start() {
+            Ok(_) => panic!("a plugin whose configure fails was loaded"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains(
+                "plugin `needy`: configure failed: open myns: denied (KV namespace `myns` is \
+                 not granted to plugin `needy`: add it to the plugin's `capabilities.kv`)"
+            ),
+            "{err}"
+        );
+        // Opened on every request: warned once.
+        let lg = legate()
+            .config(&simple(up.addr, &kv_plugin("nosy", "secret", "[other]"), &["nosy"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..2 {
+            let r = c.get("/incr").send().await;
+            assert_eq!(r.echo().header("x-kv-error"), Some("denied"));
+        }
+        let log = captured_log().split_off(before);
+        let hint = "KV namespace `secret` is not granted to plugin `nosy`: add it to the \
+                    plugin's `capabilities.kv`";
+        let warned: Vec<&str> = log.lines().filter(|l| l.contains(hint)).collect();
+        assert!(warned.len() == 1 && warned[0].contains("WARN"), "{log}");
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_entries_expire() {
     let up = upstream().start().await;
@@ -1510,6 +1714,27 @@ each_proto!(
         assert_eq!(r.echo().header("x-callout-error"), Some("denied"));
         lg.assert_stat(r#"legate_plugin_callouts_total{plugin="caller"}"#, 0.0)
             .await;
+    }
+);
+
+each_proto!(
+    /// A callout to a cluster the plugin is not granted is a warning naming
+    /// `capabilities.clusters`, once per plugin and cluster (as for proxy-wasm
+    /// modules); the guest only gets `denied`.
+    async fn a_callout_to_an_ungranted_cluster_names_the_capability_to_add(proto) {
+        // This test's part of the process's log.
+        let before = captured_log().len();
+        let (_up, _az, lg) = caller("{ mode: callout, cluster: backend }").await;
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..2 {
+            let r = c.get("/hello").send().await;
+            assert_eq!(r.echo().header("x-callout-error"), Some("denied"));
+        }
+        let log = captured_log().split_off(before);
+        let hint = "cluster `backend` is not granted to plugin `caller`: add it to the \
+                    plugin's `capabilities.clusters`";
+        let warned: Vec<&str> = log.lines().filter(|l| l.contains(hint)).collect();
+        assert!(warned.len() == 1 && warned[0].contains("WARN"), "{log}");
     }
 );
 

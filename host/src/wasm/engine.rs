@@ -335,6 +335,7 @@ pub fn arm<T: Clocked + 'static>(store: &mut wasmtime::Store<T>, budget: Duratio
     };
     WALL_DEADLINE.with(|d| d.set(now.checked_add(budget.saturating_mul(WALL_FACTOR))));
     MEMORY_REFUSED.with(|r| r.set(false));
+    super::stdio::call_started();
     // The next tick marks the CPU clock (see the module docs).
     store.set_epoch_deadline(1);
     now
@@ -395,6 +396,9 @@ pub fn compile(
     stats: &crate::stats::Stats,
 ) -> anyhow::Result<Component> {
     let (bytes, digest) = (module.bytes, &module.info.sha256);
+    if let Some(e) = not_wasm(plugin, path, bytes) {
+        return Err(e);
+    }
     if wasmparser_is_core_module(bytes) {
         anyhow::bail!(
             "plugin `{plugin}`: {} is a core Wasm module, not a component; build it for \
@@ -414,6 +418,19 @@ pub fn compile(
         c.store(digest, &component);
     }
     Ok(component)
+}
+
+/// The error for a file that is not Wasm at all (a text file, a native
+/// library, a `.wat` source): one line saying so and what to give instead,
+/// instead of the parser's `bad magic number` with its bytes listed.
+pub fn not_wasm(plugin: &str, path: &Path, bytes: &[u8]) -> Option<anyhow::Error> {
+    (!bytes.starts_with(b"\0asm")).then(|| {
+        anyhow::anyhow!(
+            "plugin `{plugin}`: {} is not a Wasm file (it does not start with the `\\0asm` \
+             magic bytes): point `module` at a .wasm built with `legate plugin build`",
+            path.display()
+        )
+    })
 }
 
 /// A core module's header is `\0asm` version 1; a component's has layer 1.
@@ -530,6 +547,25 @@ mod tests {
                 && e.contains("maximum of 64")
                 && e.contains("fixed bounds on one plugin instance: 64 core module instances"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_wasm_is_named_so_in_one_line() {
+        // Was wasmparser's `magic header not detected: bad magic number -
+        // expected=[` with both byte arrays listed over ten lines.
+        let bytes = b"plugins:\n  - name: p\n";
+        let m = super::super::ModuleBytes {
+            bytes,
+            info: super::super::ModuleInfo::of(bytes),
+        };
+        let e = compile("p", Path::new("p.yaml"), &m, &crate::stats::Stats::new())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "plugin `p`: p.yaml is not a Wasm file (it does not start with the `\\0asm` magic \
+             bytes): point `module` at a .wasm built with `legate plugin build`"
         );
     }
 

@@ -148,6 +148,8 @@ pub struct PluginShared {
     /// `with-labels` calls do not use it up. The plugin name's, kept over
     /// reloads (as `/stats` keeps the series).
     series: Arc<crate::stats::SeriesClaims>,
+    /// The denials warned about (capability, name): each once per plugin.
+    warned: Mutex<std::collections::HashSet<(&'static str, String)>>,
 }
 
 impl PluginShared {
@@ -165,7 +167,33 @@ impl PluginShared {
             metrics: Mutex::default(),
             series: stats.claims(name),
             stats,
+            warned: Mutex::default(),
         }
+    }
+
+    /// The hint for a use of `name` that `capability` (`kv` or `clusters`)
+    /// does not grant: what to add to the config. Logged as a warning the
+    /// first time per plugin and name, since the guest may only see `denied`
+    /// (and may not say which name).
+    pub fn denied(&self, capability: &'static str, name: &str) -> String {
+        let what = match capability {
+            "kv" => "KV namespace",
+            _ => "cluster",
+        };
+        let hint = format!(
+            "{what} `{name}` is not granted to plugin `{}`: add it to the plugin's \
+             `capabilities.{capability}`",
+            self.name
+        );
+        let first = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((capability, name.to_string()));
+        if first {
+            tracing::warn!(plugin = &*self.name, "{hint}");
+        }
+        hint
     }
 }
 
@@ -267,6 +295,9 @@ pub struct HostState {
     /// The component exports `kv-handler`: `start-*` calls have somewhere to
     /// deliver their replies.
     pub kv_replies: bool,
+    /// The hint of the first use of an ungranted KV namespace or cluster in
+    /// this instance ([`PluginShared::denied`]), for a failing `configure`.
+    pub denial: Option<String>,
 }
 
 /// Table entries (by rep) for the `borrow` parameters of phase calls, made on
@@ -351,6 +382,7 @@ impl HostState {
             tick_tasks: crate::filter::Aborts::new(),
             lent: Lent::default(),
             kv_replies: false,
+            denial: None,
         }
     }
 
@@ -1529,6 +1561,8 @@ impl kv::Host for HostState {
             .find(|n| ***n == *name)
             .cloned()
         else {
+            let hint = self.plugin.denied("kv", &name);
+            self.denial = self.denial.take().or(Some(hint));
             return Ok(Err(Error::Denied));
         };
         Ok(Ok(self.table.push(NamespaceRes { name })?))
@@ -1873,6 +1907,8 @@ impl callout::Host for HostState {
             return Ok(Err(Error::InvalidState));
         }
         if !self.plugin.clusters.iter().any(|c| **c == *request.cluster) {
+            let hint = self.plugin.denied("clusters", &request.cluster);
+            self.denial = self.denial.take().or(Some(hint));
             return Ok(Err(Error::Denied));
         }
         let mut req = match self.build_callout(request) {
@@ -1918,6 +1954,21 @@ impl callout::Host for HostState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_denial_names_the_capability_to_add_and_is_warned_once_per_name() {
+        let p = PluginShared::new("p", Stats::new(), &[], &[]);
+        let hint = "KV namespace `myns` is not granted to plugin `p`: add it to the plugin's \
+                    `capabilities.kv`";
+        assert_eq!(p.denied("kv", "myns"), hint);
+        assert_eq!(p.denied("kv", "myns"), hint);
+        assert_eq!(
+            p.denied("clusters", "authz"),
+            "cluster `authz` is not granted to plugin `p`: add it to the plugin's \
+             `capabilities.clusters`"
+        );
+        assert_eq!(p.warned.lock().unwrap().len(), 2);
+    }
 
     /// The host takes a filter's field names and values through the `http`
     /// crate; the SDK's harness checks them with `legate_abi_rules::headers`

@@ -26,7 +26,7 @@ use super::bindings::network::legate::filter::network as wnet;
 use super::bindings::network::{NetworkFilter as World, NetworkFilterPre};
 use super::engine;
 use super::host::{HostState, Phase, PluginShared, PLUGIN_CONTEXT};
-use super::plugin::{describe, guest_result, PluginStats, Settings, MIN_TICK};
+use super::plugin::{denial_hint, describe, guest_result, PluginStats, Settings, MIN_TICK};
 use super::slots::{InstanceCount, LiveIds, MemoryUse};
 use crate::filter::{
     CalloutRequest, CalloutResult, Direction, Exchange, HttpFilter, Phases, Verdict,
@@ -120,9 +120,8 @@ impl WasmNetworkFilter {
         settings: Settings,
         stats: &Arc<Stats>,
     ) -> anyhow::Result<Self> {
-        let pre = linker()?.instantiate_pre(component).map_err(|e| {
-            anyhow::anyhow!("plugin `{name}`: the component does not fit this host: {e:#}")
-        })?;
+        let linker = linker()?;
+        let pre = super::plugin::link(name, component, |c| linker.instantiate_pre(c))?;
         let pre = NetworkFilterPre::new(pre).map_err(|e| {
             anyhow::anyhow!(
                 "plugin `{name}`: the component does not export \
@@ -365,10 +364,14 @@ impl WasmNetworkFilter {
                 },
                 setup,
             )),
-            Ok(Err(msg)) => Err(format!("configure failed: {msg}")),
+            Ok(Err(msg)) => Err(format!(
+                "configure failed: {msg}{}",
+                denial_hint(store.data_mut().denial.take())
+            )),
             Err(e) => Err(format!(
-                "configure failed: {}",
-                describe(&e, CONFIGURE_DEADLINE).1
+                "configure failed: {}{}",
+                describe(&e, CONFIGURE_DEADLINE).1,
+                denial_hint(store.data_mut().denial.take())
             )),
         }
     }

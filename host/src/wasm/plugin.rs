@@ -402,7 +402,15 @@ pub(crate) fn describe(e: &wasmtime::Error, cpu: Duration) -> (&'static str, Str
             );
         }
     }
-    let text = format!("{e:#}");
+    // The backtrace (a line per frame, mostly `<unknown>!<wasm function N>`
+    // for a release guest) is for debugging, not for the one line of the
+    // failure.
+    tracing::debug!("a plugin call failed, in full: {e:#}");
+    let mut text = error_text(e);
+    // What the guest said before it trapped (a Rust panic's message).
+    if let Some(reason) = super::stdio::call_failure_reason() {
+        text = format!("{reason} ({text})");
+    }
     if super::engine::was_memory_refused() {
         return (
             "memory",
@@ -413,6 +421,106 @@ pub(crate) fn describe(e: &wasmtime::Error, cpu: Duration) -> (&'static str, Str
         return ("memory", format!("memory cap exceeded: {text}"));
     }
     ("trap", format!("trap: {text}"))
+}
+
+/// The `legate:filter` version this host implements (abi/wit): components
+/// built against `0.1.0` up to it link; see abi/README.md §12.
+pub(crate) const ABI_VERSION: [u64; 3] = [0, 1, 2];
+
+/// The version of a `legate:filter` interface name (`legate:filter/types@0.2.0`
+/// gives `[0, 2, 0]`); `None` for other names and unversioned ones.
+fn abi_version_of(item: &str) -> Option<[u64; 3]> {
+    let (_, version) = item.strip_prefix("legate:filter/")?.split_once('@')?;
+    let mut parts = version.split(['.', '-', '+']).map(str::parse::<u64>);
+    Some([
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+    ])
+}
+
+/// The `legate:filter` interfaces `component` imports and exports, each with
+/// whether it is an import and its version.
+fn abi_items(component: &Component) -> Vec<(bool, String, [u64; 3])> {
+    let engine = component.engine();
+    let ty = component.component_type();
+    let imports = ty.imports(engine).map(|(n, _)| (true, n));
+    let exports = ty.exports(engine).map(|(n, _)| (false, n));
+    imports
+        .chain(exports)
+        .filter_map(|(import, n)| Some((import, n.to_string(), abi_version_of(n)?)))
+        .collect()
+}
+
+fn host_abi() -> String {
+    let [major, minor, patch] = ABI_VERSION;
+    format!("{major}.{minor}.x ({major}.{minor}.0–{major}.{minor}.{patch})")
+}
+
+/// Links `component` with `link` (the `instantiate_pre` of the world's
+/// linker), first checking it is built against this host's `legate:filter`
+/// major version (for `0.x`, the minor one): a component of another one
+/// (`0.2.0`) is one line naming both versions and the fix, instead of the
+/// linker's first unmatched interface. A link failure of a component built
+/// against a later 0.1 than this host names the host's version (it may use
+/// a function added since).
+pub(crate) fn link<T>(
+    name: &str,
+    component: &Component,
+    link: impl FnOnce(&Component) -> wasmtime::Result<T>,
+) -> anyhow::Result<T> {
+    let items = abi_items(component);
+    let [major, minor, patch] = ABI_VERSION;
+    if let Some((import, item, [a, b, c])) = items
+        .iter()
+        .find(|(_, _, v)| v[0] != major || v[1] != minor)
+    {
+        let how = if *import { "imports" } else { "exports" };
+        anyhow::bail!(
+            "plugin `{name}`: the component is built against legate:filter@{a}.{b}.{c} (it \
+             {how} `{item}`); this host implements {}: rebuild it with a legate-sdk for \
+             {major}.{minor}",
+            host_abi()
+        );
+    }
+    link(component).map_err(|e| {
+        let newest = items.iter().map(|(_, _, v)| v[2]).max().unwrap_or(0);
+        let newer = if newest > patch {
+            format!(
+                " (it is built against legate:filter@{major}.{minor}.{newest}, and uses \
+                 something added after {major}.{minor}.{patch}, which this host implements: \
+                 upgrade Legate, or build it with a legate-sdk for {major}.{minor}.{patch})"
+            )
+        } else {
+            String::new()
+        };
+        anyhow::anyhow!("plugin `{name}`: the component does not fit this host: {e:#}{newer}")
+    })
+}
+
+/// ` (KV namespace `x` is not granted …: add it to …)` after a failed
+/// `configure` that was denied a KV namespace or cluster: the guest's error
+/// may only say `denied`.
+pub(crate) fn denial_hint(hint: Option<String>) -> String {
+    hint.map(|h| format!(" ({h})")).unwrap_or_default()
+}
+
+/// A failed call's error as one line, without the wasm backtrace wasmtime
+/// adds as its context: the trap's kind (`wasm \`unreachable\` instruction
+/// executed`), or a host error's own chain.
+fn error_text(e: &wasmtime::Error) -> String {
+    let text = if let Some(t) = e.downcast_ref::<Trap>() {
+        let t = t.to_string();
+        t.strip_prefix("wasm trap: ").unwrap_or(&t).to_string()
+    } else {
+        let chain: Vec<String> = e
+            .chain()
+            .map(ToString::to_string)
+            .filter(|c| !c.starts_with("error while executing at wasm backtrace"))
+            .collect();
+        chain.join(": ")
+    };
+    legate_abi_rules::log::one_line(&text, 4096)
 }
 
 impl WasmFilter {
@@ -426,9 +534,7 @@ impl WasmFilter {
         stats: &Arc<Stats>,
     ) -> anyhow::Result<Self> {
         let linker = linker()?;
-        let pre = linker.instantiate_pre(component).map_err(|e| {
-            anyhow::anyhow!("plugin `{name}`: the component does not fit this host: {e:#}")
-        })?;
+        let pre = link(name, component, |c| linker.instantiate_pre(c))?;
         let pre = FilterPre::new(pre).map_err(|e| {
             anyhow::anyhow!(
                 "plugin `{name}`: the component does not export \
@@ -704,10 +810,14 @@ impl WasmFilter {
                 },
                 setup,
             )),
-            Ok(Err(msg)) => Err(format!("configure failed: {msg}")),
+            Ok(Err(msg)) => Err(format!(
+                "configure failed: {msg}{}",
+                denial_hint(store.data_mut().denial.take())
+            )),
             Err(e) => Err(format!(
-                "configure failed: {}",
-                describe(&e, CONFIGURE_DEADLINE).1
+                "configure failed: {}{}",
+                describe(&e, CONFIGURE_DEADLINE).1,
+                denial_hint(store.data_mut().denial.take())
             )),
         }
     }
@@ -1181,5 +1291,131 @@ impl WasmFilter {
             instantiate: start.elapsed() / n,
             memory,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A component importing one instance named `name`, which exports a
+    /// function `f: func()`.
+    fn component_importing(name: &str) -> Component {
+        let mut c = b"\0asm\x0d\0\x01\0".to_vec();
+        // Type section: one instance type declaring `type 0 = func()` and
+        // `export f: func(type 0)`.
+        let ty = [
+            1, 0x42, 2, 0x01, 0x40, 0, 0x01, 0, 0x04, 0, 1, b'f', 0x01, 0,
+        ];
+        c.push(7);
+        c.push(u8::try_from(ty.len()).unwrap());
+        c.extend(ty);
+        // Import section: `name` as an instance of type 0.
+        let mut body = vec![1, 0, u8::try_from(name.len()).unwrap()];
+        body.extend(name.as_bytes());
+        body.extend([0x05, 0]);
+        c.push(10);
+        c.push(u8::try_from(body.len()).unwrap());
+        c.extend(body);
+        Component::new(engine::engine().unwrap(), &c).unwrap()
+    }
+
+    #[test]
+    fn a_component_of_another_abi_version_is_one_line_naming_both_versions() {
+        // Was the linker's "component imports instance
+        // `legate:filter/types@0.2.0`, but a matching implementation was not
+        // found in the linker: …".
+        let c = component_importing("legate:filter/types@0.2.0");
+        let linker = linker().unwrap();
+        let e = link("p", &c, |c| linker.instantiate_pre(c))
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            e,
+            "plugin `p`: the component is built against legate:filter@0.2.0 (it imports \
+             `legate:filter/types@0.2.0`); this host implements 0.1.x (0.1.0–0.1.2): \
+             rebuild it with a legate-sdk for 0.1"
+        );
+        // One built against a later 0.1 whose link fails names this host's 0.1.
+        let c = component_importing("legate:filter/nonesuch@0.1.9");
+        let e = link("p", &c, |c| linker.instantiate_pre(c))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.starts_with("plugin `p`: the component does not fit this host: ")
+                && e.ends_with(
+                    "(it is built against legate:filter@0.1.9, and uses something added \
+                     after 0.1.2, which this host implements: upgrade Legate, or build it \
+                     with a legate-sdk for 0.1.2)"
+                ),
+            "{e}"
+        );
+    }
+
+    /// The error of calling a core function that executes `unreachable`
+    /// (what a Rust guest's panic ends in), after `stderr` was written.
+    fn trap_after(stderr: &[&str]) -> wasmtime::Error {
+        let m = b"\0asm\x01\0\0\0\
+                  \x01\x04\x01\x60\0\0\
+                  \x03\x02\x01\0\
+                  \x07\x05\x01\x01f\0\0\
+                  \x0a\x05\x01\x03\0\0\x0b";
+        let engine = engine::engine().unwrap();
+        let module = wasmtime::Module::new(engine, m).unwrap();
+        let mut store = Store::new(engine, ());
+        store.set_epoch_deadline(u64::MAX / 2);
+        super::super::stdio::call_started();
+        for line in stderr {
+            super::super::stdio::record(line);
+        }
+        let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        let f = instance.get_typed_func::<(), ()>(&mut store, "f").unwrap();
+        f.call(&mut store, ()).unwrap_err()
+    }
+
+    #[test]
+    fn a_trap_is_one_line_with_the_guest_s_panic_and_the_trap_kind() {
+        // Was "trap: error while executing at wasm backtrace:" and a line per
+        // frame, the panic only in separate stderr log lines.
+        let e = trap_after(&[
+            "thread '<unnamed>' panicked at src/lib.rs:51:13:",
+            "boom in configure",
+            "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace",
+        ]);
+        assert_eq!(
+            describe(&e, Duration::from_millis(5)),
+            (
+                "trap",
+                "trap: panicked at src/lib.rs:51:13: boom in configure (wasm \
+                 `unreachable` instruction executed)"
+                    .to_string()
+            )
+        );
+        // No error output: the trap's kind alone, still one line.
+        let e = trap_after(&[]);
+        assert_eq!(
+            describe(&e, Duration::from_millis(5)).1,
+            "trap: wasm `unreachable` instruction executed"
+        );
+    }
+
+    #[test]
+    fn the_abi_version_is_the_wit_package_s() {
+        let wit = include_str!("../../../abi/wit/filter.wit");
+        let [a, b, c] = ABI_VERSION;
+        assert!(
+            wit.starts_with(&format!("package legate:filter@{a}.{b}.{c};")),
+            "abi/wit/filter.wit: {}",
+            wit.lines().next().unwrap_or("")
+        );
+        assert_eq!(abi_version_of("legate:filter/types@0.2.0"), Some([0, 2, 0]));
+        assert_eq!(
+            abi_version_of("legate:filter/http@0.1.0-rc.1"),
+            Some([0, 1, 0])
+        );
+        assert_eq!(abi_version_of("wasi:io/streams@0.2.0"), None);
+        assert_eq!(abi_version_of("legate:filter/types"), None);
     }
 }

@@ -8,7 +8,13 @@
 //! pieces, and a partial line is logged when the instance is dropped (not on
 //! flush: WASI stdio flushes after every write, and Rust's `eprintln!` writes
 //! one line in several).
+//!
+//! What a guest writes to stderr (and, for proxy-wasm, logs at `error` or
+//! above) during a call is also kept for that call ([`record`]), so a trap
+//! can be described by the guest's own reason ([`call_failure_reason`]): a
+//! Rust panic's message and location rather than `unreachable`.
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,6 +28,83 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
 /// The longest line logged as one (as the `log` host call's cap).
 pub const MAX_LINE: usize = 4096;
+
+/// How much of a call's error output is kept (the end of it).
+const KEPT: usize = 8 * 1024;
+
+thread_local! {
+    /// The error output of the call last armed on this thread (calls on a
+    /// thread never overlap; see [`super::engine::arm`]).
+    static CALL_STDERR: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// A new call starts on this thread: forget the last one's error output.
+pub fn call_started() {
+    CALL_STDERR.with(|s| s.borrow_mut().clear());
+}
+
+/// Keeps `text`, written to stderr by the guest running on this thread (or
+/// logged at `error` or above), for [`call_failure_reason`].
+pub fn record(text: &str) {
+    CALL_STDERR.with(|s| {
+        let mut s = s.borrow_mut();
+        s.push_str(text);
+        s.push('\n');
+        if s.len() > KEPT {
+            let mut cut = s.len() - KEPT;
+            while !s.is_char_boundary(cut) {
+                cut += 1;
+            }
+            s.drain(..cut);
+        }
+    });
+}
+
+/// Why the guest says the call running on this thread failed, from its
+/// error output (see [`reason_in`]).
+pub fn call_failure_reason() -> Option<String> {
+    CALL_STDERR.with(|s| reason_in(&s.borrow()))
+}
+
+/// The guest's reason for a failure in `stderr`, its error output during the
+/// call, as one line: a Rust panic (`panicked at src/lib.rs:51:13: boom`,
+/// from std's `thread '…' panicked at LOCATION:` + message lines, or the
+/// proxy-wasm SDK's `panicked at LOCATION:` + message, or the old
+/// `panicked at 'MESSAGE', LOCATION`); else an allocation failure (`memory
+/// allocation of N bytes failed`); else the last line written, labelled so
+/// (`the guest's last error line: …`).
+pub fn reason_in(stderr: &str) -> Option<String> {
+    const MAX: usize = 1024;
+    if let Some(at) = stderr.rfind("panicked at ") {
+        let mut lines = stderr[at..].lines();
+        let mut out = lines.next().unwrap_or_default().trim_end().to_string();
+        for line in lines {
+            let line = line.trim_end();
+            if line.is_empty()
+                || line.starts_with("note: run with")
+                || line.starts_with("stack backtrace:")
+            {
+                break;
+            }
+            out.push(' ');
+            out.push_str(line);
+        }
+        return Some(one_line(&out, MAX));
+    }
+    let mut lines = stderr.lines().map(str::trim).filter(|l| !l.is_empty());
+    if let Some(alloc) = lines
+        .clone()
+        .rev()
+        .find(|l| l.starts_with("memory allocation of "))
+    {
+        return Some(one_line(alloc, MAX));
+    }
+    let last = lines.next_back()?;
+    Some(format!(
+        "the guest's last error line: {}",
+        one_line(last, MAX)
+    ))
+}
 
 /// Which standard stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,7 +206,10 @@ impl Shared {
         let plugin = &*self.plugin;
         match self.which {
             Which::Stdout => tracing::info!(plugin, stream = "stdout", "{text}"),
-            Which::Stderr => tracing::error!(plugin, stream = "stderr", "{text}"),
+            Which::Stderr => {
+                record(&text);
+                tracing::error!(plugin, stream = "stderr", "{text}");
+            }
         }
         partial.clear();
     }
@@ -185,6 +271,56 @@ impl AsyncWrite for Lines {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reason_is_a_panic_s_message_and_location_on_one_line() {
+        // std's default hook (Rust 1.73 on), as a component's stderr.
+        let std = "debug: starting\nthread '<unnamed>' panicked at src/lib.rs:51:13:\n\
+                   boom in configure\nnote: run with `RUST_BACKTRACE=1` environment \
+                   variable to display a backtrace\n";
+        assert_eq!(
+            reason_in(std).as_deref(),
+            Some("panicked at src/lib.rs:51:13: boom in configure")
+        );
+        // The proxy-wasm SDK's hook: one `proxy_log` at critical.
+        assert_eq!(
+            reason_in("panicked at src/lib.rs:9:5:\nbad config\n").as_deref(),
+            Some("panicked at src/lib.rs:9:5: bad config")
+        );
+        // Older Rust.
+        assert_eq!(
+            reason_in("thread 'main' panicked at 'boom', src/lib.rs:3:1\n").as_deref(),
+            Some("panicked at 'boom', src/lib.rs:3:1")
+        );
+        assert_eq!(
+            reason_in("memory allocation of 1048576 bytes failed\n").as_deref(),
+            Some("memory allocation of 1048576 bytes failed")
+        );
+        assert_eq!(
+            reason_in("one\nAssertion failed: x > 0\n\n").as_deref(),
+            Some("the guest's last error line: Assertion failed: x > 0")
+        );
+        assert_eq!(reason_in(""), None);
+    }
+
+    #[test]
+    fn a_call_keeps_its_own_stderr_only_and_a_bounded_end_of_it() {
+        record("panicked at a.rs:1:1:\nold");
+        call_started();
+        assert_eq!(call_failure_reason(), None);
+        // A component's stderr is recorded as it is logged.
+        let err = GuestOutput::new("p".into(), Which::Stderr);
+        err.lines()
+            .0
+            .push(b"thread '<unnamed>' panicked at src/lib.rs:2:3:\nnew\n");
+        assert_eq!(
+            call_failure_reason().as_deref(),
+            Some("panicked at src/lib.rs:2:3: new")
+        );
+        record(&"x".repeat(KEPT * 2));
+        CALL_STDERR.with(|s| assert!(s.borrow().len() <= KEPT));
+        call_started();
+    }
 
     #[test]
     fn lines_are_cut_at_newlines_and_at_the_cap() {

@@ -27,7 +27,10 @@
 //!   (with phase `log`) under `method="log-<METHOD>"`, and, if the exchange
 //!   has a cause there, `method="log-cause-<cause>"`. In any mode,
 //!   `define_counter: <name>` defines an unlabelled counter in `configure`, and
-//!   `fail_configure: <why>` then fails `configure`.
+//!   `fail_configure: <why>` then fails `configure`. Before all that (any
+//!   mode), `panic_configure: <why>` panics in `configure` and
+//!   `kv_required: <ns>` fails `configure` if KV namespace `<ns>` does not
+//!   open (`open <ns>: <error>`).
 //! - `kv`: opens KV namespace `ns` (default `counters`) in `configure`; a failed
 //!   open is reported on every request as `x-kv-error: <error>`. Request paths:
 //!   `/count` adds 1 to key `count` with a get + `if-version`/`if-absent` CAS retry
@@ -614,6 +617,12 @@ impl Guest for Plugin {
         let mode = field(&config, "mode").unwrap_or_else(|| "headers".into());
         if mode == "bad-config" {
             return Err("bad-config: the `mode` asked this plugin to refuse".into());
+        }
+        if let Some(why) = field(&config, "panic_configure") {
+            panic!("{why}");
+        }
+        if let Some(ns) = field(&config, "kv_required") {
+            legate::filter::kv::open(&ns).map_err(|e| format!("open {ns}: {}", error_name(e)))?;
         }
         if let Some(ms) = field(&config, "configure_sleep_ms").and_then(|v| v.parse().ok()) {
             // A WASI pollable in `configure`, which runs at load, off the workers.

@@ -2487,6 +2487,11 @@ mod tests {
     /// A core module exporting an empty `() -> ()` function under each name
     /// (the signatures do not matter to which phases are declared).
     fn module_exporting(names: &[&str]) -> Module {
+        Module::new(engine::engine().unwrap(), module_bytes_exporting(names)).unwrap()
+    }
+
+    /// The bytes of [`module_exporting`]'s module.
+    fn module_bytes_exporting(names: &[&str]) -> Vec<u8> {
         let mut m = b"\0asm\x01\0\0\0".to_vec();
         section(1, &[1, 0x60, 0, 0], &mut m);
         let mut funcs = Vec::new();
@@ -2508,7 +2513,31 @@ mod tests {
             code.extend_from_slice(&[2, 0, 0x0b]);
         }
         section(10, &code, &mut m);
-        Module::new(engine::engine().unwrap(), &m).unwrap()
+        m
+    }
+
+    #[test]
+    fn a_proxy_wasm_0_1_0_module_is_refused_naming_the_abi_and_the_fix() {
+        // Was "not a proxy-wasm module (it exports neither …0_2_1 nor …0_2_0)".
+        let m = module_bytes_exporting(&["proxy_abi_version_0_1_0", "proxy_on_request_headers"]);
+        let e = crate::wasm::proxy_wasm::compile("old", std::path::Path::new("old.wasm"), &m)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "plugin `old`: old.wasm is built for proxy-wasm ABI 0.1.0, which is not supported \
+             (this host implements 0.2.1 and 0.2.0); rebuild it with a proxy-wasm SDK \
+             targeting 0.2.x"
+        );
+        // Neither marker: still "not a proxy-wasm module".
+        let m = module_bytes_exporting(&["_start"]);
+        let e = crate::wasm::proxy_wasm::compile("x", std::path::Path::new("x.wasm"), &m)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("is a core Wasm module but not a proxy-wasm module"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -34,9 +34,17 @@ fn st(r: Result<(), i32>) -> HResult<()> {
     r.map_err(Fail::Status)
 }
 
+/// Logs `msg` at proxy-wasm `level` as one line (a message's newlines, e.g.
+/// of the SDK's panic hook, escaped as the component host does), keeping it
+/// at `error` and above for the failure of the running call
+/// ([`crate::wasm::stdio::record`]).
 fn log_line(c: &C<'_>, level: i32, msg: &[u8]) {
     let name = &*c.data().meta.name;
-    let text = String::from_utf8_lossy(&msg[..msg.len().min(MAX_LOG)]);
+    let raw = String::from_utf8_lossy(&msg[..msg.len().min(MAX_LOG)]);
+    if level >= 4 {
+        crate::wasm::stdio::record(&raw);
+    }
+    let text = legate_abi_rules::log::one_line(raw.trim_end_matches(['\r', '\n']), MAX_LOG);
     match level {
         0 => tracing::trace!(plugin = name, "{text}"),
         1 => tracing::debug!(plugin = name, "{text}"),

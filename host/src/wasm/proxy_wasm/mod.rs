@@ -36,6 +36,9 @@ use crate::stats::Stats;
 /// calls this host answers the same way).
 const MARKERS: [&str; 2] = ["proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0"];
 
+/// The marker of proxy-wasm ABI 0.1.0 (Envoy's first), refused by name.
+const OLD_MARKER: &str = "proxy_abi_version_0_1_0";
+
 /// Whether the file's header is a core module (`\0asm` version 1) rather than a
 /// component (layer 1).
 pub fn is_core_module(header: &[u8]) -> bool {
@@ -52,6 +55,14 @@ pub fn compile(plugin: &str, path: &Path, bytes: &[u8]) -> anyhow::Result<Module
         )
     })?;
     if !module.exports().any(|e| MARKERS.contains(&e.name())) {
+        if module.exports().any(|e| e.name() == OLD_MARKER) {
+            anyhow::bail!(
+                "plugin `{plugin}`: {} is built for proxy-wasm ABI 0.1.0, which is not \
+                 supported (this host implements 0.2.1 and 0.2.0); rebuild it with a \
+                 proxy-wasm SDK targeting 0.2.x",
+                path.display()
+            );
+        }
         anyhow::bail!(
             "plugin `{plugin}`: {} is a core Wasm module but not a proxy-wasm module (it \
              exports neither `proxy_abi_version_0_2_1` nor `proxy_abi_version_0_2_0`); \
