@@ -297,7 +297,11 @@ async fn local_reply(
             }
         };
     }
-    if matches!(e.kind, Kind::BadRequest | Kind::UpgradeRefused) && version < Version::HTTP_2 {
+    if matches!(
+        e.kind,
+        Kind::BadRequest | Kind::UpgradeRefused | Kind::UpgradeUnsupported
+    ) && version < Version::HTTP_2
+    {
         // The rest of the byte stream cannot be trusted to frame requests (after
         // a refused upgrade, the client may already be sending the other
         // protocol: Envoy closes too, against smuggling in that payload).
@@ -566,6 +570,12 @@ async fn proxy(
                 )
             })?
             .clone();
+        if upgrade_token.is_some() && entry.upstream.is_h2() {
+            // HTTP/2 has no `Upgrade` (RFC 9113 §8.6): hyper would drop it and
+            // send a plain request. An `auto` cluster whose connection turns out
+            // h2 is refused by the pool (`upstream::UpgradeRequest`).
+            return Err(upgrade_over_h2());
+        }
 
         // Limits on the request body, checked before anything goes upstream.
         let max_body = matched.route.max_request_body;
@@ -703,6 +713,7 @@ async fn proxy(
             policy,
             per_try: route.per_try_timeout,
             sent: sent.as_deref(),
+            upgrade,
         };
         // A filter may answer between phases meanwhile (a callout's result
         // delivered as it arrived): its answer replaces the upstream's, which
@@ -818,7 +829,22 @@ async fn proxy(
         response_filters(out, resp).await
     }
     .await;
-    forwarded.map_err(|e| routed_error(e, Some(&matched), http.via.as_deref()))
+    forwarded.map_err(|e| {
+        if e.kind == Kind::UpgradeUnsupported {
+            // (Logged with the reply, and in the access log by its cause.)
+            listener.stats.upgrades_failed.inc();
+        }
+        routed_error(e, Some(&matched), http.via.as_deref())
+    })
+}
+
+/// The answer to an allowed upgrade routed to an HTTP/2 upstream connection.
+pub(crate) fn upgrade_over_h2() -> ProxyError {
+    ProxyError::new(
+        Kind::UpgradeUnsupported,
+        "the upstream connection is HTTP/2, which cannot carry an HTTP/1.1 upgrade \
+         (extended CONNECT, RFC 8441, is not supported)",
+    )
 }
 
 /// The exchange filters see, from the request head (without `host`: the authority is
@@ -2017,6 +2043,8 @@ struct Attempts<'a> {
     per_try: Option<Duration>,
     /// A streamed body's end, where the timeouts start (`None`: at once).
     sent: Option<&'a BodySent>,
+    /// An allowed HTTP/1.1 upgrade ([`crate::upstream::UpgradeRequest`]).
+    upgrade: bool,
 }
 
 impl Attempts<'_> {
@@ -2207,6 +2235,9 @@ impl Attempts<'_> {
         let host = HeaderValue::from_str(self.authority)
             .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?;
         req.headers_mut().insert(header::HOST, host);
+        if self.upgrade {
+            req.extensions_mut().insert(crate::upstream::UpgradeRequest);
+        }
         Ok(req)
     }
 
