@@ -121,6 +121,9 @@ pub async fn handle(
     conn.activity.request_started();
     conn.listener.stats.rq_active.inc();
     let version = req.version();
+    // hyper's HTTP/1.1 server sends trailers only to a request that allows them.
+    let trailers_allowed =
+        version == Version::HTTP_11 && proxy_headers::te_allows_trailers(req.headers());
     // Turned into `Done` once the response exists; if the client goes away
     // first (hyper drops this future, e.g. while a filter is paused), its drop
     // ends the request as a 499 `downstream_disconnect`, logged and counted.
@@ -203,6 +206,9 @@ pub async fn handle(
         // error) gets them the same way and no filter changes them.
         add_debug_headers(&conn, out, start, resp.headers_mut());
     }
+    if trailers_allowed {
+        declare_trailers(&in_flight.method, &mut resp);
+    }
     if in_flight.method == Method::HEAD && !resp.body().is_end_stream() {
         // A response to HEAD has no content (RFC 9110 §9.3.2), but the
         // host's own answers (a direct response, an error, a filter's) come
@@ -254,6 +260,32 @@ pub async fn handle(
         // (Not reached: the request is in flight until here.)
         None => resp,
     })
+}
+
+/// The trailers of a response body a filter buffered whole (an extension of
+/// the response): what [`declare_trailers`] names.
+#[derive(Clone)]
+struct KnownTrailers(http::HeaderMap);
+
+/// Names in the response's `Trailer` the trailer fields that may end it, for
+/// hyper's HTTP/1.1 server, which writes only those (to a client that allowed
+/// trailers): if the response goes chunked (no `content-length`, a body of
+/// unknown length), the trailers of a body a filter buffered, else gRPC's
+/// ([`proxy_headers::declare_trailers`]).
+fn declare_trailers(method: &Method, resp: &mut Response<Body>) {
+    let known = resp.extensions_mut().remove::<KnownTrailers>();
+    let status = resp.status();
+    let body = resp.body();
+    let chunked = *method != Method::HEAD
+        && !status.is_informational()
+        && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+        && !resp.headers().contains_key(header::CONTENT_LENGTH)
+        && !body.is_end_stream()
+        && body.size_hint().exact().is_none();
+    if chunked {
+        let grpc = local_reply::is_grpc(resp.headers());
+        proxy_headers::declare_trailers(resp.headers_mut(), known.as_ref().map(|k| &k.0), grpc);
+    }
 }
 
 /// The host's own answer to a failed request (error.rs picks the status). Once
@@ -1544,6 +1576,10 @@ async fn response_body(
         resp.headers_mut().remove(header::CONTENT_LENGTH);
     } else {
         set_length(resp.headers_mut(), data.len(), trailers.is_some());
+    }
+    if let Some(t) = &trailers {
+        // For an HTTP/1.1 client, whose `Trailer` must name them.
+        resp.extensions_mut().insert(KnownTrailers(t.clone()));
     }
     *resp.body_mut() = body::whole(data, trailers);
     Ok(resp)
