@@ -16,6 +16,7 @@
 //! | `HeadersTooLarge` | 431 | no |
 //! | `NotImplemented` | 501 | no |
 //! | `UpgradeRefused` | 403 (`upgrade_failed`), HTTP/1.1 connection closed | no |
+//! | `UpgradeUnsupported` | 502 (`upgrade_failed`), HTTP/1.1 connection closed | no |
 //! | `ConnectFailed` | 502 | yes (`connect-failure`) |
 //! | `UpstreamReset` | 502 | yes (`reset`) |
 //! | `UpstreamProtocol` | 502 | yes (`reset`: a malformed response head) |
@@ -51,6 +52,10 @@ pub enum Kind {
     /// An HTTP/1.1 `Upgrade:` to a protocol neither the listener's `http.upgrades`
     /// nor the route allows (Envoy's 403 with details `upgrade_failed`).
     UpgradeRefused,
+    /// An allowed HTTP/1.1 upgrade whose upstream connection is HTTP/2 (a
+    /// `protocol: h2` cluster, or `auto` where ALPN chose h2): HTTP/2 has no
+    /// `Upgrade`, and Legate does not speak extended CONNECT (RFC 8441).
+    UpgradeUnsupported,
     /// TCP or TLS connect to the upstream failed or timed out.
     ConnectFailed,
     /// The upstream closed or reset the connection/stream before a full response.
@@ -184,7 +189,8 @@ impl ProxyError {
             | Kind::Timeout
             | Kind::ResponseBufferLimit
             | Kind::PerTryTimeout => Side::Upstream,
-            Kind::Overloaded | Kind::Internal => Side::Internal,
+            // The configuration's: the endpoint did nothing wrong.
+            Kind::Overloaded | Kind::Internal | Kind::UpgradeUnsupported => Side::Internal,
             Kind::PluginFailure => Side::Plugin,
         }
     }
@@ -213,6 +219,7 @@ impl ProxyError {
             Kind::ConnectFailed
             | Kind::UpstreamReset
             | Kind::UpstreamProtocol
+            | Kind::UpgradeUnsupported
             | Kind::ResponseBufferLimit => StatusCode::BAD_GATEWAY,
             Kind::NoHealthyUpstream | Kind::Overloaded | Kind::PluginFailure => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -237,7 +244,7 @@ impl ProxyError {
             Kind::HeadersTooLarge => "request_headers_too_large",
             Kind::NotImplemented => "not_implemented",
             // Envoy's response code details for the same refusal.
-            Kind::UpgradeRefused => "upgrade_failed",
+            Kind::UpgradeRefused | Kind::UpgradeUnsupported => "upgrade_failed",
             Kind::ConnectFailed => "upstream_connect_failure",
             Kind::UpstreamReset => "upstream_reset",
             Kind::UpstreamProtocol => "upstream_protocol_error",
@@ -326,6 +333,16 @@ mod tests {
             (StatusCode::FORBIDDEN, Side::Downstream, false)
         );
         assert_eq!(u.to_response().body().as_ref(), b"upgrade_failed\n");
+        let u = ProxyError::new(Kind::UpgradeUnsupported, "h2");
+        assert_eq!(
+            (u.status(), u.side(), u.retryable(), u.cause()),
+            (
+                StatusCode::BAD_GATEWAY,
+                Side::Internal,
+                false,
+                "upgrade_failed"
+            )
+        );
         let i = ProxyError::new(Kind::StreamIdleTimeout, "");
         assert_eq!(
             (i.status(), i.cause(), i.retryable()),

@@ -56,6 +56,9 @@ pub struct ListenerStats {
     /// HTTP/1.1 upgrades refused (403) because neither `http.upgrades` nor the
     /// route allows their type (Envoy's `downstream_rq_ws_on_non_ws_route`).
     pub upgrades_refused: Counter,
+    /// Allowed HTTP/1.1 upgrades answered 502 because their upstream
+    /// connection is HTTP/2, which cannot carry them (no extended CONNECT).
+    pub upgrades_failed: Counter,
     /// Requests refused (400) for their path: a malformed escape or `%00` under
     /// `http.normalize_path`, an escaped slash under `path_with_escaped_slashes:
     /// reject` (Envoy's `downstream_rq_failed_path_normalization`).
@@ -143,6 +146,11 @@ impl ListenerStats {
             upgrades_refused: stats.counter(
                 "legate_listener_upgrades_refused_total",
                 "HTTP/1.1 upgrades refused with 403: type not in http.upgrades nor enabled by the route.",
+                &l,
+            ),
+            upgrades_failed: stats.counter(
+                "legate_listener_upgrades_failed_total",
+                "Allowed HTTP/1.1 upgrades answered 502 upgrade_failed: the upstream connection is HTTP/2.",
                 &l,
             ),
             paths_rejected: stats.counter(

@@ -125,6 +125,9 @@ pub async fn handle(
     conn.activity.request_started();
     conn.listener.stats.rq_active.inc();
     let version = req.version();
+    // hyper's HTTP/1.1 server sends trailers only to a request that allows them.
+    let trailers_allowed =
+        version == Version::HTTP_11 && proxy_headers::te_allows_trailers(req.headers());
     // Turned into `Done` once the response exists; if the client goes away
     // first (hyper drops this future, e.g. while a filter is paused), its drop
     // ends the request as a 499 `downstream_disconnect`, logged and counted.
@@ -207,6 +210,9 @@ pub async fn handle(
         // error) gets them the same way and no filter changes them.
         add_debug_headers(&conn, out, start, resp.headers_mut());
     }
+    if trailers_allowed {
+        declare_trailers(&in_flight.method, &mut resp);
+    }
     if in_flight.method == Method::HEAD && !resp.body().is_end_stream() {
         // A response to HEAD has no content (RFC 9110 §9.3.2), but the
         // host's own answers (a direct response, an error, a filter's) come
@@ -260,6 +266,32 @@ pub async fn handle(
     })
 }
 
+/// The trailers of a response body a filter buffered whole (an extension of
+/// the response): what [`declare_trailers`] names.
+#[derive(Clone)]
+struct KnownTrailers(http::HeaderMap);
+
+/// Names in the response's `Trailer` the trailer fields that may end it, for
+/// hyper's HTTP/1.1 server, which writes only those (to a client that allowed
+/// trailers): if the response goes chunked (no `content-length`, a body of
+/// unknown length), the trailers of a body a filter buffered, else gRPC's
+/// ([`proxy_headers::declare_trailers`]).
+fn declare_trailers(method: &Method, resp: &mut Response<Body>) {
+    let known = resp.extensions_mut().remove::<KnownTrailers>();
+    let status = resp.status();
+    let body = resp.body();
+    let chunked = *method != Method::HEAD
+        && !status.is_informational()
+        && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+        && !resp.headers().contains_key(header::CONTENT_LENGTH)
+        && !body.is_end_stream()
+        && body.size_hint().exact().is_none();
+    if chunked {
+        let grpc = local_reply::is_grpc(resp.headers());
+        proxy_headers::declare_trailers(resp.headers_mut(), known.as_ref().map(|k| &k.0), grpc);
+    }
+}
+
 /// The host's own answer to a failed request (error.rs picks the status). Once
 /// the request phases ran and before any response reached the filters, it goes
 /// through the response phases of the filters that took part, as an upstream
@@ -301,7 +333,11 @@ async fn local_reply(
             }
         };
     }
-    if matches!(e.kind, Kind::BadRequest | Kind::UpgradeRefused) && version < Version::HTTP_2 {
+    if matches!(
+        e.kind,
+        Kind::BadRequest | Kind::UpgradeRefused | Kind::UpgradeUnsupported
+    ) && version < Version::HTTP_2
+    {
         // The rest of the byte stream cannot be trusted to frame requests (after
         // a refused upgrade, the client may already be sending the other
         // protocol: Envoy closes too, against smuggling in that payload).
@@ -571,6 +607,12 @@ async fn proxy(
                 )
             })?
             .clone();
+        if upgrade_token.is_some() && entry.upstream.is_h2() {
+            // HTTP/2 has no `Upgrade` (RFC 9113 §8.6): hyper would drop it and
+            // send a plain request. An `auto` cluster whose connection turns out
+            // h2 is refused by the pool (`upstream::UpgradeRequest`).
+            return Err(upgrade_over_h2());
+        }
 
         // Limits on the request body, checked before anything goes upstream.
         let max_body = matched.route.max_request_body;
@@ -708,6 +750,7 @@ async fn proxy(
             policy,
             per_try: route.per_try_timeout,
             sent: sent.as_deref(),
+            upgrade,
         };
         // A filter may answer between phases meanwhile (a callout's result
         // delivered as it arrived): its answer replaces the upstream's, which
@@ -823,7 +866,22 @@ async fn proxy(
         response_filters(out, resp).await
     }
     .await;
-    forwarded.map_err(|e| routed_error(e, Some(&matched), http.via.as_deref()))
+    forwarded.map_err(|e| {
+        if e.kind == Kind::UpgradeUnsupported {
+            // (Logged with the reply, and in the access log by its cause.)
+            listener.stats.upgrades_failed.inc();
+        }
+        routed_error(e, Some(&matched), http.via.as_deref())
+    })
+}
+
+/// The answer to an allowed upgrade routed to an HTTP/2 upstream connection.
+pub(crate) fn upgrade_over_h2() -> ProxyError {
+    ProxyError::new(
+        Kind::UpgradeUnsupported,
+        "the upstream connection is HTTP/2, which cannot carry an HTTP/1.1 upgrade \
+         (extended CONNECT, RFC 8441, is not supported)",
+    )
 }
 
 /// The exchange filters see, from the request head (without `host`: the authority is
@@ -1524,6 +1582,10 @@ async fn response_body(
     } else {
         set_length(resp.headers_mut(), data.len(), trailers.is_some());
     }
+    if let Some(t) = &trailers {
+        // For an HTTP/1.1 client, whose `Trailer` must name them.
+        resp.extensions_mut().insert(KnownTrailers(t.clone()));
+    }
     *resp.body_mut() = body::whole(data, trailers);
     Ok(resp)
 }
@@ -2022,6 +2084,8 @@ struct Attempts<'a> {
     per_try: Option<Duration>,
     /// A streamed body's end, where the timeouts start (`None`: at once).
     sent: Option<&'a BodySent>,
+    /// An allowed HTTP/1.1 upgrade ([`crate::upstream::UpgradeRequest`]).
+    upgrade: bool,
 }
 
 impl Attempts<'_> {
@@ -2212,6 +2276,9 @@ impl Attempts<'_> {
         let host = HeaderValue::from_str(self.authority)
             .map_err(|_| ProxyError::new(Kind::BadRequest, "invalid authority"))?;
         req.headers_mut().insert(header::HOST, host);
+        if self.upgrade {
+            req.extensions_mut().insert(crate::upstream::UpgradeRequest);
+        }
         Ok(req)
     }
 

@@ -346,6 +346,92 @@ pub fn add_via(h: &mut HeaderMap, via: &HeaderValue) {
     }
 }
 
+/// The trailer fields gRPC ends a response with (`grpc-status`, `grpc-message`,
+/// `grpc-status-details-bin`): what [`declare_trailers`] names for a gRPC
+/// response whose head names none.
+pub static GRPC_TRAILERS: [HeaderName; 3] = [
+    HeaderName::from_static("grpc-status"),
+    HeaderName::from_static("grpc-message"),
+    HeaderName::from_static("grpc-status-details-bin"),
+];
+
+/// Whether an HTTP/1 request lets the response carry trailers by hyper's rule
+/// (its server's `te_is_trailers`): a `TE` line has the item `trailers` (split
+/// at commas, trimmed, any case). Without it hyper's HTTP/1.1 server sends no
+/// trailer section at all.
+pub fn te_allows_trailers(h: &HeaderMap) -> bool {
+    h.get_all(TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    })
+}
+
+/// Fields hyper's HTTP/1 encoder never writes as trailers (its
+/// `is_valid_trailer_field`, after RFC 9110 §6.5.1): not declared either.
+fn trailer_allowed(name: &HeaderName) -> bool {
+    use http::header::{
+        AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE,
+        CONTENT_TYPE, HOST, MAX_FORWARDS, SET_COOKIE, TRAILER, TRANSFER_ENCODING,
+    };
+    !matches!(
+        *name,
+        AUTHORIZATION
+            | CACHE_CONTROL
+            | CONTENT_ENCODING
+            | CONTENT_LENGTH
+            | CONTENT_RANGE
+            | CONTENT_TYPE
+            | HOST
+            | MAX_FORWARDS
+            | SET_COOKIE
+            | TRAILER
+            | TRANSFER_ENCODING
+            | TE
+    )
+}
+
+/// Declares in `Trailer` the trailer fields a chunked HTTP/1.1 response may end
+/// with, since hyper's HTTP/1 server writes only the fields its head's
+/// `Trailer` names (and drops the rest; an HTTP/2 upstream never sends
+/// `Trailer`). `known`: the trailers of a body a filter buffered whole, all
+/// known now: each name the head does not declare yet is added. Otherwise, a
+/// gRPC response (`grpc`) whose head declares nothing gets [`GRPC_TRAILERS`];
+/// any other head is left as it is (the names of trailers still to come
+/// cannot be known). The caller decides that the response goes chunked to a
+/// client that allows trailers ([`te_allows_trailers`]).
+pub fn declare_trailers(h: &mut HeaderMap, known: Option<&HeaderMap>, grpc: bool) {
+    let declared: Vec<HeaderName> = h
+        .get_all(http::header::TRAILER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let names: Vec<&HeaderName> = match known {
+        Some(t) => t.keys().collect(),
+        None if grpc && declared.is_empty() => GRPC_TRAILERS.iter().collect(),
+        None => return,
+    };
+    let mut value = String::new();
+    for n in names {
+        if trailer_allowed(n) && !declared.contains(n) {
+            if !value.is_empty() {
+                value.push_str(", ");
+            }
+            value.push_str(n.as_str());
+        }
+    }
+    if value.is_empty() {
+        return;
+    }
+    // (Field names are valid values.)
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.append(http::header::TRAILER, v);
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -403,6 +489,53 @@ mod tests {
         assert_eq!(all(&h, "content-length"), ["5"]);
         assert_eq!(all(&h, "te"), ["trailers"]);
         assert!(!h.contains_key(CONNECTION));
+    }
+
+    #[test]
+    fn te_allows_trailers_as_hyper_reads_it() {
+        assert!(te_allows_trailers(&map(&[("te", "trailers")])));
+        assert!(te_allows_trailers(&map(&[("te", "gzip, Trailers ")])));
+        assert!(te_allows_trailers(&map(&[
+            ("te", "gzip"),
+            ("te", "trailers")
+        ])));
+        assert!(!te_allows_trailers(&map(&[("te", "gzip")])));
+        assert!(!te_allows_trailers(&map(&[("te", "trailersx")])));
+        assert!(!te_allows_trailers(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn grpc_trailers_declared_when_none_are() {
+        let mut h = map(&[("content-type", "application/grpc")]);
+        declare_trailers(&mut h, None, true);
+        assert_eq!(
+            all(&h, "trailer"),
+            ["grpc-status, grpc-message, grpc-status-details-bin"]
+        );
+        // A head that declares its own is left alone, as is a non-gRPC one.
+        let mut h = map(&[("trailer", "grpc-status")]);
+        declare_trailers(&mut h, None, true);
+        assert_eq!(all(&h, "trailer"), ["grpc-status"]);
+        let mut h = HeaderMap::new();
+        declare_trailers(&mut h, None, false);
+        assert!(!h.contains_key(TRAILER));
+    }
+
+    #[test]
+    fn known_trailers_declared_but_forbidden_ones() {
+        let known = map(&[
+            ("x-checksum", "1"),
+            ("grpc-status", "0"),
+            ("content-length", "3"),
+            ("set-cookie", "a=1"),
+        ]);
+        let mut h = map(&[("trailer", "X-Checksum")]);
+        declare_trailers(&mut h, Some(&known), false);
+        assert_eq!(all(&h, "trailer"), ["X-Checksum", "grpc-status"]);
+        // Nothing left to declare: no empty field.
+        let mut h = map(&[("trailer", "x-checksum, grpc-status")]);
+        declare_trailers(&mut h, Some(&known), true);
+        assert_eq!(all(&h, "trailer"), ["x-checksum, grpc-status"]);
     }
 
     #[test]

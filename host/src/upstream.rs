@@ -739,6 +739,9 @@ impl Pool {
     ) -> Result<Response<Body>, SendError> {
         match sender {
             Sender::H2(mut sr, usage) => {
+                if req.extensions().get::<UpgradeRequest>().is_some() {
+                    return Err(SendError::Failed(crate::proxy::upgrade_over_h2()));
+                }
                 to_h2_form(&mut req, s.tls.is_some()).map_err(SendError::Failed)?;
                 // Open from here until the response body ends or is dropped.
                 let stream = H2Stream::new(usage);
@@ -818,6 +821,13 @@ impl Pool {
         self.inner.idle.borrow().values().map(Vec::len).sum()
     }
 }
+
+/// Marks a request (an extension) as an HTTP/1.1 upgrade the proxy tunnels: an
+/// HTTP/2 connection refuses it (HTTP/2 has no `Upgrade`; hyper would drop the
+/// header and send a plain request) with [`crate::proxy::upgrade_over_h2`]'s
+/// error, whatever chose h2 (`protocol: auto` and ALPN, too).
+#[derive(Clone, Copy, Debug)]
+pub struct UpgradeRequest;
 
 /// Rewrites an HTTP/1.1-form request (origin-form URI + Host) into HTTP/2 form:
 /// scheme and authority in the URI (hyper sends them as `:scheme`/`:authority`),

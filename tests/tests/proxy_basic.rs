@@ -214,6 +214,57 @@ async fn grpc_through_h2_with_trailers() {
     lg.assert_stat(LISTENER_2XX, 1.0).await;
 }
 
+/// A gRPC request over HTTP/1.1 to an HTTP/2 upstream (the HTTP/2 client's
+/// side is `grpc_through_h2_with_trailers`): hyper's HTTP/1 server writes only
+/// the trailer fields the response head's `Trailer` names, and an HTTP/2
+/// upstream sends no `Trailer`, so Legate declares gRPC's three. Without
+/// `TE: trailers` hyper sends no trailer section at all (docs/config.md,
+/// "Trailers to HTTP/1.1 clients").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_trailers_reach_an_http1_client_from_an_h2_upstream() {
+    let up = upstream().grpc().start().await;
+    let lg = legate()
+        .config(&simple_config_with(&[up.addr], "", "    protocol: h2\n"))
+        .start();
+    let msg = grpc_frame(b"\x0a\x05hello");
+    let request = |te: &str| {
+        let mut r = format!(
+            "POST /legate.demo.v1.Echo/Say HTTP/1.1\r\nHost: a\r\n{te}\
+             content-type: application/grpc\r\ncontent-length: {}\r\n\
+             Connection: close\r\n\r\n",
+            msg.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(&msg);
+        r
+    };
+    let out = raw(lg.addr("web"), &request("te: trailers\r\n")).await;
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert_eq!(raw_status(&out), Some(200), "{text}");
+    assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+    assert!(
+        text.contains("trailer: grpc-status, grpc-message, grpc-status-details-bin\r\n"),
+        "{text}"
+    );
+    let (_, trailers) = text
+        .split_once("\r\n0\r\n")
+        .unwrap_or_else(|| panic!("no last chunk: {text}"));
+    assert!(trailers.contains("grpc-status: 0\r\n"), "{text}");
+    assert!(trailers.contains("grpc-message: ok\r\n"), "{text}");
+    // Named by nothing before it came: hyper drops it (the documented limit).
+    assert!(!trailers.contains("x-echo-trailer"), "{text}");
+    assert!(trailers.ends_with("\r\n\r\n"), "{text}");
+
+    // Without `TE: trailers`: no trailers, nor a promise of any.
+    let out = raw(lg.addr("web"), &request("")).await;
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert_eq!(raw_status(&out), Some(200), "{text}");
+    assert!(text.ends_with("\r\n0\r\n\r\n"), "{text}");
+    assert!(!text.contains("grpc-status"), "{text}");
+    assert!(!text.contains("\r\ntrailer:"), "{text}");
+    lg.assert_stat(LISTENER_2XX, 2.0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_trailers_and_te_reach_an_h2_upstream() {
     let up = upstream().h2().start().await;

@@ -70,6 +70,65 @@ async fn upgrade_refused_by_upstream_is_a_normal_response() {
     );
 }
 
+/// A WebSocket handshake whose `Sec-WebSocket-Key` the upstream must not see.
+const WS_HANDSHAKE: &[u8] = b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n\
+    Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n\r\n";
+
+/// What an allowed upgrade whose upstream connection is HTTP/2 gets: 502
+/// `upgrade_failed`, the connection closed, counted; the upstream sees nothing
+/// (before, HTTP/2 dropped the `Upgrade` and the handshake went as a plain GET,
+/// answered 200).
+async fn assert_upgrade_failed(lg: &LegateHandle, up: &UpstreamHandle, n: f64) {
+    // `raw` reads to the close: Legate closes after this answer.
+    let out = raw(lg.addr("web"), WS_HANDSHAKE).await;
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert_eq!(raw_status(&out), Some(502), "{text}");
+    assert!(text.ends_with("\r\n\r\nupgrade_failed\n"), "{text}");
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    assert_eq!(up.requests.get(), 0, "the upstream got the request");
+    lg.assert_stat(
+        r#"legate_listener_upgrades_failed_total{listener="web"}"#,
+        n,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_to_an_h2_cluster_fails_explicitly() {
+    let up = upstream().h2().start().await;
+    let lg = legate()
+        .config(&simple_config_with(&[up.addr], "", "    protocol: h2\n"))
+        .start();
+    assert_upgrade_failed(&lg, &up, 1.0).await;
+    // Not the endpoint's failure, and not an upstream connection either.
+    assert_eq!(up.connections.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_over_an_auto_cluster_that_negotiated_h2_fails_explicitly() {
+    let ca = Ca::new("upstream CA");
+    let up = upstream()
+        .tls(ca.server(&["backend.internal"]))
+        .start()
+        .await;
+    let tls = format!(
+        "    protocol: auto\n    tls:\n      sni: backend.internal\n      ca: {}\n",
+        ca.cert_path.display()
+    );
+    let lg = legate()
+        .config(&simple_config_with(&[up.addr], "", &tls))
+        .start();
+    assert_upgrade_failed(&lg, &up, 1.0).await;
+    // A second one, on the pooled h2 connection.
+    assert_upgrade_failed(&lg, &up, 2.0).await;
+    // The connection still serves plain requests (ALPN chose h2).
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let r = c.get("/").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.echo().version, "HTTP/2.0");
+}
+
 fn tcp_config(cluster_addr: std::net::SocketAddr, idle: &str) -> String {
     format!(
         "version: 1

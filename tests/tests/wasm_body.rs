@@ -655,6 +655,48 @@ async fn response_trailers_go_through_the_trailers_phase() {
 }
 
 each_proto!(
+    /// A trailers phase's field reaches an HTTP/1.1 client when the filter
+    /// buffered the body: its final trailers are known before the head goes
+    /// out and named in `Trailer` (hyper's HTTP/1 server writes only those).
+    /// Streamed, the head is out before the trailers phase: over HTTP/1.1
+    /// only gRPC's own fields pass (docs/config.md, "Trailers to HTTP/1.1
+    /// clients"); over HTTP/2 every field.
+    async fn response_trailers_a_filter_adds_reach_the_client(proto) {
+        let up = upstream().grpc().start().await;
+        for mode in ["buffered", "streamed"] {
+            let name = format!("tr_{mode}");
+            let p = plugin(
+                &name,
+                &format!("{{ mode: trailers, phases: \"rsbody,rstrailers\", rsmode: {mode} }}"),
+                "",
+            );
+            let yaml = config_with(up.addr, &p, &[&name], "    protocol: h2\n");
+            let lg = legate().config(&yaml).start();
+            let mut c = client(proto, lg.addr("web")).await;
+            let msg = grpc_frame(b"ping");
+            let r = c
+                .post("/echo.Echo/Say")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(msg.clone())
+                .send()
+                .await;
+            assert_eq!(r.status, 200, "{mode}: {}", r.text());
+            assert_eq!(r.body, msg, "{mode}");
+            let t = r.trailers.as_ref().expect("response trailers were dropped");
+            let get = |n: &str| t.get(n).map(|v| v.to_str().unwrap());
+            assert_eq!(get("grpc-status"), Some("0"), "{mode}: {t:?}");
+            assert_eq!(get("grpc-message"), Some("OK"), "{mode}: {t:?}");
+            let all = mode == "buffered" || proto == Proto::H2;
+            let want = all.then_some("yes");
+            assert_eq!(get("x-added-trailer"), want, "{mode}: {t:?}");
+            assert_eq!(get("x-echo-trailer"), want, "{mode}: {t:?}");
+            lg.assert_stat(&calls(&name, "response_trailers"), 1.0).await;
+        }
+    }
+);
+
+each_proto!(
     async fn set_body_mode_overrides_the_declared_mode_until_the_body_starts(proto) {
         let up = upstream().start().await;
         let p = plugin(
