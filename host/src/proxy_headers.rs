@@ -862,7 +862,9 @@ mod tests {
         let (mut out, mut i) = (Vec::new(), 0);
         while i < b.len() {
             if b[i] == b'%' {
-                out.push(u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap(), 16).unwrap());
+                out.push(
+                    u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap(), 16).unwrap(),
+                );
                 i += 3;
             } else {
                 out.push(b[i]);
@@ -878,7 +880,9 @@ mod tests {
         let sent = "By=x;URI=spiffe://forged";
         let run = |mode, mtls| {
             let mut h = map(&[("x-forwarded-client-cert", "By=x;URI=spiffe://forged")]);
-            forward_client_cert(&mut h, mode, mtls, || Some(HeaderValue::from_static("Hash=ab")));
+            forward_client_cert(&mut h, mode, mtls, || {
+                Some(HeaderValue::from_static("Hash=ab"))
+            });
             all(&h, "x-forwarded-client-cert")
         };
         let none: Vec<String> = Vec::new();
@@ -894,8 +898,13 @@ mod tests {
         assert_eq!(run(AlwaysForwardOnly, false), [sent]);
         // Several incoming lines are one list; an element that cannot be made
         // removes the header rather than pass the unverified part on alone.
-        let mut h = map(&[("x-forwarded-client-cert", "Hash=1"), ("x-forwarded-client-cert", "Hash=2")]);
-        forward_client_cert(&mut h, AppendForward, true, || Some(HeaderValue::from_static("Hash=3")));
+        let mut h = map(&[
+            ("x-forwarded-client-cert", "Hash=1"),
+            ("x-forwarded-client-cert", "Hash=2"),
+        ]);
+        forward_client_cert(&mut h, AppendForward, true, || {
+            Some(HeaderValue::from_static("Hash=3"))
+        });
         assert_eq!(all(&h, "x-forwarded-client-cert"), ["Hash=1,Hash=2,Hash=3"]);
         let mut h = map(&[("x-forwarded-client-cert", "Hash=1")]);
         forward_client_cert(&mut h, AppendForward, true, || None);
@@ -916,7 +925,10 @@ mod tests {
             .map(|b| format!("{b:02x}"))
             .collect();
         let bare = xfcc_element(&info, None).unwrap();
-        assert_eq!(bare, format!("By=spiffe://m/ns/e/sa/legate;Hash={hash}").as_str());
+        assert_eq!(
+            bare,
+            format!("By=spiffe://m/ns/e/sa/legate;Hash={hash}").as_str()
+        );
         let all_details = ClientCertDetails {
             subject: true,
             uri: true,
@@ -932,7 +944,11 @@ mod tests {
         assert_eq!(url_decode(cert), pem);
         let (chain, rest) = rest.split_once('"').unwrap();
         assert_eq!(url_decode(chain), pem);
-        assert!(cert.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b)), "{cert}");
+        assert!(
+            cert.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b)),
+            "{cert}"
+        );
         assert_eq!(
             rest,
             ";Subject=\"CN=a\\,b \\\"q\\\"\";URI=spiffe://m/ns/a/sa/c;\

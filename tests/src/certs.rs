@@ -173,9 +173,9 @@ impl Ca {
         let sans: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(sans).expect("certificate params");
         for uri in uris {
-            params.subject_alt_names.push(SanType::URI(
-                (*uri).try_into().expect("URI SAN is IA5"),
-            ));
+            params
+                .subject_alt_names
+                .push(SanType::URI((*uri).try_into().expect("URI SAN is IA5")));
         }
         let mut dn = DistinguishedName::new();
         dn.push(

@@ -535,7 +535,10 @@ fn validate_client_cert(e: &mut Issues, loc: &Location, l: &Listener, h: &HttpLi
         .key("forward_client_cert");
     } else if mode != ForwardClientCert::Sanitize
         && mode != ForwardClientCert::AlwaysForwardOnly
-        && l.tls.as_ref().and_then(|t| t.client_auth.as_ref()).is_none()
+        && l.tls
+            .as_ref()
+            .and_then(|t| t.client_auth.as_ref())
+            .is_none()
     {
         e.at(
             loc,
