@@ -1077,6 +1077,7 @@ mod tests {
     fn name_lookup_table() {
         let resolver = SniResolver {
             certs: Vec::new(),
+            uri_sans: Vec::new(),
             exact: HashMap::from([("a.test".to_owned(), 1), ("x.wc.test".to_owned(), 2)]),
             wildcard: HashMap::from([("wc.test".to_owned(), 3)]),
         };
