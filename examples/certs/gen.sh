@@ -11,11 +11,14 @@
 #   api.pem, api-key.pem            server cert for api.example.test
 #   mesh-ca.pem, mesh-ca-key.pem    "mesh" CA: identities of workloads
 #   orders.pem, orders-key.pem      the sidecar's workload identity
-#                                   (orders.mesh.test; server AND client auth:
+#                                   (orders.mesh.test, SPIFFE id
+#                                   spiffe://mesh.test/ns/default/sa/orders;
+#                                   server AND client auth:
 #                                   it terminates inbound mTLS and presents itself
 #                                   on outbound mTLS)
 #   frontend.pem, frontend-key.pem  a peer workload's client identity
-#                                   (frontend.mesh.test; client auth only), for
+#                                   (frontend.mesh.test, spiffe://mesh.test/ns/
+#                                   default/sa/frontend; client auth only), for
 #                                   calling the sidecar's inbound port with curl
 #
 # The two CAs are separate on purpose: a certificate that may serve a public
@@ -71,14 +74,15 @@ ca() {
         -days 3650 -sha256 -out "$out/$1.pem"
 }
 
-# leaf NAME CA DNS_NAME EKU
+# leaf NAME CA DNS_NAME EKU [URI]
 leaf() {
+    local san="DNS:$3${5:+,URI:$5}"
     key "$out/$1-key.pem"
-    LEGATE_EKU="$4" LEGATE_SAN="DNS:$3" \
+    LEGATE_EKU="$4" LEGATE_SAN="$san" \
         openssl req -new -config "$tmp/openssl.cnf" \
         -key "$out/$1-key.pem" -subj "/O=Legate examples/CN=$3" -out "$tmp/$1.csr"
     # 825 days: the longest validity Apple platforms accept for a server cert.
-    LEGATE_EKU="$4" LEGATE_SAN="DNS:$3" \
+    LEGATE_EKU="$4" LEGATE_SAN="$san" \
         openssl x509 -req -in "$tmp/$1.csr" -CA "$out/$2.pem" -CAkey "$out/$2-key.pem" \
         -set_serial "0x$(openssl rand -hex 16)" -days 825 -sha256 \
         -extfile "$tmp/openssl.cnf" -extensions leaf_ext -out "$out/$1.pem" 2>/dev/null
@@ -89,8 +93,8 @@ leaf www ca www.example.test serverAuth
 leaf api ca api.example.test serverAuth
 
 ca mesh-ca "Legate Example Mesh CA"
-leaf orders mesh-ca orders.mesh.test serverAuth,clientAuth
-leaf frontend mesh-ca frontend.mesh.test clientAuth
+leaf orders mesh-ca orders.mesh.test serverAuth,clientAuth spiffe://mesh.test/ns/default/sa/orders
+leaf frontend mesh-ca frontend.mesh.test clientAuth spiffe://mesh.test/ns/default/sa/frontend
 
 # Certificates are public; only the keys stay 0600.
 chmod 0644 "$out"/*.pem

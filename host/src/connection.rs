@@ -45,6 +45,9 @@ pub struct ConnCtx {
     /// The connection as filters see it, made by the first exchange that has a
     /// filter chain and shared by the connection's later ones.
     pub facts: std::cell::OnceCell<Arc<crate::filter::ConnFacts>>,
+    /// This hop's `x-forwarded-client-cert` element, made by the first
+    /// request that writes one ([`crate::proxy_headers::xfcc_element`]).
+    pub xfcc: std::cell::OnceCell<Option<http::HeaderValue>>,
     /// The tunnel the connection became after a protocol upgrade (WebSocket),
     /// which [`serve`] waits for: the connection stays counted
     /// (`max_connections`, the active gauge, drain) until the tunnel ends.
@@ -107,14 +110,17 @@ pub async fn serve(
     let local = stream.local_addr().unwrap_or(ctx.local_addr);
     let (io, tls) = match ctx.tls.load_full() {
         None => (Conn::Plain(stream), None),
-        Some(acceptor) => {
+        Some(server_tls) => {
             // The handshake counts against the header timeout: a client that opens
             // TLS and stalls is a slowloris too.
-            match tokio::time::timeout(limits.header_read_timeout.get(), acceptor.accept(stream))
-                .await
+            match tokio::time::timeout(
+                limits.header_read_timeout.get(),
+                server_tls.acceptor.accept(stream),
+            )
+            .await
             {
                 Ok(Ok(s)) => {
-                    let info = crate::tls::tls_info(s.get_ref().1);
+                    let info = server_tls.info(s.get_ref().1);
                     (
                         Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s))),
                         Some(info),
@@ -151,6 +157,7 @@ pub async fn serve(
         original_dst,
         activity: activity.clone(),
         facts: std::cell::OnceCell::new(),
+        xfcc: std::cell::OnceCell::new(),
         tunnel: Cell::new(None),
         streams: crate::idle::Current::default(),
     });

@@ -14,7 +14,6 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::{self, Name};
 use crate::stats::{Counter, Gauge, Stats};
@@ -185,7 +184,7 @@ impl ListenerStats {
 /// A listener's TLS material as read from its files, with their digest
 /// ([`ListenerCtx::load_tls`]).
 pub struct RenewedTls {
-    acceptor: Option<TlsAcceptor>,
+    acceptor: Option<crate::tls::ServerTls>,
     files: Option<[u8; 32]>,
 }
 
@@ -200,7 +199,7 @@ pub struct ListenerCtx {
     /// TLS termination, if configured. Swapped in place when a reload finds
     /// only the certificate files changed ([`ListenerCtx::renew_tls`]): new
     /// connections get the new certificate, open ones go on.
-    pub tls: ArcSwapOption<TlsAcceptor>,
+    pub tls: ArcSwapOption<crate::tls::ServerTls>,
     /// [`crate::tls::files_digest`] of the files `tls` was built from: a reload
     /// renews `tls` when they changed (a renewed certificate).
     tls_files: std::sync::Mutex<Option<[u8; 32]>>,
@@ -268,7 +267,7 @@ impl ListenerCtx {
                 } else {
                     &[]
                 };
-                Some(TlsAcceptor::from(crate::tls::server_config(t, alpn)?))
+                Some(crate::tls::ServerTls::new(t, alpn)?)
             }
             None => None,
         };

@@ -434,6 +434,21 @@ async fn proxy(
             h.insert(header::UPGRADE, token.clone());
         }
         proxy_headers::set_forwarded(h, &conn.forwarded_for, https, &authority, trusted);
+        // `x-forwarded-client-cert` as `forward_client_cert` says; from an
+        // untrusted downstream `set_forwarded` removed it already, which is
+        // all `sanitize` does (one lookup less at the edge).
+        if trusted || http.forward_client_cert != crate::config::ForwardClientCert::Sanitize {
+            let mtls = conn.tls.as_ref().filter(|t| t.peer_cert_present);
+            proxy_headers::forward_client_cert(h, http.forward_client_cert, mtls.is_some(), || {
+                conn.xfcc
+                    .get_or_init(|| {
+                        mtls.and_then(|t| {
+                            proxy_headers::xfcc_element(t, http.set_client_cert_details.as_ref())
+                        })
+                    })
+                    .clone()
+            });
+        }
         out.request_id = proxy_headers::request_id(h, trusted, http.generate_request_id);
         crate::overrides::take(h, trusted)
     };
@@ -2976,6 +2991,9 @@ impl Drop for Done {
                 "attempts": o.attempts,
                 "cause": o.cause.or(o.local.as_deref()),
                 "request_id": o.request_id.as_ref().and_then(|v| v.to_str().ok()),
+                "requested_server_name": self.conn.tls.as_ref().and_then(|t| t.sni.as_deref()),
+                "downstream_peer_subject":
+                    self.conn.tls.as_ref().and_then(|t| t.peer_subject.as_deref()),
             });
             if o.client.is_some() {
                 // The proxy it came through (Envoy's direct remote address).

@@ -6,18 +6,25 @@
 //! The request path calls them in this order, before the route's header
 //! operations: [`strip_hop_by_hop`] (first, so that headers the proxy adds next
 //! cannot be removed by a client naming them in `Connection`), [`set_forwarded`],
-//! [`request_id`], [`add_via`]. Responses get [`strip_hop_by_hop`] and [`add_via`].
+//! [`forward_client_cert`], [`request_id`], [`add_via`]. Responses get
+//! [`strip_hop_by_hop`] and [`add_via`].
 //!
 //! Trust: at the edge a client can send any header. `x-forwarded-*` and
 //! `x-request-id` from an untrusted downstream are therefore replaced, never
 //! extended; only a listener configured with `trust_downstream` (behind another
-//! proxy Legate trusts) keeps and appends to them.
+//! proxy Legate trusts) keeps and appends to them. `x-forwarded-client-cert`
+//! names an identity, so trust alone does not keep it: the listener's
+//! `forward_client_cert` decides, and by default it is removed (as Envoy).
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, VIA};
 use legate_abi_rules::headers as rules;
 use legate_abi_rules::headers::{list_items, offers_trailers, trim_ows};
+
+use crate::config::{ClientCertDetails, ForwardClientCert};
+use crate::tls::TlsInfo;
 
 /// `keep-alive` (RFC 9112 appendix C.2.2; no constant in `http`).
 pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -216,7 +223,8 @@ pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwa
 
 /// Removes what an untrusted client must not say to upstreams that trust an
 /// Envoy in front of them: `x-forwarded-client-cert` (upstreams authorize on
-/// its subject or SPIFFE id; Legate does not produce it) and `x-envoy-*`
+/// its subject or SPIFFE id; [`forward_client_cert`] may then write this
+/// hop's) and `x-envoy-*`
 /// (`x-envoy-internal`, `x-envoy-external-address`...), as Envoy sanitizes
 /// them from external requests.
 fn strip_envoy_headers(h: &mut HeaderMap) {
@@ -229,6 +237,193 @@ fn strip_envoy_headers(h: &mut HeaderMap) {
     let names: Vec<HeaderName> = h.keys().filter(|k| envoy(k)).cloned().collect();
     for name in names {
         h.remove(&name);
+    }
+}
+
+/// Applies a listener's `forward_client_cert` to a request's
+/// `x-forwarded-client-cert`, as Envoy's connection manager does with
+/// `forward_client_cert_details`: `always_forward_only` leaves it alone;
+/// `sanitize`, and any other mode on a connection without a verified client
+/// certificate, removes it; `forward_only` leaves it; `append_forward` appends
+/// `element` to it after a `,` (joining several incoming lines into one
+/// value), `sanitize_set` replaces it with `element`.
+///
+/// `element` makes this hop's element ([`xfcc_element`]); it is called only
+/// when one is written. `None` from it (a value no header can carry) removes
+/// the header: what the upstream gets is then never more than the truth.
+pub fn forward_client_cert(
+    h: &mut HeaderMap,
+    mode: ForwardClientCert,
+    mtls: bool,
+    element: impl FnOnce() -> Option<HeaderValue>,
+) {
+    match mode {
+        ForwardClientCert::AlwaysForwardOnly => return,
+        ForwardClientCert::ForwardOnly if mtls => return,
+        ForwardClientCert::AppendForward | ForwardClientCert::SanitizeSet if mtls => {}
+        _ => {
+            h.remove(&X_FORWARDED_CLIENT_CERT);
+            return;
+        }
+    }
+    let Some(element) = element() else {
+        h.remove(&X_FORWARDED_CLIENT_CERT);
+        return;
+    };
+    if mode == ForwardClientCert::SanitizeSet || !h.contains_key(&X_FORWARDED_CLIENT_CERT) {
+        h.insert(X_FORWARDED_CLIENT_CERT, element);
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::new();
+    for v in h.get_all(&X_FORWARDED_CLIENT_CERT) {
+        let v = trim_ows(v.as_bytes());
+        if !v.is_empty() {
+            joined.extend_from_slice(v);
+            joined.push(b',');
+        }
+    }
+    joined.extend_from_slice(element.as_bytes());
+    match HeaderValue::from_bytes(&joined) {
+        Ok(v) => {
+            h.insert(X_FORWARDED_CLIENT_CERT, v);
+        }
+        // Unreachable: joined valid values form a valid value.
+        Err(_) => {
+            h.remove(&X_FORWARDED_CLIENT_CERT);
+        }
+    }
+}
+
+/// This hop's `x-forwarded-client-cert` element for a connection with a
+/// client certificate, in Envoy's format and order: `By=` each URI SAN of the
+/// listener's certificate, `Hash=` the SHA-256 of the client certificate (hex),
+/// then as `details` asks `Cert="…"` and `Chain="…"` (URL-encoded PEM),
+/// `Subject="…"` (RFC 4514; written even when empty), `URI=` each URI SAN
+/// (`URI=` when none) and `DNS=` each DNS SAN, joined by `;`. `Subject`,
+/// `Cert` and `Chain` are always quoted; another value is quoted when it holds
+/// `,`, `;`, `=`, `"`, `\` or a space, with `"` and `\` escaped by `\`.
+/// `None` without a client certificate, or when a value cannot go in a header
+/// (a control character in a SAN).
+pub fn xfcc_element(tls: &TlsInfo, details: Option<&ClientCertDetails>) -> Option<HeaderValue> {
+    use sha2::{Digest, Sha256};
+    let leaf = tls.peer_certs.first()?;
+    let mut out = String::new();
+    fn field(out: &mut String, key: &str) {
+        if !out.is_empty() {
+            out.push(';');
+        }
+        out.push_str(key);
+        out.push('=');
+    }
+    for by in tls.local_uri_sans.iter() {
+        field(&mut out, "By");
+        push_xfcc_value(&mut out, by);
+    }
+    field(&mut out, "Hash");
+    for byte in Sha256::digest(leaf.as_ref()) {
+        let _ = write!(out, "{byte:02x}");
+    }
+    let d = details.copied().unwrap_or_default();
+    if d.cert {
+        field(&mut out, "Cert");
+        out.push('"');
+        push_url_encoded_pem(&mut out, leaf.as_ref());
+        out.push('"');
+    }
+    if d.chain {
+        field(&mut out, "Chain");
+        out.push('"');
+        for cert in &tls.peer_certs {
+            push_url_encoded_pem(&mut out, cert.as_ref());
+        }
+        out.push('"');
+    }
+    if d.subject {
+        // RFC 4514 already escapes `"` and `\` with `\`, as XFCC wants.
+        field(&mut out, "Subject");
+        out.push('"');
+        out.push_str(tls.peer_subject.as_deref().unwrap_or(""));
+        out.push('"');
+    }
+    if d.uri || d.dns {
+        let (uris, dns) = crate::tls::alt_names(leaf);
+        if d.uri {
+            if uris.is_empty() {
+                field(&mut out, "URI");
+            }
+            for uri in &uris {
+                field(&mut out, "URI");
+                push_xfcc_value(&mut out, uri);
+            }
+        }
+        if d.dns {
+            for name in &dns {
+                field(&mut out, "DNS");
+                push_xfcc_value(&mut out, name);
+            }
+        }
+    }
+    // UTF-8 in a subject passes as obs-text, as Envoy sends it.
+    HeaderValue::from_bytes(out.as_bytes()).ok()
+}
+
+/// A `By`, `URI` or `DNS` value, quoted when it holds a character that would
+/// end it or the element early.
+fn push_xfcc_value(out: &mut String, v: &str) {
+    if !v
+        .bytes()
+        .any(|b| matches!(b, b',' | b';' | b'=' | b'"' | b'\\' | b' '))
+    {
+        out.push_str(v);
+        return;
+    }
+    out.push('"');
+    for c in v.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+/// A certificate as PEM, percent-encoded except RFC 3986's unreserved
+/// characters (as Envoy's `Cert` and `Chain`).
+fn push_url_encoded_pem(out: &mut String, der: &[u8]) {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    let mut line = 0;
+    for chunk in der.chunks(3) {
+        let b = [
+            chunk.first().copied().unwrap_or(0),
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            let c = if i <= chunk.len() {
+                char::from(B64[((n >> (18 - 6 * i)) & 63) as usize])
+            } else {
+                '='
+            };
+            pem.push(c);
+        }
+        line += 4;
+        if line == 64 {
+            pem.push('\n');
+            line = 0;
+        }
+    }
+    if line > 0 {
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    for b in pem.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
     }
 }
 
@@ -662,7 +857,8 @@ mod tests {
         assert!(!h.contains_key("x-envoy-internal"));
         assert!(!h.contains_key("x-envoy-external-address"));
         assert_eq!(all(&h, "x-other"), ["kept"]);
-        // A trusted downstream (an Envoy in front) keeps them.
+        // A trusted downstream (an Envoy in front) keeps them here;
+        // `forward_client_cert` decides about the XFCC next.
         let mut h = map(&sent);
         set_forwarded(&mut h, &ff, true, "a", true);
         assert!(h.contains_key("x-forwarded-client-cert"));
@@ -772,5 +968,136 @@ mod tests {
         let mut h = map(&[("via", "1.0 fred"), ("via", "1.1 p.example.net ")]);
         add_via(&mut h, &ours);
         assert_eq!(all(&h, "via"), ["1.0 fred, 1.1 p.example.net, 1.1 legate"]);
+    }
+
+    fn mtls_info(leaf: &rcgen::Certificate) -> TlsInfo {
+        TlsInfo {
+            sni: None,
+            alpn: None,
+            version: "TLSv1.3",
+            cipher: "TLS_AES_128_GCM_SHA256",
+            peer_subject: Some("CN=a\\,b \\\"q\\\"".into()),
+            peer_cert_present: true,
+            peer_certs: vec![leaf.der().clone()],
+            local_uri_sans: std::sync::Arc::from(["spiffe://m/ns/e/sa/legate".to_owned()]),
+        }
+    }
+
+    fn make_leaf(sans: Vec<rcgen::SanType>) -> rcgen::Certificate {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans;
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap()
+    }
+
+    fn url_decode(v: &str) -> String {
+        let b = v.as_bytes();
+        let (mut out, mut i) = (Vec::new(), 0);
+        while i < b.len() {
+            if b[i] == b'%' {
+                out.push(
+                    u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap(), 16).unwrap(),
+                );
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn xfcc_modes_as_envoy() {
+        use ForwardClientCert::*;
+        let sent = "By=x;URI=spiffe://forged";
+        let run = |mode, mtls| {
+            let mut h = map(&[("x-forwarded-client-cert", "By=x;URI=spiffe://forged")]);
+            forward_client_cert(&mut h, mode, mtls, || {
+                Some(HeaderValue::from_static("Hash=ab"))
+            });
+            all(&h, "x-forwarded-client-cert")
+        };
+        let none: Vec<String> = Vec::new();
+        assert_eq!(run(Sanitize, true), none);
+        assert_eq!(run(Sanitize, false), none);
+        assert_eq!(run(ForwardOnly, true), [sent]);
+        assert_eq!(run(ForwardOnly, false), none);
+        assert_eq!(run(AppendForward, true), [format!("{sent},Hash=ab")]);
+        assert_eq!(run(AppendForward, false), none);
+        assert_eq!(run(SanitizeSet, true), ["Hash=ab"]);
+        assert_eq!(run(SanitizeSet, false), none);
+        assert_eq!(run(AlwaysForwardOnly, true), [sent]);
+        assert_eq!(run(AlwaysForwardOnly, false), [sent]);
+        // Several incoming lines are one list; an element that cannot be made
+        // removes the header rather than pass the unverified part on alone.
+        let mut h = map(&[
+            ("x-forwarded-client-cert", "Hash=1"),
+            ("x-forwarded-client-cert", "Hash=2"),
+        ]);
+        forward_client_cert(&mut h, AppendForward, true, || {
+            Some(HeaderValue::from_static("Hash=3"))
+        });
+        assert_eq!(all(&h, "x-forwarded-client-cert"), ["Hash=1,Hash=2,Hash=3"]);
+        let mut h = map(&[("x-forwarded-client-cert", "Hash=1")]);
+        forward_client_cert(&mut h, AppendForward, true, || None);
+        assert_eq!(all(&h, "x-forwarded-client-cert"), none);
+    }
+
+    #[test]
+    fn xfcc_element_fields_order_and_quoting() {
+        use sha2::{Digest, Sha256};
+        let leaf = make_leaf(vec![
+            rcgen::SanType::URI("spiffe://m/ns/a/sa/c".try_into().unwrap()),
+            rcgen::SanType::URI("https://x.test/a;b=c".try_into().unwrap()),
+            rcgen::SanType::DnsName("c.test".try_into().unwrap()),
+        ]);
+        let info = mtls_info(&leaf);
+        let hash: String = Sha256::digest(leaf.der().as_ref())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let bare = xfcc_element(&info, None).unwrap();
+        assert_eq!(
+            bare,
+            format!("By=spiffe://m/ns/e/sa/legate;Hash={hash}").as_str()
+        );
+        let all_details = ClientCertDetails {
+            subject: true,
+            uri: true,
+            dns: true,
+            cert: true,
+            chain: true,
+        };
+        let v = xfcc_element(&info, Some(&all_details)).unwrap();
+        let v = v.to_str().unwrap();
+        let pem = leaf.pem();
+        let (_, rest) = v.split_once(";Cert=\"").unwrap();
+        let (cert, rest) = rest.split_once("\";Chain=\"").unwrap();
+        assert_eq!(url_decode(cert), pem);
+        let (chain, rest) = rest.split_once('"').unwrap();
+        assert_eq!(url_decode(chain), pem);
+        assert!(
+            cert.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b)),
+            "{cert}"
+        );
+        assert_eq!(
+            rest,
+            ";Subject=\"CN=a\\,b \\\"q\\\"\";URI=spiffe://m/ns/a/sa/c;\
+             URI=\"https://x.test/a;b=c\";DNS=c.test"
+        );
+        // No URI SAN: `URI=` all the same (Envoy); no DNS SAN: no `DNS`.
+        let bare_leaf = make_leaf(vec![]);
+        let mut info = mtls_info(&bare_leaf);
+        info.peer_subject = None;
+        info.local_uri_sans = std::sync::Arc::from([]);
+        let v = xfcc_element(&info, Some(&all_details)).unwrap();
+        let v = v.to_str().unwrap();
+        assert!(v.starts_with("Hash="), "{v}");
+        assert!(v.ends_with(";Subject=\"\";URI="), "{v}");
+        // Without a client certificate there is no element.
+        info.peer_certs.clear();
+        assert_eq!(xfcc_element(&info, None), None);
     }
 }

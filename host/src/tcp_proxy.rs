@@ -46,10 +46,10 @@ pub async fn serve(
     let mut tls_info = None;
     let downstream = match ctx.tls.load_full() {
         None => Conn::Plain(stream),
-        Some(acceptor) => {
+        Some(server_tls) => {
             let hs = tokio::time::timeout(
                 ctx.cfg.limits.header_read_timeout.get(),
-                acceptor.accept(stream),
+                server_tls.acceptor.accept(stream),
             );
             match hs.await {
                 Ok(Ok(s)) => {

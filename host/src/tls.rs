@@ -57,8 +57,48 @@ pub fn server_config(
     cfg: &config::ListenerTls,
     alpn: &[&[u8]],
 ) -> anyhow::Result<Arc<ServerConfig>> {
+    Ok(server_parts(cfg, alpn)?.0)
+}
+
+/// A listener's TLS: the acceptor, and what the request path needs to know of
+/// the certificates it serves.
+pub struct ServerTls {
+    /// Accepts connections with [`server_config`].
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    resolver: Arc<SniResolver>,
+}
+
+impl ServerTls {
+    /// As [`server_config`].
+    pub fn new(cfg: &config::ListenerTls, alpn: &[&[u8]]) -> anyhow::Result<Self> {
+        let (config, resolver) = server_parts(cfg, alpn)?;
+        Ok(ServerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            resolver,
+        })
+    }
+
+    /// Describes an established session: [`tls_info`], and the URI SANs of the
+    /// certificate this listener served it (chosen by SNI as the handshake did).
+    pub fn info(&self, conn: &ServerConnection) -> TlsInfo {
+        let mut info = tls_info(conn);
+        let index = conn
+            .server_name()
+            .and_then(|sni| self.resolver.lookup(sni))
+            .unwrap_or(0);
+        if let Some(uris) = self.resolver.uri_sans.get(index) {
+            info.local_uri_sans = uris.clone();
+        }
+        info
+    }
+}
+
+fn server_parts(
+    cfg: &config::ListenerTls,
+    alpn: &[&[u8]],
+) -> anyhow::Result<(Arc<ServerConfig>, Arc<SniResolver>)> {
     let provider = provider();
-    let resolver = SniResolver::load(&cfg.certificates, &provider)?;
+    let resolver = Arc::new(SniResolver::load(&cfg.certificates, &provider)?);
 
     let versions: &[&'static SupportedProtocolVersion] = match cfg.min_version {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -71,14 +111,14 @@ pub fn server_config(
         None => builder.with_no_client_auth(),
         Some(auth) => builder.with_client_cert_verifier(client_verifier(auth, &provider)?),
     };
-    let mut config = builder.with_cert_resolver(Arc::new(resolver));
+    let mut config = builder.with_cert_resolver(resolver.clone());
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
     // Stateless tickets: resumption works across this listener's workers without a
     // shared cache. Keys rotate every 6 hours; a config reload starts a new key set.
     config.ticketer = rustls::crypto::ring::Ticketer::new()
         .map_err(|e| anyhow!("cannot create a TLS session ticket key: {e}"))?;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), resolver))
 }
 
 /// Loads a certificate chain and its key as [`server_config`] and
@@ -238,6 +278,10 @@ pub struct TlsInfo {
     /// Whether the client presented a certificate (which the verifier then accepted:
     /// the handshake fails otherwise).
     pub peer_cert_present: bool,
+    /// The chain the client presented, its certificate first (empty without one).
+    pub peer_certs: Vec<CertificateDer<'static>>,
+    /// The URI SANs of the certificate the listener served (XFCC's `By`).
+    pub local_uri_sans: Arc<[String]>,
 }
 
 /// Describes an established downstream session. Call after the handshake completes.
@@ -256,7 +300,31 @@ pub fn tls_info(conn: &ServerConnection) -> TlsInfo {
             .map_or("unknown", |suite| cipher_name(suite.suite())),
         peer_subject: peer.and_then(subject_rfc4514),
         peer_cert_present: peer.is_some(),
+        peer_certs: conn
+            .peer_certificates()
+            .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default(),
+        local_uri_sans: Arc::from([]),
     }
+}
+
+/// The subjectAltName URIs and DNS names of a certificate (none if it does not
+/// parse), in the certificate's order.
+pub fn alt_names(cert: &CertificateDer<'_>) -> (Vec<String>, Vec<String>) {
+    use x509_parser::extensions::GeneralName;
+    let (mut uris, mut dns) = (Vec::new(), Vec::new());
+    if let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) {
+        if let Ok(Some(san)) = parsed.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::URI(u) => uris.push((*u).to_owned()),
+                    GeneralName::DNSName(d) => dns.push((*d).to_owned()),
+                    _ => {}
+                }
+            }
+        }
+    }
+    (uris, dns)
 }
 
 /// The IANA name of a cipher suite, as Envoy and nginx log it. rustls names TLS 1.2
@@ -275,6 +343,8 @@ fn cipher_name(suite: CipherSuite) -> &'static str {
 #[derive(Debug)]
 struct SniResolver {
     certs: Vec<Arc<CertifiedKey>>,
+    /// The URI SANs of each certificate of `certs`.
+    uri_sans: Vec<Arc<[String]>>,
     /// Lowercase name → index into `certs`. The first certificate to claim a name wins.
     exact: HashMap<String, usize>,
     /// Lowercase parent domain of a `*.parent` pattern → index into `certs`.
@@ -333,6 +403,7 @@ impl SniResolver {
         }
         let mut resolver = SniResolver {
             certs: Vec::with_capacity(certificates.len()),
+            uri_sans: Vec::with_capacity(certificates.len()),
             exact: HashMap::new(),
             wildcard: HashMap::new(),
         };
@@ -358,6 +429,12 @@ impl SniResolver {
                      so SNI never selects it"
                 );
             }
+            let uris = certified
+                .cert
+                .first()
+                .map(|leaf| alt_names(leaf).0)
+                .unwrap_or_default();
+            resolver.uri_sans.push(Arc::from(uris));
             resolver.certs.push(Arc::new(certified));
         }
         Ok(resolver)
@@ -1073,6 +1150,7 @@ mod tests {
     fn name_lookup_table() {
         let resolver = SniResolver {
             certs: Vec::new(),
+            uri_sans: Vec::new(),
             exact: HashMap::from([("a.test".to_owned(), 1), ("x.wc.test".to_owned(), 2)]),
             wildcard: HashMap::from([("wc.test".to_owned(), 3)]),
         };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -150,18 +150,33 @@ impl Ca {
     /// A server certificate for `names` (DNS names or IP addresses, all put in the
     /// subjectAltName; the first is also the common name).
     pub fn server(&self, names: &[&str]) -> TlsFiles {
-        self.leaf(names, ExtendedKeyUsagePurpose::ServerAuth)
+        self.leaf(names, &[], ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// [`Ca::server`] with URI SANs `uris` too (a SPIFFE id).
+    pub fn server_with_uris(&self, names: &[&str], uris: &[&str]) -> TlsFiles {
+        self.leaf(names, uris, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// [`Ca::client`] with URI SANs `uris` too (a SPIFFE id).
+    pub fn client_with_uris(&self, cn: &str, uris: &[&str]) -> TlsFiles {
+        self.leaf(&[cn], uris, ExtendedKeyUsagePurpose::ClientAuth)
     }
 
     /// A client certificate with common name `cn` (also a DNS SAN, as some verifiers
     /// want one).
     pub fn client(&self, cn: &str) -> TlsFiles {
-        self.leaf(&[cn], ExtendedKeyUsagePurpose::ClientAuth)
+        self.leaf(&[cn], &[], ExtendedKeyUsagePurpose::ClientAuth)
     }
 
-    fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> TlsFiles {
+    fn leaf(&self, names: &[&str], uris: &[&str], usage: ExtendedKeyUsagePurpose) -> TlsFiles {
         let sans: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(sans).expect("certificate params");
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI((*uri).try_into().expect("URI SAN is IA5")));
+        }
         let mut dn = DistinguishedName::new();
         dn.push(
             DnType::CommonName,

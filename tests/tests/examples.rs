@@ -230,6 +230,10 @@ fn demo_certs(source: Certs) -> Option<TempDir> {
     Some(dir)
 }
 
+/// The SPIFFE ids gen.sh gives the mesh workloads.
+const ORDERS_ID: &str = "spiffe://mesh.test/ns/default/sa/orders";
+const FRONTEND_ID: &str = "spiffe://mesh.test/ns/default/sa/frontend";
+
 /// What gen.sh writes, generated with rcgen.
 fn rcgen_demo_certs(out: &Path) {
     std::fs::create_dir_all(out).unwrap();
@@ -251,8 +255,14 @@ fn rcgen_demo_certs(out: &Path) {
     let leaf = |issuer: &CertifiedIssuer<'_, KeyPair>,
                 name: &str,
                 dns: &str,
-                usages: Vec<ExtendedKeyUsagePurpose>| {
+                usages: Vec<ExtendedKeyUsagePurpose>,
+                uri: Option<&str>| {
         let mut params = CertificateParams::new(vec![dns.to_string()]).unwrap();
+        if let Some(uri) = uri {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+        }
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Legate examples");
         dn.push(DnType::CommonName, dns);
@@ -267,16 +277,23 @@ fn rcgen_demo_certs(out: &Path) {
     };
     use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
     let edge = ca("ca", "Legate Example Edge CA");
-    leaf(&edge, "www", "www.example.test", vec![ServerAuth]);
-    leaf(&edge, "api", "api.example.test", vec![ServerAuth]);
+    leaf(&edge, "www", "www.example.test", vec![ServerAuth], None);
+    leaf(&edge, "api", "api.example.test", vec![ServerAuth], None);
     let mesh = ca("mesh-ca", "Legate Example Mesh CA");
     leaf(
         &mesh,
         "orders",
         "orders.mesh.test",
         vec![ServerAuth, ClientAuth],
+        Some(ORDERS_ID),
     );
-    leaf(&mesh, "frontend", "frontend.mesh.test", vec![ClientAuth]);
+    leaf(
+        &mesh,
+        "frontend",
+        "frontend.mesh.test",
+        vec![ClientAuth],
+        Some(FRONTEND_ID),
+    );
 }
 
 fn cert_der(path: &Path) -> CertificateDer<'static> {
@@ -582,6 +599,7 @@ async fn sidecar_end_to_end(source: Certs, dog: &Watchdog) {
         .get("/orders/42")
         .host("orders.mesh.test")
         .header("x-request-id", "trace-42")
+        .header("x-forwarded-client-cert", &format!("URI={FRONTEND_ID}"))
         .send()
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -589,6 +607,15 @@ async fn sidecar_end_to_end(source: Certs, dog: &Watchdog) {
     assert_eq!(e.upstream, "orders-app");
     assert_eq!(e.path, "/orders/42");
     assert_eq!(e.header("x-request-id"), Some("trace-42"));
+    // The app learns the caller's identity from its verified certificate (the
+    // caller is the orders sidecar itself here), never from what its app wrote.
+    let xfcc = e.header("x-forwarded-client-cert").unwrap_or_default();
+    assert!(
+        xfcc.starts_with(&format!("By={ORDERS_ID};Hash="))
+            && xfcc.ends_with(&format!(";URI={ORDERS_ID}"))
+            && !xfcc.contains(FRONTEND_ID),
+        "{xfcc}"
+    );
     assert_eq!(caller_app.requests.get(), 0);
     dog.step("stats after the outbound request");
     caller
@@ -616,6 +643,11 @@ async fn sidecar_end_to_end(source: Certs, dog: &Watchdog) {
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let xfcc = echo["headers"]["x-forwarded-client-cert"][0]
+        .as_str()
+        .unwrap_or_default();
+    assert!(xfcc.ends_with(&format!(";URI={FRONTEND_ID}")), "{body}");
     assert_eq!(app.requests.get(), 2);
 
     // No client certificate, or one from the edge CA: no request reaches the app.

@@ -323,6 +323,19 @@ pub struct HttpListener {
     /// to write unless a proxy you run added it.
     #[serde(default)]
     pub xff_num_trusted_hops: u32,
+    /// What reaches the upstream of `x-forwarded-client-cert` (XFCC), as
+    /// Envoy's `forward_client_cert_details`. Default `sanitize`, as Envoy:
+    /// the header is removed from every request, from a trusted downstream
+    /// too, since an upstream that reads it grants the identity it names and
+    /// any client of a trusted listener (any workload of a mesh) could write
+    /// it.
+    #[serde(default)]
+    pub forward_client_cert: ForwardClientCert,
+    /// Which facts of the client certificate `append_forward` and
+    /// `sanitize_set` write into XFCC, after `By` and `Hash` (always
+    /// written). Absent: none, as Envoy.
+    #[serde(default)]
+    pub set_client_cert_details: Option<ClientCertDetails>,
     /// Generate `x-request-id` when the request has none (or is untrusted).
     /// Default true: request ids cost little and make logs joinable.
     #[serde(default = "defaults::yes")]
@@ -365,6 +378,77 @@ pub struct HttpListener {
     /// frees what a stalled peer would hold forever; `0s` disables.
     #[serde(default = "defaults::stream_idle_timeout")]
     pub stream_idle_timeout: Dur,
+}
+
+/// What `x-forwarded-client-cert` (XFCC) the upstream gets (Envoy's
+/// `forward_client_cert_details`). The modes that read or write the client
+/// certificate apply to connections that presented a verified one (mTLS);
+/// on any other the header is removed, as with `sanitize`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardClientCert {
+    /// Remove the header from every request.
+    #[default]
+    Sanitize,
+    /// mTLS: forward the incoming header unchanged.
+    ForwardOnly,
+    /// mTLS: append this hop's element (the client certificate) to the
+    /// incoming header, after a `,`.
+    AppendForward,
+    /// mTLS: replace the header with this hop's element.
+    SanitizeSet,
+    /// Forward the incoming header unchanged, mTLS or not.
+    AlwaysForwardOnly,
+}
+
+impl ForwardClientCert {
+    /// Whether the mode writes this hop's element (and so reads
+    /// `set_client_cert_details`).
+    pub fn sets(self) -> bool {
+        matches!(self, Self::AppendForward | Self::SanitizeSet)
+    }
+
+    /// Whether the mode passes on what the downstream sent.
+    pub fn forwards(self) -> bool {
+        matches!(
+            self,
+            Self::ForwardOnly | Self::AppendForward | Self::AlwaysForwardOnly
+        )
+    }
+
+    /// The name in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sanitize => "sanitize",
+            Self::ForwardOnly => "forward_only",
+            Self::AppendForward => "append_forward",
+            Self::SanitizeSet => "sanitize_set",
+            Self::AlwaysForwardOnly => "always_forward_only",
+        }
+    }
+}
+
+/// The client-certificate facts XFCC carries (Envoy's
+/// `set_current_client_cert_details`); each is off unless set.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertDetails {
+    /// `Subject="<RFC 4514 subject>"`, written even when empty.
+    #[serde(default)]
+    pub subject: bool,
+    /// `URI=<uri>` for each URI SAN (`URI=` when there is none): the SPIFFE id.
+    #[serde(default)]
+    pub uri: bool,
+    /// `DNS=<name>` for each DNS SAN.
+    #[serde(default)]
+    pub dns: bool,
+    /// `Cert="<URL-encoded PEM>"`: the client certificate.
+    #[serde(default)]
+    pub cert: bool,
+    /// `Chain="<URL-encoded PEM>"`: the chain the client sent, its
+    /// certificate first.
+    #[serde(default)]
+    pub chain: bool,
 }
 
 /// What to do with escaped slashes (`%2F`, `%5C`) in a request path (Envoy's
@@ -1752,6 +1836,11 @@ clusters:
                 "`listeners[].http`",
                 at(&["listeners.http"]),
                 fields::<HttpListener>(),
+            ),
+            (
+                "`listeners[].http.set_client_cert_details`",
+                at(&["listeners.http.set_client_cert_details"]),
+                fields::<ClientCertDetails>(),
             ),
             (
                 "`listeners[].http.filters[]`",

@@ -512,6 +512,65 @@ impl Config {
 /// typo, and would make every request's client the peer without a word.
 const MAX_XFF_TRUSTED_HOPS: u32 = 16;
 
+/// `forward_client_cert` and `set_client_cert_details` of an HTTP listener:
+/// a mode that passes on the downstream's `x-forwarded-client-cert` needs a
+/// trusted downstream (an untrusted one would name any identity), one that
+/// reads the client certificate needs mTLS, and details need a mode that
+/// writes them.
+fn validate_client_cert(e: &mut Issues, loc: &Location, l: &Listener, h: &HttpListener) {
+    let mode = h.forward_client_cert;
+    if mode.forwards() && !h.trust_downstream {
+        e.at(
+            loc,
+            format!(
+                "listener `{}`: `forward_client_cert` is `{}` but `trust_downstream` is false",
+                l.name,
+                mode.as_str()
+            ),
+            "an untrusted client could name any identity in `x-forwarded-client-cert`; set \
+             `trust_downstream: true` when only proxies you run connect, or use \
+             `sanitize_set` to write the header from the client certificate alone",
+        )
+        .key("http")
+        .key("forward_client_cert");
+    } else if mode != ForwardClientCert::Sanitize
+        && mode != ForwardClientCert::AlwaysForwardOnly
+        && l.tls
+            .as_ref()
+            .and_then(|t| t.client_auth.as_ref())
+            .is_none()
+    {
+        e.at(
+            loc,
+            format!(
+                "listener `{}`: `forward_client_cert` is `{}` but the listener verifies no \
+                 client certificates",
+                l.name,
+                mode.as_str()
+            ),
+            "this mode applies only to connections with a verified client certificate, so \
+             every request would lose the header; add `tls.client_auth`, or use `sanitize`",
+        )
+        .key("http")
+        .key("forward_client_cert");
+    }
+    if h.set_client_cert_details.is_some() && !mode.sets() {
+        e.at(
+            loc,
+            format!(
+                "listener `{}`: `set_client_cert_details` has no effect with \
+                 `forward_client_cert: {}`",
+                l.name,
+                mode.as_str()
+            ),
+            "only `append_forward` and `sanitize_set` write the client certificate's details; \
+             set one of them, or remove `set_client_cert_details`",
+        )
+        .key("http")
+        .key("set_client_cert_details");
+    }
+}
+
 fn validate_listener(
     e: &mut Issues,
     l: &Spanned<Listener>,
@@ -563,6 +622,7 @@ fn validate_listener(
                 .key("http")
                 .key("xff_num_trusted_hops");
             }
+            validate_client_cert(e, loc, l, h);
             let mut seen: Vec<&str> = Vec::new();
             for (i, t) in h.upgrades.iter().enumerate() {
                 let problem = upgrade_type_problem(t).or_else(|| {
