@@ -2991,9 +2991,8 @@ impl Drop for Done {
                 "attempts": o.attempts,
                 "cause": o.cause.or(o.local.as_deref()),
                 "request_id": o.request_id.as_ref().and_then(|v| v.to_str().ok()),
-                "requested_server_name": self.conn.tls.as_ref().and_then(|t| t.sni.as_deref()),
-                "downstream_peer_subject":
-                    self.conn.tls.as_ref().and_then(|t| t.peer_subject.as_deref()),
+                "requested_server_name": sni_of(&self.conn),
+                "downstream_peer_subject": peer_subject_of(&self.conn),
             });
             if o.client.is_some() {
                 // The proxy it came through (Envoy's direct remote address).
@@ -3083,7 +3082,20 @@ pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'stati
         "attempts": 0,
         "cause": cause,
         "request_id": null,
+        "requested_server_name": sni_of(conn),
+        "downstream_peer_subject": peer_subject_of(conn),
     }));
+}
+
+/// The access log's `requested_server_name`: the SNI of `conn`'s handshake.
+fn sni_of(conn: &ConnCtx) -> Option<&str> {
+    conn.tls.as_ref().and_then(|t| t.sni.as_deref())
+}
+
+/// The access log's `downstream_peer_subject`: the subject of `conn`'s
+/// verified client certificate.
+fn peer_subject_of(conn: &ConnCtx) -> Option<&str> {
+    conn.tls.as_ref().and_then(|t| t.peer_subject.as_deref())
 }
 
 /// RFC 3339 UTC timestamp with milliseconds, without a date crate.
