@@ -107,6 +107,9 @@ struct Outcome {
     /// The exchange was upgraded (a `101`) and its tunnel spliced: its line
     /// and latency wait for the tunnel's end ([`TunnelEnd`]).
     tunnel: Option<Rc<TunnelEnd>>,
+    /// Why the upstream connection's TLS failed, when that failed the
+    /// request: the access log's `upstream_transport_failure_reason`.
+    transport_failure: Option<String>,
 }
 
 /// Timings and facts only the debug headers use ([`crate::overrides::Debug`]).
@@ -303,6 +306,7 @@ async fn local_reply(
     } else {
         e.cause()
     });
+    out.transport_failure.clone_from(&e.transport_failure);
     let mut r = local_reply::reply(e.to_response(), out.grpc && e.kind != Kind::DownstreamReset);
     // The client is gone: nobody reads this answer, it only names the cause.
     if out.chain.is_some() && !out.responding && e.kind != Kind::DownstreamReset {
@@ -3042,6 +3046,7 @@ impl Drop for Done {
                 "attempts": o.attempts,
                 "cause": o.cause.or(o.local.as_deref()),
                 "request_id": o.request_id.as_ref().and_then(|v| v.to_str().ok()),
+                "upstream_transport_failure_reason": o.transport_failure,
             });
             if o.client.is_some() {
                 // The proxy it came through (Envoy's direct remote address).
@@ -3131,6 +3136,7 @@ pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'stati
         "attempts": 0,
         "cause": cause,
         "request_id": null,
+        "upstream_transport_failure_reason": null,
     }));
 }
 
