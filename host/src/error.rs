@@ -114,6 +114,11 @@ pub struct ProxyError {
     /// virtual host's `response_headers`, as for an upstream response; see
     /// [`ProxyError::finish_headers`]). `None` before routing.
     headers: Option<Box<HeaderMap>>,
+    /// Why the upstream connection's transport (TLS) failed, as the TLS
+    /// library says (`invalid peer certificate: NotValidForName`): the access
+    /// log's `upstream_transport_failure_reason` (Envoy's
+    /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`). Never in the client's reply.
+    pub transport_failure: Option<String>,
 }
 
 impl ProxyError {
@@ -123,7 +128,15 @@ impl ProxyError {
             kind,
             detail: detail.into(),
             headers: None,
+            transport_failure: None,
         }
+    }
+
+    /// The error with the reason its upstream transport (TLS) failed.
+    #[must_use]
+    pub fn with_transport_failure(mut self, reason: String) -> Self {
+        self.transport_failure = Some(reason);
+        self
     }
 
     /// Lets the matched route finish the reply's headers (`finish` gets the

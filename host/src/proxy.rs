@@ -104,6 +104,12 @@ struct Outcome {
     /// and was routed by the address it reached ([`authority_of`]): the
     /// access log's `authority` is that address.
     local_authority: bool,
+    /// The exchange was upgraded (a `101`) and its tunnel spliced: its line
+    /// and latency wait for the tunnel's end ([`TunnelEnd`]).
+    tunnel: Option<Rc<TunnelEnd>>,
+    /// Why the upstream connection's TLS failed, when that failed the
+    /// request: the access log's `upstream_transport_failure_reason`.
+    transport_failure: Option<String>,
 }
 
 /// Timings and facts only the debug headers use ([`crate::overrides::Debug`]).
@@ -250,7 +256,18 @@ pub async fn handle(
     // What tells a body the client took whole from one it left mid-way
     // (`Done::cut_short`): the framing the head promises.
     let framing = Framing::of(&in_flight.method, &resp);
-    let done = in_flight.done(resp.status()).map(|d| d.framed(framing));
+    let mut done = in_flight.done(resp.status()).map(|d| d.framed(framing));
+    if let Some(end) = done.as_mut().and_then(|d| d.out.tunnel.take()) {
+        // An upgraded exchange ends with its tunnel, as Envoy's stream (and
+        // nginx's line, written at the close): its line, latency and bytes
+        // wait for the splice to end. The connection no longer carries a
+        // request: its idle timeout watches the tunnel's bytes from here.
+        conn.activity.request_finished();
+        if let Some(mut d) = done.take() {
+            d.connection_told = true;
+            end.hold(d);
+        }
+    }
     Ok(match done {
         Some(done) if guard => {
             clock.touch();
@@ -321,6 +338,7 @@ async fn local_reply(
     } else {
         e.cause()
     });
+    out.transport_failure.clone_from(&e.transport_failure);
     let mut r = local_reply::reply(e.to_response(), out.grpc && e.kind != Kind::DownstreamReset);
     // The client is gone: nobody reads this answer, it only names the cause.
     if out.chain.is_some() && !out.responding && e.kind != Kind::DownstreamReset {
@@ -857,8 +875,11 @@ async fn proxy(
                 // `max_requests`, `least_request`) until the tunnel closes,
                 // as Envoy's: the 101's empty body would end it at once.
                 let active = out.active.take();
-                conn.tunnel
-                    .set(Some(tokio::task::spawn_local(tunnel(down, up, active))));
+                let end = Rc::new(TunnelEnd::default());
+                out.tunnel = Some(end.clone());
+                conn.tunnel.set(Some(tokio::task::spawn_local(tunnel(
+                    down, up, active, end,
+                ))));
             }
         }
         let received = resp.version();
@@ -2614,13 +2635,17 @@ fn content_length(h: &http::HeaderMap) -> Option<u64> {
 }
 
 /// Bytes both ways between an upgraded client and upstream connection; the
-/// attempt's `active` slot is held until they stop.
+/// attempt's `active` slot is held until they stop. However the splice ends
+/// (either side closes, an error, the idle or drain timeout aborting this
+/// task), `end` gets the bytes it moved and writes the exchange's line.
 async fn tunnel(
     down: hyper::upgrade::OnUpgrade,
     up: hyper::upgrade::OnUpgrade,
     active: Option<crate::cluster::ActiveRequest>,
+    end: Rc<TunnelEnd>,
 ) {
     let _active = active;
+    let _ends = Ends(end.clone());
     let (down, up) = match tokio::try_join!(down, up) {
         Ok(x) => x,
         Err(e) => {
@@ -2628,10 +2653,116 @@ async fn tunnel(
             return;
         }
     };
-    let mut down = hyper_util::rt::TokioIo::new(down);
+    let mut down = Counted {
+        io: hyper_util::rt::TokioIo::new(down),
+        end,
+    };
     let mut up = hyper_util::rt::TokioIo::new(up);
     if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
         tracing::debug!("upgraded connection ended: {e}");
+    }
+}
+
+/// An upgraded exchange's end: the request's [`Done`] (its access-log line,
+/// latency, stats), held from the `101` until the tunnel ends, and the bytes
+/// the tunnel moved on the client's side, which the line adds to the
+/// request's (`bytes_received`) and response's (`bytes_sent`).
+#[derive(Default)]
+struct TunnelEnd {
+    done: RefCell<Option<Done>>,
+    ended: Cell<bool>,
+    received: Cell<u64>,
+    sent: Cell<u64>,
+}
+
+impl TunnelEnd {
+    /// Holds the exchange until the tunnel ends; if it already did (its
+    /// upgrade failed), the exchange ends now.
+    fn hold(&self, done: Done) {
+        if self.ended.get() {
+            self.finish(done);
+        } else {
+            *self.done.borrow_mut() = Some(done);
+        }
+    }
+
+    /// The tunnel ended: the exchange ends, with the tunnel's bytes.
+    fn close(&self) {
+        self.ended.set(true);
+        let done = self.done.borrow_mut().take();
+        if let Some(done) = done {
+            self.finish(done);
+        }
+    }
+
+    fn finish(&self, done: Done) {
+        done.bytes
+            .set(done.bytes.get().saturating_add(self.sent.get()));
+        if let Some(l) = &done.logged {
+            l.received
+                .set(l.received.get().saturating_add(self.received.get()));
+        }
+        drop(done);
+    }
+}
+
+/// Closes its [`TunnelEnd`] when the tunnel's task ends or is dropped.
+struct Ends(Rc<TunnelEnd>);
+
+impl Drop for Ends {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// The client's side of a tunnel, counting the bytes read from it and
+/// written to it into its [`TunnelEnd`].
+struct Counted<T> {
+    io: T,
+    end: Rc<TunnelEnd>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before) as u64;
+        let received = &self.end.received;
+        received.set(received.get().saturating_add(n));
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            let sent = &self.end.sent;
+            sent.set(sent.get().saturating_add(*n as u64));
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -2785,6 +2916,7 @@ impl InFlight {
             failed: false,
             ended: false,
             framing: Framing::Bodiless,
+            connection_told: false,
         })
     }
 }
@@ -2834,6 +2966,9 @@ struct Done {
     ended: bool,
     /// What the response head promised of its body.
     framing: Framing,
+    /// The connection was told the request finished already (at the `101`
+    /// of an upgraded exchange, whose line waits for its tunnel's end).
+    connection_told: bool,
 }
 
 /// What a response head promises of its body, so that a body hyper drops
@@ -2967,7 +3102,9 @@ impl Drop for Done {
             rs.by_class[class].inc();
             rs.latency.observe(elapsed);
         }
-        self.conn.activity.request_finished();
+        if !self.connection_told {
+            self.conn.activity.request_finished();
+        }
         if let Some(log) = &self.conn.worker.shared.access_log {
             let o = &self.out;
             let mut line = serde_json::json!({
@@ -2993,6 +3130,7 @@ impl Drop for Done {
                 "request_id": o.request_id.as_ref().and_then(|v| v.to_str().ok()),
                 "requested_server_name": sni_of(&self.conn),
                 "downstream_peer_subject": peer_subject_of(&self.conn),
+                "upstream_transport_failure_reason": o.transport_failure,
             });
             if o.client.is_some() {
                 // The proxy it came through (Envoy's direct remote address).
@@ -3084,6 +3222,7 @@ pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'stati
         "request_id": null,
         "requested_server_name": sni_of(conn),
         "downstream_peer_subject": peer_subject_of(conn),
+        "upstream_transport_failure_reason": null,
     }));
 }
 

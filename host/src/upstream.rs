@@ -1126,18 +1126,25 @@ async fn open_counted(
     match tokio::time::timeout(s.connect_timeout, open(s, target)).await {
         Ok(Ok((c, h2))) => Ok((c, h2, permit.established(target.endpoint))),
         Ok(Err(e)) => {
-            target.cluster.record_connect_failure(target.endpoint);
+            target.cluster.record_connect_failure(
+                target.endpoint,
+                &e.detail,
+                e.transport_failure.is_some(),
+            );
             Err(e)
         }
         Err(_) => {
-            target.cluster.record_connect_failure(target.endpoint);
-            Err(ProxyError::new(
+            let e = ProxyError::new(
                 Kind::ConnectFailed,
                 format!(
                     "connect to {} timed out after {:?}",
                     target.addr, s.connect_timeout
                 ),
-            ))
+            );
+            target
+                .cluster
+                .record_connect_failure(target.endpoint, &e.detail, false);
+            Err(e)
         }
     }
 }
@@ -1171,6 +1178,7 @@ async fn open(s: &UpstreamSettings, target: &Target<'_>) -> Result<(Conn, bool),
             Kind::ConnectFailed,
             format!("TLS handshake with {}: {e}", target.addr),
         )
+        .with_transport_failure(e.to_string())
     })?;
     let h2 = match s.protocol {
         UpstreamProtocol::H2 => true,

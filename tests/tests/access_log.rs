@@ -646,3 +646,99 @@ async fn an_http10_request_without_host_logs_the_address_it_was_routed_by() {
     assert_eq!(lines[0]["authority"], addr.to_string(), "{}", lines[0]);
     assert_eq!(lines[0]["protocol"], "HTTP/1.0", "{}", lines[0]);
 }
+
+/// Moves `n` bytes each way through the open tunnel `c` (the upstream echoes).
+async fn through_tunnel(c: &mut RawConn, n: usize) {
+    let data = pattern_bytes(n);
+    c.write(&data).await;
+    let back = c.read_exact(n, HANG_GUARD).await.unwrap();
+    assert_eq!(checksum(&back), checksum(&data));
+}
+
+/// An upgraded exchange (WebSocket) is logged when its tunnel ends, as nginx
+/// logs at the close and Envoy's stream ends with its tunnel: one line, `101`,
+/// with the tunnel's bytes each way (it was written at the `101`, a ~1ms
+/// exchange of 0 bytes). HTTP/1.1 only: upgrades are HTTP/1.1's (HTTP/2
+/// extended CONNECT is not offered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_exchange_is_logged_when_its_tunnel_ends() {
+    let up = upgrade_echo_server().await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let lg = legate()
+        .config(&logged_config(up.addr, &log, ", flush_interval: 10ms"))
+        .start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    let head = c.websocket_handshake("/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    through_tunnel(&mut c, 5).await;
+    through_tunnel(&mut c, 100_000).await;
+    // A request after the 101, on another connection of the same worker: its
+    // line is handed over after any the 101 had written (one worker, lines in
+    // order), so once it is there the tunnel's would be too.
+    let out = raw(
+        lg.addr("web"),
+        b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        raw_status(&out),
+        Some(400),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let lines = access_log_until(&log, "the later request's line", |l| {
+        l.iter().any(|l| l["path"] == "/after")
+    })
+    .await;
+    assert!(
+        lines.iter().all(|l| l["path"] != "/chat"),
+        "the tunnel was logged while open: {lines:?}"
+    );
+    drop(c);
+    let lines = access_log_until(&log, "the tunnel's line", |l| {
+        l.iter().any(|l| l["path"] == "/chat")
+    })
+    .await;
+    let chat: Vec<&Value> = lines.iter().filter(|l| l["path"] == "/chat").collect();
+    assert_eq!(chat.len(), 1, "{lines:?}");
+    let v = chat[0];
+    assert_eq!(v["status"], 101, "{v}");
+    assert_eq!(v["bytes_received"], 100_005, "{v}");
+    assert_eq!(v["bytes_sent"], 100_005, "{v}");
+    assert_eq!(v["cause"], Value::Null, "{v}");
+    assert_eq!(v["cluster"], "backend", "{v}");
+}
+
+/// A tunnel cut by a drain at its `drain_timeout` is logged too, with the
+/// bytes it moved, before the server stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_cut_by_a_drain_is_logged() {
+    let up = upgrade_echo_server().await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let cfg = logged_config(up.addr, &log, ", flush_interval: 10ms").replacen(
+        "version: 1\n",
+        "version: 1\ndrain_timeout: 300ms\n",
+        1,
+    );
+    let lg = legate().config(&cfg).start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    let head = c.websocket_handshake("/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    through_tunnel(&mut c, 3000).await;
+    let (status, _) = lg.admin_post("/drain").await;
+    assert_eq!(status, 200);
+    let (_, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed, "the tunnel stayed open through the drain");
+    lg.wait_stopped(HANG_GUARD)
+        .await
+        .expect("the server stops once the drain timeout closed the tunnel");
+    let lines = access_log_lines(&log);
+    let chat: Vec<&Value> = lines.iter().filter(|l| l["path"] == "/chat").collect();
+    assert_eq!(chat.len(), 1, "{lines:?}");
+    let v = chat[0];
+    assert_eq!(v["status"], 101, "{v}");
+    assert_eq!(v["bytes_received"], 3000, "{v}");
+    assert_eq!(v["bytes_sent"], 3000, "{v}");
+}

@@ -323,3 +323,58 @@ each_proto!(
             .await;
     }
 );
+
+each_proto!(
+    /// An upstream certificate that does not verify (here: not for the `sni`
+    /// the cluster names) says why where an operator looks: the access log's
+    /// `upstream_transport_failure_reason` (Envoy's
+    /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`) and the endpoint's
+    /// `last_connect_failure` in `/clusters`. The client's 502 stays as it
+    /// was: no internal detail goes to clients.
+    async fn upstream_tls_failure_reason_is_logged_and_shown(proto) {
+        let ca = Ca::new("upstream CA");
+        let up = upstream().tls(ca.server(&["backend.internal"])).start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let tls = format!(
+            "    tls:\n      sni: wrong.internal\n      ca: {}\n",
+            ca.cert_path.display()
+        );
+        let cfg = upstream_tls_config(up.addr, &tls).replacen(
+            "version: 1\n",
+            &format!(
+                "version: 1\naccess_log: {{ path: {}, flush_interval: 10ms }}\n",
+                log.display()
+            ),
+            1,
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 502);
+        assert_eq!(r.text(), "upstream_connect_failure\n");
+        assert_eq!(up.requests.get(), 0);
+        let names_mismatch = |s: &str| {
+            let s = s.to_ascii_lowercase();
+            s.contains("notvalidforname") || s.contains("not valid for name")
+        };
+        let lines = access_log_until(&log, "the 502 line", |l| !l.is_empty()).await;
+        let v = &lines[0];
+        assert_eq!(v["status"], 502, "{v}");
+        assert_eq!(v["cause"], "upstream_connect_failure", "{v}");
+        let reason = v["upstream_transport_failure_reason"].as_str().unwrap_or_default();
+        assert!(names_mismatch(reason), "{v}");
+        let (status, body) = lg.admin_get("/clusters").await;
+        assert_eq!(status, 200);
+        let clusters: Value = serde_json::from_str(&body).unwrap();
+        let ep = clusters["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["endpoints"].as_array().unwrap().iter())
+            .find(|e| e["address"] == up.addr.to_string())
+            .unwrap_or_else(|| panic!("{} not in /clusters: {body}", up.addr));
+        let last = ep["health"]["last_connect_failure"].as_str().unwrap_or_default();
+        assert!(names_mismatch(last), "{ep}");
+    }
+);

@@ -69,6 +69,8 @@ pub struct EndpointHealth {
     flags: AtomicU8,
     /// Why the last failed check failed (for `/clusters`).
     last_failure: ArcSwapOption<String>,
+    /// Why the last failed connect of a request failed (for `/clusters`).
+    last_connect_failure: ArcSwapOption<String>,
     /// The newest generation of its cluster that lists the endpoint (see the
     /// module doc): an id from [`next_generation`].
     generation: AtomicU64,
@@ -96,6 +98,21 @@ impl EndpointHealth {
         self.passes.store(old.passes.load(Relaxed), Relaxed);
         self.fails.store(old.fails.load(Relaxed), Relaxed);
         self.last_failure.store(old.last_failure.load_full());
+        self.last_connect_failure
+            .store(old.last_connect_failure.load_full());
+    }
+
+    /// Notes why a request's connect to the endpoint failed (for `/clusters`).
+    pub fn set_connect_failure(&self, error: &str) {
+        let same = self
+            .last_connect_failure
+            .load()
+            .as_deref()
+            .is_some_and(|e| e == error);
+        if !same {
+            self.last_connect_failure
+                .store(Some(Arc::new(error.to_string())));
+        }
     }
 
     /// The flags ([`FAILED_ACTIVE_HC`], [`EJECTED`]).
@@ -178,6 +195,7 @@ impl Cluster {
             "status": if flags == 0 { "healthy" } else { "unhealthy" },
             "failed_active_health_check": flags & FAILED_ACTIVE_HC != 0,
             "last_health_check_failure": ep.health.last_failure.load().as_deref().map(String::as_str),
+            "last_connect_failure": ep.health.last_connect_failure.load().as_deref().map(String::as_str),
             "outlier": self.outlier_json(&ep.outlier, flags & EJECTED != 0),
         })
     }

@@ -328,7 +328,14 @@ pub struct Cluster {
     lb: lb::Shared,
     /// This generation's id (see [`Cluster::is_newest`]).
     generation: u64,
+    /// When the last upstream TLS failure was logged at WARN, and its reason
+    /// ([`Cluster::record_connect_failure`]).
+    transport_warned: std::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
+
+/// At most one WARN per cluster per this long for upstream TLS failures of
+/// the same reason (a new reason is logged at once).
+const TRANSPORT_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Cluster {
     /// Builds a cluster from its validated config: resolves endpoint host names once
@@ -460,6 +467,7 @@ impl Cluster {
             breakers,
             hash_header,
             generation,
+            transport_warned: std::sync::Mutex::new(None),
         }))
     }
 
@@ -621,12 +629,40 @@ impl Cluster {
         }
     }
 
-    /// Counts a failed (or timed-out) connection attempt.
-    pub fn record_connect_failure(&self, endpoint: Option<usize>) {
+    /// Counts a failed (or timed-out) connection attempt and keeps `error` as
+    /// the endpoint's last connect failure (`/clusters`). A failure of the
+    /// TLS handshake (`tls`: a certificate that does not verify, a name that
+    /// does not match) is a configuration problem no retry fixes: it is
+    /// logged at WARN, the first of each reason at once, then at most once
+    /// per [`TRANSPORT_WARN_EVERY`] per cluster. Plain connect failures (a
+    /// refused or timed-out connect: an endpoint restarting) stay at debug.
+    pub fn record_connect_failure(&self, endpoint: Option<usize>, error: &str, tls: bool) {
         self.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
         if let Some(ep) = self.endpoint(endpoint) {
             ep.stats.cx_connect_fail.fetch_add(1, Relaxed);
+            ep.health.set_connect_failure(error);
         }
+        if tls && self.transport_warn_due(error) {
+            tracing::warn!(cluster = %self.name, "upstream TLS handshake failed: {error}");
+        }
+    }
+
+    /// Whether a TLS failure with `reason` is to be logged at WARN now (and
+    /// if so, notes it).
+    fn transport_warn_due(&self, reason: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut last = self
+            .transport_warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let due = match &*last {
+            Some((at, r)) => r != reason || now.duration_since(*at) >= TRANSPORT_WARN_EVERY,
+            None => true,
+        };
+        if due {
+            *last = Some((now, reason.to_string()));
+        }
+        due
     }
 
     fn endpoint(&self, index: Option<usize>) -> Option<&Endpoint> {
@@ -1016,6 +1052,25 @@ mod tests {
     }
 
     #[test]
+    fn tls_failures_warn_once_per_reason_then_rate_limited() {
+        let c = weighted("round_robin", &[1, 1], "");
+        assert!(c.transport_warn_due("invalid peer certificate: NotValidForName"));
+        // The same reason again within the interval: not logged again.
+        assert!(!c.transport_warn_due("invalid peer certificate: NotValidForName"));
+        // A new reason is logged at once.
+        assert!(c.transport_warn_due("invalid peer certificate: UnknownIssuer"));
+        // The interval passed: logged again.
+        if let Some((at, _)) = c.transport_warned.lock().unwrap().as_mut() {
+            *at = at.checked_sub(TRANSPORT_WARN_EVERY).unwrap();
+        }
+        assert!(c.transport_warn_due("invalid peer certificate: UnknownIssuer"));
+        // The endpoint keeps its last connect failure for `/clusters`.
+        c.record_connect_failure(Some(1), "TLS handshake with x: bad", true);
+        let h = c.endpoint_health_json(&c.endpoints[1]);
+        assert_eq!(h["last_connect_failure"], "TLS handshake with x: bad");
+    }
+
+    #[test]
     fn no_hash_key_without_ring_hash() {
         let c = weighted("round_robin", &[1, 1], "");
         assert_eq!(c.hash_key(&headers(&[("cookie", "sid=1")]), IP), None);
@@ -1065,7 +1120,7 @@ mod tests {
         );
 
         let cx = c.start_connection(Some(1));
-        c.record_connect_failure(Some(0));
+        c.record_connect_failure(Some(0), "connect refused", false);
         assert_eq!(
             (
                 s.upstream_cx_active.load(Relaxed),
