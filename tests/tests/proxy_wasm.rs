@@ -131,6 +131,50 @@ each_proto!(
 );
 
 each_proto!(
+    async fn empty_values_come_back_as_envoy_gives_them(proto) {
+        let up = upstream().start().await;
+        // No plugin configuration and no VM configuration (`bare`), and both
+        // given as empty text (`blank`): the SDK's getters give `None`, as
+        // with Envoy (the guest then runs its `empty` mode).
+        let bare = format!(
+            "  - name: bare\n    module: {}\n    limits: {{ cpu: 500ms }}\n",
+            proxy_wasm_guest().display()
+        );
+        let blank = plugin("blank", "''", "").replace(
+            "    proxy_wasm:\n",
+            "    proxy_wasm:\n      vm_config: ''\n",
+        );
+        for name in ["bare", "blank"] {
+            let plugins = bare.clone() + &blank;
+            let lg = legate()
+                .config(&config(up.addr, &plugins, &[name]))
+                .start();
+            let mut c = client(proto, lg.addr("web")).await;
+            let r = c
+                .post("/empty")
+                .header("x-empty", "")
+                .body("hello")
+                .send()
+                .await;
+            assert_eq!(r.status, 200, "{name}: {}", r.text());
+            assert_eq!(r.header("x-pw-plugin-config"), Some("none"), "{name}");
+            assert_eq!(r.header("x-pw-vm-config-seen"), Some("none"), "{name}");
+            // An empty header value is `Some("")` (the Rust SDK's reading of
+            // a null value for a header that exists).
+            assert_eq!(r.header("x-pw-empty-header"), Some("some:"), "{name}");
+            // Shared data set to no bytes reads back as `None`.
+            assert_eq!(r.header("x-pw-empty-shared"), Some("none"), "{name}");
+            // Zero bytes of a body, or from its end: `None`; the data itself
+            // as ever.
+            assert_eq!(r.header("x-pw-body-zero"), Some("none"), "{name}");
+            assert_eq!(r.header("x-pw-body-past"), Some("none"), "{name}");
+            assert_eq!(r.header("x-pw-body-first"), Some("some:hello"), "{name}");
+            assert_eq!(r.echo().body, "hello", "{name}");
+        }
+    }
+);
+
+each_proto!(
     async fn local_response_on_a_path(proto) {
         let up = upstream().start().await;
         let p = plugin("guard", "{ mode: headers }", "");
