@@ -184,6 +184,8 @@ each_proto!(
         assert_eq!(r.status, 403);
         assert_eq!(r.text(), "denied by proxy-wasm\n");
         assert_eq!(r.header("x-pw-denied"), Some("yes"));
+        // The filter's own answer ran through its response headers callback.
+        assert_eq!(r.header("x-pw-response"), Some("1"));
         assert_eq!(up.requests.get(), 0);
         // A gRPC local response to a gRPC request is trailers-only: 200,
         // grpc-status in the head, the text as grpc-message.
@@ -205,6 +207,55 @@ each_proto!(
         let r = c.get("/fine").send().await;
         assert_eq!(r.status, 200);
         assert_eq!(up.requests.get(), 1);
+    }
+);
+
+each_proto!(
+    async fn an_own_local_response_runs_through_the_filters_it_reached(proto) {
+        let up = upstream().start().await;
+        // Three `headers` filters; each adds `x-pw-response: 1` in its
+        // response headers callback. Envoy encodes a local reply through every
+        // encoder filter, and a proxy-wasm filter runs on it once its context
+        // exists (its request headers came): the answering filter and the ones
+        // before it, not the ones after it.
+        let plugins = ["a", "b", "c"]
+            .iter()
+            .map(|n| plugin(n, "{ mode: headers }", ""))
+            .collect::<String>();
+        let lg = legate()
+            .config(&config(up.addr, &plugins, &["a", "b", "c"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/deny").send().await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.text(), "denied by proxy-wasm\n");
+        assert_eq!(r.header_all("x-pw-response"), vec!["1"]);
+        lg.assert_stat(&calls("a", "response_headers"), 1.0).await;
+        let seen = lg.stat(&calls("b", "response_headers")).await;
+        assert_eq!(seen.unwrap_or(0.0), 0.0, "b");
+        let seen = lg.stat(&calls("c", "response_headers")).await;
+        assert_eq!(seen.unwrap_or(0.0), 0.0, "c");
+        // Answered from a request body callback (`words`, after `a`'s and
+        // before `b`'s request headers callbacks ran): all three see it.
+        let plugins = plugin("a", "{ mode: headers }", "")
+            + &plugin("words", "{ mode: body-local }", "")
+            + &plugin("b", "{ mode: headers }", "");
+        let lg = legate()
+            .config(&config(up.addr, &plugins, &["a", "words", "b"]))
+            .start();
+        let r = client(proto, lg.addr("web"))
+            .await
+            .post("/up")
+            .streamed_body("this is forbidden text", 4)
+            .send()
+            .await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.header("x-pw-body-denied"), Some("yes"));
+        assert_eq!(r.text(), "no forbidden words\n");
+        assert_eq!(r.header_all("x-pw-response"), vec!["1", "1"]);
+        lg.assert_stat(&calls("words", "response_headers"), 1.0).await;
+        lg.assert_stat(&calls("words", "response_body"), 1.0).await;
+        lg.assert_stat(&calls("b", "response_headers"), 1.0).await;
     }
 );
 
@@ -1961,8 +2012,11 @@ each_proto!(
         assert_eq!(r.status, 451);
         assert_eq!(r.header("x-pw-resp-denied"), Some("yes"));
         assert_eq!(r.text(), "redacted\n");
-        // One call each for the two upstream responses (a local answer has none).
-        lg.assert_stat(&calls("words", "response_body"), 2.0).await;
+        // One call each for the two upstream responses, and one for the 403 the
+        // request body callback answered (its own answer runs through its
+        // response callbacks, as Envoy's local reply through the filter chain);
+        // the 451 from a response callback runs through none.
+        lg.assert_stat(&calls("words", "response_body"), 3.0).await;
     }
 );
 

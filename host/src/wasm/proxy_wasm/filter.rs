@@ -1942,6 +1942,12 @@ impl HttpFilter for ProxyWasmFilter {
         true
     }
 
+    fn sees_own_local_response(&self) -> bool {
+        // Envoy encodes a local reply through the filter chain: the answering
+        // context's `proxy_on_response_headers` (and body, trailers) run on it.
+        true
+    }
+
     fn on_callout_response(
         &self,
         worker: usize,
