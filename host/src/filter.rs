@@ -523,6 +523,12 @@ pub struct LocalResponse {
     pub grpc_status: Option<u32>,
 }
 
+/// The `details` of the answer a filter gives for a body it held over its cap
+/// (`413`/`502`): the host's answer, made in the filter's name, which the
+/// filter itself does not see (abi/README.md §3.6), even one that sees its own
+/// local responses ([`HttpFilter::sees_own_local_response`]).
+pub const BUFFER_LIMIT_DETAILS: &str = "plugin_buffer_limit";
+
 /// Facts about the downstream connection, shared by its requests.
 #[derive(Debug, Clone)]
 pub struct ConnFacts {
@@ -2691,7 +2697,7 @@ impl Chain {
                 let by = self.answerer(i);
                 if d == Direction::Request {
                     self.responded = Some(by);
-                    self.self_answered = true;
+                    self.self_answered = lr.details != BUFFER_LIMIT_DETAILS;
                 }
                 self.x.cause = Some(plugin_cause(&lr.details));
                 return Ok(Some(lr));

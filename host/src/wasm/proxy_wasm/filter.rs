@@ -1148,7 +1148,7 @@ impl ProxyWasmFilter {
             status,
             headers,
             body: bytes::Bytes::from_static(b"plugin_buffer_limit\n"),
-            details: "plugin_buffer_limit".to_string(),
+            details: crate::filter::BUFFER_LIMIT_DETAILS.to_string(),
             grpc_status: None,
         })
     }
