@@ -5,7 +5,8 @@
 //!
 //! Order (abi/README.md §1, §3): request phases run in chain order, response phases
 //! in reverse; a local response from filter *k* is seen only by the filters before
-//! *k*. A filter that changes the request head makes the route be selected again
+//! *k* (proxy-wasm filters, as Envoy's, also by *k* and those after it that its
+//! request reached: [`HttpFilter::sees_own_local_response`]). A filter that changes the request head makes the route be selected again
 //! (Envoy's `clearRouteCache`): route overrides and `exchange.route-name()` always
 //! answer for the head as it is now.
 //!
@@ -522,6 +523,12 @@ pub struct LocalResponse {
     pub grpc_status: Option<u32>,
 }
 
+/// The `details` of the answer a filter gives for a body it held over its cap
+/// (`413`/`502`): the host's answer, made in the filter's name, which the
+/// filter itself does not see (abi/README.md §3.6), even one that sees its own
+/// local responses ([`HttpFilter::sees_own_local_response`]).
+pub const BUFFER_LIMIT_DETAILS: &str = "plugin_buffer_limit";
+
 /// Facts about the downstream connection, shared by its requests.
 #[derive(Debug, Clone)]
 pub struct ConnFacts {
@@ -1008,6 +1015,18 @@ pub trait HttpFilter: Send + Sync {
     fn delivers_on_arrival(&self) -> bool {
         false
     }
+    /// Whether this filter's own local response from a request phase (or
+    /// from a callout result before the response exists) runs through its own
+    /// response phases, and those of the filters after it whose request
+    /// headers phase ran and that say so too: Envoy's
+    /// `sendLocalReplyViaFilterChain`, which encodes the answer through every
+    /// encoder filter, a proxy-wasm filter's context taking part once it was
+    /// created (its request headers came). Otherwise (the component ABI,
+    /// abi/README.md §3.5) the answer enters the response path right after
+    /// the filter that made it.
+    fn sees_own_local_response(&self) -> bool {
+        false
+    }
     /// The default body mode of direction `d` (meaningful only if that body phase
     /// is declared).
     fn body_mode(&self, d: Direction) -> BodyMode {
@@ -1207,6 +1226,7 @@ impl Filters {
             called: PerFilter::with_capacity(n),
             skipped: Vec::new(),
             responded: None,
+            self_answered: false,
             replaced_response: None,
             callouts,
             inflight: Inflight::new(),
@@ -1723,8 +1743,12 @@ pub struct Chain {
     /// Indices into `entered` of filters bypassed after a fail-open failure.
     skipped: Vec<usize>,
     /// The filter that answered from a request phase: it and the filters after it
-    /// get no response phase.
+    /// get no response phase (except those that see their own local response,
+    /// [`HttpFilter::sees_own_local_response`], when `self_answered`).
     responded: Option<usize>,
+    /// `responded` answered with its own local response (not the host's
+    /// answer for it: a failure, a body over its cap).
+    self_answered: bool,
     /// The filter that last replaced the response from its response-headers
     /// phase: it and the filters after it (which saw the upstream's head) get no
     /// body or trailers phase of the local response (abi/README.md §3.5).
@@ -1912,8 +1936,17 @@ impl Chain {
     /// Whether entered filter `i` takes part in the response path.
     fn in_response(&self, i: usize) -> bool {
         self.live(i)
-            && self.responded.is_none_or(|k| i < k)
+            && self.responded.is_none_or(|k| i < k || self.sees_answer(i))
             && self.replaced_response.is_none_or(|k| i < k)
+    }
+
+    /// Whether entered filter `i`, the one that answered from a request
+    /// phase or after it, sees that answer in its response phases
+    /// ([`HttpFilter::sees_own_local_response`]: Envoy's local reply through
+    /// the filter chain reaches every proxy-wasm context its request headers
+    /// created).
+    fn sees_answer(&self, i: usize) -> bool {
+        self.self_answered && self.called[i] && self.entered[i].sees_own_local_response()
     }
 
     /// Sends the callouts filter `i` queued in its last call.
@@ -2192,7 +2225,10 @@ impl Chain {
                 );
             }
             Some(Between::Answers) if self.x.status.is_none() => {
-                self.responded.get_or_insert(i);
+                if self.responded.is_none() {
+                    self.responded = Some(i);
+                    self.self_answered = true;
+                }
             }
             Some(Between::Answers) => {
                 self.replaced_response.get_or_insert(i);
@@ -2309,8 +2345,11 @@ impl Chain {
                 Ok(Verdict::Pause) => unreachable_pause(),
                 Ok(Verdict::Respond(lr)) => {
                     // The filter that answered never sees its own local
-                    // response; it still gets log/done.
+                    // response (unless it is one that does,
+                    // [`HttpFilter::sees_own_local_response`]); it still gets
+                    // log/done.
                     self.responded = Some(self.answerer(k));
+                    self.self_answered = true;
                     self.x.cause = Some(plugin_cause(&lr.details));
                     return Ok(Some(lr));
                 }
@@ -2638,6 +2677,7 @@ impl Chain {
         }
         if d == Direction::Request && first.is_some() {
             self.responded = first;
+            self.self_answered = false;
         }
     }
 
@@ -2657,6 +2697,7 @@ impl Chain {
                 let by = self.answerer(i);
                 if d == Direction::Request {
                     self.responded = Some(by);
+                    self.self_answered = lr.details != BUFFER_LIMIT_DETAILS;
                 }
                 self.x.cause = Some(plugin_cause(&lr.details));
                 return Ok(Some(lr));
@@ -2670,6 +2711,7 @@ impl Chain {
                 // Failed closed while it held the request: the `503` enters
                 // the response path right after it (abi/README.md §3.2).
                 self.responded = Some(i);
+                self.self_answered = false;
             }
             return Err(e);
         }
@@ -3350,6 +3392,7 @@ mod tests {
             called: PerFilter::new(),
             skipped: Vec::new(),
             responded: None,
+            self_answered: false,
             replaced_response: None,
             callouts: Rc::new(NoCallouts),
             inflight: Inflight::new(),

@@ -131,6 +131,50 @@ each_proto!(
 );
 
 each_proto!(
+    async fn empty_values_come_back_as_envoy_gives_them(proto) {
+        let up = upstream().start().await;
+        // No plugin configuration and no VM configuration (`bare`), and both
+        // given as empty text (`blank`): the SDK's getters give `None`, as
+        // with Envoy (the guest then runs its `empty` mode).
+        let bare = format!(
+            "  - name: bare\n    module: {}\n    limits: {{ cpu: 500ms }}\n",
+            proxy_wasm_guest().display()
+        );
+        let blank = plugin("blank", "''", "").replace(
+            "    proxy_wasm:\n",
+            "    proxy_wasm:\n      vm_config: ''\n",
+        );
+        for name in ["bare", "blank"] {
+            let plugins = bare.clone() + &blank;
+            let lg = legate()
+                .config(&config(up.addr, &plugins, &[name]))
+                .start();
+            let mut c = client(proto, lg.addr("web")).await;
+            let r = c
+                .post("/empty")
+                .header("x-empty", "")
+                .body("hello")
+                .send()
+                .await;
+            assert_eq!(r.status, 200, "{name}: {}", r.text());
+            assert_eq!(r.header("x-pw-plugin-config"), Some("none"), "{name}");
+            assert_eq!(r.header("x-pw-vm-config-seen"), Some("none"), "{name}");
+            // An empty header value is `Some("")` (the Rust SDK's reading of
+            // a null value for a header that exists).
+            assert_eq!(r.header("x-pw-empty-header"), Some("some:"), "{name}");
+            // Shared data set to no bytes reads back as `None`.
+            assert_eq!(r.header("x-pw-empty-shared"), Some("none"), "{name}");
+            // Zero bytes of a body, or from its end: `None`; the data itself
+            // as ever.
+            assert_eq!(r.header("x-pw-body-zero"), Some("none"), "{name}");
+            assert_eq!(r.header("x-pw-body-past"), Some("none"), "{name}");
+            assert_eq!(r.header("x-pw-body-first"), Some("some:hello"), "{name}");
+            assert_eq!(r.echo().body, "hello", "{name}");
+        }
+    }
+);
+
+each_proto!(
     async fn local_response_on_a_path(proto) {
         let up = upstream().start().await;
         let p = plugin("guard", "{ mode: headers }", "");
@@ -140,6 +184,8 @@ each_proto!(
         assert_eq!(r.status, 403);
         assert_eq!(r.text(), "denied by proxy-wasm\n");
         assert_eq!(r.header("x-pw-denied"), Some("yes"));
+        // The filter's own answer ran through its response headers callback.
+        assert_eq!(r.header("x-pw-response"), Some("1"));
         assert_eq!(up.requests.get(), 0);
         // A gRPC local response to a gRPC request is trailers-only: 200,
         // grpc-status in the head, the text as grpc-message.
@@ -161,6 +207,55 @@ each_proto!(
         let r = c.get("/fine").send().await;
         assert_eq!(r.status, 200);
         assert_eq!(up.requests.get(), 1);
+    }
+);
+
+each_proto!(
+    async fn an_own_local_response_runs_through_the_filters_it_reached(proto) {
+        let up = upstream().start().await;
+        // Three `headers` filters; each adds `x-pw-response: 1` in its
+        // response headers callback. Envoy encodes a local reply through every
+        // encoder filter, and a proxy-wasm filter runs on it once its context
+        // exists (its request headers came): the answering filter and the ones
+        // before it, not the ones after it.
+        let plugins = ["a", "b", "c"]
+            .iter()
+            .map(|n| plugin(n, "{ mode: headers }", ""))
+            .collect::<String>();
+        let lg = legate()
+            .config(&config(up.addr, &plugins, &["a", "b", "c"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/deny").send().await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.text(), "denied by proxy-wasm\n");
+        assert_eq!(r.header_all("x-pw-response"), vec!["1"]);
+        lg.assert_stat(&calls("a", "response_headers"), 1.0).await;
+        let seen = lg.stat(&calls("b", "response_headers")).await;
+        assert_eq!(seen.unwrap_or(0.0), 0.0, "b");
+        let seen = lg.stat(&calls("c", "response_headers")).await;
+        assert_eq!(seen.unwrap_or(0.0), 0.0, "c");
+        // Answered from a request body callback (`words`, after `a`'s and
+        // before `b`'s request headers callbacks ran): all three see it.
+        let plugins = plugin("a", "{ mode: headers }", "")
+            + &plugin("words", "{ mode: body-local }", "")
+            + &plugin("b", "{ mode: headers }", "");
+        let lg = legate()
+            .config(&config(up.addr, &plugins, &["a", "words", "b"]))
+            .start();
+        let r = client(proto, lg.addr("web"))
+            .await
+            .post("/up")
+            .streamed_body("this is forbidden text", 4)
+            .send()
+            .await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.header("x-pw-body-denied"), Some("yes"));
+        assert_eq!(r.text(), "no forbidden words\n");
+        assert_eq!(r.header_all("x-pw-response"), vec!["1", "1"]);
+        lg.assert_stat(&calls("words", "response_headers"), 1.0).await;
+        lg.assert_stat(&calls("words", "response_body"), 1.0).await;
+        lg.assert_stat(&calls("b", "response_headers"), 1.0).await;
     }
 );
 
@@ -2012,8 +2107,11 @@ each_proto!(
         assert_eq!(r.status, 451);
         assert_eq!(r.header("x-pw-resp-denied"), Some("yes"));
         assert_eq!(r.text(), "redacted\n");
-        // One call each for the two upstream responses (a local answer has none).
-        lg.assert_stat(&calls("words", "response_body"), 2.0).await;
+        // One call each for the two upstream responses, and one for the 403 the
+        // request body callback answered (its own answer runs through its
+        // response callbacks, as Envoy's local reply through the filter chain);
+        // the 451 from a response callback runs through none.
+        lg.assert_stat(&calls("words", "response_body"), 3.0).await;
     }
 );
 

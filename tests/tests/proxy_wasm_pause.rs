@@ -165,7 +165,10 @@ each_proto!(
             .await;
         assert_eq!(r.status, 403, "{}", r.text());
         assert_eq!(r.header("x-pw-body-denied"), Some("yes"));
-        assert_eq!(r.text(), "denied:16");
+        // The answer runs through the filter's own response callbacks
+        // (Envoy's local reply through the filter chain): its response body
+        // goes to the checker as any response's.
+        assert_eq!(r.text(), "checked:DENIED:16");
         assert_eq!(up.requests.get(), 1);
 
         // A body call per chunk as it came (Envoy's way).
@@ -173,9 +176,10 @@ each_proto!(
             .await;
         lg.assert_stat_with(&calls("response_body"), |v| v >= 1.0, ">= 1")
             .await;
-        lg.assert_stat(&calls("callout_response"), 3.0).await;
-        lg.assert_stat(CALLOUTS, 3.0).await;
-        lg.assert_stat(AUTHZ_REQUESTS, 3.0).await;
+        // Three request checks and the 403's response check.
+        lg.assert_stat(&calls("callout_response"), 4.0).await;
+        lg.assert_stat(CALLOUTS, 4.0).await;
+        lg.assert_stat(AUTHZ_REQUESTS, 4.0).await;
         lg.assert_stat(FAILURES, 0.0).await;
 
         // A pause at the end with nothing outstanding that nothing resumes
@@ -496,7 +500,10 @@ each_proto!(
             .await;
         assert_eq!(r.status, 403, "{}", r.text());
         assert_eq!(r.header("x-pw-body-denied"), Some("yes"));
-        assert_eq!(r.text(), "denied:16");
+        // The answer runs through the filter's own response callbacks
+        // (Envoy's local reply through the filter chain): its response body
+        // goes to the checker as any response's.
+        assert_eq!(r.text(), "checked:DENIED:16");
         // The upstream saw the head, never the whole body.
         assert_eq!(whole.load(Ordering::SeqCst), 1);
 
@@ -512,9 +519,11 @@ each_proto!(
         assert_eq!(grpc.calls.get(), 1);
         assert_eq!(whole.load(Ordering::SeqCst), 2);
 
-        lg.assert_stat(&calls("callout_response"), 5.0).await;
-        lg.assert_stat(CALLOUTS, 5.0).await;
-        lg.assert_stat(AUTHZ_REQUESTS, 4.0).await;
+        // With the 403's response check (its answer runs through its own
+        // response callbacks).
+        lg.assert_stat(&calls("callout_response"), 6.0).await;
+        lg.assert_stat(CALLOUTS, 6.0).await;
+        lg.assert_stat(AUTHZ_REQUESTS, 5.0).await;
         lg.assert_stat(FAILURES, 0.0).await;
         lg.assert_stat(&calls("done"), 3.0).await;
     }

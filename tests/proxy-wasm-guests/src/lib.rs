@@ -274,6 +274,15 @@
 //!   that fails counts in metric `pw_tick_errors`; each context a tick
 //!   acted on, in `pw_tick_acted`.
 //!
+//! - `empty` (the mode of a plugin with no plugin configuration: the SDK's
+//!   `get_plugin_configuration` gives `None`, as in Envoy): the response
+//!   carries what getters gave for empty values, as `none` or `some:<text>`:
+//!   `x-pw-plugin-config`, `x-pw-vm-config-seen` (as `on_vm_start` saw it),
+//!   `x-pw-empty-header` (request header `x-empty`), `x-pw-empty-shared`
+//!   (shared data `pw_empty`, just set to no bytes); on the first request
+//!   body call with data, `x-pw-body-zero` (zero bytes from 0),
+//!   `x-pw-body-past` (bytes from the end) and `x-pw-body-first` (the chunk).
+//!
 //! The VM configuration, if any, is echoed as `x-pw-vm-config`.
 
 use std::collections::HashMap;
@@ -311,6 +320,10 @@ struct Settings {
     mode: String,
     greeting: String,
     vm_config: String,
+    /// What `get_vm_configuration` and `get_plugin_configuration` gave
+    /// (`none`, or `some:<text>`), for the `empty` mode.
+    vm_config_seen: String,
+    plugin_config_seen: String,
     requests_metric: u32,
     ticks_metric: u32,
     /// `counter` mode: a counter each request adds 2 to with `record_metric`.
@@ -348,6 +361,13 @@ struct Root {
     ticks: u64,
     /// gRPC streams: token → (record key, scenario).
     streams: HashMap<u32, (String, String)>,
+}
+
+/// `none`, or `some:<the bytes as text>`: what a getter gave (`empty` mode).
+fn seen(v: Option<&[u8]>) -> String {
+    v.map_or("none".into(), |b| {
+        format!("some:{}", String::from_utf8_lossy(b))
+    })
 }
 
 /// A protobuf varint.
@@ -576,7 +596,9 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _size: usize) -> bool {
-        if let Some(b) = self.get_vm_configuration() {
+        let vm_config = self.get_vm_configuration();
+        self.s.vm_config_seen = seen(vm_config.as_deref());
+        if let Some(b) = vm_config {
             self.s.vm_config = String::from_utf8_lossy(&b).into_owned();
         }
         if self.s.vm_config == "vm-metric" {
@@ -589,9 +611,12 @@ impl RootContext for Root {
 
     fn on_configure(&mut self, _size: usize) -> bool {
         let Some(bytes) = self.get_plugin_configuration() else {
-            proxy_wasm::hostcalls::log(LogLevel::Error, "no plugin configuration").ok();
-            return false;
+            // None (Envoy's answer for no configuration): the `empty` mode.
+            self.s.plugin_config_seen = "none".into();
+            self.s.mode = "empty".into();
+            return true;
         };
+        self.s.plugin_config_seen = seen(Some(&bytes));
         let v: serde_json::Value = match serde_json::from_slice(&bytes) {
             Ok(v) => v,
             Err(e) => {
@@ -1647,6 +1672,23 @@ impl HttpContext for Filter {
         }
         let path = self.get_http_request_header(":path").unwrap_or_default();
         self.path = path.clone();
+        if self.s.mode == "empty" {
+            let configs = [
+                ("x-pw-plugin-config", self.s.plugin_config_seen.clone()),
+                ("x-pw-vm-config-seen", self.s.vm_config_seen.clone()),
+            ];
+            for (k, v) in configs {
+                self.seen.push((k.into(), v));
+            }
+            let header = self.get_http_request_header_bytes("x-empty");
+            self.seen
+                .push(("x-pw-empty-header".into(), seen(header.as_deref())));
+            self.set_shared_data("pw_empty", Some(b""), None).ok();
+            let (shared, _) = self.get_shared_data("pw_empty");
+            self.seen
+                .push(("x-pw-empty-shared".into(), seen(shared.as_deref())));
+            return Action::Continue;
+        }
         match self.s.mode.as_str() {
             "close" if path.starts_with("/close-request") => {
                 self.reset_http_request();
@@ -2274,6 +2316,22 @@ impl HttpContext for Filter {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.body_calls += 1;
+        if self.s.mode == "empty" {
+            if body_size > 0 && !self.seen.iter().any(|(k, _)| k == "x-pw-body-zero") {
+                // Zero bytes of a body that has some, and bytes past its end.
+                let zero = self.get_http_request_body(0, 0);
+                let past = self.get_http_request_body(body_size, 16);
+                let all = self.get_http_request_body(0, body_size);
+                for (k, v) in [
+                    ("x-pw-body-zero", zero),
+                    ("x-pw-body-past", past),
+                    ("x-pw-body-first", all),
+                ] {
+                    self.seen.push((k.into(), seen(v.as_deref())));
+                }
+            }
+            return Action::Continue;
+        }
         if self.s.mode == "trailers-callout" && !end_of_stream {
             // The whole message waits for the trailers' check (the head with it).
             return Action::Pause;

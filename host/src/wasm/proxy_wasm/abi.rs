@@ -243,6 +243,12 @@ fn allocator(caller: &mut Caller<'_, PwState>) -> HResult<Arc<TypedFunc<i32, i32
 /// Hands `bytes` to the guest: allocated with its allocator (the guest owns and
 /// frees it), the address written at `ptr_out` and the length at `len_out`. The
 /// out-pointers are checked before the allocation so a bad one leaks nothing.
+///
+/// No bytes: nothing is allocated, address 0 and length 0 are written, as
+/// proxy-wasm-cpp-host's `copyToPointerSize` (and `proxy_get_buffer_bytes`
+/// for a zero length) does; the SDKs read the null address as "none" (the
+/// Rust SDK's buffers, properties and shared data give `None`; its header
+/// values `Some("")`).
 pub fn give(
     caller: &mut Caller<'_, PwState>,
     bytes: &[u8],
@@ -251,10 +257,14 @@ pub fn give(
 ) -> HResult<()> {
     check(caller, ptr_out, 4)?;
     check(caller, len_out, 4)?;
+    if bytes.is_empty() {
+        write_u32(caller, ptr_out, 0)?;
+        return write_u32(caller, len_out, 0);
+    }
     let len = i32::try_from(bytes.len()).map_err(|_| Fail::Status(status::INTERNAL_FAILURE))?;
     let alloc = allocator(caller)?;
     let at = alloc.call(&mut *caller, len)?;
-    if at == 0 && len != 0 {
+    if at == 0 {
         return fail(status::INTERNAL_FAILURE);
     }
     write(caller, at, bytes)?;

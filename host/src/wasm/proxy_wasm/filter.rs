@@ -1148,7 +1148,7 @@ impl ProxyWasmFilter {
             status,
             headers,
             body: bytes::Bytes::from_static(b"plugin_buffer_limit\n"),
-            details: "plugin_buffer_limit".to_string(),
+            details: crate::filter::BUFFER_LIMIT_DETAILS.to_string(),
             grpc_status: None,
         })
     }
@@ -1942,6 +1942,12 @@ impl HttpFilter for ProxyWasmFilter {
 
     fn delivers_on_arrival(&self) -> bool {
         // Envoy runs the callbacks when the response arrives.
+        true
+    }
+
+    fn sees_own_local_response(&self) -> bool {
+        // Envoy encodes a local reply through the filter chain: the answering
+        // context's `proxy_on_response_headers` (and body, trailers) run on it.
         true
     }
 

@@ -494,7 +494,13 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, m: i32, out_p: i32, out_n: i32| {
             run(&mut c, |c| {
                 let pairs = headers::pairs(c.data_mut(), m).map_err(Fail::Status)?;
-                give(c, &serialize_pairs(&pairs), out_p, out_n)
+                // An empty map is address 0, length 0 (cpp-host's `getPairs`).
+                let bytes = if pairs.is_empty() {
+                    Vec::new()
+                } else {
+                    serialize_pairs(&pairs)
+                };
+                give(c, &bytes, out_p, out_n)
             })
         },
     )?;
