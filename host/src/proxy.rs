@@ -265,6 +265,7 @@ pub async fn handle(
         conn.activity.request_finished();
         if let Some(mut d) = done.take() {
             d.connection_told = true;
+            d.finish_filters();
             end.hold(d);
         }
     }
@@ -3023,9 +3024,14 @@ impl Done {
     }
 }
 
-impl Drop for Done {
-    fn drop(&mut self) {
-        if let Some(c) = &self.out.idle {
+impl Done {
+    /// Ends the exchange's part of the filters and timers: the stream idle
+    /// timer stops, the cause is settled and the chain finishes (`on-log`,
+    /// its instances go back). At the drop, or at the `101` of an upgraded
+    /// exchange, whose tunnel must not hold a config's plugins or its
+    /// request's timers while its line waits for the tunnel's end.
+    fn finish_filters(&mut self) {
+        if let Some(c) = self.out.idle.take() {
             // (Its watch, if any, lets it go.)
             c.finish();
             if c.expired() {
@@ -3093,6 +3099,12 @@ impl Drop for Done {
                 self.out.cause.or(self.out.local.as_deref()),
             );
         }
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.finish_filters();
         let elapsed = self.start.elapsed();
         let class = (self.status.as_u16() / 100).clamp(1, 5) as usize - 1;
         let l = &self.conn.listener.stats;
