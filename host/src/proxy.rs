@@ -46,6 +46,7 @@ use http_body::{Body as HttpBody, Frame};
 use hyper::body::Incoming;
 use rand::Rng;
 
+use crate::access_log;
 use crate::body::{self, Body, BoxError, Limit, Watch, Watched};
 use crate::connection::ConnCtx;
 use crate::error::{Kind, ProxyError, Side};
@@ -3117,50 +3118,42 @@ impl Drop for Done {
         if !self.connection_told {
             self.conn.activity.request_finished();
         }
-        if let Some(log) = &self.conn.worker.shared.access_log {
+        if let (Some(log), Some(l)) = (&self.conn.worker.shared.access_log, &self.logged) {
             let o = &self.out;
-            let mut line = serde_json::json!({
-                "time": humantime(SystemTime::now()),
-                "listener": self.conn.listener.name.as_str(),
-                "client": match o.client {
+            // (Formatted again: only a request without an authority pays.)
+            let local = o
+                .local_authority
+                .then(|| local_authority(self.conn.original_dst.unwrap_or(self.conn.local)));
+            log.write(&access_log::Line {
+                time: humantime(SystemTime::now()),
+                start_time: humantime(l.started),
+                listener: self.conn.listener.name.as_str(),
+                client: match o.client {
                     Some(ip) => SocketAddr::new(ip, 0).to_string(),
                     None => self.conn.peer.to_string(),
                 },
-                "method": self.method.as_str(),
-                "path": self.path,
-                "protocol": format!("{:?}", self.version),
-                "status": self.status.as_u16(),
-                "bytes_sent": self.bytes.get(),
-                "duration_ms": (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
-                "route": o.route.as_ref().map(|r| &*r.name),
-                "route_table": o.route.as_ref().map(|r| &*r.table),
-                "virtual_host": o.route.as_ref().map(|r| &*r.virtual_host),
-                "cluster": o.cluster,
-                "upstream": o.upstream.map(|a| a.to_string()),
-                "attempts": o.attempts,
-                "cause": o.cause.or(o.local.as_deref()),
-                "request_id": o.request_id.as_ref().and_then(|v| v.to_str().ok()),
-                "requested_server_name": sni_of(&self.conn),
-                "downstream_peer_subject": peer_subject_of(&self.conn),
-                "upstream_transport_failure_reason": o.transport_failure,
+                peer: o.client.map(|_| self.conn.peer.to_string()),
+                method: Some(self.method.as_str()),
+                path: Some(&self.path),
+                protocol: Some(format!("{:?}", self.version)),
+                authority: local.as_deref().or(l.authority.as_deref()),
+                user_agent: l.user_agent.as_deref(),
+                status: self.status.as_u16(),
+                bytes_sent: self.bytes.get(),
+                bytes_received: l.received.get(),
+                duration_ms: millis(elapsed),
+                route: o.route.as_ref().map(|r| &*r.name),
+                route_table: o.route.as_ref().map(|r| &*r.table),
+                virtual_host: o.route.as_ref().map(|r| &*r.virtual_host),
+                cluster: o.cluster.as_deref(),
+                upstream: o.upstream.map(|a| a.to_string()),
+                attempts: o.attempts,
+                cause: o.cause.or(o.local.as_deref()),
+                request_id: o.request_id.as_ref().and_then(|v| v.to_str().ok()),
+                requested_server_name: sni_of(&self.conn),
+                downstream_peer_subject: peer_subject_of(&self.conn),
+                upstream_transport_failure_reason: o.transport_failure.as_deref(),
             });
-            if o.client.is_some() {
-                // The proxy it came through (Envoy's direct remote address).
-                line["peer"] = serde_json::Value::from(self.conn.peer.to_string());
-            }
-            if let Some(l) = &self.logged {
-                line["start_time"] = serde_json::Value::from(humantime(l.started));
-                line["authority"] = if o.local_authority {
-                    // (Formatted again: only a request without one pays.)
-                    let local = self.conn.original_dst.unwrap_or(self.conn.local);
-                    serde_json::Value::from(local_authority(local))
-                } else {
-                    serde_json::Value::from(l.authority.as_deref())
-                };
-                line["user_agent"] = serde_json::Value::from(l.user_agent.as_deref());
-                line["bytes_received"] = serde_json::Value::from(l.received.get());
-            }
-            log.write(&line);
         }
     }
 }
@@ -3210,32 +3203,38 @@ pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'stati
         .activity
         .head_started()
         .map_or(Duration::ZERO, |t| t.elapsed());
-    log.write(&serde_json::json!({
-        "time": humantime(now),
-        "start_time": humantime(now.checked_sub(elapsed).unwrap_or(now)),
-        "listener": conn.listener.name.as_str(),
-        "client": conn.peer.to_string(),
-        "method": null,
-        "path": null,
-        "protocol": null,
-        "authority": null,
-        "user_agent": null,
-        "status": status.as_u16(),
-        "bytes_sent": 0,
-        "bytes_received": 0,
-        "duration_ms": (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
-        "route": null,
-        "route_table": null,
-        "virtual_host": null,
-        "cluster": null,
-        "upstream": null,
-        "attempts": 0,
-        "cause": cause,
-        "request_id": null,
-        "requested_server_name": sni_of(conn),
-        "downstream_peer_subject": peer_subject_of(conn),
-        "upstream_transport_failure_reason": null,
-    }));
+    log.write(&access_log::Line {
+        time: humantime(now),
+        start_time: humantime(now.checked_sub(elapsed).unwrap_or(now)),
+        listener: conn.listener.name.as_str(),
+        client: conn.peer.to_string(),
+        peer: None,
+        method: None,
+        path: None,
+        protocol: None,
+        authority: None,
+        user_agent: None,
+        status: status.as_u16(),
+        bytes_sent: 0,
+        bytes_received: 0,
+        duration_ms: millis(elapsed),
+        route: None,
+        route_table: None,
+        virtual_host: None,
+        cluster: None,
+        upstream: None,
+        attempts: 0,
+        cause: Some(cause),
+        request_id: None,
+        requested_server_name: sni_of(conn),
+        downstream_peer_subject: peer_subject_of(conn),
+        upstream_transport_failure_reason: None,
+    });
+}
+
+/// The access log's `duration_ms`: milliseconds, to the microsecond.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
 }
 
 /// The access log's `requested_server_name`: the SNI of `conn`'s handshake.
