@@ -51,6 +51,7 @@ use crate::error::{Kind, ProxyError};
 pub use crate::head::{BodyBuf, Head};
 use crate::router::{Action, RouteInput, RouteTable};
 use crate::stats::Stats;
+use crate::tls::{PeerCert, TlsInfo};
 use crate::wasm::kv::{KvCall, KvResult};
 
 /// The phases a filter wants (the WIT `phases` flags, same bit order).
@@ -553,12 +554,17 @@ impl ConnFacts {
 
     /// A client certificate was presented and verified.
     pub fn peer_cert_present(&self) -> bool {
-        self.tls.as_ref().is_some_and(|t| t.peer_cert_present)
+        self.peer_cert().is_some()
     }
 
     /// The client certificate's subject (RFC 4514), if any.
     pub fn peer_subject(&self) -> Option<String> {
-        self.tls.as_ref().and_then(|t| t.peer_subject.clone())
+        self.peer_cert().and_then(|p| p.subject.clone())
+    }
+
+    /// The client's verified certificate, if any.
+    pub fn peer_cert(&self) -> Option<&PeerCert> {
+        self.tls.as_ref().and_then(|t| t.peer.as_deref())
     }
 }
 
@@ -569,10 +575,19 @@ pub struct TlsFacts {
     pub tls13: bool,
     /// SNI sent by the client.
     pub sni: Option<String>,
-    /// A client certificate was presented and verified.
-    pub peer_cert_present: bool,
-    /// Its subject (RFC 4514).
-    pub peer_subject: Option<String>,
+    /// The client certificate, presented and verified.
+    pub peer: Option<Arc<PeerCert>>,
+}
+
+impl TlsFacts {
+    /// The facts of a downstream TLS session filters may learn.
+    pub fn of(t: &TlsInfo) -> Self {
+        TlsFacts {
+            tls13: t.version == "TLSv1.3",
+            sni: t.sni.clone(),
+            peer: t.peer.clone(),
+        }
+    }
 }
 
 /// The request's route as last selected.
@@ -906,6 +921,7 @@ impl Exchange {
             authority: &self.authority,
             headers: &self.request_headers,
             scheme_https: self.https,
+            client_cert: self.conn.peer_cert(),
         };
         if let Some(m) = table.route(&input) {
             r.route = Some(m.route.name.clone());

@@ -417,6 +417,7 @@ async fn proxy(
     let (authority, local_authority) = authority_of(&req, conn.original_dst.unwrap_or(conn.local))?;
     out.local_authority = local_authority;
     let https = conn.tls.is_some();
+    let client_cert = conn.tls.as_ref().and_then(|t| t.peer.as_deref());
     let trusted = http.trust_downstream;
     // `Upgrade: h2c` is never tunnelled: its upgrade headers go and it is
     // proxied as a plain request, as Envoy's HTTP/1 codec does (a tunnel would
@@ -458,7 +459,7 @@ async fn proxy(
         // untrusted downstream `set_forwarded` removed it already, which is
         // all `sanitize` does (one lookup less at the edge).
         if trusted || http.forward_client_cert != crate::config::ForwardClientCert::Sanitize {
-            let mtls = conn.tls.as_ref().filter(|t| t.peer_cert_present);
+            let mtls = conn.tls.as_ref().filter(|t| t.peer.is_some());
             proxy_headers::forward_client_cert(h, http.forward_client_cert, mtls.is_some(), || {
                 conn.xfcc
                     .get_or_init(|| {
@@ -484,6 +485,7 @@ async fn proxy(
             authority: &authority,
             headers: req.headers(),
             scheme_https: https,
+            client_cert,
         };
         let m = table.route(&input);
         if let Err(e) = check_upgrade(token, m.as_ref().map(|m| m.route), http, &listener.stats) {
@@ -528,6 +530,7 @@ async fn proxy(
                     authority,
                     headers: req.headers(),
                     scheme_https: https,
+                    client_cert,
                 };
                 let route = table.route(&input).map_or_else(
                     || Some(crate::config::defaults::route_timeout().get()),
@@ -543,6 +546,7 @@ async fn proxy(
             authority: &authority,
             headers: req.headers(),
             scheme_https: https,
+            client_cert,
         };
         let local = match local {
             Ok(local) => local,
@@ -578,6 +582,7 @@ async fn proxy(
         authority: &authority,
         headers: req.headers(),
         scheme_https: https,
+        client_cert,
     };
     let Some(matched) = table.route(&input) else {
         return Err(ProxyError::new(
@@ -942,12 +947,7 @@ fn exchange_of<B>(
         Arc::new(ConnFacts {
             source: conn.peer,
             destination: conn.local,
-            tls: conn.tls.as_ref().map(|t| TlsFacts {
-                tls13: t.version == "TLSv1.3",
-                sni: t.sni.clone(),
-                peer_cert_present: t.peer_cert_present,
-                peer_subject: t.peer_subject.clone(),
-            }),
+            tls: conn.tls.as_ref().map(TlsFacts::of),
         })
     });
     let facts = match client {
@@ -3245,7 +3245,7 @@ fn sni_of(conn: &ConnCtx) -> Option<&str> {
 /// The access log's `downstream_peer_subject`: the subject of `conn`'s
 /// verified client certificate.
 fn peer_subject_of(conn: &ConnCtx) -> Option<&str> {
-    conn.tls.as_ref().and_then(|t| t.peer_subject.as_deref())
+    conn.tls.as_ref().and_then(|t| t.peer_subject())
 }
 
 /// RFC 3339 UTC timestamp with milliseconds, without a date crate.

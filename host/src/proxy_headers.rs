@@ -342,7 +342,7 @@ pub fn xfcc_element(tls: &TlsInfo, details: Option<&ClientCertDetails>) -> Optio
         // RFC 4514 already escapes `"` and `\` with `\`, as XFCC wants.
         field(&mut out, "Subject");
         out.push('"');
-        out.push_str(tls.peer_subject.as_deref().unwrap_or(""));
+        out.push_str(tls.peer_subject().unwrap_or(""));
         out.push('"');
     }
     if d.uri || d.dns {
@@ -976,8 +976,10 @@ mod tests {
             alpn: None,
             version: "TLSv1.3",
             cipher: "TLS_AES_128_GCM_SHA256",
-            peer_subject: Some("CN=a\\,b \\\"q\\\"".into()),
-            peer_cert_present: true,
+            peer: Some(std::sync::Arc::new(crate::tls::PeerCert {
+                subject: Some("CN=a\\,b \\\"q\\\"".into()),
+                ..crate::tls::PeerCert::of(leaf.der())
+            })),
             peer_certs: vec![leaf.der().clone()],
             local_uri_sans: std::sync::Arc::from(["spiffe://m/ns/e/sa/legate".to_owned()]),
         }
@@ -1090,7 +1092,7 @@ mod tests {
         // No URI SAN: `URI=` all the same (Envoy); no DNS SAN: no `DNS`.
         let bare_leaf = make_leaf(vec![]);
         let mut info = mtls_info(&bare_leaf);
-        info.peer_subject = None;
+        info.peer = Some(std::sync::Arc::new(crate::tls::PeerCert::default()));
         info.local_uri_sans = std::sync::Arc::from([]);
         let v = xfcc_element(&info, Some(&all_details)).unwrap();
         let v = v.to_str().unwrap();

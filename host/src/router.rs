@@ -103,6 +103,8 @@ pub struct RouteInput<'a> {
     pub headers: &'a HeaderMap,
     /// The downstream connection is TLS (the scheme redirects keep by default).
     pub scheme_https: bool,
+    /// The downstream connection's verified client certificate, if any.
+    pub client_cert: Option<&'a crate::tls::PeerCert>,
 }
 
 /// The result of routing: the virtual host and the route within it.
@@ -529,6 +531,87 @@ struct RouteMatcher {
     methods: Box<[Method]>,
     headers: Box<[HeaderCondition]>,
     query: Box<[QueryCondition]>,
+    client_cert: Option<Box<CertCondition>>,
+}
+
+/// `match.client_cert`: conditions on the connection's client certificate.
+#[derive(Debug)]
+struct CertCondition {
+    presented: Option<bool>,
+    subject: Option<StrTest>,
+    uri_san: Option<StrTest>,
+    dns_san: Option<StrTest>,
+}
+
+impl CertCondition {
+    fn new(c: &config::ClientCertMatch) -> anyhow::Result<Self> {
+        let test = |t: &Option<config::StringMatch>, key: &str| {
+            t.as_ref()
+                .map(|t| StrTest::new(t).with_context(|| format!("`client_cert.{key}`")))
+                .transpose()
+        };
+        Ok(CertCondition {
+            presented: c.presented,
+            subject: test(&c.subject, "subject")?,
+            uri_san: test(&c.uri_san, "uri_san")?,
+            dns_san: test(&c.dns_san, "dns_san")?,
+        })
+    }
+
+    fn test(&self, cert: Option<&crate::tls::PeerCert>) -> bool {
+        if let Some(want) = self.presented {
+            if cert.is_some() != want {
+                return false;
+            }
+        }
+        let tests = [&self.subject, &self.uri_san, &self.dns_san];
+        if tests.iter().all(|t| t.is_none()) {
+            return true;
+        }
+        // A condition on what a certificate says fails without one.
+        let Some(cert) = cert else { return false };
+        self.subject
+            .as_ref()
+            .is_none_or(|t| cert.subject.as_deref().is_some_and(|s| t.test(s)))
+            && self
+                .uri_san
+                .as_ref()
+                .is_none_or(|t| cert.uri_sans.iter().any(|s| t.test(s)))
+            && self
+                .dns_san
+                .as_ref()
+                .is_none_or(|t| cert.dns_sans.iter().any(|s| t.test(s)))
+    }
+}
+
+/// A [`config::StringMatch`], compiled.
+#[derive(Debug)]
+enum StrTest {
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    /// Anchored.
+    Regex(regex::Regex),
+}
+
+impl StrTest {
+    fn new(m: &config::StringMatch) -> anyhow::Result<Self> {
+        match (&m.exact, &m.prefix, &m.regex) {
+            (Some(e), None, None) => Ok(StrTest::Exact(e.as_str().into())),
+            (None, Some(p), None) => Ok(StrTest::Prefix(p.as_str().into())),
+            (None, None, Some(r)) => regex::Regex::new(&anchored(r))
+                .map(StrTest::Regex)
+                .with_context(|| format!("invalid regex `{r}`")),
+            _ => bail!("needs exactly one of `exact`, `prefix` and `regex`"),
+        }
+    }
+
+    fn test(&self, s: &str) -> bool {
+        match self {
+            StrTest::Exact(e) => s == &**e,
+            StrTest::Prefix(p) => s.starts_with(&**p),
+            StrTest::Regex(re) => re.is_match(s),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -634,11 +717,17 @@ impl RouteMatcher {
                 })
             })
             .collect::<anyhow::Result<_>>()?;
+        let client_cert = m
+            .client_cert
+            .as_ref()
+            .map(|c| CertCondition::new(c).map(Box::new))
+            .transpose()?;
         Ok(RouteMatcher {
             path,
             methods,
             headers,
             query,
+            client_cert,
         })
     }
 
@@ -670,7 +759,9 @@ impl RouteMatcher {
                 }
             }
         }
-        true
+        self.client_cert
+            .as_ref()
+            .is_none_or(|c| c.test(input.client_cert))
     }
 }
 
@@ -1200,6 +1291,7 @@ mod tests {
         authority: String,
         headers: HeaderMap,
         https: bool,
+        client_cert: Option<crate::tls::PeerCert>,
     }
 
     impl Req {
@@ -1210,7 +1302,16 @@ mod tests {
                 authority: authority.into(),
                 headers: HeaderMap::new(),
                 https: false,
+                client_cert: None,
             }
+        }
+        fn cert(mut self, subject: &str, uris: &[&str], dns: &[&str]) -> Self {
+            self.client_cert = Some(crate::tls::PeerCert {
+                subject: Some(subject.into()),
+                uri_sans: uris.iter().map(|s| s.to_string()).collect(),
+                dns_sans: dns.iter().map(|s| s.to_string()).collect(),
+            });
+            self
         }
         fn method(mut self, m: Method) -> Self {
             self.method = m;
@@ -1227,6 +1328,7 @@ mod tests {
                 authority: &self.authority,
                 headers: &self.headers,
                 scheme_https: self.https,
+                client_cert: self.client_cert.as_ref(),
             }
         }
     }
@@ -1497,6 +1599,64 @@ mod tests {
         let mut missing = base();
         missing.headers.remove("x-debug");
         assert_eq!(route_of(&t, &missing).as_deref(), Some("rest"));
+    }
+
+    #[test]
+    fn client_cert_conditions() {
+        let t = table(
+            "  - name: v
+    domains: ['*']
+    routes:
+    - name: ops
+      match:
+        prefix: /admin
+        client_cert:
+          uri_san: { prefix: 'spiffe://m/ns/ops/' }
+          subject: { regex: 'CN=[a-z]+,O=Ops' }
+      cluster: a
+    - name: dns
+      match: { prefix: /admin, client_cert: { dns_san: { exact: b.test } } }
+      cluster: a
+    - name: denied
+      match: { prefix: /admin }
+      cluster: b
+    - name: anonymous
+      match: { client_cert: { presented: false } }
+      cluster: b
+    - name: any-cert
+      match: { client_cert: { presented: true } }
+      cluster: a
+",
+        );
+        let ops = || {
+            Req::new("h", "/admin").cert(
+                "CN=ann,O=Ops",
+                &["spiffe://x", "spiffe://m/ns/ops/sa/ann"],
+                &[],
+            )
+        };
+        assert_eq!(route_of(&t, &ops()).as_deref(), Some("ops"));
+        // Every condition must hold: the SAN alone is not enough.
+        let wrong_subject =
+            Req::new("h", "/admin").cert("CN=ann,O=Dev", &["spiffe://m/ns/ops/sa/ann"], &[]);
+        assert_eq!(route_of(&t, &wrong_subject).as_deref(), Some("denied"));
+        // A regex is anchored: a subject that only contains a match fails.
+        let longer =
+            Req::new("h", "/admin").cert("CN=ann,O=Ops,C=DE", &["spiffe://m/ns/ops/sa/ann"], &[]);
+        assert_eq!(route_of(&t, &longer).as_deref(), Some("denied"));
+        let dns = Req::new("h", "/admin").cert("CN=b", &[], &["a.test", "b.test"]);
+        assert_eq!(route_of(&t, &dns).as_deref(), Some("dns"));
+        // No certificate: conditions on what it says fail.
+        assert_eq!(
+            route_of(&t, &Req::new("h", "/admin")).as_deref(),
+            Some("denied")
+        );
+        assert_eq!(
+            route_of(&t, &Req::new("h", "/")).as_deref(),
+            Some("anonymous")
+        );
+        let dev = Req::new("h", "/").cert("CN=dev", &[], &[]);
+        assert_eq!(route_of(&t, &dev).as_deref(), Some("any-cert"));
     }
 
     #[test]

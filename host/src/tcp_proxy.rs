@@ -73,12 +73,7 @@ pub async fn serve(
         let facts = Arc::new(ConnFacts {
             source: peer,
             destination: local,
-            tls: tls_info.map(|t| TlsFacts {
-                tls13: t.version == "TLSv1.3",
-                sni: t.sni,
-                peer_cert_present: t.peer_cert_present,
-                peer_subject: t.peer_subject,
-            }),
+            tls: tls_info.as_ref().map(TlsFacts::of),
         });
         let x = network_filter::connection(facts, &ctx.name, &tcp.cluster.value);
         let callouts = crate::proxy::callout_sender(&worker, &snapshot);

@@ -272,12 +272,9 @@ pub struct TlsInfo {
     pub version: &'static str,
     /// IANA name of the negotiated cipher suite, e.g. `TLS_AES_128_GCM_SHA256`.
     pub cipher: &'static str,
-    /// The client certificate's subject as an RFC 4514 string (most specific RDN first,
-    /// as Envoy and nginx print it), e.g. `CN=client,O=Example`.
-    pub peer_subject: Option<String>,
-    /// Whether the client presented a certificate (which the verifier then accepted:
-    /// the handshake fails otherwise).
-    pub peer_cert_present: bool,
+    /// The certificate the client presented (which the verifier then accepted:
+    /// the handshake fails otherwise), if it presented one.
+    pub peer: Option<Arc<PeerCert>>,
     /// The chain the client presented, its certificate first (empty without one).
     pub peer_certs: Vec<CertificateDer<'static>>,
     /// The URI SANs of the certificate the listener served (XFCC's `By`).
@@ -298,13 +295,46 @@ pub fn tls_info(conn: &ServerConnection) -> TlsInfo {
         cipher: conn
             .negotiated_cipher_suite()
             .map_or("unknown", |suite| cipher_name(suite.suite())),
-        peer_subject: peer.and_then(subject_rfc4514),
-        peer_cert_present: peer.is_some(),
+        peer: peer.map(|cert| Arc::new(PeerCert::of(cert))),
         peer_certs: conn
             .peer_certificates()
             .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
             .unwrap_or_default(),
         local_uri_sans: Arc::from([]),
+    }
+}
+
+impl TlsInfo {
+    /// The subject of the client's verified certificate, if any.
+    pub fn peer_subject(&self) -> Option<&str> {
+        self.peer.as_ref().and_then(|p| p.subject.as_deref())
+    }
+}
+
+/// What a connection's verified client certificate says about the client, read
+/// once at the handshake: the access log, `x-forwarded-client-cert`, route
+/// matches (`match.client_cert`) and filters read it from here.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct PeerCert {
+    /// The subject as an RFC 4514 string (most specific RDN first, as Envoy
+    /// and nginx print it), e.g. `CN=client,O=Example`; `None` if it does not
+    /// parse.
+    pub subject: Option<String>,
+    /// Its subjectAltName URIs (SPIFFE ids), in the certificate's order.
+    pub uri_sans: Box<[String]>,
+    /// Its subjectAltName DNS names, in the certificate's order.
+    pub dns_sans: Box<[String]>,
+}
+
+impl PeerCert {
+    /// Reads a client certificate (nothing but what parses).
+    pub fn of(cert: &CertificateDer<'_>) -> Self {
+        let (uris, dns) = alt_names(cert);
+        PeerCert {
+            subject: subject_rfc4514(cert),
+            uri_sans: uris.into(),
+            dns_sans: dns.into(),
+        }
     }
 }
 
@@ -1232,18 +1262,15 @@ mod tests {
         let out = connect(&server, &with_cert, "a.test").await;
         assert!(!out.client.unwrap().resumed);
         let info = out.server.unwrap();
-        assert!(info.peer_cert_present);
-        assert_eq!(
-            info.peer_subject.as_deref(),
-            Some("CN=client.test,O=Legate Test")
-        );
+        assert!(info.peer.is_some());
+        assert_eq!(info.peer_subject(), Some("CN=client.test,O=Legate Test"));
 
         // A resumed session still carries the client's identity.
         let out = connect(&server, &with_cert, "a.test").await;
         assert!(out.client.unwrap().resumed);
         let resumed = out.server.unwrap();
-        assert!(resumed.peer_cert_present);
-        assert_eq!(resumed.peer_subject, info.peer_subject);
+        assert!(resumed.peer.is_some());
+        assert_eq!(resumed.peer, info.peer);
     }
 
     #[tokio::test]
@@ -1262,17 +1289,14 @@ mod tests {
         let out = connect(&server, &anonymous, "a.test").await;
         assert!(out.client.is_ok());
         let info = out.server.unwrap();
-        assert!(!info.peer_cert_present);
-        assert_eq!(info.peer_subject, None);
+        assert!(info.peer.is_none());
+        assert_eq!(info.peer_subject(), None);
 
         let with_cert = client_config(&upstream(Some(&pki.ca), Some(&client_leaf)), &[]).unwrap();
         let out = connect(&server, &with_cert, "a.test").await;
         let info = out.server.unwrap();
-        assert!(info.peer_cert_present);
-        assert_eq!(
-            info.peer_subject.as_deref(),
-            Some("CN=client.test,O=Legate Test")
-        );
+        assert!(info.peer.is_some());
+        assert_eq!(info.peer_subject(), Some("CN=client.test,O=Legate Test"));
 
         // A certificate that does not chain to the CA is still refused.
         let other_pki = Pki::new();

@@ -307,6 +307,53 @@ each_proto!(
 );
 
 each_proto!(
+    /// The `connection.*` properties of an mTLS connection, as Envoy's: the
+    /// client certificate's subject, its first URI and DNS SANs; none of
+    /// them (`NOT_FOUND`) on a connection without a certificate.
+    async fn connection_properties_describe_the_client_certificate(proto) {
+        let up = upstream().start().await;
+        let ca = Ca::new("props CA");
+        let server = ca.server(&["a.example"]);
+        let p = plugin("props", "{ mode: properties }", "");
+        let cfg = config(up.addr, &p, &["props"]).replace(
+            "routes:\n  - name: main",
+            &format!(
+                "    tls:
+      certificates: [{{ cert: {}, key: {} }}]
+      client_auth: {{ ca: {}, required: false }}
+routes:
+  - name: main",
+                server.cert.display(),
+                server.key.display(),
+                ca.cert_path.display()
+            ),
+        );
+        let lg = legate().config(&cfg).start();
+        let addr = lg.addr("web");
+        let cert = ca.client_with_uris("peer.example", &["spiffe://m/ns/a/sa/peer", "spiffe://m/2"]);
+        let opts = TlsOptions::new(&server, "a.example").client_cert(cert);
+        let mut c = tls_client(proto, addr, opts).await.expect("TLS client");
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let h = |n: &str| r.header(n).unwrap_or("<absent>").to_string();
+        assert_eq!(h("x-p-peer-subject"), "CN=peer.example");
+        assert_eq!(h("x-p-peer-uri"), "spiffe://m/ns/a/sa/peer");
+        assert_eq!(h("x-p-peer-dns"), "peer.example");
+        assert_eq!(h("x-p-sni"), "a.example");
+        assert_eq!(h("x-p-tls-version"), "TLSv1.3");
+        assert_eq!(h("x-p-scheme"), "https");
+
+        let opts = TlsOptions::new(&server, "a.example");
+        let mut c = tls_client(proto, addr, opts).await.expect("TLS client");
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        for n in ["x-p-peer-subject", "x-p-peer-uri", "x-p-peer-dns"] {
+            assert_eq!(r.header(n), Some("<none>"), "{n}");
+        }
+    }
+);
+
+each_proto!(
     async fn source_address_is_the_client_trusted_proxies_reported(proto) {
         // As Envoy's `source.address` with `xff_num_trusted_hops`: the
         // downstream address its connection manager computed, port 0.

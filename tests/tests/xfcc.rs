@@ -3,7 +3,8 @@
 //! `sanitize_set` replaced by what the verified client certificate says
 //! (`By`, `Hash`, `Subject`, `URI`...), with `append_forward` appended to;
 //! removed on a connection without a client certificate. Also the access
-//! log's `requested_server_name` and `downstream_peer_subject`.
+//! log's `requested_server_name` and `downstream_peer_subject`, and routes
+//! that match on the client certificate (`match.client_cert`).
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -213,5 +214,65 @@ each_proto!(
         for l in &lines {
             assert_eq!(l["requested_server_name"], "a.example", "{l}");
         }
+    }
+);
+
+each_proto!(
+    /// `match.client_cert`: on one mTLS listener (certificates optional) a
+    /// route only some clients reach, by SPIFFE id, by DNS name, and a route
+    /// for clients without a certificate; the others fall through to the
+    /// routes after them.
+    async fn routes_match_on_the_verified_client_certificate(proto) {
+        let p = pki();
+        let up = upstream().start().await;
+        let routes = "          - name: ops
+            match:
+              prefix: /ops
+              client_cert: { uri_san: { prefix: \"spiffe://mesh/ns/ops/\" } }
+            cluster: backend
+          - name: batch
+            match: { prefix: /ops, client_cert: { dns_san: { exact: batch.example }, subject: { regex: \"CN=batch[.].*\" } } }
+            cluster: backend
+          - name: denied
+            match: { prefix: /ops }
+            direct_response: { status: 403, body: not yours }
+          - name: anonymous
+            match: { client_cert: { presented: false } }
+            direct_response: { status: 401, body: present a certificate }
+";
+        let cfg = config(up.addr, &p, "", false, None).replace("          - cluster: backend\n", routes);
+        assert!(cfg.contains("name: anonymous"));
+        let lg = legate().config(&cfg).start();
+        let addr = lg.addr("web");
+        let get = |opts: TlsOptions, path: &'static str| async move {
+            let mut c = tls_client(proto, addr, opts).await.expect("TLS client");
+            let r = c.get(path).send().await;
+            (r.status.as_u16(), r.text())
+        };
+        let with = |cert: TlsFiles| TlsOptions::new(&p.server, "a.example").client_cert(cert);
+        let ops = || with(p.ca.client_with_uris("admin", &["spiffe://mesh/ns/ops/sa/admin"]));
+        let app = || with(p.ca.client_with_uris("client", &[CLIENT_ID]));
+        let anon = || TlsOptions::new(&p.server, "a.example");
+
+        assert_eq!(get(ops(), "/ops/restart").await.0, 200);
+        assert_eq!(get(with(p.ca.client("batch.example")), "/ops/x").await.0, 200);
+        // Both conditions must hold: the DNS name with another subject fails.
+        assert_eq!(get(app(), "/ops/restart").await, (403, "not yours".into()));
+        assert_eq!(get(anon(), "/ops/restart").await, (403, "not yours".into()));
+        assert_eq!(get(anon(), "/").await, (401, "present a certificate".into()));
+        // A client with a certificate passes `presented: false` by: no route.
+        assert_eq!(get(app(), "/").await.0, 404);
+        lg.assert_stat(
+            r#"legate_route_requests_total{route_table="main",virtual_host="all",route="ops",class="2xx"}"#,
+            1.0,
+        ).await;
+        lg.assert_stat(
+            r#"legate_route_requests_total{route_table="main",virtual_host="all",route="batch",class="2xx"}"#,
+            1.0,
+        ).await;
+        lg.assert_stat(
+            r#"legate_route_requests_total{route_table="main",virtual_host="all",route="denied",class="4xx"}"#,
+            2.0,
+        ).await;
     }
 );

@@ -747,6 +747,49 @@ pub struct RouteMatch {
     /// Query-parameter conditions.
     #[serde(default)]
     pub query: Vec<Spanned<ValueMatch>>,
+    /// Conditions on the connection's verified client certificate (a
+    /// listener with `tls.client_auth`).
+    #[serde(default)]
+    pub client_cert: Option<ClientCertMatch>,
+}
+
+/// Conditions on the client certificate a listener verified (mTLS); all given
+/// must hold. A condition on the subject or a SAN fails for a connection without
+/// one. (Envoy's route `tls_context` match and RBAC's `authenticated`
+/// principal, in the route match.)
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertMatch {
+    /// `true`: the client presented a certificate (one the listener's CA
+    /// verified: the handshake fails otherwise); `false`: it presented none.
+    #[serde(default)]
+    pub presented: Option<bool>,
+    /// Its subject, RFC 4514 (`CN=client,O=Example`), as the access log's
+    /// `downstream_peer_subject`.
+    #[serde(default)]
+    pub subject: Option<StringMatch>,
+    /// One of its subjectAltName URIs (a SPIFFE id).
+    #[serde(default)]
+    pub uri_san: Option<StringMatch>,
+    /// One of its subjectAltName DNS names.
+    #[serde(default)]
+    pub dns_san: Option<StringMatch>,
+}
+
+/// A test of a string: exactly one of `exact`, `prefix`, `regex` (Envoy's
+/// `StringMatcher`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatch {
+    /// The string equals this.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// The string starts with this.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// The string matches this regular expression in full.
+    #[serde(default)]
+    pub regex: Option<String>,
 }
 
 /// A condition on a header or query parameter: exactly one of `exact`, `regex`,

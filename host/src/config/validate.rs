@@ -250,6 +250,7 @@ impl Config {
                 }
             }
         }
+        self.validate_client_cert_routes(&mut e);
         for t in &self.routes {
             validate_route_table(&mut e, t, &clusters);
             for vh in &t.value.virtual_hosts {
@@ -281,6 +282,54 @@ impl Config {
             validate_cluster(&mut e, c);
         }
         e.0
+    }
+
+    /// A route that needs a client certificate in a table only listeners
+    /// without `tls.client_auth` serve can never match: no connection of theirs
+    /// has one.
+    fn validate_client_cert_routes(&self, e: &mut Issues) {
+        for t in &self.routes {
+            let mut served = self
+                .listeners
+                .iter()
+                .filter_map(|l| {
+                    let h = l.value.http.as_ref()?;
+                    (h.routes.value == t.value.name).then_some(&l.value)
+                })
+                .peekable();
+            if served.peek().is_none()
+                || served.any(|l| l.tls.as_ref().is_some_and(|t| t.client_auth.is_some()))
+            {
+                continue;
+            }
+            for vh in &t.value.virtual_hosts {
+                for r in &vh.value.routes {
+                    let Some(c) = &r.value.matcher.client_cert else {
+                        continue;
+                    };
+                    if c.presented == Some(false) {
+                        continue;
+                    }
+                    let route = match &r.value.name {
+                        Some(n) => format!("route `{n}`"),
+                        None => format!("a route of virtual host `{}`", vh.value.name),
+                    };
+                    e.at(
+                        &r.referenced,
+                        format!(
+                            "{route} matches on the client certificate, but no listener \
+                             serving route table `{}` verifies client certificates",
+                            t.value.name
+                        ),
+                        "without `tls.client_auth` on the listener no connection has a \
+                         certificate, so the route never matches; add `tls.client_auth` to \
+                         the listener, or remove `match.client_cert`",
+                    )
+                    .key("match")
+                    .key("client_cert");
+                }
+            }
+        }
     }
 
     fn validate_admin(&self, e: &mut Issues) {
@@ -1383,6 +1432,77 @@ fn validate_match(e: &mut Issues, loc: &Location, m: &RouteMatch) {
                     format!("invalid regex `{re}`: {why}"),
                     "fix the regular expression (Rust regex syntax)",
                 )
+                .key("regex");
+            }
+        }
+    }
+    if let Some(c) = &m.client_cert {
+        validate_client_cert_match(e, loc, c);
+    }
+}
+
+fn validate_client_cert_match(e: &mut Issues, loc: &Location, c: &ClientCertMatch) {
+    let fields = [
+        ("subject", &c.subject),
+        ("uri_san", &c.uri_san),
+        ("dns_san", &c.dns_san),
+    ];
+    let tested = fields.iter().find(|(_, t)| t.is_some()).map(|(k, _)| *k);
+    match (c.presented, tested) {
+        (None, None) => {
+            e.at(
+                loc,
+                "`match.client_cert` has no condition, so it matches every request",
+                "add `presented: true`, or a `subject`, `uri_san` or `dns_san` condition; or remove `client_cert`",
+            )
+            .key("match")
+            .key("client_cert");
+        }
+        (Some(false), Some(k)) => {
+            e.at(
+                loc,
+                format!("`match.client_cert` has `presented: false` and a `{k}` condition"),
+                "a connection without a certificate has no subject or SANs, so the route \
+                 never matches; remove `presented: false`",
+            )
+            .key("match")
+            .key("client_cert")
+            .key("presented");
+        }
+        _ => {}
+    }
+    for (key, t) in fields {
+        let Some(t) = t else { continue };
+        let n = [t.exact.is_some(), t.prefix.is_some(), t.regex.is_some()]
+            .iter()
+            .filter(|x| **x)
+            .count();
+        if n != 1 {
+            e.at(
+                loc,
+                format!(
+                    "`match.client_cert.{key}` needs exactly one of `exact`, `prefix` and `regex`"
+                ),
+                if n == 0 {
+                    "add `exact: VALUE`, `prefix: VALUE` or `regex: PATTERN`"
+                } else {
+                    "keep one of them"
+                },
+            )
+            .key("match")
+            .key("client_cert")
+            .key(key);
+        }
+        if let Some(re) = &t.regex {
+            if let Some(why) = regex_problem(re, true) {
+                e.at(
+                    loc,
+                    format!("invalid regex `{re}`: {why}"),
+                    "fix the regular expression (Rust regex syntax)",
+                )
+                .key("match")
+                .key("client_cert")
+                .key(key)
                 .key("regex");
             }
         }

@@ -1768,6 +1768,20 @@ impl HttpContext for Filter {
                     ("x-p-source-port", &["source", "port"][..]),
                     ("x-p-dest-port", &["destination", "port"][..]),
                     ("x-p-missing", &["no", "such"][..]),
+                    ("x-p-tls-version", &["connection", "tls_version"][..]),
+                    ("x-p-sni", &["connection", "requested_server_name"][..]),
+                    (
+                        "x-p-peer-subject",
+                        &["connection", "subject_peer_certificate"][..],
+                    ),
+                    (
+                        "x-p-peer-uri",
+                        &["connection", "uri_san_peer_certificate"][..],
+                    ),
+                    (
+                        "x-p-peer-dns",
+                        &["connection", "dns_san_peer_certificate"][..],
+                    ),
                 ] {
                     let v = prop(self, p);
                     self.seen.push((name.into(), v));

@@ -146,6 +146,15 @@ fn exchange_property(x: &mut Exchange, path: &[&[u8]]) -> Option<Vec<u8>> {
             .map(|v| if v { "TLSv1.3" } else { "TLSv1.2" }.into()),
         [b"connection", b"requested_server_name"] => conn.sni().map(String::into_bytes),
         [b"connection", b"subject_peer_certificate"] => conn.peer_subject().map(String::into_bytes),
+        // The first of each, as Envoy's attributes.
+        [b"connection", b"uri_san_peer_certificate"] => conn
+            .peer_cert()
+            .and_then(|p| p.uri_sans.first())
+            .map(|s| s.clone().into_bytes()),
+        [b"connection", b"dns_san_peer_certificate"] => conn
+            .peer_cert()
+            .and_then(|p| p.dns_sans.first())
+            .map(|s| s.clone().into_bytes()),
         [b"upstream", b"address"] => x.upstream.map(|a| a.to_string().into_bytes()),
         [b"upstream", b"port"] => x.upstream.map(|a| int(i64::from(a.port()))),
         [b"route_name"] => x.route_name().map(|r| r.as_bytes().to_vec()),
