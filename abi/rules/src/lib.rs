@@ -9,8 +9,9 @@
 //! fields stripped from a callout response, the fields a filter may not
 //! write, and which names and values it may), [`limits`] (the caps on header
 //! maps, callouts, ticks and bodies, and the statuses a filter may give a response),
-//! [`metrics`] (which names and labels a plugin may define) and [`grpc`] (a
-//! non-gRPC answer's status as gRPC's, and `grpc-message` encoding).
+//! [`metrics`] (which names and labels a plugin may define), [`grpc`] (a
+//! non-gRPC answer's status as gRPC's, and `grpc-message` encoding) and
+//! [`wasi`] (the WASI interfaces a host links for a component).
 //!
 //! The crate has no dependencies and works on plain `&str` and bytes; a
 //! caller converts to its own types (such as `http::HeaderName`) where it
@@ -25,3 +26,4 @@ pub mod kv;
 pub mod limits;
 pub mod log;
 pub mod metrics;
+pub mod wasi;

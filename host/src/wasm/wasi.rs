@@ -40,7 +40,9 @@ use super::engine;
 /// The WASI version wasmtime-wasi defines (older 0.2.x imports link to it).
 const VERSION: &str = "0.2.12";
 
-/// Links WASI 0.2 (nothing granted, see the module docs) synchronously.
+/// Links WASI 0.2 (nothing granted, see the module docs) synchronously: the
+/// interfaces of `legate_abi_rules::wasi::PROVIDED`, which abi/README.md §10
+/// lists (change both with this).
 pub fn add_to_linker<T: WasiView + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
     linker.allow_shadowing(true);

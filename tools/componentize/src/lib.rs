@@ -16,8 +16,59 @@ use anyhow::{bail, Context, Result};
 use wit_component::{ComponentEncoder, DecodedWasm, WitPrinter};
 use wit_parser::{Resolve, WorldItem, WorldKey};
 
-/// The handler interface an HTTP filter must export.
+/// The handler interface an HTTP filter exports, at the version of
+/// `abi/wit` (the newest a host of this tree implements; a component may
+/// export any `0.1.z` up to it: [`WorldSummary::check_http_filter`]).
 pub const HTTP_HANDLER: &str = "legate:filter/http-handler@0.1.2";
+
+/// `abi/wit`, compiled in: what [`check_http_filter`](WorldSummary::check_http_filter)
+/// reads the functions of `http-handler` from.
+const ABI_WIT: &[(&str, &str)] = &[
+    ("filter.wit", include_str!("../../../abi/wit/filter.wit")),
+    ("host.wit", include_str!("../../../abi/wit/host.wit")),
+    ("http.wit", include_str!("../../../abi/wit/http.wit")),
+    ("network.wit", include_str!("../../../abi/wit/network.wit")),
+    ("types.wit", include_str!("../../../abi/wit/types.wit")),
+    ("worlds.wit", include_str!("../../../abi/wit/worlds.wit")),
+];
+
+/// The `legate:filter` package of `abi/wit`: its version and the functions
+/// of `http-handler` (WIT names: `configure`, `on-request-headers`, …), which
+/// a 0.1 host requires all of (adding one needs 0.2: abi/README.md §12).
+pub fn abi_http_handler() -> Result<([u64; 3], Vec<String>)> {
+    let mut sources = wit_parser::SourceMap::new();
+    for (name, text) in ABI_WIT {
+        sources.push_str(name, *text);
+    }
+    let group = sources
+        .parse()
+        .map_err(|(_, e)| anyhow::anyhow!("parsing the compiled-in abi/wit: {e}"))?;
+    let mut resolve = Resolve::default();
+    let pkg = resolve
+        .push_group(group)
+        .context("resolving the compiled-in abi/wit")?;
+    let package = &resolve.packages[pkg];
+    let version = package
+        .name
+        .version
+        .as_ref()
+        .map(|v| [v.major, v.minor, v.patch])
+        .context("abi/wit has no package version")?;
+    let id = package
+        .interfaces
+        .get("http-handler")
+        .context("abi/wit has no interface `http-handler`")?;
+    let functions = resolve.interfaces[*id].functions.keys().cloned().collect();
+    Ok((version, functions))
+}
+
+/// The version of an interface name's `@x.y.z` (pre-release and build
+/// metadata ignored).
+fn version_of(name: &str) -> Option<[u64; 3]> {
+    let (_, v) = name.split_once('@')?;
+    let mut parts = v.split(['.', '-', '+']).map(|p| p.parse::<u64>().ok());
+    Some([parts.next()??, parts.next()??, parts.next()??])
+}
 
 /// Generates the C bindings of `world` (e.g. `http-filter`) of the WIT package
 /// in `wit_dir` into `out_dir`: `<world>.h`, `<world>.c` and
@@ -99,13 +150,16 @@ fn imports_module(module: &[u8], name: &str) -> Result<bool> {
 
 /// The top-level imports and exports of a component's world, by name:
 /// interfaces as `namespace:package/interface@version`, functions as
-/// `func <name>`.
+/// `func <name>`; and the functions of each exported interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorldSummary {
     /// What the component needs from its host.
     pub imports: Vec<String>,
     /// What the component provides.
     pub exports: Vec<String>,
+    /// The functions of each exported interface (by its name in
+    /// [`exports`](Self::exports)), WIT names.
+    pub export_functions: Vec<(String, Vec<String>)>,
 }
 
 impl fmt::Display for WorldSummary {
@@ -121,29 +175,74 @@ impl fmt::Display for WorldSummary {
 }
 
 impl WorldSummary {
-    /// Checks the shape the Legate host accepts for an HTTP filter: it
-    /// exports [`HTTP_HANDLER`] and imports only `legate:filter/*` and
-    /// `wasi:*` interfaces.
+    /// Checks the shape a Legate host of this tree accepts for an HTTP
+    /// filter: it exports `legate:filter/http-handler@0.1.z` for a `z` up to
+    /// `abi/wit`'s (a host loads any 0.1 up to its own: abi/README.md §12),
+    /// with every function of `abi/wit`'s `http-handler` (the host requires
+    /// them all), and imports only `legate:filter/*` interfaces and the WASI
+    /// 0.2 interfaces the host links (`legate_abi_rules::wasi::PROVIDED`:
+    /// not `wasi:http`).
     pub fn check_http_filter(&self) -> Result<()> {
-        if !self.exports.iter().any(|e| e == HTTP_HANDLER) {
+        let ([major, minor, patch], required) = abi_http_handler()?;
+        let accepted = format!(
+            "legate:filter/http-handler@{major}.{minor}.x ({major}.{minor}.0–{major}.{minor}.{patch})"
+        );
+        let handler = self.exports.iter().find(|e| {
+            e.starts_with("legate:filter/http-handler@")
+                && version_of(e).is_some_and(|[a, b, c]| a == major && b == minor && c <= patch)
+        });
+        let Some(handler) = handler else {
             bail!(
-                "the component does not export {HTTP_HANDLER} (it exports: {})",
+                "the component does not export {accepted} (it exports: {})",
                 list_or_none(&self.exports)
             );
+        };
+        let present = self
+            .export_functions
+            .iter()
+            .find(|(i, _)| i == handler)
+            .map(|(_, f)| f.as_slice())
+            .unwrap_or_default();
+        let missing: Vec<String> = required
+            .iter()
+            .filter(|f| !present.contains(f))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "the component's {handler} lacks {}: a Legate host requires every function of \
+                 the interface, including those of phases the filter does not declare (give \
+                 them empty bodies)",
+                missing.join(", ")
+            );
         }
-        let foreign: Vec<&String> = self
+        let unprovided: Vec<&str> = self
             .imports
             .iter()
-            .filter(|i| !(i.starts_with("legate:filter/") || i.starts_with("wasi:")))
+            .map(String::as_str)
+            .filter(|i| {
+                legate_abi_rules::wasi::is_wasi(i) && !legate_abi_rules::wasi::is_provided(i)
+            })
+            .collect();
+        if !unprovided.is_empty() {
+            bail!(
+                "the component imports {}, which a Legate host does not provide (abi/README.md \
+                 §10: WASI 0.2 cli, clocks, filesystem, io, random, sockets only): filters \
+                 reach upstreams with `callout`; for componentize-js build with \
+                 `-d http -d fetch-event`",
+                unprovided.join(", ")
+            );
+        }
+        let foreign: Vec<&str> = self
+            .imports
+            .iter()
+            .map(String::as_str)
+            .filter(|i| !(i.starts_with("legate:filter/") || legate_abi_rules::wasi::is_wasi(i)))
             .collect();
         if !foreign.is_empty() {
             bail!(
                 "the component imports what a Legate host does not provide: {}",
-                foreign
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                foreign.join(", ")
             );
         }
         Ok(())
@@ -179,6 +278,17 @@ pub fn describe(component: &[u8]) -> Result<WorldSummary> {
             WorldItem::Type { .. } => None,
         }
     };
+    let export_functions = world
+        .exports
+        .iter()
+        .filter_map(|(k, i)| match i {
+            WorldItem::Interface { id, .. } => Some((
+                name(k, i)?,
+                resolve.interfaces[*id].functions.keys().cloned().collect(),
+            )),
+            _ => None,
+        })
+        .collect();
     Ok(WorldSummary {
         imports: world
             .imports
@@ -190,6 +300,7 @@ pub fn describe(component: &[u8]) -> Result<WorldSummary> {
             .iter()
             .filter_map(|(k, i)| name(k, i))
             .collect(),
+        export_functions,
     })
 }
 
@@ -216,11 +327,43 @@ pub fn print_wit(component: &[u8]) -> Result<String> {
 mod tests {
     use super::*;
 
+    /// Every function of `http-handler`, as abi/wit has them.
+    fn handler_functions() -> Vec<String> {
+        abi_http_handler().unwrap().1
+    }
+
+    /// A summary whose exports each have every `http-handler` function.
     fn summary(imports: &[&str], exports: &[&str]) -> WorldSummary {
         WorldSummary {
             imports: imports.iter().map(|s| (*s).to_owned()).collect(),
             exports: exports.iter().map(|s| (*s).to_owned()).collect(),
+            export_functions: exports
+                .iter()
+                .map(|s| ((*s).to_owned(), handler_functions()))
+                .collect(),
         }
+    }
+
+    fn check(s: &WorldSummary) -> String {
+        s.check_http_filter()
+            .map(|()| "accepted".to_owned())
+            .unwrap_or_else(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_handler_functions_and_version_come_from_abi_wit() {
+        let (version, functions) = abi_http_handler().unwrap();
+        assert_eq!(version_of(HTTP_HANDLER), Some(version));
+        assert_eq!(functions.first().map(String::as_str), Some("configure"));
+        for f in [
+            "on-request-headers",
+            "on-log",
+            "on-callout-response",
+            "on-done",
+        ] {
+            assert!(functions.iter().any(|g| g == f), "{f}: {functions:?}");
+        }
+        assert_eq!(functions.len(), 12, "{functions:?}");
     }
 
     #[test]
@@ -229,17 +372,67 @@ mod tests {
             &["legate:filter/http@0.1.2", "wasi:io/streams@0.2.0"],
             &[HTTP_HANDLER],
         );
-        assert!(ok.check_http_filter().is_ok());
+        assert_eq!(check(&ok), "accepted");
+        // componentize-py and componentize-js import newer WASI 0.2 patches.
+        let ok = summary(
+            &["wasi:cli/stderr@0.2.10", "wasi:random/random@0.2.3"],
+            &[HTTP_HANDLER],
+        );
+        assert_eq!(check(&ok), "accepted");
+    }
+
+    #[test]
+    fn an_older_0_1_handler_is_accepted_and_a_newer_or_0_2_one_is_not() {
+        // Was "does not export legate:filter/http-handler@0.1.2" for a
+        // component the host loads (built against abi 0.1.0).
+        let old = summary(&[], &["legate:filter/http-handler@0.1.0"]);
+        assert_eq!(check(&old), "accepted");
+        for v in ["0.1.3", "0.2.0", "1.0.0"] {
+            let err = check(&summary(&[], &[&format!("legate:filter/http-handler@{v}")]));
+            assert!(
+                err.contains("does not export legate:filter/http-handler@0.1.x (0.1.0–0.1.2)"),
+                "{v}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_handler_missing_a_function_is_refused_naming_it() {
+        // Was accepted: the host refuses it at load.
+        let mut s = summary(&[], &[HTTP_HANDLER]);
+        s.export_functions[0]
+            .1
+            .retain(|f| f != "on-done" && f != "on-log");
+        let err = check(&s);
+        assert!(
+            err.starts_with(
+                "the component's legate:filter/http-handler@0.1.2 lacks on-log, on-done: "
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_wasi_http_import_is_refused_naming_it() {
+        // Was accepted (any `wasi:*` was): the host does not link wasi:http.
+        let err = check(&summary(
+            &["wasi:io/streams@0.2.10", "wasi:http/types@0.2.10"],
+            &[HTTP_HANDLER],
+        ));
+        assert!(
+            err.starts_with(
+                "the component imports wasi:http/types@0.2.10, which a Legate host does not \
+                 provide"
+            ) && err.ends_with("for componentize-js build with `-d http -d fetch-event`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn missing_handler_export_is_named() {
-        let err = summary(&[], &["legate:filter/network-handler@0.1.2"])
-            .check_http_filter()
-            .map(|()| "accepted".to_owned())
-            .unwrap_or_else(|e| e.to_string());
+        let err = check(&summary(&[], &["legate:filter/network-handler@0.1.2"]));
         assert!(
-            err.contains("does not export legate:filter/http-handler@0.1.2"),
+            err.contains("does not export legate:filter/http-handler@0.1.x"),
             "{err}"
         );
         assert!(err.contains("network-handler"), "{err}");
@@ -247,17 +440,14 @@ mod tests {
 
     #[test]
     fn foreign_imports_are_named() {
-        let err = summary(
+        let err = check(&summary(
             &[
                 "legate:filter/http@0.1.2",
                 "acme:evil/net@1.0.0",
                 "func raw",
             ],
             &[HTTP_HANDLER],
-        )
-        .check_http_filter()
-        .map(|()| "accepted".to_owned())
-        .unwrap_or_else(|e| e.to_string());
+        ));
         assert!(err.contains("acme:evil/net@1.0.0, func raw"), "{err}");
     }
 }

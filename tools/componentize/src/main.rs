@@ -17,8 +17,9 @@ fn usage() -> &'static str {
   legate-componentize describe <component.wasm>
       list the component's imports and exports
   legate-componentize check-http-filter <component.wasm>
-      fail unless it exports legate:filter/http-handler@0.1.2 and imports only
-      legate:filter/* and wasi:* interfaces
+      fail unless it exports legate:filter/http-handler@0.1.x (0.1.0 up to this
+      tree's abi/wit) with every function, and imports only legate:filter/* and
+      the WASI 0.2 interfaces a Legate host provides (no wasi:http)
   legate-componentize wit <component.wasm>
       print the component's WIT"
 }
