@@ -67,14 +67,29 @@ pub fn call_failure_reason() -> Option<String> {
 }
 
 /// The guest's reason for a failure in `stderr`, its error output during the
-/// call, as one line: a Rust panic (`panicked at src/lib.rs:51:13: boom`,
-/// from std's `thread '…' panicked at LOCATION:` + message lines, or the
-/// proxy-wasm SDK's `panicked at LOCATION:` + message, or the old
-/// `panicked at 'MESSAGE', LOCATION`); else an allocation failure (`memory
-/// allocation of N bytes failed`); else the last line written, labelled so
-/// (`the guest's last error line: …`).
+/// call, as one line:
+///
+/// - a Python exception (componentize-py): the exception line of the last
+///   `Traceback (most recent call last):` block and its innermost frame
+///   (`RuntimeError: boom (File "/0/app.py", line 21, in configure)`), not the
+///   panic of componentize-py's runtime that follows it (`Python function
+///   threw an unexpected exception`);
+/// - a JavaScript exception (componentize-js/SpiderMonkey, which prints the
+///   message, a `Stack:` block of `function@file:line:col` frames, then
+///   `Redirecting call to abort() to mozalloc_abort`): the message and the
+///   innermost frame (`boom (at onRequestHeaders@app.js:17:11)`);
+/// - a Rust panic (`panicked at src/lib.rs:51:13: boom`, from std's `thread
+///   '…' panicked at LOCATION:` + message lines, or the proxy-wasm SDK's
+///   `panicked at LOCATION:` + message, or the old `panicked at 'MESSAGE',
+///   LOCATION`);
+/// - an allocation failure (`memory allocation of N bytes failed`);
+/// - else the last line written, labelled so (`the guest's last error line:
+///   …`).
 pub fn reason_in(stderr: &str) -> Option<String> {
     const MAX: usize = 1024;
+    if let Some(reason) = python_exception(stderr).or_else(|| js_exception(stderr)) {
+        return Some(one_line(&reason, MAX));
+    }
     if let Some(at) = stderr.rfind("panicked at ") {
         let mut lines = stderr[at..].lines();
         let mut out = lines.next().unwrap_or_default().trim_end().to_string();
@@ -104,6 +119,62 @@ pub fn reason_in(stderr: &str) -> Option<String> {
         "the guest's last error line: {}",
         one_line(last, MAX)
     ))
+}
+
+/// The exception of the last Python traceback in `stderr`: its exception
+/// line (the first unindented line after the frames), with the innermost
+/// frame's `File "…", line N, in F` when there is one.
+fn python_exception(stderr: &str) -> Option<String> {
+    const HEADER: &str = "Traceback (most recent call last):";
+    let at = stderr.rfind(HEADER)?;
+    let mut frame = None;
+    for line in stderr[at + HEADER.len()..].lines() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if line.starts_with(char::is_whitespace) {
+            let l = line.trim();
+            if l.starts_with("File ") {
+                frame = Some(l);
+            }
+            continue;
+        }
+        let exception = line.trim_end();
+        return Some(match frame {
+            Some(f) => format!("{exception} ({f})"),
+            None => exception.to_string(),
+        });
+    }
+    None
+}
+
+/// The exception SpiderMonkey (componentize-js) printed before aborting:
+/// the line before the last `Stack:` line, with the innermost frame (the
+/// first indented `function@file:line:col` line after it). Only in that
+/// form: a frame or the abort line after `Stack:`, and no Rust panic.
+fn js_exception(stderr: &str) -> Option<String> {
+    let lines: Vec<&str> = stderr.lines().collect();
+    let stack = lines.iter().rposition(|l| l.trim_end() == "Stack:")?;
+    let message = lines[..stack]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| !l.is_empty())?;
+    let frame = lines[stack + 1..]
+        .first()
+        .filter(|l| l.starts_with(char::is_whitespace))
+        .map(|l| l.trim())
+        .filter(|l| l.contains('@'));
+    let after = &lines[stack + 1..];
+    let aborted = after.iter().any(|l| l.contains("mozalloc_abort"));
+    // A `Stack:` line some other guest wrote: not SpiderMonkey's form.
+    if (frame.is_none() && !aborted) || after.iter().any(|l| l.contains("panicked at ")) {
+        return None;
+    }
+    Some(match frame {
+        Some(f) => format!("{message} (at {f})"),
+        None => message.to_string(),
+    })
 }
 
 /// Which standard stream.
@@ -301,6 +372,82 @@ mod tests {
             Some("the guest's last error line: Assertion failed: x > 0")
         );
         assert_eq!(reason_in(""), None);
+        // A Rust guest that printed a `Stack:` line before panicking is
+        // still described by its panic.
+        assert_eq!(
+            reason_in("oops\nStack:\nthread '<unnamed>' panicked at src/lib.rs:2:3:\nboom\n")
+                .as_deref(),
+            Some("panicked at src/lib.rs:2:3: boom")
+        );
+    }
+
+    #[test]
+    fn a_python_exception_is_the_reason_not_componentize_py_s_panic() {
+        // Captured from a componentize-py 0.25.1 filter whose `configure`
+        // raises RuntimeError("boom"), run by legate. The reason was
+        // "panicked at runtime/src/lib.rs:1293:29: Python function threw an
+        // unexpected exception".
+        let stderr = "Traceback (most recent call last):\n  \
+                      File \"/0/app.py\", line 21, in configure\n\
+                      RuntimeError: boom\n\
+                      thread '<unnamed>' (1) panicked at runtime/src/lib.rs:1293:29:\n\
+                      Python function threw an unexpected exception\n\
+                      note: run with `RUST_BACKTRACE=1` environment variable to display a \
+                      backtrace\n";
+        assert_eq!(
+            reason_in(stderr).as_deref(),
+            Some("RuntimeError: boom (File \"/0/app.py\", line 21, in configure)")
+        );
+        // With source lines and carets (CPython with its sources), a chained
+        // exception: the last traceback's exception and innermost frame.
+        let stderr = "Traceback (most recent call last):\n  \
+                      File \"/app.py\", line 5, in f\n    x = d[\"k\"]\n        ~^^^^^\n\
+                      KeyError: 'k'\n\n\
+                      During handling of the above exception, another exception occurred:\n\n\
+                      Traceback (most recent call last):\n  \
+                      File \"/app.py\", line 9, in configure\n    g()\n  \
+                      File \"/app.py\", line 7, in g\n    raise ValueError(\"bad config\")\n\
+                      ValueError: bad config\n\
+                      thread '<unnamed>' (1) panicked at runtime/src/lib.rs:1293:29:\n\
+                      Python function threw an unexpected exception\n";
+        assert_eq!(
+            reason_in(stderr).as_deref(),
+            Some("ValueError: bad config (File \"/app.py\", line 7, in g)")
+        );
+    }
+
+    #[test]
+    fn a_javascript_exception_is_the_reason_not_spidermonkey_s_abort_line() {
+        // Captured from a componentize-js 0.23.0 filter (built with `-d http
+        // -d fetch-event`) whose onRequestHeaders throws
+        // `new Error('boom in js headers')`, run by legate. The reason was
+        // "the guest's last error line: Redirecting call to abort() to
+        // mozalloc_abort".
+        let stderr = "boom in js headers\n\
+                      Stack:\n  \
+                      onRequestHeaders@app.js:17:11\n  \
+                      export_httpHandler_0_1_2$onRequestHeaders@/tmp/8ac8c1963af7/sources/\
+                      initializer.js:5089:17\n\
+                      Redirecting call to abort() to mozalloc_abort\n";
+        assert_eq!(
+            reason_in(stderr).as_deref(),
+            Some("boom in js headers (at onRequestHeaders@app.js:17:11)")
+        );
+        // `configure` throwing an Error (not a string): componentize-js's
+        // own complaint, which is the reason.
+        let stderr = "expected a string, received [object]\n\
+                      Stack:\n  \
+                      _utf8AllocateAndEncode@/tmp/8ac8c1963af7/sources/initializer.js:108:11\n  \
+                      export_httpHandler_0_1_2$configure@/tmp/8ac8c1963af7/sources/\
+                      initializer.js:4936:45\n\
+                      Redirecting call to abort() to mozalloc_abort\n";
+        assert_eq!(
+            reason_in(stderr).as_deref(),
+            Some(
+                "expected a string, received [object] (at \
+                 _utf8AllocateAndEncode@/tmp/8ac8c1963af7/sources/initializer.js:108:11)"
+            )
+        );
     }
 
     #[test]
