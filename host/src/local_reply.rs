@@ -11,6 +11,9 @@
 //! any filter (Envoy decides when the request headers are initialized): a
 //! gRPC-Web or JSON request a filter converts to gRPC gets HTTP answers, which
 //! that filter converts back in its response phase.
+//!
+//! Also the one rule for a filter's local response `details` (its access-log
+//! `cause`): [`details`].
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
@@ -86,8 +89,55 @@ fn grpc_form(status: &mut StatusCode, h: &mut HeaderMap, body: &mut Bytes, expli
     h.remove(header::TRANSFER_ENCODING);
 }
 
+/// The longest `details` a filter's local response keeps, in bytes
+/// (abi/README.md §3.5): a short token, not a message.
+pub const MAX_DETAILS: usize = 256;
+
+/// A filter's local response `details` as the host keeps it (the access log's
+/// `cause = plugin:<details>`, `exchange.cause()`, proxy-wasm
+/// `response.code_details`): every whitespace or control character replaced
+/// with `_`, as Envoy's `setResponseCodeDetails` does (its
+/// `StringUtil::replaceAllEmptySpace`: response code details are a token with
+/// no spaces), and cut to [`MAX_DETAILS`] bytes at a character boundary, so a
+/// guest cannot put a CR/LF or 200 KB into a log line.
+pub fn details(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len().min(MAX_DETAILS));
+    for c in raw.chars() {
+        let c = if c.is_whitespace() || c.is_control() {
+            '_'
+        } else {
+            c
+        };
+        if out.len() + c.len_utf8() > MAX_DETAILS {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn details_are_one_bounded_token() {
+        // Were kept verbatim: CR/LF in the access log's `cause`, 200 000
+        // bytes in one log line.
+        assert_eq!(details("no_route"), "no_route");
+        assert_eq!(details(""), "");
+        assert_eq!(
+            details("bad key\r\nx: y\tz\u{0}\u{85}"),
+            "bad_key__x:_y_z__"
+        );
+        let long = "a".repeat(200_000);
+        assert_eq!(details(&long).len(), MAX_DETAILS);
+        // Cut at a character boundary: 255 ASCII bytes, then a 2-byte char
+        // that does not fit.
+        let s = format!("{}é", "a".repeat(MAX_DETAILS - 1));
+        assert_eq!(details(&s), "a".repeat(MAX_DETAILS - 1));
+        let s = format!("{}é", "a".repeat(MAX_DETAILS - 2));
+        assert_eq!(details(&s), s);
+    }
+
     use super::*;
 
     #[test]

@@ -528,7 +528,8 @@ async fn a_component_of_another_abi_version_is_refused_naming_both_versions() {
     assert!(
         err.contains("plugin `future`: the component is built against legate:filter@0.2.")
             && err.contains(
-                "; this host implements 0.1.x (0.1.0–0.1.2): rebuild it with a legate-sdk for 0.1"
+                "; this host implements 0.1.x (0.1.0–0.1.2): regenerate its bindings from abi/wit \
+                 (legate:filter@0.1.x), or rebuild it with a legate-sdk for 0.1"
             ),
         "{err}"
     );

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::HeaderName;
 use http::{HeaderMap, StatusCode};
+use legate_abi_rules::wasi;
 // Keyed by host-made ids (plugin loads, exchange contexts): no hashing DoS to
 // defend against, and these maps are touched on every call.
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -457,13 +458,50 @@ fn host_abi() -> String {
     format!("{major}.{minor}.x ({major}.{minor}.0–{major}.{minor}.{patch})")
 }
 
+/// The first WASI interface `component` imports that this host does not link
+/// (abi/README.md §10: `legate_abi_rules::wasi::PROVIDED`), e.g.
+/// `wasi:http/types@0.2.10`, which componentize-js and other toolchains import
+/// by default.
+fn unprovided_wasi(component: &Component) -> Option<String> {
+    let engine = component.engine();
+    component
+        .component_type()
+        .imports(engine)
+        .map(|(n, _)| n)
+        .find(|n| wasi::is_wasi(n) && !wasi::is_provided(n))
+        .map(str::to_string)
+}
+
+/// What a failed link says, after `plugin \`NAME\`: `: why, in a plugin
+/// author's terms, then the linker's own text (`linker`). `unprovided` is
+/// the WASI interface the component imports and the host does not provide
+/// ([`unprovided_wasi`]); `newer` is the note for a component built against
+/// a later 0.1 than this host.
+fn link_failure(linker: &str, unprovided: Option<&str>, newer: &str) -> String {
+    let Some(item) = unprovided else {
+        return format!("the component does not fit this host: {linker}{newer}");
+    };
+    let hint = if item.starts_with("wasi:http/") {
+        "filters reach upstreams with `callout`; for componentize-js build with \
+         `-d http -d fetch-event`"
+    } else {
+        "a filter reaches the outside through the `legate:filter` imports (`callout`, \
+         `kv`, `log`, …)"
+    };
+    format!(
+        "the component imports `{item}`, which Legate does not provide (abi/README.md \
+         §10): {hint} (the linker: {linker}){newer}"
+    )
+}
+
 /// Links `component` with `link` (the `instantiate_pre` of the world's
 /// linker), first checking it is built against this host's `legate:filter`
 /// major version (for `0.x`, the minor one): a component of another one
 /// (`0.2.0`) is one line naming both versions and the fix, instead of the
 /// linker's first unmatched interface. A link failure of a component built
 /// against a later 0.1 than this host names the host's version (it may use
-/// a function added since).
+/// a function added since); one of a component importing a WASI interface
+/// the host does not provide (`wasi:http`) names it first.
 pub(crate) fn link<T>(
     name: &str,
     component: &Component,
@@ -478,7 +516,8 @@ pub(crate) fn link<T>(
         let how = if *import { "imports" } else { "exports" };
         anyhow::bail!(
             "plugin `{name}`: the component is built against legate:filter@{a}.{b}.{c} (it \
-             {how} `{item}`); this host implements {}: rebuild it with a legate-sdk for \
+             {how} `{item}`); this host implements {}: regenerate its bindings from abi/wit \
+             (legate:filter@{major}.{minor}.x), or rebuild it with a legate-sdk for \
              {major}.{minor}",
             host_abi()
         );
@@ -489,12 +528,18 @@ pub(crate) fn link<T>(
             format!(
                 " (it is built against legate:filter@{major}.{minor}.{newest}, and uses \
                  something added after {major}.{minor}.{patch}, which this host implements: \
-                 upgrade Legate, or build it with a legate-sdk for {major}.{minor}.{patch})"
+                 upgrade Legate, or rebuild it against legate:filter@{major}.{minor}.{patch} \
+                 (its abi/wit, or a legate-sdk for {major}.{minor}.{patch}))"
             )
         } else {
             String::new()
         };
-        anyhow::anyhow!("plugin `{name}`: the component does not fit this host: {e:#}{newer}")
+        let why = link_failure(
+            &format!("{e:#}"),
+            unprovided_wasi(component).as_deref(),
+            &newer,
+        );
+        anyhow::anyhow!("plugin `{name}`: {why}")
     })
 }
 
@@ -1046,7 +1091,7 @@ fn local_response(lr: whttp::LocalResponse) -> Result<LocalResponse, String> {
         status,
         headers,
         body: Bytes::from(lr.body),
-        details: lr.details,
+        details: crate::local_reply::details(&lr.details),
         grpc_status: None,
     })
 }
@@ -1335,7 +1380,8 @@ mod tests {
             e,
             "plugin `p`: the component is built against legate:filter@0.2.0 (it imports \
              `legate:filter/types@0.2.0`); this host implements 0.1.x (0.1.0–0.1.2): \
-             rebuild it with a legate-sdk for 0.1"
+             regenerate its bindings from abi/wit (legate:filter@0.1.x), or rebuild it \
+             with a legate-sdk for 0.1"
         );
         // One built against a later 0.1 whose link fails names this host's 0.1.
         let c = component_importing("legate:filter/nonesuch@0.1.9");
@@ -1347,11 +1393,87 @@ mod tests {
             e.starts_with("plugin `p`: the component does not fit this host: ")
                 && e.ends_with(
                     "(it is built against legate:filter@0.1.9, and uses something added \
-                     after 0.1.2, which this host implements: upgrade Legate, or build it \
-                     with a legate-sdk for 0.1.2)"
+                     after 0.1.2, which this host implements: upgrade Legate, or rebuild it \
+                     against legate:filter@0.1.2 (its abi/wit, or a legate-sdk for 0.1.2))"
                 ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_component_importing_wasi_http_is_told_legate_does_not_provide_it() {
+        // Was only wasmtime's "component imports instance
+        // `wasi:http/types@0.2.10`, but a matching implementation was not
+        // found in the linker: …" (what componentize-js builds by default).
+        let c = component_importing("wasi:http/types@0.2.10");
+        let linker = linker().unwrap();
+        let e = link("p", &c, |c| linker.instantiate_pre(c))
+            .err()
+            .unwrap()
+            .to_string();
+        let head = "plugin `p`: the component imports `wasi:http/types@0.2.10`, which Legate \
+                    does not provide (abi/README.md §10): filters reach upstreams with \
+                    `callout`; for componentize-js build with `-d http -d fetch-event` (the \
+                    linker: component imports instance `wasi:http/types@0.2.10`";
+        assert!(e.starts_with(head), "{e}");
+        // Another WASI interface the host lacks: named, with a general hint.
+        assert_eq!(
+            link_failure("X", Some("wasi:keyvalue/store@0.2.0-draft"), ""),
+            "the component imports `wasi:keyvalue/store@0.2.0-draft`, which Legate does not \
+             provide (abi/README.md §10): a filter reaches the outside through the \
+             `legate:filter` imports (`callout`, `kv`, `log`, …) (the linker: X)"
+        );
+        // A provided WASI interface, or none, is not blamed.
+        assert_eq!(
+            link_failure("X", None, ""),
+            "the component does not fit this host: X"
+        );
+        let c = component_importing("wasi:io/nonesuch@0.2.0");
+        assert_eq!(
+            unprovided_wasi(&c).as_deref(),
+            Some("wasi:io/nonesuch@0.2.0")
+        );
+        let c = component_importing("wasi:io/streams@0.2.10");
+        assert_eq!(unprovided_wasi(&c), None);
+    }
+
+    #[test]
+    fn a_core_module_that_is_not_proxy_wasm_is_told_how_to_make_a_component() {
+        // Was "build a Legate plugin for `wasm32-wasip2`, or a proxy-wasm
+        // filter": Rust-only advice to a C author who skipped the
+        // componentize step.
+        let e = super::super::proxy_wasm::compile(
+            "c",
+            std::path::Path::new("c_filter.core.wasm"),
+            b"\0asm\x01\0\0\0",
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.ends_with(
+                "encode it as a component (`legate-componentize component`, or `wasm-tools \
+                 component new` with the WASI adapter), or build a Rust plugin for \
+                 `wasm32-wasip2`; or build a proxy-wasm filter with a proxy-wasm SDK"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_local_response_s_details_are_one_bounded_token() {
+        // Were kept verbatim: CR/LF into the access log's `cause` and
+        // `exchange.cause()`, 200 000 bytes into one log line.
+        let lr = |details: String| whttp::LocalResponse {
+            status: 403,
+            headers: Vec::new(),
+            body: Vec::new(),
+            details,
+        };
+        let r = local_response(lr("denied by\r\npolicy x".into())).unwrap();
+        assert_eq!(r.details, "denied_by__policy_x");
+        let r = local_response(lr("d".repeat(200_000))).unwrap();
+        assert_eq!(r.details, "d".repeat(crate::local_reply::MAX_DETAILS));
     }
 
     /// The error of calling a core function that executes `unreachable`

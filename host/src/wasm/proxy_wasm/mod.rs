@@ -65,9 +65,11 @@ pub fn compile(plugin: &str, path: &Path, bytes: &[u8]) -> anyhow::Result<Module
         }
         anyhow::bail!(
             "plugin `{plugin}`: {} is a core Wasm module but not a proxy-wasm module (it \
-             exports neither `proxy_abi_version_0_2_1` nor `proxy_abi_version_0_2_0`); \
-             build a Legate plugin for `wasm32-wasip2`, or a proxy-wasm filter with a \
-             proxy-wasm SDK",
+             exports neither `proxy_abi_version_0_2_1` nor `proxy_abi_version_0_2_0`): \
+             a Legate plugin is a component: encode it as a component \
+             (`legate-componentize component`, or `wasm-tools component new` with the WASI \
+             adapter), or build a Rust plugin for `wasm32-wasip2`; or build a proxy-wasm \
+             filter with a proxy-wasm SDK",
             path.display()
         );
     }
