@@ -243,6 +243,7 @@ impl CallClock {
     fn tick(&mut self, cpu_now: Option<Duration>) -> Option<Duration> {
         let wall = self.wall_start.elapsed();
         if wall >= self.budget.saturating_mul(WALL_FACTOR) {
+            wall_bound_hit();
             return None;
         }
         let used = match (cpu_now, self.cpu_mark) {
@@ -272,6 +273,29 @@ thread_local! {
     /// Whether the call last armed on this thread was refused a memory growth
     /// at the memory cap ([`memory_refused`]).
     static MEMORY_REFUSED: Cell<bool> = const { Cell::new(false) };
+    /// Whether the call last armed on this thread was stopped by its wall-time
+    /// bound rather than its CPU budget ([`wall_bound_hit`]).
+    static WALL_BOUND_HIT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Records that the running call is stopped by its wall-time bound (budget ×
+/// [`WALL_FACTOR`]), not by the CPU time it used: the failure then says so.
+pub fn wall_bound_hit() {
+    WALL_BOUND_HIT.with(|r| r.set(true));
+}
+
+/// Whether the call last armed on this thread was stopped by its wall-time
+/// bound.
+pub fn was_wall_bound_hit() -> bool {
+    WALL_BOUND_HIT.with(Cell::get)
+}
+
+/// Clears this thread's per-call records, as [`arm`] does (for tests that
+/// describe a failure without a store).
+#[cfg(test)]
+pub fn arm_for_test() {
+    MEMORY_REFUSED.with(|r| r.set(false));
+    WALL_BOUND_HIT.with(|r| r.set(false));
 }
 
 /// Records that the running call was refused a memory growth at its
@@ -335,6 +359,7 @@ pub fn arm<T: Clocked + 'static>(store: &mut wasmtime::Store<T>, budget: Duratio
     };
     WALL_DEADLINE.with(|d| d.set(now.checked_add(budget.saturating_mul(WALL_FACTOR))));
     MEMORY_REFUSED.with(|r| r.set(false));
+    WALL_BOUND_HIT.with(|r| r.set(false));
     super::stdio::call_started();
     // The next tick marks the CPU clock (see the module docs).
     store.set_epoch_deadline(1);

@@ -397,6 +397,19 @@ fn body_mode(m: super::bindings::legate::filter::types::BodyMode) -> BodyMode {
 pub(crate) fn describe(e: &wasmtime::Error, cpu: Duration) -> (&'static str, String) {
     if let Some(t) = e.downcast_ref::<Trap>() {
         if *t == Trap::Interrupt {
+            if super::engine::was_wall_bound_hit() {
+                // Not the CPU it used: the call waited, or its thread was
+                // kept off a core (a loaded machine), past the backstop.
+                let wall = cpu.saturating_mul(super::engine::WALL_FACTOR);
+                return (
+                    "timeout",
+                    format!(
+                        "call exceeded its wall-clock bound ({wall:?}, {}x its CPU deadline of \
+                         {cpu:?}): it waited, or its thread did not get a core",
+                        super::engine::WALL_FACTOR
+                    ),
+                );
+            }
             return (
                 "timeout",
                 format!("call exceeded its CPU deadline ({cpu:?})"),
@@ -1520,6 +1533,32 @@ mod tests {
         assert_eq!(
             describe(&e, Duration::from_millis(5)).1,
             "trap: wasm `unreachable` instruction executed"
+        );
+    }
+
+    #[test]
+    fn a_timeout_says_which_bound_stopped_the_call() {
+        let interrupt: wasmtime::Error = Trap::Interrupt.into();
+        let cpu = Duration::from_millis(5);
+        super::super::engine::arm_for_test();
+        assert_eq!(
+            describe(&interrupt, cpu),
+            (
+                "timeout",
+                "call exceeded its CPU deadline (5ms)".to_string()
+            )
+        );
+        // Stopped by the wall-time backstop (a call that waited, a thread
+        // kept off a core): not "CPU deadline", which it did not reach.
+        super::super::engine::wall_bound_hit();
+        assert_eq!(
+            describe(&interrupt, cpu),
+            (
+                "timeout",
+                "call exceeded its wall-clock bound (50ms, 10x its CPU deadline of 5ms): it \
+                 waited, or its thread did not get a core"
+                    .to_string()
+            )
         );
     }
 

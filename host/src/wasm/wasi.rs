@@ -85,6 +85,7 @@ pub fn poll_inline<F: Future>(f: F) -> Option<F::Output> {
             return Some(v);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
+            engine::wall_bound_hit();
             return None;
         }
     }
