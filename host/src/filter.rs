@@ -713,6 +713,13 @@ pub struct ExchangeData {
     /// no part of the exchange is held for it, the heads went on as the
     /// filters left them, and writes to them go nowhere.
     pub idle: bool,
+    /// The values proxy-wasm filters set with `proxy_set_property` (Envoy's
+    /// filter state, keys `wasm.<path>`): the exchange's (a TCP connection's
+    /// for network filters), so every proxy-wasm filter of the chain — other
+    /// plugins, other VMs — reads what an earlier one set, until the exchange
+    /// ends (its `on_log` included). Capped per exchange
+    /// ([`crate::wasm::proxy_wasm::properties::MAX_PROPS`]).
+    pub wasm_props: crate::wasm::proxy_wasm::properties::Props,
     /// Where the client's `host` header is. It stays in `request_headers` until
     /// something reaches the head through [`ExchangeData::request_headers`]:
     /// moving it out and back costs two header-map operations (~0.4k
@@ -846,6 +853,7 @@ impl Exchange {
             hold_stream: false,
             reset: false,
             idle: false,
+            wasm_props: Default::default(),
             host: ClientHost::InHead,
             table,
             routing: Routing::default(),
@@ -888,6 +896,7 @@ impl Exchange {
             hold_stream: false,
             reset: false,
             idle: false,
+            wasm_props: Default::default(),
             host: ClientHost::Taken(None),
             table: None,
             routing: Routing::default(),

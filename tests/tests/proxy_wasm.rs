@@ -303,6 +303,64 @@ each_proto!(
         assert_eq!(h("x-p-clock-ok"), "true");
         assert_eq!(h("x-p-set-prop"), "stored");
         assert_eq!(h("x-p-code"), "200");
+        // A value set under a built-in name does not hide it (Envoy reads
+        // its attributes first).
+        assert_eq!(h("x-p-shadowed-method"), "GET");
+        // The request header map holds the pseudo-headers, as Envoy's.
+        assert_eq!(h("x-p-h-authority"), addr.to_string());
+        assert_eq!(h("x-p-h-path"), "/p/q?x=1");
+        assert_eq!(h("x-p-h-method"), "GET");
+        assert_eq!(h("x-p-h-scheme"), "http");
+        let keys = h("x-p-h-keys");
+        assert!(
+            keys.starts_with(":authority,:path,:method,:scheme,") && keys.contains(",x-probe"),
+            "{keys}"
+        );
+        // And the response's `:status`.
+        assert_eq!(h("x-p-h-status"), "200");
+    }
+);
+
+each_proto!(
+    /// `proxy_set_property` writes the stream's filter state (Envoy's
+    /// `wasm.<path>` keys), not the calling VM's: a later filter of the same
+    /// exchange — another plugin with a VM of its own — reads the value in
+    /// its callbacks and `on_log`, also as `filter_state.wasm.<path>`; the
+    /// next exchange starts without it.
+    async fn a_property_set_by_one_plugin_is_read_by_the_next(proto) {
+        let up = upstream().start().await;
+        let vm = |name: &str, tag: &str| {
+            plugin(name, &format!("{{ mode: filter-state, tag: {tag} }}"), "").replace(
+                "    proxy_wasm:\n",
+                &format!("    proxy_wasm:\n      vm_id: vm_{tag}\n"),
+            )
+        };
+        let plugins = vm("writer", "writer") + &vm("reader", "reader");
+        let lg = legate()
+            .config(&config(up.addr, &plugins, &["writer", "reader"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").header("x-fs-write", "peer-a").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-fs-req"), Some("peer-a"));
+        assert_eq!(r.header("x-fs-state"), Some("peer-a"));
+        assert_eq!(r.header("x-fs-resp"), Some("peer-a"));
+        lg.assert_stat(
+            r#"legate_proxywasm_pw_fs_logged_peer_a{plugin="reader"}"#,
+            1.0,
+        )
+        .await;
+        // Another exchange (on the same connection) does not see it.
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-fs-req"), Some("<none>"));
+        assert_eq!(r.header("x-fs-state"), Some("<none>"));
+        assert_eq!(r.header("x-fs-resp"), Some("<none>"));
+        lg.assert_stat(
+            r#"legate_proxywasm_pw_fs_logged_none{plugin="reader"}"#,
+            1.0,
+        )
+        .await;
     }
 );
 

@@ -10,6 +10,17 @@
 //!   with a bad `:path` (statuses and values after it in `x-pw-set-all-bad`), then
 //!   with `:path /replaced`, `x-pw-set-all: good` and `x-keep: kept`.
 //! - `properties`: the response carries properties read in each phase as headers.
+//!   The request headers callback also sets `request.method` to `SHADOW` (a
+//!   built-in name: reads still give the method, as Envoy's) and reads the
+//!   request header map's pseudo-headers (`request.headers.:authority`, ...).
+//! - `filter-state` (Envoy's filter state shared by a stream's filters; the
+//!   config's `tag` is the role): a `writer` sets property `pw_peer` to
+//!   request header `x-fs-write` when there is one (`set_property`, in the
+//!   request headers callback); a `reader` answers what it reads of `pw_peer`
+//!   as `x-fs-req` (request headers callback), `x-fs-state` (the same through
+//!   `filter_state.wasm.pw_peer`) and `x-fs-resp` (response headers callback),
+//!   and `on_log` counts metric `pw_fs_logged_<value>` (`none` for
+//!   `NOT_FOUND`).
 //! - `counter`: shared data counter (CAS) and a metric, both incremented per request
 //!   and echoed as response headers; ticks every `tick_ms` log and count. Each
 //!   request also records 2 on counter `pw_recorded` and 7 and 2000 on
@@ -677,6 +688,9 @@ impl RootContext for Root {
                 hostcalls::define_metric(MetricType::Counter, "pw_tick_acted").unwrap_or(0);
             let ms = v["tick_ms"].as_u64().unwrap_or(20);
             self.set_tick_period(Duration::from_millis(ms));
+        }
+        if self.s.mode == "filter-state" {
+            self.s.tag = v["tag"].as_str().unwrap_or("none").to_string();
         }
         if self.s.mode == "share" {
             self.s.tag = v["tag"].as_str().unwrap_or("none").to_string();
@@ -1594,6 +1608,30 @@ fn prop(c: &dyn Context, path: &[&str]) -> String {
     }
 }
 
+/// The keys of a map in the pairs format, joined with `,`.
+fn pair_keys(b: &[u8]) -> String {
+    let word = |i: usize| -> Option<usize> {
+        let w: [u8; 4] = b.get(i..i + 4)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(w)).ok()
+    };
+    let Some(n) = word(0) else {
+        return String::new();
+    };
+    let mut at = 4 + 8 * n;
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let (Some(kl), Some(vl)) = (word(4 + 8 * i), word(8 + 8 * i)) else {
+            break;
+        };
+        let Some(k) = b.get(at..at + kl) else {
+            break;
+        };
+        keys.push(String::from_utf8_lossy(k).into_owned());
+        at += kl + 1 + vl + 1;
+    }
+    keys.join(",")
+}
+
 #[link(wasm_import_module = "env")]
 extern "C" {
     fn proxy_get_header_map_value(
@@ -1799,6 +1837,36 @@ impl HttpContext for Filter {
                 self.set_property(vec!["my", "prop"], Some(b"stored"));
                 let back = prop(self, &["my", "prop"]);
                 self.seen.push(("x-p-set-prop".into(), back));
+                // A built-in name: stored, but reads give the built-in.
+                self.set_property(vec!["request", "method"], Some(b"SHADOW"));
+                let method = prop(self, &["request", "method"]);
+                self.seen.push(("x-p-shadowed-method".into(), method));
+                for (name, key) in [
+                    ("x-p-h-authority", ":authority"),
+                    ("x-p-h-path", ":path"),
+                    ("x-p-h-method", ":method"),
+                    ("x-p-h-scheme", ":scheme"),
+                ] {
+                    let v = prop(self, &["request", "headers", key]);
+                    self.seen.push((name.into(), v));
+                }
+                let all = self
+                    .get_property(vec!["request", "headers"])
+                    .map(|b| pair_keys(&b))
+                    .unwrap_or_default();
+                self.seen.push(("x-p-h-keys".into(), all));
+            }
+            "filter-state" => {
+                if self.s.tag == "writer" {
+                    if let Some(v) = self.get_http_request_header("x-fs-write") {
+                        self.set_property(vec!["pw_peer"], Some(v.as_bytes()));
+                    }
+                } else {
+                    let v = prop(self, &["pw_peer"]);
+                    self.seen.push(("x-fs-req".into(), v));
+                    let v = prop(self, &["filter_state", "wasm.pw_peer"]);
+                    self.seen.push(("x-fs-state".into(), v));
+                }
             }
             "share" => {
                 let tag = self.s.tag.clone();
@@ -2692,7 +2760,13 @@ impl HttpContext for Filter {
             .collect();
             self.add_http_response_header("x-pw-request-later", &later.join("|"));
         }
+        if self.s.mode == "filter-state" && self.s.tag == "reader" {
+            let v = prop(self, &["pw_peer"]);
+            self.seen.push(("x-fs-resp".into(), v));
+        }
         if self.s.mode == "properties" {
+            let status = prop(self, &["response", "headers", ":status"]);
+            self.seen.push(("x-p-h-status".into(), status));
             let code = prop(self, &["response", "code"]);
             self.seen.push(("x-p-code".into(), code));
             let details = prop(self, &["response", "code_details"]);
@@ -2711,6 +2785,17 @@ impl HttpContext for Filter {
         proxy_wasm::hostcalls::log(LogLevel::Info, &format!("on_log {}", self.id)).ok();
         if self.s.mode == "late-call" && self.calls > 0 {
             hostcalls::increment_metric(self.s.late_metrics[1], 1).ok();
+        }
+        if self.s.mode == "filter-state" && self.s.tag == "reader" {
+            let v = self
+                .get_property(vec!["pw_peer"])
+                .map_or("none".to_string(), |b| {
+                    String::from_utf8_lossy(&b).into_owned()
+                });
+            let name = format!("pw_fs_logged_{v}");
+            if let Ok(m) = hostcalls::define_metric(MetricType::Counter, &name) {
+                hostcalls::increment_metric(m, 1).ok();
+            }
         }
         if self.s.mode.starts_with("stream-")
             || matches!(self.s.mode.as_str(), "close" | "late-call" | "logger")

@@ -5,7 +5,8 @@
 //! - [`imports`]: every `env` host function and the WASI preview1 subset.
 //! - [`state`]: a VM's store data and what a plugin's VMs share (metrics).
 //! - [`headers`]: header maps with pseudo-headers over the exchange.
-//! - [`properties`]: Envoy's attributes (`request.path`, `plugin_name`, ...).
+//! - [`properties`]: Envoy's attributes (`request.path`, `plugin_name`, ...) and
+//!   the filter state `proxy_set_property` writes, kept on the exchange.
 //! - [`shared`]: shared data with CAS and shared queues, per `vm_id`.
 //! - [`grpc`]: gRPC over callouts: unary calls' framing and statuses, streams.
 //! - [`filter`]: [`ProxyWasmFilter`], the per-worker VMs and the context lifecycle.

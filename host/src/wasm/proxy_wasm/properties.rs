@@ -1,18 +1,30 @@
 //! `proxy_get_property` / `proxy_set_property`: Envoy's attribute names and value
 //! encodings (strings raw, integers 8-byte little-endian, timestamps int64 ns,
 //! booleans one byte, maps in the pairs format; a path segment after a map picks
-//! one key, e.g. `request.headers.x-foo`).
+//! one key, e.g. `request.headers.x-foo`; the request header map holds the
+//! pseudo-headers, as Envoy's does).
 //!
-//! Properties the guest sets are kept per context (stream) and read back before
-//! the built-in ones, as Envoy's filter state is ([`Props`]: capped per
-//! context, so concurrent exchanges never crowd each other out).
+//! Values the guest sets are Envoy's filter state (key `wasm.<path>`): kept on
+//! the [`Exchange`] ([`ExchangeData::wasm_props`]), not in the VM, so every
+//! proxy-wasm filter of the chain — another plugin, another VM — reads what an
+//! earlier one set (Istio's metadata exchange → stats pattern), for the
+//! exchange's life (a TCP connection's for network filters), `on_log`
+//! included. [`Props`] caps them per exchange. As in Envoy, the built-in
+//! attributes come first: a set value under a built-in name (`request`, ...)
+//! is stored but reads give the built-in; `filter_state.wasm.<path>` reads a
+//! set value too. A context called without its exchange (a root context; an
+//! HTTP or TCP context made effective by another callback) keeps what it sets
+//! in its VM, for itself, until its next property call with its exchange
+//! moves it there.
+//!
+//! [`ExchangeData::wasm_props`]: crate::filter::ExchangeData::wasm_props
 
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::Version;
 
-use super::abi::{serialize_pairs, status};
+use super::abi::{serialize_pairs, status, Pairs};
 use super::state::PwState;
 use crate::filter::Exchange;
 
@@ -36,22 +48,23 @@ fn protocol(v: Version) -> &'static str {
     }
 }
 
-fn header_pairs(h: &http::HeaderMap) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn header_pairs(h: &http::HeaderMap) -> Pairs {
     h.iter()
         .map(|(k, v)| (k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()))
         .collect()
 }
 
-/// A header map value: the whole map, or one key of it.
-fn map_value(h: &http::HeaderMap, rest: &[&[u8]]) -> Option<Vec<u8>> {
+/// A header map value: the whole map, or one key of it (repeated fields
+/// joined with `,`).
+fn map_value(h: &Pairs, rest: &[&[u8]]) -> Option<Vec<u8>> {
     match rest {
-        [] => Some(serialize_pairs(&header_pairs(h))),
+        [] => Some(serialize_pairs(h)),
         [key] => {
-            let key = std::str::from_utf8(key).ok()?.to_ascii_lowercase();
+            let key = key.to_ascii_lowercase();
             let vals: Vec<&[u8]> = h
-                .get_all(key.as_str())
                 .iter()
-                .map(|v| v.as_bytes())
+                .filter(|(k, _)| *k == key)
+                .map(|(_, v)| v.as_slice())
                 .collect();
             (!vals.is_empty()).then(|| vals.join(&b","[..]))
         }
@@ -59,13 +72,30 @@ fn map_value(h: &http::HeaderMap, rest: &[&[u8]]) -> Option<Vec<u8>> {
     }
 }
 
+/// The request header map as Envoy's: the pseudo-headers (`:authority`,
+/// `:path`, `:method`, `:scheme`) first, then the fields, as
+/// `proxy_get_header_map_pairs` gives them.
+fn request_pairs(x: &mut Exchange) -> Pairs {
+    let scheme: &[u8] = if x.https { b"https" } else { b"http" };
+    let mut out: Pairs = vec![
+        (b":authority".to_vec(), x.authority.as_bytes().to_vec()),
+        (b":path".to_vec(), x.path.as_bytes().to_vec()),
+        (b":method".to_vec(), x.method.as_str().as_bytes().to_vec()),
+        (b":scheme".to_vec(), scheme.to_vec()),
+    ];
+    out.extend(header_pairs(x.request_headers()));
+    out
+}
+
 fn request(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
     if attr == b"headers" {
-        let mut h = x.request_headers().clone();
-        if let Ok(v) = http::HeaderValue::from_str(&x.authority) {
-            h.insert(http::header::HOST, v);
+        // `host` (the client's, now `:authority`) is answered alone too.
+        if let [key] = rest {
+            if key.eq_ignore_ascii_case(b"host") {
+                return Some(x.authority.as_bytes().to_vec());
+            }
         }
-        return map_value(&h, rest);
+        return map_value(&request_pairs(x), rest);
     }
     if !rest.is_empty() {
         return None;
@@ -103,7 +133,11 @@ fn request(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
 /// headers and size need the response head.
 fn response(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
     if attr == b"headers" {
-        return map_value(x.response_headers.as_deref()?, rest);
+        // With `:status`, as Envoy's response header map.
+        let status = x.status?;
+        let mut h: Pairs = vec![(b":status".to_vec(), status.as_str().as_bytes().to_vec())];
+        h.extend(header_pairs(x.response_headers.as_deref()?));
+        return map_value(&h, rest);
     }
     if !rest.is_empty() {
         return None;
@@ -163,17 +197,46 @@ fn exchange_property(x: &mut Exchange, path: &[&[u8]]) -> Option<Vec<u8>> {
     }
 }
 
-/// Most properties one context may set.
+/// Most properties one exchange (or one context without its exchange) may
+/// hold, all its proxy-wasm filters together.
 pub const MAX_PROPS: usize = 64;
-/// Most bytes of paths and values one context may hold.
+/// Most bytes of paths and values one exchange may hold.
 pub const MAX_PROPS_BYTES: usize = 1 << 20;
 /// The longest path and value `proxy_set_property` takes.
 const MAX_PATH: usize = 1024;
 const MAX_VALUE: usize = 64 << 10;
 
-/// The properties one context set: host memory outside the plugin's cap, so
-/// bounded per context ([`MAX_PROPS`], [`MAX_PROPS_BYTES`]) and dropped with it.
-#[derive(Default)]
+/// The first segments Envoy answers itself (its attributes and the Wasm
+/// ones): a value set under one of them is never what a read returns.
+const BUILT_IN: [&[u8]; 22] = [
+    b"request",
+    b"response",
+    b"connection",
+    b"upstream",
+    b"source",
+    b"destination",
+    b"metadata",
+    b"filter_state",
+    b"upstream_filter_state",
+    b"xds",
+    b"node",
+    b"cluster_name",
+    b"cluster_metadata",
+    b"route_name",
+    b"route_metadata",
+    b"listener_direction",
+    b"listener_metadata",
+    b"upstream_host_metadata",
+    b"plugin_name",
+    b"plugin_root_id",
+    b"plugin_vm_id",
+    b"connection_id",
+];
+
+/// The values set with `proxy_set_property` on one exchange (Envoy's filter
+/// state): host memory outside the plugins' caps, so bounded per exchange
+/// ([`MAX_PROPS`], [`MAX_PROPS_BYTES`]) and dropped with it.
+#[derive(Default, Debug)]
 pub struct Props {
     values: HashMap<Vec<u8>, Vec<u8>>,
     /// Bytes of the paths and values in `values`.
@@ -181,8 +244,8 @@ pub struct Props {
 }
 
 impl Props {
-    /// Sets `path`; replacing a value counts it once, so a context at the
-    /// caps can always update what it set (unless the new value is larger
+    /// Sets `path`; replacing a value counts it once, so an exchange at the
+    /// caps can always update what is set (unless the new value is larger
     /// than the room left).
     fn set(&mut self, path: &[u8], value: &[u8], caps: (usize, usize)) -> Result<(), i32> {
         if path.is_empty() || path.len() > MAX_PATH || value.len() > MAX_VALUE {
@@ -199,35 +262,74 @@ impl Props {
     }
 }
 
+/// Whether the effective context's exchange is the one in the store.
+fn live(s: &PwState) -> bool {
+    s.x_context != 0 && s.effective == s.x_context
+}
+
+/// Moves to the exchange in the store what its context set while called
+/// without it (past the exchange's caps, dropped as a set would fail).
+fn adopt(s: &mut PwState) {
+    if s.props.is_empty() || !live(s) {
+        return;
+    }
+    if let Some(own) = s.props.remove(&s.x_context) {
+        for (k, v) in own.values {
+            let _ = s.x.wasm_props.set(&k, &v, (MAX_PROPS, MAX_PROPS_BYTES));
+        }
+    }
+}
+
+/// The value set at `path` that the effective context sees: its exchange's
+/// when the exchange is in the store, else its own in the VM.
+fn stored(s: &mut PwState, path: &[u8]) -> Option<Vec<u8>> {
+    adopt(s);
+    let p = if live(s) {
+        &s.x.wasm_props
+    } else {
+        s.props.get(&s.effective)?
+    };
+    p.values.get(path).cloned()
+}
+
 /// The value of property `path` (segments joined by NUL) as seen by the effective
 /// context, or the status to return.
 pub fn get(s: &mut PwState, path: &[u8]) -> Result<Vec<u8>, i32> {
-    if let Some(v) = s.props.get(&s.effective).and_then(|p| p.values.get(path)) {
-        return Ok(v.clone());
+    // (A trailing NUL, as some SDKs send, ends the last segment.)
+    let path = path.strip_suffix(&[0]).unwrap_or(path);
+    let segs: Vec<&[u8]> = path.split(|b| *b == 0).collect();
+    let first = segs.first().copied().unwrap_or_default();
+    if !BUILT_IN.contains(&first) {
+        // A set value, by its whole path.
+        return stored(s, path).ok_or(status::NOT_FOUND);
     }
-    let segs: Vec<&[u8]> = path
-        .strip_suffix(&[0])
-        .unwrap_or(path)
-        .split(|b| *b == 0)
-        .collect();
     let meta = s.meta.clone();
     let v = match segs.as_slice() {
         [b"plugin_name"] => Some(meta.name.as_bytes().to_vec()),
         [b"plugin_root_id"] => Some(meta.root_id.as_bytes().to_vec()),
         [b"plugin_vm_id"] => Some(meta.vm_id.as_bytes().to_vec()),
+        // Envoy's filter state by key: the values set are `wasm.<path>`.
+        [b"filter_state", key] => key.strip_prefix(b"wasm.").and_then(|k| stored(s, k)),
         other => s.exchange().and_then(|x| exchange_property(x, other)),
     };
     v.ok_or(status::NOT_FOUND)
 }
 
-/// Stores a guest property for the effective context (the built-in attributes are
-/// read-only: setting one stores a shadow the guest reads back, as in Envoy's
-/// filter state).
+/// Stores a value set by the guest (Envoy's filter state): on the effective
+/// context's exchange, else for that context in the VM. A path under a
+/// built-in name is stored too (readable as `filter_state.wasm.<path>`), as
+/// Envoy stores it; reads of the built-in are unaffected.
 pub fn set(s: &mut PwState, path: &[u8], value: &[u8]) -> Result<(), i32> {
+    let path = path.strip_suffix(&[0]).unwrap_or(path);
+    adopt(s);
+    let caps = (MAX_PROPS, MAX_PROPS_BYTES);
+    if live(s) {
+        return s.x.wasm_props.set(path, value, caps);
+    }
     s.props
         .entry(s.effective)
         .or_default()
-        .set(path, value, (MAX_PROPS, MAX_PROPS_BYTES))
+        .set(path, value, caps)
 }
 
 #[cfg(test)]
@@ -261,10 +363,51 @@ mod tests {
         assert_eq!(p.set(b"", b"x", caps), Err(status::BAD_ARGUMENT));
     }
 
+    /// A VM's store with exchange `x` live for its context `pw`.
+    fn live(x: Exchange, pw: u32) -> PwState {
+        let mut s = PwState::new(super::super::state::tests::meta(), 1 << 20);
+        s.x = x;
+        s.x_context = pw;
+        s.effective = pw;
+        s
+    }
+
+    #[test]
+    fn values_set_are_the_exchanges_and_built_ins_come_first() {
+        let mut x = Exchange::placeholder();
+        x.context = 9;
+        // The writer's VM (its context 2) sets; the reader's (context 5)
+        // reads, once the exchange moved on to it.
+        let mut w = live(x, 2);
+        assert_eq!(set(&mut w, b"peer", b"a"), Ok(()));
+        assert_eq!(set(&mut w, b"request\0method", b"SHADOW"), Ok(()));
+        let x = std::mem::replace(&mut w.x, Exchange::placeholder());
+        let mut r = live(x, 5);
+        assert_eq!(get(&mut r, b"peer"), Ok(b"a".to_vec()));
+        assert_eq!(get(&mut r, b"filter_state\0wasm.peer"), Ok(b"a".to_vec()));
+        assert_eq!(get(&mut r, b"request\0method"), Ok(b"GET".to_vec()));
+        assert_eq!(
+            get(&mut r, b"filter_state\0wasm.request\0method"),
+            Err(status::NOT_FOUND)
+        );
+        // Not in the writer's VM any more.
+        assert_eq!(get(&mut w, b"peer"), Err(status::NOT_FOUND));
+        // A context called without its exchange keeps its own, moved to the
+        // exchange at its next property call with it.
+        r.x_context = 0;
+        assert_eq!(set(&mut r, b"late", b"1"), Ok(()));
+        assert_eq!(get(&mut r, b"late"), Ok(b"1".to_vec()));
+        r.x_context = 5;
+        assert_eq!(get(&mut r, b"late"), Ok(b"1".to_vec()));
+        assert!(r.props.is_empty());
+        assert_eq!(r.x.wasm_props.values.len(), 3);
+    }
+
     #[test]
     fn many_concurrent_contexts_each_set_their_properties() {
-        // 4 properties for each of 400 live contexts: 1600 in the VM, more
-        // than a VM-wide cap of 1024 would let through.
+        // Contexts called without their exchange keep their own: 4
+        // properties for each of 400 of them, 1600 in the VM, more than a
+        // VM-wide cap of 1024 would let through.
         let mut s = PwState::new(super::super::state::tests::meta(), 1 << 20);
         for ctx in 2..402 {
             s.effective = ctx;

@@ -284,8 +284,11 @@ pub struct PwState {
     pub root: u32,
     /// Tick periods, by root context (`proxy_set_tick_period_milliseconds`).
     pub ticks: FxHashMap<u32, Duration>,
-    /// Properties the guest set, by context (capped per context, dropped
-    /// with it).
+    /// Properties set by contexts called without their exchange (root
+    /// contexts; HTTP and TCP contexts made effective by another callback),
+    /// by context: moved to the exchange at the context's next property call
+    /// with it (values set with the exchange are the exchange's,
+    /// `ExchangeData::wasm_props`). Capped per context, dropped with it.
     pub props: FxHashMap<u32, super::properties::Props>,
     /// Queues registered since the host last looked (for `proxy_on_queue_ready`),
     /// with the root context of the plugin that registered each (in a shared
