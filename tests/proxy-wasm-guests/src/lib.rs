@@ -6,7 +6,8 @@
 //! body follows, and expect the body callbacks meanwhile (`body-wait`,
 //! `peek`, `stop-a`, `body-local`'s response, `body-callout`,
 //! `trailers-callout`, `body-stuck-held`, `late-call`'s `/late/held…`,
-//! `tick-resume`'s `/wait/body` and `/wait/response`), are Envoy's
+//! `tick-resume`'s `/wait/body` and `/wait/response`, `grpc-stream`'s
+//! `/await-body`), are Envoy's
 //! `StopIteration`: their plugins set `allow_on_headers_stop_iteration`
 //! (without it, as in Envoy, the whole message waits for the filter to
 //! resume and no body callback comes before).
@@ -171,7 +172,8 @@
 //!   `Count` replies 50 ms apart and resumes after the last with
 //!   `x-pw-stream-seen: 1,2,…`; with `/resume-on-close` it resumes in the
 //!   close callback with `x-pw-stream-close: <status>`; with `/never` it
-//!   never resumes. `/await-body` keeps a `Chat` stream open while the body
+//!   never resumes. `/await-body` (with `allow_on_headers_stop_iteration`)
+//!   keeps a `Chat` stream open while the body
 //!   is buffered, sends the body on it from the body callback and pauses; the
 //!   reply `<text>` makes the body `stream:<text>`. `/await-late` pauses on a
 //!   unary `Say` call whose callback opens the stream (`late`) that resumes;
