@@ -12,8 +12,14 @@ use std::net::SocketAddr;
 use legate_tests::proxy_wasm::proxy_wasm_guest;
 use legate_tests::*;
 
+/// Modes whose headers callbacks return `Pause` with no call out and then
+/// expect the body callbacks (Envoy's `StopIteration`): their plugins get
+/// `allow_on_headers_stop_iteration` (tests/proxy-wasm-guests).
+const STOP_ITERATION_MODES: &[&str] = &["body-wait", "peek", "stop-a", "body-local", "late-call"];
+
 /// One plugin entry (indented for `plugins:`) running the guest with
-/// `plugin_config` (YAML) and extra keys.
+/// `plugin_config` (YAML) and extra keys; with
+/// `allow_on_headers_stop_iteration` for [`STOP_ITERATION_MODES`].
 fn plugin(name: &str, plugin_config: &str, extra: &str) -> String {
     // A generous deadline for well-behaved guests, so a busy test machine never
     // trips it; the deadline tests set their own.
@@ -22,8 +28,18 @@ fn plugin(name: &str, plugin_config: &str, extra: &str) -> String {
     } else {
         "    limits: { cpu: 500ms }\n"
     };
+    let mode = plugin_config
+        .split("mode: ")
+        .nth(1)
+        .and_then(|m| m.split([' ', ',', '}']).next())
+        .unwrap_or_default();
+    let stop = if STOP_ITERATION_MODES.contains(&mode) {
+        "      allow_on_headers_stop_iteration: true\n"
+    } else {
+        ""
+    };
     format!(
-        "  - name: {name}\n    module: {}\n{limits}{extra}    proxy_wasm:\n      plugin_config: {plugin_config}\n",
+        "  - name: {name}\n    module: {}\n{limits}{extra}    proxy_wasm:\n      plugin_config: {plugin_config}\n{stop}",
         proxy_wasm_guest().display()
     )
 }
@@ -772,6 +788,101 @@ each_proto!(
             assert_eq!(r.status, 200, "{}", r.text());
         }
         lg.assert_stat(r#"legate_proxywasm_pw_dequeued{plugin="burst"}"#, 6.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// A queue consumer (a root context that registers its queue in
+    /// `on_configure`) on a listener that never gets traffic still gets
+    /// `proxy_on_queue_ready`: its VM starts on every worker with the config,
+    /// as Envoy starts every worker's VM (it used to wait for the first
+    /// exchange of its own plugin, so nothing was ever dequeued). The
+    /// producer, on listener `web`, enqueues to the consumer's VM's queue.
+    async fn a_queue_consumer_without_traffic_gets_its_items(proto) {
+        let up = upstream().start().await;
+        let sink = format!("sink-{proto:?}");
+        let producer = plugin(
+            "producer",
+            &format!("{{ mode: queue, target_vm: {sink} }}"),
+            "",
+        )
+        .replace(
+            "    proxy_wasm:\n",
+            &format!("    proxy_wasm:\n      vm_id: source-{proto:?}\n"),
+        );
+        let consumer = plugin("consumer", "{ mode: queue }", "").replace(
+            "    proxy_wasm:\n",
+            &format!("    proxy_wasm:\n      vm_id: {sink}\n"),
+        );
+        let cfg = config(up.addr, &(producer + &consumer), &["producer"]).replace(
+            "routes:\n  - name: main\n",
+            "  - name: idle\n    address: 127.0.0.1:0\n    http:\n      routes: main\n      \
+             filters: [{ plugin: consumer }]\nroutes:\n  - name: main\n",
+        );
+        let lg = legate().concurrency(2).config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for i in 0..3 {
+            let r = c.get(&format!("/event/{i}")).send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.header("x-pw-resolved"), Some("false"));
+        }
+        let dequeued = r#"legate_proxywasm_pw_dequeued{plugin="consumer"}"#;
+        eventually(HANG_GUARD, "the idle consumer dequeued the 3 items", || async {
+            (lg.stat(dequeued).await == Some(3.0)).then_some(())
+        })
+        .await;
+        lg.assert_stat(r#"legate_proxywasm_pw_dequeued{plugin="producer"}"#, 0.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// A new tick period takes effect at once, as Envoy's `setTickPeriod`
+    /// re-arms the timer: a root context ticking every 60 s that a request
+    /// sets to 100 ms ticks soon after (it used to wait out the 60 s first);
+    /// a period of 0 stops the ticks.
+    async fn a_changed_tick_period_takes_effect_at_once(proto) {
+        let up = upstream().start().await;
+        let p = plugin("clock", "{ mode: tick-change, tick_ms: 60000 }", "");
+        let lg = legate().config(&config(up.addr, &p, &["clock"])).start();
+        let ticks = r#"legate_proxywasm_pw_changed_ticks{plugin="clock"}"#;
+        // One connection: both requests reach the same worker's VM.
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/tick/100").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-tick-set"), Some("Ok(())"));
+        // Well before the old period's 60 s.
+        eventually(HANG_GUARD, "a tick at the new period", || async {
+            (lg.stat(ticks).await.unwrap_or(0.0) >= 2.0).then_some(())
+        })
+        .await;
+        let r = c.get("/tick/0").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let stopped = lg.stat(ticks).await.unwrap_or(0.0);
+        // Ten periods of 100 ms: none comes.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert_eq!(lg.stat(ticks).await.unwrap_or(0.0), stopped);
+    }
+);
+
+each_proto!(
+    /// An HTTP context ends as in Envoy: `proxy_on_log` (the stream is
+    /// logged), then `proxy_on_done` and `proxy_on_delete` (its filters are
+    /// destroyed); it used to be done before log. (A TCP context keeps
+    /// Envoy's done, log, delete.)
+    async fn on_log_comes_before_on_done(proto) {
+        let up = upstream().start().await;
+        let p = plugin("order", "{ mode: order }", "");
+        let lg = legate().config(&config(up.addr, &p, &["order"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..2 {
+            let r = c.get("/").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        lg.assert_stat(r#"legate_proxywasm_pw_log_before_done{plugin="order"}"#, 2.0)
+            .await;
+        lg.assert_stat(r#"legate_proxywasm_pw_log_after_done{plugin="order"}"#, 0.0)
             .await;
     }
 );
@@ -1707,6 +1818,31 @@ each_proto!(
         lg.assert_stat(r#"legate_plugin_callouts_total{plugin="caller"}"#, 0.0)
             .await;
         assert_eq!(az.requests.get(), 0);
+    }
+);
+
+each_proto!(
+    /// A call without `:authority` is refused with BAD_ARGUMENT, as Envoy's
+    /// `httpCall` refuses one without `:method`, `:path` or `:authority` (a
+    /// `host` pair is no substitute): nothing is sent (it used to go with the
+    /// `host` pair as its authority).
+    async fn http_call_needs_an_authority(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let lg = legate()
+            .config(&with_authz(up.addr, az.addr, &caller("{ mode: callout }"), &["caller"]))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/no-authority").send().await;
+        assert_eq!(r.status, 500, "{}", r.text());
+        assert_eq!(r.header("x-pw-call-error"), Some("BadArgument"));
+        lg.assert_stat(r#"legate_plugin_callouts_total{plugin="caller"}"#, 0.0)
+            .await;
+        assert_eq!(az.requests.get(), 0);
+        // The same call with its `:authority` goes.
+        let r = c.get("/hello").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(az.requests.get(), 1);
     }
 );
 

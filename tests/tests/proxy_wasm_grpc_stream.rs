@@ -99,6 +99,22 @@ async fn setup_with(
     (up, grpc, lg, c)
 }
 
+/// [`setup`] with `allow_on_headers_stop_iteration` (Envoy's `StopIteration`:
+/// a headers `Pause` holds only the head while the body callbacks go on).
+async fn setup_stop_iteration(
+    proto: Proto,
+) -> (UpstreamHandle, GrpcUpstreamHandle, LegateHandle, Client) {
+    let up = upstream().start().await;
+    let grpc = legate_tests::grpc::grpc_upstream().start().await;
+    let cfg = config(up.addr, grpc.addr, closed_port_addr()).replace(
+        "    proxy_wasm:\n",
+        "    proxy_wasm:\n      allow_on_headers_stop_iteration: true\n",
+    );
+    let lg = legate().config(&cfg).start();
+    let c = client(proto, lg.addr("web")).await;
+    (up, grpc, lg, c)
+}
+
 /// The plugin still serves: a request paused on its stream is resumed by
 /// the reply (a VM that failed or trapped would not do this).
 async fn assert_still_serves(c: &mut Client) {
@@ -443,13 +459,15 @@ each_proto!(
 );
 
 each_proto!(
-    /// A headers `Pause` with a stream open and a body to come still waits for
-    /// the whole body (Envoy's buffering, as without a stream); the body
-    /// callback sends it on the stream and pauses at the end of the body, and
-    /// the reply, delivered with the held body writable, rewrites and
-    /// resumes it.
+    /// With `allow_on_headers_stop_iteration` (Envoy's `StopIteration`), a
+    /// headers `Pause` with a stream open and a body to come still waits for
+    /// the whole body (as without a stream); the body callback sends it on
+    /// the stream and pauses at the end of the body, and the reply, delivered
+    /// with the held body writable, rewrites and resumes it. (By default, as
+    /// in Envoy, the body waits for a resume: the stream's reply would have
+    /// to resume the headers first.)
     async fn a_stream_open_at_a_headers_pause_still_lets_the_body_buffer(proto) {
-        let (_up, _grpc, lg, mut c) = setup(proto).await;
+        let (_up, _grpc, lg, mut c) = setup_stop_iteration(proto).await;
         let r = tokio::time::timeout(
             Duration::from_secs(10),
             c.post("/await-body").body("ping").send(),

@@ -41,6 +41,12 @@ fn config_with(
     mode: &str,
     limits: &str,
 ) -> String {
+    // Modes whose headers callbacks pause for the body they then get:
+    // Envoy's `StopIteration`, only with `allow_on_headers_stop_iteration`.
+    let stop_iteration = matches!(
+        mode,
+        "body-callout" | "trailers-callout" | "body-stuck-held"
+    );
     format!(
         "version: 1
 listeners:
@@ -76,6 +82,7 @@ plugins:
     capabilities: {{ clusters: [authz, grpc] }}
     proxy_wasm:
       plugin_config: {{ mode: {mode} }}
+      allow_on_headers_stop_iteration: {stop_iteration}
 ",
         proxy_wasm_guest().display()
     )
@@ -763,8 +770,22 @@ each_proto!(
 /// Listener `web` running plugin `waiter` (mode `tick-resume`: its root
 /// context ticks every 20 ms and resumes, answers or resets the contexts
 /// waiting for it) in front of `up`, with the plugin's `limits` (a flow map)
-/// and `extra` lines (e.g. `fail: open`).
+/// and `extra` lines (e.g. `fail: open`); with
+/// `allow_on_headers_stop_iteration` (`/wait/body` and `/wait/response` get
+/// their body callbacks while their heads wait).
 fn tick_config(up: SocketAddr, limits: &str, extra: &str) -> String {
+    tick_config_with(up, limits, extra, true, 20)
+}
+
+/// [`tick_config`] with `allow_on_headers_stop_iteration` set to
+/// `stop_iteration` and the tick every `tick_ms`.
+fn tick_config_with(
+    up: SocketAddr,
+    limits: &str,
+    extra: &str,
+    stop_iteration: bool,
+    tick_ms: u64,
+) -> String {
     format!(
         "version: 1
 listeners:
@@ -791,7 +812,8 @@ plugins:
     module: {}
     limits: {limits}
 {extra}    proxy_wasm:
-      plugin_config: {{ mode: tick-resume, tick_ms: 20 }}
+      plugin_config: {{ mode: tick-resume, tick_ms: {tick_ms} }}
+      allow_on_headers_stop_iteration: {stop_iteration}
 ",
         proxy_wasm_guest().display()
     )
@@ -803,6 +825,77 @@ const WAITER_FAILURES: &str = r#"legate_plugin_failures_total{plugin="waiter"}"#
 const TICK_ERRORS: &str = r#"legate_proxywasm_pw_tick_errors{plugin="waiter"}"#;
 /// Contexts the guest's ticks acted on.
 const TICK_ACTED: &str = r#"legate_proxywasm_pw_tick_acted{plugin="waiter"}"#;
+/// Body callbacks of contexts still waiting for the tick.
+const TICK_EARLY_BODY: &str = r#"legate_proxywasm_pw_tick_early_body{plugin="waiter"}"#;
+
+each_proto!(
+    /// Envoy's default (proxy-wasm-cpp-host turns `StopIteration` from a
+    /// headers callback into `StopAllIterationAndWatermark`): a request whose
+    /// headers callback returns `Pause` with nothing outstanding waits, body
+    /// and all, for the filter to resume; no body callback comes before. A
+    /// tick that answers it 429 answers a request with a body too (whole or
+    /// streamed): the upstream never sees it (it used to go upstream with
+    /// the body, the default body callback continuing it). A tick that
+    /// resumes it lets the body go on after it. The same for a response
+    /// whose headers callback waits for the tick.
+    async fn a_headers_pause_holds_the_body_until_the_filter_resumes(proto) {
+        let up = upstream().start().await;
+        // A tick every 100 ms: a body callback before it would be seen.
+        let cfg = tick_config_with(up.addr, "{ cpu: 500ms }", "", false, 100);
+        let lg = legate().config(&cfg).start();
+        let web = lg.addr("web");
+
+        let r = tokio::time::timeout(
+            HANG_GUARD,
+            client(proto, web).await.post("/wait/local").body("payload").send(),
+        )
+        .await
+        .expect("the tick did not answer the request with a body");
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(r.header("x-pw-tick"), Some("local"));
+        let r = tokio::time::timeout(
+            HANG_GUARD,
+            client(proto, web)
+                .await
+                .post("/wait/local/streamed")
+                .streamed_body("pay load", 3)
+                .send(),
+        )
+        .await
+        .expect("the tick did not answer the request with a streamed body");
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(up.requests.get(), 0);
+
+        let r = tokio::time::timeout(
+            HANG_GUARD,
+            client(proto, web)
+                .await
+                .post("/wait/resume")
+                .streamed_body("resumed body", 4)
+                .send(),
+        )
+        .await
+        .expect("the tick did not resume the request with a body");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().body, "resumed body");
+
+        let r = tokio::time::timeout(
+            HANG_GUARD,
+            client(proto, web).await.get("/wait/held-response").send(),
+        )
+        .await
+        .expect("the tick did not resume the response");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-waited"), Some("held"));
+        assert_eq!(r.echo().path, "/wait/held-response");
+
+        assert_eq!(up.requests.get(), 2);
+        lg.assert_stat(TICK_ACTED, 4.0).await;
+        lg.assert_stat(TICK_EARLY_BODY, 0.0).await;
+        lg.assert_stat(TICK_ERRORS, 0.0).await;
+        lg.assert_stat(WAITER_FAILURES, 0.0).await;
+    }
+);
 
 each_proto!(
     /// Envoy's deferred resume: the request headers callback (a GET: end of

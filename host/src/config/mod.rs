@@ -128,6 +128,13 @@ pub struct ProxyWasm {
     /// any other value as JSON text. Give this or the plugin's `config`, not both.
     #[serde(default)]
     pub plugin_config: Option<serde_json::Value>,
+    /// Envoy's `allow_on_headers_stop_iteration` (Envoy 1.35+): `Pause` from a
+    /// headers callback holds only the head while the body callbacks go on
+    /// getting each chunk (Envoy's `StopIteration`). Default false, as Envoy:
+    /// the host holds the whole message and calls no body callback until the
+    /// filter resumes (`StopAllIterationAndWatermark`).
+    #[serde(default)]
+    pub allow_on_headers_stop_iteration: bool,
 }
 
 /// A plugin's failure policy.

@@ -424,6 +424,7 @@ fn load_proxy_wasm(
                 fail_open: p.fail == FailPolicy::Open,
                 body_limit: usize::try_from(p.limits.body.value.0).unwrap_or(usize::MAX),
                 pause_limit: pause_limit(p),
+                headers_stop_iteration: pw.allow_on_headers_stop_iteration,
             },
             stats,
             shares,

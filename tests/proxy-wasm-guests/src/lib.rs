@@ -2,6 +2,16 @@
 //! `proxy-wasm` SDK the way Envoy filters are (shaped like the SDK's examples).
 //! The plugin configuration (JSON) picks the behaviour with `"mode"`:
 //!
+//! Modes whose headers callbacks return `Pause` with no call out while a
+//! body follows, and expect the body callbacks meanwhile (`body-wait`,
+//! `peek`, `stop-a`, `body-local`'s response, `body-callout`,
+//! `trailers-callout`, `body-stuck-held`, `late-call`'s `/late/held…`,
+//! `tick-resume`'s `/wait/body` and `/wait/response`, `grpc-stream`'s
+//! `/await-body`), are Envoy's
+//! `StopIteration`: their plugins set `allow_on_headers_stop_iteration`
+//! (without it, as in Envoy, the whole message waits for the filter to
+//! resume and no body callback comes before).
+//!
 //! - `headers`: request gets `x-pw-hello: <config "greeting">`, `x-pw-remove` is
 //!   removed; a request to `/deny` is answered locally with 403; the response gets
 //!   `x-pw-response: 1` and the request's header count, and the response callback
@@ -34,6 +44,8 @@
 //!   context registered; `on_queue_ready` drains it, counting in `pw_dequeued`.
 //!   With `burst: n`, each request enqueues it `n` times in one callback and
 //!   `on_queue_ready` dequeues one item per call (each enqueue owes a call).
+//!   With `target_vm: <vm id>`, requests enqueue to that VM's `pw_events`
+//!   instead (a producer feeding another plugin's consumer).
 //! - `reject`: `on_configure` returns false.
 //! - `close`: resets the stream (`proxy_close_stream`) from the request headers
 //!   callback under `/close-request`, the response headers callback under
@@ -48,7 +60,8 @@
 //!   and resumes, another status is answered locally with that status and body
 //!   (`x-pw-denied: yes`), a failed call (no headers) with 503 `x-pw-call: failed`.
 //!   A dispatch error is answered 500 with `x-pw-call-error: <status>`.
-//!   Under `/owned` the call also asks for `content-length: 5` (no body).
+//!   Under `/owned` the call also asks for `content-length: 5` (no body);
+//!   under `/no-authority` it has `host: authz` and no `:authority`.
 //!   `/panic` panics (the VM traps).
 //! - `tick-callout`: the root context calls `authz` `/tick` on every tick
 //!   (`tick_ms`) and keeps the last body in shared data `pw_tick_body`, which each
@@ -170,7 +183,8 @@
 //!   `Count` replies 50 ms apart and resumes after the last with
 //!   `x-pw-stream-seen: 1,2,…`; with `/resume-on-close` it resumes in the
 //!   close callback with `x-pw-stream-close: <status>`; with `/never` it
-//!   never resumes. `/await-body` keeps a `Chat` stream open while the body
+//!   never resumes. `/await-body` (with `allow_on_headers_stop_iteration`)
+//!   keeps a `Chat` stream open while the body
 //!   is buffered, sends the body on it from the body callback and pauses; the
 //!   reply `<text>` makes the body `stream:<text>`. `/await-late` pauses on a
 //!   unary `Say` call whose callback opens the stream (`late`) that resumes;
@@ -283,7 +297,18 @@
 //!   chunk, and at the end of the body upper-cases it and pauses with
 //!   nothing outstanding; the tick resumes it. A hostcall the tick makes
 //!   that fails counts in metric `pw_tick_errors`; each context a tick
-//!   acted on, in `pw_tick_acted`.
+//!   acted on, in `pw_tick_acted`. `/wait/held-response…` goes upstream and
+//!   its response headers callback sets `x-pw-waited: held` and pauses for
+//!   the tick (which resumes it), body to come or not. A body callback (either
+//!   direction) of a context still waiting for the tick counts in
+//!   `pw_tick_early_body`.
+//! - `tick-change`: the root context ticks every `tick_ms` (default 60000),
+//!   counting in `pw_changed_ticks`; a request to `/tick/<ms>` sets the period
+//!   to `<ms>` (0: stop) from its HTTP context (`set_tick_period`, the root
+//!   context's timer, as in Envoy) and is answered 200 with `x-pw-tick-set:
+//!   <result>`.
+//! - `order`: `on_log` counts in `pw_log_before_done` if `on_done` has not
+//!   been called for its context yet, else in `pw_log_after_done`.
 //!
 //! - `empty` (the mode of a plugin with no plugin configuration: the SDK's
 //!   `get_plugin_configuration` gives `None`, as in Envoy): the response
@@ -347,6 +372,12 @@ struct Settings {
     /// `on_queue_ready` dequeues one item per call.
     burst: u64,
     queue: u32,
+    /// `queue` mode: the `vm_id` whose queue `pw_events` requests enqueue to
+    /// (`target_vm`; default: the plugin's own).
+    target_vm: String,
+    /// `tick-resume`: counter `pw_tick_early_body` (a body callback of a
+    /// context still waiting for the tick).
+    early_metric: u32,
     timeout_ms: u64,
     /// `callout` mode: the cluster called (`cluster`, default `authz`).
     cluster: String,
@@ -651,6 +682,18 @@ impl RootContext for Root {
         self.s.timeout_ms = v["timeout_ms"].as_u64().unwrap_or(1000);
         self.s.cluster = v["cluster"].as_str().unwrap_or("authz").to_string();
         self.s.burst = v["burst"].as_u64().unwrap_or(0);
+        self.s.target_vm = v["target_vm"].as_str().unwrap_or_default().to_string();
+        if self.s.mode == "tick-change" {
+            self.s.ticks_metric =
+                hostcalls::define_metric(MetricType::Counter, "pw_changed_ticks").unwrap_or(0);
+            let ms = v["tick_ms"].as_u64().unwrap_or(60_000);
+            self.set_tick_period(Duration::from_millis(ms));
+        }
+        if self.s.mode == "order" {
+            for n in ["pw_log_before_done", "pw_log_after_done"] {
+                hostcalls::define_metric(MetricType::Counter, n).ok();
+            }
+        }
         self.s.path = v["path"].as_str().unwrap_or("/check").to_string();
         if self.s.mode.starts_with("tcp-") {
             let names = [
@@ -686,6 +729,8 @@ impl RootContext for Root {
                 hostcalls::define_metric(MetricType::Counter, "pw_tick_errors").unwrap_or(0);
             self.s.requests_metric =
                 hostcalls::define_metric(MetricType::Counter, "pw_tick_acted").unwrap_or(0);
+            self.s.early_metric =
+                hostcalls::define_metric(MetricType::Counter, "pw_tick_early_body").unwrap_or(0);
             let ms = v["tick_ms"].as_u64().unwrap_or(20);
             self.set_tick_period(Duration::from_millis(ms));
         }
@@ -720,6 +765,10 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if self.s.mode == "tick-change" {
+            hostcalls::increment_metric(self.s.ticks_metric, 1).ok();
+            return;
+        }
         if self.s.mode == "tick-resume" || self.s.mode == "tcp-tick" {
             let waiting = WAITING.with(|w| std::mem::take(&mut *w.borrow_mut()));
             for (id, what) in waiting {
@@ -804,6 +853,7 @@ impl RootContext for Root {
             calls: 0,
             resp_body_calls: 0,
             trace: String::new(),
+            done: false,
         }))
     }
 
@@ -1160,9 +1210,21 @@ struct Filter {
     /// `stop-b`: the callbacks so far, in order (`h` request headers, `b`
     /// request body, `H` response headers, `B` response body).
     trace: String,
+    /// `order`: `on_done` was called.
+    done: bool,
 }
 
 impl Filter {
+    /// `tick-resume`: a body callback while this context still waits for
+    /// the tick counts in `pw_tick_early_body`.
+    fn count_early_body(&self) {
+        if self.s.mode == "tick-resume"
+            && WAITING.with(|w| w.borrow().iter().any(|(id, _)| *id == self.id))
+        {
+            hostcalls::increment_metric(self.s.early_metric, 1).ok();
+        }
+    }
+
     /// `late-call`, `wrong-resume`: an HTTP call to `authz` at `/check/<what>`.
     fn call_authz(&self, what: &str) -> Result<u32, Status> {
         let path = format!("/check/{what}");
@@ -1335,6 +1397,11 @@ impl Filter {
 }
 
 impl Context for Filter {
+    fn on_done(&mut self) -> bool {
+        self.done = true;
+        true
+    }
+
     fn on_grpc_stream_message(&mut self, token: u32, size: usize) {
         let m = self.get_grpc_stream_message(0, size).unwrap_or_default();
         if self.path.starts_with("/unpaused/") {
@@ -1921,7 +1988,11 @@ impl HttpContext for Filter {
                 ));
             }
             "queue" => {
-                let vm = prop(self, &["plugin_vm_id"]);
+                let vm = if self.s.target_vm.is_empty() {
+                    prop(self, &["plugin_vm_id"])
+                } else {
+                    self.s.target_vm.clone()
+                };
                 let q = self.resolve_shared_queue(&vm, "pw_events");
                 let same = q == Some(self.s.queue);
                 if let Some(q) = q {
@@ -1945,6 +2016,12 @@ impl HttpContext for Filter {
                     // A field the host owns, which Envoy accepts: a length
                     // for a call with no body.
                     headers.push(("content-length", "5"));
+                }
+                if path.starts_with("/no-authority") {
+                    // Envoy's httpCall needs `:authority` (a `host` pair
+                    // is no substitute).
+                    headers.retain(|(k, _)| *k != ":authority");
+                    headers.push(("host", "authz"));
                 }
                 let r = self.dispatch_http_call(
                     &self.s.cluster,
@@ -2230,6 +2307,14 @@ impl HttpContext for Filter {
                 // The body changes size: the length must go (as in Envoy).
                 self.set_http_request_header("content-length", None);
             }
+            "tick-change" => {
+                if let Some(ms) = path.strip_prefix("/tick/").and_then(|m| m.parse().ok()) {
+                    let r = hostcalls::set_tick_period(Duration::from_millis(ms));
+                    let r = format!("{r:?}");
+                    self.send_http_response(200, vec![("x-pw-tick-set", &r)], None);
+                    return Action::Pause;
+                }
+            }
             "body-wait" | "peek" | "stop-a" if !_end_of_stream => return Action::Pause,
             "stop-b" => {
                 self.trace.push('h');
@@ -2258,7 +2343,10 @@ impl HttpContext for Filter {
                     let id = self.id;
                     WAITING.with(|w| w.borrow_mut().push((id, what)));
                 }
-                if path.starts_with("/wait/") && !path.starts_with("/wait/response") {
+                if path.starts_with("/wait/")
+                    && !path.starts_with("/wait/response")
+                    && !path.starts_with("/wait/held-response")
+                {
                     return Action::Pause;
                 }
             }
@@ -2398,6 +2486,7 @@ impl HttpContext for Filter {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.body_calls += 1;
+        self.count_early_body();
         if self.s.mode == "empty" {
             if body_size > 0 && !self.seen.iter().any(|(k, _)| k == "x-pw-body-zero") {
                 // Zero bytes of a body that has some, and bytes past its end.
@@ -2574,6 +2663,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.count_early_body();
         if self.s.mode == "trailers-callout" && !end_of_stream {
             return Action::Pause;
         }
@@ -2702,6 +2792,14 @@ impl HttpContext for Filter {
         {
             return Action::Pause;
         }
+        if self.s.mode == "tick-resume" && self.path.starts_with("/wait/held-response") {
+            // Waits for the tick, body and all (Envoy's default): the body
+            // callback comes after the tick resumed the response.
+            self.set_http_response_header("x-pw-waited", Some("held"));
+            let id = self.id;
+            WAITING.with(|w| w.borrow_mut().push((id, "response")));
+            return Action::Pause;
+        }
         if self.s.mode == "tick-resume" && self.path.starts_with("/wait/response") {
             // The head waits for the body, whose end waits for the tick.
             self.set_http_response_header("x-pw-waited", Some("response"));
@@ -2783,6 +2881,16 @@ impl HttpContext for Filter {
             return;
         }
         proxy_wasm::hostcalls::log(LogLevel::Info, &format!("on_log {}", self.id)).ok();
+        if self.s.mode == "order" {
+            let name = if self.done {
+                "pw_log_after_done"
+            } else {
+                "pw_log_before_done"
+            };
+            if let Ok(m) = hostcalls::define_metric(MetricType::Counter, name) {
+                hostcalls::increment_metric(m, 1).ok();
+            }
+        }
         if self.s.mode == "late-call" && self.calls > 0 {
             hostcalls::increment_metric(self.s.late_metrics[1], 1).ok();
         }

@@ -1,12 +1,14 @@
 //! [`ProxyWasmFilter`]: a proxy-wasm module as an [`HttpFilter`]. One VM
 //! (instance) per worker, created on the worker's thread (when the config goes
-//! live there for a plugin that ticks from the start, else at the worker's
+//! live there for a plugin whose root context works from the start: a tick, a
+//! shared queue, a call or stream from its configure; else at the worker's
 //! first exchange) and started as Envoy does (`_initialize`/`_start`, root
 //! context, `proxy_on_vm_start`, `proxy_on_configure`); each exchange gets an
 //! HTTP context
 //! (`proxy_on_context_create` → request headers → request body/trailers →
-//! response headers → response body/trailers → `on_done` → `on_log` →
-//! `on_delete`). Deadlines, the memory cap, the failure policy and the per-plugin
+//! response headers → response body/trailers → `on_log` → `on_done` →
+//! `on_delete`, Envoy's order: the stream is logged, then its filters
+//! destroyed; a TCP context's is done → log → delete). Deadlines, the memory cap, the failure policy and the per-plugin
 //! stats are the component plugins' ([`super::super::plugin`]).
 //!
 //! VM sharing: plugins of one loaded set with the same non-empty `vm_id`,
@@ -20,14 +22,18 @@
 //! callback) is done here: the data is held in the context (forwarding nothing)
 //! and the next call sees everything held plus the new chunk, under the plugin's
 //! body cap (request over it: 413; response: the exchange is reset, its head
-//! being out). `Continue` forwards what is held. Envoy's `StopIteration` (`Pause`
-//! from a headers callback with no call out, a body to come) holds the head
-//! while the body callback gets each chunk (`BodyCtl::holds_head`): the head
-//! goes on with the first chunk it continues, writable until then, and the
-//! chain stops there (`Chain::run_stopped` gives the filters after it the
-//! head, then the body, once it lets go). `Pause` at
+//! being out). `Continue` forwards what is held. `Pause` from a headers
+//! callback is, by default, Envoy's: proxy-wasm-cpp-host turns it into
+//! `StopAllIterationAndWatermark`, so the whole message waits for the filter
+//! to resume (the chain's pause, below), with no body callback before. Only
+//! with `allow_on_headers_stop_iteration` (Envoy 1.35's option) is it Envoy's
+//! `StopIteration` when no call is out and a body is to come: the head is
+//! held while the body callback gets each chunk (`BodyCtl::holds_head`), goes
+//! on with the first chunk it continues, writable until then, and the chain
+//! stops there (`Chain::run_stopped` gives the filters after it the head,
+//! then the body, once it lets go). `Pause` at
 //! the end of the stream or from a trailers callback (or from a headers
-//! callback with no body to wait for), with or without a call outstanding,
+//! callback, but for that hold), with or without a call outstanding,
 //! is the chain's pause: the host holds the rest of the message, with its head
 //! (still held, or another filter buffers the whole message) or after it
 //! (streamed: the body stream waits, see `crate::body::Filtered`); the call's
@@ -88,6 +94,11 @@ pub struct Settings {
     pub body_limit: usize,
     /// `limits.pause`: how long one pause may hold an exchange (`None`: no bound).
     pub pause_limit: Option<Duration>,
+    /// `proxy_wasm.allow_on_headers_stop_iteration`: `Pause` from a headers
+    /// callback with no call out and a body to come holds only the head, the
+    /// body callbacks getting each chunk (Envoy's `StopIteration`); without it
+    /// the whole message waits for the filter to resume, as in Envoy.
+    pub headers_stop_iteration: bool,
 }
 
 /// `proxy_on_http_call_response(root, token, headers, body_size, trailers)`.
@@ -302,11 +313,14 @@ pub struct ProxyWasmFilter {
     me: OnceLock<Weak<ProxyWasmFilter>>,
     /// This plugin's VMs on the workers (a shared VM counts for each plugin).
     instances: InstanceCount,
-    /// Its root context set a tick period in `proxy_on_vm_start` or
-    /// `proxy_on_configure` (at the load check) and the module exports
-    /// `proxy_on_tick`: each worker starts its VM when the config goes live,
-    /// as Envoy does, so it ticks without traffic.
-    ticks_at_start: bool,
+    /// Its root context, at the load check (`proxy_on_vm_start`,
+    /// `proxy_on_configure`), set a tick period (and the module exports
+    /// `proxy_on_tick`), registered a shared queue (and exports
+    /// `proxy_on_queue_ready`), dispatched an HTTP or gRPC call or opened a
+    /// gRPC stream: each worker starts its VM when the config goes live, as
+    /// Envoy starts every worker's VM at config time, so that work goes on
+    /// without traffic on the plugin's own listeners.
+    starts_eagerly: bool,
 }
 
 impl Drop for ProxyWasmFilter {
@@ -393,15 +407,21 @@ impl ProxyWasmFilter {
             body_limit_exceeded,
             me: OnceLock::new(),
             instances,
-            ticks_at_start: false,
+            starts_eagerly: false,
         };
         // Checked in a VM of its own (as the only plugin of it, on its root
         // context): a failure is this plugin's.
         let check = f
             .start_vm(&[], None)
             .map_err(|e| anyhow::anyhow!("plugin `{name}`: {e}"))?;
-        let ticks = check.store.data().ticks.contains_key(&f.root);
-        f.ticks_at_start = ticks && check.exports.tick.is_some();
+        let data = check.store.data();
+        let root = f.root;
+        let ticks = data.ticks.contains_key(&root) && check.exports.tick.is_some();
+        let queues =
+            data.new_queues.iter().any(|(r, _)| *r == root) && check.exports.queue_ready.is_some();
+        let calls = data.root_callouts.iter().any(|(r, _)| *r == root)
+            || data.new_streams.iter().any(|p| p.root == root);
+        f.starts_eagerly = ticks || queues || calls;
         Ok(f)
     }
 
@@ -605,32 +625,46 @@ impl ProxyWasmFilter {
     /// Calls `proxy_on_tick` on this worker's VM while its period is set and that VM
     /// (generation `generation`) lives. Runs on the worker's `LocalSet`, so a tick
     /// never overlaps another call into the VM. The period is read again after each
-    /// tick (a module may change it); periods under 10ms are raised to 10ms.
+    /// tick, and at once when the module changes it (Envoy's `setTickPeriod`
+    /// re-arms the timer: the next tick comes a new period after the change;
+    /// 0 stops the ticks); periods under 10ms are raised to 10ms.
     async fn tick_loop(me: Weak<ProxyWasmFilter>, worker: usize, generation: u64) {
         loop {
-            let period = {
+            let state = {
                 let Some(f) = me.upgrade() else {
                     return Self::plugin_gone();
                 };
                 VMS.with(|cell| {
-                    let map = cell.borrow();
-                    let slot = map.get(&f.vm)?;
+                    let mut map = cell.borrow_mut();
+                    let slot = map.get_mut(&f.vm)?;
                     let live = slot
                         .live
-                        .as_ref()
+                        .as_mut()
                         .filter(|_| slot.generation == generation)?;
-                    Some(live.store.data().ticks.get(&f.root).copied())
+                    let data = live.store.data_mut();
+                    let changed = data.tick_changed.entry(f.root).or_default().clone();
+                    Some((data.ticks.get(&f.root).copied(), changed))
                 })
             };
             // This VM died (a trap, in a tick or in an exchange), or a newer
             // one (with its own tick task) replaced it.
-            let Some(period) = period else { break };
+            let Some((period, changed)) = state else {
+                break;
+            };
+            // Registered before the wait (nothing else runs on this worker in
+            // between): a change of the period ends the wait, and the loop
+            // reads it again.
+            let notified = changed.notified();
             let Some(period) = period else {
-                // Not ticking now; the module may ask later.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Not ticking now; the module may ask later (the change
+                // wakes this, the timeout only re-checks that the VM lives).
+                let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
                 continue;
             };
-            tokio::time::sleep(period.max(MIN_TICK)).await;
+            tokio::select! {
+                () = tokio::time::sleep(period.max(MIN_TICK)) => {}
+                () = notified => continue,
+            }
             let Some(f) = me.upgrade() else {
                 return Self::plugin_gone();
             };
@@ -994,21 +1028,29 @@ impl ProxyWasmFilter {
             } else {
                 Direction::Response
             };
-            // Envoy's StopIteration with a body to come: the head is held
-            // (writable) while the body callback gets each chunk, until it
-            // continues one (or the body ends).
+            // Envoy's StopIteration with a body to come, only with
+            // `allow_on_headers_stop_iteration`: the head is held (writable)
+            // while the body callback gets each chunk, until it continues one
+            // (or the body ends). Without it (Envoy's default: proxy-wasm-cpp-host
+            // turns StopIteration into StopAllIterationAndWatermark) the
+            // whole message waits for the filter to resume, no body callback
+            // before that: the chain's pause below.
             let ctl = &data.x.body_ctl;
-            let can_hold = !end_of_stream
+            let can_hold = self.settings.headers_stop_iteration
+                && !end_of_stream
                 && live.exports.body[d.idx()].is_some()
                 && ctl.declared[d.idx()]
                 && !ctl.started[d.idx()];
             // A pause with a call out is the chain's: the exchange waits
             // for the call's callback, its streams' events or another
             // callback's `proxy_continue_stream` (a tick's, after
-            // `proxy_set_effective_context`). With no call out, the body is
-            // waited for if there is one to buffer (a stream may resume it at
-            // the end of the body); else the chain holds the exchange the
-            // same way, as Envoy does, within the plugin's `limits.pause`.
+            // `proxy_set_effective_context`). With no call out, the chain
+            // holds the exchange the same way, as Envoy does, within the
+            // plugin's `limits.pause`; a body to come is not read meanwhile
+            // (it waits in the connection, under its flow control, as behind
+            // Envoy's watermark). Only with
+            // `allow_on_headers_stop_iteration` is the body waited for
+            // instead, if there is one to buffer.
             Ok(match a {
                 action::CONTINUE => Ok(Verdict::Continue),
                 action::PAUSE if calls || !can_hold => {
@@ -1662,9 +1704,12 @@ impl ProxyWasmFilter {
         }
     }
 
-    /// `on_done` → `on_log` → `on_delete` for an exchange's context (Envoy's order),
-    /// with the exchange readable if it is given.
-    fn finish(&self, worker: usize, context: u64, x: Option<&mut Exchange>) {
+    /// The end of an exchange's context in Envoy's order, with the exchange
+    /// readable if it is given: for an HTTP stream (`log_first`) `on_log` →
+    /// `on_done` → `on_delete` (Envoy logs the stream, then destroys its
+    /// filters: `Context::log`, then `onDestroy`'s done and delete); for a TCP
+    /// connection `on_done` → `on_log` → `on_delete` (Envoy's `onCloseTCP`).
+    fn finish(&self, worker: usize, context: u64, x: Option<&mut Exchange>, log_first: bool) {
         let pw = VMS.with(|cell| {
             let mut map = cell.borrow_mut();
             let slot = map.get_mut(&self.vm)?;
@@ -1685,11 +1730,19 @@ impl ProxyWasmFilter {
             let Some(ctx) = pw else { return Ok(Ok(())) };
             live.store.data_mut().effective = ctx;
             let ctx = ctx as i32;
+            let log = live.exports.log.clone();
+            if log_first {
+                if let Some(f) = log.as_ref() {
+                    f.call(&mut live.store, ctx)?;
+                }
+            }
             if let Some(f) = live.exports.done.as_ref() {
                 f.call(&mut live.store, ctx)?;
             }
-            if let Some(f) = live.exports.log.as_ref() {
-                f.call(&mut live.store, ctx)?;
+            if !log_first {
+                if let Some(f) = log.as_ref() {
+                    f.call(&mut live.store, ctx)?;
+                }
             }
             if let Some(f) = live.exports.delete.as_ref() {
                 f.call(&mut live.store, ctx)?;
@@ -2023,7 +2076,7 @@ impl HttpFilter for ProxyWasmFilter {
             // came, then logs it. A failure there leaves no context to log.
             let _ = self.with_vm(worker, Phase::ReadOnly, Some(x), true, |_, _| Ok(Ok(())));
         }
-        self.finish(worker, context, Some(x));
+        self.finish(worker, context, Some(x), true);
     }
 
     fn instance_gone(&self, _worker: usize, context: u64) -> Option<InstanceGone> {
@@ -2046,12 +2099,14 @@ impl HttpFilter for ProxyWasmFilter {
         self.end_stream_wait(worker, x, false);
     }
 
-    /// A plugin that ticks from the start (its period set in
-    /// `proxy_on_vm_start`/`proxy_on_configure`) gets this worker's VM now, so
-    /// it ticks without traffic; the others wait for their first exchange (a
-    /// VM costs its memory on every worker, and only a tick would run in it).
+    /// A plugin whose root context works from the start (a tick period, a
+    /// shared queue, a callout or gRPC stream, from
+    /// `proxy_on_vm_start`/`proxy_on_configure`: [`Self::starts_eagerly`])
+    /// gets this worker's VM now, so that work goes on without traffic; the
+    /// others wait for their first exchange (a VM costs its memory on every
+    /// worker, and nothing would run in it before).
     fn start_on_worker(&self, worker: usize) {
-        if !self.ticks_at_start {
+        if !self.starts_eagerly {
             return;
         }
         let r = VMS.with(|cell| {
@@ -2087,7 +2142,7 @@ impl HttpFilter for ProxyWasmFilter {
     fn on_done(&self, worker: usize, context: u64, _detached: bool) {
         // Already finished by `on_log` unless the chain skipped it (a failure).
         // (proxy-wasm has no detach: `_detached` is always false.)
-        self.finish(worker, context, None);
+        self.finish(worker, context, None, true);
     }
 }
 
@@ -2363,7 +2418,7 @@ impl NetworkFilter for ProxyWasmFilter {
 
     fn on_done(&self, worker: usize, c: &mut Exchange) {
         let context = c.context;
-        self.finish(worker, context, Some(c));
+        self.finish(worker, context, Some(c), false);
     }
 }
 

@@ -121,8 +121,9 @@ fn write_body(
 /// `proxy_http_call`: checks the grant and the request, queues the callout (on
 /// the exchange, sent by the chain after the call; or, from the root context, sent
 /// by the filter after the call) and returns its token. `BAD_ARGUMENT` for a
-/// cluster not in `capabilities.clusters` or a request without `:method`/`:path`
-/// (Envoy's answers; the Rust SDK returns them as errors),
+/// cluster not in `capabilities.clusters` or a request without `:method`,
+/// `:path` or `:authority` (Envoy's `httpCall` answers; the Rust SDK returns
+/// them as errors; a `host` pair does not stand for `:authority`, as in Envoy),
 /// `INTERNAL_FAILURE` when no callout can be sent now (too many outstanding, or
 /// during start/configure/log). Fields the host owns are dropped
 /// ([`callout_field`]).
@@ -134,6 +135,7 @@ fn http_call(
     timeout_ms: u32,
 ) -> Result<u32, i32> {
     let (mut method, mut path, mut authority) = (None, None, None);
+    let mut has_authority = false;
     let mut headers = HeaderMap::new();
     for (k, v) in pairs {
         match k.as_slice() {
@@ -141,6 +143,7 @@ fn http_call(
             b":path" => path = std::str::from_utf8(v).ok().map(str::to_string),
             // Field names are case-insensitive (`Host` as much as `host`).
             k if k == b":authority" || k.eq_ignore_ascii_case(b"host") => {
+                has_authority |= k == b":authority";
                 authority = std::str::from_utf8(v).ok().map(str::to_string);
             }
             b":scheme" => {}
@@ -155,7 +158,7 @@ fn http_call(
             }
         }
     }
-    let (Some(method), Some(path)) = (method, path) else {
+    let (Some(method), Some(path), true) = (method, path, has_authority) else {
         return Err(status::BAD_ARGUMENT);
     };
     queue_call(
@@ -378,6 +381,14 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                     s.ticks.insert(root, Duration::from_millis(ms));
                 } else {
                     s.ticks.remove(&root);
+                }
+                // Envoy's `setTickPeriod` re-arms the timer at once (the same
+                // period too): the root's tick task, if it is waiting, waits
+                // out the new period from now (0: no more ticks). From
+                // `proxy_on_tick` itself this changes nothing: the task reads
+                // the period after each tick.
+                if let Some(n) = s.tick_changed.get(&root) {
+                    n.notify_waiters();
                 }
                 Ok(())
             })

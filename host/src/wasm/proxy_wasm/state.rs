@@ -284,6 +284,11 @@ pub struct PwState {
     pub root: u32,
     /// Tick periods, by root context (`proxy_set_tick_period_milliseconds`).
     pub ticks: FxHashMap<u32, Duration>,
+    /// By root context, woken when `proxy_set_tick_period_milliseconds`
+    /// changes its period: that root's tick task re-arms at once with the new
+    /// one (Envoy's `setTickPeriod`), rather than after the old period ran
+    /// out. Made by the tick task.
+    pub tick_changed: FxHashMap<u32, Arc<tokio::sync::Notify>>,
     /// Properties set by contexts called without their exchange (root
     /// contexts; HTTP and TCP contexts made effective by another callback),
     /// by context: moved to the exchange at the context's next property call
@@ -379,6 +384,7 @@ impl PwState {
             close: false,
             root: ROOT_CONTEXT,
             ticks: FxHashMap::default(),
+            tick_changed: FxHashMap::default(),
             props: FxHashMap::default(),
             new_queues: Vec::new(),
             call_response: None,
