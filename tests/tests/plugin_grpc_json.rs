@@ -232,6 +232,38 @@ each_proto!(
 );
 
 each_proto!(
+    /// A client that takes trailers (`te: trailers`) gets a failed stream's
+    /// status after the array, HTTP/1.1 included: the JSON head declares the
+    /// trailers (`trailer: grpc-status, grpc-message`), which hyper's HTTP/1.1
+    /// server writes only when declared.
+    async fn a_failed_stream_keeps_its_status_for_clients_that_take_trailers(proto) {
+        let s = setup().await;
+        let mut c = client(proto, s.lg.addr("web")).await;
+        let r = c
+            .get("/v1/count/2?from=1&fail_code=5&fail_message=gone")
+            .header("te", "trailers")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.json(), json!([{"n": 1}, {"n": 2}]));
+        assert_eq!(r.trailer("grpc-status"), Some("5"), "{:?}", r.trailers);
+        assert_eq!(r.trailer("grpc-message"), Some("gone"), "{:?}", r.trailers);
+        assert_eq!(requests(&s.lg, "grpc_error").await, Some(1.0));
+
+        // An OK stream ends with its array: no trailers, whatever was declared.
+        let r = c
+            .get("/v1/count/1?from=1")
+            .header("te", "trailers")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json(), json!([{"n": 1}]));
+        assert_eq!(r.trailer("grpc-status"), None, "{:?}", r.trailers);
+    }
+);
+
+each_proto!(
     /// Client and bidi streaming, as Envoy: the request messages come from a
     /// JSON array, one frame each; a reply stream is a JSON array too.
     async fn request_streams_come_from_a_json_array(proto) {
