@@ -495,23 +495,11 @@ fn as_seconds(v: &Value) -> Option<u64> {
     }
 }
 
-/// Check `iss`, `aud`, `exp`, `nbf`; the token's validity window if it passes.
+/// Check `iss`, `exp`, `nbf`, then `aud`; the token's validity window if it
+/// passes.
 pub fn check_claims(claims: &Map<String, Value>, r: &ClaimRules<'_>) -> Result<Window, JwtError> {
     if claims.get("iss").and_then(Value::as_str) != Some(r.issuer) {
         return Err(JwtError::Issuer);
-    }
-    if !r.audiences.is_empty() {
-        let ok = match claims.get("aud") {
-            Some(Value::String(a)) => r.audiences.iter().any(|x| x == a),
-            Some(Value::Array(list)) => list
-                .iter()
-                .filter_map(Value::as_str)
-                .any(|a| r.audiences.iter().any(|x| x == a)),
-            _ => false,
-        };
-        if !ok {
-            return Err(JwtError::Audience);
-        }
     }
     let exp = match claims.get("exp") {
         Some(v) => Some(as_seconds(v).ok_or(JwtError::Malformed("`exp` is not a number"))?),
@@ -526,6 +514,21 @@ pub fn check_claims(claims: &Map<String, Value>, r: &ClaimRules<'_>) -> Result<W
         None => None,
     };
     check_window(Window { exp: None, nbf }, r)?;
+    // The audience last: a token refused for it is valid otherwise (signed,
+    // this issuer's, in time), and its answer (403) says it is not for us.
+    if !r.audiences.is_empty() {
+        let ok = match claims.get("aud") {
+            Some(Value::String(a)) => r.audiences.iter().any(|x| x == a),
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|a| r.audiences.iter().any(|x| x == a)),
+            _ => false,
+        };
+        if !ok {
+            return Err(JwtError::Audience);
+        }
+    }
     Ok(Window { exp, nbf })
 }
 
