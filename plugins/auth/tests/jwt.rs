@@ -559,6 +559,49 @@ fn a_key_without_kid_verifies_a_token_with_a_kid() {
 }
 
 #[test]
+fn audiences_match_without_scheme_and_trailing_slash_as_envoy() {
+    let s = Signer::new("ES256");
+    let mut p = provider(jwks(&[s.jwk("k1")]));
+    p["audiences"] = json!(["https://api.example.com/", "bare.example.com", "http://x/y"]);
+    let mut t = filter(json!({ "providers": [p] }));
+    // Envoy's sanitizeAudience on both sides: `http://` or `https://` and one
+    // trailing `/` removed before comparing.
+    for aud in [
+        "https://api.example.com/",
+        "https://api.example.com",
+        "http://api.example.com",
+        "api.example.com",
+        "api.example.com/",
+        "https://bare.example.com/",
+        "bare.example.com",
+        "x/y/",
+        "https://x/y",
+    ] {
+        let mut c = claims(ISS);
+        c["aud"] = json!(aud);
+        let mut x = t.exchange(bearer(&s.token(Some("k1"), &c)));
+        assert_eq!(x.request_headers(), Action::Continue, "{aud}");
+        drop(x);
+        c["aud"] = json!(["other.example.com", aud]);
+        let mut x = t.exchange(bearer(&s.token(Some("k1"), &c)));
+        assert_eq!(x.request_headers(), Action::Continue, "[{aud}]");
+    }
+    // Anything else still differs: other schemes, paths, case, two slashes.
+    for aud in [
+        "ftp://api.example.com",
+        "https://api.example.com/v1",
+        "https://API.example.com",
+        "api.example.com//",
+        "https://https://api.example.com",
+        "x",
+    ] {
+        let mut c = claims(ISS);
+        c["aud"] = json!(aud);
+        assert_audience_refused(&mut t, &s.token(Some("k1"), &c), aud);
+    }
+}
+
+#[test]
 fn a_wrong_audience_is_403_only_for_an_otherwise_valid_token() {
     let s = Signer::new("ES256");
     let mut t = filter(json!({"providers": [provider(jwks(&[s.jwk("k1")]))]}));
