@@ -427,6 +427,54 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// A body over the plugin's `limits.body` is refused by the host, not by
+    /// the transcoder: its `413`/`502` with the plain-text cause, not
+    /// grpc-json's JSON error (plugins/grpc-json/README.md, "Not supported").
+    async fn bodies_over_the_buffer_limit_are_the_hosts_answers(proto) {
+        let grpc = grpc_upstream().start().await;
+        let echo = upstream().start().await;
+        let yaml = config(grpc.addr, echo.addr);
+        assert!(yaml.contains("limits: { cpu: 500ms }"));
+        let yaml = yaml.replace("limits: { cpu: 500ms }", "limits: { cpu: 500ms, body: 1KiB }");
+        let lg = legate().config(&yaml).start();
+        let web = lg.addr("web");
+
+        // A request body over the cap (fresh connections: HTTP/1.1 closes one
+        // whose request body was not read).
+        let big = format!(r#"{{"message": "{}"}}"#, "a".repeat(2000));
+        let r = client(proto, web)
+            .await
+            .post("/v1/echo")
+            .header("content-type", "application/json")
+            .body(big)
+            .send()
+            .await;
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (413, "plugin_buffer_limit\n"),
+            "{:?}",
+            r.headers
+        );
+        assert_eq!(grpc.calls.get(), 0);
+
+        // A unary reply over the cap: a request message just under it (1000
+        // bytes, framed), echoed back with the request's metadata.
+        let r = client(proto, web)
+            .await
+            .get(&format!("/v1/echo/{}", "b".repeat(1000)))
+            .send()
+            .await;
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (502, "plugin_buffer_limit\n"),
+            "{:?}",
+            r.headers
+        );
+        assert_eq!(grpc.calls.get(), 1);
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_builtin_module_transcodes() {
     let grpc = grpc_upstream().start().await;
