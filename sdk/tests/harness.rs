@@ -816,6 +816,9 @@ impl HttpFilter for Rewriter {
         self.results.push(("te trailers", h.set("te", "trailers")));
         self.results.push(("te gzip", h.set("te", "gzip")));
         self.results.push(("te add", h.add("te", "trailers")));
+        // `trailer` only on the response head.
+        self.results
+            .push(("request trailer", h.set("trailer", "grpc-status")));
         self.results.push(("remove absent", h.remove("x-absent")));
         // The response head does not exist yet.
         self.results.push((
@@ -845,6 +848,8 @@ impl HttpFilter for Rewriter {
         self.results.push(("late path", x.set_path("/late")));
         h.remove("server").unwrap();
         self.results.push(("response te", h.set("te", "trailers")));
+        self.results
+            .push(("response trailer", h.set("trailer", "grpc-status")));
         Action::Continue
     }
     fn on_response_body(
@@ -921,6 +926,7 @@ fn headers_bodies_and_write_windows_follow_the_abi() {
         Some("text/shout")
     );
     assert_eq!(x.response_header("x-log"), None);
+    assert_eq!(x.response_header("trailer").as_deref(), Some("grpc-status"));
     assert_eq!(x.status(), Some(203));
     assert_eq!(x.body_mode(Direction::Response), BodyMode::Buffered);
     let x_te = x.request_header("te");
@@ -935,6 +941,8 @@ fn headers_bodies_and_write_windows_follow_the_abi() {
     assert_eq!(result_of(&t, "te gzip"), Err(Error::Denied));
     assert_eq!(result_of(&t, "te add"), Err(Error::Denied));
     assert_eq!(result_of(&t, "response te"), Err(Error::Denied));
+    assert_eq!(result_of(&t, "request trailer"), Err(Error::Denied));
+    assert_eq!(result_of(&t, "response trailer"), Ok(()));
     assert_eq!(result_of(&t, "remove absent"), Ok(()));
     assert_eq!(result_of(&t, "response head"), Err(Error::NotFound));
     assert_eq!(result_of(&t, "bad path"), Err(Error::InvalidArgument));

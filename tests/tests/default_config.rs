@@ -75,24 +75,35 @@ impl Drop for DemoUpstream {
     }
 }
 
+/// plugins.yaml made runnable in a test: ephemeral listener and admin
+/// addresses, the test upstreams, and a rate-limit namespace of its own (tests
+/// may share one process and so its in-memory KV store), named by `proto` and
+/// `test`. The plugins are the ones embedded in the host (`builtin:NAME`).
+fn runnable(
+    mut yaml: String,
+    proto: Proto,
+    test: &str,
+    v1: &UpstreamHandle,
+    v2: &UpstreamHandle,
+    grpc: &DemoUpstream,
+) -> String {
+    yaml = subst(&yaml, "127.0.0.1:8080", "127.0.0.1:0");
+    yaml = subst(&yaml, "127.0.0.1:9901", "127.0.0.1:0");
+    yaml = subst(&yaml, "127.0.0.1:8081", &v1.addr.to_string());
+    yaml = subst(&yaml, "127.0.0.1:8082", &v2.addr.to_string());
+    yaml = subst(&yaml, "127.0.0.1:8083", &grpc.addr.to_string());
+    let ns = format!("ratelimit-{test}-{proto:?}").to_lowercase();
+    yaml = subst(&yaml, "kv: [ratelimit]", &format!("kv: [{ns}]"));
+    subst(&yaml, "namespace: ratelimit", &format!("namespace: {ns}"))
+}
+
 each_proto!(
     async fn answers_as_the_readme_says(proto) {
         let v1 = upstream().name("app-v1").start().await;
         let v2 = upstream().name("app-v2").start().await;
         // The demo's own gRPC upstream, the binary scripts/demo.sh runs.
         let grpc = DemoUpstream::start("grpc");
-        let mut yaml = default_config();
-        yaml = subst(&yaml, "127.0.0.1:8080", "127.0.0.1:0");
-        yaml = subst(&yaml, "127.0.0.1:9901", "127.0.0.1:0");
-        yaml = subst(&yaml, "127.0.0.1:8081", &v1.addr.to_string());
-        yaml = subst(&yaml, "127.0.0.1:8082", &v2.addr.to_string());
-        yaml = subst(&yaml, "127.0.0.1:8083", &grpc.addr.to_string());
-        // The plugins are the ones embedded in the host (`builtin:NAME`).
-        // Both protocols' tests may share one process and so its in-memory KV
-        // store: each gets its own namespace.
-        let ns = format!("ratelimit-{proto:?}").to_lowercase();
-        yaml = subst(&yaml, "kv: [ratelimit]", &format!("kv: [{ns}]"));
-        yaml = subst(&yaml, "namespace: ratelimit", &format!("namespace: {ns}"));
+        let yaml = runnable(default_config(), proto, "readme", &v1, &v2, &grpc);
         let lg = legate().config(&yaml).base_dir(root()).start();
         let mut c = client(proto, lg.addr("web")).await;
 
@@ -195,3 +206,56 @@ fn the_demo_descriptor_set_is_current() {
         path.display()
     );
 }
+
+each_proto!(
+    /// The chain's order: auth (and ratelimit) run before grpc-json rewrites a
+    /// REST request into its gRPC call, so an auth rule written for a REST
+    /// path applies to it. With grpc-json first, `GET /v1/echo/hello` reached
+    /// auth as `POST /legate.demo.v1.Echo/Say`, fell through to the public `/`
+    /// rule and was served without a credential.
+    async fn auth_rules_for_rest_paths_hold_before_transcoding(proto) {
+        let v1 = upstream().name("app-v1").start().await;
+        let v2 = upstream().name("app-v2").start().await;
+        let grpc = DemoUpstream::start("grpc");
+        // plugins.yaml, with the REST API behind the `/api/` credentials.
+        let public = "        - match: { prefix: / }\n          public: true\n";
+        let rest = "        - match: { prefix: /v1/echo }\n          requires: { any: [demo, keys] }\n";
+        let yaml = subst(&default_config(), public, &format!("{rest}{public}"));
+        let yaml = runnable(yaml, proto, "rest", &v1, &v2, &grpc);
+        let lg = legate().config(&yaml).base_dir(root()).start();
+        let mut c = client(proto, lg.addr("web")).await;
+
+        // No credential: refused, nothing transcoded or sent upstream.
+        let r = c.get("/v1/echo/hello").send().await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert!(r.header("www-authenticate").is_some());
+        let r = c
+            .post("/v1/echo")
+            .header("content-type", "application/json")
+            .body(r#"{"message": "posted"}"#)
+            .send()
+            .await;
+        assert_eq!(r.status, 401, "{}", r.text());
+
+        // With the API key, then the JWT: transcoded and answered.
+        let r = c
+            .get("/v1/echo/hello")
+            .header("x-api-key", "demo-key")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let body: Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(body, serde_json::json!({ "message": "hello" }));
+        let r = c
+            .post("/v1/echo")
+            .header("content-type", "application/json")
+            .header("authorization", &format!("Bearer {ALICE}"))
+            .body(r#"{"message": "posted"}"#)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let body: Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(body["message"], "posted");
+    }
+);

@@ -232,6 +232,38 @@ each_proto!(
 );
 
 each_proto!(
+    /// A client that takes trailers (`te: trailers`) gets a failed stream's
+    /// status after the array, HTTP/1.1 included: the JSON head declares the
+    /// trailers (`trailer: grpc-status, grpc-message`), which hyper's HTTP/1.1
+    /// server writes only when declared.
+    async fn a_failed_stream_keeps_its_status_for_clients_that_take_trailers(proto) {
+        let s = setup().await;
+        let mut c = client(proto, s.lg.addr("web")).await;
+        let r = c
+            .get("/v1/count/2?from=1&fail_code=5&fail_message=gone")
+            .header("te", "trailers")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.json(), json!([{"n": 1}, {"n": 2}]));
+        assert_eq!(r.trailer("grpc-status"), Some("5"), "{:?}", r.trailers);
+        assert_eq!(r.trailer("grpc-message"), Some("gone"), "{:?}", r.trailers);
+        assert_eq!(requests(&s.lg, "grpc_error").await, Some(1.0));
+
+        // An OK stream ends with its array: no trailers, whatever was declared.
+        let r = c
+            .get("/v1/count/1?from=1")
+            .header("te", "trailers")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json(), json!([{"n": 1}]));
+        assert_eq!(r.trailer("grpc-status"), None, "{:?}", r.trailers);
+    }
+);
+
+each_proto!(
     /// Client and bidi streaming, as Envoy: the request messages come from a
     /// JSON array, one frame each; a reply stream is a JSON array too.
     async fn request_streams_come_from_a_json_array(proto) {
@@ -392,6 +424,54 @@ each_proto!(
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.header("grpc-status"), Some("14"));
         assert_eq!(r.header("grpc-message"), Some("upstream_connect_failure"));
+    }
+);
+
+each_proto!(
+    /// A body over the plugin's `limits.body` is refused by the host, not by
+    /// the transcoder: its `413`/`502` with the plain-text cause, not
+    /// grpc-json's JSON error (plugins/grpc-json/README.md, "Not supported").
+    async fn bodies_over_the_buffer_limit_are_the_hosts_answers(proto) {
+        let grpc = grpc_upstream().start().await;
+        let echo = upstream().start().await;
+        let yaml = config(grpc.addr, echo.addr);
+        assert!(yaml.contains("limits: { cpu: 500ms }"));
+        let yaml = yaml.replace("limits: { cpu: 500ms }", "limits: { cpu: 500ms, body: 1KiB }");
+        let lg = legate().config(&yaml).start();
+        let web = lg.addr("web");
+
+        // A request body over the cap (fresh connections: HTTP/1.1 closes one
+        // whose request body was not read).
+        let big = format!(r#"{{"message": "{}"}}"#, "a".repeat(2000));
+        let r = client(proto, web)
+            .await
+            .post("/v1/echo")
+            .header("content-type", "application/json")
+            .body(big)
+            .send()
+            .await;
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (413, "plugin_buffer_limit\n"),
+            "{:?}",
+            r.headers
+        );
+        assert_eq!(grpc.calls.get(), 0);
+
+        // A unary reply over the cap: a request message just under it (1000
+        // bytes, framed), echoed back with the request's metadata.
+        let r = client(proto, web)
+            .await
+            .get(&format!("/v1/echo/{}", "b".repeat(1000)))
+            .send()
+            .await;
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (502, "plugin_buffer_limit\n"),
+            "{:?}",
+            r.headers
+        );
+        assert_eq!(grpc.calls.get(), 1);
     }
 );
 

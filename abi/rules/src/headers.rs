@@ -30,9 +30,10 @@ pub const NOT_NOMINATABLE: [&str; 3] = ["host", "content-length", "te"];
 
 /// Whether the host owns field `name` (lowercase), for framing or connection
 /// management (abi/README.md §4): a filter may not write it (`denied`),
-/// except removing `content-length` from a head and setting or removing
-/// exactly `te: trailers` on the request head; a callout request naming it
-/// is refused (`invalid-argument`).
+/// except removing `content-length` from a head, setting or removing
+/// exactly `te: trailers` on the request head, and writing `trailer` on the
+/// response head; a callout request naming it is refused
+/// (`invalid-argument`).
 pub fn host_owned(name: &str) -> bool {
     matches!(
         name,

@@ -700,7 +700,11 @@ impl HostState {
         let te_trailers = name == header::TE
             && (replace || value.is_none())
             && value.as_deref().is_none_or(|v| v == b"trailers");
-        if denied_field(&name) && !removing_length && !te_trailers {
+        // `trailer` on the response head: a filter that rewrote a response
+        // (gRPC to JSON) names the trailers still to come, which hyper's
+        // HTTP/1.1 server writes only when the head declares them.
+        let response_trailer = name == header::TRAILER;
+        if denied_field(&name) && !removing_length && !te_trailers && !response_trailer {
             return Ok(Err(Error::Denied));
         }
         let value = match value.map(field_value).transpose() {
@@ -715,7 +719,7 @@ impl HostState {
         if !writable {
             return Ok(Err(Error::InvalidState));
         }
-        if te_trailers && part != Part::Request {
+        if (te_trailers && part != Part::Request) || (response_trailer && part != Part::Response) {
             return Ok(Err(Error::Denied));
         }
         match value {

@@ -495,23 +495,26 @@ fn as_seconds(v: &Value) -> Option<u64> {
     }
 }
 
-/// Check `iss`, `aud`, `exp`, `nbf`; the token's validity window if it passes.
+/// An audience as it is compared, as Envoy's jwt_verify_lib does
+/// (`sanitizeAudience`): without an `http://` or `https://` scheme prefix and
+/// without one trailing `/`, so `https://api.example.com/` and
+/// `api.example.com` are one audience.
+pub fn sanitize_audience(aud: &str) -> &str {
+    let a = aud
+        .strip_prefix("http://")
+        .or_else(|| aud.strip_prefix("https://"))
+        .unwrap_or(aud);
+    // Envoy looks for the `/` on the whole value: `http://` alone is empty.
+    a.strip_suffix('/').unwrap_or(a)
+}
+
+/// Check `iss`, `exp`, `nbf`, then `aud`; the token's validity window if it
+/// passes.
+/// `aud` matches when one of its values equals an accepted audience once both
+/// are sanitized ([`sanitize_audience`]).
 pub fn check_claims(claims: &Map<String, Value>, r: &ClaimRules<'_>) -> Result<Window, JwtError> {
     if claims.get("iss").and_then(Value::as_str) != Some(r.issuer) {
         return Err(JwtError::Issuer);
-    }
-    if !r.audiences.is_empty() {
-        let ok = match claims.get("aud") {
-            Some(Value::String(a)) => r.audiences.iter().any(|x| x == a),
-            Some(Value::Array(list)) => list
-                .iter()
-                .filter_map(Value::as_str)
-                .any(|a| r.audiences.iter().any(|x| x == a)),
-            _ => false,
-        };
-        if !ok {
-            return Err(JwtError::Audience);
-        }
     }
     let exp = match claims.get("exp") {
         Some(v) => Some(as_seconds(v).ok_or(JwtError::Malformed("`exp` is not a number"))?),
@@ -526,6 +529,22 @@ pub fn check_claims(claims: &Map<String, Value>, r: &ClaimRules<'_>) -> Result<W
         None => None,
     };
     check_window(Window { exp: None, nbf }, r)?;
+    // The audience last: a token refused for it is valid otherwise (signed,
+    // this issuer's, in time), and its answer (403) says it is not for us.
+    if !r.audiences.is_empty() {
+        let accepted = |a: &str| {
+            let a = sanitize_audience(a);
+            r.audiences.iter().any(|x| sanitize_audience(x) == a)
+        };
+        let ok = match claims.get("aud") {
+            Some(Value::String(a)) => accepted(a),
+            Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).any(accepted),
+            _ => false,
+        };
+        if !ok {
+            return Err(JwtError::Audience);
+        }
+    }
     Ok(Window { exp, nbf })
 }
 

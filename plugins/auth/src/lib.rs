@@ -14,7 +14,9 @@
 //!    allows (its selected headers go upstream) or denies (its status and
 //!    body go back to the client).
 //!
-//! 401 carries `WWW-Authenticate`; 403 is a policy failure. Tokens, keys and
+//! 401 carries `WWW-Authenticate`; 403 is a policy failure (a rule's claims,
+//! no rule) or, as Envoy's jwt_authn, a verified token minted for another
+//! audience (with the invalid-token challenge). Tokens, keys and
 //! passwords are never logged. See `plugins/auth/README.md` for the schema.
 
 pub mod basic;
@@ -240,6 +242,9 @@ enum Authn {
     Invalid(String),
     /// Authenticated, but the rule's claims are not met.
     Forbidden(String),
+    /// A token verified (signature, issuer, time) but minted for another
+    /// audience: 403, as Envoy's `JwtAudienceNotAllowed`.
+    Audience(String),
     /// `providers[i]` needs a JWKS fetch first.
     NeedKeys(usize),
     /// `providers[i]` has no keys and cannot fetch now.
@@ -531,6 +536,21 @@ impl AuthFilter {
                 );
                 Action::Respond(self.unauthorized(rule, Some(&reason)))
             }
+            Authn::Audience(reason) => {
+                self.counters.invalid.inc();
+                debug!(
+                    "auth: {} {}: rejected: {reason}",
+                    exchange.method(),
+                    exchange.request_id()
+                );
+                // Envoy's jwt_authn: 403 with the invalid-token challenge.
+                let challenge =
+                    format!("Bearer realm=\"{}\", error=\"invalid_token\"", self.s.realm);
+                Action::Respond(
+                    json_response(403, "forbidden", &reason, "auth_invalid_credentials")
+                        .header("www-authenticate", challenge),
+                )
+            }
             Authn::Forbidden(reason) => {
                 self.counters.forbidden.inc();
                 debug!("auth: {}: forbidden: {reason}", exchange.request_id());
@@ -814,6 +834,7 @@ impl AuthFilter {
         may_fetch: bool,
     ) -> Authn {
         let mut invalid: Option<String> = None;
+        let mut audience: Option<String> = None;
         let mut forbidden: Option<String> = None;
         let mut pending: Option<Authn> = None;
         for a in &rule.any {
@@ -862,7 +883,12 @@ impl AuthFilter {
                         }
                         Err(JwtCheck::Bad(e)) => {
                             debug!("auth: provider {:?}: {e}", p.name);
-                            invalid.get_or_insert_with(|| e.to_string());
+                            let slot = if e == JwtError::Audience {
+                                &mut audience
+                            } else {
+                                &mut invalid
+                            };
+                            slot.get_or_insert_with(|| e.to_string());
                         }
                     }
                 }
@@ -920,6 +946,9 @@ impl AuthFilter {
         }
         if let Some(f) = forbidden {
             return Authn::Forbidden(f);
+        }
+        if let Some(a) = audience {
+            return Authn::Audience(a);
         }
         if let Some(e) = invalid {
             return Authn::Invalid(e);

@@ -63,6 +63,22 @@ fn assert_invalid(t: &mut FilterTest<AuthFilter>, token: &str, why: &str) {
     assert_eq!(r.details, "auth_invalid_credentials", "{why}");
 }
 
+/// A verified token whose `aud` is not accepted: 403 with the invalid-token
+/// challenge, as Envoy's jwt_authn (`JwtAudienceNotAllowed` → Forbidden).
+fn assert_audience_refused(t: &mut FilterTest<AuthFilter>, token: &str, why: &str) {
+    let a = t.exchange(bearer(token)).request_headers();
+    let r = respond(a);
+    assert_eq!(r.status, 403, "{why}");
+    assert_eq!(
+        header(&r, "www-authenticate"),
+        "Bearer realm=\"legate\", error=\"invalid_token\"",
+        "{why}"
+    );
+    assert_eq!(r.details, "auth_invalid_credentials", "{why}");
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["reason"], "audience not accepted", "{why}");
+}
+
 #[test]
 fn every_algorithm_accepts_valid_and_rejects_bad_tokens() {
     for alg in ALGS {
@@ -137,7 +153,7 @@ fn every_algorithm_accepts_valid_and_rejects_bad_tokens() {
         );
         let mut c = claims(ISS);
         c["aud"] = json!(["nope"]);
-        assert_invalid(&mut t, &s.token(Some("k1"), &c), &format!("{alg} audience"));
+        assert_audience_refused(&mut t, &s.token(Some("k1"), &c), &format!("{alg} audience"));
 
         // An audience list containing an accepted one passes.
         c["aud"] = json!(["nope", "other"]);
@@ -540,4 +556,67 @@ fn a_key_without_kid_verifies_a_token_with_a_kid() {
             alg,
         );
     }
+}
+
+#[test]
+fn audiences_match_without_scheme_and_trailing_slash_as_envoy() {
+    let s = Signer::new("ES256");
+    let mut p = provider(jwks(&[s.jwk("k1")]));
+    p["audiences"] = json!(["https://api.example.com/", "bare.example.com", "http://x/y"]);
+    let mut t = filter(json!({ "providers": [p] }));
+    // Envoy's sanitizeAudience on both sides: `http://` or `https://` and one
+    // trailing `/` removed before comparing.
+    for aud in [
+        "https://api.example.com/",
+        "https://api.example.com",
+        "http://api.example.com",
+        "api.example.com",
+        "api.example.com/",
+        "https://bare.example.com/",
+        "bare.example.com",
+        "x/y/",
+        "https://x/y",
+    ] {
+        let mut c = claims(ISS);
+        c["aud"] = json!(aud);
+        let mut x = t.exchange(bearer(&s.token(Some("k1"), &c)));
+        assert_eq!(x.request_headers(), Action::Continue, "{aud}");
+        drop(x);
+        c["aud"] = json!(["other.example.com", aud]);
+        let mut x = t.exchange(bearer(&s.token(Some("k1"), &c)));
+        assert_eq!(x.request_headers(), Action::Continue, "[{aud}]");
+    }
+    // Anything else still differs: other schemes, paths, case, two slashes.
+    for aud in [
+        "ftp://api.example.com",
+        "https://api.example.com/v1",
+        "https://API.example.com",
+        "api.example.com//",
+        "https://https://api.example.com",
+        "x",
+    ] {
+        let mut c = claims(ISS);
+        c["aud"] = json!(aud);
+        assert_audience_refused(&mut t, &s.token(Some("k1"), &c), aud);
+    }
+}
+
+#[test]
+fn a_wrong_audience_is_403_only_for_an_otherwise_valid_token() {
+    let s = Signer::new("ES256");
+    let mut t = filter(json!({"providers": [provider(jwks(&[s.jwk("k1")]))]}));
+    let mut c = claims(ISS);
+    c["aud"] = json!("elsewhere");
+    assert_audience_refused(&mut t, &s.token(Some("k1"), &c), "wrong aud");
+    // Expired, or badly signed, and for another audience: 401, as any
+    // invalid token (the audience is checked last).
+    c["exp"] = json!(NOW - 120);
+    assert_invalid(&mut t, &s.token(Some("k1"), &c), "expired, wrong aud");
+    let mut c = claims(ISS);
+    c["aud"] = json!("elsewhere");
+    assert_invalid(
+        &mut t,
+        &common::corrupt(&s.token(Some("k1"), &c)),
+        "bad signature, wrong aud",
+    );
 }

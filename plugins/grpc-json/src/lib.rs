@@ -49,6 +49,10 @@ pub const REQUESTS: &str = "grpc_json_requests_total";
 /// The label values of [`REQUESTS`].
 pub const RESULTS: [&str; 4] = ["ok", "grpc_error", "bad_request", "upstream_error"];
 
+/// The `trailer` field of a streamed JSON array's head: the fields a failed
+/// stream ends with (an OK one ends without trailers).
+pub const STREAM_TRAILERS: &str = "grpc-status, grpc-message";
+
 struct Metrics {
     ok: Counter,
     grpc_error: Counter,
@@ -343,6 +347,14 @@ impl HttpFilter for GrpcJson {
             if let Err(e) = head {
                 legate_sdk::error!("grpc-json: streaming the response failed: {e}");
                 return untranscodable();
+            }
+            // The head no longer says gRPC, so the host does not declare the
+            // status trailers to an HTTP/1.1 client, and hyper writes only
+            // declared ones (docs/config.md, "Trailers to HTTP/1.1 clients"):
+            // declared here, a `te: trailers` client sees a failed stream's
+            // status. (A host that refuses the write loses only that.)
+            if let Err(e) = headers.set("trailer", STREAM_TRAILERS) {
+                legate_sdk::debug!("grpc-json: trailers not declared: {e}");
             }
             ctx.stream = Some(Stream::default());
             return Action::Continue;

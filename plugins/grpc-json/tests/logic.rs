@@ -337,6 +337,12 @@ fn count_exchange<'t>(
         x.response_header("content-type").as_deref(),
         Some("application/json")
     );
+    // The status trailers are declared, for HTTP/1.1 clients (whose server
+    // writes only declared trailers; the head no longer says gRPC).
+    assert_eq!(
+        x.response_header("trailer").as_deref(),
+        Some("grpc-status, grpc-message")
+    );
     x
 }
 

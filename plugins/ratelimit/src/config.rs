@@ -137,7 +137,8 @@ pub enum Descriptor {
     /// The `:authority`/`Host`.
     Authority,
     /// A request header's first value (lower-cased name); requests without it
-    /// skip the limit. E.g. `x-jwt-sub` set by the auth plugin, or an API key id.
+    /// skip the limit. E.g. `x-user` written by the auth plugin (its
+    /// `claim_to_headers`), or an API key id (`x-api-key-id`).
     Header(String),
 }
 

@@ -525,7 +525,10 @@ impl HeadersHandle<'_> {
         let te_trailers = name == "te" && !append && value.is_none_or(|v| v == b"trailers");
         // `content-length` may be removed, never set.
         let removing_length = name == "content-length" && value.is_none();
-        if host_owned(&name) && !te_trailers && !removing_length {
+        // `trailer` may be written on the response head only (declaring the
+        // trailers to come, for HTTP/1.1 clients).
+        let response_trailer = name == "trailer";
+        if host_owned(&name) && !te_trailers && !removing_length && !response_trailer {
             return Err(Error::Denied);
         }
         if let Some(v) = value {
@@ -536,7 +539,9 @@ impl HeadersHandle<'_> {
             return Err(Error::InvalidState);
         }
         ex.writable(self.part)?;
-        if te_trailers && self.part != Part::Head(Direction::Request) {
+        if (te_trailers && self.part != Part::Head(Direction::Request))
+            || (response_trailer && self.part != Part::Head(Direction::Response))
+        {
             return Err(Error::Denied);
         }
         let map = ex.map_mut(self.part).ok_or(Error::InvalidState)?;
