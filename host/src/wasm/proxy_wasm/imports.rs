@@ -319,7 +319,7 @@ fn local_response(
         crate::wasm::host::put_field(&mut headers, n, v, false)
             .map_err(|_| status::BAD_ARGUMENT)?;
     }
-    let details = String::from_utf8_lossy(&details).into_owned();
+    let details = crate::local_reply::details(&String::from_utf8_lossy(&details));
     let code = u16::try_from(code).map_err(|_| status::BAD_ARGUMENT)?;
     if !(200..=599).contains(&code) {
         return Err(status::BAD_ARGUMENT);
@@ -1178,6 +1178,16 @@ pub fn stub_the_rest(l: &mut Linker<PwState>, module: &wasmtime::Module) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_response_details_are_one_bounded_token() {
+        // As a component's local response: Envoy's response code details
+        // have no whitespace; a CR/LF or 200 KB reached the access log.
+        let lr = local_response(403, b"denied by\r\npolicy".to_vec(), vec![], vec![], -1).unwrap();
+        assert_eq!(lr.details, "denied_by__policy");
+        let lr = local_response(403, vec![b'd'; 200_000], vec![], vec![], -1).unwrap();
+        assert_eq!(lr.details.len(), crate::local_reply::MAX_DETAILS);
+    }
 
     #[test]
     fn body_writes_follow_envoys_copy_from() {
