@@ -1426,13 +1426,8 @@ fn validate_match(e: &mut Issues, loc: &Location, m: &RouteMatch) {
             .key("name");
         }
         if let Some(re) = &v.regex {
-            if let Some(why) = regex_problem(re, true) {
-                e.at(
-                    at,
-                    format!("invalid regex `{re}`: {why}"),
-                    "fix the regular expression (Rust regex syntax)",
-                )
-                .key("regex");
+            if let Some(issue) = anchored_regex_issue(e, at, re) {
+                issue.key("regex");
             }
         }
     }
@@ -1494,16 +1489,8 @@ fn validate_client_cert_match(e: &mut Issues, loc: &Location, c: &ClientCertMatc
             .key(key);
         }
         if let Some(re) = &t.regex {
-            if let Some(why) = regex_problem(re, true) {
-                e.at(
-                    loc,
-                    format!("invalid regex `{re}`: {why}"),
-                    "fix the regular expression (Rust regex syntax)",
-                )
-                .key("match")
-                .key("client_cert")
-                .key(key)
-                .key("regex");
+            if let Some(issue) = anchored_regex_issue(e, loc, re) {
+                issue.key("match").key("client_cert").key(key).key("regex");
             }
         }
     }
@@ -2334,6 +2321,17 @@ fn regex_check(e: &mut Issues, re: &Spanned<String>, anchored: bool) {
             "fix the regular expression (Rust regex syntax, see https://docs.rs/regex)",
         );
     }
+}
+
+/// Records the problem of `re`, a pattern the router anchors, at `at`, if it
+/// has one; the issue is returned to be placed with its keys.
+fn anchored_regex_issue<'e>(e: &'e mut Issues, at: &Location, re: &str) -> Option<&'e mut Issue> {
+    let why = regex_problem(re, true)?;
+    Some(e.at(
+        at,
+        format!("invalid regex `{re}`: {why}"),
+        "fix the regular expression (Rust regex syntax)",
+    ))
 }
 
 /// What is wrong with pattern `re`, if anything. The pattern alone first (so
