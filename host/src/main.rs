@@ -295,7 +295,7 @@ fn run(
         // This process serves on every socket already: a handover the old
         // process did not confirm (it exited, or drained meanwhile) must not
         // stop it too, which would leave nothing serving.
-        if let Err(e) = i.finish(handle.shared()) {
+        if let Err(e) = i.finish(handle.shared(), handle.adopted()) {
             tracing::error!(
                 "hot restart: {e:#}; serving anyway (if the old process still runs, \
                  stop it: both accept on the same sockets)"

@@ -2247,6 +2247,118 @@ async fn hot_restart_moves_the_admin_listener() {
     assert!(new.exited(Duration::from_secs(30)).await.success());
 }
 
+/// After a hot restart whose config drops a listener and moves the admin
+/// address, the old process, still draining a request, stops listening on the
+/// sockets the new process did not take: a client is refused there at once,
+/// as on SIGTERM or a reload that removes a listener. Before, the old process
+/// kept every socket listening until it exited (it skipped the `shutdown` of
+/// all of them once it had handed over): clients connected, hung in a backlog
+/// no one accepted from, then got a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_restart_closes_the_sockets_the_new_process_did_not_take() {
+    let release = Arc::new(AtomicBool::new(false));
+    let up = upstream().hold_until(&release).start().await;
+    legate_bin();
+    let (web, extra, old_admin, new_admin) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let dir = TempDir::new();
+    let config = |admin: SocketAddr, with_extra: bool| {
+        let text = fixed_ports(&yaml(up.addr, false, "", "", ""), web, admin).replacen(
+            "version: 1\n",
+            "version: 1\ndrain_timeout: 1h\n",
+            1,
+        );
+        if with_extra {
+            text.replace(
+                "routes:\n  - name: main",
+                &format!(
+                    "  - name: extra\n    address: {extra}\n    http:\n      routes: main\n\
+                     routes:\n  - name: main"
+                ),
+            )
+        } else {
+            text
+        }
+    };
+    let cfg = dir.write("legate.yaml", config(old_admin, true));
+    let mut old = Child::spawn(&cfg, &[]);
+    wait_ready(old_admin).await;
+    drop(
+        tokio::net::TcpStream::connect(extra)
+            .await
+            .expect("listener `extra` serves"),
+    );
+    // A request the upstream holds keeps the old process draining.
+    let held = tokio::spawn(async move {
+        let mut c = client(Proto::H1, web).await;
+        c.get("/held").try_send().await.map(|r| r.status)
+    });
+    eventually(HANG_GUARD, "the request is in flight", || async {
+        let (_, body) = admin_at(old_admin, Method::GET, "/stats").await?;
+        body.contains(r#"legate_listener_requests_active{listener="web"} 1"#)
+            .then_some(())
+    })
+    .await;
+
+    std::fs::write(&cfg, config(new_admin, false)).unwrap();
+    let log = dir.path().join("new.log");
+    let mut new = Child {
+        child: Command::new(legate_bin())
+            .args([
+                "run",
+                "--concurrency",
+                "2",
+                "--watch-interval",
+                "0",
+                "--upgrade",
+                "-c",
+            ])
+            .arg(&cfg)
+            .env("LEGATE_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn legate"),
+    };
+    // The new process logs this once the old one confirmed the handover, which
+    // it does after it began its drain.
+    eventually(Duration::from_secs(60), "the handover", || {
+        let exited = new.child.try_wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move {
+            if let Some(s) = exited {
+                panic!("the new process exited with {s}:\n{text}");
+            }
+            text.contains("is draining").then_some(())
+        }
+    })
+    .await;
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old process is draining"
+    );
+    for (what, addr) in [
+        ("the dropped listener", extra),
+        ("the old admin address", old_admin),
+    ] {
+        let refused = tokio::net::TcpStream::connect(addr).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{what} {addr} still listens in the draining old process: {refused:?}"
+        );
+    }
+    // The kept listener serves, from the new process.
+    release.store(true, Ordering::SeqCst);
+    wait_ready(new_admin).await;
+    let mut c = client(Proto::H1, web).await;
+    assert_eq!(c.get("/x").send().await.status, 200);
+    // The held request finished in the old process, which then exited.
+    assert_eq!(held.await.unwrap().map(|s| s.as_u16()).ok(), Some(200));
+    assert!(old.exited(HANG_GUARD).await.success());
+    new.signal("TERM");
+    assert!(new.exited(Duration::from_secs(30)).await.success());
+}
+
 /// A hot restart passes every listening socket however many there are: Linux
 /// passes at most 253 in one `SCM_RIGHTS` message, so they go in batches.
 /// Before, 250 or more listeners failed the upgrade (the old process kept
