@@ -482,6 +482,83 @@ async fn the_file_watch_puts_a_renewed_certificate_in_place() {
     );
 }
 
+/// A renewed certificate whose reload fails for a passing reason is tried
+/// again, though no file changes again: here the certificate is also the
+/// client certificate of a `file` cluster (so the renewal rebuilds it), whose
+/// endpoint file is missing when the renewal lands. Once the file is back, the
+/// watch's retry puts the certificate in place. Before, the watch tried each
+/// file content once: the old certificate served until another change or a
+/// SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_watch_retries_a_renewal_that_failed_for_a_passing_reason() {
+    let up = upstream().start().await;
+    let ca = Ca::new("watch retry CA");
+    let (first, second) = (ca.server(&["a.example"]), ca.server(&["a.example"]));
+    let dir = TempDir::new();
+    let cert = dir.write("cert.pem", std::fs::read(&first.cert).unwrap());
+    let key = dir.write("key.pem", std::fs::read(&first.key).unwrap());
+    let eps = dir.path().join("peers.yaml");
+    write_endpoints(&eps, up.addr);
+    let text = tls_yaml(&cert, &key, up.addr)
+        + &format!(
+            "  - name: peers
+    discovery:
+      type: file
+      path: {}
+    tls:
+      sni: a.example
+      client_cert: {}
+      client_key: {}
+",
+            eps.display(),
+            cert.display(),
+            key.display()
+        );
+    let lg = start(&text, Some(Duration::from_millis(20)), 1);
+    let web = lg.addr("web");
+    let served = || async {
+        let c = tls_client(Proto::H1, web, TlsOptions::new(&first, "a.example"))
+            .await
+            .unwrap();
+        c.peer_cert.clone()
+    };
+    assert_eq!(served().await.as_ref(), Some(&first.chain[0]));
+
+    // The endpoint file is away (being rewritten, say) when the renewal lands.
+    std::fs::remove_file(&eps).unwrap();
+    let staged = dir.write("staged.pem", std::fs::read(&second.key).unwrap());
+    std::fs::rename(&staged, &key).unwrap();
+    let staged = dir.write("staged.pem", std::fs::read(&second.cert).unwrap());
+    std::fs::rename(&staged, &cert).unwrap();
+    let missing = eps.display().to_string();
+    eventually(
+        HANG_GUARD,
+        "a reload failing on the endpoint file",
+        || async {
+            let (_, body) = lg.admin(Method::GET, "/reload").await;
+            let v: Value = serde_json::from_str(&body).ok()?;
+            (v["last"]["result"] == "error"
+                && v["last"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(&missing)))
+            .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(served().await.as_ref(), Some(&first.chain[0]));
+
+    // The file is back; no watched file changes again.
+    write_endpoints(&eps, up.addr);
+    eventually(HANG_GUARD, "the renewed certificate served", || async {
+        (served().await.as_ref() == Some(&second.chain[0])).then_some(())
+    })
+    .await;
+    let (_, body) = lg.admin(Method::GET, "/reload").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["last"]["result"], "ok", "{v}");
+    assert_eq!(v["last"]["trigger"], "watch", "{v}");
+}
+
 each_proto!(
     /// A certificate renewed at the same paths (the config unchanged) is served
     /// after a reload, to new connections, while connections made before keep
