@@ -45,7 +45,8 @@
 //! health-check / discovery thread is restarted for the new set (checks of kept
 //! clusters start again from their current flags). Stats counters are by name,
 //! so they keep counting. Not reloadable (logged, listed in the reload's `notes`,
-//! need a hot restart): `admin.address` and `access_log`.
+//! need a hot restart): `admin.address` and `access_log`; the config in force
+//! (`/config_dump`) keeps their values in use.
 //!
 //! **Plugins.** A plugin reload compiles and configures that plugin's module again
 //! (every route override of it too, and the plugins it shares a proxy-wasm VM
@@ -65,6 +66,7 @@
 //! then rename) so a half-written file is never picked up.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -534,6 +536,11 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
     for n in &notes {
         tracing::warn!("reload: {n}");
     }
+    // What the process keeps using until a restart stays in the config in
+    // force, so `/config_dump` shows the admin address and access log this
+    // process serves and writes, not the file's new ones (the notes say so).
+    cfg.admin.address = old.config.admin.address.clone();
+    cfg.access_log = old.config.access_log.clone();
     let config = Arc::new(cfg);
     let stats = &shared.stats;
     // A changed cluster's counters go on from the old ones (Envoy keeps a
@@ -608,6 +615,7 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<PlannedListeners, 
     let current = shared.listener_set();
     let mut next: Vec<Arc<Bound>> = Vec::new();
     let (mut kept, mut changed, mut added) = (Vec::new(), Vec::new(), Vec::new());
+    let mut moved = Vec::new();
     let (mut renewed, mut certificates) = (Vec::new(), Vec::new());
     for l in &config.listeners {
         let l = &l.value;
@@ -660,9 +668,43 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<PlannedListeners, 
                 }
             }
             None => {
-                let (ctx, socket) = ListenerCtx::bind(l, &shared.stats)
-                    .map_err(|e| format!("listener `{}` on {}: {e:#}", l.name, l.address.value))?;
-                added.push(l.name.to_string());
+                let (ctx, socket) = ListenerCtx::bind(l, &shared.stats).map_err(|e| {
+                    let own = l.address.value.parse::<SocketAddr>().ok().and_then(|want| {
+                        current
+                            .iter()
+                            .find(|b| config::addresses_overlap(b.ctx.local_addr, want))
+                    });
+                    match own {
+                        // `EADDRINUSE` from this very process: say so, and how to get there.
+                        Some(b) => format!(
+                            "listener `{}` on {}: {e:#}: the other process is this Legate, \
+                             whose listener `{}` listens on {} (the same port, and the same IP \
+                             or a wildcard) until this reload would close it; a reload binds \
+                             new addresses before it closes old ones. Reload in two steps \
+                             (first move `{}` to another port, then to {}), or restart Legate",
+                            l.name,
+                            l.address.value,
+                            b.ctx.name,
+                            b.ctx.local_addr,
+                            b.ctx.name,
+                            l.address.value
+                        ),
+                        None => format!("listener `{}` on {}: {e:#}", l.name, l.address.value),
+                    }
+                })?;
+                // A listener of this name on another address moved: changed,
+                // not a new listener.
+                match by_name {
+                    Some(b) => {
+                        changed.push(l.name.to_string());
+                        moved.push(json!({
+                            "name": l.name.as_str(),
+                            "from": b.ctx.cfg.address.value,
+                            "to": l.address.value,
+                        }));
+                    }
+                    None => added.push(l.name.to_string()),
+                }
                 Bound {
                     ctx: Arc::new(ctx),
                     socket,
@@ -682,6 +724,7 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<PlannedListeners, 
         outcome: json!({
             "kept": kept,
             "changed": changed,
+            "moved": moved,
             "added": added,
             "removed": removed,
             "certificates_renewed": certificates,

@@ -581,8 +581,27 @@ pub fn start_with(
                 }
             }
             _ => {
-                let (ctx, socket) = ListenerCtx::bind(l, &stats)
-                    .with_context(|| format!("listener `{}` on {}", l.name, l.address.value))?;
+                let (ctx, socket) = ListenerCtx::bind(l, &stats).with_context(|| {
+                    let own = l.address.value.parse::<SocketAddr>().ok().and_then(|want| {
+                        inherited.iter().find_map(|(name, (_, s))| {
+                            let at = s.local_addr().ok()?;
+                            crate::config::addresses_overlap(at, want).then_some((name, at))
+                        })
+                    });
+                    match own {
+                        // `EADDRINUSE` from the process this one takes over from.
+                        Some((name, at)) => format!(
+                            "listener `{}` on {} (the running Legate's listener `{name}` \
+                             listens on {at}, the same port with the same IP or a wildcard, \
+                             and keeps it until it has drained, so a hot restart cannot bind \
+                             this address; the running Legate keeps serving. Upgrade in two \
+                             steps (first move the listener to another port, then to {}), or \
+                             stop and start)",
+                            l.name, l.address.value, l.address.value
+                        ),
+                        None => format!("listener `{}` on {}", l.name, l.address.value),
+                    }
+                })?;
                 Bound {
                     ctx: Arc::new(ctx),
                     socket,

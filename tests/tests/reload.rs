@@ -699,6 +699,98 @@ each_proto!(
     }
 );
 
+/// A reload does not rebind the admin listener nor reopen a changed access
+/// log (its notes say so): `/config_dump`, the config in force, shows the
+/// admin address and access log the process uses, not the file's new ones,
+/// and the rest of the reloaded config. Before, it showed the reloaded values,
+/// which were in force nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_dump_shows_the_admin_address_and_access_log_in_force() {
+    let (a, b) = (upstream().start().await, upstream().start().await);
+    let text = yaml(a.addr, false, "", "", "");
+    let lg = start(&text, None, 1);
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let moved = free_addr();
+    let v = lg
+        .reload_ok(
+            &(yaml(b.addr, false, "", "", "").replace(
+                "admin:\n  address: 127.0.0.1:0\n",
+                &format!("admin:\n  address: {moved}\n"),
+            ) + &format!("access_log:\n  path: {}\n", log.display())),
+        )
+        .await;
+    let notes = v["notes"].to_string();
+    assert!(notes.contains("admin.address changed"), "{v}");
+    assert!(notes.contains("access_log changed"), "{v}");
+    let (status, body) = lg.admin(Method::GET, "/config_dump").await;
+    assert_eq!(status, 200, "{body}");
+    let dump: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(dump["admin"]["address"], "127.0.0.1:0", "{dump}");
+    assert!(dump.get("access_log").is_none_or(Value::is_null), "{dump}");
+    assert_eq!(
+        dump["clusters"][0]["endpoints"][0]["address"],
+        b.addr.to_string(),
+        "{dump}"
+    );
+}
+
+/// A reload that moves a listener to another address reports it as changed,
+/// from the old address to the new, not as a new listener (before, it was
+/// listed only under `added`, and nowhere as gone from its old address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_listener_is_reported_as_changed_with_its_addresses() {
+    let up = upstream().start().await;
+    let text = yaml(up.addr, false, "", "", "");
+    let lg = start(&text, None, 1);
+    let to = free_addr();
+    let v = lg
+        .reload_ok(&text.replace(
+            "    address: 127.0.0.1:0\n    http:",
+            &format!("    address: {to}\n    http:"),
+        ))
+        .await;
+    let l = &v["listeners"];
+    assert_eq!(l["changed"], json!(["web"]), "{v}");
+    assert_eq!(l["added"], json!([]), "{v}");
+    assert_eq!(
+        l["moved"],
+        json!([{ "name": "web", "from": "127.0.0.1:0", "to": to.to_string() }]),
+        "{v}"
+    );
+    let mut c = client(Proto::H1, to).await;
+    assert_eq!(c.get("/x").send().await.status, 200);
+}
+
+/// A reload that moves a listener to an address overlapping its own (the
+/// same port, from 127.0.0.1 to the wildcard) cannot bind it while the old
+/// socket listens: the error says the port is this Legate's own and how to
+/// get there, where before it asked whether another process used it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_onto_an_overlapping_address_says_the_port_is_legates_own() {
+    let up = upstream().start().await;
+    let web = free_addr();
+    let text = yaml(up.addr, false, "", "", "").replace(
+        "    address: 127.0.0.1:0\n    http:",
+        &format!("    address: {web}\n    http:"),
+    );
+    let lg = start(&text, None, 1);
+    let wildcard = format!("0.0.0.0:{}", web.port());
+    let e = lg
+        .reload_rejected(&text.replace(&web.to_string(), &wildcard))
+        .await;
+    assert!(
+        e.contains(&format!(
+            "the other process is this Legate, whose listener `web` listens on {web}"
+        )),
+        "{e}"
+    );
+    assert!(e.contains("Reload in two steps"), "{e}");
+    // Still served where it was.
+    let mut c = client(Proto::H1, web).await;
+    assert_eq!(c.get("/x").send().await.status, 200);
+}
+
 /// A config for [`discovery_follows_reloads`]: cluster `backend` discovered from
 /// the endpoint file `eps`; `tag` is added as a response header by the route (a
 /// change that keeps the cluster).
