@@ -114,6 +114,10 @@ pub struct Adopted {
 pub type SocketId = (u64, u64);
 
 /// The identity of socket `s`, if `fstat` works on it.
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "`st_dev` and `st_ino` are not u64 on every target"
+)]
 pub fn socket_id(s: &impl AsFd) -> Option<SocketId> {
     rustix::fs::fstat(s)
         .ok()

@@ -187,7 +187,7 @@ fn kubernetes_readme_reloads_with_what_the_image_has() {
     let image = dockerfile
         .lines()
         .filter_map(|l| l.strip_prefix("FROM "))
-        .last()
+        .next_back()
         .unwrap();
     assert!(image.starts_with("debian:bookworm-slim"), "{image}");
     assert!(!dockerfile.contains("procps"), "{dockerfile}");
