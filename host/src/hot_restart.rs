@@ -19,10 +19,18 @@
 //!    `initial_fetch_timeout`: a connection it took before could only get 503),
 //!    and accepts — both processes now accept on the same sockets, so
 //!    connections queue in one backlog whoever accepts them;
-//! 3. sends `DRAIN`: the old process stops accepting (including on the admin
-//!    socket) and drains as on SIGTERM (in-flight requests finish; HTTP/1.1
-//!    connections get `Connection: close` on their next response, HTTP/2 a GOAWAY),
-//!    answers `OK`, and exits when drained;
+//! 3. sends `DRAIN` with the names of the listeners whose sockets it adopted
+//!    and whether it adopted the admin socket ([`Adopted`]): the old process
+//!    stops accepting (including on the admin socket) and drains as on SIGTERM
+//!    (in-flight requests finish; HTTP/1.1 connections get `Connection: close`
+//!    on their next response, HTTP/2 a GOAWAY), answers `OK`, and exits when
+//!    drained. A socket the new process did not adopt (its config dropped or
+//!    moved that listener, or the admin address) stops listening at once, as on
+//!    SIGTERM: a client is refused there instead of waiting in a backlog no one
+//!    accepts from until the old process exits. (The adopted ones stay open:
+//!    the new process serves on them.) With an older Legate on either side,
+//!    which sends a bare `DRAIN` or does not offer [`Offer::adoption`], every
+//!    socket is kept listening until the old process exits, as before;
 //! 4. takes over the upgrade socket path for the next upgrade.
 //!
 //! If the new process fails before step 3 (bad config, crash), the old one keeps
@@ -81,10 +89,52 @@ struct Offer {
     /// In the order of the passed sockets; the admin socket comes after them.
     listeners: Vec<Passed>,
     admin: bool,
+    /// The old process understands `DRAIN` followed by [`Adopted`] (absent from
+    /// a Legate that predates it, which is sent a bare `DRAIN`).
+    #[serde(default)]
+    adoption: bool,
     /// The old process's counters and histograms when it passed the sockets
     /// (absent from a Legate that predates carrying them).
     #[serde(default)]
     stats: Carried,
+}
+
+/// What the new process serves on of what it was passed: sent with `DRAIN`,
+/// so the old process stops listening on the rest.
+#[derive(Serialize, Deserialize, Default, Debug, Clone, PartialEq, Eq)]
+pub struct Adopted {
+    /// The listeners (their names in the [`Offer`]) whose sockets it adopted.
+    pub listeners: Vec<String>,
+    /// Whether it adopted the admin socket.
+    pub admin: bool,
+}
+
+/// A socket's identity whatever descriptor refers to it (a reload duplicates
+/// a kept listener's socket): its device and inode.
+pub type SocketId = (u64, u64);
+
+/// The identity of socket `s`, if `fstat` works on it.
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "`st_dev` and `st_ino` are not u64 on every target"
+)]
+pub fn socket_id(s: &impl AsFd) -> Option<SocketId> {
+    rustix::fs::fstat(s)
+        .ok()
+        .map(|st| (st.st_dev as u64, st.st_ino as u64))
+}
+
+/// Parses the new process's go-ahead: `DRAIN` alone (a Legate that does not
+/// say what it adopted: `None`) or `DRAIN {json}`.
+fn parse_drain(line: &str) -> anyhow::Result<Option<Adopted>> {
+    let line = line.trim();
+    match line.strip_prefix("DRAIN") {
+        Some("") => Ok(None),
+        Some(rest) if rest.starts_with(' ') => Ok(Some(
+            serde_json::from_str(rest.trim()).context("the sockets the new process adopted")?,
+        )),
+        _ => bail!("the new process did not take over ({line:?})"),
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -324,6 +374,7 @@ fn hand_over(
             })
             .collect(),
         admin: true,
+        adoption: true,
         stats: carry(shared),
     };
     let mut fds: Vec<BorrowedFd<'_>> = set.iter().map(|b| b.socket.as_fd()).collect();
@@ -337,8 +388,33 @@ fn hand_over(
     );
     line.clear();
     reader.read_line(&mut line)?;
-    if line.trim() != "DRAIN" {
-        bail!("the new process did not take over ({:?})", line.trim());
+    let adopted = parse_drain(&line)?;
+    if let Some(a) = &adopted {
+        let ids = set
+            .iter()
+            .filter(|b| a.listeners.iter().any(|n| *n == b.ctx.name.as_str()))
+            .filter_map(|b| socket_id(&b.socket))
+            .collect();
+        *shared
+            .adopted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(ids);
+        if !a.admin {
+            // The new process bound another admin address: this one is not
+            // served after this process, so it stops listening now.
+            let _ = socket2::SockRef::from(admin).shutdown(std::net::Shutdown::Read);
+        }
+        let released = set
+            .iter()
+            .filter(|b| !a.listeners.iter().any(|n| *n == b.ctx.name.as_str()))
+            .count();
+        if released > 0 || !a.admin {
+            tracing::info!(
+                "hot restart: the new process did not take {released} listening socket(s){}; \
+                 they stop listening now",
+                if a.admin { "" } else { " and the admin socket" }
+            );
+        }
     }
     shared.handed_over.send_replace(true);
     shared.start_drain();
@@ -437,6 +513,8 @@ pub struct Inherited {
     /// The old process's counters and histograms when it passed the sockets: to
     /// start from ([`crate::server::ProcessOptions::inherited_stats`]).
     pub stats: Carried,
+    /// The old process takes [`Adopted`] with `DRAIN`.
+    adoption: bool,
 }
 
 /// Connects to the running process on `path` and receives its sockets.
@@ -477,15 +555,22 @@ pub fn take_over(path: &Path) -> anyhow::Result<Inherited> {
         admin,
         pid: offer.pid,
         stats: offer.stats,
+        adoption: offer.adoption,
     })
 }
 
 impl Inherited {
     /// Tells the old process to stop accepting and drain (call once this process
-    /// serves); waits for its `OK`. Its final counts, sent when it has drained,
-    /// are added to `stats` as they arrive.
-    pub fn finish(mut self, shared: Arc<Shared>) -> anyhow::Result<()> {
-        (&self.stream).write_all(b"DRAIN\n")?;
+    /// serves on the sockets `adopted` says); waits for its `OK`. Its final
+    /// counts, sent when it has drained, are added to `stats` as they arrive.
+    pub fn finish(mut self, shared: Arc<Shared>, adopted: &Adopted) -> anyhow::Result<()> {
+        let mut go = b"DRAIN".to_vec();
+        if self.adoption {
+            go.push(b' ');
+            serde_json::to_writer(&mut go, adopted)?;
+        }
+        go.push(b'\n');
+        (&self.stream).write_all(&go)?;
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
         if line.trim() != "OK" {
@@ -551,6 +636,32 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert_eq!(left.len(), 1, "{left:?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `DRAIN` alone is an older Legate's (every socket kept); with what was
+    /// adopted, the rest is released; anything else fails the handover.
+    #[test]
+    fn the_go_ahead_says_what_the_new_process_adopted() {
+        assert_eq!(parse_drain("DRAIN\n").unwrap(), None);
+        let a = Adopted {
+            listeners: vec!["web".into()],
+            admin: false,
+        };
+        let line = format!("DRAIN {}\n", serde_json::to_string(&a).unwrap());
+        assert_eq!(parse_drain(&line).unwrap(), Some(a));
+        assert!(parse_drain("DRAINED\n").is_err());
+        assert!(parse_drain("DRAIN {\n").is_err());
+        assert!(parse_drain("FDS\n").is_err());
+    }
+
+    /// A duplicated descriptor is the same socket; another socket is not.
+    #[test]
+    fn a_socket_is_known_whatever_its_descriptor() {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let id = socket_id(&a).unwrap();
+        assert_eq!(socket_id(&a.try_clone().unwrap()), Some(id));
+        assert_ne!(socket_id(&b), Some(id));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The `legate` command: `legate run -c plugins.yaml`, `legate check -c plugins.yaml`,
-//! `legate plugin build PATH`.
+//! `legate plugin build PATH`, `legate plugin list`, `legate plugin measure NAME`.
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -58,7 +58,8 @@ enum Command {
         #[arg(short, long, default_value = "plugins.yaml")]
         config: PathBuf,
     },
-    /// Plugin tools: `legate plugin build PATH [--out FILE]`.
+    /// Plugin tools: `build` a plugin crate into a component, `list` the
+    /// plugins built into this binary, `measure` what an instance costs.
     Plugin {
         #[command(subcommand)]
         command: legate_host::plugin_build::PluginCommand,
@@ -295,7 +296,7 @@ fn run(
         // This process serves on every socket already: a handover the old
         // process did not confirm (it exited, or drained meanwhile) must not
         // stop it too, which would leave nothing serving.
-        if let Err(e) = i.finish(handle.shared()) {
+        if let Err(e) = i.finish(handle.shared(), handle.adopted()) {
             tracing::error!(
                 "hot restart: {e:#}; serving anyway (if the old process still runs, \
                  stop it: both accept on the same sockets)"

@@ -45,7 +45,8 @@
 //! health-check / discovery thread is restarted for the new set (checks of kept
 //! clusters start again from their current flags). Stats counters are by name,
 //! so they keep counting. Not reloadable (logged, listed in the reload's `notes`,
-//! need a hot restart): `admin.address` and `access_log`.
+//! need a hot restart): `admin.address` and `access_log`; the config in force
+//! (`/config_dump`) keeps their values in use.
 //!
 //! **Plugins.** A plugin reload compiles and configures that plugin's module again
 //! (every route override of it too, and the plugins it shares a proxy-wasm VM
@@ -65,6 +66,7 @@
 //! then rename) so a half-written file is never picked up.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -398,6 +400,16 @@ impl Reloader {
 /// Reloads the config file: validates and builds everything first; on any error
 /// nothing changes. Returns the outcome (what changed) as JSON.
 pub fn reload_config(shared: &Arc<Shared>, trigger: Trigger) -> Result<Value, ReloadError> {
+    reload_config_as(shared, trigger, None)
+}
+
+/// As [`reload_config`]; a failure whose error is `logged` (the watch's retry
+/// failing as before) is logged at debug level, not again as an error.
+fn reload_config_as(
+    shared: &Arc<Shared>,
+    trigger: Trigger,
+    logged: Option<&str>,
+) -> Result<Value, ReloadError> {
     let r = &shared.reloader;
     let _one = r.lock.lock().unwrap_or_else(PoisonError::into_inner);
     let started = Instant::now();
@@ -432,10 +444,17 @@ pub fn reload_config(shared: &Arc<Shared>, trigger: Trigger) -> Result<Value, Re
         }
         Err(e) => {
             r.failed.inc();
-            tracing::error!(
-                trigger = trigger.as_str(),
-                "config reload failed; the config in force is unchanged:\n{e}"
-            );
+            if logged == Some(e.as_str()) {
+                tracing::debug!(
+                    trigger = trigger.as_str(),
+                    "config reload failed again, as before:\n{e}"
+                );
+            } else {
+                tracing::error!(
+                    trigger = trigger.as_str(),
+                    "config reload failed; the config in force is unchanged:\n{e}"
+                );
+            }
             r.finish(json!({
                 "result": "error",
                 "trigger": trigger.as_str(),
@@ -517,6 +536,11 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
     for n in &notes {
         tracing::warn!("reload: {n}");
     }
+    // What the process keeps using until a restart stays in the config in
+    // force, so `/config_dump` shows the admin address and access log this
+    // process serves and writes, not the file's new ones (the notes say so).
+    cfg.admin.address = old.config.admin.address.clone();
+    cfg.access_log = old.config.access_log.clone();
     let config = Arc::new(cfg);
     let stats = &shared.stats;
     // A changed cluster's counters go on from the old ones (Envoy keeps a
@@ -591,6 +615,7 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<PlannedListeners, 
     let current = shared.listener_set();
     let mut next: Vec<Arc<Bound>> = Vec::new();
     let (mut kept, mut changed, mut added) = (Vec::new(), Vec::new(), Vec::new());
+    let mut moved = Vec::new();
     let (mut renewed, mut certificates) = (Vec::new(), Vec::new());
     for l in &config.listeners {
         let l = &l.value;
@@ -643,9 +668,43 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<PlannedListeners, 
                 }
             }
             None => {
-                let (ctx, socket) = ListenerCtx::bind(l, &shared.stats)
-                    .map_err(|e| format!("listener `{}` on {}: {e:#}", l.name, l.address.value))?;
-                added.push(l.name.to_string());
+                let (ctx, socket) = ListenerCtx::bind(l, &shared.stats).map_err(|e| {
+                    let own = l.address.value.parse::<SocketAddr>().ok().and_then(|want| {
+                        current
+                            .iter()
+                            .find(|b| config::addresses_overlap(b.ctx.local_addr, want))
+                    });
+                    match own {
+                        // `EADDRINUSE` from this very process: say so, and how to get there.
+                        Some(b) => format!(
+                            "listener `{}` on {}: {e:#}: the other process is this Legate, \
+                             whose listener `{}` listens on {} (the same port, and the same IP \
+                             or a wildcard) until this reload would close it; a reload binds \
+                             new addresses before it closes old ones. Reload in two steps \
+                             (first move `{}` to another port, then to {}), or restart Legate",
+                            l.name,
+                            l.address.value,
+                            b.ctx.name,
+                            b.ctx.local_addr,
+                            b.ctx.name,
+                            l.address.value
+                        ),
+                        None => format!("listener `{}` on {}: {e:#}", l.name, l.address.value),
+                    }
+                })?;
+                // A listener of this name on another address moved: changed,
+                // not a new listener.
+                match by_name {
+                    Some(b) => {
+                        changed.push(l.name.to_string());
+                        moved.push(json!({
+                            "name": l.name.as_str(),
+                            "from": b.ctx.cfg.address.value,
+                            "to": l.address.value,
+                        }));
+                    }
+                    None => added.push(l.name.to_string()),
+                }
                 Bound {
                     ctx: Arc::new(ctx),
                     socket,
@@ -665,6 +724,7 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<PlannedListeners, 
         outcome: json!({
             "kept": kept,
             "changed": changed,
+            "moved": moved,
             "added": added,
             "removed": removed,
             "certificates_renewed": certificates,
@@ -848,6 +908,32 @@ fn stamp(path: &Path) -> Option<Stamp> {
 /// reloaded twice).
 const RACY: Duration = Duration::from_secs(2);
 
+/// The first wait before the watch tries a failed config reload again
+/// ([`Retry`]); each further failure doubles it, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+
+/// The longest wait between two retries of a failed config reload.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// A config reload the watch started that failed: the files it was for (the
+/// config file, the TLS files of listeners and clusters) still differ from
+/// what is in force, so it is tried again at `at`, though no file changes
+/// again. The failure may be passing (a `file` cluster's endpoint file
+/// briefly missing when a renewed certificate rebuilds the cluster, a DNS
+/// blip), and nothing else would retry it: the watch tries each content of a
+/// file once. Retries back off (1 s doubling to 1 min) so a config that fails
+/// the same way each time is not rebuilt in a loop, and such a failure is
+/// logged once, not at each retry.
+#[derive(Debug)]
+struct Retry {
+    /// When to try again.
+    at: Instant,
+    /// The wait before `at`; the next one is twice it.
+    backoff: Duration,
+    /// The last attempt's error.
+    error: String,
+}
+
 /// Starts the thread that polls the config file and plugin modules every `every`.
 pub fn spawn_watch(shared: &Arc<Shared>, every: Duration) -> std::io::Result<()> {
     let weak = Arc::downgrade(shared);
@@ -855,15 +941,23 @@ pub fn spawn_watch(shared: &Arc<Shared>, every: Duration) -> std::io::Result<()>
         .name("legate-watch".into())
         .spawn(move || {
             let mut stamps: HashMap<PathBuf, Stamp> = HashMap::new();
-            // Content last tried per file: a broken version is tried once.
+            // Content last tried per file: a broken version is tried once
+            // because it changed; [`Retry`] tries it again while it is not in force.
             let mut tried: HashMap<PathBuf, String> = HashMap::new();
             let mut generation = 0;
+            let mut retry = None;
             loop {
                 let Some(shared) = weak.upgrade() else { return };
                 if shared.is_draining() {
                     return;
                 }
-                watch_once(&shared, &mut stamps, &mut tried, &mut generation);
+                watch_once(
+                    &shared,
+                    &mut stamps,
+                    &mut tried,
+                    &mut generation,
+                    &mut retry,
+                );
                 drop(shared);
                 std::thread::sleep(every);
             }
@@ -871,11 +965,75 @@ pub fn spawn_watch(shared: &Arc<Shared>, every: Duration) -> std::io::Result<()>
         .map(|_| ())
 }
 
+/// A config reload by the watch; a failure schedules a [`Retry`], a success
+/// ends the retries.
+fn watch_reload(shared: &Arc<Shared>, retry: &mut Option<Retry>) {
+    let logged = retry.take().map(|r| (r.error, r.backoff));
+    let failed = match reload_config_as(
+        shared,
+        Trigger::Watch,
+        logged.as_ref().map(|(e, _)| e.as_str()),
+    ) {
+        Ok(_) => return,
+        Err(ReloadError::Failed(e)) => e,
+        Err(e) => e.to_string(),
+    };
+    if shared.is_draining() {
+        return;
+    }
+    // The same failure again backs off further; another one starts over.
+    let backoff = match logged {
+        Some((e, backoff)) if e == failed => (backoff * 2).min(RETRY_MAX),
+        _ => {
+            tracing::warn!(
+                "the file watch tries this config again in {}s, then less and less often \
+                 (up to every {}s), while the files differ from what is in force",
+                RETRY_FIRST.as_secs(),
+                RETRY_MAX.as_secs()
+            );
+            RETRY_FIRST
+        }
+    };
+    *retry = Some(Retry {
+        at: Instant::now() + backoff,
+        backoff,
+        error: failed,
+    });
+}
+
+/// Whether the files the watch reloads the config for differ from what is in
+/// force: the config file's content, or the TLS files of a listener or
+/// cluster. (A file that cannot be read differs: the reload says why.)
+fn out_of_date(shared: &Shared) -> bool {
+    let r = &shared.reloader;
+    let config = r
+        .path
+        .as_ref()
+        .is_some_and(|path| std::fs::read(path).ok().map(|b| sha256_hex(&b)) != r.applied_hash());
+    let listeners = shared.listener_set().iter().any(|b| {
+        b.ctx
+            .cfg
+            .tls
+            .as_ref()
+            .is_some_and(|tls| b.ctx.tls_files() != Some(crate::tls::files_digest(tls)))
+    });
+    let snap = shared.snapshot.load_full();
+    let clusters = snap.config.clusters.iter().any(|c| {
+        c.value.tls.is_some()
+            && snap
+                .clusters
+                .get(&c.value.name)
+                .is_some_and(|entry| !entry.upstream.same_tls_files(&c.value))
+    });
+    config || listeners || clusters
+}
+
 fn watch_once(
     shared: &Arc<Shared>,
     stamps: &mut HashMap<PathBuf, Stamp>,
     tried: &mut HashMap<PathBuf, String>,
     generation: &mut u64,
+    retry: &mut Option<Retry>,
 ) {
     let r = &shared.reloader;
     // A config put in force since the last poll (by SIGHUP or the admin API
@@ -888,6 +1046,14 @@ fn watch_once(
         if let Some(path) = &r.path {
             tried.remove(path);
         }
+    }
+    if retry.as_ref().is_some_and(|r| Instant::now() >= r.at) {
+        if out_of_date(shared) {
+            watch_reload(shared, retry);
+            return;
+        }
+        // Put in force meanwhile (by SIGHUP, say), or the files went back.
+        *retry = None;
     }
     // Returns the content hash when `path` changed since the last poll. The first
     // poll of a file hashes it too: it may have changed between the load and the
@@ -920,7 +1086,7 @@ fn watch_once(
         if let Some(hash) = changed(&path, stamps, tried) {
             if r.applied_hash().as_deref() != Some(hash.as_str()) {
                 // Errors are logged and counted by the reload itself.
-                let _ = reload_config(shared, Trigger::Watch);
+                watch_reload(shared, retry);
                 return;
             }
         }
@@ -951,7 +1117,7 @@ fn watch_once(
         renewed |= touched > 0 && !entry.upstream.same_tls_files(&c.value);
     }
     if renewed {
-        let _ = reload_config(shared, Trigger::Watch);
+        watch_reload(shared, retry);
         return;
     }
     // Each file looked at once per poll, then every plugin loaded from it
@@ -978,7 +1144,7 @@ fn watch_once(
                         .is_some_and(|t| r.applied_hash().as_deref() != Some(t.as_str()));
                     if pending {
                         tried.remove(path);
-                        let _ = reload_config(shared, Trigger::Watch);
+                        watch_reload(shared, retry);
                         return;
                     }
                 }

@@ -315,6 +315,11 @@ pub struct Shared {
     /// Turns true when a new process took over (hot restart): the admin listener
     /// stops accepting too, since the new process serves on the same socket.
     pub handed_over: watch::Sender<bool>,
+    /// The listening sockets the process that took over serves on (by
+    /// [`crate::hot_restart::socket_id`]), set before `handed_over` turns true;
+    /// `None`: every one (a successor that predates telling which). The drain
+    /// stops listening on the others.
+    pub adopted: Mutex<Option<Vec<crate::hot_restart::SocketId>>>,
     /// The upgrade connection of the process that took over, for this process's
     /// final counts ([`crate::hot_restart::send_final_stats`]).
     pub successor: Mutex<Option<std::os::unix::net::UnixStream>>,
@@ -331,19 +336,27 @@ impl Shared {
     pub fn start_drain(&self) {
         let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
         let handed_over = *self.handed_over.borrow();
+        let adopted = self.adopted.lock().unwrap_or_else(PoisonError::into_inner);
         for b in self.listeners.borrow().iter() {
             b.ctx.close();
-            if !handed_over {
+            // After a hot restart's handover the successor serves on the
+            // sockets it adopted: those are kept. Not the others (a listener
+            // its config dropped or moved, or one a reload added meanwhile).
+            let successor_serves = handed_over
+                && adopted.as_ref().is_none_or(|ids| {
+                    crate::hot_restart::socket_id(&b.socket).is_some_and(|id| ids.contains(&id))
+                });
+            if !successor_serves {
                 // Stop listening too (Linux: a listening socket shut down for
                 // reading leaves the listening state): the kernel would go on
                 // completing handshakes into a backlog nobody accepts from, and
                 // clients would connect, then hang until the process exits.
                 // Refused, they fail over at once, as when nginx's graceful
-                // stop closes its listening sockets. After a hot restart's
-                // handover the successor serves on these same sockets: kept.
+                // stop closes its listening sockets.
                 let _ = socket2::SockRef::from(&b.socket).shutdown(std::net::Shutdown::Read);
             }
         }
+        drop(adopted);
         self.draining.send_replace(true);
         self.health_stop
             .lock()
@@ -499,6 +512,8 @@ pub struct Handle {
     admin_thread: Option<JoinHandle<()>>,
     admin_stop: Arc<tokio::sync::Notify>,
     stopped: Arc<AtomicBool>,
+    /// The sockets of a hot restart's old process this one serves on.
+    adopted: crate::hot_restart::Adopted,
 }
 
 /// What `legate check` runs: everything `legate run` builds from `config`
@@ -551,6 +566,7 @@ pub fn start_with(
 
     let hot_restart = !process.inherited.is_empty() || process.inherited_admin.is_some();
     let mut inherited = process.inherited;
+    let offered: Vec<String> = inherited.keys().cloned().collect();
     let mut bound = Vec::new();
     for l in &config.listeners {
         let l = &l.value;
@@ -565,8 +581,27 @@ pub fn start_with(
                 }
             }
             _ => {
-                let (ctx, socket) = ListenerCtx::bind(l, &stats)
-                    .with_context(|| format!("listener `{}` on {}", l.name, l.address.value))?;
+                let (ctx, socket) = ListenerCtx::bind(l, &stats).with_context(|| {
+                    let own = l.address.value.parse::<SocketAddr>().ok().and_then(|want| {
+                        inherited.iter().find_map(|(name, (_, s))| {
+                            let at = s.local_addr().ok()?;
+                            crate::config::addresses_overlap(at, want).then_some((name, at))
+                        })
+                    });
+                    match own {
+                        // `EADDRINUSE` from the process this one takes over from.
+                        Some((name, at)) => format!(
+                            "listener `{}` on {} (the running Legate's listener `{name}` \
+                             listens on {at}, the same port with the same IP or a wildcard, \
+                             and keeps it until it has drained, so a hot restart cannot bind \
+                             this address; the running Legate keeps serving. Upgrade in two \
+                             steps (first move the listener to another port, then to {}), or \
+                             stop and start)",
+                            l.name, l.address.value, l.address.value
+                        ),
+                        None => format!("listener `{}` on {}", l.name, l.address.value),
+                    }
+                })?;
                 Bound {
                     ctx: Arc::new(ctx),
                     socket,
@@ -575,6 +610,13 @@ pub fn start_with(
         };
         bound.push(Arc::new(b));
     }
+    let mut adopted = crate::hot_restart::Adopted {
+        listeners: offered
+            .into_iter()
+            .filter(|n| !inherited.contains_key(n))
+            .collect(),
+        admin: false,
+    };
     if !inherited.is_empty() {
         let names: Vec<_> = inherited.keys().cloned().collect();
         tracing::info!(
@@ -590,7 +632,10 @@ pub fn start_with(
         .parse()
         .context("admin address")?;
     let admin_socket = match process.inherited_admin {
-        Some(s) if serves_admin_address(&s, admin_addr) => s,
+        Some(s) if serves_admin_address(&s, admin_addr) => {
+            adopted.admin = true;
+            s
+        }
         Some(old) => {
             // `admin.address` changed: the old socket is closed here (the old
             // process keeps its own until it drains) and the new address bound.
@@ -636,6 +681,7 @@ pub fn start_with(
         commit: Mutex::new(()),
         health_stop: Mutex::new((watch::channel(false).0, None)),
         handed_over: watch::channel(false).0,
+        adopted: Mutex::new(None),
         successor: Mutex::new(None),
     });
     shared.reloader.record_initial(&shared);
@@ -717,6 +763,7 @@ pub fn start_with(
         admin_thread: Some(admin_thread),
         admin_stop,
         stopped: Arc::new(AtomicBool::new(false)),
+        adopted,
     })
 }
 
@@ -805,6 +852,12 @@ impl Handle {
     /// A duplicate of the admin socket (for a hot restart's handover).
     pub fn admin_socket(&self) -> std::io::Result<std::net::TcpListener> {
         self.admin_socket.try_clone()
+    }
+
+    /// The sockets handed over by a hot restart's old process that this one
+    /// serves on (for [`crate::hot_restart::Inherited::finish`]).
+    pub fn adopted(&self) -> &crate::hot_restart::Adopted {
+        &self.adopted
     }
 
     /// The metrics registry.

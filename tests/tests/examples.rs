@@ -144,6 +144,70 @@ fn kubernetes_configmap_config_is_valid() {
     );
 }
 
+/// `legate --help` names every `legate plugin` subcommand in its line for
+/// `plugin` (it said only `build` when `list` and `measure` existed).
+#[test]
+fn legate_help_names_every_plugin_subcommand() {
+    let help = |args: &[&str]| {
+        let out = Command::new(workspace_bin("legate"))
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let top = help(&["--help"]);
+    let line = top
+        .lines()
+        .find(|l| l.trim_start().starts_with("plugin "))
+        .unwrap_or_else(|| panic!("no `plugin` line:\n{top}"));
+    let plugin = help(&["plugin", "--help"]);
+    let subcommands: Vec<&str> = plugin
+        .split("Commands:\n")
+        .nth(1)
+        .expect("no Commands section")
+        .lines()
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(subcommands.len() >= 3, "{plugin}");
+    for c in subcommands {
+        assert!(line.contains(&format!("`{c}`")), "`{c}` not in {line:?}");
+    }
+}
+
+/// The Kubernetes README's ways to reload work in the image: it is
+/// `debian:bookworm-slim`, with curl but without procps, so there is no
+/// `/bin/kill` for `kubectl exec … -- kill`: the shell's builtin is used, or
+/// the admin API with curl.
+#[test]
+fn kubernetes_readme_reloads_with_what_the_image_has() {
+    let readme = read("examples/kubernetes/README.md");
+    let dockerfile = read("examples/kubernetes/Dockerfile");
+    let image = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .next_back()
+        .unwrap();
+    assert!(image.starts_with("debian:bookworm-slim"), "{image}");
+    assert!(!dockerfile.contains("procps"), "{dockerfile}");
+    assert!(dockerfile.contains("curl"), "{dockerfile}");
+    let text = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(!text.contains("-- kill"), "kill is no command in the image");
+    assert!(text.contains("sh -c 'kill -HUP 1'"), "{text}");
+    assert!(
+        text.contains("curl -sf -X POST http://127.0.0.1:15000/reload"),
+        "{text}"
+    );
+    for (i, _) in text.match_indices("kill -HUP 1") {
+        assert!(
+            text[..i].ends_with("sh -c '"),
+            "`kill -HUP 1` outside a shell: {}",
+            &text[i.saturating_sub(60)..i + 11]
+        );
+    }
+}
+
 /// The flags the Kubernetes Deployment gives `legate run` are ones it takes,
 /// and the writable paths it names (the upgrade socket and the compile cache,
 /// the root file system being read-only) are under a mounted volume.

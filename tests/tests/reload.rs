@@ -482,6 +482,83 @@ async fn the_file_watch_puts_a_renewed_certificate_in_place() {
     );
 }
 
+/// A renewed certificate whose reload fails for a passing reason is tried
+/// again, though no file changes again: here the certificate is also the
+/// client certificate of a `file` cluster (so the renewal rebuilds it), whose
+/// endpoint file is missing when the renewal lands. Once the file is back, the
+/// watch's retry puts the certificate in place. Before, the watch tried each
+/// file content once: the old certificate served until another change or a
+/// SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_watch_retries_a_renewal_that_failed_for_a_passing_reason() {
+    let up = upstream().start().await;
+    let ca = Ca::new("watch retry CA");
+    let (first, second) = (ca.server(&["a.example"]), ca.server(&["a.example"]));
+    let dir = TempDir::new();
+    let cert = dir.write("cert.pem", std::fs::read(&first.cert).unwrap());
+    let key = dir.write("key.pem", std::fs::read(&first.key).unwrap());
+    let eps = dir.path().join("peers.yaml");
+    write_endpoints(&eps, up.addr);
+    let text = tls_yaml(&cert, &key, up.addr)
+        + &format!(
+            "  - name: peers
+    discovery:
+      type: file
+      path: {}
+    tls:
+      sni: a.example
+      client_cert: {}
+      client_key: {}
+",
+            eps.display(),
+            cert.display(),
+            key.display()
+        );
+    let lg = start(&text, Some(Duration::from_millis(20)), 1);
+    let web = lg.addr("web");
+    let served = || async {
+        let c = tls_client(Proto::H1, web, TlsOptions::new(&first, "a.example"))
+            .await
+            .unwrap();
+        c.peer_cert.clone()
+    };
+    assert_eq!(served().await.as_ref(), Some(&first.chain[0]));
+
+    // The endpoint file is away (being rewritten, say) when the renewal lands.
+    std::fs::remove_file(&eps).unwrap();
+    let staged = dir.write("staged.pem", std::fs::read(&second.key).unwrap());
+    std::fs::rename(&staged, &key).unwrap();
+    let staged = dir.write("staged.pem", std::fs::read(&second.cert).unwrap());
+    std::fs::rename(&staged, &cert).unwrap();
+    let missing = eps.display().to_string();
+    eventually(
+        HANG_GUARD,
+        "a reload failing on the endpoint file",
+        || async {
+            let (_, body) = lg.admin(Method::GET, "/reload").await;
+            let v: Value = serde_json::from_str(&body).ok()?;
+            (v["last"]["result"] == "error"
+                && v["last"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(&missing)))
+            .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(served().await.as_ref(), Some(&first.chain[0]));
+
+    // The file is back; no watched file changes again.
+    write_endpoints(&eps, up.addr);
+    eventually(HANG_GUARD, "the renewed certificate served", || async {
+        (served().await.as_ref() == Some(&second.chain[0])).then_some(())
+    })
+    .await;
+    let (_, body) = lg.admin(Method::GET, "/reload").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["last"]["result"], "ok", "{v}");
+    assert_eq!(v["last"]["trigger"], "watch", "{v}");
+}
+
 each_proto!(
     /// A certificate renewed at the same paths (the config unchanged) is served
     /// after a reload, to new connections, while connections made before keep
@@ -621,6 +698,98 @@ each_proto!(
         assert_eq!(r.status, 200, "{}", r.text());
     }
 );
+
+/// A reload does not rebind the admin listener nor reopen a changed access
+/// log (its notes say so): `/config_dump`, the config in force, shows the
+/// admin address and access log the process uses, not the file's new ones,
+/// and the rest of the reloaded config. Before, it showed the reloaded values,
+/// which were in force nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_dump_shows_the_admin_address_and_access_log_in_force() {
+    let (a, b) = (upstream().start().await, upstream().start().await);
+    let text = yaml(a.addr, false, "", "", "");
+    let lg = start(&text, None, 1);
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let moved = free_addr();
+    let v = lg
+        .reload_ok(
+            &(yaml(b.addr, false, "", "", "").replace(
+                "admin:\n  address: 127.0.0.1:0\n",
+                &format!("admin:\n  address: {moved}\n"),
+            ) + &format!("access_log:\n  path: {}\n", log.display())),
+        )
+        .await;
+    let notes = v["notes"].to_string();
+    assert!(notes.contains("admin.address changed"), "{v}");
+    assert!(notes.contains("access_log changed"), "{v}");
+    let (status, body) = lg.admin(Method::GET, "/config_dump").await;
+    assert_eq!(status, 200, "{body}");
+    let dump: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(dump["admin"]["address"], "127.0.0.1:0", "{dump}");
+    assert!(dump.get("access_log").is_none_or(Value::is_null), "{dump}");
+    assert_eq!(
+        dump["clusters"][0]["endpoints"][0]["address"],
+        b.addr.to_string(),
+        "{dump}"
+    );
+}
+
+/// A reload that moves a listener to another address reports it as changed,
+/// from the old address to the new, not as a new listener (before, it was
+/// listed only under `added`, and nowhere as gone from its old address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_listener_is_reported_as_changed_with_its_addresses() {
+    let up = upstream().start().await;
+    let text = yaml(up.addr, false, "", "", "");
+    let lg = start(&text, None, 1);
+    let to = free_addr();
+    let v = lg
+        .reload_ok(&text.replace(
+            "    address: 127.0.0.1:0\n    http:",
+            &format!("    address: {to}\n    http:"),
+        ))
+        .await;
+    let l = &v["listeners"];
+    assert_eq!(l["changed"], json!(["web"]), "{v}");
+    assert_eq!(l["added"], json!([]), "{v}");
+    assert_eq!(
+        l["moved"],
+        json!([{ "name": "web", "from": "127.0.0.1:0", "to": to.to_string() }]),
+        "{v}"
+    );
+    let mut c = client(Proto::H1, to).await;
+    assert_eq!(c.get("/x").send().await.status, 200);
+}
+
+/// A reload that moves a listener to an address overlapping its own (the
+/// same port, from 127.0.0.1 to the wildcard) cannot bind it while the old
+/// socket listens: the error says the port is this Legate's own and how to
+/// get there, where before it asked whether another process used it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_onto_an_overlapping_address_says_the_port_is_legates_own() {
+    let up = upstream().start().await;
+    let web = free_addr();
+    let text = yaml(up.addr, false, "", "", "").replace(
+        "    address: 127.0.0.1:0\n    http:",
+        &format!("    address: {web}\n    http:"),
+    );
+    let lg = start(&text, None, 1);
+    let wildcard = format!("0.0.0.0:{}", web.port());
+    let e = lg
+        .reload_rejected(&text.replace(&web.to_string(), &wildcard))
+        .await;
+    assert!(
+        e.contains(&format!(
+            "the other process is this Legate, whose listener `web` listens on {web}"
+        )),
+        "{e}"
+    );
+    assert!(e.contains("Reload in two steps"), "{e}");
+    // Still served where it was.
+    let mut c = client(Proto::H1, web).await;
+    assert_eq!(c.get("/x").send().await.status, 200);
+}
 
 /// A config for [`discovery_follows_reloads`]: cluster `backend` discovered from
 /// the endpoint file `eps`; `tag` is added as a response header by the route (a
@@ -2243,6 +2412,118 @@ async fn hot_restart_moves_the_admin_listener() {
     );
     let mut c = client(Proto::H1, web).await;
     assert_eq!(c.get("/x").send().await.status, 200);
+    new.signal("TERM");
+    assert!(new.exited(Duration::from_secs(30)).await.success());
+}
+
+/// After a hot restart whose config drops a listener and moves the admin
+/// address, the old process, still draining a request, stops listening on the
+/// sockets the new process did not take: a client is refused there at once,
+/// as on SIGTERM or a reload that removes a listener. Before, the old process
+/// kept every socket listening until it exited (it skipped the `shutdown` of
+/// all of them once it had handed over): clients connected, hung in a backlog
+/// no one accepted from, then got a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_restart_closes_the_sockets_the_new_process_did_not_take() {
+    let release = Arc::new(AtomicBool::new(false));
+    let up = upstream().hold_until(&release).start().await;
+    legate_bin();
+    let (web, extra, old_admin, new_admin) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let dir = TempDir::new();
+    let config = |admin: SocketAddr, with_extra: bool| {
+        let text = fixed_ports(&yaml(up.addr, false, "", "", ""), web, admin).replacen(
+            "version: 1\n",
+            "version: 1\ndrain_timeout: 1h\n",
+            1,
+        );
+        if with_extra {
+            text.replace(
+                "routes:\n  - name: main",
+                &format!(
+                    "  - name: extra\n    address: {extra}\n    http:\n      routes: main\n\
+                     routes:\n  - name: main"
+                ),
+            )
+        } else {
+            text
+        }
+    };
+    let cfg = dir.write("legate.yaml", config(old_admin, true));
+    let mut old = Child::spawn(&cfg, &[]);
+    wait_ready(old_admin).await;
+    drop(
+        tokio::net::TcpStream::connect(extra)
+            .await
+            .expect("listener `extra` serves"),
+    );
+    // A request the upstream holds keeps the old process draining.
+    let held = tokio::spawn(async move {
+        let mut c = client(Proto::H1, web).await;
+        c.get("/held").try_send().await.map(|r| r.status)
+    });
+    eventually(HANG_GUARD, "the request is in flight", || async {
+        let (_, body) = admin_at(old_admin, Method::GET, "/stats").await?;
+        body.contains(r#"legate_listener_requests_active{listener="web"} 1"#)
+            .then_some(())
+    })
+    .await;
+
+    std::fs::write(&cfg, config(new_admin, false)).unwrap();
+    let log = dir.path().join("new.log");
+    let mut new = Child {
+        child: Command::new(legate_bin())
+            .args([
+                "run",
+                "--concurrency",
+                "2",
+                "--watch-interval",
+                "0",
+                "--upgrade",
+                "-c",
+            ])
+            .arg(&cfg)
+            .env("LEGATE_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn legate"),
+    };
+    // The new process logs this once the old one confirmed the handover, which
+    // it does after it began its drain.
+    eventually(Duration::from_secs(60), "the handover", || {
+        let exited = new.child.try_wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move {
+            if let Some(s) = exited {
+                panic!("the new process exited with {s}:\n{text}");
+            }
+            text.contains("is draining").then_some(())
+        }
+    })
+    .await;
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old process is draining"
+    );
+    for (what, addr) in [
+        ("the dropped listener", extra),
+        ("the old admin address", old_admin),
+    ] {
+        let refused = tokio::net::TcpStream::connect(addr).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{what} {addr} still listens in the draining old process: {refused:?}"
+        );
+    }
+    // The kept listener serves, from the new process.
+    release.store(true, Ordering::SeqCst);
+    wait_ready(new_admin).await;
+    let mut c = client(Proto::H1, web).await;
+    assert_eq!(c.get("/x").send().await.status, 200);
+    // The held request finished in the old process, which then exited.
+    assert_eq!(held.await.unwrap().map(|s| s.as_u16()).ok(), Some(200));
+    assert!(old.exited(HANG_GUARD).await.success());
     new.signal("TERM");
     assert!(new.exited(Duration::from_secs(30)).await.success());
 }

@@ -23,6 +23,7 @@ pub use load::{
 };
 pub(crate) use load::{endpoint_health_check_errors, key_position};
 pub use types::{ByteSize, Dur, KvBackendKind, KvConfig, KvTls, Name, Percent, StatusRange};
+pub use validate::addresses_overlap;
 pub(crate) use validate::{normalize_domain, split_host_port};
 
 /// The whole config file.

@@ -521,15 +521,9 @@ impl Config {
                 );
                 continue;
             };
-            // Port 0 asks the kernel for a free port: never a clash.
-            let clash = seen.iter().find(|(other, _)| {
-                addr.port() != 0
-                    && other.port() == addr.port()
-                    && other.is_ipv4() == addr.is_ipv4()
-                    && (other.ip() == addr.ip()
-                        || other.ip().is_unspecified()
-                        || addr.ip().is_unspecified())
-            });
+            let clash = seen
+                .iter()
+                .find(|(other, _)| addresses_overlap(*other, addr));
             if let Some((other, other_name)) = clash {
                 let (msg, help) = if *other == addr {
                     (
@@ -552,9 +546,44 @@ impl Config {
                 };
                 e.at(&l.address.referenced, msg, help);
             }
+            // The admin listener binds its address too: `legate run` would fail.
+            let admin = self.admin.address.value.parse::<SocketAddr>();
+            if let Some(admin) = admin.ok().filter(|a| addresses_overlap(*a, addr)) {
+                let msg = if admin == addr {
+                    format!(
+                        "listener `{}` binds {addr}, the admin address (`admin.address`)",
+                        l.name
+                    )
+                } else {
+                    format!(
+                        "listener `{}` ({addr}) overlaps the admin address {admin} \
+                         (`admin.address`) on port {}",
+                        l.name,
+                        addr.port()
+                    )
+                };
+                e.at(
+                    &l.address.referenced,
+                    msg,
+                    "the admin listener binds that port too, so `legate run` would fail with \
+                     `Address already in use`; give the listener or `admin.address` another \
+                     port (a wildcard address takes the port on every address of its family)",
+                );
+            }
             seen.push((addr, &l.name));
         }
     }
+}
+
+/// Whether two addresses cannot both be bound: one port (not 0, which asks
+/// the kernel for a free one), one family, and the same IP or a wildcard
+/// (`0.0.0.0`, `[::]`: the port on every address of its family; IPv6 sockets
+/// are bound `IPV6_V6ONLY`, so they never take an IPv4 port).
+pub fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Most proxies `listeners[].http.xff_num_trusted_hops` may count: more is a
