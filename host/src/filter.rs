@@ -718,8 +718,10 @@ pub struct ExchangeData {
     /// for network filters), so every proxy-wasm filter of the chain — other
     /// plugins, other VMs — reads what an earlier one set, until the exchange
     /// ends (its `on_log` included). Capped per exchange
-    /// ([`crate::wasm::proxy_wasm::properties::MAX_PROPS`]).
-    pub wasm_props: crate::wasm::proxy_wasm::properties::Props,
+    /// ([`crate::wasm::proxy_wasm::properties::MAX_PROPS`]). Boxed, made at
+    /// the first set: most exchanges have none, and the exchange must stay
+    /// small (`an_exchange_fits_a_small_allocation`).
+    pub wasm_props: Option<Box<crate::wasm::proxy_wasm::properties::Props>>,
     /// Where the client's `host` header is. It stays in `request_headers` until
     /// something reaches the head through [`ExchangeData::request_headers`]:
     /// moving it out and back costs two header-map operations (~0.4k
@@ -853,7 +855,7 @@ impl Exchange {
             hold_stream: false,
             reset: false,
             idle: false,
-            wasm_props: Default::default(),
+            wasm_props: None,
             host: ClientHost::InHead,
             table,
             routing: Routing::default(),
@@ -896,7 +898,7 @@ impl Exchange {
             hold_stream: false,
             reset: false,
             idle: false,
-            wasm_props: Default::default(),
+            wasm_props: None,
             host: ClientHost::Taken(None),
             table: None,
             routing: Routing::default(),

@@ -275,7 +275,10 @@ fn adopt(s: &mut PwState) {
     }
     if let Some(own) = s.props.remove(&s.x_context) {
         for (k, v) in own.values {
-            let _ = s.x.wasm_props.set(&k, &v, (MAX_PROPS, MAX_PROPS_BYTES));
+            let _ =
+                s.x.wasm_props
+                    .get_or_insert_default()
+                    .set(&k, &v, (MAX_PROPS, MAX_PROPS_BYTES));
         }
     }
 }
@@ -285,7 +288,7 @@ fn adopt(s: &mut PwState) {
 fn stored(s: &mut PwState, path: &[u8]) -> Option<Vec<u8>> {
     adopt(s);
     let p = if live(s) {
-        &s.x.wasm_props
+        s.x.wasm_props.as_deref()?
     } else {
         s.props.get(&s.effective)?
     };
@@ -324,7 +327,11 @@ pub fn set(s: &mut PwState, path: &[u8], value: &[u8]) -> Result<(), i32> {
     adopt(s);
     let caps = (MAX_PROPS, MAX_PROPS_BYTES);
     if live(s) {
-        return s.x.wasm_props.set(path, value, caps);
+        return s
+            .x
+            .wasm_props
+            .get_or_insert_default()
+            .set(path, value, caps);
     }
     s.props
         .entry(s.effective)
@@ -400,7 +407,7 @@ mod tests {
         r.x_context = 5;
         assert_eq!(get(&mut r, b"late"), Ok(b"1".to_vec()));
         assert!(r.props.is_empty());
-        assert_eq!(r.x.wasm_props.values.len(), 3);
+        assert_eq!(r.x.wasm_props.as_ref().unwrap().values.len(), 3);
     }
 
     #[test]
