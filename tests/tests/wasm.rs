@@ -389,6 +389,43 @@ async fn configure_error_rejects_the_load() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad-config: the `mode` asked"), "{stderr}");
 
+    // A route's `config` override that fails is named with its route: the
+    // plugin's own config is fine, the operator must be sent to the route.
+    let over = "            filters: { picky: { config: { mode: bad-config } } }\n";
+    let yaml = config(
+        up.addr,
+        &plugin("picky", "{ mode: headers }", ""),
+        &["picky"],
+        "",
+        over,
+    );
+    let line = yaml
+        .lines()
+        .position(|l| l.contains("- name: over"))
+        .unwrap()
+        + 1;
+    let want = format!(
+        "the config override of route `over` of virtual host `all` in route table `main` \
+         (line {line}), key `filters.picky.config`: plugin `picky`: configure failed: \
+         bad-config: the `mode` asked"
+    );
+    let err = match legate().config(&yaml).try_start() {
+        Ok(_) => panic!("a route override whose configure fails was loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains(&want), "{err}");
+    let out = Command::new(legate_bin())
+        .args(["check", "-c"])
+        .arg(dir.write("over.yaml", &yaml))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "legate check accepted a failing override"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&want), "{stderr}");
+
     let good = dir.write(
         "good.yaml",
         simple(up.addr, &plugin("fine", "{ mode: headers }", ""), &["fine"]),

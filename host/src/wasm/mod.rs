@@ -46,6 +46,8 @@ pub mod wasi;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use anyhow::Context as _;
+
 pub use plugin::WasmFilter;
 
 use crate::config::{Config, FailPolicy};
@@ -88,14 +90,19 @@ pub fn load(
         {
             // A native filter: same chain, no sandbox; one per config, like components.
             modules.insert(p.name.to_string(), ModuleInfo::of(&[]));
+            let places = overrides_placed(config, &p.name);
             let mut configs: Vec<Option<String>> = vec![None];
-            configs.extend(route_overrides(config, &p.name).into_iter().map(Some));
+            configs.extend(places.iter().map(|(j, _)| Some(j.clone())));
             for over in configs {
                 let value = match &over {
                     Some(j) => Some(serde_json::from_str(j)?),
                     None => p.config.clone(),
                 };
-                let f = crate::native::load(name, kind, value.as_ref())?;
+                let f = at_override(
+                    crate::native::load(name, kind, value.as_ref()),
+                    over.as_ref(),
+                    &places,
+                )?;
                 out.insert(
                     FilterKey {
                         plugin: p.name.clone(),
@@ -136,8 +143,9 @@ pub fn load(
             );
             continue;
         }
+        let places = overrides_placed(config, &p.name);
         let mut configs: Vec<Option<String>> = vec![None];
-        configs.extend(route_overrides(config, &p.name).into_iter().map(Some));
+        configs.extend(places.iter().map(|(j, _)| Some(j.clone())));
         for over in configs {
             let json = match (&over, &p.config) {
                 (Some(j), _) => j.clone(),
@@ -145,7 +153,11 @@ pub fn load(
                 (None, None) => "null".to_string(),
             };
             let settings = settings(p, json, files.clone());
-            let f = Arc::new(WasmFilter::load(name, &component, settings, stats)?);
+            let f = Arc::new(at_override(
+                WasmFilter::load(name, &component, settings, stats),
+                over.as_ref(),
+                &places,
+            )?);
             f.arm();
             out.insert(
                 FilterKey {
@@ -348,20 +360,53 @@ pub fn size_pool(config: &Config, workers: usize) {
 }
 
 fn route_overrides(config: &Config, name: &crate::config::Name) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
+    overrides_placed(config, name)
+        .into_iter()
+        .map(|(json, _)| json)
+        .collect()
+}
+
+/// [`route_overrides`], each with the first route that gives it, named for a
+/// load error: a `configure` failure of an override is the route's config, not
+/// the plugin's own, and the operator must be sent there.
+fn overrides_placed(config: &Config, name: &crate::config::Name) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
     for t in &config.routes {
         for vh in &t.value.virtual_hosts {
             for r in &vh.value.routes {
                 if let Some(c) = r.value.filters.get(name).and_then(|f| f.config.as_ref()) {
                     let json = c.to_string();
-                    if !out.contains(&json) {
-                        out.push(json);
+                    if !out.iter().any(|(j, _)| *j == json) {
+                        let route = r.value.name.as_ref().map_or_else(
+                            || "the unnamed route".to_string(),
+                            |n| format!("route `{n}`"),
+                        );
+                        let place = format!(
+                            "{route} of virtual host `{}` in route table `{}` (line {}), \
+                             key `filters.{name}.config`",
+                            vh.value.name,
+                            t.value.name,
+                            r.referenced.line()
+                        );
+                        out.push((json, place));
                     }
                 }
             }
         }
     }
     out
+}
+
+/// `r` with the place of route override `over` (if one) in its message.
+fn at_override<T>(
+    r: anyhow::Result<T>,
+    over: Option<&String>,
+    places: &[(String, String)],
+) -> anyhow::Result<T> {
+    match over.and_then(|j| places.iter().find(|(p, _)| p == j)) {
+        Some((_, place)) => r.with_context(|| format!("the config override of {place}")),
+        None => r,
+    }
 }
 
 /// Loads plugin `p` as a proxy-wasm module if its file is a core module (`false`:
@@ -396,13 +441,15 @@ fn load_proxy_wasm(
     let compiled = proxy_wasm::compile(name, &p.module, module.bytes)?;
     let pw = p.proxy_wasm.clone().unwrap_or_default();
     let base = pw.plugin_config.as_ref().or(p.config.as_ref());
+    let places = overrides_placed(config, &p.name);
     let mut configs: Vec<(Option<String>, Vec<u8>)> = vec![(None, proxy_wasm::config_bytes(base))];
-    for json in route_overrides(config, &p.name) {
+    for (json, _) in &places {
+        let json = json.clone();
         let v: Option<serde_json::Value> = serde_json::from_str(&json).ok();
         configs.push((Some(json), proxy_wasm::config_bytes(v.as_ref())));
     }
     for (over, plugin_config) in configs {
-        let f = proxy_wasm::load(
+        let loaded = proxy_wasm::load(
             &compiled,
             proxy_wasm::Load {
                 name,
@@ -428,7 +475,8 @@ fn load_proxy_wasm(
             },
             stats,
             shares,
-        )?;
+        );
+        let f = at_override(loaded, over.as_ref(), &places)?;
         out.insert(
             FilterKey {
                 plugin: p.name.clone(),
