@@ -146,6 +146,12 @@ pub async fn handle(
         .is_some()
         .then(|| Box::new(Logged::of(&req)));
     let received = logged.as_ref().map(|l| l.received.clone());
+    // An HTTP/1.1 upgrade (WebSocket; `h2c` is served as a plain request):
+    // the client may send the other protocol right after its head, so an
+    // answer other than a 101 — a refusal, an error, a filter's or the
+    // upstream's own — closes the connection, lest those bytes be read as
+    // the next request (smuggled past the route that answered).
+    let tunnel_asked = is_upgrade(&req) && !offers_h2c(req.headers());
     let mut in_flight = InFlight {
         conn: Some(conn.clone()),
         start,
@@ -193,6 +199,10 @@ pub async fn handle(
             local_reply(&conn, out, e, version).await
         }
     };
+    if tunnel_asked && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if let Some(chain) = &out.chain {
         // The head goes to the client now: a filter's local response between
         // phases can only reset the stream from here on, so the body watches
@@ -353,14 +363,9 @@ async fn local_reply(
             }
         };
     }
-    if matches!(
-        e.kind,
-        Kind::BadRequest | Kind::UpgradeRefused | Kind::UpgradeUnsupported
-    ) && version < Version::HTTP_2
-    {
-        // The rest of the byte stream cannot be trusted to frame requests (after
-        // a refused upgrade, the client may already be sending the other
-        // protocol: Envoy closes too, against smuggling in that payload).
+    if e.kind == Kind::BadRequest && version < Version::HTTP_2 {
+        // The rest of the byte stream cannot be trusted to frame requests
+        // (an upgrade answered otherwise than by a 101: see `handle`).
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -2437,14 +2442,17 @@ static HTTP2_SETTINGS: http::HeaderName = http::HeaderName::from_static("http2-s
 /// HTTP/1.1. `HTTP2-Settings` goes from every request: it is connection-specific
 /// (RFC 7540 §3.2.1), meaningless to the upstream, whatever the version.
 fn strip_h2c(h: &mut http::HeaderMap, h1: bool) {
-    if h1
-        && h.get_all(header::UPGRADE)
-            .iter()
-            .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"h2c"))
-    {
+    if h1 && offers_h2c(h) {
         h.remove(header::UPGRADE);
     }
     h.remove(&HTTP2_SETTINGS);
+}
+
+/// Whether a request's `Upgrade` offers `h2c` (see [`strip_h2c`]).
+fn offers_h2c(h: &http::HeaderMap) -> bool {
+    h.get_all(header::UPGRADE)
+        .iter()
+        .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"h2c"))
 }
 
 /// The request's authority (absolute form or `:authority`, else `Host`),

@@ -505,6 +505,43 @@ async fn an_upgrade_of_an_unlisted_type_is_refused() {
     .await;
 }
 
+/// An allowed upgrade answered otherwise than by a 101 — the upstream's own
+/// answer (here a plain 200), a direct response, Legate's 502 — closes the
+/// connection after the answer: the bytes the client sent after its head (the
+/// other protocol, or a request smuggled there) are never read as the next
+/// request. It stayed open, and `GET /smuggled` was routed and proxied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_answered_without_a_101_closes_the_connection() {
+    let up = upstream().start().await;
+    let config = simple_config(&[up.addr]).replace(
+        "        routes:\n",
+        "        routes:\n          - name: local\n            match: { prefix: /local }\n            \
+         direct_response: { status: 200, body: here }\n          - name: gone\n            \
+         match: { prefix: /gone }\n            cluster: gone\n",
+    ) + &format!(
+        "  - name: gone\n    endpoints:\n      - address: {}\n",
+        closed_port_addr()
+    );
+    let lg = legate().config(&config).start();
+    for (path, status) in [("/chat", 200), ("/local", 200), ("/gone", 502)] {
+        let mut c = RawConn::connect(lg.addr("web")).await;
+        let mut bytes = String::from_utf8_lossy(WS_HANDSHAKE).replacen("/chat", path, 1);
+        bytes.push_str("GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n");
+        c.write(bytes.as_bytes()).await;
+        let (out, closed) = c.read_until_close(HANG_GUARD).await;
+        let out = String::from_utf8_lossy(&out).into_owned();
+        assert!(closed, "{path}: connection left open: {out}");
+        assert_eq!(raw_status(out.as_bytes()), Some(status), "{path}: {out}");
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{path}: {out}");
+        assert!(
+            out.to_ascii_lowercase().contains("connection: close\r\n"),
+            "{path}: {out}"
+        );
+    }
+    // Only the first reached the upstream; `/smuggled` never did.
+    assert_eq!(up.requests.get(), 1);
+}
+
 /// `upgrades: []` refuses WebSocket too; a listed type matches whatever its
 /// case; a route's `upgrades` overrides the listener per type, both ways (Envoy's
 /// route `upgrade_configs` with `enabled`).
