@@ -1634,8 +1634,9 @@ async fn response_body(
 }
 
 /// A filter's local response as an HTTP response: hop-by-hop fields dropped,
-/// `content-length` set to the body's length; to a `grpc` request, in gRPC's
-/// form.
+/// `content-length` set to the body's length, `content-type: text/plain` for a
+/// body the filter gave no type (Envoy's local replies do the same: a client
+/// must not sniff one); to a `grpc` request, in gRPC's form.
 fn local_response(lr: filter::LocalResponse, grpc: bool) -> Response<Body> {
     let lr = if grpc { lr.into_grpc() } else { lr };
     let len = lr.body.len();
@@ -1644,8 +1645,11 @@ fn local_response(lr: filter::LocalResponse, grpc: bool) -> Response<Body> {
     *resp.headers_mut() = lr.headers;
     proxy_headers::strip_hop_by_hop(resp.headers_mut());
     if !grpc {
-        resp.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        if len > 0 && !h.contains_key(header::CONTENT_TYPE) {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
     }
     resp
 }

@@ -124,6 +124,8 @@ each_proto!(
         assert_eq!(r.text(), "denied by plugin\n");
         assert_eq!(r.header("www-authenticate"), Some("ApiKey"));
         assert_eq!(r.header("content-length"), Some("17"));
+        // The filter gave its body no type: text/plain, as Envoy's local replies.
+        assert_eq!(r.header("content-type"), Some("text/plain"));
         assert_eq!(r.header("connection"), None, "hop-by-hop header kept");
         assert_eq!(r.header("x-filter-resp"), Some("outer"));
         assert_eq!(up.requests.get(), 0, "the upstream was called");
