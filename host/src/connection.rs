@@ -51,7 +51,7 @@ pub struct ConnCtx {
     /// The tunnel the connection became after a protocol upgrade (WebSocket),
     /// which [`serve`] waits for: the connection stays counted
     /// (`max_connections`, the active gauge, drain) until the tunnel ends.
-    pub tunnel: Cell<Option<tokio::task::JoinHandle<()>>>,
+    pub tunnel: Cell<Option<crate::proxy::Tunnel>>,
     /// Where a request finds the future its response is sent from (the
     /// HTTP/1.1 connection, an HTTP/2 stream's task), which runs its stream
     /// idle timer after the head ([`crate::idle`]).
@@ -432,15 +432,15 @@ pub async fn serve(
             Verdict::WaitUntil(t) => t,
             Verdict::Idle | Verdict::HeaderTimeout => {
                 tracing::debug!(listener = %ctx.name, %peer, "upgraded connection idle; closing");
-                tunnel.abort();
+                tunnel.cut("idle_timeout");
                 return None;
             }
         };
         tokio::select! {
-            _ = &mut tunnel => return None,
+            _ = &mut tunnel.task => return None,
             () = &mut drained => {
                 tracing::debug!(listener = %ctx.name, %peer, "upgraded connection's listener closed and its drain timeout passed; closing");
-                tunnel.abort();
+                tunnel.cut("drain_timeout");
                 return None;
             }
             () = tokio::time::sleep_until(deadline.into()) => {}

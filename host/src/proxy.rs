@@ -889,9 +889,10 @@ async fn proxy(
                 let active = out.active.take();
                 let end = Rc::new(TunnelEnd::default());
                 out.tunnel = Some(end.clone());
-                conn.tunnel.set(Some(tokio::task::spawn_local(tunnel(
-                    down, up, active, end,
-                ))));
+                conn.tunnel.set(Some(Tunnel {
+                    task: tokio::task::spawn_local(tunnel(down, up, active, end.clone())),
+                    end,
+                }));
             }
         }
         let received = resp.version();
@@ -2677,6 +2678,24 @@ async fn tunnel(
     }
 }
 
+/// The tunnel a connection became ([`crate::connection::ConnCtx::tunnel`]):
+/// the task splicing it, and its end, which the connection tells why it cut
+/// the tunnel.
+pub struct Tunnel {
+    /// The splice; it ends when either side closes.
+    pub task: tokio::task::JoinHandle<()>,
+    end: Rc<TunnelEnd>,
+}
+
+impl Tunnel {
+    /// Cuts the tunnel; its exchange is logged with `cause` (`idle_timeout`,
+    /// `drain_timeout`), as a request the proxy cut is.
+    pub fn cut(&self, cause: &'static str) {
+        self.end.cause.set(Some(cause));
+        self.task.abort();
+    }
+}
+
 /// An upgraded exchange's end: the request's [`Done`] (its access-log line,
 /// latency, stats), held from the `101` until the tunnel ends, and the bytes
 /// the tunnel moved on the client's side, which the line adds to the
@@ -2685,6 +2704,8 @@ async fn tunnel(
 struct TunnelEnd {
     done: RefCell<Option<Done>>,
     ended: Cell<bool>,
+    /// Why the proxy cut the tunnel, if it did ([`Tunnel::cut`]).
+    cause: Cell<Option<&'static str>>,
     received: Cell<u64>,
     sent: Cell<u64>,
 }
@@ -2709,7 +2730,16 @@ impl TunnelEnd {
         }
     }
 
-    fn finish(&self, done: Done) {
+    fn finish(&self, mut done: Done) {
+        // Cut by its connection (idle, a listener's drain), or by the
+        // process's drain timeout (the worker drops its connections).
+        let cut = self
+            .cause
+            .get()
+            .or_else(|| done.conn.worker.cut.get().then_some("drain_timeout"));
+        if let Some(cause) = cut {
+            done.out.cause.get_or_insert(cause);
+        }
         done.bytes
             .set(done.bytes.get().saturating_add(self.sent.get()));
         if let Some(l) = &done.logged {

@@ -741,4 +741,34 @@ async fn a_tunnel_cut_by_a_drain_is_logged() {
     assert_eq!(v["status"], 101, "{v}");
     assert_eq!(v["bytes_received"], 3000, "{v}");
     assert_eq!(v["bytes_sent"], 3000, "{v}");
+    // Why it ended: the proxy cut it (was `null`, as a tunnel either side closed).
+    assert_eq!(v["cause"], "drain_timeout", "{v}");
+}
+
+/// A tunnel the listener's `limits.idle_timeout` closed is logged with the
+/// cause `idle_timeout` (it was `null`, as one either side closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_cut_by_its_idle_timeout_says_so() {
+    let up = upgrade_echo_server().await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let cfg = logged_config(up.addr, &log, ", flush_interval: 10ms").replace(
+        "    http:\n      routes: main\n",
+        "    http:\n      routes: main\n    limits:\n      idle_timeout: 300ms\n",
+    );
+    let lg = legate().config(&cfg).start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    let head = c.websocket_handshake("/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    through_tunnel(&mut c, 10).await;
+    let (_, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed, "an idle tunnel stayed open");
+    let lines = access_log_until(&log, "the tunnel's line", |l| {
+        l.iter().any(|l| l["path"] == "/chat")
+    })
+    .await;
+    let v = lines.iter().find(|l| l["path"] == "/chat").unwrap();
+    assert_eq!(v["status"], 101, "{v}");
+    assert_eq!(v["bytes_received"], 10, "{v}");
+    assert_eq!(v["cause"], "idle_timeout", "{v}");
 }
