@@ -1290,7 +1290,8 @@ async fn a_component_network_filter_reloads() {
     assert_eq!(old.read_exact(3, T).await.unwrap(), b"0NE");
     let (status, body) = lg.admin_post("/plugins/pw/reload").await;
     assert_eq!(status, 200, "{body}");
-    // The open connection keeps the instance it started on.
+    // The open connection keeps the instance it started on until its
+    // listener, replaced by the reload, drains it (`drain_timeout`, 30 s).
     old.write(b"two").await;
     assert_eq!(old.read_exact(3, T).await.unwrap(), b"TW0");
     drop(old);
