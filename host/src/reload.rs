@@ -6,9 +6,9 @@
 //! checked as `legate check` and `legate run` check them
 //! ([`config::check_files_carrying`]: every problem at its `file:line:col`,
 //! except the endpoint files of the clusters carried over, not read again),
-//! and a whole new [`Snapshot`] is built — route tables, clusters, TLS, every plugin compiled (from
-//! the disk cache when warm) and configured — on the caller's thread, never on a
-//! worker. Any error changes nothing: it is logged with its `file:line:col`,
+//! and a whole new [`Snapshot`] is built — route tables, clusters, TLS, every new
+//! or changed plugin compiled (from the disk cache when warm) and configured — on
+//! the caller's thread, never on a worker. Any error changes nothing: it is logged with its `file:line:col`,
 //! returned (the admin endpoint answers 400 with it) and counted in
 //! `legate_config_reloads_total{result="failure"}`. Otherwise the snapshot and the
 //! listener set are published together ([`Shared::commit`]); a request in flight
@@ -24,10 +24,17 @@
 //! path), the new ones are checked and, once the reload commits, served to new
 //! connections, as Envoy's SDS rotates a certificate. One whose address is unchanged but whose settings changed keeps its
 //! socket (no connection is refused) and is served by a new listener: the old one's
-//! connections drain gracefully, counted toward the new one's `max_connections`
+//! connections drain gracefully (a TCP connection is closed `drain_timeout`
+//! later), counted toward the new one's `max_connections`
 //! (one count for the socket, so the limit holds across the handover). A new
 //! address is bound before anything is published (a bind failure fails the
-//! reload); a removed listener stops accepting and its connections drain.
+//! reload); a removed listener stops accepting and its connections drain. A TCP
+//! listener whose network filters (`tcp.filters`) are not all carried over (see
+//! below: a plugin of its chain changed) is changed too, though its own config is
+//! the same: a TCP connection runs the chain it started with for its lifetime,
+//! so the new filters reach only new connections and the old ones drain, as
+//! Envoy drains a listener whose filter chain changed. HTTP listeners are kept:
+//! their chains are taken from the snapshot for each request.
 //!
 //! **What carries over.** A cluster whose config and TLS files are unchanged is
 //! carried over as it is, not built again (its host names are not resolved again,
@@ -48,13 +55,34 @@
 //! need a hot restart): `admin.address` and `access_log`; the config in force
 //! (`/config_dump`) keeps their values in use.
 //!
+//! A plugin whose definition is unchanged carries over too, as Envoy reuses a
+//! Wasm VM whose plugin config did not change: the same plugin block (`module`,
+//! `sha256`, `config`, `fail`, `limits`, `capabilities`, `files`, `proxy_wasm`),
+//! the same module bytes and data file contents on disk (hashed: an edited
+//! module is loaded again), the same route `config` overrides of it, the clusters
+//! its capabilities name still defined, the same `kv` block when it uses the KV
+//! store, and for a proxy-wasm plugin sharing a VM (`vm_id`) the same plugins
+//! sharing it, all unchanged (see [`carried_plugins`]). It keeps its loaded
+//! filters: its instances on the workers (their memory: a guest's counters go
+//! on), its VMs, tick tasks and stats; `/plugins` keeps its `loaded_at` and
+//! `load_ms`. So a connection of a kept TCP listener goes on with the live
+//! plugin, and reloads do not pile up instances behind it (each would hold one
+//! per worker, until the Wasm instance pool is full). The reload outcome lists
+//! `plugins: {kept, new_or_changed, removed}`.
+//!
 //! **Plugins.** A plugin reload compiles and configures that plugin's module again
 //! (every route override of it too, and the plugins it shares a proxy-wasm VM
-//! with); other plugins keep their instances. An error
+//! with); other plugins keep their instances. A TCP listener running one of them
+//! as a network filter is replaced by a new listener on the same socket, as for
+//! a config reload that changed its filters: new connections get the new version,
+//! open ones drain (closed `drain_timeout` later) rather than keep the old
+//! version's instances for their lifetime; the outcome lists them under
+//! `listeners.changed`. An error
 //! leaves the old version serving and is shown in `/plugins`; the metrics the
 //! refused version defined are taken back, as for a config reload. A config reload
-//! reloads every plugin (modules are read again). With `sha256:` pinned in the
-//! config a changed module fails its reload until the config is updated.
+//! loads again every plugin that does not carry over (above). With `sha256:`
+//! pinned in the config a changed module fails its reload until the config is
+//! updated.
 //!
 //! **Watch.** With `--watch-interval` (default 1s; `0` disables) a thread polls the
 //! config file and every plugin module: when a file's size, mtime or inode changes
@@ -65,7 +93,7 @@
 //! failed is not retried until it changes again. Write files atomically (write
 //! then rename) so a half-written file is never picked up.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -267,7 +295,14 @@ impl Reloader {
     /// Records the plugins of the config Legate started with.
     pub(crate) fn record_initial(&self, shared: &Shared) {
         let snap = shared.snapshot.load_full();
-        self.record_plugins(&snap.config, &snap.modules, None, Duration::ZERO, None);
+        self.record_plugins(
+            &snap.config,
+            &snap.modules,
+            None,
+            &BTreeSet::new(),
+            Duration::ZERO,
+            None,
+        );
     }
 
     fn plugin_counter(&self, plugin: &str, result: &str) -> Counter {
@@ -289,6 +324,7 @@ impl Reloader {
         config: &Config,
         modules: &crate::wasm::Modules,
         only: Option<&[&str]>,
+        carried: &BTreeSet<String>,
         took: Duration,
         mut outcome: Option<&mut Value>,
     ) {
@@ -298,7 +334,11 @@ impl Reloader {
         }
         for p in &config.plugins {
             let p = &p.value;
-            if only.is_some_and(|o| !o.contains(&p.name.as_str())) {
+            // A plugin a config reload carried over keeps its status: it
+            // was not loaded again.
+            if only.is_some_and(|o| !o.contains(&p.name.as_str()))
+                || carried.contains(p.name.as_str())
+            {
                 continue;
             }
             let info = modules.get(p.name.as_str()).cloned().unwrap_or_default();
@@ -552,11 +592,28 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             .get(&c.name)
             .map(|e| Arc::new(crate::cluster::ClusterStats::continuing(&e.cluster().stats)))
     };
-    let snap = Snapshot::build_keeping_counters(
+    // Plugins whose definition is unchanged carry over as they are (their
+    // instances, VMs, tick tasks and in-memory state), as Envoy reuses a Wasm
+    // VM whose plugin config did not change; the others are loaded again.
+    let kept_plugins = carried_plugins(&old, &config);
+    let carried_loaded: crate::server::Loaded = old
+        .plugins
+        .iter()
+        .filter(|(k, _)| kept_plugins.contains(k.plugin.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let carried_modules: crate::wasm::Modules = old
+        .modules
+        .iter()
+        .filter(|(name, _)| kept_plugins.contains(name.as_str()))
+        .map(|(name, info)| (name.clone(), info.clone()))
+        .collect();
+    let snap = Snapshot::build_carrying(
         config.clone(),
         stats,
         &|c| carried.get(&c.name).cloned(),
         &counters,
+        (carried_loaded, carried_modules),
     )
     .map_err(|e| format!("{e:#}"))?;
     // New and changed `dns` clusters get their first endpoints (the old cluster's
@@ -580,7 +637,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         set: listeners,
         renewed,
         outcome: lchanges,
-    } = plan_listeners(shared, &config)?;
+    } = plan_listeners(shared, &config, &old, &snap)?;
     let clusters_changed = !changed_clusters.is_empty() || !removed_clusters.is_empty();
     let snap_modules = snap.modules.clone();
     shared.commit(Arc::new(snap), Some(listeners))?;
@@ -596,7 +653,26 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             notes.push(format!("health checks not restarted: {e:#}"));
         }
     }
-    r.record_plugins(&config, &snap_modules, None, Duration::ZERO, None);
+    r.record_plugins(
+        &config,
+        &snap_modules,
+        None,
+        &kept_plugins,
+        Duration::ZERO,
+        None,
+    );
+    let (kept_list, loaded_list): (Vec<String>, Vec<String>) = config
+        .plugins
+        .iter()
+        .map(|p| p.value.name.to_string())
+        .partition(|name| kept_plugins.contains(name.as_str()));
+    let removed_plugins: Vec<String> = old
+        .config
+        .plugins
+        .iter()
+        .filter(|o| !config.plugins.iter().any(|p| p.value.name == o.value.name))
+        .map(|o| o.value.name.to_string())
+        .collect();
     Ok(json!({
         "listeners": lchanges,
         "clusters": {
@@ -604,14 +680,27 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             "new_or_changed": changed_clusters,
             "removed": removed_clusters,
         },
-        "plugins": config.plugins.iter().map(|p| p.value.name.to_string()).collect::<Vec<_>>(),
+        "plugins": {
+            "kept": kept_list,
+            "new_or_changed": loaded_list,
+            "removed": removed_plugins,
+        },
         "notes": notes,
     }))
 }
 
 /// The listener set for `config`: unchanged listeners kept, changed ones on their
-/// old socket when the address is the same, new addresses bound.
-fn plan_listeners(shared: &Shared, config: &Config) -> Result<PlannedListeners, String> {
+/// old socket when the address is the same, new addresses bound. A TCP
+/// listener whose network filter chain is not the very filters it runs now
+/// (`old`'s; a plugin of it loaded again in `snap`: its module, config or
+/// settings changed) is changed too, though its config is the same: its
+/// connections drain, as Envoy drains a listener whose filter chain changed.
+fn plan_listeners(
+    shared: &Shared,
+    config: &Config,
+    old: &Snapshot,
+    snap: &Snapshot,
+) -> Result<PlannedListeners, String> {
     let current = shared.listener_set();
     let mut next: Vec<Arc<Bound>> = Vec::new();
     let (mut kept, mut changed, mut added) = (Vec::new(), Vec::new(), Vec::new());
@@ -624,7 +713,9 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<PlannedListeners, 
         // certificate at the same path): the new ones are read and checked now
         // and put in place once the reload commits, as Envoy's SDS rotates a
         // certificate: new connections get it, open ones are not drained.
-        if let Some(b) = by_name.filter(|b| same(&b.ctx.cfg, l)) {
+        if let Some(b) =
+            by_name.filter(|b| same(&b.ctx.cfg, l) && same_network_chain(old, snap, &l.name))
+        {
             if b.ctx.tls_files() != l.tls.as_ref().map(crate::tls::files_digest) {
                 let tls = ListenerCtx::load_tls(l)
                     .map_err(|e| format!("listener `{}`: {e:#}", l.name))?;
@@ -732,6 +823,75 @@ fn plan_listeners(shared: &Shared, config: &Config) -> Result<PlannedListeners, 
     })
 }
 
+/// Whether TCP listener `listener` runs the same network filters (the same
+/// loaded objects, in the same order) in `old` as in `new`; true for a
+/// listener without filters in both (an HTTP listener: its chains are taken
+/// from the snapshot for each request).
+fn same_network_chain(old: &Snapshot, new: &Snapshot, listener: &crate::config::Name) -> bool {
+    match (old.network.get(listener), new.network.get(listener)) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b.iter())
+                    .all(|(x, y)| std::ptr::addr_eq(Arc::as_ptr(x), Arc::as_ptr(y)))
+        }
+        _ => false,
+    }
+}
+
+/// The plugins of `config` that a config reload carries over from `old`, the
+/// snapshot in force, instead of loading them again: each whose definition is
+/// unchanged, so that loading it again would make the same filter. That is:
+/// the same plugin block (module path, `sha256`, `config`, `fail`, `limits`,
+/// `capabilities`, `files` paths, `proxy_wasm`), the same module bytes and
+/// data file contents on disk ([`crate::wasm::unchanged_module`]), the same
+/// route `config` overrides of it, the clusters its capabilities name still
+/// defined, the same `kv` block if it uses the KV store (and no `kv.tls`,
+/// whose files may have been renewed), and, for a proxy-wasm plugin sharing a
+/// VM (`vm_id`), the same plugins sharing it, each of them unchanged too (a
+/// VM is loaded again with all its plugins, as a plugin reload does).
+fn carried_plugins(old: &Snapshot, config: &Config) -> BTreeSet<String> {
+    let unchanged = |p: &crate::config::Plugin| -> bool {
+        let Some(before) = old.config.plugins.iter().find(|o| o.value.name == p.name) else {
+            return false;
+        };
+        let Some(info) = old.modules.get(p.name.as_str()) else {
+            return false;
+        };
+        let overrides = |c: &Config| {
+            let mut v = crate::wasm::route_overrides(c, &p.name);
+            v.sort();
+            v
+        };
+        same(&before.value, p)
+            && old.plugins.keys().any(|k| k.plugin == p.name)
+            && overrides(&old.config) == overrides(config)
+            && p.capabilities
+                .clusters
+                .iter()
+                .all(|c| config.clusters.iter().any(|k| k.value.name == c.value))
+            && (p.capabilities.kv.is_empty()
+                || (same(&old.config.kv, &config.kv) && config.kv.tls.is_none()))
+            && crate::wasm::unchanged_module(p, info)
+    };
+    let single: BTreeSet<&str> = config
+        .plugins
+        .iter()
+        .filter(|p| unchanged(&p.value))
+        .map(|p| p.value.name.as_str())
+        .collect();
+    single
+        .iter()
+        .filter(|name| {
+            let now: BTreeSet<&str> = vm_group(config, name).into_iter().collect();
+            let before: BTreeSet<&str> = vm_group(&old.config, name).into_iter().collect();
+            now == before && now.iter().all(|g| single.contains(g))
+        })
+        .map(|name| name.to_string())
+        .collect()
+}
+
 /// What a reload does to the listeners ([`plan_listeners`]).
 struct PlannedListeners {
     /// The listener set to serve.
@@ -770,7 +930,7 @@ pub fn reload_plugin(
     // The metrics the new version defines stay only if it goes live (see
     // `reload_config`).
     let stage = shared.stats.stage();
-    let result = (|| -> Result<Arc<crate::wasm::Modules>, String> {
+    let result = (|| -> Result<(Arc<crate::wasm::Modules>, Vec<String>), String> {
         if shared.is_draining() {
             return Err("Legate is draining; not reloading".into());
         }
@@ -791,9 +951,15 @@ pub fn reload_plugin(
         let snap = old
             .with_plugins(&shared.stats, loaded, modules)
             .map_err(|e| format!("{e:#}"))?;
+        // TCP listeners running the reloaded plugins are replaced, so their
+        // open connections (which hold the old filters) drain.
+        let (listeners, drained) = match refilter_listeners(shared, &old, &snap)? {
+            Some((set, names)) => (Some(set), names),
+            None => (None, Vec::new()),
+        };
         let modules = snap.modules.clone();
-        shared.commit(Arc::new(snap), None)?;
-        Ok(modules)
+        shared.commit(Arc::new(snap), listeners)?;
+        Ok((modules, drained))
     })();
     if result.is_ok() {
         stage.commit();
@@ -817,15 +983,17 @@ pub fn reload_plugin(
         "at": now_unix(),
     });
     match result {
-        Ok(modules) => {
+        Ok((modules, drained)) => {
             for g in &group {
                 r.plugin_counter(g, "success").inc();
             }
             outcome["result"] = json!("ok");
+            outcome["listeners"] = json!({ "changed": drained });
             r.record_plugins(
                 &old.config,
                 &modules,
                 Some(&group),
+                &BTreeSet::new(),
                 took,
                 Some(&mut outcome),
             );
@@ -860,6 +1028,44 @@ pub fn reload_plugin(
             Err(ReloadError::Failed(e))
         }
     }
+}
+
+/// After a plugin reload (`old` → `snap`): the listener set with each TCP
+/// listener whose network filter chain changed replaced by a new listener on
+/// the same socket, as a config reload replaces a listener whose settings
+/// changed: new connections get the reloaded plugin, the open ones (which
+/// hold the filters they started with) drain, closed `drain_timeout` later,
+/// as Envoy drains a listener whose filter chain changed. `None` when no
+/// listener runs a reloaded plugin as a network filter (HTTP listeners take
+/// their chains from the snapshot for each request); else the set and the
+/// names of the listeners replaced.
+fn refilter_listeners(
+    shared: &Shared,
+    old: &Snapshot,
+    snap: &Snapshot,
+) -> Result<Option<(ListenerSet, Vec<String>)>, String> {
+    let current = shared.listener_set();
+    let mut changed = Vec::new();
+    let mut next = Vec::with_capacity(current.len());
+    for b in current.iter() {
+        if same_network_chain(old, snap, &b.ctx.name) {
+            next.push(b.clone());
+            continue;
+        }
+        let name = &b.ctx.name;
+        let socket = b
+            .socket
+            .try_clone()
+            .map_err(|e| format!("listener `{name}`: duplicating its socket: {e}"))?;
+        let ctx = ListenerCtx::succeed(&b.ctx.cfg, &shared.stats, &socket, &b.ctx)
+            .map_err(|e| format!("listener `{name}`: {e:#}"))?;
+        changed.push(name.to_string());
+        next.push(Arc::new(Bound {
+            ctx: Arc::new(ctx),
+            socket,
+        }));
+    }
+    Ok((!changed.is_empty()).then(|| (next.into(), changed)))
 }
 
 /// Plugin `name` and the plugins of `config` it shares a proxy-wasm VM with

@@ -192,11 +192,46 @@ impl Snapshot {
         keep: &dyn Fn(&crate::config::Cluster) -> Option<Arc<ClusterEntry>>,
         counters: &dyn Fn(&crate::config::Cluster) -> Option<Arc<crate::cluster::ClusterStats>>,
     ) -> anyhow::Result<Self> {
-        let (loaded, modules) = if config.plugins.is_empty() {
-            (Loaded::new(), crate::wasm::Modules::new())
-        } else {
-            crate::wasm::load(&config, stats)?
-        };
+        Self::build_carrying(
+            config,
+            stats,
+            keep,
+            counters,
+            (Loaded::new(), crate::wasm::Modules::new()),
+        )
+    }
+
+    /// [`Snapshot::build_keeping_counters`], with the plugins `carried` holds
+    /// (a reload's unchanged plugins: their loaded filters, every route
+    /// override of each, and their modules) taken as they are instead of
+    /// loaded again: their instances, VMs and tick tasks go on, and a
+    /// connection of a kept TCP listener holding them holds the live ones.
+    /// The other plugins of `config` are loaded.
+    pub fn build_carrying(
+        config: Arc<Config>,
+        stats: &Arc<Stats>,
+        keep: &dyn Fn(&crate::config::Cluster) -> Option<Arc<ClusterEntry>>,
+        counters: &dyn Fn(&crate::config::Cluster) -> Option<Arc<crate::cluster::ClusterStats>>,
+        carried: (Loaded, crate::wasm::Modules),
+    ) -> anyhow::Result<Self> {
+        let (mut loaded, mut modules) = carried;
+        let rest: Vec<_> = config
+            .plugins
+            .iter()
+            .filter(|p| !modules.contains_key(p.value.name.as_str()))
+            .cloned()
+            .collect();
+        if rest.len() == config.plugins.len() {
+            if !rest.is_empty() {
+                (loaded, modules) = crate::wasm::load(&config, stats)?;
+            }
+        } else if !rest.is_empty() {
+            let mut only = (*config).clone();
+            only.plugins = rest;
+            let (fresh, fresh_modules) = crate::wasm::load(&only, stats)?;
+            loaded.extend(fresh);
+            modules.extend(fresh_modules);
+        }
         Self::assemble_keeping(config, stats, (loaded, modules), keep, counters)
     }
 

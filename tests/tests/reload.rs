@@ -1272,6 +1272,52 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// A config reload carries over a plugin whose definition is unchanged, as
+    /// Envoy reuses the VM of an unchanged plugin: its instance goes on (it is
+    /// not configured again), `/plugins` keeps its load time and the outcome
+    /// lists it as kept. A changed module (same path, other bytes) or a
+    /// changed `config` loads it again.
+    async fn a_config_reload_keeps_an_unchanged_plugins_instance(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let module = dir.path().join("tagger.wasm");
+        write_module(&module, &guest_variant(1));
+        let yaml = plugin_yaml(up.addr, &module);
+        let lg = start(&yaml, None, 1);
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
+        let configure = r#"legate_plugin_calls_total{plugin="tagger",phase="configure"}"#;
+        let configured = lg.stat(configure).await.unwrap();
+        let loaded_at = plugin_status(&lg).await["loaded_at"].clone();
+
+        // Another config text, the plugin's part unchanged: it carries over.
+        let v = lg.reload_ok(&format!("{yaml}# a comment\n")).await;
+        assert_eq!(v["plugins"]["kept"], serde_json::json!(["tagger"]), "{v}");
+        assert_eq!(v["plugins"]["new_or_changed"], serde_json::json!([]), "{v}");
+        assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
+        assert_eq!(lg.stat(configure).await, Some(configured), "configured again");
+        let st = plugin_status(&lg).await;
+        assert_eq!(st["loaded_at"], loaded_at, "{st}");
+        assert_eq!(st["instances"], 1, "{st}");
+
+        // The module changed on disk: loaded again.
+        write_module(&module, &guest_variant(2));
+        let v = lg.reload_ok(&yaml).await;
+        assert_eq!(v["plugins"]["new_or_changed"], serde_json::json!(["tagger"]), "{v}");
+        assert_eq!(plugin_status(&lg).await["sha256"], sha256_hex(&guest_variant(2)));
+        assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
+        let configured = lg.stat(configure).await.unwrap();
+        // Its config changed: loaded again, and the new config runs.
+        let v = lg
+            .reload_ok(&yaml.replace("mode: headers", "mode: headers, tag: t2"))
+            .await;
+        assert_eq!(v["plugins"]["new_or_changed"], serde_json::json!(["tagger"]), "{v}");
+        assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("t2"));
+        assert!(lg.stat(configure).await.unwrap() > configured);
+    }
+);
+
 /// A reload that renames a listener (and its route table) retires the old
 /// listener: its open connections finish with the config they came in on.
 /// Looked up in the new config by the old names, the next request of an old

@@ -317,11 +317,27 @@ plugins:
     );
 }
 
+/// `yaml` with a top-level `drain_timeout` of 300 ms: a replaced listener's
+/// TCP connections are closed that long after the reload.
+fn short_drain(yaml: &str) -> String {
+    yaml.replacen("version: 1\n", "version: 1\ndrain_timeout: 300ms\n", 1)
+}
+
+/// A plugin reload of a network filter replaces the TCP listeners running it
+/// on their socket, as Envoy drains a listener whose filter chain changed:
+/// new connections run the reloaded plugin, and the open ones, which hold the
+/// filters they started with, are closed `drain_timeout` later instead of
+/// keeping the old version's instance (one per worker) for their lifetime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plugin_reload_keeps_open_connections_and_filters_new_ones() {
+async fn a_plugin_reload_drains_open_connections_and_filters_new_ones() {
     let echo = tcp_echo_server().await;
     let lg = legate()
-        .config(&config(echo.addr, "{ mode: tcp-rewrite }", "", ""))
+        .config(&short_drain(&config(
+            echo.addr,
+            "{ mode: tcp-rewrite }",
+            "",
+            "",
+        )))
         .start();
     let mut old = RawConn::connect(lg.addr("tcp")).await;
     old.write(b"hello\n").await;
@@ -329,19 +345,126 @@ async fn a_plugin_reload_keeps_open_connections_and_filters_new_ones() {
     assert_eq!(old.read_exact(back.len(), T).await.unwrap(), back);
     let (status, body) = lg.admin_post("/plugins/pw/reload").await;
     assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["listeners"]["changed"], serde_json::json!(["tcp"]), "{v}");
     lg.assert_stat(
         r#"legate_plugin_reloads_total{plugin="pw",result="success"}"#,
         1.0,
     )
     .await;
-    // The open connection keeps its chain (and the VM it started on).
-    old.write(b"hello\n").await;
-    assert_eq!(old.read_exact(back.len(), T).await.unwrap(), back);
+    // The open connection is drained.
+    let (_, closed) = old.read_until_close(HANG_GUARD).await;
+    assert!(closed, "a connection on the reloaded filter stayed open");
+    lg.assert_stat(r#"legate_listener_drain_closes_total{listener="tcp"}"#, 1.0)
+        .await;
     // A new connection runs the reloaded plugin.
     let mut new = RawConn::connect(lg.addr("tcp")).await;
     new.write(b"hello\n").await;
     assert_eq!(new.read_exact(back.len(), T).await.unwrap(), back);
     lg.assert_stat(&calls("new_connection"), 2.0).await;
+    // Only the new version's instance is left (one worker).
+    lg.assert_stat(r#"legate_plugin_instances{plugin="pw"}"#, 1.0)
+        .await;
+}
+
+/// Reloads of a config whose network filter is unchanged (here the same file
+/// each time) keep the TCP listener and its plugin as they are, as Envoy keeps
+/// an unchanged listener's filter chain and VM: an open connection goes on
+/// with the live plugin, new connections use the same instance, and the
+/// plugin is neither configured again nor left behind with an instance per
+/// reload (they piled up, one per reload, until the instance pool was full
+/// and every reload was refused). `send` gives `back`.
+async fn unchanged_reloads_keep_the_filter(yaml: &str, send: &[u8], back: &[u8]) {
+    let lg = legate()
+        .config(&short_drain(yaml))
+        .concurrency(1)
+        .from_file()
+        .start();
+    let mut old = RawConn::connect(lg.addr("tcp")).await;
+    old.write(send).await;
+    assert_eq!(old.read_exact(back.len(), T).await.unwrap(), back);
+    let instances = r#"legate_plugin_instances{plugin="pw"}"#;
+    lg.assert_stat(instances, 1.0).await;
+    let configured = lg.stat(&calls("configure")).await;
+    for _ in 0..5 {
+        let v = lg.assert_reload_ok().await;
+        assert_eq!(v["listeners"]["kept"], serde_json::json!(["tcp"]), "{v}");
+        assert_eq!(v["plugins"]["kept"], serde_json::json!(["pw"]), "{v}");
+        assert_eq!(v["plugins"]["new_or_changed"], serde_json::json!([]), "{v}");
+        let mut new = RawConn::connect(lg.addr("tcp")).await;
+        new.write(send).await;
+        assert_eq!(new.read_exact(back.len(), T).await.unwrap(), back);
+        drop(new);
+        old.write(send).await;
+        assert_eq!(old.read_exact(back.len(), T).await.unwrap(), back);
+        lg.assert_stat(instances, 1.0).await;
+    }
+    assert_eq!(lg.stat(&calls("configure")).await, configured);
+    lg.assert_stat(r#"legate_listener_drain_closes_total{listener="tcp"}"#, 0.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_reloads_keep_a_proxy_wasm_network_filter() {
+    let echo = tcp_echo_server().await;
+    unchanged_reloads_keep_the_filter(
+        &config(echo.addr, "{ mode: tcp-rewrite }", "", ""),
+        b"hello\n",
+        b"h0wdy, partner\n",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_reloads_keep_a_component_network_filter() {
+    let echo = tcp_echo_server().await;
+    unchanged_reloads_keep_the_filter(
+        &component_config(echo.addr, "rewrite", "", ""),
+        b"one",
+        b"0NE",
+    )
+    .await;
+}
+
+/// A reload that changes only a network filter's config (not the listener's
+/// settings) replaces the TCP listener: the open connection, which runs the
+/// old config, is drained (`drain_timeout`), as after a settings change, and
+/// new connections get the new config. It was kept with the old config for
+/// its lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changing_a_network_filters_config_drains_its_connections() {
+    let echo = tcp_echo_server().await;
+    let cfg = |mode: &str| short_drain(&config(echo.addr, &format!("{{ mode: {mode} }}"), "", ""));
+    // One worker: the instance count is exact.
+    let lg = legate()
+        .config(&cfg("tcp-rewrite"))
+        .concurrency(1)
+        .from_file()
+        .start();
+    let mut old = RawConn::connect(lg.addr("tcp")).await;
+    old.write(b"hello\n").await;
+    let back = b"h0wdy, partner\n";
+    assert_eq!(old.read_exact(back.len(), T).await.unwrap(), back);
+    let v = lg.reload_ok(&cfg("tcp-lines")).await;
+    assert_eq!(v["listeners"]["changed"], serde_json::json!(["tcp"]), "{v}");
+    assert_eq!(
+        v["plugins"]["new_or_changed"],
+        serde_json::json!(["pw"]),
+        "{v}"
+    );
+    let (_, closed) = old.read_until_close(HANG_GUARD).await;
+    assert!(
+        closed,
+        "a connection running the old filter config stayed open"
+    );
+    lg.assert_stat(r#"legate_listener_drain_closes_total{listener="tcp"}"#, 1.0)
+        .await;
+    // The new config: lines pass unchanged.
+    let mut new = RawConn::connect(lg.addr("tcp")).await;
+    new.write(b"hello\n").await;
+    assert_eq!(new.read_exact(6, T).await.unwrap(), b"hello\n");
+    lg.assert_stat(r#"legate_plugin_instances{plugin="pw"}"#, 1.0)
+        .await;
 }
 
 /// `yaml` with the TCP listener's `idle_timeout` set to `t`.
@@ -449,11 +572,10 @@ async fn a_connection_whose_data_a_filter_holds_is_closed_when_idle() {
 async fn a_reload_closes_a_replaced_listeners_filtered_connections() {
     let echo = tcp_echo_server().await;
     let cfg = |idle: &str| {
-        tcp_idle(&config(echo.addr, "{ mode: tcp-rewrite }", "", ""), idle).replacen(
-            "version: 1\n",
-            "version: 1\ndrain_timeout: 300ms\n",
-            1,
-        )
+        short_drain(&tcp_idle(
+            &config(echo.addr, "{ mode: tcp-rewrite }", "", ""),
+            idle,
+        ))
     };
     // Idle timeouts far beyond the test: only the reload can close.
     let lg = legate().config(&cfg("1h")).from_file().start();
@@ -1168,7 +1290,8 @@ async fn a_component_network_filter_reloads() {
     assert_eq!(old.read_exact(3, T).await.unwrap(), b"0NE");
     let (status, body) = lg.admin_post("/plugins/pw/reload").await;
     assert_eq!(status, 200, "{body}");
-    // The open connection keeps the instance it started on.
+    // The open connection keeps the instance it started on until its
+    // listener, replaced by the reload, drains it (`drain_timeout`, 30 s).
     old.write(b"two").await;
     assert_eq!(old.read_exact(3, T).await.unwrap(), b"TW0");
     drop(old);

@@ -120,6 +120,9 @@ pub fn load(
             continue;
         }
         let files = read_files(p)?;
+        if let Some(m) = modules.get_mut(name) {
+            m.files = files_digest(&files);
+        }
         let component = engine::compile(name, &p.module, &module, stats)?;
         if network::is_network_filter(&component) {
             // An L4 filter: TCP listeners only, so no route overrides.
@@ -179,6 +182,10 @@ pub struct ModuleInfo {
     pub sha256: String,
     /// The ABI they are built for (see [`crate::reload`]'s `abi_of`).
     pub abi: String,
+    /// SHA-256 of the plugin's data files (`files:`) as read for the load
+    /// ([`files_digest`]); empty when it has none. A config reload compares it
+    /// to decide whether the plugin carries over ([`unchanged_module`]).
+    pub files: String,
 }
 
 impl ModuleInfo {
@@ -187,6 +194,7 @@ impl ModuleInfo {
         ModuleInfo {
             sha256: crate::reload::sha256_hex(bytes),
             abi: crate::reload::abi_of(bytes),
+            files: String::new(),
         }
     }
 }
@@ -222,6 +230,58 @@ impl<'a> ModuleBytes<'a> {
         }
         Ok(ModuleBytes { bytes, info })
     }
+}
+
+/// SHA-256 over a plugin's data files, keys and contents in key order;
+/// empty for none.
+fn files_digest(files: &plugin::Files) -> String {
+    use sha2::{Digest, Sha256};
+    if files.is_empty() {
+        return String::new();
+    }
+    let mut keys: Vec<&String> = files.keys().collect();
+    keys.sort();
+    let mut h = Sha256::new();
+    for k in keys {
+        let v = files.get(k).map_or(&[][..], |v| &v[..]);
+        // Lengths first, so no two different sets hash the same bytes.
+        let len = |n: usize| u64::try_from(n).unwrap_or(u64::MAX).to_le_bytes();
+        h.update(len(k.len()));
+        h.update(k.as_bytes());
+        h.update(len(v.len()));
+        h.update(v);
+    }
+    h.finalize()
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            use std::fmt::Write as _;
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// Whether plugin `p`'s module (and data files) on disk now are those it
+/// was loaded from, as `info` describes them: a config reload carries such
+/// a plugin over instead of loading it again ([`crate::reload`]). A file that
+/// cannot be read is not the same (loading it again reports why). A native
+/// filter has no module.
+pub(crate) fn unchanged_module(p: &crate::config::Plugin, info: &ModuleInfo) -> bool {
+    if p.module
+        .to_str()
+        .is_some_and(|m| m.starts_with(crate::native::PREFIX))
+    {
+        return true;
+    }
+    let Ok(bytes) = module_bytes(p) else {
+        return false;
+    };
+    if crate::reload::sha256_hex(&bytes) != info.sha256 {
+        return false;
+    }
+    if p.files.is_empty() {
+        return info.files.is_empty();
+    }
+    read_files(p).is_ok_and(|files| files_digest(&files) == info.files)
 }
 
 /// `limits.pause` of plugin `p`; `None` for `0s` (no bound).
@@ -359,7 +419,7 @@ pub fn size_pool(config: &Config, workers: usize) {
     engine::size_pool(workers, filters)
 }
 
-fn route_overrides(config: &Config, name: &crate::config::Name) -> Vec<String> {
+pub(crate) fn route_overrides(config: &Config, name: &crate::config::Name) -> Vec<String> {
     overrides_placed(config, name)
         .into_iter()
         .map(|(json, _)| json)

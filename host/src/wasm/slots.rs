@@ -12,10 +12,11 @@
 //! Workers keep instances in thread-local maps keyed by a filter's id; only the
 //! worker can free them, and a replaced filter is dropped on whatever thread
 //! drops its last reference. So the drop only marks the id dead here, and each
-//! worker sweeps its map the next time it makes a new slot (a reload always
-//! brings new ids, so that happens when it starts the new config's ticking
-//! plugins or on the first request after it), or when a tick task finds its
-//! filter gone.
+//! worker sweeps its map the next time it makes a new slot (a reload that loads
+//! a plugin again brings new ids, so that happens when it starts the new
+//! config's ticking plugins or on the first request after it; a plugin a config
+//! reload carries over keeps its id and its instances, [`crate::reload`]), or
+//! when a tick task finds its filter gone.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
