@@ -295,14 +295,7 @@ impl Reloader {
     /// Records the plugins of the config Legate started with.
     pub(crate) fn record_initial(&self, shared: &Shared) {
         let snap = shared.snapshot.load_full();
-        self.record_plugins(
-            &snap.config,
-            &snap.modules,
-            None,
-            &BTreeSet::new(),
-            Duration::ZERO,
-            None,
-        );
+        self.record_plugins(&snap.config, &snap.modules, None, &BTreeSet::new(), None);
     }
 
     fn plugin_counter(&self, plugin: &str, result: &str) -> Counter {
@@ -325,7 +318,6 @@ impl Reloader {
         modules: &crate::wasm::Modules,
         only: Option<&[&str]>,
         carried: &BTreeSet<String>,
-        took: Duration,
         mut outcome: Option<&mut Value>,
     ) {
         let mut map = self.plugins.lock().unwrap_or_else(PoisonError::into_inner);
@@ -347,7 +339,7 @@ impl Reloader {
             st.sha256 = info.sha256;
             st.abi = info.abi;
             st.loaded_at = now_unix();
-            st.load_ms = ms(took);
+            st.load_ms = ms(info.took);
             st.last_error = None;
             if let Some(o) = outcome.as_deref_mut() {
                 o["sha256"] = json!(st.sha256);
@@ -653,14 +645,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             notes.push(format!("health checks not restarted: {e:#}"));
         }
     }
-    r.record_plugins(
-        &config,
-        &snap_modules,
-        None,
-        &kept_plugins,
-        Duration::ZERO,
-        None,
-    );
+    r.record_plugins(&config, &snap_modules, None, &kept_plugins, None);
     let (kept_list, loaded_list): (Vec<String>, Vec<String>) = config
         .plugins
         .iter()
@@ -994,7 +979,6 @@ pub fn reload_plugin(
                 &modules,
                 Some(&group),
                 &BTreeSet::new(),
-                took,
                 Some(&mut outcome),
             );
             tracing::info!(

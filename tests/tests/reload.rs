@@ -1289,7 +1289,12 @@ each_proto!(
         assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
         let configure = r#"legate_plugin_calls_total{plugin="tagger",phase="configure"}"#;
         let configured = lg.stat(configure).await.unwrap();
-        let loaded_at = plugin_status(&lg).await["loaded_at"].clone();
+        let st = plugin_status(&lg).await;
+        let loaded_at = st["loaded_at"].clone();
+        // The time the start took to load it (it was 0 after a start and
+        // after every config reload).
+        let load_ms = st["load_ms"].clone();
+        assert!(load_ms.as_f64().unwrap() > 0.0, "{st}");
 
         // Another config text, the plugin's part unchanged: it carries over.
         let v = lg.reload_ok(&format!("{yaml}# a comment\n")).await;
@@ -1299,13 +1304,16 @@ each_proto!(
         assert_eq!(lg.stat(configure).await, Some(configured), "configured again");
         let st = plugin_status(&lg).await;
         assert_eq!(st["loaded_at"], loaded_at, "{st}");
+        assert_eq!(st["load_ms"], load_ms, "{st}");
         assert_eq!(st["instances"], 1, "{st}");
 
         // The module changed on disk: loaded again.
         write_module(&module, &guest_variant(2));
         let v = lg.reload_ok(&yaml).await;
         assert_eq!(v["plugins"]["new_or_changed"], serde_json::json!(["tagger"]), "{v}");
-        assert_eq!(plugin_status(&lg).await["sha256"], sha256_hex(&guest_variant(2)));
+        let st = plugin_status(&lg).await;
+        assert_eq!(st["sha256"], sha256_hex(&guest_variant(2)));
+        assert!(st["load_ms"].as_f64().unwrap() > 0.0, "{st}");
         assert_eq!(c.get("/x").send().await.header("x-filter-resp"), Some("tagger"));
         let configured = lg.stat(configure).await.unwrap();
         // Its config changed: loaded again, and the new config runs.

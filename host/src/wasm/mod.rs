@@ -72,96 +72,57 @@ pub fn load(
     let mut shares = proxy_wasm::Shares::default();
     for p in &config.plugins {
         let p = &p.value;
-        let name = p.name.as_str();
-        for c in &p.capabilities.clusters {
-            if !config.clusters.iter().any(|k| k.value.name == c.value) {
-                anyhow::bail!(
-                    "plugin `{name}`: `capabilities.clusters` names cluster `{}`, which is not \
-                     defined; add it under `clusters:` or remove it from the plugin's \
-                     capabilities",
-                    c.value
-                );
-            }
+        // What `/plugins` shows as `load_ms`: compiling (or reading the
+        // cache) and configuring it, every route override included.
+        let started = std::time::Instant::now();
+        load_plugin(config, p, stats, &mut out, &mut modules, &mut shares)?;
+        if let Some(m) = modules.get_mut(p.name.as_str()) {
+            m.took = started.elapsed();
         }
-        if let Some(kind) = p
-            .module
-            .to_str()
-            .and_then(|m| m.strip_prefix(crate::native::PREFIX))
-        {
-            // A native filter: same chain, no sandbox; one per config, like components.
-            modules.insert(p.name.to_string(), ModuleInfo::of(&[]));
-            let places = overrides_placed(config, &p.name);
-            let mut configs: Vec<Option<String>> = vec![None];
-            configs.extend(places.iter().map(|(j, _)| Some(j.clone())));
-            for over in configs {
-                let value = match &over {
-                    Some(j) => Some(serde_json::from_str(j)?),
-                    None => p.config.clone(),
-                };
-                let f = at_override(
-                    crate::native::load(name, kind, value.as_ref()),
-                    over.as_ref(),
-                    &places,
-                )?;
-                out.insert(
-                    FilterKey {
-                        plugin: p.name.clone(),
-                        config_override: over,
-                    },
-                    f,
-                );
-            }
-            continue;
-        }
-        let bytes = module_bytes(p)?;
-        let module = ModuleBytes::checked(p, &bytes)?;
-        modules.insert(p.name.to_string(), module.info.clone());
-        if load_proxy_wasm(config, p, &module, stats, &mut out, &mut shares)? {
-            continue;
-        }
-        let files = read_files(p)?;
-        if let Some(m) = modules.get_mut(name) {
-            m.files = files_digest(&files);
-        }
-        let component = engine::compile(name, &p.module, &module, stats)?;
-        if network::is_network_filter(&component) {
-            // An L4 filter: TCP listeners only, so no route overrides.
-            let json = p
-                .config
-                .as_ref()
-                .map_or_else(|| "null".to_string(), |v| v.to_string());
-            let f = Arc::new(network::WasmNetworkFilter::load(
-                name,
-                &component,
-                settings(p, json, files.clone()),
-                stats,
-            )?);
-            f.arm();
-            out.insert(
-                FilterKey {
-                    plugin: p.name.clone(),
-                    config_override: None,
-                },
-                f,
+    }
+    Ok((out, modules))
+}
+
+/// Loads plugin `p` of `config` into `out`, its module info into `modules`.
+fn load_plugin(
+    config: &Config,
+    p: &crate::config::Plugin,
+    stats: &Arc<Stats>,
+    out: &mut HashMap<FilterKey, Arc<dyn HttpFilter>>,
+    modules: &mut Modules,
+    shares: &mut proxy_wasm::Shares,
+) -> anyhow::Result<()> {
+    let name = p.name.as_str();
+    for c in &p.capabilities.clusters {
+        if !config.clusters.iter().any(|k| k.value.name == c.value) {
+            anyhow::bail!(
+                "plugin `{name}`: `capabilities.clusters` names cluster `{}`, which is not \
+                 defined; add it under `clusters:` or remove it from the plugin's \
+                 capabilities",
+                c.value
             );
-            continue;
         }
+    }
+    if let Some(kind) = p
+        .module
+        .to_str()
+        .and_then(|m| m.strip_prefix(crate::native::PREFIX))
+    {
+        // A native filter: same chain, no sandbox; one per config, like components.
+        modules.insert(p.name.to_string(), ModuleInfo::of(&[]));
         let places = overrides_placed(config, &p.name);
         let mut configs: Vec<Option<String>> = vec![None];
         configs.extend(places.iter().map(|(j, _)| Some(j.clone())));
         for over in configs {
-            let json = match (&over, &p.config) {
-                (Some(j), _) => j.clone(),
-                (None, Some(v)) => v.to_string(),
-                (None, None) => "null".to_string(),
+            let value = match &over {
+                Some(j) => Some(serde_json::from_str(j)?),
+                None => p.config.clone(),
             };
-            let settings = settings(p, json, files.clone());
-            let f = Arc::new(at_override(
-                WasmFilter::load(name, &component, settings, stats),
+            let f = at_override(
+                crate::native::load(name, kind, value.as_ref()),
                 over.as_ref(),
                 &places,
-            )?);
-            f.arm();
+            )?;
             out.insert(
                 FilterKey {
                     plugin: p.name.clone(),
@@ -170,8 +131,66 @@ pub fn load(
                 f,
             );
         }
+        return Ok(());
     }
-    Ok((out, modules))
+    let bytes = module_bytes(p)?;
+    let module = ModuleBytes::checked(p, &bytes)?;
+    modules.insert(p.name.to_string(), module.info.clone());
+    if load_proxy_wasm(config, p, &module, stats, out, shares)? {
+        return Ok(());
+    }
+    let files = read_files(p)?;
+    if let Some(m) = modules.get_mut(name) {
+        m.files = files_digest(&files);
+    }
+    let component = engine::compile(name, &p.module, &module, stats)?;
+    if network::is_network_filter(&component) {
+        // An L4 filter: TCP listeners only, so no route overrides.
+        let json = p
+            .config
+            .as_ref()
+            .map_or_else(|| "null".to_string(), |v| v.to_string());
+        let f = Arc::new(network::WasmNetworkFilter::load(
+            name,
+            &component,
+            settings(p, json, files.clone()),
+            stats,
+        )?);
+        f.arm();
+        out.insert(
+            FilterKey {
+                plugin: p.name.clone(),
+                config_override: None,
+            },
+            f,
+        );
+        return Ok(());
+    }
+    let places = overrides_placed(config, &p.name);
+    let mut configs: Vec<Option<String>> = vec![None];
+    configs.extend(places.iter().map(|(j, _)| Some(j.clone())));
+    for over in configs {
+        let json = match (&over, &p.config) {
+            (Some(j), _) => j.clone(),
+            (None, Some(v)) => v.to_string(),
+            (None, None) => "null".to_string(),
+        };
+        let settings = settings(p, json, files.clone());
+        let f = Arc::new(at_override(
+            WasmFilter::load(name, &component, settings, stats),
+            over.as_ref(),
+            &places,
+        )?);
+        f.arm();
+        out.insert(
+            FilterKey {
+                plugin: p.name.clone(),
+                config_override: over,
+            },
+            f,
+        );
+    }
+    Ok(())
 }
 
 /// What a plugin's module was when it was loaded, for `GET /plugins` and the
@@ -186,6 +205,9 @@ pub struct ModuleInfo {
     /// ([`files_digest`]); empty when it has none. A config reload compares it
     /// to decide whether the plugin carries over ([`unchanged_module`]).
     pub files: String,
+    /// How long loading the plugin took (compiling or reading the cache,
+    /// configuring it and its route overrides): `/plugins`' `load_ms`.
+    pub took: std::time::Duration,
 }
 
 impl ModuleInfo {
@@ -195,6 +217,7 @@ impl ModuleInfo {
             sha256: crate::reload::sha256_hex(bytes),
             abi: crate::reload::abi_of(bytes),
             files: String::new(),
+            took: std::time::Duration::ZERO,
         }
     }
 }
