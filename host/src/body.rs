@@ -441,6 +441,20 @@ type Held = Pin<Box<dyn Future<Output = Result<crate::filter::Resumed, crate::er
 /// end arrive. `content-length` is the filters' business: the size hint is
 /// unknown, so a filter that removed the header gets chunked encoding.
 ///
+/// One the head went on with is held to (abi/README.md §4, "Rewriting a
+/// streamed body"): the bytes passed on are counted, and a filter's rewrite
+/// that makes them more than it says, or fewer at the end, fails the body
+/// (before the data over it, or the end, goes out) with the
+/// `plugin_failure` of the filter that resized it, logged and counted as
+/// that filter's failure ([`crate::filter::Chain::length_broken`]). Neither
+/// HTTP library would: hyper's HTTP/1.1 encoder cuts what is over the
+/// length, and waits for what is short of it. A request then fails with
+/// `503 plugin_failure` (the upstream request is reset; not the upstream's
+/// failure), a response's stream is reset (its head is out). A body whose
+/// head a filter held while it streamed ([`Filtered::holding_head`]) is not
+/// counted: what passed during the hold may have been rewritten again by
+/// the filters after the holding one before it went out.
+///
 /// A filter may hold a chunk, or the end of the message, for a callout
 /// (abi/README.md §3.3; proxy-wasm only at the end, Envoy's way): the chain is
 /// taken out of its [`crate::filter::SharedChain`] and the held part waits in
@@ -462,6 +476,22 @@ pub struct Filtered {
     /// `crate::filter::BodyCtl::holds_head`): a local response replaces the
     /// message instead of resetting it.
     head_held: bool,
+    /// Data bytes passed on so far.
+    forwarded: u64,
+    /// The `content-length` they must come to.
+    length: Length,
+}
+
+/// The `content-length` a [`Filtered`] body is held to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Length {
+    /// Not read yet: the head may not be out (or the chain was).
+    Unread,
+    /// None to hold to (the head has none, a filter held the head, or a
+    /// mismatch was already reported).
+    Unchecked,
+    /// This many bytes.
+    Is(u64),
 }
 
 impl Filtered {
@@ -480,13 +510,17 @@ impl Filtered {
             done: false,
             held: None,
             head_held: false,
+            forwarded: 0,
+            length: Length::Unread,
         }
     }
 
     /// The same, read first by the proxy while a filter holds the head
-    /// ([`Filtered::head_out`] once it goes out).
+    /// ([`Filtered::head_out`] once it goes out). Its length is not checked
+    /// (see [`Filtered`]).
     pub fn holding_head(mut self) -> Self {
         self.head_held = true;
+        self.length = Length::Unchecked;
         self
     }
 
@@ -503,6 +537,66 @@ impl Filtered {
 
     fn stopped(&self, why: String) -> BoxError {
         Box::new(FilterStopped(why))
+    }
+
+    /// Counts `out`, data about to be passed on (empty at the end), against
+    /// the `content-length` the head went on with: more than it, or short of
+    /// it at the end (`self.done`), is the error the body fails with instead.
+    /// One add and a compare per chunk; the length is read from the chain's
+    /// copy of the head once, at the first data.
+    fn counted(&mut self, out: Bytes) -> Result<Bytes, BoxError> {
+        self.forwarded += out.len() as u64;
+        if self.length == Length::Unread {
+            let dir = self.dir;
+            self.length = match self.chain.with(|c| c.sent_length(dir)) {
+                Ok(Some(n)) => Length::Is(n),
+                Ok(None) | Err(crate::filter::SharedError::Finished) => Length::Unchecked,
+                // Out for a callout (or in use): read at the next data.
+                Err(_) => Length::Unread,
+            };
+        }
+        match self.length {
+            Length::Is(n) if self.forwarded > n || (self.done && self.forwarded < n) => {
+                Err(self.length_broken(n))
+            }
+            _ => Ok(out),
+        }
+    }
+
+    /// The error for a body whose filters broke its `content-length` of
+    /// `declared`: logged once, named after the filter that resized it (and
+    /// counted as its failure).
+    fn length_broken(&mut self, declared: u64) -> BoxError {
+        self.length = Length::Unchecked;
+        let grew = self.forwarded > declared;
+        let dir = self.dir;
+        let plugin = self
+            .chain
+            .with(|c| c.length_broken(dir, grew))
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "a filter".to_string());
+        let (what, seen) = if grew {
+            ("more than", format!("at least {}", self.forwarded))
+        } else {
+            ("fewer than", self.forwarded.to_string())
+        };
+        tracing::warn!(
+            plugin = %plugin,
+            direction = dir.as_str(),
+            "a streamed {} body rewritten to {what} the content-length its head went on with \
+             ({seen} bytes for {declared}; a filter that resizes a streamed body must remove \
+             content-length in its headers phase): the {}",
+            dir.as_str(),
+            match dir {
+                crate::filter::Direction::Request => "exchange fails, the upstream request is reset",
+                crate::filter::Direction::Response => "stream is reset",
+            }
+        );
+        Box::new(crate::error::ProxyError::new(
+            crate::error::Kind::PluginFailure,
+            plugin,
+        ))
     }
 
     /// A local response from a body or trailers phase: the request's replaces
@@ -813,12 +907,15 @@ impl HttpBody for Filtered {
                     },
                     None if this.ended => {
                         this.done = true;
+                        if let Err(e) = this.counted(Bytes::new()) {
+                            return Poll::Ready(Some(Err(e)));
+                        }
                         return Poll::Ready(None);
                     }
                     None => this.end(Bytes::new(), None, false),
                 }
             };
-            match out {
+            match out.and_then(|out| this.counted(out)) {
                 Err(e) => {
                     this.done = true;
                     this.trailers = None;

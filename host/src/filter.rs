@@ -1267,6 +1267,7 @@ impl Filters {
             answer_from: None,
             stopped: [None; 2],
             reached: 0,
+            resized: [(None, None); 2],
         }))
     }
 }
@@ -1814,6 +1815,11 @@ pub struct Chain {
     /// this route): the filters of those after it never had a call, and get
     /// only `on-log` ([`Chain::enter_unreached_loggers`]).
     reached: usize,
+    /// Per direction: the entered filter whose body call last returned more
+    /// (`.0`) or less (`.1`) data than it was given, for the name a streamed
+    /// body that broke its `content-length` is blamed on
+    /// ([`Chain::length_broken`]).
+    resized: [(Option<u16>, Option<u16>); 2],
 }
 
 /// Where a direction's run stopped at a filter that holds the head while its
@@ -2650,6 +2656,46 @@ impl Chain {
         }
     }
 
+    /// The `content-length` the head of direction `d` went on with, as the
+    /// filters left it, if its message may carry a body: what a streamed body
+    /// must come to (abi/README.md §4, [`crate::body::Filtered`]). `None`
+    /// without one, for a message that has no body whatever its head says
+    /// (a response to `HEAD`, a 1xx, 204 or 304), and if the head was not
+    /// kept on the exchange (no filter reads it after its headers phase).
+    pub fn sent_length(&mut self, d: Direction) -> Option<u64> {
+        let head: &Head = match d {
+            Direction::Request => self.x.request_headers_with_host().0,
+            Direction::Response => {
+                let s = self.x.status?;
+                if self.x.method == Method::HEAD
+                    || s.is_informational()
+                    || matches!(s, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+                {
+                    return None;
+                }
+                self.x.response_headers.as_ref()?
+            }
+        };
+        let mut values = head.get_all(http::header::CONTENT_LENGTH).iter();
+        match (values.next(), values.next()) {
+            (Some(v), None) => v.to_str().ok()?.trim().parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// A streamed body of direction `d` broke the `content-length` its head
+    /// went on with: more data (`grew`) or less. Blamed on the filter whose
+    /// body call last grew (or shrank) what it was given, counted as its
+    /// failure ([`HttpFilter::host_failure`]); its name, or `None` if no
+    /// filter resized any.
+    pub fn length_broken(&self, d: Direction, grew: bool) -> Option<String> {
+        let (g, s) = self.resized[d.idx()];
+        let i = usize::from(if grew { g.or(s) } else { s.or(g) }?);
+        let f = self.entered.get(i)?;
+        f.host_failure();
+        Some(f.name().to_string())
+    }
+
     /// Whether a filter taking part in direction `d` still holds its head
     /// ([`BodyCtl::holds_head`]).
     pub fn holds_head(&self, d: Direction) -> bool {
@@ -2797,10 +2843,22 @@ impl Chain {
             {
                 continue;
             }
+            let len = |x: &Exchange| x.bodies[d.idx()].as_deref().map_or(0, <[u8]>::len);
+            let before = len(&self.x);
             let mut v = match body_eos {
                 Some(eos) => self.call(i, |f, w, x| f.on_body(w, x, d, eos)),
                 None => self.call(i, |f, w, x| f.on_trailers(w, x, d)),
             };
+            let after = len(&self.x);
+            if after != before {
+                let by = u16::try_from(i).ok();
+                let r = &mut self.resized[d.idx()];
+                if after > before {
+                    r.0 = by;
+                } else {
+                    r.1 = by;
+                }
+            }
             self.dispatch(i);
             if let Ok(Verdict::Pause) = v {
                 v = match hold {
@@ -3433,6 +3491,7 @@ mod tests {
             answer_from: None,
             stopped: [None; 2],
             reached: 0,
+            resized: [(None, None); 2],
         }
     }
 

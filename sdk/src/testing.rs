@@ -3,7 +3,9 @@
 //! the guest; host calls go to an in-memory host ([`TestHost`]) that follows
 //! the ABI's rules: write windows (`InvalidState` outside them), header
 //! validation, capabilities (`Denied`), metrics defined only in `configure`,
-//! KV versions/CAS/TTL against a settable clock, callout bookkeeping.
+//! KV versions/CAS/TTL against a settable clock, callout bookkeeping,
+//! `content-length` (recomputed after a buffered body call; a streamed body
+//! held to the one its head went on with, [`Outcome::LengthMismatch`]).
 //!
 //! ```
 //! # use legate_sdk::{Action, Exchange, Headers, HttpFilter, Setup};
@@ -741,6 +743,9 @@ impl<F: HttpFilter> FilterTest<F> {
             request_cut: false,
             responded: false,
             passed: [None, None],
+            body_call: None,
+            streamed: [0; 2],
+            length_mismatch: None,
         }
     }
 
@@ -962,6 +967,17 @@ pub enum Outcome {
     /// (abi/README.md §4; host/src/proxy.rs `run_body`), then `on_log` and
     /// `on_done`. See [`TestExchange::over_body_limit`].
     OverBodyLimit(Phase, u16),
+    /// A `streamed` body phase's rewrite broke the `content-length` the
+    /// direction's head went on with (more data than it says, or less at
+    /// the end of the stream) and the filter did not remove it in its
+    /// headers phase (abi/README.md §4, "Rewriting a streamed body"): the
+    /// host ended the exchange as the filter's failure (a request with
+    /// `503 plugin_failure`, the upstream request reset; a response, whose
+    /// head is out, with a reset stream), counted in the plugin's
+    /// `legate_plugin_failures_total`; then `on_log` and `on_done`. The
+    /// `String` is the host's reason. See
+    /// [`TestExchange::length_mismatch`].
+    LengthMismatch(Phase, String),
 }
 
 /// One exchange of a [`FilterTest`], driven phase by phase.
@@ -1020,6 +1036,25 @@ pub struct TestExchange<'t, F: HttpFilter> {
     /// direction was over `limits.body` (see
     /// [`over_body_limit`](Self::over_body_limit)).
     over_body_limit: Option<Direction>,
+    /// The body call in progress (through a pause), for what the host does
+    /// with its data once it goes on ([`finish_body_call`](Self::finish_body_call)).
+    body_call: Option<BodyCall>,
+    /// Per direction: the data bytes of a `streamed` body passed on so far.
+    streamed: [u64; 2],
+    /// The direction whose `streamed` body broke its head's
+    /// `content-length`, and the host's reason (see
+    /// [`length_mismatch`](Self::length_mismatch)).
+    length_mismatch: Option<(Direction, String)>,
+}
+
+/// A body call of a [`TestExchange`] in progress.
+#[derive(Clone, Copy)]
+struct BodyCall {
+    d: Direction,
+    mode: BodyMode,
+    end_of_stream: bool,
+    /// The message came without a body (nor trailers).
+    bodyless: bool,
 }
 
 /// A local response to a gRPC request as the host sends it, in gRPC's
@@ -1381,6 +1416,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             Direction::Response => Phase::ResponseBody,
         };
         let mode = self.ex.borrow().body_modes[idx(d)];
+        if self.length_mismatch.as_ref().is_some_and(|(m, _)| *m == d) {
+            // The host failed that body: nothing more of it is read.
+            return Action::Continue;
+        }
+        let bodyless = data.is_empty() && self.pending_trailers[idx(d)].is_none();
         {
             let mut ex = self.ex.borrow_mut();
             ex.body_started[idx(d)] = true;
@@ -1409,6 +1449,12 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         }
         let c = self.context;
         let ex = self.ex.clone();
+        self.body_call = Some(BodyCall {
+            d,
+            mode,
+            end_of_stream: eos,
+            bodyless,
+        });
         let action = self.call(window, true, |i, x| {
             let b = Body(BufferHandle::new(ex, d));
             match d {
@@ -1424,7 +1470,135 @@ impl<F: HttpFilter> TestExchange<'_, F> {
                 self.settle_trailers(d);
             }
         }
+        if !self.paused {
+            self.finish_body_call();
+        }
         self.wait(action)
+    }
+
+    /// The body call in progress ended (not paused, or its pause ended):
+    /// what the host does with the data as it goes on (abi/README.md §4).
+    /// A `buffered` body's head gets the `content-length` of the body the
+    /// filter left (none with trailers after it; as it came for a request
+    /// that had no body and still has none; none for a `204` or `304`):
+    /// host/src/proxy.rs `request_body`, `response_body`, `set_length`. A
+    /// `streamed` body's data is counted against the `content-length` its
+    /// head went on with (host/src/body.rs `Filtered`): more than it, or
+    /// fewer at the end, ends the exchange ([`Outcome::LengthMismatch`]).
+    fn finish_body_call(&mut self) {
+        let Some(call) = self.body_call.take() else {
+            return;
+        };
+        if self.failure.is_some() || self.responded || self.over_body_limit.is_some() {
+            return;
+        }
+        let d = call.d;
+        let len = self.passed[idx(d)].as_ref().map_or(0, Vec::len);
+        match call.mode {
+            BodyMode::Buffered => self.set_length(d, len, call.bodyless),
+            BodyMode::Streamed => {
+                self.streamed[idx(d)] += len as u64;
+                let Some(declared) = self.sent_length(d) else {
+                    return;
+                };
+                let sent = self.streamed[idx(d)];
+                if sent > declared || (call.end_of_stream && sent < declared) {
+                    self.break_length(d, sent, declared);
+                }
+            }
+            BodyMode::Skipped => {}
+        }
+    }
+
+    /// A `buffered` body of `d` of `len` bytes went on: its head's length,
+    /// as the host recomputes it (see [`finish_body_call`](Self::finish_body_call)).
+    fn set_length(&mut self, d: Direction, len: usize, bodyless: bool) {
+        let trailers = self.pending_trailers[idx(d)].is_some();
+        let mut ex = self.ex.borrow_mut();
+        let none = match d {
+            // Still empty: framed as it came (no `content-length: 0` on a GET).
+            Direction::Request if bodyless && len == 0 && !trailers => return,
+            Direction::Request => trailers,
+            Direction::Response => trailers || matches!(ex.status, Some(204 | 304)),
+        };
+        let Some(head) = ex.heads[idx(d)].as_mut() else {
+            return;
+        };
+        head.retain(|(n, _)| n != "content-length" && n != "transfer-encoding");
+        if !none {
+            head.push(("content-length".to_owned(), len.to_string().into_bytes()));
+        }
+    }
+
+    /// The `content-length` the head of `d` went on with, if its message
+    /// may have a body (not a response to `HEAD`, nor a `1xx`, `204` or
+    /// `304`): one value, a number (host/src/filter.rs `sent_length`).
+    fn sent_length(&self, d: Direction) -> Option<u64> {
+        let ex = self.ex.borrow();
+        if d == Direction::Response
+            && (ex.method == "HEAD" || ex.status.is_none_or(|s| s < 200 || s == 204 || s == 304))
+        {
+            return None;
+        }
+        let mut values = ex.heads[idx(d)]
+            .as_ref()?
+            .iter()
+            .filter(|(n, _)| n == "content-length");
+        match (values.next(), values.next()) {
+            (Some((_, v)), None) => std::str::from_utf8(v).ok()?.trim().parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// The `streamed` body of `d` came to `sent` bytes against the
+    /// `content-length` of `declared` its head went on with: as the host,
+    /// the exchange ends, the filter's failure. A request gets `503`,
+    /// cause `plugin_failure` (the upstream request is reset); a response,
+    /// whose head is out, is reset: its status stays, cause
+    /// `response_body_failed`. Nothing more of that body is read.
+    fn break_length(&mut self, d: Direction, sent: u64, declared: u64) {
+        let what = if sent > declared {
+            "more than"
+        } else {
+            "fewer than"
+        };
+        let why = format!(
+            "a streamed {} body rewritten to {what} the content-length its head went on with \
+             ({sent} bytes for {declared}): a filter that resizes a streamed body must remove \
+             content-length in its headers phase",
+            match d {
+                Direction::Request => "request",
+                Direction::Response => "response",
+            }
+        );
+        {
+            let mut ex = self.ex.borrow_mut();
+            match d {
+                Direction::Request => {
+                    ex.status = Some(503);
+                    ex.cause = Some("plugin_failure".to_owned());
+                }
+                Direction::Response => ex.cause = Some("response_body_failed".to_owned()),
+            }
+        }
+        self.pending_body[idx(d)].clear();
+        self.pending_trailers[idx(d)] = None;
+        self.length_mismatch = Some((d, why));
+    }
+
+    /// The direction whose `streamed` body the filter rewrote to another
+    /// size than the `content-length` its head went on with (it did not
+    /// remove it in its headers phase), and the host's reason: the harness,
+    /// as the host, ended the exchange there (see
+    /// [`Outcome::LengthMismatch`]): nothing more of that body is read
+    /// (its phase methods call nothing), the request gets `503` (cause
+    /// `plugin_failure`, which `on_log` sees), a response keeps the status
+    /// it went with (cause `response_body_failed`). Not a failed call:
+    /// [`failure`](Self::failure) stays `None`.
+    pub fn length_mismatch(&self) -> Option<(Direction, &str)> {
+        self.length_mismatch
+            .as_ref()
+            .map(|(d, why)| (*d, why.as_str()))
     }
 
     /// The body of `d`, buffered for the filter, is over its `limits.body`:
@@ -1648,6 +1822,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         self.pending_trailers[0] = None;
         self.paused = false;
         self.paused_window.clear();
+        self.body_call = None;
         self.request_cut = true;
     }
 
@@ -1911,6 +2086,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
             if let Some(d) = self.held_trailers.take() {
                 self.settle_trailers(d);
             }
+            self.finish_body_call();
         }
         action
     }
@@ -2097,6 +2273,11 @@ impl<F: HttpFilter> TestExchange<'_, F> {
                 // No `on_log` for the failed filter: `done` only.
                 self.done();
                 return Outcome::Failed(phase, why);
+            }
+            if let Some((_, why)) = self.length_mismatch.clone() {
+                self.log();
+                self.done();
+                return Outcome::LengthMismatch(phase, why);
             }
             if let Some(d) = self.over_body_limit {
                 self.log();

@@ -2680,3 +2680,186 @@ fn trailers_stay_on_the_exchange_between_the_last_body_call_and_their_phase() {
         ]
     );
 }
+
+// ---------------------------------------------------------------- content-length
+
+/// Rewrites bodies to another size, per direction: `shrink` keeps the first
+/// byte of each body call's data, `grow` appends `+` at the end of the
+/// stream; with `remove`, its headers phases remove `content-length` (as a
+/// streamed rewrite must, abi/README.md §4).
+struct Resize {
+    c: ResizeConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeConfig {
+    streamed: bool,
+    #[serde(default)]
+    request: String,
+    #[serde(default)]
+    response: String,
+    #[serde(default)]
+    remove: bool,
+}
+
+fn resize(b: &Body<'_>, how: &str, eos: bool) -> Action {
+    match how {
+        "shrink" if b.len() > 1 => assert_eq!(b.replace(b.read(0, 1)), Ok(())),
+        "grow" if eos => assert_eq!(b.append(b"+"), Ok(())),
+        _ => {}
+    }
+    Action::Continue
+}
+
+impl HttpFilter for Resize {
+    type Config = ResizeConfig;
+    type Context = ();
+    fn configure(c: ResizeConfig) -> Result<Self, String> {
+        Ok(Resize { c })
+    }
+    fn setup(&self) -> Setup {
+        let mode = if self.c.streamed {
+            BodyMode::Streamed
+        } else {
+            BodyMode::Buffered
+        };
+        Setup::new()
+            .on_request_headers()
+            .on_response_headers()
+            .on_request_body(mode)
+            .on_response_body(mode)
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        h: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        if self.c.remove {
+            assert_eq!(h.remove("content-length"), Ok(()));
+        }
+        Action::Continue
+    }
+    fn on_response_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        h: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        if self.c.remove {
+            assert_eq!(h.remove("content-length"), Ok(()));
+        }
+        Action::Continue
+    }
+    fn on_request_body(&mut self, _: &mut (), _: &Exchange<'_>, b: &Body<'_>, eos: bool) -> Action {
+        resize(b, &self.c.request, eos)
+    }
+    fn on_response_body(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        b: &Body<'_>,
+        eos: bool,
+    ) -> Action {
+        resize(b, &self.c.response, eos)
+    }
+}
+
+/// Twenty bytes with the `content-length` a real message would have.
+fn post20() -> Request {
+    Request::post("/", "abcdefghijklmnopqrst").header("content-length", "20")
+}
+
+fn resp20() -> Response {
+    Response::new(200)
+        .header("content-length", "20")
+        .body("abcdefghijklmnopqrst")
+}
+
+#[test]
+fn a_buffered_rewrite_gets_the_content_length_the_host_recomputes() {
+    let mut t = FilterTest::<Resize>::configure(
+        r#"{"streamed": false, "request": "shrink", "response": "grow"}"#,
+    )
+    .unwrap();
+    let mut x = t.exchange(post20());
+    assert_eq!(x.run(resp20()), Outcome::Completed);
+    assert_eq!(x.request_header("content-length").as_deref(), Some("1"));
+    assert_eq!(x.response_header("content-length").as_deref(), Some("21"));
+    assert_eq!(x.response_body_bytes(), b"abcdefghijklmnopqrst+");
+
+    // Trailers after the body: no length (chunked on HTTP/1.1).
+    let mut x = t.exchange(post20().trailer("x-t", "1"));
+    assert_eq!(x.run(resp20().trailer("x-t", "1")), Outcome::Completed);
+    assert_eq!(x.request_header("content-length"), None);
+    assert_eq!(x.response_header("content-length"), None);
+
+    // A request that had no body and still has none is framed as it came;
+    // an empty response body gets its length, but not a 204 or 304.
+    let mut t = FilterTest::<Resize>::configure(r#"{"streamed": false}"#).unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    assert_eq!(x.run(Response::new(200)), Outcome::Completed);
+    assert_eq!(x.request_header("content-length"), None);
+    assert_eq!(x.response_header("content-length").as_deref(), Some("0"));
+    let mut x = t.exchange(Request::get("/"));
+    let r = Response::new(304).header("content-length", "20");
+    assert_eq!(x.run(r), Outcome::Completed);
+    assert_eq!(x.response_header("content-length").as_deref(), Some("20"));
+}
+
+#[test]
+fn a_streamed_rewrite_that_breaks_the_content_length_ends_the_exchange() {
+    use Direction::{Request as Rq, Response as Rs};
+    // Request: 503 plugin_failure, as the host answers; not a failed call.
+    for how in ["shrink", "grow"] {
+        let mut t = FilterTest::<Resize>::configure(&format!(
+            r#"{{"streamed": true, "request": "{how}"}}"#
+        ))
+        .unwrap();
+        let mut x = t.exchange(post20());
+        let o = x.run(resp20());
+        assert!(
+            matches!(&o, Outcome::LengthMismatch(Phase::RequestBody, why) if why.contains("content-length")),
+            "{how}: {o:?}"
+        );
+        assert_eq!(x.length_mismatch().map(|(d, _)| d), Some(Rq), "{how}");
+        assert_eq!(x.status(), Some(503));
+        assert_eq!(x.failure(), None);
+    }
+    // Response: reset after its head, which went out with its status.
+    let mut t =
+        FilterTest::<Resize>::configure(r#"{"streamed": true, "response": "grow"}"#).unwrap();
+    let mut x = t.exchange(Request::get("/"));
+    let o = x.run(resp20());
+    assert!(
+        matches!(o, Outcome::LengthMismatch(Phase::ResponseBody, _)),
+        "{o:?}"
+    );
+    assert_eq!(x.length_mismatch().map(|(d, _)| d), Some(Rs));
+    assert_eq!(x.status(), Some(200));
+
+    // Chunk by chunk: over the length as soon as it is; the rest of the body
+    // is not read.
+    let mut t =
+        FilterTest::<Resize>::configure(r#"{"streamed": true, "request": "grow"}"#).unwrap();
+    let mut x = t.exchange(Request::new("POST", "/").header("content-length", "10"));
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(x.request_body_chunk("hello", false), Action::Continue);
+    assert_eq!(x.length_mismatch(), None);
+    assert_eq!(x.request_body_chunk("world", true), Action::Continue);
+    assert_eq!(x.length_mismatch().map(|(d, _)| d), Some(Rq));
+
+    // Sizes kept, or content-length removed in the headers phases: as it was.
+    for config in [
+        r#"{"streamed": true}"#,
+        r#"{"streamed": true, "request": "grow", "response": "shrink", "remove": true}"#,
+    ] {
+        let mut t = FilterTest::<Resize>::configure(config).unwrap();
+        let mut x = t.exchange(post20());
+        assert_eq!(x.run(resp20()), Outcome::Completed, "{config}");
+        assert_eq!(x.length_mismatch(), None);
+    }
+}

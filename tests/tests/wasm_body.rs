@@ -249,6 +249,76 @@ each_proto!(
     }
 );
 
+/// `legate_plugin_failures_total` of plugin `p`.
+fn failures(p: &str) -> String {
+    format!("legate_plugin_failures_total{{plugin=\"{p}\"}}")
+}
+
+/// Asserts that nothing was held against the one endpoint `up` of cluster
+/// `backend`: no attempt failed there (outlier detection's input), none timed
+/// out.
+async fn upstream_not_blamed(lg: &LegateHandle, up: SocketAddr) {
+    lg.assert_stat(
+        &format!("legate_endpoint_rq_error{{cluster=\"backend\",endpoint=\"{up}\"}}"),
+        0.0,
+    )
+    .await;
+    lg.assert_stat(
+        "legate_cluster_upstream_rq_timeout{cluster=\"backend\"}",
+        0.0,
+    )
+    .await;
+}
+
+each_proto!(
+    /// A streamed request body a filter resizes without removing its
+    /// `content-length` (abi/README.md §4): the host does not send a message
+    /// its head contradicts (hyper's HTTP/1.1 client would wait for the bytes
+    /// missing, to the route timeout, or cut those over). The exchange fails
+    /// as the filter's: `503 plugin_failure: <plugin>`, counted as its
+    /// failure, nothing held against the upstream.
+    async fn a_streamed_request_rewrite_that_breaks_its_length_fails_as_the_filters(proto) {
+        let up = text_upstream("hello world").await;
+        for (name, mode) in [("upper", "body-upper"), ("shrink", "body-shrink")] {
+            let p = plugin(name, &format!("{{ mode: {mode}, phases: \"rqbody\" }}"), "");
+            let lg = legate().config(&config(up.addr, &p, &[name])).start();
+            let mut c = client(proto, lg.addr("web")).await;
+            let r = tokio::time::timeout(HANG_GUARD, c.post("/a").body("hello").send())
+                .await
+                .unwrap_or_else(|_| panic!("{name}: no answer"));
+            assert_eq!(r.status, 503, "{name}: {}", r.text());
+            assert_eq!(r.text(), format!("plugin_failure: {name}\n"));
+            lg.assert_stat(&failures(name), 1.0).await;
+            upstream_not_blamed(&lg, up.addr).await;
+            if name == "shrink" {
+                // A body the filter leaves its length (one byte) passes.
+                let r = c.post("/a").body("h").send().await;
+                assert_eq!(r.status, 200, "{name}: {}", r.text());
+            }
+        }
+    }
+);
+
+each_proto!(
+    /// The same for a response, whose head went out: the client gets a reset
+    /// (HTTP/2) or a connection closed short of the `content-length` (HTTP/1.1),
+    /// never a 200 cut to its length on a connection used again.
+    async fn a_streamed_response_rewrite_that_breaks_its_length_is_reset(proto) {
+        let up = text_upstream("hello world").await;
+        for (name, mode) in [("upper", "body-upper"), ("shrink", "body-shrink")] {
+            let p = plugin(name, &format!("{{ mode: {mode}, phases: \"rsbody\" }}"), "");
+            let lg = legate().config(&config(up.addr, &p, &[name])).start();
+            let mut c = client(proto, lg.addr("web")).await;
+            let r = tokio::time::timeout(HANG_GUARD, c.get("/text").try_send())
+                .await
+                .unwrap_or_else(|_| panic!("{name}: no answer"));
+            assert!(r.is_err(), "{name}: a whole response: {r:?}");
+            lg.assert_stat(&failures(name), 1.0).await;
+            upstream_not_blamed(&lg, up.addr).await;
+        }
+    }
+);
+
 each_proto!(
     async fn buffered_bodies_over_the_cap_are_413_and_502(proto) {
         let up = upstream()

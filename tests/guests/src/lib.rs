@@ -85,6 +85,9 @@
 //!   header `x-body-len: <original length>` on that direction's head (writable
 //!   while buffered). Its headers phases remove `content-length`, as a streamed
 //!   rewrite that changes sizes must.
+//! - `body-shrink`: a body phase keeps only the first byte of each chunk
+//!   (either direction), and nothing removes `content-length`: a streamed
+//!   rewrite that breaks the length the head went on with.
 //! - `body-stream-count`: counts request body calls, bytes and whether
 //!   end-of-stream was seen; the response head gets `x-body-calls`,
 //!   `x-body-bytes`, `x-body-eos`. Data passes unchanged.
@@ -575,6 +578,15 @@ fn body_phase(c: u64, x: &Exchange, b: &Buffer, eos: bool, d: Direction) -> Acti
                 e.1 += n;
                 e.2 |= eos;
             });
+            Action::Continue
+        }
+        "body-shrink" => {
+            // Each chunk down to its first byte: the body shrinks, and the
+            // content-length (never removed in this mode) no longer holds.
+            if b.len() > 1 {
+                let first = b.read(0, 1);
+                let _ = b.replace(&first);
+            }
             Action::Continue
         }
         "body-deny" => {
