@@ -352,41 +352,77 @@ fn backend_leaves_a_demoted_server_for_a_new_connection() {
     );
 }
 
+/// A call that times out fails alone, as Envoy's per-request timeouts do:
+/// no backoff, so the next calls are served as soon as Redis answers them.
+/// (Before, one timeout failed every call for 100ms to 2s, and the ratelimit
+/// plugin let every request through meanwhile.)
 #[test]
-fn backend_backs_off_from_a_server_whose_calls_time_out() {
+fn backend_a_timed_out_call_fails_alone() {
     let redis = RedisServer::start();
     let stats = Stats::new();
     let kv = RedisKv::new(&redis.url(), None, Duration::from_millis(100), "t", &stats).unwrap();
     kv.set("n", "k", b"a".to_vec(), Condition::Always, None)
         .unwrap();
-    // Accepts connections and PING, holds every write: an overloaded or
-    // paused server, which a new connection per call would only load more.
+    // Holds every write (the scripts) and answers reads: each write times
+    // out, and each read right after it is answered, on a new connection
+    // (the timed-out one owes a reply and is not reused).
     redis.command("CLIENT PAUSE 10000 WRITE");
-    let before = connections_received(&redis);
-    for _ in 0..10 {
+    for _ in 0..6 {
         assert_eq!(
             kv.set("n", "k", b"b".to_vec(), Condition::Always, None),
             Err(KvError::Unavailable)
         );
-    }
-    let after = connections_received(&redis);
-    redis.command("CLIENT UNPAUSE");
-    // The INFO connection, and at most one reconnect after a backoff ended.
-    assert!(
-        after <= before + 2,
-        "a connection per timed-out call ({before} -> {after})"
-    );
-    let deadline = Instant::now() + HANG;
-    while kv
-        .set("n", "k", b"c".to_vec(), Condition::Always, None)
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "not usable again within {HANG:?}"
+        assert_eq!(
+            kv.get("n", "k").map(|e| e.map(|e| e.value)),
+            Ok(Some(b"a".to_vec()))
         );
+    }
+    redis.command("CLIENT UNPAUSE");
+    // Six timeouts in a row (before: a 2s backoff), and the next write
+    // goes through at once.
+    let v = kv.set("n", "k", b"c".to_vec(), Condition::Always, None);
+    assert!(v.is_ok(), "{v:?}");
+    let render = stats.render();
+    for series in [
+        r#"legate_kv_errors_total{backend="redis"}"#,
+        r#"legate_kv_timeouts_total{backend="redis"}"#,
+    ] {
+        assert_eq!(stat(&render, series), Some(6.0), "{series}\n{render}");
+    }
+    assert_eq!(
+        stat(&render, r#"legate_kv_up{backend="redis"}"#),
+        Some(1.0),
+        "{render}"
+    );
+}
+
+/// `legate_kv_up` is 0 while Redis answers calls with an error (here NOPERM,
+/// an ACL change; NOAUTH after a password change and OOM at `maxmemory` are
+/// alike), new connections included, and 1 again once a call succeeds.
+#[test]
+fn backend_is_down_while_redis_refuses_its_calls() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    let kv = backend(&redis.url(), &stats);
+    let up = || stat(&stats.render(), r#"legate_kv_up{backend="redis"}"#);
+    assert_eq!(kv.get("n", "k"), Ok(None));
+    assert_eq!(up(), Some(1.0));
+    redis.command("ACL SETUSER default -hmget");
+    assert_eq!(kv.get("n", "k"), Err(KvError::Unavailable));
+    assert_eq!(up(), Some(0.0), "{}", stats.render());
+    // A new connection (the old ones closed) is made, then refused too.
+    redis.command("CLIENT KILL TYPE normal");
+    for _ in 0..3 {
+        assert_eq!(kv.get("n", "k"), Err(KvError::Unavailable));
+    }
+    assert_eq!(up(), Some(0.0), "{}", stats.render());
+    redis.command("ACL SETUSER default +hmget");
+    let deadline = Instant::now() + HANG;
+    while kv.get("n", "k").is_err() {
+        assert!(Instant::now() < deadline, "no call within {HANG:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert_eq!(up(), Some(1.0), "{}", stats.render());
 }
 
 /// An asynchronous call (`start`), on the calling thread's multiplexed connection.
@@ -493,6 +529,42 @@ async fn backend_async_calls_time_out_on_a_hung_redis() {
     assert_eq!(
         stat(&stats.render(), r#"legate_kv_up{backend="redis"}"#),
         Some(1.0)
+    );
+}
+
+/// As [`backend_a_timed_out_call_fails_alone`], for the asynchronous calls:
+/// the next call after a timeout is served at once, on a new connection.
+#[tokio::test(flavor = "current_thread")]
+async fn backend_async_timed_out_call_fails_alone() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    let kv = Arc::new(
+        RedisKv::new(&redis.url(), None, Duration::from_millis(100), "t", &stats).unwrap(),
+    );
+    let set = |v: &[u8]| Op::Set {
+        key: "k".into(),
+        value: v.to_vec(),
+        cond: Condition::Always,
+        ttl: None,
+    };
+    assert!(matches!(start(&kv, set(b"a")).await, Ok(Reply::Set(_))));
+    redis.command("CLIENT PAUSE 10000 WRITE");
+    for _ in 0..6 {
+        assert_eq!(start(&kv, set(b"b")).await, Err(KvError::Unavailable));
+        let r = start(&kv, get_op("k")).await;
+        assert!(
+            matches!(&r, Ok(Reply::Get(Some(e))) if e.value == b"a"),
+            "{r:?}"
+        );
+    }
+    redis.command("CLIENT UNPAUSE");
+    let r = start(&kv, set(b"c")).await;
+    assert!(matches!(r, Ok(Reply::Set(_))), "{r:?}");
+    let render = stats.render();
+    assert_eq!(
+        stat(&render, r#"legate_kv_timeouts_total{backend="redis"}"#),
+        Some(6.0),
+        "{render}"
     );
 }
 

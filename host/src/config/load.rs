@@ -90,15 +90,17 @@ impl fmt::Display for ConfigErrors {
             if i > 0 {
                 writeln!(f)?;
             }
+            // A message may quote a value from the file: masked as the line is.
+            let message = mask_credentials(&e.message);
             if e.line == 0 {
-                writeln!(f, "{}: error: {}", self.file, e.message)?;
+                writeln!(f, "{}: error: {message}", self.file)?;
             } else {
-                writeln!(
-                    f,
-                    "{}:{}:{}: error: {}",
-                    self.file, e.line, e.col, e.message
-                )?;
+                writeln!(f, "{}:{}:{}: error: {message}", self.file, e.line, e.col)?;
                 if let Some(text) = self.source.lines().nth((e.line - 1) as usize) {
+                    // The line is quoted as written, except a URL's password:
+                    // errors end up in logs and in the admin API's reload answers.
+                    let text = mask_credentials(text);
+                    let text = text.as_str();
                     let gutter = e.line.to_string().len();
                     writeln!(f, "{:gutter$} |", "")?;
                     writeln!(f, "{} | {}", e.line, text)?;
@@ -121,6 +123,76 @@ impl fmt::Display for ConfigErrors {
         }
         Ok(())
     }
+}
+
+/// `line` with the credentials of every URL in it replaced by `***`, as
+/// [`redact`](crate::wasm::kv::redact_url) masks `kv.url` in messages: the
+/// userinfo (`redis://user:pass@host` → `redis://***@host`) and the
+/// `user`/`pass`/`password` query parameters (`redis+unix://`). Only a URL's
+/// authority is looked at for `@`, so a path or query holding one is kept.
+fn mask_credentials(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(sep) = rest.find("://") {
+        // The URL runs from the scheme to the first character YAML would end a
+        // plain or quoted scalar with.
+        let start = rest[..sep]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |i| i + 1);
+        let len = rest[sep + 3..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ',' | '}' | ']'))
+            .map_or(rest.len() - sep - 3, |n| n);
+        let end = sep + 3 + len;
+        out.push_str(&rest[..start]);
+        out.push_str(&mask_url(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// One URL (`scheme://authority/path?query#fragment`) with its userinfo and
+/// its credential query parameters masked.
+fn mask_url(url: &str) -> String {
+    let Some(sep) = url.find("://") else {
+        return url.to_string();
+    };
+    let after = &url[sep + 3..];
+    let authority_len = after.find(['/', '?', '#']).unwrap_or(after.len());
+    let (authority, tail) = after.split_at(authority_len);
+    let mut out = url[..sep + 3].to_string();
+    match authority.rfind('@') {
+        Some(at) => {
+            out.push_str("***");
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    let (path, query) = match tail.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (tail, None),
+    };
+    out.push_str(path);
+    if let Some(q) = query {
+        out.push('?');
+        for (i, pair) in q.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match pair.split_once('=') {
+                Some((k, _))
+                    if ["user", "username", "pass", "password"]
+                        .iter()
+                        .any(|s| k.eq_ignore_ascii_case(s)) =>
+                {
+                    out.push_str(k);
+                    out.push_str("=***");
+                }
+                _ => out.push_str(pair),
+            }
+        }
+    }
+    out
 }
 
 /// Reads, parses and validates a config file. Relative paths in the config (certs,
@@ -844,6 +916,43 @@ clusters:
             errors.to_string(),
             "f.yaml:2:6: error: m\n  |\n2 | \tb: [x y]\n  | \t    ^\n"
         );
+    }
+
+    #[test]
+    fn quoted_lines_mask_url_credentials() {
+        let errors = ConfigErrors {
+            file: "f.yaml".into(),
+            source: "kv:\n  url: redis://:Sup3rS3cret@127.0.0.1:21280/x\n".into(),
+            errors: vec![ConfigError {
+                line: 2,
+                col: 3,
+                message: "m".into(),
+                help: None,
+            }],
+        };
+        let text = errors.to_string();
+        assert!(!text.contains("Sup3rS3cret"), "{text}");
+        assert!(
+            text.contains("2 |   url: redis://***@127.0.0.1:21280/x\n"),
+            "{text}"
+        );
+        for (line, masked) in [
+            (
+                "url: \"rediss://app:pw@h:6380/0\" # x://y",
+                "url: \"rediss://***@h:6380/0\" # x://y",
+            ),
+            (
+                "{ url: redis+unix:///run/r.sock?db=0&pass=pw&user=u }",
+                "{ url: redis+unix:///run/r.sock?db=0&pass=***&user=*** }",
+            ),
+            (
+                "to: https://example.com/a@b?x=1",
+                "to: https://example.com/a@b?x=1",
+            ),
+            ("plain: no url here", "plain: no url here"),
+        ] {
+            assert_eq!(mask_credentials(line), masked);
+        }
     }
 
     #[test]

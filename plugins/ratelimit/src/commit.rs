@@ -412,8 +412,10 @@ impl Commits {
         }
         if f.lost >= FLIGHT_ATTEMPTS {
             // Out of attempts: a key hammered from many instances. Refusals
-            // on this re-read are still answers.
-            self.settle_flight(key, Err(Error::LimitExceeded), now);
+            // on this re-read are still answers. `cas-mismatch` (the last
+            // attempt's), not a KV error of the store: the caller words it
+            // as contention.
+            self.settle_flight(key, Err(Error::CasMismatch), now);
             return self.take(carrier);
         }
         let cond = match seen.version {
@@ -668,7 +670,7 @@ mod tests {
             );
             next = c.reread(KEY, m(1), Ok(at(v, NOW)), NOW);
         }
-        assert_eq!(next, Next::Settled(Err(Error::LimitExceeded)));
+        assert_eq!(next, Next::Settled(Err(Error::CasMismatch)));
         assert_eq!(c.busy(), 0);
     }
 

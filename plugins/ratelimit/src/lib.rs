@@ -33,6 +33,32 @@ pub const MAX_CAS_ATTEMPTS: u32 = 8;
 /// Keys longer than this are replaced by a digest (the ABI caps keys at 512 B).
 const MAX_KEY_LEN: usize = 512;
 
+/// While KV calls keep failing, the log summarizes them at most this often
+/// (after the first, logged in full).
+pub const ERROR_SUMMARY_NS: u64 = 10_000_000_000;
+
+/// Why a limit's check could not be made.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// The KV call failed (`unavailable`, `limit-exceeded` in memory...).
+    Kv(Error),
+    /// The bucket's compare-and-swap was lost this many times in a row.
+    Contention(u32),
+}
+
+/// The KV errors since the last successful KV call, for the log.
+#[derive(Debug, Default)]
+struct ErrorEpisode {
+    /// Monotonic time of the first; `None`: no episode.
+    since: Option<u64>,
+    /// When the log last said something of it.
+    reported: u64,
+    /// Errors since then.
+    unreported: u64,
+    /// Errors in all.
+    total: u64,
+}
+
 /// The metric: `ratelimit_requests_total{limit, outcome}`.
 pub const METRIC: &str = "ratelimit_requests_total";
 
@@ -63,6 +89,8 @@ pub struct RateLimit {
     commits: RefCell<Commits>,
     /// The last check's token (a check's identity in [`Commits`]).
     tokens: Cell<u64>,
+    /// KV errors, logged once per episode.
+    errors: RefCell<ErrorEpisode>,
 }
 
 /// The request attributes the limits use (in a match or a key).
@@ -179,6 +207,7 @@ impl HttpFilter for RateLimit {
             failure_mode: config.failure_mode,
             commits: RefCell::default(),
             tokens: Cell::new(0),
+            errors: RefCell::default(),
         })
     }
 
@@ -604,7 +633,9 @@ impl RateLimit {
                     e.decision = decision;
                     if decision.allowed && c.writing.is_some_and(|(_, a)| a >= MAX_CAS_ATTEMPTS) {
                         // Out of attempts: a key hammered from many workers.
-                        self.write_failed(c, pos, Error::LimitExceeded)
+                        // The last attempt's `cas-mismatch` is the error
+                        // (`kv_error` words it as contention).
+                        self.write_failed(c, pos, Error::CasMismatch)
                     } else if decision.allowed {
                         vec![(pos, write_need(e))]
                     } else {
@@ -618,6 +649,7 @@ impl RateLimit {
         }
         match read {
             Ok((version, tat, decision)) => {
+                self.kv_ok();
                 let e = &mut c.evals[pos];
                 e.version = version;
                 e.tat = tat;
@@ -626,7 +658,7 @@ impl RateLimit {
             Err(err) => {
                 let e = &mut c.evals[pos];
                 e.dropped = true;
-                c.failed = self.kv_error(e.idx, &e.key, err).or(c.failed);
+                c.failed = self.kv_error(e.idx, &e.key, Failure::Kv(err)).or(c.failed);
             }
         }
         c.reads_left -= 1;
@@ -703,9 +735,19 @@ impl RateLimit {
     }
 
     /// A write (or its re-read) failed: the failure policy decides.
+    /// `cas-mismatch` here is a compare-and-swap lost on every attempt: the
+    /// check's own ([`MAX_CAS_ATTEMPTS`], counted in `writing`) or its
+    /// group's ([`commit::FLIGHT_ATTEMPTS`]).
     fn write_failed(&self, c: &mut Check, pos: usize, err: Error) -> Vec<(usize, Need)> {
         let e = &c.evals[pos];
-        if let Some(idx) = self.kv_error(e.idx, &e.key, err) {
+        let failure = match (err, c.writing) {
+            (Error::CasMismatch, Some((_, attempts))) if attempts > 0 => {
+                Failure::Contention(attempts)
+            }
+            (Error::CasMismatch, _) => Failure::Contention(commit::FLIGHT_ATTEMPTS),
+            (err, _) => Failure::Kv(err),
+        };
+        if let Some(idx) = self.kv_error(e.idx, &e.key, failure) {
             c.done = Some(self.unavailable(idx));
             c.writing = None;
             return Vec::new();
@@ -717,6 +759,7 @@ impl RateLimit {
     /// Limit `pos` has its final decision (written, or refused by a race):
     /// counted, and the quota or the race kept; the next position is next.
     fn written(&self, c: &mut Check, pos: usize) {
+        self.kv_ok();
         c.writing = Some((pos + 1, 0));
         let e = &c.evals[pos];
         let l = &self.limits[e.idx];
@@ -779,15 +822,70 @@ impl RateLimit {
     }
 
     /// Count and log a KV failure; `Some(idx)` if it must deny the request.
-    fn kv_error(&self, idx: usize, key: &str, e: Error) -> Option<usize> {
+    /// Every failure is counted (`outcome="error"`); the log has the first
+    /// of an episode, then a summary at most every [`ERROR_SUMMARY_NS`],
+    /// then a line when a KV call succeeds again: with Redis down, each
+    /// request fails, and a line each made tens of thousands a second.
+    fn kv_error(&self, idx: usize, key: &str, failure: Failure) -> Option<usize> {
         let l = &self.limits[idx];
         self.series[idx].error.inc();
-        legate_sdk::warn!(
-            "limit {:?}: KV error on bucket {key:?}: {e}; failure_mode {:?}",
-            l.name,
-            self.failure_mode
-        );
+        let what = match failure {
+            Failure::Kv(e) => format!("KV error on bucket {key:?}: {e}"),
+            Failure::Contention(n) => format!(
+                "compare-and-swap lost {n} times in a row (contention on bucket {key:?}: \
+                 other workers or processes kept writing it)"
+            ),
+        };
+        let now = clock::monotonic_now();
+        let mut ep = self.errors.borrow_mut();
+        match ep.since {
+            None => {
+                *ep = ErrorEpisode {
+                    since: Some(now),
+                    reported: now,
+                    unreported: 0,
+                    total: 1,
+                };
+                legate_sdk::warn!(
+                    "limit {:?}: {what}; failure_mode {:?} (further KV errors are counted \
+                     in {METRIC}{{outcome=\"error\"}} and summarized every {}s until a KV \
+                     call succeeds)",
+                    l.name,
+                    self.failure_mode,
+                    ERROR_SUMMARY_NS / 1_000_000_000
+                );
+            }
+            Some(_) => {
+                ep.total += 1;
+                ep.unreported += 1;
+                if now.saturating_sub(ep.reported) >= ERROR_SUMMARY_NS {
+                    legate_sdk::warn!(
+                        "{} more KV errors in the last {}s; the latest: limit {:?}: {what}; \
+                         failure_mode {:?}",
+                        ep.unreported,
+                        now.saturating_sub(ep.reported) / 1_000_000_000,
+                        l.name,
+                        self.failure_mode
+                    );
+                    ep.reported = now;
+                    ep.unreported = 0;
+                }
+            }
+        }
         (self.failure_mode == FailureMode::Deny && !l.shadow).then_some(idx)
+    }
+
+    /// A KV call succeeded: an episode of errors, if any, is over (logged).
+    fn kv_ok(&self) {
+        let mut ep = self.errors.borrow_mut();
+        if let Some(since) = ep.since {
+            legate_sdk::info!(
+                "KV calls succeed again, after {} KV errors in {}s",
+                ep.total,
+                clock::monotonic_now().saturating_sub(since) / 1_000_000_000
+            );
+            *ep = ErrorEpisode::default();
+        }
     }
 
     fn unavailable(&self, idx: usize) -> Action {

@@ -610,6 +610,69 @@ fn a_refusal_decided_on_the_last_cas_attempt_is_a_429() {
 }
 
 #[test]
+fn out_of_cas_attempts_is_logged_as_contention() {
+    let mut t = setup(r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "10/m"}]}"#);
+    // Every write of ours loses a race, and each re-read still admits.
+    let n = legate_plugin_ratelimit::MAX_CAS_ATTEMPTS as usize;
+    let values: Vec<&[u8]> = vec![b"0"; n];
+    t.host()
+        .kv_race("ratelimit", &bucket("a", "10/m", &["192.0.2.1"]), &values);
+    assert_eq!(
+        send(&mut t, Request::get("/")),
+        None,
+        "fail open by default"
+    );
+    assert_eq!(t.host().counter(METRIC, &["a", "error"]), Some(1));
+    let line = format!("compare-and-swap lost {n} times in a row (contention on bucket");
+    assert!(
+        t.host().logged(legate_sdk::log::Level::Warn, &line),
+        "{:?}",
+        t.host().logs()
+    );
+    assert!(!t
+        .host()
+        .logged(legate_sdk::log::Level::Warn, "limit-exceeded"));
+}
+
+/// With the backend down every request fails its check: each is counted,
+/// but the log has the first failure, a summary per 10 s, and the recovery,
+/// not a line per request.
+#[test]
+fn kv_errors_are_logged_once_per_episode() {
+    let mut t = setup(r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "1000/s"}]}"#);
+    let warnings = |t: &FilterTest<RateLimit>| {
+        t.host()
+            .logs()
+            .iter()
+            .filter(|(l, _)| *l == legate_sdk::log::Level::Warn)
+            .count()
+    };
+    t.host().kv_unavailable(true);
+    for _ in 0..50 {
+        assert_eq!(send(&mut t, Request::get("/")), None);
+    }
+    assert_eq!(t.host().counter(METRIC, &["a", "error"]), Some(50));
+    assert_eq!(warnings(&t), 1, "{:?}", t.host().logs());
+    t.host().advance(Duration::from_secs(11));
+    assert_eq!(send(&mut t, Request::get("/")), None);
+    assert_eq!(warnings(&t), 2, "{:?}", t.host().logs());
+    assert!(t.host().logged(
+        legate_sdk::log::Level::Warn,
+        "50 more KV errors in the last 11s"
+    ));
+    t.host().kv_unavailable(false);
+    assert_eq!(send(&mut t, Request::get("/")), None);
+    assert!(t.host().logged(
+        legate_sdk::log::Level::Info,
+        "KV calls succeed again, after 51 KV errors in 11s"
+    ));
+    // A new episode is logged again.
+    t.host().kv_unavailable(true);
+    assert_eq!(send(&mut t, Request::get("/")), None);
+    assert_eq!(warnings(&t), 3, "{:?}", t.host().logs());
+}
+
+#[test]
 fn limits_after_a_raced_refusal_spend_no_token() {
     let mut t = setup(
         r#"{"limits": [{"name": "a", "key": ["client_ip"], "rate": "1/m"},

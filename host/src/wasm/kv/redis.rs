@@ -27,21 +27,27 @@
 //!   are safe only while the counter survives (persistence, and a
 //!   `maxmemory-policy` of `noeviction` or `volatile-*`).
 //! - Connections: an idle pool, one connection per concurrently calling worker.
-//!   A connection that failed or timed out mid-call is dropped (its reply may still
-//!   arrive), and the idle ones with it (they share its fate). One that sat idle
-//!   for [`STALE_AFTER`] is checked with a `PING` before use, so one Redis closed
-//!   meanwhile (its `timeout` setting, a restart, a proxy in between) is replaced
-//!   instead of failing a call. A failed connect, a call that timed out and a
-//!   read-only server (`READONLY`/`MASTERDOWN`: a demoted master keeps its
-//!   clients; its connections are dropped so the next connect finds the new
-//!   one) start an exponential backoff (100ms doubling to 2s) during which
-//!   calls fail at once instead of each waiting for (or reconnecting to) a
-//!   server that just failed; a successful call ends it. Other error replies
-//!   (OOM, NOPERM...) are logged once per episode.
+//!   A connection that failed mid-call is dropped, and the idle ones with it
+//!   (they share its fate). One that sat idle for [`STALE_AFTER`] is checked
+//!   with a `PING` before use, so one Redis closed meanwhile (its `timeout`
+//!   setting, a restart, a proxy in between) is replaced instead of failing a
+//!   call. A failed connect and a read-only server (`READONLY`/`MASTERDOWN`: a
+//!   demoted master keeps its clients; its connections are dropped so the next
+//!   connect finds the new one) start an exponential backoff (100ms doubling
+//!   to 2s) during which calls fail at once instead of each waiting for (or
+//!   reconnecting to) a server that just failed; a successful call ends it.
+//! - Timeouts are per call, as Envoy's are per request: a call that timed out
+//!   fails alone. Its connection is replaced (it owes a reply that may still
+//!   arrive; a blocking connection would hand it to the next call), the idle
+//!   ones are kept, and there is no backoff: one slow reply must not switch
+//!   KV off for the whole process (the ratelimit plugin would let every request
+//!   through meanwhile). Timeouts and other error replies (OOM, NOPERM...) are
+//!   logged once per episode (until a call succeeds).
 //! - Stats (label `backend="redis"`): `legate_kv_operations_total{op}`,
 //!   `legate_kv_errors_total` (calls that returned `unavailable`, timeouts
 //!   included), `legate_kv_timeouts_total`, `legate_kv_reconnects_total`
-//!   (connections made after one was lost or refused) and `legate_kv_up`.
+//!   (connections made after one was lost or refused) and `legate_kv_up` (0
+//!   from a failed connect or call, whatever the failure, to a successful call).
 //!
 //! Not enforced here, unlike in memory: the per-namespace entry and byte caps
 //! (Redis's own `maxmemory` governs); key and value sizes are.
@@ -217,7 +223,7 @@ impl KvStats {
             ),
             up: stats.gauge(
                 "legate_kv_up",
-                "1 while the last connection attempt or call to the KV backend succeeded.",
+                "1 while the last call to the KV backend succeeded (0 after a failed connect or call).",
                 b,
             ),
         }
@@ -227,8 +233,8 @@ impl KvStats {
 /// Reconnect state.
 #[derive(Default)]
 struct Link {
-    /// Consecutive failures (connects refused or timed out, calls timed out,
-    /// a read-only server) since the last successful call.
+    /// Consecutive failures that back off (connects refused or timed out, a
+    /// read-only server) since the last successful call.
     failures: u32,
     /// No connect attempt before this.
     retry_at: Option<Instant>,
@@ -237,6 +243,8 @@ struct Link {
     /// A server error reply was logged since the last successful call (one
     /// warning per episode, not one per call).
     erred: bool,
+    /// A timed-out call was logged since the last successful call.
+    timed_out: bool,
 }
 
 impl Link {
@@ -265,6 +273,8 @@ pub struct RedisKv {
     idle: Mutex<Vec<(Connection, Instant)>>,
     /// The async connections (`start-*` calls), one per worker thread.
     async_conns: Mutex<HashMap<std::thread::ThreadId, AsyncSlot>>,
+    /// Async connections made so far: the next one's id.
+    async_made: std::sync::atomic::AtomicU64,
     link: Mutex<Link>,
     /// Nothing in `link` for a successful call to reset: read without the
     /// lock on every call.
@@ -309,6 +319,7 @@ impl RedisKv {
             prefix: prefix.to_string(),
             idle: Mutex::default(),
             async_conns: Mutex::default(),
+            async_made: std::sync::atomic::AtomicU64::new(0),
             link: Mutex::default(),
             settled: AtomicBool::new(true),
             set: Script::new(&format!("{NEXT_VERSION}{SET}")),
@@ -346,9 +357,10 @@ impl RedisKv {
             match ::redis::cmd("PING").query::<String>(&mut c) {
                 Ok(_) => return Ok(c),
                 Err(e) if e.is_timeout() => {
-                    // Connected but silent: a hung server, which a new
-                    // connection would wait on too (counted by the caller).
-                    self.lost(&e);
+                    // Connected but silent: this call has waited its time. The
+                    // connection owes the PING's reply, so it is dropped; the
+                    // call fails alone (counted by the caller).
+                    self.slow();
                     return Err(Down::Timeout);
                 }
                 Err(e) => {
@@ -377,10 +389,11 @@ impl RedisKv {
     }
 
     /// Records the outcome of a connect (blocking or async): a failure starts
-    /// or extends the backoff. A connect that succeeds does not end it: a
-    /// server that accepts connections but lets calls time out (overloaded,
-    /// paused) would otherwise get a new connection per call and never a
-    /// quiet period; a successful call ends it ([`RedisKv::succeeded`]).
+    /// or extends the backoff and sets `legate_kv_up` to 0. A connect that
+    /// succeeds does not end the backoff, nor set `legate_kv_up` to 1: a
+    /// server that accepts connections but answers calls with errors (NOAUTH
+    /// after a password change, NOPERM) is not up; a successful call ends
+    /// both ([`RedisKv::succeeded`]).
     fn connected<C>(&self, made: RedisResult<C>) -> Result<C, Down> {
         let mut link = self.link();
         match made {
@@ -391,7 +404,6 @@ impl RedisKv {
                 }
                 link.lost = false;
                 link.retry_at = None;
-                self.stats.up.set(1);
                 Ok(c)
             }
             Err(e) => {
@@ -452,6 +464,7 @@ impl RedisKv {
             let mut link = self.link();
             link.failures = 0;
             link.erred = false;
+            link.timed_out = false;
             self.settled.store(true, Ordering::Relaxed);
         }
     }
@@ -459,6 +472,7 @@ impl RedisKv {
     /// Counts a call that found no connection.
     fn down(&self, down: Down) -> KvError {
         self.stats.errors.inc();
+        self.stats.up.set(0);
         if matches!(down, Down::Timeout) {
             self.stats.timeouts.inc();
         }
@@ -473,12 +487,16 @@ impl RedisKv {
         }
     }
 
+    /// Records a call that got no usable reply: `legate_kv_up` goes to 0
+    /// whatever the failure (a timeout, a lost connection or an error reply).
+    /// The caller drops the connection if [`broken`].
     fn failed(&self, e: &RedisError) {
         self.stats.errors.inc();
+        self.stats.up.set(0);
         if e.is_timeout() {
             self.stats.timeouts.inc();
-        }
-        if broken(e) {
+            self.slow();
+        } else if broken(e) {
             self.lost(e);
         } else {
             let mut link = self.link();
@@ -494,11 +512,30 @@ impl RedisKv {
         }
     }
 
+    /// A call timed out: it fails alone (its connection, which owes a reply,
+    /// is dropped by the caller). No backoff and the other connections are
+    /// kept: Redis answering one call late says nothing about the next, and
+    /// failing every call at once for up to 2s would switch off what the
+    /// plugins use KV for (rate limits fail open). Logged once per episode.
+    fn slow(&self) {
+        self.stats.up.set(0);
+        let mut link = self.link();
+        if !link.timed_out {
+            tracing::warn!(
+                "kv: a Redis call timed out after {:?}; such calls fail with `unavailable` \
+                 (logged once until a call succeeds)",
+                self.timeout
+            );
+            link.timed_out = true;
+            self.settled.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// A connection broke (`e`): Redis is marked down until a call succeeds.
-    /// A timeout or a read-only server also starts (or extends) the backoff:
-    /// reconnecting at once would cost each call a connect to a server that
-    /// just failed to answer, or to the same replica (a new connection
-    /// resolves the name again after the backoff, finding a promoted master).
+    /// A read-only server also starts (or extends) the backoff: reconnecting
+    /// at once would cost each call a connect to the same replica (a new
+    /// connection resolves the name again after the backoff, finding a
+    /// promoted master).
     fn lost(&self, e: &RedisError) {
         // The others were made to the same server: drop them too, so the
         // next call reconnects (or backs off) rather than failing on each.
@@ -512,7 +549,7 @@ impl RedisKv {
             tracing::warn!("kv: lost the Redis connection ({e}); reconnecting");
         }
         link.lost = true;
-        if e.is_timeout() || read_only(e) {
+        if read_only(e) {
             link.back_off();
             self.settled.store(false, Ordering::Relaxed);
         }
@@ -694,33 +731,33 @@ impl RedisKv {
     /// connection does not reconnect by itself. The slot's lock is held while
     /// connecting, so one worker makes one connection at a time, however many
     /// of its exchanges ask.
-    async fn async_connection(&self) -> Result<MultiplexedConnection, Down> {
+    async fn async_connection(&self) -> Result<(MultiplexedConnection, u64), Down> {
         let slot = self
             .async_conns()
             .entry(std::thread::current().id())
             .or_default()
             .clone();
         let mut slot = slot.lock().await;
-        if let Some((c, last)) = slot.as_mut() {
+        if let Some(AsyncConn { conn, last, id }) = slot.as_mut() {
             if last.elapsed() < STALE_AFTER {
                 *last = Instant::now();
-                return Ok(c.clone());
+                return Ok((conn.clone(), *id));
             }
             let ping = ::redis::cmd("PING");
-            match tokio::time::timeout(self.timeout, ping.query_async::<String>(c)).await {
+            match tokio::time::timeout(self.timeout, ping.query_async::<String>(conn)).await {
                 Ok(Ok(_)) => {
                     *last = Instant::now();
-                    return Ok(c.clone());
+                    return Ok((conn.clone(), *id));
                 }
                 Ok(Err(e)) if !e.is_timeout() => {
                     tracing::debug!("kv: an idle Redis connection was closed ({e}); reconnecting");
                     *slot = None;
                 }
-                // Connected but silent: a hung server, which a new connection
-                // would wait on too.
+                // Connected but silent: this call has waited its time; the
+                // next one gets a new connection (this one may be half-open).
                 _ => {
                     *slot = None;
-                    self.lost(&timed_out());
+                    self.slow();
                     return Err(Down::Timeout);
                 }
             }
@@ -735,9 +772,34 @@ impl RedisKv {
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await;
-        let c = self.connected(made)?;
-        *slot = Some((c.clone(), Instant::now()));
-        Ok(c)
+        let conn = self.connected(made)?;
+        let id = self.async_made.fetch_add(1, Ordering::Relaxed);
+        *slot = Some(AsyncConn {
+            conn: conn.clone(),
+            last: Instant::now(),
+            id,
+        });
+        Ok((conn, id))
+    }
+
+    /// Drops this worker thread's async connection `id` after a call on it
+    /// timed out, so the next call makes a new one: the late reply itself is
+    /// harmless (the multiplexed connection matches replies to calls in
+    /// order and drops those of calls given up), but a connection that lets
+    /// a call time out may be half-open, and would then fail every call. Not
+    /// waited for: a slot locked by another call is being checked or made.
+    fn retire_async(&self, id: u64) {
+        let slot = self
+            .async_conns()
+            .get(&std::thread::current().id())
+            .cloned();
+        if let Some(slot) = slot {
+            if let Ok(mut slot) = slot.try_lock() {
+                if slot.as_ref().is_some_and(|c| c.id == id) {
+                    *slot = None;
+                }
+            }
+        }
     }
 
     fn async_conns(&self) -> std::sync::MutexGuard<'_, HashMap<std::thread::ThreadId, AsyncSlot>> {
@@ -753,8 +815,11 @@ impl RedisKv {
     async fn run_async(self: Arc<Self>, ns: Arc<str>, op: Op) -> KvResult {
         let (call, kind, counter) = self.prepare(&ns, op)?;
         counter.inc();
+        // The connection the call went out on, to replace it if it times out.
+        let used = std::sync::atomic::AtomicU64::new(u64::MAX);
         let attempt = async {
-            let mut conn = self.async_connection().await?;
+            let (mut conn, id) = self.async_connection().await?;
+            used.store(id, Ordering::Relaxed);
             Ok::<_, Down>(call.query_async(&mut conn).await)
         };
         let r = match tokio::time::timeout(self.timeout, attempt).await {
@@ -768,6 +833,12 @@ impl RedisKv {
                 kind.parse(v, &self.stats)
             }
             Err(e) => {
+                if e.is_timeout() {
+                    let id = used.load(Ordering::Relaxed);
+                    if id != u64::MAX {
+                        self.retire_async(id);
+                    }
+                }
                 self.failed(&e);
                 Err(KvError::Unavailable)
             }
@@ -775,9 +846,17 @@ impl RedisKv {
     }
 }
 
-/// A worker thread's async connection and when it was last used; the lock
-/// makes that thread's connects one at a time.
-type AsyncSlot = Arc<tokio::sync::Mutex<Option<(MultiplexedConnection, Instant)>>>;
+/// A worker thread's async connection; the lock makes that thread's
+/// connects one at a time.
+type AsyncSlot = Arc<tokio::sync::Mutex<Option<AsyncConn>>>;
+
+/// An async connection, when it was last used, and which one it is (to
+/// replace it only if it is still the one a timed-out call used).
+struct AsyncConn {
+    conn: MultiplexedConnection,
+    last: Instant,
+    id: u64,
+}
 
 /// The error of a call that ran out of `kv.timeout`.
 fn timed_out() -> RedisError {
