@@ -1005,6 +1005,8 @@ async fn a_tcp_session_the_upstream_ends_is_logged_so() {
     let (got, closed) = c.read_until_close(HANG_GUARD).await;
     assert!(closed);
     assert_eq!(got, b"bye");
+    // A half-closed session lasts until the client ends its side too.
+    c.stream.shutdown().await.ok();
     let v = tcp_line(&log).await;
     assert_eq!(v["status"], 200, "{v}");
     assert_eq!(v["cause"], "upstream_close", "{v}");
