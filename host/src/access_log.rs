@@ -11,6 +11,10 @@
 //! `copytruncate` works; [`AccessLog::reopen`] (SIGUSR1, `POST /reopen_logs`,
 //! as Envoy and nginx) opens the path again after the lines waiting are
 //! written, for logrotate's default `create` (move, then signal).
+//!
+//! HTTP requests (`proxy.rs`) and TCP proxy sessions (`tcp_proxy.rs`, one line
+//! per connection at its end, `protocol` `"TCP"`) write the same [`Line`];
+//! [`timestamp`] and [`millis`] format its times for the TCP side.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -18,7 +22,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 
@@ -70,6 +74,36 @@ pub struct Line<'a> {
     pub upstream_transport_failure_reason: Option<&'a str>,
     pub user_agent: Option<&'a str>,
     pub virtual_host: Option<&'a str>,
+}
+
+/// The access log's `time` and `start_time`: RFC 3339, UTC, milliseconds
+/// (the format of `proxy.rs`'s lines), without a date crate.
+pub fn timestamp(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// The access log's `duration_ms`: milliseconds, to the microsecond.
+pub fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
 }
 
 /// Where access-log lines go.
@@ -488,6 +522,17 @@ fn run_writer(shared: &Buffered, mut sink: Sink, interval: Duration) {
 #[allow(clippy::unwrap_used)] // in tests a panic is the failure report
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_rfc3339_with_milliseconds() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(timestamp(t), "2023-11-14T22:13:20.123Z");
+        assert_eq!(
+            timestamp(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(millis(Duration::from_micros(1_234_567)), 1234.567);
+    }
 
     fn line(i: usize, len: usize) -> Vec<u8> {
         let mut l = format!("{i:08}").into_bytes();

@@ -69,10 +69,13 @@ pub struct ListenerStats {
     /// the client: the stream was reset instead (Envoy's `sendLocalReply`
     /// once headers are sent).
     pub late_local_replies: Counter,
-    /// Bytes received from downstream (TCP listeners).
+    /// Bytes received from downstream (TCP listeners), added as they are read.
     pub rx_bytes: Counter,
-    /// Bytes sent to downstream (TCP listeners).
+    /// Bytes sent to downstream (TCP listeners), added as they are written.
     pub tx_bytes: Counter,
+    /// TCP proxy connections closed by `tcp.idle_timeout` (Envoy's
+    /// `tcp.<stat_prefix>.idle_timeout`).
+    pub tcp_idle_timeouts: Counter,
 }
 
 impl ListenerStats {
@@ -175,6 +178,11 @@ impl ListenerStats {
             tx_bytes: stats.counter(
                 "legate_listener_tx_bytes_total",
                 "Bytes sent to downstream (TCP proxy).",
+                &l,
+            ),
+            tcp_idle_timeouts: stats.counter(
+                "legate_listener_tcp_idle_timeouts_total",
+                "TCP proxy connections closed by tcp.idle_timeout (no bytes either way).",
                 &l,
             ),
         }

@@ -1053,11 +1053,25 @@ where
     }
 }
 
+/// What ended a connection [`serve`] ran (the access log's `cause`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Both directions finished: a peer closed or reset its side (which one
+    /// the caller sees on its sockets).
+    Peers,
+    /// The idle timeout.
+    Idle,
+    /// `cut`: the listener stopped and its drain time passed.
+    Drain,
+    /// A filter closed the connection (or failed with `fail: closed`).
+    Filter,
+}
+
 /// Proxies a connection through its chain after [`start`] and the upstream
 /// connect, with the idle timeout over `activity`, until `cut` resolves at the
 /// latest (the listener stopped and its drain time passed); then the close
 /// notifications (local, for an idle or cut connection) and `on_done`.
-/// Returns when the connection is over.
+/// Returns when the connection is over, with what ended it.
 pub async fn serve<D, U>(
     chain: NetChain,
     mut rx: Deliveries,
@@ -1066,7 +1080,8 @@ pub async fn serve<D, U>(
     activity: &Activity,
     idle: Duration,
     mut cut: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
-) where
+) -> Ending
+where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
@@ -1171,6 +1186,15 @@ pub async fn serve<D, U>(
         (Peer::Upstream, remote(up_ended, Peer::Upstream)),
     ];
     chain.finish(&closes);
+    if timed_out {
+        Ending::Idle
+    } else if cut_off {
+        Ending::Drain
+    } else if closed {
+        Ending::Filter
+    } else {
+        Ending::Peers
+    }
 }
 
 /// Finishes a connection that never reached the upstream (rejected by a filter,

@@ -3,8 +3,8 @@
 //! `tcp-*` modes), the component fixtures (tests/network-guest on raw
 //! `wit-bindgen`, tests/network-sdk-guest on `legate-sdk`) and the shipped
 //! example examples/tcp-filter run on real connections to a real echo
-//! upstream; the tests assert the bytes each side gets and the `/stats`
-//! counters.
+//! upstream; the tests assert the bytes each side gets, the `/stats`
+//! counters and a filter-closed session's access-log line.
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -1614,4 +1614,37 @@ async fn tcp_filter_example_denies_redacts_and_counts() {
     lg.assert_stat(&calls("upstream_close"), 1.0).await;
     lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
         .await;
+}
+
+/// A session a network filter closes is logged with cause `filter_close`
+/// (status 200: the upstream was reached), with the bytes the client sent
+/// and got through the filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_a_filter_closes_is_logged_so() {
+    let echo = tcp_echo_server().await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let cfg = config(echo.addr, "{ mode: tcp-close }", "", "").replacen(
+        "version: 1\n",
+        &format!(
+            "version: 1\naccess_log: {{ path: {}, flush_interval: 10ms }}\n",
+            log.display()
+        ),
+        1,
+    );
+    let lg = legate().config(&cfg).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"hi\n").await;
+    assert_eq!(c.read_exact(3, T).await.unwrap(), b"hi\n");
+    c.write(b"QUIT\n").await;
+    let (_, closed) = c.read_until_close(T).await;
+    assert!(closed, "QUIT did not close the connection");
+    let lines = access_log_until(&log, "the session's line", |l| !l.is_empty()).await;
+    let v = &lines[0];
+    assert_eq!(v["protocol"], "TCP", "{v}");
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(v["cause"], "filter_close", "{v}");
+    assert_eq!(v["upstream"], echo.addr.to_string(), "{v}");
+    assert_eq!(v["bytes_received"], 8, "{v}");
+    assert_eq!(v["bytes_sent"], 3, "{v}");
 }

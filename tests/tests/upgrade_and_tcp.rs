@@ -1,5 +1,7 @@
 //! Connection-level proxying: HTTP/1.1 Upgrade (WebSocket) passthrough and TCP proxy
-//! listeners (bytes both ways, idle timeout, byte counters).
+//! listeners (bytes both ways, idle timeout, byte counters as the bytes move, a
+//! session's access-log line: success, upstream closed, refused, overflow,
+//! idle timeout).
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -947,4 +949,223 @@ async fn a_drain_closes_tcp_connections_and_tunnels_at_its_timeout() {
     lg.wait_stopped(HANG_GUARD)
         .await
         .expect("the server stops once the drain timeout closed its connections");
+}
+
+/// `tcp_config` with an access log at `log`, written every 10ms.
+fn logged_tcp_config(
+    cluster_addr: std::net::SocketAddr,
+    idle: &str,
+    log: &std::path::Path,
+) -> String {
+    tcp_config(cluster_addr, idle).replacen(
+        "version: 1\n",
+        &format!(
+            "version: 1\naccess_log: {{ path: {}, flush_interval: 10ms }}\n",
+            log.display()
+        ),
+        1,
+    )
+}
+
+/// The one access-log line of a TCP session, once written.
+async fn tcp_line(log: &std::path::Path) -> Value {
+    let lines = access_log_until(log, "the session's line", |l| !l.is_empty()).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let v = lines[0].clone();
+    // The fields of an HTTP request a TCP session does not have.
+    for key in [
+        "method",
+        "path",
+        "authority",
+        "user_agent",
+        "route",
+        "route_table",
+        "virtual_host",
+        "request_id",
+    ] {
+        assert_eq!(v[key], Value::Null, "{key}: {v}");
+    }
+    assert_eq!(v["protocol"], "TCP", "{v}");
+    assert_eq!(v["listener"], "tcp", "{v}");
+    assert_eq!(v["cluster"], "echo", "{v}");
+    v
+}
+
+/// A TCP session writes one access-log line when it ends, with what an L4
+/// operator needs: the endpoint, the exact bytes each way, the duration and
+/// what ended it (it wrote none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_session_is_logged_when_it_ends() {
+    let echo = tcp_echo_server().await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let lg = legate()
+        .config(&logged_tcp_config(echo.addr, "1h", &log))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let client = c.stream.local_addr().unwrap();
+    let data = pattern_bytes(100_000);
+    c.write(&data).await;
+    assert_eq!(c.read_exact(data.len(), HANG_GUARD).await.unwrap(), data);
+    // The client ends its side first; the echo server then closes too.
+    c.stream.shutdown().await.ok();
+    let (rest, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed && rest.is_empty());
+    let v = tcp_line(&log).await;
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(v["cause"], "downstream_close", "{v}");
+    assert_eq!(v["client"], client.to_string(), "{v}");
+    assert_eq!(v["upstream"], echo.addr.to_string(), "{v}");
+    assert_eq!(v["attempts"], 1, "{v}");
+    assert_eq!(v["bytes_received"], 100_000, "{v}");
+    assert_eq!(v["bytes_sent"], 100_000, "{v}");
+    assert!(v["duration_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(v["upstream_transport_failure_reason"], Value::Null, "{v}");
+}
+
+/// An upstream that ends the session first is named as its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_session_the_upstream_ends_is_logged_so() {
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = server.accept().await.unwrap();
+        s.write_all(b"bye").await.unwrap();
+        // Closed: the upstream is done.
+    });
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let lg = legate()
+        .config(&logged_tcp_config(addr, "1h", &log))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let (got, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed);
+    assert_eq!(got, b"bye");
+    // A half-closed session lasts until the client ends its side too.
+    c.stream.shutdown().await.ok();
+    let v = tcp_line(&log).await;
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(v["cause"], "upstream_close", "{v}");
+    assert_eq!(v["bytes_sent"], 3, "{v}");
+    assert_eq!(v["bytes_received"], 0, "{v}");
+}
+
+/// A refused upstream: the line says so (nginx `stream`'s 502), with the
+/// endpoint tried; without it the failure was visible only at debug level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_session_whose_upstream_refuses_is_logged() {
+    let dead = closed_port_addr();
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let lg = legate()
+        .config(&logged_tcp_config(dead, "1h", &log))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let (_, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed, "client left hanging");
+    let v = tcp_line(&log).await;
+    assert_eq!(v["status"], 502, "{v}");
+    assert_eq!(v["cause"], "upstream_connect_failure", "{v}");
+    assert_eq!(v["upstream"], dead.to_string(), "{v}");
+    assert_eq!(v["attempts"], 1, "{v}");
+    assert_eq!(v["bytes_received"], 0, "{v}");
+    assert_eq!(v["bytes_sent"], 0, "{v}");
+}
+
+/// A cluster whose circuit breakers are full refuses the session (503
+/// `overloaded`, as HTTP's cause), counted once in `upstream_cx_overflow`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_session_refused_by_the_circuit_breakers_is_logged() {
+    let echo = tcp_echo_server().await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let config = logged_tcp_config(echo.addr, "1h", &log).replacen(
+        "  - name: echo\n",
+        "  - name: echo\n    circuit_breakers: { max_connections: 1 }\n",
+        1,
+    );
+    let lg = legate().config(&config).start();
+    let mut first = RawConn::connect(lg.addr("tcp")).await;
+    first.write(b"x").await;
+    assert_eq!(first.read_exact(1, HANG_GUARD).await.unwrap(), b"x");
+    let mut second = RawConn::connect(lg.addr("tcp")).await;
+    let (_, closed) = second.read_until_close(HANG_GUARD).await;
+    assert!(closed, "the second connection was let through");
+    let v = tcp_line(&log).await;
+    assert_eq!(v["status"], 503, "{v}");
+    assert_eq!(v["cause"], "overloaded", "{v}");
+    lg.assert_stat(
+        r#"legate_cluster_upstream_cx_overflow{cluster="echo"}"#,
+        1.0,
+    )
+    .await;
+}
+
+/// A session the idle timeout ends is logged with that cause and counted
+/// (Envoy's `tcp.<stat_prefix>.idle_timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_session_that_idles_out_is_logged_and_counted() {
+    let echo = tcp_echo_server().await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let lg = legate()
+        .config(&logged_tcp_config(echo.addr, "1s", &log))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"abc").await;
+    assert_eq!(c.read_exact(3, HANG_GUARD).await.unwrap(), b"abc");
+    let (_, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed, "idle connection not closed");
+    let v = tcp_line(&log).await;
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(v["cause"], "idle_timeout", "{v}");
+    assert_eq!(v["bytes_received"], 3, "{v}");
+    assert_eq!(v["bytes_sent"], 3, "{v}");
+    assert!(v["duration_ms"].as_f64().unwrap() >= 900.0, "{v}");
+    lg.assert_stat(
+        r#"legate_listener_tcp_idle_timeouts_total{listener="tcp"}"#,
+        1.0,
+    )
+    .await;
+}
+
+/// The listener's byte counters grow as the bytes move, not when the
+/// connection ends: a long-lived connection showed 0 until it closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_byte_counters_grow_while_the_connection_is_open() {
+    let echo = tcp_echo_server().await;
+    let lg = legate().config(&tcp_config(echo.addr, "1h")).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let data = pattern_bytes(70_000);
+    c.write(&data).await;
+    assert_eq!(c.read_exact(data.len(), HANG_GUARD).await.unwrap(), data);
+    // Still open.
+    lg.assert_stat(
+        r#"legate_listener_rx_bytes_total{listener="tcp"}"#,
+        70_000.0,
+    )
+    .await;
+    lg.assert_stat(
+        r#"legate_listener_tx_bytes_total{listener="tcp"}"#,
+        70_000.0,
+    )
+    .await;
+    c.write(b"more").await;
+    assert_eq!(c.read_exact(4, HANG_GUARD).await.unwrap(), b"more");
+    lg.assert_stat(
+        r#"legate_listener_rx_bytes_total{listener="tcp"}"#,
+        70_004.0,
+    )
+    .await;
+    lg.assert_stat(r#"legate_listener_connections_active{listener="tcp"}"#, 1.0)
+        .await;
+    drop(c);
+    lg.wait_no_connections("tcp", "the connection closed").await;
+    // Nothing is added twice at the close.
+    lg.assert_stat(
+        r#"legate_listener_tx_bytes_total{listener="tcp"}"#,
+        70_004.0,
+    )
+    .await;
 }
