@@ -3167,8 +3167,8 @@ impl Drop for Done {
                 .local_authority
                 .then(|| local_authority(self.conn.original_dst.unwrap_or(self.conn.local)));
             log.write(&access_log::Line {
-                time: humantime(SystemTime::now()),
-                start_time: humantime(l.started),
+                time: crate::access_log::timestamp(SystemTime::now()),
+                start_time: crate::access_log::timestamp(l.started),
                 listener: self.conn.listener.name.as_str(),
                 client: match o.client {
                     Some(ip) => SocketAddr::new(ip, 0).to_string(),
@@ -3183,7 +3183,7 @@ impl Drop for Done {
                 status: self.status.as_u16(),
                 bytes_sent: self.bytes.get(),
                 bytes_received: l.received.get(),
-                duration_ms: millis(elapsed),
+                duration_ms: crate::access_log::millis(elapsed),
                 route: o.route.as_ref().map(|r| &*r.name),
                 route_table: o.route.as_ref().map(|r| &*r.table),
                 virtual_host: o.route.as_ref().map(|r| &*r.virtual_host),
@@ -3246,8 +3246,8 @@ pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'stati
         .head_started()
         .map_or(Duration::ZERO, |t| t.elapsed());
     log.write(&access_log::Line {
-        time: humantime(now),
-        start_time: humantime(now.checked_sub(elapsed).unwrap_or(now)),
+        time: crate::access_log::timestamp(now),
+        start_time: crate::access_log::timestamp(now.checked_sub(elapsed).unwrap_or(now)),
         listener: conn.listener.name.as_str(),
         client: conn.peer.to_string(),
         peer: None,
@@ -3259,7 +3259,7 @@ pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'stati
         status: status.as_u16(),
         bytes_sent: 0,
         bytes_received: 0,
-        duration_ms: millis(elapsed),
+        duration_ms: crate::access_log::millis(elapsed),
         route: None,
         route_table: None,
         virtual_host: None,
@@ -3274,11 +3274,6 @@ pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'stati
     });
 }
 
-/// The access log's `duration_ms`: milliseconds, to the microsecond.
-fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
-}
-
 /// The access log's `requested_server_name`: the SNI of `conn`'s handshake.
 fn sni_of(conn: &ConnCtx) -> Option<&str> {
     conn.tls.as_ref().and_then(|t| t.sni.as_deref())
@@ -3288,30 +3283,6 @@ fn sni_of(conn: &ConnCtx) -> Option<&str> {
 /// verified client certificate.
 fn peer_subject_of(conn: &ConnCtx) -> Option<&str> {
     conn.tls.as_ref().and_then(|t| t.peer_subject())
-}
-
-/// RFC 3339 UTC timestamp with milliseconds, without a date crate.
-fn humantime(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
 }
 
 /// The client's request body as it arrives: its frames are activity for the
@@ -3458,12 +3429,6 @@ mod tests {
         assert_eq!(x.request_headers()["x-a"], "1");
         let (req, _) = written(&mut x, true, None);
         assert_eq!(hosts(&req), ["a.example"]);
-    }
-
-    #[test]
-    fn timestamps() {
-        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        assert_eq!(humantime(t), "2023-11-14T22:13:20.123Z");
     }
 
     #[test]
