@@ -89,6 +89,12 @@ pub struct UpstreamSettings {
     idle_timeout: Duration,
     /// Streams an HTTP/2 connection takes before another one is opened.
     max_streams: usize,
+    /// HTTP/2 flow-control windows of a stream and of a connection
+    /// ([`config::Cluster::stream_window`], [`config::Cluster::connection_window`]).
+    stream_window: u32,
+    connection_window: u32,
+    /// HTTP/2 keep-alive PINGs: interval and answer timeout (`None`: no PINGs).
+    keepalive: Option<(Duration, Duration)>,
 }
 
 struct UpstreamTls {
@@ -135,6 +141,12 @@ impl UpstreamSettings {
             max_idle: cluster.max_idle_per_endpoint as usize,
             idle_timeout: cluster.idle_timeout.get(),
             max_streams: cluster.max_concurrent_streams as usize,
+            stream_window: cluster.stream_window(),
+            connection_window: cluster.connection_window(),
+            keepalive: cluster
+                .connection_keepalive
+                .as_ref()
+                .map(|k| (k.interval.get(), k.timeout.get())),
         })
     }
 
@@ -665,10 +677,30 @@ impl Pool {
             )
         };
         if h2 {
-            let (sender, conn) = http2::Builder::new(LocalExec)
+            let mut builder = http2::Builder::new(LocalExec);
+            builder
                 .timer(hyper_util::rt::TokioTimer::new())
-                .keep_alive_interval(Duration::from_secs(30))
-                .max_header_list_size(MAX_RESPONSE_HEADERS_SIZE)
+                // Fixed windows (not hyper's adaptive ones, which grow with the
+                // bandwidth-delay product and ping to measure it). What a stream
+                // receives waits in h2 until the response body forwards it, so the
+                // stream window bounds what a client that stops reading makes
+                // Legate hold; the connection window is large enough for every
+                // stream's (hyper's default, 5 MiB, filled by three stalled 2 MiB
+                // streams: the connection's other streams then got no data at
+                // all), as Envoy's 256 MiB windows.
+                .adaptive_window(false)
+                .initial_stream_window_size(s.stream_window)
+                .initial_connection_window_size(s.connection_window)
+                .max_header_list_size(MAX_RESPONSE_HEADERS_SIZE);
+            // No PINGs unless configured, as Envoy: a gRPC server's default
+            // policy (grpc-go: one every 5 minutes at most) answers more
+            // frequent ones with GOAWAY `too_many_pings`, ending a quiet stream.
+            if let Some((interval, timeout)) = s.keepalive {
+                builder
+                    .keep_alive_interval(interval)
+                    .keep_alive_timeout(timeout);
+            }
+            let (sender, conn) = builder
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(handshake_err)?;
