@@ -989,8 +989,60 @@ fn map_hyper_error(e: &hyper::Error) -> ProxyError {
         ProxyError::new(Kind::UpstreamReset, e.to_string())
     } else if e.is_parse() {
         ProxyError::new(Kind::UpstreamProtocol, e.to_string())
+    } else if let Some(h2e) = h2_error(e) {
+        let detail = format!("{e}: {h2e}");
+        if h2_unprocessed(h2e) {
+            return ProxyError::new(Kind::UpstreamReset, detail).with_unprocessed();
+        }
+        // What h2 itself found wrong in what the upstream sent (a malformed
+        // response head, a bad frame) is the upstream's protocol error, as a
+        // head that does not parse over HTTP/1.1.
+        let malformed = h2e.is_library()
+            && matches!(
+                h2e.reason(),
+                Some(
+                    h2::Reason::PROTOCOL_ERROR
+                        | h2::Reason::COMPRESSION_ERROR
+                        | h2::Reason::FRAME_SIZE_ERROR
+                )
+            );
+        let kind = match malformed {
+            true => Kind::UpstreamProtocol,
+            false => Kind::UpstreamReset,
+        };
+        ProxyError::new(kind, detail)
     } else {
         ProxyError::new(Kind::UpstreamReset, e.to_string())
+    }
+}
+
+/// The HTTP/2 error under hyper's, if the failure was one.
+fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return Some(h2e);
+        }
+        src = s.source();
+    }
+    None
+}
+
+/// Whether the upstream told that it did not process the stream (RFC 9113
+/// §8.7): it reset it with `REFUSED_STREAM`, or sent a GOAWAY whose last
+/// stream is below it. h2 fails the streams above a GOAWAY's last stream with
+/// its error code at once, and those below only when the connection ends; a
+/// graceful GOAWAY (`NO_ERROR`) lets those finish or fail otherwise, so an
+/// error from it is that of a stream above. After an error GOAWAY both kinds
+/// fail with its code, and the stream may have been processed: not marked.
+fn h2_unprocessed(e: &h2::Error) -> bool {
+    if !e.is_remote() {
+        return false;
+    }
+    match e.reason() {
+        Some(h2::Reason::REFUSED_STREAM) => e.is_reset(),
+        Some(h2::Reason::NO_ERROR) => e.is_go_away(),
+        _ => false,
     }
 }
 

@@ -934,6 +934,9 @@ pub enum RetryOn {
     Reset,
     /// The statuses in `retriable_status_codes`.
     RetriableStatusCodes,
+    /// The upstream refused the stream unprocessed (HTTP/2 `REFUSED_STREAM`, or
+    /// above a GOAWAY's last stream): retried whatever the method.
+    RefusedStream,
 }
 
 /// An upstream cluster.
