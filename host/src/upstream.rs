@@ -1233,6 +1233,29 @@ async fn open_counted(
     }
 }
 
+/// What to do about a TLS handshake failure whose cause the TLS library names
+/// only by its code, for the logged detail (the access log's transport failure
+/// reason keeps the library's words). A CA certificate (`CA:TRUE`) served as
+/// the upstream's own certificate is refused even when `tls.ca` names it
+/// (a self-signed CA certificate used as a server's): a server certificate is
+/// a leaf.
+fn tls_hint(e: &std::io::Error) -> &'static str {
+    let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) =
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+    else {
+        return "";
+    };
+    match other.0.downcast_ref::<webpki::Error>() {
+        Some(webpki::Error::CaUsedAsEndEntity) => {
+            " (the upstream's certificate is a CA certificate, basicConstraints CA:TRUE, \
+             and a server certificate must be a leaf, CA:FALSE: issue the upstream a leaf \
+             certificate from a CA and name that CA in the cluster's `tls.ca`, rather than \
+             trusting a self-signed CA certificate that the upstream serves as its own)"
+        }
+        _ => "",
+    }
+}
+
 /// Opens TCP (and TLS) to the target; returns the stream and whether to speak h2.
 async fn open(s: &UpstreamSettings, target: &Target<'_>) -> Result<(Conn, bool), ProxyError> {
     let tcp = TcpStream::connect(target.addr).await.map_err(|e| {
@@ -1260,7 +1283,7 @@ async fn open(s: &UpstreamSettings, target: &Target<'_>) -> Result<(Conn, bool),
     let stream = tls.connector.connect(name, tcp).await.map_err(|e| {
         ProxyError::new(
             Kind::ConnectFailed,
-            format!("TLS handshake with {}: {e}", target.addr),
+            format!("TLS handshake with {}: {e}{}", target.addr, tls_hint(&e)),
         )
         .with_transport_failure(e.to_string())
     })?;
@@ -1270,4 +1293,25 @@ async fn open(s: &UpstreamSettings, target: &Target<'_>) -> Result<(Conn, bool),
         UpstreamProtocol::Auto => stream.get_ref().1.alpn_protocol() == Some(b"h2"),
     };
     Ok((Conn::Tls(Box::new(TlsStream::Client(stream))), h2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls_error(cause: webpki::Error) -> std::io::Error {
+        let other = rustls::OtherError(Arc::new(cause));
+        let e = rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other));
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn a_ca_certificate_served_as_a_leaf_gets_a_hint() {
+        let hint = tls_hint(&tls_error(webpki::Error::CaUsedAsEndEntity));
+        assert!(hint.contains("CA:FALSE"), "{hint}");
+        assert!(hint.contains("tls.ca"), "{hint}");
+        assert_eq!(tls_hint(&tls_error(webpki::Error::UnknownIssuer)), "");
+        let plain = std::io::Error::other("connection reset");
+        assert_eq!(tls_hint(&plain), "");
+    }
 }
