@@ -994,23 +994,10 @@ fn map_hyper_error(e: &hyper::Error) -> ProxyError {
         if h2_unprocessed(h2e) {
             return ProxyError::new(Kind::UpstreamReset, detail).with_unprocessed();
         }
-        // What h2 itself found wrong in what the upstream sent (a malformed
-        // response head, a bad frame) is the upstream's protocol error, as a
-        // head that does not parse over HTTP/1.1.
-        let malformed = h2e.is_library()
-            && matches!(
-                h2e.reason(),
-                Some(
-                    h2::Reason::PROTOCOL_ERROR
-                        | h2::Reason::COMPRESSION_ERROR
-                        | h2::Reason::FRAME_SIZE_ERROR
-                )
-            );
-        let kind = match malformed {
-            true => Kind::UpstreamProtocol,
-            false => Kind::UpstreamReset,
-        };
-        ProxyError::new(kind, detail)
+        // Not told apart by h2's reason: h2 resets a malformed response head
+        // and one over `max_header_list_size` alike (PROTOCOL_ERROR, its own),
+        // and the latter is `upstream_reset` on either protocol.
+        ProxyError::new(Kind::UpstreamReset, detail)
     } else {
         ProxyError::new(Kind::UpstreamReset, e.to_string())
     }
