@@ -119,6 +119,11 @@ pub struct ProxyError {
     /// log's `upstream_transport_failure_reason` (Envoy's
     /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`). Never in the client's reply.
     pub transport_failure: Option<String>,
+    /// The upstream said it did not process the request (HTTP/2
+    /// `REFUSED_STREAM`, or a stream above a graceful GOAWAY's last stream):
+    /// RFC 9113 §8.7 lets any request, whatever its method, be retried then
+    /// (the route's `retry_on: refused-stream`).
+    pub unprocessed: bool,
 }
 
 impl ProxyError {
@@ -129,7 +134,16 @@ impl ProxyError {
             detail: detail.into(),
             headers: None,
             transport_failure: None,
+            unprocessed: false,
         }
+    }
+
+    /// The error, marked as one of a request the upstream did not process
+    /// ([`ProxyError::unprocessed`]).
+    #[must_use]
+    pub fn with_unprocessed(mut self) -> Self {
+        self.unprocessed = true;
+        self
     }
 
     /// The error with the reason its upstream transport (TLS) failed.

@@ -717,7 +717,7 @@ async fn proxy(
         let policy = tuned
             .as_ref()
             .or(route.retry.as_ref())
-            .filter(|p| !upgrade && p.num_retries > 0 && p.allows_method(&parts.method));
+            .filter(|p| !upgrade && p.num_retries > 0 && p.applies_to(&parts.method));
         // A mirrored request's body is read first (up to the mirror's cap) to be copied.
         let mirror = route
             .mirror
@@ -2202,7 +2202,9 @@ impl Attempts<'_> {
             let retry = match &result {
                 Ok(resp) => {
                     active.record_status(resp.status().as_u16());
-                    self.policy.is_some_and(|p| p.retries_status(resp.status()))
+                    self.policy.is_some_and(|p| {
+                        p.allows_method(self.method) && p.retries_status(resp.status())
+                    })
                 }
                 Err(e) => {
                     if e.kind == Kind::PerTryTimeout {
@@ -2210,7 +2212,8 @@ impl Attempts<'_> {
                     } else if e.side() == Side::Upstream {
                         active.record_failure();
                     }
-                    self.policy.is_some_and(|p| retry_on_error(p, e))
+                    self.policy
+                        .is_some_and(|p| retry_on_error(p, e, self.method))
                 }
             };
             if can_retry && retry && cluster.retry_permit(&mut retry_slot) {
@@ -2401,7 +2404,15 @@ async fn after_sent<F: Future>(
 /// Whether `e` is retried under `p` (as Envoy, `5xx` and `gateway-error` also cover
 /// "no response at all": connect failure, reset, per-try timeout, and a response
 /// head that does not parse, which Envoy's codec turns into a reset of the stream).
-fn retry_on_error(p: &RetryPolicy, e: &ProxyError) -> bool {
+/// A request the upstream did not process (`refused-stream`) is retried whatever
+/// `method` is; other conditions apply to the methods the policy allows.
+fn retry_on_error(p: &RetryPolicy, e: &ProxyError, method: &Method) -> bool {
+    if e.unprocessed && p.retries_refused_stream() {
+        return true;
+    }
+    if !p.allows_method(method) {
+        return false;
+    }
     match e.kind {
         Kind::ConnectFailed => p.retries_connect_failure(),
         Kind::UpstreamReset | Kind::UpstreamProtocol | Kind::PerTryTimeout => p.retries_reset(),

@@ -307,6 +307,7 @@ pub struct RetryPolicy {
     on_gateway_error: bool,
     on_connect_failure: bool,
     on_reset: bool,
+    on_refused_stream: bool,
     /// Empty unless `retriable-status-codes` is among the conditions.
     retriable_status_codes: Box<[u16]>,
 }
@@ -330,6 +331,7 @@ impl RetryPolicy {
             on_gateway_error: on(RetryOn::GatewayError),
             on_connect_failure: on(RetryOn::ConnectFailure),
             on_reset: on(RetryOn::Reset),
+            on_refused_stream: on(RetryOn::RefusedStream),
             retriable_status_codes: if on(RetryOn::RetriableStatusCodes) {
                 p.retriable_status_codes.clone().into()
             } else {
@@ -358,8 +360,23 @@ impl RetryPolicy {
         self.on_5xx || self.on_gateway_error || self.on_reset
     }
 
+    /// Whether an error of a request the upstream did not process
+    /// ([`crate::error::ProxyError::unprocessed`]) is retried
+    /// (`refused-stream`), whatever the request's method.
+    pub fn retries_refused_stream(&self) -> bool {
+        self.on_refused_stream
+    }
+
+    /// Whether the policy can retry a request with this method at all: any
+    /// method under `refused-stream` (an unprocessed request), else as
+    /// [`RetryPolicy::allows_method`].
+    pub fn applies_to(&self, m: &Method) -> bool {
+        self.on_refused_stream || self.allows_method(m)
+    }
+
     /// Whether requests with this method may be retried: the idempotent methods of
-    /// RFC 9110 §9.2.2 always, others only with `retry_non_idempotent`.
+    /// RFC 9110 §9.2.2 always, others only with `retry_non_idempotent` (or, a
+    /// request the upstream did not process, under `refused-stream`).
     pub fn allows_method(&self, m: &Method) -> bool {
         self.retry_non_idempotent
             || matches!(

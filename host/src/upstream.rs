@@ -89,6 +89,12 @@ pub struct UpstreamSettings {
     idle_timeout: Duration,
     /// Streams an HTTP/2 connection takes before another one is opened.
     max_streams: usize,
+    /// HTTP/2 flow-control windows of a stream and of a connection
+    /// ([`config::Cluster::stream_window`], [`config::Cluster::connection_window`]).
+    stream_window: u32,
+    connection_window: u32,
+    /// HTTP/2 keep-alive PINGs: interval and answer timeout (`None`: no PINGs).
+    keepalive: Option<(Duration, Duration)>,
 }
 
 struct UpstreamTls {
@@ -135,6 +141,12 @@ impl UpstreamSettings {
             max_idle: cluster.max_idle_per_endpoint as usize,
             idle_timeout: cluster.idle_timeout.get(),
             max_streams: cluster.max_concurrent_streams as usize,
+            stream_window: cluster.stream_window(),
+            connection_window: cluster.connection_window(),
+            keepalive: cluster
+                .connection_keepalive
+                .as_ref()
+                .map(|k| (k.interval.get(), k.timeout.get())),
         })
     }
 
@@ -665,10 +677,30 @@ impl Pool {
             )
         };
         if h2 {
-            let (sender, conn) = http2::Builder::new(LocalExec)
+            let mut builder = http2::Builder::new(LocalExec);
+            builder
                 .timer(hyper_util::rt::TokioTimer::new())
-                .keep_alive_interval(Duration::from_secs(30))
-                .max_header_list_size(MAX_RESPONSE_HEADERS_SIZE)
+                // Fixed windows (not hyper's adaptive ones, which grow with the
+                // bandwidth-delay product and ping to measure it). What a stream
+                // receives waits in h2 until the response body forwards it, so the
+                // stream window bounds what a client that stops reading makes
+                // Legate hold; the connection window is large enough for every
+                // stream's (hyper's default, 5 MiB, filled by three stalled 2 MiB
+                // streams: the connection's other streams then got no data at
+                // all), as Envoy's 256 MiB windows.
+                .adaptive_window(false)
+                .initial_stream_window_size(s.stream_window)
+                .initial_connection_window_size(s.connection_window)
+                .max_header_list_size(MAX_RESPONSE_HEADERS_SIZE);
+            // No PINGs unless configured, as Envoy: a gRPC server's default
+            // policy (grpc-go: one every 5 minutes at most) answers more
+            // frequent ones with GOAWAY `too_many_pings`, ending a quiet stream.
+            if let Some((interval, timeout)) = s.keepalive {
+                builder
+                    .keep_alive_interval(interval)
+                    .keep_alive_timeout(timeout);
+            }
+            let (sender, conn) = builder
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(handshake_err)?;
@@ -957,8 +989,47 @@ fn map_hyper_error(e: &hyper::Error) -> ProxyError {
         ProxyError::new(Kind::UpstreamReset, e.to_string())
     } else if e.is_parse() {
         ProxyError::new(Kind::UpstreamProtocol, e.to_string())
+    } else if let Some(h2e) = h2_error(e) {
+        let detail = format!("{e}: {h2e}");
+        if h2_unprocessed(h2e) {
+            return ProxyError::new(Kind::UpstreamReset, detail).with_unprocessed();
+        }
+        // Not told apart by h2's reason: h2 resets a malformed response head
+        // and one over `max_header_list_size` alike (PROTOCOL_ERROR, its own),
+        // and the latter is `upstream_reset` on either protocol.
+        ProxyError::new(Kind::UpstreamReset, detail)
     } else {
         ProxyError::new(Kind::UpstreamReset, e.to_string())
+    }
+}
+
+/// The HTTP/2 error under hyper's, if the failure was one.
+fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return Some(h2e);
+        }
+        src = s.source();
+    }
+    None
+}
+
+/// Whether the upstream told that it did not process the stream (RFC 9113
+/// §8.7): it reset it with `REFUSED_STREAM`, or sent a GOAWAY whose last
+/// stream is below it. h2 fails the streams above a GOAWAY's last stream with
+/// its error code at once, and those below only when the connection ends; a
+/// graceful GOAWAY (`NO_ERROR`) lets those finish or fail otherwise, so an
+/// error from it is that of a stream above. After an error GOAWAY both kinds
+/// fail with its code, and the stream may have been processed: not marked.
+fn h2_unprocessed(e: &h2::Error) -> bool {
+    if !e.is_remote() {
+        return false;
+    }
+    match e.reason() {
+        Some(h2::Reason::REFUSED_STREAM) => e.is_reset(),
+        Some(h2::Reason::NO_ERROR) => e.is_go_away(),
+        _ => false,
     }
 }
 
@@ -1149,6 +1220,29 @@ async fn open_counted(
     }
 }
 
+/// What to do about a TLS handshake failure whose cause the TLS library names
+/// only by its code, for the logged detail (the access log's transport failure
+/// reason keeps the library's words). A CA certificate (`CA:TRUE`) served as
+/// the upstream's own certificate is refused even when `tls.ca` names it
+/// (a self-signed CA certificate used as a server's): a server certificate is
+/// a leaf.
+fn tls_hint(e: &std::io::Error) -> &'static str {
+    let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) =
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+    else {
+        return "";
+    };
+    match other.0.downcast_ref::<webpki::Error>() {
+        Some(webpki::Error::CaUsedAsEndEntity) => {
+            " (the upstream's certificate is a CA certificate, basicConstraints CA:TRUE, \
+             and a server certificate must be a leaf, CA:FALSE: issue the upstream a leaf \
+             certificate from a CA and name that CA in the cluster's `tls.ca`, rather than \
+             trusting a self-signed CA certificate that the upstream serves as its own)"
+        }
+        _ => "",
+    }
+}
+
 /// Opens TCP (and TLS) to the target; returns the stream and whether to speak h2.
 async fn open(s: &UpstreamSettings, target: &Target<'_>) -> Result<(Conn, bool), ProxyError> {
     let tcp = TcpStream::connect(target.addr).await.map_err(|e| {
@@ -1176,7 +1270,7 @@ async fn open(s: &UpstreamSettings, target: &Target<'_>) -> Result<(Conn, bool),
     let stream = tls.connector.connect(name, tcp).await.map_err(|e| {
         ProxyError::new(
             Kind::ConnectFailed,
-            format!("TLS handshake with {}: {e}", target.addr),
+            format!("TLS handshake with {}: {e}{}", target.addr, tls_hint(&e)),
         )
         .with_transport_failure(e.to_string())
     })?;
@@ -1186,4 +1280,25 @@ async fn open(s: &UpstreamSettings, target: &Target<'_>) -> Result<(Conn, bool),
         UpstreamProtocol::Auto => stream.get_ref().1.alpn_protocol() == Some(b"h2"),
     };
     Ok((Conn::Tls(Box::new(TlsStream::Client(stream))), h2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls_error(cause: webpki::Error) -> std::io::Error {
+        let other = rustls::OtherError(Arc::new(cause));
+        let e = rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other));
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn a_ca_certificate_served_as_a_leaf_gets_a_hint() {
+        let hint = tls_hint(&tls_error(webpki::Error::CaUsedAsEndEntity));
+        assert!(hint.contains("CA:FALSE"), "{hint}");
+        assert!(hint.contains("tls.ca"), "{hint}");
+        assert_eq!(tls_hint(&tls_error(webpki::Error::UnknownIssuer)), "");
+        let plain = std::io::Error::other("connection reset");
+        assert_eq!(tls_hint(&plain), "");
+    }
 }

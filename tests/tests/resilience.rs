@@ -757,3 +757,112 @@ each_proto!(
         lg.assert_stat(TIMEOUT_STAT, 0.0).await;
     }
 );
+
+/// An HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// `RST_STREAM` `REFUSED_STREAM` (RFC 9113 §8.7: not processed) on `stream`.
+fn refuse(stream: u32) -> Vec<u8> {
+    const REFUSED_STREAM: u32 = 0x7;
+    h2_frame(3, 0, stream, &REFUSED_STREAM.to_be_bytes())
+}
+
+/// An h2c upstream of raw frames that answers the first stream it gets with
+/// `first(stream)` and every later one with an empty 200 once its request
+/// ended. Counts the request heads.
+async fn raw_h2_upstream(first: fn(u32) -> Vec<u8>) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let counted = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let heads = counted.clone();
+            tokio::spawn(async move {
+                // Ends when Legate closes the connection.
+                let _: std::io::Result<()> = async {
+                    let mut preface = [0u8; 24];
+                    s.read_exact(&mut preface).await?;
+                    s.write_all(&h2_frame(4, 0, 0, &[])).await?;
+                    loop {
+                        let mut head = [0u8; 9];
+                        s.read_exact(&mut head).await?;
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let mut payload = vec![0u8; len];
+                        s.read_exact(&mut payload).await?;
+                        let (kind, flags) = (head[3], head[4]);
+                        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+                        let end_stream = flags & 1 != 0;
+                        match kind {
+                            // HEADERS: the first request gets `first`.
+                            1 if heads.fetch_add(1, Ordering::SeqCst) == 0 => {
+                                s.write_all(&first(stream)).await?;
+                            }
+                            // HEADERS or DATA ending a later request: `:status: 200`
+                            // (HPACK static index 8), END_STREAM | END_HEADERS.
+                            0 | 1 if end_stream && heads.load(Ordering::SeqCst) > 1 => {
+                                s.write_all(&h2_frame(1, 0x5, stream, &[0x88])).await?;
+                            }
+                            4 if flags & 1 == 0 => s.write_all(&h2_frame(4, 1, 0, &[])).await?,
+                            6 if flags & 1 == 0 => {
+                                s.write_all(&h2_frame(6, 1, 0, &payload)).await?
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                .await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+each_proto!(
+    /// A request an HTTP/2 upstream refused unprocessed (`REFUSED_STREAM`) is
+    /// retried under `retry_on: [refused-stream]` whatever its method: a `POST`
+    /// too, without `retry_non_idempotent` (RFC 9113 §8.7; Envoy's
+    /// `refused-stream`), its body replayed.
+    async fn a_refused_stream_is_retried_for_any_method(proto) {
+        let (addr, heads) = raw_h2_upstream(refuse).await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[addr],
+                &retry("              retry_on: [refused-stream]\n              backoff_base: 1ms\n"),
+                "    protocol: h2\n",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/orders").body("one order").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(heads.load(Ordering::SeqCst), 2);
+        lg.assert_stat(RETRY_STAT, 1.0).await;
+    }
+);
+
+each_proto!(
+    /// `reset` alone does not retry a refused `POST`: only `refused-stream`
+    /// lifts the idempotency rule, for requests the upstream did not process.
+    async fn a_refused_post_is_not_retried_under_reset(proto) {
+        let (addr, heads) = raw_h2_upstream(refuse).await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[addr],
+                &retry("              retry_on: [reset]\n              backoff_base: 1ms\n"),
+                "    protocol: h2\n",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/orders").body("one order").send().await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(r.text(), "upstream_reset\n");
+        assert_eq!(heads.load(Ordering::SeqCst), 1);
+    }
+);

@@ -564,3 +564,211 @@ each_proto!(
         lg.assert_stat_with(CX_OVERFLOW, |v| v >= 1.0, ">= 1").await;
     }
 );
+
+/// A response of `STUCK_BODY` bytes (never all read in the test) that counts
+/// what the upstream handed to hyper to send in `produced`.
+fn endless_response(produced: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Response<BoxBody> {
+    use http_body_util::BodyExt;
+    const CHUNK: usize = 64 * 1024;
+    const STUCK_BODY: usize = 256 << 20;
+    let chunk = Bytes::from(vec![b'x'; CHUNK]);
+    let chunks = futures_util::stream::iter((0..STUCK_BODY / CHUNK).map(move |_| {
+        produced.fetch_add(CHUNK, std::sync::atomic::Ordering::SeqCst);
+        Ok::<_, BoxError>(hyper::body::Frame::data(chunk.clone()))
+    }));
+    Response::new(BodyExt::boxed(http_body_util::StreamBody::new(chunks)))
+}
+
+/// Waits until `produced` stops growing: the stalled responses filled every
+/// window and buffer on their way (their clients read nothing).
+async fn until_stalled(produced: &std::sync::atomic::AtomicUsize) {
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    let mut last = usize::MAX;
+    loop {
+        let now = produced.load(std::sync::atomic::Ordering::SeqCst);
+        if now == last && now > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unread responses never stalled ({now} bytes sent)"
+        );
+        last = now;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+each_proto!(
+    /// Clients that stop reading large responses do not stall the other
+    /// streams of the upstream HTTP/2 connection their requests share. What a
+    /// stream received and Legate has not forwarded counts against the
+    /// connection's flow-control window too: with hyper's default windows (2 MiB
+    /// a stream, 5 MiB the connection) three stalled streams shut it, and every
+    /// other response on the connection got its head and then no data at all
+    /// (until the stream idle timeout, 5 min). The connection window is now the
+    /// stream window × `max_concurrent_streams`.
+    async fn unread_responses_do_not_stall_the_shared_h2_connection(proto) {
+        let produced = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = produced.clone();
+        let up = upstream()
+            .h2()
+            .route("/endless", move |_req| {
+                let produced = counted.clone();
+                async move { endless_response(produced) }
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .concurrency(1)
+            .config(&simple_config_with(
+                &[up.addr],
+                // No route timeout: only the stall may end the unread streams.
+                "            timeout: 0s\n",
+                "    protocol: h2\n",
+            ))
+            .start();
+        // Four unread responses (a client that never reads; over HTTP/1.1 four
+        // connections, over HTTP/2 four streams of one connection).
+        let mut unread = Vec::new();
+        for mut c in clients(proto, lg.addr("web"), 4).await {
+            let head = c.get("/endless").send_for_head().await;
+            assert_eq!(head.status(), 200);
+            unread.push((c, head));
+        }
+        until_stalled(&produced).await;
+        lg.assert_stat(CX_TOTAL, 1.0).await;
+        // Another client's requests go on the same upstream connection and
+        // complete, body and all.
+        let mut c = client(proto, lg.addr("web")).await;
+        for i in 0..3 {
+            let r = tokio::time::timeout(HANG_GUARD, c.get(&format!("/small/{i}")).send())
+                .await
+                .unwrap_or_else(|_| panic!("request {i} stalled behind the unread responses"));
+            assert_eq!(r.status, 200);
+            assert_eq!(r.echo().path, format!("/small/{i}"));
+        }
+        lg.assert_stat(CX_TOTAL, 1.0).await;
+        drop(unread);
+    }
+);
+
+/// What a raw HTTP/2 upstream saw: request heads and PINGs.
+#[derive(Default)]
+struct H2Seen {
+    heads: std::sync::atomic::AtomicUsize,
+    pings: std::sync::atomic::AtomicUsize,
+}
+
+/// An HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An h2c upstream of raw frames (hyper's server does not tell of the PINGs it
+/// answers): it answers SETTINGS and PINGs, counts the PINGs and request heads,
+/// and never answers a request, so that each stays open.
+async fn pinged_upstream() -> (std::net::SocketAddr, std::sync::Arc<H2Seen>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(H2Seen::default());
+    let counts = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = counts.clone();
+            tokio::spawn(async move {
+                // Ends when Legate closes the connection.
+                let _: std::io::Result<()> = async {
+                    let mut preface = [0u8; 24];
+                    s.read_exact(&mut preface).await?;
+                    s.write_all(&h2_frame(4, 0, 0, &[])).await?;
+                    loop {
+                        let mut head = [0u8; 9];
+                        s.read_exact(&mut head).await?;
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let mut payload = vec![0u8; len];
+                        s.read_exact(&mut payload).await?;
+                        let (kind, flags) = (head[3], head[4]);
+                        match kind {
+                            1 => {
+                                seen.heads.fetch_add(1, SeqCst);
+                            }
+                            4 if flags & 1 == 0 => s.write_all(&h2_frame(4, 1, 0, &[])).await?,
+                            6 if flags & 1 == 0 => {
+                                seen.pings.fetch_add(1, SeqCst);
+                                s.write_all(&h2_frame(6, 1, 0, &payload)).await?;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+each_proto!(
+    /// Upstream HTTP/2 connections carry no keep-alive PINGs unless the cluster
+    /// sets `connection_keepalive`, as Envoy: they were sent after every 30 s
+    /// of silence, and a gRPC server's default policy (grpc-go: one PING in 5
+    /// minutes) answers those with GOAWAY `too_many_pings`, ending a quiet
+    /// server-streaming call. With the key the PINGs come at its interval;
+    /// without it, none in that time.
+    async fn h2_keepalive_pings_only_when_configured(proto) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (pinged_addr, pinged) = pinged_upstream().await;
+        let (quiet_addr, quiet) = pinged_upstream().await;
+        let config = web_config(
+            "          - match: { prefix: /quiet }
+            cluster: quiet
+            timeout: 0s
+          - match: { prefix: / }
+            cluster: backend
+            timeout: 0s
+",
+            &format!(
+                "  - name: backend
+    endpoints:
+      - address: {pinged_addr}
+    protocol: h2
+    connection_keepalive: {{ interval: 50ms, timeout: 10s }}
+  - name: quiet
+    endpoints:
+      - address: {quiet_addr}
+    protocol: h2
+"
+            ),
+        );
+        let lg = legate().config(&config).start();
+        // Both requests stay open (the upstreams never answer): hyper pings
+        // only a connection with a stream open.
+        let mut held = Vec::new();
+        for (path, seen) in [("/quiet", &quiet), ("/pinged", &pinged)] {
+            let mut c = client(proto, lg.addr("web")).await;
+            held.push(tokio::spawn(async move { c.get(path).send().await }));
+            eventually(HANG_GUARD, "the request at the upstream", || async {
+                (seen.heads.load(SeqCst) == 1).then_some(())
+            })
+            .await;
+        }
+        eventually(HANG_GUARD, "two PINGs on the configured cluster", || async {
+            (pinged.pings.load(SeqCst) >= 2).then_some(())
+        })
+        .await;
+        assert_eq!(
+            quiet.pings.load(SeqCst),
+            0,
+            "a cluster without connection_keepalive pinged its upstream"
+        );
+        for h in held {
+            h.abort();
+        }
+    }
+);

@@ -934,6 +934,9 @@ pub enum RetryOn {
     Reset,
     /// The statuses in `retriable_status_codes`.
     RetriableStatusCodes,
+    /// The upstream refused the stream unprocessed (HTTP/2 `REFUSED_STREAM`, or
+    /// above a GOAWAY's last stream): retried whatever the method.
+    RefusedStream,
 }
 
 /// An upstream cluster.
@@ -978,6 +981,22 @@ pub struct Cluster {
     /// upstream accepts.
     #[serde(default = "defaults::cluster_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control window of each stream (Envoy's
+    /// `initial_stream_window_size`): what the upstream may send on one
+    /// stream before Legate passed it on, which Legate holds while the client
+    /// does not read. Default 2MiB.
+    #[serde(default = "defaults::initial_stream_window_size")]
+    pub initial_stream_window_size: ByteSize,
+    /// HTTP/2 flow-control window of each connection (Envoy's
+    /// `initial_connection_window_size`). Default: `initial_stream_window_size`
+    /// × `max_concurrent_streams` (at most 2^31-1), so that streams whose
+    /// clients stopped reading never shut the window of their connection's
+    /// other streams.
+    #[serde(default)]
+    pub initial_connection_window_size: Option<ByteSize>,
+    /// HTTP/2 keep-alive PINGs (Envoy's `connection_keepalive`); absent = none.
+    #[serde(default)]
+    pub connection_keepalive: Option<ConnectionKeepalive>,
     /// Active health checking of the endpoints; absent = none.
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
@@ -1005,6 +1024,50 @@ pub struct Cluster {
     /// is loaded so a cluster needs nothing else.
     #[serde(skip)]
     pub local_zone: Option<String>,
+}
+
+/// The largest HTTP/2 flow-control window (RFC 9113 §6.9.1: 2^31-1).
+pub const MAX_H2_WINDOW: u64 = (1 << 31) - 1;
+/// The smallest HTTP/2 flow-control window a cluster may set: the protocol's
+/// initial 65535 (RFC 9113 §6.9.2), as Envoy's lower bound.
+pub const MIN_H2_WINDOW: u64 = 65_535;
+
+impl Cluster {
+    /// The HTTP/2 stream window, clamped into the protocol's range (validation
+    /// refuses values out of it).
+    pub fn stream_window(&self) -> u32 {
+        let w = self
+            .initial_stream_window_size
+            .0
+            .clamp(MIN_H2_WINDOW, MAX_H2_WINDOW);
+        u32::try_from(w).unwrap_or(u32::MAX >> 1)
+    }
+
+    /// The HTTP/2 connection window: the configured one, else the stream
+    /// window × `max_concurrent_streams` (at most 2^31-1).
+    pub fn connection_window(&self) -> u32 {
+        let w = match self.initial_connection_window_size {
+            Some(w) => w.0,
+            None => u64::from(self.stream_window())
+                .saturating_mul(u64::from(self.max_concurrent_streams.max(1))),
+        };
+        let w = w.clamp(MIN_H2_WINDOW, MAX_H2_WINDOW);
+        u32::try_from(w).unwrap_or(u32::MAX >> 1)
+    }
+}
+
+/// HTTP/2 keep-alive PINGs on a cluster's connections (Envoy's
+/// `connection_keepalive`); see docs/config.md.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionKeepalive {
+    /// A PING is sent after this long without a frame from the upstream, while
+    /// a stream is open. Required.
+    pub interval: Dur,
+    /// The connection is closed (its streams reset) when a PING is not answered
+    /// within this. Default 20s.
+    #[serde(default = "defaults::keepalive_timeout")]
+    pub timeout: Dur,
 }
 
 /// Adaptive concurrency (gradient controller) of a cluster; see docs/config.md.
@@ -1608,6 +1671,12 @@ pub(crate) mod defaults {
     pub fn pool_idle_timeout() -> Dur {
         Dur::secs(60)
     }
+    pub fn initial_stream_window_size() -> ByteSize {
+        ByteSize(2 << 20)
+    }
+    pub fn keepalive_timeout() -> Dur {
+        Dur::secs(20)
+    }
     pub fn cluster_max_concurrent_streams() -> u32 {
         100
     }
@@ -1750,6 +1819,21 @@ clusters:
     }
 
     #[test]
+    fn h2_connection_window_follows_the_stream_window_and_stays_in_range() {
+        let cluster = |extra: &str| -> Cluster {
+            serde_saphyr::from_str(&format!("{{ name: c, protocol: h2{extra} }}")).unwrap()
+        };
+        let c = cluster(", initial_stream_window_size: 1MiB, max_concurrent_streams: 10");
+        assert_eq!(c.connection_window(), 10 << 20);
+        // The product past 2^31-1 is the protocol's largest window.
+        let c = cluster(", max_concurrent_streams: 5000");
+        assert_eq!(u64::from(c.connection_window()), MAX_H2_WINDOW);
+        let c = cluster(", initial_connection_window_size: 64MiB");
+        assert_eq!(c.connection_window(), 64 << 20);
+        assert_eq!(c.stream_window(), 2 << 20);
+    }
+
+    #[test]
     fn minimal_config_gets_safe_defaults() {
         let c = parse(MINIMAL);
         assert_eq!(c.admin.address.value, "127.0.0.1:9901");
@@ -1790,6 +1874,10 @@ clusters:
         assert_eq!(cl.max_idle_per_endpoint, 64);
         assert_eq!(cl.idle_timeout.get(), Duration::from_secs(60));
         assert_eq!(cl.max_concurrent_streams, 100);
+        // HTTP/2 windows: 2 MiB a stream, room for every stream's on the connection.
+        assert_eq!(cl.stream_window(), 2 << 20);
+        assert_eq!(cl.connection_window(), 200 << 20);
+        assert!(cl.connection_keepalive.is_none(), "no PINGs by default");
         assert!(cl.tls.is_none() && cl.hash_on.is_none() && !cl.original_dst);
         assert_eq!(cl.endpoints[0].value.weight, 1);
     }

@@ -1918,6 +1918,45 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
         )
         .key("max_concurrent_streams");
     }
+    let windows = [
+        (
+            "initial_stream_window_size",
+            Some(c.initial_stream_window_size),
+        ),
+        (
+            "initial_connection_window_size",
+            c.initial_connection_window_size,
+        ),
+    ];
+    for (key, w) in windows {
+        let Some(w) = w else { continue };
+        if !(MIN_H2_WINDOW..=MAX_H2_WINDOW).contains(&w.0) {
+            e.at(
+                loc,
+                format!(
+                    "cluster `{}`: `{key}` {} is not between {MIN_H2_WINDOW} and {MAX_H2_WINDOW} bytes",
+                    c.name, w.0
+                ),
+                "an HTTP/2 flow-control window is at least 65535 (the protocol's initial window) \
+                 and at most 2^31-1 (RFC 9113 §6.9); leave it out for the default",
+            )
+            .key(key);
+        }
+    }
+    if let Some(k) = &c.connection_keepalive {
+        for (key, d) in [("interval", k.interval), ("timeout", k.timeout)] {
+            if d.0.is_zero() {
+                e.at(
+                    loc,
+                    format!("cluster `{}`: `connection_keepalive.{key}` is zero", c.name),
+                    "PINGs need an interval and an answer some time to come; leave \
+                     `connection_keepalive` out for no PINGs",
+                )
+                .key("connection_keepalive")
+                .key(key);
+            }
+        }
+    }
     validate_resilience(e, loc, c);
 }
 
