@@ -11,6 +11,12 @@ use std::time::Duration;
 use legate_tests::*;
 
 const RETRY_STAT: &str = r#"legate_cluster_upstream_rq_retry{cluster="backend"}"#;
+/// Attempts answered 5xx, or that failed without an answer (connect failure,
+/// reset, protocol error, timeout: counted as the 502 or 504 Legate answers).
+const FIVE_XX: &str = r#"legate_cluster_upstream_rq_5xx{cluster="backend"}"#;
+const TWO_XX: &str = r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#;
+const CX_TOTAL: &str = r#"legate_cluster_upstream_cx_total{cluster="backend"}"#;
+const CX_CONNECT_FAIL: &str = r#"legate_cluster_upstream_cx_connect_fail{cluster="backend"}"#;
 
 fn retry(extra: &str) -> String {
     format!("            retry:\n{extra}")
@@ -184,6 +190,8 @@ each_proto!(
         assert_eq!(r.text(), "upstream_timeout\n");
         lg.assert_stat(r#"legate_cluster_upstream_rq_timeout{cluster="backend"}"#, 1.0)
             .await;
+        // The timed-out attempt is a 5xx of the cluster, as Envoy's 504. (It was 0.)
+        lg.assert_stat(FIVE_XX, 1.0).await;
         lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="5xx"}"#, 1.0)
             .await;
     }
@@ -221,6 +229,9 @@ each_proto!(
         lg.assert_stat(RETRY_STAT, 1.0).await;
         lg.assert_stat(r#"legate_cluster_upstream_rq_timeout{cluster="backend"}"#, 1.0)
             .await;
+        // Per attempt: the timed-out one is a 5xx, the retry a 2xx.
+        lg.assert_stat(FIVE_XX, 1.0).await;
+        lg.assert_stat(TWO_XX, 1.0).await;
     }
 );
 
@@ -237,6 +248,7 @@ each_proto!(
         assert_eq!(r.text(), "upstream_per_try_timeout\n");
         lg.assert_stat(r#"legate_cluster_upstream_rq_timeout{cluster="backend"}"#, 1.0)
             .await;
+        lg.assert_stat(FIVE_XX, 1.0).await;
     }
 );
 
@@ -248,13 +260,21 @@ each_proto!(
         let r = c.get("/").send().await;
         assert_eq!(r.status, 502);
         assert_eq!(r.text(), "upstream_connect_failure\n");
-        lg.assert_stat(r#"legate_cluster_upstream_cx_connect_fail{cluster="backend"}"#, 1.0)
-            .await;
+        lg.assert_stat(CX_CONNECT_FAIL, 1.0).await;
         lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="5xx"}"#, 1.0)
             .await;
+        // The failed attempt is a 5xx of the cluster (Envoy's 503 UF), and the
+        // failed connection an attempt in `cx_total`. (Both were 0.)
+        lg.assert_stat(FIVE_XX, 1.0).await;
+        lg.assert_stat(CX_TOTAL, 1.0).await;
         // The downstream connection survives the upstream failure.
         let r = c.get("/").send().await;
         assert_eq!(r.status, 502);
+        lg.assert_stat(CX_CONNECT_FAIL, 2.0).await;
+        lg.assert_stat(CX_TOTAL, 2.0).await;
+        lg.assert_stat(FIVE_XX, 2.0).await;
+        lg.assert_stat(r#"legate_cluster_upstream_rq_total{cluster="backend"}"#, 2.0)
+            .await;
     }
 );
 
@@ -293,6 +313,9 @@ each_proto!(
         assert_eq!(r.status, 502);
         assert_eq!(r.text(), "upstream_reset\n");
         assert_eq!(up.requests.get(), 1);
+        // The reset attempt is a 5xx of the cluster, as Envoy's. (It was 0.)
+        lg.assert_stat(FIVE_XX, 1.0).await;
+        lg.assert_stat(TWO_XX, 0.0).await;
     }
 );
 
@@ -313,7 +336,12 @@ each_proto!(
             assert_eq!(r.status, 200, "{}", r.text());
             assert_eq!(r.header("x-upstream"), Some("good"));
         }
-        assert!(bad.requests.get() >= 1);
+        let reset = bad.requests.get();
+        assert!(reset >= 1);
+        // Each attempt counts: every reset one as a 5xx, each answer as a 2xx.
+        lg.assert_stat(RETRY_STAT, reset as f64).await;
+        lg.assert_stat(FIVE_XX, reset as f64).await;
+        lg.assert_stat(TWO_XX, 4.0).await;
     }
 );
 
@@ -372,6 +400,7 @@ each_proto!(
             let tried = bad_conns.load(Ordering::SeqCst) - before;
             assert!(tried >= 1, "{retry_on}: the malformed endpoint was never tried");
             lg.assert_stat(RETRY_STAT, tried as f64).await;
+            lg.assert_stat(FIVE_XX, tried as f64).await;
         }
         // Without a retry, the client gets the 502.
         let lg = legate().config(&simple_config(&[bad])).start();
@@ -379,6 +408,8 @@ each_proto!(
         let r = c.get("/").send().await;
         assert_eq!(r.status, 502);
         assert_eq!(r.text(), "upstream_protocol_error\n");
+        // The protocol error is a 5xx of the cluster (Envoy's 502 UPE). (It was 0.)
+        lg.assert_stat(FIVE_XX, 1.0).await;
     }
 );
 

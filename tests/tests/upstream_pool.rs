@@ -137,7 +137,13 @@ each_proto!(
         }
         lg.assert_stat_with(CX_CONNECT_FAIL, |v| (1.0..=20.0).contains(&v), "in 1..=20")
             .await;
-        lg.assert_stat(CX_TOTAL, 0.0).await;
+        // Every connection attempt counts in `cx_total`, the failed ones too
+        // (it was 0, below `cx_connect_fail`), and every request's failed
+        // attempt in `upstream_rq_5xx` (it was 0).
+        let failed = lg.stat(CX_CONNECT_FAIL).await.unwrap();
+        lg.assert_stat(CX_TOTAL, failed).await;
+        lg.assert_stat(r#"legate_cluster_upstream_rq_5xx{cluster="backend"}"#, 20.0)
+            .await;
         lg.assert_stat(PENDING_ACTIVE, 0.0).await;
     }
 );

@@ -1104,10 +1104,16 @@ async fn compiled_components_are_cached_on_disk() {
         &["cached"],
     );
     let hits = "legate_wasm_cache_hits_total";
+    let misses = "legate_wasm_cache_misses_total";
     let invalid = "legate_wasm_cache_invalid_total";
 
     let first = legate().config(&yaml).start();
-    assert_eq!(first.stat(hits).await, None);
+    // All three series exist from the first lookup, at 0 until their first
+    // event, so that Prometheus' `increase()` sees that event. (Only the one
+    // counting an event existed.)
+    assert_eq!(first.stat(hits).await, Some(0.0));
+    assert_eq!(first.stat(invalid).await, Some(0.0));
+    assert!(first.stat(misses).await.is_some_and(|v| v >= 1.0));
     let entries: Vec<_> = std::fs::read_dir(&cache)
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -121,7 +121,10 @@ counters! {
         upstream_rq_total,
         /// Upstream attempts in flight (gauge).
         upstream_rq_active,
-        /// Responses by status class.
+        /// Responses by status class. An attempt that ends without a response
+        /// counts in the class of the status Legate answers for it: a connect
+        /// failure, reset or protocol error as a 502, a timeout as a 504 (both
+        /// 5xx), as Envoy charges its router's answer.
         upstream_rq_1xx,
         /// 2xx responses.
         upstream_rq_2xx,
@@ -129,13 +132,15 @@ counters! {
         upstream_rq_3xx,
         /// 4xx responses.
         upstream_rq_4xx,
-        /// 5xx responses.
+        /// 5xx responses, and attempts that failed (connect failure, reset,
+        /// protocol error, timeout) before a response.
         upstream_rq_5xx,
         /// Retries sent (attempts after the first).
         upstream_rq_retry,
         /// Attempts that hit the per-try or route timeout.
         upstream_rq_timeout,
-        /// Connections opened.
+        /// Connection attempts: those that opened and those that failed, so it
+        /// is never below `upstream_cx_connect_fail`.
         upstream_cx_total,
         /// Connections open (gauge).
         upstream_cx_active,
@@ -227,7 +232,7 @@ counters! {
         rq_active,
         /// Attempts that ended in a 5xx, a reset or a timeout.
         rq_error,
-        /// Connections opened.
+        /// Connection attempts: those that opened and those that failed.
         cx_total,
         /// Connections open (gauge).
         cx_active,
@@ -609,6 +614,7 @@ impl Cluster {
             endpoint,
             admitted: None,
             head_rtt: std::cell::Cell::new(None),
+            charged: std::cell::Cell::new(false),
         }
     }
 
@@ -629,7 +635,10 @@ impl Cluster {
         }
     }
 
-    /// Counts a failed (or timed-out) connection attempt and keeps `error` as
+    /// Counts a failed (or timed-out) connection attempt — in
+    /// `upstream_cx_connect_fail` and, as an attempt, in `upstream_cx_total`
+    /// (Envoy counts every attempt there), on the cluster and the endpoint —
+    /// and keeps `error` as
     /// the endpoint's last connect failure (`/clusters`). A failure of the
     /// TLS handshake (`tls`: a certificate that does not verify, a name that
     /// does not match) is a configuration problem no retry fixes: it is
@@ -637,8 +646,10 @@ impl Cluster {
     /// per [`TRANSPORT_WARN_EVERY`] per cluster. Plain connect failures (a
     /// refused or timed-out connect: an endpoint restarting) stay at debug.
     pub fn record_connect_failure(&self, endpoint: Option<usize>, error: &str, tls: bool) {
+        self.stats.upstream_cx_total.fetch_add(1, Relaxed);
         self.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
         if let Some(ep) = self.endpoint(endpoint) {
+            ep.stats.cx_total.fetch_add(1, Relaxed);
             ep.stats.cx_connect_fail.fetch_add(1, Relaxed);
             ep.health.set_connect_failure(error);
         }
@@ -731,6 +742,16 @@ impl Cluster {
     }
 }
 
+/// The status an attempt that ended without a response (connect failure,
+/// reset, protocol error) counts as in the cluster's status classes: the 502
+/// Legate answers with. (Envoy answers and counts 503 for a connect failure or
+/// reset and 502 for a protocol error; all are `upstream_rq_5xx`.)
+pub const FAILURE_STATUS: u16 = 502;
+
+/// The status an attempt cut by the route or per-try timeout counts as in the
+/// cluster's status classes: the 504 Legate (and Envoy) answers with.
+pub const TIMEOUT_STATUS: u16 = 504;
+
 /// An upstream attempt in flight: counted in `upstream_rq_active` (and the endpoint's
 /// `rq_active`) from [`Cluster::start_request`] until dropped — for a response, when
 /// its body ends or is dropped. Its outcome is recorded through it, so the cluster
@@ -744,6 +765,11 @@ pub struct ActiveRequest {
     /// Admission to response head: the latency sample, taken at the head (as
     /// documented) though the slot is held until the body ends.
     head_rtt: std::cell::Cell<Option<std::time::Duration>>,
+    /// Whether the attempt's outcome is counted already: a response's status
+    /// is, and a reset or timeout after it (its body cut) counts no second
+    /// time (status class, endpoint error), as Envoy charges no abort once the
+    /// response started.
+    charged: std::cell::Cell<bool>,
 }
 
 impl ActiveRequest {
@@ -770,8 +796,7 @@ impl ActiveRequest {
     /// endpoint error. Feeds outlier detection.
     pub fn record_status(&self, status: u16) {
         self.head_rtt.set(self.admitted.map(|at| at.elapsed()));
-        self.cluster.stats.record_status(status);
-        if status >= 500 {
+        if self.charge(status) && status >= 500 {
             self.record_error();
         }
         let outcome = match status {
@@ -783,17 +808,35 @@ impl ActiveRequest {
     }
 
     /// Records an attempt that ended without a response (connect failure, reset,
-    /// protocol error). Feeds outlier detection as a gateway failure.
+    /// protocol error): in the cluster's status classes as [`FAILURE_STATUS`]
+    /// and as an endpoint error (neither if its response was counted already).
+    /// Feeds outlier detection as a gateway failure.
     pub fn record_failure(&self) {
-        self.record_error();
+        if self.charge(FAILURE_STATUS) {
+            self.record_error();
+        }
         self.record_outlier(outlier::Outcome::LocalFailure);
     }
 
-    /// Records an attempt that timed out. Feeds outlier detection as a gateway failure.
+    /// Records an attempt that timed out: `upstream_rq_timeout`, and in the
+    /// cluster's status classes as [`TIMEOUT_STATUS`] and as an endpoint error
+    /// (neither if its response was counted already). Feeds outlier detection
+    /// as a gateway failure.
     pub fn record_timeout(&self) {
         self.cluster.stats.upstream_rq_timeout.fetch_add(1, Relaxed);
-        self.record_error();
+        if self.charge(TIMEOUT_STATUS) {
+            self.record_error();
+        }
         self.record_outlier(outlier::Outcome::LocalFailure);
+    }
+
+    /// Counts the attempt in `status`'s class, the first time only; whether it did.
+    fn charge(&self, status: u16) -> bool {
+        let first = !self.charged.replace(true);
+        if first {
+            self.cluster.stats.record_status(status);
+        }
+        first
     }
 
     fn record_outlier(&self, outcome: outlier::Outcome) {
@@ -1093,6 +1136,8 @@ mod tests {
 
         r0.record_status(200);
         r1.record_status(503);
+        // A reset after the response head (its body cut) counts no second time.
+        r1.record_failure();
         r2.record_timeout();
         stray.record_failure();
         drop((r0, r1, r2, stray));
@@ -1103,7 +1148,8 @@ mod tests {
                 s.upstream_rq_2xx.load(Relaxed),
                 s.upstream_rq_5xx.load(Relaxed)
             ),
-            (1, 1)
+            (1, 3),
+            "200; 503 (then a late reset); a timeout; a failure"
         );
         assert_eq!(s.upstream_rq_timeout.load(Relaxed), 1);
         assert_eq!(
@@ -1136,9 +1182,14 @@ mod tests {
             ),
             (0, 0)
         );
+        // Both attempts count in `cx_total`, the failed one too.
         assert_eq!(
-            (s.upstream_cx_total.load(Relaxed), e1.cx_total.load(Relaxed)),
-            (1, 1)
+            (
+                s.upstream_cx_total.load(Relaxed),
+                e0.cx_total.load(Relaxed),
+                e1.cx_total.load(Relaxed)
+            ),
+            (2, 1, 1)
         );
         assert_eq!(
             (

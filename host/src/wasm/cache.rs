@@ -19,6 +19,38 @@ use wasmtime::Engine;
 
 use crate::stats::Stats;
 
+/// The cache's counters. All three are created (at 0) with the first lookup,
+/// whatever its outcome, as Envoy creates its stats up front: a series that
+/// appeared only with its first event would hide that event from Prometheus'
+/// `increase()` and `rate()`.
+struct CacheCounters {
+    hits: crate::stats::Counter,
+    misses: crate::stats::Counter,
+    invalid: crate::stats::Counter,
+}
+
+impl CacheCounters {
+    fn new(stats: &Stats) -> CacheCounters {
+        CacheCounters {
+            hits: stats.counter(
+                "legate_wasm_cache_hits_total",
+                "Plugin compilations loaded from the disk cache.",
+                &[],
+            ),
+            misses: stats.counter(
+                "legate_wasm_cache_misses_total",
+                "Plugin compilations not found in the disk cache.",
+                &[],
+            ),
+            invalid: stats.counter(
+                "legate_wasm_cache_invalid_total",
+                "Disk cache entries that could not be loaded and were recompiled.",
+                &[],
+            ),
+        }
+    }
+}
+
 /// A usable cache directory and this engine's key.
 pub struct Cache {
     dir: PathBuf,
@@ -84,15 +116,10 @@ impl Cache {
 
     /// The cached component for a module digest, if there is a valid one.
     pub fn load(&self, engine: &Engine, module_sha256: &str, stats: &Stats) -> Option<Component> {
+        let counters = CacheCounters::new(stats);
         let path = self.entry(module_sha256);
         if !path.is_file() {
-            stats
-                .counter(
-                    "legate_wasm_cache_misses_total",
-                    "Plugin compilations not found in the disk cache.",
-                    &[],
-                )
-                .inc();
+            counters.misses.inc();
             return None;
         }
         // Read into memory rather than `deserialize_file`, which maps the file: a
@@ -116,13 +143,7 @@ impl Cache {
         let loaded = unsafe { Component::deserialize(engine, &bytes) };
         match loaded {
             Ok(c) => {
-                stats
-                    .counter(
-                        "legate_wasm_cache_hits_total",
-                        "Plugin compilations loaded from the disk cache.",
-                        &[],
-                    )
-                    .inc();
+                counters.hits.inc();
                 Some(c)
             }
             Err(e) => {
@@ -130,13 +151,7 @@ impl Cache {
                     "Wasm compile cache entry {} is unusable ({e}); recompiling",
                     path.display()
                 );
-                stats
-                    .counter(
-                        "legate_wasm_cache_invalid_total",
-                        "Disk cache entries that could not be loaded and were recompiled.",
-                        &[],
-                    )
-                    .inc();
+                counters.invalid.inc();
                 None
             }
         }
