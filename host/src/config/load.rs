@@ -125,8 +125,8 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// `line` with the credentials of every URL in it replaced by `***`, as
-/// [`redact`](crate::wasm::kv::redact_url) masks `kv.url` in messages: the
+/// `line` with the credentials of every URL in it replaced by `***`
+/// ([`mask_url`], which also masks `kv.url` in messages): the
 /// userinfo (`redis://user:pass@host` → `redis://***@host`) and the
 /// `user`/`pass`/`password` query parameters (`redis+unix://`). Only a URL's
 /// authority is looked at for `@`, so a path or query holding one is kept.
@@ -152,8 +152,9 @@ fn mask_credentials(line: &str) -> String {
 }
 
 /// One URL (`scheme://authority/path?query#fragment`) with its userinfo and
-/// its credential query parameters masked.
-fn mask_url(url: &str) -> String {
+/// its credential query parameters masked (also `kv.url` in messages, and in
+/// `/config_dump`).
+pub(crate) fn mask_url(url: &str) -> String {
     let Some(sep) = url.find("://") else {
         return url.to_string();
     };

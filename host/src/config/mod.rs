@@ -21,7 +21,7 @@ pub use serde_saphyr::Spanned;
 pub use load::{
     check_file, check_files, check_files_carrying, load_file, parse_str, ConfigError, ConfigErrors,
 };
-pub(crate) use load::{endpoint_health_check_errors, key_position};
+pub(crate) use load::{endpoint_health_check_errors, key_position, mask_url};
 pub use types::{ByteSize, Dur, KvBackendKind, KvConfig, KvTls, Name, Percent, StatusRange};
 pub use validate::addresses_overlap;
 pub(crate) use validate::{normalize_domain, split_host_port};

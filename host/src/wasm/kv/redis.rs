@@ -150,34 +150,8 @@ pub fn check_url(url: &str) -> Result<(), String> {
 /// crate reads them from are masked: the userinfo (`redis://user:pass@host`)
 /// and, for `redis+unix://`, the `user`/`pass` query parameters.
 pub(crate) fn redact(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let mut out = match (base.find("://"), base.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &base[..s], &base[at + 1..]),
-        _ => base.to_string(),
-    };
-    if let Some(q) = query {
-        out.push('?');
-        for (i, pair) in q.split('&').enumerate() {
-            if i > 0 {
-                out.push('&');
-            }
-            match pair.split_once('=') {
-                Some((k, _))
-                    if ["user", "username", "pass", "password"]
-                        .iter()
-                        .any(|s| k.eq_ignore_ascii_case(s)) =>
-                {
-                    out.push_str(k);
-                    out.push_str("=***");
-                }
-                _ => out.push_str(pair),
-            }
-        }
-    }
-    out
+    // One masking for the config's error excerpts and these messages.
+    crate::config::mask_url(url)
 }
 
 struct KvStats {
