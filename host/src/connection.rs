@@ -260,6 +260,12 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
+        // Fixed windows (not hyper's adaptive ones), the connection's sized so
+        // that uploads whose upstream stopped reading never shut it for the
+        // other streams (hyper's default: 1 MiB each, one stalled upload did).
+        .adaptive_window(false)
+        .initial_stream_window_size(limits.stream_window())
+        .initial_connection_window_size(limits.connection_window())
         // h2 refuses a header list that reaches its setting: one more, so that
         // a list of exactly `max_request_headers_size` passes, as over HTTP/1.1.
         .max_header_list_size(

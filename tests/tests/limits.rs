@@ -1441,3 +1441,77 @@ async fn h2_max_concurrent_streams() {
         t.elapsed()
     );
 }
+
+/// An endless request body of 64 KiB chunks that counts what the client
+/// handed to its connection in `sent`.
+fn endless_upload(sent: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> BoxBody {
+    use http_body_util::BodyExt;
+    const CHUNK: usize = 64 * 1024;
+    let chunk = bytes::Bytes::from(vec![b'u'; CHUNK]);
+    let chunks = futures_util::stream::iter(std::iter::repeat_with(move || {
+        sent.fetch_add(CHUNK, std::sync::atomic::Ordering::SeqCst);
+        Ok::<_, BoxError>(hyper::body::Frame::data(chunk.clone()))
+    }));
+    BodyExt::boxed(http_body_util::StreamBody::new(chunks))
+}
+
+each_proto!(
+    /// Uploads whose upstream stopped reading do not stall the other uploads
+    /// on the client's HTTP/2 connection. What a stream received and Legate
+    /// has not forwarded counts against the connection's flow-control window
+    /// too: with hyper's default windows (1 MiB a stream, 1 MiB the
+    /// connection) one stalled upload shut it, and every other request body on
+    /// the connection waited (until the stream idle timeout, 5 min). The
+    /// connection window is now the stream window × `max_concurrent_streams`.
+    async fn stalled_uploads_do_not_stall_the_client_h2_connection(proto) {
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // `/sink` never reads its body, nor answers.
+        let up = upstream()
+            .route("/sink", |req| async move {
+                let _held = req;
+                std::future::pending::<hyper::Response<BoxBody>>().await
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .concurrency(1)
+            .config(&limits_config(up.addr, "", "            timeout: 0s\n"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        // Two stalled uploads (over HTTP/2 streams of `c`'s connection, over
+        // HTTP/1.1 connections of their own).
+        let mut stalled = Vec::new();
+        for _ in 0..2 {
+            let mut s = match proto {
+                Proto::H2 => c.clone(),
+                Proto::H1 => client(proto, lg.addr("web")).await,
+            };
+            let body = endless_upload(sent.clone());
+            stalled.push(tokio::spawn(async move {
+                let _ = s.post("/sink").boxed_body(body).try_send().await;
+            }));
+        }
+        // Until the stalled bodies filled every window and buffer on their way.
+        let deadline = Instant::now() + HANG_GUARD;
+        let mut last = usize::MAX;
+        loop {
+            let now = sent.load(std::sync::atomic::Ordering::SeqCst);
+            if now == last && now > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the uploads never stalled ({now} bytes sent)");
+            last = now;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // Another upload on the same connection completes.
+        let body = vec![b'b'; 256 * 1024];
+        let r = tokio::time::timeout(HANG_GUARD, c.post("/echo").body(body.clone()).send())
+            .await
+            .expect("the upload stalled behind the stalled ones");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.echo().body_len, body.len());
+        for s in stalled {
+            s.abort();
+        }
+    }
+);

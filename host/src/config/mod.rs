@@ -568,6 +568,19 @@ pub struct Limits {
     /// for edge proxies.
     #[serde(default = "defaults::max_concurrent_streams")]
     pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control window of each client stream (Envoy's
+    /// `initial_stream_window_size`): what a client may upload on one stream
+    /// before Legate passed it on, which Legate holds while the upstream does
+    /// not read. Default 1MiB, hyper's.
+    #[serde(default = "defaults::listener_stream_window_size")]
+    pub initial_stream_window_size: ByteSize,
+    /// HTTP/2 flow-control window of each client connection (Envoy's
+    /// `initial_connection_window_size`). Default: `initial_stream_window_size`
+    /// × `max_concurrent_streams` (at most 2^31-1), so that uploads whose
+    /// upstream stopped reading never shut the window of the connection's
+    /// other streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_connection_window_size: Option<ByteSize>,
     /// The longest an HTTP/1.1 lingering close reads and discards what the
     /// client still sends. Default 30s, nginx's `lingering_time`; 0s turns
     /// lingering close off.
@@ -589,6 +602,23 @@ pub struct Limits {
     pub max_connection_duration: Option<Dur>,
 }
 
+impl Limits {
+    /// The HTTP/2 stream window of client connections.
+    pub fn stream_window(&self) -> u32 {
+        h2_window(self.initial_stream_window_size.0)
+    }
+
+    /// The HTTP/2 connection window of client connections: the configured
+    /// one, else the stream window × `max_concurrent_streams`.
+    pub fn connection_window(&self) -> u32 {
+        h2_connection_window(
+            self.initial_stream_window_size,
+            self.initial_connection_window_size,
+            self.max_concurrent_streams,
+        )
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -598,6 +628,8 @@ impl Default for Limits {
             header_read_timeout: defaults::header_read_timeout(),
             idle_timeout: defaults::idle_timeout(),
             max_concurrent_streams: defaults::max_concurrent_streams(),
+            initial_stream_window_size: defaults::listener_stream_window_size(),
+            initial_connection_window_size: None,
             lingering_time: defaults::lingering_time(),
             lingering_timeout: defaults::lingering_timeout(),
             max_requests_per_connection: None,
@@ -1036,24 +1068,34 @@ impl Cluster {
     /// The HTTP/2 stream window, clamped into the protocol's range (validation
     /// refuses values out of it).
     pub fn stream_window(&self) -> u32 {
-        let w = self
-            .initial_stream_window_size
-            .0
-            .clamp(MIN_H2_WINDOW, MAX_H2_WINDOW);
-        u32::try_from(w).unwrap_or(u32::MAX >> 1)
+        h2_window(self.initial_stream_window_size.0)
     }
 
     /// The HTTP/2 connection window: the configured one, else the stream
     /// window × `max_concurrent_streams` (at most 2^31-1).
     pub fn connection_window(&self) -> u32 {
-        let w = match self.initial_connection_window_size {
-            Some(w) => w.0,
-            None => u64::from(self.stream_window())
-                .saturating_mul(u64::from(self.max_concurrent_streams.max(1))),
-        };
-        let w = w.clamp(MIN_H2_WINDOW, MAX_H2_WINDOW);
-        u32::try_from(w).unwrap_or(u32::MAX >> 1)
+        h2_connection_window(
+            self.initial_stream_window_size,
+            self.initial_connection_window_size,
+            self.max_concurrent_streams,
+        )
     }
+}
+
+/// An HTTP/2 flow-control window of `bytes`, clamped into the protocol's range
+/// (validation refuses values out of it).
+fn h2_window(bytes: u64) -> u32 {
+    u32::try_from(bytes.clamp(MIN_H2_WINDOW, MAX_H2_WINDOW)).unwrap_or(u32::MAX >> 1)
+}
+
+/// An HTTP/2 connection window: `configured`, else the stream window ×
+/// `streams`, so that streams stalled by their peer never shut the window of
+/// their connection's other streams (at most 2^31-1).
+fn h2_connection_window(stream: ByteSize, configured: Option<ByteSize>, streams: u32) -> u32 {
+    h2_window(match configured {
+        Some(w) => w.0,
+        None => u64::from(h2_window(stream.0)).saturating_mul(u64::from(streams.max(1))),
+    })
 }
 
 /// HTTP/2 keep-alive PINGs on a cluster's connections (Envoy's
@@ -1673,6 +1715,9 @@ pub(crate) mod defaults {
     }
     pub fn initial_stream_window_size() -> ByteSize {
         ByteSize(2 << 20)
+    }
+    pub fn listener_stream_window_size() -> ByteSize {
+        ByteSize(1 << 20)
     }
     pub fn keepalive_timeout() -> Dur {
         Dur::secs(20)

@@ -790,6 +790,22 @@ fn validate_listener(
             .key(key);
         }
     }
+    for (key, w) in h2_windows(
+        lim.initial_stream_window_size,
+        lim.initial_connection_window_size,
+    ) {
+        e.at(
+            loc,
+            format!(
+                "listener `{}`: {}",
+                l.name,
+                window_range_error(&format!("limits.{key}"), w)
+            ),
+            WINDOW_HINT,
+        )
+        .key("limits")
+        .key(key);
+    }
     if lim.max_request_headers_size.0 < 1024 {
         e.at(
             loc,
@@ -1918,30 +1934,16 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
         )
         .key("max_concurrent_streams");
     }
-    let windows = [
-        (
-            "initial_stream_window_size",
-            Some(c.initial_stream_window_size),
-        ),
-        (
-            "initial_connection_window_size",
-            c.initial_connection_window_size,
-        ),
-    ];
-    for (key, w) in windows {
-        let Some(w) = w else { continue };
-        if !(MIN_H2_WINDOW..=MAX_H2_WINDOW).contains(&w.0) {
-            e.at(
-                loc,
-                format!(
-                    "cluster `{}`: `{key}` {} is not between {MIN_H2_WINDOW} and {MAX_H2_WINDOW} bytes",
-                    c.name, w.0
-                ),
-                "an HTTP/2 flow-control window is at least 65535 (the protocol's initial window) \
-                 and at most 2^31-1 (RFC 9113 §6.9); leave it out for the default",
-            )
-            .key(key);
-        }
+    for (key, w) in h2_windows(
+        c.initial_stream_window_size,
+        c.initial_connection_window_size,
+    ) {
+        e.at(
+            loc,
+            format!("cluster `{}`: {}", c.name, window_range_error(key, w)),
+            WINDOW_HINT,
+        )
+        .key(key);
     }
     if let Some(k) = &c.connection_keepalive {
         for (key, d) in [("interval", k.interval), ("timeout", k.timeout)] {
@@ -2600,6 +2602,33 @@ fn edit_distance(a: &str, b: &str) -> usize {
     }
     d[a.len() * w + b.len()]
 }
+
+/// The HTTP/2 window keys (stream, then connection) whose value is outside
+/// the protocol's range.
+fn h2_windows(
+    stream: ByteSize,
+    connection: Option<ByteSize>,
+) -> impl Iterator<Item = (&'static str, ByteSize)> {
+    [
+        ("initial_stream_window_size", Some(stream)),
+        ("initial_connection_window_size", connection),
+    ]
+    .into_iter()
+    .filter_map(|(key, w)| w.map(|w| (key, w)))
+    .filter(|(_, w)| !(MIN_H2_WINDOW..=MAX_H2_WINDOW).contains(&w.0))
+}
+
+/// What is wrong with an HTTP/2 window `key` of `w` (out of range).
+fn window_range_error(key: &str, w: ByteSize) -> String {
+    format!(
+        "`{key}` {} is not between {MIN_H2_WINDOW} and {MAX_H2_WINDOW} bytes",
+        w.0
+    )
+}
+
+/// How to fix an HTTP/2 window out of range.
+const WINDOW_HINT: &str = "an HTTP/2 flow-control window is at least 65535 (the protocol's \
+     initial window) and at most 2^31-1 (RFC 9113 §6.9); leave it out for the default";
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // in tests a panic is the failure report
