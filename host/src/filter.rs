@@ -2449,7 +2449,7 @@ impl Chain {
         if let Some(shared) = self.shared.upgrade().map(SharedChain) {
             if let Some(lr) = shared.take_local() {
                 shared.set_answered(&lr.details);
-                let lr = if self.grpc { lr.into_grpc() } else { lr };
+                let lr = lr.for_client(self.grpc);
                 eos = lr.body.is_empty();
                 self.x.status = Some(lr.status);
                 self.x.response_headers = Some(lr.headers.into());
@@ -2508,7 +2508,7 @@ impl Chain {
                         shared.answered.replace(Some(lr.details.clone()));
                     }
                     self.x.cause = Some(plugin_cause(&lr.details));
-                    let lr = if self.grpc { lr.into_grpc() } else { lr };
+                    let lr = lr.for_client(self.grpc);
                     *eos = lr.body.is_empty();
                     self.x.status = Some(lr.status);
                     self.x.response_headers = Some(lr.headers.into());

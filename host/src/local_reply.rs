@@ -52,6 +52,24 @@ pub fn reply(resp: Response<Bytes>, grpc: bool) -> Response<crate::body::Body> {
 }
 
 impl LocalResponse {
+    /// This filter's answer in the form it goes out in: to a `grpc` request
+    /// gRPC's trailers-only form ([`LocalResponse::into_grpc`]); else with
+    /// `content-type: text/plain` for a body the filter gave no type (Envoy's
+    /// local replies do the same: a client must not sniff one).
+    pub fn for_client(self, grpc: bool) -> Self {
+        if grpc {
+            return self.into_grpc();
+        }
+        let mut lr = self;
+        if !lr.body.is_empty() && !lr.headers.contains_key(http::header::CONTENT_TYPE) {
+            lr.headers.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain"),
+            );
+        }
+        lr
+    }
+
     /// This filter's answer in gRPC's trailers-only form (see [`grpc_form`]).
     pub fn into_grpc(mut self) -> Self {
         grpc_form(

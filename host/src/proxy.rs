@@ -1634,23 +1634,19 @@ async fn response_body(
     Ok(resp)
 }
 
-/// A filter's local response as an HTTP response: hop-by-hop fields dropped,
-/// `content-length` set to the body's length, `content-type: text/plain` for a
-/// body the filter gave no type (Envoy's local replies do the same: a client
-/// must not sniff one); to a `grpc` request, in gRPC's form.
+/// A filter's local response as an HTTP response: in the form it goes out in
+/// (`LocalResponse::for_client`), hop-by-hop fields dropped, `content-length`
+/// set to the body's length (none to a `grpc` request: gRPC's form has no body).
 fn local_response(lr: filter::LocalResponse, grpc: bool) -> Response<Body> {
-    let lr = if grpc { lr.into_grpc() } else { lr };
+    let lr = lr.for_client(grpc);
     let len = lr.body.len();
     let mut resp = Response::new(body::full(lr.body));
     *resp.status_mut() = lr.status;
     *resp.headers_mut() = lr.headers;
     proxy_headers::strip_hop_by_hop(resp.headers_mut());
     if !grpc {
-        let h = resp.headers_mut();
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-        if len > 0 && !h.contains_key(header::CONTENT_TYPE) {
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        }
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     resp
 }

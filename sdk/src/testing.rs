@@ -1089,6 +1089,24 @@ fn grpc_form(lr: &crate::LocalResponse) -> (u16, FieldList) {
     (200, h)
 }
 
+/// A local response's header fields as the host puts them in the response
+/// head to a request that is not gRPC (host/src/local_reply.rs
+/// `LocalResponse::for_client`): `content-type: text/plain` for a body the
+/// filter gave no type (a client must not sniff one). The host adds
+/// `content-length` as it sends the head, after `on_log`'s view of it was
+/// taken.
+fn http_form(lr: &crate::LocalResponse) -> FieldList {
+    let mut h: FieldList = lr
+        .headers
+        .iter()
+        .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+        .collect();
+    if !lr.body.is_empty() && !h.iter().any(|(n, _)| n == "content-type") {
+        h.push(("content-type".to_owned(), b"text/plain".to_vec()));
+    }
+    h
+}
+
 /// A reply that came for a call of a [`TestExchange`], not delivered yet.
 enum Arrived {
     /// To `on_callout_response`.
@@ -1367,7 +1385,7 @@ impl<F: HttpFilter> TestExchange<'_, F> {
         let (status, headers) = if self.grpc {
             grpc_form(lr)
         } else {
-            (lr.status, lr.headers.clone())
+            (lr.status, http_form(lr))
         };
         ex.status = Some(status);
         if window == [Part::Head(Direction::Response)] {

@@ -2026,6 +2026,20 @@ fn on_log_sees_the_status_and_cause_of_a_local_response() {
             "{at}: {outcome:?}"
         );
         assert_eq!(t.filter().logged, Some(want), "{at}");
+        if at == "response_headers" {
+            // The head that replaced the upstream's is the one the host
+            // sends: `text/plain` for a body the filter gave no type
+            // (local_reply.rs `LocalResponse::for_client`); its
+            // `content-length` is set after `on_log`'s view was taken.
+            let head = t.filter().head.clone().unwrap_or_default();
+            let field = |name: &str| {
+                head.iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            };
+            assert_eq!(field("content-type").as_deref(), Some("text/plain"));
+            assert_eq!(field("content-length"), None);
+        }
     }
 
     // Phase by phase: the upstream's response after a request phase's

@@ -164,6 +164,9 @@ each_proto!(
         assert_eq!(r.status, 503);
         assert_eq!(r.header("x-replaced-by"), Some("late"));
         assert_eq!(r.text(), "replaced by plugin\n");
+        // The upstream's type went with its head; the local body without one
+        // is `text/plain`, as a request phase's local response.
+        assert_eq!(r.header("content-type"), Some("text/plain"));
         lg.assert_stat(&calls("responder", "response_body"), 0.0).await;
         lg.assert_stat(&calls("upper", "response_body"), 0.0).await;
         // Without the header, both see the upstream's body as usual.
