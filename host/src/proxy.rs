@@ -2406,11 +2406,16 @@ fn retry_on_error(p: &RetryPolicy, e: &ProxyError, method: &Method) -> bool {
     if e.unprocessed && p.retries_refused_stream() {
         return true;
     }
+    // Nothing of the request reached the upstream: any method, as nginx's
+    // `proxy_next_upstream error` (a non-idempotent request is held back
+    // only once it was sent).
+    if e.kind == Kind::ConnectFailed {
+        return p.retries_connect_failure();
+    }
     if !p.allows_method(method) {
         return false;
     }
     match e.kind {
-        Kind::ConnectFailed => p.retries_connect_failure(),
         Kind::UpstreamReset | Kind::UpstreamProtocol | Kind::PerTryTimeout => p.retries_reset(),
         _ => false,
     }

@@ -349,9 +349,11 @@ impl RetryPolicy {
     }
 
     /// Whether a failure to connect to the upstream is retried (`5xx`,
-    /// `gateway-error`, `connect-failure`).
+    /// `gateway-error`, `connect-failure`, and `reset` as in Envoy, whose
+    /// `reset` covers an upstream that "does not respond at all"), whatever
+    /// the request's method: nothing of it reached the upstream.
     pub fn retries_connect_failure(&self) -> bool {
-        self.on_5xx || self.on_gateway_error || self.on_connect_failure
+        self.on_5xx || self.on_gateway_error || self.on_connect_failure || self.on_reset
     }
 
     /// Whether a reset before the response head is retried (`5xx`,
@@ -368,15 +370,17 @@ impl RetryPolicy {
     }
 
     /// Whether the policy can retry a request with this method at all: any
-    /// method under `refused-stream` (an unprocessed request), else as
+    /// method under `refused-stream` (an unprocessed request) or a condition
+    /// that retries connect failures (a request that never left), else as
     /// [`RetryPolicy::allows_method`].
     pub fn applies_to(&self, m: &Method) -> bool {
-        self.on_refused_stream || self.allows_method(m)
+        self.on_refused_stream || self.retries_connect_failure() || self.allows_method(m)
     }
 
     /// Whether requests with this method may be retried: the idempotent methods of
     /// RFC 9110 §9.2.2 always, others only with `retry_non_idempotent` (or, a
-    /// request the upstream did not process, under `refused-stream`).
+    /// request the upstream did not process, under `refused-stream`, or one
+    /// that never reached it, a connect failure).
     pub fn allows_method(&self, m: &Method) -> bool {
         self.retry_non_idempotent
             || matches!(
