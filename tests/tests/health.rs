@@ -1325,3 +1325,45 @@ each_proto!(
         assert_eq!(seen.get("a"), Some(&6), "{seen:?}");
     }
 );
+
+/// An HTTP/2 health check of an endpoint that speaks only HTTP/1.1 names
+/// what went wrong below hyper's own `http2 error` (which was all
+/// `/clusters` and the log said, whatever the cause).
+#[tokio::test]
+async fn h2_health_check_failures_say_why() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers whatever comes with an HTTP/1.1 400 and closes, as an
+    // HTTP/1.1-only server does to the HTTP/2 preface.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let lg = legate()
+        .config(&format!(
+            "version: 1
+clusters:
+  - name: backend
+    protocol: h2
+    endpoints: [{{ address: \"{addr}\" }}]
+    health_check: {{ http: {{ path: / }}, interval: 50ms, unhealthy_threshold: 1 }}
+"
+        ))
+        .start();
+    until_stat(&lg, &stat("membership_healthy", "backend"), 0.0).await;
+    let h = endpoint_health(&lg, addr).await;
+    let failure = h["last_health_check_failure"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(failure.starts_with("http2 error: "), "{h}");
+    assert!(failure.len() > "http2 error: ".len() + 5, "{h}");
+}

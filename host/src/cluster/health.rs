@@ -417,7 +417,7 @@ async fn http_check(
     cfg: &HttpHealthCheck,
 ) -> Result<(), Failure> {
     let io = TokioIo::new(conn);
-    let net = |e: hyper::Error| Failure::Network(e.to_string());
+    let net = |e: hyper::Error| Failure::Network(with_causes(&e));
     let bad = |e: http::Error| Failure::Network(format!("cannot build the request: {e}"));
     let user_agent = header::HeaderValue::from_static("legate-health-check");
     let status = if h2 {
@@ -465,6 +465,23 @@ async fn http_check(
             immediate: true,
         })
     }
+}
+
+/// `e` and its causes, `: `-separated (each once): hyper's own text alone
+/// is `http2 error` or `connection error` whatever went wrong, the h2 or I/O
+/// error below says what.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        src = s.source();
+    }
+    text
 }
 
 async fn tcp_check(mut conn: Conn, cfg: &TcpHealthCheck) -> Result<(), Failure> {

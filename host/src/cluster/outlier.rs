@@ -72,8 +72,11 @@ pub struct OutlierState {
     /// Attempts and successes in the current interval (for the success rate).
     window_total: AtomicU64,
     window_success: AtomicU64,
-    /// The ejection-time multiplier: ejections, lowered by one per interval spent in.
-    times_ejected: AtomicU32,
+    /// The ejection-time multiplier (Envoy's): ejections, lowered by one per
+    /// interval spent in.
+    multiplier: AtomicU32,
+    /// Ejections so far (for `/clusters`; the multiplier decays).
+    ejections: AtomicU32,
     /// When the current ejection ends, in [`now_ms`] time.
     ejected_until_ms: AtomicU64,
     /// The last ejection's [`Reason`] (0: never ejected).
@@ -164,7 +167,8 @@ impl Cluster {
             release(active);
             return;
         }
-        let times = s.times_ejected.fetch_add(1, Relaxed) + 1;
+        s.ejections.fetch_add(1, Relaxed);
+        let times = s.multiplier.fetch_add(1, Relaxed) + 1;
         let base = od.base_ejection_time.get();
         let cap = od
             .max_ejection_time
@@ -212,7 +216,7 @@ impl Cluster {
                 continue;
             }
             let _ = s
-                .times_ejected
+                .multiplier
                 .fetch_update(Relaxed, Relaxed, |t| t.checked_sub(1));
             if let Some(sr) = &od.success_rate {
                 if total >= u64::from(sr.request_volume) {
@@ -283,7 +287,8 @@ impl Cluster {
         serde_json::json!({
             "ejected": ejected,
             "ejection_ends_in_ms": if ejected { Value::from(left) } else { Value::Null },
-            "times_ejected": s.times_ejected.load(Relaxed),
+            "times_ejected": s.ejections.load(Relaxed),
+            "ejection_multiplier": s.multiplier.load(Relaxed),
             "last_ejection_reason": Reason::name(s.last_reason.load(Relaxed)),
             "consecutive_5xx": s.consecutive_5xx.load(Relaxed),
             "consecutive_gateway_failure": s.consecutive_gateway.load(Relaxed),
@@ -506,7 +511,19 @@ mod tests {
             (5_300_000..=5_400_000).contains(&second),
             "capped at 90m: {second}"
         );
-        assert_eq!(s.times_ejected.load(Relaxed), 2);
+        assert_eq!(s.multiplier.load(Relaxed), 2);
+        assert_eq!(s.ejections.load(Relaxed), 2);
+        // Back in, the multiplier decays by one per interval; `/clusters`'
+        // `times_ejected` stays the count (it showed the multiplier: 0 after
+        // two ejections).
+        s.ejected_until_ms.store(now_ms(), Relaxed);
+        for _ in 0..4 {
+            c.outlier_tick();
+        }
+        assert_eq!(s.multiplier.load(Relaxed), 0);
+        let shown = c.outlier_json(s, false);
+        assert_eq!(shown["times_ejected"], 2, "{shown}");
+        assert_eq!(shown["ejection_multiplier"], 0, "{shown}");
     }
 
     #[test]
