@@ -2205,6 +2205,8 @@ impl Attempts<'_> {
                 Err(e) => {
                     if e.kind == Kind::PerTryTimeout {
                         active.record_timeout();
+                    } else if e.kind == Kind::Overloaded {
+                        active.not_made();
                     } else if e.side() == Side::Upstream {
                         active.record_failure();
                     }

@@ -614,9 +614,22 @@ async fn max_connections_overflow_is_503_overloaded() {
     assert_eq!(first.await.unwrap().status, 200);
     lg.assert_stat(&stat("upstream_cx_overflow", "backend"), 1.0)
         .await;
+    // The refused attempt was never made: no upstream attempt, on the cluster
+    // or the endpoint, as Envoy's (it counted in both, unlike a
+    // `max_requests` refusal).
+    let ep_total = format!(
+        "legate_endpoint_rq_total{{cluster=\"backend\",endpoint=\"{}\"}}",
+        up.addr
+    );
+    lg.assert_stat(&stat("upstream_rq_total", "backend"), 1.0)
+        .await;
+    lg.assert_stat(&ep_total, 1.0).await;
     // The pooled connection is reused: no new connection, no overflow.
     assert_eq!(c.get("/third").send().await.status, 200);
     assert_eq!(up.connections.get(), 1);
+    lg.assert_stat(&stat("upstream_rq_total", "backend"), 2.0)
+        .await;
+    lg.assert_stat(&ep_total, 2.0).await;
 }
 
 each_proto!(

@@ -792,6 +792,18 @@ impl ActiveRequest {
         }
     }
 
+    /// The attempt was refused before it was made, by the pool's
+    /// `max_connections` or `max_pending_requests` breaker: it is no upstream
+    /// attempt (docs/metrics.md; Envoy counts `upstream_rq_total` once a stream
+    /// has a connection), so neither the cluster's `upstream_rq_total` nor the
+    /// endpoint's `rq_total` counts it, as with a `max_requests` refusal.
+    pub fn not_made(&self) {
+        self.cluster.stats.upstream_rq_total.fetch_sub(1, Relaxed);
+        if let Some(ep) = self.cluster.endpoint(self.endpoint) {
+            ep.stats.rq_total.fetch_sub(1, Relaxed);
+        }
+    }
+
     /// Records the response status: the cluster's status class, and a 5xx as an
     /// endpoint error. Feeds outlier detection.
     pub fn record_status(&self, status: u16) {
