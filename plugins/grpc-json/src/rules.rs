@@ -9,6 +9,7 @@ use prost_reflect::{
     DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor,
     MethodDescriptor, SerializeOptions, Value,
 };
+use serde_json::value::RawValue;
 use serde_json::{Map, Value as Json};
 
 use crate::config::{Config, PrintOptions};
@@ -323,32 +324,60 @@ impl Transcoder {
                 .use_proto_field_name(self.print.preserve_proto_field_names)
                 .use_enum_numbers(self.print.always_print_enums_as_ints)
         };
-        let to_json = |skip_default| {
-            msg.serialize_with_options(serde_json::value::Serializer, &opts(skip_default))
+        // Printed straight into the output, not through a `serde_json::Value`
+        // tree: that tree cost an allocation per field and key (most of a
+        // response's CPU time, against the plugin's `limits.cpu`), and it
+        // stores numbers as f64, so a `float` 0.1 printed as
+        // 0.10000000149011612; serde_json's writer prints an f32 as the
+        // shortest text that reads back as it, as protobuf's JSON printers do.
+        let print = |skip_default, pretty| {
+            let mut out = Vec::with_capacity(payload.len().saturating_mul(2).saturating_add(16));
+            let r = if pretty {
+                msg.serialize_with_options(
+                    &mut serde_json::Serializer::pretty(&mut out),
+                    &opts(skip_default),
+                )
+            } else {
+                msg.serialize_with_options(
+                    &mut serde_json::Serializer::new(&mut out),
+                    &opts(skip_default),
+                )
+            };
+            r.map(|()| out)
                 .map_err(|e| format!("printing {} as JSON: {e}", output.full_name()))
         };
-        let mut json = to_json(!self.print.always_print_primitive_fields)?;
-        if let Some(field) = &rule.response_body {
-            let key = if self.print.preserve_proto_field_names {
-                field.name()
-            } else {
-                field.json_name()
-            };
-            json = match json.get_mut(key).map(Json::take) {
-                Some(v) => v,
+        let skip_default = !self.print.always_print_primitive_fields;
+        let pretty = self.print.add_whitespace;
+        let mut out = match &rule.response_body {
+            None => print(skip_default, pretty)?,
+            Some(field) => {
+                let key = if self.print.preserve_proto_field_names {
+                    field.name()
+                } else {
+                    field.json_name()
+                };
+                // The field's text, cut out of the printed message as it is.
+                let field_text = |json: &[u8]| -> Result<Option<String>, String> {
+                    let mut top: std::collections::BTreeMap<String, Box<RawValue>> =
+                        serde_json::from_slice(json).map_err(|e| format!("printing JSON: {e}"))?;
+                    Ok(top.remove(key).map(|v| v.get().to_owned()))
+                };
                 // Omitted as a default value: print that default rather than nothing.
-                None => to_json(false)?
-                    .get_mut(key)
-                    .map(Json::take)
-                    .unwrap_or(Json::Null),
-            };
-        }
-        let mut out = if self.print.add_whitespace {
-            serde_json::to_vec_pretty(&json)
-        } else {
-            serde_json::to_vec(&json)
-        }
-        .map_err(|e| format!("printing JSON: {e}"))?;
+                let text = match field_text(&print(skip_default, pretty)?)? {
+                    Some(t) => t,
+                    None => field_text(&print(false, pretty)?)?.unwrap_or_else(|| "null".into()),
+                };
+                // Indented as a member of the message, one level deep: one
+                // level less as the whole body. Every line break in pretty
+                // JSON is layout (a string's own is escaped `\n`), and each is
+                // followed by that level's two spaces at least.
+                if pretty {
+                    text.replace("\n  ", "\n").into_bytes()
+                } else {
+                    text.into_bytes()
+                }
+            }
+        };
         out.push(b'\n');
         Ok(out)
     }

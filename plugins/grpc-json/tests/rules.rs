@@ -495,3 +495,68 @@ fn responses_print_as_proto3_json() {
     let e = t.response_json(m.rule, &[0x0a, 0x05, b'a']).unwrap_err();
     assert!(e.contains("legate.test.v1.SayReply does not decode"), "{e}");
 }
+
+#[test]
+fn floats_print_as_the_shortest_text_that_reads_back_as_them() {
+    let fds = common::descriptors_of(
+        r#"
+syntax = "proto3";
+package t;
+import "google/api/annotations.proto";
+service S {
+  rpc Get(M) returns (M) {
+    option (google.api.http) = {
+      post: "/v1/m" body: "*"
+      additional_bindings { post: "/v1/fs" body: "*" response_body: "fs" }
+      additional_bindings { post: "/v1/inner" body: "*" response_body: "inner" }
+    };
+  }
+}
+message M { float f = 1; double d = 2; repeated float fs = 3; M inner = 4; }
+"#,
+    );
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct M {
+        #[prost(float, tag = "1")]
+        f: f32,
+        #[prost(double, tag = "2")]
+        d: f64,
+        #[prost(float, repeated, tag = "3")]
+        fs: Vec<f32>,
+        #[prost(message, optional, boxed, tag = "4")]
+        inner: Option<Box<M>>,
+    }
+    let msg = M {
+        f: 0.1,
+        d: 0.1,
+        fs: vec![0.1, 1.5, 3.4e38],
+        inner: Some(Box::new(M {
+            f: 0.3,
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec();
+    let text = |config: &str, path: &str| {
+        let config: Config = serde_json::from_str(config).unwrap();
+        let t = Transcoder::new(&config, &fds).unwrap();
+        let m = t.find("POST", path).unwrap();
+        String::from_utf8(t.response_json(m.rule, &msg).unwrap()).unwrap()
+    };
+    let compact = r#"{"services": ["t.S"]}"#;
+    // `float` 0.1 is 0.1, not the f64 widening of it (0.10000000149011612).
+    assert_eq!(
+        text(compact, "/v1/m"),
+        "{\"f\":0.1,\"d\":0.1,\"fs\":[0.1,1.5,3.4e+38],\"inner\":{\"f\":0.3}}\n"
+    );
+    assert_eq!(text(compact, "/v1/fs"), "[0.1,1.5,3.4e+38]\n");
+    assert_eq!(text(compact, "/v1/inner"), "{\"f\":0.3}\n");
+    // Indented: a response_body field as a whole body, not one level deep.
+    let pretty = r#"{"services": ["t.S"], "print_options": {"add_whitespace": true}}"#;
+    assert_eq!(
+        text(pretty, "/v1/m"),
+        "{\n  \"f\": 0.1,\n  \"d\": 0.1,\n  \"fs\": [\n    0.1,\n    1.5,\n    3.4e+38\n  ],\n  \"inner\": {\n    \"f\": 0.3\n  }\n}\n"
+    );
+    assert_eq!(text(pretty, "/v1/fs"), "[\n  0.1,\n  1.5,\n  3.4e+38\n]\n");
+    assert_eq!(text(pretty, "/v1/inner"), "{\n  \"f\": 0.3\n}\n");
+}
+
