@@ -41,6 +41,9 @@ pub struct Rule {
     pub body: BodyMapping,
     /// `response_body`: the response field printed instead of the whole message.
     pub response_body: Option<FieldDescriptor>,
+    /// `body: "*"` of a request type the direct JSON → protobuf path handles
+    /// ([`crate::direct::eligible`]).
+    pub direct: bool,
 }
 
 /// A request matched to a rule.
@@ -226,6 +229,15 @@ impl Transcoder {
     pub fn request_message(&self, m: &Match, body: &[u8]) -> Result<Vec<u8>, String> {
         let rule = self.rule(m)?;
         let input = rule.method.input();
+        let bound = self.bound_fields(m, rule)?;
+        // The common case, a whole message in the body and nothing in the
+        // path or query, without building a message (`direct`); bodies it
+        // does not take (and bad ones) go the general way.
+        if rule.direct && bound.is_empty() && !body.iter().all(u8::is_ascii_whitespace) {
+            if let Some(encoded) = crate::direct::encode(&input, body) {
+                return Ok(encoded);
+            }
+        }
         let mut msg = match &rule.body {
             BodyMapping::None => DynamicMessage::new(input.clone()),
             _ if body.iter().all(u8::is_ascii_whitespace) => DynamicMessage::new(input.clone()),
@@ -246,7 +258,7 @@ impl Transcoder {
                 body_message(rule, &input, value)?
             }
         };
-        merge_bound(&mut msg, &self.bound_fields(m, rule)?)?;
+        merge_bound(&mut msg, &bound)?;
         Ok(msg.encode_to_vec())
     }
 
@@ -509,7 +521,9 @@ fn add_rules(
             )
         })?),
     };
+    let direct = matches!(body, BodyMapping::All) && crate::direct::eligible(&input);
     rules.push(Rule {
+        direct,
         http_method,
         template,
         method: method.clone(),

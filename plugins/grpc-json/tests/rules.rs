@@ -560,3 +560,124 @@ message M { float f = 1; double d = 2; repeated float fs = 3; M inner = 4; }
     assert_eq!(text(pretty, "/v1/inner"), "{\n  \"f\": 0.3\n}\n");
 }
 
+/// A proto with every kind the direct JSON → protobuf path takes, and some it
+/// leaves to the general one.
+const KINDS_PROTO: &str = r#"
+syntax = "proto3";
+package k;
+import "google/api/annotations.proto";
+service S {
+  rpc All(M) returns (M) { option (google.api.http) = { post: "/v1/m" body: "*" additional_bindings { post: "/v1/m/{s}" body: "*" } }; }
+  rpc Map(WithMap) returns (M) { option (google.api.http) = { post: "/v1/map" body: "*" }; }
+}
+enum E { E_ZERO = 0; E_ONE = 1; }
+message Inner { string id = 1; int32 n = 2; repeated Inner kids = 3; }
+message M {
+  int32 i32 = 1; int64 i64 = 2; uint32 u32 = 3; uint64 u64 = 4;
+  sint32 s32 = 5; sint64 s64 = 6; fixed32 f32 = 7; fixed64 f64 = 8;
+  sfixed32 sf32 = 9; sfixed64 sf64 = 10; float fl = 11; double db = 12;
+  bool b = 13; string s = 14; E e = 15; Inner inner = 16;
+  repeated Inner kids = 17; repeated int32 ri = 18; repeated string rs = 19;
+  repeated double rd = 20; repeated E re = 21; repeated sint64 rs64 = 22;
+  string display_name = 23;
+}
+message WithMap { map<string, int32> m = 1; }
+"#;
+
+#[test]
+fn the_direct_json_path_encodes_as_the_general_one() {
+    use legate_plugin_grpc_json::direct;
+    use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
+    let fds = common::descriptors_of(KINDS_PROTO);
+    let pool = DescriptorPool::decode(fds.as_slice()).unwrap();
+    let m = pool.get_message_by_name("k.M").unwrap();
+    let config: Config = serde_json::from_str(r#"{"services": ["k.S"]}"#).unwrap();
+    let t = Transcoder::new(&config, &fds).unwrap();
+    let rule = |path: &str| t.find("POST", path).unwrap();
+    // Taken for plain messages; not for maps (nor well-known types, oneofs).
+    assert!(t.rules[rule("/v1/m").rule].direct);
+    assert!(!t.rules[rule("/v1/map").rule].direct);
+    // The general parser's message, through the wire (which drops the
+    // defaults it holds as set).
+    let general = |body: &str| {
+        let mut de = serde_json::Deserializer::from_str(body);
+        let msg = DynamicMessage::deserialize_with_options(
+            m.clone(),
+            &mut de,
+            &DeserializeOptions::new().deny_unknown_fields(true),
+        )
+        .unwrap();
+        DynamicMessage::decode(m.clone(), msg.encode_to_vec().as_slice()).unwrap()
+    };
+    let direct_bodies = [
+        "{}",
+        r#"{"i32": -5, "i64": -9007199254740993, "u32": 4294967295, "u64": 18446744073709551615}"#,
+        r#"{"s32": -3, "s64": -70000000000, "f32": 7, "f64": 8, "sf32": -9, "sf64": -10}"#,
+        r#"{"fl": 0.1, "db": 0.1, "b": true, "s": "h\u00e9\"llo", "e": "E_ONE"}"#,
+        r#"{"i32": 0, "s": "", "b": false, "e": 0, "fl": -0.0, "inner": {}}"#,
+        r#"{"inner": {"id": "a", "n": 1, "kids": [{"id": "b", "kids": [{}]}]}, "kids": [{"id": "x"}, {}]}"#,
+        r#"{"ri": [1, -2, 0], "rs": ["a", ""], "rd": [0.5, 0], "re": ["E_ONE", 0, 1], "rs64": [-1, 2]}"#,
+        r#"{"displayName": "D", "inner": null, "s": null, "ri": []}"#,
+        r#"{"display_name": "D", "fl": 3, "db": 1e300}"#,
+    ];
+    for body in direct_bodies {
+        let encoded = direct::encode(&m, body.as_bytes())
+            .unwrap_or_else(|| panic!("not taken directly: {body}"));
+        assert_eq!(
+            DynamicMessage::decode(m.clone(), encoded.as_slice()).unwrap(),
+            general(body),
+            "{body}"
+        );
+        // And through the rule.
+        let built = t.request_message(&rule("/v1/m"), body.as_bytes()).unwrap();
+        assert_eq!(built, encoded, "{body}");
+    }
+    // Left to the general path, which words the error or takes the body.
+    let general_bodies = [
+        r#"{"i64": "5"}"#,
+        r#"{"i32": 1.5}"#,
+        r#"{"i32": 4294967296}"#,
+        r#"{"fl": 1e39}"#,
+        r#"{"e": "E_NONE"}"#,
+        r#"{"s": "a", "s": "b"}"#,
+        r#"{"nope": 1}"#,
+        r#"{"ri": [null]}"#,
+        r#"{"s": 1}"#,
+        r#"{"b": "true"}"#,
+        r#"{} x"#,
+        r#"[]"#,
+    ];
+    for body in general_bodies {
+        assert_eq!(direct::encode(&m, body.as_bytes()), None, "{body}");
+    }
+    // Those the general parser takes come out the same through the rule.
+    let built = t
+        .request_message(&rule("/v1/m"), br#"{"i64": "5", "s": "a", "s": "b"}"#)
+        .unwrap();
+    assert_eq!(
+        DynamicMessage::decode(m.clone(), built.as_slice()).unwrap(),
+        general(r#"{"i64": "5", "s": "b"}"#)
+    );
+    // A path variable: the general path, which merges it.
+    let built = t
+        .request_message(&rule("/v1/m/p"), br#"{"i32": 1}"#)
+        .unwrap();
+    assert_eq!(
+        DynamicMessage::decode(m.clone(), built.as_slice()).unwrap(),
+        general(r#"{"i32": 1, "s": "p"}"#)
+    );
+    // The review's body: 2,000 small objects, taken directly.
+    let mut big = String::from(r#"{"kids":["#);
+    for i in 0..2000 {
+        if i > 0 {
+            big.push(',');
+        }
+        big.push_str(&format!(r#"{{"id":"item-{i}","n":{i}}}"#));
+    }
+    big.push_str(r#"],"fl":0.1}"#);
+    let encoded = direct::encode(&m, big.as_bytes()).unwrap();
+    assert_eq!(
+        DynamicMessage::decode(m.clone(), encoded.as_slice()).unwrap(),
+        general(&big)
+    );
+}
