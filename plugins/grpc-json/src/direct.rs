@@ -406,3 +406,373 @@ impl<'de> Visitor<'de> for ScalarElement<'_> {
         self.put(Scalar::Str(v))
     }
 }
+
+/// Whether messages of type `desc` may be printed directly ([`print`]): as
+/// [`eligible`], but `bytes` fields are fine (printed as base64).
+pub fn printable(desc: &MessageDescriptor) -> bool {
+    fn walk(desc: &MessageDescriptor, seen: &mut HashSet<String>) -> bool {
+        if desc.full_name().starts_with("google.protobuf.") {
+            return false;
+        }
+        if !seen.insert(desc.full_name().to_owned()) {
+            return true;
+        }
+        desc.fields().all(|f| {
+            !f.is_map()
+                && !f.is_group()
+                && f.containing_oneof().is_none()
+                && match f.kind() {
+                    Kind::Message(m) => walk(&m, seen),
+                    Kind::Enum(e) => !e.full_name().starts_with("google.protobuf."),
+                    _ => true,
+                }
+        })
+    }
+    walk(desc, &mut HashSet::new())
+}
+
+/// How [`print`] names fields and enum values.
+#[derive(Debug, Clone, Copy)]
+pub struct PrintNames {
+    /// `fail_code` rather than `failCode`.
+    pub proto_field_names: bool,
+    /// Enum values as numbers rather than names.
+    pub enum_numbers: bool,
+}
+
+/// The compact proto3 JSON of the encoded message `payload` of type `desc`
+/// (which must be [`printable`]), default fields left out, printed straight
+/// from the wire (no `DynamicMessage`): the text prost-reflect prints for the
+/// same message, fields in the descriptor's order. `None` (give up, the
+/// general path decodes and words the error): a malformed message, a string
+/// that is not UTF-8, a field with an unexpected wire type, a singular
+/// message field given twice (which protobuf merges), an extension.
+pub fn print(desc: &MessageDescriptor, payload: &[u8], names: PrintNames) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(payload.len().saturating_mul(2).saturating_add(16));
+    print_message(desc, payload, names, &mut out, 0)?;
+    Some(out)
+}
+
+/// Nesting deeper than this gives up (prost's own decoding limit is 100).
+const MAX_DEPTH: u32 = 100;
+
+fn read_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut v: u64 = 0;
+    for shift in (0..70).step_by(7) {
+        let b = *buf.get(*pos)?;
+        *pos += 1;
+        if shift == 63 && b > 1 {
+            return None;
+        }
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// One field occurrence on the wire: number, wire type, the value's bytes
+/// (a varint's bytes too, read again when printed).
+struct Occurrence<'a> {
+    number: u32,
+    wire: u32,
+    bytes: &'a [u8],
+}
+
+fn occurrences(buf: &[u8]) -> Option<Vec<Occurrence<'_>>> {
+    let mut all = Vec::new();
+    let mut pos = 0;
+    while pos < buf.len() {
+        let key = read_varint(buf, &mut pos)?;
+        let number = u32::try_from(key >> 3).ok().filter(|&n| n != 0)?;
+        // Truncation intended: the low three bits.
+        let wire = (key & 7) as u32;
+        let start = pos;
+        let end = match wire {
+            VARINT => {
+                read_varint(buf, &mut pos)?;
+                pos
+            }
+            I64 => start.checked_add(8)?,
+            I32 => start.checked_add(4)?,
+            LEN => {
+                let len = usize::try_from(read_varint(buf, &mut pos)?).ok()?;
+                pos.checked_add(len)?
+            }
+            _ => return None,
+        };
+        let bytes = buf.get(if wire == LEN { pos } else { start }..end)?;
+        pos = end;
+        all.push(Occurrence {
+            number,
+            wire,
+            bytes,
+        });
+    }
+    Some(all)
+}
+
+/// The wire type a scalar of `kind` has unpacked.
+fn wire_of(kind: &Kind) -> u32 {
+    match kind {
+        Kind::Fixed32 | Kind::Sfixed32 | Kind::Float => I32,
+        Kind::Fixed64 | Kind::Sfixed64 | Kind::Double => I64,
+        Kind::String | Kind::Bytes | Kind::Message(_) => LEN,
+        _ => VARINT,
+    }
+}
+
+fn print_message(
+    desc: &MessageDescriptor,
+    buf: &[u8],
+    names: PrintNames,
+    out: &mut Vec<u8>,
+    depth: u32,
+) -> Option<()> {
+    if depth > MAX_DEPTH {
+        return None;
+    }
+    let occ = occurrences(buf)?;
+    for o in &occ {
+        if desc.get_field(o.number).is_none() && desc.get_extension(o.number).is_some() {
+            return None;
+        }
+    }
+    out.push(b'{');
+    let mut first = true;
+    for field in desc.fields() {
+        let number = field.number();
+        let kind = field.kind();
+        let mut mine = occ.iter().filter(|o| o.number == number).peekable();
+        if mine.peek().is_none() {
+            continue;
+        }
+        let start = out.len();
+        if !first {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(if names.proto_field_names {
+            field.name().as_bytes()
+        } else {
+            field.json_name().as_bytes()
+        });
+        out.extend_from_slice(b"\":");
+        let written = if field.is_list() {
+            out.push(b'[');
+            let mut n = 0usize;
+            for o in mine {
+                if let Kind::Message(m) = &kind {
+                    if o.wire != LEN {
+                        return None;
+                    }
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    print_message(m, o.bytes, names, out, depth + 1)?;
+                    n += 1;
+                } else if o.wire == LEN && wire_of(&kind) != LEN {
+                    // Packed.
+                    let mut pos = 0;
+                    while pos < o.bytes.len() {
+                        if n > 0 {
+                            out.push(b',');
+                        }
+                        print_scalar(&kind, o.bytes, &mut pos, names, out)?;
+                        n += 1;
+                    }
+                } else {
+                    if o.wire != wire_of(&kind) {
+                        return None;
+                    }
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    let mut pos = 0;
+                    print_scalar(&kind, o.bytes, &mut pos, names, out)?;
+                    n += 1;
+                }
+            }
+            out.push(b']');
+            n > 0
+        } else if let Kind::Message(m) = &kind {
+            let o = mine.next()?;
+            if mine.next().is_some() || o.wire != LEN {
+                return None;
+            }
+            print_message(m, o.bytes, names, out, depth + 1)?;
+            true
+        } else {
+            // The last occurrence wins.
+            let o = mine.last()?;
+            if o.wire != wire_of(&kind) {
+                return None;
+            }
+            let mut pos = 0;
+            let default = print_scalar(&kind, o.bytes, &mut pos, names, out)?;
+            !default || field.supports_presence()
+        };
+        if written {
+            first = false;
+        } else {
+            out.truncate(start);
+        }
+    }
+    out.push(b'}');
+    Some(())
+}
+
+/// Prints the scalar of `kind` at `pos` in `buf` (advanced past it);
+/// `Some(true)` if it is the kind's default.
+fn print_scalar(
+    kind: &Kind,
+    buf: &[u8],
+    pos: &mut usize,
+    names: PrintNames,
+    out: &mut Vec<u8>,
+) -> Option<bool> {
+    use std::io::Write as _;
+    fn fixed<const N: usize>(buf: &[u8], pos: &mut usize) -> Option<[u8; N]> {
+        let b = buf.get(*pos..pos.checked_add(N)?)?;
+        *pos += N;
+        <[u8; N]>::try_from(b).ok()
+    }
+    let four = |pos: &mut usize| fixed::<4>(buf, pos);
+    let eight = |pos: &mut usize| fixed::<8>(buf, pos);
+    let default = match kind {
+        Kind::Int32 | Kind::Enum(_) => {
+            // Truncation intended: protobuf's int32 decoding.
+            let n = read_varint(buf, pos)? as i32;
+            match kind {
+                Kind::Enum(e) if !names.enum_numbers => match e.get_value(n) {
+                    Some(v) => {
+                        serde_json::to_writer(&mut *out, v.name()).ok()?;
+                    }
+                    None => write!(out, "{n}").ok()?,
+                },
+                _ => write!(out, "{n}").ok()?,
+            }
+            n == 0
+        }
+        Kind::Sint32 => {
+            let v = read_varint(buf, pos)? as u32;
+            let n = ((v >> 1) as i32) ^ -((v & 1) as i32);
+            write!(out, "{n}").ok()?;
+            n == 0
+        }
+        Kind::Uint32 => {
+            let n = read_varint(buf, pos)? as u32;
+            write!(out, "{n}").ok()?;
+            n == 0
+        }
+        Kind::Int64 => {
+            let n = read_varint(buf, pos)? as i64;
+            write!(out, "\"{n}\"").ok()?;
+            n == 0
+        }
+        Kind::Sint64 => {
+            let v = read_varint(buf, pos)?;
+            let n = ((v >> 1) as i64) ^ -((v & 1) as i64);
+            write!(out, "\"{n}\"").ok()?;
+            n == 0
+        }
+        Kind::Uint64 => {
+            let n = read_varint(buf, pos)?;
+            write!(out, "\"{n}\"").ok()?;
+            n == 0
+        }
+        Kind::Bool => {
+            let b = read_varint(buf, pos)? != 0;
+            out.extend_from_slice(if b { b"true" } else { b"false" });
+            !b
+        }
+        Kind::Fixed32 => {
+            let n = u32::from_le_bytes(four(pos)?);
+            write!(out, "{n}").ok()?;
+            n == 0
+        }
+        Kind::Sfixed32 => {
+            let n = i32::from_le_bytes(four(pos)?);
+            write!(out, "{n}").ok()?;
+            n == 0
+        }
+        Kind::Fixed64 => {
+            let n = u64::from_le_bytes(eight(pos)?);
+            write!(out, "\"{n}\"").ok()?;
+            n == 0
+        }
+        Kind::Sfixed64 => {
+            let n = i64::from_le_bytes(eight(pos)?);
+            write!(out, "\"{n}\"").ok()?;
+            n == 0
+        }
+        Kind::Float => {
+            let f = f32::from_le_bytes(four(pos)?);
+            if f.is_finite() {
+                serde_json::to_writer(&mut *out, &f).ok()?;
+            } else {
+                out.extend_from_slice(non_finite(f64::from(f)));
+            }
+            f == 0.0
+        }
+        Kind::Double => {
+            let f = f64::from_le_bytes(eight(pos)?);
+            if f.is_finite() {
+                serde_json::to_writer(&mut *out, &f).ok()?;
+            } else {
+                out.extend_from_slice(non_finite(f));
+            }
+            f == 0.0
+        }
+        Kind::String => {
+            let s = std::str::from_utf8(buf.get(*pos..)?).ok()?;
+            *pos = buf.len();
+            serde_json::to_writer(&mut *out, s).ok()?;
+            s.is_empty()
+        }
+        Kind::Bytes => {
+            let b = buf.get(*pos..)?;
+            *pos = buf.len();
+            out.push(b'"');
+            base64(b, out);
+            out.push(b'"');
+            b.is_empty()
+        }
+        Kind::Message(_) => return None,
+    };
+    Some(default)
+}
+
+fn non_finite(f: f64) -> &'static [u8] {
+    if f.is_nan() {
+        b"\"NaN\""
+    } else if f > 0.0 {
+        b"\"Infinity\""
+    } else {
+        b"\"-Infinity\""
+    }
+}
+
+/// Standard base64 with padding, as the proto3 JSON mapping prints `bytes`.
+fn base64(bytes: &[u8], out: &mut Vec<u8>) {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let sym = |i: u32| ALPHABET[(i & 63) as usize];
+    out.reserve(bytes.len().div_ceil(3) * 4);
+    let mut chunks = bytes.chunks_exact(3);
+    for c in &mut chunks {
+        let n = (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]);
+        out.extend_from_slice(&[sym(n >> 18), sym(n >> 12), sym(n >> 6), sym(n)]);
+    }
+    match *chunks.remainder() {
+        [a] => {
+            let n = u32::from(a) << 16;
+            out.extend_from_slice(&[sym(n >> 18), sym(n >> 12), b'=', b'=']);
+        }
+        [a, b] => {
+            let n = (u32::from(a) << 16) | (u32::from(b) << 8);
+            out.extend_from_slice(&[sym(n >> 18), sym(n >> 12), sym(n >> 6), b'=']);
+        }
+        _ => {}
+    }
+}

@@ -44,6 +44,9 @@ pub struct Rule {
     /// `body: "*"` of a request type the direct JSON → protobuf path handles
     /// ([`crate::direct::eligible`]).
     pub direct: bool,
+    /// A response type the direct protobuf → JSON printer handles
+    /// ([`crate::direct::printable`]).
+    pub printable: bool,
 }
 
 /// A request matched to a rule.
@@ -328,6 +331,22 @@ impl Transcoder {
             .get(rule)
             .ok_or_else(|| "internal: no such rule".to_owned())?;
         let output = rule.method.output();
+        // The common case, compact and without defaults, printed straight
+        // from the wire; anything it does not take goes the general way.
+        if rule.printable
+            && rule.response_body.is_none()
+            && !self.print.add_whitespace
+            && !self.print.always_print_primitive_fields
+        {
+            let names = crate::direct::PrintNames {
+                proto_field_names: self.print.preserve_proto_field_names,
+                enum_numbers: self.print.always_print_enums_as_ints,
+            };
+            if let Some(mut out) = crate::direct::print(&output, payload, names) {
+                out.push(b'\n');
+                return Ok(out);
+            }
+        }
         let msg = DynamicMessage::decode(output.clone(), payload)
             .map_err(|e| format!("the upstream's {} does not decode: {e}", output.full_name()))?;
         let opts = |skip_default| {
@@ -522,8 +541,10 @@ fn add_rules(
         })?),
     };
     let direct = matches!(body, BodyMapping::All) && crate::direct::eligible(&input);
+    let printable = crate::direct::printable(&method.output());
     rules.push(Rule {
         direct,
+        printable,
         http_method,
         template,
         method: method.clone(),

@@ -569,7 +569,9 @@ import "google/api/annotations.proto";
 service S {
   rpc All(M) returns (M) { option (google.api.http) = { post: "/v1/m" body: "*" additional_bindings { post: "/v1/m/{s}" body: "*" } }; }
   rpc Map(WithMap) returns (M) { option (google.api.http) = { post: "/v1/map" body: "*" }; }
+  rpc Print(M) returns (P) { option (google.api.http) = { post: "/v1/p" body: "*" }; }
 }
+message P { M m = 1; bytes by = 2; repeated bytes rb = 3; repeated M ms = 4; }
 enum E { E_ZERO = 0; E_ONE = 1; }
 message Inner { string id = 1; int32 n = 2; repeated Inner kids = 3; }
 message M {
@@ -680,4 +682,106 @@ fn the_direct_json_path_encodes_as_the_general_one() {
         DynamicMessage::decode(m.clone(), encoded.as_slice()).unwrap(),
         general(&big)
     );
+}
+
+#[test]
+fn the_direct_json_printer_prints_as_the_general_one() {
+    use legate_plugin_grpc_json::direct::{self, PrintNames};
+    use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, SerializeOptions};
+    let fds = common::descriptors_of(KINDS_PROTO);
+    let pool = DescriptorPool::decode(fds.as_slice()).unwrap();
+    let p = pool.get_message_by_name("k.P").unwrap();
+    assert!(direct::printable(&p));
+    assert!(!direct::printable(
+        &pool.get_message_by_name("k.WithMap").unwrap()
+    ));
+    let encode = |body: &str| {
+        let mut de = serde_json::Deserializer::from_str(body);
+        DynamicMessage::deserialize_with_options(p.clone(), &mut de, &DeserializeOptions::new())
+            .unwrap()
+            .encode_to_vec()
+    };
+    let general = |payload: &[u8], names: PrintNames| {
+        let msg = DynamicMessage::decode(p.clone(), payload).unwrap();
+        let mut out = Vec::new();
+        msg.serialize_with_options(
+            &mut serde_json::Serializer::new(&mut out),
+            &SerializeOptions::new()
+                .use_proto_field_name(names.proto_field_names)
+                .use_enum_numbers(names.enum_numbers),
+        )
+        .unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let m = r#"{"i32": -5, "i64": "-9007199254740993", "u32": 4294967295, "u64": "18446744073709551615",
+        "s32": -3, "s64": "-70000000000", "f32": 7, "f64": "8", "sf32": -9, "sf64": "-10",
+        "fl": 0.1, "db": 0.1, "b": true, "s": "h\u00e9\"llo\n", "e": "E_ONE", "displayName": "D",
+        "inner": {"id": "a", "kids": [{"n": 2}, {}]}, "kids": [{"id": "x"}, {}],
+        "ri": [1, -2, 0], "rs": ["a", ""], "rd": [0.5, 0, "NaN", "-Infinity"], "re": ["E_ONE", 0, 7],
+        "rs64": ["-1", "2"]}"#;
+    let bodies = [
+        "{}".to_owned(),
+        format!(r#"{{"m": {m}}}"#),
+        format!(r#"{{"ms": [{m}, {{}}, {{"fl": "Infinity", "db": 1e300, "e": 7}}]}}"#),
+        r#"{"by": "AAEC/w==", "rb": ["", "YQ==", "YWI=", "YWJj"], "m": {}}"#.to_owned(),
+    ];
+    let names = [
+        PrintNames {
+            proto_field_names: false,
+            enum_numbers: false,
+        },
+        PrintNames {
+            proto_field_names: true,
+            enum_numbers: true,
+        },
+    ];
+    for body in &bodies {
+        let payload = encode(body);
+        for n in names {
+            let printed = direct::print(&p, &payload, n)
+                .unwrap_or_else(|| panic!("not printed directly: {body}"));
+            assert_eq!(
+                String::from_utf8(printed).unwrap(),
+                general(&payload, n),
+                "{body}"
+            );
+        }
+    }
+    // Wire forms a printer must read too: a repeated scalar unpacked and
+    // packed in two runs, a scalar given twice (the last wins), an explicit
+    // default, an unknown field (left out).
+    let mut payload = vec![0x08, 0x07, 0x08, 0x00]; // M.i32 = 7 then 0
+    payload.extend_from_slice(&[0x90, 0x01, 0x01, 0x90, 0x01, 0x02]); // ri 1, 2 unpacked
+    payload.extend_from_slice(&[0x92, 0x01, 0x02, 0x03, 0x04]); // ri [3, 4] packed
+    payload.extend_from_slice(&[0xf8, 0x07, 0x05]); // field 127: unknown
+    let mut outer = vec![0x0a, payload.len() as u8];
+    outer.extend_from_slice(&payload);
+    for n in names {
+        let printed = direct::print(&p, &outer, n).unwrap();
+        assert_eq!(String::from_utf8(printed).unwrap(), general(&outer, n));
+    }
+    // Given up, to the general path: a message field twice (protobuf merges
+    // them), a string that is not UTF-8, a truncated message.
+    let twice = [
+        encode(r#"{"m": {"i32": 1}}"#),
+        encode(r#"{"m": {"s": "a"}}"#),
+    ]
+    .concat();
+    assert_eq!(direct::print(&p, &twice, names[0]), None);
+    assert_eq!(
+        direct::print(&p, &[0x0a, 0x03, 0x72, 0x01, 0xff][..], names[0]),
+        None
+    );
+    assert_eq!(direct::print(&p, &[0x0a, 0x05, 0x08][..], names[0]), None);
+    // Through the rule: the same text either way.
+    let config: Config = serde_json::from_str(r#"{"services": ["k.S"]}"#).unwrap();
+    let t = Transcoder::new(&config, &fds).unwrap();
+    let rule = t.find("POST", "/v1/p").unwrap().rule;
+    assert!(t.rules[rule].printable);
+    for payload in [twice, encode(&bodies[1])] {
+        assert_eq!(
+            String::from_utf8(t.response_json(rule, &payload).unwrap()).unwrap(),
+            general(&payload, names[0]) + "\n"
+        );
+    }
 }
