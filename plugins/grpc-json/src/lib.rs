@@ -28,6 +28,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod direct;
 pub mod rules;
 pub mod template;
 

@@ -9,6 +9,7 @@ use prost_reflect::{
     DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor,
     MethodDescriptor, SerializeOptions, Value,
 };
+use serde_json::value::RawValue;
 use serde_json::{Map, Value as Json};
 
 use crate::config::{Config, PrintOptions};
@@ -40,6 +41,12 @@ pub struct Rule {
     pub body: BodyMapping,
     /// `response_body`: the response field printed instead of the whole message.
     pub response_body: Option<FieldDescriptor>,
+    /// `body: "*"` of a request type the direct JSON → protobuf path handles
+    /// ([`crate::direct::eligible`]).
+    pub direct: bool,
+    /// A response type the direct protobuf → JSON printer handles
+    /// ([`crate::direct::printable`]).
+    pub printable: bool,
 }
 
 /// A request matched to a rule.
@@ -225,6 +232,15 @@ impl Transcoder {
     pub fn request_message(&self, m: &Match, body: &[u8]) -> Result<Vec<u8>, String> {
         let rule = self.rule(m)?;
         let input = rule.method.input();
+        let bound = self.bound_fields(m, rule)?;
+        // The common case, a whole message in the body and nothing in the
+        // path or query, without building a message (`direct`); bodies it
+        // does not take (and bad ones) go the general way.
+        if rule.direct && bound.is_empty() && !body.iter().all(u8::is_ascii_whitespace) {
+            if let Some(encoded) = crate::direct::encode(&input, body) {
+                return Ok(encoded);
+            }
+        }
         let mut msg = match &rule.body {
             BodyMapping::None => DynamicMessage::new(input.clone()),
             _ if body.iter().all(u8::is_ascii_whitespace) => DynamicMessage::new(input.clone()),
@@ -245,7 +261,7 @@ impl Transcoder {
                 body_message(rule, &input, value)?
             }
         };
-        merge_bound(&mut msg, &self.bound_fields(m, rule)?)?;
+        merge_bound(&mut msg, &bound)?;
         Ok(msg.encode_to_vec())
     }
 
@@ -315,6 +331,22 @@ impl Transcoder {
             .get(rule)
             .ok_or_else(|| "internal: no such rule".to_owned())?;
         let output = rule.method.output();
+        // The common case, compact and without defaults, printed straight
+        // from the wire; anything it does not take goes the general way.
+        if rule.printable
+            && rule.response_body.is_none()
+            && !self.print.add_whitespace
+            && !self.print.always_print_primitive_fields
+        {
+            let names = crate::direct::PrintNames {
+                proto_field_names: self.print.preserve_proto_field_names,
+                enum_numbers: self.print.always_print_enums_as_ints,
+            };
+            if let Some(mut out) = crate::direct::print(&output, payload, names) {
+                out.push(b'\n');
+                return Ok(out);
+            }
+        }
         let msg = DynamicMessage::decode(output.clone(), payload)
             .map_err(|e| format!("the upstream's {} does not decode: {e}", output.full_name()))?;
         let opts = |skip_default| {
@@ -323,32 +355,60 @@ impl Transcoder {
                 .use_proto_field_name(self.print.preserve_proto_field_names)
                 .use_enum_numbers(self.print.always_print_enums_as_ints)
         };
-        let to_json = |skip_default| {
-            msg.serialize_with_options(serde_json::value::Serializer, &opts(skip_default))
+        // Printed straight into the output, not through a `serde_json::Value`
+        // tree: that tree cost an allocation per field and key (most of a
+        // response's CPU time, against the plugin's `limits.cpu`), and it
+        // stores numbers as f64, so a `float` 0.1 printed as
+        // 0.10000000149011612; serde_json's writer prints an f32 as the
+        // shortest text that reads back as it, as protobuf's JSON printers do.
+        let print = |skip_default, pretty| {
+            let mut out = Vec::with_capacity(payload.len().saturating_mul(2).saturating_add(16));
+            let r = if pretty {
+                msg.serialize_with_options(
+                    &mut serde_json::Serializer::pretty(&mut out),
+                    &opts(skip_default),
+                )
+            } else {
+                msg.serialize_with_options(
+                    &mut serde_json::Serializer::new(&mut out),
+                    &opts(skip_default),
+                )
+            };
+            r.map(|()| out)
                 .map_err(|e| format!("printing {} as JSON: {e}", output.full_name()))
         };
-        let mut json = to_json(!self.print.always_print_primitive_fields)?;
-        if let Some(field) = &rule.response_body {
-            let key = if self.print.preserve_proto_field_names {
-                field.name()
-            } else {
-                field.json_name()
-            };
-            json = match json.get_mut(key).map(Json::take) {
-                Some(v) => v,
+        let skip_default = !self.print.always_print_primitive_fields;
+        let pretty = self.print.add_whitespace;
+        let mut out = match &rule.response_body {
+            None => print(skip_default, pretty)?,
+            Some(field) => {
+                let key = if self.print.preserve_proto_field_names {
+                    field.name()
+                } else {
+                    field.json_name()
+                };
+                // The field's text, cut out of the printed message as it is.
+                let field_text = |json: &[u8]| -> Result<Option<String>, String> {
+                    let mut top: std::collections::BTreeMap<String, Box<RawValue>> =
+                        serde_json::from_slice(json).map_err(|e| format!("printing JSON: {e}"))?;
+                    Ok(top.remove(key).map(|v| v.get().to_owned()))
+                };
                 // Omitted as a default value: print that default rather than nothing.
-                None => to_json(false)?
-                    .get_mut(key)
-                    .map(Json::take)
-                    .unwrap_or(Json::Null),
-            };
-        }
-        let mut out = if self.print.add_whitespace {
-            serde_json::to_vec_pretty(&json)
-        } else {
-            serde_json::to_vec(&json)
-        }
-        .map_err(|e| format!("printing JSON: {e}"))?;
+                let text = match field_text(&print(skip_default, pretty)?)? {
+                    Some(t) => t,
+                    None => field_text(&print(false, pretty)?)?.unwrap_or_else(|| "null".into()),
+                };
+                // Indented as a member of the message, one level deep: one
+                // level less as the whole body. Every line break in pretty
+                // JSON is layout (a string's own is escaped `\n`), and each is
+                // followed by that level's two spaces at least.
+                if pretty {
+                    text.replace("\n  ", "\n").into_bytes()
+                } else {
+                    text.into_bytes()
+                }
+            }
+        };
         out.push(b'\n');
         Ok(out)
     }
@@ -480,7 +540,11 @@ fn add_rules(
             )
         })?),
     };
+    let direct = matches!(body, BodyMapping::All) && crate::direct::eligible(&input);
+    let printable = crate::direct::printable(&method.output());
     rules.push(Rule {
+        direct,
+        printable,
         http_method,
         template,
         method: method.clone(),

@@ -495,3 +495,293 @@ fn responses_print_as_proto3_json() {
     let e = t.response_json(m.rule, &[0x0a, 0x05, b'a']).unwrap_err();
     assert!(e.contains("legate.test.v1.SayReply does not decode"), "{e}");
 }
+
+#[test]
+fn floats_print_as_the_shortest_text_that_reads_back_as_them() {
+    let fds = common::descriptors_of(
+        r#"
+syntax = "proto3";
+package t;
+import "google/api/annotations.proto";
+service S {
+  rpc Get(M) returns (M) {
+    option (google.api.http) = {
+      post: "/v1/m" body: "*"
+      additional_bindings { post: "/v1/fs" body: "*" response_body: "fs" }
+      additional_bindings { post: "/v1/inner" body: "*" response_body: "inner" }
+    };
+  }
+}
+message M { float f = 1; double d = 2; repeated float fs = 3; M inner = 4; }
+"#,
+    );
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct M {
+        #[prost(float, tag = "1")]
+        f: f32,
+        #[prost(double, tag = "2")]
+        d: f64,
+        #[prost(float, repeated, tag = "3")]
+        fs: Vec<f32>,
+        #[prost(message, optional, boxed, tag = "4")]
+        inner: Option<Box<M>>,
+    }
+    let msg = M {
+        f: 0.1,
+        d: 0.1,
+        fs: vec![0.1, 1.5, 3.4e38],
+        inner: Some(Box::new(M {
+            f: 0.3,
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec();
+    let text = |config: &str, path: &str| {
+        let config: Config = serde_json::from_str(config).unwrap();
+        let t = Transcoder::new(&config, &fds).unwrap();
+        let m = t.find("POST", path).unwrap();
+        String::from_utf8(t.response_json(m.rule, &msg).unwrap()).unwrap()
+    };
+    let compact = r#"{"services": ["t.S"]}"#;
+    // `float` 0.1 is 0.1, not the f64 widening of it (0.10000000149011612).
+    assert_eq!(
+        text(compact, "/v1/m"),
+        "{\"f\":0.1,\"d\":0.1,\"fs\":[0.1,1.5,3.4e+38],\"inner\":{\"f\":0.3}}\n"
+    );
+    assert_eq!(text(compact, "/v1/fs"), "[0.1,1.5,3.4e+38]\n");
+    assert_eq!(text(compact, "/v1/inner"), "{\"f\":0.3}\n");
+    // Indented: a response_body field as a whole body, not one level deep.
+    let pretty = r#"{"services": ["t.S"], "print_options": {"add_whitespace": true}}"#;
+    assert_eq!(
+        text(pretty, "/v1/m"),
+        "{\n  \"f\": 0.1,\n  \"d\": 0.1,\n  \"fs\": [\n    0.1,\n    1.5,\n    3.4e+38\n  ],\n  \"inner\": {\n    \"f\": 0.3\n  }\n}\n"
+    );
+    assert_eq!(text(pretty, "/v1/fs"), "[\n  0.1,\n  1.5,\n  3.4e+38\n]\n");
+    assert_eq!(text(pretty, "/v1/inner"), "{\n  \"f\": 0.3\n}\n");
+}
+
+/// A proto with every kind the direct JSON → protobuf path takes, and some it
+/// leaves to the general one.
+const KINDS_PROTO: &str = r#"
+syntax = "proto3";
+package k;
+import "google/api/annotations.proto";
+service S {
+  rpc All(M) returns (M) { option (google.api.http) = { post: "/v1/m" body: "*" additional_bindings { post: "/v1/m/{s}" body: "*" } }; }
+  rpc Map(WithMap) returns (M) { option (google.api.http) = { post: "/v1/map" body: "*" }; }
+  rpc Print(M) returns (P) { option (google.api.http) = { post: "/v1/p" body: "*" }; }
+}
+message P { M m = 1; bytes by = 2; repeated bytes rb = 3; repeated M ms = 4; }
+enum E { E_ZERO = 0; E_ONE = 1; }
+message Inner { string id = 1; int32 n = 2; repeated Inner kids = 3; }
+message M {
+  int32 i32 = 1; int64 i64 = 2; uint32 u32 = 3; uint64 u64 = 4;
+  sint32 s32 = 5; sint64 s64 = 6; fixed32 f32 = 7; fixed64 f64 = 8;
+  sfixed32 sf32 = 9; sfixed64 sf64 = 10; float fl = 11; double db = 12;
+  bool b = 13; string s = 14; E e = 15; Inner inner = 16;
+  repeated Inner kids = 17; repeated int32 ri = 18; repeated string rs = 19;
+  repeated double rd = 20; repeated E re = 21; repeated sint64 rs64 = 22;
+  string display_name = 23;
+}
+message WithMap { map<string, int32> m = 1; }
+"#;
+
+#[test]
+fn the_direct_json_path_encodes_as_the_general_one() {
+    use legate_plugin_grpc_json::direct;
+    use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
+    let fds = common::descriptors_of(KINDS_PROTO);
+    let pool = DescriptorPool::decode(fds.as_slice()).unwrap();
+    let m = pool.get_message_by_name("k.M").unwrap();
+    let config: Config = serde_json::from_str(r#"{"services": ["k.S"]}"#).unwrap();
+    let t = Transcoder::new(&config, &fds).unwrap();
+    let rule = |path: &str| t.find("POST", path).unwrap();
+    // Taken for plain messages; not for maps (nor well-known types, oneofs).
+    assert!(t.rules[rule("/v1/m").rule].direct);
+    assert!(!t.rules[rule("/v1/map").rule].direct);
+    // The general parser's message, through the wire (which drops the
+    // defaults it holds as set).
+    let general = |body: &str| {
+        let mut de = serde_json::Deserializer::from_str(body);
+        let msg = DynamicMessage::deserialize_with_options(
+            m.clone(),
+            &mut de,
+            &DeserializeOptions::new().deny_unknown_fields(true),
+        )
+        .unwrap();
+        DynamicMessage::decode(m.clone(), msg.encode_to_vec().as_slice()).unwrap()
+    };
+    let direct_bodies = [
+        "{}",
+        r#"{"i32": -5, "i64": -9007199254740993, "u32": 4294967295, "u64": 18446744073709551615}"#,
+        r#"{"s32": -3, "s64": -70000000000, "f32": 7, "f64": 8, "sf32": -9, "sf64": -10}"#,
+        r#"{"fl": 0.1, "db": 0.1, "b": true, "s": "h\u00e9\"llo", "e": "E_ONE"}"#,
+        r#"{"i32": 0, "s": "", "b": false, "e": 0, "fl": -0.0, "inner": {}}"#,
+        r#"{"inner": {"id": "a", "n": 1, "kids": [{"id": "b", "kids": [{}]}]}, "kids": [{"id": "x"}, {}]}"#,
+        r#"{"ri": [1, -2, 0], "rs": ["a", ""], "rd": [0.5, 0], "re": ["E_ONE", 0, 1], "rs64": [-1, 2]}"#,
+        r#"{"displayName": "D", "inner": null, "s": null, "ri": []}"#,
+        r#"{"display_name": "D", "fl": 3, "db": 1e300}"#,
+    ];
+    for body in direct_bodies {
+        let encoded = direct::encode(&m, body.as_bytes())
+            .unwrap_or_else(|| panic!("not taken directly: {body}"));
+        assert_eq!(
+            DynamicMessage::decode(m.clone(), encoded.as_slice()).unwrap(),
+            general(body),
+            "{body}"
+        );
+        // And through the rule.
+        let built = t.request_message(&rule("/v1/m"), body.as_bytes()).unwrap();
+        assert_eq!(built, encoded, "{body}");
+    }
+    // Left to the general path, which words the error or takes the body.
+    let general_bodies = [
+        r#"{"i64": "5"}"#,
+        r#"{"i32": 1.5}"#,
+        r#"{"i32": 4294967296}"#,
+        r#"{"fl": 1e39}"#,
+        r#"{"e": "E_NONE"}"#,
+        r#"{"s": "a", "s": "b"}"#,
+        r#"{"nope": 1}"#,
+        r#"{"ri": [null]}"#,
+        r#"{"s": 1}"#,
+        r#"{"b": "true"}"#,
+        r#"{} x"#,
+        r#"[]"#,
+    ];
+    for body in general_bodies {
+        assert_eq!(direct::encode(&m, body.as_bytes()), None, "{body}");
+    }
+    // Those the general parser takes come out the same through the rule.
+    let built = t
+        .request_message(&rule("/v1/m"), br#"{"i64": "5", "s": "a", "s": "b"}"#)
+        .unwrap();
+    assert_eq!(
+        DynamicMessage::decode(m.clone(), built.as_slice()).unwrap(),
+        general(r#"{"i64": "5", "s": "b"}"#)
+    );
+    // A path variable: the general path, which merges it.
+    let built = t
+        .request_message(&rule("/v1/m/p"), br#"{"i32": 1}"#)
+        .unwrap();
+    assert_eq!(
+        DynamicMessage::decode(m.clone(), built.as_slice()).unwrap(),
+        general(r#"{"i32": 1, "s": "p"}"#)
+    );
+    // The review's body: 2,000 small objects, taken directly.
+    let mut big = String::from(r#"{"kids":["#);
+    for i in 0..2000 {
+        if i > 0 {
+            big.push(',');
+        }
+        big.push_str(&format!(r#"{{"id":"item-{i}","n":{i}}}"#));
+    }
+    big.push_str(r#"],"fl":0.1}"#);
+    let encoded = direct::encode(&m, big.as_bytes()).unwrap();
+    assert_eq!(
+        DynamicMessage::decode(m.clone(), encoded.as_slice()).unwrap(),
+        general(&big)
+    );
+}
+
+#[test]
+fn the_direct_json_printer_prints_as_the_general_one() {
+    use legate_plugin_grpc_json::direct::{self, PrintNames};
+    use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, SerializeOptions};
+    let fds = common::descriptors_of(KINDS_PROTO);
+    let pool = DescriptorPool::decode(fds.as_slice()).unwrap();
+    let p = pool.get_message_by_name("k.P").unwrap();
+    assert!(direct::printable(&p));
+    assert!(!direct::printable(
+        &pool.get_message_by_name("k.WithMap").unwrap()
+    ));
+    let encode = |body: &str| {
+        let mut de = serde_json::Deserializer::from_str(body);
+        DynamicMessage::deserialize_with_options(p.clone(), &mut de, &DeserializeOptions::new())
+            .unwrap()
+            .encode_to_vec()
+    };
+    let general = |payload: &[u8], names: PrintNames| {
+        let msg = DynamicMessage::decode(p.clone(), payload).unwrap();
+        let mut out = Vec::new();
+        msg.serialize_with_options(
+            &mut serde_json::Serializer::new(&mut out),
+            &SerializeOptions::new()
+                .use_proto_field_name(names.proto_field_names)
+                .use_enum_numbers(names.enum_numbers),
+        )
+        .unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let m = r#"{"i32": -5, "i64": "-9007199254740993", "u32": 4294967295, "u64": "18446744073709551615",
+        "s32": -3, "s64": "-70000000000", "f32": 7, "f64": "8", "sf32": -9, "sf64": "-10",
+        "fl": 0.1, "db": 0.1, "b": true, "s": "h\u00e9\"llo\n", "e": "E_ONE", "displayName": "D",
+        "inner": {"id": "a", "kids": [{"n": 2}, {}]}, "kids": [{"id": "x"}, {}],
+        "ri": [1, -2, 0], "rs": ["a", ""], "rd": [0.5, 0, "NaN", "-Infinity"], "re": ["E_ONE", 0, 7],
+        "rs64": ["-1", "2"]}"#;
+    let bodies = [
+        "{}".to_owned(),
+        format!(r#"{{"m": {m}}}"#),
+        format!(r#"{{"ms": [{m}, {{}}, {{"fl": "Infinity", "db": 1e300, "e": 7}}]}}"#),
+        r#"{"by": "AAEC/w==", "rb": ["", "YQ==", "YWI=", "YWJj"], "m": {}}"#.to_owned(),
+    ];
+    let names = [
+        PrintNames {
+            proto_field_names: false,
+            enum_numbers: false,
+        },
+        PrintNames {
+            proto_field_names: true,
+            enum_numbers: true,
+        },
+    ];
+    for body in &bodies {
+        let payload = encode(body);
+        for n in names {
+            let printed = direct::print(&p, &payload, n)
+                .unwrap_or_else(|| panic!("not printed directly: {body}"));
+            assert_eq!(
+                String::from_utf8(printed).unwrap(),
+                general(&payload, n),
+                "{body}"
+            );
+        }
+    }
+    // Wire forms a printer must read too: a repeated scalar unpacked and
+    // packed in two runs, a scalar given twice (the last wins), an explicit
+    // default, an unknown field (left out).
+    let mut payload = vec![0x08, 0x07, 0x08, 0x00]; // M.i32 = 7 then 0
+    payload.extend_from_slice(&[0x90, 0x01, 0x01, 0x90, 0x01, 0x02]); // ri 1, 2 unpacked
+    payload.extend_from_slice(&[0x92, 0x01, 0x02, 0x03, 0x04]); // ri [3, 4] packed
+    payload.extend_from_slice(&[0xf8, 0x07, 0x05]); // field 127: unknown
+    let mut outer = vec![0x0a, payload.len() as u8];
+    outer.extend_from_slice(&payload);
+    for n in names {
+        let printed = direct::print(&p, &outer, n).unwrap();
+        assert_eq!(String::from_utf8(printed).unwrap(), general(&outer, n));
+    }
+    // Given up, to the general path: a message field twice (protobuf merges
+    // them), a string that is not UTF-8, a truncated message.
+    let twice = [
+        encode(r#"{"m": {"i32": 1}}"#),
+        encode(r#"{"m": {"s": "a"}}"#),
+    ]
+    .concat();
+    assert_eq!(direct::print(&p, &twice, names[0]), None);
+    assert_eq!(
+        direct::print(&p, &[0x0a, 0x03, 0x72, 0x01, 0xff][..], names[0]),
+        None
+    );
+    assert_eq!(direct::print(&p, &[0x0a, 0x05, 0x08][..], names[0]), None);
+    // Through the rule: the same text either way.
+    let config: Config = serde_json::from_str(r#"{"services": ["k.S"]}"#).unwrap();
+    let t = Transcoder::new(&config, &fds).unwrap();
+    let rule = t.find("POST", "/v1/p").unwrap().rule;
+    assert!(t.rules[rule].printable);
+    for payload in [twice, encode(&bodies[1])] {
+        assert_eq!(
+            String::from_utf8(t.response_json(rule, &payload).unwrap()).unwrap(),
+            general(&payload, names[0]) + "\n"
+        );
+    }
+}
