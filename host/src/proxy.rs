@@ -180,7 +180,7 @@ pub async fn handle(
             ))
         }
     });
-    let mut resp = match idle::within(proxy(&conn, req, out), &clock).await {
+    let mut resp = match idle::within(proxy(&conn, req, out, tunnel_asked), &clock).await {
         Some(Ok(r)) => r,
         Some(Err(e)) => local_reply(&conn, out, e, version).await,
         None => {
@@ -391,10 +391,13 @@ fn add_debug_headers(conn: &ConnCtx, out: &Outcome, start: Instant, h: &mut http
     crate::overrides::debug_headers(h, &debug);
 }
 
+/// `upgrade`: the request asks for a protocol upgrade (WebSocket; not `h2c`,
+/// which is served as a plain request), as [`handle`] decided it.
 async fn proxy(
     conn: &ConnCtx,
     mut req: Request<Body>,
     out: &mut Outcome,
+    upgrade: bool,
 ) -> Result<Response<Body>, ProxyError> {
     let listener = &conn.listener;
     let Some(http) = &listener.cfg.http else {
@@ -434,7 +437,6 @@ async fn proxy(
     }
     // A protocol upgrade (WebSocket) is read before its headers go with the
     // other hop-by-hop ones; they are set again for the upstream hop.
-    let upgrade = is_upgrade(&req);
     let upgrade_token = if upgrade {
         upgrade_value(req.headers())
     } else {
