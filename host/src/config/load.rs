@@ -290,13 +290,14 @@ pub fn parse_str(file: &str, source: &str, base: &Path) -> Result<Config, Config
         source: source.to_string(),
         errors,
     };
-    let mut config: Config = serde_saphyr::from_str(source).map_err(|e| {
-        fail(vec![yaml_error(
-            &e,
-            source,
-            Outline::parse(source).as_ref(),
-        )])
-    })?;
+    let mut config: Config =
+        serde_saphyr::from_str_with_options(source, yaml_options()).map_err(|e| {
+            fail(vec![yaml_error(
+                &e,
+                source,
+                Outline::parse(source).as_ref(),
+            )])
+        })?;
     let issues = config.issues();
     if !issues.is_empty() {
         return Err(fail(placed(issues, source)));
@@ -305,6 +306,14 @@ pub fn parse_str(file: &str, source: &str, base: &Path) -> Result<Config, Config
     let zone = config.local_zone.clone();
     config.set_local_zone(zone);
     Ok(config)
+}
+
+/// How the config's YAML is read: booleans are the YAML 1.2 core schema's `true`
+/// and `false` (also `True`/`TRUE`/`False`/`FALSE`), as docs/config.md says. YAML
+/// 1.1's `yes`/`no`/`on`/`off`/`y`/`n` are an error for a boolean key and a
+/// string everywhere else (a plugin's `config: { realm: NO }` gets `"NO"`).
+pub(crate) fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! { strict_booleans: true }
 }
 
 /// Where in `source` (YAML or JSON text read with the config's parser, such as an
@@ -379,7 +388,7 @@ fn yaml_error(e: &YamlError, source: &str, outline: Option<&Outline>) -> ConfigE
             field, expected, ..
         } => {
             let owner = pos.and_then(|p| outline.and_then(|o| o.map_of_key_at(p)));
-            let place = match owner {
+            let place = match &owner {
                 Some((p, _)) if !p.is_root() => format!(" in `{p}`"),
                 Some(_) => " at the top level".to_string(),
                 None => String::new(),
@@ -390,10 +399,22 @@ fn yaml_error(e: &YamlError, source: &str, outline: Option<&Outline>) -> ConfigE
             );
             let near = did_you_mean(field, expected.iter().copied())
                 .or_else(|| unique_extension(field, expected));
-            out.help = Some(match near {
-                Some(near) => format!("did you mean `{near}`?"),
-                None => "remove the key or fix its spelling; docs/config.md describes every key"
-                    .to_string(),
+            let value = pos
+                .and_then(|p| outline.and_then(|o| o.value_of_key_at(p)))
+                .and_then(|n| match &n.kind {
+                    Kind::Scalar(s) if !s.is_empty() && !s.contains('\n') => Some(shorten(s)),
+                    _ => None,
+                });
+            let nesting = owner
+                .as_ref()
+                .and_then(|(p, _)| misplaced(field, p, value.as_deref()));
+            out.help = Some(match (nesting, near) {
+                (Some(hint), _) => hint,
+                (None, Some(near)) => format!("did you mean `{near}`?"),
+                (None, None) => {
+                    "remove the key or fix its spelling; docs/config.md describes every key"
+                        .to_string()
+                }
             });
         }
         YamlError::SerdeMissingField { field, .. } => {
@@ -444,12 +465,66 @@ fn yaml_error(e: &YamlError, source: &str, outline: Option<&Outline>) -> ConfigE
         }
         YamlError::InvalidScalar { ty, .. } => {
             let (want, help) = scalar_type(ty);
+            let text = node.as_ref().and_then(|(_, n)| match &n.kind {
+                Kind::Scalar(s) => Some(s.as_str()),
+                _ => None,
+            });
+            match text.and_then(without_leading_zeros) {
+                Some(fixed) if want.starts_with("a whole number") => {
+                    out.message = format!(
+                        "{} must be {want} without leading zeros, not `{}`",
+                        subject("the value"),
+                        text.unwrap_or_default()
+                    );
+                    out.help = Some(format!(
+                        "write `{fixed}` (YAML 1.1 reads a leading 0 as octal, so it is refused)"
+                    ));
+                }
+                _ => {
+                    out.message = format!(
+                        "{} must be {want}, not {}",
+                        subject("the value"),
+                        found.as_deref().unwrap_or("this")
+                    );
+                    out.help = help.map(str::to_string);
+                }
+            }
+        }
+        YamlError::InvalidBooleanStrict { .. } => {
             out.message = format!(
-                "{} must be {want}, not {}",
+                "{} must be `true` or `false`, not {}",
                 subject("the value"),
                 found.as_deref().unwrap_or("this")
             );
-            out.help = help.map(str::to_string);
+            let yaml11 = node.as_ref().is_some_and(|(_, n)| {
+                matches!(&n.kind, Kind::Scalar(s) if ["y", "n", "yes", "no", "on", "off"]
+                    .iter()
+                    .any(|w| s.eq_ignore_ascii_case(w)))
+            });
+            out.help = Some(if yaml11 {
+                "YAML booleans are `true` and `false`; YAML 1.1's `yes`/`no`/`on`/`off` are not \
+                 booleans here"
+                    .to_string()
+            } else {
+                "YAML booleans are `true` and `false`".to_string()
+            });
+        }
+        YamlError::NonFiniteFloat { value, .. } => {
+            let bare = value.trim().trim_start_matches(['+', '-']);
+            if bare.starts_with('.') {
+                out.message = format!(
+                    "{} must be a finite number, not `{}`",
+                    subject("the value"),
+                    value.trim()
+                );
+            } else {
+                out.message = format!(
+                    "{} is out of range: `{}` is too large a number",
+                    subject("the value"),
+                    value.trim()
+                );
+            }
+            out.help = Some("docs/config.md gives the range of this key".to_string());
         }
         YamlError::SerdeInvalidType {
             unexpected,
@@ -465,6 +540,32 @@ fn yaml_error(e: &YamlError, source: &str, outline: Option<&Outline>) -> ConfigE
             let found = found.unwrap_or_else(|| unexpected.clone());
             out.message = format!("{} must be {want}, not {found}", subject("the value"));
             out.help = help;
+        }
+        YamlError::Unexpected { expected, .. }
+            if matches!(*expected, "scalar" | "string scalar" | "value")
+                && pos.and_then(|p| bracketed_address(source, p)).is_some() =>
+        {
+            let (written, quoted) = pos
+                .and_then(|p| bracketed_address(source, p))
+                .unwrap_or_default();
+            // The text does not outline (YAML reads `[::1]:80` as a list, then
+            // stumbles on `:80`): outline it with the value quoted.
+            let key = path.clone().or_else(|| {
+                pos.and_then(|p| {
+                    let fixed = requote(source, p, &written, &quoted)?;
+                    let outline = Outline::parse(&fixed)?;
+                    outline.node_at(p).map(|(k, _)| k)
+                })
+            });
+            let subject = match &key {
+                Some(k) if !k.is_root() => format!("`{k}`"),
+                _ => "the value".to_string(),
+            };
+            out.message = format!(
+                "{subject} must be a single value, but YAML reads `{written}` as a list: an \
+                 IPv6 address in brackets must be quoted"
+            );
+            out.help = Some(format!("quote it: `{quoted}`"));
         }
         YamlError::Unexpected { expected, .. } => {
             let want = match *expected {
@@ -562,6 +663,196 @@ pub(super) fn innermost(e: &YamlError) -> &YamlError {
             innermost(error)
         }
         other => other,
+    }
+}
+
+/// An unquoted bracketed IPv6 address at `pos` (`[::1]:8080`, `[::]`): the text as
+/// written and quoted as it should be (`"[::1]:8080"`, spaces after the `:` dropped).
+/// YAML reads `[::1]` as a flow list, so the value is not the string it looks like.
+fn bracketed_address(source: &str, pos: Pos) -> Option<(String, String)> {
+    let line = source
+        .lines()
+        .nth(usize::try_from(pos.line).ok()?.checked_sub(1)?)?;
+    let rest: String = line
+        .chars()
+        .skip(usize::try_from(pos.col).ok()?.checked_sub(1)?)
+        .collect();
+    let inside = rest.strip_prefix('[')?;
+    let close = inside.find(']')?;
+    let addr = &inside[..close];
+    // Hex digits, `:` and `.`, and a zone after `%` (`fe80::1%eth0`).
+    let (ip, _zone) = addr.split_once('%').unwrap_or((addr, ""));
+    if !ip.contains(':')
+        || !ip
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '.'))
+        || !addr.is_ascii()
+    {
+        return None;
+    }
+    let after = &inside[close + 1..];
+    let Some(port) = after.strip_prefix(':') else {
+        return Some((format!("[{addr}]"), format!("\"[{addr}]:PORT\"")));
+    };
+    let spaces = port.len() - port.trim_start().len();
+    let digits = port[spaces..]
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(port.len() - spaces);
+    if digits == 0 {
+        return None;
+    }
+    let port = &port[spaces..spaces + digits];
+    let written = &rest[..addr.len() + 3 + spaces + digits];
+    Some((written.to_string(), format!("\"[{addr}]:{port}\"")))
+}
+
+/// `source` with `written` at `pos` replaced by `quoted`.
+fn requote(source: &str, pos: Pos, written: &str, quoted: &str) -> Option<String> {
+    let line = usize::try_from(pos.line).ok()?.checked_sub(1)?;
+    let col = usize::try_from(pos.col).ok()?.checked_sub(1)?;
+    let mut out = String::with_capacity(source.len() + 2);
+    for (i, text) in source.split_inclusive('\n').enumerate() {
+        if i == line {
+            let start = text.char_indices().nth(col).map(|(b, _)| b)?;
+            let end = start + written.len();
+            out.push_str(text.get(..start)?);
+            out.push_str(quoted);
+            out.push_str(text.get(end..)?);
+        } else {
+            out.push_str(text);
+        }
+    }
+    Some(out)
+}
+
+/// `010` → `10`: an integer written with leading zeros, without them; `None` for
+/// anything else.
+fn without_leading_zeros(text: &str) -> Option<String> {
+    let t = text.trim();
+    let digits = t.strip_prefix('+').unwrap_or(t);
+    if digits.len() < 2 || !digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let kept = digits.trim_start_matches('0');
+    Some(if kept.is_empty() { "0" } else { kept }.to_string())
+}
+
+/// The keys of a section (a struct of the schema), as serde lists them for an
+/// unknown key.
+fn keys_of<T: serde::de::DeserializeOwned>() -> Vec<&'static str> {
+    match serde_saphyr::from_str::<T>("__probe__: 1") {
+        Err(e) => match innermost(&e) {
+            YamlError::SerdeUnknownField { expected, .. } => expected.clone(),
+            _ => Vec::new(),
+        },
+        Ok(_) => Vec::new(),
+    }
+}
+
+/// The sections whose keys people put one level off: where each is in the file (its
+/// key path without list indices) and its keys.
+fn sections() -> Vec<(&'static str, Vec<&'static str>)> {
+    use super::{
+        AccessLog, AdaptiveConcurrency, Admin, Capabilities, CircuitBreakers, ClientAuth,
+        DirectResponse, Discovery, HashOn, HealthCheck, HttpHealthCheck, HttpListener, KvConfig,
+        Limits, Listener, ListenerTls, Mirror, OutlierDetection, Plugin, PluginLimits, Redirect,
+        RetryPolicy, Rewrite, Route, RouteMatch, RouteTable, TcpHealthCheck, TcpProxy, UpstreamTls,
+        VirtualHost, ZoneAware,
+    };
+    vec![
+        ("", keys_of::<Config>()),
+        ("admin", keys_of::<Admin>()),
+        ("access_log", keys_of::<AccessLog>()),
+        ("listeners", keys_of::<Listener>()),
+        ("listeners.http", keys_of::<HttpListener>()),
+        ("listeners.tcp", keys_of::<TcpProxy>()),
+        ("listeners.tls", keys_of::<ListenerTls>()),
+        ("listeners.tls.client_auth", keys_of::<ClientAuth>()),
+        ("listeners.limits", keys_of::<Limits>()),
+        ("plugins", keys_of::<Plugin>()),
+        ("plugins.limits", keys_of::<PluginLimits>()),
+        ("plugins.capabilities", keys_of::<Capabilities>()),
+        ("routes", keys_of::<RouteTable>()),
+        ("routes.virtual_hosts", keys_of::<VirtualHost>()),
+        ("routes.virtual_hosts.routes", keys_of::<Route>()),
+        ("routes.virtual_hosts.routes.match", keys_of::<RouteMatch>()),
+        (
+            "routes.virtual_hosts.routes.redirect",
+            keys_of::<Redirect>(),
+        ),
+        (
+            "routes.virtual_hosts.routes.direct_response",
+            keys_of::<DirectResponse>(),
+        ),
+        ("routes.virtual_hosts.routes.rewrite", keys_of::<Rewrite>()),
+        (
+            "routes.virtual_hosts.routes.retry",
+            keys_of::<RetryPolicy>(),
+        ),
+        ("routes.virtual_hosts.routes.mirror", keys_of::<Mirror>()),
+        ("clusters", keys_of::<Cluster>()),
+        ("clusters.tls", keys_of::<UpstreamTls>()),
+        ("clusters.health_check", keys_of::<HealthCheck>()),
+        ("clusters.health_check.http", keys_of::<HttpHealthCheck>()),
+        ("clusters.health_check.tcp", keys_of::<TcpHealthCheck>()),
+        ("clusters.outlier_detection", keys_of::<OutlierDetection>()),
+        ("clusters.circuit_breakers", keys_of::<CircuitBreakers>()),
+        ("clusters.discovery", keys_of::<Discovery>()),
+        ("clusters.hash_on", keys_of::<HashOn>()),
+        (
+            "clusters.adaptive_concurrency",
+            keys_of::<AdaptiveConcurrency>(),
+        ),
+        ("clusters.zone_aware", keys_of::<ZoneAware>()),
+        ("kv", keys_of::<KvConfig>()),
+    ]
+}
+
+/// A hint for an unknown key `field` of the mapping at `owner` that is a key one
+/// level off: of a section inside it (`prefix` on a route belongs under `match:`;
+/// `routes` on a listener under `http:`, when `http:` was left empty above it), or of
+/// the section around it. `value` is the key's value, for the example.
+fn misplaced(field: &str, owner: &KeyPath, value: Option<&str>) -> Option<String> {
+    let pattern = owner.pattern();
+    let sections = sections();
+    let keys = |pat: &str| sections.iter().find(|(p, _)| *p == pat).map(|(_, k)| k);
+    // A section inside this one.
+    let prefix = if pattern.is_empty() {
+        String::new()
+    } else {
+        format!("{pattern}.")
+    };
+    let child = keys(&pattern).and_then(|own| {
+        own.iter()
+            .find(|k| keys(&format!("{prefix}{k}")).is_some_and(|ks| ks.contains(&field)))
+    });
+    if let Some(child) = child {
+        return Some(format!(
+            "`{field}` is a key of `{child}`, not of {}: write it under `{child}:` \
+             (`{child}: {{ {field}: {} }}`)",
+            place_name(owner),
+            value.unwrap_or("...")
+        ));
+    }
+    // The section around this one.
+    let (outer, inner) = pattern.rsplit_once('.').unwrap_or(("", pattern.as_str()));
+    if inner.is_empty() || !keys(outer)?.contains(&field) {
+        return None;
+    }
+    let outer_name = owner.parent_section();
+    Some(format!(
+        "`{field}` is a key of {}, not of `{inner}`: move it out of `{inner}:`, indented like \
+         `{inner}` itself",
+        place_name(&outer_name)
+    ))
+}
+
+/// `` `listeners[0]` `` or `the top level`.
+fn place_name(path: &KeyPath) -> String {
+    if path.is_root() {
+        "the top level".to_string()
+    } else {
+        format!("`{path}`")
     }
 }
 
@@ -969,6 +1260,199 @@ clusters:
         );
         let keys = ["max_idle", "max_conn"];
         assert_eq!(unique_extension("max", &keys), None, "ambiguous");
+    }
+
+    /// The first error of `src` rendered: `message` and `help`.
+    fn first_error(src: &str) -> (String, String) {
+        let e = parse_str("x.yaml", src, Path::new(".")).unwrap_err();
+        let first = e.errors[0].clone();
+        (first.message, first.help.unwrap_or_default())
+    }
+
+    const PLUGIN: &str = "\
+version: 1
+plugins:
+  - name: auth
+    module: auth.wasm
+    config: { realm: NO, on: yes, flag: true }
+listeners:
+  - name: web
+    address: 0.0.0.0:8080
+    http: { routes: main }
+routes:
+  - name: main
+    virtual_hosts: [{ name: all, domains: [\"*\"], routes: [{ cluster: app }] }]
+clusters:
+  - name: app
+    endpoints: [{ address: \"10.0.0.1:80\" }]
+";
+
+    #[test]
+    fn booleans_are_yaml_1_2() {
+        let c = parse_str("x.yaml", PLUGIN, Path::new(".")).unwrap();
+        let config = c.plugins[0].value.config.as_ref().unwrap();
+        assert_eq!(config["realm"], serde_json::json!("NO"));
+        assert_eq!(config["on"], serde_json::json!("yes"));
+        assert_eq!(config["flag"], serde_json::json!(true));
+        for word in ["no", "yes", "off", "on", "n", "y", "No"] {
+            let src = PLUGIN.replace(
+                "http: { routes: main }",
+                &format!("http: {{ routes: main, generate_request_id: {word} }}"),
+            );
+            let (message, help) = first_error(&src);
+            assert_eq!(
+                message,
+                format!(
+                    "`listeners[0].http.generate_request_id` must be `true` or `false`, not `{word}`"
+                )
+            );
+            assert!(help.contains("YAML 1.1"), "{help}");
+        }
+        let src = PLUGIN.replace(
+            "http: { routes: main }",
+            "http: { routes: main, generate_request_id: False }",
+        );
+        assert!(parse_str("x.yaml", &src, Path::new(".")).is_ok());
+    }
+
+    #[test]
+    fn unquoted_ipv6_addresses_are_named_and_quoted() {
+        for (written, quoted) in [
+            ("[::1]:22300", "\"[::1]:22300\""),
+            ("[::]:8443", "\"[::]:8443\""),
+            ("[fe80::1%eth0]: 80", "\"[fe80::1%eth0]:80\""),
+        ] {
+            let src = PLUGIN.replace("0.0.0.0:8080", written);
+            let (message, help) = first_error(&src);
+            assert!(
+                message.starts_with("`listeners[0].address` must be a single value"),
+                "{message}"
+            );
+            assert!(message.contains("must be quoted"), "{message}");
+            assert_eq!(help, format!("quote it: `{quoted}`"));
+        }
+        let src = PLUGIN.replace("\"10.0.0.1:80\"", "[::1]:80");
+        let (message, help) = first_error(&src);
+        assert!(
+            message.starts_with("`clusters[0].endpoints[0].address`"),
+            "{message}"
+        );
+        assert_eq!(help, "quote it: `\"[::1]:80\"`");
+        let src = PLUGIN.replace("0.0.0.0:8080", "[::1]");
+        let (message, help) = first_error(&src);
+        assert!(
+            message.starts_with("`listeners[0].address` must be a single value"),
+            "{message}"
+        );
+        assert_eq!(help, "quote it: `\"[::1]:PORT\"`");
+        // Not an address: no IPv6 hint.
+        assert_eq!(
+            bracketed_address("a: [x, y]:1", Pos { line: 1, col: 4 }),
+            None
+        );
+    }
+
+    #[test]
+    fn keys_one_level_off_name_their_section() {
+        let route = |extra: &str| {
+            PLUGIN.replace(
+                "routes: [{ cluster: app }]",
+                &format!("routes: [{{ cluster: app, {extra} }}]"),
+            )
+        };
+        let (_, help) = first_error(&route("prefix: /api"));
+        assert_eq!(
+            help,
+            "`prefix` is a key of `match`, not of `routes[0].virtual_hosts[0].routes[0]`: \
+             write it under `match:` (`match: { prefix: /api }`)"
+        );
+        let (_, help) = first_error(&route("retry_on: [5xx]"));
+        assert!(
+            help.starts_with("`retry_on` is a key of `retry`, not of")
+                && help.ends_with("write it under `retry:` (`retry: { retry_on: ... }`)"),
+            "{help}"
+        );
+        let src = PLUGIN.replace("http: { routes: main }", "http:\n    routes: main");
+        let (message, help) = first_error(&src);
+        assert!(
+            message.starts_with("unknown key `routes` in `listeners[0]`"),
+            "{message}"
+        );
+        assert_eq!(
+            help,
+            "`routes` is a key of `http`, not of `listeners[0]`: write it under `http:` \
+             (`http: { routes: main }`)"
+        );
+        // A listener key inside `http`.
+        let src = PLUGIN.replace(
+            "http: { routes: main }",
+            "http: { routes: main, address: x }",
+        );
+        let (_, help) = first_error(&src);
+        assert_eq!(
+            help,
+            "`address` is a key of `listeners[0]`, not of `http`: move it out of `http:`, \
+             indented like `http` itself"
+        );
+    }
+
+    #[test]
+    fn number_messages_say_what_is_wrong() {
+        let (message, help) = first_error(&PLUGIN.replace("version: 1", "version: 010"));
+        assert_eq!(
+            message,
+            "`version` must be a whole number from 0 to 4294967295 without leading zeros, \
+             not `010`"
+        );
+        assert!(help.starts_with("write `10`"), "{help}");
+        let src = PLUGIN.replace("- name: app\n", "- name: app\n    panic_threshold: 1e400\n");
+        let (message, help) = first_error(&src);
+        assert_eq!(
+            message,
+            "`clusters[0].panic_threshold` is out of range: `1e400` is too large a number"
+        );
+        assert!(!help.contains("YAML"), "{help}");
+        assert_eq!(without_leading_zeros("000"), Some("0".into()));
+        assert_eq!(without_leading_zeros("0"), None);
+        assert_eq!(without_leading_zeros("0x10"), None);
+    }
+
+    #[test]
+    fn sizes_are_reported_at_their_key() {
+        for (line, key, text) in [
+            (
+                "limits: { max_request_headers_size: 99999999999999999999 }",
+                "listeners[0].limits.max_request_headers_size",
+                "too large",
+            ),
+            (
+                "limits: { max_request_headers_size: 1.5e3 }",
+                "listeners[0].limits.max_request_headers_size",
+                "digits only: `1500`",
+            ),
+        ] {
+            let src = PLUGIN.replace(
+                "http: { routes: main }",
+                &format!("http: {{ routes: main }}\n    {line}"),
+            );
+            let e = parse_str("x.yaml", &src, Path::new(".")).unwrap_err();
+            let first = &e.errors[0];
+            assert!(
+                first.message.starts_with(&format!("`{key}`: size"))
+                    && first.message.contains(text),
+                "{}",
+                first.message
+            );
+            // At the value, not at the key or the section.
+            assert_eq!((first.line, first.col), (10, 41));
+        }
+    }
+
+    #[test]
+    fn every_section_of_the_hint_table_has_keys() {
+        for (pattern, keys) in sections() {
+            assert!(!keys.is_empty(), "{pattern}");
+        }
     }
 
     #[test]

@@ -60,6 +60,31 @@ impl Path {
     pub fn is_root(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The keys of the path joined by `.`, without list indices
+    /// (`listeners[0].http` → `listeners.http`): where a section is in the schema.
+    pub fn pattern(&self) -> String {
+        let keys: Vec<&str> = self
+            .0
+            .iter()
+            .filter_map(|s| match s {
+                Seg::Key(k) => Some(k.as_str()),
+                Seg::Index(_) => None,
+            })
+            .collect();
+        keys.join(".")
+    }
+
+    /// The path of the section this one is a key of (`listeners[0].http` →
+    /// `listeners[0]`, `routes[0].virtual_hosts[1]` → `routes[0]`).
+    pub fn parent_section(&self) -> Path {
+        let mut p = self.0.clone();
+        while matches!(p.last(), Some(Seg::Index(_))) {
+            p.pop();
+        }
+        p.pop();
+        Path(p)
+    }
 }
 
 impl fmt::Display for Path {
@@ -256,6 +281,24 @@ impl Outline {
         walk(&self.root, Path::default(), pos)
     }
 
+    /// The value of the mapping entry whose key is at `pos`.
+    pub fn value_of_key_at(&self, pos: Pos) -> Option<&Node> {
+        fn walk(node: &Node, pos: Pos) -> Option<&Node> {
+            match &node.kind {
+                Kind::Map(entries) => entries.iter().find_map(|e| {
+                    if e.key_pos == pos {
+                        Some(&e.value)
+                    } else {
+                        walk(&e.value, pos)
+                    }
+                }),
+                Kind::Seq(items) => items.iter().find_map(|n| walk(n, pos)),
+                _ => None,
+            }
+        }
+        walk(&self.root, pos)
+    }
+
     /// [`Outline::descend`] from the top of the file.
     pub fn descend_from_root(&self, focus: &[Seg]) -> Option<Pos> {
         self.descend(self.root.pos, focus)
@@ -355,6 +398,21 @@ listeners:
             Some(pos(3, 5))
         );
         assert_eq!(o.descend(pos(9, 9), &[key("http")]), None);
+    }
+
+    #[test]
+    fn patterns_and_parent_sections() {
+        let key = |k: &str| Seg::Key(k.into());
+        let p = Path(vec![
+            key("routes"),
+            Seg::Index(0),
+            key("virtual_hosts"),
+            Seg::Index(1),
+        ]);
+        assert_eq!(p.pattern(), "routes.virtual_hosts");
+        assert_eq!(p.parent_section().to_string(), "routes[0]");
+        let p = Path(vec![key("listeners"), Seg::Index(0), key("http")]);
+        assert_eq!(p.parent_section().to_string(), "listeners[0]");
     }
 
     #[test]

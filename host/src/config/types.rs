@@ -72,60 +72,155 @@ impl Dur {
         self.0
     }
 
-    /// Parses `250ms`, `5s`, `1.5s`, `2m`, `1h`.
+    /// Parses `250ms`, `5s`, `1.5s`, `2m`, `1h`, exactly: the decimal digits are
+    /// read as written, not through a float (`0.1s` is 100ms, not 99.999999ms), to
+    /// the nanosecond; a fraction finer than that is dropped.
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if s.is_empty() {
             return Err("the duration is empty; write it like `250ms` or `5s`".into());
         }
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| {
-                format!(
-                    "duration `{s}` has no unit; write it like `{s}s` (units: `ms`, `s`, `m`, `h`)"
-                )
-            })?;
+        let Some(split) = s.find(|c: char| !(c.is_ascii_digit() || c == '.')) else {
+            // Suggest the number in seconds only when that is a valid duration.
+            let example = match Dur::parse(&format!("{s}s")) {
+                Ok(_) => format!("{s}s"),
+                Err(_) => "5s".to_string(),
+            };
+            return Err(format!(
+                "duration `{s}` has no unit; write it like `{example}` (units: `ms`, `s`, `m`, `h`)"
+            ));
+        };
         let (num, unit) = s.split_at(split);
-        let value: f64 = num.parse().map_err(|_| {
+        let number_error = || {
             format!("duration `{s}` does not start with a number; write it like `250ms` or `5s`")
-        })?;
-        let scale = match unit {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ if unit.starts_with(char::is_whitespace)
-                && matches!(unit.trim_start(), "ms" | "s" | "m" | "h") =>
-            {
+        };
+        if num.is_empty() || num == "." || num.matches('.').count() > 1 {
+            return Err(number_error());
+        }
+        let Some(unit_ns) = unit_nanos(unit) else {
+            if unit.starts_with(char::is_whitespace) && unit_nanos(unit.trim_start()).is_some() {
                 return Err(format!(
                     "duration `{s}` has a space between the number and its unit; write it \
                      without spaces: `{num}{}`",
                     unit.trim_start()
-                ))
+                ));
             }
-            _ => {
+            if let Some(total) = compound(s) {
                 return Err(format!(
-                    "duration `{s}` has unknown unit `{}`; use `ms`, `s`, `m` or `h` right after \
-                     the number, e.g. `{num}s`",
-                    unit.trim()
-                ))
+                    "duration `{s}` has more than one unit; write it in one unit: `{}`",
+                    total.largest_unit()
+                ));
             }
+            return Err(format!(
+                "duration `{s}` has unknown unit `{}`; use `ms`, `s`, `m` or `h` right after \
+                 the number, e.g. `{num}s`",
+                unit.trim()
+            ));
         };
-        let secs = value * scale;
-        if !secs.is_finite() || secs > 365.0 * 24.0 * 3600.0 {
-            return Err(format!("duration `{s}` is out of range (at most a year)"));
+        let out_of_range = || format!("duration `{s}` is out of range (at most a year)");
+        let nanos = exact_nanos(num, unit_ns).ok_or_else(out_of_range)?;
+        if nanos > u128::from(MAX_SECS) * NANOS_PER_SEC {
+            return Err(out_of_range());
         }
-        Ok(Dur(Duration::from_secs_f64(secs)))
+        if nanos == 0 && num.contains(|c: char| ('1'..='9').contains(&c)) {
+            return Err(format!(
+                "duration `{s}` is shorter than a nanosecond, which would be zero; the \
+                 shortest is `0.000001ms`"
+            ));
+        }
+        let nanos = u64::try_from(nanos).map_err(|_| out_of_range())?;
+        Ok(Dur(Duration::from_nanos(nanos)))
+    }
+
+    /// The duration in the largest unit that writes it as a whole number (`90m`,
+    /// `1h`), else as [`Display`](fmt::Display) writes it.
+    fn largest_unit(self) -> String {
+        let ns = self.0.as_nanos();
+        let (h, m) = (3600 * NANOS_PER_SEC, 60 * NANOS_PER_SEC);
+        if ns != 0 && ns.is_multiple_of(h) {
+            format!("{}h", ns / h)
+        } else if ns != 0 && ns.is_multiple_of(m) {
+            format!("{}m", ns / m)
+        } else {
+            self.to_string()
+        }
     }
 }
 
+const NANOS_PER_SEC: u128 = 1_000_000_000;
+/// The longest duration the config takes: a year.
+const MAX_SECS: u64 = 365 * 24 * 3600;
+
+/// Nanoseconds in one `unit`; `None` for an unknown unit.
+fn unit_nanos(unit: &str) -> Option<u128> {
+    match unit {
+        "ms" => Some(NANOS_PER_SEC / 1000),
+        "s" => Some(NANOS_PER_SEC),
+        "m" => Some(60 * NANOS_PER_SEC),
+        "h" => Some(3600 * NANOS_PER_SEC),
+        _ => None,
+    }
+}
+
+/// `num` (digits with at most one `.`) times `unit_ns`, in whole nanoseconds
+/// (truncated); `None` when it does not fit.
+fn exact_nanos(num: &str, unit_ns: u128) -> Option<u128> {
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let int: u128 = if int.is_empty() { 0 } else { int.parse().ok()? };
+    // Digits past the 18th are below a nanosecond of an hour.
+    let frac = &frac[..frac.len().min(18)];
+    let scale = 10u128.pow(u32::try_from(frac.len()).ok()?);
+    let frac: u128 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().ok()?
+    };
+    int.checked_mul(unit_ns)?
+        .checked_add(frac.checked_mul(unit_ns)? / scale)
+}
+
+/// `1h30m` as one duration, when it is whole numbers each with a unit, in
+/// decreasing units (what Go's `time.ParseDuration` reads): for the hint.
+fn compound(s: &str) -> Option<Dur> {
+    let mut rest = s;
+    let mut total: u128 = 0;
+    let mut last = u128::MAX;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let n = rest.find(|c: char| !c.is_ascii_digit())?;
+        let (num, tail) = rest.split_at(n);
+        let unit = ["ms", "h", "m", "s"]
+            .into_iter()
+            .find(|u| tail.starts_with(u))?;
+        let unit_ns = unit_nanos(unit)?;
+        if num.is_empty() || unit_ns >= last {
+            return None;
+        }
+        last = unit_ns;
+        total = total.checked_add(exact_nanos(num, unit_ns)?)?;
+        rest = &tail[unit.len()..];
+        parts += 1;
+    }
+    if parts < 2 || total > u128::from(MAX_SECS) * NANOS_PER_SEC {
+        return None;
+    }
+    Some(Dur(Duration::from_nanos(u64::try_from(total).ok()?)))
+}
+
+/// Whole seconds as `5s`, whole milliseconds as `250ms`, anything finer as a
+/// decimal number of milliseconds (`1.5ms`, `0.0001ms` for 100ns): exactly the
+/// duration in force, in a form [`Dur::parse`] reads back to the same value.
 impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0.as_millis();
-        if !ms.is_multiple_of(1000) || ms == 0 {
-            write!(f, "{ms}ms")
+        let ns = self.0.as_nanos();
+        let per_ms = NANOS_PER_SEC / 1000;
+        if ns != 0 && ns.is_multiple_of(NANOS_PER_SEC) {
+            write!(f, "{}s", ns / NANOS_PER_SEC)
+        } else if ns.is_multiple_of(per_ms) {
+            write!(f, "{}ms", ns / per_ms)
         } else {
-            write!(f, "{}s", ms / 1000)
+            let frac = format!("{:06}", ns % per_ms);
+            write!(f, "{}.{}ms", ns / per_ms, frac.trim_end_matches('0'))
         }
     }
 }
@@ -152,13 +247,41 @@ impl ByteSize {
     /// Parses `512`, `64KiB`, `1MiB`, `1GiB`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
+        if s.starts_with('-') {
+            return Err(format!("size `{s}` must not be negative"));
+        }
+        let too_large = || format!("size `{s}` is too large; the largest is 16EiB minus a byte");
+        // A number without a unit that is not a whole number of bytes: `1.5e9`,
+        // `1e6`, `0.5` (YAML reads these as floats).
+        if let Ok(v) = s.parse::<f64>() {
+            if s.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+                && !s.bytes().all(|b| b.is_ascii_digit())
+            {
+                if v.fract() != 0.0 {
+                    return Err(format!(
+                        "size `{s}` is not a whole number of bytes; write whole bytes or use a \
+                         smaller unit (`1536KiB`, not `1.5MiB`)"
+                    ));
+                }
+                // 2^64 is exactly representable: below it, the value is a u64.
+                if v >= 18_446_744_073_709_551_616.0 {
+                    return Err(too_large());
+                }
+                return Err(format!(
+                    "size `{s}` must be written as a whole number, with digits only: `{}`",
+                    v as u64
+                ));
+            }
+        }
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| {
-            format!(
+        if num.is_empty() {
+            return Err(format!(
                 "size `{s}` does not start with a whole number; write it like `64KiB` or `1MiB`"
-            )
-        })?;
+            ));
+        }
+        // Digits only, so the parse fails only when the number overflows.
+        let n: u64 = num.parse().map_err(|_| too_large())?;
         if unit.starts_with(['.', ',']) {
             return Err(format!(
                 "size `{s}` is not a whole number; use a smaller unit (`1536KiB`, not `1.5MiB`)"
@@ -175,9 +298,7 @@ impl ByteSize {
                 ))
             }
         };
-        n.checked_mul(mult)
-            .map(ByteSize)
-            .ok_or_else(|| format!("size `{s}` is too large"))
+        n.checked_mul(mult).map(ByteSize).ok_or_else(too_large)
     }
 }
 
@@ -202,27 +323,12 @@ impl Serialize for ByteSize {
     }
 }
 
+/// Read as the text written, like [`Dur`]: a number YAML would read as a float
+/// (`1.5e9`) or that does not fit 64 bits is then reported as written, at the value.
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl de::Visitor<'_> for V {
-            type Value = ByteSize;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a size such as `65536`, `64KiB` or `1MiB`")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
-                Ok(ByteSize(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom("a size must not be negative"))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
-                ByteSize::parse(v).map_err(E::custom)
-            }
-        }
-        d.deserialize_any(V)
+        let s = String::deserialize(d)?;
+        ByteSize::parse(&s).map_err(de::Error::custom)
     }
 }
 
@@ -383,6 +489,51 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_exact_and_display_reads_back() {
+        for (text, nanos, shown) in [
+            ("0.0001ms", 100, "0.0001ms"),
+            ("1.5ms", 1_500_000, "1.5ms"),
+            ("0.1s", 100_000_000, "100ms"),
+            ("0.000001ms", 1, "0.000001ms"),
+            ("1.0000005s", 1_000_000_500, "1000.0005ms"),
+            ("0ms", 0, "0ms"),
+            ("0s", 0, "0ms"),
+            ("2m", 120_000_000_000, "120s"),
+            ("8760h", 31_536_000_000_000_000, "31536000s"),
+        ] {
+            let d = Dur::parse(text).unwrap();
+            assert_eq!(d.0.as_nanos(), nanos, "{text}");
+            assert_eq!(d.to_string(), shown, "{text}");
+            assert_eq!(Dur::parse(&d.to_string()).unwrap(), d, "{text}");
+        }
+        assert!(Dur::parse("0.0000001ms")
+            .unwrap_err()
+            .contains("shorter than a nanosecond"));
+        assert!(Dur::parse("8761h").unwrap_err().contains("out of range"));
+        assert!(Dur::parse("1.2.3s")
+            .unwrap_err()
+            .contains("does not start with a number"));
+    }
+
+    #[test]
+    fn duration_hints_are_valid_durations() {
+        for (text, fixed) in [
+            ("1h30m", "`90m`"),
+            ("1m30s", "`90s`"),
+            ("1s500ms", "`1500ms`"),
+        ] {
+            let err = Dur::parse(text).unwrap_err();
+            assert!(
+                err.contains("more than one unit") && err.ends_with(fixed),
+                "{text}: {err}"
+            );
+        }
+        let err = Dur::parse("99999999999999999999").unwrap_err();
+        assert!(err.contains("has no unit") && err.contains("`5s`"), "{err}");
+        assert!(Dur::parse("30").unwrap_err().contains("`30s`"));
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(ByteSize::parse("64KiB").unwrap().0, 65536);
         assert_eq!(ByteSize::parse("1MB").unwrap().0, 1 << 20);
@@ -394,6 +545,18 @@ mod tests {
             .unwrap_err()
             .contains("not a whole number"));
         assert_eq!(ByteSize::parse("10 MiB").unwrap().0, 10 << 20);
+        assert!(ByteSize::parse("99999999999999999999")
+            .unwrap_err()
+            .contains("too large"));
+        assert!(ByteSize::parse("17179869184GiB")
+            .unwrap_err()
+            .contains("too large"));
+        assert!(ByteSize::parse("1e6").unwrap_err().ends_with("`1000000`"));
+        assert!(ByteSize::parse("1.5")
+            .unwrap_err()
+            .contains("not a whole number"));
+        assert!(ByteSize::parse("1e30").unwrap_err().contains("too large"));
+        assert!(ByteSize::parse("-1").unwrap_err().contains("negative"));
         assert_eq!(ByteSize(1 << 20).to_string(), "1MiB");
     }
 
