@@ -1197,6 +1197,15 @@ fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
             )
             .key("mirror");
         }
+        if !(0.0..=100.0).contains(&m.percent.0) {
+            e.at(
+                loc,
+                format!("`mirror.percent` {} is not between 0% and 100%", m.percent),
+                "write a percentage from `0%` to `100%`",
+            )
+            .key("mirror")
+            .key("percent");
+        }
         if m.timeout.get().is_zero() {
             e.at(
                 loc,
@@ -2057,6 +2066,7 @@ fn validate_resilience(e: &mut Issues, loc: &Location, c: &Cluster) {
     percent(e, c.panic_threshold, &["panic_threshold"]);
     if let Some(ac) = &c.adaptive_concurrency {
         percent(e, ac.jitter, &["adaptive_concurrency", "jitter"]);
+        percent(e, ac.buffer, &["adaptive_concurrency", "buffer"]);
     }
     if let Some(hc) = &c.health_check {
         if c.original_dst {
