@@ -253,6 +253,16 @@ impl Config {
         self.validate_client_cert_routes(&mut e);
         for t in &self.routes {
             validate_route_table(&mut e, t, &clusters);
+            // The HTTP listeners serving this table, with their chains: an
+            // override of a plugin none of them runs would never apply.
+            let serving: Vec<(&Name, &[Spanned<FilterRef>])> = self
+                .listeners
+                .iter()
+                .filter_map(|l| {
+                    let h = l.value.http.as_ref()?;
+                    (h.routes.value == t.value.name).then_some((&l.value.name, &h.filters[..]))
+                })
+                .collect();
             for vh in &t.value.virtual_hosts {
                 for r in &vh.value.routes {
                     for (name, f) in &r.value.filters {
@@ -261,6 +271,36 @@ impl Config {
                                 &r.referenced,
                                 format!("route filter override for unknown plugin `{name}`"),
                                 "the keys of `filters:` are plugin names from `plugins:`",
+                            )
+                            .key("filters")
+                            .key(name.as_str());
+                        } else if !serving.is_empty()
+                            && !serving.iter().any(|(_, chain)| {
+                                chain.iter().any(|f| f.value.plugin.value == *name)
+                            })
+                        {
+                            let listeners = serving
+                                .iter()
+                                .map(|(l, _)| format!("`{l}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ");
+                            let which = if serving.len() == 1 {
+                                "listener"
+                            } else {
+                                "listeners"
+                            };
+                            e.at(
+                                &r.referenced,
+                                format!(
+                                    "route filter override for plugin `{name}`, which is not in \
+                                     the `http.filters` of {which} {listeners} (serving route \
+                                     table `{}`): it would never apply",
+                                    t.value.name
+                                ),
+                                format!(
+                                    "add `- plugin: {name}` to the listener's `http.filters`, \
+                                     or remove this override"
+                                ),
                             )
                             .key("filters")
                             .key(name.as_str());
