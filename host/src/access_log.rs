@@ -310,22 +310,22 @@ impl std::fmt::Display for CheckError {
 impl std::error::Error for CheckError {}
 
 impl AccessLog {
-    /// Whether [`AccessLog::open`] would open `cfg`'s file, without creating
-    /// it (`legate check`): an existing file must open for appending, a new
-    /// one needs its directory.
+    /// Whether [`AccessLog::open`] would open `cfg`'s file (`legate check`):
+    /// an existing file must open for appending (it is not truncated); a new
+    /// one is created, as `nginx -t` does, and removed again, so a directory
+    /// Legate may not write in (or a file system that takes no new files, such
+    /// as `/proc`) fails here rather than at start.
     pub fn check(cfg: &config::AccessLog) -> Result<(), CheckError> {
         let p = std::path::Path::new(cfg.path.as_str());
         if matches!(cfg.path.as_str(), "stdout" | "stderr") {
             return Ok(());
         }
+        let cannot = |e: io::Error| CheckError {
+            no_directory: false,
+            message: format!("cannot open access log `{}`: {e}", p.display()),
+        };
         if p.exists() {
-            OpenOptions::new()
-                .append(true)
-                .open(p)
-                .map_err(|e| CheckError {
-                    no_directory: false,
-                    message: format!("cannot open access log `{}`: {e}", p.display()),
-                })?;
+            OpenOptions::new().append(true).open(p).map_err(cannot)?;
             return Ok(());
         }
         let dir = p
@@ -342,7 +342,22 @@ impl AccessLog {
                 ),
             });
         }
-        Ok(())
+        match OpenOptions::new().append(true).create_new(true).open(p) {
+            // Ours (`create_new`): removed, so `check` leaves nothing behind.
+            Ok(_) => {
+                let _ = std::fs::remove_file(p);
+                Ok(())
+            }
+            // Created meanwhile by someone else: it must open as it is.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                OpenOptions::new().append(true).open(p).map_err(cannot)?;
+                Ok(())
+            }
+            Err(e) => Err(CheckError {
+                no_directory: false,
+                message: format!("cannot create access log `{}`: {e}", p.display()),
+            }),
+        }
     }
 
     /// Opens `stdout`, `stderr` or a file path for appending, and starts the writer

@@ -401,12 +401,31 @@ pub fn bind_socket(cfg: &config::Listener) -> anyhow::Result<std::net::TcpListen
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("cannot bind {addr} (is another process using it?)"))?;
+    socket.bind(&addr.into()).map_err(|e| {
+        let hint = bind_hint(e.kind(), addr);
+        anyhow::Error::new(e).context(format!("cannot bind {addr}{hint}"))
+    })?;
     socket.listen(4096)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// The likely cause of a bind error of kind `kind` at `addr`, as ` (…)` after
+/// the address, or nothing when there is no better guess than the error itself.
+fn bind_hint(kind: std::io::ErrorKind, addr: SocketAddr) -> &'static str {
+    match kind {
+        std::io::ErrorKind::AddrInUse => " (is another process using it?)",
+        std::io::ErrorKind::AddrNotAvailable if addr.is_ipv4() => {
+            " (the address is not one of this host's: listen on one it has, or on `0.0.0.0`)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            " (the address is not one of this host's: listen on one it has, or on `[::]`)"
+        }
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+            " (ports below 1024 need root or the CAP_NET_BIND_SERVICE capability)"
+        }
+        _ => "",
+    }
 }
 
 /// Counts a worker's open connections so a drain can wait for them.
@@ -558,5 +577,47 @@ fn original_dst(stream: &tokio::net::TcpStream, peer: SocketAddr) -> Option<Sock
             tracing::debug!("SO_ORIGINAL_DST unavailable: {e}");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener of a minimal config, at `address`.
+    fn listener_at(address: &str) -> config::Listener {
+        let src = "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:8080
+    http: { routes: main }
+routes:
+  - name: main
+    virtual_hosts:
+      - name: default
+        domains: [\"*\"]
+        routes:
+          - match: { prefix: / }
+            direct_response: { status: 200 }
+";
+        let cfg = config::parse_str("test.yaml", src, std::path::Path::new("."))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut l = cfg.listeners[0].value.clone();
+        l.address.value = address.to_string();
+        l
+    }
+
+    #[test]
+    fn bind_errors_name_the_cause_of_their_kind() {
+        // An address this host does not have (TEST-NET-1): not a port conflict.
+        let err = bind_socket(&listener_at("192.0.2.1:8080")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("not one of this host's"), "{msg}");
+        assert!(!msg.contains("another process"), "{msg}");
+        // A port in use: that one is.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let msg = format!("{:#}", bind_socket(&listener_at(&addr)).unwrap_err());
+        assert!(msg.contains("is another process using it?"), "{msg}");
     }
 }

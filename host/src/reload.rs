@@ -51,9 +51,10 @@
 //! [`crate::cluster::discovery::warm_for_reload`]. When the cluster set changed, the
 //! health-check / discovery thread is restarted for the new set (checks of kept
 //! clusters start again from their current flags). Stats counters are by name,
-//! so they keep counting. Not reloadable (logged, listed in the reload's `notes`,
-//! need a hot restart): `admin.address` and `access_log`; the config in force
-//! (`/config_dump`) keeps their values in use.
+//! so they keep counting. Not reloadable (need a hot restart; listed in the
+//! reload's `notes`, and logged once the new config is in force: a reload that
+//! fails applied nothing to warn about): `admin.address` and `access_log`; the
+//! config in force (`/config_dump`) keeps their values in use.
 //!
 //! A plugin whose definition is unchanged carries over too, as Envoy reuses a
 //! Wasm VM whose plugin config did not change: the same plugin block (`module`,
@@ -565,9 +566,9 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
     if !same(&cfg.access_log, &old.config.access_log) {
         notes.push("access_log changed; it takes effect at the next (hot) restart".to_string());
     }
-    for n in &notes {
-        tracing::warn!("reload: {n}");
-    }
+    // Warned once the config is in force (below): a reload that fails later
+    // applies nothing, so it has nothing to warn about.
+    let restart_notes = notes.len();
     // What the process keeps using until a restart stays in the config in
     // force, so `/config_dump` shows the admin address and access log this
     // process serves and writes, not the file's new ones (the notes say so).
@@ -633,6 +634,9 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
     let clusters_changed = !changed_clusters.is_empty() || !removed_clusters.is_empty();
     let snap_modules = snap.modules.clone();
     shared.commit(Arc::new(snap), Some(listeners))?;
+    for n in &notes[..restart_notes] {
+        tracing::warn!("reload: {n}");
+    }
     for (bound, tls) in renewed {
         bound.ctx.renew_tls(tls);
     }

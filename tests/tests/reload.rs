@@ -699,6 +699,67 @@ each_proto!(
     }
 );
 
+/// What this process's tracing writes (installed on first use, for every
+/// test of the process; nextest runs each test in its own).
+fn captured_log() -> String {
+    #[derive(Clone)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOG: std::sync::OnceLock<Sink> = std::sync::OnceLock::new();
+    let sink = LOG.get_or_init(|| {
+        let sink = Sink(Arc::default());
+        let writer = sink.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+            .with_writer(move || writer.clone())
+            .init();
+        sink
+    });
+    String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned()
+}
+
+/// A reload that fails (here: a new listener cannot bind) warns about none of
+/// the changes it would have needed a restart for — it applied nothing; one
+/// that succeeds does. Before, the `admin.address changed` warning came first,
+/// then the error saying the config in force was unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reload_does_not_warn_about_what_it_never_applied() {
+    captured_log();
+    let a = upstream().start().await;
+    let lg = start(&yaml(a.addr, false, "", "", ""), None, 1);
+    let moved = free_addr();
+    let moved_admin = |text: String| {
+        text.replace(
+            "admin:\n  address: 127.0.0.1:0\n",
+            &format!("admin:\n  address: {moved}\n"),
+        )
+    };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let failing = moved_admin(yaml(a.addr, true, "", "", "")).replace(
+        "name: extra\n    address: 127.0.0.1:0",
+        &format!("name: extra\n    address: {}", taken.local_addr().unwrap()),
+    );
+    let body = lg.reload_rejected(&failing).await;
+    assert!(body.contains("cannot bind"), "{body}");
+    let log = captured_log();
+    assert!(log.contains("config reload failed"), "{log}");
+    assert!(!log.contains("admin.address changed"), "{log}");
+
+    lg.reload_ok(&moved_admin(yaml(a.addr, false, "", "", "")))
+        .await;
+    let log = captured_log();
+    assert!(log.contains("admin.address changed"), "{log}");
+}
+
 /// A reload does not rebind the admin listener nor reopen a changed access
 /// log (its notes say so): `/config_dump`, the config in force, shows the
 /// admin address and access log the process uses, not the file's new ones,

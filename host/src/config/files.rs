@@ -1,9 +1,10 @@
 //! The files a valid config names — listener certificates, keys and client CAs,
 //! upstream CAs and client certificates, the KV store's Redis CA and client
-//! certificate, endpoint files, plugin modules and data files, the access log's
-//! directory — read as loading them would, each problem placed at the key that
-//! names the file, with a help line chosen by the kind of problem the loader
-//! reports ([`crate::tls::FileProblem`]), never by its message's wording.
+//! certificate, endpoint files, plugin modules and data files, the access log
+//! (opened for appending, or created and removed again) — read as loading them
+//! would, each problem placed at the key that names the file, with a help line
+//! chosen by the kind of problem the loader reports
+//! ([`crate::tls::FileProblem`]), never by its message's wording.
 //!
 //! [`parse_str`](super::parse_str) does not read them (a config can be checked
 //! for its form without its certificates at hand); `legate check` and `legate run`
@@ -242,7 +243,10 @@ impl Config {
                          `stderr`); {RELATIVE}"
                     )
                 } else {
-                    format!("check that Legate may write the file; {RELATIVE}")
+                    format!(
+                        "check that Legate may write the file, or create it in its directory \
+                         (`check` creates a new one and removes it again); {RELATIVE}"
+                    )
                 };
                 e.top(msg, help).key("access_log").key("path");
             }

@@ -253,6 +253,16 @@ impl Config {
         self.validate_client_cert_routes(&mut e);
         for t in &self.routes {
             validate_route_table(&mut e, t, &clusters);
+            // The HTTP listeners serving this table, with their chains: an
+            // override of a plugin none of them runs would never apply.
+            let serving: Vec<(&Name, &[Spanned<FilterRef>])> = self
+                .listeners
+                .iter()
+                .filter_map(|l| {
+                    let h = l.value.http.as_ref()?;
+                    (h.routes.value == t.value.name).then_some((&l.value.name, &h.filters[..]))
+                })
+                .collect();
             for vh in &t.value.virtual_hosts {
                 for r in &vh.value.routes {
                     for (name, f) in &r.value.filters {
@@ -261,6 +271,36 @@ impl Config {
                                 &r.referenced,
                                 format!("route filter override for unknown plugin `{name}`"),
                                 "the keys of `filters:` are plugin names from `plugins:`",
+                            )
+                            .key("filters")
+                            .key(name.as_str());
+                        } else if !serving.is_empty()
+                            && !serving.iter().any(|(_, chain)| {
+                                chain.iter().any(|f| f.value.plugin.value == *name)
+                            })
+                        {
+                            let listeners = serving
+                                .iter()
+                                .map(|(l, _)| format!("`{l}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ");
+                            let which = if serving.len() == 1 {
+                                "listener"
+                            } else {
+                                "listeners"
+                            };
+                            e.at(
+                                &r.referenced,
+                                format!(
+                                    "route filter override for plugin `{name}`, which is not in \
+                                     the `http.filters` of {which} {listeners} (serving route \
+                                     table `{}`): it would never apply",
+                                    t.value.name
+                                ),
+                                format!(
+                                    "add `- plugin: {name}` to the listener's `http.filters`, \
+                                     or remove this override"
+                                ),
                             )
                             .key("filters")
                             .key(name.as_str());
@@ -1197,6 +1237,15 @@ fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
             )
             .key("mirror");
         }
+        if !(0.0..=100.0).contains(&m.percent.0) {
+            e.at(
+                loc,
+                format!("`mirror.percent` {} is not between 0% and 100%", m.percent),
+                "write a percentage from `0%` to `100%`",
+            )
+            .key("mirror")
+            .key("percent");
+        }
         if m.timeout.get().is_zero() {
             e.at(
                 loc,
@@ -1783,13 +1832,8 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
         .key("endpoints");
     }
     for ep in &c.endpoints {
-        if let Err(why) = split_host_port(&ep.value.address) {
-            e.at(
-                &ep.referenced,
-                why,
-                "write it like `10.0.0.5:8080`, `[2001:db8::5]:8080` or `app.internal:8080`",
-            )
-            .key("address");
+        if let Err((why, help)) = parse_host_port(&ep.value.address) {
+            e.at(&ep.referenced, why, help).key("address");
         }
         if ep.value.weight == 0 {
             e.at(
@@ -2057,6 +2101,7 @@ fn validate_resilience(e: &mut Issues, loc: &Location, c: &Cluster) {
     percent(e, c.panic_threshold, &["panic_threshold"]);
     if let Some(ac) = &c.adaptive_concurrency {
         percent(e, ac.jitter, &["adaptive_concurrency", "jitter"]);
+        percent(e, ac.buffer, &["adaptive_concurrency", "buffer"]);
     }
     if let Some(hc) = &c.health_check {
         if c.original_dst {
@@ -2268,24 +2313,105 @@ fn validate_resilience(e: &mut Issues, loc: &Location, c: &Cluster) {
 
 /// Splits `host:port`, `ip:port` or `[v6]:port`.
 pub(crate) fn split_host_port(s: &str) -> Result<(String, u16), String> {
+    parse_host_port(s).map_err(|(msg, _)| msg)
+}
+
+/// The help for an endpoint address of the usual kind of mistake.
+const ENDPOINT_FORMS: &str = "write it like `10.0.0.5:8080`, `[2001:db8::5]:8080` or \
+                              `app.internal:8080`";
+
+/// [`split_host_port`], the error with its help: the host must be an IPv4
+/// address, an IPv6 address in brackets, or a DNS name (letters, digits, `-`,
+/// `_`, dot-separated labels), as nginx refuses an `invalid host in upstream`.
+fn parse_host_port(s: &str) -> Result<(String, u16), (String, &'static str)> {
     let bad = |why: &str| format!("endpoint address `{s}` is not `host:port`: {why}");
+    if let Some((scheme, _)) = s.split_once("://") {
+        return Err((
+            bad(&format!("`{scheme}://` is a URL scheme")),
+            "write only the host and port, without scheme or path: `app.internal:8080` (the \
+             cluster's `tls` says whether Legate speaks TLS to it)",
+        ));
+    }
+    if s.contains(|c: char| c.is_whitespace() || c.is_control() || c == '/') {
+        return Err((
+            bad("it contains a space or `/`"),
+            "write only the host and port, without scheme or path: `app.internal:8080`",
+        ));
+    }
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        rest.split_once("]:")
-            .ok_or_else(|| bad("an IPv6 address needs the form `[addr]:port`"))?
+        let (ip, port) = rest.split_once("]:").ok_or_else(|| {
+            (
+                bad("an IPv6 address needs the form `[addr]:port`"),
+                ENDPOINT_FORMS,
+            )
+        })?;
+        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err((
+                bad(&format!("`{ip}` in brackets is not an IPv6 address")),
+                ENDPOINT_FORMS,
+            ));
+        }
+        (ip, port)
     } else {
-        s.rsplit_once(':')
-            .ok_or_else(|| bad("the port is missing"))?
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| (bad("the port is missing"), ENDPOINT_FORMS))?;
+        if host.contains(':') || s.parse::<std::net::Ipv6Addr>().is_ok() {
+            return Err((
+                bad("an IPv6 address must be in brackets"),
+                "write `[2001:db8::5]:8080`: the port follows the `]`",
+            ));
+        }
+        (host, port)
     };
-    let port: u16 = port
-        .parse()
-        .map_err(|_| bad("the port is not a number from 1 to 65535"))?;
+    let port: u16 = port.parse().map_err(|_| {
+        (
+            bad("the port is not a number from 1 to 65535"),
+            ENDPOINT_FORMS,
+        )
+    })?;
     if host.is_empty() {
-        return Err(bad("the host is missing"));
+        return Err((bad("the host is missing"), ENDPOINT_FORMS));
     }
     if port == 0 {
-        return Err(bad("port 0 cannot be connected to"));
+        return Err((bad("port 0 cannot be connected to"), ENDPOINT_FORMS));
+    }
+    if !s.starts_with('[') && host.parse::<std::net::Ipv4Addr>().is_err() {
+        if let Some(why) = dns_name_problem(host) {
+            return Err((bad(&why), ENDPOINT_FORMS));
+        }
     }
     Ok((host.to_string(), port))
+}
+
+/// Why `host` (not an IP address) is no DNS name: dot-separated labels of
+/// letters, digits, `-` and `_` (container names have it), at most 63 bytes each
+/// and 253 in all, one trailing dot allowed; not all digits and dots (a
+/// mistyped IPv4 address).
+fn dns_name_problem(host: &str) -> Option<String> {
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Some(format!(
+            "`{host}` is not a host name: `{c}` is not a letter, digit, `-`, `_` or `.`"
+        ));
+    }
+    if name.is_empty() || name.split('.').any(str::is_empty) {
+        return Some(format!(
+            "`{host}` is not a host name: it has an empty label"
+        ));
+    }
+    if name.len() > 253 || name.split('.').any(|l| l.len() > 63) {
+        return Some(format!(
+            "`{host}` is not a host name: longer than 253 bytes, or a label longer than 63"
+        ));
+    }
+    if name.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Some(format!("`{host}` is not an IPv4 address"));
+    }
+    None
 }
 
 /// A domain pattern as the router keys it: lower-cased, and one trailing dot of
@@ -2688,6 +2814,37 @@ mod tests {
             .unwrap_err()
             .contains("not a number"));
         assert!(split_host_port("[::1]").is_err());
+    }
+
+    #[test]
+    fn endpoint_hosts_are_ip_literals_or_dns_names() {
+        for ok in [
+            "10.0.0.5:8080",
+            "[2001:db8::5]:8080",
+            "app.internal:8080",
+            "app.internal.:8080",
+            "my_service:80",
+            "localhost:1",
+        ] {
+            assert!(parse_host_port(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("http://localhost:22301", "`http://` is a URL scheme"),
+            ("localhost:80/api", "a space or `/`"),
+            ("app internal:80", "a space or `/`"),
+            ("::1:80", "must be in brackets"),
+            ("::1", "must be in brackets"),
+            ("2001:db8::5", "must be in brackets"),
+            ("[app]:80", "is not an IPv6 address"),
+            ("a..b:80", "empty label"),
+            ("a@b:80", "`@` is not a letter"),
+            ("10.0.0.256:80", "not an IPv4 address"),
+        ] {
+            let (err, _) = parse_host_port(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let (_, help) = parse_host_port("http://localhost:22301").unwrap_err();
+        assert!(help.contains("without scheme"), "{help}");
     }
 
     #[test]
