@@ -66,12 +66,22 @@ enum Command {
     },
 }
 
-/// The log filter from `LEGATE_LOG` (`info` if unset). A value that does not
-/// parse is said on stderr, not taken silently: logging goes on at `info`.
+/// The log filter when `LEGATE_LOG` is unset: `info`, but rustls's only at
+/// `error`. rustls warns once per handshake whose SNI is an IP address
+/// (`Illegal SNI extension: ignoring IP address presented as hostname`, which
+/// RFC 6066 forbids but wrk, health checkers and `openssl s_client -servername
+/// 10.0.0.1` send): a line per connection, in the log of every edge proxy.
+/// Such a handshake goes on as one without SNI. `LEGATE_LOG` replaces the whole
+/// filter (`LEGATE_LOG=info` shows them).
+const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
+
+/// The log filter from `LEGATE_LOG` ([`DEFAULT_LOG_FILTER`] if unset). A value
+/// that does not parse is said on stderr, not taken silently: logging goes on
+/// with the default.
 fn log_filter() -> tracing_subscriber::EnvFilter {
     use tracing_subscriber::EnvFilter;
     let Some(v) = std::env::var_os("LEGATE_LOG") else {
-        return EnvFilter::new("info");
+        return EnvFilter::new(DEFAULT_LOG_FILTER);
     };
     let v = v.to_string_lossy();
     match EnvFilter::builder().parse(&*v) {
@@ -86,11 +96,11 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
         }
         Err(e) => {
             eprintln!(
-                "legate: LEGATE_LOG={v:?} is not a log filter ({e}); logging at `info`. \
-                 Use a level (error, warn, info, debug, trace) or directives such as \
-                 `info,legate_host::proxy=debug`."
+                "legate: LEGATE_LOG={v:?} is not a log filter ({e}); logging with the \
+                 default `{DEFAULT_LOG_FILTER}`. Use a level (error, warn, info, debug, \
+                 trace) or directives such as `info,legate_host::proxy=debug`."
             );
-            EnvFilter::new("info")
+            EnvFilter::new(DEFAULT_LOG_FILTER)
         }
     }
 }
