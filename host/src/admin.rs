@@ -3,7 +3,7 @@
 //!
 //! | path | method | answer |
 //! |---|---|---|
-//! | `/ready` | GET | 200 `LIVE`; 503 `WARMING` (with the clusters) while a `dns` cluster waits for its first answer at start (up to its `initial_fetch_timeout`), 503 `DRAINING` once a drain started |
+//! | `/ready` | GET | 200 `LIVE`; 503 `INITIALIZING` while the process starts (compiling plugins: [`serve_starting`]); 503 `WARMING` (with the clusters) while a `dns` cluster waits for its first answer at start (up to its `initial_fetch_timeout`), 503 `DRAINING` once a drain started |
 //! | `/stats` | GET | every metric, Prometheus text format 0.0.4 |
 //! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
 //! | `/config_dump` | GET | the effective config (defaults filled in) as JSON, secrets redacted (`config_dump`) |
@@ -33,6 +33,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -95,6 +96,119 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+/// The admin API while the process starts, before its config is in force
+/// (the plugins compile: half a minute for a cold Python filter). Every path
+/// gets 503, `/ready` with `INITIALIZING` (as Envoy's admin answers while it
+/// initializes), so a probe sees a live process that is not ready instead of
+/// a refused connection, which a liveness probe takes for a dead one (a
+/// restart loop). Serves on `socket` (a duplicate of the admin socket: the
+/// same socket) until the [`Starting`] is dropped, which returns once it no
+/// longer accepts there; connections it accepted before finish on their own,
+/// each with its one answer (no keep-alive).
+pub fn serve_starting(
+    socket: std::net::TcpListener,
+    config: Arc<Config>,
+) -> anyhow::Result<Starting> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (closed_tx, closed) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("legate-admin-starting".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::warn!("admin runtime while starting: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let mut connections = tokio::task::JoinSet::new();
+                let accepting = async {
+                    let listener = match socket
+                        .set_nonblocking(true)
+                        .and_then(|()| TcpListener::from_std(socket))
+                    {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::warn!("admin listener while starting: {e}");
+                            return;
+                        }
+                    };
+                    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        };
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            continue;
+                        };
+                        let config = config.clone();
+                        connections.spawn(async move {
+                            let _slot = slot;
+                            let svc = service_fn(move |req| {
+                                let r = refused(&req, &config.admin.allowed_hosts)
+                                    .unwrap_or_else(|| starting_answer(&req));
+                                async move { Ok::<_, Infallible>(r) }
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .timer(TokioTimer::new())
+                                .header_read_timeout(HEADER_READ_TIMEOUT)
+                                .keep_alive(false)
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    () = accepting => {}
+                    _ = stopped => {}
+                }
+                // The listener (this duplicate) is closed: the socket is the
+                // admin API's now. The answers under way end.
+                drop(closed_tx);
+                while connections.join_next().await.is_some() {}
+            });
+        })
+        .context("starting the admin thread")?;
+    Ok(Starting {
+        stop: Some(stop),
+        closed,
+    })
+}
+
+/// The admin API of a starting process ([`serve_starting`]): dropping it stops
+/// accepting there, for the admin API proper to take over the socket.
+pub struct Starting {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    closed: std::sync::mpsc::Receiver<()>,
+}
+
+impl Drop for Starting {
+    /// Returns once no connection is accepted there any more: one made after
+    /// is the admin API proper's (a `/ready` after the start gets `LIVE`).
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        // `Err` when the sender is gone: the listener was closed.
+        let _ = self.closed.recv();
+    }
+}
+
+/// The answer to `req` while the process starts.
+fn starting_answer<B>(req: &Request<B>) -> Response<Full<Bytes>> {
+    match (get_or_head(req), req.uri().path()) {
+        (&Method::GET, "/ready") => text(StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING\n"),
+        _ => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "INITIALIZING: Legate is starting (loading its plugins); the admin API answers \
+             once the config is in force\n",
+        ),
     }
 }
 

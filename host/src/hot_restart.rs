@@ -47,8 +47,9 @@
 //! new one adds to its own before it serves (so `/stats` never goes back), and the
 //! old process sends its final copy on the same connection when it has drained,
 //! of which the new one adds what was counted since the first. Gauges are per
-//! process. Counts a process makes after its successor has itself handed over are
-//! not carried further.
+//! process. After two hot restarts in a row the middle process may drain before
+//! the first: it waits for the first one's final counts before it sends its own
+//! (which include them), so none are lost ([`send_final_stats`]).
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, IoSlice, IoSliceMut, Write};
@@ -125,15 +126,28 @@ pub fn socket_id(s: &impl AsFd) -> Option<SocketId> {
 }
 
 /// Parses the new process's go-ahead: `DRAIN` alone (a Legate that does not
-/// say what it adopted: `None`) or `DRAIN {json}`.
+/// say what it adopted: `None`) or `DRAIN {json}`. A new process that failed
+/// to start sends `FAIL` and its error as a JSON string ([`Inherited::refuse`]);
+/// one that exited without a word (killed, stopped by a signal while
+/// starting, or an older Legate that failed) closed the connection.
 fn parse_drain(line: &str) -> anyhow::Result<Option<Adopted>> {
+    if line.is_empty() {
+        bail!(
+            "the new process did not take over: it exited before it served (see its \
+             log: a bad config, a crash, or stopped while starting)"
+        );
+    }
     let line = line.trim();
+    if let Some(reason) = line.strip_prefix("FAIL ") {
+        let reason = serde_json::from_str::<String>(reason).unwrap_or_else(|_| reason.to_string());
+        bail!("the new process did not take over: {reason}");
+    }
     match line.strip_prefix("DRAIN") {
         Some("") => Ok(None),
         Some(rest) if rest.starts_with(' ') => Ok(Some(
             serde_json::from_str(rest.trim()).context("the sockets the new process adopted")?,
         )),
-        _ => bail!("the new process did not take over ({line:?})"),
+        _ => bail!("the new process did not take over (it sent {line:?})"),
     }
 }
 
@@ -431,7 +445,14 @@ fn hand_over(
 /// The old process's last step, once drained: its final counters and histograms
 /// go to the process that took over (nothing if none did). A failure is logged:
 /// the counts made while draining are then missing from the new process.
-pub fn send_final_stats(shared: &Shared) {
+///
+/// `predecessor` is the thread that receives the final counts of the process
+/// this one took over from ([`Inherited::finish`]). Two hot restarts in a row
+/// can leave that one still draining when this one has drained (it handed over
+/// to a third): this one then waits for those counts (or that process's exit,
+/// within its `drain_timeout`), adds them, and sends them on with its own, so
+/// what the first process counted while draining still reaches the newest.
+pub fn send_final_stats(shared: &Shared, predecessor: Option<std::thread::JoinHandle<()>>) {
     let Some(stream) = shared
         .successor
         .lock()
@@ -440,6 +461,15 @@ pub fn send_final_stats(shared: &Shared) {
     else {
         return;
     };
+    if let Some(p) = predecessor {
+        if !p.is_finished() {
+            tracing::info!(
+                "hot restart: waiting for the final counts of the process this one took \
+                 over from, to pass them on"
+            );
+        }
+        let _ = p.join();
+    }
     let sent = serde_json::to_vec(&carry(shared))
         .map_err(io::Error::other)
         .and_then(|mut line| {
@@ -560,10 +590,27 @@ pub fn take_over(path: &Path) -> anyhow::Result<Inherited> {
 }
 
 impl Inherited {
+    /// Tells the old process that this one failed to start, and why (`FAIL`
+    /// and the error as a JSON string): it keeps serving and logs the reason.
+    /// An old process that predates `FAIL` logs it as an unexpected line.
+    pub fn refuse(self, reason: &anyhow::Error) {
+        let mut line = b"FAIL ".to_vec();
+        if serde_json::to_writer(&mut line, &format!("{reason:#}")).is_ok() {
+            line.push(b'\n');
+            let _ = (&self.stream).write_all(&line);
+        }
+    }
+
     /// Tells the old process to stop accepting and drain (call once this process
     /// serves on the sockets `adopted` says); waits for its `OK`. Its final
-    /// counts, sent when it has drained, are added to `stats` as they arrive.
-    pub fn finish(mut self, shared: Arc<Shared>, adopted: &Adopted) -> anyhow::Result<()> {
+    /// counts, sent when it has drained, are added to `stats` as they arrive,
+    /// by the thread returned (done when they arrived or the old process
+    /// exited): [`send_final_stats`] waits for it.
+    pub fn finish(
+        mut self,
+        shared: Arc<Shared>,
+        adopted: &Adopted,
+    ) -> anyhow::Result<std::thread::JoinHandle<()>> {
         let mut go = b"DRAIN".to_vec();
         if self.adoption {
             go.push(b' ');
@@ -586,7 +633,7 @@ impl Inherited {
             pid,
             ..
         } = self;
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("legate-upgrade-stats".into())
             .spawn(move || {
                 let mut line = String::new();
@@ -607,7 +654,7 @@ impl Inherited {
                 }
             })
             .context("starting the upgrade stats thread")?;
-        Ok(())
+        Ok(thread)
     }
 }
 
@@ -652,6 +699,19 @@ mod tests {
         assert!(parse_drain("DRAINED\n").is_err());
         assert!(parse_drain("DRAIN {\n").is_err());
         assert!(parse_drain("FDS\n").is_err());
+    }
+
+    /// A failed new process's reason reaches the old one's log; one that
+    /// exited without a word is said to have.
+    #[test]
+    fn a_refusal_says_why() {
+        let e = parse_drain("FAIL \"starting legate: plugin `x`: no such file\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the new process did not take over: starting legate: plugin `x`: no such file"
+        );
+        let e = parse_drain("").unwrap_err().to_string();
+        assert!(e.contains("exited before it served"), "{e}");
     }
 
     /// A duplicated descriptor is the same socket; another socket is not.

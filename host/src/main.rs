@@ -66,12 +66,22 @@ enum Command {
     },
 }
 
-/// The log filter from `LEGATE_LOG` (`info` if unset). A value that does not
-/// parse is said on stderr, not taken silently: logging goes on at `info`.
+/// The log filter when `LEGATE_LOG` is unset: `info`, but rustls's only at
+/// `error`. rustls warns once per handshake whose SNI is an IP address
+/// (`Illegal SNI extension: ignoring IP address presented as hostname`, which
+/// RFC 6066 forbids but wrk, health checkers and `openssl s_client -servername
+/// 10.0.0.1` send): a line per connection, in the log of every edge proxy.
+/// Such a handshake goes on as one without SNI. `LEGATE_LOG` replaces the whole
+/// filter (`LEGATE_LOG=info` shows them).
+const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
+
+/// The log filter from `LEGATE_LOG` ([`DEFAULT_LOG_FILTER`] if unset). A value
+/// that does not parse is said on stderr, not taken silently: logging goes on
+/// with the default.
 fn log_filter() -> tracing_subscriber::EnvFilter {
     use tracing_subscriber::EnvFilter;
     let Some(v) = std::env::var_os("LEGATE_LOG") else {
-        return EnvFilter::new("info");
+        return EnvFilter::new(DEFAULT_LOG_FILTER);
     };
     let v = v.to_string_lossy();
     match EnvFilter::builder().parse(&*v) {
@@ -86,11 +96,11 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
         }
         Err(e) => {
             eprintln!(
-                "legate: LEGATE_LOG={v:?} is not a log filter ({e}); logging at `info`. \
-                 Use a level (error, warn, info, debug, trace) or directives such as \
-                 `info,legate_host::proxy=debug`."
+                "legate: LEGATE_LOG={v:?} is not a log filter ({e}); logging with the \
+                 default `{DEFAULT_LOG_FILTER}`. Use a level (error, warn, info, debug, \
+                 trace) or directives such as `info,legate_host::proxy=debug`."
             );
-            EnvFilter::new("info")
+            EnvFilter::new(DEFAULT_LOG_FILTER)
         }
     }
 }
@@ -232,6 +242,38 @@ fn raise_fd_limit(cfg: &config::Config) {
     }
 }
 
+/// Takes over the running process's sockets (`take_over`: a hot restart, over
+/// the upgrade socket `upgrade_path`) and starts serving; the handle, and what
+/// was taken over (to tell the old process to drain).
+fn start(
+    cfg: config::Config,
+    opts: server::Options,
+    mut process: server::ProcessOptions,
+    take_over: bool,
+    upgrade_path: &std::path::Path,
+) -> anyhow::Result<(server::Handle, Option<hot_restart::Inherited>)> {
+    let mut inherited = if take_over {
+        Some(hot_restart::take_over(upgrade_path).context("hot restart")?)
+    } else {
+        None
+    };
+    if let Some(i) = inherited.as_mut() {
+        process.inherited = std::mem::take(&mut i.listeners);
+        process.inherited_admin = i.admin.take();
+        process.inherited_stats = Some(i.stats.clone());
+    }
+    match server::start_with(cfg, opts, process).context("starting legate") {
+        Ok(handle) => Ok((handle, inherited)),
+        Err(e) => {
+            // The old process keeps serving; its log says why.
+            if let Some(i) = inherited {
+                i.refuse(&e);
+            }
+            Err(e)
+        }
+    }
+}
+
 fn run(
     path: &std::path::Path,
     concurrency: Option<usize>,
@@ -241,6 +283,7 @@ fn run(
     take_over: bool,
 ) -> anyhow::Result<()> {
     let upgrade_path = upgrade_socket.unwrap_or_else(|| hot_restart::default_socket(path));
+    let upgrade_path_for_start = upgrade_path.clone();
     let mut cfg = match config::check_file(path) {
         Ok(c) => c,
         Err(e) => anyhow::bail!("invalid config\n{e}"),
@@ -253,54 +296,71 @@ fn run(
     if let Some(n) = concurrency {
         opts.concurrency = n;
     }
-    let mut process = server::ProcessOptions {
+    let process = server::ProcessOptions {
         config_path: Some(path.to_path_buf()),
         local_zone,
         watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
         ..Default::default()
     };
     // Signals are handled on a small runtime of their own; workers own theirs.
-    // SIGHUP's is installed before anything starts: its default action is to
-    // exit, and one sent while this process starts (`kill -HUP $(pidof
-    // legate)` during a hot restart reaches both processes) must not kill it;
-    // it reloads once the process serves. SIGUSR1's too (its default action
-    // also exits): logrotate sends it to have the access log reopened, as
-    // nginx and Envoy do. SIGTERM and SIGINT keep their default until then, so
-    // Ctrl-C stops a slow start at once.
+    // Every handler is installed before anything starts. SIGHUP's default
+    // action is to exit, and one sent while this process starts (`kill -HUP
+    // $(pidof legate)` during a hot restart reaches both processes) must not
+    // kill it; it reloads once the process serves. SIGUSR1's too (its default
+    // action also exits): logrotate sends it to have the access log reopened,
+    // as nginx and Envoy do. SIGTERM and SIGINT stop a start at once (below):
+    // their default action would too, but not as PID 1 of a PID namespace (the
+    // container image's `ENTRYPOINT ["legate"]`), to which the kernel delivers
+    // no signal it has no handler for — a pod would sit `Terminating` for its
+    // grace period while plugins compiled.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("signal runtime")?;
-    let (mut hup, mut usr1) = {
+    let (mut hup, mut usr1, mut term, mut int) = {
         use tokio::signal::unix::{signal, SignalKind};
         let _in = rt.enter();
         (
             signal(SignalKind::hangup()).context("SIGHUP handler")?,
             signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?,
+            signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("SIGINT handler")?,
         )
     };
-    // If starting fails after this, the old process keeps serving: it drains only
-    // when told to below.
-    let mut inherited = if take_over {
-        Some(hot_restart::take_over(&upgrade_path).context("hot restart")?)
-    } else {
-        None
+    // Starting (taking the running process's sockets, compiling every plugin)
+    // runs on a blocking thread while this one waits for SIGTERM or SIGINT: one
+    // ends the process at once, with status 0 as after a drain (nothing was
+    // served, so nothing is cut). If starting fails or is stopped, the old
+    // process of a hot restart keeps serving: it drains only when told to below.
+    let starting =
+        rt.spawn_blocking(move || start(cfg, opts, process, take_over, &upgrade_path_for_start));
+    let started = rt.block_on(async {
+        tokio::select! {
+            r = starting => Ok(r),
+            _ = term.recv() => Err("SIGTERM"),
+            _ = int.recv() => Err("SIGINT"),
+        }
+    });
+    let started = match started {
+        Ok(r) => r,
+        Err(signal) => {
+            tracing::info!("{signal} while starting: stopped before serving");
+            std::process::exit(0);
+        }
     };
-    if let Some(i) = inherited.as_mut() {
-        process.inherited = std::mem::take(&mut i.listeners);
-        process.inherited_admin = i.admin.take();
-        process.inherited_stats = Some(i.stats.clone());
-    }
-    let handle = server::start_with(cfg, opts, process).context("starting legate")?;
+    let (handle, inherited) = started.context("the start thread")??;
+    // Receives the final counts of the process this one took over from.
+    let mut predecessor = None;
     if let Some(i) = inherited {
         // This process serves on every socket already: a handover the old
         // process did not confirm (it exited, or drained meanwhile) must not
         // stop it too, which would leave nothing serving.
-        if let Err(e) = i.finish(handle.shared(), handle.adopted()) {
-            tracing::error!(
+        match i.finish(handle.shared(), handle.adopted()) {
+            Ok(thread) => predecessor = Some(thread),
+            Err(e) => tracing::error!(
                 "hot restart: {e:#}; serving anyway (if the old process still runs, \
                  stop it: both accept on the same sockets)"
-            );
+            ),
         }
     }
     // Not serving the upgrade socket costs only hot restarts (a container
@@ -324,14 +384,6 @@ fn run(
     };
     let shared = handle.shared();
     let mut drain = handle.drain_signal();
-    let (mut term, mut int) = {
-        use tokio::signal::unix::{signal, SignalKind};
-        let _in = rt.enter();
-        (
-            signal(SignalKind::terminate()).context("SIGTERM handler")?,
-            signal(SignalKind::interrupt()).context("SIGINT handler")?,
-        )
-    };
     rt.block_on(async {
         loop {
             tokio::select! {
@@ -372,7 +424,14 @@ fn run(
     // A second SIGTERM or SIGINT during the drain stops at once (as a second
     // Ctrl-C is expected to), cutting the connections still open.
     let stopped = rt.block_on(async {
-        let mut wait = tokio::task::spawn_blocking(move || handle.wait());
+        let finals = shared.clone();
+        let mut wait = tokio::task::spawn_blocking(move || {
+            let stopped = handle.wait();
+            // After the drain, not before: a second signal while the counts
+            // are awaited stops at once too.
+            hot_restart::send_final_stats(&finals, predecessor);
+            stopped
+        });
         loop {
             tokio::select! {
                 r = &mut wait => break r.unwrap_or_else(|e| Err(anyhow::anyhow!("drain: {e}"))),
@@ -388,7 +447,6 @@ fn run(
             std::process::exit(1);
         }
     });
-    hot_restart::send_final_stats(&shared);
     stopped?;
     tracing::info!("stopped");
     Ok(())

@@ -590,6 +590,28 @@ pub fn start_with(
     if let Some(carried) = &process.inherited_stats {
         stats.absorb(carried, None);
     }
+    let admin_addr: SocketAddr = config
+        .admin
+        .address
+        .value
+        .parse()
+        .context("admin address")?;
+    // The admin socket is bound before the plugins compile, and answers
+    // `/ready` with 503 `INITIALIZING` meanwhile (as Envoy's admin does while
+    // it initializes): a liveness probe would take a refused connection for a
+    // dead process. (At a hot restart the old process answers on the socket
+    // it passed until this one serves.) Dropping `starting` (when the admin
+    // API proper takes over, or this start fails) stops it.
+    let (early_admin, starting) = match process.inherited_admin {
+        Some(_) => (None, None),
+        None => {
+            let s = std::net::TcpListener::bind(admin_addr)
+                .with_context(|| format!("admin listener on {admin_addr}"))?;
+            let dup = s.try_clone().context("duplicating the admin socket")?;
+            let starting = crate::admin::serve_starting(dup, config.clone())?;
+            (Some(s), Some(starting))
+        }
+    };
     let snapshot = Snapshot::build_with(config.clone(), &stats)?;
     if let Some(carried) = &process.inherited_stats {
         crate::hot_restart::absorb_clusters(&snapshot, carried, None);
@@ -660,12 +682,6 @@ pub fn start_with(
         );
     }
 
-    let admin_addr: SocketAddr = config
-        .admin
-        .address
-        .value
-        .parse()
-        .context("admin address")?;
     let admin_socket = match process.inherited_admin {
         Some(s) if serves_admin_address(&s, admin_addr) => {
             adopted.admin = true;
@@ -689,8 +705,11 @@ pub fn start_with(
             tracing::info!("hot restart: the admin listener moves from {was} to {admin_addr}");
             s
         }
-        None => std::net::TcpListener::bind(admin_addr)
-            .with_context(|| format!("admin listener on {admin_addr}"))?,
+        None => match early_admin {
+            Some(s) => s,
+            None => std::net::TcpListener::bind(admin_addr)
+                .with_context(|| format!("admin listener on {admin_addr}"))?,
+        },
     };
     let admin_dup = admin_socket
         .try_clone()
@@ -739,6 +758,8 @@ pub fn start_with(
         workers.push(t);
     }
 
+    // The admin API proper takes the socket over from the starting one.
+    drop(starting);
     let admin_stop = Arc::new(tokio::sync::Notify::new());
     let admin_thread = {
         let shared = shared.clone();

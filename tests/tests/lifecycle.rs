@@ -755,3 +755,353 @@ fn legate_check_fails_what_legate_run_would() {
         assert!(stderr.contains(want), "{name}: {stderr}");
     }
 }
+
+/// A `legate run` child process whose stderr (its log) goes to a file.
+struct LoggedChild {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl LoggedChild {
+    /// `legate run -c cfg EXTRA...`, logging at the default level (no
+    /// `LEGATE_LOG`) to `log`.
+    fn spawn(cfg: &std::path::Path, extra: &[&str], log: std::path::PathBuf) -> LoggedChild {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(workspace_bin("legate"))
+            .args(["run", "--concurrency", "1", "--watch-interval", "0", "-c"])
+            .arg(cfg)
+            .args(extra)
+            .env_remove("LEGATE_LOG")
+            .env("LEGATE_WASM_CACHE", "off")
+            .stderr(file)
+            .spawn()
+            .expect("spawn legate");
+        LoggedChild { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit; its exit status.
+    async fn exited(&mut self) -> std::process::ExitStatus {
+        let log = self.log.clone();
+        let what = format!("the legate process exits (log: {})", log.display());
+        eventually(Duration::from_secs(60), &what, || {
+            let r = self.child.try_wait().unwrap();
+            async move { r }
+        })
+        .await
+    }
+
+    /// Waits for a log line containing `needle`; the line.
+    async fn log_line(&self, needle: &str) -> String {
+        eventually(
+            Duration::from_secs(60),
+            &format!("a log line with {needle:?}"),
+            || {
+                let line = self
+                    .log()
+                    .lines()
+                    .find(|l| l.contains(needle))
+                    .map(str::to_string);
+                async move { line }
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for LoggedChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn admin_answer(admin: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut c = Client::connect(Proto::H1, admin).await.ok()?;
+    let r = c.get(path).try_send().await.ok()?;
+    Some((r.status.as_u16(), r.text()))
+}
+
+/// SIGTERM while Legate starts stops it at once, with a log line: the handler
+/// is installed before the start, since the default action does nothing to
+/// PID 1 of a PID namespace (a container's `ENTRYPOINT ["legate"]`), where a
+/// pod deleted during a slow start sat `Terminating` until SIGKILL. The start
+/// here blocks for good: a hot restart from an "old process" that accepts the
+/// upgrade connection and never answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_starting_stops_legate() {
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    let cfg = dir.write(
+        "legate.yaml",
+        format!(
+            "{}admin:\n  address: {}\n",
+            simple_config(&[up.addr]),
+            free_addr()
+        ),
+    );
+    let sock = dir.path().join("upgrade.sock");
+    let old = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let mut lg = LoggedChild::spawn(
+        &cfg,
+        &["--upgrade", "--upgrade-socket", sock.to_str().unwrap()],
+        dir.path().join("legate.log"),
+    );
+    // Once the new process connected, it waits in its start for an answer.
+    let (_conn, _) = tokio::task::spawn_blocking(move || old.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    lg.signal("TERM");
+    let status = lg.exited().await;
+    let log = lg.log();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("SIGTERM while starting"), "{log}");
+}
+
+/// The admin address answers while the plugins compile: `/ready` 503
+/// `INITIALIZING` (as Envoy's admin answers while it initializes), so a
+/// liveness probe does not take a slow start (a cold Python filter: half a
+/// minute) for a dead process and restart it, and SIGTERM stops it then too.
+/// The start blocks here on a plugin module that is a FIFO no one writes to
+/// yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_answers_initializing_while_legate_starts() {
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    let fifo = dir.path().join("slow.wasm");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let admin = free_addr();
+    let cfg = dir.write(
+        "legate.yaml",
+        format!(
+            "{}admin:\n  address: {admin}\nplugins:\n  - name: slow\n    module: {}\n",
+            simple_config(&[up.addr]),
+            fifo.display()
+        ),
+    );
+    let mut lg = LoggedChild::spawn(&cfg, &[], dir.path().join("legate.log"));
+    let (status, body) = eventually(Duration::from_secs(60), "the admin answers", || {
+        admin_answer(admin, "/ready")
+    })
+    .await;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "INITIALIZING\n"),
+        "{}",
+        lg.log()
+    );
+    let (status, body) = admin_answer(admin, "/stats").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("INITIALIZING"), "{body}");
+    // Still starting (the module is not read yet): SIGTERM stops it.
+    lg.signal("TERM");
+    let status = lg.exited().await;
+    let log = lg.log();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("SIGTERM while starting"), "{log}");
+}
+
+/// At the default log level, a TLS handshake whose SNI is an IP address
+/// (RFC 6066 forbids it, but wrk, health checkers and `openssl s_client
+/// -servername 10.0.0.1` send it) logs nothing: rustls warns at each one, a
+/// line per connection. `LEGATE_LOG` set replaces the whole filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ip_address_as_sni_is_not_logged_at_each_handshake() {
+    let up = upstream().start().await;
+    let ca = Ca::new("test ca");
+    let server = ca.server(&["localhost"]);
+    let dir = TempDir::new();
+    let admin = free_addr();
+    let web = free_addr();
+    let yaml = simple_config(&[up.addr]).replacen(
+        "    address: 127.0.0.1:0\n    http:\n",
+        &format!(
+            "    address: {web}\n{}    http:\n",
+            server.listener_tls_yaml()
+        ),
+        1,
+    );
+    assert!(yaml.contains("tls:"), "{yaml}");
+    let cfg = dir.write("legate.yaml", format!("{yaml}admin:\n  address: {admin}\n"));
+    let lg = LoggedChild::spawn(&cfg, &[], dir.path().join("legate.log"));
+    eventually(Duration::from_secs(60), "legate is ready", || async {
+        let (status, _) = admin_answer(admin, "/ready").await?;
+        (status == 200).then_some(())
+    })
+    .await;
+    let shake = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &web.to_string(),
+                "-servername",
+                "127.0.0.1",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&shake.stdout);
+    assert!(out.contains("BEGIN CERTIFICATE"), "no handshake:\n{out}");
+    // A line logged after the handshake: the handshake's would be before it.
+    let (status, _) = eventually(Duration::from_secs(60), "a drain", || {
+        admin_answer_post(admin, "/drain")
+    })
+    .await;
+    assert_eq!(status, 200);
+    lg.log_line("drain requested").await;
+    let log = lg.log();
+    assert!(!log.contains("Illegal SNI"), "{log}");
+}
+
+async fn admin_answer_post(admin: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut c = Client::connect(Proto::H1, admin).await.ok()?;
+    let r = c.post(path).try_send().await.ok()?;
+    Some((r.status.as_u16(), r.text()))
+}
+
+/// A hot restart whose new process fails to start logs why in the old process
+/// (it keeps serving): the new process sends its error before it exits,
+/// instead of the old one logging an empty reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_hot_restart_says_why_in_the_old_process() {
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    let admin = free_addr();
+    let good = format!("{}admin:\n  address: {admin}\n", simple_config(&[up.addr]));
+    let cfg = dir.write("legate.yaml", &good);
+    let old = LoggedChild::spawn(&cfg, &[], dir.path().join("old.log"));
+    eventually(Duration::from_secs(60), "legate is ready", || async {
+        let (status, _) = admin_answer(admin, "/ready").await?;
+        (status == 200).then_some(())
+    })
+    .await;
+    let sock = dir.path().join("legate.yaml.upgrade.sock");
+    eventually(Duration::from_secs(60), "the upgrade socket", || {
+        let there = sock.exists();
+        async move { there.then_some(()) }
+    })
+    .await;
+    // A module that is no WebAssembly: the config checks, the load fails.
+    let module = dir.write("broken.wasm", "not wasm");
+    dir.write(
+        "legate.yaml",
+        format!(
+            "{good}plugins:\n  - name: broken\n    module: {}\n",
+            module.display()
+        ),
+    );
+    let mut new = LoggedChild::spawn(&cfg, &["--upgrade"], dir.path().join("new.log"));
+    let status = new.exited().await;
+    assert!(!status.success(), "{}", new.log());
+    let line = old.log_line("did not take over").await;
+    assert!(line.contains("plugin") && line.contains("broken"), "{line}");
+    assert!(line.contains("still serving"), "{line}");
+    let (status, body) = admin_answer(admin, "/ready").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "LIVE\n"));
+}
+
+/// Two hot restarts in a row while the first process still drains: the middle
+/// one has drained first, and waits for the first one's final counts to pass
+/// them on with its own, so the request the first process finished while
+/// draining is counted by the newest. Before, the middle process exited, the
+/// first one's counts met a broken pipe (`WARN hot restart: the final counts
+/// did not reach the new process`), and `upstream_rq_2xx` missed the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_hot_restarts_keep_the_first_process_final_counts() {
+    let release = Arc::new(AtomicBool::new(false));
+    let up = upstream().hold_until(&release).start().await;
+    let dir = TempDir::new();
+    let (web, admin) = (free_addr(), free_addr());
+    let yaml = with_long_drain_timeout(&simple_config(&[up.addr])).replacen(
+        "    address: 127.0.0.1:0\n",
+        &format!("    address: {web}\n"),
+        1,
+    );
+    let cfg = dir.write("legate.yaml", format!("{yaml}admin:\n  address: {admin}\n"));
+    let sock = dir.path().join("legate.yaml.upgrade.sock");
+    // The upgrade socket's file, once another than `before` (each new process
+    // replaces it with its own, by a rename): its inode.
+    let upgrade_socket_after = |before: Option<u64>| {
+        let sock = sock.clone();
+        async move {
+            use std::os::unix::fs::MetadataExt as _;
+            eventually(Duration::from_secs(60), "a new upgrade socket", || {
+                let ino = std::fs::metadata(&sock).ok().map(|m| m.ino());
+                async move { ino.filter(|i| Some(*i) != before) }
+            })
+            .await
+        }
+    };
+    let mut p1 = LoggedChild::spawn(&cfg, &[], dir.path().join("p1.log"));
+    let first = upgrade_socket_after(None).await;
+    // A request in flight at the first process: it finishes while it drains.
+    let held = tokio::spawn(async move {
+        let mut c = client(Proto::H1, web).await;
+        c.get("/").send().await.status
+    });
+    eventually(
+        Duration::from_secs(60),
+        "the request reaches the upstream",
+        || {
+            let n = up.in_flight.get();
+            async move { (n == 1).then_some(()) }
+        },
+    )
+    .await;
+    let p2 = LoggedChild::spawn(&cfg, &["--upgrade"], dir.path().join("p2.log"));
+    p2.log_line("is draining").await;
+    upgrade_socket_after(Some(first)).await;
+    let p3 = LoggedChild::spawn(&cfg, &["--upgrade"], dir.path().join("p3.log"));
+    p3.log_line("is draining").await;
+    // The second process has drained (nothing was in flight there): it
+    // exited, or waits for the first one's counts.
+    let mut p2 = p2;
+    eventually(
+        Duration::from_secs(60),
+        "the second process drained",
+        || {
+            let done = p2.child.try_wait().unwrap().is_some()
+                || p2.log().contains("waiting for the final counts");
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(held.await.unwrap(), 200);
+    assert!(p1.exited().await.success(), "{}", p1.log());
+    assert!(p2.exited().await.success(), "{}", p2.log());
+    assert!(!p1.log().contains("did not reach"), "{}", p1.log());
+    for series in [
+        r#"legate_cluster_upstream_rq_total{cluster="backend"}"#,
+        r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#,
+    ] {
+        let what = format!("{series} is 1 at the third process");
+        eventually(HANG_GUARD, &what, || async {
+            let (_, body) = admin_answer(admin, "/stats").await?;
+            (parse_prometheus(&body).get(series) == Some(&1.0)).then_some(())
+        })
+        .await;
+    }
+    drop(p3);
+}
