@@ -612,8 +612,11 @@ impl NetChain {
         let r = if self.skipped[i] {
             Ok(NetVerdict::Continue)
         } else if f.held_in_callouts() {
+            // What it holds in each direction it pauses, even if that is
+            // only the end of the stream (empty): Envoy keeps its read
+            // buffer after `StopIteration`, so the callback may append to it.
             for d in 0..2 {
-                if !self.held[i][d].is_empty() {
+                if self.pauses(i, d) {
                     self.x.bodies[d] = Some(std::mem::take(&mut self.held[i][d]).into());
                 }
             }

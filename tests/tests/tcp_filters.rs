@@ -777,6 +777,40 @@ async fn proxy_wasm_resume_downstream_leaves_upstream_paused() {
     lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
 }
 
+/// A filter that pauses at the end of the downstream stream on a call, its
+/// earlier data gone on (it holds only the end), finds the downstream data
+/// buffer in the call's callback, empty, and appends to it (as Envoy keeps its
+/// read buffer after `StopIteration` and proxy-wasm-cpp-host appends at a
+/// start past the end): the footer goes upstream before the end of stream,
+/// and the VM does not trap (the Rust SDK panics on `NOT_FOUND`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_appends_to_a_held_end_of_stream_in_a_calls_callback() {
+    let echo = tcp_echo_server().await;
+    let az = authz_upstream().await;
+    let lg = legate()
+        .config(&resume_config(
+            echo.addr,
+            az.addr,
+            "tcp-footer",
+            "/check/tcp",
+        ))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"hello\n").await;
+    c.stream.shutdown().await.unwrap();
+    let (got, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(
+        closed,
+        "not closed; got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(String::from_utf8_lossy(&got), "hello\n[footer]\n");
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+    lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
+}
+
 /// `yaml` with plugin `pw`'s `limits.pause` at 300 ms.
 fn with_pause_limit(yaml: &str) -> String {
     let out = yaml.replacen(
