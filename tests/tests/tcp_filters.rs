@@ -811,6 +811,39 @@ async fn proxy_wasm_appends_to_a_held_end_of_stream_in_a_calls_callback() {
     lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
 }
 
+/// A pause past `limits.pause` closes the connection (fail closed) as one
+/// over `limits.body` does: either way the filter, whose VM is healthy, gets
+/// both close callbacks (`LOCAL`) before `proxy_on_log`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_pause_and_body_limits_both_give_the_close_callbacks() {
+    let echo = tcp_echo_server().await;
+    let yaml = config(echo.addr, "{ mode: tcp-hold }", "    fail: closed\n", "").replacen(
+        "limits: { cpu: 500ms }",
+        "limits: { cpu: 500ms, pause: 300ms, body: 1KiB }",
+        1,
+    );
+    for (send, failures) in [(vec![b'x'; 10], 1.0), (vec![b'x'; 2048], 0.0)] {
+        let lg = legate().config(&yaml).start();
+        let mut c = RawConn::connect(lg.addr("tcp")).await;
+        c.write(&send).await;
+        let (rest, closed) = c.read_until_close(HANG_GUARD).await;
+        assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+        let n = send.len();
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, failures)
+            .await;
+        lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
+        for (m, want) in [
+            ("pw_tcp_down_close_local", 1.0),
+            ("pw_tcp_up_close_local", 1.0),
+            ("pw_tcp_down_close_remote", 0.0),
+            ("pw_tcp_up_close_remote", 0.0),
+        ] {
+            let got = lg.stat(&metric(m)).await;
+            assert_eq!(got, Some(want), "{m} after sending {n} bytes");
+        }
+    }
+}
+
 /// `yaml` with plugin `pw`'s `limits.pause` at 300 ms.
 fn with_pause_limit(yaml: &str) -> String {
     let out = yaml.replacen(

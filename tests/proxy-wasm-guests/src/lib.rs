@@ -220,6 +220,9 @@
 //!   `[footer]\n` to the downstream data it holds (`set_downstream_data`
 //!   with a start past the end: maybe only the end of the stream is held)
 //!   and resumes it.
+//! - `tcp-hold`: downstream data is always held (`Pause`, nothing
+//!   outstanding): the connection ends at the plugin's `limits.pause` or
+//!   `limits.body`.
 //! - `tcp-lines`: data of either direction is held (`Pause`) until it ends
 //!   with a newline (or the stream ends), then passes unchanged.
 //! - `tcp-tick`: pauses with nothing outstanding that the root context's tick
@@ -1122,6 +1125,9 @@ impl StreamContext for Tcp {
                 Ok(_) => Action::Pause,
                 Err(_) => Action::Continue,
             };
+        }
+        if self.s.mode == "tcp-hold" {
+            return Action::Pause;
         }
         if self.s.mode.starts_with("tcp-resume") {
             return self.hold_once(0);
