@@ -311,7 +311,8 @@ pub struct NetChain {
     pub x: Exchange,
     /// Filters bypassed after a fail-open failure.
     skipped: Vec<bool>,
-    /// Filters that failed (their state may be gone: no close notification).
+    /// Filters a call of which failed (their state may be gone: no close
+    /// notification); not those the chain failed for a pause.
     failed: Vec<bool>,
     /// Data each filter holds (`Pause`), per direction ([`Peer::idx`]).
     held: Vec<[Vec<u8>; 2]>,
@@ -426,10 +427,16 @@ impl NetChain {
     }
 
     /// Applies filter `i`'s failure policy: `true` if the filter is skipped.
-    fn failure(&mut self, i: usize, phase: &str, why: &str) -> bool {
+    /// `broken`: a call of it failed (a trap, its deadline, an invalid
+    /// result), so its state may be gone and it gets no close notification.
+    /// A failure the chain finds itself (a pause nothing could end, or one
+    /// past its `limits.pause`) leaves the filter whole: closed by it (fail
+    /// closed), the filter gets its close notifications, as for a close over
+    /// its cap.
+    fn failure(&mut self, i: usize, phase: &str, why: &str, broken: bool) -> bool {
         let f = &self.filters[i];
         tracing::warn!(plugin = f.name(), phase, "plugin failure: {why}");
-        self.failed[i] = true;
+        self.failed[i] |= broken;
         self.pauses[i].deadlines = [None; 3];
         if f.fail_open() {
             // `settle` ends this filter's pauses and lets what it holds in
@@ -479,12 +486,12 @@ impl NetChain {
                 Ok(NetVerdict::Pause) => {
                     let why = "paused the new connection with no callout outstanding: nothing \
                                could resume it";
-                    if !self.failure(i, "new_connection", why) {
+                    if !self.failure(i, "new_connection", why, false) {
                         return Step::Close;
                     }
                 }
                 Err(e) => {
-                    if !self.failure(i, "new_connection", &e) {
+                    if !self.failure(i, "new_connection", &e, true) {
                         return Step::Close;
                     }
                 }
@@ -553,12 +560,12 @@ impl NetChain {
                          nothing could resume it",
                         from.as_str()
                     );
-                    if !self.failure(i, phase, &why) {
+                    if !self.failure(i, phase, &why, false) {
                         return Step::Close;
                     }
                 }
                 Err(e) => {
-                    if !self.failure(i, phase, &e) {
+                    if !self.failure(i, phase, &e, true) {
                         return Step::Close;
                     }
                 }
@@ -612,8 +619,11 @@ impl NetChain {
         let r = if self.skipped[i] {
             Ok(NetVerdict::Continue)
         } else if f.held_in_callouts() {
+            // What it holds in each direction it pauses, even if that is
+            // only the end of the stream (empty): Envoy keeps its read
+            // buffer after `StopIteration`, so the callback may append to it.
             for d in 0..2 {
-                if !self.held[i][d].is_empty() {
+                if self.pauses(i, d) {
                     self.x.bodies[d] = Some(std::mem::take(&mut self.held[i][d]).into());
                 }
             }
@@ -657,7 +667,7 @@ impl NetChain {
                 self.closing = true;
                 return Some(Step::Close);
             }
-            Err(e) if !self.failure(i, "callout_response", &e) => {
+            Err(e) if !self.failure(i, "callout_response", &e, true) => {
                 self.closing = true;
                 return Some(Step::Close);
             }
@@ -690,7 +700,7 @@ impl NetChain {
                     }
                     let why = "paused with no callout outstanding: nothing could resume it";
                     self.filters[p].host_failure();
-                    if !self.failure(p, "callout_response", why) {
+                    if !self.failure(p, "callout_response", why, false) {
                         self.closing = true;
                         return Some(Step::Close);
                     }
@@ -836,7 +846,7 @@ impl NetChain {
                     "paused for longer than its `limits.pause` ({:?}) without being resumed",
                     f.pause_limit().unwrap_or_default()
                 );
-                if !self.failure(i, phase, &why) {
+                if !self.failure(i, phase, &why, false) {
                     self.closing = true;
                     return Some(Step::Close);
                 }
@@ -867,8 +877,9 @@ impl NetChain {
         let _ = self.release_skipped();
     }
 
-    /// Close notifications for the sides that were open (not to filters that
-    /// failed), then `on_done`, for the filters that saw the connection.
+    /// Close notifications for the sides that were open (not to filters a
+    /// call of which failed, nor to skipped ones), then `on_done`, for the
+    /// filters that saw the connection.
     fn finish(&mut self, closed: &[(Peer, bool)]) {
         for i in 0..self.entered {
             let f = self.filters[i].clone();

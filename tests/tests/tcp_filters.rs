@@ -777,6 +777,73 @@ async fn proxy_wasm_resume_downstream_leaves_upstream_paused() {
     lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
 }
 
+/// A filter that pauses at the end of the downstream stream on a call, its
+/// earlier data gone on (it holds only the end), finds the downstream data
+/// buffer in the call's callback, empty, and appends to it (as Envoy keeps its
+/// read buffer after `StopIteration` and proxy-wasm-cpp-host appends at a
+/// start past the end): the footer goes upstream before the end of stream,
+/// and the VM does not trap (the Rust SDK panics on `NOT_FOUND`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_appends_to_a_held_end_of_stream_in_a_calls_callback() {
+    let echo = tcp_echo_server().await;
+    let az = authz_upstream().await;
+    let lg = legate()
+        .config(&resume_config(
+            echo.addr,
+            az.addr,
+            "tcp-footer",
+            "/check/tcp",
+        ))
+        .start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"hello\n").await;
+    c.stream.shutdown().await.unwrap();
+    let (got, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(
+        closed,
+        "not closed; got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(String::from_utf8_lossy(&got), "hello\n[footer]\n");
+    lg.assert_stat(&calls("callout_response"), 1.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, 0.0)
+        .await;
+    lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
+}
+
+/// A pause past `limits.pause` closes the connection (fail closed) as one
+/// over `limits.body` does: either way the filter, whose VM is healthy, gets
+/// both close callbacks (`LOCAL`) before `proxy_on_log`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_wasm_pause_and_body_limits_both_give_the_close_callbacks() {
+    let echo = tcp_echo_server().await;
+    let yaml = config(echo.addr, "{ mode: tcp-hold }", "    fail: closed\n", "").replacen(
+        "limits: { cpu: 500ms }",
+        "limits: { cpu: 500ms, pause: 300ms, body: 1KiB }",
+        1,
+    );
+    for (send, failures) in [(vec![b'x'; 10], 1.0), (vec![b'x'; 2048], 0.0)] {
+        let lg = legate().config(&yaml).start();
+        let mut c = RawConn::connect(lg.addr("tcp")).await;
+        c.write(&send).await;
+        let (rest, closed) = c.read_until_close(HANG_GUARD).await;
+        assert!(closed && rest.is_empty(), "closed {closed}, rest {rest:?}");
+        let n = send.len();
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="pw"}"#, failures)
+            .await;
+        lg.assert_stat(&metric("pw_tcp_log"), 1.0).await;
+        for (m, want) in [
+            ("pw_tcp_down_close_local", 1.0),
+            ("pw_tcp_up_close_local", 1.0),
+            ("pw_tcp_down_close_remote", 0.0),
+            ("pw_tcp_up_close_remote", 0.0),
+        ] {
+            let got = lg.stat(&metric(m)).await;
+            assert_eq!(got, Some(want), "{m} after sending {n} bytes");
+        }
+    }
+}
+
 /// `yaml` with plugin `pw`'s `limits.pause` at 300 ms.
 fn with_pause_limit(yaml: &str) -> String {
     let out = yaml.replacen(

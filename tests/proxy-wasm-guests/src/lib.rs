@@ -215,6 +215,14 @@
 //!   `tcp-resume`, and each response first prefixes the data its direction
 //!   holds with `down|` or `up|` (`set_downstream_data` / `set_upstream_data`
 //!   in the callback).
+//! - `tcp-footer`: downstream data passes; at its end the filter calls
+//!   cluster `authz` at `path` and pauses, and the call's callback appends
+//!   `[footer]\n` to the downstream data it holds (`set_downstream_data`
+//!   with a start past the end: maybe only the end of the stream is held)
+//!   and resumes it.
+//! - `tcp-hold`: downstream data is always held (`Pause`, nothing
+//!   outstanding): the connection ends at the plugin's `limits.pause` or
+//!   `limits.body`.
 //! - `tcp-lines`: data of either direction is held (`Pause`) until it ends
 //!   with a newline (or the stream ends), then passes unchanged.
 //! - `tcp-tick`: pauses with nothing outstanding that the root context's tick
@@ -1021,6 +1029,13 @@ impl Tcp {
 
 impl Context for Tcp {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _trailers: usize) {
+        if self.s.mode == "tcp-footer" {
+            // Appends (a start past the end) to what the filter holds: at
+            // least the end of the stream, maybe nothing else.
+            self.set_downstream_data(usize::MAX / 2, 0, b"[footer]\n");
+            self.resume_downstream();
+            return;
+        }
         if self.s.mode == "tcp-resume-down" {
             self.resume_downstream();
             return;
@@ -1091,6 +1106,29 @@ impl StreamContext for Tcp {
     }
 
     fn on_downstream_data(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.s.mode == "tcp-footer" {
+            if !end_of_stream {
+                return Action::Continue;
+            }
+            let path = self.s.path.clone();
+            return match self.dispatch_http_call(
+                "authz",
+                vec![
+                    (":method", "GET"),
+                    (":path", &path),
+                    (":authority", "authz"),
+                ],
+                None,
+                vec![],
+                Duration::from_millis(self.s.timeout_ms),
+            ) {
+                Ok(_) => Action::Pause,
+                Err(_) => Action::Continue,
+            };
+        }
+        if self.s.mode == "tcp-hold" {
+            return Action::Pause;
+        }
         if self.s.mode.starts_with("tcp-resume") {
             return self.hold_once(0);
         }
