@@ -1270,6 +1270,19 @@ fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
                 "use a status from 200 to 599",
             );
         }
+        if matches!(d.status.value, 204 | 304) && d.body.as_ref().is_some_and(|b| !b.is_empty()) {
+            e.at(
+                loc,
+                format!(
+                    "direct_response status {} has a `body`, which this status never carries",
+                    d.status.value
+                ),
+                "remove `body` (RFC 9110 §15.3.5, §15.4.5: 204 and 304 responses have no \
+                 content), or use another status such as 200",
+            )
+            .key("direct_response")
+            .key("body");
+        }
         if let Some(ct) = &d.content_type {
             if ct.is_empty() || http::HeaderValue::from_str(ct).is_err() {
                 e.at(
@@ -1304,6 +1317,23 @@ fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
         }
         if let Some(rr) = &rw.regex {
             regex_check(e, &rr.pattern, false);
+            if let Ok(re) = regex::Regex::new(&rr.pattern.value) {
+                for name in missing_groups(&re, &rr.substitution) {
+                    e.at(
+                        loc,
+                        format!(
+                            "`rewrite.regex.substitution` refers to group `{name}`, which \
+                             `{}` does not have (it would be replaced by nothing)",
+                            rr.pattern.value
+                        ),
+                        "use a group the pattern has (`$1` is the first); write `${1}x` \
+                         when letters or digits follow the reference, `$$` for a `$`",
+                    )
+                    .key("rewrite")
+                    .key("regex")
+                    .key("substitution");
+                }
+            }
         }
         if let Some(h) = &rw.host {
             if h.is_empty() || http::uri::Authority::try_from(h.as_str()).is_err() {
@@ -2528,6 +2558,45 @@ fn anchored_regex_issue<'e>(e: &'e mut Issues, at: &Location, re: &str) -> Optio
         format!("invalid regex `{re}`: {why}"),
         "fix the regular expression (Rust regex syntax)",
     ))
+}
+
+/// The group references in `substitution` (the regex crate's `$name`,
+/// `${name}`; `$$` is a `$`) that `re` has no group for: each expands to
+/// nothing, silently. A name is the longest run of letters, digits and `_`
+/// after `$` (so `$1x` is group `1x`), a number an index.
+fn missing_groups(re: &regex::Regex, substitution: &str) -> Vec<String> {
+    let names: Vec<&str> = re.capture_names().flatten().collect();
+    let mut missing = Vec::new();
+    let mut rest = substitution;
+    while let Some(at) = rest.find('$') {
+        rest = &rest[at + 1..];
+        let name = if let Some(braced) = rest.strip_prefix('{') {
+            let Some(end) = braced.find('}') else { break };
+            rest = &braced[end + 1..];
+            &braced[..end]
+        } else if let Some(after) = rest.strip_prefix('$') {
+            rest = after;
+            continue;
+        } else {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let name = &rest[..end];
+            rest = &rest[end..];
+            name
+        };
+        if name.is_empty() {
+            continue;
+        }
+        let known = match name.parse::<usize>() {
+            Ok(i) => i < re.captures_len(),
+            Err(_) => names.contains(&name),
+        };
+        if !known && !missing.iter().any(|m| m == name) {
+            missing.push(name.to_owned());
+        }
+    }
+    missing
 }
 
 /// What is wrong with pattern `re`, if anything. The pattern alone first (so
