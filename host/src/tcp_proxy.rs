@@ -18,7 +18,7 @@
 //! (Envoy's `tcp_proxy` logs them at debug too): the line, and the cluster's
 //! and listener's counters, are how an operator sees them.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -139,6 +139,13 @@ struct Metered<'a, S> {
     /// This side's cause when it ends first.
     ends: &'static str,
     first: &'a Cell<Option<&'static str>>,
+    /// The upstream side: where a TLS alert on its first read goes (see
+    /// [`crate::upstream::tls_alert`]): the upstream refused the handshake
+    /// (with TLS 1.3, Legate's client certificate) after Legate's side
+    /// completed it.
+    refused: Option<&'a RefCell<Option<String>>>,
+    /// A read returned bytes.
+    read_any: bool,
 }
 
 impl<S> Metered<'_, S> {
@@ -175,6 +182,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
             Poll::Ready(Ok(())) => {
                 let n = buf.filled().len().saturating_sub(before);
                 if n > 0 {
+                    this.read_any = true;
                     if let Some((rx, _)) = this.counters {
                         rx.add(n as u64);
                     }
@@ -182,7 +190,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
                     this.ended();
                 }
             }
-            Poll::Ready(Err(_)) => this.ended(),
+            Poll::Ready(Err(e)) => {
+                this.ended();
+                if let (Some(cell), false) = (this.refused, this.read_any) {
+                    if let Some(alert) = crate::upstream::tls_alert(e) {
+                        *cell.borrow_mut() = Some(alert);
+                    }
+                }
+            }
             Poll::Pending => {}
         }
         r
@@ -439,11 +454,14 @@ async fn run(
     let activity = Arc::new(Activity::default());
     session.activity = Some(activity.clone());
     let first = Cell::new(None);
+    let refused = RefCell::new(None);
     let mut down = Metered {
         inner: Tracked::new(downstream, activity.clone()),
         counters: Some((&ctx.stats.rx_bytes, &ctx.stats.tx_bytes)),
         ends: cause::DOWNSTREAM_CLOSE,
         first: &first,
+        refused: None,
+        read_any: false,
     };
     // Upstream bytes count as activity too (not as the client's bytes): a
     // filter may hold what the upstream sends, or a slow upstream take an
@@ -453,6 +471,8 @@ async fn run(
         counters: None,
         ends: cause::UPSTREAM_CLOSE,
         first: &first,
+        refused: Some(&refused),
+        read_any: false,
     };
     let idle = tcp.idle_timeout.get();
     // Once the listener stops (a drain, or a reload that replaced or removed
@@ -484,6 +504,16 @@ async fn run(
         // Both sides are done: the one that ended first ended the session.
         Ending::Peers => first.get().unwrap_or(cause::DOWNSTREAM_CLOSE),
     });
+    // The upstream refused the TLS handshake on its first read: a connect
+    // failure, as when it refuses during the handshake.
+    if let Some(alert) = refused.take() {
+        let detail = format!("TLS handshake with {addr}: {alert}");
+        tracing::debug!(listener = %ctx.name, "tcp upstream {addr}: {detail}");
+        cluster.record_handshake_refused(index, &detail);
+        session.status = 502;
+        session.cause = Some(cause::CONNECT_FAILURE);
+        session.transport_failure = Some(alert);
+    }
     true
 }
 

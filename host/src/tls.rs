@@ -123,8 +123,10 @@ fn server_parts(
 
 /// Loads a certificate chain and its key as [`server_config`] and
 /// [`client_config`] do, and checks that they belong together (`legate check`).
+/// Silent about a certificate outside its validity: building the config
+/// loads it again and warns then, once.
 pub fn check_certified_key(cert: &Path, key: &Path) -> Result<(), FileError> {
-    load_certified_key(cert, key, &provider()).map(|_| ())
+    load_key_pair(cert, key, &provider()).map(|_| ())
 }
 
 /// Loads a CA file as [`server_config`] (`what`: `client CA file`) and
@@ -513,9 +515,15 @@ fn served_names(
     let leaf = certified
         .end_entity_cert()
         .map_err(|e| anyhow!("certificate file `{cert_path}`: {e}"))?;
-    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| {
-        anyhow!("certificate file `{cert_path}`: first certificate is not valid X.509: {e}")
-    })?;
+    // An X.509 v1 certificate, which webpki does not read, has no
+    // subjectAltName: it is valid for no DNS name a verifying client checks.
+    let ee = match webpki::EndEntityCert::try_from(leaf) {
+        Ok(ee) => Some(ee),
+        Err(_) if is_x509_v1(leaf) => None,
+        Err(e) => {
+            bail!("certificate file `{cert_path}`: first certificate is not valid X.509: {e}")
+        }
+    };
 
     if !c.server_names.is_empty() {
         let mut names = Vec::with_capacity(c.server_names.len());
@@ -526,7 +534,7 @@ fn served_names(
                      nor a `*.suffix` wildcard"
                 )
             })?;
-            if !pattern.covered_by(&ee) {
+            if !ee.as_ref().is_some_and(|ee| pattern.covered_by(ee)) {
                 tracing::warn!(
                     cert = %cert_path,
                     "certificate is configured to serve `{pattern}` but is not valid for it; \
@@ -541,9 +549,10 @@ fn served_names(
     // webpki only lists names it could parse; keep the ones it would also accept for
     // this certificate, so selection agrees with what verifying clients will check.
     let names: Vec<NamePattern> = ee
-        .valid_dns_names()
+        .iter()
+        .flat_map(|ee| ee.valid_dns_names())
         .filter_map(NamePattern::parse)
-        .filter(|pattern| pattern.covered_by(&ee))
+        .filter(|pattern| ee.as_ref().is_some_and(|ee| pattern.covered_by(ee)))
         .collect();
     if names.is_empty() && !is_default {
         bail!(
@@ -555,8 +564,22 @@ fn served_names(
     Ok(names)
 }
 
-/// Loads a certificate chain and its private key and checks that they belong together.
+/// Loads a certificate chain and its private key and checks that they belong
+/// together; warns if the certificate is outside its validity.
 fn load_certified_key(
+    cert_path: &Path,
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, FileError> {
+    let certified = load_key_pair(cert_path, key_path, provider)?;
+    if let Some(leaf) = certified.cert.first() {
+        warn_if_outside_validity(leaf, cert_path);
+    }
+    Ok(certified)
+}
+
+/// [`load_certified_key`] without the validity warning.
+fn load_key_pair(
     cert_path: &Path,
     key_path: &Path,
     provider: &CryptoProvider,
@@ -575,7 +598,14 @@ fn load_certified_key(
         )
     })?;
     let certified = CertifiedKey::new(chain, signing_key);
-    match certified.keys_match() {
+    let matched = match v1_keys_match(&certified) {
+        Some(true) => Ok(()),
+        Some(false) => Err(rustls::Error::InconsistentKeys(
+            InconsistentKeys::KeyMismatch,
+        )),
+        None => certified.keys_match(),
+    };
+    match matched {
         // ring keys always know their public key; `Unknown` would mean a provider that
         // cannot tell, which rustls itself treats as acceptable.
         Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {}
@@ -598,10 +628,33 @@ fn load_certified_key(
             )))
         }
     }
-    if let Some(leaf) = certified.cert.first() {
-        warn_if_outside_validity(leaf, cert_path);
-    }
     Ok(certified)
+}
+
+/// Whether `cert` is an X.509 v1 certificate: one without extensions (no
+/// subjectAltName), what `openssl x509 -req` issues without `-extfile`.
+/// webpki (and so rustls's own checks) refuses them; Envoy and nginx serve
+/// them, and so does Legate (a verifying client decides whether to accept
+/// one).
+fn is_x509_v1(cert: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .is_ok_and(|(_, c)| c.version() == x509_parser::x509::X509Version::V1)
+}
+
+/// Whether the key belongs to the certificate, for an X.509 v1 certificate
+/// (`None` for any other: rustls's `keys_match` checks those). The same test
+/// as rustls's: the key's SubjectPublicKeyInfo is the certificate's.
+fn v1_keys_match(certified: &CertifiedKey) -> Option<bool> {
+    let leaf = certified.cert.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    if parsed.version() != x509_parser::x509::X509Version::V1 {
+        return None;
+    }
+    // ring keys always know their public key (as for `Unknown` above).
+    let Some(spki) = certified.key.public_key() else {
+        return Some(true);
+    };
+    Some(spki.as_ref() == parsed.public_key().raw)
 }
 
 /// An expired certificate is served anyway (refusing to start would turn an expiry into
@@ -1482,6 +1535,79 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("cannot read private key file `"), "{e}");
+    }
+
+    /// An X.509 v1 certificate (`openssl x509 -req` without `-extfile`,
+    /// here P-256, for `CN=v1.example`, valid until 2126) and its key.
+    const V1_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBJjCBzQIUBKSvtN9hukCymgf2lF6ItdWM/M4wCgYIKoZIzj0EAwIwFTETMBEG\nA1UEAwwKdjEgdGVzdCBDQTAgFw0yNjEyMDcwMTM4MDNaGA8yMTI2MTExMzAxMzgw\nM1owFTETMBEGA1UEAwwKdjEuZXhhbXBsZTBZMBMGByqGSM49AgEGCCqGSM49AwEH\nA0IABHYkjmYEAdSPunddcv9zWhXBjuU8N4VnivKmsHmNgbNArzhoA5VeJZCiT2ua\n5p98iqnmFbHeXcWivDj4nBOVG+4wCgYIKoZIzj0EAwIDSAAwRQIgK5T1u4+Bs6v1\ntwZ5Qt2vdbv/WphE452q3Bkbfx5/NGgCIQDFM2SfGbmVqXhmrLOV6mWPIvdQIxcM\nVx1ihpphcxO8Mg==\n-----END CERTIFICATE-----\n";
+    const V1_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgXorqBMa3tNKvrg/m\nYZYmguiNvsWcoBjWnwQVfOgCmJihRANCAAR2JI5mBAHUj7p3XXL/c1oVwY7lPDeF\nZ4ryprB5jYGzQK84aAOVXiWQok9rmuaffIqp5hWx3l3Forw4+JwTlRvu\n-----END PRIVATE KEY-----\n";
+    const OTHER_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgcQynHf3XhsDqyAMU\nbrOTpZ+qc/P6ZC5YDYUJixQMgLChRANCAAShqpM1cDHWeTXHTmen+f1LobP+ebLd\nDAD3fDd7BkIjCVitn0pgm6qoGNj8zk3bRKKUxmsAnc3gjsHa7QTMZIXj\n-----END PRIVATE KEY-----\n";
+
+    /// Envoy and nginx serve an X.509 v1 certificate (no extensions), which
+    /// webpki does not parse: Legate loads it too, checking that the key is
+    /// its key, as a listener certificate and as a cluster's client
+    /// certificate.
+    #[test]
+    fn an_x509_v1_certificate_is_accepted() {
+        let pki = Pki::new();
+        let cert = pki.write("v1.pem", V1_CERT);
+        let key = pki.write("v1.key", V1_KEY);
+        let other = pki.write("other.key", OTHER_KEY);
+        assert!(is_x509_v1(&load_certs(&cert, "c").unwrap()[0]));
+        check_certified_key(&cert, &key).unwrap();
+        let e = check_certified_key(&cert, &other).unwrap_err();
+        assert_eq!((e.problem, e.in_key), (FileProblem::KeyMismatch, true));
+        let leaf = Leaf {
+            cert: cert.clone(),
+            key: key.clone(),
+            der: load_certs(&cert, "c").unwrap()[0].clone(),
+        };
+        server_config(&listener(&[(&leaf, &[])]), &[]).unwrap();
+        server_config(&listener(&[(&leaf, &["v1.example"])]), &[]).unwrap();
+        client_config(&upstream(Some(&pki.ca), Some(&leaf)), &[]).unwrap();
+    }
+
+    /// Counts the WARN events of the current thread while `f` runs.
+    fn warnings(f: impl FnOnce()) -> usize {
+        struct Count(Arc<AtomicUsize>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
+            fn on_event(
+                &self,
+                e: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                if *e.metadata().level() == tracing::Level::WARN {
+                    self.0.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        use tracing_subscriber::layer::SubscriberExt;
+        let n = Arc::new(AtomicUsize::new(0));
+        let sub = tracing_subscriber::registry().with(Count(n.clone()));
+        tracing::subscriber::with_default(sub, f);
+        n.load(Ordering::SeqCst)
+    }
+
+    /// An expired certificate is warned about once per load: `legate check`,
+    /// `legate run` and a reload check the files first, then build the
+    /// config, and only the build warns.
+    #[test]
+    fn an_expired_certificate_is_warned_about_once() {
+        let pki = Pki::new();
+        let mut params = CertificateParams::new(vec!["old.test".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        let old = pki.issue("old", params);
+        assert_eq!(
+            warnings(|| check_certified_key(&old.cert, &old.key).unwrap()),
+            0
+        );
+        assert_eq!(
+            warnings(|| {
+                server_config(&listener(&[(&old, &[])]), &[]).unwrap();
+            }),
+            1
+        );
     }
 
     #[test]

@@ -441,12 +441,12 @@ impl Pool {
         // hyper picks the wire format from the version field; h2 wants absolute URIs
         // with scheme+authority, h1 an origin-form path (set by the caller).
         let (sender, used) = self.acquire(s, &key, &target, true).await?;
-        let (sender, used) = match self.try_send(&key, s, sender, req).await {
+        let (sender, used) = match self.try_send(&key, s, sender, req, target.addr).await {
             Ok(mut resp) => {
                 resp.extensions_mut().insert(used);
                 return Ok(resp);
             }
-            Err(SendError::Failed(e)) => return Err(e),
+            Err(SendError::Failed(e)) => return Err(note_refused_handshake(&target, e)),
             // A pooled connection closed under us: once more, on a fresh one.
             Err(SendError::NotSent(back)) if used == ConnectionUse::Reused => {
                 req = *back;
@@ -454,13 +454,13 @@ impl Pool {
             }
             Err(SendError::NotSent(_)) => return Err(closed_before_sent(target.addr)),
         };
-        match self.try_send(&key, s, sender, req).await {
+        match self.try_send(&key, s, sender, req, target.addr).await {
             Ok(mut resp) => {
                 resp.extensions_mut().insert(used);
                 Ok(resp)
             }
             Err(SendError::NotSent(_)) => Err(closed_before_sent(target.addr)),
-            Err(SendError::Failed(e)) => Err(e),
+            Err(SendError::Failed(e)) => Err(note_refused_handshake(&target, e)),
         }
     }
 
@@ -768,6 +768,7 @@ impl Pool {
         s: &UpstreamSettings,
         sender: Sender,
         mut req: Request<Body>,
+        addr: SocketAddr,
     ) -> Result<Response<Body>, SendError> {
         match sender {
             Sender::H2(mut sr, usage) => {
@@ -780,6 +781,9 @@ impl Pool {
                 match sr.try_send_request(req).await {
                     Ok(resp) => Ok(resp.map(|b| body::boxed(body::Watched::new(b, stream)))),
                     Err(mut e) => match e.take_message() {
+                        Some(_) if tls_alert(e.error()).is_some() => {
+                            Err(SendError::Failed(map_hyper_error(e.error(), addr)))
+                        }
                         Some(back) => {
                             let mut h2 = self.inner.h2.borrow_mut();
                             if let Some(set) = h2.get_mut(key) {
@@ -790,7 +794,7 @@ impl Pool {
                             }
                             Err(SendError::NotSent(Box::new(back)))
                         }
-                        None => Err(SendError::Failed(map_hyper_error(e.error()))),
+                        None => Err(SendError::Failed(map_hyper_error(e.error(), addr))),
                     },
                 }
             }
@@ -820,8 +824,11 @@ impl Pool {
                         Ok(resp.map(|b| body::boxed(body::Watched::new(b, ret))))
                     }
                     Err(mut e) => match e.take_message() {
+                        Some(_) if tls_alert(e.error()).is_some() => {
+                            Err(SendError::Failed(map_hyper_error(e.error(), addr)))
+                        }
                         Some(back) => Err(SendError::NotSent(Box::new(back))),
-                        None => Err(SendError::Failed(map_hyper_error(e.error()))),
+                        None => Err(SendError::Failed(map_hyper_error(e.error(), addr))),
                     },
                 }
             }
@@ -975,7 +982,72 @@ enum SendError {
     Failed(ProxyError),
 }
 
-fn map_hyper_error(e: &hyper::Error) -> ProxyError {
+/// Counts a TLS handshake the upstream refused on the first read (see
+/// [`refused_handshake`]) as the connect failure it is.
+fn note_refused_handshake(target: &Target<'_>, e: ProxyError) -> ProxyError {
+    if e.kind == Kind::ConnectFailed && e.transport_failure.is_some() {
+        target
+            .cluster
+            .record_handshake_refused(target.endpoint, &e.detail);
+    }
+    e
+}
+
+/// The TLS alert an upstream sent, in the words of the TLS library
+/// (`received fatal alert: CertificateRequired`), if `e` or an error under it
+/// is one. h2 keeps only the words of the I/O error that ended a connection.
+pub fn tls_alert(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    fn rustls_alert(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+        match e.downcast_ref::<rustls::Error>() {
+            Some(a @ rustls::Error::AlertReceived(_)) => Some(a.to_string()),
+            _ => None,
+        }
+    }
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(a) = rustls_alert(err) {
+            return Some(a);
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(a) = io.get_ref().and_then(|i| rustls_alert(i)) {
+                return Some(a);
+            }
+        }
+        if let Some(io) = err.downcast_ref::<h2::Error>().and_then(h2::Error::get_io) {
+            let words = io.to_string();
+            if words.starts_with("received fatal alert: ") {
+                return Some(words);
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// A TLS alert on a connection's first read: the upstream refused the
+/// handshake after it completed on Legate's side. With TLS 1.3 the client
+/// finishes first and the server checks the client certificate last, so an
+/// upstream that refuses Legate's (none, expired, from a CA it does not
+/// trust) says so only then. It is a TLS handshake failure, as Envoy's
+/// `TLS error: ...` transport failure: a connect failure (nothing was
+/// processed), with the alert as the transport failure reason.
+fn refused_handshake(addr: SocketAddr, alert: String) -> ProxyError {
+    ProxyError::new(
+        Kind::ConnectFailed,
+        format!(
+            "TLS handshake with {addr}: {alert} (the upstream refused the handshake \
+             after Legate's side completed it, as a TLS 1.3 server refusing the client \
+             certificate does: check the cluster's `tls.client_cert` against the CA \
+             the upstream trusts)"
+        ),
+    )
+    .with_transport_failure(alert)
+}
+
+fn map_hyper_error(e: &hyper::Error, addr: SocketAddr) -> ProxyError {
+    if let Some(alert) = tls_alert(e) {
+        return refused_handshake(addr, alert);
+    }
     // A failure of the request body we were sending is the client's: hyper wraps
     // the body's own error (ours around the downstream's) as the source.
     if e.is_user() {
@@ -1290,6 +1362,27 @@ mod tests {
         let other = rustls::OtherError(Arc::new(cause));
         let e = rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other));
         std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+
+    /// An upstream's TLS alert is found under the I/O error that carries
+    /// it; another error is no alert.
+    #[test]
+    fn a_tls_alert_is_found_under_the_error() {
+        let alert = || {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+            )
+        };
+        let words = Some("received fatal alert: CertificateRequired".to_string());
+        assert_eq!(tls_alert(&alert()), words);
+        let e = refused_handshake("127.0.0.1:1".parse().unwrap(), words.clone().unwrap());
+        assert_eq!(e.kind, Kind::ConnectFailed);
+        assert_eq!(e.transport_failure, words);
+        assert_eq!(tls_alert(&std::io::Error::other("connection reset")), None);
+        let other =
+            std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::DecryptError);
+        assert_eq!(tls_alert(&other), None);
     }
 
     #[test]

@@ -378,3 +378,125 @@ each_proto!(
         assert!(names_mismatch(last), "{ep}");
     }
 );
+
+/// The endpoint `addr` of `/clusters`.
+async fn cluster_endpoint(lg: &LegateHandle, addr: std::net::SocketAddr) -> Value {
+    let (status, body) = lg.admin_get("/clusters").await;
+    assert_eq!(status, 200);
+    let clusters: Value = serde_json::from_str(&body).unwrap();
+    clusters["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["endpoints"].as_array().unwrap().iter())
+        .find(|e| e["address"] == addr.to_string())
+        .unwrap_or_else(|| panic!("{addr} not in /clusters: {body}"))
+        .clone()
+}
+
+each_proto!(
+    /// An upstream that requires a client certificate Legate does not send
+    /// refuses it after the TLS 1.3 handshake completed on Legate's side:
+    /// its alert comes on the first read. That is a TLS handshake failure,
+    /// said where an operator looks (the access log's transport failure
+    /// reason, `/clusters`, the connect failure counter), as Envoy's
+    /// `TLS error: ...`, not an `upstream_reset` with no reason. (Over an
+    /// HTTP/1.1 upstream connection: an h2 one is not covered yet.)
+    async fn upstream_refusing_the_client_certificate_after_the_handshake_is_a_tls_failure(proto) {
+        let ca = Ca::new("upstream CA");
+        let wanted = ca.client("someone");
+        let up = upstream()
+            .tls(ca.server(&["backend.internal"]))
+            .client_ca(wanted)
+            .start()
+            .await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let tls = format!(
+            "    protocol: http1\n    tls:\n      sni: backend.internal\n      ca: {}\n",
+            ca.cert_path.display()
+        );
+        let cfg = upstream_tls_config(up.addr, &tls).replacen(
+            "version: 1\n",
+            &format!(
+                "version: 1\naccess_log: {{ path: {}, flush_interval: 10ms }}\n",
+                log.display()
+            ),
+            1,
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 502);
+        assert_eq!(r.text(), "upstream_connect_failure\n");
+        assert_eq!(up.requests.get(), 0);
+        let lines = access_log_until(&log, "the 502 line", |l| !l.is_empty()).await;
+        let v = &lines[0];
+        assert_eq!(v["cause"], "upstream_connect_failure", "{v}");
+        let reason = v["upstream_transport_failure_reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("CertificateRequired"), "{v}");
+        let ep = cluster_endpoint(&lg, up.addr).await;
+        let last = ep["health"]["last_connect_failure"].as_str().unwrap_or_default();
+        assert!(last.contains("CertificateRequired"), "{ep}");
+        lg.assert_stat(r#"legate_cluster_upstream_cx_connect_fail{cluster="backend"}"#, 1.0)
+            .await;
+    }
+);
+
+/// The same refusal on a TCP proxy's upstream: the session is a connect
+/// failure with the alert as its transport failure reason, not a 200 ended
+/// by `upstream_close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_upstream_refusing_the_client_certificate_is_a_connect_failure() {
+    let ca = Ca::new("upstream CA");
+    let up = upstream()
+        .tls(ca.server(&["backend.internal"]))
+        .client_ca(ca.client("someone"))
+        .start()
+        .await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let cfg = format!(
+        "version: 1
+access_log: {{ path: {}, flush_interval: 10ms }}
+listeners:
+  - name: tcp
+    address: 127.0.0.1:0
+    tcp:
+      cluster: backend
+clusters:
+  - name: backend
+    tls:
+      sni: backend.internal
+      ca: {}
+    endpoints:
+      - address: {}
+",
+        log.display(),
+        ca.cert_path.display(),
+        up.addr
+    );
+    let lg = legate().config(&cfg).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let (_, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed);
+    let lines = access_log_until(&log, "the session's line", |l| !l.is_empty()).await;
+    let v = &lines[0];
+    assert_eq!(v["status"], 502, "{v}");
+    assert_eq!(v["cause"], "upstream_connect_failure", "{v}");
+    let reason = v["upstream_transport_failure_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("CertificateRequired"), "{v}");
+    let ep = cluster_endpoint(&lg, up.addr).await;
+    let last = ep["health"]["last_connect_failure"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(last.contains("CertificateRequired"), "{ep}");
+    lg.assert_stat(
+        r#"legate_cluster_upstream_cx_connect_fail{cluster="backend"}"#,
+        1.0,
+    )
+    .await;
+}

@@ -417,7 +417,7 @@ async fn http_check(
     cfg: &HttpHealthCheck,
 ) -> Result<(), Failure> {
     let io = TokioIo::new(conn);
-    let net = |e: hyper::Error| Failure::Network(with_causes(&e));
+    let net = |e: hyper::Error| Failure::Network(refused_or(&e, with_causes(&e)));
     let bad = |e: http::Error| Failure::Network(format!("cannot build the request: {e}"));
     let user_agent = header::HeaderValue::from_static("legate-health-check");
     let status = if h2 {
@@ -467,6 +467,16 @@ async fn http_check(
     }
 }
 
+/// A TLS alert on the check's first read is the upstream refusing the TLS
+/// handshake after Legate's side completed it (with TLS 1.3, the client
+/// certificate): said as the handshake failure it is; else `text`.
+fn refused_or(e: &(dyn std::error::Error + 'static), text: String) -> String {
+    match upstream::tls_alert(e) {
+        Some(alert) => format!("TLS handshake: {alert}"),
+        None => text,
+    }
+}
+
 /// `e` and its causes, `: `-separated (each once): hyper's own text alone
 /// is `http2 error` or `connection error` whatever went wrong, the h2 or I/O
 /// error below says what.
@@ -485,7 +495,7 @@ fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 async fn tcp_check(mut conn: Conn, cfg: &TcpHealthCheck) -> Result<(), Failure> {
-    let io = |e: std::io::Error| Failure::Network(e.to_string());
+    let io = |e: std::io::Error| Failure::Network(refused_or(&e, e.to_string()));
     if let Some(send) = cfg.send.as_ref().and_then(|p| p.bytes()) {
         conn.write_all(&send).await.map_err(io)?;
         conn.flush().await.map_err(io)?;

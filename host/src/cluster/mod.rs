@@ -647,9 +647,24 @@ impl Cluster {
     /// refused or timed-out connect: an endpoint restarting) stay at debug.
     pub fn record_connect_failure(&self, endpoint: Option<usize>, error: &str, tls: bool) {
         self.stats.upstream_cx_total.fetch_add(1, Relaxed);
-        self.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
         if let Some(ep) = self.endpoint(endpoint) {
             ep.stats.cx_total.fetch_add(1, Relaxed);
+        }
+        self.record_connect_fail(endpoint, error, tls);
+    }
+
+    /// A TLS handshake the upstream refused after it completed on Legate's
+    /// side (with TLS 1.3 a server checks the client certificate last, so
+    /// its alert comes on the first read): as
+    /// [`Cluster::record_connect_failure`] for a TLS failure, except that
+    /// the connection was counted in `upstream_cx_total` when it opened.
+    pub fn record_handshake_refused(&self, endpoint: Option<usize>, error: &str) {
+        self.record_connect_fail(endpoint, error, true);
+    }
+
+    fn record_connect_fail(&self, endpoint: Option<usize>, error: &str, tls: bool) {
+        self.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
+        if let Some(ep) = self.endpoint(endpoint) {
             ep.stats.cx_connect_fail.fetch_add(1, Relaxed);
             ep.health.set_connect_failure(error);
         }
