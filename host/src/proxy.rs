@@ -245,6 +245,18 @@ pub async fn handle(
         }
         *resp.body_mut() = body::empty();
     }
+    if bodiless(resp.status()) && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // A response filter that turned a response into a 204 or 304 leaves its
+        // body behind: hyper's HTTP/2 server would send it (and the client reset
+        // the stream). 204 and 1xx carry no `content-length` either (RFC 9110
+        // §8.6); a 304's is the length a GET would get, kept.
+        if !resp.body().is_end_stream() {
+            *resp.body_mut() = body::empty();
+        }
+        if resp.status() != StatusCode::NOT_MODIFIED {
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+    }
     // After the head, the idle timer runs in the future hyper sends the
     // response from (the HTTP/1.1 connection, the HTTP/2 stream's task), which
     // is polling this one now; the body's frames are activity. An
@@ -616,12 +628,17 @@ async fn proxy(
                 body,
                 content_type,
             } => {
-                let mut resp = Response::new(body.clone());
+                // A status without content (204, 304, 1xx) goes without the
+                // configured body and its length (RFC 9110 §6.4.1, §8.6).
+                let content = !bodiless(*status);
+                let mut resp = Response::new(if content { body.clone() } else { Bytes::new() });
                 *resp.status_mut() = *status;
-                resp.headers_mut()
-                    .insert(header::CONTENT_TYPE, content_type.clone());
-                resp.headers_mut()
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                if content {
+                    resp.headers_mut()
+                        .insert(header::CONTENT_TYPE, content_type.clone());
+                    resp.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                }
                 return route_reply(out, &matched, http.via.as_deref(), resp).await;
             }
             Action::Redirect(_) => {
@@ -1639,18 +1656,36 @@ async fn response_body(
 /// A filter's local response as an HTTP response: in the form it goes out in
 /// (`LocalResponse::for_client`), hop-by-hop fields dropped, `content-length`
 /// set to the body's length (none to a `grpc` request: gRPC's form has no body).
+///
+/// A status without content (204, 304, 1xx) goes without the filter's body
+/// and without `content-length` (RFC 9110 §6.4.1, §8.6).
 fn local_response(lr: filter::LocalResponse, grpc: bool) -> Response<Body> {
-    let lr = lr.for_client(grpc);
+    let mut lr = lr.for_client(grpc);
+    let content = !bodiless(lr.status);
+    if !content {
+        lr.body = Bytes::new();
+        lr.headers.remove(header::CONTENT_TYPE);
+    }
     let len = lr.body.len();
     let mut resp = Response::new(body::full(lr.body));
     *resp.status_mut() = lr.status;
     *resp.headers_mut() = lr.headers;
     proxy_headers::strip_hop_by_hop(resp.headers_mut());
-    if !grpc {
+    if !content {
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    } else if !grpc {
         resp.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     resp
+}
+
+/// Whether a response with `status` has no content (RFC 9110 §6.4.1: 1xx,
+/// 204, 304), so the host's own answers leave their body out.
+fn bodiless(status: StatusCode) -> bool {
+    status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
 }
 
 /// Runs the response-headers phase of the chain (reverse order) on `resp`.

@@ -396,6 +396,48 @@ each_proto!(
     }
 );
 
+each_proto!(
+    async fn a_direct_204_or_304_has_no_body(proto) {
+        // A configured body is left out where the status has no content (RFC
+        // 9110 §6.4.1): with it, `content-length: 17` on a 204 made HTTP/2
+        // clients reset the stream, and the 304's body followed its head.
+        let lg = legate()
+            .config(
+                "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: { prefix: /dr204 }
+            direct_response: { status: 204, body: should-not-appear }
+          - match: { prefix: /dr304 }
+            direct_response: { status: 304, body: should-not-appear }
+          - direct_response: { status: 200, body: after }
+",
+            )
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for (path, status) in [("/dr204", 204), ("/dr304", 304)] {
+            let r = c.get(path).send().await;
+            assert_eq!(r.status, status, "{path}");
+            assert!(r.body.is_empty(), "{path}: {:?}", r.text());
+            assert_eq!(r.header("content-length"), None, "{path}");
+            assert_eq!(r.header("content-type"), None, "{path}");
+            // The connection carries the next request.
+            assert_eq!(c.get("/next").send().await.text(), "after", "{path}");
+        }
+        let r = c.request(Method::HEAD, "/dr204").send().await;
+        assert_eq!((r.status.as_u16(), r.header("content-length")), (204, None));
+    }
+);
+
 const REWRITES: &str = "version: 1
 listeners:
   - name: web
