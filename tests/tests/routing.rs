@@ -438,6 +438,49 @@ routes:
     }
 );
 
+each_proto!(
+    async fn a_host_matcher_reads_the_authority(proto) {
+        // HTTP/2 has `:authority` and no `host` field: a `host` matcher reads
+        // the authority the virtual host was chosen by, so one matcher routes
+        // both protocols (Envoy keeps `host` as `:authority` for both).
+        let lg = legate()
+            .config(
+                "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match:
+              prefix: /h
+              headers: [ { name: host, exact: h.test } ]
+            direct_response: { status: 200, body: host-matched }
+          - match:
+              prefix: /h
+              headers: [ { name: Host, regex: \"h[.]test:[0-9]+\" } ]
+            direct_response: { status: 200, body: host-with-port }
+          - direct_response: { status: 200, body: other }
+",
+            )
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for (host, expected) in [
+            ("h.test", "host-matched"),
+            ("h.test:8080", "host-with-port"),
+            ("other.test", "other"),
+        ] {
+            let r = c.get("/h").host(host).send().await;
+            assert_eq!(r.text(), expected, "{host}");
+        }
+    }
+);
+
 const REWRITES: &str = "version: 1
 listeners:
   - name: web
