@@ -152,6 +152,9 @@ pub async fn handle(
     // upstream's own — closes the connection, lest those bytes be read as
     // the next request (smuggled past the route that answered).
     let tunnel_asked = is_upgrade(&req) && !offers_h2c(req.headers());
+    // An HTTP/1.1 CONNECT (refused: see `proxy`): the client may send tunnel
+    // bytes right after its head, so the refusal closes the connection too.
+    let connect_h1 = req.method() == Method::CONNECT && version < Version::HTTP_2;
     let mut in_flight = InFlight {
         conn: Some(conn.clone()),
         start,
@@ -199,7 +202,7 @@ pub async fn handle(
             local_reply(&conn, out, e, version).await
         }
     };
-    if tunnel_asked && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+    if (tunnel_asked && resp.status() != StatusCode::SWITCHING_PROTOCOLS) || connect_h1 {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -420,6 +423,17 @@ async fn proxy(
     };
     out.grpc = local_reply::is_grpc(req.headers());
     check_framing(&req, &listener.cfg.limits)?;
+    if req.method() == Method::CONNECT {
+        // No route tunnels CONNECT (HTTP/1.1's, or HTTP/2's without
+        // `:protocol`; the HTTP/2 server does not offer extended CONNECT):
+        // Envoy answers 404 when no route has a `connect_matcher`. Routed as
+        // a plain request, it went upstream as `CONNECT / HTTP/1.1` and its
+        // 200 looked like an open tunnel to the client.
+        return Err(ProxyError::new(
+            Kind::NoRoute,
+            "CONNECT: no route tunnels it",
+        ));
+    }
     // Before anything reads the path (the upgrade decision, filters, routes), so
     // that they and the upstream all see the same one.
     out.normalized_path = normalize_path(&mut req, http, listener)?;

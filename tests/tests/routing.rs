@@ -481,6 +481,82 @@ routes:
     }
 );
 
+/// A catch-all route to `UPSTREAM`: CONNECT must not reach it.
+const CATCH_ALL: &str = "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: UPSTREAM
+";
+
+each_proto!(
+    async fn connect_is_refused_before_routing(proto) {
+        // No route tunnels CONNECT: 404 `no_route`, as Envoy answers without a
+        // `connect_matcher` route, and never forwarded (a 200 from upstream
+        // looked like an open tunnel).
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&CATCH_ALL.replace("UPSTREAM", &up.addr.to_string()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let target = up.addr.to_string();
+        let r = match proto {
+            // Authority-form: `CONNECT host:port HTTP/1.1`.
+            Proto::H1 => c.request(Method::CONNECT, &target).host(&target),
+            // `:method CONNECT`, `:authority` only.
+            Proto::H2 => c.request(Method::CONNECT, "").host(&target),
+        }
+        .send()
+        .await;
+        assert_eq!(r.status, 404);
+        assert_eq!(r.text(), "no_route\n");
+        if proto == Proto::H2 {
+            // The connection serves the next stream.
+            assert_eq!(c.get("/after").send().await.echo().path, "/after");
+        } else {
+            assert_eq!(r.header("connection"), Some("close"));
+        }
+        assert_eq!(up.requests.get(), usize::from(proto == Proto::H2));
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="4xx"}"#, 1.0)
+            .await;
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_after_a_refused_http1_connect_are_not_a_request() {
+    // The client may send tunnel bytes right after its CONNECT: the refusal
+    // closes the connection instead of reading them as the next request.
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&CATCH_ALL.replace("UPSTREAM", &up.addr.to_string()))
+        .start();
+    let t = up.addr;
+    let out = raw(
+        lg.addr("web"),
+        format!(
+            "CONNECT {t} HTTP/1.1\r\nHost: {t}\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {t}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(raw_status(&out), Some(404), "{text}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+    assert_eq!(up.requests.get(), 0);
+}
+
 const REWRITES: &str = "version: 1
 listeners:
   - name: web
