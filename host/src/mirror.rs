@@ -39,16 +39,22 @@ pub fn chosen(m: &Mirror) -> bool {
     m.percent.0 >= 100.0 || rand::rng().random::<f64>() * 100.0 < m.percent.0
 }
 
-/// `authority` with `-shadow` appended to its host part.
+/// `authority` with `-shadow` appended to its host part, as Envoy's shadow
+/// host (`api.example:8080` becomes `api.example-shadow:8080`), with two
+/// departures where Envoy's result is no valid host: a fully qualified name's
+/// trailing dot goes first (`api.example.` becomes `api.example-shadow`, not
+/// `api.example.-shadow`), and an IPv6 literal stays as it is (`[::1]-shadow`
+/// is no authority, RFC 3986 §3.2.2).
 pub fn shadow_authority(authority: &str) -> String {
-    // A port follows the last `:` outside IPv6 brackets.
-    let port_at = authority
-        .rfind(':')
-        .filter(|&i| !authority[i..].contains(']'));
-    match port_at {
-        Some(i) => format!("{}-shadow{}", &authority[..i], &authority[i..]),
-        None => format!("{authority}-shadow"),
+    if authority.starts_with('[') {
+        return authority.to_string();
     }
+    let (host, port) = match authority.rfind(':') {
+        Some(i) => authority.split_at(i),
+        None => (authority, ""),
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    format!("{host}-shadow{port}")
 }
 
 /// What the copy is made of.
@@ -172,7 +178,13 @@ mod tests {
             shadow_authority("api.example:8080"),
             "api.example-shadow:8080"
         );
-        assert_eq!(shadow_authority("[::1]:80"), "[::1]-shadow:80");
-        assert_eq!(shadow_authority("[::1]"), "[::1]-shadow");
+        assert_eq!(shadow_authority("api.example."), "api.example-shadow");
+        assert_eq!(
+            shadow_authority("api.example.:8080"),
+            "api.example-shadow:8080"
+        );
+        assert_eq!(shadow_authority("10.0.0.1:80"), "10.0.0.1-shadow:80");
+        assert_eq!(shadow_authority("[::1]:80"), "[::1]:80");
+        assert_eq!(shadow_authority("[::1]"), "[::1]");
     }
 }

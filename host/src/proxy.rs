@@ -152,6 +152,9 @@ pub async fn handle(
     // upstream's own — closes the connection, lest those bytes be read as
     // the next request (smuggled past the route that answered).
     let tunnel_asked = is_upgrade(&req) && !offers_h2c(req.headers());
+    // An HTTP/1.1 CONNECT (refused: see `proxy`): the client may send tunnel
+    // bytes right after its head, so the refusal closes the connection too.
+    let connect_h1 = req.method() == Method::CONNECT && version < Version::HTTP_2;
     let mut in_flight = InFlight {
         conn: Some(conn.clone()),
         start,
@@ -199,7 +202,7 @@ pub async fn handle(
             local_reply(&conn, out, e, version).await
         }
     };
-    if tunnel_asked && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+    if (tunnel_asked && resp.status() != StatusCode::SWITCHING_PROTOCOLS) || connect_h1 {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -244,6 +247,18 @@ pub async fn handle(
             }
         }
         *resp.body_mut() = body::empty();
+    }
+    if bodiless(resp.status()) && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // A response filter that turned a response into a 204 or 304 leaves its
+        // body behind: hyper's HTTP/2 server would send it (and the client reset
+        // the stream). 204 and 1xx carry no `content-length` either (RFC 9110
+        // §8.6); a 304's is the length a GET would get, kept.
+        if !resp.body().is_end_stream() {
+            *resp.body_mut() = body::empty();
+        }
+        if resp.status() != StatusCode::NOT_MODIFIED {
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+        }
     }
     // After the head, the idle timer runs in the future hyper sends the
     // response from (the HTTP/1.1 connection, the HTTP/2 stream's task), which
@@ -408,6 +423,17 @@ async fn proxy(
     };
     out.grpc = local_reply::is_grpc(req.headers());
     check_framing(&req, &listener.cfg.limits)?;
+    if req.method() == Method::CONNECT {
+        // No route tunnels CONNECT (HTTP/1.1's, or HTTP/2's without
+        // `:protocol`; the HTTP/2 server does not offer extended CONNECT):
+        // Envoy answers 404 when no route has a `connect_matcher`. Routed as
+        // a plain request, it went upstream as `CONNECT / HTTP/1.1` and its
+        // 200 looked like an open tunnel to the client.
+        return Err(ProxyError::new(
+            Kind::NoRoute,
+            "CONNECT: no route tunnels it",
+        ));
+    }
     // Before anything reads the path (the upgrade decision, filters, routes), so
     // that they and the upstream all see the same one.
     out.normalized_path = normalize_path(&mut req, http, listener)?;
@@ -616,12 +642,17 @@ async fn proxy(
                 body,
                 content_type,
             } => {
-                let mut resp = Response::new(body.clone());
+                // A status without content (204, 304, 1xx) goes without the
+                // configured body and its length (RFC 9110 §6.4.1, §8.6).
+                let content = !bodiless(*status);
+                let mut resp = Response::new(if content { body.clone() } else { Bytes::new() });
                 *resp.status_mut() = *status;
-                resp.headers_mut()
-                    .insert(header::CONTENT_TYPE, content_type.clone());
-                resp.headers_mut()
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                if content {
+                    resp.headers_mut()
+                        .insert(header::CONTENT_TYPE, content_type.clone());
+                    resp.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                }
                 return route_reply(out, &matched, http.via.as_deref(), resp).await;
             }
             Action::Redirect(_) => {
@@ -1639,18 +1670,36 @@ async fn response_body(
 /// A filter's local response as an HTTP response: in the form it goes out in
 /// (`LocalResponse::for_client`), hop-by-hop fields dropped, `content-length`
 /// set to the body's length (none to a `grpc` request: gRPC's form has no body).
+///
+/// A status without content (204, 304, 1xx) goes without the filter's body
+/// and without `content-length` (RFC 9110 §6.4.1, §8.6).
 fn local_response(lr: filter::LocalResponse, grpc: bool) -> Response<Body> {
-    let lr = lr.for_client(grpc);
+    let mut lr = lr.for_client(grpc);
+    let content = !bodiless(lr.status);
+    if !content {
+        lr.body = Bytes::new();
+        lr.headers.remove(header::CONTENT_TYPE);
+    }
     let len = lr.body.len();
     let mut resp = Response::new(body::full(lr.body));
     *resp.status_mut() = lr.status;
     *resp.headers_mut() = lr.headers;
     proxy_headers::strip_hop_by_hop(resp.headers_mut());
-    if !grpc {
+    if !content {
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    } else if !grpc {
         resp.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     resp
+}
+
+/// Whether a response with `status` has no content (RFC 9110 §6.4.1: 1xx,
+/// 204, 304), so the host's own answers leave their body out.
+fn bodiless(status: StatusCode) -> bool {
+    status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
 }
 
 /// Runs the response-headers phase of the chain (reverse order) on `resp`.

@@ -767,7 +767,16 @@ impl RouteMatcher {
             return false;
         }
         for c in self.headers.iter() {
-            if !c.test.test(input.headers.get_all(&c.name).iter()) {
+            let ok = if c.name == http::header::HOST {
+                // The authority the virtual host was chosen by (HTTP/2's
+                // `:authority`, an absolute-form target's), as Envoy keeps
+                // `host` as `:authority` for both protocols: one matcher
+                // routes both.
+                c.test.test(std::iter::once(input.authority.as_bytes()))
+            } else {
+                c.test.test(input.headers.get_all(&c.name).iter())
+            };
+            if !ok {
                 return false;
             }
         }

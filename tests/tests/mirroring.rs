@@ -77,6 +77,48 @@ clusters:
 }
 
 each_proto!(
+    async fn the_shadow_host_stays_a_valid_host(proto) {
+        // A trailing dot goes before `-shadow` (`api.example.-shadow` is no
+        // DNS name); an IPv6 literal keeps its host (`[::1]-shadow` is no
+        // authority).
+        let p = upstream().name("primary").start().await;
+        let seen = Seen::default();
+        let s = shadow(&seen, None, 200).await;
+        let lg = legate()
+            .config(&config(p.addr, s.addr, "{ cluster: shadow }"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let cases = [
+            ("api.example.", "api.example-shadow"),
+            ("api.example.:8080", "api.example-shadow:8080"),
+            ("[::1]:8080", "[::1]:8080"),
+        ];
+        for (i, (host, _)) in cases.iter().enumerate() {
+            let r = c.get(&format!("/{i}")).host(host).send().await;
+            assert_eq!(r.status, 200, "{host}");
+        }
+        eventually(WAIT, "the shadow to see the copies", || async {
+            (seen.lock().unwrap().len() == cases.len()).then_some(())
+        })
+        .await;
+        let mut got: Vec<(String, String)> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(h, p, _)| (p.clone(), h.clone()))
+            .collect();
+        got.sort();
+        let want: Vec<(String, String)> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (_, shadow))| (format!("/{i}"), shadow.to_string()))
+            .collect();
+        assert_eq!(got, want);
+        lg.assert_stat(&stat("mirror_failures", "shadow"), 0.0).await;
+    }
+);
+
+each_proto!(
     async fn the_shadow_gets_a_copy_with_the_shadow_host(proto) {
         let p = upstream().name("primary").start().await;
         let seen = Seen::default();

@@ -396,6 +396,169 @@ each_proto!(
     }
 );
 
+each_proto!(
+    async fn a_direct_204_or_304_has_no_body(proto) {
+        // A status without content (RFC 9110 §6.4.1) goes without body,
+        // `content-length` and `content-type` (a configured body is refused
+        // at load: golden direct_response_204_body). A 204 carried the
+        // default `content-type` and a length, which HTTP/2 clients reset
+        // the stream for when the length was not 0.
+        let lg = legate()
+            .config(
+                "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: { prefix: /dr204 }
+            direct_response: { status: 204 }
+          - match: { prefix: /dr304 }
+            direct_response: { status: 304 }
+          - direct_response: { status: 200, body: after }
+",
+            )
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for (path, status) in [("/dr204", 204), ("/dr304", 304)] {
+            let r = c.get(path).send().await;
+            assert_eq!(r.status, status, "{path}");
+            assert!(r.body.is_empty(), "{path}: {:?}", r.text());
+            assert_eq!(r.header("content-length"), None, "{path}");
+            assert_eq!(r.header("content-type"), None, "{path}");
+            // The connection carries the next request.
+            assert_eq!(c.get("/next").send().await.text(), "after", "{path}");
+        }
+        let r = c.request(Method::HEAD, "/dr204").send().await;
+        assert_eq!((r.status.as_u16(), r.header("content-length")), (204, None));
+    }
+);
+
+each_proto!(
+    async fn a_host_matcher_reads_the_authority(proto) {
+        // HTTP/2 has `:authority` and no `host` field: a `host` matcher reads
+        // the authority the virtual host was chosen by, so one matcher routes
+        // both protocols (Envoy keeps `host` as `:authority` for both).
+        let lg = legate()
+            .config(
+                "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match:
+              prefix: /h
+              headers: [ { name: host, exact: h.test } ]
+            direct_response: { status: 200, body: host-matched }
+          - match:
+              prefix: /h
+              headers: [ { name: Host, regex: \"h[.]test:[0-9]+\" } ]
+            direct_response: { status: 200, body: host-with-port }
+          - direct_response: { status: 200, body: other }
+",
+            )
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for (host, expected) in [
+            ("h.test", "host-matched"),
+            ("h.test:8080", "host-with-port"),
+            ("other.test", "other"),
+        ] {
+            let r = c.get("/h").host(host).send().await;
+            assert_eq!(r.text(), expected, "{host}");
+        }
+    }
+);
+
+/// A catch-all route to `UPSTREAM`: CONNECT must not reach it.
+const CATCH_ALL: &str = "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: UPSTREAM
+";
+
+each_proto!(
+    async fn connect_is_refused_before_routing(proto) {
+        // No route tunnels CONNECT: 404 `no_route`, as Envoy answers without a
+        // `connect_matcher` route, and never forwarded (a 200 from upstream
+        // looked like an open tunnel).
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&CATCH_ALL.replace("UPSTREAM", &up.addr.to_string()))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let target = up.addr.to_string();
+        let r = match proto {
+            // Authority-form: `CONNECT host:port HTTP/1.1`.
+            Proto::H1 => c.request(Method::CONNECT, &target).host(&target),
+            // `:method CONNECT`, `:authority` only.
+            Proto::H2 => c.request(Method::CONNECT, "").host(&target),
+        }
+        .send()
+        .await;
+        assert_eq!(r.status, 404);
+        assert_eq!(r.text(), "no_route\n");
+        if proto == Proto::H2 {
+            // The connection serves the next stream.
+            assert_eq!(c.get("/after").send().await.echo().path, "/after");
+        } else {
+            assert_eq!(r.header("connection"), Some("close"));
+        }
+        assert_eq!(up.requests.get(), usize::from(proto == Proto::H2));
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="4xx"}"#, 1.0)
+            .await;
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_after_a_refused_http1_connect_are_not_a_request() {
+    // The client may send tunnel bytes right after its CONNECT: the refusal
+    // closes the connection instead of reading them as the next request.
+    let up = upstream().start().await;
+    let lg = legate()
+        .config(&CATCH_ALL.replace("UPSTREAM", &up.addr.to_string()))
+        .start();
+    let t = up.addr;
+    let out = raw(
+        lg.addr("web"),
+        format!(
+            "CONNECT {t} HTTP/1.1\r\nHost: {t}\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {t}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(raw_status(&out), Some(404), "{text}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+    assert_eq!(up.requests.get(), 0);
+}
+
 const REWRITES: &str = "version: 1
 listeners:
   - name: web
