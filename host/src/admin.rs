@@ -114,73 +114,84 @@ pub fn serve_starting(
 ) -> anyhow::Result<Starting> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (closed_tx, closed) = std::sync::mpsc::channel::<()>();
-    std::thread::Builder::new()
-        .name("legate-admin-starting".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
+    on_own_runtime("legate-admin-starting", move || async move {
+        let mut connections = tokio::task::JoinSet::new();
+        let accepting = async {
+            let listener = match socket
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(socket))
             {
-                Ok(rt) => rt,
+                Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!("admin runtime while starting: {e}");
+                    tracing::warn!("admin listener while starting: {e}");
                     return;
                 }
             };
-            rt.block_on(async move {
-                let mut connections = tokio::task::JoinSet::new();
-                let accepting = async {
-                    let listener = match socket
-                        .set_nonblocking(true)
-                        .and_then(|()| TcpListener::from_std(socket))
-                    {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::warn!("admin listener while starting: {e}");
-                            return;
-                        }
-                    };
-                    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-                    loop {
-                        let Ok((stream, _)) = listener.accept().await else {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        };
-                        let Ok(slot) = slots.clone().try_acquire_owned() else {
-                            continue;
-                        };
-                        let config = config.clone();
-                        connections.spawn(async move {
-                            let _slot = slot;
-                            let svc = service_fn(move |req| {
-                                let r = refused(&req, &config.admin.allowed_hosts)
-                                    .unwrap_or_else(|| starting_answer(&req));
-                                async move { Ok::<_, Infallible>(r) }
-                            });
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .timer(TokioTimer::new())
-                                .header_read_timeout(HEADER_READ_TIMEOUT)
-                                .keep_alive(false)
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .await;
-                        });
-                    }
+            let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 };
-                tokio::select! {
-                    () = accepting => {}
-                    _ = stopped => {}
-                }
-                // The listener (this duplicate) is closed: the socket is the
-                // admin API's now. The answers under way end.
-                drop(closed_tx);
-                while connections.join_next().await.is_some() {}
-            });
-        })
-        .context("starting the admin thread")?;
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let config = config.clone();
+                connections.spawn(async move {
+                    let _slot = slot;
+                    let svc = service_fn(move |req| {
+                        let r = refused(&req, &config.admin.allowed_hosts)
+                            .unwrap_or_else(|| starting_answer(&req));
+                        async move { Ok::<_, Infallible>(r) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        };
+        tokio::select! {
+            () = accepting => {}
+            _ = stopped => {}
+        }
+        // The listener (this duplicate) is closed: the socket is the
+        // admin API's now. The answers under way end.
+        drop(closed_tx);
+        while connections.join_next().await.is_some() {}
+    })
+    .context("starting the admin thread")?;
     Ok(Starting {
         stop: Some(stop),
         closed,
     })
+}
+
+/// Runs the future `f` makes on a current-thread runtime of its own, on a new
+/// thread named `name` (the admin API's: apart from the workers, so that it
+/// answers whatever they do).
+pub(crate) fn on_own_runtime<F, Fut>(
+    name: &str,
+    f: F,
+) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let thread = name.to_owned();
+    std::thread::Builder::new()
+        .name(thread.clone())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(f()),
+                Err(e) => tracing::error!("runtime of thread {thread}: {e}"),
+            }
+        })
 }
 
 /// The admin API of a starting process ([`serve_starting`]): dropping it stops

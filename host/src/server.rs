@@ -764,36 +764,22 @@ pub fn start_with(
     let admin_thread = {
         let shared = shared.clone();
         let stop = admin_stop.clone();
-        std::thread::Builder::new()
-            .name("legate-admin".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!("admin runtime: {e}");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(admin_socket) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!("admin listener: {e}");
-                            return;
-                        }
-                    };
-                    let mut handed_over = shared.handed_over.subscribe();
-                    tokio::select! {
-                        () = crate::admin::serve(listener, shared) => {}
-                        () = stop.notified() => {}
-                        _ = handed_over.wait_for(|h| *h) => {}
-                    }
-                });
-            })
-            .context("starting the admin thread")?
+        crate::admin::on_own_runtime("legate-admin", move || async move {
+            let listener = match tokio::net::TcpListener::from_std(admin_socket) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("admin listener: {e}");
+                    return;
+                }
+            };
+            let mut handed_over = shared.handed_over.subscribe();
+            tokio::select! {
+                () = crate::admin::serve(listener, shared) => {}
+                () = stop.notified() => {}
+                _ = handed_over.wait_for(|h| *h) => {}
+            }
+        })
+        .context("starting the admin thread")?
     };
 
     if let Some(every) = process.watch_interval {
