@@ -507,12 +507,12 @@ async fn run(
     // The upstream refused the TLS handshake on its first read: a connect
     // failure, as when it refuses during the handshake.
     if let Some(alert) = refused.take() {
-        let detail = format!("TLS handshake with {addr}: {alert}");
-        tracing::debug!(listener = %ctx.name, "tcp upstream {addr}: {detail}");
-        cluster.record_handshake_refused(index, &detail);
+        let e = crate::upstream::refused_handshake(addr, alert);
+        tracing::debug!(listener = %ctx.name, "tcp upstream {addr}: {}", e.detail);
+        cluster.record_handshake_refused(index, &e.detail);
         session.status = 502;
         session.cause = Some(cause::CONNECT_FAILURE);
-        session.transport_failure = Some(alert);
+        session.transport_failure = e.transport_failure;
     }
     true
 }

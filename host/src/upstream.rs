@@ -1031,7 +1031,7 @@ pub fn tls_alert(e: &(dyn std::error::Error + 'static)) -> Option<String> {
 /// trust) says so only then. It is a TLS handshake failure, as Envoy's
 /// `TLS error: ...` transport failure: a connect failure (nothing was
 /// processed), with the alert as the transport failure reason.
-fn refused_handshake(addr: SocketAddr, alert: String) -> ProxyError {
+pub(crate) fn refused_handshake(addr: SocketAddr, alert: String) -> ProxyError {
     ProxyError::new(
         Kind::ConnectFailed,
         format!(
