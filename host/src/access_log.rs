@@ -20,6 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -122,6 +123,11 @@ struct Buffered {
     limit: usize,
     /// Lines not written because `pending` was full (or the log already closed).
     dropped: Counter,
+    /// Lines are being dropped and that was reported. Set by the worker that
+    /// drops the first line, which warns: the writer cannot, being the one
+    /// blocked when a pipe nobody reads fills the buffer. Cleared, with a
+    /// second report, by the writer once a batch goes by without drops.
+    dropping: AtomicBool,
 }
 
 #[derive(Default)]
@@ -143,13 +149,34 @@ impl Buffered {
     fn push(&self, line: &[u8]) -> bool {
         let mut p = self.lock();
         if p.closed || p.lines.len() + line.len() > self.limit {
+            let closed = p.closed;
             drop(p);
             self.dropped.inc();
+            // Once per episode (a line after `close` is no news).
+            if !closed && !self.dropping.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "access log: the buffer is full ({} bytes waiting for slow or blocked \
+                     writes); new lines are dropped and counted in \
+                     legate_access_log_dropped_total (reported once)",
+                    self.limit
+                );
+            }
             return false;
         }
         let before = p.lines.len();
         p.lines.extend_from_slice(line);
         before < FLUSH_BYTES && p.lines.len() >= FLUSH_BYTES
+    }
+
+    /// After a batch: if lines were being dropped and none was since the last
+    /// batch (`seen`, the count then, updated), the buffer has room again:
+    /// reported, and the next drop is reported as a new episode.
+    fn settle(&self, seen: &mut u64) {
+        let dropped = self.dropped.get();
+        if dropped == *seen && self.dropping.swap(false, Ordering::Relaxed) {
+            tracing::warn!("access log: lines fit in the buffer again");
+        }
+        *seen = dropped;
     }
 
     /// Waits until a batch is due (`deadline`, [`FLUSH_BYTES`] waiting, closing, or
@@ -406,6 +433,7 @@ impl AccessLog {
             wake: Condvar::new(),
             limit,
             dropped,
+            dropping: AtomicBool::new(false),
         });
         let (done_tx, done_rx) = mpsc::channel();
         let writer = {
@@ -478,12 +506,12 @@ impl Drop for AccessLog {
 }
 
 /// The writer thread: a batch per interval (or per [`FLUSH_BYTES`]) until closed.
-/// Write failures and drops are each reported once in the process log when they
-/// start, and again when they stop (a full disk would otherwise warn per batch).
+/// Write failures are reported once in the process log when they start, and
+/// again when they stop (a full disk would otherwise warn per batch); so are
+/// drops, whose start the worker that drops reports ([`Buffered::push`]).
 fn run_writer(shared: &Buffered, mut sink: Sink, interval: Duration) {
     let mut spare = Vec::new();
     let mut failing = false;
-    let mut dropping = false;
     let mut dropped_seen = shared.dropped.get();
     loop {
         let (mut batch, last, reopen) = shared.take(Instant::now() + interval, spare);
@@ -504,20 +532,7 @@ fn run_writer(shared: &Buffered, mut sink: Sink, interval: Duration) {
                 Ok(()) => {}
             }
         }
-        let dropped = shared.dropped.get();
-        if dropped > dropped_seen && !dropping {
-            dropping = true;
-            tracing::warn!(
-                "access log: the buffer is full ({} bytes waiting for slow or blocked writes); \
-                 new lines are dropped and counted in legate_access_log_dropped_total \
-                 (reported once)",
-                shared.limit
-            );
-        } else if dropped == dropped_seen && dropping {
-            dropping = false;
-            tracing::warn!("access log: lines fit in the buffer again");
-        }
-        dropped_seen = dropped;
+        shared.settle(&mut dropped_seen);
         if last {
             return;
         }
@@ -563,6 +578,7 @@ mod tests {
             wake: Condvar::new(),
             limit: 100,
             dropped: Counter::default(),
+            dropping: AtomicBool::new(false),
         };
         for i in 0..4 {
             b.push(&line(i, 25));
@@ -590,6 +606,79 @@ mod tests {
         assert_eq!(b.dropped.get(), 3);
     }
 
+    /// The WARN events `f` logs on this thread.
+    fn warnings(f: impl FnOnce()) -> Vec<String> {
+        use tracing_subscriber::layer::SubscriberExt;
+        struct Warns(Arc<Mutex<Vec<String>>>);
+        struct Message<'a>(&'a mut String);
+        impl tracing::field::Visit for Message<'_> {
+            fn record_debug(&mut self, _: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!("{v:?}"));
+            }
+        }
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warns {
+            fn on_event(
+                &self,
+                e: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                if *e.metadata().level() == tracing::Level::WARN {
+                    let mut text = String::new();
+                    e.record(&mut Message(&mut text));
+                    self.0.lock().unwrap().push(text);
+                }
+            }
+        }
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sub = tracing_subscriber::registry().with(Warns(got.clone()));
+        tracing::subscriber::with_default(sub, f);
+        let got = got.lock().unwrap().clone();
+        got
+    }
+
+    /// The first dropped line is reported by the worker that drops it: the
+    /// writer, which reported it before, is the one stuck when a pipe nobody
+    /// reads filled the buffer, so drops went unreported (only counted).
+    /// Reported once per episode; the writer reports its end.
+    #[test]
+    fn drops_are_reported_while_the_writer_is_blocked() {
+        let b = Buffered {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            limit: 100,
+            dropped: Counter::default(),
+            dropping: AtomicBool::new(false),
+        };
+        // The writer is blocked: nothing takes the lines.
+        let warns = warnings(|| {
+            for i in 0..10 {
+                b.push(&line(i, 25));
+            }
+        });
+        assert_eq!(b.dropped.get(), 6);
+        assert_eq!(warns.len(), 1, "{warns:?}");
+        assert!(warns[0].contains("the buffer is full"), "{warns:?}");
+        // The writer gets going: a batch that saw drops says nothing yet, the
+        // next one without drops says they ended.
+        let mut seen = 0;
+        let warns = warnings(|| {
+            b.take(Instant::now(), Vec::new());
+            b.settle(&mut seen);
+            b.take(Instant::now(), Vec::new());
+            b.settle(&mut seen);
+        });
+        assert_eq!(warns.len(), 1, "{warns:?}");
+        assert!(warns[0].contains("fit in the buffer again"), "{warns:?}");
+        // A new episode is reported again.
+        let warns = warnings(|| {
+            for i in 0..6 {
+                b.push(&line(i, 25));
+            }
+        });
+        assert_eq!(warns.len(), 1, "{warns:?}");
+        assert_eq!(b.dropped.get(), 8);
+    }
+
     #[test]
     fn the_writer_is_woken_once_per_batch() {
         let b = Buffered {
@@ -597,6 +686,7 @@ mod tests {
             wake: Condvar::new(),
             limit: 1 << 20,
             dropped: Counter::default(),
+            dropping: AtomicBool::new(false),
         };
         let wakes = (0..200)
             .filter(|&i| b.push(&line(i, 1000)))
