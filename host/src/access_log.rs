@@ -19,6 +19,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -341,7 +342,8 @@ impl AccessLog {
     /// an existing file must open for appending (it is not truncated); a new
     /// one is created, as `nginx -t` does, and removed again, so a directory
     /// Legate may not write in (or a file system that takes no new files, such
-    /// as `/proc`) fails here rather than at start.
+    /// as `/proc`) fails here rather than at start. An existing FIFO is opened
+    /// without waiting for its reader.
     pub fn check(cfg: &config::AccessLog) -> Result<(), CheckError> {
         let p = std::path::Path::new(cfg.path.as_str());
         if matches!(cfg.path.as_str(), "stdout" | "stderr") {
@@ -351,7 +353,21 @@ impl AccessLog {
             no_directory: false,
             message: format!("cannot open access log `{}`: {e}", p.display()),
         };
-        if p.exists() {
+        if let Ok(meta) = std::fs::metadata(p) {
+            if meta.file_type().is_fifo() {
+                // Opening a FIFO for writing waits for a reader (`run` does, as
+                // nginx): `check` must not hang on a log shipper not started
+                // yet. Without waiting, the permission is checked first, then
+                // the lack of a reader is `ENXIO`, which `run` would wait out.
+                return match OpenOptions::new()
+                    .append(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(p)
+                {
+                    Err(e) if e.raw_os_error() != Some(libc::ENXIO) => Err(cannot(e)),
+                    _ => Ok(()),
+                };
+            }
             OpenOptions::new().append(true).open(p).map_err(cannot)?;
             return Ok(());
         }
@@ -780,6 +796,51 @@ mod tests {
         log.close();
         assert_eq!(std::fs::read_to_string(&moved).unwrap(), "{\"i\":0}\n");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"i\":1}\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An existing FIFO (a log shipper's) is checked without waiting for its
+    /// reader: `legate check` hung in `open` until one came, forever if none.
+    #[test]
+    fn check_does_not_wait_for_a_fifos_reader() {
+        let dir = std::env::temp_dir().join(format!("legate-alog-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("access.fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo: {made}");
+        let cfg = config::AccessLog {
+            path: fifo.display().to_string(),
+            flush_interval: config::Dur::secs(1),
+            buffer_limit: config::ByteSize(16 << 20),
+        };
+        let (tx, rx) = mpsc::channel();
+        // On a thread of its own: without a reader the old check never returned
+        // (the thread is left blocked then; the bound only guards the test).
+        std::thread::spawn(move || {
+            let _ = tx.send(AccessLog::check(&cfg).map_err(|e| e.to_string()));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        assert!(
+            matches!(got, Ok(Ok(()))),
+            "check of a FIFO without a reader: {got:?}"
+        );
+        // A reader present: the same.
+        let cfg = config::AccessLog {
+            path: fifo.display().to_string(),
+            flush_interval: config::Dur::secs(1),
+            buffer_limit: config::ByteSize(16 << 20),
+        };
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        assert!(AccessLog::check(&cfg).is_ok());
+        drop(reader);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
