@@ -103,6 +103,29 @@ pub fn timestamp(t: SystemTime) -> String {
     )
 }
 
+/// A request header's value as the access log writes it (`user_agent`, and
+/// `authority` from `Host`): its text, with each byte that is not part of valid
+/// UTF-8 (obs-text, such as Latin-1, which HTTP allows) as `\xHH`, and so a
+/// backslash as `\x5C`, as nginx escapes its log variables: the bytes the
+/// client sent can be told from one another (a lossy conversion made them all
+/// U+FFFD) and from text that reads `\xHH`.
+pub fn header_text(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\x5C");
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02X}"));
+        }
+    }
+    out
+}
+
 /// The access log's `duration_ms`: milliseconds, to the microsecond.
 pub fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
@@ -578,6 +601,16 @@ mod tests {
             "1970-01-01T00:00:00.000Z"
         );
         assert_eq!(millis(Duration::from_micros(1_234_567)), 1234.567);
+    }
+
+    #[test]
+    fn header_bytes_that_are_not_utf8_are_escaped_as_nginx_does() {
+        assert_eq!(header_text(b"curl/8.5"), "curl/8.5");
+        assert_eq!(header_text("café".as_bytes()), "café");
+        // Latin-1 `é`, a lone 0xFF, a truncated UTF-8 sequence: each byte.
+        assert_eq!(header_text(b"caf\xe9 \xff \xc3"), "caf\\xE9 \\xFF \\xC3");
+        // A backslash too, so `\xE9` typed by the client is not the byte.
+        assert_eq!(header_text(b"a\\xE9"), "a\\x5CxE9");
     }
 
     fn line(i: usize, len: usize) -> Vec<u8> {

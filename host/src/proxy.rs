@@ -2989,7 +2989,7 @@ struct Logged {
 
 impl Logged {
     fn of(req: &Request<Incoming>) -> Logged {
-        let text = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+        let text = |v: &HeaderValue| access_log::header_text(v.as_bytes());
         Logged {
             authority: req
                 .uri()

@@ -772,3 +772,41 @@ async fn a_tunnel_cut_by_its_idle_timeout_says_so() {
     assert_eq!(v["bytes_received"], 10, "{v}");
     assert_eq!(v["cause"], "idle_timeout", "{v}");
 }
+
+each_proto!(
+    /// Header bytes that are not UTF-8 (obs-text: Latin-1 from an old client,
+    /// a scanner's raw bytes) are written `\xHH`, and a backslash `\x5C`, as
+    /// nginx escapes them: each byte stays readable in the line, where a lossy
+    /// conversion turned all of them into U+FFFD.
+    async fn header_bytes_that_are_not_utf8_are_logged_escaped(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let lg = legate()
+            .config(&logged_config(up.addr, &log, ", flush_interval: 10ms"))
+            .start();
+        let addr = lg.addr("web");
+        let agent: &[u8] = b"caf\xe9 \xff a\\b";
+        let status = match proto {
+            Proto::H1 => {
+                let mut req = b"GET /bytes HTTP/1.1\r\nHost: x\r\nUser-Agent: ".to_vec();
+                req.extend_from_slice(agent);
+                req.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+                raw_status(&raw(addr, &req).await)
+            }
+            Proto::H2 => {
+                let mut sender = raw_h2(addr).await;
+                let req = Request::get(format!("http://{addr}/bytes"))
+                    .header("user-agent", HeaderValue::from_bytes(agent).unwrap())
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .unwrap();
+                Some(sender.send_request(req).await.unwrap().status().as_u16())
+            }
+        };
+        assert_eq!(status, Some(200));
+        let lines = access_log_until(&log, "one line", |l| !l.is_empty()).await;
+        assert_eq!(lines[0]["user_agent"], r"caf\xE9 \xFF a\x5Cb", "{}", lines[0]);
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="2xx"}"#, 1.0)
+            .await;
+    }
+);
