@@ -86,6 +86,16 @@ pub enum FailureMode {
     Deny,
 }
 
+impl FailureMode {
+    /// As the config spells it (for the log: `Allow` is no config value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureMode::Allow => "allow",
+            FailureMode::Deny => "deny",
+        }
+    }
+}
+
 /// One limit as configured.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -847,11 +847,11 @@ impl RateLimit {
                     total: 1,
                 };
                 legate_sdk::warn!(
-                    "limit {:?}: {what}; failure_mode {:?} (further KV errors are counted \
-                     in {METRIC}{{outcome=\"error\"}} and summarized every {}s until a KV \
-                     call succeeds)",
+                    "limit {:?}: {what}; failure_mode {} (further KV errors are counted \
+                     in legate_plugin_{METRIC}{{outcome=\"error\"}} and summarized every {}s \
+                     until a KV call succeeds)",
                     l.name,
-                    self.failure_mode,
+                    self.failure_mode.as_str(),
                     ERROR_SUMMARY_NS / 1_000_000_000
                 );
             }
@@ -861,11 +861,11 @@ impl RateLimit {
                 if now.saturating_sub(ep.reported) >= ERROR_SUMMARY_NS {
                     legate_sdk::warn!(
                         "{} more KV errors in the last {}s; the latest: limit {:?}: {what}; \
-                         failure_mode {:?}",
+                         failure_mode {}",
                         ep.unreported,
                         now.saturating_sub(ep.reported) / 1_000_000_000,
                         l.name,
-                        self.failure_mode
+                        self.failure_mode.as_str()
                     );
                     ep.reported = now;
                     ep.unreported = 0;

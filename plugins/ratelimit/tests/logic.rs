@@ -653,6 +653,18 @@ fn kv_errors_are_logged_once_per_episode() {
     }
     assert_eq!(t.host().counter(METRIC, &["a", "error"]), Some(50));
     assert_eq!(warnings(&t), 1, "{:?}", t.host().logs());
+    // The first names the series as `/stats` shows it and the failure mode as
+    // the config spells it (it said `ratelimit_requests_total`, which is on no
+    // page, and `failure_mode Allow`).
+    assert!(
+        t.host().logged(
+            legate_sdk::log::Level::Warn,
+            "failure_mode allow (further KV errors are counted in \
+             legate_plugin_ratelimit_requests_total{outcome=\"error\"}"
+        ),
+        "{:?}",
+        t.host().logs()
+    );
     t.host().advance(Duration::from_secs(11));
     assert_eq!(send(&mut t, Request::get("/")), None);
     assert_eq!(warnings(&t), 2, "{:?}", t.host().logs());
