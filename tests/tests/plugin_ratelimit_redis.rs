@@ -425,6 +425,35 @@ fn backend_is_down_while_redis_refuses_its_calls() {
     assert_eq!(up(), Some(1.0), "{}", stats.render());
 }
 
+/// A reload builds a new backend for the same `/stats` (a reloaded KV plugin
+/// gets it): Redis's state is what the last call found, not "unknown". Before,
+/// each new backend set `legate_kv_up` to 1, so a reload while Redis was down
+/// reported it up until the next call.
+#[test]
+fn a_new_backend_keeps_legate_kv_up_of_the_last_call() {
+    let redis = RedisServer::start();
+    let stats = Stats::new();
+    let up = || stat(&stats.render(), r#"legate_kv_up{backend="redis"}"#);
+    // The first backend of a process: 1 before any call (unknown, not down).
+    let kv = backend(&redis.url(), &stats);
+    assert_eq!(up(), Some(1.0));
+    redis.kill();
+    assert_eq!(kv.get("n", "k"), Err(KvError::Unavailable));
+    assert_eq!(up(), Some(0.0));
+    // The reload's backend: Redis is still down, and the gauge says so.
+    let reloaded = backend(&redis.url(), &stats);
+    assert_eq!(up(), Some(0.0), "{}", stats.render());
+    assert_eq!(reloaded.get("n", "k"), Err(KvError::Unavailable));
+    assert_eq!(up(), Some(0.0));
+    redis.restart();
+    let deadline = Instant::now() + HANG;
+    while reloaded.get("n", "k").is_err() {
+        assert!(Instant::now() < deadline, "no call within {HANG:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(up(), Some(1.0));
+}
+
 /// An asynchronous call (`start`), on the calling thread's multiplexed connection.
 async fn start(kv: &Arc<RedisKv>, op: Op) -> KvResult {
     let kv: Arc<dyn KvBackend> = kv.clone();

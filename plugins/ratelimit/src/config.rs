@@ -86,6 +86,16 @@ pub enum FailureMode {
     Deny,
 }
 
+impl FailureMode {
+    /// As the config spells it (for the log: `Allow` is no config value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureMode::Allow => "allow",
+            FailureMode::Deny => "deny",
+        }
+    }
+}
+
 /// One limit as configured.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,8 +136,15 @@ pub struct MatchConfig {
 /// One part of a bucket key, taken from the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Descriptor {
-    /// The client's IP (the exchange's source address).
-    ClientIp,
+    /// The client's IP (the exchange's source address), its first `v4`
+    /// (IPv4) or `v6` (IPv6) bits: one bucket per network, as Envoy's
+    /// `masked_remote_address` (`client_ip` alone: 32 and 128, the address).
+    ClientIp {
+        /// Prefix length kept of an IPv4 address, 1-32.
+        v4: u8,
+        /// Prefix length kept of an IPv6 address, 1-128.
+        v6: u8,
+    },
     /// The request method.
     Method,
     /// The path without the query.
@@ -142,13 +159,42 @@ pub enum Descriptor {
     Header(String),
 }
 
-const DESCRIPTOR_FORMS: &str =
-    "client_ip, method, path, route, authority, header:NAME or {header: NAME}";
+const DESCRIPTOR_FORMS: &str = "client_ip, {client_ip: {v4_prefix: N, v6_prefix: N}}, method, \
+     path, route, authority, header:NAME or {header: NAME}";
+
+/// The whole address: `client_ip` without prefixes.
+pub const CLIENT_IP: Descriptor = Descriptor::ClientIp { v4: 32, v6: 128 };
+
+/// `{client_ip: {...}}`: the prefix lengths kept of the client's address.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientIpMask {
+    /// Of an IPv4 address (default 32: the address).
+    #[serde(default)]
+    v4_prefix: Option<u8>,
+    /// Of an IPv6 address (default 128: the address).
+    #[serde(default)]
+    v6_prefix: Option<u8>,
+}
+
+impl ClientIpMask {
+    fn descriptor(self) -> Result<Descriptor, String> {
+        let v4 = self.v4_prefix.unwrap_or(32);
+        let v6 = self.v6_prefix.unwrap_or(128);
+        if !(1..=32).contains(&v4) {
+            return Err(format!("client_ip.v4_prefix: {v4} is not 1-32"));
+        }
+        if !(1..=128).contains(&v6) {
+            return Err(format!("client_ip.v6_prefix: {v6} is not 1-128"));
+        }
+        Ok(Descriptor::ClientIp { v4, v6 })
+    }
+}
 
 impl Descriptor {
     fn parse(s: &str) -> Result<Self, String> {
         Ok(match s {
-            "client_ip" => Descriptor::ClientIp,
+            "client_ip" => CLIENT_IP,
             "method" => Descriptor::Method,
             "path" => Descriptor::Path,
             "route" => Descriptor::Route,
@@ -200,20 +246,25 @@ impl<'de> Deserialize<'de> for Descriptor {
                         "empty key descriptor; expected {DESCRIPTOR_FORMS}"
                     )));
                 };
-                if k != "header" {
-                    return Err(de::Error::custom(format!(
-                        "unknown key descriptor field {k:?}; expected {{header: NAME}}"
-                    )));
-                }
-                let name: String = map.next_value()?;
+                let d = match k.as_str() {
+                    "header" => {
+                        let name: String = map.next_value()?;
+                        header_name(&name).map(Descriptor::Header)
+                    }
+                    "client_ip" => map.next_value::<ClientIpMask>()?.descriptor(),
+                    _ => {
+                        return Err(de::Error::custom(format!(
+                            "unknown key descriptor field {k:?}; expected {{header: NAME}} \
+                             or {{client_ip: {{v4_prefix: N, v6_prefix: N}}}}"
+                        )))
+                    }
+                };
                 if let Some(extra) = map.next_key::<String>()? {
                     return Err(de::Error::custom(format!(
-                        "unexpected field {extra:?} next to `header`"
+                        "unexpected field {extra:?} next to `{k}`"
                     )));
                 }
-                header_name(&name)
-                    .map(Descriptor::Header)
-                    .map_err(de::Error::custom)
+                d.map_err(de::Error::custom)
             }
         }
         d.deserialize_any(V)

@@ -847,11 +847,11 @@ impl RateLimit {
                     total: 1,
                 };
                 legate_sdk::warn!(
-                    "limit {:?}: {what}; failure_mode {:?} (further KV errors are counted \
-                     in {METRIC}{{outcome=\"error\"}} and summarized every {}s until a KV \
-                     call succeeds)",
+                    "limit {:?}: {what}; failure_mode {} (further KV errors are counted \
+                     in legate_plugin_{METRIC}{{outcome=\"error\"}} and summarized every {}s \
+                     until a KV call succeeds)",
                     l.name,
-                    self.failure_mode,
+                    self.failure_mode.as_str(),
                     ERROR_SUMMARY_NS / 1_000_000_000
                 );
             }
@@ -861,11 +861,11 @@ impl RateLimit {
                 if now.saturating_sub(ep.reported) >= ERROR_SUMMARY_NS {
                     legate_sdk::warn!(
                         "{} more KV errors in the last {}s; the latest: limit {:?}: {what}; \
-                         failure_mode {:?}",
+                         failure_mode {}",
                         ep.unreported,
                         now.saturating_sub(ep.reported) / 1_000_000_000,
                         l.name,
-                        self.failure_mode
+                        self.failure_mode.as_str()
                     );
                     ep.reported = now;
                     ep.unreported = 0;
@@ -950,7 +950,9 @@ fn bucket_key(
         key.push('|');
         match d {
             // An IPv4 client on a dual-stack socket is one bucket either way.
-            Descriptor::ClientIp => push_ip(&mut key, x.source_address().ip().to_canonical()),
+            Descriptor::ClientIp { v4, v6 } => {
+                push_network(&mut key, x.source_address().ip().to_canonical(), *v4, *v6)
+            }
             Descriptor::Method => escape_into(&mut key, method.as_bytes()),
             Descriptor::Path => escape_into(&mut key, path.as_bytes()),
             Descriptor::Route => escape_into(&mut key, route?.as_bytes()),
@@ -968,6 +970,27 @@ fn bucket_key(
         return Some(short);
     }
     Some(key)
+}
+
+/// `ip`'s network of `v4` (IPv4) or `v6` (IPv6) prefix bits: the network
+/// address and `/LEN`, or the address alone when all its bits are kept (the
+/// key `client_ip` has always had).
+fn push_network(out: &mut String, ip: std::net::IpAddr, v4: u8, v6: u8) {
+    use std::fmt::Write;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match ip {
+        IpAddr::V4(a) if v4 < 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(v4)).unwrap_or(0);
+            push_ip(out, IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask)));
+            let _ = write!(out, "/{v4}");
+        }
+        IpAddr::V6(a) if v6 < 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(v6)).unwrap_or(0);
+            push_ip(out, IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask)));
+            let _ = write!(out, "/{v6}");
+        }
+        ip => push_ip(out, ip),
+    }
 }
 
 /// `ip` as its `Display` writes it, IPv4 digit by digit: the formatting

@@ -36,7 +36,9 @@ fn a_full_config_loads() {
                 {"name": "per-key", "match": {"routes": ["api"]},
                  "key": ["header:x-api-key-id", "route", "path", "authority"], "rate": "10/h",
                  "shadow": true},
-                {"name": "global", "rate": "5/d"}
+                {"name": "global", "rate": "5/d"},
+                {"name": "per-net", "key": [{"client_ip": {"v4_prefix": 24, "v6_prefix": 64}}],
+                 "rate": "1000/m"}
               ]
             }"#,
         )
@@ -121,6 +123,18 @@ fn invalid_configs_name_the_field() {
         (
             r#"{"limits": [{"name": "a", "rate": "1/s", "key": [{"cookie": "x"}]}]}"#,
             &["limits[0].key[0]", "\"cookie\""],
+        ),
+        (
+            r#"{"limits": [{"name": "a", "rate": "1/s", "key": [{"client_ip": {"v6_prefix": 0}}]}]}"#,
+            &["limits[0].key[0]", "v6_prefix: 0 is not 1-128"],
+        ),
+        (
+            r#"{"limits": [{"name": "a", "rate": "1/s", "key": [{"client_ip": {"v4_prefix": 33}}]}]}"#,
+            &["limits[0].key[0]", "v4_prefix: 33 is not 1-32"],
+        ),
+        (
+            r#"{"limits": [{"name": "a", "rate": "1/s", "key": [{"client_ip": {"v6": 64}}]}]}"#,
+            &["limits[0].key[0]", "unknown field `v6`"],
         ),
         (
             r#"{"limits": [{"name": "a", "rate": "1/s", "match": {"prefix": "api"}}]}"#,

@@ -590,6 +590,59 @@ fn ipv6_clients_have_their_own_buckets() {
         .is_some());
 }
 
+/// `{client_ip: {v6_prefix: 64}}`: one bucket per /64, as Envoy's
+/// `masked_remote_address`, so a client that holds a /64 cannot rotate
+/// through its addresses for fresh buckets (before, only the whole address
+/// could be keyed on); IPv4 keeps its default of the whole address, and an
+/// IPv4 `v4_prefix` groups a network the same way.
+#[test]
+fn client_ip_prefixes_key_one_bucket_per_network() {
+    let mut t = setup(
+        r#"{"limits": [{"name": "net", "key": [{"client_ip": {"v6_prefix": 64}}], "rate": "1/m"},
+                      {"name": "v4net", "match": {"prefix": "/v4"},
+                       "key": [{"client_ip": {"v4_prefix": 24}}], "rate": "1/m"}]}"#,
+    );
+    let v6 = |net: u16, last: u16| {
+        Request::get("/").source(SocketAddr::new(
+            IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, 0, net, 0xa, 0xb, 0xc, last,
+            )),
+            443,
+        ))
+    };
+    assert_eq!(send(&mut t, v6(1, 1)), None);
+    // Another address of the same /64: the same bucket, spent.
+    let r = send(&mut t, v6(1, 2)).expect("a 429 for the same /64");
+    assert_eq!(r.status, 429);
+    // Another /64 has its own.
+    assert_eq!(send(&mut t, v6(2, 1)), None);
+    assert!(t
+        .host()
+        .kv_get("ratelimit", &bucket("net", "1/m", &["2001:db8:0:1::/64"]))
+        .is_some());
+    // IPv4 clients: the whole address by default (`v4_prefix` 32).
+    assert_eq!(
+        send(&mut t, Request::get("/").source(from([192, 0, 2, 1]))),
+        None
+    );
+    assert_eq!(
+        send(&mut t, Request::get("/").source(from([192, 0, 2, 2]))),
+        None
+    );
+    assert!(t
+        .host()
+        .kv_get("ratelimit", &bucket("net", "1/m", &["192.0.2.1"]))
+        .is_some());
+    // With `v4_prefix: 24`, one bucket per /24.
+    let v4 = |last: u8| Request::get("/v4").source(from([198, 51, 100, last]));
+    assert_eq!(send(&mut t, v4(7)), None);
+    assert!(send(&mut t, v4(8)).is_some());
+    assert!(t
+        .host()
+        .kv_get("ratelimit", &bucket("v4net", "1/m", &["198.51.100.0/24"]))
+        .is_some());
+}
+
 /// A TAT far in the future: a bucket another worker just emptied.
 const EMPTIED: &[u8] = b"18000000000000000000";
 
@@ -653,6 +706,18 @@ fn kv_errors_are_logged_once_per_episode() {
     }
     assert_eq!(t.host().counter(METRIC, &["a", "error"]), Some(50));
     assert_eq!(warnings(&t), 1, "{:?}", t.host().logs());
+    // The first names the series as `/stats` shows it and the failure mode as
+    // the config spells it (it said `ratelimit_requests_total`, which is on no
+    // page, and `failure_mode Allow`).
+    assert!(
+        t.host().logged(
+            legate_sdk::log::Level::Warn,
+            "failure_mode allow (further KV errors are counted in \
+             legate_plugin_ratelimit_requests_total{outcome=\"error\"}"
+        ),
+        "{:?}",
+        t.host().logs()
+    );
     t.host().advance(Duration::from_secs(11));
     assert_eq!(send(&mut t, Request::get("/")), None);
     assert_eq!(warnings(&t), 2, "{:?}", t.host().logs());

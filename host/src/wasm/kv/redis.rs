@@ -154,6 +154,9 @@ pub(crate) fn redact(url: &str) -> String {
     crate::config::mask_url(url)
 }
 
+/// The gauge of Redis's state, 1 while the last call succeeded.
+const UP: &str = "legate_kv_up";
+
 struct KvStats {
     get: Counter,
     set: Counter,
@@ -196,7 +199,7 @@ impl KvStats {
                 b,
             ),
             up: stats.gauge(
-                "legate_kv_up",
+                UP,
                 "1 while the last call to the KV backend succeeded (0 after a failed connect or call).",
                 b,
             ),
@@ -284,9 +287,15 @@ impl RedisKv {
             (Err(e), _) => Err(e),
         }
         .map_err(|e| anyhow::anyhow!("kv: cannot use {}: {e}", redact(url)))?;
+        // A reload's backend replaces one whose calls know Redis's state:
+        // the gauge keeps it (set to 1 here, a reload while Redis was down
+        // reported it up until the next call). The process's first backend
+        // sets 1: unknown until the first call, and 0 would claim it is down.
+        let known = stats.gauge_value(UP, &[("backend", "redis")]).is_some();
         let stats = KvStats::new(stats);
-        // Unknown until the first call; 0 would claim Redis is down.
-        stats.up.set(1);
+        if !known {
+            stats.up.set(1);
+        }
         Ok(RedisKv {
             client,
             timeout,
