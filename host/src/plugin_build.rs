@@ -324,11 +324,23 @@ fn artifact(line: &str, package: &str, lib: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// Checks the built file is a component exporting a `legate:filter` handler.
+/// A crate that never calls `legate_sdk::export!` still builds, into a
+/// component exporting nothing, which every load refuses: say so here, where
+/// the fix is.
 fn check_component(wasm: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
     if !bytes.starts_with(&COMPONENT_MAGIC) {
         bail!(
             "{} is not a WebAssembly component (a core module?); plugins must be built for {TARGET}",
+            wasm.display()
+        );
+    }
+    if !crate::reload::abi_of(&bytes).starts_with("legate:filter@") {
+        bail!(
+            "{} exports no `legate:filter` handler, so no host can load it: export the \
+             filter with `legate_sdk::export!(YourFilter);` (an HTTP filter) or \
+             `legate_sdk::export_network!(YourFilter);` (a TCP filter) at the crate's root",
             wasm.display()
         );
     }
@@ -385,8 +397,33 @@ mod tests {
         std::fs::write(&core, [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]).unwrap();
         let err = check_component(&core).unwrap_err().to_string();
         assert!(err.contains("not a WebAssembly component"), "{err}");
+        // A component exporting no handler: a crate without `export!`.
         let component = dir.join("component.wasm");
         std::fs::write(&component, COMPONENT_MAGIC).unwrap();
+        let err = check_component(&component).unwrap_err().to_string();
+        assert!(
+            err.ends_with(
+                "component.wasm exports no `legate:filter` handler, so no host can load it: \
+                 export the filter with `legate_sdk::export!(YourFilter);` (an HTTP filter) \
+                 or `legate_sdk::export_network!(YourFilter);` (a TCP filter) at the crate's \
+                 root"
+            ),
+            "{err}"
+        );
+        // One exporting `legate:filter/http-handler@0.1.2` (an instance
+        // export of an empty instance: the name is what is checked) passes.
+        let name = "legate:filter/http-handler@0.1.2";
+        let mut c = COMPONENT_MAGIC.to_vec();
+        // Instance section: one instance made of no exports.
+        c.extend([5, 3, 1, 0x01, 0]);
+        // Export section: `name` as instance 0.
+        let mut body = vec![1, 0, u8::try_from(name.len()).unwrap()];
+        body.extend(name.as_bytes());
+        body.extend([0x05, 0, 0]);
+        c.push(11);
+        c.push(u8::try_from(body.len()).unwrap());
+        c.extend(body);
+        std::fs::write(&component, &c).unwrap();
         check_component(&component).unwrap();
     }
 }

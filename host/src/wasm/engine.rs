@@ -76,9 +76,37 @@ fn pool_size(workers: usize, filters: usize) -> u32 {
         .clamp(MIN_POOL_INSTANCES, MAX_POOL_INSTANCES)
 }
 
+/// A linear memory the store's limiter refused to create or grow: the size
+/// the guest asked for and the plugin's `limits.memory`, in bytes. Refused
+/// while instantiating, it is a module whose memory starts over the cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefusedMemory {
+    /// The size asked for.
+    pub desired: usize,
+    /// The instance's cap (`limits.memory`).
+    pub cap: usize,
+}
+
 /// A failed instantiation, explained: the pool being full names its size and
-/// what fixes it.
-pub fn instantiate_error(e: &wasmtime::Error) -> String {
+/// what fixes it; a memory the limiter refused (`refused`, kept by the store)
+/// names `limits.memory` and the module's starting size, where wasmtime says
+/// only "memory minimum size of 257 pages exceeds memory limits" (any
+/// zig-linked filter, whose default 16 MiB stack starts it over the default
+/// 16 MiB cap; a Python or JavaScript one under a lowered cap).
+pub fn instantiate_error(e: &wasmtime::Error, refused: Option<RefusedMemory>) -> String {
+    if let Some(RefusedMemory { desired, cap }) = refused {
+        let cap = crate::config::ByteSize(u64::try_from(cap).unwrap_or(u64::MAX));
+        #[allow(clippy::cast_precision_loss)] // a size shown to one decimal
+        let mib = desired as f64 / f64::from(1u32 << 20);
+        return format!(
+            "cannot instantiate: its linear memory starts at {mib:.1} MiB ({} pages of 64 KiB), \
+             over the plugin's `limits.memory` of {cap}: raise `limits.memory` (at most \
+             {}), or build the module to start smaller (its stack counts: zig's default \
+             is 16 MiB, `-Wl,-z,stack-size=65536` makes it 64 KiB) ({e:#})",
+            desired / 65536,
+            crate::config::ByteSize(MAX_MEMORY),
+        );
+    }
     if e.is::<wasmtime::PoolConcurrencyLimitError>() {
         return format!(
             "cannot instantiate: the Wasm instance pool is full ({} instances, sized at start \

@@ -258,6 +258,9 @@ pub struct HostState {
     /// The memory cap, for the instance's linear memories together (`limits`
     /// applies it to each alone).
     memory_cap: usize,
+    /// The last memory growth the limiter refused: at instantiation, a module
+    /// whose memory starts over the cap ([`crate::wasm::engine::instantiate_error`]).
+    pub refused_memory: Option<crate::wasm::engine::RefusedMemory>,
     /// The plugin.
     pub plugin: Arc<PluginShared>,
     /// The worker index.
@@ -368,6 +371,7 @@ impl HostState {
                 .trap_on_grow_failure(false)
                 .build(),
             memory_cap,
+            refused_memory: None,
             plugin,
             worker,
             phase: Phase::Configure,
@@ -540,6 +544,11 @@ impl wasmtime::ResourceLimiter for HostState {
             && self.limits.memory_growing(current, desired, maximum)?;
         if ok {
             self.memory.grew(delta);
+        } else {
+            self.refused_memory = Some(crate::wasm::engine::RefusedMemory {
+                desired,
+                cap: self.memory_cap,
+            });
         }
         Ok(ok)
     }

@@ -347,7 +347,7 @@ impl WasmNetworkFilter {
             let bindings = self
                 .pre
                 .instantiate(&mut store)
-                .map_err(|e| engine::instantiate_error(&e))?;
+                .map_err(|e| engine::instantiate_error(&e, store.data().refused_memory))?;
             self.stats.calls["configure"].inc();
             store.data_mut().phase = Phase::Configure;
             let r = bindings

@@ -848,7 +848,7 @@ impl WasmFilter {
             let bindings = self
                 .pre
                 .instantiate(&mut store)
-                .map_err(|e| engine::instantiate_error(&e))?;
+                .map_err(|e| engine::instantiate_error(&e, store.data().refused_memory))?;
             store.data_mut().kv_replies = bindings.legate_filter_kv_handler().is_some();
             self.stats.calls["configure"].inc();
             store.data_mut().phase = Phase::Configure;

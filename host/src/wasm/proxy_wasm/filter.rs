@@ -487,7 +487,7 @@ impl ProxyWasmFilter {
         let instance = first
             .pre
             .instantiate(&mut store)
-            .map_err(|e| engine::instantiate_error(&e))?;
+            .map_err(|e| engine::instantiate_error(&e, store.data().refused_memory))?;
         // A reactor's `_initialize` (then `main` if exported, as Envoy does), or a
         // command's `_start`.
         if let Some(init) = typed::<(), ()>(&mut store, &instance, "_initialize")? {
@@ -2575,6 +2575,66 @@ mod tests {
         }
         section(10, &code, &mut m);
         m
+    }
+
+    #[test]
+    fn a_module_whose_memory_starts_over_limits_memory_is_told_which_limit() {
+        // Was wasmtime's bare "cannot instantiate: memory minimum size of 300
+        // pages exceeds memory limits", which names neither `limits.memory`
+        // nor its value (every zig-linked filter: its 16 MiB stack starts it
+        // at 257 pages, over the default 16 MiB).
+        let mut m = b"\0asm\x01\0\0\0".to_vec();
+        section(1, &[1, 0x60, 0, 0], &mut m);
+        section(3, &[1, 0], &mut m);
+        // One memory, minimum 300 pages (18.75 MiB), no maximum.
+        section(5, &[1, 0, 0xac, 0x02], &mut m);
+        let marker = "proxy_abi_version_0_2_1";
+        let mut exports = vec![1, u8::try_from(marker.len()).unwrap()];
+        exports.extend_from_slice(marker.as_bytes());
+        exports.extend([0, 0]);
+        section(7, &exports, &mut m);
+        section(10, &[1, 2, 0, 0x0b], &mut m);
+        let path = std::path::Path::new("big.wasm");
+        let module = crate::wasm::proxy_wasm::compile("big", path, &m).unwrap();
+        let settings = |memory| Settings {
+            cpu: Duration::from_secs(1),
+            memory,
+            fail_open: false,
+            body_limit: 1 << 20,
+            pause_limit: None,
+            headers_stop_iteration: false,
+        };
+        let load = |memory| {
+            crate::wasm::proxy_wasm::load(
+                &module,
+                crate::wasm::proxy_wasm::Load {
+                    name: "big",
+                    root_id: "",
+                    vm_id: "",
+                    vm_config: Vec::new(),
+                    plugin_config: Vec::new(),
+                    clusters: Vec::new(),
+                    module_sha256: "",
+                },
+                settings(memory),
+                &crate::stats::Stats::new(),
+                &mut Shares::default(),
+            )
+        };
+        let e = load(16 << 20).err().unwrap().to_string();
+        assert!(
+            e.contains(
+                "cannot instantiate: its linear memory starts at 18.8 MiB (300 pages of 64 \
+                 KiB), over the plugin's `limits.memory` of 16MiB: raise `limits.memory` (at \
+                 most 256MiB), or build the module to start smaller (its stack counts: \
+                 zig's default is 16 MiB, `-Wl,-z,stack-size=65536` makes it 64 KiB)"
+            ),
+            "{e}"
+        );
+        // Under a cap it fits, instantiation goes on (to the missing
+        // `proxy_on_context_create`): the memory is not blamed.
+        let e = load(32 << 20).err().unwrap().to_string();
+        assert!(!e.contains("limits.memory"), "{e}");
     }
 
     #[test]

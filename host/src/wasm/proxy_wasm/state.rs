@@ -216,6 +216,9 @@ pub struct PwState {
     /// The memory cap, for the instance's linear memories together (`limits`
     /// applies it to each alone).
     memory_cap: usize,
+    /// The last memory growth the limiter refused: at instantiation, a module
+    /// whose memory starts over the cap ([`crate::wasm::engine::instantiate_error`]).
+    pub refused_memory: Option<crate::wasm::engine::RefusedMemory>,
     /// Linear memory the VM holds (in the per-worker gauge, except for the
     /// load-time check's VM).
     pub memory_use: crate::wasm::slots::MemoryUse,
@@ -364,6 +367,7 @@ impl PwState {
                 .trap_on_grow_failure(false)
                 .build(),
             memory_cap,
+            refused_memory: None,
             memory_use: crate::wasm::slots::MemoryUse::default(),
             meta,
             memory: None,
@@ -501,6 +505,11 @@ impl wasmtime::ResourceLimiter for PwState {
             && self.limits.memory_growing(current, desired, maximum)?;
         if ok {
             self.memory_use.grew(delta);
+        } else {
+            self.refused_memory = Some(crate::wasm::engine::RefusedMemory {
+                desired,
+                cap: self.memory_cap,
+            });
         }
         Ok(ok)
     }
