@@ -400,8 +400,9 @@ pub async fn serve(
         }
     }
     // An upgraded connection lives on as a tunnel: it ends when either side
-    // closes, or after the listener's idle timeout without a byte either way
-    // (both directions pass through this connection's byte counter), or
+    // closes, or after its idle timeout without a byte either way (the
+    // route's `idle_timeout` if it sets one, else the listener's; both
+    // directions pass through this connection's byte counter), or
     // `drain_timeout` after the listener stopped (a drain, a reload that
     // replaced or removed it: [`ListenerCtx::drained`]).
     let Some(mut tunnel) = conn_ctx.tunnel.take() else {
@@ -428,15 +429,19 @@ pub async fn serve(
     };
     // No request follows on a tunnel.
     drop(serving);
-    let idle = limits.idle_timeout.get();
+    // The route's `idle_timeout` (Envoy's route `idle_timeout`, which bounds
+    // an upgraded stream there), else the listener's: a WebSocket route can
+    // outlive, or be cut sooner than, the keep-alive idle time. `None`: off.
+    let idle = tunnel.idle.unwrap_or(Some(limits.idle_timeout.get()));
     // Nor does a response end it: once the listener stops (a drain, or a
     // reload that replaced or removed it) it has `drain_timeout` left.
     let drained = ctx.drained(&worker.shared.snapshot);
     tokio::pin!(drained);
     loop {
-        let deadline = match activity.check(idle, None) {
-            Verdict::WaitUntil(t) => t,
-            Verdict::Idle | Verdict::HeaderTimeout => {
+        let deadline = match idle.map(|idle| activity.check(idle, None)) {
+            None => None,
+            Some(Verdict::WaitUntil(t)) => Some(t.into()),
+            Some(Verdict::Idle | Verdict::HeaderTimeout) => {
                 tracing::debug!(listener = %ctx.name, %peer, "upgraded connection idle; closing");
                 tunnel.cut("idle_timeout");
                 return None;
@@ -449,7 +454,7 @@ pub async fn serve(
                 tunnel.cut("drain_timeout");
                 return None;
             }
-            () = tokio::time::sleep_until(deadline.into()) => {}
+            () = until(deadline) => {}
         }
     }
 }
