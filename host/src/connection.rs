@@ -83,6 +83,21 @@ fn says_close(h: &http::HeaderMap) -> bool {
     })
 }
 
+/// Whether an HTTP/1 client can tell where `resp`'s body ends without the
+/// close: a `content-length` (given, or the one hyper writes for a body of
+/// known size), or no body at all (a response to `HEAD`, 1xx, 204, 304).
+fn length_known(resp: &http::Response<crate::body::Body>, head_request: bool) -> bool {
+    use http_body::Body as _;
+    let status = resp.status();
+    head_request
+        || status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+        || resp.headers().contains_key(http::header::CONTENT_LENGTH)
+        || resp.body().is_end_stream()
+        || resp.body().size_hint().exact().is_some()
+}
+
 /// How long a draining HTTP/1.1 connection may stay idle (waiting for one more
 /// request to answer with `Connection: close`) before it is closed.
 const H1_DRAIN_IDLE: Duration = Duration::from_secs(1);
@@ -179,6 +194,7 @@ pub async fn serve(
         let limit_reached = limit_reached.clone();
         service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let version = req.version();
+            let head_request = req.method() == http::Method::HEAD;
             last_version.set(Some(version));
             if let Some(max) = max_requests {
                 served.set(served.get().saturating_add(1));
@@ -218,13 +234,26 @@ pub async fn serve(
                             http::HeaderValue::from_static("close"),
                         );
                     }
-                    // hyper appends `keep-alive` to an HTTP/1.1 response to an
-                    // HTTP/1.0 keep-alive request (`connection: close,
-                    // keep-alive`), unless the response is HTTP/1.0 too: then
-                    // it keeps the `close` alone and closes (`fix_keep_alive`).
-                    // (This close, or the one of a bad request's answer.)
-                    if version == http::Version::HTTP_10 && says_close(resp.headers()) {
-                        *resp.version_mut() = http::Version::HTTP_10;
+                    // To an HTTP/1.0 client hyper writes an HTTP/1.0 status
+                    // line whatever the response's version, which decides the
+                    // keep-alive of an HTTP/1.0 keep-alive request
+                    // (`fix_keep_alive`): an HTTP/1.1 response gets
+                    // `keep-alive` appended and the connection stays open; an
+                    // HTTP/1.0 one is closed after, its `Connection` as it is.
+                    // So HTTP/1.1 (whatever the upstream spoke: an HTTP/2 or
+                    // HTTP/1.0 upstream's answer closed the connection),
+                    // unless it closes: its `close` must stand alone (not
+                    // `close, keep-alive`), and a body of unknown length,
+                    // which HTTP/1.0 can only end by closing, must not say
+                    // `keep-alive` (hyper said it, then closed).
+                    if version == http::Version::HTTP_10 {
+                        let closes =
+                            says_close(resp.headers()) || !length_known(&resp, head_request);
+                        *resp.version_mut() = if closes {
+                            http::Version::HTTP_10
+                        } else {
+                            http::Version::HTTP_11
+                        };
                     }
                 }
                 Ok::<_, crate::filter::StreamReset>(resp)
@@ -400,8 +429,9 @@ pub async fn serve(
         }
     }
     // An upgraded connection lives on as a tunnel: it ends when either side
-    // closes, or after the listener's idle timeout without a byte either way
-    // (both directions pass through this connection's byte counter), or
+    // closes, or after its idle timeout without a byte either way (the
+    // route's `idle_timeout` if it sets one, else the listener's; both
+    // directions pass through this connection's byte counter), or
     // `drain_timeout` after the listener stopped (a drain, a reload that
     // replaced or removed it: [`ListenerCtx::drained`]).
     let Some(mut tunnel) = conn_ctx.tunnel.take() else {
@@ -428,15 +458,19 @@ pub async fn serve(
     };
     // No request follows on a tunnel.
     drop(serving);
-    let idle = limits.idle_timeout.get();
+    // The route's `idle_timeout` (Envoy's route `idle_timeout`, which bounds
+    // an upgraded stream there), else the listener's: a WebSocket route can
+    // outlive, or be cut sooner than, the keep-alive idle time. `None`: off.
+    let idle = tunnel.idle.unwrap_or(Some(limits.idle_timeout.get()));
     // Nor does a response end it: once the listener stops (a drain, or a
     // reload that replaced or removed it) it has `drain_timeout` left.
     let drained = ctx.drained(&worker.shared.snapshot);
     tokio::pin!(drained);
     loop {
-        let deadline = match activity.check(idle, None) {
-            Verdict::WaitUntil(t) => t,
-            Verdict::Idle | Verdict::HeaderTimeout => {
+        let deadline = match idle.map(|idle| activity.check(idle, None)) {
+            None => None,
+            Some(Verdict::WaitUntil(t)) => Some(t.into()),
+            Some(Verdict::Idle | Verdict::HeaderTimeout) => {
                 tracing::debug!(listener = %ctx.name, %peer, "upgraded connection idle; closing");
                 tunnel.cut("idle_timeout");
                 return None;
@@ -449,7 +483,7 @@ pub async fn serve(
                 tunnel.cut("drain_timeout");
                 return None;
             }
-            () = tokio::time::sleep_until(deadline.into()) => {}
+            () = until(deadline) => {}
         }
     }
 }

@@ -925,6 +925,7 @@ async fn proxy(
                 conn.tunnel.set(Some(Tunnel {
                     task: tokio::task::spawn_local(tunnel(down, up, active, end.clone())),
                     end,
+                    idle: matched.route.idle_timeout,
                 }));
             }
         }
@@ -2750,6 +2751,10 @@ pub struct Tunnel {
     /// The splice; it ends when either side closes.
     pub task: tokio::task::JoinHandle<()>,
     end: Rc<TunnelEnd>,
+    /// The route's `idle_timeout` (`Some(None)`: off), which bounds the
+    /// tunnel in place of the listener's `limits.idle_timeout`, as Envoy's
+    /// route `idle_timeout` bounds an upgraded stream.
+    pub idle: Option<Option<std::time::Duration>>,
 }
 
 impl Tunnel {

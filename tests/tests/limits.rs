@@ -732,6 +732,75 @@ async fn an_http10_keepalive_client_is_told_close_alone() {
     assert_eq!(up.requests.get(), 2);
 }
 
+/// The length of an HTTP/1 response's body from its head (`content-length`).
+fn head_length(head: &[u8]) -> Option<usize> {
+    String::from_utf8_lossy(head).lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("content-length:")
+            .map(|v| v.trim().parse().unwrap())
+    })
+}
+
+/// Reads the rest of a response whose head (and perhaps some of its body)
+/// `head` holds, framed by its `content-length`.
+async fn read_rest(c: &mut RawConn, head: &[u8]) {
+    let len = head_length(head).expect("a content-length");
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let have = head.len() - end;
+    if len > have {
+        c.read_exact(len - have, HANG_GUARD).await.unwrap();
+    }
+}
+
+/// An HTTP/1.0 keep-alive client keeps its connection whatever protocol the
+/// upstream spoke: the response of an HTTP/2 upstream went out as an HTTP/1.0
+/// response, which hyper closes after (no `keep-alive`), so every request of
+/// such a client (ApacheBench's `-k`, HTTP/1.0 health checkers) paid a new
+/// connection. A response of unknown length cannot be kept alive over
+/// HTTP/1.0 (it ends with the close): it no longer says `keep-alive` (it did,
+/// then closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_keepalive_client_keeps_its_connection_over_an_h2_upstream() {
+    let up = upstream()
+        .h2()
+        .route("/stream", source(100 * 1024))
+        .start()
+        .await;
+    let config = limits_config(up.addr, "", "")
+        .replace("    endpoints:\n", "    protocol: h2\n    endpoints:\n");
+    let lg = legate().config(&config).start();
+    let addr = lg.addr("web");
+    const KEEP: &[u8] = b"GET / HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n";
+    let mut c = RawConn::connect(addr).await;
+    for i in 0..2 {
+        c.write(KEEP).await;
+        let head = c.read_head(HANG_GUARD).await;
+        let text = String::from_utf8_lossy(&head).into_owned();
+        assert_eq!(raw_status(&head), Some(200), "request {i}: {text}");
+        assert!(text.starts_with("HTTP/1.0 200"), "request {i}: {text}");
+        assert_eq!(
+            connection_lines(&head),
+            ["keep-alive"],
+            "request {i}: {text}"
+        );
+        read_rest(&mut c, &head).await;
+    }
+    // Without a length: the body ends with the close, and the head says nothing
+    // of keeping the connection.
+    c.write(b"GET /stream HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        .await;
+    let (out, closed) = c.read_until_close(HANG_GUARD).await;
+    let end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&out[..end]).into_owned();
+    assert_eq!(raw_status(&out), Some(200), "{head}");
+    assert!(connection_lines(&out[..end]).is_empty(), "{head}");
+    assert!(closed, "{head}");
+    assert_eq!(checksum(&out[end..]), checksum(&pattern_bytes(100 * 1024)));
+    assert_eq!(up.requests.get(), 3);
+    lg.assert_stat(r#"legate_listener_connections_total{listener="web"}"#, 1.0)
+        .await;
+}
+
 each_proto!(
     /// `limits.max_connection_duration`: a connection older than it is closed
     /// gracefully, though it is busy enough never to idle out.

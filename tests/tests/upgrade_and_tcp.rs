@@ -256,6 +256,56 @@ async fn an_upgraded_connection_is_counted_and_idles_out() {
         .await;
 }
 
+/// A route's `idle_timeout` (Envoy's route `idle_timeout`, the knob Envoy
+/// users turn for quiet WebSockets) bounds the tunnels of its upgrades in
+/// place of the listener's `limits.idle_timeout`: it was ignored, so a
+/// WebSocket route could neither outlive the listener's keep-alive idle time
+/// (60s) nor be cut sooner. Here the route's 1s closes a tunnel the
+/// listener's 60s would keep, logged with cause `idle_timeout`; a route
+/// without one keeps the listener's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_idle_timeout_bounds_its_tunnels() {
+    let up = upgrade_echo_server().await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let config = web_config(
+        "          - match: { prefix: /quick }\n            cluster: backend\n            idle_timeout: 1s\n          - cluster: backend\n",
+        &format!("  - name: backend\n    endpoints:\n      - address: {}\n", up.addr),
+    ) + &format!("access_log:\n  path: {}\n  flush_interval: 10ms\n", log.display());
+    let lg = legate().config(&config).start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    let head = c.websocket_handshake("/quick").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    c.write(b"ping").await;
+    assert_eq!(c.read_exact(4, HANG_GUARD).await.unwrap(), b"ping");
+    // Quiet: closed by the route's 1s, long before the listener's 60s.
+    let (_, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed, "the route's idle_timeout did not close the tunnel");
+    eventually(HANG_GUARD, "upstream side of the tunnel closed", || async {
+        (up.closed.get() == 1).then_some(())
+    })
+    .await;
+    let line = eventually(HANG_GUARD, "the tunnel's access-log line", || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let line = text.lines().next()?.to_string();
+        Some(serde_json::from_str::<serde_json::Value>(&line).unwrap())
+    })
+    .await;
+    assert_eq!(line["status"], 101, "{line}");
+    assert_eq!(line["cause"], "idle_timeout", "{line}");
+    lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
+        .await;
+
+    // Another route's tunnel is bounded by the listener's (60s): still open
+    // after the other one's bound has passed twice.
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    let head = c.websocket_handshake("/other").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.write(b"pong").await;
+    assert_eq!(c.read_exact(4, HANG_GUARD).await.unwrap(), b"pong");
+}
+
 /// The upstream side of a WebSocket tunnel stays counted until the tunnel
 /// closes, as Envoy's: the connection (`upstream_cx_active`, the endpoint's
 /// `cx_active`) and the attempt (`upstream_rq_active`, the endpoint's
