@@ -56,7 +56,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::TlsStream;
 
 use crate::body::{self, Body};
-use crate::cluster::{ActiveConnection, Cluster, ConnectPermit};
+use crate::cluster::{ActiveConnection, Cluster, ConnectFailure, ConnectPermit};
 use crate::config::{self, UpstreamProtocol};
 use crate::error::{Kind, ProxyError};
 use crate::io::Conn;
@@ -1269,11 +1269,13 @@ async fn open_counted(
     match tokio::time::timeout(s.connect_timeout, open(s, target)).await {
         Ok(Ok((c, h2))) => Ok((c, h2, permit.established(target.endpoint))),
         Ok(Err(e)) => {
-            target.cluster.record_connect_failure(
-                target.endpoint,
-                &e.detail,
-                e.transport_failure.is_some(),
-            );
+            let how = match e.transport_failure {
+                Some(_) => ConnectFailure::Tls,
+                None => ConnectFailure::Failed,
+            };
+            target
+                .cluster
+                .record_connect_failure(target.endpoint, &e.detail, how);
             Err(e)
         }
         Err(_) => {
@@ -1284,9 +1286,11 @@ async fn open_counted(
                     target.addr, s.connect_timeout
                 ),
             );
-            target
-                .cluster
-                .record_connect_failure(target.endpoint, &e.detail, false);
+            target.cluster.record_connect_failure(
+                target.endpoint,
+                &e.detail,
+                ConnectFailure::TimedOut,
+            );
             Err(e)
         }
     }

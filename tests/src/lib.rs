@@ -394,6 +394,35 @@ pub fn closed_port_addr() -> std::net::SocketAddr {
     addr
 }
 
+/// An address on 127.0.0.1 where a connect neither succeeds nor is refused: it
+/// hangs until the connecting side gives up, as for an endpoint behind a firewall
+/// that drops packets. Connect-timeout tests need it.
+///
+/// A listener with a backlog of 0 that never accepts: once its accept queue holds
+/// a connection, Linux drops further SYNs (they are retried after 1 s, 3 s, ...).
+/// The queue is filled here, and the address returned only once a connect to it
+/// was seen to time out. Listener and connections are kept until the test process
+/// exits.
+pub fn unanswering_addr() -> std::net::SocketAddr {
+    let s = unlistened(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), false)
+        .expect("bind an ephemeral port");
+    s.listen(0).expect("listen");
+    let addr = s
+        .local_addr()
+        .expect("local_addr")
+        .as_socket()
+        .expect("an IPv4 address");
+    hold(s);
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(queued) => hold(socket2::Socket::from(queued)),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return addr,
+            Err(e) => panic!("connect to the full backlog at {addr}: {e}"),
+        }
+    }
+    panic!("{addr}: a backlog of 0 kept accepting connections (no SYN drop here)")
+}
+
 /// Takes `addr` back once the server that listened there has closed its listener
 /// (tried for up to 2 s), and keeps it bound without listening, as
 /// [`closed_port_addr`]: connections to a stopped server stay refused, and no

@@ -316,6 +316,52 @@ each_proto!(
 );
 
 each_proto!(
+    /// A connect that neither opens nor is refused (SYNs dropped) ends at the
+    /// cluster's `connect_timeout` as a connect failure, counted in
+    /// `upstream_cx_connect_timeout` as well as `upstream_cx_connect_fail`, as
+    /// Envoy's. (The timeout had no counter of its own.)
+    async fn connect_timeout_is_a_connect_failure_with_its_own_counter(proto) {
+        let hole = unanswering_addr();
+        let lg = legate()
+            .config(&simple_config_with(&[hole], "", "    connect_timeout: 100ms\n"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for n in 1..=2 {
+            let r = c.get("/").send().await;
+            assert_eq!(r.status, 502);
+            assert_eq!(r.text(), "upstream_connect_failure\n");
+            lg.assert_stat(CX_CONNECT_FAIL, f64::from(n)).await;
+            lg.assert_stat(
+                r#"legate_cluster_upstream_cx_connect_timeout{cluster="backend"}"#,
+                f64::from(n),
+            )
+            .await;
+            lg.assert_stat(CX_TOTAL, f64::from(n)).await;
+        }
+        // `/clusters` names the cause as the endpoint's last connect failure.
+        let (status, clusters) = lg.admin_get("/clusters").await;
+        assert_eq!(status, 200);
+        assert!(clusters.contains("timed out after 100ms"), "{clusters}");
+    }
+);
+
+each_proto!(
+    /// A refused connect is no timeout.
+    async fn refused_connect_is_no_connect_timeout(proto) {
+        let lg = legate().config(&simple_config(&[closed_port_addr()])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 502);
+        lg.assert_stat(CX_CONNECT_FAIL, 1.0).await;
+        lg.assert_stat(
+            r#"legate_cluster_upstream_cx_connect_timeout{cluster="backend"}"#,
+            0.0,
+        )
+        .await;
+    }
+);
+
+each_proto!(
     async fn upstream_reset_is_502(proto) {
         let up = upstream().close_connection().start().await;
         let lg = legate().config(&simple_config(&[up.addr])).start();

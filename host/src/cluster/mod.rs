@@ -146,6 +146,9 @@ counters! {
         upstream_cx_active,
         /// Connection attempts that failed or timed out.
         upstream_cx_connect_fail,
+        /// Connection attempts that timed out (`connect_timeout`); also in
+        /// `upstream_cx_connect_fail`, as Envoy's.
+        upstream_cx_connect_timeout,
         /// Attempts waiting for a new connection to open (gauge).
         upstream_rq_pending_active,
         /// Connections not opened because `circuit_breakers.max_connections` was reached.
@@ -635,22 +638,30 @@ impl Cluster {
         }
     }
 
-    /// Counts a failed (or timed-out) connection attempt — in
-    /// `upstream_cx_connect_fail` and, as an attempt, in `upstream_cx_total`
-    /// (Envoy counts every attempt there), on the cluster and the endpoint —
-    /// and keeps `error` as
-    /// the endpoint's last connect failure (`/clusters`). A failure of the
-    /// TLS handshake (`tls`: a certificate that does not verify, a name that
-    /// does not match) is a configuration problem no retry fixes: it is
-    /// logged at WARN, the first of each reason at once, then at most once
-    /// per [`TRANSPORT_WARN_EVERY`] per cluster. Plain connect failures (a
-    /// refused or timed-out connect: an endpoint restarting) stay at debug.
-    pub fn record_connect_failure(&self, endpoint: Option<usize>, error: &str, tls: bool) {
+    /// Counts a failed connection attempt — in `upstream_cx_connect_fail`
+    /// (and `upstream_cx_connect_timeout` if it timed out) and, as an attempt,
+    /// in `upstream_cx_total` (Envoy counts every attempt there), on the
+    /// cluster and the endpoint — and keeps `error` as the endpoint's last
+    /// connect failure (`/clusters`). A failure of the TLS handshake (a
+    /// certificate that does not verify, a name that does not match) is a
+    /// configuration problem no retry fixes: it is logged at WARN, the first
+    /// of each reason at once, then at most once per [`TRANSPORT_WARN_EVERY`]
+    /// per cluster. Plain connect failures (a refused or timed-out connect:
+    /// an endpoint restarting) stay at debug.
+    pub fn record_connect_failure(
+        &self,
+        endpoint: Option<usize>,
+        error: &str,
+        how: ConnectFailure,
+    ) {
         self.stats.upstream_cx_total.fetch_add(1, Relaxed);
         if let Some(ep) = self.endpoint(endpoint) {
             ep.stats.cx_total.fetch_add(1, Relaxed);
         }
-        self.record_connect_fail(endpoint, error, tls);
+        if how == ConnectFailure::TimedOut {
+            self.stats.upstream_cx_connect_timeout.fetch_add(1, Relaxed);
+        }
+        self.record_connect_fail(endpoint, error, how == ConnectFailure::Tls);
     }
 
     /// A TLS handshake the upstream refused after it completed on Legate's
@@ -766,6 +777,20 @@ pub const FAILURE_STATUS: u16 = 502;
 /// The status an attempt cut by the route or per-try timeout counts as in the
 /// cluster's status classes: the 504 Legate (and Envoy) answers with.
 pub const TIMEOUT_STATUS: u16 = 504;
+
+/// How a connection attempt failed: what it counts in, and how loudly it is
+/// logged ([`Cluster::record_connect_failure`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Refused, reset or unreachable before it opened (an endpoint
+    /// restarting): logged at debug.
+    Failed,
+    /// Not opened within `connect_timeout`: also `upstream_cx_connect_timeout`.
+    TimedOut,
+    /// The TLS handshake failed (a certificate that does not verify, a name
+    /// that does not match): a configuration problem, logged at WARN.
+    Tls,
+}
 
 /// An upstream attempt in flight: counted in `upstream_rq_active` (and the endpoint's
 /// `rq_active`) from [`Cluster::start_request`] until dropped — for a response, when
@@ -1135,7 +1160,7 @@ mod tests {
         }
         assert!(c.transport_warn_due("invalid peer certificate: UnknownIssuer"));
         // The endpoint keeps its last connect failure for `/clusters`.
-        c.record_connect_failure(Some(1), "TLS handshake with x: bad", true);
+        c.record_connect_failure(Some(1), "TLS handshake with x: bad", ConnectFailure::Tls);
         let h = c.endpoint_health_json(&c.endpoints[1]);
         assert_eq!(h["last_connect_failure"], "TLS handshake with x: bad");
     }
@@ -1193,7 +1218,7 @@ mod tests {
         );
 
         let cx = c.start_connection(Some(1));
-        c.record_connect_failure(Some(0), "connect refused", false);
+        c.record_connect_failure(Some(0), "connect refused", ConnectFailure::Failed);
         assert_eq!(
             (
                 s.upstream_cx_active.load(Relaxed),
