@@ -4,7 +4,7 @@
 //! | path | method | answer |
 //! |---|---|---|
 //! | `/ready` | GET | 200 `LIVE`; 503 `INITIALIZING` while the process starts (compiling plugins: [`serve_starting`]); 503 `WARMING` (with the clusters) while a `dns` cluster waits for its first answer at start (up to its `initial_fetch_timeout`), 503 `DRAINING` once a drain started |
-//! | `/stats` | GET | every metric, Prometheus text format 0.0.4 |
+//! | `/stats`, `/stats/prometheus` | GET | every metric, Prometheus text format 0.0.4; `?filter=REGEX` keeps the families whose name matches ([`stats_query`]) |
 //! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
 //! | `/config_dump` | GET | the effective config (defaults filled in) as JSON, secrets redacted (`config_dump`) |
 //! | `/drain` | POST | starts a graceful drain, as SIGTERM does |
@@ -390,7 +390,11 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         }
-        (&Method::GET, "/stats") => {
+        (&Method::GET, "/stats" | "/stats/prometheus") => {
+            let filter = match stats_query(req.uri().query()) {
+                Ok(f) => f,
+                Err(e) => return text(StatusCode::BAD_REQUEST, e),
+            };
             let mut body = shared.stats.render();
             let snapshot = shared.snapshot.load();
             let mut names: Vec<_> = snapshot.clusters.keys().collect();
@@ -401,6 +405,9 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .map(|e| e.cluster())
                 .collect();
             render_cluster_stats(current.iter().map(|c| &**c), &mut body);
+            if let Some(re) = filter {
+                body = only_families(&body, &re);
+            }
             with_type(text(StatusCode::OK, body), "text/plain; version=0.0.4; charset=utf-8")
         }
         (&Method::GET, "/clusters") => {
@@ -441,15 +448,70 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reopen_logs\n"),
             "POST",
         ),
-        (_, "/ready" | "/stats" | "/clusters" | "/config_dump") => {
+        (_, "/ready" | "/stats" | "/stats/prometheus" | "/clusters" | "/config_dump") => {
             with_allow(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"), "GET")
         }
         (&Method::GET, "/") => text(
             StatusCode::OK,
-            "Legate admin\n  GET  /ready\n  GET  /stats\n  GET  /clusters\n  GET  /config_dump\n  POST /drain\n  POST /reopen_logs\n  GET  /reload\n  POST /reload\n  GET  /plugins\n  POST /plugins/NAME/reload\n",
+            "Legate admin\n  GET  /ready\n  GET  /stats[?filter=REGEX] (also /stats/prometheus)\n  GET  /clusters\n  GET  /config_dump\n  POST /drain\n  POST /reopen_logs\n  GET  /reload\n  POST /reload\n  GET  /plugins\n  POST /plugins/NAME/reload\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the admin endpoints\n"),
     }
+}
+
+/// The query of `GET /stats`: `filter=REGEX` keeps the families whose name
+/// the regex finds (unanchored, as Envoy's `filter`), and `format=prometheus`
+/// (what `/stats` is anyway) is accepted. Anything else is refused (`Err`:
+/// the 400's text) rather than ignored: a scrape that asked for a filter or a
+/// format it does not get would show the whole page, or another format, as
+/// if that were the answer.
+fn stats_query(query: Option<&str>) -> Result<Option<regex::Regex>, String> {
+    let mut filter = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = crate::router::percent_decode_with(value, false);
+        let value = String::from_utf8_lossy(&value);
+        match key {
+            "filter" if !value.is_empty() => {
+                let re = regex::Regex::new(&value)
+                    .map_err(|e| format!("`filter` is not a regular expression: {e}\n"))?;
+                filter = Some(re);
+            }
+            "filter" => {}
+            "format" if value == "prometheus" => {}
+            "format" => {
+                return Err(format!(
+                    "`format={value}` is not served: /stats is the Prometheus text format \
+                     (`format=prometheus`); /clusters has the cluster counters as JSON\n"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "unknown /stats parameter `{key}`; /stats takes `filter=REGEX` (the \
+                     metric families whose name matches) and `format=prometheus`\n"
+                ))
+            }
+        }
+    }
+    Ok(filter)
+}
+
+/// The families of `page` (Prometheus text, each family starting at its
+/// `# HELP` line) whose name `re` finds, with their `# HELP` and `# TYPE`
+/// lines.
+fn only_families(page: &str, re: &regex::Regex) -> String {
+    let mut out = String::with_capacity(page.len() / 4);
+    let mut keep = false;
+    for line in page.split_inclusive('\n') {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap_or("").trim_end();
+            keep = re.is_match(name);
+        }
+        if keep {
+            out.push_str(line);
+        }
+    }
+    out
 }
 
 /// The config as `GET /config_dump` shows it. Secrets are left out, as Envoy
@@ -605,4 +667,51 @@ fn with_allow(mut r: Response<Full<Bytes>>, allow: &'static str) -> Response<Ful
     r.headers_mut()
         .insert(header::ALLOW, header::HeaderValue::from_static(allow));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: &str = "# HELP legate_a_total A.\n# TYPE legate_a_total counter\n\
+                        legate_a_total{x=\"# HELP y\"} 1\n\
+                        # HELP legate_cluster_upstream_rq_total B.\n\
+                        # TYPE legate_cluster_upstream_rq_total counter\n\
+                        legate_cluster_upstream_rq_total{cluster=\"c\"} 2\n";
+
+    #[test]
+    fn stats_filter_keeps_whole_families_by_name() {
+        let re = stats_query(Some("filter=cluster_upstream_rq%5Ftotal"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            only_families(PAGE, &re),
+            "# HELP legate_cluster_upstream_rq_total B.\n\
+             # TYPE legate_cluster_upstream_rq_total counter\n\
+             legate_cluster_upstream_rq_total{cluster=\"c\"} 2\n"
+        );
+        // Unanchored, `+` kept as a regex operator; no match: nothing.
+        let re = stats_query(Some("filter=^legate_a+_total$"))
+            .unwrap()
+            .unwrap();
+        assert!(only_families(PAGE, &re).starts_with("# HELP legate_a_total"));
+        let re = stats_query(Some("filter=nothing")).unwrap().unwrap();
+        assert_eq!(only_families(PAGE, &re), "");
+    }
+
+    #[test]
+    fn stats_query_refuses_what_it_does_not_do() {
+        assert!(stats_query(None).unwrap().is_none());
+        assert!(stats_query(Some("format=prometheus&filter="))
+            .unwrap()
+            .is_none());
+        for (q, says) in [
+            ("format=json", "`format=json` is not served"),
+            ("usedonly", "unknown /stats parameter `usedonly`"),
+            ("filter=(", "`filter` is not a regular expression"),
+        ] {
+            let e = stats_query(Some(q)).unwrap_err();
+            assert!(e.contains(says), "{q}: {e}");
+        }
+    }
 }

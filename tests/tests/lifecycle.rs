@@ -369,6 +369,71 @@ async fn admin_endpoints() {
     assert!(r.text().contains("/config_dump"));
 }
 
+/// Envoy's Prometheus path, `/stats/prometheus` (what scrape configs written for
+/// Envoy ask for), is `/stats`; `filter=REGEX` keeps the families whose name
+/// matches, with their HELP and TYPE lines; a parameter `/stats` does not
+/// serve is a 400 saying so, not the whole page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_prometheus_path_and_filter() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    assert_eq!(c.get("/").send().await.status, 200);
+    let mut admin = client(Proto::H1, lg.admin).await;
+
+    let r = admin.get("/stats/prometheus").send().await;
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")));
+    let m = parse_prometheus(&r.text());
+    assert_eq!(
+        m.get(r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#),
+        Some(&1.0)
+    );
+
+    let r = admin
+        .get("/stats/prometheus?filter=upstream_rq_2xx")
+        .send()
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.text(),
+        "# HELP legate_cluster_upstream_rq_2xx 2xx responses.\n\
+         # TYPE legate_cluster_upstream_rq_2xx counter\n\
+         legate_cluster_upstream_rq_2xx{cluster=\"backend\"} 1\n"
+    );
+    let r = admin
+        .get("/stats?filter=%5Elegate_listener_requests")
+        .send()
+        .await;
+    let text = r.text();
+    assert!(
+        text.contains("legate_listener_requests_total{listener=\"web\",class=\"2xx\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .all(|l| l.starts_with("legate_listener_requests_")),
+        "{text}"
+    );
+
+    for (path, says) in [
+        ("/stats?format=json", "`format=json` is not served"),
+        (
+            "/stats/prometheus?usedonly",
+            "unknown /stats parameter `usedonly`",
+        ),
+        ("/stats?filter=(", "`filter` is not a regular expression"),
+    ] {
+        let r = admin.get(path).send().await;
+        assert_eq!(r.status, 400, "{path}");
+        assert!(r.text().contains(says), "{path}: {}", r.text());
+    }
+    assert_eq!(admin.post("/stats/prometheus").send().await.status, 405);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_dump_hides_the_redis_password() {
     let up = upstream().start().await;
