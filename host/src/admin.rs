@@ -7,6 +7,7 @@
 //! | `/stats`, `/stats/prometheus` | GET | every metric, Prometheus text format 0.0.4; `?filter=REGEX` keeps the families whose name matches ([`stats_query`]) |
 //! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
 //! | `/config_dump` | GET | the effective config (defaults filled in) as JSON, secrets redacted (`config_dump`) |
+//! | `/logging` | GET, POST | the log filter in force; `POST ?level=LEVEL` or `?filter=DIRECTIVES` changes it ([`logging_answer`]) |
 //! | `/drain` | POST | starts a graceful drain, as SIGTERM does |
 //! | `/reload` | POST | reloads the config file (as SIGHUP): 200 JSON of what changed, 400 with the error (file:line:col) and nothing changed |
 //! | `/reload` | GET | the config file, generation and the last reload's outcome as JSON |
@@ -448,12 +449,13 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reopen_logs\n"),
             "POST",
         ),
+        (_, "/logging") => logging_answer(req, LOG_FILTER.get()),
         (_, "/ready" | "/stats" | "/stats/prometheus" | "/clusters" | "/config_dump") => {
             with_allow(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"), "GET")
         }
         (&Method::GET, "/") => text(
             StatusCode::OK,
-            "Legate admin\n  GET  /ready\n  GET  /stats[?filter=REGEX] (also /stats/prometheus)\n  GET  /clusters\n  GET  /config_dump\n  POST /drain\n  POST /reopen_logs\n  GET  /reload\n  POST /reload\n  GET  /plugins\n  POST /plugins/NAME/reload\n",
+            "Legate admin\n  GET  /ready\n  GET  /stats[?filter=REGEX] (also /stats/prometheus)\n  GET  /clusters\n  GET  /config_dump\n  GET  /logging\n  POST /logging?level=LEVEL|filter=DIRECTIVES\n  POST /drain\n  POST /reopen_logs\n  GET  /reload\n  POST /reload\n  GET  /plugins\n  POST /plugins/NAME/reload\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the admin endpoints\n"),
     }
@@ -512,6 +514,111 @@ fn only_families(page: &str, re: &regex::Regex) -> String {
         }
     }
     out
+}
+
+/// The process's log filter, changeable at run time (`/logging`): set once by
+/// `legate run` ([`install_log_filter`]); absent in a process that installed
+/// no reloadable filter (tests running the proxy in-process).
+static LOG_FILTER: std::sync::OnceLock<LogFilter> = std::sync::OnceLock::new();
+
+/// A handle on the reloadable log filter of the process's subscriber.
+pub type LogFilter =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// Lets `/logging` change the log filter through `handle` (the reload handle
+/// of the subscriber's `EnvFilter`). Only the first call counts.
+pub fn install_log_filter(handle: LogFilter) {
+    let _ = LOG_FILTER.set(handle);
+}
+
+/// `GET /logging` (the filter in force) and `POST /logging?level=LEVEL` or
+/// `?filter=DIRECTIVES` (a new one, in `LEGATE_LOG`'s syntax), as Envoy's
+/// `/logging?level=`: debug logs of a running proxy without a restart.
+fn logging_answer<B>(req: &Request<B>, handle: Option<&LogFilter>) -> Response<Full<Bytes>> {
+    let Some(handle) = handle else {
+        return text(
+            StatusCode::NOT_IMPLEMENTED,
+            "this process's log filter cannot be changed (only `legate run` installs one \
+             that can)\n",
+        );
+    };
+    let current = |h: &LogFilter| h.with_current(|f| f.to_string()).unwrap_or_default();
+    if get_or_head(req) == Method::GET {
+        return text(StatusCode::OK, format!("{}\n", current(handle)));
+    }
+    if req.method() != Method::POST {
+        return with_allow(
+            text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use POST /logging?level=LEVEL (GET shows the filter in force)\n",
+            ),
+            "GET, POST",
+        );
+    }
+    let mut wanted = None;
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = crate::router::percent_decode_with(value, false);
+        let value = String::from_utf8_lossy(&value).into_owned();
+        match key {
+            "level" => {
+                const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+                if !LEVELS.contains(&value.to_ascii_lowercase().as_str()) {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "`level={value}` is not a level: use one of {} (or \
+                             `filter=DIRECTIVES` for per-module levels)\n",
+                            LEVELS.join(", ")
+                        ),
+                    );
+                }
+                wanted = Some(value);
+            }
+            "filter" => wanted = Some(value),
+            _ => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown /logging parameter `{key}`; use `level=LEVEL` or \
+                         `filter=DIRECTIVES` (as LEGATE_LOG)\n"
+                    ),
+                )
+            }
+        }
+    }
+    let Some(wanted) = wanted else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "say what to log: POST /logging?level=debug, or \
+             ?filter=info,legate_host::proxy=debug (as LEGATE_LOG)\n",
+        );
+    };
+    let filter = match tracing_subscriber::EnvFilter::builder().parse(&wanted) {
+        Ok(f) => f,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("`{wanted}` is not a log filter: {e}\n"),
+            )
+        }
+    };
+    let was = current(handle);
+    if let Err(e) = handle.reload(filter) {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the log filter was not changed: {e}\n"),
+        );
+    }
+    let now = current(handle);
+    tracing::warn!("admin: log filter changed from `{was}` to `{now}`");
+    text(StatusCode::OK, format!("{now}\n"))
 }
 
 /// The config as `GET /config_dump` shows it. Secrets are left out, as Envoy
@@ -697,6 +804,66 @@ mod tests {
         assert!(only_families(PAGE, &re).starts_with("# HELP legate_a_total"));
         let re = stats_query(Some("filter=nothing")).unwrap().unwrap();
         assert_eq!(only_families(PAGE, &re), "");
+    }
+
+    fn body(r: Response<Full<Bytes>>) -> (u16, String) {
+        use http_body_util::BodyExt as _;
+        let status = r.status().as_u16();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let bytes = rt.block_on(r.into_body().collect()).unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn logging(method: &str, uri: &str, handle: Option<&LogFilter>) -> (u16, String) {
+        let req = Request::builder().method(method).uri(uri).body(()).unwrap();
+        body(logging_answer(&req, handle))
+    }
+
+    /// `/logging` shows and changes the reloadable filter; a level or filter
+    /// that does not parse changes nothing and says why.
+    #[test]
+    fn logging_shows_and_changes_the_filter() {
+        let (_layer, handle) =
+            tracing_subscriber::reload::Layer::<
+                tracing_subscriber::EnvFilter,
+                tracing_subscriber::Registry,
+            >::new(tracing_subscriber::EnvFilter::new("info,rustls=error"));
+        let h = Some(&handle);
+        let (status, text) = logging("GET", "/logging", h);
+        assert_eq!(status, 200);
+        assert!(
+            text.contains("info") && text.contains("rustls=error"),
+            "{text}"
+        );
+        assert_eq!(
+            logging("POST", "/logging?level=debug", h),
+            (200, "debug\n".into())
+        );
+        assert_eq!(logging("GET", "/logging", h), (200, "debug\n".into()));
+        let (status, text) = logging(
+            "POST",
+            "/logging?filter=warn,legate_host%3A%3Aproxy=trace",
+            h,
+        );
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("legate_host::proxy=trace"), "{text}");
+        for (uri, says) in [
+            ("/logging?level=debugg", "`level=debugg` is not a level"),
+            ("/logging?filter=a=b=c", "is not a log filter"),
+            ("/logging?levle=debug", "unknown /logging parameter `levle`"),
+            ("/logging", "say what to log"),
+        ] {
+            let (status, text) = logging("POST", uri, h);
+            assert_eq!(status, 400, "{uri}");
+            assert!(text.contains(says), "{uri}: {text}");
+        }
+        assert!(logging("GET", "/logging", h)
+            .1
+            .contains("legate_host::proxy=trace"));
+        assert_eq!(logging("PUT", "/logging", h).0, 405);
+        assert_eq!(logging("GET", "/logging", None).0, 501);
     }
 
     #[test]
