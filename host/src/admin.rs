@@ -56,8 +56,13 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// and scrapers need a handful.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// When this process started serving its admin API (first the starting one):
+/// `legate_server_start_time_seconds`.
+static STARTED: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+
 /// Serves the admin API until the task is dropped.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    STARTED.get_or_init(std::time::SystemTime::now);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
@@ -113,6 +118,7 @@ pub fn serve_starting(
     socket: std::net::TcpListener,
     config: Arc<Config>,
 ) -> anyhow::Result<Starting> {
+    STARTED.get_or_init(std::time::SystemTime::now);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (closed_tx, closed) = std::sync::mpsc::channel::<()>();
     on_own_runtime("legate-admin-starting", move || async move {
@@ -406,6 +412,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .map(|e| e.cluster())
                 .collect();
             render_cluster_stats(current.iter().map(|c| &**c), &mut body);
+            render_server_stats(shared.is_draining(), &mut body);
             if let Some(re) = filter {
                 body = only_families(&body, &re);
             }
@@ -751,6 +758,32 @@ fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone,
             }
         }
     }
+}
+
+/// The process's own series, as Envoy's `server.version`, `server.live` and
+/// uptime: which version runs, whether it serves or drains, and when it
+/// started (a new value is a restart, a hot restart included, whose counters
+/// carry over and so show none).
+fn render_server_stats(draining: bool, out: &mut String) {
+    use std::fmt::Write as _;
+    let started = STARTED
+        .get()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    let _ = write!(
+        out,
+        "# HELP legate_build_info The version of this Legate (the value is 1).\n\
+         # TYPE legate_build_info gauge\n\
+         legate_build_info{{version=\"{}\"}} 1\n\
+         # HELP legate_server_live 1 while the process serves, 0 once it drains (Envoy's server.live).\n\
+         # TYPE legate_server_live gauge\n\
+         legate_server_live {}\n\
+         # HELP legate_server_start_time_seconds When this process started, in seconds since the Unix epoch.\n\
+         # TYPE legate_server_start_time_seconds gauge\n\
+         legate_server_start_time_seconds {started:.3}\n",
+        env!("CARGO_PKG_VERSION"),
+        u8::from(!draining),
+    );
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

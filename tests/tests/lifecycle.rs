@@ -369,6 +369,49 @@ async fn admin_endpoints() {
     assert!(r.text().contains("/config_dump"));
 }
 
+/// `/stats` has the process's own series, as Envoy's `server.*`: the version
+/// that runs, whether it serves (0 once it drains, as `server.live`) and
+/// when it started (a restart changes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_say_the_version_liveness_and_start_of_the_process() {
+    let release = Arc::new(AtomicBool::new(false));
+    let up = upstream().hold_until(&release).start().await;
+    let lg = legate()
+        .config(&with_long_drain_timeout(&simple_config(&[up.addr])))
+        .start();
+    let text = lg.stats().await;
+    let m = parse_prometheus(&text);
+    let info: Vec<_> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("legate_build_info{version=\""))
+        .collect();
+    assert_eq!(info.len(), 1, "{text}");
+    assert_eq!(*info[0].1, 1.0);
+    assert!(text.contains("# TYPE legate_build_info gauge\n"), "{text}");
+    assert_eq!(m.get("legate_server_live"), Some(&1.0), "{text}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = m["legate_server_start_time_seconds"];
+    assert!(started > 1.0e9 && started <= now, "{started} (now {now})");
+
+    // A request held upstream keeps the draining process (and its admin API) up.
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let held = tokio::spawn(async move { c.get("/").try_send().await });
+    eventually(Duration::from_secs(10), "the request upstream", || async {
+        (up.in_flight.get() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(lg.admin_post("/drain").await.0, 200);
+    assert_eq!(lg.stat("legate_server_live").await, Some(0.0));
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(
+        held.await.unwrap().map(|r| r.status.as_u16()).ok(),
+        Some(200)
+    );
+}
+
 /// Envoy's Prometheus path, `/stats/prometheus` (what scrape configs written for
 /// Envoy ask for), is `/stats`; `filter=REGEX` keeps the families whose name
 /// matches, with their HELP and TYPE lines; a parameter `/stats` does not
