@@ -4,9 +4,10 @@
 //! | path | method | answer |
 //! |---|---|---|
 //! | `/ready` | GET | 200 `LIVE`; 503 `INITIALIZING` while the process starts (compiling plugins: [`serve_starting`]); 503 `WARMING` (with the clusters) while a `dns` cluster waits for its first answer at start (up to its `initial_fetch_timeout`), 503 `DRAINING` once a drain started |
-//! | `/stats` | GET | every metric, Prometheus text format 0.0.4 |
+//! | `/stats`, `/stats/prometheus` | GET | every metric, Prometheus text format 0.0.4; `?filter=REGEX` keeps the families whose name matches ([`stats_query`]) |
 //! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
 //! | `/config_dump` | GET | the effective config (defaults filled in) as JSON, secrets redacted (`config_dump`) |
+//! | `/logging` | GET, POST | the log filter in force; `POST ?level=LEVEL` or `?filter=DIRECTIVES` changes it ([`logging_answer`]) |
 //! | `/drain` | POST | starts a graceful drain, as SIGTERM does |
 //! | `/reload` | POST | reloads the config file (as SIGHUP): 200 JSON of what changed, 400 with the error (file:line:col) and nothing changed |
 //! | `/reload` | GET | the config file, generation and the last reload's outcome as JSON |
@@ -55,8 +56,13 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// and scrapers need a handful.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// When this process started serving its admin API (first the starting one):
+/// `legate_server_start_time_seconds`.
+static STARTED: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+
 /// Serves the admin API until the task is dropped.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    STARTED.get_or_init(std::time::SystemTime::now);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
@@ -112,6 +118,7 @@ pub fn serve_starting(
     socket: std::net::TcpListener,
     config: Arc<Config>,
 ) -> anyhow::Result<Starting> {
+    STARTED.get_or_init(std::time::SystemTime::now);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (closed_tx, closed) = std::sync::mpsc::channel::<()>();
     on_own_runtime("legate-admin-starting", move || async move {
@@ -390,7 +397,11 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         }
-        (&Method::GET, "/stats") => {
+        (&Method::GET, "/stats" | "/stats/prometheus") => {
+            let filter = match stats_query(req.uri().query()) {
+                Ok(f) => f,
+                Err(e) => return text(StatusCode::BAD_REQUEST, e),
+            };
             let mut body = shared.stats.render();
             let snapshot = shared.snapshot.load();
             let mut names: Vec<_> = snapshot.clusters.keys().collect();
@@ -401,6 +412,10 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .map(|e| e.cluster())
                 .collect();
             render_cluster_stats(current.iter().map(|c| &**c), &mut body);
+            render_server_stats(shared.is_draining(), &mut body);
+            if let Some(re) = filter {
+                body = only_families(&body, &re);
+            }
             with_type(text(StatusCode::OK, body), "text/plain; version=0.0.4; charset=utf-8")
         }
         (&Method::GET, "/clusters") => {
@@ -441,15 +456,176 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reopen_logs\n"),
             "POST",
         ),
-        (_, "/ready" | "/stats" | "/clusters" | "/config_dump") => {
+        (_, "/logging") => logging_answer(req, LOG_FILTER.get()),
+        (_, "/ready" | "/stats" | "/stats/prometheus" | "/clusters" | "/config_dump") => {
             with_allow(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"), "GET")
         }
         (&Method::GET, "/") => text(
             StatusCode::OK,
-            "Legate admin\n  GET  /ready\n  GET  /stats\n  GET  /clusters\n  GET  /config_dump\n  POST /drain\n  POST /reopen_logs\n  GET  /reload\n  POST /reload\n  GET  /plugins\n  POST /plugins/NAME/reload\n",
+            "Legate admin\n  GET  /ready\n  GET  /stats[?filter=REGEX] (also /stats/prometheus)\n  GET  /clusters\n  GET  /config_dump\n  GET  /logging\n  POST /logging?level=LEVEL|filter=DIRECTIVES\n  POST /drain\n  POST /reopen_logs\n  GET  /reload\n  POST /reload\n  GET  /plugins\n  POST /plugins/NAME/reload\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the admin endpoints\n"),
     }
+}
+
+/// The query of `GET /stats`: `filter=REGEX` keeps the families whose name
+/// the regex finds (unanchored, as Envoy's `filter`), and `format=prometheus`
+/// (what `/stats` is anyway) is accepted. Anything else is refused (`Err`:
+/// the 400's text) rather than ignored: a scrape that asked for a filter or a
+/// format it does not get would show the whole page, or another format, as
+/// if that were the answer.
+fn stats_query(query: Option<&str>) -> Result<Option<regex::Regex>, String> {
+    let mut filter = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = crate::router::percent_decode_with(value, false);
+        let value = String::from_utf8_lossy(&value);
+        match key {
+            "filter" if !value.is_empty() => {
+                let re = regex::Regex::new(&value)
+                    .map_err(|e| format!("`filter` is not a regular expression: {e}\n"))?;
+                filter = Some(re);
+            }
+            "filter" => {}
+            "format" if value == "prometheus" => {}
+            "format" => {
+                return Err(format!(
+                    "`format={value}` is not served: /stats is the Prometheus text format \
+                     (`format=prometheus`); /clusters has the cluster counters as JSON\n"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "unknown /stats parameter `{key}`; /stats takes `filter=REGEX` (the \
+                     metric families whose name matches) and `format=prometheus`\n"
+                ))
+            }
+        }
+    }
+    Ok(filter)
+}
+
+/// The families of `page` (Prometheus text, each family starting at its
+/// `# HELP` line) whose name `re` finds, with their `# HELP` and `# TYPE`
+/// lines.
+fn only_families(page: &str, re: &regex::Regex) -> String {
+    let mut out = String::with_capacity(page.len() / 4);
+    let mut keep = false;
+    for line in page.split_inclusive('\n') {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap_or("").trim_end();
+            keep = re.is_match(name);
+        }
+        if keep {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// The process's log filter, changeable at run time (`/logging`): set once by
+/// `legate run` ([`install_log_filter`]); absent in a process that installed
+/// no reloadable filter (tests running the proxy in-process).
+static LOG_FILTER: std::sync::OnceLock<LogFilter> = std::sync::OnceLock::new();
+
+/// A handle on the reloadable log filter of the process's subscriber.
+pub type LogFilter =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// Lets `/logging` change the log filter through `handle` (the reload handle
+/// of the subscriber's `EnvFilter`). Only the first call counts.
+pub fn install_log_filter(handle: LogFilter) {
+    let _ = LOG_FILTER.set(handle);
+}
+
+/// `GET /logging` (the filter in force) and `POST /logging?level=LEVEL` or
+/// `?filter=DIRECTIVES` (a new one, in `LEGATE_LOG`'s syntax), as Envoy's
+/// `/logging?level=`: debug logs of a running proxy without a restart.
+fn logging_answer<B>(req: &Request<B>, handle: Option<&LogFilter>) -> Response<Full<Bytes>> {
+    let Some(handle) = handle else {
+        return text(
+            StatusCode::NOT_IMPLEMENTED,
+            "this process's log filter cannot be changed (only `legate run` installs one \
+             that can)\n",
+        );
+    };
+    let current = |h: &LogFilter| h.with_current(|f| f.to_string()).unwrap_or_default();
+    if get_or_head(req) == Method::GET {
+        return text(StatusCode::OK, format!("{}\n", current(handle)));
+    }
+    if req.method() != Method::POST {
+        return with_allow(
+            text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use POST /logging?level=LEVEL (GET shows the filter in force)\n",
+            ),
+            "GET, POST",
+        );
+    }
+    let mut wanted = None;
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = crate::router::percent_decode_with(value, false);
+        let value = String::from_utf8_lossy(&value).into_owned();
+        match key {
+            "level" => {
+                const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+                if !LEVELS.contains(&value.to_ascii_lowercase().as_str()) {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "`level={value}` is not a level: use one of {} (or \
+                             `filter=DIRECTIVES` for per-module levels)\n",
+                            LEVELS.join(", ")
+                        ),
+                    );
+                }
+                wanted = Some(value);
+            }
+            "filter" => wanted = Some(value),
+            _ => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown /logging parameter `{key}`; use `level=LEVEL` or \
+                         `filter=DIRECTIVES` (as LEGATE_LOG)\n"
+                    ),
+                )
+            }
+        }
+    }
+    let Some(wanted) = wanted else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "say what to log: POST /logging?level=debug, or \
+             ?filter=info,legate_host::proxy=debug (as LEGATE_LOG)\n",
+        );
+    };
+    let filter = match tracing_subscriber::EnvFilter::builder().parse(&wanted) {
+        Ok(f) => f,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("`{wanted}` is not a log filter: {e}\n"),
+            )
+        }
+    };
+    let was = current(handle);
+    if let Err(e) = handle.reload(filter) {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the log filter was not changed: {e}\n"),
+        );
+    }
+    let now = current(handle);
+    tracing::warn!("admin: log filter changed from `{was}` to `{now}`");
+    text(StatusCode::OK, format!("{now}\n"))
 }
 
 /// The config as `GET /config_dump` shows it. Secrets are left out, as Envoy
@@ -584,6 +760,32 @@ fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone,
     }
 }
 
+/// The process's own series, as Envoy's `server.version`, `server.live` and
+/// uptime: which version runs, whether it serves or drains, and when it
+/// started (a new value is a restart, a hot restart included, whose counters
+/// carry over and so show none).
+fn render_server_stats(draining: bool, out: &mut String) {
+    use std::fmt::Write as _;
+    let started = STARTED
+        .get()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    let _ = write!(
+        out,
+        "# HELP legate_build_info The version of this Legate (the value is 1).\n\
+         # TYPE legate_build_info gauge\n\
+         legate_build_info{{version=\"{}\"}} 1\n\
+         # HELP legate_server_live 1 while the process serves, 0 once it drains (Envoy's server.live).\n\
+         # TYPE legate_server_live gauge\n\
+         legate_server_live {}\n\
+         # HELP legate_server_start_time_seconds When this process started, in seconds since the Unix epoch.\n\
+         # TYPE legate_server_start_time_seconds gauge\n\
+         legate_server_start_time_seconds {started:.3}\n",
+        env!("CARGO_PKG_VERSION"),
+        u8::from(!draining),
+    );
+}
+
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
@@ -605,4 +807,111 @@ fn with_allow(mut r: Response<Full<Bytes>>, allow: &'static str) -> Response<Ful
     r.headers_mut()
         .insert(header::ALLOW, header::HeaderValue::from_static(allow));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: &str = "# HELP legate_a_total A.\n# TYPE legate_a_total counter\n\
+                        legate_a_total{x=\"# HELP y\"} 1\n\
+                        # HELP legate_cluster_upstream_rq_total B.\n\
+                        # TYPE legate_cluster_upstream_rq_total counter\n\
+                        legate_cluster_upstream_rq_total{cluster=\"c\"} 2\n";
+
+    #[test]
+    fn stats_filter_keeps_whole_families_by_name() {
+        let re = stats_query(Some("filter=cluster_upstream_rq%5Ftotal"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            only_families(PAGE, &re),
+            "# HELP legate_cluster_upstream_rq_total B.\n\
+             # TYPE legate_cluster_upstream_rq_total counter\n\
+             legate_cluster_upstream_rq_total{cluster=\"c\"} 2\n"
+        );
+        // Unanchored, `+` kept as a regex operator; no match: nothing.
+        let re = stats_query(Some("filter=^legate_a+_total$"))
+            .unwrap()
+            .unwrap();
+        assert!(only_families(PAGE, &re).starts_with("# HELP legate_a_total"));
+        let re = stats_query(Some("filter=nothing")).unwrap().unwrap();
+        assert_eq!(only_families(PAGE, &re), "");
+    }
+
+    fn body(r: Response<Full<Bytes>>) -> (u16, String) {
+        use http_body_util::BodyExt as _;
+        let status = r.status().as_u16();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let bytes = rt.block_on(r.into_body().collect()).unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn logging(method: &str, uri: &str, handle: Option<&LogFilter>) -> (u16, String) {
+        let req = Request::builder().method(method).uri(uri).body(()).unwrap();
+        body(logging_answer(&req, handle))
+    }
+
+    /// `/logging` shows and changes the reloadable filter; a level or filter
+    /// that does not parse changes nothing and says why.
+    #[test]
+    fn logging_shows_and_changes_the_filter() {
+        let (_layer, handle) =
+            tracing_subscriber::reload::Layer::<
+                tracing_subscriber::EnvFilter,
+                tracing_subscriber::Registry,
+            >::new(tracing_subscriber::EnvFilter::new("info,rustls=error"));
+        let h = Some(&handle);
+        let (status, text) = logging("GET", "/logging", h);
+        assert_eq!(status, 200);
+        assert!(
+            text.contains("info") && text.contains("rustls=error"),
+            "{text}"
+        );
+        assert_eq!(
+            logging("POST", "/logging?level=debug", h),
+            (200, "debug\n".into())
+        );
+        assert_eq!(logging("GET", "/logging", h), (200, "debug\n".into()));
+        let (status, text) = logging(
+            "POST",
+            "/logging?filter=warn,legate_host%3A%3Aproxy=trace",
+            h,
+        );
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("legate_host::proxy=trace"), "{text}");
+        for (uri, says) in [
+            ("/logging?level=debugg", "`level=debugg` is not a level"),
+            ("/logging?filter=a=b=c", "is not a log filter"),
+            ("/logging?levle=debug", "unknown /logging parameter `levle`"),
+            ("/logging", "say what to log"),
+        ] {
+            let (status, text) = logging("POST", uri, h);
+            assert_eq!(status, 400, "{uri}");
+            assert!(text.contains(says), "{uri}: {text}");
+        }
+        assert!(logging("GET", "/logging", h)
+            .1
+            .contains("legate_host::proxy=trace"));
+        assert_eq!(logging("PUT", "/logging", h).0, 405);
+        assert_eq!(logging("GET", "/logging", None).0, 501);
+    }
+
+    #[test]
+    fn stats_query_refuses_what_it_does_not_do() {
+        assert!(stats_query(None).unwrap().is_none());
+        assert!(stats_query(Some("format=prometheus&filter="))
+            .unwrap()
+            .is_none());
+        for (q, says) in [
+            ("format=json", "`format=json` is not served"),
+            ("usedonly", "unknown /stats parameter `usedonly`"),
+            ("filter=(", "`filter` is not a regular expression"),
+        ] {
+            let e = stats_query(Some(q)).unwrap_err();
+            assert!(e.contains(says), "{q}: {e}");
+        }
+    }
 }

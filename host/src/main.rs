@@ -128,11 +128,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Colours only on a terminal: a file, journald or `docker logs` would
     // get the escape codes as text.
-    tracing_subscriber::fmt()
-        .with_env_filter(log_filter())
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    // The filter is reloadable: `POST /logging?level=debug` on the admin API
+    // changes it in a running process, as Envoy's `/logging`.
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let (filter, handle) = tracing_subscriber::reload::Layer::new(log_filter());
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
+            .init();
+        legate_host::admin::install_log_filter(handle);
+    }
     match cli.command {
         Command::Plugin { command } => legate_host::plugin_build::run(command),
         Command::Check { config } => match config::check_file(&config) {

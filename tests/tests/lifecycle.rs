@@ -369,6 +369,114 @@ async fn admin_endpoints() {
     assert!(r.text().contains("/config_dump"));
 }
 
+/// `/stats` has the process's own series, as Envoy's `server.*`: the version
+/// that runs, whether it serves (0 once it drains, as `server.live`) and
+/// when it started (a restart changes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_say_the_version_liveness_and_start_of_the_process() {
+    let release = Arc::new(AtomicBool::new(false));
+    let up = upstream().hold_until(&release).start().await;
+    let lg = legate()
+        .config(&with_long_drain_timeout(&simple_config(&[up.addr])))
+        .start();
+    let text = lg.stats().await;
+    let m = parse_prometheus(&text);
+    let info: Vec<_> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("legate_build_info{version=\""))
+        .collect();
+    assert_eq!(info.len(), 1, "{text}");
+    assert_eq!(*info[0].1, 1.0);
+    assert!(text.contains("# TYPE legate_build_info gauge\n"), "{text}");
+    assert_eq!(m.get("legate_server_live"), Some(&1.0), "{text}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = m["legate_server_start_time_seconds"];
+    assert!(started > 1.0e9 && started <= now, "{started} (now {now})");
+
+    // A request held upstream keeps the draining process (and its admin API) up.
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let held = tokio::spawn(async move { c.get("/").try_send().await });
+    eventually(Duration::from_secs(10), "the request upstream", || async {
+        (up.in_flight.get() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(lg.admin_post("/drain").await.0, 200);
+    assert_eq!(lg.stat("legate_server_live").await, Some(0.0));
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(
+        held.await.unwrap().map(|r| r.status.as_u16()).ok(),
+        Some(200)
+    );
+}
+
+/// Envoy's Prometheus path, `/stats/prometheus` (what scrape configs written for
+/// Envoy ask for), is `/stats`; `filter=REGEX` keeps the families whose name
+/// matches, with their HELP and TYPE lines; a parameter `/stats` does not
+/// serve is a 400 saying so, not the whole page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_prometheus_path_and_filter() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    assert_eq!(c.get("/").send().await.status, 200);
+    let mut admin = client(Proto::H1, lg.admin).await;
+
+    let r = admin.get("/stats/prometheus").send().await;
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")));
+    let m = parse_prometheus(&r.text());
+    assert_eq!(
+        m.get(r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#),
+        Some(&1.0)
+    );
+
+    let r = admin
+        .get("/stats/prometheus?filter=upstream_rq_2xx")
+        .send()
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.text(),
+        "# HELP legate_cluster_upstream_rq_2xx 2xx responses.\n\
+         # TYPE legate_cluster_upstream_rq_2xx counter\n\
+         legate_cluster_upstream_rq_2xx{cluster=\"backend\"} 1\n"
+    );
+    let r = admin
+        .get("/stats?filter=%5Elegate_listener_requests")
+        .send()
+        .await;
+    let text = r.text();
+    assert!(
+        text.contains("legate_listener_requests_total{listener=\"web\",class=\"2xx\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .all(|l| l.starts_with("legate_listener_requests_")),
+        "{text}"
+    );
+
+    for (path, says) in [
+        ("/stats?format=json", "`format=json` is not served"),
+        (
+            "/stats/prometheus?usedonly",
+            "unknown /stats parameter `usedonly`",
+        ),
+        ("/stats?filter=(", "`filter` is not a regular expression"),
+    ] {
+        let r = admin.get(path).send().await;
+        assert_eq!(r.status, 400, "{path}");
+        assert!(r.text().contains(says), "{path}: {}", r.text());
+    }
+    assert_eq!(admin.post("/stats/prometheus").send().await.status, 405);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_dump_hides_the_redis_password() {
     let up = upstream().start().await;
