@@ -1285,7 +1285,7 @@ mod tests {
         assert_eq!(ep["weight"], 3);
         assert_eq!(ep["stats"]["rq_total"], 1);
         assert_eq!(ep["stats"]["rq_active"], 1);
-        assert_eq!(c.stats.snapshot().len(), 43);
+        assert_eq!(c.stats.snapshot().len(), 44);
         assert_eq!(ep["health"]["status"], "healthy");
     }
 }
