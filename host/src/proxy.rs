@@ -59,6 +59,10 @@ use crate::server::ClusterEntry;
 use crate::upstream::Target;
 use crate::worker::RouteStats;
 
+/// The access log's cause (and `on-log`'s) for a route's own answer, a
+/// `direct_response` or a `redirect`: Envoy's response code details for both.
+const DIRECT_RESPONSE: &str = "direct_response";
+
 /// What the access log and stats learn about a request as it goes.
 #[derive(Default)]
 struct Outcome {
@@ -91,8 +95,9 @@ struct Outcome {
     /// memory, so the route and per-try timeouts start with the attempts, not
     /// at its end (see [`BodySent`]).
     body_read: bool,
-    /// A filter answered the request locally: `plugin:<details>`, the access
-    /// log's cause (abi/README.md §3.5) when the host gave none.
+    /// A filter answered the request locally (`plugin:<details>`) or the route
+    /// did ([`DIRECT_RESPONSE`]): the access log's cause (abi/README.md §3.5)
+    /// when the host gave none.
     local: Option<String>,
     /// The client trusted proxies reported (`xff_num_trusted_hops`), if not
     /// the peer: as Envoy's downstream remote address, what `hash_on:
@@ -653,6 +658,7 @@ async fn proxy(
                     resp.headers_mut()
                         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
                 }
+                out.local = Some(DIRECT_RESPONSE.to_string());
                 return route_reply(out, &matched, http.via.as_deref(), resp).await;
             }
             Action::Redirect(_) => {
@@ -664,6 +670,7 @@ async fn proxy(
                 resp.headers_mut().insert(header::LOCATION, location);
                 resp.headers_mut()
                     .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+                out.local = Some(DIRECT_RESPONSE.to_string());
                 return route_reply(out, &matched, http.via.as_deref(), resp).await;
             }
             Action::Cluster(name) => name.clone(),

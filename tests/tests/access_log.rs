@@ -257,6 +257,41 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// A route's own answer, a `direct_response` or a `redirect`, is logged
+    /// with cause `direct_response` (Envoy's response code details for both):
+    /// it is a local reply, not the upstream's. (The cause was `null`.)
+    async fn a_routes_own_answer_is_logged_as_direct_response(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let routes = "          - match: { prefix: /direct }\n            direct_response: { status: 200, body: here }\n          - match: { prefix: /old }\n            redirect: { path: /new, code: 301 }\n          - match: { prefix: / }\n            cluster: backend\n";
+        let cfg = web_config(routes, &format!("  - name: backend\n    endpoints:\n      - address: {}\n", up.addr))
+            .replace(
+                "version: 1\n",
+                &format!("version: 1\naccess_log: {{ path: {}, flush_interval: 10ms }}\n", log.display()),
+            );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/direct").send().await.text(), "here");
+        assert_eq!(c.get("/old").send().await.status, 301);
+        assert_eq!(c.get("/up").send().await.status, 200);
+        let lines = access_log_until(&log, "three lines", |l| l.len() >= 3).await;
+        let line = |path: &str| lines.iter().find(|l| l["path"] == path).unwrap().clone();
+        for (path, status) in [("/direct", 200), ("/old", 301)] {
+            let l = line(path);
+            assert_eq!(l["status"], status, "{l}");
+            assert_eq!(l["cause"], "direct_response", "{l}");
+            assert_eq!(l["cluster"], Value::Null, "{l}");
+        }
+        let l = line("/up");
+        assert_eq!(l["cause"], Value::Null, "{l}");
+        assert_eq!(up.requests.get(), 1);
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="2xx"}"#, 2.0)
+            .await;
+    }
+);
+
 /// `simple_config` with an access log at `path` and the extra `access_log` keys.
 fn logged_config(up: std::net::SocketAddr, path: &Path, keys: &str) -> String {
     simple_config(&[up]).replace(
