@@ -163,6 +163,17 @@ struct Pending {
 }
 
 impl Buffered {
+    /// An empty buffer of at most `limit` bytes, counting its drops in `dropped`.
+    fn new(limit: usize, dropped: Counter) -> Self {
+        Buffered {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            limit,
+            dropped,
+            dropping: AtomicBool::new(false),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -467,13 +478,7 @@ impl AccessLog {
     }
 
     fn start(sink: Sink, interval: Duration, limit: usize, dropped: Counter) -> io::Result<Self> {
-        let shared = Arc::new(Buffered {
-            pending: Mutex::new(Pending::default()),
-            wake: Condvar::new(),
-            limit,
-            dropped,
-            dropping: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Buffered::new(limit, dropped));
         let (done_tx, done_rx) = mpsc::channel();
         let writer = {
             let shared = shared.clone();
@@ -622,13 +627,7 @@ mod tests {
 
     #[test]
     fn a_full_buffer_drops_and_counts_new_lines() {
-        let b = Buffered {
-            pending: Mutex::new(Pending::default()),
-            wake: Condvar::new(),
-            limit: 100,
-            dropped: Counter::default(),
-            dropping: AtomicBool::new(false),
-        };
+        let b = Buffered::new(100, Counter::default());
         for i in 0..4 {
             b.push(&line(i, 25));
         }
@@ -691,13 +690,7 @@ mod tests {
     /// Reported once per episode; the writer reports its end.
     #[test]
     fn drops_are_reported_while_the_writer_is_blocked() {
-        let b = Buffered {
-            pending: Mutex::new(Pending::default()),
-            wake: Condvar::new(),
-            limit: 100,
-            dropped: Counter::default(),
-            dropping: AtomicBool::new(false),
-        };
+        let b = Buffered::new(100, Counter::default());
         // The writer is blocked: nothing takes the lines.
         let warns = warnings(|| {
             for i in 0..10 {
@@ -730,13 +723,7 @@ mod tests {
 
     #[test]
     fn the_writer_is_woken_once_per_batch() {
-        let b = Buffered {
-            pending: Mutex::new(Pending::default()),
-            wake: Condvar::new(),
-            limit: 1 << 20,
-            dropped: Counter::default(),
-            dropping: AtomicBool::new(false),
-        };
+        let b = Buffered::new(1 << 20, Counter::default());
         let wakes = (0..200)
             .filter(|&i| b.push(&line(i, 1000)))
             .collect::<Vec<_>>();

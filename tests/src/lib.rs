@@ -383,6 +383,14 @@ static HELD_LOCKS: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(
 /// process exits: a port that was merely released could be handed to another test's
 /// listener running in parallel, which then answers where a refusal was expected.
 pub fn closed_port_addr() -> std::net::SocketAddr {
+    let (s, addr) = ephemeral_unlistened();
+    hold(s);
+    addr
+}
+
+/// A TCP socket bound to an ephemeral port on 127.0.0.1, not listening, and
+/// its address.
+fn ephemeral_unlistened() -> (socket2::Socket, std::net::SocketAddr) {
     let s = unlistened(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), false)
         .expect("bind an ephemeral port");
     let addr = s
@@ -390,8 +398,7 @@ pub fn closed_port_addr() -> std::net::SocketAddr {
         .expect("local_addr")
         .as_socket()
         .expect("an IPv4 address");
-    hold(s);
-    addr
+    (s, addr)
 }
 
 /// An address on 127.0.0.1 where a connect neither succeeds nor is refused: it
@@ -404,14 +411,8 @@ pub fn closed_port_addr() -> std::net::SocketAddr {
 /// was seen to time out. Listener and connections are kept until the test process
 /// exits.
 pub fn unanswering_addr() -> std::net::SocketAddr {
-    let s = unlistened(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), false)
-        .expect("bind an ephemeral port");
+    let (s, addr) = ephemeral_unlistened();
     s.listen(0).expect("listen");
-    let addr = s
-        .local_addr()
-        .expect("local_addr")
-        .as_socket()
-        .expect("an IPv4 address");
     hold(s);
     for _ in 0..8 {
         match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {

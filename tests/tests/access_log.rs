@@ -266,11 +266,8 @@ each_proto!(
         let dir = TempDir::new();
         let log = dir.path().join("access.log");
         let routes = "          - match: { prefix: /direct }\n            direct_response: { status: 200, body: here }\n          - match: { prefix: /old }\n            redirect: { path: /new, code: 301 }\n          - match: { prefix: / }\n            cluster: backend\n";
-        let cfg = web_config(routes, &format!("  - name: backend\n    endpoints:\n      - address: {}\n", up.addr))
-            .replace(
-                "version: 1\n",
-                &format!("version: 1\naccess_log: {{ path: {}, flush_interval: 10ms }}\n", log.display()),
-            );
+        let clusters = format!("  - name: backend\n    endpoints:\n      - address: {}\n", up.addr);
+        let cfg = with_access_log(&web_config(routes, &clusters), &log, ", flush_interval: 10ms");
         let lg = legate().config(&cfg).start();
         let mut c = client(proto, lg.addr("web")).await;
         assert_eq!(c.get("/direct").send().await.text(), "here");
@@ -294,7 +291,12 @@ each_proto!(
 
 /// `simple_config` with an access log at `path` and the extra `access_log` keys.
 fn logged_config(up: std::net::SocketAddr, path: &Path, keys: &str) -> String {
-    simple_config(&[up]).replace(
+    with_access_log(&simple_config(&[up]), path, keys)
+}
+
+/// `cfg` with an access log at `path` and the extra `access_log` keys.
+fn with_access_log(cfg: &str, path: &Path, keys: &str) -> String {
+    cfg.replace(
         "version: 1\n",
         &format!(
             "version: 1\naccess_log: {{ path: {}{keys} }}\n",
