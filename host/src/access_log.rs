@@ -654,35 +654,7 @@ mod tests {
         assert_eq!(b.dropped.get(), 3);
     }
 
-    /// The WARN events `f` logs on this thread.
-    fn warnings(f: impl FnOnce()) -> Vec<String> {
-        use tracing_subscriber::layer::SubscriberExt;
-        struct Warns(Arc<Mutex<Vec<String>>>);
-        struct Message<'a>(&'a mut String);
-        impl tracing::field::Visit for Message<'_> {
-            fn record_debug(&mut self, _: &tracing::field::Field, v: &dyn std::fmt::Debug) {
-                self.0.push_str(&format!("{v:?}"));
-            }
-        }
-        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warns {
-            fn on_event(
-                &self,
-                e: &tracing::Event<'_>,
-                _: tracing_subscriber::layer::Context<'_, S>,
-            ) {
-                if *e.metadata().level() == tracing::Level::WARN {
-                    let mut text = String::new();
-                    e.record(&mut Message(&mut text));
-                    self.0.lock().unwrap().push(text);
-                }
-            }
-        }
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let sub = tracing_subscriber::registry().with(Warns(got.clone()));
-        tracing::subscriber::with_default(sub, f);
-        let got = got.lock().unwrap().clone();
-        got
-    }
+    use crate::testing::warnings;
 
     /// The first dropped line is reported by the worker that drops it: the
     /// writer, which reported it before, is the one stuck when a pipe nobody

@@ -476,10 +476,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// if that were the answer.
 fn stats_query(query: Option<&str>) -> Result<Option<regex::Regex>, String> {
     let mut filter = None;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = crate::router::percent_decode_with(value, false);
-        let value = String::from_utf8_lossy(&value);
+    for (key, value) in query_pairs(query) {
         match key {
             "filter" if !value.is_empty() => {
                 let re = regex::Regex::new(&value)
@@ -503,6 +500,20 @@ fn stats_query(query: Option<&str>) -> Result<Option<regex::Regex>, String> {
         }
     }
     Ok(filter)
+}
+
+/// The `key=value` pairs of an admin query, values percent-decoded (a `+`
+/// stays a `+`: filters are regexes).
+fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, String)> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = crate::router::percent_decode_with(value, false);
+            (key, String::from_utf8_lossy(&value).into_owned())
+        })
 }
 
 /// The families of `page` (Prometheus text, each family starting at its
@@ -563,16 +574,7 @@ fn logging_answer<B>(req: &Request<B>, handle: Option<&LogFilter>) -> Response<F
         );
     }
     let mut wanted = None;
-    for pair in req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = crate::router::percent_decode_with(value, false);
-        let value = String::from_utf8_lossy(&value).into_owned();
+    for (key, value) in query_pairs(req.uri().query()) {
         match key {
             "level" => {
                 const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];

@@ -88,11 +88,8 @@ fn says_close(h: &http::HeaderMap) -> bool {
 /// known size), or no body at all (a response to `HEAD`, 1xx, 204, 304).
 fn length_known(resp: &http::Response<crate::body::Body>, head_request: bool) -> bool {
     use http_body::Body as _;
-    let status = resp.status();
     head_request
-        || status.is_informational()
-        || status == http::StatusCode::NO_CONTENT
-        || status == http::StatusCode::NOT_MODIFIED
+        || crate::proxy::bodiless(resp.status())
         || resp.headers().contains_key(http::header::CONTENT_LENGTH)
         || resp.body().is_end_stream()
         || resp.body().size_hint().exact().is_some()

@@ -37,6 +37,8 @@ pub mod router;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod upstream;
 pub mod wasm;

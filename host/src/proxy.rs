@@ -1704,7 +1704,7 @@ fn local_response(lr: filter::LocalResponse, grpc: bool) -> Response<Body> {
 
 /// Whether a response with `status` has no content (RFC 9110 §6.4.1: 1xx,
 /// 204, 304), so the host's own answers leave their body out.
-fn bodiless(status: StatusCode) -> bool {
+pub(crate) fn bodiless(status: StatusCode) -> bool {
     status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED

@@ -1569,23 +1569,7 @@ mod tests {
 
     /// Counts the WARN events of the current thread while `f` runs.
     fn warnings(f: impl FnOnce()) -> usize {
-        struct Count(Arc<AtomicUsize>);
-        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
-            fn on_event(
-                &self,
-                e: &tracing::Event<'_>,
-                _: tracing_subscriber::layer::Context<'_, S>,
-            ) {
-                if *e.metadata().level() == tracing::Level::WARN {
-                    self.0.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }
-        use tracing_subscriber::layer::SubscriberExt;
-        let n = Arc::new(AtomicUsize::new(0));
-        let sub = tracing_subscriber::registry().with(Count(n.clone()));
-        tracing::subscriber::with_default(sub, f);
-        n.load(Ordering::SeqCst)
+        crate::testing::warnings(f).len()
     }
 
     /// An expired certificate is warned about once per load: `legate check`,
