@@ -28,7 +28,24 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 /// here or in the messages it holds, is a map, in a `oneof`, a group, `bytes`
 /// or a well-known type (each has a JSON form of its own).
 pub fn eligible(desc: &MessageDescriptor) -> bool {
-    fn walk(desc: &MessageDescriptor, seen: &mut HashSet<String>) -> bool {
+    plain(desc, Use::Encode)
+}
+
+/// What a message type is checked for by [`plain`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Encoding JSON directly ([`eligible`]): no `bytes`.
+    Encode,
+    /// Printing directly ([`printable`]): `bytes` are fine (base64), an enum
+    /// of a well-known type is not.
+    Print,
+}
+
+/// Whether no field of `desc`, or of the messages it holds, has a JSON form
+/// of its own for `what`: a map, a `oneof` member, a group, a well-known
+/// type, and per [`Use`] `bytes` or a well-known enum.
+fn plain(desc: &MessageDescriptor, what: Use) -> bool {
+    fn walk(desc: &MessageDescriptor, what: Use, seen: &mut HashSet<String>) -> bool {
         if desc.full_name().starts_with("google.protobuf.") {
             return false;
         }
@@ -40,13 +57,16 @@ pub fn eligible(desc: &MessageDescriptor) -> bool {
                 && !f.is_group()
                 && f.containing_oneof().is_none()
                 && match f.kind() {
-                    Kind::Bytes => false,
-                    Kind::Message(m) => walk(&m, seen),
+                    Kind::Bytes => what == Use::Print,
+                    Kind::Message(m) => walk(&m, what, seen),
+                    Kind::Enum(e) => {
+                        what == Use::Encode || !e.full_name().starts_with("google.protobuf.")
+                    }
                     _ => true,
                 }
         })
     }
-    walk(desc, &mut HashSet::new())
+    walk(desc, what, &mut HashSet::new())
 }
 
 /// The encoded message of type `desc` (which must be [`eligible`]) for the
@@ -410,25 +430,7 @@ impl<'de> Visitor<'de> for ScalarElement<'_> {
 /// Whether messages of type `desc` may be printed directly ([`print`]): as
 /// [`eligible`], but `bytes` fields are fine (printed as base64).
 pub fn printable(desc: &MessageDescriptor) -> bool {
-    fn walk(desc: &MessageDescriptor, seen: &mut HashSet<String>) -> bool {
-        if desc.full_name().starts_with("google.protobuf.") {
-            return false;
-        }
-        if !seen.insert(desc.full_name().to_owned()) {
-            return true;
-        }
-        desc.fields().all(|f| {
-            !f.is_map()
-                && !f.is_group()
-                && f.containing_oneof().is_none()
-                && match f.kind() {
-                    Kind::Message(m) => walk(&m, seen),
-                    Kind::Enum(e) => !e.full_name().starts_with("google.protobuf."),
-                    _ => true,
-                }
-        })
-    }
-    walk(desc, &mut HashSet::new())
+    plain(desc, Use::Print)
 }
 
 /// How [`print`] names fields and enum values.
