@@ -152,8 +152,13 @@ fn main() -> ExitCode {
                     println!("{}: ok", config.display());
                     ExitCode::SUCCESS
                 }
+                // A plugin refusing its config is placed in the file
+                // (`file:line:col: error: ...`), as the parse's own errors are.
                 Err(e) => {
-                    eprintln!("{}: error: {e:#}", config.display());
+                    match e.downcast_ref::<config::ConfigErrors>() {
+                        Some(placed) => eprintln!("{placed}"),
+                        None => eprintln!("{}: error: {e:#}", config.display()),
+                    }
                     ExitCode::FAILURE
                 }
             },
@@ -180,7 +185,10 @@ fn main() -> ExitCode {
         ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                match e.downcast_ref::<config::ConfigErrors>() {
+                    Some(placed) => eprintln!("error: invalid config\n{placed}"),
+                    None => eprintln!("error: {e:#}"),
+                }
                 ExitCode::FAILURE
             }
         },

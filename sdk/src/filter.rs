@@ -184,7 +184,9 @@ pub trait HttpFilter: Sized + 'static {
 /// It gives no line and column: the host hands the plugin JSON it made from
 /// the YAML config, so a position in that text would point at nothing the
 /// operator wrote (JSON that does not parse, only possible in tests, keeps
-/// its position). With no config (`null`) that `T` cannot take, the error is
+/// its position). The host places the message itself, at `PATH` (or at the
+/// unknown field) in the config file, `file:line:col`; a plugin's own checks
+/// get the same by starting their messages ``invalid config: field `PATH`: ``. With no config (`null`) that `T` cannot take, the error is
 /// that of `{}` (``missing field `mode` ``) and says no config was given.
 pub fn parse_config<T: DeserializeOwned>(json: &str) -> Result<T, String> {
     match parse_json(json) {

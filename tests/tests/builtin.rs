@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::process::Command;
+use std::time::Duration;
 
 use legate_tests::plugins::plugin_wasm;
 use legate_tests::*;
@@ -149,4 +150,85 @@ async fn a_wrong_digest_refuses_the_builtin() {
             && msg.contains(&wrong),
         "{msg}"
     );
+}
+
+/// A plugin refusing its `config` (here a misspelt key of a builtin's limit)
+/// is an error at that key's `file:line:col`, quoting the line, with where
+/// the plugin's keys are documented: at `legate check`, at `legate run` and
+/// in a refused reload's answer, as the file's own errors are. It named the
+/// file only, so the operator had to find `limits[0]` by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_config_error_is_placed_at_its_key() {
+    let up = upstream().start().await;
+    let good = config(up.addr, "placed", &ratelimit_digest());
+    let misspelt = |yaml: &str| yaml.replace("rate: 2/h", "rate: 2/h\n          burts: 3");
+    // `legate run` below must not take the default admin port.
+    let bad = misspelt(&format!("{good}admin:\n  address: {}\n", free_addr()));
+    let line = bad.lines().position(|l| l.contains("burts")).unwrap() + 1;
+    let dir = TempDir::new();
+    let file = dir.write("bad.yaml", &bad);
+    let want = format!(
+        "{}:{line}:11: error: plugin `limit`: configure failed: invalid config: field \
+         `limits[0]`: unknown field `burts`",
+        file.display()
+    );
+    let quoted = format!("{line} |           burts: 3");
+    let help = "help: the keys of its config are in plugins/ratelimit/README.md";
+
+    let out = Command::new(workspace_bin("legate"))
+        .args(["check", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "legate check accepted it: {stderr}");
+    assert!(stderr.starts_with(&want), "{stderr}");
+    assert!(
+        stderr.contains(&quoted) && stderr.contains(help),
+        "{stderr}"
+    );
+
+    // `legate run` refuses to start, saying the same.
+    let mut child = Command::new(workspace_bin("legate"))
+        .args(["run", "--watch-interval", "0", "-c"])
+        .arg(&file)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("legate run started with a config its plugin refuses");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("error: invalid config\n{want}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&quoted) && stderr.contains(help),
+        "{stderr}"
+    );
+
+    // A reload to it is refused with the place, in the config file the
+    // reload read; the config in force stays.
+    let lg = legate().config(&good).from_file().start();
+    let err = lg.reload_rejected(&misspelt(&good)).await;
+    let want = format!(
+        "{}:{line}:11: error: plugin `limit`: configure failed: invalid config: field \
+         `limits[0]`: unknown field `burts`",
+        lg.config_path().display()
+    );
+    assert!(err.starts_with(&want), "{err}");
+    assert!(err.contains(&quoted) && err.contains(help), "{err}");
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    assert_eq!(c.get("/x").header("x-key", "k").send().await.status, 200);
 }

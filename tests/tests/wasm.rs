@@ -427,6 +427,21 @@ async fn configure_error_rejects_the_load() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&want), "{stderr}");
+    // ... and placed at that `config` key, as the file's own errors are.
+    let (at, text) = yaml
+        .lines()
+        .enumerate()
+        .find(|(_, l)| l.contains("filters: { picky:"))
+        .unwrap();
+    let col = text.find("config").unwrap() + 1;
+    assert!(
+        stderr.starts_with(&format!(
+            "{}:{}:{col}: error: the config override of route `over`",
+            dir.path().join("over.yaml").display(),
+            at + 1
+        )),
+        "{stderr}"
+    );
 
     let good = dir.write(
         "good.yaml",

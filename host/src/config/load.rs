@@ -305,7 +305,61 @@ pub fn parse_str(file: &str, source: &str, base: &Path) -> Result<Config, Config
     config.resolve_paths(base);
     let zone = config.local_zone.clone();
     config.set_local_zone(zone);
+    config.origin = Some(std::sync::Arc::new(Origin {
+        file: file.to_string(),
+        source: source.to_string(),
+    }));
     Ok(config)
+}
+
+/// Where a [`Config`] was read from: the file's name as given and its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The file as given by the user.
+    pub file: String,
+    /// Its contents.
+    pub source: String,
+}
+
+/// An error about the value at `path` under the item at `anchor` of the
+/// config `origin` holds, rendered as every config error is: at the
+/// `file:line:col` of the deepest key of `path` the file has (the item's own
+/// place if it has none of it). `path` is written as messages write key
+/// paths, `config.providers[0].issuer`.
+pub(crate) fn error_at_path(
+    origin: &Origin,
+    anchor: &Location,
+    path: &str,
+    message: String,
+    help: Option<String>,
+) -> ConfigErrors {
+    let mut focus = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        // `providers[0][1]`: the key, then each index.
+        let (key, mut rest) = part.split_at(part.find('[').unwrap_or(part.len()));
+        if !key.is_empty() {
+            focus.push(Seg::Key(key.to_string()));
+        }
+        while let Some(inner) = rest.strip_prefix('[') {
+            let Some(end) = inner.find(']') else { break };
+            match inner[..end].parse() {
+                Ok(i) => focus.push(Seg::Index(i)),
+                Err(_) => focus.push(Seg::Key(inner[..end].to_string())),
+            }
+            rest = &inner[end + 1..];
+        }
+    }
+    let (line, col) = position(&origin.source, anchor, &focus);
+    ConfigErrors {
+        file: origin.file.clone(),
+        source: origin.source.clone(),
+        errors: vec![ConfigError {
+            line,
+            col,
+            message: one_line(message),
+            help,
+        }],
+    }
 }
 
 /// How the config's YAML is read: booleans are the YAML 1.2 core schema's `true`
@@ -321,8 +375,14 @@ pub(crate) fn yaml_options() -> serde_saphyr::Options {
 /// it: `(line, col)`, 1-based; the item's own place when the text cannot be outlined.
 pub(crate) fn key_position(source: &str, anchor: &Location, keys: &[&str]) -> (u64, u64) {
     let focus: Vec<Seg> = keys.iter().map(|k| Seg::Key((*k).to_string())).collect();
+    position(source, anchor, &focus)
+}
+
+/// Where in `source` the path `focus` from the item at `anchor` is, as far as
+/// the text has it (see [`key_position`]).
+fn position(source: &str, anchor: &Location, focus: &[Seg]) -> (u64, u64) {
     Pos::of(anchor)
-        .and_then(|a| Outline::parse(source).and_then(|o| o.descend(a, &focus)))
+        .and_then(|a| Outline::parse(source).and_then(|o| o.descend(a, focus)))
         .map_or((anchor.line(), anchor.column()), |p| (p.line, p.col))
 }
 

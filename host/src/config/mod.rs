@@ -20,8 +20,9 @@ pub use serde_saphyr::Spanned;
 
 pub use load::{
     check_file, check_files, check_files_carrying, load_file, parse_str, ConfigError, ConfigErrors,
+    Origin,
 };
-pub(crate) use load::{endpoint_health_check_errors, key_position, mask_url};
+pub(crate) use load::{endpoint_health_check_errors, error_at_path, key_position, mask_url};
 pub use types::{ByteSize, Dur, KvBackendKind, KvConfig, KvTls, Name, Percent, StatusRange};
 pub use validate::addresses_overlap;
 pub(crate) use validate::{normalize_domain, split_host_port};
@@ -64,6 +65,12 @@ pub struct Config {
     /// The plugins' shared KV store (see [`KvConfig`]); absent = in memory.
     #[serde(default)]
     pub kv: KvConfig,
+    /// The file this config was read from and its text ([`parse_str`] sets
+    /// it): an error found only when the config is put to use (a plugin's
+    /// `configure` refusing its `config`) is placed at its `file:line:col`
+    /// with it. Not part of the config: not compared, not dumped.
+    #[serde(skip)]
+    pub origin: Option<std::sync::Arc<Origin>>,
 }
 
 /// A Wasm filter plugin: a component, its configuration and its sandbox.

@@ -70,12 +70,13 @@ pub fn load(
     let _kv = kv::enter(kv::backend(&config.kv, stats)?);
     // This set's shared proxy-wasm VMs (a reloaded set gets new ones).
     let mut shares = proxy_wasm::Shares::default();
-    for p in &config.plugins {
-        let p = &p.value;
+    for spanned in &config.plugins {
+        let p = &spanned.value;
         // What `/plugins` shows as `load_ms`: compiling (or reading the
         // cache) and configuring it, every route override included.
         let started = std::time::Instant::now();
-        load_plugin(config, p, stats, &mut out, &mut modules, &mut shares)?;
+        load_plugin(config, p, stats, &mut out, &mut modules, &mut shares)
+            .map_err(|e| placed(config, spanned, e))?;
         if let Some(m) = modules.get_mut(p.name.as_str()) {
             m.took = started.elapsed();
         }
@@ -452,8 +453,8 @@ pub(crate) fn route_overrides(config: &Config, name: &crate::config::Name) -> Ve
 /// [`route_overrides`], each with the first route that gives it, named for a
 /// load error: a `configure` failure of an override is the route's config, not
 /// the plugin's own, and the operator must be sent there.
-fn overrides_placed(config: &Config, name: &crate::config::Name) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::new();
+fn overrides_placed(config: &Config, name: &crate::config::Name) -> Vec<(String, Override)> {
+    let mut out: Vec<(String, Override)> = Vec::new();
     for t in &config.routes {
         for vh in &t.value.virtual_hosts {
             for r in &vh.value.routes {
@@ -471,7 +472,8 @@ fn overrides_placed(config: &Config, name: &crate::config::Name) -> Vec<(String,
                             t.value.name,
                             r.referenced.line()
                         );
-                        out.push((json, place));
+                        let route = r.referenced;
+                        out.push((json, Override { place, route }));
                     }
                 }
             }
@@ -480,16 +482,111 @@ fn overrides_placed(config: &Config, name: &crate::config::Name) -> Vec<(String,
     out
 }
 
+/// The context of a route override's load error: which route gives the
+/// config, in words and as its place in the file ([`placed`] looks for it).
+#[derive(Debug, Clone)]
+struct Override {
+    place: String,
+    route: serde_saphyr::Location,
+}
+
+impl std::fmt::Display for Override {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the config override of {}", self.place)
+    }
+}
+
 /// `r` with the place of route override `over` (if one) in its message.
 fn at_override<T>(
     r: anyhow::Result<T>,
     over: Option<&String>,
-    places: &[(String, String)],
+    places: &[(String, Override)],
 ) -> anyhow::Result<T> {
     match over.and_then(|j| places.iter().find(|(p, _)| p == j)) {
-        Some((_, place)) => r.with_context(|| format!("the config override of {place}")),
+        Some((_, place)) => r.context(place.clone()),
         None => r,
     }
+}
+
+/// `e`, an error loading plugin `p` of `config`, placed at `file:line:col`
+/// when it is the plugin refusing its config (its `configure` returned an
+/// error or trapped, proxy-wasm's `proxy_on_configure` or `proxy_on_vm_start`
+/// returned false, a native filter takes none): at the key the message names
+/// in the SDK's form (``invalid config: field `PATH`: ...``, and an unknown
+/// field's own key), else at the config itself; for a route override, in the
+/// route's `filters.NAME.config`. Other load errors (a module that does not
+/// compile, a missing export) are about the module, not a place in the file,
+/// and stay as they are; so does every error of a config not read from a file.
+fn placed(
+    config: &Config,
+    p: &crate::config::Spanned<crate::config::Plugin>,
+    e: anyhow::Error,
+) -> anyhow::Error {
+    let Some(origin) = &config.origin else {
+        return e;
+    };
+    let message = format!("{e:#}");
+    let pw = p.value.proxy_wasm.as_ref();
+    let key = if message.contains("proxy_on_vm_start") {
+        "proxy_wasm.vm_config"
+    } else if message.contains("configure failed")
+        || message.contains("proxy_on_configure")
+        || message.contains("takes no config")
+    {
+        match pw {
+            Some(pw) if pw.plugin_config.is_some() => "proxy_wasm.plugin_config",
+            _ => "config",
+        }
+    } else {
+        return e;
+    };
+    let (anchor, mut path) = match e.downcast_ref::<Override>() {
+        Some(o) => (&o.route, format!("filters.{}.config", p.value.name)),
+        None => (&p.referenced, key.to_string()),
+    };
+    if let Some(field) = field_of(&message) {
+        path.push('.');
+        path.push_str(&field);
+    }
+    let help = match p
+        .value
+        .module
+        .to_str()
+        .and_then(|m| m.strip_prefix("builtin:"))
+    {
+        Some(b) => format!("the keys of its config are in plugins/{b}/README.md"),
+        None => "the plugin's own documentation says what its config takes".to_string(),
+    };
+    anyhow::Error::new(crate::config::error_at_path(
+        origin,
+        anchor,
+        &path,
+        message,
+        Some(help),
+    ))
+}
+
+/// The key path in `message` (a plugin's configure error) of the field it is
+/// about, in the SDK's form (its `parse_config`):
+/// ``invalid config: field `limits[1].max`: ...`` gives `limits[1].max`;
+/// ``... unknown field `x`, expected ...`` adds `x`, the key to remove.
+fn field_of(message: &str) -> Option<String> {
+    let rest = &message[message.find("invalid config: ")? + "invalid config: ".len()..];
+    let (mut path, rest) = match rest.strip_prefix("field `") {
+        Some(r) => {
+            let end = r.find("`: ")?;
+            (r[..end].to_string(), &r[end + 3..])
+        }
+        None => (String::new(), rest),
+    };
+    if let Some(unknown) = rest.strip_prefix("unknown field `") {
+        let key = &unknown[..unknown.find('`')?];
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(key);
+    }
+    (!path.is_empty()).then_some(path)
 }
 
 /// Loads plugin `p` as a proxy-wasm module if its file is a core module (`false`:
@@ -575,4 +672,31 @@ fn load_proxy_wasm(
 /// that would refuse to load fails the check with its message.
 pub fn check_plugins(config: &Config) -> anyhow::Result<()> {
     load(config, &Stats::new()).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field_of;
+
+    #[test]
+    fn the_field_a_configure_error_names() {
+        let at = |m: &str| field_of(m);
+        assert_eq!(
+            at("configure failed: invalid config: field `limits[1].max`: must be at least 1"),
+            Some("limits[1].max".into())
+        );
+        // An unknown field: the key to remove, in the mapping the path names.
+        assert_eq!(
+            at("invalid config: field `providers[0]`: unknown field `bogus`, expected one of `a`"),
+            Some("providers[0].bogus".into())
+        );
+        assert_eq!(
+            at("invalid config: unknown field `extra`, expected `services`"),
+            Some("extra".into())
+        );
+        // No field: the config as a whole.
+        assert_eq!(at("invalid config: missing field `mode`"), None);
+        assert_eq!(at("configure failed: bad-config: refused"), None);
+        assert_eq!(at("invalid config: field `unterminated"), None);
+    }
 }
