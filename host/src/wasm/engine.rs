@@ -477,6 +477,15 @@ pub fn compile(
 /// library, a `.wat` source): one line saying so and what to give instead,
 /// instead of the parser's `bad magic number` with its bytes listed.
 pub fn not_wasm(plugin: &str, path: &Path, bytes: &[u8]) -> Option<anyhow::Error> {
+    if bytes.is_empty() {
+        // What a failed or interrupted build, or a copy that ran out of disk
+        // space, leaves behind.
+        return Some(anyhow::anyhow!(
+            "plugin `{plugin}`: {} is empty (0 bytes): build it again (`legate plugin \
+             build`), or point `module` at the .wasm the build wrote",
+            path.display()
+        ));
+    }
     (!bytes.starts_with(b"\0asm")).then(|| {
         anyhow::anyhow!(
             "plugin `{plugin}`: {} is not a Wasm file (it does not start with the `\\0asm` \
@@ -619,6 +628,22 @@ mod tests {
             e,
             "plugin `p`: p.yaml is not a Wasm file (it does not start with the `\\0asm` magic \
              bytes): point `module` at a .wasm built with `legate plugin build`"
+        );
+    }
+
+    #[test]
+    fn an_empty_file_is_named_empty() {
+        // Was "is not a Wasm file (it does not start with the magic bytes)".
+        let m = super::super::ModuleBytes {
+            bytes: b"",
+            info: super::super::ModuleInfo::of(b""),
+        };
+        let e = compile("p", Path::new("p.wasm"), &m, &crate::stats::Stats::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("plugin `p`: p.wasm is empty (0 bytes): build it again"),
+            "{e}"
         );
     }
 

@@ -122,12 +122,8 @@ impl WasmNetworkFilter {
     ) -> anyhow::Result<Self> {
         let linker = linker()?;
         let pre = super::plugin::link(name, component, |c| linker.instantiate_pre(c))?;
-        let pre = NetworkFilterPre::new(pre).map_err(|e| {
-            anyhow::anyhow!(
-                "plugin `{name}`: the component does not export \
-                 `legate:filter/network-handler@0.1.x`: {e:#}"
-            )
-        })?;
+        let pre = NetworkFilterPre::new(pre)
+            .map_err(|e| super::plugin::unexported(name, component, "network-handler", &e))?;
         let mut shared = PluginShared::new(name, stats.clone(), &settings.kv, &settings.clusters);
         shared.body_limit = settings.body_limit;
         shared.files = settings.files.clone();

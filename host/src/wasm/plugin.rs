@@ -556,6 +556,48 @@ pub(crate) fn link<T>(
     })
 }
 
+/// The error for a component that does not export `interface` (the handler
+/// of its world, `http-handler` or `network-handler`): what it exports
+/// instead and how to build it as a filter. One that exports the interface
+/// in another shape gets the linker's reason.
+pub(crate) fn unexported(
+    name: &str,
+    component: &Component,
+    interface: &str,
+    e: &wasmtime::Error,
+) -> anyhow::Error {
+    let want = format!("legate:filter/{interface}@0.1.x");
+    let exports: Vec<String> = component
+        .component_type()
+        .exports(component.engine())
+        .map(|(n, _)| format!("`{n}`"))
+        .collect();
+    let ours = format!("legate:filter/{interface}");
+    if exports.iter().any(|n| n.contains(&ours)) {
+        return anyhow::anyhow!("plugin `{name}`: the component does not export `{want}`: {e:#}");
+    }
+    let has = if exports.is_empty() {
+        "it exports nothing".to_string()
+    } else {
+        format!("it exports {}", exports.join(", "))
+    };
+    // The likeliest mix-up: a component built for a wasi:http runtime.
+    let what = if exports
+        .iter()
+        .any(|n| n.contains("wasi:http/incoming-handler"))
+    {
+        " (a wasi:http component, as Spin or wasmCloud run, not a filter)"
+    } else {
+        ""
+    };
+    let world = interface.replace("-handler", "-filter");
+    anyhow::anyhow!(
+        "plugin `{name}`: the component does not export `{want}`: {has}{what}; build it for \
+         world `{world}` of abi/wit/worlds.wit (a Rust crate on legate-sdk calls \
+         `legate_sdk::export!(YourFilter)`)"
+    )
+}
+
 /// ` (KV namespace `x` is not granted …: add it to …)` after a failed
 /// `configure` that was denied a KV namespace or cluster: the guest's error
 /// may only say `denied`.
@@ -593,12 +635,8 @@ impl WasmFilter {
     ) -> anyhow::Result<Self> {
         let linker = linker()?;
         let pre = link(name, component, |c| linker.instantiate_pre(c))?;
-        let pre = FilterPre::new(pre).map_err(|e| {
-            anyhow::anyhow!(
-                "plugin `{name}`: the component does not export \
-                 `legate:filter/http-handler@0.1.x`: {e:#}"
-            )
-        })?;
+        let pre =
+            FilterPre::new(pre).map_err(|e| unexported(name, component, "http-handler", &e))?;
         let mut shared = PluginShared::new(name, stats.clone(), &settings.kv, &settings.clusters);
         shared.body_limit = settings.body_limit;
         shared.files = settings.files.clone();
@@ -1410,6 +1448,41 @@ mod tests {
                      against legate:filter@0.1.2 (its abi/wit, or a legate-sdk for 0.1.2))"
                 ),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_component_without_the_handler_is_told_what_it_exports_and_how_to_build_one() {
+        // Was only the linker's "no exported instance named
+        // `legate:filter/http-handler@0.1.2`".
+        let e = wasmtime::Error::msg("linker");
+        let nothing = Component::new(engine::engine().unwrap(), b"\0asm\x0d\0\x01\0").unwrap();
+        assert_eq!(
+            unexported("p", &nothing, "http-handler", &e).to_string(),
+            "plugin `p`: the component does not export `legate:filter/http-handler@0.1.x`: it \
+             exports nothing; build it for world `http-filter` of abi/wit/worlds.wit (a Rust \
+             crate on legate-sdk calls `legate_sdk::export!(YourFilter)`)"
+        );
+        // A wasi:http proxy: an (empty) instance imported and passed on as
+        // its export.
+        let name = "wasi:http/incoming-handler@0.2.0";
+        let mut raw = b"\0asm\x0d\0\x01\0".to_vec();
+        raw.extend([7, 3, 1, 0x42, 0]);
+        for (section, tail) in [(10u8, &[0x05, 0][..]), (11, &[0x05, 0, 0][..])] {
+            let mut body = vec![1, 0, u8::try_from(name.len()).unwrap()];
+            body.extend(name.as_bytes());
+            body.extend(tail);
+            raw.extend([section, u8::try_from(body.len()).unwrap()]);
+            raw.extend(body);
+        }
+        let c = Component::new(engine::engine().unwrap(), &raw).unwrap();
+        let got = unexported("p", &c, "http-handler", &e).to_string();
+        assert!(
+            got.contains(
+                "it exports `wasi:http/incoming-handler@0.2.0` (a wasi:http component, as \
+                 Spin or wasmCloud run, not a filter); build it for world `http-filter`"
+            ),
+            "{got}"
         );
     }
 
