@@ -17,9 +17,22 @@ use legate_host::{config, hot_restart, server};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// What `legate --help` adds after the commands: the environment variables
+/// Legate reads, which an operator otherwise finds only in the docs (an Envoy
+/// user looks for `--log-level` in the help and finds no flag).
+const ENVIRONMENT_HELP: &str = "\
+Environment:
+  LEGATE_LOG         log filter: a level (error, warn, info, debug, trace) or tracing
+                     directives (`info,legate_host::proxy=debug`); default
+                     `info,rustls=error`; the admin API's POST /logging changes it live
+  LEGATE_WASM_CACHE  directory of compiled plugins (default: $XDG_CACHE_HOME/legate/wasm
+                     or ~/.cache/legate/wasm); `off` compiles every load";
+
 /// Legate: a reverse proxy whose filter chains run sandboxed WebAssembly plugins.
+// `name`: the command is `legate`; without it `--version` printed the
+// package's name, `legate-host`.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "legate", version, about, after_help = ENVIRONMENT_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -466,6 +479,15 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The help's Environment section states the default log filter in force.
+    #[test]
+    fn the_help_states_the_default_log_filter() {
+        assert!(
+            ENVIRONMENT_HELP.contains(&format!("`{DEFAULT_LOG_FILTER}`")),
+            "{ENVIRONMENT_HELP}"
+        );
+    }
 
     #[test]
     fn a_misspelt_level_is_named() {

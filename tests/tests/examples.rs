@@ -176,6 +176,38 @@ fn legate_help_names_every_plugin_subcommand() {
     }
 }
 
+/// `legate --version` names the command (it printed the package's name,
+/// `legate-host 0.1.0`), and `legate --help` names the environment variables
+/// the docs tell operators to set, as Envoy's help lists `--log-level`.
+#[test]
+fn legate_version_and_help_name_the_command_and_its_environment() {
+    let run = |arg: &str| {
+        let out = Command::new(workspace_bin("legate"))
+            .arg(arg)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "legate {arg}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let version = run("--version");
+    assert_eq!(
+        version.trim_end(),
+        format!("legate {}", env!("CARGO_PKG_VERSION")),
+        "{version}"
+    );
+    let help = run("--help");
+    for var in ["LEGATE_LOG", "LEGATE_WASM_CACHE"] {
+        assert!(
+            read("README.md").contains(var) || read("docs/config.md").contains(var),
+            "{var} is in no doc"
+        );
+        assert!(
+            help.contains(&format!("\n  {var} ")),
+            "{var} not in:\n{help}"
+        );
+    }
+}
+
 /// The Kubernetes README's ways to reload work in the image: it is
 /// `debian:bookworm-slim`, with curl but without procps, so there is no
 /// `/bin/kill` for `kubectl exec … -- kill`: the shell's builtin is used, or
