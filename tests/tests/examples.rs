@@ -326,6 +326,32 @@ fn legate_version_and_help_name_the_command_and_its_environment() {
     }
 }
 
+/// `legate run` and `legate check` without `-c`, where there is no
+/// `plugins.yaml` (a new user outside the repository), say that they looked
+/// for the default in this directory and how to give one; they said "check
+/// the path given with -c/--config", a flag never given.
+#[test]
+fn legate_without_c_where_there_is_no_plugins_yaml_says_so() {
+    let dir = TempDir::new();
+    for cmd in ["run", "check"] {
+        let out = Command::new(workspace_bin("legate"))
+            .arg(cmd)
+            .current_dir(dir.path())
+            .env("LEGATE_WASM_CACHE", "off")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "legate {cmd}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("without -c, Legate reads `plugins.yaml` in the current directory")
+                && err.contains(&dir.path().display().to_string())
+                && err.contains("-c FILE"),
+            "legate {cmd}:\n{err}"
+        );
+        assert!(!err.contains("given with -c"), "legate {cmd}:\n{err}");
+    }
+}
+
 /// The Kubernetes README's ways to reload work in the image: it is
 /// `debian:bookworm-slim`, with curl but without procps, so there is no
 /// `/bin/kill` for `kubectl exec … -- kill`: the shell's builtin is used, or
