@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | `/ready` | GET | 200 `LIVE`; 503 `INITIALIZING` while the process starts (compiling plugins: [`serve_starting`]); 503 `WARMING` (with the clusters) while a `dns` cluster waits for its first answer at start (up to its `initial_fetch_timeout`), 503 `DRAINING` once a drain started |
 //! | `/stats`, `/stats/prometheus` | GET | every metric, Prometheus text format 0.0.4; `?filter=REGEX` keeps the families whose name matches ([`stats_query`]) |
+//! | `/server_info` | GET | version, state (`LIVE`, `WARMING`, `DRAINING`), start time and uptime, config file and generation, each listener's bound address, as JSON ([`server_info`]; Envoy's `/server_info` and `/listeners`) |
 //! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
 //! | `/config_dump` | GET | the effective config (defaults filled in) as JSON, secrets redacted (`config_dump`) |
 //! | `/logging` | GET, POST | the log filter in force; `POST ?level=LEVEL` or `?filter=DIRECTIVES` changes it ([`logging_answer`]) |
@@ -13,6 +14,7 @@
 //! | `/reload` | GET | the config file, generation and the last reload's outcome as JSON |
 //! | `/plugins` | GET | every plugin: module, sha256, ABI, load time, instances, errors, last reload |
 //! | `/plugins/NAME/reload` | POST | recompiles and reconfigures one plugin: 200 JSON, 400 error (the old version keeps serving), 404 unknown |
+//! | `/`, `/help` | GET | the list of endpoints ([`INDEX`]) |
 //!
 //! Reloads run on a blocking thread, so the admin API keeps answering meanwhile
 //! (see [`crate::reload`]).
@@ -373,30 +375,15 @@ fn get_or_head<B>(req: &Request<B>) -> &Method {
 fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     match (get_or_head(req), path) {
-        (&Method::GET, "/ready") => {
-            if shared.is_draining() {
-                return text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n");
-            }
-            let snapshot = shared.snapshot.load();
-            let mut cold: Vec<String> = snapshot
-                .warming()
-                .map(|(name, left)| {
-                    format!(
-                        "cluster `{name}`: waiting for its first DNS answer ({:.1}s more at most)\n",
-                        left.as_secs_f64()
-                    )
-                })
-                .collect();
-            if cold.is_empty() {
-                text(StatusCode::OK, "LIVE\n")
-            } else {
-                cold.sort();
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("WARMING\n{}", cold.concat()),
-                )
-            }
-        }
+        (&Method::GET, "/ready") => match state(shared) {
+            State::Live => text(StatusCode::OK, "LIVE\n"),
+            State::Draining => text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n"),
+            State::Warming(cold) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("WARMING\n{}", cold.concat()),
+            ),
+        },
+        (&Method::GET, "/server_info") => json(&server_info(shared)),
         (&Method::GET, "/stats" | "/stats/prometheus") => {
             let filter = match stats_query(req.uri().query()) {
                 Ok(f) => f,
@@ -416,7 +403,10 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             if let Some(re) = filter {
                 body = only_families(&body, &re);
             }
-            with_type(text(StatusCode::OK, body), "text/plain; version=0.0.4; charset=utf-8")
+            with_type(
+                text(StatusCode::OK, body),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
         }
         (&Method::GET, "/clusters") => {
             let snapshot = shared.snapshot.load();
@@ -433,14 +423,20 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let snapshot = shared.snapshot.load();
             match config_dump(&snapshot.config) {
                 Ok(v) => json(&v),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot serialize config: {e}\n")),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot serialize config: {e}\n"),
+                ),
             }
         }
         (&Method::POST, "/drain") => {
             shared.start_drain();
             text(StatusCode::OK, "draining\n")
         }
-        (_, "/drain") => with_allow(text(StatusCode::METHOD_NOT_ALLOWED, "use POST /drain\n"), "POST"),
+        (_, "/drain") => with_allow(
+            text(StatusCode::METHOD_NOT_ALLOWED, "use POST /drain\n"),
+            "POST",
+        ),
         (&Method::POST, "/reopen_logs") => {
             // As Envoy's endpoint of that name (and SIGUSR1): after logrotate
             // moved the access log away.
@@ -457,15 +453,113 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "POST",
         ),
         (_, "/logging") => logging_answer(req, LOG_FILTER.get()),
-        (_, "/ready" | "/stats" | "/stats/prometheus" | "/clusters" | "/config_dump") => {
-            with_allow(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"), "GET")
-        }
-        (&Method::GET, "/") => text(
-            StatusCode::OK,
-            "Legate admin\n  GET  /ready\n  GET  /stats[?filter=REGEX] (also /stats/prometheus)\n  GET  /clusters\n  GET  /config_dump\n  GET  /logging\n  POST /logging?level=LEVEL|filter=DIRECTIVES\n  POST /drain\n  POST /reopen_logs\n  GET  /reload\n  POST /reload\n  GET  /plugins\n  POST /plugins/NAME/reload\n",
+        // `/help` too: Envoy's admin lists its endpoints there.
+        (&Method::GET, "/" | "/help") => text(StatusCode::OK, INDEX),
+        (
+            _,
+            "/ready" | "/stats" | "/stats/prometheus" | "/clusters" | "/config_dump"
+            | "/server_info" | "/" | "/help",
+        ) => with_allow(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"), "GET"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; GET / lists the admin endpoints\n",
         ),
-        _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the admin endpoints\n"),
     }
+}
+
+/// What `GET /` and `GET /help` answer: every endpoint.
+const INDEX: &str = "Legate admin
+  GET  /ready
+  GET  /server_info
+  GET  /stats[?filter=REGEX] (also /stats/prometheus)
+  GET  /clusters
+  GET  /config_dump
+  GET  /logging
+  POST /logging?level=LEVEL|filter=DIRECTIVES
+  POST /drain
+  POST /reopen_logs
+  GET  /reload
+  POST /reload
+  GET  /plugins
+  POST /plugins/NAME/reload
+";
+
+/// Whether the process serves: what `/ready` and `/server_info` say.
+enum State {
+    Live,
+    /// `dns` clusters still waiting for their first answer at start: a line
+    /// for each.
+    Warming(Vec<String>),
+    Draining,
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Live => "LIVE",
+            State::Warming(_) => "WARMING",
+            State::Draining => "DRAINING",
+        }
+    }
+}
+
+fn state(shared: &Shared) -> State {
+    if shared.is_draining() {
+        return State::Draining;
+    }
+    let snapshot = shared.snapshot.load();
+    let mut cold: Vec<String> = snapshot
+        .warming()
+        .map(|(name, left)| {
+            format!(
+                "cluster `{name}`: waiting for its first DNS answer ({:.1}s more at most)\n",
+                left.as_secs_f64()
+            )
+        })
+        .collect();
+    if cold.is_empty() {
+        State::Live
+    } else {
+        cold.sort();
+        State::Warming(cold)
+    }
+}
+
+/// `GET /server_info`, as Envoy's: which version runs, in which state, since
+/// when (a hot restart is a new start: its counters carry over, its uptime
+/// does not), on which config, and where each listener is bound (Envoy's
+/// `/listeners`; the address a port-0 listener got). What operators and
+/// their scripts ask an Envoy for, which was a 404 here.
+fn server_info(shared: &Shared) -> serde_json::Value {
+    let started = STARTED.get().copied();
+    let since_epoch = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let uptime = started
+        .and_then(|t| t.elapsed().ok())
+        .map_or(0, |d| d.as_secs());
+    let mut listeners: Vec<serde_json::Value> = shared
+        .listener_set()
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "name": b.ctx.name.as_str(),
+                "address": b.ctx.local_addr.to_string(),
+            })
+        })
+        .collect();
+    listeners.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    let reload = shared.reloader.last();
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "state": state(shared).name(),
+        "start_time": started.map(since_epoch),
+        "uptime_s": uptime,
+        "config": reload["config"],
+        "generation": reload["generation"],
+        "listeners": listeners,
+    })
 }
 
 /// The query of `GET /stats`: `filter=REGEX` keeps the families whose name

@@ -17,9 +17,22 @@ use legate_host::{config, hot_restart, server};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// What `legate --help` adds after the commands: the environment variables
+/// Legate reads, which an operator otherwise finds only in the docs (an Envoy
+/// user looks for `--log-level` in the help and finds no flag).
+const ENVIRONMENT_HELP: &str = "\
+Environment:
+  LEGATE_LOG         log filter: a level (error, warn, info, debug, trace) or tracing
+                     directives (`info,legate_host::proxy=debug`); default
+                     `info,rustls=error`; the admin API's POST /logging changes it live
+  LEGATE_WASM_CACHE  directory of compiled plugins (default: $XDG_CACHE_HOME/legate/wasm
+                     or ~/.cache/legate/wasm); `off` compiles every load";
+
 /// Legate: a reverse proxy whose filter chains run sandboxed WebAssembly plugins.
+// `name`: the command is `legate`; without it `--version` printed the
+// package's name, `legate-host`.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "legate", version, about, after_help = ENVIRONMENT_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,7 +43,7 @@ enum Command {
     /// Start the proxy.
     Run {
         /// Config file.
-        #[arg(short, long, default_value = "plugins.yaml")]
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Worker threads (default: available cores).
         #[arg(long)]
@@ -55,7 +68,7 @@ enum Command {
     /// Validate a config file without starting; exit 1 and print every error if invalid.
     Check {
         /// Config file.
-        #[arg(short, long, default_value = "plugins.yaml")]
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Plugin tools: `build` a plugin crate into a component, `list` the
@@ -64,6 +77,25 @@ enum Command {
         #[command(subcommand)]
         command: legate_host::plugin_build::PluginCommand,
     },
+}
+
+/// The config `run` and `check` read without `-c`: the demo's, at the
+/// repository root.
+const DEFAULT_CONFIG: &str = "plugins.yaml";
+
+/// The error for a config path that is the default and is not there: a new
+/// user runs `legate run` outside the repository, and "cannot read the config
+/// file … check the path given with -c" named a flag they never gave.
+fn missing_default_config(path: &std::path::Path) -> Option<String> {
+    if path != std::path::Path::new(DEFAULT_CONFIG) || path.exists() {
+        return None;
+    }
+    let here = std::env::current_dir().map_or_else(|_| ".".to_owned(), |d| d.display().to_string());
+    Some(format!(
+        "no config file: without -c, Legate reads `{DEFAULT_CONFIG}` in the \
+         current directory ({here}), and there is none\n  help: give one with -c FILE (e.g. \
+         `legate run -c /etc/legate/legate.yaml`); `legate check -c FILE` validates it first"
+    ))
 }
 
 /// The log filter when `LEGATE_LOG` is unset: `info`, but rustls's only at
@@ -146,27 +178,12 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Plugin { command } => legate_host::plugin_build::run(command),
-        Command::Check { config } => match config::check_file(&config) {
-            Ok(cfg) => match legate_host::server::check(std::sync::Arc::new(cfg)) {
-                Ok(()) => {
-                    println!("{}: ok", config.display());
-                    ExitCode::SUCCESS
-                }
-                // A plugin refusing its config is placed in the file
-                // (`file:line:col: error: ...`), as the parse's own errors are.
-                Err(e) => {
-                    match e.downcast_ref::<config::ConfigErrors>() {
-                        Some(placed) => eprintln!("{placed}"),
-                        None => eprintln!("{}: error: {e:#}", config.display()),
-                    }
-                    ExitCode::FAILURE
-                }
-            },
-            Err(e) => {
-                eprint!("{e}");
-                eprintln!();
+        Command::Check { config } => match missing_default_config(&config) {
+            Some(e) => {
+                eprintln!("{}: error: {e}", config.display());
                 ExitCode::FAILURE
             }
+            None => check(&config),
         },
         Command::Run {
             config,
@@ -192,6 +209,32 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// `legate check`: every error of the config, or `ok`.
+fn check(config: &std::path::Path) -> ExitCode {
+    match config::check_file(config) {
+        Ok(cfg) => match legate_host::server::check(std::sync::Arc::new(cfg)) {
+            Ok(()) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            // A plugin refusing its config is placed in the file
+            // (`file:line:col: error: ...`), as the parse's own errors are.
+            Err(e) => {
+                match e.downcast_ref::<config::ConfigErrors>() {
+                    Some(placed) => eprintln!("{placed}"),
+                    None => eprintln!("{}: error: {e:#}", config.display()),
+                }
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprint!("{e}");
+            eprintln!();
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -303,6 +346,9 @@ fn run(
 ) -> anyhow::Result<()> {
     let upgrade_path = upgrade_socket.unwrap_or_else(|| hot_restart::default_socket(path));
     let upgrade_path_for_start = upgrade_path.clone();
+    if let Some(e) = missing_default_config(path) {
+        anyhow::bail!("{e}");
+    }
     let mut cfg = match config::check_file(path) {
         Ok(c) => c,
         Err(e) => anyhow::bail!("invalid config\n{e}"),
@@ -474,6 +520,15 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The help's Environment section states the default log filter in force.
+    #[test]
+    fn the_help_states_the_default_log_filter() {
+        assert!(
+            ENVIRONMENT_HELP.contains(&format!("`{DEFAULT_LOG_FILTER}`")),
+            "{ENVIRONMENT_HELP}"
+        );
+    }
 
     #[test]
     fn a_misspelt_level_is_named() {

@@ -176,6 +176,182 @@ fn legate_help_names_every_plugin_subcommand() {
     }
 }
 
+/// Every Markdown file of the repository (not build output or fetched
+/// packages).
+fn markdown_files() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if !(name.starts_with('.') || name == "target" || name == "node_modules") {
+                    walk(&path, out);
+                }
+            } else if name.ends_with(".md") {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&workspace_file(""), &mut out);
+    out.sort();
+    out
+}
+
+/// The lines of a Markdown text outside fenced code blocks.
+fn prose_lines(text: &str) -> Vec<&str> {
+    let mut fenced = false;
+    text.lines()
+        .filter(|l| {
+            if l.trim_start().starts_with("```") {
+                fenced = !fenced;
+                return false;
+            }
+            !fenced
+        })
+        .collect()
+}
+
+/// The anchors a Markdown file has on GitHub: each heading's slug (lower
+/// case, punctuation dropped, spaces as `-`, a repeated one suffixed `-1`,
+/// `-2`…) and each `<a id="…">`.
+fn markdown_anchors(text: &str) -> std::collections::HashSet<String> {
+    let mut anchors = std::collections::HashSet::new();
+    for line in prose_lines(text) {
+        if let Some(heading) = line.strip_prefix('#') {
+            let title = heading.trim_start_matches('#').trim();
+            // A link in a heading counts by its text: `[text](url)` → `text`.
+            let mut plain = String::new();
+            let mut rest = title;
+            while let Some(i) = rest.find("](") {
+                plain.push_str(&rest[..i]);
+                rest = rest[i..].split_once(')').map_or("", |(_, r)| r);
+            }
+            plain.push_str(rest);
+            let slug: String = plain
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect();
+            let mut candidate = slug.clone();
+            let mut n = 0;
+            while !anchors.insert(candidate.clone()) {
+                n += 1;
+                candidate = format!("{slug}-{n}");
+            }
+        }
+        for (i, _) in line.match_indices("<a id=\"") {
+            let id = &line[i + 7..];
+            anchors.insert(id[..id.find('"').unwrap_or(id.len())].to_string());
+        }
+    }
+    anchors
+}
+
+/// Every relative link in the repository's Markdown (READMEs, docs/,
+/// ARCHITECTURE.md…) names a file that exists, and a `#fragment` one of the
+/// target's headings: a reader following "see §5.7" must land there
+/// (abi/README.md linked `#kv` and `#metrics`, headings that are
+/// `5.7 kv` and `5.6 metrics`).
+#[test]
+fn relative_links_and_anchors_in_the_docs_resolve() {
+    let files = markdown_files();
+    assert!(files.len() >= 10, "{files:?}");
+    let mut broken = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let rel = file.strip_prefix(workspace_file("")).unwrap_or(file);
+        for line in prose_lines(&text) {
+            // Inline code is not a link: drop `...` spans.
+            let prose: String = line.split('`').step_by(2).collect::<Vec<_>>().join(" ");
+            for (i, _) in prose.match_indices("](") {
+                let target = &prose[i + 2..];
+                let target = &target[..target.find([')', ' ']).unwrap_or(target.len())];
+                if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                    continue;
+                }
+                let (path, fragment) = target.split_once('#').unwrap_or((target, ""));
+                let dest = if path.is_empty() {
+                    file.clone()
+                } else {
+                    file.parent().unwrap().join(path)
+                };
+                if !dest.exists() {
+                    broken.push(format!("{}: {target}: no such file", rel.display()));
+                    continue;
+                }
+                if fragment.is_empty() || dest.extension().is_none_or(|e| e != "md") {
+                    continue;
+                }
+                let dest_text = std::fs::read_to_string(&dest).unwrap();
+                if !markdown_anchors(&dest_text).contains(fragment) {
+                    broken.push(format!("{}: {target}: no such heading", rel.display()));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+/// `legate --version` names the command (it printed the package's name,
+/// `legate-host 0.1.0`), and `legate --help` names the environment variables
+/// the docs tell operators to set, as Envoy's help lists `--log-level`.
+#[test]
+fn legate_version_and_help_name_the_command_and_its_environment() {
+    let run = |arg: &str| {
+        let out = Command::new(workspace_bin("legate"))
+            .arg(arg)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "legate {arg}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let version = run("--version");
+    assert_eq!(
+        version.trim_end(),
+        format!("legate {}", env!("CARGO_PKG_VERSION")),
+        "{version}"
+    );
+    let help = run("--help");
+    for var in ["LEGATE_LOG", "LEGATE_WASM_CACHE"] {
+        assert!(
+            read("README.md").contains(var) || read("docs/config.md").contains(var),
+            "{var} is in no doc"
+        );
+        assert!(
+            help.contains(&format!("\n  {var} ")),
+            "{var} not in:\n{help}"
+        );
+    }
+}
+
+/// `legate run` and `legate check` without `-c`, where there is no
+/// `plugins.yaml` (a new user outside the repository), say that they looked
+/// for the default in this directory and how to give one; they said "check
+/// the path given with -c/--config", a flag never given.
+#[test]
+fn legate_without_c_where_there_is_no_plugins_yaml_says_so() {
+    let dir = TempDir::new();
+    for cmd in ["run", "check"] {
+        let out = Command::new(workspace_bin("legate"))
+            .arg(cmd)
+            .current_dir(dir.path())
+            .env("LEGATE_WASM_CACHE", "off")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "legate {cmd}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("without -c, Legate reads `plugins.yaml` in the current directory")
+                && err.contains(&dir.path().display().to_string())
+                && err.contains("-c FILE"),
+            "legate {cmd}:\n{err}"
+        );
+        assert!(!err.contains("given with -c"), "legate {cmd}:\n{err}");
+    }
+}
+
 /// The Kubernetes README's ways to reload work in the image: it is
 /// `debian:bookworm-slim`, with curl but without procps, so there is no
 /// `/bin/kill` for `kubectl exec … -- kill`: the shell's builtin is used, or

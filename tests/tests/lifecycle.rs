@@ -412,6 +412,62 @@ async fn stats_say_the_version_liveness_and_start_of_the_process() {
     );
 }
 
+/// `GET /server_info`, as Envoy's (it was a 404): the version, the state
+/// `/ready` reports (`LIVE`, then `DRAINING`), when the process started and
+/// for how long, the config generation, and each listener's bound address
+/// (Envoy's `/listeners`). `/help` lists the endpoints, as `/` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_info_says_version_state_start_and_listener_addresses() {
+    let release = Arc::new(AtomicBool::new(false));
+    let up = upstream().hold_until(&release).start().await;
+    let lg = legate()
+        .config(&with_long_drain_timeout(&simple_config(&[up.addr])))
+        .start();
+    let info = |body: String| -> serde_json::Value {
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    };
+    let (status, body) = lg.admin_get("/server_info").await;
+    assert_eq!(status, 200, "{body}");
+    let v = info(body);
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"), "{v}");
+    assert_eq!(v["state"], "LIVE", "{v}");
+    assert_eq!(v["generation"], 1, "{v}");
+    let started = v["start_time"].as_f64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(started > 1.0e9 && started <= now, "{v}");
+    assert!(v["uptime_s"].as_u64().is_some(), "{v}");
+    assert_eq!(
+        v["listeners"],
+        serde_json::json!([{ "name": "web", "address": lg.addr("web").to_string() }]),
+        "{v}"
+    );
+
+    let (status, help) = lg.admin_get("/help").await;
+    assert_eq!(status, 200);
+    assert_eq!(help, lg.admin_get("/").await.1);
+    assert!(help.contains("/server_info"), "{help}");
+    assert_eq!(lg.admin_post("/server_info").await.0, 405);
+
+    // A request held upstream keeps the draining process (and its admin API) up.
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let held = tokio::spawn(async move { c.get("/").try_send().await });
+    eventually(Duration::from_secs(10), "the request upstream", || async {
+        (up.in_flight.get() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(lg.admin_post("/drain").await.0, 200);
+    let v = info(lg.admin_get("/server_info").await.1);
+    assert_eq!(v["state"], "DRAINING", "{v}");
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(
+        held.await.unwrap().map(|r| r.status.as_u16()).ok(),
+        Some(200)
+    );
+}
+
 /// Envoy's Prometheus path, `/stats/prometheus` (what scrape configs written for
 /// Envoy ask for), is `/stats`; `filter=REGEX` keeps the families whose name
 /// matches, with their HELP and TYPE lines; a parameter `/stats` does not
