@@ -92,14 +92,35 @@ fn private_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The reason the cache was last said to be disabled ([`Cache::at`]).
+type Warned = std::sync::Mutex<Option<String>>;
+
 impl Cache {
     /// The cache the environment configures, if it is usable.
     pub fn from_env(engine: &Engine) -> Option<Cache> {
-        let dir = default_dir()?;
-        if let Err(e) = private_dir(&dir) {
-            tracing::warn!("Wasm compile cache disabled: {e}");
+        // Each plugin's compile asks; the warning is said once while the
+        // cause lasts, not once per plugin (a demo config logged it 4 times).
+        static WARNED: Warned = std::sync::Mutex::new(None);
+        Self::at(engine, default_dir()?, &WARNED)
+    }
+
+    /// The cache in `dir` if it is usable; if not, `None`, with a warning
+    /// unless `warned` holds the same reason (it holds the last one said,
+    /// until the directory is usable again).
+    fn at(engine: &Engine, dir: PathBuf, warned: &Warned) -> Option<Cache> {
+        let usable = private_dir(&dir);
+        let mut warned = warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(why) = usable {
+            if warned.as_deref() != Some(why.as_str()) {
+                tracing::warn!("Wasm compile cache disabled: {why}");
+                *warned = Some(why);
+            }
             return None;
         }
+        *warned = None;
+        drop(warned);
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
         Some(Cache {
@@ -177,5 +198,41 @@ impl Cache {
                 path.display()
             );
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // in tests a panic is the failure report
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unusable_cache_is_warned_once_while_it_lasts() {
+        let engine = super::super::engine::engine().unwrap();
+        let base = std::env::temp_dir().join(format!("legate-cache-test-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        // A directory below a file cannot be made.
+        let file = base.join("file");
+        std::fs::write(&file, b"").unwrap();
+        let broken = file.join("wasm");
+        let good = base.join("wasm");
+        let warned = Warned::new(None);
+        let said = crate::testing::warnings(|| {
+            for _ in 0..4 {
+                assert!(Cache::at(engine, broken.clone(), &warned).is_none());
+            }
+        });
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].starts_with("Wasm compile cache disabled: "),
+            "{said:?}"
+        );
+        // Usable again, then broken again: said again.
+        let said = crate::testing::warnings(|| {
+            assert!(Cache::at(engine, good.clone(), &warned).is_some());
+            assert!(Cache::at(engine, broken.clone(), &warned).is_none());
+        });
+        assert_eq!(said.len(), 1, "{said:?}");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }
