@@ -148,6 +148,10 @@ pub trait Watch {
         Self: Sized,
     {
     }
+    /// The error the body fails with when the inner body failed with `e`.
+    fn error(&mut self, e: BoxError) -> BoxError {
+        e
+    }
 }
 
 /// A body with a [`Watch`].
@@ -205,8 +209,12 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
+                let e = match &mut this.watch {
+                    Some(w) => w.error(e.into()),
+                    None => e.into(),
+                };
                 this.finish(false);
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.finish(true);

@@ -200,6 +200,72 @@ each_proto!(
     }
 );
 
+/// An HTTP/2 upstream that resets its stream after the response head: the
+/// client's stream is reset with Legate's own code (`INTERNAL_ERROR`), not the
+/// upstream's, which went on as it came. A `REFUSED_STREAM` then told the
+/// client the request was never processed, though it was answered (curl and
+/// gRPC clients send it again by themselves); a `PROTOCOL_ERROR` blamed the
+/// client. (HTTP/2 clients only: an HTTP/1.1 one gets the body cut short
+/// either way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_reset_after_the_head_is_not_passed_on_as_its_code() {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    // The reset waits for the client to have the head (a reset right after
+    // it may overtake it).
+    let headed = Arc::new(tokio::sync::Notify::new());
+    let told = headed.clone();
+    let up = upstream()
+        .h2()
+        .route("/reset/*", move |req: Request<Incoming>| {
+            let told = told.clone();
+            async move {
+                let reason = match req.uri().path() {
+                    "/reset/refused" => h2::Reason::REFUSED_STREAM,
+                    _ => h2::Reason::PROTOCOL_ERROR,
+                };
+                let first = futures_util::stream::once(async {
+                    Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"partial")))
+                });
+                // hyper resets the stream with the reason of an h2 error.
+                let reset = futures_util::stream::once(async move {
+                    told.notified().await;
+                    Err::<hyper::body::Frame<Bytes>, BoxError>(Box::new(h2::Error::from(reason)))
+                });
+                Response::new(BodyExt::boxed(http_body_util::StreamBody::new(
+                    first.chain(reset),
+                )))
+            }
+        })
+        .start()
+        .await;
+    let lg = legate()
+        .config(&simple_config_with(&[up.addr], "", "    protocol: h2\n"))
+        .start();
+    for path in ["/reset/refused", "/reset/protocol"] {
+        let mut c = client(Proto::H2, lg.addr("web")).await;
+        let head = c.get(path).send_for_head().await;
+        assert_eq!(head.status(), 200, "{path}");
+        headed.notify_one();
+        let err = head
+            .into_body()
+            .collect()
+            .await
+            .expect_err("the body was not reset");
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+        let mut reason = None;
+        while let Some(e) = src {
+            if let Some(h2e) = e.downcast_ref::<h2::Error>() {
+                reason = h2e.reason();
+                break;
+            }
+            src = e.source();
+        }
+        assert_eq!(reason, Some(h2::Reason::INTERNAL_ERROR), "{path}: {err}");
+    }
+    lg.assert_stat(TWO_XX, 2.0).await;
+}
+
 each_proto!(
     async fn retry_goes_to_another_endpoint(proto) {
         let bad = upstream().name("bad").status(503).start().await;
