@@ -2,15 +2,18 @@
 //! plumbing of body filters: [`Filtered`] runs a chain's body and trailer phases
 //! on chunks as they pass (streamed mode), [`collect_capped`] reads a whole body
 //! under a cap for buffered mode, and [`whole`] is the body that results;
-//! [`known_empty`] tells a body that turned out empty before its head goes out.
+//! [`known_empty`] tells a body that turned out empty before its head goes out;
+//! [`Replay`] keeps a copy of a request body streaming upstream for a retry.
 //!
 //! Bodies are boxed once at the edge of the proxy so every stage passes one type.
 //! They are `!Send` on purpose: each worker owns its requests from accept to
 //! response (see ARCHITECTURE.md), so nothing needs to cross threads.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -145,6 +148,10 @@ pub trait Watch {
         Self: Sized,
     {
     }
+    /// The error the body fails with when the inner body failed with `e`.
+    fn error(&mut self, e: BoxError) -> BoxError {
+        e
+    }
 }
 
 /// A body with a [`Watch`].
@@ -202,8 +209,12 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
+                let e = match &mut this.watch {
+                    Some(w) => w.error(e.into()),
+                    None => e.into(),
+                };
                 this.finish(false);
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.finish(true);
@@ -376,6 +387,191 @@ impl HttpBody for Prefixed {
         h.set_lower(rest.lower() + head);
         if let Some(u) = rest.upper() {
             h.set_upper(u + head);
+        }
+        h
+    }
+}
+
+/// A request body that streams to the attempt as the client sends it while
+/// a copy of it is kept, up to a limit, for a retry to replay: Envoy's retry
+/// buffer. A retry's body is the copy, then the rest as it comes, so a
+/// request whose body has not ended (a gRPC client or bidirectional stream,
+/// a slow upload) is neither held back until its end nor denied its retry.
+/// Past the limit nothing more is kept and the request is not retried
+/// ([`Replay::replayable`]).
+pub struct Replay(Rc<RefCell<ReplayState>>);
+
+struct ReplayState {
+    /// The frames read so far (empty data chunks left out), while they fit.
+    kept: Vec<Kept>,
+    kept_bytes: u64,
+    limit: u64,
+    /// Past `limit`, or the client's body failed: the copy is gone.
+    spoiled: bool,
+    /// The client's body not read yet; `None` once it ended.
+    rest: Option<Body>,
+    /// The attempt whose body may read on: the latest. An earlier attempt's
+    /// body (hyper may still poll it after its attempt failed) fails instead,
+    /// so it can never take frames from the client that the retry needs.
+    reader: u32,
+}
+
+enum Kept {
+    Data(Bytes),
+    Trailers(HeaderMap),
+}
+
+impl Kept {
+    fn frame(&self) -> Frame<Bytes> {
+        match self {
+            Kept::Data(d) => Frame::data(d.clone()),
+            Kept::Trailers(t) => Frame::trailers(t.clone()),
+        }
+    }
+}
+
+impl Replay {
+    /// Keeps up to `limit` bytes of `body` as it streams.
+    pub fn new(body: Body, limit: u64) -> Replay {
+        Replay(Rc::new(RefCell::new(ReplayState {
+            kept: Vec::new(),
+            kept_bytes: 0,
+            limit,
+            spoiled: false,
+            rest: Some(body),
+            reader: 0,
+        })))
+    }
+
+    /// Whether another attempt can have the whole body: nothing was lost yet.
+    pub fn replayable(&self) -> bool {
+        !self.0.borrow().spoiled
+    }
+
+    /// The body of the next attempt: what was kept, then the rest of the
+    /// client's body as it comes. Earlier attempts' bodies fail from now on.
+    pub fn attempt(&self) -> Body {
+        let reader = {
+            let mut s = self.0.borrow_mut();
+            s.reader = s.reader.wrapping_add(1);
+            s.reader
+        };
+        boxed(ReplayBody {
+            state: self.0.clone(),
+            reader,
+            next: 0,
+        })
+    }
+
+    /// Wraps the part of the body not read yet (`f` gets it unless it ended).
+    pub fn map_rest<T>(&self, f: impl FnOnce(Body) -> (Body, Option<T>)) -> Option<T> {
+        let mut s = self.0.borrow_mut();
+        let (b, t) = f(s.rest.take()?);
+        s.rest = Some(b);
+        t
+    }
+}
+
+/// An error of a retry's superseded attempt body (never seen by a client).
+#[derive(Debug)]
+struct Superseded;
+
+impl std::fmt::Display for Superseded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request body taken over by a retry")
+    }
+}
+
+impl std::error::Error for Superseded {}
+
+struct ReplayBody {
+    state: Rc<RefCell<ReplayState>>,
+    reader: u32,
+    /// The next kept frame to send.
+    next: usize,
+}
+
+impl HttpBody for ReplayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let mut s = this.state.borrow_mut();
+        if s.reader != this.reader {
+            return Poll::Ready(Some(Err(Box::new(Superseded))));
+        }
+        if let Some(k) = s.kept.get(this.next) {
+            this.next += 1;
+            return Poll::Ready(Some(Ok(k.frame())));
+        }
+        let Some(rest) = s.rest.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(rest).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => s.rest = None,
+            Poll::Ready(Some(Ok(f))) if !s.spoiled => {
+                let kept = match (f.data_ref(), f.trailers_ref()) {
+                    (Some(d), _) if d.is_empty() => None,
+                    (Some(d), _) => Some(Kept::Data(d.clone())),
+                    (None, Some(t)) => Some(Kept::Trailers(t.clone())),
+                    (None, None) => None,
+                };
+                if let Some(k) = kept {
+                    let n = f.data_ref().map_or(0, |d| d.len() as u64);
+                    if s.kept_bytes + n > s.limit {
+                        // Too large to replay: free the copy. No other
+                        // attempt will read it (this one read it all).
+                        s.spoiled = true;
+                        s.kept = Vec::new();
+                    } else {
+                        s.kept_bytes += n;
+                        s.kept.push(k);
+                    }
+                    this.next = s.kept.len();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                s.spoiled = true;
+                s.kept = Vec::new();
+                this.next = 0;
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let s = self.state.borrow();
+        s.reader == self.reader
+            && self.next >= s.kept.len()
+            && s.rest.as_ref().is_none_or(HttpBody::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let s = self.state.borrow();
+        let kept: u64 = s
+            .kept
+            .get(self.next..)
+            .unwrap_or_default()
+            .iter()
+            .map(|k| match k {
+                Kept::Data(d) => d.len() as u64,
+                Kept::Trailers(_) => 0,
+            })
+            .sum();
+        let rest = s
+            .rest
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), HttpBody::size_hint);
+        let mut h = SizeHint::new();
+        h.set_lower(rest.lower() + kept);
+        if let Some(u) = rest.upper() {
+            h.set_upper(u + kept);
         }
         h
     }

@@ -184,7 +184,11 @@ impl ProxyError {
                 return ProxyError::new(Kind::BodyTooLarge, cur.to_string());
             }
             if let Some(h) = cur.downcast_ref::<hyper::Error>() {
-                let kind = if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
+                let kind = if h.is_incomplete_message()
+                    || h.is_closed()
+                    || h.is_canceled()
+                    || client_reset(h)
+                {
                     Kind::DownstreamReset
                 } else {
                     Kind::BadRequest
@@ -324,6 +328,21 @@ impl fmt::Display for ProxyError {
 }
 
 impl std::error::Error for ProxyError {}
+
+/// Whether an HTTP/2 client reset the stream (`RST_STREAM` of any code) while
+/// its body was read: the client went away, as a closed HTTP/1.1 connection
+/// (hyper's incomplete message), not a malformed request. One h2 resets
+/// itself (a body over its `content-length`, a flow-control breach) is.
+fn client_reset(e: &hyper::Error) -> bool {
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return h2e.is_reset() && h2e.is_remote();
+        }
+        src = s.source();
+    }
+    false
+}
 
 #[cfg(test)]
 mod tests {

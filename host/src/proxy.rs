@@ -770,7 +770,8 @@ async fn proxy(
             // smaller (it was streamed, and not mirrored); one read whole is
             // also replayed by a retry.
             (Some(p), Some(m)) => Some(p.buffer_limit.max(m.max_body.0)),
-            (Some(p), None) => Some(p.buffer_limit),
+            // A retry's copy is kept as the body streams (below).
+            (Some(_), None) => None,
             (None, Some(m)) => Some(m.max_body.0),
             // Not buffered: the body streams to the attempt as it comes.
             (None, None) => None,
@@ -794,25 +795,23 @@ async fn proxy(
                     },
                 }
             }
-            None => ReqBody::Stream(Some(req_body)),
+            // A retry's copy is kept as the body streams, as Envoy's retry
+            // buffer: held back until its end, a gRPC client or bidirectional
+            // stream (or any exchange whose upstream answers before the
+            // request ends) stalled until the route timeout.
+            None => match policy {
+                Some(p) => ReqBody::replay(req_body, p.buffer_limit, &parts),
+                None => ReqBody::Stream(Some(req_body)),
+            },
         };
         // A body that streams upstream as the client sends it (not one read
         // whole before, here or by a filter; the rest of one too big to
         // buffer, too): the timeouts wait for its end.
         let timed = route_timeout.is_some() || route.per_try_timeout.is_some();
-        let sent = match &mut source {
-            ReqBody::Stream(slot) if timed && !out.body_read => match slot.take() {
-                Some(b) if !b.is_end_stream() => {
-                    let sent = Rc::new(BodySent::default());
-                    *slot = Some(body::boxed(Watched::new(b, SentEnd(sent.clone()))));
-                    Some(sent)
-                }
-                b => {
-                    *slot = b;
-                    None
-                }
-            },
-            _ => None,
+        let sent = if timed && !out.body_read {
+            source.watch_end()
+        } else {
+            None
         };
         if let (Some(m), Some(body)) = (mirror, source.whole(mirror.map_or(0, |m| m.max_body.0))) {
             let copy = crate::mirror::Copy {
@@ -2221,8 +2220,7 @@ impl Attempts<'_> {
             out.upstream = Some(target_addr);
             out.attempts = attempt + 1;
             out.debug.connection = None;
-            let replayable = source.replayable();
-            let last = !replayable || attempt >= max_retries;
+            let last = !source.replayable() || attempt >= max_retries;
             let req = self.build_request(source.take(), last)?;
             // In `out`, not here: a route timeout drops this future and records
             // the attempt from there, and a response keeps it until its body ends.
@@ -2253,7 +2251,9 @@ impl Attempts<'_> {
                     None => send.await,
                 }
             };
-            let can_retry = replayable && attempt < max_retries;
+            // Asked again: a body kept as it streams may have outgrown its
+            // copy during the attempt.
+            let can_retry = source.replayable() && attempt < max_retries;
             let retry = match &result {
                 Ok(resp) => {
                     active.record_status(resp.status().as_u16());
@@ -2887,13 +2887,49 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
     }
 }
 
-/// The request body as the attempts see it: buffered (replayable) or streamed once.
+/// The request body as the attempts see it: buffered (replayable), streamed
+/// with a copy kept for a retry (replayable while the copy is whole), or
+/// streamed once.
 enum ReqBody {
     Buffered { frames: Vec<Frame<Bytes>> },
+    Replay(body::Replay),
     Stream(Option<Body>),
 }
 
 impl ReqBody {
+    /// Streams `body` keeping a copy of up to `limit` bytes for a retry; a
+    /// body whose `content-length` is over it streams without one.
+    fn replay(body: Body, limit: u64, parts: &Parts) -> Self {
+        if content_length(&parts.headers).is_some_and(|l| l > limit) {
+            return ReqBody::Stream(Some(body));
+        }
+        ReqBody::Replay(body::Replay::new(body, limit))
+    }
+
+    /// Watches for the end of a body that streams upstream, where the
+    /// timeouts start (`None`: it has ended, or was read whole).
+    fn watch_end(&mut self) -> Option<Rc<BodySent>> {
+        let watch = |b: Body| {
+            if b.is_end_stream() {
+                return (b, None);
+            }
+            let sent = Rc::new(BodySent::default());
+            (
+                body::boxed(Watched::new(b, SentEnd(sent.clone()))),
+                Some(sent),
+            )
+        };
+        match self {
+            ReqBody::Buffered { .. } => None,
+            ReqBody::Replay(r) => r.map_rest(watch),
+            ReqBody::Stream(slot) => {
+                let (b, sent) = watch(slot.take()?);
+                *slot = Some(b);
+                sent
+            }
+        }
+    }
+
     /// Reads up to `limit` bytes so the body can be replayed on retry; a larger body
     /// (or one with trailers) is streamed and the request is not retried.
     async fn buffer(mut body: Body, limit: u64, parts: &Parts) -> Result<Self, ProxyError> {
@@ -2926,7 +2962,11 @@ impl ReqBody {
     }
 
     fn replayable(&self) -> bool {
-        matches!(self, ReqBody::Buffered { .. })
+        match self {
+            ReqBody::Buffered { .. } => true,
+            ReqBody::Replay(r) => r.replayable(),
+            ReqBody::Stream(_) => false,
+        }
     }
 
     /// The whole body, if it was read in full and is at most `max` bytes.
@@ -2964,6 +3004,7 @@ impl ReqBody {
                     body::Prefixed::body(copy, body::empty())
                 }
             }
+            ReqBody::Replay(r) => r.attempt(),
             ReqBody::Stream(b) => b.take().unwrap_or_else(body::empty),
         }
     }

@@ -300,7 +300,22 @@ impl Drop for H2Stream {
 }
 
 /// Ends with the response body (at its end, on an error or when dropped).
-impl body::Watch for H2Stream {}
+impl body::Watch for H2Stream {
+    /// The failure of an upstream's response body as Legate's own error, not
+    /// h2's: hyper's server resets the client's stream with the reason of an
+    /// h2 error under the body's, so the upstream's `RST_STREAM` code went on
+    /// to the client. After the head that misleads it: `REFUSED_STREAM` says
+    /// the request was not processed (curl and gRPC clients send it again,
+    /// though the upstream answered it), `PROTOCOL_ERROR` blames the client.
+    /// The client's stream is reset `INTERNAL_ERROR`, hyper's reason for any
+    /// other failure, as Envoy resets it with its own code, not the upstream's.
+    fn error(&mut self, e: body::BoxError) -> body::BoxError {
+        Box::new(ProxyError::new(
+            Kind::UpstreamReset,
+            format!("upstream response body: {e}"),
+        ))
+    }
+}
 
 /// What the attempts waiting for an HTTP/2 connection being opened get.
 #[derive(Clone)]

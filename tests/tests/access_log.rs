@@ -54,6 +54,47 @@ each_proto!(
     }
 );
 
+/// An HTTP/2 client that resets its stream while the route reads the body
+/// first (to mirror it) went away: a 499 `downstream_reset`, as an HTTP/1.1
+/// client that closes mid-body. It was logged as a 400 `bad_request` (the
+/// client's reset taken for a malformed body) and counted so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_resetting_its_upload_is_no_bad_request() {
+    let up = upstream().start().await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let cfg = simple_config_with(&[up.addr], "            mirror: { cluster: backend }\n", "")
+        .replace(
+            "version: 1\n",
+            &format!("version: 1\naccess_log: {{ path: {} }}\n", log.display()),
+        );
+    let lg = legate().config(&cfg).start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    // Part of the body, then the client's failure: hyper resets the stream.
+    let body = futures_util::stream::iter([
+        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from("part"))),
+        Err(BoxError::from("the client gives up")),
+    ]);
+    let sent = c
+        .post("/upload")
+        .boxed_body(http_body_util::BodyExt::boxed(
+            http_body_util::StreamBody::new(body),
+        ))
+        .try_send()
+        .await;
+    assert!(sent.is_err(), "{sent:?}");
+    let lines = access_log_until(&log, "the upload's line", |l| !l.is_empty()).await;
+    let (v, line) = (&lines[0], lines[0].to_string());
+    assert_eq!(v["status"], 499, "{line}");
+    assert_eq!(v["cause"], "downstream_reset", "{line}");
+    assert_eq!(up.requests.get(), 0, "{line}");
+    lg.assert_stat(
+        r#"legate_listener_requests_total{listener="web",class="4xx"}"#,
+        1.0,
+    )
+    .await;
+}
+
 each_proto!(
     /// An upstream that fails its response body after the head was sent: the
     /// client gets a truncated response, and the line says so (it was a clean

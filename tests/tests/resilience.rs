@@ -132,6 +132,141 @@ each_proto!(
 );
 
 each_proto!(
+    /// A route that retries streams the request body upstream as it comes,
+    /// keeping a copy for the retry (Envoy's retry buffer), and a retry
+    /// replays the copy and goes on with the rest. The body was read whole
+    /// before anything went upstream: a gRPC client or bidirectional stream
+    /// (any exchange whose upstream answers before the request ends) got
+    /// nothing until the route timeout (408). Here the first attempt is
+    /// answered 503 and the retry echoes the body back as it comes, while the
+    /// client has sent only part of it; over an HTTP/1.1 upstream (which goes
+    /// on writing the failed attempt's body after its answer) and an HTTP/2 one.
+    async fn a_retried_route_streams_the_body_and_replays_it_mid_stream(proto) {
+        use http_body_util::BodyExt;
+        for h2_upstream in [false, true] {
+            let seen = Arc::new(AtomicUsize::new(0));
+            let counted = seen.clone();
+            let up = upstream().route("/duplex", move |req: Request<Incoming>| {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        // At once, the body unread.
+                        let mut r = Response::new(BodyExt::boxed(Full::new(Bytes::from("busy"))
+                            .map_err(|never| match never {})));
+                        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        return r;
+                    }
+                    // The request body back as it comes.
+                    Response::new(BodyExt::boxed(req.into_body().map_err(BoxError::from)))
+                }
+            });
+            let up = if h2_upstream { up.h2() } else { up }.start().await;
+            let lg = legate()
+                .config(&simple_config_with(
+                    &[up.addr],
+                    &retry("              retry_on: [5xx]\n              retry_non_idempotent: true\n              backoff_base: 1ms\n"),
+                    if h2_upstream { "    protocol: h2\n" } else { "" },
+                ))
+                .start();
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+            let body = futures_util::stream::unfold(rx, |mut rx| async move {
+                let chunk = rx.recv().await?;
+                Some((Ok::<_, BoxError>(hyper::body::Frame::data(chunk)), rx))
+            });
+            tx.send(Bytes::from("one;")).await.unwrap();
+            let mut c = client(proto, lg.addr("web")).await;
+            let head = tokio::time::timeout(
+                HANG_GUARD,
+                c.post("/duplex")
+                    .boxed_body(BodyExt::boxed(http_body_util::StreamBody::new(body)))
+                    .send_for_head(),
+            )
+            .await
+            .expect("no response head while the request body streams");
+            assert_eq!(head.status(), 200, "h2 upstream: {h2_upstream}");
+            tx.send(Bytes::from("two;")).await.unwrap();
+            drop(tx);
+            let got = tokio::time::timeout(HANG_GUARD, head.into_body().collect())
+                .await
+                .expect("the response body never ended")
+                .unwrap()
+                .to_bytes();
+            assert_eq!(got, "one;two;", "h2 upstream: {h2_upstream}");
+            assert_eq!(seen.load(Ordering::SeqCst), 2);
+            lg.assert_stat(RETRY_STAT, 1.0).await;
+            lg.assert_stat(FIVE_XX, 1.0).await;
+            lg.assert_stat(TWO_XX, 1.0).await;
+        }
+    }
+);
+
+/// An HTTP/2 upstream that resets its stream after the response head: the
+/// client's stream is reset with Legate's own code (`INTERNAL_ERROR`), not the
+/// upstream's, which went on as it came. A `REFUSED_STREAM` then told the
+/// client the request was never processed, though it was answered (curl and
+/// gRPC clients send it again by themselves); a `PROTOCOL_ERROR` blamed the
+/// client. (HTTP/2 clients only: an HTTP/1.1 one gets the body cut short
+/// either way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_reset_after_the_head_is_not_passed_on_as_its_code() {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    // The reset waits for the client to have the head (a reset right after
+    // it may overtake it).
+    let headed = Arc::new(tokio::sync::Notify::new());
+    let told = headed.clone();
+    let up = upstream()
+        .h2()
+        .route("/reset/*", move |req: Request<Incoming>| {
+            let told = told.clone();
+            async move {
+                let reason = match req.uri().path() {
+                    "/reset/refused" => h2::Reason::REFUSED_STREAM,
+                    _ => h2::Reason::PROTOCOL_ERROR,
+                };
+                let first = futures_util::stream::once(async {
+                    Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"partial")))
+                });
+                // hyper resets the stream with the reason of an h2 error.
+                let reset = futures_util::stream::once(async move {
+                    told.notified().await;
+                    Err::<hyper::body::Frame<Bytes>, BoxError>(Box::new(h2::Error::from(reason)))
+                });
+                Response::new(BodyExt::boxed(http_body_util::StreamBody::new(
+                    first.chain(reset),
+                )))
+            }
+        })
+        .start()
+        .await;
+    let lg = legate()
+        .config(&simple_config_with(&[up.addr], "", "    protocol: h2\n"))
+        .start();
+    for path in ["/reset/refused", "/reset/protocol"] {
+        let mut c = client(Proto::H2, lg.addr("web")).await;
+        let head = c.get(path).send_for_head().await;
+        assert_eq!(head.status(), 200, "{path}");
+        headed.notify_one();
+        let err = head
+            .into_body()
+            .collect()
+            .await
+            .expect_err("the body was not reset");
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+        let mut reason = None;
+        while let Some(e) = src {
+            if let Some(h2e) = e.downcast_ref::<h2::Error>() {
+                reason = h2e.reason();
+                break;
+            }
+            src = e.source();
+        }
+        assert_eq!(reason, Some(h2::Reason::INTERNAL_ERROR), "{path}: {err}");
+    }
+    lg.assert_stat(TWO_XX, 2.0).await;
+}
+
+each_proto!(
     async fn retry_goes_to_another_endpoint(proto) {
         let bad = upstream().name("bad").status(503).start().await;
         let good = upstream().name("good").start().await;
@@ -624,17 +759,20 @@ each_proto!(
     }
 );
 
-/// A request body buffered for retries is bounded by the route timeout: a
-/// client that stops sending it gets 408 (it was held, with its buffer, for as
-/// long as the client kept the connection open), and nothing goes upstream.
+/// A request body on a route that retries streams upstream as any other (a
+/// copy kept for the retry), so a client that stops sending it is the stream
+/// idle timeout's: 408 `stream_idle_timeout`, as on a route without retries,
+/// not held with its buffer for as long as the client keeps the connection.
+/// (It was read whole first, bounded by the route timeout: 408
+/// `request_timeout`, nothing sent upstream.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_body_buffered_for_retries_times_out_with_408() {
+async fn a_stalled_body_on_a_retried_route_is_the_stream_idle_timeouts() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = upstream().start().await;
     let lg = legate()
         .config(&simple_config_with(
             &[up.addr],
-            "            timeout: 300ms\n            retry:\n              retry_on: [5xx]\n              num_retries: 1\n",
+            "            idle_timeout: 300ms\n            retry:\n              retry_on: [5xx]\n              num_retries: 1\n",
             "",
         ))
         .start();
@@ -649,8 +787,8 @@ async fn a_stalled_body_buffered_for_retries_times_out_with_408() {
     assert!(read.is_ok(), "no answer while the body stalls");
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    assert!(text.contains("request_timeout"), "{text}");
-    assert_eq!(up.requests.get(), 0);
+    assert!(text.contains("stream_idle_timeout"), "{text}");
+    assert_eq!(up.requests.get(), 1);
     lg.assert_stat(
         r#"legate_listener_requests_total{listener="web",class="4xx"}"#,
         1.0,

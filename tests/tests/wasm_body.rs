@@ -1437,13 +1437,13 @@ each_proto!(
 );
 
 each_proto!(
-    /// On a route that reads the body first (retries), a streamed body
+    /// On a route that reads the body first (to mirror it), a streamed body
     /// phase's denial is the filter's answer, not a body read error.
-    async fn a_streamed_denial_on_a_retry_route_is_the_filters_answer(proto) {
+    async fn a_streamed_denial_on_a_mirroring_route_is_the_filters_answer(proto) {
         let (up, _ck, _lg, mut c) = checked_route(
             proto,
             "phases: \"rqbody\"",
-            "            retry: { retry_on: [5xx], num_retries: 1, retry_non_idempotent: true }\n",
+            "            mirror: { cluster: backend }\n",
         )
         .await;
         let r = c.post("/d").body("a forbidden word").send().await;
@@ -1454,14 +1454,14 @@ each_proto!(
 );
 
 each_proto!(
-    /// A route that reads the body first bounds that read by its timeout,
-    /// counting only the client's time: a chunk held for a check longer than
-    /// the timeout is no 408, a client that stalls after it is.
+    /// A route that reads the body first (to mirror it) bounds that read by
+    /// its timeout, counting only the client's time: a chunk held for a check
+    /// longer than the timeout is no 408, a client that stalls after it is.
     async fn a_held_chunk_is_not_the_clients_time_but_a_stall_after_it_is(proto) {
         let (_up, _ck, lg, mut c) = checked_route(
             proto,
             "phases: \"rqbody\", timeout: \"5000\"",
-            "            timeout: 1s\n            retry: { retry_on: [5xx], num_retries: 1, retry_non_idempotent: true }\n",
+            "            timeout: 1s\n            mirror: { cluster: backend }\n",
         )
         .await;
 
