@@ -161,6 +161,9 @@ async fn shadow(
             // connection (`max_connections`, `max_pending_requests`).
             if e.side() == crate::error::Side::Upstream {
                 active.record_failure();
+                if e.kind == crate::error::Kind::UpstreamReset {
+                    active.record_reset();
+                }
             }
             false
         }

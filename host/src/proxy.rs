@@ -1938,6 +1938,9 @@ async fn callout_open(
         Err(e) => {
             tracing::debug!(cluster = %cluster.name, "callout: {}", e.detail);
             active.record_failure();
+            if e.kind == Kind::UpstreamReset {
+                active.record_reset();
+            }
             Err(Unavailable)
         }
     }
@@ -2268,6 +2271,9 @@ impl Attempts<'_> {
                         active.not_made();
                     } else if e.side() == Side::Upstream {
                         active.record_failure();
+                        if e.kind == Kind::UpstreamReset {
+                            active.record_reset();
+                        }
                     }
                     self.policy
                         .is_some_and(|p| retry_on_error(p, e, self.method))
@@ -3076,6 +3082,7 @@ impl InFlight {
             logged: self.logged.take(),
             bytes: Cell::new(0),
             failed: false,
+            upstream_reset: false,
             ended: false,
             framing: Framing::Bodiless,
             connection_told: false,
@@ -3123,6 +3130,9 @@ struct Done {
     /// The response body failed after its head was sent (an upstream reset
     /// or a body error mid-stream): the client got a truncated response.
     failed: bool,
+    /// It failed because the upstream did (reset the stream, closed the
+    /// connection): `upstream_rq_rx_reset` of the attempt.
+    upstream_reset: bool,
     /// The response body came to its end ([`Watch::end`], complete or not),
     /// or its trailers (always the last frame) passed.
     ended: bool,
@@ -3266,6 +3276,11 @@ impl Done {
 impl Drop for Done {
     fn drop(&mut self) {
         self.finish_filters();
+        if self.upstream_reset {
+            if let Some(a) = &self.out.active {
+                a.record_reset();
+            }
+        }
         let elapsed = self.start.elapsed();
         let class = (self.status.as_u16() / 100).clamp(1, 5) as usize - 1;
         let l = &self.conn.listener.stats;
@@ -3444,6 +3459,29 @@ impl Watch for Done {
         self.failed = !complete;
         self.ended = true;
     }
+
+    fn error(&mut self, e: BoxError) -> BoxError {
+        self.upstream_reset = upstream_failure(&*e);
+        e
+    }
+}
+
+/// Whether a response body failed because the upstream did: the upstream
+/// connection's own error (hyper's, under an HTTP/1.1 body), or Legate's
+/// `UpstreamReset` for it (an HTTP/2 stream's, [`crate::upstream`]). A filter's
+/// failure or a timeout is Legate's own error, of another kind.
+fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(p) = e.downcast_ref::<ProxyError>() {
+            return p.kind == Kind::UpstreamReset;
+        }
+        if e.is::<hyper::Error>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 #[cfg(test)]

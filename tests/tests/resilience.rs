@@ -15,6 +15,7 @@ const RETRY_STAT: &str = r#"legate_cluster_upstream_rq_retry{cluster="backend"}"
 /// reset, protocol error, timeout: counted as the 502 or 504 Legate answers).
 const FIVE_XX: &str = r#"legate_cluster_upstream_rq_5xx{cluster="backend"}"#;
 const TWO_XX: &str = r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#;
+const RX_RESET: &str = r#"legate_cluster_upstream_rq_rx_reset{cluster="backend"}"#;
 const CX_TOTAL: &str = r#"legate_cluster_upstream_cx_total{cluster="backend"}"#;
 const CX_CONNECT_FAIL: &str = r#"legate_cluster_upstream_cx_connect_fail{cluster="backend"}"#;
 
@@ -264,6 +265,7 @@ async fn an_upstream_reset_after_the_head_is_not_passed_on_as_its_code() {
         assert_eq!(reason, Some(h2::Reason::INTERNAL_ERROR), "{path}: {err}");
     }
     lg.assert_stat(TWO_XX, 2.0).await;
+    lg.assert_stat(RX_RESET, 2.0).await;
 }
 
 each_proto!(
@@ -508,6 +510,57 @@ each_proto!(
         // The reset attempt is a 5xx of the cluster, as Envoy's. (It was 0.)
         lg.assert_stat(FIVE_XX, 1.0).await;
         lg.assert_stat(TWO_XX, 0.0).await;
+        lg.assert_stat(RX_RESET, 1.0).await;
+    }
+);
+
+each_proto!(
+    /// An HTTP/1.1 upstream that closes its connection mid-body (after the
+    /// head) reset the attempt: `upstream_rq_rx_reset`, as Envoy's, and no
+    /// second status class. The client's response is cut. A whole response
+    /// is no upstream reset. (An upstream reset after the head counted
+    /// nowhere in the cluster.)
+    async fn an_upstream_cutting_its_body_is_an_upstream_reset(proto) {
+        use futures_util::StreamExt;
+        use http_body_util::BodyExt;
+        // The cut waits for the client to have the head (hyper's server would
+        // close before sending a head whose body failed at once).
+        let headed = Arc::new(tokio::sync::Notify::new());
+        let told = headed.clone();
+        let up = upstream()
+            .route("/cut", move |_req: Request<Incoming>| {
+                let told = told.clone();
+                async move {
+                    let first = futures_util::stream::once(async {
+                        Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"partial")))
+                    });
+                    let cut = futures_util::stream::once(async move {
+                        told.notified().await;
+                        Err::<hyper::body::Frame<Bytes>, BoxError>("cut".into())
+                    });
+                    Response::new(BodyExt::boxed(http_body_util::StreamBody::new(
+                        first.chain(cut),
+                    )))
+                }
+            })
+            .start()
+            .await;
+        let lg = legate().config(&simple_config(&[up.addr])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let head = c.get("/cut").send_for_head().await;
+        assert_eq!(head.status(), 200);
+        headed.notify_one();
+        head.into_body()
+            .collect()
+            .await
+            .expect_err("the body was not cut");
+        lg.assert_stat(RX_RESET, 1.0).await;
+        lg.assert_stat(TWO_XX, 1.0).await;
+        lg.assert_stat(FIVE_XX, 0.0).await;
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/whole").send().await.status, 200);
+        lg.assert_stat(TWO_XX, 2.0).await;
+        lg.assert_stat(RX_RESET, 1.0).await;
     }
 );
 

@@ -139,6 +139,11 @@ counters! {
         upstream_rq_retry,
         /// Attempts that hit the per-try or route timeout.
         upstream_rq_timeout,
+        /// Attempts the upstream reset: an HTTP/2 `RST_STREAM` (or a GOAWAY
+        /// with an error), or the connection closed, before the response
+        /// ended; before its head (also a 5xx) or after it (the body cut), as
+        /// Envoy's.
+        upstream_rq_rx_reset,
         /// Connection attempts: those that opened and those that failed, so it
         /// is never below `upstream_cx_connect_fail`.
         upstream_cx_total,
@@ -618,6 +623,7 @@ impl Cluster {
             admitted: None,
             head_rtt: std::cell::Cell::new(None),
             charged: std::cell::Cell::new(false),
+            reset: std::cell::Cell::new(false),
         }
     }
 
@@ -810,6 +816,8 @@ pub struct ActiveRequest {
     /// time (status class, endpoint error), as Envoy charges no abort once the
     /// response started.
     charged: std::cell::Cell<bool>,
+    /// Whether the attempt counted in `upstream_rq_rx_reset` already.
+    reset: std::cell::Cell<bool>,
 }
 
 impl ActiveRequest {
@@ -868,6 +876,18 @@ impl ActiveRequest {
             self.record_error();
         }
         self.record_outlier(outlier::Outcome::LocalFailure);
+    }
+
+    /// Records that the upstream reset the attempt (before its head, with
+    /// [`ActiveRequest::record_failure`], or after it: its body cut):
+    /// `upstream_rq_rx_reset`, once per attempt.
+    pub fn record_reset(&self) {
+        if !self.reset.replace(true) {
+            self.cluster
+                .stats
+                .upstream_rq_rx_reset
+                .fetch_add(1, Relaxed);
+        }
     }
 
     /// Records an attempt that timed out: `upstream_rq_timeout`, and in the
@@ -1285,7 +1305,7 @@ mod tests {
         assert_eq!(ep["weight"], 3);
         assert_eq!(ep["stats"]["rq_total"], 1);
         assert_eq!(ep["stats"]["rq_active"], 1);
-        assert_eq!(c.stats.snapshot().len(), 44);
+        assert_eq!(c.stats.snapshot().len(), 45);
         assert_eq!(ep["health"]["status"], "healthy");
     }
 }
