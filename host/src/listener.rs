@@ -76,6 +76,15 @@ pub struct ListenerStats {
     /// TCP proxy connections closed by `tcp.idle_timeout` (Envoy's
     /// `tcp.<stat_prefix>.idle_timeout`).
     pub tcp_idle_timeouts: Counter,
+    /// Requests the client abandoned before their response ended: an
+    /// HTTP/2 `RST_STREAM`, or the connection closed (Envoy's
+    /// `downstream_rq_rx_reset`).
+    pub rx_resets: Counter,
+    /// Requests whose response Legate cut after its head (an HTTP/2 reset,
+    /// an HTTP/1.1 connection closed): the upstream reset its body, the
+    /// stream idle timeout, a filter's failure or late answer (Envoy's
+    /// `downstream_rq_tx_reset`).
+    pub tx_resets: Counter,
 }
 
 impl ListenerStats {
@@ -183,6 +192,16 @@ impl ListenerStats {
             tcp_idle_timeouts: stats.counter(
                 "legate_listener_tcp_idle_timeouts_total",
                 "TCP proxy connections closed by tcp.idle_timeout (no bytes either way).",
+                &l,
+            ),
+            rx_resets: stats.counter(
+                "legate_listener_rx_resets_total",
+                "Requests the client abandoned before their response ended (RST_STREAM, or its connection closed).",
+                &l,
+            ),
+            tx_resets: stats.counter(
+                "legate_listener_tx_resets_total",
+                "Requests whose response Legate cut after its head (reset stream, or HTTP/1.1 connection closed).",
                 &l,
             ),
         }

@@ -3286,6 +3286,13 @@ impl Drop for Done {
         let l = &self.conn.listener.stats;
         l.rq_by_class[class].inc();
         l.rq_active.dec();
+        match self.out.cause {
+            Some("downstream_disconnect" | "downstream_reset") => l.rx_resets.inc(),
+            // Its head went out, and then its body failed (the client
+            // leaving is the case above).
+            _ if self.failed => l.tx_resets.inc(),
+            _ => {}
+        }
         if let Some(rs) = &self.route_stats {
             rs.by_class[class].inc();
             rs.latency.observe(elapsed);

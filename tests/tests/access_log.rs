@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use legate_tests::*;
 
+const RX_RESETS: &str = r#"legate_listener_rx_resets_total{listener="web"}"#;
+const TX_RESETS: &str = r#"legate_listener_tx_resets_total{listener="web"}"#;
+
 each_proto!(
     async fn client_gone_before_the_response_is_logged(proto) {
         let up = upstream().delay(Duration::from_secs(5)).start().await;
@@ -51,6 +54,9 @@ each_proto!(
             1.0,
         )
         .await;
+        // The client reset it (Envoy's `downstream_rq_rx_reset`); Legate cut nothing.
+        lg.assert_stat(RX_RESETS, 1.0).await;
+        lg.assert_stat(TX_RESETS, 0.0).await;
     }
 );
 
@@ -93,6 +99,7 @@ async fn an_h2_client_resetting_its_upload_is_no_bad_request() {
         1.0,
     )
     .await;
+    lg.assert_stat(RX_RESETS, 1.0).await;
 }
 
 each_proto!(

@@ -557,10 +557,16 @@ each_proto!(
         lg.assert_stat(RX_RESET, 1.0).await;
         lg.assert_stat(TWO_XX, 1.0).await;
         lg.assert_stat(FIVE_XX, 0.0).await;
+        // Legate cut the client's response (Envoy's `downstream_rq_tx_reset`).
+        let tx = r#"legate_listener_tx_resets_total{listener="web"}"#;
+        lg.assert_stat(tx, 1.0).await;
+        lg.assert_stat(r#"legate_listener_rx_resets_total{listener="web"}"#, 0.0)
+            .await;
         let mut c = client(proto, lg.addr("web")).await;
         assert_eq!(c.get("/whole").send().await.status, 200);
         lg.assert_stat(TWO_XX, 2.0).await;
         lg.assert_stat(RX_RESET, 1.0).await;
+        lg.assert_stat(tx, 1.0).await;
     }
 );
 
