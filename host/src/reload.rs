@@ -90,9 +90,16 @@
 //! (or its mtime is under 2 s old, so a same-size rewrite within one mtime tick is
 //! not missed) its contents are hashed, and a content change triggers a reload;
 //! so do the TLS files of listeners and clusters when their contents differ from
-//! those in force (a renewed certificate). A content that
-//! failed is not retried until it changes again. Write files atomically (write
+//! those in force (a renewed certificate). A reload the watch started that
+//! failed is tried again, backing off from 1 s to 1 min, while those files
+//! differ from what is in force ([`Retry`]). Write files atomically (write
 //! then rename) so a half-written file is never picked up.
+//!
+//! **Renewal without a reload.** When a config reload fails (by any trigger),
+//! the listeners in force whose TLS files changed take them anyway
+//! ([`renew_in_force`]): a certificate renewed at its path is served though the
+//! config file beside it does not load, as Envoy's SDS rotates a secret
+//! independently of its listener's config.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -477,6 +484,11 @@ fn reload_config_as(
         }
         Err(e) => {
             r.failed.inc();
+            // The certificates the config in force names were renewed on their
+            // own (a renewal landing while the config file does not load):
+            // they go in force all the same, as Envoy's SDS rotates a secret
+            // whatever becomes of the listener config around it.
+            let renewed = renew_in_force(shared);
             if logged == Some(e.as_str()) {
                 tracing::debug!(
                     trigger = trigger.as_str(),
@@ -492,6 +504,7 @@ fn reload_config_as(
                 "result": "error",
                 "trigger": trigger.as_str(),
                 "error": e,
+                "certificates_renewed": renewed,
                 "duration_ms": ms(took),
                 "at": now_unix(),
             }));
@@ -676,6 +689,45 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         },
         "notes": notes,
     }))
+}
+
+/// After a config reload failed: puts in place the renewed TLS files of the
+/// listeners in force (their certificate, key and client CA files, at the paths
+/// the config in force names), each that loads and checks, and returns their
+/// names. Without it a config file that does not load (a bad edit left on disk)
+/// held back every certificate renewal with it, and a certificate could expire
+/// in force while its renewal waited on disk. A listener whose files do not
+/// load (a new certificate before its key) keeps its certificate: the reload's
+/// error names the problem. Called with the reload lock held.
+fn renew_in_force(shared: &Shared) -> Vec<String> {
+    let mut renewed = Vec::new();
+    if shared.is_draining() {
+        return renewed;
+    }
+    for b in shared.listener_set().iter() {
+        let Some(tls) = &b.ctx.cfg.tls else { continue };
+        if b.ctx.tls_files() == Some(crate::tls::files_digest(tls)) {
+            continue;
+        }
+        match ListenerCtx::load_tls(&b.ctx.cfg) {
+            Ok(material) => {
+                b.ctx.renew_tls(material);
+                renewed.push(b.ctx.name.to_string());
+            }
+            Err(e) => tracing::debug!(
+                listener = %b.ctx.name,
+                "renewed TLS files not put in place: {e:#}"
+            ),
+        }
+    }
+    if !renewed.is_empty() {
+        tracing::warn!(
+            "the reload failed, but the renewed certificates of listener(s) {} are in \
+             force (for the config in force)",
+            renewed.join(", ")
+        );
+    }
+    renewed
 }
 
 /// The listener set for `config`: unchanged listeners kept, changed ones on their

@@ -485,10 +485,11 @@ async fn the_file_watch_puts_a_renewed_certificate_in_place() {
 /// A renewed certificate whose reload fails for a passing reason is tried
 /// again, though no file changes again: here the certificate is also the
 /// client certificate of a `file` cluster (so the renewal rebuilds it), whose
-/// endpoint file is missing when the renewal lands. Once the file is back, the
-/// watch's retry puts the certificate in place. Before, the watch tried each
-/// file content once: the old certificate served until another change or a
-/// SIGHUP.
+/// endpoint file is missing when the renewal lands. The listener serves the
+/// renewed certificate at once (a failed reload still renews listeners);
+/// once the file is back, the watch's retry rebuilds the cluster with it.
+/// Before, the watch tried each file content once: the old certificate served
+/// until another change or a SIGHUP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_file_watch_retries_a_renewal_that_failed_for_a_passing_reason() {
     let up = upstream().start().await;
@@ -545,18 +546,28 @@ async fn the_file_watch_retries_a_renewal_that_failed_for_a_passing_reason() {
         },
     )
     .await;
-    assert_eq!(served().await.as_ref(), Some(&first.chain[0]));
+    // The listener takes its renewed files though the reload failed (they
+    // load); the cluster's rebuild waits for the retry.
+    assert_eq!(served().await.as_ref(), Some(&second.chain[0]));
 
     // The file is back; no watched file changes again.
     write_endpoints(&eps, up.addr);
-    eventually(HANG_GUARD, "the renewed certificate served", || async {
-        (served().await.as_ref() == Some(&second.chain[0])).then_some(())
+    eventually(HANG_GUARD, "the retried reload in force", || async {
+        let (_, body) = lg.admin(Method::GET, "/reload").await;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (v["last"]["result"] == "ok").then_some(v)
     })
     .await;
     let (_, body) = lg.admin(Method::GET, "/reload").await;
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["last"]["result"], "ok", "{v}");
     assert_eq!(v["last"]["trigger"], "watch", "{v}");
+    assert_eq!(
+        v["last"]["clusters"]["new_or_changed"],
+        json!(["peers"]),
+        "{v}"
+    );
+    assert_eq!(served().await.as_ref(), Some(&second.chain[0]));
 }
 
 each_proto!(
@@ -610,6 +621,57 @@ each_proto!(
         assert_eq!(v["listeners"]["certificates_renewed"], json!([]), "{v}");
         assert_eq!(lg.stat(RELOAD_OK).await, Some(2.0));
         assert_eq!(lg.stat(RELOAD_FAILED).await, Some(1.0));
+    }
+);
+
+each_proto!(
+    /// A certificate renewed while the config file does not load (a bad edit
+    /// left on disk) is served all the same: the reload fails, naming the
+    /// config's error, and the listener in force takes its renewed files, as
+    /// Envoy's SDS rotates a certificate whatever becomes of the listener
+    /// config. Before, the renewal waited for a config that loads, and the old
+    /// certificate could expire in force meanwhile. A pair that does not match
+    /// (the new certificate before its key) is still not put in place.
+    async fn a_renewal_is_served_while_the_config_file_does_not_load(proto) {
+        let up = upstream().start().await;
+        let ca = Ca::new("renew-alone CA");
+        let (first, second) = (ca.server(&["a.example"]), ca.server(&["a.example"]));
+        let dir = TempDir::new();
+        let cert = dir.write("cert.pem", std::fs::read(&first.cert).unwrap());
+        let key = dir.write("key.pem", std::fs::read(&first.key).unwrap());
+        let good = tls_yaml(&cert, &key, up.addr);
+        let lg = start(&good, None, 1);
+        let web = lg.addr("web");
+        let tls = || async { tls_client(proto, web, TlsOptions::new(&first, "a.example")).await.unwrap() };
+        let mut before = tls().await;
+        assert_eq!(before.peer_cert.as_ref(), Some(&first.chain[0]));
+
+        // An edit that does not load: a route to a cluster the file lacks.
+        lg.write_config(&good.replace("cluster: backend", "cluster: nowhere"));
+        // Half a renewal: the new certificate, the old key.
+        std::fs::write(&cert, std::fs::read(&second.cert).unwrap()).unwrap();
+        let body = lg.assert_reload_rejected().await;
+        assert!(body.contains("nowhere"), "the error names the config's problem: {body}");
+        let mut c = tls().await;
+        assert_eq!(c.peer_cert.as_ref(), Some(&first.chain[0]), "a mismatched pair was put in place");
+        assert_eq!(c.get("/").send().await.status, 200);
+
+        // The renewal completes; the config file still does not load.
+        std::fs::write(&key, std::fs::read(&second.key).unwrap()).unwrap();
+        lg.assert_reload_rejected().await;
+        let mut after = tls().await;
+        assert_eq!(after.peer_cert.as_ref(), Some(&second.chain[0]), "the renewed certificate");
+        assert_eq!(after.get("/").send().await.status, 200);
+        let (_, last) = lg.admin(Method::GET, "/reload").await;
+        let v: Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(v["last"]["result"], "error", "{v}");
+        assert_eq!(v["last"]["certificates_renewed"], json!(["web"]), "{v}");
+        // Open connections go on, not drained; nothing else of the bad edit applied.
+        let r = before.get("/").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection"), None);
+        assert_eq!(lg.stat(RELOAD_FAILED).await, Some(2.0));
+        assert_eq!(lg.stat(RELOAD_OK).await, Some(0.0));
     }
 );
 
