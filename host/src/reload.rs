@@ -263,8 +263,16 @@ fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
 }
 
 impl Reloader {
-    /// Reload state for a process started from `path` (if any).
-    pub fn new(path: Option<PathBuf>, local_zone: Option<String>, stats: &Arc<Stats>) -> Self {
+    /// Reload state for a process started from `path` (if any), whose config
+    /// was parsed from text of SHA-256 `applied` ([`Config::source_sha256`]).
+    /// Without it the file is hashed now, which takes an edit made since the
+    /// config was read for the one in force.
+    pub fn new(
+        path: Option<PathBuf>,
+        applied: Option<String>,
+        local_zone: Option<String>,
+        stats: &Arc<Stats>,
+    ) -> Self {
         let result = |r| {
             stats.counter(
                 "legate_config_reloads_total",
@@ -273,11 +281,11 @@ impl Reloader {
             )
         };
         Reloader {
-            applied: Mutex::new(
+            applied: Mutex::new(applied.or_else(|| {
                 path.as_deref()
                     .and_then(|p| std::fs::read(p).ok())
-                    .map(|b| sha256_hex(&b)),
-            ),
+                    .map(|b| sha256_hex(&b))
+            })),
             path,
             local_zone,
             lock: Mutex::new(()),

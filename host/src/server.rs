@@ -721,6 +721,9 @@ pub fn start_with(
     let (listeners, _) = watch::channel(ListenerSet::from(bound));
     let reloader = crate::reload::Reloader::new(
         process.config_path.clone(),
+        // The text the config in force came from, not the file now: an edit
+        // made while this process started is then reloaded by the watch.
+        config.source_sha256.clone(),
         process.local_zone.clone(),
         &stats,
     );

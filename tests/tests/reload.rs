@@ -404,6 +404,43 @@ async fn the_watch_retries_a_config_that_failed_on_its_module() {
     .await;
 }
 
+/// An edit of the config file that lands while Legate starts (after it read
+/// the file, while its plugins compile) is loaded by the file watch: the
+/// config in force is the text Legate read, not what the file held once it
+/// served. Before, the process hashed the file again when it was up, took the
+/// edit for the config in force and never loaded it (`GET /reload` showed no
+/// reload, the old routes served until the next edit or a SIGHUP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_made_while_starting_is_loaded_by_the_watch() {
+    let a = upstream().name("a").start().await;
+    let b = upstream().name("b").start().await;
+    let lg = legate()
+        .config(&yaml(a.addr, false, "", "", ""))
+        .edit_while_starting(&yaml(b.addr, false, "", "", ""))
+        .watch(Duration::from_millis(20))
+        .start();
+    let web = lg.addr("web");
+    eventually(
+        HANG_GUARD,
+        "the edit made while starting in force",
+        || async {
+            let mut c = client(Proto::H1, web).await;
+            (c.get("/x").send().await.header("x-upstream") == Some("b")).then_some(())
+        },
+    )
+    .await;
+    let (_, body) = lg.admin(Method::GET, "/reload").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["last"]["result"], "ok", "{v}");
+    assert_eq!(v["last"]["trigger"], "watch", "{v}");
+    assert_eq!(
+        v["last"]["clusters"]["new_or_changed"],
+        json!(["backend"]),
+        "{v}"
+    );
+    lg.assert_stat(RELOAD_OK, 1.0).await;
+}
+
 /// Listener `web` terminating TLS with `cert` and `key`, routing to `up`.
 fn tls_yaml(cert: &std::path::Path, key: &std::path::Path, up: SocketAddr) -> String {
     format!(

@@ -305,6 +305,7 @@ pub fn parse_str(file: &str, source: &str, base: &Path) -> Result<Config, Config
     config.resolve_paths(base);
     let zone = config.local_zone.clone();
     config.set_local_zone(zone);
+    config.source_sha256 = Some(crate::reload::sha256_hex(source.as_bytes()));
     Ok(config)
 }
 

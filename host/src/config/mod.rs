@@ -64,6 +64,12 @@ pub struct Config {
     /// The plugins' shared KV store (see [`KvConfig`]); absent = in memory.
     #[serde(default)]
     pub kv: KvConfig,
+    /// SHA-256 (hex) of the text this config was parsed from ([`parse_str`]),
+    /// not a key of the file: the file watch compares the file with it. Hashing
+    /// the file again once started would take an edit that landed while the
+    /// process started (its plugins compiling) for the config in force.
+    #[serde(skip)]
+    pub source_sha256: Option<String>,
 }
 
 /// A Wasm filter plugin: a component, its configuration and its sandbox.
