@@ -629,7 +629,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         &counters,
         (carried_loaded, carried_modules),
     )
-    .map_err(|e| format!("{e:#}"))?;
+    .map_err(|e| build_error(&file, &text, &e))?;
     // New and changed `dns` clusters get their first endpoints (the old cluster's
     // for names it resolved, a bounded resolution for the others) before they go
     // live, so none of them serves its first requests empty.
@@ -651,7 +651,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         set: listeners,
         renewed,
         outcome: lchanges,
-    } = plan_listeners(shared, &config, &old, &snap)?;
+    } = plan_listeners(shared, &config, &old, &snap, (&file, &text))?;
     let clusters_changed = !changed_clusters.is_empty() || !removed_clusters.is_empty();
     let snap_modules = snap.modules.clone();
     shared.commit(Arc::new(snap), Some(listeners))?;
@@ -697,6 +697,17 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         },
         "notes": notes,
     }))
+}
+
+/// A build error as a reload reports it: at its item's `file:line:col` when
+/// it is one's ([`crate::server::Located`]: a cluster whose host names do not
+/// resolve, say), else as it is (it names its plugin or route table).
+fn build_error(file: &str, text: &str, e: &anyhow::Error) -> String {
+    match e.downcast_ref::<crate::server::Located>() {
+        Some(l) => config::error_at(file, text, &l.at, &["name"], format!("{:#}", l.error), None)
+            .to_string(),
+        None => format!("{e:#}"),
+    }
 }
 
 /// After a config reload failed: puts in place the renewed TLS files of the
@@ -749,14 +760,20 @@ fn plan_listeners(
     config: &Config,
     old: &Snapshot,
     snap: &Snapshot,
+    (file, text): (&str, &str),
 ) -> Result<PlannedListeners, String> {
     let current = shared.listener_set();
     let mut next: Vec<Arc<Bound>> = Vec::new();
     let (mut kept, mut changed, mut added) = (Vec::new(), Vec::new(), Vec::new());
     let mut moved = Vec::new();
     let (mut renewed, mut certificates) = (Vec::new(), Vec::new());
-    for l in &config.listeners {
-        let l = &l.value;
+    for spanned in &config.listeners {
+        let l = &spanned.value;
+        // An error of this listener, at its key `key` of the file (what only
+        // binding or loading finds: a reload tells it where, as the others).
+        let at = |key: &str, message: String| {
+            config::error_at(file, text, &spanned.referenced, &[key], message, None).to_string()
+        };
         let by_name = current.iter().find(|b| b.ctx.name == l.name);
         // Unchanged: the same config. Its TLS files may have changed (a renewed
         // certificate at the same path): the new ones are read and checked now
@@ -767,7 +784,7 @@ fn plan_listeners(
         {
             if b.ctx.tls_files() != l.tls.as_ref().map(crate::tls::files_digest) {
                 let tls = ListenerCtx::load_tls(l)
-                    .map_err(|e| format!("listener `{}`: {e:#}", l.name))?;
+                    .map_err(|e| at("tls", format!("listener `{}`: {e:#}", l.name)))?;
                 renewed.push((b.clone(), tls));
                 certificates.push(l.name.to_string());
             }
@@ -795,12 +812,14 @@ fn plan_listeners(
             });
         let bound = match reuse {
             Some(b) => {
-                let socket = b
-                    .socket
-                    .try_clone()
-                    .map_err(|e| format!("listener `{}`: duplicating its socket: {e}", l.name))?;
+                let socket = b.socket.try_clone().map_err(|e| {
+                    at(
+                        "address",
+                        format!("listener `{}`: duplicating its socket: {e}", l.name),
+                    )
+                })?;
                 let ctx = ListenerCtx::succeed(l, &shared.stats, &socket, &b.ctx)
-                    .map_err(|e| format!("listener `{}`: {e:#}", l.name))?;
+                    .map_err(|e| at("tls", format!("listener `{}`: {e:#}", l.name)))?;
                 changed.push(l.name.to_string());
                 Bound {
                     ctx: Arc::new(ctx),
@@ -814,7 +833,7 @@ fn plan_listeners(
                             .iter()
                             .find(|b| config::addresses_overlap(b.ctx.local_addr, want))
                     });
-                    match own {
+                    let message = match own {
                         // `EADDRINUSE` from this very process: say so, and how to get there.
                         Some(b) => format!(
                             "listener `{}` on {}: {e:#}: the other process is this Legate, \
@@ -830,7 +849,8 @@ fn plan_listeners(
                             l.address.value
                         ),
                         None => format!("listener `{}` on {}: {e:#}", l.name, l.address.value),
-                    }
+                    };
+                    at("address", message)
                 })?;
                 // A listener of this name on another address moved: changed,
                 // not a new listener.

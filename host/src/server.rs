@@ -250,17 +250,19 @@ impl Snapshot {
         }
         let mut clusters = FxHashMap::default();
         let mut max_pool_idle = Duration::from_secs(1);
-        for c in &config.clusters {
-            let c = &c.value;
+        for spanned in &config.clusters {
+            let c = &spanned.value;
             max_pool_idle = max_pool_idle.max(c.idle_timeout.get());
             if let Some(entry) = keep(c) {
                 clusters.insert(c.name.clone(), entry);
                 continue;
             }
             // Its errors name the cluster already.
-            let cluster = Cluster::from_config_counting(c, counters(c).unwrap_or_default())?;
-            let upstream =
-                UpstreamSettings::new(c).with_context(|| format!("cluster `{}`", c.name))?;
+            let cluster = Cluster::from_config_counting(c, counters(c).unwrap_or_default())
+                .map_err(|e| Located::wrap(&spanned.referenced, e))?;
+            let upstream = UpstreamSettings::new(c)
+                .with_context(|| format!("cluster `{}`", c.name))
+                .map_err(|e| Located::wrap(&spanned.referenced, e))?;
             clusters.insert(
                 c.name.clone(),
                 Arc::new(ClusterEntry::new(cluster, upstream)),
@@ -309,6 +311,33 @@ impl Snapshot {
         })
     }
 }
+
+/// A build error of one config item (a cluster whose host names do not
+/// resolve, say), with the item's place in the file: a reload renders it at
+/// its `file:line:col` ([`crate::config::error_at`]), as it does the errors
+/// `legate check` finds. Displayed as the error itself, so a start or `legate
+/// check` says what it said before.
+#[derive(Debug)]
+pub struct Located {
+    /// Where the item (a `clusters[]` entry) starts.
+    pub at: crate::config::Location,
+    /// The error, which names the item.
+    pub error: anyhow::Error,
+}
+
+impl Located {
+    fn wrap(at: &crate::config::Location, error: anyhow::Error) -> anyhow::Error {
+        anyhow::Error::new(Located { at: *at, error })
+    }
+}
+
+impl std::fmt::Display for Located {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl std::error::Error for Located {}
 
 /// A listening socket and the listener serving on it. Workers accept on duplicates
 /// of `socket`; the socket itself stays here so a reload can keep it for the next

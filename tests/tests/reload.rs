@@ -441,6 +441,50 @@ async fn an_edit_made_while_starting_is_loaded_by_the_watch() {
     lg.assert_stat(RELOAD_OK, 1.0).await;
 }
 
+/// What only building finds is told at its `file:line:col` too, with the
+/// line: a new listener whose address another process holds (at its
+/// `address`), so an operator reading the error knows which line to fix, as
+/// for every other reload error. Before, the error named the listener and the
+/// address only. The config in force goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_tells_a_bind_error_at_its_file_line_and_column() {
+    let a = upstream().name("a").start().await;
+    let lg = start(&yaml(a.addr, false, "", "", ""), None, 1);
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = busy.local_addr().map(|addr| (busy, addr)).unwrap();
+    let text = yaml(a.addr, true, "", "", "").replace(
+        "  - name: extra\n    address: 127.0.0.1:0\n",
+        &format!("  - name: extra\n    address: {}\n", busy.1),
+    );
+    let line = 1 + text
+        .lines()
+        .position(|l| l == format!("    address: {}", busy.1))
+        .unwrap();
+    lg.write_config(&text);
+    let body = lg.assert_reload_rejected().await;
+    let file = lg.config_path().display().to_string();
+    assert!(
+        body.starts_with(&format!(
+            "{file}:{line}:5: error: listener `extra` on {}: ",
+            busy.1
+        )),
+        "the error is at the listener's address: {body}"
+    );
+    assert!(
+        body.contains(&format!("{line} |     address: {}", busy.1)),
+        "{body}"
+    );
+    assert!(body.contains("Address already in use"), "{body}");
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    assert_eq!(c.get("/x").send().await.header("x-upstream"), Some("a"));
+    assert_eq!(
+        lg.try_addr("extra"),
+        None,
+        "a failed reload added a listener"
+    );
+    lg.assert_stat(RELOAD_FAILED, 1.0).await;
+}
+
 /// Listener `web` terminating TLS with `cert` and `key`, routing to `up`.
 fn tls_yaml(cert: &std::path::Path, key: &std::path::Path, up: SocketAddr) -> String {
     format!(
@@ -2521,6 +2565,18 @@ async fn an_unresolvable_name_fails_only_a_reload_that_changes_its_cluster() {
     assert_eq!(status, 400, "{body}");
     assert!(
         body.contains("cluster `backend`: cannot resolve host `up.legate.test`"),
+        "{body}"
+    );
+    // At the cluster's place in the file, with its line.
+    let line = 1 + named(route_v3, "    connect_timeout: 2s\n")
+        .lines()
+        .position(|l| l == "  - name: backend")
+        .unwrap();
+    assert!(
+        body.starts_with(&format!(
+            "{}:{line}:5: error: cluster `backend`: cannot resolve host",
+            cfg.display()
+        )),
         "{body}"
     );
     for proto in [Proto::H1, Proto::H2] {

@@ -248,6 +248,31 @@ pub fn check_files_carrying(
     })
 }
 
+/// One error at key path `keys` of the item at `anchor` (a listener's or
+/// cluster's place in `source`), rendered as every config error is: what only
+/// building finds (an address that cannot be bound, a host name that does not
+/// resolve) told at its `file:line:col`, as a reload's other errors are.
+pub fn error_at(
+    file: &str,
+    source: &str,
+    anchor: &Location,
+    keys: &[&str],
+    message: String,
+    help: Option<String>,
+) -> ConfigErrors {
+    let (line, col) = key_position(source, anchor, keys);
+    ConfigErrors {
+        file: file.to_string(),
+        source: source.to_string(),
+        errors: vec![ConfigError {
+            line,
+            col,
+            message: one_line(message),
+            help,
+        }],
+    }
+}
+
 /// `issues` placed in `source` (line and column of the key each names), in
 /// file order.
 fn placed(issues: Vec<Issue>, source: &str) -> Vec<ConfigError> {

@@ -16,10 +16,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-pub use serde_saphyr::Spanned;
+pub use serde_saphyr::{Location, Spanned};
 
 pub use load::{
-    check_file, check_files, check_files_carrying, load_file, parse_str, ConfigError, ConfigErrors,
+    check_file, check_files, check_files_carrying, error_at, load_file, parse_str, ConfigError,
+    ConfigErrors,
 };
 pub(crate) use load::{endpoint_health_check_errors, key_position, mask_url};
 pub use types::{ByteSize, Dur, KvBackendKind, KvConfig, KvTls, Name, Percent, StatusRange};
