@@ -97,9 +97,11 @@
 //!
 //! **Renewal without a reload.** When a config reload fails (by any trigger),
 //! the listeners in force whose TLS files changed take them anyway
-//! ([`renew_in_force`]): a certificate renewed at its path is served though the
-//! config file beside it does not load, as Envoy's SDS rotates a secret
-//! independently of its listener's config.
+//! ([`renew_in_force`]), and the clusters in force whose TLS files changed are
+//! rebuilt with them from the config in force ([`renew_clusters_in_force`]): a
+//! certificate renewed at its path goes in force though the config file beside
+//! it does not load, as Envoy's SDS rotates a secret independently of the
+//! listener or cluster config around it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -497,6 +499,7 @@ fn reload_config_as(
             // they go in force all the same, as Envoy's SDS rotates a secret
             // whatever becomes of the listener config around it.
             let renewed = renew_in_force(shared);
+            let clusters_renewed = renew_clusters_in_force(shared);
             if logged == Some(e.as_str()) {
                 tracing::debug!(
                     trigger = trigger.as_str(),
@@ -513,6 +516,7 @@ fn reload_config_as(
                 "trigger": trigger.as_str(),
                 "error": e,
                 "certificates_renewed": renewed,
+                "clusters_renewed": clusters_renewed,
                 "duration_ms": ms(took),
                 "at": now_unix(),
             }));
@@ -746,6 +750,90 @@ fn renew_in_force(shared: &Shared) -> Vec<String> {
             renewed.join(", ")
         );
     }
+    renewed
+}
+
+/// As [`renew_in_force`], for the clusters in force whose TLS files (CA,
+/// client certificate and key) changed: each is built again from the config
+/// in force with its renewed files, as a reload rebuilds it, and the rest of
+/// the config in force is carried over as it is (every other cluster, every
+/// plugin: nothing is loaded again), then published. A cluster's client
+/// certificate renewed for an upstream that requires one would otherwise
+/// expire while a bad edit of the config file held it back. If one of them
+/// does not build (its files do not load yet), none is renewed; the reload's
+/// error says why. Returns their names. Called with the reload lock held.
+fn renew_clusters_in_force(shared: &Arc<Shared>) -> Vec<String> {
+    let old = shared.snapshot.load_full();
+    let stale: BTreeSet<&str> = old
+        .config
+        .clusters
+        .iter()
+        .map(|c| &c.value)
+        .filter(|c| {
+            c.tls.is_some()
+                && old
+                    .clusters
+                    .get(&c.name)
+                    .is_some_and(|entry| !entry.upstream.same_tls_files(c))
+        })
+        .map(|c| c.name.as_str())
+        .collect();
+    if stale.is_empty() || shared.is_draining() {
+        return Vec::new();
+    }
+    let stage = shared.stats.stage();
+    let keep = |c: &crate::config::Cluster| {
+        if stale.contains(c.name.as_str()) {
+            None
+        } else {
+            old.clusters.get(&c.name).cloned()
+        }
+    };
+    let counters = |c: &crate::config::Cluster| {
+        old.clusters
+            .get(&c.name)
+            .map(|e| Arc::new(crate::cluster::ClusterStats::continuing(&e.cluster().stats)))
+    };
+    let snap = match Snapshot::build_carrying(
+        old.config.clone(),
+        &shared.stats,
+        &keep,
+        &counters,
+        (old.plugins.clone(), (*old.modules).clone()),
+    ) {
+        Ok(snap) => snap,
+        Err(e) => {
+            tracing::debug!("renewed cluster TLS files not put in place: {e:#}");
+            return Vec::new();
+        }
+    };
+    let warming: Vec<_> = snap
+        .clusters
+        .iter()
+        .filter(|(name, _)| stale.contains(name.as_str()))
+        .map(|(name, entry)| {
+            (
+                old.clusters.get(name).map(|o| o.cluster().clone()),
+                entry.clone(),
+            )
+        })
+        .collect();
+    for note in crate::cluster::discovery::warm_for_reload(&warming) {
+        tracing::warn!("renewing cluster TLS files: {note}");
+    }
+    if shared.commit(Arc::new(snap), None).is_err() {
+        return Vec::new();
+    }
+    stage.commit();
+    if let Err(e) = shared.restart_health() {
+        tracing::error!("renewing cluster TLS files: {e:#}");
+    }
+    let renewed: Vec<String> = stale.iter().map(|n| n.to_string()).collect();
+    tracing::warn!(
+        "the reload failed, but cluster(s) {} are rebuilt with their renewed TLS files \
+         (for the config in force)",
+        renewed.join(", ")
+    );
     renewed
 }
 

@@ -757,6 +757,71 @@ each_proto!(
 );
 
 each_proto!(
+    /// As a listener's, a cluster's renewed TLS files go in force while the
+    /// config file does not load: the cluster is rebuilt from the config in
+    /// force with them (here its CA, renewed from one that does not verify the
+    /// upstream to the one that does), everything else carried over. Before,
+    /// the renewal waited for a config that loads (a client certificate could
+    /// expire meanwhile, failing every connection to an upstream requiring it).
+    async fn a_cluster_renewal_goes_in_force_while_the_config_file_does_not_load(proto) {
+        let right = Ca::new("upstream CA");
+        let wrong = Ca::new("other CA");
+        let up = upstream().tls(right.server(&["backend.internal"])).start().await;
+        let dir = TempDir::new();
+        let ca = dir.write("ca.pem", std::fs::read(&wrong.cert_path).unwrap());
+        let good = format!(
+            "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - cluster: backend
+clusters:
+  - name: backend
+    tls:
+      sni: backend.internal
+      ca: {}
+    endpoints:
+      - address: {}
+",
+            ca.display(),
+            up.addr
+        );
+        let lg = start(&good, None, 1);
+        let web = lg.addr("web");
+        let mut c = client(proto, web).await;
+        assert_eq!(c.get("/").send().await.status, 502, "the wrong CA verifies the upstream");
+
+        lg.write_config(&good.replace("cluster: backend", "cluster: nowhere"));
+        std::fs::write(&ca, std::fs::read(&right.cert_path).unwrap()).unwrap();
+        let body = lg.assert_reload_rejected().await;
+        assert!(body.contains("nowhere"), "the error names the config's problem: {body}");
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 200, "the renewed CA: {}", r.text());
+        let (_, last) = lg.admin(Method::GET, "/reload").await;
+        let v: Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(v["last"]["result"], "error", "{v}");
+        assert_eq!(v["last"]["clusters_renewed"], json!(["backend"]), "{v}");
+        assert_eq!(v["generation"], 1, "the config in force is the same: {v}");
+        // Its counters went on across the rebuild.
+        lg.assert_stat(r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#, 1.0).await;
+        lg.assert_stat(r#"legate_cluster_upstream_cx_connect_fail{cluster="backend"}"#, 1.0).await;
+        // Nothing to renew: a second failed reload rebuilds nothing.
+        lg.assert_reload_rejected().await;
+        let (_, last) = lg.admin(Method::GET, "/reload").await;
+        let v: Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(v["last"]["clusters_renewed"], json!([]), "{v}");
+    }
+);
+
+each_proto!(
     /// A reload reads the files the config names as `legate check` and `legate
     /// run` do: a certificate that is not there, then a key that is not its
     /// certificate's, refuse it with the problem at its `file:line:col` and a
