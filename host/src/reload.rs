@@ -89,8 +89,8 @@
 //! config file and every plugin module: when a file's size, mtime or inode changes
 //! (or its mtime is under 2 s old, so a same-size rewrite within one mtime tick is
 //! not missed) its contents are hashed, and a content change triggers a reload;
-//! so do the TLS files of listeners and clusters when their contents differ from
-//! those in force (a renewed certificate). A reload the watch started that
+//! so do the TLS files of listeners, clusters and `kv.tls` when their contents
+//! differ from those in force (a renewed certificate). A reload the watch started that
 //! failed is tried again, backing off from 1 s to 1 min, while those files
 //! differ from what is in force ([`Retry`]). Write files atomically (write
 //! then rename) so a half-written file is never picked up.
@@ -186,6 +186,10 @@ pub struct Reloader {
     generation: AtomicU64,
     /// SHA-256 of the config text in force (for the watch).
     applied: Mutex<Option<String>>,
+    /// [`crate::tls::kv_files_digest`] of `kv.tls` in force, taken before the
+    /// plugins that use the KV store read those files: the watch reloads the
+    /// config when they are renewed, as it does for listeners' and clusters'.
+    kv_tls: Mutex<Option<[u8; 32]>>,
     plugins: Mutex<BTreeMap<String, PluginStatus>>,
     stats: Arc<Stats>,
     ok: Counter,
@@ -288,6 +292,7 @@ impl Reloader {
                     .and_then(|p| std::fs::read(p).ok())
                     .map(|b| sha256_hex(&b))
             })),
+            kv_tls: Mutex::new(None),
             path,
             local_zone,
             lock: Mutex::new(()),
@@ -427,6 +432,16 @@ impl Reloader {
             }));
         }
         json!({ "plugins": list })
+    }
+
+    /// Records the digest of the `kv.tls` files the config in force loaded
+    /// ([`crate::tls::kv_files_digest`], taken before they were read).
+    pub(crate) fn set_kv_tls(&self, digest: Option<[u8; 32]>) {
+        *self.kv_tls.lock().unwrap_or_else(PoisonError::into_inner) = digest;
+    }
+
+    fn kv_tls(&self) -> Option<[u8; 32]> {
+        *self.kv_tls.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// SHA-256 of the config text in force.
@@ -614,6 +629,13 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
     // instances, VMs, tick tasks and in-memory state), as Envoy reuses a Wasm
     // VM whose plugin config did not change; the others are loaded again.
     let kept_plugins = carried_plugins(&old, &config);
+    // Before the plugins using the KV store read them: one renewed meanwhile
+    // makes the watch reload again rather than keep it stale.
+    let kv_tls = config
+        .kv
+        .tls
+        .as_ref()
+        .map(|t| crate::tls::kv_files_digest(&t.value));
     let carried_loaded: crate::server::Loaded = old
         .plugins
         .iter()
@@ -666,6 +688,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         bound.ctx.renew_tls(tls);
     }
     *r.applied.lock().unwrap_or_else(PoisonError::into_inner) = Some(hash);
+    r.set_kv_tls(kv_tls);
     if clusters_changed {
         if let Err(e) = shared.restart_health() {
             // The config is in force; only health checking of the new clusters is
@@ -1387,7 +1410,13 @@ fn out_of_date(shared: &Shared) -> bool {
                 .get(&c.value.name)
                 .is_some_and(|entry| !entry.upstream.same_tls_files(&c.value))
     });
-    config || listeners || clusters
+    let kv = snap
+        .config
+        .kv
+        .tls
+        .as_ref()
+        .is_some_and(|t| r.kv_tls() != Some(crate::tls::kv_files_digest(&t.value)));
+    config || listeners || clusters || kv
 }
 
 fn watch_once(
@@ -1477,6 +1506,14 @@ fn watch_once(
             .filter(|f| changed(f, stamps, tried).is_some())
             .count();
         renewed |= touched > 0 && !entry.upstream.same_tls_files(&c.value);
+    }
+    // `kv.tls` too: a reload loads the plugins using the KV store again with
+    // its renewed files (they are never carried over with `kv.tls`).
+    if let Some(tls) = &snap.config.kv.tls {
+        let touched = crate::tls::kv_files(&tls.value)
+            .filter(|f| changed(f, stamps, tried).is_some())
+            .count();
+        renewed |= touched > 0 && r.kv_tls() != Some(crate::tls::kv_files_digest(&tls.value));
     }
     if renewed {
         watch_reload(shared, retry);

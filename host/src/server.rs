@@ -613,6 +613,12 @@ pub fn start_with(
         bail!("--concurrency must be at least 1");
     }
     let config = Arc::new(config);
+    // Before the plugins using the KV store read them (the file watch compares).
+    let kv_tls = config
+        .kv
+        .tls
+        .as_ref()
+        .map(|t| crate::tls::kv_files_digest(&t.value));
     // Before the first plugin load reserves the pool.
     crate::wasm::size_pool(&config, opts.concurrency);
     let stats = Stats::new();
@@ -756,6 +762,7 @@ pub fn start_with(
         process.local_zone.clone(),
         &stats,
     );
+    reloader.set_kv_tls(kv_tls);
     let shared = Arc::new(Shared {
         stats: stats.clone(),
         snapshot: ArcSwap::from_pointee(snapshot),

@@ -200,6 +200,19 @@ pub fn upstream_files(cfg: &config::UpstreamTls) -> impl Iterator<Item = &std::p
         .flatten()
 }
 
+/// The files `kv.tls` names (CA, client certificate and key).
+pub fn kv_files(cfg: &config::KvTls) -> impl Iterator<Item = &std::path::PathBuf> {
+    [&cfg.ca, &cfg.client_cert, &cfg.client_key]
+        .into_iter()
+        .flatten()
+}
+
+/// As [`files_digest`], for `kv.tls`: the file watch reloads the config when
+/// it differs from the one taken before the KV store's plugins loaded.
+pub fn kv_files_digest(cfg: &config::KvTls) -> [u8; 32] {
+    digest_files(kv_files(cfg))
+}
+
 /// A digest of [`files`]. A reload compares it to tell a renewed certificate
 /// behind an unchanged config: the listener then takes the new files
 /// ([`crate::listener::ListenerCtx::renew_tls`]).

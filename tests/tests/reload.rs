@@ -485,6 +485,37 @@ async fn a_reload_tells_a_bind_error_at_its_file_line_and_column() {
     lg.assert_stat(RELOAD_FAILED, 1.0).await;
 }
 
+/// The file watch notices `kv.tls` files renewed at their paths, as it does a
+/// listener's or a cluster's, and reloads the config (the plugins using the
+/// KV store load them again). Before, only a SIGHUP or `POST /reload` put a
+/// renewed Redis CA or client certificate in force. KV connections are made
+/// on first use: no Redis is needed here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_watch_reloads_when_kv_tls_files_are_renewed() {
+    let up = upstream().start().await;
+    let (first, second) = (Ca::new("redis CA"), Ca::new("renewed redis CA"));
+    let dir = TempDir::new();
+    let ca = dir.write("redis-ca.pem", std::fs::read(&first.cert_path).unwrap());
+    let text = yaml(up.addr, false, "", "", "")
+        + &format!(
+            "kv:\n  backend: redis\n  url: rediss://127.0.0.1:1\n  tls:\n    ca: {}\n",
+            ca.display()
+        );
+    let lg = start(&text, Some(Duration::from_millis(20)), 1);
+    let staged = dir.write("staged.pem", std::fs::read(&second.cert_path).unwrap());
+    std::fs::rename(&staged, &ca).unwrap();
+    let v = eventually(HANG_GUARD, "a reload by the watch", || async {
+        let (_, body) = lg.admin(Method::GET, "/reload").await;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (v["last"]["result"] == "ok").then_some(v)
+    })
+    .await;
+    assert_eq!(v["last"]["trigger"], "watch", "{v}");
+    lg.assert_stat(RELOAD_OK, 1.0).await;
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    assert_eq!(c.get("/").send().await.status, 200);
+}
+
 /// Listener `web` terminating TLS with `cert` and `key`, routing to `up`.
 fn tls_yaml(cert: &std::path::Path, key: &std::path::Path, up: SocketAddr) -> String {
     format!(
