@@ -697,6 +697,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             notes.push(format!("health checks not restarted: {e:#}"));
         }
     }
+    notes.extend(outside_validity(&config, &base));
     r.record_plugins(&config, &snap_modules, None, &kept_plugins, None);
     let (kept_list, loaded_list): (Vec<String>, Vec<String>) = config
         .plugins
@@ -724,6 +725,43 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         },
         "notes": notes,
     }))
+}
+
+/// The certificates of `config` (listeners' and clusters' client
+/// certificates) outside their validity period, one note each: they are served
+/// (or presented) anyway, as at start, so that an expiry is not an outage of
+/// every name on a listener, but a reload answering `ok` must not hide that a
+/// renewal put in place an expired certificate (the old one copied back, say)
+/// or one whose validity starts later (a clock behind the issuer's). Paths
+/// are shown as the file wrote them (relative to `base`).
+fn outside_validity(config: &Config, base: &Path) -> Vec<String> {
+    let shown = |p: &Path| p.strip_prefix(base).unwrap_or(p).display().to_string();
+    let mut notes = Vec::new();
+    for l in &config.listeners {
+        let l = &l.value;
+        for c in l.tls.iter().flat_map(|t| &t.certificates) {
+            if let Some(problem) = crate::tls::validity_problem(&c.value.cert) {
+                notes.push(format!(
+                    "listener `{}`: certificate `{}` {problem}; it is served anyway",
+                    l.name,
+                    shown(&c.value.cert)
+                ));
+            }
+        }
+    }
+    for c in &config.clusters {
+        let c = &c.value;
+        if let Some(cert) = c.tls.as_ref().and_then(|t| t.client_cert.as_ref()) {
+            if let Some(problem) = crate::tls::validity_problem(cert) {
+                notes.push(format!(
+                    "cluster `{}`: client certificate `{}` {problem}; it is presented anyway",
+                    c.name,
+                    shown(cert)
+                ));
+            }
+        }
+    }
+    notes
 }
 
 /// A build error as a reload reports it: at its item's `file:line:col` when

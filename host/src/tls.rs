@@ -685,6 +685,26 @@ fn warn_if_outside_validity(cert: &CertificateDer<'_>, path: &Path) {
     }
 }
 
+/// What is wrong with the validity period of the first certificate in the PEM
+/// file at `path` (`expired on ...`, `not valid until ...`), if anything: a
+/// reload's outcome says so in its `notes`, since it serves the certificate
+/// anyway and answers `ok`. Nothing for a file that does not read or parse
+/// (loading it reports that).
+pub fn validity_problem(path: &Path) -> Option<String> {
+    let pem = std::fs::read(path).ok()?;
+    let leaf = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let validity = parsed.validity();
+    let now = x509_parser::time::ASN1Time::now().timestamp();
+    if validity.not_after.timestamp() < now {
+        Some(format!("expired on {}", validity.not_after))
+    } else if validity.not_before.timestamp() > now {
+        Some(format!("not valid until {}", validity.not_before))
+    } else {
+        None
+    }
+}
+
 /// The bytes of `path`, a `what` (`private key file`: `in_key`).
 fn read_file(path: &Path, what: &str, in_key: bool) -> Result<Vec<u8>, FileError> {
     std::fs::read(path).map_err(|e| {

@@ -516,6 +516,37 @@ async fn the_file_watch_reloads_when_kv_tls_files_are_renewed() {
     assert_eq!(c.get("/").send().await.status, 200);
 }
 
+/// A reload that puts an expired certificate in place (a renewal that copied
+/// the old certificate back, say) is `ok`, as at start — the certificate is
+/// served anyway — but its outcome says so in `notes`, which name the listener,
+/// the file and the date. Before, only a WARN line in the log told it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_notes_a_certificate_outside_its_validity() {
+    let up = upstream().start().await;
+    let ca = Ca::new("validity CA");
+    let (good, expired) = (ca.server(&["a.example"]), ca.expired_server(&["a.example"]));
+    let dir = TempDir::new();
+    let cert = dir.write("cert.pem", std::fs::read(&good.cert).unwrap());
+    let key = dir.write("key.pem", std::fs::read(&good.key).unwrap());
+    let lg = start(&tls_yaml(&cert, &key, up.addr), None, 1);
+    let v = lg.assert_reload_ok().await;
+    assert_eq!(v["notes"], json!([]), "{v}");
+    std::fs::write(&cert, std::fs::read(&expired.cert).unwrap()).unwrap();
+    std::fs::write(&key, std::fs::read(&expired.key).unwrap()).unwrap();
+    let v = lg.assert_reload_ok().await;
+    assert_eq!(
+        v["listeners"]["certificates_renewed"],
+        json!(["web"]),
+        "{v}"
+    );
+    let notes = v["notes"].to_string();
+    assert!(
+        notes.contains("listener `web`: certificate `")
+            && notes.contains("cert.pem` expired on Feb  1 00:00:00 2020"),
+        "{v}"
+    );
+}
+
 /// Listener `web` terminating TLS with `cert` and `key`, routing to `up`.
 fn tls_yaml(cert: &std::path::Path, key: &std::path::Path, up: SocketAddr) -> String {
     format!(
