@@ -673,15 +673,35 @@ fn v1_keys_match(certified: &CertifiedKey) -> Option<bool> {
 /// An expired certificate is served anyway (refusing to start would turn an expiry into
 /// an outage of every name on the listener), but the operator must hear about it.
 fn warn_if_outside_validity(cert: &CertificateDer<'_>, path: &Path) {
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return;
-    };
+    match outside_validity(cert) {
+        Some(Outside::Expired(not_after)) => {
+            tracing::warn!(cert = %path.display(), %not_after, "certificate has expired");
+        }
+        Some(Outside::NotYet(not_before)) => {
+            tracing::warn!(cert = %path.display(), %not_before, "certificate is not valid yet");
+        }
+        None => {}
+    }
+}
+
+/// A certificate outside its validity period, with the date it ended or starts.
+enum Outside {
+    Expired(String),
+    NotYet(String),
+}
+
+/// Whether `cert` is outside its validity period now (nothing if it does not
+/// parse: loading it says so).
+fn outside_validity(cert: &CertificateDer<'_>) -> Option<Outside> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let validity = parsed.validity();
     let now = x509_parser::time::ASN1Time::now().timestamp();
     if validity.not_after.timestamp() < now {
-        tracing::warn!(cert = %path.display(), not_after = %validity.not_after, "certificate has expired");
+        Some(Outside::Expired(validity.not_after.to_string()))
     } else if validity.not_before.timestamp() > now {
-        tracing::warn!(cert = %path.display(), not_before = %validity.not_before, "certificate is not valid yet");
+        Some(Outside::NotYet(validity.not_before.to_string()))
+    } else {
+        None
     }
 }
 
@@ -693,16 +713,10 @@ fn warn_if_outside_validity(cert: &CertificateDer<'_>, path: &Path) {
 pub fn validity_problem(path: &Path) -> Option<String> {
     let pem = std::fs::read(path).ok()?;
     let leaf = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-    let validity = parsed.validity();
-    let now = x509_parser::time::ASN1Time::now().timestamp();
-    if validity.not_after.timestamp() < now {
-        Some(format!("expired on {}", validity.not_after))
-    } else if validity.not_before.timestamp() > now {
-        Some(format!("not valid until {}", validity.not_before))
-    } else {
-        None
-    }
+    Some(match outside_validity(&leaf)? {
+        Outside::Expired(date) => format!("expired on {date}"),
+        Outside::NotYet(date) => format!("not valid until {date}"),
+    })
 }
 
 /// The bytes of `path`, a `what` (`private key file`: `in_key`).
