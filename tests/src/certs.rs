@@ -115,6 +115,9 @@ impl std::fmt::Debug for TlsFiles {
     }
 }
 
+/// A calendar day: (year, month, day).
+type Day = (i32, u8, u8);
+
 impl Ca {
     /// A new self-signed CA with common name `name`.
     pub fn new(name: &str) -> Ca {
@@ -190,7 +193,7 @@ impl Ca {
         names: &[&str],
         uris: &[&str],
         usage: ExtendedKeyUsagePurpose,
-        validity: Option<((i32, u8, u8), (i32, u8, u8))>,
+        validity: Option<(Day, Day)>,
     ) -> TlsFiles {
         let sans: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(sans).expect("certificate params");
