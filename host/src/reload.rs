@@ -89,10 +89,19 @@
 //! config file and every plugin module: when a file's size, mtime or inode changes
 //! (or its mtime is under 2 s old, so a same-size rewrite within one mtime tick is
 //! not missed) its contents are hashed, and a content change triggers a reload;
-//! so do the TLS files of listeners and clusters when their contents differ from
-//! those in force (a renewed certificate). A content that
-//! failed is not retried until it changes again. Write files atomically (write
+//! so do the TLS files of listeners, clusters and `kv.tls` when their contents
+//! differ from those in force (a renewed certificate). A reload the watch started that
+//! failed is tried again, backing off from 1 s to 1 min, while those files
+//! differ from what is in force ([`Retry`]). Write files atomically (write
 //! then rename) so a half-written file is never picked up.
+//!
+//! **Renewal without a reload.** When a config reload fails (by any trigger),
+//! the listeners in force whose TLS files changed take them anyway
+//! ([`renew_in_force`]), and the clusters in force whose TLS files changed are
+//! rebuilt with them from the config in force ([`renew_clusters_in_force`]): a
+//! certificate renewed at its path goes in force though the config file beside
+//! it does not load, as Envoy's SDS rotates a secret independently of the
+//! listener or cluster config around it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -177,6 +186,10 @@ pub struct Reloader {
     generation: AtomicU64,
     /// SHA-256 of the config text in force (for the watch).
     applied: Mutex<Option<String>>,
+    /// [`crate::tls::kv_files_digest`] of `kv.tls` in force, taken before the
+    /// plugins that use the KV store read those files: the watch reloads the
+    /// config when they are renewed, as it does for listeners' and clusters'.
+    kv_tls: Mutex<Option<[u8; 32]>>,
     plugins: Mutex<BTreeMap<String, PluginStatus>>,
     stats: Arc<Stats>,
     ok: Counter,
@@ -256,8 +269,16 @@ fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
 }
 
 impl Reloader {
-    /// Reload state for a process started from `path` (if any).
-    pub fn new(path: Option<PathBuf>, local_zone: Option<String>, stats: &Arc<Stats>) -> Self {
+    /// Reload state for a process started from `path` (if any), whose config
+    /// was parsed from text of SHA-256 `applied` ([`Config::source_sha256`]).
+    /// Without it the file is hashed now, which takes an edit made since the
+    /// config was read for the one in force.
+    pub fn new(
+        path: Option<PathBuf>,
+        applied: Option<String>,
+        local_zone: Option<String>,
+        stats: &Arc<Stats>,
+    ) -> Self {
         let result = |r| {
             stats.counter(
                 "legate_config_reloads_total",
@@ -266,11 +287,12 @@ impl Reloader {
             )
         };
         Reloader {
-            applied: Mutex::new(
+            applied: Mutex::new(applied.or_else(|| {
                 path.as_deref()
                     .and_then(|p| std::fs::read(p).ok())
-                    .map(|b| sha256_hex(&b)),
-            ),
+                    .map(|b| sha256_hex(&b))
+            })),
+            kv_tls: Mutex::new(None),
             path,
             local_zone,
             lock: Mutex::new(()),
@@ -412,6 +434,16 @@ impl Reloader {
         json!({ "plugins": list })
     }
 
+    /// Records the digest of the `kv.tls` files the config in force loaded
+    /// ([`crate::tls::kv_files_digest`], taken before they were read).
+    pub(crate) fn set_kv_tls(&self, digest: Option<[u8; 32]>) {
+        *self.kv_tls.lock().unwrap_or_else(PoisonError::into_inner) = digest;
+    }
+
+    fn kv_tls(&self) -> Option<[u8; 32]> {
+        *self.kv_tls.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// SHA-256 of the config text in force.
     fn applied_hash(&self) -> Option<String> {
         self.applied
@@ -477,6 +509,12 @@ fn reload_config_as(
         }
         Err(e) => {
             r.failed.inc();
+            // The certificates the config in force names were renewed on their
+            // own (a renewal landing while the config file does not load):
+            // they go in force all the same, as Envoy's SDS rotates a secret
+            // whatever becomes of the listener config around it.
+            let renewed = renew_in_force(shared);
+            let clusters_renewed = renew_clusters_in_force(shared);
             if logged == Some(e.as_str()) {
                 tracing::debug!(
                     trigger = trigger.as_str(),
@@ -492,6 +530,8 @@ fn reload_config_as(
                 "result": "error",
                 "trigger": trigger.as_str(),
                 "error": e,
+                "certificates_renewed": renewed,
+                "clusters_renewed": clusters_renewed,
                 "duration_ms": ms(took),
                 "at": now_unix(),
             }));
@@ -589,6 +629,13 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
     // instances, VMs, tick tasks and in-memory state), as Envoy reuses a Wasm
     // VM whose plugin config did not change; the others are loaded again.
     let kept_plugins = carried_plugins(&old, &config);
+    // Before the plugins using the KV store read them: one renewed meanwhile
+    // makes the watch reload again rather than keep it stale.
+    let kv_tls = config
+        .kv
+        .tls
+        .as_ref()
+        .map(|t| crate::tls::kv_files_digest(&t.value));
     let carried_loaded: crate::server::Loaded = old
         .plugins
         .iter()
@@ -608,7 +655,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         &counters,
         (carried_loaded, carried_modules),
     )
-    .map_err(|e| format!("{e:#}"))?;
+    .map_err(|e| format!("{:#}", crate::server::placed(&config, e)))?;
     // New and changed `dns` clusters get their first endpoints (the old cluster's
     // for names it resolved, a bounded resolution for the others) before they go
     // live, so none of them serves its first requests empty.
@@ -630,7 +677,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         set: listeners,
         renewed,
         outcome: lchanges,
-    } = plan_listeners(shared, &config, &old, &snap)?;
+    } = plan_listeners(shared, &config, &old, &snap, (&file, &text))?;
     let clusters_changed = !changed_clusters.is_empty() || !removed_clusters.is_empty();
     let snap_modules = snap.modules.clone();
     shared.commit(Arc::new(snap), Some(listeners))?;
@@ -641,6 +688,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         bound.ctx.renew_tls(tls);
     }
     *r.applied.lock().unwrap_or_else(PoisonError::into_inner) = Some(hash);
+    r.set_kv_tls(kv_tls);
     if clusters_changed {
         if let Err(e) = shared.restart_health() {
             // The config is in force; only health checking of the new clusters is
@@ -649,6 +697,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             notes.push(format!("health checks not restarted: {e:#}"));
         }
     }
+    notes.extend(outside_validity(&config, &base));
     r.record_plugins(&config, &snap_modules, None, &kept_plugins, None);
     let (kept_list, loaded_list): (Vec<String>, Vec<String>) = config
         .plugins
@@ -678,6 +727,166 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
     }))
 }
 
+/// The certificates of `config` (listeners' and clusters' client
+/// certificates) outside their validity period, one note each: they are served
+/// (or presented) anyway, as at start, so that an expiry is not an outage of
+/// every name on a listener, but a reload answering `ok` must not hide that a
+/// renewal put in place an expired certificate (the old one copied back, say)
+/// or one whose validity starts later (a clock behind the issuer's). Paths
+/// are shown as the file wrote them (relative to `base`).
+fn outside_validity(config: &Config, base: &Path) -> Vec<String> {
+    let shown = |p: &Path| p.strip_prefix(base).unwrap_or(p).display().to_string();
+    let mut notes = Vec::new();
+    for l in &config.listeners {
+        let l = &l.value;
+        for c in l.tls.iter().flat_map(|t| &t.certificates) {
+            if let Some(problem) = crate::tls::validity_problem(&c.value.cert) {
+                notes.push(format!(
+                    "listener `{}`: certificate `{}` {problem}; it is served anyway",
+                    l.name,
+                    shown(&c.value.cert)
+                ));
+            }
+        }
+    }
+    for c in &config.clusters {
+        let c = &c.value;
+        if let Some(cert) = c.tls.as_ref().and_then(|t| t.client_cert.as_ref()) {
+            if let Some(problem) = crate::tls::validity_problem(cert) {
+                notes.push(format!(
+                    "cluster `{}`: client certificate `{}` {problem}; it is presented anyway",
+                    c.name,
+                    shown(cert)
+                ));
+            }
+        }
+    }
+    notes
+}
+
+/// After a config reload failed: puts in place the renewed TLS files of the
+/// listeners in force (their certificate, key and client CA files, at the paths
+/// the config in force names), each that loads and checks, and returns their
+/// names. Without it a config file that does not load (a bad edit left on disk)
+/// held back every certificate renewal with it, and a certificate could expire
+/// in force while its renewal waited on disk. A listener whose files do not
+/// load (a new certificate before its key) keeps its certificate: the reload's
+/// error names the problem. Called with the reload lock held.
+fn renew_in_force(shared: &Shared) -> Vec<String> {
+    let mut renewed = Vec::new();
+    if shared.is_draining() {
+        return renewed;
+    }
+    for b in shared.listener_set().iter() {
+        let Some(tls) = &b.ctx.cfg.tls else { continue };
+        if b.ctx.tls_files() == Some(crate::tls::files_digest(tls)) {
+            continue;
+        }
+        match ListenerCtx::load_tls(&b.ctx.cfg) {
+            Ok(material) => {
+                b.ctx.renew_tls(material);
+                renewed.push(b.ctx.name.to_string());
+            }
+            Err(e) => tracing::debug!(
+                listener = %b.ctx.name,
+                "renewed TLS files not put in place: {e:#}"
+            ),
+        }
+    }
+    if !renewed.is_empty() {
+        tracing::warn!(
+            "the reload failed, but the renewed certificates of listener(s) {} are in \
+             force (for the config in force)",
+            renewed.join(", ")
+        );
+    }
+    renewed
+}
+
+/// As [`renew_in_force`], for the clusters in force whose TLS files (CA,
+/// client certificate and key) changed: each is built again from the config
+/// in force with its renewed files, as a reload rebuilds it, and the rest of
+/// the config in force is carried over as it is (every other cluster, every
+/// plugin: nothing is loaded again), then published. A cluster's client
+/// certificate renewed for an upstream that requires one would otherwise
+/// expire while a bad edit of the config file held it back. If one of them
+/// does not build (its files do not load yet), none is renewed; the reload's
+/// error says why. Returns their names. Called with the reload lock held.
+fn renew_clusters_in_force(shared: &Arc<Shared>) -> Vec<String> {
+    let old = shared.snapshot.load_full();
+    let stale: BTreeSet<&str> = old
+        .config
+        .clusters
+        .iter()
+        .map(|c| &c.value)
+        .filter(|c| {
+            c.tls.is_some()
+                && old
+                    .clusters
+                    .get(&c.name)
+                    .is_some_and(|entry| !entry.upstream.same_tls_files(c))
+        })
+        .map(|c| c.name.as_str())
+        .collect();
+    if stale.is_empty() || shared.is_draining() {
+        return Vec::new();
+    }
+    let stage = shared.stats.stage();
+    let keep = |c: &crate::config::Cluster| {
+        if stale.contains(c.name.as_str()) {
+            None
+        } else {
+            old.clusters.get(&c.name).cloned()
+        }
+    };
+    let counters = |c: &crate::config::Cluster| {
+        old.clusters
+            .get(&c.name)
+            .map(|e| Arc::new(crate::cluster::ClusterStats::continuing(&e.cluster().stats)))
+    };
+    let snap = match Snapshot::build_carrying(
+        old.config.clone(),
+        &shared.stats,
+        &keep,
+        &counters,
+        (old.plugins.clone(), (*old.modules).clone()),
+    ) {
+        Ok(snap) => snap,
+        Err(e) => {
+            tracing::debug!("renewed cluster TLS files not put in place: {e:#}");
+            return Vec::new();
+        }
+    };
+    let warming: Vec<_> = snap
+        .clusters
+        .iter()
+        .filter(|(name, _)| stale.contains(name.as_str()))
+        .map(|(name, entry)| {
+            (
+                old.clusters.get(name).map(|o| o.cluster().clone()),
+                entry.clone(),
+            )
+        })
+        .collect();
+    for note in crate::cluster::discovery::warm_for_reload(&warming) {
+        tracing::warn!("renewing cluster TLS files: {note}");
+    }
+    if shared.commit(Arc::new(snap), None).is_err() {
+        return Vec::new();
+    }
+    stage.commit();
+    if let Err(e) = shared.restart_health() {
+        tracing::error!("renewing cluster TLS files: {e:#}");
+    }
+    let renewed: Vec<String> = stale.iter().map(|n| n.to_string()).collect();
+    tracing::warn!(
+        "the reload failed, but cluster(s) {} are rebuilt with their renewed TLS files \
+         (for the config in force)",
+        renewed.join(", ")
+    );
+    renewed
+}
+
 /// The listener set for `config`: unchanged listeners kept, changed ones on their
 /// old socket when the address is the same, new addresses bound. A TCP
 /// listener whose network filter chain is not the very filters it runs now
@@ -689,14 +898,20 @@ fn plan_listeners(
     config: &Config,
     old: &Snapshot,
     snap: &Snapshot,
+    (file, text): (&str, &str),
 ) -> Result<PlannedListeners, String> {
     let current = shared.listener_set();
     let mut next: Vec<Arc<Bound>> = Vec::new();
     let (mut kept, mut changed, mut added) = (Vec::new(), Vec::new(), Vec::new());
     let mut moved = Vec::new();
     let (mut renewed, mut certificates) = (Vec::new(), Vec::new());
-    for l in &config.listeners {
-        let l = &l.value;
+    for spanned in &config.listeners {
+        let l = &spanned.value;
+        // An error of this listener, at its key `key` of the file (what only
+        // binding or loading finds: a reload tells it where, as the others).
+        let at = |key: &str, message: String| {
+            config::error_at(file, text, &spanned.referenced, &[key], message, None).to_string()
+        };
         let by_name = current.iter().find(|b| b.ctx.name == l.name);
         // Unchanged: the same config. Its TLS files may have changed (a renewed
         // certificate at the same path): the new ones are read and checked now
@@ -707,7 +922,7 @@ fn plan_listeners(
         {
             if b.ctx.tls_files() != l.tls.as_ref().map(crate::tls::files_digest) {
                 let tls = ListenerCtx::load_tls(l)
-                    .map_err(|e| format!("listener `{}`: {e:#}", l.name))?;
+                    .map_err(|e| at("tls", format!("listener `{}`: {e:#}", l.name)))?;
                 renewed.push((b.clone(), tls));
                 certificates.push(l.name.to_string());
             }
@@ -735,12 +950,14 @@ fn plan_listeners(
             });
         let bound = match reuse {
             Some(b) => {
-                let socket = b
-                    .socket
-                    .try_clone()
-                    .map_err(|e| format!("listener `{}`: duplicating its socket: {e}", l.name))?;
+                let socket = b.socket.try_clone().map_err(|e| {
+                    at(
+                        "address",
+                        format!("listener `{}`: duplicating its socket: {e}", l.name),
+                    )
+                })?;
                 let ctx = ListenerCtx::succeed(l, &shared.stats, &socket, &b.ctx)
-                    .map_err(|e| format!("listener `{}`: {e:#}", l.name))?;
+                    .map_err(|e| at("tls", format!("listener `{}`: {e:#}", l.name)))?;
                 changed.push(l.name.to_string());
                 Bound {
                     ctx: Arc::new(ctx),
@@ -754,7 +971,7 @@ fn plan_listeners(
                             .iter()
                             .find(|b| config::addresses_overlap(b.ctx.local_addr, want))
                     });
-                    match own {
+                    let message = match own {
                         // `EADDRINUSE` from this very process: say so, and how to get there.
                         Some(b) => format!(
                             "listener `{}` on {}: {e:#}: the other process is this Legate, \
@@ -770,7 +987,8 @@ fn plan_listeners(
                             l.address.value
                         ),
                         None => format!("listener `{}` on {}: {e:#}", l.name, l.address.value),
-                    }
+                    };
+                    at("address", message)
                 })?;
                 // A listener of this name on another address moved: changed,
                 // not a new listener.
@@ -1219,7 +1437,13 @@ fn out_of_date(shared: &Shared) -> bool {
                 .get(&c.value.name)
                 .is_some_and(|entry| !entry.upstream.same_tls_files(&c.value))
     });
-    config || listeners || clusters
+    let kv = snap
+        .config
+        .kv
+        .tls
+        .as_ref()
+        .is_some_and(|t| r.kv_tls() != Some(crate::tls::kv_files_digest(&t.value)));
+    config || listeners || clusters || kv
 }
 
 fn watch_once(
@@ -1309,6 +1533,14 @@ fn watch_once(
             .filter(|f| changed(f, stamps, tried).is_some())
             .count();
         renewed |= touched > 0 && !entry.upstream.same_tls_files(&c.value);
+    }
+    // `kv.tls` too: a reload loads the plugins using the KV store again with
+    // its renewed files (they are never carried over with `kv.tls`).
+    if let Some(tls) = &snap.config.kv.tls {
+        let touched = crate::tls::kv_files(&tls.value)
+            .filter(|f| changed(f, stamps, tried).is_some())
+            .count();
+        renewed |= touched > 0 && r.kv_tls() != Some(crate::tls::kv_files_digest(&tls.value));
     }
     if renewed {
         watch_reload(shared, retry);

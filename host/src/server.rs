@@ -250,17 +250,19 @@ impl Snapshot {
         }
         let mut clusters = FxHashMap::default();
         let mut max_pool_idle = Duration::from_secs(1);
-        for c in &config.clusters {
-            let c = &c.value;
+        for spanned in &config.clusters {
+            let c = &spanned.value;
             max_pool_idle = max_pool_idle.max(c.idle_timeout.get());
             if let Some(entry) = keep(c) {
                 clusters.insert(c.name.clone(), entry);
                 continue;
             }
             // Its errors name the cluster already.
-            let cluster = Cluster::from_config_counting(c, counters(c).unwrap_or_default())?;
-            let upstream =
-                UpstreamSettings::new(c).with_context(|| format!("cluster `{}`", c.name))?;
+            let cluster = Cluster::from_config_counting(c, counters(c).unwrap_or_default())
+                .map_err(|e| Located::wrap(&spanned.referenced, e))?;
+            let upstream = UpstreamSettings::new(c)
+                .with_context(|| format!("cluster `{}`", c.name))
+                .map_err(|e| Located::wrap(&spanned.referenced, e))?;
             clusters.insert(
                 c.name.clone(),
                 Arc::new(ClusterEntry::new(cluster, upstream)),
@@ -307,6 +309,50 @@ impl Snapshot {
             plugins: loaded,
             modules: Arc::new(modules),
         })
+    }
+}
+
+/// A build error of one config item (a cluster whose host names do not
+/// resolve, say), with the item's place in the file: a reload renders it at
+/// its `file:line:col` ([`placed`]), as it does the errors `legate check`
+/// finds in the file. Displayed as the error itself.
+#[derive(Debug)]
+pub struct Located {
+    /// Where the item (a `clusters[]` entry) starts.
+    pub at: crate::config::Location,
+    /// The error, which names the item.
+    pub error: anyhow::Error,
+}
+
+impl Located {
+    fn wrap(at: &crate::config::Location, error: anyhow::Error) -> anyhow::Error {
+        anyhow::Error::new(Located { at: *at, error })
+    }
+}
+
+impl std::fmt::Display for Located {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl std::error::Error for Located {}
+
+/// `e`, an error building `config`, at its item's `file:line:col` when it is
+/// one's ([`Located`]: a cluster whose host names do not resolve, say) and
+/// the config was read from a file, as the errors `legate check` finds in the
+/// file are; else as it is (it names its plugin or route table).
+pub(crate) fn placed(config: &Config, e: anyhow::Error) -> anyhow::Error {
+    match (e.downcast_ref::<Located>(), &config.origin) {
+        (Some(l), Some(origin)) => anyhow::Error::new(crate::config::error_at(
+            &origin.file,
+            &origin.source,
+            &l.at,
+            &["name"],
+            format!("{:#}", l.error),
+            None,
+        )),
+        _ => e,
     }
 }
 
@@ -565,7 +611,9 @@ pub fn check(config: Arc<Config>) -> anyhow::Result<()> {
     if let Some(a) = &config.access_log {
         AccessLog::check(a)?;
     }
-    Snapshot::build(config).map(|_| ())
+    Snapshot::build(config.clone())
+        .map(|_| ())
+        .map_err(|e| placed(&config, e))
 }
 
 /// Starts Legate: every listener is bound before this returns (so port conflicts
@@ -584,6 +632,12 @@ pub fn start_with(
         bail!("--concurrency must be at least 1");
     }
     let config = Arc::new(config);
+    // Before the plugins using the KV store read them (the file watch compares).
+    let kv_tls = config
+        .kv
+        .tls
+        .as_ref()
+        .map(|t| crate::tls::kv_files_digest(&t.value));
     // Before the first plugin load reserves the pool.
     crate::wasm::size_pool(&config, opts.concurrency);
     let stats = Stats::new();
@@ -612,7 +666,7 @@ pub fn start_with(
             (Some(s), Some(starting))
         }
     };
-    let snapshot = Snapshot::build_with(config.clone(), &stats)?;
+    let snapshot = Snapshot::build_with(config.clone(), &stats).map_err(|e| placed(&config, e))?;
     if let Some(carried) = &process.inherited_stats {
         crate::hot_restart::absorb_clusters(&snapshot, carried, None);
     }
@@ -721,9 +775,13 @@ pub fn start_with(
     let (listeners, _) = watch::channel(ListenerSet::from(bound));
     let reloader = crate::reload::Reloader::new(
         process.config_path.clone(),
+        // The text the config in force came from, not the file now: an edit
+        // made while this process started is then reloaded by the watch.
+        config.source_sha256.clone(),
         process.local_zone.clone(),
         &stats,
     );
+    reloader.set_kv_tls(kv_tls);
     let shared = Arc::new(Shared {
         stats: stats.clone(),
         snapshot: ArcSwap::from_pointee(snapshot),

@@ -200,6 +200,19 @@ pub fn upstream_files(cfg: &config::UpstreamTls) -> impl Iterator<Item = &std::p
         .flatten()
 }
 
+/// The files `kv.tls` names (CA, client certificate and key).
+pub fn kv_files(cfg: &config::KvTls) -> impl Iterator<Item = &std::path::PathBuf> {
+    [&cfg.ca, &cfg.client_cert, &cfg.client_key]
+        .into_iter()
+        .flatten()
+}
+
+/// As [`files_digest`], for `kv.tls`: the file watch reloads the config when
+/// it differs from the one taken before the KV store's plugins loaded.
+pub fn kv_files_digest(cfg: &config::KvTls) -> [u8; 32] {
+    digest_files(kv_files(cfg))
+}
+
 /// A digest of [`files`]. A reload compares it to tell a renewed certificate
 /// behind an unchanged config: the listener then takes the new files
 /// ([`crate::listener::ListenerCtx::renew_tls`]).
@@ -660,16 +673,50 @@ fn v1_keys_match(certified: &CertifiedKey) -> Option<bool> {
 /// An expired certificate is served anyway (refusing to start would turn an expiry into
 /// an outage of every name on the listener), but the operator must hear about it.
 fn warn_if_outside_validity(cert: &CertificateDer<'_>, path: &Path) {
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return;
-    };
+    match outside_validity(cert) {
+        Some(Outside::Expired(not_after)) => {
+            tracing::warn!(cert = %path.display(), %not_after, "certificate has expired");
+        }
+        Some(Outside::NotYet(not_before)) => {
+            tracing::warn!(cert = %path.display(), %not_before, "certificate is not valid yet");
+        }
+        None => {}
+    }
+}
+
+/// A certificate outside its validity period, with the date it ended or starts.
+enum Outside {
+    Expired(String),
+    NotYet(String),
+}
+
+/// Whether `cert` is outside its validity period now (nothing if it does not
+/// parse: loading it says so).
+fn outside_validity(cert: &CertificateDer<'_>) -> Option<Outside> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let validity = parsed.validity();
     let now = x509_parser::time::ASN1Time::now().timestamp();
     if validity.not_after.timestamp() < now {
-        tracing::warn!(cert = %path.display(), not_after = %validity.not_after, "certificate has expired");
+        Some(Outside::Expired(validity.not_after.to_string()))
     } else if validity.not_before.timestamp() > now {
-        tracing::warn!(cert = %path.display(), not_before = %validity.not_before, "certificate is not valid yet");
+        Some(Outside::NotYet(validity.not_before.to_string()))
+    } else {
+        None
     }
+}
+
+/// What is wrong with the validity period of the first certificate in the PEM
+/// file at `path` (`expired on ...`, `not valid until ...`), if anything: a
+/// reload's outcome says so in its `notes`, since it serves the certificate
+/// anyway and answers `ok`. Nothing for a file that does not read or parse
+/// (loading it reports that).
+pub fn validity_problem(path: &Path) -> Option<String> {
+    let pem = std::fs::read(path).ok()?;
+    let leaf = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
+    Some(match outside_validity(&leaf)? {
+        Outside::Expired(date) => format!("expired on {date}"),
+        Outside::NotYet(date) => format!("not valid until {date}"),
+    })
 }
 
 /// The bytes of `path`, a `what` (`private key file`: `in_key`).

@@ -115,6 +115,9 @@ impl std::fmt::Debug for TlsFiles {
     }
 }
 
+/// A calendar day: (year, month, day).
+type Day = (i32, u8, u8);
+
 impl Ca {
     /// A new self-signed CA with common name `name`.
     pub fn new(name: &str) -> Ca {
@@ -169,9 +172,35 @@ impl Ca {
         self.leaf(&[cn], &[], ExtendedKeyUsagePurpose::ClientAuth)
     }
 
+    /// [`Ca::server`], valid only in January 2020: expired.
+    pub fn expired_server(&self, names: &[&str]) -> TlsFiles {
+        self.leaf_valid(
+            names,
+            &[],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            Some(((2020, 1, 1), (2020, 2, 1))),
+        )
+    }
+
     fn leaf(&self, names: &[&str], uris: &[&str], usage: ExtendedKeyUsagePurpose) -> TlsFiles {
+        self.leaf_valid(names, uris, usage, None)
+    }
+
+    /// A leaf, valid from the day (year, month, day) `.0` to `.1` if given
+    /// (rcgen's default period otherwise).
+    fn leaf_valid(
+        &self,
+        names: &[&str],
+        uris: &[&str],
+        usage: ExtendedKeyUsagePurpose,
+        validity: Option<(Day, Day)>,
+    ) -> TlsFiles {
         let sans: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(sans).expect("certificate params");
+        if let Some(((y0, m0, d0), (y1, m1, d1))) = validity {
+            params.not_before = rcgen::date_time_ymd(y0, m0, d0);
+            params.not_after = rcgen::date_time_ymd(y1, m1, d1);
+        }
         for uri in uris {
             params
                 .subject_alt_names

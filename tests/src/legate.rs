@@ -20,6 +20,8 @@ pub struct LegateBuilder {
     base_dir: PathBuf,
     file: bool,
     watch: Option<Duration>,
+    /// Written over the config file after it was read, before the server starts.
+    edit_while_starting: Option<String>,
 }
 
 /// A new Legate builder (one worker thread unless [`LegateBuilder::concurrency`]).
@@ -30,6 +32,7 @@ pub fn legate() -> LegateBuilder {
         base_dir: std::env::temp_dir(),
         file: false,
         watch: None,
+        edit_while_starting: None,
     }
 }
 
@@ -86,6 +89,15 @@ impl LegateBuilder {
         self
     }
 
+    /// Starts from a config file (as [`LegateBuilder::from_file`]) that is
+    /// replaced with `yaml` after Legate read it and before it starts serving:
+    /// an edit landing while a process starts (its plugins compiling).
+    pub fn edit_while_starting(mut self, yaml: &str) -> Self {
+        self.file = true;
+        self.edit_while_starting = Some(yaml.to_string());
+        self
+    }
+
     /// Parses the config (panicking with the rendered errors if it is invalid: tests
     /// only write valid configs here) and starts the server.
     pub fn start(self) -> LegateHandle {
@@ -111,6 +123,11 @@ impl LegateBuilder {
         let (config, process) = match &file {
             Some((_, path)) => {
                 let config = legate_host::config::load_file(path).unwrap_or_else(|e| invalid(&e));
+                if let Some(edit) = &self.edit_while_starting {
+                    let tmp = path.with_extension("tmp");
+                    std::fs::write(&tmp, with_test_admin(edit)).expect("write the config file");
+                    std::fs::rename(&tmp, path).expect("replace the config file");
+                }
                 let process = server::ProcessOptions {
                     config_path: Some(path.clone()),
                     watch_interval: self.watch,

@@ -404,6 +404,149 @@ async fn the_watch_retries_a_config_that_failed_on_its_module() {
     .await;
 }
 
+/// An edit of the config file that lands while Legate starts (after it read
+/// the file, while its plugins compile) is loaded by the file watch: the
+/// config in force is the text Legate read, not what the file held once it
+/// served. Before, the process hashed the file again when it was up, took the
+/// edit for the config in force and never loaded it (`GET /reload` showed no
+/// reload, the old routes served until the next edit or a SIGHUP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_made_while_starting_is_loaded_by_the_watch() {
+    let a = upstream().name("a").start().await;
+    let b = upstream().name("b").start().await;
+    let lg = legate()
+        .config(&yaml(a.addr, false, "", "", ""))
+        .edit_while_starting(&yaml(b.addr, false, "", "", ""))
+        .watch(Duration::from_millis(20))
+        .start();
+    let web = lg.addr("web");
+    eventually(
+        HANG_GUARD,
+        "the edit made while starting in force",
+        || async {
+            let mut c = client(Proto::H1, web).await;
+            (c.get("/x").send().await.header("x-upstream") == Some("b")).then_some(())
+        },
+    )
+    .await;
+    let (_, body) = lg.admin(Method::GET, "/reload").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["last"]["result"], "ok", "{v}");
+    assert_eq!(v["last"]["trigger"], "watch", "{v}");
+    assert_eq!(
+        v["last"]["clusters"]["new_or_changed"],
+        json!(["backend"]),
+        "{v}"
+    );
+    lg.assert_stat(RELOAD_OK, 1.0).await;
+}
+
+/// What only building finds is told at its `file:line:col` too, with the
+/// line: a new listener whose address another process holds (at its
+/// `address`), so an operator reading the error knows which line to fix, as
+/// for every other reload error. Before, the error named the listener and the
+/// address only. The config in force goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_tells_a_bind_error_at_its_file_line_and_column() {
+    let a = upstream().name("a").start().await;
+    let lg = start(&yaml(a.addr, false, "", "", ""), None, 1);
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = busy.local_addr().map(|addr| (busy, addr)).unwrap();
+    let text = yaml(a.addr, true, "", "", "").replace(
+        "  - name: extra\n    address: 127.0.0.1:0\n",
+        &format!("  - name: extra\n    address: {}\n", busy.1),
+    );
+    let line = 1 + text
+        .lines()
+        .position(|l| l == format!("    address: {}", busy.1))
+        .unwrap();
+    lg.write_config(&text);
+    let body = lg.assert_reload_rejected().await;
+    let file = lg.config_path().display().to_string();
+    assert!(
+        body.starts_with(&format!(
+            "{file}:{line}:5: error: listener `extra` on {}: ",
+            busy.1
+        )),
+        "the error is at the listener's address: {body}"
+    );
+    assert!(
+        body.contains(&format!("{line} |     address: {}", busy.1)),
+        "{body}"
+    );
+    assert!(body.contains("Address already in use"), "{body}");
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    assert_eq!(c.get("/x").send().await.header("x-upstream"), Some("a"));
+    assert_eq!(
+        lg.try_addr("extra"),
+        None,
+        "a failed reload added a listener"
+    );
+    lg.assert_stat(RELOAD_FAILED, 1.0).await;
+}
+
+/// The file watch notices `kv.tls` files renewed at their paths, as it does a
+/// listener's or a cluster's, and reloads the config (the plugins using the
+/// KV store load them again). Before, only a SIGHUP or `POST /reload` put a
+/// renewed Redis CA or client certificate in force. KV connections are made
+/// on first use: no Redis is needed here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_watch_reloads_when_kv_tls_files_are_renewed() {
+    let up = upstream().start().await;
+    let (first, second) = (Ca::new("redis CA"), Ca::new("renewed redis CA"));
+    let dir = TempDir::new();
+    let ca = dir.write("redis-ca.pem", std::fs::read(&first.cert_path).unwrap());
+    let text = yaml(up.addr, false, "", "", "")
+        + &format!(
+            "kv:\n  backend: redis\n  url: rediss://127.0.0.1:1\n  tls:\n    ca: {}\n",
+            ca.display()
+        );
+    let lg = start(&text, Some(Duration::from_millis(20)), 1);
+    let staged = dir.write("staged.pem", std::fs::read(&second.cert_path).unwrap());
+    std::fs::rename(&staged, &ca).unwrap();
+    let v = eventually(HANG_GUARD, "a reload by the watch", || async {
+        let (_, body) = lg.admin(Method::GET, "/reload").await;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (v["last"]["result"] == "ok").then_some(v)
+    })
+    .await;
+    assert_eq!(v["last"]["trigger"], "watch", "{v}");
+    lg.assert_stat(RELOAD_OK, 1.0).await;
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    assert_eq!(c.get("/").send().await.status, 200);
+}
+
+/// A reload that puts an expired certificate in place (a renewal that copied
+/// the old certificate back, say) is `ok`, as at start — the certificate is
+/// served anyway — but its outcome says so in `notes`, which name the listener,
+/// the file and the date. Before, only a WARN line in the log told it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_notes_a_certificate_outside_its_validity() {
+    let up = upstream().start().await;
+    let ca = Ca::new("validity CA");
+    let (good, expired) = (ca.server(&["a.example"]), ca.expired_server(&["a.example"]));
+    let dir = TempDir::new();
+    let cert = dir.write("cert.pem", std::fs::read(&good.cert).unwrap());
+    let key = dir.write("key.pem", std::fs::read(&good.key).unwrap());
+    let lg = start(&tls_yaml(&cert, &key, up.addr), None, 1);
+    let v = lg.assert_reload_ok().await;
+    assert_eq!(v["notes"], json!([]), "{v}");
+    std::fs::write(&cert, std::fs::read(&expired.cert).unwrap()).unwrap();
+    std::fs::write(&key, std::fs::read(&expired.key).unwrap()).unwrap();
+    let v = lg.assert_reload_ok().await;
+    assert_eq!(
+        v["listeners"]["certificates_renewed"],
+        json!(["web"]),
+        "{v}"
+    );
+    let notes = v["notes"].to_string();
+    assert!(
+        notes.contains("listener `web`: certificate `")
+            && notes.contains("cert.pem` expired on Feb  1 00:00:00 2020"),
+        "{v}"
+    );
+}
+
 /// Listener `web` terminating TLS with `cert` and `key`, routing to `up`.
 fn tls_yaml(cert: &std::path::Path, key: &std::path::Path, up: SocketAddr) -> String {
     format!(
@@ -485,10 +628,11 @@ async fn the_file_watch_puts_a_renewed_certificate_in_place() {
 /// A renewed certificate whose reload fails for a passing reason is tried
 /// again, though no file changes again: here the certificate is also the
 /// client certificate of a `file` cluster (so the renewal rebuilds it), whose
-/// endpoint file is missing when the renewal lands. Once the file is back, the
-/// watch's retry puts the certificate in place. Before, the watch tried each
-/// file content once: the old certificate served until another change or a
-/// SIGHUP.
+/// endpoint file is missing when the renewal lands. The listener serves the
+/// renewed certificate at once (a failed reload still renews listeners);
+/// once the file is back, the watch's retry rebuilds the cluster with it.
+/// Before, the watch tried each file content once: the old certificate served
+/// until another change or a SIGHUP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_file_watch_retries_a_renewal_that_failed_for_a_passing_reason() {
     let up = upstream().start().await;
@@ -545,18 +689,28 @@ async fn the_file_watch_retries_a_renewal_that_failed_for_a_passing_reason() {
         },
     )
     .await;
-    assert_eq!(served().await.as_ref(), Some(&first.chain[0]));
+    // The listener takes its renewed files though the reload failed (they
+    // load); the cluster's rebuild waits for the retry.
+    assert_eq!(served().await.as_ref(), Some(&second.chain[0]));
 
     // The file is back; no watched file changes again.
     write_endpoints(&eps, up.addr);
-    eventually(HANG_GUARD, "the renewed certificate served", || async {
-        (served().await.as_ref() == Some(&second.chain[0])).then_some(())
+    eventually(HANG_GUARD, "the retried reload in force", || async {
+        let (_, body) = lg.admin(Method::GET, "/reload").await;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (v["last"]["result"] == "ok").then_some(v)
     })
     .await;
     let (_, body) = lg.admin(Method::GET, "/reload").await;
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["last"]["result"], "ok", "{v}");
     assert_eq!(v["last"]["trigger"], "watch", "{v}");
+    assert_eq!(
+        v["last"]["clusters"]["new_or_changed"],
+        json!(["peers"]),
+        "{v}"
+    );
+    assert_eq!(served().await.as_ref(), Some(&second.chain[0]));
 }
 
 each_proto!(
@@ -610,6 +764,122 @@ each_proto!(
         assert_eq!(v["listeners"]["certificates_renewed"], json!([]), "{v}");
         assert_eq!(lg.stat(RELOAD_OK).await, Some(2.0));
         assert_eq!(lg.stat(RELOAD_FAILED).await, Some(1.0));
+    }
+);
+
+each_proto!(
+    /// A certificate renewed while the config file does not load (a bad edit
+    /// left on disk) is served all the same: the reload fails, naming the
+    /// config's error, and the listener in force takes its renewed files, as
+    /// Envoy's SDS rotates a certificate whatever becomes of the listener
+    /// config. Before, the renewal waited for a config that loads, and the old
+    /// certificate could expire in force meanwhile. A pair that does not match
+    /// (the new certificate before its key) is still not put in place.
+    async fn a_renewal_is_served_while_the_config_file_does_not_load(proto) {
+        let up = upstream().start().await;
+        let ca = Ca::new("renew-alone CA");
+        let (first, second) = (ca.server(&["a.example"]), ca.server(&["a.example"]));
+        let dir = TempDir::new();
+        let cert = dir.write("cert.pem", std::fs::read(&first.cert).unwrap());
+        let key = dir.write("key.pem", std::fs::read(&first.key).unwrap());
+        let good = tls_yaml(&cert, &key, up.addr);
+        let lg = start(&good, None, 1);
+        let web = lg.addr("web");
+        let tls = || async { tls_client(proto, web, TlsOptions::new(&first, "a.example")).await.unwrap() };
+        let mut before = tls().await;
+        assert_eq!(before.peer_cert.as_ref(), Some(&first.chain[0]));
+
+        // An edit that does not load: a route to a cluster the file lacks.
+        lg.write_config(&good.replace("cluster: backend", "cluster: nowhere"));
+        // Half a renewal: the new certificate, the old key.
+        std::fs::write(&cert, std::fs::read(&second.cert).unwrap()).unwrap();
+        let body = lg.assert_reload_rejected().await;
+        assert!(body.contains("nowhere"), "the error names the config's problem: {body}");
+        let mut c = tls().await;
+        assert_eq!(c.peer_cert.as_ref(), Some(&first.chain[0]), "a mismatched pair was put in place");
+        assert_eq!(c.get("/").send().await.status, 200);
+
+        // The renewal completes; the config file still does not load.
+        std::fs::write(&key, std::fs::read(&second.key).unwrap()).unwrap();
+        lg.assert_reload_rejected().await;
+        let mut after = tls().await;
+        assert_eq!(after.peer_cert.as_ref(), Some(&second.chain[0]), "the renewed certificate");
+        assert_eq!(after.get("/").send().await.status, 200);
+        let (_, last) = lg.admin(Method::GET, "/reload").await;
+        let v: Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(v["last"]["result"], "error", "{v}");
+        assert_eq!(v["last"]["certificates_renewed"], json!(["web"]), "{v}");
+        // Open connections go on, not drained; nothing else of the bad edit applied.
+        let r = before.get("/").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection"), None);
+        assert_eq!(lg.stat(RELOAD_FAILED).await, Some(2.0));
+        assert_eq!(lg.stat(RELOAD_OK).await, Some(0.0));
+    }
+);
+
+each_proto!(
+    /// As a listener's, a cluster's renewed TLS files go in force while the
+    /// config file does not load: the cluster is rebuilt from the config in
+    /// force with them (here its CA, renewed from one that does not verify the
+    /// upstream to the one that does), everything else carried over. Before,
+    /// the renewal waited for a config that loads (a client certificate could
+    /// expire meanwhile, failing every connection to an upstream requiring it).
+    async fn a_cluster_renewal_goes_in_force_while_the_config_file_does_not_load(proto) {
+        let right = Ca::new("upstream CA");
+        let wrong = Ca::new("other CA");
+        let up = upstream().tls(right.server(&["backend.internal"])).start().await;
+        let dir = TempDir::new();
+        let ca = dir.write("ca.pem", std::fs::read(&wrong.cert_path).unwrap());
+        let good = format!(
+            "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - cluster: backend
+clusters:
+  - name: backend
+    tls:
+      sni: backend.internal
+      ca: {}
+    endpoints:
+      - address: {}
+",
+            ca.display(),
+            up.addr
+        );
+        let lg = start(&good, None, 1);
+        let web = lg.addr("web");
+        let mut c = client(proto, web).await;
+        assert_eq!(c.get("/").send().await.status, 502, "the wrong CA verifies the upstream");
+
+        lg.write_config(&good.replace("cluster: backend", "cluster: nowhere"));
+        std::fs::write(&ca, std::fs::read(&right.cert_path).unwrap()).unwrap();
+        let body = lg.assert_reload_rejected().await;
+        assert!(body.contains("nowhere"), "the error names the config's problem: {body}");
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 200, "the renewed CA: {}", r.text());
+        let (_, last) = lg.admin(Method::GET, "/reload").await;
+        let v: Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(v["last"]["result"], "error", "{v}");
+        assert_eq!(v["last"]["clusters_renewed"], json!(["backend"]), "{v}");
+        assert_eq!(v["generation"], 1, "the config in force is the same: {v}");
+        // Its counters went on across the rebuild.
+        lg.assert_stat(r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#, 1.0).await;
+        lg.assert_stat(r#"legate_cluster_upstream_cx_connect_fail{cluster="backend"}"#, 1.0).await;
+        // Nothing to renew: a second failed reload rebuilds nothing.
+        lg.assert_reload_rejected().await;
+        let (_, last) = lg.admin(Method::GET, "/reload").await;
+        let v: Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(v["last"]["clusters_renewed"], json!([]), "{v}");
     }
 );
 
@@ -2422,6 +2692,18 @@ async fn an_unresolvable_name_fails_only_a_reload_that_changes_its_cluster() {
     assert_eq!(status, 400, "{body}");
     assert!(
         body.contains("cluster `backend`: cannot resolve host `up.legate.test`"),
+        "{body}"
+    );
+    // At the cluster's place in the file, with its line.
+    let line = 1 + named(route_v3, "    connect_timeout: 2s\n")
+        .lines()
+        .position(|l| l == "  - name: backend")
+        .unwrap();
+    assert!(
+        body.starts_with(&format!(
+            "{}:{line}:5: error: cluster `backend`: cannot resolve host",
+            cfg.display()
+        )),
         "{body}"
     );
     for proto in [Proto::H1, Proto::H2] {

@@ -248,6 +248,44 @@ pub fn check_files_carrying(
     })
 }
 
+/// One error at key path `keys` of the item at `anchor` (a listener's or
+/// cluster's place in `source`), rendered as every config error is: what only
+/// building finds (an address that cannot be bound, a host name that does not
+/// resolve) told at its `file:line:col`, as a reload's other errors are.
+pub fn error_at(
+    file: &str,
+    source: &str,
+    anchor: &Location,
+    keys: &[&str],
+    message: String,
+    help: Option<String>,
+) -> ConfigErrors {
+    let focus: Vec<Seg> = keys.iter().map(|k| Seg::Key((*k).to_string())).collect();
+    error_at_focus(file, source, anchor, &focus, message, help)
+}
+
+/// [`error_at`] for key path `focus`, in one place for both its spellings.
+fn error_at_focus(
+    file: &str,
+    source: &str,
+    anchor: &Location,
+    focus: &[Seg],
+    message: String,
+    help: Option<String>,
+) -> ConfigErrors {
+    let (line, col) = position(source, anchor, focus);
+    ConfigErrors {
+        file: file.to_string(),
+        source: source.to_string(),
+        errors: vec![ConfigError {
+            line,
+            col,
+            message: one_line(message),
+            help,
+        }],
+    }
+}
+
 /// `issues` placed in `source` (line and column of the key each names), in
 /// file order.
 fn placed(issues: Vec<Issue>, source: &str) -> Vec<ConfigError> {
@@ -309,6 +347,7 @@ pub fn parse_str(file: &str, source: &str, base: &Path) -> Result<Config, Config
         file: file.to_string(),
         source: source.to_string(),
     }));
+    config.source_sha256 = Some(crate::reload::sha256_hex(source.as_bytes()));
     Ok(config)
 }
 
@@ -349,17 +388,7 @@ pub(crate) fn error_at_path(
             rest = &inner[end + 1..];
         }
     }
-    let (line, col) = position(&origin.source, anchor, &focus);
-    ConfigErrors {
-        file: origin.file.clone(),
-        source: origin.source.clone(),
-        errors: vec![ConfigError {
-            line,
-            col,
-            message: one_line(message),
-            help,
-        }],
-    }
+    error_at_focus(&origin.file, &origin.source, anchor, &focus, message, help)
 }
 
 /// How the config's YAML is read: booleans are the YAML 1.2 core schema's `true`

@@ -16,11 +16,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-pub use serde_saphyr::Spanned;
+pub use serde_saphyr::{Location, Spanned};
 
 pub use load::{
-    check_file, check_files, check_files_carrying, load_file, parse_str, ConfigError, ConfigErrors,
-    Origin,
+    check_file, check_files, check_files_carrying, error_at, load_file, parse_str, ConfigError,
+    ConfigErrors, Origin,
 };
 pub(crate) use load::{endpoint_health_check_errors, error_at_path, key_position, mask_url};
 pub use types::{ByteSize, Dur, KvBackendKind, KvConfig, KvTls, Name, Percent, StatusRange};
@@ -71,6 +71,12 @@ pub struct Config {
     /// with it. Not part of the config: not compared, not dumped.
     #[serde(skip)]
     pub origin: Option<std::sync::Arc<Origin>>,
+    /// SHA-256 (hex) of the text this config was parsed from ([`parse_str`]),
+    /// not a key of the file: the file watch compares the file with it. Hashing
+    /// the file again once started would take an edit that landed while the
+    /// process started (its plugins compiling) for the config in force.
+    #[serde(skip)]
+    pub source_sha256: Option<String>,
 }
 
 /// A Wasm filter plugin: a component, its configuration and its sandbox.
