@@ -1015,3 +1015,37 @@ impl Drop for Handle {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // in tests a panic is the failure report
+mod tests {
+    use super::*;
+
+    /// A cluster's build error (one only building finds: a host name that
+    /// does not resolve) is told at the cluster's `file:line:col` by `legate
+    /// check` and `legate run` too, not only by a reload.
+    #[test]
+    fn a_clusters_build_error_is_placed_at_the_cluster() {
+        let src =
+            "version: 1\nclusters:\n  - name: backend\n    endpoints: [{ address: 127.0.0.1:1 }]\n";
+        let config = crate::config::parse_str("c.yaml", src, std::path::Path::new(".")).unwrap();
+        let at = config.clusters[0].referenced;
+        let e = Located::wrap(
+            &at,
+            anyhow::anyhow!("cluster `backend`: cannot resolve host"),
+        );
+        let there = placed(&config, e);
+        assert!(there
+            .downcast_ref::<crate::config::ConfigErrors>()
+            .is_some());
+        assert!(
+            there
+                .to_string()
+                .starts_with("c.yaml:3:5: error: cluster `backend`: cannot resolve host\n"),
+            "{there}"
+        );
+        // Any other error is left as it is.
+        let other = placed(&config, anyhow::anyhow!("plugin `p`: no"));
+        assert_eq!(format!("{other:#}"), "plugin `p`: no");
+    }
+}
