@@ -307,6 +307,18 @@ async fn reload_answer(
         .and_then(|p| p.strip_suffix("/reload"))
         .filter(|p| !p.is_empty() && !p.contains('/'))
         .map(str::to_string);
+    if req.method() == Method::POST
+        && (path == "/reload" || plugin.is_some())
+        && req.uri().query().is_some_and(|q| !q.is_empty())
+    {
+        // As /stats refuses what it does not take: `POST /reload?plugin=x`
+        // must not reload the whole config while its caller thinks otherwise.
+        return Some(text(
+            StatusCode::BAD_REQUEST,
+            "a reload takes no parameters: POST /reload reloads the config file (and \
+             what it names), POST /plugins/NAME/reload one plugin\n",
+        ));
+    }
     let work: Box<ReloadWork> = match (get_or_head(req), path, plugin) {
         (&Method::POST, "/reload", _) => {
             Box::new(|s: &Arc<Shared>| reload::reload_config(s, Trigger::Admin))

@@ -3427,3 +3427,26 @@ async fn a_dns_cluster_with_new_names_warms_before_it_goes_live() {
         assert_eq!(r.status, 200, "{proto:?}: {}", r.text());
     }
 }
+
+/// A reload asked with parameters (`POST /reload?plugin=x`, thinking it
+/// reloads one plugin) is refused with 400 and reloads nothing, as `/stats`
+/// refuses what it does not take; it reloaded the whole config and said ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_parameters_is_refused() {
+    let a = upstream().name("a").start().await;
+    let b = upstream().name("b").start().await;
+    let lg = start(&yaml(a.addr, false, "", "", ""), None, 1);
+    lg.write_config(&yaml(b.addr, false, "", "", ""));
+    for path in ["/reload?plugin=x", "/plugins/x/reload?now=1"] {
+        let (status, body) = lg.admin(Method::POST, path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains("takes no parameters"), "{body}");
+    }
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    assert_eq!(c.get("/x").send().await.header("x-upstream"), Some("a"));
+    assert_eq!(lg.stat(RELOAD_OK).await, Some(0.0));
+    // Without them, the reload happens.
+    let (status, body) = lg.admin(Method::POST, "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(c.get("/x").send().await.header("x-upstream"), Some("b"));
+}
