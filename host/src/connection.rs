@@ -298,7 +298,21 @@ pub async fn serve(
             u32::try_from(limits.max_request_headers_size.0.saturating_add(1)).unwrap_or(u32::MAX),
         )
         .max_pending_accept_reset_streams(100)
-        .keep_alive_interval(None);
+        // No PINGs unless configured, as Envoy (a client's own ping policy may
+        // refuse frequent ones); then a client that does not answer one within
+        // its timeout is gone, and its connection closes with its streams.
+        .keep_alive_interval(
+            limits
+                .connection_keepalive
+                .as_ref()
+                .map(|k| k.interval.get()),
+        )
+        .keep_alive_timeout(
+            limits
+                .connection_keepalive
+                .as_ref()
+                .map_or(Duration::from_secs(20), |k| k.timeout.get()),
+        );
     let builder = match alpn_h2 {
         Some(true) => builder.http2_only(),
         Some(false) => builder.http1_only(),

@@ -1584,3 +1584,53 @@ each_proto!(
         }
     }
 );
+
+/// `limits.connection_keepalive` PINGs HTTP/2 clients: one that answers
+/// none (gone without a FIN: a laptop asleep, a NAT that forgot the flow)
+/// has its connection closed once a PING goes unanswered for `timeout`,
+/// with the request it left waiting (the client abandoned it:
+/// `rx_resets`), long before the upstream would have answered or an idle
+/// or stream timeout would have fired. Without it nothing noticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_answers_no_ping_is_closed_by_the_keepalive() {
+    let up = upstream().delay(Duration::from_secs(60)).start().await;
+    let lg = legate()
+        .config(&limits_config(
+            up.addr,
+            "      idle_timeout: 300s\n      connection_keepalive: { interval: 200ms, timeout: 200ms }\n",
+            "",
+        ))
+        .start();
+    let mut s = tokio::net::TcpStream::connect(lg.addr("web"))
+        .await
+        .unwrap();
+    // The preface, empty SETTINGS, then `GET /` (HPACK: :method GET,
+    // :scheme http, :path /, :authority localhost) on stream 1; after that
+    // the client writes nothing more, PING answers included.
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+    let block = b"\x82\x86\x84\x41\x09localhost";
+    hello.extend([0, 0, block.len() as u8, 0x01, 0x05, 0, 0, 0, 1]);
+    hello.extend(block);
+    s.write_all(&hello).await.unwrap();
+    eventually(Duration::from_secs(5), "the request upstream", || async {
+        (up.in_flight.get() == 1).then_some(())
+    })
+    .await;
+    let closed = tokio::time::timeout(HANG_GUARD, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the connection of a client answering no PING stayed open"
+    );
+    lg.assert_stat(r#"legate_listener_rx_resets_total{listener="web"}"#, 1.0)
+        .await;
+    lg.assert_stat(CONNECTIONS_ACTIVE, 0.0).await;
+}

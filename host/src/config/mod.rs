@@ -613,6 +613,12 @@ pub struct Limits {
     /// no limit, as Envoy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connection_duration: Option<Dur>,
+    /// HTTP/2 keep-alive PINGs to clients (Envoy's `connection_keepalive`
+    /// of the connection manager's `http2_protocol_options`): a client that
+    /// does not answer one within `timeout` is gone, and its connection is
+    /// closed with its streams. Absent = none, as Envoy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_keepalive: Option<ConnectionKeepalive>,
 }
 
 impl Limits {
@@ -647,6 +653,7 @@ impl Default for Limits {
             lingering_timeout: defaults::lingering_timeout(),
             max_requests_per_connection: None,
             max_connection_duration: None,
+            connection_keepalive: None,
         }
     }
 }
@@ -1111,13 +1118,14 @@ fn h2_connection_window(stream: ByteSize, configured: Option<ByteSize>, streams:
     })
 }
 
-/// HTTP/2 keep-alive PINGs on a cluster's connections (Envoy's
-/// `connection_keepalive`); see docs/config.md.
+/// HTTP/2 keep-alive PINGs on a cluster's connections, or a listener's
+/// (Envoy's `connection_keepalive`); see docs/config.md.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionKeepalive {
-    /// A PING is sent after this long without a frame from the upstream, while
-    /// a stream is open. Required.
+    /// A PING is sent after this long without a frame from the peer (to an
+    /// upstream while a stream is open; to a client whatever it has open).
+    /// Required.
     pub interval: Dur,
     /// The connection is closed (its streams reset) when a PING is not answered
     /// within this. Default 20s.

@@ -830,6 +830,9 @@ fn validate_listener(
             .key(key);
         }
     }
+    if let Some(k) = &lim.connection_keepalive {
+        keepalive_issues(e, loc, &format!("listener `{}`", l.name), &["limits"], k);
+    }
     for (key, w) in h2_windows(
         lim.initial_stream_window_size,
         lim.initial_connection_window_size,
@@ -2020,20 +2023,36 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
         .key(key);
     }
     if let Some(k) = &c.connection_keepalive {
-        for (key, d) in [("interval", k.interval), ("timeout", k.timeout)] {
-            if d.0.is_zero() {
-                e.at(
-                    loc,
-                    format!("cluster `{}`: `connection_keepalive.{key}` is zero", c.name),
-                    "PINGs need an interval and an answer some time to come; leave \
-                     `connection_keepalive` out for no PINGs",
-                )
-                .key("connection_keepalive")
-                .key(key);
-            }
-        }
+        keepalive_issues(e, loc, &format!("cluster `{}`", c.name), &[], k);
     }
     validate_resilience(e, loc, c);
+}
+
+/// The problems of `connection_keepalive` `k`, of `whose` (a cluster or a
+/// listener), under keys `under` of the item at `loc`: a zero interval or
+/// timeout.
+fn keepalive_issues(
+    e: &mut Issues,
+    loc: &Location,
+    whose: &str,
+    under: &[&'static str],
+    k: &super::ConnectionKeepalive,
+) {
+    let path: String = under.iter().map(|k| format!("{k}.")).collect();
+    for (key, d) in [("interval", k.interval), ("timeout", k.timeout)] {
+        if d.0.is_zero() {
+            let issue = e.at(
+                loc,
+                format!("{whose}: `{path}connection_keepalive.{key}` is zero"),
+                "PINGs need an interval and an answer some time to come; leave \
+                 `connection_keepalive` out for no PINGs",
+            );
+            for k in under {
+                issue.key(k);
+            }
+            issue.key("connection_keepalive").key(key);
+        }
+    }
 }
 
 /// The problems of an endpoint file's entry (at `loc`) with its own `health_check`,
