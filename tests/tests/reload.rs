@@ -429,8 +429,14 @@ async fn an_edit_made_while_starting_is_loaded_by_the_watch() {
         },
     )
     .await;
-    let (_, body) = lg.admin(Method::GET, "/reload").await;
-    let v: Value = serde_json::from_str(&body).unwrap();
+    // The outcome is recorded just after the new config goes in force: a
+    // request may see the one before `GET /reload` sees the other.
+    let v = eventually(HANG_GUARD, "the reload's outcome recorded", || async {
+        let (_, body) = lg.admin(Method::GET, "/reload").await;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (!v["last"].is_null()).then_some(v)
+    })
+    .await;
     assert_eq!(v["last"]["result"], "ok", "{v}");
     assert_eq!(v["last"]["trigger"], "watch", "{v}");
     assert_eq!(
