@@ -430,14 +430,21 @@ fn hand_over(
             );
         }
     }
+    // Held from before the drain starts until `OK` is sent and the stream is
+    // kept for the final counts ([`send_final_stats`]): a process with nothing
+    // in flight drains at once, and its last step found no successor, so it
+    // exited without waiting for its predecessor's counts (which then met a
+    // broken pipe) and, before `OK` was sent, left the new process unsure it
+    // had taken over.
+    let mut successor = shared
+        .successor
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     shared.handed_over.send_replace(true);
     shared.start_drain();
     (&stream).write_all(b"OK\n")?;
-    // Kept for the final counts ([`send_final_stats`]).
-    *shared
-        .successor
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner) = Some(stream);
+    *successor = Some(stream);
+    drop(successor);
     tracing::info!("hot restart: the new process took over; draining");
     Ok(())
 }

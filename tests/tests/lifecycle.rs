@@ -967,21 +967,22 @@ impl LoggedChild {
         .await
     }
 
-    /// Waits for a log line containing `needle`; the line.
+    /// Waits for a log line containing `needle`; the line. A timeout shows the
+    /// whole log, the only account of what the process did instead.
     async fn log_line(&self, needle: &str) -> String {
-        eventually(
-            Duration::from_secs(60),
-            &format!("a log line with {needle:?}"),
-            || {
-                let line = self
-                    .log()
-                    .lines()
-                    .find(|l| l.contains(needle))
-                    .map(str::to_string);
-                async move { line }
-            },
-        )
-        .await
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after 60s waiting for a log line with {needle:?}; the log ({}):\n{log}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
