@@ -10,6 +10,7 @@
 //! | `/config_dump` | GET | the effective config (defaults filled in) as JSON, secrets redacted (`config_dump`) |
 //! | `/logging` | GET, POST | the log filter in force; `POST ?level=LEVEL` or `?filter=DIRECTIVES` changes it ([`logging_answer`]) |
 //! | `/drain` | POST | starts a graceful drain, as SIGTERM does |
+//! | `/healthcheck/fail`, `/healthcheck/ok` | POST | fails health checks on purpose (`/ready` 503 `DRAINING`, connections closed after their next response, listeners still serving), or stops failing them: Envoy's endpoints, for taking a process out of a load balancer before stopping it |
 //! | `/reload` | POST | reloads the config file (as SIGHUP): 200 JSON of what changed, 400 with the error (file:line:col) and nothing changed |
 //! | `/reload` | GET | the config file, generation and the last reload's outcome as JSON |
 //! | `/plugins` | GET | every plugin: module, sha256, ABI, load time, instances, errors, last reload |
@@ -411,7 +412,10 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .map(|e| e.cluster())
                 .collect();
             render_cluster_stats(current.iter().map(|c| &**c), &mut body);
-            render_server_stats(shared.is_draining(), &mut body);
+            render_server_stats(
+                shared.is_draining() || shared.is_health_check_failed(),
+                &mut body,
+            );
             if let Some(re) = filter {
                 body = only_families(&body, &re);
             }
@@ -445,6 +449,37 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             shared.start_drain();
             text(StatusCode::OK, "draining\n")
         }
+        (&Method::POST, "/healthcheck/fail" | "/healthcheck/ok")
+            if req.uri().query().is_some_and(|q| !q.is_empty()) =>
+        {
+            text(
+                StatusCode::BAD_REQUEST,
+                "/healthcheck/fail and /healthcheck/ok take no parameters\n",
+            )
+        }
+        (&Method::POST, "/healthcheck/fail") => {
+            if !shared.health_check_failed.send_replace(true) {
+                tracing::info!(
+                    "health checks fail on purpose (POST /healthcheck/fail): /ready says \
+                     DRAINING and connections close after their next response; POST \
+                     /healthcheck/ok to stop"
+                );
+            }
+            text(StatusCode::OK, "OK\n")
+        }
+        (&Method::POST, "/healthcheck/ok") => {
+            if shared.health_check_failed.send_replace(false) {
+                tracing::info!("health checks pass again (POST /healthcheck/ok)");
+            }
+            text(StatusCode::OK, "OK\n")
+        }
+        (_, "/healthcheck/fail" | "/healthcheck/ok") => with_allow(
+            text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use POST /healthcheck/fail or POST /healthcheck/ok\n",
+            ),
+            "POST",
+        ),
         (_, "/drain") => with_allow(
             text(StatusCode::METHOD_NOT_ALLOWED, "use POST /drain\n"),
             "POST",
@@ -489,6 +524,8 @@ const INDEX: &str = "Legate admin
   GET  /logging
   POST /logging?level=LEVEL|filter=DIRECTIVES
   POST /drain
+  POST /healthcheck/fail
+  POST /healthcheck/ok
   POST /reopen_logs
   GET  /reload
   POST /reload
@@ -516,7 +553,8 @@ impl State {
 }
 
 fn state(shared: &Shared) -> State {
-    if shared.is_draining() {
+    // A health check failed on purpose says what Envoy's `/ready` says then.
+    if shared.is_draining() || shared.is_health_check_failed() {
         return State::Draining;
     }
     let snapshot = shared.snapshot.load();
@@ -566,6 +604,7 @@ fn server_info(shared: &Shared) -> serde_json::Value {
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "state": state(shared).name(),
+        "health_check_failed": shared.is_health_check_failed(),
         "start_time": started.map(since_epoch),
         "uptime_s": uptime,
         "config": reload["config"],
@@ -869,10 +908,11 @@ fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone,
 }
 
 /// The process's own series, as Envoy's `server.version`, `server.live` and
-/// uptime: which version runs, whether it serves or drains, and when it
+/// uptime: which version runs, whether it serves or drains (or fails its
+/// health checks on purpose, which Envoy counts as not live too), and when it
 /// started (a new value is a restart, a hot restart included, whose counters
 /// carry over and so show none).
-fn render_server_stats(draining: bool, out: &mut String) {
+fn render_server_stats(not_live: bool, out: &mut String) {
     use std::fmt::Write as _;
     let started = STARTED
         .get()
@@ -883,14 +923,14 @@ fn render_server_stats(draining: bool, out: &mut String) {
         "# HELP legate_build_info The version of this Legate (the value is 1).\n\
          # TYPE legate_build_info gauge\n\
          legate_build_info{{version=\"{}\"}} 1\n\
-         # HELP legate_server_live 1 while the process serves, 0 once it drains (Envoy's server.live).\n\
+         # HELP legate_server_live 1 while the process serves, 0 once it drains or while POST /healthcheck/fail is in force (Envoy's server.live).\n\
          # TYPE legate_server_live gauge\n\
          legate_server_live {}\n\
          # HELP legate_server_start_time_seconds When this process started, in seconds since the Unix epoch.\n\
          # TYPE legate_server_start_time_seconds gauge\n\
          legate_server_start_time_seconds {started:.3}\n",
         env!("CARGO_PKG_VERSION"),
-        u8::from(!draining),
+        u8::from(!not_live),
     );
 }
 

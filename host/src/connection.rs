@@ -339,6 +339,11 @@ pub async fn serve(
         Some(activity.clone()),
     ));
     let mut drain = ctx.closing_signal();
+    // `POST /healthcheck/fail`: closed as a drain closes it, though the
+    // listener keeps accepting (Envoy's drain-close while its health checks
+    // fail): a client with a keep-alive or HTTP/2 connection moves to the
+    // other instances the load balancer now prefers.
+    let mut health_failed = worker.shared.health_check_failed.subscribe();
     let mut idle = limits.idle_timeout.get();
     // `limits.max_connection_duration`: closed gracefully from then on, as a
     // drain closes it.
@@ -424,6 +429,10 @@ pub async fn serve(
                 // `Connection: close`; a connection idle for H1_DRAIN_IDLE is closed,
                 // so a client sending on it right then is the only one that can
                 // race the close.
+                h1_closing.set(true);
+                idle = idle.min(H1_DRAIN_IDLE);
+            }
+            _ = health_failed.wait_for(|f| *f), if closing_since.is_none() && !h1_closing.get() => {
                 h1_closing.set(true);
                 idle = idle.min(H1_DRAIN_IDLE);
             }

@@ -381,6 +381,12 @@ pub struct Shared {
     pub published: watch::Sender<u64>,
     /// Flips to true when draining starts.
     pub draining: watch::Sender<bool>,
+    /// True while the admin API's `POST /healthcheck/fail` is in force (until
+    /// `POST /healthcheck/ok`), as Envoy's: `/ready` says 503 `DRAINING` so a
+    /// load balancer sends no new connections, and connections close after
+    /// their next response (HTTP/2: a GOAWAY), while the listeners keep
+    /// accepting and serving whoever still comes.
+    pub health_check_failed: watch::Sender<bool>,
     /// The access log, if configured.
     pub access_log: Option<AccessLog>,
     /// The listeners in force; every worker accepts on each (see
@@ -449,6 +455,11 @@ impl Shared {
     /// Whether draining has started.
     pub fn is_draining(&self) -> bool {
         *self.draining.borrow()
+    }
+
+    /// Whether health checks are failed on purpose ([`Self::health_check_failed`]).
+    pub fn is_health_check_failed(&self) -> bool {
+        *self.health_check_failed.borrow()
     }
 
     /// The listeners in force.
@@ -787,6 +798,7 @@ pub fn start_with(
         snapshot: ArcSwap::from_pointee(snapshot),
         published: watch::channel(0).0,
         draining,
+        health_check_failed: watch::channel(false).0,
         access_log,
         listeners,
         reloader,

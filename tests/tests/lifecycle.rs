@@ -1,6 +1,7 @@
 //! Process lifecycle and the admin API: graceful drain under load (by
 //! `shutdown()` and by `POST /drain`), the drain timeout, and the admin endpoints
-//! (`/ready`, `/stats`, `/clusters`, `/config_dump`, `/drain`).
+//! (`/ready`, `/stats`, `/clusters`, `/config_dump`, `/drain`,
+//! `/healthcheck/fail`).
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -277,6 +278,65 @@ async fn post_drain_stops_the_server() {
         .expect("server stops after POST /drain");
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+each_proto!(
+    /// `POST /healthcheck/fail` (Envoy's, for taking a process out of a load
+    /// balancer before stopping it): `/ready` says 503 `DRAINING` and
+    /// `legate_server_live` 0; an open connection is closed (HTTP/1.1 after
+    /// its next response, which says `Connection: close`; HTTP/2 by a GOAWAY)
+    /// while the listener still serves new ones; `POST /healthcheck/ok` undoes
+    /// it, and connections stay open again.
+    async fn a_failed_health_check_closes_connections_but_keeps_serving(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&with_long_drain_timeout(&simple_config(&[up.addr])))
+            .start();
+        let web = lg.addr("web");
+        let mut c = client(proto, web).await;
+        let r = c.get("/").send().await;
+        assert_eq!((r.status.as_u16(), r.header("connection")), (200, None));
+        assert_eq!(lg.admin_get("/healthcheck/fail").await.0, 405);
+        assert_eq!(lg.admin_post("/healthcheck/fail?now").await.0, 400);
+        assert_eq!(lg.admin_get("/ready").await, (200, "LIVE\n".into()));
+        let failed = lg.admin_post("/healthcheck/fail").await;
+        assert_eq!(failed, (200, "OK\n".into()));
+        assert_eq!(lg.admin_get("/ready").await, (503, "DRAINING\n".into()));
+        assert_eq!(lg.stat("legate_server_live").await, Some(0.0));
+        let info = lg.admin_get("/server_info").await.1;
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(info["state"], "DRAINING", "{info}");
+        assert_eq!(info["health_check_failed"], true, "{info}");
+        if proto == Proto::H1 {
+            let r = c.get("/").send().await;
+            let closing = (r.status.as_u16(), r.header("connection"));
+            assert_eq!(closing, (200, Some("close")));
+        }
+        eventually(HANG_GUARD, "the open connection closed", || {
+            let closed = c.is_closed();
+            async move { closed.then_some(()) }
+        })
+        .await;
+        // Whoever still comes is served.
+        let mut late = client(proto, web).await;
+        assert_eq!(late.get("/").send().await.status, 200);
+        assert_eq!(lg.admin_post("/healthcheck/ok").await, (200, "OK\n".into()));
+        assert_eq!(lg.admin_get("/ready").await, (200, "LIVE\n".into()));
+        assert_eq!(lg.stat("legate_server_live").await, Some(1.0));
+        let mut again = client(proto, web).await;
+        for _ in 0..2 {
+            let r = again.get("/").send().await;
+            assert_eq!((r.status.as_u16(), r.header("connection")), (200, None));
+        }
+        assert!(!again.is_closed());
+        // HTTP/1.1 sent one more on the first connection.
+        let served = 4.0 + f64::from(proto == Proto::H1);
+        lg.assert_stat(
+            r#"legate_listener_requests_total{listener="web",class="2xx"}"#,
+            served,
+        )
+        .await;
+    }
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints() {
