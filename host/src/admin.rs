@@ -7,6 +7,7 @@
 //! | `/stats`, `/stats/prometheus` | GET | every metric, Prometheus text format 0.0.4; `?filter=REGEX` keeps the families whose name matches ([`stats_query`]) |
 //! | `/server_info` | GET | version, state (`LIVE`, `WARMING`, `DRAINING`), start time and uptime, config file and generation, each listener's bound address, as JSON ([`server_info`]; Envoy's `/server_info` and `/listeners`) |
 //! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
+//! | `/certs` | GET | every TLS certificate in force (listeners' served chains and client CAs, clusters' client chains and CAs): path, subject, serial, SANs, validity and days left, as JSON ([`certs_json`]; Envoy's `/certs`) |
 //! | `/config_dump` | GET | the effective config (defaults filled in) as JSON, secrets redacted (`config_dump`) |
 //! | `/logging` | GET, POST | the log filter in force; `POST ?level=LEVEL` or `?filter=DIRECTIVES` changes it ([`logging_answer`]) |
 //! | `/drain` | POST | starts a graceful drain, as SIGTERM does |
@@ -416,6 +417,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 shared.is_draining() || shared.is_health_check_failed(),
                 &mut body,
             );
+            render_cert_stats(&certificates_in_force(shared), &mut body);
             if let Some(re) = filter {
                 body = only_families(&body, &re);
             }
@@ -435,6 +437,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .collect();
             json(&serde_json::json!({ "clusters": list }))
         }
+        (&Method::GET, "/certs") => json(&certs_json(&certificates_in_force(shared))),
         (&Method::GET, "/config_dump") => {
             let snapshot = shared.snapshot.load();
             match config_dump(&snapshot.config) {
@@ -504,7 +507,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/" | "/help") => text(StatusCode::OK, INDEX),
         (
             _,
-            "/ready" | "/stats" | "/stats/prometheus" | "/clusters" | "/config_dump"
+            "/ready" | "/stats" | "/stats/prometheus" | "/clusters" | "/certs" | "/config_dump"
             | "/server_info" | "/" | "/help",
         ) => with_allow(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"), "GET"),
         _ => text(
@@ -520,6 +523,7 @@ const INDEX: &str = "Legate admin
   GET  /server_info
   GET  /stats[?filter=REGEX] (also /stats/prometheus)
   GET  /clusters
+  GET  /certs
   GET  /config_dump
   GET  /logging
   POST /logging?level=LEVEL|filter=DIRECTIVES
@@ -905,6 +909,116 @@ fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone,
             }
         }
     }
+}
+
+/// Whose TLS files: `("listener", name)` or `("cluster", name)`, and what
+/// they hold.
+type CertOwner = (&'static str, String, Vec<crate::tls::LoadedCerts>);
+
+/// The TLS certificates in force: each listener's (as it serves them now, a
+/// renewal included), then each cluster's, by name. Owners without any are
+/// left out.
+fn certificates_in_force(shared: &Shared) -> Vec<CertOwner> {
+    let mut owners: Vec<CertOwner> = shared
+        .listener_set()
+        .iter()
+        .filter_map(|b| {
+            let tls = b.ctx.tls.load_full()?;
+            Some(("listener", b.ctx.name.to_string(), tls.certificates.clone()))
+        })
+        .collect();
+    owners.sort_by(|a, b| a.1.cmp(&b.1));
+    let snapshot = shared.snapshot.load();
+    let mut names: Vec<_> = snapshot.clusters.keys().collect();
+    names.sort();
+    for name in names {
+        if let Some(entry) = snapshot.clusters.get(name) {
+            let certs = entry.upstream.tls_certificates();
+            if !certs.is_empty() {
+                owners.push(("cluster", name.to_string(), certs.to_vec()));
+            }
+        }
+    }
+    owners
+}
+
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// `GET /certs`: Envoy's layout (`certificates`, each with `cert_chain` and
+/// `ca_cert` lists of certificate details), each entry naming its listener
+/// or cluster. Every certificate of a file is listed (a chain's
+/// intermediates expire too), each with the file's path.
+fn certs_json(owners: &[CertOwner]) -> serde_json::Value {
+    let now = unix_now();
+    let list: Vec<serde_json::Value> = owners
+        .iter()
+        .map(|(kind, name, loaded)| {
+            let mut entry = serde_json::json!({ *kind: name, "cert_chain": [], "ca_cert": [] });
+            for l in loaded {
+                if let Some(list) = entry[l.role_name()].as_array_mut() {
+                    list.extend(l.certs.iter().map(|c| c.to_json(&l.path, now)));
+                }
+            }
+            entry
+        })
+        .collect();
+    serde_json::json!({ "certificates": list })
+}
+
+/// When each certificate in force expires, and the days until the first
+/// does (Envoy's `server.days_until_first_cert_expiring`): what an expiry
+/// alert watches. Nothing without TLS.
+fn render_cert_stats(owners: &[CertOwner], out: &mut String) {
+    use std::fmt::Write as _;
+    let series: Vec<_> = owners
+        .iter()
+        .flat_map(|(kind, name, loaded)| {
+            loaded
+                .iter()
+                .flat_map(move |l| l.certs.iter().map(move |c| (*kind, name, l, c)))
+        })
+        .collect();
+    let Some(first) = series.iter().map(|(.., c)| c.not_after).min() else {
+        return;
+    };
+    out.push_str(
+        "# HELP legate_tls_certificate_expiration_timestamp_seconds When each certificate in \
+         force expires (notAfter), in seconds since the Unix epoch: each certificate of each TLS \
+         file a listener serves or trusts, or a cluster presents or trusts.\n\
+         # TYPE legate_tls_certificate_expiration_timestamp_seconds gauge\n",
+    );
+    for (kind, name, l, c) in &series {
+        let _ = writeln!(
+            out,
+            "legate_tls_certificate_expiration_timestamp_seconds{{{kind}=\"{name}\",role=\"{}\",\
+             path=\"{}\",serial_number=\"{}\"}} {}",
+            l.role_name(),
+            label_value(&l.path.display().to_string()),
+            c.serial_number,
+            c.not_after
+        );
+    }
+    let days = crate::tls::CertDetails::days_between(unix_now(), first);
+    let _ = write!(
+        out,
+        "# HELP legate_server_days_until_first_cert_expiring Whole days until the first \
+         certificate in force expires, 0 once one has (Envoy's \
+         server.days_until_first_cert_expiring).\n\
+         # TYPE legate_server_days_until_first_cert_expiring gauge\n\
+         legate_server_days_until_first_cert_expiring {days}\n"
+    );
+}
+
+/// A Prometheus label value: `\`, `"` and newlines escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The process's own series, as Envoy's `server.version`, `server.live` and

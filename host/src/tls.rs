@@ -66,15 +66,28 @@ pub struct ServerTls {
     /// Accepts connections with [`server_config`].
     pub acceptor: tokio_rustls::TlsAcceptor,
     resolver: Arc<SniResolver>,
+    /// The certificates it serves, then the client CAs it trusts: what `GET
+    /// /certs` and the expiry series show.
+    pub certificates: Vec<LoadedCerts>,
 }
 
 impl ServerTls {
     /// As [`server_config`].
     pub fn new(cfg: &config::ListenerTls, alpn: &[&[u8]]) -> anyhow::Result<Self> {
-        let (config, resolver) = server_parts(cfg, alpn)?;
+        let (config, resolver, client_cas) = server_parts(cfg, alpn)?;
+        let mut certificates: Vec<LoadedCerts> = cfg
+            .certificates
+            .iter()
+            .zip(&resolver.certs)
+            .map(|(c, k)| LoadedCerts::new(CertRole::Chain, &c.value.cert, &k.cert))
+            .collect();
+        if let (Some(auth), Some(cas)) = (&cfg.client_auth, client_cas) {
+            certificates.push(LoadedCerts::new(CertRole::Ca, &auth.ca, &cas));
+        }
         Ok(ServerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(config),
             resolver,
+            certificates,
         })
     }
 
@@ -93,10 +106,15 @@ impl ServerTls {
     }
 }
 
-fn server_parts(
-    cfg: &config::ListenerTls,
-    alpn: &[&[u8]],
-) -> anyhow::Result<(Arc<ServerConfig>, Arc<SniResolver>)> {
+/// The server config, its certificate resolver, and the client CA file's
+/// certificates (with `client_auth`).
+type ServerParts = (
+    Arc<ServerConfig>,
+    Arc<SniResolver>,
+    Option<Vec<CertificateDer<'static>>>,
+);
+
+fn server_parts(cfg: &config::ListenerTls, alpn: &[&[u8]]) -> anyhow::Result<ServerParts> {
     let provider = provider();
     let resolver = Arc::new(SniResolver::load(&cfg.certificates, &provider)?);
 
@@ -107,9 +125,15 @@ fn server_parts(
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
         .context("TLS protocol versions")?;
+    let mut client_cas = None;
     let builder = match &cfg.client_auth {
         None => builder.with_no_client_auth(),
-        Some(auth) => builder.with_client_cert_verifier(client_verifier(auth, &provider)?),
+        Some(auth) => {
+            let cas = load_certs(&auth.ca, "client CA file")?;
+            let verifier = client_verifier(auth, cas.clone(), &provider)?;
+            client_cas = Some(cas);
+            builder.with_client_cert_verifier(verifier)
+        }
     };
     let mut config = builder.with_cert_resolver(resolver.clone());
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -118,7 +142,7 @@ fn server_parts(
     // shared cache. Keys rotate every 6 hours; a config reload starts a new key set.
     config.ticketer = rustls::crypto::ring::Ticketer::new()
         .map_err(|e| anyhow!("cannot create a TLS session ticket key: {e}"))?;
-    Ok((Arc::new(config), resolver))
+    Ok((Arc::new(config), resolver, client_cas))
 }
 
 /// Loads a certificate chain and its key as [`server_config`] and
@@ -252,9 +276,25 @@ pub fn client_config(
     cfg: &config::UpstreamTls,
     alpn: &[&[u8]],
 ) -> anyhow::Result<Arc<ClientConfig>> {
+    Ok(client_parts(cfg, alpn)?.0)
+}
+
+/// [`client_config`], and the certificates it presents and trusts (its
+/// `client_cert`, then its `ca`; not the built-in roots): what `GET /certs`
+/// and the expiry series show of a cluster.
+pub fn client_parts(
+    cfg: &config::UpstreamTls,
+    alpn: &[&[u8]],
+) -> anyhow::Result<(Arc<ClientConfig>, Vec<LoadedCerts>)> {
     let provider = provider();
+    let mut certificates = Vec::new();
     let roots = match &cfg.ca {
-        Some(ca) => load_roots(ca, "upstream CA file")?,
+        Some(ca) => {
+            let certs = load_certs(ca, "upstream CA file")?;
+            let roots = roots_of(ca, "upstream CA file", certs.clone())?;
+            certificates.push(LoadedCerts::new(CertRole::Ca, ca, &certs));
+            roots
+        }
         None => RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         },
@@ -267,13 +307,148 @@ pub fn client_config(
         (None, None) => builder.with_no_client_auth(),
         (Some(cert), Some(key)) => {
             let certified = load_certified_key(cert, key, &provider)?;
+            certificates.insert(0, LoadedCerts::new(CertRole::Chain, cert, &certified.cert));
             builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
         }
         // Config validation rejects this; kept as an error rather than a panic.
         _ => bail!("upstream TLS: `client_cert` and `client_key` go together"),
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), certificates))
+}
+
+/// What a PEM file's certificates are to a TLS config in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertRole {
+    /// A certificate chain served (listener) or presented (cluster mTLS).
+    Chain,
+    /// Certificate authorities trusted to verify the peer.
+    Ca,
+}
+
+/// One PEM file's certificates as a TLS config in force holds them, read when
+/// it was built (a renewal builds another): `GET /certs`, and the series
+/// `legate_tls_certificate_expiration_timestamp_seconds` and
+/// `legate_server_days_until_first_cert_expiring` (Envoy's `/certs` and
+/// `server.days_until_first_cert_expiring`).
+#[derive(Clone, Debug)]
+pub struct LoadedCerts {
+    /// What they are to the config.
+    pub role: CertRole,
+    /// The file they were read from.
+    pub path: std::path::PathBuf,
+    /// Each certificate of the file, in its order (a chain's leaf first).
+    pub certs: Vec<CertDetails>,
+}
+
+/// What an operator checks of one certificate.
+#[derive(Clone, Debug)]
+pub struct CertDetails {
+    /// The subject, RFC 4514 (`CN=api.example.com,O=Example`).
+    pub subject: String,
+    /// The serial number, lowercase hex.
+    pub serial_number: String,
+    /// subjectAltName entries as Envoy's `/certs` names them: `dns`, `uri`,
+    /// `ip_address`, `email`.
+    pub subject_alt_names: Vec<(&'static str, String)>,
+    /// notBefore, seconds since the Unix epoch.
+    pub not_before: i64,
+    /// notAfter, seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+impl LoadedCerts {
+    fn new(role: CertRole, path: &Path, certs: &[CertificateDer<'_>]) -> Self {
+        LoadedCerts {
+            role,
+            path: path.to_path_buf(),
+            certs: certs.iter().filter_map(CertDetails::of).collect(),
+        }
+    }
+
+    /// `"cert_chain"` or `"ca_cert"`, the keys of Envoy's `/certs`.
+    pub fn role_name(&self) -> &'static str {
+        match self.role {
+            CertRole::Chain => "cert_chain",
+            CertRole::Ca => "ca_cert",
+        }
+    }
+}
+
+impl CertDetails {
+    /// `None` for a certificate that does not parse (rustls loaded it as
+    /// opaque bytes; webpki would refuse it at a handshake).
+    fn of(cert: &CertificateDer<'_>) -> Option<Self> {
+        use x509_parser::extensions::GeneralName;
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+        let mut subject_alt_names = Vec::new();
+        if let Ok(Some(san)) = parsed.subject_alternative_name() {
+            for name in &san.value.general_names {
+                let entry = match name {
+                    GeneralName::DNSName(d) => ("dns", (*d).to_owned()),
+                    GeneralName::URI(u) => ("uri", (*u).to_owned()),
+                    GeneralName::RFC822Name(e) => ("email", (*e).to_owned()),
+                    GeneralName::IPAddress(ip) => match ip.len() {
+                        4 => (
+                            "ip_address",
+                            std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).ok()?).to_string(),
+                        ),
+                        16 => (
+                            "ip_address",
+                            std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).ok()?).to_string(),
+                        ),
+                        _ => continue,
+                    },
+                    _ => continue,
+                };
+                subject_alt_names.push(entry);
+            }
+        }
+        let validity = parsed.validity();
+        Some(CertDetails {
+            subject: format_name(parsed.subject()),
+            serial_number: parsed.raw_serial_as_string().replace(':', ""),
+            subject_alt_names,
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
+        })
+    }
+
+    /// Whole days left until it expires at `now` (seconds since the epoch); 0
+    /// once expired, as Envoy counts them.
+    pub fn days_until_expiration(&self, now: i64) -> i64 {
+        Self::days_between(now, self.not_after)
+    }
+
+    /// Whole days from `now` until `not_after` (seconds since the epoch), 0
+    /// once passed.
+    pub fn days_between(now: i64, not_after: i64) -> i64 {
+        (not_after.saturating_sub(now) / 86_400).max(0)
+    }
+
+    /// As one entry of Envoy's `/certs`, with `path`.
+    pub fn to_json(&self, path: &Path, now: i64) -> serde_json::Value {
+        let time = |t: i64| {
+            let t = std::time::UNIX_EPOCH
+                .checked_add(std::time::Duration::from_secs(t.max(0).unsigned_abs()))
+                .unwrap_or(std::time::UNIX_EPOCH);
+            crate::access_log::timestamp(t)
+        };
+        let sans: Vec<_> = self
+            .subject_alt_names
+            .iter()
+            .map(|(kind, value)| serde_json::json!({ *kind: value }))
+            .collect();
+        serde_json::json!({
+            "path": path.display().to_string(),
+            "subject": self.subject,
+            "serial_number": self.serial_number,
+            "subject_alt_names": sans,
+            "days_until_expiration": self.days_until_expiration(now),
+            "valid_from": time(self.not_before),
+            "expiration_time": time(self.not_after),
+        })
+    }
 }
 
 /// What the request path and logs need to know about a downstream TLS session.
@@ -768,8 +943,17 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, FileError> {
 /// A trust store holding every certificate of a PEM file; any unusable one is an error
 /// rather than silently skipped, so a broken CA bundle is noticed at load.
 fn load_roots(path: &Path, what: &str) -> Result<RootCertStore, FileError> {
+    roots_of(path, what, load_certs(path, what)?)
+}
+
+/// [`load_roots`] of certificates read from `path` already.
+fn roots_of(
+    path: &Path,
+    what: &str,
+    certs: Vec<CertificateDer<'static>>,
+) -> Result<RootCertStore, FileError> {
     let mut roots = RootCertStore::empty();
-    for (i, cert) in load_certs(path, what)?.into_iter().enumerate() {
+    for (i, cert) in certs.into_iter().enumerate() {
         roots.add(cert).map_err(|e| {
             FileError::content(format!(
                 "{what} `{}`: certificate #{} is not a usable trust anchor: {e}",
@@ -783,9 +967,10 @@ fn load_roots(path: &Path, what: &str) -> Result<RootCertStore, FileError> {
 
 fn client_verifier(
     auth: &config::ClientAuth,
+    cas: Vec<CertificateDer<'static>>,
     provider: &Arc<CryptoProvider>,
 ) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
-    let roots = load_roots(&auth.ca, "client CA file")?;
+    let roots = roots_of(&auth.ca, "client CA file", cas)?;
     let mut builder =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     if !auth.required {

@@ -99,11 +99,19 @@ pub struct UpstreamSettings {
 
 struct UpstreamTls {
     connector: TlsConnector,
+    /// What it presents and trusts, for `GET /certs` and the expiry series.
+    certificates: Vec<crate::tls::LoadedCerts>,
     /// Configured SNI; `None` = the endpoint's host.
     sni: Option<ServerName<'static>>,
 }
 
 impl UpstreamSettings {
+    /// The certificates its TLS presents and trusts (its files; not the
+    /// built-in roots): none without TLS.
+    pub fn tls_certificates(&self) -> &[crate::tls::LoadedCerts] {
+        self.tls.as_ref().map_or(&[], |t| &t.certificates)
+    }
+
     /// Settings for `cluster`, loading its TLS files.
     pub fn new(cluster: &config::Cluster) -> anyhow::Result<Self> {
         // Digested before reading, as for listeners.
@@ -116,7 +124,7 @@ impl UpstreamSettings {
                     UpstreamProtocol::H2 => &[b"h2"],
                     UpstreamProtocol::Auto => &[b"h2", b"http/1.1"],
                 };
-                let cfg = crate::tls::client_config(t, alpn)?;
+                let (cfg, certificates) = crate::tls::client_parts(t, alpn)?;
                 let sni = match &t.sni {
                     Some(s) => Some(ServerName::try_from(s.clone()).map_err(|e| {
                         anyhow::anyhow!(
@@ -128,6 +136,7 @@ impl UpstreamSettings {
                 };
                 Some(UpstreamTls {
                     connector: TlsConnector::from(cfg),
+                    certificates,
                     sni,
                 })
             }

@@ -500,3 +500,113 @@ clusters:
     )
     .await;
 }
+
+/// `GET /certs` (Envoy's) lists each certificate in force, by listener and
+/// cluster: what each serves or presents (`cert_chain`) and trusts
+/// (`ca_cert`), with subject, SANs, validity and days left; `/stats` has each
+/// one's expiry and the days until the first expires (Envoy's
+/// `server.days_until_first_cert_expiring`), what an expiry alert watches. A
+/// certificate renewed by a reload is what both show then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_certs_and_the_expiry_series_show_the_certificates_in_force() {
+    let ca = Ca::new("legate test CA");
+    let current = ca.server(&["a.example"]);
+    let expired = ca.expired_server(&["old.example"]);
+    let up_ca = Ca::new("upstream CA");
+    let presented = up_ca.client("legate");
+    let up = upstream().start().await;
+    let listener_tls = format!(
+        "      certificates:
+        - cert: {}
+          key: {}
+        - cert: {}
+          key: {}
+      client_auth:
+        ca: {}
+        required: false
+",
+        current.cert.display(),
+        current.key.display(),
+        expired.cert.display(),
+        expired.key.display(),
+        ca.cert_path.display()
+    );
+    let cluster_tls = format!(
+        "  - name: backend
+    tls:
+      ca: {}
+      client_cert: {}
+      client_key: {}
+",
+        up_ca.cert_path.display(),
+        presented.cert.display(),
+        presented.key.display()
+    );
+    let yaml =
+        tls_listener_config(up.addr, &listener_tls).replace("  - name: backend\n", &cluster_tls);
+    let lg = legate().config(&yaml).from_file().start();
+
+    let (status, body) = lg.admin_get("/certs").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let owners = v["certificates"].as_array().unwrap();
+    assert_eq!(owners.len(), 2, "{v:#}");
+    let web = &owners[0];
+    assert_eq!(web["listener"], "web", "{v:#}");
+    let chain = web["cert_chain"].as_array().unwrap();
+    assert_eq!(chain.len(), 2, "{v:#}");
+    assert_eq!(chain[0]["path"], current.cert.display().to_string());
+    assert_eq!(chain[0]["subject"], "CN=a.example");
+    assert_eq!(
+        chain[0]["subject_alt_names"],
+        serde_json::json!([{ "dns": "a.example" }])
+    );
+    assert!(
+        chain[0]["days_until_expiration"].as_i64().unwrap() > 36_500,
+        "{v:#}"
+    );
+    assert_eq!(chain[1]["subject"], "CN=old.example");
+    assert_eq!(chain[1]["days_until_expiration"], 0, "{v:#}");
+    assert_eq!(chain[1]["valid_from"], "2020-01-01T00:00:00.000Z");
+    assert_eq!(chain[1]["expiration_time"], "2020-02-01T00:00:00.000Z");
+    assert_eq!(web["ca_cert"][0]["subject"], "CN=legate test CA", "{v:#}");
+    let backend = &owners[1];
+    assert_eq!(backend["cluster"], "backend", "{v:#}");
+    assert_eq!(backend["cert_chain"][0]["subject"], "CN=legate", "{v:#}");
+    assert_eq!(backend["ca_cert"][0]["subject"], "CN=upstream CA", "{v:#}");
+
+    let stats = parse_prometheus(&lg.stats().await);
+    let expiry = |path: &std::path::Path| {
+        let label = format!("path=\"{}\"", path.display());
+        let found: Vec<f64> = stats
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("legate_tls_certificate_expiration_timestamp_seconds{")
+                    && k.contains(&label)
+            })
+            .map(|(_, v)| *v)
+            .collect();
+        found
+    };
+    assert_eq!(expiry(&expired.cert), vec![1_580_515_200.0]);
+    assert_eq!(expiry(&up_ca.cert_path).len(), 1);
+    assert_eq!(expiry(&presented.cert).len(), 1);
+    assert_eq!(
+        stats.get("legate_server_days_until_first_cert_expiring"),
+        Some(&0.0)
+    );
+
+    // Renewed in place, as certbot does: the reload serves it, and the
+    // admin shows it.
+    let renewed = ca.server(&["old.example"]);
+    std::fs::copy(&renewed.cert, &expired.cert).unwrap();
+    std::fs::copy(&renewed.key, &expired.key).unwrap();
+    assert_eq!(lg.admin_post("/reload").await.0, 200);
+    let v: serde_json::Value = serde_json::from_str(&lg.admin_get("/certs").await.1).unwrap();
+    let days = v["certificates"][0]["cert_chain"][1]["days_until_expiration"].as_i64();
+    assert!(days.unwrap() > 36_500, "{v:#}");
+    let first = lg
+        .stat("legate_server_days_until_first_cert_expiring")
+        .await;
+    assert!(first.unwrap() > 36_500.0, "{first:?}");
+}
