@@ -67,6 +67,9 @@ pub struct Line<'a> {
     pub protocol: Option<String>,
     pub request_id: Option<&'a str>,
     pub requested_server_name: Option<&'a str>,
+    /// From the request head to the upstream's response head (Envoy's
+    /// `%RESPONSE_DURATION%`); `None` when no upstream answered.
+    pub response_duration_ms: Option<f64>,
     pub route: Option<&'a str>,
     pub route_table: Option<&'a str>,
     pub start_time: String,

@@ -118,12 +118,14 @@ struct Outcome {
     transport_failure: Option<String>,
 }
 
-/// Timings and facts only the debug headers use ([`crate::overrides::Debug`]).
+/// Timings and facts of the debug headers ([`crate::overrides::Debug`]).
 #[derive(Default)]
 struct DebugFacts {
     on: bool,
     request_filters: Option<Duration>,
     response_filters: Option<Duration>,
+    /// When the upstream's response head arrived (every request: the access
+    /// log's `response_duration_ms` too).
     first_byte: Option<Instant>,
     connection: Option<crate::upstream::ConnectionUse>,
 }
@@ -906,9 +908,7 @@ async fn proxy(
             return answer_locally(out, lr, &matched, http.via.as_deref()).await;
         }
         let mut resp = result?;
-        if out.debug.on {
-            out.debug.first_byte = Some(Instant::now());
-        }
+        out.debug.first_byte = Some(Instant::now());
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching && downstream_upgrade.is_none() {
@@ -3324,6 +3324,10 @@ impl Drop for Done {
                 bytes_sent: self.bytes.get(),
                 bytes_received: l.received.get(),
                 duration_ms: crate::access_log::millis(elapsed),
+                response_duration_ms: o
+                    .debug
+                    .first_byte
+                    .map(|t| crate::access_log::millis(t.saturating_duration_since(self.start))),
                 route: o.route.as_ref().map(|r| &*r.name),
                 route_table: o.route.as_ref().map(|r| &*r.table),
                 virtual_host: o.route.as_ref().map(|r| &*r.virtual_host),
@@ -3400,6 +3404,7 @@ pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'stati
         bytes_sent: 0,
         bytes_received: 0,
         duration_ms: crate::access_log::millis(elapsed),
+        response_duration_ms: None,
         route: None,
         route_table: None,
         virtual_host: None,

@@ -107,6 +107,7 @@ impl Session<'_> {
             bytes_sent: tx,
             bytes_received: rx,
             duration_ms: access_log::millis(self.started.elapsed()),
+            response_duration_ms: None,
             route: None,
             route_table: None,
             virtual_host: None,

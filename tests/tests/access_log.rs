@@ -337,6 +337,47 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// `response_duration_ms` (Envoy's `%RESPONSE_DURATION%`): from the
+    /// request head to the upstream's response head, so a slow upstream
+    /// (long to answer) is told from a slow body or client (long after); `null`
+    /// when no upstream answered (a route's own answer).
+    async fn the_upstreams_time_to_answer_is_logged(proto) {
+        let up = upstream()
+            .route("/slow", |_req| async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let late = futures_util::stream::once(async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"late")))
+                });
+                Response::new(http_body_util::BodyExt::boxed(
+                    http_body_util::StreamBody::new(late),
+                ))
+            })
+            .start()
+            .await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let routes = "          - match: { prefix: /direct }\n            direct_response: { status: 200, body: here }\n          - match: { prefix: / }\n            cluster: backend\n";
+        let clusters = format!("  - name: backend\n    endpoints:\n      - address: {}\n", up.addr);
+        let cfg = with_access_log(&web_config(routes, &clusters), &log, ", flush_interval: 10ms");
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/slow").send().await.text(), "late");
+        assert_eq!(c.get("/direct").send().await.text(), "here");
+        let lines = access_log_until(&log, "two lines", |l| l.len() >= 2).await;
+        let line = |path: &str| lines.iter().find(|l| l["path"] == path).unwrap().clone();
+        let slow = line("/slow");
+        let head = slow["response_duration_ms"].as_f64().unwrap();
+        let whole = slow["duration_ms"].as_f64().unwrap();
+        // The upstream took 100ms to answer, then 100ms more for its body.
+        assert!(head >= 100.0, "{slow}");
+        assert!(whole >= head + 90.0, "{slow}");
+        let direct = line("/direct");
+        assert_eq!(direct["response_duration_ms"], Value::Null, "{direct}");
+    }
+);
+
 /// `simple_config` with an access log at `path` and the extra `access_log` keys.
 fn logged_config(up: std::net::SocketAddr, path: &Path, keys: &str) -> String {
     with_access_log(&simple_config(&[up]), path, keys)
