@@ -124,8 +124,8 @@ struct DebugFacts {
     on: bool,
     request_filters: Option<Duration>,
     response_filters: Option<Duration>,
-    /// When the upstream's response head arrived (every request: the access
-    /// log's `response_duration_ms` too).
+    /// When the upstream's response head arrived (also the access log's
+    /// `response_duration_ms`: taken when either wants it).
     first_byte: Option<Instant>,
     connection: Option<crate::upstream::ConnectionUse>,
 }
@@ -908,7 +908,9 @@ async fn proxy(
             return answer_locally(out, lr, &matched, http.via.as_deref()).await;
         }
         let mut resp = result?;
-        out.debug.first_byte = Some(Instant::now());
+        if out.debug.on || conn.worker.shared.access_log.is_some() {
+            out.debug.first_byte = Some(Instant::now());
+        }
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching && downstream_upgrade.is_none() {
