@@ -65,6 +65,7 @@ pub struct Line<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
     pub protocol: Option<String>,
+    pub referer: Option<&'a str>,
     pub request_id: Option<&'a str>,
     pub requested_server_name: Option<&'a str>,
     /// From the request head to the upstream's response head (Envoy's
@@ -79,6 +80,7 @@ pub struct Line<'a> {
     pub upstream_transport_failure_reason: Option<&'a str>,
     pub user_agent: Option<&'a str>,
     pub virtual_host: Option<&'a str>,
+    pub x_forwarded_for: Option<&'a str>,
 }
 
 /// The access log's `time` and `start_time`: RFC 3339, UTC, milliseconds

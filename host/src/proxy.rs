@@ -3042,6 +3042,11 @@ struct Logged {
     /// [`Outcome::local_authority`]).
     authority: Option<String>,
     user_agent: Option<String>,
+    /// `Referer`, as sent (nginx's `$http_referer`).
+    referer: Option<String>,
+    /// `X-Forwarded-For` as it arrived (nginx's `$http_x_forwarded_for`;
+    /// several fields joined with `, `), before Legate appends to it.
+    x_forwarded_for: Option<String>,
     /// Request body bytes read from the client.
     received: Rc<Cell<u64>>,
     /// When the request head arrived (the line's `start_time`).
@@ -3058,6 +3063,18 @@ impl Logged {
                 .map(|a| a.as_str().to_string())
                 .or_else(|| req.headers().get(header::HOST).map(text)),
             user_agent: req.headers().get(header::USER_AGENT).map(text),
+            referer: req.headers().get(header::REFERER).map(text),
+            x_forwarded_for: {
+                let mut all = req.headers().get_all("x-forwarded-for").iter();
+                all.next().map(|first| {
+                    let mut joined = text(first);
+                    for more in all {
+                        joined.push_str(", ");
+                        joined.push_str(&text(more));
+                    }
+                    joined
+                })
+            },
             received: Rc::default(),
             started: SystemTime::now(),
         }
@@ -3322,6 +3339,8 @@ impl Drop for Done {
                 protocol: Some(format!("{:?}", self.version)),
                 authority: local.as_deref().or(l.authority.as_deref()),
                 user_agent: l.user_agent.as_deref(),
+                referer: l.referer.as_deref(),
+                x_forwarded_for: l.x_forwarded_for.as_deref(),
                 status: self.status.as_u16(),
                 bytes_sent: self.bytes.get(),
                 bytes_received: l.received.get(),
@@ -3402,6 +3421,8 @@ pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'stati
         protocol: None,
         authority: None,
         user_agent: None,
+        referer: None,
+        x_forwarded_for: None,
         status: status.as_u16(),
         bytes_sent: 0,
         bytes_received: 0,

@@ -108,6 +108,8 @@ impl Session<'_> {
             bytes_received: rx,
             duration_ms: access_log::millis(self.started.elapsed()),
             response_duration_ms: None,
+            referer: None,
+            x_forwarded_for: None,
             route: None,
             route_table: None,
             virtual_host: None,

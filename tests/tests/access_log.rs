@@ -267,7 +267,9 @@ each_proto!(
     /// A line names the request's authority and user agent, the body bytes
     /// received, and when the request started (Envoy's `%REQ(:AUTHORITY)%`,
     /// `%REQ(USER-AGENT)%`, `%BYTES_RECEIVED%`, `%START_TIME%`): virtual
-    /// hosts' traffic can be told apart.
+    /// hosts' traffic can be told apart. Also its `Referer` and the
+    /// `X-Forwarded-For` it came with (nginx's combined format and Envoy's
+    /// default one have them), several fields joined.
     async fn lines_name_the_authority_agent_and_bytes_received(proto) {
         let up = upstream().start().await;
         let dir = TempDir::new();
@@ -280,6 +282,9 @@ each_proto!(
             .post("/upload")
             .header("host", "api.example:8080")
             .header("user-agent", "legate-test/1.0")
+            .header("referer", "https://shop.example/cart")
+            .header("x-forwarded-for", "203.0.113.7")
+            .header("x-forwarded-for", "198.51.100.2, 10.0.0.1")
             .body("hello")
             .send()
             .await;
@@ -296,11 +301,16 @@ each_proto!(
         assert_eq!(upload["authority"], authority.as_str(), "{upload}");
         assert_eq!(upload["user_agent"], "legate-test/1.0", "{upload}");
         assert_eq!(upload["bytes_received"], 5, "{upload}");
+        assert_eq!(upload["referer"], "https://shop.example/cart", "{upload}");
+        let xff = "203.0.113.7, 198.51.100.2, 10.0.0.1";
+        assert_eq!(upload["x_forwarded_for"], xff, "{upload}");
         let (start, end) = (upload["start_time"].as_str().unwrap(), upload["time"].as_str().unwrap());
         assert!(start.len() == end.len() && start <= end, "{upload}");
         let plain = lines.iter().find(|l| l["path"] == "/plain").unwrap();
         assert_eq!(plain["bytes_received"], 0, "{plain}");
         assert_eq!(plain["user_agent"], Value::Null, "{plain}");
+        assert_eq!(plain["referer"], Value::Null, "{plain}");
+        assert_eq!(plain["x_forwarded_for"], Value::Null, "{plain}");
         assert!(plain["authority"].is_string(), "{plain}");
     }
 );
