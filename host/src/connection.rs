@@ -361,6 +361,8 @@ pub async fn serve(
     // We closed it for idleness (idle timeout, or idle while draining, or the
     // stream idle timeout of its response).
     let mut idle_closed = false;
+    // `legate_listener_max_duration_reached_total` counted this connection.
+    let mut max_duration_counted = false;
     loop {
         if h1_closing.get()
             && closing_since.is_none()
@@ -438,6 +440,7 @@ pub async fn serve(
             }
             () = until(lifetime_end), if closing_since.is_none() && !h1_closing.get() => {
                 ctx.stats.cx_max_duration.inc();
+                max_duration_counted = true;
                 h1_closing.set(true);
                 idle = idle.min(H1_DRAIN_IDLE);
             }
@@ -486,6 +489,13 @@ pub async fn serve(
     // reload that replaced or removed it) it has `drain_timeout` left.
     let drained = ctx.drained(&worker.shared.snapshot);
     tokio::pin!(drained);
+    // `limits.max_connection_duration` bounds a tunnel too: past it, it has
+    // `drain_timeout` left, as Envoy force-closes a connection whose stream is
+    // still active at the end of the drain period that limit starts.
+    // Otherwise a WebSocket outlived the limit meant to rebalance or rotate
+    // connections.
+    let lifetime_cut =
+        lifetime_end.map(|end| end + worker.shared.snapshot.load().config.drain_timeout.get());
     loop {
         let deadline = match idle.map(|idle| activity.check(idle, None)) {
             None => None,
@@ -501,6 +511,14 @@ pub async fn serve(
             () = &mut drained => {
                 tracing::debug!(listener = %ctx.name, %peer, "upgraded connection's listener closed and its drain timeout passed; closing");
                 tunnel.cut("drain_timeout");
+                return None;
+            }
+            () = until(lifetime_cut) => {
+                tracing::debug!(listener = %ctx.name, %peer, "upgraded connection outlived max_connection_duration and its drain timeout; closing");
+                if !max_duration_counted {
+                    ctx.stats.cx_max_duration.inc();
+                }
+                tunnel.cut("max_connection_duration");
                 return None;
             }
             () = until(deadline) => {}

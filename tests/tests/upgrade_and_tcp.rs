@@ -306,6 +306,49 @@ async fn a_routes_idle_timeout_bounds_its_tunnels() {
     assert_eq!(c.read_exact(4, HANG_GUARD).await.unwrap(), b"pong");
 }
 
+/// `limits.max_connection_duration` bounds an upgraded connection too: past
+/// it the tunnel has `drain_timeout` left (Envoy force-closes a connection
+/// with an active stream at the end of the drain period the limit starts),
+/// and is logged with cause `max_connection_duration`. A WebSocket outlived
+/// the limit forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connection_duration_bounds_a_tunnel() {
+    let up = upgrade_echo_server().await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let config = simple_config(&[up.addr])
+        .replace(
+            "    http:\n      routes: main\n",
+            "    http:\n      routes: main\n    limits:\n      max_connection_duration: 300ms\n",
+        )
+        .replacen("version: 1\n", "version: 1\ndrain_timeout: 300ms\n", 1)
+        + &format!(
+            "access_log:\n  path: {}\n  flush_interval: 10ms\n",
+            log.display()
+        );
+    let lg = legate().config(&config).start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    let head = c.websocket_handshake("/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head}");
+    echoes(&mut c).await;
+    // The listener's idle timeout (60s) is not what closes it.
+    let (_, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed, "the tunnel outlived max_connection_duration");
+    let line = eventually(HANG_GUARD, "the tunnel's access-log line", || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let line = text.lines().next()?.to_string();
+        Some(serde_json::from_str::<serde_json::Value>(&line).unwrap())
+    })
+    .await;
+    assert_eq!(line["status"], 101, "{line}");
+    assert_eq!(line["cause"], "max_connection_duration", "{line}");
+    lg.assert_stat(
+        r#"legate_listener_max_duration_reached_total{listener="web"}"#,
+        1.0,
+    )
+    .await;
+}
+
 /// The upstream side of a WebSocket tunnel stays counted until the tunnel
 /// closes, as Envoy's: the connection (`upstream_cx_active`, the endpoint's
 /// `cx_active`) and the attempt (`upstream_rq_active`, the endpoint's
