@@ -385,9 +385,11 @@ async fn local_reply(
             }
         };
     }
-    if e.kind == Kind::BadRequest && version < Version::HTTP_2 {
+    if matches!(e.kind, Kind::BadRequest | Kind::NotImplemented) && version < Version::HTTP_2 {
         // The rest of the byte stream cannot be trusted to frame requests
-        // (an upgrade answered otherwise than by a 101: see `handle`).
+        // (an upgrade answered otherwise than by a 101: see `handle`; a
+        // transfer coding Legate does not take, whose body the next request
+        // would be read from, as nginx closes after its 501).
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }

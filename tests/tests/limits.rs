@@ -152,6 +152,29 @@ async fn unknown_transfer_encoding_is_rejected() {
     );
 }
 
+/// A transfer coding Legate does not take (`chunked, chunked`, which HTTP/1.1
+/// forbids) is a 501 that closes the connection, as nginx's: what follows
+/// the head cannot be trusted to frame the next request. The connection was
+/// kept, and the bytes after the head were read as another request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsupported_transfer_coding_closes_the_connection() {
+    let up = upstream().start().await;
+    let lg = legate().config(&simple_config(&[up.addr])).start();
+    let mut c = RawConn::connect(lg.addr("web")).await;
+    c.write(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n\
+          0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    let (bytes, closed) = c.read_until_close(HANG_GUARD).await;
+    let text = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
+    assert!(closed, "the connection stayed open: {text}");
+    assert!(text.starts_with("http/1.1 501"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert_eq!(text.matches("http/1.1 ").count(), 1, "{text}");
+    assert_eq!(up.requests.get(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_chunked_encoding_is_rejected() {
     let up = upstream().route("/sink", sink).start().await;
