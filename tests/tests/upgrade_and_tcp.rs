@@ -285,12 +285,8 @@ async fn a_routes_idle_timeout_bounds_its_tunnels() {
         (up.closed.get() == 1).then_some(())
     })
     .await;
-    let line = eventually(HANG_GUARD, "the tunnel's access-log line", || async {
-        let text = std::fs::read_to_string(&log).ok()?;
-        let line = text.lines().next()?.to_string();
-        Some(serde_json::from_str::<serde_json::Value>(&line).unwrap())
-    })
-    .await;
+    let lines = access_log_until(&log, "the tunnel's line", |l| !l.is_empty()).await;
+    let line = &lines[0];
     assert_eq!(line["status"], 101, "{line}");
     assert_eq!(line["cause"], "idle_timeout", "{line}");
     lg.assert_stat(r#"legate_listener_connections_active{listener="web"}"#, 0.0)
@@ -334,12 +330,8 @@ async fn max_connection_duration_bounds_a_tunnel() {
     // The listener's idle timeout (60s) is not what closes it.
     let (_, closed) = c.read_until_close(HANG_GUARD).await;
     assert!(closed, "the tunnel outlived max_connection_duration");
-    let line = eventually(HANG_GUARD, "the tunnel's access-log line", || async {
-        let text = std::fs::read_to_string(&log).ok()?;
-        let line = text.lines().next()?.to_string();
-        Some(serde_json::from_str::<serde_json::Value>(&line).unwrap())
-    })
-    .await;
+    let lines = access_log_until(&log, "the tunnel's line", |l| !l.is_empty()).await;
+    let line = &lines[0];
     assert_eq!(line["status"], 101, "{line}");
     assert_eq!(line["cause"], "max_connection_duration", "{line}");
     lg.assert_stat(
