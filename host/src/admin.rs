@@ -4,7 +4,7 @@
 //! | path | method | answer |
 //! |---|---|---|
 //! | `/ready` | GET | 200 `LIVE`; 503 `INITIALIZING` while the process starts (compiling plugins: [`serve_starting`]); 503 `WARMING` (with the clusters) while a `dns` cluster waits for its first answer at start (up to its `initial_fetch_timeout`), 503 `DRAINING` once a drain started |
-//! | `/stats`, `/stats/prometheus` | GET | every metric, Prometheus text format 0.0.4; `?filter=REGEX` keeps the families whose name matches ([`stats_query`]) |
+//! | `/stats`, `/stats/prometheus` | GET | every metric, Prometheus text format 0.0.4; `?filter=REGEX` keeps the families whose name matches, `?usedonly` the series counted at all ([`stats_query`], [`used_only`]) |
 //! | `/server_info` | GET | version, state (`LIVE`, `WARMING`, `DRAINING`), start time and uptime, config file and generation, each listener's bound address, as JSON ([`server_info`]; Envoy's `/server_info` and `/listeners`) |
 //! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
 //! | `/certs` | GET | every TLS certificate in force (listeners' served chains and client CAs, clusters' client chains and CAs): path, subject, serial, SANs, validity and days left, as JSON ([`certs_json`]; Envoy's `/certs`) |
@@ -399,8 +399,8 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         },
         (&Method::GET, "/server_info") => json(&server_info(shared)),
         (&Method::GET, "/stats" | "/stats/prometheus") => {
-            let filter = match stats_query(req.uri().query()) {
-                Ok(f) => f,
+            let StatsQuery { filter, used } = match stats_query(req.uri().query()) {
+                Ok(q) => q,
                 Err(e) => return text(StatusCode::BAD_REQUEST, e),
             };
             let mut body = shared.stats.render();
@@ -420,6 +420,9 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             render_cert_stats(&certificates_in_force(shared), &mut body);
             if let Some(re) = filter {
                 body = only_families(&body, &re);
+            }
+            if used {
+                body = used_only(&body);
             }
             with_type(
                 text(StatusCode::OK, body),
@@ -521,7 +524,7 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 const INDEX: &str = "Legate admin
   GET  /ready
   GET  /server_info
-  GET  /stats[?filter=REGEX] (also /stats/prometheus)
+  GET  /stats[?filter=REGEX][&usedonly] (also /stats/prometheus)
   GET  /clusters
   GET  /certs
   GET  /config_dump
@@ -617,20 +620,37 @@ fn server_info(shared: &Shared) -> serde_json::Value {
     })
 }
 
+/// What `GET /stats` was asked for ([`stats_query`]).
+#[derive(Debug, Default)]
+struct StatsQuery {
+    /// `filter=REGEX`: the families whose name matches.
+    filter: Option<regex::Regex>,
+    /// `usedonly`: the series counted at all ([`used_only`]).
+    used: bool,
+}
+
 /// The query of `GET /stats`: `filter=REGEX` keeps the families whose name
-/// the regex finds (unanchored, as Envoy's `filter`), and `format=prometheus`
-/// (what `/stats` is anyway) is accepted. Anything else is refused (`Err`:
-/// the 400's text) rather than ignored: a scrape that asked for a filter or a
-/// format it does not get would show the whole page, or another format, as
-/// if that were the answer.
-fn stats_query(query: Option<&str>) -> Result<Option<regex::Regex>, String> {
-    let mut filter = None;
+/// the regex finds (unanchored, as Envoy's `filter`), `usedonly` the series
+/// that counted anything (Envoy's), and `format=prometheus` (what `/stats`
+/// is anyway) is accepted. Anything else is refused (`Err`: the 400's text)
+/// rather than ignored: a scrape that asked for a filter or a format it does
+/// not get would show the whole page, or another format, as if that were the
+/// answer.
+fn stats_query(query: Option<&str>) -> Result<StatsQuery, String> {
+    let mut q = StatsQuery::default();
     for (key, value) in query_pairs(query) {
         match key {
+            // A flag, as Envoy's (`?usedonly`); `usedonly=true` too.
+            "usedonly" if value.is_empty() || value == "true" => q.used = true,
+            "usedonly" => {
+                return Err(format!(
+                    "`usedonly={value}`: `usedonly` is a flag (`/stats?usedonly`)\n"
+                ))
+            }
             "filter" if !value.is_empty() => {
                 let re = regex::Regex::new(&value)
                     .map_err(|e| format!("`filter` is not a regular expression: {e}\n"))?;
-                filter = Some(re);
+                q.filter = Some(re);
             }
             "filter" => {}
             "format" if value == "prometheus" => {}
@@ -643,12 +663,113 @@ fn stats_query(query: Option<&str>) -> Result<Option<regex::Regex>, String> {
             _ => {
                 return Err(format!(
                     "unknown /stats parameter `{key}`; /stats takes `filter=REGEX` (the \
-                     metric families whose name matches) and `format=prometheus`\n"
+                     metric families whose name matches), `usedonly` (the series that \
+                     counted anything) and `format=prometheus`\n"
                 ))
             }
         }
     }
-    Ok(filter)
+    Ok(q)
+}
+
+/// `?usedonly`: the series that counted anything, as Envoy's `usedonly`
+/// leaves out the stats nothing wrote. Legate does not track writes, so a
+/// series is used when its value is not 0 (a histogram's, when its `_count`
+/// is not); a family left with no series goes whole (`# HELP`, `# TYPE`). A
+/// gauge back at 0 (no connection open now) goes too: scrape without the
+/// flag for a series that must always be there.
+fn used_only(page: &str) -> String {
+    let mut out = String::with_capacity(page.len() / 2);
+    // The current family: its comment lines, whether it is a histogram, and
+    // its sample lines (a histogram's grouped by series).
+    let mut head = String::new();
+    let mut histogram = false;
+    let mut samples: Vec<&str> = Vec::new();
+    let flush = |head: &mut String, histogram: bool, samples: &mut Vec<&str>, out: &mut String| {
+        let kept = if histogram {
+            used_histogram_lines(samples)
+        } else {
+            samples
+                .iter()
+                .copied()
+                .filter(|l| sample_value(l).is_some_and(|v| v != 0.0))
+                .collect()
+        };
+        if !kept.is_empty() {
+            out.push_str(head);
+            kept.iter().for_each(|l| out.push_str(l));
+        }
+        head.clear();
+        samples.clear();
+    };
+    for line in page.split_inclusive('\n') {
+        if line.starts_with("# HELP ") {
+            flush(&mut head, histogram, &mut samples, &mut out);
+            histogram = false;
+        }
+        if line.starts_with('#') {
+            if line.starts_with("# TYPE ") {
+                histogram = line.trim_end().ends_with(" histogram");
+            }
+            head.push_str(line);
+        } else if !line.trim().is_empty() {
+            samples.push(line);
+        }
+    }
+    flush(&mut head, histogram, &mut samples, &mut out);
+    out
+}
+
+/// The value of a sample line (`name{labels} value`).
+fn sample_value(line: &str) -> Option<f64> {
+    line.trim_end().rsplit(' ').next()?.parse().ok()
+}
+
+/// The lines of a histogram family's series whose `_count` is not 0. A
+/// series is its labels but `le`.
+fn used_histogram_lines<'a>(samples: &[&'a str]) -> Vec<&'a str> {
+    let series = |l: &str| -> String {
+        let name_end = l.find(['{', ' ']).unwrap_or(l.len());
+        let inner = l[name_end..]
+            .strip_prefix('{')
+            .and_then(|r| r.rsplit_once('}'))
+            .map_or("", |(inner, _)| inner);
+        // Without its `le="..."` (a quote in a value is escaped: `\"`).
+        match inner
+            .match_indices("le=\"")
+            .map(|(at, _)| at)
+            .find(|&at| at == 0 || inner[..at].ends_with(','))
+        {
+            Some(at) => {
+                let after = &inner[at + 4..];
+                let end = after.find('"').map_or(after.len(), |e| e + 1);
+                let (before, rest) = (
+                    inner[..at].trim_end_matches(','),
+                    after[end..].trim_start_matches(','),
+                );
+                let comma = if before.is_empty() || rest.is_empty() {
+                    ""
+                } else {
+                    ","
+                };
+                format!("{before}{comma}{rest}")
+            }
+            None => inner.to_string(),
+        }
+    };
+    let used: std::collections::HashSet<String> = samples
+        .iter()
+        .filter(|l| {
+            let name_end = l.find(['{', ' ']).unwrap_or(l.len());
+            l[..name_end].ends_with("_count") && sample_value(l).is_some_and(|v| v != 0.0)
+        })
+        .map(|l| series(l))
+        .collect();
+    samples
+        .iter()
+        .copied()
+        .filter(|l| used.contains(&series(l)))
+        .collect()
 }
 
 /// The `key=value` pairs of an admin query, values percent-decoded (a `+`
@@ -1085,6 +1206,7 @@ mod tests {
     fn stats_filter_keeps_whole_families_by_name() {
         let re = stats_query(Some("filter=cluster_upstream_rq%5Ftotal"))
             .unwrap()
+            .filter
             .unwrap();
         assert_eq!(
             only_families(PAGE, &re),
@@ -1095,10 +1217,52 @@ mod tests {
         // Unanchored, `+` kept as a regex operator; no match: nothing.
         let re = stats_query(Some("filter=^legate_a+_total$"))
             .unwrap()
+            .filter
             .unwrap();
         assert!(only_families(PAGE, &re).starts_with("# HELP legate_a_total"));
-        let re = stats_query(Some("filter=nothing")).unwrap().unwrap();
+        let re = stats_query(Some("filter=nothing")).unwrap().filter.unwrap();
         assert_eq!(only_families(PAGE, &re), "");
+    }
+
+    /// `usedonly` keeps the series that counted, a histogram's whole when
+    /// its `_count` is not 0, and drops the families left empty.
+    #[test]
+    fn used_only_keeps_the_series_that_counted() {
+        let page = "# HELP legate_a_total A.\n\
+                    # TYPE legate_a_total counter\n\
+                    legate_a_total{x=\"1\"} 0\n\
+                    legate_a_total{x=\"2\"} 3\n\
+                    # HELP legate_b_total B.\n\
+                    # TYPE legate_b_total counter\n\
+                    legate_b_total 0\n\
+                    # HELP legate_h_seconds H.\n\
+                    # TYPE legate_h_seconds histogram\n\
+                    legate_h_seconds_bucket{r=\"a\",le=\"0.1\"} 0\n\
+                    legate_h_seconds_bucket{r=\"a\",le=\"+Inf\"} 2\n\
+                    legate_h_seconds_sum{r=\"a\"} 0.5\n\
+                    legate_h_seconds_count{r=\"a\"} 2\n\
+                    legate_h_seconds_bucket{r=\"b\",le=\"0.1\"} 0\n\
+                    legate_h_seconds_bucket{r=\"b\",le=\"+Inf\"} 0\n\
+                    legate_h_seconds_sum{r=\"b\"} 0\n\
+                    legate_h_seconds_count{r=\"b\"} 0\n\
+                    # HELP legate_g G.\n\
+                    # TYPE legate_g gauge\n\
+                    legate_g{path=\"/a b\"} 1.5\n";
+        assert_eq!(
+            used_only(page),
+            "# HELP legate_a_total A.\n\
+             # TYPE legate_a_total counter\n\
+             legate_a_total{x=\"2\"} 3\n\
+             # HELP legate_h_seconds H.\n\
+             # TYPE legate_h_seconds histogram\n\
+             legate_h_seconds_bucket{r=\"a\",le=\"0.1\"} 0\n\
+             legate_h_seconds_bucket{r=\"a\",le=\"+Inf\"} 2\n\
+             legate_h_seconds_sum{r=\"a\"} 0.5\n\
+             legate_h_seconds_count{r=\"a\"} 2\n\
+             # HELP legate_g G.\n\
+             # TYPE legate_g gauge\n\
+             legate_g{path=\"/a b\"} 1.5\n"
+        );
     }
 
     fn body(r: Response<Full<Bytes>>) -> (u16, String) {
@@ -1163,13 +1327,17 @@ mod tests {
 
     #[test]
     fn stats_query_refuses_what_it_does_not_do() {
-        assert!(stats_query(None).unwrap().is_none());
+        assert!(stats_query(None).unwrap().filter.is_none());
         assert!(stats_query(Some("format=prometheus&filter="))
             .unwrap()
+            .filter
             .is_none());
+        assert!(stats_query(Some("usedonly")).unwrap().used);
+        assert!(!stats_query(None).unwrap().used);
         for (q, says) in [
             ("format=json", "`format=json` is not served"),
-            ("usedonly", "unknown /stats parameter `usedonly`"),
+            ("usedonly=no", "`usedonly` is a flag"),
+            ("used", "unknown /stats parameter `used`"),
             ("filter=(", "`filter` is not a regular expression"),
         ] {
             let e = stats_query(Some(q)).unwrap_err();

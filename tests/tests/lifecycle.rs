@@ -578,12 +578,26 @@ async fn stats_prometheus_path_and_filter() {
         "{text}"
     );
 
+    // `usedonly` (Envoy's): the 2xx counted, not the 5xx nothing counted;
+    // with `filter`, both apply.
+    let r = admin
+        .get("/stats/prometheus?usedonly&filter=listener_requests_total")
+        .send()
+        .await;
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(
+        text.contains("legate_listener_requests_total{listener=\"web\",class=\"2xx\"} 1\n"),
+        "{text}"
+    );
+    assert!(!text.contains("class=\"5xx\""), "{text}");
+    let all = admin.get("/stats").send().await.text();
+    assert!(all.contains("class=\"5xx\"} 0\n"), "{all}");
+
     for (path, says) in [
         ("/stats?format=json", "`format=json` is not served"),
-        (
-            "/stats/prometheus?usedonly",
-            "unknown /stats parameter `usedonly`",
-        ),
+        ("/stats/prometheus?usedonly=no", "`usedonly` is a flag"),
+        ("/stats?used", "unknown /stats parameter `used`"),
         ("/stats?filter=(", "`filter` is not a regular expression"),
     ] {
         let r = admin.get(path).send().await;
