@@ -940,6 +940,14 @@ async fn proxy(
             }
         }
         let received = resp.version();
+        // RFC 9110 §15.5.22: a 426 names in `Upgrade` (with `Connection:
+        // upgrade`) the protocols the client must switch to; hop-by-hop, it
+        // would be stripped and the 426 say nothing. HTTP/1.1 clients only:
+        // HTTP/2 has no `Upgrade`.
+        let upgrade_required = (resp.status() == StatusCode::UPGRADE_REQUIRED
+            && parts.version < Version::HTTP_2)
+            .then(|| resp.headers().get(header::UPGRADE).cloned())
+            .flatten();
         finish_response_headers(
             &matched,
             http.via.as_deref(),
@@ -947,6 +955,11 @@ async fn proxy(
             resp.headers_mut(),
             switching,
         );
+        if let Some(protocols) = upgrade_required {
+            let h = resp.headers_mut();
+            h.insert(header::UPGRADE, protocols);
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
         if resp.version() != Version::HTTP_11 || parts.version == Version::HTTP_2 {
             // The downstream protocol sets the response framing; hyper picks it.
             *resp.version_mut() = parts.version;

@@ -341,6 +341,40 @@ async fn max_connection_duration_bounds_a_tunnel() {
     .await;
 }
 
+each_proto!(
+    /// An upstream's `426 Upgrade Required` keeps its `Upgrade` (with
+    /// `Connection: upgrade`) for an HTTP/1.1 client, as RFC 9110 §15.5.22
+    /// wants: hop-by-hop, it was stripped, and the 426 named no protocol to
+    /// switch to. An HTTP/2 client, whose protocol has no `Upgrade`, gets none.
+    async fn a_426_keeps_its_upgrade_header(proto) {
+        let up = upstream()
+            .route("/legacy", |_req| async {
+                let mut r = Response::new(Full::new(Bytes::from_static(b"use TLS")));
+                *r.status_mut() = StatusCode::UPGRADE_REQUIRED;
+                let h = r.headers_mut();
+                h.insert("upgrade", HeaderValue::from_static("TLS/1.2, HTTP/1.1"));
+                h.insert("connection", HeaderValue::from_static("Upgrade"));
+                r
+            })
+            .start()
+            .await;
+        let lg = legate().config(&simple_config(&[up.addr])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/legacy").send().await;
+        assert_eq!(r.status, 426);
+        assert_eq!(r.text(), "use TLS");
+        match proto {
+            Proto::H1 => {
+                assert_eq!(r.header("upgrade"), Some("TLS/1.2, HTTP/1.1"));
+                assert_eq!(r.header("connection"), Some("upgrade"));
+            }
+            Proto::H2 => assert_eq!(r.header("upgrade"), None),
+        }
+        // The connection still serves.
+        assert_eq!(c.get("/next").send().await.status, 200);
+    }
+);
+
 /// The upstream side of a WebSocket tunnel stays counted until the tunnel
 /// closes, as Envoy's: the connection (`upstream_cx_active`, the endpoint's
 /// `cx_active`) and the attempt (`upstream_rq_active`, the endpoint's
