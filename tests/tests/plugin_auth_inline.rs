@@ -123,3 +123,59 @@ each_proto!(
         assert_eq!(up.requests.get(), 3);
     }
 );
+
+/// A config auth refuses is told at the key its message names, as the
+/// schema's own errors are: `legate check` prints `FILE:LINE:COL` of that key
+/// and quotes its line. Before, auth's checks said `providers[0].issuer: ...`,
+/// a form the host does not read, so every such error was placed at the
+/// plugin's `config:` key, however deep the mistake was.
+#[test]
+fn a_config_auth_refuses_is_placed_at_the_key_it_names() {
+    let good = config("127.0.0.1:9".parse().unwrap());
+    let dir = TempDir::new();
+    for (from, to, key, want) in [
+        (
+            "issuer: https://demo.legate.local",
+            "issuer: \"\"",
+            "issuer",
+            "invalid config: field `providers[0].issuer`: must not be empty",
+        ),
+        (
+            "requires: { any: [demo, keys] }",
+            "requires: { any: [demo, kyes] }",
+            "kyes",
+            "invalid config: field `rules[1].requires.any[1]`: no provider, api_keys or basic \
+             entry is named \"kyes\"",
+        ),
+        (
+            "kty: oct, kid: demo, alg: HS256, k: bGVnYXRlLWRlbW8tc2VjcmV0LW5vdC1mb3ItcHJvZHVjdGlvbiEh",
+            "kty: oct, kid: demo, alg: HS256, k: c2hvcnQ",
+            "{ kty",
+            "invalid config: field `providers[0].jwks.keys[0]`: HS256 secret is 5 bytes",
+        ),
+    ] {
+        assert!(good.contains(from), "{from}");
+        let bad = good.replace(from, to);
+        let (line, text) = bad
+            .lines()
+            .enumerate()
+            .find(|(_, l)| l.contains(to))
+            .unwrap();
+        let col = text.find(key).unwrap() + 1;
+        let file = dir.write("bad.yaml", &bad);
+        let out = std::process::Command::new(workspace_bin("legate"))
+            .args(["check", "-c"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "legate check accepted it: {stderr}");
+        let place = format!(
+            "{}:{}:{col}: error: plugin `auth`: configure failed: {want}",
+            file.display(),
+            line + 1
+        );
+        assert!(stderr.starts_with(&place), "wanted {place}\n{stderr}");
+        assert!(stderr.contains(text.trim()), "the line is quoted: {stderr}");
+    }
+}
