@@ -76,21 +76,21 @@ impl Transcoder {
     pub fn new(config: &Config, descriptor_set: &[u8]) -> Result<Transcoder, String> {
         let pool = DescriptorPool::decode(descriptor_set).map_err(|e| {
             format!(
-                "descriptor file {:?} is not a valid FileDescriptorSet: {e} (build it with `protoc --include_imports --descriptor_set_out=FILE ...`)",
+                "invalid config: field `descriptor_file`: descriptor file {:?} is not a valid FileDescriptorSet: {e} (build it with `protoc --include_imports --descriptor_set_out=FILE ...`)",
                 config.descriptor_file
             )
         })?;
         if config.services.is_empty() {
-            return Err("invalid config: `services` is empty: name the services to transcode (package.Service)".into());
+            return Err("invalid config: field `services`: the list is empty: name the services to transcode (package.Service)".into());
         }
         let http = pool.get_extension_by_name("google.api.http");
         let mut rules = Vec::new();
-        for name in &config.services {
+        for (i, name) in config.services.iter().enumerate() {
             let Some(service) = pool.get_service_by_name(name) else {
                 let known: Vec<String> =
                     pool.services().map(|s| s.full_name().to_owned()).collect();
                 return Err(format!(
-                    "invalid config: service {name:?} is not in descriptor file {:?}; it has: {}",
+                    "invalid config: field `services[{i}]`: service {name:?} is not in descriptor file {:?}; it has: {}",
                     config.descriptor_file,
                     if known.is_empty() {
                         "no services".to_owned()
@@ -101,7 +101,7 @@ impl Transcoder {
             };
             let Some(http) = &http else {
                 return Err(format!(
-                    "descriptor file {:?} has no google.api.http extension: import google/api/annotations.proto in the service's .proto and build the set with its imports (`protoc --include_imports`)",
+                    "invalid config: field `descriptor_file`: descriptor file {:?} has no google.api.http extension: import google/api/annotations.proto in the service's .proto and build the set with its imports (`protoc --include_imports`)",
                     config.descriptor_file
                 ));
             };
@@ -120,7 +120,7 @@ impl Transcoder {
         }
         if rules.is_empty() {
             return Err(format!(
-                "services {} have no method with a google.api.http option: nothing to transcode",
+                "invalid config: field `services`: services {} have no method with a google.api.http option: nothing to transcode",
                 config.services.join(", ")
             ));
         }
