@@ -32,6 +32,14 @@ pub struct Config {
     /// one of all the configured authenticators.
     #[serde(default)]
     pub rules: Option<Vec<RuleConfig>>,
+    /// Let CORS preflights (`OPTIONS` with `Origin` and
+    /// `Access-Control-Request-Method`) through unchecked, as Envoy's
+    /// jwt_authn `bypass_cors_preflight`: browsers send them without
+    /// credentials, so a rule that requires one would answer them 401 and the
+    /// browser would never send the real request. Default `false`, as Envoy:
+    /// nothing passes unchecked unless the config says so.
+    #[serde(default)]
+    pub bypass_cors_preflight: bool,
 }
 
 fn default_realm() -> String {
@@ -533,6 +541,8 @@ pub struct Settings {
     /// Rules, shared: a request's rule is borrowed while the filter (and its
     /// caches) are borrowed mutably.
     pub rules: std::rc::Rc<[Rule]>,
+    /// CORS preflights pass unchecked ([`Config::bypass_cors_preflight`]).
+    pub bypass_cors_preflight: bool,
     /// Every request header removed before anything else, so a client cannot
     /// forge an identity: each identity header the plugin writes
     /// ([`identity_headers`]) and, for a name with `-`, its `_` spelling
@@ -1300,6 +1310,7 @@ impl Config {
         strip_headers.sort();
         strip_headers.dedup();
         Ok(Settings {
+            bypass_cors_preflight: self.bypass_cors_preflight,
             realm: self.realm,
             providers,
             api_keys,

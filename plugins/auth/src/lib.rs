@@ -94,6 +94,8 @@ struct Counters {
     allowed: Counter,
     anonymous: Counter,
     public: Counter,
+    /// CORS preflights let through by `bypass_cors_preflight`.
+    cors_preflight: Counter,
     missing: Counter,
     invalid: Counter,
     forbidden: Counter,
@@ -192,6 +194,7 @@ impl Counters {
             allowed: l(&d, "allowed")?,
             anonymous: l(&d, "anonymous")?,
             public: l(&d, "public")?,
+            cors_preflight: l(&d, "cors_preflight")?,
             missing: l(&d, "missing_credentials")?,
             invalid: l(&d, "invalid_credentials")?,
             forbidden: l(&d, "forbidden")?,
@@ -421,6 +424,12 @@ impl AuthFilter {
             // Failing to remove is only possible outside the write window,
             // which a request-headers call is not.
             let _ = headers.remove(h);
+        }
+        // After the identity headers are gone: a preflight reaches the
+        // upstream with no identity, as any unauthenticated request.
+        if self.s.bypass_cors_preflight && is_cors_preflight(exchange, headers) {
+            self.counters.cors_preflight.inc();
+            return Action::Continue;
         }
         let path = exchange.path();
         let path_only = path.split('?').next().unwrap_or("");
@@ -1164,6 +1173,14 @@ fn find_credential(sources: &[Source], headers: &Headers<'_>, path: &str) -> Opt
         }
     }
     None
+}
+
+/// A CORS preflight as browsers send it, read as Envoy's jwt_authn reads it
+/// (its `isCorsPreflightRequest`): `OPTIONS` with a non-empty `Origin` and
+/// `Access-Control-Request-Method`.
+fn is_cors_preflight(exchange: &Exchange<'_>, headers: &Headers<'_>) -> bool {
+    let present = |name: &str| headers.get(name).is_some_and(|v| !v.is_empty());
+    exchange.method() == "OPTIONS" && present("origin") && present("access-control-request-method")
 }
 
 fn percent_decode(s: &str) -> Option<String> {

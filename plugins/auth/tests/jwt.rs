@@ -620,3 +620,69 @@ fn a_wrong_audience_is_403_only_for_an_otherwise_valid_token() {
         "bad signature, wrong aud",
     );
 }
+
+/// A CORS preflight carries no credential (browsers never send one), so a
+/// rule that requires one answers it 401 and the browser never sends the real
+/// request. `bypass_cors_preflight: true` lets it through unchecked, as
+/// Envoy's jwt_authn option of that name; identity headers are still removed.
+/// Off (the default), a preflight is checked like any request.
+#[test]
+fn cors_preflights_pass_unchecked_only_with_bypass_cors_preflight() {
+    let s = Signer::new("HS256");
+    let base = json!({
+        "providers": [provider(jwks(&[s.jwk("k1")]))],
+        "rules": [{"match": {"prefix": "/api"}, "requires": {"any": ["corp"]}}]
+    });
+    let preflight = || {
+        Request::new("OPTIONS", "/api/x")
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization")
+            .header("x-user", "root")
+    };
+
+    let mut t = filter(base.clone());
+    let r = respond(t.exchange(preflight()).request_headers());
+    assert_eq!(r.status, 401, "checked like any request by default");
+    assert_eq!(
+        t.host()
+            .counter("auth_decisions_total", &["cors_preflight"]),
+        Some(0)
+    );
+
+    let mut cfg = base;
+    cfg["bypass_cors_preflight"] = json!(true);
+    let mut t = filter(cfg);
+    let mut x = t.exchange(preflight());
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(
+        x.request_header("x-user"),
+        None,
+        "a forged identity is removed"
+    );
+    drop(x);
+    // Not a preflight: an OPTIONS without `Origin` or without
+    // `Access-Control-Request-Method`, or another method with both.
+    for req in [
+        Request::new("OPTIONS", "/api/x").header("access-control-request-method", "POST"),
+        Request::new("OPTIONS", "/api/x").header("origin", "https://app.example.com"),
+        Request::new("OPTIONS", "/api/x")
+            .header("origin", "")
+            .header("access-control-request-method", "POST"),
+        Request::get("/api/x")
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", "GET"),
+    ] {
+        let r = respond(t.exchange(req).request_headers());
+        assert_eq!(r.status, 401);
+    }
+    let h = t.host();
+    assert_eq!(
+        h.counter("auth_decisions_total", &["cors_preflight"]),
+        Some(1)
+    );
+    assert_eq!(
+        h.counter("auth_decisions_total", &["missing_credentials"]),
+        Some(4)
+    );
+}
