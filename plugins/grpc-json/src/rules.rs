@@ -67,6 +67,7 @@ pub struct Transcoder {
     pub rules: Vec<Rule>,
     print: PrintOptions,
     ignored_query_parameters: Vec<String>,
+    ignore_unknown_query_parameters: bool,
     query_param_unescape_plus: bool,
 }
 
@@ -143,6 +144,7 @@ impl Transcoder {
             rules,
             print: config.print_options.clone(),
             ignored_query_parameters: config.ignored_query_parameters.clone(),
+            ignore_unknown_query_parameters: config.ignore_unknown_query_parameters,
             query_param_unescape_plus: config.query_param_unescape_plus,
         })
     }
@@ -296,6 +298,9 @@ impl Transcoder {
                 continue;
             }
             if matches!(rule.body, BodyMapping::All) {
+                if self.ignore_unknown_query_parameters {
+                    continue;
+                }
                 return Err(format!(
                     "query parameter {key:?} is not allowed: every field of {} is in the body",
                     input.full_name()
@@ -309,10 +314,12 @@ impl Transcoder {
             // saw it. Ignored, as grpc-gateway does (Envoy's transcoder adds
             // the query's bindings after the path's without leaving these
             // out).
-            if let Ok(fields) = field_path(&input, &path) {
-                if path_bound.iter().any(|p| fields.starts_with(p)) {
-                    continue;
-                }
+            match field_path(&input, &path) {
+                Ok(fields) if path_bound.iter().any(|p| fields.starts_with(p)) => continue,
+                // Names no field: `bind` below says so (400), unless such
+                // parameters are ignored.
+                Err(_) if self.ignore_unknown_query_parameters => continue,
+                _ => {}
             }
             let value = percent_decode(v, false, plus)?;
             bound.push(

@@ -72,7 +72,8 @@ fn valid_config_loads_with_defaults() {
         r#"{"descriptor_file": "protos", "services": ["legate.test.v1.Echo"],
             "print_options": {"add_whitespace": true, "always_print_primitive_fields": true,
                               "always_print_enums_as_ints": true, "preserve_proto_field_names": true},
-            "ignored_query_parameters": ["key"], "query_param_unescape_plus": true}"#,
+            "ignored_query_parameters": ["key"], "ignore_unknown_query_parameters": true,
+            "query_param_unescape_plus": true}"#,
     )
     .unwrap();
 }
