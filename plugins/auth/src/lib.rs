@@ -241,8 +241,12 @@ enum Authn {
     Ok(Identity),
     /// No credential for any authenticator.
     Missing,
-    /// A credential was present and bad.
-    Invalid(String),
+    /// A credential was present and bad; `token`: a JWT provider's was
+    /// (the Bearer challenge then says `error="invalid_token"`).
+    Invalid {
+        reason: String,
+        token: bool,
+    },
     /// Authenticated, but the rule's claims are not met.
     Forbidden(String),
     /// A token verified (signature, issuer, time) but minted for another
@@ -534,16 +538,16 @@ impl AuthFilter {
             }
             Authn::Missing => {
                 self.counters.missing.inc();
-                Action::Respond(self.unauthorized(rule, None))
+                Action::Respond(self.unauthorized(rule, None, false))
             }
-            Authn::Invalid(reason) => {
+            Authn::Invalid { reason, token } => {
                 self.counters.invalid.inc();
                 debug!(
                     "auth: {} {}: rejected: {reason}",
                     exchange.method(),
                     exchange.request_id()
                 );
-                Action::Respond(self.unauthorized(rule, Some(&reason)))
+                Action::Respond(self.unauthorized(rule, Some(&reason), token))
             }
             Authn::Audience(reason) => {
                 self.counters.invalid.inc();
@@ -796,7 +800,13 @@ impl AuthFilter {
         }
     }
 
-    fn unauthorized(&self, rule: &Rule, invalid: Option<&str>) -> LocalResponse {
+    /// The 401 for `rule`: `invalid` is the reason a credential was refused
+    /// (none: there was none); `bad_token`: a JWT provider's token was among
+    /// them. Only then does the Bearer challenge say `error="invalid_token"`
+    /// (RFC 6750 §3.1: the access token provided is invalid): an OAuth
+    /// client reading it drops or refreshes its token, which a wrong API key
+    /// or password says nothing about.
+    fn unauthorized(&self, rule: &Rule, invalid: Option<&str>, bad_token: bool) -> LocalResponse {
         let mut resp = json_response(
             401,
             "unauthorized",
@@ -823,9 +833,10 @@ impl AuthFilter {
             }
         }
         if bearer {
-            let v = match invalid {
-                Some(_) => format!("Bearer realm=\"{realm}\", error=\"invalid_token\""),
-                None => format!("Bearer realm=\"{realm}\""),
+            let v = if bad_token {
+                format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")
+            } else {
+                format!("Bearer realm=\"{realm}\"")
             };
             resp = resp.header("www-authenticate", v);
         }
@@ -843,6 +854,8 @@ impl AuthFilter {
         may_fetch: bool,
     ) -> Authn {
         let mut invalid: Option<String> = None;
+        // A JWT provider's token is among the invalid credentials.
+        let mut bad_token = false;
         let mut audience: Option<String> = None;
         let mut forbidden: Option<String> = None;
         let mut pending: Option<Authn> = None;
@@ -895,6 +908,7 @@ impl AuthFilter {
                             let slot = if e == JwtError::Audience {
                                 &mut audience
                             } else {
+                                bad_token = true;
                                 &mut invalid
                             };
                             slot.get_or_insert_with(|| e.to_string());
@@ -960,7 +974,10 @@ impl AuthFilter {
             return Authn::Audience(a);
         }
         if let Some(e) = invalid {
-            return Authn::Invalid(e);
+            return Authn::Invalid {
+                reason: e,
+                token: bad_token,
+            };
         }
         Authn::Missing
     }
