@@ -856,6 +856,10 @@ impl AuthFilter {
         let mut invalid: Option<String> = None;
         // A JWT provider's token is among the invalid credentials.
         let mut bad_token = false;
+        // "wrong issuer": the token is another provider's, whose own refusal
+        // (say "bad signature", after a key rotation) is the one to tell, so
+        // it comes last.
+        let mut other_issuer: Option<String> = None;
         let mut audience: Option<String> = None;
         let mut forbidden: Option<String> = None;
         let mut pending: Option<Authn> = None;
@@ -905,11 +909,11 @@ impl AuthFilter {
                         }
                         Err(JwtCheck::Bad(e)) => {
                             debug!("auth: provider {:?}: {e}", p.name);
-                            let slot = if e == JwtError::Audience {
-                                &mut audience
-                            } else {
-                                bad_token = true;
-                                &mut invalid
+                            bad_token |= e != JwtError::Audience;
+                            let slot = match e {
+                                JwtError::Audience => &mut audience,
+                                JwtError::Issuer => &mut other_issuer,
+                                _ => &mut invalid,
                             };
                             slot.get_or_insert_with(|| e.to_string());
                         }
@@ -973,7 +977,7 @@ impl AuthFilter {
         if let Some(a) = audience {
             return Authn::Audience(a);
         }
-        if let Some(e) = invalid {
+        if let Some(e) = invalid.or(other_issuer) {
             return Authn::Invalid {
                 reason: e,
                 token: bad_token,

@@ -392,6 +392,34 @@ fn two_providers_on_one_header_pick_by_issuer() {
     assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
 }
 
+/// Two providers on one header: a token refused by its own provider (its
+/// issuer's) is answered with that provider's reason, not with "wrong issuer"
+/// from a provider listed before it. The case: a key rotation at `partner`,
+/// whose tokens still carry a `kid` that `corp` also uses, signed with the
+/// old key; `corp` says "wrong issuer", `partner` "bad signature", and the
+/// operator needs the second. Before, the first provider's reason won.
+#[test]
+fn a_refused_token_gets_its_own_providers_reason() {
+    let old = Signer::new("ES256");
+    let new = Signer::new("ES256");
+    let corp = provider(jwks(&[old.jwk("k1")]));
+    let mut partner = provider(jwks(&[new.jwk("k1")]));
+    partner["name"] = json!("partner");
+    partner["issuer"] = json!("https://partner.example");
+    let mut t = filter(json!({"providers": [corp, partner]}));
+    let token = old.token(Some("k1"), &claims("https://partner.example"));
+    let r = respond(t.exchange(bearer(&token)).request_headers());
+    assert_eq!(r.status, 401);
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["reason"], "bad signature");
+    // A token of an issuer no provider has is still "wrong issuer".
+    let token = old.token(Some("k1"), &claims("https://elsewhere.example"));
+    let r = respond(t.exchange(bearer(&token)).request_headers());
+    assert_eq!(r.status, 401);
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["reason"], "wrong issuer");
+}
+
 #[test]
 fn a_claims_failure_on_one_provider_does_not_block_a_later_one() {
     // Each provider's token is checked against the rule's claims on its own:
