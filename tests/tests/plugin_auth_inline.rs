@@ -123,3 +123,111 @@ each_proto!(
         assert_eq!(up.requests.get(), 3);
     }
 );
+
+/// A browser's CORS preflight for `GET /api/x` with `authorization`, and a
+/// forged identity header.
+async fn preflight(c: &mut Client) -> Resp {
+    c.request(Method::OPTIONS, "/api/x")
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "authorization")
+        .header("x-user", "mallory")
+        .send()
+        .await
+}
+
+each_proto!(
+    /// A browser's CORS preflight carries no credential, so without
+    /// `bypass_cors_preflight` auth answers it 401 and the browser never sends
+    /// the real call; with it, the preflight reaches the upstream (which
+    /// answers CORS), as behind Envoy's jwt_authn with the option of that name.
+    async fn cors_preflights_reach_the_upstream_with_bypass_cors_preflight(proto) {
+        let up = upstream().start().await;
+        let checked = config(up.addr);
+        let yaml = checked.replace(
+            "    config:\n      providers:",
+            "    config:\n      bypass_cors_preflight: true\n      providers:",
+        );
+        assert_ne!(yaml, checked);
+
+        let lg = legate().config(&checked).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = preflight(&mut c).await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert_eq!(up.requests.get(), 0);
+
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = preflight(&mut c).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let echo = r.echo();
+        assert_eq!(echo.header("access-control-request-method"), Some("GET"));
+        assert_eq!(echo.header("x-user"), None, "a forged identity is removed");
+        assert_eq!(up.requests.get(), 1);
+        // The real call still needs its credential.
+        let r = c.get("/api/x").header("origin", "https://app.example.com").send().await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert_eq!(up.requests.get(), 1);
+        lg.assert_stat(
+            r#"legate_plugin_auth_decisions_total{plugin="auth",result="cors_preflight"}"#,
+            1.0,
+        )
+        .await;
+    }
+);
+
+/// A config auth refuses is told at the key its message names, as the
+/// schema's own errors are: `legate check` prints `FILE:LINE:COL` of that key
+/// and quotes its line. Before, auth's checks said `providers[0].issuer: ...`,
+/// a form the host does not read, so every such error was placed at the
+/// plugin's `config:` key, however deep the mistake was.
+#[test]
+fn a_config_auth_refuses_is_placed_at_the_key_it_names() {
+    let good = config("127.0.0.1:9".parse().unwrap());
+    let dir = TempDir::new();
+    for (from, to, key, want) in [
+        (
+            "issuer: https://demo.legate.local",
+            "issuer: \"\"",
+            "issuer",
+            "invalid config: field `providers[0].issuer`: must not be empty",
+        ),
+        (
+            "requires: { any: [demo, keys] }",
+            "requires: { any: [demo, kyes] }",
+            "kyes",
+            "invalid config: field `rules[1].requires.any[1]`: no provider, api_keys or basic \
+             entry is named \"kyes\"",
+        ),
+        (
+            "kty: oct, kid: demo, alg: HS256, k: bGVnYXRlLWRlbW8tc2VjcmV0LW5vdC1mb3ItcHJvZHVjdGlvbiEh",
+            "kty: oct, kid: demo, alg: HS256, k: c2hvcnQ",
+            "{ kty",
+            "invalid config: field `providers[0].jwks.keys[0]`: HS256 secret is 5 bytes",
+        ),
+    ] {
+        assert!(good.contains(from), "{from}");
+        let bad = good.replace(from, to);
+        let (line, text) = bad
+            .lines()
+            .enumerate()
+            .find(|(_, l)| l.contains(to))
+            .unwrap();
+        let col = text.find(key).unwrap() + 1;
+        let file = dir.write("bad.yaml", &bad);
+        let out = std::process::Command::new(workspace_bin("legate"))
+            .args(["check", "-c"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "legate check accepted it: {stderr}");
+        let place = format!(
+            "{}:{}:{col}: error: plugin `auth`: configure failed: {want}",
+            file.display(),
+            line + 1
+        );
+        assert!(stderr.starts_with(&place), "wanted {place}\n{stderr}");
+        assert!(stderr.contains(text.trim()), "the line is quoted: {stderr}");
+    }
+}

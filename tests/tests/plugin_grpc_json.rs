@@ -492,6 +492,64 @@ async fn the_builtin_module_transcodes() {
     assert_eq!(r.json()["message"], "builtin");
 }
 
+/// A service the descriptor set does not have, or a descriptor file that is
+/// not granted, is told at its key (`services[1]`, `descriptor_file`) by
+/// `legate check`, as the schema's own errors are: before, these messages
+/// were not in the SDK's form, so the host placed them at `config:`.
+#[test]
+fn a_refused_service_or_descriptor_file_is_placed_at_its_key() {
+    let wasm = plugin_wasm("plugins/grpc-json").display().to_string();
+    let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let dir = TempDir::new();
+    for (yaml, marker, key, want) in [
+        (
+            config_with(
+                addr,
+                addr,
+                &wasm,
+                "[legate.test.v1.Echo, legate.test.v1.Nope]",
+            ),
+            "legate.test.v1.Nope]",
+            "legate.test.v1.Nope",
+            "invalid config: field `services[1]`: service \"legate.test.v1.Nope\" is not in \
+             descriptor file \"descriptors\"",
+        ),
+        (
+            config_with(
+                addr,
+                addr,
+                &wasm,
+                "[legate.test.v1.Echo]\n      descriptor_file: protos",
+            ),
+            "descriptor_file: protos",
+            "descriptor_file",
+            "invalid config: field `descriptor_file`: reading descriptor file \"protos\"",
+        ),
+    ] {
+        let (line, text) = yaml
+            .lines()
+            .enumerate()
+            .find(|(_, l)| l.contains(marker))
+            .unwrap();
+        let col = text.find(key).unwrap() + 1;
+        let file = dir.write("bad.yaml", &yaml);
+        let out = std::process::Command::new(workspace_bin("legate"))
+            .args(["check", "-c"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "legate check accepted it: {stderr}");
+        let place = format!(
+            "{}:{}:{col}: error: plugin `transcoder`: configure failed: {want}",
+            file.display(),
+            line + 1
+        );
+        assert!(stderr.starts_with(&place), "wanted {place}\n{stderr}");
+        assert!(stderr.contains(text.trim()), "the line is quoted: {stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configure_errors_reject_the_load() {
     let grpc = grpc_upstream().start().await;

@@ -32,6 +32,14 @@ pub struct Config {
     /// one of all the configured authenticators.
     #[serde(default)]
     pub rules: Option<Vec<RuleConfig>>,
+    /// Let CORS preflights (`OPTIONS` with `Origin` and
+    /// `Access-Control-Request-Method`) through unchecked, as Envoy's
+    /// jwt_authn `bypass_cors_preflight`: browsers send them without
+    /// credentials, so a rule that requires one would answer them 401 and the
+    /// browser would never send the real request. Default `false`, as Envoy:
+    /// nothing passes unchecked unless the config says so.
+    #[serde(default)]
+    pub bypass_cors_preflight: bool,
 }
 
 fn default_realm() -> String {
@@ -533,6 +541,8 @@ pub struct Settings {
     /// Rules, shared: a request's rule is borrowed while the filter (and its
     /// caches) are borrowed mutably.
     pub rules: std::rc::Rc<[Rule]>,
+    /// CORS preflights pass unchecked ([`Config::bypass_cors_preflight`]).
+    pub bypass_cors_preflight: bool,
     /// Every request header removed before anything else, so a client cannot
     /// forge an identity: each identity header the plugin writes
     /// ([`identity_headers`]) and, for a name with `-`, its `_` spelling
@@ -893,8 +903,16 @@ fn check_realm(field: &str, realm: &str) -> Result<(), String> {
 const SECONDS: u64 = 1_000_000_000;
 
 impl Config {
-    /// Validate into [`Settings`]; the error names the field.
+    /// Validate into [`Settings`]; the error names the field in the SDK's form,
+    /// ``invalid config: field `PATH`: WHAT`` (see [`sdk_form`]), so the host
+    /// places it at that key's `file:line:col`.
     pub fn validate(self) -> Result<Settings, String> {
+        self.check().map_err(sdk_form)
+    }
+
+    /// [`Config::validate`]'s checks; each message starts with the key path it
+    /// is about (`providers[0].issuer: ...`).
+    fn check(self) -> Result<Settings, String> {
         check_realm("realm", &self.realm)?;
         let mut names: HashMap<String, AuthnRef> = HashMap::new();
         let mut add_name = |field: &str, name: &str, r: AuthnRef| -> Result<(), String> {
@@ -1189,7 +1207,7 @@ impl Config {
             None => {
                 if all.is_empty() && ext_authz.is_none() {
                     return Err(
-                        "config: nothing to do: configure `providers`, `api_keys`, `basic` or `ext_authz`"
+                        "nothing to do: configure `providers`, `api_keys`, `basic` or `ext_authz`"
                             .to_owned(),
                     );
                 }
@@ -1292,6 +1310,7 @@ impl Config {
         strip_headers.sort();
         strip_headers.dedup();
         Ok(Settings {
+            bypass_cors_preflight: self.bypass_cors_preflight,
             realm: self.realm,
             providers,
             api_keys,
@@ -1301,6 +1320,52 @@ impl Config {
             strip_headers,
         })
     }
+}
+
+/// `message` (one of [`Config::check`]'s, `PATH: WHAT`) in the SDK's form,
+/// ``invalid config: field `PATH`: WHAT``, the form the SDK's `parse_config`
+/// gives a field the schema refuses. The host reads the path from it and
+/// places the error at that key's `file:line:col` (a path the YAML does not
+/// spell out, a default, falls back to the deepest key it has); the form
+/// `PATH: WHAT` was placed at the plugin's `config:` only. A nested index
+/// naming a part of the field's value goes into the path too
+/// (`providers[0].jwks: keys[1]: ...` is `providers[0].jwks.keys[1]`). A
+/// message without a path is `invalid config: WHAT`.
+fn sdk_form(message: String) -> String {
+    let Some((first, mut rest)) = message.split_once(": ").filter(|(p, _)| is_key_path(p)) else {
+        return format!("invalid config: {message}");
+    };
+    let mut path = first.to_owned();
+    while let Some((part, after)) = rest.split_once(": ") {
+        if !(part.contains('[') && is_key_path(part)) {
+            break;
+        }
+        path.push('.');
+        path.push_str(part);
+        rest = after;
+    }
+    format!("invalid config: field `{path}`: {rest}")
+}
+
+/// `a.b[0].c`: keys (ASCII letters, digits, `_`; not starting with a digit),
+/// each followed by any number of `[N]` indexes, joined by dots.
+fn is_key_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|part| {
+            let (key, mut idx) = part.split_at(part.find('[').unwrap_or(part.len()));
+            let key_ok = key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            while let Some(inner) = idx.strip_prefix('[') {
+                let Some((n, after)) = inner.split_once(']') else {
+                    return false;
+                };
+                if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                    return false;
+                }
+                idx = after;
+            }
+            key_ok
+        })
 }
 
 /// A rule with `claims` (`f`: its field path; `any`: its resolved

@@ -94,6 +94,8 @@ struct Counters {
     allowed: Counter,
     anonymous: Counter,
     public: Counter,
+    /// CORS preflights let through by `bypass_cors_preflight`.
+    cors_preflight: Counter,
     missing: Counter,
     invalid: Counter,
     forbidden: Counter,
@@ -192,6 +194,7 @@ impl Counters {
             allowed: l(&d, "allowed")?,
             anonymous: l(&d, "anonymous")?,
             public: l(&d, "public")?,
+            cors_preflight: l(&d, "cors_preflight")?,
             missing: l(&d, "missing_credentials")?,
             invalid: l(&d, "invalid_credentials")?,
             forbidden: l(&d, "forbidden")?,
@@ -238,8 +241,12 @@ enum Authn {
     Ok(Identity),
     /// No credential for any authenticator.
     Missing,
-    /// A credential was present and bad.
-    Invalid(String),
+    /// A credential was present and bad; `token`: a JWT provider's was
+    /// (the Bearer challenge then says `error="invalid_token"`).
+    Invalid {
+        reason: String,
+        token: bool,
+    },
     /// Authenticated, but the rule's claims are not met.
     Forbidden(String),
     /// A token verified (signature, issuer, time) but minted for another
@@ -422,6 +429,12 @@ impl AuthFilter {
             // which a request-headers call is not.
             let _ = headers.remove(h);
         }
+        // After the identity headers are gone: a preflight reaches the
+        // upstream with no identity, as any unauthenticated request.
+        if self.s.bypass_cors_preflight && is_cors_preflight(exchange, headers) {
+            self.counters.cors_preflight.inc();
+            return Action::Continue;
+        }
         let path = exchange.path();
         let path_only = path.split('?').next().unwrap_or("");
         let Some(rule_idx) = self
@@ -525,16 +538,16 @@ impl AuthFilter {
             }
             Authn::Missing => {
                 self.counters.missing.inc();
-                Action::Respond(self.unauthorized(rule, None))
+                Action::Respond(self.unauthorized(rule, None, false))
             }
-            Authn::Invalid(reason) => {
+            Authn::Invalid { reason, token } => {
                 self.counters.invalid.inc();
                 debug!(
                     "auth: {} {}: rejected: {reason}",
                     exchange.method(),
                     exchange.request_id()
                 );
-                Action::Respond(self.unauthorized(rule, Some(&reason)))
+                Action::Respond(self.unauthorized(rule, Some(&reason), token))
             }
             Authn::Audience(reason) => {
                 self.counters.invalid.inc();
@@ -787,7 +800,13 @@ impl AuthFilter {
         }
     }
 
-    fn unauthorized(&self, rule: &Rule, invalid: Option<&str>) -> LocalResponse {
+    /// The 401 for `rule`: `invalid` is the reason a credential was refused
+    /// (none: there was none); `bad_token`: a JWT provider's token was among
+    /// them. Only then does the Bearer challenge say `error="invalid_token"`
+    /// (RFC 6750 §3.1: the access token provided is invalid): an OAuth
+    /// client reading it drops or refreshes its token, which a wrong API key
+    /// or password says nothing about.
+    fn unauthorized(&self, rule: &Rule, invalid: Option<&str>, bad_token: bool) -> LocalResponse {
         let mut resp = json_response(
             401,
             "unauthorized",
@@ -814,9 +833,10 @@ impl AuthFilter {
             }
         }
         if bearer {
-            let v = match invalid {
-                Some(_) => format!("Bearer realm=\"{realm}\", error=\"invalid_token\""),
-                None => format!("Bearer realm=\"{realm}\""),
+            let v = if bad_token {
+                format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")
+            } else {
+                format!("Bearer realm=\"{realm}\"")
             };
             resp = resp.header("www-authenticate", v);
         }
@@ -834,6 +854,12 @@ impl AuthFilter {
         may_fetch: bool,
     ) -> Authn {
         let mut invalid: Option<String> = None;
+        // A JWT provider's token is among the invalid credentials.
+        let mut bad_token = false;
+        // "wrong issuer": the token is another provider's, whose own refusal
+        // (say "bad signature", after a key rotation) is the one to tell, so
+        // it comes last.
+        let mut other_issuer: Option<String> = None;
         let mut audience: Option<String> = None;
         let mut forbidden: Option<String> = None;
         let mut pending: Option<Authn> = None;
@@ -883,10 +909,11 @@ impl AuthFilter {
                         }
                         Err(JwtCheck::Bad(e)) => {
                             debug!("auth: provider {:?}: {e}", p.name);
-                            let slot = if e == JwtError::Audience {
-                                &mut audience
-                            } else {
-                                &mut invalid
+                            bad_token |= e != JwtError::Audience;
+                            let slot = match e {
+                                JwtError::Audience => &mut audience,
+                                JwtError::Issuer => &mut other_issuer,
+                                _ => &mut invalid,
                             };
                             slot.get_or_insert_with(|| e.to_string());
                         }
@@ -950,8 +977,11 @@ impl AuthFilter {
         if let Some(a) = audience {
             return Authn::Audience(a);
         }
-        if let Some(e) = invalid {
-            return Authn::Invalid(e);
+        if let Some(e) = invalid.or(other_issuer) {
+            return Authn::Invalid {
+                reason: e,
+                token: bad_token,
+            };
         }
         Authn::Missing
     }
@@ -1164,6 +1194,14 @@ fn find_credential(sources: &[Source], headers: &Headers<'_>, path: &str) -> Opt
         }
     }
     None
+}
+
+/// A CORS preflight as browsers send it, read as Envoy's jwt_authn reads it
+/// (its `isCorsPreflightRequest`): `OPTIONS` with a non-empty `Origin` and
+/// `Access-Control-Request-Method`.
+fn is_cors_preflight(exchange: &Exchange<'_>, headers: &Headers<'_>) -> bool {
+    let present = |name: &str| headers.get(name).is_some_and(|v| !v.is_empty());
+    exchange.method() == "OPTIONS" && present("origin") && present("access-control-request-method")
 }
 
 fn percent_decode(s: &str) -> Option<String> {

@@ -99,7 +99,7 @@ fn invalid_configs_name_the_field() {
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "", "jwks": jwk()}]}),
-            "providers[0].issuer: must not be empty",
+            "invalid config: field `providers[0].issuer`: must not be empty",
         ),
         (
             json!({"providers": [{"name": "corp", "jwks": jwk()}]}),
@@ -107,140 +107,140 @@ fn invalid_configs_name_the_field() {
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i"}]}),
-            "providers[0]: needs keys",
+            "invalid config: field `providers[0]`: needs keys",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "algorithms": ["none"]}]}),
-            "providers[0].algorithms[0]: \"none\" is not supported",
+            "invalid config: field `providers[0].algorithms[0]`: \"none\" is not supported",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": {"nokeys": []}}]}),
-            "providers[0].jwks: expected an object with a `keys` array",
+            "invalid config: field `providers[0].jwks`: expected an object with a `keys` array",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": {"keys": [{"kty": "oct", "k": "c2hvcnQ"}]}}]}),
-            "providers[0].jwks: keys[0]: HS256 secret is 5 bytes",
+            "invalid config: field `providers[0].jwks.keys[0]`: HS256 secret is 5 bytes",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": {"keys": [{"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}]}}]}),
-            "providers[0].jwks: keys[0]: P-256 `x`/`y` must be 32 bytes",
+            "invalid config: field `providers[0].jwks.keys[0]`: P-256 `x`/`y` must be 32 bytes",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": {"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB"}]}}]}),
-            "providers[0].jwks: keys[0]:",
+            "invalid config: field `providers[0].jwks.keys[0]`: ",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": {"keys": [{"kty": "dunno"}]}}]}),
-            "providers[0].jwks: has no usable key",
+            "invalid config: field `providers[0].jwks`: has no usable key",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "remote_jwks": {"cluster": "idp", "path": "jwks"}}]}),
-            "providers[0].remote_jwks.path: \"jwks\" must start with `/`",
+            "invalid config: field `providers[0].remote_jwks.path`: \"jwks\" must start with `/`",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "remote_jwks": {"cluster": "idp", "path": "/j", "timeout_ms": 0}}]}),
-            "providers[0].remote_jwks.timeout_ms: 0 is outside 1..=30000",
+            "invalid config: field `providers[0].remote_jwks.timeout_ms`: 0 is outside 1..=30000",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "from": [{"header": "a", "cookie": "b"}]}]}),
-            "providers[0].from[0]: set exactly one of `header`, `cookie`, `query`",
+            "invalid config: field `providers[0].from[0]`: set exactly one of `header`, `cookie`, `query`",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "from": [{"cookie": "b", "prefix": "x"}]}]}),
-            "providers[0].from[0].prefix: only valid with `header`",
+            "invalid config: field `providers[0].from[0].prefix`: only valid with `header`",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "claim_to_headers": [{"claim": "sub", "header": "x user"}]}]}),
-            "providers[0].claim_to_headers[0].header: \"x user\" is not a valid header name",
+            "invalid config: field `providers[0].claim_to_headers[0].header`: \"x user\" is not a valid header name",
         ),
         (
             json!({"providers": [provider(), provider()]}),
-            "providers[1].name: \"corp\" is already used",
+            "invalid config: field `providers[1].name`: \"corp\" is already used",
         ),
         (
             json!({"api_keys": [{"name": "k", "keys": [{"id": "a", "sha256": "abc"}]}]}),
-            "api_keys[0].keys[0].sha256: expected 64 hex digits",
+            "invalid config: field `api_keys[0].keys[0].sha256`: expected 64 hex digits",
         ),
         (
             json!({"api_keys": [{"name": "k", "keys": []}]}),
-            "api_keys[0].keys: must list at least one key",
+            "invalid config: field `api_keys[0].keys`: must list at least one key",
         ),
         (
             json!({"api_keys": [{"name": "k", "keys": [{"id": "a", "sha256": sha256_hex("x")}, {"id": "b", "sha256": sha256_hex("x")}]}]}),
-            "api_keys[0].keys[1].sha256: the same key is listed twice",
+            "invalid config: field `api_keys[0].keys[1].sha256`: the same key is listed twice",
         ),
         (
             json!({"basic": [{"name": "b", "htpasswd": ["alice:plain"]}]}),
-            "basic[0].htpasswd[0]: unsupported hash",
+            "invalid config: field `basic[0].htpasswd[0]`: unsupported hash",
         ),
         (
             json!({"basic": [{"name": "b", "htpasswd": ["alice"]}]}),
-            "basic[0].htpasswd[0]: expected `user:hash`",
+            "invalid config: field `basic[0].htpasswd[0]`: expected `user:hash`",
         ),
         (
             json!({"basic": [{"name": "b", "htpasswd": ["a:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=", "a:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="]}]}),
-            "basic[0].htpasswd[1]: user \"a\" is listed twice",
+            "invalid config: field `basic[0].htpasswd[1]`: user \"a\" is listed twice",
         ),
         (
             json!({"basic": [{"name": "b", "htpasswd": ["a:$2y$99$xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"]}]}),
-            "basic[0].htpasswd[0]: malformed bcrypt hash",
+            "invalid config: field `basic[0].htpasswd[0]`: malformed bcrypt hash",
         ),
         (
             json!({"ext_authz": {"cluster": "a", "path": "check"}}),
-            "ext_authz.path: \"check\" must start with `/`",
+            "invalid config: field `ext_authz.path`: \"check\" must start with `/`",
         ),
         (
             json!({"ext_authz": {"cluster": "a", "method": "get"}}),
-            "ext_authz.method: \"get\" is not an HTTP method",
+            "invalid config: field `ext_authz.method`: \"get\" is not an HTTP method",
         ),
         (
             json!({"ext_authz": {"cluster": "a", "status_on_error": 700}}),
-            "ext_authz.status_on_error: 700 is outside 200..=599",
+            "invalid config: field `ext_authz.status_on_error`: 700 is outside 200..=599",
         ),
         (
             json!({"ext_authz": {"cluster": "a", "timeout_ms": 40000}}),
-            "ext_authz.timeout_ms: 40000 is outside 1..=30000",
+            "invalid config: field `ext_authz.timeout_ms`: 40000 is outside 1..=30000",
         ),
         (
             json!({"providers": [provider()], "rules": [{"match": {"prefix": "/"}, "requires": {"any": ["nope"]}}]}),
-            "rules[0].requires.any[0]: no provider, api_keys or basic entry is named \"nope\"",
+            "invalid config: field `rules[0].requires.any[0]`: no provider, api_keys or basic entry is named \"nope\"",
         ),
         (
             json!({"providers": [provider()], "rules": [{"match": {}, "public": true}]}),
-            "rules[0].match: set exactly one of `prefix`, `path`",
+            "invalid config: field `rules[0].match`: set exactly one of `prefix`, `path`",
         ),
         (
             json!({"providers": [provider()], "rules": [{"match": {"prefix": "api"}, "public": true}]}),
-            "rules[0].match.prefix: \"api\" must start with `/`",
+            "invalid config: field `rules[0].match.prefix`: \"api\" must start with `/`",
         ),
         (
             json!({"providers": [provider()], "rules": [{"match": {"prefix": "/"}}]}),
-            "rules[0]: says nothing",
+            "invalid config: field `rules[0]`: says nothing",
         ),
         (
             json!({"providers": [provider()], "rules": [{"match": {"prefix": "/"}, "public": true, "requires": {"any": ["corp"]}}]}),
-            "rules[0]: `public: true` and `requires` contradict",
+            "invalid config: field `rules[0]`: `public: true` and `requires` contradict",
         ),
         (
             json!({"providers": [provider()], "rules": [{"match": {"prefix": "/"}, "public": true, "allow_missing": true}]}),
-            "rules[0].allow_missing: only valid with `requires`",
+            "invalid config: field `rules[0].allow_missing`: only valid with `requires`",
         ),
         (
             json!({"api_keys": [{"name": "k", "keys": [{"id": "a", "sha256": sha256_hex("x")}]}],
                 "rules": [{"match": {"prefix": "/"}, "requires": {"any": ["k"]}, "claims": {"role": ["a"]}}]}),
-            "rules[0].claims: needs a JWT provider",
+            "invalid config: field `rules[0].claims`: needs a JWT provider",
         ),
         (
             json!({"providers": [provider()], "rules": [{"match": {"prefix": "/"}, "requires": {"any": []}}]}),
-            "rules[0].requires.any: must name at least one authenticator",
+            "invalid config: field `rules[0].requires.any`: must name at least one authenticator",
         ),
         (
             json!({"providers": [provider()], "realm": "a\"b"}),
-            "realm: must not contain",
+            "invalid config: field `realm`: must not contain",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache": {"size": 100_001}}]}),
-            "providers[0].cache.size: 100001 is above 100000",
+            "invalid config: field `providers[0].cache.size`: 100001 is above 100000",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache": {"size": -1}}]}),
@@ -256,11 +256,11 @@ fn invalid_configs_name_the_field() {
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache": {"max_token_size": 0}}]}),
-            "providers[0].cache.max_token_size: 0 is not between 1 and 16384",
+            "invalid config: field `providers[0].cache.max_token_size`: 0 is not between 1 and 16384",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache": {"max_token_size": 16385}}]}),
-            "providers[0].cache.max_token_size: 16385 is not between 1 and 16384",
+            "invalid config: field `providers[0].cache.max_token_size`: 16385 is not between 1 and 16384",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(), "cache_size": 5}]}),
@@ -329,16 +329,16 @@ fn claims_are_refused_on_a_rule_that_admits_requests_without_a_token() {
     let cases = [
         (
             json!([{"match": {"path": "/admin"}, "requires": {"any": ["corp", "partners"]}, "claims": {"role": ["admin"]}}]),
-            "rules[0].requires.any[1]: \"partners\" is an api_keys entry, which carries no claims",
+            "invalid config: field `rules[0].requires.any[1]`: \"partners\" is an api_keys entry, which carries no claims",
         ),
         (
             json!([{"match": {"prefix": "/"}, "public": true},
                    {"match": {"path": "/admin"}, "requires": {"any": ["staff", "corp"]}, "claims": {"role": ["admin"]}}]),
-            "rules[1].requires.any[0]: \"staff\" is a basic entry, which carries no claims",
+            "invalid config: field `rules[1].requires.any[0]`: \"staff\" is a basic entry, which carries no claims",
         ),
         (
             json!([{"match": {"path": "/admin"}, "requires": {"any": ["corp"]}, "allow_missing": true, "claims": {"role": ["admin"]}}]),
-            "rules[0].allow_missing: a request with no token would pass without the rule's `claims`",
+            "invalid config: field `rules[0].allow_missing`: a request with no token would pass without the rule's `claims`",
         ),
     ];
     for (rules, want) in cases {
@@ -365,29 +365,29 @@ fn an_identity_header_cannot_be_a_credential_header() {
         (
             json!({"providers": [provider()],
                    "ext_authz": {"cluster": "authz", "upstream_headers": ["x-u", "Authorization"]}}),
-            "ext_authz.upstream_headers[1]: \"authorization\" is also a credential header, read by providers[0].from (default)",
+            "invalid config: field `ext_authz.upstream_headers[1]`: \"authorization\" is also a credential header, read by providers[0].from (default)",
         ),
         (
             json!({"api_keys": [keys(json!({"id_header": "x-api-key"}))]}),
-            "api_keys[0].id_header: \"x-api-key\" is also a credential header, read by api_keys[0].from (default)",
+            "invalid config: field `api_keys[0].id_header`: \"x-api-key\" is also a credential header, read by api_keys[0].from (default)",
         ),
         (
             json!({"basic": [{"name": "b", "htpasswd": ["bob:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="],
                               "user_header": "authorization"}]}),
-            "basic[0].user_header: \"authorization\" is also a credential header, read by basic[0]",
+            "invalid config: field `basic[0].user_header`: \"authorization\" is also a credential header, read by basic[0]",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(),
                                   "from": [{"header": "authorization", "prefix": "Bearer "}, {"cookie": "s"}],
                                   "claim_to_headers": [{"claim": "sub", "header": "cookie"}]}]}),
-            "providers[0].claim_to_headers[0].header: \"cookie\" is also a credential header, read by providers[0].from[1]",
+            "invalid config: field `providers[0].claim_to_headers[0].header`: \"cookie\" is also a credential header, read by providers[0].from[1]",
         ),
         (
             json!({"providers": [provider()],
                    "api_keys": [keys(json!({"from": [{"header": "x_token"}]}))],
                    "basic": [{"name": "b", "htpasswd": ["bob:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="],
                               "user_header": "x-token"}]}),
-            "basic[0].user_header: \"x-token\" is also a credential header (as \"x_token\", its `_` spelling, also removed), read by api_keys[0].from[0]",
+            "invalid config: field `basic[0].user_header`: \"x-token\" is also a credential header (as \"x_token\", its `_` spelling, also removed), read by api_keys[0].from[0]",
         ),
     ];
     for (cfg, want) in cases {
@@ -417,58 +417,58 @@ fn host_owned_and_plugin_owned_header_names_are_refused() {
     let cases = [
         (
             authz("forward_headers", json!(["authorization", "upgrade"])),
-            "ext_authz.forward_headers[1]: \"upgrade\" is a connection or framing field, which the host refuses in a callout",
+            "invalid config: field `ext_authz.forward_headers[1]`: \"upgrade\" is a connection or framing field, which the host refuses in a callout",
         ),
         (
             authz("forward_headers", json!(["Content-Length"])),
-            "ext_authz.forward_headers[0]: \"content-length\" is a connection or framing field",
+            "invalid config: field `ext_authz.forward_headers[0]`: \"content-length\" is a connection or framing field",
         ),
         (
             authz("forward_headers", json!(["te"])),
-            "ext_authz.forward_headers[0]: \"te\" is a connection",
+            "invalid config: field `ext_authz.forward_headers[0]`: \"te\" is a connection",
         ),
         (
             authz("forward_headers", json!(["x-forwarded-uri"])),
-            "ext_authz.forward_headers[0]: \"x-forwarded-uri\" is sent by the plugin itself",
+            "invalid config: field `ext_authz.forward_headers[0]`: \"x-forwarded-uri\" is sent by the plugin itself",
         ),
         (
             authz("forward_headers", json!(["cookie", "X-Forwarded-Host"])),
-            "ext_authz.forward_headers[1]: \"x-forwarded-host\" is sent by the plugin itself",
+            "invalid config: field `ext_authz.forward_headers[1]`: \"x-forwarded-host\" is sent by the plugin itself",
         ),
         (
             authz("upstream_headers", json!(["connection"])),
-            "ext_authz.upstream_headers[0]: \"connection\" is a connection or framing field, which the host owns",
+            "invalid config: field `ext_authz.upstream_headers[0]`: \"connection\" is a connection or framing field, which the host owns",
         ),
         (
             authz("client_headers", json!(["www-authenticate", "Content-Length"])),
-            "ext_authz.client_headers[1]: \"content-length\" is a connection or framing field: in the plugin's answer the host drops it or sets its own",
+            "invalid config: field `ext_authz.client_headers[1]`: \"content-length\" is a connection or framing field: in the plugin's answer the host drops it or sets its own",
         ),
         (
             authz("client_headers", json!(["transfer-encoding"])),
-            "ext_authz.client_headers[0]: \"transfer-encoding\" is a connection",
+            "invalid config: field `ext_authz.client_headers[0]`: \"transfer-encoding\" is a connection",
         ),
         (
             authz("client_headers", json!(["set-cookie", "Set-Cookie"])),
-            "ext_authz.client_headers[1]: \"set-cookie\" is listed twice",
+            "invalid config: field `ext_authz.client_headers[1]`: \"set-cookie\" is listed twice",
         ),
         (
             authz("forward_headers", json!(["cookie", "COOKIE"])),
-            "ext_authz.forward_headers[1]: \"cookie\" is listed twice",
+            "invalid config: field `ext_authz.forward_headers[1]`: \"cookie\" is listed twice",
         ),
         (
             json!({"providers": [{"name": "corp", "issuer": "i", "jwks": jwk(),
                                   "claim_to_headers": [{"claim": "sub", "header": "transfer-encoding"}]}]}),
-            "providers[0].claim_to_headers[0].header: \"transfer-encoding\" is a connection",
+            "invalid config: field `providers[0].claim_to_headers[0].header`: \"transfer-encoding\" is a connection",
         ),
         (
             json!({"api_keys": [{"name": "k", "keys": [{"id": "a", "sha256": sha256_hex("x")}],
                                  "id_header": "Host"}]}),
-            "api_keys[0].id_header: \"host\" is a connection",
+            "invalid config: field `api_keys[0].id_header`: \"host\" is a connection",
         ),
         (
             json!({"basic": [{"name": "b", "htpasswd": ["bob:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="],
                               "user_header": "trailer"}]}),
-            "basic[0].user_header: \"trailer\" is a connection",
+            "invalid config: field `basic[0].user_header`: \"trailer\" is a connection",
         ),
     ];
     for (cfg, want) in cases {
@@ -543,7 +543,7 @@ fn rule_paths_that_could_never_match_are_refused() {
         ("/a\tb", "at byte 2: control characters"),
     ] {
         for kind in ["prefix", "path"] {
-            let want = format!("rules[0].match.{kind}: {p:?} {never}{why}");
+            let want = format!("invalid config: field `rules[0].match.{kind}`: {p:?} {never}{why}");
             refused(&rule(kind, p), &want);
         }
     }
@@ -590,37 +590,40 @@ fn remote_jwks_ext_authz_rules_and_skew_limits() {
         (remote(json!({"authority": "[id]"})), not_authority),
         (
             remote(json!({"path": "/jwks json"})),
-            "providers[0].remote_jwks.path: \"/jwks json\" is not a request path (origin-form `/path?query`): at byte 5: a space must be percent-encoded",
+            "invalid config: field `providers[0].remote_jwks.path`: \"/jwks json\" is not a request path (origin-form `/path?query`): at byte 5: a space must be percent-encoded",
         ),
         (
             remote(json!({"path": "/jwks#keys"})),
-            "providers[0].remote_jwks.path: \"/jwks#keys\" is not a request path (origin-form `/path?query`): at byte 5: a fragment",
+            "invalid config: field `providers[0].remote_jwks.path`: \"/jwks#keys\" is not a request path (origin-form `/path?query`): at byte 5: a fragment",
         ),
         (remote(json!({"path": "/jwks\n"})), "control characters are not allowed"),
         (remote(json!({"path": "/a%2"})), "`%` must start an escape"),
         (remote(json!({"path": "/a\"b"})), "must be percent-encoded"),
         (
             authz_path("/check?a=b c"),
-            "ext_authz.path: \"/check?a=b c\" is not a request path",
+            "invalid config: field `ext_authz.path`: \"/check?a=b c\" is not a request path",
         ),
-        (authz_path("/check#x"), "ext_authz.path: \"/check#x\" is not a request path"),
+        (authz_path("/check#x"), "invalid config: field `ext_authz.path`: \"/check#x\" is not a request path"),
         (
             remote(json!({"min_refetch_interval_s": 0})),
-            "providers[0].remote_jwks.min_refetch_interval_s: must be at least 1",
+            "invalid config: field `providers[0].remote_jwks.min_refetch_interval_s`: must be at least 1",
         ),
         (
             json!({"providers": [provider()], "rules": []}),
-            "rules: an empty list matches no request, so every request would be refused",
+            "invalid config: field `rules`: an empty list matches no request, so every request would be refused",
         ),
         (
             skew(301),
-            "providers[0].clock_skew_s: 301 is above 300",
+            "invalid config: field `providers[0].clock_skew_s`: 301 is above 300",
         ),
     ];
     for (cfg, want) in cases {
         let e = refused(&cfg, want);
         if want == not_authority {
-            assert!(e.starts_with("providers[0].remote_jwks.authority: "), "{e}");
+            assert!(
+                e.starts_with("invalid config: field `providers[0].remote_jwks.authority`: "),
+                "{e}"
+            );
         }
     }
 }

@@ -883,3 +883,71 @@ fn a_costly_bcrypt_hash_is_warned_about_at_configure() {
         );
     }
 }
+
+/// The `WWW-Authenticate` challenges of a 401.
+fn challenges(r: &LocalResponse) -> Vec<String> {
+    fields(r)
+        .into_iter()
+        .filter(|(n, _)| n == "www-authenticate")
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// The Bearer challenge says `error="invalid_token"` only when a token was
+/// presented and refused (RFC 6750 §3.1): a wrong API key or password on a
+/// rule that also takes tokens is no reason for an OAuth client to drop or
+/// refresh its token. Before, any refused credential put it there.
+#[test]
+fn the_bearer_challenge_says_invalid_token_only_for_a_refused_token() {
+    let signer = Signer::new("HS256");
+    let cfg = json!({
+        "providers": [{"name": "corp", "issuer": "https://id.example.com",
+                       "jwks": jwks(&[signer.jwk("k1")])}],
+        "api_keys": keys_cfg()["api_keys"].clone(),
+        "basic": [{"name": "staff", "htpasswd": [format!("bob:{{SHA}}{}", sha_hash("hunter2"))]}]
+    });
+    let mut t = host().configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    let plain = "Bearer realm=\"legate\"";
+    let invalid = "Bearer realm=\"legate\", error=\"invalid_token\"";
+    let mut expired = claims("https://id.example.com");
+    expired["exp"] = json!(NOW - 1000);
+    let expired = signer.token(Some("k1"), &expired);
+    for (what, req, bearer, reason) in [
+        (
+            "a wrong API key",
+            Request::get("/").header("x-api-key", "guess"),
+            plain,
+            "unknown API key",
+        ),
+        (
+            "a wrong password",
+            Request::get("/").header("authorization", basic("bob", "nope")),
+            plain,
+            "bad user or password",
+        ),
+        (
+            "an expired token",
+            Request::get("/").header("authorization", format!("Bearer {expired}")),
+            invalid,
+            "token expired",
+        ),
+        (
+            "an expired token and a wrong API key",
+            Request::get("/")
+                .header("authorization", format!("Bearer {expired}"))
+                .header("x-api-key", "guess"),
+            invalid,
+            "token expired",
+        ),
+    ] {
+        let r = respond(t.exchange(req).request_headers());
+        assert_eq!(r.status, 401, "{what}");
+        assert_eq!(r.details, "auth_invalid_credentials", "{what}");
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["reason"], reason, "{what}");
+        let c = challenges(&r);
+        assert!(c.iter().any(|v| v == bearer), "{what}: {c:?}");
+        assert!(c.iter().any(|v| v.starts_with("Basic ")), "{what}: {c:?}");
+        assert!(c.iter().any(|v| v.starts_with("ApiKey ")), "{what}: {c:?}");
+    }
+}

@@ -392,6 +392,34 @@ fn two_providers_on_one_header_pick_by_issuer() {
     assert_eq!(x.request_header("x-user").as_deref(), Some("alice"));
 }
 
+/// Two providers on one header: a token refused by its own provider (its
+/// issuer's) is answered with that provider's reason, not with "wrong issuer"
+/// from a provider listed before it. The case: a key rotation at `partner`,
+/// whose tokens still carry a `kid` that `corp` also uses, signed with the
+/// old key; `corp` says "wrong issuer", `partner` "bad signature", and the
+/// operator needs the second. Before, the first provider's reason won.
+#[test]
+fn a_refused_token_gets_its_own_providers_reason() {
+    let old = Signer::new("ES256");
+    let new = Signer::new("ES256");
+    let corp = provider(jwks(&[old.jwk("k1")]));
+    let mut partner = provider(jwks(&[new.jwk("k1")]));
+    partner["name"] = json!("partner");
+    partner["issuer"] = json!("https://partner.example");
+    let mut t = filter(json!({"providers": [corp, partner]}));
+    let token = old.token(Some("k1"), &claims("https://partner.example"));
+    let r = respond(t.exchange(bearer(&token)).request_headers());
+    assert_eq!(r.status, 401);
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["reason"], "bad signature");
+    // A token of an issuer no provider has is still "wrong issuer".
+    let token = old.token(Some("k1"), &claims("https://elsewhere.example"));
+    let r = respond(t.exchange(bearer(&token)).request_headers());
+    assert_eq!(r.status, 401);
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["reason"], "wrong issuer");
+}
+
 #[test]
 fn a_claims_failure_on_one_provider_does_not_block_a_later_one() {
     // Each provider's token is checked against the rule's claims on its own:
@@ -618,5 +646,71 @@ fn a_wrong_audience_is_403_only_for_an_otherwise_valid_token() {
         &mut t,
         &common::corrupt(&s.token(Some("k1"), &c)),
         "bad signature, wrong aud",
+    );
+}
+
+/// A CORS preflight carries no credential (browsers never send one), so a
+/// rule that requires one answers it 401 and the browser never sends the real
+/// request. `bypass_cors_preflight: true` lets it through unchecked, as
+/// Envoy's jwt_authn option of that name; identity headers are still removed.
+/// Off (the default), a preflight is checked like any request.
+#[test]
+fn cors_preflights_pass_unchecked_only_with_bypass_cors_preflight() {
+    let s = Signer::new("HS256");
+    let base = json!({
+        "providers": [provider(jwks(&[s.jwk("k1")]))],
+        "rules": [{"match": {"prefix": "/api"}, "requires": {"any": ["corp"]}}]
+    });
+    let preflight = || {
+        Request::new("OPTIONS", "/api/x")
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization")
+            .header("x-user", "root")
+    };
+
+    let mut t = filter(base.clone());
+    let r = respond(t.exchange(preflight()).request_headers());
+    assert_eq!(r.status, 401, "checked like any request by default");
+    assert_eq!(
+        t.host()
+            .counter("auth_decisions_total", &["cors_preflight"]),
+        Some(0)
+    );
+
+    let mut cfg = base;
+    cfg["bypass_cors_preflight"] = json!(true);
+    let mut t = filter(cfg);
+    let mut x = t.exchange(preflight());
+    assert_eq!(x.request_headers(), Action::Continue);
+    assert_eq!(
+        x.request_header("x-user"),
+        None,
+        "a forged identity is removed"
+    );
+    drop(x);
+    // Not a preflight: an OPTIONS without `Origin` or without
+    // `Access-Control-Request-Method`, or another method with both.
+    for req in [
+        Request::new("OPTIONS", "/api/x").header("access-control-request-method", "POST"),
+        Request::new("OPTIONS", "/api/x").header("origin", "https://app.example.com"),
+        Request::new("OPTIONS", "/api/x")
+            .header("origin", "")
+            .header("access-control-request-method", "POST"),
+        Request::get("/api/x")
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", "GET"),
+    ] {
+        let r = respond(t.exchange(req).request_headers());
+        assert_eq!(r.status, 401);
+    }
+    let h = t.host();
+    assert_eq!(
+        h.counter("auth_decisions_total", &["cors_preflight"]),
+        Some(1)
+    );
+    assert_eq!(
+        h.counter("auth_decisions_total", &["missing_credentials"]),
+        Some(4)
     );
 }

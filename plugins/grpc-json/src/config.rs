@@ -25,6 +25,16 @@ pub struct Config {
     /// e.g. an `access_token` an auth filter consumes.
     #[serde(default)]
     pub ignored_query_parameters: Vec<String>,
+    /// Drop every query parameter that names no field of the request message
+    /// (and every one of a `body: "*"` rule, which leaves no field to the
+    /// query) instead of answering 400, as Envoy's
+    /// `ignore_unknown_query_parameters`: for clients that add parameters no
+    /// one lists beforehand (a cache buster `_=…`, `utm_*` tags). Off by
+    /// default, as Envoy: a misspelt parameter is then a 400 the client sees,
+    /// not a value silently left out. A parameter naming a field still has to
+    /// fit it.
+    #[serde(default)]
+    pub ignore_unknown_query_parameters: bool,
     /// Decode `+` in query parameters as a space (HTML form encoding). Off by
     /// default, as Envoy's `query_param_unescape_plus`: RFC 3986 gives `+` no
     /// meaning in a query, so `?q=a+b` is the string `a+b` (a space is

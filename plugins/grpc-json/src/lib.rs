@@ -154,7 +154,7 @@ impl HttpFilter for GrpcJson {
     fn configure(config: Config) -> Result<Self, String> {
         let bytes = legate_sdk::plugin::file(&config.descriptor_file).map_err(|e| {
             format!(
-                "reading descriptor file {:?}: {e}: grant it in the plugin's `files:` (e.g. `files: {{ {}: protos/api.pb }}`)",
+                "invalid config: field `descriptor_file`: reading descriptor file {:?}: {e}: grant it in the plugin's `files:` (e.g. `files: {{ {}: protos/api.pb }}`)",
                 config.descriptor_file, config.descriptor_file
             )
         })?;

@@ -67,6 +67,7 @@ pub struct Transcoder {
     pub rules: Vec<Rule>,
     print: PrintOptions,
     ignored_query_parameters: Vec<String>,
+    ignore_unknown_query_parameters: bool,
     query_param_unescape_plus: bool,
 }
 
@@ -76,21 +77,21 @@ impl Transcoder {
     pub fn new(config: &Config, descriptor_set: &[u8]) -> Result<Transcoder, String> {
         let pool = DescriptorPool::decode(descriptor_set).map_err(|e| {
             format!(
-                "descriptor file {:?} is not a valid FileDescriptorSet: {e} (build it with `protoc --include_imports --descriptor_set_out=FILE ...`)",
+                "invalid config: field `descriptor_file`: descriptor file {:?} is not a valid FileDescriptorSet: {e} (build it with `protoc --include_imports --descriptor_set_out=FILE ...`)",
                 config.descriptor_file
             )
         })?;
         if config.services.is_empty() {
-            return Err("invalid config: `services` is empty: name the services to transcode (package.Service)".into());
+            return Err("invalid config: field `services`: the list is empty: name the services to transcode (package.Service)".into());
         }
         let http = pool.get_extension_by_name("google.api.http");
         let mut rules = Vec::new();
-        for name in &config.services {
+        for (i, name) in config.services.iter().enumerate() {
             let Some(service) = pool.get_service_by_name(name) else {
                 let known: Vec<String> =
                     pool.services().map(|s| s.full_name().to_owned()).collect();
                 return Err(format!(
-                    "invalid config: service {name:?} is not in descriptor file {:?}; it has: {}",
+                    "invalid config: field `services[{i}]`: service {name:?} is not in descriptor file {:?}; it has: {}",
                     config.descriptor_file,
                     if known.is_empty() {
                         "no services".to_owned()
@@ -101,7 +102,7 @@ impl Transcoder {
             };
             let Some(http) = &http else {
                 return Err(format!(
-                    "descriptor file {:?} has no google.api.http extension: import google/api/annotations.proto in the service's .proto and build the set with its imports (`protoc --include_imports`)",
+                    "invalid config: field `descriptor_file`: descriptor file {:?} has no google.api.http extension: import google/api/annotations.proto in the service's .proto and build the set with its imports (`protoc --include_imports`)",
                     config.descriptor_file
                 ));
             };
@@ -120,7 +121,7 @@ impl Transcoder {
         }
         if rules.is_empty() {
             return Err(format!(
-                "services {} have no method with a google.api.http option: nothing to transcode",
+                "invalid config: field `services`: services {} have no method with a google.api.http option: nothing to transcode",
                 config.services.join(", ")
             ));
         }
@@ -143,6 +144,7 @@ impl Transcoder {
             rules,
             print: config.print_options.clone(),
             ignored_query_parameters: config.ignored_query_parameters.clone(),
+            ignore_unknown_query_parameters: config.ignore_unknown_query_parameters,
             query_param_unescape_plus: config.query_param_unescape_plus,
         })
     }
@@ -296,6 +298,9 @@ impl Transcoder {
                 continue;
             }
             if matches!(rule.body, BodyMapping::All) {
+                if self.ignore_unknown_query_parameters {
+                    continue;
+                }
                 return Err(format!(
                     "query parameter {key:?} is not allowed: every field of {} is in the body",
                     input.full_name()
@@ -309,10 +314,12 @@ impl Transcoder {
             // saw it. Ignored, as grpc-gateway does (Envoy's transcoder adds
             // the query's bindings after the path's without leaving these
             // out).
-            if let Ok(fields) = field_path(&input, &path) {
-                if path_bound.iter().any(|p| fields.starts_with(p)) {
-                    continue;
-                }
+            match field_path(&input, &path) {
+                Ok(fields) if path_bound.iter().any(|p| fields.starts_with(p)) => continue,
+                // Names no field: `bind` below says so (400), unless such
+                // parameters are ignored.
+                Err(_) if self.ignore_unknown_query_parameters => continue,
+                _ => {}
             }
             let value = percent_decode(v, false, plus)?;
             bound.push(

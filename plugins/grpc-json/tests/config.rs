@@ -72,7 +72,8 @@ fn valid_config_loads_with_defaults() {
         r#"{"descriptor_file": "protos", "services": ["legate.test.v1.Echo"],
             "print_options": {"add_whitespace": true, "always_print_primitive_fields": true,
                               "always_print_enums_as_ints": true, "preserve_proto_field_names": true},
-            "ignored_query_parameters": ["key"], "query_param_unescape_plus": true}"#,
+            "ignored_query_parameters": ["key"], "ignore_unknown_query_parameters": true,
+            "query_param_unescape_plus": true}"#,
     )
     .unwrap();
 }
@@ -91,7 +92,10 @@ fn schema_errors_name_the_field() {
     assert!(e.contains("query_param_unescape_plus"), "{e}");
     assert!(e.contains("expected a boolean"), "{e}");
     let e = err(r#"{"services": []}"#);
-    assert!(e.contains("`services` is empty"), "{e}");
+    assert!(
+        e.contains("invalid config: field `services`: the list is empty"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -101,25 +105,37 @@ fn descriptor_file_problems() {
         Ok(_) => panic!("accepted without a descriptor file"),
         Err(e) => e,
     };
-    assert!(e.contains("reading descriptor file \"descriptors\""), "{e}");
+    assert!(
+        e.contains(
+            "invalid config: field `descriptor_file`: reading descriptor file \"descriptors\""
+        ),
+        "{e}"
+    );
     assert!(e.contains("files:"), "{e}");
     // Not a FileDescriptorSet.
     let e = err_with(b"\xff\xff not protobuf".to_vec(), common::CONFIG);
-    assert!(e.contains("is not a valid FileDescriptorSet"), "{e}");
+    assert!(
+        e.contains("invalid config: field `descriptor_file`: descriptor file \"descriptors\" is not a valid FileDescriptorSet"),
+        "{e}"
+    );
     assert!(e.contains("--include_imports"), "{e}");
     // A set without google.api.http (annotations not imported).
     let plain = common::descriptors_of(
         "syntax = \"proto3\"; package t; message M {} service S { rpc A(M) returns (M); }",
     );
     let e = err_with(plain, r#"{"services": ["t.S"]}"#);
-    assert!(e.contains("no google.api.http extension"), "{e}");
+    assert!(
+        e.contains("invalid config: field `descriptor_file`: descriptor file \"descriptors\" has no google.api.http extension"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_service_lists_the_known_ones() {
-    let e = err(r#"{"services": ["legate.test.v1.Nope"]}"#);
+    // In the SDK's form, naming the entry: the host places it at that key.
+    let e = err(r#"{"services": ["legate.test.v1.Echo", "legate.test.v1.Nope"]}"#);
     assert!(
-        e.contains("service \"legate.test.v1.Nope\" is not in descriptor file \"descriptors\"; it has: legate.test.v1.Echo"),
+        e.contains("invalid config: field `services[1]`: service \"legate.test.v1.Nope\" is not in descriptor file \"descriptors\"; it has: legate.test.v1.Echo"),
         "{e}"
     );
 }

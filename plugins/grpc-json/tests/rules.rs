@@ -303,6 +303,33 @@ fn bad_query_parameters_are_client_errors() {
     assert_eq!(r.message, "hi");
 }
 
+/// `ignore_unknown_query_parameters` (Envoy's option of that name) drops the
+/// parameters that name no field, and every one of a `body: "*"` rule, where
+/// without it they are a 400; a parameter naming a field still has to fit it.
+#[test]
+fn unknown_query_parameters_are_dropped_with_ignore_unknown_query_parameters() {
+    let t = transcoder(common::CONFIG);
+    for (method, path, body) in [
+        ("GET", "/v1/echo/hi?_=1712345678&utm_source=mail", ""),
+        ("POST", "/v1/echo?_=1", r#"{"message": "hi"}"#),
+    ] {
+        build::<pb::SayRequest>(&t, method, path, body).unwrap_err();
+    }
+    let t = transcoder(
+        r#"{"services": ["legate.test.v1.Echo"], "ignore_unknown_query_parameters": true}"#,
+    );
+    let r: pb::SayRequest =
+        build(&t, "GET", "/v1/echo/hi?_=1712345678&utm_source=mail", "").unwrap();
+    assert_eq!(r.message, "hi");
+    let r: pb::SayRequest = build(&t, "POST", "/v1/echo?_=1", r#"{"message": "hi"}"#).unwrap();
+    assert_eq!(r.message, "hi");
+    // Known fields are still bound, and still checked.
+    let r: pb::ReflectRequest = build(&t, "GET", "/v1/tags/n?tags=a&nope=1&name.x=2", "").unwrap();
+    assert_eq!(r.tags, ["a"]);
+    let e = build::<pb::ReflectRequest>(&t, "GET", "/v1/tags/n?flag=yes&nope=1", "").unwrap_err();
+    assert!(e.contains("is not a bool"), "{e}");
+}
+
 #[test]
 fn post_with_body_star_and_a_body_field() {
     let t = transcoder(common::CONFIG);
