@@ -302,13 +302,27 @@ impl Balancer {
     /// at random (by weight). `exclude` lists endpoints this request's earlier
     /// attempts used: they are skipped while any other endpoint exists, and used
     /// again when every endpoint is excluded, so a one-endpoint cluster still
-    /// retries. `None` only when the cluster has no endpoints (`original_dst`).
+    /// retries. `None` when the cluster has no endpoints (`original_dst`, or a `dns`
+    /// cluster before its first answer).
     ///
     /// Endpoints that are unavailable (failed health checks, ejected) are skipped like
     /// excluded ones — unless fewer than `panic_threshold` of the endpoints are
     /// available, then all are used and `lb_healthy_panic` counts the pick. With
     /// none available and panic mode off (`panic_threshold: 0%`), `None`.
+    /// `None` counts in `upstream_cx_none_healthy`: the attempt is not made.
     pub fn pick(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
+        let picked = self.choose(hash, exclude);
+        if picked.is_none() {
+            self.cluster
+                .stats
+                .upstream_cx_none_healthy
+                .fetch_add(1, Relaxed);
+        }
+        picked
+    }
+
+    /// [`Balancer::pick`]'s choice, uncounted.
+    fn choose(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
         let n = self.cluster.endpoints.len();
         if n == 0 {
             return None;
