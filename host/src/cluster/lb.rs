@@ -245,8 +245,21 @@ pub struct Balancer {
 enum Rotation {
     /// Not `round_robin`.
     None,
-    /// Equal weights: plain rotation, next index to try.
-    Cursor(Cell<usize>),
+    /// Equal weights: plain rotation, `next` index to pick, for picks that
+    /// exclude nothing. A pick that excludes some endpoints takes the one
+    /// picked least recently (`last`, in `clock` ticks; ties in rotation order
+    /// from `start`), so that each side of a changing exclusion takes turns
+    /// within itself. The cursor alone (the first endpoint at or after it not
+    /// excluded) favoured the endpoint after an excluded run whenever the
+    /// excluded set changed from pick to pick: zone-aware picks alternating
+    /// between the local zone and the others gave the first endpoint of the
+    /// other zone twice the second's share.
+    Cursor {
+        next: Cell<usize>,
+        start: usize,
+        last: RefCell<Vec<u64>>,
+        clock: Cell<u64>,
+    },
     /// Unequal weights: nginx's smooth weighted round robin, the current weights.
     Smooth(RefCell<Vec<i64>>),
 }
@@ -272,9 +285,15 @@ impl Balancer {
         let rotation = if shared.policy != LbPolicy::RoundRobin || n == 0 {
             Rotation::None
         } else if shared.rr_weights.iter().all(|&w| w == 1) {
-            Rotation::Cursor(Cell::new(rng.random_range(0..n)))
+            let start = rng.random_range(0..n);
+            Rotation::Cursor {
+                next: Cell::new(start),
+                start,
+                last: RefCell::new(vec![0; n]),
+                clock: Cell::new(0),
+            }
         } else {
-            let rotation = Rotation::Smooth(RefCell::new(vec![0; n]));
+            let rotation = RefCell::new(vec![0; n]);
             // Advance a random number of steps into the period (bounded, since a
             // step costs O(n)) so the worker starts in a genuine rotation state.
             let period: u64 = shared.rr_weights.iter().map(|&w| w as u64).sum();
@@ -282,7 +301,7 @@ impl Balancer {
             for _ in 0..rng.random_range(0..limit) {
                 smooth_step(&rotation, &shared.rr_weights, &[]);
             }
-            rotation
+            Rotation::Smooth(rotation)
         };
         Balancer {
             cluster,
@@ -395,17 +414,33 @@ impl Balancer {
     fn round_robin(&self, excluded: &[usize]) -> usize {
         let n = self.cluster.endpoints.len();
         match &self.rotation {
-            Rotation::Cursor(next) => {
-                let start = next.get();
-                let pick = (0..n)
-                    .map(|step| (start + step) % n)
-                    .find(|i| excluded.binary_search(i).is_err())
-                    .unwrap_or(start % n);
-                next.set((pick + 1) % n);
+            Rotation::Cursor {
+                next,
+                start,
+                last,
+                clock,
+            } => {
+                let mut last = last.borrow_mut();
+                let pick = if excluded.is_empty() {
+                    let pick = next.get() % n;
+                    next.set((pick + 1) % n);
+                    pick
+                } else {
+                    // The least recently picked; ties in rotation order.
+                    (0..n)
+                        .map(|step| (start + step) % n)
+                        .filter(|i| excluded.binary_search(i).is_err())
+                        .min_by_key(|&i| last.get(i).copied().unwrap_or(0))
+                        .unwrap_or(next.get() % n)
+                };
+                clock.set(clock.get() + 1);
+                if let Some(t) = last.get_mut(pick) {
+                    *t = clock.get();
+                }
                 pick
             }
-            smooth @ Rotation::Smooth(_) => {
-                smooth_step(smooth, &self.cluster.lb.rr_weights, excluded)
+            Rotation::Smooth(current) => {
+                smooth_step(current, &self.cluster.lb.rr_weights, excluded)
             }
             // Unreachable: the rotation exists whenever the policy is round_robin.
             Rotation::None => self
@@ -453,10 +488,7 @@ impl Balancer {
 /// `excluded`: each gains its weight, the largest wins and pays back the total.
 /// Over a period each endpoint wins exactly its weight's worth, interleaved
 /// (weights 5,1,1 give a a b a c a a).
-fn smooth_step(rotation: &Rotation, weights: &[i64], excluded: &[usize]) -> usize {
-    let Rotation::Smooth(current) = rotation else {
-        return 0;
-    };
+fn smooth_step(current: &RefCell<Vec<i64>>, weights: &[i64], excluded: &[usize]) -> usize {
     let mut current = current.borrow_mut();
     let mut total = 0;
     // (index, current weight) of the leader; ties go to the lower index, as nginx.
@@ -667,6 +699,28 @@ mod tests {
         }
         let single = weighted("round_robin", &[1], "");
         assert_eq!(single.balancer().pick(None, &[0]), Some(0));
+    }
+
+    /// Exclusions that change from pick to pick (zone-aware picks alternating
+    /// between the local zone and the others, retries) leave the endpoints of
+    /// each side their equal turns. The plain cursor gave the endpoint after the
+    /// excluded run (here 2) twice the share of the next one.
+    #[test]
+    fn round_robin_stays_even_under_changing_exclusions() {
+        for weights in [&[1, 1, 1, 1][..], &[2, 2, 2, 2], &[1, 1, 1, 2]] {
+            let c = weighted("round_robin", weights, "");
+            for seed in 0..8 {
+                let b = seeded(&c, seed);
+                let mut n = [0usize; 4];
+                for _ in 0..600 {
+                    n[b.pick(None, &[0, 2, 3]).unwrap()] += 1;
+                    n[b.pick(None, &[0, 1]).unwrap()] += 1;
+                }
+                assert_eq!(n[..2], [0, 600], "{weights:?}");
+                let want = 600 * weights[2] as usize / (weights[2] + weights[3]) as usize;
+                assert!(n[2].abs_diff(want) <= 1, "{weights:?} seed {seed}: {n:?}");
+            }
+        }
     }
 
     #[test]
