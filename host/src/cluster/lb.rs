@@ -118,7 +118,10 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 /// A Ketama-style consistent-hash ring: each endpoint owns points proportional to
 /// its weight; a key belongs to the endpoint of the first point at or after it.
-/// Removing an endpoint removes only its points, so only its keys move.
+/// Removing an endpoint removes only its points, so only its keys move — unless
+/// the ring is scaled (below `MIN_RING_POINTS`, as Envoy's) or the lightest
+/// weight changes: then every endpoint's point count changes too, and some keys
+/// move between endpoints that stay.
 #[derive(Default)]
 struct Ring {
     /// Point hashes, ascending; searched apart from `owners` to keep it dense.
@@ -898,6 +901,41 @@ mod tests {
         assert!(
             (0.05..0.15).contains(&fraction),
             "{fraction} of keys moved, expected about 1/{N}"
+        );
+    }
+
+    /// Below the minimum ring (fewer than 7 endpoints of equal weight) every
+    /// endpoint's points are scaled up to fill it, as in Envoy, so removing one
+    /// gives the others more points: some keys also move between endpoints that
+    /// stay (docs/config.md says so).
+    #[test]
+    fn ring_hash_removal_from_a_small_ring_moves_some_kept_keys_too() {
+        let ring = |n: u32| {
+            let addresses: String = (1..=n)
+                .map(|i| format!("  - {{ address: \"10.0.0.{i}:80\" }}\n"))
+                .collect();
+            crate::cluster::tests::cluster(&format!(
+                "name: c\nlb_policy: ring_hash\nhash_on: {{ source_ip: true }}\nendpoints:\n{addresses}"
+            ))
+        };
+        let (three, two) = (ring(3), ring(2));
+        let (before, after) = (three.balancer(), two.balancer());
+        let addr =
+            |b: &Balancer, key| b.cluster().endpoints[b.pick(Some(key), &[]).unwrap()].address;
+        let (mut kept, mut moved) = (0, 0);
+        for key in keys(20_000) {
+            let was = addr(&before, key);
+            if was != three.endpoints[2].address {
+                kept += 1;
+                if addr(&after, key) != was {
+                    moved += 1;
+                }
+            }
+        }
+        let fraction = f64::from(moved) / f64::from(kept);
+        assert!(
+            (0.02..0.3).contains(&fraction),
+            "{fraction} of the kept endpoints' keys moved"
         );
     }
 
