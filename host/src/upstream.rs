@@ -26,7 +26,10 @@
 //! promises what the key's open connections were allowed. When
 //! `max_connections` refuses another connection (counted as an overflow), the
 //! attempt shares the least loaded one, where hyper queues the stream until one of
-//! its streams ends. An HTTP/2
+//! its streams ends. A worker with no connection to a key (open or opening) opens
+//! one whatever `max_connections` says (counted as an overflow too), as Envoy's
+//! per-worker pools do: the limit is shared by every worker and endpoint, and
+//! connections another worker keeps idle must not refuse this one's requests. An HTTP/2
 //! connection with no stream open for its cluster's `idle_timeout` is dropped from
 //! the pool: hyper then closes it (streams still open would finish first). The pool
 //! is keyed by settings, which a reload renews, so connections of a changed or
@@ -42,7 +45,7 @@ use rustc_hash::FxHashMap;
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -392,6 +395,22 @@ struct PoolInner {
     // Fx: looked up several times per request with keys from the config.
     idle: RefCell<FxHashMap<Key, Vec<Idle>>>,
     h2: RefCell<FxHashMap<Key, H2Set>>,
+    /// This worker's connections per key, opening or open (idle, busy, or
+    /// carrying an upgraded tunnel): a key with none may open one over
+    /// `max_connections` ([`crate::cluster::Cluster::connect_permit_for`]).
+    /// Looked up only when a connection is opened.
+    live: RefCell<FxHashMap<Key, Arc<AtomicUsize>>>,
+}
+
+/// One of a worker's connections to a key, opening or open: counted in
+/// [`PoolInner::live`] until dropped, with the socket. An atomic, not a `Cell`,
+/// because an upgraded socket must be `Send`.
+struct Live(Arc<AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A worker's upstream connections.
@@ -693,7 +712,16 @@ impl Pool {
         target: &Target<'_>,
         permit: Option<ConnectPermit>,
     ) -> Result<Sender, ProxyError> {
-        let (io, h2, guard) = open_counted(s, target, permit).await?;
+        // Whether this worker has no connection to the key yet, counted before
+        // this one is (it is, from here, so that a concurrent attempt of this
+        // worker is held to the limit).
+        let first = !self.has_live(key);
+        let live = self.live(key);
+        let permit = match permit {
+            Some(p) => p,
+            None => target.cluster.connect_permit_for(first)?,
+        };
+        let (io, h2, guard) = open_counted(s, target, Some(permit)).await?;
         let handshake_err = |e: hyper::Error| {
             ProxyError::new(
                 Kind::ConnectFailed,
@@ -735,7 +763,7 @@ impl Pool {
                 driver: driver.clone(),
             });
             tokio::task::spawn_local(async move {
-                let _counted = guard;
+                let _counted = (guard, live);
                 let ended = std::future::poll_fn(|cx| {
                     let mut slot = driver.borrow_mut();
                     let Some(d) = slot.as_mut() else {
@@ -771,6 +799,7 @@ impl Pool {
             let io = TokioIo::new(Counted {
                 io,
                 _counted: guard,
+                _live: live,
             });
             let (sender, conn) = http1::Builder::new()
                 .max_header_size(MAX_RESPONSE_HEADERS_SIZE as usize)
@@ -877,6 +906,27 @@ impl Pool {
                 .retain(|c| !c.sender.is_closed() && !c.is_idle_past(now));
             !set.ready.is_empty() || !set.opening.is_empty()
         });
+        self.inner
+            .live
+            .borrow_mut()
+            .retain(|_, n| n.load(Ordering::Relaxed) > 0);
+    }
+
+    /// Whether this worker has a connection to `key`, opening or open.
+    fn has_live(&self, key: &Key) -> bool {
+        self.inner
+            .live
+            .borrow()
+            .get(key)
+            .is_some_and(|n| n.load(Ordering::Relaxed) > 0)
+    }
+
+    /// Counts a connection to `key` being opened, until the guard drops.
+    fn live(&self, key: &Key) -> Live {
+        let mut live = self.inner.live.borrow_mut();
+        let n = live.entry(key.clone()).or_default().clone();
+        n.fetch_add(1, Ordering::Relaxed);
+        Live(n)
     }
 
     /// Number of idle HTTP/1.1 connections (for tests and stats).
@@ -1205,6 +1255,8 @@ impl body::Watch for Return {
 struct Counted {
     io: Conn,
     _counted: ActiveConnection,
+    /// Its place in its worker's [`PoolInner::live`].
+    _live: Live,
 }
 
 impl tokio::io::AsyncRead for Counted {

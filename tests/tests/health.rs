@@ -549,9 +549,19 @@ each_proto!(
         until_stat(&lg, &healthy, 0.0).await;
         until_stat(&strict, &healthy, 0.0).await;
         assert_eq!(c.get("/").send().await.status, 200);
-        let r = s.get("/").send().await;
-        assert_eq!(r.status, 503);
-        assert_eq!(r.text(), "no_healthy_upstream\n");
+        let none_healthy = stat("upstream_cx_none_healthy", "backend");
+        assert_eq!(strict.stat(&none_healthy).await, Some(0.0));
+        let attempts = strict.stat(&stat("upstream_rq_total", "backend")).await;
+        for _ in 0..2 {
+            let r = s.get("/").send().await;
+            assert_eq!(r.status, 503);
+            assert_eq!(r.text(), "no_healthy_upstream\n");
+        }
+        // Counted, as Envoy's `upstream_cx_none_healthy` (they counted in no
+        // cluster series), and no attempt was made.
+        strict.assert_stat(&none_healthy, 2.0).await;
+        assert_eq!(strict.stat(&stat("upstream_rq_total", "backend")).await, attempts);
+        assert_eq!(lg.stat(&none_healthy).await, Some(0.0), "panic mode picked one");
     }
 );
 

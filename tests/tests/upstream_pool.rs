@@ -778,3 +778,39 @@ each_proto!(
         }
     }
 );
+
+each_proto!(
+    /// `circuit_breakers.max_connections` counts the connections of every worker
+    /// to every endpoint; a worker with no connection to an endpoint (open or
+    /// opening) still opens one over it, counted in `upstream_cx_overflow`, as
+    /// Envoy's per-worker pool does. Here one worker, two endpoints and
+    /// `max_connections: 1`, one request at a time: the connection kept idle to
+    /// the first endpoint refused every request to the second with 503
+    /// `overloaded` (half the requests of an idle proxy; with two workers,
+    /// likewise the connection another worker kept).
+    async fn a_first_connection_to_an_endpoint_is_opened_over_max_connections(proto) {
+        for protocol in ["http1", "h2"] {
+            let a = upstream().name("a").start().await;
+            let b = upstream().name("b").start().await;
+            let lg = legate()
+                .config(&simple_config_with(
+                    &[a.addr, b.addr],
+                    "",
+                    &format!("    protocol: {protocol}\n    circuit_breakers: {{ max_connections: 1 }}\n"),
+                ))
+                .start();
+            let mut c = client(proto, lg.addr("web")).await;
+            for i in 0..4 {
+                let r = c.get(&format!("/r{i}")).send().await;
+                assert_eq!(r.status, 200, "{protocol} /r{i}: {}", r.text());
+            }
+            assert_eq!((a.requests.get(), b.requests.get()), (2, 2), "{protocol}");
+            assert_eq!((a.connections.get(), b.connections.get()), (1, 1), "{protocol}");
+            lg.assert_stat(CLUSTER_2XX, 4.0).await;
+            lg.assert_stat(CX_TOTAL, 2.0).await;
+            lg.assert_stat(CX_ACTIVE, 2.0).await;
+            // The second connection went over the limit: counted, as Envoy's.
+            lg.assert_stat(CX_OVERFLOW, 1.0).await;
+        }
+    }
+);

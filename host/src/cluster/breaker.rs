@@ -11,6 +11,8 @@
 //! exceed a limit fails at once with 503 and `x-legate-overloaded: true`, and a retry
 //! that would exceed one is not made (the previous answer goes back to the client).
 //! "Pending" attempts are those waiting for a new connection to be established.
+//! One exception, Envoy's: a worker's first connection to an endpoint is opened
+//! over `max_connections` ([`Cluster::connect_permit_for`]).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -94,14 +96,30 @@ impl Cluster {
     /// over either, a 503 `overloaded` error and `upstream_cx_overflow` or
     /// `upstream_rq_pending_overflow` counts it.
     pub fn connect_permit(self: &Arc<Self>) -> Result<ConnectPermit, ProxyError> {
+        self.connect_permit_for(false)
+    }
+
+    /// As [`Cluster::connect_permit`], but `first` (the worker asking has no
+    /// connection to the endpoint, open or opening) opens one over
+    /// `max_connections` too, still counted in `upstream_cx_overflow`, as
+    /// Envoy's per-worker pool does: the limit is shared by every worker and
+    /// endpoint, so without this, connections kept idle by one worker (or to
+    /// another endpoint) would refuse every request of the others with 503,
+    /// however few were in flight. Such a connection still holds a slot (the
+    /// count goes over the limit) until it closes.
+    pub fn connect_permit_for(self: &Arc<Self>, first: bool) -> Result<ConnectPermit, ProxyError> {
         let cb = &self.config.circuit_breakers;
-        let Some(connection) = Slot::take(
-            self,
-            |c| &c.breakers.connections,
-            u64::from(cb.max_connections),
-        ) else {
-            self.stats.upstream_cx_overflow.fetch_add(1, Relaxed);
-            return Err(overloaded(self, "max_connections", cb.max_connections));
+        let connections: fn(&Cluster) -> &AtomicU64 = |c| &c.breakers.connections;
+        let connection = match Slot::take(self, connections, u64::from(cb.max_connections)) {
+            Some(slot) => slot,
+            None => {
+                self.stats.upstream_cx_overflow.fetch_add(1, Relaxed);
+                match first {
+                    true => Slot::take(self, connections, u64::MAX)
+                        .ok_or_else(|| overloaded(self, "max_connections", cb.max_connections))?,
+                    false => return Err(overloaded(self, "max_connections", cb.max_connections)),
+                }
+            }
         };
         Ok(ConnectPermit {
             connection,

@@ -118,7 +118,10 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 /// A Ketama-style consistent-hash ring: each endpoint owns points proportional to
 /// its weight; a key belongs to the endpoint of the first point at or after it.
-/// Removing an endpoint removes only its points, so only its keys move.
+/// Removing an endpoint removes only its points, so only its keys move — unless
+/// the ring is scaled (below `MIN_RING_POINTS`, as Envoy's) or the lightest
+/// weight changes: then every endpoint's point count changes too, and some keys
+/// move between endpoints that stay.
 #[derive(Default)]
 struct Ring {
     /// Point hashes, ascending; searched apart from `owners` to keep it dense.
@@ -245,8 +248,21 @@ pub struct Balancer {
 enum Rotation {
     /// Not `round_robin`.
     None,
-    /// Equal weights: plain rotation, next index to try.
-    Cursor(Cell<usize>),
+    /// Equal weights: plain rotation, `next` index to pick, for picks that
+    /// exclude nothing. A pick that excludes some endpoints takes the one
+    /// picked least recently (`last`, in `clock` ticks; ties in rotation order
+    /// from `start`), so that each side of a changing exclusion takes turns
+    /// within itself. The cursor alone (the first endpoint at or after it not
+    /// excluded) favoured the endpoint after an excluded run whenever the
+    /// excluded set changed from pick to pick: zone-aware picks alternating
+    /// between the local zone and the others gave the first endpoint of the
+    /// other zone twice the second's share.
+    Cursor {
+        next: Cell<usize>,
+        start: usize,
+        last: RefCell<Vec<u64>>,
+        clock: Cell<u64>,
+    },
     /// Unequal weights: nginx's smooth weighted round robin, the current weights.
     Smooth(RefCell<Vec<i64>>),
 }
@@ -272,9 +288,15 @@ impl Balancer {
         let rotation = if shared.policy != LbPolicy::RoundRobin || n == 0 {
             Rotation::None
         } else if shared.rr_weights.iter().all(|&w| w == 1) {
-            Rotation::Cursor(Cell::new(rng.random_range(0..n)))
+            let start = rng.random_range(0..n);
+            Rotation::Cursor {
+                next: Cell::new(start),
+                start,
+                last: RefCell::new(vec![0; n]),
+                clock: Cell::new(0),
+            }
         } else {
-            let rotation = Rotation::Smooth(RefCell::new(vec![0; n]));
+            let rotation = RefCell::new(vec![0; n]);
             // Advance a random number of steps into the period (bounded, since a
             // step costs O(n)) so the worker starts in a genuine rotation state.
             let period: u64 = shared.rr_weights.iter().map(|&w| w as u64).sum();
@@ -282,7 +304,7 @@ impl Balancer {
             for _ in 0..rng.random_range(0..limit) {
                 smooth_step(&rotation, &shared.rr_weights, &[]);
             }
-            rotation
+            Rotation::Smooth(rotation)
         };
         Balancer {
             cluster,
@@ -302,13 +324,27 @@ impl Balancer {
     /// at random (by weight). `exclude` lists endpoints this request's earlier
     /// attempts used: they are skipped while any other endpoint exists, and used
     /// again when every endpoint is excluded, so a one-endpoint cluster still
-    /// retries. `None` only when the cluster has no endpoints (`original_dst`).
+    /// retries. `None` when the cluster has no endpoints (`original_dst`, or a `dns`
+    /// cluster before its first answer).
     ///
     /// Endpoints that are unavailable (failed health checks, ejected) are skipped like
     /// excluded ones — unless fewer than `panic_threshold` of the endpoints are
     /// available, then all are used and `lb_healthy_panic` counts the pick. With
     /// none available and panic mode off (`panic_threshold: 0%`), `None`.
+    /// `None` counts in `upstream_cx_none_healthy`: the attempt is not made.
     pub fn pick(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
+        let picked = self.choose(hash, exclude);
+        if picked.is_none() {
+            self.cluster
+                .stats
+                .upstream_cx_none_healthy
+                .fetch_add(1, Relaxed);
+        }
+        picked
+    }
+
+    /// [`Balancer::pick`]'s choice, uncounted.
+    fn choose(&self, hash: Option<u64>, exclude: &[usize]) -> Option<usize> {
         let n = self.cluster.endpoints.len();
         if n == 0 {
             return None;
@@ -381,17 +417,33 @@ impl Balancer {
     fn round_robin(&self, excluded: &[usize]) -> usize {
         let n = self.cluster.endpoints.len();
         match &self.rotation {
-            Rotation::Cursor(next) => {
-                let start = next.get();
-                let pick = (0..n)
-                    .map(|step| (start + step) % n)
-                    .find(|i| excluded.binary_search(i).is_err())
-                    .unwrap_or(start % n);
-                next.set((pick + 1) % n);
+            Rotation::Cursor {
+                next,
+                start,
+                last,
+                clock,
+            } => {
+                let mut last = last.borrow_mut();
+                let pick = if excluded.is_empty() {
+                    let pick = next.get() % n;
+                    next.set((pick + 1) % n);
+                    pick
+                } else {
+                    // The least recently picked; ties in rotation order.
+                    (0..n)
+                        .map(|step| (start + step) % n)
+                        .filter(|i| excluded.binary_search(i).is_err())
+                        .min_by_key(|&i| last.get(i).copied().unwrap_or(0))
+                        .unwrap_or(next.get() % n)
+                };
+                clock.set(clock.get() + 1);
+                if let Some(t) = last.get_mut(pick) {
+                    *t = clock.get();
+                }
                 pick
             }
-            smooth @ Rotation::Smooth(_) => {
-                smooth_step(smooth, &self.cluster.lb.rr_weights, excluded)
+            Rotation::Smooth(current) => {
+                smooth_step(current, &self.cluster.lb.rr_weights, excluded)
             }
             // Unreachable: the rotation exists whenever the policy is round_robin.
             Rotation::None => self
@@ -439,10 +491,7 @@ impl Balancer {
 /// `excluded`: each gains its weight, the largest wins and pays back the total.
 /// Over a period each endpoint wins exactly its weight's worth, interleaved
 /// (weights 5,1,1 give a a b a c a a).
-fn smooth_step(rotation: &Rotation, weights: &[i64], excluded: &[usize]) -> usize {
-    let Rotation::Smooth(current) = rotation else {
-        return 0;
-    };
+fn smooth_step(current: &RefCell<Vec<i64>>, weights: &[i64], excluded: &[usize]) -> usize {
     let mut current = current.borrow_mut();
     let mut total = 0;
     // (index, current weight) of the leader; ties go to the lower index, as nginx.
@@ -655,6 +704,28 @@ mod tests {
         assert_eq!(single.balancer().pick(None, &[0]), Some(0));
     }
 
+    /// Exclusions that change from pick to pick (zone-aware picks alternating
+    /// between the local zone and the others, retries) leave the endpoints of
+    /// each side their equal turns. The plain cursor gave the endpoint after the
+    /// excluded run (here 2) twice the share of the next one.
+    #[test]
+    fn round_robin_stays_even_under_changing_exclusions() {
+        for weights in [&[1, 1, 1, 1][..], &[2, 2, 2, 2], &[1, 1, 1, 2]] {
+            let c = weighted("round_robin", weights, "");
+            for seed in 0..8 {
+                let b = seeded(&c, seed);
+                let mut n = [0usize; 4];
+                for _ in 0..600 {
+                    n[b.pick(None, &[0, 2, 3]).unwrap()] += 1;
+                    n[b.pick(None, &[0, 1]).unwrap()] += 1;
+                }
+                assert_eq!(n[..2], [0, 600], "{weights:?}");
+                let want = 600 * weights[2] as usize / (weights[2] + weights[3]) as usize;
+                assert!(n[2].abs_diff(want) <= 1, "{weights:?} seed {seed}: {n:?}");
+            }
+        }
+    }
+
     #[test]
     fn random_follows_weights() {
         let c = weighted("random", &[1, 2, 3], "");
@@ -830,6 +901,41 @@ mod tests {
         assert!(
             (0.05..0.15).contains(&fraction),
             "{fraction} of keys moved, expected about 1/{N}"
+        );
+    }
+
+    /// Below the minimum ring (fewer than 7 endpoints of equal weight) every
+    /// endpoint's points are scaled up to fill it, as in Envoy, so removing one
+    /// gives the others more points: some keys also move between endpoints that
+    /// stay (docs/config.md says so).
+    #[test]
+    fn ring_hash_removal_from_a_small_ring_moves_some_kept_keys_too() {
+        let ring = |n: u32| {
+            let addresses: String = (1..=n)
+                .map(|i| format!("  - {{ address: \"10.0.0.{i}:80\" }}\n"))
+                .collect();
+            crate::cluster::tests::cluster(&format!(
+                "name: c\nlb_policy: ring_hash\nhash_on: {{ source_ip: true }}\nendpoints:\n{addresses}"
+            ))
+        };
+        let (three, two) = (ring(3), ring(2));
+        let (before, after) = (three.balancer(), two.balancer());
+        let addr =
+            |b: &Balancer, key| b.cluster().endpoints[b.pick(Some(key), &[]).unwrap()].address;
+        let (mut kept, mut moved) = (0, 0);
+        for key in keys(20_000) {
+            let was = addr(&before, key);
+            if was != three.endpoints[2].address {
+                kept += 1;
+                if addr(&after, key) != was {
+                    moved += 1;
+                }
+            }
+        }
+        let fraction = f64::from(moved) / f64::from(kept);
+        assert!(
+            (0.02..0.3).contains(&fraction),
+            "{fraction} of the kept endpoints' keys moved"
         );
     }
 

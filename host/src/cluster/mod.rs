@@ -156,8 +156,13 @@ counters! {
         upstream_cx_connect_timeout,
         /// Attempts waiting for a new connection to open (gauge).
         upstream_rq_pending_active,
-        /// Connections not opened because `circuit_breakers.max_connections` was reached.
+        /// Connections over `circuit_breakers.max_connections`: not opened, or
+        /// opened anyway as a worker's first to an endpoint.
         upstream_cx_overflow,
+        /// Attempts not made because no endpoint was available (every one failing
+        /// its health checks or ejected with panic mode off, or none yet): the
+        /// 503 `no_healthy_upstream`. Envoy's name.
+        upstream_cx_none_healthy,
         /// Attempts refused by `max_requests` or `max_pending_requests`.
         upstream_rq_pending_overflow,
         /// Retries not made because of `max_retries` or the retry budget.
@@ -1305,7 +1310,7 @@ mod tests {
         assert_eq!(ep["weight"], 3);
         assert_eq!(ep["stats"]["rq_total"], 1);
         assert_eq!(ep["stats"]["rq_active"], 1);
-        assert_eq!(c.stats.snapshot().len(), 45);
+        assert_eq!(c.stats.snapshot().len(), 46);
         assert_eq!(ep["health"]["status"], "healthy");
     }
 }
