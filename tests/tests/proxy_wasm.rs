@@ -1205,6 +1205,29 @@ fn the_sdk_module_needs_no_import_the_host_lacks() {
     assert!(unknown.is_empty(), "not provided: {unknown:?}");
 }
 
+each_proto!(
+    /// A C++ SDK filter built with Emscripten imports two functions of
+    /// Emscripten's runtime from `env`, which Envoy's host links: its
+    /// allocator calls `emscripten_notify_memory_growth` whenever the heap
+    /// grows, its libc `pthread_equal`. They were left to the
+    /// trap-when-called fallback, so such a filter failed at its first
+    /// growth (here its first request).
+    async fn an_emscripten_filter_grows_its_memory_and_compares_threads(proto) {
+        let up = upstream().start().await;
+        let p = plugin("cpp", "{ mode: emscripten }", "");
+        let lg = legate().config(&config(up.addr, &p, &["cpp"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..2 {
+            let r = c.get("/").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.header("x-pw-emscripten"), Some("grew 1, equal 1 0"));
+        }
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="cpp"}"#, 0.0)
+            .await;
+        lg.assert_stat(&calls("cpp", "request_headers"), 2.0).await;
+    }
+);
+
 // ---- a filter from another language's SDK ----
 
 each_proto!(

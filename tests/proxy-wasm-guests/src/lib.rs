@@ -53,6 +53,11 @@
 //!   `on_log` counts in metric `pw_logged_<response.code>_<response.code_details>`
 //!   (`none` for a property not found), as the `stream-` modes do.
 //! - `noop`: every callback returns at once.
+//! - `emscripten`: as a C++ SDK filter built with Emscripten, the request
+//!   headers callback grows the memory by a page and calls the runtime's
+//!   `env.emscripten_notify_memory_growth`, then `env.pthread_equal` with two
+//!   equal and two different ids; the response gets `x-pw-emscripten: grew
+//!   <pages>, equal <1> <0>`.
 //! - `callout`: each request pauses on an HTTP call to cluster `authz` (or the
 //!   config's `cluster`; path `/check<request path>`, timeout `timeout_ms`,
 //!   default 1000); in
@@ -1754,6 +1759,9 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
+    // Emscripten's runtime imports (`emscripten`): C++ SDK filters have them.
+    fn emscripten_notify_memory_growth(memory_index: u32);
+    fn pthread_equal(a: u32, b: u32) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_close_stream(stream_type: u32) -> u32;
     fn proxy_set_header_map_pairs(map_type: u32, data: *const u8, size: usize) -> u32;
@@ -2437,6 +2445,22 @@ impl HttpContext for Filter {
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_default();
                 self.seen.push(("x-pw-tick-body".into(), v));
+            }
+            "emscripten" => {
+                // What a C++ SDK filter's Emscripten runtime does: its
+                // allocator grows the memory and tells the host, its libc
+                // compares thread ids.
+                let before = core::arch::wasm32::memory_grow::<0>(1);
+                // SAFETY: plain integer arguments; the host only reads them.
+                let equal = unsafe {
+                    emscripten_notify_memory_growth(0);
+                    (pthread_equal(7, 7), pthread_equal(7, 8))
+                };
+                let grown = core::arch::wasm32::memory_size::<0>() - before;
+                self.seen.push((
+                    "x-pw-emscripten".into(),
+                    format!("grew {grown}, equal {} {}", equal.0, equal.1),
+                ));
             }
             "hostile" => match path.as_str() {
                 "/panic" => panic!("guest panic on purpose"),

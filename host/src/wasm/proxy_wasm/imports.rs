@@ -1,5 +1,6 @@
 //! Every `env` host function of proxy-wasm ABI 0.2.1 (so modules built by the SDKs,
-//! which import nearly all of them, instantiate), and the WASI preview1 calls
+//! which import nearly all of them, instantiate), the two Emscripten runtime
+//! imports Envoy's host links for C++ SDK filters, and the WASI preview1 calls
 //! filters use, implemented directly on the module's memory under both
 //! `wasi_snapshot_preview1` and `wasi_unstable`.
 //!
@@ -1030,6 +1031,21 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
             })
         },
     )?;
+    // ---- Emscripten's runtime, as proxy-wasm-cpp-host (Envoy) links it ----
+    // A filter built with the proxy-wasm C++ SDK (Emscripten, standalone Wasm)
+    // imports these from `env`: its allocator calls the first whenever it grows
+    // the memory, its libc the second. Left to the trap-when-called fallback,
+    // such a filter failed as soon as its heap grew. Both as in Envoy's host:
+    // nothing to do on growth (this host reads the memory afresh on every
+    // call); one thread, so two ids are the same thread when they are equal.
+    l.func_wrap(
+        E,
+        "emscripten_notify_memory_growth",
+        |_: C<'_>, _memory_index: i32| {},
+    )?;
+    l.func_wrap(E, "pthread_equal", |_: C<'_>, a: i32, b: i32| -> i32 {
+        i32::from(a == b)
+    })?;
     Ok(())
 }
 
