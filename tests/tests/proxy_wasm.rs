@@ -309,6 +309,10 @@ each_proto!(
         assert_eq!(h("x-p-vm-id"), "my_vm");
         assert_eq!(h("x-p-route"), "rest");
         assert_eq!(h("x-p-cluster"), "backend");
+        // Envoy's names for them under `xds` (Envoy 1.28), and the query.
+        assert_eq!(h("x-p-xds-route"), "rest");
+        assert_eq!(h("x-p-xds-cluster"), "backend");
+        assert_eq!(h("x-p-query"), "x=1");
         assert!(h("x-p-source").starts_with("127.0.0.1:"), "{}", h("x-p-source"));
         let port = h("x-p-source").rsplit(':').next().unwrap().to_string();
         assert_eq!(h("x-p-source-port"), port);
@@ -2433,6 +2437,62 @@ async fn response_trailers_are_read_and_modified() {
     assert_eq!(t.get("x-pw-added").map(|v| v.as_bytes()), Some(&b"3"[..]));
     assert!(t.get("grpc-message").is_none(), "not removed: {t:?}");
     lg.assert_stat(&calls("tr", "response_trailers"), 1.0).await;
+}
+
+/// `response.grpc_status` and `response.trailers`, which a gRPC stats or
+/// logging filter reads in `on_log`, as Envoy gives them: the trailers'
+/// `grpc-status`, else the head's (a trailers-only answer), else the status
+/// gRPC maps the HTTP status to; the trailers as a map, empty when the answer
+/// has none. Both were `NOT_FOUND`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_status_and_trailers_are_response_properties() {
+    let up = upstream()
+        .grpc()
+        .route("/echo.Echo/Denied", |_req| async {
+            // A trailers-only answer: the status in the head.
+            let mut r = Response::new(Full::new(Bytes::new()));
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/grpc"));
+            r.headers_mut()
+                .insert("grpc-status", HeaderValue::from_static("7"));
+            r
+        })
+        .route("/missing", |_req| async {
+            let mut r = Response::new(Full::new(Bytes::from("not here")));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r
+        })
+        .start()
+        .await;
+    let p = plugin("gs", "{ mode: grpc-stats }", "");
+    let yaml = config(up.addr, &p, &["gs"]).replace(
+        &format!("      - address: {}\n", up.addr),
+        &format!("      - address: {}\n    protocol: h2\n", up.addr),
+    );
+    let lg = legate().config(&yaml).start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    for path in ["/echo.Echo/Say", "/echo.Echo/Denied"] {
+        let r = c
+            .post(path)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(grpc_frame(b"ping"))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = c.get("/missing").send().await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    let stat = |name: &str| format!("legate_proxywasm_pw_grpc_stats_{name}{{plugin=\"gs\"}}");
+    // The echo: `grpc-status: 0` in its trailers, with the trailers' names.
+    lg.assert_stat(&stat("0_grpc_status_grpc_message_x_echo_trailer_OK"), 1.0)
+        .await;
+    // Trailers-only: the head's status, and no trailers.
+    lg.assert_stat(&stat("7___none_"), 1.0).await;
+    // Not gRPC: a 404 maps to 12 (UNIMPLEMENTED), as Envoy's httpToGrpcStatus.
+    lg.assert_stat(&stat("12___none_"), 1.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="gs"}"#, 0.0)
+        .await;
 }
 
 each_proto!(

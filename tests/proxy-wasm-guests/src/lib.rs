@@ -23,6 +23,11 @@
 //!   The request headers callback also sets `request.method` to `SHADOW` (a
 //!   built-in name: reads still give the method, as Envoy's) and reads the
 //!   request header map's pseudo-headers (`request.headers.:authority`, ...).
+//!   It also reads `request.query`, `xds.route_name` and `xds.cluster_name`.
+//! - `grpc-stats`: `on_log` counts in metric `pw_grpc_stats_<grpc status>_<trailer
+//!   names>_<grpc-message trailer>` what it reads of `response.grpc_status`,
+//!   `response.trailers` and `response.trailers.grpc-message` (`none` for a
+//!   property not found, `<none>` for the message).
 //! - `filter-state` (Envoy's filter state shared by a stream's filters; the
 //!   config's `tag` is the role): a `writer` sets property `pw_peer` to
 //!   request header `x-fs-write` when there is one (`set_property`, in the
@@ -1915,6 +1920,9 @@ impl HttpContext for Filter {
                     ("x-p-vm-id", &["plugin_vm_id"][..]),
                     ("x-p-route", &["route_name"][..]),
                     ("x-p-cluster", &["cluster_name"][..]),
+                    ("x-p-query", &["request", "query"][..]),
+                    ("x-p-xds-route", &["xds", "route_name"][..]),
+                    ("x-p-xds-cluster", &["xds", "cluster_name"][..]),
                     ("x-p-source", &["source", "address"][..]),
                     ("x-p-source-port", &["source", "port"][..]),
                     ("x-p-dest-port", &["destination", "port"][..]),
@@ -2963,6 +2971,23 @@ impl HttpContext for Filter {
                     String::from_utf8_lossy(&b).into_owned()
                 });
             let name = format!("pw_fs_logged_{v}");
+            if let Ok(m) = hostcalls::define_metric(MetricType::Counter, &name) {
+                hostcalls::increment_metric(m, 1).ok();
+            }
+        }
+        if self.s.mode == "grpc-stats" {
+            // What a gRPC stats filter records: the status and the trailers,
+            // as counter `pw_grpc_stats_<response.grpc_status>_<trailer
+            // names>_<response.trailers.grpc-message>`.
+            let status = self
+                .get_property(vec!["response", "grpc_status"])
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or("none".to_string(), |b| i64::from_le_bytes(b).to_string());
+            let keys = self
+                .get_property(vec!["response", "trailers"])
+                .map_or("none".to_string(), |b| pair_keys(&b));
+            let message = prop(self, &["response", "trailers", "grpc-message"]);
+            let name = format!("pw_grpc_stats_{status}_{keys}_{message}");
             if let Ok(m) = hostcalls::define_metric(MetricType::Counter, &name) {
                 hostcalls::increment_metric(m, 1).ok();
             }
