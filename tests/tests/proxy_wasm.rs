@@ -2496,6 +2496,36 @@ async fn grpc_status_and_trailers_are_response_properties() {
 }
 
 each_proto!(
+    /// `response.flags`, which Istio's stats filter decodes into its
+    /// `response_flags` label, holds Envoy's bits for how the exchange
+    /// ended: `0` for an upstream's answer, `UF` for an endpoint that
+    /// refuses connections, `NR` for no route. It was `NOT_FOUND`.
+    async fn response_flags_are_envoys_bits(proto) {
+        let up = upstream().start().await;
+        let p = plugin("fl", "{ mode: grpc-stats }", "");
+        let yaml = config(up.addr, &p, &["fl"])
+            .replace(
+                "          - name: rest\n            match: { prefix: / }\n",
+                "          - name: dead\n            match: { prefix: /dead }\n            cluster: dead\n          - name: rest\n            match: { prefix: /ok }\n",
+            )
+            .replace(
+                "clusters:\n",
+                &format!("clusters:\n  - name: dead\n    endpoints:\n      - address: {}\n", closed_port_addr()),
+            );
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for (path, status) in [("/ok", 200), ("/dead", 502), ("/nowhere", 404)] {
+            let r = c.get(path).send().await;
+            assert_eq!(r.status, status, "{path}: {}", r.text());
+        }
+        let stat = |n: &str| format!("legate_proxywasm_pw_flags_{n}{{plugin=\"fl\"}}");
+        lg.assert_stat(&stat("0"), 1.0).await;
+        lg.assert_stat(&stat("32"), 1.0).await;
+        lg.assert_stat(&stat("256"), 1.0).await;
+    }
+);
+
+each_proto!(
     async fn continuing_body_callbacks_stream_4_mib_unchanged(proto) {
         let n = 4 << 20;
         let up = upstream()

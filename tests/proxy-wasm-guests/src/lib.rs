@@ -27,7 +27,8 @@
 //! - `grpc-stats`: `on_log` counts in metric `pw_grpc_stats_<grpc status>_<trailer
 //!   names>_<grpc-message trailer>` what it reads of `response.grpc_status`,
 //!   `response.trailers` and `response.trailers.grpc-message` (`none` for a
-//!   property not found, `<none>` for the message).
+//!   property not found, `<none>` for the message), and in `pw_flags_<n>`
+//!   what it reads of `response.flags`.
 //! - `filter-state` (Envoy's filter state shared by a stream's filters; the
 //!   config's `tag` is the role): a `writer` sets property `pw_peer` to
 //!   request header `x-fs-write` when there is one (`set_property`, in the
@@ -2989,6 +2990,16 @@ impl HttpContext for Filter {
             let message = prop(self, &["response", "trailers", "grpc-message"]);
             let name = format!("pw_grpc_stats_{status}_{keys}_{message}");
             if let Ok(m) = hostcalls::define_metric(MetricType::Counter, &name) {
+                hostcalls::increment_metric(m, 1).ok();
+            }
+            // And Envoy's response flags, as counter `pw_flags_<response.flags>`.
+            let flags = self
+                .get_property(vec!["response", "flags"])
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or("none".to_string(), |b| i64::from_le_bytes(b).to_string());
+            if let Ok(m) =
+                hostcalls::define_metric(MetricType::Counter, &format!("pw_flags_{flags}"))
+            {
                 hostcalls::increment_metric(m, 1).ok();
             }
         }

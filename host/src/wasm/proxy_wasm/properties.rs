@@ -160,6 +160,7 @@ fn response(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
     }
     Some(match attr {
         b"code" => int(i64::from(x.status?.as_u16())),
+        b"flags" => int(response_flags(x.cause.as_deref())),
         b"grpc_status" => int(i64::from(grpc_status(
             trailers,
             x.response_headers.as_deref(),
@@ -180,6 +181,26 @@ fn response(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
             .ok()?),
         _ => return None,
     })
+}
+
+/// `response.flags`: Envoy's legacy response flag bits (`UH`, `UF`, ... as
+/// Istio's stats filter decodes them) for the exchange's cause; `0` for an
+/// exchange nothing went wrong with, or whose cause has no flag in Envoy (a
+/// filter's local response, a direct response, a plugin failure).
+fn response_flags(cause: Option<&str>) -> i64 {
+    match cause.unwrap_or_default() {
+        "no_healthy_upstream" => 0x2,                           // UH
+        "upstream_timeout" | "upstream_per_try_timeout" => 0x4, // UT
+        "upstream_reset" => 0x10,                               // UR
+        "upstream_connect_failure" => 0x20,                     // UF
+        "overloaded" => 0x80,                                   // UO
+        "no_route" => 0x100,                                    // NR
+        "downstream_disconnect" | "downstream_reset" => 0x4000, // DC
+        "stream_idle_timeout" => 0x1_0000,                      // SI
+        "bad_request" | "request_headers_too_large" | "uri_too_long" => 0x4_0000, // DPE
+        "upstream_protocol_error" => 0x80_0000,                 // UPE
+        _ => 0,
+    }
 }
 
 /// `response.grpc_status` as Envoy's (`Grpc::Common::getGrpcStatus`): the
