@@ -1098,6 +1098,49 @@ each_proto!(
 );
 
 each_proto!(
+    /// What a guest writes to stderr in several calls is one log line, and
+    /// the failure names the allocation that failed: std writes `memory
+    /// allocation of N bytes failed` in three pieces, each of which was
+    /// logged as a line, and the failure's reason was the last line written
+    /// (`the guest's last error line: …`), not the allocation.
+    async fn a_guest_out_of_memory_is_one_line_naming_the_allocation(proto) {
+        captured_log();
+        let up = upstream().start().await;
+        let p = plugin(
+            "greedy",
+            "{ mode: hostile }",
+            "    limits: { cpu: 50ms, memory: 16MiB }\n",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["greedy"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/grow").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        lg.assert_stat(
+            r#"legate_plugin_memory_exceeded_total{plugin="greedy"}"#,
+            1.0,
+        )
+        .await;
+        let log = captured_log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("plugin failure") && l.contains("greedy"))
+            .unwrap_or_else(|| panic!("no failure line: {log}"));
+        assert!(
+            line.contains("memory cap exceeded")
+                && line.contains(": memory allocation of 67108864 bytes failed"),
+            "{line}"
+        );
+        // The guest's own line, whole, at error.
+        assert!(
+            log.lines().any(|l| l.contains("ERROR")
+                && l.contains(": memory allocation of 67108864 bytes failed plugin=\"greedy\"")),
+            "{log}"
+        );
+        assert!(!log.contains(": 67108864 plugin="), "{log}");
+    }
+);
+
+each_proto!(
     async fn endless_loop_stops_at_the_deadline(proto) {
         hostile(proto, "/loop", "closed", "legate_plugin_timeouts_total").await;
     }

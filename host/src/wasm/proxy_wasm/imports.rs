@@ -40,7 +40,11 @@ fn st(r: Result<(), i32>) -> HResult<()> {
 /// at `error` and above for the failure of the running call
 /// ([`crate::wasm::stdio::record`]).
 fn log_line(c: &C<'_>, level: i32, msg: &[u8]) {
-    let name = &*c.data().meta.name;
+    log_as(&c.data().meta.name, level, msg);
+}
+
+/// [`log_line`] for plugin `name`.
+pub(super) fn log_as(name: &str, level: i32, msg: &[u8]) {
     let raw = String::from_utf8_lossy(&msg[..msg.len().min(MAX_LOG)]);
     if level >= 4 {
         crate::wasm::stdio::record(&raw);
@@ -1075,10 +1079,11 @@ fn add_wasi(l: &mut Linker<PwState>, m: &str) -> wasmtime::Result<()> {
                     out.extend(read(&mut c, p, len)?);
                 }
                 write_u32(&mut c, written, out.len() as u32)?;
-                let text = String::from_utf8_lossy(&out);
-                let text = text.trim_end_matches('\n');
-                if !text.is_empty() {
-                    log_line(&c, if fd == 1 { 2 } else { 4 }, text.as_bytes());
+                // By line, as the component host's stdio: a line written in
+                // several calls is one log line.
+                let level = if fd == 1 { 2 } else { 4 };
+                for line in c.data_mut().stdio_lines(usize::from(fd == 2), &out) {
+                    log_line(&c, level, &line);
                 }
                 Ok(())
             };

@@ -213,6 +213,10 @@ pub struct PwState {
     pub clock: crate::wasm::engine::CallClock,
     /// The memory cap.
     pub limits: StoreLimits,
+    /// What the guest wrote to stdout (0) and stderr (1) after its last
+    /// newline: logged once the line ends ([`Self::stdio_lines`]), or when
+    /// the VM is dropped.
+    stdio_partial: [Vec<u8>; 2],
     /// The memory cap, for the instance's linear memories together (`limits`
     /// applies it to each alone).
     memory_cap: usize,
@@ -357,6 +361,18 @@ impl crate::wasm::engine::Clocked for PwState {
     }
 }
 
+impl Drop for PwState {
+    /// The VM is gone: what it wrote without a final newline is logged.
+    fn drop(&mut self) {
+        for (which, level) in [(0, 2), (1, 4)] {
+            let rest = std::mem::take(&mut self.stdio_partial[which]);
+            if !rest.is_empty() {
+                super::imports::log_as(&self.meta.name, level, &rest);
+            }
+        }
+    }
+}
+
 impl PwState {
     /// A store's data for an instance of `meta`.
     pub fn new(meta: Arc<Meta>, memory_cap: usize) -> Self {
@@ -367,6 +383,7 @@ impl PwState {
                 .trap_on_grow_failure(false)
                 .build(),
             memory_cap,
+            stdio_partial: Default::default(),
             refused_memory: None,
             memory_use: crate::wasm::slots::MemoryUse::default(),
             meta,
@@ -408,6 +425,35 @@ impl PwState {
             grpc_trailing: None,
             stream_waits: FxHashMap::default(),
         }
+    }
+
+    /// The whole lines `data`, written to stdout (`which` 0) or stderr (1),
+    /// completes, without their newlines; the rest waits for the next write.
+    /// Rust's `eprintln!` and std's panic and allocation-failure messages
+    /// write one line in several calls, each of which was logged as a line
+    /// of its own (and the failure's reason was then the last fragment). A
+    /// line longer than [`crate::wasm::stdio::MAX_LINE`] is given in pieces,
+    /// as the component host does.
+    pub fn stdio_lines(&mut self, which: usize, mut data: &[u8]) -> Vec<Vec<u8>> {
+        use crate::wasm::stdio::MAX_LINE;
+        let partial = &mut self.stdio_partial[which.min(1)];
+        let mut lines = Vec::new();
+        loop {
+            let nl = data.iter().position(|&b| b == b'\n');
+            let take = nl.unwrap_or(data.len());
+            partial.extend_from_slice(&data[..take]);
+            while partial.len() > MAX_LINE {
+                let rest = partial.split_off(MAX_LINE);
+                lines.push(std::mem::replace(partial, rest));
+            }
+            let Some(nl) = nl else {
+                break;
+            };
+            lines.push(std::mem::take(partial));
+            data = &data[nl + 1..];
+        }
+        lines.retain(|l| !l.is_empty());
+        lines
     }
 
     /// Forgets the callouts of context `pw`, which is gone: their tasks are
@@ -553,6 +599,32 @@ pub(super) mod tests {
             grpc_stream_failures: c("t_failures"),
             body_limit: 1 << 20,
         })
+    }
+
+    #[test]
+    fn stdio_is_logged_by_line_whatever_the_writes() {
+        let mut s = PwState::new(meta(), 1 << 20);
+        // std's allocation-failure message, as Rust writes it: in pieces.
+        assert!(s.stdio_lines(1, b"memory allocation of ").is_empty());
+        assert!(s.stdio_lines(1, b"33554432").is_empty());
+        assert_eq!(
+            s.stdio_lines(1, b" bytes failed\n"),
+            vec![b"memory allocation of 33554432 bytes failed".to_vec()]
+        );
+        // Several lines in one write, empty ones skipped; stdout apart.
+        assert!(s.stdio_lines(0, b"out ").is_empty());
+        assert_eq!(
+            s.stdio_lines(1, b"a\n\nb\nc"),
+            vec![b"a".to_vec(), b"b".to_vec()]
+        );
+        assert_eq!(s.stdio_lines(0, b"line\n"), vec![b"out line".to_vec()]);
+        // A line over the cap comes in pieces of it.
+        let long = vec![b'x'; crate::wasm::stdio::MAX_LINE + 10];
+        let lines = s.stdio_lines(0, &long);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].len(), crate::wasm::stdio::MAX_LINE);
+        assert_eq!(s.stdio_lines(0, b"\n"), vec![vec![b'x'; 10]]);
+        assert_eq!(s.stdio_partial[1], b"c");
     }
 
     #[test]
