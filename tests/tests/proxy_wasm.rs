@@ -493,6 +493,44 @@ async fn on_configure_false_rejects_the_load() {
     );
 }
 
+/// A filter that runs out of memory while it starts (a rule set to compile
+/// in `proxy_on_configure`: Envoy caps no VM) is refused at its
+/// `limits.memory`, with a help line saying to raise it and the allocation
+/// that failed; the error was placed at its plugin configuration, with help
+/// about the plugin's config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_out_of_memory_at_start_is_placed_at_its_memory_limit() {
+    let up = upstream().start().await;
+    let p = plugin(
+        "heavy",
+        "{ mode: noop, configure_alloc_mib: 32 }",
+        "    limits: { cpu: 500ms, memory: 16MiB }\n",
+    );
+    let err = load_error(&config(up.addr, &p, &["heavy"]));
+    // At the key, quoted under `file:line:col`.
+    assert!(
+        err.contains(".yaml:")
+            && err.contains("plugin `heavy`: ")
+            && err
+                .lines()
+                .any(|l| l.contains(" | ") && l.contains("memory: 16MiB")),
+        "{err}"
+    );
+    assert!(
+        err.contains("memory cap exceeded")
+            && err.contains("memory allocation of 33554432 bytes failed"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "help: the plugin needs more memory while it starts than `limits.memory` (16MiB) \
+             lets it have: raise it (at most 256MiB)"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("says what its config takes"), "{err}");
+}
+
 /// A module for proxy-wasm ABI 0.1.0 is refused naming that ABI and the fix
 /// (it was "not a proxy-wasm module (it exports neither …0_2_1 nor …0_2_0)").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,7 +52,9 @@
 //!   `on_queue_ready` dequeues one item per call (each enqueue owes a call).
 //!   With `target_vm: <vm id>`, requests enqueue to that VM's `pw_events`
 //!   instead (a producer feeding another plugin's consumer).
-//! - `reject`: `on_configure` returns false.
+//! - `reject`: `on_configure` returns false. In any mode, `configure_alloc_mib:
+//!   N` makes `on_configure` allocate N MiB (a filter that needs memory to
+//!   start).
 //! - `close`: resets the stream (`proxy_close_stream`) from the request headers
 //!   callback under `/close-request`, the response headers callback under
 //!   `/close-response`, the response body callback under `/close-body`.
@@ -689,6 +691,11 @@ impl RootContext for Root {
         self.s.greeting = v["greeting"].as_str().unwrap_or("hello").to_string();
         if self.s.mode == "reject" {
             return false;
+        }
+        if let Some(mib) = v["configure_alloc_mib"].as_u64() {
+            // A filter that needs memory to start (a rule set to compile).
+            let v = vec![1u8; (mib as usize) << 20];
+            std::hint::black_box(&v);
         }
         if self.s.mode == "grpc-stream" {
             self.s.queue = self.register_shared_queue("pw_streams");
