@@ -693,6 +693,34 @@ each_proto!(
 );
 
 each_proto!(
+    /// A filter whose metric names carry values (Istio's and OSM's put tags
+    /// in the name) defines more than the host exports: past the cap, and a
+    /// name defined again with another type, `proxy_define_metric` still
+    /// gives an id, which records into nothing, as Envoy defines them all.
+    /// It was BAD_ARGUMENT, on which the SDK's `define_metric` panics: the
+    /// request failed (503) at the 101st name.
+    async fn metrics_past_the_cap_record_into_nothing_instead_of_failing(proto) {
+        let up = upstream().start().await;
+        let p = plugin("many", "{ mode: many-metrics }", "");
+        let lg = legate().config(&config(up.addr, &p, &["many"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for round in 1..=2 {
+            let r = c.get("/").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            // The 100 exported ones read back their count; the others 0.
+            assert_eq!(r.header("x-pw-many"), Some(&*(100 * round).to_string()));
+        }
+        let stat = |i: u32| format!("legate_proxywasm_pw_many_{i}{{plugin=\"many\"}}");
+        lg.assert_stat(&stat(0), 2.0).await;
+        lg.assert_stat(&stat(99), 2.0).await;
+        let text = lg.stats().await;
+        assert!(!text.contains("pw_many_100"), "{text}");
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="many"}"#, 0.0)
+            .await;
+    }
+);
+
+each_proto!(
     /// `proxy_close_stream` resets the stream, as Envoy's `resetStream`, under
     /// either failure policy: from a request or response headers callback
     /// nothing is answered (HTTP/2 `RST_STREAM`, HTTP/1.1 connection closed)

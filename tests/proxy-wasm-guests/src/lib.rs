@@ -61,6 +61,10 @@
 //!   `on_log` counts in metric `pw_logged_<response.code>_<response.code_details>`
 //!   (`none` for a property not found), as the `stream-` modes do.
 //! - `noop`: every callback returns at once.
+//! - `many-metrics`: each request defines counters `pw_many_0` to
+//!   `pw_many_119` with the SDK's `define_metric` (which panics on an
+//!   error), increments each and adds up what `get_metric` reads of them in
+//!   `x-pw-many`, then defines `pw_many_0` again as a gauge and records 5.
 //! - `emscripten`: as a C++ SDK filter built with Emscripten, the request
 //!   headers callback grows the memory by a page and calls the runtime's
 //!   `env.emscripten_notify_memory_growth`, then `env.pthread_equal` with two
@@ -2461,6 +2465,21 @@ impl HttpContext for Filter {
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_default();
                 self.seen.push(("x-pw-tick-body".into(), v));
+            }
+            "many-metrics" => {
+                // A stats filter whose metric names carry values (a status
+                // code, a peer): past the host's cap, and a clash of types,
+                // with the SDK's `define_metric`, which panics on an error.
+                let mut sum = 0;
+                for i in 0..120 {
+                    let m = hostcalls::define_metric(MetricType::Counter, &format!("pw_many_{i}"))
+                        .unwrap();
+                    hostcalls::increment_metric(m, 1).unwrap();
+                    sum += hostcalls::get_metric(m).unwrap();
+                }
+                let g = hostcalls::define_metric(MetricType::Gauge, "pw_many_0").unwrap();
+                hostcalls::record_metric(g, 5).unwrap();
+                self.seen.push(("x-pw-many".into(), sum.to_string()));
             }
             "emscripten" => {
                 // What a C++ SDK filter's Emscripten runtime does: its

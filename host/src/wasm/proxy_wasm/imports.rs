@@ -919,8 +919,11 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 let name = read_str(c, np, nn)?;
                 check(c, out, 4)?;
                 let meta = c.data().meta.clone();
+                // A name not exported still gets an id (Envoy refuses
+                // none); only an unknown kind is BAD_ARGUMENT, as in Envoy.
                 let id = meta
                     .define_metric(kind, &name)
+                    .or_else(|| meta.sink(kind, &name))
                     .ok_or(Fail::Status(status::BAD_ARGUMENT))?;
                 write_u32(c, out, id)
             })
