@@ -531,6 +531,32 @@ async fn a_filter_out_of_memory_at_start_is_placed_at_its_memory_limit() {
     assert!(!err.contains("says what its config takes"), "{err}");
 }
 
+/// A filter whose start takes more CPU than starting may (a large rule set
+/// to compile; Envoy bounds none) is refused with a help line saying what
+/// the bound is and that `limits.cpu` does not raise it; the help line said
+/// "the plugin's own documentation says what its config takes".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_too_slow_to_start_is_told_the_start_deadline() {
+    let up = upstream().start().await;
+    // Far past the deadline's 1s of CPU (and its 10s of wall time, for a
+    // loaded machine).
+    let p = plugin("slow", "{ mode: noop, configure_spin_ms: 30000 }", "");
+    let err = load_error(&config(up.addr, &p, &["slow"]));
+    assert!(
+        err.contains("plugin `slow`: proxy_on_configure failed: call exceeded its"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "help: starting a plugin (its `configure`; proxy-wasm's `proxy_on_vm_start` and \
+             `proxy_on_configure`) may take 1s of CPU (10x that of wall time), whatever its \
+             `limits.cpu`"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("says what its config takes"), "{err}");
+}
+
 /// A module for proxy-wasm ABI 0.1.0 is refused naming that ABI and the fix
 /// (it was "not a proxy-wasm module (it exports neither …0_2_1 nor …0_2_0)").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

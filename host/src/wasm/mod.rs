@@ -568,12 +568,23 @@ fn placed(
         path.push('.');
         path.push_str(&field);
     }
+    let slow = message.contains("exceeded its CPU deadline")
+        || message.contains("exceeded its wall-clock bound");
     let help = match p
         .value
         .module
         .to_str()
         .and_then(|m| m.strip_prefix("builtin:"))
     {
+        // Not the config's fault, and no key raises it: say so.
+        _ if slow => format!(
+            "starting a plugin (its `configure`; proxy-wasm's `proxy_on_vm_start` and \
+             `proxy_on_configure`) may take {:?} of CPU ({}x that of wall time), whatever its \
+             `limits.cpu`: a filter that does more work as it starts (compiling a large rule \
+             set) cannot be loaded; a config asking for less may help",
+            plugin::CONFIGURE_DEADLINE,
+            engine::WALL_FACTOR
+        ),
         Some(b) => format!("the keys of its config are in plugins/{b}/README.md"),
         None => "the plugin's own documentation says what its config takes".to_string(),
     };

@@ -54,7 +54,7 @@
 //!   instead (a producer feeding another plugin's consumer).
 //! - `reject`: `on_configure` returns false. In any mode, `configure_alloc_mib:
 //!   N` makes `on_configure` allocate N MiB (a filter that needs memory to
-//!   start).
+//!   start), `configure_spin_ms: N` spin for N ms of wall time.
 //! - `close`: resets the stream (`proxy_close_stream`) from the request headers
 //!   callback under `/close-request`, the response headers callback under
 //!   `/close-response`, the response body callback under `/close-body`.
@@ -695,6 +695,15 @@ impl RootContext for Root {
         self.s.greeting = v["greeting"].as_str().unwrap_or("hello").to_string();
         if self.s.mode == "reject" {
             return false;
+        }
+        if let Some(ms) = v["configure_spin_ms"].as_u64() {
+            // A filter whose start takes CPU (a large rule set to compile).
+            let until = std::time::Instant::now() + Duration::from_millis(ms);
+            let mut x = 0u64;
+            while std::time::Instant::now() < until {
+                x = x.wrapping_add(std::hint::black_box(1));
+            }
+            std::hint::black_box(x);
         }
         if let Some(mib) = v["configure_alloc_mib"].as_u64() {
             // A filter that needs memory to start (a rule set to compile).

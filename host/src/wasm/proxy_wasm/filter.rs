@@ -80,7 +80,7 @@ use crate::wasm::plugin::{describe, PluginStats, MIN_TICK};
 use crate::wasm::slots::{InstanceCount, LiveIds, MemoryUse, Restarts};
 
 /// Deadline of VM start and configuration (as `configure` for components).
-const START_DEADLINE: Duration = Duration::from_secs(1);
+const START_DEADLINE: Duration = crate::wasm::plugin::CONFIGURE_DEADLINE;
 
 /// How a proxy-wasm plugin is run.
 pub struct Settings {
