@@ -719,6 +719,34 @@ each_proto!(
 );
 
 each_proto!(
+    /// A filter that resumes its direction in the callback that then returns
+    /// `Pause` (a helper shared with a call's callback: "apply, then
+    /// resume") goes on at once, as in Envoy, which defers a continue to the
+    /// end of the call that makes it. The exchange waited for `limits.pause`
+    /// and failed (503).
+    async fn a_resume_in_the_callback_that_pauses_lets_the_message_go_on(proto) {
+        let up = upstream().start().await;
+        let p = plugin(
+            "selfish",
+            "{ mode: self-resume }",
+            "    limits: { cpu: 500ms, pause: 3s }\n",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["selfish"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/with-body").body("payload").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-self-resp"), Some("resumed"));
+        let e = r.echo();
+        assert_eq!(e.header("x-pw-self"), Some("resumed"));
+        assert_eq!(e.body, "payload");
+        let r = c.get("/no-body").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="selfish"}"#, 0.0)
+            .await;
+    }
+);
+
+each_proto!(
     /// A filter whose metric names carry values (Istio's and OSM's put tags
     /// in the name) defines more than the host exports: past the cap, and a
     /// name defined again with another type, `proxy_define_metric` still

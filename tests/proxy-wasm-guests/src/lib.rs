@@ -61,6 +61,9 @@
 //!   `on_log` counts in metric `pw_logged_<response.code>_<response.code_details>`
 //!   (`none` for a property not found), as the `stream-` modes do.
 //! - `noop`: every callback returns at once.
+//! - `self-resume`: both headers callbacks set a header (`x-pw-self` on the
+//!   request, `x-pw-self-resp` on the response), call `proxy_continue_stream`
+//!   for their direction and return `Pause`.
 //! - `many-metrics`: each request defines counters `pw_many_0` to
 //!   `pw_many_119` with the SDK's `define_metric` (which panics on an
 //!   error), increments each and adds up what `get_metric` reads of them in
@@ -1866,6 +1869,14 @@ impl HttpContext for Filter {
                 .push(("x-pw-empty-shared".into(), seen(shared.as_deref())));
             return Action::Continue;
         }
+        if self.s.mode == "self-resume" {
+            // A helper shared with a call's callback ("apply, then resume")
+            // called from the callback that then pauses, as a filter with a
+            // cache in front of its check does.
+            self.set_http_request_header("x-pw-self", Some("resumed"));
+            self.resume_http_request();
+            return Action::Pause;
+        }
         match self.s.mode.as_str() {
             "close" if path.starts_with("/close-request") => {
                 self.reset_http_request();
@@ -2883,6 +2894,11 @@ impl HttpContext for Filter {
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if self.s.mode == "noop" {
             return Action::Continue;
+        }
+        if self.s.mode == "self-resume" {
+            self.set_http_response_header("x-pw-self-resp", Some("resumed"));
+            self.resume_http_response();
+            return Action::Pause;
         }
         if self.s.mode == "close" && self.path.starts_with("/close-response") {
             self.reset_http_response();
