@@ -309,6 +309,10 @@ each_proto!(
         assert_eq!(h("x-p-vm-id"), "my_vm");
         assert_eq!(h("x-p-route"), "rest");
         assert_eq!(h("x-p-cluster"), "backend");
+        // Envoy's names for them under `xds` (Envoy 1.28), and the query.
+        assert_eq!(h("x-p-xds-route"), "rest");
+        assert_eq!(h("x-p-xds-cluster"), "backend");
+        assert_eq!(h("x-p-query"), "x=1");
         assert!(h("x-p-source").starts_with("127.0.0.1:"), "{}", h("x-p-source"));
         let port = h("x-p-source").rsplit(':').next().unwrap().to_string();
         assert_eq!(h("x-p-source-port"), port);
@@ -489,6 +493,70 @@ async fn on_configure_false_rejects_the_load() {
     );
 }
 
+/// A filter that runs out of memory while it starts (a rule set to compile
+/// in `proxy_on_configure`: Envoy caps no VM) is refused at its
+/// `limits.memory`, with a help line saying to raise it and the allocation
+/// that failed; the error was placed at its plugin configuration, with help
+/// about the plugin's config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_out_of_memory_at_start_is_placed_at_its_memory_limit() {
+    let up = upstream().start().await;
+    let p = plugin(
+        "heavy",
+        "{ mode: noop, configure_alloc_mib: 32 }",
+        "    limits: { cpu: 500ms, memory: 16MiB }\n",
+    );
+    let err = load_error(&config(up.addr, &p, &["heavy"]));
+    // At the key, quoted under `file:line:col`.
+    assert!(
+        err.contains(".yaml:")
+            && err.contains("plugin `heavy`: ")
+            && err
+                .lines()
+                .any(|l| l.contains(" | ") && l.contains("memory: 16MiB")),
+        "{err}"
+    );
+    assert!(
+        err.contains("memory cap exceeded")
+            && err.contains("memory allocation of 33554432 bytes failed"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "help: the plugin needs more memory while it starts than `limits.memory` (16MiB) \
+             lets it have: raise it (at most 256MiB)"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("says what its config takes"), "{err}");
+}
+
+/// A filter whose start takes more CPU than starting may (a large rule set
+/// to compile; Envoy bounds none) is refused with a help line saying what
+/// the bound is and that `limits.cpu` does not raise it; the help line said
+/// "the plugin's own documentation says what its config takes".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_too_slow_to_start_is_told_the_start_deadline() {
+    let up = upstream().start().await;
+    // Far past the deadline's 1s of CPU (and its 10s of wall time, for a
+    // loaded machine).
+    let p = plugin("slow", "{ mode: noop, configure_spin_ms: 30000 }", "");
+    let err = load_error(&config(up.addr, &p, &["slow"]));
+    assert!(
+        err.contains("plugin `slow`: proxy_on_configure failed: call exceeded its"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "help: starting a plugin (its `configure`; proxy-wasm's `proxy_on_vm_start` and \
+             `proxy_on_configure`) may take 1s of CPU (10x that of wall time), whatever its \
+             `limits.cpu`"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("says what its config takes"), "{err}");
+}
+
 /// A module for proxy-wasm ABI 0.1.0 is refused naming that ABI and the fix
 /// (it was "not a proxy-wasm module (it exports neither …0_2_1 nor …0_2_0)").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -647,6 +715,62 @@ each_proto!(
                 "le {le}: {text}"
             );
         }
+    }
+);
+
+each_proto!(
+    /// A filter that resumes its direction in the callback that then returns
+    /// `Pause` (a helper shared with a call's callback: "apply, then
+    /// resume") goes on at once, as in Envoy, which defers a continue to the
+    /// end of the call that makes it. The exchange waited for `limits.pause`
+    /// and failed (503).
+    async fn a_resume_in_the_callback_that_pauses_lets_the_message_go_on(proto) {
+        let up = upstream().start().await;
+        let p = plugin(
+            "selfish",
+            "{ mode: self-resume }",
+            "    limits: { cpu: 500ms, pause: 3s }\n",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["selfish"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/with-body").body("payload").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-self-resp"), Some("resumed"));
+        let e = r.echo();
+        assert_eq!(e.header("x-pw-self"), Some("resumed"));
+        assert_eq!(e.body, "payload");
+        let r = c.get("/no-body").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="selfish"}"#, 0.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// A filter whose metric names carry values (Istio's and OSM's put tags
+    /// in the name) defines more than the host exports: past the cap, and a
+    /// name defined again with another type, `proxy_define_metric` still
+    /// gives an id, which records into nothing, as Envoy defines them all.
+    /// It was BAD_ARGUMENT, on which the SDK's `define_metric` panics: the
+    /// request failed (503) at the 101st name.
+    async fn metrics_past_the_cap_record_into_nothing_instead_of_failing(proto) {
+        let up = upstream().start().await;
+        let p = plugin("many", "{ mode: many-metrics }", "");
+        let lg = legate().config(&config(up.addr, &p, &["many"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for round in 1..=2 {
+            let r = c.get("/").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            // The 100 exported ones read back their count; the others 0.
+            assert_eq!(r.header("x-pw-many"), Some(&*(100 * round).to_string()));
+        }
+        let stat = |i: u32| format!("legate_proxywasm_pw_many_{i}{{plugin=\"many\"}}");
+        lg.assert_stat(&stat(0), 2.0).await;
+        lg.assert_stat(&stat(99), 2.0).await;
+        let text = lg.stats().await;
+        assert!(!text.contains("pw_many_100"), "{text}");
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="many"}"#, 0.0)
+            .await;
     }
 );
 
@@ -1094,6 +1218,49 @@ each_proto!(
 );
 
 each_proto!(
+    /// What a guest writes to stderr in several calls is one log line, and
+    /// the failure names the allocation that failed: std writes `memory
+    /// allocation of N bytes failed` in three pieces, each of which was
+    /// logged as a line, and the failure's reason was the last line written
+    /// (`the guest's last error line: …`), not the allocation.
+    async fn a_guest_out_of_memory_is_one_line_naming_the_allocation(proto) {
+        captured_log();
+        let up = upstream().start().await;
+        let p = plugin(
+            "greedy",
+            "{ mode: hostile }",
+            "    limits: { cpu: 50ms, memory: 16MiB }\n",
+        );
+        let lg = legate().config(&config(up.addr, &p, &["greedy"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/grow").send().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        lg.assert_stat(
+            r#"legate_plugin_memory_exceeded_total{plugin="greedy"}"#,
+            1.0,
+        )
+        .await;
+        let log = captured_log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("plugin failure") && l.contains("greedy"))
+            .unwrap_or_else(|| panic!("no failure line: {log}"));
+        assert!(
+            line.contains("memory cap exceeded")
+                && line.contains(": memory allocation of 67108864 bytes failed"),
+            "{line}"
+        );
+        // The guest's own line, whole, at error.
+        assert!(
+            log.lines().any(|l| l.contains("ERROR")
+                && l.contains(": memory allocation of 67108864 bytes failed plugin=\"greedy\"")),
+            "{log}"
+        );
+        assert!(!log.contains(": 67108864 plugin="), "{log}");
+    }
+);
+
+each_proto!(
     async fn endless_loop_stops_at_the_deadline(proto) {
         hostile(proto, "/loop", "closed", "legate_plugin_timeouts_total").await;
     }
@@ -1204,6 +1371,29 @@ fn the_sdk_module_needs_no_import_the_host_lacks() {
     let unknown = imports::stub_the_rest(&mut linker, &module);
     assert!(unknown.is_empty(), "not provided: {unknown:?}");
 }
+
+each_proto!(
+    /// A C++ SDK filter built with Emscripten imports two functions of
+    /// Emscripten's runtime from `env`, which Envoy's host links: its
+    /// allocator calls `emscripten_notify_memory_growth` whenever the heap
+    /// grows, its libc `pthread_equal`. They were left to the
+    /// trap-when-called fallback, so such a filter failed at its first
+    /// growth (here its first request).
+    async fn an_emscripten_filter_grows_its_memory_and_compares_threads(proto) {
+        let up = upstream().start().await;
+        let p = plugin("cpp", "{ mode: emscripten }", "");
+        let lg = legate().config(&config(up.addr, &p, &["cpp"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..2 {
+            let r = c.get("/").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.header("x-pw-emscripten"), Some("grew 1, equal 1 0"));
+        }
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="cpp"}"#, 0.0)
+            .await;
+        lg.assert_stat(&calls("cpp", "request_headers"), 2.0).await;
+    }
+);
 
 // ---- a filter from another language's SDK ----
 
@@ -2411,6 +2601,92 @@ async fn response_trailers_are_read_and_modified() {
     assert!(t.get("grpc-message").is_none(), "not removed: {t:?}");
     lg.assert_stat(&calls("tr", "response_trailers"), 1.0).await;
 }
+
+/// `response.grpc_status` and `response.trailers`, which a gRPC stats or
+/// logging filter reads in `on_log`, as Envoy gives them: the trailers'
+/// `grpc-status`, else the head's (a trailers-only answer), else the status
+/// gRPC maps the HTTP status to; the trailers as a map, empty when the answer
+/// has none. Both were `NOT_FOUND`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_status_and_trailers_are_response_properties() {
+    let up = upstream()
+        .grpc()
+        .route("/echo.Echo/Denied", |_req| async {
+            // A trailers-only answer: the status in the head.
+            let mut r = Response::new(Full::new(Bytes::new()));
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/grpc"));
+            r.headers_mut()
+                .insert("grpc-status", HeaderValue::from_static("7"));
+            r
+        })
+        .route("/missing", |_req| async {
+            let mut r = Response::new(Full::new(Bytes::from("not here")));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r
+        })
+        .start()
+        .await;
+    let p = plugin("gs", "{ mode: grpc-stats }", "");
+    let yaml = config(up.addr, &p, &["gs"]).replace(
+        &format!("      - address: {}\n", up.addr),
+        &format!("      - address: {}\n    protocol: h2\n", up.addr),
+    );
+    let lg = legate().config(&yaml).start();
+    let mut c = client(Proto::H2, lg.addr("web")).await;
+    for path in ["/echo.Echo/Say", "/echo.Echo/Denied"] {
+        let r = c
+            .post(path)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(grpc_frame(b"ping"))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = c.get("/missing").send().await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    let stat = |name: &str| format!("legate_proxywasm_pw_grpc_stats_{name}{{plugin=\"gs\"}}");
+    // The echo: `grpc-status: 0` in its trailers, with the trailers' names.
+    lg.assert_stat(&stat("0_grpc_status_grpc_message_x_echo_trailer_OK"), 1.0)
+        .await;
+    // Trailers-only: the head's status, and no trailers.
+    lg.assert_stat(&stat("7___none_"), 1.0).await;
+    // Not gRPC: a 404 maps to 12 (UNIMPLEMENTED), as Envoy's httpToGrpcStatus.
+    lg.assert_stat(&stat("12___none_"), 1.0).await;
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="gs"}"#, 0.0)
+        .await;
+}
+
+each_proto!(
+    /// `response.flags`, which Istio's stats filter decodes into its
+    /// `response_flags` label, holds Envoy's bits for how the exchange
+    /// ended: `0` for an upstream's answer, `UF` for an endpoint that
+    /// refuses connections, `NR` for no route. It was `NOT_FOUND`.
+    async fn response_flags_are_envoys_bits(proto) {
+        let up = upstream().start().await;
+        let p = plugin("fl", "{ mode: grpc-stats }", "");
+        let yaml = config(up.addr, &p, &["fl"])
+            .replace(
+                "          - name: rest\n            match: { prefix: / }\n",
+                "          - name: dead\n            match: { prefix: /dead }\n            cluster: dead\n          - name: rest\n            match: { prefix: /ok }\n",
+            )
+            .replace(
+                "clusters:\n",
+                &format!("clusters:\n  - name: dead\n    endpoints:\n      - address: {}\n", closed_port_addr()),
+            );
+        let lg = legate().config(&yaml).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for (path, status) in [("/ok", 200), ("/dead", 502), ("/nowhere", 404)] {
+            let r = c.get(path).send().await;
+            assert_eq!(r.status, status, "{path}: {}", r.text());
+        }
+        let stat = |n: &str| format!("legate_proxywasm_pw_flags_{n}{{plugin=\"fl\"}}");
+        lg.assert_stat(&stat("0"), 1.0).await;
+        lg.assert_stat(&stat("32"), 1.0).await;
+        lg.assert_stat(&stat("256"), 1.0).await;
+    }
+);
 
 each_proto!(
     async fn continuing_body_callbacks_stream_4_mib_unchanged(proto) {

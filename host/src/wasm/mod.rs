@@ -514,7 +514,9 @@ fn at_override<T>(
 /// returned false, a native filter takes none): at the key the message names
 /// in the SDK's form (``invalid config: field `PATH`: ...``, and an unknown
 /// field's own key), else at the config itself; for a route override, in the
-/// route's `filters.NAME.config`. Other load errors (a module that does not
+/// route's `filters.NAME.config`. A plugin out of memory while it starts is
+/// placed at its `limits.memory`, with a help line saying to raise it. Other
+/// load errors (a module that does not
 /// compile, a missing export) are about the module, not a place in the file,
 /// and stay as they are; so does every error of a config not read from a file.
 fn placed(
@@ -527,6 +529,24 @@ fn placed(
     };
     let message = format!("{e:#}");
     let pw = p.value.proxy_wasm.as_ref();
+    // Out of memory while starting (`configure`, `proxy_on_vm_start`): the
+    // limit is the key to change, not the plugin's config (a filter ported
+    // from Envoy, which caps no VM, may need more than the default).
+    if message.contains("memory cap exceeded") && e.downcast_ref::<Override>().is_none() {
+        let help = format!(
+            "the plugin needs more memory while it starts than `limits.memory` ({}) lets it \
+             have: raise it (at most {}MiB)",
+            p.value.limits.memory.value,
+            engine::MAX_MEMORY >> 20
+        );
+        return anyhow::Error::new(crate::config::error_at_path(
+            origin,
+            &p.referenced,
+            "limits.memory",
+            message,
+            Some(help),
+        ));
+    }
     let key = if message.contains("proxy_on_vm_start") {
         "proxy_wasm.vm_config"
     } else if message.contains("configure failed")
@@ -548,12 +568,23 @@ fn placed(
         path.push('.');
         path.push_str(&field);
     }
+    let slow = message.contains("exceeded its CPU deadline")
+        || message.contains("exceeded its wall-clock bound");
     let help = match p
         .value
         .module
         .to_str()
         .and_then(|m| m.strip_prefix("builtin:"))
     {
+        // Not the config's fault, and no key raises it: say so.
+        _ if slow => format!(
+            "starting a plugin (its `configure`; proxy-wasm's `proxy_on_vm_start` and \
+             `proxy_on_configure`) may take {:?} of CPU ({}x that of wall time), whatever its \
+             `limits.cpu`: a filter that does more work as it starts (compiling a large rule \
+             set) cannot be loaded; a config asking for less may help",
+            plugin::CONFIGURE_DEADLINE,
+            engine::WALL_FACTOR
+        ),
         Some(b) => format!("the keys of its config are in plugins/{b}/README.md"),
         None => "the plugin's own documentation says what its config takes".to_string(),
     };

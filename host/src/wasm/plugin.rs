@@ -43,7 +43,7 @@ pub(crate) const MIN_TICK: Duration =
     Duration::from_millis(legate_abi_rules::limits::MIN_TICK_MS as u64);
 
 /// Deadline of `configure` (abi/README.md §2).
-const CONFIGURE_DEADLINE: Duration = Duration::from_secs(1);
+pub(crate) const CONFIGURE_DEADLINE: Duration = Duration::from_secs(1);
 
 /// How a plugin is run.
 pub struct Settings {

@@ -23,6 +23,12 @@
 //!   The request headers callback also sets `request.method` to `SHADOW` (a
 //!   built-in name: reads still give the method, as Envoy's) and reads the
 //!   request header map's pseudo-headers (`request.headers.:authority`, ...).
+//!   It also reads `request.query`, `xds.route_name` and `xds.cluster_name`.
+//! - `grpc-stats`: `on_log` counts in metric `pw_grpc_stats_<grpc status>_<trailer
+//!   names>_<grpc-message trailer>` what it reads of `response.grpc_status`,
+//!   `response.trailers` and `response.trailers.grpc-message` (`none` for a
+//!   property not found, `<none>` for the message), and in `pw_flags_<n>`
+//!   what it reads of `response.flags`.
 //! - `filter-state` (Envoy's filter state shared by a stream's filters; the
 //!   config's `tag` is the role): a `writer` sets property `pw_peer` to
 //!   request header `x-fs-write` when there is one (`set_property`, in the
@@ -46,13 +52,27 @@
 //!   `on_queue_ready` dequeues one item per call (each enqueue owes a call).
 //!   With `target_vm: <vm id>`, requests enqueue to that VM's `pw_events`
 //!   instead (a producer feeding another plugin's consumer).
-//! - `reject`: `on_configure` returns false.
+//! - `reject`: `on_configure` returns false. In any mode, `configure_alloc_mib:
+//!   N` makes `on_configure` allocate N MiB (a filter that needs memory to
+//!   start), `configure_spin_ms: N` spin for N ms of wall time.
 //! - `close`: resets the stream (`proxy_close_stream`) from the request headers
 //!   callback under `/close-request`, the response headers callback under
 //!   `/close-response`, the response body callback under `/close-body`.
 //!   `on_log` counts in metric `pw_logged_<response.code>_<response.code_details>`
 //!   (`none` for a property not found), as the `stream-` modes do.
 //! - `noop`: every callback returns at once.
+//! - `self-resume`: both headers callbacks set a header (`x-pw-self` on the
+//!   request, `x-pw-self-resp` on the response), call `proxy_continue_stream`
+//!   for their direction and return `Pause`.
+//! - `many-metrics`: each request defines counters `pw_many_0` to
+//!   `pw_many_119` with the SDK's `define_metric` (which panics on an
+//!   error), increments each and adds up what `get_metric` reads of them in
+//!   `x-pw-many`, then defines `pw_many_0` again as a gauge and records 5.
+//! - `emscripten`: as a C++ SDK filter built with Emscripten, the request
+//!   headers callback grows the memory by a page and calls the runtime's
+//!   `env.emscripten_notify_memory_growth`, then `env.pthread_equal` with two
+//!   equal and two different ids; the response gets `x-pw-emscripten: grew
+//!   <pages>, equal <1> <0>`.
 //! - `callout`: each request pauses on an HTTP call to cluster `authz` (or the
 //!   config's `cluster`; path `/check<request path>`, timeout `timeout_ms`,
 //!   default 1000); in
@@ -678,6 +698,20 @@ impl RootContext for Root {
         self.s.greeting = v["greeting"].as_str().unwrap_or("hello").to_string();
         if self.s.mode == "reject" {
             return false;
+        }
+        if let Some(ms) = v["configure_spin_ms"].as_u64() {
+            // A filter whose start takes CPU (a large rule set to compile).
+            let until = std::time::Instant::now() + Duration::from_millis(ms);
+            let mut x = 0u64;
+            while std::time::Instant::now() < until {
+                x = x.wrapping_add(std::hint::black_box(1));
+            }
+            std::hint::black_box(x);
+        }
+        if let Some(mib) = v["configure_alloc_mib"].as_u64() {
+            // A filter that needs memory to start (a rule set to compile).
+            let v = vec![1u8; (mib as usize) << 20];
+            std::hint::black_box(&v);
         }
         if self.s.mode == "grpc-stream" {
             self.s.queue = self.register_shared_queue("pw_streams");
@@ -1754,6 +1788,9 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
+    // Emscripten's runtime imports (`emscripten`): C++ SDK filters have them.
+    fn emscripten_notify_memory_growth(memory_index: u32);
+    fn pthread_equal(a: u32, b: u32) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_close_stream(stream_type: u32) -> u32;
     fn proxy_set_header_map_pairs(map_type: u32, data: *const u8, size: usize) -> u32;
@@ -1832,6 +1869,14 @@ impl HttpContext for Filter {
                 .push(("x-pw-empty-shared".into(), seen(shared.as_deref())));
             return Action::Continue;
         }
+        if self.s.mode == "self-resume" {
+            // A helper shared with a call's callback ("apply, then resume")
+            // called from the callback that then pauses, as a filter with a
+            // cache in front of its check does.
+            self.set_http_request_header("x-pw-self", Some("resumed"));
+            self.resume_http_request();
+            return Action::Pause;
+        }
         match self.s.mode.as_str() {
             "close" if path.starts_with("/close-request") => {
                 self.reset_http_request();
@@ -1907,6 +1952,9 @@ impl HttpContext for Filter {
                     ("x-p-vm-id", &["plugin_vm_id"][..]),
                     ("x-p-route", &["route_name"][..]),
                     ("x-p-cluster", &["cluster_name"][..]),
+                    ("x-p-query", &["request", "query"][..]),
+                    ("x-p-xds-route", &["xds", "route_name"][..]),
+                    ("x-p-xds-cluster", &["xds", "cluster_name"][..]),
                     ("x-p-source", &["source", "address"][..]),
                     ("x-p-source-port", &["source", "port"][..]),
                     ("x-p-dest-port", &["destination", "port"][..]),
@@ -2438,6 +2486,37 @@ impl HttpContext for Filter {
                     .unwrap_or_default();
                 self.seen.push(("x-pw-tick-body".into(), v));
             }
+            "many-metrics" => {
+                // A stats filter whose metric names carry values (a status
+                // code, a peer): past the host's cap, and a clash of types,
+                // with the SDK's `define_metric`, which panics on an error.
+                let mut sum = 0;
+                for i in 0..120 {
+                    let m = hostcalls::define_metric(MetricType::Counter, &format!("pw_many_{i}"))
+                        .unwrap();
+                    hostcalls::increment_metric(m, 1).unwrap();
+                    sum += hostcalls::get_metric(m).unwrap();
+                }
+                let g = hostcalls::define_metric(MetricType::Gauge, "pw_many_0").unwrap();
+                hostcalls::record_metric(g, 5).unwrap();
+                self.seen.push(("x-pw-many".into(), sum.to_string()));
+            }
+            "emscripten" => {
+                // What a C++ SDK filter's Emscripten runtime does: its
+                // allocator grows the memory and tells the host, its libc
+                // compares thread ids.
+                let before = core::arch::wasm32::memory_grow::<0>(1);
+                // SAFETY: plain integer arguments; the host only reads them.
+                let equal = unsafe {
+                    emscripten_notify_memory_growth(0);
+                    (pthread_equal(7, 7), pthread_equal(7, 8))
+                };
+                let grown = core::arch::wasm32::memory_size::<0>() - before;
+                self.seen.push((
+                    "x-pw-emscripten".into(),
+                    format!("grew {grown}, equal {} {}", equal.0, equal.1),
+                ));
+            }
             "hostile" => match path.as_str() {
                 "/panic" => panic!("guest panic on purpose"),
                 "/loop" => {
@@ -2816,6 +2895,11 @@ impl HttpContext for Filter {
         if self.s.mode == "noop" {
             return Action::Continue;
         }
+        if self.s.mode == "self-resume" {
+            self.set_http_response_header("x-pw-self-resp", Some("resumed"));
+            self.resume_http_response();
+            return Action::Pause;
+        }
         if self.s.mode == "close" && self.path.starts_with("/close-response") {
             self.reset_http_response();
             return Action::Continue;
@@ -2940,6 +3024,33 @@ impl HttpContext for Filter {
                 });
             let name = format!("pw_fs_logged_{v}");
             if let Ok(m) = hostcalls::define_metric(MetricType::Counter, &name) {
+                hostcalls::increment_metric(m, 1).ok();
+            }
+        }
+        if self.s.mode == "grpc-stats" {
+            // What a gRPC stats filter records: the status and the trailers,
+            // as counter `pw_grpc_stats_<response.grpc_status>_<trailer
+            // names>_<response.trailers.grpc-message>`.
+            let status = self
+                .get_property(vec!["response", "grpc_status"])
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or("none".to_string(), |b| i64::from_le_bytes(b).to_string());
+            let keys = self
+                .get_property(vec!["response", "trailers"])
+                .map_or("none".to_string(), |b| pair_keys(&b));
+            let message = prop(self, &["response", "trailers", "grpc-message"]);
+            let name = format!("pw_grpc_stats_{status}_{keys}_{message}");
+            if let Ok(m) = hostcalls::define_metric(MetricType::Counter, &name) {
+                hostcalls::increment_metric(m, 1).ok();
+            }
+            // And Envoy's response flags, as counter `pw_flags_<response.flags>`.
+            let flags = self
+                .get_property(vec!["response", "flags"])
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or("none".to_string(), |b| i64::from_le_bytes(b).to_string());
+            if let Ok(m) =
+                hostcalls::define_metric(MetricType::Counter, &format!("pw_flags_{flags}"))
+            {
                 hostcalls::increment_metric(m, 1).ok();
             }
         }

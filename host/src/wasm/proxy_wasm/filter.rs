@@ -80,7 +80,7 @@ use crate::wasm::plugin::{describe, PluginStats, MIN_TICK};
 use crate::wasm::slots::{InstanceCount, LiveIds, MemoryUse, Restarts};
 
 /// Deadline of VM start and configuration (as `configure` for components).
-const START_DEADLINE: Duration = Duration::from_secs(1);
+const START_DEADLINE: Duration = crate::wasm::plugin::CONFIGURE_DEADLINE;
 
 /// How a proxy-wasm plugin is run.
 pub struct Settings {
@@ -1012,6 +1012,9 @@ impl ProxyWasmFilter {
             let Some(f) = f else {
                 return Ok(Ok(Verdict::Continue));
             };
+            let data = live.store.data_mut();
+            data.resume = false;
+            data.resumed_streams = 0;
             let a = f.call(&mut live.store, (ctx as i32, count, b(end_of_stream)))?;
             let data = live.store.data_mut();
             if let Some(lr) = data.local.take() {
@@ -1028,6 +1031,12 @@ impl ProxyWasmFilter {
             } else {
                 Direction::Response
             };
+            if a == action::PAUSE && resumed(data, d) {
+                // Resumed in the callback that pauses: Envoy defers a
+                // continue to the end of the call that makes it, so the
+                // message goes on at once (it waited for `limits.pause`).
+                return Ok(Ok(Verdict::Continue));
+            }
             // Envoy's StopIteration with a body to come, only with
             // `allow_on_headers_stop_iteration`: the head is held (writable)
             // while the body callback gets each chunk, until it continues one
@@ -1119,6 +1128,9 @@ impl ProxyWasmFilter {
             let Some(f) = live.exports.body[d.idx()].as_ref() else {
                 return Ok(Ok(None));
             };
+            let data = live.store.data_mut();
+            data.resume = false;
+            data.resumed_streams = 0;
             let a = f.call(&mut live.store, (ctx as i32, len, b(end_of_stream)))?;
             let data = live.store.data_mut();
             if let Some(lr) = data.local.take() {
@@ -1137,6 +1149,11 @@ impl ProxyWasmFilter {
                     Ok(None)
                 }
                 action::PAUSE if !end_of_stream => Ok(Some(Verdict::Pause)),
+                // Resumed in this callback: as from its headers callback.
+                action::PAUSE if resumed(data, d) => {
+                    data.x.body_ctl.holds_head[d.idx()] = false;
+                    Ok(None)
+                }
                 action::PAUSE => paused_at_end(data, ctx, d, "body").map(Some),
                 other => Err(format!(
                     "returned action {other} from proxy_on_{}_body; this host supports \
@@ -1218,6 +1235,9 @@ impl ProxyWasmFilter {
             let Some(f) = live.exports.trailers[d.idx()].as_ref() else {
                 return Ok(Ok(Verdict::Continue));
             };
+            let data = live.store.data_mut();
+            data.resume = false;
+            data.resumed_streams = 0;
             let a = f.call(&mut live.store, (ctx as i32, count))?;
             let data = live.store.data_mut();
             if let Some(lr) = data.local.take() {
@@ -1230,6 +1250,8 @@ impl ProxyWasmFilter {
             }
             Ok(match a {
                 action::CONTINUE => Ok(Verdict::Continue),
+                // Resumed in this callback: as from its headers callback.
+                action::PAUSE if resumed(data, d) => Ok(Verdict::Continue),
                 action::PAUSE => paused_at_end(data, ctx, d, "trailers"),
                 other => Err(format!(
                     "returned action {other} from proxy_on_{}_trailers; this host supports \

@@ -1,5 +1,6 @@
 //! Every `env` host function of proxy-wasm ABI 0.2.1 (so modules built by the SDKs,
-//! which import nearly all of them, instantiate), and the WASI preview1 calls
+//! which import nearly all of them, instantiate), the two Emscripten runtime
+//! imports Envoy's host links for C++ SDK filters, and the WASI preview1 calls
 //! filters use, implemented directly on the module's memory under both
 //! `wasi_snapshot_preview1` and `wasi_unstable`.
 //!
@@ -39,7 +40,11 @@ fn st(r: Result<(), i32>) -> HResult<()> {
 /// at `error` and above for the failure of the running call
 /// ([`crate::wasm::stdio::record`]).
 fn log_line(c: &C<'_>, level: i32, msg: &[u8]) {
-    let name = &*c.data().meta.name;
+    log_as(&c.data().meta.name, level, msg);
+}
+
+/// [`log_line`] for plugin `name`.
+pub(super) fn log_as(name: &str, level: i32, msg: &[u8]) {
     let raw = String::from_utf8_lossy(&msg[..msg.len().min(MAX_LOG)]);
     if level >= 4 {
         crate::wasm::stdio::record(&raw);
@@ -914,8 +919,11 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 let name = read_str(c, np, nn)?;
                 check(c, out, 4)?;
                 let meta = c.data().meta.clone();
+                // A name not exported still gets an id (Envoy refuses
+                // none); only an unknown kind is BAD_ARGUMENT, as in Envoy.
                 let id = meta
                     .define_metric(kind, &name)
+                    .or_else(|| meta.sink(kind, &name))
                     .ok_or(Fail::Status(status::BAD_ARGUMENT))?;
                 write_u32(c, out, id)
             })
@@ -1030,6 +1038,21 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
             })
         },
     )?;
+    // ---- Emscripten's runtime, as proxy-wasm-cpp-host (Envoy) links it ----
+    // A filter built with the proxy-wasm C++ SDK (Emscripten, standalone Wasm)
+    // imports these from `env`: its allocator calls the first whenever it grows
+    // the memory, its libc the second. Left to the trap-when-called fallback,
+    // such a filter failed as soon as its heap grew. Both as in Envoy's host:
+    // nothing to do on growth (this host reads the memory afresh on every
+    // call); one thread, so two ids are the same thread when they are equal.
+    l.func_wrap(
+        E,
+        "emscripten_notify_memory_growth",
+        |_: C<'_>, _memory_index: i32| {},
+    )?;
+    l.func_wrap(E, "pthread_equal", |_: C<'_>, a: i32, b: i32| -> i32 {
+        i32::from(a == b)
+    })?;
     Ok(())
 }
 
@@ -1059,10 +1082,11 @@ fn add_wasi(l: &mut Linker<PwState>, m: &str) -> wasmtime::Result<()> {
                     out.extend(read(&mut c, p, len)?);
                 }
                 write_u32(&mut c, written, out.len() as u32)?;
-                let text = String::from_utf8_lossy(&out);
-                let text = text.trim_end_matches('\n');
-                if !text.is_empty() {
-                    log_line(&c, if fd == 1 { 2 } else { 4 }, text.as_bytes());
+                // By line, as the component host's stdio: a line written in
+                // several calls is one log line.
+                let level = if fd == 1 { 2 } else { 4 };
+                for line in c.data_mut().stdio_lines(usize::from(fd == 2), &out) {
+                    log_line(&c, level, &line);
                 }
                 Ok(())
             };

@@ -2,7 +2,9 @@
 //! encodings (strings raw, integers 8-byte little-endian, timestamps int64 ns,
 //! booleans one byte, maps in the pairs format; a path segment after a map picks
 //! one key, e.g. `request.headers.x-foo`; the request header map holds the
-//! pseudo-headers, as Envoy's does).
+//! pseudo-headers, as Envoy's does). `response.grpc_status` follows Envoy's
+//! order (trailers, head, then the HTTP status mapped), so a gRPC stats
+//! filter's `on_log` reads what it reads in Envoy.
 //!
 //! Values the guest sets are Envoy's filter state (key `wasm.<path>`): kept on
 //! the [`Exchange`] ([`ExchangeData::wasm_props`]), not in the VM, so every
@@ -22,11 +24,11 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::Version;
+use http::{StatusCode, Version};
 
 use super::abi::{serialize_pairs, status, Pairs};
 use super::state::PwState;
-use crate::filter::Exchange;
+use crate::filter::{Direction, Exchange};
 
 fn int(v: i64) -> Vec<u8> {
     v.to_le_bytes().to_vec()
@@ -103,6 +105,13 @@ fn request(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
     Some(match attr {
         b"path" => x.path.as_bytes().to_vec(),
         b"url_path" => x.path.split('?').next().unwrap_or("").as_bytes().to_vec(),
+        // As Envoy's: after the `?`, up to a `#`; empty without a query.
+        b"query" => x
+            .path
+            .split_once('?')
+            .map_or("", |(_, q)| q.split('#').next().unwrap_or(""))
+            .as_bytes()
+            .to_vec(),
         b"host" => x.authority.as_bytes().to_vec(),
         b"scheme" => if x.https { "https" } else { "http" }.as_bytes().to_vec(),
         b"method" => x.method.as_str().as_bytes().to_vec(),
@@ -132,6 +141,7 @@ fn request(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
 /// reply that ended the exchange while a filter held the request); the
 /// headers and size need the response head.
 fn response(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
+    let trailers = x.trailers[Direction::Response.idx()].as_ref();
     if attr == b"headers" {
         // With `:status`, as Envoy's response header map.
         let status = x.status?;
@@ -139,11 +149,23 @@ fn response(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
         h.extend(header_pairs(x.response_headers.as_deref()?));
         return map_value(&h, rest);
     }
+    if attr == b"trailers" {
+        // Empty until they arrive (or when the response has none), as Envoy's.
+        x.status?;
+        let t = trailers.map(header_pairs).unwrap_or_default();
+        return map_value(&t, rest);
+    }
     if !rest.is_empty() {
         return None;
     }
     Some(match attr {
         b"code" => int(i64::from(x.status?.as_u16())),
+        b"flags" => int(response_flags(x.cause.as_deref())),
+        b"grpc_status" => int(i64::from(grpc_status(
+            trailers,
+            x.response_headers.as_deref(),
+            x.status?,
+        ))),
         b"code_details" => match (&x.cause, x.status) {
             (Some(c), _) => c.clone().into_bytes(),
             (None, Some(_)) => b"via_upstream".to_vec(),
@@ -161,13 +183,48 @@ fn response(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
     })
 }
 
+/// `response.flags`: Envoy's legacy response flag bits (`UH`, `UF`, ... as
+/// Istio's stats filter decodes them) for the exchange's cause; `0` for an
+/// exchange nothing went wrong with, or whose cause has no flag in Envoy (a
+/// filter's local response, a direct response, a plugin failure).
+fn response_flags(cause: Option<&str>) -> i64 {
+    match cause.unwrap_or_default() {
+        "no_healthy_upstream" => 0x2,                           // UH
+        "upstream_timeout" | "upstream_per_try_timeout" => 0x4, // UT
+        "upstream_reset" => 0x10,                               // UR
+        "upstream_connect_failure" => 0x20,                     // UF
+        "overloaded" => 0x80,                                   // UO
+        "no_route" => 0x100,                                    // NR
+        "downstream_disconnect" | "downstream_reset" => 0x4000, // DC
+        "stream_idle_timeout" => 0x1_0000,                      // SI
+        "bad_request" | "request_headers_too_large" | "uri_too_long" => 0x4_0000, // DPE
+        "upstream_protocol_error" => 0x80_0000,                 // UPE
+        _ => 0,
+    }
+}
+
+/// `response.grpc_status` as Envoy's (`Grpc::Common::getGrpcStatus`): the
+/// trailers' `grpc-status`, else the head's (a trailers-only answer), else
+/// the one gRPC maps the HTTP status to (`UNKNOWN` for a `200` without one).
+fn grpc_status(
+    trailers: Option<&http::HeaderMap>,
+    head: Option<&http::HeaderMap>,
+    code: StatusCode,
+) -> u32 {
+    let field =
+        |h: Option<&http::HeaderMap>| h?.get("grpc-status")?.to_str().ok()?.parse::<u32>().ok();
+    field(trailers)
+        .or_else(|| field(head))
+        .unwrap_or_else(|| legate_abi_rules::grpc::status_of_http(code.as_u16()))
+}
+
 fn exchange_property(x: &mut Exchange, path: &[&[u8]]) -> Option<Vec<u8>> {
     let conn = x.conn.clone();
     // A TCP connection has no request, response or route.
     let tcp = crate::network_filter::is_connection(x.context);
     match path {
-        [b"request" | b"response", ..] | [b"route_name"] if tcp => None,
-        [b"cluster_name"] if tcp => Some(x.path.clone().into_bytes()),
+        [b"request" | b"response", ..] | [b"route_name"] | [b"xds", b"route_name"] if tcp => None,
+        [b"cluster_name"] | [b"xds", b"cluster_name"] if tcp => Some(x.path.clone().into_bytes()),
         [b"request", attr, rest @ ..] => request(x, attr, rest),
         [b"response", attr, rest @ ..] => response(x, attr, rest),
         [b"source", b"address"] => Some(conn.source.to_string().into_bytes()),
@@ -191,8 +248,9 @@ fn exchange_property(x: &mut Exchange, path: &[&[u8]]) -> Option<Vec<u8>> {
             .map(|s| s.clone().into_bytes()),
         [b"upstream", b"address"] => x.upstream.map(|a| a.to_string().into_bytes()),
         [b"upstream", b"port"] => x.upstream.map(|a| int(i64::from(a.port()))),
-        [b"route_name"] => x.route_name().map(|r| r.as_bytes().to_vec()),
-        [b"cluster_name"] => x.cluster().map(String::into_bytes),
+        // Envoy 1.28 names them under `xds` too (`xds.route_name`, ...).
+        [b"route_name"] | [b"xds", b"route_name"] => x.route_name().map(|r| r.as_bytes().to_vec()),
+        [b"cluster_name"] | [b"xds", b"cluster_name"] => x.cluster().map(String::into_bytes),
         _ => None,
     }
 }

@@ -109,6 +109,10 @@ pub struct Meta {
 /// Most metrics one VM may define (as for component plugins).
 pub const MAX_METRICS: usize = 100;
 
+/// The id of the metric of kind `k` (0–2) that `proxy_define_metric` gives
+/// for a name this host does not export ([`Meta::sink`]): the last three ids.
+const SINK_IDS: u32 = u32::MAX - 2;
+
 /// The metrics one VM defined, by id, as Envoy keeps them per VM (its
 /// `Wasm`): in a VM shared by several plugins (`vm_id`), a metric one
 /// plugin's root context defined (say in `proxy_on_vm_start`) has the same id
@@ -120,6 +124,9 @@ pub struct Metrics {
     owner: Arc<str>,
     /// Metrics by id (index + 1).
     defs: Mutex<Vec<(String, Metric)>>,
+    /// A name past [`MAX_METRICS`], and one refused for another reason (a
+    /// type clash, an empty or too long name), were logged.
+    warned: [std::sync::atomic::AtomicBool; 2],
 }
 
 impl Metrics {
@@ -128,6 +135,7 @@ impl Metrics {
         Arc::new(Metrics {
             owner: owner.into(),
             defs: Mutex::default(),
+            warned: Default::default(),
         })
     }
 }
@@ -188,8 +196,50 @@ impl Meta {
         u32::try_from(defs.len()).ok()
     }
 
+    /// The id `proxy_define_metric` gives for metric `name` of `kind` (0–2),
+    /// which [`Self::define_metric`] refused (past [`MAX_METRICS`], a type
+    /// clash, an empty or too long name): one that records into nothing, as
+    /// a warning says once per VM and reason. Envoy defines all of them, and
+    /// the Rust SDK's `define_metric` panics on any status but `OK`: a
+    /// filter whose metric names carry values (a status code, a peer, as
+    /// Istio's and OSM's do) trapped on its 101st name, failing the request.
+    pub fn sink(&self, kind: i32, name: &str) -> Option<u32> {
+        let kind = u32::try_from(kind).ok().filter(|k| *k <= 2)?;
+        let over = self
+            .metrics
+            .defs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+            >= MAX_METRICS;
+        let warned = &self.metrics.warned[usize::from(!over)];
+        if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            let why = if over {
+                format!("the VM defined {MAX_METRICS} metrics already, the most it may")
+            } else {
+                "another metric has that name with another type, or the name is empty, \
+                 over 200 bytes, or a histogram's sample name"
+                    .to_string()
+            };
+            tracing::warn!(
+                plugin = &*self.name,
+                "metric `{name}` (and any later one refused so) records into nothing and is not \
+                 on /stats: {why}"
+            );
+        }
+        Some(SINK_IDS + kind)
+    }
+
     /// The metric with id `id`.
     pub fn metric(&self, id: u32) -> Option<Metric> {
+        if id >= SINK_IDS {
+            // A metric not exported: detached, fresh each time.
+            return Some(match id - SINK_IDS {
+                0 => Metric::Counter(Counter::default()),
+                1 => Metric::Gauge(Gauge::default()),
+                _ => Metric::Histogram(Histogram::default()),
+            });
+        }
         let defs = self
             .metrics
             .defs
@@ -213,6 +263,10 @@ pub struct PwState {
     pub clock: crate::wasm::engine::CallClock,
     /// The memory cap.
     pub limits: StoreLimits,
+    /// What the guest wrote to stdout (0) and stderr (1) after its last
+    /// newline: logged once the line ends ([`Self::stdio_lines`]), or when
+    /// the VM is dropped.
+    stdio_partial: [Vec<u8>; 2],
     /// The memory cap, for the instance's linear memories together (`limits`
     /// applies it to each alone).
     memory_cap: usize,
@@ -357,6 +411,18 @@ impl crate::wasm::engine::Clocked for PwState {
     }
 }
 
+impl Drop for PwState {
+    /// The VM is gone: what it wrote without a final newline is logged.
+    fn drop(&mut self) {
+        for (which, level) in [(0, 2), (1, 4)] {
+            let rest = std::mem::take(&mut self.stdio_partial[which]);
+            if !rest.is_empty() {
+                super::imports::log_as(&self.meta.name, level, &rest);
+            }
+        }
+    }
+}
+
 impl PwState {
     /// A store's data for an instance of `meta`.
     pub fn new(meta: Arc<Meta>, memory_cap: usize) -> Self {
@@ -367,6 +433,7 @@ impl PwState {
                 .trap_on_grow_failure(false)
                 .build(),
             memory_cap,
+            stdio_partial: Default::default(),
             refused_memory: None,
             memory_use: crate::wasm::slots::MemoryUse::default(),
             meta,
@@ -408,6 +475,35 @@ impl PwState {
             grpc_trailing: None,
             stream_waits: FxHashMap::default(),
         }
+    }
+
+    /// The whole lines `data`, written to stdout (`which` 0) or stderr (1),
+    /// completes, without their newlines; the rest waits for the next write.
+    /// Rust's `eprintln!` and std's panic and allocation-failure messages
+    /// write one line in several calls, each of which was logged as a line
+    /// of its own (and the failure's reason was then the last fragment). A
+    /// line longer than [`crate::wasm::stdio::MAX_LINE`] is given in pieces,
+    /// as the component host does.
+    pub fn stdio_lines(&mut self, which: usize, mut data: &[u8]) -> Vec<Vec<u8>> {
+        use crate::wasm::stdio::MAX_LINE;
+        let partial = &mut self.stdio_partial[which.min(1)];
+        let mut lines = Vec::new();
+        loop {
+            let nl = data.iter().position(|&b| b == b'\n');
+            let take = nl.unwrap_or(data.len());
+            partial.extend_from_slice(&data[..take]);
+            while partial.len() > MAX_LINE {
+                let rest = partial.split_off(MAX_LINE);
+                lines.push(std::mem::replace(partial, rest));
+            }
+            let Some(nl) = nl else {
+                break;
+            };
+            lines.push(std::mem::take(partial));
+            data = &data[nl + 1..];
+        }
+        lines.retain(|l| !l.is_empty());
+        lines
     }
 
     /// Forgets the callouts of context `pw`, which is gone: their tasks are
@@ -553,6 +649,55 @@ pub(super) mod tests {
             grpc_stream_failures: c("t_failures"),
             body_limit: 1 << 20,
         })
+    }
+
+    #[test]
+    fn stdio_is_logged_by_line_whatever_the_writes() {
+        let mut s = PwState::new(meta(), 1 << 20);
+        // std's allocation-failure message, as Rust writes it: in pieces.
+        assert!(s.stdio_lines(1, b"memory allocation of ").is_empty());
+        assert!(s.stdio_lines(1, b"33554432").is_empty());
+        assert_eq!(
+            s.stdio_lines(1, b" bytes failed\n"),
+            vec![b"memory allocation of 33554432 bytes failed".to_vec()]
+        );
+        // Several lines in one write, empty ones skipped; stdout apart.
+        assert!(s.stdio_lines(0, b"out ").is_empty());
+        assert_eq!(
+            s.stdio_lines(1, b"a\n\nb\nc"),
+            vec![b"a".to_vec(), b"b".to_vec()]
+        );
+        assert_eq!(s.stdio_lines(0, b"line\n"), vec![b"out line".to_vec()]);
+        // A line over the cap comes in pieces of it.
+        let long = vec![b'x'; crate::wasm::stdio::MAX_LINE + 10];
+        let lines = s.stdio_lines(0, &long);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].len(), crate::wasm::stdio::MAX_LINE);
+        assert_eq!(s.stdio_lines(0, b"\n"), vec![vec![b'x'; 10]]);
+        assert_eq!(s.stdio_partial[1], b"c");
+    }
+
+    #[test]
+    fn a_metric_refused_gets_an_id_that_records_into_nothing() {
+        let m = meta();
+        for i in 0..MAX_METRICS {
+            assert!(m.define_metric(0, &format!("m{i}")).is_some());
+        }
+        assert_eq!(m.define_metric(0, "over"), None);
+        let id = m.sink(0, "over").unwrap();
+        assert!(matches!(m.metric(id), Some(Metric::Counter(_))));
+        assert!(matches!(
+            m.metric(m.sink(1, "g").unwrap()),
+            Some(Metric::Gauge(_))
+        ));
+        assert!(matches!(
+            m.metric(m.sink(2, "h").unwrap()),
+            Some(Metric::Histogram(_))
+        ));
+        // An unknown kind is still refused, as in Envoy.
+        assert_eq!(m.sink(3, "x"), None);
+        // Defined ones keep their ids.
+        assert_eq!(m.define_metric(0, "m0"), Some(1));
     }
 
     #[test]
