@@ -2296,6 +2296,17 @@ impl Attempts<'_> {
                         .is_some_and(|p| retry_on_error(p, e, self.method))
                 }
             };
+            if retry && source.replayable() && attempt >= max_retries {
+                cluster
+                    .stats
+                    .upstream_rq_retry_limit_exceeded
+                    .fetch_add(1, Relaxed);
+            } else if !retry && attempt > 0 && result.is_ok() {
+                cluster
+                    .stats
+                    .upstream_rq_retry_success
+                    .fetch_add(1, Relaxed);
+            }
             if can_retry && retry && cluster.retry_permit(&mut retry_slot) {
                 // This attempt is over: its slot goes back before the retry
                 // takes one (one request retries under `max_requests: 1`).

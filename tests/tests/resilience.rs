@@ -11,6 +11,8 @@ use std::time::Duration;
 use legate_tests::*;
 
 const RETRY_STAT: &str = r#"legate_cluster_upstream_rq_retry{cluster="backend"}"#;
+const RETRY_SUCCESS: &str = r#"legate_cluster_upstream_rq_retry_success{cluster="backend"}"#;
+const RETRY_LIMIT: &str = r#"legate_cluster_upstream_rq_retry_limit_exceeded{cluster="backend"}"#;
 /// Attempts answered 5xx, or that failed without an answer (connect failure,
 /// reset, protocol error, timeout: counted as the 502 or 504 Legate answers).
 const FIVE_XX: &str = r#"legate_cluster_upstream_rq_5xx{cluster="backend"}"#;
@@ -38,6 +40,8 @@ each_proto!(
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(up.requests.get(), 3);
         lg.assert_stat(RETRY_STAT, 2.0).await;
+        lg.assert_stat(RETRY_SUCCESS, 1.0).await;
+        lg.assert_stat(RETRY_LIMIT, 0.0).await;
         lg.assert_stat(r#"legate_cluster_upstream_rq_5xx{cluster="backend"}"#, 2.0)
             .await;
         lg.assert_stat(r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#, 1.0)
@@ -65,6 +69,8 @@ each_proto!(
         assert_eq!(r.text(), "failure 3 of 100\n", "not the upstream's last answer");
         assert_eq!(up.requests.get(), 3);
         lg.assert_stat(RETRY_STAT, 2.0).await;
+        lg.assert_stat(RETRY_LIMIT, 1.0).await;
+        lg.assert_stat(RETRY_SUCCESS, 0.0).await;
         lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="5xx"}"#, 1.0)
             .await;
     }

@@ -167,6 +167,12 @@ counters! {
         upstream_rq_pending_overflow,
         /// Retries not made because of `max_retries` or the retry budget.
         upstream_rq_retry_overflow,
+        /// Requests retried at least once whose last attempt got an answer
+        /// the retry policy takes (Envoy's name).
+        upstream_rq_retry_success,
+        /// Requests whose last attempt the policy would have retried, but
+        /// that had made `num_retries` retries already (Envoy's name).
+        upstream_rq_retry_limit_exceeded,
         /// Active health checks started.
         health_check_attempt,
         /// Active health checks passed.
@@ -1310,7 +1316,7 @@ mod tests {
         assert_eq!(ep["weight"], 3);
         assert_eq!(ep["stats"]["rq_total"], 1);
         assert_eq!(ep["stats"]["rq_active"], 1);
-        assert_eq!(c.stats.snapshot().len(), 46);
+        assert_eq!(c.stats.snapshot().len(), 48);
         assert_eq!(ep["health"]["status"], "healthy");
     }
 }
