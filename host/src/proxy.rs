@@ -2278,7 +2278,8 @@ impl Attempts<'_> {
                 Ok(resp) => {
                     active.record_status(resp.status().as_u16());
                     self.policy.is_some_and(|p| {
-                        p.allows_method(self.method) && p.retries_status(resp.status())
+                        p.retries_grpc(resp.headers())
+                            || (p.allows_method(self.method) && p.retries_status(resp.status()))
                     })
                 }
                 Err(e) => {

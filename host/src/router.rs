@@ -308,6 +308,8 @@ pub struct RetryPolicy {
     on_connect_failure: bool,
     on_reset: bool,
     on_refused_stream: bool,
+    /// The gRPC statuses retried (bit N: status N), from the gRPC conditions.
+    grpc_statuses: u32,
     /// Empty unless `retriable-status-codes` is among the conditions.
     retriable_status_codes: Box<[u16]>,
 }
@@ -332,6 +334,11 @@ impl RetryPolicy {
             on_connect_failure: on(RetryOn::ConnectFailure),
             on_reset: on(RetryOn::Reset),
             on_refused_stream: on(RetryOn::RefusedStream),
+            grpc_statuses: p
+                .retry_on
+                .iter()
+                .filter_map(|c| c.grpc_status())
+                .fold(0, |bits, code| bits | 1 << code),
             retriable_status_codes: if on(RetryOn::RetriableStatusCodes) {
                 p.retriable_status_codes.clone().into()
             } else {
@@ -346,6 +353,19 @@ impl RetryPolicy {
         (self.on_5xx && status.is_server_error())
             || (self.on_gateway_error && matches!(status.as_u16(), 502..=504))
             || self.retriable_status_codes.contains(&status.as_u16())
+    }
+
+    /// Whether a response is retried for the gRPC status in its head (a
+    /// trailers-only response: `unavailable`, `cancelled`, ...), whatever the
+    /// request's method, as Envoy's gRPC conditions and gRPC's own retry
+    /// policy, which leave idempotency to whoever lists them.
+    pub fn retries_grpc(&self, head: &http::HeaderMap) -> bool {
+        self.grpc_statuses != 0
+            && head
+                .get("grpc-status")
+                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+                .and_then(|v| v.trim().parse::<u8>().ok())
+                .is_some_and(|code| code < 32 && self.grpc_statuses & (1 << code) != 0)
     }
 
     /// Whether a failure to connect to the upstream is retried (`5xx`,
@@ -370,11 +390,15 @@ impl RetryPolicy {
     }
 
     /// Whether the policy can retry a request with this method at all: any
-    /// method under `refused-stream` (an unprocessed request) or a condition
-    /// that retries connect failures (a request that never left), else as
+    /// method under `refused-stream` (an unprocessed request), a gRPC
+    /// condition, or a condition that retries connect failures (a request
+    /// that never left), else as
     /// [`RetryPolicy::allows_method`].
     pub fn applies_to(&self, m: &Method) -> bool {
-        self.on_refused_stream || self.retries_connect_failure() || self.allows_method(m)
+        self.on_refused_stream
+            || self.grpc_statuses != 0
+            || self.retries_connect_failure()
+            || self.allows_method(m)
     }
 
     /// Whether requests with this method may be retried: the idempotent methods of

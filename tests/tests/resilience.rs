@@ -340,6 +340,66 @@ each_proto!(
     }
 );
 
+/// A unary gRPC call with an empty message.
+async fn grpc_call(c: &mut Client, path: &str) -> Resp {
+    c.post(path)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Bytes::from_static(b"\0\0\0\0\0"))
+        .send()
+        .await
+}
+
+each_proto!(
+    /// Envoy's gRPC conditions (`unavailable`, `cancelled`,
+    /// `deadline-exceeded`, `resource-exhausted`, `internal`) retry a
+    /// trailers-only response whose `grpc-status` they name, whatever the
+    /// method (gRPC calls are POSTs); other statuses pass through. They were
+    /// config errors.
+    async fn grpc_conditions_retry_the_status_they_name(proto) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let calls2 = calls.clone();
+        let up = upstream()
+            .handler(move |req| {
+                let n = calls2.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    // UNAVAILABLE, then NOT_FOUND (not listed), then OK.
+                    let status = match (req.uri().path(), n) {
+                        ("/svc/Unavailable", _) => "14",
+                        (_, 0) => "14",
+                        (_, 1) => "5",
+                        _ => "0",
+                    };
+                    let mut r = Response::new(Full::new(Bytes::new()));
+                    let h = r.headers_mut();
+                    h.insert("content-type", HeaderValue::from_static("application/grpc"));
+                    h.insert("grpc-status", HeaderValue::from_static(status));
+                    r
+                }
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .config(&simple_config_with(
+                &[up.addr],
+                &retry("              retry_on: [unavailable, internal]\n              num_retries: 3\n              backoff_base: 1ms\n"),
+                "",
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = grpc_call(&mut c, "/svc/Method").await;
+        // UNAVAILABLE retried; NOT_FOUND is not among the conditions.
+        assert_eq!(r.header("grpc-status"), Some("5"));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        lg.assert_stat(RETRY_STAT, 1.0).await;
+        lg.assert_stat(RETRY_SUCCESS, 1.0).await;
+        let r = grpc_call(&mut c, "/svc/Unavailable").await;
+        assert_eq!(r.header("grpc-status"), Some("14"));
+        assert_eq!(calls.load(Ordering::SeqCst), 6);
+        lg.assert_stat(RETRY_LIMIT, 1.0).await;
+    }
+);
+
 each_proto!(
     async fn per_try_timeout_then_retry_succeeds(proto) {
         let calls = Arc::new(AtomicUsize::new(0));

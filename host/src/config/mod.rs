@@ -989,6 +989,31 @@ pub enum RetryOn {
     /// The upstream refused the stream unprocessed (HTTP/2 `REFUSED_STREAM`, or
     /// above a GOAWAY's last stream): retried whatever the method.
     RefusedStream,
+    /// gRPC status 1 `CANCELLED` in the response head (a trailers-only
+    /// response), whatever the method, as Envoy's gRPC conditions.
+    Cancelled,
+    /// gRPC status 4 `DEADLINE_EXCEEDED` in the response head.
+    DeadlineExceeded,
+    /// gRPC status 8 `RESOURCE_EXHAUSTED` in the response head.
+    ResourceExhausted,
+    /// gRPC status 13 `INTERNAL` in the response head.
+    Internal,
+    /// gRPC status 14 `UNAVAILABLE` in the response head.
+    Unavailable,
+}
+
+impl RetryOn {
+    /// The gRPC status code this condition retries, if it is a gRPC one.
+    pub fn grpc_status(self) -> Option<u8> {
+        match self {
+            RetryOn::Cancelled => Some(1),
+            RetryOn::DeadlineExceeded => Some(4),
+            RetryOn::ResourceExhausted => Some(8),
+            RetryOn::Internal => Some(13),
+            RetryOn::Unavailable => Some(14),
+            _ => None,
+        }
+    }
 }
 
 /// An upstream cluster.
