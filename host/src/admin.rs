@@ -6,7 +6,7 @@
 //! | `/ready` | GET | 200 `LIVE`; 503 `INITIALIZING` while the process starts (compiling plugins: [`serve_starting`]); 503 `WARMING` (with the clusters) while a `dns` cluster waits for its first answer at start (up to its `initial_fetch_timeout`), 503 `DRAINING` once a drain started |
 //! | `/stats`, `/stats/prometheus` | GET | every metric, Prometheus text format 0.0.4; `?filter=REGEX` keeps the families whose name matches, `?usedonly` the series counted at all ([`stats_query`], [`used_only`]) |
 //! | `/server_info` | GET | version, state (`LIVE`, `WARMING`, `DRAINING`), start time and uptime, config file and generation, each listener's bound address, as JSON ([`server_info`]; Envoy's `/server_info` and `/listeners`) |
-//! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON |
+//! | `/clusters` | GET | clusters, endpoints, weights, health (checks, ejections) and counters as JSON (`format=json` accepted, other parameters refused: [`clusters_query`]) |
 //! | `/certs` | GET | every TLS certificate in force (listeners' served chains and client CAs, clusters' client chains and CAs): path, subject, serial, SANs, validity and days left, as JSON ([`certs_json`]; Envoy's `/certs`) |
 //! | `/config_dump` | GET | the effective config (defaults filled in) as JSON, secrets redacted (`config_dump`) |
 //! | `/logging` | GET, POST | the log filter in force; `POST ?level=LEVEL` or `?filter=DIRECTIVES` changes it ([`logging_answer`]) |
@@ -430,6 +430,9 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             )
         }
         (&Method::GET, "/clusters") => {
+            if let Err(e) = clusters_query(req.uri().query()) {
+                return text(StatusCode::BAD_REQUEST, e);
+            }
             let snapshot = shared.snapshot.load();
             let mut names: Vec<_> = snapshot.clusters.keys().collect();
             names.sort();
@@ -670,6 +673,29 @@ fn stats_query(query: Option<&str>) -> Result<StatsQuery, String> {
         }
     }
     Ok(q)
+}
+
+/// The query of `GET /clusters`: `format=json` (what it is anyway, Envoy's
+/// JSON form) is accepted; anything else is refused, as `/stats` refuses
+/// what it does not do: Envoy's `/clusters` is text unless asked for JSON,
+/// and a script asking for `format=text` must not parse JSON unawares.
+fn clusters_query(query: Option<&str>) -> Result<(), String> {
+    for (key, value) in query_pairs(query) {
+        match key {
+            "format" if value == "json" => {}
+            "format" => {
+                return Err(format!(
+                    "`format={value}` is not served: /clusters is JSON (`format=json`)\n"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "unknown /clusters parameter `{key}`; /clusters takes `format=json`\n"
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `?usedonly`: the series that counted anything, as Envoy's `usedonly`
@@ -1222,6 +1248,16 @@ mod tests {
         assert!(only_families(PAGE, &re).starts_with("# HELP legate_a_total"));
         let re = stats_query(Some("filter=nothing")).unwrap().filter.unwrap();
         assert_eq!(only_families(PAGE, &re), "");
+    }
+
+    #[test]
+    fn clusters_query_takes_json_only() {
+        assert!(clusters_query(None).is_ok());
+        assert!(clusters_query(Some("format=json")).is_ok());
+        let e = clusters_query(Some("format=text")).unwrap_err();
+        assert!(e.contains("`format=text` is not served"), "{e}");
+        let e = clusters_query(Some("usedonly")).unwrap_err();
+        assert!(e.contains("unknown /clusters parameter `usedonly`"), "{e}");
     }
 
     /// `usedonly` keeps the series that counted, a histogram's whole when

@@ -598,6 +598,7 @@ async fn stats_prometheus_path_and_filter() {
         ("/stats?format=json", "`format=json` is not served"),
         ("/stats/prometheus?usedonly=no", "`usedonly` is a flag"),
         ("/stats?used", "unknown /stats parameter `used`"),
+        ("/clusters?format=text", "`format=text` is not served"),
         ("/stats?filter=(", "`filter` is not a regular expression"),
     ] {
         let r = admin.get(path).send().await;
