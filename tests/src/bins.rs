@@ -53,3 +53,31 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     assert!(bin.is_file(), "{} was not built", bin.display());
     bin
 }
+
+/// Runs `legate check -c` on `yaml` (written into `dir`), which must fail
+/// with an error placed at the first line containing `marker`, at the column
+/// where `key` starts on it: `FILE:LINE:COL: error: ` then `want`, and the
+/// line quoted. For the plugins' config errors, which the host places at the
+/// key they name.
+pub fn assert_check_places(dir: &crate::TempDir, yaml: &str, marker: &str, key: &str, want: &str) {
+    let (line, text) = yaml
+        .lines()
+        .enumerate()
+        .find(|(_, l)| l.contains(marker))
+        .unwrap_or_else(|| panic!("no line has {marker:?}"));
+    let col = text
+        .find(key)
+        .unwrap_or_else(|| panic!("{key:?} is not on the line {text:?}"))
+        + 1;
+    let file = dir.write("bad.yaml", yaml);
+    let out = std::process::Command::new(workspace_bin("legate"))
+        .args(["check", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("running legate check: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "legate check accepted it: {stderr}");
+    let place = format!("{}:{}:{col}: error: {want}", file.display(), line + 1);
+    assert!(stderr.starts_with(&place), "wanted {place}\n{stderr}");
+    assert!(stderr.contains(text.trim()), "the line is quoted: {stderr}");
+}

@@ -50,7 +50,7 @@ use std::future::Future;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-pub use bins::workspace_bin;
+pub use bins::{assert_check_places, workspace_bin};
 pub use certs::{Ca, TempDir, TlsFiles};
 pub use client::{
     client, raw, raw_h2, raw_status, tls_client, tls_raw, Client, Proto, RawConn, RequestBuilder,

@@ -208,26 +208,7 @@ fn a_config_auth_refuses_is_placed_at_the_key_it_names() {
     ] {
         assert!(good.contains(from), "{from}");
         let bad = good.replace(from, to);
-        let (line, text) = bad
-            .lines()
-            .enumerate()
-            .find(|(_, l)| l.contains(to))
-            .unwrap();
-        let col = text.find(key).unwrap() + 1;
-        let file = dir.write("bad.yaml", &bad);
-        let out = std::process::Command::new(workspace_bin("legate"))
-            .args(["check", "-c"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "legate check accepted it: {stderr}");
-        let place = format!(
-            "{}:{}:{col}: error: plugin `auth`: configure failed: {want}",
-            file.display(),
-            line + 1
-        );
-        assert!(stderr.starts_with(&place), "wanted {place}\n{stderr}");
-        assert!(stderr.contains(text.trim()), "the line is quoted: {stderr}");
+        let want = format!("plugin `auth`: configure failed: {want}");
+        assert_check_places(&dir, &bad, to, key, &want);
     }
 }

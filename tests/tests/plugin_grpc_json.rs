@@ -526,27 +526,8 @@ fn a_refused_service_or_descriptor_file_is_placed_at_its_key() {
             "invalid config: field `descriptor_file`: reading descriptor file \"protos\"",
         ),
     ] {
-        let (line, text) = yaml
-            .lines()
-            .enumerate()
-            .find(|(_, l)| l.contains(marker))
-            .unwrap();
-        let col = text.find(key).unwrap() + 1;
-        let file = dir.write("bad.yaml", &yaml);
-        let out = std::process::Command::new(workspace_bin("legate"))
-            .args(["check", "-c"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "legate check accepted it: {stderr}");
-        let place = format!(
-            "{}:{}:{col}: error: plugin `transcoder`: configure failed: {want}",
-            file.display(),
-            line + 1
-        );
-        assert!(stderr.starts_with(&place), "wanted {place}\n{stderr}");
-        assert!(stderr.contains(text.trim()), "the line is quoted: {stderr}");
+        let want = format!("plugin `transcoder`: configure failed: {want}");
+        assert_check_places(&dir, &yaml, marker, key, &want);
     }
 }
 

@@ -29,6 +29,39 @@ async fn spread(c: &mut Client, n: usize) -> BTreeMap<String, usize> {
     seen
 }
 
+/// A config in zone `z1` routing everything to `backend`: zone-aware with
+/// `min_cluster_size`, health-checked every 30ms, panic mode off, with
+/// `endpoints` (address, zone).
+fn zoned_config(min_cluster_size: u32, endpoints: &[(std::net::SocketAddr, &str)]) -> String {
+    let endpoints: String = endpoints
+        .iter()
+        .map(|(addr, zone)| format!("      - {{ address: \"{addr}\", zone: {zone} }}\n"))
+        .collect();
+    format!(
+        "version: 1
+local_zone: z1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http: {{ routes: main }}
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    zone_aware: {{ min_cluster_size: {min_cluster_size} }}
+    health_check: {{ http: {{ path: /healthz }}, interval: 30ms }}
+    panic_threshold: 0%
+    endpoints:
+{endpoints}"
+    )
+}
+
 /// An upstream whose `/healthz` answers 200 while `ok`, 503 after.
 async fn checked(name: &str, ok: &Arc<AtomicBool>) -> UpstreamHandle {
     let ok = ok.clone();
@@ -55,33 +88,7 @@ each_proto!(
         let a = checked("a", &always).await;
         let b = checked("b", &b_ok).await;
         let c = checked("c", &always).await;
-        let cfg = format!(
-            "version: 1
-local_zone: z1
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    http: {{ routes: main }}
-routes:
-  - name: main
-    virtual_hosts:
-      - name: all
-        domains: [\"*\"]
-        routes:
-          - match: {{ prefix: / }}
-            cluster: backend
-clusters:
-  - name: backend
-    zone_aware: {{ min_cluster_size: 3 }}
-    health_check: {{ http: {{ path: /healthz }}, interval: 30ms }}
-    panic_threshold: 0%
-    endpoints:
-      - {{ address: \"{}\", zone: z1 }}
-      - {{ address: \"{}\", zone: z1 }}
-      - {{ address: \"{}\", zone: z2 }}
-",
-            a.addr, b.addr, c.addr
-        );
+        let cfg = zoned_config(3, &[(a.addr, "z1"), (b.addr, "z1"), (c.addr, "z2")]);
         let lg = legate().config(&cfg).start();
         let mut cl = client(proto, lg.addr("web")).await;
         let local = spread(&mut cl, 20).await;
@@ -116,33 +123,9 @@ each_proto!(
         let b = checked("b", &always).await;
         let c = checked("c", &always).await;
         let d = checked("d", &always).await;
-        let cfg = format!(
-            "version: 1
-local_zone: z1
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    http: {{ routes: main }}
-routes:
-  - name: main
-    virtual_hosts:
-      - name: all
-        domains: [\"*\"]
-        routes:
-          - match: {{ prefix: / }}
-            cluster: backend
-clusters:
-  - name: backend
-    zone_aware: {{ min_cluster_size: 1 }}
-    health_check: {{ http: {{ path: /healthz }}, interval: 30ms }}
-    panic_threshold: 0%
-    endpoints:
-      - {{ address: \"{}\", zone: z1 }}
-      - {{ address: \"{}\", zone: z1 }}
-      - {{ address: \"{}\", zone: z2 }}
-      - {{ address: \"{}\", zone: z2 }}
-",
-            a.addr, b.addr, c.addr, d.addr
+        let cfg = zoned_config(
+            1,
+            &[(a.addr, "z1"), (b.addr, "z1"), (c.addr, "z2"), (d.addr, "z2")],
         );
         let lg = legate().config(&cfg).start();
         a_ok.store(false, Ordering::SeqCst);
