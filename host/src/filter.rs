@@ -524,6 +524,14 @@ pub struct LocalResponse {
     pub grpc_status: Option<u32>,
 }
 
+/// A connection id no other connection of this process has (from 1): taken
+/// when a connection's facts are first made, which only a connection a
+/// filter sees needs.
+pub fn next_connection_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The `details` of the answer a filter gives for a body it held over its cap
 /// (`413`/`502`): the host's answer, made in the filter's name, which the
 /// filter itself does not see (abi/README.md §3.6), even one that sees its own
@@ -533,6 +541,9 @@ pub const BUFFER_LIMIT_DETAILS: &str = "plugin_buffer_limit";
 /// Facts about the downstream connection, shared by its requests.
 #[derive(Debug, Clone)]
 pub struct ConnFacts {
+    /// Unique in this process ([`next_connection_id`]): proxy-wasm's
+    /// `connection.id`, Envoy's downstream connection id.
+    pub id: u64,
     /// The client.
     pub source: SocketAddr,
     /// Our address the client connected to.
@@ -877,6 +888,7 @@ impl Exchange {
             status: None,
             response_headers: None,
             conn: Arc::new(ConnFacts {
+                id: 0,
                 source: unspecified,
                 destination: unspecified,
                 tls: None,

@@ -1311,6 +1311,7 @@ mod tests {
     fn chain_of(filters: Vec<Arc<dyn NetworkFilter>>) -> (NetChain, Deliveries) {
         let x = connection(
             Arc::new(ConnFacts {
+                id: 1,
                 source: ([127, 0, 0, 1], 1).into(),
                 destination: ([127, 0, 0, 1], 2).into(),
                 tls: None,

@@ -1008,6 +1008,7 @@ fn exchange_of<B>(
     let headers = std::mem::take(req.headers_mut());
     let conn_facts = conn.facts.get_or_init(|| {
         Arc::new(ConnFacts {
+            id: crate::filter::next_connection_id(),
             source: conn.peer,
             destination: conn.local,
             tls: conn.tls.as_ref().map(TlsFacts::of),
@@ -3558,6 +3559,7 @@ mod tests {
         h.insert("x-a", HeaderValue::from_static("1"));
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
         let facts = Arc::new(filter::ConnFacts {
+            id: 1,
             source: addr,
             destination: addr,
             tls: None,

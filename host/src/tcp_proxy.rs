@@ -336,6 +336,7 @@ async fn run(
     let mut filtered = None;
     if let Some(filters) = filters {
         let facts = Arc::new(ConnFacts {
+            id: crate::filter::next_connection_id(),
             source: peer,
             destination: local,
             tls: session.tls.as_ref().map(TlsFacts::of),

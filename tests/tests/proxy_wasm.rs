@@ -317,6 +317,16 @@ each_proto!(
         let port = h("x-p-source").rsplit(':').next().unwrap().to_string();
         assert_eq!(h("x-p-source-port"), port);
         assert_eq!(h("x-p-dest-port"), addr.port().to_string());
+        // Envoy's downstream connection id, under both names: one per
+        // connection, the same for its requests.
+        let id = h("x-p-conn-id");
+        assert!(id.parse::<u64>().is_ok_and(|n| n > 0), "{id}");
+        assert_eq!(h("x-p-conn-id2"), id);
+        let again = c.get("/p/q").send().await;
+        assert_eq!(again.header("x-p-conn-id"), Some(id.as_str()));
+        let mut other = client(proto, addr).await;
+        let elsewhere = other.get("/p/q").send().await;
+        assert_ne!(elsewhere.header("x-p-conn-id"), Some(id.as_str()));
         assert_eq!(h("x-p-missing"), "<none>");
         assert_eq!(h("x-p-header"), "probed");
         assert_eq!(h("x-p-time-len"), "8");

@@ -1733,6 +1733,8 @@ fn prop(c: &dyn Context, path: &[&str]) -> String {
                         | ["source", "port"]
                         | ["request", "size"]
                         | ["destination", "port"]
+                        | ["connection", "id"]
+                        | ["connection_id"]
                         | ["request", "time"]
                 )
             {
@@ -1958,6 +1960,8 @@ impl HttpContext for Filter {
                     ("x-p-source", &["source", "address"][..]),
                     ("x-p-source-port", &["source", "port"][..]),
                     ("x-p-dest-port", &["destination", "port"][..]),
+                    ("x-p-conn-id", &["connection", "id"][..]),
+                    ("x-p-conn-id2", &["connection_id"][..]),
                     ("x-p-missing", &["no", "such"][..]),
                     ("x-p-tls-version", &["connection", "tls_version"][..]),
                     ("x-p-sni", &["connection", "requested_server_name"][..]),

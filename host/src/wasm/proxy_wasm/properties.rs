@@ -232,6 +232,10 @@ fn exchange_property(x: &mut Exchange, path: &[&[u8]]) -> Option<Vec<u8>> {
         [b"destination", b"address"] => Some(conn.destination.to_string().into_bytes()),
         [b"destination", b"port"] => Some(int(i64::from(conn.destination.port()))),
         [b"connection", b"mtls"] => Some(vec![u8::from(conn.peer_cert_present())]),
+        // Envoy's downstream connection id, under both of its names.
+        [b"connection", b"id"] | [b"connection_id"] => {
+            Some(int(i64::try_from(conn.id).unwrap_or(i64::MAX)))
+        }
         [b"connection", b"tls_version"] => conn
             .tls13()
             .map(|v| if v { "TLSv1.3" } else { "TLSv1.2" }.into()),
