@@ -667,6 +667,10 @@ pub struct ExchangeData {
     pub upstream: Option<SocketAddr>,
     /// The access-log cause of a failed exchange.
     pub cause: Option<String>,
+    /// The body bytes received from the client and sent to it, once the
+    /// exchange ended ([`SharedChain::set_body_bytes`]): proxy-wasm's
+    /// `request.size` and `response.size` without a `content-length`.
+    pub body_bytes: Option<(u64, u64)>,
     /// Callouts queued by the current call, sent by the chain after it returns.
     pub callouts: Vec<CalloutRequest>,
     /// Ids of the calling filter's callouts it cancelled in the current call
@@ -853,6 +857,7 @@ impl Exchange {
             start: SystemTime::now(),
             upstream: None,
             cause: None,
+            body_bytes: None,
             callouts: Vec::new(),
             cancelled: Vec::new(),
             wakes: Vec::new(),
@@ -897,6 +902,7 @@ impl Exchange {
             start: SystemTime::UNIX_EPOCH,
             upstream: None,
             cause: None,
+            body_bytes: None,
             callouts: Vec::new(),
             cancelled: Vec::new(),
             wakes: Vec::new(),
@@ -1427,6 +1433,8 @@ struct SharedInner {
     /// How long body streams held the chain for callouts so far
     /// ([`SharedChain::add_held`]): time that is not the client's.
     held: std::cell::Cell<Duration>,
+    /// The body bytes received and sent ([`SharedChain::set_body_bytes`]).
+    body_bytes: std::cell::Cell<Option<(u64, u64)>>,
     /// A filter reset the stream ([`ExchangeData::reset`]): the proxy resets
     /// the downstream stream instead of answering ([`StreamReset`]).
     reset: std::cell::Cell<bool>,
@@ -1493,6 +1501,7 @@ impl SharedChain {
                 aborted: std::cell::Cell::new(false),
                 ended: std::cell::RefCell::new(None),
                 held: std::cell::Cell::new(Duration::ZERO),
+                body_bytes: std::cell::Cell::new(None),
                 reset: std::cell::Cell::new(false),
                 answer_waker: std::cell::RefCell::new(None),
                 head_sent: std::cell::Cell::new(false),
@@ -1699,6 +1708,12 @@ impl SharedChain {
         self.0.answered.borrow_mut().take()
     }
 
+    /// The exchange's body bytes, received from the client and sent to it,
+    /// for its `on-log` (set before [`SharedChain::finish`]).
+    pub fn set_body_bytes(&self, received: u64, sent: u64) {
+        self.0.body_bytes.set(Some((received, sent)));
+    }
+
     /// Ends the exchange: `finish` on the chain (if it is not out), with the
     /// final status (`None`: no response was sent, the client went away first)
     /// and cause. Request data still streaming is not forwarded from now on
@@ -1715,6 +1730,7 @@ impl SharedChain {
             Some(mut chain) => {
                 chain.x.status = status;
                 chain.x.cause = cause.map(str::to_string);
+                chain.x.body_bytes = self.0.body_bytes.get();
                 chain.run_finish();
             }
             None => *self.0.ended.borrow_mut() = Some((status, cause.map(str::to_string))),
@@ -3427,6 +3443,7 @@ impl Drop for Chain {
             // The exchange ended while this chain was out (see `SharedChain::finish`).
             self.x.status = status;
             self.x.cause = cause;
+            self.x.body_bytes = shared.as_ref().and_then(|s| s.body_bytes.get());
         }
         if !self.finished {
             if !over {

@@ -152,7 +152,14 @@ pub async fn handle(
         .access_log
         .is_some()
         .then(|| Box::new(Logged::of(&req)));
-    let received = logged.as_ref().map(|l| l.received.clone());
+    // The request body's bytes: the access log's `bytes_received`, and the
+    // filters' request size without a `content-length` (proxy-wasm's
+    // `request.size`). A request without a body has none to count.
+    let received = match &logged {
+        Some(l) => Some(l.received.clone()),
+        None if !req.body().is_end_stream() => Some(Rc::default()),
+        None => None,
+    };
     // An HTTP/1.1 upgrade (WebSocket; `h2c` is served as a plain request):
     // the client may send the other protocol right after its head, so an
     // answer other than a 101 — a refusal, an error, a filter's or the
@@ -170,6 +177,7 @@ pub async fn handle(
         version,
         out: Outcome::default(),
         logged,
+        received: received.clone(),
     };
     let out = &mut in_flight.out;
     // The stream idle timeout: the listener's until a route sets its own.
@@ -3061,6 +3069,8 @@ struct InFlight {
     version: Version,
     out: Outcome,
     logged: Option<Box<Logged>>,
+    /// The request body's bytes so far (none counted without a body).
+    received: Option<Rc<Cell<u64>>>,
 }
 
 /// The request facts only the access log uses ([`Done`]'s line).
@@ -3127,6 +3137,7 @@ impl InFlight {
             status,
             out,
             logged: self.logged.take(),
+            received: self.received.take(),
             bytes: Cell::new(0),
             failed: false,
             upstream_reset: false,
@@ -3173,6 +3184,8 @@ struct Done {
     out: Outcome,
     route_stats: Option<RouteStats>,
     logged: Option<Box<Logged>>,
+    /// The request body's bytes ([`InFlight`]).
+    received: Option<Rc<Cell<u64>>>,
     bytes: Cell<u64>,
     /// The response body failed after its head was sent (an upstream reset
     /// or a body error mid-stream): the client got a truncated response.
@@ -3311,6 +3324,8 @@ impl Done {
             }
         }
         if let Some(chain) = self.out.chain.take() {
+            let received = self.received.as_ref().map_or(0, |r| r.get());
+            chain.set_body_bytes(received, self.bytes.get());
             // `on-log` sees the cause the access log writes (abi/README.md §3.5).
             chain.finish(
                 Some(self.status),

@@ -2664,6 +2664,13 @@ async fn grpc_status_and_trailers_are_response_properties() {
     lg.assert_stat(&stat("7___none_"), 1.0).await;
     // Not gRPC: a 404 maps to 12 (UNIMPLEMENTED), as Envoy's httpToGrpcStatus.
     lg.assert_stat(&stat("12___none_"), 1.0).await;
+    // The body sizes, as Envoy's: the declared length, else the bytes
+    // received or sent (the echo's streamed answer, the trailers-only
+    // answer's none, a GET's empty request body).
+    let sizes = |s: &str| format!("legate_proxywasm_pw_sizes_{s}{{plugin=\"gs\"}}");
+    lg.assert_stat(&sizes("9_9"), 1.0).await;
+    lg.assert_stat(&sizes("9_0"), 1.0).await;
+    lg.assert_stat(&sizes("0_8"), 1.0).await;
     lg.assert_stat(r#"legate_plugin_failures_total{plugin="gs"}"#, 0.0)
         .await;
 }

@@ -27,8 +27,9 @@
 //! - `grpc-stats`: `on_log` counts in metric `pw_grpc_stats_<grpc status>_<trailer
 //!   names>_<grpc-message trailer>` what it reads of `response.grpc_status`,
 //!   `response.trailers` and `response.trailers.grpc-message` (`none` for a
-//!   property not found, `<none>` for the message), and in `pw_flags_<n>`
-//!   what it reads of `response.flags`.
+//!   property not found, `<none>` for the message), in `pw_flags_<n>`
+//!   what it reads of `response.flags`, and in `pw_sizes_<req>_<resp>` what
+//!   it reads of `request.size` and `response.size`.
 //! - `filter-state` (Envoy's filter state shared by a stream's filters; the
 //!   config's `tag` is the role): a `writer` sets property `pw_peer` to
 //!   request header `x-fs-write` when there is one (`set_property`, in the
@@ -3044,6 +3045,20 @@ impl HttpContext for Filter {
                 .map_or("none".to_string(), |b| pair_keys(&b));
             let message = prop(self, &["response", "trailers", "grpc-message"]);
             let name = format!("pw_grpc_stats_{status}_{keys}_{message}");
+            if let Ok(m) = hostcalls::define_metric(MetricType::Counter, &name) {
+                hostcalls::increment_metric(m, 1).ok();
+            }
+            // And the body sizes, as counter `pw_sizes_<request.size>_<response.size>`.
+            let size = |c: &Self, which: &str| {
+                c.get_property(vec![which, "size"])
+                    .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                    .map_or("none".to_string(), |b| i64::from_le_bytes(b).to_string())
+            };
+            let name = format!(
+                "pw_sizes_{}_{}",
+                size(self, "request"),
+                size(self, "response")
+            );
             if let Ok(m) = hostcalls::define_metric(MetricType::Counter, &name) {
                 hostcalls::increment_metric(m, 1).ok();
             }

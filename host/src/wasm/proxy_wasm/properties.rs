@@ -124,14 +124,10 @@ fn request(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
             .unwrap_or(0)),
         b"referer" => x.request_headers().get("referer")?.as_bytes().to_vec(),
         b"useragent" => x.request_headers().get("user-agent")?.as_bytes().to_vec(),
-        // The body size as declared (the host does not count streamed bodies).
-        b"size" => int(x
-            .request_headers()
-            .get("content-length")?
-            .to_str()
-            .ok()?
-            .parse()
-            .ok()?),
+        // As Envoy's: the declared length, else (once the exchange ended,
+        // in `on_log`) the body bytes received.
+        b"size" => int(declared_length(x.request_headers())
+            .or_else(|| x.body_bytes.map(|(received, _)| count(received)))?),
         _ => return None,
     })
 }
@@ -171,14 +167,13 @@ fn response(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
             (None, Some(_)) => b"via_upstream".to_vec(),
             (None, None) => return None,
         },
+        // As Envoy's: the declared length, else (in `on_log`) the body
+        // bytes sent.
         b"size" => int(x
             .response_headers
-            .as_ref()?
-            .get("content-length")?
-            .to_str()
-            .ok()?
-            .parse()
-            .ok()?),
+            .as_deref()
+            .and_then(declared_length)
+            .or_else(|| x.body_bytes.map(|(_, sent)| count(sent)))?),
         _ => return None,
     })
 }
@@ -201,6 +196,16 @@ fn response_flags(cause: Option<&str>) -> i64 {
         "upstream_protocol_error" => 0x80_0000,                 // UPE
         _ => 0,
     }
+}
+
+/// A head's `content-length`, if it has a valid one.
+fn declared_length(h: &http::HeaderMap) -> Option<i64> {
+    h.get("content-length")?.to_str().ok()?.parse().ok()
+}
+
+/// A byte count as a property's int.
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// `response.grpc_status` as Envoy's (`Grpc::Common::getGrpcStatus`): the
