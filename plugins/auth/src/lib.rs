@@ -795,7 +795,14 @@ impl AuthFilter {
             Err(e) => {
                 c.failed_at = Some(now);
                 self.counters.jwks_error.inc();
-                warn!("auth: provider {name:?}: JWKS fetch failed: {e}");
+                // Where it was fetched from, so the operator knows which
+                // cluster and path to check.
+                let from = self.s.providers[i]
+                    .remote
+                    .as_ref()
+                    .map(|r| format!(" (cluster {:?}, path {:?})", r.cluster, r.path))
+                    .unwrap_or_default();
+                warn!("auth: provider {name:?}: JWKS fetch failed{from}: {e}");
             }
         }
     }

@@ -161,6 +161,11 @@ fn remote_jwks_failure_is_503_then_backs_off() {
         other => panic!("{other:?}"),
     }
     drop(x);
+    // The warning says where the keys were fetched from.
+    assert!(host.logged(
+        legate_sdk::log::Level::Warn,
+        "provider \"corp\": JWKS fetch failed (cluster \"idp\", path \"/jwks.json\")"
+    ));
 
     // Within the backoff: 503 at once, no fetch.
     let r = respond(t.exchange(bearer(&tok)).request_headers());
