@@ -155,11 +155,7 @@ pub async fn handle(
     // The request body's bytes: the access log's `bytes_received`, and the
     // filters' request size without a `content-length` (proxy-wasm's
     // `request.size`). A request without a body has none to count.
-    let received = match &logged {
-        Some(l) => Some(l.received.clone()),
-        None if !req.body().is_end_stream() => Some(Rc::default()),
-        None => None,
-    };
+    let received = (logged.is_some() || !req.body().is_end_stream()).then(Rc::<Cell<u64>>::default);
     // An HTTP/1.1 upgrade (WebSocket; `h2c` is served as a plain request):
     // the client may send the other protocol right after its head, so an
     // answer other than a 101 — a refusal, an error, a filter's or the
@@ -2863,9 +2859,8 @@ impl TunnelEnd {
         }
         done.bytes
             .set(done.bytes.get().saturating_add(self.sent.get()));
-        if let Some(l) = &done.logged {
-            l.received
-                .set(l.received.get().saturating_add(self.received.get()));
+        if let Some(r) = &done.received {
+            r.set(r.get().saturating_add(self.received.get()));
         }
         drop(done);
     }
@@ -3069,7 +3064,8 @@ struct InFlight {
     version: Version,
     out: Outcome,
     logged: Option<Box<Logged>>,
-    /// The request body's bytes so far (none counted without a body).
+    /// The request body's bytes so far (and an upgraded exchange's tunnel
+    /// bytes from the client): counted with an access log or a body.
     received: Option<Rc<Cell<u64>>>,
 }
 
@@ -3085,8 +3081,6 @@ struct Logged {
     /// `X-Forwarded-For` as it arrived (nginx's `$http_x_forwarded_for`;
     /// several fields joined with `, `), before Legate appends to it.
     x_forwarded_for: Option<String>,
-    /// Request body bytes read from the client.
-    received: Rc<Cell<u64>>,
     /// When the request head arrived (the line's `start_time`).
     started: SystemTime,
 }
@@ -3113,7 +3107,6 @@ impl Logged {
                     joined
                 })
             },
-            received: Rc::default(),
             started: SystemTime::now(),
         }
     }
@@ -3386,7 +3379,7 @@ impl Drop for Done {
                 x_forwarded_for: l.x_forwarded_for.as_deref(),
                 status: self.status.as_u16(),
                 bytes_sent: self.bytes.get(),
-                bytes_received: l.received.get(),
+                bytes_received: self.received.as_ref().map_or(0, |r| r.get()),
                 duration_ms: crate::access_log::millis(elapsed),
                 response_duration_ms: o
                     .debug
