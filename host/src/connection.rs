@@ -338,12 +338,18 @@ pub async fn serve(
         // streams have their own, from `StreamExec`.)
         Some(activity.clone()),
     ));
+    // Each waited for by one future for the connection's life, not one made
+    // (and registered with its channel) at every turn of the loop below.
     let mut drain = ctx.closing_signal();
+    let drain = drain.wait_for(|d| *d);
+    tokio::pin!(drain);
     // `POST /healthcheck/fail`: closed as a drain closes it, though the
     // listener keeps accepting (Envoy's drain-close while its health checks
     // fail): a client with a keep-alive or HTTP/2 connection moves to the
     // other instances the load balancer now prefers.
     let mut health_failed = worker.shared.health_check_failed.subscribe();
+    let health_failed = health_failed.wait_for(|f| *f);
+    tokio::pin!(health_failed);
     let mut idle = limits.idle_timeout.get();
     // `limits.max_connection_duration`: closed gracefully from then on, as a
     // drain closes it.
@@ -425,7 +431,9 @@ pub async fn serve(
                 }
                 break;
             }
-            _ = drain.wait_for(|d| *d), if closing_since.is_none() && !h1_closing.get() => {
+            // (Once either fires, `h1_closing` keeps both from being polled
+            // again.)
+            _ = &mut drain, if closing_since.is_none() && !h1_closing.get() => {
                 // h2: GOAWAY (checked at the top of the loop), in-flight streams
                 // finish. h1 (or nothing received yet): the next response says
                 // `Connection: close`; a connection idle for H1_DRAIN_IDLE is closed,
@@ -434,7 +442,7 @@ pub async fn serve(
                 h1_closing.set(true);
                 idle = idle.min(H1_DRAIN_IDLE);
             }
-            _ = health_failed.wait_for(|f| *f), if closing_since.is_none() && !h1_closing.get() => {
+            _ = &mut health_failed, if closing_since.is_none() && !h1_closing.get() => {
                 h1_closing.set(true);
                 idle = idle.min(H1_DRAIN_IDLE);
             }
