@@ -4,7 +4,8 @@
 //! This module owns everything between a config's `tls:` section and a ready
 //! `rustls::{ServerConfig, ClientConfig}`: reading and checking PEM files (every error
 //! names the file and what is wrong with it), choosing a listener certificate by SNI,
-//! client-certificate verification (mTLS), protocol versions, ALPN and session
+//! client-certificate verification (mTLS), revocation lists (a listener's for client
+//! certificates, a cluster's for upstream ones), protocol versions, ALPN and session
 //! resumption. It also extracts the facts about an established downstream session that
 //! the request path, access log and (later) filters need: [`TlsInfo`].
 //!
@@ -20,7 +21,9 @@ use anyhow::{anyhow, bail, Context};
 use rustls::client::ClientConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer, ServerName};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, DnsName, PrivateKeyDer, ServerName,
+};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{
     ClientHello, ResolvesServerCert, ServerConfig, ServerConnection, ServerSessionMemoryCache,
@@ -208,18 +211,22 @@ impl std::fmt::Display for FileError {
 
 impl std::error::Error for FileError {}
 
-/// The files a listener's TLS section names (certificates, keys, client CA),
-/// in order.
+/// The files a listener's TLS section names (certificates, keys, client CA
+/// and CRLs), in order.
 pub fn files(cfg: &config::ListenerTls) -> impl Iterator<Item = &std::path::PathBuf> {
     cfg.certificates
         .iter()
         .flat_map(|c| [&c.value.cert, &c.value.key])
-        .chain(cfg.client_auth.iter().map(|a| &a.ca))
+        .chain(
+            cfg.client_auth
+                .iter()
+                .flat_map(|a| std::iter::once(&a.ca).chain(&a.crl)),
+        )
 }
 
-/// The files a cluster's `tls` names (CA, client certificate and key).
+/// The files a cluster's `tls` names (CA, client certificate and key, CRLs).
 pub fn upstream_files(cfg: &config::UpstreamTls) -> impl Iterator<Item = &std::path::PathBuf> {
-    [&cfg.ca, &cfg.client_cert, &cfg.client_key]
+    [&cfg.ca, &cfg.client_cert, &cfg.client_key, &cfg.crl]
         .into_iter()
         .flatten()
 }
@@ -301,8 +308,17 @@ pub fn client_parts(
     };
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_root_certificates(roots);
+        .context("TLS protocol versions")?;
+    let builder = match &cfg.crl {
+        None => builder.with_root_certificates(roots),
+        Some(crl) => {
+            let revocation = Revocation::load(crl, cfg.only_verify_leaf_cert_crl)?;
+            let verifier = revocation
+                .server_verifier(Arc::new(roots), provider.clone())
+                .map_err(|e| anyhow!("upstream CRL file `{}`: {e}", crl.display()))?;
+            builder.with_webpki_verifier(verifier)
+        }
+    };
     let mut config = match (&cfg.client_cert, &cfg.client_key) {
         (None, None) => builder.with_no_client_auth(),
         (Some(cert), Some(key)) => {
@@ -976,9 +992,109 @@ fn client_verifier(
     if !auth.required {
         builder = builder.allow_unauthenticated();
     }
+    if let Some(crl) = &auth.crl {
+        let revocation = Revocation::load(crl, auth.only_verify_leaf_cert_crl)?;
+        builder = builder
+            .with_crls(revocation.crls)
+            .enforce_revocation_expiration();
+        if revocation.leaf_only {
+            builder = builder.only_check_end_entity_revocation();
+        }
+        return builder
+            .build()
+            .map_err(|e| anyhow!("client CRL file `{}`: {e}", crl.display()));
+    }
     builder
         .build()
         .map_err(|e| anyhow!("client CA file `{}`: {e}", auth.ca.display()))
+}
+
+/// The revocation lists of a `crl` file and how far up a chain they are
+/// checked. As Envoy (BoringSSL) does: a certificate whose CA has no list in
+/// the file is refused (unless only the leaf is checked and its issuer's list
+/// is there), and a list past its `nextUpdate` refuses what it covers until
+/// the file is renewed (the file watch picks the new one up).
+struct Revocation {
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    leaf_only: bool,
+}
+
+impl Revocation {
+    fn load(path: &Path, leaf_only: bool) -> Result<Self, FileError> {
+        let crls = load_crls(path)?;
+        warn_if_expired_crls(&crls, path);
+        Ok(Revocation { crls, leaf_only })
+    }
+
+    fn server_verifier(
+        self,
+        roots: Arc<RootCertStore>,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Arc<rustls::client::WebPkiServerVerifier>, rustls::client::VerifierBuilderError>
+    {
+        let mut builder =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+                .with_crls(self.crls)
+                .enforce_revocation_expiration();
+        if self.leaf_only {
+            builder = builder.only_check_end_entity_revocation();
+        }
+        builder.build()
+    }
+}
+
+/// Every revocation list of a PEM file, each parsed as the verifier will
+/// parse it, so a broken list fails the load rather than every handshake.
+fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, FileError> {
+    let pem = read_file(path, "CRL file", false)?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            FileError::content(format!("CRL file `{}`: malformed PEM: {e}", path.display()))
+        })?;
+    if crls.is_empty() {
+        return Err(FileError::content(format!(
+            "CRL file `{}` contains no revocation list (expected a PEM `BEGIN X509 CRL` block)",
+            path.display()
+        )));
+    }
+    for (i, crl) in crls.iter().enumerate() {
+        webpki::OwnedCertRevocationList::from_der(crl.as_ref()).map_err(|e| {
+            FileError::content(format!(
+                "CRL file `{}`: revocation list #{} does not parse: {e:?}",
+                path.display(),
+                i + 1
+            ))
+        })?;
+    }
+    Ok(crls)
+}
+
+/// Loads a CRL file as a listener's `client_auth.crl` and a cluster's
+/// `tls.crl` are loaded (`legate check`).
+pub fn check_crls(path: &Path) -> Result<(), FileError> {
+    load_crls(path).map(|_| ())
+}
+
+/// Warns about each list of `crls` past its `nextUpdate`: the certificates
+/// it covers are refused until the file is renewed.
+fn warn_if_expired_crls(crls: &[CertificateRevocationListDer<'_>], path: &Path) {
+    let now = x509_parser::time::ASN1Time::now();
+    for (i, crl) in crls.iter().enumerate() {
+        let Ok((_, parsed)) = x509_parser::parse_x509_crl(crl.as_ref()) else {
+            continue;
+        };
+        if let Some(next) = parsed.next_update().filter(|next| *next < now) {
+            tracing::warn!(
+                crl = %path.display(),
+                list = i + 1,
+                issuer = %parsed.issuer(),
+                next_update = %next,
+                "revocation list is past its nextUpdate: the certificates it covers are refused \
+                 until the file is renewed"
+            );
+        }
+    }
 }
 
 /// The subject of a certificate as an RFC 4514 string; `None` if it does not parse.
@@ -1229,6 +1345,8 @@ mod tests {
             ca: ca.map(Path::to_path_buf),
             client_cert: client.map(|c| c.cert.clone()),
             client_key: client.map(|c| c.key.clone()),
+            crl: None,
+            only_verify_leaf_cert_crl: false,
         }
     }
 
@@ -1518,6 +1636,34 @@ mod tests {
         );
     }
 
+    #[test]
+    fn crl_files_that_hold_no_usable_list_fail_naming_the_file() {
+        let pki = Pki::new();
+        let missing = pki.dir.0.join("missing.crl");
+        let err = check_crls(&missing).unwrap_err();
+        assert_eq!(err.problem, FileProblem::Unreadable);
+        assert!(err.to_string().starts_with("cannot read CRL file"), "{err}");
+
+        let err = check_crls(&pki.ca).unwrap_err();
+        assert_eq!(err.problem, FileProblem::Content);
+        assert!(
+            err.to_string().contains("contains no revocation list"),
+            "{err}"
+        );
+
+        // A PEM block of the right kind whose DER is not a CRL.
+        let bogus = pki.write(
+            "bogus.crl",
+            "-----BEGIN X509 CRL-----\nMAMCAQE=\n-----END X509 CRL-----\n",
+        );
+        let err = check_crls(&bogus).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("revocation list #1 does not parse"),
+            "{err}"
+        );
+    }
+
     #[tokio::test]
     async fn required_client_auth_rejects_anonymous_and_foreign_clients() {
         let pki = Pki::new();
@@ -1527,6 +1673,8 @@ mod tests {
         cfg.client_auth = Some(ClientAuth {
             ca: pki.ca.clone(),
             required: true,
+            crl: None,
+            only_verify_leaf_cert_crl: false,
         });
         let server = server_config(&cfg, &[]).unwrap();
 
@@ -1567,6 +1715,8 @@ mod tests {
         cfg.client_auth = Some(ClientAuth {
             ca: pki.ca.clone(),
             required: false,
+            crl: None,
+            only_verify_leaf_cert_crl: false,
         });
         let server = server_config(&cfg, &[]).unwrap();
 
@@ -1716,6 +1866,8 @@ mod tests {
         cfg.client_auth = Some(ClientAuth {
             ca: empty.clone(),
             required: true,
+            crl: None,
+            only_verify_leaf_cert_crl: false,
         });
         let err = error_text(server_config(&cfg, &[]));
         assert!(

@@ -84,6 +84,8 @@ pub struct TlsFiles {
     pub chain: Vec<CertificateDer<'static>>,
     /// The issuing CA certificate, DER.
     pub ca_der: CertificateDer<'static>,
+    /// Its serial number (what a CRL names it by).
+    pub serial: u64,
     key_der: Vec<u8>,
     _dir: Arc<TempDir>,
 }
@@ -182,6 +184,38 @@ impl Ca {
         )
     }
 
+    /// Writes (or rewrites) `name` in the CA's directory: a PEM CRL of this
+    /// CA revoking `revoked`, valid until 2100.
+    pub fn crl(&self, name: &str, revoked: &[&TlsFiles]) -> PathBuf {
+        self.crl_until(name, revoked, (2100, 1, 1))
+    }
+
+    /// [`Ca::crl`] whose `nextUpdate` was in January 2021: expired.
+    pub fn expired_crl(&self, name: &str, revoked: &[&TlsFiles]) -> PathBuf {
+        self.crl_until(name, revoked, (2021, 1, 1))
+    }
+
+    fn crl_until(&self, name: &str, revoked: &[&TlsFiles], (y, m, d): Day) -> PathBuf {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(y, m, d),
+            crl_number: rcgen::SerialNumber::from(self.serial.fetch_add(1, Ordering::Relaxed)),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|leaf| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(leaf.serial),
+                    revocation_time: rcgen::date_time_ymd(2020, 1, 2),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).expect("sign CRL");
+        self.dir.write(name, crl.pem().expect("CRL PEM"))
+    }
+
     fn leaf(&self, names: &[&str], uris: &[&str], usage: ExtendedKeyUsagePurpose) -> TlsFiles {
         self.leaf_valid(names, uris, usage, None)
     }
@@ -218,9 +252,10 @@ impl Ca {
             KeyUsagePurpose::KeyEncipherment,
         ];
         params.extended_key_usages = vec![usage];
+        let n = self.serial.fetch_add(1, Ordering::Relaxed);
+        params.serial_number = Some(rcgen::SerialNumber::from(n));
         let key = KeyPair::generate().expect("generate leaf key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
-        let n = self.serial.fetch_add(1, Ordering::Relaxed);
         let stem = format!(
             "{}-{n}",
             names
@@ -237,6 +272,7 @@ impl Ca {
             ca: self.cert_path.clone(),
             chain: vec![cert.der().clone()],
             ca_der: self.cert_der.clone(),
+            serial: n,
             key_der: key.serialize_der(),
             _dir: self.dir.clone(),
         }

@@ -571,6 +571,7 @@ async fn mtls_get(
             ca: Some(ca.to_path_buf()),
             client_cert,
             client_key,
+            ..UpstreamTls::default()
         },
         &[b"http/1.1"],
     )?;

@@ -195,6 +195,88 @@ each_proto!(
 );
 
 each_proto!(
+    async fn mtls_crl_refuses_revoked_clients_and_is_renewed(proto) {
+        let p = pki();
+        let kept = p.ca.client("kept");
+        let revoked = p.ca.client("revoked");
+        let crl = p.ca.crl("clients.crl", &[&revoked]);
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&tls_listener_config(
+                up.addr,
+                &format!(
+                    "{}      client_auth:\n        ca: {}\n        crl: {}\n",
+                    certs_yaml(&p),
+                    p.ca.cert_path.display(),
+                    crl.display()
+                ),
+            ))
+            .from_file()
+            .start();
+        let addr = lg.addr("web");
+        let opts = |leaf: &TlsFiles| TlsOptions::new(&p.a, "a.example").client_cert(leaf.clone());
+
+        assert!(refused(proto, addr, opts(&revoked)).await, "revoked client accepted");
+        let mut c = tls_client(proto, addr, opts(&kept)).await.expect("client not revoked");
+        assert_eq!(c.get("/").send().await.status, 200);
+        assert_eq!(up.requests.get(), 1);
+        lg.assert_stat(TLS_ERRORS, 1.0).await;
+
+        // The CA publishes a new list revoking the other client too: a reload
+        // of the unchanged config takes it, for new connections.
+        p.ca.crl("clients.crl", &[&revoked, &kept]);
+        let (status, body) = lg.admin_post("/reload").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("certificates_renewed"), "{body}");
+        assert!(refused(proto, addr, opts(&kept)).await, "client revoked by the new list accepted");
+        lg.assert_stat(TLS_ERRORS, 2.0).await;
+
+        // A list past its nextUpdate refuses what it covers, as BoringSSL does.
+        p.ca.expired_crl("clients.crl", &[]);
+        assert_eq!(lg.admin_post("/reload").await.0, 200);
+        assert!(refused(proto, addr, opts(&kept)).await, "expired list still trusted");
+        lg.assert_stat(TLS_ERRORS, 3.0).await;
+        assert_eq!(up.requests.get(), 1);
+    }
+);
+
+each_proto!(
+    async fn upstream_crl_refuses_a_revoked_upstream(proto) {
+        let p = pki();
+        let server = p.ca.server(&["up.example"]);
+        let crl = p.ca.crl("upstream.crl", &[&server]);
+        let up = upstream().tls(server.clone()).start().await;
+        let lg = legate()
+            .config(&upstream_tls_config(
+                up.addr,
+                &format!(
+                    "    tls:\n      sni: up.example\n      ca: {}\n      crl: {}\n",
+                    p.ca.cert_path.display(),
+                    crl.display()
+                ),
+            ))
+            .from_file()
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(up.requests.get(), 0);
+        let (_, clusters) = lg.admin_get("/clusters").await;
+        assert!(clusters.contains("Revoked"), "{clusters}");
+        lg.assert_stat(
+            r#"legate_cluster_upstream_cx_connect_fail{cluster="backend"}"#,
+            1.0,
+        )
+        .await;
+
+        p.ca.crl("upstream.crl", &[]);
+        assert_eq!(lg.admin_post("/reload").await.0, 200);
+        assert_eq!(c.get("/").send().await.status, 200);
+        assert_eq!(up.requests.get(), 1);
+    }
+);
+
+each_proto!(
     async fn mtls_optional(proto) {
         let p = pki();
         let client_cert = p.ca.client("client-1");

@@ -43,6 +43,16 @@ fn ca_help(problem: FileProblem, what: &str) -> String {
     help_for(problem, what, "")
 }
 
+/// Help for a CRL file with `problem`.
+fn crl_help(problem: FileProblem) -> String {
+    match problem {
+        FileProblem::Content => "give a PEM file of `BEGIN X509 CRL` blocks (convert a DER CRL \
+                                 with `openssl crl -inform DER -in FILE -out FILE.pem`)"
+            .to_string(),
+        other => help_for(other, "CRL file", ""),
+    }
+}
+
 /// A certificate or key problem, as [`cert_key_problems`] reports it.
 struct PairProblem {
     /// It is the key's (else the certificate's).
@@ -130,6 +140,19 @@ impl Config {
                         .key("client_auth")
                         .key("ca");
                 }
+                if let Some(crl) = &auth.crl {
+                    if let Err(err) = crate::tls::check_crls(crl) {
+                        let msg = shown(&err.to_string());
+                        e.at(
+                            loc,
+                            format!("listener `{}`: {msg}", l.name),
+                            crl_help(err.problem),
+                        )
+                        .key("tls")
+                        .key("client_auth")
+                        .key("crl");
+                    }
+                }
             }
         }
         for c in &self.clusters {
@@ -143,6 +166,18 @@ impl Config {
                         e.at(loc, format!("cluster `{}`: {msg}", c.name), help)
                             .key("tls")
                             .key("ca");
+                    }
+                }
+                if let Some(crl) = &tls.crl {
+                    if let Err(err) = crate::tls::check_crls(crl) {
+                        let msg = shown(&err.to_string());
+                        e.at(
+                            loc,
+                            format!("cluster `{}`: {msg}", c.name),
+                            crl_help(err.problem),
+                        )
+                        .key("tls")
+                        .key("crl");
                     }
                 }
                 if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {

@@ -1102,16 +1102,24 @@ impl Config {
                     fix(&mut c.value.cert);
                     fix(&mut c.value.key);
                 }
-                if let Some(ca) = &mut tls.client_auth {
-                    fix(&mut ca.ca);
+                if let Some(auth) = &mut tls.client_auth {
+                    fix(&mut auth.ca);
+                    if let Some(crl) = &mut auth.crl {
+                        fix(crl);
+                    }
                 }
             }
         }
         for c in &mut self.clusters {
             if let Some(tls) = &mut c.value.tls {
-                for p in [&mut tls.ca, &mut tls.client_cert, &mut tls.client_key]
-                    .into_iter()
-                    .flatten()
+                for p in [
+                    &mut tls.ca,
+                    &mut tls.client_cert,
+                    &mut tls.client_key,
+                    &mut tls.crl,
+                ]
+                .into_iter()
+                .flatten()
                 {
                     fix(p);
                 }

@@ -553,6 +553,18 @@ pub struct ClientAuth {
     /// false = verify a certificate when one is sent, allow anonymous clients.
     #[serde(default = "defaults::yes")]
     pub required: bool,
+    /// PEM file of certificate revocation lists (`BEGIN X509 CRL` blocks, one
+    /// per CA) a client certificate is checked against; absent = no
+    /// revocation check. Re-read when it changes, as the certificates are.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+    /// Check only the client's own certificate against `crl`, not the
+    /// intermediates above it. Default false, as Envoy's
+    /// `only_verify_leaf_cert_crl`: every CA of the chain needs its CRL in
+    /// `crl`, so a certificate under a CA without one is refused rather than
+    /// passed unchecked.
+    #[serde(default)]
+    pub only_verify_leaf_cert_crl: bool,
 }
 
 /// Per-listener limits. Every default is chosen to be safe at the edge.
@@ -1618,6 +1630,14 @@ pub struct UpstreamTls {
     /// Client key (PEM).
     #[serde(default)]
     pub client_key: Option<PathBuf>,
+    /// PEM file of certificate revocation lists the upstream's certificate is
+    /// checked against (needs `ca`); absent = no revocation check.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+    /// Check only the upstream's own certificate against `crl`. Default
+    /// false: every CA of its chain needs its CRL (Envoy's default).
+    #[serde(default)]
+    pub only_verify_leaf_cert_crl: bool,
 }
 
 /// Builds a [`Spanned`] with an unknown location, for defaults.

@@ -796,6 +796,22 @@ fn validate_listener(
             .key("tls")
             .key("certificates");
         }
+        if let Some(auth) = &tls.client_auth {
+            if auth.only_verify_leaf_cert_crl && auth.crl.is_none() {
+                e.at(
+                    loc,
+                    format!(
+                        "listener `{}`: `tls.client_auth.only_verify_leaf_cert_crl` without `crl`",
+                        l.name
+                    ),
+                    "it chooses which certificates `crl` is checked against; add \
+                     `crl: FILE`, or remove it",
+                )
+                .key("tls")
+                .key("client_auth")
+                .key("only_verify_leaf_cert_crl");
+            }
+        }
         for c in &tls.certificates {
             for (i, sni) in c.value.server_names.iter().enumerate() {
                 if let Err(why) = check_server_name(sni) {
@@ -1976,6 +1992,30 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
                 .key("client_key");
             }
             _ => {}
+        }
+        if tls.crl.is_some() && tls.ca.is_none() {
+            e.at(
+                loc,
+                format!("cluster `{}`: `tls.crl` without `tls.ca`", c.name),
+                "a CRL is checked with the CA that issued it; without `ca` the Mozilla roots \
+                 are trusted, and a certificate of any CA the file has no CRL for would be \
+                 refused. Add `ca: FILE` (the CA the CRL is from), or remove `crl`",
+            )
+            .key("tls")
+            .key("crl");
+        }
+        if tls.only_verify_leaf_cert_crl && tls.crl.is_none() {
+            e.at(
+                loc,
+                format!(
+                    "cluster `{}`: `tls.only_verify_leaf_cert_crl` without `crl`",
+                    c.name
+                ),
+                "it chooses which certificates `crl` is checked against; add `crl: FILE`, or \
+                 remove it",
+            )
+            .key("tls")
+            .key("only_verify_leaf_cert_crl");
         }
         if let Some(sni) = &tls.sni {
             if rustls_pki_types::ServerName::try_from(sni.as_str()).is_err() {
