@@ -1664,6 +1664,71 @@ mod tests {
         );
     }
 
+    /// As Envoy's: with a `crl`, each CA of the client's chain needs its list
+    /// (a certificate whose status cannot be known is refused), unless only
+    /// the leaf is checked.
+    #[tokio::test]
+    async fn a_crl_covers_the_whole_chain_unless_only_the_leaf_is_checked() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        // An intermediate CA under the root issues the client's certificate.
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().unwrap();
+        let intermediate_cert = params.signed_by(&key, &pki.issuer).unwrap();
+        let intermediate = Issuer::new(params, key);
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "client");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &intermediate).unwrap();
+        let client_leaf = Leaf {
+            cert: pki.write("chain.crt", &(cert.pem() + &intermediate_cert.pem())),
+            key: pki.write("chain.key", &key.serialize_pem()),
+            der: cert.der().clone(),
+        };
+        // The intermediate's list, revoking nothing; none from the root.
+        let list = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2100, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = pki.write(
+            "intermediate.crl",
+            &list.signed_by(&intermediate).unwrap().pem().unwrap(),
+        );
+        let client = client_config(&upstream(Some(&pki.ca), Some(&client_leaf)), &[]).unwrap();
+        let auth = ClientAuth {
+            ca: pki.ca.clone(),
+            required: true,
+            crl: Some(crl),
+            only_verify_leaf_cert_crl: false,
+        };
+        let mut cfg = listener(&[(&a, &[])]);
+        cfg.client_auth = Some(auth.clone());
+        let out = connect(&server_config(&cfg, &[]).unwrap(), &client, "a.test").await;
+        let err = out.server.unwrap_err();
+        assert!(err.contains("UnknownRevocationStatus"), "{err}");
+
+        cfg.client_auth = Some(ClientAuth {
+            only_verify_leaf_cert_crl: true,
+            ..auth
+        });
+        let out = connect(&server_config(&cfg, &[]).unwrap(), &client, "a.test").await;
+        assert!(out.server.unwrap().peer.is_some());
+    }
+
     #[tokio::test]
     async fn required_client_auth_rejects_anonymous_and_foreign_clients() {
         let pki = Pki::new();
