@@ -97,8 +97,8 @@
 //!
 //! **Renewal without a reload.** When a config reload fails (by any trigger),
 //! the listeners in force whose TLS files changed take them anyway
-//! ([`renew_in_force`]), and the clusters in force whose TLS files changed are
-//! rebuilt with them from the config in force ([`renew_clusters_in_force`]): a
+//! ([`renew_in_force`]), and the clusters in force whose TLS files changed take
+//! them too, keeping everything else ([`renew_clusters_in_force`]): a
 //! certificate renewed at its path goes in force though the config file beside
 //! it does not load, as Envoy's SDS rotates a secret independently of the
 //! listener or cluster config around it.
@@ -569,20 +569,22 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
     // reading their endpoint files again could only fail a reload that does not
     // touch them (a name server down for a moment), as Envoy keeps a cluster's
     // last hosts when a resolution fails.
+    // One whose TLS files were renewed at the same paths is kept too, with
+    // the new files (its health and ejections go on, as under Envoy's SDS).
     let mut carried = HashMap::new();
     let mut kept_clusters = Vec::new();
     let mut changed_clusters = Vec::new();
+    let mut renewed_clusters = Vec::new();
     for c in &cfg.clusters {
         let c = &c.value;
         let before = old.config.clusters.iter().find(|o| o.value.name == c.name);
         match (before, old.clusters.get(&c.name)) {
             // (`local_zone` is the process's, copied into each cluster and not
             // part of its serialized block: compared on its own.)
-            (Some(b), Some(entry))
-                if same(&b.value, c)
-                    && b.value.local_zone == c.local_zone
-                    && entry.upstream.same_tls_files(c) =>
-            {
+            (Some(b), Some(entry)) if same(&b.value, c) && b.value.local_zone == c.local_zone => {
+                if !entry.upstream.same_tls_files(c) {
+                    renewed_clusters.push(c.name.to_string());
+                }
                 carried.insert(c.name.clone(), entry.clone());
                 kept_clusters.push(c.name.to_string());
             }
@@ -678,7 +680,10 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
         renewed,
         outcome: lchanges,
     } = plan_listeners(shared, &config, &old, &snap, (&file, &text))?;
-    let clusters_changed = !changed_clusters.is_empty() || !removed_clusters.is_empty();
+    // A renewed cluster's checks restart too: they connect with its files.
+    let clusters_changed = !changed_clusters.is_empty()
+        || !removed_clusters.is_empty()
+        || !renewed_clusters.is_empty();
     let snap_modules = snap.modules.clone();
     shared.commit(Arc::new(snap), Some(listeners))?;
     for n in &notes[..restart_notes] {
@@ -717,6 +722,7 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             "kept": kept_clusters,
             "new_or_changed": changed_clusters,
             "removed": removed_clusters,
+            "certificates_renewed": renewed_clusters,
         },
         "plugins": {
             "kept": kept_list,
@@ -804,14 +810,15 @@ fn renew_in_force(shared: &Shared) -> Vec<String> {
 }
 
 /// As [`renew_in_force`], for the clusters in force whose TLS files (CA,
-/// client certificate and key) changed: each is built again from the config
-/// in force with its renewed files, as a reload rebuilds it, and the rest of
-/// the config in force is carried over as it is (every other cluster, every
-/// plugin: nothing is loaded again), then published. A cluster's client
-/// certificate renewed for an upstream that requires one would otherwise
-/// expire while a bad edit of the config file held it back. If one of them
-/// does not build (its files do not load yet), none is renewed; the reload's
-/// error says why. Returns their names. Called with the reload lock held.
+/// client certificate and key, CRLs) changed: each keeps its cluster with its
+/// renewed files ([`crate::server::ClusterEntry::renewed`]), as a reload
+/// renews it, and the rest of the config in force is carried over as it is
+/// (every other cluster, every plugin: nothing is loaded again), then
+/// published. A cluster's client certificate renewed for an upstream that
+/// requires one would otherwise expire while a bad edit of the config file
+/// held it back. If one of them does not load (its files are not complete
+/// yet), none is renewed; the reload's error says why. Returns their names.
+/// Called with the reload lock held.
 fn renew_clusters_in_force(shared: &Arc<Shared>) -> Vec<String> {
     let old = shared.snapshot.load_full();
     let stale: BTreeSet<&str> = old
@@ -832,13 +839,8 @@ fn renew_clusters_in_force(shared: &Arc<Shared>) -> Vec<String> {
         return Vec::new();
     }
     let stage = shared.stats.stage();
-    let keep = |c: &crate::config::Cluster| {
-        if stale.contains(c.name.as_str()) {
-            None
-        } else {
-            old.clusters.get(&c.name).cloned()
-        }
-    };
+    // Every cluster is kept; the stale ones are renewed as they are kept.
+    let keep = |c: &crate::config::Cluster| old.clusters.get(&c.name).cloned();
     let counters = |c: &crate::config::Cluster| {
         old.clusters
             .get(&c.name)
@@ -857,20 +859,6 @@ fn renew_clusters_in_force(shared: &Arc<Shared>) -> Vec<String> {
             return Vec::new();
         }
     };
-    let warming: Vec<_> = snap
-        .clusters
-        .iter()
-        .filter(|(name, _)| stale.contains(name.as_str()))
-        .map(|(name, entry)| {
-            (
-                old.clusters.get(name).map(|o| o.cluster().clone()),
-                entry.clone(),
-            )
-        })
-        .collect();
-    for note in crate::cluster::discovery::warm_for_reload(&warming) {
-        tracing::warn!("renewing cluster TLS files: {note}");
-    }
     if shared.commit(Arc::new(snap), None).is_err() {
         return Vec::new();
     }
@@ -880,8 +868,8 @@ fn renew_clusters_in_force(shared: &Arc<Shared>) -> Vec<String> {
     }
     let renewed: Vec<String> = stale.iter().map(|n| n.to_string()).collect();
     tracing::warn!(
-        "the reload failed, but cluster(s) {} are rebuilt with their renewed TLS files \
-         (for the config in force)",
+        "the reload failed, but cluster(s) {} take their renewed TLS files (for the \
+         config in force)",
         renewed.join(", ")
     );
     renewed
@@ -1331,8 +1319,7 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// config file, the TLS files of listeners and clusters) still differ from
 /// what is in force, so it is tried again at `at`, though no file changes
 /// again. The failure may be passing (a `file` cluster's endpoint file
-/// briefly missing when a renewed certificate rebuilds the cluster, a DNS
-/// blip), and nothing else would retry it: the watch tries each content of a
+/// briefly missing, a DNS blip), and nothing else would retry it: the watch tries each content of a
 /// file once. Retries back off (1 s doubling to 1 min) so a config that fails
 /// the same way each time is not rebuilt in a loop, and such a failure is
 /// logged once, not at each retry.
@@ -1512,10 +1499,10 @@ fn watch_once(
     let snap = shared.snapshot.load_full();
     // Certificates renewed in place (cert, key, CA files replaced at the same
     // paths): a config reload puts them in place, keeping the listener and its
-    // connections (a cluster is rebuilt). Each file changed is compared with
-    // what is in force, so a renewal not complete yet (a new certificate
-    // before its key: the reload fails, naming the mismatch) is tried again
-    // when the next file lands.
+    // connections, the cluster and its endpoints and health. Each file changed
+    // is compared with what is in force, so a renewal not complete yet (a new
+    // certificate before its key: the reload fails, naming the mismatch) is
+    // tried again when the next file lands.
     let mut renewed = false;
     for b in shared.listener_set().iter() {
         if let Some(tls) = &b.ctx.cfg.tls {

@@ -98,6 +98,20 @@ impl ClusterEntry {
         (!left.is_zero()).then_some(left)
     }
 
+    /// This entry's cluster — the same generation, so its endpoints, health,
+    /// ejections, balancers and counters go on — with `upstream`: its TLS
+    /// files renewed at the same paths, as Envoy's SDS rotates a cluster's
+    /// secret without rebuilding it. New connections use the new files (the
+    /// settings' own pools); open ones finish on the old.
+    pub fn renewed(&self, upstream: UpstreamSettings) -> ClusterEntry {
+        ClusterEntry {
+            live: ArcSwap::new(self.live.load_full()),
+            upstream,
+            warm: AtomicBool::new(self.warm.load(Ordering::Relaxed)),
+            warm_by: self.warm_by,
+        }
+    }
+
     /// The cluster's current generation.
     pub fn cluster(&self) -> Arc<Cluster> {
         self.live.load_full()
@@ -174,7 +188,8 @@ impl Snapshot {
     /// taken as they are instead of built (a reload's unchanged clusters): their
     /// host names are not resolved again and their endpoint files not read again,
     /// so a name server or file that fails for a moment cannot fail a reload that
-    /// does not touch them.
+    /// does not touch them. One whose TLS files changed since its entry was
+    /// built keeps its cluster with the renewed files ([`ClusterEntry::renewed`]).
     pub fn build_keeping(
         config: Arc<Config>,
         stats: &Arc<Stats>,
@@ -254,6 +269,14 @@ impl Snapshot {
             let c = &spanned.value;
             max_pool_idle = max_pool_idle.max(c.idle_timeout.get());
             if let Some(entry) = keep(c) {
+                let entry = if entry.upstream.same_tls_files(c) {
+                    entry
+                } else {
+                    let upstream = UpstreamSettings::new(c)
+                        .with_context(|| format!("cluster `{}`", c.name))
+                        .map_err(|e| Located::wrap(&spanned.referenced, e))?;
+                    Arc::new(entry.renewed(upstream))
+                };
                 clusters.insert(c.name.clone(), entry);
                 continue;
             }

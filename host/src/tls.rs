@@ -251,7 +251,8 @@ pub fn files_digest(cfg: &config::ListenerTls) -> [u8; 32] {
     digest_files(files(cfg))
 }
 
-/// As [`files_digest`], for a cluster's `tls` (the cluster is rebuilt).
+/// As [`files_digest`], for a cluster's `tls` (its settings are renewed:
+/// [`crate::server::ClusterEntry::renewed`]).
 pub fn upstream_files_digest(cfg: &config::UpstreamTls) -> [u8; 32] {
     digest_files(upstream_files(cfg))
 }

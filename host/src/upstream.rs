@@ -163,7 +163,7 @@ impl UpstreamSettings {
     }
 
     /// Whether the TLS files `cluster` names still hold what these settings were
-    /// built from (a reload keeps the cluster only then).
+    /// built from (else a reload renews them: [`crate::server::ClusterEntry::renewed`]).
     pub fn same_tls_files(&self, cluster: &config::Cluster) -> bool {
         self.tls_files == cluster.tls.as_ref().map(crate::tls::upstream_files_digest)
     }

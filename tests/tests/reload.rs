@@ -633,12 +633,13 @@ async fn the_file_watch_puts_a_renewed_certificate_in_place() {
 
 /// A renewed certificate whose reload fails for a passing reason is tried
 /// again, though no file changes again: here the certificate is also the
-/// client certificate of a `file` cluster (so the renewal rebuilds it), whose
-/// endpoint file is missing when the renewal lands. The listener serves the
-/// renewed certificate at once (a failed reload still renews listeners);
-/// once the file is back, the watch's retry rebuilds the cluster with it.
-/// Before, the watch tried each file content once: the old certificate served
-/// until another change or a SIGHUP.
+/// client certificate of a `file` cluster, and the config edit landing with
+/// the renewal changes that cluster (so the reload reads its endpoint file),
+/// whose endpoint file is missing at that moment. The listener and the
+/// cluster take the renewed certificate at once (a failed reload still
+/// renews them); once the file is back, the watch's retry puts the edit in
+/// force. Before, the watch tried each file content once: the old config
+/// stayed until another change or a SIGHUP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_file_watch_retries_a_renewal_that_failed_for_a_passing_reason() {
     let up = upstream().start().await;
@@ -649,9 +650,11 @@ async fn the_file_watch_retries_a_renewal_that_failed_for_a_passing_reason() {
     let key = dir.write("key.pem", std::fs::read(&first.key).unwrap());
     let eps = dir.path().join("peers.yaml");
     write_endpoints(&eps, up.addr);
-    let text = tls_yaml(&cert, &key, up.addr)
-        + &format!(
-            "  - name: peers
+    let text = |connect_timeout: &str| {
+        tls_yaml(&cert, &key, up.addr)
+            + &format!(
+                "  - name: peers
+    connect_timeout: {connect_timeout}
     discovery:
       type: file
       path: {}
@@ -660,11 +663,12 @@ async fn the_file_watch_retries_a_renewal_that_failed_for_a_passing_reason() {
       client_cert: {}
       client_key: {}
 ",
-            eps.display(),
-            cert.display(),
-            key.display()
-        );
-    let lg = start(&text, Some(Duration::from_millis(20)), 1);
+                eps.display(),
+                cert.display(),
+                key.display()
+            )
+    };
+    let lg = start(&text("1s"), Some(Duration::from_millis(20)), 1);
     let web = lg.addr("web");
     let served = || async {
         let c = tls_client(Proto::H1, web, TlsOptions::new(&first, "a.example"))
@@ -673,6 +677,17 @@ async fn the_file_watch_retries_a_renewal_that_failed_for_a_passing_reason() {
         c.peer_cert.clone()
     };
     assert_eq!(served().await.as_ref(), Some(&first.chain[0]));
+    // The serial number of the client certificate `/certs` shows for `peers`.
+    let peers_serial = || async {
+        let v: Value = serde_json::from_str(&lg.admin_get("/certs").await.1).unwrap();
+        let peers = v["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["cluster"] == "peers");
+        peers.unwrap()["cert_chain"][0]["serial_number"].clone()
+    };
+    let serial_before = peers_serial().await;
 
     // The endpoint file is away (being rewritten, say) when the renewal lands.
     std::fs::remove_file(&eps).unwrap();
@@ -680,6 +695,8 @@ async fn the_file_watch_retries_a_renewal_that_failed_for_a_passing_reason() {
     std::fs::rename(&staged, &key).unwrap();
     let staged = dir.write("staged.pem", std::fs::read(&second.cert).unwrap());
     std::fs::rename(&staged, &cert).unwrap();
+    let staged = dir.write("staged.yaml", text("2s"));
+    std::fs::rename(&staged, lg.config_path()).unwrap();
     let missing = eps.display().to_string();
     eventually(
         HANG_GUARD,
@@ -695,9 +712,14 @@ async fn the_file_watch_retries_a_renewal_that_failed_for_a_passing_reason() {
         },
     )
     .await;
-    // The listener takes its renewed files though the reload failed (they
-    // load); the cluster's rebuild waits for the retry.
+    // The listener and the cluster take their renewed files though the
+    // reload failed (they load); the edit waits for the retry.
     assert_eq!(served().await.as_ref(), Some(&second.chain[0]));
+    assert_ne!(
+        peers_serial().await,
+        serial_before,
+        "the cluster's renewed certificate"
+    );
 
     // The file is back; no watched file changes again.
     write_endpoints(&eps, up.addr);
@@ -952,8 +974,86 @@ each_proto!(
 );
 
 each_proto!(
+    /// A cluster's TLS file renewed at the same path keeps the cluster, as
+    /// Envoy's SDS rotation does: an endpoint ejected before the renewal stays
+    /// ejected (a rebuilt cluster would start it healthy and send it requests
+    /// again), and new connections use the renewed file.
+    async fn a_renewed_upstream_ca_keeps_the_clusters_ejections(proto) {
+        let ca = Ca::new("upstream CA");
+        let good = upstream().name("good").tls(ca.server(&["backend.internal"])).start().await;
+        let bad = upstream()
+            .name("bad")
+            .tls(ca.server(&["backend.internal"]))
+            .status(500)
+            .start()
+            .await;
+        let dir = TempDir::new();
+        let ca_file = dir.write("ca.pem", std::fs::read(&ca.cert_path).unwrap());
+        let config = format!(
+            "version: 1
+admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - cluster: backend
+clusters:
+  - name: backend
+    tls:
+      sni: backend.internal
+      ca: {}
+    outlier_detection:
+      consecutive_5xx: 1
+      base_ejection_time: 1h
+    endpoints:
+      - address: {}
+      - address: {}
+",
+            ca_file.display(),
+            good.addr,
+            bad.addr
+        );
+        let lg = start(&config, None, 1);
+        let ejected = r#"legate_cluster_outlier_detection_ejections_active{cluster="backend"}"#;
+        let mut c = client(proto, lg.addr("web")).await;
+        for _ in 0..4 {
+            c.get("/").send().await;
+        }
+        assert_eq!(bad.requests.get(), 1, "round robin reaches the bad endpoint once");
+        lg.assert_stat(ejected, 1.0).await;
+
+        // The CA file renewed: a bundle that also holds a second CA.
+        let bundle = [ca.cert_path.as_path(), Ca::new("next CA").cert_path.as_path()]
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect::<String>();
+        std::fs::write(&ca_file, bundle).unwrap();
+        let v = lg.assert_reload_ok().await;
+        assert_eq!(v["clusters"]["kept"], json!(["backend"]), "{v}");
+        assert_eq!(v["clusters"]["certificates_renewed"], json!(["backend"]), "{v}");
+        assert_eq!(v["clusters"]["new_or_changed"], json!([]), "{v}");
+        lg.assert_stat(ejected, 1.0).await;
+        let mut fresh = client(proto, lg.addr("web")).await;
+        for _ in 0..4 {
+            assert_eq!(fresh.get("/").send().await.status, 200);
+        }
+        assert_eq!(bad.requests.get(), 1, "the ejected endpoint got requests again");
+        let (_, certs) = lg.admin_get("/certs").await;
+        assert!(certs.contains("next CA"), "{certs}");
+    }
+);
+
+each_proto!(
     /// A cluster's CA file replaced at the same path (the config unchanged) is
-    /// used after a reload: the cluster is rebuilt, not kept.
+    /// used after a reload: the cluster keeps its endpoints, with the new CA.
     async fn reload_picks_up_a_replaced_upstream_ca(proto) {
         let (right, wrong) = (Ca::new("upstream CA"), Ca::new("other CA"));
         let up = upstream().tls(right.server(&["backend.internal"])).start().await;
@@ -969,7 +1069,7 @@ each_proto!(
 
         std::fs::write(&ca, std::fs::read(&right.cert_path).unwrap()).unwrap();
         let v = lg.assert_reload_ok().await;
-        assert_eq!(v["clusters"]["new_or_changed"], json!(["backend"]), "{v}");
+        assert_eq!(v["clusters"]["certificates_renewed"], json!(["backend"]), "{v}");
         let r = c.get("/x").send().await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
