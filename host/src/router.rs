@@ -629,9 +629,10 @@ impl CertCondition {
     }
 }
 
-/// A [`config::StringMatch`], compiled.
+/// A [`config::StringMatch`], compiled (also an upstream certificate's
+/// `match_subject_alt_names`, [`crate::tls`]).
 #[derive(Debug)]
-enum StrTest {
+pub(crate) enum StrTest {
     Exact(Box<str>),
     Prefix(Box<str>),
     /// Anchored.
@@ -639,7 +640,7 @@ enum StrTest {
 }
 
 impl StrTest {
-    fn new(m: &config::StringMatch) -> anyhow::Result<Self> {
+    pub(crate) fn new(m: &config::StringMatch) -> anyhow::Result<Self> {
         match (&m.exact, &m.prefix, &m.regex) {
             (Some(e), None, None) => Ok(StrTest::Exact(e.as_str().into())),
             (None, Some(p), None) => Ok(StrTest::Prefix(p.as_str().into())),
@@ -650,7 +651,7 @@ impl StrTest {
         }
     }
 
-    fn test(&self, s: &str) -> bool {
+    pub(crate) fn test(&self, s: &str) -> bool {
         match self {
             StrTest::Exact(e) => s == &**e,
             StrTest::Prefix(p) => s.starts_with(&**p),

@@ -310,15 +310,30 @@ pub fn client_parts(
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
-    let builder = match &cfg.crl {
+    let webpki = match &cfg.crl {
+        None if cfg.match_subject_alt_names.is_empty() => None,
+        None => Some(
+            Revocation::none()
+                .server_verifier(Arc::new(roots.clone()), provider.clone())
+                .map_err(|e| anyhow!("upstream CA: {e}"))?,
+        ),
+        Some(crl) => Some(
+            Revocation::load(crl, cfg.only_verify_leaf_cert_crl)?
+                .server_verifier(Arc::new(roots.clone()), provider.clone())
+                .map_err(|e| anyhow!("upstream CRL file `{}`: {e}", crl.display()))?,
+        ),
+    };
+    let builder = match webpki {
         None => builder.with_root_certificates(roots),
-        Some(crl) => {
-            let revocation = Revocation::load(crl, cfg.only_verify_leaf_cert_crl)?;
-            let verifier = revocation
-                .server_verifier(Arc::new(roots), provider.clone())
-                .map_err(|e| anyhow!("upstream CRL file `{}`: {e}", crl.display()))?;
-            builder.with_webpki_verifier(verifier)
+        Some(webpki) if cfg.match_subject_alt_names.is_empty() => {
+            builder.with_webpki_verifier(webpki)
         }
+        Some(webpki) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SanVerifier::new(
+                webpki,
+                &cfg.match_subject_alt_names,
+            )?)),
     };
     let mut config = match (&cfg.client_cert, &cfg.client_key) {
         (None, None) => builder.with_no_client_auth(),
@@ -1021,6 +1036,14 @@ struct Revocation {
 }
 
 impl Revocation {
+    /// No lists: the chain is checked, no revocation.
+    fn none() -> Self {
+        Revocation {
+            crls: Vec::new(),
+            leaf_only: false,
+        }
+    }
+
     fn load(path: &Path, leaf_only: bool) -> Result<Self, FileError> {
         let crls = load_crls(path)?;
         warn_if_expired_crls(&crls, path);
@@ -1043,6 +1066,139 @@ impl Revocation {
         builder.build()
     }
 }
+
+/// An upstream's certificate checked as webpki checks it (chain, validity,
+/// CRLs), then against `match_subject_alt_names` instead of the SNI
+/// (Envoy's `match_typed_subject_alt_names`).
+#[derive(Debug)]
+struct SanVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    /// Whether each test is of URI SANs (else DNS ones).
+    tests: Vec<(bool, crate::router::StrTest)>,
+}
+
+impl SanVerifier {
+    fn new(
+        webpki: Arc<rustls::client::WebPkiServerVerifier>,
+        matches: &[config::SanMatch],
+    ) -> anyhow::Result<Self> {
+        let mut tests = Vec::with_capacity(matches.len());
+        for (i, m) in matches.iter().enumerate() {
+            let (uri, t) = match (&m.uri, &m.dns) {
+                (Some(t), None) => (true, t),
+                (None, Some(t)) => (false, t),
+                // Config validation rejects this; kept as an error rather than a panic.
+                _ => bail!("match_subject_alt_names[{i}] needs exactly one of `uri` and `dns`"),
+            };
+            let test = crate::router::StrTest::new(t)
+                .with_context(|| format!("match_subject_alt_names[{i}]"))?;
+            tests.push((uri, test));
+        }
+        Ok(SanVerifier { webpki, tests })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for SanVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        // webpki checks the name last, once the chain, validity and CRLs
+        // passed: a name error says everything else did. The name is what
+        // the SANs below stand in for (unit-tested: an untrusted or revoked
+        // certificate with a matching SAN is still refused).
+        match self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Ok(_)
+            | Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        let (uris, dns) = alt_names(end_entity);
+        let matched = self.tests.iter().any(|(uri, t)| {
+            let names = if *uri { &uris } else { &dns };
+            names.iter().any(|n| t.test(n))
+        });
+        if matched {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Other(rustls::OtherError(Arc::new(SanMismatch {
+                uris,
+                dns,
+            }))),
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// An upstream certificate none of whose SANs `match_subject_alt_names`
+/// allows. Its `Debug` is what the connect failure's reason shows (rustls
+/// prints the error it wraps that way).
+struct SanMismatch {
+    uris: Vec<String>,
+    dns: Vec<String>,
+}
+
+impl std::fmt::Display for SanMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self
+            .uris
+            .iter()
+            .map(|u| format!("URI:{u}"))
+            .chain(self.dns.iter().map(|d| format!("DNS:{d}")))
+            .collect();
+        let names = if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        };
+        write!(
+            f,
+            "no subjectAltName of the certificate matches match_subject_alt_names (it has: {names})"
+        )
+    }
+}
+
+impl std::fmt::Debug for SanMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for SanMismatch {}
 
 /// Every revocation list of a PEM file, each parsed as the verifier will
 /// parse it, so a broken list fails the load rather than every handshake.
@@ -1348,6 +1504,7 @@ mod tests {
             client_key: client.map(|c| c.key.clone()),
             crl: None,
             only_verify_leaf_cert_crl: false,
+            match_subject_alt_names: Vec::new(),
         }
     }
 
@@ -1728,6 +1885,141 @@ mod tests {
         });
         let out = connect(&server_config(&cfg, &[]).unwrap(), &client, "a.test").await;
         assert!(out.server.unwrap().peer.is_some());
+    }
+
+    /// `match_subject_alt_names` stands in for the SNI check only: the
+    /// chain and CRLs are checked as without it.
+    #[tokio::test]
+    async fn upstream_subject_alt_names_replace_the_name_check_only() {
+        let pki = Pki::new();
+        let spiffe = "spiffe://mesh.test/ns/app/sa/api";
+        // A mesh peer's certificate: a URI SAN, no DNS name.
+        let peer = |pki: &Pki, stem: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name = DistinguishedName::new();
+            params
+                .subject_alt_names
+                .push(SanType::URI(spiffe.try_into().unwrap()));
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            pki.issue(stem, params)
+        };
+        let api = peer(&pki, "api");
+        let server = server_config(&listener(&[(&api, &[])]), &[]).unwrap();
+        let client = |matches: &[config::SanMatch], crl: Option<PathBuf>| {
+            let mut cfg = upstream(Some(&pki.ca), None);
+            cfg.match_subject_alt_names = matches.to_vec();
+            cfg.crl = crl;
+            client_config(&cfg, &[]).unwrap()
+        };
+        let uri = |m: config::StringMatch| config::SanMatch {
+            uri: Some(m),
+            dns: None,
+        };
+        let exact = |s: &str| config::StringMatch {
+            exact: Some(s.to_string()),
+            ..Default::default()
+        };
+        let prefix = |s: &str| config::StringMatch {
+            prefix: Some(s.to_string()),
+            ..Default::default()
+        };
+
+        // Without it, the SNI check refuses a certificate without DNS names.
+        let err = connect(&server, &client(&[], None), "api.mesh.test")
+            .await
+            .client
+            .unwrap_err();
+        assert!(err.contains("not valid for name"), "{err}");
+
+        let ok = connect(
+            &server,
+            &client(&[uri(exact(spiffe))], None),
+            "api.mesh.test",
+        )
+        .await;
+        assert!(ok.client.is_ok(), "{:?}", ok.client.err());
+        let ok = connect(
+            &server,
+            &client(
+                &[
+                    uri(exact("spiffe://other")),
+                    uri(prefix("spiffe://mesh.test/ns/app/")),
+                ],
+                None,
+            ),
+            "api.mesh.test",
+        )
+        .await;
+        assert!(ok.client.is_ok(), "{:?}", ok.client.err());
+
+        let err = connect(
+            &server,
+            &client(&[uri(prefix("spiffe://mesh.test/ns/db/"))], None),
+            "api.mesh.test",
+        )
+        .await
+        .client
+        .unwrap_err();
+        assert!(
+            err.contains("no subjectAltName of the certificate matches match_subject_alt_names (it has: URI:spiffe://mesh.test/ns/app/sa/api)"),
+            "{err}"
+        );
+        let dns_only = config::SanMatch {
+            uri: None,
+            dns: Some(exact("api.mesh.test")),
+        };
+        assert!(
+            connect(&server, &client(&[dns_only], None), "api.mesh.test")
+                .await
+                .client
+                .is_err()
+        );
+
+        // Another CA's certificate with the same SAN is still refused.
+        let stranger = Pki::new();
+        let foreign = server_config(&listener(&[(&peer(&stranger, "foreign"), &[])]), &[]).unwrap();
+        let err = connect(
+            &foreign,
+            &client(&[uri(exact(spiffe))], None),
+            "api.mesh.test",
+        )
+        .await
+        .client
+        .unwrap_err();
+        assert!(err.contains("UnknownIssuer"), "{err}");
+
+        // So is a revoked one.
+        let serial = x509_parser::parse_x509_certificate(api.der.as_ref())
+            .unwrap()
+            .1
+            .raw_serial()
+            .to_vec();
+        let list = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2100, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&serial),
+                revocation_time: rcgen::date_time_ymd(2020, 1, 2),
+                reason_code: None,
+                invalidity_date: None,
+            }],
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = pki.write(
+            "api.crl",
+            &list.signed_by(&pki.issuer).unwrap().pem().unwrap(),
+        );
+        let err = connect(
+            &server,
+            &client(&[uri(exact(spiffe))], Some(crl)),
+            "api.mesh.test",
+        )
+        .await
+        .client
+        .unwrap_err();
+        assert!(err.contains("Revoked"), "{err}");
     }
 
     #[tokio::test]

@@ -277,6 +277,45 @@ each_proto!(
 );
 
 each_proto!(
+    /// A mesh peer's certificate names a SPIFFE id and no host:
+    /// `match_subject_alt_names` accepts it for that id (the SNI check would
+    /// refuse it), and refuses a peer with another id, saying which it has.
+    async fn upstream_spiffe_id_is_checked_by_match_subject_alt_names(proto) {
+        let ca = Ca::new("mesh CA");
+        let api = upstream()
+            .tls(ca.server_with_uris(&[], &["spiffe://mesh.test/ns/app/sa/api"]))
+            .start()
+            .await;
+        let cluster = |want: &str| {
+            format!(
+                "    tls:\n      sni: api.mesh.test\n      ca: {}\n      match_subject_alt_names:\n        - uri: {{ exact: \"{want}\" }}\n",
+                ca.cert_path.display()
+            )
+        };
+        let lg = legate()
+            .config(&upstream_tls_config(api.addr, &cluster("spiffe://mesh.test/ns/app/sa/api")))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(api.requests.get(), 1);
+
+        let lg = legate()
+            .config(&upstream_tls_config(api.addr, &cluster("spiffe://mesh.test/ns/db/sa/db")))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/").send().await.status, 502);
+        assert_eq!(api.requests.get(), 1);
+        lg.assert_stat(r#"legate_cluster_upstream_cx_connect_fail{cluster="backend"}"#, 1.0).await;
+        let (_, clusters) = lg.admin_get("/clusters").await;
+        assert!(
+            clusters.contains("(it has: URI:spiffe://mesh.test/ns/app/sa/api)"),
+            "{clusters}"
+        );
+    }
+);
+
+each_proto!(
     async fn mtls_optional(proto) {
         let p = pki();
         let client_cert = p.ca.client("client-1");

@@ -845,8 +845,8 @@ fn sections() -> Vec<(&'static str, Vec<&'static str>)> {
         AccessLog, AdaptiveConcurrency, Admin, Capabilities, CircuitBreakers, ClientAuth,
         DirectResponse, Discovery, HashOn, HealthCheck, HttpHealthCheck, HttpListener, KvConfig,
         Limits, Listener, ListenerTls, Mirror, OutlierDetection, Plugin, PluginLimits, Redirect,
-        RetryPolicy, Rewrite, Route, RouteMatch, RouteTable, TcpHealthCheck, TcpProxy, UpstreamTls,
-        VirtualHost, ZoneAware,
+        RetryPolicy, Rewrite, Route, RouteMatch, RouteTable, SanMatch, TcpHealthCheck, TcpProxy,
+        UpstreamTls, VirtualHost, ZoneAware,
     };
     vec![
         ("", keys_of::<Config>()),
@@ -881,6 +881,10 @@ fn sections() -> Vec<(&'static str, Vec<&'static str>)> {
         ("routes.virtual_hosts.routes.mirror", keys_of::<Mirror>()),
         ("clusters", keys_of::<Cluster>()),
         ("clusters.tls", keys_of::<UpstreamTls>()),
+        (
+            "clusters.tls.match_subject_alt_names",
+            keys_of::<SanMatch>(),
+        ),
         ("clusters.health_check", keys_of::<HealthCheck>()),
         ("clusters.health_check.http", keys_of::<HttpHealthCheck>()),
         ("clusters.health_check.tcp", keys_of::<TcpHealthCheck>()),

@@ -1638,6 +1638,27 @@ pub struct UpstreamTls {
     /// false: every CA of its chain needs its CRL (Envoy's default).
     #[serde(default)]
     pub only_verify_leaf_cert_crl: bool,
+    /// The subjectAltNames the upstream's certificate may have (Envoy's
+    /// `match_typed_subject_alt_names`): one of them must match. Given, they
+    /// replace the check of the certificate's names against the SNI (a mesh
+    /// peer's SPIFFE certificate has a URI SAN and no DNS name); empty = the
+    /// SNI check.
+    #[serde(default)]
+    pub match_subject_alt_names: Vec<SanMatch>,
+}
+
+/// One subjectAltName an upstream's certificate may have: exactly one of
+/// `uri` and `dns`, each a [`StringMatch`].
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SanMatch {
+    /// A URI SAN (a SPIFFE id: `spiffe://mesh/ns/app/sa/api`).
+    #[serde(default)]
+    pub uri: Option<StringMatch>,
+    /// A DNS SAN, compared as it is written in the certificate (a wildcard
+    /// SAN is the string `*.example.com`).
+    #[serde(default)]
+    pub dns: Option<StringMatch>,
 }
 
 /// Builds a [`Spanned`] with an unknown location, for defaults.

@@ -1611,30 +1611,41 @@ fn validate_client_cert_match(e: &mut Issues, loc: &Location, c: &ClientCertMatc
     }
     for (key, t) in fields {
         let Some(t) = t else { continue };
-        let n = [t.exact.is_some(), t.prefix.is_some(), t.regex.is_some()]
-            .iter()
-            .filter(|x| **x)
-            .count();
-        if n != 1 {
-            e.at(
-                loc,
-                format!(
-                    "`match.client_cert.{key}` needs exactly one of `exact`, `prefix` and `regex`"
-                ),
-                if n == 0 {
-                    "add `exact: VALUE`, `prefix: VALUE` or `regex: PATTERN`"
-                } else {
-                    "keep one of them"
-                },
-            )
-            .key("match")
-            .key("client_cert")
-            .key(key);
-        }
-        if let Some(re) = &t.regex {
-            if let Some(issue) = anchored_regex_issue(e, loc, re) {
-                issue.key("match").key("client_cert").key(key).key("regex");
-            }
+        let what = format!("`match.client_cert.{key}`");
+        validate_string_match(e, loc, &what, t, &|issue| {
+            issue.key("match").key("client_cert").key(key);
+        });
+    }
+}
+
+/// `t` (`what`, as the message names it; placed under `loc` by `placed`) has exactly one of `exact`,
+/// `prefix` and `regex`, and its regex compiles.
+fn validate_string_match(
+    e: &mut Issues,
+    loc: &Location,
+    what: &str,
+    t: &StringMatch,
+    placed: &dyn Fn(&mut Issue),
+) {
+    let n = [t.exact.is_some(), t.prefix.is_some(), t.regex.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if n != 1 {
+        placed(e.at(
+            loc,
+            format!("{what} needs exactly one of `exact`, `prefix` and `regex`"),
+            if n == 0 {
+                "add `exact: VALUE`, `prefix: VALUE` or `regex: PATTERN`"
+            } else {
+                "keep one of them"
+            },
+        ));
+    }
+    if let Some(re) = &t.regex {
+        if let Some(issue) = anchored_regex_issue(e, loc, re) {
+            placed(issue);
+            issue.key("regex");
         }
     }
 }
@@ -2003,6 +2014,42 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
             )
             .key("tls")
             .key("crl");
+        }
+        for (i, san) in tls.match_subject_alt_names.iter().enumerate() {
+            match (&san.uri, &san.dns) {
+                (Some(t), None) | (None, Some(t)) => {
+                    let kind = if san.uri.is_some() { "uri" } else { "dns" };
+                    let what = format!(
+                        "cluster `{}`: `tls.match_subject_alt_names[{i}].{kind}`",
+                        c.name
+                    );
+                    validate_string_match(e, loc, &what, t, &|issue| {
+                        issue
+                            .key("tls")
+                            .key("match_subject_alt_names")
+                            .index(i)
+                            .key(kind);
+                    });
+                }
+                (uri, _) => {
+                    e.at(
+                        loc,
+                        format!(
+                            "cluster `{}`: `tls.match_subject_alt_names[{i}]` needs exactly one \
+                             of `uri` and `dns`",
+                            c.name
+                        ),
+                        if uri.is_some() {
+                            "one entry matches one kind of name; put `dns` in an entry of its own"
+                        } else {
+                            "add `uri: { exact: spiffe://... }` or `dns: { exact: NAME }`"
+                        },
+                    )
+                    .key("tls")
+                    .key("match_subject_alt_names")
+                    .index(i);
+                }
+            }
         }
         if tls.only_verify_leaf_cert_crl && tls.crl.is_none() {
             e.at(
