@@ -884,7 +884,13 @@ fn logging_answer<B>(req: &Request<B>, handle: Option<&LogFilter>) -> Response<F
                         ),
                     );
                 }
-                wanted = Some(value);
+                // As the default filter (`main.rs`): at `info` and `warn`
+                // rustls would log a warning per handshake with an IP address
+                // as SNI; below them its own debug lines are wanted.
+                wanted = Some(match value.to_ascii_lowercase().as_str() {
+                    "info" | "warn" => format!("{value},rustls=error"),
+                    _ => value,
+                });
             }
             "filter" => wanted = Some(value),
             _ => {
@@ -1337,6 +1343,12 @@ mod tests {
             (200, "debug\n".into())
         );
         assert_eq!(logging("GET", "/logging", h), (200, "debug\n".into()));
+        // Back to info: rustls's per-handshake warnings stay off.
+        let (status, text) = logging("POST", "/logging?level=INFO", h);
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("rustls=error"), "{text}");
+        let (_, text) = logging("POST", "/logging?level=trace", h);
+        assert_eq!(text, "trace\n");
         let (status, text) = logging(
             "POST",
             "/logging?filter=warn,legate_host%3A%3Aproxy=trace",
