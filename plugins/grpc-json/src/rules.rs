@@ -293,7 +293,8 @@ impl Transcoder {
         for pair in m.query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let plus = self.query_param_unescape_plus;
-            let key = percent_decode(k, false, plus)?;
+            let key =
+                percent_decode(k, false, plus).map_err(|e| format!("query parameter name: {e}"))?;
             if self.ignored_query_parameters.contains(&key) {
                 continue;
             }
@@ -321,7 +322,8 @@ impl Transcoder {
                 Err(_) if self.ignore_unknown_query_parameters => continue,
                 _ => {}
             }
-            let value = percent_decode(v, false, plus)?;
+            let value = percent_decode(v, false, plus)
+                .map_err(|e| format!("query parameter {key:?}: {e}"))?;
             bound.push(
                 bind(&input, &path, &value, true)
                     .map_err(|e| format!("query parameter {key:?}: {e}"))?,
