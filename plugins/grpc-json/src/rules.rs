@@ -75,6 +75,7 @@ impl Transcoder {
     /// Builds the rules of `config.services` from an encoded `FileDescriptorSet`.
     /// `Err` is one line naming what is wrong (service, method, template) and the fix.
     pub fn new(config: &Config, descriptor_set: &[u8]) -> Result<Transcoder, String> {
+        config.validate()?;
         let pool = DescriptorPool::decode(descriptor_set).map_err(|e| {
             format!(
                 "invalid config: field `descriptor_file`: descriptor file {:?} is not a valid FileDescriptorSet: {e} (build it with `protoc --include_imports --descriptor_set_out=FILE ...`)",
