@@ -90,21 +90,25 @@ async fn idp(fetches: Arc<AtomicUsize>) -> UpstreamHandle {
         .await
 }
 
-/// The ext_authz service: allows `x-user: alice` (answering `x-authz-user`),
-/// denies everyone else with 403 and a challenge.
+/// The ext_authz service: allows `x-user: alice` (answering `x-authz-user`,
+/// with the `x-request-id` the check carried), denies everyone else with 403
+/// and a challenge.
 async fn authz() -> UpstreamHandle {
     upstream()
         .name("authz")
         .handler(|req: Request<Incoming>| async move {
-            let user = req
-                .headers()
-                .get("x-user")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let user = header("x-user");
             if user == "alice" {
+                let id = header("x-request-id");
                 Response::builder()
-                    .header("x-authz-user", format!("checked:{user}"))
+                    .header("x-authz-user", format!("checked:{user}@{id}"))
                     .body(Full::new(Bytes::new()))
                     .unwrap()
             } else {
@@ -279,7 +283,14 @@ each_proto!(
         assert_eq!(r.status, 200, "{} {}", r.text(), why(&lg).await);
         let e = r.echo();
         assert_eq!(e.header("x-user"), Some("alice"));
-        assert_eq!(e.header("x-authz-user"), Some("checked:alice"));
+        // The check carried the request's id, the one the upstream got
+        // (as Envoy's ext_authz forwards it).
+        let id = e.header("x-request-id").unwrap_or_default();
+        assert!(!id.is_empty(), "the upstream got no x-request-id");
+        assert_eq!(
+            e.header("x-authz-user"),
+            Some(format!("checked:alice@{id}").as_str())
+        );
         // ... and denies bob: its status, body and challenge reach the client.
         let r = c
             .get("/api")

@@ -492,8 +492,9 @@ async fn the_builtin_module_transcodes() {
     assert_eq!(r.json()["message"], "builtin");
 }
 
-/// A service the descriptor set does not have, or a descriptor file that is
-/// not granted, is told at its key (`services[1]`, `descriptor_file`) by
+/// A service the descriptor set does not have, a descriptor file that is
+/// not granted, or an ignored query parameter listed twice, is told at its
+/// key (`services[1]`, `descriptor_file`, `ignored_query_parameters[1]`) by
 /// `legate check`, as the schema's own errors are: before, these messages
 /// were not in the SDK's form, so the host placed them at `config:`.
 #[test]
@@ -524,6 +525,15 @@ fn a_refused_service_or_descriptor_file_is_placed_at_its_key() {
             "descriptor_file: protos",
             "descriptor_file",
             "invalid config: field `descriptor_file`: reading descriptor file \"protos\"",
+        ),
+        (
+            config_with(addr, addr, &wasm, "[legate.test.v1.Echo]").replace(
+                "ignored_query_parameters: [access_token]",
+                "ignored_query_parameters: [access_token, access_token]",
+            ),
+            "ignored_query_parameters: [",
+            "access_token]",
+            "invalid config: field `ignored_query_parameters[1]`: \"access_token\" is listed twice",
         ),
     ] {
         let want = format!("plugin `transcoder`: configure failed: {want}");

@@ -486,11 +486,17 @@ pub struct ClaimRules<'a> {
     pub require_exp: bool,
 }
 
+/// A NumericDate claim (`exp`, `nbf`) as Unix seconds. RFC 7519 §2 makes it
+/// any JSON number, so a negative one is a date before 1970: it counts as 0
+/// (an `exp` long past, an `nbf` long passed), not as "not a number".
+/// Fractions are dropped. `None`: not a JSON number.
 fn as_seconds(v: &Value) -> Option<u64> {
     match v {
-        Value::Number(n) => n
-            .as_u64()
-            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_i64()
+                .map(|_| 0)
+                .or_else(|| n.as_f64().map(|f| if f > 0.0 { f as u64 } else { 0 }))
+        }),
         _ => None,
     }
 }

@@ -43,6 +43,10 @@ use crate::jwt::{Jwk, JwtError};
 /// How often `on_tick` looks at remote JWKS ages.
 const TICK_MS: u32 = 1000;
 
+/// The request id field the host sets (or keeps) on every request; the
+/// ext_authz check carries it.
+const REQUEST_ID: &str = "x-request-id";
+
 /// The most fields the host takes in a local response (abi/README.md §5.1):
 /// one more and it refuses the response, failing the call, so the client
 /// would get the failure policy's `503` instead of an ext_authz denial.
@@ -633,7 +637,16 @@ impl AuthFilter {
                 .header("x-forwarded-method", exchange.method())
                 .header("x-forwarded-uri", exchange.path())
                 .header("x-forwarded-host", exchange.authority());
+        // The request's id, as Envoy's ext_authz forwards it: the check
+        // service's log lines then correlate with the access log's and the
+        // upstream's. Sent once, whether or not `forward_headers` lists it.
+        if let Some(id) = headers.get(REQUEST_ID) {
+            req = req.header(REQUEST_ID, id);
+        }
         for name in &ext.forward_headers {
+            if &**name == REQUEST_ID {
+                continue;
+            }
             for v in headers.get_all(name) {
                 req = req.header(&**name, v);
             }

@@ -462,6 +462,47 @@ fn ext_authz_allow_copies_headers_and_sees_the_identity() {
     assert_eq!(host.callouts().len(), 1);
 }
 
+/// The check request carries the request's `x-request-id`, as Envoy's
+/// ext_authz forwards it, so the check service's logs correlate with the
+/// access log; once, whether or not `forward_headers` lists it. Before, it
+/// carried none unless listed.
+#[test]
+fn ext_authz_check_carries_the_request_id() {
+    for listed in [false, true] {
+        let host = host();
+        let mut cfg = authz_cfg(false);
+        if listed {
+            cfg["ext_authz"]["forward_headers"] = json!(["x-request-id", "x-api-key-id"]);
+        }
+        let mut t = host.configure::<AuthFilter>(&cfg.to_string()).unwrap();
+        host.queue_callout_response("authz", Ok(CalloutResponse::new(200, "")));
+        host.queue_callout_response("authz", Ok(CalloutResponse::new(200, "")));
+        let mut x = t.exchange(
+            Request::get("/orders")
+                .header("x-api-key", "k-a")
+                .header("x-request-id", "4f0c-rid"),
+        );
+        assert_eq!(x.request_headers(), Action::Pause);
+        assert_eq!(x.deliver_callouts(), vec![Action::Continue]);
+        drop(x);
+        // A request without one (`generate_request_id: false`): none.
+        let mut x = t.exchange(Request::get("/orders").header("x-api-key", "k-a"));
+        assert_eq!(x.request_headers(), Action::Pause);
+        drop(x);
+        let ids = |i: usize| -> Vec<String> {
+            host.callouts()[i]
+                .request
+                .headers
+                .iter()
+                .filter(|(k, _)| k == "x-request-id")
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+                .collect()
+        };
+        assert_eq!(ids(0), ["4f0c-rid"], "listed: {listed}");
+        assert_eq!(ids(1), Vec::<String>::new(), "listed: {listed}");
+    }
+}
+
 #[test]
 fn ext_authz_deny_passes_status_and_body_back() {
     let host = host();

@@ -420,6 +420,40 @@ fn a_refused_token_gets_its_own_providers_reason() {
     assert_eq!(body["reason"], "wrong issuer");
 }
 
+/// A negative `exp` or `nbf` is a date before 1970 (RFC 7519's NumericDate
+/// is any JSON number): the token is expired, or valid since then. Before, a
+/// negative `exp` was refused as "`exp` is not a number".
+#[test]
+fn a_negative_numeric_date_is_a_date_before_1970() {
+    let s = Signer::new("ES256");
+    let mut t = filter(json!({"providers": [provider(jwks(&[s.jwk("k1")]))]}));
+    for exp in [json!(-1), json!(-1.5), json!(i64::MIN)] {
+        let mut c = claims(ISS);
+        c["exp"] = exp.clone();
+        let r = respond(
+            t.exchange(bearer(&s.token(Some("k1"), &c)))
+                .request_headers(),
+        );
+        assert_eq!(r.status, 401, "exp {exp}");
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["reason"], "token expired", "exp {exp}");
+    }
+    let mut c = claims(ISS);
+    c["nbf"] = json!(-100);
+    let mut x = t.exchange(bearer(&s.token(Some("k1"), &c)));
+    assert_eq!(x.request_headers(), Action::Continue, "nbf before 1970");
+    drop(x);
+    // What is not a number still says so.
+    let mut c = claims(ISS);
+    c["exp"] = json!("tomorrow");
+    let r = respond(
+        t.exchange(bearer(&s.token(Some("k1"), &c)))
+            .request_headers(),
+    );
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["reason"], "malformed token: `exp` is not a number");
+}
+
 #[test]
 fn a_claims_failure_on_one_provider_does_not_block_a_later_one() {
     // Each provider's token is checked against the rule's claims on its own:

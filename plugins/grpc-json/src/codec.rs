@@ -164,7 +164,7 @@ pub fn error_json(code: u32, message: &str) -> Vec<u8> {
 /// Decodes a `grpc-message` value (percent-encoded, gRPC over HTTP/2,
 /// "Responses"); invalid escapes and non-UTF-8 are kept as they are.
 pub fn grpc_message(raw: &str) -> String {
-    crate::template::percent_decode(raw, false, false).unwrap_or_else(|_| raw.to_owned())
+    crate::template::percent_decode_lenient(raw).unwrap_or_else(|_| raw.to_owned())
 }
 
 #[cfg(test)]

@@ -43,6 +43,30 @@ pub struct Config {
     pub query_param_unescape_plus: bool,
 }
 
+impl Config {
+    /// What the schema cannot say: a name listed twice in `services` or
+    /// `ignored_query_parameters` is an error in the SDK's form, naming the
+    /// second entry, so the host places it at that key. Listed twice, a
+    /// service would bind each of its rules twice, and a parameter is
+    /// ignored once either way: the second entry is a slip (a merge of two
+    /// lists, a typo of another name), which the operator should see.
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, list) in [
+            ("services", &self.services),
+            ("ignored_query_parameters", &self.ignored_query_parameters),
+        ] {
+            for (i, name) in list.iter().enumerate() {
+                if let Some(first) = list[..i].iter().position(|n| n == name) {
+                    return Err(format!(
+                        "invalid config: field `{key}[{i}]`: {name:?} is listed twice (also at `{key}[{first}]`): remove one"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn default_descriptor_file() -> String {
     DEFAULT_DESCRIPTOR_FILE.to_owned()
 }

@@ -75,6 +75,7 @@ impl Transcoder {
     /// Builds the rules of `config.services` from an encoded `FileDescriptorSet`.
     /// `Err` is one line naming what is wrong (service, method, template) and the fix.
     pub fn new(config: &Config, descriptor_set: &[u8]) -> Result<Transcoder, String> {
+        config.validate()?;
         let pool = DescriptorPool::decode(descriptor_set).map_err(|e| {
             format!(
                 "invalid config: field `descriptor_file`: descriptor file {:?} is not a valid FileDescriptorSet: {e} (build it with `protoc --include_imports --descriptor_set_out=FILE ...`)",
@@ -293,7 +294,8 @@ impl Transcoder {
         for pair in m.query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let plus = self.query_param_unescape_plus;
-            let key = percent_decode(k, false, plus)?;
+            let key =
+                percent_decode(k, false, plus).map_err(|e| format!("query parameter name: {e}"))?;
             if self.ignored_query_parameters.contains(&key) {
                 continue;
             }
@@ -321,7 +323,8 @@ impl Transcoder {
                 Err(_) if self.ignore_unknown_query_parameters => continue,
                 _ => {}
             }
-            let value = percent_decode(v, false, plus)?;
+            let value = percent_decode(v, false, plus)
+                .map_err(|e| format!("query parameter {key:?}: {e}"))?;
             bound.push(
                 bind(&input, &path, &value, true)
                     .map_err(|e| format!("query parameter {key:?}: {e}"))?,

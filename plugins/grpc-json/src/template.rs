@@ -293,16 +293,28 @@ impl Parser<'_> {
 
 /// Percent-decodes `s`; with `keep_slash`, `%2F` stays encoded (multi-segment
 /// variables). `plus_is_space`: query strings (form encoding). `Err` for a
-/// result that is not UTF-8.
+/// `%` not followed by two hex digits (`%ZZ`, a trailing `%4`), as Envoy's
+/// transcoder answers such a request 400 rather than guess what it meant, and
+/// for a result that is not UTF-8.
 pub fn percent_decode(s: &str, keep_slash: bool, plus_is_space: bool) -> Result<String, String> {
+    decode(s, keep_slash, plus_is_space, true)
+}
+
+/// Percent-decodes a `grpc-message`: a `%` not followed by two hex digits is
+/// kept as it is (gRPC over HTTP/2 asks receivers to), non-UTF-8 is an `Err`.
+pub fn percent_decode_lenient(s: &str) -> Result<String, String> {
+    decode(s, false, false, false)
+}
+
+fn decode(s: &str, keep_slash: bool, plus_is_space: bool, strict: bool) -> Result<String, String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
-        if c == b'%' && i + 2 < b.len() {
-            let hex = |x: u8| char::from(x).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+        if c == b'%' {
+            let hex = |x: Option<&u8>| x.and_then(|x| char::from(*x).to_digit(16));
+            if let (Some(h), Some(l)) = (hex(b.get(i + 1)), hex(b.get(i + 2))) {
                 // Two hex digits: always below 256.
                 let v = u8::try_from(h * 16 + l).unwrap_or(b'?');
                 if keep_slash && v == b'/' {
@@ -312,6 +324,12 @@ pub fn percent_decode(s: &str, keep_slash: bool, plus_is_space: bool) -> Result<
                 }
                 i += 3;
                 continue;
+            }
+            if strict {
+                let bad: String = s[i..].chars().take(3).collect();
+                return Err(format!(
+                    "{s:?} has a malformed percent escape {bad:?}: `%` must be followed by two hex digits (a `%` itself is `%25`)"
+                ));
             }
         }
         out.push(if plus_is_space && c == b'+' { b' ' } else { c });
@@ -416,7 +434,11 @@ mod tests {
         assert_eq!(percent_decode("a%20b+c", false, true).unwrap(), "a b c");
         assert_eq!(percent_decode("a%2Fb", true, false).unwrap(), "a%2Fb");
         assert_eq!(percent_decode("a%2fb", false, false).unwrap(), "a/b");
-        assert_eq!(percent_decode("%zz%4", false, false).unwrap(), "%zz%4");
+        assert_eq!(percent_decode_lenient("%zz%4").unwrap(), "%zz%4");
+        for bad in ["%zz", "a%4", "%", "%%41", "a%G0b"] {
+            let e = percent_decode(bad, false, false).unwrap_err();
+            assert!(e.contains("malformed percent escape"), "{bad}: {e}");
+        }
         assert_eq!(percent_decode("%C3%BC", false, false).unwrap(), "ü");
         assert!(percent_decode("%FF", false, false).is_err());
     }

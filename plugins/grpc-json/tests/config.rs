@@ -130,6 +130,35 @@ fn descriptor_file_problems() {
     );
 }
 
+/// A name listed twice in `ignored_query_parameters` or `services` is
+/// refused in the SDK's form, naming the second entry (the host places it at
+/// that key); it was accepted.
+#[test]
+fn a_name_listed_twice_is_refused_at_its_second_entry() {
+    let e = err(
+        r#"{"services": ["legate.test.v1.Echo"], "ignored_query_parameters": ["access_token", "_", "access_token"]}"#,
+    );
+    assert_eq!(
+        e,
+        "invalid config: field `ignored_query_parameters[2]`: \"access_token\" is listed twice \
+         (also at `ignored_query_parameters[0]`): remove one"
+    );
+    let e = err(r#"{"services": ["legate.test.v1.Echo", "legate.test.v1.Echo"]}"#);
+    assert!(
+        e.starts_with(
+            "invalid config: field `services[1]`: \"legate.test.v1.Echo\" is listed twice"
+        ),
+        "{e}"
+    );
+    // Names that differ only in case are different parameters.
+    TestHost::new()
+        .file("descriptors", common::echo_descriptors())
+        .configure::<GrpcJson>(
+            r#"{"services": ["legate.test.v1.Echo"], "ignored_query_parameters": ["a", "A"]}"#,
+        )
+        .unwrap();
+}
+
 #[test]
 fn unknown_service_lists_the_known_ones() {
     // In the SDK's form, naming the entry: the host places it at that key.

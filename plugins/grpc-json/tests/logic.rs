@@ -213,6 +213,27 @@ fn bad_json_is_answered_400_and_nothing_goes_upstream() {
 }
 
 #[test]
+fn a_malformed_percent_escape_in_the_query_is_answered_400() {
+    let mut t = filter();
+    let mut x = t.exchange(Request::get("/v1/tags/n?tags=%ZZ"));
+    x.request_headers();
+    let Action::Respond(r) = x.request_body() else {
+        panic!("not answered locally")
+    };
+    assert_eq!(r.status, 400);
+    let v = json(&r.body);
+    assert_eq!(v["code"], 3);
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("malformed percent escape \"%ZZ\""),
+        "{v}"
+    );
+    assert_eq!(counter(&t, "bad_request"), Some(1));
+}
+
+#[test]
 fn grpc_error_in_trailers_maps_to_http_status_and_json() {
     let mut t = filter();
     let mut x = t.exchange(Request::get("/v1/echo/x"));

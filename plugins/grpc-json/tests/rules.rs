@@ -303,6 +303,30 @@ fn bad_query_parameters_are_client_errors() {
     assert_eq!(r.message, "hi");
 }
 
+/// A `%` in the query not followed by two hex digits is a client error, as
+/// Envoy's transcoder answers it 400; it was taken as the literal text.
+#[test]
+fn a_malformed_percent_escape_in_the_query_is_a_client_error() {
+    let t = transcoder(common::CONFIG);
+    for (path, names) in [
+        ("/v1/tags/n?tags=a%ZZb", "query parameter \"tags\""),
+        ("/v1/tags/n?tags=a%2", "query parameter \"tags\""),
+        ("/v1/tags/n?ta%ZZgs=a", "query parameter name"),
+    ] {
+        let e = build::<pb::ReflectRequest>(&t, "GET", path, "").unwrap_err();
+        assert!(e.contains(names), "{path}: {e}");
+        assert!(e.contains("malformed percent escape"), "{path}: {e}");
+    }
+    // An ignored parameter is still read: its name must decode.
+    let t = transcoder(
+        r#"{"services": ["legate.test.v1.Echo"], "ignore_unknown_query_parameters": true}"#,
+    );
+    build::<pb::ReflectRequest>(&t, "GET", "/v1/tags/n?x%Z=1", "").unwrap_err();
+    // Well-formed escapes still decode, `%25` to `%`.
+    let r: pb::ReflectRequest = build(&t, "GET", "/v1/tags/n?tags=100%25", "").unwrap();
+    assert_eq!(r.tags, ["100%"]);
+}
+
 /// `ignore_unknown_query_parameters` (Envoy's option of that name) drops the
 /// parameters that name no field, and every one of a `body: "*"` rule, where
 /// without it they are a 400; a parameter naming a field still has to fit it.

@@ -410,7 +410,21 @@ mod tests {
         assert_eq!(parse_rate("100/s"), Ok((100, 1_000_000_000)));
         assert_eq!(parse_rate(" 5 / m "), Ok((5, 60_000_000_000)));
         assert_eq!(parse_rate("1/d"), Ok((1, 86_400_000_000_000)));
-        for bad in ["100", "x/s", "10/w", "-1/s", "0/s", "/s"] {
+        // The spelt-out units the README lists.
+        for (alias, unit) in [
+            ("sec", "s"),
+            ("second", "s"),
+            ("min", "m"),
+            ("minute", "m"),
+            ("hour", "h"),
+            ("day", "d"),
+        ] {
+            assert_eq!(
+                parse_rate(&format!("7/{alias}")),
+                parse_rate(&format!("7/{unit}"))
+            );
+        }
+        for bad in ["100", "x/s", "10/w", "-1/s", "0/s", "/s", "1/mins", "1/M"] {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }
     }

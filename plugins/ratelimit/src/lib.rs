@@ -46,16 +46,24 @@ enum Failure {
     Contention(u32),
 }
 
-/// The KV errors since the last successful KV call, for the log.
+/// The KV errors of this instance, for the log: an episode is the errors
+/// since the last successful KV call, but the warnings are paced by time
+/// alone, at most one per [`ERROR_SUMMARY_NS`], whatever the episodes. When
+/// failures and successes alternate (a full in-memory namespace: each new
+/// bucket's read succeeds and its write fails; a flapping Redis), every
+/// request is an episode of its own, and a line per episode was a line per
+/// request.
 #[derive(Debug, Default)]
 struct ErrorEpisode {
-    /// Monotonic time of the first; `None`: no episode.
+    /// Monotonic time of the open episode's first error; `None`: no episode.
     since: Option<u64>,
-    /// When the log last said something of it.
-    reported: u64,
-    /// Errors since then.
+    /// Whether the open episode has had a warning (then its end is logged).
+    announced: bool,
+    /// When the log last warned, of any episode.
+    last_warn: Option<u64>,
+    /// Errors since then not in a line yet (of any episode).
     unreported: u64,
-    /// Errors in all.
+    /// Errors of the open episode.
     total: u64,
 }
 
@@ -822,10 +830,13 @@ impl RateLimit {
     }
 
     /// Count and log a KV failure; `Some(idx)` if it must deny the request.
-    /// Every failure is counted (`outcome="error"`); the log has the first
-    /// of an episode, then a summary at most every [`ERROR_SUMMARY_NS`],
-    /// then a line when a KV call succeeds again: with Redis down, each
-    /// request fails, and a line each made tens of thousands a second.
+    /// Every failure is counted (`outcome="error"`); the log has at most one
+    /// warning per [`ERROR_SUMMARY_NS`]: the first error of an episode, or a
+    /// summary of the errors since the last warning; and a line when a KV
+    /// call succeeds again after an episode that was warned of. With Redis
+    /// down, each request fails, and a line each made tens of thousands a
+    /// second; with a full namespace, reads succeed and writes fail, and a
+    /// line per episode was two lines per request.
     fn kv_error(&self, idx: usize, key: &str, failure: Failure) -> Option<usize> {
         let l = &self.limits[idx];
         self.series[idx].error.inc();
@@ -838,53 +849,71 @@ impl RateLimit {
         };
         let now = clock::monotonic_now();
         let mut ep = self.errors.borrow_mut();
-        match ep.since {
-            None => {
-                *ep = ErrorEpisode {
-                    since: Some(now),
-                    reported: now,
-                    unreported: 0,
-                    total: 1,
-                };
-                legate_sdk::warn!(
-                    "limit {:?}: {what}; failure_mode {} (further KV errors are counted \
-                     in legate_plugin_{METRIC}{{outcome=\"error\"}} and summarized every {}s \
-                     until a KV call succeeds)",
-                    l.name,
-                    self.failure_mode.as_str(),
-                    ERROR_SUMMARY_NS / 1_000_000_000
-                );
-            }
-            Some(_) => {
-                ep.total += 1;
-                ep.unreported += 1;
-                if now.saturating_sub(ep.reported) >= ERROR_SUMMARY_NS {
-                    legate_sdk::warn!(
-                        "{} more KV errors in the last {}s; the latest: limit {:?}: {what}; \
-                         failure_mode {}",
-                        ep.unreported,
-                        now.saturating_sub(ep.reported) / 1_000_000_000,
-                        l.name,
-                        self.failure_mode.as_str()
-                    );
-                    ep.reported = now;
-                    ep.unreported = 0;
-                }
-            }
+        if ep.since.is_none() {
+            ep.since = Some(now);
+            ep.announced = false;
+            ep.total = 0;
+        }
+        ep.total += 1;
+        let quiet = ep
+            .last_warn
+            .is_some_and(|w| now.saturating_sub(w) < ERROR_SUMMARY_NS);
+        if quiet {
+            ep.unreported += 1;
+        } else if ep.announced {
+            legate_sdk::warn!(
+                "{} more KV errors in the last {}s; the latest: limit {:?}: {what}; \
+                 failure_mode {}",
+                ep.unreported + 1,
+                now.saturating_sub(ep.last_warn.unwrap_or(now)) / 1_000_000_000,
+                l.name,
+                self.failure_mode.as_str()
+            );
+            ep.last_warn = Some(now);
+            ep.unreported = 0;
+        } else {
+            // The first line of an episode; errors of earlier episodes too
+            // short to be logged (the pace held them back) are told with it.
+            let earlier = match (ep.unreported, ep.last_warn) {
+                (0, _) | (_, None) => String::new(),
+                (n, Some(w)) => format!(
+                    "; {n} more KV errors in the last {}s, between KV calls that succeeded",
+                    now.saturating_sub(w) / 1_000_000_000
+                ),
+            };
+            legate_sdk::warn!(
+                "limit {:?}: {what}; failure_mode {} (further KV errors are counted \
+                 in legate_plugin_{METRIC}{{outcome=\"error\"}} and logged at most \
+                 every {}s){earlier}",
+                l.name,
+                self.failure_mode.as_str(),
+                ERROR_SUMMARY_NS / 1_000_000_000
+            );
+            ep.announced = true;
+            ep.last_warn = Some(now);
+            ep.unreported = 0;
         }
         (self.failure_mode == FailureMode::Deny && !l.shadow).then_some(idx)
     }
 
-    /// A KV call succeeded: an episode of errors, if any, is over (logged).
+    /// A KV call succeeded: an episode of errors, if any, is over; logged if
+    /// its start was (an episode the pace kept quiet ends quietly, its
+    /// errors told by the next warning).
     fn kv_ok(&self) {
         let mut ep = self.errors.borrow_mut();
-        if let Some(since) = ep.since {
-            legate_sdk::info!(
-                "KV calls succeed again, after {} KV errors in {}s",
-                ep.total,
-                clock::monotonic_now().saturating_sub(since) / 1_000_000_000
-            );
-            *ep = ErrorEpisode::default();
+        if let Some(since) = ep.since.take() {
+            if ep.announced {
+                legate_sdk::info!(
+                    "KV calls succeed again, after {} KV errors in {}s",
+                    ep.total,
+                    clock::monotonic_now().saturating_sub(since) / 1_000_000_000
+                );
+                // Its errors were in lines (the first, the summaries) or are
+                // in this one.
+                ep.unreported = 0;
+            }
+            ep.announced = false;
+            ep.total = 0;
         }
     }
 
