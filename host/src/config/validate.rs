@@ -534,10 +534,11 @@ impl Config {
                         p.value.name, cpu.value, kv.timeout.value
                     ),
                     format!(
-                        "a call may wait at most 10× `limits.cpu` in all, Redis round trips \
-                         included; give the plugin `limits: {{ cpu: {} }}` or more (4 KV calls), \
-                         so a slow Redis gets it an `unavailable` error it handles rather than a \
-                         deadline trap",
+                        "raise `limits.cpu` above `kv.timeout`: a call may wait at most 10× \
+                         `limits.cpu` in all, Redis round trips included, and a plugin making \
+                         several KV calls in one phase wants room for each at its timeout \
+                         (`limits: {{ cpu: {} }}` covers 4), so a slow Redis gets it an \
+                         `unavailable` error it handles rather than a deadline trap",
                         Dur(timeout.saturating_mul(4).saturating_add(Duration::from_millis(5)))
                     ),
                 )
