@@ -366,6 +366,45 @@ each_proto!(
 );
 
 each_proto!(
+    /// The forwarding facts Legate does not write (`x-forwarded-port`,
+    /// `x-forwarded-prefix`, RFC 7239's `forwarded`) are removed from an
+    /// untrusted client's request, as the three it writes are replaced: an
+    /// upstream that builds redirects from them would otherwise send users to
+    /// the client's host, port or prefix. A trusted downstream's pass.
+    async fn untrusted_forwarding_facts_are_removed(proto) {
+        let up = upstream().start().await;
+        let untrusted = legate().config(&forwarding_config(up.addr, "")).start();
+        let trusted = legate()
+            .config(&forwarding_config(up.addr, "      trust_downstream: true\n"))
+            .start();
+        for (lg, kept) in [(&untrusted, false), (&trusted, true)] {
+            let mut c = client(proto, lg.addr("web")).await;
+            let r = c
+                .get("/")
+                .host("shop.example")
+                .header("x-forwarded-port", "8443")
+                .header("x-forwarded-prefix", "/evil")
+                .header("forwarded", "for=6.6.6.6;host=evil.example;proto=https")
+                .header("x-forwardedness", "not a forwarding fact")
+                .send()
+                .await;
+            assert_eq!(r.status, 200);
+            let e = r.echo();
+            for name in ["x-forwarded-port", "x-forwarded-prefix", "forwarded"] {
+                assert_eq!(
+                    e.header(name).is_some(),
+                    kept,
+                    "{name} (trusted: {kept}): {:?}",
+                    e.header(name)
+                );
+            }
+            assert_eq!(e.header_all("x-forwardedness"), vec!["not a forwarding fact"]);
+            lg.assert_stat(LISTENER_2XX, 1.0).await;
+        }
+    }
+);
+
+each_proto!(
     /// Hop-by-hop headers go and the forwarding facts are set before routes
     /// (and filters) see the request: a client cannot pick a route by a
     /// spoofed `x-forwarded-for`, nor strip the generated request id by
