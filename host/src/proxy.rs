@@ -39,7 +39,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame};
@@ -48,6 +48,7 @@ use rand::Rng;
 
 use crate::access_log;
 use crate::body::{self, Body, BoxError, Limit, Watch, Watched};
+use crate::config::UnderscoreHeaders;
 use crate::connection::ConnCtx;
 use crate::error::{Kind, ProxyError, Side};
 use crate::filter::{self, ConnFacts, Exchange, TlsFacts};
@@ -436,6 +437,9 @@ async fn proxy(
     };
     out.grpc = local_reply::is_grpc(req.headers());
     check_framing(&req, &listener.cfg.limits)?;
+    if http.headers_with_underscores != UnderscoreHeaders::Allow {
+        underscore_headers(req.headers_mut(), http.headers_with_underscores, listener)?;
+    }
     if req.method() == Method::CONNECT {
         // No route tunnels CONNECT (HTTP/1.1's, or HTTP/2's without
         // `:protocol`; the HTTP/2 server does not offer extended CONNECT):
@@ -2082,6 +2086,37 @@ fn check_framing<B>(req: &Request<B>, limits: &crate::config::Limits) -> Result<
             Kind::BadRequest,
             format!("the value of {name} starts or ends with whitespace"),
         ));
+    }
+    Ok(())
+}
+
+/// `http.headers_with_underscores: drop | reject` (Envoy's
+/// `headers_with_underscores_action`): a header named with `_` is removed, or
+/// the request refused with 400, before filters and routes see it, counted.
+/// CGI-style upstreams (PHP, WSGI, Rack) read `x_user` and `x-user` as the one
+/// variable `HTTP_X_USER`, so a client's `x_user` could stand in for the
+/// `x-user` a filter sets or a rule checks.
+fn underscore_headers(
+    h: &mut http::HeaderMap,
+    action: UnderscoreHeaders,
+    listener: &crate::listener::ListenerCtx,
+) -> Result<(), ProxyError> {
+    let underscored = |k: &HeaderName| k.as_str().contains('_');
+    let Some(first) = h.keys().find(|k| underscored(k)) else {
+        return Ok(());
+    };
+    if action == UnderscoreHeaders::Reject {
+        listener.stats.underscore_headers_rejected.inc();
+        return Err(ProxyError::new(
+            Kind::BadRequest,
+            format!("header name with an underscore: {first}"),
+        ));
+    }
+    let names: Vec<HeaderName> = h.keys().filter(|k| underscored(k)).cloned().collect();
+    for name in names {
+        let fields = h.get_all(&name).iter().count();
+        listener.stats.underscore_headers_dropped.add(fields as u64);
+        h.remove(&name);
     }
     Ok(())
 }

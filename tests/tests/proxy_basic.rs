@@ -405,6 +405,61 @@ each_proto!(
 );
 
 each_proto!(
+    /// `headers_with_underscores` (Envoy's `headers_with_underscores_action`):
+    /// `allow` (the default) passes `x_user` on, `drop` removes it before the
+    /// upstream (and routes) see the request, `reject` answers 400; each counted.
+    async fn headers_with_underscores_are_allowed_dropped_or_rejected(proto) {
+        let up = upstream().start().await;
+        fn send(c: &mut Client) -> RequestBuilder<'_> {
+            c.get("/")
+                .header("x_user", "admin")
+                .header("x_user", "root")
+                .header("x-user", "alice")
+        }
+        let allow = legate().config(&forwarding_config(up.addr, "")).start();
+        let mut c = client(proto, allow.addr("web")).await;
+        let e = send(&mut c).send().await.echo();
+        assert_eq!(e.header_all("x_user"), vec!["admin", "root"]);
+
+        let drop = legate()
+            .config(&forwarding_config(up.addr, "      headers_with_underscores: drop\n"))
+            .start();
+        let mut c = client(proto, drop.addr("web")).await;
+        let r = send(&mut c).send().await;
+        assert_eq!(r.status, 200);
+        let e = r.echo();
+        assert_eq!(e.header_all("x_user"), Vec::<&str>::new());
+        assert_eq!(e.header_all("x-user"), vec!["alice"]);
+        drop.assert_stat(
+            r#"legate_listener_underscore_headers_dropped_total{listener="web"}"#,
+            2.0,
+        )
+        .await;
+        drop.assert_stat(LISTENER_2XX, 1.0).await;
+
+        let reject = legate()
+            .config(&forwarding_config(up.addr, "      headers_with_underscores: reject\n"))
+            .start();
+        let mut c = client(proto, reject.addr("web")).await;
+        let r = send(&mut c).send().await;
+        assert_eq!(r.status, 400);
+        assert_eq!(r.text(), "bad_request\n");
+        let mut c = client(proto, reject.addr("web")).await;
+        assert_eq!(c.get("/").header("x-user", "alice").send().await.status, 200);
+        reject
+            .assert_stat(
+                r#"legate_listener_underscore_headers_rejected_total{listener="web"}"#,
+                1.0,
+            )
+            .await;
+        reject
+            .assert_stat(r#"legate_listener_requests_total{listener="web",class="4xx"}"#, 1.0)
+            .await;
+        assert_eq!(up.requests.get(), 3, "a rejected request reached the upstream");
+    }
+);
+
+each_proto!(
     /// Hop-by-hop headers go and the forwarding facts are set before routes
     /// (and filters) see the request: a client cannot pick a route by a
     /// spoofed `x-forwarded-for`, nor strip the generated request id by
