@@ -2071,6 +2071,15 @@ fn check_framing<B>(req: &Request<B>, limits: &crate::config::Limits) -> Result<
             Kind::HeadersTooLarge,
             format!("{} headers > {max_headers}", h2_field_count(h)),
         ));
+    } else if h.get_all(header::HOST).iter().nth(1).is_some() {
+        // As over HTTP/1.1 (above): without `:authority` the virtual host was
+        // chosen by the first and anyone's guess was the upstream's; nghttp2
+        // (so Envoy) refuses a repeated `host` whether or not `:authority` is
+        // there.
+        return Err(ProxyError::new(
+            Kind::BadRequest,
+            "more than one host header",
+        ));
     } else if h.get_all(header::CONTENT_LENGTH).iter().nth(1).is_some() {
         // RFC 9110 §8.6: a proxy must not forward an invalid length; over
         // HTTP/1.1 hyper refuses the same (nghttp2, so Envoy, too).
