@@ -2791,7 +2791,10 @@ fn valid_authority(a: &str) -> bool {
             port
         }
     };
-    port.bytes().all(|b| b.is_ascii_digit())
+    // RFC 3986 allows an empty port; one past 65535 names no port (nginx and
+    // Envoy refuse it), and the upstream and a `host:port` domain would read it
+    // each their own way.
+    port.bytes().all(|b| b.is_ascii_digit()) && (port.is_empty() || port.parse::<u16>().is_ok())
 }
 
 /// Whether `h` has exactly one `content-length`, all digits: one hyper's
@@ -3719,6 +3722,7 @@ mod tests {
             "a.example",
             "a.example:8080",
             "a.example:",
+            "a.example:65535",
             "127.0.0.1:80",
             "[::1]",
             "[2001:db8::1]:443",
@@ -3740,6 +3744,8 @@ mod tests {
             "u@a",
             "a.example:80x",
             "a.example:80:81",
+            "a.example:65536",
+            "a.example:99999999999999999999",
             "[::1",
             "[::1]x",
             "[zz::1]",
