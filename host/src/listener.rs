@@ -62,6 +62,14 @@ pub struct ListenerStats {
     /// `http.normalize_path`, an escaped slash under `path_with_escaped_slashes:
     /// reject` (Envoy's `downstream_rq_failed_path_normalization`).
     pub paths_rejected: Counter,
+    /// Request headers removed for a `_` in their name under
+    /// `http.headers_with_underscores: drop` (Envoy's
+    /// `dropped_headers_with_underscores`).
+    pub underscore_headers_dropped: Counter,
+    /// Requests refused (400) for a header with `_` in its name under
+    /// `http.headers_with_underscores: reject` (Envoy's
+    /// `requests_rejected_with_underscores_in_headers`).
+    pub underscore_headers_rejected: Counter,
     /// Requests ended by the stream idle timeout (`http.stream_idle_timeout`,
     /// a route's `idle_timeout`): a 408 or a reset stream.
     pub stream_idle_timeouts: Counter,
@@ -167,6 +175,16 @@ impl ListenerStats {
             paths_rejected: stats.counter(
                 "legate_listener_paths_rejected_total",
                 "Requests refused with 400 for their path (bad escape, %00, or an escaped slash under reject).",
+                &l,
+            ),
+            underscore_headers_dropped: stats.counter(
+                "legate_listener_underscore_headers_dropped_total",
+                "Request headers removed for a _ in their name (http.headers_with_underscores: drop).",
+                &l,
+            ),
+            underscore_headers_rejected: stats.counter(
+                "legate_listener_underscore_headers_rejected_total",
+                "Requests refused with 400 for a header with _ in its name (http.headers_with_underscores: reject).",
                 &l,
             ),
             stream_idle_timeouts: stats.counter(

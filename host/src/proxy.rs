@@ -39,7 +39,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame};
@@ -48,6 +48,7 @@ use rand::Rng;
 
 use crate::access_log;
 use crate::body::{self, Body, BoxError, Limit, Watch, Watched};
+use crate::config::UnderscoreHeaders;
 use crate::connection::ConnCtx;
 use crate::error::{Kind, ProxyError, Side};
 use crate::filter::{self, ConnFacts, Exchange, TlsFacts};
@@ -436,6 +437,9 @@ async fn proxy(
     };
     out.grpc = local_reply::is_grpc(req.headers());
     check_framing(&req, &listener.cfg.limits)?;
+    if http.headers_with_underscores != UnderscoreHeaders::Allow {
+        underscore_headers(req.headers_mut(), http.headers_with_underscores, listener)?;
+    }
     if req.method() == Method::CONNECT {
         // No route tunnels CONNECT (HTTP/1.1's, or HTTP/2's without
         // `:protocol`; the HTTP/2 server does not offer extended CONNECT):
@@ -2062,10 +2066,19 @@ fn check_framing<B>(req: &Request<B>, limits: &crate::config::Limits) -> Result<
                 ));
             }
         }
-    } else if h.len() > max_headers {
+    } else if h.len() > max_headers && h2_field_count(h) > max_headers {
         return Err(ProxyError::new(
             Kind::HeadersTooLarge,
-            format!("{} headers > {max_headers}", h.len()),
+            format!("{} headers > {max_headers}", h2_field_count(h)),
+        ));
+    } else if h.get_all(header::HOST).iter().nth(1).is_some() {
+        // As over HTTP/1.1 (above): without `:authority` the virtual host was
+        // chosen by the first and anyone's guess was the upstream's; nghttp2
+        // (so Envoy) refuses a repeated `host` whether or not `:authority` is
+        // there.
+        return Err(ProxyError::new(
+            Kind::BadRequest,
+            "more than one host header",
         ));
     } else if h.get_all(header::CONTENT_LENGTH).iter().nth(1).is_some() {
         // RFC 9110 §8.6: a proxy must not forward an invalid length; over
@@ -2084,6 +2097,47 @@ fn check_framing<B>(req: &Request<B>, limits: &crate::config::Limits) -> Result<
         ));
     }
     Ok(())
+}
+
+/// `http.headers_with_underscores: drop | reject` (Envoy's
+/// `headers_with_underscores_action`): a header named with `_` is removed, or
+/// the request refused with 400, before filters and routes see it, counted.
+/// CGI-style upstreams (PHP, WSGI, Rack) read `x_user` and `x-user` as the one
+/// variable `HTTP_X_USER`, so a client's `x_user` could stand in for the
+/// `x-user` a filter sets or a rule checks.
+fn underscore_headers(
+    h: &mut http::HeaderMap,
+    action: UnderscoreHeaders,
+    listener: &crate::listener::ListenerCtx,
+) -> Result<(), ProxyError> {
+    let underscored = |k: &HeaderName| k.as_str().contains('_');
+    let Some(first) = h.keys().find(|k| underscored(k)) else {
+        return Ok(());
+    };
+    if action == UnderscoreHeaders::Reject {
+        listener.stats.underscore_headers_rejected.inc();
+        return Err(ProxyError::new(
+            Kind::BadRequest,
+            format!("header name with an underscore: {first}"),
+        ));
+    }
+    let names: Vec<HeaderName> = h.keys().filter(|k| underscored(k)).cloned().collect();
+    for name in names {
+        let fields = h.get_all(&name).iter().count();
+        listener.stats.underscore_headers_dropped.add(fields as u64);
+        h.remove(&name);
+    }
+    Ok(())
+}
+
+/// The fields of an HTTP/2 request's head as `max_request_headers` counts them:
+/// the `cookie` crumbs a client split (RFC 9113 §8.2.3; browsers send one per
+/// cookie) count as the one field they are joined into, as the same cookies
+/// count over HTTP/1.1 and as Envoy counts them. Without this, a browser with a
+/// hundred cookies got 431 over HTTP/2 only.
+fn h2_field_count(h: &http::HeaderMap) -> usize {
+    let crumbs = h.get_all(header::COOKIE).iter().count();
+    h.len() - crumbs.saturating_sub(1)
 }
 
 /// Whether a field value starts or ends with SP or HTAB.
@@ -2737,7 +2791,10 @@ fn valid_authority(a: &str) -> bool {
             port
         }
     };
-    port.bytes().all(|b| b.is_ascii_digit())
+    // RFC 3986 allows an empty port; one past 65535 names no port (nginx and
+    // Envoy refuse it), and the upstream and a `host:port` domain would read it
+    // each their own way.
+    port.bytes().all(|b| b.is_ascii_digit()) && (port.is_empty() || port.parse::<u16>().is_ok())
 }
 
 /// Whether `h` has exactly one `content-length`, all digits: one hyper's
@@ -3665,6 +3722,7 @@ mod tests {
             "a.example",
             "a.example:8080",
             "a.example:",
+            "a.example:65535",
             "127.0.0.1:80",
             "[::1]",
             "[2001:db8::1]:443",
@@ -3686,6 +3744,8 @@ mod tests {
             "u@a",
             "a.example:80x",
             "a.example:80:81",
+            "a.example:65536",
+            "a.example:99999999999999999999",
             "[::1",
             "[::1]x",
             "[zz::1]",

@@ -9,9 +9,9 @@
 //! [`forward_client_cert`], [`request_id`], [`add_via`]. Responses get
 //! [`strip_hop_by_hop`] and [`add_via`].
 //!
-//! Trust: at the edge a client can send any header. `x-forwarded-*` and
-//! `x-request-id` from an untrusted downstream are therefore replaced, never
-//! extended; only a listener configured with `trust_downstream` (behind another
+//! Trust: at the edge a client can send any header. `x-forwarded-*`,
+//! `forwarded` and `x-request-id` from an untrusted downstream are therefore
+//! replaced or removed, never extended; only a listener configured with `trust_downstream` (behind another
 //! proxy Legate trusts) keeps and appends to them. `x-forwarded-client-cert`
 //! names an identity, so trust alone does not keep it: the listener's
 //! `forward_client_cert` decides, and by default it is removed (as Envoy).
@@ -185,7 +185,7 @@ pub fn set_forwarded(
         }
     }
     if !trusted {
-        strip_envoy_headers(h);
+        strip_untrusted(h);
     }
 }
 
@@ -221,15 +221,29 @@ pub fn trusted_client(h: &HeaderMap, hops: u32) -> Option<IpAddr> {
 /// `x-forwarded-client-cert`.
 pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
+/// `forwarded` (RFC 7239).
+pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
 /// Removes what an untrusted client must not say to upstreams that trust an
 /// Envoy in front of them: `x-forwarded-client-cert` (upstreams authorize on
 /// its subject or SPIFFE id; [`forward_client_cert`] may then write this
 /// hop's) and `x-envoy-*`
 /// (`x-envoy-internal`, `x-envoy-external-address`...), as Envoy sanitizes
-/// them from external requests.
-fn strip_envoy_headers(h: &mut HeaderMap) {
-    let envoy =
-        |k: &HeaderName| *k == X_FORWARDED_CLIENT_CERT || k.as_str().starts_with("x-envoy-");
+/// them from external requests; and the forwarding facts this hop does not
+/// write: the other `x-forwarded-*` (`x-forwarded-port`, `x-forwarded-prefix`,
+/// `x-forwarded-server`...) and RFC 7239's `forwarded`. Frameworks that build
+/// absolute URLs (redirects, reset links) read them beside, or before, the
+/// three [`set_forwarded`] replaces, so a client's would poison those URLs.
+fn strip_untrusted(h: &mut HeaderMap) {
+    let envoy = |k: &HeaderName| {
+        let n = k.as_str();
+        n.starts_with("x-envoy-")
+            || *k == FORWARDED
+            || (n.starts_with("x-forwarded-")
+                && *k != X_FORWARDED_FOR
+                && *k != X_FORWARDED_PROTO
+                && *k != X_FORWARDED_HOST)
+    };
     // One pass over the names; removal only when there is something to remove.
     if !h.keys().any(envoy) {
         return;
@@ -794,6 +808,12 @@ mod tests {
             ("x-forwarded-for", "7.7.7.7"),
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "bank.example"),
+            ("x-forwarded-port", "443"),
+            ("x-forwarded-prefix", "/evil"),
+            ("forwarded", "for=6.6.6.6;host=bank.example;proto=https"),
+            ("x-forwarded-client-cert", "By=spiffe://x"),
+            ("x-envoy-internal", "true"),
+            ("x-forwardedness", "kept: not a forwarding fact"),
         ]);
         set_forwarded(
             &mut h,
@@ -805,6 +825,16 @@ mod tests {
         assert_eq!(all(&h, "x-forwarded-for"), ["10.0.0.1"]);
         assert_eq!(all(&h, "x-forwarded-proto"), ["http"]);
         assert_eq!(all(&h, "x-forwarded-host"), ["a.com:8080"]);
+        for gone in [
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "forwarded",
+            "x-forwarded-client-cert",
+            "x-envoy-internal",
+        ] {
+            assert!(all(&h, gone).is_empty(), "{gone} kept");
+        }
+        assert_eq!(all(&h, "x-forwardedness").len(), 1);
     }
 
     #[test]

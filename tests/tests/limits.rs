@@ -423,6 +423,50 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// The `cookie` crumbs an HTTP/2 client splits (browsers send one field per
+    /// cookie) count as the one field they are joined into, as the same cookies
+    /// sent on one HTTP/1.1 line count: a browser with more cookies than
+    /// `max_request_headers` got 431 over HTTP/2 only.
+    async fn cookie_crumbs_count_as_one_header(proto) {
+        let up = upstream().start().await;
+        let lg = legate()
+            .config(&limits_config(up.addr, "      max_request_headers: 10\n", ""))
+            .start();
+        let cookies: Vec<String> = (0..20).map(|i| format!("c{i}={i}")).collect();
+        let mut c = client(proto, lg.addr("web")).await;
+        let mut b = c.get("/");
+        for i in 0..5 {
+            b = b.header(&format!("x-h{i}"), "v");
+        }
+        if proto == Proto::H2 {
+            for cookie in &cookies {
+                b = b.header("cookie", cookie);
+            }
+        } else {
+            // An HTTP/1.1 client sends one `Cookie` line (RFC 6265 §5.4).
+            b = b.header("cookie", &cookies.join("; "));
+        }
+        let r = b.send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header_all("cookie"), vec![cookies.join("; ")]);
+        // Other fields still count one by one.
+        let mut c = client(proto, lg.addr("web")).await;
+        let mut b = c.get("/").header("cookie", "a=1").header("cookie", "b=2");
+        for i in 0..12 {
+            b = b.header(&format!("x-h{i}"), "v");
+        }
+        let r = b.try_send().await;
+        match r {
+            Ok(r) => assert_eq!(r.status, 431, "{}", r.text()),
+            Err(e) => panic!("no 431 for too many headers: {e:#}"),
+        }
+        assert_eq!(up.requests.get(), 1);
+        lg.assert_stat(LISTENER_2XX, 1.0).await;
+        lg.assert_stat(LISTENER_4XX, 1.0).await;
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_by_the_header_read_timeout() {
     let up = upstream().start().await;

@@ -366,6 +366,100 @@ each_proto!(
 );
 
 each_proto!(
+    /// The forwarding facts Legate does not write (`x-forwarded-port`,
+    /// `x-forwarded-prefix`, RFC 7239's `forwarded`) are removed from an
+    /// untrusted client's request, as the three it writes are replaced: an
+    /// upstream that builds redirects from them would otherwise send users to
+    /// the client's host, port or prefix. A trusted downstream's pass.
+    async fn untrusted_forwarding_facts_are_removed(proto) {
+        let up = upstream().start().await;
+        let untrusted = legate().config(&forwarding_config(up.addr, "")).start();
+        let trusted = legate()
+            .config(&forwarding_config(up.addr, "      trust_downstream: true\n"))
+            .start();
+        for (lg, kept) in [(&untrusted, false), (&trusted, true)] {
+            let mut c = client(proto, lg.addr("web")).await;
+            let r = c
+                .get("/")
+                .host("shop.example")
+                .header("x-forwarded-port", "8443")
+                .header("x-forwarded-prefix", "/evil")
+                .header("forwarded", "for=6.6.6.6;host=evil.example;proto=https")
+                .header("x-forwardedness", "not a forwarding fact")
+                .send()
+                .await;
+            assert_eq!(r.status, 200);
+            let e = r.echo();
+            for name in ["x-forwarded-port", "x-forwarded-prefix", "forwarded"] {
+                assert_eq!(
+                    e.header(name).is_some(),
+                    kept,
+                    "{name} (trusted: {kept}): {:?}",
+                    e.header(name)
+                );
+            }
+            assert_eq!(e.header_all("x-forwardedness"), vec!["not a forwarding fact"]);
+            lg.assert_stat(LISTENER_2XX, 1.0).await;
+        }
+    }
+);
+
+each_proto!(
+    /// `headers_with_underscores` (Envoy's `headers_with_underscores_action`):
+    /// `allow` (the default) passes `x_user` on, `drop` removes it before the
+    /// upstream (and routes) see the request, `reject` answers 400; each counted.
+    async fn headers_with_underscores_are_allowed_dropped_or_rejected(proto) {
+        let up = upstream().start().await;
+        fn send(c: &mut Client) -> RequestBuilder<'_> {
+            c.get("/")
+                .header("x_user", "admin")
+                .header("x_user", "root")
+                .header("x-user", "alice")
+        }
+        let allow = legate().config(&forwarding_config(up.addr, "")).start();
+        let mut c = client(proto, allow.addr("web")).await;
+        let e = send(&mut c).send().await.echo();
+        assert_eq!(e.header_all("x_user"), vec!["admin", "root"]);
+
+        let drop = legate()
+            .config(&forwarding_config(up.addr, "      headers_with_underscores: drop\n"))
+            .start();
+        let mut c = client(proto, drop.addr("web")).await;
+        let r = send(&mut c).send().await;
+        assert_eq!(r.status, 200);
+        let e = r.echo();
+        assert_eq!(e.header_all("x_user"), Vec::<&str>::new());
+        assert_eq!(e.header_all("x-user"), vec!["alice"]);
+        drop.assert_stat(
+            r#"legate_listener_underscore_headers_dropped_total{listener="web"}"#,
+            2.0,
+        )
+        .await;
+        drop.assert_stat(LISTENER_2XX, 1.0).await;
+
+        let reject = legate()
+            .config(&forwarding_config(up.addr, "      headers_with_underscores: reject\n"))
+            .start();
+        let mut c = client(proto, reject.addr("web")).await;
+        let r = send(&mut c).send().await;
+        assert_eq!(r.status, 400);
+        assert_eq!(r.text(), "bad_request\n");
+        let mut c = client(proto, reject.addr("web")).await;
+        assert_eq!(c.get("/").header("x-user", "alice").send().await.status, 200);
+        reject
+            .assert_stat(
+                r#"legate_listener_underscore_headers_rejected_total{listener="web"}"#,
+                1.0,
+            )
+            .await;
+        reject
+            .assert_stat(r#"legate_listener_requests_total{listener="web",class="4xx"}"#, 1.0)
+            .await;
+        assert_eq!(up.requests.get(), 3, "a rejected request reached the upstream");
+    }
+);
+
+each_proto!(
     /// Hop-by-hop headers go and the forwarding facts are set before routes
     /// (and filters) see the request: a client cannot pick a route by a
     /// spoofed `x-forwarded-for`, nor strip the generated request id by

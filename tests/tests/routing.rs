@@ -94,6 +94,50 @@ each_proto!(
 );
 
 each_proto!(
+    /// More than one `host` field is a 400 over both protocols: over HTTP/2
+    /// one request could name a virtual host by its first `host` and an
+    /// upstream by another (nghttp2, so Envoy, refuses it too).
+    async fn a_repeated_host_is_400(proto) {
+        let lg = legate().config(&vhost_config(true)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .get("/")
+            .host("api.example.com")
+            .header("host", "api.example.com")
+            .header("host", "www.example.com")
+            .send()
+            .await;
+        assert_eq!(r.status, 400);
+        assert_eq!(r.text(), "bad_request\n");
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/").host("api.example.com").send().await.text(), "exact");
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="4xx"}"#, 1.0)
+            .await;
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="2xx"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// A port past 65535 in the authority names no port: 400, as a port with a
+    /// letter in it is, so it never reaches a virtual host or an upstream.
+    async fn a_port_past_65535_is_400(proto) {
+        let lg = legate().config(&vhost_config(true)).start();
+        for host in ["api.example.com:65536", "api.example.com:99999"] {
+            let mut c = client(proto, lg.addr("web")).await;
+            let r = c.get("/").host(host).send().await;
+            assert_eq!(r.status, 400, "{host}");
+            assert_eq!(r.text(), "bad_request\n");
+        }
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/").host("api.example.com:65535").send().await;
+        assert_eq!(r.text(), "exact");
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="4xx"}"#, 2.0)
+            .await;
+    }
+);
+
+each_proto!(
     async fn a_domain_with_a_trailing_dot_matches_its_host(proto) {
         // `api.test.` is a fully qualified name: the same host as `api.test`, as a
         // request's trailing dot is ignored, so it must win over the wildcard.

@@ -390,6 +390,13 @@ pub struct HttpListener {
     /// What `%2F` and `%5C` in the path become. Default `keep`, as Envoy.
     #[serde(default)]
     pub path_with_escaped_slashes: EscapedSlashes,
+    /// What a request header whose name holds `_` does (Envoy's
+    /// `headers_with_underscores_action`). Default `allow`, as Envoy: names
+    /// with `_` are valid HTTP; `reject` or `drop` at an edge in front of
+    /// upstreams that read headers as CGI variables (`x_user` and `x-user`
+    /// are both `HTTP_X_USER` there).
+    #[serde(default)]
+    pub headers_with_underscores: UnderscoreHeaders,
     /// Longest a request may go without activity (headers, body data or
     /// trailers of the request or the response), as Envoy's connection
     /// manager's `stream_idle_timeout`: before the response head, the client
@@ -484,6 +491,21 @@ pub enum EscapedSlashes {
     Reject,
     /// Decode them (`%2F` → `/`, `%5C` → `\`) and forward the decoded path.
     Unescape,
+}
+
+/// What to do with a request header whose name contains `_` (Envoy's
+/// `headers_with_underscores_action`; nginx drops them by default,
+/// `underscores_in_headers off`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoreHeaders {
+    /// Pass them on.
+    #[default]
+    Allow,
+    /// Remove them before filters, routes and the upstream see the request.
+    Drop,
+    /// Refuse the request with 400.
+    Reject,
 }
 
 /// Settings of a TCP proxy listener.
@@ -1982,6 +2004,7 @@ clusters:
         assert!(http.via.is_none());
         assert!(http.normalize_path && !http.merge_slashes);
         assert_eq!(http.path_with_escaped_slashes, EscapedSlashes::Keep);
+        assert_eq!(http.headers_with_underscores, UnderscoreHeaders::Allow);
         assert_eq!(http.stream_idle_timeout.get(), Duration::from_secs(300));
         assert!(l.tls.is_none() && l.tcp.is_none() && !l.original_destination);
         assert_eq!(l.limits.max_connections, Limits::default().max_connections);
@@ -2327,6 +2350,7 @@ clusters:
         [
             variants::<TlsVersion>(),
             variants::<EscapedSlashes>(),
+            variants::<UnderscoreHeaders>(),
             variants::<RetryOn>(),
             variants::<LbPolicy>(),
             variants::<UpstreamProtocol>(),
