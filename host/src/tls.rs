@@ -53,6 +53,90 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// [`provider`] with only the cipher suites and key exchange groups named
+/// (`cipher_suites`, `ecdh_curves`; an empty list keeps all of its kind).
+/// Config validation has refused an unknown name already.
+fn provider_with(suites: &[String], groups: &[String]) -> anyhow::Result<Arc<CryptoProvider>> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if !suites.is_empty() {
+        provider.cipher_suites = suites
+            .iter()
+            .map(|n| cipher_suite(n).ok_or_else(|| anyhow!("unknown cipher suite `{n}`")))
+            .collect::<anyhow::Result<_>>()?;
+    }
+    if !groups.is_empty() {
+        provider.kx_groups = groups
+            .iter()
+            .map(|n| kx_group(n).ok_or_else(|| anyhow!("unknown ECDH curve `{n}`")))
+            .collect::<anyhow::Result<_>>()?;
+    }
+    Ok(Arc::new(provider))
+}
+
+/// The names `cipher_suites` takes, for messages: TLS 1.3's by their IANA
+/// name, TLS 1.2's by OpenSSL's (their IANA names are taken too).
+pub const CIPHER_SUITE_NAMES: &str = "TLS_AES_256_GCM_SHA384, TLS_AES_128_GCM_SHA256, \
+     TLS_CHACHA20_POLY1305_SHA256 (TLS 1.3); ECDHE-ECDSA-AES256-GCM-SHA384, \
+     ECDHE-ECDSA-AES128-GCM-SHA256, ECDHE-ECDSA-CHACHA20-POLY1305, ECDHE-RSA-AES256-GCM-SHA384, \
+     ECDHE-RSA-AES128-GCM-SHA256, ECDHE-RSA-CHACHA20-POLY1305 (TLS 1.2)";
+
+/// The names `ecdh_curves` takes, for messages.
+pub const ECDH_CURVE_NAMES: &str = "X25519, P-256, P-384";
+
+/// The suite a `cipher_suites` entry names: an IANA name (rustls's
+/// `TLS13_` spelling too) or OpenSSL's, as Envoy and nginx configs write it.
+fn cipher_suite(name: &str) -> Option<rustls::SupportedCipherSuite> {
+    use rustls::crypto::ring::cipher_suite as cs;
+    Some(match name {
+        "TLS_AES_256_GCM_SHA384" | "TLS13_AES_256_GCM_SHA384" => cs::TLS13_AES_256_GCM_SHA384,
+        "TLS_AES_128_GCM_SHA256" | "TLS13_AES_128_GCM_SHA256" => cs::TLS13_AES_128_GCM_SHA256,
+        "TLS_CHACHA20_POLY1305_SHA256" | "TLS13_CHACHA20_POLY1305_SHA256" => {
+            cs::TLS13_CHACHA20_POLY1305_SHA256
+        }
+        "ECDHE-ECDSA-AES256-GCM-SHA384" | "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384" => {
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+        }
+        "ECDHE-ECDSA-AES128-GCM-SHA256" | "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256" => {
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        }
+        "ECDHE-ECDSA-CHACHA20-POLY1305" | "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256" => {
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        }
+        "ECDHE-RSA-AES256-GCM-SHA384" | "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384" => {
+            cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+        }
+        "ECDHE-RSA-AES128-GCM-SHA256" | "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256" => {
+            cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        }
+        "ECDHE-RSA-CHACHA20-POLY1305" | "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256" => {
+            cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+        }
+        _ => return None,
+    })
+}
+
+/// Whether `name` is a suite `cipher_suites` takes, and if so whether it
+/// is a TLS 1.3 one (config validation).
+pub fn cipher_suite_is_tls13(name: &str) -> Option<bool> {
+    cipher_suite(name).map(|s| matches!(s, rustls::SupportedCipherSuite::Tls13(_)))
+}
+
+/// The group an `ecdh_curves` entry names (OpenSSL's aliases too).
+fn kx_group(name: &str) -> Option<&'static dyn rustls::crypto::SupportedKxGroup> {
+    use rustls::crypto::ring::kx_group;
+    Some(match name {
+        "X25519" | "x25519" => kx_group::X25519,
+        "P-256" | "prime256v1" | "secp256r1" => kx_group::SECP256R1,
+        "P-384" | "secp384r1" => kx_group::SECP384R1,
+        _ => return None,
+    })
+}
+
+/// Whether `name` is a group `ecdh_curves` takes (config validation).
+pub fn is_ecdh_curve(name: &str) -> bool {
+    kx_group(name).is_some()
+}
+
 /// Builds the server config for a listener: all certificates loaded and checked, SNI
 /// certificate selection, minimum protocol version, client-certificate verification,
 /// ALPN (`alpn` in preference order, e.g. `[b"h2", b"http/1.1"]`) and resumption.
@@ -118,7 +202,7 @@ type ServerParts = (
 );
 
 fn server_parts(cfg: &config::ListenerTls, alpn: &[&[u8]]) -> anyhow::Result<ServerParts> {
-    let provider = provider();
+    let provider = provider_with(&cfg.cipher_suites, &cfg.ecdh_curves)?;
     let resolver = Arc::new(SniResolver::load(&cfg.certificates, &provider)?);
 
     let versions: &[&'static SupportedProtocolVersion] = match cfg.min_version {
@@ -294,7 +378,7 @@ pub fn client_parts(
     cfg: &config::UpstreamTls,
     alpn: &[&[u8]],
 ) -> anyhow::Result<(Arc<ClientConfig>, Vec<LoadedCerts>)> {
-    let provider = provider();
+    let provider = provider_with(&cfg.cipher_suites, &cfg.ecdh_curves)?;
     let mut certificates = Vec::new();
     let roots = match &cfg.ca {
         Some(ca) => {
@@ -1493,6 +1577,8 @@ mod tests {
                 .collect(),
             min_version: TlsVersion::V1_2,
             client_auth: None,
+            cipher_suites: Vec::new(),
+            ecdh_curves: Vec::new(),
         }
     }
 
@@ -1505,6 +1591,8 @@ mod tests {
             crl: None,
             only_verify_leaf_cert_crl: false,
             match_subject_alt_names: Vec::new(),
+            cipher_suites: Vec::new(),
+            ecdh_curves: Vec::new(),
         }
     }
 
@@ -1885,6 +1973,42 @@ mod tests {
         });
         let out = connect(&server_config(&cfg, &[]).unwrap(), &client, "a.test").await;
         assert!(out.server.unwrap().peer.is_some());
+    }
+
+    /// `cipher_suites` and `ecdh_curves` limit what a handshake may use, on
+    /// both sides, by IANA or OpenSSL names.
+    #[tokio::test]
+    async fn cipher_suites_and_curves_limit_the_handshake() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let any = any_cert_client(BOTH, &[], true);
+
+        let mut cfg = listener(&[(&a, &[])]);
+        cfg.cipher_suites = names(&["TLS_AES_256_GCM_SHA384"]);
+        let out = connect(&server_config(&cfg, &[]).unwrap(), &any, "a.test").await;
+        assert_eq!(out.server.unwrap().cipher, "TLS_AES_256_GCM_SHA384");
+
+        cfg.cipher_suites = names(&["ECDHE-ECDSA-AES128-GCM-SHA256"]);
+        let out = connect(&server_config(&cfg, &[]).unwrap(), &any, "a.test").await;
+        let info = out.server.unwrap();
+        assert_eq!(
+            (info.version, info.cipher),
+            ("TLSv1.2", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256")
+        );
+
+        // A client (an upstream cluster's config) offering only X25519 cannot
+        // meet a listener accepting only P-384; one offering both can.
+        cfg.cipher_suites = Vec::new();
+        cfg.ecdh_curves = names(&["P-384"]);
+        let server = server_config(&cfg, &[]).unwrap();
+        let mut up = upstream(Some(&pki.ca), None);
+        up.ecdh_curves = names(&["X25519"]);
+        let out = connect(&server, &client_config(&up, &[]).unwrap(), "a.test").await;
+        assert!(out.client.is_err());
+        up.ecdh_curves = names(&["X25519", "secp384r1"]);
+        let out = connect(&server, &client_config(&up, &[]).unwrap(), "a.test").await;
+        assert!(out.client.is_ok(), "{:?}", out.client.err());
     }
 
     /// `match_subject_alt_names` stands in for the SNI check only: the

@@ -537,6 +537,16 @@ pub struct ListenerTls {
     /// Client-certificate verification (mTLS); absent = no client certificates.
     #[serde(default)]
     pub client_auth: Option<ClientAuth>,
+    /// The cipher suites accepted, by IANA or OpenSSL name (Envoy's
+    /// `tls_params.cipher_suites`, nginx's `ssl_ciphers`); empty = every
+    /// suite rustls has (all AEAD with forward secrecy, so the default is
+    /// what a hardening guide would pick).
+    #[serde(default)]
+    pub cipher_suites: Vec<String>,
+    /// The key exchange groups accepted (Envoy's `ecdh_curves`, nginx's
+    /// `ssl_ecdh_curve`): `X25519`, `P-256`, `P-384`; empty = all three.
+    #[serde(default)]
+    pub ecdh_curves: Vec<String>,
 }
 
 /// A certificate chain, its key, and the SNI names it serves.
@@ -1667,6 +1677,14 @@ pub struct UpstreamTls {
     /// SNI check.
     #[serde(default)]
     pub match_subject_alt_names: Vec<SanMatch>,
+    /// The cipher suites offered, as a listener's `cipher_suites`; empty =
+    /// every suite rustls has.
+    #[serde(default)]
+    pub cipher_suites: Vec<String>,
+    /// The key exchange groups offered, as a listener's `ecdh_curves`;
+    /// empty = all of them.
+    #[serde(default)]
+    pub ecdh_curves: Vec<String>,
 }
 
 /// One subjectAltName an upstream's certificate may have: exactly one of

@@ -797,6 +797,16 @@ fn validate_listener(
             .key("tls")
             .key("certificates");
         }
+        let owner = format!("listener `{}`", l.name);
+        let needs_tls13 = tls.min_version == TlsVersion::V1_3;
+        validate_tls_params(
+            e,
+            loc,
+            &owner,
+            &tls.cipher_suites,
+            &tls.ecdh_curves,
+            needs_tls13,
+        );
         if let Some(auth) = &tls.client_auth {
             if auth.only_verify_leaf_cert_crl && auth.crl.is_none() {
                 e.at(
@@ -1619,6 +1629,73 @@ fn validate_client_cert_match(e: &mut Issues, loc: &Location, c: &ClientCertMatc
     }
 }
 
+/// A list of names a `tls` section takes: its key, its entries, the names
+/// known (for the help) and the test of one.
+type NameList<'a> = (&'a str, &'a [String], &'a str, &'a dyn Fn(&str) -> bool);
+
+/// A `tls` section's `cipher_suites` and `ecdh_curves` (of `owner`, placed
+/// under `loc`'s `tls`): known names, none twice, and (`needs_tls13`: a
+/// listener with `min_version: "1.3"`) a suite the versions allowed can use.
+fn validate_tls_params(
+    e: &mut Issues,
+    loc: &Location,
+    owner: &str,
+    suites: &[String],
+    curves: &[String],
+    needs_tls13: bool,
+) {
+    let suite_known = |n: &str| crate::tls::cipher_suite_is_tls13(n).is_some();
+    let lists: [NameList<'_>; 2] = [
+        (
+            "cipher_suites",
+            suites,
+            crate::tls::CIPHER_SUITE_NAMES,
+            &suite_known,
+        ),
+        (
+            "ecdh_curves",
+            curves,
+            crate::tls::ECDH_CURVE_NAMES,
+            &crate::tls::is_ecdh_curve,
+        ),
+    ];
+    for (key, names, known, valid) in lists {
+        for (i, name) in names.iter().enumerate() {
+            let (what, help) = if !valid(name) {
+                (
+                    format!("`{name}` is not one Legate has"),
+                    format!("use {known}"),
+                )
+            } else if names[..i].contains(name) {
+                (
+                    format!("`{name}` is listed twice"),
+                    "remove this entry".to_string(),
+                )
+            } else {
+                continue;
+            };
+            e.at(loc, format!("{owner}: `tls.{key}[{i}]`: {what}"), help)
+                .key("tls")
+                .key(key)
+                .index(i);
+        }
+    }
+    let tls13 = suites
+        .iter()
+        .any(|n| crate::tls::cipher_suite_is_tls13(n) == Some(true));
+    if needs_tls13 && !suites.is_empty() && !tls13 {
+        e.at(
+            loc,
+            format!(
+                "{owner}: `tls.cipher_suites` has no TLS 1.3 suite, but `min_version` is \"1.3\""
+            ),
+            "add TLS_AES_128_GCM_SHA256 (or another TLS 1.3 suite), or lower `min_version`",
+        )
+        .key("tls")
+        .key("cipher_suites");
+    }
+}
+
 /// `t` (`what`, as the message names it; placed under `loc` by `placed`) has exactly one of `exact`,
 /// `prefix` and `regex`, and its regex compiles.
 fn validate_string_match(
@@ -2005,6 +2082,8 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
             }
             _ => {}
         }
+        let owner = format!("cluster `{}`", c.name);
+        validate_tls_params(e, loc, &owner, &tls.cipher_suites, &tls.ecdh_curves, false);
         if tls.crl.is_some() && tls.ca.is_none() {
             e.at(
                 loc,
