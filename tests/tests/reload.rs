@@ -989,38 +989,20 @@ each_proto!(
             .await;
         let dir = TempDir::new();
         let ca_file = dir.write("ca.pem", std::fs::read(&ca.cert_path).unwrap());
-        let config = format!(
-            "version: 1
-admin:
-  address: 127.0.0.1:0
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    http:
-      routes: main
-routes:
-  - name: main
-    virtual_hosts:
-      - name: all
-        domains: [\"*\"]
-        routes:
-          - cluster: backend
-clusters:
-  - name: backend
+        // The second endpoint, then the cluster's other keys.
+        let cluster = format!(
+            "      - address: {}
     tls:
       sni: backend.internal
       ca: {}
     outlier_detection:
       consecutive_5xx: 1
       base_ejection_time: 1h
-    endpoints:
-      - address: {}
-      - address: {}
 ",
-            ca_file.display(),
-            good.addr,
-            bad.addr
+            bad.addr,
+            ca_file.display()
         );
+        let config = yaml(good.addr, false, "", &cluster, "");
         let lg = start(&config, None, 1);
         let ejected = r#"legate_cluster_outlier_detection_ejections_active{cluster="backend"}"#;
         let mut c = client(proto, lg.addr("web")).await;

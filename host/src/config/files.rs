@@ -43,6 +43,13 @@ fn ca_help(problem: FileProblem, what: &str) -> String {
     help_for(problem, what, "")
 }
 
+/// What is wrong with the CRL file `crl` names, if any: the message
+/// (through `shown`) and its help.
+fn crl_problem(crl: Option<&Path>, shown: &dyn Fn(&str) -> String) -> Option<(String, String)> {
+    let err = crate::tls::check_crls(crl?).err()?;
+    Some((shown(&err.to_string()), crl_help(err.problem)))
+}
+
 /// Help for a CRL file with `problem`.
 fn crl_help(problem: FileProblem) -> String {
     match problem {
@@ -140,18 +147,11 @@ impl Config {
                         .key("client_auth")
                         .key("ca");
                 }
-                if let Some(crl) = &auth.crl {
-                    if let Err(err) = crate::tls::check_crls(crl) {
-                        let msg = shown(&err.to_string());
-                        e.at(
-                            loc,
-                            format!("listener `{}`: {msg}", l.name),
-                            crl_help(err.problem),
-                        )
+                if let Some((msg, help)) = crl_problem(auth.crl.as_deref(), &shown) {
+                    e.at(loc, format!("listener `{}`: {msg}", l.name), help)
                         .key("tls")
                         .key("client_auth")
                         .key("crl");
-                    }
                 }
             }
         }
@@ -168,17 +168,10 @@ impl Config {
                             .key("ca");
                     }
                 }
-                if let Some(crl) = &tls.crl {
-                    if let Err(err) = crate::tls::check_crls(crl) {
-                        let msg = shown(&err.to_string());
-                        e.at(
-                            loc,
-                            format!("cluster `{}`: {msg}", c.name),
-                            crl_help(err.problem),
-                        )
+                if let Some((msg, help)) = crl_problem(tls.crl.as_deref(), &shown) {
+                    e.at(loc, format!("cluster `{}`: {msg}", c.name), help)
                         .key("tls")
                         .key("crl");
-                    }
                 }
                 if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
                     for p in cert_key_problems(cert, key, "client_cert", &shown) {
