@@ -1066,7 +1066,7 @@ fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone,
 
 /// Whose TLS files: `("listener", name)` or `("cluster", name)`, and what
 /// they hold.
-type CertOwner = (&'static str, String, Vec<crate::tls::LoadedCerts>);
+type CertOwner = (&'static str, String, Arc<[crate::tls::LoadedCerts]>);
 
 /// The TLS certificates in force: each listener's (as it serves them now, a
 /// renewal included), then each cluster's, by name. Owners without any are
@@ -1086,9 +1086,8 @@ fn certificates_in_force(shared: &Shared) -> Vec<CertOwner> {
     names.sort();
     for name in names {
         if let Some(entry) = snapshot.clusters.get(name) {
-            let certs = entry.upstream.tls_certificates();
-            if !certs.is_empty() {
-                owners.push(("cluster", name.to_string(), certs.to_vec()));
+            if let Some(certs) = entry.upstream.tls_certificates().filter(|c| !c.is_empty()) {
+                owners.push(("cluster", name.to_string(), certs));
             }
         }
     }
@@ -1112,7 +1111,7 @@ fn certs_json(owners: &[CertOwner]) -> serde_json::Value {
         .iter()
         .map(|(kind, name, loaded)| {
             let mut entry = serde_json::json!({ *kind: name, "cert_chain": [], "ca_cert": [] });
-            for l in loaded {
+            for l in loaded.iter() {
                 if let Some(list) = entry[l.role_name()].as_array_mut() {
                     list.extend(l.certs.iter().map(|c| c.to_json(&l.path, now)));
                 }

@@ -155,7 +155,7 @@ pub struct ServerTls {
     resolver: Arc<SniResolver>,
     /// The certificates it serves, then the client CAs it trusts: what `GET
     /// /certs` and the expiry series show.
-    pub certificates: Vec<LoadedCerts>,
+    pub certificates: Arc<[LoadedCerts]>,
 }
 
 impl ServerTls {
@@ -174,7 +174,7 @@ impl ServerTls {
         Ok(ServerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(config),
             resolver,
-            certificates,
+            certificates: certificates.into(),
         })
     }
 

@@ -103,7 +103,7 @@ pub struct UpstreamSettings {
 struct UpstreamTls {
     connector: TlsConnector,
     /// What it presents and trusts, for `GET /certs` and the expiry series.
-    certificates: Vec<crate::tls::LoadedCerts>,
+    certificates: Arc<[crate::tls::LoadedCerts]>,
     /// Configured SNI; `None` = the endpoint's host.
     sni: Option<ServerName<'static>>,
 }
@@ -111,8 +111,8 @@ struct UpstreamTls {
 impl UpstreamSettings {
     /// The certificates its TLS presents and trusts (its files; not the
     /// built-in roots): none without TLS.
-    pub fn tls_certificates(&self) -> &[crate::tls::LoadedCerts] {
-        self.tls.as_ref().map_or(&[], |t| &t.certificates)
+    pub fn tls_certificates(&self) -> Option<Arc<[crate::tls::LoadedCerts]>> {
+        self.tls.as_ref().map(|t| t.certificates.clone())
     }
 
     /// Settings for `cluster`, loading its TLS files.
@@ -139,7 +139,7 @@ impl UpstreamSettings {
                 };
                 Some(UpstreamTls {
                     connector: TlsConnector::from(cfg),
-                    certificates,
+                    certificates: certificates.into(),
                     sni,
                 })
             }
