@@ -117,6 +117,10 @@ struct Outcome {
     /// Why the upstream connection's TLS failed, when that failed the
     /// request: the access log's `upstream_transport_failure_reason`.
     transport_failure: Option<String>,
+    /// When the upstream's response head arrived: the access log's
+    /// `response_duration_ms` and the debug headers' `first-byte` (taken
+    /// only when either wants it).
+    upstream_head_at: Option<Instant>,
 }
 
 /// Timings and facts of the debug headers ([`crate::overrides::Debug`]).
@@ -125,9 +129,6 @@ struct DebugFacts {
     on: bool,
     request_filters: Option<Duration>,
     response_filters: Option<Duration>,
-    /// When the upstream's response head arrived (also the access log's
-    /// `response_duration_ms`: taken when either wants it).
-    first_byte: Option<Instant>,
     connection: Option<crate::upstream::ConnectionUse>,
 }
 
@@ -412,7 +413,9 @@ fn add_debug_headers(conn: &ConnCtx, out: &Outcome, start: Instant, h: &mut http
         attempts: out.attempts,
         connection: d.connection,
         request_filters: d.request_filters,
-        first_byte: d.first_byte.map(|t| t.saturating_duration_since(start)),
+        first_byte: out
+            .upstream_head_at
+            .map(|t| t.saturating_duration_since(start)),
         response_filters: d.response_filters,
         total: start.elapsed(),
         cause: out.cause,
@@ -919,7 +922,7 @@ async fn proxy(
         }
         let mut resp = result?;
         if out.debug.on || conn.worker.shared.access_log.is_some() {
-            out.debug.first_byte = Some(Instant::now());
+            out.upstream_head_at = Some(Instant::now());
         }
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -3439,8 +3442,7 @@ impl Drop for Done {
                 bytes_received: self.received.as_ref().map_or(0, |r| r.get()),
                 duration_ms: crate::access_log::millis(elapsed),
                 response_duration_ms: o
-                    .debug
-                    .first_byte
+                    .upstream_head_at
                     .map(|t| crate::access_log::millis(t.saturating_duration_since(self.start))),
                 route: o.route.as_ref().map(|r| &*r.name),
                 route_table: o.route.as_ref().map(|r| &*r.table),
