@@ -2676,6 +2676,56 @@ async fn grpc_status_and_trailers_are_response_properties() {
 }
 
 each_proto!(
+    /// `request.size` and `response.size` without a `content-length` are the
+    /// body bytes so far in every callback, as Envoy's `bytesReceived()` and
+    /// `bytesSent()`: 0 at the request head, the whole request body at its
+    /// end of stream, the response's chunks that have left at its last one,
+    /// the whole of each in `on_log`. They were `NOT_FOUND` before `on_log`.
+    /// `request.total_size` adds the head's names and values.
+    async fn body_sizes_are_the_bytes_so_far_in_every_callback(proto) {
+        let up = upstream()
+            .route("/stream", |req: Request<Incoming>| async move {
+                // The whole request first, then an answer of unknown
+                // length in three chunks (9 bytes).
+                let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                let chunks = ["abc", "defg", "hi"]
+                    .map(|c| Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(c))));
+                Response::new(http_body_util::BodyExt::boxed(
+                    http_body_util::StreamBody::new(futures_util::stream::iter(chunks)),
+                ))
+            })
+            .start()
+            .await;
+        let p = plugin("sz", "{ mode: sizes-so-far }", "");
+        let lg = legate().config(&config(up.addr, &p, &["sz"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .post("/stream")
+            .streamed_body(&b"hello world"[..], 4)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.body, &b"abcdefghi"[..]);
+        let stat = |n: &str| format!("legate_proxywasm_pw_sofar_{n}{{plugin=\"sz\"}}");
+        lg.assert_stat(&stat("rqhead_0_0"), 1.0).await;
+        lg.assert_stat(&stat("rqbody_11_0"), 1.0).await;
+        lg.assert_stat(&stat("rshead_11_0"), 1.0).await;
+        lg.assert_stat(&stat("total_true"), 1.0).await;
+        lg.assert_stat(&stat("log_11_9"), 1.0).await;
+        // At the last chunk, those before it have left.
+        let text = lg.stats().await;
+        let last = text
+            .lines()
+            .find(|l| l.starts_with("legate_proxywasm_pw_sofar_rsbody_"))
+            .unwrap_or_else(|| panic!("no rsbody series:\n{text}"));
+        assert!(last.contains("_9{"), "{last}");
+        assert!(!last.contains("_none_"), "{last}");
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="sz"}"#, 0.0)
+            .await;
+    }
+);
+
+each_proto!(
     /// `response.flags`, which Istio's stats filter decodes into its
     /// `response_flags` label, holds Envoy's bits for how the exchange
     /// ended: `0` for an upstream's answer, `UF` for an endpoint that

@@ -30,6 +30,16 @@
 //!   property not found, `<none>` for the message), in `pw_flags_<n>`
 //!   what it reads of `response.flags`, and in `pw_sizes_<req>_<resp>` what
 //!   it reads of `request.size` and `response.size`.
+//! - `sizes-so-far`: what a byte counter reads of `request.size` and
+//!   `response.size` as the exchange goes: counter
+//!   `pw_sofar_<at>_<request.size>_<response.size>` in the request headers
+//!   callback (`rqhead`), the request body callback at end of stream
+//!   (`rqbody`), the response headers callback (`rshead`) and `on_log`
+//!   (`log`); the response body callback at end of stream counts
+//!   `pw_sofar_rsbody_<response.size>_<that + its chunk's length>`, and the
+//!   response headers callback `pw_sofar_total_<bool>`: whether
+//!   `request.total_size` is `request.size` plus the request head's names
+//!   and values (`none` for a property not found).
 //! - `filter-state` (Envoy's filter state shared by a stream's filters; the
 //!   config's `tag` is the role): a `writer` sets property `pw_peer` to
 //!   request header `x-fs-write` when there is one (`set_property`, in the
@@ -1809,6 +1819,28 @@ extern "C" {
     ) -> u32;
 }
 
+/// An int property as text (`none` when it is not found).
+fn int_prop(c: &dyn Context, path: &[&str]) -> String {
+    c.get_property(path.to_vec())
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map_or("none".to_string(), |b| i64::from_le_bytes(b).to_string())
+}
+
+/// Adds 1 to counter `name` (defined on first use).
+fn bump(name: &str) {
+    if let Ok(m) = hostcalls::define_metric(MetricType::Counter, name) {
+        hostcalls::increment_metric(m, 1).ok();
+    }
+}
+
+/// `sizes-so-far`: what a byte counter reads of `request.size` and
+/// `response.size` in each callback (see the module docs).
+fn count_sizes(c: &dyn Context, at: &str) {
+    let rq = int_prop(c, &["request", "size"]);
+    let rs = int_prop(c, &["response", "size"]);
+    bump(&format!("pw_sofar_{at}_{rq}_{rs}"));
+}
+
 /// `proxy_send_local_response` with `details` (the SDK's
 /// `send_http_response` sends none), no headers.
 fn send_local_response_with_details(status: u32, details: &str, body: &[u8]) {
@@ -1855,6 +1887,10 @@ impl HttpContext for Filter {
         }
         let path = self.get_http_request_header(":path").unwrap_or_default();
         self.path = path.clone();
+        if self.s.mode == "sizes-so-far" {
+            count_sizes(self, "rqhead");
+            return Action::Continue;
+        }
         if self.s.mode == "empty" {
             let configs = [
                 ("x-pw-plugin-config", self.s.plugin_config_seen.clone()),
@@ -2609,6 +2645,12 @@ impl HttpContext for Filter {
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.body_calls += 1;
         self.count_early_body();
+        if self.s.mode == "sizes-so-far" {
+            if end_of_stream {
+                count_sizes(self, "rqbody");
+            }
+            return Action::Continue;
+        }
         if self.s.mode == "empty" {
             if body_size > 0 && !self.seen.iter().any(|(k, _)| k == "x-pw-body-zero") {
                 // Zero bytes of a body that has some, and bytes past its end.
@@ -2786,6 +2828,17 @@ impl HttpContext for Filter {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.count_early_body();
+        if self.s.mode == "sizes-so-far" {
+            if end_of_stream {
+                // The chunks before this one have left; this one has not.
+                let sent = int_prop(self, &["response", "size"]);
+                let total = sent
+                    .parse::<usize>()
+                    .map_or("none".into(), |n| (n + body_size).to_string());
+                bump(&format!("pw_sofar_rsbody_{sent}_{total}"));
+            }
+            return Action::Continue;
+        }
         if self.s.mode == "trailers-callout" && !end_of_stream {
             return Action::Pause;
         }
@@ -2900,6 +2953,23 @@ impl HttpContext for Filter {
         if self.s.mode == "noop" {
             return Action::Continue;
         }
+        if self.s.mode == "sizes-so-far" {
+            count_sizes(self, "rshead");
+            // `request.total_size`: the body so far and the head's names and
+            // values, pseudo-headers included, as Envoy's.
+            let head: usize = self
+                .get_http_request_headers_bytes()
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum();
+            let size = int_prop(self, &["request", "size"])
+                .parse::<usize>()
+                .unwrap_or(0);
+            let total = int_prop(self, &["request", "total_size"]);
+            let ok = total == (size + head).to_string();
+            bump(&format!("pw_sofar_total_{ok}"));
+            return Action::Continue;
+        }
         if self.s.mode == "self-resume" {
             self.set_http_response_header("x-pw-self-resp", Some("resumed"));
             self.resume_http_response();
@@ -3008,6 +3078,10 @@ impl HttpContext for Filter {
             return;
         }
         proxy_wasm::hostcalls::log(LogLevel::Info, &format!("on_log {}", self.id)).ok();
+        if self.s.mode == "sizes-so-far" {
+            count_sizes(self, "log");
+            return;
+        }
         if self.s.mode == "order" {
             let name = if self.done {
                 "pw_log_after_done"
