@@ -1100,6 +1100,51 @@ each_proto!(
     }
 );
 
+/// A reload that replaces or removes a plugin ends each worker's VM of it
+/// as Envoy tears a plugin down: `proxy_on_done`, then `proxy_on_delete`, on
+/// its root context (neither was ever called). A root context whose
+/// `on_done` traps is logged and its VM dropped (no `on_delete`): the
+/// reload and the other plugins go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_ends_the_root_contexts_of_the_plugins_it_removes() {
+    let up = upstream().start().await;
+    let rd =
+        |name: &str, tag: &str| plugin(name, &format!("{{ mode: root-done, tag: {tag} }}"), "");
+    let stat = |plugin: &str, name: &str| {
+        format!("legate_proxywasm_pw_root_{name}{{plugin=\"{plugin}\"}}")
+    };
+    let instances = |plugin: &str| format!("legate_plugin_instances{{plugin=\"{plugin}\"}}");
+    let lg = legate()
+        .config(&config(
+            up.addr,
+            &(rd("rd", "a") + &rd("bad", "trap")),
+            &["rd", "bad"],
+        ))
+        .concurrency(2)
+        .from_file()
+        .start();
+    // Each worker runs a VM of each (they tick), the load's check VM is gone:
+    // none ended its root context.
+    lg.assert_stat(&instances("rd"), 2.0).await;
+    lg.assert_stat(&instances("bad"), 2.0).await;
+    assert_eq!(lg.stat(&stat("rd", "done_a")).await, None);
+    assert_eq!(lg.stat(&stat("rd", "deleted")).await, None);
+
+    // `rd` is replaced (its configuration changed), `bad` removed.
+    lg.reload_ok(&config(up.addr, &rd("rd", "b"), &["rd"]))
+        .await;
+    lg.assert_stat(&stat("rd", "done_a"), 2.0).await;
+    lg.assert_stat(&stat("rd", "deleted"), 2.0).await;
+    lg.assert_stat(&stat("bad", "done_trap"), 2.0).await;
+    assert_eq!(lg.stat(&stat("bad", "deleted")).await, None);
+    // The new `rd` runs, its root context alive.
+    lg.assert_stat(&instances("rd"), 2.0).await;
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let r = c.get("/").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(lg.stat(&stat("rd", "done_b")).await, None);
+}
+
 /// The hostile guest on every path; `path` misbehaves and gets the failure policy,
 /// the next request is served by a fresh VM. The VM's memory is in the memory
 /// gauge, and leaves it with the VM.

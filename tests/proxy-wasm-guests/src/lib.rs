@@ -30,6 +30,10 @@
 //!   property not found, `<none>` for the message), in `pw_flags_<n>`
 //!   what it reads of `response.flags`, and in `pw_sizes_<req>_<resp>` what
 //!   it reads of `request.size` and `response.size`.
+//! - `root-done`: the root context ticks (so each worker starts the VM with
+//!   the config); its `on_done` counts `pw_root_done_<tag>` (and panics
+//!   with `tag: trap`), its `proxy_on_delete` (which drops it) counts
+//!   `pw_root_deleted`.
 //! - `sizes-so-far`: what a byte counter reads of `request.size` and
 //!   `response.size` as the exchange goes: counter
 //!   `pw_sofar_<at>_<request.size>_<response.size>` in the request headers
@@ -582,7 +586,27 @@ impl Root {
     }
 }
 
+/// `root-done`: the root context's end, as Envoy's teardown of a plugin
+/// (`proxy_on_delete` drops it).
+impl Drop for Root {
+    fn drop(&mut self) {
+        if self.s.mode == "root-done" {
+            bump("pw_root_deleted");
+        }
+    }
+}
+
 impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        if self.s.mode == "root-done" {
+            bump(&format!("pw_root_done_{}", self.s.tag));
+            if self.s.tag == "trap" {
+                panic!("on_done traps");
+            }
+        }
+        true
+    }
+
     fn on_grpc_stream_initial_metadata(&mut self, token: u32, _n: u32) {
         let ct = self
             .get_grpc_stream_initial_metadata_value("content-type")
@@ -790,6 +814,11 @@ impl RootContext for Root {
         if self.s.mode == "filter-state" {
             self.s.tag = v["tag"].as_str().unwrap_or("none").to_string();
         }
+        if self.s.mode == "root-done" {
+            self.s.tag = v["tag"].as_str().unwrap_or("none").to_string();
+            // Ticking makes each worker start this VM with the config.
+            self.set_tick_period(Duration::from_millis(50));
+        }
         if self.s.mode == "share" {
             self.s.tag = v["tag"].as_str().unwrap_or("none").to_string();
             self.s.root_id = prop(self, &["plugin_root_id"]);
@@ -818,6 +847,9 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if self.s.mode == "root-done" {
+            return;
+        }
         if self.s.mode == "tick-change" {
             hostcalls::increment_metric(self.s.ticks_metric, 1).ok();
             return;
