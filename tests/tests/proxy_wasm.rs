@@ -2049,6 +2049,31 @@ each_proto!(
 );
 
 each_proto!(
+    /// A call with timeout 0 has no timeout of its own, as Envoy's `httpCall`
+    /// (its async client then sets none): it waits for an answer that takes
+    /// 2 s, up to the 30 s every call is capped at. It meant 1 s, so the call
+    /// failed and the guest answered 503.
+    async fn http_call_timeout_0_waits_for_the_answer(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let lg = legate()
+            .config(&with_authz(
+                up.addr,
+                az.addr,
+                &caller("{ mode: callout, timeout_ms: 0 }"),
+                &["caller"],
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/slow").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-pw-authz"), Some("ok:anonymous"));
+        lg.assert_stat(r#"legate_plugin_callout_timeouts_total{plugin="caller"}"#, 0.0)
+            .await;
+    }
+);
+
+each_proto!(
     /// Calling a cluster the plugin was not granted fails the dispatch
     /// (BAD_ARGUMENT, what the Rust SDK returns as an error), nothing is sent.
     async fn http_call_needs_the_cluster_grant(proto) {

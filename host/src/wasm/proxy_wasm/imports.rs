@@ -239,8 +239,7 @@ fn queue_call(
     timeout_ms: u32,
 ) -> Result<u32, i32> {
     use crate::wasm::host::{
-        CALLOUTS_PER_CONTEXT, CALLOUTS_PER_INSTANCE, CALLOUT_DEFAULT_TIMEOUT, CALLOUT_MAX_RESPONSE,
-        CALLOUT_MAX_TIMEOUT_MS,
+        CALLOUTS_PER_CONTEXT, CALLOUTS_PER_INSTANCE, CALLOUT_MAX_RESPONSE, CALLOUT_MAX_TIMEOUT_MS,
     };
     if !s.meta.clusters.contains(&cluster) {
         tracing::warn!(
@@ -267,10 +266,13 @@ fn queue_call(
         authority,
         headers,
         body: body.into(),
-        timeout: match timeout_ms {
-            0 => CALLOUT_DEFAULT_TIMEOUT,
-            ms => Duration::from_millis(u64::from(ms.min(CALLOUT_MAX_TIMEOUT_MS))),
-        },
+        // 0 is no timeout in Envoy (its `httpCall` sets none on the async
+        // client; a unary gRPC call sends no `grpc-timeout`): here, the most
+        // any call may wait.
+        timeout: Duration::from_millis(u64::from(match timeout_ms {
+            0 => CALLOUT_MAX_TIMEOUT_MS,
+            ms => ms.min(CALLOUT_MAX_TIMEOUT_MS),
+        })),
         max_response_body: CALLOUT_MAX_RESPONSE,
     };
     s.outstanding.insert(token, context);
