@@ -2795,6 +2795,32 @@ each_proto!(
     }
 );
 
+/// Shared data past its caps (64 MiB here) is not stored but answered `OK`,
+/// so a filter built with the Rust SDK, whose `set_shared_data` panics on
+/// any other status, keeps running (Envoy caps nothing). It answered
+/// `BAD_ARGUMENT`: the VM trapped and the request failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_data_past_its_cap_is_not_stored_and_the_filter_runs_on() {
+    let up = upstream().start().await;
+    let p = plugin(
+        "fill",
+        "{ mode: shared-fill }",
+        "    limits: { cpu: 5s, memory: 64MiB }\n",
+    );
+    let lg = legate().config(&config(up.addr, &p, &["fill"])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    // 67 entries of key and 1 000 000 bytes fit in 64 MiB, the 68th does not.
+    for _ in 0..2 {
+        let r = c.get("/fill/70").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-fill"), Some("67"));
+    }
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="fill"}"#, 0.0)
+        .await;
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="fill"}"#, 0.0)
+        .await;
+}
+
 each_proto!(
     /// `response.flags`, which Istio's stats filter decodes into its
     /// `response_flags` label, holds Envoy's bits for how the exchange

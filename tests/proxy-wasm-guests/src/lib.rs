@@ -34,6 +34,9 @@
 //!   the config); its `on_done` counts `pw_root_done_<tag>` (and panics
 //!   with `tag: trap`), its `proxy_on_delete` (which drops it) counts
 //!   `pw_root_deleted`.
+//! - `shared-fill`: a request to `/fill/<n>` sets shared data keys
+//!   `pw_fill_0` to `pw_fill_<n-1>` to 1 000 000 bytes each and is answered
+//!   200 with `x-pw-fill: <how many read back>`.
 //! - `sizes-so-far`: what a byte counter reads of `request.size` and
 //!   `response.size` as the exchange goes: counter
 //!   `pw_sofar_<at>_<request.size>_<response.size>` in the request headers
@@ -1922,6 +1925,25 @@ impl HttpContext for Filter {
         if self.s.mode == "sizes-so-far" {
             count_sizes(self, "rqhead");
             return Action::Continue;
+        }
+        if self.s.mode == "shared-fill" {
+            // `/fill/<n>`: n keys of 1 000 000 bytes each, with the SDK's
+            // `set_shared_data` (which panics on an error status), then how
+            // many read back.
+            let n: usize = path
+                .strip_prefix("/fill/")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let value = vec![7u8; 1_000_000];
+            for i in 0..n {
+                self.set_shared_data(&format!("pw_fill_{i}"), Some(&value), None)
+                    .ok();
+            }
+            let stored = (0..n)
+                .filter(|i| self.get_shared_data(&format!("pw_fill_{i}")).0.is_some())
+                .count();
+            self.send_http_response(200, vec![("x-pw-fill", &stored.to_string())], None);
+            return Action::Pause;
         }
         if self.s.mode == "empty" {
             let configs = [
