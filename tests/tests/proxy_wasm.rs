@@ -220,6 +220,13 @@ each_proto!(
         assert_eq!(r.text(), "nope");
         assert_eq!(r.header("x-pw-grpc"), Some("1"));
         assert_eq!(up.requests.get(), 0);
+        // Two answers in one callback: the first stands, as in Envoy (its
+        // second `sendLocalReply` finds the response under way). The second
+        // replaced it.
+        let r = c.get("/deny-twice").send().await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.text(), "first\n");
+        assert_eq!(up.requests.get(), 0);
         let r = c.get("/fine").send().await;
         assert_eq!(r.status, 200);
         assert_eq!(up.requests.get(), 1);

@@ -13,7 +13,8 @@
 //! resume and no body callback comes before).
 //!
 //! - `headers`: request gets `x-pw-hello: <config "greeting">`, `x-pw-remove` is
-//!   removed; a request to `/deny` is answered locally with 403; the response gets
+//!   removed; a request to `/deny` is answered locally with 403 (`/deny-twice`:
+//!   403 `first`, then 451 `second`, in one callback); the response gets
 //!   `x-pw-response: 1` and the request's header count, and the response callback
 //!   sets request header `x-pw-from-response` (too late: the head is out). On
 //!   `/set-all` the request map is replaced (`proxy_set_header_map_pairs`) once
@@ -1981,6 +1982,12 @@ impl HttpContext for Filter {
                         vec![("x-pw-denied", "yes"), ("content-type", "text/plain")],
                         Some(b"denied by proxy-wasm\n"),
                     );
+                    return Action::Pause;
+                }
+                if path == "/deny-twice" {
+                    // Two answers in one callback: the first stands.
+                    self.send_http_response(403, vec![], Some(b"first\n"));
+                    self.send_http_response(451, vec![], Some(b"second\n"));
                     return Action::Pause;
                 }
                 if path == "/grpc-deny" {

@@ -703,7 +703,11 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 let lr = local_response(code as u32, details, body, pairs, grpc)
                     .map_err(Fail::Status)?;
                 match detached {
-                    None => s.local = Some(lr),
+                    // The first answer of a callback stands, as Envoy's: its
+                    // second `sendLocalReply` finds the response under way.
+                    None => {
+                        s.local.get_or_insert(lr);
+                    }
                     Some(ctx) => {
                         // The first answer stands, as Envoy sends the first.
                         s.pending_local.entry(ctx).or_insert(lr);
