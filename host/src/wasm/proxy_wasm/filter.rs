@@ -82,9 +82,6 @@ use crate::wasm::engine;
 use crate::wasm::plugin::{describe, PluginStats, MIN_TICK};
 use crate::wasm::slots::{InstanceCount, LiveIds, MemoryUse, Restarts};
 
-/// Deadline of VM start and configuration (as `configure` for components).
-const START_DEADLINE: Duration = crate::wasm::plugin::CONFIGURE_DEADLINE;
-
 /// How a proxy-wasm plugin is run.
 pub struct Settings {
     /// Per-call deadline.
@@ -102,6 +99,10 @@ pub struct Settings {
     /// body callbacks getting each chunk (Envoy's `StopIteration`); without it
     /// the whole message waits for the filter to resume, as in Envoy.
     pub headers_stop_iteration: bool,
+    /// `proxy_wasm.start_cpu`: the CPU time a VM's start (module start,
+    /// `proxy_on_vm_start`, `proxy_on_configure`) may take; a shared VM's
+    /// has the largest of its plugins'.
+    pub start_cpu: Duration,
 }
 
 /// `proxy_on_http_call_response(root, token, headers, body_size, trailers)`.
@@ -551,10 +552,14 @@ impl ProxyWasmFilter {
         }
         let mut store = Store::new(first.pre.module().engine(), state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
-        engine::install(&mut store, START_DEADLINE);
-        let fail = |what: &str, e: wasmtime::Error| {
-            format!("{what} failed: {}", describe(&e, START_DEADLINE).1)
-        };
+        let deadline = list
+            .iter()
+            .map(|m| m.settings.start_cpu)
+            .max()
+            .unwrap_or(self.settings.start_cpu);
+        engine::install(&mut store, deadline);
+        let fail =
+            |what: &str, e: wasmtime::Error| format!("{what} failed: {}", describe(&e, deadline).1);
         let instance = first
             .pre
             .instantiate(&mut store)
@@ -2704,6 +2709,7 @@ mod tests {
             body_limit: 1 << 20,
             pause_limit: None,
             headers_stop_iteration: false,
+            start_cpu: Duration::from_secs(1),
         };
         let load = |memory| {
             crate::wasm::proxy_wasm::load(
