@@ -1383,6 +1383,11 @@ each_proto!(
         // WASI stdout/stderr go to the log, and do not fail the call.
         let r = c.get("/print").send().await;
         assert_eq!(r.status, 200);
+        // WASI `fd_fdstat_get`, as Envoy's: stdout and stderr answer with
+        // the right to write (64), other fds `BADF` (8). It was `ENOSYS` (52).
+        let r = c.get("/fdstat").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-pw-fdstat"), Some("8:0:0,0:0:64,0:0:64,8:0:0"));
         // Nothing failed; the same VM served everything.
         let r = c.get("/fine").send().await;
         assert_eq!(r.status, 200);
@@ -1392,7 +1397,7 @@ each_proto!(
         assert_eq!(failures.unwrap_or(0.0), 0.0);
         lg.assert_stat(r#"legate_plugin_instances{plugin="hostile"}"#, 1.0)
             .await;
-        lg.assert_stat(&calls("hostile", "request_headers"), 6.0).await;
+        lg.assert_stat(&calls("hostile", "request_headers"), 7.0).await;
     }
 );
 

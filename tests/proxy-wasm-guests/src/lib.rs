@@ -64,7 +64,9 @@
 //!   hostcalls, `/badctx` switches to an unknown context, `/loop` spins forever,
 //!   `/grow` allocates 64 MiB, `/print` writes to stdout and stderr,
 //!   `/unimpl` calls http_call to `backend` (not granted) and reports the status,
-//!   `/badstream` continues and closes stream type 9 (`x-pw-badstream`).
+//!   `/badstream` continues and closes stream type 9 (`x-pw-badstream`),
+//!   `/fdstat` calls WASI `fd_fdstat_get` on fds 0 to 3 (`x-pw-fdstat:
+//!   <errno>:<file type>:<base rights>,…`).
 //! - `queue`: each request enqueues its path to queue `pw_events`, which the root
 //!   context registered; `on_queue_ready` drains it, counting in `pw_dequeued`.
 //!   With `burst: n`, each request enqueues it `n` times in one callback and
@@ -1820,6 +1822,14 @@ fn pair_keys(b: &[u8]) -> String {
     keys.join(",")
 }
 
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    /// WASI's `fd_fdstat_get(fd, *fdstat) -> errno` (`fdstat`: 24 bytes,
+    /// the file type first, the base rights at 8).
+    #[link_name = "fd_fdstat_get"]
+    fn wasi_fd_fdstat_get(fd: u32, stat: *mut u8) -> u16;
+}
+
 #[link(wasm_import_module = "env")]
 extern "C" {
     fn proxy_get_header_map_value(
@@ -2679,6 +2689,18 @@ impl HttpContext for Filter {
                     let back = unsafe { proxy_set_effective_context(self.id) };
                     self.seen
                         .push(("x-pw-badctx".into(), format!("{s},{back}")));
+                }
+                "/fdstat" => {
+                    // What a Go or TinyGo runtime probes: WASI `fd_fdstat_get`
+                    // on each stdio fd (errno, and the rights of what it gave).
+                    let probe = |fd: u32| {
+                        let mut stat = [0u8; 24];
+                        let e = unsafe { wasi_fd_fdstat_get(fd, stat.as_mut_ptr()) };
+                        let rights = u64::from_le_bytes(stat[8..16].try_into().unwrap_or([0; 8]));
+                        format!("{e}:{}:{rights}", stat[0])
+                    };
+                    let all: Vec<String> = (0..4).map(probe).collect();
+                    self.seen.push(("x-pw-fdstat".into(), all.join(",")));
                 }
                 "/badstream" => {
                     let a = unsafe { proxy_continue_stream(9) };

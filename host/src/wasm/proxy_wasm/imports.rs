@@ -1170,6 +1170,22 @@ fn add_wasi(l: &mut Linker<PwState>, m: &str) -> wasmtime::Result<()> {
         "fd_close",
         |_: C<'_>, _fd: i32| -> wasmtime::Result<i32> { Ok(errno::BADF) },
     )?;
+    // As Envoy's (proxy-wasm-cpp-host): stdout and stderr answer, with the
+    // right to write (`FD_WRITE`) and the rest zero; any other fd is `BADF`.
+    // Runtimes probe their stdio with it as they start (Go's, TinyGo's):
+    // `ENOSYS` there can fail the start.
+    l.func_wrap(
+        m,
+        "fd_fdstat_get",
+        |mut c: C<'_>, fd: i32, out: i32| -> wasmtime::Result<i32> {
+            if fd != 1 && fd != 2 {
+                return Ok(errno::BADF);
+            }
+            let mut stat = [0u8; 24];
+            stat[8..16].copy_from_slice(&64u64.to_le_bytes());
+            errno_of(write(&mut c, out, &stat))
+        },
+    )?;
     Ok(())
 }
 
