@@ -609,6 +609,54 @@ struct Routing {
     cluster: Option<String>,
 }
 
+/// A byte counter the proxy keeps and filters read as it goes. Atomic only
+/// because a Wasm store's data must be `Send`: one thread writes it (the
+/// exchange's worker), so it is a plain load and store, no locked add.
+#[derive(Clone, Debug, Default)]
+pub struct ByteCount(Arc<std::sync::atomic::AtomicU64>);
+
+impl ByteCount {
+    /// The bytes counted so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets the count.
+    pub fn set(&self, n: u64) {
+        self.0.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts `n` more bytes.
+    pub fn add(&self, n: u64) {
+        self.set(self.get().saturating_add(n));
+    }
+}
+
+/// An exchange's body bytes so far, counted by the proxy: received from the
+/// client (as each chunk arrives, before the filters see it) and sent to it
+/// (as each chunk leaves, after them), as Envoy's `bytesReceived()` and
+/// `bytesSent()`. Shared with the proxy's counters, so every callback reads
+/// the count of the moment.
+#[derive(Clone, Debug, Default)]
+pub struct BodyBytes {
+    /// `None`: the request has no body (nothing to count).
+    pub received: Option<ByteCount>,
+    /// `None`: the proxy set no counter (no response body has begun).
+    pub sent: Option<ByteCount>,
+}
+
+impl BodyBytes {
+    /// The request body bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received.as_ref().map_or(0, ByteCount::get)
+    }
+
+    /// The response body bytes sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.as_ref().map_or(0, ByteCount::get)
+    }
+}
+
 /// One HTTP exchange as filters see it ([`ExchangeData`], reached through `Deref`).
 /// Boxed because a Wasm store holds the exchange for the duration of each guest
 /// call: swapping it in and out moves a pointer instead of copying the whole
@@ -667,10 +715,10 @@ pub struct ExchangeData {
     pub upstream: Option<SocketAddr>,
     /// The access-log cause of a failed exchange.
     pub cause: Option<String>,
-    /// The body bytes received from the client and sent to it, once the
-    /// exchange ended ([`SharedChain::set_body_bytes`]): proxy-wasm's
-    /// `request.size` and `response.size` without a `content-length`.
-    pub body_bytes: Option<(u64, u64)>,
+    /// The body bytes received from the client and sent to it so far (the
+    /// proxy's counters): proxy-wasm's `request.size` and `response.size`
+    /// without a `content-length`, in every callback, as Envoy's.
+    pub body_bytes: BodyBytes,
     /// Callouts queued by the current call, sent by the chain after it returns.
     pub callouts: Vec<CalloutRequest>,
     /// Ids of the calling filter's callouts it cancelled in the current call
@@ -857,7 +905,7 @@ impl Exchange {
             start: SystemTime::now(),
             upstream: None,
             cause: None,
-            body_bytes: None,
+            body_bytes: BodyBytes::default(),
             callouts: Vec::new(),
             cancelled: Vec::new(),
             wakes: Vec::new(),
@@ -902,7 +950,7 @@ impl Exchange {
             start: SystemTime::UNIX_EPOCH,
             upstream: None,
             cause: None,
-            body_bytes: None,
+            body_bytes: BodyBytes::default(),
             callouts: Vec::new(),
             cancelled: Vec::new(),
             wakes: Vec::new(),
@@ -1433,8 +1481,6 @@ struct SharedInner {
     /// How long body streams held the chain for callouts so far
     /// ([`SharedChain::add_held`]): time that is not the client's.
     held: std::cell::Cell<Duration>,
-    /// The body bytes received and sent ([`SharedChain::set_body_bytes`]).
-    body_bytes: std::cell::Cell<Option<(u64, u64)>>,
     /// A filter reset the stream ([`ExchangeData::reset`]): the proxy resets
     /// the downstream stream instead of answering ([`StreamReset`]).
     reset: std::cell::Cell<bool>,
@@ -1501,7 +1547,6 @@ impl SharedChain {
                 aborted: std::cell::Cell::new(false),
                 ended: std::cell::RefCell::new(None),
                 held: std::cell::Cell::new(Duration::ZERO),
-                body_bytes: std::cell::Cell::new(None),
                 reset: std::cell::Cell::new(false),
                 answer_waker: std::cell::RefCell::new(None),
                 head_sent: std::cell::Cell::new(false),
@@ -1708,12 +1753,6 @@ impl SharedChain {
         self.0.answered.borrow_mut().take()
     }
 
-    /// The exchange's body bytes, received from the client and sent to it,
-    /// for its `on-log` (set before [`SharedChain::finish`]).
-    pub fn set_body_bytes(&self, received: u64, sent: u64) {
-        self.0.body_bytes.set(Some((received, sent)));
-    }
-
     /// Ends the exchange: `finish` on the chain (if it is not out), with the
     /// final status (`None`: no response was sent, the client went away first)
     /// and cause. Request data still streaming is not forwarded from now on
@@ -1730,7 +1769,6 @@ impl SharedChain {
             Some(mut chain) => {
                 chain.x.status = status;
                 chain.x.cause = cause.map(str::to_string);
-                chain.x.body_bytes = self.0.body_bytes.get();
                 chain.run_finish();
             }
             None => *self.0.ended.borrow_mut() = Some((status, cause.map(str::to_string))),
@@ -3443,7 +3481,6 @@ impl Drop for Chain {
             // The exchange ended while this chain was out (see `SharedChain::finish`).
             self.x.status = status;
             self.x.cause = cause;
-            self.x.body_bytes = shared.as_ref().and_then(|s| s.body_bytes.get());
         }
         if !self.finished {
             if !over {

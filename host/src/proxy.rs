@@ -107,6 +107,10 @@ struct Outcome {
     /// The request is gRPC, as it arrived: local replies take gRPC's form
     /// ([`crate::local_reply`]).
     grpc: bool,
+    /// The body byte counters the filters read as they run (proxy-wasm's
+    /// `request.size`, `response.size`): the request's (`InFlight::received`)
+    /// and, with a filter chain, the response's, which `Done` keeps.
+    body_bytes: filter::BodyBytes,
     /// The request named no authority (an HTTP/1.0 request without `Host`)
     /// and was routed by the address it reached ([`authority_of`]): the
     /// access log's `authority` is that address.
@@ -157,7 +161,8 @@ pub async fn handle(
     // The request body's bytes: the access log's `bytes_received`, and the
     // filters' request size without a `content-length` (proxy-wasm's
     // `request.size`). A request without a body has none to count.
-    let received = (logged.is_some() || !req.body().is_end_stream()).then(Rc::<Cell<u64>>::default);
+    let received =
+        (logged.is_some() || !req.body().is_end_stream()).then(filter::ByteCount::default);
     // An HTTP/1.1 upgrade (WebSocket; `h2c` is served as a plain request):
     // the client may send the other protocol right after its head, so an
     // answer other than a 101 — a refusal, an error, a filter's or the
@@ -173,7 +178,13 @@ pub async fn handle(
         method: req.method().clone(),
         path: path_of(req.uri()),
         version,
-        out: Outcome::default(),
+        out: Outcome {
+            body_bytes: filter::BodyBytes {
+                received: received.clone(),
+                sent: None,
+            },
+            ..Outcome::default()
+        },
         logged,
         received: received.clone(),
     };
@@ -563,6 +574,8 @@ async fn proxy(
         || exchange_callouts(&conn.worker, &snapshot),
     ) {
         chain.grpc = out.grpc;
+        out.body_bytes.sent = Some(filter::ByteCount::default());
+        chain.x.body_bytes = out.body_bytes.clone();
         out.chain = Some(filter::SharedChain::new(chain));
         // Timed only for the debug headers (two clock reads).
         let started = out.debug.on.then(Instant::now);
@@ -2920,7 +2933,7 @@ impl TunnelEnd {
         done.bytes
             .set(done.bytes.get().saturating_add(self.sent.get()));
         if let Some(r) = &done.received {
-            r.set(r.get().saturating_add(self.received.get()));
+            r.add(self.received.get());
         }
         drop(done);
     }
@@ -3126,7 +3139,7 @@ struct InFlight {
     logged: Option<Box<Logged>>,
     /// The request body's bytes so far (and an upgraded exchange's tunnel
     /// bytes from the client): counted with an access log or a body.
-    received: Option<Rc<Cell<u64>>>,
+    received: Option<filter::ByteCount>,
 }
 
 /// The request facts only the access log uses ([`Done`]'s line).
@@ -3238,7 +3251,7 @@ struct Done {
     route_stats: Option<RouteStats>,
     logged: Option<Box<Logged>>,
     /// The request body's bytes ([`InFlight`]).
-    received: Option<Rc<Cell<u64>>>,
+    received: Option<filter::ByteCount>,
     bytes: Cell<u64>,
     /// The response body failed after its head was sent (an upstream reset
     /// or a body error mid-stream): the client got a truncated response.
@@ -3377,8 +3390,10 @@ impl Done {
             }
         }
         if let Some(chain) = self.out.chain.take() {
-            let received = self.received.as_ref().map_or(0, |r| r.get());
-            chain.set_body_bytes(received, self.bytes.get());
+            // With a tunnel's bytes, which `TunnelEnd` added.
+            if let Some(sent) = &self.out.body_bytes.sent {
+                sent.set(self.bytes.get());
+            }
             // `on-log` sees the cause the access log writes (abi/README.md §3.5).
             chain.finish(
                 Some(self.status),
@@ -3439,7 +3454,7 @@ impl Drop for Done {
                 x_forwarded_for: l.x_forwarded_for.as_deref(),
                 status: self.status.as_u16(),
                 bytes_sent: self.bytes.get(),
-                bytes_received: self.received.as_ref().map_or(0, |r| r.get()),
+                bytes_received: self.received.as_ref().map_or(0, filter::ByteCount::get),
                 duration_ms: crate::access_log::millis(elapsed),
                 response_duration_ms: o
                     .upstream_head_at
@@ -3553,7 +3568,7 @@ fn peer_subject_of(conn: &ConnCtx) -> Option<&str> {
 /// head does (RFC 9110 §6.5.1; toward an HTTP/2 upstream they would make the
 /// stream malformed, RFC 9113 §8.2.2). Filters see them stripped, as the head.
 /// With an access log, its data bytes are counted (`bytes_received`).
-struct ClientBody(idle::Activity, Option<Rc<Cell<u64>>>);
+struct ClientBody(idle::Activity, Option<filter::ByteCount>);
 
 impl Watch for ClientBody {
     fn frame(&mut self, frame: &mut Frame<Bytes>) -> Result<(), BoxError> {
@@ -3561,7 +3576,7 @@ impl Watch for ClientBody {
             crate::proxy_headers::strip_hop_by_hop(t);
         }
         if let (Some(n), Some(d)) = (&self.1, frame.data_ref()) {
-            n.set(n.get().saturating_add(d.len() as u64));
+            n.add(d.len() as u64);
         }
         self.0.frame(frame)
     }
@@ -3576,6 +3591,9 @@ impl Watch for Done {
     fn frame(&mut self, frame: &mut Frame<Bytes>) -> Result<(), BoxError> {
         if let Some(d) = frame.data_ref() {
             self.bytes.set(self.bytes.get() + d.len() as u64);
+            if let Some(sent) = &self.out.body_bytes.sent {
+                sent.set(self.bytes.get());
+            }
         } else if let Some(t) = frame.trailers_mut() {
             crate::proxy_headers::strip_hop_by_hop(t);
             // The last frame: hyper may drop the body without polling its end.

@@ -220,6 +220,13 @@ each_proto!(
         assert_eq!(r.text(), "nope");
         assert_eq!(r.header("x-pw-grpc"), Some("1"));
         assert_eq!(up.requests.get(), 0);
+        // Two answers in one callback: the first stands, as in Envoy (its
+        // second `sendLocalReply` finds the response under way). The second
+        // replaced it.
+        let r = c.get("/deny-twice").send().await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.text(), "first\n");
+        assert_eq!(up.requests.get(), 0);
         let r = c.get("/fine").send().await;
         assert_eq!(r.status, 200);
         assert_eq!(up.requests.get(), 1);
@@ -560,11 +567,33 @@ async fn a_filter_too_slow_to_start_is_told_the_start_deadline() {
         err.contains(
             "help: starting a plugin (its `configure`; proxy-wasm's `proxy_on_vm_start` and \
              `proxy_on_configure`) may take 1s of CPU (10x that of wall time), whatever its \
-             `limits.cpu`"
+             `limits.cpu`: a component that does more work as it starts (compiling a large \
+             rule set) cannot be loaded, a proxy-wasm filter can with a larger \
+             `proxy_wasm.start_cpu` (at most 60s)"
         ),
         "{err}"
     );
     assert!(!err.contains("says what its config takes"), "{err}");
+}
+
+/// `proxy_wasm.start_cpu` raises the start's CPU bound: a filter whose
+/// start takes 1.5 s (a rule set to compile) loads with `5s` and serves on
+/// every worker's VM. There was no such key: the 1 s bound refused it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_cpu_lets_a_slow_starting_filter_load() {
+    let up = upstream().start().await;
+    let p =
+        plugin("slow", "{ mode: headers, configure_spin_ms: 1500 }", "") + "      start_cpu: 5s\n";
+    let lg = legate()
+        .config(&config(up.addr, &p, &["slow"]))
+        .concurrency(1)
+        .start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let r = c.get("/").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-pw-response"), Some("1"));
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="slow"}"#, 0.0)
+        .await;
 }
 
 /// A module for proxy-wasm ABI 0.1.0 is refused naming that ABI and the fix
@@ -1100,6 +1129,51 @@ each_proto!(
     }
 );
 
+/// A reload that replaces or removes a plugin ends each worker's VM of it
+/// as Envoy tears a plugin down: `proxy_on_done`, then `proxy_on_delete`, on
+/// its root context (neither was ever called). A root context whose
+/// `on_done` traps is logged and its VM dropped (no `on_delete`): the
+/// reload and the other plugins go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_ends_the_root_contexts_of_the_plugins_it_removes() {
+    let up = upstream().start().await;
+    let rd =
+        |name: &str, tag: &str| plugin(name, &format!("{{ mode: root-done, tag: {tag} }}"), "");
+    let stat = |plugin: &str, name: &str| {
+        format!("legate_proxywasm_pw_root_{name}{{plugin=\"{plugin}\"}}")
+    };
+    let instances = |plugin: &str| format!("legate_plugin_instances{{plugin=\"{plugin}\"}}");
+    let lg = legate()
+        .config(&config(
+            up.addr,
+            &(rd("rd", "a") + &rd("bad", "trap")),
+            &["rd", "bad"],
+        ))
+        .concurrency(2)
+        .from_file()
+        .start();
+    // Each worker runs a VM of each (they tick), the load's check VM is gone:
+    // none ended its root context.
+    lg.assert_stat(&instances("rd"), 2.0).await;
+    lg.assert_stat(&instances("bad"), 2.0).await;
+    assert_eq!(lg.stat(&stat("rd", "done_a")).await, None);
+    assert_eq!(lg.stat(&stat("rd", "deleted")).await, None);
+
+    // `rd` is replaced (its configuration changed), `bad` removed.
+    lg.reload_ok(&config(up.addr, &rd("rd", "b"), &["rd"]))
+        .await;
+    lg.assert_stat(&stat("rd", "done_a"), 2.0).await;
+    lg.assert_stat(&stat("rd", "deleted"), 2.0).await;
+    lg.assert_stat(&stat("bad", "done_trap"), 2.0).await;
+    assert_eq!(lg.stat(&stat("bad", "deleted")).await, None);
+    // The new `rd` runs, its root context alive.
+    lg.assert_stat(&instances("rd"), 2.0).await;
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    let r = c.get("/").send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(lg.stat(&stat("rd", "done_b")).await, None);
+}
+
 /// The hostile guest on every path; `path` misbehaves and gets the failure policy,
 /// the next request is served by a fresh VM. The VM's memory is in the memory
 /// gauge, and leaves it with the VM.
@@ -1309,6 +1383,11 @@ each_proto!(
         // WASI stdout/stderr go to the log, and do not fail the call.
         let r = c.get("/print").send().await;
         assert_eq!(r.status, 200);
+        // WASI `fd_fdstat_get`, as Envoy's: stdout and stderr answer with
+        // the right to write (64), other fds `BADF` (8). It was `ENOSYS` (52).
+        let r = c.get("/fdstat").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-pw-fdstat"), Some("8:0:0,0:0:64,0:0:64,8:0:0"));
         // Nothing failed; the same VM served everything.
         let r = c.get("/fine").send().await;
         assert_eq!(r.status, 200);
@@ -1318,7 +1397,7 @@ each_proto!(
         assert_eq!(failures.unwrap_or(0.0), 0.0);
         lg.assert_stat(r#"legate_plugin_instances{plugin="hostile"}"#, 1.0)
             .await;
-        lg.assert_stat(&calls("hostile", "request_headers"), 6.0).await;
+        lg.assert_stat(&calls("hostile", "request_headers"), 7.0).await;
     }
 );
 
@@ -2004,6 +2083,31 @@ each_proto!(
 );
 
 each_proto!(
+    /// A call with timeout 0 has no timeout of its own, as Envoy's `httpCall`
+    /// (its async client then sets none): it waits for an answer that takes
+    /// 2 s, up to the 30 s every call is capped at. It meant 1 s, so the call
+    /// failed and the guest answered 503.
+    async fn http_call_timeout_0_waits_for_the_answer(proto) {
+        let up = upstream().start().await;
+        let az = authz_upstream().await;
+        let lg = legate()
+            .config(&with_authz(
+                up.addr,
+                az.addr,
+                &caller("{ mode: callout, timeout_ms: 0 }"),
+                &["caller"],
+            ))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/slow").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header("x-pw-authz"), Some("ok:anonymous"));
+        lg.assert_stat(r#"legate_plugin_callout_timeouts_total{plugin="caller"}"#, 0.0)
+            .await;
+    }
+);
+
+each_proto!(
     /// Calling a cluster the plugin was not granted fails the dispatch
     /// (BAD_ARGUMENT, what the Rust SDK returns as an error), nothing is sent.
     async fn http_call_needs_the_cluster_grant(proto) {
@@ -2672,6 +2776,82 @@ async fn grpc_status_and_trailers_are_response_properties() {
     lg.assert_stat(&sizes("9_0"), 1.0).await;
     lg.assert_stat(&sizes("0_8"), 1.0).await;
     lg.assert_stat(r#"legate_plugin_failures_total{plugin="gs"}"#, 0.0)
+        .await;
+}
+
+each_proto!(
+    /// `request.size` and `response.size` without a `content-length` are the
+    /// body bytes so far in every callback, as Envoy's `bytesReceived()` and
+    /// `bytesSent()`: 0 at the request head, the whole request body at its
+    /// end of stream, the response's chunks that have left at its last one,
+    /// the whole of each in `on_log`. They were `NOT_FOUND` before `on_log`.
+    /// `request.total_size` adds the head's names and values.
+    async fn body_sizes_are_the_bytes_so_far_in_every_callback(proto) {
+        let up = upstream()
+            .route("/stream", |req: Request<Incoming>| async move {
+                // The whole request first, then an answer of unknown
+                // length in three chunks (9 bytes).
+                let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                let chunks = ["abc", "defg", "hi"]
+                    .map(|c| Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(c))));
+                Response::new(http_body_util::BodyExt::boxed(
+                    http_body_util::StreamBody::new(futures_util::stream::iter(chunks)),
+                ))
+            })
+            .start()
+            .await;
+        let p = plugin("sz", "{ mode: sizes-so-far }", "");
+        let lg = legate().config(&config(up.addr, &p, &["sz"])).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .post("/stream")
+            .streamed_body(&b"hello world"[..], 4)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.body, &b"abcdefghi"[..]);
+        let stat = |n: &str| format!("legate_proxywasm_pw_sofar_{n}{{plugin=\"sz\"}}");
+        lg.assert_stat(&stat("rqhead_0_0"), 1.0).await;
+        lg.assert_stat(&stat("rqbody_11_0"), 1.0).await;
+        lg.assert_stat(&stat("rshead_11_0"), 1.0).await;
+        lg.assert_stat(&stat("total_true"), 1.0).await;
+        lg.assert_stat(&stat("log_11_9"), 1.0).await;
+        // At the last chunk, those before it have left.
+        let text = lg.stats().await;
+        let last = text
+            .lines()
+            .find(|l| l.starts_with("legate_proxywasm_pw_sofar_rsbody_"))
+            .unwrap_or_else(|| panic!("no rsbody series:\n{text}"));
+        assert!(last.contains("_9{"), "{last}");
+        assert!(!last.contains("_none_"), "{last}");
+        lg.assert_stat(r#"legate_plugin_failures_total{plugin="sz"}"#, 0.0)
+            .await;
+    }
+);
+
+/// Shared data past its caps (64 MiB here) is not stored but answered `OK`,
+/// so a filter built with the Rust SDK, whose `set_shared_data` panics on
+/// any other status, keeps running (Envoy caps nothing). It answered
+/// `BAD_ARGUMENT`: the VM trapped and the request failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_data_past_its_cap_is_not_stored_and_the_filter_runs_on() {
+    let up = upstream().start().await;
+    let p = plugin(
+        "fill",
+        "{ mode: shared-fill }",
+        "    limits: { cpu: 5s, memory: 64MiB }\n",
+    );
+    let lg = legate().config(&config(up.addr, &p, &["fill"])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    // 67 entries of key and 1 000 000 bytes fit in 64 MiB, the 68th does not.
+    for _ in 0..2 {
+        let r = c.get("/fill/70").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-pw-fill"), Some("67"));
+    }
+    lg.assert_stat(r#"legate_plugin_failures_total{plugin="fill"}"#, 0.0)
+        .await;
+    lg.assert_stat(r#"legate_plugin_traps_total{plugin="fill"}"#, 0.0)
         .await;
 }
 

@@ -1389,6 +1389,31 @@ clusters:
 ";
 
     #[test]
+    fn proxy_wasm_start_cpu_defaults_to_1s_and_is_bounded() {
+        let with = |d: &str| {
+            PLUGIN.replace(
+                "    config: { realm: NO, on: yes, flag: true }\n",
+                &format!("    proxy_wasm: {{ {d} }}\n"),
+            )
+        };
+        let start = |src: &str| {
+            let c = parse_str("x.yaml", src, Path::new(".")).unwrap();
+            c.plugins[0].value.proxy_wasm.as_ref().unwrap().start_cpu()
+        };
+        assert_eq!(start(&with("")), std::time::Duration::from_secs(1));
+        assert_eq!(
+            start(&with("start_cpu: 60s")),
+            std::time::Duration::from_secs(60)
+        );
+        let (message, help) = first_error(&with("start_cpu: 61s"));
+        assert_eq!(
+            message,
+            "plugin `auth`: `proxy_wasm.start_cpu` 61s is out of range"
+        );
+        assert_eq!(help, "use between `1ms` and `60s`");
+    }
+
+    #[test]
     fn booleans_are_yaml_1_2() {
         let c = parse_str("x.yaml", PLUGIN, Path::new(".")).unwrap();
         let config = c.plugins[0].value.config.as_ref().unwrap();

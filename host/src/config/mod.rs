@@ -149,6 +149,26 @@ pub struct ProxyWasm {
     /// filter resumes (`StopAllIterationAndWatermark`).
     #[serde(default)]
     pub allow_on_headers_stop_iteration: bool,
+    /// The CPU time starting a VM may take: the module's start,
+    /// `proxy_on_vm_start` and `proxy_on_configure` together (wall time 10×
+    /// that). Default 1s, as a component's `configure`: a filter does little
+    /// as it starts, and a worker starting a VM serves nothing meanwhile.
+    /// Up to 60s, for a filter that compiles a large rule set as it starts
+    /// (Coraza with the CRS); Envoy bounds none of it.
+    #[serde(default)]
+    pub start_cpu: Option<Spanned<Dur>>,
+}
+
+impl ProxyWasm {
+    /// The longest `start_cpu` may be.
+    pub const MAX_START_CPU: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// `start_cpu`, or its default (a component's `configure` deadline).
+    pub fn start_cpu(&self) -> std::time::Duration {
+        self.start_cpu
+            .as_ref()
+            .map_or(crate::wasm::plugin::CONFIGURE_DEADLINE, |d| d.value.get())
+    }
 }
 
 /// A plugin's failure policy.

@@ -1175,6 +1175,19 @@ fn validate_plugin(e: &mut Issues, p: &Spanned<Plugin>, clusters: &Defined<'_>) 
             )
             .key("proxy_wasm");
         }
+        if let Some(d) = &pw.start_cpu {
+            let v = d.value.get();
+            if !(Duration::from_millis(1)..=ProxyWasm::MAX_START_CPU).contains(&v) {
+                e.at(
+                    &d.referenced,
+                    format!(
+                        "plugin `{}`: `proxy_wasm.start_cpu` {} is out of range",
+                        p.name, d.value
+                    ),
+                    "use between `1ms` and `60s`",
+                );
+            }
+        }
         for (key, v) in [("root_id", &pw.root_id), ("vm_id", &pw.vm_id)] {
             if v.len() > 256 || v.chars().any(char::is_control) {
                 e.at(

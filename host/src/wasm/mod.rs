@@ -580,10 +580,15 @@ fn placed(
         _ if slow => format!(
             "starting a plugin (its `configure`; proxy-wasm's `proxy_on_vm_start` and \
              `proxy_on_configure`) may take {:?} of CPU ({}x that of wall time), whatever its \
-             `limits.cpu`: a filter that does more work as it starts (compiling a large rule \
-             set) cannot be loaded; a config asking for less may help",
-            plugin::CONFIGURE_DEADLINE,
-            engine::WALL_FACTOR
+             `limits.cpu`: a component that does more work as it starts (compiling a large \
+             rule set) cannot be loaded, a proxy-wasm filter can with a larger \
+             `proxy_wasm.start_cpu` (at most {:?}); a config asking for less may help",
+            pw.map_or(
+                plugin::CONFIGURE_DEADLINE,
+                crate::config::ProxyWasm::start_cpu
+            ),
+            engine::WALL_FACTOR,
+            crate::config::ProxyWasm::MAX_START_CPU
         ),
         Some(b) => format!("the keys of its config are in plugins/{b}/README.md"),
         None => "the plugin's own documentation says what its config takes".to_string(),
@@ -683,6 +688,7 @@ fn load_proxy_wasm(
                 body_limit: usize::try_from(p.limits.body.value.0).unwrap_or(usize::MAX),
                 pause_limit: pause_limit(p),
                 headers_stop_iteration: pw.allow_on_headers_stop_iteration,
+                start_cpu: pw.start_cpu(),
             },
             stats,
             shares,

@@ -13,7 +13,8 @@
 //! resume and no body callback comes before).
 //!
 //! - `headers`: request gets `x-pw-hello: <config "greeting">`, `x-pw-remove` is
-//!   removed; a request to `/deny` is answered locally with 403; the response gets
+//!   removed; a request to `/deny` is answered locally with 403 (`/deny-twice`:
+//!   403 `first`, then 451 `second`, in one callback); the response gets
 //!   `x-pw-response: 1` and the request's header count, and the response callback
 //!   sets request header `x-pw-from-response` (too late: the head is out). On
 //!   `/set-all` the request map is replaced (`proxy_set_header_map_pairs`) once
@@ -30,6 +31,23 @@
 //!   property not found, `<none>` for the message), in `pw_flags_<n>`
 //!   what it reads of `response.flags`, and in `pw_sizes_<req>_<resp>` what
 //!   it reads of `request.size` and `response.size`.
+//! - `root-done`: the root context ticks (so each worker starts the VM with
+//!   the config); its `on_done` counts `pw_root_done_<tag>` (and panics
+//!   with `tag: trap`), its `proxy_on_delete` (which drops it) counts
+//!   `pw_root_deleted`.
+//! - `shared-fill`: a request to `/fill/<n>` sets shared data keys
+//!   `pw_fill_0` to `pw_fill_<n-1>` to 1 000 000 bytes each and is answered
+//!   200 with `x-pw-fill: <how many read back>`.
+//! - `sizes-so-far`: what a byte counter reads of `request.size` and
+//!   `response.size` as the exchange goes: counter
+//!   `pw_sofar_<at>_<request.size>_<response.size>` in the request headers
+//!   callback (`rqhead`), the request body callback at end of stream
+//!   (`rqbody`), the response headers callback (`rshead`) and `on_log`
+//!   (`log`); the response body callback at end of stream counts
+//!   `pw_sofar_rsbody_<response.size>_<that + its chunk's length>`, and the
+//!   response headers callback `pw_sofar_total_<bool>`: whether
+//!   `request.total_size` is `request.size` plus the request head's names
+//!   and values (`none` for a property not found).
 //! - `filter-state` (Envoy's filter state shared by a stream's filters; the
 //!   config's `tag` is the role): a `writer` sets property `pw_peer` to
 //!   request header `x-fs-write` when there is one (`set_property`, in the
@@ -46,7 +64,9 @@
 //!   hostcalls, `/badctx` switches to an unknown context, `/loop` spins forever,
 //!   `/grow` allocates 64 MiB, `/print` writes to stdout and stderr,
 //!   `/unimpl` calls http_call to `backend` (not granted) and reports the status,
-//!   `/badstream` continues and closes stream type 9 (`x-pw-badstream`).
+//!   `/badstream` continues and closes stream type 9 (`x-pw-badstream`),
+//!   `/fdstat` calls WASI `fd_fdstat_get` on fds 0 to 3 (`x-pw-fdstat:
+//!   <errno>:<file type>:<base rights>,…`).
 //! - `queue`: each request enqueues its path to queue `pw_events`, which the root
 //!   context registered; `on_queue_ready` drains it, counting in `pw_dequeued`.
 //!   With `burst: n`, each request enqueues it `n` times in one callback and
@@ -572,7 +592,27 @@ impl Root {
     }
 }
 
+/// `root-done`: the root context's end, as Envoy's teardown of a plugin
+/// (`proxy_on_delete` drops it).
+impl Drop for Root {
+    fn drop(&mut self) {
+        if self.s.mode == "root-done" {
+            bump("pw_root_deleted");
+        }
+    }
+}
+
 impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        if self.s.mode == "root-done" {
+            bump(&format!("pw_root_done_{}", self.s.tag));
+            if self.s.tag == "trap" {
+                panic!("on_done traps");
+            }
+        }
+        true
+    }
+
     fn on_grpc_stream_initial_metadata(&mut self, token: u32, _n: u32) {
         let ct = self
             .get_grpc_stream_initial_metadata_value("content-type")
@@ -780,6 +820,11 @@ impl RootContext for Root {
         if self.s.mode == "filter-state" {
             self.s.tag = v["tag"].as_str().unwrap_or("none").to_string();
         }
+        if self.s.mode == "root-done" {
+            self.s.tag = v["tag"].as_str().unwrap_or("none").to_string();
+            // Ticking makes each worker start this VM with the config.
+            self.set_tick_period(Duration::from_millis(50));
+        }
         if self.s.mode == "share" {
             self.s.tag = v["tag"].as_str().unwrap_or("none").to_string();
             self.s.root_id = prop(self, &["plugin_root_id"]);
@@ -808,6 +853,9 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if self.s.mode == "root-done" {
+            return;
+        }
         if self.s.mode == "tick-change" {
             hostcalls::increment_metric(self.s.ticks_metric, 1).ok();
             return;
@@ -1774,6 +1822,14 @@ fn pair_keys(b: &[u8]) -> String {
     keys.join(",")
 }
 
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    /// WASI's `fd_fdstat_get(fd, *fdstat) -> errno` (`fdstat`: 24 bytes,
+    /// the file type first, the base rights at 8).
+    #[link_name = "fd_fdstat_get"]
+    fn wasi_fd_fdstat_get(fd: u32, stat: *mut u8) -> u16;
+}
+
 #[link(wasm_import_module = "env")]
 extern "C" {
     fn proxy_get_header_map_value(
@@ -1807,6 +1863,28 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> u32;
+}
+
+/// An int property as text (`none` when it is not found).
+fn int_prop(c: &dyn Context, path: &[&str]) -> String {
+    c.get_property(path.to_vec())
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map_or("none".to_string(), |b| i64::from_le_bytes(b).to_string())
+}
+
+/// Adds 1 to counter `name` (defined on first use).
+fn bump(name: &str) {
+    if let Ok(m) = hostcalls::define_metric(MetricType::Counter, name) {
+        hostcalls::increment_metric(m, 1).ok();
+    }
+}
+
+/// `sizes-so-far`: what a byte counter reads of `request.size` and
+/// `response.size` in each callback (see the module docs).
+fn count_sizes(c: &dyn Context, at: &str) {
+    let rq = int_prop(c, &["request", "size"]);
+    let rs = int_prop(c, &["response", "size"]);
+    bump(&format!("pw_sofar_{at}_{rq}_{rs}"));
 }
 
 /// `proxy_send_local_response` with `details` (the SDK's
@@ -1855,6 +1933,29 @@ impl HttpContext for Filter {
         }
         let path = self.get_http_request_header(":path").unwrap_or_default();
         self.path = path.clone();
+        if self.s.mode == "sizes-so-far" {
+            count_sizes(self, "rqhead");
+            return Action::Continue;
+        }
+        if self.s.mode == "shared-fill" {
+            // `/fill/<n>`: n keys of 1 000 000 bytes each, with the SDK's
+            // `set_shared_data` (which panics on an error status), then how
+            // many read back.
+            let n: usize = path
+                .strip_prefix("/fill/")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let value = vec![7u8; 1_000_000];
+            for i in 0..n {
+                self.set_shared_data(&format!("pw_fill_{i}"), Some(&value), None)
+                    .ok();
+            }
+            let stored = (0..n)
+                .filter(|i| self.get_shared_data(&format!("pw_fill_{i}")).0.is_some())
+                .count();
+            self.send_http_response(200, vec![("x-pw-fill", &stored.to_string())], None);
+            return Action::Pause;
+        }
         if self.s.mode == "empty" {
             let configs = [
                 ("x-pw-plugin-config", self.s.plugin_config_seen.clone()),
@@ -1891,6 +1992,12 @@ impl HttpContext for Filter {
                         vec![("x-pw-denied", "yes"), ("content-type", "text/plain")],
                         Some(b"denied by proxy-wasm\n"),
                     );
+                    return Action::Pause;
+                }
+                if path == "/deny-twice" {
+                    // Two answers in one callback: the first stands.
+                    self.send_http_response(403, vec![], Some(b"first\n"));
+                    self.send_http_response(451, vec![], Some(b"second\n"));
                     return Action::Pause;
                 }
                 if path == "/grpc-deny" {
@@ -2583,6 +2690,18 @@ impl HttpContext for Filter {
                     self.seen
                         .push(("x-pw-badctx".into(), format!("{s},{back}")));
                 }
+                "/fdstat" => {
+                    // What a Go or TinyGo runtime probes: WASI `fd_fdstat_get`
+                    // on each stdio fd (errno, and the rights of what it gave).
+                    let probe = |fd: u32| {
+                        let mut stat = [0u8; 24];
+                        let e = unsafe { wasi_fd_fdstat_get(fd, stat.as_mut_ptr()) };
+                        let rights = u64::from_le_bytes(stat[8..16].try_into().unwrap_or([0; 8]));
+                        format!("{e}:{}:{rights}", stat[0])
+                    };
+                    let all: Vec<String> = (0..4).map(probe).collect();
+                    self.seen.push(("x-pw-fdstat".into(), all.join(",")));
+                }
                 "/badstream" => {
                     let a = unsafe { proxy_continue_stream(9) };
                     let b = unsafe { proxy_close_stream(9) };
@@ -2609,6 +2728,12 @@ impl HttpContext for Filter {
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.body_calls += 1;
         self.count_early_body();
+        if self.s.mode == "sizes-so-far" {
+            if end_of_stream {
+                count_sizes(self, "rqbody");
+            }
+            return Action::Continue;
+        }
         if self.s.mode == "empty" {
             if body_size > 0 && !self.seen.iter().any(|(k, _)| k == "x-pw-body-zero") {
                 // Zero bytes of a body that has some, and bytes past its end.
@@ -2786,6 +2911,17 @@ impl HttpContext for Filter {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.count_early_body();
+        if self.s.mode == "sizes-so-far" {
+            if end_of_stream {
+                // The chunks before this one have left; this one has not.
+                let sent = int_prop(self, &["response", "size"]);
+                let total = sent
+                    .parse::<usize>()
+                    .map_or("none".into(), |n| (n + body_size).to_string());
+                bump(&format!("pw_sofar_rsbody_{sent}_{total}"));
+            }
+            return Action::Continue;
+        }
         if self.s.mode == "trailers-callout" && !end_of_stream {
             return Action::Pause;
         }
@@ -2900,6 +3036,23 @@ impl HttpContext for Filter {
         if self.s.mode == "noop" {
             return Action::Continue;
         }
+        if self.s.mode == "sizes-so-far" {
+            count_sizes(self, "rshead");
+            // `request.total_size`: the body so far and the head's names and
+            // values, pseudo-headers included, as Envoy's.
+            let head: usize = self
+                .get_http_request_headers_bytes()
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum();
+            let size = int_prop(self, &["request", "size"])
+                .parse::<usize>()
+                .unwrap_or(0);
+            let total = int_prop(self, &["request", "total_size"]);
+            let ok = total == (size + head).to_string();
+            bump(&format!("pw_sofar_total_{ok}"));
+            return Action::Continue;
+        }
         if self.s.mode == "self-resume" {
             self.set_http_response_header("x-pw-self-resp", Some("resumed"));
             self.resume_http_response();
@@ -3008,6 +3161,10 @@ impl HttpContext for Filter {
             return;
         }
         proxy_wasm::hostcalls::log(LogLevel::Info, &format!("on_log {}", self.id)).ok();
+        if self.s.mode == "sizes-so-far" {
+            count_sizes(self, "log");
+            return;
+        }
         if self.s.mode == "order" {
             let name = if self.done {
                 "pw_log_after_done"

@@ -9,7 +9,10 @@
 //! response headers → response body/trailers → `on_log` → `on_done` →
 //! `on_delete`, Envoy's order: the stream is logged, then its filters
 //! destroyed; a TCP context's is done → log → delete). Deadlines, the memory cap, the failure policy and the per-plugin
-//! stats are the component plugins' ([`super::super::plugin`]).
+//! stats are the component plugins' ([`super::super::plugin`]). A worker
+//! drops the VMs of plugins a reload removed after ending their root
+//! contexts (`on_done`, `on_delete`: [`Live::retire`]), as Envoy tears a
+//! plugin down.
 //!
 //! VM sharing: plugins of one loaded set with the same non-empty `vm_id`,
 //! module and `vm_config` ([`Shares`]) share the worker's VM slot, each on its
@@ -79,9 +82,6 @@ use crate::wasm::engine;
 use crate::wasm::plugin::{describe, PluginStats, MIN_TICK};
 use crate::wasm::slots::{InstanceCount, LiveIds, MemoryUse, Restarts};
 
-/// Deadline of VM start and configuration (as `configure` for components).
-const START_DEADLINE: Duration = crate::wasm::plugin::CONFIGURE_DEADLINE;
-
 /// How a proxy-wasm plugin is run.
 pub struct Settings {
     /// Per-call deadline.
@@ -99,6 +99,10 @@ pub struct Settings {
     /// body callbacks getting each chunk (Envoy's `StopIteration`); without it
     /// the whole message waits for the filter to resume, as in Envoy.
     pub headers_stop_iteration: bool,
+    /// `proxy_wasm.start_cpu`: the CPU time a VM's start (module start,
+    /// `proxy_on_vm_start`, `proxy_on_configure`) may take; a shared VM's
+    /// has the largest of its plugins'.
+    pub start_cpu: Duration,
 }
 
 /// `proxy_on_http_call_response(root, token, headers, body_size, trailers)`.
@@ -182,6 +186,74 @@ struct Live {
     /// Dropped with the VM: wakes the exchanges paused in it
     /// ([`HttpFilter::instance_gone`]).
     alive: InstanceAlive,
+    /// The root contexts of a worker's VM, with their plugins (ids, meta,
+    /// `limits.cpu`), that [`Live::retire`] ends when a reload removes or
+    /// replaces those plugins; empty for the VM that checks a plugin at load.
+    roots: Vec<(u32, Arc<Meta>, Duration)>,
+}
+
+impl Live {
+    /// Ends a VM whose plugins a reload removed or replaced, as Envoy tears a
+    /// plugin down (proxy-wasm-cpp-host's `startShutdown`): `proxy_on_done`
+    /// then `proxy_on_delete` on each root context, each call under its
+    /// plugin's `limits.cpu`, before the VM is dropped. A root context that
+    /// answers `false` (it would finish later and call `proxy_done`) is
+    /// deleted all the same: its VM is going. A trap or a deadline ends the
+    /// calls (the VM is dropped as it is), logged; it fails nothing, the
+    /// plugin being gone. Runs on the worker, which alone holds the VM, so a
+    /// slow guest delays that worker by its deadline, never the reload.
+    fn retire(mut self) {
+        let roots = std::mem::take(&mut self.roots);
+        let exports = self.exports.clone();
+        for (root, meta, cpu) in roots {
+            {
+                let data = self.store.data_mut();
+                data.meta = meta.clone();
+                data.root = root;
+                data.effective = root;
+                data.phase = Phase::Root;
+            }
+            let failed = |what: &str, e: &wasmtime::Error| {
+                tracing::warn!(
+                    plugin = &*meta.name,
+                    "{what} (root context, the plugin being removed) failed: {}",
+                    describe(e, cpu).1
+                );
+            };
+            if let Some(f) = &exports.done {
+                engine::arm(&mut self.store, cpu);
+                if let Err(e) = f.call(&mut self.store, root as i32) {
+                    return failed("proxy_on_done", &e);
+                }
+            }
+            if let Some(f) = &exports.delete {
+                engine::arm(&mut self.store, cpu);
+                if let Err(e) = f.call(&mut self.store, root as i32) {
+                    return failed("proxy_on_delete", &e);
+                }
+            }
+        }
+    }
+}
+
+/// Drops this worker's VMs of plugins (or shared VMs) no longer loaded
+/// ([`LIVE`]), ending each one's root contexts first ([`Live::retire`]).
+fn sweep(map: &mut FxHashMap<u64, Slot>) {
+    let mut loaded: FxHashMap<u64, ()> = map.keys().map(|k| (*k, ())).collect();
+    LIVE.sweep(&mut loaded);
+    if loaded.len() == map.len() {
+        return;
+    }
+    let gone: Vec<u64> = map
+        .keys()
+        .filter(|k| !loaded.contains_key(*k))
+        .copied()
+        .collect();
+    for k in gone {
+        if let Some(vm) = map.remove(&k).and_then(|s| s.live) {
+            vm.retire();
+        }
+    }
 }
 
 /// A worker's slot for one plugin.
@@ -480,10 +552,14 @@ impl ProxyWasmFilter {
         }
         let mut store = Store::new(first.pre.module().engine(), state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
-        engine::install(&mut store, START_DEADLINE);
-        let fail = |what: &str, e: wasmtime::Error| {
-            format!("{what} failed: {}", describe(&e, START_DEADLINE).1)
-        };
+        let deadline = list
+            .iter()
+            .map(|m| m.settings.start_cpu)
+            .max()
+            .unwrap_or(self.settings.start_cpu);
+        engine::install(&mut store, deadline);
+        let fail =
+            |what: &str, e: wasmtime::Error| format!("{what} failed: {}", describe(&e, deadline).1);
         let instance = first
             .pre
             .instantiate(&mut store)
@@ -612,6 +688,13 @@ impl ProxyWasmFilter {
             }
         }
         let next_context = store.data().first_context;
+        let roots = match worker {
+            Some(_) => list
+                .iter()
+                .map(|m| (m.root, m.meta.clone(), m.settings.cpu))
+                .collect(),
+            None => Vec::new(),
+        };
         Ok(Live {
             store,
             exports,
@@ -619,6 +702,7 @@ impl ProxyWasmFilter {
             next_context,
             queues: HashMap::new(),
             alive: InstanceAlive::new(),
+            roots,
         })
     }
 
@@ -704,7 +788,7 @@ impl ProxyWasmFilter {
     /// this worker frees the VMs of dropped plugins now rather than at its next
     /// new slot.
     fn plugin_gone() {
-        VMS.with(|cell| LIVE.sweep(&mut cell.borrow_mut()));
+        VMS.with(|cell| sweep(&mut cell.borrow_mut()));
     }
 
     /// Calls `proxy_on_queue_ready(root, queue)` on this worker's VM once per
@@ -868,7 +952,7 @@ impl ProxyWasmFilter {
         VMS.with(|cell| {
             let mut map = cell.borrow_mut();
             if !map.contains_key(&self.vm) {
-                LIVE.sweep(&mut map);
+                sweep(&mut map);
             }
             let slot = map.entry(self.vm).or_default();
             if slot.live.is_none() {
@@ -2134,7 +2218,7 @@ impl HttpFilter for ProxyWasmFilter {
         let r = VMS.with(|cell| {
             let mut map = cell.borrow_mut();
             if !map.contains_key(&self.vm) {
-                LIVE.sweep(&mut map);
+                sweep(&mut map);
             }
             let slot = map.entry(self.vm).or_default();
             // Live already (an exchange, or a plugin sharing the VM, came
@@ -2625,6 +2709,7 @@ mod tests {
             body_limit: 1 << 20,
             pause_limit: None,
             headers_stop_iteration: false,
+            start_cpu: Duration::from_secs(1),
         };
         let load = |memory| {
             crate::wasm::proxy_wasm::load(

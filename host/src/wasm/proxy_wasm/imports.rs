@@ -239,8 +239,7 @@ fn queue_call(
     timeout_ms: u32,
 ) -> Result<u32, i32> {
     use crate::wasm::host::{
-        CALLOUTS_PER_CONTEXT, CALLOUTS_PER_INSTANCE, CALLOUT_DEFAULT_TIMEOUT, CALLOUT_MAX_RESPONSE,
-        CALLOUT_MAX_TIMEOUT_MS,
+        CALLOUTS_PER_CONTEXT, CALLOUTS_PER_INSTANCE, CALLOUT_MAX_RESPONSE, CALLOUT_MAX_TIMEOUT_MS,
     };
     if !s.meta.clusters.contains(&cluster) {
         tracing::warn!(
@@ -267,10 +266,13 @@ fn queue_call(
         authority,
         headers,
         body: body.into(),
-        timeout: match timeout_ms {
-            0 => CALLOUT_DEFAULT_TIMEOUT,
-            ms => Duration::from_millis(u64::from(ms.min(CALLOUT_MAX_TIMEOUT_MS))),
-        },
+        // 0 is no timeout in Envoy (its `httpCall` sets none on the async
+        // client; a unary gRPC call sends no `grpc-timeout`): here, the most
+        // any call may wait.
+        timeout: Duration::from_millis(u64::from(match timeout_ms {
+            0 => CALLOUT_MAX_TIMEOUT_MS,
+            ms => ms.min(CALLOUT_MAX_TIMEOUT_MS),
+        })),
         max_response_body: CALLOUT_MAX_RESPONSE,
     };
     s.outstanding.insert(token, context);
@@ -701,7 +703,11 @@ fn add_env(l: &mut Linker<PwState>) -> wasmtime::Result<()> {
                 let lr = local_response(code as u32, details, body, pairs, grpc)
                     .map_err(Fail::Status)?;
                 match detached {
-                    None => s.local = Some(lr),
+                    // The first answer of a callback stands, as Envoy's: its
+                    // second `sendLocalReply` finds the response under way.
+                    None => {
+                        s.local.get_or_insert(lr);
+                    }
                     Some(ctx) => {
                         // The first answer stands, as Envoy sends the first.
                         s.pending_local.entry(ctx).or_insert(lr);
@@ -1163,6 +1169,22 @@ fn add_wasi(l: &mut Linker<PwState>, m: &str) -> wasmtime::Result<()> {
         m,
         "fd_close",
         |_: C<'_>, _fd: i32| -> wasmtime::Result<i32> { Ok(errno::BADF) },
+    )?;
+    // As Envoy's (proxy-wasm-cpp-host): stdout and stderr answer, with the
+    // right to write (`FD_WRITE`) and the rest zero; any other fd is `BADF`.
+    // Runtimes probe their stdio with it as they start (Go's, TinyGo's):
+    // `ENOSYS` there can fail the start.
+    l.func_wrap(
+        m,
+        "fd_fdstat_get",
+        |mut c: C<'_>, fd: i32, out: i32| -> wasmtime::Result<i32> {
+            if fd != 1 && fd != 2 {
+                return Ok(errno::BADF);
+            }
+            let mut stat = [0u8; 24];
+            stat[8..16].copy_from_slice(&64u64.to_le_bytes());
+            errno_of(write(&mut c, out, &stat))
+        },
     )?;
     Ok(())
 }

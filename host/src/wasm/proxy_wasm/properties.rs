@@ -124,10 +124,17 @@ fn request(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
             .unwrap_or(0)),
         b"referer" => x.request_headers().get("referer")?.as_bytes().to_vec(),
         b"useragent" => x.request_headers().get("user-agent")?.as_bytes().to_vec(),
-        // As Envoy's: the declared length, else (once the exchange ended,
-        // in `on_log`) the body bytes received.
-        b"size" => int(declared_length(x.request_headers())
-            .or_else(|| x.body_bytes.map(|(received, _)| count(received)))?),
+        // As Envoy's: the declared length, else the body bytes received so
+        // far (this callback's chunk included), in every callback.
+        b"size" => {
+            int(declared_length(x.request_headers())
+                .unwrap_or_else(|| count(x.body_bytes.received())))
+        }
+        // As Envoy's: the body bytes received so far and the head's
+        // (pseudo-headers included) names and values.
+        b"total_size" => int(count(
+            x.body_bytes.received() + byte_size(&request_pairs(x)),
+        )),
         _ => return None,
     })
 }
@@ -167,13 +174,23 @@ fn response(x: &mut Exchange, attr: &[u8], rest: &[&[u8]]) -> Option<Vec<u8>> {
             (None, Some(_)) => b"via_upstream".to_vec(),
             (None, None) => return None,
         },
-        // As Envoy's: the declared length, else (in `on_log`) the body
-        // bytes sent.
+        // As Envoy's: the declared length, else the body bytes sent so far
+        // (a body callback's chunk is not: it has not left yet), in every
+        // callback (0 before the response).
         b"size" => int(x
             .response_headers
             .as_deref()
             .and_then(declared_length)
-            .or_else(|| x.body_bytes.map(|(_, sent)| count(sent)))?),
+            .unwrap_or_else(|| count(x.body_bytes.sent()))),
+        // As Envoy's: the body bytes sent so far, the head's and the
+        // trailers' names and values (`:status` included).
+        b"total_size" => {
+            let head = x.response_headers.as_deref().map_or(0, |h| {
+                byte_size(&header_pairs(h)) + x.status.map_or(0, |_| b":status".len() as u64 + 3)
+            });
+            let trailers = trailers.map_or(0, |t| byte_size(&header_pairs(t)));
+            int(count(x.body_bytes.sent() + head + trailers))
+        }
         _ => return None,
     })
 }
@@ -201,6 +218,12 @@ fn response_flags(cause: Option<&str>) -> i64 {
 /// A head's `content-length`, if it has a valid one.
 fn declared_length(h: &http::HeaderMap) -> Option<i64> {
     h.get("content-length")?.to_str().ok()?.parse().ok()
+}
+
+/// A header map's size as Envoy's `HeaderMap::byteSize()`: its names and
+/// values.
+fn byte_size(p: &Pairs) -> u64 {
+    p.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
 }
 
 /// A byte count as a property's int.

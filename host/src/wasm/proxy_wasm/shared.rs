@@ -7,7 +7,8 @@
 //! queued items together, and queues per `vm_id` are capped. Envoy
 //! (proxy-wasm-cpp-host) caps none of it and never refuses an enqueue; a full
 //! queue here answers `NOT_FOUND`, the one failure the Rust SDK's
-//! `enqueue_shared_queue` returns as an error rather than a panic.
+//! `enqueue_shared_queue` returns as an error rather than a panic, and a data
+//! write past the caps is answered `OK` without being stored ([`set`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,6 +33,9 @@ struct Store {
     next_cas: u32,
     queue_ids: HashMap<(String, Vec<u8>), u32>,
     queues: HashMap<u32, Queue>,
+    /// A data write was refused since the last one stored (one warning per
+    /// spell).
+    data_full: bool,
 }
 
 #[derive(Default)]
@@ -137,17 +141,37 @@ pub fn get(vm: &str, key: &[u8]) -> Option<(Vec<u8>, u32)> {
         .map(|e| (e.value.clone(), e.cas))
 }
 
-/// Sets `key`; `cas` 0 sets unconditionally, else it must match the current token.
+/// Sets `key`; `cas` 0 sets unconditionally, else it must match the current
+/// token. A write past the caps (a value over [`MAX_VALUE`], the store over
+/// [`MAX_TOTAL`] or [`MAX_ENTRIES`]) is not stored but answered `OK`: the
+/// Rust SDK's `set_shared_data` panics on any status but `OK` and
+/// `CAS_MISMATCH` (and a mismatch would spin a filter's CAS loop), while
+/// Envoy caps nothing, so a filter written for it keeps running; the key
+/// keeps its value (or stays absent), and a warning is logged once per
+/// spell of refused writes.
 pub fn set(vm: &str, key: &[u8], value: &[u8], cas: u32) -> Result<(), i32> {
-    if value.len() > MAX_VALUE {
-        return Err(status::BAD_ARGUMENT);
+    let mut s = store();
+    let stored = s.set(vm, key, value, cas, (CAPS.total, CAPS.entries))?;
+    if stored {
+        s.data_full = false;
+    } else if !s.data_full {
+        s.data_full = true;
+        tracing::warn!(
+            vm_id = vm,
+            "proxy-wasm shared data is full ({} keys, {} bytes with the queues; the caps are \
+             {MAX_ENTRIES} keys, {MAX_TOTAL} bytes, a value {MAX_VALUE} bytes): writes that do \
+             not fit are not stored (answered OK, as the SDKs expect) until room is freed",
+            s.data.len(),
+            s.bytes
+        );
     }
-    store().set(vm, key, value, cas, (CAPS.total, CAPS.entries))
+    Ok(())
 }
 
 impl Store {
-    /// [`set`] under `caps` (bytes of keys and values, entries); a value
-    /// replaced counts only once, so a store near its cap can still update.
+    /// [`set`] under `caps` (bytes of keys and values, entries): whether it
+    /// was stored (`false`: over a cap); a value replaced counts only once,
+    /// so a store near its cap can still update.
     fn set(
         &mut self,
         vm: &str,
@@ -155,7 +179,7 @@ impl Store {
         value: &[u8],
         cas: u32,
         caps: (usize, usize),
-    ) -> Result<(), i32> {
+    ) -> Result<bool, i32> {
         let k = (vm.to_string(), key.to_vec());
         let current = self.data.get(&k);
         if cas != 0 && current.is_some_and(|e| e.cas != cas) {
@@ -163,8 +187,11 @@ impl Store {
         }
         let old = current.map_or(0, |e| k.0.len() + k.1.len() + e.value.len());
         let new = k.0.len() + k.1.len() + value.len();
-        if self.bytes - old + new > caps.0 || (current.is_none() && self.data.len() >= caps.1) {
-            return Err(status::BAD_ARGUMENT);
+        if value.len() > MAX_VALUE
+            || self.bytes - old + new > caps.0
+            || (current.is_none() && self.data.len() >= caps.1)
+        {
+            return Ok(false);
         }
         self.bytes = self.bytes - old + new;
         self.next_cas = self.next_cas.wrapping_add(1).max(1);
@@ -176,7 +203,7 @@ impl Store {
                 cas,
             },
         );
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -309,14 +336,20 @@ mod tests {
         s.set("vm", b"j", &[0; 10], 0, caps).unwrap();
         assert_eq!(
             s.set("vm", b"i", &[0; 10], 0, caps),
-            Err(status::BAD_ARGUMENT),
-            "over the byte cap"
+            Ok(false),
+            "over the byte cap: not stored"
         );
+        assert!(!s.data.contains_key(&("vm".to_string(), b"i".to_vec())));
         s.set("vm", b"i", &[], 0, caps).unwrap();
         assert_eq!(
             s.set("vm", b"h", &[], 0, caps),
-            Err(status::BAD_ARGUMENT),
-            "over the entry cap"
+            Ok(false),
+            "over the entry cap: not stored"
+        );
+        assert_eq!(
+            s.set("vm", b"k", &vec![0; MAX_VALUE + 1], 0, (usize::MAX, 10)),
+            Ok(false),
+            "over the value cap: not stored"
         );
         // A smaller value frees room.
         s.set("vm", b"k", &[], 0, caps).unwrap();
@@ -387,7 +420,7 @@ mod tests {
         assert_eq!(s.bytes, 32);
         assert_eq!(
             s.set("vm", b"k", &[0; 10], 0, (caps.total, caps.entries)),
-            Err(status::BAD_ARGUMENT)
+            Ok(false)
         );
         // A full queue answers NOT_FOUND (the SDK returns it as an error).
         assert_eq!(
