@@ -1078,6 +1078,13 @@ pub trait HttpFilter: Send + Sync {
         let _ = (worker, x, id, result, paused);
         Ok(Verdict::Continue)
     }
+    /// Whether it reads the exchange's body byte counts as they grow
+    /// ([`ExchangeData::body_bytes`]: proxy-wasm's `request.size` and
+    /// `response.size`). The proxy keeps them for a chain with such a filter
+    /// only, so other chains pay nothing for them.
+    fn reads_body_sizes(&self) -> bool {
+        false
+    }
     /// The chain found this filter failed without a failing call: it paused
     /// where nothing can end the pause (no callout in flight, or a streamed
     /// part the host cannot hold). For the filter's stats, as its own failures.
@@ -1985,6 +1992,12 @@ enum Woke<T> {
 const NOTHING_IN_FLIGHT: &str = "paused with no callout in flight";
 
 impl Chain {
+    /// Whether a filter of the chain reads the exchange's body byte counts
+    /// ([`HttpFilter::reads_body_sizes`]).
+    pub fn reads_body_sizes(&self) -> bool {
+        self.slots.iter().any(|s| s.filter.reads_body_sizes())
+    }
+
     /// A call of `f` returned an error (`why`): if the filter reset the stream
     /// ([`ExchangeData::reset`]), the exchange ends with a reset whatever its
     /// failure policy (not a failure: Envoy resets the stream); else the

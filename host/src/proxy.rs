@@ -574,8 +574,10 @@ async fn proxy(
         || exchange_callouts(&conn.worker, &snapshot),
     ) {
         chain.grpc = out.grpc;
-        out.body_bytes.sent = Some(filter::ByteCount::default());
-        chain.x.body_bytes = out.body_bytes.clone();
+        if chain.reads_body_sizes() {
+            out.body_bytes.sent = Some(filter::ByteCount::default());
+            chain.x.body_bytes = out.body_bytes.clone();
+        }
         out.chain = Some(filter::SharedChain::new(chain));
         // Timed only for the debug headers (two clock reads).
         let started = out.debug.on.then(Instant::now);

@@ -2185,6 +2185,11 @@ impl HttpFilter for ProxyWasmFilter {
         self.finish(worker, context, Some(x), true);
     }
 
+    fn reads_body_sizes(&self) -> bool {
+        // `request.size` and `response.size` without a `content-length`.
+        true
+    }
+
     fn instance_gone(&self, _worker: usize, context: u64) -> Option<InstanceGone> {
         VMS.with(|cell| {
             let live = cell
