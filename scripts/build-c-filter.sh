@@ -11,7 +11,7 @@
 #   2. compile and link a wasm32-wasi reactor module with Debian's clang + lld
 #      + wasi-libc (installed by `scripts/setup.sh cguest` when missing)
 #   3. encode the core module as a component (wit-component), then check that
-#      it exports legate:filter/http-handler@0.1.2 and imports only
+#      it exports legate:filter/http-handler@0.1.3 and imports only
 #      legate:filter/* and wasi:* interfaces
 # Steps 1 and 3 use tools/componentize (`legate-componentize`), a workspace
 # crate built with cargo; set LEGATE_COMPONENTIZE to a built binary to skip

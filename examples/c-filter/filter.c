@@ -1,5 +1,5 @@
 // c-filter: a Legate HTTP filter written in C against abi/wit (world
-// `legate:filter/http-filter@0.1.2`), to show that a filter is any language
+// `legate:filter/http-filter@0.1.3`), to show that a filter is any language
 // that compiles to a WebAssembly component, not only Rust.
 //
 // Behaviour:

@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderName, Method, StatusCode, Uri, Version};
 use rand::Rng;
 
 use crate::config::{Config, Name};
@@ -1078,6 +1078,13 @@ pub trait HttpFilter: Send + Sync {
         let _ = (worker, x, id, result, paused);
         Ok(Verdict::Continue)
     }
+    /// Request headers this filter owns (a Wasm plugin's
+    /// `sanitize-request-headers`): removed from every request of a chain
+    /// that lists it, before the chain's first filter, on every route — also
+    /// where a route disables it or overrides its config.
+    fn sanitized_request_headers(&self) -> &[HeaderName] {
+        &[]
+    }
     /// Whether it reads the exchange's body byte counts as they grow
     /// ([`ExchangeData::body_bytes`]: proxy-wasm's `request.size` and
     /// `response.size`). The proxy keeps them for a chain with such a filter
@@ -1233,7 +1240,17 @@ impl Slot {
 /// The filter chains of one config version: per listener, with route overrides.
 #[derive(Default)]
 pub struct Filters {
-    chains: rustc_hash::FxHashMap<Name, Arc<[Slot]>>,
+    chains: rustc_hash::FxHashMap<Name, ListenerChain>,
+}
+
+/// One listener's chain.
+struct ListenerChain {
+    slots: Arc<[Slot]>,
+    /// The request headers its plugins own
+    /// ([`HttpFilter::sanitized_request_headers`], route overrides' configs
+    /// included), each once: removed from every request before the chain's
+    /// first filter.
+    sanitize: Box<[HeaderName]>,
 }
 
 impl Filters {
@@ -1280,6 +1297,7 @@ impl Filters {
                 continue;
             }
             let mut slots = Vec::new();
+            let mut sanitize: Vec<HeaderName> = Vec::new();
             for f in &http.filters {
                 let name = &f.value.plugin.value;
                 let key = FilterKey {
@@ -1290,12 +1308,30 @@ impl Filters {
                     .get(&key)
                     .ok_or_else(|| anyhow::anyhow!("plugin `{name}` was not loaded"))?
                     .clone();
-                slots.push(Slot {
-                    filter,
-                    routes: overrides.get(name).cloned().unwrap_or_default(),
-                });
+                let routes = overrides.get(name).cloned().unwrap_or_default();
+                // A route that disables the plugin or gives it another config
+                // still loses the headers it owns: else a client's forged
+                // identity would reach that route's upstream.
+                let owned = std::iter::once(&filter)
+                    .chain(routes.values().filter_map(|c| match c {
+                        RouteChoice::Use(f) => Some(f),
+                        RouteChoice::Disabled => None,
+                    }))
+                    .flat_map(|f| f.sanitized_request_headers());
+                for h in owned {
+                    if !sanitize.contains(h) {
+                        sanitize.push(h.clone());
+                    }
+                }
+                slots.push(Slot { filter, routes });
             }
-            chains.insert(l.value.name.clone(), slots.into());
+            chains.insert(
+                l.value.name.clone(),
+                ListenerChain {
+                    slots: slots.into(),
+                    sanitize: sanitize.into(),
+                },
+            );
         }
         Ok(Filters { chains })
     }
@@ -1311,7 +1347,16 @@ impl Filters {
         x: impl FnOnce() -> Exchange,
         callouts: impl FnOnce() -> Rc<dyn CalloutSender>,
     ) -> Option<Box<Chain>> {
-        let slots = self.chains.get(listener)?.clone();
+        let chain = self.chains.get(listener)?;
+        let slots = chain.slots.clone();
+        let mut x = x();
+        if !chain.sanitize.is_empty() {
+            // `host` is never among them (host-owned, refused at declaration).
+            let (head, _) = x.request_headers_with_host();
+            for h in &chain.sanitize {
+                head.remove(h);
+            }
+        }
         let callouts = callouts();
         WORKER_CALLOUTS.with(|c| *c.borrow_mut() = Some(callouts.clone()));
         let n = slots.len();
@@ -1320,7 +1365,7 @@ impl Filters {
         Some(Box::new(Chain {
             worker,
             slots,
-            x: x(),
+            x,
             entered: PerFilter::with_capacity(n),
             ctl: PerFilter::with_capacity(n),
             called: PerFilter::with_capacity(n),

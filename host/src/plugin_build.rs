@@ -410,9 +410,9 @@ mod tests {
             ),
             "{err}"
         );
-        // One exporting `legate:filter/http-handler@0.1.2` (an instance
+        // One exporting `legate:filter/http-handler@0.1.3` (an instance
         // export of an empty instance: the name is what is checked) passes.
-        let name = "legate:filter/http-handler@0.1.2";
+        let name = "legate:filter/http-handler@0.1.3";
         let mut c = COMPONENT_MAGIC.to_vec();
         // Instance section: one instance made of no exports.
         c.extend([5, 3, 1, 0x01, 0]);

@@ -54,7 +54,7 @@ fn builds_hello_filter_into_a_small_component() {
         &[0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00],
         "not a component"
     );
-    let exports = b"legate:filter/http-handler@0.1.2";
+    let exports = b"legate:filter/http-handler@0.1.3";
     assert!(
         wasm.windows(exports.len()).any(|w| w == exports),
         "the component does not mention {}",

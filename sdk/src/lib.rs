@@ -1,9 +1,9 @@
 //! # legate-sdk: write Legate filters in Rust
 //!
 //! A Legate filter is a WebAssembly component implementing the WIT world
-//! `legate:filter/http-filter-kv@0.1.2` (an HTTP filter: world `http-filter`
+//! `legate:filter/http-filter-kv@0.1.3` (an HTTP filter: world `http-filter`
 //! plus the `kv-handler` export for asynchronous KV replies) or
-//! `legate:filter/network-filter@0.1.2` (an L4 filter on TCP listeners; see
+//! `legate:filter/network-filter@0.1.3` (an L4 filter on TCP listeners; see
 //! [Network filters](#network-filters)). See `abi/README.md` in the Legate
 //! repository. This crate hides the generated bindings behind an idiomatic
 //! API:
@@ -223,7 +223,7 @@ pub use host::{clock, plugin, random};
 pub use network::{
     Connection, NetworkAction, NetworkEvent, NetworkFilter, NetworkInstance, NetworkSetup, Peer,
 };
-pub use setup::{Phase, Setup};
+pub use setup::{sanitize_request_headers, Phase, Setup};
 pub use types::{Action, BodyMode, Direction, HttpVersion, LocalResponse, TlsVersion};
 
 /// The rules the host and this SDK share (crate `legate-abi-rules`, in the

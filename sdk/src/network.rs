@@ -5,7 +5,7 @@
 //! ([`testing::NetworkFilterTest`](crate::testing::NetworkFilterTest)) both
 //! drive, so what the harness tests is what runs in the proxy.
 //!
-//! The world is `legate:filter/network-filter@0.1.2` (abi/README.md §11). The
+//! The world is `legate:filter/network-filter@0.1.3` (abi/README.md §11). The
 //! host services (logging, metrics, KV, callouts, clocks…) are the same
 //! modules as for HTTP filters; the data of a call is a [`Body`].
 

@@ -1,6 +1,33 @@
 //! Declaring which phases a filter wants ([`Setup`]): the host calls only those.
 
 use crate::types::BodyMode;
+use crate::Error;
+
+/// Declares request headers this plugin owns, such as the identity headers
+/// an authentication filter writes: the host removes every client-sent copy
+/// of them from each request of a listener whose chain lists the plugin,
+/// before the chain's first filter, on **every** route — also routes that
+/// disable the plugin or run it with another config, where the filter never
+/// sees the request to remove them itself. Call it from
+/// [`HttpFilter::configure`](crate::HttpFilter::configure) (or `setup`); each
+/// call adds to the set. Names are case-insensitive; list each spelling an
+/// upstream may read as the same header (`x_user` beside `x-user`).
+///
+/// Errors: `InvalidArgument` (not a header name), `Denied` (a field the host
+/// owns, e.g. `host` or `content-length`), `InvalidState` (outside
+/// `configure`), `LimitExceeded` (more than 256 names in all); a refused call
+/// declares none of its names. Needs a host of ABI 0.1.3 or later (an older
+/// one refuses to load a plugin that calls it).
+///
+/// ```
+/// # fn configure() -> Result<(), String> {
+/// legate_sdk::sanitize_request_headers(&["x-user", "x_user"])
+///     .map_err(|e| format!("declaring the identity headers: {e}"))?;
+/// # Ok(()) }
+/// ```
+pub fn sanitize_request_headers(names: &[&str]) -> Result<(), Error> {
+    crate::backend::sanitize_request_headers(names)
+}
 
 /// One HTTP phase a filter can declare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

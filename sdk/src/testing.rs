@@ -675,8 +675,25 @@ impl<F: HttpFilter> FilterTest<F> {
         self.instance.live_contexts()
     }
 
+    /// The request headers this instance's `configure` declared with
+    /// [`sanitize_request_headers`](crate::sanitize_request_headers),
+    /// lowercase, in order.
+    pub fn sanitized_request_headers(&self) -> Vec<String> {
+        let h = self.host.host.borrow();
+        h.sanitized.get(&self.id).cloned().unwrap_or_default()
+    }
+
     /// Start an exchange for `request`; drive it with the returned handle.
-    pub fn exchange(&mut self, request: Request) -> TestExchange<'_, F> {
+    /// As the host, the headers the filter declared with
+    /// [`sanitize_request_headers`](crate::sanitize_request_headers) are
+    /// removed from `request` first.
+    pub fn exchange(&mut self, mut request: Request) -> TestExchange<'_, F> {
+        let sanitized = self.sanitized_request_headers();
+        if !sanitized.is_empty() {
+            request
+                .headers
+                .retain(|(n, _)| !sanitized.iter().any(|s| s.eq_ignore_ascii_case(n)));
+        }
         let context = self.next_context;
         self.next_context += 1;
         let setup = self.instance.setup();

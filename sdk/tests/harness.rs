@@ -1765,3 +1765,77 @@ fn no_config_names_the_missing_field() {
     };
     assert!(e.contains("missing field `header`"), "{e}");
 }
+
+// ---------------------------------------------------------------- sanitized request headers
+
+/// Declares the headers of its config at `configure`; records what it sees.
+struct Owner {
+    seen_user: Vec<Option<Vec<u8>>>,
+    later: Option<Error>,
+}
+
+impl HttpFilter for Owner {
+    type Config = Vec<String>;
+    type Context = ();
+    fn configure(names: Vec<String>) -> Result<Self, String> {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        legate_sdk::sanitize_request_headers(&names).map_err(|e| format!("declaring: {e:?}"))?;
+        Ok(Owner {
+            seen_user: Vec::new(),
+            later: None,
+        })
+    }
+    fn setup(&self) -> Setup {
+        Setup::new().on_request_headers()
+    }
+    fn on_request_headers(
+        &mut self,
+        _: &mut (),
+        _: &Exchange<'_>,
+        headers: &Headers<'_>,
+        _: bool,
+    ) -> Action {
+        self.seen_user.push(headers.get("x-user"));
+        self.later = legate_sdk::sanitize_request_headers(&["x-other"]).err();
+        Action::Continue
+    }
+}
+
+#[test]
+fn declared_request_headers_are_removed_before_the_filter_runs() {
+    let mut t = FilterTest::<Owner>::configure(r#"["X-User", "x_user", "x-user"]"#).unwrap();
+    // Lowercase, each once.
+    assert_eq!(t.sanitized_request_headers(), vec!["x-user", "x_user"]);
+    let outcome = t
+        .exchange(
+            Request::get("/")
+                .header("x-user", "admin")
+                .header("X_User", "admin")
+                .header("x-keep", "1"),
+        )
+        .run(Response::new(200));
+    assert_eq!(outcome, Outcome::Completed);
+    assert_eq!(t.filter().seen_user, vec![None]);
+    // Only `configure` may declare them.
+    assert_eq!(t.filter().later, Some(Error::InvalidState));
+}
+
+#[test]
+fn a_bad_declaration_is_refused_whole() {
+    for (config, err) in [
+        (r#"["x-user", "bad name"]"#, "InvalidArgument"),
+        (r#"[":path"]"#, "InvalidArgument"),
+        (r#"["x-user", "Content-Length"]"#, "Denied"),
+        (r#"["host"]"#, "Denied"),
+    ] {
+        let e = FilterTest::<Owner>::configure(config).err().unwrap();
+        assert_eq!(e, format!("declaring: {err}"), "{config}");
+    }
+    let many: Vec<String> = (0..257).map(|i| format!("x-h{i}")).collect();
+    let e = FilterTest::<Owner>::configure(&serde_json::to_string(&many).unwrap())
+        .err()
+        .unwrap();
+    assert_eq!(e, "declaring: LimitExceeded");
+    let t = FilterTest::<Owner>::configure(&serde_json::to_string(&many[..256]).unwrap()).unwrap();
+    assert_eq!(t.sanitized_request_headers().len(), 256);
+}

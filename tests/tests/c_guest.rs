@@ -1,7 +1,7 @@
 //! A Legate filter in C (examples/c-filter), built from source by
 //! `scripts/build-c-filter.sh` exactly as its README says, is a component of
-//! the `legate:filter/http-filter@0.1.2` shape: it exports
-//! `legate:filter/http-handler@0.1.2` and imports only `legate:filter/*`
+//! the `legate:filter/http-filter@0.1.3` shape: it exports
+//! `legate:filter/http-handler@0.1.3` and imports only `legate:filter/*`
 //! interfaces (no WASI: the filter uses no libc I/O).
 //!
 //! It also behaves as examples/c-filter/README.md says when wasmtime calls its
@@ -72,12 +72,12 @@ fn c_filter_builds_into_an_http_filter_component() {
         world
             .imports
             .iter()
-            .any(|i| i == "legate:filter/http@0.1.2"),
+            .any(|i| i == "legate:filter/http@0.1.3"),
         "the filter reads and writes headers, so it imports `http`:\n{world}"
     );
     for import in &world.imports {
         assert!(
-            import.starts_with("legate:filter/") && import.ends_with("@0.1.2"),
+            import.starts_with("legate:filter/") && import.ends_with("@0.1.3"),
             "unexpected import `{import}` (the C filter should need no WASI):\n{world}"
         );
     }
@@ -97,7 +97,7 @@ struct Host {
     maps: HashMap<u32, Vec<(String, Vec<u8>)>>,
 }
 
-const HTTP: &str = "legate:filter/http@0.1.2";
+const HTTP: &str = "legate:filter/http@0.1.3";
 
 struct Filter {
     store: Store<Host>,
@@ -116,7 +116,7 @@ impl Filter {
         });
         let mut linker = Linker::<Host>::new(engine);
         linker
-            .instance("legate:filter/types@0.1.2")
+            .instance("legate:filter/types@0.1.3")
             .unwrap()
             .resource("buffer", ResourceType::host::<Buffer>(), |_, _| Ok(()))
             .unwrap();

@@ -582,7 +582,7 @@ async fn a_component_of_another_abi_version_is_refused_naming_both_versions() {
     assert!(
         err.contains("plugin `future`: the component is built against legate:filter@0.2.")
             && err.contains(
-                "; this host implements 0.1.x (0.1.0–0.1.2): regenerate its bindings from abi/wit \
+                "; this host implements 0.1.x (0.1.0–0.1.3): regenerate its bindings from abi/wit \
                  (legate:filter@0.1.x), or rebuild it with a legate-sdk for 0.1"
             ),
         "{err}"
@@ -1635,7 +1635,7 @@ async fn caller(config: &str) -> (UpstreamHandle, UpstreamHandle, LegateHandle) 
 each_proto!(
     async fn a_component_built_against_abi_0_1_0_still_runs(proto) {
         // The versioning promise (abi/README.md §12): a guest of an older 0.1.z
-        // loads on this host (0.1.2) by semver-compatible names, and behaves.
+        // loads on this host (0.1.3) by semver-compatible names, and behaves.
         let wasm = abi_0_1_0_guest();
         let world = legate_componentize::describe(&std::fs::read(wasm).unwrap()).unwrap();
         assert_eq!(
@@ -2180,4 +2180,96 @@ async fn guest_stdout_and_stderr_become_log_lines() {
     assert!(line("stdout line from printer", "INFO"), "{log}");
     assert!(line("stderr line from printer", "ERROR"), "{log}");
     assert!(line("partial line from printer", "INFO"), "{log}");
+}
+
+each_proto!(
+    /// `http.sanitize-request-headers` (ABI 0.1.3): the declared headers are
+    /// removed before the chain's first filter on every route of the
+    /// listener, also where a route disables the plugin or overrides its
+    /// config; only `configure` may declare them.
+    async fn declared_request_headers_are_removed_on_every_route(proto) {
+        let up = upstream().start().await;
+        let p = plugin("owner", "{ mode: headers, sanitize: \"X-Secret,x_secret\" }", "");
+        let off = "            filters: { owner: { disabled: true } }\n";
+        let over = "            filters: { owner: { config: { mode: headers, sanitize: x-over } } }\n";
+        let lg = legate()
+            .config(&config(up.addr, &p, &["owner"], off, over))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for path in ["/a", "/off", "/over"] {
+            let r = c
+                .get(path)
+                .header("x-secret", "forged")
+                .header("x_secret", "forged")
+                .header("x-over", "forged")
+                .header("x-keep", "1")
+                .send()
+                .await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+            let e = r.echo();
+            for n in ["x-secret", "x_secret", "x-over"] {
+                assert_eq!(e.header(n), None, "{path}: {n}");
+            }
+            assert_eq!(e.header("x-keep"), Some("1"), "{path}");
+            // The plugin ran where it is not disabled.
+            let ran = (path != "/off").then_some("owner");
+            assert_eq!(e.header("x-filter"), ran, "{path}");
+        }
+        // Outside `configure`: refused, and the header is not removed.
+        let r = c
+            .get("/a")
+            .header("x-sanitize-late", "x-late")
+            .header("x-late", "1")
+            .send()
+            .await;
+        let e = r.echo();
+        assert_eq!(e.header("x-sanitize-late"), Some("invalid-state"));
+        assert_eq!(e.header("x-late"), Some("1"));
+    }
+);
+
+#[tokio::test]
+async fn a_bad_sanitized_header_fails_configure() {
+    let up = upstream().start().await;
+    for (names, err) in [
+        ("x-ok,bad name", "invalid-argument"),
+        ("content-length", "denied"),
+        ("host", "denied"),
+    ] {
+        let p = plugin(
+            "owner",
+            &format!("{{ mode: headers, sanitize: \"{names}\" }}"),
+            "",
+        );
+        let err_text = match legate()
+            .config(&simple(up.addr, &p, &["owner"]))
+            .try_start()
+        {
+            Ok(_) => panic!("{names}: loaded"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err_text.contains(&format!(
+                "plugin `owner`: configure failed: sanitize: {err}"
+            )),
+            "{names}: {err_text}"
+        );
+    }
+    let many: Vec<String> = (0..257).map(|i| format!("x-h{i}")).collect();
+    let p = plugin(
+        "owner",
+        &format!("{{ mode: headers, sanitize: \"{}\" }}", many.join(",")),
+        "",
+    );
+    let err_text = match legate()
+        .config(&simple(up.addr, &p, &["owner"]))
+        .try_start()
+    {
+        Ok(_) => panic!("257 names loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err_text.contains("configure failed: sanitize: limit-exceeded"),
+        "{err_text}"
+    );
 }

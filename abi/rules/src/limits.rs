@@ -51,6 +51,11 @@ pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 /// 64 MiB (a buffered body is held in host memory per exchange).
 pub const BODY_LIMIT: RangeInclusive<usize> = (1 << 10)..=(64 << 20);
 
+/// The most request header names one plugin config may declare with
+/// `http.sanitize-request-headers` (`limit-exceeded` past it): each costs
+/// every request of its listener one map removal.
+pub const MAX_SANITIZED_HEADERS: usize = 256;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,8 +85,8 @@ mod tests {
         assert!(!is_provided("wasi:http/outgoing-handler@0.2.0"));
         assert!(!is_provided("wasi:keyvalue/store@0.2.0-draft"));
         assert!(!is_provided("wasi:io/streams@0.3.0"));
-        assert!(!is_provided("legate:filter/http@0.1.2"));
+        assert!(!is_provided("legate:filter/http@0.1.3"));
         assert!(is_wasi("wasi:http/types@0.2.10"));
-        assert!(!is_wasi("legate:filter/http@0.1.2"));
+        assert!(!is_wasi("legate:filter/http@0.1.3"));
     }
 }

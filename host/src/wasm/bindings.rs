@@ -1,4 +1,4 @@
-//! The one `bindgen!` of the `legate:filter/http-filter-kv@0.1.2` world
+//! The one `bindgen!` of the `legate:filter/http-filter-kv@0.1.3` world
 //! (abi/wit): `http-filter` plus the optional `kv-handler` export, so that
 //! [`FilterPre`] requires `http-handler` and takes `kv-handler` where it is.
 //!
@@ -108,7 +108,7 @@ impl Filter {
     }
 }
 
-/// The `legate:filter/network-filter@0.1.2` world (L4 filters). The interfaces
+/// The `legate:filter/network-filter@0.1.3` world (L4 filters). The interfaces
 /// it shares with `http-filter` are the ones generated above (`with:`), so one
 /// set of `Host` impls serves both worlds.
 pub mod network {

@@ -301,6 +301,9 @@ pub struct HostState {
     /// The hint of the first use of an ungranted KV namespace or cluster in
     /// this instance ([`PluginShared::denied`]), for a failing `configure`.
     pub denial: Option<String>,
+    /// The request headers `configure` declared with
+    /// `sanitize-request-headers`, lowercase and each once.
+    pub sanitize: Vec<HeaderName>,
 }
 
 /// Table entries (by rep) for the `borrow` parameters of phase calls, made on
@@ -387,6 +390,7 @@ impl HostState {
             lent: Lent::default(),
             kv_replies: false,
             denial: None,
+            sanitize: Vec::new(),
         }
     }
 
@@ -610,7 +614,35 @@ fn field_name(name: &str) -> Result<HeaderName, Error> {
     HeaderName::from_bytes(name.as_bytes()).map_err(|_| Error::InvalidArgument)
 }
 
-impl whttp::Host for HostState {}
+impl whttp::Host for HostState {
+    fn sanitize_request_headers(
+        &mut self,
+        names: Vec<String>,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        if self.phase != Phase::Configure {
+            return Ok(Err(Error::InvalidState));
+        }
+        // All or nothing: a refused list declares none of its names.
+        let mut add: Vec<HeaderName> = Vec::new();
+        for n in &names {
+            let name = match field_name(n) {
+                Ok(name) => name,
+                Err(e) => return Ok(Err(e)),
+            };
+            if denied_field(&name) {
+                return Ok(Err(Error::Denied));
+            }
+            if !self.sanitize.contains(&name) && !add.contains(&name) {
+                add.push(name);
+            }
+        }
+        if self.sanitize.len() + add.len() > legate_abi_rules::limits::MAX_SANITIZED_HEADERS {
+            return Ok(Err(Error::LimitExceeded));
+        }
+        self.sanitize.extend(add);
+        Ok(Ok(()))
+    }
+}
 
 impl whttp::HostHeaders for HostState {
     fn get(&mut self, r: Resource<HeadersRes>, name: String) -> wasmtime::Result<Option<Vec<u8>>> {

@@ -1,5 +1,5 @@
 //! The Wasm sandbox: runs HTTP filter plugins, WebAssembly components of the
-//! `legate:filter/http-filter@0.1.2` world (abi/), inside the request path.
+//! `legate:filter/http-filter@0.1.3` world (abi/), inside the request path.
 //!
 //! - [`engine`]: the one wasmtime engine (Cranelift, pooling allocator with
 //!   copy-on-write memory images, epoch interruption driven by one ticker thread),

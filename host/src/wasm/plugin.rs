@@ -234,6 +234,9 @@ pub struct WasmFilter {
     me: OnceLock<Weak<WasmFilter>>,
     /// Instances of this filter live on workers.
     instances: InstanceCount,
+    /// The request headers `configure` declared with
+    /// `sanitize-request-headers`.
+    sanitize: Box<[http::HeaderName]>,
 }
 
 /// Ids of filters not dropped yet. A reload replaces filters while workers hold
@@ -439,7 +442,7 @@ pub(crate) fn describe(e: &wasmtime::Error, cpu: Duration) -> (&'static str, Str
 
 /// The `legate:filter` version this host implements (abi/wit): components
 /// built against `0.1.0` up to it link; see abi/README.md §12.
-pub(crate) const ABI_VERSION: [u64; 3] = [0, 1, 2];
+pub(crate) const ABI_VERSION: [u64; 3] = [0, 1, 3];
 
 /// The version of a `legate:filter` interface name (`legate:filter/types@0.2.0`
 /// gives `[0, 2, 0]`); `None` for other names and unversioned ones.
@@ -664,10 +667,15 @@ impl WasmFilter {
             tick: None,
             me: OnceLock::new(),
             instances,
+            sanitize: Box::default(),
         };
-        let (_, setup) = f
+        let (mut live, setup) = f
             .instantiate(u32::MAX, false)
             .map_err(|e| anyhow::anyhow!("plugin `{name}`: {e}"))?;
+        // The checking instance's declaration stands for every worker's: each
+        // is configured with the same config.
+        f.sanitize = std::mem::take(&mut live.store.data_mut().sanitize).into();
+        drop(live);
         f.phases = phases_of(&setup);
         f.body_modes = [
             body_mode(setup.request_body_mode),
@@ -1152,6 +1160,10 @@ impl HttpFilter for WasmFilter {
         &self.shared.name
     }
 
+    fn sanitized_request_headers(&self) -> &[http::HeaderName] {
+        &self.sanitize
+    }
+
     fn phases(&self) -> Phases {
         self.phases
     }
@@ -1430,7 +1442,7 @@ mod tests {
         assert_eq!(
             e,
             "plugin `p`: the component is built against legate:filter@0.2.0 (it imports \
-             `legate:filter/types@0.2.0`); this host implements 0.1.x (0.1.0–0.1.2): \
+             `legate:filter/types@0.2.0`); this host implements 0.1.x (0.1.0–0.1.3): \
              regenerate its bindings from abi/wit (legate:filter@0.1.x), or rebuild it \
              with a legate-sdk for 0.1"
         );
@@ -1444,8 +1456,8 @@ mod tests {
             e.starts_with("plugin `p`: the component does not fit this host: ")
                 && e.ends_with(
                     "(it is built against legate:filter@0.1.9, and uses something added \
-                     after 0.1.2, which this host implements: upgrade Legate, or rebuild it \
-                     against legate:filter@0.1.2 (its abi/wit, or a legate-sdk for 0.1.2))"
+                     after 0.1.3, which this host implements: upgrade Legate, or rebuild it \
+                     against legate:filter@0.1.3 (its abi/wit, or a legate-sdk for 0.1.3))"
                 ),
             "{e}"
         );
@@ -1454,7 +1466,7 @@ mod tests {
     #[test]
     fn a_component_without_the_handler_is_told_what_it_exports_and_how_to_build_one() {
         // Was only the linker's "no exported instance named
-        // `legate:filter/http-handler@0.1.2`".
+        // `legate:filter/http-handler@0.1.3`".
         let e = wasmtime::Error::msg("linker");
         let nothing = Component::new(engine::engine().unwrap(), b"\0asm\x0d\0\x01\0").unwrap();
         assert_eq!(

@@ -185,6 +185,9 @@ pub(crate) struct HostState {
     /// The running call's exchange detached (`Exchange::detach`): a callout
     /// sent after it is refused. Reset for every call.
     pub(crate) detached_in_call: bool,
+    /// What each instance's `configure` declared with
+    /// `sanitize_request_headers` (lowercase, each once), by instance.
+    pub(crate) sanitized: HashMap<u64, Vec<String>>,
 }
 
 impl HostState {
@@ -215,6 +218,7 @@ impl HostState {
             instance: 0,
             instances: 0,
             detached_in_call: false,
+            sanitized: HashMap::new(),
         }
     }
 
@@ -888,6 +892,33 @@ pub(crate) fn plugin_name() -> String {
 pub(crate) fn instance_index() -> u32 {
     with_host(0, |h| h.instance_index)
 }
+pub(crate) fn sanitize_request_headers(names: &[&str]) -> Result<(), Error> {
+    let host = current_host().ok_or(Error::Unsupported)?;
+    let mut h = host.borrow_mut();
+    if h.call != Call::Configure {
+        return Err(Error::InvalidState);
+    }
+    // As the host: all or nothing, a bad name `InvalidArgument`, a field the
+    // host owns `Denied`, past the cap `LimitExceeded`.
+    let instance = h.instance;
+    let had = h.sanitized.get(&instance).map_or(&[][..], Vec::as_slice);
+    let mut add: Vec<String> = Vec::new();
+    for n in names {
+        let n = check_name(n)?;
+        if host_owned(&n) {
+            return Err(Error::Denied);
+        }
+        if !had.contains(&n) && !add.contains(&n) {
+            add.push(n);
+        }
+    }
+    if had.len() + add.len() > legate_abi_rules::limits::MAX_SANITIZED_HEADERS {
+        return Err(Error::LimitExceeded);
+    }
+    h.sanitized.entry(instance).or_default().extend(add);
+    Ok(())
+}
+
 pub(crate) fn plugin_file(name: &str) -> Result<Vec<u8>, Error> {
     with_host(Err(Error::Unsupported), |h| {
         h.files.get(name).cloned().ok_or(Error::NotFound)

@@ -41,14 +41,14 @@ pub mod net_bindings {
         export_macro_name: "__export_network_filter",
         default_bindings_module: "::legate_sdk::__private::net_bindings",
         with: {
-            "legate:filter/types@0.1.2": crate::backend::wasm::bindings::legate::filter::types,
-            "legate:filter/log@0.1.2": crate::backend::wasm::bindings::legate::filter::log,
-            "legate:filter/clock@0.1.2": crate::backend::wasm::bindings::legate::filter::clock,
-            "legate:filter/random@0.1.2": crate::backend::wasm::bindings::legate::filter::random,
-            "legate:filter/metrics@0.1.2": crate::backend::wasm::bindings::legate::filter::metrics,
-            "legate:filter/kv@0.1.2": crate::backend::wasm::bindings::legate::filter::kv,
-            "legate:filter/callout@0.1.2": crate::backend::wasm::bindings::legate::filter::callout,
-            "legate:filter/plugin@0.1.2": crate::backend::wasm::bindings::legate::filter::plugin,
+            "legate:filter/types@0.1.3": crate::backend::wasm::bindings::legate::filter::types,
+            "legate:filter/log@0.1.3": crate::backend::wasm::bindings::legate::filter::log,
+            "legate:filter/clock@0.1.3": crate::backend::wasm::bindings::legate::filter::clock,
+            "legate:filter/random@0.1.3": crate::backend::wasm::bindings::legate::filter::random,
+            "legate:filter/metrics@0.1.3": crate::backend::wasm::bindings::legate::filter::metrics,
+            "legate:filter/kv@0.1.3": crate::backend::wasm::bindings::legate::filter::kv,
+            "legate:filter/callout@0.1.3": crate::backend::wasm::bindings::legate::filter::callout,
+            "legate:filter/plugin@0.1.3": crate::backend::wasm::bindings::legate::filter::plugin,
         },
         generate_all,
     });
@@ -388,6 +388,10 @@ pub(crate) fn plugin_name() -> String {
 pub(crate) fn instance_index() -> u32 {
     wit::plugin::instance_index()
 }
+pub(crate) fn sanitize_request_headers(names: &[&str]) -> Result<(), Error> {
+    wit::http::sanitize_request_headers(&owned(names)).map_err(error)
+}
+
 pub(crate) fn plugin_file(name: &str) -> Result<Vec<u8>, Error> {
     wit::plugin::file(name).map_err(error)
 }

@@ -22,6 +22,11 @@
 //!   failure, not a trap); anything else passes.
 //! - `bad-config`: `configure` fails with a message.
 //! - Any mode: `configure_sleep_ms: "<ms>"` sleeps that long in `configure`.
+//! - Any mode: `sanitize: "<name>,<name>…"` declares those request headers with
+//!   `http.sanitize-request-headers` in `configure` (an error fails it:
+//!   `sanitize: <error>`). In `headers` mode, a request with
+//!   `x-sanitize-late` declares that header's value from the request phase and
+//!   puts the result (`ok` or the error) in request header `x-sanitize-late`.
 //! - `metrics`: counts requests in counter `requests{method}` (`metric`: another
 //!   name), and in `on-log`
 //!   (with phase `log`) under `method="log-<METHOD>"`, and, if the exchange
@@ -636,6 +641,11 @@ impl Guest for Plugin {
         if let Some(ns) = field(&config, "kv_required") {
             legate::filter::kv::open(&ns).map_err(|e| format!("open {ns}: {}", error_name(e)))?;
         }
+        if let Some(names) = field(&config, "sanitize") {
+            let names: Vec<String> = names.split(',').map(str::to_owned).collect();
+            legate::filter::http::sanitize_request_headers(&names)
+                .map_err(|e| format!("sanitize: {}", error_name(e)))?;
+        }
         if let Some(ms) = field(&config, "configure_sleep_ms").and_then(|v| v.parse().ok()) {
             // A WASI pollable in `configure`, which runs at load, off the workers.
             std::thread::sleep(std::time::Duration::from_millis(ms));
@@ -810,6 +820,12 @@ impl Guest for Plugin {
             }
             "headers" => {
                 let _ = h.set("x-filter", tag().as_bytes());
+                if let Some(name) = h.get("x-sanitize-late") {
+                    let name = String::from_utf8_lossy(&name).into_owned();
+                    let r = legate::filter::http::sanitize_request_headers(&[name]);
+                    let r = r.map_or_else(error_name, |()| "ok");
+                    let _ = h.set("x-sanitize-late", r.as_bytes());
+                }
                 // The host hides `host` from every read: the authority is the
                 // exchange's.
                 let host = h.get("host").unwrap_or_else(|| b"none".to_vec());

@@ -1,4 +1,4 @@
-//! An L4 test filter (`legate:filter/network-filter@0.1.2`). The plugin config
+//! An L4 test filter (`legate:filter/network-filter@0.1.3`). The plugin config
 //! picks the mode (`{"mode": "..."}`):
 //!
 //! - `rewrite`: downstream data is upper-cased, except that a chunk equal to

@@ -19,7 +19,7 @@ use wit_parser::{Resolve, WorldItem, WorldKey};
 /// The handler interface an HTTP filter exports, at the version of
 /// `abi/wit` (the newest a host of this tree implements; a component may
 /// export any `0.1.z` up to it: [`WorldSummary::check_http_filter`]).
-pub const HTTP_HANDLER: &str = "legate:filter/http-handler@0.1.2";
+pub const HTTP_HANDLER: &str = "legate:filter/http-handler@0.1.3";
 
 /// `abi/wit`, compiled in: what [`check_http_filter`](WorldSummary::check_http_filter)
 /// reads the functions of `http-handler` from.
@@ -369,7 +369,7 @@ mod tests {
     #[test]
     fn http_filter_shape_is_accepted() {
         let ok = summary(
-            &["legate:filter/http@0.1.2", "wasi:io/streams@0.2.0"],
+            &["legate:filter/http@0.1.3", "wasi:io/streams@0.2.0"],
             &[HTTP_HANDLER],
         );
         assert_eq!(check(&ok), "accepted");
@@ -387,10 +387,10 @@ mod tests {
         // component the host loads (built against abi 0.1.0).
         let old = summary(&[], &["legate:filter/http-handler@0.1.0"]);
         assert_eq!(check(&old), "accepted");
-        for v in ["0.1.3", "0.2.0", "1.0.0"] {
+        for v in ["0.1.4", "0.2.0", "1.0.0"] {
             let err = check(&summary(&[], &[&format!("legate:filter/http-handler@{v}")]));
             assert!(
-                err.contains("does not export legate:filter/http-handler@0.1.x (0.1.0–0.1.2)"),
+                err.contains("does not export legate:filter/http-handler@0.1.x (0.1.0–0.1.3)"),
                 "{v}: {err}"
             );
         }
@@ -406,7 +406,7 @@ mod tests {
         let err = check(&s);
         assert!(
             err.starts_with(
-                "the component's legate:filter/http-handler@0.1.2 lacks on-log, on-done: "
+                "the component's legate:filter/http-handler@0.1.3 lacks on-log, on-done: "
             ),
             "{err}"
         );
@@ -430,7 +430,7 @@ mod tests {
 
     #[test]
     fn missing_handler_export_is_named() {
-        let err = check(&summary(&[], &["legate:filter/network-handler@0.1.2"]));
+        let err = check(&summary(&[], &["legate:filter/network-handler@0.1.3"]));
         assert!(
             err.contains("does not export legate:filter/http-handler@0.1.x"),
             "{err}"
@@ -442,7 +442,7 @@ mod tests {
     fn foreign_imports_are_named() {
         let err = check(&summary(
             &[
-                "legate:filter/http@0.1.2",
+                "legate:filter/http@0.1.3",
                 "acme:evil/net@1.0.0",
                 "func raw",
             ],
