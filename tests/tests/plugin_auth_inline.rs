@@ -212,3 +212,79 @@ fn a_config_auth_refuses_is_placed_at_the_key_it_names() {
         assert_check_places(&dir, &bad, to, key, &want);
     }
 }
+
+/// [`config`] with routes that skip the plugin (`/open`) or run it with
+/// another config that writes another identity header (`/other`).
+fn config_with_route_overrides(up: SocketAddr) -> String {
+    config(up).replace(
+        "        routes:
+          - match: { prefix: / }
+            cluster: backend
+",
+        "        routes:
+          - match: { prefix: /open }
+            cluster: backend
+            filters: { auth: { disabled: true } }
+          - match: { prefix: /other }
+            cluster: backend
+            filters:
+              auth:
+                config:
+                  api_keys:
+                    - name: team
+                      id_header: x-team
+                      # sha256(\"demo-key\")
+                      keys: [{ id: team-demo, sha256: c48a01f49fd0f2cc404bc3cbbc80e91457a3d41bb429a695243de4c61794155c }]
+          - match: { prefix: / }
+            cluster: backend
+",
+    )
+}
+
+each_proto!(
+    async fn identity_headers_are_removed_on_routes_that_skip_or_override_the_plugin(proto) {
+        let up = upstream().start().await;
+        let cfg = config_with_route_overrides(up.addr);
+        assert!(cfg.contains("/open"), "the route overrides are in the config");
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let forged = [
+            ("x-user", "admin"),
+            ("x_user", "admin"),
+            ("x-api-key-id", "admin"),
+            ("x_api_key_id", "admin"),
+            ("x-team", "admin"),
+        ];
+        // The plugin does not run on /open, and /other runs a config that
+        // writes only x-team: every identity header any of the listener's
+        // auth configs writes is still removed, in both spellings.
+        for (path, key) in [("/open/a", None), ("/other/a", Some("demo-key")), ("/public/a", None)] {
+            let mut req = c.get(path).header("x-keep", "1");
+            for (n, v) in forged {
+                req = req.header(n, v);
+            }
+            if let Some(k) = key {
+                req = req.header("x-api-key", k);
+            }
+            let r = req.send().await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+            let e = r.echo();
+            for (n, _) in forged {
+                let want = (path == "/other/a" && n == "x-team").then_some("team-demo");
+                assert_eq!(e.header(n), want, "{path}: {n}");
+            }
+            assert_eq!(e.header("x-keep"), Some("1"), "{path}");
+        }
+        // Where the listener's config runs, its identity is the one written.
+        let r = c
+            .get("/api/x")
+            .header("x-api-key", "demo-key")
+            .header("x-api-key-id", "admin")
+            .header("x-team", "admin")
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().header_all("x-api-key-id"), vec!["demo"]);
+        assert_eq!(r.echo().header("x-team"), None);
+    }
+);

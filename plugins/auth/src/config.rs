@@ -543,11 +543,12 @@ pub struct Settings {
     pub rules: std::rc::Rc<[Rule]>,
     /// CORS preflights pass unchecked ([`Config::bypass_cors_preflight`]).
     pub bypass_cors_preflight: bool,
-    /// Every request header removed before anything else, so a client cannot
+    /// Every request header the host removes before any filter runs (declared
+    /// at `configure` with `sanitize_request_headers`), so a client cannot
     /// forge an identity: each identity header the plugin writes
     /// ([`identity_headers`]) and, for a name with `-`, its `_` spelling
     /// (CGI/WSGI-style upstreams fold both to one variable). Sorted, no
-    /// duplicates; each is one host call per request.
+    /// duplicates.
     pub strip_headers: Vec<HeaderName>,
 }
 

@@ -268,6 +268,18 @@ impl HttpFilter for AuthFilter {
 
     fn configure(config: Config) -> Result<Self, String> {
         let s = config.validate()?;
+        // The host removes them from every request of the listener, before
+        // any filter and on every route: also where a route disables this
+        // plugin or runs it with another config, so a forged identity never
+        // reaches an upstream (as Envoy's jwt_authn sanitizes filter-wide).
+        let strip: Vec<&str> = s.strip_headers.iter().map(|h| &**h).collect();
+        legate_sdk::sanitize_request_headers(&strip).map_err(|e| {
+            format!(
+                "the host refused the {} identity header names to remove from requests \
+                 (with their `_` spellings): {e}",
+                strip.len()
+            )
+        })?;
         let counters = Counters::define(&s.providers, &s.basic)?;
         for b in &s.basic {
             if b.users.max_bcrypt_cost > basic::BCRYPT_COST_WARN {
@@ -428,12 +440,8 @@ impl AuthFilter {
         exchange: &Exchange<'_>,
         headers: &Headers<'_>,
     ) -> Action {
-        for h in &self.s.strip_headers {
-            // Failing to remove is only possible outside the write window,
-            // which a request-headers call is not.
-            let _ = headers.remove(h);
-        }
-        // After the identity headers are gone: a preflight reaches the
+        // The identity headers are gone already (the host removed them,
+        // `configure`): a preflight reaches the
         // upstream with no identity, as any unauthenticated request.
         if self.s.bypass_cors_preflight && is_cors_preflight(exchange, headers) {
             self.counters.cors_preflight.inc();

@@ -300,6 +300,12 @@ fn an_identity_header_spelled_with_underscores_is_removed_too() {
         {"match": {"prefix": "/"}, "requires": {"any": ["keys"]}}
     ]);
     let mut t = host().configure::<AuthFilter>(&cfg.to_string()).unwrap();
+    // Declared to the host, which removes them before any filter on every
+    // route of the listener (also where a route disables the plugin).
+    assert_eq!(
+        t.sanitized_request_headers(),
+        vec!["x-api-key-id", "x_api_key_id"]
+    );
     for req in [
         Request::get("/x").header("x-api-key", "s3cret-key-a"),
         Request::get("/open"),
