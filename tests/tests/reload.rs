@@ -1664,7 +1664,7 @@ each_proto!(
         let st = plugin_status(&lg).await;
         assert_eq!(st["name"], "tagger");
         assert_eq!(st["sha256"], sha256_hex(&guest_variant(1)));
-        assert_eq!(st["abi"], "legate:filter@0.1.2");
+        assert_eq!(st["abi"], "legate:filter@0.1.3");
         assert_eq!(st["instances"], 1);
         assert!(st["loaded_at"].as_f64().unwrap() > 0.0);
 
@@ -2330,6 +2330,16 @@ fn fixed_ports(yaml: &str, web: SocketAddr, admin: SocketAddr) -> String {
 /// `legate run --upgrade` on `cfg`: waits for `old` to hand over and exit
 /// cleanly, and checks the new process still runs; the new process.
 async fn hot_restart(cfg: &Path, old: &mut Child) -> Child {
+    // The old process serves its upgrade socket just after it answers
+    // `/ready` (main.rs, once the start returns): waited for, or `--upgrade`
+    // could find no socket yet on a loaded machine.
+    let mut socket = cfg.as_os_str().to_owned();
+    socket.push(".upgrade.sock");
+    let socket = std::path::PathBuf::from(socket);
+    eventually(HANG_GUARD, "the old process's upgrade socket", || async {
+        socket.exists().then_some(())
+    })
+    .await;
     let mut new = Child::spawn(cfg, &["--upgrade"]);
     let status = old.exited(Duration::from_secs(60)).await;
     assert!(status.success(), "the old process exited with {status}");
@@ -3114,6 +3124,11 @@ async fn hot_restart_refuses_another_users_process() {
     let mut old = Child::spawn(&cfg, &[]);
     wait_ready(admin).await;
     let socket = dir.path().join("legate.yaml.upgrade.sock");
+    // Served just after `/ready` answers (see `hot_restart`).
+    eventually(HANG_GUARD, "the upgrade socket", || async {
+        socket.exists().then_some(())
+    })
+    .await;
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "upgrade socket mode {mode:o}");
     public(&socket, 0o666);
@@ -3161,7 +3176,7 @@ async fn the_upgrade_socket_goes_with_the_process_that_serves_it() {
     let socket = dir.path().join("legate.yaml.upgrade.sock");
     let mut old = Child::spawn(&cfg, &[]);
     wait_ready(admin).await;
-    assert!(socket.exists(), "no upgrade socket");
+    // `hot_restart` waits for the socket to exist.
     let mut new = hot_restart(&cfg, &mut old).await;
     wait_ready(admin).await;
     eventually(
