@@ -117,6 +117,22 @@ pub fn send(request: &CalloutRequest) -> Result<CalloutId, Error> {
     backend::callout_send(request)
 }
 
+/// Whether this plugin may send callouts to `cluster` (granted in its
+/// `capabilities.clusters`). Call it from `configure` for each cluster the
+/// config names, so a config the host would refuse every callout of fails
+/// at load, with the host's hint of what to grant. Errors: `Denied` (not
+/// granted). Needs a host of ABI 0.1.3 or later.
+///
+/// ```
+/// # fn configure(cluster: &str) -> Result<(), String> {
+/// legate_sdk::callout::check_cluster(cluster)
+///     .map_err(|e| format!("cluster `{cluster}`: {e}"))?;
+/// # Ok(()) }
+/// ```
+pub fn check_cluster(cluster: &str) -> Result<(), Error> {
+    backend::callout_check_cluster(cluster)
+}
+
 /// Cancel an outstanding callout (or asynchronous KV call) of the running
 /// call's own context: an exchange's call cancels only that exchange's, `on_tick`
 /// only the plugin-level ones. Errors: `NotFound` (unknown, delivered, already

@@ -1839,3 +1839,30 @@ fn a_bad_declaration_is_refused_whole() {
     let t = FilterTest::<Owner>::configure(&serde_json::to_string(&many[..256]).unwrap()).unwrap();
     assert_eq!(t.sanitized_request_headers().len(), 256);
 }
+
+// ---------------------------------------------------------------- check_cluster
+
+/// Checks the cluster its config names at `configure`.
+struct ClusterChecker;
+
+impl HttpFilter for ClusterChecker {
+    type Config = String;
+    type Context = ();
+    fn configure(cluster: String) -> Result<Self, String> {
+        callout::check_cluster(&cluster).map_err(|e| format!("{cluster}: {e:?}"))?;
+        Ok(ClusterChecker)
+    }
+    fn setup(&self) -> Setup {
+        Setup::new()
+    }
+}
+
+#[test]
+fn check_cluster_is_ok_only_for_a_granted_cluster() {
+    let host = TestHost::new().grant_cluster("authz");
+    assert!(host.configure::<ClusterChecker>(r#""authz""#).is_ok());
+    assert_eq!(
+        host.configure::<ClusterChecker>(r#""other""#).err(),
+        Some("other: Denied".to_owned())
+    );
+}

@@ -1269,6 +1269,12 @@ each_proto!(
             ),
             "{err}"
         );
+        // Said by the error, not also by a WARN line before it.
+        let log = captured_log().split_off(before);
+        assert!(
+            !log.lines().any(|l| l.contains("WARN") && l.contains("`myns`")),
+            "{log}"
+        );
         // Opened on every request: warned once.
         let lg = legate()
             .config(&simple(up.addr, &kv_plugin("nosy", "secret", "[other]"), &["nosy"]))
@@ -2271,5 +2277,37 @@ async fn a_bad_sanitized_header_fails_configure() {
     assert!(
         err_text.contains("configure failed: sanitize: limit-exceeded"),
         "{err_text}"
+    );
+}
+
+/// `callout.check-cluster` (ABI 0.1.3): `ok` for a granted cluster, `denied`
+/// for another, with the host's hint of what to grant in the `configure` error.
+#[tokio::test]
+async fn check_cluster_says_whether_a_cluster_is_granted() {
+    let up = upstream().start().await;
+    let grant = "    capabilities: { clusters: [backend] }\n";
+    let p = plugin(
+        "checker",
+        "{ mode: headers, check_cluster: backend }",
+        grant,
+    );
+    let lg = legate().config(&simple(up.addr, &p, &["checker"])).start();
+    let mut c = client(Proto::H1, lg.addr("web")).await;
+    assert_eq!(c.get("/").send().await.status, 200);
+    let p = plugin("checker", "{ mode: headers, check_cluster: backend }", "");
+    let err = match legate()
+        .config(&simple(up.addr, &p, &["checker"]))
+        .try_start()
+    {
+        Ok(_) => panic!("configure passed a cluster it may not call"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains(
+            "plugin `checker`: configure failed: check-cluster backend: denied (cluster \
+             `backend` is not granted to plugin `checker`: add it to the plugin's \
+             `capabilities.clusters`)"
+        ),
+        "{err}"
     );
 }

@@ -171,20 +171,26 @@ impl PluginShared {
         }
     }
 
+    /// What to add to the config for a use of `name` that `capability`
+    /// (`kv` or `clusters`) does not grant.
+    fn grant_hint(&self, capability: &'static str, name: &str) -> String {
+        let what = match capability {
+            "kv" => "KV namespace",
+            _ => "cluster",
+        };
+        format!(
+            "{what} `{name}` is not granted to plugin `{}`: add it to the plugin's \
+             `capabilities.{capability}`",
+            self.name
+        )
+    }
+
     /// The hint for a use of `name` that `capability` (`kv` or `clusters`)
     /// does not grant: what to add to the config. Logged as a warning the
     /// first time per plugin and name, since the guest may only see `denied`
     /// (and may not say which name).
     pub fn denied(&self, capability: &'static str, name: &str) -> String {
-        let what = match capability {
-            "kv" => "KV namespace",
-            _ => "cluster",
-        };
-        let hint = format!(
-            "{what} `{name}` is not granted to plugin `{}`: add it to the plugin's \
-             `capabilities.{capability}`",
-            self.name
-        );
+        let hint = self.grant_hint(capability, name);
         let first = self
             .warned
             .lock()
@@ -304,6 +310,10 @@ pub struct HostState {
     /// The request headers `configure` declared with
     /// `sanitize-request-headers`, lowercase and each once.
     pub sanitize: Vec<HeaderName>,
+    /// Uses `configure` made of what the plugin is not granted (capability,
+    /// name): warned about only if it succeeds ([`HostState::configured`]);
+    /// a failing one's error carries the hint.
+    configure_denials: Vec<(&'static str, String)>,
 }
 
 /// Table entries (by rep) for the `borrow` parameters of phase calls, made on
@@ -391,6 +401,7 @@ impl HostState {
             kv_replies: false,
             denial: None,
             sanitize: Vec::new(),
+            configure_denials: Vec::new(),
         }
     }
 
@@ -1606,8 +1617,7 @@ impl kv::Host for HostState {
             .find(|n| ***n == *name)
             .cloned()
         else {
-            let hint = self.plugin.denied("kv", &name);
-            self.denial = self.denial.take().or(Some(hint));
+            self.deny("kv", &name);
             return Ok(Err(Error::Denied));
         };
         Ok(Ok(self.table.push(NamespaceRes { name })?))
@@ -1936,7 +1946,39 @@ impl HostState {
     }
 }
 
+impl HostState {
+    /// Records a use of `name` that `capability` does not grant: its hint is
+    /// kept for a failing `configure`'s error ([`HostState::denial`]). Outside
+    /// `configure` it is also warned about, once per plugin and name; in it,
+    /// the error says it (a WARN line before it would say it twice).
+    fn deny(&mut self, capability: &'static str, name: &str) {
+        let hint = if self.phase == Phase::Configure {
+            self.configure_denials.push((capability, name.to_string()));
+            self.plugin.grant_hint(capability, name)
+        } else {
+            self.plugin.denied(capability, name)
+        };
+        self.denial = self.denial.take().or(Some(hint));
+    }
+
+    /// `configure` succeeded: the denials it met, which no error reports, are
+    /// warned about (once per plugin and name).
+    pub fn configured(&mut self) {
+        for (capability, name) in std::mem::take(&mut self.configure_denials) {
+            self.plugin.denied(capability, &name);
+        }
+    }
+}
+
 impl callout::Host for HostState {
+    fn check_cluster(&mut self, cluster: String) -> wasmtime::Result<Result<(), Error>> {
+        if self.plugin.clusters.iter().any(|c| **c == *cluster) {
+            return Ok(Ok(()));
+        }
+        self.deny("clusters", &cluster);
+        Ok(Err(Error::Denied))
+    }
+
     fn send(&mut self, request: callout::CalloutRequest) -> wasmtime::Result<Result<u64, Error>> {
         // Calls for an exchange and `on-tick` can send; `configure`, `on-log` and
         // `on-done` cannot.
@@ -1952,8 +1994,7 @@ impl callout::Host for HostState {
             return Ok(Err(Error::InvalidState));
         }
         if !self.plugin.clusters.iter().any(|c| **c == *request.cluster) {
-            let hint = self.plugin.denied("clusters", &request.cluster);
-            self.denial = self.denial.take().or(Some(hint));
+            self.deny("clusters", &request.cluster);
             return Ok(Err(Error::Denied));
         }
         let mut req = match self.build_callout(request) {

@@ -352,14 +352,17 @@ impl WasmNetworkFilter {
             Ok::<_, String>((bindings, r))
         })?;
         match r {
-            Ok(Ok(setup)) => Ok((
-                Live {
-                    store,
-                    bindings,
-                    contexts: FxHashMap::default(),
-                },
-                setup,
-            )),
+            Ok(Ok(setup)) => {
+                store.data_mut().configured();
+                Ok((
+                    Live {
+                        store,
+                        bindings,
+                        contexts: FxHashMap::default(),
+                    },
+                    setup,
+                ))
+            }
             Ok(Err(msg)) => Err(format!(
                 "configure failed: {msg}{}",
                 denial_hint(store.data_mut().denial.take())

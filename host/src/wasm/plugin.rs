@@ -904,16 +904,19 @@ impl WasmFilter {
             Ok::<_, String>((bindings, r))
         })?;
         match r {
-            Ok(Ok(setup)) => Ok((
-                Live {
-                    store,
-                    bindings,
-                    contexts: FxHashSet::default(),
-                    paused: FxHashMap::default(),
-                    alive: InstanceAlive::new(),
-                },
-                setup,
-            )),
+            Ok(Ok(setup)) => {
+                store.data_mut().configured();
+                Ok((
+                    Live {
+                        store,
+                        bindings,
+                        contexts: FxHashSet::default(),
+                        paused: FxHashMap::default(),
+                        alive: InstanceAlive::new(),
+                    },
+                    setup,
+                ))
+            }
             Ok(Err(msg)) => Err(format!(
                 "configure failed: {msg}{}",
                 denial_hint(store.data_mut().denial.take())

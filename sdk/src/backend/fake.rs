@@ -1375,6 +1375,16 @@ pub(crate) fn kv_open(name: &str) -> Result<NamespaceHandle, Error> {
 
 // ---- callout ----
 
+pub(crate) fn callout_check_cluster(cluster: &str) -> Result<(), Error> {
+    with_host(Err(Error::Unsupported), |h| {
+        if h.granted_clusters.contains(cluster) {
+            Ok(())
+        } else {
+            Err(Error::Denied)
+        }
+    })
+}
+
 pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
     let host = current_host().ok_or(Error::Unsupported)?;
     let mut h = host.borrow_mut();

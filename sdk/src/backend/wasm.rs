@@ -561,6 +561,10 @@ pub(crate) fn callout_send(r: &CalloutRequest) -> Result<u64, Error> {
     })
     .map_err(error)
 }
+pub(crate) fn callout_check_cluster(cluster: &str) -> Result<(), Error> {
+    wit::callout::check_cluster(cluster).map_err(error)
+}
+
 pub(crate) fn callout_cancel(id: u64) -> Result<(), Error> {
     wit::callout::cancel(id).map_err(error)
 }

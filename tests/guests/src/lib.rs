@@ -22,6 +22,8 @@
 //!   failure, not a trap); anything else passes.
 //! - `bad-config`: `configure` fails with a message.
 //! - Any mode: `configure_sleep_ms: "<ms>"` sleeps that long in `configure`.
+//! - Any mode: `check_cluster: <name>` calls `callout.check-cluster` in
+//!   `configure` (an error fails it: `check-cluster <name>: <error>`).
 //! - Any mode: `sanitize: "<name>,<name>…"` declares those request headers with
 //!   `http.sanitize-request-headers` in `configure` (an error fails it:
 //!   `sanitize: <error>`). In `headers` mode, a request with
@@ -640,6 +642,10 @@ impl Guest for Plugin {
         }
         if let Some(ns) = field(&config, "kv_required") {
             legate::filter::kv::open(&ns).map_err(|e| format!("open {ns}: {}", error_name(e)))?;
+        }
+        if let Some(cluster) = field(&config, "check_cluster") {
+            legate::filter::callout::check_cluster(&cluster)
+                .map_err(|e| format!("check-cluster {cluster}: {}", error_name(e)))?;
         }
         if let Some(names) = field(&config, "sanitize") {
             let names: Vec<String> = names.split(',').map(str::to_owned).collect();
