@@ -205,11 +205,21 @@ fn a_config_auth_refuses_is_placed_at_the_key_it_names() {
             "{ kty",
             "invalid config: field `providers[0].jwks.keys[0]`: HS256 secret is 5 bytes",
         ),
+        (
+            // A cluster the plugin is not granted (capabilities.clusters):
+            // refused at load, with what to grant, not 503 per request.
+            "      rules:\n",
+            "      ext_authz: { cluster: backend, path: /check }\n      rules:\n",
+            "cluster: backend",
+            "invalid config: field `ext_authz.cluster`: this plugin may not call cluster \
+             `backend` (cluster `backend` is not granted to plugin `auth`: add it to the \
+             plugin's `capabilities.clusters`)",
+        ),
     ] {
         assert!(good.contains(from), "{from}");
         let bad = good.replace(from, to);
         let want = format!("plugin `auth`: configure failed: {want}");
-        assert_check_places(&dir, &bad, to, key, &want);
+        assert_check_places(&dir, &bad, to.lines().next().unwrap_or(to), key, &want);
     }
 }
 

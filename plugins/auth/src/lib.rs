@@ -268,6 +268,34 @@ impl HttpFilter for AuthFilter {
 
     fn configure(config: Config) -> Result<Self, String> {
         let s = config.validate()?;
+        // A cluster the plugin may not call would fail every request that
+        // needs it: refused at load instead, placed at its key (the host adds
+        // what to grant).
+        let remote = s.providers.iter().enumerate().filter_map(|(i, p)| {
+            let r = p.remote.as_ref()?;
+            Some((format!("providers[{i}].remote_jwks.cluster"), &r.cluster))
+        });
+        let authz = s
+            .ext_authz
+            .iter()
+            .map(|a| ("ext_authz.cluster".to_owned(), &a.cluster));
+        for (path, cluster) in remote.chain(authz) {
+            match legate_sdk::callout::check_cluster(cluster) {
+                Ok(()) => {}
+                Err(legate_sdk::Error::Denied) => {
+                    return Err(format!(
+                        "invalid config: field `{path}`: this plugin may not call cluster \
+                         `{cluster}`"
+                    ))
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "invalid config: field `{path}`: cluster `{cluster}` could not be \
+                         checked ({e})"
+                    ))
+                }
+            }
+        }
         // The host removes them from every request of the listener, before
         // any filter and on every route: also where a route disables this
         // plugin or runs it with another config, so a forged identity never

@@ -7,12 +7,19 @@ mod common;
 
 use common::{jwks, sha256_hex, Signer};
 use legate_plugin_auth::AuthFilter;
-use legate_sdk::testing::FilterTest;
+use legate_sdk::testing::{FilterTest, TestHost};
 use legate_sdk::Phase;
 use serde_json::{json, Value};
 
+/// Loads `cfg` on a host that grants the clusters these configs call, `idp`,
+/// `authz` and `a` (a cluster not granted is refused at `configure`:
+/// `a_cluster_the_plugin_may_not_call_is_refused_at_its_key`).
 fn load(cfg: &Value) -> Result<FilterTest<AuthFilter>, String> {
-    FilterTest::<AuthFilter>::configure(&cfg.to_string())
+    TestHost::new()
+        .grant_cluster("idp")
+        .grant_cluster("authz")
+        .grant_cluster("a")
+        .configure::<AuthFilter>(&cfg.to_string())
 }
 
 fn err(cfg: Value) -> String {
@@ -626,4 +633,33 @@ fn remote_jwks_ext_authz_rules_and_skew_limits() {
             );
         }
     }
+}
+
+#[test]
+fn a_cluster_the_plugin_may_not_call_is_refused_at_its_key() {
+    let only_idp = |cfg: &Value| {
+        TestHost::new()
+            .grant_cluster("idp")
+            .configure::<AuthFilter>(&cfg.to_string())
+            .err()
+            .unwrap_or_default()
+    };
+    let remote = json!({"providers": [
+        {"name": "a", "issuer": "i", "jwks": jwk()},
+        {"name": "b", "issuer": "j", "remote_jwks": {"cluster": "keys", "path": "/jwks"}}
+    ]});
+    assert_eq!(
+        only_idp(&remote),
+        "invalid config: field `providers[1].remote_jwks.cluster`: this plugin may not call \
+         cluster `keys`"
+    );
+    assert_eq!(
+        only_idp(&json!({"ext_authz": {"cluster": "authz"}})),
+        "invalid config: field `ext_authz.cluster`: this plugin may not call cluster `authz`"
+    );
+    // Granted: loads.
+    let ok = json!({"providers": [
+        {"name": "b", "issuer": "j", "remote_jwks": {"cluster": "idp", "path": "/jwks"}}
+    ]});
+    assert_eq!(only_idp(&ok), "");
 }
