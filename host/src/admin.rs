@@ -577,6 +577,12 @@ fn state(shared: &Shared) -> State {
             )
         })
         .collect();
+    if shared
+        .upgrade_socket_pending
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        cold.push("the hot-restart upgrade socket: about to be served\n".to_string());
+    }
     if cold.is_empty() {
         State::Live
     } else {

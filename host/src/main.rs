@@ -365,6 +365,7 @@ fn run(
         config_path: Some(path.to_path_buf()),
         local_zone,
         watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
+        serves_upgrade_socket: true,
         ..Default::default()
     };
     // Signals are handled on a small runtime of their own; workers own theirs.
@@ -448,6 +449,10 @@ fn run(
         }
     };
     let shared = handle.shared();
+    // Served (or given up on): `/ready` may say LIVE.
+    shared
+        .upgrade_socket_pending
+        .store(false, std::sync::atomic::Ordering::Release);
     let mut drain = handle.drain_signal();
     rt.block_on(async {
         loop {

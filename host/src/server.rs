@@ -410,6 +410,10 @@ pub struct Shared {
     /// their next response (HTTP/2: a GOAWAY), while the listeners keep
     /// accepting and serving whoever still comes.
     pub health_check_failed: watch::Sender<bool>,
+    /// The hot-restart upgrade socket is not served yet
+    /// ([`ProcessOptions::serves_upgrade_socket`]); cleared by whoever serves
+    /// it once it is served or failed to be.
+    pub upgrade_socket_pending: std::sync::atomic::AtomicBool,
     /// The access log, if configured.
     pub access_log: Option<AccessLog>,
     /// The listeners in force; every worker accepts on each (see
@@ -572,6 +576,11 @@ pub struct ProcessOptions {
     /// The previous process's counters and histograms (hot restart): this
     /// process's start from them.
     pub inherited_stats: Option<crate::stats::Carried>,
+    /// The process serves a hot-restart upgrade socket once started (`legate
+    /// run`): `/ready` says `WARMING` until it does or gave up
+    /// ([`Shared::upgrade_socket_pending`]), so a deploy that hot-restarts
+    /// as soon as `/ready` answers finds the socket.
+    pub serves_upgrade_socket: bool,
 }
 
 /// The inherited socket listener `l` serves on, taken out of `inherited`: the
@@ -822,6 +831,7 @@ pub fn start_with(
         published: watch::channel(0).0,
         draining,
         health_check_failed: watch::channel(false).0,
+        upgrade_socket_pending: process.serves_upgrade_socket.into(),
         access_log,
         listeners,
         reloader,
