@@ -125,6 +125,9 @@ struct Outcome {
     /// `response_duration_ms` and the debug headers' `first-byte` (taken
     /// only when either wants it).
     upstream_head_at: Option<Instant>,
+    /// The sticky cookie made for this request (`hash_on.cookie_ttl`), for
+    /// its upstream response's `Set-Cookie`.
+    set_cookie: Option<HeaderValue>,
 }
 
 /// Timings and facts of the debug headers ([`crate::overrides::Debug`]).
@@ -981,6 +984,9 @@ async fn proxy(
             resp.headers_mut(),
             switching,
         );
+        if let Some(cookie) = out.set_cookie.take() {
+            resp.headers_mut().append(header::SET_COOKIE, cookie);
+        }
         if let Some(protocols) = upgrade_required {
             let h = resp.headers_mut();
             h.insert(header::UPGRADE, protocols);
@@ -2296,7 +2302,15 @@ impl Attempts<'_> {
         let cluster = &self.entry.cluster();
         let balancer = self.conn.worker.balancer(cluster);
         let client = out.client.unwrap_or_else(|| self.conn.peer.ip());
-        let hash = cluster.hash_key(&self.headers.borrow(), client);
+        let mut hash = cluster.hash_key(&self.headers.borrow(), client);
+        if hash.is_none() {
+            // A sticky cookie to make (`hash_on.cookie_ttl`): the ring key is
+            // its value's, and the response carries it.
+            if let Some((key, cookie)) = cluster.sticky_cookie(client, self.conn.peer) {
+                hash = Some(key);
+                out.set_cookie = Some(cookie);
+            }
+        }
         let max_retries = self.policy.map_or(0, |p| p.num_retries);
         let mut tried: Vec<usize> = Vec::new();
         let mut attempt: u32 = 0;

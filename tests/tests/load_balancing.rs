@@ -140,6 +140,60 @@ each_proto!(
 );
 
 each_proto!(
+    /// `hash_on.cookie_ttl`, as Envoy's `cookie.ttl`: a client without the
+    /// cookie gets one (`Set-Cookie` on the upstream's response), and sending
+    /// it back keeps it on the endpoint it reached, from any connection.
+    async fn ring_hash_makes_a_sticky_cookie(proto) {
+        let ups = [
+            upstream().name("a").start().await,
+            upstream().name("b").start().await,
+            upstream().name("c").start().await,
+        ];
+        let eps: Vec<_> = ups.iter().map(|u| (u.addr, 1)).collect();
+        let lg = legate()
+            .config(&cluster_config(
+                &eps,
+                "    lb_policy: ring_hash\n    hash_on: { cookie: sticky, cookie_ttl: 1h, cookie_path: /app }\n",
+            ))
+            .start();
+        let mut owners: HashMap<String, String> = HashMap::new();
+        for _ in 0..24 {
+            // A new connection each: another peer address, another cookie.
+            let mut c = client(proto, lg.addr("web")).await;
+            let r = c.get("/app/x").send().await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            let first = r.header("x-upstream").unwrap_or("?").to_string();
+            let set = r.header("set-cookie").unwrap_or_default().to_string();
+            let value = set
+                .strip_prefix("sticky=")
+                .and_then(|v| v.split(';').next())
+                .unwrap_or_default()
+                .to_string();
+            assert_eq!(value.len(), 16, "{set}");
+            assert_eq!(
+                set,
+                format!("sticky={value}; Path=/app; Max-Age=3600; HttpOnly")
+            );
+            // Sent back, on another connection: the same endpoint, no new cookie.
+            let mut c = client(proto, lg.addr("web")).await;
+            for _ in 0..3 {
+                let r = c
+                    .get("/app/y")
+                    .header("cookie", &format!("other=1; sticky={value}"))
+                    .send()
+                    .await;
+                assert_eq!(r.header("x-upstream"), Some(first.as_str()), "{value}");
+                assert_eq!(r.header("set-cookie"), None);
+            }
+            owners.insert(value, first);
+        }
+        // The made cookies spread the clients over the endpoints.
+        let used: std::collections::HashSet<&String> = owners.values().collect();
+        assert!(used.len() >= 2, "24 clients all on one endpoint: {owners:?}");
+    }
+);
+
+each_proto!(
     async fn ring_hash_is_sticky_by_header(proto) {
         let ups = [
             upstream().name("a").start().await,

@@ -545,6 +545,39 @@ impl Cluster {
         (!value.is_empty()).then(|| hash::xxh64(value))
     }
 
+    /// The cookie to make for a request without the `hash_on` cookie, when
+    /// `hash_on.cookie_ttl` asks for one (Envoy's `cookie.ttl`): its ring key
+    /// and its `Set-Cookie` value. The value is a hash of the client's address
+    /// and the downstream connection's, so the requests racing on one
+    /// connection get one cookie (as Envoy's); once the client sends it back,
+    /// [`Cluster::hash_key`] hashes it to the same key, so it stays on the
+    /// endpoint it reached.
+    pub fn sticky_cookie(
+        &self,
+        client_ip: IpAddr,
+        peer: SocketAddr,
+    ) -> Option<(u64, http::HeaderValue)> {
+        if self.config.lb_policy != LbPolicy::RingHash {
+            return None;
+        }
+        let on = self.config.hash_on.as_ref()?;
+        let name = on.cookie.as_deref()?;
+        let ttl = on.cookie_ttl?.get();
+        let value = format!(
+            "{:016x}",
+            hash::xxh64(format!("{client_ip} {peer}").as_bytes())
+        );
+        let path = on.cookie_path.as_deref().unwrap_or("/");
+        let mut set = format!("{name}={value}; Path={path}");
+        if !ttl.is_zero() {
+            // A TTL under a second still makes a persistent cookie.
+            set.push_str(&format!("; Max-Age={}", ttl.as_secs().max(1)));
+        }
+        set.push_str("; HttpOnly");
+        let set = http::HeaderValue::from_str(&set).ok()?;
+        Some((hash::xxh64(value.as_bytes()), set))
+    }
+
     /// Counts the start of an upstream attempt on the cluster and, if given, on
     /// endpoint `endpoint` (an index into [`Cluster::endpoints`]; `None` for an
     /// `original_dst` cluster). The guard counts the attempt as active until dropped.
@@ -1140,6 +1173,29 @@ mod tests {
         assert_ne!(c.hash_key(&headers(&[("x-user", "bob")]), IP), Some(k));
         assert_eq!(c.hash_key(&headers(&[("x-other", "alice")]), IP), None);
         assert_eq!(c.hash_key(&headers(&[("x-user", "")]), IP), None);
+    }
+
+    #[test]
+    fn a_made_sticky_cookie_hashes_as_the_cookie_sent_back() {
+        let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        let c = ring("{ cookie: sid, cookie_ttl: 90s }");
+        let (key, set) = c.sticky_cookie(IP, peer).unwrap();
+        let set = set.to_str().unwrap();
+        let value = set.strip_prefix("sid=").unwrap().split(';').next().unwrap();
+        assert_eq!(set, format!("sid={value}; Path=/; Max-Age=90; HttpOnly"));
+        let back = format!("sid={value}");
+        assert_eq!(c.hash_key(&headers(&[("cookie", &back)]), IP), Some(key));
+        // One connection, one cookie; another connection, another.
+        assert_eq!(c.sticky_cookie(IP, peer).unwrap().0, key);
+        let other: SocketAddr = "192.0.2.7:40001".parse().unwrap();
+        assert_ne!(c.sticky_cookie(IP, other).unwrap().0, key);
+        // `0s`: a session cookie (no Max-Age).
+        let (_, set) = ring("{ cookie: sid, cookie_ttl: 0s }")
+            .sticky_cookie(IP, peer)
+            .unwrap();
+        assert!(!set.to_str().unwrap().contains("Max-Age"), "{set:?}");
+        // Without `cookie_ttl`, none is made.
+        assert!(ring("{ cookie: sid }").sticky_cookie(IP, peer).is_none());
     }
 
     #[test]

@@ -1648,6 +1648,16 @@ pub struct HashOn {
     /// A cookie's value.
     #[serde(default)]
     pub cookie: Option<String>,
+    /// With `cookie`: a request without the cookie gets one made by Legate
+    /// (`Set-Cookie` on its response, this `Max-Age`; `0s`: a session
+    /// cookie), as Envoy's `cookie.ttl`, so the client sticks to the endpoint
+    /// it reached. Absent: none is made (safe: Legate sets no cookie unasked).
+    #[serde(default)]
+    pub cookie_ttl: Option<Dur>,
+    /// The `Path` of a made cookie. Default `/`: the whole site sticks to one
+    /// endpoint, not only the path of the first request.
+    #[serde(default)]
+    pub cookie_path: Option<String>,
     /// The client's IP address.
     #[serde(default)]
     pub source_ip: bool,

@@ -2031,6 +2031,48 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
                 )
                 .key("hash_on");
             }
+            if let Some(name) = &h.cookie {
+                // RFC 6265 §4.1.1: cookie-name is a token.
+                if name.is_empty() || !name.bytes().all(legate_abi_rules::headers::is_tchar) {
+                    e.at(
+                        loc,
+                        format!("`{name}` is not a valid cookie name"),
+                        "cookie names are tokens such as `session` (no spaces, `=`, `;` or quotes)",
+                    )
+                    .key("hash_on")
+                    .key("cookie");
+                }
+            }
+            if h.cookie.is_none() {
+                for (key, set) in [
+                    ("cookie_ttl", h.cookie_ttl.is_some()),
+                    ("cookie_path", h.cookie_path.is_some()),
+                ] {
+                    if set {
+                        e.at(
+                            loc,
+                            format!("cluster `{}`: `hash_on.{key}` needs `cookie`", c.name),
+                            "it is about the cookie Legate makes: add `cookie: NAME`, or remove it",
+                        )
+                        .key("hash_on")
+                        .key(key);
+                    }
+                }
+            }
+            if let Some(path) = &h.cookie_path {
+                // A cookie attribute value: no control byte or `;` (RFC 6265 §4.1.1).
+                if !path.starts_with('/')
+                    || path.bytes().any(|b| b < 0x20 || b == 0x7f || b == b';')
+                {
+                    e.at(
+                        loc,
+                        format!("`{path}` is not a cookie path"),
+                        "give a path starting with `/`, without `;` or control characters",
+                    )
+                    .key("hash_on")
+                    .key("cookie_path");
+                }
+            }
             if let Some(name) = &h.header {
                 if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                     e.at(
