@@ -1030,6 +1030,21 @@ fn render_cluster_stats<'a>(clusters: impl Iterator<Item = &'a Cluster> + Clone,
             }
         }
     }
+    let breakers: Vec<(&str, [u64; 8])> = clusters
+        .clone()
+        .map(|c| (c.name.as_str(), c.breaker_gauges()))
+        .collect();
+    for (i, (name, help)) in crate::cluster::breaker::BREAKER_GAUGES.iter().enumerate() {
+        let _ = writeln!(out, "# HELP legate_cluster_circuit_breakers_{name} {help}");
+        let _ = writeln!(out, "# TYPE legate_cluster_circuit_breakers_{name} gauge");
+        for (cluster, values) in &breakers {
+            let _ = writeln!(
+                out,
+                "legate_cluster_circuit_breakers_{name}{{cluster=\"{cluster}\"}} {}",
+                values[i]
+            );
+        }
+    }
     // One series per cluster and address: endpoints listed twice, or two host
     // names resolving to one address, are summed (Prometheus rejects a scrape
     // with duplicate series).

@@ -582,6 +582,13 @@ each_proto!(
             (up.in_flight.get() == 1).then_some(())
         })
         .await;
+        // The breaker's gauges say it is open (Envoy's
+        // circuit_breakers.default.rq_open and remaining_rq).
+        let breaker = |g: &str| format!("legate_cluster_circuit_breakers_{g}{{cluster=\"backend\"}}");
+        lg.assert_stat(&breaker("rq_open"), 1.0).await;
+        lg.assert_stat(&breaker("remaining_rq"), 0.0).await;
+        lg.assert_stat(&breaker("cx_open"), 0.0).await;
+        lg.assert_stat(&breaker("remaining_retries"), 3.0).await;
         let mut c = client(proto, addr).await;
         let r = c.get("/second").send().await;
         assert_eq!(r.status, 503);
@@ -593,6 +600,8 @@ each_proto!(
             .await;
         assert_eq!(up.requests.get(), 1);
         // The slot is free again.
+        lg.assert_stat(&breaker("rq_open"), 0.0).await;
+        lg.assert_stat(&breaker("remaining_rq"), 1.0).await;
         assert_eq!(c.get("/third").send().await.status, 200);
     }
 );

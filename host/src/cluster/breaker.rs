@@ -151,20 +151,87 @@ impl Cluster {
     /// counts it and `slot` stays empty.
     pub fn retry_permit(self: &Arc<Self>, slot: &mut Option<RetrySlot>) -> bool {
         *slot = None;
+        *slot = Slot::take(self, |c| &c.breakers.retries, self.retries_max());
+        if slot.is_none() {
+            self.stats.upstream_rq_retry_overflow.fetch_add(1, Relaxed);
+        }
+        slot.is_some()
+    }
+}
+
+/// The names of [`Cluster::breaker_gauges`], with their help.
+pub const BREAKER_GAUGES: [(&str, &str); 8] = [
+    (
+        "cx_open",
+        "1 while max_connections is reached (Envoy's circuit_breakers.default.cx_open), else 0.",
+    ),
+    (
+        "rq_pending_open",
+        "1 while max_pending_requests is reached, else 0.",
+    ),
+    ("rq_open", "1 while max_requests is reached, else 0."),
+    (
+        "rq_retry_open",
+        "1 while max_retries (or the retry budget) is reached, else 0.",
+    ),
+    ("remaining_cx", "Connections max_connections still admits."),
+    (
+        "remaining_pending",
+        "Attempts waiting for a connection max_pending_requests still admits.",
+    ),
+    (
+        "remaining_rq",
+        "Attempts in flight max_requests still admits.",
+    ),
+    (
+        "remaining_retries",
+        "Retries in flight max_retries (or the retry budget) still admits.",
+    ),
+];
+
+impl Cluster {
+    /// The retries in flight the cluster admits now: `max_retries`, or the
+    /// retry budget's share of the attempts in flight.
+    fn retries_max(&self) -> u64 {
         let cb = &self.config.circuit_breakers;
-        let max = match &cb.retry_budget {
+        match &cb.retry_budget {
             // Envoy: a share of the requests in flight, but never below the floor.
             Some(b) => {
                 let active = self.stats.upstream_rq_active.load(Relaxed) as f64;
                 ((active * b.percent.0 / 100.0) as u64).max(u64::from(b.min_concurrency))
             }
             None => u64::from(cb.max_retries),
-        };
-        *slot = Slot::take(self, |c| &c.breakers.retries, max);
-        if slot.is_none() {
-            self.stats.upstream_rq_retry_overflow.fetch_add(1, Relaxed);
         }
-        slot.is_some()
+    }
+
+    /// The circuit breakers' state now, as Envoy's
+    /// `circuit_breakers.default.*` gauges, in [`BREAKER_GAUGES`]' order: for
+    /// each limit whether it is reached and how many more it admits. Read at
+    /// a scrape from the counts the breakers reserve against (a worker's first
+    /// connection to an endpoint may take the connections past the limit).
+    pub fn breaker_gauges(&self) -> [u64; 8] {
+        let cb = &self.config.circuit_breakers;
+        let limits = [
+            (
+                self.breakers.connections.load(Relaxed),
+                u64::from(cb.max_connections),
+            ),
+            (
+                self.stats.upstream_rq_pending_active.load(Relaxed),
+                u64::from(cb.max_pending_requests),
+            ),
+            (
+                self.stats.upstream_rq_active.load(Relaxed),
+                u64::from(cb.max_requests),
+            ),
+            (self.breakers.retries.load(Relaxed), self.retries_max()),
+        ];
+        let mut out = [0; 8];
+        for (i, (n, max)) in limits.into_iter().enumerate() {
+            out[i] = u64::from(n >= max);
+            out[i + 4] = max.saturating_sub(n);
+        }
+        out
     }
 }
 
@@ -183,6 +250,24 @@ fn overloaded(cluster: &Cluster, limit: &str, max: u32) -> ProxyError {
 mod tests {
     use super::*;
     use crate::cluster::tests::weighted;
+
+    #[test]
+    fn the_gauges_say_which_breaker_is_open_and_what_is_left() {
+        let c = weighted(
+            "round_robin",
+            &[1],
+            "circuit_breakers: { max_requests: 2, max_retries: 1 }\n",
+        );
+        // cx_open, rq_pending_open, rq_open, rq_retry_open, then remaining.
+        assert_eq!(c.breaker_gauges(), [0, 0, 0, 0, 1024, 1024, 2, 1]);
+        let _a = c.try_start_request(Some(0)).unwrap();
+        let _b = c.try_start_request(Some(0)).unwrap();
+        let mut retry = None;
+        assert!(c.retry_permit(&mut retry));
+        assert_eq!(c.breaker_gauges(), [0, 0, 1, 1, 1024, 1024, 0, 0]);
+        drop(retry);
+        assert_eq!(c.breaker_gauges()[3], 0);
+    }
 
     #[test]
     fn max_requests_refuses_and_counts() {
