@@ -139,23 +139,31 @@ each_proto!(
     }
 );
 
+/// Legate balancing `ring_hash` on `hash_on` over three upstreams, named
+/// `a`, `b` and `c` (kept alive by the caller).
+async fn ring_hash_over_three(hash_on: &str) -> ([UpstreamHandle; 3], LegateHandle) {
+    let ups = [
+        upstream().name("a").start().await,
+        upstream().name("b").start().await,
+        upstream().name("c").start().await,
+    ];
+    let eps: Vec<_> = ups.iter().map(|u| (u.addr, 1)).collect();
+    let lg = legate()
+        .config(&cluster_config(
+            &eps,
+            &format!("    lb_policy: ring_hash\n    hash_on: {hash_on}\n"),
+        ))
+        .start();
+    (ups, lg)
+}
+
 each_proto!(
     /// `hash_on.cookie_ttl`, as Envoy's `cookie.ttl`: a client without the
     /// cookie gets one (`Set-Cookie` on the upstream's response), and sending
     /// it back keeps it on the endpoint it reached, from any connection.
     async fn ring_hash_makes_a_sticky_cookie(proto) {
-        let ups = [
-            upstream().name("a").start().await,
-            upstream().name("b").start().await,
-            upstream().name("c").start().await,
-        ];
-        let eps: Vec<_> = ups.iter().map(|u| (u.addr, 1)).collect();
-        let lg = legate()
-            .config(&cluster_config(
-                &eps,
-                "    lb_policy: ring_hash\n    hash_on: { cookie: sticky, cookie_ttl: 1h, cookie_path: /app }\n",
-            ))
-            .start();
+        let (_ups, lg) =
+            ring_hash_over_three("{ cookie: sticky, cookie_ttl: 1h, cookie_path: /app }").await;
         let mut owners: HashMap<String, String> = HashMap::new();
         for _ in 0..24 {
             // A new connection each: another peer address, another cookie.
@@ -195,18 +203,7 @@ each_proto!(
 
 each_proto!(
     async fn ring_hash_is_sticky_by_header(proto) {
-        let ups = [
-            upstream().name("a").start().await,
-            upstream().name("b").start().await,
-            upstream().name("c").start().await,
-        ];
-        let eps: Vec<_> = ups.iter().map(|u| (u.addr, 1)).collect();
-        let lg = legate()
-            .config(&cluster_config(
-                &eps,
-                "    lb_policy: ring_hash\n    hash_on:\n      header: x-user\n",
-            ))
-            .start();
+        let (_ups, lg) = ring_hash_over_three("{ header: x-user }").await;
         let mut c = client(proto, lg.addr("web")).await;
         let mut owner: HashMap<String, String> = HashMap::new();
         for round in 0..4 {
